@@ -1,0 +1,190 @@
+#!/usr/bin/env python
+"""Command line: parse and validate options, call one pipeline function per command, print results.
+
+Results go to stdout (``--json`` for scripts), progress and logs to stderr. A ``ValueError`` from
+the library is a usage error (one line, exit code 2); a ``PipelineError`` exits 1.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import shlex
+import sys
+import warnings
+
+import click
+
+from pipeline.errors import PipelineError
+
+
+class OneLineUsageError(click.UsageError):
+    """A usage error shown as a single 'Error: ...' line (exit code 2), without the usage banner."""
+
+    def show(self, file=None):
+        click.echo(f"Error: {self.format_message()}", file=file or sys.stderr)
+
+
+def library_errors(fn):
+    """Turn library exceptions into click's: ValueError -> exit 2, PipelineError -> exit 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ValueError as e:
+            raise OneLineUsageError(str(e)) from None
+        except PipelineError as e:
+            raise click.ClickException(str(e)) from None
+
+    return wrapper
+
+
+def emit(result, as_json: bool, text: str) -> None:
+    click.echo(json.dumps(result, indent=2, default=str) if as_json else text)
+
+
+def command_line() -> str:
+    return " ".join(shlex.quote(a) for a in ["python", *sys.argv])
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.DEBUG if verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(message)s" if verbose else "%(message)s",
+                        stream=sys.stderr, force=True)
+    warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
+    logging.captureWarnings(True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="Log every committed batch and other details to stderr.")
+def cli(verbose):
+    """Transfer learning from a folder of labelled photos: cache CNN features once, fit heads in seconds."""
+    _setup_logging(verbose)
+
+
+def common_cache_options(fn):
+    fn = click.option("--cache-dir", default="features", show_default=True, help="Folder of feature caches.")(fn)
+    fn = click.option("--cache", "cache", default=None, type=click.Path(dir_okay=False),
+                      help="Cache file to use [default: the newest complete cache].")(fn)
+    return fn
+
+
+def json_option(fn):
+    return click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")(fn)
+
+
+@cli.command()
+@click.option("--data", default="data/PetImages", show_default=True, help="ImageFolder root (one folder per class).")
+@click.option("--n", default=800, show_default=True, type=int, help="Good images to extract; 0 = all.")
+@click.option("--backbone", default="vgg16", show_default=True, help="vgg16, vgg19, resnet18, resnet50, ...")
+@click.option("--weights", default="DEFAULT", show_default=True,
+              help="torchvision weights name (DEFAULT, IMAGENET1K_V1), a state-dict file, or 'none'.")
+@click.option("--batch-size", default=32, show_default=True, type=int)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--workers", default=-1, show_default=True, type=int, help="Decoding processes; -1 = one per core.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the stratified sample of --n images.")
+@click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]),
+              help="Storage dtype of the features.")
+@click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+              help="Compute precision; auto = bf16 where the device supports it.")
+@click.option("--pool", default="none", show_default=True, type=click.Choice(["none", "avg"]),
+              help="avg stores globally pooled C-vectors instead of C x H x W maps.")
+@click.option("--cache-dir", default="features", show_default=True)
+@json_option
+@library_errors
+def extract(as_json, **options):
+    """Run the frozen backbone over the images and stream features to an HDF5 cache (reused when unchanged)."""
+    from pipeline.extract import ExtractConfig, extract as run
+
+    cfg = ExtractConfig(**options, command=command_line())
+    try:
+        result = run(cfg)
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted; committed rows are kept. Resume with:\n  {command_line()}", err=True)
+        sys.exit(130)
+    if result["hit"]:
+        click.echo(f"cache hit: {result['rows']} rows already extracted, nothing computed", err=True)
+    else:
+        click.echo(f"extracted {result['computed']} images ({result['img_per_s']:.1f} img/s), "
+                   f"{result['skipped']} skipped, {result['rows']} rows in cache", err=True)
+    emit(result, as_json, result["cache"])
+
+
+@cli.command()
+@click.option("--cache-dir", default="features", show_default=True)
+@json_option
+@library_errors
+def caches(cache_dir, as_json):
+    """List the feature caches: path, backbone, rows, classes, size, created."""
+    from pipeline.cache import list_caches
+
+    good, bad = list_caches(cache_dir)
+    result = {"caches": [i.summary() for i in good], "unreadable": [{"path": str(p), "why": w} for p, w in bad]}
+    lines = [f"{'path':<48} {'backbone':<10} {'rows':>6} {'classes':<20} {'size':>9}  created"]
+    for c in result["caches"]:
+        state = "" if c["complete"] else "  (incomplete)"
+        lines.append(f"{c['path']:<48} {c['backbone']:<10} {c['rows']:>6} {','.join(c['classes'])[:20]:<20} "
+                     f"{c['size_bytes'] / 1e6:>7.1f}MB  {c['created']}{state}")
+    lines += [f"not a usable cache: {b['path']}: {b['why']}" for b in result["unreadable"]]
+    emit(result, as_json, "\n".join(lines) if good or bad else f"no caches in {cache_dir}")
+
+
+def head_options(fn):
+    for opt in reversed([
+        click.option("--epochs", default=10, show_default=True, type=int),
+        click.option("--lr", default=0.01, show_default=True, type=float),
+        click.option("--batch-size", default=32, show_default=True, type=int),
+        click.option("--dropout", default=0.0, show_default=True, type=float),
+        click.option("--device", default="auto", show_default=True),
+        click.option("--runs-dir", default="runs", show_default=True, help="Where run outputs go."),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def split_options(fn):
+    fn = click.option("--seed", default=0, show_default=True, type=int, help="Seeds the train/val split.")(fn)
+    fn = click.option("--val-fraction", default=0.125, show_default=True, type=float)(fn)
+    return fn
+
+
+@cli.command("fit-head")
+@common_cache_options
+@split_options
+@head_options
+@json_option
+@library_errors
+def fit_head_cmd(as_json, **options):
+    """Train Linear + LogSoftmax on cached features; prints one line per epoch."""
+    from pipeline.head import FitHeadConfig, fit_head
+
+    result = fit_head(FitHeadConfig(**options))
+    text = (f"val acc {result['val_acc']:.3f}, val loss {result['val_loss']:.4f} "
+            f"({result['train_rows']} train / {result['val_rows']} val rows, {result['fit_seconds']:.1f} s)\n"
+            f"checkpoint: {result['checkpoint']}")
+    emit(result, as_json, text)
+
+
+@cli.command("compare-sklearn")
+@common_cache_options
+@split_options
+@click.option("--C", "C", default=1.0, show_default=True, type=float, help="LogisticRegression C.")
+@click.option("--max-iter", default=1000, show_default=True, type=int)
+@click.option("--no-scale", is_flag=True, help="Do not standardise features before LogisticRegression.")
+@head_options
+@json_option
+@library_errors
+def compare_sklearn_cmd(as_json, cache, cache_dir, val_fraction, seed, C, max_iter, no_scale, **head):
+    """Fit the torch head and scikit-learn LogisticRegression on the same split; print both."""
+    from pipeline.compare import CompareConfig, compare_sklearn, format_table
+    from pipeline.head import FitHeadConfig
+
+    cfg = CompareConfig(cache=cache, cache_dir=cache_dir, val_fraction=val_fraction, seed=seed, C=C,
+                        max_iter=max_iter, scale=not no_scale, head=FitHeadConfig(cache_dir=cache_dir, **head))
+    result = compare_sklearn(cfg)
+    emit(result, as_json, format_table(result))
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,266 @@
+"""Pretrained torchvision backbones as frozen feature extractors, with their preprocessing.
+
+Weights come from torchvision's weights API (downloaded into ``$TORCH_HOME`` when online), a
+local state-dict file (normalisation from a JSON sidecar with the same stem), or ``none``
+(random init, for tests). Preprocessing always comes from the weights' own ``transforms()``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from .errors import PipelineError
+
+# torch and torchvision are imported inside functions: a cache hit must not pay for importing them.
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """How to build one backbone and which part of it extracts features."""
+
+    name: str  # the --backbone value
+    build: Callable[[], "nn.Module"]  # the full model with random weights (classifier included)
+    features: Callable[["nn.Module"], "nn.Module"]  # the part before global pooling, from the full model
+    feature_prefixes: tuple[str, ...]  # state-dict key prefixes that part needs (loaded strictly)
+    torchvision_name: Optional[str] = None  # name for torchvision's weights registry; None for custom models
+    transform: Optional[Callable[[], "ImageClassification"]] = None  # preprocessing for custom models
+    classifier_in: Optional[Callable[["nn.Module"], int]] = None  # in_features of the original classifier
+
+
+def _tv(name: str, features, prefixes, classifier_in) -> BackboneSpec:
+    def build():
+        from torchvision.models import get_model
+
+        return get_model(name, weights=None)
+
+    return BackboneSpec(
+        name=name,
+        build=build,
+        features=features,
+        feature_prefixes=prefixes,
+        torchvision_name=name,
+        classifier_in=classifier_in,
+    )
+
+
+def _resnet_trunk(m):
+    from torch import nn
+
+    return nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool, m.layer1, m.layer2, m.layer3, m.layer4)
+
+
+_RESNET_PREFIXES = ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.", "layer4.")
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "vgg16": _tv("vgg16", lambda m: m.features, ("features.",), lambda m: m.classifier[0].in_features),
+    "vgg19": _tv("vgg19", lambda m: m.features, ("features.",), lambda m: m.classifier[0].in_features),
+    "resnet18": _tv("resnet18", _resnet_trunk, _RESNET_PREFIXES, lambda m: m.fc.in_features),
+    "resnet50": _tv("resnet50", _resnet_trunk, _RESNET_PREFIXES, lambda m: m.fc.in_features),
+    "mobilenet_v3_large": _tv(
+        "mobilenet_v3_large", lambda m: m.features, ("features.",), lambda m: m.classifier[0].in_features
+    ),
+    "efficientnet_b0": _tv(
+        "efficientnet_b0", lambda m: m.features, ("features.",), lambda m: m.classifier[1].in_features
+    ),
+}
+
+
+def register_backbone(spec: BackboneSpec) -> None:
+    """Add a backbone (tests register tiny ones; users may add their own)."""
+    BACKBONES[spec.name] = spec
+
+
+def get_spec(name: str) -> BackboneSpec:
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; known: {', '.join(sorted(BACKBONES))}")
+    return BACKBONES[name]
+
+
+@dataclass
+class LoadedBackbone:
+    """A backbone with its weights loaded, ready to extract features."""
+
+    spec: BackboneSpec
+    model: "nn.Module"  # the full model (the classifier may hold random weights, see ``covers``)
+    transform: "ImageClassification"  # PIL image -> normalised tensor, from the weights
+    weights_id: str  # torchvision weights name ('VGG16_Weights.IMAGENET1K_V1'), 'file:<name>' or 'none'
+    weights_sha256: str = ""  # sha256 of a local weights file
+    covers: str = "all"  # which part the weights cover: 'all' or 'features'
+    categories: list = field(default_factory=list)  # ImageNet class names when the weights have them
+
+    @property
+    def features(self):
+        return self.spec.features(self.model)
+
+    @property
+    def mean(self) -> list[float]:
+        return [float(x) for x in self.transform.mean]
+
+    @property
+    def std(self) -> list[float]:
+        return [float(x) for x in self.transform.std]
+
+    def describe_transform(self) -> str:
+        t = self.transform
+        return (
+            f"Resize({list(t.resize_size)}, {t.interpolation.value}, antialias={t.antialias}) "
+            f"CenterCrop({list(t.crop_size)}) ToTensor() Normalize(mean={self.mean}, std={self.std})"
+        )
+
+
+def is_weights_path(weights: str) -> bool:
+    """A --weights value names a file when it has a path separator or a file-like suffix."""
+    return os.sep in weights or "/" in weights or weights.endswith((".pt", ".pth", ".bin")) or Path(weights).is_file()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_sidecar(path: str | os.PathLike) -> dict:
+    """The JSON sidecar of a weights file (``x.pt`` -> ``x.json``), or {} when there is none."""
+    side = Path(path).with_suffix(".json")
+    if not side.is_file():
+        return {}
+    try:
+        meta = json.loads(side.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"weights sidecar {str(side)!r} is not valid JSON: {e}") from None
+    for key in ("mean", "std"):
+        if key in meta and (not isinstance(meta[key], list) or len(meta[key]) != 3):
+            raise ValueError(f"weights sidecar {str(side)!r}: {key!r} must be a list of 3 numbers")
+    return meta
+
+
+def _default_transform(spec: BackboneSpec):
+    from torchvision.models import get_model_weights
+
+    if spec.transform is not None:
+        return spec.transform()
+    return get_model_weights(spec.torchvision_name).DEFAULT.transforms()
+
+
+def _with_normalisation(t, mean, std):
+    """The same resize/crop as ``t`` with another mean/std (a local file's sidecar)."""
+    from torchvision.transforms._presets import ImageClassification
+
+    return ImageClassification(
+        crop_size=t.crop_size[0],
+        resize_size=t.resize_size[0],
+        mean=tuple(mean),
+        std=tuple(std),
+        interpolation=t.interpolation,
+        antialias=t.antialias,
+    )
+
+
+def torchvision_weights(spec: BackboneSpec, name: str):
+    """Resolve a torchvision weights name ('DEFAULT', 'IMAGENET1K_V1', 'VGG16_Weights.IMAGENET1K_V1')."""
+    from torchvision.models import get_model_weights
+
+    if spec.torchvision_name is None:
+        raise ValueError(f"backbone {spec.name!r} has no torchvision weights; use --weights none or a file")
+    enum = get_model_weights(spec.torchvision_name)
+    short = name.split(".")[-1]
+    allowed = ["DEFAULT"] + [w.name for w in enum]
+    if short == "DEFAULT":
+        return enum.DEFAULT
+    if short not in enum.__members__:
+        raise ValueError(
+            f"unknown weights {name!r} for {spec.name}; allowed: {', '.join(allowed)}, none, or a path to a file"
+        )
+    return enum[short]
+
+
+def expected_download_path(weights) -> Path:
+    """Where torchvision keeps (and looks for) the downloaded file of these weights."""
+    import torch
+
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+
+
+def _download_state_dict(weights) -> dict:
+    try:
+        return weights.get_state_dict(progress=sys.stderr.isatty(), check_hash=True)
+    except (OSError, RuntimeError) as e:  # URLError is an OSError; a bad hash is a RuntimeError
+        target = expected_download_path(weights)
+        raise PipelineError(
+            f"cannot download {weights} ({type(e).__name__}: {e}); offline? put {target.name} from "
+            f"{weights.url} at {target} (TORCH_HOME={os.environ.get('TORCH_HOME', '~/.cache/torch')}) "
+            "or pass --weights PATH to a local state-dict file"
+        ) from None
+
+
+def _load_local(path: Path) -> dict:
+    import torch
+
+    if not path.is_file():
+        raise ValueError(f"weights file {str(path)!r} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle errors, zip errors, refused globals
+        raise ValueError(f"weights file {str(path)!r} is not a loadable state dict ({type(e).__name__}: {e})") from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"weights file {str(path)!r} does not hold a state dict of tensors")
+    return obj
+
+
+def _apply_state_dict(spec: BackboneSpec, model, state: dict, source: str) -> str:
+    """Load ``state`` into ``model``; the feature part strictly. Returns what it covers."""
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        first = str(e).strip().splitlines()[1:2] or [str(e)]
+        raise ValueError(f"weights {source} are not for {spec.name}: {first[0].strip()}") from None
+    if unexpected:
+        raise ValueError(
+            f"weights {source} are not for {spec.name}: unexpected keys such as {unexpected[:3]}"
+        )
+    needed = [k for k in missing if k.startswith(spec.feature_prefixes)]
+    if needed:
+        raise ValueError(f"weights {source} lack {len(needed)} keys {spec.name} needs, such as {needed[:3]}")
+    return "all" if not missing else "features"
+
+
+def load_backbone(name: str = "vgg16", weights: str = "DEFAULT") -> LoadedBackbone:
+    """Build backbone ``name`` with ``weights`` (a torchvision name, a file path, or 'none'), in eval mode."""
+    spec = get_spec(name)
+    model = spec.build()
+    if weights.lower() == "none":
+        warnings.warn(f"--weights none: {name} has random weights; features are only useful for tests")
+        loaded = LoadedBackbone(spec, model, _default_transform(spec), "none", covers="none")
+    elif is_weights_path(weights):
+        path = Path(weights)
+        state = _load_local(path)
+        meta = read_sidecar(path)
+        if meta.get("arch") and meta["arch"] != name:
+            raise ValueError(f"weights file {str(path)!r} is for {meta['arch']!r}, not {name!r} (its sidecar says so)")
+        covers = _apply_state_dict(spec, model, state, f"file {str(path)!r}")
+        transform = _default_transform(spec)
+        if "mean" in meta and "std" in meta:
+            transform = _with_normalisation(transform, meta["mean"], meta["std"])
+        else:
+            warnings.warn(f"no sidecar {path.with_suffix('.json').name} with mean/std; using the ImageNet defaults")
+        loaded = LoadedBackbone(
+            spec, model, transform, f"file:{path.name}", weights_sha256=file_sha256(path),
+            covers=meta.get("covers", covers) if covers == "features" else covers,
+        )
+    else:
+        w = torchvision_weights(spec, weights)
+        covers = _apply_state_dict(spec, model, _download_state_dict(w), str(w))
+        loaded = LoadedBackbone(spec, model, w.transforms(), str(w), covers=covers,
+                                categories=list(w.meta.get("categories", [])))
+    loaded.model.eval()
+    return loaded

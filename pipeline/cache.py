@@ -1,0 +1,393 @@
+"""The HDF5 feature cache: naming, the streaming writer, and the validating reader.
+
+Layout (see README): datasets ``features`` (N, C, H, W), ``labels`` (N,) int64, ``paths`` (N,)
+UTF-8, ``skipped/paths`` + ``skipped/reasons`` (files that could not be decoded), ``source/*``
+(the listing of the data folder at creation, to tell what changed since); provenance as root
+attributes, written once. Progress lives in the attributes ``rows`` and ``next_candidate``,
+updated in place only after the rows they count are flushed and fsynced to disk.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import h5py
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+FORMAT = "transfer-pipeline-feature-cache"
+FORMAT_VERSION = 1
+STORAGE_DTYPES = ("float16", "float32")
+_STR = h5py.string_dtype("utf-8")
+
+#: Attributes every cache must carry; readers refuse a file that lacks any of them.
+REQUIRED_ATTRS = (
+    "format", "format_version", "fingerprint", "backbone", "weights", "mean", "std", "transform",
+    "classes", "seed", "n_requested", "data_root", "data_fingerprint", "dtype", "created",
+    "versions", "rows", "next_candidate", "complete",
+)
+
+
+def fingerprint(params: dict) -> str:
+    """A stable hash of everything that determines a cache's contents."""
+    return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
+
+
+def cache_file_name(backbone: str, n: int, key: str) -> str:
+    return f"{backbone}-n{n if n else 'all'}-{key[:12]}.h5"
+
+
+class CacheError(ValueError):
+    """A file that is missing, corrupt, foreign or unusable as a feature cache."""
+
+
+def _fsync(f: h5py.File) -> None:
+    f.flush()
+    try:
+        os.fsync(f.id.get_vfd_handle())
+    except (OSError, ValueError, TypeError):  # drivers without a file descriptor
+        pass
+
+
+class CacheWriter:
+    """Appends batches of rows to a cache file held open for the whole extraction.
+
+    Creating: ``CacheWriter(path, attrs=..., source=listing)``. Resuming: the same call on an
+    incomplete file with the same fingerprint truncates any rows past the committed count
+    (a batch cut off by a crash) and continues from ``next_candidate``.
+    """
+
+    def __init__(self, path: Path, attrs: dict, source=None, chunk_rows: int = 16):
+        self.path = Path(path)
+        self.chunk_rows = chunk_rows
+        new = not self.path.exists()
+        self.f = h5py.File(self.path, "a")
+        try:
+            if new:
+                self._create(attrs, source)
+            else:
+                self._resume(attrs)
+        except BaseException:
+            self.f.close()
+            raise
+
+    # -- set-up -----------------------------------------------------------------------------
+    def _create(self, attrs: dict, source) -> None:
+        f = self.f
+        for k, v in attrs.items():
+            f.attrs[k] = v
+        f.attrs["format"] = FORMAT
+        f.attrs["format_version"] = FORMAT_VERSION
+        f.attrs["rows"] = np.int64(0)
+        f.attrs["next_candidate"] = np.int64(0)
+        f.attrs["skipped_rows"] = np.int64(0)
+        f.attrs["complete"] = np.int8(0)
+        f.create_dataset("labels", (0,), np.int64, maxshape=(None,), chunks=(4096,))
+        f.create_dataset("paths", (0,), _STR, maxshape=(None,), chunks=(4096,))
+        f.create_dataset("skipped/paths", (0,), _STR, maxshape=(None,), chunks=(256,))
+        f.create_dataset("skipped/reasons", (0,), _STR, maxshape=(None,), chunks=(256,))
+        if source is not None:
+            f.create_dataset("source/paths", data=[s.path for s in source.files], dtype=_STR)
+            f.create_dataset("source/sizes", data=np.array([s.size for s in source.files], np.int64))
+            f.create_dataset("source/mtimes_ns", data=np.array([s.mtime_ns for s in source.files], np.int64))
+        _fsync(f)
+
+    def _resume(self, attrs: dict) -> None:
+        f = self.f
+        if f.attrs.get("fingerprint") != attrs["fingerprint"]:
+            raise CacheError(f"{self.path} belongs to another extraction (fingerprint differs); move it away")
+        rows = self.rows
+        for name in ("features", "labels", "paths"):
+            if name in f and f[name].shape[0] != rows:
+                log.info("dropping %d uncommitted rows of %s", f[name].shape[0] - rows, name)
+                f[name].resize(rows, axis=0)
+        skipped = int(f.attrs["skipped_rows"])
+        for name in ("skipped/paths", "skipped/reasons"):
+            f[name].resize(skipped, axis=0)
+        _fsync(f)
+
+    @property
+    def rows(self) -> int:
+        return int(self.f.attrs["rows"])
+
+    @property
+    def next_candidate(self) -> int:
+        return int(self.f.attrs["next_candidate"])
+
+    @property
+    def skipped_rows(self) -> int:
+        return int(self.f.attrs["skipped_rows"])
+
+    # -- writing ----------------------------------------------------------------------------
+    def _features(self, sample: np.ndarray) -> h5py.Dataset:
+        if "features" not in self.f:
+            shape = sample.shape[1:]
+            self.f.create_dataset(
+                "features", (0, *shape), sample.dtype, maxshape=(None, *shape),
+                chunks=(self.chunk_rows, *shape),
+            )
+        ds = self.f["features"]
+        if ds.shape[1:] != sample.shape[1:] or ds.dtype != sample.dtype:
+            raise CacheError(f"batch of shape {sample.shape} {sample.dtype} does not fit {self.path}")
+        return ds
+
+    def append(self, features: np.ndarray, labels: Sequence[int], paths: Sequence[str],
+               next_candidate: int, skipped: Sequence[tuple[str, str]] = ()) -> None:
+        """Write one batch, then commit it: the counts move only once the rows are on disk."""
+        f, start, k = self.f, self.rows, len(labels)
+        if k:
+            ds = self._features(features)
+            for d in (ds, f["labels"], f["paths"]):
+                d.resize(start + k, axis=0)
+            ds[start:start + k] = features
+            f["labels"][start:start + k] = np.asarray(labels, np.int64)
+            f["paths"][start:start + k] = list(paths)
+        s0, m = self.skipped_rows, len(skipped)
+        if m:
+            for name, col in (("skipped/paths", 0), ("skipped/reasons", 1)):
+                f[name].resize(s0 + m, axis=0)
+                f[name][s0:s0 + m] = [s[col] for s in skipped]
+        _fsync(f)
+        f.attrs.modify("rows", np.int64(start + k))
+        f.attrs.modify("skipped_rows", np.int64(s0 + m))
+        f.attrs.modify("next_candidate", np.int64(next_candidate))
+        _fsync(f)
+        log.debug("committed rows=%d skipped=%d next_candidate=%d", start + k, s0 + m, next_candidate)
+
+    def finish(self, **attrs) -> None:
+        for k, v in attrs.items():
+            self.f.attrs[k] = v
+        _fsync(self.f)
+        self.f.attrs.modify("complete", np.int8(1))
+        _fsync(self.f)
+
+    def close(self) -> None:
+        if self.f.id.valid:
+            self.f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# -- reading ------------------------------------------------------------------------------------
+def _attr(a) -> object:
+    if isinstance(a, bytes):
+        return a.decode()
+    if isinstance(a, np.generic):
+        return a.item()
+    if isinstance(a, np.ndarray):
+        return a.tolist()
+    return a
+
+
+@dataclass
+class CacheInfo:
+    """A cache's attributes and committed size, read without loading features."""
+
+    path: Path
+    attrs: dict
+    rows: int
+    feature_shape: tuple
+    size_bytes: int
+
+    @property
+    def classes(self) -> list[str]:
+        return json.loads(self.attrs["classes"])
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.attrs["complete"])
+
+    def summary(self) -> dict:
+        a = self.attrs
+        return {
+            "path": str(self.path), "backbone": a["backbone"], "weights": a["weights"], "rows": self.rows,
+            "n_requested": a["n_requested"], "classes": self.classes, "feature_shape": list(self.feature_shape),
+            "dtype": a["dtype"], "size_bytes": self.size_bytes, "created": a["created"],
+            "complete": self.complete, "skipped": a.get("skipped_rows", 0), "fingerprint": a["fingerprint"],
+            "data_root": a["data_root"],
+        }
+
+
+def _validate(f: h5py.File, path: Path) -> CacheInfo:
+    attrs = {k: _attr(v) for k, v in f.attrs.items()}
+    if attrs.get("format") != FORMAT:
+        raise CacheError(f"{path} is an HDF5 file but not a feature cache made by this tool")
+    if attrs.get("format_version") != FORMAT_VERSION:
+        raise CacheError(f"{path} has cache format version {attrs.get('format_version')}, "
+                         f"this tool reads version {FORMAT_VERSION}; extract again")
+    missing = [k for k in REQUIRED_ATTRS if k not in attrs]
+    if missing:
+        raise CacheError(f"{path} lacks the attributes {', '.join(missing)}; it is damaged or foreign")
+    rows = int(attrs["rows"])
+    try:
+        classes = json.loads(attrs["classes"])
+    except (TypeError, json.JSONDecodeError):
+        raise CacheError(f"{path}: attribute 'classes' is not a JSON list") from None
+    for name, ndim, kinds in (("labels", 1, "i"), ("paths", 1, "OS")):
+        if name not in f or not isinstance(f[name], h5py.Dataset):
+            raise CacheError(f"{path} has no dataset {name!r}; it is damaged or foreign")
+        d = f[name]
+        if d.ndim != ndim or d.dtype.kind not in kinds or d.shape[0] < rows:
+            raise CacheError(f"{path}: dataset {name!r} has shape {d.shape} {d.dtype}, expected {rows} rows")
+    shape: tuple = ()
+    if rows:
+        d = f.get("features")
+        if not isinstance(d, h5py.Dataset) or d.ndim != 4 or d.dtype.name != attrs["dtype"] or d.shape[0] < rows:
+            got = f"{d.shape} {d.dtype}" if isinstance(d, h5py.Dataset) else "missing"
+            raise CacheError(f"{path}: dataset 'features' is {got}, expected ({rows}, C, H, W) {attrs['dtype']}")
+        shape = d.shape[1:]
+        labels = f["labels"][:rows]
+        if labels.min() < 0 or labels.max() >= len(classes):
+            raise CacheError(f"{path}: labels outside 0..{len(classes) - 1}")
+    return CacheInfo(path, attrs, rows, shape, path.stat().st_size)
+
+
+def read_info(path: str | os.PathLike) -> CacheInfo:
+    """Validate a cache file and return its attributes (raises CacheError with one clear line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CacheError(f"cache {str(path)!r} does not exist")
+    if not h5py.is_hdf5(path):
+        raise CacheError(f"{path} is not an HDF5 file (damaged, or not a feature cache)")
+    try:
+        with h5py.File(path, "r") as f:
+            return _validate(f, path)
+    except CacheError:
+        raise
+    except (OSError, KeyError, ValueError) as e:
+        raise CacheError(f"{path} cannot be read as a feature cache ({e})") from None
+
+
+class FeatureCache:
+    """Read access to a complete, validated cache: labels in memory, features streamed in blocks."""
+
+    def __init__(self, path: str | os.PathLike, allow_incomplete: bool = False):
+        self.info = read_info(path)
+        if not self.info.complete and not allow_incomplete:
+            cmd = self.info.attrs.get("command") or "the same extract command"
+            raise CacheError(
+                f"cache {self.info.path} is incomplete ({self.info.rows} of {self.info.attrs['n_requested'] or 'all'} "
+                f"rows); finish it by running `{cmd}` again"
+            )
+        if self.info.rows == 0:
+            raise CacheError(f"cache {self.info.path} holds no rows")
+        self.path = self.info.path
+        self.f = h5py.File(self.path, "r", rdcc_nbytes=64 << 20)
+        self.features = self.f["features"]
+        self.n = self.info.rows
+        self.labels = self.f["labels"][: self.n]
+        self.classes = self.info.classes
+        self.feature_shape = tuple(self.features.shape[1:])
+
+    @property
+    def attrs(self) -> dict:
+        return self.info.attrs
+
+    @property
+    def paths(self) -> list[str]:
+        return [p.decode() if isinstance(p, bytes) else p for p in self.f["paths"][: self.n]]
+
+    def skipped(self) -> list[tuple[str, str]]:
+        k = int(self.attrs.get("skipped_rows", 0))
+        p, r = self.f["skipped/paths"][:k], self.f["skipped/reasons"][:k]
+        return [(a.decode(), b.decode()) for a, b in zip(p, r)]
+
+    def read_rows(self, start: int, stop: int) -> np.ndarray:
+        return self.features[start:min(stop, self.n)]
+
+    def iter_blocks(self, indices: np.ndarray, block_rows: int, rng: Optional[np.random.Generator] = None
+                    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield (row indices, features) for ``indices`` (sorted), reading contiguous blocks.
+
+        Memory stays at one block whatever the cache size. With ``rng``, blocks come in random
+        order and rows are shuffled within each block: a chunk-level shuffle that keeps reads
+        sequential on disk.
+        """
+        indices = np.sort(np.asarray(indices))
+        starts = np.arange(0, self.n, block_rows)
+        if rng is not None:
+            starts = rng.permutation(starts)
+        for s in starts:
+            lo, hi = np.searchsorted(indices, [s, s + block_rows])
+            if lo == hi:
+                continue
+            rows = indices[lo:hi]
+            block = self.features[s:min(s + block_rows, self.n)]
+            sel = rows - s
+            if rng is not None:
+                order = rng.permutation(len(rows))
+                rows, sel = rows[order], sel[order]
+            yield rows, block[sel]
+
+    def close(self) -> None:
+        if self.f.id.valid:
+            self.f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def source_changes(info: CacheInfo) -> Optional[str]:
+    """Describe how the data folder changed since the cache was made, or None if it did not."""
+    from .data import list_image_folder
+
+    try:
+        now = list_image_folder(info.attrs["data_root"])
+    except ValueError as e:
+        return f"the data folder cannot be listed now ({e})"
+    if now.fingerprint() == info.attrs["data_fingerprint"]:
+        return None
+    with h5py.File(info.path, "r") as f:
+        if "source" not in f:
+            return "the data folder changed (no listing stored to say how)"
+        old = dict(zip((p.decode() for p in f["source/paths"][:]),
+                       zip(f["source/sizes"][:].tolist(), f["source/mtimes_ns"][:].tolist())))
+    new = {s.path: (s.size, s.mtime_ns) for s in now.files}
+    added = sorted(set(new) - set(old))
+    removed = sorted(set(old) - set(new))
+    modified = sorted(p for p in set(new) & set(old) if new[p] != old[p])
+    parts = []
+    for what, items in (("added", added), ("removed", removed), ("modified", modified)):
+        if items:
+            parts.append(f"{len(items)} {what} (e.g. {', '.join(items[:3])})")
+    return "the data folder changed since extraction: " + "; ".join(parts or ["class folders differ"])
+
+
+def list_caches(cache_dir: str | os.PathLike) -> tuple[list[CacheInfo], list[tuple[Path, str]]]:
+    """Valid caches under ``cache_dir`` (newest first) and the files that are not, with why."""
+    good, bad = [], []
+    d = Path(cache_dir)
+    for p in sorted(d.glob("*.h5")) if d.is_dir() else []:
+        try:
+            good.append(read_info(p))
+        except CacheError as e:
+            bad.append((p, str(e)))
+    good.sort(key=lambda i: i.attrs["created"], reverse=True)
+    return good, bad
+
+
+def newest_cache(cache_dir: str | os.PathLike) -> Path:
+    """The most recently created complete cache, for commands run without --cache."""
+    good, _ = list_caches(cache_dir)
+    complete = [i for i in good if i.complete]
+    if not complete:
+        raise CacheError(f"no complete feature cache in {str(cache_dir)!r}; run `python cli.py extract` first")
+    return complete[0].path
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")

@@ -1,0 +1,160 @@
+"""Image folders: listing, fingerprinting, seeded selection order and safe loading.
+
+Nothing here imports torch, so a cache hit (list, fingerprint, open the cache) stays fast.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+#: File name endings treated as images when listing a folder (case-insensitive).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+#: Largest image (in pixels) we agree to decode; larger ones are treated as decompression bombs.
+MAX_IMAGE_PIXELS = 89_478_485  # PIL's own default warning threshold (about 0.25 GB of RGB)
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """One image file of an ImageFolder tree, as seen when listing it."""
+
+    path: str  # relative to the data root, '/'-separated
+    label: int  # index into the sorted class names
+    size: int  # bytes
+    mtime_ns: int  # modification time
+
+
+@dataclass(frozen=True)
+class ImageFolderListing:
+    """The classes and image files of an ImageFolder root (one sub-folder per class)."""
+
+    root: Path
+    classes: tuple[str, ...]
+    files: tuple[SourceFile, ...]
+
+    def fingerprint(self) -> str:
+        """sha256 over every file's path, size and mtime: changes when a file is added, removed or edited."""
+        h = hashlib.sha256()
+        for c in self.classes:
+            h.update(f"class\0{c}\n".encode())
+        for f in self.files:
+            h.update(f"{f.path}\0{f.size}\0{f.mtime_ns}\n".encode())
+        return h.hexdigest()
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([f.label for f in self.files], dtype=np.int64)
+
+
+def is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+
+
+def list_image_folder(root: str | os.PathLike) -> ImageFolderListing:
+    """List an ImageFolder root: sorted class folders, each with its image files (recursively).
+
+    Hidden files and files without an image extension (``Thumbs.db``, ``.DS_Store``) are left out.
+    Raises ValueError for a missing folder, fewer than two classes, or no images at all.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"data folder {str(root)!r} does not exist or is not a folder")
+    classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
+    files: list[SourceFile] = []
+    for label, cls in enumerate(classes):
+        for dirpath, dirnames, filenames in os.walk(root / cls):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for name in sorted(filenames):
+                if not is_image_name(name):
+                    continue
+                full = Path(dirpath) / name
+                st = full.stat()
+                files.append(SourceFile(full.relative_to(root).as_posix(), label, st.st_size, st.st_mtime_ns))
+    counts = np.bincount([f.label for f in files], minlength=len(classes)) if classes else []
+    nonempty = [c for c, k in zip(classes, counts) if k > 0]
+    if not files:
+        raise ValueError(f"data folder {str(root)!r} holds no images (expected one sub-folder per class)")
+    if len(nonempty) < 2:
+        raise ValueError(
+            f"data folder {str(root)!r} has {len(nonempty)} class with images ({', '.join(nonempty)}); "
+            "need at least two class sub-folders"
+        )
+    return ImageFolderListing(root, tuple(classes), tuple(files))
+
+
+def stratified_order(labels: np.ndarray, seed: int) -> np.ndarray:
+    """A seeded order of all indices whose every prefix is a stratified sample.
+
+    Each class is shuffled on its own; an item at rank k of a class of size m gets the key
+    (k + 0.5) / m, and items are taken in key order. So the first n items hold each class in
+    proportion to its size (to within one item), and taking more items, for example to replace
+    unreadable ones, keeps that balance.
+    """
+    rng = np.random.default_rng(seed)
+    keys = np.empty(len(labels), dtype=np.float64)
+    tiebreak = rng.permutation(len(labels))
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        perm = rng.permutation(idx)
+        keys[perm] = (np.arange(len(perm)) + 0.5) / len(perm)
+    return np.lexsort((tiebreak, keys))
+
+
+class ImageLoadError(Exception):
+    """An image that cannot be used; ``reason`` is a short, stable description."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def load_rgb(path: str | os.PathLike):
+    """Fully decode an image file into an RGB PIL image, or raise ImageLoadError with the reason.
+
+    Grayscale, CMYK, palette, RGBA and 16-bit images are converted to RGB (transparency is
+    composited on white), so they count as good images.
+    """
+    from PIL import Image
+
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise ImageLoadError("zero-byte file")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+            with Image.open(path) as im:
+                im.load()
+                return to_rgb(im)
+    except ImageLoadError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageLoadError(f"decompression bomb: {e}") from None
+    except Image.UnidentifiedImageError:
+        raise ImageLoadError("not an image (unidentified format)") from None
+    except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
+        raise ImageLoadError(f"unreadable image: {e}") from None
+
+
+def to_rgb(im):
+    """Convert any PIL mode to RGB; transparency is composited over white."""
+    from PIL import Image
+
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(im, dtype=np.float64)
+        hi = 65535.0 if arr.max() > 255 else 255.0
+        return Image.fromarray((arr / hi * 255.0).round().astype(np.uint8)).convert("RGB")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA"):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return im.convert("RGB")

@@ -1,0 +1,273 @@
+"""The extract stage: image folder -> frozen CNN -> HDF5 feature cache, resumable and reused.
+
+reader (``ImageListDataset`` in a DataLoader) -> model (``FeatureModel``) -> writer
+(``cache.CacheWriter``). The cache's name is a fingerprint of everything that changes its
+contents, so the same request is answered from disk without importing torch.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from . import backbones as bb
+from .cache import STORAGE_DTYPES, CacheError, CacheWriter, cache_file_name, fingerprint, now_iso, read_info
+from .data import ImageFolderListing, list_image_folder, stratified_order
+
+log = logging.getLogger(__name__)
+
+POOLS = ("none", "avg")
+
+
+@dataclass
+class ExtractConfig:
+    """What to extract, from where, and how."""
+
+    data: str = "data/PetImages"  # ImageFolder root: one sub-folder of images per class
+    n: int = 800  # how many good images (a seeded stratified sample); 0 = all
+    backbone: str = "vgg16"  # a name from backbones.BACKBONES
+    weights: str = "DEFAULT"  # torchvision weights name, path to a state-dict file, or 'none'
+    batch_size: int = 32  # images per forward pass (and per committed write)
+    device: str = "auto"  # 'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:N'
+    workers: int = -1  # decoding processes; -1 = one per CPU core (at most 8), 0 = decode in-process
+    seed: int = 0  # which n images: the seed of the stratified sample
+    dtype: str = "float16"  # storage dtype of features: float16 (half the size, same accuracy) or float32
+    precision: str = "auto"  # compute precision: auto (bf16 where supported), fp32, bf16, fp16 (CUDA)
+    pool: str = "none"  # 'none' keeps the C x H x W map; 'avg' stores globally averaged C x 1 x 1 vectors
+    cache_dir: str = "features"  # where caches live
+    command: str = ""  # the command line, recorded so an incomplete cache can say how to finish it
+
+
+def validate(cfg: ExtractConfig) -> None:
+    if cfg.n < 0:
+        raise ValueError(f"--n must be 0 (all) or positive, got {cfg.n}")
+    if cfg.batch_size < 1:
+        raise ValueError(f"--batch-size must be positive, got {cfg.batch_size}")
+    if cfg.dtype not in STORAGE_DTYPES:
+        raise ValueError(f"unknown --dtype {cfg.dtype!r}; allowed: {', '.join(STORAGE_DTYPES)}")
+    if cfg.pool not in POOLS:
+        raise ValueError(f"unknown --pool {cfg.pool!r}; allowed: {', '.join(POOLS)}")
+    bb.get_spec(cfg.backbone)
+
+
+def _version(pkg: str) -> str:
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def versions() -> dict:
+    return {"python": platform.python_version(),
+            **{p: _version(p) for p in ("torch", "torchvision", "h5py", "numpy", "pillow", "transfer-pipeline")}}
+
+
+def weights_identity(cfg: ExtractConfig) -> dict:
+    """What names the weights, without loading them: a torchvision name, or a file's hash + sidecar."""
+    if cfg.weights.lower() == "none":
+        return {"weights": "none"}
+    if bb.is_weights_path(cfg.weights):
+        p = Path(cfg.weights)
+        if not p.is_file():
+            raise ValueError(f"weights file {cfg.weights!r} does not exist")
+        return {"weights_sha256": bb.file_sha256(p), "sidecar": bb.read_sidecar(p)}
+    return {"weights": cfg.weights.split(".")[-1]}
+
+
+def cache_key(cfg: ExtractConfig, listing: ImageFolderListing) -> str:
+    """Fingerprint of everything that changes the cache's contents (not batch size or workers)."""
+    return fingerprint({
+        "format": 1, "data": listing.fingerprint(), "backbone": cfg.backbone, **weights_identity(cfg),
+        "n": cfg.n, "seed": cfg.seed, "dtype": cfg.dtype, "precision": cfg.precision, "pool": cfg.pool,
+        "torchvision": _version("torchvision"),
+    })
+
+
+# -- reader ------------------------------------------------------------------------------------
+class ImageListDataset:
+    """Candidates in selection order -> (position, tensor or None, label, path, reason)."""
+
+    def __init__(self, root: Path, items: list, transform, start: int = 0):
+        self.root, self.items, self.transform, self.start = root, items, transform, start
+
+    def __len__(self):
+        return len(self.items) - self.start
+
+    def __getitem__(self, i):
+        from .data import ImageLoadError, load_rgb
+
+        pos = self.start + i
+        path, label = self.items[pos]
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # PIL's EXIF warnings: the image itself decoded
+                return pos, self.transform(load_rgb(self.root / path)), label, path, None
+        except ImageLoadError as e:
+            return pos, None, label, path, e.reason
+
+
+def _keep_list(batch):
+    return batch
+
+
+def iter_candidates(dataset: ImageListDataset, workers: int, pin: bool):
+    """Yield the dataset's items in order, decoded by ``workers`` background processes."""
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(dataset, batch_size=16, num_workers=workers, collate_fn=_keep_list,
+                        pin_memory=False, prefetch_factor=4 if workers else None,
+                        persistent_workers=False)
+    for chunk in loader:
+        yield from chunk
+
+
+# -- model -------------------------------------------------------------------------------------
+class FeatureModel:
+    """A frozen feature extractor on a device and precision: uint8/float batch -> numpy features."""
+
+    def __init__(self, features, device, precision: str, pool: str, out_dtype: str):
+        import torch
+
+        self.device, self.precision, self.pool, self.out_dtype = device, precision, pool, np.dtype(out_dtype)
+        self.net = features.eval().to(device, memory_format=torch.channels_last)
+        for p in self.net.parameters():
+            p.requires_grad_(False)
+
+    def __call__(self, x) -> np.ndarray:
+        import torch
+
+        from .device import autocast
+
+        with torch.inference_mode(), autocast(self.device, self.precision):
+            x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            y = self.net(x)
+            if self.pool == "avg":
+                y = torch.nn.functional.adaptive_avg_pool2d(y, 1)
+        return y.float().contiguous().cpu().numpy().astype(self.out_dtype, copy=False)
+
+
+# -- the stage ---------------------------------------------------------------------------------
+def _hit(path: Path, started: float) -> dict:
+    info = read_info(path)
+    return {"cache": str(path), "hit": True, "rows": info.rows, "skipped": int(info.attrs.get("skipped_rows", 0)),
+            "feature_shape": list(info.feature_shape), "classes": info.classes, "seconds": time.time() - started}
+
+
+def _move_aside(path: Path, why: str) -> None:
+    aside = path.with_name(f"{path.name}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
+    path.rename(aside)
+    log.warning("cache %s could not be resumed (%s); moved it to %s and starting again", path, why, aside)
+
+
+def extract(cfg: ExtractConfig) -> dict:
+    """Run (or reuse, or resume) one extraction; returns a summary with the cache path."""
+    started = time.time()
+    validate(cfg)
+    listing = list_image_folder(cfg.data)
+    total = len(listing.files)
+    if cfg.n > total:
+        raise ValueError(f"--n {cfg.n} is more than the {total} images in {cfg.data}")
+    key = cache_key(cfg, listing)
+    path = Path(cfg.cache_dir) / cache_file_name(cfg.backbone, cfg.n, key)
+    if path.exists():
+        try:
+            info = read_info(path)
+            if info.attrs["fingerprint"] != key:
+                raise CacheError("fingerprint differs")
+            if info.complete:
+                log.debug("cache hit: %s (%d rows)", path, info.rows)
+                return _hit(path, started)
+            log.info("resuming %s from row %d", path, info.rows)
+        except CacheError as e:
+            _move_aside(path, str(e))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return _run(cfg, listing, key, path, started)
+
+
+def _run(cfg: ExtractConfig, listing: ImageFolderListing, key: str, path: Path, started: float) -> dict:
+    import torch
+    from tqdm import tqdm
+
+    from .device import resolve_device, resolve_precision
+
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    backbone = bb.load_backbone(cfg.backbone, cfg.weights)
+    model = FeatureModel(backbone.features, device, precision, cfg.pool, cfg.dtype)
+    order = stratified_order(listing.labels, cfg.seed)
+    items = [(listing.files[i].path, listing.files[i].label) for i in order]
+    target = cfg.n or len(items)
+    attrs = {
+        "fingerprint": key, "backbone": cfg.backbone, "weights": backbone.weights_id,
+        "weights_sha256": backbone.weights_sha256, "weights_covers": backbone.covers,
+        "mean": np.array(backbone.mean), "std": np.array(backbone.std),
+        "transform": backbone.describe_transform(), "classes": json.dumps(list(listing.classes)),
+        "seed": cfg.seed, "n_requested": cfg.n, "sample": "seeded, stratified by class (proportional)",
+        "data_root": str(Path(cfg.data).resolve()), "data_fingerprint": listing.fingerprint(),
+        "n_source_files": len(items), "dtype": cfg.dtype, "precision": precision, "device": str(device),
+        "pool": cfg.pool, "batch_size": cfg.batch_size, "versions": json.dumps(versions()),
+        "created": now_iso(), "command": cfg.command, "config": json.dumps(asdict(cfg)),
+    }
+    workers = min(8, os.cpu_count() or 1) if cfg.workers < 0 else cfg.workers
+    t0 = time.time()
+    with CacheWriter(path, attrs, source=listing) as writer:
+        start_rows = writer.rows
+        dataset = ImageListDataset(listing.root, items, backbone.transform, start=writer.next_candidate)
+        bar = tqdm(total=target, initial=start_rows, unit="img", desc="extract", file=sys.stderr,
+                   dynamic_ncols=True, disable=None)
+        good, bad = [], []
+        rows = start_rows
+
+        def commit(next_candidate: int) -> None:
+            nonlocal rows, good, bad
+            feats = model(torch.stack([g[1] for g in good])) if good else None
+            writer.append(feats, [g[2] for g in good], [g[3] for g in good], next_candidate,
+                          [(b[3], b[4]) for b in bad])
+            rows += len(good)
+            bar.update(len(good))
+            bar.set_postfix(skipped=writer.skipped_rows, refresh=False)
+            good, bad = [], []
+
+        pos = writer.next_candidate - 1
+        try:
+            if rows < target:
+                for item in iter_candidates(dataset, workers, device.type == "cuda"):
+                    pos = item[0]
+                    if item[1] is None:
+                        log.warning("skipping %s: %s", item[3], item[4])
+                        bad.append(item)
+                        continue
+                    good.append(item)
+                    if len(good) == cfg.batch_size or rows + len(good) == target:
+                        commit(pos + 1)
+                        if rows == target:
+                            break
+                if good or bad:
+                    commit(pos + 1)
+        finally:
+            bar.close()
+        skipped = writer.skipped_rows
+        if rows == 0:
+            raise ValueError(f"no image in {cfg.data} could be decoded ({skipped} tried); run check-images on it")
+        if rows < target:
+            log.warning("only %d good images of the %d asked for (%d skipped)", rows, target, skipped)
+        writer.finish(rows_final=rows)
+    seconds = time.time() - t0
+    computed = rows - start_rows
+    return {"cache": str(path), "hit": False, "rows": rows, "computed": computed, "resumed_from": start_rows,
+            "skipped": skipped, "feature_shape": list(model_shape(path)), "classes": list(listing.classes),
+            "device": str(device), "precision": precision, "seconds": seconds,
+            "img_per_s": computed / seconds if seconds > 0 else 0.0}
+
+
+def model_shape(path: Path) -> tuple:
+    return read_info(path).feature_shape
