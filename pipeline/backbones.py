@@ -236,8 +236,12 @@ def _apply_state_dict(spec: BackboneSpec, model, state: dict, source: str) -> st
 
 def load_backbone(name: str = "vgg16", weights: str = "DEFAULT") -> LoadedBackbone:
     """Build backbone ``name`` with ``weights`` (a torchvision name, a file path, or 'none'), in eval mode."""
+    import torch
+
     spec = get_spec(name)
-    model = spec.build()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # 'none' means the same random weights in every process (resumable caches)
+        model = spec.build()
     if weights.lower() == "none":
         warnings.warn(f"--weights none: {name} has random weights; features are only useful for tests")
         loaded = LoadedBackbone(spec, model, _default_transform(spec), "none", covers="none")

@@ -165,7 +165,7 @@ def fit_head(cfg: FitHeadConfig) -> dict:
                     loss.backward()
                     opt.step()
                     seen += len(y)
-                    loss_sum += float(loss) * len(y)
+                    loss_sum += loss.item() * len(y)
                     correct += int((out.argmax(1) == y).sum())
                     bar.update(len(y))
             bar.close()

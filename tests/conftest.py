@@ -1,0 +1,44 @@
+"""Shared fixtures: small generated image folders, the tiny backbone, paths to ../shared."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import tests.tiny  # noqa: F401  (registers the 'tiny' backbone)
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+SHARED_WEIGHTS = SHARED / "weights" / "vgg16_features_imagenet.pt"
+SHARED_CATSDOGS = SHARED / "data" / "catsdogs"
+
+#: class name -> mean RGB colour of its generated images (far apart: linearly separable features)
+COLOURS = {"blue": (40, 60, 200), "green": (40, 190, 60), "red": (210, 40, 40)}
+
+
+def make_image_folder(root: Path, per_class: int = 12, classes=("blue", "red"), seed: int = 0,
+                      size=(48, 40)) -> Path:
+    """An ImageFolder of noisy solid-colour JPEGs, one sub-folder per class; returns root."""
+    rng = np.random.default_rng(seed)
+    for c in classes:
+        d = root / c
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            w, h = size[0] + int(rng.integers(0, 16)), size[1] + int(rng.integers(0, 16))
+            arr = np.clip(rng.normal(COLOURS[c], 30, (h, w, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(d / f"{c}.{i}.jpg", quality=90)
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    """Two classes x 12 generated JPEGs."""
+    return make_image_folder(tmp_path / "data")
+
+
+@pytest.fixture
+def shared_available():
+    if not (SHARED_WEIGHTS.is_file() and SHARED_CATSDOGS.is_dir()):
+        pytest.skip("../shared (real weights and photos) is not beside the project")
