@@ -138,6 +138,8 @@ def head_options(fn):
         click.option("--dropout", default=0.0, show_default=True, type=float),
         click.option("--device", default="auto", show_default=True),
         click.option("--runs-dir", default="runs", show_default=True, help="Where run outputs go."),
+        click.option("--raw-features", "scale_features", flag_value=False, default=True,
+                     help="Train on raw features (default: scaled by 1/RMS, folded into the saved weights)."),
     ]):
         fn = opt(fn)
     return fn

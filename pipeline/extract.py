@@ -57,6 +57,8 @@ def validate(cfg: ExtractConfig) -> None:
     if cfg.pool not in POOLS:
         raise ValueError(f"unknown --pool {cfg.pool!r}; allowed: {', '.join(POOLS)}")
     bb.get_spec(cfg.backbone)
+    if bb.is_weights_path(cfg.weights) and not Path(cfg.weights).is_file():
+        raise ValueError(f"weights file {cfg.weights!r} does not exist")
 
 
 def _version(pkg: str) -> str:
@@ -77,8 +79,6 @@ def weights_identity(cfg: ExtractConfig) -> dict:
         return {"weights": "none"}
     if bb.is_weights_path(cfg.weights):
         p = Path(cfg.weights)
-        if not p.is_file():
-            raise ValueError(f"weights file {cfg.weights!r} does not exist")
         return {"weights_sha256": bb.file_sha256(p), "sidecar": bb.read_sidecar(p)}
     return {"weights": cfg.weights.split(".")[-1]}
 

@@ -34,6 +34,7 @@ class FitHeadConfig:
     seed: int = 0  # seeds the split, the initialisation and the shuffling
     device: str = "auto"  # 'auto' (CUDA if available), 'cpu', 'cuda'
     block_rows: int = 2048  # rows read from disk at once (bounds memory: block_rows x row size)
+    scale_features: bool = True  # train on features / RMS (folded into the saved weights): sane losses at lr 0.01
     runs_dir: str = "runs"  # where the checkpoint, history and curves go (one folder per run)
 
 
@@ -82,8 +83,23 @@ def build_head(in_shape, n_classes: int, dropout: float = 0.0):
     return nn.Sequential(*layers)
 
 
+def feature_rms(cache: FeatureCache, indices: np.ndarray, block_rows: int) -> float:
+    """Root-mean-square of the features over (up to one block of) ``indices``."""
+    rows, feats = next(cache.iter_blocks(indices, block_rows))
+    return float(np.sqrt(np.mean(np.square(feats, dtype=np.float64)))) or 1.0
+
+
+def fold_scale(head, scale: float) -> None:
+    """Make ``head(x)`` equal what it computed on ``x * scale``: Linear(W, b)(s x) = Linear(s W, b)(x)."""
+    import torch
+
+    linear = [m for m in head if isinstance(m, torch.nn.Linear)][0]
+    with torch.no_grad():
+        linear.weight.mul_(scale)
+
+
 def evaluate_head(head, cache: FeatureCache, indices: np.ndarray, device, block_rows: int,
-                  batch_size: int = 256) -> tuple[float, float, np.ndarray]:
+                  batch_size: int = 256, scale: float = 1.0) -> tuple[float, float, np.ndarray]:
     """Accuracy, mean NLL and log-probabilities (rows in ``indices`` order) over some cache rows."""
     import torch
 
@@ -94,7 +110,7 @@ def evaluate_head(head, cache: FeatureCache, indices: np.ndarray, device, block_
         for rows, feats in cache.iter_blocks(indices, block_rows):
             for s in range(0, len(rows), batch_size):
                 x = torch.from_numpy(feats[s:s + batch_size].astype(np.float32)).to(device)
-                lp = head(x).float().cpu().numpy()
+                lp = head(x * scale).float().cpu().numpy()
                 out[[where[int(r)] for r in rows[s:s + batch_size]]] = lp
     order = np.sort(indices)
     y = cache.labels[order]
@@ -145,6 +161,7 @@ def fit_head(cfg: FitHeadConfig) -> dict:
         head = build_head(cache.feature_shape, len(cache.classes), cfg.dropout).to(device)
         opt = torch.optim.Adam(head.parameters(), lr=cfg.lr)
         loss_fn = nn.NLLLoss()
+        scale = 1.0 / feature_rms(cache, train_idx, cfg.block_rows) if cfg.scale_features else 1.0
         rng = np.random.default_rng(cfg.seed)
         history = []
         t0 = time.time()
@@ -157,7 +174,7 @@ def fit_head(cfg: FitHeadConfig) -> dict:
             for rows, feats in cache.iter_blocks(train_idx, cfg.block_rows, rng):
                 y_block = torch.from_numpy(cache.labels[rows])
                 for s in range(0, len(rows), cfg.batch_size):
-                    x = torch.from_numpy(feats[s:s + cfg.batch_size].astype(np.float32)).to(device)
+                    x = torch.from_numpy(feats[s:s + cfg.batch_size].astype(np.float32)).to(device) * scale
                     y = y_block[s:s + cfg.batch_size].to(device)
                     opt.zero_grad()
                     out = head(x)
@@ -169,13 +186,14 @@ def fit_head(cfg: FitHeadConfig) -> dict:
                     correct += int((out.argmax(1) == y).sum())
                     bar.update(len(y))
             bar.close()
-            val_acc, val_loss, _ = evaluate_head(head, cache, val_idx, device, cfg.block_rows)
+            val_acc, val_loss, _ = evaluate_head(head, cache, val_idx, device, cfg.block_rows, scale=scale)
             row = {"epoch": epoch, "train_acc": correct / seen, "val_acc": val_acc,
                    "train_loss": loss_sum / seen, "val_loss": val_loss, "seconds": time.time() - t0}
             history.append(row)
             print(f"Epoch {epoch}, Train acc={row['train_acc']:.3f}, Val acc={val_acc:.3f}, "
                   f"Train loss={row['train_loss']:.3f}, Val loss={val_loss:.3f}", file=sys.stderr)
         fit_seconds = time.time() - t0
+        fold_scale(head, scale)  # the saved head takes raw cached features
         _, _, logp = evaluate_head(head, cache, val_idx, device, cfg.block_rows)
         y_val = cache.labels[np.sort(val_idx)]
         per_class = per_class_accuracy(y_val, logp.argmax(1), cache.classes)

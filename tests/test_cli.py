@@ -1,0 +1,72 @@
+"""The CLI end to end through click's CliRunner, and its one-line usage errors (exit code 2)."""
+import json
+
+import h5py
+import pytest
+from click.testing import CliRunner
+
+from cli import cli
+from tests.conftest import make_image_folder
+
+TINY = ["--backbone", "tiny", "--weights", "none", "--workers", "0"]
+
+
+@pytest.fixture
+def run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # features/ and runs/ land in tmp_path
+
+    def invoke(*args):
+        return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+    return invoke
+
+
+def test_extract_fit_head_compare_and_caches(run, tmp_path):
+    data = make_image_folder(tmp_path / "data", per_class=16)
+    r = run("extract", "--data", data, "--n", 24, *TINY)
+    assert r.exit_code == 0, r.output
+    path = r.stdout.strip()
+    assert path.startswith("features/tiny-n24-") and path.endswith(".h5")
+    again = run("extract", "--data", data, "--n", 24, *TINY, "--json")
+    assert json.loads(again.stdout)["hit"] is True and "cache hit" in again.stderr
+    r = run("fit-head", "--epochs", 3, "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["val_acc"] == 1.0 and out["train_rows"] + out["val_rows"] == 24
+    assert r.stderr.count("Epoch ") == 3
+    r = run("compare-sklearn", "--epochs", 2)
+    assert r.exit_code == 0 and "sklearn LogisticRegression" in r.stdout
+    r = run("caches", "--json")
+    listed = json.loads(r.stdout)["caches"]
+    assert len(listed) == 1 and listed[0]["rows"] == 24 and listed[0]["classes"] == ["blue", "red"]
+    assert "tiny" in run("caches").stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["extract", "--data", "nowhere"], "does not exist"),
+    (["extract", "--n", "-1"], "--n must be 0"),
+    (["extract", "--n", "99"], "more than the 24 images"),
+    (["extract", "--backbone", "alexnet9"], "unknown backbone 'alexnet9'; known:"),
+    (["extract", "--backbone", "tiny", "--weights", "missing.pt"], "does not exist"),
+    (["fit-head", "--cache", "missing.h5"], "does not exist"),
+    (["fit-head"], "no complete feature cache"),
+    (["compare-sklearn", "--cache", "foreign.h5"], "not a feature cache"),
+    (["fit-head", "--cache", "junk.h5"], "not an HDF5 file"),
+    (["fit-head", "--cache", "missing.h5", "--val-fraction", "2"], "--val-fraction"),
+])
+def test_errors_are_one_line_with_exit_code_2(run, tmp_path, args, message):
+    make_image_folder(tmp_path / "data" / "PetImages", per_class=12)
+    with h5py.File(tmp_path / "foreign.h5", "w") as f:
+        f["x"] = [1]
+    (tmp_path / "junk.h5").write_text("junk")
+    r = run(*args)
+    assert r.exit_code == 2, r.output
+    err = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(err) == 1 and err[0].startswith("Error: ") and message in err[0], r.stderr
+    assert "Traceback" not in r.output
+
+
+def test_a_single_class_folder_is_a_usage_error(run, tmp_path):
+    make_image_folder(tmp_path / "one", classes=("red",))
+    r = run("extract", "--data", tmp_path / "one", *TINY)
+    assert r.exit_code == 2 and "need at least two class sub-folders" in r.stderr

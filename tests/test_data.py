@@ -1,0 +1,61 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.data import ImageLoadError, list_image_folder, load_rgb, stratified_order
+from tests.conftest import make_image_folder
+
+
+def test_listing_sorted_classes_and_skips_non_images(tmp_path):
+    root = make_image_folder(tmp_path / "d", per_class=3)
+    (root / "red" / "Thumbs.db").write_bytes(b"x")
+    (root / "red" / ".hidden.jpg").write_bytes(b"x")
+    listing = list_image_folder(root)
+    assert listing.classes == ("blue", "red")
+    assert len(listing.files) == 6
+    assert all(f.path.endswith(".jpg") and not f.path.startswith(".") for f in listing.files)
+    assert listing.labels.tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_fingerprint_changes_when_a_file_changes(tmp_path):
+    root = make_image_folder(tmp_path / "d", per_class=3)
+    before = list_image_folder(root).fingerprint()
+    assert list_image_folder(root).fingerprint() == before
+    (root / "red" / "red.0.jpg").write_bytes((root / "blue" / "blue.0.jpg").read_bytes())
+    assert list_image_folder(root).fingerprint() != before
+
+
+@pytest.mark.parametrize("setup, message", [
+    (lambda r: None, "does not exist"),
+    (lambda r: r.mkdir(), "holds no images"),
+    (lambda r: make_image_folder(r, classes=("red",)), "need at least two"),
+])
+def test_listing_errors(tmp_path, setup, message):
+    root = tmp_path / "d"
+    setup(root)
+    with pytest.raises(ValueError, match=message):
+        list_image_folder(root)
+
+
+def test_stratified_order_prefixes_are_balanced_and_seeded():
+    labels = np.array([0] * 300 + [1] * 100)
+    order = stratified_order(labels, seed=3)
+    assert sorted(order.tolist()) == list(range(400))
+    for n in (4, 40, 200):
+        counts = np.bincount(labels[order[:n]], minlength=2)
+        assert abs(counts[0] - 0.75 * n) <= 1, (n, counts)
+    assert (stratified_order(labels, 3) == order).all()
+    assert not (stratified_order(labels, 4) == order).all()
+
+
+def test_load_rgb_converts_modes_and_names_bad_files(tmp_path):
+    Image.new("L", (10, 10), 128).save(tmp_path / "g.png")
+    Image.new("RGBA", (10, 10), (255, 0, 0, 0)).save(tmp_path / "a.png")
+    assert load_rgb(tmp_path / "g.png").mode == "RGB"
+    assert load_rgb(tmp_path / "a.png").getpixel((0, 0)) == (255, 255, 255)  # transparent -> white
+    (tmp_path / "z.jpg").write_bytes(b"")
+    (tmp_path / "t.jpg").write_text("hello")
+    with pytest.raises(ImageLoadError, match="zero-byte"):
+        load_rgb(tmp_path / "z.jpg")
+    with pytest.raises(ImageLoadError, match="not an image"):
+        load_rgb(tmp_path / "t.jpg")

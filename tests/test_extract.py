@@ -1,0 +1,158 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+import pipeline.data
+from pipeline.cache import FeatureCache
+from pipeline.extract import ExtractConfig, extract
+from tests.conftest import ROOT, make_image_folder
+from tests.tiny import CLI
+
+
+def cfg(data, tmp_path, **kw):
+    base = dict(data=str(data), n=0, backbone="tiny", weights="none", cache_dir=str(tmp_path / "f"),
+                workers=0, batch_size=5, dtype="float32")
+    return ExtractConfig(**{**base, **kw})
+
+
+def test_extract_writes_every_row_including_the_partial_last_batch(image_folder, tmp_path):
+    r = extract(cfg(image_folder, tmp_path, batch_size=5))  # 24 images: 4 full batches + 4
+    assert not r["hit"] and r["rows"] == 24 and r["feature_shape"] == [8, 8, 8]
+    with h5py.File(r["cache"], "r") as f:
+        assert f["features"].shape == (24, 8, 8, 8) and f["labels"].dtype == np.int64
+        paths = [p.decode() for p in f["paths"][:]]
+        assert len(set(paths)) == 24 and all((image_folder / p).is_file() for p in paths)
+        labels = f["labels"][:]
+        assert all(p.startswith(("blue/", "red/")[label]) for p, label in zip(paths, labels))
+        a = f.attrs
+        assert a["backbone"] == "tiny" and a["weights"] == "none" and a["complete"] == 1
+        assert json.loads(a["classes"]) == ["blue", "red"] and "Normalize" in a["transform"]
+        assert "torch" in json.loads(a["versions"]) and a["data_root"] == str(image_folder.resolve())
+
+
+def test_rows_match_a_direct_forward_pass(image_folder, tmp_path):
+    import torch
+
+    from pipeline.backbones import load_backbone
+    from pipeline.data import load_rgb
+
+    r = extract(cfg(image_folder, tmp_path, precision="fp32"))
+    bb = load_backbone("tiny", "none")
+    with FeatureCache(r["cache"]) as c:
+        x = torch.stack([bb.transform(load_rgb(image_folder / p)) for p in c.paths[:3]])
+        with torch.inference_mode():
+            want = bb.features(x).numpy()
+        np.testing.assert_allclose(c.features[:3], want, rtol=1e-5, atol=1e-5)
+
+
+def test_n_takes_a_seeded_stratified_sample(tmp_path):
+    data = make_image_folder(tmp_path / "d", per_class=20)
+    r = extract(cfg(data, tmp_path, n=10, seed=1))
+    with FeatureCache(r["cache"]) as c:
+        assert c.n == 10 and np.bincount(c.labels).tolist() == [5, 5]
+        first = c.paths
+    other = extract(cfg(data, tmp_path, n=10, seed=2))
+    assert other["cache"] != r["cache"]
+    with FeatureCache(other["cache"]) as c:
+        assert c.paths != first
+
+
+def test_same_request_is_a_cache_hit_without_decoding(image_folder, tmp_path, monkeypatch):
+    first = extract(cfg(image_folder, tmp_path))
+
+    def no_decoding(path):
+        raise AssertionError("decoded an image on a cache hit")
+
+    monkeypatch.setattr(pipeline.data, "load_rgb", no_decoding)
+    again = extract(cfg(image_folder, tmp_path, batch_size=7, workers=0))
+    assert again["hit"] and again["cache"] == first["cache"] and again["rows"] == 24
+
+
+def test_a_changed_folder_or_setting_gives_a_new_cache(image_folder, tmp_path):
+    first = extract(cfg(image_folder, tmp_path))["cache"]
+    assert extract(cfg(image_folder, tmp_path, dtype="float16"))["cache"] != first
+    assert extract(cfg(image_folder, tmp_path, pool="avg"))["cache"] != first
+    img = image_folder / "red" / "red.3.jpg"
+    os.utime(img, ns=(img.stat().st_atime_ns, img.stat().st_mtime_ns + 10**9))
+    changed = extract(cfg(image_folder, tmp_path))
+    assert not changed["hit"] and changed["cache"] != first
+
+
+def test_bad_files_are_skipped_recorded_and_replaced(tmp_path):
+    data = make_image_folder(tmp_path / "d", per_class=10)
+    (data / "red" / "zero.jpg").write_bytes(b"")
+    (data / "blue" / "text.jpg").write_text("not a picture")
+    good = (data / "blue" / "blue.0.jpg").read_bytes()
+    (data / "blue" / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    r = extract(cfg(data, tmp_path, n=0))
+    assert r["rows"] == 20 and r["skipped"] == 3
+    with FeatureCache(r["cache"]) as c:
+        skipped = dict(c.skipped())
+        assert set(skipped) == {"red/zero.jpg", "blue/text.jpg", "blue/truncated.jpg"}
+        assert "zero-byte" in skipped["red/zero.jpg"] and "not an image" in skipped["blue/text.jpg"]
+        assert not set(skipped) & set(c.paths)
+    # --n counts good images: asking for all 20 good ones of 23 files works
+    assert extract(cfg(data, tmp_path, n=20))["rows"] == 20
+
+
+def test_a_folder_of_only_bad_files_is_a_clear_error(tmp_path):
+    for c in ("a", "b"):
+        (tmp_path / "d" / c).mkdir(parents=True)
+        (tmp_path / "d" / c / "x.jpg").write_bytes(b"")
+    with pytest.raises(ValueError, match="no image .* could be decoded"):
+        extract(cfg(tmp_path / "d", tmp_path))
+
+
+def test_n_larger_than_the_folder_says_how_many_there_are(image_folder, tmp_path):
+    with pytest.raises(ValueError, match="--n 25 is more than the 24 images"):
+        extract(cfg(image_folder, tmp_path, n=25))
+
+
+def _extract_cmd(data, cache_dir):
+    return [sys.executable, *CLI, "-v", "extract", "--data", str(data), "--n", "0", "--backbone", "tiny",
+            "--weights", "none", "--cache-dir", str(cache_dir), "--batch-size", "2", "--workers", "0",
+            "--dtype", "float32", "--json"]
+
+
+def _rows(path):
+    with FeatureCache(path) as c:
+        return c.paths, c.labels.copy(), c.features[:]
+
+
+@pytest.mark.parametrize("kill_after", [1, 25])
+def test_sigkilled_extraction_resumes_to_the_uninterrupted_result(tmp_path, kill_after):
+    data = make_image_folder(tmp_path / "d", per_class=40)
+    (data / "red" / "zero.jpg").write_bytes(b"")
+    reference = extract(cfg(data, tmp_path, cache_dir=str(tmp_path / "ref"), batch_size=2))
+    proc = subprocess.Popen(_extract_cmd(data, tmp_path / "f"), cwd=ROOT, stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL)
+    commits = 0
+    for line in proc.stderr:
+        commits += b"committed rows=" in line
+        if commits == kill_after:
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    cache = Path(reference["cache"].replace(str(tmp_path / "ref"), str(tmp_path / "f")))
+    with h5py.File(cache, "r") as f:  # still readable, incomplete, holds at least the k batches
+        committed = int(f.attrs["rows"])
+        assert f.attrs["complete"] == 0 and committed >= 2 * kill_after
+    with pytest.raises(ValueError, match="incomplete"):
+        FeatureCache(cache)
+    resumed = json.loads(subprocess.run(_extract_cmd(data, tmp_path / "f"), cwd=ROOT, capture_output=True,
+                                        check=True, text=True).stdout)
+    assert resumed["resumed_from"] == committed and resumed["computed"] == 80 - committed
+    got, want = _rows(resumed["cache"]), _rows(reference["cache"])
+    assert got[0] == want[0]
+    np.testing.assert_array_equal(got[1], want[1])
+    assert np.array_equal(got[2], want[2])  # bitwise
+    with FeatureCache(resumed["cache"]) as c:
+        assert c.skipped() == [("red/zero.jpg", "zero-byte file")]
