@@ -160,8 +160,12 @@ def split_options(fn):
 def fit_head_cmd(as_json, **options):
     """Train Linear + LogSoftmax on cached features; prints one line per epoch."""
     from pipeline.head import FitHeadConfig, fit_head
+    from pipeline.ledger import append_run
 
     result = fit_head(FitHeadConfig(**options))
+    append_run(options["runs_dir"], "fit-head", command=command_line(), cache=result["cache"], params=options,
+               metrics={k: result[k] for k in ("val_acc", "val_loss", "train_acc", "train_loss")},
+               outputs=[result["checkpoint"], result["curves"]])
     text = (f"val acc {result['val_acc']:.3f}, val loss {result['val_loss']:.4f} "
             f"({result['train_rows']} train / {result['val_rows']} val rows, {result['fit_seconds']:.1f} s)\n"
             f"checkpoint: {result['checkpoint']}")
@@ -181,11 +185,108 @@ def compare_sklearn_cmd(as_json, cache, cache_dir, val_fraction, seed, C, max_it
     """Fit the torch head and scikit-learn LogisticRegression on the same split; print both."""
     from pipeline.compare import CompareConfig, compare_sklearn, format_table
     from pipeline.head import FitHeadConfig
+    from pipeline.ledger import append_run
 
     cfg = CompareConfig(cache=cache, cache_dir=cache_dir, val_fraction=val_fraction, seed=seed, C=C,
                         max_iter=max_iter, scale=not no_scale, head=FitHeadConfig(cache_dir=cache_dir, **head))
     result = compare_sklearn(cfg)
+    torch_head, sk = result["models"]
+    append_run(cfg.head.runs_dir, "compare-sklearn", command=command_line(), cache=result["cache"],
+               params={"val_fraction": val_fraction, "seed": seed, "C": C, "max_iter": max_iter,
+                       "scale": not no_scale, **head},
+               metrics={"val_acc": torch_head["val_acc"], "val_loss": torch_head["val_loss"],
+                        "sklearn_val_acc": sk["val_acc"], "sklearn_val_loss": sk["val_loss"]},
+               outputs=[result["head_run_dir"]])
     emit(result, as_json, format_table(result))
+
+
+def picture_options(default_output: str):
+    def decorate(fn):
+        for opt in reversed([
+            click.option("--backbone", default="vgg16", show_default=True, help="Whose preprocessing/features."),
+            click.option("--weights", default="DEFAULT", show_default=True,
+                         help="torchvision weights name, a state-dict file (+ .json sidecar), or 'none'."),
+            click.option("--output", default=default_output, show_default=True, type=click.Path(dir_okay=False),
+                         help="PNG to write."),
+        ]):
+            fn = opt(fn)
+        return fn
+    return decorate
+
+
+@cli.command()
+@click.option("--data", default="data/PetImages", show_default=True, help="ImageFolder root (one folder per class).")
+@click.option("--per-class", default=4, show_default=True, type=int, help="Images per class.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seeds which images are shown.")
+@picture_options("runs/preview.png")
+@json_option
+@library_errors
+def preview(as_json, **options):
+    """A PNG grid of sample images per class, resized/cropped as for extraction (de-normalised)."""
+    from pipeline.viz import PreviewConfig, preview as run
+
+    result = run(PreviewConfig(**options))
+    emit(result, as_json, result["output"])
+
+
+@cli.command("feature-map")
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.option("--top-k", default=6, show_default=True, type=int, help="Most active channels shown over the image.")
+@picture_options("runs/feature-map.png")
+@json_option
+@library_errors
+def feature_map_cmd(as_json, **options):
+    """A PNG of IMAGE beside its feature map (channels x positions) and its most active channels."""
+    from pipeline.viz import FeatureMapConfig, feature_map
+
+    result = feature_map(FeatureMapConfig(**options))
+    click.echo(f"feature map {' x '.join(map(str, result['feature_shape']))}, "
+               f"top channels {result['top_channels']}", err=True)
+    emit(result, as_json, result["output"])
+
+
+@cli.command()
+@click.option("--model", required=True, type=click.Path(dir_okay=False), help="Checkpoint (fit-head's head.pt).")
+@click.option("--cache", default=None, type=click.Path(dir_okay=False),
+              help="Feature cache to evaluate on [default: the one the model was trained on].")
+@click.option("--data", default=None, help="Or an ImageFolder root, run through the backbone.")
+@click.option("--split", default="val", show_default=True, type=click.Choice(["val", "all"]),
+              help="Cache rows: the model's validation split, or all.")
+@click.option("--weights", default=None, help="Backbone weights for --data [default: those the model names].")
+@click.option("--top-k", default=12, show_default=True, type=int, help="Images in the misclassified gallery.")
+@click.option("--batch-size", default=32, show_default=True, type=int)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--workers", default=-1, show_default=True, type=int, help="Decoding processes for --data.")
+@click.option("--runs-dir", default="runs", show_default=True, help="Where run outputs go.")
+@json_option
+@library_errors
+def evaluate(as_json, **options):
+    """Accuracy, per-class precision/recall/F1, a confusion-matrix PNG and a gallery of confident errors."""
+    from pipeline.evaluate import EvaluateConfig, evaluate as run, format_report
+    from pipeline.ledger import append_run
+
+    result = run(EvaluateConfig(**options))
+    append_run(options["runs_dir"], "evaluate", command=command_line(), cache_fingerprint=result["cache_fingerprint"],
+               backbone=result["backbone"], params=options,
+               metrics={k: result[k] for k in ("accuracy", "loss", "macro_f1", "rows")},
+               outputs=[result["confusion_png"], result["gallery_png"]])
+    emit(result, as_json, format_report(result))
+
+
+@cli.command()
+@click.option("--runs-dir", default="runs", show_default=True)
+@click.option("--sort", "sort_by", default=None, metavar="METRIC",
+              help="Best first by this metric (val_acc, accuracy, ...; losses lowest first) [default: newest first].")
+@click.option("--cache", default=None, help="Only runs on this cache (a cache file or a fingerprint prefix).")
+@click.option("--backbone", default=None, help="Only runs with this backbone.")
+@json_option
+@library_errors
+def runs(runs_dir, sort_by, cache, backbone, as_json):
+    """The experiment ledger (runs/ledger.jsonl) as a table."""
+    from pipeline.ledger import format_runs, ledger_path, read_runs
+
+    records = read_runs(runs_dir, sort_by=sort_by, cache=cache, backbone=backbone)
+    emit({"runs": records}, as_json, format_runs(records, sort_by) if records else f"no runs in {ledger_path(runs_dir)}")
 
 
 if __name__ == "__main__":

@@ -140,6 +140,7 @@ def fit_head(cfg: FitHeadConfig) -> dict:
     from torch import nn
     from tqdm import tqdm
 
+    from . import plots
     from .device import resolve_device
 
     validate_common(cfg.val_fraction, cfg.seed)
@@ -211,8 +212,10 @@ def fit_head(cfg: FitHeadConfig) -> dict:
         }
         torch.save(ckpt, out_dir / "head.pt")
         (out_dir / "history.json").write_text(json.dumps(history, indent=2))
+        curves = plots.curves(history, out_dir / "curves.png")
     last = history[-1]
     return {"cache": str(path), "run_dir": str(out_dir), "checkpoint": str(out_dir / "head.pt"),
+            "curves": str(curves),
             "train_rows": int(len(train_idx)), "val_rows": int(len(val_idx)), "val_acc": last["val_acc"],
             "val_loss": last["val_loss"], "train_acc": last["train_acc"], "train_loss": last["train_loss"],
             "per_class_val_acc": per_class, "fit_seconds": fit_seconds, "history": history,

@@ -42,3 +42,13 @@ def image_folder(tmp_path) -> Path:
 def shared_available():
     if not (SHARED_WEIGHTS.is_file() and SHARED_CATSDOGS.is_dir()):
         pytest.skip("../shared (real weights and photos) is not beside the project")
+
+
+@pytest.fixture
+def tiny_cache(tmp_path, image_folder) -> Path:
+    """A complete float32 feature cache of ``image_folder`` (2 x 12 images) from the tiny backbone."""
+    from pipeline.extract import ExtractConfig, extract
+
+    cfg = ExtractConfig(data=str(image_folder), n=0, backbone="tiny", weights="none",
+                        cache_dir=str(tmp_path / "f"), workers=0, dtype="float32")
+    return Path(extract(cfg)["cache"])

@@ -1,0 +1,291 @@
+"""The evaluate stage: a trained model's accuracy, per-class precision/recall/F1, confusion matrix
+and the images it gets most confidently wrong.
+
+Two steps: a *predictor* turns (checkpoint, cache or folder) into ``Predictions`` (image paths,
+true labels, log-probabilities), then ``summarize`` and the pictures work on those alone. A
+predictor is looked up by the checkpoint's ``kind`` and the source (``cache`` or ``data``), so a
+new kind of model (train/finetune's model.pt) plugs in with ``register_predictor``; for a folder,
+``predict_folder`` does the decoding and batching, given a batch -> log-probabilities function.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from .data import ImageLoadError, list_image_folder, load_rgb
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("val", "all")
+
+
+@dataclass
+class EvaluateConfig:
+    """Which model, on which rows or images, and where the pictures go."""
+
+    model: str = ""  # checkpoint: head.pt from fit-head (other kinds once registered)
+    cache: Optional[str] = None  # feature cache to evaluate on; None (and no data) = the checkpoint's own cache
+    data: Optional[str] = None  # or an ImageFolder root, run through the backbone on the fly
+    split: str = "val"  # cache rows: 'val' (the checkpoint's own validation split) or 'all'
+    weights: Optional[str] = None  # backbone weights for --data; None = those the checkpoint names
+    top_k: int = 12  # images in the most-confidently-wrong gallery
+    device: str = "auto"  # 'auto' (CUDA if available), 'cpu', 'cuda'
+    batch_size: int = 32  # images per forward pass (--data)
+    workers: int = -1  # decoding processes for --data; -1 = one per core (at most 8), 0 = in-process
+    block_rows: int = 2048  # cache rows read from disk at once
+    runs_dir: str = "runs"  # the pictures and metrics.json go to runs/<stamp>-evaluate/
+
+
+@dataclass
+class Predictions:
+    """What a model said about each image: all the evaluation needs."""
+
+    classes: list  # class names, the model's order
+    root: Path  # image paths are relative to this folder
+    paths: list  # one per row
+    labels: np.ndarray  # (N,) true class indices
+    logp: np.ndarray  # (N, classes) log-probabilities
+    source: str  # what was evaluated, in words
+    cache_fingerprint: str = ""  # of the cache evaluated on, if any
+
+
+Predictor = Callable[[str, dict, EvaluateConfig], Predictions]
+PREDICTORS: dict[tuple[str, str], Predictor] = {}
+
+
+def register_predictor(kind: str, source: str, fn: Predictor) -> None:
+    """Make checkpoints of ``kind`` evaluable on ``source`` ('cache' or 'data')."""
+    PREDICTORS[(kind, source)] = fn
+
+
+def load_checkpoint(path: str) -> dict:
+    import torch
+
+    if not Path(path).is_file():
+        raise ValueError(f"model file {path!r} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle errors, zip errors, refused globals
+        raise ValueError(f"model file {path!r} is not a loadable checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or "kind" not in ckpt:
+        raise ValueError(f"model file {path!r} is not a checkpoint written by this tool (no 'kind')")
+    return ckpt
+
+
+# -- predictors ----------------------------------------------------------------------------------
+def _head(ckpt: dict, device):
+    from .head import build_head
+
+    head = build_head(tuple(ckpt["in_shape"]), len(ckpt["classes"]), ckpt["dropout"])
+    head.load_state_dict(ckpt["state_dict"])
+    return head.to(device).eval()
+
+
+def _check_cache_fits(ckpt: dict, cache) -> None:
+    a = cache.attrs
+    theirs = (a["backbone"], a["weights"], a.get("weights_sha256", ""), a.get("pool", "none"))
+    ours = (ckpt["backbone"], ckpt["weights"], ckpt.get("weights_sha256", ""), ckpt.get("pool", "none"))
+    if theirs != ours:
+        raise ValueError(f"cache {cache.path} holds features of {theirs[:2]} (pool {theirs[3]}), "
+                         f"the model was trained on {ours[:2]} (pool {ours[3]})")
+    if list(cache.classes) != list(ckpt["classes"]):
+        raise ValueError(f"cache {cache.path} has classes {cache.classes}, the model {ckpt['classes']}")
+    if tuple(cache.feature_shape) != tuple(ckpt["in_shape"]):
+        raise ValueError(f"cache {cache.path} has features {cache.feature_shape}, the model expects "
+                         f"{tuple(ckpt['in_shape'])}")
+
+
+def head_on_cache(model_path: str, ckpt: dict, cfg: EvaluateConfig) -> Predictions:
+    """A fit-head checkpoint on cached features: its validation split, or all rows."""
+    from .cache import FeatureCache
+    from .device import resolve_device
+    from .head import evaluate_head, split_indices
+
+    path = cfg.cache or ckpt["cache"]
+    device = resolve_device(cfg.device)
+    with FeatureCache(path) as cache:
+        _check_cache_fits(ckpt, cache)
+        if cfg.split == "val":
+            c = ckpt["config"]
+            rows = split_indices(cache.labels, c["val_fraction"], c["seed"])[1]
+            if cache.attrs["fingerprint"] != ckpt["cache_fingerprint"]:
+                log.warning("%s is not the cache the model was trained on: its 'val' rows may include training "
+                            "images; use --split all on a held-out cache", path)
+        else:
+            rows = np.arange(cache.n)
+        _, _, logp = evaluate_head(_head(ckpt, device), cache, rows, device, cfg.block_rows)
+        rows = np.sort(rows)
+        paths = cache.paths
+        return Predictions(list(cache.classes), Path(cache.attrs["data_root"]), [paths[i] for i in rows],
+                           cache.labels[rows], logp, f"{cfg.split} rows of {path}", cache.attrs["fingerprint"])
+
+
+def predict_folder(data: str, classes: list, transform, logp_fn: Callable, cfg: EvaluateConfig) -> Predictions:
+    """Every decodable image of an ImageFolder through ``logp_fn`` (a batch tensor -> (B, classes) array).
+
+    The folder's classes must be among the model's ``classes`` (matched by name); unreadable
+    images are skipped with a warning.
+    """
+    import torch
+    from tqdm import tqdm
+
+    from .extract import ImageListDataset, iter_candidates
+
+    listing = list_image_folder(data)
+    unknown = [c for c in listing.classes if c not in classes]
+    if unknown:
+        raise ValueError(f"data folder {data!r} has classes {unknown} the model does not know; "
+                         f"its classes: {', '.join(classes)}")
+    to_model = [classes.index(c) for c in listing.classes]
+    items = [(f.path, to_model[f.label]) for f in listing.files]
+    workers = min(8, os.cpu_count() or 1) if cfg.workers < 0 else cfg.workers
+    paths, labels, out, batch = [], [], [], []
+
+    def flush():
+        out.append(np.asarray(logp_fn(torch.stack([b[1] for b in batch])), np.float32))
+        paths.extend(b[3] for b in batch)
+        labels.extend(b[2] for b in batch)
+        batch.clear()
+
+    with tqdm(total=len(items), unit="img", desc="evaluate", file=sys.stderr, disable=None) as bar:
+        for item in iter_candidates(ImageListDataset(listing.root, items, transform), workers, False):
+            bar.update(1)
+            if item[1] is None:
+                log.warning("skipping %s: %s", item[3], item[4])
+                continue
+            batch.append(item)
+            if len(batch) == cfg.batch_size:
+                flush()
+        if batch:
+            flush()
+    if not paths:
+        raise ValueError(f"no image in {data} could be decoded")
+    return Predictions(list(classes), listing.root, paths, np.array(labels, np.int64), np.concatenate(out),
+                       f"images of {data}")
+
+
+def _backbone_weights(ckpt: dict, weights: Optional[str]) -> str:
+    """The --weights value that rebuilds the checkpoint's backbone, checked against its hash."""
+    from .backbones import file_sha256, is_weights_path
+
+    named = ckpt["weights"]
+    if weights is None:
+        if named.startswith("file:"):
+            raise ValueError(f"the model's backbone weights came from the file {named[5:]!r}; pass it with --weights")
+        return named
+    if is_weights_path(weights) and ckpt.get("weights_sha256") and Path(weights).is_file():
+        if file_sha256(weights) != ckpt["weights_sha256"]:
+            raise ValueError(f"--weights {weights!r} is not the file the model was trained with ({named})")
+    return weights
+
+
+def head_on_folder(model_path: str, ckpt: dict, cfg: EvaluateConfig) -> Predictions:
+    """A fit-head checkpoint on raw images: backbone features (as at extraction), then the head."""
+    import torch
+
+    from .backbones import load_backbone
+    from .device import resolve_device, resolve_precision
+    from .extract import FeatureModel
+
+    device = resolve_device(cfg.device)
+    backbone = load_backbone(ckpt["backbone"], _backbone_weights(ckpt, cfg.weights))
+    features = FeatureModel(backbone.features, device, resolve_precision("auto", device), ckpt.get("pool", "none"),
+                            "float32")
+    head = _head(ckpt, device)
+
+    def logp_fn(x):
+        with torch.inference_mode():
+            return head(torch.from_numpy(features(x)).to(device)).float().cpu().numpy()
+
+    return predict_folder(cfg.data, list(ckpt["classes"]), backbone.transform, logp_fn, cfg)
+
+
+register_predictor("fit-head", "cache", head_on_cache)
+register_predictor("fit-head", "data", head_on_folder)
+
+
+# -- the report ----------------------------------------------------------------------------------
+def summarize(pred: Predictions, top_k: int) -> dict:
+    """Accuracy, mean NLL, per-class precision/recall/F1, confusion counts and the most confident errors."""
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    k = len(pred.classes)
+    y, p = pred.labels, pred.logp.argmax(1)
+    precision, recall, f1, support = precision_recall_fscore_support(y, p, labels=range(k), zero_division=0)
+    wrong = np.flatnonzero(p != y)
+    conf = np.exp(pred.logp[wrong, p[wrong]])
+    worst = wrong[np.argsort(-conf, kind="stable")[:top_k]]
+    return {
+        "rows": int(len(y)), "accuracy": float((p == y).mean()),
+        "loss": float(-pred.logp[np.arange(len(y)), y].mean()) + 0.0, "macro_f1": float(f1.mean()),
+        "per_class": {c: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+                          "support": int(support[i])} for i, c in enumerate(pred.classes)},
+        "classes": list(pred.classes),
+        "confusion_matrix": confusion_matrix(y, p, labels=range(k)).tolist(),
+        "wrong": [{"path": pred.paths[i], "true": pred.classes[y[i]], "pred": pred.classes[p[i]],
+                   "prob": float(np.exp(pred.logp[i, p[i]]))} for i in worst],
+        "errors": int(len(wrong)),
+    }
+
+
+def _thumbnail(path: Path, size: int = 256):
+    try:
+        im = load_rgb(path)
+    except (ImageLoadError, OSError) as e:
+        log.warning("gallery: cannot show %s (%s)", path, getattr(e, "reason", e))
+        return None
+    im.thumbnail((size, size))
+    return im
+
+
+def evaluate(cfg: EvaluateConfig) -> dict:
+    """Evaluate one checkpoint; write confusion.png, gallery.png and metrics.json to a run folder."""
+    from .head import run_dir
+    from .plots import confusion_matrix_png, gallery_png
+
+    if cfg.split not in SPLITS:
+        raise ValueError(f"unknown --split {cfg.split!r}; allowed: {', '.join(SPLITS)}")
+    if cfg.cache and cfg.data:
+        raise ValueError("pass --cache or --data, not both")
+    for name in ("top_k", "batch_size", "block_rows"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    ckpt = load_checkpoint(cfg.model)
+    source = "data" if cfg.data else "cache"
+    predictor = PREDICTORS.get((ckpt["kind"], source))
+    if predictor is None:
+        known = sorted(f"{k} on --{s}" for k, s in PREDICTORS)
+        raise ValueError(f"cannot evaluate a {ckpt['kind']!r} checkpoint on --{source}; known: {', '.join(known)}")
+    pred = predictor(cfg.model, ckpt, cfg)
+    result = summarize(pred, cfg.top_k)
+    out_dir = run_dir(cfg.runs_dir, "evaluate")
+    confusion = confusion_matrix_png(np.array(result["confusion_matrix"]), pred.classes, out_dir / "confusion.png",
+                                     title=f"accuracy {result['accuracy']:.3f} on {result['rows']} images")
+    items = [{**w, "image": _thumbnail(pred.root / w["path"])} for w in result["wrong"]]
+    gallery = gallery_png(items, out_dir / "gallery.png",
+                          suptitle=f"most confidently wrong: {len(items)} of {result['errors']} errors")
+    result.update({"model": cfg.model, "kind": ckpt["kind"], "source": pred.source, "split": cfg.split,
+                   "backbone": ckpt.get("backbone", ""), "cache_fingerprint": pred.cache_fingerprint,
+                   "data_root": str(pred.root), "run_dir": str(out_dir), "confusion_png": str(confusion),
+                   "gallery_png": str(gallery)})
+    (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def format_report(result: dict) -> str:
+    lines = [f"accuracy {result['accuracy']:.3f}, loss {result['loss']:.4f}, macro F1 {result['macro_f1']:.3f} "
+             f"on {result['rows']} images ({result['source']})"]
+    width = max(5, *(len(c) for c in result["per_class"]))
+    lines.append(f"{'class':<{width}}  precision  recall     f1  support")
+    for c, m in result["per_class"].items():
+        lines.append(f"{c:<{width}}  {m['precision']:>9.3f}  {m['recall']:>6.3f}  {m['f1']:>5.3f}  {m['support']:>7d}")
+    lines += [f"confusion matrix: {result['confusion_png']}",
+              f"most confidently wrong ({len(result['wrong'])} of {result['errors']}): {result['gallery_png']}"]
+    return "\n".join(lines)

@@ -1,0 +1,111 @@
+"""The picture stages: a preview grid of a data folder, and one image's feature map.
+
+Both show images as the backbone sees them: after the weights' own resize and crop, with the
+normalisation undone (so a wrong mean/std shows up as wrong colours).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .data import ImageLoadError, list_image_folder, load_rgb
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PreviewConfig:
+    """Which images to show, and with which preprocessing."""
+
+    data: str = "data/PetImages"  # ImageFolder root: one sub-folder of images per class
+    per_class: int = 4  # images per class (one row per class)
+    seed: int = 0  # which images: a seeded sample of each class
+    backbone: str = "vgg16"  # whose preprocessing (resize/crop/normalisation) to apply
+    weights: str = "DEFAULT"  # torchvision weights name, a state-dict file (+ sidecar), or 'none'
+    output: str = "runs/preview.png"  # the PNG to write
+
+
+@dataclass
+class FeatureMapConfig:
+    """Which image, through which backbone."""
+
+    image: str = ""  # the image file
+    backbone: str = "vgg16"  # a name from backbones.BACKBONES
+    weights: str = "DEFAULT"  # torchvision weights name, a state-dict file (+ sidecar), or 'none'
+    top_k: int = 6  # most active channels to upsample over the image
+    output: str = "runs/feature-map.png"  # the PNG to write
+
+
+def as_seen(backbone, image) -> tuple:
+    """(normalised CxHxW tensor, HxWx3 de-normalised array in [0, 1]) of a PIL image."""
+    from .plots import denormalise
+
+    x = backbone.transform(image)
+    return x, denormalise(x.numpy(), backbone.mean, backbone.std)
+
+
+def sample_per_class(listing, per_class: int, seed: int) -> list[tuple[int, object, str]]:
+    """Up to ``per_class`` decodable images of each class, seeded: (label, PIL image, path)."""
+    rng = np.random.default_rng(seed)
+    labels = listing.labels
+    chosen = []
+    for label in range(len(listing.classes)):
+        got = 0
+        for i in rng.permutation(np.flatnonzero(labels == label)):
+            if got == per_class:
+                break
+            path = listing.files[i].path
+            try:
+                chosen.append((label, load_rgb(listing.root / path), path))
+                got += 1
+            except ImageLoadError as e:
+                log.warning("skipping %s: %s", path, e.reason)
+    return chosen
+
+
+def preview(cfg: PreviewConfig) -> dict:
+    """Write a grid of sample images per class, preprocessed as for extraction; returns where."""
+    from .backbones import load_backbone
+    from .plots import preview_png
+
+    if cfg.per_class < 1:
+        raise ValueError(f"--per-class must be positive, got {cfg.per_class}")
+    listing = list_image_folder(cfg.data)
+    backbone = load_backbone(cfg.backbone, cfg.weights)
+    chosen = sample_per_class(listing, cfg.per_class, cfg.seed)
+    images = [as_seen(backbone, im)[1] for _, im, _ in chosen]
+    titles = [listing.classes[label] for label, _, _ in chosen]
+    t = backbone.transform
+    out = preview_png(images, titles, cfg.output, cols=cfg.per_class,
+                      suptitle=f"{Path(cfg.data).name}: resize {t.resize_size[0]}, crop {t.crop_size[0]} "
+                               f"({cfg.backbone}, {backbone.weights_id})")
+    return {"output": str(out), "classes": list(listing.classes), "images": [p for _, _, p in chosen],
+            "backbone": cfg.backbone, "weights": backbone.weights_id}
+
+
+def feature_map(cfg: FeatureMapConfig) -> dict:
+    """Write the input image beside its feature map and top channels; returns where and the shape."""
+    import torch
+
+    from .backbones import load_backbone
+    from .extract import FeatureModel
+    from .plots import feature_map_png, top_channels
+
+    if cfg.top_k < 1:
+        raise ValueError(f"--top-k must be positive, got {cfg.top_k}")
+    try:
+        image = load_rgb(cfg.image)
+    except ImageLoadError as e:
+        raise ValueError(f"image {cfg.image!r}: {e.reason}") from None
+    backbone = load_backbone(cfg.backbone, cfg.weights)
+    x, seen = as_seen(backbone, image)
+    model = FeatureModel(backbone.features, torch.device("cpu"), "fp32", "none", "float32")
+    fmap = model(x[None])[0]
+    top = top_channels(fmap, cfg.top_k)
+    out = feature_map_png(seen, fmap, cfg.output, top_k=cfg.top_k,
+                          title=f"{Path(cfg.image).name} through {cfg.backbone} ({backbone.weights_id})")
+    return {"output": str(out), "feature_shape": list(fmap.shape), "top_channels": [int(c) for c in top],
+            "backbone": cfg.backbone, "weights": backbone.weights_id}

@@ -1,0 +1,92 @@
+"""evaluate: hand-counted metrics, the checkpoint's own split, --data vs --cache, clear refusals."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import cli
+from pipeline.evaluate import EvaluateConfig, Predictions, evaluate, summarize
+from pipeline.head import FitHeadConfig, fit_head
+from pipeline.ledger import read_runs
+from tests.conftest import make_image_folder
+
+
+def test_summarize_matches_a_hand_count():
+    classes = ["a", "b", "c"]
+    labels = np.array([0, 0, 0, 1, 1, 2, 2])
+    probs = np.array([
+        [0.9, 0.05, 0.05],  # a -> a
+        [0.2, 0.7, 0.1],  # a -> b (p 0.7)
+        [0.6, 0.3, 0.1],  # a -> a
+        [0.1, 0.8, 0.1],  # b -> b
+        [0.05, 0.9, 0.05],  # b -> b
+        [0.95, 0.03, 0.02],  # c -> a (p 0.95, the most confident error)
+        [0.1, 0.1, 0.8],  # c -> c
+    ])
+    pred = Predictions(classes, Path("/data"), [f"x{i}.jpg" for i in range(7)], labels, np.log(probs), "hand")
+    r = summarize(pred, top_k=5)
+    assert r["confusion_matrix"] == [[2, 1, 0], [0, 2, 0], [1, 0, 1]]
+    assert r["accuracy"] == pytest.approx(5 / 7)
+    assert r["per_class"]["a"] == pytest.approx({"precision": 2 / 3, "recall": 2 / 3, "f1": 2 / 3, "support": 3})
+    assert r["per_class"]["b"] == pytest.approx({"precision": 2 / 3, "recall": 1.0, "f1": 0.8, "support": 2})
+    assert r["per_class"]["c"] == pytest.approx({"precision": 1.0, "recall": 0.5, "f1": 2 / 3, "support": 2})
+    assert [(w["path"], w["true"], w["pred"]) for w in r["wrong"]] == [("x5.jpg", "c", "a"), ("x1.jpg", "a", "b")]
+    assert r["wrong"][0]["prob"] == pytest.approx(0.95) and r["errors"] == 2
+    assert r["loss"] == pytest.approx(-np.log(probs[np.arange(7), labels]).mean())
+    assert len(summarize(pred, top_k=1)["wrong"]) == 1
+
+
+@pytest.fixture
+def head_run(tmp_path, tiny_cache):
+    return fit_head(FitHeadConfig(cache=str(tiny_cache), epochs=3, val_fraction=0.25, runs_dir=str(tmp_path / "runs")))
+
+
+def test_default_is_the_checkpoints_own_val_split(tmp_path, head_run):
+    r = evaluate(EvaluateConfig(model=head_run["checkpoint"], runs_dir=str(tmp_path / "runs")))
+    assert r["rows"] == head_run["val_rows"] == 6
+    assert r["accuracy"] == head_run["val_acc"] and r["loss"] == pytest.approx(head_run["val_loss"], rel=1e-5)
+    assert np.sum(r["confusion_matrix"]) == 6
+    assert Path(r["confusion_png"]).is_file() and Path(r["gallery_png"]).is_file()
+    assert json.loads(Path(r["run_dir"], "metrics.json").read_text())["accuracy"] == r["accuracy"]
+
+
+def test_data_folder_agrees_with_all_cache_rows(tmp_path, head_run, image_folder):
+    ckpt = head_run["checkpoint"]
+    on_cache = evaluate(EvaluateConfig(model=ckpt, split="all", runs_dir=str(tmp_path / "runs")))
+    on_data = evaluate(EvaluateConfig(model=ckpt, data=str(image_folder), workers=0, runs_dir=str(tmp_path / "runs")))
+    assert on_cache["rows"] == on_data["rows"] == 24
+    assert on_data["confusion_matrix"] == on_cache["confusion_matrix"]
+    assert on_data["loss"] == pytest.approx(on_cache["loss"], rel=1e-3, abs=1e-4)
+
+
+def test_refusals(tmp_path, head_run):
+    ckpt = head_run["checkpoint"]
+    other = make_image_folder(tmp_path / "other", per_class=2, classes=("blue", "green"))
+    with pytest.raises(ValueError, match=r"classes \['green'\] the model does not know"):
+        evaluate(EvaluateConfig(model=ckpt, data=str(other), workers=0, runs_dir=str(tmp_path / "r")))
+    torch.save({"kind": "mystery"}, tmp_path / "m.pt")
+    with pytest.raises(ValueError, match="cannot evaluate a 'mystery' checkpoint on --cache; known: fit-head on"):
+        evaluate(EvaluateConfig(model=str(tmp_path / "m.pt"), runs_dir=str(tmp_path / "r")))
+    with pytest.raises(ValueError, match="does not exist"):
+        evaluate(EvaluateConfig(model=str(tmp_path / "missing.pt")))
+
+
+def test_cli_json_and_ledger(tmp_path, head_run):
+    runs = tmp_path / "runs"
+    result = CliRunner().invoke(cli.cli, ["evaluate", "--model", head_run["checkpoint"], "--split", "all",
+                                          "--runs-dir", str(runs), "--json"])
+    assert result.exit_code == 0, result.output
+    r = json.loads(result.stdout)
+    assert r["rows"] == 24 and set(r["per_class"]) == {"blue", "red"}
+    (entry,) = read_runs(runs)
+    assert entry["kind"] == "evaluate" and entry["metrics"]["accuracy"] == r["accuracy"]
+    assert entry["backbone"] == "tiny" and entry["outputs"] == [r["confusion_png"], r["gallery_png"]]
+    text = CliRunner().invoke(cli.cli, ["evaluate", "--model", head_run["checkpoint"], "--runs-dir", str(runs)])
+    assert "precision" in text.stdout and "blue" in text.stdout
+    bad = CliRunner().invoke(cli.cli, ["evaluate", "--model", head_run["checkpoint"], "--top-k", "0"])
+    assert bad.exit_code == 2 and "--top-k must be positive" in bad.stderr

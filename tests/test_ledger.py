@@ -1,0 +1,87 @@
+"""The ledger: round trip, sorting and filters, damaged lines, concurrent appends, CLI wiring."""
+from __future__ import annotations
+
+import json
+import multiprocessing
+
+import pytest
+from click.testing import CliRunner
+
+import cli
+from pipeline.ledger import append_run, format_runs, ledger_path, read_runs
+
+
+def _add(runs, kind="fit-head", fp="aaaa1111", backbone="vgg16", **metrics):
+    return append_run(runs, kind, command=f"python cli.py {kind}", cache_fingerprint=fp, backbone=backbone,
+                      params={"lr": 0.01}, metrics=metrics, outputs=[f"{runs}/x/head.pt"])
+
+
+def test_round_trip_newest_first(tmp_path):
+    first = _add(tmp_path, val_acc=0.8, val_loss=0.5)
+    second = _add(tmp_path, kind="compare-sklearn", fp="bbbb2222", backbone="resnet18", val_acc=0.9, val_loss=0.7)
+    runs = read_runs(tmp_path)
+    assert runs == [second, first]
+    assert runs[1]["params"] == {"lr": 0.01} and runs[1]["outputs"] == [f"{tmp_path}/x/head.pt"]
+    assert set(first) >= {"time", "kind", "command", "cache_fingerprint", "backbone", "params", "metrics", "outputs"}
+
+
+def test_sort_and_filters(tmp_path):
+    _add(tmp_path, val_acc=0.8, val_loss=0.3)
+    _add(tmp_path, fp="bbbb2222", backbone="resnet18", val_acc=0.95, val_loss=0.6)
+    _add(tmp_path, val_acc=0.9, val_loss=0.1)
+    _add(tmp_path, kind="evaluate", accuracy=0.7)
+    assert [r["metrics"].get("val_acc") for r in read_runs(tmp_path, sort_by="val_acc")] == [0.95, 0.9, 0.8, None]
+    assert [r["metrics"].get("val_loss") for r in read_runs(tmp_path, sort_by="val_loss")][:3] == [0.1, 0.3, 0.6]
+    assert [r["backbone"] for r in read_runs(tmp_path, backbone="resnet18")] == ["resnet18"]
+    assert len(read_runs(tmp_path, cache="aaaa")) == 3
+    with pytest.raises(ValueError, match="known metrics: accuracy, val_acc, val_loss"):
+        read_runs(tmp_path, sort_by="f1")
+    table = format_runs(read_runs(tmp_path, sort_by="val_acc"), "val_acc")
+    assert table.splitlines()[2].split()[-3] == "val_acc=0.95"
+
+
+def test_damaged_last_line_is_skipped_and_not_glued_to(tmp_path):
+    _add(tmp_path, val_acc=0.5)
+    with open(ledger_path(tmp_path), "a") as f:
+        f.write('{"kind": "fit-head", "metr')  # a writer killed mid-line
+    assert len(read_runs(tmp_path)) == 1
+    _add(tmp_path, val_acc=0.6)
+    assert [r["metrics"]["val_acc"] for r in read_runs(tmp_path)] == [0.6, 0.5]
+
+
+def _append_many(args):
+    runs, worker, count = args
+    for i in range(count):
+        append_run(runs, "fit-head", command="x", cache_fingerprint="f", backbone="b",
+                   params={"worker": worker, "i": i, "pad": "x" * 20000}, metrics={"val_acc": i / count},
+                   outputs=[])
+
+
+def test_concurrent_appends_never_interleave(tmp_path):
+    workers, count = 4, 40
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        pool.map(_append_many, [(str(tmp_path), w, count) for w in range(workers)])
+    lines = ledger_path(tmp_path).read_text().splitlines()
+    assert len(lines) == workers * count
+    seen = {(r["params"]["worker"], r["params"]["i"]) for r in map(json.loads, lines)}
+    assert seen == {(w, i) for w in range(workers) for i in range(count)}
+
+
+def test_runs_command_shows_fit_head_and_compare(tmp_path, tiny_cache):
+    runs = str(tmp_path / "runs")
+    runner = CliRunner()
+    fit = runner.invoke(cli.cli, ["fit-head", "--cache", str(tiny_cache), "--epochs", "2", "--runs-dir", runs,
+                                  "--json"])
+    assert fit.exit_code == 0, fit.output
+    cmp = runner.invoke(cli.cli, ["compare-sklearn", "--cache", str(tiny_cache), "--epochs", "2", "--runs-dir", runs])
+    assert cmp.exit_code == 0, cmp.output
+    out = runner.invoke(cli.cli, ["runs", "--runs-dir", runs, "--json"])
+    records = json.loads(out.stdout)["runs"]
+    assert [r["kind"] for r in records] == ["compare-sklearn", "fit-head"]
+    assert records[1]["metrics"]["val_acc"] == json.loads(fit.stdout)["val_acc"]
+    assert "sklearn_val_acc" in records[0]["metrics"] and records[0]["backbone"] == "tiny"
+    assert records[1]["outputs"][0].endswith("head.pt")
+    table = runner.invoke(cli.cli, ["runs", "--runs-dir", runs, "--sort", "val_acc", "--backbone", "tiny"]).stdout
+    assert "fit-head" in table and "compare-sklearn" in table and "val_acc=" in table
+    bad = runner.invoke(cli.cli, ["runs", "--runs-dir", runs, "--sort", "nope"])
+    assert bad.exit_code == 2 and "known metrics" in bad.stderr

@@ -1,0 +1,97 @@
+"""Every picture is a PNG of the expected pixel size with something drawn in it, made headless."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+import cli
+from pipeline import plots
+from tests.conftest import ROOT, SHARED_CATSDOGS, SHARED_WEIGHTS
+
+
+def assert_picture(path, size):
+    """A PNG of ``size`` (width, height) pixels that is not one flat colour."""
+    im = Image.open(path)
+    assert im.format == "PNG"
+    assert im.size == size
+    assert np.asarray(im.convert("L"), np.float32).std() > 8
+
+
+def run(*args):
+    result = CliRunner().invoke(cli.cli, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_preview_grid(tmp_path, image_folder):
+    out = tmp_path / "p.png"
+    result = run("preview", "--data", image_folder, "--backbone", "tiny", "--weights", "none", "--per-class", 3,
+                 "--output", out, "--json")
+    info = json.loads(result.stdout)
+    assert info["classes"] == ["blue", "red"] and len(info["images"]) == 6
+    assert_picture(out, (660, 540))  # 2 rows x 3 cells of 2.2 x 2.5 in (+ 0.4 in title) at 100 dpi
+    pixels = np.asarray(Image.open(out).convert("RGB"), np.float32)
+    top, bottom = pixels[60:280].reshape(-1, 3), pixels[320:520].reshape(-1, 3)
+    assert top[:, 2].mean() > top[:, 0].mean() + 20  # the blue row is blue, the red row red:
+    assert bottom[:, 0].mean() > bottom[:, 2].mean() + 20  # one row per class, in class order
+
+
+def test_feature_map(tmp_path, image_folder):
+    out = tmp_path / "fm.png"
+    result = run("feature-map", image_folder / "red" / "red.0.jpg", "--backbone", "tiny", "--weights", "none",
+                 "--top-k", 4, "--output", out, "--json")
+    info = json.loads(result.stdout)
+    assert info["feature_shape"] == [8, 8, 8] and len(info["top_channels"]) == 4
+    assert_picture(out, (1500, 600))
+
+
+def test_fit_head_writes_curves(tmp_path, tiny_cache):
+    result = run("fit-head", "--cache", tiny_cache, "--epochs", 3, "--runs-dir", tmp_path / "runs", "--json")
+    curves = Path(json.loads(result.stdout)["curves"])
+    assert curves == Path(json.loads(result.stdout)["checkpoint"]).with_name("curves.png")
+    assert_picture(curves, (1000, 400))
+
+
+def test_confusion_and_gallery(tmp_path):
+    cm = np.array([[5, 1, 0], [2, 7, 0], [0, 0, 3]])
+    assert_picture(plots.confusion_matrix_png(cm, ["a", "b", "c"], tmp_path / "cm.png"), (500, 400))
+    rng = np.random.default_rng(0)
+    items = [{"image": Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)),
+              "path": f"some/long/folder/name/img{i}.jpg", "true": "a", "pred": "b", "prob": 0.9} for i in range(5)]
+    items[2]["image"] = None  # an image that can no longer be read still gets its cell
+    assert_picture(plots.gallery_png(items, tmp_path / "g.png", cols=4), (1120, 680))  # 2 rows x 4 cells
+    assert_picture(plots.gallery_png([], tmp_path / "none.png"), (560, 150))
+
+
+def test_denormalise_undoes_caffe_style_normalisation():
+    from torchvision.transforms._presets import ImageClassification
+
+    mean, std = [0.485, 0.458, 0.408], [1 / 255] * 3  # the shared VGG-16 weights' sidecar
+    t = ImageClassification(crop_size=8, resize_size=8, mean=mean, std=std)
+    x = t(Image.new("RGB", (8, 8), (200, 30, 90)))
+    assert x.abs().max() > 50  # normalised values are in pixel units
+    np.testing.assert_allclose(plots.denormalise(x.numpy(), mean, std)[0, 0] * 255, [200, 30, 90], atol=1)
+
+
+def test_headless_backend_is_forced(tmp_path):
+    env = {**os.environ, "MPLBACKEND": "TkAgg", "DISPLAY": ""}
+    code = "import pipeline.plots, matplotlib; print(matplotlib.get_backend())"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip().lower() == "agg"
+
+
+@pytest.mark.slow
+def test_real_feature_map_is_512_by_49(tmp_path, shared_available):
+    out = tmp_path / "fm.png"
+    result = run("feature-map", SHARED_CATSDOGS / "Dog" / "dog.1.jpg", "--weights", SHARED_WEIGHTS,
+                 "--output", out, "--json")
+    assert json.loads(result.stdout)["feature_shape"] == [512, 7, 7]
+    assert_picture(out, (1500, 600))
