@@ -16,6 +16,7 @@ import warnings
 import click
 
 from pipeline.errors import PipelineError
+from pipeline.fetch import KAGGLE_CATS_DOGS_URL
 
 
 class OneLineUsageError(click.UsageError):
@@ -184,6 +185,41 @@ def compare_sklearn_cmd(as_json, cache, cache_dir, val_fraction, seed, C, max_it
                         max_iter=max_iter, scale=not no_scale, head=FitHeadConfig(cache_dir=cache_dir, **head))
     result = compare_sklearn(cfg)
     emit(result, as_json, format_table(result))
+
+
+@cli.command("fetch-data")
+@click.option("--dest", default="data", show_default=True, help="Folder for the archive and its unpacked files.")
+@click.option("--url", default=KAGGLE_CATS_DOGS_URL, show_default=True, help="A zip or tar archive to download.")
+@json_option
+@library_errors
+def fetch_data_cmd(as_json, **options):
+    """Download an image archive (resuming a partial download) and unpack it safely; prints the folder."""
+    from pipeline.fetch import FetchConfig, fetch_data
+
+    result = fetch_data(FetchConfig(**options))
+    state = "downloaded" if result["downloaded"] else "already complete"
+    click.echo(f"{result['archive']}: {result['bytes'] / 1e6:.1f} MB, {state}; "
+               f"{'unpacked' if result['unpacked_now'] else 'already unpacked'} to {result['unpacked']}", err=True)
+    emit(result, as_json, result["unpacked"])
+
+
+@cli.command("check-images")
+@click.argument("root", metavar="DIR")
+@click.option("--report", default=None, type=click.Path(dir_okay=False),
+              help="Write every finding to this file: .csv (one row each) or .json.")
+@click.option("--quarantine", is_flag=True,
+              help="Move files with errors to the quarantine folder, keeping relative paths (never deletes).")
+@click.option("--quarantine-dir", default=None, type=click.Path(file_okay=False),
+              help="Quarantine folder (implies --quarantine) [default: DIR.quarantine beside DIR].")
+@click.option("--workers", default=-1, show_default=True, type=int, help="Decoding processes; -1 = one per core.")
+@json_option
+@library_errors
+def check_images_cmd(as_json, **options):
+    """Fully decode every file below DIR and report unusable ones (errors) and converted ones (notes)."""
+    from pipeline.check_images import CheckImagesConfig, check_images, format_summary
+
+    result = check_images(CheckImagesConfig(**options))
+    emit(result, as_json, format_summary(result))
 
 
 if __name__ == "__main__":
