@@ -16,6 +16,7 @@ import warnings
 import click
 
 from pipeline.errors import PipelineError
+from pipeline.fetch import KAGGLE_CATS_DOGS_URL
 
 
 class OneLineUsageError(click.UsageError):
@@ -287,6 +288,41 @@ def runs(runs_dir, sort_by, cache, backbone, as_json):
 
     records = read_runs(runs_dir, sort_by=sort_by, cache=cache, backbone=backbone)
     emit({"runs": records}, as_json, format_runs(records, sort_by) if records else f"no runs in {ledger_path(runs_dir)}")
+
+
+@cli.command("fetch-data")
+@click.option("--dest", default="data", show_default=True, help="Folder for the archive and its unpacked files.")
+@click.option("--url", default=KAGGLE_CATS_DOGS_URL, show_default=True, help="A zip or tar archive to download.")
+@json_option
+@library_errors
+def fetch_data_cmd(as_json, **options):
+    """Download an image archive (resuming a partial download) and unpack it safely; prints the folder."""
+    from pipeline.fetch import FetchConfig, fetch_data
+
+    result = fetch_data(FetchConfig(**options))
+    state = "downloaded" if result["downloaded"] else "already complete"
+    click.echo(f"{result['archive']}: {result['bytes'] / 1e6:.1f} MB, {state}; "
+               f"{'unpacked' if result['unpacked_now'] else 'already unpacked'} to {result['unpacked']}", err=True)
+    emit(result, as_json, result["unpacked"])
+
+
+@cli.command("check-images")
+@click.argument("root", metavar="DIR")
+@click.option("--report", default=None, type=click.Path(dir_okay=False),
+              help="Write every finding to this file: .csv (one row each) or .json.")
+@click.option("--quarantine", is_flag=True,
+              help="Move files with errors to the quarantine folder, keeping relative paths (never deletes).")
+@click.option("--quarantine-dir", default=None, type=click.Path(file_okay=False),
+              help="Quarantine folder (implies --quarantine) [default: DIR.quarantine beside DIR].")
+@click.option("--workers", default=-1, show_default=True, type=int, help="Decoding processes; -1 = one per core.")
+@json_option
+@library_errors
+def check_images_cmd(as_json, **options):
+    """Fully decode every file below DIR and report unusable ones (errors) and converted ones (notes)."""
+    from pipeline.check_images import CheckImagesConfig, check_images, format_summary
+
+    result = check_images(CheckImagesConfig(**options))
+    emit(result, as_json, format_summary(result))
 
 
 if __name__ == "__main__":

@@ -106,11 +106,12 @@ def stratified_order(labels: np.ndarray, seed: int) -> np.ndarray:
 
 
 class ImageLoadError(Exception):
-    """An image that cannot be used; ``reason`` is a short, stable description."""
+    """An image that cannot be used; ``reason`` is a short description, ``kind`` a stable class of it."""
 
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, kind: str = "unreadable"):
         super().__init__(reason)
         self.reason = reason
+        self.kind = kind  # zero-byte, decompression-bomb, not-an-image, truncated or unreadable
 
 
 def load_rgb(path: str | os.PathLike):
@@ -119,26 +120,36 @@ def load_rgb(path: str | os.PathLike):
     Grayscale, CMYK, palette, RGBA and 16-bit images are converted to RGB (transparency is
     composited on white), so they count as good images.
     """
+    return decode_image(path)[1]
+
+
+def decode_image(path: str | os.PathLike):
+    """load_rgb's rules, also returning the image as stored: (decoded image, its RGB conversion).
+
+    check-images uses the first to report format and mode, so it and extract agree on what is bad.
+    The pixel count is checked from the header (at open) before any pixel data is decoded.
+    """
     from PIL import Image
 
     path = Path(path)
     try:
         if path.stat().st_size == 0:
-            raise ImageLoadError("zero-byte file")
+            raise ImageLoadError("zero-byte file", "zero-byte")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
             with Image.open(path) as im:
                 im.load()
-                return to_rgb(im)
+                return im, to_rgb(im)
     except ImageLoadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageLoadError(f"decompression bomb: {e}") from None
+        raise ImageLoadError(f"decompression bomb: {e}", "decompression-bomb") from None
     except Image.UnidentifiedImageError:
-        raise ImageLoadError("not an image (unidentified format)") from None
+        raise ImageLoadError("not an image (unidentified format)", "not-an-image") from None
     except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
-        raise ImageLoadError(f"unreadable image: {e}") from None
+        kind = "truncated" if "truncated" in str(e) else "unreadable"
+        raise ImageLoadError(f"unreadable image: {e}", kind) from None
 
 
 def to_rgb(im):

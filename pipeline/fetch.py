@@ -1,0 +1,249 @@
+"""The fetch-data stage: download an archive (resuming a partial download) and unpack it safely.
+
+The download streams to ``<dest>/<name>.part`` and is renamed to ``<name>`` only once its size is
+checked, so an existing ``<name>`` is complete and is left alone without touching the network.
+Every archive entry is checked before anything is written: none may land outside ``dest``.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import os
+import sys
+import tarfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from .errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+#: Microsoft's Kaggle cats-and-dogs archive (786 MB; unpacks to PetImages/Cat and PetImages/Dog).
+KAGGLE_CATS_DOGS_URL = ("https://download.microsoft.com/download/3/E/1/"
+                        "3E1C3F21-ECDB-4869-8368-6DEBA77B919F/kagglecatsanddogs_5340.zip")
+URL_SCHEMES = ("http", "https", "file")
+CHUNK = 1 << 20
+
+
+@dataclass
+class FetchConfig:
+    """Where an archive comes from and where it goes."""
+
+    dest: str = "data"  # folder that receives the archive and its unpacked contents
+    url: str = KAGGLE_CATS_DOGS_URL  # a zip or tar archive (http, https or file URL)
+    timeout: float = 60.0  # seconds to wait for the server (connect, or between two reads)
+    retries: int = 3  # how often an interrupted transfer resumes by itself before giving up
+    retry_wait: float = 2.0  # seconds before the first retry; doubles each time
+
+
+def archive_name(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in URL_SCHEMES:
+        raise ValueError(f"--url {url!r} must be a URL of scheme {', '.join(URL_SCHEMES)}")
+    name = urllib.parse.unquote(PurePosixPath(parts.path).name)
+    if not name or name in (".", ".."):
+        raise ValueError(f"--url {url!r} does not end with a file name")
+    return name
+
+
+def fetch_data(cfg: FetchConfig) -> dict:
+    """Download cfg.url into cfg.dest (unless already complete) and unpack it there (unless done)."""
+    name = archive_name(cfg.url)
+    dest = Path(cfg.dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    archive = dest / name
+    downloaded = not archive.is_file()
+    if downloaded:
+        download(cfg, archive)
+    else:
+        log.info("archive already complete: %s", archive)
+    unpacked, fresh = unpack(archive, dest)
+    return {"archive": str(archive), "bytes": archive.stat().st_size, "downloaded": downloaded,
+            "unpacked": str(unpacked), "unpacked_now": fresh, "url": cfg.url}
+
+
+# -- download ----------------------------------------------------------------------------------
+def _offline_error(cfg: FetchConfig, archive: Path, why) -> PipelineError:
+    reason = getattr(why, "reason", why)
+    return PipelineError(f"cannot download {cfg.url} ({reason}); offline? Download it by hand and put it at "
+                         f"{archive}, then run this again (or point --data at a local image folder)")
+
+
+def _content_range(resp) -> tuple[int, int | None]:
+    """(first byte, total size or None) of a 206 answer's Content-Range: 'bytes a-b/total'."""
+    value = resp.headers.get("Content-Range", "")
+    try:
+        span, total = value.split(" ", 1)[1].split("/")
+        return int(span.split("-")[0]), None if total == "*" else int(total)
+    except (IndexError, ValueError):
+        raise PipelineError(f"server sent a malformed Content-Range {value!r}") from None
+
+
+def _open(cfg: FetchConfig, archive: Path, offset: int):
+    """The response for bytes offset.. of the URL, or None when the server says the file is complete."""
+    req = urllib.request.Request(cfg.url, headers={"User-Agent": "transfer-pipeline fetch-data"})
+    if offset:
+        req.add_header("Range", f"bytes={offset}-")
+    try:
+        return urllib.request.urlopen(req, timeout=cfg.timeout)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and offset:  # nothing left to send: the .part may already be complete
+            total = e.headers.get("Content-Range", "").rpartition("/")[2]
+            e.close()
+            if total.isdigit() and int(total) != offset:
+                raise PipelineError(f"{archive}.part holds {offset} bytes but the server's file has {total}; "
+                                    f"delete the .part file and run again") from None
+            return None
+        raise PipelineError(f"cannot download {cfg.url}: the server answered HTTP {e.code} {e.reason}") from None
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+        raise _offline_error(cfg, archive, e) from None
+
+
+def download(cfg: FetchConfig, archive: Path) -> None:
+    """Stream the URL to archive.part (resuming it), check its size, and rename it to archive."""
+    part = archive.with_name(archive.name + ".part")
+    attempt = 0
+    while True:
+        offset = part.stat().st_size if part.exists() else 0
+        try:
+            total = _transfer(cfg, archive, part, offset)
+            break
+        except _Interrupted as e:
+            got = part.stat().st_size
+            if attempt >= cfg.retries:
+                raise PipelineError(f"download interrupted after {got} bytes ({e}); "
+                                    f"run the same command again to resume") from None
+            wait = cfg.retry_wait * 2 ** attempt
+            attempt += 1
+            log.warning("download interrupted after %d bytes (%s); resuming in %.0f s", got, e, wait)
+            time.sleep(wait)
+    size = part.stat().st_size
+    if total is not None and size != total:
+        raise PipelineError(f"downloaded {size} bytes but the server announced {total}; run again to resume")
+    if total is None:
+        log.warning("the server did not say how large %s is; its size (%d bytes) is unchecked", archive.name, size)
+    os.replace(part, archive)
+    log.info("downloaded %s (%.1f MB)", archive, size / 1e6)
+
+
+class _Interrupted(Exception):
+    """The connection broke during the transfer (bytes received so far are kept)."""
+
+
+def _transfer(cfg: FetchConfig, archive: Path, part: Path, offset: int) -> int | None:
+    """Append the rest of the file to part; returns the expected total size (None if unknown)."""
+    from tqdm import tqdm
+
+    resp = _open(cfg, archive, offset)
+    if resp is None:
+        log.info("%s is already complete on disk", part)
+        return offset
+    with resp:
+        status = getattr(resp, "status", 200)
+        length = resp.headers.get("Content-Length")
+        if status == 206:
+            start, total = _content_range(resp)
+            if start != offset:
+                raise PipelineError(f"asked the server for bytes from {offset}, it sent from {start}")
+        else:  # 200: the whole file (a server without Range support restarts the download)
+            if offset:
+                log.warning("the server does not resume downloads; starting %s again", archive.name)
+            offset, total = 0, int(length) if length and length.isdigit() else None
+        with open(part, "ab" if offset else "wb") as f, tqdm(
+                total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
+                desc=archive.name, file=sys.stderr, disable=None) as bar:
+            try:
+                while chunk := resp.read(CHUNK):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+            except (OSError, http.client.HTTPException) as e:
+                raise _Interrupted(str(e) or type(e).__name__) from None
+    if total is not None and part.stat().st_size < total:  # urllib reads a dropped connection as EOF
+        raise _Interrupted(f"connection closed at byte {part.stat().st_size} of {total}")
+    return total
+
+
+# -- unpack ------------------------------------------------------------------------------------
+def _inside(dest: Path, name: str) -> bool:
+    """Whether dest/name stays inside dest once resolved (no absolute path, no '..' escape)."""
+    if not name or name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
+        return False
+    target = (dest / name).resolve()
+    return target == dest or dest in target.parents
+
+
+def check_members(kind: str, arc, dest: Path) -> list[str]:
+    """The archive's entry names; PipelineError naming the first entry that would land outside dest."""
+    dest = dest.resolve()
+    names = []
+    members = arc.infolist() if kind == "zip" else arc.getmembers()
+    for m in members:
+        name = m.filename if kind == "zip" else m.name
+        if not _inside(dest, name):
+            raise PipelineError(f"archive entry {name!r} would be written outside {dest}; refusing to unpack")
+        if kind == "tar":
+            if not (m.isfile() or m.isdir() or m.issym() or m.islnk()):
+                raise PipelineError(f"archive entry {name!r} is a device or pipe; refusing to unpack")
+            if m.issym() or m.islnk():
+                base = str(PurePosixPath(name).parent) if m.issym() else ""
+                link = m.linkname
+                if link.startswith("/") or not _inside(dest, str(PurePosixPath(base) / link)):
+                    raise PipelineError(f"archive entry {name!r} links to {link!r} outside {dest}; "
+                                     "refusing to unpack")
+        names.append(name)
+    return names
+
+
+def archive_kind(path: Path) -> str:
+    if zipfile.is_zipfile(path):
+        return "zip"
+    if tarfile.is_tarfile(path):
+        return "tar"
+    raise PipelineError(f"{path} is neither a zip nor a tar archive; delete it and download again")
+
+
+def unpacked_root(dest: Path, names: list[str]) -> Path:
+    """The archive's single top-level folder (PetImages for the Kaggle zip), else dest."""
+    tops = {PurePosixPath(n).parts[0] for n in names if PurePosixPath(n).parts}
+    dirs = {t for t in tops if (dest / t).is_dir()}
+    return dest / dirs.pop() if len(dirs) == 1 else dest
+
+
+def unpack(archive: Path, dest: Path) -> tuple[Path, bool]:
+    """Unpack archive into dest (once: a marker file records it); returns (unpacked root, unpacked now)."""
+    from tqdm import tqdm
+
+    marker = dest / f".{archive.name}.unpacked"
+    size = archive.stat().st_size
+    try:
+        done = json.loads(marker.read_text())
+        root = dest / done["root"]
+        if done["bytes"] == size and root.is_dir():
+            log.info("already unpacked: %s", root)
+            return root, False
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no marker (or a foreign one): unpack
+    kind = archive_kind(archive)
+    opener = zipfile.ZipFile if kind == "zip" else tarfile.open
+    try:
+        with opener(archive) as arc:
+            names = check_members(kind, arc, dest)
+            members = arc.infolist() if kind == "zip" else arc.getmembers()
+            for m in tqdm(members, desc=f"unpack {archive.name}", unit="file", file=sys.stderr, disable=None):
+                if kind == "tar" and hasattr(tarfile, "data_filter"):
+                    arc.extract(m, dest, filter="data")  # the standard library's own safety net, too
+                else:
+                    arc.extract(m, dest)
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError) as e:
+        raise PipelineError(f"cannot unpack {archive}: {e}; delete it and download again") from None
+    root = unpacked_root(dest, names)
+    marker.write_text(json.dumps({"archive": archive.name, "bytes": size,
+                                  "root": root.relative_to(dest).as_posix()}))
+    log.info("unpacked %d entries of %s to %s", len(names), archive.name, root)
+    return root, True

@@ -1,0 +1,148 @@
+"""check-images: every bad kind named, same verdict as extract's loader, reports and a reversible quarantine."""
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from cli import cli
+from pipeline.check_images import KINDS, CheckImagesConfig, check_images
+from pipeline.data import ImageLoadError, list_image_folder, load_rgb
+from tests.badfiles import make_bad_corpus, skipped_by_extract, usable
+from tests.conftest import make_image_folder
+
+
+@pytest.fixture
+def dirty(tmp_path):
+    """A generated two-class folder with one file of each bad kind mixed in: (root, corpus)."""
+    root = make_image_folder(tmp_path / "data", per_class=4)
+    return root, make_bad_corpus(root)
+
+
+def by_path(findings):
+    out = {}
+    for f in findings:
+        out.setdefault(f["path"], []).append(f)
+    return out
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_each_bad_kind_is_named_with_its_severity(dirty):
+    root, corpus = dirty
+    result = check_images(CheckImagesConfig(str(root), workers=2))
+    found = by_path(result["findings"])
+    for rel, expected in corpus.items():
+        kinds = {f["kind"]: f["severity"] for f in found.get(rel, [])}
+        assert expected.kind in kinds, (rel, found.get(rel))
+        assert kinds[expected.kind] == ("error" if expected.is_error else "note"), rel
+    assert set(found) == set(corpus), "the generated good JPEGs must have no findings"
+    assert result["files"] == 8 + len(corpus)
+    assert result["errors"] == sum(b.is_error for b in corpus.values())
+    assert result["notes"] == len(usable(corpus))
+    assert set(result["by_kind"]) <= set(KINDS)
+
+
+def test_details_say_which_mode_format_and_warning(dirty):
+    root, _ = dirty
+    found = by_path(check_images(CheckImagesConfig(str(root), workers=1))["findings"])
+    detail = {p: " | ".join(f["detail"] for f in fs) for p, fs in found.items()}
+    assert "mode CMYK" in detail["blue/note.cmyk.jpg"]
+    assert "mode L," in detail["red/note.gray.jpg"]
+    assert "mode RGBA" in detail["blue/note.rgba.png"]
+    assert "P with transparency" in detail["red/note.palette-transparent.png"]
+    assert "I;16" in detail["blue/note.16bit.png"]
+    assert "PNG content named .jpg" in detail["blue/note.png-named.jpg"]
+    assert "GIF content named .jpg" in detail["red/note.gif-named.jpg"]
+    assert "900000000 pixels" in detail["red/bad.bomb.png"]
+    assert "truncated" in detail["red/bad.truncated.jpg"]
+    assert "extract ignores it" in detail["blue/Thumbs.db"]
+
+
+@pytest.mark.filterwarnings("ignore:Truncated File Read")  # the corrupt-EXIF note, loaded directly here
+def test_errors_are_exactly_what_extracts_loader_rejects(dirty):
+    root, corpus = dirty
+    rejected = set()
+    for f in list_image_folder(root).files:
+        try:
+            load_rgb(root / f.path)
+        except ImageLoadError:
+            rejected.add(f.path)
+    assert rejected == skipped_by_extract(corpus)
+    errors = {f["path"] for f in check_images(CheckImagesConfig(str(root), workers=1))["findings"]
+              if f["severity"] == "error"}
+    listed = {f.path for f in list_image_folder(root).files}
+    assert errors & listed == rejected
+
+
+def test_an_image_without_image_extension_is_reported(tmp_path):
+    root = make_image_folder(tmp_path / "data", per_class=1)
+    (root / "blue" / "blue.0.jpg").rename(root / "blue" / "photo.jpeg.bak")
+    [f] = check_images(CheckImagesConfig(str(root), workers=1))["findings"]
+    assert (f["path"], f["kind"], f["severity"]) == ("blue/photo.jpeg.bak", "unlisted-image", "note")
+
+
+def test_quarantine_moves_errors_keeping_paths_and_the_printed_command_restores_them(dirty, tmp_path):
+    root, corpus = dirty
+    before = snapshot(root)
+    report = tmp_path / "report.csv"
+    res = CliRunner().invoke(cli, ["check-images", str(root), "--quarantine", "--report", str(report),
+                                   "--workers", "2"])
+    assert res.exit_code == 0, res.output
+    qdir = tmp_path / "data.quarantine"
+    errors = {p for p, b in corpus.items() if b.is_error}
+    moved = snapshot(qdir)
+    assert set(moved) == errors
+    assert all(moved[p] == before[p] for p in errors)
+    assert snapshot(root) == {p: b for p, b in before.items() if p not in errors}
+    assert f"moved {len(errors)} files to {qdir}" in res.stdout
+
+    rows = list(csv.DictReader(report.open()))
+    assert {r["path"] for r in rows} == set(corpus)
+    assert {(r["path"], r["kind"]) for r in rows} >= {(p, b.kind) for p, b in corpus.items()}
+
+    restore = res.stdout.strip().splitlines()[-1].strip()
+    subprocess.run(restore, shell=True, check=True)
+    assert snapshot(root) == before
+
+
+def test_quarantine_refuses_to_overwrite(dirty, tmp_path):
+    root, _ = dirty
+    (tmp_path / "q" / "blue").mkdir(parents=True)
+    (tmp_path / "q" / "blue" / "bad.zero.jpg").write_bytes(b"older")
+    before = snapshot(root)
+    res = CliRunner().invoke(cli, ["check-images", str(root), "--quarantine-dir", str(tmp_path / "q")])
+    assert res.exit_code == 1 and "already holds" in res.output
+    assert snapshot(root) == before
+
+
+def test_json_report_and_json_stdout(dirty, tmp_path):
+    root, corpus = dirty
+    report = tmp_path / "out" / "report.json"
+    res = CliRunner().invoke(cli, ["check-images", str(root), "--report", str(report), "--json", "--workers", "1"])
+    assert res.exit_code == 0, res.output
+    printed, written = json.loads(res.stdout), json.loads(report.read_text())
+    assert printed["findings"] == written["findings"]
+    assert printed["errors"] == sum(b.is_error for b in corpus.values())
+    assert printed["quarantine"] is None
+
+
+@pytest.mark.parametrize("args, message", [
+    (["{missing}"], "does not exist"),
+    (["{root}", "--report", "{tmp}/r.txt"], ".csv, .json"),
+    (["{root}", "--quarantine-dir", "{root}/q"], "must be outside"),
+    (["{root}", "--workers", "0"], "--workers"),
+])
+def test_usage_errors_exit_2_with_one_line(tmp_path, args, message):
+    root = make_image_folder(tmp_path / "data", per_class=1)
+    fill = {"missing": tmp_path / "nope", "root": root, "tmp": tmp_path}
+    res = CliRunner().invoke(cli, ["check-images", *[a.format(**fill) for a in args]])
+    assert res.exit_code == 2
+    assert message in res.output and len(res.output.strip().splitlines()) == 1
+    assert not (root / "q").exists()

@@ -1,0 +1,217 @@
+"""fetch-data against a local HTTP server: resumed downloads, a complete file left alone, unsafe archives refused."""
+from __future__ import annotations
+
+import io
+import json
+import socket
+import tarfile
+import threading
+import zipfile
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cli import cli
+from pipeline.errors import PipelineError
+from pipeline.fetch import FetchConfig, fetch_data
+
+NAME = "pets.zip"
+
+
+def make_zip(entries: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
+        for name, data in entries.items():
+            z.writestr(zipfile.ZipInfo(name), data)
+    return buf.getvalue()
+
+
+def pets_zip() -> bytes:
+    """An archive laid out like Microsoft's: PetImages/{Cat,Dog} plus loose files at the top."""
+    rng = np.random.default_rng(0)
+    return make_zip({
+        "PetImages/Cat/0.jpg": rng.bytes(150_000), "PetImages/Dog/0.jpg": rng.bytes(150_000),
+        "PetImages/Cat/Thumbs.db": b"thumbs", "readme[1].txt": b"hello",
+    })
+
+
+class Handler(BaseHTTPRequestHandler):
+    """Serves server.files with Range support; server.drops > 0 cuts that many answers halfway."""
+
+    def do_GET(self):
+        srv = self.server
+        rng = self.headers.get("Range")
+        srv.requests.append(rng)
+        data = srv.files.get(self.path.lstrip("/"))
+        if data is None:
+            self.send_error(404)
+            return
+        start = 0
+        if rng and not srv.ignore_range:
+            start = int(rng.split("=")[1].split("-")[0])
+            if start >= len(data):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(data)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        body = data[start:]
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if srv.drops > 0:
+            srv.drops -= 1
+            self.wfile.write(body[: len(body) // 2])
+            self.close_connection = True
+            return
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    srv.files, srv.requests, srv.drops, srv.ignore_range = {NAME: pets_zip()}, [], 0, False
+    srv.url = f"http://127.0.0.1:{srv.server_address[1]}/{NAME}"
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def closed_port_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/{NAME}"
+
+
+def cfg(dest, url, **kw) -> FetchConfig:
+    return FetchConfig(dest=str(dest), url=url, timeout=5, retry_wait=0, **kw)
+
+
+def test_downloads_unpacks_and_then_leaves_everything_alone(server, tmp_path):
+    result = fetch_data(cfg(tmp_path, server.url))
+    assert (tmp_path / NAME).read_bytes() == server.files[NAME]
+    assert result["unpacked"] == str(tmp_path / "PetImages") and result["bytes"] == len(server.files[NAME])
+    assert (tmp_path / "PetImages" / "Dog" / "0.jpg").stat().st_size == 150_000
+    assert not (tmp_path / f"{NAME}.part").exists()
+    assert server.requests == [None]
+
+    again = fetch_data(cfg(tmp_path, server.url))
+    assert server.requests == [None], "a complete archive must not be downloaded again"
+    assert (again["downloaded"], again["unpacked_now"], again["unpacked"]) == (False, False, result["unpacked"])
+
+
+def test_an_interrupted_download_resumes_by_itself(server, tmp_path):
+    server.drops = 1
+    fetch_data(cfg(tmp_path, server.url, retries=1))
+    assert (tmp_path / NAME).read_bytes() == server.files[NAME]
+    half = len(server.files[NAME]) // 2
+    assert server.requests == [None, f"bytes={half}-"]
+
+
+def test_an_interrupted_download_resumes_on_the_next_run(server, tmp_path):
+    server.drops = 1
+    with pytest.raises(PipelineError, match="run the same command again to resume"):
+        fetch_data(cfg(tmp_path, server.url, retries=0))
+    half = len(server.files[NAME]) // 2
+    assert (tmp_path / f"{NAME}.part").read_bytes() == server.files[NAME][:half]
+    assert not (tmp_path / NAME).exists() and not (tmp_path / "PetImages").exists()
+
+    fetch_data(cfg(tmp_path, server.url))
+    assert (tmp_path / NAME).read_bytes() == server.files[NAME]
+    assert server.requests == [None, f"bytes={half}-"]
+
+
+def test_a_server_that_ignores_range_restarts_the_download(server, tmp_path):
+    server.ignore_range = True
+    (tmp_path / f"{NAME}.part").write_bytes(b"x" * 1000)  # not a prefix of the file: must be overwritten
+    fetch_data(cfg(tmp_path, server.url))
+    assert (tmp_path / NAME).read_bytes() == server.files[NAME]
+    assert server.requests == ["bytes=1000-"]
+
+
+def test_a_complete_part_file_is_finished_on_416(server, tmp_path):
+    (tmp_path / f"{NAME}.part").write_bytes(server.files[NAME])
+    fetch_data(cfg(tmp_path, server.url))
+    assert (tmp_path / NAME).read_bytes() == server.files[NAME]
+    assert server.requests == [f"bytes={len(server.files[NAME])}-"]
+
+
+def test_a_complete_archive_needs_no_network(tmp_path):
+    (tmp_path / NAME).write_bytes(pets_zip())
+    result = fetch_data(cfg(tmp_path, closed_port_url()))
+    assert result["downloaded"] is False and (tmp_path / "PetImages" / "Cat" / "0.jpg").is_file()
+
+
+def test_connection_refused_is_one_clear_line(tmp_path):
+    with pytest.raises(PipelineError) as e:
+        fetch_data(cfg(tmp_path, closed_port_url()))
+    msg = str(e.value)
+    assert "\n" not in msg and "refused" in msg.lower()
+    assert f"put it at {tmp_path / NAME}" in msg and "--data" in msg
+    res = CliRunner().invoke(cli, ["fetch-data", "--dest", str(tmp_path), "--url", closed_port_url()])
+    assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("evil", ["../evil.txt", "PetImages/../../evil.txt", "{abs}"])
+def test_zip_entries_outside_dest_are_refused_before_anything_is_written(tmp_path, evil):
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    evil = evil.format(abs=tmp_path / "evil.txt")
+    (dest / NAME).write_bytes(make_zip({"PetImages/Cat/0.jpg": b"ok", evil: b"pwned"}))
+    with pytest.raises(PipelineError, match=f"archive entry {evil!r} would be written outside"):
+        fetch_data(cfg(dest, closed_port_url()))
+    assert not (tmp_path / "evil.txt").exists()
+    assert [p.name for p in dest.iterdir()] == [NAME], "nothing may be unpacked from a refused archive"
+
+
+def make_tar(path, members):
+    with tarfile.open(path, "w:gz") as t:
+        for info, data in members:
+            t.addfile(info, io.BytesIO(data) if data is not None else None)
+
+
+def file_member(name, data):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    return info, data
+
+
+@pytest.mark.parametrize("kind, target", [(tarfile.SYMTYPE, "../../outside"), (tarfile.SYMTYPE, "/etc/passwd"),
+                                          (tarfile.LNKTYPE, "../outside")])
+def test_tar_links_pointing_outside_are_refused(tmp_path, kind, target):
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    link = tarfile.TarInfo("PetImages/link")
+    link.type, link.linkname = kind, target
+    make_tar(dest / "pets.tar.gz", [file_member("PetImages/Cat/0.jpg", b"ok"), (link, None)])
+    with pytest.raises(PipelineError, match="'PetImages/link' links to"):
+        fetch_data(cfg(dest, closed_port_url().replace(NAME, "pets.tar.gz")))
+    assert sorted(p.name for p in dest.iterdir()) == ["pets.tar.gz"]
+
+
+def test_a_safe_tar_is_recognised_by_content_and_unpacked(tmp_path):
+    link = tarfile.TarInfo("PetImages/Cat/same.jpg")
+    link.type, link.linkname = tarfile.SYMTYPE, "0.jpg"
+    make_tar(tmp_path / "pets.bin", [file_member("PetImages/Cat/0.jpg", b"ok"),
+                                     file_member("PetImages/Dog/0.jpg", b"ok2"), (link, None)])
+    res = CliRunner().invoke(cli, ["fetch-data", "--dest", str(tmp_path), "--json",
+                                   "--url", closed_port_url().replace(NAME, "pets.bin")])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["unpacked"] == str(tmp_path / "PetImages")
+    assert (tmp_path / "PetImages" / "Cat" / "same.jpg").read_bytes() == b"ok"
+
+
+def test_bad_url_is_a_usage_error(tmp_path):
+    res = CliRunner().invoke(cli, ["fetch-data", "--dest", str(tmp_path), "--url", "ftp://example.com/x.zip"])
+    assert res.exit_code == 2 and "ftp://example.com/x.zip" in res.output
