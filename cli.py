@@ -325,5 +325,28 @@ def check_images_cmd(as_json, **options):
     emit(result, as_json, format_summary(result))
 
 
+@cli.command()
+@click.option("--data", default="data/PetImages", show_default=True,
+              help="ImageFolder root; fetched (Kaggle cats vs dogs) into its parent when missing.")
+@click.option("--url", default=KAGGLE_CATS_DOGS_URL, show_default=True, help="Archive to fetch when --data is missing.")
+@click.option("--weights", default="DEFAULT", show_default=True, help="torchvision weights name or a local file.")
+@click.option("--backbone", default="vgg16", show_default=True)
+@click.option("--n", default=800, show_default=True, type=int)
+@click.option("--no-quarantine", "quarantine", flag_value=False, default=True,
+              help="Only report bad files; do not move them out of the data folder.")
+@click.option("--cache-dir", default="features", show_default=True)
+@click.option("--runs-dir", default="runs", show_default=True)
+@click.option("--workers", default=-1, show_default=True, type=int)
+@json_option
+@library_errors
+def demo(as_json, **options):
+    """The main job in one go: fetch if missing, check images, extract, fit the head, compare with sklearn."""
+    from pipeline.compare import format_table
+    from pipeline.demo import DemoConfig, demo as run
+
+    result = run(DemoConfig(**options, command=command_line()))
+    emit(result, as_json, format_table(result["compare"]))
+
+
 if __name__ == "__main__":
     cli()

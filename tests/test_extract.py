@@ -156,3 +156,16 @@ def test_sigkilled_extraction_resumes_to_the_uninterrupted_result(tmp_path, kill
     assert np.array_equal(got[2], want[2])  # bitwise
     with FeatureCache(resumed["cache"]) as c:
         assert c.skipped() == [("red/zero.jpg", "zero-byte file")]
+
+
+def test_the_bad_file_corpus_leaves_exactly_the_good_images(tmp_path):
+    from tests.badfiles import make_bad_corpus, skipped_by_extract, usable
+
+    data = make_image_folder(tmp_path / "d", per_class=4)
+    corpus = make_bad_corpus(data)
+    r = extract(cfg(data, tmp_path, n=0))
+    with FeatureCache(r["cache"]) as c:
+        generated = {p for p in c.paths if "." in p and p.split("/")[1].startswith(("blue.", "red."))}
+        assert len(generated) == 8
+        assert set(c.paths) - generated == usable(corpus)
+        assert {p for p, _ in c.skipped()} == skipped_by_extract(corpus)

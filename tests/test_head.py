@@ -63,3 +63,17 @@ def test_fit_head_warns_when_the_source_folder_changed(cache, tmp_path, caplog):
 def test_bad_options_are_value_errors(cache, tmp_path, field, value, message):
     with pytest.raises(ValueError, match=message):
         fit_head(FitHeadConfig(cache=cache, runs_dir=str(tmp_path / "runs"), **{field: value}))
+
+
+@pytest.mark.slow
+def test_real_vgg16_features_separate_cats_and_dogs(shared_available, tmp_path):
+    from tests.conftest import SHARED_CATSDOGS, SHARED_WEIGHTS
+
+    r = extract(ExtractConfig(data=str(SHARED_CATSDOGS), n=40, weights=str(SHARED_WEIGHTS),
+                              cache_dir=str(tmp_path / "f"), batch_size=20, workers=1))
+    assert r["rows"] == 40 and r["feature_shape"] == [512, 7, 7]
+    with FeatureCache(r["cache"]) as c:
+        assert np.bincount(c.labels).tolist() == [20, 20] and c.attrs["weights"] == "file:vgg16_features_imagenet.pt"
+        assert c.attrs["mean"][0] == pytest.approx(0.485, abs=1e-3)  # from the sidecar, not hand-copied
+    fit = fit_head(FitHeadConfig(cache=r["cache"], epochs=10, val_fraction=0.25, runs_dir=str(tmp_path / "runs")))
+    assert fit["val_rows"] == 10 and fit["val_acc"] >= 0.9
