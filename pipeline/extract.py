@@ -260,7 +260,7 @@ def _run(cfg: ExtractConfig, listing: ImageFolderListing, key: str, path: Path, 
             raise ValueError(f"no image in {cfg.data} could be decoded ({skipped} tried); run check-images on it")
         if rows < target:
             log.warning("only %d good images of the %d asked for (%d skipped)", rows, target, skipped)
-        writer.finish(rows_final=rows)
+        writer.finish()
     seconds = time.time() - t0
     computed = rows - start_rows
     return {"cache": str(path), "hit": False, "rows": rows, "computed": computed, "resumed_from": start_rows,
