@@ -4,7 +4,7 @@ The selection equals the single-process one exactly. A single process takes the 
 candidates in stratified order. Here candidates are processed in rounds: round 0 is positions
 [0, n); each later round is the next ``deficit`` positions, the deficit being the number of bad
 files met in the round before, until nothing is missing or the candidates run out. Each round is
-cut into contiguous pieces of whole batches, one per rank; every piece is extracted (all its good
+cut into equal contiguous pieces, one per rank; every piece is extracted (all its good
 images) into its own shard file, named by its positions. The shards, taken by position, hold
 exactly the single-process rows in the single-process order; rank 0 joins them into one cache
 file whose ``features`` is an HDF5 virtual dataset over the shards.
@@ -53,10 +53,10 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE") or 1)
 
 
-def split(first: int, count: int, world: int, batch: int) -> list[tuple[int, int]]:
-    """Positions [first, first + count) cut into ``world`` contiguous pieces of whole batches (some may be empty)."""
+def split(first: int, count: int, world: int) -> list[tuple[int, int]]:
+    """Positions [first, first + count) cut into ``world`` contiguous, equal pieces (the last ones may be shorter)."""
     end = first + count
-    per = -(-(-(-count // batch)) // world) * batch
+    per = -(-count // world)
     return [(min(first + r * per, end), min(first + (r + 1) * per, end)) for r in range(world)]
 
 
@@ -185,7 +185,7 @@ def _sharded(cfg, listing, key: str, path: Path, started: float) -> dict:
     first, count, good = 0, cfg.n or total, 0
     mine, stats = [], {"rows": 0, "computed": 0, "resumed_from": 0, "seconds": 0.0}
     while count > 0:
-        lo, hi = split(first, count, world, cfg.batch_size)[rank]
+        lo, hi = split(first, count, world)[rank]
         rows = 0
         if hi > lo:
             file = shards / f"part-{lo:09d}-{hi:09d}.h5"

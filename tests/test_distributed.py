@@ -76,12 +76,11 @@ def clean(tmp_path_factory):
     return tmp, data, one, res
 
 
-def test_split_cuts_contiguous_whole_batch_pieces():
-    assert split(0, 24, 2, 4) == [(0, 12), (12, 24)]
-    assert split(30, 4, 2, 4) == [(30, 34), (34, 34)]
-    pieces = split(5, 23, 3, 4)
-    assert pieces[0][0] == 5 and pieces[-1][1] == 28 and all(a[1] == b[0] for a, b in zip(pieces, pieces[1:]))
-    assert all((hi - lo) % 4 == 0 for lo, hi in pieces[:-1])
+def test_split_cuts_contiguous_equal_pieces():
+    assert split(0, 24, 2) == [(0, 12), (12, 24)]
+    assert split(30, 1, 2) == [(30, 31), (31, 31)]
+    pieces = split(5, 23, 3)
+    assert pieces == [(5, 13), (13, 21), (21, 28)]
 
 
 def test_sharded_cache_holds_the_single_process_rows(clean):
