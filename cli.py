@@ -77,7 +77,8 @@ def json_option(fn):
 
 @cli.command()
 @click.option("--data", default="data/PetImages", show_default=True, help="ImageFolder root (one folder per class).")
-@click.option("--n", default=800, show_default=True, type=int, help="Good images to extract; 0 = all.")
+@click.option("-n", "--n", default=800, show_default=True, type=int,
+              help="Good images to extract; 0 = all (under torchrun write -n: torchrun takes --n for its own).")
 @click.option("--backbone", default="vgg16", show_default=True, help="vgg16, vgg19, resnet18, resnet50, ...")
 @click.option("--weights", default="DEFAULT", show_default=True,
               help="torchvision weights name (DEFAULT, IMAGENET1K_V1), a state-dict file, or 'none'.")
@@ -92,10 +93,16 @@ def json_option(fn):
 @click.option("--pool", default="none", show_default=True, type=click.Choice(["none", "avg"]),
               help="avg stores globally pooled C-vectors instead of C x H x W maps.")
 @click.option("--cache-dir", default="features", show_default=True)
+@click.option("--shard-dir", default="", help="Under torchrun: shards go to SHARD_DIR/<cache name>.shards/ "
+              "(e.g. a node-local disk) [default: beside the cache].")
 @json_option
 @library_errors
 def extract(as_json, **options):
-    """Run the frozen backbone over the images and stream features to an HDF5 cache (reused when unchanged)."""
+    """Run the frozen backbone over the images and stream features to an HDF5 cache (reused when unchanged).
+
+    Under `torchrun --nproc_per_node=K cli.py extract ...` each rank extracts a shard and rank 0
+    joins them into one (virtual) cache.
+    """
     from pipeline.extract import ExtractConfig, extract as run
 
     cfg = ExtractConfig(**options, command=command_line())
@@ -108,23 +115,33 @@ def extract(as_json, **options):
         click.echo(f"cache hit: {result['rows']} rows already extracted, nothing computed", err=True)
     else:
         click.echo(f"extracted {result['computed']} images ({result['img_per_s']:.1f} img/s), "
-                   f"{result['skipped']} skipped, {result['rows']} rows in cache", err=True)
-    emit(result, as_json, result["cache"])
+                   f"{result['skipped']} skipped, {result['rows']} rows in "
+                   f"{'shards of rank ' + str(result['rank']) if 'rank' in result else 'cache'}", err=True)
+    if "rank" not in result:  # under torchrun only rank 0 prints the result
+        emit(result, as_json, result["cache"])
 
 
 @cli.command()
 @click.option("--cache-dir", default="features", show_default=True)
+@click.option("--consolidate", default=None, type=click.Path(dir_okay=False), metavar="CACHE",
+              help="Copy this sharded (torchrun) cache into one ordinary file in its place, instead of listing.")
 @json_option
 @library_errors
-def caches(cache_dir, as_json):
+def caches(cache_dir, consolidate, as_json):
     """List the feature caches: path, backbone, rows, classes, size, created."""
-    from pipeline.cache import list_caches
+    from pipeline.cache import consolidate as run_consolidate, list_caches
 
+    if consolidate:
+        result = run_consolidate(consolidate)
+        click.echo(f"{result['rows']} rows copied into one file ({result['size_bytes'] / 1e6:.1f} MB); "
+                   f"its {len(result['shards'])} shard files are no longer needed", err=True)
+        emit(result, as_json, result["cache"])
+        return
     good, bad = list_caches(cache_dir)
     result = {"caches": [i.summary() for i in good], "unreadable": [{"path": str(p), "why": w} for p, w in bad]}
     lines = [f"{'path':<48} {'backbone':<10} {'rows':>6} {'classes':<20} {'size':>9}  created"]
     for c in result["caches"]:
-        state = "" if c["complete"] else "  (incomplete)"
+        state = ("" if c["complete"] else "  (incomplete)") + ("  (sharded)" if c.get("sharded") else "")
         lines.append(f"{c['path']:<48} {c['backbone']:<10} {c['rows']:>6} {','.join(c['classes'])[:20]:<20} "
                      f"{c['size_bytes'] / 1e6:>7.1f}MB  {c['created']}{state}")
     lines += [f"not a usable cache: {b['path']}: {b['why']}" for b in result["unreadable"]]

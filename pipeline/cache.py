@@ -140,13 +140,19 @@ class CacheWriter:
 
     def append(self, features: np.ndarray, labels: Sequence[int], paths: Sequence[str],
                next_candidate: int, skipped: Sequence[tuple[str, str]] = ()) -> None:
-        """Write one batch, then commit it: the counts move only once the rows are on disk."""
+        """Write one batch, then commit it: the counts move only once the rows are on disk.
+
+        ``features=None`` writes labels and paths only, for a file whose features exist already
+        (a virtual dataset over shards).
+        """
         f, start, k = self.f, self.rows, len(labels)
         if k:
-            ds = self._features(features)
-            for d in (ds, f["labels"], f["paths"]):
+            if features is not None:
+                ds = self._features(features)
+                ds.resize(start + k, axis=0)
+                ds[start:start + k] = features
+            for d in (f["labels"], f["paths"]):
                 d.resize(start + k, axis=0)
-            ds[start:start + k] = features
             f["labels"][start:start + k] = np.asarray(labels, np.int64)
             f["paths"][start:start + k] = list(paths)
         s0, m = self.skipped_rows, len(skipped)
@@ -215,7 +221,7 @@ class CacheInfo:
             "n_requested": a["n_requested"], "classes": self.classes, "feature_shape": list(self.feature_shape),
             "dtype": a["dtype"], "size_bytes": self.size_bytes, "created": a["created"],
             "complete": self.complete, "skipped": a.get("skipped_rows", 0), "fingerprint": a["fingerprint"],
-            "data_root": a["data_root"],
+            "data_root": a["data_root"], "sharded": bool(a.get("sharded", 0)),
         }
 
 
@@ -250,7 +256,100 @@ def _validate(f: h5py.File, path: Path) -> CacheInfo:
         labels = f["labels"][:rows]
         if labels.min() < 0 or labels.max() >= len(classes):
             raise CacheError(f"{path}: labels outside 0..{len(classes) - 1}")
+    if attrs.get("sharded"):
+        _check_shards(path, attrs)
     return CacheInfo(path, attrs, rows, shape, path.stat().st_size)
+
+
+def _check_shards(path: Path, attrs: dict) -> None:
+    """Refuse a sharded cache whose shard files are not all there and complete.
+
+    HDF5 reads a missing virtual-dataset source as fill values without any error, so this is the
+    only thing standing between a lost shard and silently wrong features.
+    """
+    try:
+        shards = json.loads(attrs["shards"])
+    except (TypeError, json.JSONDecodeError):
+        raise CacheError(f"{path}: attribute 'shards' is not a JSON list") from None
+    again = attrs.get("command") or "the same torchrun extract command"
+    for s in shards:
+        p = path.parent / s["path"]
+        if not p.is_file():
+            raise CacheError(f"{path} is a sharded cache and its shard {p} is missing; "
+                             f"run `{again}` again to redo it (or copy the shard there)")
+        try:
+            with h5py.File(p, "r") as g:
+                ok = (_attr(g.attrs.get("fingerprint")) == attrs["fingerprint"] and bool(g.attrs.get("complete"))
+                      and int(g.attrs.get("rows", -1)) >= s["rows"])
+        except OSError:
+            ok = False
+        if not ok:
+            raise CacheError(f"{path}: its shard {p} is damaged, incomplete or from another extraction; "
+                             f"run `{again}` again")
+
+
+def shard_paths(info: CacheInfo) -> list[Path]:
+    """The shard files a sharded cache reads its features from (empty for an ordinary cache)."""
+    if not info.attrs.get("sharded"):
+        return []
+    return [info.path.parent / s["path"] for s in json.loads(info.attrs["shards"])]
+
+
+def write_virtual_cache(path: Path, attrs: dict, source, shards: Sequence[tuple[str, int]], feature_shape: tuple,
+                        dtype: str, labels, paths, skipped, next_candidate: int) -> None:
+    """Write a complete cache whose ``features`` is a virtual dataset over shard files.
+
+    ``shards`` are (path relative to ``path``'s folder, rows), in row order; labels, paths and
+    skipped files are copied in (they are small). Written under a temporary name, then renamed.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    layout = h5py.VirtualLayout((len(labels), *feature_shape), dtype)
+    at = 0
+    for rel, k in shards:
+        if k:
+            layout[at:at + k] = h5py.VirtualSource(rel, "features", shape=(k, *feature_shape), dtype=dtype)
+            at += k
+    with CacheWriter(tmp, attrs, source=source) as w:
+        w.f.create_virtual_dataset("features", layout, fillvalue=np.nan)
+        w.append(None, labels, paths, next_candidate, skipped)
+        w.finish(rows_final=len(labels), sharded=np.int8(1),
+                 shards=json.dumps([{"path": rel, "rows": k} for rel, k in shards]))
+    os.replace(tmp, path)
+
+
+def consolidate(path: str | os.PathLike, block_rows: int = 512) -> dict:
+    """Copy a sharded cache into one ordinary cache file, in blocks, and put it in the virtual file's place.
+
+    The copy is written beside it under a temporary name and renamed over it only when complete,
+    so an interrupted consolidation leaves the sharded cache as it was. Shards are left alone.
+    """
+    info = read_info(path)
+    if not info.attrs.get("sharded"):
+        raise ValueError(f"{info.path} is not a sharded cache; nothing to consolidate")
+    shards = shard_paths(info)
+    tmp = info.path.with_name(info.path.name + ".consolidating")
+    tmp.unlink(missing_ok=True)
+    with h5py.File(info.path, "r") as src, h5py.File(tmp, "w") as dst:
+        for k, v in src.attrs.items():
+            if k not in ("sharded", "shards"):
+                dst.attrs[k] = v
+        dst.attrs["complete"] = np.int8(0)
+        dst.attrs["consolidated_from"] = src.attrs["shards"]
+        for name in src:
+            if name != "features":
+                src.copy(src[name], dst, name)
+        s = src["features"]
+        d = dst.create_dataset("features", s.shape, s.dtype, maxshape=(None, *s.shape[1:]), chunks=(16, *s.shape[1:]))
+        for i in range(0, s.shape[0], block_rows):
+            d[i:i + block_rows] = s[i:i + block_rows]
+        _fsync(dst)
+        dst.attrs.modify("complete", np.int8(1))
+        _fsync(dst)
+    os.replace(tmp, info.path)
+    return {"cache": str(info.path), "rows": info.rows, "size_bytes": info.path.stat().st_size,
+            "shards": [str(p) for p in shards]}
 
 
 def read_info(path: str | os.PathLike) -> CacheInfo:

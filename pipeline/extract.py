@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from . import backbones as bb
+from . import distributed
 from .cache import STORAGE_DTYPES, CacheError, CacheWriter, cache_file_name, fingerprint, now_iso, read_info
 from .data import ImageFolderListing, list_image_folder, stratified_order
 
@@ -44,6 +45,7 @@ class ExtractConfig:
     precision: str = "auto"  # compute precision: auto (bf16 where supported), fp32, bf16, fp16 (CUDA)
     pool: str = "none"  # 'none' keeps the C x H x W map; 'avg' stores globally averaged C x 1 x 1 vectors
     cache_dir: str = "features"  # where caches live
+    shard_dir: str = ""  # under torchrun: where each rank's shard files go ('' = <cache_dir>/<cache name>.shards)
     command: str = ""  # the command line, recorded so an incomplete cache can say how to finish it
 
 
@@ -178,6 +180,8 @@ def extract(cfg: ExtractConfig) -> dict:
         raise ValueError(f"--n {cfg.n} is more than the {total} images in {cfg.data}")
     key = cache_key(cfg, listing)
     path = Path(cfg.cache_dir) / cache_file_name(cfg.backbone, cfg.n, key)
+    if distributed.world_size() > 1:  # started by torchrun: this rank extracts its shard
+        return distributed.extract_sharded(cfg, listing, key, path, started)
     if path.exists():
         try:
             info = read_info(path)
@@ -193,7 +197,9 @@ def extract(cfg: ExtractConfig) -> dict:
     return _run(cfg, listing, key, path, started)
 
 
-def _run(cfg: ExtractConfig, listing: ImageFolderListing, key: str, path: Path, started: float) -> dict:
+def _run(cfg: ExtractConfig, listing: ImageFolderListing, key: str, path: Path, started: float,
+         part: "distributed.Part | None" = None) -> dict:
+    """Extract into ``path``; with ``part``, only its candidate positions (one shard of a torchrun run)."""
     import torch
     from tqdm import tqdm
 
@@ -205,7 +211,7 @@ def _run(cfg: ExtractConfig, listing: ImageFolderListing, key: str, path: Path, 
     model = FeatureModel(backbone.features, device, precision, cfg.pool, cfg.dtype)
     order = stratified_order(listing.labels, cfg.seed)
     items = [(listing.files[i].path, listing.files[i].label) for i in order]
-    target = cfg.n or len(items)
+    target = part.take if part else (cfg.n or len(items))
     attrs = {
         "fingerprint": key, "backbone": cfg.backbone, "weights": backbone.weights_id,
         "weights_sha256": backbone.weights_sha256, "weights_covers": backbone.covers,
@@ -216,12 +222,16 @@ def _run(cfg: ExtractConfig, listing: ImageFolderListing, key: str, path: Path, 
         "n_source_files": len(items), "dtype": cfg.dtype, "precision": precision, "device": str(device),
         "pool": cfg.pool, "batch_size": cfg.batch_size, "versions": json.dumps(versions()),
         "created": now_iso(), "command": cfg.command, "config": json.dumps(asdict(cfg)),
+        **(part.attrs if part else {}),
     }
     workers = min(8, os.cpu_count() or 1) if cfg.workers < 0 else cfg.workers
     t0 = time.time()
     with CacheWriter(path, attrs, source=listing) as writer:
         start_rows = writer.rows
-        dataset = ImageListDataset(listing.root, items, backbone.transform, start=writer.next_candidate)
+        if part:
+            items = items[:part.stop]
+        dataset = ImageListDataset(listing.root, items, backbone.transform,
+                                   start=max(writer.next_candidate, part.first if part else 0))
         bar = tqdm(total=target, initial=start_rows, unit="img", desc="extract", file=sys.stderr,
                    dynamic_ncols=True, disable=None)
         good, bad = [], []
@@ -256,9 +266,9 @@ def _run(cfg: ExtractConfig, listing: ImageFolderListing, key: str, path: Path, 
         finally:
             bar.close()
         skipped = writer.skipped_rows
-        if rows == 0:
+        if rows == 0 and not part:
             raise ValueError(f"no image in {cfg.data} could be decoded ({skipped} tried); run check-images on it")
-        if rows < target:
+        if rows < target and not part:
             log.warning("only %d good images of the %d asked for (%d skipped)", rows, target, skipped)
         writer.finish()
     seconds = time.time() - t0
