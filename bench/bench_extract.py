@@ -58,13 +58,14 @@ def child_tutorial(a) -> dict:
         def __getitem__(self, i):
             return tf(Image.open(Path(a.data) / paths[i]).convert("RGB"))
 
-    net = b.features.eval()
+    dev = torch.device(a.device)
+    net = b.features.eval().to(dev)
     t0 = time.perf_counter()
     feats = []
     with torch.no_grad():
         for x in DataLoader(Images(), batch_size=8):
-            feats.append(net(x))
-    out = torch.cat(feats)
+            feats.append(net(x.to(dev)))
+    out = torch.cat(feats).cpu()
     seconds = time.perf_counter() - t0
     return {"images": len(out), "seconds": seconds, "img_per_s": len(out) / seconds, "threads": torch.get_num_threads(),
             **peak_rss_mb()}
@@ -77,7 +78,8 @@ def child_extract(a) -> dict:
 
     kw = json.loads(a.extract_kw or "{}")
     t0 = time.perf_counter()
-    r = extract(ExtractConfig(data=a.data, n=a.n, backbone=a.backbone, weights=a.weights, cache_dir=a.cache_dir, **kw))
+    r = extract(ExtractConfig(data=a.data, n=a.n, backbone=a.backbone, weights=a.weights, cache_dir=a.cache_dir,
+                              device=a.device, **kw))
     wall = time.perf_counter() - t0
     if a.paths:
         with FeatureCache(r["cache"]) as c:
@@ -87,21 +89,26 @@ def child_extract(a) -> dict:
 
 
 def child_matmul(a) -> dict:
-    """The machine's dense-matmul ceiling: 2048^3 in bf16 (fp32 where the CPU lacks bf16), best of ~3 s."""
+    """The device's dense-matmul ceiling: 2048^3 in bf16 (fp32 where bf16 is missing), best of ~3 s."""
     import torch
 
-    from pipeline.device import cpu_has_bf16
+    from pipeline.device import resolve_precision
 
-    dtype = torch.bfloat16 if cpu_has_bf16() else torch.float32
+    dev = torch.device(a.device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision("auto", dev), torch.float32)
     n = 2048
-    x, y = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    for _ in range(2):
+    x, y = torch.randn(n, n, dtype=dtype, device=dev), torch.randn(n, n, dtype=dtype, device=dev)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    for _ in range(3):
         x @ y
+    sync()
     best, t_end = float("inf"), time.perf_counter() + 3
     while time.perf_counter() < t_end:
         t = time.perf_counter()
-        x @ y
-        best = min(best, time.perf_counter() - t)
+        for _ in range(10 if dev.type == "cuda" else 1):
+            x @ y
+        sync()
+        best = min(best, (time.perf_counter() - t) / (10 if dev.type == "cuda" else 1))
     return {"dtype": str(dtype).replace("torch.", ""), "gflop_per_s": 2 * n ** 3 / best / 1e9}
 
 
@@ -150,12 +157,18 @@ def conv_gflop_per_image(backbone: str, weights: str) -> float:
     return 2 * sum(macs) / 1e9
 
 
+def gpu_name(device: str) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else ""
+
+
 CHILDREN = {"tutorial": child_tutorial, "extract": child_extract, "matmul": child_matmul, "model": child_model}
 
 
 # -- the parent --------------------------------------------------------------------------------
 def run_child(kind: str, a, **extra) -> dict:
-    args = [sys.executable, __file__, "--child", kind, "--data", a.data, "--weights", a.weights,
+    args = [sys.executable, __file__, "--child", kind, "--device", a.device, "--data", a.data, "--weights", a.weights,
             "--backbone", a.backbone, "--n", str(extra.pop("n", a.n)), "--seconds", str(a.seconds)]
     for k, v in extra.items():
         args += [f"--{k.replace('_', '-')}", str(v)]
@@ -167,11 +180,14 @@ def run_child(kind: str, a, **extra) -> dict:
 
 
 def main_bench(a) -> dict:
+    from pipeline.device import resolve_device
+
+    a.device = str(resolve_device(a.device))
     tmp = Path(tempfile.mkdtemp(prefix="bench-extract-"))
     paths = tmp / "paths.json"
     gflop = conv_gflop_per_image(a.backbone, a.weights)
     r = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                     "python": platform.python_version()},
+                     "python": platform.python_version(), "device": a.device, "gpu": gpu_name(a.device)},
          "n": a.n, "gflop_per_image": gflop}
     r["matmul"] = run_child("matmul", a)
     r["extract"] = run_child("extract", a, cache_dir=tmp / "main", paths=paths)
@@ -191,10 +207,10 @@ def main_bench(a) -> dict:
 def table(r: dict) -> str:
     e, t, m, f = r["extract"], r["tutorial"], r["matmul"], r["rss_flatness"]
     rows = [
-        ("machine", f"{r['machine']['cores']} cores, {r['machine']['cpu']}"),
+        ("machine", f"{r['machine']['cores']} cores, {r['machine']['cpu']} {r['machine']['gpu']}".strip()),
         ("images (same files for both)", f"{r['n']} ({r['gflop_per_image']:.2f} GFLOP each, conv MACs x 2)"),
-        ("tutorial loop (fp32, batch 8)", f"{t['img_per_s']:.2f} img/s, {r['tutorial_gflop_per_s']:.0f} GFLOP/s, "
-                                          f"peak RSS {t['rss_mb']:.0f} MB"),
+        (f"tutorial loop (fp32, batch 8, {r['machine']['device']})",
+         f"{t['img_per_s']:.2f} img/s, {r['tutorial_gflop_per_s']:.0f} GFLOP/s, peak RSS {t['rss_mb']:.0f} MB"),
         (f"extract defaults ({e['precision']}, {e['device']})",
          f"{e['img_per_s']:.2f} img/s, {r['extract_gflop_per_s']:.0f} GFLOP/s, peak RSS {e['rss_mb']:.0f} MB "
          f"(+ workers {e['rss_workers_mb']:.0f} MB each)"),
@@ -211,6 +227,7 @@ def table(r: dict) -> str:
 def main_sweep(a) -> dict:
     """Quick scan of the knobs extract's defaults are chosen from."""
     tmp = Path(tempfile.mkdtemp(prefix="bench-sweep-"))
+    a.device = "cpu"  # the knobs below are the CPU path's
     out = {"model_only": run_child("model", a)}
     for threads in a.sweep_threads:
         out[f"model_only_threads{threads}"] = run_child("model", a, threads=threads)
@@ -225,11 +242,12 @@ def main() -> None:
     p.add_argument("--data", default=str(DATA))
     p.add_argument("--weights", default=str(WEIGHTS))
     p.add_argument("--backbone", default="vgg16")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda; both loops use it")
     p.add_argument("--n", type=int, default=96, help="images for the tutorial-vs-extract comparison")
     p.add_argument("--flat-small", type=int, default=48, help="smaller n of the RSS-flatness pair")
     p.add_argument("--flat-large", type=int, default=240, help="larger n of the RSS-flatness pair")
     p.add_argument("--json-out", help="write all figures here as JSON")
-    p.add_argument("--sweep", action="store_true", help="scan batch size, threads and decode workers instead")
+    p.add_argument("--sweep", action="store_true", help="scan batch size, threads and decode workers (CPU) instead")
     p.add_argument("--sweep-threads", type=int, nargs="*", default=[1])
     p.add_argument("--seconds", type=float, default=5.0, help="time per batch size in the sweep")
     # internal: one measurement in a child process
