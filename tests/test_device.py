@@ -93,7 +93,8 @@ def test_feature_model_output_is_storage_dtype_nchw_and_matches_fp32():
         want = net(x).numpy()
     out = FeatureModel(net, CPU, "bf16", "none", "float16")(x)
     assert out.dtype == np.float16 and out.shape == (3, 8, 8, 8) and out.flags.c_contiguous
-    cos = (out.astype(np.float32).ravel() @ want.ravel()) / np.linalg.norm(out.astype(np.float32)) / np.linalg.norm(want)
+    got = out.astype(np.float32).ravel()
+    cos = got @ want.ravel() / np.linalg.norm(got) / np.linalg.norm(want)
     assert cos > 0.999
     pooled = FeatureModel(net, CPU, "fp32", "avg", "float32")(x)
     np.testing.assert_allclose(pooled[:, :, 0, 0], want.mean((2, 3)), rtol=1e-5, atol=1e-6)
