@@ -382,7 +382,7 @@ class FeatureCache:
         if self.info.rows == 0:
             raise CacheError(f"cache {self.info.path} holds no rows")
         self.path = self.info.path
-        self.f = h5py.File(self.path, "r", rdcc_nbytes=64 << 20)
+        self.f = h5py.File(self.path, "r")  # blocks are read whole: a bigger chunk cache only adds copies
         self.features = self.f["features"]
         self.n = self.info.rows
         self.labels = self.f["labels"][: self.n]
@@ -411,19 +411,25 @@ class FeatureCache:
 
         Memory stays at one block whatever the cache size. With ``rng``, blocks come in random
         order and rows are shuffled within each block: a chunk-level shuffle that keeps reads
-        sequential on disk.
+        sequential on disk. The yielded array is reused: it is valid until the next iteration.
         """
         indices = np.sort(np.asarray(indices))
         starts = np.arange(0, self.n, block_rows)
         if rng is not None:
             starts = rng.permutation(starts)
+        buf = np.empty((min(block_rows, self.n), *self.feature_shape), self.features.dtype)
         for s in starts:
             lo, hi = np.searchsorted(indices, [s, s + block_rows])
             if lo == hi:
                 continue
             rows = indices[lo:hi]
-            block = self.features[s:min(s + block_rows, self.n)]
+            stop = min(s + block_rows, self.n)
+            block = buf[:stop - s]
+            self.features.read_direct(block, np.s_[s:stop])  # into one reused buffer: no allocation per block
             sel = rows - s
+            if rng is None and len(rows) == len(block):
+                yield rows, block
+                continue
             if rng is not None:
                 order = rng.permutation(len(rows))
                 rows, sel = rows[order], sel[order]

@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+from typing import Callable, Optional
+
+log = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -53,3 +57,44 @@ def autocast(device, precision: str):
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device.type, dtype=dtype)
+
+
+class AdaptiveBatch:
+    """Run ``fn`` over a batch in chunks, halving the chunk on a CUDA out-of-memory error.
+
+    A too-large ``--batch-size`` then slows a GPU run instead of ending it: the failing batch is
+    retried in halves (results identical to an unsplit pass, rows kept in order), and the smaller
+    chunk is kept for the batches that follow. Only a single row that does not fit is an error.
+    """
+
+    def __init__(self, fn: Callable, on_oom: Optional[Callable[[], None]] = None):
+        self.fn, self.on_oom = fn, on_oom
+        self.chunk: Optional[int] = None  # the largest batch known to fit; None = not limited yet
+
+    def __call__(self, x):
+        import numpy as np
+        import torch
+
+        from .errors import PipelineError
+
+        k = len(x)
+        while True:
+            step = min(k, self.chunk or k)
+            try:
+                if step == k:
+                    return self.fn(x)
+                out = None
+                for s in range(0, k, step):
+                    y = self.fn(x[s:s + step])
+                    if out is None:
+                        out = np.empty((k, *y.shape[1:]), y.dtype)
+                    out[s:s + len(y)] = y
+                return out
+            except torch.cuda.OutOfMemoryError:
+                if step == 1:
+                    raise PipelineError("the device ran out of memory on a single image; "
+                                        "free GPU memory or use --device cpu") from None
+            self.chunk = step // 2
+            log.warning("device out of memory at batch %d; retrying in batches of %d", step, self.chunk)
+            if self.on_oom is not None:
+                self.on_oom()

@@ -155,7 +155,7 @@ def predict_folder(data: str, classes: list, transform, logp_fn: Callable, cfg: 
         batch.clear()
 
     with tqdm(total=len(items), unit="img", desc="evaluate", file=sys.stderr, disable=None) as bar:
-        for item in iter_candidates(ImageListDataset(listing.root, items, transform), workers, False):
+        for item in iter_candidates(ImageListDataset(listing.root, items, transform), workers):
             bar.update(1)
             if item[1] is None:
                 log.warning("skipping %s: %s", item[3], item[4])

@@ -86,7 +86,8 @@ def build_head(in_shape, n_classes: int, dropout: float = 0.0):
 def feature_rms(cache: FeatureCache, indices: np.ndarray, block_rows: int) -> float:
     """Root-mean-square of the features over (up to one block of) ``indices``."""
     rows, feats = next(cache.iter_blocks(indices, block_rows))
-    return float(np.sqrt(np.mean(np.square(feats, dtype=np.float64)))) or 1.0
+    sample = feats[:256].astype(np.float32)
+    return float(np.linalg.norm(sample) / np.sqrt(sample.size)) or 1.0
 
 
 def fold_scale(head, scale: float) -> None:
@@ -105,13 +106,14 @@ def evaluate_head(head, cache: FeatureCache, indices: np.ndarray, device, block_
 
     head.eval()
     out = np.zeros((len(indices), len(cache.classes)), np.float32)
-    where = {int(r): i for i, r in enumerate(np.sort(indices))}
+    i = 0
     with torch.inference_mode():
-        for rows, feats in cache.iter_blocks(indices, block_rows):
+        for rows, feats in cache.iter_blocks(indices, block_rows):  # in sorted row order
             for s in range(0, len(rows), batch_size):
                 x = torch.from_numpy(feats[s:s + batch_size].astype(np.float32)).to(device)
                 lp = head(x * scale).float().cpu().numpy()
-                out[[where[int(r)] for r in rows[s:s + batch_size]]] = lp
+                out[i:i + len(lp)] = lp
+                i += len(lp)
     order = np.sort(indices)
     y = cache.labels[order]
     nll = float(-out[np.arange(len(y)), y].mean())

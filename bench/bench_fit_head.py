@@ -1,0 +1,126 @@
+"""Benchmark: fit-head's streaming read of a float16 cache vs a raw sequential h5py read of the same file.
+
+Writes a synthetic cache (``--rows`` x 512 x 7 x 7 float16, VGG-16's feature shape; 25k rows are
+1.25 GB) with the real CacheWriter, then, each in its own subprocess (for its own peak RSS):
+  raw     -- h5py, sequential slices of ``--block-rows``, nothing else
+  stream  -- FeatureCache.iter_blocks over the training split as fit-head calls it (blocks in
+             random order, rows shuffled within each)
+  epoch   -- one real fit_head epoch (train + validation pass) on the cache
+Prints a table (rows/s, MB/s, ratio to raw, peak RSS) and, with --json-out, JSON.
+
+    python bench/bench_fit_head.py --rows 25000 --json-out bench-fit-head.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SHAPE = (512, 7, 7)
+
+
+def make_cache(path: Path, rows: int, block: int = 1024) -> None:
+    """A complete cache of separable random rows (two classes), written block by block."""
+    from pipeline.cache import CacheWriter
+
+    attrs = {"fingerprint": "bench", "backbone": "vgg16", "weights": "synthetic", "mean": np.zeros(3),
+             "std": np.ones(3), "transform": "synthetic", "classes": json.dumps(["a", "b"]), "seed": 0,
+             "n_requested": rows, "data_root": str(path.parent), "data_fingerprint": "synthetic",
+             "dtype": "float16", "created": "", "versions": "{}", "pool": "none"}
+    rng = np.random.default_rng(0)
+    direction = rng.standard_normal(SHAPE).astype(np.float32)
+    with CacheWriter(path, attrs) as w:
+        for s in range(0, rows, block):
+            k = min(block, rows - s)
+            y = rng.integers(0, 2, k)
+            x = rng.standard_normal((k, *SHAPE), dtype=np.float32) + 0.05 * (2 * y - 1)[:, None, None, None] * direction
+            w.append(x.astype(np.float16), y.tolist(), [f"{i}.jpg" for i in range(s, s + k)], s + k)
+        w.finish()
+
+
+def child(kind: str, path: str, block_rows: int, batch: int) -> dict:
+    import resource
+
+    import h5py
+
+    from pipeline.cache import FeatureCache
+    from pipeline.head import FitHeadConfig, fit_head, split_indices
+
+    t0 = time.perf_counter()
+    if kind == "raw":
+        with h5py.File(path, "r") as f:
+            d = f["features"]
+            n = d.shape[0]
+            for s in range(0, n, block_rows):
+                d[s:s + block_rows]
+    elif kind == "stream":
+        with FeatureCache(path) as c:
+            train, _ = split_indices(c.labels, 0.125, 0)
+            n = len(train)
+            for _ in c.iter_blocks(train, block_rows, np.random.default_rng(0)):
+                pass
+    else:
+        with tempfile.TemporaryDirectory() as runs:
+            r = fit_head(FitHeadConfig(cache=path, epochs=1, block_rows=block_rows, batch_size=batch, runs_dir=runs))
+        n = r["train_rows"] + r["val_rows"]
+    seconds = r["fit_seconds"] if kind == "epoch" else time.perf_counter() - t0  # epoch: without torch's import
+    hwm = next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmHWM"))
+    return {"rows": n, "seconds": seconds, "rows_per_s": n / seconds,
+            "mb_per_s": n * np.prod(SHAPE) * 2 / seconds / 1e6, "rss_mb": hwm / 1024,
+            "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def run_child(kind: str, a, path: Path) -> dict:
+    print(f"[bench] {kind}", file=sys.stderr, flush=True)
+    out = subprocess.run([sys.executable, __file__, "--child", kind, "--cache", str(path), "--block-rows",
+                          str(a.block_rows), "--batch", str(a.batch)], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                         check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, default=25000, help="rows of the synthetic cache (25000 = 1.25 GB)")
+    p.add_argument("--block-rows", type=int, default=2048, help="fit-head's --block-rows")
+    p.add_argument("--batch", type=int, default=32, help="fit-head's --batch-size")
+    p.add_argument("--dir", help="where to write the cache (default: a temp folder, removed after)")
+    p.add_argument("--json-out")
+    p.add_argument("--child", choices=["raw", "stream", "epoch"], help=argparse.SUPPRESS)
+    p.add_argument("--cache", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.child:
+        print(json.dumps(child(a.child, a.cache, a.block_rows, a.batch)))
+        return
+    with tempfile.TemporaryDirectory(dir=a.dir) as tmp:
+        path = Path(tmp) / "bench.h5"
+        t0 = time.perf_counter()
+        make_cache(path, a.rows)
+        r = {"rows": a.rows, "file_mb": path.stat().st_size / 1e6, "write_s": time.perf_counter() - t0,
+             "block_rows": a.block_rows}
+        run_child("raw", a, path)  # warm the page cache so every reader below sees the same state
+        for kind in ("raw", "stream", "epoch"):
+            r[kind] = run_child(kind, a, path)
+    for kind in ("stream", "epoch"):
+        r[kind]["ratio_to_raw"] = r[kind]["rows_per_s"] / r["raw"]["rows_per_s"]
+    w = 38
+    print(f"| {'cache':<{w}} | {a.rows} rows x {'x'.join(map(str, SHAPE))} float16, {r['file_mb']:.0f} MB |")
+    for kind, what in (("raw", "raw sequential h5py read"), ("stream", "fit-head streaming (iter_blocks, shuffled)"),
+                       ("epoch", "one fit-head epoch (train + val)")):
+        x = r[kind]
+        ratio = f", {x['ratio_to_raw']:.2f}x raw" if "ratio_to_raw" in x else ""
+        print(f"| {what:<{w}} | {x['seconds']:.2f} s, {x['mb_per_s']:.0f} MB/s{ratio}, peak RSS {x['rss_mb']:.0f} MB |")
+    if a.json_out:
+        Path(a.json_out).write_text(json.dumps(r, indent=2))
+
+
+if __name__ == "__main__":
+    main()

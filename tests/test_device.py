@@ -1,0 +1,100 @@
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import pipeline.device as dev
+from pipeline.device import AdaptiveBatch, autocast, resolve_precision
+from pipeline.errors import PipelineError
+from pipeline.extract import FeatureModel
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+@pytest.mark.parametrize("has_bf16, want", [(True, "bf16"), (False, "fp32")])
+def test_auto_precision_on_cpu_follows_bf16_support(monkeypatch, has_bf16, want):
+    monkeypatch.setattr(dev, "cpu_has_bf16", lambda: has_bf16)
+    assert resolve_precision("auto", CPU) == want
+
+
+@pytest.mark.parametrize("bf16, want", [(True, "bf16"), (False, "fp16")])
+def test_auto_precision_on_cuda(monkeypatch, bf16, want):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    assert resolve_precision("auto", CUDA) == want
+
+
+def test_explicit_precisions_and_bad_ones():
+    assert [resolve_precision(p, CPU) for p in ("fp32", "bf16")] == ["fp32", "bf16"]
+    assert resolve_precision("fp16", CUDA) == "fp16"
+    with pytest.raises(ValueError, match="fp16"):
+        resolve_precision("fp16", CPU)
+    with pytest.raises(ValueError, match="allowed: auto, fp32, bf16, fp16"):
+        resolve_precision("fp8", CPU)
+
+
+def test_bf16_autocast_runs_convs_in_bf16_and_fp32_does_not():
+    conv = nn.Conv2d(3, 4, 3)
+    x = torch.randn(2, 3, 8, 8)
+    with autocast(CPU, "bf16"):
+        assert conv(x).dtype == torch.bfloat16
+    with autocast(CPU, "fp32"):
+        assert conv(x).dtype == torch.float32
+
+
+class OomAbove(nn.Module):
+    """Elementwise (so batch-size independent bit for bit) but 'runs out of memory' above ``limit`` rows."""
+
+    def __init__(self, limit: int):
+        super().__init__()
+        self.limit, self.calls = limit, []
+        self.scale = nn.Parameter(torch.linspace(0.5, 2.0, 3).view(1, 3, 1, 1))
+
+    def forward(self, x):
+        self.calls.append(len(x))
+        if len(x) > self.limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return torch.relu(x * self.scale - 0.1)
+
+
+def test_oom_halves_the_batch_and_gives_the_unsplit_result(caplog):
+    x = torch.randn(10, 3, 4, 4)
+    want = FeatureModel(OomAbove(100), CPU, "fp32", "none", "float32")(x)
+    net = OomAbove(3)
+    model = FeatureModel(net, CPU, "fp32", "none", "float32")
+    got = model(list(x))
+    np.testing.assert_array_equal(got, want)
+    assert got.shape == (10, 3, 4, 4) and got.flags.c_contiguous
+    assert net.calls[:3] == [10, 5, 2] and model.run.chunk == 2  # 10 fails, 5 fails, then 2s
+    assert "out of memory at batch 10" in caplog.text and "batches of 2" in caplog.text
+    net.calls.clear()
+    np.testing.assert_array_equal(model(x[:4]), want[:4])
+    assert net.calls == [2, 2]  # the smaller chunk is kept for later batches
+
+
+def test_oom_on_a_single_row_is_a_clear_error():
+    model = FeatureModel(OomAbove(0), CPU, "fp32", "none", "float16")
+    with pytest.raises(PipelineError, match="single image"):
+        model(torch.randn(4, 3, 2, 2))
+
+
+def test_adaptive_batch_passes_other_errors_through():
+    def boom(x):
+        raise RuntimeError("not memory")
+
+    with pytest.raises(RuntimeError, match="not memory"):
+        AdaptiveBatch(boom)(np.zeros((4, 2)))
+
+
+def test_feature_model_output_is_storage_dtype_nchw_and_matches_fp32():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+    x = torch.rand(3, 3, 16, 16)
+    with torch.inference_mode():
+        want = net(x).numpy()
+    out = FeatureModel(net, CPU, "bf16", "none", "float16")(x)
+    assert out.dtype == np.float16 and out.shape == (3, 8, 8, 8) and out.flags.c_contiguous
+    got = out.astype(np.float32).ravel()
+    cos = got @ want.ravel() / np.linalg.norm(got) / np.linalg.norm(want)
+    assert cos > 0.999
+    pooled = FeatureModel(net, CPU, "fp32", "avg", "float32")(x)
+    np.testing.assert_allclose(pooled[:, :, 0, 0], want.mean((2, 3)), rtol=1e-5, atol=1e-6)
