@@ -121,10 +121,15 @@ def _loader(root, items, transform, cfg: TrainConfig, shuffle: bool):
 
 
 def sample_split(labels: np.ndarray, n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Listing indices of the train and val images: the first n of the stratified order, then the shared split."""
+    """Listing indices of the train and val images: the first n of the stratified order, then the shared split.
+
+    The sample keeps extract's order (the order of a cache's rows), so with the same --n and seed
+    the validation images are those fit-head and compare-sklearn hold out (unless extract replaced
+    unreadable files): fine-tuning from a fit-head checkpoint is validated on images its head never saw.
+    """
     if n > len(labels):
         raise ValueError(f"--n {n} is more than the {len(labels)} images in the data folder")
-    chosen = np.sort(stratified_order(labels, seed)[:n]) if n else np.arange(len(labels))
+    chosen = stratified_order(labels, seed)[:n or len(labels)]
     train, val = split_indices(labels[chosen], val_fraction, seed)
     return chosen[train], chosen[val]
 

@@ -94,6 +94,24 @@ def test_n_takes_a_stratified_sample_split_like_fit_head():
         sample_split(labels, 41, 0.25, seed=0)
 
 
+def test_validation_images_are_those_fit_head_holds_out(tmp_path):
+    from pipeline.cache import FeatureCache
+    from pipeline.data import list_image_folder
+    from pipeline.head import split_indices
+
+    data = make_image_folder(tmp_path / "data", per_class=15, classes=("blue", "green", "red"))
+    cache = extract(ExtractConfig(data=str(data), n=30, seed=3, backbone="tiny", weights="none", workers=0,
+                                  cache_dir=str(tmp_path / "features")))["cache"]
+    with FeatureCache(cache) as c:
+        _, val_rows = split_indices(c.labels, 0.25, 3)
+        paths = c.paths
+        held_out = sorted(paths[i] for i in val_rows)
+    assert len(held_out) == 6  # 10 of each class in the sample, round(2.5) = 2 held out
+    listing = list_image_folder(data)
+    _, val_idx = sample_split(listing.labels, 30, 0.25, seed=3)
+    assert sorted(listing.files[i].path for i in val_idx) == held_out
+
+
 def test_finetune_starts_from_a_fit_head_checkpoint(tmp_path, image_folder):
     cache = extract(ExtractConfig(data=str(image_folder), n=0, backbone="tiny", weights="none", workers=0,
                                   cache_dir=str(tmp_path / "features")))["cache"]
