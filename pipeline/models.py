@@ -216,16 +216,17 @@ def _head_weights_source(ckpt: dict, weights: Optional[str]) -> str:
 
 
 def _recorded_weights_paths(ckpt: dict) -> list[str]:
-    """Where a head's weights file was: the checkpoint's record, else the config of its cache."""
+    """Where a head's weights file was: the checkpoint's record, else its cache's (a relative path in
+    the cache's config is relative to where extract ran)."""
     paths = [ckpt["weights_path"]] if ckpt.get("weights_path") else []
     cache = ckpt.get("cache")
     if cache and Path(cache).is_file():
         from .cache import read_info
 
         try:
-            config = json.loads(read_info(cache).attrs.get("config", "{}"))
-            if config.get("weights"):
-                paths.append(config["weights"])
+            attrs = read_info(cache).attrs
+            config = json.loads(attrs.get("config", "{}"))
+            paths += [p for p in (attrs.get("weights_path"), config.get("weights")) if p]
         except (ValueError, OSError, TypeError) as e:  # CacheError is a ValueError
             log.debug("cannot read the weights path from %s: %s", cache, e)
     return paths

@@ -53,7 +53,7 @@ def list_inputs(paths) -> list[str]:
         elif p.is_file():
             files.append(str(p))
         else:
-            raise ValueError(f"{str(p)!r} is neither an image file nor a folder")
+            raise ValueError(f"{str(p)!r} {'is neither a file nor a folder' if p.exists() else 'does not exist'}")
     if not files:
         raise ValueError(f"no image files in {', '.join(map(str, paths))}")
     return files

@@ -208,14 +208,13 @@ def _train_epoch(model, loader, opt, device, precision, epoch: int, print_every:
     return correct / seen, loss_sum / seen, seen
 
 
-def _fit(cfg: TrainConfig, kind: str, lm, stages: list) -> dict:
-    """Train ``lm`` epoch by epoch; ``stages[e]`` = (unfreeze value, stage name) for epoch e."""
+def _fit(cfg: TrainConfig, kind: str, lm, stages: list, listing) -> dict:
+    """Train ``lm`` on ``listing`` epoch by epoch; ``stages[e]`` = (unfreeze value, stage name) for epoch e."""
     import torch
 
     from .device import resolve_device, resolve_precision
     from .models import count_params, save_model
 
-    listing = list_image_folder(cfg.data)
     if list(listing.classes) != lm.classes:
         raise ValueError(f"the model's classes {lm.classes} differ from the data's {list(listing.classes)}")
     train_idx, val_idx = sample_split(listing.labels, cfg.n, cfg.val_fraction, cfg.seed)
@@ -270,10 +269,10 @@ def train(cfg: TrainConfig) -> dict:
     from .models import build_model
 
     validate(cfg)
-    classes = list_image_folder(cfg.data).classes
+    listing = list_image_folder(cfg.data)
     torch.manual_seed(cfg.seed)
-    lm = build_model(cfg.backbone or "vgg16", cfg.weights or "DEFAULT", classes, cfg.pool, cfg.dropout)
-    return _fit(cfg, "train", lm, [(0, "head")] * cfg.epochs)
+    lm = build_model(cfg.backbone or "vgg16", cfg.weights or "DEFAULT", listing.classes, cfg.pool, cfg.dropout)
+    return _fit(cfg, "train", lm, [(0, "head")] * cfg.epochs, listing)
 
 
 def finetune(cfg: FinetuneConfig) -> dict:
@@ -286,6 +285,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     unfreeze = parse_unfreeze(cfg.unfreeze)
     if unfreeze == 0:
         raise ValueError("--unfreeze none leaves nothing of the backbone to fine-tune; use train, 'all' or K")
+    listing = list_image_folder(cfg.data)
     torch.manual_seed(cfg.seed)
     if cfg.init_head:
         lm = load_model(cfg.init_head, cfg.weights)
@@ -294,8 +294,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         if cfg.pool and cfg.pool != lm.info["pool"]:
             raise ValueError(f"--pool {cfg.pool} differs from {cfg.init_head}'s {lm.info['pool']}")
     else:
-        lm = build_model(cfg.backbone or "vgg16", cfg.weights or "DEFAULT", list_image_folder(cfg.data).classes,
-                         cfg.pool, cfg.dropout)
+        lm = build_model(cfg.backbone or "vgg16", cfg.weights or "DEFAULT", listing.classes, cfg.pool, cfg.dropout)
     lm.model.set_trainable(unfreeze)  # fails early when K is more than the backbone's blocks
     stages = [(0, "head") if e < cfg.head_epochs else (unfreeze, "finetune") for e in range(cfg.epochs)]
-    return _fit(cfg, "finetune", lm, stages)
+    return _fit(cfg, "finetune", lm, stages, listing)

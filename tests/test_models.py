@@ -16,7 +16,7 @@ from pipeline.head import FitHeadConfig, fit_head
 from pipeline.models import (ALL, SummaryConfig, build_model, load_model, parse_unfreeze, read_checkpoint,
                              save_model, summarize)
 
-pytestmark = pytest.mark.filterwarnings("ignore:--weights none")
+pytestmark = pytest.mark.filterwarnings("ignore:--weights none", "ignore:no sidecar")
 
 
 def _head_pt(data, tmp_path, backbone="tiny", weights="none", pool="none"):

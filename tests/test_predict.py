@@ -82,7 +82,7 @@ def test_predict_cli_writes_csv_and_json(tmp_path, image_folder, model_pt):
     table = runner.invoke(cli.cli, ["predict", str(data / "red"), "--model", str(model_pt), "--workers", "0"])
     assert table.stdout.splitlines()[0].split() == ["path", "class", "probability", "error"]
     missing = runner.invoke(cli.cli, ["predict", str(tmp_path / "nope"), "--model", str(model_pt)])
-    assert missing.exit_code == 2 and "neither an image file nor a folder" in missing.output
+    assert missing.exit_code == 2 and "nope' does not exist" in missing.output
 
 
 def test_predict_with_a_fit_head_checkpoint(tmp_path, image_folder):
