@@ -365,5 +365,142 @@ def demo(as_json, **options):
     emit(result, as_json, format_table(result["compare"]))
 
 
+
+
+def image_train_options(fn):
+    """Options train and finetune share (data, sample, model, optimisation, output)."""
+    for opt in reversed([
+        click.option("--data", default="data/PetImages", show_default=True,
+                     help="ImageFolder root (one folder per class)."),
+        click.option("--n", default=0, show_default=True, type=int,
+                     help="Images to use (seeded stratified sample); 0 = all."),
+        click.option("--pool", default=None, type=click.Choice(["none", "avg"]),
+                     help="Head input: flattened map (none) or global average (avg) [default: the backbone's]."),
+        click.option("--dropout", default=0.0, show_default=True, type=float),
+        click.option("--augment", is_flag=True, help="Random resized crop + horizontal flip on training images."),
+        click.option("--batch-size", default=32, show_default=True, type=int),
+        click.option("--print-every", default=20, show_default=True, type=int,
+                     help="Running train accuracy/loss every this many minibatches; 0 = never."),
+        click.option("--workers", default=-1, show_default=True, type=int,
+                     help="Decoding processes; -1 = one per core."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+        click.option("--precision", default="auto", show_default=True,
+                     type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+                     help="Compute precision; auto = bf16 where the device supports it."),
+        click.option("--runs-dir", default="runs", show_default=True, help="Where run outputs go."),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def train_text(result: dict) -> str:
+    per_class = ", ".join(f"{c} {a:.3f}" if a is not None else f"{c} -" for c, a in result["per_class_val_acc"].items())
+    return (f"val acc {result['val_acc']:.3f}, val loss {result['val_loss']:.4f} ({result['train_rows']} train / "
+            f"{result['val_rows']} val images, {result['skipped']} skipped, {result['fit_seconds']:.1f} s)\n"
+            f"per-class val acc: {per_class}\ncheckpoint: {result['checkpoint']}")
+
+
+@cli.command()
+@image_train_options
+@click.option("--backbone", default="vgg16", show_default=True, help="vgg16, vgg19, resnet18, resnet50, ...")
+@click.option("--weights", default="DEFAULT", show_default=True,
+              help="torchvision weights name (DEFAULT, IMAGENET1K_V1), a state-dict file, or 'none'.")
+@click.option("--epochs", default=3, show_default=True, type=int)
+@click.option("--lr", default=1e-3, show_default=True, type=float, help="Adam learning rate of the head.")
+@split_options
+@json_option
+@library_errors
+def train(as_json, **options):
+    """Train a new head on images end to end, backbone frozen; saves runs/<stamp>-train/model.pt."""
+    from pipeline.train import TrainConfig, train as run
+
+    result = run(TrainConfig(**options))
+    emit(result, as_json, train_text(result))
+
+
+@cli.command()
+@image_train_options
+@click.option("--init-head", default=None, type=click.Path(dir_okay=False),
+              help="Start from a fit-head head.pt or a train/finetune model.pt.")
+@click.option("--backbone", default=None, help="[default: the --init-head checkpoint's, else vgg16]")
+@click.option("--weights", default=None,
+              help="Backbone weights [default: the --init-head checkpoint's, else DEFAULT].")
+@click.option("--unfreeze", default="all", show_default=True,
+              help="'all', or K: the last K blocks of the backbone (see summary).")
+@click.option("--epochs", default=1, show_default=True, type=int, help="Epochs in all, head-only ones included.")
+@click.option("--head-epochs", default=0, show_default=True, type=int,
+              help="Staged schedule: train only the head for this many epochs, then unfreeze.")
+@click.option("--lr", default=1e-4, show_default=True, type=float, help="Adam learning rate of the head.")
+@click.option("--backbone-lr", default=None, type=float, help="Learning rate of the backbone [default: lr / 10].")
+@split_options
+@json_option
+@library_errors
+def finetune(as_json, **options):
+    """Unfreeze the backbone (or its last K blocks) and train at a low rate; saves runs/<stamp>-finetune/model.pt."""
+    from pipeline.train import FinetuneConfig, finetune as run
+
+    result = run(FinetuneConfig(**options))
+    emit(result, as_json, train_text(result))
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--model", "model", required=True, type=click.Path(dir_okay=False),
+              help="A model.pt from train/finetune, or a head.pt from fit-head.")
+@click.option("--weights", default=None,
+              help="For a head.pt: its backbone weights, if not where the head recorded them.")
+@click.option("--format", "format", default="table", show_default=True, type=click.Choice(["table", "csv", "json"]))
+@click.option("--output", default=None, type=click.Path(dir_okay=False), help="Write the rows to FILE.")
+@click.option("--batch-size", default=32, show_default=True, type=int)
+@click.option("--workers", default=-1, show_default=True, type=int, help="Decoding processes; -1 = one per core.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]))
+@library_errors
+def predict(paths, **options):
+    """Classify images and folders of images: class and probability per file; unreadable files get an error."""
+    from pipeline.predict import PredictConfig, format_rows, predict as run
+
+    result = run(PredictConfig(paths=list(paths), **options))
+    click.echo(f"{result['images']} images, {result['errors']} unreadable, {result['img_per_s']:.1f} img/s", err=True)
+    click.echo(result["output"] if result["output"] else format_rows(result["rows"], options["format"]))
+
+
+@cli.command("imagenet-check")
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.option("--backbone", default="vgg16", show_default=True)
+@click.option("--weights", default="DEFAULT", show_default=True,
+              help="Full pretrained weights (with the ImageNet classifier): a torchvision name or a file.")
+@click.option("--top", default=5, show_default=True, type=int)
+@click.option("--device", default="auto", show_default=True)
+@json_option
+@library_errors
+def imagenet_check_cmd(as_json, **options):
+    """Sanity check: the top ImageNet classes of IMAGE from the full pretrained model."""
+    from pipeline.predict import imagenet_check
+
+    result = imagenet_check(**options)
+    emit(result, as_json, "\n".join(f"{t['rank']}. {t['class']:<30} {t['probability']:.4f}" for t in result["top"]))
+
+
+@cli.command()
+@click.option("--backbone", default="vgg16", show_default=True)
+@click.option("--classes", default=2, show_default=True, type=int, help="Outputs of the new head.")
+@click.option("--pool", default=None, type=click.Choice(["none", "avg"]), help="[default: the backbone's]")
+@click.option("--dropout", default=0.0, show_default=True, type=float)
+@click.option("--unfreeze", default="none", show_default=True,
+              help="'none' (frozen backbone, as train), 'all', or K: the last K blocks (as finetune).")
+@click.option("--crop-size", default=0, show_default=True, type=int, help="Input size; 0 = the backbone's default.")
+@json_option
+@library_errors
+def summary(as_json, **options):
+    """Layer-by-layer table and total/trainable parameter counts of backbone + head under a freeze setting."""
+    from pipeline.models import SummaryConfig, format_summary, summarize
+
+    result = summarize(SummaryConfig(**options))
+    emit(result, as_json, format_summary(result))
+
+
+
+
 if __name__ == "__main__":
     cli()

@@ -31,9 +31,14 @@ class BackboneSpec:
     torchvision_name: Optional[str] = None  # name for torchvision's weights registry; None for custom models
     transform: Optional[Callable[[], "ImageClassification"]] = None  # preprocessing for custom models
     classifier_in: Optional[Callable[["nn.Module"], int]] = None  # in_features of the original classifier
+    # How the original classifier reads the map, so a new head is its equivalent: 'none' = flattened
+    # (VGG: Linear(512*7*7, classes)), 'avg' = global average pooling first (ResNet, MobileNet, EfficientNet).
+    pool: str = "none"
+    # The feature part's blocks, first to last, for "unfreeze the last k blocks"; None = its children.
+    blocks: Optional[Callable[["nn.Module"], list]] = None
 
 
-def _tv(name: str, features, prefixes, classifier_in) -> BackboneSpec:
+def _tv(name: str, features, prefixes, classifier_in, pool="none", blocks=None) -> BackboneSpec:
     def build():
         from torchvision.models import get_model
 
@@ -46,6 +51,8 @@ def _tv(name: str, features, prefixes, classifier_in) -> BackboneSpec:
         feature_prefixes=prefixes,
         torchvision_name=name,
         classifier_in=classifier_in,
+        pool=pool,
+        blocks=blocks,
     )
 
 
@@ -57,16 +64,42 @@ def _resnet_trunk(m):
 
 _RESNET_PREFIXES = ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.", "layer4.")
 
+
+def split_at_maxpool(features) -> list:
+    """VGG-style blocks: the conv stages of a Sequential, each ending with its MaxPool."""
+    from torch import nn
+
+    blocks, current = [], []
+    for m in features.children():
+        current.append(m)
+        if isinstance(m, nn.MaxPool2d):
+            blocks.append(nn.Sequential(*current))
+            current = []
+    if current:
+        blocks.append(nn.Sequential(*current))
+    return blocks
+
+
+def _resnet_blocks(trunk) -> list:
+    """ResNet blocks: the stem (conv1, bn1, relu, maxpool), then layer1..layer4."""
+    from torch import nn
+
+    children = list(trunk.children())
+    return [nn.Sequential(*children[:4]), *children[4:]]
+
+
 BACKBONES: dict[str, BackboneSpec] = {
-    "vgg16": _tv("vgg16", lambda m: m.features, ("features.",), lambda m: m.classifier[0].in_features),
-    "vgg19": _tv("vgg19", lambda m: m.features, ("features.",), lambda m: m.classifier[0].in_features),
-    "resnet18": _tv("resnet18", _resnet_trunk, _RESNET_PREFIXES, lambda m: m.fc.in_features),
-    "resnet50": _tv("resnet50", _resnet_trunk, _RESNET_PREFIXES, lambda m: m.fc.in_features),
+    "vgg16": _tv("vgg16", lambda m: m.features, ("features.",), lambda m: m.classifier[0].in_features,
+                 blocks=split_at_maxpool),
+    "vgg19": _tv("vgg19", lambda m: m.features, ("features.",), lambda m: m.classifier[0].in_features,
+                 blocks=split_at_maxpool),
+    "resnet18": _tv("resnet18", _resnet_trunk, _RESNET_PREFIXES, lambda m: m.fc.in_features, "avg", _resnet_blocks),
+    "resnet50": _tv("resnet50", _resnet_trunk, _RESNET_PREFIXES, lambda m: m.fc.in_features, "avg", _resnet_blocks),
     "mobilenet_v3_large": _tv(
-        "mobilenet_v3_large", lambda m: m.features, ("features.",), lambda m: m.classifier[0].in_features
+        "mobilenet_v3_large", lambda m: m.features, ("features.",), lambda m: m.classifier[0].in_features, "avg"
     ),
     "efficientnet_b0": _tv(
-        "efficientnet_b0", lambda m: m.features, ("features.",), lambda m: m.classifier[1].in_features
+        "efficientnet_b0", lambda m: m.features, ("features.",), lambda m: m.classifier[1].in_features, "avg"
     ),
 }
 
@@ -268,3 +301,55 @@ def load_backbone(name: str = "vgg16", weights: str = "DEFAULT") -> LoadedBackbo
                                 categories=list(w.meta.get("categories", [])))
     loaded.model.eval()
     return loaded
+
+
+# -- shapes, blocks and preprocessing, for building and rebuilding whole models ----------------------
+def feature_blocks(spec: BackboneSpec, features) -> list:
+    """The blocks of a feature part, first to last (``spec.blocks``, or its children)."""
+    return spec.blocks(features) if spec.blocks else list(features.children())
+
+
+def feature_shape(name: str, crop_size: int) -> tuple[int, int, int]:
+    """(C, H, W) of the map backbone ``name`` gives for a crop_size x crop_size input (no weights, no compute)."""
+    import torch
+
+    spec = get_spec(name)
+    with torch.device("meta"):
+        y = spec.features(spec.build())(torch.empty(1, 3, crop_size, crop_size))
+    return tuple(int(d) for d in y.shape[1:])
+
+
+def transform_params(t) -> dict:
+    """What an ImageClassification preset does, as plain values a checkpoint can store."""
+    return {"crop_size": int(t.crop_size[0]), "resize_size": int(t.resize_size[0]),
+            "interpolation": t.interpolation.value, "antialias": bool(t.antialias),
+            "mean": [float(x) for x in t.mean], "std": [float(x) for x in t.std]}
+
+
+def transform_from_params(p: dict):
+    """The preset that ``transform_params`` described (so a saved model needs no weights file)."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms._presets import ImageClassification
+
+    return ImageClassification(crop_size=p["crop_size"], resize_size=p["resize_size"], mean=tuple(p["mean"]),
+                               std=tuple(p["std"]), interpolation=InterpolationMode(p["interpolation"]),
+                               antialias=p["antialias"])
+
+
+def bare_features(name: str, device: str = "cpu"):
+    """The feature part of ``name`` with uninitialised storage ('meta': no storage at all).
+
+    For loading a complete saved state dict, or counting parameters, without initialising (and
+    then throwing away) a classifier: VGG-16's alone has 120 M parameters.
+    """
+    import torch
+
+    spec = get_spec(name)
+    with torch.device("meta"):
+        features = spec.features(spec.build())
+    return features if device == "meta" else features.to_empty(device=device)
+
+
+def default_transform(name: str):
+    """The preprocessing of ``name``'s default weights (needs no download)."""
+    return _default_transform(get_spec(name))

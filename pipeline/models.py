@@ -1,0 +1,324 @@
+"""Whole models: a backbone's feature part + a new head; freezing; checkpoints on disk.
+
+The head replaces the original classifier with its equivalent for the new classes:
+- VGG (``spec.pool == 'none'``): exactly ``head.build_head`` on the C x H x W map, i.e.
+  Flatten + Linear(512*7*7 = 25088, classes) + LogSoftmax, so a fit-head checkpoint from a
+  normal cache loads straight into ``model.head``;
+- ResNet, MobileNet, EfficientNet (``spec.pool == 'avg'``): global average pooling, then
+  ``build_head`` on (C, 1, 1), i.e. Linear(C, classes) + LogSoftmax, which is also what fit-head
+  trains on a ``--pool avg`` cache.
+
+A checkpoint is a plain dict (tensors, strings, numbers, lists) that ``torch.load(...,
+weights_only=True)`` reads; the model is rebuilt from the backbone's name, never unpickled.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from . import backbones as bb
+from .errors import PipelineError
+from .head import build_head
+
+log = logging.getLogger(__name__)
+
+POOLS = ("none", "avg")
+FORMAT_VERSION = 1
+MODEL_KINDS = ("train", "finetune")  # checkpoints holding a whole model (fit-head ones hold a head)
+ALL = -1  # unfreeze value: every block of the backbone
+
+
+class TransferModel(nn.Module):
+    """features -> (global average pool) -> head (Flatten, Linear, LogSoftmax): log-probabilities."""
+
+    def __init__(self, backbone: str, features: nn.Module, in_shape, n_classes: int, pool: str = "none",
+                 dropout: float = 0.0):
+        super().__init__()
+        if pool not in POOLS:
+            raise ValueError(f"unknown pool {pool!r}; allowed: {', '.join(POOLS)}")
+        self.backbone = backbone
+        self.features = features
+        self.pool = nn.AdaptiveAvgPool2d(1) if pool == "avg" else nn.Identity()
+        self.head = build_head(in_shape, n_classes, dropout)
+
+    def forward(self, x):
+        return self.head(self.pool(self.features(x)))
+
+    def blocks(self) -> list:
+        """The backbone's blocks, first to last (VGG conv stages, ResNet stem + layer1..4, features[i])."""
+        return bb.feature_blocks(bb.get_spec(self.backbone), self.features)
+
+    def set_trainable(self, unfreeze: int) -> None:
+        """Head trainable; backbone frozen (0), its last ``unfreeze`` blocks trainable, or all of it (ALL)."""
+        blocks = self.blocks()
+        if unfreeze != ALL and not 0 <= unfreeze <= len(blocks):
+            raise ValueError(f"cannot unfreeze the last {unfreeze} blocks: {self.backbone} has {len(blocks)} "
+                             f"(allowed: none, all, or 1..{len(blocks)})")
+        self.features.requires_grad_(False)
+        for block in blocks if unfreeze == ALL else blocks[len(blocks) - unfreeze:]:
+            block.requires_grad_(True)
+        self.head.requires_grad_(True)
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        """As nn.Module.train, but BatchNorm layers with frozen parameters stay in eval mode.
+
+        A frozen BatchNorm must keep the running statistics it was trained with; updating them
+        from small batches of a new dataset would change the "frozen" features.
+        """
+        super().train(mode)
+        if mode:
+            for m in self.features.modules():
+                if isinstance(m, _BatchNorm) and not any(p.requires_grad for p in m.parameters()):
+                    m.eval()
+        return self
+
+
+def parse_unfreeze(value) -> int:
+    """'none' -> 0 (frozen backbone), 'all' -> ALL, 'K' -> the last K blocks."""
+    text = str(value).strip().lower()
+    if text in ("none", "0"):
+        return 0
+    if text == "all":
+        return ALL
+    if text.isdigit():
+        return int(text)
+    raise ValueError(f"unknown unfreeze value {value!r}; allowed: none, all, or a number of blocks K >= 1")
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(total, trainable) parameter counts."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+
+def head_in_shape(backbone: str, crop_size: int, pool: str) -> list[int]:
+    c, h, w = bb.feature_shape(backbone, crop_size)
+    return [c, 1, 1] if pool == "avg" else [c, h, w]
+
+
+@dataclass
+class LoadedModel:
+    """A ready model, its evaluation preprocessing, and what a checkpoint records about it."""
+
+    model: TransferModel
+    transform: object  # torchvision ImageClassification: PIL image -> normalised tensor
+    info: dict  # backbone, weights, preprocessing, classes, in_shape, pool, dropout, ... (see save_model)
+    kind: str = "new"  # where it came from: 'new', or the checkpoint kind ('fit-head', 'train', 'finetune')
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.info["classes"])
+
+
+def _info(loaded: bb.LoadedBackbone, weights: str, in_shape, classes, pool: str, dropout: float) -> dict:
+    local = loaded.weights_id.startswith("file:")
+    return {
+        "backbone": loaded.spec.name, "weights": loaded.weights_id, "weights_sha256": loaded.weights_sha256,
+        "weights_path": str(Path(weights).resolve()) if local else "", "weights_covers": loaded.covers,
+        "mean": loaded.mean, "std": loaded.std, "transform": loaded.describe_transform(),
+        "preprocess": bb.transform_params(loaded.transform), "classes": list(classes),
+        "in_shape": [int(d) for d in in_shape], "pool": pool, "dropout": float(dropout),
+    }
+
+
+def build_model(backbone: str, weights: str, classes, pool: Optional[str] = None,
+                dropout: float = 0.0) -> LoadedModel:
+    """A backbone with its weights + a freshly initialised head for ``classes`` (seed torch first)."""
+    loaded = bb.load_backbone(backbone, weights)
+    pool = pool or loaded.spec.pool
+    if pool not in POOLS:
+        raise ValueError(f"unknown --pool {pool!r}; allowed: {', '.join(POOLS)}")
+    in_shape = head_in_shape(backbone, loaded.transform.crop_size[0], pool)
+    model = TransferModel(backbone, loaded.features, in_shape, len(classes), pool, dropout)
+    return LoadedModel(model, loaded.transform, _info(loaded, weights, in_shape, classes, pool, dropout))
+
+
+def save_model(lm: LoadedModel, path, kind: str, config: dict, metrics: dict, history: list) -> Path:
+    """Write a checkpoint dict (no pickled objects) that ``load_model`` turns back into ``lm``."""
+    ckpt = {**lm.info, "kind": kind, "format_version": FORMAT_VERSION,
+            "state_dict": {k: v.detach().cpu() for k, v in lm.model.state_dict().items()},
+            "config": json.loads(json.dumps(config)), "metrics": json.loads(json.dumps(metrics)),
+            "history": json.loads(json.dumps(history))}
+    torch.save(ckpt, path)
+    return Path(path)
+
+
+def read_checkpoint(path) -> dict:
+    """The dict in a model.pt or head.pt, read with weights_only=True (nothing is unpickled)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"model file {str(path)!r} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # zip errors, refused globals
+        raise ValueError(f"{str(path)!r} is not a loadable checkpoint ({type(e).__name__}: {e})") from None
+    kinds = ("fit-head", *MODEL_KINDS)
+    if not isinstance(ckpt, dict) or ckpt.get("kind") not in kinds:
+        raise ValueError(f"{str(path)!r} is not a checkpoint of this tool (expected kind {', '.join(kinds)})")
+    return ckpt
+
+
+def load_model(path, weights: Optional[str] = None) -> LoadedModel:
+    """A model.pt (train/finetune) or a head.pt (fit-head + its backbone) as a ready model, in eval mode.
+
+    A model.pt holds every weight, so its backbone is rebuilt bare and nothing else is read. A
+    head.pt holds only the head: its backbone weights are loaded as recorded (a torchvision name, or
+    the local file, found by path and checked by sha256), or from ``weights`` when given.
+    """
+    ckpt = read_checkpoint(path)
+    if ckpt["kind"] == "fit-head":
+        lm = _from_head(ckpt, path, weights)
+    else:
+        if weights is not None:
+            log.info("%s holds its backbone weights; --weights %s is not used", path, weights)
+        model = TransferModel(ckpt["backbone"], bb.bare_features(ckpt["backbone"]), ckpt["in_shape"],
+                              len(ckpt["classes"]), ckpt["pool"], ckpt["dropout"])
+        try:
+            model.load_state_dict(ckpt["state_dict"])
+        except RuntimeError as e:
+            raise ValueError(f"{str(path)!r} does not match backbone {ckpt['backbone']!r}: "
+                             f"{str(e).strip().splitlines()[0]}") from None
+        info = {k: v for k, v in ckpt.items()
+                if k not in ("state_dict", "kind", "format_version", "config", "metrics", "history")}
+        lm = LoadedModel(model, bb.transform_from_params(ckpt["preprocess"]), info, ckpt["kind"])
+    lm.model.set_trainable(0)
+    lm.model.eval()
+    return lm
+
+
+def _head_weights_source(ckpt: dict, weights: Optional[str]) -> str:
+    """The --weights value that recreates the backbone a fit-head checkpoint's features came from."""
+    recorded, sha = ckpt["weights"], ckpt.get("weights_sha256", "")
+    if not recorded.startswith("file:"):
+        return weights or recorded  # a torchvision weights id, or 'none'
+    candidates = [weights] if weights else _recorded_weights_paths(ckpt)
+    for c in candidates:
+        if bb.is_weights_path(c) and Path(c).is_file():
+            if not sha or bb.file_sha256(c) == sha:
+                return c
+            if weights:
+                raise ValueError(f"--weights {weights!r} is not the file the head was fitted with "
+                                 f"({recorded}, sha256 {sha[:12]}...)")
+        elif weights:
+            return weights  # not a file: load_backbone says what is wrong with it
+    raise PipelineError(f"the head was fitted on features of the weights file {recorded[5:]} (sha256 {sha[:12]}...), "
+                        f"not found at {', '.join(map(repr, candidates)) or 'any recorded path'}; "
+                        "pass --weights PATH to it")
+
+
+def _recorded_weights_paths(ckpt: dict) -> list[str]:
+    """Where a head's weights file was: the checkpoint's record, else its cache's (a relative path in
+    the cache's config is relative to where extract ran)."""
+    paths = [ckpt["weights_path"]] if ckpt.get("weights_path") else []
+    cache = ckpt.get("cache")
+    if cache and Path(cache).is_file():
+        from .cache import read_info
+
+        try:
+            attrs = read_info(cache).attrs
+            config = json.loads(attrs.get("config", "{}"))
+            paths += [p for p in (attrs.get("weights_path"), config.get("weights")) if p]
+        except (ValueError, OSError, TypeError) as e:  # CacheError is a ValueError
+            log.debug("cannot read the weights path from %s: %s", cache, e)
+    return paths
+
+
+def _from_head(ckpt: dict, path, weights: Optional[str]) -> LoadedModel:
+    source = _head_weights_source(ckpt, weights)
+    with warnings.catch_warnings():
+        if source.lower() == "none":
+            warnings.simplefilter("ignore")  # a head fitted on random features, made so on purpose
+        loaded = bb.load_backbone(ckpt["backbone"], source)
+    pool = ckpt.get("pool", "none")
+    expected = head_in_shape(ckpt["backbone"], loaded.transform.crop_size[0], pool)
+    if list(ckpt["in_shape"]) != expected:
+        raise ValueError(f"head {str(path)!r} takes features of shape {ckpt['in_shape']}, but {ckpt['backbone']} "
+                         f"with pool {pool!r} gives {expected}")
+    if loaded.describe_transform() != ckpt.get("transform", loaded.describe_transform()):
+        log.warning("preprocessing differs from the head's cache: %s (now: %s)", ckpt["transform"],
+                    loaded.describe_transform())
+    model = TransferModel(ckpt["backbone"], loaded.features, ckpt["in_shape"], len(ckpt["classes"]), pool,
+                          ckpt.get("dropout", 0.0))
+    model.head.load_state_dict(ckpt["state_dict"])
+    info = _info(loaded, source, ckpt["in_shape"], ckpt["classes"], pool, ckpt.get("dropout", 0.0))
+    info["init_from"] = str(path)
+    return LoadedModel(model, loaded.transform, info, "fit-head")
+
+
+# -- summary -----------------------------------------------------------------------------------
+@dataclass
+class SummaryConfig:
+    """Which model to describe; parameters are counted on the meta device (no weights, no compute)."""
+
+    backbone: str = "vgg16"  # a name from backbones.BACKBONES
+    classes: int = 2  # outputs of the new head
+    pool: Optional[str] = None  # 'none' or 'avg'; None = the backbone's own (VGG none, others avg)
+    dropout: float = 0.0  # dropout before the head's linear layer (adds no parameters)
+    unfreeze: str = "none"  # 'none' (frozen backbone, as train), 'all' or K (last K blocks, as finetune)
+    crop_size: int = 0  # input size; 0 = the backbone's default preprocessing (224 for ImageNet models)
+
+
+def summarize(cfg: SummaryConfig) -> dict:
+    """Layer-by-layer output shapes and parameter counts, and the totals under a freeze setting."""
+    if cfg.classes < 2:
+        raise ValueError(f"--classes must be at least 2, got {cfg.classes}")
+    unfreeze = parse_unfreeze(cfg.unfreeze)
+    crop = cfg.crop_size or bb.default_transform(cfg.backbone).crop_size[0]
+    pool = cfg.pool or bb.get_spec(cfg.backbone).pool
+    with torch.device("meta"):
+        model = TransferModel(cfg.backbone, bb.bare_features(cfg.backbone, "meta"),
+                              head_in_shape(cfg.backbone, crop, pool), cfg.classes, pool, cfg.dropout)
+    model.set_trainable(unfreeze)
+    block_of = {id(m): i for i, b in enumerate(model.blocks()) for m in b.modules()}
+    shapes, hooks = {}, []
+    leaves = [(n, m) for n, m in model.named_modules() if not list(m.children())]
+
+    def record(name):
+        def hook(module, inputs, output):  # returns None: the output is left as it is
+            shapes.setdefault(name, list(output.shape[1:]))
+        return hook
+
+    for name, m in leaves:
+        hooks.append(m.register_forward_hook(record(name)))
+    with torch.no_grad():
+        model(torch.empty(1, 3, crop, crop, device="meta"))
+    for h in hooks:
+        h.remove()
+    layers = []
+    for name, m in leaves:
+        params = list(m.parameters())
+        layers.append({"layer": name, "type": type(m).__name__, "output_shape": shapes.get(name),
+                       "params": sum(p.numel() for p in params),
+                       "trainable": sum(p.numel() for p in params if p.requires_grad),
+                       "block": block_of.get(id(m))})
+    total, trainable = count_params(model)
+    return {"backbone": cfg.backbone, "classes": cfg.classes, "pool": pool, "unfreeze": cfg.unfreeze,
+            "input_shape": [3, crop, crop], "blocks": len(model.blocks()), "total_params": total,
+            "trainable_params": trainable, "frozen_params": total - trainable, "layers": layers}
+
+
+def format_summary(result: dict) -> str:
+    lines = [f"{'layer':<28} {'type':<22} {'output shape':<16} {'params':>12} {'trainable':>12} {'block':>5}"]
+    for r in result["layers"]:
+        shape = "x".join(map(str, r["output_shape"] or []))
+        block = "" if r["block"] is None else str(r["block"])
+        lines.append(f"{r['layer']:<28} {r['type']:<22} {shape:<16} {r['params']:>12,} {r['trainable']:>12,} "
+                     f"{block:>5}")
+    lines += [
+        f"{result['backbone']} + head for {result['classes']} classes (pool {result['pool']}, input "
+        f"{'x'.join(map(str, result['input_shape']))}, unfreeze {result['unfreeze']}, "
+        f"{result['blocks']} backbone blocks)",
+        f"Total params:         {result['total_params']:>12,}",
+        f"Trainable params:     {result['trainable_params']:>12,}",
+        f"Non-trainable params: {result['frozen_params']:>12,}",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,193 @@
+"""Using models: classify image files and folders with a saved checkpoint; the ImageNet sanity check.
+
+Predictions stream: folders are listed, images decoded by background workers, classified in
+batches, and each row (written at once with --output FILE as CSV) comes out in input order.
+A file that cannot be decoded gets a row with its error instead of a class.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+from .data import ImageLoadError, is_image_name, load_rgb
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("table", "csv", "json")
+COLUMNS = ("path", "class", "probability", "error")
+
+
+@dataclass
+class PredictConfig:
+    """What to classify, with which model, and where the rows go."""
+
+    paths: list = field(default_factory=list)  # image files and/or folders (searched recursively)
+    model: str = ""  # a model.pt from train/finetune, or a head.pt from fit-head (+ its backbone weights)
+    weights: Optional[str] = None  # head.pt only: the backbone weights, when not where the head recorded them
+    batch_size: int = 32  # images per forward pass
+    workers: int = -1  # decoding processes; -1 = one per CPU core (at most 8), 0 = decode in-process
+    device: str = "auto"  # 'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:N'
+    precision: str = "auto"  # compute precision: auto (bf16 where supported), fp32, bf16, fp16 (CUDA)
+    format: str = "table"  # output format: table, csv or json
+    output: Optional[str] = None  # write the rows to this file (streamed for csv); None = return them
+
+
+def list_inputs(paths) -> list[str]:
+    """Image files named directly, and the image files under named folders (sorted, recursive)."""
+    if not paths:
+        raise ValueError("no image or folder given to predict")
+    files = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            for dirpath, dirnames, filenames in os.walk(p):
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                files += [str(Path(dirpath) / f) for f in sorted(filenames) if is_image_name(f)]
+        elif p.is_file():
+            files.append(str(p))
+        else:
+            raise ValueError(f"{str(p)!r} {'is neither a file nor a folder' if p.exists() else 'does not exist'}")
+    if not files:
+        raise ValueError(f"no image files in {', '.join(map(str, paths))}")
+    return files
+
+
+def iter_predictions(lm, files: list[str], batch_size: int, workers: int, device, precision) -> Iterator[dict]:
+    """One row per file, in order: {path, class, probability, error}."""
+    import torch
+
+    from .device import autocast
+    from .extract import ImageListDataset, iter_candidates
+
+    model = lm.model.to(device, memory_format=torch.channels_last).eval()
+    classes = lm.classes
+    workers = min(8, os.cpu_count() or 1) if workers < 0 else workers
+    pending, n_good = [], 0
+
+    def flush():
+        good = [p for p in pending if p[1] is not None]
+        if good:
+            with torch.inference_mode(), autocast(device, precision):
+                x = torch.stack([g[1] for g in good]).to(device).contiguous(memory_format=torch.channels_last)
+                prob = model(x).float().exp().cpu()
+            best = prob.max(1)
+            results = iter(zip(best.indices.tolist(), best.values.tolist()))
+        for item in pending:
+            if item[1] is None:
+                yield {"path": item[3], "class": None, "probability": None, "error": item[4]}
+            else:
+                k, p = next(results)
+                yield {"path": item[3], "class": classes[k], "probability": p, "error": None}
+
+    dataset = ImageListDataset(Path(""), [(f, -1) for f in files], lm.transform)
+    for item in iter_candidates(dataset, workers):
+        pending.append(item)
+        n_good += item[1] is not None
+        if n_good == batch_size:
+            yield from flush()
+            pending, n_good = [], 0
+    yield from flush()
+
+
+def format_rows(rows: list[dict], fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(rows, indent=2)
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, COLUMNS, lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+        return buf.getvalue().rstrip("\n")
+    width = max([len("path")] + [len(r["path"]) for r in rows])
+    lines = [f"{'path':<{width}}  {'class':<16} {'probability':>11}  error"]
+    for r in rows:
+        prob = "" if r["probability"] is None else f"{r['probability']:.4f}"
+        lines.append(f"{r['path']:<{width}}  {r['class'] or '':<16} {prob:>11}  {r['error'] or ''}")
+    return "\n".join(lines)
+
+
+def predict(cfg: PredictConfig) -> dict:
+    """Classify cfg.paths with cfg.model; the rows are returned, or streamed to cfg.output."""
+    from tqdm import tqdm
+
+    from .device import resolve_device, resolve_precision
+    from .models import load_model
+
+    if cfg.format not in FORMATS:
+        raise ValueError(f"unknown --format {cfg.format!r}; allowed: {', '.join(FORMATS)}")
+    if cfg.batch_size < 1:
+        raise ValueError(f"--batch-size must be positive, got {cfg.batch_size}")
+    files = list_inputs(cfg.paths)
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    lm = load_model(cfg.model, cfg.weights)
+    t0 = time.time()
+    rows = []
+    out = open(cfg.output, "w", newline="") if cfg.output else None
+    try:
+        writer = csv.DictWriter(out, COLUMNS) if out and cfg.format == "csv" else None
+        if writer:
+            writer.writeheader()
+        for row in tqdm(iter_predictions(lm, files, cfg.batch_size, cfg.workers, device, precision),
+                        total=len(files), unit="img", desc="predict", file=sys.stderr, disable=None):
+            if row["error"]:
+                log.warning("%s: %s", row["path"], row["error"])
+            rows.append(row)
+            if writer:
+                writer.writerow(row)
+                out.flush()
+        if out and not writer:
+            out.write(format_rows(rows, cfg.format) + "\n")
+    finally:
+        if out:
+            out.close()
+    seconds = time.time() - t0
+    errors = sum(r["error"] is not None for r in rows)
+    return {"model": cfg.model, "kind": lm.kind, "classes": lm.classes,
+            "images": len(rows), "errors": errors, "output": cfg.output, "seconds": seconds,
+            "img_per_s": len(rows) / seconds if seconds > 0 else 0.0, "rows": rows}
+
+
+# -- the ImageNet sanity check ------------------------------------------------------------------
+def imagenet_check(image: str, backbone: str = "vgg16", weights: str = "DEFAULT", top: int = 5,
+                   device: str = "auto") -> dict:
+    """Top-k ImageNet classes of one image from the full pretrained model (classifier included)."""
+    import torch
+
+    from . import backbones as bb
+    from .device import resolve_device
+
+    if top < 1:
+        raise ValueError(f"--top must be positive, got {top}")
+    loaded = bb.load_backbone(backbone, weights)
+    if loaded.covers != "all":
+        what = "are random (--weights none)" if loaded.covers == "none" else "cover only the features"
+        raise ValueError(f"weights {loaded.weights_id} {what} of {backbone}, not its ImageNet classifier; "
+                         "imagenet-check needs the full pretrained model, e.g. --weights DEFAULT")
+    categories = loaded.categories
+    spec = loaded.spec
+    if not categories and spec.torchvision_name:  # a local full-model file: the names of the ImageNet classes
+        from torchvision.models import get_model_weights
+
+        categories = list(get_model_weights(spec.torchvision_name).DEFAULT.meta.get("categories", []))
+    try:
+        x = loaded.transform(load_rgb(image)).unsqueeze(0)
+    except ImageLoadError as e:
+        raise ValueError(f"{image}: {e.reason}") from None
+    dev = resolve_device(device)
+    with torch.inference_mode():
+        prob = torch.softmax(loaded.model.to(dev)(x.to(dev)).float(), 1)[0].cpu()
+    if len(categories) != len(prob):
+        raise ValueError(f"{backbone}'s classifier has {len(prob)} outputs but {len(categories)} class names are "
+                         "known; imagenet-check needs an ImageNet-1k classifier")
+    values, indices = prob.topk(min(top, len(prob)))
+    return {"image": image, "backbone": backbone, "weights": loaded.weights_id,
+            "top": [{"rank": r + 1, "class": categories[i], "index": int(i), "probability": float(p)}
+                    for r, (p, i) in enumerate(zip(values.tolist(), indices.tolist()))]}

@@ -1,0 +1,123 @@
+"""predict (model.pt and fit-head head.pt, bad files, table/CSV/JSON) and imagenet-check."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import cli
+from pipeline import backbones as bb
+from pipeline.extract import ExtractConfig, extract
+from pipeline.head import FitHeadConfig, fit_head
+from pipeline.models import build_model, save_model
+from pipeline.predict import PredictConfig, predict
+
+pytestmark = pytest.mark.filterwarnings("ignore:--weights none", "ignore:no sidecar")
+
+
+@pytest.fixture
+def model_pt(tmp_path):
+    torch.manual_seed(0)
+    lm = build_model("tiny", "none", ["blue", "red"])
+    with torch.no_grad():  # a head that tells the colours apart: red channel minus blue channel
+        w = torch.zeros(2, 8, 8, 8)
+        w[1, :, :, :] = lm.model.features[0].weight[:, 0].mean((1, 2)).view(8, 1, 1)
+        w[0] = -w[1]
+        lm.model.head[1].weight.copy_(w.flatten(1))
+        lm.model.head[1].bias.zero_()
+    path = tmp_path / "model.pt"
+    save_model(lm, path, "train", {}, {}, [])
+    return path
+
+
+def _folder_with_bad_files(image_folder):
+    (image_folder / "red" / "empty.jpg").write_bytes(b"")
+    (image_folder / "blue" / "text.png").write_text("not an image")
+    (image_folder / "blue" / "notes.txt").write_text("ignored: not an image name")
+    return image_folder
+
+
+def test_predict_folder_reports_bad_files_per_row(tmp_path, image_folder, model_pt):
+    data = _folder_with_bad_files(image_folder)
+    result = predict(PredictConfig(paths=[str(data)], model=str(model_pt), workers=0, batch_size=5))
+    rows = result["rows"]
+    assert len(rows) == 26 and result["errors"] == 2  # 24 images + 2 bad ones, notes.txt left out
+    assert [r["path"] for r in rows] == sorted(r["path"] for r in rows)  # input order kept around the bad ones
+    bad = {r["path"].rsplit("/", 1)[1]: r for r in rows if r["error"]}
+    assert bad["empty.jpg"]["error"] == "zero-byte file" and bad["empty.jpg"]["class"] is None
+    assert bad["text.png"]["error"].startswith("not an image")
+    good = [r for r in rows if not r["error"]]
+    assert all(0.5 <= r["probability"] <= 1 for r in good)
+    assert sum(r["class"] == r["path"].split("/")[-2] for r in good) >= 20
+
+
+def test_predict_same_rows_whatever_the_batch_size(image_folder, model_pt):
+    data = _folder_with_bad_files(image_folder)
+    a = predict(PredictConfig(paths=[str(data)], model=str(model_pt), workers=0, batch_size=3, precision="fp32"))
+    b = predict(PredictConfig(paths=[str(data)], model=str(model_pt), workers=0, batch_size=64, precision="fp32"))
+    assert [(r["path"], r["class"], r["error"]) for r in a["rows"]] == [(r["path"], r["class"], r["error"])
+                                                                       for r in b["rows"]]
+    assert [r["probability"] for r in a["rows"]] == pytest.approx([r["probability"] for r in b["rows"]],
+                                                                  rel=1e-5, nan_ok=True)
+
+
+def test_predict_cli_writes_csv_and_json(tmp_path, image_folder, model_pt):
+    data = _folder_with_bad_files(image_folder)
+    out = tmp_path / "pred.csv"
+    runner = CliRunner()
+    result = runner.invoke(cli.cli, ["predict", str(data / "red"), str(data / "blue" / "blue.0.jpg"),
+                                     "--model", str(model_pt), "--format", "csv", "--output", str(out),
+                                     "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == str(out) and "1 unreadable" in result.stderr
+    rows = list(csv.DictReader(out.open()))
+    assert list(rows[0]) == ["path", "class", "probability", "error"] and len(rows) == 14
+    assert rows[0]["error"] == "zero-byte file" and rows[-1]["path"].endswith("blue.0.jpg")
+    as_json = runner.invoke(cli.cli, ["predict", str(data / "red" / "red.1.jpg"), "--model", str(model_pt),
+                                      "--format", "json", "--workers", "0"])
+    assert json.loads(as_json.stdout)[0]["class"] in ("red", "blue")
+    table = runner.invoke(cli.cli, ["predict", str(data / "red"), "--model", str(model_pt), "--workers", "0"])
+    assert table.stdout.splitlines()[0].split() == ["path", "class", "probability", "error"]
+    missing = runner.invoke(cli.cli, ["predict", str(tmp_path / "nope"), "--model", str(model_pt)])
+    assert missing.exit_code == 2 and "nope' does not exist" in missing.output
+
+
+def test_predict_with_a_fit_head_checkpoint(tmp_path, image_folder):
+    cache = extract(ExtractConfig(data=str(image_folder), n=0, backbone="tiny", weights="none", workers=0,
+                                  cache_dir=str(tmp_path / "features")))["cache"]
+    head = fit_head(FitHeadConfig(cache=cache, epochs=10, runs_dir=str(tmp_path / "runs")))
+    result = predict(PredictConfig(paths=[str(image_folder)], model=head["checkpoint"], workers=0))
+    assert result["kind"] == "fit-head" and result["errors"] == 0
+    correct = [r["class"] == r["path"].split("/")[-2] for r in result["rows"]]
+    assert sum(correct) / len(correct) >= 0.9
+
+
+def test_imagenet_check_refuses_weights_without_the_classifier(tmp_path, image_folder):
+    features_only = tmp_path / "tiny_features.pt"
+    torch.save({f"features.{k}": v for k, v in bb.load_backbone("tiny", "none").features.state_dict().items()},
+               features_only)
+    image = str(image_folder / "red" / "red.0.jpg")
+    runner = CliRunner()
+    result = runner.invoke(cli.cli, ["imagenet-check", image, "--backbone", "tiny", "--weights", str(features_only)])
+    assert result.exit_code == 2
+    assert "cover only the features of tiny, not its ImageNet classifier" in result.output
+    result = runner.invoke(cli.cli, ["imagenet-check", image, "--backbone", "tiny", "--weights", "none"])
+    assert result.exit_code == 2 and "are random" in result.output
+
+
+def test_imagenet_check_top5_names_from_the_weights_meta(tmp_path, image_folder):
+    full = tmp_path / "resnet18_full.pt"
+    torch.save(bb.load_backbone("resnet18", "none").model.state_dict(), full)  # random, but with a classifier
+    result = CliRunner().invoke(cli.cli, ["imagenet-check", str(image_folder / "red" / "red.0.jpg"),
+                                          "--backbone", "resnet18", "--weights", str(full), "--json"])
+    assert result.exit_code == 0, result.output
+    top = json.loads(result.stdout)["top"]
+    assert [t["rank"] for t in top] == [1, 2, 3, 4, 5]
+    assert all(isinstance(t["class"], str) and t["class"] for t in top)
+    probs = [t["probability"] for t in top]
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1
+    assert top[0]["class"] == bb.torchvision_weights(bb.get_spec("resnet18"), "DEFAULT").meta["categories"][
+        top[0]["index"]]

@@ -1,0 +1,150 @@
+"""train and finetune on generated images with tiny backbones; one fine-tuning run on real photos."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import cli
+from pipeline import backbones as bb
+from pipeline.extract import ExtractConfig, extract
+from pipeline.head import FitHeadConfig, fit_head
+from pipeline.models import load_model
+from pipeline.train import FinetuneConfig, TrainConfig, finetune, sample_split, train
+from tests.conftest import SHARED_CATSDOGS, SHARED_WEIGHTS, make_image_folder
+
+pytestmark = pytest.mark.filterwarnings("ignore:--weights none")
+
+FAST = dict(weights="none", workers=0, batch_size=8, print_every=0, precision="fp32")
+
+
+def _features(checkpoint) -> dict:
+    state = torch.load(checkpoint, weights_only=True)["state_dict"]
+    return {k: v for k, v in state.items() if k.startswith("features.")}
+
+
+def _initial_features(backbone) -> dict:
+    return {f"features.{k}": v for k, v in bb.load_backbone(backbone, "none").features.state_dict().items()}
+
+
+def _same(a: dict, b: dict) -> dict:
+    return {k: torch.equal(a[k], b[k]) for k in a}
+
+
+def test_train_lowers_the_loss_and_leaves_the_backbone_bit_identical(tmp_path, image_folder):
+    result = train(TrainConfig(data=str(image_folder), backbone="tiny_bn", epochs=4, lr=0.05,
+                               runs_dir=str(tmp_path / "runs"), **FAST))
+    losses = [h["train_loss"] for h in result["history"]]
+    assert losses[-1] < losses[0]
+    assert all(_same(_features(result["checkpoint"]), _initial_features("tiny_bn")).values())  # BN stats too
+    assert (result["train_rows"], result["val_rows"]) == (20, 4)  # 12 + 12 images, 1/8 of each class held out
+    assert json.loads((Path(result["run_dir"]) / "history.json").read_text()) == result["history"]
+
+
+def test_finetune_changes_the_backbone(tmp_path, image_folder):
+    result = finetune(FinetuneConfig(data=str(image_folder), backbone="tiny", epochs=1, lr=1e-2,
+                                     runs_dir=str(tmp_path / "runs"), **FAST))
+    assert result["history"][0]["stage"] == "finetune"
+    assert not any(_same(_features(result["checkpoint"]), _initial_features("tiny")).values())
+
+
+def test_finetune_last_k_blocks_keeps_the_others_frozen(tmp_path, image_folder):
+    result = finetune(FinetuneConfig(data=str(image_folder), backbone="tiny_bn", unfreeze="1", epochs=1, lr=1e-2,
+                                     runs_dir=str(tmp_path / "runs"), **FAST))
+    same = _same(_features(result["checkpoint"]), _initial_features("tiny_bn"))
+    first = [k for k in same if k.split(".")[1] in ("0", "1")]  # conv + BatchNorm of block 0 (stats included)
+    assert first and all(same[k] for k in first)
+    assert not any(v for k, v in same.items() if k not in first and not k.endswith("num_batches_tracked"))
+
+
+def test_staged_schedule_switches_at_the_right_epoch(tmp_path, image_folder):
+    common = dict(data=str(image_folder), backbone="tiny_bn", head_epochs=2, lr=1e-2, runs_dir=str(tmp_path / "r"),
+                  **FAST)
+    head_only = finetune(FinetuneConfig(epochs=2, **common))
+    assert all(_same(_features(head_only["checkpoint"]), _initial_features("tiny_bn")).values())
+    staged = finetune(FinetuneConfig(epochs=3, **common))
+    assert [h["stage"] for h in staged["history"]] == ["head", "head", "finetune"]
+    trainable = [h["trainable_params"] for h in staged["history"]]
+    assert trainable[0] == trainable[1] == 16 * 2 + 2 and trainable[2] == 1491 - 51 + 34
+    assert not any(_same(_features(staged["checkpoint"]), _initial_features("tiny_bn")).values())
+
+
+def test_three_classes_with_a_bad_file(tmp_path):
+    data = make_image_folder(tmp_path / "data", per_class=10, classes=("blue", "green", "red"))
+    (data / "green" / "broken.jpg").write_bytes(b"")
+    result = train(TrainConfig(data=str(data), backbone="tiny", epochs=3, lr=0.01, val_fraction=0.2,
+                               runs_dir=str(tmp_path / "runs"), **FAST))
+    assert set(result["per_class_val_acc"]) == {"blue", "green", "red"}
+    assert result["val_acc"] >= 0.8
+    assert result["skipped"] == 1 and result["skipped_files"][0]["why"] == "zero-byte file"
+    assert load_model(result["checkpoint"]).classes == ["blue", "green", "red"]
+
+
+def test_n_takes_a_stratified_sample_split_like_fit_head():
+    import numpy as np
+
+    labels = np.array([0] * 30 + [1] * 10)
+    train_idx, val_idx = sample_split(labels, 20, 0.25, seed=0)
+    assert len(train_idx) + len(val_idx) == 20 and not set(train_idx) & set(val_idx)
+    assert np.bincount(labels[np.r_[train_idx, val_idx]]).tolist() == [15, 5]
+    with pytest.raises(ValueError, match="--n 41"):
+        sample_split(labels, 41, 0.25, seed=0)
+
+
+def test_validation_images_are_those_fit_head_holds_out(tmp_path):
+    from pipeline.cache import FeatureCache
+    from pipeline.data import list_image_folder
+    from pipeline.head import split_indices
+
+    data = make_image_folder(tmp_path / "data", per_class=15, classes=("blue", "green", "red"))
+    cache = extract(ExtractConfig(data=str(data), n=30, seed=3, backbone="tiny", weights="none", workers=0,
+                                  cache_dir=str(tmp_path / "features")))["cache"]
+    with FeatureCache(cache) as c:
+        _, val_rows = split_indices(c.labels, 0.25, 3)
+        paths = c.paths
+        held_out = sorted(paths[i] for i in val_rows)
+    assert len(held_out) == 6  # 10 of each class in the sample, round(2.5) = 2 held out
+    listing = list_image_folder(data)
+    _, val_idx = sample_split(listing.labels, 30, 0.25, seed=3)
+    assert sorted(listing.files[i].path for i in val_idx) == held_out
+
+
+def test_finetune_starts_from_a_fit_head_checkpoint(tmp_path, image_folder):
+    cache = extract(ExtractConfig(data=str(image_folder), n=0, backbone="tiny", weights="none", workers=0,
+                                  cache_dir=str(tmp_path / "features")))["cache"]
+    head = fit_head(FitHeadConfig(cache=cache, epochs=5, runs_dir=str(tmp_path / "runs")))
+    result = CliRunner().invoke(cli.cli, [
+        "finetune", "--data", str(image_folder), "--init-head", head["checkpoint"], "--epochs", "2",
+        "--head-epochs", "1", "--workers", "0", "--batch-size", "8", "--print-every", "1",
+        "--runs-dir", str(tmp_path / "runs"), "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["history"][0]["val_acc"] == pytest.approx(head["val_acc"])  # the same head on the same split
+    assert "Epoch 0, batch 1: running train acc=" in result.stderr
+    assert "Epoch 1, Train acc=" in result.stderr and "Val loss=" in result.stderr
+    ckpt = torch.load(out["checkpoint"], weights_only=True)
+    assert ckpt["kind"] == "finetune" and ckpt["init_from"] == head["checkpoint"]
+
+
+def test_cli_rejects_bad_values(tmp_path, image_folder):
+    runner = CliRunner()
+    bad = runner.invoke(cli.cli, ["finetune", "--data", str(image_folder), "--backbone", "tiny", "--weights", "none",
+                                  "--epochs", "1", "--head-epochs", "2"])
+    assert bad.exit_code == 2 and "--head-epochs must be between 0 and --epochs (1)" in bad.output
+    bad = runner.invoke(cli.cli, ["finetune", "--data", str(image_folder), "--backbone", "tiny", "--weights", "none",
+                                  "--unfreeze", "none"])
+    assert bad.exit_code == 2 and "nothing of the backbone" in bad.output
+    bad = runner.invoke(cli.cli, ["train", "--data", str(tmp_path / "nope"), "--backbone", "tiny"])
+    assert bad.exit_code == 2 and "does not exist" in bad.output
+
+
+@pytest.mark.slow
+def test_finetune_real_vgg16_on_real_photos_lowers_the_loss(tmp_path, shared_available):
+    result = finetune(FinetuneConfig(data=str(SHARED_CATSDOGS), n=18, weights=str(SHARED_WEIGHTS), unfreeze="1",
+                                     epochs=3, lr=1e-4, batch_size=8, workers=0, print_every=0, val_fraction=0.125,
+                                     runs_dir=str(tmp_path / "runs")))
+    losses = [h["train_loss"] for h in result["history"]]
+    assert losses[-1] < losses[0], losses
