@@ -400,6 +400,14 @@ def train_text(result: dict) -> str:
             f"per-class val acc: {per_class}\ncheckpoint: {result['checkpoint']}")
 
 
+def record_training_run(kind: str, options: dict, result: dict) -> None:
+    from pipeline.ledger import append_run
+
+    append_run(options["runs_dir"], kind, command=command_line(), backbone=result["backbone"], params=options,
+               metrics={k: result[k] for k in ("val_acc", "val_loss", "train_acc", "train_loss")},
+               outputs=[result["checkpoint"], result["curves"]])
+
+
 @cli.command()
 @image_train_options
 @click.option("--backbone", default="vgg16", show_default=True, help="vgg16, vgg19, resnet18, resnet50, ...")
@@ -415,6 +423,7 @@ def train(as_json, **options):
     from pipeline.train import TrainConfig, train as run
 
     result = run(TrainConfig(**options))
+    record_training_run("train", options, result)
     emit(result, as_json, train_text(result))
 
 
@@ -440,6 +449,7 @@ def finetune(as_json, **options):
     from pipeline.train import FinetuneConfig, finetune as run
 
     result = run(FinetuneConfig(**options))
+    record_training_run("finetune", options, result)
     emit(result, as_json, train_text(result))
 
 

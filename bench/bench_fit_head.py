@@ -3,7 +3,7 @@
 Writes a synthetic cache (``--rows`` x 512 x 7 x 7 float16, VGG-16's feature shape; 25k rows are
 1.25 GB) with the real CacheWriter, then, each in its own subprocess (for its own peak RSS):
   raw     -- h5py, sequential slices of ``--block-rows``, nothing else
-  stream  -- FeatureCache.iter_blocks over the training split as fit-head calls it (blocks in
+  stream  -- FeatureCache.iter_batches over the training split as fit-head calls it (blocks in
              random order, rows shuffled within each)
   epoch   -- one real fit_head epoch (train + validation pass) on the cache
 Prints a table (rows/s, MB/s, ratio to raw, peak RSS) and, with --json-out, JSON.
@@ -66,7 +66,7 @@ def child(kind: str, path: str, block_rows: int, batch: int) -> dict:
         with FeatureCache(path) as c:
             train, _ = split_indices(c.labels, 0.125, 0)
             n = len(train)
-            for _ in c.iter_blocks(train, block_rows, np.random.default_rng(0)):
+            for _ in c.iter_batches(train, batch, block_rows, np.random.default_rng(0)):
                 pass
     else:
         with tempfile.TemporaryDirectory() as runs:
@@ -113,7 +113,7 @@ def main() -> None:
         r[kind]["ratio_to_raw"] = r[kind]["rows_per_s"] / r["raw"]["rows_per_s"]
     w = 38
     print(f"| {'cache':<{w}} | {a.rows} rows x {'x'.join(map(str, SHAPE))} float16, {r['file_mb']:.0f} MB |")
-    for kind, what in (("raw", "raw sequential h5py read"), ("stream", "fit-head streaming (iter_blocks, shuffled)"),
+    for kind, what in (("raw", "raw sequential h5py read"), ("stream", "fit-head streaming (iter_batches, shuffled)"),
                        ("epoch", "one fit-head epoch (train + val)")):
         x = r[kind]
         ratio = f", {x['ratio_to_raw']:.2f}x raw" if "ratio_to_raw" in x else ""

@@ -405,35 +405,40 @@ class FeatureCache:
     def read_rows(self, start: int, stop: int) -> np.ndarray:
         return self.features[start:min(stop, self.n)]
 
-    def iter_blocks(self, indices: np.ndarray, block_rows: int, rng: Optional[np.random.Generator] = None
-                    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Yield (row indices, features) for ``indices`` (sorted), reading contiguous blocks.
+    def iter_blocks(self, indices: np.ndarray, block_rows: int, shuffle_blocks: Optional[np.random.Generator] = None
+                    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Yield (rows, block, sel) for the sorted ``indices``, one contiguous block of the file at a time.
 
-        Memory stays at one block whatever the cache size. With ``rng``, blocks come in random
-        order and rows are shuffled within each block: a chunk-level shuffle that keeps reads
-        sequential on disk. The yielded array is reused: it is valid until the next iteration.
+        ``block[sel]`` are the features of ``rows``. Memory stays at one block, read into a reused
+        buffer (valid until the next iteration) whatever the cache size; with ``shuffle_blocks``
+        the blocks come in random order.
         """
         indices = np.sort(np.asarray(indices))
         starts = np.arange(0, self.n, block_rows)
-        if rng is not None:
-            starts = rng.permutation(starts)
+        if shuffle_blocks is not None:
+            starts = shuffle_blocks.permutation(starts)
         buf = np.empty((min(block_rows, self.n), *self.feature_shape), self.features.dtype)
         for s in starts:
             lo, hi = np.searchsorted(indices, [s, s + block_rows])
             if lo == hi:
                 continue
-            rows = indices[lo:hi]
             stop = min(s + block_rows, self.n)
             block = buf[:stop - s]
-            self.features.read_direct(block, np.s_[s:stop])  # into one reused buffer: no allocation per block
-            sel = rows - s
-            if rng is None and len(rows) == len(block):
-                yield rows, block
-                continue
-            if rng is not None:
-                order = rng.permutation(len(rows))
-                rows, sel = rows[order], sel[order]
-            yield rows, block[sel]
+            self.features.read_direct(block, np.s_[s:stop])
+            yield indices[lo:hi], block, indices[lo:hi] - s
+
+    def iter_batches(self, indices: np.ndarray, batch_size: int, block_rows: int,
+                     rng: Optional[np.random.Generator] = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield (rows, features) minibatches over ``indices``: in row order, or with ``rng`` shuffled.
+
+        The shuffle is chunk-level: blocks in random order, rows shuffled within each, so reads
+        stay sequential on disk and only one minibatch is gathered (copied) at a time.
+        """
+        for rows, block, sel in self.iter_blocks(indices, block_rows, rng):
+            order = rng.permutation(len(rows)) if rng is not None else np.arange(len(rows))
+            for b in range(0, len(order), batch_size):
+                pick = np.sort(order[b:b + batch_size])  # ascending addresses: a faster gather, same batch
+                yield rows[pick], block[sel[pick]]
 
     def close(self) -> None:
         if self.f.id.valid:

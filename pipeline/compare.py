@@ -34,8 +34,8 @@ def load_rows(cache: FeatureCache, indices: np.ndarray, block_rows: int) -> np.n
     d = int(np.prod(cache.feature_shape))
     x = np.empty((len(indices), d), np.float32)
     i = 0
-    for rows, feats in cache.iter_blocks(indices, block_rows):
-        x[i:i + len(rows)] = feats.reshape(len(rows), d)
+    for rows, block, sel in cache.iter_blocks(indices, block_rows):
+        x[i:i + len(rows)] = block[sel].reshape(len(rows), d)
         i += len(rows)
     return x
 

@@ -65,20 +65,6 @@ def register_predictor(kind: str, source: str, fn: Predictor) -> None:
     PREDICTORS[(kind, source)] = fn
 
 
-def load_checkpoint(path: str) -> dict:
-    import torch
-
-    if not Path(path).is_file():
-        raise ValueError(f"model file {path!r} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle errors, zip errors, refused globals
-        raise ValueError(f"model file {path!r} is not a loadable checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(ckpt, dict) or "kind" not in ckpt:
-        raise ValueError(f"model file {path!r} is not a checkpoint written by this tool (no 'kind')")
-    return ckpt
-
-
 # -- predictors ----------------------------------------------------------------------------------
 def _head(ckpt: dict, device):
     from .head import build_head
@@ -171,44 +157,27 @@ def predict_folder(data: str, classes: list, transform, logp_fn: Callable, cfg: 
                        f"images of {data}")
 
 
-def _backbone_weights(ckpt: dict, weights: Optional[str]) -> str:
-    """The --weights value that rebuilds the checkpoint's backbone, checked against its hash."""
-    from .backbones import file_sha256, is_weights_path
-
-    named = ckpt["weights"]
-    if weights is None:
-        if named.startswith("file:"):
-            raise ValueError(f"the model's backbone weights came from the file {named[5:]!r}; pass it with --weights")
-        return named
-    if is_weights_path(weights) and ckpt.get("weights_sha256") and Path(weights).is_file():
-        if file_sha256(weights) != ckpt["weights_sha256"]:
-            raise ValueError(f"--weights {weights!r} is not the file the model was trained with ({named})")
-    return weights
-
-
-def head_on_folder(model_path: str, ckpt: dict, cfg: EvaluateConfig) -> Predictions:
-    """A fit-head checkpoint on raw images: backbone features (as at extraction), then the head."""
+def model_on_folder(model_path: str, ckpt: dict, cfg: EvaluateConfig) -> Predictions:
+    """Any checkpoint (fit-head head + its backbone, or a train/finetune model) on raw images."""
     import torch
 
-    from .backbones import load_backbone
-    from .device import resolve_device, resolve_precision
-    from .extract import FeatureModel
+    from .device import resolve_device
+    from .models import load_model
 
     device = resolve_device(cfg.device)
-    backbone = load_backbone(ckpt["backbone"], _backbone_weights(ckpt, cfg.weights))
-    features = FeatureModel(backbone.features, device, resolve_precision("auto", device), ckpt.get("pool", "none"),
-                            "float32")
-    head = _head(ckpt, device)
+    lm = load_model(model_path, cfg.weights)
+    lm.model.to(device)
 
     def logp_fn(x):
         with torch.inference_mode():
-            return head(torch.from_numpy(features(x)).to(device)).float().cpu().numpy()
+            return lm.model(x.to(device)).float().cpu().numpy()
 
-    return predict_folder(cfg.data, list(ckpt["classes"]), backbone.transform, logp_fn, cfg)
+    return predict_folder(cfg.data, lm.classes, lm.transform, logp_fn, cfg)
 
 
 register_predictor("fit-head", "cache", head_on_cache)
-register_predictor("fit-head", "data", head_on_folder)
+for _kind in ("fit-head", "train", "finetune"):
+    register_predictor(_kind, "data", model_on_folder)
 
 
 # -- the report ----------------------------------------------------------------------------------
@@ -248,6 +217,7 @@ def _thumbnail(path: Path, size: int = 256):
 def evaluate(cfg: EvaluateConfig) -> dict:
     """Evaluate one checkpoint; write confusion.png, gallery.png and metrics.json to a run folder."""
     from .head import run_dir
+    from .models import read_checkpoint
     from .plots import confusion_matrix_png, gallery_png
 
     if cfg.split not in SPLITS:
@@ -257,7 +227,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     for name in ("top_k", "batch_size", "block_rows"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    ckpt = load_checkpoint(cfg.model)
+    ckpt = read_checkpoint(cfg.model)
     source = "data" if cfg.data else "cache"
     predictor = PREDICTORS.get((ckpt["kind"], source))
     if predictor is None:

@@ -251,6 +251,7 @@ def _run(cfg: ExtractConfig, listing: ImageFolderListing, key: str, path: Path, 
     attrs = {
         "fingerprint": key, "backbone": cfg.backbone, "weights": backbone.weights_id,
         "weights_sha256": backbone.weights_sha256, "weights_covers": backbone.covers,
+        "weights_path": str(Path(cfg.weights).resolve()) if backbone.weights_sha256 else "",
         "mean": np.array(backbone.mean), "std": np.array(backbone.std),
         "transform": backbone.describe_transform(), "classes": json.dumps(list(listing.classes)),
         "seed": cfg.seed, "n_requested": cfg.n, "sample": "seeded, stratified by class (proportional)",

@@ -85,8 +85,8 @@ def build_head(in_shape, n_classes: int, dropout: float = 0.0):
 
 def feature_rms(cache: FeatureCache, indices: np.ndarray, block_rows: int) -> float:
     """Root-mean-square of the features over (up to one block of) ``indices``."""
-    rows, feats = next(cache.iter_blocks(indices, block_rows))
-    sample = feats[:256].astype(np.float32)
+    rows, feats = next(cache.iter_batches(indices, 256, block_rows))
+    sample = feats.astype(np.float32)
     return float(np.linalg.norm(sample) / np.sqrt(sample.size)) or 1.0
 
 
@@ -108,12 +108,10 @@ def evaluate_head(head, cache: FeatureCache, indices: np.ndarray, device, block_
     out = np.zeros((len(indices), len(cache.classes)), np.float32)
     i = 0
     with torch.inference_mode():
-        for rows, feats in cache.iter_blocks(indices, block_rows):  # in sorted row order
-            for s in range(0, len(rows), batch_size):
-                x = torch.from_numpy(feats[s:s + batch_size].astype(np.float32)).to(device)
-                lp = head(x * scale).float().cpu().numpy()
-                out[i:i + len(lp)] = lp
-                i += len(lp)
+        for rows, feats in cache.iter_batches(indices, batch_size, block_rows):  # in sorted row order
+            lp = head(torch.from_numpy(feats.astype(np.float32)).to(device) * scale).float().cpu().numpy()
+            out[i:i + len(lp)] = lp
+            i += len(lp)
     order = np.sort(indices)
     y = cache.labels[order]
     nll = float(-out[np.arange(len(y)), y].mean())
@@ -174,20 +172,18 @@ def fit_head(cfg: FitHeadConfig) -> dict:
             loss_sum = 0.0
             bar = tqdm(total=len(train_idx), desc=f"epoch {epoch}", unit="row", file=sys.stderr,
                        leave=False, disable=None)
-            for rows, feats in cache.iter_blocks(train_idx, cfg.block_rows, rng):
-                y_block = torch.from_numpy(cache.labels[rows])
-                for s in range(0, len(rows), cfg.batch_size):
-                    x = torch.from_numpy(feats[s:s + cfg.batch_size].astype(np.float32)).to(device) * scale
-                    y = y_block[s:s + cfg.batch_size].to(device)
-                    opt.zero_grad()
-                    out = head(x)
-                    loss = loss_fn(out, y)
-                    loss.backward()
-                    opt.step()
-                    seen += len(y)
-                    loss_sum += loss.item() * len(y)
-                    correct += int((out.argmax(1) == y).sum())
-                    bar.update(len(y))
+            for rows, feats in cache.iter_batches(train_idx, cfg.batch_size, cfg.block_rows, rng):
+                x = torch.from_numpy(feats.astype(np.float32)).to(device) * scale
+                y = torch.from_numpy(cache.labels[rows]).to(device)
+                opt.zero_grad()
+                out = head(x)
+                loss = loss_fn(out, y)
+                loss.backward()
+                opt.step()
+                seen += len(y)
+                loss_sum += loss.item() * len(y)
+                correct += int((out.argmax(1) == y).sum())
+                bar.update(len(y))
             bar.close()
             val_acc, val_loss, _ = evaluate_head(head, cache, val_idx, device, cfg.block_rows, scale=scale)
             row = {"epoch": epoch, "train_acc": correct / seen, "val_acc": val_acc,
@@ -207,7 +203,7 @@ def fit_head(cfg: FitHeadConfig) -> dict:
             "classes": list(cache.classes), "dropout": cfg.dropout, "config": asdict(cfg),
             "cache": str(path), "cache_fingerprint": cache.attrs["fingerprint"],
             "backbone": cache.attrs["backbone"], "weights": cache.attrs["weights"],
-            "weights_sha256": cache.attrs.get("weights_sha256", ""),
+            "weights_sha256": cache.attrs.get("weights_sha256", ""), "weights_path": cache.attrs.get("weights_path", ""),
             "mean": list(cache.attrs["mean"]), "std": list(cache.attrs["std"]),
             "transform": cache.attrs["transform"], "pool": cache.attrs.get("pool", "none"),
             "metrics": history[-1],

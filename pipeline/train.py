@@ -256,7 +256,11 @@ def _fit(cfg: TrainConfig, kind: str, lm, stages: list, listing) -> dict:
     lm.model.to("cpu")
     save_model(lm, out_dir / "model.pt", kind, asdict(cfg), metrics, history)
     (out_dir / "history.json").write_text(json.dumps(history, indent=2))
-    return {"run_dir": str(out_dir), "checkpoint": str(out_dir / "model.pt"), **metrics,
+    from . import plots
+
+    curves = plots.curves(history, out_dir / "curves.png")
+    return {"run_dir": str(out_dir), "checkpoint": str(out_dir / "model.pt"), "curves": str(curves),
+            "backbone": lm.info["backbone"], **metrics,
             "skipped_files": [{"path": p, "why": w} for p, w in skipped.files.items()],
             "device": str(device), "precision": precision, "fit_seconds": seconds,
             "img_per_s": (seen + len(y_val)) * cfg.epochs / seconds if seconds > 0 else 0.0, "history": history}

@@ -76,8 +76,10 @@ def test_iter_blocks_streams_each_row_once(image_folder, tmp_path):
         full = c.features[:]
         want = np.array([0, 3, 4, 9, 10, 23])
         seen = []
-        for rows, feats in c.iter_blocks(want, block_rows=5, rng=np.random.default_rng(0)):
-            assert len(rows) <= 5
+        for rows, feats in c.iter_batches(want, batch_size=2, block_rows=5, rng=np.random.default_rng(0)):
+            assert len(rows) <= 2 and len({r // 5 for r in rows}) == 1  # one block at a time
             np.testing.assert_array_equal(feats, full[rows])
             seen.extend(rows.tolist())
-        assert sorted(seen) == want.tolist()
+        assert sorted(seen) == want.tolist() and seen != want.tolist()
+        in_order = [r for rows, _ in c.iter_batches(want, batch_size=4, block_rows=5) for r in rows]
+        assert in_order == want.tolist()

@@ -70,8 +70,11 @@ def test_refusals(tmp_path, head_run):
     with pytest.raises(ValueError, match=r"classes \['green'\] the model does not know"):
         evaluate(EvaluateConfig(model=ckpt, data=str(other), workers=0, runs_dir=str(tmp_path / "r")))
     torch.save({"kind": "mystery"}, tmp_path / "m.pt")
-    with pytest.raises(ValueError, match="cannot evaluate a 'mystery' checkpoint on --cache; known: fit-head on"):
+    with pytest.raises(ValueError, match="not a checkpoint of this tool"):
         evaluate(EvaluateConfig(model=str(tmp_path / "m.pt"), runs_dir=str(tmp_path / "r")))
+    torch.save({"kind": "train"}, tmp_path / "t.pt")  # a whole model needs images, not cached features
+    with pytest.raises(ValueError, match="cannot evaluate a 'train' checkpoint on --cache; known: .*fit-head on --cache"):
+        evaluate(EvaluateConfig(model=str(tmp_path / "t.pt"), runs_dir=str(tmp_path / "r")))
     with pytest.raises(ValueError, match="does not exist"):
         evaluate(EvaluateConfig(model=str(tmp_path / "missing.pt")))
 
@@ -90,3 +93,14 @@ def test_cli_json_and_ledger(tmp_path, head_run):
     assert "precision" in text.stdout and "blue" in text.stdout
     bad = CliRunner().invoke(cli.cli, ["evaluate", "--model", head_run["checkpoint"], "--top-k", "0"])
     assert bad.exit_code == 2 and "--top-k must be positive" in bad.stderr
+
+
+def test_a_trained_model_evaluates_on_images(tmp_path, image_folder):
+    from pipeline.train import TrainConfig, train
+
+    fast = dict(weights="none", workers=0, device="cpu", precision="fp32", batch_size=8)
+    model = train(TrainConfig(data=str(image_folder), backbone="tiny", epochs=3, lr=0.01, val_fraction=0.25,
+                              runs_dir=str(tmp_path / "runs"), **fast))["checkpoint"]
+    r = evaluate(EvaluateConfig(model=model, data=str(image_folder), workers=0, runs_dir=str(tmp_path / "r")))
+    assert r["kind"] == "train" and r["rows"] == 24 and sum(map(sum, r["confusion_matrix"])) == 24
+    assert r["accuracy"] >= 0.9

@@ -127,6 +127,11 @@ def test_finetune_starts_from_a_fit_head_checkpoint(tmp_path, image_folder):
     assert "Epoch 1, Train acc=" in result.stderr and "Val loss=" in result.stderr
     ckpt = torch.load(out["checkpoint"], weights_only=True)
     assert ckpt["kind"] == "finetune" and ckpt["init_from"] == head["checkpoint"]
+    assert Path(out["curves"]).is_file()
+    from pipeline.ledger import read_runs
+
+    last = read_runs(tmp_path / "runs")[0]
+    assert last["kind"] == "finetune" and last["metrics"]["val_acc"] == out["val_acc"]
 
 
 def test_cli_rejects_bad_values(tmp_path, image_folder):
