@@ -103,7 +103,8 @@ def extract(as_json, **options):
     Under `torchrun --nproc_per_node=K cli.py extract ...` each rank extracts a shard and rank 0
     joins them into one (virtual) cache.
     """
-    from pipeline.extract import ExtractConfig, extract as run
+    from pipeline.extract import ExtractConfig
+    from pipeline.extract import extract as run
 
     cfg = ExtractConfig(**options, command=command_line())
     try:
@@ -129,7 +130,8 @@ def extract(as_json, **options):
 @library_errors
 def caches(cache_dir, consolidate, as_json):
     """List the feature caches: path, backbone, rows, classes, size, created."""
-    from pipeline.cache import consolidate as run_consolidate, list_caches
+    from pipeline.cache import consolidate as run_consolidate
+    from pipeline.cache import list_caches
 
     if consolidate:
         result = run_consolidate(consolidate)
@@ -241,7 +243,8 @@ def picture_options(default_output: str):
 @library_errors
 def preview(as_json, **options):
     """A PNG grid of sample images per class, resized/cropped as for extraction (de-normalised)."""
-    from pipeline.viz import PreviewConfig, preview as run
+    from pipeline.viz import PreviewConfig
+    from pipeline.viz import preview as run
 
     result = run(PreviewConfig(**options))
     emit(result, as_json, result["output"])
@@ -280,7 +283,8 @@ def feature_map_cmd(as_json, **options):
 @library_errors
 def evaluate(as_json, **options):
     """Accuracy, per-class precision/recall/F1, a confusion-matrix PNG and a gallery of confident errors."""
-    from pipeline.evaluate import EvaluateConfig, evaluate as run, format_report
+    from pipeline.evaluate import EvaluateConfig, format_report
+    from pipeline.evaluate import evaluate as run
     from pipeline.ledger import append_run
 
     result = run(EvaluateConfig(**options))
@@ -359,7 +363,8 @@ def check_images_cmd(as_json, **options):
 def demo(as_json, **options):
     """The main job in one go: fetch if missing, check images, extract, fit the head, compare with sklearn."""
     from pipeline.compare import format_table
-    from pipeline.demo import DemoConfig, demo as run
+    from pipeline.demo import DemoConfig
+    from pipeline.demo import demo as run
 
     result = run(DemoConfig(**options, command=command_line()))
     emit(result, as_json, format_table(result["compare"]))
@@ -420,7 +425,8 @@ def record_training_run(kind: str, options: dict, result: dict) -> None:
 @library_errors
 def train(as_json, **options):
     """Train a new head on images end to end, backbone frozen; saves runs/<stamp>-train/model.pt."""
-    from pipeline.train import TrainConfig, train as run
+    from pipeline.train import TrainConfig
+    from pipeline.train import train as run
 
     result = run(TrainConfig(**options))
     record_training_run("train", options, result)
@@ -446,7 +452,8 @@ def train(as_json, **options):
 @library_errors
 def finetune(as_json, **options):
     """Unfreeze the backbone (or its last K blocks) and train at a low rate; saves runs/<stamp>-finetune/model.pt."""
-    from pipeline.train import FinetuneConfig, finetune as run
+    from pipeline.train import FinetuneConfig
+    from pipeline.train import finetune as run
 
     result = run(FinetuneConfig(**options))
     record_training_run("finetune", options, result)
@@ -468,7 +475,8 @@ def finetune(as_json, **options):
 @library_errors
 def predict(paths, **options):
     """Classify images and folders of images: class and probability per file; unreadable files get an error."""
-    from pipeline.predict import PredictConfig, format_rows, predict as run
+    from pipeline.predict import PredictConfig, format_rows
+    from pipeline.predict import predict as run
 
     result = run(PredictConfig(paths=list(paths), **options))
     click.echo(f"{result['images']} images, {result['errors']} unreadable, {result['img_per_s']:.1f} img/s", err=True)

@@ -13,9 +13,13 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from .errors import PipelineError
+
+if TYPE_CHECKING:  # only for annotations: importing torch here would slow every cache hit
+    from torch import nn
+    from torchvision.transforms._presets import ImageClassification
 
 # torch and torchvision are imported inside functions: a cache hit must not pay for importing them.
 

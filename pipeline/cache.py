@@ -48,6 +48,30 @@ class CacheError(ValueError):
     """A file that is missing, corrupt, foreign or unusable as a feature cache."""
 
 
+class CacheBusy(CacheError):
+    """A cache another process holds open for writing: not damaged, so never moved aside."""
+
+
+def open_h5(path: Path, mode: str, wait_s: float = 20.0, **kw) -> h5py.File:
+    """h5py.File, waiting up to ``wait_s`` for another process's lock to go.
+
+    After a SIGKILL the decoding workers of the killed extraction can hold the file (and its lock)
+    for a few more seconds; waiting for them beats refusing.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return h5py.File(path, mode, **kw)
+        except OSError as e:
+            busy = getattr(e, "errno", None) == 11 or "unable to lock file" in str(e)
+            if not busy:
+                raise
+            if time.monotonic() > deadline:
+                raise CacheBusy(f"{path} is in use by another process (an extraction still running?); "
+                                "try again when it has finished") from None
+            time.sleep(0.5)
+
+
 def _fsync(f: h5py.File) -> None:
     f.flush()
     try:
@@ -68,7 +92,7 @@ class CacheWriter:
         self.path = Path(path)
         self.chunk_rows = chunk_rows
         new = not self.path.exists()
-        self.f = h5py.File(self.path, "a")
+        self.f = open_h5(self.path, "a")
         try:
             if new:
                 self._create(attrs, source)
@@ -360,7 +384,7 @@ def read_info(path: str | os.PathLike) -> CacheInfo:
     if not h5py.is_hdf5(path):
         raise CacheError(f"{path} is not an HDF5 file (damaged, or not a feature cache)")
     try:
-        with h5py.File(path, "r") as f:
+        with open_h5(path, "r") as f:
             return _validate(f, path)
     except CacheError:
         raise
@@ -382,7 +406,7 @@ class FeatureCache:
         if self.info.rows == 0:
             raise CacheError(f"cache {self.info.path} holds no rows")
         self.path = self.info.path
-        self.f = h5py.File(self.path, "r")  # blocks are read whole: a bigger chunk cache only adds copies
+        self.f = open_h5(self.path, "r")  # blocks are read whole: a bigger chunk cache only adds copies
         self.features = self.f["features"]
         self.n = self.info.rows
         self.labels = self.f["labels"][: self.n]

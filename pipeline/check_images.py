@@ -21,6 +21,7 @@ from functools import partial
 from pathlib import Path
 
 from .data import ImageLoadError, decode_image, is_image_name
+from .device import resolve_workers
 from .errors import PipelineError
 
 #: Every kind check-images reports, with its severity. Errors are files extract cannot use.
@@ -125,8 +126,7 @@ def validate(cfg: CheckImagesConfig) -> tuple[Path, Path | None]:
         raise ValueError(f"folder {cfg.root!r} does not exist or is not a folder")
     if cfg.report and Path(cfg.report).suffix.lower() not in REPORT_SUFFIXES:
         raise ValueError(f"--report {cfg.report!r} must end with one of: {', '.join(REPORT_SUFFIXES)}")
-    if cfg.workers == 0 or cfg.workers < -1:
-        raise ValueError(f"--workers must be -1 (one per core) or positive, got {cfg.workers}")
+    resolve_workers(cfg.workers)
     qdir = None
     if cfg.quarantine or cfg.quarantine_dir:
         qdir = Path(os.path.abspath(cfg.quarantine_dir)) if cfg.quarantine_dir else default_quarantine_dir(root)
@@ -142,7 +142,7 @@ def check_images(cfg: CheckImagesConfig) -> dict:
     root, qdir = validate(cfg)
     skip = {Path(os.path.abspath(cfg.report))} if cfg.report else set()
     rels = list_files(root, skip)
-    workers = (os.cpu_count() or 1) if cfg.workers < 0 else cfg.workers
+    workers = resolve_workers(cfg.workers)
     workers = min(workers, max(1, len(rels)))
     t0 = time.perf_counter()
     findings: list[dict] = []

@@ -11,6 +11,15 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
+def resolve_workers(workers: int, share: int = 1) -> int:
+    """Decoding processes: -1 = the machine's cores divided by ``share`` processes (1 to 8), 0 = in-process."""
+    import os
+
+    if workers < -1:
+        raise ValueError(f"--workers must be -1 (one per core), 0 (decode in-process) or positive, got {workers}")
+    return workers if workers >= 0 else max(1, min(8, (os.cpu_count() or 1) // share))
+
+
 def resolve_device(device: str = "auto"):
     """'auto' -> CUDA when available, else CPU. 'cuda:1' style names are accepted too."""
     import torch
@@ -21,7 +30,13 @@ def resolve_device(device: str = "auto"):
         raise ValueError(f"unknown device {device!r}; allowed: {', '.join(DEVICES)} (or cuda:N)")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asked for, but CUDA is not available here; use --device cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}; allowed: {', '.join(DEVICES)} (or cuda:N)") from None
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
 
 
 def cpu_has_bf16() -> bool:

@@ -21,6 +21,8 @@ from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 
+from .device import resolve_workers
+
 log = logging.getLogger(__name__)
 
 #: how long a rank waits for the others at a collective (a resumed run may leave some ranks idle for hours)
@@ -75,7 +77,7 @@ def rank_config(cfg):
     if device in ("auto", "cuda") and torch.cuda.is_available():
         device = f"cuda:{local_rank % torch.cuda.device_count()}"
         torch.cuda.set_device(device)
-    workers = cfg.workers if cfg.workers >= 0 else max(1, min(8, (os.cpu_count() or 1) // local_world))
+    workers = resolve_workers(cfg.workers, share=local_world)
     return replace(cfg, device=device, workers=workers)
 
 
@@ -112,38 +114,24 @@ def _total(n: int) -> int:
 
 def _existing(path: Path, key: str, started: float):
     """Rank 0's look at the cache path: ('hit', summary), ('run', None) or ('error', message)."""
-    from .cache import CacheError, read_info
-    from .extract import _hit, _move_aside
+    from .extract import _hit, existing_cache
 
-    if not path.exists():
+    info = existing_cache(path, key)  # a sharded cache that lost a shard is moved aside and rebuilt
+    if info is None:
         return "run", None
-    try:
-        info = read_info(path)
-        if info.attrs["fingerprint"] != key:
-            raise CacheError("fingerprint differs")
-        if info.complete:
-            return "hit", _hit(path, started)
-        return "error", (f"{path} is an incomplete single-process extraction; finish it with the same command "
-                         f"without torchrun, or move it away to extract it with torchrun")
-    except CacheError as e:
-        _move_aside(path, str(e))  # e.g. a sharded cache that lost a shard: rebuilt below
-        return "run", None
+    if info.complete:
+        return "hit", _hit(info, started)
+    return "error", (f"{path} is an incomplete single-process extraction; finish it with the same command "
+                     f"without torchrun, or move it away to extract it with torchrun")
 
 
 def _part(cfg, listing, key: str, file: Path, part: Part, started: float) -> dict:
     """Extract (or resume, or reuse) one shard file."""
-    from .cache import CacheError, read_info
-    from .extract import _move_aside, _run
+    from .extract import _run, existing_cache
 
-    if file.exists():
-        try:
-            info = read_info(file)
-            if info.attrs["fingerprint"] != key:
-                raise CacheError("fingerprint differs")
-            if info.complete:
-                return {"rows": info.rows, "computed": 0, "resumed_from": info.rows, "seconds": 0.0}
-        except CacheError as e:
-            _move_aside(file, str(e))
+    info = existing_cache(file, key)
+    if info is not None and info.complete:
+        return {"rows": info.rows, "computed": 0, "resumed_from": info.rows, "seconds": 0.0}
     r = _run(cfg, listing, key, file, started, part=part)
     return {k: r[k] for k in ("rows", "computed", "resumed_from", "seconds", "device", "precision")}
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from .data import ImageLoadError, list_image_folder, load_rgb
+from .device import resolve_workers
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def predict_folder(data: str, classes: list, transform, logp_fn: Callable, cfg: 
                          f"its classes: {', '.join(classes)}")
     to_model = [classes.index(c) for c in listing.classes]
     items = [(f.path, to_model[f.label]) for f in listing.files]
-    workers = min(8, os.cpu_count() or 1) if cfg.workers < 0 else cfg.workers
+    workers = resolve_workers(cfg.workers)
     paths, labels, out, batch = [], [], [], []
 
     def flush():

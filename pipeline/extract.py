@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import platform
 import sys
 import time
@@ -16,13 +15,25 @@ import warnings
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
 from . import backbones as bb
 from . import distributed
-from .cache import STORAGE_DTYPES, CacheError, CacheWriter, cache_file_name, fingerprint, now_iso, read_info
+from .cache import (
+    STORAGE_DTYPES,
+    CacheBusy,
+    CacheError,
+    CacheInfo,
+    CacheWriter,
+    cache_file_name,
+    fingerprint,
+    now_iso,
+    read_info,
+)
 from .data import ImageFolderListing, list_image_folder, stratified_order
+from .device import resolve_workers
 
 log = logging.getLogger(__name__)
 
@@ -122,14 +133,16 @@ def _keep_list(batch):
 
 
 def iter_candidates(dataset: ImageListDataset, workers: int):
-    """Yield the dataset's items in order, decoded by ``workers`` background processes."""
+    """The dataset's items in order, decoded by ``workers`` background processes started right away.
+
+    Start them before opening any file for writing: forked workers inherit open descriptors
+    (and HDF5's lock on them), which would outlive a killed parent for a few seconds.
+    """
     from torch.utils.data import DataLoader
 
     loader = DataLoader(dataset, batch_size=16, num_workers=workers, collate_fn=_keep_list,
-                        pin_memory=False, prefetch_factor=4 if workers else None,
-                        persistent_workers=False)
-    for chunk in loader:
-        yield from chunk
+                        prefetch_factor=4 if workers else None)
+    return (item for chunk in iter(loader) for item in chunk)
 
 
 # -- model -------------------------------------------------------------------------------------
@@ -194,16 +207,31 @@ class FeatureModel:
 
 
 # -- the stage ---------------------------------------------------------------------------------
-def _hit(path: Path, started: float) -> dict:
-    info = read_info(path)
-    return {"cache": str(path), "hit": True, "rows": info.rows, "skipped": int(info.attrs.get("skipped_rows", 0)),
+def _hit(info: CacheInfo, started: float) -> dict:
+    return {"cache": str(info.path), "hit": True, "rows": info.rows, "skipped": int(info.attrs.get("skipped_rows", 0)),
             "feature_shape": list(info.feature_shape), "classes": info.classes, "seconds": time.time() - started}
 
 
-def _move_aside(path: Path, why: str) -> None:
-    aside = path.with_name(f"{path.name}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
-    path.rename(aside)
-    log.warning("cache %s could not be resumed (%s); moved it to %s and starting again", path, why, aside)
+def existing_cache(path: Path, key: str) -> Optional[CacheInfo]:
+    """The cache at ``path`` when it belongs to this request (complete, or to resume), else None.
+
+    A file that is damaged, foreign or of another fingerprint is moved aside (never deleted) and
+    extraction starts again; a file another process holds is an error (CacheBusy).
+    """
+    if not path.exists():
+        return None
+    try:
+        info = read_info(path)
+        if info.attrs["fingerprint"] != key:
+            raise CacheError("fingerprint differs")
+        return info
+    except CacheBusy:
+        raise
+    except CacheError as e:
+        aside = path.with_name(f"{path.name}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
+        path.rename(aside)
+        log.warning("cache %s could not be resumed (%s); moved it to %s and starting again", path, e, aside)
+        return None
 
 
 def extract(cfg: ExtractConfig) -> dict:
@@ -218,17 +246,11 @@ def extract(cfg: ExtractConfig) -> dict:
     path = Path(cfg.cache_dir) / cache_file_name(cfg.backbone, cfg.n, key)
     if distributed.world_size() > 1:  # started by torchrun: this rank extracts its shard
         return distributed.extract_sharded(cfg, listing, key, path, started)
-    if path.exists():
-        try:
-            info = read_info(path)
-            if info.attrs["fingerprint"] != key:
-                raise CacheError("fingerprint differs")
-            if info.complete:
-                log.debug("cache hit: %s (%d rows)", path, info.rows)
-                return _hit(path, started)
-            log.info("resuming %s from row %d", path, info.rows)
-        except CacheError as e:
-            _move_aside(path, str(e))
+    info = existing_cache(path, key)
+    if info is not None and info.complete:
+        return _hit(info, started)
+    if info is not None:
+        log.info("resuming %s from row %d", path, info.rows)
     path.parent.mkdir(parents=True, exist_ok=True)
     return _run(cfg, listing, key, path, started)
 
@@ -261,18 +283,25 @@ def _run(cfg: ExtractConfig, listing: ImageFolderListing, key: str, path: Path, 
         "created": now_iso(), "command": cfg.command, "config": json.dumps(asdict(cfg)),
         **(part.attrs if part else {}),
     }
-    workers = min(8, os.cpu_count() or 1) if cfg.workers < 0 else cfg.workers
+    workers = resolve_workers(cfg.workers)
+    resumed = read_info(path) if path.exists() else None
+    if resumed is not None and resumed.attrs["precision"] != precision:
+        raise ValueError(f"{path} was started in precision {resumed.attrs['precision']!r} and this run computes in "
+                         f"{precision!r}; pass --precision {resumed.attrs['precision']} to finish it")
+    start = max(int(resumed.attrs["next_candidate"]) if resumed else 0, part.first if part else 0)
+    if part:
+        items = items[:part.stop]
+    rows = start_rows = resumed.rows if resumed else 0
+    # the decoding workers fork before the cache file is opened, so they never hold it
+    candidates = iter_candidates(ImageListDataset(listing.root, items, backbone.transform, start=start), workers) \
+        if rows < target else iter(())
     t0 = time.time()
     with CacheWriter(path, attrs, source=listing) as writer:
-        start_rows = writer.rows
-        if part:
-            items = items[:part.stop]
-        dataset = ImageListDataset(listing.root, items, backbone.transform,
-                                   start=max(writer.next_candidate, part.first if part else 0))
+        if writer.rows != start_rows:
+            raise CacheError(f"{path} changed while this extraction started; run it again")
         bar = tqdm(total=target, initial=start_rows, unit="img", desc="extract", file=sys.stderr,
                    dynamic_ncols=True, disable=None)
         good, bad = [], []
-        rows = start_rows
 
         def commit(next_candidate: int) -> None:
             nonlocal rows, good, bad
@@ -286,20 +315,19 @@ def _run(cfg: ExtractConfig, listing: ImageFolderListing, key: str, path: Path, 
 
         pos = writer.next_candidate - 1
         try:
-            if rows < target:
-                for item in iter_candidates(dataset, workers):
-                    pos = item[0]
-                    if item[1] is None:
-                        log.warning("skipping %s: %s", item[3], item[4])
-                        bad.append(item)
-                        continue
-                    good.append(item)
-                    if len(good) == cfg.batch_size or rows + len(good) == target:
-                        commit(pos + 1)
-                        if rows == target:
-                            break
-                if good or bad:
+            for item in candidates:
+                pos = item[0]
+                if item[1] is None:
+                    log.warning("skipping %s: %s", item[3], item[4])
+                    bad.append(item)
+                    continue
+                good.append(item)
+                if len(good) == cfg.batch_size or rows + len(good) == target:
                     commit(pos + 1)
+                    if rows == target:
+                        break
+            if good or bad:
+                commit(pos + 1)
         finally:
             bar.close()
         skipped = writer.skipped_rows
@@ -308,13 +336,11 @@ def _run(cfg: ExtractConfig, listing: ImageFolderListing, key: str, path: Path, 
         if rows < target and not part:
             log.warning("only %d good images of the %d asked for (%d skipped)", rows, target, skipped)
         writer.finish()
+        shape = list(writer.f["features"].shape[1:]) if "features" in writer.f else []
     seconds = time.time() - t0
     computed = rows - start_rows
     return {"cache": str(path), "hit": False, "rows": rows, "computed": computed, "resumed_from": start_rows,
-            "skipped": skipped, "feature_shape": list(model_shape(path)), "classes": list(listing.classes),
+            "skipped": skipped, "feature_shape": shape, "classes": list(listing.classes),
             "device": str(device), "precision": precision, "seconds": seconds,
             "img_per_s": computed / seconds if seconds > 0 else 0.0}
 
-
-def model_shape(path: Path) -> tuple:
-    return read_info(path).feature_shape

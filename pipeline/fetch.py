@@ -174,6 +174,8 @@ def _inside(dest: Path, name: str) -> bool:
     """Whether dest/name stays inside dest once resolved (no absolute path, no '..' escape)."""
     if not name or name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
         return False
+    if ".." in PurePosixPath(name.replace("\\", "/")).parts:
+        return False  # even when it resolves inside: through a symlink unpacked earlier it may not
     target = (dest / name).resolve()
     return target == dest or dest in target.parents
 
@@ -190,6 +192,9 @@ def check_members(kind: str, arc, dest: Path) -> list[str]:
         if kind == "tar":
             if not (m.isfile() or m.isdir() or m.issym() or m.islnk()):
                 raise PipelineError(f"archive entry {name!r} is a device or pipe; refusing to unpack")
+            if (m.issym() or m.islnk()) and not hasattr(tarfile, "data_filter"):
+                raise PipelineError(f"archive entry {name!r} is a link, and this Python's tarfile cannot unpack "
+                                    "links safely (Python >= 3.11.4 can); refusing to unpack")
             if m.issym() or m.islnk():
                 base = str(PurePosixPath(name).parent) if m.issym() else ""
                 link = m.linkname
@@ -242,6 +247,8 @@ def unpack(archive: Path, dest: Path) -> tuple[Path, bool]:
                     arc.extract(m, dest)
     except (zipfile.BadZipFile, tarfile.TarError, EOFError) as e:
         raise PipelineError(f"cannot unpack {archive}: {e}; delete it and download again") from None
+    except OSError as e:  # a full disk, no permission
+        raise PipelineError(f"cannot unpack {archive} into {dest}: {e}") from None
     root = unpacked_root(dest, names)
     marker.write_text(json.dumps({"archive": archive.name, "bytes": size,
                                   "root": root.relative_to(dest).as_posix()}))

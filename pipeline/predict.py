@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from .data import ImageLoadError, is_image_name, load_rgb
+from .device import resolve_workers
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ def iter_predictions(lm, files: list[str], batch_size: int, workers: int, device
 
     model = lm.model.to(device, memory_format=torch.channels_last).eval()
     classes = lm.classes
-    workers = min(8, os.cpu_count() or 1) if workers < 0 else workers
+    workers = resolve_workers(workers)
     pending, n_good = [], 0
 
     def flush():

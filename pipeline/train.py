@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -19,6 +18,7 @@ from typing import Optional
 import numpy as np
 
 from .data import list_image_folder, stratified_order
+from .device import resolve_workers
 from .head import per_class_accuracy, run_dir, split_indices, validate_common
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ def _loader(root, items, transform, cfg: TrainConfig, shuffle: bool):
 
     from .extract import ImageListDataset
 
-    workers = min(8, os.cpu_count() or 1) if cfg.workers < 0 else cfg.workers
+    workers = resolve_workers(cfg.workers)
     return DataLoader(ImageListDataset(root, items, transform), batch_size=cfg.batch_size, shuffle=shuffle,
                       num_workers=workers, collate_fn=collate_good, persistent_workers=workers > 0,
                       generator=torch.Generator().manual_seed(cfg.seed))

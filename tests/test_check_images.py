@@ -137,7 +137,7 @@ def test_json_report_and_json_stdout(dirty, tmp_path):
     (["{missing}"], "does not exist"),
     (["{root}", "--report", "{tmp}/r.txt"], ".csv, .json"),
     (["{root}", "--quarantine-dir", "{root}/q"], "must be outside"),
-    (["{root}", "--workers", "0"], "--workers"),
+    (["{root}", "--workers", "-3"], "--workers"),
 ])
 def test_usage_errors_exit_2_with_one_line(tmp_path, args, message):
     root = make_image_folder(tmp_path / "data", per_class=1)

@@ -115,9 +115,9 @@ def test_n_larger_than_the_folder_says_how_many_there_are(image_folder, tmp_path
         extract(cfg(image_folder, tmp_path, n=25))
 
 
-def _extract_cmd(data, cache_dir):
+def _extract_cmd(data, cache_dir, workers=0):
     return [sys.executable, *CLI, "-v", "extract", "--data", str(data), "--n", "0", "--backbone", "tiny",
-            "--weights", "none", "--cache-dir", str(cache_dir), "--batch-size", "2", "--workers", "0",
+            "--weights", "none", "--cache-dir", str(cache_dir), "--batch-size", "2", "--workers", str(workers),
             "--dtype", "float32", "--json"]
 
 
@@ -126,12 +126,12 @@ def _rows(path):
         return c.paths, c.labels.copy(), c.features[:]
 
 
-@pytest.mark.parametrize("kill_after", [1, 25])
-def test_sigkilled_extraction_resumes_to_the_uninterrupted_result(tmp_path, kill_after):
+@pytest.mark.parametrize("kill_after, workers", [(1, 0), (25, 0), (7, 2)])
+def test_sigkilled_extraction_resumes_to_the_uninterrupted_result(tmp_path, kill_after, workers):
     data = make_image_folder(tmp_path / "d", per_class=40)
     (data / "red" / "zero.jpg").write_bytes(b"")
     reference = extract(cfg(data, tmp_path, cache_dir=str(tmp_path / "ref"), batch_size=2))
-    proc = subprocess.Popen(_extract_cmd(data, tmp_path / "f"), cwd=ROOT, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(_extract_cmd(data, tmp_path / "f", workers), cwd=ROOT, stderr=subprocess.PIPE,
                             stdout=subprocess.DEVNULL)
     commits = 0
     for line in proc.stderr:
@@ -147,7 +147,8 @@ def test_sigkilled_extraction_resumes_to_the_uninterrupted_result(tmp_path, kill
         assert f.attrs["complete"] == 0 and committed >= 2 * kill_after
     with pytest.raises(ValueError, match="incomplete"):
         FeatureCache(cache)
-    resumed = json.loads(subprocess.run(_extract_cmd(data, tmp_path / "f"), cwd=ROOT, capture_output=True,
+    # resume at once: the killed run's decoding workers may still be exiting
+    resumed = json.loads(subprocess.run(_extract_cmd(data, tmp_path / "f", workers), cwd=ROOT, capture_output=True,
                                         check=True, text=True).stdout)
     assert resumed["resumed_from"] == committed and resumed["computed"] == 80 - committed
     got, want = _rows(resumed["cache"]), _rows(reference["cache"])

@@ -200,6 +200,17 @@ def test_tar_links_pointing_outside_are_refused(tmp_path, kind, target):
     assert sorted(p.name for p in dest.iterdir()) == ["pets.tar.gz"]
 
 
+def test_a_dotdot_entry_through_a_symlink_is_refused(tmp_path):
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    link = tarfile.TarInfo("l")
+    link.type, link.linkname = tarfile.SYMTYPE, "."  # harmless alone, but l/../x escapes once it exists
+    make_tar(dest / "pets.tar.gz", [(link, None), file_member("l/../evil.txt", b"x")])
+    with pytest.raises(PipelineError, match="'l/../evil.txt' would be written outside"):
+        fetch_data(cfg(dest, closed_port_url().replace(NAME, "pets.tar.gz")))
+    assert sorted(p.name for p in dest.iterdir()) == ["pets.tar.gz"] and not (tmp_path / "evil.txt").exists()
+
+
 def test_a_safe_tar_is_recognised_by_content_and_unpacked(tmp_path):
     link = tarfile.TarInfo("PetImages/Cat/same.jpg")
     link.type, link.linkname = tarfile.SYMTYPE, "0.jpg"

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.extract import ExtractConfig, extract
 from pipeline.cache import FeatureCache
+from pipeline.extract import ExtractConfig, extract
 from pipeline.head import FitHeadConfig, build_head, evaluate_head, fit_head, split_indices
 from tests.conftest import make_image_folder
 

@@ -13,8 +13,16 @@ from pipeline import backbones as bb
 from pipeline.errors import PipelineError
 from pipeline.extract import ExtractConfig, extract
 from pipeline.head import FitHeadConfig, fit_head
-from pipeline.models import (ALL, SummaryConfig, build_model, load_model, parse_unfreeze, read_checkpoint,
-                             save_model, summarize)
+from pipeline.models import (
+    ALL,
+    SummaryConfig,
+    build_model,
+    load_model,
+    parse_unfreeze,
+    read_checkpoint,
+    save_model,
+    summarize,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:--weights none", "ignore:no sidecar")
 
