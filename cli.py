@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import shlex
 import sys
 import warnings
 
@@ -17,6 +16,7 @@ import click
 
 from pipeline.errors import PipelineError
 from pipeline.fetch import KAGGLE_CATS_DOGS_URL
+from pipeline.ledger import current_command
 
 
 class OneLineUsageError(click.UsageError):
@@ -43,10 +43,6 @@ def library_errors(fn):
 
 def emit(result, as_json: bool, text: str) -> None:
     click.echo(json.dumps(result, indent=2, default=str) if as_json else text)
-
-
-def command_line() -> str:
-    return " ".join(shlex.quote(a) for a in ["python", *sys.argv])
 
 
 def _setup_logging(verbose: int) -> None:
@@ -106,11 +102,11 @@ def extract(as_json, **options):
     from pipeline.extract import ExtractConfig
     from pipeline.extract import extract as run
 
-    cfg = ExtractConfig(**options, command=command_line())
+    cfg = ExtractConfig(**options, command=current_command())
     try:
         result = run(cfg)
     except KeyboardInterrupt:
-        click.echo(f"\ninterrupted; committed rows are kept. Resume with:\n  {command_line()}", err=True)
+        click.echo(f"\ninterrupted; committed rows are kept. Resume with:\n  {current_command()}", err=True)
         sys.exit(130)
     if result["hit"]:
         click.echo(f"cache hit: {result['rows']} rows already extracted, nothing computed", err=True)
@@ -180,12 +176,8 @@ def split_options(fn):
 def fit_head_cmd(as_json, **options):
     """Train Linear + LogSoftmax on cached features; prints one line per epoch."""
     from pipeline.head import FitHeadConfig, fit_head
-    from pipeline.ledger import append_run
 
     result = fit_head(FitHeadConfig(**options))
-    append_run(options["runs_dir"], "fit-head", command=command_line(), cache=result["cache"], params=options,
-               metrics={k: result[k] for k in ("val_acc", "val_loss", "train_acc", "train_loss")},
-               outputs=[result["checkpoint"], result["curves"]])
     text = (f"val acc {result['val_acc']:.3f}, val loss {result['val_loss']:.4f} "
             f"({result['train_rows']} train / {result['val_rows']} val rows, {result['fit_seconds']:.1f} s)\n"
             f"checkpoint: {result['checkpoint']}")
@@ -205,18 +197,10 @@ def compare_sklearn_cmd(as_json, cache, cache_dir, val_fraction, seed, C, max_it
     """Fit the torch head and scikit-learn LogisticRegression on the same split; print both."""
     from pipeline.compare import CompareConfig, compare_sklearn, format_table
     from pipeline.head import FitHeadConfig
-    from pipeline.ledger import append_run
 
     cfg = CompareConfig(cache=cache, cache_dir=cache_dir, val_fraction=val_fraction, seed=seed, C=C,
                         max_iter=max_iter, scale=not no_scale, head=FitHeadConfig(cache_dir=cache_dir, **head))
     result = compare_sklearn(cfg)
-    torch_head, sk = result["models"]
-    append_run(cfg.head.runs_dir, "compare-sklearn", command=command_line(), cache=result["cache"],
-               params={"val_fraction": val_fraction, "seed": seed, "C": C, "max_iter": max_iter,
-                       "scale": not no_scale, **head},
-               metrics={"val_acc": torch_head["val_acc"], "val_loss": torch_head["val_loss"],
-                        "sklearn_val_acc": sk["val_acc"], "sklearn_val_loss": sk["val_loss"]},
-               outputs=[result["head_run_dir"]])
     emit(result, as_json, format_table(result))
 
 
@@ -285,13 +269,8 @@ def evaluate(as_json, **options):
     """Accuracy, per-class precision/recall/F1, a confusion-matrix PNG and a gallery of confident errors."""
     from pipeline.evaluate import EvaluateConfig, format_report
     from pipeline.evaluate import evaluate as run
-    from pipeline.ledger import append_run
 
     result = run(EvaluateConfig(**options))
-    append_run(options["runs_dir"], "evaluate", command=command_line(), cache_fingerprint=result["cache_fingerprint"],
-               backbone=result["backbone"], params=options,
-               metrics={k: result[k] for k in ("accuracy", "loss", "macro_f1", "rows")},
-               outputs=[result["confusion_png"], result["gallery_png"]])
     emit(result, as_json, format_report(result))
 
 
@@ -366,7 +345,7 @@ def demo(as_json, **options):
     from pipeline.demo import DemoConfig
     from pipeline.demo import demo as run
 
-    result = run(DemoConfig(**options, command=command_line()))
+    result = run(DemoConfig(**options, command=current_command()))
     emit(result, as_json, format_table(result["compare"]))
 
 
@@ -405,14 +384,6 @@ def train_text(result: dict) -> str:
             f"per-class val acc: {per_class}\ncheckpoint: {result['checkpoint']}")
 
 
-def record_training_run(kind: str, options: dict, result: dict) -> None:
-    from pipeline.ledger import append_run
-
-    append_run(options["runs_dir"], kind, command=command_line(), backbone=result["backbone"], params=options,
-               metrics={k: result[k] for k in ("val_acc", "val_loss", "train_acc", "train_loss")},
-               outputs=[result["checkpoint"], result["curves"]])
-
-
 @cli.command()
 @image_train_options
 @click.option("--backbone", default="vgg16", show_default=True, help="vgg16, vgg19, resnet18, resnet50, ...")
@@ -429,7 +400,6 @@ def train(as_json, **options):
     from pipeline.train import train as run
 
     result = run(TrainConfig(**options))
-    record_training_run("train", options, result)
     emit(result, as_json, train_text(result))
 
 
@@ -456,7 +426,6 @@ def finetune(as_json, **options):
     from pipeline.train import finetune as run
 
     result = run(FinetuneConfig(**options))
-    record_training_run("finetune", options, result)
     emit(result, as_json, train_text(result))
 
 

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
 import numpy as np
 
-from .cache import FeatureCache, source_changes
+from .cache import FeatureCache
 from .head import FitHeadConfig, fit_head, resolve_cache, split_indices, validate_common
+from .ledger import append_run
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ class CompareConfig:
     C: float = 1.0  # inverse regularisation strength of LogisticRegression
     max_iter: int = 1000  # lbfgs iterations
     scale: bool = True  # standardise features first (lbfgs converges far faster on VGG's unscaled maps)
-    head: FitHeadConfig = None  # settings for the torch head trained alongside (cache/split filled in)
+    head: Optional[FitHeadConfig] = None  # settings for the torch head trained alongside (cache/split filled in)
     block_rows: int = 2048  # rows read from disk at once
 
 
@@ -81,15 +82,19 @@ def compare_sklearn(cfg: CompareConfig) -> dict:
     head_cfg = replace(cfg.head or FitHeadConfig(), cache=str(path), val_fraction=cfg.val_fraction, seed=cfg.seed)
     torch_result = fit_head(head_cfg)
     with FeatureCache(path) as cache:
-        changed = source_changes(cache.info)
         sk = fit_sklearn(cfg, cache)
     head = {"model": f"torch Linear+LogSoftmax ({head_cfg.epochs} epochs, Adam lr={head_cfg.lr})",
             "val_acc": torch_result["val_acc"], "val_loss": torch_result["val_loss"],
             "fit_seconds": torch_result["fit_seconds"], "train_rows": torch_result["train_rows"],
             "val_rows": torch_result["val_rows"]}
+    append_run(head_cfg.runs_dir, "compare-sklearn", cache=str(path), params=asdict(cfg),
+               metrics={"val_acc": head["val_acc"], "val_loss": head["val_loss"],
+                        "sklearn_val_acc": sk["val_acc"], "sklearn_val_loss": sk["val_loss"]},
+               outputs=[torch_result["run_dir"]])
     return {"cache": str(path), "split": {"val_fraction": cfg.val_fraction, "seed": cfg.seed,
                                           "train_rows": sk["train_rows"], "val_rows": sk["val_rows"]},
-            "models": [head, sk], "head_run_dir": torch_result["run_dir"], "source_changed": changed}
+            "models": [head, sk], "head_run_dir": torch_result["run_dir"],
+            "source_changed": torch_result["source_changed"]}
 
 
 def format_table(result: dict) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -66,11 +66,12 @@ def register_predictor(kind: str, source: str, fn: Predictor) -> None:
 
 
 # -- predictors ----------------------------------------------------------------------------------
-def _head(ckpt: dict, device):
+def _head(model_path: str, ckpt: dict, device):
     from .head import build_head
+    from .models import load_head_state
 
-    head = build_head(tuple(ckpt["in_shape"]), len(ckpt["classes"]), ckpt["dropout"])
-    head.load_state_dict(ckpt["state_dict"])
+    head = build_head(tuple(ckpt["in_shape"]), len(ckpt["classes"]), ckpt.get("dropout", 0.0))
+    load_head_state(head, ckpt, model_path)
     return head.to(device).eval()
 
 
@@ -106,7 +107,7 @@ def head_on_cache(model_path: str, ckpt: dict, cfg: EvaluateConfig) -> Predictio
                             "images; use --split all on a held-out cache", path)
         else:
             rows = np.arange(cache.n)
-        _, _, logp = evaluate_head(_head(ckpt, device), cache, rows, device, cfg.block_rows)
+        _, _, logp = evaluate_head(_head(model_path, ckpt, device), cache, rows, device, cfg.block_rows)
         rows = np.sort(rows)
         paths = cache.paths
         return Predictions(list(cache.classes), Path(cache.attrs["data_root"]), [paths[i] for i in rows],
@@ -246,6 +247,11 @@ def evaluate(cfg: EvaluateConfig) -> dict:
                    "data_root": str(pred.root), "run_dir": str(out_dir), "confusion_png": str(confusion),
                    "gallery_png": str(gallery)})
     (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+    from .ledger import append_run
+
+    append_run(cfg.runs_dir, "evaluate", cache_fingerprint=pred.cache_fingerprint, backbone=result["backbone"],
+               params=asdict(cfg), metrics={k: result[k] for k in ("accuracy", "loss", "macro_f1", "rows")},
+               outputs=[confusion, gallery])
     return result
 
 

@@ -212,6 +212,11 @@ def fit_head(cfg: FitHeadConfig) -> dict:
         (out_dir / "history.json").write_text(json.dumps(history, indent=2))
         curves = plots.curves(history, out_dir / "curves.png")
     last = history[-1]
+    from .ledger import append_run
+
+    append_run(cfg.runs_dir, "fit-head", cache=str(path), params=asdict(cfg),
+               metrics={k: last[k] for k in ("val_acc", "val_loss", "train_acc", "train_loss")},
+               outputs=[out_dir / "head.pt", curves])
     return {"cache": str(path), "run_dir": str(out_dir), "checkpoint": str(out_dir / "head.pt"),
             "curves": str(curves),
             "train_rows": int(len(train_idx)), "val_rows": int(len(val_idx)), "val_acc": last["val_acc"],

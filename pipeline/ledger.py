@@ -49,13 +49,21 @@ def _write_line(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
-def append_run(runs_dir: str | os.PathLike, kind: str, *, command: str, cache_fingerprint: Optional[str] = None,
+def current_command() -> str:
+    """This process's command line, as a user would type it again."""
+    import shlex
+    import sys
+
+    return " ".join(shlex.quote(a) for a in ["python", *sys.argv])
+
+
+def append_run(runs_dir: str | os.PathLike, kind: str, *, cache_fingerprint: Optional[str] = None,
                backbone: Optional[str] = None, params: dict, metrics: dict, outputs: list,
-               cache: Optional[str] = None) -> dict:
+               cache: Optional[str] = None, command: Optional[str] = None) -> dict:
     """Append one run to the ledger and return the record.
 
-    With ``cache`` (a cache file) and no fingerprint/backbone, both are read from the cache's
-    attributes, so a command needs one call whatever its result holds.
+    Each stage calls this once at its end. With ``cache`` (a cache file) and no fingerprint or
+    backbone, both are read from the cache's attributes. ``command`` defaults to this process's.
     """
     if cache and (cache_fingerprint is None or backbone is None):
         from .cache import read_info
@@ -64,7 +72,7 @@ def append_run(runs_dir: str | os.PathLike, kind: str, *, command: str, cache_fi
         cache_fingerprint = attrs["fingerprint"] if cache_fingerprint is None else cache_fingerprint
         backbone = attrs["backbone"] if backbone is None else backbone
     record = {
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "kind": kind, "command": command,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "kind": kind, "command": command or current_command(),
         "cache": str(cache) if cache else "", "cache_fingerprint": cache_fingerprint or "",
         "backbone": backbone or "", "params": params, "metrics": metrics, "outputs": [str(o) for o in outputs],
     }

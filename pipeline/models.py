@@ -164,6 +164,11 @@ def read_checkpoint(path) -> dict:
     kinds = ("fit-head", *MODEL_KINDS)
     if not isinstance(ckpt, dict) or ckpt.get("kind") not in kinds:
         raise ValueError(f"{str(path)!r} is not a checkpoint of this tool (expected kind {', '.join(kinds)})")
+    needed = ("state_dict", "backbone", "weights", "classes", "in_shape") + \
+        (("config",) if ckpt["kind"] == "fit-head" else ("pool", "dropout", "preprocess"))
+    missing = [k for k in needed if k not in ckpt]
+    if missing:
+        raise ValueError(f"{str(path)!r} is a damaged {ckpt['kind']} checkpoint: it lacks {', '.join(missing)}")
     return ckpt
 
 
@@ -232,6 +237,15 @@ def _recorded_weights_paths(ckpt: dict) -> list[str]:
     return paths
 
 
+def load_head_state(head, ckpt: dict, path) -> None:
+    """Load a fit-head checkpoint's weights into ``head``; a mismatch is a one-line ValueError."""
+    try:
+        head.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:
+        raise ValueError(f"{str(path)!r} does not fit a head for {ckpt['in_shape']} -> {len(ckpt['classes'])} "
+                         f"classes: {str(e).strip().splitlines()[0]}") from None
+
+
 def _from_head(ckpt: dict, path, weights: Optional[str]) -> LoadedModel:
     source = _head_weights_source(ckpt, weights)
     with warnings.catch_warnings():
@@ -248,7 +262,7 @@ def _from_head(ckpt: dict, path, weights: Optional[str]) -> LoadedModel:
                     loaded.describe_transform())
     model = TransferModel(ckpt["backbone"], loaded.features, ckpt["in_shape"], len(ckpt["classes"]), pool,
                           ckpt.get("dropout", 0.0))
-    model.head.load_state_dict(ckpt["state_dict"])
+    load_head_state(model.head, ckpt, path)
     info = _info(loaded, source, ckpt["in_shape"], ckpt["classes"], pool, ckpt.get("dropout", 0.0))
     info["init_from"] = str(path)
     return LoadedModel(model, loaded.transform, info, "fit-head")
@@ -271,6 +285,8 @@ def summarize(cfg: SummaryConfig) -> dict:
     """Layer-by-layer output shapes and parameter counts, and the totals under a freeze setting."""
     if cfg.classes < 2:
         raise ValueError(f"--classes must be at least 2, got {cfg.classes}")
+    if cfg.crop_size and cfg.crop_size < 32:
+        raise ValueError(f"--crop-size must be 0 (the weights' own) or at least 32, got {cfg.crop_size}")
     unfreeze = parse_unfreeze(cfg.unfreeze)
     crop = cfg.crop_size or bb.default_transform(cfg.backbone).crop_size[0]
     pool = cfg.pool or bb.get_spec(cfg.backbone).pool

@@ -131,7 +131,12 @@ def predict(cfg: PredictConfig) -> dict:
     lm = load_model(cfg.model, cfg.weights)
     t0 = time.time()
     rows = []
-    out = open(cfg.output, "w", newline="") if cfg.output else None
+    try:
+        if cfg.output:
+            Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
+        out = open(cfg.output, "w", newline="") if cfg.output else None
+    except OSError as e:
+        raise ValueError(f"cannot write --output {cfg.output!r}: {e.strerror}") from None
     try:
         writer = csv.DictWriter(out, COLUMNS) if out and cfg.format == "csv" else None
         if writer:

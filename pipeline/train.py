@@ -259,6 +259,11 @@ def _fit(cfg: TrainConfig, kind: str, lm, stages: list, listing) -> dict:
     from . import plots
 
     curves = plots.curves(history, out_dir / "curves.png")
+    from .ledger import append_run
+
+    append_run(cfg.runs_dir, kind, backbone=lm.info["backbone"], params=asdict(cfg),
+               metrics={k: metrics[k] for k in ("val_acc", "val_loss", "train_acc", "train_loss")},
+               outputs=[out_dir / "model.pt", curves])
     return {"run_dir": str(out_dir), "checkpoint": str(out_dir / "model.pt"), "curves": str(curves),
             "backbone": lm.info["backbone"], **metrics,
             "skipped_files": [{"path": p, "why": w} for p, w in skipped.files.items()],

@@ -72,7 +72,12 @@ def test_refusals(tmp_path, head_run):
     torch.save({"kind": "mystery"}, tmp_path / "m.pt")
     with pytest.raises(ValueError, match="not a checkpoint of this tool"):
         evaluate(EvaluateConfig(model=str(tmp_path / "m.pt"), runs_dir=str(tmp_path / "r")))
-    torch.save({"kind": "train"}, tmp_path / "t.pt")  # a whole model needs images, not cached features
+    torch.save({"kind": "train"}, tmp_path / "d.pt")
+    with pytest.raises(ValueError, match="damaged train checkpoint: it lacks state_dict"):
+        evaluate(EvaluateConfig(model=str(tmp_path / "d.pt"), runs_dir=str(tmp_path / "r")))
+    torch.save({"kind": "train", "state_dict": {}, "backbone": "tiny", "weights": "none", "classes": ["a", "b"],
+                "in_shape": [8, 8, 8], "pool": "none", "dropout": 0.0, "preprocess": {}}, tmp_path / "t.pt")
+    # a whole model needs images, not cached features
     with pytest.raises(ValueError, match="cannot evaluate a 'train' checkpoint on --cache; known: .*fit-head on --cache"):
         evaluate(EvaluateConfig(model=str(tmp_path / "t.pt"), runs_dir=str(tmp_path / "r")))
     with pytest.raises(ValueError, match="does not exist"):
@@ -86,7 +91,8 @@ def test_cli_json_and_ledger(tmp_path, head_run):
     assert result.exit_code == 0, result.output
     r = json.loads(result.stdout)
     assert r["rows"] == 24 and set(r["per_class"]) == {"blue", "red"}
-    (entry,) = read_runs(runs)
+    assert [e["kind"] for e in read_runs(runs)] == ["evaluate", "fit-head"]  # newest first; every stage records
+    entry = read_runs(runs)[0]
     assert entry["kind"] == "evaluate" and entry["metrics"]["accuracy"] == r["accuracy"]
     assert entry["backbone"] == "tiny" and entry["outputs"] == [r["confusion_png"], r["gallery_png"]]
     text = CliRunner().invoke(cli.cli, ["evaluate", "--model", head_run["checkpoint"], "--runs-dir", str(runs)])

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -77,10 +78,11 @@ def test_runs_command_shows_fit_head_and_compare(tmp_path, tiny_cache):
     assert cmp.exit_code == 0, cmp.output
     out = runner.invoke(cli.cli, ["runs", "--runs-dir", runs, "--json"])
     records = json.loads(out.stdout)["runs"]
-    assert [r["kind"] for r in records] == ["compare-sklearn", "fit-head"]
-    assert records[1]["metrics"]["val_acc"] == json.loads(fit.stdout)["val_acc"]
+    # compare-sklearn records the torch head it fits, then itself
+    assert [r["kind"] for r in records] == ["compare-sklearn", "fit-head", "fit-head"]
+    assert records[2]["metrics"]["val_acc"] == json.loads(fit.stdout)["val_acc"]
     assert "sklearn_val_acc" in records[0]["metrics"] and records[0]["backbone"] == "tiny"
-    assert records[1]["outputs"][0].endswith("head.pt")
+    assert records[2]["outputs"][0].endswith("head.pt") and records[0]["outputs"] == [str(Path(records[1]["outputs"][0]).parent)]
     table = runner.invoke(cli.cli, ["runs", "--runs-dir", runs, "--sort", "val_acc", "--backbone", "tiny"]).stdout
     assert "fit-head" in table and "compare-sklearn" in table and "val_acc=" in table
     bad = runner.invoke(cli.cli, ["runs", "--runs-dir", runs, "--sort", "nope"])
