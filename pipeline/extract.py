@@ -334,7 +334,8 @@ def _run(cfg: ExtractConfig, listing: ImageFolderListing, key: str, path: Path, 
         if rows == 0 and not part:
             raise ValueError(f"no image in {cfg.data} could be decoded ({skipped} tried); run check-images on it")
         if rows < target and not part:
-            log.warning("only %d good images of the %d asked for (%d skipped)", rows, target, skipped)
+            log.warning("only %d good images of the %d %s (%d skipped)", rows, target,
+                        "asked for" if cfg.n else "files", skipped)
         writer.finish()
         shape = list(writer.f["features"].shape[1:]) if "features" in writer.f else []
     seconds = time.time() - t0
