@@ -45,6 +45,21 @@ def validate_common(val_fraction: float, seed: int) -> None:
         raise ValueError(f"--seed must be >= 0, got {seed}")
 
 
+def validate_training(cfg, positive: tuple = (), non_negative: tuple = ()) -> None:
+    """The option checks fit-head, train and finetune share (split, counts, lr, dropout)."""
+    validate_common(cfg.val_fraction, cfg.seed)
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    for name in non_negative:
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be 0 or positive, got {getattr(cfg, name)}")
+    if cfg.lr <= 0:
+        raise ValueError(f"--lr must be positive, got {cfg.lr}")
+    if not 0 <= cfg.dropout < 1:
+        raise ValueError(f"--dropout must be in [0, 1), got {cfg.dropout}")
+
+
 def resolve_cache(cache: Optional[str], cache_dir: str) -> Path:
     return Path(cache) if cache else newest_cache(cache_dir)
 
@@ -143,14 +158,7 @@ def fit_head(cfg: FitHeadConfig) -> dict:
     from . import plots
     from .device import resolve_device
 
-    validate_common(cfg.val_fraction, cfg.seed)
-    for name in ("epochs", "batch_size", "block_rows"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    if cfg.lr <= 0:
-        raise ValueError(f"--lr must be positive, got {cfg.lr}")
-    if not 0 <= cfg.dropout < 1:
-        raise ValueError(f"--dropout must be in [0, 1), got {cfg.dropout}")
+    validate_training(cfg, positive=("epochs", "batch_size", "block_rows"))
     path = resolve_cache(cfg.cache, cfg.cache_dir)
     device = resolve_device(cfg.device)
     with FeatureCache(path) as cache:

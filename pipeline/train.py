@@ -19,7 +19,7 @@ import numpy as np
 
 from .data import list_image_folder, stratified_order
 from .device import resolve_workers
-from .head import per_class_accuracy, run_dir, split_indices, validate_common
+from .head import per_class_accuracy, run_dir, split_indices, validate_training
 
 log = logging.getLogger(__name__)
 
@@ -62,17 +62,7 @@ class FinetuneConfig(TrainConfig):
 
 
 def validate(cfg: TrainConfig) -> None:
-    validate_common(cfg.val_fraction, cfg.seed)
-    for name in ("epochs", "batch_size"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    for name in ("n", "print_every"):
-        if getattr(cfg, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be 0 or positive, got {getattr(cfg, name)}")
-    if cfg.lr <= 0:
-        raise ValueError(f"--lr must be positive, got {cfg.lr}")
-    if not 0 <= cfg.dropout < 1:
-        raise ValueError(f"--dropout must be in [0, 1), got {cfg.dropout}")
+    validate_training(cfg, positive=("epochs", "batch_size"), non_negative=("n", "print_every"))
     if isinstance(cfg, FinetuneConfig):
         if cfg.backbone_lr is not None and cfg.backbone_lr <= 0:
             raise ValueError(f"--backbone-lr must be positive, got {cfg.backbone_lr}")
