@@ -70,6 +70,9 @@ def validate(cfg: ExtractConfig) -> None:
     if cfg.pool not in POOLS:
         raise ValueError(f"unknown --pool {cfg.pool!r}; allowed: {', '.join(POOLS)}")
     bb.get_spec(cfg.backbone)
+    if not Path(cfg.data).is_dir():
+        raise ValueError(f"data folder {cfg.data!r} does not exist; `python cli.py fetch-data` downloads the Kaggle "
+                         "cats-vs-dogs set to data/PetImages, or pass --data DIR")
     if bb.is_weights_path(cfg.weights) and not Path(cfg.weights).is_file():
         raise ValueError(f"weights file {cfg.weights!r} does not exist")
 
