@@ -178,9 +178,10 @@ def fit_head_cmd(as_json, **options):
     from pipeline.head import FitHeadConfig, fit_head
 
     result = fit_head(FitHeadConfig(**options))
+    per_class = ", ".join(f"{c} {a:.3f}" for c, a in result["per_class_val_acc"].items() if a is not None)
     text = (f"val acc {result['val_acc']:.3f}, val loss {result['val_loss']:.4f} "
             f"({result['train_rows']} train / {result['val_rows']} val rows, {result['fit_seconds']:.1f} s)\n"
-            f"checkpoint: {result['checkpoint']}")
+            f"per-class val acc: {per_class}\ncheckpoint: {result['checkpoint']}")
     emit(result, as_json, text)
 
 
@@ -251,7 +252,7 @@ def feature_map_cmd(as_json, **options):
 
 
 @cli.command()
-@click.option("--model", required=True, type=click.Path(dir_okay=False), help="Checkpoint (fit-head's head.pt).")
+@click.option("--model", required=True, type=click.Path(dir_okay=False), help="A fit-head head.pt (on --cache or --data) or a train/finetune model.pt (on --data).")
 @click.option("--cache", default=None, type=click.Path(dir_okay=False),
               help="Feature cache to evaluate on [default: the one the model was trained on].")
 @click.option("--data", default=None, help="Or an ImageFolder root, run through the backbone.")

@@ -520,6 +520,9 @@ def newest_cache(cache_dir: str | os.PathLike) -> Path:
     complete = [i for i in good if i.complete]
     if not complete:
         raise CacheError(f"no complete feature cache in {str(cache_dir)!r}; run `python cli.py extract` first")
+    if not good[0].complete:
+        log.warning("the newest cache %s is incomplete (finish it with `%s`); using %s", good[0].path,
+                    good[0].attrs.get("command") or "the same extract command", complete[0].path)
     return complete[0].path
 
 

@@ -9,7 +9,7 @@ from typing import Optional
 import numpy as np
 
 from .cache import FeatureCache
-from .head import FitHeadConfig, fit_head, resolve_cache, split_indices, validate_common
+from .head import FitHeadConfig, fit_head, per_class_accuracy, resolve_cache, split_indices, validate_common
 from .ledger import append_run
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def fit_sklearn(cfg: CompareConfig, cache: FeatureCache) -> dict:
     proba = np.zeros((len(y_val), len(cache.classes)))
     proba[:, model.classes_] = model.predict_proba(x_val)
     pred = proba.argmax(1)
-    return {"model": f"sklearn LogisticRegression(C={cfg.C}{', scaled' if cfg.scale else ''})",
+    return {"per_class_val_acc": per_class_accuracy(y_val, pred, cache.classes),"model": f"sklearn LogisticRegression(C={cfg.C}{', scaled' if cfg.scale else ''})",
             "val_acc": float((pred == y_val).mean()), "val_loss": log_loss(y_val, proba),
             "fit_seconds": seconds, "train_rows": int(len(train_idx)), "val_rows": int(len(val_idx)),
             "iterations": int(np.max(model[-1].n_iter_))}
@@ -86,7 +86,7 @@ def compare_sklearn(cfg: CompareConfig) -> dict:
     head = {"model": f"torch Linear+LogSoftmax ({head_cfg.epochs} epochs, Adam lr={head_cfg.lr})",
             "val_acc": torch_result["val_acc"], "val_loss": torch_result["val_loss"],
             "fit_seconds": torch_result["fit_seconds"], "train_rows": torch_result["train_rows"],
-            "val_rows": torch_result["val_rows"]}
+            "val_rows": torch_result["val_rows"], "per_class_val_acc": torch_result["per_class_val_acc"]}
     append_run(head_cfg.runs_dir, "compare-sklearn", cache=str(path), params=asdict(cfg),
                metrics={"val_acc": head["val_acc"], "val_loss": head["val_loss"],
                         "sklearn_val_acc": sk["val_acc"], "sklearn_val_loss": sk["val_loss"]},
@@ -104,6 +104,9 @@ def format_table(result: dict) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    for m in result["models"]:
+        accs = ", ".join(f"{c} {a:.3f}" for c, a in m["per_class_val_acc"].items() if a is not None)
+        lines.append(f"per-class val acc, {m['model'].split(' (')[0]}: {accs}")
     s = result["split"]
     lines.append(f"(same split: {s['train_rows']} train / {s['val_rows']} val rows, seed {s['seed']}; "
                  f"cache {result['cache']})")

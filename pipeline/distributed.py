@@ -161,6 +161,12 @@ def _sharded(cfg, listing, key: str, path: Path, started: float) -> dict:
 
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = replace(cfg, command=torchrun_command(cfg.command, world))
+    keys = [None] * world
+    dist.all_gather_object(keys, key)
+    if len(set(keys)) > 1:  # e.g. a node whose copy of the data folder differs (files, sizes or mtimes)
+        odd = [r for r, k in enumerate(keys) if k != keys[0]]
+        raise ValueError(f"ranks {odd} see other data or settings than rank 0 (cache fingerprint differs); "
+                         "every node must see the same data folder, weights and options")
     state, detail = _from_rank0(_existing(path, key, started) if rank == 0 else None)
     if state == "error":
         raise ValueError(detail)

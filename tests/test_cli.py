@@ -3,9 +3,12 @@ import json
 
 import h5py
 import pytest
+import torch
 from click.testing import CliRunner
 
 from cli import cli
+from pipeline.backbones import load_backbone
+from pipeline.extract import ExtractConfig, extract
 from tests.conftest import make_image_folder
 
 TINY = ["--backbone", "tiny", "--weights", "none", "--workers", "0"]
@@ -53,12 +56,22 @@ def test_extract_fit_head_compare_and_caches(run, tmp_path):
     (["compare-sklearn", "--cache", "foreign.h5"], "not a feature cache"),
     (["fit-head", "--cache", "junk.h5"], "not an HDF5 file"),
     (["fit-head", "--cache", "missing.h5", "--val-fraction", "2"], "--val-fraction"),
+    (["extract", "--data", "empty"], "holds no images"),
+    (["extract", "--n", "4", "--backbone", "vgg16", "--weights", "tiny.pt"], "not for vgg16"),
+    (["fit-head", "--cache", "damaged.h5"], "cannot be read as a feature cache"),
 ])
 def test_errors_are_one_line_with_exit_code_2(run, tmp_path, args, message):
     make_image_folder(tmp_path / "data" / "PetImages", per_class=12)
     with h5py.File(tmp_path / "foreign.h5", "w") as f:
         f["x"] = [1]
     (tmp_path / "junk.h5").write_text("junk")
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    torch.save(load_backbone("tiny", "none").model.state_dict(), tmp_path / "tiny.pt")
+    data = make_image_folder(tmp_path / "d2", per_class=2)
+    cache = extract(ExtractConfig(data=str(data), n=0, backbone="tiny", weights="none", workers=0,
+                                  cache_dir=str(tmp_path / "c2")))["cache"]
+    raw = open(cache, "rb").read()
+    (tmp_path / "damaged.h5").write_bytes(raw[: len(raw) // 2])  # a real cache, cut off halfway
     r = run(*args)
     assert r.exit_code == 2, r.output
     err = [l for l in r.stderr.splitlines() if l.strip()]

@@ -163,6 +163,14 @@ def test_connection_refused_is_one_clear_line(tmp_path):
     assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1
 
 
+def test_a_served_archive_with_a_dotdot_entry_is_refused(server, tmp_path):
+    server.files[NAME] = make_zip({"PetImages/Cat/0.jpg": b"ok", "../evil.txt": b"pwned"})
+    dest = tmp_path / "dest"
+    with pytest.raises(PipelineError, match="archive entry '../evil.txt' would be written outside"):
+        fetch_data(cfg(dest, server.url))
+    assert not (tmp_path / "evil.txt").exists() and [p.name for p in dest.iterdir()] == [NAME]
+
+
 @pytest.mark.parametrize("evil", ["../evil.txt", "PetImages/../../evil.txt", "{abs}"])
 def test_zip_entries_outside_dest_are_refused_before_anything_is_written(tmp_path, evil):
     dest = tmp_path / "dest"
