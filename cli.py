@@ -88,6 +88,9 @@ def json_option(fn):
               help="Compute precision; auto = bf16 where the device supports it.")
 @click.option("--pool", default="none", show_default=True, type=click.Choice(["none", "avg"]),
               help="avg stores globally pooled C-vectors instead of C x H x W maps.")
+@click.option("--decode", default="pil", show_default=True, type=click.Choice(["pil", "device"]),
+              help="device: decode JPEGs with torchvision's decode_jpeg on --device (nvJPEG on a GPU), "
+                   "for when CPU decoding is the bottleneck; other files still go through PIL.")
 @click.option("--cache-dir", default="features", show_default=True)
 @click.option("--shard-dir", default="", help="Under torchrun: shards go to SHARD_DIR/<cache name>.shards/ "
               "(e.g. a node-local disk) [default: beside the cache].")

@@ -76,7 +76,7 @@ def child_extract(a) -> dict:
     from pipeline.cache import FeatureCache
     from pipeline.extract import ExtractConfig, extract
 
-    kw = json.loads(a.extract_kw or "{}")
+    kw = {"decode": a.decode, **json.loads(a.extract_kw or "{}")}
     t0 = time.perf_counter()
     r = extract(ExtractConfig(data=a.data, n=a.n, backbone=a.backbone, weights=a.weights, cache_dir=a.cache_dir,
                               device=a.device, **kw))
@@ -169,7 +169,8 @@ CHILDREN = {"tutorial": child_tutorial, "extract": child_extract, "matmul": chil
 # -- the parent --------------------------------------------------------------------------------
 def run_child(kind: str, a, **extra) -> dict:
     args = [sys.executable, __file__, "--child", kind, "--device", a.device, "--data", a.data, "--weights", a.weights,
-            "--backbone", a.backbone, "--n", str(extra.pop("n", a.n)), "--seconds", str(a.seconds)]
+            "--backbone", a.backbone, "--n", str(extra.pop("n", a.n)), "--seconds", str(a.seconds),
+            "--decode", a.decode]
     for k, v in extra.items():
         args += [f"--{k.replace('_', '-')}", str(v)]
     print(f"[bench] {kind} {extra or ''}", file=sys.stderr, flush=True)
@@ -244,6 +245,7 @@ def main() -> None:
     p.add_argument("--backbone", default="vgg16")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda; both loops use it")
     p.add_argument("--n", type=int, default=96, help="images for the tutorial-vs-extract comparison")
+    p.add_argument("--decode", default="pil", choices=["pil", "device"], help="extract's --decode")
     p.add_argument("--flat-small", type=int, default=48, help="smaller n of the RSS-flatness pair")
     p.add_argument("--flat-large", type=int, default=240, help="larger n of the RSS-flatness pair")
     p.add_argument("--json-out", help="write all figures here as JSON")

@@ -152,6 +152,35 @@ def decode_image(path: str | os.PathLike):
         raise ImageLoadError(f"unreadable image: {e}", kind) from None
 
 
+def jpeg_bytes(path: str | os.PathLike):
+    """The raw bytes of a baseline RGB or grayscale JPEG within the pixel limit, for decoding elsewhere
+    (on a GPU); None when the file should go through load_rgb instead (other formats and modes, or a
+    header PIL cannot parse). Zero-byte files and decompression bombs raise ImageLoadError, as in load_rgb.
+    """
+    import io
+
+    from PIL import Image
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ImageLoadError(f"unreadable image: {e}", "unreadable") from None
+    if not data:
+        raise ImageLoadError("zero-byte file", "zero-byte")
+    if data[:3] != b"\xff\xd8\xff":
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+            with Image.open(io.BytesIO(data)) as im:  # the header only: no pixels decoded
+                return data if im.mode in ("RGB", "L") else None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageLoadError(f"decompression bomb: {e}", "decompression-bomb") from None
+    except (OSError, SyntaxError, ValueError):
+        return None  # load_rgb gives the precise reason
+
+
 def to_rgb(im):
     """Convert any PIL mode to RGB; transparency is composited over white."""
     from PIL import Image

@@ -38,6 +38,7 @@ from .device import resolve_workers
 log = logging.getLogger(__name__)
 
 POOLS = ("none", "avg")
+DECODERS = ("pil", "device")
 
 
 @dataclass
@@ -55,6 +56,7 @@ class ExtractConfig:
     dtype: str = "float16"  # storage dtype of features: float16 (half the size, same accuracy) or float32
     precision: str = "auto"  # compute precision: auto (bf16 where supported), fp32, bf16, fp16 (CUDA)
     pool: str = "none"  # 'none' keeps the C x H x W map; 'avg' stores globally averaged C x 1 x 1 vectors
+    decode: str = "pil"  # 'pil' (JPEGs decoded by the workers) or 'device' (decode_jpeg on the device: nvJPEG)
     cache_dir: str = "features"  # where caches live
     shard_dir: str = ""  # under torchrun: where each rank's shard files go ('' = <cache_dir>/<cache name>.shards)
     command: str = ""  # the command line, recorded so an incomplete cache can say how to finish it
@@ -69,6 +71,8 @@ def validate(cfg: ExtractConfig) -> None:
         raise ValueError(f"unknown --dtype {cfg.dtype!r}; allowed: {', '.join(STORAGE_DTYPES)}")
     if cfg.pool not in POOLS:
         raise ValueError(f"unknown --pool {cfg.pool!r}; allowed: {', '.join(POOLS)}")
+    if cfg.decode not in DECODERS:
+        raise ValueError(f"unknown --decode {cfg.decode!r}; allowed: {', '.join(DECODERS)}")
     bb.get_spec(cfg.backbone)
     if not Path(cfg.data).is_dir():
         raise ValueError(f"data folder {cfg.data!r} does not exist; `python cli.py fetch-data` downloads the Kaggle "
@@ -105,15 +109,20 @@ def cache_key(cfg: ExtractConfig, listing: ImageFolderListing) -> str:
         "format": 1, "data": listing.fingerprint(), "backbone": cfg.backbone, **weights_identity(cfg),
         "n": cfg.n, "seed": cfg.seed, "dtype": cfg.dtype, "precision": cfg.precision, "pool": cfg.pool,
         "torchvision": _version("torchvision"),
+        **({"decode": cfg.decode} if cfg.decode != "pil" else {}),  # another decoder: slightly other pixels
     })
 
 
 # -- reader ------------------------------------------------------------------------------------
 class ImageListDataset:
-    """Candidates in selection order -> (position, tensor or None, label, path, reason)."""
+    """Candidates in selection order -> (position, tensor or None, label, path, reason).
 
-    def __init__(self, root: Path, items: list, transform, start: int = 0):
-        self.root, self.items, self.transform, self.start = root, items, transform, start
+    With ``raw_jpeg``, JPEGs come back undecoded (their bytes as a 1-D uint8 tensor) for
+    ``device_decode``; everything else is decoded here as usual.
+    """
+
+    def __init__(self, root: Path, items: list, transform, start: int = 0, raw_jpeg: bool = False):
+        self.root, self.items, self.transform, self.start, self.raw_jpeg = root, items, transform, start, raw_jpeg
 
     def __len__(self):
         return len(self.items) - self.start
@@ -124,6 +133,14 @@ class ImageListDataset:
         pos = self.start + i
         path, label = self.items[pos]
         try:
+            if self.raw_jpeg:
+                import torch
+
+                from .data import jpeg_bytes
+
+                data = jpeg_bytes(self.root / path)
+                if data is not None:
+                    return pos, torch.frombuffer(bytearray(data), dtype=torch.uint8), label, path, None
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # PIL's EXIF warnings: the image itself decoded
                 return pos, self.transform(load_rgb(self.root / path)), label, path, None
@@ -179,7 +196,7 @@ class FeatureModel:
         """Stack per-image tensors into one batch; on CUDA straight into pinned memory."""
         import torch
 
-        if not self.cuda:
+        if not self.cuda or tensors[0].device.type == "cuda":  # decoded on the GPU already
             return torch.stack(tensors)
         shape = (len(tensors), *tensors[0].shape)
         buf = self._staging
@@ -296,8 +313,12 @@ def _run(cfg: ExtractConfig, listing: ImageFolderListing, key: str, path: Path, 
         items = items[:part.stop]
     rows = start_rows = resumed.rows if resumed else 0
     # the decoding workers fork before the cache file is opened, so they never hold it
-    candidates = iter_candidates(ImageListDataset(listing.root, items, backbone.transform, start=start), workers) \
-        if rows < target else iter(())
+    dataset = ImageListDataset(listing.root, items, backbone.transform, start=start, raw_jpeg=cfg.decode == "device")
+    candidates = iter_candidates(dataset, workers) if rows < target else iter(())
+    if cfg.decode == "device":
+        from .device_decode import decode_on_device
+
+        candidates = decode_on_device(candidates, backbone.transform, device, listing.root)
     t0 = time.time()
     with CacheWriter(path, attrs, source=listing) as writer:
         if writer.rows != start_rows:

@@ -1,0 +1,39 @@
+"""--decode device: JPEGs decoded by torchvision on the compute device (here the CPU), same rows as PIL."""
+import numpy as np
+import pytest
+
+from pipeline.cache import FeatureCache
+from pipeline.data import ImageLoadError, jpeg_bytes
+from pipeline.extract import ExtractConfig, extract
+from tests.badfiles import make_bad_corpus, skipped_by_extract
+from tests.conftest import make_image_folder
+
+
+def _extract(data, tmp_path, decode, workers=0):
+    return extract(ExtractConfig(data=str(data), n=0, backbone="tiny", weights="none", workers=workers, batch_size=4,
+                                 dtype="float32", precision="fp32", decode=decode, cache_dir=str(tmp_path / "f")))
+
+
+def test_device_decoding_keeps_the_rows_and_the_skips_of_pil(tmp_path):
+    data = make_image_folder(tmp_path / "d", per_class=6)
+    corpus = make_bad_corpus(data)
+    pil = _extract(data, tmp_path, "pil")
+    dev = _extract(data, tmp_path, "device", workers=1)
+    assert dev["cache"] != pil["cache"]  # another decoder, another cache
+    with FeatureCache(pil["cache"]) as a, FeatureCache(dev["cache"]) as b:
+        assert a.paths == b.paths and a.labels.tolist() == b.labels.tolist()
+        assert {p for p, _ in b.skipped()} == skipped_by_extract(corpus) == {p for p, _ in a.skipped()}
+        x, y = a.features[:].reshape(a.n, -1), b.features[:].reshape(b.n, -1)
+        cos = (x * y).sum(1) / np.linalg.norm(x, axis=1) / np.linalg.norm(y, axis=1)
+        assert cos.min() > 0.98  # libjpeg + tensor resize vs PIL resize: nearly the same pixels
+
+
+def test_jpeg_bytes_sends_only_plain_jpegs_to_the_device(tmp_path):
+    data = make_image_folder(tmp_path / "d", per_class=1)
+    make_bad_corpus(data)
+    assert jpeg_bytes(data / "blue" / "blue.0.jpg")[:3] == b"\xff\xd8\xff"
+    for name in ("note.png-named.jpg", "note.cmyk.jpg"):  # not a JPEG / a JPEG in a mode decode_jpeg may not take
+        hits = list(data.rglob(name))
+        assert hits and jpeg_bytes(hits[0]) is None
+    with pytest.raises(ImageLoadError, match="zero-byte"):
+        jpeg_bytes(next(data.rglob("bad.zero.jpg")))
