@@ -426,8 +426,6 @@ class FeatureCache:
         p, r = self.f["skipped/paths"][:k], self.f["skipped/reasons"][:k]
         return [(a.decode(), b.decode()) for a, b in zip(p, r)]
 
-    def read_rows(self, start: int, stop: int) -> np.ndarray:
-        return self.features[start:min(stop, self.n)]
 
     def iter_blocks(self, indices: np.ndarray, block_rows: int, shuffle_blocks: Optional[np.random.Generator] = None
                     ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:

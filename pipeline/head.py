@@ -100,7 +100,7 @@ def build_head(in_shape, n_classes: int, dropout: float = 0.0):
 
 def feature_rms(cache: FeatureCache, indices: np.ndarray, block_rows: int) -> float:
     """Root-mean-square of the features over (up to one block of) ``indices``."""
-    rows, feats = next(cache.iter_batches(indices, 256, block_rows))
+    _, feats = next(cache.iter_batches(indices, 256, block_rows))
     sample = feats.astype(np.float32)
     return float(np.linalg.norm(sample) / np.sqrt(sample.size)) or 1.0
 

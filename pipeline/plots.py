@@ -189,8 +189,3 @@ def denormalise(tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarr
     x = x * np.asarray(std, np.float32)[:, None, None] + np.asarray(mean, np.float32)[:, None, None]
     return np.clip(x.transpose(1, 2, 0), 0.0, 1.0)
 
-
-def expected_size(figsize) -> tuple[int, int]:
-    """Pixel (width, height) of a saved figure of ``figsize`` inches."""
-    return round(figsize[0] * DPI), round(figsize[1] * DPI)
-
