@@ -125,14 +125,14 @@ def _existing(path: Path, key: str, started: float):
                      f"without torchrun, or move it away to extract it with torchrun")
 
 
-def _part(cfg, listing, key: str, file: Path, part: Part, started: float) -> dict:
+def _part(cfg, listing, key: str, file: Path, part: Part) -> dict:
     """Extract (or resume, or reuse) one shard file."""
     from .extract import _run, existing_cache
 
     info = existing_cache(file, key)
     if info is not None and info.complete:
         return {"rows": info.rows, "computed": 0, "resumed_from": info.rows, "seconds": 0.0}
-    r = _run(cfg, listing, key, file, started, part=part)
+    r = _run(cfg, listing, key, file, resumed=info, part=part)
     return {k: r[k] for k in ("rows", "computed", "resumed_from", "seconds", "device", "precision")}
 
 
@@ -185,7 +185,7 @@ def _sharded(cfg, listing, key: str, path: Path, started: float) -> dict:
             file = shards / f"part-{lo:09d}-{hi:09d}.h5"
             attrs = {"shard_rank": rank, "shard_world": world, "shard_first": lo, "shard_stop": hi,
                      "shard_of": path.name}
-            r = _part(rcfg, listing, key, file, Part(lo, hi, attrs), started)
+            r = _part(rcfg, listing, key, file, Part(lo, hi, attrs))
             rows = r["rows"]
             mine.append((lo, file))
             for k in ("rows", "computed", "resumed_from", "seconds"):

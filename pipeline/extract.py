@@ -272,12 +272,13 @@ def extract(cfg: ExtractConfig) -> dict:
     if info is not None:
         log.info("resuming %s from row %d", path, info.rows)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return _run(cfg, listing, key, path, started)
+    return _run(cfg, listing, key, path, resumed=info)
 
 
-def _run(cfg: ExtractConfig, listing: ImageFolderListing, key: str, path: Path, started: float,
+def _run(cfg: ExtractConfig, listing: ImageFolderListing, key: str, path: Path, resumed: Optional[CacheInfo] = None,
          part: "distributed.Part | None" = None) -> dict:
-    """Extract into ``path``; with ``part``, only its candidate positions (one shard of a torchrun run)."""
+    """Extract into ``path`` (continuing ``resumed``, its validated progress); with ``part``, only its candidate
+    positions (one shard of a torchrun run)."""
     from tqdm import tqdm
 
     from .device import resolve_device, resolve_precision
@@ -304,7 +305,6 @@ def _run(cfg: ExtractConfig, listing: ImageFolderListing, key: str, path: Path, 
         **(part.attrs if part else {}),
     }
     workers = resolve_workers(cfg.workers)
-    resumed = read_info(path) if path.exists() else None
     if resumed is not None and resumed.attrs["precision"] != precision:
         raise ValueError(f"{path} was started in precision {resumed.attrs['precision']!r} and this run computes in "
                          f"{precision!r}; pass --precision {resumed.attrs['precision']} to finish it")
