@@ -41,12 +41,24 @@ def library_errors(fn):
     return wrapper
 
 
+def note(text: str) -> None:
+    """An informational line on stderr (silenced by --quiet); results go to stdout."""
+    from pipeline.progress import is_quiet
+
+    if not is_quiet():
+        click.echo(text, err=True)
+
+
+def plural(k: int, word: str) -> str:
+    return f"{k} {word}" if k == 1 else f"{k} {word}s"
+
+
 def emit(result, as_json: bool, text: str) -> None:
     click.echo(json.dumps(result, indent=2, default=str) if as_json else text)
 
 
-def _setup_logging(verbose: int) -> None:
-    level = logging.DEBUG if verbose else logging.INFO
+def _setup_logging(verbose: int, quiet: bool = False) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(message)s" if verbose else "%(message)s",
                         stream=sys.stderr, force=True)
     warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
@@ -55,9 +67,17 @@ def _setup_logging(verbose: int) -> None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="Log every committed batch and other details to stderr.")
-def cli(verbose):
-    """Transfer learning from a folder of labelled photos: cache CNN features once, fit heads in seconds."""
-    _setup_logging(verbose)
+@click.option("-q", "--quiet", is_flag=True,
+              help="No progress bars or progress lines, no informational logs; warnings and errors still show.")
+def cli(verbose, quiet):
+    """Transfer learning from a folder of labelled photos: cache CNN features once, fit heads in seconds.
+
+    Progress goes to stderr: a bar in a terminal, a line every 10 s in a log file or pipe.
+    """
+    from pipeline.progress import set_quiet
+
+    _setup_logging(verbose, quiet)
+    set_quiet(quiet)
 
 
 def common_cache_options(fn):
@@ -112,11 +132,11 @@ def extract(as_json, **options):
         click.echo(f"\ninterrupted; committed rows are kept. Resume with:\n  {current_command()}", err=True)
         sys.exit(130)
     if result["hit"]:
-        click.echo(f"cache hit: {result['rows']} rows already extracted, nothing computed", err=True)
+        note(f"cache hit: {result['rows']} rows already extracted, nothing computed")
     else:
-        click.echo(f"extracted {result['computed']} images ({result['img_per_s']:.1f} img/s), "
+        note(f"extracted {result['computed']} images ({result['img_per_s']:.1f} img/s), "
                    f"{result['skipped']} skipped, {result['rows']} rows in "
-                   f"{'shards of rank ' + str(result['rank']) if 'rank' in result else 'cache'}", err=True)
+                   f"{'shards of rank ' + str(result['rank']) if 'rank' in result else 'cache'}")
     if "rank" not in result:  # under torchrun only rank 0 prints the result
         emit(result, as_json, result["cache"])
 
@@ -134,8 +154,8 @@ def caches(cache_dir, consolidate, as_json):
 
     if consolidate:
         result = run_consolidate(consolidate)
-        click.echo(f"{result['rows']} rows copied into one file ({result['size_bytes'] / 1e6:.1f} MB); "
-                   f"its {len(result['shards'])} shard files are no longer needed", err=True)
+        note(f"{result['rows']} rows copied into one file ({result['size_bytes'] / 1e6:.1f} MB); "
+                   f"its {len(result['shards'])} shard files are no longer needed")
         emit(result, as_json, result["cache"])
         return
     good, bad = list_caches(cache_dir)
@@ -249,8 +269,8 @@ def feature_map_cmd(as_json, **options):
     from pipeline.viz import FeatureMapConfig, feature_map
 
     result = feature_map(FeatureMapConfig(**options))
-    click.echo(f"feature map {' x '.join(map(str, result['feature_shape']))}, "
-               f"top channels {result['top_channels']}", err=True)
+    note(f"feature map {' x '.join(map(str, result['feature_shape']))}, "
+               f"top channels {result['top_channels']}")
     emit(result, as_json, result["output"])
 
 
@@ -305,8 +325,8 @@ def fetch_data_cmd(as_json, **options):
 
     result = fetch_data(FetchConfig(**options))
     state = "downloaded" if result["downloaded"] else "already complete"
-    click.echo(f"{result['archive']}: {result['bytes'] / 1e6:.1f} MB, {state}; "
-               f"{'unpacked' if result['unpacked_now'] else 'already unpacked'} to {result['unpacked']}", err=True)
+    note(f"{result['archive']}: {result['bytes'] / 1e6:.1f} MB, {state}; "
+               f"{'unpacked' if result['unpacked_now'] else 'already unpacked'} to {result['unpacked']}")
     emit(result, as_json, result["unpacked"])
 
 
@@ -346,11 +366,11 @@ def check_images_cmd(as_json, **options):
 def demo(as_json, **options):
     """The main job in one go: fetch if missing, check images, extract, fit the head, compare with sklearn."""
     from pipeline.compare import format_table
-    from pipeline.demo import DemoConfig
+    from pipeline.demo import DemoConfig, format_next
     from pipeline.demo import demo as run
 
     result = run(DemoConfig(**options, command=current_command()))
-    emit(result, as_json, format_table(result["compare"]))
+    emit(result, as_json, format_table(result["compare"]) + "\n\n" + format_next(result["next"]))
 
 
 
@@ -452,8 +472,11 @@ def predict(paths, **options):
     from pipeline.predict import predict as run
 
     result = run(PredictConfig(paths=list(paths), **options))
-    click.echo(f"{result['images']} images, {result['errors']} unreadable, {result['img_per_s']:.1f} img/s", err=True)
+    note(f"{plural(result['images'], 'image')}, {result['errors']} unreadable, "
+               f"{result['img_per_s']:.1f} img/s")
     click.echo(result["output"] if result["output"] else format_rows(result["rows"], options["format"]))
+    if result["errors"] == result["images"]:
+        raise click.ClickException(f"none of the {plural(result['images'], 'input')} could be classified")
 
 
 @cli.command("imagenet-check")

@@ -271,6 +271,31 @@ def _apply_state_dict(spec: BackboneSpec, model, state: dict, source: str) -> st
     return "all" if not missing else "features"
 
 
+def load_preprocessing(name: str = "vgg16", weights: str = "DEFAULT"):
+    """(transform, weights id) of backbone ``name`` with ``weights``, without loading or downloading them.
+
+    For what needs only the preprocessing (preview): torchvision's weights enum carries its
+    ``transforms()``, and a local file's mean/std are in its sidecar.
+    """
+    spec = get_spec(name)
+    if weights.lower() == "none":
+        return _default_transform(spec), "none"
+    if is_weights_path(weights):
+        path = Path(weights)
+        if not path.is_file():
+            raise ValueError(f"weights file {str(path)!r} does not exist")
+        meta = read_sidecar(path)
+        if meta.get("arch") and meta["arch"] != name:
+            raise ValueError(f"weights file {str(path)!r} is for {meta['arch']!r}, not {name!r} (its sidecar says so)")
+        transform = _default_transform(spec)
+        if "mean" in meta and "std" in meta:
+            return _with_normalisation(transform, meta["mean"], meta["std"]), f"file:{path.name}"
+        warnings.warn(f"no sidecar {path.with_suffix('.json').name} with mean/std; using the ImageNet defaults")
+        return transform, f"file:{path.name}"
+    w = torchvision_weights(spec, weights)
+    return w.transforms(), str(w)
+
+
 def load_backbone(name: str = "vgg16", weights: str = "DEFAULT") -> LoadedBackbone:
     """Build backbone ``name`` with ``weights`` (a torchvision name, a file path, or 'none'), in eval mode."""
     import torch
@@ -284,19 +309,11 @@ def load_backbone(name: str = "vgg16", weights: str = "DEFAULT") -> LoadedBackbo
         loaded = LoadedBackbone(spec, model, _default_transform(spec), "none", covers="none")
     elif is_weights_path(weights):
         path = Path(weights)
-        state = _load_local(path)
-        meta = read_sidecar(path)
-        if meta.get("arch") and meta["arch"] != name:
-            raise ValueError(f"weights file {str(path)!r} is for {meta['arch']!r}, not {name!r} (its sidecar says so)")
-        covers = _apply_state_dict(spec, model, state, f"file {str(path)!r}")
-        transform = _default_transform(spec)
-        if "mean" in meta and "std" in meta:
-            transform = _with_normalisation(transform, meta["mean"], meta["std"])
-        else:
-            warnings.warn(f"no sidecar {path.with_suffix('.json').name} with mean/std; using the ImageNet defaults")
+        transform, weights_id = load_preprocessing(name, weights)  # checks the sidecar before the big load
+        covers = _apply_state_dict(spec, model, _load_local(path), f"file {str(path)!r}")
         loaded = LoadedBackbone(
-            spec, model, transform, f"file:{path.name}", weights_sha256=file_sha256(path),
-            covers=meta.get("covers", covers) if covers == "features" else covers,
+            spec, model, transform, weights_id, weights_sha256=file_sha256(path),
+            covers=read_sidecar(path).get("covers", covers) if covers == "features" else covers,
         )
     else:
         w = torchvision_weights(spec, weights)

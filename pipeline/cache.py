@@ -512,7 +512,7 @@ def list_caches(cache_dir: str | os.PathLike) -> tuple[list[CacheInfo], list[tup
     return good, bad
 
 
-def newest_cache(cache_dir: str | os.PathLike) -> Path:
+def newest_cache(cache_dir: str | os.PathLike) -> "CacheInfo":
     """The most recently created complete cache, for commands run without --cache."""
     good, _ = list_caches(cache_dir)
     complete = [i for i in good if i.complete]
@@ -521,7 +521,7 @@ def newest_cache(cache_dir: str | os.PathLike) -> Path:
     if not good[0].complete:
         log.warning("the newest cache %s is incomplete (finish it with `%s`); using %s", good[0].path,
                     good[0].attrs.get("command") or "the same extract command", complete[0].path)
-    return complete[0].path
+    return complete[0]
 
 
 def now_iso() -> str:

@@ -137,7 +137,7 @@ def validate(cfg: CheckImagesConfig) -> tuple[Path, Path | None]:
 
 def check_images(cfg: CheckImagesConfig) -> dict:
     """Check every file below cfg.root; report, and quarantine the errors if asked. Returns a summary."""
-    from tqdm import tqdm
+    from .progress import progress
 
     root, qdir = validate(cfg)
     skip = {Path(os.path.abspath(cfg.report))} if cfg.report else set()
@@ -148,7 +148,7 @@ def check_images(cfg: CheckImagesConfig) -> dict:
     findings: list[dict] = []
     error_files: list[str] = []
     note_files = 0
-    bar = tqdm(total=len(rels), desc="check-images", unit="file", file=sys.stderr, disable=None)
+    bar = progress(total=len(rels), desc="check-images", unit="file")
     with bar:
         for rel, found in zip(rels, check_all(root, rels, workers)):
             findings += found

@@ -78,7 +78,7 @@ def compare_sklearn(cfg: CompareConfig) -> dict:
     validate_common(cfg.val_fraction, cfg.seed)
     if cfg.C <= 0 or cfg.max_iter < 1:
         raise ValueError(f"--C must be positive and --max-iter >= 1, got C={cfg.C}, max_iter={cfg.max_iter}")
-    path = resolve_cache(cfg.cache, cfg.cache_dir)
+    path, default_cache = resolve_cache(cfg.cache, cfg.cache_dir)
     head_cfg = replace(cfg.head or FitHeadConfig(), cache=str(path), val_fraction=cfg.val_fraction, seed=cfg.seed)
     torch_result = fit_head(head_cfg)
     with FeatureCache(path) as cache:
@@ -94,7 +94,7 @@ def compare_sklearn(cfg: CompareConfig) -> dict:
     return {"cache": str(path), "split": {"val_fraction": cfg.val_fraction, "seed": cfg.seed,
                                           "train_rows": sk["train_rows"], "val_rows": sk["val_rows"]},
             "models": [head, sk], "head_run_dir": torch_result["run_dir"],
-            "source_changed": torch_result["source_changed"]}
+            "source_changed": torch_result["source_changed"], "default_cache": default_cache}
 
 
 def format_table(result: dict) -> str:

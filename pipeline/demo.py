@@ -34,10 +34,17 @@ class DemoConfig:
     command: str = ""  # the command line, recorded in the cache
 
 
+#: The only folder demo fetches into when it is missing; any other missing --data is a typo to report.
+DEFAULT_DATA = DemoConfig.data
+
+
 def demo(cfg: DemoConfig) -> dict:
-    """Run every step, logging each to stderr; returns each step's summary."""
+    """Run every step, logging each to stderr; returns each step's summary and what to try next."""
     data = Path(cfg.data)
     steps: dict = {}
+    if not data.is_dir() and Path(cfg.data) != Path(DEFAULT_DATA):
+        raise ValueError(f"data folder {cfg.data!r} does not exist; demo downloads only into the default "
+                         f"{DEFAULT_DATA} (leave --data out), or pass an existing ImageFolder root")
     if not data.is_dir():
         log.info("[1/4] %s is missing: fetching %s", data, cfg.url)
         steps["fetch"] = fetch_data(FetchConfig(dest=str(data.parent), url=cfg.url))
@@ -55,4 +62,26 @@ def demo(cfg: DemoConfig) -> dict:
     log.info("[4/4] fitting the torch head and scikit-learn on the same split")
     steps["compare"] = compare_sklearn(CompareConfig(cache=steps["extract"]["cache"],
                                                      head=FitHeadConfig(runs_dir=cfg.runs_dir)))
+    steps["next"] = next_steps(steps, data, cfg.runs_dir)
     return steps
+
+
+def next_steps(steps: dict, data: Path, runs_dir: str) -> dict:
+    """Where the outputs went and the commands to try next, with real paths."""
+    run = Path(steps["compare"]["head_run_dir"])
+    head, cache = run / "head.pt", steps["extract"]["cache"]
+    some_class = sorted(p for p in data.iterdir() if p.is_dir() and not p.name.startswith("."))[0]
+    return {
+        "cache": cache, "checkpoint": str(head), "curves": str(run / "curves.png"), "history": str(run / "history.json"),
+        "commands": [
+            f"python cli.py predict {some_class} --model {head}",
+            f"python cli.py evaluate --model {head}",
+            f"python cli.py runs --runs-dir {runs_dir}",
+        ],
+    }
+
+
+def format_next(nxt: dict) -> str:
+    lines = [f"feature cache:   {nxt['cache']}", f"head checkpoint: {nxt['checkpoint']}",
+             f"training curves: {nxt['curves']}", "next, try:"]
+    return "\n".join(lines + [f"  {c}" for c in nxt["commands"]])

@@ -98,6 +98,9 @@ def head_on_cache(model_path: str, ckpt: dict, cfg: EvaluateConfig) -> Predictio
     path = cfg.cache or ckpt["cache"]
     device = resolve_device(cfg.device)
     with FeatureCache(path) as cache:
+        if not cfg.cache:
+            log.info("using the cache the model was trained on: %s (%d rows, %s, created %s); --cache picks another",
+                     path, cache.n, cache.attrs["backbone"], cache.attrs["created"])
         _check_cache_fits(ckpt, cache)
         if cfg.split == "val":
             c = ckpt["config"]
@@ -121,7 +124,7 @@ def predict_folder(data: str, classes: list, transform, logp_fn: Callable, cfg: 
     images are skipped with a warning.
     """
     import torch
-    from tqdm import tqdm
+    from .progress import progress
 
     from .extract import ImageListDataset, iter_candidates
 
@@ -141,7 +144,7 @@ def predict_folder(data: str, classes: list, transform, logp_fn: Callable, cfg: 
         labels.extend(b[2] for b in batch)
         batch.clear()
 
-    with tqdm(total=len(items), unit="img", desc="evaluate", file=sys.stderr, disable=None) as bar:
+    with progress(total=len(items), unit="img", desc="evaluate") as bar:
         for item in iter_candidates(ImageListDataset(listing.root, items, transform), workers):
             bar.update(1)
             if item[1] is None:

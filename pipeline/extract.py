@@ -279,7 +279,7 @@ def _run(cfg: ExtractConfig, listing: ImageFolderListing, key: str, path: Path, 
          part: "distributed.Part | None" = None) -> dict:
     """Extract into ``path`` (continuing ``resumed``, its validated progress); with ``part``, only its candidate
     positions (one shard of a torchrun run)."""
-    from tqdm import tqdm
+    from .progress import progress
 
     from .device import resolve_device, resolve_precision
 
@@ -323,8 +323,7 @@ def _run(cfg: ExtractConfig, listing: ImageFolderListing, key: str, path: Path, 
     with CacheWriter(path, attrs, source=listing) as writer:
         if writer.rows != start_rows:
             raise CacheError(f"{path} changed while this extraction started; run it again")
-        bar = tqdm(total=target, initial=start_rows, unit="img", desc="extract", file=sys.stderr,
-                   dynamic_ncols=True, disable=None)
+        bar = progress(total=target, initial=start_rows, unit="img", desc="extract")
         good, bad = [], []
 
         def commit(next_candidate: int) -> None:

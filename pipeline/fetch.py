@@ -138,7 +138,7 @@ class _Interrupted(Exception):
 
 def _transfer(cfg: FetchConfig, archive: Path, part: Path, offset: int) -> int | None:
     """Append the rest of the file to part; returns the expected total size (None if unknown)."""
-    from tqdm import tqdm
+    from .progress import progress
 
     resp = _open(cfg, archive, offset)
     if resp is None:
@@ -155,9 +155,9 @@ def _transfer(cfg: FetchConfig, archive: Path, part: Path, offset: int) -> int |
             if offset:
                 log.warning("the server does not resume downloads; starting %s again", archive.name)
             offset, total = 0, int(length) if length and length.isdigit() else None
-        with open(part, "ab" if offset else "wb") as f, tqdm(
+        with open(part, "ab" if offset else "wb") as f, progress(
                 total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
-                desc=archive.name, file=sys.stderr, disable=None) as bar:
+                desc=archive.name) as bar:
             try:
                 while chunk := resp.read(CHUNK):
                     f.write(chunk)
@@ -222,7 +222,7 @@ def unpacked_root(dest: Path, names: list[str]) -> Path:
 
 def unpack(archive: Path, dest: Path) -> tuple[Path, bool]:
     """Unpack archive into dest (once: a marker file records it); returns (unpacked root, unpacked now)."""
-    from tqdm import tqdm
+    from .progress import progress
 
     marker = dest / f".{archive.name}.unpacked"
     size = archive.stat().st_size
@@ -240,7 +240,7 @@ def unpack(archive: Path, dest: Path) -> tuple[Path, bool]:
         with opener(archive) as arc:
             names = check_members(kind, arc, dest)
             members = arc.infolist() if kind == "zip" else arc.getmembers()
-            for m in tqdm(members, desc=f"unpack {archive.name}", unit="file", file=sys.stderr, disable=None):
+            for m in progress(members, desc=f"unpack {archive.name}", unit="file"):
                 if kind == "tar" and hasattr(tarfile, "data_filter"):
                     arc.extract(m, dest, filter="data")  # the standard library's own safety net, too
                 else:

@@ -60,8 +60,19 @@ def validate_training(cfg, positive: tuple = (), non_negative: tuple = ()) -> No
         raise ValueError(f"--dropout must be in [0, 1), got {cfg.dropout}")
 
 
-def resolve_cache(cache: Optional[str], cache_dir: str) -> Path:
-    return Path(cache) if cache else newest_cache(cache_dir)
+def resolve_cache(cache: Optional[str], cache_dir: str) -> tuple[Path, Optional[dict]]:
+    """The cache to use, and (when none was named) a description of the one picked by default.
+
+    The default, the newest complete cache in ``cache_dir``, is announced on stderr: a run that
+    silently trained on another extraction than the user thought is worse than a longer log.
+    """
+    if cache:
+        return Path(cache), None
+    info = newest_cache(cache_dir)
+    chosen = {k: info.summary()[k] for k in ("path", "rows", "backbone", "created")}
+    log.info("using the newest cache %s (%d rows, %s, created %s); --cache picks another",
+             chosen["path"], chosen["rows"], chosen["backbone"], chosen["created"])
+    return info.path, chosen
 
 
 def split_indices(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -153,13 +164,13 @@ def fit_head(cfg: FitHeadConfig) -> dict:
     """Train the head on the cache's train split; returns metrics and where the outputs went."""
     import torch
     from torch import nn
-    from tqdm import tqdm
+    from .progress import progress
 
     from . import plots
     from .device import resolve_device
 
     validate_training(cfg, positive=("epochs", "batch_size", "block_rows"))
-    path = resolve_cache(cfg.cache, cfg.cache_dir)
+    path, default_cache = resolve_cache(cfg.cache, cfg.cache_dir)
     device = resolve_device(cfg.device)
     with FeatureCache(path) as cache:
         changed = source_changes(cache.info)
@@ -174,12 +185,11 @@ def fit_head(cfg: FitHeadConfig) -> dict:
         rng = np.random.default_rng(cfg.seed)
         history = []
         t0 = time.time()
-        for epoch in range(cfg.epochs):
+        for epoch in range(1, cfg.epochs + 1):  # epochs count from 1 everywhere: logs, history, curves
             head.train()
             seen = correct = 0
             loss_sum = 0.0
-            bar = tqdm(total=len(train_idx), desc=f"epoch {epoch}", unit="row", file=sys.stderr,
-                       leave=False, disable=None)
+            bar = progress(total=len(train_idx), desc=f"epoch {epoch}", unit="row", leave=False)
             for rows, feats in cache.iter_batches(train_idx, cfg.batch_size, cfg.block_rows, rng):
                 x = torch.from_numpy(feats.astype(np.float32)).to(device) * scale
                 y = torch.from_numpy(cache.labels[rows]).to(device)
@@ -230,4 +240,4 @@ def fit_head(cfg: FitHeadConfig) -> dict:
             "train_rows": int(len(train_idx)), "val_rows": int(len(val_idx)), "val_acc": last["val_acc"],
             "val_loss": last["val_loss"], "train_acc": last["train_acc"], "train_loss": last["train_loss"],
             "per_class_val_acc": per_class, "fit_seconds": fit_seconds, "history": history,
-            "source_changed": changed}
+            "source_changed": changed, "default_cache": default_cache}

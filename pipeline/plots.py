@@ -46,7 +46,7 @@ def curves(history: Sequence[dict], path: str | os.PathLike) -> Path:
     """Accuracy and loss per epoch, train vs validation, in two panels."""
     fig = _figure(CURVES_SIZE)
     axes = fig.subplots(1, 2)
-    epochs = [h["epoch"] + 1 for h in history]
+    epochs = [h["epoch"] for h in history]
     for ax, what in zip(axes, ("acc", "loss")):
         ax.plot(epochs, [h[f"train_{what}"] for h in history], "o-", label="train")
         ax.plot(epochs, [h[f"val_{what}"] for h in history], "s-", label="validation")

@@ -116,7 +116,7 @@ def format_rows(rows: list[dict], fmt: str) -> str:
 
 def predict(cfg: PredictConfig) -> dict:
     """Classify cfg.paths with cfg.model; the rows are returned, or streamed to cfg.output."""
-    from tqdm import tqdm
+    from .progress import progress
 
     from .device import resolve_device, resolve_precision
     from .models import load_model
@@ -141,8 +141,8 @@ def predict(cfg: PredictConfig) -> dict:
         writer = csv.DictWriter(out, COLUMNS) if out and cfg.format == "csv" else None
         if writer:
             writer.writeheader()
-        for row in tqdm(iter_predictions(lm, files, cfg.batch_size, cfg.workers, device, precision),
-                        total=len(files), unit="img", desc="predict", file=sys.stderr, disable=None):
+        for row in progress(iter_predictions(lm, files, cfg.batch_size, cfg.workers, device, precision),
+                            total=len(files), unit="img", desc="predict"):
             if row["error"]:
                 log.warning("%s: %s", row["path"], row["error"])
             rows.append(row)

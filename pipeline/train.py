@@ -165,15 +165,14 @@ def evaluate(model, loader, device, precision, skipped: _Skipped) -> tuple[float
 
 def _train_epoch(model, loader, opt, device, precision, epoch: int, print_every: int, skipped: _Skipped):
     import torch
-    from tqdm import tqdm
+    from .progress import progress
 
     from .device import autocast
 
     model.train()
     seen = correct = 0
     loss_sum = 0.0
-    bar = tqdm(total=len(loader.dataset), desc=f"epoch {epoch}", unit="img", file=sys.stderr, leave=False,
-               disable=None)
+    bar = progress(total=len(loader.dataset), desc=f"epoch {epoch}", unit="img", leave=False)
     for b, (x, y, bad) in enumerate(loader, 1):
         skipped.add(bad)
         bar.update(len(y) + len(bad))
@@ -222,8 +221,8 @@ def _fit(cfg: TrainConfig, kind: str, lm, stages: list, listing) -> dict:
     log.info("%s: %d train / %d val images of %s, device %s, precision %s", kind, len(train_idx), len(val_idx),
              cfg.data, device, precision)
     t0 = time.time()
-    for epoch in range(cfg.epochs):
-        unfreeze, name = stages[epoch]
+    for epoch in range(1, cfg.epochs + 1):  # epochs count from 1 everywhere: logs, history, curves
+        unfreeze, name = stages[epoch - 1]
         if name != stage:
             model.set_trainable(unfreeze)  # frozen parameters get no gradient, so Adam leaves them alone
             total, trainable = count_params(model)

@@ -39,12 +39,12 @@ class FeatureMapConfig:
     output: str = "runs/feature-map.png"  # the PNG to write
 
 
-def as_seen(backbone, image) -> tuple:
+def as_seen(transform, image) -> tuple:
     """(normalised CxHxW tensor, HxWx3 de-normalised array in [0, 1]) of a PIL image."""
     from .plots import denormalise
 
-    x = backbone.transform(image)
-    return x, denormalise(x.numpy(), backbone.mean, backbone.std)
+    x = transform(image)
+    return x, denormalise(x.numpy(), [float(m) for m in transform.mean], [float(s) for s in transform.std])
 
 
 def sample_per_class(listing, per_class: int, seed: int) -> list[tuple[int, object, str]]:
@@ -68,22 +68,21 @@ def sample_per_class(listing, per_class: int, seed: int) -> list[tuple[int, obje
 
 def preview(cfg: PreviewConfig) -> dict:
     """Write a grid of sample images per class, preprocessed as for extraction; returns where."""
-    from .backbones import load_backbone
+    from .backbones import load_preprocessing
     from .plots import preview_png
 
     if cfg.per_class < 1:
         raise ValueError(f"--per-class must be positive, got {cfg.per_class}")
     listing = list_image_folder(cfg.data)
-    backbone = load_backbone(cfg.backbone, cfg.weights)
+    t, weights_id = load_preprocessing(cfg.backbone, cfg.weights)  # the preprocessing only: no weights loaded
     chosen = sample_per_class(listing, cfg.per_class, cfg.seed)
-    images = [as_seen(backbone, im)[1] for _, im, _ in chosen]
+    images = [as_seen(t, im)[1] for _, im, _ in chosen]
     titles = [listing.classes[label] for label, _, _ in chosen]
-    t = backbone.transform
     out = preview_png(images, titles, cfg.output, cols=cfg.per_class,
                       suptitle=f"{Path(cfg.data).name}: resize {t.resize_size[0]}, crop {t.crop_size[0]} "
-                               f"({cfg.backbone}, {backbone.weights_id})")
+                               f"({cfg.backbone}, {weights_id})")
     return {"output": str(out), "classes": list(listing.classes), "images": [p for _, _, p in chosen],
-            "backbone": cfg.backbone, "weights": backbone.weights_id}
+            "backbone": cfg.backbone, "weights": weights_id}
 
 
 def feature_map(cfg: FeatureMapConfig) -> dict:
@@ -101,7 +100,7 @@ def feature_map(cfg: FeatureMapConfig) -> dict:
     except ImageLoadError as e:
         raise ValueError(f"image {cfg.image!r}: {e.reason}") from None
     backbone = load_backbone(cfg.backbone, cfg.weights)
-    x, seen = as_seen(backbone, image)
+    x, seen = as_seen(backbone.transform, image)
     model = FeatureModel(backbone.features, torch.device("cpu"), "fp32", "none", "float32")
     fmap = model(x[None])[0]
     top = top_channels(fmap, cfg.top_k)

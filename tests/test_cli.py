@@ -37,8 +37,13 @@ def test_extract_fit_head_compare_and_caches(run, tmp_path):
     out = json.loads(r.stdout)
     assert out["val_acc"] == 1.0 and out["train_rows"] + out["val_rows"] == 24
     assert r.stderr.count("Epoch ") == 3
+    # the cache picked by default is named, on stderr and in the JSON
+    assert f"using the newest cache {path} (24 rows, tiny, created " in r.stderr
+    assert out["default_cache"]["path"] == path and out["default_cache"]["rows"] == 24
+    assert json.loads(run("fit-head", "--epochs", 1, "--cache", path, "--json").stdout)["default_cache"] is None
     r = run("compare-sklearn", "--epochs", 2)
     assert r.exit_code == 0 and "sklearn LogisticRegression" in r.stdout
+    assert f"using the newest cache {path}" in r.stderr
     r = run("caches", "--json")
     listed = json.loads(r.stdout)["caches"]
     assert len(listed) == 1 and listed[0]["rows"] == 24 and listed[0]["classes"] == ["blue", "red"]

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 from click.testing import CliRunner
 
@@ -26,11 +27,36 @@ def test_demo_fetches_a_missing_folder(tmp_path, monkeypatch):
     import shutil
 
     monkeypatch.chdir(tmp_path)
-    src = make_image_folder(tmp_path / "src" / "Pets", per_class=12)
+    src = make_image_folder(tmp_path / "src" / "PetImages", per_class=12)
     archive = shutil.make_archive(str(tmp_path / "pets"), "zip", root_dir=src.parent)
-    r = CliRunner().invoke(cli, ["demo", "--data", str(tmp_path / "data" / "Pets"), "--url", f"file://{archive}",
+    r = CliRunner().invoke(cli, ["demo", "--url", f"file://{archive}",  # the default --data, data/PetImages
                                  "--backbone", "tiny", "--weights", "none", "--n", "24", "--workers", "1",
                                  "--json"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
-    assert out["fetch"]["unpacked"].endswith("Pets") and out["extract"]["rows"] == 24
+    assert out["fetch"]["unpacked"].endswith("PetImages") and out["extract"]["rows"] == 24
+
+
+def test_demo_refuses_a_missing_folder_that_is_not_the_default(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(cli, ["demo", "--data", "data/PetImagse", "--url", "http://127.0.0.1:9/never.zip"])
+    assert r.exit_code == 2
+    assert "data/PetImagse" in r.stderr and "does not exist" in r.stderr
+    assert not (tmp_path / "data").exists()  # nothing fetched, nothing created
+
+
+def test_demo_ends_with_its_outputs_and_the_next_commands(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = make_image_folder(tmp_path / "pets", per_class=12)
+    r = CliRunner().invoke(cli, ["demo", "--data", str(data), "--backbone", "tiny", "--weights", "none",
+                                 "--n", "24", "--workers", "0"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    tail = r.stdout.splitlines()
+    head = [l.split(": ", 1)[1].strip() for l in tail if l.startswith("head checkpoint:")][0]
+    assert Path(head).is_file() and head.endswith("head.pt")
+    commands = [l.strip() for l in tail[tail.index("next, try:") + 1:]]
+    assert [c.split()[2] for c in commands] == ["predict", "evaluate", "runs"]
+    assert all(head in c for c in commands[:2])
+    # the suggested predict command runs as printed
+    r2 = CliRunner().invoke(cli, commands[0].split()[2:], catch_exceptions=False)
+    assert r2.exit_code == 0, r2.output

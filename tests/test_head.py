@@ -31,7 +31,7 @@ def test_fit_head_learns_separable_features_and_saves_a_safe_checkpoint(cache, t
     assert r["val_acc"] == 1.0 and r["train_rows"] == 24 and r["val_rows"] == 8
     assert r["history"][-1]["train_loss"] < r["history"][0]["train_loss"]
     lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("Epoch ")]
-    assert len(lines) == 5 and lines[0].startswith("Epoch 0, Train acc=") and "Val loss=" in lines[0]
+    assert len(lines) == 5 and lines[0].startswith("Epoch 1, Train acc=") and "Val loss=" in lines[0]
     ckpt = torch.load(r["checkpoint"], weights_only=True)
     assert ckpt["classes"] == ["blue", "red"] and ckpt["in_features"] == 512 and ckpt["backbone"] == "tiny"
     head = build_head(ckpt["in_shape"], len(ckpt["classes"]))
@@ -39,7 +39,7 @@ def test_fit_head_learns_separable_features_and_saves_a_safe_checkpoint(cache, t
     with FeatureCache(cache) as c:
         acc, loss, _ = evaluate_head(head, c, split_indices(c.labels, 0.25, 0)[1], "cpu", 1024)
     assert acc == r["val_acc"] and loss == pytest.approx(r["val_loss"], rel=1e-3, abs=1e-5)
-    assert json.loads((tmp_path / "runs").glob("*/history.json").__next__().read_text())[0]["epoch"] == 0
+    assert json.loads((tmp_path / "runs").glob("*/history.json").__next__().read_text())[0]["epoch"] == 1
 
 
 def test_dropout_and_the_seed_make_runs_reproducible(cache, tmp_path):

@@ -95,3 +95,17 @@ def test_real_feature_map_is_512_by_49(tmp_path, shared_available):
                  "--output", out, "--json")
     assert json.loads(result.stdout)["feature_shape"] == [512, 7, 7]
     assert_picture(out, (1500, 600))
+
+
+def test_preview_needs_the_preprocessing_only_never_the_weights(tmp_path, image_folder, monkeypatch):
+    """VGG-16's DEFAULT weights (528 MB) are neither downloaded nor loaded: their enum has the transforms."""
+    from pipeline import backbones as bb
+
+    def refuse(*a, **k):
+        raise AssertionError("preview loaded weights")
+
+    monkeypatch.setattr(bb, "_download_state_dict", refuse)
+    monkeypatch.setattr(bb, "_load_local", refuse)
+    out = tmp_path / "p.png"
+    info = json.loads(run("preview", "--data", image_folder, "--per-class", 2, "--output", out, "--json").stdout)
+    assert info["weights"] == "VGG16_Weights.IMAGENET1K_V1" and out.is_file()

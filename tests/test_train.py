@@ -123,8 +123,8 @@ def test_finetune_starts_from_a_fit_head_checkpoint(tmp_path, image_folder):
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     assert out["history"][0]["val_acc"] == pytest.approx(head["val_acc"])  # the same head on the same split
-    assert "Epoch 0, batch 1: running train acc=" in result.stderr
-    assert "Epoch 1, Train acc=" in result.stderr and "Val loss=" in result.stderr
+    assert "Epoch 1, batch 1: running train acc=" in result.stderr
+    assert "Epoch 2, Train acc=" in result.stderr and "Val loss=" in result.stderr
     ckpt = torch.load(out["checkpoint"], weights_only=True)
     assert ckpt["kind"] == "finetune" and ckpt["init_from"] == head["checkpoint"]
     assert Path(out["curves"]).is_file()

@@ -1,0 +1,117 @@
+"""Progress that suits where it is shown: a bar in a terminal or a notebook, periodic lines in a log.
+
+tqdm hides its bar when stderr is not a terminal (a CI log, ``nohup``, ``| tee``), which left a
+long extraction silent until it ended. There, ``LogProgress`` writes a line every ``interval``
+seconds instead (done/total, rate, eta). ``set_quiet(True)`` (the CLI's ``--quiet``) silences both.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from typing import Optional
+
+_QUIET = False
+
+#: Seconds between two progress lines when stderr is not a terminal.
+LOG_INTERVAL = 10.0
+
+
+def set_quiet(quiet: bool) -> None:
+    """Silence (or restore) every progress bar and progress line of this process."""
+    global _QUIET
+    _QUIET = bool(quiet)
+
+
+def is_quiet() -> bool:
+    return _QUIET
+
+
+def _interactive() -> bool:
+    """A terminal or a Jupyter kernel: somewhere a redrawn bar makes sense."""
+    return "ipykernel" in sys.modules or bool(getattr(sys.stderr, "isatty", lambda: False)())
+
+
+class LogProgress:
+    """The part of tqdm's interface the stages use, writing a plain line every ``interval`` seconds."""
+
+    def __init__(self, total: Optional[int] = None, desc: str = "", unit: str = "it", initial: int = 0,
+                 interval: Optional[float] = None, file=None, **_ignored):
+        self.total, self.desc, self.unit, self.n = total, desc, unit, initial
+        self.interval, self.file = LOG_INTERVAL if interval is None else interval, file
+        self.start_n, self.started = initial, time.monotonic()
+        self.last = self.started
+        self.postfix = ""
+
+    def update(self, k: int = 1) -> None:
+        self.n += k
+        now = time.monotonic()
+        if now - self.last >= self.interval:
+            self.last = now
+            self.write_line(now)
+
+    def set_postfix(self, refresh: bool = True, **values) -> None:
+        self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
+
+    def set_description(self, desc: str, refresh: bool = True) -> None:
+        self.desc = desc
+
+    def write_line(self, now: float) -> None:
+        elapsed = now - self.started
+        rate = (self.n - self.start_n) / elapsed if elapsed > 0 else 0.0
+        done = f"{self.n}/{self.total}" if self.total else f"{self.n}"
+        pct = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
+        eta = f", eta {(self.total - self.n) / rate:.0f} s" if self.total and rate > 0 else ""
+        extra = f", {self.postfix}" if self.postfix else ""
+        print(f"{self.desc}: {done}{pct}, {rate:.1f} {self.unit}/s{eta}{extra}", file=self.file or sys.stderr,
+              flush=True)
+
+    def write(self, line: str, file=None) -> None:
+        print(line, file=file or self.file or sys.stderr, flush=True)
+
+    def close(self) -> None:
+        pass
+
+    def __iter__(self):
+        raise TypeError("LogProgress wraps no iterable; use progress(iterable=...)")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class _Iterating:
+    """Wrap an iterable so each item advances ``bar``."""
+
+    def __init__(self, iterable, bar):
+        self.iterable, self.bar = iterable, bar
+
+    def __iter__(self):
+        try:
+            for item in self.iterable:
+                yield item
+                self.bar.update(1)
+        finally:
+            self.bar.close()
+
+
+def progress(iterable=None, *, total: Optional[int] = None, desc: str = "", unit: str = "it", initial: int = 0,
+             leave: bool = True, **kwargs):
+    """A progress bar (tqdm.auto) where one can be drawn, periodic log lines elsewhere, nothing when quiet.
+
+    Used like tqdm: ``bar = progress(total=n, desc="extract", unit="img"); bar.update(k); bar.close()``,
+    or ``for x in progress(items, desc=...)``.
+    """
+    if total is None and iterable is not None and hasattr(iterable, "__len__"):
+        total = len(iterable)
+    from tqdm.auto import tqdm
+
+    if _QUIET:
+        return tqdm(iterable, total=total, initial=initial, disable=True)
+    if not _interactive():
+        bar = LogProgress(total=total, desc=desc, unit=unit, initial=initial)
+        return _Iterating(iterable, bar) if iterable is not None else bar
+
+    return tqdm(iterable, total=total, desc=desc, unit=unit, initial=initial, leave=leave, file=sys.stderr,
+                dynamic_ncols=True, **kwargs)

@@ -1,0 +1,54 @@
+"""Progress where it is shown: periodic lines when stderr is not a terminal, nothing with --quiet."""
+import subprocess
+import sys
+
+from click.testing import CliRunner
+
+from cli import cli
+from pipeline import progress as pg
+from tests.conftest import ROOT, make_image_folder
+
+
+def test_log_progress_writes_done_total_rate_and_eta(capsys):
+    bar = pg.LogProgress(total=10, desc="extract", unit="img", interval=0.0)
+    bar.update(4)
+    bar.set_postfix(skipped=1)
+    bar.update(1)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("extract: 4/10 (40%), ") and " img/s, eta " in lines[0]
+    assert lines[1].startswith("extract: 5/10 (50%)") and lines[1].endswith("skipped=1")
+
+
+def test_log_progress_waits_for_its_interval(capsys):
+    bar = pg.LogProgress(total=10, desc="x", interval=3600.0)
+    for _ in range(10):
+        bar.update()
+    assert capsys.readouterr().err == ""
+
+
+def test_extract_not_on_a_terminal_logs_progress_lines_and_quiet_silences_them(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(pg, "LOG_INTERVAL", 0.0)
+    data = make_image_folder(tmp_path / "data", per_class=8)
+    args = ["extract", "--data", str(data), "--n", "16", "--backbone", "tiny", "--weights", "none",
+            "--workers", "0", "--batch-size", "4"]
+    r = CliRunner().invoke(cli, args, catch_exceptions=False)  # CliRunner's stderr is not a terminal
+    assert r.exit_code == 0, r.output
+    lines = [l for l in r.stderr.splitlines() if l.startswith("extract: ")]
+    assert [l.split()[1] for l in lines] == ["4/16", "8/16", "12/16", "16/16"]
+    r = CliRunner().invoke(cli, ["--quiet", *args[:-2], "--batch-size", "8", "--seed", "1"],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert r.stderr == "" and r.stdout.strip().endswith(".h5")
+
+
+def test_a_piped_cli_prints_progress_while_it_runs(tmp_path):
+    """The real thing: stderr is a pipe, as under `| cat` or in a CI log."""
+    data = make_image_folder(tmp_path / "data", per_class=6)
+    code = ("import sys, tests.tiny; import pipeline.progress as pg; pg.LOG_INTERVAL = 0.0; "
+            "sys.argv = ['cli.py'] + sys.argv[1:]; import cli; cli.cli()")
+    r = subprocess.run([sys.executable, "-c", code, "extract", "--data", str(data), "--n", "12", "--backbone",
+                        "tiny", "--weights", "none", "--workers", "0", "--batch-size", "6",
+                        "--cache-dir", str(tmp_path / "f")], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "extract: 6/12 (50%)" in r.stderr and "extract: 12/12 (100%)" in r.stderr
