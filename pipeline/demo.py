@@ -70,11 +70,13 @@ def next_steps(steps: dict, data: Path, runs_dir: str) -> dict:
     """Where the outputs went and the commands to try next, with real paths."""
     run = Path(steps["compare"]["head_run_dir"])
     head, cache = run / "head.pt", steps["extract"]["cache"]
-    some_class = sorted(p for p in data.iterdir() if p.is_dir() and not p.name.startswith("."))[0]
+    from .data import list_image_folder
+
+    some_image = list_image_folder(data).files[0].path  # one photo: a whole class folder can take minutes
     return {
         "cache": cache, "checkpoint": str(head), "curves": str(run / "curves.png"), "history": str(run / "history.json"),
         "commands": [
-            f"python cli.py predict {some_class} --model {head}",
+            f"python cli.py predict {data / some_image} --model {head}",
             f"python cli.py evaluate --model {head}",
             f"python cli.py runs --runs-dir {runs_dir}",
         ],
