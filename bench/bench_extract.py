@@ -118,13 +118,13 @@ def child_model(a) -> dict:
 
     from pipeline.backbones import load_backbone
     from pipeline.device import resolve_device, resolve_precision
-    from pipeline.extract import FeatureModel
+    from pipeline.inference import Inference
 
     if a.threads:
         torch.set_num_threads(a.threads)
     dev = resolve_device("cpu")
-    model = FeatureModel(load_backbone(a.backbone, a.weights).features, dev, resolve_precision("auto", dev),
-                         "none", "float16")
+    model = Inference(load_backbone(a.backbone, a.weights).features, dev, resolve_precision("auto", dev),
+                      "none", "float16")
     out = {}
     for bs in (8, 16, 32, 64):
         x = torch.randn(bs, 3, 224, 224)

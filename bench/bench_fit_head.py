@@ -53,7 +53,8 @@ def child(kind: str, path: str, block_rows: int, batch: int) -> dict:
     import h5py
 
     from pipeline.cache import FeatureCache
-    from pipeline.head import FitHeadConfig, fit_head, split_indices
+    from pipeline.head import FitHeadConfig, fit_head
+    from pipeline.training import split_indices
 
     t0 = time.perf_counter()
     if kind == "raw":

@@ -143,13 +143,6 @@ class LoadedBackbone:
     def std(self) -> list[float]:
         return [float(x) for x in self.transform.std]
 
-    def describe_transform(self) -> str:
-        t = self.transform
-        return (
-            f"Resize({list(t.resize_size)}, {t.interpolation.value}, antialias={t.antialias}) "
-            f"CenterCrop({list(t.crop_size)}) ToTensor() Normalize(mean={self.mean}, std={self.std})"
-        )
-
 
 def is_weights_path(weights: str) -> bool:
     """A --weights value names a file when it has a path separator or a file-like suffix."""
@@ -338,23 +331,6 @@ def feature_shape(name: str, crop_size: int) -> tuple[int, int, int]:
     with torch.device("meta"):
         y = spec.features(spec.build())(torch.empty(1, 3, crop_size, crop_size))
     return tuple(int(d) for d in y.shape[1:])
-
-
-def transform_params(t) -> dict:
-    """What an ImageClassification preset does, as plain values a checkpoint can store."""
-    return {"crop_size": int(t.crop_size[0]), "resize_size": int(t.resize_size[0]),
-            "interpolation": t.interpolation.value, "antialias": bool(t.antialias),
-            "mean": [float(x) for x in t.mean], "std": [float(x) for x in t.std]}
-
-
-def transform_from_params(p: dict):
-    """The preset that ``transform_params`` described (so a saved model needs no weights file)."""
-    from torchvision.transforms import InterpolationMode
-    from torchvision.transforms._presets import ImageClassification
-
-    return ImageClassification(crop_size=p["crop_size"], resize_size=p["resize_size"], mean=tuple(p["mean"]),
-                               std=tuple(p["std"]), interpolation=InterpolationMode(p["interpolation"]),
-                               antialias=p["antialias"])
 
 
 def bare_features(name: str, device: str = "cpu"):

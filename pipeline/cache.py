@@ -422,9 +422,7 @@ class FeatureCache:
         return [p.decode() if isinstance(p, bytes) else p for p in self.f["paths"][: self.n]]
 
     def skipped(self) -> list[tuple[str, str]]:
-        k = int(self.attrs.get("skipped_rows", 0))
-        p, r = self.f["skipped/paths"][:k], self.f["skipped/reasons"][:k]
-        return [(a.decode(), b.decode()) for a, b in zip(p, r)]
+        return _skipped(self.f)
 
 
     def iter_blocks(self, indices: np.ndarray, block_rows: int, shuffle_blocks: Optional[np.random.Generator] = None
@@ -471,6 +469,18 @@ class FeatureCache:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _skipped(f: h5py.File) -> list[tuple[str, str]]:
+    k = int(f.attrs.get("skipped_rows", 0))
+    p, r = f["skipped/paths"][:k], f["skipped/reasons"][:k]
+    return [(a.decode(), b.decode()) for a, b in zip(p, r)]
+
+
+def read_skipped(path: str | os.PathLike) -> list[tuple[str, str]]:
+    """(path, reason) of the files a cache (complete or not, with rows or without) could not use."""
+    with open_h5(Path(path), "r") as f:
+        return _skipped(f)
 
 
 def source_changes(info: CacheInfo) -> Optional[str]:

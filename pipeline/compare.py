@@ -9,7 +9,8 @@ from typing import Optional
 import numpy as np
 
 from .cache import FeatureCache
-from .head import FitHeadConfig, fit_head, per_class_accuracy, resolve_cache, split_indices, validate_common
+from .head import FitHeadConfig, fit_head, resolve_cache
+from .training import per_class_accuracy, split_indices, validate_split
 from .ledger import append_run
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ def fit_sklearn(cfg: CompareConfig, cache: FeatureCache) -> dict:
 
 def compare_sklearn(cfg: CompareConfig) -> dict:
     """Fit the torch head and a LogisticRegression on the same cached split; both results."""
-    validate_common(cfg.val_fraction, cfg.seed)
+    validate_split(cfg.val_fraction, cfg.seed)
     if cfg.C <= 0 or cfg.max_iter < 1:
         raise ValueError(f"--C must be positive and --max-iter >= 1, got C={cfg.C}, max_iter={cfg.max_iter}")
     path, default_cache = resolve_cache(cfg.cache, cfg.cache_dir)

@@ -12,14 +12,15 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from .data import ImageLoadError, load_rgb
+from .reader import Item
 
 
-def is_raw(item) -> bool:
+def is_raw(item: Item) -> bool:
     """Reader items carry raw JPEG bytes as a 1-D uint8 tensor, decoded images as 3-D float tensors."""
-    return item[1] is not None and item[1].ndim == 1
+    return item.image is not None and item.image.ndim == 1
 
 
-def decode_on_device(items: Iterable[tuple], transform, device, root: Path, chunk: int = 32) -> Iterator[tuple]:
+def decode_on_device(items: Iterable[Item], transform, device, root: Path, chunk: int = 32) -> Iterator[Item]:
     """Pass reader items through in order, replacing raw JPEG bytes by preprocessed tensors on ``device``."""
     buf: list = []
     for item in items:
@@ -39,7 +40,7 @@ def _decode_one(data, device):
         return None
 
 
-def _decode_chunk(buf: list, transform, device, root: Path) -> Iterator[tuple]:
+def _decode_chunk(buf: list, transform, device, root: Path) -> Iterator[Item]:
     from torchvision.io import ImageReadMode, decode_jpeg
 
     raw = [i for i, item in enumerate(buf) if is_raw(item)]
@@ -48,20 +49,20 @@ def _decode_chunk(buf: list, transform, device, root: Path) -> Iterator[tuple]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torchvision 0.29 flags its image decoders as deprecated
             try:  # one call for the whole chunk is what makes nvJPEG fast
-                decoded = decode_jpeg([buf[i][1] for i in raw], mode=ImageReadMode.RGB, device=device)
+                decoded = decode_jpeg([buf[i].image for i in raw], mode=ImageReadMode.RGB, device=device)
             except RuntimeError:  # some file is corrupt: find which, one by one
-                decoded = [_decode_one(buf[i][1], device) for i in raw]
+                decoded = [_decode_one(buf[i].image, device) for i in raw]
         images = dict(zip(raw, decoded))
-    for i, (pos, tensor, label, path, reason) in enumerate(buf):
+    for i, item in enumerate(buf):
         if i not in images:
-            yield pos, tensor, label, path, reason
+            yield item
             continue
         if images[i] is not None:
-            yield pos, transform(images[i]), label, path, None
+            yield item._replace(image=transform(images[i]))
             continue
         try:  # the device refused it: PIL decides, exactly as without device decoding
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                yield pos, transform(load_rgb(root / path)), label, path, None
+                yield item._replace(image=transform(load_rgb(root / item.path)))
         except ImageLoadError as e:
-            yield pos, None, label, path, e.reason
+            yield item._replace(image=None, error=e.reason)

@@ -17,29 +17,19 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
+from .cache import FeatureCache, read_info, read_skipped, write_virtual_cache
 from .device import resolve_workers
+from .errors import UsageError
+from .extract_range import existing_cache, extract_range, hit_summary
 
 log = logging.getLogger(__name__)
 
 #: how long a rank waits for the others at a collective (a resumed run may leave some ranks idle for hours)
 TIMEOUT = timedelta(hours=24)
-
-
-@dataclass
-class Part:
-    """One rank's piece of one round: candidate positions [first, stop), every good image in them."""
-
-    first: int  # first candidate position (index into the stratified order)
-    stop: int  # one past the last position
-    attrs: dict  # provenance added to the shard file
-
-    @property
-    def take(self) -> int:
-        return self.stop - self.first
 
 
 def torchrun_command(command: str, world: int) -> str:
@@ -114,45 +104,33 @@ def _total(n: int) -> int:
 
 def _existing(path: Path, key: str, started: float):
     """Rank 0's look at the cache path: ('hit', summary), ('run', None) or ('error', message)."""
-    from .extract import _hit, existing_cache
-
     info = existing_cache(path, key)  # a sharded cache that lost a shard is moved aside and rebuilt
     if info is None:
         return "run", None
     if info.complete:
-        return "hit", _hit(info, started)
+        return "hit", hit_summary(info, started)
     return "error", (f"{path} is an incomplete single-process extraction; finish it with the same command "
                      f"without torchrun, or move it away to extract it with torchrun")
 
 
-def _part(cfg, listing, key: str, file: Path, part: Part) -> dict:
-    """Extract (or resume, or reuse) one shard file."""
-    from .extract import _run, existing_cache
-
+def _part(cfg, listing, key: str, file: Path, first: int, stop: int, attrs: dict) -> dict:
+    """Extract (or resume, or reuse) one shard file: candidates [first, stop)."""
     info = existing_cache(file, key)
     if info is not None and info.complete:
         return {"rows": info.rows, "computed": 0, "resumed_from": info.rows, "seconds": 0.0}
-    r = _run(cfg, listing, key, file, resumed=info, part=part)
+    r = extract_range(cfg, listing, key, file, resumed=info, positions=(first, stop), extra_attrs=attrs)
     return {k: r[k] for k in ("rows", "computed", "resumed_from", "seconds", "device", "precision")}
 
 
 def _shard_rows(file: Path, cache_dir: Path) -> dict:
     """What rank 0 needs from a finished shard to list it in the virtual cache."""
-    from .cache import FeatureCache, read_info
-
     info = read_info(file)
     out = {"path": os.path.relpath(os.path.abspath(file), os.path.abspath(cache_dir)), "rows": info.rows,
            "shape": tuple(info.feature_shape), "dtype": info.attrs["dtype"], "labels": [], "paths": [],
-           "skipped": [], "attrs": info.attrs}
+           "skipped": read_skipped(file), "attrs": info.attrs}
     if info.rows:
         with FeatureCache(file) as c:
-            out.update(labels=c.labels.tolist(), paths=c.paths, skipped=c.skipped())
-    else:
-        import h5py
-
-        with h5py.File(file, "r") as f:
-            k = int(f.attrs["skipped_rows"])
-            out["skipped"] = [(a.decode(), b.decode()) for a, b in zip(f["skipped/paths"][:k], f["skipped/reasons"][:k])]
+            out.update(labels=c.labels.tolist(), paths=c.paths)
     return out
 
 
@@ -165,11 +143,11 @@ def _sharded(cfg, listing, key: str, path: Path, started: float) -> dict:
     dist.all_gather_object(keys, key)
     if len(set(keys)) > 1:  # e.g. a node whose copy of the data folder differs (files, sizes or mtimes)
         odd = [r for r, k in enumerate(keys) if k != keys[0]]
-        raise ValueError(f"ranks {odd} see other data or settings than rank 0 (cache fingerprint differs); "
+        raise UsageError(f"ranks {odd} see other data or settings than rank 0 (cache fingerprint differs); "
                          "every node must see the same data folder, weights and options")
     state, detail = _from_rank0(_existing(path, key, started) if rank == 0 else None)
     if state == "error":
-        raise ValueError(detail)
+        raise UsageError(detail)
     if state == "hit":
         return detail if rank == 0 else {**detail, "rank": rank}
     rcfg = rank_config(cfg)
@@ -185,7 +163,7 @@ def _sharded(cfg, listing, key: str, path: Path, started: float) -> dict:
             file = shards / f"part-{lo:09d}-{hi:09d}.h5"
             attrs = {"shard_rank": rank, "shard_world": world, "shard_first": lo, "shard_stop": hi,
                      "shard_of": path.name}
-            r = _part(rcfg, listing, key, file, Part(lo, hi, attrs))
+            r = _part(rcfg, listing, key, file, lo, hi, attrs)
             rows = r["rows"]
             mine.append((lo, file))
             for k in ("rows", "computed", "resumed_from", "seconds"):
@@ -195,7 +173,7 @@ def _sharded(cfg, listing, key: str, path: Path, started: float) -> dict:
         good += found
         first, count = first + count, min(count - found, total - first - count)
     if good == 0:
-        raise ValueError(f"no image in {cfg.data} could be decoded; run check-images on it")
+        raise UsageError(f"no image in {cfg.data} could be decoded; run check-images on it")
     sent = {"rank": rank, "stats": stats, "parts": [(lo, _shard_rows(f, path.parent)) for lo, f in mine]}
     got = [None] * world if rank == 0 else None
     dist.gather_object(sent, got, dst=0)
@@ -211,8 +189,6 @@ def _sharded(cfg, listing, key: str, path: Path, started: float) -> dict:
 
 def _write_cache(cfg, listing, path: Path, got: list, next_candidate: int, started: float) -> dict:
     """Rank 0: the virtual cache over every rank's shards, in position order."""
-    from .cache import write_virtual_cache
-
     parts = [p for _, p in sorted((lo, p) for g in got for lo, p in g["parts"])]
     ranks = [{"rank": g["rank"], **g["stats"]} for g in got]
     with_rows = [p for p in parts if p["rows"]]

@@ -1,8 +1,13 @@
 """Errors the CLI turns into one clear line.
 
-Bad values a user passed raise ``ValueError`` (exit code 2, a usage error); problems with the
-environment, such as weights that cannot be downloaded offline, raise ``PipelineError`` (exit 1).
+Bad values a user passed raise ``UsageError`` (a ValueError; exit code 2). Problems with the
+environment, such as weights that cannot be downloaded offline or a full disk, raise
+``PipelineError`` (exit 1). Anything else is a bug: the CLI shows its traceback with ``-v``.
 """
+
+
+class UsageError(ValueError):
+    """A bad option, file or folder the user gave: say which value is wrong and what is allowed."""
 
 
 class PipelineError(RuntimeError):

@@ -4,14 +4,13 @@ and the images it gets most confidently wrong.
 Two steps: a *predictor* turns (checkpoint, cache or folder) into ``Predictions`` (image paths,
 true labels, log-probabilities), then ``summarize`` and the pictures work on those alone. A
 predictor is looked up by the checkpoint's ``kind`` and the source (``cache`` or ``data``), so a
-new kind of model (train/finetune's model.pt) plugs in with ``register_predictor``; for a folder,
-``predict_folder`` does the decoding and batching, given a batch -> log-probabilities function.
+new kind of model (train/finetune's model.pt) plugs in with ``register_predictor``; a folder goes
+through ``inference.run_batches``, the path predict uses too, so both give the same numbers.
 """
 from __future__ import annotations
 
 import json
 import logging
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -20,6 +19,7 @@ import numpy as np
 
 from .data import ImageLoadError, list_image_folder, load_rgb
 from .device import resolve_workers
+from .errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,7 @@ class EvaluateConfig:
     weights: Optional[str] = None  # backbone weights for --data; None = those the checkpoint names
     top_k: int = 12  # images in the most-confidently-wrong gallery
     device: str = "auto"  # 'auto' (CUDA if available), 'cpu', 'cuda'
+    precision: str = "auto"  # --data: compute precision, auto (bf16 where supported), fp32, bf16, fp16 (as predict)
     batch_size: int = 32  # images per forward pass (--data)
     workers: int = -1  # decoding processes for --data; -1 = one per core (at most 8), 0 = in-process
     block_rows: int = 2048  # cache rows read from disk at once
@@ -67,8 +68,7 @@ def register_predictor(kind: str, source: str, fn: Predictor) -> None:
 
 # -- predictors ----------------------------------------------------------------------------------
 def _head(model_path: str, ckpt: dict, device):
-    from .head import build_head
-    from .models import load_head_state
+    from .models import build_head, load_head_state
 
     head = build_head(tuple(ckpt["in_shape"]), len(ckpt["classes"]), ckpt.get("dropout", 0.0))
     load_head_state(head, ckpt, model_path)
@@ -76,16 +76,14 @@ def _head(model_path: str, ckpt: dict, device):
 
 
 def _check_cache_fits(ckpt: dict, cache) -> None:
-    a = cache.attrs
-    theirs = (a["backbone"], a["weights"], a.get("weights_sha256", ""), a.get("pool", "none"))
-    ours = (ckpt["backbone"], ckpt["weights"], ckpt.get("weights_sha256", ""), ckpt.get("pool", "none"))
-    if theirs != ours:
-        raise ValueError(f"cache {cache.path} holds features of {theirs[:2]} (pool {theirs[3]}), "
-                         f"the model was trained on {ours[:2]} (pool {ours[3]})")
-    if list(cache.classes) != list(ckpt["classes"]):
-        raise ValueError(f"cache {cache.path} has classes {cache.classes}, the model {ckpt['classes']}")
+    from .provenance import Provenance
+
+    differ = Provenance.from_checkpoint(ckpt).differences(Provenance.from_cache_attrs(cache.attrs),
+                                                          ("backbone", "weights", "preprocessing", "pool", "classes"))
+    if differ:
+        raise UsageError(f"cache {cache.path} does not fit the model (model vs cache): {'; '.join(differ)}")
     if tuple(cache.feature_shape) != tuple(ckpt["in_shape"]):
-        raise ValueError(f"cache {cache.path} has features {cache.feature_shape}, the model expects "
+        raise UsageError(f"cache {cache.path} has features {cache.feature_shape}, the model expects "
                          f"{tuple(ckpt['in_shape'])}")
 
 
@@ -93,7 +91,8 @@ def head_on_cache(model_path: str, ckpt: dict, cfg: EvaluateConfig) -> Predictio
     """A fit-head checkpoint on cached features: its validation split, or all rows."""
     from .cache import FeatureCache
     from .device import resolve_device
-    from .head import evaluate_head, split_indices
+    from .head import evaluate_head
+    from .training import split_indices
 
     path = cfg.cache or ckpt["cache"]
     device = resolve_device(cfg.device)
@@ -117,66 +116,50 @@ def head_on_cache(model_path: str, ckpt: dict, cfg: EvaluateConfig) -> Predictio
                            cache.labels[rows], logp, f"{cfg.split} rows of {path}", cache.attrs["fingerprint"])
 
 
-def predict_folder(data: str, classes: list, transform, logp_fn: Callable, cfg: EvaluateConfig) -> Predictions:
-    """Every decodable image of an ImageFolder through ``logp_fn`` (a batch tensor -> (B, classes) array).
+def predict_folder(data: str, classes: list, transform, model, cfg: EvaluateConfig) -> Predictions:
+    """Every decodable image of an ImageFolder through ``model`` (an ``inference.Inference``).
 
     The folder's classes must be among the model's ``classes`` (matched by name); unreadable
     images are skipped with a warning.
     """
-    import torch
+    from .inference import run_batches
     from .progress import progress
-
-    from .extract import ImageListDataset, iter_candidates
+    from .reader import ImageListDataset, read_items
 
     listing = list_image_folder(data)
     unknown = [c for c in listing.classes if c not in classes]
     if unknown:
-        raise ValueError(f"data folder {data!r} has classes {unknown} the model does not know; "
+        raise UsageError(f"data folder {data!r} has classes {unknown} the model does not know; "
                          f"its classes: {', '.join(classes)}")
     to_model = [classes.index(c) for c in listing.classes]
-    items = [(f.path, to_model[f.label]) for f in listing.files]
-    workers = resolve_workers(cfg.workers)
-    paths, labels, out, batch = [], [], [], []
-
-    def flush():
-        out.append(np.asarray(logp_fn(torch.stack([b[1] for b in batch])), np.float32))
-        paths.extend(b[3] for b in batch)
-        labels.extend(b[2] for b in batch)
-        batch.clear()
-
-    with progress(total=len(items), unit="img", desc="evaluate") as bar:
-        for item in iter_candidates(ImageListDataset(listing.root, items, transform), workers):
-            bar.update(1)
-            if item[1] is None:
-                log.warning("skipping %s: %s", item[3], item[4])
-                continue
-            batch.append(item)
-            if len(batch) == cfg.batch_size:
-                flush()
-        if batch:
-            flush()
+    items = read_items(ImageListDataset(listing.root, [(f.path, to_model[f.label]) for f in listing.files],
+                                        transform), resolve_workers(cfg.workers))
+    paths, labels, out = [], [], []
+    with progress(total=len(listing.files), unit="img", desc="evaluate") as bar:
+        for batch, logp in run_batches(model, items, cfg.batch_size):
+            bar.update(len(batch.items))
+            for p, why in batch.bad:
+                log.warning("skipping %s: %s", p, why)
+            if logp is not None:
+                out.append(logp)
+                paths.extend(g.path for g in batch.good)
+                labels.extend(g.label for g in batch.good)
     if not paths:
-        raise ValueError(f"no image in {data} could be decoded")
+        raise UsageError(f"no image in {data} could be decoded")
     return Predictions(list(classes), listing.root, paths, np.array(labels, np.int64), np.concatenate(out),
                        f"images of {data}")
 
 
 def model_on_folder(model_path: str, ckpt: dict, cfg: EvaluateConfig) -> Predictions:
     """Any checkpoint (fit-head head + its backbone, or a train/finetune model) on raw images."""
-    import torch
-
-    from .device import resolve_device
+    from .device import resolve_device, resolve_precision
+    from .inference import Inference
     from .models import load_model
 
     device = resolve_device(cfg.device)
     lm = load_model(model_path, cfg.weights)
-    lm.model.to(device)
-
-    def logp_fn(x):
-        with torch.inference_mode():
-            return lm.model(x.to(device)).float().cpu().numpy()
-
-    return predict_folder(cfg.data, lm.classes, lm.transform, logp_fn, cfg)
+    model = Inference(lm.model, device, resolve_precision(cfg.precision, device))
+    return predict_folder(cfg.data, lm.classes, lm.transform, model, cfg)
 
 
 register_predictor("fit-head", "cache", head_on_cache)
@@ -220,26 +203,26 @@ def _thumbnail(path: Path, size: int = 256):
 
 def evaluate(cfg: EvaluateConfig) -> dict:
     """Evaluate one checkpoint; write confusion.png, gallery.png and metrics.json to a run folder."""
-    from .head import run_dir
+    from .runs import finish_run, new_run_dir
     from .models import read_checkpoint
     from .plots import confusion_matrix_png, gallery_png
 
     if cfg.split not in SPLITS:
-        raise ValueError(f"unknown --split {cfg.split!r}; allowed: {', '.join(SPLITS)}")
+        raise UsageError(f"unknown --split {cfg.split!r}; allowed: {', '.join(SPLITS)}")
     if cfg.cache and cfg.data:
-        raise ValueError("pass --cache or --data, not both")
+        raise UsageError("pass --cache or --data, not both")
     for name in ("top_k", "batch_size", "block_rows"):
         if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     ckpt = read_checkpoint(cfg.model)
     source = "data" if cfg.data else "cache"
     predictor = PREDICTORS.get((ckpt["kind"], source))
     if predictor is None:
         known = sorted(f"{k} on --{s}" for k, s in PREDICTORS)
-        raise ValueError(f"cannot evaluate a {ckpt['kind']!r} checkpoint on --{source}; known: {', '.join(known)}")
+        raise UsageError(f"cannot evaluate a {ckpt['kind']!r} checkpoint on --{source}; known: {', '.join(known)}")
     pred = predictor(cfg.model, ckpt, cfg)
     result = summarize(pred, cfg.top_k)
-    out_dir = run_dir(cfg.runs_dir, "evaluate")
+    out_dir = new_run_dir(cfg.runs_dir, "evaluate")
     confusion = confusion_matrix_png(np.array(result["confusion_matrix"]), pred.classes, out_dir / "confusion.png",
                                      title=f"accuracy {result['accuracy']:.3f} on {result['rows']} images")
     items = [{**w, "image": _thumbnail(pred.root / w["path"])} for w in result["wrong"]]
@@ -250,11 +233,9 @@ def evaluate(cfg: EvaluateConfig) -> dict:
                    "data_root": str(pred.root), "run_dir": str(out_dir), "confusion_png": str(confusion),
                    "gallery_png": str(gallery)})
     (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
-    from .ledger import append_run
-
-    append_run(cfg.runs_dir, "evaluate", cache_fingerprint=pred.cache_fingerprint, backbone=result["backbone"],
-               params=asdict(cfg), metrics={k: result[k] for k in ("accuracy", "loss", "macro_f1", "rows")},
-               outputs=[confusion, gallery])
+    finish_run(out_dir, cfg.runs_dir, "evaluate", None, [confusion, gallery], cache_fingerprint=pred.cache_fingerprint,
+               backbone=result["backbone"], params=asdict(cfg),
+               metrics={k: result[k] for k in ("accuracy", "loss", "macro_f1", "rows")})
     return result
 
 

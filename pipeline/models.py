@@ -14,6 +14,8 @@ weights_only=True)`` reads; the model is rebuilt from the backbone's name, never
 from __future__ import annotations
 
 import json
+
+import numpy as np
 import logging
 import warnings
 from dataclasses import dataclass
@@ -25,8 +27,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import backbones as bb
-from .errors import PipelineError
-from .head import build_head
+from .errors import PipelineError, UsageError
+from .provenance import Preprocessing, Provenance
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,16 @@ MODEL_KINDS = ("train", "finetune")  # checkpoints holding a whole model (fit-he
 ALL = -1  # unfreeze value: every block of the backbone
 
 
+def build_head(in_shape, n_classes: int, dropout: float = 0.0):
+    """Flatten + (Dropout) + Linear(C*H*W, classes) + LogSoftmax: the tutorial's head."""
+    in_features = int(np.prod(in_shape))
+    layers = [nn.Flatten()]
+    if dropout > 0:
+        layers.append(nn.Dropout(dropout))
+    layers += [nn.Linear(in_features, n_classes), nn.LogSoftmax(dim=1)]
+    return nn.Sequential(*layers)
+
+
 class TransferModel(nn.Module):
     """features -> (global average pool) -> head (Flatten, Linear, LogSoftmax): log-probabilities."""
 
@@ -43,7 +55,7 @@ class TransferModel(nn.Module):
                  dropout: float = 0.0):
         super().__init__()
         if pool not in POOLS:
-            raise ValueError(f"unknown pool {pool!r}; allowed: {', '.join(POOLS)}")
+            raise UsageError(f"unknown pool {pool!r}; allowed: {', '.join(POOLS)}")
         self.backbone = backbone
         self.features = features
         self.pool = nn.AdaptiveAvgPool2d(1) if pool == "avg" else nn.Identity()
@@ -60,7 +72,7 @@ class TransferModel(nn.Module):
         """Head trainable; backbone frozen (0), its last ``unfreeze`` blocks trainable, or all of it (ALL)."""
         blocks = self.blocks()
         if unfreeze != ALL and not 0 <= unfreeze <= len(blocks):
-            raise ValueError(f"cannot unfreeze the last {unfreeze} blocks: {self.backbone} has {len(blocks)} "
+            raise UsageError(f"cannot unfreeze the last {unfreeze} blocks: {self.backbone} has {len(blocks)} "
                              f"(allowed: none, all, or 1..{len(blocks)})")
         self.features.requires_grad_(False)
         for block in blocks if unfreeze == ALL else blocks[len(blocks) - unfreeze:]:
@@ -91,7 +103,7 @@ def parse_unfreeze(value) -> int:
         return ALL
     if text.isdigit():
         return int(text)
-    raise ValueError(f"unknown unfreeze value {value!r}; allowed: none, all, or a number of blocks K >= 1")
+    raise UsageError(f"unknown unfreeze value {value!r}; allowed: none, all, or a number of blocks K >= 1")
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:
@@ -120,14 +132,8 @@ class LoadedModel:
 
 
 def _info(loaded: bb.LoadedBackbone, weights: str, in_shape, classes, pool: str, dropout: float) -> dict:
-    local = loaded.weights_id.startswith("file:")
-    return {
-        "backbone": loaded.spec.name, "weights": loaded.weights_id, "weights_sha256": loaded.weights_sha256,
-        "weights_path": str(Path(weights).resolve()) if local else "", "weights_covers": loaded.covers,
-        "mean": loaded.mean, "std": loaded.std, "transform": loaded.describe_transform(),
-        "preprocess": bb.transform_params(loaded.transform), "classes": list(classes),
-        "in_shape": [int(d) for d in in_shape], "pool": pool, "dropout": float(dropout),
-    }
+    return {**Provenance.of_backbone(loaded, classes, pool, weights).checkpoint_fields(),
+            "in_shape": [int(d) for d in in_shape], "dropout": float(dropout)}
 
 
 def build_model(backbone: str, weights: str, classes, pool: Optional[str] = None,
@@ -136,7 +142,7 @@ def build_model(backbone: str, weights: str, classes, pool: Optional[str] = None
     loaded = bb.load_backbone(backbone, weights)
     pool = pool or loaded.spec.pool
     if pool not in POOLS:
-        raise ValueError(f"unknown --pool {pool!r}; allowed: {', '.join(POOLS)}")
+        raise UsageError(f"unknown --pool {pool!r}; allowed: {', '.join(POOLS)}")
     in_shape = head_in_shape(backbone, loaded.transform.crop_size[0], pool)
     model = TransferModel(backbone, loaded.features, in_shape, len(classes), pool, dropout)
     return LoadedModel(model, loaded.transform, _info(loaded, weights, in_shape, classes, pool, dropout))
@@ -152,23 +158,71 @@ def save_model(lm: LoadedModel, path, kind: str, config: dict, metrics: dict, hi
     return Path(path)
 
 
+#: field -> (type(s), what it must be): a checkpoint is checked against this once, when read
+_SCHEMA = {
+    "state_dict": (dict, "a dict of tensors"),
+    "backbone": (str, "a backbone name"),
+    "weights": (str, "a weights id"),
+    "weights_sha256": (str, "a sha256 hex string"),
+    "weights_path": (str, "a path"),
+    "classes": (list, "a list of at least 2 class names"),
+    "in_shape": (list, "a list of 3 positive integers"),
+    "pool": (str, f"one of {', '.join(POOLS)}"),
+    "dropout": ((int, float), "a number in [0, 1)"),
+    "preprocessing": (dict, "a preprocessing record"),
+    "config": (dict, "a dict"),
+}
+_REQUIRED = ("state_dict", "backbone", "weights", "classes", "in_shape", "preprocessing")
+
+
+def _field_ok(name: str, value) -> bool:
+    if not isinstance(value, _SCHEMA[name][0]) or isinstance(value, bool):
+        return False
+    if name == "state_dict":
+        return all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())
+    if name == "classes":
+        return len(value) >= 2 and all(isinstance(c, str) for c in value)
+    if name == "in_shape":
+        return len(value) == 3 and all(isinstance(d, int) and d > 0 for d in value)
+    if name == "pool":
+        return value in POOLS
+    if name == "dropout":
+        return 0 <= value < 1
+    if name == "preprocessing":
+        try:
+            Preprocessing.from_dict(value)
+        except (KeyError, TypeError, ValueError):
+            return False
+    return True
+
+
 def read_checkpoint(path) -> dict:
-    """The dict in a model.pt or head.pt, read with weights_only=True (nothing is unpickled)."""
+    """The dict in a model.pt or head.pt, read with weights_only=True (nothing is unpickled), schema-checked.
+
+    Every field the tool uses is checked here, once, so a hand-edited or foreign checkpoint is one
+    line naming the bad field, never a traceback somewhere in predict, evaluate or finetune.
+    """
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"model file {str(path)!r} does not exist")
+        raise UsageError(f"model file {str(path)!r} does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # zip errors, refused globals
-        raise ValueError(f"{str(path)!r} is not a loadable checkpoint ({type(e).__name__}: {e})") from None
+    except Exception as e:  # zip errors, refused globals: one line, and never torch's advice to unpickle
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            why = "it holds pickled Python objects, which are never loaded"
+        raise UsageError(f"{str(path)!r} is not a loadable checkpoint ({why[:200]})") from None
     kinds = ("fit-head", *MODEL_KINDS)
     if not isinstance(ckpt, dict) or ckpt.get("kind") not in kinds:
-        raise ValueError(f"{str(path)!r} is not a checkpoint of this tool (expected kind {', '.join(kinds)})")
-    needed = ("state_dict", "backbone", "weights", "classes", "in_shape") + \
-        (("config",) if ckpt["kind"] == "fit-head" else ("pool", "dropout", "preprocess"))
-    missing = [k for k in needed if k not in ckpt]
+        raise UsageError(f"{str(path)!r} is not a checkpoint of this tool (expected kind {', '.join(kinds)})")
+    missing = [k for k in _REQUIRED + (("config",) if ckpt["kind"] == "fit-head" else ("pool", "dropout"))
+               if k not in ckpt]
     if missing:
-        raise ValueError(f"{str(path)!r} is a damaged {ckpt['kind']} checkpoint: it lacks {', '.join(missing)}")
+        raise UsageError(f"{str(path)!r} is a damaged or outdated {ckpt['kind']} checkpoint: it lacks "
+                         f"{', '.join(missing)}")
+    for name in _SCHEMA:
+        if name in ckpt and not _field_ok(name, ckpt[name]):
+            raise UsageError(f"{str(path)!r}: field {name!r} must be {_SCHEMA[name][1]}, got {ckpt[name]!r:.60}")
     return ckpt
 
 
@@ -190,11 +244,11 @@ def load_model(path, weights: Optional[str] = None) -> LoadedModel:
         try:
             model.load_state_dict(ckpt["state_dict"])
         except RuntimeError as e:
-            raise ValueError(f"{str(path)!r} does not match backbone {ckpt['backbone']!r}: "
+            raise UsageError(f"{str(path)!r} does not match backbone {ckpt['backbone']!r}: "
                              f"{str(e).strip().splitlines()[0]}") from None
         info = {k: v for k, v in ckpt.items()
                 if k not in ("state_dict", "kind", "format_version", "config", "metrics", "history")}
-        lm = LoadedModel(model, bb.transform_from_params(ckpt["preprocess"]), info, ckpt["kind"])
+        lm = LoadedModel(model, Preprocessing.from_dict(ckpt["preprocessing"]).to_transform(), info, ckpt["kind"])
     lm.model.set_trainable(0)
     lm.model.eval()
     return lm
@@ -211,7 +265,7 @@ def _head_weights_source(ckpt: dict, weights: Optional[str]) -> str:
             if not sha or bb.file_sha256(c) == sha:
                 return c
             if weights:
-                raise ValueError(f"--weights {weights!r} is not the file the head was fitted with "
+                raise UsageError(f"--weights {weights!r} is not the file the head was fitted with "
                                  f"({recorded}, sha256 {sha[:12]}...)")
         elif weights:
             return weights  # not a file: load_backbone says what is wrong with it
@@ -242,7 +296,7 @@ def load_head_state(head, ckpt: dict, path) -> None:
     try:
         head.load_state_dict(ckpt["state_dict"])
     except RuntimeError as e:
-        raise ValueError(f"{str(path)!r} does not fit a head for {ckpt['in_shape']} -> {len(ckpt['classes'])} "
+        raise UsageError(f"{str(path)!r} does not fit a head for {ckpt['in_shape']} -> {len(ckpt['classes'])} "
                          f"classes: {str(e).strip().splitlines()[0]}") from None
 
 
@@ -255,11 +309,13 @@ def _from_head(ckpt: dict, path, weights: Optional[str]) -> LoadedModel:
     pool = ckpt.get("pool", "none")
     expected = head_in_shape(ckpt["backbone"], loaded.transform.crop_size[0], pool)
     if list(ckpt["in_shape"]) != expected:
-        raise ValueError(f"head {str(path)!r} takes features of shape {ckpt['in_shape']}, but {ckpt['backbone']} "
+        raise UsageError(f"head {str(path)!r} takes features of shape {ckpt['in_shape']}, but {ckpt['backbone']} "
                          f"with pool {pool!r} gives {expected}")
-    if loaded.describe_transform() != ckpt.get("transform", loaded.describe_transform()):
-        log.warning("preprocessing differs from the head's cache: %s (now: %s)", ckpt["transform"],
-                    loaded.describe_transform())
+    differ = Provenance.from_checkpoint(ckpt).differences(Provenance.of_backbone(loaded, ckpt["classes"], pool),
+                                                          ("preprocessing",))
+    if differ:
+        log.warning("the head's features were made with other preprocessing than %s gives now: %s",
+                    source, "; ".join(differ))
     model = TransferModel(ckpt["backbone"], loaded.features, ckpt["in_shape"], len(ckpt["classes"]), pool,
                           ckpt.get("dropout", 0.0))
     load_head_state(model.head, ckpt, path)
@@ -284,9 +340,9 @@ class SummaryConfig:
 def summarize(cfg: SummaryConfig) -> dict:
     """Layer-by-layer output shapes and parameter counts, and the totals under a freeze setting."""
     if cfg.classes < 2:
-        raise ValueError(f"--classes must be at least 2, got {cfg.classes}")
+        raise UsageError(f"--classes must be at least 2, got {cfg.classes}")
     if cfg.crop_size and cfg.crop_size < 32:
-        raise ValueError(f"--crop-size must be 0 (the weights' own) or at least 32, got {cfg.crop_size}")
+        raise UsageError(f"--crop-size must be 0 (the weights' own) or at least 32, got {cfg.crop_size}")
     unfreeze = parse_unfreeze(cfg.unfreeze)
     crop = cfg.crop_size or bb.default_transform(cfg.backbone).crop_size[0]
     pool = cfg.pool or bb.get_spec(cfg.backbone).pool

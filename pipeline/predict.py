@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
+import numpy as np
+
 from .data import ImageLoadError, is_image_name, load_rgb
 from .device import resolve_workers
 
@@ -62,39 +64,22 @@ def list_inputs(paths) -> list[str]:
 
 def iter_predictions(lm, files: list[str], batch_size: int, workers: int, device, precision) -> Iterator[dict]:
     """One row per file, in order: {path, class, probability, error}."""
-    import torch
+    from .inference import Inference, run_batches
+    from .reader import ImageListDataset, read_items
 
-    from .device import autocast
-    from .extract import ImageListDataset, iter_candidates
-
-    model = lm.model.to(device, memory_format=torch.channels_last).eval()
     classes = lm.classes
-    workers = resolve_workers(workers)
-    pending, n_good = [], 0
-
-    def flush():
-        good = [p for p in pending if p[1] is not None]
-        if good:
-            with torch.inference_mode(), autocast(device, precision):
-                x = torch.stack([g[1] for g in good]).to(device).contiguous(memory_format=torch.channels_last)
-                prob = model(x).float().exp().cpu()
-            best = prob.max(1)
-            results = iter(zip(best.indices.tolist(), best.values.tolist()))
-        for item in pending:
-            if item[1] is None:
-                yield {"path": item[3], "class": None, "probability": None, "error": item[4]}
-            else:
-                k, p = next(results)
-                yield {"path": item[3], "class": classes[k], "probability": p, "error": None}
-
-    dataset = ImageListDataset(Path(""), [(f, -1) for f in files], lm.transform)
-    for item in iter_candidates(dataset, workers):
-        pending.append(item)
-        n_good += item[1] is not None
-        if n_good == batch_size:
-            yield from flush()
-            pending, n_good = [], 0
-    yield from flush()
+    model = Inference(lm.model, device, precision)
+    items = read_items(ImageListDataset(Path(""), [(f, -1) for f in files], lm.transform), resolve_workers(workers))
+    for batch, logp in run_batches(model, items, batch_size):
+        k = 0
+        for item in batch.items:
+            if not item.ok:
+                yield {"path": item.path, "class": None, "probability": None, "error": item.error}
+                continue
+            best = int(logp[k].argmax())
+            yield {"path": item.path, "class": classes[best], "probability": float(np.exp(logp[k, best])),
+                   "error": None}
+            k += 1
 
 
 def format_rows(rows: list[dict], fmt: str) -> str:

@@ -8,9 +8,7 @@ stratified sample (``--n``) and train/val split as extract and fit-head.
 """
 from __future__ import annotations
 
-import json
 import logging
-import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Optional
@@ -19,7 +17,8 @@ import numpy as np
 
 from .data import list_image_folder, stratified_order
 from .device import resolve_workers
-from .head import per_class_accuracy, run_dir, split_indices, validate_training
+from .errors import UsageError
+from .training import per_class_accuracy, run_epochs, split_indices, train_one_epoch, validate_training
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +64,9 @@ def validate(cfg: TrainConfig) -> None:
     validate_training(cfg, positive=("epochs", "batch_size"), non_negative=("n", "print_every"))
     if isinstance(cfg, FinetuneConfig):
         if cfg.backbone_lr is not None and cfg.backbone_lr <= 0:
-            raise ValueError(f"--backbone-lr must be positive, got {cfg.backbone_lr}")
+            raise UsageError(f"--backbone-lr must be positive, got {cfg.backbone_lr}")
         if not 0 <= cfg.head_epochs <= cfg.epochs:
-            raise ValueError(f"--head-epochs must be between 0 and --epochs ({cfg.epochs}), got {cfg.head_epochs}")
+            raise UsageError(f"--head-epochs must be between 0 and --epochs ({cfg.epochs}), got {cfg.head_epochs}")
 
 
 # -- data --------------------------------------------------------------------------------------
@@ -88,25 +87,19 @@ def train_transform(transform, augment: bool):
     ])
 
 
-def collate_good(batch):
-    """(images, labels, [(path, reason) of unreadable files]): bad files are dropped, not fatal."""
-    import torch
-
-    good = [b for b in batch if b[1] is not None]
-    x = torch.stack([b[1] for b in good]) if good else None
-    y = torch.tensor([b[2] for b in good], dtype=torch.long)
-    return x, y, [(b[3], b[4]) for b in batch if b[1] is None]
-
-
 def _loader(root, items, transform, cfg: TrainConfig, shuffle: bool):
+    """A persistent loader of Items: Batches of ``cfg.batch_size`` (train, shuffled) or chunks in order (val)."""
     import torch
     from torch.utils.data import DataLoader
 
-    from .extract import ImageListDataset
+    from .reader import ImageListDataset, collate_items, item_loader
 
     workers = resolve_workers(cfg.workers)
-    return DataLoader(ImageListDataset(root, items, transform), batch_size=cfg.batch_size, shuffle=shuffle,
-                      num_workers=workers, collate_fn=collate_good, persistent_workers=workers > 0,
+    dataset = ImageListDataset(root, items, transform)
+    if not shuffle:
+        return item_loader(dataset, workers, persistent=True)
+    return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, num_workers=workers,
+                      collate_fn=collate_items, persistent_workers=workers > 0,
                       generator=torch.Generator().manual_seed(cfg.seed))
 
 
@@ -118,7 +111,7 @@ def sample_split(labels: np.ndarray, n: int, val_fraction: float, seed: int) -> 
     unreadable files): fine-tuning from a fit-head checkpoint is validated on images its head never saw.
     """
     if n > len(labels):
-        raise ValueError(f"--n {n} is more than the {len(labels)} images in the data folder")
+        raise UsageError(f"--n {n} is more than the {len(labels)} images in the data folder")
     chosen = stratified_order(labels, seed)[:n or len(labels)]
     train, val = split_indices(labels[chosen], val_fraction, seed)
     return chosen[train], chosen[val]
@@ -138,63 +131,36 @@ class _Skipped:
                 self.files[path] = reason
 
 
-def evaluate(model, loader, device, precision, skipped: _Skipped) -> tuple[float, float, np.ndarray, np.ndarray]:
-    """Accuracy, mean NLL, labels and predictions over a loader."""
-    import torch
+def evaluate(model: "Inference", val_loader, batch_size: int, skipped: _Skipped
+             ) -> tuple[float, float, np.ndarray, np.ndarray]:
+    """Accuracy, mean NLL, labels and predictions of the validation images (``inference.run_batches``)."""
+    from .inference import run_batches
+    from .reader import iter_items
 
-    from .device import autocast
-
-    model.eval()
     loss_sum, ys, preds = 0.0, [], []
-    with torch.inference_mode():
-        for x, y, bad in loader:
-            skipped.add(bad)
-            if x is None:
-                continue
-            with autocast(device, precision):
-                out = model(x.to(device).contiguous(memory_format=torch.channels_last))
-            out = out.float().cpu()
-            loss_sum += float(torch.nn.functional.nll_loss(out, y, reduction="sum"))
-            ys.append(y.numpy())
-            preds.append(out.argmax(1).numpy())
+    for batch, logp in run_batches(model, iter_items(val_loader), batch_size):
+        skipped.add(batch.bad)
+        if logp is None:
+            continue
+        y = np.array([g.label for g in batch.good])
+        loss_sum -= float(logp[np.arange(len(y)), y].sum())
+        ys.append(y)
+        preds.append(logp.argmax(1))
     if not ys:
-        raise ValueError("no validation image could be decoded")
+        raise UsageError("no validation image could be decoded")
     y, pred = np.concatenate(ys), np.concatenate(preds)
     return float((pred == y).mean()), loss_sum / len(y), y, pred
 
 
-def _train_epoch(model, loader, opt, device, precision, epoch: int, print_every: int, skipped: _Skipped):
+def _minibatches(loader, device, skipped: _Skipped, bar):
+    """(images, labels) on ``device`` from a loader of Batches; unreadable files skipped and logged."""
     import torch
-    from .progress import progress
 
-    from .device import autocast
-
-    model.train()
-    seen = correct = 0
-    loss_sum = 0.0
-    bar = progress(total=len(loader.dataset), desc=f"epoch {epoch}", unit="img", leave=False)
-    for b, (x, y, bad) in enumerate(loader, 1):
-        skipped.add(bad)
-        bar.update(len(y) + len(bad))
-        if x is None:
-            continue
-        x, y = x.to(device).contiguous(memory_format=torch.channels_last), y.to(device)
-        opt.zero_grad()
-        with autocast(device, precision):
-            out = model(x)
-        loss = torch.nn.functional.nll_loss(out.float(), y)
-        loss.backward()
-        opt.step()
-        seen += len(y)
-        loss_sum += loss.item() * len(y)
-        correct += int((out.argmax(1) == y).sum())
-        if print_every and b % print_every == 0:
-            bar.write(f"Epoch {epoch}, batch {b}: running train acc={correct / seen:.3f}, "
-                      f"loss={loss_sum / seen:.4f}", file=sys.stderr)
-    bar.close()
-    if not seen:
-        raise ValueError("no training image could be decoded")
-    return correct / seen, loss_sum / seen, seen
+    for batch in loader:
+        skipped.add(batch.bad)
+        bar.update(len(batch.items))
+        if batch.good:
+            yield batch.images().to(device).contiguous(memory_format=torch.channels_last), batch.labels().to(device)
 
 
 def _fit(cfg: TrainConfig, kind: str, lm, stages: list, listing) -> dict:
@@ -202,10 +168,13 @@ def _fit(cfg: TrainConfig, kind: str, lm, stages: list, listing) -> dict:
     import torch
 
     from .device import resolve_device, resolve_precision
+    from .inference import Inference
     from .models import count_params, save_model
+    from .progress import progress
+    from .runs import finish_run, new_run_dir
 
     if list(listing.classes) != lm.classes:
-        raise ValueError(f"the model's classes {lm.classes} differ from the data's {list(listing.classes)}")
+        raise UsageError(f"the model's classes {lm.classes} differ from the data's {list(listing.classes)}")
     train_idx, val_idx = sample_split(listing.labels, cfg.n, cfg.val_fraction, cfg.seed)
     items = [(f.path, f.label) for f in listing.files]
     device = resolve_device(cfg.device)
@@ -217,42 +186,42 @@ def _fit(cfg: TrainConfig, kind: str, lm, stages: list, listing) -> dict:
     backbone_lr = getattr(cfg, "backbone_lr", None) or cfg.lr / 10
     opt = torch.optim.Adam([{"params": model.head.parameters(), "lr": cfg.lr},
                             {"params": model.features.parameters(), "lr": backbone_lr}])
-    skipped, history, stage = _Skipped(), [], None
+    val_model = Inference(model, device, precision, freeze=False)  # the same inference path as evaluate/predict
+    skipped, state = _Skipped(), {"stage": None}
     log.info("%s: %d train / %d val images of %s, device %s, precision %s", kind, len(train_idx), len(val_idx),
              cfg.data, device, precision)
-    t0 = time.time()
-    for epoch in range(1, cfg.epochs + 1):  # epochs count from 1 everywhere: logs, history, curves
+
+    def one_epoch(epoch: int):
         unfreeze, name = stages[epoch - 1]
-        if name != stage:
+        if name != state["stage"]:
             model.set_trainable(unfreeze)  # frozen parameters get no gradient, so Adam leaves them alone
             total, trainable = count_params(model)
             log.info("epoch %d: %s stage, %s of %s parameters trainable", epoch, name, f"{trainable:,}",
                      f"{total:,}")
-            stage = name
-        train_acc, train_loss, seen = _train_epoch(model, train_loader, opt, device, precision, epoch,
-                                                   cfg.print_every, skipped)
-        val_acc, val_loss, y_val, pred = evaluate(model, val_loader, device, precision, skipped)
-        row = {"epoch": epoch, "stage": name, "trainable_params": count_params(model)[1], "train_acc": train_acc,
-               "val_acc": val_acc, "train_loss": train_loss, "val_loss": val_loss, "seconds": time.time() - t0}
-        history.append(row)
-        print(f"Epoch {epoch}, Train acc={train_acc:.3f}, Val acc={val_acc:.3f}, "
-              f"Train loss={train_loss:.3f}, Val loss={val_loss:.3f}", file=sys.stderr)
+            state["stage"] = name
+        bar = progress(total=len(train_idx), desc=f"epoch {epoch}", unit="img", leave=False)
+        acc, loss, state["seen"] = train_one_epoch(model, opt, _minibatches(train_loader, device, skipped, bar),
+                                                   device, precision, cfg.print_every, bar.write, epoch)
+        bar.close()
+        return acc, loss, {"stage": name, "trainable_params": count_params(model)[1]}
+
+    def validate():
+        acc, loss, state["y_val"], state["pred"] = evaluate(val_model, val_loader, cfg.batch_size, skipped)
+        return acc, loss
+
+    t0 = time.time()
+    history = run_epochs(cfg.epochs, one_epoch, validate)
     seconds = time.time() - t0
-    per_class = per_class_accuracy(y_val, pred, lm.classes)
+    y_val, seen = state["y_val"], state["seen"]
+    per_class = per_class_accuracy(y_val, state["pred"], lm.classes)
     metrics = {**history[-1], "per_class_val_acc": per_class, "train_rows": int(seen), "val_rows": int(len(y_val)),
                "skipped": len(skipped.files)}
-    out_dir = run_dir(cfg.runs_dir, kind)
+    out_dir = new_run_dir(cfg.runs_dir, kind)
     lm.model.to("cpu")
     save_model(lm, out_dir / "model.pt", kind, asdict(cfg), metrics, history)
-    (out_dir / "history.json").write_text(json.dumps(history, indent=2))
-    from . import plots
-
-    curves = plots.curves(history, out_dir / "curves.png")
-    from .ledger import append_run
-
-    append_run(cfg.runs_dir, kind, backbone=lm.info["backbone"], params=asdict(cfg),
-               metrics={k: metrics[k] for k in ("val_acc", "val_loss", "train_acc", "train_loss")},
-               outputs=[out_dir / "model.pt", curves])
+    curves = finish_run(out_dir, cfg.runs_dir, kind, history, [out_dir / "model.pt"], backbone=lm.info["backbone"],
+                        params=asdict(cfg),
+                        metrics={k: metrics[k] for k in ("val_acc", "val_loss", "train_acc", "train_loss")})
     return {"run_dir": str(out_dir), "checkpoint": str(out_dir / "model.pt"), "curves": str(curves),
             "backbone": lm.info["backbone"], **metrics,
             "skipped_files": [{"path": p, "why": w} for p, w in skipped.files.items()],
@@ -282,15 +251,15 @@ def finetune(cfg: FinetuneConfig) -> dict:
     validate(cfg)
     unfreeze = parse_unfreeze(cfg.unfreeze)
     if unfreeze == 0:
-        raise ValueError("--unfreeze none leaves nothing of the backbone to fine-tune; use train, 'all' or K")
+        raise UsageError("--unfreeze none leaves nothing of the backbone to fine-tune; use train, 'all' or K")
     listing = list_image_folder(cfg.data)
     torch.manual_seed(cfg.seed)
     if cfg.init_head:
         lm = load_model(cfg.init_head, cfg.weights)
         if cfg.backbone and cfg.backbone != lm.info["backbone"]:
-            raise ValueError(f"--backbone {cfg.backbone} differs from {cfg.init_head}'s {lm.info['backbone']}")
+            raise UsageError(f"--backbone {cfg.backbone} differs from {cfg.init_head}'s {lm.info['backbone']}")
         if cfg.pool and cfg.pool != lm.info["pool"]:
-            raise ValueError(f"--pool {cfg.pool} differs from {cfg.init_head}'s {lm.info['pool']}")
+            raise UsageError(f"--pool {cfg.pool} differs from {cfg.init_head}'s {lm.info['pool']}")
     else:
         lm = build_model(cfg.backbone or "vgg16", cfg.weights or "DEFAULT", listing.classes, cfg.pool, cfg.dropout)
     lm.model.set_trainable(unfreeze)  # fails early when K is more than the backbone's blocks

@@ -90,7 +90,7 @@ def feature_map(cfg: FeatureMapConfig) -> dict:
     import torch
 
     from .backbones import load_backbone
-    from .extract import FeatureModel
+    from .inference import Inference
     from .plots import feature_map_png, top_channels
 
     if cfg.top_k < 1:
@@ -101,7 +101,7 @@ def feature_map(cfg: FeatureMapConfig) -> dict:
         raise ValueError(f"image {cfg.image!r}: {e.reason}") from None
     backbone = load_backbone(cfg.backbone, cfg.weights)
     x, seen = as_seen(backbone.transform, image)
-    model = FeatureModel(backbone.features, torch.device("cpu"), "fp32", "none", "float32")
+    model = Inference(backbone.features, torch.device("cpu"), "fp32")
     fmap = model(x[None])[0]
     top = top_channels(fmap, cfg.top_k)
     out = feature_map_png(seen, fmap, cfg.output, top_k=cfg.top_k,

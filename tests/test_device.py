@@ -6,7 +6,7 @@ from torch import nn
 import pipeline.device as dev
 from pipeline.device import AdaptiveBatch, autocast, resolve_precision
 from pipeline.errors import PipelineError
-from pipeline.extract import FeatureModel
+from pipeline.inference import Inference
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
@@ -58,9 +58,9 @@ class OomAbove(nn.Module):
 
 def test_oom_halves_the_batch_and_gives_the_unsplit_result(caplog):
     x = torch.randn(10, 3, 4, 4)
-    want = FeatureModel(OomAbove(100), CPU, "fp32", "none", "float32")(x)
+    want = Inference(OomAbove(100), CPU, "fp32", "none", "float32")(x)
     net = OomAbove(3)
-    model = FeatureModel(net, CPU, "fp32", "none", "float32")
+    model = Inference(net, CPU, "fp32", "none", "float32")
     got = model(list(x))
     np.testing.assert_array_equal(got, want)
     assert got.shape == (10, 3, 4, 4) and got.flags.c_contiguous
@@ -72,7 +72,7 @@ def test_oom_halves_the_batch_and_gives_the_unsplit_result(caplog):
 
 
 def test_oom_on_a_single_row_is_a_clear_error():
-    model = FeatureModel(OomAbove(0), CPU, "fp32", "none", "float16")
+    model = Inference(OomAbove(0), CPU, "fp32", "none", "float16")
     with pytest.raises(PipelineError, match="single image"):
         model(torch.randn(4, 3, 2, 2))
 
@@ -91,10 +91,10 @@ def test_feature_model_output_is_storage_dtype_nchw_and_matches_fp32():
     x = torch.rand(3, 3, 16, 16)
     with torch.inference_mode():
         want = net(x).numpy()
-    out = FeatureModel(net, CPU, "bf16", "none", "float16")(x)
+    out = Inference(net, CPU, "bf16", "none", "float16")(x)
     assert out.dtype == np.float16 and out.shape == (3, 8, 8, 8) and out.flags.c_contiguous
     got = out.astype(np.float32).ravel()
     cos = got @ want.ravel() / np.linalg.norm(got) / np.linalg.norm(want)
     assert cos > 0.999
-    pooled = FeatureModel(net, CPU, "fp32", "avg", "float32")(x)
+    pooled = Inference(net, CPU, "fp32", "avg", "float32")(x)
     np.testing.assert_allclose(pooled[:, :, 0, 0], want.mean((2, 3)), rtol=1e-5, atol=1e-6)

@@ -73,10 +73,12 @@ def test_refusals(tmp_path, head_run):
     with pytest.raises(ValueError, match="not a checkpoint of this tool"):
         evaluate(EvaluateConfig(model=str(tmp_path / "m.pt"), runs_dir=str(tmp_path / "r")))
     torch.save({"kind": "train"}, tmp_path / "d.pt")
-    with pytest.raises(ValueError, match="damaged train checkpoint: it lacks state_dict"):
+    with pytest.raises(ValueError, match="damaged or outdated train checkpoint: it lacks state_dict"):
         evaluate(EvaluateConfig(model=str(tmp_path / "d.pt"), runs_dir=str(tmp_path / "r")))
     torch.save({"kind": "train", "state_dict": {}, "backbone": "tiny", "weights": "none", "classes": ["a", "b"],
-                "in_shape": [8, 8, 8], "pool": "none", "dropout": 0.0, "preprocess": {}}, tmp_path / "t.pt")
+                "in_shape": [8, 8, 8], "pool": "none", "dropout": 0.0,
+                "preprocessing": {"resize_size": 36, "crop_size": 32, "interpolation": "bilinear", "antialias": True,
+                                  "mean": [0.5] * 3, "std": [0.25] * 3}}, tmp_path / "t.pt")
     # a whole model needs images, not cached features
     with pytest.raises(ValueError, match="cannot evaluate a 'train' checkpoint on --cache; known: .*fit-head on --cache"):
         evaluate(EvaluateConfig(model=str(tmp_path / "t.pt"), runs_dir=str(tmp_path / "r")))

@@ -6,7 +6,9 @@ import torch
 
 from pipeline.cache import FeatureCache
 from pipeline.extract import ExtractConfig, extract
-from pipeline.head import FitHeadConfig, build_head, evaluate_head, fit_head, split_indices
+from pipeline.head import FitHeadConfig, evaluate_head, fit_head
+from pipeline.models import build_head
+from pipeline.training import split_indices
 from tests.conftest import make_image_folder
 
 

@@ -112,7 +112,7 @@ def test_checkpoint_round_trip_predicts_the_same(tmp_path, image_folder):
     save_model(lm, tmp_path / "model.pt", "train", {"lr": 0.1}, {"val_acc": 1.0}, [])
     ckpt = torch.load(tmp_path / "model.pt", weights_only=True)
     assert ckpt["kind"] == "train" and ckpt["classes"] == ["blue", "red"] and ckpt["pool"] == "avg"
-    assert ckpt["preprocess"]["crop_size"] == 32 and ckpt["config"] == {"lr": 0.1}
+    assert ckpt["preprocessing"]["crop_size"] == 32 and ckpt["config"] == {"lr": 0.1}
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # rebuilding must not warn about random weights
         again = load_model(tmp_path / "model.pt")
@@ -126,6 +126,31 @@ def test_not_a_checkpoint(tmp_path):
         read_checkpoint(tmp_path / "w.pt")
     with pytest.raises(ValueError, match="does not exist"):
         read_checkpoint(tmp_path / "missing.pt")
+
+
+@pytest.mark.parametrize("field, value", [("classes", 5), ("classes", ["only-one"]), ("dropout", "x"),
+                                          ("state_dict", "x"), ("weights", 123), ("in_shape", [8, -1, 8]),
+                                          ("pool", "max"), ("preprocessing", {"crop_size": 3})])
+def test_a_checkpoint_with_a_wrong_field_is_one_line_naming_it(tmp_path, field, value):
+    lm = build_model("tiny", "none", ["blue", "red"])
+    save_model(lm, tmp_path / "model.pt", "train", {}, {}, [])
+    ckpt = torch.load(tmp_path / "model.pt", weights_only=True)
+    read_checkpoint(tmp_path / "model.pt")  # fine as saved
+    torch.save({**ckpt, field: value}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match=f"field '{field}' must be "):
+        read_checkpoint(tmp_path / "bad.pt")
+
+
+def test_a_pickled_object_is_refused_in_one_line_without_torchs_advice(tmp_path):
+    import argparse
+
+    torch.save({"kind": "train", "odd": argparse.Namespace(a=1)}, tmp_path / "p.pt")
+    torch.save(argparse.Namespace(a=1), tmp_path / "q.pt")
+    for name in ("p.pt", "q.pt"):
+        with pytest.raises(ValueError) as e:
+            read_checkpoint(tmp_path / name)
+        assert "\n" not in str(e.value) and "weights_only=False" not in str(e.value)
+        assert "never loaded" in str(e.value)
 
 
 @pytest.mark.parametrize("backbone,pool", [("tiny", "none"), ("tiny_bn", "avg")])

@@ -97,7 +97,7 @@ def test_n_takes_a_stratified_sample_split_like_fit_head():
 def test_validation_images_are_those_fit_head_holds_out(tmp_path):
     from pipeline.cache import FeatureCache
     from pipeline.data import list_image_folder
-    from pipeline.head import split_indices
+    from pipeline.training import split_indices
 
     data = make_image_folder(tmp_path / "data", per_class=15, classes=("blue", "green", "red"))
     cache = extract(ExtractConfig(data=str(data), n=30, seed=3, backbone="tiny", weights="none", workers=0,

@@ -1,0 +1,129 @@
+"""Extract one range of candidate images into one cache file: reader -> model -> writer, resumable.
+
+``extract_range`` is the whole single-process extraction (every candidate) and each torchrun
+shard (candidate positions [first, stop)). ``existing_cache`` decides whether a file on disk is
+this request's (a hit, or a run to resume) before anything runs.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+from . import backbones as bb
+from .cache import CacheBusy, CacheError, CacheInfo, CacheWriter, now_iso, read_info
+from .data import ImageFolderListing, stratified_order
+from .device import resolve_workers
+from .errors import UsageError
+from .provenance import Provenance, versions
+from .reader import ImageListDataset, item_loader, iter_items
+
+log = logging.getLogger(__name__)
+
+
+def hit_summary(info: CacheInfo, started: float) -> dict:
+    """What extract returns for a cache that is already complete."""
+    return {"cache": str(info.path), "hit": True, "rows": info.rows, "skipped": int(info.attrs.get("skipped_rows", 0)),
+            "feature_shape": list(info.feature_shape), "classes": info.classes, "seconds": time.time() - started}
+
+
+def existing_cache(path: Path, key: str) -> Optional[CacheInfo]:
+    """The cache at ``path`` when it belongs to this request (complete, or to resume), else None.
+
+    A file that is damaged, foreign or of another fingerprint is moved aside (never deleted) and
+    extraction starts again; a file another process holds is an error (CacheBusy).
+    """
+    if not path.exists():
+        return None
+    try:
+        info = read_info(path)
+        if info.attrs["fingerprint"] != key:
+            raise CacheError("fingerprint differs")
+        return info
+    except CacheBusy:
+        raise
+    except CacheError as e:
+        aside = path.with_name(f"{path.name}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
+        path.rename(aside)
+        log.warning("cache %s could not be resumed (%s); moved it to %s and starting again", path, e, aside)
+        return None
+
+
+def extract_range(cfg, listing: ImageFolderListing, key: str, path: Path, resumed: Optional[CacheInfo] = None,
+                  positions: Optional[tuple[int, int]] = None, extra_attrs: Optional[dict] = None) -> dict:
+    """Extract into ``path``, continuing ``resumed`` (its validated progress) if given.
+
+    ``cfg`` is an ``extract.ExtractConfig``. Without ``positions``, the first ``cfg.n`` good images
+    of the stratified order (all with n=0); with ``positions=(first, stop)``, every good image among
+    those candidates (one torchrun shard, ``extra_attrs`` added to its file).
+    """
+    from .device import resolve_device, resolve_precision
+    from .inference import Inference, run_batches
+    from .progress import progress
+
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    backbone = bb.load_backbone(cfg.backbone, cfg.weights)
+    model = Inference(backbone.features, device, precision, cfg.pool, cfg.dtype)
+    backbone.model = None  # the classifier (about 500 MB for VGG-16) is not needed to extract
+    order = stratified_order(listing.labels, cfg.seed)
+    items = [(listing.files[i].path, listing.files[i].label) for i in order]
+    first, stop = positions or (0, len(items))
+    target = stop - first if positions else (cfg.n or len(items))
+    provenance = Provenance.of_backbone(backbone, listing.classes, cfg.pool, cfg.weights,
+                                        data_root=str(Path(cfg.data).resolve()),
+                                        data_fingerprint=listing.fingerprint(), versions=versions())
+    attrs = {
+        "fingerprint": key, **provenance.cache_attrs(),
+        "seed": cfg.seed, "n_requested": cfg.n, "sample": "seeded, stratified by class (proportional)",
+        "n_source_files": len(items), "dtype": cfg.dtype, "precision": precision, "device": str(device),
+        "batch_size": cfg.batch_size, "created": now_iso(), "command": cfg.command, "config": json.dumps(asdict(cfg)),
+        **(extra_attrs or {}),
+    }
+    if resumed is not None and resumed.attrs["precision"] != precision:
+        raise UsageError(f"{path} was started in precision {resumed.attrs['precision']!r} and this run computes in "
+                         f"{precision!r}; pass --precision {resumed.attrs['precision']} to finish it")
+    start = max(int(resumed.attrs["next_candidate"]) if resumed else 0, first)
+    rows = start_rows = resumed.rows if resumed else 0
+    # the decoding workers fork before the cache file is opened, so they never hold it
+    dataset = ImageListDataset(listing.root, items[:stop], backbone.transform, start=start,
+                               raw_jpeg=cfg.decode == "device")
+    candidates = iter_items(item_loader(dataset, resolve_workers(cfg.workers))) if rows < target else iter(())
+    if cfg.decode == "device":
+        from .device_decode import decode_on_device
+
+        candidates = decode_on_device(candidates, backbone.transform, device, listing.root)
+    t0 = time.time()
+    with CacheWriter(path, attrs, source=listing) as writer:
+        if writer.rows != start_rows:
+            raise CacheError(f"{path} changed while this extraction started; run it again")
+        bar = progress(total=target, initial=start_rows, unit="img", desc="extract")
+        try:
+            for batch, feats in run_batches(model, candidates, cfg.batch_size, limit=target - start_rows):
+                for p, why in batch.bad:
+                    log.warning("skipping %s: %s", p, why)
+                good = batch.good
+                writer.append(feats, [g.label for g in good], [g.path for g in good], batch.next_position,
+                              batch.bad)
+                rows += len(good)
+                bar.update(len(good))
+                bar.set_postfix(skipped=writer.skipped_rows, refresh=False)
+        finally:
+            bar.close()
+        skipped = writer.skipped_rows
+        if rows == 0 and not positions:
+            raise UsageError(f"no image in {cfg.data} could be decoded ({skipped} tried); run check-images on it")
+        if rows < target and not positions:
+            log.warning("only %d good images of the %d %s (%d skipped)", rows, target,
+                        "asked for" if cfg.n else "files", skipped)
+        writer.finish()
+        shape = list(writer.f["features"].shape[1:]) if "features" in writer.f else []
+    seconds = time.time() - t0
+    computed = rows - start_rows
+    return {"cache": str(path), "hit": False, "rows": rows, "computed": computed, "resumed_from": start_rows,
+            "skipped": skipped, "feature_shape": shape, "classes": list(listing.classes),
+            "device": str(device), "precision": precision, "seconds": seconds,
+            "img_per_s": computed / seconds if seconds > 0 else 0.0}

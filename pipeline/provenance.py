@@ -1,0 +1,156 @@
+"""Where features come from, in one record: backbone, weights identity, preprocessing, classes, data.
+
+A cache writes its ``Provenance`` as HDF5 attributes; a checkpoint carries the same fields; and
+whether two of them fit together (a head and the cache it is evaluated on, a head and the backbone
+it is put on) is decided in one place, ``Provenance.differences``. Preprocessing has one
+representation, ``Preprocessing``, compared as values, never as strings.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import re
+from dataclasses import asdict, dataclass, field, fields
+from importlib import metadata
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What the weights' ``transforms()`` does: resize, center crop, interpolation, normalisation."""
+
+    resize_size: int  # shorter side after resizing
+    crop_size: int  # side of the center crop
+    interpolation: str  # torchvision InterpolationMode value, e.g. 'bilinear'
+    antialias: bool  # antialiased resize
+    mean: tuple  # per-channel mean subtracted after ToTensor
+    std: tuple  # per-channel std divided by
+
+    @classmethod
+    def from_transform(cls, t) -> "Preprocessing":
+        """From a torchvision ``ImageClassification`` preset (what ``weights.transforms()`` returns)."""
+        return cls(int(t.resize_size[0]), int(t.crop_size[0]), t.interpolation.value, bool(t.antialias),
+                   tuple(float(x) for x in t.mean), tuple(float(x) for x in t.std))
+
+    def to_transform(self):
+        """The torchvision preset again (so a saved model needs no weights file to preprocess)."""
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms._presets import ImageClassification
+
+        return ImageClassification(crop_size=self.crop_size, resize_size=self.resize_size, mean=self.mean,
+                                   std=self.std, interpolation=InterpolationMode(self.interpolation),
+                                   antialias=self.antialias)
+
+    def describe(self) -> str:
+        return (f"Resize([{self.resize_size}], {self.interpolation}, antialias={self.antialias}) "
+                f"CenterCrop([{self.crop_size}]) ToTensor() Normalize(mean={list(self.mean)}, std={list(self.std)})")
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocessing":
+        return cls(int(d["resize_size"]), int(d["crop_size"]), str(d["interpolation"]), bool(d["antialias"]),
+                   tuple(float(x) for x in d["mean"]), tuple(float(x) for x in d["std"]))
+
+    @classmethod
+    def parse(cls, text: str) -> "Preprocessing":
+        """From ``describe()``'s text: the only record caches made before this field existed have."""
+        m = re.fullmatch(r"Resize\(\[(\d+)\], (\w+), antialias=(\w+)\) CenterCrop\(\[(\d+)\]\) ToTensor\(\) "
+                         r"Normalize\(mean=\[(.*)\], std=\[(.*)\]\)", text.strip())
+        if not m:
+            raise ValueError(f"cannot read the preprocessing {text!r}")
+        nums = lambda s: tuple(float(x) for x in s.split(","))  # noqa: E731
+        return cls(int(m[1]), int(m[4]), m[2], m[3] == "True", nums(m[5]), nums(m[6]))
+
+
+def package_version(pkg: str) -> str:
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def versions() -> dict:
+    """The library versions that can change features or their storage."""
+    return {"python": platform.python_version(),
+            **{p: package_version(p) for p in ("torch", "torchvision", "h5py", "numpy", "pillow", "transfer-pipeline")}}
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Everything that identifies where a feature map comes from, and what its rows mean."""
+
+    backbone: str  # a name from backbones.BACKBONES
+    weights: str  # 'VGG16_Weights.IMAGENET1K_V1', 'file:<name>' or 'none'
+    weights_sha256: str  # sha256 of a local weights file ('' for torchvision weights)
+    weights_covers: str  # which part the weights cover: 'all', 'features' or 'none'
+    weights_path: str  # absolute path of a local weights file when it was used ('' otherwise)
+    preprocessing: Preprocessing  # resize, crop and normalisation the features were made with
+    classes: tuple  # class names, in label order
+    pool: str = "none"  # 'none' (C x H x W maps) or 'avg' (globally averaged C x 1 x 1)
+    data_root: str = ""  # absolute path of the data folder ('' for a model not tied to a cache)
+    data_fingerprint: str = ""  # the data folder's listing fingerprint at extraction
+    versions: dict = field(default_factory=dict)  # library versions at extraction
+
+    @classmethod
+    def of_backbone(cls, loaded, classes, pool: str = "none", weights_arg: str = "", **data) -> "Provenance":
+        """From a ``backbones.LoadedBackbone`` (``weights_arg``: the --weights value, to record a file's path)."""
+        from pathlib import Path
+
+        local = loaded.weights_id.startswith("file:")
+        return cls(loaded.spec.name, loaded.weights_id, loaded.weights_sha256, loaded.covers,
+                   str(Path(weights_arg).resolve()) if local and weights_arg else "",
+                   Preprocessing.from_transform(loaded.transform), tuple(classes), pool, **data)
+
+    # -- caches ------------------------------------------------------------------------------
+    def cache_attrs(self) -> dict:
+        """HDF5 attributes: the fields, plus mean/std/transform kept for people reading the file with h5py."""
+        import numpy as np
+
+        p = self.preprocessing
+        return {"backbone": self.backbone, "weights": self.weights, "weights_sha256": self.weights_sha256,
+                "weights_covers": self.weights_covers, "weights_path": self.weights_path,
+                "preprocessing": json.dumps(p.to_dict()), "mean": np.array(p.mean), "std": np.array(p.std),
+                "transform": p.describe(), "classes": json.dumps(list(self.classes)), "pool": self.pool,
+                "data_root": self.data_root, "data_fingerprint": self.data_fingerprint,
+                "versions": json.dumps(self.versions)}
+
+    @classmethod
+    def from_cache_attrs(cls, attrs: dict) -> "Provenance":
+        pre = attrs.get("preprocessing")
+        preprocessing = Preprocessing.from_dict(json.loads(pre)) if pre else Preprocessing.parse(attrs["transform"])
+        return cls(attrs["backbone"], attrs["weights"], attrs.get("weights_sha256", ""),
+                   attrs.get("weights_covers", "all"), attrs.get("weights_path", ""), preprocessing,
+                   tuple(json.loads(attrs["classes"])), attrs.get("pool", "none"), attrs.get("data_root", ""),
+                   attrs.get("data_fingerprint", ""), json.loads(attrs.get("versions") or "{}"))
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def checkpoint_fields(self) -> dict:
+        """Plain values (``torch.load(weights_only=True)`` reads them back) for a checkpoint dict."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d.update(preprocessing=self.preprocessing.to_dict(), classes=list(self.classes),
+                 transform=self.preprocessing.describe())
+        return d
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict) -> "Provenance":
+        names = {f.name for f in fields(cls)}
+        d = {k: ckpt[k] for k in names if k in ckpt}
+        d["preprocessing"] = Preprocessing.from_dict(ckpt["preprocessing"])
+        d["classes"] = tuple(ckpt["classes"])
+        return cls(**d)
+
+    # -- comparing ---------------------------------------------------------------------------
+    def differences(self, other: "Provenance", what: tuple = ("backbone", "weights", "preprocessing", "pool")
+                    ) -> list[str]:
+        """'field: mine vs theirs' for each of ``what`` that differs (a local file compared by its sha256)."""
+        out = []
+        for name in what:
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if name == "weights" and self.weights_sha256 and other.weights_sha256:
+                mine, theirs = self.weights_sha256, other.weights_sha256
+            if mine != theirs:
+                show = (lambda p: p.describe()) if name == "preprocessing" else (lambda v: v)
+                out.append(f"{name}: {show(mine)} vs {show(theirs)}")
+        return out
+
