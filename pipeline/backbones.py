@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
-from .errors import PipelineError
+from .errors import PipelineError, UsageError
 
 if TYPE_CHECKING:  # only for annotations: importing torch here would slow every cache hit
     from torch import nn
@@ -115,7 +115,7 @@ def register_backbone(spec: BackboneSpec) -> None:
 
 def get_spec(name: str) -> BackboneSpec:
     if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; known: {', '.join(sorted(BACKBONES))}")
+        raise UsageError(f"unknown backbone {name!r}; known: {', '.join(sorted(BACKBONES))}")
     return BACKBONES[name]
 
 
@@ -165,10 +165,10 @@ def read_sidecar(path: str | os.PathLike) -> dict:
     try:
         meta = json.loads(side.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"weights sidecar {str(side)!r} is not valid JSON: {e}") from None
+        raise UsageError(f"weights sidecar {str(side)!r} is not valid JSON: {e}") from None
     for key in ("mean", "std"):
         if key in meta and (not isinstance(meta[key], list) or len(meta[key]) != 3):
-            raise ValueError(f"weights sidecar {str(side)!r}: {key!r} must be a list of 3 numbers")
+            raise UsageError(f"weights sidecar {str(side)!r}: {key!r} must be a list of 3 numbers")
     return meta
 
 
@@ -199,14 +199,14 @@ def torchvision_weights(spec: BackboneSpec, name: str):
     from torchvision.models import get_model_weights
 
     if spec.torchvision_name is None:
-        raise ValueError(f"backbone {spec.name!r} has no torchvision weights; use --weights none or a file")
+        raise UsageError(f"backbone {spec.name!r} has no torchvision weights; use --weights none or a file")
     enum = get_model_weights(spec.torchvision_name)
     short = name.split(".")[-1]
     allowed = ["DEFAULT"] + [w.name for w in enum]
     if short == "DEFAULT":
         return enum.DEFAULT
     if short not in enum.__members__:
-        raise ValueError(
+        raise UsageError(
             f"unknown weights {name!r} for {spec.name}; allowed: {', '.join(allowed)}, none, or a path to a file"
         )
     return enum[short]
@@ -235,15 +235,15 @@ def _load_local(path: Path) -> dict:
     import torch
 
     if not path.is_file():
-        raise ValueError(f"weights file {str(path)!r} does not exist")
+        raise UsageError(f"weights file {str(path)!r} does not exist")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors, zip errors, refused globals
-        raise ValueError(f"weights file {str(path)!r} is not a loadable state dict ({type(e).__name__}: {e})") from None
+        raise UsageError(f"weights file {str(path)!r} is not a loadable state dict ({type(e).__name__}: {e})") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"weights file {str(path)!r} does not hold a state dict of tensors")
+        raise UsageError(f"weights file {str(path)!r} does not hold a state dict of tensors")
     return obj
 
 
@@ -253,14 +253,14 @@ def _apply_state_dict(spec: BackboneSpec, model, state: dict, source: str) -> st
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shape mismatches
         first = str(e).strip().splitlines()[1:2] or [str(e)]
-        raise ValueError(f"weights {source} are not for {spec.name}: {first[0].strip()}") from None
+        raise UsageError(f"weights {source} are not for {spec.name}: {first[0].strip()}") from None
     if unexpected:
-        raise ValueError(
+        raise UsageError(
             f"weights {source} are not for {spec.name}: unexpected keys such as {unexpected[:3]}"
         )
     needed = [k for k in missing if k.startswith(spec.feature_prefixes)]
     if needed:
-        raise ValueError(f"weights {source} lack {len(needed)} keys {spec.name} needs, such as {needed[:3]}")
+        raise UsageError(f"weights {source} lack {len(needed)} keys {spec.name} needs, such as {needed[:3]}")
     return "all" if not missing else "features"
 
 
@@ -276,10 +276,10 @@ def load_preprocessing(name: str = "vgg16", weights: str = "DEFAULT"):
     if is_weights_path(weights):
         path = Path(weights)
         if not path.is_file():
-            raise ValueError(f"weights file {str(path)!r} does not exist")
+            raise UsageError(f"weights file {str(path)!r} does not exist")
         meta = read_sidecar(path)
         if meta.get("arch") and meta["arch"] != name:
-            raise ValueError(f"weights file {str(path)!r} is for {meta['arch']!r}, not {name!r} (its sidecar says so)")
+            raise UsageError(f"weights file {str(path)!r} is for {meta['arch']!r}, not {name!r} (its sidecar says so)")
         transform = _default_transform(spec)
         if "mean" in meta and "std" in meta:
             return _with_normalisation(transform, meta["mean"], meta["std"]), f"file:{path.name}"

@@ -12,6 +12,7 @@ from .cache import FeatureCache
 from .head import FitHeadConfig, fit_head, resolve_cache
 from .training import per_class_accuracy, split_indices, validate_split
 from .ledger import append_run
+from .errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ def compare_sklearn(cfg: CompareConfig) -> dict:
     """Fit the torch head and a LogisticRegression on the same cached split; both results."""
     validate_split(cfg.val_fraction, cfg.seed)
     if cfg.C <= 0 or cfg.max_iter < 1:
-        raise ValueError(f"--C must be positive and --max-iter >= 1, got C={cfg.C}, max_iter={cfg.max_iter}")
+        raise UsageError(f"--C must be positive and --max-iter >= 1, got C={cfg.C}, max_iter={cfg.max_iter}")
     path, default_cache = resolve_cache(cfg.cache, cfg.cache_dir)
     head_cfg = replace(cfg.head or FitHeadConfig(), cache=str(path), val_fraction=cfg.val_fraction, seed=cfg.seed)
     torch_result = fit_head(head_cfg)

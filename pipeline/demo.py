@@ -14,6 +14,7 @@ from .compare import CompareConfig, compare_sklearn
 from .extract import ExtractConfig, extract
 from .fetch import KAGGLE_CATS_DOGS_URL, FetchConfig, fetch_data
 from .head import FitHeadConfig
+from .errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def demo(cfg: DemoConfig) -> dict:
     data = Path(cfg.data)
     steps: dict = {}
     if not data.is_dir() and Path(cfg.data) != Path(DEFAULT_DATA):
-        raise ValueError(f"data folder {cfg.data!r} does not exist; demo downloads only into the default "
+        raise UsageError(f"data folder {cfg.data!r} does not exist; demo downloads only into the default "
                          f"{DEFAULT_DATA} (leave --data out), or pass an existing ImageFolder root")
     if not data.is_dir():
         log.info("[1/4] %s is missing: fetching %s", data, cfg.url)

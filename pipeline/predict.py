@@ -21,6 +21,7 @@ import numpy as np
 
 from .data import ImageLoadError, is_image_name, load_rgb
 from .device import resolve_workers
+from .errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class PredictConfig:
 def list_inputs(paths) -> list[str]:
     """Image files named directly, and the image files under named folders (sorted, recursive)."""
     if not paths:
-        raise ValueError("no image or folder given to predict")
+        raise UsageError("no image or folder given to predict")
     files = []
     for p in map(Path, paths):
         if p.is_dir():
@@ -56,9 +57,9 @@ def list_inputs(paths) -> list[str]:
         elif p.is_file():
             files.append(str(p))
         else:
-            raise ValueError(f"{str(p)!r} {'is neither a file nor a folder' if p.exists() else 'does not exist'}")
+            raise UsageError(f"{str(p)!r} {'is neither a file nor a folder' if p.exists() else 'does not exist'}")
     if not files:
-        raise ValueError(f"no image files in {', '.join(map(str, paths))}")
+        raise UsageError(f"no image files in {', '.join(map(str, paths))}")
     return files
 
 
@@ -107,9 +108,9 @@ def predict(cfg: PredictConfig) -> dict:
     from .models import load_model
 
     if cfg.format not in FORMATS:
-        raise ValueError(f"unknown --format {cfg.format!r}; allowed: {', '.join(FORMATS)}")
+        raise UsageError(f"unknown --format {cfg.format!r}; allowed: {', '.join(FORMATS)}")
     if cfg.batch_size < 1:
-        raise ValueError(f"--batch-size must be positive, got {cfg.batch_size}")
+        raise UsageError(f"--batch-size must be positive, got {cfg.batch_size}")
     files = list_inputs(cfg.paths)
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
@@ -121,7 +122,7 @@ def predict(cfg: PredictConfig) -> dict:
             Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
         out = open(cfg.output, "w", newline="") if cfg.output else None
     except OSError as e:
-        raise ValueError(f"cannot write --output {cfg.output!r}: {e.strerror}") from None
+        raise UsageError(f"cannot write --output {cfg.output!r}: {e.strerror}") from None
     try:
         writer = csv.DictWriter(out, COLUMNS) if out and cfg.format == "csv" else None
         if writer:
@@ -156,11 +157,11 @@ def imagenet_check(image: str, backbone: str = "vgg16", weights: str = "DEFAULT"
     from .device import resolve_device
 
     if top < 1:
-        raise ValueError(f"--top must be positive, got {top}")
+        raise UsageError(f"--top must be positive, got {top}")
     loaded = bb.load_backbone(backbone, weights)
     if loaded.covers != "all":
         what = "are random (--weights none)" if loaded.covers == "none" else "cover only the features"
-        raise ValueError(f"weights {loaded.weights_id} {what} of {backbone}, not its ImageNet classifier; "
+        raise UsageError(f"weights {loaded.weights_id} {what} of {backbone}, not its ImageNet classifier; "
                          "imagenet-check needs the full pretrained model, e.g. --weights DEFAULT")
     categories = loaded.categories
     spec = loaded.spec
@@ -171,12 +172,12 @@ def imagenet_check(image: str, backbone: str = "vgg16", weights: str = "DEFAULT"
     try:
         x = loaded.transform(load_rgb(image)).unsqueeze(0)
     except ImageLoadError as e:
-        raise ValueError(f"{image}: {e.reason}") from None
+        raise UsageError(f"{image}: {e.reason}") from None
     dev = resolve_device(device)
     with torch.inference_mode():
         prob = torch.softmax(loaded.model.to(dev)(x.to(dev)).float(), 1)[0].cpu()
     if len(categories) != len(prob):
-        raise ValueError(f"{backbone}'s classifier has {len(prob)} outputs but {len(categories)} class names are "
+        raise UsageError(f"{backbone}'s classifier has {len(prob)} outputs but {len(categories)} class names are "
                          "known; imagenet-check needs an ImageNet-1k classifier")
     values, indices = prob.topk(min(top, len(prob)))
     return {"image": image, "backbone": backbone, "weights": loaded.weights_id,

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import ImageLoadError, list_image_folder, load_rgb
+from .errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def preview(cfg: PreviewConfig) -> dict:
     from .plots import preview_png
 
     if cfg.per_class < 1:
-        raise ValueError(f"--per-class must be positive, got {cfg.per_class}")
+        raise UsageError(f"--per-class must be positive, got {cfg.per_class}")
     listing = list_image_folder(cfg.data)
     t, weights_id = load_preprocessing(cfg.backbone, cfg.weights)  # the preprocessing only: no weights loaded
     chosen = sample_per_class(listing, cfg.per_class, cfg.seed)
@@ -94,11 +95,11 @@ def feature_map(cfg: FeatureMapConfig) -> dict:
     from .plots import feature_map_png, top_channels
 
     if cfg.top_k < 1:
-        raise ValueError(f"--top-k must be positive, got {cfg.top_k}")
+        raise UsageError(f"--top-k must be positive, got {cfg.top_k}")
     try:
         image = load_rgb(cfg.image)
     except ImageLoadError as e:
-        raise ValueError(f"image {cfg.image!r}: {e.reason}") from None
+        raise UsageError(f"image {cfg.image!r}: {e.reason}") from None
     backbone = load_backbone(cfg.backbone, cfg.weights)
     x, seen = as_seen(backbone.transform, image)
     model = Inference(backbone.features, torch.device("cpu"), "fp32")

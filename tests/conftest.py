@@ -45,10 +45,20 @@ def shared_available():
 
 
 @pytest.fixture
-def tiny_cache(tmp_path, image_folder) -> Path:
-    """A complete float32 feature cache of ``image_folder`` (2 x 12 images) from the tiny backbone."""
+def make_cache(tmp_path):
+    """``make_cache(data, **options)``: extract's result for ``data`` with the test defaults (all images,
+    the tiny random-weight backbone, decoding in-process, caches under tmp_path/features)."""
     from pipeline.extract import ExtractConfig, extract
 
-    cfg = ExtractConfig(data=str(image_folder), n=0, backbone="tiny", weights="none",
-                        cache_dir=str(tmp_path / "f"), workers=0, dtype="float32")
-    return Path(extract(cfg)["cache"])
+    def make(data, **options) -> dict:
+        cfg = {"n": 0, "backbone": "tiny", "weights": "none", "workers": 0, "cache_dir": str(tmp_path / "features"),
+               **options}
+        return extract(ExtractConfig(data=str(data), **cfg))
+
+    return make
+
+
+@pytest.fixture
+def tiny_cache(make_cache, image_folder) -> Path:
+    """A complete float32 feature cache of ``image_folder`` (2 x 12 images) from the tiny backbone."""
+    return Path(make_cache(image_folder, dtype="float32")["cache"])

@@ -3,7 +3,6 @@ import numpy as np
 import pytest
 
 from pipeline.cache import CacheError, CacheWriter, FeatureCache, read_info
-from pipeline.extract import ExtractConfig, extract
 
 
 def _attrs(fp="abc"):
@@ -55,9 +54,8 @@ def test_foreign_and_damaged_files_are_refused(tmp_path):
         read_info(tmp_path / "missing.h5")
 
 
-def test_validation_checks_shapes_and_labels(image_folder, tmp_path):
-    r = extract(ExtractConfig(data=str(image_folder), n=0, backbone="tiny", weights="none",
-                              cache_dir=str(tmp_path / "f"), workers=0))
+def test_validation_checks_shapes_and_labels(image_folder, tmp_path, make_cache):
+    r = make_cache(image_folder)
     with h5py.File(r["cache"], "a") as f:
         f["labels"][0] = 7
     with pytest.raises(CacheError, match="labels outside"):
@@ -69,9 +67,8 @@ def test_validation_checks_shapes_and_labels(image_folder, tmp_path):
         read_info(r["cache"])
 
 
-def test_iter_blocks_streams_each_row_once(image_folder, tmp_path):
-    r = extract(ExtractConfig(data=str(image_folder), n=0, backbone="tiny", weights="none",
-                              cache_dir=str(tmp_path / "f"), workers=0, dtype="float32"))
+def test_iter_blocks_streams_each_row_once(image_folder, tmp_path, make_cache):
+    r = make_cache(image_folder, dtype="float32")
     with FeatureCache(r["cache"]) as c:
         full = c.features[:]
         want = np.array([0, 3, 4, 9, 10, 23])

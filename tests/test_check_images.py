@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cli import cli
+from pipeline.cli import cli
 from pipeline.check_images import KINDS, CheckImagesConfig, check_images
 from pipeline.data import ImageLoadError, list_image_folder, load_rgb
 from tests.badfiles import make_bad_corpus, skipped_by_extract, usable

@@ -6,9 +6,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cli import cli
+from pipeline.cli import cli
 from pipeline.backbones import load_backbone
-from pipeline.extract import ExtractConfig, extract
 from tests.conftest import make_image_folder
 
 TINY = ["--backbone", "tiny", "--weights", "none", "--workers", "0"]
@@ -65,7 +64,7 @@ def test_extract_fit_head_compare_and_caches(run, tmp_path):
     (["extract", "--n", "4", "--backbone", "vgg16", "--weights", "tiny.pt"], "not for vgg16"),
     (["fit-head", "--cache", "damaged.h5"], "cannot be read as a feature cache"),
 ])
-def test_errors_are_one_line_with_exit_code_2(run, tmp_path, args, message):
+def test_errors_are_one_line_with_exit_code_2(run, tmp_path, make_cache, args, message):
     make_image_folder(tmp_path / "data" / "PetImages", per_class=12)
     with h5py.File(tmp_path / "foreign.h5", "w") as f:
         f["x"] = [1]
@@ -73,8 +72,7 @@ def test_errors_are_one_line_with_exit_code_2(run, tmp_path, args, message):
     (tmp_path / "empty" / "a").mkdir(parents=True)
     torch.save(load_backbone("tiny", "none").model.state_dict(), tmp_path / "tiny.pt")
     data = make_image_folder(tmp_path / "d2", per_class=2)
-    cache = extract(ExtractConfig(data=str(data), n=0, backbone="tiny", weights="none", workers=0,
-                                  cache_dir=str(tmp_path / "c2")))["cache"]
+    cache = make_cache(data, cache_dir=str(tmp_path / "c2"))["cache"]
     raw = open(cache, "rb").read()
     (tmp_path / "damaged.h5").write_bytes(raw[: len(raw) // 2])  # a real cache, cut off halfway
     r = run(*args)

@@ -1,15 +1,13 @@
 import pytest
 
 from pipeline.compare import CompareConfig, compare_sklearn, format_table
-from pipeline.extract import ExtractConfig, extract
 from pipeline.head import FitHeadConfig
 from tests.conftest import make_image_folder
 
 
-def test_both_models_on_the_same_split(tmp_path, monkeypatch):
+def test_both_models_on_the_same_split(tmp_path, monkeypatch, make_cache):
     data = make_image_folder(tmp_path / "d", per_class=16, classes=("blue", "green", "red"))
-    cache = extract(ExtractConfig(data=str(data), n=0, backbone="tiny", weights="none",
-                                  cache_dir=str(tmp_path / "f"), workers=0))["cache"]
+    cache = make_cache(data)["cache"]
     import pipeline.compare as compare
 
     seen = []
@@ -30,7 +28,11 @@ def test_both_models_on_the_same_split(tmp_path, monkeypatch):
     assert sk["val_acc"] == 1.0 and torch_head["val_acc"] == 1.0
     assert 0 <= sk["val_loss"] < 0.5
     table = format_table(r)
-    assert "sklearn LogisticRegression" in table and "torch Linear+LogSoftmax" in table and "36" not in table.split("\n")[0]
+    lines = table.splitlines()
+    assert lines[0].split() == ["model", "val", "acc", "val", "log-loss", "fit", "time"]
+    assert lines[2].startswith("torch Linear+LogSoftmax") and lines[3].startswith("sklearn LogisticRegression")
+    assert f"{sk['val_loss']:.4f}" in lines[3] and f"{torch_head['val_loss']:.4f}" in lines[2]
+    assert lines[-1].startswith("(same split: 36 train / 12 val rows, seed 3; cache ")
 
 
 def test_bad_C_is_a_value_error(tmp_path):

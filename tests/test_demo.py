@@ -3,7 +3,7 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from cli import cli
+from pipeline.cli import cli
 from tests.conftest import make_image_folder
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import cli
+from pipeline import cli
 from pipeline.evaluate import EvaluateConfig, Predictions, evaluate, summarize
 from pipeline.head import FitHeadConfig, fit_head
 from pipeline.ledger import read_runs

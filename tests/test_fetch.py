@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from cli import cli
+from pipeline.cli import cli
 from pipeline.errors import PipelineError
 from pipeline.fetch import FetchConfig, fetch_data
 

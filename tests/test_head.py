@@ -13,10 +13,9 @@ from tests.conftest import make_image_folder
 
 
 @pytest.fixture
-def cache(tmp_path):
+def cache(tmp_path, make_cache):
     data = make_image_folder(tmp_path / "d", per_class=16)
-    return extract(ExtractConfig(data=str(data), n=0, backbone="tiny", weights="none",
-                                 cache_dir=str(tmp_path / "f"), workers=0))["cache"]
+    return make_cache(data)["cache"]
 
 
 def test_split_is_stratified_seeded_and_disjoint():
@@ -49,6 +48,11 @@ def test_dropout_and_the_seed_make_runs_reproducible(cache, tmp_path):
     b = fit_head(FitHeadConfig(cache=cache, epochs=2, dropout=0.5, runs_dir=str(tmp_path / "b")))
     for key in ("train_loss", "val_loss", "train_acc"):
         assert [h[key] for h in a["history"]] == pytest.approx([h[key] for h in b["history"]])
+    # ... and both matter: without dropout, or with another seed, the same run trains differently
+    no_dropout = fit_head(FitHeadConfig(cache=cache, epochs=2, dropout=0.0, runs_dir=str(tmp_path / "c")))
+    other_seed = fit_head(FitHeadConfig(cache=cache, epochs=2, dropout=0.5, seed=1, runs_dir=str(tmp_path / "d")))
+    for other in (no_dropout, other_seed):
+        assert [h["train_loss"] for h in other["history"]] != pytest.approx([h["train_loss"] for h in a["history"]])
 
 
 def test_fit_head_warns_when_the_source_folder_changed(cache, tmp_path, caplog):

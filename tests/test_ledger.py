@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-import cli
+from pipeline import cli
 from pipeline.ledger import append_run, format_runs, ledger_path, read_runs
 
 

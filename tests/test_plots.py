@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-import cli
+from pipeline import cli
 from pipeline import plots
 from tests.conftest import ROOT, SHARED_CATSDOGS, SHARED_WEIGHTS
 

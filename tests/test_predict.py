@@ -8,9 +8,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import cli
+from pipeline import cli
 from pipeline import backbones as bb
-from pipeline.extract import ExtractConfig, extract
 from pipeline.head import FitHeadConfig, fit_head
 from pipeline.models import build_model, save_model
 from pipeline.predict import PredictConfig, predict
@@ -88,9 +87,8 @@ def test_predict_cli_writes_csv_and_json(tmp_path, image_folder, model_pt):
     assert missing.exit_code == 2 and "nope' does not exist" in missing.output
 
 
-def test_predict_with_a_fit_head_checkpoint(tmp_path, image_folder):
-    cache = extract(ExtractConfig(data=str(image_folder), n=0, backbone="tiny", weights="none", workers=0,
-                                  cache_dir=str(tmp_path / "features")))["cache"]
+def test_predict_with_a_fit_head_checkpoint(tmp_path, image_folder, make_cache):
+    cache = make_cache(image_folder)["cache"]
     head = fit_head(FitHeadConfig(cache=cache, epochs=10, runs_dir=str(tmp_path / "runs")))
     result = predict(PredictConfig(paths=[str(image_folder)], model=head["checkpoint"], workers=0))
     assert result["kind"] == "fit-head" and result["errors"] == 0

@@ -4,7 +4,7 @@ import sys
 
 from click.testing import CliRunner
 
-from cli import cli
+from pipeline.cli import cli
 from pipeline import progress as pg
 from tests.conftest import ROOT, make_image_folder
 

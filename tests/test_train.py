@@ -8,9 +8,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import cli
+from pipeline import cli
 from pipeline import backbones as bb
-from pipeline.extract import ExtractConfig, extract
 from pipeline.head import FitHeadConfig, fit_head
 from pipeline.models import load_model
 from pipeline.train import FinetuneConfig, TrainConfig, finetune, sample_split, train
@@ -94,14 +93,13 @@ def test_n_takes_a_stratified_sample_split_like_fit_head():
         sample_split(labels, 41, 0.25, seed=0)
 
 
-def test_validation_images_are_those_fit_head_holds_out(tmp_path):
+def test_validation_images_are_those_fit_head_holds_out(tmp_path, make_cache):
     from pipeline.cache import FeatureCache
     from pipeline.data import list_image_folder
     from pipeline.training import split_indices
 
     data = make_image_folder(tmp_path / "data", per_class=15, classes=("blue", "green", "red"))
-    cache = extract(ExtractConfig(data=str(data), n=30, seed=3, backbone="tiny", weights="none", workers=0,
-                                  cache_dir=str(tmp_path / "features")))["cache"]
+    cache = make_cache(data, n=30, seed=3)["cache"]
     with FeatureCache(cache) as c:
         _, val_rows = split_indices(c.labels, 0.25, 3)
         paths = c.paths
@@ -112,9 +110,8 @@ def test_validation_images_are_those_fit_head_holds_out(tmp_path):
     assert sorted(listing.files[i].path for i in val_idx) == held_out
 
 
-def test_finetune_starts_from_a_fit_head_checkpoint(tmp_path, image_folder):
-    cache = extract(ExtractConfig(data=str(image_folder), n=0, backbone="tiny", weights="none", workers=0,
-                                  cache_dir=str(tmp_path / "features")))["cache"]
+def test_finetune_starts_from_a_fit_head_checkpoint(tmp_path, image_folder, make_cache):
+    cache = make_cache(image_folder)["cache"]
     head = fit_head(FitHeadConfig(cache=cache, epochs=5, runs_dir=str(tmp_path / "runs")))
     result = CliRunner().invoke(cli.cli, [
         "finetune", "--data", str(image_folder), "--init-head", head["checkpoint"], "--epochs", "2",

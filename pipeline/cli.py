@@ -1,0 +1,571 @@
+"""Command line: parse options, call one pipeline function per command, print results.
+
+Results go to stdout (``--json`` for scripts), progress and logs to stderr. Defaults live once, in
+each stage's config dataclass (``defaults_from``). The library's ``UsageError`` is a usage error
+(one line, exit code 2), a ``PipelineError`` exits 1; anything else is a bug, shown as one line, or
+with its traceback under ``-v``. ``python cli.py`` (a shim at the top) and the ``transfer-pipeline``
+console script both run ``main``.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+import warnings
+
+import click
+
+from .check_images import CheckImagesConfig
+from .compare import CompareConfig
+from .demo import DemoConfig
+from .errors import PipelineError, UsageError
+from .evaluate import EvaluateConfig
+from .extract import ExtractConfig
+from .fetch import FetchConfig
+from .head import FitHeadConfig
+from .ledger import current_command, read_runs
+from .predict import PredictConfig, imagenet_check
+from .summary import SummaryConfig
+from .train import FinetuneConfig, TrainConfig
+from .viz import FeatureMapConfig, PreviewConfig
+
+
+class OneLineUsageError(click.UsageError):
+    """A usage error shown as a single 'Error: ...' line (exit code 2), without the usage banner."""
+
+    def show(self, file=None):
+        click.echo(f"Error: {self.format_message()}", file=file or sys.stderr)
+
+
+def library_errors(fn):
+    """Turn library exceptions into click's: UsageError -> exit 2, PipelineError -> exit 1.
+
+    Anything else is a bug: one line and exit 1, or the whole traceback with ``-v``.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UsageError as e:
+            raise OneLineUsageError(str(e)) from None
+        except PipelineError as e:
+            raise click.ClickException(str(e)) from None
+        except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as e:
+            ctx = click.get_current_context(silent=True)
+            if ctx is not None and (ctx.find_root().params.get("verbose") or 0):
+                raise
+            raise click.ClickException(f"unexpected {type(e).__name__}: {e} (a bug? run with -v for the "
+                                       "traceback)") from None
+
+    return wrapper
+
+
+def defaults_from(*sources):
+    """Take each option's default from the first config dataclass (or function) that has a field of its name.
+
+    So a default is written once, where the stage is: ``--n`` shows ExtractConfig.n.
+    """
+    import inspect
+    from dataclasses import MISSING, fields, is_dataclass
+
+    table: dict = {}
+    for src in reversed(sources):
+        if is_dataclass(src):
+            table.update({f.name: f.default for f in fields(src) if f.default is not MISSING})
+        else:
+            table.update({k: v.default for k, v in inspect.signature(src).parameters.items()
+                          if v.default is not inspect.Parameter.empty})
+
+    def decorate(cmd: click.Command) -> click.Command:
+        for p in cmd.params:
+            if isinstance(p, click.Option) and p.name in table and not p.required:
+                p.default = table[p.name]
+                p.show_default = table[p.name] not in (None, "")
+        return cmd
+
+    return decorate
+
+
+def note(text: str) -> None:
+    """An informational line on stderr (silenced by --quiet); results go to stdout."""
+    from .progress import is_quiet
+
+    if not is_quiet():
+        click.echo(text, err=True)
+
+
+def plural(k: int, word: str) -> str:
+    return f"{k} {word}" if k == 1 else f"{k} {word}s"
+
+
+def emit(result, as_json: bool, text: str) -> None:
+    click.echo(json.dumps(result, indent=2, default=str) if as_json else text)
+
+
+def _setup_logging(verbose: int, quiet: bool = False) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(message)s" if verbose else "%(message)s",
+                        stream=sys.stderr, force=True)
+    warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
+    logging.captureWarnings(True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="Log every committed batch and other details to stderr.")
+@click.option("-q", "--quiet", is_flag=True,
+              help="No progress bars or progress lines, no informational logs; warnings and errors still show.")
+def cli(verbose, quiet):
+    """Transfer learning from a folder of labelled photos: cache CNN features once, fit heads in seconds.
+
+    Progress goes to stderr: a bar in a terminal, a line every 10 s in a log file or pipe.
+    """
+    from .progress import set_quiet
+
+    _setup_logging(verbose, quiet)
+    set_quiet(quiet)
+
+
+def common_cache_options(fn):
+    fn = click.option("--cache-dir", help="Folder of feature caches.")(fn)
+    fn = click.option("--cache", "cache", type=click.Path(dir_okay=False),
+                      help="Cache file to use [default: the newest complete cache].")(fn)
+    return fn
+
+
+def json_option(fn):
+    return click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")(fn)
+
+
+@defaults_from(ExtractConfig)
+@cli.command()
+@click.option("--data", help="ImageFolder root (one folder per class).")
+@click.option("-n", "--n", type=int,
+              help="Good images to extract; 0 = all (under torchrun write -n: torchrun takes --n for its own).")
+@click.option("--backbone", help="vgg16, vgg19, resnet18, resnet50, ...")
+@click.option("--weights", help="torchvision weights name (DEFAULT, IMAGENET1K_V1), a state-dict file, or 'none'.")
+@click.option("--batch-size", type=int)
+@click.option("--device", help="auto, cpu, cuda or cuda:N.")
+@click.option("--workers", type=int, help="Decoding processes; -1 = one per core.")
+@click.option("--seed", type=int, help="Seed of the stratified sample of --n images.")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]),
+              help="Storage dtype of the features.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+              help="Compute precision; auto = bf16 where the device supports it.")
+@click.option("--pool", type=click.Choice(["none", "avg"]),
+              help="avg stores globally pooled C-vectors instead of C x H x W maps.")
+@click.option("--decode", type=click.Choice(["pil", "device"]),
+              help="device: decode JPEGs with torchvision's decode_jpeg on --device (nvJPEG on a GPU), "
+                   "for when CPU decoding is the bottleneck; other files still go through PIL.")
+@click.option("--cache-dir")
+@click.option("--shard-dir", help="Under torchrun: shards go to SHARD_DIR/<cache name>.shards/ "
+              "(e.g. a node-local disk) [default: beside the cache].")
+@json_option
+@library_errors
+def extract(as_json, **options):
+    """Run the frozen backbone over the images and stream features to an HDF5 cache (reused when unchanged).
+
+    Under `torchrun --nproc_per_node=K cli.py extract ...` each rank extracts a shard and rank 0
+    joins them into one (virtual) cache.
+    """
+    from .extract import extract as run
+
+    cfg = ExtractConfig(**options, command=current_command())
+    try:
+        result = run(cfg)
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted; committed rows are kept. Resume with:\n  {current_command()}", err=True)
+        sys.exit(130)
+    if result["hit"]:
+        note(f"cache hit: {result['rows']} rows already extracted, nothing computed")
+    else:
+        note(f"extracted {result['computed']} images ({result['img_per_s']:.1f} img/s), "
+                   f"{result['skipped']} skipped, {result['rows']} rows in "
+                   f"{'shards of rank ' + str(result['rank']) if 'rank' in result else 'cache'}")
+    if "rank" not in result:  # under torchrun only rank 0 prints the result
+        emit(result, as_json, result["cache"])
+
+
+@defaults_from(ExtractConfig)  # --cache-dir
+@cli.command()
+@click.option("--cache-dir")
+@click.option("--consolidate", type=click.Path(dir_okay=False), metavar="CACHE",
+              help="Copy this sharded (torchrun) cache into one ordinary file in its place, instead of listing.")
+@json_option
+@library_errors
+def caches(cache_dir, consolidate, as_json):
+    """List the feature caches: path, backbone, rows, classes, size, created."""
+    from .cache import consolidate as run_consolidate
+    from .cache import list_caches
+
+    if consolidate:
+        result = run_consolidate(consolidate)
+        note(f"{result['rows']} rows copied into one file ({result['size_bytes'] / 1e6:.1f} MB); "
+                   f"its {len(result['shards'])} shard files are no longer needed")
+        emit(result, as_json, result["cache"])
+        return
+    good, bad = list_caches(cache_dir)
+    result = {"caches": [i.summary() for i in good], "unreadable": [{"path": str(p), "why": w} for p, w in bad]}
+    lines = [f"{'path':<48} {'backbone':<10} {'rows':>6} {'classes':<20} {'size':>9}  created"]
+    for c in result["caches"]:
+        state = ("" if c["complete"] else "  (incomplete)") + ("  (sharded)" if c.get("sharded") else "")
+        lines.append(f"{c['path']:<48} {c['backbone']:<10} {c['rows']:>6} {','.join(c['classes'])[:20]:<20} "
+                     f"{c['size_bytes'] / 1e6:>7.1f}MB  {c['created']}{state}")
+    lines += [f"not a usable cache: {b['path']}: {b['why']}" for b in result["unreadable"]]
+    emit(result, as_json, "\n".join(lines) if good or bad else f"no caches in {cache_dir}")
+
+
+def head_options(fn):
+    for opt in reversed([
+        click.option("--epochs", type=int),
+        click.option("--lr", type=float),
+        click.option("--batch-size", type=int),
+        click.option("--dropout", type=float),
+        click.option("--device"),
+        click.option("--runs-dir", help="Where run outputs go."),
+        click.option("--raw-features", "scale_features", flag_value=False, default=True,
+                     help="Train on raw features (default: scaled by 1/RMS, folded into the saved weights)."),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def split_options(fn):
+    fn = click.option("--seed", type=int, help="Seeds the train/val split.")(fn)
+    fn = click.option("--val-fraction", type=float)(fn)
+    return fn
+
+
+@defaults_from(FitHeadConfig)
+@cli.command("fit-head")
+@common_cache_options
+@split_options
+@head_options
+@json_option
+@library_errors
+def fit_head_cmd(as_json, **options):
+    """Train Linear + LogSoftmax on cached features; prints one line per epoch."""
+    from .head import fit_head
+
+    result = fit_head(FitHeadConfig(**options))
+    per_class = ", ".join(f"{c} {a:.3f}" for c, a in result["per_class_val_acc"].items() if a is not None)
+    text = (f"val acc {result['val_acc']:.3f}, val loss {result['val_loss']:.4f} "
+            f"({result['train_rows']} train / {result['val_rows']} val rows, {result['fit_seconds']:.1f} s)\n"
+            f"per-class val acc: {per_class}\ncheckpoint: {result['checkpoint']}")
+    emit(result, as_json, text)
+
+
+@defaults_from(CompareConfig, FitHeadConfig)
+@cli.command("compare-sklearn")
+@common_cache_options
+@split_options
+@click.option("--C", "C", type=float, help="LogisticRegression C.")
+@click.option("--max-iter", type=int)
+@click.option("--no-scale", is_flag=True, help="Do not standardise features before LogisticRegression.")
+@head_options
+@json_option
+@library_errors
+def compare_sklearn_cmd(as_json, cache, cache_dir, val_fraction, seed, C, max_iter, no_scale, **head):
+    """Fit the torch head and scikit-learn LogisticRegression on the same split; print both."""
+    from .compare import compare_sklearn, format_table
+
+    cfg = CompareConfig(cache=cache, cache_dir=cache_dir, val_fraction=val_fraction, seed=seed, C=C,
+                        max_iter=max_iter, scale=not no_scale, head=FitHeadConfig(cache_dir=cache_dir, **head))
+    result = compare_sklearn(cfg)
+    emit(result, as_json, format_table(result))
+
+
+def picture_options():
+    def decorate(fn):
+        for opt in reversed([
+            click.option("--backbone", help="Whose preprocessing/features."),
+            click.option("--weights", help="torchvision weights name, a state-dict file (+ .json sidecar), or 'none'."),
+            click.option("--output", type=click.Path(dir_okay=False),
+                         help="PNG to write."),
+        ]):
+            fn = opt(fn)
+        return fn
+    return decorate
+
+
+@defaults_from(PreviewConfig)
+@cli.command()
+@click.option("--data", help="ImageFolder root (one folder per class).")
+@click.option("--per-class", type=int, help="Images per class.")
+@click.option("--seed", type=int, help="Seeds which images are shown.")
+@picture_options()
+@json_option
+@library_errors
+def preview(as_json, **options):
+    """A PNG grid of sample images per class, resized/cropped as for extraction (de-normalised)."""
+    from .viz import preview as run
+
+    result = run(PreviewConfig(**options))
+    emit(result, as_json, result["output"])
+
+
+@defaults_from(FeatureMapConfig)
+@cli.command("feature-map")
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.option("--top-k", type=int, help="Most active channels shown over the image.")
+@picture_options()
+@json_option
+@library_errors
+def feature_map_cmd(as_json, **options):
+    """A PNG of IMAGE beside its feature map (channels x positions) and its most active channels."""
+    from .viz import feature_map
+
+    result = feature_map(FeatureMapConfig(**options))
+    note(f"feature map {' x '.join(map(str, result['feature_shape']))}, "
+               f"top channels {result['top_channels']}")
+    emit(result, as_json, result["output"])
+
+
+@defaults_from(EvaluateConfig)
+@cli.command()
+@click.option("--model", required=True, type=click.Path(dir_okay=False), help="A fit-head head.pt (on --cache or --data) or a train/finetune model.pt (on --data).")
+@click.option("--cache", type=click.Path(dir_okay=False),
+              help="Feature cache to evaluate on [default: the one the model was trained on].")
+@click.option("--data", help="Or an ImageFolder root, run through the backbone.")
+@click.option("--split", type=click.Choice(["val", "all"]),
+              help="Cache rows: the model's validation split, or all.")
+@click.option("--weights", help="Backbone weights for --data [default: those the model names].")
+@click.option("--top-k", type=int, help="Images in the misclassified gallery.")
+@click.option("--batch-size", type=int)
+@click.option("--device")
+@click.option("--workers", type=int, help="Decoding processes for --data.")
+@click.option("--runs-dir", help="Where run outputs go.")
+@json_option
+@library_errors
+def evaluate(as_json, **options):
+    """Accuracy, per-class precision/recall/F1, a confusion-matrix PNG and a gallery of confident errors."""
+    from .evaluate import format_report
+    from .evaluate import evaluate as run
+
+    result = run(EvaluateConfig(**options))
+    emit(result, as_json, format_report(result))
+
+
+@defaults_from(read_runs, FitHeadConfig)  # --runs-dir
+@cli.command()
+@click.option("--runs-dir")
+@click.option("--sort", "sort_by", metavar="METRIC",
+              help="Best first by this metric (val_acc, accuracy, ...; losses lowest first) [default: newest first].")
+@click.option("--cache", help="Only runs on this cache (a cache file or a fingerprint prefix).")
+@click.option("--backbone", help="Only runs with this backbone.")
+@json_option
+@library_errors
+def runs(runs_dir, sort_by, cache, backbone, as_json):
+    """The experiment ledger (runs/ledger.jsonl) as a table."""
+    from .ledger import format_runs, ledger_path
+
+    records = read_runs(runs_dir, sort_by=sort_by, cache=cache, backbone=backbone)
+    emit({"runs": records}, as_json, format_runs(records, sort_by) if records else f"no runs in {ledger_path(runs_dir)}")
+
+
+@defaults_from(FetchConfig)
+@cli.command("fetch-data")
+@click.option("--dest", help="Folder for the archive and its unpacked files.")
+@click.option("--url", help="A zip or tar archive to download.")
+@json_option
+@library_errors
+def fetch_data_cmd(as_json, **options):
+    """Download an image archive (resuming a partial download) and unpack it safely; prints the folder."""
+    from .fetch import fetch_data
+
+    result = fetch_data(FetchConfig(**options))
+    state = "downloaded" if result["downloaded"] else "already complete"
+    note(f"{result['archive']}: {result['bytes'] / 1e6:.1f} MB, {state}; "
+               f"{'unpacked' if result['unpacked_now'] else 'already unpacked'} to {result['unpacked']}")
+    emit(result, as_json, result["unpacked"])
+
+
+@defaults_from(CheckImagesConfig)
+@cli.command("check-images")
+@click.argument("root", metavar="DIR")
+@click.option("--report", type=click.Path(dir_okay=False),
+              help="Write every finding to this file: .csv (one row each) or .json.")
+@click.option("--quarantine", is_flag=True,
+              help="Move files with errors to the quarantine folder, keeping relative paths (never deletes).")
+@click.option("--quarantine-dir", type=click.Path(file_okay=False),
+              help="Quarantine folder (implies --quarantine) [default: DIR.quarantine beside DIR].")
+@click.option("--workers", type=int, help="Decoding processes; -1 = one per core.")
+@json_option
+@library_errors
+def check_images_cmd(as_json, **options):
+    """Fully decode every file below DIR and report unusable ones (errors) and converted ones (notes)."""
+    from .check_images import check_images, format_summary
+
+    result = check_images(CheckImagesConfig(**options))
+    emit(result, as_json, format_summary(result))
+
+
+@defaults_from(DemoConfig)
+@cli.command()
+@click.option("--data", help="ImageFolder root; fetched (Kaggle cats vs dogs) into its parent when missing.")
+@click.option("--url", help="Archive to fetch when --data is missing.")
+@click.option("--weights", help="torchvision weights name or a local file.")
+@click.option("--backbone")
+@click.option("--n", type=int)
+@click.option("--no-quarantine", "quarantine", flag_value=False, default=True,
+              help="Only report bad files; do not move them out of the data folder.")
+@click.option("--cache-dir")
+@click.option("--runs-dir")
+@click.option("--workers", type=int)
+@json_option
+@library_errors
+def demo(as_json, **options):
+    """The main job in one go: fetch if missing, check images, extract, fit the head, compare with sklearn."""
+    from .compare import format_table
+    from .demo import format_next
+    from .demo import demo as run
+
+    result = run(DemoConfig(**options, command=current_command()))
+    emit(result, as_json, format_table(result["compare"]) + "\n\n" + format_next(result["next"]))
+
+
+
+
+def image_train_options(fn):
+    """Options train and finetune share (data, sample, model, optimisation, output)."""
+    for opt in reversed([
+        click.option("--data", help="ImageFolder root (one folder per class)."),
+        click.option("--n", type=int,
+                     help="Images to use (seeded stratified sample); 0 = all."),
+        click.option("--pool", type=click.Choice(["none", "avg"]),
+                     help="Head input: flattened map (none) or global average (avg) [default: the backbone's]."),
+        click.option("--dropout", type=float),
+        click.option("--augment", is_flag=True, help="Random resized crop + horizontal flip on training images."),
+        click.option("--batch-size", type=int),
+        click.option("--print-every", type=int,
+                     help="Running train accuracy/loss every this many minibatches; 0 = never."),
+        click.option("--workers", type=int,
+                     help="Decoding processes; -1 = one per core."),
+        click.option("--device", help="auto, cpu, cuda or cuda:N."),
+        click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+                     help="Compute precision; auto = bf16 where the device supports it."),
+        click.option("--runs-dir", help="Where run outputs go."),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def train_text(result: dict) -> str:
+    per_class = ", ".join(f"{c} {a:.3f}" if a is not None else f"{c} -" for c, a in result["per_class_val_acc"].items())
+    return (f"val acc {result['val_acc']:.3f}, val loss {result['val_loss']:.4f} ({result['train_rows']} train / "
+            f"{result['val_rows']} val images, {result['skipped']} skipped, {result['fit_seconds']:.1f} s)\n"
+            f"per-class val acc: {per_class}\ncheckpoint: {result['checkpoint']}")
+
+
+@defaults_from(TrainConfig)
+@cli.command()
+@image_train_options
+@click.option("--backbone", help="vgg16, vgg19, resnet18, resnet50, ...")
+@click.option("--weights", help="torchvision weights name (DEFAULT, IMAGENET1K_V1), a state-dict file, or 'none'.")
+@click.option("--epochs", type=int)
+@click.option("--lr", type=float, help="Adam learning rate of the head.")
+@split_options
+@json_option
+@library_errors
+def train(as_json, **options):
+    """Train a new head on images end to end, backbone frozen; saves runs/<stamp>-train/model.pt."""
+    from .train import train as run
+
+    result = run(TrainConfig(**options))
+    emit(result, as_json, train_text(result))
+
+
+@defaults_from(FinetuneConfig)
+@cli.command()
+@image_train_options
+@click.option("--init-head", type=click.Path(dir_okay=False),
+              help="Start from a fit-head head.pt or a train/finetune model.pt.")
+@click.option("--backbone", help="[default: the --init-head checkpoint's, else vgg16]")
+@click.option("--weights", help="Backbone weights [default: the --init-head checkpoint's, else DEFAULT].")
+@click.option("--unfreeze", help="'all', or K: the last K blocks of the backbone (see summary).")
+@click.option("--epochs", type=int, help="Epochs in all, head-only ones included.")
+@click.option("--head-epochs", type=int,
+              help="Staged schedule: train only the head for this many epochs, then unfreeze.")
+@click.option("--lr", type=float, help="Adam learning rate of the head.")
+@click.option("--backbone-lr", type=float, help="Learning rate of the backbone [default: lr / 10].")
+@split_options
+@json_option
+@library_errors
+def finetune(as_json, **options):
+    """Unfreeze the backbone (or its last K blocks) and train at a low rate; saves runs/<stamp>-finetune/model.pt."""
+    from .train import finetune as run
+
+    result = run(FinetuneConfig(**options))
+    emit(result, as_json, train_text(result))
+
+
+@defaults_from(PredictConfig)
+@cli.command()
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--model", "model", required=True, type=click.Path(dir_okay=False),
+              help="A model.pt from train/finetune, or a head.pt from fit-head.")
+@click.option("--weights", help="For a head.pt: its backbone weights, if not where the head recorded them.")
+@click.option("--format", "format", type=click.Choice(["table", "csv", "json"]))
+@click.option("--output", type=click.Path(dir_okay=False), help="Write the rows to FILE.")
+@click.option("--batch-size", type=int)
+@click.option("--workers", type=int, help="Decoding processes; -1 = one per core.")
+@click.option("--device", help="auto, cpu, cuda or cuda:N.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]))
+@library_errors
+def predict(paths, **options):
+    """Classify images and folders of images: class and probability per file; unreadable files get an error."""
+    from .predict import format_rows
+    from .predict import predict as run
+
+    result = run(PredictConfig(paths=list(paths), **options))
+    note(f"{plural(result['images'], 'image')}, {result['errors']} unreadable, "
+               f"{result['img_per_s']:.1f} img/s")
+    click.echo(result["output"] if result["output"] else format_rows(result["rows"], options["format"]))
+    if result["errors"] == result["images"]:
+        raise click.ClickException(f"none of the {plural(result['images'], 'input')} could be classified")
+
+
+@defaults_from(imagenet_check)
+@cli.command("imagenet-check")
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.option("--backbone")
+@click.option("--weights", help="Full pretrained weights (with the ImageNet classifier): a torchvision name or a file.")
+@click.option("--top", type=int)
+@click.option("--device")
+@json_option
+@library_errors
+def imagenet_check_cmd(as_json, **options):
+    """Sanity check: the top ImageNet classes of IMAGE from the full pretrained model."""
+
+    result = imagenet_check(**options)
+    emit(result, as_json, "\n".join(f"{t['rank']}. {t['class']:<30} {t['probability']:.4f}" for t in result["top"]))
+
+
+@defaults_from(SummaryConfig)
+@cli.command()
+@click.option("--backbone")
+@click.option("--classes", type=int, help="Outputs of the new head.")
+@click.option("--pool", type=click.Choice(["none", "avg"]), help="[default: the backbone's]")
+@click.option("--dropout", type=float)
+@click.option("--unfreeze", help="'none' (frozen backbone, as train), 'all', or K: the last K blocks (as finetune).")
+@click.option("--crop-size", type=int, help="Input size; 0 = the backbone's default.")
+@json_option
+@library_errors
+def summary(as_json, **options):
+    """Layer-by-layer table and total/trainable parameter counts of backbone + head under a freeze setting."""
+    from .summary import format_summary, summarize
+
+    result = summarize(SummaryConfig(**options))
+    emit(result, as_json, format_summary(result))
+
+
+def main() -> None:
+    """The console-script entry point (``transfer-pipeline``), and what ``python cli.py`` runs."""
+    cli()
+
+
+if __name__ == "__main__":
+    main()
