@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from typing import Callable, Optional
 
 log = logging.getLogger(__name__)
@@ -11,13 +12,30 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
-def resolve_workers(workers: int, share: int = 1) -> int:
-    """Decoding processes: -1 = the machine's cores divided by ``share`` processes (1 to 8), 0 = in-process."""
-    import os
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one, e.g. in a container)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
+
+def resolve_workers(workers: int, share: int = 1) -> int:
+    """Decoding processes: -1 = the machine's cores divided by ``share`` processes (1 to 8), 0 = in-process.
+
+    More than the cores (per process sharing them) is capped there with a warning: each worker is
+    a process, and ``--workers 1000`` would otherwise start a thousand of them.
+    """
     if workers < -1:
         raise ValueError(f"--workers must be -1 (one per core), 0 (decode in-process) or positive, got {workers}")
-    return workers if workers >= 0 else max(1, min(8, (os.cpu_count() or 1) // share))
+    cores = max(1, available_cores() // max(1, share))
+    if workers == -1:
+        return min(8, cores)
+    if workers > cores:
+        log.warning("--workers %d is more than the %d CPU cores available%s; using %d", workers, cores,
+                    f" to each of {share} processes" if share > 1 else "", cores)
+        return cores
+    return workers
 
 
 def resolve_device(device: str = "auto"):
