@@ -157,6 +157,12 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def _finite_number(x) -> bool:
+    import math
+
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 def read_sidecar(path: str | os.PathLike) -> dict:
     """The JSON sidecar of a weights file (``x.pt`` -> ``x.json``), or {} when there is none."""
     side = Path(path).with_suffix(".json")
@@ -166,9 +172,14 @@ def read_sidecar(path: str | os.PathLike) -> dict:
         meta = json.loads(side.read_text())
     except json.JSONDecodeError as e:
         raise UsageError(f"weights sidecar {str(side)!r} is not valid JSON: {e}") from None
+    if not isinstance(meta, dict):
+        raise UsageError(f"weights sidecar {str(side)!r} must hold a JSON object, not a {type(meta).__name__}")
     for key in ("mean", "std"):
-        if key in meta and (not isinstance(meta[key], list) or len(meta[key]) != 3):
-            raise UsageError(f"weights sidecar {str(side)!r}: {key!r} must be a list of 3 numbers")
+        value = meta.get(key, [0.0] * 3 if key == "mean" else [1.0] * 3)
+        if not (isinstance(value, list) and len(value) == 3 and all(_finite_number(x) for x in value)
+                and (key == "mean" or all(x > 0 for x in value))):
+            raise UsageError(f"weights sidecar {str(side)!r}: {key!r} must be a list of 3 finite numbers"
+                             f"{' > 0' if key == 'std' else ''}, got {value!r}")
     return meta
 
 

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,14 @@ from typing import Iterator, Optional, Sequence
 
 import h5py
 import numpy as np
+
+from .errors import PipelineError, UsageError
+from .paths import require_folder
+
+try:
+    import fcntl
+except ImportError:  # Windows: no writer lock (HDF5's own file lock still applies)
+    fcntl = None
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +42,10 @@ REQUIRED_ATTRS = (
     "classes", "seed", "n_requested", "data_root", "data_fingerprint", "dtype", "created",
     "versions", "rows", "next_candidate", "complete",
 )
+#: Types of the attributes code relies on (as read back by _attr); a hand-edited one is refused.
+ATTR_TYPES = {"fingerprint": str, "backbone": str, "weights": str, "classes": str, "data_root": str,
+              "data_fingerprint": str, "dtype": str, "created": str, "rows": int, "next_candidate": int,
+              "complete": int, "n_requested": int, "seed": int}
 
 
 def fingerprint(params: dict) -> str:
@@ -44,12 +57,14 @@ def cache_file_name(backbone: str, n: int, key: str) -> str:
     return f"{backbone}-n{n if n else 'all'}-{key[:12]}.h5"
 
 
-class CacheError(ValueError):
+class CacheError(UsageError):
     """A file that is missing, corrupt, foreign or unusable as a feature cache."""
 
 
-class CacheBusy(CacheError):
-    """A cache another process holds open for writing: not damaged, so never moved aside."""
+class CacheBusy(PipelineError):
+    """A cache another process holds open for writing: not damaged, so never moved aside.
+
+    A PipelineError, not a CacheError (ValueError): nothing the user typed is wrong (exit 1)."""
 
 
 def open_h5(path: Path, mode: str, wait_s: float = 20.0, **kw) -> h5py.File:
@@ -80,48 +95,85 @@ def _fsync(f: h5py.File) -> None:
         pass
 
 
+def _lock(path: Path, wait_s: float):
+    """An exclusive lock on ``<path>.lock`` (a file descriptor), waiting up to ``wait_s``; CacheBusy after.
+
+    One writer per cache at a time, whether or not HDF5's own file locking is on, taken before
+    the writer looks at the cache file, so two writers never both decide to create it.
+    """
+    if fcntl is None:
+        return None
+    lock = path.with_name(path.name + ".lock")
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise PipelineError(f"cannot create the lock file {lock}: {e.strerror or e}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            if time.monotonic() > deadline:
+                raise CacheBusy(f"{path} is being written by another process (an extraction still running?); "
+                                "try again when it has finished") from None
+            time.sleep(0.1)
+            continue
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)  # its holder removed this lock file as we took it: lock the new one
+
+
+def _unlock(path: Path, fd) -> None:
+    """Remove the lock file while still holding it (see _lock's inode check), then release it."""
+    if fd is None:
+        return
+    try:
+        os.unlink(path.with_name(path.name + ".lock"))
+    except OSError:
+        pass
+    os.close(fd)
+
+
 class CacheWriter:
     """Appends batches of rows to a cache file held open for the whole extraction.
 
     Creating: ``CacheWriter(path, attrs=..., source=listing)``. Resuming: the same call on an
     incomplete file with the same fingerprint truncates any rows past the committed count
-    (a batch cut off by a crash) and continues from ``next_candidate``.
+    (a batch cut off by a crash) and continues from ``next_candidate``. A writer holds
+    ``<path>.lock`` for its lifetime (CacheBusy when another has it for ``wait_s``), and a new
+    file appears at ``path`` only complete with its attributes, so a concurrent writer or reader
+    never sees, resets or moves aside a half-made one.
     """
 
-    def __init__(self, path: Path, attrs: dict, source=None, chunk_rows: int = 16):
+    def __init__(self, path: Path, attrs: dict, source=None, chunk_rows: int = 16, wait_s: float = 20.0):
         self.path = Path(path)
         self.chunk_rows = chunk_rows
-        new = not self.path.exists()
-        self.f = open_h5(self.path, "a")
+        self.f = None
+        self._lock_fd = _lock(self.path, wait_s)
         try:
-            if new:
+            if not self.path.exists():
                 self._create(attrs, source)
-            else:
-                self._resume(attrs)
+            self.f = open_h5(self.path, "r+", wait_s)
+            self._resume(attrs)
         except BaseException:
-            self.f.close()
+            self.close()
             raise
 
     # -- set-up -----------------------------------------------------------------------------
     def _create(self, attrs: dict, source) -> None:
-        f = self.f
-        for k, v in attrs.items():
-            f.attrs[k] = v
-        f.attrs["format"] = FORMAT
-        f.attrs["format_version"] = FORMAT_VERSION
-        f.attrs["rows"] = np.int64(0)
-        f.attrs["next_candidate"] = np.int64(0)
-        f.attrs["skipped_rows"] = np.int64(0)
-        f.attrs["complete"] = np.int8(0)
-        f.create_dataset("labels", (0,), np.int64, maxshape=(None,), chunks=(4096,))
-        f.create_dataset("paths", (0,), _STR, maxshape=(None,), chunks=(4096,))
-        f.create_dataset("skipped/paths", (0,), _STR, maxshape=(None,), chunks=(256,))
-        f.create_dataset("skipped/reasons", (0,), _STR, maxshape=(None,), chunks=(256,))
-        if source is not None:
-            f.create_dataset("source/paths", data=[s.path for s in source.files], dtype=_STR)
-            f.create_dataset("source/sizes", data=np.array([s.size for s in source.files], np.int64))
-            f.create_dataset("source/mtimes_ns", data=np.array([s.mtime_ns for s in source.files], np.int64))
-        _fsync(f)
+        """Write a new empty cache under a temporary name, fsync it, then rename it into place."""
+        tmp = self.path.with_name(f"{self.path.name}.creating-{os.getpid()}")
+        try:
+            with h5py.File(tmp, "w") as f:
+                _init(f, attrs, source)
+            os.replace(tmp, self.path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def _resume(self, attrs: dict) -> None:
         f = self.f
@@ -132,10 +184,14 @@ class CacheWriter:
             if name in f and f[name].shape[0] != rows:
                 log.info("dropping %d uncommitted rows of %s", f[name].shape[0] - rows, name)
                 f[name].resize(rows, axis=0)
-        skipped = int(f.attrs["skipped_rows"])
+        skipped = int(f.attrs.get("skipped_rows", 0))
         for name in ("skipped/paths", "skipped/reasons"):
             f[name].resize(skipped, axis=0)
         _fsync(f)
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.f.attrs["complete"])
 
     @property
     def rows(self) -> int:
@@ -199,14 +255,38 @@ class CacheWriter:
         _fsync(self.f)
 
     def close(self) -> None:
-        if self.f.id.valid:
+        if self.f is not None and self.f.id.valid:
             self.f.close()
+        if self._lock_fd is not None:
+            _unlock(self.path, self._lock_fd)
+            self._lock_fd = None
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _init(f: h5py.File, attrs: dict, source) -> None:
+    """A new cache's attributes, empty datasets and source listing, fsynced."""
+    for k, v in attrs.items():
+        f.attrs[k] = v
+    f.attrs["format"] = FORMAT
+    f.attrs["format_version"] = FORMAT_VERSION
+    f.attrs["rows"] = np.int64(0)
+    f.attrs["next_candidate"] = np.int64(0)
+    f.attrs["skipped_rows"] = np.int64(0)
+    f.attrs["complete"] = np.int8(0)
+    f.create_dataset("labels", (0,), np.int64, maxshape=(None,), chunks=(4096,))
+    f.create_dataset("paths", (0,), _STR, maxshape=(None,), chunks=(4096,))
+    f.create_dataset("skipped/paths", (0,), _STR, maxshape=(None,), chunks=(256,))
+    f.create_dataset("skipped/reasons", (0,), _STR, maxshape=(None,), chunks=(256,))
+    if source is not None:
+        f.create_dataset("source/paths", data=[s.path for s in source.files], dtype=_STR)
+        f.create_dataset("source/sizes", data=np.array([s.size for s in source.files], np.int64))
+        f.create_dataset("source/mtimes_ns", data=np.array([s.mtime_ns for s in source.files], np.int64))
+    _fsync(f)
 
 
 # -- reading ------------------------------------------------------------------------------------
@@ -259,6 +339,10 @@ def _validate(f: h5py.File, path: Path) -> CacheInfo:
     missing = [k for k in REQUIRED_ATTRS if k not in attrs]
     if missing:
         raise CacheError(f"{path} lacks the attributes {', '.join(missing)}; it is damaged or foreign")
+    for k, want in ATTR_TYPES.items():
+        if not isinstance(attrs[k], want) or isinstance(attrs[k], bool):
+            raise CacheError(f"{path}: attribute {k!r} is {attrs[k]!r}, not a {want.__name__}; it is damaged or "
+                             "was edited by hand")
     rows = int(attrs["rows"])
     try:
         classes = json.loads(attrs["classes"])
@@ -305,11 +389,27 @@ def _check_shards(path: Path, attrs: dict) -> None:
             with h5py.File(p, "r") as g:
                 ok = (_attr(g.attrs.get("fingerprint")) == attrs["fingerprint"] and bool(g.attrs.get("complete"))
                       and int(g.attrs.get("rows", -1)) >= s["rows"])
-        except OSError:
-            ok = False
+                place = _shard_place(g, p, path)
+        except (OSError, TypeError, ValueError):
+            ok, place = False, None
         if not ok:
             raise CacheError(f"{path}: its shard {p} is damaged, incomplete or from another extraction; "
                              f"run `{again}` again")
+        if place:
+            raise CacheError(f"{path}: its shard {p} {place} (copied over another shard?); run `{again}` again")
+
+
+def _shard_place(g: h5py.File, p: Path, path: Path) -> Optional[str]:
+    """Why shard file ``g`` (at ``p``) is not the part its name says (part-<first>-<stop>.h5 of
+    ``path``), or None. Every shard carries the same fingerprint, so only these tell them apart."""
+    m = re.fullmatch(r"part-(\d+)-(\d+)\.h5", p.name)
+    if not m:
+        return "is not named part-<first>-<stop>.h5"
+    got = (_attr(g.attrs.get("shard_first")), _attr(g.attrs.get("shard_stop")), _attr(g.attrs.get("shard_of")))
+    want = (int(m[1]), int(m[2]), path.name)
+    if got != want:
+        return f"holds candidates {got[0]}..{got[1]} of {got[2]!r}, its name says {want[0]}..{want[1]} of {want[2]!r}"
+    return None
 
 
 def shard_paths(info: CacheInfo) -> list[Path]:
@@ -351,7 +451,7 @@ def consolidate(path: str | os.PathLike, block_rows: int = 512) -> dict:
     """
     info = read_info(path)
     if not info.attrs.get("sharded"):
-        raise ValueError(f"{info.path} is not a sharded cache; nothing to consolidate")
+        raise UsageError(f"{info.path} is not a sharded cache; nothing to consolidate")
     shards = shard_paths(info)
     tmp = info.path.with_name(info.path.name + ".consolidating")
     tmp.unlink(missing_ok=True)
@@ -386,9 +486,9 @@ def read_info(path: str | os.PathLike) -> CacheInfo:
     try:
         with open_h5(path, "r") as f:
             return _validate(f, path)
-    except CacheError:
+    except (CacheError, CacheBusy):
         raise
-    except (OSError, KeyError, ValueError) as e:
+    except (OSError, KeyError, ValueError, TypeError) as e:
         raise CacheError(f"{path} cannot be read as a feature cache ({e})") from None
 
 
@@ -510,13 +610,16 @@ def source_changes(info: CacheInfo) -> Optional[str]:
 
 
 def list_caches(cache_dir: str | os.PathLike) -> tuple[list[CacheInfo], list[tuple[Path, str]]]:
-    """Valid caches under ``cache_dir`` (newest first) and the files that are not, with why."""
+    """Valid caches under ``cache_dir`` (newest first) and the files that are not, with why.
+
+    One bad or busy file is reported in the second list, never hiding the others.
+    """
     good, bad = [], []
-    d = Path(cache_dir)
+    d = require_folder(cache_dir, "--cache-dir")
     for p in sorted(d.glob("*.h5")) if d.is_dir() else []:
         try:
             good.append(read_info(p))
-        except CacheError as e:
+        except (CacheError, CacheBusy) as e:
             bad.append((p, str(e)))
     good.sort(key=lambda i: i.attrs["created"], reverse=True)
     return good, bad

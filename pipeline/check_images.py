@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .data import ImageLoadError, decode_image, is_image_name
 from .device import resolve_workers
-from .errors import PipelineError
+from .errors import PipelineError, UsageError
 
 #: Every kind check-images reports, with its severity. Errors are files extract cannot use.
 KINDS = {
@@ -30,6 +30,7 @@ KINDS = {
     "truncated": "error",  # the image data ends early
     "unreadable": "error",  # corrupt image data
     "not-an-image": "error",  # Thumbs.db, .DS_Store, text, ...: no known image format
+    "not-a-file": "error",  # a dangling or looping symlink, a named pipe, a device: never opened
     "decompression-bomb": "error",  # the header claims more than data.MAX_IMAGE_PIXELS pixels
     "extension-mismatch": "note",  # e.g. PNG or GIF content named .jpg: decodes fine
     "non-rgb-mode": "note",  # grayscale, CMYK, RGBA, palette, 16-bit: converted to RGB at load
@@ -119,30 +120,30 @@ def default_quarantine_dir(root: Path) -> Path:
     return root.parent / f"{root.name}.quarantine"
 
 
-def validate(cfg: CheckImagesConfig) -> tuple[Path, Path | None]:
-    """The absolute root and quarantine folder; ValueError for a bad folder, report or quarantine."""
+def validate(cfg: CheckImagesConfig) -> tuple[Path, Path | None, int]:
+    """The absolute root, quarantine folder and worker count; ValueError for a bad folder, report,
+    quarantine or worker count."""
     root = Path(os.path.abspath(cfg.root))
     if not root.is_dir():
-        raise ValueError(f"folder {cfg.root!r} does not exist or is not a folder")
+        raise UsageError(f"folder {cfg.root!r} does not exist or is not a folder")
     if cfg.report and Path(cfg.report).suffix.lower() not in REPORT_SUFFIXES:
-        raise ValueError(f"--report {cfg.report!r} must end with one of: {', '.join(REPORT_SUFFIXES)}")
-    resolve_workers(cfg.workers)
+        raise UsageError(f"--report {cfg.report!r} must end with one of: {', '.join(REPORT_SUFFIXES)}")
+    workers = resolve_workers(cfg.workers)
     qdir = None
     if cfg.quarantine or cfg.quarantine_dir:
         qdir = Path(os.path.abspath(cfg.quarantine_dir)) if cfg.quarantine_dir else default_quarantine_dir(root)
         if qdir == root or root in qdir.parents:
-            raise ValueError(f"--quarantine-dir {str(qdir)!r} must be outside the checked folder {str(root)!r}")
-    return root, qdir
+            raise UsageError(f"--quarantine-dir {str(qdir)!r} must be outside the checked folder {str(root)!r}")
+    return root, qdir, workers
 
 
 def check_images(cfg: CheckImagesConfig) -> dict:
     """Check every file below cfg.root; report, and quarantine the errors if asked. Returns a summary."""
     from .progress import progress
 
-    root, qdir = validate(cfg)
+    root, qdir, workers = validate(cfg)
     skip = {Path(os.path.abspath(cfg.report))} if cfg.report else set()
     rels = list_files(root, skip)
-    workers = resolve_workers(cfg.workers)
     workers = min(workers, max(1, len(rels)))
     t0 = time.perf_counter()
     findings: list[dict] = []
@@ -187,9 +188,10 @@ def write_report(path: Path, result: dict) -> str:
 
 
 def restore_command(root: Path, qdir: Path) -> str:
-    """A POSIX shell command that moves every quarantined file back to its place (never overwriting)."""
+    """A POSIX shell command that moves every quarantined entry back to its place (never overwriting)."""
     script = 'for f; do mkdir -p "$0/${f%/*}" && mv -n "$f" "$0/$f"; done'
-    return (f"(cd {shlex.quote(str(qdir))} && find . -type f -exec sh -c {shlex.quote(script)} "
+    # everything but folders: quarantined links and pipes go back too
+    return (f"(cd {shlex.quote(str(qdir))} && find . ! -type d -exec sh -c {shlex.quote(script)} "
             f"{shlex.quote(str(root))} {{}} +)")
 
 

@@ -31,11 +31,57 @@ from .train import FinetuneConfig, TrainConfig
 from .viz import FeatureMapConfig, PreviewConfig
 
 
+class FiniteFloat(click.ParamType):
+    """A float option that refuses nan and +-inf (click's FLOAT takes them: `--lr inf` trained a NaN head)."""
+
+    name = "float"
+
+    def convert(self, value, param, ctx):
+        import math
+
+        try:
+            x = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(x):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return x
+
+
+FINITE = FiniteFloat()
+
+
 class OneLineUsageError(click.UsageError):
     """A usage error shown as a single 'Error: ...' line (exit code 2), without the usage banner."""
 
     def show(self, file=None):
         click.echo(f"Error: {self.format_message()}", file=file or sys.stderr)
+
+
+class _OneLineErrors:
+    """Click's own usage errors (a bad --lr, a missing argument, an unknown command) as one line too."""
+
+    def _one_line(self, ctx, call, *args):
+        try:
+            return call(ctx, *args)
+        except OneLineUsageError:
+            raise
+        except click.UsageError as e:
+            raise OneLineUsageError(f"{e.format_message()} (see '{ctx.command_path} --help')", ctx) from None
+
+    def parse_args(self, ctx, args):
+        return self._one_line(ctx, super().parse_args, args)
+
+
+class OneLineCommand(_OneLineErrors, click.Command):
+    pass
+
+
+class OneLineGroup(_OneLineErrors, click.Group):
+    command_class = OneLineCommand
+
+    def resolve_command(self, ctx, args):
+        return self._one_line(ctx, super().resolve_command, args)
 
 
 def library_errors(fn):
@@ -114,7 +160,7 @@ def _setup_logging(verbose: int, quiet: bool = False) -> None:
     logging.captureWarnings(True)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="Log every committed batch and other details to stderr.")
 @click.option("-q", "--quiet", is_flag=True,
               help="No progress bars or progress lines, no informational logs; warnings and errors still show.")
@@ -221,9 +267,9 @@ def caches(cache_dir, consolidate, as_json):
 def head_options(fn):
     for opt in reversed([
         click.option("--epochs", type=int),
-        click.option("--lr", type=float),
+        click.option("--lr", type=FINITE),
         click.option("--batch-size", type=int),
-        click.option("--dropout", type=float),
+        click.option("--dropout", type=FINITE),
         click.option("--device"),
         click.option("--runs-dir", help="Where run outputs go."),
         click.option("--raw-features", "scale_features", flag_value=False, default=True,
@@ -235,7 +281,7 @@ def head_options(fn):
 
 def split_options(fn):
     fn = click.option("--seed", type=int, help="Seeds the train/val split.")(fn)
-    fn = click.option("--val-fraction", type=float)(fn)
+    fn = click.option("--val-fraction", type=FINITE)(fn)
     return fn
 
 
@@ -262,7 +308,7 @@ def fit_head_cmd(as_json, **options):
 @cli.command("compare-sklearn")
 @common_cache_options
 @split_options
-@click.option("--C", "C", type=float, help="LogisticRegression C.")
+@click.option("--C", "C", type=FINITE, help="LogisticRegression C.")
 @click.option("--max-iter", type=int)
 @click.option("--no-scale", is_flag=True, help="Do not standardise features before LogisticRegression.")
 @head_options
@@ -368,6 +414,8 @@ def runs(runs_dir, sort_by, cache, backbone, as_json):
 
 @defaults_from(FetchConfig)
 @cli.command("fetch-data")
+@click.option("--overwrite", is_flag=True,
+              help="Unpack over files already in --dest (by default a conflict is refused, naming the file).")
 @click.option("--dest", help="Folder for the archive and its unpacked files.")
 @click.option("--url", help="A zip or tar archive to download.")
 @json_option
@@ -437,7 +485,7 @@ def image_train_options(fn):
                      help="Images to use (seeded stratified sample); 0 = all."),
         click.option("--pool", type=click.Choice(["none", "avg"]),
                      help="Head input: flattened map (none) or global average (avg) [default: the backbone's]."),
-        click.option("--dropout", type=float),
+        click.option("--dropout", type=FINITE),
         click.option("--augment", is_flag=True, help="Random resized crop + horizontal flip on training images."),
         click.option("--batch-size", type=int),
         click.option("--print-every", type=int,
@@ -466,7 +514,7 @@ def train_text(result: dict) -> str:
 @click.option("--backbone", help="vgg16, vgg19, resnet18, resnet50, ...")
 @click.option("--weights", help="torchvision weights name (DEFAULT, IMAGENET1K_V1), a state-dict file, or 'none'.")
 @click.option("--epochs", type=int)
-@click.option("--lr", type=float, help="Adam learning rate of the head.")
+@click.option("--lr", type=FINITE, help="Adam learning rate of the head.")
 @split_options
 @json_option
 @library_errors
@@ -489,8 +537,8 @@ def train(as_json, **options):
 @click.option("--epochs", type=int, help="Epochs in all, head-only ones included.")
 @click.option("--head-epochs", type=int,
               help="Staged schedule: train only the head for this many epochs, then unfreeze.")
-@click.option("--lr", type=float, help="Adam learning rate of the head.")
-@click.option("--backbone-lr", type=float, help="Learning rate of the backbone [default: lr / 10].")
+@click.option("--lr", type=FINITE, help="Adam learning rate of the head.")
+@click.option("--backbone-lr", type=FINITE, help="Learning rate of the backbone [default: lr / 10].")
 @split_options
 @json_option
 @library_errors
@@ -549,7 +597,7 @@ def imagenet_check_cmd(as_json, **options):
 @click.option("--backbone")
 @click.option("--classes", type=int, help="Outputs of the new head.")
 @click.option("--pool", type=click.Choice(["none", "avg"]), help="[default: the backbone's]")
-@click.option("--dropout", type=float)
+@click.option("--dropout", type=FINITE)
 @click.option("--unfreeze", help="'none' (frozen backbone, as train), 'all', or K: the last K blocks (as finetune).")
 @click.option("--crop-size", type=int, help="Input size; 0 = the backbone's default.")
 @json_option

@@ -4,14 +4,19 @@ Nothing here imports torch, so a cache hit (list, fingerprint, open the cache) s
 """
 from __future__ import annotations
 
+import errno
 import hashlib
+import logging
 import os
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from .errors import UsageError
 
+log = logging.getLogger(__name__)
 #: File name endings treated as images when listing a folder (case-insensitive).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -36,6 +41,9 @@ class ImageFolderListing:
     root: Path
     classes: tuple[str, ...]
     files: tuple[SourceFile, ...]
+    #: (path, reason) of entries with an image name that are not regular files (dangling or looping
+    #: links, pipes, devices): never listed nor opened, and not part of the fingerprint
+    bad: tuple[tuple[str, str], ...] = ()
 
     def fingerprint(self) -> str:
         """sha256 over every file's path, size and mtime: changes when a file is added, removed or edited."""
@@ -58,33 +66,45 @@ def is_image_name(name: str) -> bool:
 def list_image_folder(root: str | os.PathLike) -> ImageFolderListing:
     """List an ImageFolder root: sorted class folders, each with its image files (recursively).
 
-    Hidden files and files without an image extension (``Thumbs.db``, ``.DS_Store``) are left out.
-    Raises ValueError for a missing folder, fewer than two classes, or no images at all.
+    Hidden files and files without an image extension (``Thumbs.db``, ``.DS_Store``) are left out;
+    image names that are not regular files go to ``bad`` with the reason (see regular_file_stat).
+    Raises ValueError for a missing folder, a class folder without images, fewer than two
+    classes, or no images at all.
     """
     root = Path(root)
     if not root.is_dir():
-        raise ValueError(f"data folder {str(root)!r} does not exist or is not a folder")
+        raise UsageError(f"data folder {str(root)!r} does not exist or is not a folder")
     classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
     files: list[SourceFile] = []
+    bad: list[tuple[str, str]] = []
     for label, cls in enumerate(classes):
+        before = len(files)
         for dirpath, dirnames, filenames in os.walk(root / cls):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for name in sorted(filenames):
                 if not is_image_name(name):
                     continue
                 full = Path(dirpath) / name
-                st = full.stat()
-                files.append(SourceFile(full.relative_to(root).as_posix(), label, st.st_size, st.st_mtime_ns))
-    counts = np.bincount([f.label for f in files], minlength=len(classes)) if classes else []
-    nonempty = [c for c, k in zip(classes, counts) if k > 0]
+                rel = full.relative_to(root).as_posix()
+                try:
+                    st = regular_file_stat(full)
+                except ImageLoadError as e:
+                    bad.append((rel, e.reason))
+                    continue
+                files.append(SourceFile(rel, label, st.st_size, st.st_mtime_ns))
+        if len(files) == before:
+            raise UsageError(f"class folder {str(root / cls)!r} holds no images; remove it or add images")
     if not files:
-        raise ValueError(f"data folder {str(root)!r} holds no images (expected one sub-folder per class)")
-    if len(nonempty) < 2:
-        raise ValueError(
-            f"data folder {str(root)!r} has {len(nonempty)} class with images ({', '.join(nonempty)}); "
+        raise UsageError(f"data folder {str(root)!r} holds no images (expected one sub-folder per class)")
+    if len(classes) < 2:
+        raise UsageError(
+            f"data folder {str(root)!r} has {len(classes)} class with images ({', '.join(classes)}); "
             "need at least two class sub-folders"
         )
-    return ImageFolderListing(root, tuple(classes), tuple(files))
+    if bad:
+        log.warning("%d entries of %s are not regular files and are left out (first: %s: %s)",
+                    len(bad), root, *bad[0])
+    return ImageFolderListing(root, tuple(classes), tuple(files), tuple(bad))
 
 
 def stratified_order(labels: np.ndarray, seed: int) -> np.ndarray:
@@ -111,7 +131,55 @@ class ImageLoadError(Exception):
     def __init__(self, reason: str, kind: str = "unreadable"):
         super().__init__(reason)
         self.reason = reason
-        self.kind = kind  # zero-byte, decompression-bomb, not-an-image, truncated or unreadable
+        self.kind = kind  # zero-byte, decompression-bomb, not-an-image, not-a-file, truncated or unreadable
+
+
+def _not_regular(st: os.stat_result) -> str | None:
+    """What a file is when it is not a regular file, else None."""
+    for test, what in ((stat.S_ISREG, None), (stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(st.st_mode):
+            return what
+    return "not a regular file"
+
+
+def regular_file_stat(path: str | os.PathLike) -> os.stat_result:
+    """os.stat of ``path`` when it is a regular file (or a link to one), else ImageLoadError.
+
+    The one check before any file is listed or opened: reading a named pipe blocks forever, a
+    device may never end, and a dangling or looping link has nothing to read.
+    """
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ImageLoadError("a symlink loop, not a file", "not-a-file") from None
+        if e.errno == errno.ENOENT and os.path.islink(path):
+            raise ImageLoadError(f"a dangling symlink (to {os.readlink(path)!r})", "not-a-file") from None
+        raise ImageLoadError(f"unreadable image: {e.strerror or e}", "unreadable") from None
+    what = _not_regular(st)
+    if what:
+        raise ImageLoadError(f"not a regular file ({what})", "not-a-file")
+    return st
+
+
+def open_regular(path: str | os.PathLike):
+    """``path`` opened for binary reading, only if it is a regular file (ImageLoadError otherwise).
+
+    Checked before the open; the open itself is non-blocking and the opened file checked again,
+    so a pipe swapped in between cannot hang the reader either.
+    """
+    regular_file_stat(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+    except OSError as e:
+        raise ImageLoadError(f"unreadable image: {e.strerror or e}", "unreadable") from None
+    what = _not_regular(os.fstat(fd))
+    if what:
+        os.close(fd)
+        raise ImageLoadError(f"not a regular file ({what})", "not-a-file")
+    return os.fdopen(fd, "rb")
 
 
 def load_rgb(path: str | os.PathLike):
@@ -131,16 +199,16 @@ def decode_image(path: str | os.PathLike):
     """
     from PIL import Image
 
-    path = Path(path)
     try:
-        if path.stat().st_size == 0:
-            raise ImageLoadError("zero-byte file", "zero-byte")
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
-            with Image.open(path) as im:
-                im.load()
-                return im, to_rgb(im)
+        with open_regular(path) as fp:
+            if os.fstat(fp.fileno()).st_size == 0:
+                raise ImageLoadError("zero-byte file", "zero-byte")
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+                with Image.open(fp) as im:
+                    im.load()
+                    return im, to_rgb(im)
     except ImageLoadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -155,14 +223,16 @@ def decode_image(path: str | os.PathLike):
 def jpeg_bytes(path: str | os.PathLike):
     """The raw bytes of a baseline RGB or grayscale JPEG within the pixel limit, for decoding elsewhere
     (on a GPU); None when the file should go through load_rgb instead (other formats and modes, or a
-    header PIL cannot parse). Zero-byte files and decompression bombs raise ImageLoadError, as in load_rgb.
+    header PIL cannot parse). Zero-byte files, decompression bombs and anything but a regular file raise
+    ImageLoadError, as in load_rgb.
     """
     import io
 
     from PIL import Image
 
     try:
-        data = Path(path).read_bytes()
+        with open_regular(path) as f:
+            data = f.read()
     except OSError as e:
         raise ImageLoadError(f"unreadable image: {e}", "unreadable") from None
     if not data:

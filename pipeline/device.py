@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from typing import Callable, Optional
+from .errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -11,13 +13,30 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
-def resolve_workers(workers: int, share: int = 1) -> int:
-    """Decoding processes: -1 = the machine's cores divided by ``share`` processes (1 to 8), 0 = in-process."""
-    import os
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one, e.g. in a container)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
+
+def resolve_workers(workers: int, share: int = 1) -> int:
+    """Decoding processes: -1 = the machine's cores divided by ``share`` processes (1 to 8), 0 = in-process.
+
+    More than the cores (per process sharing them) is capped there with a warning: each worker is
+    a process, and ``--workers 1000`` would otherwise start a thousand of them.
+    """
     if workers < -1:
-        raise ValueError(f"--workers must be -1 (one per core), 0 (decode in-process) or positive, got {workers}")
-    return workers if workers >= 0 else max(1, min(8, (os.cpu_count() or 1) // share))
+        raise UsageError(f"--workers must be -1 (one per core), 0 (decode in-process) or positive, got {workers}")
+    cores = max(1, available_cores() // max(1, share))
+    if workers == -1:
+        return min(8, cores)
+    if workers > cores:
+        log.warning("--workers %d is more than the %d CPU cores available%s; using %d", workers, cores,
+                    f" to each of {share} processes" if share > 1 else "", cores)
+        return cores
+    return workers
 
 
 def resolve_device(device: str = "auto"):
@@ -27,15 +46,15 @@ def resolve_device(device: str = "auto"):
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.split(":")[0] not in ("cpu", "cuda"):
-        raise ValueError(f"unknown device {device!r}; allowed: {', '.join(DEVICES)} (or cuda:N)")
+        raise UsageError(f"unknown device {device!r}; allowed: {', '.join(DEVICES)} (or cuda:N)")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but CUDA is not available here; use --device cpu")
+        raise UsageError(f"device {device!r} asked for, but CUDA is not available here; use --device cpu")
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise ValueError(f"unknown device {device!r}; allowed: {', '.join(DEVICES)} (or cuda:N)") from None
+        raise UsageError(f"unknown device {device!r}; allowed: {', '.join(DEVICES)} (or cuda:N)") from None
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        raise UsageError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return dev
 
 
@@ -54,10 +73,10 @@ def resolve_precision(precision: str, device) -> str:
     import torch
 
     if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
+        raise UsageError(f"unknown precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
     if precision != "auto":
         if precision == "fp16" and device.type == "cpu":
-            raise ValueError("precision 'fp16' needs a CUDA device; on CPU use bf16 or fp32")
+            raise UsageError("precision 'fp16' needs a CUDA device; on CPU use bf16 or fp32")
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"

@@ -20,6 +20,7 @@ import numpy as np
 from .data import ImageLoadError, list_image_folder, load_rgb
 from .device import resolve_workers
 from .errors import UsageError
+from .paths import require_folder
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +212,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         raise UsageError(f"unknown --split {cfg.split!r}; allowed: {', '.join(SPLITS)}")
     if cfg.cache and cfg.data:
         raise UsageError("pass --cache or --data, not both")
+    require_folder(cfg.runs_dir, "--runs-dir")
     for name in ("top_k", "batch_size", "block_rows"):
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")

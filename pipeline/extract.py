@@ -18,6 +18,7 @@ from .cache import STORAGE_DTYPES, cache_file_name, fingerprint
 from .data import ImageFolderListing, list_image_folder
 from .errors import UsageError
 from .extract_range import existing_cache, extract_range, hit_summary
+from .paths import require_folder
 from .provenance import package_version
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,9 @@ def validate(cfg: ExtractConfig) -> None:
     if not Path(cfg.data).is_dir():
         raise UsageError(f"data folder {cfg.data!r} does not exist; `python cli.py fetch-data` downloads the Kaggle "
                          "cats-vs-dogs set to data/PetImages, or pass --data DIR")
+    require_folder(cfg.cache_dir, "--cache-dir")
+    if cfg.shard_dir:
+        require_folder(cfg.shard_dir, "--shard-dir")
     if bb.is_weights_path(cfg.weights) and not Path(cfg.weights).is_file():
         raise UsageError(f"weights file {cfg.weights!r} does not exist")
 

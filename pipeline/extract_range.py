@@ -13,11 +13,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+
 from . import backbones as bb
 from .cache import CacheBusy, CacheError, CacheInfo, CacheWriter, now_iso, read_info
 from .data import ImageFolderListing, stratified_order
 from .device import resolve_workers
-from .errors import UsageError
+from .errors import PipelineError, UsageError
 from .provenance import Provenance, versions
 from .reader import ImageListDataset, item_loader, iter_items
 
@@ -98,14 +100,23 @@ def extract_range(cfg, listing: ImageFolderListing, key: str, path: Path, resume
         candidates = decode_on_device(candidates, backbone.transform, device, listing.root)
     t0 = time.time()
     with CacheWriter(path, attrs, source=listing) as writer:
+        if writer.complete:  # another process finished this very cache while we waited for its lock
+            return hit_summary(read_info(path), t0)
         if writer.rows != start_rows:
-            raise CacheError(f"{path} changed while this extraction started; run it again")
+            raise CacheBusy(f"{path} changed while this extraction started; run it again")
+        if resumed is None and not positions and listing.bad:  # links, pipes: skipped like undecodable files
+            writer.append(None, [], [], start, list(listing.bad))
         bar = progress(total=target, initial=start_rows, unit="img", desc="extract")
         try:
             for batch, feats in run_batches(model, candidates, cfg.batch_size, limit=target - start_rows):
                 for p, why in batch.bad:
                     log.warning("skipping %s: %s", p, why)
                 good = batch.good
+                if feats is not None and not np.isfinite(feats).all():
+                    bad_rows = [g.path for g, ok in zip(good, np.isfinite(feats).reshape(len(good), -1).all(1)) if not ok]
+                    raise PipelineError(f"the backbone gave NaN or infinite features for {len(bad_rows)} images (e.g. "
+                                        f"{', '.join(bad_rows[:3])}); nothing of this batch was written (check the "
+                                        "weights and their sidecar's mean/std)")
                 writer.append(feats, [g.label for g in good], [g.path for g in good], batch.next_position,
                               batch.bad)
                 rows += len(good)

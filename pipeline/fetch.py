@@ -20,7 +20,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from .errors import PipelineError
+from .errors import PipelineError, UsageError
+from .paths import plain_name, require_folder
 
 log = logging.getLogger(__name__)
 
@@ -40,30 +41,36 @@ class FetchConfig:
     timeout: float = 60.0  # seconds to wait for the server (connect, or between two reads)
     retries: int = 3  # how often an interrupted transfer resumes by itself before giving up
     retry_wait: float = 2.0  # seconds before the first retry; doubles each time
+    overwrite: bool = False  # unpack over files already in dest; by default a conflict is refused, naming the file
 
 
 def archive_name(url: str) -> str:
+    """The archive's file name in dest: the URL path's last part, decoded, and only a plain name
+    (a decoded '%2F' or '..' would otherwise write the archive outside dest)."""
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in URL_SCHEMES:
-        raise ValueError(f"--url {url!r} must be a URL of scheme {', '.join(URL_SCHEMES)}")
-    name = urllib.parse.unquote(PurePosixPath(parts.path).name)
+        raise UsageError(f"--url {url!r} must be a URL of scheme {', '.join(URL_SCHEMES)}")
+    name = PurePosixPath(parts.path).name
     if not name or name in (".", ".."):
-        raise ValueError(f"--url {url!r} does not end with a file name")
-    return name
+        raise UsageError(f"--url {url!r} does not end with a file name")
+    return plain_name(urllib.parse.unquote(name), f"--url {url!r} names the archive")
 
 
 def fetch_data(cfg: FetchConfig) -> dict:
     """Download cfg.url into cfg.dest (unless already complete) and unpack it there (unless done)."""
     name = archive_name(cfg.url)
-    dest = Path(cfg.dest)
-    dest.mkdir(parents=True, exist_ok=True)
+    dest = require_folder(cfg.dest, "--dest")
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PipelineError(f"cannot create --dest {str(dest)!r}: {e.strerror or e}") from None
     archive = dest / name
     downloaded = not archive.is_file()
     if downloaded:
         download(cfg, archive)
     else:
         log.info("archive already complete: %s", archive)
-    unpacked, fresh = unpack(archive, dest)
+    unpacked, fresh = unpack(archive, dest, overwrite=cfg.overwrite)
     return {"archive": str(archive), "bytes": archive.stat().st_size, "downloaded": downloaded,
             "unpacked": str(unpacked), "unpacked_now": fresh, "url": cfg.url}
 
@@ -220,8 +227,34 @@ def unpacked_root(dest: Path, names: list[str]) -> Path:
     return dest / dirs.pop() if len(dirs) == 1 else dest
 
 
-def unpack(archive: Path, dest: Path) -> tuple[Path, bool]:
-    """Unpack archive into dest (once: a marker file records it); returns (unpacked root, unpacked now)."""
+def _marker_bytes(marker: Path):
+    """The archive size a marker file records, or None (no marker, or a foreign one)."""
+    try:
+        return json.loads(marker.read_text())["bytes"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def check_conflicts(kind: str, members: list, dest: Path, overwrite: bool) -> None:
+    """Refuse (PipelineError naming the first) files already in dest that an entry would replace;
+    with ``overwrite`` remove them instead, so nothing is written through an existing link."""
+    for m in members:
+        name = m.filename if kind == "zip" else m.name
+        target = dest / name
+        is_dir = m.is_dir() if kind == "zip" else m.isdir()
+        if not os.path.lexists(target) or (is_dir and target.is_dir() and not target.is_symlink()):
+            continue
+        if not overwrite:
+            raise PipelineError(f"{target} already exists and the archive would overwrite it; move it away, "
+                                "or unpack over it with --overwrite")
+        if not target.is_dir() or target.is_symlink():
+            target.unlink()
+
+
+def unpack(archive: Path, dest: Path, overwrite: bool = False) -> tuple[Path, bool]:
+    """Unpack archive into dest (once: a marker file records it); returns (unpacked root, unpacked now).
+
+    Files already in dest are never overwritten silently: see check_conflicts."""
     from .progress import progress
 
     marker = dest / f".{archive.name}.unpacked"
@@ -240,6 +273,10 @@ def unpack(archive: Path, dest: Path) -> tuple[Path, bool]:
         with opener(archive) as arc:
             names = check_members(kind, arc, dest)
             members = arc.infolist() if kind == "zip" else arc.getmembers()
+            started = dest / f".{archive.name}.unpacking"
+            # a run cut off mid-unpack left its own files: those it may replace
+            check_conflicts(kind, members, dest, overwrite or _marker_bytes(started) == size)
+            started.write_text(json.dumps({"archive": archive.name, "bytes": size}))
             for m in progress(members, desc=f"unpack {archive.name}", unit="file"):
                 if kind == "tar" and hasattr(tarfile, "data_filter"):
                     arc.extract(m, dest, filter="data")  # the standard library's own safety net, too
@@ -252,5 +289,6 @@ def unpack(archive: Path, dest: Path) -> tuple[Path, bool]:
     root = unpacked_root(dest, names)
     marker.write_text(json.dumps({"archive": archive.name, "bytes": size,
                                   "root": root.relative_to(dest).as_posix()}))
+    started.unlink(missing_ok=True)
     log.info("unpacked %d entries of %s to %s", len(names), archive.name, root)
     return root, True

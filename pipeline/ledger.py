@@ -14,6 +14,9 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from .paths import require_folder
+from .errors import UsageError
+
 try:
     import fcntl
 except ImportError:  # Windows: O_APPEND alone
@@ -22,10 +25,14 @@ except ImportError:  # Windows: O_APPEND alone
 log = logging.getLogger(__name__)
 
 LEDGER_NAME = "ledger.jsonl"
+#: The type each record field must have when present; a line that breaks this is skipped when read.
+FIELD_TYPES = {"time": str, "kind": str, "command": str, "cache": str, "cache_fingerprint": str, "backbone": str,
+               "params": dict, "metrics": dict, "outputs": list}
 
 
 def ledger_path(runs_dir: str | os.PathLike) -> Path:
-    return Path(runs_dir) / LEDGER_NAME
+    """The ledger file of ``runs_dir``; ValueError when --runs-dir names a file, not a folder."""
+    return require_folder(runs_dir, "--runs-dir") / LEDGER_NAME
 
 
 def _write_line(path: Path, data: bytes) -> None:
@@ -94,6 +101,16 @@ def _matches_cache(record: dict, cache: str) -> bool:
     return bool(record.get("cache_fingerprint", "").startswith(cache)) or record.get("cache") == cache
 
 
+def record_problem(rec) -> Optional[str]:
+    """Why a parsed ledger line is not a usable record (wrong field types: a hand edit), or None."""
+    if not isinstance(rec, dict):
+        return "not a JSON object"
+    for key, want in FIELD_TYPES.items():
+        if key in rec and not isinstance(rec[key], want):
+            return f"{key!r} is {rec[key]!r}, not a {want.__name__}"
+    return None
+
+
 def read_runs(runs_dir: str | os.PathLike, sort_by: Optional[str] = None, cache: Optional[str] = None,
               backbone: Optional[str] = None) -> list[dict]:
     """The ledger's runs, newest first (or best first by metric ``sort_by``), optionally filtered.
@@ -111,8 +128,9 @@ def read_runs(runs_dir: str | os.PathLike, sort_by: Optional[str] = None, cache:
                 continue
             try:
                 rec = json.loads(raw)
-                if not isinstance(rec, dict):
-                    raise ValueError("not a JSON object")
+                problem = record_problem(rec)
+                if problem:
+                    raise UsageError(problem)
             except ValueError as e:
                 log.warning("%s line %d is damaged and skipped (%s)", path, number, e)
                 continue
@@ -126,7 +144,7 @@ def read_runs(runs_dir: str | os.PathLike, sort_by: Optional[str] = None, cache:
         have = [r for r in records if isinstance(r.get("metrics", {}).get(sort_by), (int, float))]
         if records and not have:
             known = sorted({k for r in records for k in r.get("metrics", {})})
-            raise ValueError(f"no run has the metric {sort_by!r}; known metrics: {', '.join(known) or 'none'}")
+            raise UsageError(f"no run has the metric {sort_by!r}; known metrics: {', '.join(known) or 'none'}")
         sign = 1 if _lower_is_better(sort_by) else -1
         have.sort(key=lambda r: sign * r["metrics"][sort_by])
         ranked = {id(r) for r in have}
@@ -148,7 +166,7 @@ def format_runs(records: list[dict], sort_by: Optional[str] = None) -> str:
         keys = ([sort_by] if sort_by in m else []) + [k for k in m if k != sort_by]
         outputs = r.get("outputs") or [""]
         rows.append((r.get("time", "")[:19].replace("T", " "), r.get("kind", ""), r.get("backbone", ""),
-                     r.get("cache_fingerprint", "")[:12], " ".join(f"{k}={_fmt(m[k])}" for k in keys), outputs[0]))
+                     r.get("cache_fingerprint", "")[:12], " ".join(f"{k}={_fmt(m[k])}" for k in keys), str(outputs[0])))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -286,7 +286,7 @@ def _recorded_weights_paths(ckpt: dict) -> list[str]:
             attrs = read_info(cache).attrs
             config = json.loads(attrs.get("config", "{}"))
             paths += [p for p in (attrs.get("weights_path"), config.get("weights")) if p]
-        except (ValueError, OSError, TypeError) as e:  # CacheError is a ValueError
+        except (ValueError, OSError, TypeError, PipelineError) as e:  # CacheError is a ValueError, CacheBusy not
             log.debug("cannot read the weights path from %s: %s", cache, e)
     return paths
 

@@ -6,13 +6,15 @@ so they print the same per-epoch line and record the same history (epochs counte
 """
 from __future__ import annotations
 
+import math
 import sys
 import time
 from typing import Callable, Iterable
 
 import numpy as np
 
-from .errors import UsageError
+from .errors import PipelineError, UsageError
+from .paths import require_folder
 
 
 def validate_split(val_fraction: float, seed: int) -> None:
@@ -25,14 +27,15 @@ def validate_split(val_fraction: float, seed: int) -> None:
 def validate_training(cfg, positive: tuple = (), non_negative: tuple = ()) -> None:
     """The option checks fit-head, train and finetune share (split, counts, lr, dropout)."""
     validate_split(cfg.val_fraction, cfg.seed)
+    require_folder(cfg.runs_dir, "--runs-dir")
     for name in positive:
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     for name in non_negative:
         if getattr(cfg, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must be 0 or positive, got {getattr(cfg, name)}")
-    if cfg.lr <= 0:
-        raise UsageError(f"--lr must be positive, got {cfg.lr}")
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise UsageError(f"--lr must be a positive finite number, got {cfg.lr}")
     if not 0 <= cfg.dropout < 1:
         raise UsageError(f"--dropout must be in [0, 1), got {cfg.dropout}")
 
@@ -83,6 +86,9 @@ def train_one_epoch(model, opt, minibatches: Iterable, device, precision: str = 
         with autocast(device, precision):
             out = model(x)
         loss = torch.nn.functional.nll_loss(out.float(), y)
+        if not math.isfinite(loss.item()):
+            raise PipelineError(f"training diverged: the loss became {loss.item()} at epoch {epoch}, minibatch {b}; "
+                                "nothing was saved (lower --lr, or check the features for NaN/inf)")
         loss.backward()
         opt.step()
         seen += len(y)

@@ -1,8 +1,17 @@
+import multiprocessing
+import shutil
+
 import h5py
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
-from pipeline.cache import CacheError, CacheWriter, FeatureCache, read_info
+from pipeline import cli
+from pipeline.cache import (CacheBusy, CacheError, CacheWriter, FeatureCache, list_caches, newest_cache, read_info,
+                            source_changes, write_virtual_cache)
+from pipeline.errors import PipelineError
+from pipeline.extract import ExtractConfig, extract
+from tests.fsfaults import make_non_regular
 
 
 def _attrs(fp="abc"):
@@ -80,3 +89,103 @@ def test_iter_blocks_streams_each_row_once(image_folder, tmp_path, make_cache):
         assert sorted(seen) == want.tolist() and seen != want.tolist()
         in_order = [r for rows, _ in c.iter_batches(want, batch_size=4, block_rows=5) for r in rows]
         assert in_order == want.tolist()
+
+
+def _sharded(tmp_path):
+    """A cache of 4 rows whose features live in two shard files of 2 rows each, as torchrun writes it."""
+    path = tmp_path / "c.h5"
+    rels = []
+    for lo, hi in ((0, 2), (2, 4)):
+        rel = f"c.shards/part-{lo:09d}-{hi:09d}.h5"
+        (tmp_path / rel).parent.mkdir(exist_ok=True)
+        attrs = {**_attrs(), "shard_first": lo, "shard_stop": hi, "shard_of": path.name}
+        with CacheWriter(tmp_path / rel, attrs) as w:
+            w.append(np.full((2, 2, 1, 1), lo, np.float32), [0, 1], [f"{lo}", f"{lo + 1}"], next_candidate=hi)
+            w.finish()
+        rels.append((rel, 2))
+    write_virtual_cache(path, _attrs(), None, rels, (2, 1, 1), "float32", [0, 1, 0, 1], list("0123"), [], 4)
+    return path, [tmp_path / r for r, _ in rels]
+
+
+def test_a_shard_copied_over_another_is_refused(tmp_path):
+    path, (first, second) = _sharded(tmp_path)
+    with FeatureCache(path) as c:
+        assert c.features[:, 0, 0, 0].tolist() == [0, 0, 2, 2]
+    shutil.copyfile(first, second)  # same fingerprint, complete, enough rows: only its place differs
+    with pytest.raises(CacheError, match=r"shard .*part-000000002-000000004\.h5 holds candidates 0\.\.2 of 'c\.h5', "
+                                         r"its name says 2\.\.4"):
+        read_info(path)
+    with h5py.File(second, "a") as f:
+        f.attrs.update({"shard_first": 2, "shard_stop": 4, "shard_of": "other.h5"})
+    with pytest.raises(CacheError, match="of 'other.h5'"):
+        FeatureCache(path)
+
+
+def test_a_hand_edited_created_attribute_hides_no_other_cache(tmp_path):
+    for name, created in (("a.h5", "2026-01-01T00:00:00"), ("b.h5", 5), ("c.h5", "2026-02-01T00:00:00")):
+        with CacheWriter(tmp_path / name, {**_attrs(name), "created": created}) as w:
+            w.append(np.ones((2, 2, 1, 1), np.float32), [0, 1], ["a", "b"], next_candidate=2)
+            w.finish()
+    good, bad = list_caches(tmp_path)
+    assert [i.path.name for i in good] == ["c.h5", "a.h5"]
+    assert [(p.name, "attribute 'created' is 5" in why) for p, why in bad] == [("b.h5", True)]
+    assert newest_cache(tmp_path).path.name == "c.h5"
+    res = CliRunner().invoke(cli.cli, ["caches", "--cache-dir", str(tmp_path)])
+    assert res.exit_code == 0 and "c.h5" in res.stdout and "not a usable cache" in res.stdout
+
+
+def test_a_cache_dir_that_is_a_file_is_a_usage_error(tmp_path):
+    (tmp_path / "features").write_text("x")
+    with pytest.raises(ValueError, match="--cache-dir '.*features' must be a folder"):
+        list_caches(tmp_path / "features")
+    res = CliRunner().invoke(cli.cli, ["caches", "--cache-dir", str(tmp_path / "features")])
+    assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1
+
+
+def test_a_second_writer_is_busy_exit_1_not_a_usage_error(tmp_path):
+    assert issubclass(CacheBusy, PipelineError) and not issubclass(CacheBusy, ValueError)
+    with CacheWriter(tmp_path / "c.h5", _attrs()):
+        with pytest.raises(CacheBusy, match="being written by another process"):
+            CacheWriter(tmp_path / "c.h5", _attrs(), wait_s=0.3)
+    with CacheWriter(tmp_path / "c.h5", _attrs()) as w:  # free again once the first closed
+        assert w.rows == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.h5"]  # no lock or temporary file left
+
+
+def _create_and_fill(path, barrier, results):
+    barrier.wait()
+    try:
+        with CacheWriter(path, _attrs()) as w:
+            if w.complete:
+                results.put("found complete")
+                return
+            assert w.rows == 0, f"found {w.rows} rows of an unfinished cache"
+            w.append(np.ones((3, 2, 1, 1), np.float32), [0, 1, 0], list("abc"), next_candidate=3)
+            w.finish()
+            results.put("wrote")
+    except BaseException as e:  # noqa: BLE001 - the test reports it
+        results.put(f"{type(e).__name__}: {e}")
+
+
+def test_two_writers_creating_the_same_cache_at_once(tmp_path):
+    ctx = multiprocessing.get_context("fork")
+    for i in range(10):
+        path = tmp_path / f"c{i}.h5"
+        barrier, results = ctx.Barrier(2), ctx.Queue()
+        procs = [ctx.Process(target=_create_and_fill, args=(path, barrier, results)) for _ in range(2)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        got = sorted(results.get(timeout=5) for _ in procs)
+        assert got == ["found complete", "wrote"], got
+        info = read_info(path)
+        assert info.complete and info.rows == 3
+
+
+def test_freshness_check_survives_links_and_pipes_in_the_data_folder(tiny_cache, image_folder):
+    info = read_info(tiny_cache)
+    make_non_regular(image_folder / "red")
+    assert source_changes(info) is None  # not images: the listing, and so the fingerprint, is unchanged
+    (image_folder / "green").mkdir()
+    assert "holds no images" in source_changes(info)

@@ -14,6 +14,7 @@ from pipeline.check_images import KINDS, CheckImagesConfig, check_images
 from pipeline.data import ImageLoadError, list_image_folder, load_rgb
 from tests.badfiles import make_bad_corpus, skipped_by_extract, usable
 from tests.conftest import make_image_folder
+from tests.fsfaults import make_non_regular, no_hang
 
 
 @pytest.fixture
@@ -146,3 +147,27 @@ def test_usage_errors_exit_2_with_one_line(tmp_path, args, message):
     assert res.exit_code == 2
     assert message in res.output and len(res.output.strip().splitlines()) == 1
     assert not (root / "q").exists()
+
+
+def entries(root: Path) -> set[str]:
+    """Every non-folder entry below root, links and pipes included."""
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_symlink() or not p.is_dir()}
+
+
+def test_links_and_pipes_are_errors_quarantined_and_restored(tmp_path):
+    root = make_image_folder(tmp_path / "data", per_class=2)
+    reasons = make_non_regular(root / "red")
+    (root / "red" / "plain.txt").symlink_to("/nonexistent")  # not an image name: still checked, still moved
+    before = entries(root)
+    with no_hang(60):
+        result = check_images(CheckImagesConfig(str(root), workers=1, quarantine=True))
+    found = by_path(result["findings"])
+    for name, why in reasons.items():
+        [f] = found[f"red/{name}"]
+        assert f["kind"] == "not-a-file" and f["severity"] == "error" and why in f["detail"]
+    assert found["red/plain.txt"][0]["kind"] == "not-a-file"
+    qdir = tmp_path / "data.quarantine"
+    assert entries(qdir) == {f"red/{n}" for n in [*reasons, "plain.txt"]}
+    subprocess.run(result["quarantine"]["restore"], shell=True, check=True)
+    assert entries(root) == before and entries(qdir) == set()
+    assert (root / "red" / "pipe.jpg").is_fifo() and (root / "red" / "loop.jpg").is_symlink()

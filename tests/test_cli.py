@@ -63,6 +63,13 @@ def test_extract_fit_head_compare_and_caches(run, tmp_path):
     (["extract", "--data", "empty"], "holds no images"),
     (["extract", "--n", "4", "--backbone", "vgg16", "--weights", "tiny.pt"], "not for vgg16"),
     (["fit-head", "--cache", "damaged.h5"], "cannot be read as a feature cache"),
+    (["extract", "--cache-dir", "junk.h5", *TINY], "--cache-dir 'junk.h5' must be a folder"),
+    (["fit-head", "--cache", "c2.h5", "--runs-dir", "junk.h5/runs"], "--runs-dir 'junk.h5/runs' must be a folder"),
+    (["extract", "--weights", "listed.pt", "--backbone", "tiny", "--n", 4], "must hold a JSON object, not a list"),
+    (["extract", "--weights", "nan.pt", "--backbone", "tiny", "--n", 4], "'mean' must be a list of 3 finite numbers"),
+    (["fit-head", "--lr", "nan", "--cache", "c2.h5"], "'nan' is not a finite number"),
+    (["fit-head", "--lr", "inf", "--cache", "c2.h5"], "'inf' is not a finite number"),
+    (["compare-sklearn", "--C", "-inf", "--cache", "c2.h5"], "'-inf' is not a finite number"),
 ])
 def test_errors_are_one_line_with_exit_code_2(run, tmp_path, make_cache, args, message):
     make_image_folder(tmp_path / "data" / "PetImages", per_class=12)
@@ -75,6 +82,11 @@ def test_errors_are_one_line_with_exit_code_2(run, tmp_path, make_cache, args, m
     cache = make_cache(data, cache_dir=str(tmp_path / "c2"))["cache"]
     raw = open(cache, "rb").read()
     (tmp_path / "damaged.h5").write_bytes(raw[: len(raw) // 2])  # a real cache, cut off halfway
+    (tmp_path / "c2.h5").write_bytes(raw)
+    (tmp_path / "listed.pt").write_bytes((tmp_path / "tiny.pt").read_bytes())
+    (tmp_path / "listed.json").write_text("[0.5, 0.5, 0.5]")
+    (tmp_path / "nan.pt").write_bytes((tmp_path / "tiny.pt").read_bytes())
+    (tmp_path / "nan.json").write_text('{"mean": [NaN, 0, 0], "std": [1, 1, 1]}')
     r = run(*args)
     assert r.exit_code == 2, r.output
     err = [l for l in r.stderr.splitlines() if l.strip()]
@@ -86,3 +98,29 @@ def test_a_single_class_folder_is_a_usage_error(run, tmp_path):
     make_image_folder(tmp_path / "one", classes=("red",))
     r = run("extract", "--data", tmp_path / "one", *TINY)
     assert r.exit_code == 2 and "need at least two class sub-folders" in r.stderr
+
+
+def test_a_link_or_pipe_in_the_data_folder_is_skipped_with_its_reason(run, tmp_path):
+    from tests.fsfaults import make_non_regular
+
+    data = make_image_folder(tmp_path / "data", per_class=6)
+    expected = make_non_regular(data / "red")
+    r = run("extract", "--data", data, "--n", 0, *TINY, "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["rows"] == 12 and out["skipped"] == 3
+    from pipeline.cache import read_skipped
+
+    reasons = dict(read_skipped(out["cache"]))
+    for name, why in expected.items():
+        assert why in reasons[f"red/{name}"]
+    assert run("fit-head", "--cache", out["cache"], "--epochs", 1).exit_code == 0  # the freshness check copes
+
+
+def test_a_diverging_fit_exits_1_and_saves_nothing(run, tmp_path, make_cache):
+    cache = make_cache(make_image_folder(tmp_path / "data", per_class=8), dtype="float32")["cache"]
+    with h5py.File(cache, "a") as f:
+        f["features"][3] = float("nan")  # one hand-edited row
+    r = run("fit-head", "--cache", cache, "--runs-dir", tmp_path / "runs", "--epochs", 2)
+    assert r.exit_code == 1 and "training diverged: the loss became nan" in r.stderr
+    assert not list((tmp_path / "runs").glob("*/head.pt"))

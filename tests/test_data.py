@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.data import ImageLoadError, list_image_folder, load_rgb, stratified_order
+from pipeline.data import ImageLoadError, jpeg_bytes, list_image_folder, load_rgb, stratified_order
 from tests.conftest import make_image_folder
+from tests.fsfaults import make_non_regular, no_hang
 
 
 def test_listing_sorted_classes_and_skips_non_images(tmp_path):
@@ -59,3 +60,42 @@ def test_load_rgb_converts_modes_and_names_bad_files(tmp_path):
         load_rgb(tmp_path / "z.jpg")
     with pytest.raises(ImageLoadError, match="not an image"):
         load_rgb(tmp_path / "t.jpg")
+
+
+def test_links_and_pipes_are_listed_as_bad_never_opened(tmp_path, caplog):
+    root = make_image_folder(tmp_path / "d", per_class=2)
+    reasons = make_non_regular(root / "red")
+    with no_hang(30):
+        listing = list_image_folder(root)
+    assert [f.path for f in listing.files] == ["blue/blue.0.jpg", "blue/blue.1.jpg", "red/red.0.jpg", "red/red.1.jpg"]
+    bad = dict(listing.bad)
+    assert set(bad) == {f"red/{n}" for n in reasons}
+    for name, why in reasons.items():
+        assert why in bad[f"red/{name}"]
+        with no_hang(30), pytest.raises(ImageLoadError, match=why) as e:
+            load_rgb(root / "red" / name)
+        assert e.value.kind == "not-a-file"
+        with no_hang(30), pytest.raises(ImageLoadError, match=why):
+            jpeg_bytes(root / "red" / name)
+    assert "3 entries" in caplog.text and "not regular files" in caplog.text
+
+
+def test_a_link_to_a_regular_image_is_listed(tmp_path):
+    root = make_image_folder(tmp_path / "d", per_class=1)
+    (root / "red" / "again.jpg").symlink_to("red.0.jpg")
+    listing = list_image_folder(root)
+    assert "red/again.jpg" in {f.path for f in listing.files} and listing.bad == ()
+    assert load_rgb(root / "red" / "again.jpg").mode == "RGB"
+
+
+@pytest.mark.parametrize("content", [None, "Thumbs.db", "link"])
+def test_a_class_folder_without_images_is_refused(tmp_path, content):
+    root = make_image_folder(tmp_path / "d", classes=("blue", "red", "green"), per_class=1)
+    for f in (root / "green").iterdir():
+        f.unlink()
+    if content == "Thumbs.db":
+        (root / "green" / "Thumbs.db").write_bytes(b"x")
+    elif content == "link":
+        (root / "green" / "x.jpg").symlink_to("/nonexistent")
+    with pytest.raises(ValueError, match=r"class folder '.*green' holds no images; remove it or add images"):
+        list_image_folder(root)

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import pipeline.device as dev
-from pipeline.device import AdaptiveBatch, autocast, resolve_precision
+from pipeline.device import AdaptiveBatch, autocast, resolve_precision, resolve_workers
 from pipeline.errors import PipelineError
 from pipeline.inference import Inference
 
@@ -98,3 +98,17 @@ def test_feature_model_output_is_storage_dtype_nchw_and_matches_fp32():
     assert cos > 0.999
     pooled = Inference(net, CPU, "fp32", "avg", "float32")(x)
     np.testing.assert_allclose(pooled[:, :, 0, 0], want.mean((2, 3)), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("affinity", [True, False])
+def test_workers_are_capped_at_the_cores_with_a_warning(monkeypatch, caplog, affinity):
+    if affinity:
+        monkeypatch.setattr(dev.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    else:
+        monkeypatch.delattr(dev.os, "sched_getaffinity", raising=False)
+        monkeypatch.setattr(dev.os, "cpu_count", lambda: 3)
+    assert resolve_workers(1000) == 3
+    assert "--workers 1000 is more than the 3 CPU cores available; using 3" in caplog.text
+    caplog.clear()
+    assert (resolve_workers(2), resolve_workers(0), resolve_workers(-1)) == (2, 0, 3)
+    assert resolve_workers(1000, share=3) == 1 and "each of 3 processes" in caplog.text

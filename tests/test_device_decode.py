@@ -1,4 +1,6 @@
 """--decode device: JPEGs decoded by torchvision on the compute device (here the CPU), same rows as PIL."""
+import os
+
 import numpy as np
 import pytest
 
@@ -7,6 +9,7 @@ from pipeline.data import ImageLoadError, jpeg_bytes
 from pipeline.extract import ExtractConfig, extract
 from tests.badfiles import make_bad_corpus, skipped_by_extract
 from tests.conftest import make_image_folder
+from tests.fsfaults import no_hang
 
 
 def _extract(data, tmp_path, decode, workers=0):
@@ -37,3 +40,14 @@ def test_jpeg_bytes_sends_only_plain_jpegs_to_the_device(tmp_path):
         assert hits and jpeg_bytes(hits[0]) is None
     with pytest.raises(ImageLoadError, match="zero-byte"):
         jpeg_bytes(next(data.rglob("bad.zero.jpg")))
+
+
+def test_a_named_pipe_never_hangs_device_decoding(tmp_path):
+    data = make_image_folder(tmp_path / "d", per_class=3)
+    os.mkfifo(data / "red" / "f.jpg")  # reading it would block until someone writes: forever
+    with no_hang(60):
+        with pytest.raises(ImageLoadError, match="named pipe"):
+            jpeg_bytes(data / "red" / "f.jpg")
+        r = _extract(data, tmp_path, "device")
+    with FeatureCache(r["cache"]) as c:
+        assert c.n == 6 and "red/f.jpg" not in c.paths

@@ -170,3 +170,26 @@ def test_the_bad_file_corpus_leaves_exactly_the_good_images(tmp_path):
         assert len(generated) == 8
         assert set(c.paths) - generated == usable(corpus)
         assert {p for p, _ in c.skipped()} == skipped_by_extract(corpus)
+
+
+def test_non_finite_features_are_never_committed(image_folder, tmp_path, monkeypatch):
+    import numpy as np
+
+    from pipeline.errors import PipelineError
+    from pipeline.inference import Inference
+
+    real = Inference.__call__
+
+    def poisoned(self, x):
+        out = real(self, x)
+        out[1] = np.inf
+        return out
+
+    cfg = ExtractConfig(data=str(image_folder), n=0, backbone="tiny", weights="none", workers=0, batch_size=8,
+                        cache_dir=str(tmp_path / "f"))
+    monkeypatch.setattr(Inference, "__call__", poisoned)
+    with pytest.raises(PipelineError, match="NaN or infinite features for 1 images"):
+        extract(cfg)
+    monkeypatch.setattr(Inference, "__call__", real)
+    r = extract(cfg)  # the same command again: nothing non-finite was written, the run completes
+    assert r["rows"] == 24 and r["resumed_from"] == 0

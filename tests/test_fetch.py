@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from pipeline.cli import cli
 from pipeline.errors import PipelineError
-from pipeline.fetch import FetchConfig, fetch_data
+from pipeline.fetch import FetchConfig, archive_name, fetch_data
 
 NAME = "pets.zip"
 
@@ -234,3 +234,79 @@ def test_a_safe_tar_is_recognised_by_content_and_unpacked(tmp_path):
 def test_bad_url_is_a_usage_error(tmp_path):
     res = CliRunner().invoke(cli, ["fetch-data", "--dest", str(tmp_path), "--url", "ftp://example.com/x.zip"])
     assert res.exit_code == 2 and "ftp://example.com/x.zip" in res.output
+
+
+ESCAPE = "..%2F..%2Fescape.tar"
+
+
+def escape_tar() -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as t:
+        info, data = file_member("PetImages/Cat/0.jpg", b"ok")
+        t.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("scheme", ["http", "file"])
+def test_an_encoded_slash_in_the_url_never_writes_outside_dest(server, tmp_path, scheme):
+    dest = tmp_path / "d" / "inner"
+    if scheme == "http":
+        server.files[f"x/{ESCAPE}"] = escape_tar()
+        url = server.url.replace(NAME, f"x/{ESCAPE}")
+    else:
+        (tmp_path / "src" / "x").mkdir(parents=True)
+        (tmp_path / "escape.tar").write_bytes(escape_tar())  # where src/x/../../escape.tar leads
+        url = f"file://{tmp_path}/src/x/{ESCAPE}"
+    with pytest.raises(ValueError, match=r"'\.\./\.\./escape\.tar' is not a plain file name"):
+        fetch_data(cfg(dest, url))
+    assert not (tmp_path / "d" / "escape.tar").exists() and not list((tmp_path / "d").rglob("*.tar*"))
+    res = CliRunner().invoke(cli, ["fetch-data", "--dest", str(dest), "--url", url])
+    assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1 and "plain file name" in res.output
+
+
+@pytest.mark.parametrize("name", ["%2E%2E", ".hidden.zip", "a%5Cb.zip", "a%00b.zip", "%0A.zip", "x" * 300])
+def test_unsafe_archive_names_are_refused(name):
+    with pytest.raises(ValueError, match="not a plain file name"):
+        archive_name(f"http://127.0.0.1/{name}")
+    assert archive_name("http://127.0.0.1/dir/pets%20v2.zip?x=1") == "pets v2.zip"
+
+
+def test_dest_that_is_a_file_is_a_usage_error(tmp_path):
+    (tmp_path / "f").write_text("x")
+    for dest in (tmp_path / "f", tmp_path / "f" / "sub"):
+        res = CliRunner().invoke(cli, ["fetch-data", "--dest", str(dest), "--url", closed_port_url()])
+        assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1, res.output
+        assert "--dest" in res.output and "must be a folder" in res.output
+
+
+def test_unpacking_never_overwrites_files_already_there(tmp_path):
+    (tmp_path / NAME).write_bytes(pets_zip())
+    mine = tmp_path / "PetImages" / "Dog" / "0.jpg"
+    mine.parent.mkdir(parents=True)
+    mine.write_bytes(b"my own photo")
+    with pytest.raises(PipelineError, match=f"{mine} already exists.*--overwrite"):
+        fetch_data(cfg(tmp_path, closed_port_url()))
+    assert mine.read_bytes() == b"my own photo" and not (tmp_path / "PetImages" / "Cat").exists()
+    fetch_data(cfg(tmp_path, closed_port_url(), overwrite=True))
+    assert mine.stat().st_size == 150_000
+
+
+def test_an_interrupted_unpack_may_replace_its_own_files(tmp_path, monkeypatch):
+    (tmp_path / NAME).write_bytes(pets_zip())
+    real = zipfile.ZipFile.extract
+    calls = []
+
+    def dies_on_the_second(self, member, path=None, pwd=None):
+        calls.append(member)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(self, member, path, pwd)
+
+    monkeypatch.setattr(zipfile.ZipFile, "extract", dies_on_the_second)
+    with pytest.raises(PipelineError, match="No space left"):
+        fetch_data(cfg(tmp_path, closed_port_url()))
+    monkeypatch.setattr(zipfile.ZipFile, "extract", real)
+    assert (tmp_path / "PetImages" / "Cat" / "0.jpg").is_file()
+    result = fetch_data(cfg(tmp_path, closed_port_url()))
+    assert result["unpacked_now"] and (tmp_path / "PetImages" / "Dog" / "0.jpg").stat().st_size == 150_000
+    assert not (tmp_path / f".{NAME}.unpacking").exists()

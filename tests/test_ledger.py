@@ -87,3 +87,29 @@ def test_runs_command_shows_fit_head_and_compare(tmp_path, tiny_cache):
     assert "fit-head" in table and "compare-sklearn" in table and "val_acc=" in table
     bad = runner.invoke(cli.cli, ["runs", "--runs-dir", runs, "--sort", "nope"])
     assert bad.exit_code == 2 and "known metrics" in bad.stderr
+
+
+@pytest.mark.parametrize("line", ['{"kind": 5}', '{"metrics": [1, 2]}', '{"outputs": "x"}', '[1]', '{"time": null}'])
+def test_a_line_of_wrong_types_is_skipped_with_a_warning(tmp_path, caplog, line):
+    _add(tmp_path, val_acc=0.5)
+    with open(ledger_path(tmp_path), "a") as f:
+        f.write(line + "\n")
+    _add(tmp_path, val_acc=0.6)
+    runs = read_runs(tmp_path, sort_by="val_acc")
+    assert [r["metrics"]["val_acc"] for r in runs] == [0.6, 0.5]
+    assert "line 2 is damaged and skipped" in caplog.text
+    assert "val_acc=0.6" in format_runs(runs, "val_acc")
+    res = CliRunner().invoke(cli.cli, ["runs", "--runs-dir", str(tmp_path)])
+    assert res.exit_code == 0 and "val_acc=0.5" in res.stdout
+
+
+def test_format_runs_takes_odd_outputs(tmp_path):
+    assert "7" in format_runs([{"kind": "x", "outputs": [7]}])
+
+
+def test_runs_dir_that_is_a_file_is_a_usage_error(tmp_path):
+    (tmp_path / "runs").write_text("x")
+    with pytest.raises(ValueError, match="--runs-dir '.*runs' must be a folder"):
+        _add(tmp_path / "runs", val_acc=0.5)
+    res = CliRunner().invoke(cli.cli, ["runs", "--runs-dir", str(tmp_path / "runs")])
+    assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1 and "must be a folder" in res.output
