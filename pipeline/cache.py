@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Iterator, Optional, Sequence
 import h5py
 import numpy as np
 
-from .errors import PipelineError, UsageError
+from .errors import DiskFull, PipelineError, UsageError
 from .paths import require_folder
 
 try:
@@ -139,6 +140,24 @@ def _unlock(path: Path, fd) -> None:
     os.close(fd)
 
 
+#: Room kept free beyond a batch's own bytes: HDF5's metadata, the chunk index, the final flush.
+SPACE_MARGIN = 8 << 20
+
+
+def ensure_space(path: Path, need: int) -> None:
+    """Refuse (PipelineError, exit 1) to write ``need`` bytes into ``path`` when the disk cannot hold them.
+
+    Checked before each batch because HDF5 does not survive running out of space mid-write: the
+    file's objects then crash the process when freed. Stopping before it keeps every committed
+    row, and the same command resumes once there is room.
+    """
+    free = shutil.disk_usage(path.parent).free
+    if free < need + SPACE_MARGIN:
+        raise DiskFull(f"cannot write {path}: no space left on the device ({free / 1e6:.1f} MB free, the next batch "
+                       f"needs {(need + SPACE_MARGIN) / 1e6:.1f} MB with room for HDF5); free some space and run "
+                       "the same command again: it resumes from the last committed row")
+
+
 class CacheWriter:
     """Appends batches of rows to a cache file held open for the whole extraction.
 
@@ -226,6 +245,8 @@ class CacheWriter:
         (a virtual dataset over shards).
         """
         f, start, k = self.f, self.rows, len(labels)
+        need = (features.nbytes if features is not None else 0) + 512 * (k + len(skipped))
+        ensure_space(self.path, need)
         if k:
             if features is not None:
                 ds = self._features(features)
@@ -255,11 +276,13 @@ class CacheWriter:
         _fsync(self.f)
 
     def close(self) -> None:
-        if self.f is not None and self.f.id.valid:
-            self.f.close()
-        if self._lock_fd is not None:
-            _unlock(self.path, self._lock_fd)
-            self._lock_fd = None
+        try:
+            if self.f is not None and self.f.id.valid:
+                self.f.close()  # may fail on a full disk: the committed rows are on disk already
+        finally:
+            if self._lock_fd is not None:
+                _unlock(self.path, self._lock_fd)
+                self._lock_fd = None
 
     def __enter__(self):
         return self

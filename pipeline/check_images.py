@@ -23,6 +23,7 @@ from pathlib import Path
 from .data import ImageLoadError, decode_image, is_image_name
 from .device import resolve_workers
 from .errors import PipelineError, UsageError
+from .paths import atomic_write
 
 #: Every kind check-images reports, with its severity. Errors are files extract cannot use.
 KINDS = {
@@ -177,13 +178,16 @@ def check_images(cfg: CheckImagesConfig) -> dict:
 def write_report(path: Path, result: dict) -> str:
     """CSV (one row per finding) or JSON (the whole summary), by the file's suffix."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix.lower() == ".json":
-        path.write_text(json.dumps({**result, "report": str(path)}, indent=2))
-    else:
-        with path.open("w", newline="") as f:
+    def write(tmp: Path) -> None:
+        if path.suffix.lower() == ".json":
+            tmp.write_text(json.dumps({**result, "report": str(path)}, indent=2))
+            return
+        with tmp.open("w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=["path", "kind", "severity", "detail"])
             w.writeheader()
             w.writerows(result["findings"])
+
+    atomic_write(path, write)
     return str(path)
 
 

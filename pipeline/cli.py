@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 import warnings
 
@@ -97,6 +98,11 @@ def library_errors(fn):
         except UsageError as e:
             raise OneLineUsageError(str(e)) from None
         except PipelineError as e:
+            if getattr(e, "fatal", False):  # see paths.disk_error: no clean shutdown is possible
+                click.echo(f"Error: {e}", err=True)
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(1)
             raise click.ClickException(str(e)) from None
         except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt, SystemExit):
             raise

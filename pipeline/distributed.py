@@ -36,7 +36,8 @@ def torchrun_command(command: str, world: int) -> str:
     """The recorded command line as torchrun would start it (for 'run it again' hints)."""
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     nodes = f" --nnodes={world // local}" if world > local else ""
-    rest = command.split(" ", 1)[1] if command.startswith("python ") else command
+    first, _, rest = command.partition(" ")
+    rest = rest if first.startswith("python") else command
     return f"torchrun --nproc_per_node={local}{nodes} {rest}"
 
 

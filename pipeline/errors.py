@@ -12,3 +12,7 @@ class UsageError(ValueError):
 
 class PipelineError(RuntimeError):
     """A failure that is not the user's input: say what happened and how to get past it."""
+
+
+class DiskFull(PipelineError):
+    """A write that the disk could not take (full, read-only, not permitted): exit 1, naming the path."""

@@ -20,7 +20,7 @@ import numpy as np
 from .data import ImageLoadError, list_image_folder, load_rgb
 from .device import resolve_workers
 from .errors import UsageError
-from .paths import require_folder
+from .paths import atomic_write, require_folder, writing
 
 log = logging.getLogger(__name__)
 
@@ -204,9 +204,8 @@ def _thumbnail(path: Path, size: int = 256):
 
 def evaluate(cfg: EvaluateConfig) -> dict:
     """Evaluate one checkpoint; write confusion.png, gallery.png and metrics.json to a run folder."""
-    from .runs import finish_run, new_run_dir
     from .models import read_checkpoint
-    from .plots import confusion_matrix_png, gallery_png
+    from .runs import finish_run, new_run_dir
 
     if cfg.split not in SPLITS:
         raise UsageError(f"unknown --split {cfg.split!r}; allowed: {', '.join(SPLITS)}")
@@ -225,20 +224,29 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     pred = predictor(cfg.model, ckpt, cfg)
     result = summarize(pred, cfg.top_k)
     out_dir = new_run_dir(cfg.runs_dir, "evaluate")
+    with writing(out_dir):
+        confusion, gallery = _pictures(pred, result, out_dir)
+    result.update({"model": cfg.model, "kind": ckpt["kind"], "source": pred.source, "split": cfg.split,
+                   "backbone": ckpt.get("backbone", ""), "cache_fingerprint": pred.cache_fingerprint,
+                   "data_root": str(pred.root), "run_dir": str(out_dir), "confusion_png": str(confusion),
+                   "gallery_png": str(gallery)})
+    atomic_write(out_dir / "metrics.json", lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
+    finish_run(out_dir, cfg.runs_dir, "evaluate", None, [confusion, gallery], cache_fingerprint=pred.cache_fingerprint,
+               backbone=result["backbone"], params=asdict(cfg),
+               metrics={k: result[k] for k in ("accuracy", "loss", "macro_f1", "rows")})
+    return result
+
+
+def _pictures(pred: Predictions, result: dict, out_dir: Path) -> tuple[Path, Path]:
+    """confusion.png and gallery.png of one evaluation."""
+    from .plots import confusion_matrix_png, gallery_png
+
     confusion = confusion_matrix_png(np.array(result["confusion_matrix"]), pred.classes, out_dir / "confusion.png",
                                      title=f"accuracy {result['accuracy']:.3f} on {result['rows']} images")
     items = [{**w, "image": _thumbnail(pred.root / w["path"])} for w in result["wrong"]]
     gallery = gallery_png(items, out_dir / "gallery.png",
                           suptitle=f"most confidently wrong: {len(items)} of {result['errors']} errors")
-    result.update({"model": cfg.model, "kind": ckpt["kind"], "source": pred.source, "split": cfg.split,
-                   "backbone": ckpt.get("backbone", ""), "cache_fingerprint": pred.cache_fingerprint,
-                   "data_root": str(pred.root), "run_dir": str(out_dir), "confusion_png": str(confusion),
-                   "gallery_png": str(gallery)})
-    (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
-    finish_run(out_dir, cfg.runs_dir, "evaluate", None, [confusion, gallery], cache_fingerprint=pred.cache_fingerprint,
-               backbone=result["backbone"], params=asdict(cfg),
-               metrics={k: result[k] for k in ("accuracy", "loss", "macro_f1", "rows")})
-    return result
+    return confusion, gallery
 
 
 def format_report(result: dict) -> str:

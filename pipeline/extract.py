@@ -15,7 +15,7 @@ from pathlib import Path
 from . import backbones as bb
 from . import distributed
 from .cache import STORAGE_DTYPES, cache_file_name, fingerprint
-from .data import ImageFolderListing, list_image_folder
+from .data import ImageFolderListing, check_seed, list_image_folder
 from .errors import UsageError
 from .extract_range import existing_cache, extract_range, hit_summary
 from .paths import require_folder
@@ -49,6 +49,7 @@ class ExtractConfig:
 
 
 def validate(cfg: ExtractConfig) -> None:
+    check_seed(cfg.seed)
     if cfg.n < 0:
         raise UsageError(f"--n must be 0 (all) or positive, got {cfg.n}")
     if cfg.batch_size < 1:

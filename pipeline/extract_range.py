@@ -20,6 +20,7 @@ from .cache import CacheBusy, CacheError, CacheInfo, CacheWriter, now_iso, read_
 from .data import ImageFolderListing, stratified_order
 from .device import resolve_workers
 from .errors import PipelineError, UsageError
+from .paths import writing
 from .provenance import Provenance, versions
 from .reader import ImageListDataset, item_loader, iter_items
 
@@ -99,7 +100,7 @@ def extract_range(cfg, listing: ImageFolderListing, key: str, path: Path, resume
 
         candidates = decode_on_device(candidates, backbone.transform, device, listing.root)
     t0 = time.time()
-    with CacheWriter(path, attrs, source=listing) as writer:
+    with writing(path), CacheWriter(path, attrs, source=listing) as writer:  # a full disk: one line, resumable
         if writer.complete:  # another process finished this very cache while we waited for its lock
             return hit_summary(read_info(path), t0)
         if writer.rows != start_rows:

@@ -96,6 +96,7 @@ def fit_head(cfg: FitHeadConfig) -> dict:
     from .models import build_head
     from .progress import progress
     from .provenance import Provenance
+    from .paths import atomic_write
     from .runs import finish_run, new_run_dir
 
     validate_training(cfg, positive=("epochs", "batch_size", "block_rows"))
@@ -142,7 +143,7 @@ def fit_head(cfg: FitHeadConfig) -> dict:
             "dropout": cfg.dropout, "config": asdict(cfg),
             "cache": str(path), "cache_fingerprint": cache.attrs["fingerprint"], "metrics": history[-1],
         }
-        torch.save(ckpt, out_dir / "head.pt")
+        atomic_write(out_dir / "head.pt", lambda tmp: torch.save(ckpt, tmp))
     last = history[-1]
     curves = finish_run(out_dir, cfg.runs_dir, "fit-head", history, [out_dir / "head.pt"], cache=str(path),
                         params=asdict(cfg),

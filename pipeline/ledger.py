@@ -61,7 +61,8 @@ def current_command() -> str:
     import shlex
     import sys
 
-    return " ".join(shlex.quote(a) for a in ["python", *sys.argv])
+    python = os.path.basename(sys.executable) if sys.executable else "python"  # the interpreter that ran
+    return " ".join(shlex.quote(a) for a in [python, *sys.argv])
 
 
 def append_run(runs_dir: str | os.PathLike, kind: str, *, cache_fingerprint: Optional[str] = None,

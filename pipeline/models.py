@@ -28,6 +28,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import backbones as bb
 from .errors import PipelineError, UsageError
+from .paths import atomic_write
 from .provenance import Preprocessing, Provenance
 
 log = logging.getLogger(__name__)
@@ -154,8 +155,7 @@ def save_model(lm: LoadedModel, path, kind: str, config: dict, metrics: dict, hi
             "state_dict": {k: v.detach().cpu() for k, v in lm.model.state_dict().items()},
             "config": json.loads(json.dumps(config)), "metrics": json.loads(json.dumps(metrics)),
             "history": json.loads(json.dumps(history))}
-    torch.save(ckpt, path)
-    return Path(path)
+    return atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
 
 
 #: field -> (type(s), what it must be): a checkpoint is checked against this once, when read

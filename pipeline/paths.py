@@ -1,13 +1,16 @@
-"""Path checks shared by the stages: names that came from outside, and folders the user named.
+"""Paths shared by the stages: names that came from outside, folders the user named, safe writes.
 
 A file name taken from a URL (or any other outside source) must never choose the folder it is
-written to, and a folder option that names an existing file must be one clear usage error, not
-a traceback from ``mkdir`` deep inside a stage.
+written to; a folder option that names an existing file must be one clear usage error, not a
+traceback from ``mkdir`` deep inside a stage; and an output is written whole or not at all
+(``atomic_write``), a full or read-only disk being one line (``writing``), never a traceback.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
+
 from .errors import UsageError
 
 #: Longest file name accepted from outside (bytes): file systems stop at 255, and '.part' is added.
@@ -38,4 +41,62 @@ def require_folder(path: str | os.PathLike, what: str) -> Path:
     if os.path.lexists(probe) and not probe.is_dir():
         where = "" if probe == path else f" ({str(probe)!r} is not a folder)"
         raise UsageError(f"{what} {str(path)!r} must be a folder, but it is a file{where}")
+    return path
+
+
+def disk_error(e: BaseException, path) -> "DiskFull | None":
+    """A one-line PipelineError naming ``path`` when ``e`` is a full disk, a read-only file system or a
+    refused permission (as OSError, or wrapped in h5py's and torch's RuntimeErrors); else None."""
+    import errno
+
+    from .errors import DiskFull
+
+    text, code = str(e), getattr(e, "errno", None)
+    if code in (errno.ENOSPC, errno.EDQUOT) or "No space left" in text or "errno = 28" in text:
+        why = "no space left on the device"
+    elif code == errno.EROFS or "Read-only file system" in text or "errno = 30" in text:
+        why = "the file system is read-only"
+    elif code in (errno.EACCES, errno.EPERM) or "Permission denied" in text or "errno = 13" in text:
+        why = "permission denied"
+    elif isinstance(e, RuntimeError) and ("file write failed" in text or "PytorchStreamWriter" in text):
+        why = "the write failed (a full disk?)"
+    else:
+        return None
+    err = DiskFull(f"cannot write {path}: {why}")
+    # HDF5 that failed mid-write crashes the process when its objects are freed later (h5py 3.x):
+    # the CLI then leaves at once, after saying why (the committed rows are on disk)
+    err.fatal = "file write failed: time =" in text or "id ref count" in text
+    return err
+
+
+@contextlib.contextmanager
+def writing(path):
+    """Turn a full disk, a read-only folder or a refused permission while writing ``path`` into one line (exit 1)."""
+    try:
+        yield
+        return
+    except (OSError, RuntimeError) as e:
+        err = disk_error(e, path)
+        if err is None:
+            raise
+    # raised outside the except block, so it holds no reference to the failed write's frames: their
+    # HDF5 objects are freed now, not at interpreter exit after h5py is gone (a segfault then)
+    raise err
+
+
+def atomic_write(path, write) -> Path:
+    """``write(tmp)`` into a temporary file beside ``path``, then rename it onto ``path``.
+
+    Readers never see a half-written file, and a failure (a full disk, Ctrl-C) leaves none: the
+    old file, if any, stays as it was. Errors of the disk are one line (see ``writing``).
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with writing(path):
+            write(tmp)
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
     return path

@@ -22,6 +22,7 @@ import numpy as np
 from .data import ImageLoadError, is_image_name, load_rgb
 from .device import resolve_workers
 from .errors import UsageError
+from .paths import atomic_write, require_folder
 
 log = logging.getLogger(__name__)
 
@@ -112,39 +113,57 @@ def predict(cfg: PredictConfig) -> dict:
     if cfg.batch_size < 1:
         raise UsageError(f"--batch-size must be positive, got {cfg.batch_size}")
     files = list_inputs(cfg.paths)
+    if cfg.output:
+        check_output(cfg.output, [*files, cfg.model, *([cfg.weights] if cfg.weights else [])])
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     lm = load_model(cfg.model, cfg.weights)
     t0 = time.time()
     rows = []
-    try:
-        if cfg.output:
-            Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
-        out = open(cfg.output, "w", newline="") if cfg.output else None
-    except OSError as e:
-        raise UsageError(f"cannot write --output {cfg.output!r}: {e.strerror}") from None
-    try:
+    predictions = progress(iter_predictions(lm, files, cfg.batch_size, cfg.workers, device, precision),
+                           total=len(files), unit="img", desc="predict")
+
+    def write_rows(out) -> None:
+        """Every row, streamed (csv: a row as soon as it is known), into ``out`` or just into ``rows``."""
         writer = csv.DictWriter(out, COLUMNS) if out and cfg.format == "csv" else None
         if writer:
             writer.writeheader()
-        for row in progress(iter_predictions(lm, files, cfg.batch_size, cfg.workers, device, precision),
-                            total=len(files), unit="img", desc="predict"):
+        for row in predictions:
             if row["error"]:
                 log.warning("%s: %s", row["path"], row["error"])
             rows.append(row)
             if writer:
                 writer.writerow(row)
-                out.flush()
         if out and not writer:
             out.write(format_rows(rows, cfg.format) + "\n")
-    finally:
-        if out:
-            out.close()
+
+    if cfg.output:  # written under a temporary name and renamed when complete: never a half file
+        atomic_write(cfg.output, lambda tmp: _with_open(tmp, write_rows))
+    else:
+        write_rows(None)
     seconds = time.time() - t0
     errors = sum(r["error"] is not None for r in rows)
     return {"model": cfg.model, "kind": lm.kind, "classes": lm.classes,
             "images": len(rows), "errors": errors, "output": cfg.output, "seconds": seconds,
             "img_per_s": len(rows) / seconds if seconds > 0 else 0.0, "rows": rows}
+
+
+def check_output(output: str, inputs: list[str]) -> None:
+    """Refuse an --output that is one of the inputs (an image, the model, its weights) or a folder."""
+    out = Path(output)
+    if out.is_dir():
+        raise UsageError(f"--output {output!r} is a folder; name a file")
+    if out.exists():
+        for p in inputs:
+            if Path(p).exists() and os.path.samefile(out, p):
+                raise UsageError(f"--output {output!r} is one of the inputs ({p}); it would be overwritten")
+    require_folder(out.parent, "--output's folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+
+def _with_open(path: Path, write) -> None:
+    with open(path, "w", newline="") as f:
+        write(f)
 
 
 # -- the ImageNet sanity check ------------------------------------------------------------------

@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from .paths import atomic_write, writing
+
 
 def new_run_dir(runs_dir: str, kind: str) -> Path:
     """A fresh ``runs_dir/<stamp>-<kind>`` folder (suffixed -2, -3, ... when the second is taken)."""
@@ -19,7 +21,8 @@ def new_run_dir(runs_dir: str, kind: str) -> Path:
     while d.exists():
         k += 1
         d = base.with_name(f"{base.name}-{k}")
-    d.mkdir(parents=True)
+    with writing(d):
+        d.mkdir(parents=True)
     return d
 
 
@@ -34,10 +37,11 @@ def finish_run(out_dir: Path, runs_dir: str, kind: str, history: Optional[list],
     from .ledger import append_run
 
     curves = None
-    if history:
-        from . import plots
+    with writing(out_dir):
+        if history:
+            from . import plots
 
-        (out_dir / "history.json").write_text(json.dumps(history, indent=2))
-        curves = plots.curves(history, out_dir / "curves.png")
-    append_run(runs_dir, kind, outputs=[*outputs, *([curves] if curves else [])], **ledger)
+            atomic_write(out_dir / "history.json", lambda tmp: tmp.write_text(json.dumps(history, indent=2)))
+            curves = plots.curves(history, out_dir / "curves.png")
+        append_run(runs_dir, kind, outputs=[*outputs, *([curves] if curves else [])], **ledger)
     return curves

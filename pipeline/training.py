@@ -13,6 +13,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from .data import check_seed
 from .errors import PipelineError, UsageError
 from .paths import require_folder
 
@@ -20,8 +21,7 @@ from .paths import require_folder
 def validate_split(val_fraction: float, seed: int) -> None:
     if not 0 < val_fraction < 1:
         raise UsageError(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}")
-    if seed < 0:
-        raise UsageError(f"--seed must be >= 0, got {seed}")
+    check_seed(seed)
 
 
 def validate_training(cfg, positive: tuple = (), non_negative: tuple = ()) -> None:

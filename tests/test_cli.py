@@ -66,6 +66,8 @@ def test_extract_fit_head_compare_and_caches(run, tmp_path):
     (["extract", "--cache-dir", "junk.h5", *TINY], "--cache-dir 'junk.h5' must be a folder"),
     (["fit-head", "--cache", "c2.h5", "--runs-dir", "junk.h5/runs"], "--runs-dir 'junk.h5/runs' must be a folder"),
     (["extract", "--weights", "listed.pt", "--backbone", "tiny", "--n", 4], "must hold a JSON object, not a list"),
+    (["extract", "--seed", "99999999999999999999", *TINY], "--seed must be between 0 and 4294967295"),
+    (["fit-head", "--seed", "-1", "--cache", "c2.h5"], "--seed must be between 0 and 4294967295"),
     (["extract", "--weights", "nan.pt", "--backbone", "tiny", "--n", 4], "'mean' must be a list of 3 finite numbers"),
     (["fit-head", "--lr", "nan", "--cache", "c2.h5"], "'nan' is not a finite number"),
     (["fit-head", "--lr", "inf", "--cache", "c2.h5"], "'inf' is not a finite number"),

@@ -1,0 +1,136 @@
+"""Safe writes: whole or not at all, and a full or read-only disk as one line (exit 1), resumable."""
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from pipeline import cache as cache_mod
+from pipeline.cli import cli
+from pipeline.errors import DiskFull
+from pipeline.paths import atomic_write, disk_error, writing
+from tests.conftest import ROOT, make_image_folder
+
+TINY = ["--backbone", "tiny", "--weights", "none", "--workers", "0", "--dtype", "float32", "--batch-size", "4"]
+
+
+def test_atomic_write_leaves_the_old_file_or_the_new_one_never_half(tmp_path):
+    out = tmp_path / "rows.csv"
+    out.write_text("old\n")
+
+    def fails(tmp):
+        tmp.write_text("half of the new")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(DiskFull, match=r"rows.csv: no space left on the device"):
+        atomic_write(out, fails)
+    assert out.read_text() == "old\n" and os.listdir(tmp_path) == ["rows.csv"]  # no temporary file left
+    atomic_write(out, lambda tmp: tmp.write_text("new\n"))
+    assert out.read_text() == "new\n"
+
+
+@pytest.mark.parametrize("error, why", [
+    (OSError(errno.ENOSPC, "No space left on device"), "no space left"),
+    (OSError(errno.EROFS, "Read-only file system"), "read-only"),
+    (PermissionError(errno.EACCES, "Permission denied"), "permission denied"),
+    (RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file data/0: "
+                  "file write failed"), "the write failed"),
+])
+def test_disk_errors_become_one_line(error, why):
+    err = disk_error(error, "runs/x/head.pt")
+    assert isinstance(err, DiskFull) and str(err) == f"cannot write runs/x/head.pt: {why}" or why in str(err)
+    assert disk_error(ValueError("other"), "x") is None and disk_error(OSError(errno.ENOENT, "gone"), "x") is None
+
+
+def test_writing_passes_other_errors_through():
+    with pytest.raises(FileNotFoundError):
+        with writing("x"):
+            raise FileNotFoundError("gone")
+
+
+def _extract(tmp_path, data):
+    return CliRunner().invoke(cli, ["extract", "--data", str(data), "--n", "0", *TINY,
+                                    "--cache-dir", str(tmp_path / "f"), "--json"])
+
+
+def test_extract_on_a_full_disk_exits_1_then_resumes_to_the_uninterrupted_cache(tmp_path, monkeypatch):
+    """A fake disk that fills up after 3 committed batches (no root needed)."""
+    data = make_image_folder(tmp_path / "data", per_class=12)
+    whole = json.loads(CliRunner().invoke(cli, ["extract", "--data", str(data), "--n", "0", *TINY,
+                                                "--cache-dir", str(tmp_path / "whole"), "--json"]).stdout)
+    real, calls = shutil.disk_usage, []
+
+    def filling(path):
+        calls.append(path)
+        usage = real(path)
+        return usage._replace(free=0) if len(calls) > 3 else usage
+
+    monkeypatch.setattr(cache_mod.shutil, "disk_usage", filling)
+    r = _extract(tmp_path, data)
+    assert r.exit_code == 1
+    err = [l for l in r.stderr.splitlines() if l.startswith("Error")]
+    assert len(err) == 1 and "no space left on the device" in err[0] and "run the same command again" in err[0]
+    path = next((tmp_path / "f").glob("*.h5"))
+    with h5py.File(path) as f:
+        assert int(f.attrs["rows"]) == 12 and not f.attrs["complete"]
+    monkeypatch.setattr(cache_mod.shutil, "disk_usage", real)
+    again = json.loads(_extract(tmp_path, data).stdout)
+    assert again["resumed_from"] == 12 and again["rows"] == 24
+    with h5py.File(path) as f, h5py.File(whole["cache"]) as g:
+        for name in ("features", "labels", "paths"):
+            assert np.array_equal(f[name][:], g[name][:])
+
+
+def test_fit_head_on_a_full_disk_exits_1_and_leaves_no_half_checkpoint(tmp_path, make_cache, monkeypatch):
+    import torch
+
+    cache = make_cache(make_image_folder(tmp_path / "data", per_class=6))["cache"]
+    real_save = torch.save
+
+    def full(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)  # a part is written ...
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed")
+
+    monkeypatch.setattr(torch, "save", full)
+    r = CliRunner().invoke(cli, ["fit-head", "--cache", cache, "--epochs", "1", "--runs-dir", str(tmp_path / "runs")])
+    assert r.exit_code == 1 and r.stderr.strip().splitlines()[-1].startswith("Error: cannot write ")
+    assert "head.pt: the write failed" in r.stderr
+    assert not list((tmp_path / "runs").rglob("*.pt")) and not list((tmp_path / "runs").rglob(".*tmp"))
+
+
+def _mount_tmpfs(where: Path, size: str) -> bool:
+    where.mkdir()
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                          capture_output=True).returncode == 0
+
+
+def test_a_real_full_tmpfs(tmp_path):
+    """The real thing where the machine lets us mount (root): a 1 MB tmpfs, then a read-only one."""
+    small = tmp_path / "small"
+    if not _mount_tmpfs(small, "1m"):
+        pytest.skip("cannot mount a tmpfs here (not root, or no permission)")
+    try:
+        data = make_image_folder(tmp_path / "data", per_class=40)
+        args = ["extract", "--data", str(data), "--n", "0", *TINY, "--cache-dir", str(small / "f")]
+        code = "import sys, tests.tiny; sys.argv = ['cli.py'] + sys.argv[1:]; import cli; cli.main()"
+        r = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True)
+        assert r.returncode == 1, r.stderr  # not a segfault (139)
+        assert r.stderr.strip().splitlines()[-1].startswith("Error: cannot write ") and "no space left" in r.stderr
+        subprocess.run(["mount", "-o", "remount,size=32m", str(small)], check=True)
+        r = subprocess.run([sys.executable, "-c", code, *args, "--json"], cwd=ROOT, capture_output=True, text=True)
+        assert r.returncode == 0 and json.loads(r.stdout)["rows"] == 80, r.stderr
+        subprocess.run(["mount", "-o", "remount,ro", str(small)], check=True)
+        r = subprocess.run([sys.executable, "-c", code, "fit-head", "--cache", json.loads(r.stdout)["cache"],
+                            "--epochs", "1", "--runs-dir", str(small / "runs")], cwd=ROOT, capture_output=True,
+                           text=True)
+        assert r.returncode == 1 and "read-only" in r.stderr.strip().splitlines()[-1], r.stderr
+    finally:
+        subprocess.run(["umount", str(small)])
