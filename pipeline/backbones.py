@@ -249,13 +249,22 @@ def _load_local(path: Path) -> dict:
         raise UsageError(f"weights file {str(path)!r} does not exist")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle errors, zip errors, refused globals
-        raise UsageError(f"weights file {str(path)!r} is not a loadable state dict ({type(e).__name__}: {e})") from None
+    except Exception as e:  # pickle errors, zip errors, refused globals: one line, never torch's advice to unpickle
+        raise UsageError(f"weights file {str(path)!r} is not a loadable state dict ({unloadable_reason(e)})") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UsageError(f"weights file {str(path)!r} does not hold a state dict of tensors")
     return obj
+
+
+def unloadable_reason(e: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, in one line (torch's own message is a page
+    that ends by suggesting ``weights_only=False``, which would run the file's code)."""
+    text = str(e).strip()
+    if "weights_only" in text or "Unsupported global" in text:
+        return "it holds pickled Python objects, which are never loaded"
+    return (text.splitlines()[0] if text else type(e).__name__)[:200]
 
 
 def _apply_state_dict(spec: BackboneSpec, model, state: dict, source: str) -> str:

@@ -208,10 +208,7 @@ def read_checkpoint(path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # zip errors, refused globals: one line, and never torch's advice to unpickle
-        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            why = "it holds pickled Python objects, which are never loaded"
-        raise UsageError(f"{str(path)!r} is not a loadable checkpoint ({why[:200]})") from None
+        raise UsageError(f"{str(path)!r} is not a loadable checkpoint ({bb.unloadable_reason(e)})") from None
     kinds = ("fit-head", *MODEL_KINDS)
     if not isinstance(ckpt, dict) or ckpt.get("kind") not in kinds:
         raise UsageError(f"{str(path)!r} is not a checkpoint of this tool (expected kind {', '.join(kinds)})")

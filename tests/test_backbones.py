@@ -58,6 +58,18 @@ def test_missing_file_and_pickled_junk(tmp_path):
         bb.load_backbone("tiny", str(tmp_path / "junk.pt"))
 
 
+def test_a_weights_file_with_pickled_objects_is_refused_in_one_line(tmp_path):
+    import argparse
+
+    import torch
+
+    torch.save({"features.0.weight": argparse.Namespace(evil=True)}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError) as e:
+        bb.load_backbone("tiny", str(tmp_path / "evil.pt"))
+    assert "pickled Python objects, which are never loaded" in str(e.value)
+    assert "\n" not in str(e.value) and "weights_only=False" not in str(e.value)
+
+
 def test_offline_download_names_the_expected_file(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
 

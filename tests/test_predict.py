@@ -131,3 +131,32 @@ def test_predict_exits_1_when_no_input_could_be_classified(tmp_path, model_pt):
     assert result.exit_code == 1
     assert "1 image, 1 unreadable" in result.stderr  # singular
     assert "none of the 1 input could be classified" in result.stderr
+
+
+def test_predict_output_never_overwrites_an_input_and_is_never_half_written(tmp_path, image_folder, model_pt):
+    image = image_folder / "red" / "red.0.jpg"
+    before = image.read_bytes(), model_pt.read_bytes()
+    for target in (image, model_pt):
+        r = CliRunner().invoke(cli.cli, ["predict", str(image_folder), "--model", str(model_pt), "--output", str(target),
+                                         "--workers", "0"])
+        assert r.exit_code == 2 and "is one of the inputs" in r.stderr
+    assert (image.read_bytes(), model_pt.read_bytes()) == before
+    out = tmp_path / "rows.csv"
+    out.write_text("the previous results\n")
+
+    def broken(*a, **k):
+        yield {"path": "x", "class": "red", "probability": 0.9, "error": None}
+        raise OSError(28, "No space left on device")
+
+    import pipeline.predict as predict_mod
+
+    real = predict_mod.iter_predictions
+    predict_mod.iter_predictions = broken
+    try:
+        r = CliRunner().invoke(cli.cli, ["predict", str(image), "--model", str(model_pt), "--format", "csv",
+                                         "--output", str(out), "--workers", "0"])
+    finally:
+        predict_mod.iter_predictions = real
+    assert r.exit_code == 1 and "rows.csv: no space left" in r.stderr
+    assert out.read_text() == "the previous results\n"  # the old file stands; no half-written one
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
