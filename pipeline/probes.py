@@ -692,9 +692,9 @@ def expand_grid(grid, feature_shape=None) -> list[dict]:
                 out.append(complete_setting({"head": kind, **dict(zip(keys, combo))}))
     else:
         out = [complete_setting(dict(s)) for s in grid]
-        if feature_shape is not None:
-            for s in out:
-                check_view(s["view"], feature_shape)
+    if feature_shape is not None:
+        for s in out:
+            check_view(s["view"], feature_shape)
     seen, unique = set(), []
     for s in out:
         k = setting_key(s)
