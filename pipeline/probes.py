@@ -40,19 +40,22 @@ CONFIG_KIND = "probe-head"
 CONFIG_VERSION = 1
 LOG_FLOOR = 1e-15  # probabilities are clipped here for log-loss (as sklearn.metrics.log_loss)
 
-#: The grid ``tune`` searches by default (views a pooled cache lacks are dropped).
+#: The grid ``tune`` searches by default (views a pooled cache lacks are dropped). Measured with
+#: 5-fold CV on VGG-16 caches (cats-vs-dogs 800 rows, 20 dog breeds 270 rows): l2 rows + avg view won
+#: both, at C 100-1000 (l2 rows are small, so they want little regularisation); rms and standardize
+#: and the max view were worse; the flat view costs 49x the memory and time (add it to a grid by hand).
 DEFAULT_GRID = {
     "head": ["logreg", "kernel"],
-    "view": ["avg", "avgmax", "flat"],
+    "view": ["avg", "avgmax"],
     "normalize": ["l2"],
-    "C": [0.1, 1.0, 10.0],
+    "C": [1.0, 10.0, 100.0, 1000.0],
     "gamma": ["scale"],
     "n_components": [1000],
 }
 #: Per-kind defaults filled into a setting that leaves them out.
 SETTING_DEFAULTS = {
-    "logreg": {"view": "avgmax", "normalize": "l2", "C": 1.0},
-    "kernel": {"view": "avgmax", "normalize": "l2", "C": 1.0, "gamma": "scale", "n_components": 1000},
+    "logreg": {"view": "avg", "normalize": "l2", "C": 100.0},
+    "kernel": {"view": "avg", "normalize": "l2", "C": 100.0, "gamma": "scale", "n_components": 1000},
     "torch": {"view": "flat", "normalize": "rms", "lr": 1e-3, "weight_decay": 1e-4, "max_epochs": 100,
               "patience": 5, "batch_size": 32},
 }

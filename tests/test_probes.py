@@ -76,6 +76,8 @@ def test_pooled_shapes_refuse_spatial_views():
     assert {s["view"] for s in expand_grid({"view": ["flat", "avg", "max", "avgmax"]}, (4, 1, 1))} == {"flat", "avg"}
     with pytest.raises(ValueError, match="view 'avgmax'.*allowed views: avg, flat"):
         fit_setting(x, y, {"head": "logreg", "view": "avgmax"})
+    r = tune(x, y, folds=2)  # the default grid, on a pooled cache: its spatial views are left out
+    assert {row["setting"]["view"] for row in r["table"]} == {"avg"} and len(r["table"]) == 8
     with pytest.raises(ValueError, match="view 'max'.*allowed views: avg, flat"):
         tune(x, y, [{"head": "logreg", "view": "max"}], folds=2)
 
