@@ -56,7 +56,7 @@ DEFAULT_GRID = {
 SETTING_DEFAULTS = {
     "logreg": {"view": "avg", "normalize": "l2", "C": 100.0},
     "kernel": {"view": "avg", "normalize": "l2", "C": 100.0, "gamma": "scale", "n_components": 1000},
-    "torch": {"view": "flat", "normalize": "rms", "lr": 1e-3, "weight_decay": 1e-4, "max_epochs": 100,
+    "torch": {"view": "flat", "normalize": "l2", "lr": 1e-2, "weight_decay": 1e-4, "max_epochs": 100,
               "patience": 5, "batch_size": 32},
 }
 _SETTING_KEYS = {k: tuple(v) for k, v in SETTING_DEFAULTS.items()}
@@ -477,8 +477,8 @@ def _prepared(source, view: str, normalizer: Normalizer, feature_shape: tuple):
     return _Arrays(np.ascontiguousarray(normalizer.transform(x.astype(np.float32, copy=False))), y)
 
 
-def train_linear(train, val, *, n_classes: int, in_shape, view: str = "flat", normalize="rms",
-                 lr: float = 1e-3, weight_decay: float = 1e-4, max_epochs: int = 100, patience: int = 5,
+def train_linear(train, val, *, n_classes: int, in_shape, view: str = "flat", normalize="l2",
+                 lr: float = 1e-2, weight_decay: float = 1e-4, max_epochs: int = 100, patience: int = 5,
                  batch_size: int = 32, dropout: float = 0.0, seed: int = 0, device="cpu",
                  on_epoch: Optional[Callable[[dict], None]] = None):
     """Train a linear ProbeHead with Adam + weight decay, stopping early on the validation loss.
@@ -599,7 +599,7 @@ def complete_setting(setting: dict) -> dict:
 
 
 def setting_key(setting: dict) -> str:
-    """A short stable name: 'logreg|avgmax|l2|C=1', 'kernel|avg|l2|C=10|gamma=scale|m=1000', 'torch|flat|rms|lr=0.001|wd=0.0001'."""
+    """A short stable name: 'logreg|avg|l2|C=100', 'kernel|avg|l2|C=10|gamma=scale|m=1000', 'torch|flat|l2|lr=0.01|wd=0.0001'."""
     s = complete_setting(setting)
     base = f"{s['head']}|{s['view']}|{s['normalize']}"
     if s["head"] == "torch":
