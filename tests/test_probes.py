@@ -1,0 +1,191 @@
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pipeline.cache import CacheWriter, FeatureCache
+from pipeline.probes import (CacheRows, CacheViews, ProbeHead, expand_grid, fit_kernel, fit_logreg,
+                             fit_normalizer_stream, fit_setting, format_table, from_kernel, from_logreg,
+                             resolve_gamma, train_linear, tune, view_rows)
+from pipeline.views import Normalizer, apply_view
+
+SHAPE = (4, 3, 3)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny problems: BLAS/torch thread pools only add contention on a shared 2-core machine (10x slower)."""
+    from threadpoolctl import threadpool_limits
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(1):
+        yield
+    torch.set_num_threads(n)
+
+
+def maps(n=60, k=2, shape=SHAPE, seed=0, sep=1.5):
+    """n raw maps of k classes, class-dependent channel means (VGG-like: non-negative, large scale)."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % k
+    centres = rng.normal(0, sep, (k, shape[0]))
+    x = rng.normal(0, 1, (n, *shape)) + centres[y][:, :, None, None]
+    return (np.abs(x) * 40).astype(np.float32), y.astype(np.int64)
+
+
+def make_cache(path, x, y):
+    attrs = {"fingerprint": "fp", "backbone": "tiny", "weights": "none", "mean": np.zeros(3), "std": np.ones(3),
+             "transform": "t", "classes": '["a", "b", "c"]', "seed": 0, "n_requested": 0, "data_root": "/x",
+             "data_fingerprint": "d", "dtype": "float32", "created": "now", "versions": "{}"}
+    with CacheWriter(path, attrs) as w:
+        w.append(x, y, [f"{i}.jpg" for i in range(len(y))], len(y))
+        w.finish()
+    return path
+
+
+def test_plain_head_equals_flatten_linear_logsoftmax():
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Flatten(), nn.Linear(int(np.prod(SHAPE)), 3), nn.LogSoftmax(dim=1))
+    head = ProbeHead.from_legacy(seq.state_dict(), SHAPE)
+    assert head.config["view"] == "flat" and head.config["normalize"] == "none" and head.linear.weight.dtype == torch.float32
+    x = torch.from_numpy(maps(8)[0])
+    torch.testing.assert_close(head(x), seq(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"takes features of shape \(4, 3, 3\), got \(4, 1, 1\)"):
+        head(torch.zeros(2, 4, 1, 1))
+
+
+def test_checkpoint_round_trips_through_weights_only_load(tmp_path):
+    x, y = maps(40, 3)
+    head, _ = fit_setting(x, y, {"head": "kernel", "view": "avgmax", "normalize": "standardize",
+                                 "gamma": "0.5*scale", "n_components": 20})
+    torch.save(head.checkpoint(), tmp_path / "h.pt")
+    ck = torch.load(tmp_path / "h.pt", weights_only=True)
+    assert ck["config"]["kernel_components"] == 20 and ck["config"]["view"] == "avgmax"
+    assert set(ck["state_dict"]) == {"norm_mean", "norm_std", "landmarks", "kernel_norm", "linear.weight", "linear.bias"}
+    again = ProbeHead.from_checkpoint(ck["config"], ck["state_dict"])
+    xt = torch.from_numpy(x[:5])
+    torch.testing.assert_close(again(xt), head(xt), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="not a probe-head config"):
+        ProbeHead.from_checkpoint({"kind": "other"}, ck["state_dict"])
+
+
+def test_pooled_shapes_refuse_spatial_views():
+    with pytest.raises(ValueError, match="view 'max'.*allowed views: avg, flat"):
+        ProbeHead((4, 1, 1), 2, view="max")
+    x, y = maps(30, 2, shape=(4, 1, 1))
+    assert {s["view"] for s in expand_grid({"view": ["flat", "avg", "max", "avgmax"]}, (4, 1, 1))} == {"flat", "avg"}
+    with pytest.raises(ValueError, match="view 'avgmax'.*allowed views: avg, flat"):
+        fit_setting(x, y, {"head": "logreg", "view": "avgmax"})
+    r = tune(x, y, folds=2)  # the default grid, on a pooled cache: its spatial views are left out
+    assert {row["setting"]["view"] for row in r["table"]} == {"avg"} and len(r["table"]) == 8
+    with pytest.raises(ValueError, match="view 'max'.*allowed views: avg, flat"):
+        tune(x, y, [{"head": "logreg", "view": "max"}], folds=2)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize("view,norm", [("flat", "none"), ("avg", "rms"), ("avgmax", "l2"), ("max", "standardize")])
+def test_logreg_conversion_reproduces_predict_proba(k, view, norm):
+    x, y = maps(45, k)
+    nm = Normalizer(norm).fit(apply_view(x, view))
+    z = nm.transform(apply_view(x, view))
+    clf = fit_logreg(z, y, C=0.5)
+    head = from_logreg(clf, SHAPE, view, nm)
+    assert head.linear.weight.shape == (k, z.shape[1]) and head.linear.weight.dtype == torch.float64
+    with torch.no_grad():
+        p = head(torch.from_numpy(x)).exp().numpy()
+    np.testing.assert_allclose(p, clf.predict_proba(z), rtol=0, atol=1e-5)
+    assert 0.01 < p.max(1).min()  # not a degenerate all-certain comparison
+    head32 = from_logreg(clf, SHAPE, view, nm, dtype=torch.float32)
+    with torch.no_grad():
+        np.testing.assert_allclose(head32(torch.from_numpy(x)).exp().numpy(), p, atol=1e-5)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize("view,norm,gamma", [("avgmax", "l2", "scale"), ("flat", "rms", "2*scale"), ("avg", "none", None)])
+def test_kernel_conversion_reproduces_predict_proba(k, view, norm, gamma):
+    x, y = maps(45, k)
+    nm = Normalizer(norm).fit(apply_view(x, view))
+    z = nm.transform(apply_view(x, view))
+    if gamma is None:  # a plain sklearn Nystroem (gamma=None: rbf_kernel's 1/d) converts too
+        from sklearn.kernel_approximation import Nystroem
+
+        ny = Nystroem(n_components=30, random_state=0).fit(z.astype(np.float64))
+        clf = fit_logreg(ny.transform(z.astype(np.float64)), y, C=10)
+    else:
+        ny, clf = fit_kernel(z, y, gamma=gamma, n_components=30, C=10, seed=0)
+    head = from_kernel(ny, clf, SHAPE, view, nm)
+    assert head.config["kernel_components"] == 30
+    with torch.no_grad():
+        p = head(torch.from_numpy(x)).exp().numpy()
+    np.testing.assert_allclose(p, clf.predict_proba(ny.transform(z.astype(np.float64))), rtol=0, atol=1e-5)
+
+
+def test_gamma_rules():
+    z = np.random.default_rng(0).normal(0, 2, (10, 5))
+    assert resolve_gamma(0.3, z) == 0.3
+    assert resolve_gamma("scale", z) == pytest.approx(1 / (5 * z.var()))
+    assert resolve_gamma("0.5*scale", z) == pytest.approx(0.5 / (5 * z.var()))
+    with pytest.raises(ValueError, match="'scale' or 'G\\*scale'"):
+        resolve_gamma("auto", z)
+
+
+def test_cache_views_stream_in_blocks(tmp_path):
+    x, y = maps(23, 3)
+    with FeatureCache(make_cache(tmp_path / "c.h5", x, y)) as c:
+        idx = np.array([20, 3, 7, 0, 11, 15])
+        xv, yv = view_rows(c, idx, "avgmax", block_rows=4)
+        np.testing.assert_array_equal(xv, apply_view(x[np.sort(idx)], "avgmax"))
+        np.testing.assert_array_equal(yv, y[np.sort(idx)])
+        cv = CacheViews(c, idx, block_rows=5).load(["avg", "flat"])
+        np.testing.assert_array_equal(cv["flat"], x[np.sort(idx)].reshape(6, -1))
+        with pytest.raises(ValueError, match="over the 0.0 GB limit; stream it with CacheRows"):
+            view_rows(c, idx, "flat", max_bytes=100)
+        rows = CacheRows(c, np.arange(23), block_rows=4)
+        nm = fit_normalizer_stream(rows, "flat", "rms", batch_size=5)
+        assert nm.rms == pytest.approx(Normalizer("rms").fit(x.reshape(23, -1)).rms, rel=1e-9)
+        head, rep = train_linear(CacheRows(c, np.arange(18), 4), CacheRows(c, np.arange(18, 23), 4), n_classes=3,
+                                 in_shape=SHAPE, view="flat", normalize="rms", lr=0.01, max_epochs=3, seed=0)
+        assert rep["epochs_run"] >= 1 and head.config["normalize"] == "rms"
+        cv = CacheViews(c, np.arange(21))
+        r = tune(cv, cv.labels, {"view": ["avg", "max"], "C": [1.0]}, folds=3, threads=1)
+        assert [row["key"] for row in r["table"]] == ["logreg|avg|l2|C=1", "logreg|max|l2|C=1"]
+        head, _ = fit_setting(cv, cv.labels, r["best"]["setting"])
+        assert head(torch.from_numpy(x)).shape == (23, 3)
+
+
+def test_early_stopping_restores_the_best_epoch_and_is_reproducible():
+    rng = np.random.default_rng(0)
+    xtr, ytr = rng.normal(0, 1, (40, 30)).astype(np.float32), rng.integers(0, 2, 40)  # noise: memorised, not learnt
+    xva, yva = rng.normal(0, 1, (40, 30)).astype(np.float32), rng.integers(0, 2, 40)
+    kw = dict(n_classes=2, in_shape=(30, 1, 1), view="flat", normalize="none", lr=0.05, weight_decay=0.0,
+              max_epochs=50, patience=3, batch_size=8, seed=3)
+    state = torch.random.get_rng_state()
+    head, rep = train_linear((xtr, ytr), (xva, yva), **kw)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global RNG is left alone
+    losses = [h["val_loss"] for h in rep["history"]]
+    assert rep["stopped_early"] and rep["epochs_run"] == rep["best_epoch"] + 3
+    assert rep["best_epoch"] == 1 + int(np.argmin(losses)) and losses[-1] > rep["best_val_loss"]
+    with torch.no_grad():
+        lp = head(torch.from_numpy(xva).reshape(40, 30, 1, 1))
+    assert float(nn.NLLLoss()(lp, torch.from_numpy(yva))) == pytest.approx(rep["best_val_loss"], rel=1e-5)
+    again, rep2 = train_linear((xtr, ytr), (xva, yva), **kw)
+    assert torch.equal(again.linear.weight, head.linear.weight) and rep2["best_epoch"] == rep["best_epoch"]
+
+
+def test_tune_is_deterministic_for_a_seed_and_fits_the_winner():
+    x, y = maps(50, 2, seed=1, sep=0.6)
+    grid = {"head": ["logreg", "kernel", "torch"], "view": ["avg", "avgmax"], "normalize": ["l2", "rms"],
+            "C": [0.1, 10.0], "gamma": ["scale"], "n_components": [15], "lr": [0.01], "weight_decay": [1e-3],
+            "max_epochs": [5]}
+    r1, r2 = tune(x, y, grid, folds=3, seed=0), tune(x, y, grid, folds=3, seed=0)
+    drop = lambda r: [{k: v for k, v in row.items() if k != "seconds"} for row in r["table"]]  # noqa: E731
+    assert len(r1["table"]) == 2 * 2 * (2 + 2 + 1)
+    assert drop(r1) == drop(r2) and r1["best"]["key"] == r2["best"]["key"]
+    assert drop(tune(x, y, grid, folds=3, seed=1)) != drop(r1)  # another seed, other folds
+    best = r1["best"]
+    assert best["log_loss_mean"] == min(r["log_loss_mean"] for r in r1["table"])
+    assert r1["ranking"][0] == best["key"] and format_table(r1).splitlines()[2].startswith("* " + best["key"])
+    head, info = fit_setting(x, y, best["setting"], seed=0)
+    assert info["key"] == best["key"] and head(torch.from_numpy(x)).shape == (50, 2)
+    with pytest.raises(ValueError, match="smallest class has 2"):
+        tune(x[:5], y[:5], grid, folds=3)
