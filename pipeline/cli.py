@@ -24,11 +24,12 @@ from .errors import PipelineError, UsageError
 from .evaluate import EvaluateConfig
 from .extract import ExtractConfig
 from .fetch import FetchConfig
-from .head import FitHeadConfig
+from .head import HEADS, RECIPES, FitHeadConfig
 from .ledger import current_command, read_runs
 from .predict import PredictConfig, imagenet_check
 from .summary import SummaryConfig
 from .train import FinetuneConfig, TrainConfig
+from .views import NORMS, VIEWS
 from .viz import FeatureMapConfig, PreviewConfig
 
 
@@ -271,15 +272,26 @@ def caches(cache_dir, consolidate, as_json):
 
 
 def head_options(fn):
+    """Options of the head fit-head trains (compare-sklearn trains every kind with them)."""
     for opt in reversed([
-        click.option("--epochs", type=int),
-        click.option("--lr", type=FINITE),
+        click.option("--features", type=click.Choice(VIEWS),
+                     help="View of the cached map: flat (C*H*W, the tutorial's), avg / max (global pooling), avgmax."),
+        click.option("--normalize", type=click.Choice(NORMS), help="Feature normalisation."),
+        click.option("--recipe", type=click.Choice(RECIPES),
+                     help="seed: the tutorial's exact head (flat, 1/RMS, Adam 0.01, 10 epochs, no early stopping)."),
+        click.option("--epochs", type=int, help="linear: at most this many epochs."),
+        click.option("--patience", type=int, help="linear: early stopping after this many epochs without a "
+                     "lower val loss (0 = never); the best epoch's weights are kept."),
+        click.option("--lr", type=FINITE, help="linear: Adam learning rate."),
+        click.option("--weight-decay", type=FINITE, help="linear: Adam weight decay."),
         click.option("--batch-size", type=int),
         click.option("--dropout", type=FINITE),
+        click.option("--test-data", type=click.Path(file_okay=False),
+                     help="Photos the head never saw (one folder per class): extracted like the cache, then scored."),
+        click.option("--test-cache", type=click.Path(dir_okay=False),
+                     help="Or a cache of them (made with the same backbone, weights and preprocessing)."),
         click.option("--device"),
         click.option("--runs-dir", help="Where run outputs go."),
-        click.option("--raw-features", "scale_features", flag_value=False, default=True,
-                     help="Train on raw features (default: scaled by 1/RMS, folded into the saved weights)."),
     ]):
         fn = opt(fn)
     return fn
@@ -295,19 +307,24 @@ def split_options(fn):
 @cli.command("fit-head")
 @common_cache_options
 @split_options
+@click.option("--head", type=click.Choice(HEADS),
+              help="linear: Adam with early stopping; logreg: scikit-learn LogisticRegression; kernel: an RBF "
+                   "(Nystroem) map + logreg. Each is saved as the same Linear + LogSoftmax checkpoint.")
+@click.option("--C", "C", type=FINITE, help="logreg, kernel: inverse regularisation strength.")
+@click.option("--gamma", help="kernel: RBF width, a number, 'scale' or 'G*scale'.")
+@click.option("--kernel-components", type=int, help="kernel: Nystroem landmarks.")
+@click.option("--tune", is_flag=True, help="Choose head kind, view, normalisation and C by stratified k-fold CV "
+              "on the training rows (a table on stderr), then refit the winner.")
+@click.option("--folds", type=int, help="--tune: folds.")
 @head_options
 @json_option
 @library_errors
 def fit_head_cmd(as_json, **options):
-    """Train Linear + LogSoftmax on cached features; prints one line per epoch."""
-    from .head import fit_head
+    """Fit a Linear + LogSoftmax head on cached features (one line per epoch for --head linear)."""
+    from .head import fit_head, format_result
 
     result = fit_head(FitHeadConfig(**options))
-    per_class = ", ".join(f"{c} {a:.3f}" for c, a in result["per_class_val_acc"].items() if a is not None)
-    text = (f"val acc {result['val_acc']:.3f}, val loss {result['val_loss']:.4f} "
-            f"({result['train_rows']} train / {result['val_rows']} val rows, {result['fit_seconds']:.1f} s)\n"
-            f"per-class val acc: {per_class}\ncheckpoint: {result['checkpoint']}")
-    emit(result, as_json, text)
+    emit(result, as_json, format_result(result))
 
 
 @defaults_from(CompareConfig, FitHeadConfig)

@@ -69,11 +69,9 @@ def register_predictor(kind: str, source: str, fn: Predictor) -> None:
 
 # -- predictors ----------------------------------------------------------------------------------
 def _head(model_path: str, ckpt: dict, device):
-    from .models import build_head, load_head_state
+    from .models import head_from_checkpoint
 
-    head = build_head(tuple(ckpt["in_shape"]), len(ckpt["classes"]), ckpt.get("dropout", 0.0))
-    load_head_state(head, ckpt, model_path)
-    return head.to(device).eval()
+    return head_from_checkpoint(ckpt, ckpt["state_dict"], model_path).to(device).eval()
 
 
 def _check_cache_fits(ckpt: dict, cache) -> None:

@@ -40,30 +40,34 @@ ALL = -1  # unfreeze value: every block of the backbone
 
 
 def build_head(in_shape, n_classes: int, dropout: float = 0.0):
-    """Flatten + (Dropout) + Linear(C*H*W, classes) + LogSoftmax: the tutorial's head."""
-    in_features = int(np.prod(in_shape))
-    layers = [nn.Flatten()]
-    if dropout > 0:
-        layers.append(nn.Dropout(dropout))
-    layers += [nn.Linear(in_features, n_classes), nn.LogSoftmax(dim=1)]
-    return nn.Sequential(*layers)
+    """A new head on the flattened map: the tutorial's Flatten + (Dropout) + Linear(C*H*W, classes) + LogSoftmax,
+    as a ``probes.ProbeHead`` (view 'flat', no normalisation), the one head class every stage saves."""
+    from .probes import ProbeHead
+
+    return ProbeHead(in_shape, n_classes, "flat", "none", dropout=dropout)
 
 
 class TransferModel(nn.Module):
     """features -> (global average pool) -> head (Flatten, Linear, LogSoftmax): log-probabilities."""
 
     def __init__(self, backbone: str, features: nn.Module, in_shape, n_classes: int, pool: str = "none",
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, head: Optional[nn.Module] = None):
         super().__init__()
         if pool not in POOLS:
             raise UsageError(f"unknown pool {pool!r}; allowed: {', '.join(POOLS)}")
         self.backbone = backbone
         self.features = features
         self.pool = nn.AdaptiveAvgPool2d(1) if pool == "avg" else nn.Identity()
-        self.head = build_head(in_shape, n_classes, dropout)
+        self.head = head if head is not None else build_head(in_shape, n_classes, dropout)  # a ProbeHead
 
     def forward(self, x):
-        return self.head(self.pool(self.features(x)))
+        f = self.pool(self.features(x))
+        # the head in full precision even under bf16/fp16 autocast: it then computes exactly what it
+        # computes on cached features (fit-head, evaluate --cache), and a float64 sklearn head stays float64
+        if f.device.type not in ("cpu", "cuda"):  # the meta device (summary) has no autocast
+            return self.head(f.float())
+        with torch.autocast(f.device.type, enabled=False):
+            return self.head(f.float())
 
     def blocks(self) -> list:
         """The backbone's blocks, first to last (VGG conv stages, ResNet stem + layer1..4, features[i])."""
@@ -151,7 +155,7 @@ def build_model(backbone: str, weights: str, classes, pool: Optional[str] = None
 
 def save_model(lm: LoadedModel, path, kind: str, config: dict, metrics: dict, history: list) -> Path:
     """Write a checkpoint dict (no pickled objects) that ``load_model`` turns back into ``lm``."""
-    ckpt = {**lm.info, "kind": kind, "format_version": FORMAT_VERSION,
+    ckpt = {**lm.info, "head": lm.model.head.config, "kind": kind, "format_version": FORMAT_VERSION,
             "state_dict": {k: v.detach().cpu() for k, v in lm.model.state_dict().items()},
             "config": json.loads(json.dumps(config)), "metrics": json.loads(json.dumps(metrics)),
             "history": json.loads(json.dumps(history))}
@@ -171,8 +175,9 @@ _SCHEMA = {
     "dropout": ((int, float), "a number in [0, 1)"),
     "preprocessing": (dict, "a preprocessing record"),
     "config": (dict, "a dict"),
+    "head": (dict, "a probe-head config"),
 }
-_REQUIRED = ("state_dict", "backbone", "weights", "classes", "in_shape", "preprocessing")
+_REQUIRED = ("state_dict", "backbone", "weights", "classes", "in_shape", "preprocessing", "head")
 
 
 def _field_ok(name: str, value) -> bool:
@@ -236,15 +241,17 @@ def load_model(path, weights: Optional[str] = None) -> LoadedModel:
     else:
         if weights is not None:
             log.info("%s holds its backbone weights; --weights %s is not used", path, weights)
+        head = head_from_checkpoint(ckpt, {k[len("head."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("head.")},
+                           path)
         model = TransferModel(ckpt["backbone"], bb.bare_features(ckpt["backbone"]), ckpt["in_shape"],
-                              len(ckpt["classes"]), ckpt["pool"], ckpt["dropout"])
+                              len(ckpt["classes"]), ckpt["pool"], ckpt["dropout"], head=head)
         try:
             model.load_state_dict(ckpt["state_dict"])
         except RuntimeError as e:
             raise UsageError(f"{str(path)!r} does not match backbone {ckpt['backbone']!r}: "
                              f"{str(e).strip().splitlines()[0]}") from None
         info = {k: v for k, v in ckpt.items()
-                if k not in ("state_dict", "kind", "format_version", "config", "metrics", "history")}
+                if k not in ("state_dict", "kind", "format_version", "config", "metrics", "history", "head")}
         lm = LoadedModel(model, Preprocessing.from_dict(ckpt["preprocessing"]).to_transform(), info, ckpt["kind"])
     lm.model.set_trainable(0)
     lm.model.eval()
@@ -288,13 +295,14 @@ def _recorded_weights_paths(ckpt: dict) -> list[str]:
     return paths
 
 
-def load_head_state(head, ckpt: dict, path) -> None:
-    """Load a fit-head checkpoint's weights into ``head``; a mismatch is a one-line ValueError."""
+def head_from_checkpoint(ckpt: dict, state: dict, path):
+    """The checkpoint's head (a ProbeHead) with its weights; a mismatch is a one-line UsageError."""
+    from .probes import ProbeHead
+
     try:
-        head.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as e:
-        raise UsageError(f"{str(path)!r} does not fit a head for {ckpt['in_shape']} -> {len(ckpt['classes'])} "
-                         f"classes: {str(e).strip().splitlines()[0]}") from None
+        return ProbeHead.from_checkpoint(ckpt["head"], state)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise UsageError(f"{str(path)!r}: its head does not load ({str(e).strip().splitlines()[0][:200]})") from None
 
 
 def _from_head(ckpt: dict, path, weights: Optional[str]) -> LoadedModel:
@@ -314,8 +322,7 @@ def _from_head(ckpt: dict, path, weights: Optional[str]) -> LoadedModel:
         log.warning("the head's features were made with other preprocessing than %s gives now: %s",
                     source, "; ".join(differ))
     model = TransferModel(ckpt["backbone"], loaded.features, ckpt["in_shape"], len(ckpt["classes"]), pool,
-                          ckpt.get("dropout", 0.0))
-    load_head_state(model.head, ckpt, path)
+                          ckpt.get("dropout", 0.0), head=head_from_checkpoint(ckpt, ckpt["state_dict"], path))
     info = _info(loaded, source, ckpt["in_shape"], ckpt["classes"], pool, ckpt.get("dropout", 0.0))
     info["init_from"] = str(path)
     return LoadedModel(model, loaded.transform, info, "fit-head")

@@ -101,15 +101,19 @@ def train_one_epoch(model, opt, minibatches: Iterable, device, precision: str = 
     return correct / seen, loss_sum / seen, seen
 
 
-def run_epochs(epochs: int, one_epoch: Callable[[int], tuple], validate: Callable[[], tuple]) -> list[dict]:
-    """Run ``epochs`` epochs (numbered from 1) and print a line for each; returns the history.
+def run_epochs(epochs: int, one_epoch: Callable[[int], tuple], validate: Callable[[], tuple], patience: int = 0,
+               model=None) -> list[dict]:
+    """Run up to ``epochs`` epochs (numbered from 1), printing a line for each; returns the history.
 
     ``one_epoch(epoch)`` -> (train acc, train loss, extra fields for the history row);
-    ``validate()`` -> (val acc, val loss).
+    ``validate()`` -> (val acc, val loss). With ``patience``, stop after that many epochs without a
+    lower validation loss, and put ``model``'s weights of the best epoch back (early stopping).
     """
+    import copy
+
     from .progress import is_quiet
 
-    history = []
+    history, best, best_state, waited = [], math.inf, None, 0
     t0 = time.time()
     for epoch in range(1, epochs + 1):
         train_acc, train_loss, extra = one_epoch(epoch)
@@ -119,4 +123,19 @@ def run_epochs(epochs: int, one_epoch: Callable[[int], tuple], validate: Callabl
         if not is_quiet():
             print(f"Epoch {epoch}, Train acc={train_acc:.3f}, Val acc={val_acc:.3f}, "
                   f"Train loss={train_loss:.3f}, Val loss={val_loss:.3f}", file=sys.stderr)
+        if not patience:
+            continue
+        if val_loss < best:
+            best, waited = val_loss, 0
+            best_state = copy.deepcopy(model.state_dict()) if model is not None else None
+        else:
+            waited += 1
+            if waited >= patience:
+                break
+    if patience and best_state is not None:
+        model.load_state_dict(best_state)
+        if not is_quiet():
+            at = min(history, key=lambda h: h["val_loss"])
+            print(f"Best epoch {at['epoch']} of {len(history)} (val loss {at['val_loss']:.3f}): its weights are kept",
+                  file=sys.stderr)
     return history

@@ -21,17 +21,20 @@ def test_both_models_on_the_same_split(tmp_path, monkeypatch, make_cache):
     monkeypatch.setattr(compare, "split_indices", spy)
     monkeypatch.setattr("pipeline.head.split_indices", spy)
     r = compare_sklearn(CompareConfig(cache=cache, val_fraction=0.25, seed=3,
-                                      head=FitHeadConfig(epochs=3, runs_dir=str(tmp_path / "runs"))))
-    assert len(seen) == 2 and seen[0] == seen[1]
-    torch_head, sk = r["models"]
-    assert torch_head["val_rows"] == sk["val_rows"] == 12
-    assert sk["val_acc"] == 1.0 and torch_head["val_acc"] == 1.0
+                                      head=FitHeadConfig(epochs=20, runs_dir=str(tmp_path / "runs"))))
+    assert len(seen) == 4 and all(s == seen[0] for s in seen)  # linear, logreg, kernel, sklearn: one split
+    linear, logreg, kernel, sk = r["models"]
+    assert all(m["val_rows"] == 12 for m in r["models"])
+    assert [m["val_acc"] for m in r["models"]] == [1.0] * 4
     assert 0 <= sk["val_loss"] < 0.5
     table = format_table(r)
     lines = table.splitlines()
     assert lines[0].split() == ["model", "val", "acc", "val", "log-loss", "fit", "time"]
-    assert lines[2].startswith("torch Linear+LogSoftmax") and lines[3].startswith("sklearn LogisticRegression")
-    assert f"{sk['val_loss']:.4f}" in lines[3] and f"{torch_head['val_loss']:.4f}" in lines[2]
+    assert lines[2].startswith("linear Linear+LogSoftmax (avg, l2, Adam lr=0.03, wd=0.0001, best epoch ")
+    assert lines[3].startswith("logreg Linear+LogSoftmax (avg, l2, C=100)")
+    assert lines[4].startswith("kernel Linear+LogSoftmax (avg, l2, C=100, RBF gamma=scale")
+    assert lines[5].startswith("sklearn LogisticRegression (flat, standardized, C=1)")
+    assert f"{sk['val_loss']:.4f}" in lines[5] and f"{linear['val_loss']:.4f}" in lines[2]
     assert lines[-1].startswith("(same split: 36 train / 12 val rows, seed 3; cache ")
 
 

@@ -76,7 +76,7 @@ def test_refusals(tmp_path, head_run):
     with pytest.raises(ValueError, match="damaged or outdated train checkpoint: it lacks state_dict"):
         evaluate(EvaluateConfig(model=str(tmp_path / "d.pt"), runs_dir=str(tmp_path / "r")))
     torch.save({"kind": "train", "state_dict": {}, "backbone": "tiny", "weights": "none", "classes": ["a", "b"],
-                "in_shape": [8, 8, 8], "pool": "none", "dropout": 0.0,
+                "in_shape": [8, 8, 8], "pool": "none", "dropout": 0.0, "head": {},
                 "preprocessing": {"resize_size": 36, "crop_size": 32, "interpolation": "bilinear", "antialias": True,
                                   "mean": [0.5] * 3, "std": [0.25] * 3}}, tmp_path / "t.pt")
     # a whole model needs images, not cached features

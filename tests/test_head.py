@@ -7,7 +7,7 @@ import torch
 from pipeline.cache import FeatureCache
 from pipeline.extract import ExtractConfig, extract
 from pipeline.head import FitHeadConfig, evaluate_head, fit_head
-from pipeline.models import build_head
+from pipeline.probes import ProbeHead
 from pipeline.training import split_indices
 from tests.conftest import make_image_folder
 
@@ -34,9 +34,9 @@ def test_fit_head_learns_separable_features_and_saves_a_safe_checkpoint(cache, t
     lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("Epoch ")]
     assert len(lines) == 5 and lines[0].startswith("Epoch 1, Train acc=") and "Val loss=" in lines[0]
     ckpt = torch.load(r["checkpoint"], weights_only=True)
-    assert ckpt["classes"] == ["blue", "red"] and ckpt["in_features"] == 512 and ckpt["backbone"] == "tiny"
-    head = build_head(ckpt["in_shape"], len(ckpt["classes"]))
-    head.load_state_dict(ckpt["state_dict"])  # the feature scaling is folded in: raw features give the same result
+    assert ckpt["classes"] == ["blue", "red"] and ckpt["in_shape"] == [8, 8, 8] and ckpt["backbone"] == "tiny"
+    assert ckpt["head"]["view"] == "avg" and ckpt["head"]["normalize"] == "l2"  # the defaults
+    head = ProbeHead.from_checkpoint(ckpt["head"], ckpt["state_dict"])  # raw cached features in, as saved
     with FeatureCache(cache) as c:
         acc, loss, _ = evaluate_head(head, c, split_indices(c.labels, 0.25, 0)[1], "cpu", 1024)
     assert acc == r["val_acc"] and loss == pytest.approx(r["val_loss"], rel=1e-3, abs=1e-5)

@@ -25,8 +25,8 @@ def model_pt(tmp_path):
         w = torch.zeros(2, 8, 8, 8)
         w[1, :, :, :] = lm.model.features[0].weight[:, 0].mean((1, 2)).view(8, 1, 1)
         w[0] = -w[1]
-        lm.model.head[1].weight.copy_(w.flatten(1))
-        lm.model.head[1].bias.zero_()
+        lm.model.head.linear.weight.copy_(w.flatten(1))
+        lm.model.head.linear.bias.zero_()
     path = tmp_path / "model.pt"
     save_model(lm, path, "train", {}, {}, [])
     return path
