@@ -163,7 +163,34 @@ def _minibatches(loader, device, skipped: _Skipped, bar):
             yield batch.images().to(device).contiguous(memory_format=torch.channels_last), batch.labels().to(device)
 
 
-def _fit(cfg: TrainConfig, kind: str, lm, stages: list, listing) -> dict:
+def head_training_images(init_head: str, root) -> set:
+    """The images (paths under ``root``) a fit-head checkpoint was trained on, so finetune never validates on them.
+
+    Empty for other checkpoints, or when the head's cache is of another folder; when its cache is
+    gone nobody can tell, and that is said.
+    """
+    from pathlib import Path
+
+    from .cache import CacheError, FeatureCache
+    from .models import read_checkpoint
+
+    ckpt = read_checkpoint(init_head)
+    if ckpt["kind"] != "fit-head":
+        return set()
+    try:
+        with FeatureCache(ckpt["cache"]) as cache:
+            if Path(cache.attrs["data_root"]) != Path(root).resolve():
+                return set()
+            train_rows, _ = split_indices(cache.labels, ckpt["config"]["val_fraction"], ckpt["config"]["seed"])
+            paths = cache.paths
+            return {paths[i] for i in train_rows}
+    except (CacheError, KeyError, OSError) as e:
+        log.warning("cannot tell which images %s was trained on (%s): validation may include some of them",
+                    init_head, e)
+        return set()
+
+
+def _fit(cfg: TrainConfig, kind: str, lm, stages: list, listing, head_saw: frozenset = frozenset()) -> dict:
     """Train ``lm`` on ``listing`` epoch by epoch; ``stages[e]`` = (unfreeze value, stage name) for epoch e."""
     import torch
 
@@ -176,6 +203,14 @@ def _fit(cfg: TrainConfig, kind: str, lm, stages: list, listing) -> dict:
     if list(listing.classes) != lm.classes:
         raise UsageError(f"the model's classes {lm.classes} differ from the data's {list(listing.classes)}")
     train_idx, val_idx = sample_split(listing.labels, cfg.n, cfg.val_fraction, cfg.seed)
+    left_out = [i for i in val_idx if listing.files[i].path in head_saw]
+    if left_out:  # validating on images the starting head was fitted on would flatter it (val acc 1.000)
+        val_idx = np.array([i for i in val_idx if listing.files[i].path not in head_saw], np.int64)
+        log.warning("%d of the %d validation images were training images of the starting head; they are left out "
+                    "of validation", len(left_out), len(left_out) + len(val_idx))
+        if not len(val_idx):
+            raise UsageError("every validation image was a training image of --init-head's head; use another "
+                             "--seed or --n, or a head fitted on other images")
     items = [(f.path, f.label) for f in listing.files]
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
@@ -215,7 +250,7 @@ def _fit(cfg: TrainConfig, kind: str, lm, stages: list, listing) -> dict:
     y_val, seen = state["y_val"], state["seen"]
     per_class = per_class_accuracy(y_val, state["pred"], lm.classes)
     metrics = {**history[-1], "per_class_val_acc": per_class, "train_rows": int(seen), "val_rows": int(len(y_val)),
-               "skipped": len(skipped.files)}
+               "skipped": len(skipped.files), "val_left_out_seen_by_head": len(left_out)}
     out_dir = new_run_dir(cfg.runs_dir, kind)
     lm.model.to("cpu")
     save_model(lm, out_dir / "model.pt", kind, asdict(cfg), metrics, history)
@@ -264,4 +299,5 @@ def finetune(cfg: FinetuneConfig) -> dict:
         lm = build_model(cfg.backbone or "vgg16", cfg.weights or "DEFAULT", listing.classes, cfg.pool, cfg.dropout)
     lm.model.set_trainable(unfreeze)  # fails early when K is more than the backbone's blocks
     stages = [(0, "head") if e < cfg.head_epochs else (unfreeze, "finetune") for e in range(cfg.epochs)]
-    return _fit(cfg, "finetune", lm, stages, listing)
+    head_saw = frozenset(head_training_images(cfg.init_head, listing.root)) if cfg.init_head else frozenset()
+    return _fit(cfg, "finetune", lm, stages, listing, head_saw)

@@ -83,3 +83,82 @@ def test_real_vgg16_features_separate_cats_and_dogs(shared_available, tmp_path):
         assert c.attrs["mean"][0] == pytest.approx(0.485, abs=1e-3)  # from the sidecar, not hand-copied
     fit = fit_head(FitHeadConfig(cache=r["cache"], epochs=10, val_fraction=0.25, runs_dir=str(tmp_path / "runs")))
     assert fit["val_rows"] == 10 and fit["val_acc"] >= 0.9
+
+
+@pytest.mark.parametrize("features", ["flat", "avg", "max", "avgmax"])
+def test_every_view_trains_and_the_checkpoint_takes_raw_features(cache, tmp_path, features):
+    r = fit_head(FitHeadConfig(cache=cache, features=features, epochs=30, val_fraction=0.25,
+                               runs_dir=str(tmp_path / "runs")))
+    assert r["val_acc"] == 1.0
+    ckpt = torch.load(r["checkpoint"], weights_only=True)
+    head = ProbeHead.from_checkpoint(ckpt["head"], ckpt["state_dict"])
+    assert head.linear.in_features == {"flat": 512, "avg": 8, "max": 8, "avgmax": 16}[features]
+
+
+def test_a_pooled_cache_allows_only_the_avg_view(tmp_path, make_cache, image_folder):
+    pooled = make_cache(image_folder, pool="avg", cache_dir=str(tmp_path / "pooled"))["cache"]
+    with pytest.raises(ValueError, match="--features: view 'max' needs the spatial map.*allowed views: avg, flat"):
+        fit_head(FitHeadConfig(cache=pooled, features="max", runs_dir=str(tmp_path / "runs")))
+    assert fit_head(FitHeadConfig(cache=pooled, features="avg", epochs=2, runs_dir=str(tmp_path / "runs")))["val_rows"]
+
+
+def test_early_stopping_keeps_the_best_epochs_weights(cache, tmp_path, capsys):
+    r = fit_head(FitHeadConfig(cache=cache, recipe="default", lr=0.5, epochs=60, patience=3, val_fraction=0.25,
+                               runs_dir=str(tmp_path / "runs")))
+    losses = [h["val_loss"] for h in r["history"]]
+    best = int(np.argmin(losses))
+    assert r["best_epoch"] == best + 1 and len(losses) <= best + 1 + 3  # stopped 3 epochs after the best
+    assert r["val_loss"] == pytest.approx(losses[best], rel=1e-6)  # the saved head is the best epoch's
+    assert f"Best epoch {best + 1} of {len(losses)}" in capsys.readouterr().err
+
+
+def test_the_seed_recipe_is_the_tutorials_head(cache, tmp_path):
+    r = fit_head(FitHeadConfig(cache=cache, recipe="seed", runs_dir=str(tmp_path / "runs")))
+    assert len(r["history"]) == 10 and r["head"].startswith("ProbeHead(view=flat, normalize=rms")
+
+
+def test_a_logreg_head_is_sklearns_logistic_regression_as_a_linear_layer(cache, tmp_path):
+    from sklearn.linear_model import LogisticRegression
+
+    from pipeline.evaluate import EvaluateConfig, evaluate
+
+    r = fit_head(FitHeadConfig(cache=cache, head="logreg", C=10.0, val_fraction=0.25, runs_dir=str(tmp_path / "r")))
+    with FeatureCache(cache) as c:
+        train, val = split_indices(c.labels, 0.25, 0)
+        x = c.features[:].astype(np.float64).mean((2, 3))
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        clf = LogisticRegression(C=10.0, max_iter=1000, random_state=0).fit(x[train], c.labels[train])
+        _, _, logp = evaluate_head(ProbeHead.from_checkpoint(*(lambda k: (k["head"], k["state_dict"]))(
+            torch.load(r["checkpoint"], weights_only=True))), c, val, "cpu", 1024)
+    assert np.abs(np.exp(logp) - clf.predict_proba(x[val])).max() < 1e-5
+    # ... and evaluate takes it like any head
+    e = evaluate(EvaluateConfig(model=r["checkpoint"], runs_dir=str(tmp_path / "e")))
+    assert e["accuracy"] == r["val_acc"] and e["rows"] == r["val_rows"]
+
+
+def test_tune_picks_by_cross_validation_and_is_deterministic(cache, tmp_path):
+    a = fit_head(FitHeadConfig(cache=cache, tune=True, folds=3, runs_dir=str(tmp_path / "a")))
+    b = fit_head(FitHeadConfig(cache=cache, tune=True, folds=3, runs_dir=str(tmp_path / "b")))
+    assert a["tuning"]["choice"] == b["tuning"]["choice"] and a["tuning"]["table"] == b["tuning"]["table"]
+    assert {row["key"].split("|")[0] for row in a["tuning"]["table"]} == {"logreg", "kernel", "torch"}
+    ckpt = torch.load(a["checkpoint"], weights_only=True)
+    assert ckpt["tuning"]["choice"] == a["tuning"]["choice"] and a["cv_acc"] == ckpt["tuning"]["cv_acc"]
+
+
+def test_test_data_is_extracted_like_the_cache_scored_and_copies_are_reported(tmp_path, make_cache, image_folder):
+    import shutil
+
+    cache = make_cache(image_folder)["cache"]
+    other = make_image_folder(tmp_path / "other", per_class=5, seed=7)
+    r = fit_head(FitHeadConfig(cache=cache, epochs=20, test_data=str(other), runs_dir=str(tmp_path / "runs")))
+    assert r["test"]["rows"] == 10 and r["test_acc"] == r["test"]["acc"] and r["test"]["overlap"] == []
+    again = fit_head(FitHeadConfig(cache=cache, epochs=1, test_cache=r["test"]["cache"], runs_dir=str(tmp_path / "r")))
+    assert again["test"]["rows"] == 10
+    shutil.copy(image_folder / "red" / "red.0.jpg", other / "red" / "copy.jpg")
+    shutil.copy(image_folder / "red" / "red.1.jpg", other / "red" / "copy2.jpg")
+    r = fit_head(FitHeadConfig(cache=cache, epochs=1, test_data=str(other), val_fraction=0.125,
+                               runs_dir=str(tmp_path / "runs")))
+    assert len(r["test"]["overlap"]) >= 1  # a copy of a training image, whatever its name
+    made_otherwise = make_cache(other, dtype="float32", cache_dir=str(tmp_path / "f32"))["cache"]
+    with pytest.raises(ValueError, match="made differently from the training cache.*dtype: float16 vs float32"):
+        fit_head(FitHeadConfig(cache=cache, epochs=1, test_cache=made_otherwise, runs_dir=str(tmp_path / "runs")))

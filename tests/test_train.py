@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from pipeline import cli
 from pipeline import backbones as bb
+from pipeline.cache import FeatureCache
 from pipeline.head import FitHeadConfig, fit_head
 from pipeline.models import load_model
 from pipeline.train import FinetuneConfig, TrainConfig, finetune, sample_split, train
@@ -150,3 +151,21 @@ def test_finetune_real_vgg16_on_real_photos_lowers_the_loss(tmp_path, shared_ava
                                      runs_dir=str(tmp_path / "runs")))
     losses = [h["train_loss"] for h in result["history"]]
     assert losses[-1] < losses[0], losses
+
+
+def test_finetune_never_validates_on_images_its_starting_head_was_fitted_on(tmp_path, make_cache):
+    """A head fitted on all 32 images (n=0), fine-tuned on the same folder with its own split of n=16."""
+    data = make_image_folder(tmp_path / "data", per_class=16)
+    cache = make_cache(data)["cache"]
+    head = fit_head(FitHeadConfig(cache=cache, epochs=2, val_fraction=0.5, runs_dir=str(tmp_path / "runs")))
+    with FeatureCache(cache) as c:
+        from pipeline.training import split_indices
+
+        seen = {c.paths[i] for i in split_indices(c.labels, 0.5, 0)[0]}
+    r = CliRunner().invoke(cli.cli, ["finetune", "--data", str(data), "--init-head", head["checkpoint"], "--n", "16",
+                                     "--val-fraction", "0.5", "--seed", "1", "--epochs", "1", "--workers", "0",
+                                     "--runs-dir", str(tmp_path / "runs"), "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["val_left_out_seen_by_head"] > 0 and "were training images of the starting head" in r.stderr
+    assert out["val_rows"] + out["val_left_out_seen_by_head"] == 8
