@@ -159,6 +159,8 @@ def _fit_linear(cfg: FitHeadConfig, cache: FeatureCache, train_idx, val_idx, dev
     head.to(device)
     opt = torch.optim.Adam(head.linear.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     rng = np.random.default_rng(cfg.seed)
+    if cfg.features != "flat":  # pooled views are small: read them once, not every epoch
+        return _fit_linear_in_memory(cfg, cache, train_idx, val_idx, device, head, opt, rng)
 
     def minibatches(epoch: int):
         bar = progress(total=len(train_idx), desc=f"epoch {epoch}", unit="row", leave=False)
@@ -174,6 +176,44 @@ def _fit_linear(cfg: FitHeadConfig, cache: FeatureCache, train_idx, val_idx, dev
 
     def validate_epoch():
         return evaluate_head(head, cache, val_idx, device, cfg.block_rows)[:2]
+
+    history = run_epochs(cfg.epochs, one_epoch, validate_epoch, patience=cfg.patience, model=head)
+    return head, history
+
+
+def _fit_linear_in_memory(cfg: FitHeadConfig, cache: FeatureCache, train_idx, val_idx, device, head, opt, rng):
+    """The linear head on a pooled view held in memory (C or 2C floats a row: 25,000 rows are 50-100 MB)."""
+    import torch
+    from torch import nn
+
+    from .probes import CacheViews
+
+    class OnViewRows(nn.Module):  # the head after its view: normalisation, Linear, LogSoftmax
+        def __init__(self):
+            super().__init__()
+            self.head = head
+
+        def forward(self, z):
+            return head.classify(head.norm(z))
+
+    def rows(idx):
+        v = CacheViews(cache, idx, cfg.block_rows).load([cfg.features])
+        return torch.from_numpy(v[cfg.features]).to(device), torch.from_numpy(v.labels).to(device)
+
+    (x_tr, y_tr), (x_va, y_va) = rows(train_idx), rows(val_idx)
+    model = OnViewRows()
+
+    def one_epoch(epoch: int):
+        order = torch.from_numpy(rng.permutation(len(y_tr))).to(device)
+        batches = ((x_tr[b], y_tr[b]) for b in order.split(cfg.batch_size))
+        acc, loss, _ = train_one_epoch(model, opt, batches, device, epoch=epoch)
+        return acc, loss, {}
+
+    def validate_epoch():
+        model.eval()
+        with torch.inference_mode():
+            lp = model(x_va)
+        return float((lp.argmax(1) == y_va).float().mean()), float(nn.functional.nll_loss(lp, y_va))
 
     history = run_epochs(cfg.epochs, one_epoch, validate_epoch, patience=cfg.patience, model=head)
     return head, history
