@@ -651,6 +651,7 @@ def list_caches(cache_dir: str | os.PathLike) -> tuple[list[CacheInfo], list[tup
 def newest_cache(cache_dir: str | os.PathLike) -> "CacheInfo":
     """The most recently created complete cache, for commands run without --cache."""
     good, _ = list_caches(cache_dir)
+    good = [i for i in good if i.attrs.get("purpose") != "test"]  # a test set is never trained on by default
     complete = [i for i in good if i.complete]
     if not complete:
         raise CacheError(f"no complete feature cache in {str(cache_dir)!r}; run `python cli.py extract` first")

@@ -46,6 +46,7 @@ class ExtractConfig:
     cache_dir: str = "features"  # where caches live
     shard_dir: str = ""  # under torchrun: where each rank's shard files go ('' = <cache_dir>/<cache name>.shards)
     command: str = ""  # the command line, recorded so an incomplete cache can say how to finish it
+    purpose: str = ""  # 'test' for a cache fit-head --test-data made: never picked as the default training cache
 
 
 def validate(cfg: ExtractConfig) -> None:

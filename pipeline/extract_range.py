@@ -84,6 +84,7 @@ def extract_range(cfg, listing: ImageFolderListing, key: str, path: Path, resume
         "seed": cfg.seed, "n_requested": cfg.n, "sample": "seeded, stratified by class (proportional)",
         "n_source_files": len(items), "dtype": cfg.dtype, "precision": precision, "device": str(device),
         "batch_size": cfg.batch_size, "created": now_iso(), "command": cfg.command, "config": json.dumps(asdict(cfg)),
+        "purpose": cfg.purpose,
         **(extra_attrs or {}),
     }
     if resumed is not None and resumed.attrs["precision"] != precision:

@@ -281,8 +281,10 @@ def test_cache_for(cfg: FitHeadConfig, cache: FeatureCache) -> Path:
         made = json.loads(cache.attrs["config"])
         keep = {k: made[k] for k in ("backbone", "weights", "dtype", "precision", "pool", "decode", "seed")
                 if k in made}
+        from .ledger import current_command
+
         path = Path(extract(ExtractConfig(data=cfg.test_data, n=0, cache_dir=str(Path(cache.path).parent),
-                                          **keep))["cache"])
+                                          command=current_command(), purpose="test", **keep))["cache"])
     else:
         path = Path(cfg.test_cache)
     with FeatureCache(path) as test:

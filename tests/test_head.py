@@ -152,6 +152,9 @@ def test_test_data_is_extracted_like_the_cache_scored_and_copies_are_reported(tm
     other = make_image_folder(tmp_path / "other", per_class=5, seed=7)
     r = fit_head(FitHeadConfig(cache=cache, epochs=20, test_data=str(other), runs_dir=str(tmp_path / "runs")))
     assert r["test"]["rows"] == 10 and r["test_acc"] == r["test"]["acc"] and r["test"]["overlap"] == []
+    from pipeline.cache import newest_cache
+
+    assert str(newest_cache(tmp_path / "features").path) == cache  # the newer test cache is never the default
     again = fit_head(FitHeadConfig(cache=cache, epochs=1, test_cache=r["test"]["cache"], runs_dir=str(tmp_path / "r")))
     assert again["test"]["rows"] == 10
     shutil.copy(image_folder / "red" / "red.0.jpg", other / "red" / "copy.jpg")
