@@ -83,9 +83,8 @@ def fit_sklearn(cfg: CompareConfig, cache: FeatureCache, test_cache: Optional[st
     return out
 
 
-def _describe(r: dict, cfg: FitHeadConfig) -> str:
-    """A table name for one fit-head result: kind and the settings that matter for it."""
-    c = r["config"]
+def _describe(r: dict, c: dict) -> str:
+    """A table name for one fit-head result (``c``: its effective config): kind and the settings that matter."""
     if c["head"] == "linear":
         how = f"Adam lr={c['lr']:g}, wd={c['weight_decay']:g}, best epoch {r['best_epoch']} of {len(r['history'])}"
     elif c["head"] == "logreg":
@@ -110,9 +109,8 @@ def compare_sklearn(cfg: CompareConfig) -> dict:
     models, runs, test_cache = [], [], None
     for kind in kinds:
         r = fit_head(replace(base, head=kind))
-        r["config"] = asdict(with_recipe(replace(base, head=kind)))
         test_cache = (r["test"] or {}).get("cache")
-        models.append({"model": _describe(r, r["config"]), **{k: r[k] for k in (
+        models.append({"model": _describe(r, asdict(with_recipe(replace(base, head=kind)))), **{k: r[k] for k in (
             "val_acc", "val_loss", "fit_seconds", "train_rows", "val_rows", "per_class_val_acc")},
             **({"test_acc": r["test_acc"], "test_loss": r["test_loss"]} if r["test"] else {}),
             "checkpoint": r["checkpoint"]})
