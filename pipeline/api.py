@@ -236,13 +236,20 @@ class Cache:
             self._file = open_h5(self.path, "r")
         return self._file
 
+    def _read(self, name: str) -> np.ndarray:
+        """A small dataset, read with the file opened only for that (``features`` keeps it open)."""
+        from .cache import open_h5
+
+        with open_h5(self.path, "r") as f:
+            return f[name][: len(self)]
+
     @property
     def labels(self) -> np.ndarray:
-        return self._h5()["labels"][: len(self)]
+        return self._read("labels")
 
     @property
     def paths(self) -> list[str]:
-        return [p.decode() if isinstance(p, bytes) else p for p in self._h5()["paths"][: len(self)]]
+        return [p.decode() if isinstance(p, bytes) else p for p in self._read("paths")]
 
     @property
     def features(self):
@@ -433,7 +440,7 @@ class _Classifier:
         from .data import to_rgb
         from .predict import iter_log_proba, list_inputs
 
-        items = list(X) if isinstance(X, (list, tuple)) else [X]
+        items = [X] if isinstance(X, (str, os.PathLike, Image.Image)) else list(X)
         if not items:
             raise UsageError("nothing to predict: X is empty")
         lm, model = self._model(device, precision)
