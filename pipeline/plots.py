@@ -13,13 +13,14 @@ from __future__ import annotations
 import io
 import math
 import os
-import sys
 from pathlib import Path
 from typing import Sequence
 
 import matplotlib
 
-if "ipykernel" not in sys.modules:  # a notebook keeps its inline backend for its own plots
+from .progress import in_notebook  # noqa: E402
+
+if not in_notebook():  # a notebook keeps its inline backend for its own plots
     matplotlib.use("Agg")
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure as _MplFigure  # noqa: E402

@@ -44,9 +44,21 @@ def quiet(silent: bool = True) -> Iterator[None]:
         set_quiet(before)
 
 
+def in_notebook() -> bool:
+    """Whether this process is a running Jupyter kernel (not merely one that imported ipykernel)."""
+    ipython = sys.modules.get("IPython")
+    if ipython is None or "ipykernel" not in sys.modules:
+        return False
+    try:
+        shell = ipython.get_ipython()
+    except Exception:  # noqa: BLE001 (an IPython too old or too odd to ask)
+        return False
+    return shell is not None and "IPKernelApp" in getattr(shell, "config", {})
+
+
 def _interactive() -> bool:
     """A terminal or a Jupyter kernel: somewhere a redrawn bar makes sense."""
-    return "ipykernel" in sys.modules or bool(getattr(sys.stderr, "isatty", lambda: False)())
+    return bool(getattr(sys.stderr, "isatty", lambda: False)()) or in_notebook()
 
 
 class LogProgress:
