@@ -150,3 +150,16 @@ def test_finetune_real_vgg16_on_real_photos_lowers_the_loss(tmp_path, shared_ava
                                      runs_dir=str(tmp_path / "runs")))
     losses = [h["train_loss"] for h in result["history"]]
     assert losses[-1] < losses[0], losses
+
+
+def test_running_lines_go_to_stderr_under_a_drawn_bar_too(tmp_path, image_folder, monkeypatch):
+    """In a terminal or a notebook the bar is tqdm's, whose write() goes to stdout: --json must stay alone there."""
+    from pipeline import progress
+
+    monkeypatch.setattr(progress, "_interactive", lambda: True)
+    result = CliRunner().invoke(cli.cli, [
+        "train", "--data", str(image_folder), "--backbone", "tiny", "--weights", "none", "--epochs", "1",
+        "--workers", "0", "--batch-size", "8", "--print-every", "1", "--runs-dir", str(tmp_path / "runs"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["history"][0]["epoch"] == 1
+    assert "Epoch 1, batch 1: running train acc=" in result.stderr
