@@ -104,14 +104,15 @@ def _verbosity(verbose: Optional[bool]):
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
-        level, logger.level = logger.level, logging.INFO
+        level = logger.level
+        logger.setLevel(logging.INFO)  # setLevel, not .level =: it clears the loggers' isEnabledFor cache
     try:
         with quiet(not verbose):
             yield
     finally:
         if handler is not None:
             logger.removeHandler(handler)
-            logger.level = level
+            logger.setLevel(level)
 
 
 def _path(x) -> str:
