@@ -946,7 +946,8 @@ def imagenet_check(image: PathLike, **options) -> dict:
 
 def model_summary(**options) -> dict:
     """Layer-by-layer shapes and total/trainable parameters of backbone + head under a freeze setting
-    (``python cli.py summary``); ``options``: SummaryConfig's (backbone, classes, pool, dropout, unfreeze, crop_size)."""
+    (``python cli.py summary``); ``options``: SummaryConfig's (backbone, classes, pool, dropout, unfreeze,
+    crop_size)."""
     from .summary import summarize
 
     return summarize(_config(SummaryConfig, "model_summary", options))

@@ -124,7 +124,8 @@ def test_options_follow_the_config_dataclasses(monkeypatch):
 # -- heads ---------------------------------------------------------------------------------------
 def test_head_is_a_scikit_learn_style_estimator(cache, capfd):
     h = pipeline.Head(epochs=3, val_fraction=0.25)
-    assert h.epochs == 3 and h.lr == 0.01 and h.get_params()["runs_dir"] == "runs" and repr(h) == "Head(epochs=3, val_fraction=0.25)"
+    assert h.epochs == 3 and h.lr == 0.01 and h.get_params()["runs_dir"] == "runs"
+    assert repr(h) == "Head(epochs=3, val_fraction=0.25)"
     assert not hasattr(h, "classes_")
     with pytest.raises(pipeline.NotFittedError, match="not fitted"):
         h.predict(["x.jpg"])
@@ -232,8 +233,8 @@ def test_train_finetune_and_model_load(work, head):
     m = pipeline.train_model("data", backbone="tiny", weights="none", epochs=1, **fast)
     assert isinstance(m, pipeline.Model) and m.kind_ == "train" and m.classes_ == ["blue", "red"]
     assert len(m.history_) == 1 and m.checkpoint_.name == "model.pt"
-    assert m.score("data", workers=0) == pytest.approx(m.score(sorted((work / "data").rglob("*.jpg")),
-                                                                [p.parent.name for p in sorted((work / "data").rglob("*.jpg"))]))
+    images = sorted((work / "data").rglob("*.jpg"))
+    assert m.score("data", workers=0) == pytest.approx(m.score(images, [p.parent.name for p in images]))
     f = pipeline.finetune_model("data", init=head, epochs=1, unfreeze="1", **fast)
     assert f.kind_ == "finetune" and f.config_["init_head"] == str(head.checkpoint_)
     again = pipeline.Model.load(f.save(work / "ft.pt"))
