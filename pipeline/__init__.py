@@ -1,3 +1,66 @@
-"""Transfer learning for image folders: a frozen pretrained CNN's features cached in HDF5, heads fit in seconds."""
+"""Transfer learning for image folders: a frozen pretrained CNN's features cached in HDF5, heads fit in seconds.
+
+The Python API (everything the CLI does; ``help(pipeline.Head)`` and the like say more)::
+
+    import pipeline
+    cache = pipeline.extract_features("../shared/data/catsdogs", n=800,
+                                      weights="../shared/weights/vgg16_features_imagenet.pt")
+    head = pipeline.Head(epochs=10).fit(cache)         # runs/<stamp>-fit-head/head.pt
+    head.metrics_["val_acc"], head.predict(["photo.jpg"]), head.score(other_cache)
+
+Caches and heads
+    Cache(path)                          a feature cache: len, classes, labels, paths, features, provenance, summary()
+    extract_features(data, n, **opts)    image folder -> frozen backbone -> a Cache (a hit when nothing changed)
+    list_caches(cache_dir)               the caches of a folder, newest first
+    Head(**params)                       Linear + LogSoftmax on cached features: fit(cache), predict(X),
+                                         predict_proba(X), score(cache or folder), save(path), Head.load(path),
+                                         plot_curves(); learned state in classes_, history_, metrics_, checkpoint_
+    compare_sklearn(cache, **opts)       the torch head and scikit-learn's LogisticRegression on one split: rows
+Whole models
+    train_model(data, **opts)            a new head trained on images, backbone frozen: a Model
+    finetune_model(data, init, **opts)   the backbone unfrozen (all or the last K blocks): a Model
+    Model.load(path)                     any checkpoint as a Model: predict, predict_proba, score, save
+    evaluate_model(model, cache|data)    accuracy, per-class precision/recall/F1, confusion matrix, gallery
+    predict_files(model, paths)          rows of path, class, probability (or error), as ``cli.py predict``
+Pictures (matplotlib Figures: shown inline in Jupyter)
+    preview(data), feature_map(image), plot_curves(head or history); evaluate_model(...)["figures"]
+Data and bookkeeping
+    check_image_folder(root), fetch_data(), run_demo(), list_runs(runs_dir), imagenet_check(image),
+    model_summary(backbone=...)
+
+Keyword options are the fields of each stage's config dataclass (the CLI's options; an unknown one
+is a ValueError naming the allowed ones). Nothing is printed unless ``verbose=True``; progress is
+tqdm.auto's (a widget in Jupyter with ipywidgets, a bar in a terminal) or a line every 10 s in a log.
+``import pipeline`` is light: the API loads on first use, torch only when a model runs.
+"""
 
 __version__ = "0.1.0"
+
+#: public names -> the module defining them (loaded on first use: PEP 562)
+_EXPORTS = {
+    **{name: "api" for name in (
+        "Cache", "Head", "Model", "NotFittedError", "Rows",
+        "extract_features", "list_caches", "compare_sklearn", "train_model", "finetune_model", "evaluate_model",
+        "predict_files", "preview", "feature_map", "plot_curves", "check_image_folder", "fetch_data", "run_demo",
+        "list_runs", "imagenet_check", "model_summary",
+    )},
+    "UsageError": "errors",
+    "PipelineError": "errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -235,16 +235,28 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     return result
 
 
+def figures(result: dict, root=None) -> dict:
+    """The evaluation's pictures as matplotlib Figures: {'confusion': ..., 'gallery': ...}.
+
+    ``result`` is what ``summarize`` (or ``evaluate``) returned; the gallery's thumbnails are read
+    from ``root`` (default: the result's ``data_root``), a missing file drawn as 'unreadable'.
+    """
+    from .plots import confusion_matrix_figure, gallery_figure
+
+    root = Path(result["data_root"] if root is None else root)
+    confusion = confusion_matrix_figure(np.array(result["confusion_matrix"]), result["classes"],
+                                        title=f"accuracy {result['accuracy']:.3f} on {result['rows']} images")
+    items = [{**w, "image": _thumbnail(root / w["path"])} for w in result["wrong"]]
+    gallery = gallery_figure(items, suptitle=f"most confidently wrong: {len(items)} of {result['errors']} errors")
+    return {"confusion": confusion, "gallery": gallery}
+
+
 def _pictures(pred: Predictions, result: dict, out_dir: Path) -> tuple[Path, Path]:
     """confusion.png and gallery.png of one evaluation."""
-    from .plots import confusion_matrix_png, gallery_png
+    from .plots import save
 
-    confusion = confusion_matrix_png(np.array(result["confusion_matrix"]), pred.classes, out_dir / "confusion.png",
-                                     title=f"accuracy {result['accuracy']:.3f} on {result['rows']} images")
-    items = [{**w, "image": _thumbnail(pred.root / w["path"])} for w in result["wrong"]]
-    gallery = gallery_png(items, out_dir / "gallery.png",
-                          suptitle=f"most confidently wrong: {len(items)} of {result['errors']} errors")
-    return confusion, gallery
+    figs = figures(result, pred.root)
+    return save(figs["confusion"], out_dir / "confusion.png"), save(figs["gallery"], out_dir / "gallery.png")
 
 
 def format_report(result: dict) -> str:

@@ -1,12 +1,16 @@
 """Pictures: training curves, confusion matrix, misclassified gallery, preview grid, feature maps.
 
-Pure drawing from numpy arrays and PIL images to PNG files, headless (the Agg backend is forced,
-so no display is needed). Every figure has a fixed size in inches at ``DPI`` and a constrained
-layout, so a PNG's pixel size follows from its grid alone and no label is cut off.
-Importing this module costs about a second (pyplot): import it inside the functions that draw.
+Pure drawing from numpy arrays and PIL images. Each picture has a ``*_figure`` function that returns
+a matplotlib ``Figure`` (what the Python API hands out: Jupyter shows it inline) and a ``*_png``
+one that draws the same figure and saves it (what the CLI writes). The figures are made without
+pyplot, so nothing is kept open and no display is needed; outside a Jupyter kernel the Agg backend
+is forced anyway (headless), inside one the notebook's own backend is left alone. Every figure has
+a fixed size in inches at ``DPI`` and a constrained layout, so a PNG's pixel size follows from its
+grid alone and no label is cut off.
 """
 from __future__ import annotations
 
+import io
 import math
 import os
 from pathlib import Path
@@ -14,9 +18,12 @@ from typing import Sequence
 
 import matplotlib
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+from .progress import in_notebook  # noqa: E402
+
+if not in_notebook():  # a notebook keeps its inline backend for its own plots
+    matplotlib.use("Agg")
 import numpy as np  # noqa: E402
+from matplotlib.figure import Figure as _MplFigure  # noqa: E402
 
 DPI = 100
 CURVES_SIZE = (10.0, 4.0)  # inches: two panels side by side
@@ -25,16 +32,29 @@ PREVIEW_CELL = (2.2, 2.5)  # inches per image, title included
 GALLERY_CELL = (2.8, 3.2)
 
 
-def _save(fig, path: str | os.PathLike) -> Path:
+class Figure(_MplFigure):
+    """A matplotlib Figure made without pyplot that shows itself as a PNG in Jupyter (``_repr_png_``).
+
+    Not registered with pyplot: nothing to close, never shown twice, garbage-collected like any
+    object. ``fig.savefig(path)`` saves it as usual.
+    """
+
+    def _repr_png_(self) -> bytes:
+        buf = io.BytesIO()
+        self.savefig(buf, format="png", dpi=DPI)
+        return buf.getvalue()
+
+
+def save(fig: _MplFigure, path: str | os.PathLike) -> Path:
+    """Write ``fig`` as a PNG at ``DPI`` to ``path`` (its folder created); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI)
-    plt.close(fig)
     return path
 
 
-def _figure(size):
-    return plt.figure(figsize=size, dpi=DPI, layout="constrained")
+def _figure(size) -> Figure:
+    return Figure(figsize=size, dpi=DPI, layout="constrained")
 
 
 def shorten(text: str, width: int) -> str:
@@ -42,8 +62,9 @@ def shorten(text: str, width: int) -> str:
     return text if len(text) <= width else "\u2026" + text[-(width - 1):]
 
 
-def curves(history: Sequence[dict], path: str | os.PathLike) -> Path:
-    """Accuracy and loss per epoch, train vs validation, in two panels."""
+def curves_figure(history: Sequence[dict], title: str = "") -> Figure:
+    """Accuracy and loss per epoch, train vs validation, in two panels (``history``: one dict per epoch
+    with epoch, train_acc, val_acc, train_loss, val_loss)."""
     fig = _figure(CURVES_SIZE)
     axes = fig.subplots(1, 2)
     epochs = [h["epoch"] for h in history]
@@ -57,7 +78,14 @@ def curves(history: Sequence[dict], path: str | os.PathLike) -> Path:
         ax.legend()
         if len(epochs) <= 20:
             ax.set_xticks(epochs)
-    return _save(fig, path)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def curves(history: Sequence[dict], path: str | os.PathLike) -> Path:
+    """``curves_figure`` saved as a PNG."""
+    return save(curves_figure(history), path)
 
 
 def confusion_size(n_classes: int) -> tuple[float, float]:
@@ -65,8 +93,7 @@ def confusion_size(n_classes: int) -> tuple[float, float]:
     return side + 1.0, side
 
 
-def confusion_matrix_png(cm: np.ndarray, classes: Sequence[str], path: str | os.PathLike,
-                         title: str = "confusion matrix") -> Path:
+def confusion_matrix_figure(cm: np.ndarray, classes: Sequence[str], title: str = "confusion matrix") -> Figure:
     """Rows are true classes, columns predicted ones; every cell shows its count."""
     cm = np.asarray(cm)
     n = len(classes)
@@ -86,7 +113,13 @@ def confusion_matrix_png(cm: np.ndarray, classes: Sequence[str], path: str | os.
             for j in range(n):
                 ax.text(j, i, str(int(cm[i, j])), ha="center", va="center", fontsize=10 if n <= 10 else 6,
                         color="white" if cm[i, j] > threshold else "black")
-    return _save(fig, path)
+    return fig
+
+
+def confusion_matrix_png(cm: np.ndarray, classes: Sequence[str], path: str | os.PathLike,
+                         title: str = "confusion matrix") -> Path:
+    """``confusion_matrix_figure`` saved as a PNG."""
+    return save(confusion_matrix_figure(cm, classes, title), path)
 
 
 def grid_shape(count: int, cols: int) -> tuple[int, int]:
@@ -116,22 +149,32 @@ def _image_grid(images: Sequence, titles: Sequence[str], cell, cols: int, suptit
     return fig
 
 
+def preview_figure(images: Sequence, titles: Sequence[str], cols: int = 4, suptitle: str = "") -> Figure:
+    """A grid of images (HxWx3 arrays in [0, 1] or PIL images), each titled (its class)."""
+    return _image_grid(images, titles, PREVIEW_CELL, cols, suptitle, 11)
+
+
 def preview_png(images: Sequence, titles: Sequence[str], path: str | os.PathLike, cols: int = 4,
                 suptitle: str = "") -> Path:
-    """A grid of images (HxWx3 arrays in [0, 1] or PIL images), each titled (its class)."""
-    return _save(_image_grid(images, titles, PREVIEW_CELL, cols, suptitle, 11), path)
+    """``preview_figure`` saved as a PNG."""
+    return save(preview_figure(images, titles, cols, suptitle), path)
 
 
-def gallery_png(items: Sequence[dict], path: str | os.PathLike, cols: int = 4,
-                suptitle: str = "most confidently wrong") -> Path:
+def gallery_figure(items: Sequence[dict], cols: int = 4, suptitle: str = "most confidently wrong") -> Figure:
     """Thumbnails of misclassified images: {image (PIL or None), path, true, pred, prob} each."""
     if not items:
         fig = _figure((GALLERY_CELL[0] * 2, 1.5))
         fig.text(0.5, 0.5, "no misclassified images", ha="center", va="center", fontsize=14)
-        return _save(fig, path)
+        return fig
     titles = [f"{shorten(it['path'], 30)}\ntrue {it['true']} \u2192 pred {it['pred']}\np = {it['prob']:.3f}"
               for it in items]
-    return _save(_image_grid([it["image"] for it in items], titles, GALLERY_CELL, cols, suptitle, 9), path)
+    return _image_grid([it["image"] for it in items], titles, GALLERY_CELL, cols, suptitle, 9)
+
+
+def gallery_png(items: Sequence[dict], path: str | os.PathLike, cols: int = 4,
+                suptitle: str = "most confidently wrong") -> Path:
+    """``gallery_figure`` saved as a PNG."""
+    return save(gallery_figure(items, cols, suptitle), path)
 
 
 def upsample(channel: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -146,8 +189,7 @@ def top_channels(fmap: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-fmap.reshape(len(fmap), -1).mean(1), kind="stable")[:k]
 
 
-def feature_map_png(image: np.ndarray, fmap: np.ndarray, path: str | os.PathLike, top_k: int = 6,
-                    title: str = "") -> Path:
+def feature_map_figure(image: np.ndarray, fmap: np.ndarray, top_k: int = 6, title: str = "") -> Figure:
     """The input (HxWx3 in [0, 1]) beside its C x H' x W' feature map, laid out as channels x positions,
     and the ``top_k`` channels with the highest mean activation upsampled over the input."""
     from matplotlib.gridspec import GridSpec
@@ -180,7 +222,13 @@ def feature_map_png(image: np.ndarray, fmap: np.ndarray, path: str | os.PathLike
         ax.axis("off")
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return fig
+
+
+def feature_map_png(image: np.ndarray, fmap: np.ndarray, path: str | os.PathLike, top_k: int = 6,
+                    title: str = "") -> Path:
+    """``feature_map_figure`` saved as a PNG."""
+    return save(feature_map_figure(image, fmap, top_k, title), path)
 
 
 def denormalise(tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:

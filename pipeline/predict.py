@@ -64,24 +64,35 @@ def list_inputs(paths) -> list[str]:
     return files
 
 
-def iter_predictions(lm, files: list[str], batch_size: int, workers: int, device, precision) -> Iterator[dict]:
-    """One row per file, in order: {path, class, probability, error}."""
-    from .inference import Inference, run_batches
+def iter_log_proba(model, transform, files: list[str], batch_size: int, workers: int) -> Iterator[tuple]:
+    """(item, its log-probabilities, or None when the file is unreadable: ``item.error`` says why) per
+    file, in order; ``model`` an ``inference.Inference``, ``transform`` the model's preprocessing."""
+    from .inference import run_batches
     from .reader import ImageListDataset, read_items
 
-    classes = lm.classes
-    model = Inference(lm.model, device, precision)
-    items = read_items(ImageListDataset(Path(""), [(f, -1) for f in files], lm.transform), resolve_workers(workers))
+    items = read_items(ImageListDataset(Path(""), [(f, -1) for f in files], transform), resolve_workers(workers))
     for batch, logp in run_batches(model, items, batch_size):
         k = 0
         for item in batch.items:
-            if not item.ok:
-                yield {"path": item.path, "class": None, "probability": None, "error": item.error}
-                continue
-            best = int(logp[k].argmax())
-            yield {"path": item.path, "class": classes[best], "probability": float(np.exp(logp[k, best])),
-                   "error": None}
-            k += 1
+            if item.ok:
+                yield item, logp[k]
+                k += 1
+            else:
+                yield item, None
+
+
+def iter_predictions(lm, files: list[str], batch_size: int, workers: int, device, precision) -> Iterator[dict]:
+    """One row per file, in order: {path, class, probability, error}."""
+    from .inference import Inference
+
+    classes = lm.classes
+    model = Inference(lm.model, device, precision)
+    for item, logp in iter_log_proba(model, lm.transform, files, batch_size, workers):
+        if logp is None:
+            yield {"path": item.path, "class": None, "probability": None, "error": item.error}
+            continue
+        best = int(logp.argmax())
+        yield {"path": item.path, "class": classes[best], "probability": float(np.exp(logp[best])), "error": None}
 
 
 def format_rows(rows: list[dict], fmt: str) -> str:

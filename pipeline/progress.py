@@ -2,13 +2,19 @@
 
 tqdm hides its bar when stderr is not a terminal (a CI log, ``nohup``, ``| tee``), which left a
 long extraction silent until it ended. There, ``LogProgress`` writes a line every ``interval``
-seconds instead (done/total, rate, eta). ``set_quiet(True)`` (the CLI's ``--quiet``) silences both.
+seconds instead (done/total, rate, eta). ``set_quiet(True)`` (the CLI's ``--quiet``) silences both,
+and ``with quiet(): ...`` does so for a block (the Python API's default: no output unless asked).
+
+In a Jupyter kernel the bar is tqdm.auto's widget when ipywidgets is installed, tqdm's text bar
+otherwise (tqdm.auto falls back by itself; its warning about the missing widget is not repeated here).
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
-from typing import Optional
+import warnings
+from typing import Iterator, Optional
 
 _QUIET = False
 
@@ -26,9 +32,33 @@ def is_quiet() -> bool:
     return _QUIET
 
 
+@contextlib.contextmanager
+def quiet(silent: bool = True) -> Iterator[None]:
+    """``with quiet(): ...``: progress silenced (or, with ``silent=False``, shown) inside the block only;
+    the previous setting is restored after it, also on an exception."""
+    before = _QUIET
+    set_quiet(silent)
+    try:
+        yield
+    finally:
+        set_quiet(before)
+
+
+def in_notebook() -> bool:
+    """Whether this process is a running Jupyter kernel (not merely one that imported ipykernel)."""
+    ipython = sys.modules.get("IPython")
+    if ipython is None or "ipykernel" not in sys.modules:
+        return False
+    try:
+        shell = ipython.get_ipython()
+    except Exception:  # noqa: BLE001 (an IPython too old or too odd to ask)
+        return False
+    return shell is not None and "IPKernelApp" in getattr(shell, "config", {})
+
+
 def _interactive() -> bool:
     """A terminal or a Jupyter kernel: somewhere a redrawn bar makes sense."""
-    return "ipykernel" in sys.modules or bool(getattr(sys.stderr, "isatty", lambda: False)())
+    return bool(getattr(sys.stderr, "isatty", lambda: False)()) or in_notebook()
 
 
 class LogProgress:
@@ -81,6 +111,24 @@ class LogProgress:
         self.close()
 
 
+class _Silent(LogProgress):
+    """What ``progress`` returns when quiet: counts, and writes nothing (not even ``write`` lines)."""
+
+    def update(self, k: int = 1) -> None:
+        self.n += k
+
+    def write(self, line: str, file=None) -> None:
+        pass
+
+
+def _auto_tqdm():
+    """tqdm.auto's class: a widget in Jupyter with ipywidgets, else the text bar (without tqdm's warning)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*IProgress not found.*")
+        from tqdm.auto import tqdm
+    return tqdm
+
+
 class _Iterating:
     """Wrap an iterable so each item advances ``bar``."""
 
@@ -105,13 +153,13 @@ def progress(iterable=None, *, total: Optional[int] = None, desc: str = "", unit
     """
     if total is None and iterable is not None and hasattr(iterable, "__len__"):
         total = len(iterable)
-    from tqdm.auto import tqdm
-
     if _QUIET:
-        return tqdm(iterable, total=total, initial=initial, disable=True)
+        bar = _Silent(total=total, desc=desc, unit=unit, initial=initial)
+        return _Iterating(iterable, bar) if iterable is not None else bar
     if not _interactive():
         bar = LogProgress(total=total, desc=desc, unit=unit, initial=initial)
         return _Iterating(iterable, bar) if iterable is not None else bar
 
+    tqdm = _auto_tqdm()
     return tqdm(iterable, total=total, desc=desc, unit=unit, initial=initial, leave=leave, file=sys.stderr,
                 dynamic_ncols=True, **kwargs)

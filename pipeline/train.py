@@ -152,6 +152,13 @@ def evaluate(model: "Inference", val_loader, batch_size: int, skipped: _Skipped
     return float((pred == y).mean()), loss_sum / len(y), y, pred
 
 
+def _to_stderr(bar):
+    """The bar's ``write`` aimed at stderr: tqdm's goes to stdout, where --json output must stay alone."""
+    import sys
+
+    return lambda line: bar.write(line, file=sys.stderr)
+
+
 def _minibatches(loader, device, skipped: _Skipped, bar):
     """(images, labels) on ``device`` from a loader of Batches; unreadable files skipped and logged."""
     import torch
@@ -236,7 +243,7 @@ def _fit(cfg: TrainConfig, kind: str, lm, stages: list, listing, head_saw: froze
             state["stage"] = name
         bar = progress(total=len(train_idx), desc=f"epoch {epoch}", unit="img", leave=False)
         acc, loss, state["seen"] = train_one_epoch(model, opt, _minibatches(train_loader, device, skipped, bar),
-                                                   device, precision, cfg.print_every, bar.write, epoch)
+                                                   device, precision, cfg.print_every, _to_stderr(bar), epoch)
         bar.close()
         return acc, loss, {"stage": name, "trainable_params": count_params(model)[1]}
 

@@ -1,7 +1,9 @@
 """The picture stages: a preview grid of a data folder, and one image's feature map.
 
 Both show images as the backbone sees them: after the weights' own resize and crop, with the
-normalisation undone (so a wrong mean/std shows up as wrong colours).
+normalisation undone (so a wrong mean/std shows up as wrong colours). ``preview_figure`` and
+``feature_map_figure`` return the matplotlib Figure and what it shows (the Python API's way);
+``preview`` and ``feature_map`` save that figure to ``cfg.output`` (the CLI's).
 """
 from __future__ import annotations
 
@@ -67,10 +69,10 @@ def sample_per_class(listing, per_class: int, seed: int) -> list[tuple[int, obje
     return chosen
 
 
-def preview(cfg: PreviewConfig) -> dict:
-    """Write a grid of sample images per class, preprocessed as for extraction; returns where."""
+def preview_figure(cfg: PreviewConfig) -> tuple:
+    """(Figure, info): a grid of sample images per class, preprocessed as for extraction (``cfg.output`` unused)."""
     from .backbones import load_preprocessing
-    from .plots import preview_png
+    from .plots import preview_figure as draw
 
     if cfg.per_class < 1:
         raise UsageError(f"--per-class must be positive, got {cfg.per_class}")
@@ -79,20 +81,29 @@ def preview(cfg: PreviewConfig) -> dict:
     chosen = sample_per_class(listing, cfg.per_class, cfg.seed)
     images = [as_seen(t, im)[1] for _, im, _ in chosen]
     titles = [listing.classes[label] for label, _, _ in chosen]
-    out = preview_png(images, titles, cfg.output, cols=cfg.per_class,
-                      suptitle=f"{Path(cfg.data).name}: resize {t.resize_size[0]}, crop {t.crop_size[0]} "
-                               f"({cfg.backbone}, {weights_id})")
-    return {"output": str(out), "classes": list(listing.classes), "images": [p for _, _, p in chosen],
-            "backbone": cfg.backbone, "weights": weights_id}
+    fig = draw(images, titles, cols=cfg.per_class,
+               suptitle=f"{Path(cfg.data).name}: resize {t.resize_size[0]}, crop {t.crop_size[0]} "
+                        f"({cfg.backbone}, {weights_id})")
+    return fig, {"classes": list(listing.classes), "images": [p for _, _, p in chosen],
+                 "backbone": cfg.backbone, "weights": weights_id}
 
 
-def feature_map(cfg: FeatureMapConfig) -> dict:
-    """Write the input image beside its feature map and top channels; returns where and the shape."""
+def preview(cfg: PreviewConfig) -> dict:
+    """Write a grid of sample images per class, preprocessed as for extraction; returns where."""
+    from .plots import save
+
+    fig, info = preview_figure(cfg)
+    return {"output": str(save(fig, cfg.output)), **info}
+
+
+def feature_map_figure(cfg: FeatureMapConfig) -> tuple:
+    """(Figure, info): the input image beside its feature map and top channels (``cfg.output`` unused)."""
     import torch
 
     from .backbones import load_backbone
     from .inference import Inference
-    from .plots import feature_map_png, top_channels
+    from .plots import feature_map_figure as draw
+    from .plots import top_channels
 
     if cfg.top_k < 1:
         raise UsageError(f"--top-k must be positive, got {cfg.top_k}")
@@ -105,7 +116,15 @@ def feature_map(cfg: FeatureMapConfig) -> dict:
     model = Inference(backbone.features, torch.device("cpu"), "fp32")
     fmap = model(x[None])[0]
     top = top_channels(fmap, cfg.top_k)
-    out = feature_map_png(seen, fmap, cfg.output, top_k=cfg.top_k,
-                          title=f"{Path(cfg.image).name} through {cfg.backbone} ({backbone.weights_id})")
-    return {"output": str(out), "feature_shape": list(fmap.shape), "top_channels": [int(c) for c in top],
-            "backbone": cfg.backbone, "weights": backbone.weights_id}
+    fig = draw(seen, fmap, top_k=cfg.top_k,
+               title=f"{Path(cfg.image).name} through {cfg.backbone} ({backbone.weights_id})")
+    return fig, {"feature_shape": list(fmap.shape), "top_channels": [int(c) for c in top],
+                 "backbone": cfg.backbone, "weights": backbone.weights_id}
+
+
+def feature_map(cfg: FeatureMapConfig) -> dict:
+    """Write the input image beside its feature map and top channels; returns where and the shape."""
+    from .plots import save
+
+    fig, info = feature_map_figure(cfg)
+    return {"output": str(save(fig, cfg.output)), **info}

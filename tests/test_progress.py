@@ -52,3 +52,26 @@ def test_a_piped_cli_prints_progress_while_it_runs(tmp_path):
                         "--cache-dir", str(tmp_path / "f")], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "extract: 6/12 (50%)" in r.stderr and "extract: 12/12 (100%)" in r.stderr
+
+
+def test_in_a_jupyter_kernel_without_ipywidgets_the_bar_falls_back_quietly():
+    """tqdm.auto in a kernel wants ipywidgets for its widget; without it, tqdm's text bar, and no warning."""
+    import pytest
+
+    pytest.importorskip("IPython")
+    code = (
+        "import sys, types\n"
+        "for m in ('ipykernel', 'ipykernel.zmqshell'):  # what a Jupyter kernel has loaded\n"
+        "    sys.modules[m] = types.ModuleType(m)\n"
+        "sys.modules['ipywidgets'] = None  # not installed\n"
+        "import IPython\n"
+        "class Shell: config = {'IPKernelApp': {}}\n"
+        "IPython.get_ipython = lambda: Shell()\n"
+        "from pipeline.progress import progress\n"
+        "bar = progress(total=3, desc='x', unit='img'); bar.update(3); bar.close()\n"
+        "print(type(bar).__module__, sum(1 for _ in progress(range(4), desc='y')))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["tqdm.asyncio", "4"]  # tqdm.auto's text bar, not tqdm.notebook's widget
+    assert "x: 100%" in r.stderr and "3/3" in r.stderr and "Warning" not in r.stderr and "IProgress" not in r.stderr

@@ -169,3 +169,16 @@ def test_finetune_never_validates_on_images_its_starting_head_was_fitted_on(tmp_
     out = json.loads(r.stdout)
     assert out["val_left_out_seen_by_head"] > 0 and "were training images of the starting head" in r.stderr
     assert out["val_rows"] + out["val_left_out_seen_by_head"] == 8
+
+
+def test_running_lines_go_to_stderr_under_a_drawn_bar_too(tmp_path, image_folder, monkeypatch):
+    """In a terminal or a notebook the bar is tqdm's, whose write() goes to stdout: --json must stay alone there."""
+    from pipeline import progress
+
+    monkeypatch.setattr(progress, "_interactive", lambda: True)
+    result = CliRunner().invoke(cli.cli, [
+        "train", "--data", str(image_folder), "--backbone", "tiny", "--weights", "none", "--epochs", "1",
+        "--workers", "0", "--batch-size", "8", "--print-every", "1", "--runs-dir", str(tmp_path / "runs"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["history"][0]["epoch"] == 1
+    assert "Epoch 1, batch 1: running train acc=" in result.stderr

@@ -1,0 +1,953 @@
+"""The public Python API: what every CLI command does, as functions and objects for scripts and notebooks.
+
+Re-exported by the package (``import pipeline; pipeline.Head(...)``); ``help(pipeline)`` lists it.
+Each function builds the stage's config dataclass from its keyword options and calls the stage
+function the CLI calls, so both give the same results and write the same files (caches under
+``features/``, runs under ``runs/``, one ledger line per run). The conventions are scikit-learn's
+where they fit: parameters in the constructor or the call, learned state on the object in
+attributes ending in ``_``, ``fit`` returns the object, nothing printed unless ``verbose=True``
+(``verbose=None`` leaves progress output as the process has it: what the CLI passes).
+
+An option a stage does not have is a ``ValueError`` naming it and the allowed ones; bad values
+are ``ValueError``s too (``pipeline.errors.UsageError``), failures of the environment (a full disk,
+weights that cannot be found) ``pipeline.errors.PipelineError``.
+
+The names differ from the stage modules' (``extract_features``, not ``extract``): ``pipeline.extract``
+is the module of the extract stage, and a function of the same name would hide it.
+"""
+from __future__ import annotations
+
+import contextlib
+import html
+import logging
+import os
+import sys
+from dataclasses import MISSING, fields
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence, Union
+
+import numpy as np
+
+from .check_images import CheckImagesConfig
+from .compare import CompareConfig
+from .demo import DemoConfig
+from .errors import UsageError
+from .evaluate import EvaluateConfig
+from .extract import ExtractConfig
+from .fetch import FetchConfig
+from .head import FitHeadConfig
+from .predict import PredictConfig
+from .summary import SummaryConfig
+from .train import FinetuneConfig, TrainConfig
+from .viz import FeatureMapConfig, PreviewConfig
+
+__all__ = [
+    "Cache", "Head", "Model", "NotFittedError", "Rows",
+    "extract_features", "list_caches", "compare_sklearn", "train_model", "finetune_model", "evaluate_model",
+    "predict_files", "preview", "feature_map", "plot_curves", "check_image_folder", "fetch_data", "run_demo",
+    "list_runs", "imagenet_check", "model_summary",
+]
+
+PathLike = Union[str, os.PathLike]
+log = logging.getLogger(__name__)
+
+
+# -- plumbing ----------------------------------------------------------------------------------
+def _field_names(cls, exclude: Iterable[str] = ()) -> list[str]:
+    return [f.name for f in fields(cls) if f.name not in set(exclude)]
+
+
+def _defaults(cls, exclude: Iterable[str] = ()) -> dict:
+    out = {}
+    for f in fields(cls):
+        if f.name in set(exclude):
+            continue
+        if f.default is not MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not MISSING:  # type: ignore[misc]
+            out[f.name] = f.default_factory()  # type: ignore[misc]
+    return out
+
+
+def _check_options(cls, options: dict, what: str, exclude: Iterable[str] = ()) -> None:
+    """Refuse keywords that are not fields of ``cls`` (those in ``exclude`` are set by the API itself)."""
+    allowed = _field_names(cls, exclude)
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise UsageError(f"{what}: unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+                         f"allowed: {', '.join(allowed)}")
+
+
+def _plain(options: dict) -> dict:
+    """Paths given as Path objects (or Caches, Heads) become strings, as the configs and the ledger expect."""
+    return {k: _path(v) if isinstance(v, (os.PathLike, Head, Model)) else v for k, v in options.items()}
+
+
+def _config(cls, what: str, options: dict, **fixed):
+    """``cls(**options, **fixed)``, the options checked against the dataclass's fields (so new fields of
+    a stage's config are options of its API function without any change here)."""
+    _check_options(cls, options, what, exclude=fixed)
+    return cls(**_plain({**options, **fixed}))
+
+
+@contextlib.contextmanager
+def _verbosity(verbose: Optional[bool]):
+    """Progress bars, epoch lines and info logs on (True) or off (False) inside the block; None: as they are."""
+    if verbose is None:
+        yield
+        return
+    from .progress import quiet
+
+    logger = logging.getLogger("pipeline")
+    handler = None
+    if verbose and not logging.getLogger().handlers and not logger.handlers:  # plain Python or Jupyter
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        level = logger.level
+        logger.setLevel(logging.INFO)  # setLevel, not .level =: it clears the loggers' isEnabledFor cache
+    try:
+        with quiet(not verbose):
+            yield
+    finally:
+        if handler is not None:
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+
+
+def _path(x) -> str:
+    """A path given as a str, a PathLike, or an object of this API (a Cache, Head or Model)."""
+    if isinstance(x, (Head, Model)):
+        return str(x._checkpoint())
+    return os.fspath(x)
+
+
+def _call_text(name: str, *args, **kwargs) -> str:
+    """How a call looks in Python, recorded in a cache (its 'command') to say how to finish it."""
+    parts = [repr(os.fspath(a) if isinstance(a, os.PathLike) else a) for a in args]
+    parts += [f"{k}={v!r}" for k, v in kwargs.items()]
+    return f"pipeline.{name}({', '.join(parts)})"
+
+
+class NotFittedError(ValueError, AttributeError):
+    """A Head or Model used before it was fitted or loaded (as scikit-learn's NotFittedError)."""
+
+
+class Rows(list):
+    """A list of row dicts (one per model, run, ...) that Jupyter shows as a table; ``result`` holds the
+    stage's whole answer (split, cache, run folders) when there is more to it than the rows."""
+
+    def __init__(self, rows=(), result: Optional[dict] = None):
+        super().__init__(rows)
+        self.result = result if result is not None else {}
+
+    @staticmethod
+    def _cell(v) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        if isinstance(v, dict):
+            return ", ".join(f"{k} {Rows._cell(x)}" for k, x in v.items())
+        return "" if v is None else str(v)
+
+    def _repr_html_(self) -> str:
+        if not self or not all(isinstance(r, dict) for r in self):
+            return f"<pre>{html.escape(repr(list(self)))}</pre>"
+        cols = list(dict.fromkeys(k for r in self for k in r))
+        head = "".join(f"<th>{html.escape(str(c))}</th>" for c in cols)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(self._cell(r.get(c)))}</td>" for c in cols) + "</tr>"
+                       for r in self)
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+# -- caches ------------------------------------------------------------------------------------
+class Cache:
+    """A feature cache: one HDF5 file of features of an image folder through a frozen backbone.
+
+    ``Cache(path)`` opens (and validates) an existing cache; ``extract_features`` returns one. Cheap:
+    nothing but the attributes is read until asked for, and torch is never imported.
+
+    - ``len(cache)``: rows (images); ``cache.classes``: class names, in label order
+    - ``cache.labels``: (N,) int64 class indices; ``cache.paths``: image paths relative to ``cache.data_root``
+    - ``cache.feature_shape``: (C, H, W) of one row; ``cache.features``: the h5py dataset itself, read
+      lazily (``cache.features[:10]``); ``cache.read_features(rows)``: rows as a float32 array
+    - ``cache.provenance``: backbone, weights, preprocessing, classes, data (``pipeline.provenance.Provenance``)
+    - ``cache.summary()``: what ``python cli.py caches`` shows of it; ``cache.attrs``: every HDF5 attribute
+    - ``cache.result``: extract's summary when the cache came from ``extract_features`` (hit, rows, img/s)
+
+    A Cache can stand where a path is expected (``os.fspath(cache)``). ``close()`` (or ``with``) closes
+    the file if ``features`` opened it.
+    """
+
+    def __init__(self, path: PathLike, *, result: Optional[dict] = None):
+        from .cache import read_info
+
+        self.path = Path(os.fspath(path))
+        self._info = read_info(self.path)
+        self.result = dict(result or {})
+        self._file = None
+
+    # attributes, read without loading features
+    @property
+    def attrs(self) -> dict:
+        return dict(self._info.attrs)
+
+    def __len__(self) -> int:
+        return self._info.rows
+
+    @property
+    def classes(self) -> list[str]:
+        return self._info.classes
+
+    @property
+    def feature_shape(self) -> tuple:
+        return tuple(self._info.feature_shape)
+
+    @property
+    def complete(self) -> bool:
+        return self._info.complete
+
+    @property
+    def backbone(self) -> str:
+        return self._info.attrs["backbone"]
+
+    @property
+    def fingerprint(self) -> str:
+        return self._info.attrs["fingerprint"]
+
+    @property
+    def data_root(self) -> Path:
+        return Path(self._info.attrs["data_root"])
+
+    @property
+    def provenance(self):
+        """Backbone, weights, preprocessing, classes and data folder (``pipeline.provenance.Provenance``)."""
+        from .provenance import Provenance
+
+        return Provenance.from_cache_attrs(self._info.attrs)
+
+    def summary(self) -> dict:
+        """Path, backbone, weights, rows, classes, feature shape, dtype, size, created, complete, fingerprint."""
+        return self._info.summary()
+
+    # datasets
+    def _h5(self):
+        from .cache import open_h5
+
+        if self._file is None or not self._file.id.valid:
+            self._file = open_h5(self.path, "r")
+        return self._file
+
+    def _read(self, name: str) -> np.ndarray:
+        """A small dataset, read with the file opened only for that (``features`` keeps it open)."""
+        from .cache import open_h5
+
+        with open_h5(self.path, "r") as f:
+            return f[name][: len(self)]
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self._read("labels")
+
+    @property
+    def paths(self) -> list[str]:
+        return [p.decode() if isinstance(p, bytes) else p for p in self._read("paths")]
+
+    @property
+    def features(self):
+        """The ``features`` dataset (N, C, H, W), as h5py reads it: slices come from disk when indexed."""
+        return self._h5()["features"]
+
+    def read_features(self, rows: Optional[Sequence[int]] = None, dtype=np.float32) -> np.ndarray:
+        """Rows of features as one array (all rows when ``rows`` is None), read block by block, in the
+        order asked for."""
+        n = len(self)
+        idx = np.arange(n) if rows is None else np.asarray(rows, dtype=np.int64).ravel()
+        if idx.size and (idx.min() < -n or idx.max() >= n):
+            raise IndexError(f"row indices must be in [{-n}, {n}), the cache has {n} rows")
+        idx = np.where(idx < 0, idx + n, idx)
+        wanted, inverse = np.unique(idx, return_inverse=True)
+        out = np.empty((len(wanted), *self.feature_shape), dtype)
+        ds, block = self.features, 2048
+        i = 0
+        for s in range(0, n, block):
+            lo, hi = np.searchsorted(wanted, [s, s + block])
+            if lo < hi:
+                chunk = ds[s:min(s + block, n)]
+                out[i:i + hi - lo] = chunk[wanted[lo:hi] - s]
+                i += hi - lo
+        return out[inverse]
+
+    @property
+    def skipped(self) -> list[tuple[str, str]]:
+        """(path, reason) of the files extraction could not decode."""
+        from .cache import read_skipped
+
+        return read_skipped(self.path)
+
+    def consolidate(self) -> dict:
+        """Turn a sharded cache (from a torchrun extraction) into one ordinary file, in place."""
+        from .cache import consolidate, read_info
+
+        self.close()
+        result = consolidate(self.path)
+        self._info = read_info(self.path)
+        return result
+
+    def close(self) -> None:
+        if self._file is not None and self._file.id.valid:
+            self._file.close()
+        self._file = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __repr__(self) -> str:
+        shape = "x".join(map(str, self.feature_shape)) or "-"
+        state = "" if self.complete else ", incomplete"
+        return (f"Cache('{self.path}': {len(self)} rows, classes {self.classes}, features {shape} "
+                f"{self._info.attrs['dtype']}, {self.backbone} {self._info.attrs['weights']}{state})")
+
+
+def extract_features(data: PathLike, n: int = ExtractConfig.n, *, verbose: Optional[bool] = False,
+                     **options) -> Cache:
+    """Run the frozen backbone over ``n`` images of the folder ``data`` (0 = all) into a feature cache.
+
+    ``options`` are ExtractConfig's: backbone ('vgg16'), weights ('DEFAULT', a torchvision name, a
+    local state-dict file with its .json sidecar, or 'none'), cache_dir ('features'), seed, dtype,
+    precision, pool, batch_size, device, workers, decode. The same request again is a cache hit
+    (nothing computed); an interrupted one resumes. Returns the Cache (``.result``: extract's summary).
+    """
+    options = {"n": n, **options}
+    options.setdefault("command", _call_text("extract_features", data, **options))
+    cfg = _config(ExtractConfig, "extract_features", options, data=os.fspath(data))
+    from .extract import extract
+
+    with _verbosity(verbose):
+        result = extract(cfg)
+    return Cache(result["cache"], result=result)
+
+
+class Caches(list):
+    """The valid caches of a folder (Cache objects, newest first); ``unreadable``: [{path, why}] of the rest."""
+
+    def __init__(self, caches=(), unreadable=()):
+        super().__init__(caches)
+        self.unreadable = list(unreadable)
+
+
+def list_caches(cache_dir: PathLike = ExtractConfig.cache_dir) -> Caches:
+    """Every feature cache in ``cache_dir`` (newest first), as Cache objects; unusable files in ``.unreadable``."""
+    from .cache import list_caches as run
+
+    good, bad = run(cache_dir)
+    return Caches([Cache(i.path) for i in good], [{"path": str(p), "why": w} for p, w in bad])
+
+
+# -- models ------------------------------------------------------------------------------------
+ImageInput = Any  # a path (file or folder), a PIL image, or a list of them
+
+
+class _Classifier:
+    """What a fit-head head and a train/finetune model share: predicting images from a checkpoint."""
+
+    _kinds: tuple = ()
+
+    def __init__(self):
+        self._fitted: dict = {}
+        self._weights: Optional[str] = None
+        self._loaded = None  # (LoadedModel, Inference, device, precision) once predict ran
+
+    # -- learned state ---------------------------------------------------------------------------
+    def _checkpoint(self) -> Path:
+        if not self._fitted:
+            raise NotFittedError(f"this {type(self).__name__} is not fitted yet: call fit() or "
+                                 f"{type(self).__name__}.load(path) first")
+        return self._fitted["checkpoint_"]
+
+    def _set_state(self, checkpoint: PathLike, ckpt: dict, result: Optional[dict] = None) -> None:
+        checkpoint = Path(checkpoint)
+        history = (result or {}).get("history")
+        if history is None:
+            saved = checkpoint.with_name("history.json")
+            if "history" in ckpt:
+                history = ckpt["history"]
+            elif saved.is_file() and (checkpoint.name in ("head.pt", "model.pt")):
+                import json
+
+                history = json.loads(saved.read_text())
+        metrics = dict(ckpt.get("metrics") or {})
+        if result:
+            metrics.update({k: result[k] for k in ("val_acc", "val_loss", "train_acc", "train_loss",
+                                                   "per_class_val_acc", "train_rows", "val_rows", "fit_seconds")
+                            if k in result})
+        self._fitted = {
+            "checkpoint_": checkpoint, "kind_": ckpt["kind"], "classes_": list(ckpt["classes"]),
+            "backbone_": ckpt["backbone"], "weights_": ckpt["weights"], "feature_shape_": tuple(ckpt["in_shape"]),
+            "n_features_in_": int(np.prod(ckpt["in_shape"])), "history_": history, "metrics_": metrics,
+            "config_": dict(ckpt.get("config") or {}), "cache_": ckpt.get("cache"),
+            "run_dir_": (result or {}).get("run_dir"), "curves_": (result or {}).get("curves"),
+            "result_": dict(result or {}),
+        }
+        self._loaded = None
+
+    #: learned attributes (scikit-learn style: set by fit or load)
+    _LEARNED = ("checkpoint_", "kind_", "classes_", "backbone_", "weights_", "feature_shape_", "n_features_in_",
+                "history_", "metrics_", "config_", "cache_", "run_dir_", "curves_", "result_")
+
+    def __getattr__(self, name: str):
+        if name.startswith("__") or name in ("_fitted", "_weights", "_loaded", "_params", "verbose"):
+            raise AttributeError(name)
+        if name in type(self)._LEARNED:
+            fitted = self.__dict__.get("_fitted") or {}
+            if name not in fitted:
+                raise NotFittedError(f"{type(self).__name__}.{name} is set by fit() or load(); this one is not "
+                                     "fitted yet")
+            return fitted[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    @classmethod
+    def _read(cls, path: PathLike) -> dict:
+        from .models import read_checkpoint
+
+        ckpt = read_checkpoint(path)
+        if cls._kinds and ckpt["kind"] not in cls._kinds:
+            hint = "Model.load" if ckpt["kind"] != "fit-head" else "Head.load"
+            raise UsageError(f"{os.fspath(path)!r} is a {ckpt['kind']} checkpoint, not a {cls.__name__}'s; use {hint}")
+        return ckpt
+
+    # -- predicting ------------------------------------------------------------------------------
+    def _model(self, device: Optional[str], precision: str):
+        """The whole model (backbone + head) from the checkpoint, loaded once, on ``device``."""
+        from .device import resolve_device, resolve_precision
+        from .inference import Inference
+        from .models import load_model
+
+        dev = resolve_device(device or getattr(self, "device", "auto") or "auto")
+        prec = resolve_precision(precision, dev)
+        if self._loaded is None or self._loaded[2:] != (str(dev), prec):
+            lm = load_model(self._checkpoint(), self._weights)
+            self._loaded = (lm, Inference(lm.model, dev, prec), str(dev), prec)
+        return self._loaded[0], self._loaded[1]
+
+    def _image_log_proba(self, X, batch_size: int, workers: Optional[int], device, precision) -> np.ndarray:
+        from PIL import Image
+
+        from .data import to_rgb
+        from .predict import iter_log_proba, list_inputs
+
+        items = [X] if isinstance(X, (str, os.PathLike, Image.Image)) else list(X)
+        if not items:
+            raise UsageError("nothing to predict: X is empty")
+        lm, model = self._model(device, precision)
+        files, images, order = [], [], []
+        for x in items:
+            if isinstance(x, Image.Image):
+                order.append(("image", len(images)))
+                images.append(x)
+            elif isinstance(x, (str, os.PathLike)):
+                found = list_inputs([os.fspath(x)])  # a folder: its images, sorted, recursively
+                order += [("file", len(files) + i) for i in range(len(found))]
+                files += found
+            else:
+                raise TypeError(f"cannot predict a {type(x).__name__}: pass image paths, folders or PIL images"
+                                + (" (an array of cached features only to a Head)" if isinstance(x, np.ndarray)
+                                   else ""))
+        out_files: list = []
+        if files:
+            workers = (0 if len(files) < 64 else -1) if workers is None else workers
+            bad = []
+            with _verbosity(self._verbose):
+                from .progress import progress
+
+                for item, logp in progress(iter_log_proba(model, lm.transform, files, batch_size, workers),
+                                           total=len(files), unit="img", desc="predict"):
+                    if logp is None:
+                        bad.append(f"{item.path} ({item.error})")
+                    out_files.append(logp)
+            if bad:
+                raise UsageError(f"{len(bad)} of {len(files)} images could not be read: {'; '.join(bad[:3])}"
+                                 f"{' ...' if len(bad) > 3 else ''}")
+        out_images = []
+        for i in range(0, len(images), batch_size):
+            out_images += list(model([lm.transform(to_rgb(im)) for im in images[i:i + batch_size]]))
+        return np.stack([out_files[j] if kind == "file" else out_images[j] for kind, j in order]).astype(np.float64)
+
+    def _log_proba(self, X, batch_size: int, workers: Optional[int], device, precision) -> np.ndarray:
+        return self._image_log_proba(X, batch_size, workers, device, precision)
+
+    def predict_proba(self, X: ImageInput, *, batch_size: int = 32, workers: Optional[int] = None,
+                      device: Optional[str] = None, precision: str = "auto") -> np.ndarray:
+        """Class probabilities, (N, len(classes_)), columns in ``classes_`` order.
+
+        ``X``: an image path, a folder (its images, sorted, recursively: the order ``predict_files``
+        lists), a PIL image, or a list of any of these. Images go through the backbone with the
+        checkpoint's own preprocessing; an unreadable file is a ValueError naming it.
+        """
+        return np.exp(self.predict_log_proba(X, batch_size=batch_size, workers=workers, device=device,
+                                             precision=precision))
+
+    def predict_log_proba(self, X: ImageInput, *, batch_size: int = 32, workers: Optional[int] = None,
+                          device: Optional[str] = None, precision: str = "auto") -> np.ndarray:
+        """Log-probabilities, as ``predict_proba``: the model's output, normalised again in float64 (in
+        bf16 it sums to 1 only within 1e-3), so each row's probabilities sum to 1."""
+        logp = self._log_proba(X, batch_size, workers, device, precision)
+        top = logp.max(1, keepdims=True)
+        return logp - (top + np.log(np.exp(logp - top).sum(1, keepdims=True)))
+
+    def predict(self, X: ImageInput, **options) -> np.ndarray:
+        """The most probable class name of each image of ``X`` (options and inputs: see ``predict_proba``)."""
+        return np.asarray(self.classes_, dtype=object)[self.predict_log_proba(X, **options).argmax(1)]
+
+    def _score_folder(self, data: PathLike, device, precision, batch_size: int, workers: int) -> float:
+        from .evaluate import predict_folder
+
+        lm, model = self._model(device, precision)
+        cfg = EvaluateConfig(model=str(self._checkpoint()), data=os.fspath(data), batch_size=batch_size,
+                             workers=workers)
+        with _verbosity(self._verbose):
+            pred = predict_folder(os.fspath(data), lm.classes, lm.transform, model, cfg)
+        return float((pred.logp.argmax(1) == pred.labels).mean())
+
+    def score(self, X, y=None, *, device: Optional[str] = None, precision: str = "auto", batch_size: int = 32,
+              workers: int = -1) -> float:
+        """Accuracy: on an image folder ``X`` (every image, labels from its class folders, as
+        ``evaluate_model(data=...)``), or of ``predict(X)`` against labels ``y`` (class names or indices)."""
+        if y is not None:
+            pred = self.predict(X, device=device, precision=precision, batch_size=batch_size)
+            y = np.asarray(y)
+            if y.dtype.kind in "iu":
+                y = np.asarray(self.classes_, dtype=object)[y]
+            return float((pred == y.astype(object)).mean())
+        if isinstance(X, (str, os.PathLike)) and Path(os.fspath(X)).is_dir():
+            return self._score_folder(X, device, precision, batch_size, workers)
+        raise UsageError("score(X) takes an image folder (class sub-folders), or images X with their labels y")
+
+    # -- files -----------------------------------------------------------------------------------
+    def save(self, path: PathLike) -> Path:
+        """Copy the checkpoint (the same safe dict the CLI writes: ``torch.load(weights_only=True)``
+        reads it) to ``path``; returns the path. ``load`` reads it back."""
+        import shutil
+
+        from .paths import atomic_write
+
+        src, dst = self._checkpoint(), Path(os.fspath(path))
+        if dst.exists() and dst.is_dir():
+            raise UsageError(f"{str(dst)!r} is a folder; name a file, e.g. {str(dst / src.name)!r}")
+        if dst.exists() and os.path.samefile(src, dst):
+            return dst
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        return atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
+
+    def plot_curves(self, title: str = ""):
+        """Accuracy and loss per epoch, train vs validation (a matplotlib Figure)."""
+        if not self.history_:
+            raise UsageError(f"no training history is known for {self.checkpoint_} (history.json is not beside it)")
+        return plot_curves(self.history_, title=title)
+
+
+class Head(_Classifier):
+    """A Linear + LogSoftmax classifier on cached features (fit-head), scikit-learn style.
+
+    ``Head(**params)``: params are fit-head's options (FitHeadConfig: epochs=10, lr=0.01,
+    batch_size=32, val_fraction=0.125, dropout=0, seed=0, device='auto', scale_features=True,
+    runs_dir='runs', cache_dir='features', ...); ``verbose=True`` shows progress and epoch lines.
+
+    - ``fit(cache)``: train on a Cache (or a cache path; None = the newest complete cache in
+      ``cache_dir``); returns the head. Writes ``runs/<stamp>-fit-head/head.pt``, history.json and
+      curves.png, and a ledger line, as ``python cli.py fit-head``.
+    - learned: ``classes_``, ``history_`` (one dict per epoch), ``metrics_`` (val_acc, val_loss,
+      per-class val acc, ...), ``checkpoint_`` (the head.pt), ``run_dir_``, ``curves_``, ``cache_``
+    - ``predict(X)``, ``predict_proba(X)``: X image paths, folders, PIL images (through the backbone the
+      cache was made with), or a Cache / an array of cached features (through the head only)
+    - ``score(cache)``: accuracy on a Cache (its validation split when it is the cache the head was fitted
+      on, else every row), or on an image folder; ``score(X, y)`` against labels
+    - ``save(path)`` / ``Head.load(path)``: the checkpoint (``python cli.py predict --model`` takes it too)
+    - ``plot_curves()``: the training curves as a matplotlib Figure
+    """
+
+    _kinds = ("fit-head",)
+    _EXCLUDE = ("cache",)  # given to fit, not the constructor
+
+    def __init__(self, *, verbose: bool = False, **params):
+        super().__init__()
+        _check_options(FitHeadConfig, params, "Head", exclude=self._EXCLUDE)
+        self._params = _plain(params)
+        self.verbose = verbose
+
+    @property
+    def _verbose(self) -> bool:
+        return self.verbose
+
+    def __getattr__(self, name: str):
+        params = self.__dict__.get("_params")
+        if params is not None and name in _field_names(FitHeadConfig, self._EXCLUDE):
+            return self.get_params()[name]
+        return super().__getattr__(name)
+
+    def get_params(self, deep: bool = True) -> dict:
+        """Every parameter, defaults included (scikit-learn's get_params)."""
+        return {**_defaults(FitHeadConfig, self._EXCLUDE), **self._params}
+
+    def set_params(self, **params) -> "Head":
+        """Change parameters (checked as in the constructor); returns the head."""
+        _check_options(FitHeadConfig, params, "Head.set_params", exclude=self._EXCLUDE)
+        self._params.update(_plain(params))
+        return self
+
+    def fit(self, cache: Union[Cache, PathLike, None] = None, y=None, *, verbose: Optional[bool] = None) -> "Head":
+        """Train on ``cache`` (a Cache or a cache file; None = the newest complete cache in cache_dir);
+        returns self, fitted. ``y`` is not used: the labels are the cache's. ``verbose`` (default: the
+        head's own) shows the progress bars and a line per epoch for this fit only."""
+        from .head import fit_head
+        from .models import read_checkpoint
+
+        cfg = FitHeadConfig(**self._params, cache=None if cache is None else _path(cache))
+        with _verbosity(self.verbose if verbose is None else verbose):
+            result = fit_head(cfg)
+        self._set_state(result["checkpoint"], read_checkpoint(result["checkpoint"]), result)
+        return self
+
+    @classmethod
+    def load(cls, path: PathLike, *, weights: Optional[str] = None, verbose: bool = False) -> "Head":
+        """A fitted Head from a head.pt (fit-head's checkpoint, or one ``save`` wrote). ``weights``: the
+        backbone weights file when it is no longer where the head recorded it (only for images)."""
+        ckpt = cls._read(path)
+        names = _field_names(FitHeadConfig, cls._EXCLUDE)
+        head = cls(verbose=verbose, **{k: v for k, v in (ckpt.get("config") or {}).items() if k in names})
+        head._set_state(path, ckpt)
+        head._weights = weights
+        return head
+
+    # features through the head alone
+    def _cache_predictions(self, cache: Union[Cache, PathLike], split: str, device: Optional[str]):
+        from .evaluate import PREDICTORS
+        from .models import read_checkpoint
+
+        ckpt_path = str(self._checkpoint())
+        cfg = EvaluateConfig(model=ckpt_path, cache=_path(cache), split=split,
+                             device=device or self.get_params().get("device", "auto"))
+        with _verbosity(self.verbose):
+            return PREDICTORS[("fit-head", "cache")](ckpt_path, read_checkpoint(ckpt_path), cfg)
+
+    def _feature_log_proba(self, X: np.ndarray, batch_size: int, device: Optional[str]) -> np.ndarray:
+        import torch
+
+        from .device import resolve_device
+        from .models import build_head, load_head_state, read_checkpoint
+
+        shape = self.feature_shape_
+        X = np.asarray(X)
+        if X.ndim < 2 or int(np.prod(X.shape[1:])) != self.n_features_in_:
+            raise UsageError(f"features of shape {X.shape[1:]} do not fit this head, which takes {shape} "
+                             f"({self.n_features_in_} values) per row")
+        dev = resolve_device(device or self.get_params().get("device", "auto"))
+        ckpt = read_checkpoint(self._checkpoint())
+        head = build_head(shape, len(self.classes_), ckpt.get("dropout", 0.0))
+        load_head_state(head, ckpt, self._checkpoint())
+        head = head.to(dev).eval()
+        out = []
+        with torch.inference_mode():
+            for i in range(0, len(X), max(batch_size, 256)):
+                x = torch.from_numpy(np.ascontiguousarray(X[i:i + max(batch_size, 256)], np.float32))
+                out.append(head(x.reshape(len(x), *shape).to(dev)).float().cpu().numpy())
+        return np.concatenate(out).astype(np.float64)
+
+    def _log_proba(self, X, batch_size, workers, device, precision) -> np.ndarray:
+        if isinstance(X, Cache) or (isinstance(X, (str, os.PathLike)) and str(os.fspath(X)).endswith(".h5")):
+            return self._cache_predictions(X, "all", device).logp.astype(np.float64)
+        if isinstance(X, np.ndarray) and X.dtype.kind == "f" and X.ndim in (2, 4):
+            return self._feature_log_proba(X, batch_size, device)
+        return self._image_log_proba(X, batch_size, workers, device, precision)
+
+    def score(self, X, y=None, *, split: str = "auto", device: Optional[str] = None, precision: str = "auto",
+              batch_size: int = 32, workers: int = -1) -> float:
+        """Accuracy on a Cache (or cache file): ``split='val'`` its validation split, 'all' every row,
+        'auto' (default) the validation split of the cache the head was fitted on and every row of any
+        other; on an image folder: every image through the backbone; ``score(X, y)``: against labels."""
+        if y is None and (isinstance(X, Cache) or (isinstance(X, (str, os.PathLike))
+                                                   and str(os.fspath(X)).endswith(".h5"))):
+            from .models import read_checkpoint
+
+            if split == "auto":
+                c = X if isinstance(X, Cache) else Cache(X)
+                trained_on = read_checkpoint(self._checkpoint()).get("cache_fingerprint")
+                split = "val" if c.fingerprint == trained_on else "all"
+            pred = self._cache_predictions(X, split, device)
+            return float((pred.logp.argmax(1) == pred.labels).mean())
+        return super().score(X, y, device=device, precision=precision, batch_size=batch_size, workers=workers)
+
+    def __repr__(self) -> str:
+        defaults = _defaults(FitHeadConfig, self._EXCLUDE)
+        params = ", ".join(f"{k}={v!r}" for k, v in self._params.items() if k not in defaults or defaults[k] != v)
+        fitted = self.__dict__.get("_fitted")
+        if not fitted:
+            return f"Head({params})"
+        acc = fitted["metrics_"].get("val_acc")
+        return (f"Head({params})  # fitted: classes {fitted['classes_']}"
+                f"{f', val acc {acc:.3f}' if acc is not None else ''}, {fitted['checkpoint_']}")
+
+
+class Model(_Classifier):
+    """A whole model (backbone + head) from ``train_model`` / ``finetune_model``, or any checkpoint loaded
+    with ``Model.load`` (a train/finetune model.pt, or a fit-head head.pt put on its backbone).
+
+    The same as a Head for images: ``predict``, ``predict_proba``, ``score(folder)`` or ``score(X, y)``,
+    ``save``, ``plot_curves``; learned state in ``classes_``, ``history_``, ``metrics_``, ``checkpoint_``,
+    ``run_dir_``, ``config_`` (the options it was trained with).
+    """
+
+    def __init__(self, *, verbose: bool = False):
+        super().__init__()
+        self.verbose = verbose
+
+    @property
+    def _verbose(self) -> bool:
+        return self.verbose
+
+    @classmethod
+    def load(cls, path: PathLike, *, weights: Optional[str] = None, verbose: bool = False) -> "Model":
+        """A model from any checkpoint of this tool; ``weights``: a head.pt's backbone weights, if moved."""
+        model = cls(verbose=verbose)
+        model._set_state(path, cls._read(path))
+        model._weights = weights
+        return model
+
+    def __repr__(self) -> str:
+        fitted = self.__dict__.get("_fitted")
+        if not fitted:
+            return "Model()"
+        acc = fitted["metrics_"].get("val_acc")
+        return (f"Model({fitted['kind_']}, {fitted['backbone_']}, classes {fitted['classes_']}"
+                f"{f', val acc {acc:.3f}' if acc is not None else ''}: {fitted['checkpoint_']})")
+
+
+# -- stages that return rows or reports --------------------------------------------------------
+def compare_sklearn(cache: Union[Cache, PathLike, None] = None, *, head: Union[Head, dict, None] = None,
+                    verbose: Optional[bool] = False, **options) -> Rows:
+    """Fit the torch head and scikit-learn's StandardScaler + LogisticRegression on the same seeded split.
+
+    ``options``: CompareConfig's (C, max_iter, scale, val_fraction, seed, cache_dir, block_rows) and any
+    of fit-head's (epochs, lr, ...) for the torch head, or ``head=Head(...)`` (its parameters).
+    Returns one row dict per model (model, val_acc, val_loss, fit_seconds, per_class_val_acc, ...);
+    ``rows.result`` holds the split, the cache and the head's run folder.
+    """
+    compare_fields = set(_field_names(CompareConfig, ("head",)))
+    head_fields = set(_field_names(FitHeadConfig, ("cache",)))
+    unknown = sorted(set(options) - compare_fields - head_fields)
+    if unknown:
+        raise UsageError(f"compare_sklearn: unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+                         f"allowed: {', '.join(sorted(compare_fields | head_fields))}")
+    head_params = dict(head.get_params() if isinstance(head, Head) else head or {})
+    _check_options(FitHeadConfig, head_params, "compare_sklearn(head=...)", exclude=("cache",))
+    head_params.update({k: v for k, v in options.items() if k in head_fields})
+    head_params, options = _plain(head_params), _plain(options)
+    cfg = CompareConfig(**{k: v for k, v in options.items() if k in compare_fields},
+                        cache=None if cache is None else _path(cache),
+                        head=FitHeadConfig(**{k: v for k, v in head_params.items() if k != "cache"}))
+    from .compare import compare_sklearn as run
+
+    with _verbosity(verbose):
+        result = run(cfg)
+    return Rows(result["models"], result)
+
+
+def train_model(data: PathLike, *, verbose: Optional[bool] = False, **options) -> Model:
+    """Train a new head on the images of ``data`` end to end, the backbone frozen (``python cli.py train``).
+
+    ``options``: TrainConfig's (backbone, weights, n, epochs=3, lr, batch_size, augment, pool, dropout,
+    val_fraction, seed, device, precision, workers, print_every, runs_dir). Returns the fitted Model.
+    """
+    from .models import read_checkpoint
+    from .train import train
+
+    cfg = _config(TrainConfig, "train_model", options, data=os.fspath(data))
+    with _verbosity(verbose):
+        result = train(cfg)
+    model = Model(verbose=bool(verbose))
+    model._set_state(result["checkpoint"], read_checkpoint(result["checkpoint"]), result)
+    return model
+
+
+def finetune_model(data: PathLike, init: Union[Head, Model, PathLike, None] = None, *,
+                   verbose: Optional[bool] = False, **options) -> Model:
+    """Unfreeze the backbone (or its last K blocks) and train at a low rate (``python cli.py finetune``),
+    starting from ``init`` (a Head, a Model or a checkpoint path; None: a new head).
+
+    ``options``: FinetuneConfig's (unfreeze='all' or K, epochs, head_epochs, lr, backbone_lr, and train's).
+    """
+    from .models import read_checkpoint
+    from .train import finetune
+
+    fixed = {"data": os.fspath(data)}
+    if init is not None:
+        fixed["init_head"] = _path(init)
+    cfg = _config(FinetuneConfig, "finetune_model", options, **fixed)
+    with _verbosity(verbose):
+        result = finetune(cfg)
+    model = Model(verbose=bool(verbose))
+    model._set_state(result["checkpoint"], read_checkpoint(result["checkpoint"]), result)
+    return model
+
+
+def evaluate_model(model: Union[Head, Model, PathLike], cache: Union[Cache, PathLike, None] = None,
+                   data: Optional[PathLike] = None, *, figures: bool = True, verbose: Optional[bool] = False,
+                   **options) -> dict:
+    """Accuracy, loss, macro F1, per-class precision/recall/F1, the confusion matrix and the most
+    confidently wrong images of ``model`` (``python cli.py evaluate``).
+
+    On ``cache`` (a head only; by default the cache it was fitted on, ``split='val'`` its validation
+    rows or 'all'), or on the image folder ``data`` (any model). ``options``: EvaluateConfig's (split,
+    top_k, weights, batch_size, device, precision, workers, runs_dir). Writes confusion.png, gallery.png
+    and metrics.json to a run folder; with ``figures`` the dict also holds
+    ``figures={'confusion': Figure, 'gallery': Figure}``.
+    """
+    from .evaluate import evaluate, figures as draw
+
+    cfg = _config(EvaluateConfig, "evaluate_model", options, model=_path(model),
+                  cache=None if cache is None else _path(cache), data=None if data is None else os.fspath(data))
+    with _verbosity(verbose):
+        result = evaluate(cfg)
+    if figures:
+        result["figures"] = draw(result)
+    return result
+
+
+def predict_files(model: Union[Head, Model, PathLike], paths: Union[PathLike, Sequence[PathLike]], *,
+                  verbose: Optional[bool] = False, **options) -> Rows:
+    """One row per image file (folders searched recursively): {path, class, probability, error}, an
+    unreadable file getting its error instead of a class (``python cli.py predict``).
+
+    ``options``: PredictConfig's (weights, batch_size, workers, device, precision, format, output: the
+    rows written to a file as csv/json/table). ``rows.result``: images, errors, img/s, output.
+    """
+    from .predict import predict
+
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    cfg = _config(PredictConfig, "predict_files", options, model=_path(model),
+                  paths=[os.fspath(p) for p in paths])
+    with _verbosity(verbose):
+        result = predict(cfg)
+    return Rows(result["rows"], result)
+
+
+# -- pictures ----------------------------------------------------------------------------------
+def preview(data: PathLike, *, output: Optional[PathLike] = None, **options):
+    """A grid of sample images per class as the backbone sees them (resized, cropped, de-normalised):
+    a matplotlib Figure (shown inline in Jupyter), also saved as a PNG when ``output`` is given.
+
+    ``options``: PreviewConfig's (per_class=4, seed, backbone, weights: only the preprocessing is read).
+    ``fig.info``: the classes and images shown.
+    """
+    from .viz import preview_figure
+
+    fig, info = preview_figure(_config(PreviewConfig, "preview", options, data=os.fspath(data),
+                                       output=os.fspath(output) if output else ""))
+    return _finish_figure(fig, info, output)
+
+
+def feature_map(image: PathLike, *, output: Optional[PathLike] = None, **options):
+    """One image beside its feature map (channels x positions) and its most active channels over it:
+    a matplotlib Figure, also saved as a PNG when ``output`` is given.
+
+    ``options``: FeatureMapConfig's (backbone, weights, top_k=6). ``fig.info``: feature_shape, top_channels.
+    """
+    from .viz import feature_map_figure
+
+    fig, info = feature_map_figure(_config(FeatureMapConfig, "feature_map", options, image=os.fspath(image),
+                                           output=os.fspath(output) if output else ""))
+    return _finish_figure(fig, info, output)
+
+
+def _finish_figure(fig, info: dict, output: Optional[PathLike]):
+    from .plots import save
+
+    fig.info = dict(info)
+    if output:
+        fig.info["output"] = str(save(fig, output))
+    return fig
+
+
+def plot_curves(history: Union[Head, Model, Sequence[dict]], title: str = ""):
+    """Accuracy and loss per epoch, train vs validation: a matplotlib Figure of a history (a list of
+    per-epoch dicts, as in history.json) or of a fitted Head or Model."""
+    from .plots import curves_figure
+
+    if isinstance(history, _Classifier):
+        history = history.history_
+    if not history:
+        raise UsageError("no epochs to plot")
+    return curves_figure(list(history), title=title)
+
+
+# -- data, ledger, odds and ends ---------------------------------------------------------------
+def check_image_folder(root: PathLike, *, verbose: Optional[bool] = False, **options) -> dict:
+    """Fully decode every file below ``root`` as extract would; counts, findings (errors: files extract
+    cannot use; notes: converted ones) and, with ``quarantine=True``, the files with errors moved aside
+    (``python cli.py check-images``). ``options``: CheckImagesConfig's (report, quarantine, quarantine_dir,
+    workers)."""
+    from .check_images import check_images
+
+    cfg = _config(CheckImagesConfig, "check_image_folder", options, root=os.fspath(root))
+    with _verbosity(verbose):
+        return check_images(cfg)
+
+
+def fetch_data(*, verbose: Optional[bool] = False, **options) -> dict:
+    """Download an image archive (resuming) and unpack it safely (``python cli.py fetch-data``);
+    ``options``: FetchConfig's (dest, url, overwrite, timeout, retries). ``result['unpacked']``: the folder."""
+    from .fetch import fetch_data as run
+
+    cfg = _config(FetchConfig, "fetch_data", options)
+    with _verbosity(verbose):
+        return run(cfg)
+
+
+def run_demo(*, verbose: Optional[bool] = False, **options) -> dict:
+    """The main job in one go: fetch if missing, check, extract, fit-head, compare-sklearn
+    (``python cli.py demo``); ``options``: DemoConfig's (data, weights, n, backbone, cache_dir, runs_dir, ...)."""
+    from .demo import demo
+
+    options.setdefault("command", _call_text("run_demo", **options))
+    cfg = _config(DemoConfig, "run_demo", options)
+    with _verbosity(verbose):
+        return demo(cfg)
+
+
+def list_runs(runs_dir: PathLike = FitHeadConfig.runs_dir, *, sort_by: Optional[str] = None,
+              cache: Union[Cache, str, None] = None, backbone: Optional[str] = None) -> Rows:
+    """The experiment ledger (``runs/ledger.jsonl``): one row per run, newest first or best first by
+    ``sort_by`` (val_acc, accuracy, ...), optionally only on ``cache`` or with ``backbone`` (``python cli.py runs``)."""
+    from .ledger import read_runs
+
+    return Rows(read_runs(os.fspath(runs_dir), sort_by=sort_by, cache=None if cache is None else _path(cache),
+                          backbone=backbone))
+
+
+def imagenet_check(image: PathLike, **options) -> dict:
+    """Top ImageNet classes of one image from the full pretrained model (``python cli.py imagenet-check``);
+    ``options``: backbone, weights (with the classifier), top, device."""
+    import inspect
+
+    from .predict import imagenet_check as run
+
+    allowed = [p for p in inspect.signature(run).parameters if p != "image"]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise UsageError(f"imagenet_check: unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+                         f"allowed: {', '.join(allowed)}")
+    return run(os.fspath(image), **options)
+
+
+def model_summary(**options) -> dict:
+    """Layer-by-layer shapes and total/trainable parameters of backbone + head under a freeze setting
+    (``python cli.py summary``); ``options``: SummaryConfig's (backbone, classes, pool, dropout, unfreeze,
+    crop_size)."""
+    from .summary import summarize
+
+    return summarize(_config(SummaryConfig, "model_summary", options))

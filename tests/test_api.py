@@ -1,0 +1,290 @@
+"""The public Python API (pipeline/api.py, re-exported by the package): caches, heads, models, figures,
+no output unless asked; and the README's "From Python or Jupyter" example, run as shown."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import pipeline
+from pipeline import progress
+from tests.conftest import ROOT, SHARED_CATSDOGS, SHARED_WEIGHTS, make_image_folder
+
+pytestmark = pytest.mark.filterwarnings("ignore:--weights none")
+
+TINY = dict(backbone="tiny", weights="none", workers=0)
+
+
+@pytest.fixture
+def work(tmp_path, monkeypatch):
+    """A project folder of its own (features/ and runs/ land here) with an image folder ``data``."""
+    monkeypatch.chdir(tmp_path)
+    make_image_folder(tmp_path / "data", per_class=12)
+    return tmp_path
+
+
+@pytest.fixture
+def cache(work):
+    return pipeline.extract_features("data", n=0, dtype="float32", **TINY)
+
+
+@pytest.fixture
+def head(cache):
+    return pipeline.Head(epochs=3, val_fraction=0.25).fit(cache)
+
+
+# -- the package ---------------------------------------------------------------------------------
+def test_import_pipeline_stays_light_and_documents_the_api():
+    code = ("import sys, pipeline; h = pipeline.Head; c = pipeline.Cache; import pydoc; "
+            "text = pydoc.render_doc(pipeline, renderer=pydoc.plaintext); "
+            "print(sorted(m for m in ('torch', 'sklearn', 'matplotlib', 'torchvision') if m in sys.modules)); "
+            "print('extract_features' in text, 'Head(**params)' in text)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[:2] == ["[]", "True True"]
+
+
+def test_the_api_hides_no_stage_module():
+    """Public names never shadow a submodule: `import pipeline.extract as m` stays the extract stage."""
+    modules = {p.stem for p in (ROOT / "pipeline").glob("*.py")}
+    assert not modules & set(pipeline.__all__)
+    assert set(pipeline.__all__) <= set(dir(pipeline))
+    for name in pipeline.__all__:
+        assert getattr(pipeline, name).__doc__, name  # what help() shows
+    import pipeline.extract as stage
+
+    assert stage.ExtractConfig and pipeline.extract_features is pipeline.api.extract_features
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        pipeline.nothing  # noqa: B018
+
+
+# -- caches --------------------------------------------------------------------------------------
+def test_extract_features_returns_a_cache_and_prints_nothing(work, capfd):
+    cache = pipeline.extract_features(work / "data", n=0, dtype="float32", **TINY)
+    assert capfd.readouterr() == ("", "")
+    assert isinstance(cache, pipeline.Cache) and cache.path.parent == Path("features")
+    assert len(cache) == 24 and cache.classes == ["blue", "red"] and cache.feature_shape == (8, 8, 8)
+    assert cache.labels.tolist().count(0) == 12 and len(cache.paths) == 24
+    assert cache.paths[0].startswith(("blue/", "red/")) and cache.data_root == (work / "data").resolve()
+    assert cache.features.shape == (24, 8, 8, 8) and cache.features[:2].shape == (2, 8, 8, 8)  # an h5py view
+    rows = cache.read_features([5, 1, 5])
+    assert rows.dtype == np.float32 and np.array_equal(rows[0], rows[2])
+    np.testing.assert_array_equal(rows[1], cache.features[1])
+    assert cache.provenance.backbone == "tiny" and cache.provenance.classes == ("blue", "red")
+    assert cache.summary()["rows"] == 24 and cache.result["hit"] is False
+    assert "24 rows" in repr(cache) and os.fspath(cache) == str(cache.path)
+    again = pipeline.extract_features("data", n=0, dtype="float32", **TINY)
+    assert again.path == cache.path and again.result["hit"] is True
+    assert [c.path for c in pipeline.list_caches()] == [cache.path]
+    cache.close()
+
+
+def test_verbose_shows_progress_and_restores_the_setting(work, capfd, monkeypatch):
+    monkeypatch.setattr(progress, "LOG_INTERVAL", 0.0)  # stderr is not a terminal here: progress lines
+    pipeline.extract_features("data", n=8, verbose=True, batch_size=4, **TINY)
+    assert "extract: 8/8 (100%)" in capfd.readouterr().err
+    assert progress.is_quiet() is False
+    progress.set_quiet(True)
+    try:
+        with pytest.raises(ValueError):
+            pipeline.extract_features("data", n=-1, verbose=True, **TINY)
+        assert progress.is_quiet() is True  # restored, also after an error
+    finally:
+        progress.set_quiet(False)
+
+
+def test_unknown_options_name_themselves_and_the_allowed_ones(work):
+    with pytest.raises(ValueError, match=r"extract_features: unknown option bakbone; allowed: .*backbone"):
+        pipeline.extract_features("data", bakbone="tiny")
+    with pytest.raises(ValueError, match=r"Head: unknown options epoch, rate; allowed: cache_dir, epochs, lr"):
+        pipeline.Head(epoch=3, rate=1)
+    with pytest.raises(ValueError, match="compare_sklearn: unknown option c;"):
+        pipeline.compare_sklearn("x.h5", c=2)
+    with pytest.raises(ValueError, match="preview: unknown option per_clas;"):
+        pipeline.preview("data", per_clas=2)
+
+
+def test_options_follow_the_config_dataclasses(monkeypatch):
+    """A field added to a stage's config is an option of the API at once (other work adds fields)."""
+    import dataclasses
+
+    from pipeline import head as head_stage
+
+    Extended = dataclasses.make_dataclass("Extended", [("view", str, "map")], bases=(head_stage.FitHeadConfig,))
+    monkeypatch.setattr(pipeline.api, "FitHeadConfig", Extended)
+    h = pipeline.Head(view="pooled")
+    assert h.view == "pooled" and h.get_params()["view"] == "pooled" and h.get_params()["epochs"] == 10
+
+
+# -- heads ---------------------------------------------------------------------------------------
+def test_head_is_a_scikit_learn_style_estimator(cache, capfd):
+    h = pipeline.Head(epochs=3, val_fraction=0.25)
+    assert h.epochs == 3 and h.lr == 0.01 and h.get_params()["runs_dir"] == "runs"
+    assert repr(h) == "Head(epochs=3, val_fraction=0.25)"
+    assert not hasattr(h, "classes_")
+    with pytest.raises(pipeline.NotFittedError, match="not fitted"):
+        h.predict(["x.jpg"])
+    assert h.set_params(lr=0.02) is h and h.lr == 0.02
+    assert h.fit(cache) is h
+    assert capfd.readouterr() == ("", "")  # no epoch lines, no bars
+    assert h.classes_ == ["blue", "red"] and len(h.history_) == 3 and h.history_[0]["epoch"] == 1
+    assert h.metrics_["val_acc"] == 1.0 and h.metrics_["val_rows"] == 6
+    assert h.checkpoint_.name == "head.pt" and h.checkpoint_.is_file() and Path(h.run_dir_) == h.checkpoint_.parent
+    assert h.feature_shape_ == (8, 8, 8) and h.n_features_in_ == 512 and h.cache_ == str(cache.path)
+    assert "fitted" in repr(h)
+    h.fit(cache, verbose=True)
+    assert "Epoch 3, Train acc=" in capfd.readouterr().err
+
+
+def test_head_predicts_paths_folders_pil_images_and_features(head, work):
+    blue, red = work / "data" / "blue" / "blue.0.jpg", work / "data" / "red" / "red.0.jpg"
+    assert head.predict([blue, str(red)]).tolist() == ["blue", "red"]
+    proba = head.predict_proba([red, blue])
+    assert proba.shape == (2, 2) and np.allclose(proba.sum(1), 1) and proba[0, 1] > 0.5 > proba[1, 1]
+    assert head.predict(str(blue)).tolist() == ["blue"]  # one path
+    folder = head.predict(work / "data" / "red")  # a folder: its images, sorted
+    assert folder.tolist() == ["red"] * 12
+    with Image.open(red) as im:
+        mixed = head.predict([im.convert("RGBA"), blue])  # PIL images (any mode) and paths, in order
+    assert mixed.tolist() == ["red", "blue"]
+    np.testing.assert_allclose(head.predict_proba(Image.open(red)), head.predict_proba(red), atol=1e-5)
+    on_cache = head.predict_proba(pipeline.Cache(head.cache_))  # cached features through the head alone
+    cache = pipeline.Cache(head.cache_)
+    np.testing.assert_allclose(on_cache, head.predict_proba(cache.read_features()), atol=1e-6)
+    assert (on_cache.argmax(1) == cache.labels).all()
+    with pytest.raises(TypeError, match="PIL images"):
+        head.predict([42])
+    (work / "broken.jpg").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="broken.jpg"):
+        head.predict([blue, work / "broken.jpg"])
+
+
+def test_head_scores_a_cache_or_a_folder(head, work, make_cache):
+    assert head.score(head.cache_) == head.metrics_["val_acc"] == 1.0  # its own cache: the validation split
+    assert head.score(pipeline.Cache(head.cache_), split="all") == 1.0
+    other = make_image_folder(work / "other", per_class=5, seed=3)
+    other_cache = pipeline.extract_features(other, n=0, dtype="float32", **TINY)
+    r = pipeline.evaluate_model(head, cache=other_cache, split="all")
+    assert head.score(other_cache) == r["accuracy"]  # another cache: every row
+    assert head.score(other, workers=0) == pytest.approx(r["accuracy"])  # images through the backbone
+    files = sorted((other / "red").glob("*.jpg"))[:3]
+    assert head.score(files, ["red"] * 3) == 1.0 and head.score(files, [1, 1, 0]) == pytest.approx(2 / 3)
+
+
+def test_save_and_load_round_trip_the_cli_checkpoint(head, work):
+    import torch
+
+    saved = head.save(work / "keep" / "cats.pt")
+    a, b = torch.load(saved, weights_only=True), torch.load(head.checkpoint_, weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    loaded = pipeline.Head.load(saved)
+    assert loaded.classes_ == head.classes_ and loaded.epochs == 3 and loaded.val_fraction == 0.25
+    images = sorted((work / "data").rglob("*.jpg"))[:4]
+    np.testing.assert_allclose(loaded.predict_proba(images), head.predict_proba(images), atol=1e-6)
+    assert pipeline.Head.load(head.checkpoint_).history_ == head.history_  # history.json beside it
+    with pytest.raises(ValueError, match="is a folder"):
+        head.save(work)
+
+
+# -- rows, reports, figures ----------------------------------------------------------------------
+def test_compare_sklearn_returns_rows(cache):
+    rows = pipeline.compare_sklearn(cache, head=pipeline.Head(epochs=2), val_fraction=0.25, C=0.5)
+    assert isinstance(rows, list) and [r["model"].split()[0] for r in rows] == ["torch", "sklearn"]
+    assert rows[0]["model"].startswith("torch Linear+LogSoftmax (2 epochs") and "C=0.5" in rows[1]["model"]
+    assert rows.result["split"]["val_rows"] == rows[0]["val_rows"] == 6
+    assert "<table>" in rows._repr_html_() and "sklearn LogisticRegression" in rows._repr_html_()
+
+
+def test_evaluate_model_gives_metrics_and_figures(head):
+    from matplotlib.figure import Figure
+
+    r = pipeline.evaluate_model(head)  # the cache it was fitted on, validation rows
+    assert r["rows"] == 6 and r["accuracy"] == 1.0 and Path(r["confusion_png"]).is_file()
+    assert isinstance(r["figures"]["confusion"], Figure) and isinstance(r["figures"]["gallery"], Figure)
+    assert r["figures"]["confusion"]._repr_png_()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "figures" not in pipeline.evaluate_model(head, figures=False)
+
+
+def test_pictures_are_figures_that_show_inline_and_can_be_saved(head, work):
+    import matplotlib
+
+    fig = pipeline.preview("data", per_class=2, backbone="tiny", weights="none")
+    assert isinstance(fig, matplotlib.figure.Figure) and fig.info["classes"] == ["blue", "red"]
+    png = fig._repr_png_()  # what Jupyter displays
+    assert png[:4] == b"\x89PNG" and Image.open(__import__("io").BytesIO(png)).size == (440, 540)
+    fm = pipeline.feature_map(work / "data" / "red" / "red.1.jpg", backbone="tiny", weights="none", top_k=2,
+                              output=work / "fm.png")
+    assert fm.info["feature_shape"] == [8, 8, 8] and Image.open(work / "fm.png").size == (1500, 600)
+    curves = head.plot_curves()
+    assert len(curves.axes) == 2 and pipeline.plot_curves(head.history_).axes[0].get_title() == "accuracy"
+    import matplotlib.pyplot as plt
+
+    assert plt.get_fignums() == []  # not pyplot's: a notebook shows each once, nothing to close
+
+
+# -- whole models and the rest -------------------------------------------------------------------
+def test_train_finetune_and_model_load(work, head):
+    fast = dict(workers=0, batch_size=8, print_every=0, precision="fp32")
+    m = pipeline.train_model("data", backbone="tiny", weights="none", epochs=1, **fast)
+    assert isinstance(m, pipeline.Model) and m.kind_ == "train" and m.classes_ == ["blue", "red"]
+    assert len(m.history_) == 1 and m.checkpoint_.name == "model.pt"
+    images = sorted((work / "data").rglob("*.jpg"))
+    assert m.score("data", workers=0) == pytest.approx(m.score(images, [p.parent.name for p in images]))
+    f = pipeline.finetune_model("data", init=head, epochs=1, unfreeze="1", **fast)
+    assert f.kind_ == "finetune" and f.config_["init_head"] == str(head.checkpoint_)
+    again = pipeline.Model.load(f.save(work / "ft.pt"))
+    images = sorted((work / "data" / "red").glob("*.jpg"))[:2]
+    np.testing.assert_allclose(again.predict_proba(images, precision="fp32"),
+                               f.predict_proba(images, precision="fp32"), atol=1e-5)
+    assert pipeline.Model.load(head.checkpoint_).predict(images).tolist() == ["red", "red"]  # a head on its backbone
+    with pytest.raises(ValueError, match="is a finetune checkpoint.*Model.load"):
+        pipeline.Head.load(f.checkpoint_)
+
+
+def test_predict_files_check_runs_and_summary(work, head):
+    (work / "data" / "blue" / "bad.jpg").write_bytes(b"")
+    rows = pipeline.predict_files(head, work / "data" / "blue", workers=0)
+    assert len(rows) == 13 and rows.result["errors"] == 1
+    assert {r["class"] for r in rows if not r["error"]} == {"blue"}
+    report = pipeline.check_image_folder("data", workers=1)
+    assert report["files"] == 25 and report["errors"] == 1 and report["findings"][0]["kind"] == "zero-byte"
+    runs = pipeline.list_runs()
+    assert [r["kind"] for r in runs] == ["fit-head"] and runs[0]["metrics"]["val_acc"] == 1.0
+    assert pipeline.model_summary(backbone="tiny", classes=3)["trainable_params"] == 512 * 3 + 3
+
+
+# -- the README example --------------------------------------------------------------------------
+def readme_example() -> str:
+    """The first ```python block under the README's "From Python or Jupyter" heading."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("\n## From Python or Jupyter\n", 1)[1].split("\n## ", 1)[0]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_the_readme_example_is_short_and_uses_the_public_api():
+    code = readme_example()
+    lines = [l for l in code.splitlines() if l.strip() and not l.lstrip().startswith("#")]
+    assert len(lines) <= 12 and lines[0] == "import pipeline"
+    used = set(re.findall(r"pipeline\.(\w+)", code))
+    assert used and used <= set(pipeline.__all__)
+    assert ".fit(" in code and ".predict(" in code and "../shared/" in code
+
+
+@pytest.mark.slow
+def test_the_readme_example_runs_as_shown(shared_available):
+    """In a plain Python session from the project's root, as a reader would paste it (caches in features/,
+    runs in runs/: the CLI's folders, gitignored, so the example notebook reuses the cache)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-c", readme_example()], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout.splitlines()
+    assert out[0].startswith("Cache(") and "800 rows, classes ['Cat', 'Dog'], features 512x7x7" in out[0]
+    assert float(out[1]) >= 0.95
+    assert out[2].startswith("['Cat' 'Dog']") and out[3] == "['Cat' 'Dog']"
+    assert r.stderr.strip() == ""  # nothing printed but what the example prints

@@ -1,0 +1,54 @@
+"""The example notebook: stored without outputs, and run headless from top to bottom without an error."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import time
+
+import pytest
+
+from tests.conftest import ROOT
+
+NOTEBOOK = ROOT / "examples" / "transfer_learning.ipynb"
+
+
+def test_the_notebook_is_stored_without_outputs():
+    nb = json.loads(NOTEBOOK.read_text())
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    assert len(code) >= 10
+    assert all(c["outputs"] == [] and c["execution_count"] is None for c in code)
+    assert nb["metadata"]["kernelspec"]["name"] == "python3"
+    text = "\n".join("".join(c["source"]) for c in code)
+    for step in ("check_image_folder", "preview", "extract_features", "Head(", "compare_sklearn", "feature_map",
+                 "plot_curves", "evaluate_model", ".predict(", ".save(", "Head.load"):
+        assert step in text, step
+
+
+@pytest.mark.slow
+def test_the_notebook_runs_clean(shared_available):
+    """Every cell runs (a failing cell fails the test, naming it), the figures come out as PNGs, and the
+    numbers are the lesson's. Caches go to the project's features/ (kept: the next run is a cache hit)."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    if importlib.util.find_spec("ipykernel") is None:  # not imported here: this process is no kernel
+        pytest.skip("ipykernel is not installed")
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    client = nbclient.NotebookClient(nb, timeout=900, kernel_name="python3",
+                                     resources={"metadata": {"path": str(NOTEBOOK.parent)}})
+    t0 = time.time()
+    try:
+        client.execute()
+    except nbclient.exceptions.CellExecutionError as e:  # the cell and the traceback, without the noise
+        pytest.fail(f"a cell of {NOTEBOOK.name} failed:\n{str(e)[-3000:]}")
+    seconds = time.time() - t0
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    pngs = [o for o in outputs if o.output_type in ("display_data", "execute_result") and "image/png" in o.data]
+    assert len(pngs) >= 5  # preview, curves, feature map, confusion matrix, gallery: inline
+    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream" and o.name == "stdout")
+    assert "1000 files: 1000 good, 0 unusable" in text
+    assert float(re.search(r"val acc (\S+),", text).group(1)) >= 0.95
+    assert float(re.search(r"accuracy (\S+) on 400 test photos", text).group(1)) >= 0.93
+    assert "cat.650.jpg: Cat" in text and "dog.650.jpg: Dog" in text
+    print(f"{NOTEBOOK.name} ran in {seconds:.0f} s")
