@@ -554,9 +554,10 @@ class _Classifier:
 class Head(_Classifier):
     """A Linear + LogSoftmax classifier on cached features (fit-head), scikit-learn style.
 
-    ``Head(**params)``: params are fit-head's options (FitHeadConfig: epochs=10, lr=0.01,
-    batch_size=32, val_fraction=0.125, dropout=0, seed=0, device='auto', scale_features=True,
-    runs_dir='runs', cache_dir='features', ...); ``verbose=True`` shows progress and epoch lines.
+    ``Head(**params)``: params are fit-head's options (FitHeadConfig: head='linear', features='avg',
+    normalize='l2', epochs=100, patience=5, lr=0.03, C=100, tune=False, test_data=None,
+    recipe='default', val_fraction=0.125, seed=0, runs_dir='runs', cache_dir='features', ...);
+    ``verbose=True`` shows progress and epoch lines.
 
     - ``fit(cache)``: train on a Cache (or a cache path; None = the newest complete cache in
       ``cache_dir``); returns the head. Writes ``runs/<stamp>-fit-head/head.pt``, history.json and
@@ -639,7 +640,7 @@ class Head(_Classifier):
         import torch
 
         from .device import resolve_device
-        from .models import build_head, load_head_state, read_checkpoint
+        from .models import head_from_checkpoint, read_checkpoint
 
         shape = self.feature_shape_
         X = np.asarray(X)
@@ -648,9 +649,7 @@ class Head(_Classifier):
                              f"({self.n_features_in_} values) per row")
         dev = resolve_device(device or self.get_params().get("device", "auto"))
         ckpt = read_checkpoint(self._checkpoint())
-        head = build_head(shape, len(self.classes_), ckpt.get("dropout", 0.0))
-        load_head_state(head, ckpt, self._checkpoint())
-        head = head.to(dev).eval()
+        head = head_from_checkpoint(ckpt, ckpt["state_dict"], self._checkpoint()).to(dev).eval()
         out = []
         with torch.inference_mode():
             for i in range(0, len(X), max(batch_size, 256)):

@@ -101,7 +101,7 @@ def test_verbose_shows_progress_and_restores_the_setting(work, capfd, monkeypatc
 def test_unknown_options_name_themselves_and_the_allowed_ones(work):
     with pytest.raises(ValueError, match=r"extract_features: unknown option bakbone; allowed: .*backbone"):
         pipeline.extract_features("data", bakbone="tiny")
-    with pytest.raises(ValueError, match=r"Head: unknown options epoch, rate; allowed: cache_dir, epochs, lr"):
+    with pytest.raises(ValueError, match=r"Head: unknown options epoch, rate; allowed: cache_dir, head, features, normalize, epochs"):
         pipeline.Head(epoch=3, rate=1)
     with pytest.raises(ValueError, match="compare_sklearn: unknown option c;"):
         pipeline.compare_sklearn("x.h5", c=2)
@@ -118,21 +118,21 @@ def test_options_follow_the_config_dataclasses(monkeypatch):
     Extended = dataclasses.make_dataclass("Extended", [("view", str, "map")], bases=(head_stage.FitHeadConfig,))
     monkeypatch.setattr(pipeline.api, "FitHeadConfig", Extended)
     h = pipeline.Head(view="pooled")
-    assert h.view == "pooled" and h.get_params()["view"] == "pooled" and h.get_params()["epochs"] == 10
+    assert h.view == "pooled" and h.get_params()["view"] == "pooled" and h.get_params()["epochs"] == 100
 
 
 # -- heads ---------------------------------------------------------------------------------------
 def test_head_is_a_scikit_learn_style_estimator(cache, capfd):
-    h = pipeline.Head(epochs=3, val_fraction=0.25)
-    assert h.epochs == 3 and h.lr == 0.01 and h.get_params()["runs_dir"] == "runs"
-    assert repr(h) == "Head(epochs=3, val_fraction=0.25)"
+    h = pipeline.Head(epochs=3, val_fraction=0.25, recipe="seed")
+    assert h.epochs == 3 and h.lr == 0.03 and h.get_params()["runs_dir"] == "runs"
+    assert repr(h) == "Head(epochs=3, val_fraction=0.25, recipe='seed')"
     assert not hasattr(h, "classes_")
     with pytest.raises(pipeline.NotFittedError, match="not fitted"):
         h.predict(["x.jpg"])
     assert h.set_params(lr=0.02) is h and h.lr == 0.02
     assert h.fit(cache) is h
     assert capfd.readouterr() == ("", "")  # no epoch lines, no bars
-    assert h.classes_ == ["blue", "red"] and len(h.history_) == 3 and h.history_[0]["epoch"] == 1
+    assert h.classes_ == ["blue", "red"] and len(h.history_) == 10 and h.history_[0]["epoch"] == 1  # the recipe's 10
     assert h.metrics_["val_acc"] == 1.0 and h.metrics_["val_rows"] == 6
     assert h.checkpoint_.name == "head.pt" and h.checkpoint_.is_file() and Path(h.run_dir_) == h.checkpoint_.parent
     assert h.feature_shape_ == (8, 8, 8) and h.n_features_in_ == 512 and h.cache_ == str(cache.path)
@@ -194,8 +194,8 @@ def test_save_and_load_round_trip_the_cli_checkpoint(head, work):
 # -- rows, reports, figures ----------------------------------------------------------------------
 def test_compare_sklearn_returns_rows(cache):
     rows = pipeline.compare_sklearn(cache, head=pipeline.Head(epochs=2), val_fraction=0.25, C=0.5)
-    assert isinstance(rows, list) and [r["model"].split()[0] for r in rows] == ["torch", "sklearn"]
-    assert rows[0]["model"].startswith("torch Linear+LogSoftmax (2 epochs") and "C=0.5" in rows[1]["model"]
+    assert isinstance(rows, list) and [r["model"].split()[0] for r in rows] == ["linear", "logreg", "kernel", "sklearn"]
+    assert rows[0]["model"].startswith("linear Linear+LogSoftmax (avg, l2") and "C=0.5" in rows[3]["model"]
     assert rows.result["split"]["val_rows"] == rows[0]["val_rows"] == 6
     assert "<table>" in rows._repr_html_() and "sklearn LogisticRegression" in rows._repr_html_()
 
