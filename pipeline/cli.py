@@ -20,13 +20,15 @@ import click
 from .check_images import CheckImagesConfig
 from .compare import CompareConfig
 from .demo import DemoConfig
+from . import api
 from .errors import PipelineError, UsageError
 from .evaluate import EvaluateConfig
 from .extract import ExtractConfig
 from .fetch import FetchConfig
 from .head import HEADS, RECIPES, FitHeadConfig
 from .ledger import current_command, read_runs
-from .predict import PredictConfig, imagenet_check
+from . import predict as predict_stage
+from .predict import PredictConfig
 from .summary import SummaryConfig
 from .train import FinetuneConfig, TrainConfig
 from .views import NORMS, VIEWS
@@ -224,11 +226,8 @@ def extract(as_json, **options):
     Under `torchrun --nproc_per_node=K cli.py extract ...` each rank extracts a shard and rank 0
     joins them into one (virtual) cache.
     """
-    from .extract import extract as run
-
-    cfg = ExtractConfig(**options, command=current_command())
     try:
-        result = run(cfg)
+        result = api.extract_features(options.pop("data"), verbose=None, command=current_command(), **options).result
     except KeyboardInterrupt:
         click.echo(f"\ninterrupted; committed rows are kept. Resume with:\n  {current_command()}", err=True)
         sys.exit(130)
@@ -251,24 +250,22 @@ def extract(as_json, **options):
 @library_errors
 def caches(cache_dir, consolidate, as_json):
     """List the feature caches: path, backbone, rows, classes, size, created."""
-    from .cache import consolidate as run_consolidate
-    from .cache import list_caches
-
     if consolidate:
-        result = run_consolidate(consolidate)
+        result = api.Cache(consolidate).consolidate()
         note(f"{result['rows']} rows copied into one file ({result['size_bytes'] / 1e6:.1f} MB); "
                    f"its {len(result['shards'])} shard files are no longer needed")
         emit(result, as_json, result["cache"])
         return
-    good, bad = list_caches(cache_dir)
-    result = {"caches": [i.summary() for i in good], "unreadable": [{"path": str(p), "why": w} for p, w in bad]}
+    found = api.list_caches(cache_dir)
+    result = {"caches": [c.summary() for c in found],
+              "unreadable": [{"path": str(p), "why": w} for p, w in found.unreadable]}
     lines = [f"{'path':<48} {'backbone':<10} {'rows':>6} {'classes':<20} {'size':>9}  created"]
     for c in result["caches"]:
         state = ("" if c["complete"] else "  (incomplete)") + ("  (sharded)" if c.get("sharded") else "")
         lines.append(f"{c['path']:<48} {c['backbone']:<10} {c['rows']:>6} {','.join(c['classes'])[:20]:<20} "
                      f"{c['size_bytes'] / 1e6:>7.1f}MB  {c['created']}{state}")
     lines += [f"not a usable cache: {b['path']}: {b['why']}" for b in result["unreadable"]]
-    emit(result, as_json, "\n".join(lines) if good or bad else f"no caches in {cache_dir}")
+    emit(result, as_json, "\n".join(lines) if result["caches"] or result["unreadable"] else f"no caches in {cache_dir}")
 
 
 def head_options(fn):
@@ -321,9 +318,10 @@ def split_options(fn):
 @library_errors
 def fit_head_cmd(as_json, **options):
     """Fit a Linear + LogSoftmax head on cached features (one line per epoch for --head linear)."""
-    from .head import fit_head, format_result
+    from .head import format_result
 
-    result = fit_head(FitHeadConfig(**options))
+    cache = options.pop("cache")
+    result = api.Head(verbose=None, **options).fit(cache).result_
     emit(result, as_json, format_result(result))
 
 
@@ -339,11 +337,10 @@ def fit_head_cmd(as_json, **options):
 @library_errors
 def compare_sklearn_cmd(as_json, cache, cache_dir, val_fraction, seed, C, max_iter, no_scale, **head):
     """Fit the torch head and scikit-learn LogisticRegression on the same split; print both."""
-    from .compare import compare_sklearn, format_table
+    from .compare import format_table
 
-    cfg = CompareConfig(cache=cache, cache_dir=cache_dir, val_fraction=val_fraction, seed=seed, C=C,
-                        max_iter=max_iter, scale=not no_scale, head=FitHeadConfig(cache_dir=cache_dir, **head))
-    result = compare_sklearn(cfg)
+    result = api.compare_sklearn(cache, verbose=None, cache_dir=cache_dir, val_fraction=val_fraction, seed=seed, C=C,
+                                 max_iter=max_iter, scale=not no_scale, **head).result
     emit(result, as_json, format_table(result))
 
 
@@ -370,9 +367,7 @@ def picture_options():
 @library_errors
 def preview(as_json, **options):
     """A PNG grid of sample images per class, resized/cropped as for extraction (de-normalised)."""
-    from .viz import preview as run
-
-    result = run(PreviewConfig(**options))
+    result = api.preview(options.pop("data"), **options).info
     emit(result, as_json, result["output"])
 
 
@@ -385,9 +380,7 @@ def preview(as_json, **options):
 @library_errors
 def feature_map_cmd(as_json, **options):
     """A PNG of IMAGE beside its feature map (channels x positions) and its most active channels."""
-    from .viz import feature_map
-
-    result = feature_map(FeatureMapConfig(**options))
+    result = api.feature_map(options.pop("image"), **options).info
     note(f"feature map {' x '.join(map(str, result['feature_shape']))}, "
                f"top channels {result['top_channels']}")
     emit(result, as_json, result["output"])
@@ -412,9 +405,9 @@ def feature_map_cmd(as_json, **options):
 def evaluate(as_json, **options):
     """Accuracy, per-class precision/recall/F1, a confusion-matrix PNG and a gallery of confident errors."""
     from .evaluate import format_report
-    from .evaluate import evaluate as run
 
-    result = run(EvaluateConfig(**options))
+    result = api.evaluate_model(options.pop("model"), options.pop("cache"), options.pop("data"), figures=False,
+                                verbose=None, **options)
     emit(result, as_json, format_report(result))
 
 
@@ -431,7 +424,7 @@ def runs(runs_dir, sort_by, cache, backbone, as_json):
     """The experiment ledger (runs/ledger.jsonl) as a table."""
     from .ledger import format_runs, ledger_path
 
-    records = read_runs(runs_dir, sort_by=sort_by, cache=cache, backbone=backbone)
+    records = list(api.list_runs(runs_dir, sort_by=sort_by, cache=cache, backbone=backbone))
     emit({"runs": records}, as_json, format_runs(records, sort_by) if records else f"no runs in {ledger_path(runs_dir)}")
 
 
@@ -445,9 +438,7 @@ def runs(runs_dir, sort_by, cache, backbone, as_json):
 @library_errors
 def fetch_data_cmd(as_json, **options):
     """Download an image archive (resuming a partial download) and unpack it safely; prints the folder."""
-    from .fetch import fetch_data
-
-    result = fetch_data(FetchConfig(**options))
+    result = api.fetch_data(verbose=None, **options)
     state = "downloaded" if result["downloaded"] else "already complete"
     note(f"{result['archive']}: {result['bytes'] / 1e6:.1f} MB, {state}; "
                f"{'unpacked' if result['unpacked_now'] else 'already unpacked'} to {result['unpacked']}")
@@ -468,9 +459,9 @@ def fetch_data_cmd(as_json, **options):
 @library_errors
 def check_images_cmd(as_json, **options):
     """Fully decode every file below DIR and report unusable ones (errors) and converted ones (notes)."""
-    from .check_images import check_images, format_summary
+    from .check_images import format_summary
 
-    result = check_images(CheckImagesConfig(**options))
+    result = api.check_image_folder(options.pop("root"), verbose=None, **options)
     emit(result, as_json, format_summary(result))
 
 
@@ -492,9 +483,7 @@ def demo(as_json, **options):
     """The main job in one go: fetch if missing, check images, extract, fit the head, compare with sklearn."""
     from .compare import format_table
     from .demo import format_next
-    from .demo import demo as run
-
-    result = run(DemoConfig(**options, command=current_command()))
+    result = api.run_demo(verbose=None, command=current_command(), **options)
     emit(result, as_json, format_table(result["compare"]) + "\n\n" + format_next(result["next"]))
 
 
@@ -543,9 +532,7 @@ def train_text(result: dict) -> str:
 @library_errors
 def train(as_json, **options):
     """Train a new head on images end to end, backbone frozen; saves runs/<stamp>-train/model.pt."""
-    from .train import train as run
-
-    result = run(TrainConfig(**options))
+    result = api.train_model(options.pop("data"), verbose=None, **options).result_
     emit(result, as_json, train_text(result))
 
 
@@ -567,9 +554,7 @@ def train(as_json, **options):
 @library_errors
 def finetune(as_json, **options):
     """Unfreeze the backbone (or its last K blocks) and train at a low rate; saves runs/<stamp>-finetune/model.pt."""
-    from .train import finetune as run
-
-    result = run(FinetuneConfig(**options))
+    result = api.finetune_model(options.pop("data"), options.pop("init_head"), verbose=None, **options).result_
     emit(result, as_json, train_text(result))
 
 
@@ -589,9 +574,8 @@ def finetune(as_json, **options):
 def predict(paths, **options):
     """Classify images and folders of images: class and probability per file; unreadable files get an error."""
     from .predict import format_rows
-    from .predict import predict as run
 
-    result = run(PredictConfig(paths=list(paths), **options))
+    result = api.predict_files(options.pop("model"), list(paths), verbose=None, **options).result
     note(f"{plural(result['images'], 'image')}, {result['errors']} unreadable, "
                f"{result['img_per_s']:.1f} img/s")
     click.echo(result["output"] if result["output"] else format_rows(result["rows"], options["format"]))
@@ -599,7 +583,7 @@ def predict(paths, **options):
         raise click.ClickException(f"none of the {plural(result['images'], 'input')} could be classified")
 
 
-@defaults_from(imagenet_check)
+@defaults_from(predict_stage.imagenet_check)
 @cli.command("imagenet-check")
 @click.argument("image", type=click.Path(dir_okay=False))
 @click.option("--backbone")
@@ -611,7 +595,7 @@ def predict(paths, **options):
 def imagenet_check_cmd(as_json, **options):
     """Sanity check: the top ImageNet classes of IMAGE from the full pretrained model."""
 
-    result = imagenet_check(**options)
+    result = api.imagenet_check(options.pop("image"), **options)
     emit(result, as_json, "\n".join(f"{t['rank']}. {t['class']:<30} {t['probability']:.4f}" for t in result["top"]))
 
 
@@ -627,9 +611,9 @@ def imagenet_check_cmd(as_json, **options):
 @library_errors
 def summary(as_json, **options):
     """Layer-by-layer table and total/trainable parameter counts of backbone + head under a freeze setting."""
-    from .summary import format_summary, summarize
+    from .summary import format_summary
 
-    result = summarize(SummaryConfig(**options))
+    result = api.model_summary(**options)
     emit(result, as_json, format_summary(result))
 
 
