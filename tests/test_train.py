@@ -169,6 +169,7 @@ def test_finetune_never_validates_on_images_its_starting_head_was_fitted_on(tmp_
     out = json.loads(r.stdout)
     assert out["val_left_out_seen_by_head"] > 0 and "were training images of the starting head" in r.stderr
     assert out["val_rows"] + out["val_left_out_seen_by_head"] == 8
+    assert len(seen) == 16  # the head trained on half of the 32 images; finetune's val half overlaps them
 
 
 def test_running_lines_go_to_stderr_under_a_drawn_bar_too(tmp_path, image_folder, monkeypatch):
