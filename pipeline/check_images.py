@@ -11,7 +11,6 @@ import json
 import os
 import shlex
 import shutil
-import sys
 import time
 import warnings
 from collections import Counter

@@ -10,7 +10,6 @@ import http.client
 import json
 import logging
 import os
-import sys
 import tarfile
 import time
 import urllib.error

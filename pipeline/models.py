@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import logging
 import warnings
 from dataclasses import dataclass

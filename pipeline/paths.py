@@ -44,7 +44,7 @@ def require_folder(path: str | os.PathLike, what: str) -> Path:
     return path
 
 
-def disk_error(e: BaseException, path) -> "DiskFull | None":
+def disk_error(e: BaseException, path):
     """A one-line PipelineError naming ``path`` when ``e`` is a full disk, a read-only file system or a
     refused permission (as OSError, or wrapped in h5py's and torch's RuntimeErrors); else None."""
     import errno

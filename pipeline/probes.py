@@ -808,7 +808,7 @@ def tune(X, y: np.ndarray, grid=None, folds: int = 5, seed: int = 0, *, in_shape
                                        in_shape=shape, view=view, normalize=norm, lr=s["lr"],
                                        weight_decay=s["weight_decay"], max_epochs=s["max_epochs"],
                                        patience=s["patience"], batch_size=s["batch_size"], seed=seed)
-                import torch
+                import torch  # (this call may be tune's inner one, without the threads branch's import)
 
                 with torch.no_grad():
                     zt = head.norm(torch.from_numpy(np.ascontiguousarray(x[te], np.float32)))

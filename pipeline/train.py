@@ -131,7 +131,7 @@ class _Skipped:
                 self.files[path] = reason
 
 
-def evaluate(model: "Inference", val_loader, batch_size: int, skipped: _Skipped
+def evaluate(model, val_loader, batch_size: int, skipped: _Skipped
              ) -> tuple[float, float, np.ndarray, np.ndarray]:
     """Accuracy, mean NLL, labels and predictions of the validation images (``inference.run_batches``)."""
     from .inference import run_batches

@@ -14,7 +14,7 @@ from PIL import Image
 
 import pipeline
 from pipeline import progress
-from tests.conftest import ROOT, SHARED_CATSDOGS, SHARED_WEIGHTS, make_image_folder
+from tests.conftest import ROOT, make_image_folder
 
 pytestmark = pytest.mark.filterwarnings("ignore:--weights none")
 

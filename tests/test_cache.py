@@ -10,7 +10,6 @@ from pipeline import cli
 from pipeline.cache import (CacheBusy, CacheError, CacheWriter, FeatureCache, list_caches, newest_cache, read_info,
                             source_changes, write_virtual_cache)
 from pipeline.errors import PipelineError
-from pipeline.extract import ExtractConfig, extract
 from tests.fsfaults import make_non_regular
 
 
