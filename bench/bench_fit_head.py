@@ -32,10 +32,12 @@ def make_cache(path: Path, rows: int, block: int = 1024) -> None:
     """A complete cache of separable random rows (two classes), written block by block."""
     from pipeline.cache import CacheWriter
 
-    attrs = {"fingerprint": "bench", "backbone": "vgg16", "weights": "synthetic", "mean": np.zeros(3),
-             "std": np.ones(3), "transform": "synthetic", "classes": json.dumps(["a", "b"]), "seed": 0,
-             "n_requested": rows, "data_root": str(path.parent), "data_fingerprint": "synthetic",
-             "dtype": "float16", "created": "", "versions": "{}", "pool": "none"}
+    from pipeline.provenance import Preprocessing, Provenance
+
+    pre = Preprocessing(256, 224, "bilinear", True, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    attrs = {**Provenance("vgg16", "synthetic", "", "all", "", pre, ("a", "b"), "none", str(path.parent),
+                          "synthetic").cache_attrs(),
+             "fingerprint": "bench", "seed": 0, "n_requested": rows, "dtype": "float16", "created": ""}
     rng = np.random.default_rng(0)
     direction = rng.standard_normal(SHAPE).astype(np.float32)
     with CacheWriter(path, attrs) as w:
@@ -71,7 +73,8 @@ def child(kind: str, path: str, block_rows: int, batch: int) -> dict:
                 pass
     else:
         with tempfile.TemporaryDirectory() as runs:
-            r = fit_head(FitHeadConfig(cache=path, epochs=1, block_rows=block_rows, batch_size=batch, runs_dir=runs))
+            r = fit_head(FitHeadConfig(cache=path, epochs=1, block_rows=block_rows, batch_size=batch, runs_dir=runs,
+                                       features="flat", normalize="rms", patience=0))  # the streaming path
         n = r["train_rows"] + r["val_rows"]
     seconds = r["fit_seconds"] if kind == "epoch" else time.perf_counter() - t0  # epoch: without torch's import
     hwm = next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmHWM"))
