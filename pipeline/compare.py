@@ -10,6 +10,7 @@ import numpy as np
 
 from .cache import FeatureCache
 from .head import HEADS, FitHeadConfig, fit_head, resolve_cache
+from .probes import log_loss
 from .training import per_class_accuracy, split_indices, validate_split
 from .ledger import append_run
 from .errors import UsageError
@@ -41,11 +42,6 @@ def load_rows(cache: FeatureCache, indices: np.ndarray, block_rows: int) -> np.n
         x[i:i + len(rows)] = block[sel].reshape(len(rows), d)
         i += len(rows)
     return x
-
-
-def log_loss(y: np.ndarray, proba: np.ndarray) -> float:
-    p = np.clip(proba[np.arange(len(y)), y], 1e-15, 1.0)
-    return float(-np.log(p).mean())
 
 
 def fit_sklearn(cfg: CompareConfig, cache: FeatureCache, test_cache: Optional[str] = None) -> dict:

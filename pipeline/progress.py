@@ -82,9 +82,6 @@ class LogProgress:
     def set_postfix(self, refresh: bool = True, **values) -> None:
         self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
 
-    def set_description(self, desc: str, refresh: bool = True) -> None:
-        self.desc = desc
-
     def write_line(self, now: float) -> None:
         elapsed = now - self.started
         rate = (self.n - self.start_n) / elapsed if elapsed > 0 else 0.0
@@ -100,9 +97,6 @@ class LogProgress:
 
     def close(self) -> None:
         pass
-
-    def __iter__(self):
-        raise TypeError("LogProgress wraps no iterable; use progress(iterable=...)")
 
     def __enter__(self):
         return self

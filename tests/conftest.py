@@ -62,3 +62,13 @@ def make_cache(tmp_path):
 def tiny_cache(make_cache, image_folder) -> Path:
     """A complete float32 feature cache of ``image_folder`` (2 x 12 images) from the tiny backbone."""
     return Path(make_cache(image_folder, dtype="float32")["cache"])
+
+
+@pytest.fixture(autouse=True)
+def _progress_state_restored():
+    """`--quiet` sets a process-wide switch; each test starts and ends with the one it found."""
+    from pipeline import progress
+
+    before = progress.is_quiet()
+    yield
+    progress.set_quiet(before)
