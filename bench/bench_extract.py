@@ -1,8 +1,12 @@
-"""Benchmark: `extract` (defaults, end to end) vs the tutorial's loop, in one run on the same images.
+"""Benchmark: `extract` end to end on every compute path vs the tutorial's loop, in one run on the same images.
 
-Each measurement runs in its own subprocess so its peak RSS is its own. Prints a table and,
-with --json-out, writes every figure as JSON. Not a test: figures move with machine load, so
-compare the ratios measured within one run.
+Paths (``--only``): bf16 (extract's default on a CPU with bf16), bf16+compile, int8, int8+compile,
+fp32. For each: end-to-end img/s (compile time reported apart, as it is paid once per run), the
+network alone at the same batch size, where the time went (waiting for decoded images, model,
+HDF5 writes, other), and the ratio to bf16-eager. Also the bf16 and int8 matmul ceilings, decode
+cost per image, and peak RSS at two n. Each measurement runs in its own subprocess so its peak
+RSS is its own. Prints tables and, with --json-out, every figure as JSON. Not a test: figures
+move with machine load, so compare the ratios measured within one run.
 
     python bench/bench_extract.py --n 96 --json-out bench-extract.json
     python bench/bench_extract.py --sweep     # batch size / decode workers / threads, quick
@@ -76,7 +80,7 @@ def child_extract(a) -> dict:
     from pipeline.cache import FeatureCache
     from pipeline.extract import ExtractConfig, extract
 
-    kw = {"decode": a.decode, **json.loads(a.extract_kw or "{}")}
+    kw = {"decode": a.decode, "batch_size": a.batch_size, **json.loads(a.extract_kw or "{}")}
     t0 = time.perf_counter()
     r = extract(ExtractConfig(data=a.data, n=a.n, backbone=a.backbone, weights=a.weights, cache_dir=a.cache_dir,
                               device=a.device, **kw))
@@ -84,12 +88,17 @@ def child_extract(a) -> dict:
     if a.paths:
         with FeatureCache(r["cache"]) as c:
             Path(a.paths).write_text(json.dumps(c.paths))
+    steady = r["seconds"] - r["compile_seconds"]  # the first batch is inside the compile time
     return {"images": r["rows"], "seconds": r["seconds"], "img_per_s": r["img_per_s"], "wall_s": wall,
+            "steady_img_per_s": (r["computed"] - (a.batch_size if r["compiled"] else 0)) / steady,
+            "compile_seconds": r["compile_seconds"], "compiled": r["compiled"],
+            "calibration_seconds": r.get("calibration_seconds", 0.0), "stage_seconds": r["stage_seconds"],
             "precision": r["precision"], "device": r["device"], **kw, **peak_rss_mb()}
 
 
 def child_matmul(a) -> dict:
-    """The device's dense-matmul ceiling: 2048^3 in bf16 (fp32 where bf16 is missing), best of ~3 s."""
+    """The device's dense-matmul ceilings, 2048^3, best of ~3 s each: bf16 (fp32 where bf16 is missing)
+    and, on the CPU, int8 x int8 -> int32 (``torch._int_mm``, what int8 convolutions reduce to)."""
     import torch
 
     from pipeline.device import resolve_precision
@@ -97,44 +106,76 @@ def child_matmul(a) -> dict:
     dev = torch.device(a.device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision("auto", dev), torch.float32)
     n = 2048
-    x, y = torch.randn(n, n, dtype=dtype, device=dev), torch.randn(n, n, dtype=dtype, device=dev)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    for _ in range(3):
-        x @ y
-    sync()
-    best, t_end = float("inf"), time.perf_counter() + 3
-    while time.perf_counter() < t_end:
-        t = time.perf_counter()
-        for _ in range(10 if dev.type == "cuda" else 1):
-            x @ y
+    reps = 10 if dev.type == "cuda" else 1
+
+    def best_seconds(op) -> float:
+        for _ in range(3):
+            op()
         sync()
-        best = min(best, (time.perf_counter() - t) / (10 if dev.type == "cuda" else 1))
-    return {"dtype": str(dtype).replace("torch.", ""), "gflop_per_s": 2 * n ** 3 / best / 1e9}
+        best, t_end = float("inf"), time.perf_counter() + 3
+        while time.perf_counter() < t_end:
+            t = time.perf_counter()
+            for _ in range(reps):
+                op()
+            sync()
+            best = min(best, (time.perf_counter() - t) / reps)
+        return best
+
+    x, y = torch.randn(n, n, dtype=dtype, device=dev), torch.randn(n, n, dtype=dtype, device=dev)
+    out = {"dtype": str(dtype).replace("torch.", ""), "gflop_per_s": 2 * n ** 3 / best_seconds(lambda: x @ y) / 1e9}
+    if dev.type == "cpu":
+        xi = torch.randint(-128, 127, (n, n), dtype=torch.int8)
+        yi = torch.randint(-128, 127, (n, n), dtype=torch.int8)
+        out["int8_gop_per_s"] = 2 * n ** 3 / best_seconds(lambda: torch._int_mm(xi, yi)) / 1e9
+    return out
 
 
 def child_model(a) -> dict:
-    """The network alone (no decoding, no writing) at a few batch sizes, for choosing the default."""
+    """The network alone (no decoding, no writing), built exactly as extract builds it for one path
+    (precision, compile; int8 calibrated on a few of the photos: speed does not depend on which),
+    timed on random batches; with --sweep, at several batch sizes."""
     import torch
 
     from pipeline.backbones import load_backbone
+    from pipeline.data import list_image_folder
     from pipeline.device import resolve_device, resolve_precision
-    from pipeline.inference import Inference
+    from pipeline.extract import ExtractConfig
+    from pipeline.extract_range import feature_model
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    dev = resolve_device("cpu")
-    model = Inference(load_backbone(a.backbone, a.weights).features, dev, resolve_precision("auto", dev),
-                      "none", "float16")
+    dev = resolve_device(a.device)
+    kw = json.loads(a.extract_kw or "{}")
+    cfg = ExtractConfig(data=a.data, backbone=a.backbone, weights=a.weights, device=a.device,
+                        **{"calib_n": 16, "batch_size": a.batch_size, **kw})
+    backbone = load_backbone(a.backbone, a.weights)
+    precision = resolve_precision(cfg.precision, dev, int8_ok=True)
+    model, _ = feature_model(cfg, backbone, list_image_folder(a.data), dev, precision, cfg.compile == "on")
     out = {}
-    for bs in (8, 16, 32, 64):
+    for bs in (8, 16, 32, 64) if a.sweep else (cfg.batch_size,):
         x = torch.randn(bs, 3, 224, 224)
-        model(x)
+        model(x)  # compiles, if asked to
         t0, done = time.perf_counter(), 0
         while time.perf_counter() - t0 < a.seconds:
             model(x)
             done += bs
         out[str(bs)] = done / (time.perf_counter() - t0)
-    return {"img_per_s_by_batch": out, "threads": torch.get_num_threads()}
+    return {"img_per_s_by_batch": out, "threads": torch.get_num_threads(), "precision": precision,
+            "compile_seconds": model.compile_seconds}
+
+
+def child_decode(a) -> dict:
+    """Decode + preprocess alone, in this process (one core), over the benchmark's photos: ms per image."""
+    from pipeline.backbones import load_preprocessing
+    from pipeline.reader import ImageListDataset
+
+    paths = json.loads(Path(a.paths).read_text())
+    ds = ImageListDataset(Path(a.data), [(p, 0) for p in paths], load_preprocessing(a.backbone, a.weights)[0])
+    t0 = time.perf_counter()
+    for i in range(len(ds)):
+        ds[i]
+    return {"images": len(ds), "ms_per_image": 1000 * (time.perf_counter() - t0) / len(ds)}
 
 
 def conv_gflop_per_image(backbone: str, weights: str) -> float:
@@ -163,13 +204,20 @@ def gpu_name(device: str) -> str:
     return torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else ""
 
 
-CHILDREN = {"tutorial": child_tutorial, "extract": child_extract, "matmul": child_matmul, "model": child_model}
+CHILDREN = {"tutorial": child_tutorial, "extract": child_extract, "matmul": child_matmul, "model": child_model,
+            "decode": child_decode}
+
+#: the compute paths, as extract options
+PATHS = {"bf16": {"precision": "bf16", "compile": "off"}, "bf16+compile": {"precision": "bf16", "compile": "on"},
+         "int8": {"precision": "int8", "compile": "off"}, "int8+compile": {"precision": "int8", "compile": "on"},
+         "fp32": {"precision": "fp32", "compile": "off"}}
 
 
 # -- the parent --------------------------------------------------------------------------------
 def run_child(kind: str, a, **extra) -> dict:
     args = [sys.executable, __file__, "--child", kind, "--device", a.device, "--data", a.data, "--weights", a.weights,
             "--backbone", a.backbone, "--n", str(extra.pop("n", a.n)), "--seconds", str(a.seconds),
+            "--batch-size", str(a.batch_size),
             "--decode", a.decode]
     for k, v in extra.items():
         args += [f"--{k.replace('_', '-')}", str(v)]
@@ -187,42 +235,79 @@ def main_bench(a) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="bench-extract-"))
     paths = tmp / "paths.json"
     gflop = conv_gflop_per_image(a.backbone, a.weights)
-    r = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+    r = {"machine": {"cpu": cpu_name(), "flags": cpu_flags(), "cores": os.cpu_count(),
                      "python": platform.python_version(), "device": a.device, "gpu": gpu_name(a.device)},
-         "n": a.n, "gflop_per_image": gflop}
+         "n": a.n, "batch_size": a.batch_size, "gflop_per_image": gflop}
     r["matmul"] = run_child("matmul", a)
-    r["extract"] = run_child("extract", a, cache_dir=tmp / "main", paths=paths)
+    r["paths"] = {}
+    for name in [p for p in a.only if a.device == "cpu" or "int8" not in p]:  # int8 is a CPU path
+        kw = json.dumps(PATHS[name])
+        e = run_child("extract", a, cache_dir=tmp / name, extract_kw=kw,
+                      **({} if paths.exists() else {"paths": paths}))
+        m = run_child("model", a, extract_kw=kw)
+        st, busy = e["stage_seconds"], e["seconds"] - e["compile_seconds"]
+        stages = {"input": st["input"], "model": st["model"] - e["compile_seconds"], "write": st["write"]}
+        stages["other"] = max(0.0, busy - sum(stages.values()))
+        model_alone = m["img_per_s_by_batch"][str(a.batch_size)]
+        r["paths"][name] = {**e, "model_alone_img_per_s": model_alone,
+                            "end_to_end_vs_model_alone": e["steady_img_per_s"] / model_alone,
+                            "stage_share": {k: v / busy for k, v in stages.items()}}
     r["tutorial"] = run_child("tutorial", a, paths=paths)
+    r["decode"] = run_child("decode", a, paths=paths)
+    base = r["paths"].get("bf16") or next(iter(r["paths"].values()))
+    for q in r["paths"].values():
+        q["vs_bf16_eager"] = q["steady_img_per_s"] / base["steady_img_per_s"]
+        q["vs_tutorial"] = q["steady_img_per_s"] / r["tutorial"]["img_per_s"]
+        ceiling = r["matmul"].get("int8_gop_per_s") if q["precision"] == "int8" else r["matmul"]["gflop_per_s"]
+        q["fraction_of_ceiling"] = q["steady_img_per_s"] * gflop / ceiling if ceiling else None
     flat = [run_child("extract", a, n=k, cache_dir=tmp / f"flat{k}") for k in (a.flat_small, a.flat_large)]
     r["rss_flatness"] = {"n": [a.flat_small, a.flat_large], "rss_mb": [f["rss_mb"] for f in flat],
                          "img_per_s": [f["img_per_s"] for f in flat],
                          "ratio": flat[1]["rss_mb"] / flat[0]["rss_mb"]}
-    e, t, m = r["extract"], r["tutorial"], r["matmul"]
-    r["ratio_extract_vs_tutorial"] = e["img_per_s"] / t["img_per_s"]
-    r["extract_gflop_per_s"] = e["img_per_s"] * gflop
-    r["tutorial_gflop_per_s"] = t["img_per_s"] * gflop
-    r["fraction_of_matmul_ceiling"] = r["extract_gflop_per_s"] / m["gflop_per_s"]
     return r
 
 
+def cpu_name() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> list:
+    """The CPU features that decide bf16 and int8 speed (AMX tiles, AVX-512 BF16 / VNNI, AVX-VNNI)."""
+    try:
+        flags = next(line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return []
+    return sorted(f for f in flags if f.startswith("amx") or f in ("avx512_bf16", "avx512_vnni", "avx_vnni"))
+
+
 def table(r: dict) -> str:
-    e, t, m, f = r["extract"], r["tutorial"], r["matmul"], r["rss_flatness"]
-    rows = [
-        ("machine", f"{r['machine']['cores']} cores, {r['machine']['cpu']} {r['machine']['gpu']}".strip()),
-        ("images (same files for both)", f"{r['n']} ({r['gflop_per_image']:.2f} GFLOP each, conv MACs x 2)"),
-        (f"tutorial loop (fp32, batch 8, {r['machine']['device']})",
-         f"{t['img_per_s']:.2f} img/s, {r['tutorial_gflop_per_s']:.0f} GFLOP/s, peak RSS {t['rss_mb']:.0f} MB"),
-        (f"extract defaults ({e['precision']}, {e['device']})",
-         f"{e['img_per_s']:.2f} img/s, {r['extract_gflop_per_s']:.0f} GFLOP/s, peak RSS {e['rss_mb']:.0f} MB "
-         f"(+ workers {e['rss_workers_mb']:.0f} MB each)"),
-        ("extract / tutorial", f"{r['ratio_extract_vs_tutorial']:.2f}x"),
-        (f"{m['dtype']} 2048^3 matmul ceiling", f"{m['gflop_per_s']:.0f} GFLOP/s"),
-        ("extract / ceiling", f"{100 * r['fraction_of_matmul_ceiling']:.0f} %"),
-        (f"extract peak RSS n={f['n'][0]} vs n={f['n'][1]}",
-         f"{f['rss_mb'][0]:.0f} MB vs {f['rss_mb'][1]:.0f} MB ({100 * (f['ratio'] - 1):+.1f} %)"),
-    ]
-    w = max(len(k) for k, _ in rows)
-    return "\n".join(f"| {k:<{w}} | {v} |" for k, v in rows)
+    t, m, f, d, mach = r["tutorial"], r["matmul"], r["rss_flatness"], r["decode"], r["machine"]
+    lines = [f"machine: {mach['cores']} cores, {mach['cpu']} {mach['gpu']} ({' '.join(mach['flags']) or 'no AMX/VNNI'});"
+             f" {r['n']} photos, batch {r['batch_size']}, {r['gflop_per_image']:.2f} GFLOP/image",
+             f"ceilings (2048^3 matmul): {m['dtype']} {m['gflop_per_s']:.0f} GFLOP/s"
+             + (f", int8 {m['int8_gop_per_s']:.0f} GOP/s" if "int8_gop_per_s" in m else ""),
+             f"tutorial loop (fp32, batch 8): {t['img_per_s']:.2f} img/s; decode + preprocess alone: "
+             f"{d['ms_per_image']:.1f} ms/image on one core",
+             "",
+             "| path | end to end img/s | x bf16 eager | x tutorial | model alone img/s | end to end / model alone "
+             "| compile s | calibration s | time: input wait / model / write / other | % of ceiling | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, q in r["paths"].items():
+        sh = q["stage_share"]
+        ceiling = f"{100 * q['fraction_of_ceiling']:.0f}" if q["fraction_of_ceiling"] else "-"
+        failed = " (compile failed: eager)" if "compile" in name and not q["compiled"] else ""
+        lines.append(
+            f"| {name}{failed} | {q['steady_img_per_s']:.2f} | {q['vs_bf16_eager']:.2f}x | {q['vs_tutorial']:.2f}x "
+            f"| {q['model_alone_img_per_s']:.2f} | {100 * q['end_to_end_vs_model_alone']:.0f} % "
+            f"| {q['compile_seconds']:.1f} | {q['calibration_seconds']:.1f} "
+            f"| {100 * sh['input']:.0f} / {100 * sh['model']:.0f} / {100 * sh['write']:.0f} / {100 * sh['other']:.0f} % "
+            f"| {ceiling} | {q['rss_mb']:.0f} |")
+    lines += ["", f"extract peak RSS n={f['n'][0]} vs n={f['n'][1]}: {f['rss_mb'][0]:.0f} MB vs {f['rss_mb'][1]:.0f} MB "
+              f"({100 * (f['ratio'] - 1):+.1f} %)"]
+    return "\n".join(lines)
 
 
 def main_sweep(a) -> dict:
@@ -245,6 +330,9 @@ def main() -> None:
     p.add_argument("--backbone", default="vgg16")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda; both loops use it")
     p.add_argument("--n", type=int, default=96, help="images for the tutorial-vs-extract comparison")
+    p.add_argument("--only", nargs="+", default=list(PATHS), choices=list(PATHS),
+                   help="compute paths to measure (bf16 is the baseline of the ratios)")
+    p.add_argument("--batch-size", type=int, default=32, help="extract's --batch-size on every path")
     p.add_argument("--decode", default="pil", choices=["pil", "device"], help="extract's --decode")
     p.add_argument("--flat-small", type=int, default=48, help="smaller n of the RSS-flatness pair")
     p.add_argument("--flat-large", type=int, default=240, help="larger n of the RSS-flatness pair")

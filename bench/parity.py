@@ -1,10 +1,13 @@
-"""Accuracy parity of the fast path: fp32 vs bf16 (or another --precision) on real images and weights.
+"""Accuracy parity of the fast paths: each --precision vs fp32 on real photos and weights.
 
-Extracts the same ``--n`` images twice (stored as float32 so only the compute precision differs),
-reports the per-image cosine similarity of the feature maps (min / mean) and the fit-head
-validation accuracy on each cache (same split, seed and settings).
+For every precision: extract ``--train`` (``--n`` images) and all of ``--test`` (stored as float32,
+so only the compute differs; int8 calibrates on the training photos for both), then report
+  * the per-image cosine of the test features vs fp32's: flat C x H x W maps and globally
+    averaged C-vectors (what the default head reads), min / mean;
+  * fit-head with its defaults trained on the training cache: test accuracy and log-loss.
+Caches go to ``--cache-dir`` (reused by a second run) or a temporary folder.
 
-    python bench/parity.py --n 200 --json-out parity.json
+    python bench/parity.py --precisions fp32 bf16 int8 --json-out parity.json
 """
 from __future__ import annotations
 
@@ -21,6 +24,14 @@ sys.path.insert(0, str(ROOT))
 
 from bench.bench_extract import DATA, WEIGHTS  # noqa: E402
 
+TEST = DATA.parent / "catsdogs_test"
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> dict:
+    a, b = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
+    c = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    return {"min": float(c.min()), "mean": float(c.mean())}
+
 
 def main() -> None:
     from pipeline.cache import FeatureCache
@@ -28,34 +39,46 @@ def main() -> None:
     from pipeline.head import FitHeadConfig, fit_head
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", default=str(DATA))
+    p.add_argument("--train", default=str(DATA))
+    p.add_argument("--test", default=str(TEST))
     p.add_argument("--weights", default=str(WEIGHTS))
     p.add_argument("--backbone", default="vgg16")
-    p.add_argument("--n", type=int, default=200)
-    p.add_argument("--precisions", nargs=2, default=["fp32", "bf16"])
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--n", type=int, default=800, help="training images (0 = all)")
+    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16", "int8"], help="the first is the reference")
+    p.add_argument("--calib-n", type=int, default=ExtractConfig.calib_n)
+    p.add_argument("--cache-dir", help="keep the caches here (reused next time) instead of a temporary folder")
     p.add_argument("--json-out")
     a = p.parse_args()
     r: dict = {"n": a.n, "precisions": a.precisions}
     with tempfile.TemporaryDirectory() as tmp:
-        feats = {}
+        cache_dir = a.cache_dir or f"{tmp}/features"
+        test_feats = {}
         for prec in a.precisions:
-            e = extract(ExtractConfig(data=a.data, n=a.n, backbone=a.backbone, weights=a.weights, dtype="float32",
-                                      precision=prec, cache_dir=f"{tmp}/features"))
-            with FeatureCache(e["cache"]) as c:
-                feats[prec] = (c.paths, c.features[: c.n].reshape(c.n, -1))
-            h = fit_head(FitHeadConfig(cache=e["cache"], epochs=a.epochs, runs_dir=f"{tmp}/runs"))
-            r[prec] = {"img_per_s": e["img_per_s"], "val_acc": h["val_acc"], "val_loss": h["val_loss"],
-                       "val_rows": h["val_rows"]}
-        (pa, fa), (pb, fb) = feats.values()
-        assert pa == pb, "the two extractions did not pick the same images"
-        cos = (fa * fb).sum(1) / np.linalg.norm(fa, axis=1) / np.linalg.norm(fb, axis=1)
-        r["cosine"] = {"min": float(cos.min()), "mean": float(cos.mean())}
-    x, y = a.precisions
-    print(f"| cosine {y} vs {x}, {a.n} images (min / mean) | {r['cosine']['min']:.5f} / {r['cosine']['mean']:.5f} |")
+            common = {"backbone": a.backbone, "weights": a.weights, "dtype": "float32", "precision": prec,
+                      "cache_dir": cache_dir, "calib_n": a.calib_n}
+            train = extract(ExtractConfig(data=a.train, n=a.n, **common))
+            test = extract(ExtractConfig(data=a.test, n=0, calib_data=a.train if prec == "int8" else "", **common))
+            with FeatureCache(test["cache"]) as c:
+                test_feats[prec] = (c.paths, c.features[: c.n])
+            h = fit_head(FitHeadConfig(cache=train["cache"], test_cache=test["cache"], runs_dir=f"{tmp}/runs"))
+            r[prec] = {"train_img_per_s": train.get("img_per_s"), "test_acc": h["test_acc"],
+                       "test_loss": h["test_loss"], "test_rows": len(test_feats[prec][0]), "val_acc": h["val_acc"]}
+            print(f"[parity] {prec}: test acc {h['test_acc']:.4f}", file=sys.stderr, flush=True)
+        ref_paths, ref = test_feats[a.precisions[0]]
+        for prec in a.precisions[1:]:
+            paths, x = test_feats[prec]
+            assert paths == ref_paths, "the extractions did not read the same images"
+            r[prec]["cosine_flat"] = cosine(x, ref)
+            r[prec]["cosine_avg"] = cosine(x.mean((2, 3)), ref.mean((2, 3)))
+    ref_name = a.precisions[0]
+    print(f"| precision | test acc ({r[ref_name]['test_rows']} photos) | test log-loss | cosine vs {ref_name}, "
+          "flat (min / mean) | cosine, avg-pooled (min / mean) |")
+    print("|---|---|---|---|---|")
     for prec in a.precisions:
-        print(f"| fit-head val acc, {prec} cache ({r[prec]['val_rows']} val rows) | {r[prec]['val_acc']:.3f} "
-              f"(val loss {r[prec]['val_loss']:.3f}) |")
+        q = r[prec]
+        cos = (f"{q['cosine_flat']['min']:.5f} / {q['cosine_flat']['mean']:.5f} | "
+               f"{q['cosine_avg']['min']:.5f} / {q['cosine_avg']['mean']:.5f}") if "cosine_flat" in q else "1 | 1"
+        print(f"| {prec} | {q['test_acc']:.4f} | {q['test_loss']:.4f} | {cos} |")
     if a.json_out:
         Path(a.json_out).write_text(json.dumps(r, indent=2))
 

@@ -320,7 +320,9 @@ def extract_features(data: PathLike, n: int = ExtractConfig.n, *, verbose: Optio
 
     ``options`` are ExtractConfig's: backbone ('vgg16'), weights ('DEFAULT', a torchvision name, a
     local state-dict file with its .json sidecar, or 'none'), cache_dir ('features'), seed, dtype,
-    precision, pool, batch_size, device, workers, decode. The same request again is a cache hit
+    precision ('auto', 'fp32', 'bf16', 'fp16', or 'int8' on the CPU with torchao: calibrated on
+    calib_n images of calib_data or data), compile, pool, batch_size, device, workers, decode.
+    The same request again is a cache hit
     (nothing computed); an interrupted one resumes. Returns the Cache (``.result``: extract's summary).
     """
     options = {"n": n, **options}

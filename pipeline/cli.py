@@ -208,8 +208,14 @@ def json_option(fn):
 @click.option("--seed", type=int, help="Seed of the stratified sample of --n images.")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]),
               help="Storage dtype of the features.")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
-              help="Compute precision; auto = bf16 where the device supports it.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16", "int8"]),
+              help="Compute precision; auto = bf16 where the device supports it; int8 (CPU, needs torchao) "
+                   "quantises the backbone, calibrated on --calib-n images of the sample.")
+@click.option("--compile", type=click.Choice(["auto", "on", "off"]),
+              help="torch.compile the backbone: a one-off compile (tens of seconds), then faster per image; "
+                   "auto = for int8 and long CPU runs. Falls back to eager with a warning.")
+@click.option("--calib-n", type=int, help="int8: calibration images (the first of the seeded sample).")
+@click.option("--calib-data", help="int8: calibrate on this folder's sample instead of --data's.")
 @click.option("--pool", type=click.Choice(["none", "avg"]),
               help="avg stores globally pooled C-vectors instead of C x H x W maps.")
 @click.option("--decode", type=click.Choice(["pil", "device"]),

@@ -10,7 +10,7 @@ from .errors import UsageError
 log = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 
 
 def available_cores() -> int:
@@ -68,12 +68,23 @@ def cpu_has_bf16() -> bool:
         return False
 
 
-def resolve_precision(precision: str, device) -> str:
-    """'auto' -> bf16 on GPUs and CPUs that support it, else fp32."""
+def resolve_precision(precision: str, device, int8_ok: bool = False) -> str:
+    """'auto' -> bf16 on GPUs and CPUs that support it, else fp32 (never int8: that is asked for).
+
+    int8 (``int8_ok``: extraction only) runs a calibrated, quantised copy of the network on the CPU.
+    """
     import torch
 
-    if precision not in PRECISIONS:
-        raise UsageError(f"unknown precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
+    allowed = PRECISIONS if int8_ok else PRECISIONS[:-1]
+    if precision not in allowed:
+        raise UsageError(f"unknown precision {precision!r}; allowed: {', '.join(allowed)}")
+    if precision == "int8":
+        if device.type != "cpu":
+            raise UsageError("precision 'int8' runs on the CPU only (oneDNN int8 kernels); on CUDA use bf16")
+        from .quantize import require_torchao
+
+        require_torchao()
+        return precision
     if precision != "auto":
         if precision == "fp16" and device.type == "cpu":
             raise UsageError("precision 'fp16' needs a CUDA device; on CPU use bf16 or fp32")
@@ -84,10 +95,10 @@ def resolve_precision(precision: str, device) -> str:
 
 
 def autocast(device, precision: str):
-    """The autocast context for a resolved precision (a no-op for fp32)."""
+    """The autocast context for a resolved precision (a no-op for fp32 and int8: int8 is a quantised network)."""
     import torch
 
-    if precision == "fp32":
+    if precision in ("fp32", "int8"):
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device.type, dtype=dtype)

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 POOLS = ("none", "avg")
 DECODERS = ("pil", "device")
+COMPILE = ("auto", "on", "off")
 
 
 @dataclass
@@ -40,7 +41,10 @@ class ExtractConfig:
     workers: int = -1  # decoding processes; -1 = one per CPU core (at most 8), 0 = decode in-process
     seed: int = 0  # which n images: the seed of the stratified sample
     dtype: str = "float16"  # storage dtype of features: float16 (half the size, same accuracy) or float32
-    precision: str = "auto"  # compute precision: auto (bf16 where supported), fp32, bf16, fp16 (CUDA)
+    precision: str = "auto"  # compute precision: auto (bf16 where supported), fp32, bf16, fp16 (CUDA), int8 (CPU)
+    compile: str = "auto"  # torch.compile the backbone: on, off, auto (int8, and long CPU runs: see should_compile)
+    calib_n: int = 64  # int8: calibration images, the first of the seeded sample
+    calib_data: str = ""  # int8: calibrate on this folder's sample ('' = --data; a test set uses its training data's)
     pool: str = "none"  # 'none' keeps the C x H x W map; 'avg' stores globally averaged C x 1 x 1 vectors
     decode: str = "pil"  # 'pil' (JPEGs decoded by the workers) or 'device' (decode_jpeg on the device: nvJPEG)
     cache_dir: str = "features"  # where caches live
@@ -55,10 +59,22 @@ def validate(cfg: ExtractConfig) -> None:
         raise UsageError(f"--n must be 0 (all) or positive, got {cfg.n}")
     if cfg.batch_size < 1:
         raise UsageError(f"--batch-size must be positive, got {cfg.batch_size}")
+    if cfg.precision == "int8":
+        from .quantize import MAX_BATCH, require_torchao
+
+        require_torchao()
+        if cfg.batch_size > MAX_BATCH:
+            raise UsageError(f"--batch-size {cfg.batch_size} is more than the {MAX_BATCH} an int8 network takes")
+        if cfg.calib_n < 1:
+            raise UsageError(f"--calib-n must be positive, got {cfg.calib_n}")
+        if cfg.calib_data and not Path(cfg.calib_data).is_dir():
+            raise UsageError(f"calibration folder {cfg.calib_data!r} does not exist")
     if cfg.dtype not in STORAGE_DTYPES:
         raise UsageError(f"unknown --dtype {cfg.dtype!r}; allowed: {', '.join(STORAGE_DTYPES)}")
     if cfg.pool not in POOLS:
         raise UsageError(f"unknown --pool {cfg.pool!r}; allowed: {', '.join(POOLS)}")
+    if cfg.compile not in COMPILE:
+        raise UsageError(f"unknown --compile {cfg.compile!r}; allowed: {', '.join(COMPILE)}")
     if cfg.decode not in DECODERS:
         raise UsageError(f"unknown --decode {cfg.decode!r}; allowed: {', '.join(DECODERS)}")
     bb.get_spec(cfg.backbone)
@@ -83,12 +99,20 @@ def weights_identity(cfg: ExtractConfig) -> dict:
 
 
 def cache_key(cfg: ExtractConfig, listing: ImageFolderListing) -> str:
-    """Fingerprint of everything that changes the cache's contents (not batch size or workers)."""
+    """Fingerprint of everything that changes the cache's contents (not batch size, workers or --compile).
+
+    int8 adds its calibration (method, sample, torch and torchao versions): another calibration
+    quantises the network differently.
+    """
+    from .quantize import calibration_identity, calibration_listing
+
+    int8 = cfg.precision == "int8"
     return fingerprint({
         "format": 1, "data": listing.fingerprint(), "backbone": cfg.backbone, **weights_identity(cfg),
         "n": cfg.n, "seed": cfg.seed, "dtype": cfg.dtype, "precision": cfg.precision, "pool": cfg.pool,
         "torchvision": package_version("torchvision"),
         **({"decode": cfg.decode} if cfg.decode != "pil" else {}),  # another decoder: slightly other pixels
+        **({"int8": calibration_identity(calibration_listing(cfg.calib_data, listing), cfg.seed, cfg.calib_n)} if int8 else {}),
     })
 
 

@@ -279,8 +279,10 @@ def test_cache_for(cfg: FitHeadConfig, cache: FeatureCache) -> Path:
         from .extract import ExtractConfig, extract
 
         made = json.loads(cache.attrs["config"])
-        keep = {k: made[k] for k in ("backbone", "weights", "dtype", "precision", "pool", "decode", "seed")
+        keep = {k: made[k] for k in ("backbone", "weights", "dtype", "precision", "pool", "decode", "seed", "calib_n")
                 if k in made}
+        if made.get("precision") == "int8":  # the same quantised network: calibrated on the training data
+            keep["calib_data"] = made.get("calib_data") or cache.attrs["data_root"]
         from .ledger import current_command
 
         path = Path(extract(ExtractConfig(data=cfg.test_data, n=0, cache_dir=str(Path(cache.path).parent),
@@ -292,6 +294,10 @@ def test_cache_for(cfg: FitHeadConfig, cache: FeatureCache) -> Path:
             Provenance.from_cache_attrs(test.attrs), ("backbone", "weights", "preprocessing", "pool", "classes"))
         differ += [f"{k}: {cache.attrs.get(k)} vs {test.attrs.get(k)}" for k in ("precision", "dtype")
                    if cache.attrs.get(k) != test.attrs.get(k)]
+        if not differ and cache.attrs.get("precision") == "int8":
+            from .quantize import same_quantisation
+
+            differ += same_quantisation(cache.attrs, test.attrs)
         if differ:
             raise UsageError(f"test cache {path} was made differently from the training cache (training vs test): "
                              f"{'; '.join(differ)}")

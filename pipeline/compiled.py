@@ -1,0 +1,57 @@
+"""torch.compile for the extraction backbone: compiled once for the batch size, eager when it cannot be.
+
+Why this shape: compiling takes tens of seconds on a small CPU, and every new input shape would
+compile again, so the network is compiled for static shapes once (the first batch's), and a
+shorter last batch is padded to that size (its padding rows are dropped). Inductor's freezing
+(weights folded into the kernels, the recommended mode for CPU inference) is switched on around
+each call, because ``torch.compile(options={"freezing": True})`` does not reach a quantised graph.
+Any failure (no C++ compiler, an unsupported operator) warns once and runs the eager module
+from then on, so ``--compile`` never ends an extraction.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Optional
+
+log = logging.getLogger(__name__)
+
+
+class CompiledNet:
+    """``net`` compiled with Inductor; ``fallback`` (default ``net``) runs when compiling fails."""
+
+    def __init__(self, net, fallback=None):
+        import torch
+
+        self.eager = fallback if fallback is not None else net
+        self.compiled = torch.compile(net, dynamic=False)
+        self.failed = False
+        self.batch: Optional[int] = None  # the batch size compiled for
+        self.compile_seconds = 0.0  # the first call's time (compiling + one batch)
+
+    def __call__(self, x):
+        import torch
+        import torch._inductor.config as inductor_config
+
+        if self.failed:
+            return self.eager(x)
+        n = len(x)
+        if self.batch is None:
+            self.batch = n
+        if n > self.batch:  # not produced by extract (batches never grow), but keep it correct
+            return torch.cat([self(x[s:s + self.batch]) for s in range(0, n, self.batch)])
+        padded = x if n == self.batch else torch.cat([x, x.new_zeros((self.batch - n, *x.shape[1:]))])
+        first = not self.compile_seconds
+        started = time.time()
+        try:
+            with torch.no_grad(), inductor_config.patch(freezing=True):
+                y = self.compiled(padded.contiguous(memory_format=torch.channels_last))
+        except Exception as e:  # noqa: BLE001 -- whatever fails while compiling, the eager module still works
+            self.failed = True
+            log.warning("torch.compile failed (%s: %s); running the network eagerly", type(e).__name__,
+                        str(e).strip().splitlines()[0][:200] if str(e).strip() else "")
+            return self.eager(x)
+        if first:
+            self.compile_seconds = time.time() - started
+            log.info("compiled the network in %.1f s (batch %d)", self.compile_seconds, self.batch)
+        return y[:n]

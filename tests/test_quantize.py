@@ -1,0 +1,146 @@
+"""int8 extraction on the tiny backbone: shapes, closeness to fp32, determinism, fingerprint, resume."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from pipeline.cache import FeatureCache
+from pipeline.data import list_image_folder
+from pipeline.errors import UsageError
+from pipeline.extract import ExtractConfig, cache_key, extract
+from tests.conftest import make_image_folder
+
+pytest.importorskip("torchao", reason="int8 needs the optional torchao (in the dev extra)")
+
+
+def cfg(data, tmp_path, **kw) -> ExtractConfig:
+    opts = {"n": 0, "backbone": "tiny", "weights": "none", "workers": 0, "batch_size": 5, "dtype": "float32",
+            "precision": "int8", "calib_n": 8, "compile": "off", "cache_dir": str(tmp_path / "f"), **kw}
+    return ExtractConfig(data=str(data), **opts)
+
+
+def features(path):
+    with FeatureCache(path) as c:
+        return c.paths, c.features[:], dict(c.attrs)
+
+
+def cosines(a, b):
+    a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def test_int8_rows_match_fp32_in_shape_and_closely_in_value(image_folder, tmp_path):
+    q = extract(cfg(image_folder, tmp_path))
+    f = extract(cfg(image_folder, tmp_path, precision="fp32"))
+    assert q["precision"] == "int8" and q["cache"] != f["cache"]
+    qp, qx, attrs = features(q["cache"])
+    fp, fx, _ = features(f["cache"])
+    assert qp == fp and qx.shape == fx.shape == (24, 8, 8, 8)
+    assert not np.array_equal(qx, fx)  # really quantised ...
+    assert cosines(qx, fx).min() > 0.999  # ... and close to the float network
+    calibration = json.loads(attrs["calibration"])
+    assert calibration["calib_n"] == 8 and len(calibration["images"]) == 8
+    assert set(calibration["images"]) <= set(qp)  # the first images of the extraction's own sample
+    assert calibration["torchao"] and "X86InductorQuantizer" in calibration["method"]
+
+
+def test_int8_extraction_is_deterministic_and_batch_size_free(image_folder, tmp_path):
+    a = features(extract(cfg(image_folder, tmp_path, cache_dir=str(tmp_path / "a")))["cache"])
+    b = features(extract(cfg(image_folder, tmp_path, cache_dir=str(tmp_path / "b"), batch_size=7))["cache"])
+    assert a[0] == b[0] and np.array_equal(a[1], b[1])  # bitwise, whatever the batch size
+
+
+def test_compiled_int8_gives_the_eager_features(image_folder, tmp_path):
+    eager = extract(cfg(image_folder, tmp_path, cache_dir=str(tmp_path / "a")))
+    compiled = extract(cfg(image_folder, tmp_path, cache_dir=str(tmp_path / "b"), compile="auto"))  # auto: int8 compiles
+    assert compiled["compiled"] and compiled["compile_seconds"] > 0 and not eager["compiled"]
+    assert features(compiled["cache"])[2]["compiled"] and not features(eager["cache"])[2]["compiled"]
+    a, b = features(eager["cache"])[1], features(compiled["cache"])[1]
+    assert cosines(a, b).min() > 0.9999  # Inductor's fused kernels, the same quantised network
+
+
+def test_the_fingerprint_covers_the_calibration_and_not_compile(image_folder, tmp_path):
+    listing = list_image_folder(str(image_folder))
+    other = make_image_folder(tmp_path / "other", seed=5)
+    base = cache_key(cfg(image_folder, tmp_path), listing)
+    assert cache_key(cfg(image_folder, tmp_path, compile="on"), listing) == base
+    assert cache_key(cfg(image_folder, tmp_path, batch_size=3), listing) == base
+    for changed in ({"calib_n": 9}, {"seed": 1}, {"calib_data": str(other)}, {"precision": "fp32"}):
+        assert cache_key(cfg(image_folder, tmp_path, **changed), listing) != base, changed
+    # calib_n only matters to int8
+    assert (cache_key(cfg(image_folder, tmp_path, precision="fp32", calib_n=9), listing)
+            == cache_key(cfg(image_folder, tmp_path, precision="fp32"), listing))
+
+
+def test_an_interrupted_int8_extraction_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    from pipeline.inference import Inference
+
+    data = make_image_folder(tmp_path / "d", per_class=10)
+    reference = features(extract(cfg(data, tmp_path, cache_dir=str(tmp_path / "ref")))["cache"])
+    real, calls = Inference.__call__, []
+
+    def interrupted(self, x):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, x)
+
+    monkeypatch.setattr(Inference, "__call__", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        extract(cfg(data, tmp_path))
+    monkeypatch.setattr(Inference, "__call__", real)
+    resumed = extract(cfg(data, tmp_path))  # calibrates again: the same quantised network
+    assert resumed["resumed_from"] == 10 and resumed["computed"] == 10
+    got = features(resumed["cache"])
+    assert got[0] == reference[0] and np.array_equal(got[1], reference[1])
+
+
+def test_calibration_on_another_folder_skips_undecodable_images(image_folder, tmp_path):
+    other = make_image_folder(tmp_path / "other", seed=5)
+    (other / "red" / "a-zero.jpg").write_bytes(b"")
+    r = extract(cfg(image_folder, tmp_path, calib_data=str(other), calib_n=30))
+    calibration = json.loads(features(r["cache"])[2]["calibration"])
+    assert calibration["calib_root"] == str(other) and len(calibration["images"]) == 24  # all good ones
+    assert "red/a-zero.jpg" not in calibration["images"]
+
+
+def test_int8_usage_errors(image_folder, tmp_path, monkeypatch):
+    with pytest.raises(UsageError, match="more than the 1024"):
+        extract(cfg(image_folder, tmp_path, batch_size=2048))
+    with pytest.raises(UsageError, match="--calib-n must be positive"):
+        extract(cfg(image_folder, tmp_path, calib_n=0))
+    import pipeline.quantize
+
+    monkeypatch.setattr(pipeline.quantize, "package_version", lambda name: "")
+    with pytest.raises(UsageError, match="needs torchao"):
+        extract(cfg(image_folder, tmp_path))
+
+
+def test_int8_is_refused_on_cuda_and_outside_extraction():
+    import torch
+
+    from pipeline.device import resolve_precision
+
+    with pytest.raises(UsageError, match="CPU only"):
+        resolve_precision("int8", torch.device("cuda"), int8_ok=True)
+    with pytest.raises(UsageError, match="unknown precision 'int8'"):
+        resolve_precision("int8", torch.device("cpu"))
+    assert resolve_precision("auto", torch.device("cpu"), int8_ok=True) != "int8"  # int8 is asked for
+
+
+def test_fit_head_test_data_is_quantised_like_the_training_cache(tmp_path):
+    from pipeline.head import FitHeadConfig, fit_head
+
+    train = make_image_folder(tmp_path / "train", per_class=10)
+    test = make_image_folder(tmp_path / "test", per_class=4, seed=9)
+    cache = extract(cfg(train, tmp_path))["cache"]
+    result = fit_head(FitHeadConfig(cache=cache, test_data=str(test), epochs=3, runs_dir=str(tmp_path / "runs")))
+    with FeatureCache(result["test"]["cache"]) as t, FeatureCache(cache) as c:
+        a, b = json.loads(c.attrs["calibration"]), json.loads(t.attrs["calibration"])
+    assert b["calib_root"] == str(train.resolve()) and b["images"] == a["images"]
+    # a test cache calibrated on its own photos is another network: refused
+    own = extract(cfg(test, tmp_path, cache_dir=str(tmp_path / "own")))["cache"]
+    with pytest.raises(UsageError, match="int8 calibration calib_data"):
+        fit_head(FitHeadConfig(cache=cache, test_cache=own, epochs=3, runs_dir=str(tmp_path / "runs")))
