@@ -115,6 +115,17 @@ def resolve_cache(cache: Optional[str], cache_dir: str) -> tuple[Path, Optional[
     return info.path, chosen
 
 
+def _as_float32(feats: np.ndarray, device):
+    """A minibatch of cached features as a float32 tensor on ``device``: the same numbers as
+    ``feats.astype(np.float32)``, but widened by torch (vectorised: ~20x numpy's float16 cast) and,
+    on an accelerator, after the copy (half the bytes to move)."""
+    import torch
+
+    if not feats.dtype.isnative:  # a foreign byte order, which torch does not take
+        feats = feats.astype(np.float32)
+    return torch.from_numpy(feats).to(device).float()
+
+
 def evaluate_head(head, cache: FeatureCache, indices: np.ndarray, device, block_rows: int,
                   batch_size: int = 256) -> tuple[float, float, np.ndarray]:
     """Accuracy, mean NLL and log-probabilities (rows in sorted ``indices`` order) over some cache rows."""
@@ -125,7 +136,7 @@ def evaluate_head(head, cache: FeatureCache, indices: np.ndarray, device, block_
     i = 0
     with torch.inference_mode():
         for rows, feats in cache.iter_batches(indices, batch_size, block_rows):  # in sorted row order
-            lp = head(torch.from_numpy(feats.astype(np.float32)).to(device)).double().cpu().numpy()
+            lp = head(_as_float32(feats, device)).double().cpu().numpy()
             out[i:i + len(lp)] = lp
             i += len(lp)
     y = cache.labels[np.sort(indices)]
@@ -165,7 +176,7 @@ def _fit_linear(cfg: FitHeadConfig, cache: FeatureCache, train_idx, val_idx, dev
     def minibatches(epoch: int):
         bar = progress(total=len(train_idx), desc=f"epoch {epoch}", unit="row", leave=False)
         for rows, feats in cache.iter_batches(train_idx, cfg.batch_size, cfg.block_rows, rng):
-            yield (torch.from_numpy(feats.astype(np.float32)).to(device),
+            yield (_as_float32(feats, device),
                    torch.from_numpy(cache.labels[rows]).to(device))
             bar.update(len(rows))
         bar.close()
