@@ -90,6 +90,42 @@ def test_iter_blocks_streams_each_row_once(image_folder, tmp_path, make_cache):
         assert in_order == want.tolist()
 
 
+def _rows_cache(tmp_path, n=100, append=7):
+    """A float16 cache of ``n`` rows (3, 2, 2) whose first feature is the row's number, appended ``append`` at a time."""
+    path = tmp_path / "rows.h5"
+    with CacheWriter(path, {**_attrs(), "dtype": "float16"}) as w:
+        for s in range(0, n, append):
+            r = np.arange(s, min(s + append, n))
+            x = r[:, None, None, None] + np.arange(12).reshape(3, 2, 2) / 16
+            w.append(x.astype("float16"), (r % 2).tolist(), [str(i) for i in r], int(r[-1]) + 1)
+        w.finish()
+    return path
+
+
+def test_every_training_row_once_per_epoch_in_an_order_the_seed_decides(tmp_path):
+    with FeatureCache(_rows_cache(tmp_path)) as c:
+        full = c.features[:]
+        train = np.setdiff1d(np.arange(100), [0, 5, 17, 18, 19, 40, 64, 99])
+        orders = {}
+        for seed in (0, 0, 1, None):
+            batches = list(c.iter_batches(train, 6, 20, None if seed is None else np.random.default_rng(seed)))
+            for rows, x in batches:  # every batch still holds its rows after the epoch: none is overwritten
+                assert 1 <= len(rows) <= 6 and len({r // 20 for r in rows}) == 1  # one block at a time
+                np.testing.assert_array_equal(x, full[rows])
+                np.testing.assert_array_equal(x[:, 0, 0, 0], rows)
+            order = np.concatenate([rows for rows, _ in batches])
+            assert sorted(order.tolist()) == train.tolist()  # each training row exactly once, no other row
+            if seed in orders:
+                np.testing.assert_array_equal(order, orders[seed])  # the same seed, the same epoch
+            orders[seed] = order
+        assert orders[None].tolist() == train.tolist()  # no rng: row order
+        assert orders[0].tolist() != orders[1].tolist()
+        for seed in (0, 1):
+            blocks = [r // 20 for r in orders[seed]]
+            assert blocks != sorted(blocks)  # blocks in a random order, and rows shuffled within each
+            assert any((np.diff(orders[seed][[b == k for b in blocks]]) < 0).any() for k in set(blocks))
+
+
 def _sharded(tmp_path):
     """A cache of 4 rows whose features live in two shard files of 2 rows each, as torchrun writes it."""
     path = tmp_path / "c.h5"
