@@ -16,8 +16,8 @@ from .data import ImageLoadError, jpeg_bytes, load_rgb
 #: A large JPEG is decoded at a reduced DCT scale (1/2, 1/4, 1/8) keeping its shorter side at least
 #: this many times the transform's resize size, so the transform's antialiased resize still filters.
 #: 2, not 1: with 1 a JPEG can decode to just above the resize size (1080 -> 270 for 256), which the
-#: resize then hardly filters; VGG-16 features of detailed 1080p images fell to cosine 0.986 against
-#: a full decode, vs >= 0.998 with 2 (bench/bench_decode.py).
+#: resize then hardly filters; VGG-16 features of detailed 1080p images fell to cosine 0.986-0.988 vs
+#: a full decode (min over 8 images, two runs), against >= 0.9987 with 2 (bench/bench_decode.py).
 JPEG_DRAFT_MARGIN = 2
 #: What changes decoded pixels besides the libraries: 1 = always decoded at full size,
 #: 2 = large JPEGs decoded reduced (JPEG_DRAFT_MARGIN = 2). For the keys of caches made from them.
