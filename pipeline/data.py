@@ -191,20 +191,41 @@ def open_regular(path: str | os.PathLike):
     return os.fdopen(fd, "rb")
 
 
-def load_rgb(path: str | os.PathLike):
+def load_rgb(path: str | os.PathLike, min_short_side: int | None = None):
     """Fully decode an image file into an RGB PIL image, or raise ImageLoadError with the reason.
 
     Grayscale, CMYK, palette, RGBA and 16-bit images are converted to RGB (transparency is
     composited on white), so they count as good images.
+
+    With ``min_short_side``, a JPEG whose shorter side is at least twice that is decoded at a
+    reduced scale (1/2, 1/4 or 1/8, in the DCT domain: ``jpeg_draft``) that keeps its shorter side
+    >= ``min_short_side``; other files, and smaller JPEGs, decode as without it.
     """
-    return decode_image(path)[1]
+    return decode_image(path, min_short_side)[1]
 
 
-def decode_image(path: str | os.PathLike):
+def jpeg_draft(im, min_short_side: int | None) -> int:
+    """Ask PIL to decode the opened, not yet loaded JPEG ``im`` at the smallest DCT scale
+    (1/2, 1/4, 1/8) whose shorter side is still >= ``min_short_side``; returns the scale (1 = none).
+
+    Only when the shorter side is at least 2 x ``min_short_side`` (below that the scale would be
+    1 anyway); never for other formats. PIL's ``draft`` picks the largest scale s in (8, 4, 2, 1)
+    with s <= min(W // w, H // h) for the size (w, h) asked, and rounds the result up, so asking for
+    a square of ``min_short_side`` keeps ceil(short / s) >= ``min_short_side``.
+    """
+    if not min_short_side or im.format not in ("JPEG", "MPO") or min(im.size) < 2 * min_short_side:
+        return 1
+    width = im.width
+    drafted = im.draft("RGB", (min_short_side, min_short_side))  # (mode, box of the whole image, scaled)
+    return round(width / drafted[1][2]) if drafted else 1
+
+
+def decode_image(path: str | os.PathLike, min_short_side: int | None = None):
     """load_rgb's rules, also returning the image as stored: (decoded image, its RGB conversion).
 
     check-images uses the first to report format and mode, so it and extract agree on what is bad.
     The pixel count is checked from the header (at open) before any pixel data is decoded.
+    ``min_short_side``: see ``load_rgb`` (the decoded image is then the reduced one).
     """
     from PIL import Image
 
@@ -216,6 +237,7 @@ def decode_image(path: str | os.PathLike):
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
                 with Image.open(fp) as im:
+                    jpeg_draft(im, min_short_side)
                     im.load()
                     return im, to_rgb(im)
     except ImageLoadError:

@@ -1,0 +1,94 @@
+"""The reader's JPEG DCT-domain downscaling: large JPEGs decode reduced, everything else as before."""
+import numpy as np
+import pytest
+from PIL import Image
+from torchvision.transforms._presets import ImageClassification
+
+import pipeline.data
+from pipeline.data import decode_image, load_rgb
+from pipeline.reader import ImageListDataset, draft_short_side, load_transformed
+from pipeline.train import train_transform
+
+# resize 32 / crop 28: the pipeline lets a JPEG decode reduced to a short side >= 2 x 32 = 64
+T = ImageClassification(crop_size=28, resize_size=32)
+
+
+def photo_like(w: int, h: int, seed: int = 0) -> np.ndarray:
+    """Smooth structure (gradients, blobs) plus fine texture: a JPEG that is not flat."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    base = np.stack([x / w * 200, y / h * 200, 128 + 80 * np.sin(x / w * 6) * np.cos(y / h * 5)], -1)
+    for _ in range(6):
+        cx, cy, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(0.05, 0.2) * min(w, h)
+        base += ((x - cx) ** 2 + (y - cy) ** 2 < r * r)[..., None] * rng.uniform(-80, 80, 3)
+    base += rng.normal(0, 6, base.shape)
+    return np.clip(base, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture
+def big_jpeg(tmp_path):
+    p = tmp_path / "big.jpg"
+    Image.fromarray(photo_like(390, 260)).save(p, quality=90)
+    return p
+
+
+def test_draft_short_side_only_for_an_antialiased_short_side_resize():
+    assert draft_short_side(T) == 64
+    assert draft_short_side(ImageClassification(crop_size=28, resize_size=32, antialias=False)) is None
+    assert draft_short_side(train_transform(T, augment=True)) is None  # crops before resizing: full size
+    assert draft_short_side(train_transform(T, augment=False)) == 64
+    assert draft_short_side(lambda im: im) is None
+
+
+def test_a_large_jpeg_decodes_reduced_keeping_the_resize_size(big_jpeg):
+    assert load_rgb(big_jpeg).size == (390, 260)
+    assert load_rgb(big_jpeg, 32).size == (49, 33)  # 1/8 (ceil): short side 33 >= 32
+    assert load_rgb(big_jpeg, 64).size == (98, 65)  # 1/4: 1/8 would give 33 < 64
+    assert load_rgb(big_jpeg, 100).size == (195, 130)  # 1/2
+    assert load_rgb(big_jpeg, 131).size == (390, 260)  # < 2 x 131: full size
+    im, rgb = decode_image(big_jpeg, 32)
+    assert im.format == "JPEG" and rgb.mode == "RGB" and rgb.size == (49, 33)
+
+
+def test_small_jpegs_pngs_and_other_modes_are_not_drafted(tmp_path, monkeypatch):
+    calls = []
+    real = pipeline.data.jpeg_draft
+    monkeypatch.setattr(pipeline.data, "jpeg_draft", lambda im, m: calls.append(real(im, m)) or calls[-1])
+    Image.fromarray(photo_like(90, 60)).save(tmp_path / "small.jpg", quality=90)
+    Image.fromarray(photo_like(390, 260)).save(tmp_path / "big.png")
+    Image.fromarray(photo_like(390, 260)).convert("L").save(tmp_path / "gray.jpg", quality=90)
+    assert load_rgb(tmp_path / "small.jpg", 32).size == (90, 60)  # 60 < 2 x 32
+    assert load_rgb(tmp_path / "big.png", 32).size == (390, 260)  # not a JPEG
+    assert calls == [1, 1]
+    gray = load_rgb(tmp_path / "gray.jpg", 32)  # a grayscale JPEG reduces too, and still comes out RGB
+    assert gray.mode == "RGB" and gray.size == (49, 33) and calls[-1] == 8
+
+
+def levels(x, y):
+    """|x - y| of two transformed tensors in 8-bit levels."""
+    return (x - y).abs().numpy() * 255 * np.array(T.std, dtype=np.float32)[:, None, None]
+
+
+def test_the_drafted_tensor_stays_close_to_the_full_decode(big_jpeg):
+    full = T(load_rgb(big_jpeg))
+    drafted = load_transformed(big_jpeg, T)
+    assert load_rgb(big_jpeg, draft_short_side(T)).size == (98, 65)  # 1/4: short side 65 >= 2 x 32
+    assert drafted.shape == full.shape == (3, 28, 28)
+    d = levels(drafted, full)
+    assert d.mean() < 2.0 and d.max() < 24  # measured: mean 0.9, max 11 levels
+    # One scale more (1/8, short side 33 for a resize to 32, what a margin of 1 would pick) leaves the
+    # resize nothing to filter: measured mean 4.8, max 52 levels. The bounds above must catch that.
+    coarse = levels(T(load_rgb(big_jpeg, 32)), full)
+    assert load_rgb(big_jpeg, 32).size == (49, 33) and coarse.mean() > 2.0 and coarse.max() > 24
+
+
+def test_the_dataset_drafts_with_its_transform(big_jpeg, monkeypatch):
+    seen = []
+    real = pipeline.data.jpeg_draft
+    monkeypatch.setattr(pipeline.data, "jpeg_draft", lambda im, m: seen.append(m) or real(im, m))
+    items = [(big_jpeg.name, 0)]
+    item = ImageListDataset(big_jpeg.parent, items, T)[0]
+    assert item.ok and seen == [64]
+    assert np.array_equal(item.image.numpy(), load_transformed(big_jpeg, T).numpy())
+    ImageListDataset(big_jpeg.parent, items, train_transform(T, augment=True))[0]
+    assert seen == [64, 64, None]  # the dataset, load_transformed, then augmentation: full size
