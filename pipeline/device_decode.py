@@ -11,7 +11,8 @@ import warnings
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .data import ImageLoadError, load_rgb
+from .data import ImageLoadError
+from .reader import load_transformed
 from .reader import Item
 
 
@@ -63,6 +64,6 @@ def _decode_chunk(buf: list, transform, device, root: Path) -> Iterator[Item]:
         try:  # the device refused it: PIL decides, exactly as without device decoding
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                yield item._replace(image=transform(load_rgb(root / item.path)))
+                yield item._replace(image=load_transformed(root / item.path, transform))
         except ImageLoadError as e:
             yield item._replace(image=None, error=e.reason)

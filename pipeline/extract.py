@@ -19,6 +19,7 @@ from .data import ImageFolderListing, check_seed, list_image_folder
 from .errors import UsageError
 from .extract_range import existing_cache, extract_range, hit_summary
 from .paths import require_folder
+from .reader import DECODE_VERSION
 from .provenance import package_version
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,8 @@ def cache_key(cfg: ExtractConfig, listing: ImageFolderListing) -> str:
         "format": 1, "data": listing.fingerprint(), "backbone": cfg.backbone, **weights_identity(cfg),
         "n": cfg.n, "seed": cfg.seed, "dtype": cfg.dtype, "precision": cfg.precision, "pool": cfg.pool,
         "torchvision": package_version("torchvision"),
-        **({"decode": cfg.decode} if cfg.decode != "pil" else {}),  # another decoder: slightly other pixels
+        # another decoder, or PIL's reduced decoding of large JPEGs: slightly other pixels
+        **({"decode": cfg.decode} if cfg.decode != "pil" else {"decode_version": DECODE_VERSION}),
         **({"int8": calibration_identity(calibration_listing(cfg.calib_data, listing), cfg.seed, cfg.calib_n)} if int8 else {}),
     })
 

@@ -18,7 +18,8 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from .data import ImageLoadError, is_image_name, load_rgb
+from .data import ImageLoadError, is_image_name
+from .reader import load_transformed
 from .device import resolve_workers
 from .errors import UsageError
 from .paths import atomic_write, require_folder
@@ -199,7 +200,7 @@ def imagenet_check(image: str, backbone: str = "vgg16", weights: str = "DEFAULT"
 
         categories = list(get_model_weights(spec.torchvision_name).DEFAULT.meta.get("categories", []))
     try:
-        x = loaded.transform(load_rgb(image)).unsqueeze(0)
+        x = load_transformed(image, loaded.transform).unsqueeze(0)
     except ImageLoadError as e:
         raise UsageError(f"{image}: {e.reason}") from None
     dev = resolve_device(device)
