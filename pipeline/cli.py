@@ -240,9 +240,12 @@ def extract(as_json, **options):
     if result["hit"]:
         note(f"cache hit: {result['rows']} rows already extracted, nothing computed")
     else:
+        one_off = [f"{what} {result[k]:.0f} s" for k, what in (("calibration_seconds", "int8 calibration"),
+                                                               ("compile_seconds", "compiling"))
+                   if result.get(k)]
         note(f"extracted {result['computed']} images ({result['img_per_s']:.1f} img/s), "
-                   f"{result['skipped']} skipped, {result['rows']} rows in "
-                   f"{'shards of rank ' + str(result['rank']) if 'rank' in result else 'cache'}")
+             f"{''.join(w + ', ' for w in one_off)}{result['skipped']} skipped, {result['rows']} rows in "
+             f"{'shards of rank ' + str(result['rank']) if 'rank' in result else 'cache'}")
     if "rank" not in result:  # under torchrun only rank 0 prints the result
         emit(result, as_json, result["cache"])
 

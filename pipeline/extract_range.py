@@ -70,8 +70,8 @@ def existing_cache(path: Path, key: str) -> Optional[CacheInfo]:
 
 
 #: --compile auto compiles a bf16/fp32 CPU run from this many images on: measured on a 2-core CPU,
-#: compiling VGG-16 costs ~30 s and saves ~10 % per image (README, "Extraction speed")
-COMPILE_MIN_IMAGES = 3000
+#: compiling VGG-16 costs ~30 s cold and saves ~8 % per image in bf16: it pays from ~4,500 images (README, "Performance")
+COMPILE_MIN_IMAGES = 5000
 
 
 def should_compile(choice: str, precision: str, device, images: int) -> bool:

@@ -1,0 +1,67 @@
+"""CompiledNet without a real compile: static batch padding, the eager fallback, and when auto compiles."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from pipeline.compiled import CompiledNet
+from pipeline.extract_range import COMPILE_MIN_IMAGES, should_compile
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+def net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()).eval()
+
+
+def test_a_short_batch_is_padded_to_the_compiled_size_and_trimmed(monkeypatch):
+    seen = []
+
+    def fake_compile(module, **kw):
+        assert kw.get("dynamic") is False  # compiled for static shapes: one compile per run
+        return lambda x: (seen.append(tuple(x.shape)), module(x))[1]
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    m = net()
+    c = CompiledNet(m)
+    x = torch.randn(5, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(c(x), m(x))
+        short = c(x[:3])
+        long = c(torch.cat([x, x]))  # more rows than compiled for: in chunks of the compiled size
+    assert seen == [(5, 3, 8, 8)] * 4
+    assert short.shape[0] == 3 and torch.allclose(short, m(x[:3]), atol=1e-6)
+    assert long.shape[0] == 10 and torch.allclose(long[5:], m(x), atol=1e-6)
+    assert c.batch == 5 and c.compile_seconds > 0 and not c.failed
+
+
+def test_a_failing_compile_warns_once_and_runs_eagerly(monkeypatch, caplog):
+    calls = []
+
+    def broken(x):
+        calls.append(1)
+        raise RuntimeError("Compiler: cc not found\nmore detail")
+
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: broken)
+    m = net()
+    c = CompiledNet(m)
+    x = torch.randn(2, 3, 8, 8)
+    with caplog.at_level(logging.WARNING, logger="pipeline.compiled"), torch.no_grad():
+        first, second = c(x), c(x)
+    assert c.failed and len(calls) == 1  # not retried for every batch
+    assert torch.equal(first, m(x)) and torch.equal(second, m(x))
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "torch.compile failed (RuntimeError: Compiler: cc not found)" in warnings[0]
+
+
+@pytest.mark.parametrize("choice, precision, device, images, want", [
+    ("on", "bf16", CPU, 1, True), ("off", "int8", CPU, 10 ** 6, False),
+    ("auto", "int8", CPU, 1, True),  # int8 eager is barely faster than bf16; compiled about twice
+    ("auto", "bf16", CPU, COMPILE_MIN_IMAGES - 1, False), ("auto", "bf16", CPU, COMPILE_MIN_IMAGES, True),
+    ("auto", "bf16", CUDA, 10 ** 6, False),
+])
+def test_when_compile_auto_compiles(choice, precision, device, images, want):
+    assert should_compile(choice, precision, device, images) is want
