@@ -201,11 +201,13 @@ def main(argv=None) -> dict:
     print("-" * len(head))
     for r in rows:
         cos = f"{r['cos_min']:9.5f} {r['cos_mean']:9.5f}" if "cos_min" in r else f"{'-':>9} {'-':>9}"
-        print(f"{r['set']:8} {r['mode']:9} {r['images']:4d} {r['short_side_full']:9.0f} {r['short_side_decoded']:8.0f} "
-              f"{r['ms_per_image']:8.2f} {r['speedup']:6.2f}x {r['max_abs_levels']:7.2f} {r['mean_abs_levels']:7.3f} {cos}")
+        print(f"{r['set']:8} {r['mode']:9} {r['images']:4d} {r['short_side_full']:9.0f} "
+              f"{r['short_side_decoded']:8.0f} {r['ms_per_image']:8.2f} {r['speedup']:6.2f}x "
+              f"{r['max_abs_levels']:7.2f} {r['mean_abs_levels']:7.3f} {cos}")
     print("max|d|, mean|d|: tensor differences vs 'full' in 8-bit levels; cos: VGG-16 feature maps vs 'full'")
     result = {"python": platform.python_version(), "torch": torch.__version__, "cpu": cpu, "weights": weights_id,
-              "resize_size": base, "pipeline_margin": JPEG_DRAFT_MARGIN, "pipeline_mode": pipeline_mode, "rounds": a.rounds, "rows": rows}
+              "resize_size": base, "pipeline_margin": JPEG_DRAFT_MARGIN, "pipeline_mode": pipeline_mode,
+              "rounds": a.rounds, "rows": rows}
     if a.json_out:
         Path(a.json_out).write_text(json.dumps(result, indent=1))
     return result

@@ -288,7 +288,8 @@ def cpu_flags() -> list:
 
 def table(r: dict) -> str:
     t, m, f, d, mach = r["tutorial"], r["matmul"], r["rss_flatness"], r["decode"], r["machine"]
-    lines = [f"machine: {mach['cores']} cores, {mach['cpu']} {mach['gpu']} ({' '.join(mach['flags']) or 'no AMX/VNNI'});"
+    flags = " ".join(mach["flags"]) or "no AMX/VNNI"
+    lines = [f"machine: {mach['cores']} cores, {mach['cpu']} {mach['gpu']} ({flags});"
              f" {r['n']} photos, batch {r['batch_size']}, {r['gflop_per_image']:.2f} GFLOP/image",
              f"ceilings (2048^3 matmul): {m['dtype']} {m['gflop_per_s']:.0f} GFLOP/s"
              + (f", int8 {m['int8_gop_per_s']:.0f} GOP/s" if "int8_gop_per_s" in m else ""),
@@ -296,20 +297,21 @@ def table(r: dict) -> str:
              f"{d['ms_per_image']:.1f} ms/image on one core",
              "",
              "| path | end to end img/s | x bf16 eager | x tutorial | model alone img/s | end to end / model alone "
-             "| compile s (cold) | calibration s | time: input wait / model / write / other | % of ceiling | peak RSS MB |",
+             "| compile s (cold) | calibration s | time: input wait / model / write / other | % of ceiling "
+             "| peak RSS MB |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, q in r["paths"].items():
-        sh = q["stage_share"]
+        sh = {k: f"{100 * v:.0f}" for k, v in q["stage_share"].items()}
         ceiling = f"{100 * q['fraction_of_ceiling']:.0f}" if q["fraction_of_ceiling"] else "-"
         failed = " (compile failed: eager)" if "compile" in name and not q["compiled"] else ""
         lines.append(
             f"| {name}{failed} | {q['steady_img_per_s']:.2f} | {q['vs_bf16_eager']:.2f}x | {q['vs_tutorial']:.2f}x "
             f"| {q['model_alone_img_per_s']:.2f} | {100 * q['end_to_end_vs_model_alone']:.0f} % "
             f"| {q['compile_seconds']:.1f} | {q['calibration_seconds']:.1f} "
-            f"| {100 * sh['input']:.0f} / {100 * sh['model']:.0f} / {100 * sh['write']:.0f} / {100 * sh['other']:.0f} % "
+            f"| {sh['input']} / {sh['model']} / {sh['write']} / {sh['other']} % "
             f"| {ceiling} | {q['rss_mb']:.0f} |")
-    lines += ["", f"extract peak RSS n={f['n'][0]} vs n={f['n'][1]}: {f['rss_mb'][0]:.0f} MB vs {f['rss_mb'][1]:.0f} MB "
-              f"({100 * (f['ratio'] - 1):+.1f} %)"]
+    lines += ["", f"extract peak RSS n={f['n'][0]} vs n={f['n'][1]}: {f['rss_mb'][0]:.0f} MB vs "
+              f"{f['rss_mb'][1]:.0f} MB ({100 * (f['ratio'] - 1):+.1f} %)"]
     return "\n".join(lines)
 
 

@@ -11,13 +11,15 @@ out="${OUT:-gpu-bench}"
 mkdir -p "$out"
 python=${PYTHON:-python}
 shared="$(cd .. && pwd)/shared/data"
-data="$out/photos"  # 2,048 photos: the real ones, topped up with mirrored copies (new files, never in ../shared)
+data="${TMPDIR:-/tmp}/gpu-bench-photos"  # 2,048: the real photos, topped up with mirrored copies (never in ../shared)
 "$python" - "$data" "${1:-$shared/catsdogs}" "$shared/catsdogs_test" <<'EOF'
 import sys
 from pathlib import Path
 from PIL import Image, ImageOps
 dest, sources = Path(sys.argv[1]), [Path(s) for s in sys.argv[2:] if Path(s).is_dir()]
 files = sorted(p for s in sources for p in s.glob("*/*.jpg"))
+if not files:
+    sys.exit(f"no photos in {', '.join(sys.argv[2:])}: pass a folder of class sub-folders of JPEGs")
 for i in range(2048):
     src = files[i % len(files)]
     target = dest / src.parent.name / f"{i}-{src.name}"
@@ -31,6 +33,8 @@ for i in range(2048):
 print(f"{dest}: 2048 photos", file=sys.stderr)
 EOF
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$out/gpu.txt"
+smi=
+trap '[ -n "$smi" ] && kill "$smi" 2>/dev/null' EXIT
 for decode in pil device; do
   nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader -lms 500 \
     > "$out/util-$decode.csv" &
@@ -38,7 +42,7 @@ for decode in pil device; do
   "$python" bench/bench_extract.py --device cuda --data "$data" --n 2048 --decode "$decode" \
     --only bf16 bf16+compile fp32 --batch-size 128 --flat-small 256 --flat-large 2048 \
     --json-out "$out/extract-$decode.json" | tee "$out/extract-$decode.md"
-  kill "$smi"
+  kill "$smi"; smi=
   "$python" - "$out/util-$decode.csv" <<'EOF'
 import sys
 u = [float(l.split(",")[1].split()[0]) for l in open(sys.argv[1]) if l.count(",") >= 2]

@@ -4,7 +4,9 @@ For every precision: extract ``--train`` (``--n`` images) and all of ``--test`` 
 so only the compute differs; int8 calibrates on the training photos for both), then report
   * the per-image cosine of the test features vs fp32's: flat C x H x W maps and globally
     averaged C-vectors (what the default head reads), min / mean;
-  * fit-head with its defaults trained on the training cache: test accuracy and log-loss.
+  * fit-head with its defaults trained on the training cache: test accuracy and log-loss;
+  * with --breeds (default ../shared/data/dogbreeds20, 20 classes; '' to skip): fit-head's defaults
+    on 5 seeded, stratified 80/20 splits of that folder's cache (int8 calibrated on it), mean accuracy.
 Caches go to ``--cache-dir`` (reused by a second run) or a temporary folder.
 
     python bench/parity.py --precisions fp32 bf16 int8 --json-out parity.json
@@ -25,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 from bench.bench_extract import DATA, WEIGHTS  # noqa: E402
 
 TEST = DATA.parent / "catsdogs_test"
+BREEDS = DATA.parent / "dogbreeds20"
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> dict:
@@ -41,6 +44,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--train", default=str(DATA))
     p.add_argument("--test", default=str(TEST))
+    p.add_argument("--breeds", default=str(BREEDS), help="a many-class folder for split accuracy ('' = skip)")
     p.add_argument("--weights", default=str(WEIGHTS))
     p.add_argument("--backbone", default="vgg16")
     p.add_argument("--n", type=int, default=800, help="training images (0 = all)")
@@ -63,6 +67,12 @@ def main() -> None:
             h = fit_head(FitHeadConfig(cache=train["cache"], test_cache=test["cache"], runs_dir=f"{tmp}/runs"))
             r[prec] = {"train_img_per_s": train.get("img_per_s"), "test_acc": h["test_acc"],
                        "test_loss": h["test_loss"], "test_rows": len(test_feats[prec][0]), "val_acc": h["val_acc"]}
+            if a.breeds:
+                breeds = extract(ExtractConfig(data=a.breeds, n=0, **common))["cache"]
+                splits = [fit_head(FitHeadConfig(cache=breeds, val_fraction=0.2, seed=seed, runs_dir=f"{tmp}/runs"))
+                          for seed in range(5)]
+                acc = [r["val_acc"] for r in splits]
+                r[prec]["breeds_acc"], r[prec]["breeds_acc_std"] = float(np.mean(acc)), float(np.std(acc))
             print(f"[parity] {prec}: test acc {h['test_acc']:.4f}", file=sys.stderr, flush=True)
         ref_paths, ref = test_feats[a.precisions[0]]
         for prec in a.precisions[1:]:
@@ -72,13 +82,14 @@ def main() -> None:
             r[prec]["cosine_avg"] = cosine(x.mean((2, 3)), ref.mean((2, 3)))
     ref_name = a.precisions[0]
     print(f"| precision | test acc ({r[ref_name]['test_rows']} photos) | test log-loss | cosine vs {ref_name}, "
-          "flat (min / mean) | cosine, avg-pooled (min / mean) |")
-    print("|---|---|---|---|---|")
+          "flat (min / mean) | cosine, avg-pooled (min / mean) | breeds: acc (5 splits) |")
+    print("|---|---|---|---|---|---|")
     for prec in a.precisions:
         q = r[prec]
         cos = (f"{q['cosine_flat']['min']:.5f} / {q['cosine_flat']['mean']:.5f} | "
                f"{q['cosine_avg']['min']:.5f} / {q['cosine_avg']['mean']:.5f}") if "cosine_flat" in q else "1 | 1"
-        print(f"| {prec} | {q['test_acc']:.4f} | {q['test_loss']:.4f} | {cos} |")
+        breeds = f"{q['breeds_acc']:.3f} ± {q['breeds_acc_std']:.3f}" if "breeds_acc" in q else "-"
+        print(f"| {prec} | {q['test_acc']:.4f} | {q['test_loss']:.4f} | {cos} | {breeds} |")
     if a.json_out:
         Path(a.json_out).write_text(json.dumps(r, indent=2))
 

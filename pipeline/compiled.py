@@ -5,8 +5,11 @@ compile again, so the network is compiled for static shapes once (the first batc
 shorter last batch is padded to that size (its padding rows are dropped). Inductor's freezing
 (weights folded into the kernels, the recommended mode for CPU inference) is switched on around
 each call, because ``torch.compile(options={"freezing": True})`` does not reach a quantised graph.
-Any failure (no C++ compiler, an unsupported operator) warns once and runs the eager module
-from then on, so ``--compile`` never ends an extraction.
+A failure while compiling (no C++ compiler, an unsupported operator) warns once and runs the
+eager module from then on, so ``--compile`` never ends an extraction; later errors are real ones
+and propagate (a CUDA out-of-memory also switches to eager, so the halved retries stay halved).
+Compiled rows may differ from eager ones in the last bits, as with another batch size or cuDNN
+algorithm: the cache's key leaves it out, as it leaves those out.
 """
 from __future__ import annotations
 
@@ -25,33 +28,51 @@ class CompiledNet:
 
         self.eager = fallback if fallback is not None else net
         self.compiled = torch.compile(net, dynamic=False)
-        self.failed = False
-        self.batch: Optional[int] = None  # the batch size compiled for
+        self.failed = False  # compiling failed (or the compiled network ran out of device memory): eager
+        self.batch: Optional[int] = None  # the batch size compiled for (the first call's)
         self.compile_seconds = 0.0  # the first call's time (compiling + one batch)
 
     def __call__(self, x):
         import torch
-        import torch._inductor.config as inductor_config
 
         if self.failed:
             return self.eager(x)
         n = len(x)
         if self.batch is None:
-            self.batch = n
+            return self._first(x)
         if n > self.batch:  # not produced by extract (batches never grow), but keep it correct
             return torch.cat([self(x[s:s + self.batch]) for s in range(0, n, self.batch)])
         padded = x if n == self.batch else torch.cat([x, x.new_zeros((self.batch - n, *x.shape[1:]))])
-        first = not self.compile_seconds
-        started = time.time()
         try:
-            with torch.no_grad(), inductor_config.patch(freezing=True):
-                y = self.compiled(padded.contiguous(memory_format=torch.channels_last))
+            return self._run(padded)[:n]
+        except torch.cuda.OutOfMemoryError:
+            # eager from now on, so that device.AdaptiveBatch's smaller retries are not padded back up
+            self.failed = True
+            log.warning("the compiled network ran out of device memory at batch %d; running it eagerly", self.batch)
+            raise
+
+    def _first(self, x):
+        """Compile (inside the first call) for ``x``'s shape; any failure but out-of-memory -> eager."""
+        import torch
+
+        self.batch, started = len(x), time.perf_counter()
+        try:
+            y = self._run(x)
+        except torch.cuda.OutOfMemoryError:
+            self.batch = None
+            raise
         except Exception as e:  # noqa: BLE001 -- whatever fails while compiling, the eager module still works
             self.failed = True
             log.warning("torch.compile failed (%s: %s); running the network eagerly", type(e).__name__,
                         str(e).strip().splitlines()[0][:200] if str(e).strip() else "")
             return self.eager(x)
-        if first:
-            self.compile_seconds = time.time() - started
-            log.info("compiled the network in %.1f s (batch %d)", self.compile_seconds, self.batch)
-        return y[:n]
+        self.compile_seconds = time.perf_counter() - started
+        log.info("compiled the network in %.1f s (batch %d)", self.compile_seconds, self.batch)
+        return y
+
+    def _run(self, x):
+        import torch
+        import torch._inductor.config as inductor_config
+
+        with torch.no_grad(), inductor_config.patch(freezing=True):
+            return self.compiled(x.contiguous(memory_format=torch.channels_last))

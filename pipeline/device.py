@@ -75,12 +75,13 @@ def resolve_precision(precision: str, device, int8_ok: bool = False) -> str:
     """
     import torch
 
-    allowed = PRECISIONS if int8_ok else PRECISIONS[:-1]
+    allowed = PRECISIONS if int8_ok else tuple(p for p in PRECISIONS if p != "int8")
     if precision not in allowed:
         raise UsageError(f"unknown precision {precision!r}; allowed: {', '.join(allowed)}")
     if precision == "int8":
         if device.type != "cpu":
-            raise UsageError("precision 'int8' runs on the CPU only (oneDNN int8 kernels); on CUDA use bf16")
+            raise UsageError("precision 'int8' runs on the CPU only (oneDNN int8 kernels): use --device cpu, "
+                             "or bf16 on CUDA")
         from .quantize import require_torchao
 
         require_torchao()

@@ -61,7 +61,7 @@ def _decode_chunk(buf: list, transform, device, root: Path) -> Iterator[Item]:
         if images[i] is not None:
             yield item._replace(image=transform(images[i]))
             continue
-        try:  # the device refused it: PIL decides, exactly as without device decoding
+        try:  # the device refused it: PIL decides, as the workers decode without device decoding
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 yield item._replace(image=load_transformed(root / item.path, transform))

@@ -100,7 +100,8 @@ def weights_identity(cfg: ExtractConfig) -> dict:
 
 
 def cache_key(cfg: ExtractConfig, listing: ImageFolderListing) -> str:
-    """Fingerprint of everything that changes the cache's contents (not batch size, workers or --compile).
+    """Fingerprint of everything that changes the cache's contents (not batch size, workers or --compile:
+    they change speed and at most the last bits of a row, see ``compiled``).
 
     int8 adds its calibration (method, sample, torch and torchao versions): another calibration
     quantises the network differently.
@@ -112,9 +113,10 @@ def cache_key(cfg: ExtractConfig, listing: ImageFolderListing) -> str:
         "format": 1, "data": listing.fingerprint(), "backbone": cfg.backbone, **weights_identity(cfg),
         "n": cfg.n, "seed": cfg.seed, "dtype": cfg.dtype, "precision": cfg.precision, "pool": cfg.pool,
         "torchvision": package_version("torchvision"),
-        # another decoder, or PIL's reduced decoding of large JPEGs: slightly other pixels
-        **({"decode": cfg.decode} if cfg.decode != "pil" else {"decode_version": DECODE_VERSION}),
-        **({"int8": calibration_identity(calibration_listing(cfg.calib_data, listing), cfg.seed, cfg.calib_n)} if int8 else {}),
+        # how files become pixels (PIL's reduced decoding of large JPEGs; another decoder): other pixels
+        "decode_version": DECODE_VERSION, **({"decode": cfg.decode} if cfg.decode != "pil" else {}),
+        **({"int8": calibration_identity(calibration_listing(cfg.calib_data, listing), cfg.seed, cfg.calib_n)}
+           if int8 else {}),
     })
 
 

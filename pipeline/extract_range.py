@@ -22,7 +22,7 @@ from .device import resolve_workers
 from .errors import PipelineError, UsageError
 from .paths import writing
 from .provenance import Provenance, versions
-from .reader import ImageListDataset, item_loader, iter_items
+from .reader import DECODE_VERSION, ImageListDataset, item_loader, iter_items
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +69,8 @@ def existing_cache(path: Path, key: str) -> Optional[CacheInfo]:
         return None
 
 
-#: --compile auto compiles a bf16/fp32 CPU run from this many images on: measured on a 2-core CPU,
-#: compiling VGG-16 costs ~30 s cold and saves ~8 % per image in bf16: it pays from ~4,500 images (README, "Performance")
+#: --compile auto compiles a bf16/fp32 CPU run from this many images on. Measured on a 2-core CPU:
+#: compiling VGG-16 costs ~30 s cold and saves ~8 % per image in bf16, so it pays from ~4,500 images.
 COMPILE_MIN_IMAGES = 5000
 
 
@@ -107,16 +107,21 @@ def extract_range(cfg, listing: ImageFolderListing, key: str, path: Path, resume
     from .inference import run_batches
     from .progress import progress
 
-    device = resolve_device(cfg.device)
+    # int8 is a CPU path: --device auto means the CPU for it, even where CUDA is available
+    device = resolve_device("cpu" if cfg.precision == "int8" and cfg.device == "auto" else cfg.device)
     precision = resolve_precision(cfg.precision, device, int8_ok=True)
+    if resumed is not None and resumed.attrs["precision"] != precision:
+        raise UsageError(f"{path} was started in precision {resumed.attrs['precision']!r} and this run computes in "
+                         f"{precision!r}; pass --precision {resumed.attrs['precision']} to finish it")
     backbone = bb.load_backbone(cfg.backbone, cfg.weights)
     order = stratified_order(listing.labels, cfg.seed)
     items = [(listing.files[i].path, listing.files[i].label) for i in order]
     first, stop = positions or (0, len(items))
     target = stop - first if positions else (cfg.n or len(items))
     rows = start_rows = resumed.rows if resumed else 0
+    # auto decides on the whole request, so a resumed run or a torchrun shard decides as the first run did
     model, calibration = feature_model(cfg, backbone, listing, device, precision,
-                                       should_compile(cfg.compile, precision, device, target - start_rows))
+                                       should_compile(cfg.compile, precision, device, cfg.n or len(items)))
     backbone.model = None  # the classifier (about 500 MB for VGG-16) is not needed to extract
     provenance = Provenance.of_backbone(backbone, listing.classes, cfg.pool, cfg.weights,
                                         data_root=str(Path(cfg.data).resolve()),
@@ -126,13 +131,10 @@ def extract_range(cfg, listing: ImageFolderListing, key: str, path: Path, resume
         "seed": cfg.seed, "n_requested": cfg.n, "sample": "seeded, stratified by class (proportional)",
         "n_source_files": len(items), "dtype": cfg.dtype, "precision": precision, "device": str(device),
         "batch_size": cfg.batch_size, "created": now_iso(), "command": cfg.command, "config": json.dumps(asdict(cfg)),
-        "purpose": cfg.purpose, "compiled": model.compiled is not None,
+        "purpose": cfg.purpose, "decode_version": DECODE_VERSION,
         **({"calibration": json.dumps(calibration)} if calibration else {}),
         **(extra_attrs or {}),
     }
-    if resumed is not None and resumed.attrs["precision"] != precision:
-        raise UsageError(f"{path} was started in precision {resumed.attrs['precision']!r} and this run computes in "
-                         f"{precision!r}; pass --precision {resumed.attrs['precision']} to finish it")
     start = max(int(resumed.attrs["next_candidate"]) if resumed else 0, first)
     # the decoding workers fork before the cache file is opened, so they never hold it
     dataset = ImageListDataset(listing.root, items[:stop], backbone.transform, start=start,
@@ -186,5 +188,6 @@ def extract_range(cfg, listing: ImageFolderListing, key: str, path: Path, resume
             "device": str(device), "precision": precision, "seconds": seconds,
             "img_per_s": computed / seconds if seconds > 0 else 0.0,
             # where the time went: waiting for decoded images, the model (compiling included), HDF5 writes
-            "stage_seconds": {**clock, "model": model.busy_seconds}, "compile_seconds": model.compile_seconds, "compiled": bool(model.compiled and not model.compiled.failed),
+            "stage_seconds": {**clock, "model": model.busy_seconds}, "compile_seconds": model.compile_seconds,
+            "compiled": bool(model.compiled and not model.compiled.failed),
             **({"calibration_seconds": calibration["seconds"]} if calibration else {})}

@@ -290,10 +290,10 @@ def test_cache_for(cfg: FitHeadConfig, cache: FeatureCache) -> Path:
         from .extract import ExtractConfig, extract
 
         made = json.loads(cache.attrs["config"])
-        keep = {k: made[k] for k in ("backbone", "weights", "dtype", "precision", "pool", "decode", "seed", "calib_n")
-                if k in made}
-        if made.get("precision") == "int8":  # the same quantised network: calibrated on the training data
-            keep["calib_data"] = made.get("calib_data") or cache.attrs["data_root"]
+        keep = {k: made[k] for k in ("backbone", "weights", "dtype", "precision", "pool", "decode", "seed", "calib_n",
+                                     "compile") if k in made}
+        if "calibration" in cache.attrs:  # int8: the same quantised network, calibrated on the training photos
+            keep["calib_data"] = json.loads(cache.attrs["calibration"])["calib_root"]
         from .ledger import current_command
 
         path = Path(extract(ExtractConfig(data=cfg.test_data, n=0, cache_dir=str(Path(cache.path).parent),
@@ -303,7 +303,7 @@ def test_cache_for(cfg: FitHeadConfig, cache: FeatureCache) -> Path:
     with FeatureCache(path) as test:
         differ = Provenance.from_cache_attrs(cache.attrs).differences(
             Provenance.from_cache_attrs(test.attrs), ("backbone", "weights", "preprocessing", "pool", "classes"))
-        differ += [f"{k}: {cache.attrs.get(k)} vs {test.attrs.get(k)}" for k in ("precision", "dtype")
+        differ += [f"{k}: {cache.attrs.get(k)} vs {test.attrs.get(k)}" for k in ("precision", "dtype", "decode_version")
                    if cache.attrs.get(k) != test.attrs.get(k)]
         if not differ and cache.attrs.get("precision") == "int8":
             from .quantize import same_quantisation

@@ -1,15 +1,17 @@
 """int8 on the CPU: static post-training quantisation of a backbone's feature part.
 
-Route, chosen by measurement on torch 2.14 (README, "Extraction speed"): torchao's pt2e flow with
+Route, chosen by measurement on torch 2.14 (README, "Performance"): torchao's pt2e flow with
 the x86 Inductor quantizer (int8 per-channel symmetric weights, uint8 per-tensor activations),
 lowered to oneDNN's int8 convolutions so that it runs eagerly, at any batch size and bitwise
 deterministically, with no C++ compiler. Two choices differ from the quantizer's defaults, both
 measured on VGG-16 and real photos (worst-image feature cosine vs fp32): activation ranges are
 the calibration's min/max, not the histogram observer's clipped ones (0.9845 -> 0.9974: a photo
 brighter than the calibration set is not clipped), and the network's last pooling layer is left
-in float, so the features are not rounded to 256 levels on the way out (-> 0.9984). ``torch.ao.quantization``'s FX flow is
-as fast eagerly but deprecated (it warns on every use and may go in any release); pt2e has left
-torch itself for torchao, which is therefore an optional dependency (``pip install torchao``).
+in float, so the features are not rounded to 256 levels on the way out (-> 0.9984).
+``torch.ao.quantization``'s FX flow is as fast eagerly but deprecated (it warns on every use and
+may go in any release); pt2e has left torch itself for torchao, which is therefore an optional
+dependency (``pip install torchao``). Compiled (``compiled.CompiledNet``), int8 runs about twice
+as fast as eagerly, which is why ``--compile auto`` compiles it.
 
 The calibration sample is the first ``calib_n`` good images of the extraction's own seeded,
 stratified order (or of ``calib_data``'s), decoded by the same transform; what it was, the method
@@ -21,17 +23,18 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from typing import Iterable
+from pathlib import Path
 
-from .errors import UsageError
+from .errors import PipelineError, UsageError
 from .provenance import package_version
 
 log = logging.getLogger(__name__)
 
 METHOD = ("pt2e static PTQ, X86InductorQuantizer: int8 per-channel symmetric weights, uint8 per-tensor "
           "activations (MinMaxObserver), last pooling layer in float, lowered to oneDNN int8 ops")
+QUANT_VERSION = 1  # bump with any change to how the network is quantised: it is part of the caches' keys
 MAX_BATCH = 1024  # the lowered graph's batch dimension is dynamic up to this size
-CALIB_BATCH = 16  # calibration batches: fixed, because the histogram observer's result depends on the grouping
+CALIB_BATCH = 16  # calibration batches: a fixed size, so the quantised network never depends on --batch-size
 
 
 def require_torchao() -> str:
@@ -58,7 +61,8 @@ def calibrated_int8(features, listing, seed: int, n: int, transform):
                                transform)
     batches, paths = calibration_batches(dataset, n, CALIB_BATCH)
     module = quantize_int8(features, batches)
-    return module, {**calibration_identity(listing, seed, n), "images": paths, "calib_root": str(listing.root),
+    return module, {**calibration_identity(listing, seed, n), "images": paths,
+                    "calib_root": str(Path(listing.root).resolve()),
                     "seconds": round(time.time() - started, 2)}
 
 
@@ -70,11 +74,11 @@ def calibration_listing(calib_data: str, listing):
 
 
 def calibration_identity(listing, seed: int, n: int) -> dict:
-    """What decides the quantised model, for the cache's fingerprint and provenance."""
-    import torch
-
-    return {"method": METHOD, "calib_batch": CALIB_BATCH, "calib_n": n, "calib_seed": seed, "calib_data": listing.fingerprint(),
-            "torch": torch.__version__, "torchao": require_torchao()}
+    """What decides the quantised network, for the cache's fingerprint and provenance (no torch import:
+    a cache hit is answered without it)."""
+    return {"version": QUANT_VERSION, "method": METHOD, "calib_batch": CALIB_BATCH, "calib_n": n,
+            "calib_seed": seed, "calib_data": listing.fingerprint(), "torch": package_version("torch"),
+            "torchao": require_torchao()}
 
 
 def same_quantisation(train_attrs, test_attrs) -> list[str]:
@@ -82,7 +86,7 @@ def same_quantisation(train_attrs, test_attrs) -> list[str]:
     import json
 
     a, b = (json.loads(attrs.get("calibration", "{}")) for attrs in (train_attrs, test_attrs))
-    keys = ("method", "calib_batch", "calib_n", "calib_seed", "calib_data", "torch", "torchao")
+    keys = ("version", "method", "calib_batch", "calib_n", "calib_seed", "calib_data", "torch", "torchao")
     return [f"int8 calibration {k}: {a.get(k)} vs {b.get(k)}" for k in keys if a.get(k) != b.get(k)]
 
 
@@ -115,13 +119,27 @@ def quantization_config():
     return xiq.QuantizationConfig(act, act, default.weight, default.bias, default.is_qat)
 
 
-def quantize_int8(features, calib_batches: Iterable, max_batch: int = MAX_BATCH):
+def quantize_int8(features, calib_batches: list, max_batch: int = MAX_BATCH):
     """``features`` (float, eval) -> an int8 module: float32 in and out, any batch 1..max_batch.
 
     Equivalent to torchao's ``lower_pt2e_quantized_to_x86`` except that the batch dimension stays
     dynamic (that helper re-exports with the example's shape, fixing the batch size). The pt2e
-    graph stays on the result as ``converted``: ``compiled.compile_module`` compiles that one.
+    graph stays on the result as ``converted``: ``inference.Inference(compile=True)`` compiles that one.
+    A backbone the quantiser or export cannot take is a one-line PipelineError.
     """
+    started = time.time()
+    try:
+        lowered = _lowered_int8(features, list(calib_batches), max_batch)
+    except Exception as e:  # noqa: BLE001 -- export, the quantiser and the lowering raise many kinds
+        first_line = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        raise PipelineError(f"int8 quantisation of the backbone failed ({type(e).__name__}: {first_line}); "
+                            "use --precision bf16 or fp32") from e
+    log.info("quantised to int8 on %d calibration images in %.1f s", sum(len(b) for b in calib_batches),
+             time.time() - started)
+    return lowered
+
+
+def _lowered_int8(features, calib_batches: list, max_batch: int):
     import torch
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq  # registers the x86 lowerings
     from torch._export.utils import _is_cia_op
@@ -129,8 +147,6 @@ def quantize_int8(features, calib_batches: Iterable, max_batch: int = MAX_BATCH)
     from torch._inductor.fx_passes.freezing_patterns import freezing_passes
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    calib_batches = list(calib_batches)
-    started = time.time()
     example = calib_batches[0].contiguous(memory_format=torch.channels_last)
     if len(example) == 1:  # export specialises a batch of 1; two rows keep the batch dimension symbolic
         example = torch.cat([example, example]).contiguous(memory_format=torch.channels_last)
@@ -158,7 +174,5 @@ def quantize_int8(features, calib_batches: Iterable, max_batch: int = MAX_BATCH)
         freezing_passes(lowered, (example,))  # conv + quantise/dequantise -> prepacked onednn.qconv_pointwise
         constant_fold(lowered)
     lowered.converted = converted
-    log.info("quantised to int8 on %d calibration images in %.1f s", sum(len(b) for b in calib_batches),
-             time.time() - started)
     return lowered
 

@@ -42,7 +42,7 @@ def draft_short_side(transform) -> Optional[int]:
 
 def load_transformed(path, transform):
     """``transform(load_rgb(path))``, letting a large JPEG decode at a reduced scale when ``transform``
-    allows it: the one way every stage (extract, evaluate, predict) turns a file into a tensor."""
+    allows it, exactly as ``ImageListDataset`` decodes (for the single files that do not go through it)."""
     return transform(load_rgb(path, draft_short_side(transform)))
 
 

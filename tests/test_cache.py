@@ -91,7 +91,7 @@ def test_iter_blocks_streams_each_row_once(image_folder, tmp_path, make_cache):
 
 
 def _rows_cache(tmp_path, n=100, append=7):
-    """A float16 cache of ``n`` rows (3, 2, 2) whose first feature is the row's number, appended ``append`` at a time."""
+    """A float16 cache of ``n`` rows (3, 2, 2), each row's first feature its number, appended ``append`` at a time."""
     path = tmp_path / "rows.h5"
     with CacheWriter(path, {**_attrs(), "dtype": "float16"}) as w:
         for s in range(0, n, append):

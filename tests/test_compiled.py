@@ -57,6 +57,31 @@ def test_a_failing_compile_warns_once_and_runs_eagerly(monkeypatch, caplog):
     assert len(warnings) == 1 and "torch.compile failed (RuntimeError: Compiler: cc not found)" in warnings[0]
 
 
+def test_after_compiling_errors_propagate_and_out_of_memory_turns_eager(monkeypatch):
+    outcomes = iter([None, ValueError("bad input"), torch.cuda.OutOfMemoryError("CUDA out of memory")])
+
+    def flaky(module):
+        def run(x):
+            error = next(outcomes)
+            if error is not None:
+                raise error
+            return module(x)
+        return run
+
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: flaky(module))
+    m = net()
+    c = CompiledNet(m)
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        c(x)  # compiled
+        with pytest.raises(ValueError, match="bad input"):  # a real error, not a reason to go eager
+            c(x)
+        assert not c.failed
+        with pytest.raises(torch.cuda.OutOfMemoryError):  # for device.AdaptiveBatch to halve the batch ...
+            c(x)
+        assert c.failed and torch.equal(c(x[:2]), m(x[:2]))  # ... whose halves then run eagerly, unpadded
+
+
 @pytest.mark.parametrize("choice, precision, device, images, want", [
     ("on", "bf16", CPU, 1, True), ("off", "int8", CPU, 10 ** 6, False),
     ("auto", "int8", CPU, 1, True),  # int8 eager is barely faster than bf16; compiled about twice

@@ -42,19 +42,21 @@ def test_int8_rows_match_fp32_in_shape_and_closely_in_value(image_folder, tmp_pa
     assert cosines(qx, fx).min() > 0.999  # ... and close to the float network
     calibration = json.loads(attrs["calibration"])
     assert calibration["calib_n"] == 8 and len(calibration["images"]) == 8
-    assert set(calibration["images"]) <= set(qp)  # the first images of the extraction's own sample
+    assert calibration["images"] == qp[:8]  # the first images of the extraction's own sample
     assert calibration["torchao"] and "X86InductorQuantizer" in calibration["method"]
 
 
-def test_int8_extraction_is_deterministic_and_batch_size_free(image_folder, tmp_path):
-    a = features(extract(cfg(image_folder, tmp_path, cache_dir=str(tmp_path / "a")))["cache"])
-    b = features(extract(cfg(image_folder, tmp_path, cache_dir=str(tmp_path / "b"), batch_size=7))["cache"])
-    assert a[0] == b[0] and np.array_equal(a[1], b[1])  # bitwise, whatever the batch size
+@pytest.mark.parametrize("calib_n", [8, 17])  # 17: a last calibration batch of one image
+def test_int8_extraction_is_deterministic_and_batch_size_free(image_folder, tmp_path, calib_n):
+    a = features(extract(cfg(image_folder, tmp_path, cache_dir=str(tmp_path / "a"), calib_n=calib_n))["cache"])
+    b = features(extract(cfg(image_folder, tmp_path, cache_dir=str(tmp_path / "b"), calib_n=calib_n,
+                             batch_size=1))["cache"])
+    assert a[0] == b[0] and np.array_equal(a[1], b[1])  # bitwise, whatever the batch size (here 5 and 1)
 
 
 def test_compiled_int8_gives_the_eager_features(image_folder, tmp_path):
     eager = extract(cfg(image_folder, tmp_path, cache_dir=str(tmp_path / "a")))
-    compiled = extract(cfg(image_folder, tmp_path, cache_dir=str(tmp_path / "b"), compile="auto"))  # auto: int8 compiles
+    compiled = extract(cfg(image_folder, tmp_path, cache_dir=str(tmp_path / "b"), compile="auto"))  # int8 compiles
     assert compiled["compiled"] and compiled["compile_seconds"] > 0 and not eager["compiled"]
     assert features(compiled["cache"])[2]["compiled"] and not features(eager["cache"])[2]["compiled"]
     a, b = features(eager["cache"])[1], features(compiled["cache"])[1]
@@ -69,6 +71,13 @@ def test_the_fingerprint_covers_the_calibration_and_not_compile(image_folder, tm
     assert cache_key(cfg(image_folder, tmp_path, batch_size=3), listing) == base
     for changed in ({"calib_n": 9}, {"seed": 1}, {"calib_data": str(other)}, {"precision": "fp32"}):
         assert cache_key(cfg(image_folder, tmp_path, **changed), listing) != base, changed
+    import pipeline.extract
+    import pipeline.quantize
+
+    for module, name in ((pipeline.quantize, "QUANT_VERSION"), (pipeline.extract, "DECODE_VERSION")):
+        with pytest.MonkeyPatch.context() as mp:  # another quantisation or decoding: another cache
+            mp.setattr(module, name, getattr(module, name) + 1)
+            assert cache_key(cfg(image_folder, tmp_path), listing) != base, name
     # calib_n only matters to int8
     assert (cache_key(cfg(image_folder, tmp_path, precision="fp32", calib_n=9), listing)
             == cache_key(cfg(image_folder, tmp_path, precision="fp32"), listing))
