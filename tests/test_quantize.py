@@ -58,7 +58,7 @@ def test_compiled_int8_gives_the_eager_features(image_folder, tmp_path):
     eager = extract(cfg(image_folder, tmp_path, cache_dir=str(tmp_path / "a")))
     compiled = extract(cfg(image_folder, tmp_path, cache_dir=str(tmp_path / "b"), compile="auto"))  # int8 compiles
     assert compiled["compiled"] and compiled["compile_seconds"] > 0 and not eager["compiled"]
-    assert features(compiled["cache"])[2]["compiled"] and not features(eager["cache"])[2]["compiled"]
+    assert features(compiled["cache"])[2]["fingerprint"] == features(eager["cache"])[2]["fingerprint"]
     a, b = features(eager["cache"])[1], features(compiled["cache"])[1]
     assert cosines(a, b).min() > 0.9999  # Inductor's fused kernels, the same quantised network
 
@@ -153,3 +153,21 @@ def test_fit_head_test_data_is_quantised_like_the_training_cache(tmp_path):
     own = extract(cfg(test, tmp_path, cache_dir=str(tmp_path / "own")))["cache"]
     with pytest.raises(UsageError, match="int8 calibration calib_data"):
         fit_head(FitHeadConfig(cache=cache, test_cache=own, epochs=3, runs_dir=str(tmp_path / "runs")))
+
+
+def test_the_cli_extracts_int8_and_names_the_one_off_costs(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+
+    monkeypatch.chdir(tmp_path)
+    data = make_image_folder(tmp_path / "data", per_class=6)
+    args = ["extract", "--data", str(data), "--n", "0", "--backbone", "tiny", "--weights", "none", "--workers", "0",
+            "--precision", "int8", "--calib-n", "4", "--compile", "off"]
+    r = CliRunner().invoke(cli, args + ["--json"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["precision"] == "int8" and out["rows"] == 12 and out["calibration_seconds"] > 0
+    assert "int8 calibration " in r.stderr and "compiling" not in r.stderr
+    bad = CliRunner().invoke(cli, args[:-2] + ["--compile", "sometimes"])
+    assert bad.exit_code == 2 and "sometimes" in bad.stderr
