@@ -2,7 +2,7 @@
 
 Modes: ``full`` decodes every file at full size (before issue 13); ``draft xK`` lets a large JPEG
 decode at 1/2, 1/4 or 1/8 scale keeping its shorter side >= K x the transform's resize size
-(``pipeline.reader.JPEG_DRAFT_MARGIN`` is the K the pipeline uses). Image sets:
+(``pipeline.data.image_reader.JPEG_DRAFT_MARGIN`` is the K the pipeline uses). Image sets:
 
 * ``real``: photos from ../shared/data/catsdogs as they are (<= 500 px: draft never applies);
 * ``up2000`` / ``up4000``: some of those photos upscaled (bicubic) to that long side, JPEG q90:
@@ -114,9 +114,9 @@ def main(argv=None) -> dict:
 
     import torch
 
-    from pipeline.backbones import load_backbone, load_preprocessing
-    from pipeline.data import load_rgb
-    from pipeline.reader import JPEG_DRAFT_MARGIN, draft_short_side
+    from pipeline.extraction.backbones import load_backbone, load_preprocessing
+    from pipeline.data.folders import load_rgb
+    from pipeline.data.image_reader import JPEG_DRAFT_MARGIN, draft_short_side
 
     torch.set_num_threads(1)
     transform, weights_id = load_preprocessing("vgg16", a.weights)

@@ -49,7 +49,7 @@ def child_tutorial(a) -> dict:
     from torch.utils.data import DataLoader, Dataset
     from torchvision import transforms
 
-    from pipeline.backbones import load_backbone
+    from pipeline.extraction.backbones import load_backbone
 
     b = load_backbone(a.backbone, a.weights)
     tf = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
@@ -78,8 +78,8 @@ def child_tutorial(a) -> dict:
 
 def child_extract(a) -> dict:
     """`extract` with its defaults (decode, model, HDF5 write) into a fresh cache folder."""
-    from pipeline.cache import FeatureCache
-    from pipeline.extract import ExtractConfig, extract
+    from pipeline.cache.feature_cache import FeatureCache
+    from pipeline.extraction.extract import ExtractConfig, extract
 
     kw = {"decode": a.decode, "batch_size": a.batch_size, **json.loads(a.extract_kw or "{}")}
     t0 = time.perf_counter()
@@ -102,7 +102,7 @@ def child_matmul(a) -> dict:
     and, on the CPU, int8 x int8 -> int32 (``torch._int_mm``, what int8 convolutions reduce to)."""
     import torch
 
-    from pipeline.device import resolve_precision
+    from pipeline.devices import resolve_precision
 
     dev = torch.device(a.device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision("auto", dev), torch.float32)
@@ -138,11 +138,11 @@ def child_model(a) -> dict:
     timed on random batches; with --sweep, at several batch sizes."""
     import torch
 
-    from pipeline.backbones import load_backbone
-    from pipeline.data import list_image_folder
-    from pipeline.device import resolve_device, resolve_precision
-    from pipeline.extract import ExtractConfig
-    from pipeline.extract_range import feature_model
+    from pipeline.extraction.backbones import load_backbone
+    from pipeline.data.folders import list_image_folder
+    from pipeline.devices import resolve_device, resolve_precision
+    from pipeline.extraction.extract import ExtractConfig
+    from pipeline.extraction.extract_range import feature_model
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -168,8 +168,8 @@ def child_model(a) -> dict:
 
 def child_decode(a) -> dict:
     """Decode + preprocess alone, in this process (one core), over the benchmark's photos: ms per image."""
-    from pipeline.backbones import load_preprocessing
-    from pipeline.reader import ImageListDataset
+    from pipeline.extraction.backbones import load_preprocessing
+    from pipeline.data.image_reader import ImageListDataset
 
     paths = json.loads(Path(a.paths).read_text())
     ds = ImageListDataset(Path(a.data), [(p, 0) for p in paths], load_preprocessing(a.backbone, a.weights)[0])
@@ -183,7 +183,7 @@ def conv_gflop_per_image(backbone: str, weights: str) -> float:
     """2 x the multiply-adds of every convolution for one 224 x 224 image, counted with forward hooks."""
     import torch
 
-    from pipeline.backbones import load_backbone
+    from pipeline.extraction.backbones import load_backbone
 
     net = load_backbone(backbone, weights).features.eval()
     macs = []
@@ -230,7 +230,7 @@ def run_child(kind: str, a, env: Optional[dict] = None, **extra) -> dict:
 
 
 def main_bench(a) -> dict:
-    from pipeline.device import resolve_device
+    from pipeline.devices import resolve_device
 
     a.device = str(resolve_device(a.device))
     tmp = Path(tempfile.mkdtemp(prefix="bench-extract-"))

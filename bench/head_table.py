@@ -42,7 +42,7 @@ SETTINGS = [  # (name, fit-head options)
 
 
 def run(name: str, opts: dict, a: str, a_test: str, b: str, runs: str) -> dict:
-    from pipeline.head import FitHeadConfig, fit_head
+    from pipeline.heads.fit_head import FitHeadConfig, fit_head
 
     t0 = time.time()
     ra = fit_head(FitHeadConfig(cache=a, test_cache=a_test, runs_dir=runs, **opts))

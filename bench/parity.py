@@ -37,9 +37,9 @@ def cosine(a: np.ndarray, b: np.ndarray) -> dict:
 
 
 def main() -> None:
-    from pipeline.cache import FeatureCache
-    from pipeline.extract import ExtractConfig, extract
-    from pipeline.head import FitHeadConfig, fit_head
+    from pipeline.cache.feature_cache import FeatureCache
+    from pipeline.extraction.extract import ExtractConfig, extract
+    from pipeline.heads.fit_head import FitHeadConfig, fit_head
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--train", default=str(DATA))

@@ -12,7 +12,7 @@ An option a stage does not have is a ``ValueError`` naming it and the allowed on
 are ``ValueError``s too (``pipeline.errors.UsageError``), failures of the environment (a full disk,
 weights that cannot be found) ``pipeline.errors.PipelineError``.
 
-The names differ from the stage modules' (``extract_features``, not ``extract``): ``pipeline.extract``
+The names differ from the stage modules' (``extract_features``, not ``extract``): ``pipeline.extraction.extract``
 is the module of the extract stage, and a function of the same name would hide it.
 """
 from __future__ import annotations
@@ -28,18 +28,9 @@ from typing import Any, Iterable, Optional, Sequence, Union
 
 import numpy as np
 
-from .check_images import CheckImagesConfig
-from .compare import CompareConfig
-from .demo import DemoConfig
+from .config import (CheckImagesConfig, CompareConfig, DemoConfig, EvaluateConfig, ExtractConfig, FeatureMapConfig,
+                     FetchConfig, FinetuneConfig, FitHeadConfig, PredictConfig, PreviewConfig, SummaryConfig, TrainConfig)
 from .errors import UsageError
-from .evaluate import EvaluateConfig
-from .extract import ExtractConfig
-from .fetch import FetchConfig
-from .head import FitHeadConfig
-from .predict import PredictConfig
-from .summary import SummaryConfig
-from .train import FinetuneConfig, TrainConfig
-from .viz import FeatureMapConfig, PreviewConfig
 
 __all__ = [
     "Cache", "Head", "Model", "NotFittedError", "Rows",
@@ -170,7 +161,7 @@ class Cache:
     - ``cache.labels``: (N,) int64 class indices; ``cache.paths``: image paths relative to ``cache.data_root``
     - ``cache.feature_shape``: (C, H, W) of one row; ``cache.features``: the h5py dataset itself, read
       lazily (``cache.features[:10]``); ``cache.read_features(rows)``: rows as a float32 array
-    - ``cache.provenance``: backbone, weights, preprocessing, classes, data (``pipeline.provenance.Provenance``)
+    - ``cache.provenance``: backbone, weights, preprocessing, classes, data (``pipeline.cache.provenance.Provenance``)
     - ``cache.summary()``: what ``python cli.py caches`` shows of it; ``cache.attrs``: every HDF5 attribute
     - ``cache.result``: extract's summary when the cache came from ``extract_features`` (hit, rows, img/s)
 
@@ -179,7 +170,7 @@ class Cache:
     """
 
     def __init__(self, path: PathLike, *, result: Optional[dict] = None):
-        from .cache import read_info
+        from .cache.feature_cache import read_info
 
         self.path = Path(os.fspath(path))
         self._info = read_info(self.path)
@@ -220,8 +211,8 @@ class Cache:
 
     @property
     def provenance(self):
-        """Backbone, weights, preprocessing, classes and data folder (``pipeline.provenance.Provenance``)."""
-        from .provenance import Provenance
+        """Backbone, weights, preprocessing, classes and data folder (``pipeline.cache.provenance.Provenance``)."""
+        from .cache.provenance import Provenance
 
         return Provenance.from_cache_attrs(self._info.attrs)
 
@@ -231,7 +222,7 @@ class Cache:
 
     # datasets
     def _h5(self):
-        from .cache import open_h5
+        from .cache.feature_cache import open_h5
 
         if self._file is None or not self._file.id.valid:
             self._file = open_h5(self.path, "r")
@@ -239,7 +230,7 @@ class Cache:
 
     def _read(self, name: str) -> np.ndarray:
         """A small dataset, read with the file opened only for that (``features`` keeps it open)."""
-        from .cache import open_h5
+        from .cache.feature_cache import open_h5
 
         with open_h5(self.path, "r") as f:
             return f[name][: len(self)]
@@ -280,13 +271,13 @@ class Cache:
     @property
     def skipped(self) -> list[tuple[str, str]]:
         """(path, reason) of the files extraction could not decode."""
-        from .cache import read_skipped
+        from .cache.feature_cache import read_skipped
 
         return read_skipped(self.path)
 
     def consolidate(self) -> dict:
         """Turn a sharded cache (from a torchrun extraction) into one ordinary file, in place."""
-        from .cache import consolidate, read_info
+        from .cache.feature_cache import consolidate, read_info
 
         self.close()
         result = consolidate(self.path)
@@ -328,7 +319,7 @@ def extract_features(data: PathLike, n: int = ExtractConfig.n, *, verbose: Optio
     options = {"n": n, **options}
     options.setdefault("command", _call_text("extract_features", data, **options))
     cfg = _config(ExtractConfig, "extract_features", options, data=os.fspath(data))
-    from .extract import extract
+    from .extraction.extract import extract
 
     with _verbosity(verbose):
         result = extract(cfg)
@@ -345,7 +336,7 @@ class Caches(list):
 
 def list_caches(cache_dir: PathLike = ExtractConfig.cache_dir) -> Caches:
     """Every feature cache in ``cache_dir`` (newest first), as Cache objects; unusable files in ``.unreadable``."""
-    from .cache import list_caches as run
+    from .cache.feature_cache import list_caches as run
 
     good, bad = run(cache_dir)
     return Caches([Cache(i.path) for i in good], [{"path": str(p), "why": w} for p, w in bad])
@@ -415,7 +406,7 @@ class _Classifier:
 
     @classmethod
     def _read(cls, path: PathLike) -> dict:
-        from .models import read_checkpoint
+        from .models.whole_models import read_checkpoint
 
         ckpt = read_checkpoint(path)
         if cls._kinds and ckpt["kind"] not in cls._kinds:
@@ -426,9 +417,9 @@ class _Classifier:
     # -- predicting ------------------------------------------------------------------------------
     def _model(self, device: Optional[str], precision: str):
         """The whole model (backbone + head) from the checkpoint, loaded once, on ``device``."""
-        from .device import resolve_device, resolve_precision
-        from .inference import Inference
-        from .models import load_model
+        from .devices import resolve_device, resolve_precision
+        from .extraction.inference import Inference
+        from .models.whole_models import load_model
 
         dev = resolve_device(device or getattr(self, "device", "auto") or "auto")
         prec = resolve_precision(precision, dev)
@@ -440,8 +431,8 @@ class _Classifier:
     def _image_log_proba(self, X, batch_size: int, workers: Optional[int], device, precision) -> np.ndarray:
         from PIL import Image
 
-        from .data import to_rgb
-        from .predict import iter_log_proba, list_inputs
+        from .data.folders import to_rgb
+        from .models.predict import iter_log_proba, list_inputs
 
         items = [X] if isinstance(X, (str, os.PathLike, Image.Image)) else list(X)
         if not items:
@@ -507,7 +498,7 @@ class _Classifier:
         return np.asarray(self.classes_, dtype=object)[self.predict_log_proba(X, **options).argmax(1)]
 
     def _score_folder(self, data: PathLike, device, precision, batch_size: int, workers: int) -> float:
-        from .evaluate import predict_folder
+        from .reports.evaluate import predict_folder
 
         lm, model = self._model(device, precision)
         cfg = EvaluateConfig(model=str(self._checkpoint()), data=os.fspath(data), batch_size=batch_size,
@@ -536,7 +527,7 @@ class _Classifier:
         reads it) to ``path``; returns the path. ``load`` reads it back."""
         import shutil
 
-        from .paths import atomic_write
+        from .files import atomic_write
 
         src, dst = self._checkpoint(), Path(os.fspath(path))
         if dst.exists() and dst.is_dir():
@@ -607,8 +598,8 @@ class Head(_Classifier):
         """Train on ``cache`` (a Cache or a cache file; None = the newest complete cache in cache_dir);
         returns self, fitted. ``y`` is not used: the labels are the cache's. ``verbose`` (default: the
         head's own) shows the progress bars and a line per epoch for this fit only."""
-        from .head import fit_head
-        from .models import read_checkpoint
+        from .heads.fit_head import fit_head
+        from .models.whole_models import read_checkpoint
 
         cfg = FitHeadConfig(**self._params, cache=None if cache is None else _path(cache))
         with _verbosity(self.verbose if verbose is None else verbose):
@@ -629,8 +620,8 @@ class Head(_Classifier):
 
     # features through the head alone
     def _cache_predictions(self, cache: Union[Cache, PathLike], split: str, device: Optional[str]):
-        from .evaluate import PREDICTORS
-        from .models import read_checkpoint
+        from .reports.evaluate import PREDICTORS
+        from .models.whole_models import read_checkpoint
 
         ckpt_path = str(self._checkpoint())
         cfg = EvaluateConfig(model=ckpt_path, cache=_path(cache), split=split,
@@ -641,8 +632,8 @@ class Head(_Classifier):
     def _feature_log_proba(self, X: np.ndarray, batch_size: int, device: Optional[str]) -> np.ndarray:
         import torch
 
-        from .device import resolve_device
-        from .models import head_from_checkpoint, read_checkpoint
+        from .devices import resolve_device
+        from .models.whole_models import head_from_checkpoint, read_checkpoint
 
         shape = self.feature_shape_
         X = np.asarray(X)
@@ -673,7 +664,7 @@ class Head(_Classifier):
         other; on an image folder: every image through the backbone; ``score(X, y)``: against labels."""
         if y is None and (isinstance(X, Cache) or (isinstance(X, (str, os.PathLike))
                                                    and str(os.fspath(X)).endswith(".h5"))):
-            from .models import read_checkpoint
+            from .models.whole_models import read_checkpoint
 
             if split == "auto":
                 c = X if isinstance(X, Cache) else Cache(X)
@@ -751,7 +742,7 @@ def compare_sklearn(cache: Union[Cache, PathLike, None] = None, *, head: Union[H
     cfg = CompareConfig(**{k: v for k, v in options.items() if k in compare_fields},
                         cache=None if cache is None else _path(cache),
                         head=FitHeadConfig(**{k: v for k, v in head_params.items() if k != "cache"}))
-    from .compare import compare_sklearn as run
+    from .heads.compare import compare_sklearn as run
 
     with _verbosity(verbose):
         result = run(cfg)
@@ -764,8 +755,8 @@ def train_model(data: PathLike, *, verbose: Optional[bool] = False, **options) -
     ``options``: TrainConfig's (backbone, weights, n, epochs=3, lr, batch_size, augment, pool, dropout,
     val_fraction, seed, device, precision, workers, print_every, runs_dir). Returns the fitted Model.
     """
-    from .models import read_checkpoint
-    from .train import train
+    from .models.whole_models import read_checkpoint
+    from .models.train import train
 
     cfg = _config(TrainConfig, "train_model", options, data=os.fspath(data))
     with _verbosity(verbose):
@@ -782,8 +773,8 @@ def finetune_model(data: PathLike, init: Union[Head, Model, PathLike, None] = No
 
     ``options``: FinetuneConfig's (unfreeze='all' or K, epochs, head_epochs, lr, backbone_lr, and train's).
     """
-    from .models import read_checkpoint
-    from .train import finetune
+    from .models.whole_models import read_checkpoint
+    from .models.train import finetune
 
     fixed = {"data": os.fspath(data)}
     if init is not None:
@@ -808,7 +799,7 @@ def evaluate_model(model: Union[Head, Model, PathLike], cache: Union[Cache, Path
     and metrics.json to a run folder; with ``figures`` the dict also holds
     ``figures={'confusion': Figure, 'gallery': Figure}``.
     """
-    from .evaluate import evaluate, figures as draw
+    from .reports.evaluate import evaluate, figures as draw
 
     cfg = _config(EvaluateConfig, "evaluate_model", options, model=_path(model),
                   cache=None if cache is None else _path(cache), data=None if data is None else os.fspath(data))
@@ -827,7 +818,7 @@ def predict_files(model: Union[Head, Model, PathLike], paths: Union[PathLike, Se
     ``options``: PredictConfig's (weights, batch_size, workers, device, precision, format, output: the
     rows written to a file as csv/json/table). ``rows.result``: images, errors, img/s, output.
     """
-    from .predict import predict
+    from .models.predict import predict
 
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     cfg = _config(PredictConfig, "predict_files", options, model=_path(model),
@@ -845,7 +836,7 @@ def preview(data: PathLike, *, output: Optional[PathLike] = None, **options):
     ``options``: PreviewConfig's (per_class=4, seed, backbone, weights: only the preprocessing is read).
     ``fig.info``: the classes and images shown.
     """
-    from .viz import preview_figure
+    from .reports.pictures import preview_figure
 
     fig, info = preview_figure(_config(PreviewConfig, "preview", options, data=os.fspath(data),
                                        output=os.fspath(output) if output else ""))
@@ -858,7 +849,7 @@ def feature_map(image: PathLike, *, output: Optional[PathLike] = None, **options
 
     ``options``: FeatureMapConfig's (backbone, weights, top_k=6). ``fig.info``: feature_shape, top_channels.
     """
-    from .viz import feature_map_figure
+    from .reports.pictures import feature_map_figure
 
     fig, info = feature_map_figure(_config(FeatureMapConfig, "feature_map", options, image=os.fspath(image),
                                            output=os.fspath(output) if output else ""))
@@ -866,7 +857,7 @@ def feature_map(image: PathLike, *, output: Optional[PathLike] = None, **options
 
 
 def _finish_figure(fig, info: dict, output: Optional[PathLike]):
-    from .plots import save
+    from .runs.figures import save
 
     fig.info = dict(info)
     if output:
@@ -877,7 +868,7 @@ def _finish_figure(fig, info: dict, output: Optional[PathLike]):
 def plot_curves(history: Union[Head, Model, Sequence[dict]], title: str = ""):
     """Accuracy and loss per epoch, train vs validation: a matplotlib Figure of a history (a list of
     per-epoch dicts, as in history.json) or of a fitted Head or Model."""
-    from .plots import curves_figure
+    from .runs.figures import curves_figure
 
     if isinstance(history, _Classifier):
         history = history.history_
@@ -892,7 +883,7 @@ def check_image_folder(root: PathLike, *, verbose: Optional[bool] = False, **opt
     cannot use; notes: converted ones) and, with ``quarantine=True``, the files with errors moved aside
     (``python cli.py check-images``). ``options``: CheckImagesConfig's (report, quarantine, quarantine_dir,
     workers)."""
-    from .check_images import check_images
+    from .data.check_images import check_images
 
     cfg = _config(CheckImagesConfig, "check_image_folder", options, root=os.fspath(root))
     with _verbosity(verbose):
@@ -902,7 +893,7 @@ def check_image_folder(root: PathLike, *, verbose: Optional[bool] = False, **opt
 def fetch_data(*, verbose: Optional[bool] = False, **options) -> dict:
     """Download an image archive (resuming) and unpack it safely (``python cli.py fetch-data``);
     ``options``: FetchConfig's (dest, url, overwrite, timeout, retries). ``result['unpacked']``: the folder."""
-    from .fetch import fetch_data as run
+    from .data.fetch import fetch_data as run
 
     cfg = _config(FetchConfig, "fetch_data", options)
     with _verbosity(verbose):
@@ -912,7 +903,7 @@ def fetch_data(*, verbose: Optional[bool] = False, **options) -> dict:
 def run_demo(*, verbose: Optional[bool] = False, **options) -> dict:
     """The main job in one go: fetch if missing, check, extract, fit-head, compare-sklearn
     (``python cli.py demo``); ``options``: DemoConfig's (data, weights, n, backbone, cache_dir, runs_dir, ...)."""
-    from .demo import demo
+    from .reports.demo import demo
 
     options.setdefault("command", _call_text("run_demo", **options))
     cfg = _config(DemoConfig, "run_demo", options)
@@ -924,7 +915,7 @@ def list_runs(runs_dir: PathLike = FitHeadConfig.runs_dir, *, sort_by: Optional[
               cache: Union[Cache, str, None] = None, backbone: Optional[str] = None) -> Rows:
     """The experiment ledger (``runs/ledger.jsonl``): one row per run, newest first or best first by
     ``sort_by`` (val_acc, accuracy, ...), optionally only on ``cache`` or with ``backbone`` (``python cli.py runs``)."""
-    from .ledger import read_runs
+    from .runs.ledger import read_runs
 
     return Rows(read_runs(os.fspath(runs_dir), sort_by=sort_by, cache=None if cache is None else _path(cache),
                           backbone=backbone))
@@ -935,7 +926,7 @@ def imagenet_check(image: PathLike, **options) -> dict:
     ``options``: backbone, weights (with the classifier), top, device."""
     import inspect
 
-    from .predict import imagenet_check as run
+    from .models.predict import imagenet_check as run
 
     allowed = [p for p in inspect.signature(run).parameters if p != "image"]
     unknown = sorted(set(options) - set(allowed))
@@ -949,6 +940,6 @@ def model_summary(**options) -> dict:
     """Layer-by-layer shapes and total/trainable parameters of backbone + head under a freeze setting
     (``python cli.py summary``); ``options``: SummaryConfig's (backbone, classes, pool, dropout, unfreeze,
     crop_size)."""
-    from .summary import summarize
+    from .models.summary import summarize
 
     return summarize(_config(SummaryConfig, "model_summary", options))

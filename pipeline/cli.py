@@ -17,22 +17,12 @@ import warnings
 
 import click
 
-from .check_images import CheckImagesConfig
-from .compare import CompareConfig
-from .demo import DemoConfig
 from . import api
+from .config import (COMPILE, DECODERS, FORMATS, HEADS, MODEL_PRECISIONS, NORMS, POOLS, PRECISIONS, RECIPES, SPLITS,
+                     STORAGE_DTYPES, VIEWS, CheckImagesConfig, CompareConfig, DemoConfig, EvaluateConfig, ExtractConfig,
+                     FeatureMapConfig, FetchConfig, FinetuneConfig, FitHeadConfig, ImagenetCheckConfig, PredictConfig,
+                     PreviewConfig, SummaryConfig, TrainConfig)
 from .errors import PipelineError, UsageError
-from .evaluate import EvaluateConfig
-from .extract import ExtractConfig
-from .fetch import FetchConfig
-from .head import HEADS, RECIPES, FitHeadConfig
-from .ledger import current_command, read_runs
-from . import predict as predict_stage
-from .predict import PredictConfig
-from .summary import SummaryConfig
-from .train import FinetuneConfig, TrainConfig
-from .views import NORMS, VIEWS
-from .viz import FeatureMapConfig, PreviewConfig
 
 
 class FiniteFloat(click.ParamType):
@@ -206,19 +196,19 @@ def json_option(fn):
 @click.option("--device", help="auto, cpu, cuda or cuda:N.")
 @click.option("--workers", type=int, help="Decoding processes; -1 = one per core.")
 @click.option("--seed", type=int, help="Seed of the stratified sample of --n images.")
-@click.option("--dtype", type=click.Choice(["float16", "float32"]),
+@click.option("--dtype", type=click.Choice(STORAGE_DTYPES),
               help="Storage dtype of the features.")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16", "int8"]),
+@click.option("--precision", type=click.Choice(PRECISIONS),
               help="Compute precision; auto = bf16 where the device supports it; int8 (CPU, needs torchao) "
                    "quantises the backbone, calibrated on --calib-n images of the sample.")
-@click.option("--compile", type=click.Choice(["auto", "on", "off"]),
+@click.option("--compile", type=click.Choice(COMPILE),
               help="torch.compile the backbone: a one-off compile (tens of seconds), then faster per image; "
                    "auto = for int8 and long CPU runs. Falls back to eager with a warning.")
 @click.option("--calib-n", type=int, help="int8: calibration images (the first of the seeded sample).")
 @click.option("--calib-data", help="int8: calibrate on this folder's sample instead of --data's.")
-@click.option("--pool", type=click.Choice(["none", "avg"]),
+@click.option("--pool", type=click.Choice(POOLS),
               help="avg stores globally pooled C-vectors instead of C x H x W maps.")
-@click.option("--decode", type=click.Choice(["pil", "device"]),
+@click.option("--decode", type=click.Choice(DECODERS),
               help="device: decode JPEGs with torchvision's decode_jpeg on --device (nvJPEG on a GPU), "
                    "for when CPU decoding is the bottleneck; other files still go through PIL.")
 @click.option("--cache-dir")
@@ -232,6 +222,7 @@ def extract(as_json, **options):
     Under `torchrun --nproc_per_node=K cli.py extract ...` each rank extracts a shard and rank 0
     joins them into one (virtual) cache.
     """
+    from .runs.ledger import current_command
     try:
         result = api.extract_features(options.pop("data"), verbose=None, command=current_command(), **options).result
     except KeyboardInterrupt:
@@ -327,7 +318,7 @@ def split_options(fn):
 @library_errors
 def fit_head_cmd(as_json, **options):
     """Fit a Linear + LogSoftmax head on cached features (one line per epoch for --head linear)."""
-    from .head import format_result
+    from .heads.fit_head import format_result
 
     cache = options.pop("cache")
     result = api.Head(verbose=None, **options).fit(cache).result_
@@ -346,7 +337,7 @@ def fit_head_cmd(as_json, **options):
 @library_errors
 def compare_sklearn_cmd(as_json, cache, cache_dir, val_fraction, seed, C, max_iter, no_scale, **head):
     """Fit the torch head and scikit-learn LogisticRegression on the same split; print both."""
-    from .compare import format_table
+    from .heads.compare import format_table
 
     result = api.compare_sklearn(cache, verbose=None, cache_dir=cache_dir, val_fraction=val_fraction, seed=seed, C=C,
                                  max_iter=max_iter, scale=not no_scale, **head).result
@@ -401,7 +392,7 @@ def feature_map_cmd(as_json, **options):
 @click.option("--cache", type=click.Path(dir_okay=False),
               help="Feature cache to evaluate on [default: the one the model was trained on].")
 @click.option("--data", help="Or an ImageFolder root, run through the backbone.")
-@click.option("--split", type=click.Choice(["val", "all"]),
+@click.option("--split", type=click.Choice(SPLITS),
               help="Cache rows: the model's validation split, or all.")
 @click.option("--weights", help="Backbone weights for --data [default: those the model names].")
 @click.option("--top-k", type=int, help="Images in the misclassified gallery.")
@@ -413,14 +404,14 @@ def feature_map_cmd(as_json, **options):
 @library_errors
 def evaluate(as_json, **options):
     """Accuracy, per-class precision/recall/F1, a confusion-matrix PNG and a gallery of confident errors."""
-    from .evaluate import format_report
+    from .reports.evaluate import format_report
 
     result = api.evaluate_model(options.pop("model"), options.pop("cache"), options.pop("data"), figures=False,
                                 verbose=None, **options)
     emit(result, as_json, format_report(result))
 
 
-@defaults_from(read_runs, FitHeadConfig)  # --runs-dir
+@defaults_from(FitHeadConfig)  # --runs-dir
 @cli.command()
 @click.option("--runs-dir")
 @click.option("--sort", "sort_by", metavar="METRIC",
@@ -431,7 +422,7 @@ def evaluate(as_json, **options):
 @library_errors
 def runs(runs_dir, sort_by, cache, backbone, as_json):
     """The experiment ledger (runs/ledger.jsonl) as a table."""
-    from .ledger import format_runs, ledger_path
+    from .runs.ledger import format_runs, ledger_path
 
     records = list(api.list_runs(runs_dir, sort_by=sort_by, cache=cache, backbone=backbone))
     emit({"runs": records}, as_json, format_runs(records, sort_by) if records else f"no runs in {ledger_path(runs_dir)}")
@@ -468,7 +459,7 @@ def fetch_data_cmd(as_json, **options):
 @library_errors
 def check_images_cmd(as_json, **options):
     """Fully decode every file below DIR and report unusable ones (errors) and converted ones (notes)."""
-    from .check_images import format_summary
+    from .data.check_images import format_summary
 
     result = api.check_image_folder(options.pop("root"), verbose=None, **options)
     emit(result, as_json, format_summary(result))
@@ -490,8 +481,9 @@ def check_images_cmd(as_json, **options):
 @library_errors
 def demo(as_json, **options):
     """The main job in one go: fetch if missing, check images, extract, fit the head, compare with sklearn."""
-    from .compare import format_table
-    from .demo import format_next
+    from .heads.compare import format_table
+    from .reports.demo import format_next
+    from .runs.ledger import current_command
     result = api.run_demo(verbose=None, command=current_command(), **options)
     emit(result, as_json, format_table(result["compare"]) + "\n\n" + format_next(result["next"]))
 
@@ -504,7 +496,7 @@ def image_train_options(fn):
         click.option("--data", help="ImageFolder root (one folder per class)."),
         click.option("--n", type=int,
                      help="Images to use (seeded stratified sample); 0 = all."),
-        click.option("--pool", type=click.Choice(["none", "avg"]),
+        click.option("--pool", type=click.Choice(POOLS),
                      help="Head input: flattened map (none) or global average (avg) [default: the backbone's]."),
         click.option("--dropout", type=FINITE),
         click.option("--augment", is_flag=True, help="Random resized crop + horizontal flip on training images."),
@@ -514,7 +506,7 @@ def image_train_options(fn):
         click.option("--workers", type=int,
                      help="Decoding processes; -1 = one per core."),
         click.option("--device", help="auto, cpu, cuda or cuda:N."),
-        click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+        click.option("--precision", type=click.Choice(MODEL_PRECISIONS),
                      help="Compute precision; auto = bf16 where the device supports it."),
         click.option("--runs-dir", help="Where run outputs go."),
     ]):
@@ -573,16 +565,16 @@ def finetune(as_json, **options):
 @click.option("--model", "model", required=True, type=click.Path(dir_okay=False),
               help="A model.pt from train/finetune, or a head.pt from fit-head.")
 @click.option("--weights", help="For a head.pt: its backbone weights, if not where the head recorded them.")
-@click.option("--format", "format", type=click.Choice(["table", "csv", "json"]))
+@click.option("--format", "format", type=click.Choice(FORMATS))
 @click.option("--output", type=click.Path(dir_okay=False), help="Write the rows to FILE.")
 @click.option("--batch-size", type=int)
 @click.option("--workers", type=int, help="Decoding processes; -1 = one per core.")
 @click.option("--device", help="auto, cpu, cuda or cuda:N.")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]))
+@click.option("--precision", type=click.Choice(MODEL_PRECISIONS))
 @library_errors
 def predict(paths, **options):
     """Classify images and folders of images: class and probability per file; unreadable files get an error."""
-    from .predict import format_rows
+    from .models.predict import format_rows
 
     result = api.predict_files(options.pop("model"), list(paths), verbose=None, **options).result
     note(f"{plural(result['images'], 'image')}, {result['errors']} unreadable, "
@@ -592,7 +584,7 @@ def predict(paths, **options):
         raise click.ClickException(f"none of the {plural(result['images'], 'input')} could be classified")
 
 
-@defaults_from(predict_stage.imagenet_check)
+@defaults_from(ImagenetCheckConfig)
 @cli.command("imagenet-check")
 @click.argument("image", type=click.Path(dir_okay=False))
 @click.option("--backbone")
@@ -612,7 +604,7 @@ def imagenet_check_cmd(as_json, **options):
 @cli.command()
 @click.option("--backbone")
 @click.option("--classes", type=int, help="Outputs of the new head.")
-@click.option("--pool", type=click.Choice(["none", "avg"]), help="[default: the backbone's]")
+@click.option("--pool", type=click.Choice(POOLS), help="[default: the backbone's]")
 @click.option("--dropout", type=FINITE)
 @click.option("--unfreeze", help="'none' (frozen backbone, as train), 'all', or K: the last K blocks (as finetune).")
 @click.option("--crop-size", type=int, help="Input size; 0 = the backbone's default.")
@@ -620,7 +612,7 @@ def imagenet_check_cmd(as_json, **options):
 @library_errors
 def summary(as_json, **options):
     """Layer-by-layer table and total/trainable parameter counts of backbone + head under a freeze setting."""
-    from .summary import format_summary
+    from .models.summary import format_summary
 
     result = api.model_summary(**options)
     emit(result, as_json, format_summary(result))

@@ -48,7 +48,7 @@ def shared_available():
 def make_cache(tmp_path):
     """``make_cache(data, **options)``: extract's result for ``data`` with the test defaults (all images,
     the tiny random-weight backbone, decoding in-process, caches under tmp_path/features)."""
-    from pipeline.extract import ExtractConfig, extract
+    from pipeline.extraction.extract import ExtractConfig, extract
 
     def make(data, **options) -> dict:
         cfg = {"n": 0, "backbone": "tiny", "weights": "none", "workers": 0, "cache_dir": str(tmp_path / "features"),

@@ -50,13 +50,13 @@ def test_import_pipeline_stays_light_and_documents_the_api():
 
 
 def test_the_api_hides_no_stage_module():
-    """Public names never shadow a submodule: `import pipeline.extract as m` stays the extract stage."""
+    """Public names never shadow a submodule: `import pipeline.extraction.extract as m` stays the extract stage."""
     modules = {p.stem for p in (ROOT / "pipeline").glob("*.py")}
     assert not modules & set(pipeline.__all__)
     assert set(pipeline.__all__) <= set(dir(pipeline))
     for name in pipeline.__all__:
         assert getattr(pipeline, name).__doc__, name  # what help() shows
-    import pipeline.extract as stage
+    import pipeline.extraction.extract as stage
 
     assert stage.ExtractConfig and pipeline.extract_features is pipeline.api.extract_features
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
@@ -113,8 +113,7 @@ def test_options_follow_the_config_dataclasses(monkeypatch):
     """A field added to a stage's config is an option of the API at once (other work adds fields)."""
     import dataclasses
 
-    from pipeline import head as head_stage
-
+    from pipeline.heads import fit_head as head_stage
     Extended = dataclasses.make_dataclass("Extended", [("view", str, "map")], bases=(head_stage.FitHeadConfig,))
     monkeypatch.setattr(pipeline.api, "FitHeadConfig", Extended)
     h = pipeline.Head(view="pooled")

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from pipeline import backbones as bb
+from pipeline.extraction import backbones as bb
 from pipeline.errors import PipelineError
 
 

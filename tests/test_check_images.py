@@ -10,8 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import cli
-from pipeline.check_images import KINDS, CheckImagesConfig, check_images
-from pipeline.data import ImageLoadError, list_image_folder, load_rgb
+from pipeline.data.check_images import KINDS, CheckImagesConfig, check_images
+from pipeline.data.folders import ImageLoadError, list_image_folder, load_rgb
 from tests.badfiles import make_bad_corpus, skipped_by_extract, usable
 from tests.conftest import make_image_folder
 from tests.fsfaults import make_non_regular, no_hang

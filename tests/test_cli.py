@@ -7,7 +7,7 @@ import torch
 from click.testing import CliRunner
 
 from pipeline.cli import cli
-from pipeline.backbones import load_backbone
+from pipeline.extraction.backbones import load_backbone
 from tests.conftest import make_image_folder
 
 TINY = ["--backbone", "tiny", "--weights", "none", "--workers", "0"]
@@ -111,7 +111,7 @@ def test_a_link_or_pipe_in_the_data_folder_is_skipped_with_its_reason(run, tmp_p
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
     assert out["rows"] == 12 and out["skipped"] == 3
-    from pipeline.cache import read_skipped
+    from pipeline.cache.feature_cache import read_skipped
 
     reasons = dict(read_skipped(out["cache"]))
     for name, why in expected.items():

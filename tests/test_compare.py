@@ -1,14 +1,14 @@
 import pytest
 
-from pipeline.compare import CompareConfig, compare_sklearn, format_table
-from pipeline.head import FitHeadConfig
+from pipeline.heads.compare import CompareConfig, compare_sklearn, format_table
+from pipeline.heads.fit_head import FitHeadConfig
 from tests.conftest import make_image_folder
 
 
 def test_both_models_on_the_same_split(tmp_path, monkeypatch, make_cache):
     data = make_image_folder(tmp_path / "d", per_class=16, classes=("blue", "green", "red"))
     cache = make_cache(data)["cache"]
-    import pipeline.compare as compare
+    import pipeline.heads.compare as compare
 
     seen = []
     real_split = compare.split_indices
@@ -19,7 +19,7 @@ def test_both_models_on_the_same_split(tmp_path, monkeypatch, make_cache):
         return out
 
     monkeypatch.setattr(compare, "split_indices", spy)
-    monkeypatch.setattr("pipeline.head.split_indices", spy)
+    monkeypatch.setattr("pipeline.heads.fit_head.split_indices", spy)
     r = compare_sklearn(CompareConfig(cache=cache, val_fraction=0.25, seed=3,
                                       head=FitHeadConfig(epochs=20, runs_dir=str(tmp_path / "runs"))))
     assert len(seen) == 4 and all(s == seen[0] for s in seen)  # linear, logreg, kernel, sklearn: one split

@@ -6,8 +6,8 @@ import logging
 import pytest
 import torch
 
-from pipeline.compiled import CompiledNet
-from pipeline.extract_range import COMPILE_MIN_IMAGES, should_compile
+from pipeline.extraction.compiled import CompiledNet
+from pipeline.extraction.extract_range import COMPILE_MIN_IMAGES, should_compile
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
@@ -49,7 +49,7 @@ def test_a_failing_compile_warns_once_and_runs_eagerly(monkeypatch, caplog):
     m = net()
     c = CompiledNet(m)
     x = torch.randn(2, 3, 8, 8)
-    with caplog.at_level(logging.WARNING, logger="pipeline.compiled"), torch.no_grad():
+    with caplog.at_level(logging.WARNING, logger="pipeline.extraction.compiled"), torch.no_grad():
         first, second = c(x), c(x)
     assert c.failed and len(calls) == 1  # not retried for every batch
     assert torch.equal(first, m(x)) and torch.equal(second, m(x))

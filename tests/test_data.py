@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.data import ImageLoadError, jpeg_bytes, list_image_folder, load_rgb, stratified_order
+from pipeline.data.folders import ImageLoadError, jpeg_bytes, list_image_folder, load_rgb, stratified_order
 from tests.conftest import make_image_folder
 from tests.fsfaults import make_non_regular, no_hang
 

@@ -3,10 +3,10 @@ import pytest
 import torch
 from torch import nn
 
-import pipeline.device as dev
-from pipeline.device import AdaptiveBatch, autocast, resolve_precision, resolve_workers
+import pipeline.devices as dev
+from pipeline.devices import AdaptiveBatch, autocast, resolve_precision, resolve_workers
 from pipeline.errors import PipelineError
-from pipeline.inference import Inference
+from pipeline.extraction.inference import Inference
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 

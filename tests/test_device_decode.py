@@ -4,9 +4,9 @@ import os
 import numpy as np
 import pytest
 
-from pipeline.cache import FeatureCache
-from pipeline.data import ImageLoadError, jpeg_bytes
-from pipeline.extract import ExtractConfig, extract
+from pipeline.cache.feature_cache import FeatureCache
+from pipeline.data.folders import ImageLoadError, jpeg_bytes
+from pipeline.extraction.extract import ExtractConfig, extract
 from tests.badfiles import make_bad_corpus, skipped_by_extract
 from tests.conftest import make_image_folder
 from tests.fsfaults import no_hang

@@ -9,10 +9,10 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline.cache import CacheError, FeatureCache, consolidate, read_info, shard_paths
-from pipeline.distributed import split
-from pipeline.extract import ExtractConfig, extract
-from pipeline.head import FitHeadConfig, fit_head
+from pipeline.cache.feature_cache import CacheError, FeatureCache, consolidate, read_info, shard_paths
+from pipeline.extraction.distributed import split
+from pipeline.extraction.extract import ExtractConfig, extract
+from pipeline.heads.fit_head import FitHeadConfig, fit_head
 from tests.badfiles import make_bad_corpus
 from tests.conftest import ROOT, make_image_folder
 
@@ -23,14 +23,14 @@ import os, sys
 sys.path.insert(0, {str(ROOT)!r})
 crash = int(os.environ.get("CRASH_RANK1_AFTER", 0))
 if crash and os.environ.get("RANK") == "1":  # die like a killed rank after `crash` committed batches
-    import pipeline.cache
-    append, calls = pipeline.cache.CacheWriter.append, []
+    import pipeline.cache.feature_cache
+    append, calls = pipeline.cache.feature_cache.CacheWriter.append, []
     def dying(self, *a, **k):
         append(self, *a, **k)
         calls.append(1)
         if len(calls) == crash:
             os._exit(3)
-    pipeline.cache.CacheWriter.append = dying
+    pipeline.cache.feature_cache.CacheWriter.append = dying
 import tests.tiny, cli
 cli.cli()
 """

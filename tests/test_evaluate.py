@@ -10,9 +10,9 @@ import torch
 from click.testing import CliRunner
 
 from pipeline import cli
-from pipeline.evaluate import EvaluateConfig, Predictions, evaluate, summarize
-from pipeline.head import FitHeadConfig, fit_head
-from pipeline.ledger import read_runs
+from pipeline.reports.evaluate import EvaluateConfig, Predictions, evaluate, summarize
+from pipeline.heads.fit_head import FitHeadConfig, fit_head
+from pipeline.runs.ledger import read_runs
 from tests.conftest import make_image_folder
 
 
@@ -104,7 +104,7 @@ def test_cli_json_and_ledger(tmp_path, head_run):
 
 
 def test_a_trained_model_evaluates_on_images(tmp_path, image_folder):
-    from pipeline.train import TrainConfig, train
+    from pipeline.models.train import TrainConfig, train
 
     fast = dict(weights="none", workers=0, device="cpu", precision="fp32", batch_size=8)
     model = train(TrainConfig(data=str(image_folder), backbone="tiny", epochs=3, lr=0.01, val_fraction=0.25,

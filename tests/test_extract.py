@@ -9,9 +9,9 @@ import h5py
 import numpy as np
 import pytest
 
-import pipeline.data
-from pipeline.cache import FeatureCache
-from pipeline.extract import ExtractConfig, extract
+import pipeline.data.folders
+from pipeline.cache.feature_cache import FeatureCache
+from pipeline.extraction.extract import ExtractConfig, extract
 from tests.conftest import ROOT, make_image_folder
 from tests.tiny import CLI
 
@@ -40,8 +40,8 @@ def test_extract_writes_every_row_including_the_partial_last_batch(image_folder,
 def test_rows_match_a_direct_forward_pass(image_folder, tmp_path):
     import torch
 
-    from pipeline.backbones import load_backbone
-    from pipeline.data import load_rgb
+    from pipeline.extraction.backbones import load_backbone
+    from pipeline.data.folders import load_rgb
 
     r = extract(cfg(image_folder, tmp_path, precision="fp32"))
     bb = load_backbone("tiny", "none")
@@ -70,7 +70,7 @@ def test_same_request_is_a_cache_hit_without_decoding(image_folder, tmp_path, mo
     def no_decoding(path):
         raise AssertionError("decoded an image on a cache hit")
 
-    monkeypatch.setattr(pipeline.data, "load_rgb", no_decoding)
+    monkeypatch.setattr(pipeline.data.folders, "load_rgb", no_decoding)
     again = extract(cfg(image_folder, tmp_path, batch_size=7, workers=0))
     assert again["hit"] and again["cache"] == first["cache"] and again["rows"] == 24
 
@@ -176,7 +176,7 @@ def test_non_finite_features_are_never_committed(image_folder, tmp_path, monkeyp
     import numpy as np
 
     from pipeline.errors import PipelineError
-    from pipeline.inference import Inference
+    from pipeline.extraction.inference import Inference
 
     real = Inference.__call__
 

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from pipeline.cli import cli
 from pipeline.errors import PipelineError
-from pipeline.fetch import FetchConfig, archive_name, fetch_data
+from pipeline.data.fetch import FetchConfig, archive_name, fetch_data
 
 NAME = "pets.zip"
 

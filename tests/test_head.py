@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.cache import FeatureCache
-from pipeline.extract import ExtractConfig, extract
-from pipeline.head import FitHeadConfig, evaluate_head, fit_head
-from pipeline.probes import ProbeHead
-from pipeline.training import split_indices
+from pipeline.cache.feature_cache import FeatureCache
+from pipeline.extraction.extract import ExtractConfig, extract
+from pipeline.heads.fit_head import FitHeadConfig, evaluate_head, fit_head
+from pipeline.heads.probe_heads import ProbeHead
+from pipeline.heads.epoch_loop import split_indices
 from tests.conftest import make_image_folder
 
 
@@ -120,7 +120,7 @@ def test_the_seed_recipe_is_the_tutorials_head(cache, tmp_path):
 def test_a_logreg_head_is_sklearns_logistic_regression_as_a_linear_layer(cache, tmp_path):
     from sklearn.linear_model import LogisticRegression
 
-    from pipeline.evaluate import EvaluateConfig, evaluate
+    from pipeline.reports.evaluate import EvaluateConfig, evaluate
 
     r = fit_head(FitHeadConfig(cache=cache, head="logreg", C=10.0, val_fraction=0.25, runs_dir=str(tmp_path / "r")))
     with FeatureCache(cache) as c:
@@ -152,7 +152,7 @@ def test_test_data_is_extracted_like_the_cache_scored_and_copies_are_reported(tm
     other = make_image_folder(tmp_path / "other", per_class=5, seed=7)
     r = fit_head(FitHeadConfig(cache=cache, epochs=20, test_data=str(other), runs_dir=str(tmp_path / "runs")))
     assert r["test"]["rows"] == 10 and r["test_acc"] == r["test"]["acc"] and r["test"]["overlap"] == []
-    from pipeline.cache import newest_cache
+    from pipeline.cache.feature_cache import newest_cache
 
     assert str(newest_cache(tmp_path / "features").path) == cache  # the newer test cache is never the default
     again = fit_head(FitHeadConfig(cache=cache, epochs=1, test_cache=r["test"]["cache"], runs_dir=str(tmp_path / "r")))

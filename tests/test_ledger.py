@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline import cli
-from pipeline.ledger import append_run, format_runs, ledger_path, read_runs
+from pipeline.runs.ledger import append_run, format_runs, ledger_path, read_runs
 
 
 def _add(runs, kind="fit-head", fp="aaaa1111", backbone="vgg16", **metrics):

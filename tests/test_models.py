@@ -9,11 +9,11 @@ import torch
 from click.testing import CliRunner
 
 from pipeline import cli
-from pipeline import backbones as bb
+from pipeline.extraction import backbones as bb
 from pipeline.errors import PipelineError
-from pipeline.extract import ExtractConfig, extract
-from pipeline.head import FitHeadConfig, fit_head
-from pipeline.models import (
+from pipeline.extraction.extract import ExtractConfig, extract
+from pipeline.heads.fit_head import FitHeadConfig, fit_head
+from pipeline.models.whole_models import (
     ALL,
     build_model,
     load_model,

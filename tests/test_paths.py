@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from pipeline import cache as cache_mod
+from pipeline.cache import feature_cache as cache_mod
 from pipeline.cli import cli
 from pipeline.errors import DiskFull
-from pipeline.paths import atomic_write, disk_error, writing
+from pipeline.files import atomic_write, disk_error, writing
 from tests.conftest import ROOT, make_image_folder
 
 TINY = ["--backbone", "tiny", "--weights", "none", "--workers", "0", "--dtype", "float32", "--batch-size", "4"]

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from pipeline import cli
-from pipeline import plots
+from pipeline.runs import figures as plots
 from tests.conftest import ROOT, SHARED_CATSDOGS, SHARED_WEIGHTS
 
 
@@ -83,7 +83,7 @@ def test_denormalise_undoes_caffe_style_normalisation():
 
 def test_headless_backend_is_forced(tmp_path):
     env = {**os.environ, "MPLBACKEND": "TkAgg", "DISPLAY": ""}
-    code = "import pipeline.plots, matplotlib; print(matplotlib.get_backend())"
+    code = "import pipeline.runs.figures, matplotlib; print(matplotlib.get_backend())"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip().lower() == "agg"
 
@@ -99,8 +99,7 @@ def test_real_feature_map_is_512_by_49(tmp_path, shared_available):
 
 def test_preview_needs_the_preprocessing_only_never_the_weights(tmp_path, image_folder, monkeypatch):
     """VGG-16's DEFAULT weights (528 MB) are neither downloaded nor loaded: their enum has the transforms."""
-    from pipeline import backbones as bb
-
+    from pipeline.extraction import backbones as bb
     def refuse(*a, **k):
         raise AssertionError("preview loaded weights")
 

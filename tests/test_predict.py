@@ -9,10 +9,10 @@ import torch
 from click.testing import CliRunner
 
 from pipeline import cli
-from pipeline import backbones as bb
-from pipeline.head import FitHeadConfig, fit_head
-from pipeline.models import build_model, save_model
-from pipeline.predict import PredictConfig, predict
+from pipeline.extraction import backbones as bb
+from pipeline.heads.fit_head import FitHeadConfig, fit_head
+from pipeline.models.whole_models import build_model, save_model
+from pipeline.models.predict import PredictConfig, predict
 
 pytestmark = pytest.mark.filterwarnings("ignore:--weights none", "ignore:no sidecar")
 
@@ -148,7 +148,7 @@ def test_predict_output_never_overwrites_an_input_and_is_never_half_written(tmp_
         yield {"path": "x", "class": "red", "probability": 0.9, "error": None}
         raise OSError(28, "No space left on device")
 
-    import pipeline.predict as predict_mod
+    import pipeline.models.predict as predict_mod
 
     real = predict_mod.iter_predictions
     predict_mod.iter_predictions = broken

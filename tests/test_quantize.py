@@ -6,10 +6,10 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.cache import FeatureCache
-from pipeline.data import list_image_folder
+from pipeline.cache.feature_cache import FeatureCache
+from pipeline.data.folders import list_image_folder
 from pipeline.errors import UsageError
-from pipeline.extract import ExtractConfig, cache_key, extract
+from pipeline.extraction.extract import ExtractConfig, cache_key, extract
 from tests.conftest import make_image_folder
 
 pytest.importorskip("torchao", reason="int8 needs the optional torchao (in the dev extra)")
@@ -71,10 +71,10 @@ def test_the_fingerprint_covers_the_calibration_and_not_compile(image_folder, tm
     assert cache_key(cfg(image_folder, tmp_path, batch_size=3), listing) == base
     for changed in ({"calib_n": 9}, {"seed": 1}, {"calib_data": str(other)}, {"precision": "fp32"}):
         assert cache_key(cfg(image_folder, tmp_path, **changed), listing) != base, changed
-    import pipeline.extract
-    import pipeline.quantize
+    import pipeline.extraction.extract
+    import pipeline.extraction.quantize
 
-    for module, name in ((pipeline.quantize, "QUANT_VERSION"), (pipeline.extract, "DECODE_VERSION")):
+    for module, name in ((pipeline.extraction.quantize, "QUANT_VERSION"), (pipeline.extraction.extract, "DECODE_VERSION")):
         with pytest.MonkeyPatch.context() as mp:  # another quantisation or decoding: another cache
             mp.setattr(module, name, getattr(module, name) + 1)
             assert cache_key(cfg(image_folder, tmp_path), listing) != base, name
@@ -84,7 +84,7 @@ def test_the_fingerprint_covers_the_calibration_and_not_compile(image_folder, tm
 
 
 def test_an_interrupted_int8_extraction_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
-    from pipeline.inference import Inference
+    from pipeline.extraction.inference import Inference
 
     data = make_image_folder(tmp_path / "d", per_class=10)
     reference = features(extract(cfg(data, tmp_path, cache_dir=str(tmp_path / "ref")))["cache"])
@@ -120,9 +120,9 @@ def test_int8_usage_errors(image_folder, tmp_path, monkeypatch):
         extract(cfg(image_folder, tmp_path, batch_size=2048))
     with pytest.raises(UsageError, match="--calib-n must be positive"):
         extract(cfg(image_folder, tmp_path, calib_n=0))
-    import pipeline.quantize
+    import pipeline.extraction.quantize
 
-    monkeypatch.setattr(pipeline.quantize, "package_version", lambda name: "")
+    monkeypatch.setattr(pipeline.extraction.quantize, "package_version", lambda name: "")
     with pytest.raises(UsageError, match="needs torchao"):
         extract(cfg(image_folder, tmp_path))
 
@@ -130,7 +130,7 @@ def test_int8_usage_errors(image_folder, tmp_path, monkeypatch):
 def test_int8_is_refused_on_cuda_and_outside_extraction():
     import torch
 
-    from pipeline.device import resolve_precision
+    from pipeline.devices import resolve_precision
 
     with pytest.raises(UsageError, match="CPU only"):
         resolve_precision("int8", torch.device("cuda"), int8_ok=True)
@@ -140,7 +140,7 @@ def test_int8_is_refused_on_cuda_and_outside_extraction():
 
 
 def test_fit_head_test_data_is_quantised_like_the_training_cache(tmp_path):
-    from pipeline.head import FitHeadConfig, fit_head
+    from pipeline.heads.fit_head import FitHeadConfig, fit_head
 
     train = make_image_folder(tmp_path / "train", per_class=10)
     test = make_image_folder(tmp_path / "test", per_class=4, seed=9)

@@ -4,10 +4,10 @@ import pytest
 from PIL import Image
 from torchvision.transforms._presets import ImageClassification
 
-import pipeline.data
-from pipeline.data import decode_image, load_rgb
-from pipeline.reader import ImageListDataset, draft_short_side, load_transformed
-from pipeline.train import train_transform
+import pipeline.data.folders
+from pipeline.data.folders import decode_image, load_rgb
+from pipeline.data.image_reader import ImageListDataset, draft_short_side, load_transformed
+from pipeline.models.train import train_transform
 
 # resize 32 / crop 28: the pipeline lets a JPEG decode reduced to a short side >= 2 x 32 = 64
 T = ImageClassification(crop_size=28, resize_size=32)
@@ -52,8 +52,8 @@ def test_a_large_jpeg_decodes_reduced_keeping_the_resize_size(big_jpeg):
 
 def test_small_jpegs_pngs_and_other_modes_are_not_drafted(tmp_path, monkeypatch):
     calls = []
-    real = pipeline.data.jpeg_draft
-    monkeypatch.setattr(pipeline.data, "jpeg_draft", lambda im, m: calls.append(real(im, m)) or calls[-1])
+    real = pipeline.data.folders.jpeg_draft
+    monkeypatch.setattr(pipeline.data.folders, "jpeg_draft", lambda im, m: calls.append(real(im, m)) or calls[-1])
     Image.fromarray(photo_like(90, 60)).save(tmp_path / "small.jpg", quality=90)
     Image.fromarray(photo_like(390, 260)).save(tmp_path / "big.png")
     Image.fromarray(photo_like(390, 260)).convert("L").save(tmp_path / "gray.jpg", quality=90)
@@ -84,8 +84,8 @@ def test_the_drafted_tensor_stays_close_to_the_full_decode(big_jpeg):
 
 def test_the_dataset_drafts_with_its_transform(big_jpeg, monkeypatch):
     seen = []
-    real = pipeline.data.jpeg_draft
-    monkeypatch.setattr(pipeline.data, "jpeg_draft", lambda im, m: seen.append(m) or real(im, m))
+    real = pipeline.data.folders.jpeg_draft
+    monkeypatch.setattr(pipeline.data.folders, "jpeg_draft", lambda im, m: seen.append(m) or real(im, m))
     items = [(big_jpeg.name, 0)]
     item = ImageListDataset(big_jpeg.parent, items, T)[0]
     assert item.ok and seen == [64]

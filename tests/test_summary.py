@@ -1,7 +1,7 @@
 """summary: parameter counts and shapes on the meta device, checked by hand."""
 import pytest
 
-from pipeline.summary import SummaryConfig, summarize
+from pipeline.models.summary import SummaryConfig, summarize
 
 pytestmark = pytest.mark.filterwarnings("ignore:--weights none")
 

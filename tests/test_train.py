@@ -9,11 +9,11 @@ import torch
 from click.testing import CliRunner
 
 from pipeline import cli
-from pipeline import backbones as bb
-from pipeline.cache import FeatureCache
-from pipeline.head import FitHeadConfig, fit_head
-from pipeline.models import load_model
-from pipeline.train import FinetuneConfig, TrainConfig, finetune, sample_split, train
+from pipeline.extraction import backbones as bb
+from pipeline.cache.feature_cache import FeatureCache
+from pipeline.heads.fit_head import FitHeadConfig, fit_head
+from pipeline.models.whole_models import load_model
+from pipeline.models.train import FinetuneConfig, TrainConfig, finetune, sample_split, train
 from tests.conftest import SHARED_CATSDOGS, SHARED_WEIGHTS, make_image_folder
 
 pytestmark = pytest.mark.filterwarnings("ignore:--weights none")
@@ -95,9 +95,9 @@ def test_n_takes_a_stratified_sample_split_like_fit_head():
 
 
 def test_validation_images_are_those_fit_head_holds_out(tmp_path, make_cache):
-    from pipeline.cache import FeatureCache
-    from pipeline.data import list_image_folder
-    from pipeline.training import split_indices
+    from pipeline.cache.feature_cache import FeatureCache
+    from pipeline.data.folders import list_image_folder
+    from pipeline.heads.epoch_loop import split_indices
 
     data = make_image_folder(tmp_path / "data", per_class=15, classes=("blue", "green", "red"))
     cache = make_cache(data, n=30, seed=3)["cache"]
@@ -126,7 +126,7 @@ def test_finetune_starts_from_a_fit_head_checkpoint(tmp_path, image_folder, make
     ckpt = torch.load(out["checkpoint"], weights_only=True)
     assert ckpt["kind"] == "finetune" and ckpt["init_from"] == head["checkpoint"]
     assert Path(out["curves"]).is_file()
-    from pipeline.ledger import read_runs
+    from pipeline.runs.ledger import read_runs
 
     last = read_runs(tmp_path / "runs")[0]
     assert last["kind"] == "finetune" and last["metrics"]["val_acc"] == out["val_acc"]
@@ -159,7 +159,7 @@ def test_finetune_never_validates_on_images_its_starting_head_was_fitted_on(tmp_
     cache = make_cache(data)["cache"]
     head = fit_head(FitHeadConfig(cache=cache, epochs=2, val_fraction=0.5, runs_dir=str(tmp_path / "runs")))
     with FeatureCache(cache) as c:
-        from pipeline.training import split_indices
+        from pipeline.heads.epoch_loop import split_indices
 
         seen = {c.paths[i] for i in split_indices(c.labels, 0.5, 0)[0]}
     r = CliRunner().invoke(cli.cli, ["finetune", "--data", str(data), "--init-head", head["checkpoint"], "--n", "16",

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.views import (Normalizer, allowed_views, apply_view, apply_view_torch, check_view,
+from pipeline.heads.feature_views import (Normalizer, allowed_views, apply_view, apply_view_torch, check_view,
                             fit_normalizer, view_dim)
 
 # (4, 3, 2, 2): row r, channel c holds r*100 + c*10 + [0, 1, 2, 3] over the 2x2 positions

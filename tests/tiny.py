@@ -7,7 +7,7 @@ Import this module to register it; subprocess tests run
 from torch import nn
 from torchvision.transforms._presets import ImageClassification
 
-from pipeline.backbones import BackboneSpec, register_backbone, split_at_maxpool
+from pipeline.extraction.backbones import BackboneSpec, register_backbone, split_at_maxpool
 
 
 class TinyNet(nn.Module):

@@ -1,0 +1,665 @@
+"""The HDF5 feature cache: naming, the streaming writer, and the validating reader.
+
+Layout (see README): datasets ``features`` (N, C, H, W), ``labels`` (N,) int64, ``paths`` (N,)
+UTF-8, ``skipped/paths`` + ``skipped/reasons`` (files that could not be decoded), ``source/*``
+(the listing of the data folder at creation, to tell what changed since); provenance as root
+attributes, written once. Progress lives in the attributes ``rows`` and ``next_candidate``,
+updated in place only after the rows they count are flushed and fsynced to disk.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import h5py
+import numpy as np
+
+from ..errors import DiskFull, PipelineError, UsageError
+from ..files import require_folder
+from ..config import STORAGE_DTYPES
+
+try:
+    import fcntl
+except ImportError:  # Windows: no writer lock (HDF5's own file lock still applies)
+    fcntl = None
+
+log = logging.getLogger(__name__)
+
+FORMAT = "transfer-pipeline-feature-cache"
+FORMAT_VERSION = 1
+_STR = h5py.string_dtype("utf-8")
+
+#: Attributes every cache must carry; readers refuse a file that lacks any of them.
+REQUIRED_ATTRS = (
+    "format", "format_version", "fingerprint", "backbone", "weights", "mean", "std", "transform",
+    "classes", "seed", "n_requested", "data_root", "data_fingerprint", "dtype", "created",
+    "versions", "rows", "next_candidate", "complete",
+)
+#: Types of the attributes code relies on (as read back by _attr); a hand-edited one is refused.
+ATTR_TYPES = {"fingerprint": str, "backbone": str, "weights": str, "classes": str, "data_root": str,
+              "data_fingerprint": str, "dtype": str, "created": str, "rows": int, "next_candidate": int,
+              "complete": int, "n_requested": int, "seed": int}
+
+
+def fingerprint(params: dict) -> str:
+    """A stable hash of everything that determines a cache's contents."""
+    return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
+
+
+def cache_file_name(backbone: str, n: int, key: str) -> str:
+    return f"{backbone}-n{n if n else 'all'}-{key[:12]}.h5"
+
+
+class CacheError(UsageError):
+    """A file that is missing, corrupt, foreign or unusable as a feature cache."""
+
+
+class CacheBusy(PipelineError):
+    """A cache another process holds open for writing: not damaged, so never moved aside.
+
+    A PipelineError, not a CacheError (ValueError): nothing the user typed is wrong (exit 1)."""
+
+
+def open_h5(path: Path, mode: str, wait_s: float = 20.0, **kw) -> h5py.File:
+    """h5py.File, waiting up to ``wait_s`` for another process's lock to go.
+
+    After a SIGKILL the decoding workers of the killed extraction can hold the file (and its lock)
+    for a few more seconds; waiting for them beats refusing.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return h5py.File(path, mode, **kw)
+        except OSError as e:
+            busy = getattr(e, "errno", None) == 11 or "unable to lock file" in str(e)
+            if not busy:
+                raise
+            if time.monotonic() > deadline:
+                raise CacheBusy(f"{path} is in use by another process (an extraction still running?); "
+                                "try again when it has finished") from None
+            time.sleep(0.5)
+
+
+def _fsync(f: h5py.File) -> None:
+    f.flush()
+    try:
+        os.fsync(f.id.get_vfd_handle())
+    except (OSError, ValueError, TypeError):  # drivers without a file descriptor
+        pass
+
+
+def _lock(path: Path, wait_s: float):
+    """An exclusive lock on ``<path>.lock`` (a file descriptor), waiting up to ``wait_s``; CacheBusy after.
+
+    One writer per cache at a time, whether or not HDF5's own file locking is on, taken before
+    the writer looks at the cache file, so two writers never both decide to create it.
+    """
+    if fcntl is None:
+        return None
+    lock = path.with_name(path.name + ".lock")
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise PipelineError(f"cannot create the lock file {lock}: {e.strerror or e}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            if time.monotonic() > deadline:
+                raise CacheBusy(f"{path} is being written by another process (an extraction still running?); "
+                                "try again when it has finished") from None
+            time.sleep(0.1)
+            continue
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)  # its holder removed this lock file as we took it: lock the new one
+
+
+def _unlock(path: Path, fd) -> None:
+    """Remove the lock file while still holding it (see _lock's inode check), then release it."""
+    if fd is None:
+        return
+    try:
+        os.unlink(path.with_name(path.name + ".lock"))
+    except OSError:
+        pass
+    os.close(fd)
+
+
+#: Room kept free beyond a batch's own bytes: HDF5's metadata, the chunk index, the final flush.
+SPACE_MARGIN = 8 << 20
+
+
+def ensure_space(path: Path, need: int) -> None:
+    """Refuse (PipelineError, exit 1) to write ``need`` bytes into ``path`` when the disk cannot hold them.
+
+    Checked before each batch because HDF5 does not survive running out of space mid-write: the
+    file's objects then crash the process when freed. Stopping before it keeps every committed
+    row, and the same command resumes once there is room.
+    """
+    free = shutil.disk_usage(path.parent).free
+    if free < need + SPACE_MARGIN:
+        raise DiskFull(f"cannot write {path}: no space left on the device ({free / 1e6:.1f} MB free, the next batch "
+                       f"needs {(need + SPACE_MARGIN) / 1e6:.1f} MB with room for HDF5); free some space and run "
+                       "the same command again: it resumes from the last committed row")
+
+
+class CacheWriter:
+    """Appends batches of rows to a cache file held open for the whole extraction.
+
+    Creating: ``CacheWriter(path, attrs=..., source=listing)``. Resuming: the same call on an
+    incomplete file with the same fingerprint truncates any rows past the committed count
+    (a batch cut off by a crash) and continues from ``next_candidate``. A writer holds
+    ``<path>.lock`` for its lifetime (CacheBusy when another has it for ``wait_s``), and a new
+    file appears at ``path`` only complete with its attributes, so a concurrent writer or reader
+    never sees, resets or moves aside a half-made one.
+    """
+
+    def __init__(self, path: Path, attrs: dict, source=None, chunk_rows: int = 16, wait_s: float = 20.0):
+        self.path = Path(path)
+        self.chunk_rows = chunk_rows
+        self.f = None
+        self._lock_fd = _lock(self.path, wait_s)
+        try:
+            if not self.path.exists():
+                self._create(attrs, source)
+            self.f = open_h5(self.path, "r+", wait_s)
+            self._resume(attrs)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- set-up -----------------------------------------------------------------------------
+    def _create(self, attrs: dict, source) -> None:
+        """Write a new empty cache under a temporary name, fsync it, then rename it into place."""
+        tmp = self.path.with_name(f"{self.path.name}.creating-{os.getpid()}")
+        try:
+            with h5py.File(tmp, "w") as f:
+                _init(f, attrs, source)
+            os.replace(tmp, self.path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _resume(self, attrs: dict) -> None:
+        f = self.f
+        if f.attrs.get("fingerprint") != attrs["fingerprint"]:
+            raise CacheError(f"{self.path} belongs to another extraction (fingerprint differs); move it away")
+        rows = self.rows
+        for name in ("features", "labels", "paths"):
+            if name in f and f[name].shape[0] != rows:
+                log.info("dropping %d uncommitted rows of %s", f[name].shape[0] - rows, name)
+                f[name].resize(rows, axis=0)
+        skipped = int(f.attrs.get("skipped_rows", 0))
+        for name in ("skipped/paths", "skipped/reasons"):
+            f[name].resize(skipped, axis=0)
+        _fsync(f)
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.f.attrs["complete"])
+
+    @property
+    def rows(self) -> int:
+        return int(self.f.attrs["rows"])
+
+    @property
+    def next_candidate(self) -> int:
+        return int(self.f.attrs["next_candidate"])
+
+    @property
+    def skipped_rows(self) -> int:
+        return int(self.f.attrs["skipped_rows"])
+
+    # -- writing ----------------------------------------------------------------------------
+    def _features(self, sample: np.ndarray) -> h5py.Dataset:
+        if "features" not in self.f:
+            shape = sample.shape[1:]
+            self.f.create_dataset(
+                "features", (0, *shape), sample.dtype, maxshape=(None, *shape),
+                chunks=(self.chunk_rows, *shape),
+            )
+        ds = self.f["features"]
+        if ds.shape[1:] != sample.shape[1:] or ds.dtype != sample.dtype:
+            raise CacheError(f"batch of shape {sample.shape} {sample.dtype} does not fit {self.path}")
+        return ds
+
+    def append(self, features: np.ndarray, labels: Sequence[int], paths: Sequence[str],
+               next_candidate: int, skipped: Sequence[tuple[str, str]] = ()) -> None:
+        """Write one batch, then commit it: the counts move only once the rows are on disk.
+
+        ``features=None`` writes labels and paths only, for a file whose features exist already
+        (a virtual dataset over shards).
+        """
+        f, start, k = self.f, self.rows, len(labels)
+        need = (features.nbytes if features is not None else 0) + 512 * (k + len(skipped))
+        ensure_space(self.path, need)
+        if k:
+            if features is not None:
+                ds = self._features(features)
+                ds.resize(start + k, axis=0)
+                ds[start:start + k] = features
+            for d in (f["labels"], f["paths"]):
+                d.resize(start + k, axis=0)
+            f["labels"][start:start + k] = np.asarray(labels, np.int64)
+            f["paths"][start:start + k] = list(paths)
+        s0, m = self.skipped_rows, len(skipped)
+        if m:
+            for name, col in (("skipped/paths", 0), ("skipped/reasons", 1)):
+                f[name].resize(s0 + m, axis=0)
+                f[name][s0:s0 + m] = [s[col] for s in skipped]
+        _fsync(f)
+        f.attrs.modify("rows", np.int64(start + k))
+        f.attrs.modify("skipped_rows", np.int64(s0 + m))
+        f.attrs.modify("next_candidate", np.int64(next_candidate))
+        _fsync(f)
+        log.debug("committed rows=%d skipped=%d next_candidate=%d", start + k, s0 + m, next_candidate)
+
+    def finish(self, **attrs) -> None:
+        for k, v in attrs.items():
+            self.f.attrs[k] = v
+        _fsync(self.f)
+        self.f.attrs.modify("complete", np.int8(1))
+        _fsync(self.f)
+
+    def close(self) -> None:
+        try:
+            if self.f is not None and self.f.id.valid:
+                self.f.close()  # may fail on a full disk: the committed rows are on disk already
+        finally:
+            if self._lock_fd is not None:
+                _unlock(self.path, self._lock_fd)
+                self._lock_fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _init(f: h5py.File, attrs: dict, source) -> None:
+    """A new cache's attributes, empty datasets and source listing, fsynced."""
+    for k, v in attrs.items():
+        f.attrs[k] = v
+    f.attrs["format"] = FORMAT
+    f.attrs["format_version"] = FORMAT_VERSION
+    f.attrs["rows"] = np.int64(0)
+    f.attrs["next_candidate"] = np.int64(0)
+    f.attrs["skipped_rows"] = np.int64(0)
+    f.attrs["complete"] = np.int8(0)
+    f.create_dataset("labels", (0,), np.int64, maxshape=(None,), chunks=(4096,))
+    f.create_dataset("paths", (0,), _STR, maxshape=(None,), chunks=(4096,))
+    f.create_dataset("skipped/paths", (0,), _STR, maxshape=(None,), chunks=(256,))
+    f.create_dataset("skipped/reasons", (0,), _STR, maxshape=(None,), chunks=(256,))
+    if source is not None:
+        f.create_dataset("source/paths", data=[s.path for s in source.files], dtype=_STR)
+        f.create_dataset("source/sizes", data=np.array([s.size for s in source.files], np.int64))
+        f.create_dataset("source/mtimes_ns", data=np.array([s.mtime_ns for s in source.files], np.int64))
+    _fsync(f)
+
+
+# -- reading ------------------------------------------------------------------------------------
+def _attr(a) -> object:
+    if isinstance(a, bytes):
+        return a.decode()
+    if isinstance(a, np.generic):
+        return a.item()
+    if isinstance(a, np.ndarray):
+        return a.tolist()
+    return a
+
+
+@dataclass
+class CacheInfo:
+    """A cache's attributes and committed size, read without loading features."""
+
+    path: Path
+    attrs: dict
+    rows: int
+    feature_shape: tuple
+    size_bytes: int
+
+    @property
+    def classes(self) -> list[str]:
+        return json.loads(self.attrs["classes"])
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.attrs["complete"])
+
+    def summary(self) -> dict:
+        a = self.attrs
+        return {
+            "path": str(self.path), "backbone": a["backbone"], "weights": a["weights"], "rows": self.rows,
+            "n_requested": a["n_requested"], "classes": self.classes, "feature_shape": list(self.feature_shape),
+            "dtype": a["dtype"], "size_bytes": self.size_bytes, "created": a["created"],
+            "complete": self.complete, "skipped": a.get("skipped_rows", 0), "fingerprint": a["fingerprint"],
+            "data_root": a["data_root"], "sharded": bool(a.get("sharded", 0)),
+        }
+
+
+def _validate(f: h5py.File, path: Path) -> CacheInfo:
+    attrs = {k: _attr(v) for k, v in f.attrs.items()}
+    if attrs.get("format") != FORMAT:
+        raise CacheError(f"{path} is an HDF5 file but not a feature cache made by this tool")
+    if attrs.get("format_version") != FORMAT_VERSION:
+        raise CacheError(f"{path} has cache format version {attrs.get('format_version')}, "
+                         f"this tool reads version {FORMAT_VERSION}; extract again")
+    missing = [k for k in REQUIRED_ATTRS if k not in attrs]
+    if missing:
+        raise CacheError(f"{path} lacks the attributes {', '.join(missing)}; it is damaged or foreign")
+    for k, want in ATTR_TYPES.items():
+        if not isinstance(attrs[k], want) or isinstance(attrs[k], bool):
+            raise CacheError(f"{path}: attribute {k!r} is {attrs[k]!r}, not a {want.__name__}; it is damaged or "
+                             "was edited by hand")
+    rows = int(attrs["rows"])
+    try:
+        classes = json.loads(attrs["classes"])
+    except (TypeError, json.JSONDecodeError):
+        raise CacheError(f"{path}: attribute 'classes' is not a JSON list") from None
+    for name, ndim, kinds in (("labels", 1, "i"), ("paths", 1, "OS")):
+        if name not in f or not isinstance(f[name], h5py.Dataset):
+            raise CacheError(f"{path} has no dataset {name!r}; it is damaged or foreign")
+        d = f[name]
+        if d.ndim != ndim or d.dtype.kind not in kinds or d.shape[0] < rows:
+            raise CacheError(f"{path}: dataset {name!r} has shape {d.shape} {d.dtype}, expected {rows} rows")
+    shape: tuple = ()
+    if rows:
+        d = f.get("features")
+        if not isinstance(d, h5py.Dataset) or d.ndim != 4 or d.dtype.name != attrs["dtype"] or d.shape[0] < rows:
+            got = f"{d.shape} {d.dtype}" if isinstance(d, h5py.Dataset) else "missing"
+            raise CacheError(f"{path}: dataset 'features' is {got}, expected ({rows}, C, H, W) {attrs['dtype']}")
+        shape = d.shape[1:]
+        labels = f["labels"][:rows]
+        if labels.min() < 0 or labels.max() >= len(classes):
+            raise CacheError(f"{path}: labels outside 0..{len(classes) - 1}")
+    if attrs.get("sharded"):
+        _check_shards(path, attrs)
+    return CacheInfo(path, attrs, rows, shape, path.stat().st_size)
+
+
+def _check_shards(path: Path, attrs: dict) -> None:
+    """Refuse a sharded cache whose shard files are not all there and complete.
+
+    HDF5 reads a missing virtual-dataset source as fill values without any error, so this is the
+    only thing standing between a lost shard and silently wrong features.
+    """
+    try:
+        shards = json.loads(attrs["shards"])
+    except (TypeError, json.JSONDecodeError):
+        raise CacheError(f"{path}: attribute 'shards' is not a JSON list") from None
+    again = attrs.get("command") or "the same torchrun extract command"
+    for s in shards:
+        p = path.parent / s["path"]
+        if not p.is_file():
+            raise CacheError(f"{path} is a sharded cache and its shard {p} is missing; "
+                             f"run `{again}` again to redo it (or copy the shard there)")
+        try:
+            with h5py.File(p, "r") as g:
+                ok = (_attr(g.attrs.get("fingerprint")) == attrs["fingerprint"] and bool(g.attrs.get("complete"))
+                      and int(g.attrs.get("rows", -1)) >= s["rows"])
+                place = _shard_place(g, p, path)
+        except (OSError, TypeError, ValueError):
+            ok, place = False, None
+        if not ok:
+            raise CacheError(f"{path}: its shard {p} is damaged, incomplete or from another extraction; "
+                             f"run `{again}` again")
+        if place:
+            raise CacheError(f"{path}: its shard {p} {place} (copied over another shard?); run `{again}` again")
+
+
+def _shard_place(g: h5py.File, p: Path, path: Path) -> Optional[str]:
+    """Why shard file ``g`` (at ``p``) is not the part its name says (part-<first>-<stop>.h5 of
+    ``path``), or None. Every shard carries the same fingerprint, so only these tell them apart."""
+    m = re.fullmatch(r"part-(\d+)-(\d+)\.h5", p.name)
+    if not m:
+        return "is not named part-<first>-<stop>.h5"
+    got = (_attr(g.attrs.get("shard_first")), _attr(g.attrs.get("shard_stop")), _attr(g.attrs.get("shard_of")))
+    want = (int(m[1]), int(m[2]), path.name)
+    if got != want:
+        return f"holds candidates {got[0]}..{got[1]} of {got[2]!r}, its name says {want[0]}..{want[1]} of {want[2]!r}"
+    return None
+
+
+def shard_paths(info: CacheInfo) -> list[Path]:
+    """The shard files a sharded cache reads its features from (empty for an ordinary cache)."""
+    if not info.attrs.get("sharded"):
+        return []
+    return [info.path.parent / s["path"] for s in json.loads(info.attrs["shards"])]
+
+
+def write_virtual_cache(path: Path, attrs: dict, source, shards: Sequence[tuple[str, int]], feature_shape: tuple,
+                        dtype: str, labels, paths, skipped, next_candidate: int) -> None:
+    """Write a complete cache whose ``features`` is a virtual dataset over shard files.
+
+    ``shards`` are (path relative to ``path``'s folder, rows), in row order; labels, paths and
+    skipped files are copied in (they are small). Written under a temporary name, then renamed.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    layout = h5py.VirtualLayout((len(labels), *feature_shape), dtype)
+    at = 0
+    for rel, k in shards:
+        if k:
+            layout[at:at + k] = h5py.VirtualSource(rel, "features", shape=(k, *feature_shape), dtype=dtype)
+            at += k
+    with CacheWriter(tmp, attrs, source=source) as w:
+        w.f.create_virtual_dataset("features", layout, fillvalue=np.nan)
+        w.append(None, labels, paths, next_candidate, skipped)
+        w.finish(rows_final=len(labels), sharded=np.int8(1),
+                 shards=json.dumps([{"path": rel, "rows": k} for rel, k in shards]))
+    os.replace(tmp, path)
+
+
+def consolidate(path: str | os.PathLike, block_rows: int = 512) -> dict:
+    """Copy a sharded cache into one ordinary cache file, in blocks, and put it in the virtual file's place.
+
+    The copy is written beside it under a temporary name and renamed over it only when complete,
+    so an interrupted consolidation leaves the sharded cache as it was. Shards are left alone.
+    """
+    info = read_info(path)
+    if not info.attrs.get("sharded"):
+        raise UsageError(f"{info.path} is not a sharded cache; nothing to consolidate")
+    shards = shard_paths(info)
+    tmp = info.path.with_name(info.path.name + ".consolidating")
+    tmp.unlink(missing_ok=True)
+    with h5py.File(info.path, "r") as src, h5py.File(tmp, "w") as dst:
+        for k, v in src.attrs.items():
+            if k not in ("sharded", "shards"):
+                dst.attrs[k] = v
+        dst.attrs["complete"] = np.int8(0)
+        dst.attrs["consolidated_from"] = src.attrs["shards"]
+        for name in src:
+            if name != "features":
+                src.copy(src[name], dst, name)
+        s = src["features"]
+        d = dst.create_dataset("features", s.shape, s.dtype, maxshape=(None, *s.shape[1:]), chunks=(16, *s.shape[1:]))
+        for i in range(0, s.shape[0], block_rows):
+            d[i:i + block_rows] = s[i:i + block_rows]
+        _fsync(dst)
+        dst.attrs.modify("complete", np.int8(1))
+        _fsync(dst)
+    os.replace(tmp, info.path)
+    return {"cache": str(info.path), "rows": info.rows, "size_bytes": info.path.stat().st_size,
+            "shards": [str(p) for p in shards]}
+
+
+def read_info(path: str | os.PathLike) -> CacheInfo:
+    """Validate a cache file and return its attributes (raises CacheError with one clear line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CacheError(f"cache {str(path)!r} does not exist")
+    if not h5py.is_hdf5(path):
+        raise CacheError(f"{path} is not an HDF5 file (damaged, or not a feature cache)")
+    try:
+        with open_h5(path, "r") as f:
+            return _validate(f, path)
+    except (CacheError, CacheBusy):
+        raise
+    except (OSError, KeyError, ValueError, TypeError) as e:
+        raise CacheError(f"{path} cannot be read as a feature cache ({e})") from None
+
+
+class FeatureCache:
+    """Read access to a complete, validated cache: labels in memory, features streamed in blocks."""
+
+    def __init__(self, path: str | os.PathLike, allow_incomplete: bool = False):
+        self.info = read_info(path)
+        if not self.info.complete and not allow_incomplete:
+            cmd = self.info.attrs.get("command") or "the same extract command"
+            raise CacheError(
+                f"cache {self.info.path} is incomplete ({self.info.rows} of {self.info.attrs['n_requested'] or 'all'} "
+                f"rows); finish it by running `{cmd}` again"
+            )
+        if self.info.rows == 0:
+            raise CacheError(f"cache {self.info.path} holds no rows")
+        self.path = self.info.path
+        self.f = open_h5(self.path, "r")  # blocks are read whole: a bigger chunk cache only adds copies
+        self.features = self.f["features"]
+        self.n = self.info.rows
+        self.labels = self.f["labels"][: self.n]
+        self.classes = self.info.classes
+        self.feature_shape = tuple(self.features.shape[1:])
+
+    @property
+    def attrs(self) -> dict:
+        return self.info.attrs
+
+    @property
+    def paths(self) -> list[str]:
+        return [p.decode() if isinstance(p, bytes) else p for p in self.f["paths"][: self.n]]
+
+    def skipped(self) -> list[tuple[str, str]]:
+        return _skipped(self.f)
+
+
+    def iter_blocks(self, indices: np.ndarray, block_rows: int, shuffle_blocks: Optional[np.random.Generator] = None
+                    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Yield (rows, block, sel) for the sorted ``indices``, one contiguous block of the file at a time.
+
+        ``block[sel]`` are the features of ``rows``. Memory stays at one block, read into a reused
+        buffer (valid until the next iteration) whatever the cache size; with ``shuffle_blocks``
+        the blocks come in random order.
+        """
+        indices = np.sort(np.asarray(indices))
+        starts = np.arange(0, self.n, block_rows)
+        if shuffle_blocks is not None:
+            starts = shuffle_blocks.permutation(starts)
+        buf = np.empty((min(block_rows, self.n), *self.feature_shape), self.features.dtype)
+        for s in starts:
+            lo, hi = np.searchsorted(indices, [s, s + block_rows])
+            if lo == hi:
+                continue
+            stop = min(s + block_rows, self.n)
+            block = buf[:stop - s]
+            self.features.read_direct(block, np.s_[s:stop])
+            yield indices[lo:hi], block, indices[lo:hi] - s
+
+    def iter_batches(self, indices: np.ndarray, batch_size: int, block_rows: int,
+                     rng: Optional[np.random.Generator] = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield (rows, features) minibatches over ``indices``: in row order, or with ``rng`` shuffled.
+
+        The shuffle is chunk-level: blocks in random order, rows shuffled within each, so reads
+        stay sequential on disk and only one minibatch is gathered (copied) at a time.
+        """
+        for rows, block, sel in self.iter_blocks(indices, block_rows, rng):
+            order = rng.permutation(len(rows)) if rng is not None else np.arange(len(rows))
+            for b in range(0, len(order), batch_size):
+                pick = np.sort(order[b:b + batch_size])  # ascending addresses: a faster gather, same batch
+                yield rows[pick], block[sel[pick]]
+
+    def close(self) -> None:
+        if self.f.id.valid:
+            self.f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _skipped(f: h5py.File) -> list[tuple[str, str]]:
+    k = int(f.attrs.get("skipped_rows", 0))
+    p, r = f["skipped/paths"][:k], f["skipped/reasons"][:k]
+    return [(a.decode(), b.decode()) for a, b in zip(p, r)]
+
+
+def read_skipped(path: str | os.PathLike) -> list[tuple[str, str]]:
+    """(path, reason) of the files a cache (complete or not, with rows or without) could not use."""
+    with open_h5(Path(path), "r") as f:
+        return _skipped(f)
+
+
+def source_changes(info: CacheInfo) -> Optional[str]:
+    """Describe how the data folder changed since the cache was made, or None if it did not."""
+    from ..data.folders import list_image_folder
+
+    try:
+        now = list_image_folder(info.attrs["data_root"])
+    except ValueError as e:
+        return f"the data folder cannot be listed now ({e})"
+    if now.fingerprint() == info.attrs["data_fingerprint"]:
+        return None
+    with h5py.File(info.path, "r") as f:
+        if "source" not in f:
+            return "the data folder changed (no listing stored to say how)"
+        old = dict(zip((p.decode() for p in f["source/paths"][:]),
+                       zip(f["source/sizes"][:].tolist(), f["source/mtimes_ns"][:].tolist())))
+    new = {s.path: (s.size, s.mtime_ns) for s in now.files}
+    added = sorted(set(new) - set(old))
+    removed = sorted(set(old) - set(new))
+    modified = sorted(p for p in set(new) & set(old) if new[p] != old[p])
+    parts = []
+    for what, items in (("added", added), ("removed", removed), ("modified", modified)):
+        if items:
+            parts.append(f"{len(items)} {what} (e.g. {', '.join(items[:3])})")
+    return "the data folder changed since extraction: " + "; ".join(parts or ["class folders differ"])
+
+
+def list_caches(cache_dir: str | os.PathLike) -> tuple[list[CacheInfo], list[tuple[Path, str]]]:
+    """Valid caches under ``cache_dir`` (newest first) and the files that are not, with why.
+
+    One bad or busy file is reported in the second list, never hiding the others.
+    """
+    good, bad = [], []
+    d = require_folder(cache_dir, "--cache-dir")
+    for p in sorted(d.glob("*.h5")) if d.is_dir() else []:
+        try:
+            good.append(read_info(p))
+        except (CacheError, CacheBusy) as e:
+            bad.append((p, str(e)))
+    good.sort(key=lambda i: i.attrs["created"], reverse=True)
+    return good, bad
+
+
+def newest_cache(cache_dir: str | os.PathLike) -> "CacheInfo":
+    """The most recently created complete cache, for commands run without --cache."""
+    good, _ = list_caches(cache_dir)
+    good = [i for i in good if i.attrs.get("purpose") != "test"]  # a test set is never trained on by default
+    complete = [i for i in good if i.complete]
+    if not complete:
+        raise CacheError(f"no complete feature cache in {str(cache_dir)!r}; run `python cli.py extract` first")
+    if not good[0].complete:
+        log.warning("the newest cache %s is incomplete (finish it with `%s`); using %s", good[0].path,
+                    good[0].attrs.get("command") or "the same extract command", complete[0].path)
+    return complete[0]
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")

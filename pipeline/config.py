@@ -1,0 +1,253 @@
+"""Every stage's options: one config dataclass per command and the choices each option allows.
+
+Light on purpose (the standard library only): the CLI and the API import it at start-up, so a cache hit
+answers without importing torch. Each field's comment is its help text; the stages validate the values.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+# Choices (what an option allows; the CLI's click.Choice lists and the stages' checks use these)
+KAGGLE_CATS_DOGS_URL = ("https://download.microsoft.com/download/3/E/1/"
+                        "3E1C3F21-ECDB-4869-8368-6DEBA77B919F/kagglecatsanddogs_5340.zip")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
+MODEL_PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # predict, evaluate --data, train, finetune: no int8
+STORAGE_DTYPES = ("float16", "float32")
+POOLS = ("none", "avg")
+DECODERS = ("pil", "device")
+COMPILE = ("auto", "on", "off")
+VIEWS = ("flat", "avg", "max", "avgmax")
+NORMS = ("none", "rms", "l2", "standardize")
+POOLED_VIEWS = ("avg", "flat")  # what a (C, 1, 1) cache allows
+HEADS = ("linear", "logreg", "kernel")
+RECIPES = ("default", "seed")
+FORMATS = ("table", "csv", "json")
+SPLITS = ("val", "all")
+
+
+@dataclass
+class FetchConfig:
+    """Where an archive comes from and where it goes."""
+
+    dest: str = "data"  # folder that receives the archive and its unpacked contents
+    url: str = KAGGLE_CATS_DOGS_URL  # a zip or tar archive (http, https or file URL)
+    timeout: float = 60.0  # seconds to wait for the server (connect, or between two reads)
+    retries: int = 3  # how often an interrupted transfer resumes by itself before giving up
+    retry_wait: float = 2.0  # seconds before the first retry; doubles each time
+    overwrite: bool = False  # unpack over files already in dest; by default a conflict is refused, naming the file
+
+
+@dataclass
+class CheckImagesConfig:
+    """Which folder to check, where to report, and whether to quarantine."""
+
+    root: str  # the folder to check (every file below it, hidden folders excepted)
+    report: str | None = None  # write all findings to this .csv or .json file (by suffix)
+    quarantine: bool = False  # move the files with errors under quarantine_dir, keeping relative paths
+    quarantine_dir: str | None = None  # where to move them; default '<root>.quarantine' beside root
+    workers: int = -1  # decoding processes; -1 = one per CPU core, 1 = in this process
+
+
+@dataclass
+class ExtractConfig:
+    """What to extract, from where, and how."""
+
+    data: str = "data/PetImages"  # ImageFolder root: one sub-folder of images per class
+    n: int = 800  # how many good images (a seeded stratified sample); 0 = all
+    backbone: str = "vgg16"  # a name from backbones.BACKBONES
+    weights: str = "DEFAULT"  # torchvision weights name, path to a state-dict file, or 'none'
+    batch_size: int = 32  # images per forward pass (and per committed write)
+    device: str = "auto"  # 'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:N'
+    workers: int = -1  # decoding processes; -1 = one per CPU core (at most 8), 0 = decode in-process
+    seed: int = 0  # which n images: the seed of the stratified sample
+    dtype: str = "float16"  # storage dtype of features: float16 (half the size, same accuracy) or float32
+    precision: str = "auto"  # compute precision: auto (bf16 where supported), fp32, bf16, fp16 (CUDA), int8 (CPU)
+    compile: str = "auto"  # torch.compile the backbone: on, off, auto (int8, and long CPU runs: see should_compile)
+    calib_n: int = 64  # int8: calibration images, the first of the seeded sample
+    calib_data: str = ""  # int8: calibrate on this folder's sample ('' = --data; a test set uses its training data's)
+    pool: str = "none"  # 'none' keeps the C x H x W map; 'avg' stores globally averaged C x 1 x 1 vectors
+    decode: str = "pil"  # 'pil' (JPEGs decoded by the workers) or 'device' (decode_jpeg on the device: nvJPEG)
+    cache_dir: str = "features"  # where caches live
+    shard_dir: str = ""  # under torchrun: where each rank's shard files go ('' = <cache_dir>/<cache name>.shards)
+    command: str = ""  # the command line, recorded so an incomplete cache can say how to finish it
+    purpose: str = ""  # 'test' for a cache fit-head --test-data made: never picked as the default training cache
+
+
+@dataclass
+class FitHeadConfig:
+    """How to train the head, and on which cache. The defaults were chosen by measurement (README)."""
+
+    cache: Optional[str] = None  # cache file; None = the newest complete cache in cache_dir
+    cache_dir: str = "features"  # where to look for the newest cache (and where --test-data's cache goes)
+    head: str = "linear"  # linear (Adam, per epoch), logreg (sklearn LogisticRegression), kernel (RBF + logreg)
+    features: str = "avg"  # view of the cached map: flat, avg, max, avgmax
+    normalize: str = "l2"  # l2 (each row), rms (one scale), standardize (per feature) or none
+    epochs: int = 100  # linear: at most this many passes over the training split
+    patience: int = 5  # linear: stop after this many epochs without a lower val loss (0 = never); best restored
+    lr: float = 0.03  # linear: Adam learning rate (l2-normalised rows: unit scale)
+    weight_decay: float = 1e-4  # linear: Adam's L2 penalty
+    C: float = 100.0  # logreg, kernel: inverse regularisation strength
+    gamma: str = "scale"  # kernel: RBF width, a number or 'scale' (1 / (d var)) or 'G*scale'
+    kernel_components: int = 1000  # kernel: Nystroem landmarks (at most the training rows)
+    batch_size: int = 32  # linear: rows per optimisation step
+    val_fraction: float = 0.125  # share of rows held out for validation (stratified; 100 of 800)
+    dropout: float = 0.0  # linear: dropout before the linear layer when > 0
+    seed: int = 0  # seeds the split, the initialisation, the shuffling, CV folds and landmarks
+    device: str = "auto"  # 'auto' (CUDA if available), 'cpu', 'cuda'
+    block_rows: int = 2048  # rows read from disk at once (bounds memory: block_rows x row size)
+    tune: bool = False  # choose head kind, view, normalisation and C by CV on the training rows
+    folds: int = 5  # --tune: stratified folds
+    test_data: Optional[str] = None  # an ImageFolder of other photos to test on (extracted like the cache)
+    test_cache: Optional[str] = None  # or a cache of them, made with the same backbone, weights and preprocessing
+    recipe: str = "default"  # 'seed': the tutorial's flat view, rms scale, Adam 0.01 for 10 epochs, nothing else
+    runs_dir: str = "runs"  # where the checkpoint, history and curves go (one folder per run)
+
+
+@dataclass
+class CompareConfig:
+    """Which cache and split, and the settings of each model."""
+
+    cache: Optional[str] = None  # cache file; None = the newest complete cache in cache_dir
+    cache_dir: str = "features"  # where to look for the newest cache
+    val_fraction: float = 0.125  # the same meaning and default as fit-head
+    seed: int = 0  # the split seed, shared with fit-head
+    C: float = 1.0  # inverse regularisation strength of LogisticRegression
+    max_iter: int = 1000  # lbfgs iterations
+    scale: bool = True  # standardise features first (lbfgs converges far faster on VGG's unscaled maps)
+    head: Optional[FitHeadConfig] = None  # settings for the torch head trained alongside (cache/split filled in)
+    block_rows: int = 2048  # rows read from disk at once
+
+
+@dataclass
+class TrainConfig:
+    """What to train on, and how (train: frozen backbone, new head)."""
+
+    data: str = "data/PetImages"  # ImageFolder root: one sub-folder of images per class
+    n: int = 0  # images to use (a seeded stratified sample, unreadable ones skipped); 0 = all
+    backbone: Optional[str] = "vgg16"  # a name from backbones.BACKBONES
+    weights: Optional[str] = "DEFAULT"  # torchvision weights name, a state-dict file, or 'none'
+    pool: Optional[str] = None  # head input: 'none' (flattened map), 'avg'; None = the backbone's own
+    dropout: float = 0.0  # dropout before the head's linear layer when > 0
+    augment: bool = False  # RandomResizedCrop + RandomHorizontalFlip on training images
+    epochs: int = 3  # passes over the training split
+    lr: float = 1e-3  # Adam learning rate of the head
+    batch_size: int = 32  # images per optimisation step
+    val_fraction: float = 0.125  # share of images held out for validation (stratified)
+    print_every: int = 20  # a running accuracy/loss line every this many minibatches; 0 = never
+    workers: int = -1  # decoding processes; -1 = one per CPU core (at most 8), 0 = decode in-process
+    device: str = "auto"  # 'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:N'
+    precision: str = "auto"  # compute precision: auto (bf16 where supported), fp32, bf16, fp16 (CUDA)
+    seed: int = 0  # seeds the sample, the split, the head's initialisation, shuffling and augmentation
+    runs_dir: str = "runs"  # where model.pt and history.json go (one folder per run)
+
+
+@dataclass
+class FinetuneConfig(TrainConfig):
+    """As TrainConfig, plus which blocks to unfreeze, their learning rate, and where to start."""
+
+    backbone: Optional[str] = None  # None: the --init-head checkpoint's, else vgg16
+    weights: Optional[str] = None  # None: the --init-head checkpoint's (found as load_model does), else DEFAULT
+    epochs: int = 1  # passes over the training split, head-only epochs included
+    lr: float = 1e-4  # Adam learning rate of the head
+    backbone_lr: Optional[float] = None  # learning rate of the unfrozen backbone; None = lr / 10
+    unfreeze: str = "all"  # 'all' or K: the last K blocks of the backbone (see `summary`)
+    head_epochs: int = 0  # staged schedule: train only the head for this many epochs, then unfreeze
+    init_head: Optional[str] = None  # start from a fit-head head.pt or a train/finetune model.pt
+
+
+@dataclass
+class PredictConfig:
+    """What to classify, with which model, and where the rows go."""
+
+    paths: list = field(default_factory=list)  # image files and/or folders (searched recursively)
+    model: str = ""  # a model.pt from train/finetune, or a head.pt from fit-head (+ its backbone weights)
+    weights: Optional[str] = None  # head.pt only: the backbone weights, when not where the head recorded them
+    batch_size: int = 32  # images per forward pass
+    workers: int = -1  # decoding processes; -1 = one per CPU core (at most 8), 0 = decode in-process
+    device: str = "auto"  # 'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:N'
+    precision: str = "auto"  # compute precision: auto (bf16 where supported), fp32, bf16, fp16 (CUDA)
+    format: str = "table"  # output format: table, csv or json
+    output: Optional[str] = None  # write the rows to this file (streamed for csv); None = return them
+
+
+@dataclass
+class ImagenetCheckConfig:
+    """Which image, through which full pretrained model (its ImageNet classifier included)."""
+
+    image: str = ""  # the image file
+    backbone: str = "vgg16"  # a name from backbones.BACKBONES
+    weights: str = "DEFAULT"  # full pretrained weights: a torchvision name or a state-dict file
+    top: int = 5  # how many of the best classes to show
+    device: str = "auto"  # 'auto' (CUDA if available), 'cpu', 'cuda'
+
+
+@dataclass
+class SummaryConfig:
+    """Which model to describe; parameters are counted on the meta device (no weights, no compute)."""
+
+    backbone: str = "vgg16"  # a name from backbones.BACKBONES
+    classes: int = 2  # outputs of the new head
+    pool: Optional[str] = None  # 'none' or 'avg'; None = the backbone's own (VGG none, others avg)
+    dropout: float = 0.0  # dropout before the head's linear layer (adds no parameters)
+    unfreeze: str = "none"  # 'none' (frozen backbone, as train), 'all' or K (last K blocks, as finetune)
+    crop_size: int = 0  # input size; 0 = the backbone's default preprocessing (224 for ImageNet models)
+
+
+@dataclass
+class EvaluateConfig:
+    """Which model, on which rows or images, and where the pictures go."""
+
+    model: str = ""  # checkpoint: head.pt from fit-head (other kinds once registered)
+    cache: Optional[str] = None  # feature cache to evaluate on; None (and no data) = the checkpoint's own cache
+    data: Optional[str] = None  # or an ImageFolder root, run through the backbone on the fly
+    split: str = "val"  # cache rows: 'val' (the checkpoint's own validation split) or 'all'
+    weights: Optional[str] = None  # backbone weights for --data; None = those the checkpoint names
+    top_k: int = 12  # images in the most-confidently-wrong gallery
+    device: str = "auto"  # 'auto' (CUDA if available), 'cpu', 'cuda'
+    precision: str = "auto"  # --data: compute precision, auto (bf16 where supported), fp32, bf16, fp16 (as predict)
+    batch_size: int = 32  # images per forward pass (--data)
+    workers: int = -1  # decoding processes for --data; -1 = one per core (at most 8), 0 = in-process
+    block_rows: int = 2048  # cache rows read from disk at once
+    runs_dir: str = "runs"  # the pictures and metrics.json go to runs/<stamp>-evaluate/
+
+
+@dataclass
+class PreviewConfig:
+    """Which images to show, and with which preprocessing."""
+
+    data: str = "data/PetImages"  # ImageFolder root: one sub-folder of images per class
+    per_class: int = 4  # images per class (one row per class)
+    seed: int = 0  # which images: a seeded sample of each class
+    backbone: str = "vgg16"  # whose preprocessing (resize/crop/normalisation) to apply
+    weights: str = "DEFAULT"  # torchvision weights name, a state-dict file (+ sidecar), or 'none'
+    output: str = "runs/preview.png"  # the PNG to write
+
+
+@dataclass
+class FeatureMapConfig:
+    """Which image, through which backbone."""
+
+    image: str = ""  # the image file
+    backbone: str = "vgg16"  # a name from backbones.BACKBONES
+    weights: str = "DEFAULT"  # torchvision weights name, a state-dict file (+ sidecar), or 'none'
+    top_k: int = 6  # most active channels to upsample over the image
+    output: str = "runs/feature-map.png"  # the PNG to write
+
+
+@dataclass
+class DemoConfig:
+    """Where the data and weights come from, and the size of the run."""
+
+    data: str = "data/PetImages"  # ImageFolder root; fetched from url into its parent folder if missing
+    url: str = KAGGLE_CATS_DOGS_URL  # archive to fetch when data is missing
+    weights: str = "DEFAULT"  # torchvision weights name, a local state-dict file, or 'none'
+    backbone: str = "vgg16"  # feature extractor
+    n: int = 800  # images to extract (the tutorial's 700 train / 100 val)
+    quarantine: bool = True  # move undecodable files out of the data folder (never deleted)
+    cache_dir: str = "features"  # feature caches
+    runs_dir: str = "runs"  # run outputs
+    workers: int = -1  # decoding processes; -1 = one per core
+    command: str = ""  # the command line, recorded in the cache
+

@@ -1,0 +1,226 @@
+"""The check-images stage: fully decode every file of a folder in parallel and report what is wrong.
+
+It applies extract's own loading rules (``data.decode_image``), so an *error* here is exactly a
+file extract cannot use, and a *note* a file extract uses after converting it or despite a warning.
+``--quarantine`` moves the files with errors aside (keeping relative paths); nothing is deleted.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shlex
+import shutil
+import time
+import warnings
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+from .folders import ImageLoadError, decode_image, is_image_name
+from ..devices import resolve_workers
+from ..errors import PipelineError, UsageError
+from ..files import atomic_write
+from ..config import CheckImagesConfig
+
+#: Every kind check-images reports, with its severity. Errors are files extract cannot use.
+KINDS = {
+    "zero-byte": "error",  # empty file
+    "truncated": "error",  # the image data ends early
+    "unreadable": "error",  # corrupt image data
+    "not-an-image": "error",  # Thumbs.db, .DS_Store, text, ...: no known image format
+    "not-a-file": "error",  # a dangling or looping symlink, a named pipe, a device: never opened
+    "decompression-bomb": "error",  # the header claims more than data.MAX_IMAGE_PIXELS pixels
+    "extension-mismatch": "note",  # e.g. PNG or GIF content named .jpg: decodes fine
+    "non-rgb-mode": "note",  # grayscale, CMYK, RGBA, palette, 16-bit: converted to RGB at load
+    "decode-warning": "note",  # PIL warned while decoding (e.g. possibly corrupt EXIF data)
+    "unlisted-image": "note",  # a good image extract ignores (no image extension, or a hidden name)
+}
+REPORT_SUFFIXES = (".csv", ".json")
+#: Formats that share an extension family (a multi-picture JPEG decodes as MPO).
+FORMAT_ALIASES = {"MPO": "JPEG"}
+
+
+
+def finding(path: str, kind: str, detail: str) -> dict:
+    return {"path": path, "kind": kind, "severity": KINDS[kind], "detail": detail}
+
+
+def _mode_detail(im) -> str:
+    mode = "P with transparency" if im.mode == "P" and "transparency" in im.info else im.mode
+    return f"mode {mode}, converted to RGB at load"
+
+
+def check_file(root: str, rel: str) -> list[dict]:
+    """Decode one file as extract would and return its findings (none for a good RGB image)."""
+    from PIL import Image
+
+    listed = is_image_name(Path(rel).name)
+    ignored = "" if listed else " (extract ignores it: no image extension or a hidden name)"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            im, _ = decode_image(Path(root) / rel)
+        except ImageLoadError as e:
+            return [finding(rel, e.kind, e.reason + ignored)]
+    out = []
+    if not listed:
+        out.append(finding(rel, "unlisted-image", f"a {im.format} image{ignored}"))
+    else:
+        suffix = Path(rel).suffix.lower()
+        named = Image.registered_extensions().get(suffix)
+        if named and FORMAT_ALIASES.get(im.format, im.format) != FORMAT_ALIASES.get(named, named):
+            out.append(finding(rel, "extension-mismatch", f"{im.format} content named {suffix}"))
+    if im.mode != "RGB":
+        out.append(finding(rel, "non-rgb-mode", _mode_detail(im)))
+    messages = dict.fromkeys(str(w.message) for w in caught
+                             if not issubclass(w.category, (ResourceWarning, DeprecationWarning)))
+    out += [finding(rel, "decode-warning", f"PIL warned while decoding: {m}") for m in messages]
+    return out
+
+
+def list_files(root: Path, skip: set[Path]) -> list[str]:
+    """Every file below root ('/'-separated, sorted), hidden folders and ``skip`` excepted."""
+    rels = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            full = Path(dirpath) / name
+            if full not in skip:
+                rels.append(full.relative_to(root).as_posix())
+    return rels
+
+
+def check_all(root: Path, rels: list[str], workers: int):
+    """Yield each file's findings in order; ``workers`` > 1 decodes in that many processes."""
+    check = partial(check_file, str(root))
+    if workers <= 1:
+        yield from map(check, rels)
+        return
+    chunksize = max(1, min(64, len(rels) // (workers * 8)))
+    pool = ProcessPoolExecutor(workers)
+    try:
+        yield from pool.map(check, rels, chunksize=chunksize)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def default_quarantine_dir(root: Path) -> Path:
+    return root.parent / f"{root.name}.quarantine"
+
+
+def validate(cfg: CheckImagesConfig) -> tuple[Path, Path | None, int]:
+    """The absolute root, quarantine folder and worker count; ValueError for a bad folder, report,
+    quarantine or worker count."""
+    root = Path(os.path.abspath(cfg.root))
+    if not root.is_dir():
+        raise UsageError(f"folder {cfg.root!r} does not exist or is not a folder")
+    if cfg.report and Path(cfg.report).suffix.lower() not in REPORT_SUFFIXES:
+        raise UsageError(f"--report {cfg.report!r} must end with one of: {', '.join(REPORT_SUFFIXES)}")
+    workers = resolve_workers(cfg.workers)
+    qdir = None
+    if cfg.quarantine or cfg.quarantine_dir:
+        qdir = Path(os.path.abspath(cfg.quarantine_dir)) if cfg.quarantine_dir else default_quarantine_dir(root)
+        if qdir == root or root in qdir.parents:
+            raise UsageError(f"--quarantine-dir {str(qdir)!r} must be outside the checked folder {str(root)!r}")
+    return root, qdir, workers
+
+
+def check_images(cfg: CheckImagesConfig) -> dict:
+    """Check every file below cfg.root; report, and quarantine the errors if asked. Returns a summary."""
+    from ..progress import progress
+
+    root, qdir, workers = validate(cfg)
+    skip = {Path(os.path.abspath(cfg.report))} if cfg.report else set()
+    rels = list_files(root, skip)
+    workers = min(workers, max(1, len(rels)))
+    t0 = time.perf_counter()
+    findings: list[dict] = []
+    error_files: list[str] = []
+    note_files = 0
+    bar = progress(total=len(rels), desc="check-images", unit="file")
+    with bar:
+        for rel, found in zip(rels, check_all(root, rels, workers)):
+            findings += found
+            severities = {f["severity"] for f in found}
+            if "error" in severities:
+                error_files.append(rel)
+            elif severities:
+                note_files += 1
+            bar.update()
+    seconds = time.perf_counter() - t0
+    result = {
+        "root": str(root), "files": len(rels), "good": len(rels) - len(error_files),
+        "errors": len(error_files), "notes": note_files,
+        "by_kind": dict(sorted(Counter(f["kind"] for f in findings).items())),
+        "seconds": round(seconds, 2), "files_per_s": round(len(rels) / seconds, 1) if seconds else None,
+        "workers": workers, "findings": findings, "report": None, "quarantine": None,
+    }
+    if cfg.report:
+        result["report"] = write_report(Path(cfg.report), result)
+    if qdir is not None:
+        result["quarantine"] = quarantine(root, qdir, error_files)
+    return result
+
+
+def write_report(path: Path, result: dict) -> str:
+    """CSV (one row per finding) or JSON (the whole summary), by the file's suffix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    def write(tmp: Path) -> None:
+        if path.suffix.lower() == ".json":
+            tmp.write_text(json.dumps({**result, "report": str(path)}, indent=2))
+            return
+        with tmp.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["path", "kind", "severity", "detail"])
+            w.writeheader()
+            w.writerows(result["findings"])
+
+    atomic_write(path, write)
+    return str(path)
+
+
+def restore_command(root: Path, qdir: Path) -> str:
+    """A POSIX shell command that moves every quarantined entry back to its place (never overwriting)."""
+    script = 'for f; do mkdir -p "$0/${f%/*}" && mv -n "$f" "$0/$f"; done'
+    # everything but folders: quarantined links and pipes go back too
+    return (f"(cd {shlex.quote(str(qdir))} && find . ! -type d -exec sh -c {shlex.quote(script)} "
+            f"{shlex.quote(str(root))} {{}} +)")
+
+
+def quarantine(root: Path, qdir: Path, rels: list[str]) -> dict:
+    """Move root/rel to qdir/rel for each rel; refuses (moving nothing) if any target exists."""
+    taken = [r for r in rels if (qdir / r).exists() or (qdir / r).is_symlink()]
+    if taken:
+        raise PipelineError(f"quarantine folder {qdir} already holds {len(taken)} of these files "
+                            f"(first: {taken[0]}); move them back first or choose --quarantine-dir")
+    for rel in rels:
+        (qdir / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(root / rel), str(qdir / rel))
+    return {"dir": str(qdir), "moved": len(rels), "restore": restore_command(root, qdir)}
+
+
+def format_summary(result: dict, max_listed: int = 50) -> str:
+    """The stdout table: counts per kind with an example, then the files with errors."""
+    lines = [f"checked {result['files']} files in {result['root']} ({result['seconds']:.1f} s, "
+             f"{result['workers']} workers): {result['errors']} with errors, {result['notes']} with notes only"]
+    if result["by_kind"]:
+        example = {}
+        for f in result["findings"]:
+            example.setdefault(f["kind"], f["path"])
+        lines.append(f"{'kind':<20} {'severity':<8} {'count':>6}  example")
+        for kind, n in result["by_kind"].items():
+            lines.append(f"{kind:<20} {KINDS[kind]:<8} {n:>6}  {example[kind]}")
+    errors = [f for f in result["findings"] if f["severity"] == "error"]
+    if errors:
+        lines.append("files extract cannot use:")
+        lines += [f"  {f['path']}: {f['detail']}" for f in errors[:max_listed]]
+        if len(errors) > max_listed:
+            lines.append(f"  ... and {len(errors) - max_listed} more (write them all with --report)")
+    if result["report"]:
+        lines.append(f"report: {result['report']}")
+    q = result["quarantine"]
+    if q:
+        lines.append(f"moved {q['moved']} files to {q['dir']}; to move them back:\n  {q['restore']}")
+    return "\n".join(lines)

@@ -1,0 +1,281 @@
+"""The fetch-data stage: download an archive (resuming a partial download) and unpack it safely.
+
+The download streams to ``<dest>/<name>.part`` and is renamed to ``<name>`` only once its size is
+checked, so an existing ``<name>`` is complete and is left alone without touching the network.
+Every archive entry is checked before anything is written: none may land outside ``dest``.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import os
+import tarfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from ..errors import PipelineError, UsageError
+from ..files import plain_name, require_folder
+from ..config import FetchConfig, KAGGLE_CATS_DOGS_URL
+
+log = logging.getLogger(__name__)
+
+#: Microsoft's Kaggle cats-and-dogs archive (786 MB; unpacks to PetImages/Cat and PetImages/Dog).
+URL_SCHEMES = ("http", "https", "file")
+CHUNK = 1 << 20
+
+
+
+def archive_name(url: str) -> str:
+    """The archive's file name in dest: the URL path's last part, decoded, and only a plain name
+    (a decoded '%2F' or '..' would otherwise write the archive outside dest)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in URL_SCHEMES:
+        raise UsageError(f"--url {url!r} must be a URL of scheme {', '.join(URL_SCHEMES)}")
+    name = PurePosixPath(parts.path).name
+    if not name or name in (".", ".."):
+        raise UsageError(f"--url {url!r} does not end with a file name")
+    return plain_name(urllib.parse.unquote(name), f"--url {url!r} names the archive")
+
+
+def fetch_data(cfg: FetchConfig) -> dict:
+    """Download cfg.url into cfg.dest (unless already complete) and unpack it there (unless done)."""
+    name = archive_name(cfg.url)
+    dest = require_folder(cfg.dest, "--dest")
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PipelineError(f"cannot create --dest {str(dest)!r}: {e.strerror or e}") from None
+    archive = dest / name
+    downloaded = not archive.is_file()
+    if downloaded:
+        download(cfg, archive)
+    else:
+        log.info("archive already complete: %s", archive)
+    unpacked, fresh = unpack(archive, dest, overwrite=cfg.overwrite)
+    return {"archive": str(archive), "bytes": archive.stat().st_size, "downloaded": downloaded,
+            "unpacked": str(unpacked), "unpacked_now": fresh, "url": cfg.url}
+
+
+# -- download ----------------------------------------------------------------------------------
+def _offline_error(cfg: FetchConfig, archive: Path, why) -> PipelineError:
+    reason = getattr(why, "reason", why)
+    return PipelineError(f"cannot download {cfg.url} ({reason}); offline? Download it by hand and put it at "
+                         f"{archive}, then run this again (or point --data at a local image folder)")
+
+
+def _content_range(resp) -> tuple[int, int | None]:
+    """(first byte, total size or None) of a 206 answer's Content-Range: 'bytes a-b/total'."""
+    value = resp.headers.get("Content-Range", "")
+    try:
+        span, total = value.split(" ", 1)[1].split("/")
+        return int(span.split("-")[0]), None if total == "*" else int(total)
+    except (IndexError, ValueError):
+        raise PipelineError(f"server sent a malformed Content-Range {value!r}") from None
+
+
+def _open(cfg: FetchConfig, archive: Path, offset: int):
+    """The response for bytes offset.. of the URL, or None when the server says the file is complete."""
+    req = urllib.request.Request(cfg.url, headers={"User-Agent": "transfer-pipeline fetch-data"})
+    if offset:
+        req.add_header("Range", f"bytes={offset}-")
+    try:
+        return urllib.request.urlopen(req, timeout=cfg.timeout)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and offset:  # nothing left to send: the .part may already be complete
+            total = e.headers.get("Content-Range", "").rpartition("/")[2]
+            e.close()
+            if total.isdigit() and int(total) != offset:
+                raise PipelineError(f"{archive}.part holds {offset} bytes but the server's file has {total}; "
+                                    f"delete the .part file and run again") from None
+            return None
+        raise PipelineError(f"cannot download {cfg.url}: the server answered HTTP {e.code} {e.reason}") from None
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+        raise _offline_error(cfg, archive, e) from None
+
+
+def download(cfg: FetchConfig, archive: Path) -> None:
+    """Stream the URL to archive.part (resuming it), check its size, and rename it to archive."""
+    part = archive.with_name(archive.name + ".part")
+    attempt = 0
+    while True:
+        offset = part.stat().st_size if part.exists() else 0
+        try:
+            total = _transfer(cfg, archive, part, offset)
+            break
+        except _Interrupted as e:
+            got = part.stat().st_size
+            if attempt >= cfg.retries:
+                raise PipelineError(f"download interrupted after {got} bytes ({e}); "
+                                    f"run the same command again to resume") from None
+            wait = cfg.retry_wait * 2 ** attempt
+            attempt += 1
+            log.warning("download interrupted after %d bytes (%s); resuming in %.0f s", got, e, wait)
+            time.sleep(wait)
+    size = part.stat().st_size
+    if total is not None and size != total:
+        raise PipelineError(f"downloaded {size} bytes but the server announced {total}; run again to resume")
+    if total is None:
+        log.warning("the server did not say how large %s is; its size (%d bytes) is unchecked", archive.name, size)
+    os.replace(part, archive)
+    log.info("downloaded %s (%.1f MB)", archive, size / 1e6)
+
+
+class _Interrupted(Exception):
+    """The connection broke during the transfer (bytes received so far are kept)."""
+
+
+def _transfer(cfg: FetchConfig, archive: Path, part: Path, offset: int) -> int | None:
+    """Append the rest of the file to part; returns the expected total size (None if unknown)."""
+    from ..progress import progress
+
+    resp = _open(cfg, archive, offset)
+    if resp is None:
+        log.info("%s is already complete on disk", part)
+        return offset
+    with resp:
+        status = getattr(resp, "status", 200)
+        length = resp.headers.get("Content-Length")
+        if status == 206:
+            start, total = _content_range(resp)
+            if start != offset:
+                raise PipelineError(f"asked the server for bytes from {offset}, it sent from {start}")
+        else:  # 200: the whole file (a server without Range support restarts the download)
+            if offset:
+                log.warning("the server does not resume downloads; starting %s again", archive.name)
+            offset, total = 0, int(length) if length and length.isdigit() else None
+        with open(part, "ab" if offset else "wb") as f, progress(
+                total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
+                desc=archive.name) as bar:
+            try:
+                while chunk := resp.read(CHUNK):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+            except (OSError, http.client.HTTPException) as e:
+                raise _Interrupted(str(e) or type(e).__name__) from None
+    if total is not None and part.stat().st_size < total:  # urllib reads a dropped connection as EOF
+        raise _Interrupted(f"connection closed at byte {part.stat().st_size} of {total}")
+    return total
+
+
+# -- unpack ------------------------------------------------------------------------------------
+def _inside(dest: Path, name: str) -> bool:
+    """Whether dest/name stays inside dest once resolved (no absolute path, no '..' escape)."""
+    if not name or name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
+        return False
+    if ".." in PurePosixPath(name.replace("\\", "/")).parts:
+        return False  # even when it resolves inside: through a symlink unpacked earlier it may not
+    target = (dest / name).resolve()
+    return target == dest or dest in target.parents
+
+
+def check_members(kind: str, arc, dest: Path) -> list[str]:
+    """The archive's entry names; PipelineError naming the first entry that would land outside dest."""
+    dest = dest.resolve()
+    names = []
+    members = arc.infolist() if kind == "zip" else arc.getmembers()
+    for m in members:
+        name = m.filename if kind == "zip" else m.name
+        if not _inside(dest, name):
+            raise PipelineError(f"archive entry {name!r} would be written outside {dest}; refusing to unpack")
+        if kind == "tar":
+            if not (m.isfile() or m.isdir() or m.issym() or m.islnk()):
+                raise PipelineError(f"archive entry {name!r} is a device or pipe; refusing to unpack")
+            if (m.issym() or m.islnk()) and not hasattr(tarfile, "data_filter"):
+                raise PipelineError(f"archive entry {name!r} is a link, and this Python's tarfile cannot unpack "
+                                    "links safely (Python >= 3.11.4 can); refusing to unpack")
+            if m.issym() or m.islnk():
+                base = str(PurePosixPath(name).parent) if m.issym() else ""
+                link = m.linkname
+                if link.startswith("/") or not _inside(dest, str(PurePosixPath(base) / link)):
+                    raise PipelineError(f"archive entry {name!r} links to {link!r} outside {dest}; "
+                                     "refusing to unpack")
+        names.append(name)
+    return names
+
+
+def archive_kind(path: Path) -> str:
+    if zipfile.is_zipfile(path):
+        return "zip"
+    if tarfile.is_tarfile(path):
+        return "tar"
+    raise PipelineError(f"{path} is neither a zip nor a tar archive; delete it and download again")
+
+
+def unpacked_root(dest: Path, names: list[str]) -> Path:
+    """The archive's single top-level folder (PetImages for the Kaggle zip), else dest."""
+    tops = {PurePosixPath(n).parts[0] for n in names if PurePosixPath(n).parts}
+    dirs = {t for t in tops if (dest / t).is_dir()}
+    return dest / dirs.pop() if len(dirs) == 1 else dest
+
+
+def _marker_bytes(marker: Path):
+    """The archive size a marker file records, or None (no marker, or a foreign one)."""
+    try:
+        return json.loads(marker.read_text())["bytes"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def check_conflicts(kind: str, members: list, dest: Path, overwrite: bool) -> None:
+    """Refuse (PipelineError naming the first) files already in dest that an entry would replace;
+    with ``overwrite`` remove them instead, so nothing is written through an existing link."""
+    for m in members:
+        name = m.filename if kind == "zip" else m.name
+        target = dest / name
+        is_dir = m.is_dir() if kind == "zip" else m.isdir()
+        if not os.path.lexists(target) or (is_dir and target.is_dir() and not target.is_symlink()):
+            continue
+        if not overwrite:
+            raise PipelineError(f"{target} already exists and the archive would overwrite it; move it away, "
+                                "or unpack over it with --overwrite")
+        if not target.is_dir() or target.is_symlink():
+            target.unlink()
+
+
+def unpack(archive: Path, dest: Path, overwrite: bool = False) -> tuple[Path, bool]:
+    """Unpack archive into dest (once: a marker file records it); returns (unpacked root, unpacked now).
+
+    Files already in dest are never overwritten silently: see check_conflicts."""
+    from ..progress import progress
+
+    marker = dest / f".{archive.name}.unpacked"
+    size = archive.stat().st_size
+    try:
+        done = json.loads(marker.read_text())
+        root = dest / done["root"]
+        if done["bytes"] == size and root.is_dir():
+            log.info("already unpacked: %s", root)
+            return root, False
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no marker (or a foreign one): unpack
+    kind = archive_kind(archive)
+    opener = zipfile.ZipFile if kind == "zip" else tarfile.open
+    try:
+        with opener(archive) as arc:
+            names = check_members(kind, arc, dest)
+            members = arc.infolist() if kind == "zip" else arc.getmembers()
+            started = dest / f".{archive.name}.unpacking"
+            # a run cut off mid-unpack left its own files: those it may replace
+            check_conflicts(kind, members, dest, overwrite or _marker_bytes(started) == size)
+            started.write_text(json.dumps({"archive": archive.name, "bytes": size}))
+            for m in progress(members, desc=f"unpack {archive.name}", unit="file"):
+                if kind == "tar" and hasattr(tarfile, "data_filter"):
+                    arc.extract(m, dest, filter="data")  # the standard library's own safety net, too
+                else:
+                    arc.extract(m, dest)
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError) as e:
+        raise PipelineError(f"cannot unpack {archive}: {e}; delete it and download again") from None
+    except OSError as e:  # a full disk, no permission
+        raise PipelineError(f"cannot unpack {archive} into {dest}: {e}") from None
+    root = unpacked_root(dest, names)
+    marker.write_text(json.dumps({"archive": archive.name, "bytes": size,
+                                  "root": root.relative_to(dest).as_posix()}))
+    started.unlink(missing_ok=True)
+    log.info("unpacked %d entries of %s to %s", len(names), archive.name, root)
+    return root, True

@@ -1,0 +1,301 @@
+"""Image folders: listing, fingerprinting, seeded selection order and safe loading.
+
+Nothing here imports torch, so a cache hit (list, fingerprint, open the cache) stays fast.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import stat
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from ..errors import UsageError
+
+log = logging.getLogger(__name__)
+#: File name endings treated as images when listing a folder (case-insensitive).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+#: Largest image (in pixels) we agree to decode; larger ones are treated as decompression bombs.
+MAX_IMAGE_PIXELS = 89_478_485  # PIL's own default warning threshold (about 0.25 GB of RGB)
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """One image file of an ImageFolder tree, as seen when listing it."""
+
+    path: str  # relative to the data root, '/'-separated
+    label: int  # index into the sorted class names
+    size: int  # bytes
+    mtime_ns: int  # modification time
+
+
+@dataclass(frozen=True)
+class ImageFolderListing:
+    """The classes and image files of an ImageFolder root (one sub-folder per class)."""
+
+    root: Path
+    classes: tuple[str, ...]
+    files: tuple[SourceFile, ...]
+    #: (path, reason) of entries with an image name that are not regular files (dangling or looping
+    #: links, pipes, devices): never listed nor opened, and not part of the fingerprint
+    bad: tuple[tuple[str, str], ...] = ()
+
+    def fingerprint(self) -> str:
+        """sha256 over every file's path, size and mtime: changes when a file is added, removed or edited."""
+        h = hashlib.sha256()
+        for c in self.classes:
+            h.update(f"class\0{c}\n".encode())
+        for f in self.files:
+            h.update(f"{f.path}\0{f.size}\0{f.mtime_ns}\n".encode())
+        return h.hexdigest()
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([f.label for f in self.files], dtype=np.int64)
+
+
+def is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+
+
+def list_image_folder(root: str | os.PathLike) -> ImageFolderListing:
+    """List an ImageFolder root: sorted class folders, each with its image files (recursively).
+
+    Hidden files and files without an image extension (``Thumbs.db``, ``.DS_Store``) are left out;
+    image names that are not regular files go to ``bad`` with the reason (see regular_file_stat).
+    Raises ValueError for a missing folder, a class folder without images, fewer than two
+    classes, or no images at all.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise UsageError(f"data folder {str(root)!r} does not exist or is not a folder")
+    classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
+    files: list[SourceFile] = []
+    bad: list[tuple[str, str]] = []
+    for label, cls in enumerate(classes):
+        before = len(files)
+        for dirpath, dirnames, filenames in os.walk(root / cls):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for name in sorted(filenames):
+                if not is_image_name(name):
+                    continue
+                full = Path(dirpath) / name
+                rel = full.relative_to(root).as_posix()
+                try:
+                    st = regular_file_stat(full)
+                except ImageLoadError as e:
+                    bad.append((rel, e.reason))
+                    continue
+                files.append(SourceFile(rel, label, st.st_size, st.st_mtime_ns))
+        if len(files) == before:
+            raise UsageError(f"class folder {str(root / cls)!r} holds no images; remove it or add images")
+    if not files:
+        raise UsageError(f"data folder {str(root)!r} holds no images (expected one sub-folder per class)")
+    if len(classes) < 2:
+        raise UsageError(
+            f"data folder {str(root)!r} has {len(classes)} class with images ({', '.join(classes)}); "
+            "need at least two class sub-folders"
+        )
+    if bad:
+        log.warning("%d entries of %s are not regular files and are left out (first: %s: %s)",
+                    len(bad), root, *bad[0])
+    return ImageFolderListing(root, tuple(classes), tuple(files), tuple(bad))
+
+
+#: Seeds are stored as HDF5 attributes and given to numpy and torch: 0 .. 2**32 - 1 suits all three.
+MAX_SEED = 2**32 - 1
+
+
+def check_seed(seed: int) -> None:
+    if not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise UsageError(f"--seed must be between 0 and {MAX_SEED}, got {seed}")
+
+
+def stratified_order(labels: np.ndarray, seed: int) -> np.ndarray:
+    """A seeded order of all indices whose every prefix is a stratified sample.
+
+    Each class is shuffled on its own; an item at rank k of a class of size m gets the key
+    (k + 0.5) / m, and items are taken in key order. So the first n items hold each class in
+    proportion to its size (to within one item), and taking more items, for example to replace
+    unreadable ones, keeps that balance.
+    """
+    rng = np.random.default_rng(seed)
+    keys = np.empty(len(labels), dtype=np.float64)
+    tiebreak = rng.permutation(len(labels))
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        perm = rng.permutation(idx)
+        keys[perm] = (np.arange(len(perm)) + 0.5) / len(perm)
+    return np.lexsort((tiebreak, keys))
+
+
+class ImageLoadError(Exception):
+    """An image that cannot be used; ``reason`` is a short description, ``kind`` a stable class of it."""
+
+    def __init__(self, reason: str, kind: str = "unreadable"):
+        super().__init__(reason)
+        self.reason = reason
+        self.kind = kind  # zero-byte, decompression-bomb, not-an-image, not-a-file, truncated or unreadable
+
+
+def _not_regular(st: os.stat_result) -> str | None:
+    """What a file is when it is not a regular file, else None."""
+    for test, what in ((stat.S_ISREG, None), (stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(st.st_mode):
+            return what
+    return "not a regular file"
+
+
+def regular_file_stat(path: str | os.PathLike) -> os.stat_result:
+    """os.stat of ``path`` when it is a regular file (or a link to one), else ImageLoadError.
+
+    The one check before any file is listed or opened: reading a named pipe blocks forever, a
+    device may never end, and a dangling or looping link has nothing to read.
+    """
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ImageLoadError("a symlink loop, not a file", "not-a-file") from None
+        if e.errno == errno.ENOENT and os.path.islink(path):
+            raise ImageLoadError(f"a dangling symlink (to {os.readlink(path)!r})", "not-a-file") from None
+        raise ImageLoadError(f"unreadable image: {e.strerror or e}", "unreadable") from None
+    what = _not_regular(st)
+    if what:
+        raise ImageLoadError(f"not a regular file ({what})", "not-a-file")
+    return st
+
+
+def open_regular(path: str | os.PathLike):
+    """``path`` opened for binary reading, only if it is a regular file (ImageLoadError otherwise).
+
+    Checked before the open; the open itself is non-blocking and the opened file checked again,
+    so a pipe swapped in between cannot hang the reader either.
+    """
+    regular_file_stat(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+    except OSError as e:
+        raise ImageLoadError(f"unreadable image: {e.strerror or e}", "unreadable") from None
+    what = _not_regular(os.fstat(fd))
+    if what:
+        os.close(fd)
+        raise ImageLoadError(f"not a regular file ({what})", "not-a-file")
+    return os.fdopen(fd, "rb")
+
+
+def load_rgb(path: str | os.PathLike, min_short_side: int | None = None):
+    """Fully decode an image file into an RGB PIL image, or raise ImageLoadError with the reason.
+
+    Grayscale, CMYK, palette, RGBA and 16-bit images are converted to RGB (transparency is
+    composited on white), so they count as good images.
+
+    With ``min_short_side``, a JPEG whose shorter side is at least twice that is decoded at a
+    reduced scale (1/2, 1/4 or 1/8, in the DCT domain: ``jpeg_draft``) that keeps its shorter side
+    >= ``min_short_side``; other files, and smaller JPEGs, decode as without it.
+    """
+    return decode_image(path, min_short_side)[1]
+
+
+def jpeg_draft(im, min_short_side: int | None) -> int:
+    """Ask PIL to decode the opened, not yet loaded JPEG ``im`` at the smallest DCT scale
+    (1/2, 1/4, 1/8) whose shorter side is still >= ``min_short_side``; returns the scale (1 = none).
+
+    Only when the shorter side is at least 2 x ``min_short_side`` (below that the scale would be
+    1 anyway); never for other formats. PIL's ``draft`` picks the largest scale s in (8, 4, 2, 1)
+    with s <= min(W // w, H // h) for the size (w, h) asked, and rounds the result up, so asking for
+    a square of ``min_short_side`` keeps ceil(short / s) >= ``min_short_side``.
+    """
+    if not min_short_side or im.format not in ("JPEG", "MPO") or min(im.size) < 2 * min_short_side:
+        return 1
+    width = im.width
+    drafted = im.draft("RGB", (min_short_side, min_short_side))  # (mode, box of the whole image, scaled)
+    return round(width / drafted[1][2]) if drafted else 1
+
+
+def decode_image(path: str | os.PathLike, min_short_side: int | None = None):
+    """load_rgb's rules, also returning the image as stored: (decoded image, its RGB conversion).
+
+    check-images uses the first to report format and mode, so it and extract agree on what is bad.
+    The pixel count is checked from the header (at open) before any pixel data is decoded.
+    ``min_short_side``: see ``load_rgb`` (the decoded image is then the reduced one).
+    """
+    from PIL import Image
+
+    try:
+        with open_regular(path) as fp:
+            if os.fstat(fp.fileno()).st_size == 0:
+                raise ImageLoadError("zero-byte file", "zero-byte")
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+                with Image.open(fp) as im:
+                    jpeg_draft(im, min_short_side)
+                    im.load()
+                    return im, to_rgb(im)
+    except ImageLoadError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageLoadError(f"decompression bomb: {e}", "decompression-bomb") from None
+    except Image.UnidentifiedImageError:
+        raise ImageLoadError("not an image (unidentified format)", "not-an-image") from None
+    except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
+        kind = "truncated" if "truncated" in str(e) else "unreadable"
+        raise ImageLoadError(f"unreadable image: {e}", kind) from None
+
+
+def jpeg_bytes(path: str | os.PathLike):
+    """The raw bytes of a baseline RGB or grayscale JPEG within the pixel limit, for decoding elsewhere
+    (on a GPU); None when the file should go through load_rgb instead (other formats and modes, or a
+    header PIL cannot parse). Zero-byte files, decompression bombs and anything but a regular file raise
+    ImageLoadError, as in load_rgb.
+    """
+    import io
+
+    from PIL import Image
+
+    try:
+        with open_regular(path) as f:
+            data = f.read()
+    except OSError as e:
+        raise ImageLoadError(f"unreadable image: {e}", "unreadable") from None
+    if not data:
+        raise ImageLoadError("zero-byte file", "zero-byte")
+    if data[:3] != b"\xff\xd8\xff":
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+            with Image.open(io.BytesIO(data)) as im:  # the header only: no pixels decoded
+                return data if im.mode in ("RGB", "L") else None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageLoadError(f"decompression bomb: {e}", "decompression-bomb") from None
+    except (OSError, SyntaxError, ValueError):
+        return None  # load_rgb gives the precise reason
+
+
+def to_rgb(im):
+    """Convert any PIL mode to RGB; transparency is composited over white."""
+    from PIL import Image
+
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(im, dtype=np.float64)
+        hi = 65535.0 if arr.max() > 255 else 255.0
+        return Image.fromarray((arr / hi * 255.0).round().astype(np.uint8)).convert("RGB")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA"):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return im.convert("RGB")

@@ -1,0 +1,179 @@
+"""The reader: image files -> ``Item``s (decoded and preprocessed in background processes) -> ``Batch``es.
+
+Every stage that reads images (extract, train, evaluate, predict) goes through here, so they
+agree on what a bad file is: an item whose ``image`` is None carries the reason in ``error``,
+and a batch keeps its bad items beside the good ones (reported, never fatal).
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, NamedTuple, Optional, Sequence
+
+from .folders import ImageLoadError, jpeg_bytes, load_rgb
+
+#: A large JPEG is decoded at a reduced DCT scale (1/2, 1/4, 1/8) keeping its shorter side at least
+#: this many times the transform's resize size, so the transform's antialiased resize still filters.
+#: 2, not 1: with 1 a JPEG can decode to just above the resize size (1080 -> 270 for 256), which the
+#: resize then hardly filters; VGG-16 features of detailed 1080p images fell to cosine 0.986-0.988 vs
+#: a full decode (min over 8 images, two runs), against >= 0.9987 with 2 (bench/bench_decode.py).
+JPEG_DRAFT_MARGIN = 2
+#: What changes decoded pixels besides the libraries: 1 = always decoded at full size,
+#: 2 = large JPEGs decoded reduced (JPEG_DRAFT_MARGIN = 2). For the keys of caches made from them.
+DECODE_VERSION = 2
+
+
+def draft_short_side(transform) -> Optional[int]:
+    """The shorter side a JPEG may be reduced to before ``transform`` (see ``data.load_rgb``), or None.
+
+    Only for a transform that starts with an antialiased resize of the shorter side to one size
+    (torchvision's ``ImageClassification``, what weights' ``transforms()`` return): the image
+    that resize gets then differs only by the decoder's reduction. Anything else (train's
+    augmentation, which crops first; a resize to a fixed (h, w)) decodes at full size.
+    """
+    size = getattr(transform, "resize_size", None)
+    if isinstance(size, (list, tuple)) and len(size) == 1:
+        size = size[0]
+    if not isinstance(size, int) or isinstance(size, bool) or size <= 0 or not getattr(transform, "antialias", False):
+        return None
+    return JPEG_DRAFT_MARGIN * size
+
+
+def load_transformed(path, transform):
+    """``transform(load_rgb(path))``, letting a large JPEG decode at a reduced scale when ``transform``
+    allows it, exactly as ``ImageListDataset`` decodes (for the single files that do not go through it)."""
+    return transform(load_rgb(path, draft_short_side(transform)))
+
+
+class Item(NamedTuple):
+    """One candidate image, in the order it was asked for (a NamedTuple: cheap to send between processes)."""
+
+    position: int  # index into the list of candidates (for extract: the stratified selection order)
+    image: object  # preprocessed (3, H, W) float tensor; raw JPEG bytes (1-D uint8) for device decoding; None if bad
+    label: int  # class index (-1 when unknown, as for predict)
+    path: str  # relative to the dataset's root
+    error: Optional[str] = None  # why the file could not be used
+
+    @property
+    def ok(self) -> bool:
+        return self.image is not None
+
+
+class ImageListDataset:
+    """(path, label) pairs -> Items, decoding with ``transform``; positions start at ``start``.
+
+    With ``raw_jpeg``, JPEGs come back undecoded (their bytes as a 1-D uint8 tensor) for
+    ``device_decode``; everything else is decoded here as usual. A large JPEG decodes at a
+    reduced scale when ``transform`` allows it (``draft_short_side``), as in ``load_transformed``.
+    """
+
+    def __init__(self, root: Path, items: Sequence[tuple[str, int]], transform, start: int = 0,
+                 raw_jpeg: bool = False):
+        self.root, self.items, self.transform, self.start, self.raw_jpeg = root, items, transform, start, raw_jpeg
+        self.min_short_side = draft_short_side(transform)
+
+    def __len__(self):
+        return len(self.items) - self.start
+
+    def __getitem__(self, i) -> Item:
+        pos = self.start + i
+        path, label = self.items[pos]
+        try:
+            if self.raw_jpeg:
+                import torch
+
+                data = jpeg_bytes(self.root / path)
+                if data is not None:
+                    return Item(pos, torch.frombuffer(bytearray(data), dtype=torch.uint8), label, path)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # PIL's EXIF warnings: the image itself decoded
+                return Item(pos, self.transform(load_rgb(self.root / path, self.min_short_side)), label, path)
+        except ImageLoadError as e:
+            return Item(pos, None, label, path, e.reason)
+
+
+def _as_list(chunk):
+    return chunk
+
+
+def item_loader(dataset: ImageListDataset, workers: int, persistent: bool = False):
+    """A DataLoader yielding lists of Items in order, decoded by ``workers`` background processes.
+
+    The workers start when iteration starts: begin iterating before opening any file for writing,
+    since forked workers inherit open descriptors (and HDF5's lock on them).
+    """
+    from torch.utils.data import DataLoader
+
+    return DataLoader(dataset, batch_size=16, num_workers=workers, collate_fn=_as_list,
+                      prefetch_factor=4 if workers else None, persistent_workers=persistent and workers > 0)
+
+
+def iter_items(source) -> Iterator[Item]:
+    """The Items of an ``item_loader`` (or a dataset and a worker count via ``read_items``), one by one."""
+    return (item for chunk in iter(source) for item in chunk)
+
+
+def read_items(dataset: ImageListDataset, workers: int) -> Iterator[Item]:
+    """The dataset's Items in order, decoded by ``workers`` background processes started right away."""
+    return iter_items(item_loader(dataset, workers))
+
+
+@dataclass
+class Batch:
+    """Consecutive Items holding at most ``batch_size`` good ones, with the bad ones met on the way."""
+
+    items: list  # every Item, in order
+
+    @property
+    def good(self) -> list:
+        return [i for i in self.items if i.ok]
+
+    @property
+    def bad(self) -> list[tuple[str, str]]:
+        """(path, reason) of the unusable files."""
+        return [(i.path, i.error) for i in self.items if not i.ok]
+
+    @property
+    def next_position(self) -> int:
+        """The position after the last item: where a resumed run continues."""
+        return self.items[-1].position + 1
+
+    def images(self):
+        """The good images stacked into one (B, 3, H, W) tensor (None when there are none)."""
+        import torch
+
+        good = self.good
+        return torch.stack([g.image for g in good]) if good else None
+
+    def labels(self):
+        import torch
+
+        return torch.tensor([g.label for g in self.good], dtype=torch.long)
+
+
+def batches(items: Iterable[Item], batch_size: int, limit: Optional[int] = None) -> Iterator[Batch]:
+    """Group Items into Batches of ``batch_size`` good images; stop once ``limit`` good ones were taken.
+
+    Bad items travel in the batch where they were met; bad items after the last good one make a
+    final batch of their own, so every item is accounted for.
+    """
+    buf: list = []
+    good = taken = 0
+    for item in items:
+        buf.append(item)
+        if item.ok:
+            good += 1
+            if good == batch_size or (limit is not None and taken + good == limit):
+                yield Batch(buf)
+                taken += good
+                buf, good = [], 0
+                if limit is not None and taken == limit:
+                    return
+    if buf:
+        yield Batch(buf)
+
+
+def collate_items(items: list) -> Batch:
+    """A DataLoader collate_fn (train's shuffled loader): the sampled Items as one Batch."""
+    return Batch(list(items))

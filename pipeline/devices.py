@@ -1,0 +1,144 @@
+"""Device and numeric-precision choices shared by every stage that runs a model."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Callable, Optional
+from .errors import UsageError
+from .config import DEVICES, PRECISIONS
+
+log = logging.getLogger(__name__)
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one, e.g. in a container)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def resolve_workers(workers: int, share: int = 1) -> int:
+    """Decoding processes: -1 = the machine's cores divided by ``share`` processes (1 to 8), 0 = in-process.
+
+    More than the cores (per process sharing them) is capped there with a warning: each worker is
+    a process, and ``--workers 1000`` would otherwise start a thousand of them.
+    """
+    if workers < -1:
+        raise UsageError(f"--workers must be -1 (one per core), 0 (decode in-process) or positive, got {workers}")
+    cores = max(1, available_cores() // max(1, share))
+    if workers == -1:
+        return min(8, cores)
+    if workers > cores:
+        log.warning("--workers %d is more than the %d CPU cores available%s; using %d", workers, cores,
+                    f" to each of {share} processes" if share > 1 else "", cores)
+        return cores
+    return workers
+
+
+def resolve_device(device: str = "auto"):
+    """'auto' -> CUDA when available, else CPU. 'cuda:1' style names are accepted too."""
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.split(":")[0] not in ("cpu", "cuda"):
+        raise UsageError(f"unknown device {device!r}; allowed: {', '.join(DEVICES)} (or cuda:N)")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"device {device!r} asked for, but CUDA is not available here; use --device cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"unknown device {device!r}; allowed: {', '.join(DEVICES)} (or cuda:N)") from None
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UsageError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def cpu_has_bf16() -> bool:
+    """True when the CPU has native bf16 dot products (AVX-512 BF16 or AMX), where bf16 pays off."""
+    import torch
+
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: str, device, int8_ok: bool = False) -> str:
+    """'auto' -> bf16 on GPUs and CPUs that support it, else fp32 (never int8: that is asked for).
+
+    int8 (``int8_ok``: extraction only) runs a calibrated, quantised copy of the network on the CPU.
+    """
+    import torch
+
+    allowed = PRECISIONS if int8_ok else tuple(p for p in PRECISIONS if p != "int8")
+    if precision not in allowed:
+        raise UsageError(f"unknown precision {precision!r}; allowed: {', '.join(allowed)}")
+    if precision == "int8":
+        if device.type != "cpu":
+            raise UsageError("precision 'int8' runs on the CPU only (oneDNN int8 kernels): use --device cpu, "
+                             "or bf16 on CUDA")
+        from .extraction.quantize import require_torchao
+
+        require_torchao()
+        return precision
+    if precision != "auto":
+        if precision == "fp16" and device.type == "cpu":
+            raise UsageError("precision 'fp16' needs a CUDA device; on CPU use bf16 or fp32")
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_bf16() else "fp32"
+
+
+def autocast(device, precision: str):
+    """The autocast context for a resolved precision (a no-op for fp32 and int8: int8 is a quantised network)."""
+    import torch
+
+    if precision in ("fp32", "int8"):
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+class AdaptiveBatch:
+    """Run ``fn`` over a batch in chunks, halving the chunk on a CUDA out-of-memory error.
+
+    A too-large ``--batch-size`` then slows a GPU run instead of ending it: the failing batch is
+    retried in halves (results identical to an unsplit pass, rows kept in order), and the smaller
+    chunk is kept for the batches that follow. Only a single row that does not fit is an error.
+    """
+
+    def __init__(self, fn: Callable, on_oom: Optional[Callable[[], None]] = None):
+        self.fn, self.on_oom = fn, on_oom
+        self.chunk: Optional[int] = None  # the largest batch known to fit; None = not limited yet
+
+    def __call__(self, x):
+        import numpy as np
+        import torch
+
+        from .errors import PipelineError
+
+        k = len(x)
+        while True:
+            step = min(k, self.chunk or k)
+            try:
+                if step == k:
+                    return self.fn(x)
+                out = None
+                for s in range(0, k, step):
+                    y = self.fn(x[s:s + step])
+                    if out is None:
+                        out = np.empty((k, *y.shape[1:]), y.dtype)
+                    out[s:s + len(y)] = y
+                return out
+            except torch.cuda.OutOfMemoryError:
+                if step == 1:
+                    raise PipelineError("the device ran out of memory on a single image; "
+                                        "free GPU memory or use --device cpu") from None
+            self.chunk = step // 2
+            log.warning("device out of memory at batch %d; retrying in batches of %d", step, self.chunk)
+            if self.on_oom is not None:
+                self.on_oom()

@@ -1,0 +1,113 @@
+"""The extract stage: image folder -> frozen CNN -> HDF5 feature cache, resumable and reused.
+
+The cache's name is a fingerprint of everything that changes its contents, so the same request
+is answered from disk without importing torch. The work itself is ``extract_range``: reader
+(``reader``) -> model (``inference.Inference``) -> writer (``cache.CacheWriter``); under torchrun,
+``distributed`` runs it once per shard.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import backbones as bb
+from . import distributed
+from ..cache.feature_cache import STORAGE_DTYPES, cache_file_name, fingerprint
+from ..data.folders import ImageFolderListing, check_seed, list_image_folder
+from ..errors import UsageError
+from .extract_range import existing_cache, extract_range, hit_summary
+from ..files import require_folder
+from ..data.image_reader import DECODE_VERSION
+from ..cache.provenance import package_version
+from ..config import COMPILE, DECODERS, ExtractConfig, POOLS
+
+log = logging.getLogger(__name__)
+
+
+def validate(cfg: ExtractConfig) -> None:
+    check_seed(cfg.seed)
+    if cfg.n < 0:
+        raise UsageError(f"--n must be 0 (all) or positive, got {cfg.n}")
+    if cfg.batch_size < 1:
+        raise UsageError(f"--batch-size must be positive, got {cfg.batch_size}")
+    if cfg.precision == "int8":
+        from .quantize import MAX_BATCH, require_torchao
+
+        require_torchao()
+        if cfg.batch_size > MAX_BATCH:
+            raise UsageError(f"--batch-size {cfg.batch_size} is more than the {MAX_BATCH} an int8 network takes")
+        if cfg.calib_n < 1:
+            raise UsageError(f"--calib-n must be positive, got {cfg.calib_n}")
+        if cfg.calib_data and not Path(cfg.calib_data).is_dir():
+            raise UsageError(f"calibration folder {cfg.calib_data!r} does not exist")
+    if cfg.dtype not in STORAGE_DTYPES:
+        raise UsageError(f"unknown --dtype {cfg.dtype!r}; allowed: {', '.join(STORAGE_DTYPES)}")
+    if cfg.pool not in POOLS:
+        raise UsageError(f"unknown --pool {cfg.pool!r}; allowed: {', '.join(POOLS)}")
+    if cfg.compile not in COMPILE:
+        raise UsageError(f"unknown --compile {cfg.compile!r}; allowed: {', '.join(COMPILE)}")
+    if cfg.decode not in DECODERS:
+        raise UsageError(f"unknown --decode {cfg.decode!r}; allowed: {', '.join(DECODERS)}")
+    bb.get_spec(cfg.backbone)
+    if not Path(cfg.data).is_dir():
+        raise UsageError(f"data folder {cfg.data!r} does not exist; `python cli.py fetch-data` downloads the Kaggle "
+                         "cats-vs-dogs set to data/PetImages, or pass --data DIR")
+    require_folder(cfg.cache_dir, "--cache-dir")
+    if cfg.shard_dir:
+        require_folder(cfg.shard_dir, "--shard-dir")
+    if bb.is_weights_path(cfg.weights) and not Path(cfg.weights).is_file():
+        raise UsageError(f"weights file {cfg.weights!r} does not exist")
+
+
+def weights_identity(cfg: ExtractConfig) -> dict:
+    """What names the weights, without loading them: a torchvision name, or a file's hash + sidecar."""
+    if cfg.weights.lower() == "none":
+        return {"weights": "none"}
+    if bb.is_weights_path(cfg.weights):
+        p = Path(cfg.weights)
+        return {"weights_sha256": bb.file_sha256(p), "sidecar": bb.read_sidecar(p)}
+    return {"weights": cfg.weights.split(".")[-1]}
+
+
+def cache_key(cfg: ExtractConfig, listing: ImageFolderListing) -> str:
+    """Fingerprint of everything that changes the cache's contents (not batch size, workers or --compile:
+    they change speed and at most the last bits of a row, see ``compiled``).
+
+    int8 adds its calibration (method, sample, torch and torchao versions): another calibration
+    quantises the network differently.
+    """
+    from .quantize import calibration_identity, calibration_listing
+
+    int8 = cfg.precision == "int8"
+    return fingerprint({
+        "format": 1, "data": listing.fingerprint(), "backbone": cfg.backbone, **weights_identity(cfg),
+        "n": cfg.n, "seed": cfg.seed, "dtype": cfg.dtype, "precision": cfg.precision, "pool": cfg.pool,
+        "torchvision": package_version("torchvision"),
+        # how files become pixels (PIL's reduced decoding of large JPEGs; another decoder): other pixels
+        "decode_version": DECODE_VERSION, **({"decode": cfg.decode} if cfg.decode != "pil" else {}),
+        **({"int8": calibration_identity(calibration_listing(cfg.calib_data, listing), cfg.seed, cfg.calib_n)}
+           if int8 else {}),
+    })
+
+
+def extract(cfg: ExtractConfig) -> dict:
+    """Run (or reuse, or resume) one extraction; returns a summary with the cache path."""
+    started = time.time()
+    validate(cfg)
+    listing = list_image_folder(cfg.data)
+    total = len(listing.files)
+    if cfg.n > total:
+        raise UsageError(f"--n {cfg.n} is more than the {total} images in {cfg.data}")
+    key = cache_key(cfg, listing)
+    path = Path(cfg.cache_dir) / cache_file_name(cfg.backbone, cfg.n, key)
+    if distributed.world_size() > 1:  # started by torchrun: this rank extracts its shard
+        return distributed.extract_sharded(cfg, listing, key, path, started)
+    info = existing_cache(path, key)
+    if info is not None and info.complete:
+        return hit_summary(info, started)
+    if info is not None:
+        log.info("resuming %s from row %d", path, info.rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return extract_range(cfg, listing, key, path, resumed=info)

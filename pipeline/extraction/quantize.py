@@ -1,0 +1,178 @@
+"""int8 on the CPU: static post-training quantisation of a backbone's feature part.
+
+Route, chosen by measurement on torch 2.14 (README, "Performance"): torchao's pt2e flow with
+the x86 Inductor quantizer (int8 per-channel symmetric weights, uint8 per-tensor activations),
+lowered to oneDNN's int8 convolutions so that it runs eagerly, at any batch size and bitwise
+deterministically, with no C++ compiler. Two choices differ from the quantizer's defaults, both
+measured on VGG-16 and real photos (worst-image feature cosine vs fp32): activation ranges are
+the calibration's min/max, not the histogram observer's clipped ones (0.9845 -> 0.9974: a photo
+brighter than the calibration set is not clipped), and the network's last pooling layer is left
+in float, so the features are not rounded to 256 levels on the way out (-> 0.9984).
+``torch.ao.quantization``'s FX flow is as fast eagerly but deprecated (it warns on every use and
+may go in any release); pt2e has left torch itself for torchao, which is therefore an optional
+dependency (``pip install torchao``). Compiled (``compiled.CompiledNet``), int8 runs about twice
+as fast as eagerly, which is why ``--compile auto`` compiles it.
+
+The calibration sample is the first ``calib_n`` good images of the extraction's own seeded,
+stratified order (or of ``calib_data``'s), decoded by the same transform; what it was, the method
+and the library versions are part of the cache's fingerprint, so int8 features never mix with
+other features or with another calibration's.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from pathlib import Path
+
+from ..errors import PipelineError, UsageError
+from ..cache.provenance import package_version
+
+log = logging.getLogger(__name__)
+
+METHOD = ("pt2e static PTQ, X86InductorQuantizer: int8 per-channel symmetric weights, uint8 per-tensor "
+          "activations (MinMaxObserver), last pooling layer in float, lowered to oneDNN int8 ops")
+QUANT_VERSION = 1  # bump with any change to how the network is quantised: it is part of the caches' keys
+MAX_BATCH = 1024  # the lowered graph's batch dimension is dynamic up to this size
+CALIB_BATCH = 16  # calibration batches: a fixed size, so the quantised network never depends on --batch-size
+
+
+def require_torchao() -> str:
+    """torchao's version, or a usage error that says how to install it."""
+    version = package_version("torchao")
+    if not version:
+        raise UsageError("--precision int8 needs torchao (the maintained int8 route for x86): "
+                         "pip install 'transfer-pipeline[int8]' (or pip install torchao)")
+    return version
+
+
+def calibrated_int8(features, listing, seed: int, n: int, transform):
+    """``features`` quantised on the first ``n`` images of ``listing``'s seeded stratified order.
+
+    Returns (module, record): the record (method, sample, versions, image paths, seconds) goes
+    into the cache's attributes.
+    """
+    from ..data.folders import stratified_order
+    from ..data.image_reader import ImageListDataset
+
+    started = time.time()
+    order = stratified_order(listing.labels, seed)
+    dataset = ImageListDataset(listing.root, [(listing.files[i].path, listing.files[i].label) for i in order],
+                               transform)
+    batches, paths = calibration_batches(dataset, n, CALIB_BATCH)
+    module = quantize_int8(features, batches)
+    return module, {**calibration_identity(listing, seed, n), "images": paths,
+                    "calib_root": str(Path(listing.root).resolve()),
+                    "seconds": round(time.time() - started, 2)}
+
+
+def calibration_listing(calib_data: str, listing):
+    """The folder int8 calibrates on: ``calib_data`` ('' = the data being extracted, ``listing``)."""
+    from ..data.folders import list_image_folder
+
+    return list_image_folder(calib_data) if calib_data else listing
+
+
+def calibration_identity(listing, seed: int, n: int) -> dict:
+    """What decides the quantised network, for the cache's fingerprint and provenance (no torch import:
+    a cache hit is answered without it)."""
+    return {"version": QUANT_VERSION, "method": METHOD, "calib_batch": CALIB_BATCH, "calib_n": n,
+            "calib_seed": seed, "calib_data": listing.fingerprint(), "torch": package_version("torch"),
+            "torchao": require_torchao()}
+
+
+def same_quantisation(train_attrs, test_attrs) -> list[str]:
+    """How two int8 caches' quantised networks differ (calibration sample, method, versions); [] if alike."""
+    import json
+
+    a, b = (json.loads(attrs.get("calibration", "{}")) for attrs in (train_attrs, test_attrs))
+    keys = ("version", "method", "calib_batch", "calib_n", "calib_seed", "calib_data", "torch", "torchao")
+    return [f"int8 calibration {k}: {a.get(k)} vs {b.get(k)}" for k in keys if a.get(k) != b.get(k)]
+
+
+def calibration_batches(dataset, n: int, batch_size: int) -> tuple[list, list[str]]:
+    """The first ``n`` decodable images of ``dataset`` as float batches, and their paths."""
+    import torch
+
+    images, paths = [], []
+    for i in range(len(dataset)):
+        if len(images) == n:
+            break
+        item = dataset[i]
+        if item.image is not None:
+            images.append(item.image)
+            paths.append(item.path)
+    if not images:
+        raise UsageError("no calibration image for --precision int8 could be decoded")
+    return [torch.stack(images[s:s + batch_size]) for s in range(0, len(images), batch_size)], paths
+
+
+def quantization_config():
+    """The x86 default (per-channel int8 weights, uint8 activations) with min/max activation ranges."""
+    import torch
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
+    from torchao.quantization.pt2e import MinMaxObserver
+
+    default = xiq.get_default_x86_inductor_quantization_config()
+    act = xiq.QuantizationSpec(dtype=torch.uint8, quant_min=0, quant_max=255, qscheme=torch.per_tensor_affine,
+                               is_dynamic=False, observer_or_fake_quant_ctr=MinMaxObserver.with_args(eps=2 ** -12))
+    return xiq.QuantizationConfig(act, act, default.weight, default.bias, default.is_qat)
+
+
+def quantize_int8(features, calib_batches: list, max_batch: int = MAX_BATCH):
+    """``features`` (float, eval) -> an int8 module: float32 in and out, any batch 1..max_batch.
+
+    Equivalent to torchao's ``lower_pt2e_quantized_to_x86`` except that the batch dimension stays
+    dynamic (that helper re-exports with the example's shape, fixing the batch size). The pt2e
+    graph stays on the result as ``converted``: ``inference.Inference(compile=True)`` compiles that one.
+    A backbone the quantiser or export cannot take is a one-line PipelineError.
+    """
+    started = time.time()
+    try:
+        lowered = _lowered_int8(features, list(calib_batches), max_batch)
+    except Exception as e:  # noqa: BLE001 -- export, the quantiser and the lowering raise many kinds
+        first_line = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        raise PipelineError(f"int8 quantisation of the backbone failed ({type(e).__name__}: {first_line}); "
+                            "use --precision bf16 or fp32") from e
+    log.info("quantised to int8 on %d calibration images in %.1f s", sum(len(b) for b in calib_batches),
+             time.time() - started)
+    return lowered
+
+
+def _lowered_int8(features, calib_batches: list, max_batch: int):
+    import torch
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq  # registers the x86 lowerings
+    from torch._export.utils import _is_cia_op
+    from torch._inductor.constant_folding import constant_fold
+    from torch._inductor.fx_passes.freezing_patterns import freezing_passes
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    example = calib_batches[0].contiguous(memory_format=torch.channels_last)
+    if len(example) == 1:  # export specialises a batch of 1; two rows keep the batch dimension symbolic
+        example = torch.cat([example, example]).contiguous(memory_format=torch.channels_last)
+    dynamic = ({0: torch.export.Dim("batch", max=max_batch)},)
+    quantizer = xiq.X86InductorQuantizer().set_global(quantization_config())
+    last = list(features.named_modules())[-1]
+    if isinstance(last[1], (torch.nn.MaxPool2d, torch.nn.AdaptiveAvgPool2d, torch.nn.AvgPool2d)):
+        quantizer.set_module_name_qconfig(last[0], None)  # float features out of the last int8 conv
+    model = copy.deepcopy(features).float().eval().to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        prepared = prepare_pt2e(torch.export.export(model, (example,), dynamic_shapes=dynamic).module(), quantizer)
+        for batch in calib_batches:
+            prepared(batch.contiguous(memory_format=torch.channels_last))
+        converted = convert_pt2e(prepared)
+        decompositions = {k: v for k, v in torch.export.default_decompositions().items() if _is_cia_op(k)}
+        lowered = torch.export.export(converted, (example,), dynamic_shapes=dynamic, strict=True)
+        lowered = lowered.run_decompositions(decompositions).module()
+        for node in list(lowered.graph.nodes):  # as torchao does: a Linear's aten.t -> permute
+            if node.target == torch.ops.aten.t.default:
+                with lowered.graph.inserting_before(node):
+                    perm = lowered.graph.call_function(torch.ops.aten.permute.default, (node.args[0], [1, 0]))
+                node.replace_all_uses_with(perm)
+                lowered.graph.erase_node(node)
+        lowered.recompile()
+        freezing_passes(lowered, (example,))  # conv + quantise/dequantise -> prepacked onednn.qconv_pointwise
+        constant_fold(lowered)
+    lowered.converted = converted
+    return lowered
+

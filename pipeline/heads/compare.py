@@ -1,0 +1,130 @@
+"""The compare-sklearn stage: every kind of head and a plain scikit-learn baseline, side by side on one split."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Optional
+
+import numpy as np
+
+from ..cache.feature_cache import FeatureCache
+from .fit_head import HEADS, FitHeadConfig, fit_head, resolve_cache
+from .probe_heads import log_loss
+from .epoch_loop import per_class_accuracy, split_indices, validate_split
+from ..runs.ledger import append_run
+from ..errors import UsageError
+from ..config import CompareConfig
+
+log = logging.getLogger(__name__)
+
+
+
+def load_rows(cache: FeatureCache, indices: np.ndarray, block_rows: int) -> np.ndarray:
+    """Rows ``indices`` (sorted) as a float32 (len, C*H*W) array, filled block by block."""
+    d = int(np.prod(cache.feature_shape))
+    x = np.empty((len(indices), d), np.float32)
+    i = 0
+    for rows, block, sel in cache.iter_blocks(indices, block_rows):
+        x[i:i + len(rows)] = block[sel].reshape(len(rows), d)
+        i += len(rows)
+    return x
+
+
+def fit_sklearn(cfg: CompareConfig, cache: FeatureCache, test_cache: Optional[str] = None) -> dict:
+    """The plain scikit-learn baseline: StandardScaler + LogisticRegression on the flat C*H*W rows."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    train_idx, val_idx = split_indices(cache.labels, cfg.val_fraction, cfg.seed)
+    gb = len(train_idx) * int(np.prod(cache.feature_shape)) * 4 / 1e9
+    log.info("loading %d training rows (%.2f GB as float32) for scikit-learn", len(train_idx), gb)
+    x_train = load_rows(cache, train_idx, cfg.block_rows)
+    y_train = cache.labels[train_idx]
+    steps = [StandardScaler()] if cfg.scale else []
+    model = make_pipeline(*steps, LogisticRegression(C=cfg.C, max_iter=cfg.max_iter))
+    t0 = time.time()
+    model.fit(x_train, y_train)
+    seconds = time.time() - t0
+    del x_train
+
+    def score(c: FeatureCache, idx) -> tuple[float, float, np.ndarray, np.ndarray]:
+        y = c.labels[idx]
+        proba = np.zeros((len(y), len(c.classes)))
+        proba[:, model.classes_] = model.predict_proba(load_rows(c, idx, cfg.block_rows))
+        return float((proba.argmax(1) == y).mean()), log_loss(y, proba), y, proba.argmax(1)
+
+    val_acc, val_loss, y_val, pred = score(cache, val_idx)
+    out = {"model": f"sklearn LogisticRegression (flat{', standardized' if cfg.scale else ''}, C={cfg.C:g})",
+           "per_class_val_acc": per_class_accuracy(y_val, pred, cache.classes), "val_acc": val_acc,
+           "val_loss": val_loss, "fit_seconds": seconds, "train_rows": int(len(train_idx)),
+           "val_rows": int(len(val_idx)), "iterations": int(np.max(model[-1].n_iter_))}
+    if test_cache:
+        with FeatureCache(test_cache) as tc:
+            out["test_acc"], out["test_loss"] = score(tc, np.arange(tc.n))[:2]
+    return out
+
+
+def _describe(r: dict, c: dict) -> str:
+    """A table name for one fit-head result (``c``: its effective config): kind and the settings that matter."""
+    if c["head"] == "linear":
+        how = f"Adam lr={c['lr']:g}, wd={c['weight_decay']:g}, best epoch {r['best_epoch']} of {len(r['history'])}"
+    elif c["head"] == "logreg":
+        how = f"C={c['C']:g}"
+    else:
+        how = f"C={c['C']:g}, RBF gamma={c['gamma']}, {c['kernel_components']} landmarks"
+    recipe = "seed recipe: " if c["recipe"] == "seed" else ""
+    return f"{c['head']} Linear+LogSoftmax ({recipe}{c['features']}, {c['normalize']}, {how})"
+
+
+def compare_sklearn(cfg: CompareConfig) -> dict:
+    """Fit every head kind (linear, logreg, kernel) and the flat scikit-learn baseline on the same split."""
+    from .fit_head import with_recipe
+
+    validate_split(cfg.val_fraction, cfg.seed)
+    if cfg.C <= 0 or cfg.max_iter < 1:
+        raise UsageError(f"--C must be positive and --max-iter >= 1, got C={cfg.C}, max_iter={cfg.max_iter}")
+    path, default_cache = resolve_cache(cfg.cache, cfg.cache_dir)
+    base = replace(cfg.head or FitHeadConfig(), cache=str(path), val_fraction=cfg.val_fraction, seed=cfg.seed,
+                   tune=False)
+    kinds = ("linear",) if base.recipe == "seed" else HEADS
+    models, runs, test_cache = [], [], None
+    for kind in kinds:
+        r = fit_head(replace(base, head=kind))
+        test_cache = (r["test"] or {}).get("cache")
+        models.append({"model": _describe(r, asdict(with_recipe(replace(base, head=kind)))), **{k: r[k] for k in (
+            "val_acc", "val_loss", "fit_seconds", "train_rows", "val_rows", "per_class_val_acc")},
+            **({"test_acc": r["test_acc"], "test_loss": r["test_loss"]} if r["test"] else {}),
+            "checkpoint": r["checkpoint"]})
+        runs.append(r)
+    with FeatureCache(path) as cache:
+        sk = fit_sklearn(cfg, cache, test_cache)
+    models.append(sk)
+    append_run(base.runs_dir, "compare-sklearn", cache=str(path), params=asdict(cfg),
+               metrics={"val_acc": models[0]["val_acc"], "val_loss": models[0]["val_loss"],
+                        **{f"{m}_val_acc": r["val_acc"] for m, r in zip(kinds[1:], runs[1:])},
+                        "sklearn_val_acc": sk["val_acc"], "sklearn_val_loss": sk["val_loss"]},
+               outputs=[r["run_dir"] for r in runs])
+    return {"cache": str(path), "split": {"val_fraction": cfg.val_fraction, "seed": cfg.seed,
+                                          "train_rows": sk["train_rows"], "val_rows": sk["val_rows"]},
+            "models": models, "head_run_dir": runs[0]["run_dir"], "test_cache": test_cache,
+            "source_changed": runs[0]["source_changed"], "default_cache": default_cache}
+
+
+def format_table(result: dict) -> str:
+    test = any("test_acc" in m for m in result["models"])
+    rows = [("model", "val acc", "val log-loss", *(("test acc", "test log-loss") if test else ()), "fit time")]
+    for m in result["models"]:
+        t = (f"{m['test_acc']:.3f}", f"{m['test_loss']:.4f}") if "test_acc" in m else (("-", "-") if test else ())
+        rows.append((m["model"], f"{m['val_acc']:.3f}", f"{m['val_loss']:.4f}", *t, f"{m['fit_seconds']:.1f} s"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    for m in result["models"]:
+        accs = ", ".join(f"{c} {a:.3f}" for c, a in m["per_class_val_acc"].items() if a is not None)
+        lines.append(f"per-class val acc, {m['model'].split(' (')[0]}: {accs}")
+    s = result["split"]
+    lines.append(f"(same split: {s['train_rows']} train / {s['val_rows']} val rows, seed {s['seed']}; "
+                 f"cache {result['cache']}{'; test ' + result['test_cache'] if result.get('test_cache') else ''})")
+    return "\n".join(lines)

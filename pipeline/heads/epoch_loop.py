@@ -1,0 +1,141 @@
+"""What every training stage shares: option checks, the seeded split, one epoch loop, per-class accuracy.
+
+fit-head (features from a cache) and train/finetune (images through a backbone) differ only in
+where their minibatches come from; ``train_one_epoch`` and ``run_epochs`` are the same for both,
+so they print the same per-epoch line and record the same history (epochs counted from 1).
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from typing import Callable, Iterable
+
+import numpy as np
+
+from ..data.folders import check_seed
+from ..errors import PipelineError, UsageError
+from ..files import require_folder
+
+
+def validate_split(val_fraction: float, seed: int) -> None:
+    if not 0 < val_fraction < 1:
+        raise UsageError(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    check_seed(seed)
+
+
+def validate_training(cfg, positive: tuple = (), non_negative: tuple = ()) -> None:
+    """The option checks fit-head, train and finetune share (split, counts, lr, dropout)."""
+    validate_split(cfg.val_fraction, cfg.seed)
+    require_folder(cfg.runs_dir, "--runs-dir")
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    for name in non_negative:
+        if getattr(cfg, name) < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be 0 or positive, got {getattr(cfg, name)}")
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise UsageError(f"--lr must be a positive finite number, got {cfg.lr}")
+    if not 0 <= cfg.dropout < 1:
+        raise UsageError(f"--dropout must be in [0, 1), got {cfg.dropout}")
+
+
+def split_indices(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded, stratified train/val split of row indices (both sorted).
+
+    Each class gives round(val_fraction x its size) rows to validation (at least one when it has
+    two or more), so 800 balanced rows at 0.125 split 700/100. fit-head, compare-sklearn, train
+    and evaluate all call this, so they see the same split.
+    """
+    rng = np.random.default_rng(seed)
+    val = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        k = int(round(val_fraction * len(idx)))
+        if len(idx) >= 2:
+            k = min(max(k, 1), len(idx) - 1)
+        val.extend(rng.permutation(idx)[:k].tolist())
+    val = np.sort(np.array(val, dtype=np.int64))
+    train = np.setdiff1d(np.arange(len(labels)), val)
+    if len(train) == 0 or len(val) == 0:
+        raise UsageError(f"--val-fraction {val_fraction} leaves an empty split of {len(labels)} rows")
+    return train, val
+
+
+def per_class_accuracy(y: np.ndarray, pred: np.ndarray, classes: list[str]) -> dict:
+    return {c: float((pred[y == i] == i).mean()) if (y == i).any() else None for i, c in enumerate(classes)}
+
+
+def train_one_epoch(model, opt, minibatches: Iterable, device, precision: str = "fp32",
+                    print_every: int = 0, write: Callable[[str], None] = print, epoch: int = 1
+                    ) -> tuple[float, float, int]:
+    """One pass of NLL + the optimiser over ``(x, y)`` minibatches (tensors on ``device``).
+
+    Returns (train accuracy, mean train loss, rows seen). With ``print_every``, a running line
+    every that many minibatches.
+    """
+    import torch
+
+    from ..devices import autocast
+
+    model.train()
+    seen = correct = 0
+    loss_sum = 0.0
+    for b, (x, y) in enumerate(minibatches, 1):
+        opt.zero_grad()
+        with autocast(device, precision):
+            out = model(x)
+        loss = torch.nn.functional.nll_loss(out.float(), y)
+        if not math.isfinite(loss.item()):
+            raise PipelineError(f"training diverged: the loss became {loss.item()} at epoch {epoch}, minibatch {b}; "
+                                "nothing was saved (lower --lr, or check the features for NaN/inf)")
+        loss.backward()
+        opt.step()
+        seen += len(y)
+        loss_sum += loss.item() * len(y)
+        correct += int((out.argmax(1) == y).sum())
+        if print_every and b % print_every == 0:
+            write(f"Epoch {epoch}, batch {b}: running train acc={correct / seen:.3f}, loss={loss_sum / seen:.4f}")
+    if not seen:
+        raise UsageError("no training example in this epoch (every image unreadable?)")
+    return correct / seen, loss_sum / seen, seen
+
+
+def run_epochs(epochs: int, one_epoch: Callable[[int], tuple], validate: Callable[[], tuple], patience: int = 0,
+               model=None) -> list[dict]:
+    """Run up to ``epochs`` epochs (numbered from 1), printing a line for each; returns the history.
+
+    ``one_epoch(epoch)`` -> (train acc, train loss, extra fields for the history row);
+    ``validate()`` -> (val acc, val loss). With ``patience``, stop after that many epochs without a
+    lower validation loss, and put ``model``'s weights of the best epoch back (early stopping).
+    """
+    import copy
+
+    from ..progress import is_quiet
+
+    history, best, best_state, waited = [], math.inf, None, 0
+    t0 = time.time()
+    for epoch in range(1, epochs + 1):
+        train_acc, train_loss, extra = one_epoch(epoch)
+        val_acc, val_loss = validate()
+        history.append({"epoch": epoch, **extra, "train_acc": train_acc, "val_acc": val_acc,
+                        "train_loss": train_loss, "val_loss": val_loss, "seconds": time.time() - t0})
+        if not is_quiet():
+            print(f"Epoch {epoch}, Train acc={train_acc:.3f}, Val acc={val_acc:.3f}, "
+                  f"Train loss={train_loss:.3f}, Val loss={val_loss:.3f}", file=sys.stderr)
+        if not patience:
+            continue
+        if val_loss < best:
+            best, waited = val_loss, 0
+            best_state = copy.deepcopy(model.state_dict()) if model is not None else None
+        else:
+            waited += 1
+            if waited >= patience:
+                break
+    if patience and best_state is not None:
+        model.load_state_dict(best_state)
+        if not is_quiet():
+            at = min(history, key=lambda h: h["val_loss"])
+            print(f"Best epoch {at['epoch']} of {len(history)} (val loss {at['val_loss']:.3f}): its weights are kept",
+                  file=sys.stderr)
+    return history

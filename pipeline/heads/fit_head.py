@@ -1,0 +1,398 @@
+"""The fit-head stage: a Linear + LogSoftmax classifier trained from a feature cache in seconds.
+
+The head reads a *view* of the cached C x H x W maps, chosen at fit time and never stored again
+(``flat``: the tutorial's 25,088-vector; ``avg``/``max``: global pooling; ``avgmax``: both),
+normalised (``l2``, ``rms``, ``standardize`` or ``none``), and is trained three ways, all saved
+as the same ``probes.ProbeHead`` (view -> normalisation -> [RBF map] -> Linear -> LogSoftmax,
+tensors only): ``linear`` with Adam, weight decay and early stopping on the validation loss (the
+best epoch's weights restored); ``logreg``, scikit-learn's LogisticRegression converted to the
+Linear layer; ``kernel``, an RBF Nystroem map in front of it. ``--tune`` picks among them by
+stratified cross-validation on the training rows. ``--test-data`` scores photos the head never
+saw, extracted with the training cache's exact backbone, weights and preprocessing.
+
+Features stream from HDF5 in contiguous blocks (shuffled block order, shuffled rows within a
+block), so the linear head's memory stays bounded for caches larger than RAM.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from ..cache.feature_cache import FeatureCache, newest_cache, source_changes
+from ..errors import UsageError
+from .epoch_loop import per_class_accuracy, run_epochs, split_indices, train_one_epoch, validate_training
+from .feature_views import NORMS, VIEWS, check_view
+from ..config import FitHeadConfig, HEADS, RECIPES
+
+log = logging.getLogger(__name__)
+
+
+#: What --tune compares (every head kind; 800 rows tune in well under a minute on 2 cores).
+TUNE_GRID = [
+    *({"head": "logreg", "view": v, "normalize": "l2", "C": c} for v in ("avg", "avgmax") for c in (1.0, 10.0, 100.0, 1000.0)),
+    *({"head": "kernel", "view": "avg", "normalize": "l2", "C": c, "gamma": g}
+      for c in (10.0, 100.0) for g in ("scale", "2*scale")),
+    *({"head": "torch", "view": "avg", "normalize": "l2", "weight_decay": wd} for wd in (1e-4, 1e-3)),
+]
+
+
+def with_recipe(cfg: FitHeadConfig) -> FitHeadConfig:
+    """``--recipe seed``: the tutorial's head exactly (flat 25,088-vector scaled by 1/RMS, Adam 0.01, 10 epochs)."""
+    if cfg.recipe not in RECIPES:
+        raise UsageError(f"unknown --recipe {cfg.recipe!r}; allowed: {', '.join(RECIPES)}")
+    if cfg.recipe == "seed":
+        return replace(cfg, head="linear", features="flat", normalize="rms", epochs=10, patience=0, lr=0.01,
+                       weight_decay=0.0, tune=False)
+    return cfg
+
+
+def validate(cfg: FitHeadConfig) -> None:
+    validate_training(cfg, positive=("epochs", "batch_size", "block_rows", "kernel_components", "folds"),
+                      non_negative=("patience",))
+    for name, value, allowed in (("head", cfg.head, HEADS), ("features", cfg.features, VIEWS),
+                                 ("normalize", cfg.normalize, NORMS)):
+        if value not in allowed:
+            raise UsageError(f"unknown --{name} {value!r}; allowed: {', '.join(allowed)}")
+    for name in ("C", "weight_decay"):
+        v = getattr(cfg, name)
+        if not (math.isfinite(v) and (v > 0 if name == "C" else v >= 0)):
+            raise UsageError(f"--{name.replace('_', '-')} must be a {'positive' if name == 'C' else 'non-negative'} "
+                             f"finite number, got {v}")
+    if cfg.test_data and cfg.test_cache:
+        raise UsageError("pass --test-data or --test-cache, not both")
+
+
+def resolve_cache(cache: Optional[str], cache_dir: str) -> tuple[Path, Optional[dict]]:
+    """The cache to use, and (when none was named) a description of the one picked by default.
+
+    The default, the newest complete cache in ``cache_dir``, is announced on stderr: a run that
+    silently trained on another extraction than the user thought is worse than a longer log.
+    """
+    if cache:
+        return Path(cache), None
+    info = newest_cache(cache_dir)
+    chosen = {k: info.summary()[k] for k in ("path", "rows", "backbone", "created")}
+    log.info("using the newest cache %s (%d rows, %s, created %s); --cache picks another",
+             chosen["path"], chosen["rows"], chosen["backbone"], chosen["created"])
+    return info.path, chosen
+
+
+def _as_float32(feats: np.ndarray, device):
+    """A minibatch of cached features as a float32 tensor on ``device``: the same numbers as
+    ``feats.astype(np.float32)``, but widened by torch (vectorised: ~20x numpy's float16 cast) and,
+    on an accelerator, after the copy (half the bytes to move)."""
+    import torch
+
+    if not feats.dtype.isnative:  # a foreign byte order, which torch does not take
+        feats = feats.astype(np.float32)
+    return torch.from_numpy(feats).to(device).float()
+
+
+def evaluate_head(head, cache: FeatureCache, indices: np.ndarray, device, block_rows: int,
+                  batch_size: int = 256) -> tuple[float, float, np.ndarray]:
+    """Accuracy, mean NLL and log-probabilities (rows in sorted ``indices`` order) over some cache rows."""
+    import torch
+
+    head.eval()
+    out = np.zeros((len(indices), len(cache.classes)), np.float64)
+    i = 0
+    with torch.inference_mode():
+        for rows, feats in cache.iter_batches(indices, batch_size, block_rows):  # in sorted row order
+            lp = head(_as_float32(feats, device)).double().cpu().numpy()
+            out[i:i + len(lp)] = lp
+            i += len(lp)
+    y = cache.labels[np.sort(indices)]
+    nll = float(-out[np.arange(len(y)), y].mean())
+    acc = float((out.argmax(1) == y).mean())
+    return acc, nll, out
+
+
+def scores(head, cache: FeatureCache, indices: np.ndarray, device, block_rows: int) -> dict:
+    """acc, loss and per-class accuracy of ``head`` on some rows of ``cache``."""
+    acc, loss, logp = evaluate_head(head, cache, indices, device, block_rows)
+    y = cache.labels[np.sort(indices)]
+    return {"acc": acc, "loss": loss, "rows": int(len(indices)),
+            "per_class": per_class_accuracy(y, logp.argmax(1), cache.classes)}
+
+
+# -- the three ways to fit ------------------------------------------------------------------------
+def _fit_linear(cfg: FitHeadConfig, cache: FeatureCache, train_idx, val_idx, device):
+    """Adam on the Linear layer of a ProbeHead, one line per epoch, early stopping on the val loss."""
+    import torch
+
+    from .probe_heads import CacheRows, ProbeHead, fit_normalizer_stream
+    from ..progress import progress
+    from .feature_views import Normalizer
+
+    normalizer = (fit_normalizer_stream(CacheRows(cache, train_idx, cfg.block_rows), cfg.features, cfg.normalize)
+                  if cfg.normalize in ("rms", "standardize") else Normalizer(cfg.normalize))
+    torch.manual_seed(cfg.seed)
+    head = ProbeHead(cache.feature_shape, len(cache.classes), cfg.features, cfg.normalize, dropout=cfg.dropout)
+    head.set_normalizer(normalizer)
+    head.to(device)
+    opt = torch.optim.Adam(head.linear.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    rng = np.random.default_rng(cfg.seed)
+    if cfg.features != "flat":  # pooled views are small: read them once, not every epoch
+        return _fit_linear_in_memory(cfg, cache, train_idx, val_idx, device, head, opt, rng)
+
+    def minibatches(epoch: int):
+        bar = progress(total=len(train_idx), desc=f"epoch {epoch}", unit="row", leave=False)
+        for rows, feats in cache.iter_batches(train_idx, cfg.batch_size, cfg.block_rows, rng):
+            yield (_as_float32(feats, device),
+                   torch.from_numpy(cache.labels[rows]).to(device))
+            bar.update(len(rows))
+        bar.close()
+
+    def one_epoch(epoch: int):
+        acc, loss, _ = train_one_epoch(head, opt, minibatches(epoch), device, epoch=epoch)
+        return acc, loss, {}
+
+    def validate_epoch():
+        return evaluate_head(head, cache, val_idx, device, cfg.block_rows)[:2]
+
+    history = run_epochs(cfg.epochs, one_epoch, validate_epoch, patience=cfg.patience, model=head)
+    return head, history
+
+
+def _fit_linear_in_memory(cfg: FitHeadConfig, cache: FeatureCache, train_idx, val_idx, device, head, opt, rng):
+    """The linear head on a pooled view held in memory (C or 2C floats a row: 25,000 rows are 50-100 MB)."""
+    import torch
+    from torch import nn
+
+    from .probe_heads import CacheViews
+
+    class OnViewRows(nn.Module):  # the head after its view: normalisation, Linear, LogSoftmax
+        def __init__(self):
+            super().__init__()
+            self.head = head
+
+        def forward(self, z):
+            return head.classify(head.norm(z))
+
+    def rows(idx):
+        v = CacheViews(cache, idx, cfg.block_rows).load([cfg.features])
+        return torch.from_numpy(v[cfg.features]).to(device), torch.from_numpy(v.labels).to(device)
+
+    (x_tr, y_tr), (x_va, y_va) = rows(train_idx), rows(val_idx)
+    model = OnViewRows()
+
+    def one_epoch(epoch: int):
+        order = torch.from_numpy(rng.permutation(len(y_tr))).to(device)
+        batches = ((x_tr[b], y_tr[b]) for b in order.split(cfg.batch_size))
+        acc, loss, _ = train_one_epoch(model, opt, batches, device, epoch=epoch)
+        return acc, loss, {}
+
+    def validate_epoch():
+        model.eval()
+        with torch.inference_mode():
+            lp = model(x_va)
+        return float((lp.argmax(1) == y_va).float().mean()), float(nn.functional.nll_loss(lp, y_va))
+
+    history = run_epochs(cfg.epochs, one_epoch, validate_epoch, patience=cfg.patience, model=head)
+    return head, history
+
+
+def _setting(cfg: FitHeadConfig) -> dict:
+    """fit-head's options as a ``probes`` setting (logreg / kernel)."""
+    s = {"head": cfg.head, "view": cfg.features, "normalize": cfg.normalize, "C": cfg.C}
+    if cfg.head == "kernel":
+        s.update(gamma=_gamma(cfg.gamma), n_components=cfg.kernel_components)
+    return s
+
+
+def _gamma(text: str):
+    try:
+        return float(text)
+    except ValueError:
+        return text  # 'scale' or 'G*scale', checked by probes.resolve_gamma
+
+
+def _fit_sklearn(cfg: FitHeadConfig, cache: FeatureCache, train_idx, setting: Optional[dict] = None):
+    """logreg or kernel (or --tune's winner) fitted by scikit-learn on the training rows, as a ProbeHead."""
+    from .probe_heads import CacheViews, fit_setting
+
+    rows = CacheViews(cache, train_idx, cfg.block_rows)
+    try:
+        return fit_setting(rows, rows.labels, setting or _setting(cfg), n_classes=len(cache.classes), seed=cfg.seed)
+    except ValueError as e:  # a bad gamma, a class missing from the training rows
+        raise UsageError(str(e)) from None
+
+
+def _tune(cfg: FitHeadConfig, cache: FeatureCache, train_idx):
+    """Stratified k-fold CV over TUNE_GRID on the training rows; the winner refitted on all of them."""
+    import sys
+
+    from .probe_heads import CacheViews, format_table, tune
+    from ..progress import is_quiet
+
+    rows = CacheViews(cache, train_idx, cfg.block_rows)
+    try:
+        result = tune(rows, rows.labels, TUNE_GRID, folds=cfg.folds, seed=cfg.seed, threads=1)
+    except ValueError as e:  # too few rows of a class for the folds
+        raise UsageError(f"--tune: {e}") from None
+    if not is_quiet():
+        print(format_table(result), file=sys.stderr)
+    head, info = _fit_sklearn(cfg, cache, train_idx, result["best"]["setting"])
+    best = result["best"]
+    tuning = {"choice": best["key"], "setting": best["setting"], "cv_acc": best["acc_mean"],
+              "cv_acc_std": best["acc_std"], "cv_log_loss": best["log_loss_mean"], "folds": cfg.folds,
+              "table": [{k: r[k] for k in ("key", "acc_mean", "acc_std", "log_loss_mean", "log_loss_std")}
+                        for r in result["table"]]}
+    return head, info, tuning
+
+
+# -- testing on photos the head never saw -----------------------------------------------------------
+def test_cache_for(cfg: FitHeadConfig, cache: FeatureCache) -> Path:
+    """The cache of ``--test-data`` (extracted like ``cache``, reused next time) or ``--test-cache``, checked."""
+    import json
+
+    from ..cache.provenance import Provenance
+
+    if cfg.test_data:
+        from ..extraction.extract import ExtractConfig, extract
+
+        made = json.loads(cache.attrs["config"])
+        keep = {k: made[k] for k in ("backbone", "weights", "dtype", "precision", "pool", "decode", "seed", "calib_n",
+                                     "compile") if k in made}
+        if "calibration" in cache.attrs:  # int8: the same quantised network, calibrated on the training photos
+            keep["calib_data"] = json.loads(cache.attrs["calibration"])["calib_root"]
+        from ..runs.ledger import current_command
+
+        path = Path(extract(ExtractConfig(data=cfg.test_data, n=0, cache_dir=str(Path(cache.path).parent),
+                                          command=current_command(), purpose="test", **keep))["cache"])
+    else:
+        path = Path(cfg.test_cache)
+    with FeatureCache(path) as test:
+        differ = Provenance.from_cache_attrs(cache.attrs).differences(
+            Provenance.from_cache_attrs(test.attrs), ("backbone", "weights", "preprocessing", "pool", "classes"))
+        differ += [f"{k}: {cache.attrs.get(k)} vs {test.attrs.get(k)}" for k in ("precision", "dtype", "decode_version")
+                   if cache.attrs.get(k) != test.attrs.get(k)]
+        if not differ and cache.attrs.get("precision") == "int8":
+            from ..extraction.quantize import same_quantisation
+
+            differ += same_quantisation(cache.attrs, test.attrs)
+        if differ:
+            raise UsageError(f"test cache {path} was made differently from the training cache (training vs test): "
+                             f"{'; '.join(differ)}")
+    return path
+
+
+def overlap(train: FeatureCache, train_idx, test: FeatureCache) -> list[str]:
+    """Test images whose file content equals a training image's (sha256), reported, never silently scored."""
+    import hashlib
+
+    def digests(c: FeatureCache, idx) -> dict:
+        root, paths, out = Path(c.attrs["data_root"]), c.paths, {}
+        for i in idx:
+            try:
+                out[hashlib.sha256((root / paths[i]).read_bytes()).hexdigest()] = paths[i]
+            except OSError:
+                pass  # moved since: nothing to compare
+        return out
+
+    seen = digests(train, train_idx)
+    return sorted(p for h, p in digests(test, range(test.n)).items() if h in seen)
+
+
+# -- the stage ------------------------------------------------------------------------------------
+def fit_head(cfg: FitHeadConfig) -> dict:
+    """Fit the head on the cache's train split; returns metrics (val, and test if asked) and where outputs went."""
+    import torch
+
+    from ..devices import resolve_device
+    from ..files import atomic_write
+    from ..cache.provenance import Provenance
+    from ..runs.run_folders import finish_run, new_run_dir
+
+    cfg = with_recipe(cfg)
+    validate(cfg)
+    path, default_cache = resolve_cache(cfg.cache, cfg.cache_dir)
+    device = resolve_device(cfg.device)
+    with FeatureCache(path) as cache:
+        changed = source_changes(cache.info)
+        if changed:
+            log.warning("%s: %s", path, changed)
+        if not cfg.tune:
+            try:
+                check_view(cfg.features, cache.feature_shape)
+            except ValueError as e:
+                raise UsageError(f"--features: {e}") from None
+        train_idx, val_idx = split_indices(cache.labels, cfg.val_fraction, cfg.seed)
+        t0 = time.time()
+        tuning, history, info = None, [], {}
+        if cfg.tune:
+            head, info, tuning = _tune(cfg, cache, train_idx)
+        elif cfg.head == "linear":
+            head, history = _fit_linear(cfg, cache, train_idx, val_idx, device)
+        else:
+            head, info = _fit_sklearn(cfg, cache, train_idx)
+        fit_seconds = time.time() - t0
+        head = head.to(device)
+        val = scores(head, cache, val_idx, device, cfg.block_rows)
+        best_epoch = min(history, key=lambda h: h["val_loss"])["epoch"] if history and cfg.patience else (
+            history[-1]["epoch"] if history else None)
+        test = None
+        if cfg.test_data or cfg.test_cache:
+            with FeatureCache(test_cache_for(cfg, cache)) as tc:
+                test = {**scores(head, tc, np.arange(tc.n), device, cfg.block_rows), "cache": str(tc.path),
+                        "overlap": overlap(cache, train_idx, tc)}
+            if test["overlap"]:
+                log.warning("%d test images have the same content as training images (e.g. %s): the test "
+                            "accuracy counts them", len(test["overlap"]), ", ".join(test["overlap"][:3]))
+        out_dir = new_run_dir(cfg.runs_dir, "fit-head")
+        head = head.cpu()
+        metrics = {"val_acc": val["acc"], "val_loss": val["loss"],
+                   **({"train_acc": history[best_epoch - 1]["train_acc"],
+                       "train_loss": history[best_epoch - 1]["train_loss"]} if history else {}),
+                   **({"test_acc": test["acc"], "test_loss": test["loss"]} if test else {}),
+                   **({"cv_acc": tuning["cv_acc"], "cv_log_loss": tuning["cv_log_loss"]} if tuning else {})}
+        ckpt = {
+            "kind": "fit-head", **Provenance.from_cache_attrs(cache.attrs).checkpoint_fields(),
+            "state_dict": head.checkpoint()["state_dict"], "head": head.config,
+            "in_shape": list(cache.feature_shape), "dropout": cfg.dropout, "config": asdict(cfg),
+            "cache": str(path), "cache_fingerprint": cache.attrs["fingerprint"], "metrics": metrics,
+            "best_epoch": best_epoch, "tuning": tuning,
+        }
+        atomic_write(out_dir / "head.pt", lambda tmp: torch.save(ckpt, tmp))
+    curves = finish_run(out_dir, cfg.runs_dir, "fit-head", history, [out_dir / "head.pt"], cache=str(path),
+                        params={**asdict(cfg), **({"tuned": tuning["choice"]} if tuning else {})}, metrics=metrics)
+    return {"cache": str(path), "run_dir": str(out_dir), "checkpoint": str(out_dir / "head.pt"),
+            "curves": str(curves) if curves else None, "head": head.describe(),
+            "train_rows": int(len(train_idx)), "val_rows": int(len(val_idx)), **metrics,
+            "per_class_val_acc": val["per_class"], "best_epoch": best_epoch, "fit_seconds": fit_seconds,
+            "history": history, "tuning": tuning, "test": test, "fit_info": _plain(info),
+            "source_changed": changed, "default_cache": default_cache}
+
+
+def _plain(info: dict) -> dict:
+    return {k: v for k, v in info.items() if isinstance(v, (str, int, float, bool, type(None)))}
+
+
+def format_result(r: dict) -> str:
+    """fit-head's result as the lines a person reads (the epoch lines went to stderr as they came)."""
+    per_class = ", ".join(f"{c} {a:.3f}" for c, a in r["per_class_val_acc"].items() if a is not None)
+    best = f", best epoch {r['best_epoch']} of {len(r['history'])}" if r["history"] else ""
+    tuned = f" (tuned: {r['tuning']['choice']})" if r["tuning"] else ""
+    lines = [f"{r['head']}{tuned}",
+             f"val acc {r['val_acc']:.3f}, val loss {r['val_loss']:.4f} ({r['train_rows']} train / {r['val_rows']} "
+             f"val rows, {r['fit_seconds']:.1f} s{best})",
+             f"per-class val acc: {per_class}"]
+    if r["tuning"]:
+        t = r["tuning"]
+        lines.append(f"{t['folds']}-fold CV on the training rows: acc {t['cv_acc']:.3f} ± {t['cv_acc_std']:.3f}, "
+                     f"log-loss {t['cv_log_loss']:.4f}")
+    if r["test"]:
+        t = r["test"]
+        per = ", ".join(f"{c} {a:.3f}" for c, a in t["per_class"].items() if a is not None)
+        lines += [f"test acc {t['acc']:.3f}, test loss {t['loss']:.4f} ({t['rows']} images of {t['cache']})",
+                  f"per-class test acc: {per}"]
+        if t["overlap"]:
+            lines.append(f"warning: {len(t['overlap'])} test images are copies of training images")
+    lines.append(f"checkpoint: {r['checkpoint']}")
+    return "\n".join(lines)

@@ -1,0 +1,202 @@
+"""Using models: classify image files and folders with a saved checkpoint; the ImageNet sanity check.
+
+Predictions stream: folders are listed, images decoded by background workers, classified in
+batches, and each row (written at once with --output FILE as CSV) comes out in input order.
+A file that cannot be decoded gets a row with its error instead of a class.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+
+from ..data.folders import ImageLoadError, is_image_name
+from ..data.image_reader import load_transformed
+from ..devices import resolve_workers
+from ..errors import UsageError
+from ..files import atomic_write, require_folder
+from ..config import FORMATS, ImagenetCheckConfig, PredictConfig
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ("path", "class", "probability", "error")
+
+
+
+def list_inputs(paths) -> list[str]:
+    """Image files named directly, and the image files under named folders (sorted, recursive)."""
+    if not paths:
+        raise UsageError("no image or folder given to predict")
+    files = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            for dirpath, dirnames, filenames in os.walk(p):
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                files += [str(Path(dirpath) / f) for f in sorted(filenames) if is_image_name(f)]
+        elif p.is_file():
+            files.append(str(p))
+        else:
+            raise UsageError(f"{str(p)!r} {'is neither a file nor a folder' if p.exists() else 'does not exist'}")
+    if not files:
+        raise UsageError(f"no image files in {', '.join(map(str, paths))}")
+    return files
+
+
+def iter_log_proba(model, transform, files: list[str], batch_size: int, workers: int) -> Iterator[tuple]:
+    """(item, its log-probabilities, or None when the file is unreadable: ``item.error`` says why) per
+    file, in order; ``model`` an ``inference.Inference``, ``transform`` the model's preprocessing."""
+    from ..extraction.inference import run_batches
+    from ..data.image_reader import ImageListDataset, read_items
+
+    items = read_items(ImageListDataset(Path(""), [(f, -1) for f in files], transform), resolve_workers(workers))
+    for batch, logp in run_batches(model, items, batch_size):
+        k = 0
+        for item in batch.items:
+            if item.ok:
+                yield item, logp[k]
+                k += 1
+            else:
+                yield item, None
+
+
+def iter_predictions(lm, files: list[str], batch_size: int, workers: int, device, precision) -> Iterator[dict]:
+    """One row per file, in order: {path, class, probability, error}."""
+    from ..extraction.inference import Inference
+
+    classes = lm.classes
+    model = Inference(lm.model, device, precision)
+    for item, logp in iter_log_proba(model, lm.transform, files, batch_size, workers):
+        if logp is None:
+            yield {"path": item.path, "class": None, "probability": None, "error": item.error}
+            continue
+        best = int(logp.argmax())
+        yield {"path": item.path, "class": classes[best], "probability": float(np.exp(logp[best])), "error": None}
+
+
+def format_rows(rows: list[dict], fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(rows, indent=2)
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, COLUMNS, lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+        return buf.getvalue().rstrip("\n")
+    width = max([len("path")] + [len(r["path"]) for r in rows])
+    lines = [f"{'path':<{width}}  {'class':<16} {'probability':>11}  error"]
+    for r in rows:
+        prob = "" if r["probability"] is None else f"{r['probability']:.4f}"
+        lines.append(f"{r['path']:<{width}}  {r['class'] or '':<16} {prob:>11}  {r['error'] or ''}")
+    return "\n".join(lines)
+
+
+def predict(cfg: PredictConfig) -> dict:
+    """Classify cfg.paths with cfg.model; the rows are returned, or streamed to cfg.output."""
+    from ..progress import progress
+
+    from ..devices import resolve_device, resolve_precision
+    from .whole_models import load_model
+
+    if cfg.format not in FORMATS:
+        raise UsageError(f"unknown --format {cfg.format!r}; allowed: {', '.join(FORMATS)}")
+    if cfg.batch_size < 1:
+        raise UsageError(f"--batch-size must be positive, got {cfg.batch_size}")
+    files = list_inputs(cfg.paths)
+    if cfg.output:
+        check_output(cfg.output, [*files, cfg.model, *([cfg.weights] if cfg.weights else [])])
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    lm = load_model(cfg.model, cfg.weights)
+    t0 = time.time()
+    rows = []
+    predictions = progress(iter_predictions(lm, files, cfg.batch_size, cfg.workers, device, precision),
+                           total=len(files), unit="img", desc="predict")
+
+    def write_rows(out) -> None:
+        """Every row, streamed (csv: a row as soon as it is known), into ``out`` or just into ``rows``."""
+        writer = csv.DictWriter(out, COLUMNS) if out and cfg.format == "csv" else None
+        if writer:
+            writer.writeheader()
+        for row in predictions:
+            if row["error"]:
+                log.warning("%s: %s", row["path"], row["error"])
+            rows.append(row)
+            if writer:
+                writer.writerow(row)
+        if out and not writer:
+            out.write(format_rows(rows, cfg.format) + "\n")
+
+    if cfg.output:  # written under a temporary name and renamed when complete: never a half file
+        atomic_write(cfg.output, lambda tmp: _with_open(tmp, write_rows))
+    else:
+        write_rows(None)
+    seconds = time.time() - t0
+    errors = sum(r["error"] is not None for r in rows)
+    return {"model": cfg.model, "kind": lm.kind, "classes": lm.classes,
+            "images": len(rows), "errors": errors, "output": cfg.output, "seconds": seconds,
+            "img_per_s": len(rows) / seconds if seconds > 0 else 0.0, "rows": rows}
+
+
+def check_output(output: str, inputs: list[str]) -> None:
+    """Refuse an --output that is one of the inputs (an image, the model, its weights) or a folder."""
+    out = Path(output)
+    if out.is_dir():
+        raise UsageError(f"--output {output!r} is a folder; name a file")
+    if out.exists():
+        for p in inputs:
+            if Path(p).exists() and os.path.samefile(out, p):
+                raise UsageError(f"--output {output!r} is one of the inputs ({p}); it would be overwritten")
+    require_folder(out.parent, "--output's folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+
+def _with_open(path: Path, write) -> None:
+    with open(path, "w", newline="") as f:
+        write(f)
+
+
+# -- the ImageNet sanity check ------------------------------------------------------------------
+def imagenet_check(image: str, backbone: str = ImagenetCheckConfig.backbone,
+                   weights: str = ImagenetCheckConfig.weights, top: int = ImagenetCheckConfig.top,
+                   device: str = ImagenetCheckConfig.device) -> dict:
+    """Top-k ImageNet classes of one image from the full pretrained model (classifier included)."""
+    import torch
+
+    from ..extraction import backbones as bb
+    from ..devices import resolve_device
+
+    if top < 1:
+        raise UsageError(f"--top must be positive, got {top}")
+    loaded = bb.load_backbone(backbone, weights)
+    if loaded.covers != "all":
+        what = "are random (--weights none)" if loaded.covers == "none" else "cover only the features"
+        raise UsageError(f"weights {loaded.weights_id} {what} of {backbone}, not its ImageNet classifier; "
+                         "imagenet-check needs the full pretrained model, e.g. --weights DEFAULT")
+    categories = loaded.categories
+    spec = loaded.spec
+    if not categories and spec.torchvision_name:  # a local full-model file: the names of the ImageNet classes
+        from torchvision.models import get_model_weights
+
+        categories = list(get_model_weights(spec.torchvision_name).DEFAULT.meta.get("categories", []))
+    try:
+        x = load_transformed(image, loaded.transform).unsqueeze(0)
+    except ImageLoadError as e:
+        raise UsageError(f"{image}: {e.reason}") from None
+    dev = resolve_device(device)
+    with torch.inference_mode():
+        prob = torch.softmax(loaded.model.to(dev)(x.to(dev)).float(), 1)[0].cpu()
+    if len(categories) != len(prob):
+        raise UsageError(f"{backbone}'s classifier has {len(prob)} outputs but {len(categories)} class names are "
+                         "known; imagenet-check needs an ImageNet-1k classifier")
+    values, indices = prob.topk(min(top, len(prob)))
+    return {"image": image, "backbone": backbone, "weights": loaded.weights_id,
+            "top": [{"rank": r + 1, "class": categories[i], "index": int(i), "probability": float(p)}
+                    for r, (p, i) in enumerate(zip(values.tolist(), indices.tolist()))]}

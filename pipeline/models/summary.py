@@ -1,0 +1,75 @@
+"""The summary command: a model's layers, output shapes and (trainable) parameter counts, without weights.
+
+Everything runs on PyTorch's 'meta' device: no weights are loaded or downloaded, nothing is computed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from ..extraction import backbones as bb
+from ..errors import UsageError
+from ..config import SummaryConfig
+
+
+
+def summarize(cfg: SummaryConfig) -> dict:
+    """Layer-by-layer output shapes and parameter counts, and the totals under a freeze setting."""
+    import torch
+
+    from .whole_models import TransferModel, count_params, head_in_shape, parse_unfreeze
+    if cfg.classes < 2:
+        raise UsageError(f"--classes must be at least 2, got {cfg.classes}")
+    if cfg.crop_size and cfg.crop_size < 32:
+        raise UsageError(f"--crop-size must be 0 (the weights' own) or at least 32, got {cfg.crop_size}")
+    unfreeze = parse_unfreeze(cfg.unfreeze)
+    crop = cfg.crop_size or bb.default_transform(cfg.backbone).crop_size[0]
+    pool = cfg.pool or bb.get_spec(cfg.backbone).pool
+    with torch.device("meta"):
+        model = TransferModel(cfg.backbone, bb.bare_features(cfg.backbone, "meta"),
+                              head_in_shape(cfg.backbone, crop, pool), cfg.classes, pool, cfg.dropout)
+    model.set_trainable(unfreeze)
+    block_of = {id(m): i for i, b in enumerate(model.blocks()) for m in b.modules()}
+    shapes, hooks = {}, []
+    leaves = [(n, m) for n, m in model.named_modules() if not list(m.children())]
+
+    def record(name):
+        def hook(module, inputs, output):  # returns None: the output is left as it is
+            shapes.setdefault(name, list(output.shape[1:]))
+        return hook
+
+    for name, m in leaves:
+        hooks.append(m.register_forward_hook(record(name)))
+    with torch.no_grad():
+        model(torch.empty(1, 3, crop, crop, device="meta"))
+    for h in hooks:
+        h.remove()
+    layers = []
+    for name, m in leaves:
+        params = list(m.parameters())
+        layers.append({"layer": name, "type": type(m).__name__, "output_shape": shapes.get(name),
+                       "params": sum(p.numel() for p in params),
+                       "trainable": sum(p.numel() for p in params if p.requires_grad),
+                       "block": block_of.get(id(m))})
+    total, trainable = count_params(model)
+    return {"backbone": cfg.backbone, "classes": cfg.classes, "pool": pool, "unfreeze": cfg.unfreeze,
+            "input_shape": [3, crop, crop], "blocks": len(model.blocks()), "total_params": total,
+            "trainable_params": trainable, "frozen_params": total - trainable, "layers": layers}
+
+
+def format_summary(result: dict) -> str:
+    lines = [f"{'layer':<28} {'type':<22} {'output shape':<16} {'params':>12} {'trainable':>12} {'block':>5}"]
+    for r in result["layers"]:
+        shape = "x".join(map(str, r["output_shape"] or []))
+        block = "" if r["block"] is None else str(r["block"])
+        lines.append(f"{r['layer']:<28} {r['type']:<22} {shape:<16} {r['params']:>12,} {r['trainable']:>12,} "
+                     f"{block:>5}")
+    lines += [
+        f"{result['backbone']} + head for {result['classes']} classes (pool {result['pool']}, input "
+        f"{'x'.join(map(str, result['input_shape']))}, unfreeze {result['unfreeze']}, "
+        f"{result['blocks']} backbone blocks)",
+        f"Total params:         {result['total_params']:>12,}",
+        f"Trainable params:     {result['trainable_params']:>12,}",
+        f"Non-trainable params: {result['frozen_params']:>12,}",
+    ]
+    return "\n".join(lines)

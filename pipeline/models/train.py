@@ -1,0 +1,275 @@
+"""The train and finetune stages: whole models trained on images, end to end.
+
+``train`` freezes the backbone and trains the new head on decoded images (so, unlike a feature
+cache, random augmentation is possible). ``finetune`` then unfreezes all or the last K blocks of
+the backbone and trains at a low learning rate, the backbone's lower still, optionally after a
+few head-only epochs, starting from a fit-head or train checkpoint. Both use the same seeded,
+stratified sample (``--n``) and train/val split as extract and fit-head.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import numpy as np
+
+from ..data.folders import list_image_folder, stratified_order
+from ..devices import resolve_workers
+from ..errors import UsageError
+from ..heads.epoch_loop import per_class_accuracy, run_epochs, split_indices, train_one_epoch, validate_training
+from ..config import FinetuneConfig, TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+
+def validate(cfg: TrainConfig) -> None:
+    validate_training(cfg, positive=("epochs", "batch_size"), non_negative=("n", "print_every"))
+    if isinstance(cfg, FinetuneConfig):
+        if cfg.backbone_lr is not None and cfg.backbone_lr <= 0:
+            raise UsageError(f"--backbone-lr must be positive, got {cfg.backbone_lr}")
+        if not 0 <= cfg.head_epochs <= cfg.epochs:
+            raise UsageError(f"--head-epochs must be between 0 and --epochs ({cfg.epochs}), got {cfg.head_epochs}")
+
+
+# -- data --------------------------------------------------------------------------------------
+def train_transform(transform, augment: bool):
+    """The weights' preprocessing, or with --augment: a random resized crop and flip, then its normalisation."""
+    if not augment:
+        return transform
+    import torch
+    from torchvision import transforms as T
+
+    return T.Compose([
+        T.RandomResizedCrop(transform.crop_size[0], interpolation=transform.interpolation,
+                            antialias=transform.antialias),
+        T.RandomHorizontalFlip(),
+        T.PILToTensor(),
+        T.ConvertImageDtype(torch.float),
+        T.Normalize(transform.mean, transform.std),
+    ])
+
+
+def _loader(root, items, transform, cfg: TrainConfig, shuffle: bool):
+    """A persistent loader of Items: Batches of ``cfg.batch_size`` (train, shuffled) or chunks in order (val)."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from ..data.image_reader import ImageListDataset, collate_items, item_loader
+
+    workers = resolve_workers(cfg.workers)
+    dataset = ImageListDataset(root, items, transform)
+    if not shuffle:
+        return item_loader(dataset, workers, persistent=True)
+    return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, num_workers=workers,
+                      collate_fn=collate_items, persistent_workers=workers > 0,
+                      generator=torch.Generator().manual_seed(cfg.seed))
+
+
+def sample_split(labels: np.ndarray, n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Listing indices of the train and val images: the first n of the stratified order, then the shared split.
+
+    The sample keeps extract's order (the order of a cache's rows), so with the same --n and seed
+    the validation images are those fit-head and compare-sklearn hold out (unless extract replaced
+    unreadable files): fine-tuning from a fit-head checkpoint is validated on images its head never saw.
+    """
+    if n > len(labels):
+        raise UsageError(f"--n {n} is more than the {len(labels)} images in the data folder")
+    chosen = stratified_order(labels, seed)[:n or len(labels)]
+    train, val = split_indices(labels[chosen], val_fraction, seed)
+    return chosen[train], chosen[val]
+
+
+# -- loops -------------------------------------------------------------------------------------
+class _Skipped:
+    """Unreadable files, each logged once."""
+
+    def __init__(self):
+        self.files = {}
+
+    def add(self, bad):
+        for path, reason in bad:
+            if path not in self.files:
+                log.warning("skipping %s: %s", path, reason)
+                self.files[path] = reason
+
+
+def evaluate(model, val_loader, batch_size: int, skipped: _Skipped
+             ) -> tuple[float, float, np.ndarray, np.ndarray]:
+    """Accuracy, mean NLL, labels and predictions of the validation images (``inference.run_batches``)."""
+    from ..extraction.inference import run_batches
+    from ..data.image_reader import iter_items
+
+    loss_sum, ys, preds = 0.0, [], []
+    for batch, logp in run_batches(model, iter_items(val_loader), batch_size):
+        skipped.add(batch.bad)
+        if logp is None:
+            continue
+        y = np.array([g.label for g in batch.good])
+        loss_sum -= float(logp[np.arange(len(y)), y].sum())
+        ys.append(y)
+        preds.append(logp.argmax(1))
+    if not ys:
+        raise UsageError("no validation image could be decoded")
+    y, pred = np.concatenate(ys), np.concatenate(preds)
+    return float((pred == y).mean()), loss_sum / len(y), y, pred
+
+
+def _to_stderr(bar):
+    """The bar's ``write`` aimed at stderr: tqdm's goes to stdout, where --json output must stay alone."""
+    import sys
+
+    return lambda line: bar.write(line, file=sys.stderr)
+
+
+def _minibatches(loader, device, skipped: _Skipped, bar):
+    """(images, labels) on ``device`` from a loader of Batches; unreadable files skipped and logged."""
+    import torch
+
+    for batch in loader:
+        skipped.add(batch.bad)
+        bar.update(len(batch.items))
+        if batch.good:
+            yield batch.images().to(device).contiguous(memory_format=torch.channels_last), batch.labels().to(device)
+
+
+def head_training_images(init_head: str, root) -> set:
+    """The images (paths under ``root``) a fit-head checkpoint was trained on, so finetune never validates on them.
+
+    Empty for other checkpoints, or when the head's cache is of another folder; when its cache is
+    gone nobody can tell, and that is said.
+    """
+    from pathlib import Path
+
+    from ..cache.feature_cache import CacheError, FeatureCache
+    from .whole_models import read_checkpoint
+
+    ckpt = read_checkpoint(init_head)
+    if ckpt["kind"] != "fit-head":
+        return set()
+    try:
+        with FeatureCache(ckpt["cache"]) as cache:
+            if Path(cache.attrs["data_root"]) != Path(root).resolve():
+                return set()
+            train_rows, _ = split_indices(cache.labels, ckpt["config"]["val_fraction"], ckpt["config"]["seed"])
+            paths = cache.paths
+            return {paths[i] for i in train_rows}
+    except (CacheError, KeyError, OSError) as e:
+        log.warning("cannot tell which images %s was trained on (%s): validation may include some of them",
+                    init_head, e)
+        return set()
+
+
+def _fit(cfg: TrainConfig, kind: str, lm, stages: list, listing, head_saw: frozenset = frozenset()) -> dict:
+    """Train ``lm`` on ``listing`` epoch by epoch; ``stages[e]`` = (unfreeze value, stage name) for epoch e."""
+    import torch
+
+    from ..devices import resolve_device, resolve_precision
+    from ..extraction.inference import Inference
+    from .whole_models import count_params, save_model
+    from ..progress import progress
+    from ..runs.run_folders import finish_run, new_run_dir
+
+    if list(listing.classes) != lm.classes:
+        raise UsageError(f"the model's classes {lm.classes} differ from the data's {list(listing.classes)}")
+    train_idx, val_idx = sample_split(listing.labels, cfg.n, cfg.val_fraction, cfg.seed)
+    left_out = [i for i in val_idx if listing.files[i].path in head_saw]
+    if left_out:  # validating on images the starting head was fitted on would flatter it (val acc 1.000)
+        val_idx = np.array([i for i in val_idx if listing.files[i].path not in head_saw], np.int64)
+        log.warning("%d of the %d validation images were training images of the starting head; they are left out "
+                    "of validation", len(left_out), len(left_out) + len(val_idx))
+        if not len(val_idx):
+            raise UsageError("every validation image was a training image of --init-head's head; use another "
+                             "--seed or --n, or a head fitted on other images")
+    items = [(f.path, f.label) for f in listing.files]
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    model = lm.model.to(device, memory_format=torch.channels_last)
+    train_loader = _loader(listing.root, [items[i] for i in train_idx], train_transform(lm.transform, cfg.augment),
+                           cfg, shuffle=True)
+    val_loader = _loader(listing.root, [items[i] for i in val_idx], lm.transform, cfg, shuffle=False)
+    backbone_lr = getattr(cfg, "backbone_lr", None) or cfg.lr / 10
+    opt = torch.optim.Adam([{"params": model.head.parameters(), "lr": cfg.lr},
+                            {"params": model.features.parameters(), "lr": backbone_lr}])
+    val_model = Inference(model, device, precision, freeze=False)  # the same inference path as evaluate/predict
+    skipped, state = _Skipped(), {"stage": None}
+    log.info("%s: %d train / %d val images of %s, device %s, precision %s", kind, len(train_idx), len(val_idx),
+             cfg.data, device, precision)
+
+    def one_epoch(epoch: int):
+        unfreeze, name = stages[epoch - 1]
+        if name != state["stage"]:
+            model.set_trainable(unfreeze)  # frozen parameters get no gradient, so Adam leaves them alone
+            total, trainable = count_params(model)
+            log.info("epoch %d: %s stage, %s of %s parameters trainable", epoch, name, f"{trainable:,}",
+                     f"{total:,}")
+            state["stage"] = name
+        bar = progress(total=len(train_idx), desc=f"epoch {epoch}", unit="img", leave=False)
+        acc, loss, state["seen"] = train_one_epoch(model, opt, _minibatches(train_loader, device, skipped, bar),
+                                                   device, precision, cfg.print_every, _to_stderr(bar), epoch)
+        bar.close()
+        return acc, loss, {"stage": name, "trainable_params": count_params(model)[1]}
+
+    def validate():
+        acc, loss, state["y_val"], state["pred"] = evaluate(val_model, val_loader, cfg.batch_size, skipped)
+        return acc, loss
+
+    t0 = time.time()
+    history = run_epochs(cfg.epochs, one_epoch, validate)
+    seconds = time.time() - t0
+    y_val, seen = state["y_val"], state["seen"]
+    per_class = per_class_accuracy(y_val, state["pred"], lm.classes)
+    metrics = {**history[-1], "per_class_val_acc": per_class, "train_rows": int(seen), "val_rows": int(len(y_val)),
+               "skipped": len(skipped.files), "val_left_out_seen_by_head": len(left_out)}
+    out_dir = new_run_dir(cfg.runs_dir, kind)
+    lm.model.to("cpu")
+    save_model(lm, out_dir / "model.pt", kind, asdict(cfg), metrics, history)
+    curves = finish_run(out_dir, cfg.runs_dir, kind, history, [out_dir / "model.pt"], backbone=lm.info["backbone"],
+                        params=asdict(cfg),
+                        metrics={k: metrics[k] for k in ("val_acc", "val_loss", "train_acc", "train_loss")})
+    return {"run_dir": str(out_dir), "checkpoint": str(out_dir / "model.pt"), "curves": str(curves),
+            "backbone": lm.info["backbone"], **metrics,
+            "skipped_files": [{"path": p, "why": w} for p, w in skipped.files.items()],
+            "device": str(device), "precision": precision, "fit_seconds": seconds,
+            "img_per_s": (seen + len(y_val)) * cfg.epochs / seconds if seconds > 0 else 0.0, "history": history}
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Backbone frozen, a new head trained on the images; returns metrics and the checkpoint path."""
+    import torch
+
+    from .whole_models import build_model
+
+    validate(cfg)
+    listing = list_image_folder(cfg.data)
+    torch.manual_seed(cfg.seed)
+    lm = build_model(cfg.backbone or "vgg16", cfg.weights or "DEFAULT", listing.classes, cfg.pool, cfg.dropout)
+    return _fit(cfg, "train", lm, [(0, "head")] * cfg.epochs, listing)
+
+
+def finetune(cfg: FinetuneConfig) -> dict:
+    """Backbone (or its last K blocks) unfrozen at a low learning rate, after optional head-only epochs."""
+    import torch
+
+    from .whole_models import build_model, load_model, parse_unfreeze
+
+    validate(cfg)
+    unfreeze = parse_unfreeze(cfg.unfreeze)
+    if unfreeze == 0:
+        raise UsageError("--unfreeze none leaves nothing of the backbone to fine-tune; use train, 'all' or K")
+    listing = list_image_folder(cfg.data)
+    torch.manual_seed(cfg.seed)
+    if cfg.init_head:
+        lm = load_model(cfg.init_head, cfg.weights)
+        if cfg.backbone and cfg.backbone != lm.info["backbone"]:
+            raise UsageError(f"--backbone {cfg.backbone} differs from {cfg.init_head}'s {lm.info['backbone']}")
+        if cfg.pool and cfg.pool != lm.info["pool"]:
+            raise UsageError(f"--pool {cfg.pool} differs from {cfg.init_head}'s {lm.info['pool']}")
+    else:
+        lm = build_model(cfg.backbone or "vgg16", cfg.weights or "DEFAULT", listing.classes, cfg.pool, cfg.dropout)
+    lm.model.set_trainable(unfreeze)  # fails early when K is more than the backbone's blocks
+    stages = [(0, "head") if e < cfg.head_epochs else (unfreeze, "finetune") for e in range(cfg.epochs)]
+    head_saw = frozenset(head_training_images(cfg.init_head, listing.root)) if cfg.init_head else frozenset()
+    return _fit(cfg, "finetune", lm, stages, listing, head_saw)

@@ -1,0 +1,327 @@
+"""Whole models: a backbone's feature part + a new head; freezing; checkpoints on disk.
+
+The head replaces the original classifier with its equivalent for the new classes:
+- VGG (``spec.pool == 'none'``): exactly ``head.build_head`` on the C x H x W map, i.e.
+  Flatten + Linear(512*7*7 = 25088, classes) + LogSoftmax, so a fit-head checkpoint from a
+  normal cache loads straight into ``model.head``;
+- ResNet, MobileNet, EfficientNet (``spec.pool == 'avg'``): global average pooling, then
+  ``build_head`` on (C, 1, 1), i.e. Linear(C, classes) + LogSoftmax, which is also what fit-head
+  trains on a ``--pool avg`` cache.
+
+A checkpoint is a plain dict (tensors, strings, numbers, lists) that ``torch.load(...,
+weights_only=True)`` reads; the model is rebuilt from the backbone's name, never unpickled.
+"""
+from __future__ import annotations
+
+import json
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..extraction import backbones as bb
+from ..errors import PipelineError, UsageError
+from ..files import atomic_write
+from ..cache.provenance import Preprocessing, Provenance
+
+log = logging.getLogger(__name__)
+
+POOLS = ("none", "avg")
+FORMAT_VERSION = 1
+MODEL_KINDS = ("train", "finetune")  # checkpoints holding a whole model (fit-head ones hold a head)
+ALL = -1  # unfreeze value: every block of the backbone
+
+
+def build_head(in_shape, n_classes: int, dropout: float = 0.0):
+    """A new head on the flattened map: the tutorial's Flatten + (Dropout) + Linear(C*H*W, classes) + LogSoftmax,
+    as a ``probes.ProbeHead`` (view 'flat', no normalisation), the one head class every stage saves."""
+    from ..heads.probe_heads import ProbeHead
+
+    return ProbeHead(in_shape, n_classes, "flat", "none", dropout=dropout)
+
+
+class TransferModel(nn.Module):
+    """features -> (global average pool) -> head (Flatten, Linear, LogSoftmax): log-probabilities."""
+
+    def __init__(self, backbone: str, features: nn.Module, in_shape, n_classes: int, pool: str = "none",
+                 dropout: float = 0.0, head: Optional[nn.Module] = None):
+        super().__init__()
+        if pool not in POOLS:
+            raise UsageError(f"unknown pool {pool!r}; allowed: {', '.join(POOLS)}")
+        self.backbone = backbone
+        self.features = features
+        self.pool = nn.AdaptiveAvgPool2d(1) if pool == "avg" else nn.Identity()
+        self.head = head if head is not None else build_head(in_shape, n_classes, dropout)  # a ProbeHead
+
+    def forward(self, x):
+        f = self.pool(self.features(x))
+        # the head in full precision even under bf16/fp16 autocast: it then computes exactly what it
+        # computes on cached features (fit-head, evaluate --cache), and a float64 sklearn head stays float64
+        if f.device.type not in ("cpu", "cuda"):  # the meta device (summary) has no autocast
+            return self.head(f.float())
+        with torch.autocast(f.device.type, enabled=False):
+            return self.head(f.float())
+
+    def blocks(self) -> list:
+        """The backbone's blocks, first to last (VGG conv stages, ResNet stem + layer1..4, features[i])."""
+        return bb.feature_blocks(bb.get_spec(self.backbone), self.features)
+
+    def set_trainable(self, unfreeze: int) -> None:
+        """Head trainable; backbone frozen (0), its last ``unfreeze`` blocks trainable, or all of it (ALL)."""
+        blocks = self.blocks()
+        if unfreeze != ALL and not 0 <= unfreeze <= len(blocks):
+            raise UsageError(f"cannot unfreeze the last {unfreeze} blocks: {self.backbone} has {len(blocks)} "
+                             f"(allowed: none, all, or 1..{len(blocks)})")
+        self.features.requires_grad_(False)
+        for block in blocks if unfreeze == ALL else blocks[len(blocks) - unfreeze:]:
+            block.requires_grad_(True)
+        self.head.requires_grad_(True)
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        """As nn.Module.train, but BatchNorm layers with frozen parameters stay in eval mode.
+
+        A frozen BatchNorm must keep the running statistics it was trained with; updating them
+        from small batches of a new dataset would change the "frozen" features.
+        """
+        super().train(mode)
+        if mode:
+            for m in self.features.modules():
+                if isinstance(m, _BatchNorm) and not any(p.requires_grad for p in m.parameters()):
+                    m.eval()
+        return self
+
+
+def parse_unfreeze(value) -> int:
+    """'none' -> 0 (frozen backbone), 'all' -> ALL, 'K' -> the last K blocks."""
+    text = str(value).strip().lower()
+    if text in ("none", "0"):
+        return 0
+    if text == "all":
+        return ALL
+    if text.isdigit():
+        return int(text)
+    raise UsageError(f"unknown unfreeze value {value!r}; allowed: none, all, or a number of blocks K >= 1")
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(total, trainable) parameter counts."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+
+def head_in_shape(backbone: str, crop_size: int, pool: str) -> list[int]:
+    c, h, w = bb.feature_shape(backbone, crop_size)
+    return [c, 1, 1] if pool == "avg" else [c, h, w]
+
+
+@dataclass
+class LoadedModel:
+    """A ready model, its evaluation preprocessing, and what a checkpoint records about it."""
+
+    model: TransferModel
+    transform: object  # torchvision ImageClassification: PIL image -> normalised tensor
+    info: dict  # backbone, weights, preprocessing, classes, in_shape, pool, dropout, ... (see save_model)
+    kind: str = "new"  # where it came from: 'new', or the checkpoint kind ('fit-head', 'train', 'finetune')
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.info["classes"])
+
+
+def _info(loaded: bb.LoadedBackbone, weights: str, in_shape, classes, pool: str, dropout: float) -> dict:
+    return {**Provenance.of_backbone(loaded, classes, pool, weights).checkpoint_fields(),
+            "in_shape": [int(d) for d in in_shape], "dropout": float(dropout)}
+
+
+def build_model(backbone: str, weights: str, classes, pool: Optional[str] = None,
+                dropout: float = 0.0) -> LoadedModel:
+    """A backbone with its weights + a freshly initialised head for ``classes`` (seed torch first)."""
+    loaded = bb.load_backbone(backbone, weights)
+    pool = pool or loaded.spec.pool
+    if pool not in POOLS:
+        raise UsageError(f"unknown --pool {pool!r}; allowed: {', '.join(POOLS)}")
+    in_shape = head_in_shape(backbone, loaded.transform.crop_size[0], pool)
+    model = TransferModel(backbone, loaded.features, in_shape, len(classes), pool, dropout)
+    return LoadedModel(model, loaded.transform, _info(loaded, weights, in_shape, classes, pool, dropout))
+
+
+def save_model(lm: LoadedModel, path, kind: str, config: dict, metrics: dict, history: list) -> Path:
+    """Write a checkpoint dict (no pickled objects) that ``load_model`` turns back into ``lm``."""
+    ckpt = {**lm.info, "head": lm.model.head.config, "kind": kind, "format_version": FORMAT_VERSION,
+            "state_dict": {k: v.detach().cpu() for k, v in lm.model.state_dict().items()},
+            "config": json.loads(json.dumps(config)), "metrics": json.loads(json.dumps(metrics)),
+            "history": json.loads(json.dumps(history))}
+    return atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
+
+
+#: field -> (type(s), what it must be): a checkpoint is checked against this once, when read
+_SCHEMA = {
+    "state_dict": (dict, "a dict of tensors"),
+    "backbone": (str, "a backbone name"),
+    "weights": (str, "a weights id"),
+    "weights_sha256": (str, "a sha256 hex string"),
+    "weights_path": (str, "a path"),
+    "classes": (list, "a list of at least 2 class names"),
+    "in_shape": (list, "a list of 3 positive integers"),
+    "pool": (str, f"one of {', '.join(POOLS)}"),
+    "dropout": ((int, float), "a number in [0, 1)"),
+    "preprocessing": (dict, "a preprocessing record"),
+    "config": (dict, "a dict"),
+    "head": (dict, "a probe-head config"),
+}
+_REQUIRED = ("state_dict", "backbone", "weights", "classes", "in_shape", "preprocessing", "head")
+
+
+def _field_ok(name: str, value) -> bool:
+    if not isinstance(value, _SCHEMA[name][0]) or isinstance(value, bool):
+        return False
+    if name == "state_dict":
+        return all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())
+    if name == "classes":
+        return len(value) >= 2 and all(isinstance(c, str) for c in value)
+    if name == "in_shape":
+        return len(value) == 3 and all(isinstance(d, int) and d > 0 for d in value)
+    if name == "pool":
+        return value in POOLS
+    if name == "dropout":
+        return 0 <= value < 1
+    if name == "preprocessing":
+        try:
+            Preprocessing.from_dict(value)
+        except (KeyError, TypeError, ValueError):
+            return False
+    return True
+
+
+def read_checkpoint(path) -> dict:
+    """The dict in a model.pt or head.pt, read with weights_only=True (nothing is unpickled), schema-checked.
+
+    Every field the tool uses is checked here, once, so a hand-edited or foreign checkpoint is one
+    line naming the bad field, never a traceback somewhere in predict, evaluate or finetune.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"model file {str(path)!r} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # zip errors, refused globals: one line, and never torch's advice to unpickle
+        raise UsageError(f"{str(path)!r} is not a loadable checkpoint ({bb.unloadable_reason(e)})") from None
+    kinds = ("fit-head", *MODEL_KINDS)
+    if not isinstance(ckpt, dict) or ckpt.get("kind") not in kinds:
+        raise UsageError(f"{str(path)!r} is not a checkpoint of this tool (expected kind {', '.join(kinds)})")
+    missing = [k for k in _REQUIRED + (("config",) if ckpt["kind"] == "fit-head" else ("pool", "dropout"))
+               if k not in ckpt]
+    if missing:
+        raise UsageError(f"{str(path)!r} is a damaged or outdated {ckpt['kind']} checkpoint: it lacks "
+                         f"{', '.join(missing)}")
+    for name in _SCHEMA:
+        if name in ckpt and not _field_ok(name, ckpt[name]):
+            raise UsageError(f"{str(path)!r}: field {name!r} must be {_SCHEMA[name][1]}, got {ckpt[name]!r:.60}")
+    return ckpt
+
+
+def load_model(path, weights: Optional[str] = None) -> LoadedModel:
+    """A model.pt (train/finetune) or a head.pt (fit-head + its backbone) as a ready model, in eval mode.
+
+    A model.pt holds every weight, so its backbone is rebuilt bare and nothing else is read. A
+    head.pt holds only the head: its backbone weights are loaded as recorded (a torchvision name, or
+    the local file, found by path and checked by sha256), or from ``weights`` when given.
+    """
+    ckpt = read_checkpoint(path)
+    if ckpt["kind"] == "fit-head":
+        lm = _from_head(ckpt, path, weights)
+    else:
+        if weights is not None:
+            log.info("%s holds its backbone weights; --weights %s is not used", path, weights)
+        head = head_from_checkpoint(ckpt, {k[len("head."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("head.")},
+                           path)
+        model = TransferModel(ckpt["backbone"], bb.bare_features(ckpt["backbone"]), ckpt["in_shape"],
+                              len(ckpt["classes"]), ckpt["pool"], ckpt["dropout"], head=head)
+        try:
+            model.load_state_dict(ckpt["state_dict"])
+        except RuntimeError as e:
+            raise UsageError(f"{str(path)!r} does not match backbone {ckpt['backbone']!r}: "
+                             f"{str(e).strip().splitlines()[0]}") from None
+        info = {k: v for k, v in ckpt.items()
+                if k not in ("state_dict", "kind", "format_version", "config", "metrics", "history", "head")}
+        lm = LoadedModel(model, Preprocessing.from_dict(ckpt["preprocessing"]).to_transform(), info, ckpt["kind"])
+    lm.model.set_trainable(0)
+    lm.model.eval()
+    return lm
+
+
+def _head_weights_source(ckpt: dict, weights: Optional[str]) -> str:
+    """The --weights value that recreates the backbone a fit-head checkpoint's features came from."""
+    recorded, sha = ckpt["weights"], ckpt.get("weights_sha256", "")
+    if not recorded.startswith("file:"):
+        return weights or recorded  # a torchvision weights id, or 'none'
+    candidates = [weights] if weights else _recorded_weights_paths(ckpt)
+    for c in candidates:
+        if bb.is_weights_path(c) and Path(c).is_file():
+            if not sha or bb.file_sha256(c) == sha:
+                return c
+            if weights:
+                raise UsageError(f"--weights {weights!r} is not the file the head was fitted with "
+                                 f"({recorded}, sha256 {sha[:12]}...)")
+        elif weights:
+            return weights  # not a file: load_backbone says what is wrong with it
+    raise PipelineError(f"the head was fitted on features of the weights file {recorded[5:]} (sha256 {sha[:12]}...), "
+                        f"not found at {', '.join(map(repr, candidates)) or 'any recorded path'}; "
+                        "pass --weights PATH to it")
+
+
+def _recorded_weights_paths(ckpt: dict) -> list[str]:
+    """Where a head's weights file was: the checkpoint's record, else its cache's (a relative path in
+    the cache's config is relative to where extract ran)."""
+    paths = [ckpt["weights_path"]] if ckpt.get("weights_path") else []
+    cache = ckpt.get("cache")
+    if cache and Path(cache).is_file():
+        from ..cache.feature_cache import read_info
+
+        try:
+            attrs = read_info(cache).attrs
+            config = json.loads(attrs.get("config", "{}"))
+            paths += [p for p in (attrs.get("weights_path"), config.get("weights")) if p]
+        except (ValueError, OSError, TypeError, PipelineError) as e:  # CacheError is a ValueError, CacheBusy not
+            log.debug("cannot read the weights path from %s: %s", cache, e)
+    return paths
+
+
+def head_from_checkpoint(ckpt: dict, state: dict, path):
+    """The checkpoint's head (a ProbeHead) with its weights; a mismatch is a one-line UsageError."""
+    from ..heads.probe_heads import ProbeHead
+
+    try:
+        return ProbeHead.from_checkpoint(ckpt["head"], state)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise UsageError(f"{str(path)!r}: its head does not load ({str(e).strip().splitlines()[0][:200]})") from None
+
+
+def _from_head(ckpt: dict, path, weights: Optional[str]) -> LoadedModel:
+    source = _head_weights_source(ckpt, weights)
+    with warnings.catch_warnings():
+        if source.lower() == "none":
+            warnings.simplefilter("ignore")  # a head fitted on random features, made so on purpose
+        loaded = bb.load_backbone(ckpt["backbone"], source)
+    pool = ckpt.get("pool", "none")
+    expected = head_in_shape(ckpt["backbone"], loaded.transform.crop_size[0], pool)
+    if list(ckpt["in_shape"]) != expected:
+        raise UsageError(f"head {str(path)!r} takes features of shape {ckpt['in_shape']}, but {ckpt['backbone']} "
+                         f"with pool {pool!r} gives {expected}")
+    differ = Provenance.from_checkpoint(ckpt).differences(Provenance.of_backbone(loaded, ckpt["classes"], pool),
+                                                          ("preprocessing",))
+    if differ:
+        log.warning("the head's features were made with other preprocessing than %s gives now: %s",
+                    source, "; ".join(differ))
+    model = TransferModel(ckpt["backbone"], loaded.features, ckpt["in_shape"], len(ckpt["classes"]), pool,
+                          ckpt.get("dropout", 0.0), head=head_from_checkpoint(ckpt, ckpt["state_dict"], path))
+    info = _info(loaded, source, ckpt["in_shape"], ckpt["classes"], pool, ckpt.get("dropout", 0.0))
+    info["init_from"] = str(path)
+    return LoadedModel(model, loaded.transform, info, "fit-head")

@@ -1,0 +1,76 @@
+"""The demo stage: the whole main job in one command, from nothing to a compared classifier.
+
+fetch (if the data folder is missing) -> check-images (quarantining bad files) -> extract ->
+fit-head + compare-sklearn on the same split.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..data.check_images import CheckImagesConfig, check_images
+from ..heads.compare import CompareConfig, compare_sklearn
+from ..extraction.extract import ExtractConfig, extract
+from ..data.fetch import KAGGLE_CATS_DOGS_URL, FetchConfig, fetch_data
+from ..heads.fit_head import FitHeadConfig
+from ..errors import UsageError
+from ..config import DemoConfig
+
+log = logging.getLogger(__name__)
+
+
+
+#: The only folder demo fetches into when it is missing; any other missing --data is a typo to report.
+DEFAULT_DATA = DemoConfig.data
+
+
+def demo(cfg: DemoConfig) -> dict:
+    """Run every step, logging each to stderr; returns each step's summary and what to try next."""
+    data = Path(cfg.data)
+    steps: dict = {}
+    if not data.is_dir() and Path(cfg.data) != Path(DEFAULT_DATA):
+        raise UsageError(f"data folder {cfg.data!r} does not exist; demo downloads only into the default "
+                         f"{DEFAULT_DATA} (leave --data out), or pass an existing ImageFolder root")
+    if not data.is_dir():
+        log.info("[1/4] %s is missing: fetching %s", data, cfg.url)
+        steps["fetch"] = fetch_data(FetchConfig(dest=str(data.parent), url=cfg.url))
+        data = Path(steps["fetch"]["unpacked"])
+    else:
+        log.info("[1/4] using the images in %s", data)
+    log.info("[2/4] checking every image in %s", data)
+    checked = check_images(CheckImagesConfig(root=str(data), quarantine=cfg.quarantine, workers=cfg.workers))
+    steps["check"] = {k: checked[k] for k in ("files", "good", "errors", "notes", "by_kind", "quarantine")}
+    log.info("      %d files, %d unusable%s", checked["files"], checked["errors"],
+             f", moved to {checked['quarantine']['dir']}" if checked["errors"] and checked["quarantine"] else "")
+    log.info("[3/4] extracting %s features of %d images", cfg.backbone, cfg.n)
+    steps["extract"] = extract(ExtractConfig(data=str(data), n=cfg.n, backbone=cfg.backbone, weights=cfg.weights,
+                                             workers=cfg.workers, cache_dir=cfg.cache_dir, command=cfg.command))
+    log.info("[4/4] fitting the torch head and scikit-learn on the same split")
+    steps["compare"] = compare_sklearn(CompareConfig(cache=steps["extract"]["cache"],
+                                                     head=FitHeadConfig(runs_dir=cfg.runs_dir)))
+    steps["next"] = next_steps(steps, data, cfg.runs_dir)
+    return steps
+
+
+def next_steps(steps: dict, data: Path, runs_dir: str) -> dict:
+    """Where the outputs went and the commands to try next, with real paths."""
+    run = Path(steps["compare"]["head_run_dir"])
+    head, cache = run / "head.pt", steps["extract"]["cache"]
+    from ..data.folders import list_image_folder
+
+    some_image = list_image_folder(data).files[0].path  # one photo: a whole class folder can take minutes
+    return {
+        "cache": cache, "checkpoint": str(head), "curves": str(run / "curves.png"), "history": str(run / "history.json"),
+        "commands": [
+            f"python cli.py predict {data / some_image} --model {head}",
+            f"python cli.py evaluate --model {head}",
+            f"python cli.py runs --runs-dir {runs_dir}",
+        ],
+    }
+
+
+def format_next(nxt: dict) -> str:
+    lines = [f"feature cache:   {nxt['cache']}", f"head checkpoint: {nxt['checkpoint']}",
+             f"training curves: {nxt['curves']}", "next, try:"]
+    return "\n".join(lines + [f"  {c}" for c in nxt["commands"]])

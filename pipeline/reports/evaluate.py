@@ -1,0 +1,252 @@
+"""The evaluate stage: a trained model's accuracy, per-class precision/recall/F1, confusion matrix
+and the images it gets most confidently wrong.
+
+Two steps: a *predictor* turns (checkpoint, cache or folder) into ``Predictions`` (image paths,
+true labels, log-probabilities), then ``summarize`` and the pictures work on those alone. A
+predictor is looked up by the checkpoint's ``kind`` and the source (``cache`` or ``data``), so a
+new kind of model (train/finetune's model.pt) plugs in with ``register_predictor``; a folder goes
+through ``inference.run_batches``, the path predict uses too, so both give the same numbers.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from ..data.folders import ImageLoadError, list_image_folder, load_rgb
+from ..devices import resolve_workers
+from ..errors import UsageError
+from ..files import atomic_write, require_folder, writing
+from ..config import EvaluateConfig, SPLITS
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Predictions:
+    """What a model said about each image: all the evaluation needs."""
+
+    classes: list  # class names, the model's order
+    root: Path  # image paths are relative to this folder
+    paths: list  # one per row
+    labels: np.ndarray  # (N,) true class indices
+    logp: np.ndarray  # (N, classes) log-probabilities
+    source: str  # what was evaluated, in words
+    cache_fingerprint: str = ""  # of the cache evaluated on, if any
+
+
+Predictor = Callable[[str, dict, EvaluateConfig], Predictions]
+PREDICTORS: dict[tuple[str, str], Predictor] = {}
+
+
+def register_predictor(kind: str, source: str, fn: Predictor) -> None:
+    """Make checkpoints of ``kind`` evaluable on ``source`` ('cache' or 'data')."""
+    PREDICTORS[(kind, source)] = fn
+
+
+# -- predictors ----------------------------------------------------------------------------------
+def _head(model_path: str, ckpt: dict, device):
+    from ..models.whole_models import head_from_checkpoint
+
+    return head_from_checkpoint(ckpt, ckpt["state_dict"], model_path).to(device).eval()
+
+
+def _check_cache_fits(ckpt: dict, cache) -> None:
+    from ..cache.provenance import Provenance
+
+    differ = Provenance.from_checkpoint(ckpt).differences(Provenance.from_cache_attrs(cache.attrs),
+                                                          ("backbone", "weights", "preprocessing", "pool", "classes"))
+    if differ:
+        raise UsageError(f"cache {cache.path} does not fit the model (model vs cache): {'; '.join(differ)}")
+    if tuple(cache.feature_shape) != tuple(ckpt["in_shape"]):
+        raise UsageError(f"cache {cache.path} has features {cache.feature_shape}, the model expects "
+                         f"{tuple(ckpt['in_shape'])}")
+
+
+def head_on_cache(model_path: str, ckpt: dict, cfg: EvaluateConfig) -> Predictions:
+    """A fit-head checkpoint on cached features: its validation split, or all rows."""
+    from ..cache.feature_cache import FeatureCache
+    from ..devices import resolve_device
+    from ..heads.fit_head import evaluate_head
+    from ..heads.epoch_loop import split_indices
+
+    path = cfg.cache or ckpt["cache"]
+    device = resolve_device(cfg.device)
+    with FeatureCache(path) as cache:
+        if not cfg.cache:
+            log.info("using the cache the model was trained on: %s (%d rows, %s, created %s); --cache picks another",
+                     path, cache.n, cache.attrs["backbone"], cache.attrs["created"])
+        _check_cache_fits(ckpt, cache)
+        if cfg.split == "val":
+            c = ckpt["config"]
+            rows = split_indices(cache.labels, c["val_fraction"], c["seed"])[1]
+            if cache.attrs["fingerprint"] != ckpt["cache_fingerprint"]:
+                log.warning("%s is not the cache the model was trained on: its 'val' rows may include training "
+                            "images; use --split all on a held-out cache", path)
+        else:
+            rows = np.arange(cache.n)
+        _, _, logp = evaluate_head(_head(model_path, ckpt, device), cache, rows, device, cfg.block_rows)
+        rows = np.sort(rows)
+        paths = cache.paths
+        return Predictions(list(cache.classes), Path(cache.attrs["data_root"]), [paths[i] for i in rows],
+                           cache.labels[rows], logp, f"{cfg.split} rows of {path}", cache.attrs["fingerprint"])
+
+
+def predict_folder(data: str, classes: list, transform, model, cfg: EvaluateConfig) -> Predictions:
+    """Every decodable image of an ImageFolder through ``model`` (an ``inference.Inference``).
+
+    The folder's classes must be among the model's ``classes`` (matched by name); unreadable
+    images are skipped with a warning.
+    """
+    from ..extraction.inference import run_batches
+    from ..progress import progress
+    from ..data.image_reader import ImageListDataset, read_items
+
+    listing = list_image_folder(data)
+    unknown = [c for c in listing.classes if c not in classes]
+    if unknown:
+        raise UsageError(f"data folder {data!r} has classes {unknown} the model does not know; "
+                         f"its classes: {', '.join(classes)}")
+    to_model = [classes.index(c) for c in listing.classes]
+    items = read_items(ImageListDataset(listing.root, [(f.path, to_model[f.label]) for f in listing.files],
+                                        transform), resolve_workers(cfg.workers))
+    paths, labels, out = [], [], []
+    with progress(total=len(listing.files), unit="img", desc="evaluate") as bar:
+        for batch, logp in run_batches(model, items, cfg.batch_size):
+            bar.update(len(batch.items))
+            for p, why in batch.bad:
+                log.warning("skipping %s: %s", p, why)
+            if logp is not None:
+                out.append(logp)
+                paths.extend(g.path for g in batch.good)
+                labels.extend(g.label for g in batch.good)
+    if not paths:
+        raise UsageError(f"no image in {data} could be decoded")
+    return Predictions(list(classes), listing.root, paths, np.array(labels, np.int64), np.concatenate(out),
+                       f"images of {data}")
+
+
+def model_on_folder(model_path: str, ckpt: dict, cfg: EvaluateConfig) -> Predictions:
+    """Any checkpoint (fit-head head + its backbone, or a train/finetune model) on raw images."""
+    from ..devices import resolve_device, resolve_precision
+    from ..extraction.inference import Inference
+    from ..models.whole_models import load_model
+
+    device = resolve_device(cfg.device)
+    lm = load_model(model_path, cfg.weights)
+    model = Inference(lm.model, device, resolve_precision(cfg.precision, device))
+    return predict_folder(cfg.data, lm.classes, lm.transform, model, cfg)
+
+
+register_predictor("fit-head", "cache", head_on_cache)
+for _kind in ("fit-head", "train", "finetune"):
+    register_predictor(_kind, "data", model_on_folder)
+
+
+# -- the report ----------------------------------------------------------------------------------
+def summarize(pred: Predictions, top_k: int) -> dict:
+    """Accuracy, mean NLL, per-class precision/recall/F1, confusion counts and the most confident errors."""
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    k = len(pred.classes)
+    y, p = pred.labels, pred.logp.argmax(1)
+    precision, recall, f1, support = precision_recall_fscore_support(y, p, labels=range(k), zero_division=0)
+    wrong = np.flatnonzero(p != y)
+    conf = np.exp(pred.logp[wrong, p[wrong]])
+    worst = wrong[np.argsort(-conf, kind="stable")[:top_k]]
+    return {
+        "rows": int(len(y)), "accuracy": float((p == y).mean()),
+        "loss": float(-pred.logp[np.arange(len(y)), y].mean()) + 0.0, "macro_f1": float(f1.mean()),
+        "per_class": {c: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+                          "support": int(support[i])} for i, c in enumerate(pred.classes)},
+        "classes": list(pred.classes),
+        "confusion_matrix": confusion_matrix(y, p, labels=range(k)).tolist(),
+        "wrong": [{"path": pred.paths[i], "true": pred.classes[y[i]], "pred": pred.classes[p[i]],
+                   "prob": float(np.exp(pred.logp[i, p[i]]))} for i in worst],
+        "errors": int(len(wrong)),
+    }
+
+
+def _thumbnail(path: Path, size: int = 256):
+    try:
+        im = load_rgb(path)
+    except (ImageLoadError, OSError) as e:
+        log.warning("gallery: cannot show %s (%s)", path, getattr(e, "reason", e))
+        return None
+    im.thumbnail((size, size))
+    return im
+
+
+def evaluate(cfg: EvaluateConfig) -> dict:
+    """Evaluate one checkpoint; write confusion.png, gallery.png and metrics.json to a run folder."""
+    from ..models.whole_models import read_checkpoint
+    from ..runs.run_folders import finish_run, new_run_dir
+
+    if cfg.split not in SPLITS:
+        raise UsageError(f"unknown --split {cfg.split!r}; allowed: {', '.join(SPLITS)}")
+    if cfg.cache and cfg.data:
+        raise UsageError("pass --cache or --data, not both")
+    require_folder(cfg.runs_dir, "--runs-dir")
+    for name in ("top_k", "batch_size", "block_rows"):
+        if getattr(cfg, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    ckpt = read_checkpoint(cfg.model)
+    source = "data" if cfg.data else "cache"
+    predictor = PREDICTORS.get((ckpt["kind"], source))
+    if predictor is None:
+        known = sorted(f"{k} on --{s}" for k, s in PREDICTORS)
+        raise UsageError(f"cannot evaluate a {ckpt['kind']!r} checkpoint on --{source}; known: {', '.join(known)}")
+    pred = predictor(cfg.model, ckpt, cfg)
+    result = summarize(pred, cfg.top_k)
+    out_dir = new_run_dir(cfg.runs_dir, "evaluate")
+    with writing(out_dir):
+        confusion, gallery = _pictures(pred, result, out_dir)
+    result.update({"model": cfg.model, "kind": ckpt["kind"], "source": pred.source, "split": cfg.split,
+                   "backbone": ckpt.get("backbone", ""), "cache_fingerprint": pred.cache_fingerprint,
+                   "data_root": str(pred.root), "run_dir": str(out_dir), "confusion_png": str(confusion),
+                   "gallery_png": str(gallery)})
+    atomic_write(out_dir / "metrics.json", lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
+    finish_run(out_dir, cfg.runs_dir, "evaluate", None, [confusion, gallery], cache_fingerprint=pred.cache_fingerprint,
+               backbone=result["backbone"], params=asdict(cfg),
+               metrics={k: result[k] for k in ("accuracy", "loss", "macro_f1", "rows")})
+    return result
+
+
+def figures(result: dict, root=None) -> dict:
+    """The evaluation's pictures as matplotlib Figures: {'confusion': ..., 'gallery': ...}.
+
+    ``result`` is what ``summarize`` (or ``evaluate``) returned; the gallery's thumbnails are read
+    from ``root`` (default: the result's ``data_root``), a missing file drawn as 'unreadable'.
+    """
+    from ..runs.figures import confusion_matrix_figure, gallery_figure
+
+    root = Path(result["data_root"] if root is None else root)
+    confusion = confusion_matrix_figure(np.array(result["confusion_matrix"]), result["classes"],
+                                        title=f"accuracy {result['accuracy']:.3f} on {result['rows']} images")
+    items = [{**w, "image": _thumbnail(root / w["path"])} for w in result["wrong"]]
+    gallery = gallery_figure(items, suptitle=f"most confidently wrong: {len(items)} of {result['errors']} errors")
+    return {"confusion": confusion, "gallery": gallery}
+
+
+def _pictures(pred: Predictions, result: dict, out_dir: Path) -> tuple[Path, Path]:
+    """confusion.png and gallery.png of one evaluation."""
+    from ..runs.figures import save
+
+    figs = figures(result, pred.root)
+    return save(figs["confusion"], out_dir / "confusion.png"), save(figs["gallery"], out_dir / "gallery.png")
+
+
+def format_report(result: dict) -> str:
+    lines = [f"accuracy {result['accuracy']:.3f}, loss {result['loss']:.4f}, macro F1 {result['macro_f1']:.3f} "
+             f"on {result['rows']} images ({result['source']})"]
+    width = max(5, *(len(c) for c in result["per_class"]))
+    lines.append(f"{'class':<{width}}  precision  recall     f1  support")
+    for c, m in result["per_class"].items():
+        lines.append(f"{c:<{width}}  {m['precision']:>9.3f}  {m['recall']:>6.3f}  {m['f1']:>5.3f}  {m['support']:>7d}")
+    lines += [f"confusion matrix: {result['confusion_png']}",
+              f"most confidently wrong ({len(result['wrong'])} of {result['errors']}): {result['gallery_png']}"]
+    return "\n".join(lines)

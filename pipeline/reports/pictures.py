@@ -1,0 +1,109 @@
+"""The picture stages: a preview grid of a data folder, and one image's feature map.
+
+Both show images as the backbone sees them: after the weights' own resize and crop, with the
+normalisation undone (so a wrong mean/std shows up as wrong colours). ``preview_figure`` and
+``feature_map_figure`` return the matplotlib Figure and what it shows (the Python API's way);
+``preview`` and ``feature_map`` save that figure to ``cfg.output`` (the CLI's).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..data.folders import ImageLoadError, list_image_folder, load_rgb
+from ..errors import UsageError
+from ..config import FeatureMapConfig, PreviewConfig
+
+log = logging.getLogger(__name__)
+
+
+
+def as_seen(transform, image) -> tuple:
+    """(normalised CxHxW tensor, HxWx3 de-normalised array in [0, 1]) of a PIL image."""
+    from ..runs.figures import denormalise
+
+    x = transform(image)
+    return x, denormalise(x.numpy(), [float(m) for m in transform.mean], [float(s) for s in transform.std])
+
+
+def sample_per_class(listing, per_class: int, seed: int) -> list[tuple[int, object, str]]:
+    """Up to ``per_class`` decodable images of each class, seeded: (label, PIL image, path)."""
+    rng = np.random.default_rng(seed)
+    labels = listing.labels
+    chosen = []
+    for label in range(len(listing.classes)):
+        got = 0
+        for i in rng.permutation(np.flatnonzero(labels == label)):
+            if got == per_class:
+                break
+            path = listing.files[i].path
+            try:
+                chosen.append((label, load_rgb(listing.root / path), path))
+                got += 1
+            except ImageLoadError as e:
+                log.warning("skipping %s: %s", path, e.reason)
+    return chosen
+
+
+def preview_figure(cfg: PreviewConfig) -> tuple:
+    """(Figure, info): a grid of sample images per class, preprocessed as for extraction (``cfg.output`` unused)."""
+    from ..extraction.backbones import load_preprocessing
+    from ..runs.figures import preview_figure as draw
+
+    if cfg.per_class < 1:
+        raise UsageError(f"--per-class must be positive, got {cfg.per_class}")
+    listing = list_image_folder(cfg.data)
+    t, weights_id = load_preprocessing(cfg.backbone, cfg.weights)  # the preprocessing only: no weights loaded
+    chosen = sample_per_class(listing, cfg.per_class, cfg.seed)
+    images = [as_seen(t, im)[1] for _, im, _ in chosen]
+    titles = [listing.classes[label] for label, _, _ in chosen]
+    fig = draw(images, titles, cols=cfg.per_class,
+               suptitle=f"{Path(cfg.data).name}: resize {t.resize_size[0]}, crop {t.crop_size[0]} "
+                        f"({cfg.backbone}, {weights_id})")
+    return fig, {"classes": list(listing.classes), "images": [p for _, _, p in chosen],
+                 "backbone": cfg.backbone, "weights": weights_id}
+
+
+def preview(cfg: PreviewConfig) -> dict:
+    """Write a grid of sample images per class, preprocessed as for extraction; returns where."""
+    from ..runs.figures import save
+
+    fig, info = preview_figure(cfg)
+    return {"output": str(save(fig, cfg.output)), **info}
+
+
+def feature_map_figure(cfg: FeatureMapConfig) -> tuple:
+    """(Figure, info): the input image beside its feature map and top channels (``cfg.output`` unused)."""
+    import torch
+
+    from ..extraction.backbones import load_backbone
+    from ..extraction.inference import Inference
+    from ..runs.figures import feature_map_figure as draw
+    from ..runs.figures import top_channels
+
+    if cfg.top_k < 1:
+        raise UsageError(f"--top-k must be positive, got {cfg.top_k}")
+    try:
+        image = load_rgb(cfg.image)
+    except ImageLoadError as e:
+        raise UsageError(f"image {cfg.image!r}: {e.reason}") from None
+    backbone = load_backbone(cfg.backbone, cfg.weights)
+    x, seen = as_seen(backbone.transform, image)
+    model = Inference(backbone.features, torch.device("cpu"), "fp32")
+    fmap = model(x[None])[0]
+    top = top_channels(fmap, cfg.top_k)
+    fig = draw(seen, fmap, top_k=cfg.top_k,
+               title=f"{Path(cfg.image).name} through {cfg.backbone} ({backbone.weights_id})")
+    return fig, {"feature_shape": list(fmap.shape), "top_channels": [int(c) for c in top],
+                 "backbone": cfg.backbone, "weights": backbone.weights_id}
+
+
+def feature_map(cfg: FeatureMapConfig) -> dict:
+    """Write the input image beside its feature map and top channels; returns where and the shape."""
+    from ..runs.figures import save
+
+    fig, info = feature_map_figure(cfg)
+    return {"output": str(save(fig, cfg.output)), **info}

@@ -1,0 +1,47 @@
+"""Run folders: where each fit-head, train, finetune and evaluate run leaves its outputs.
+
+``runs/<time>-<kind>/`` holds the checkpoint, ``history.json`` and ``curves.png`` (evaluate: its
+pictures and ``metrics.json``); ``finish_run`` writes them and the ledger line in one place.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+from ..files import atomic_write, writing
+
+
+def new_run_dir(runs_dir: str, kind: str) -> Path:
+    """A fresh ``runs_dir/<stamp>-<kind>`` folder (suffixed -2, -3, ... when the second is taken)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = Path(runs_dir) / f"{stamp}-{kind}"
+    d, k = base, 1
+    while d.exists():
+        k += 1
+        d = base.with_name(f"{base.name}-{k}")
+    with writing(d):
+        d.mkdir(parents=True)
+    return d
+
+
+def finish_run(out_dir: Path, runs_dir: str, kind: str, history: Optional[list], outputs: list,
+               **ledger) -> Optional[Path]:
+    """Write ``history.json`` and ``curves.png`` (when there is a history) and the run's ledger line.
+
+    ``outputs``: files the run wrote (checkpoint, pictures), recorded in the ledger with the curves;
+    ``ledger``: the rest of the line (cache, backbone, params, metrics; see ``ledger.append_run``).
+    Returns the curves' path, if drawn.
+    """
+    from .ledger import append_run
+
+    curves = None
+    with writing(out_dir):
+        if history:
+            from . import figures as plots
+
+            atomic_write(out_dir / "history.json", lambda tmp: tmp.write_text(json.dumps(history, indent=2)))
+            curves = plots.curves(history, out_dir / "curves.png")
+        append_run(runs_dir, kind, outputs=[*outputs, *([curves] if curves else [])], **ledger)
+    return curves
