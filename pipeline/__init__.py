@@ -32,9 +32,26 @@ Keyword options are the fields of each stage's config dataclass (the CLI's optio
 is a ValueError naming the allowed ones). Nothing is printed unless ``verbose=True``; progress is
 tqdm.auto's (a widget in Jupyter with ipywidgets, a bar in a terminal) or a line every 10 s in a log.
 ``import pipeline`` is light: the API loads on first use, torch only when a model runs.
+
+Layout: a folder per stage, each importing only from the folders before it (a test checks):
+
+    plumbing     config (every option), errors, progress, files (safe writes), devices
+    data/        image folders: listing, safe decoding, the background reader, fetch, check-images
+    cache/       the HDF5 feature cache and its provenance
+    extraction/  backbones, the network runner, int8, compile; the extract stage
+    runs/        run folders, the experiment ledger, the figures a run leaves
+    heads/       feature views, the probe heads, the epoch loop; fit-head, compare-sklearn
+    models/      whole models (backbone + head): train, finetune, predict, summary
+    reports/     evaluate, preview and feature-map pictures, the demo
+    api, cli     the Python API and the command line, on top of everything
 """
 
 __version__ = "0.1.0"
+
+#: modules at the top that every stage may use
+PLUMBING = ("config", "errors", "progress", "files", "devices")
+#: the stage folders in import order: each may import only from those before it (and the plumbing)
+STAGES = ("data", "cache", "extraction", "runs", "heads", "models", "reports")
 
 #: public names -> the module defining them (loaded on first use: PEP 562)
 _EXPORTS = {

@@ -80,10 +80,7 @@ def resolve_precision(precision: str, device, int8_ok: bool = False) -> str:
         if device.type != "cpu":
             raise UsageError("precision 'int8' runs on the CPU only (oneDNN int8 kernels): use --device cpu, "
                              "or bf16 on CUDA")
-        from .extraction.quantize import require_torchao
-
-        require_torchao()
-        return precision
+        return precision  # the caller checks that torchao is installed
     if precision != "auto":
         if precision == "fp16" and device.type == "cpu":
             raise UsageError("precision 'fp16' needs a CUDA device; on CPU use bf16 or fp32")

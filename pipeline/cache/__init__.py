@@ -1,1 +1,7 @@
-"""cache"""
+"""The HDF5 feature cache: its name, writer and validating reader, and the provenance every reader checks.
+
+What other stages use:
+    feature_cache.FeatureCache, read_info, open_h5, newest_cache, list_caches   reading caches
+    feature_cache.CacheWriter, cache_file_name, fingerprint                      writing them
+    provenance.Provenance   backbone, weights, preprocessing, classes: where rows come from, and what fits together
+"""

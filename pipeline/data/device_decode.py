@@ -14,6 +14,7 @@ from typing import Iterable, Iterator
 from .folders import ImageLoadError
 from .image_reader import load_transformed
 from .image_reader import Item
+from torchvision.io import ImageReadMode, decode_jpeg
 
 
 def is_raw(item: Item) -> bool:
@@ -33,7 +34,6 @@ def decode_on_device(items: Iterable[Item], transform, device, root: Path, chunk
 
 
 def _decode_one(data, device):
-    from torchvision.io import ImageReadMode, decode_jpeg
 
     try:
         return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
@@ -42,7 +42,6 @@ def _decode_one(data, device):
 
 
 def _decode_chunk(buf: list, transform, device, root: Path) -> Iterator[Item]:
-    from torchvision.io import ImageReadMode, decode_jpeg
 
     raw = [i for i, item in enumerate(buf) if is_raw(item)]
     images: dict = {}

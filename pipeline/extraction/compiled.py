@@ -16,6 +16,8 @@ from __future__ import annotations
 import logging
 import time
 from typing import Optional
+import torch
+import torch._inductor.config as inductor_config
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +26,6 @@ class CompiledNet:
     """``net`` compiled with Inductor; ``fallback`` (default ``net``) runs when compiling fails."""
 
     def __init__(self, net, fallback=None):
-        import torch
 
         self.eager = fallback if fallback is not None else net
         self.compiled = torch.compile(net, dynamic=False)
@@ -33,7 +34,6 @@ class CompiledNet:
         self.compile_seconds = 0.0  # the first call's time (compiling + one batch)
 
     def __call__(self, x):
-        import torch
 
         if self.failed:
             return self.eager(x)
@@ -53,7 +53,6 @@ class CompiledNet:
 
     def _first(self, x):
         """Compile (inside the first call) for ``x``'s shape; any failure but out-of-memory -> eager."""
-        import torch
 
         self.batch, started = len(x), time.perf_counter()
         try:
@@ -71,8 +70,6 @@ class CompiledNet:
         return y
 
     def _run(self, x):
-        import torch
-        import torch._inductor.config as inductor_config
 
         with torch.no_grad(), inductor_config.patch(freezing=True):
             return self.compiled(x.contiguous(memory_format=torch.channels_last))

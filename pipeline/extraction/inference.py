@@ -12,6 +12,9 @@ from typing import Iterable, Iterator, Optional
 import numpy as np
 
 from ..data.image_reader import Batch, Item, batches
+import torch
+from ..devices import AdaptiveBatch
+from ..devices import autocast
 
 
 class Inference:
@@ -29,9 +32,7 @@ class Inference:
 
     def __init__(self, net, device, precision: str, pool: str = "none", out_dtype: str = "float32",
                  freeze: bool = True, compile: bool = False):
-        import torch
 
-        from ..devices import AdaptiveBatch
 
         self.device, self.precision, self.pool, self.out_dtype = device, precision, pool, np.dtype(out_dtype)
         self.torch_out = getattr(torch, self.out_dtype.name)
@@ -62,7 +63,6 @@ class Inference:
 
     def stack(self, tensors: list):
         """Stack per-image tensors into one batch; on CUDA straight into pinned memory."""
-        import torch
 
         if not self.cuda or tensors[0].device.type == "cuda":  # decoded on the GPU already
             return torch.stack(tensors)
@@ -84,9 +84,7 @@ class Inference:
         return out
 
     def _forward(self, x) -> np.ndarray:
-        import torch
 
-        from ..devices import autocast
 
         with torch.inference_mode():
             with autocast(self.device, self.precision):

@@ -1,1 +1,9 @@
-"""heads"""
+"""Classifier heads on cached features: views of the cached map, the heads themselves, and how they are fitted.
+
+What other stages use:
+    fit_head.fit_head               the fit-head command
+    compare.compare_sklearn         the compare-sklearn command
+    probe_heads.ProbeHead           one torch module for every head kind (view -> norm -> [RBF] -> Linear -> LogSoftmax)
+    feature_views                   the views (flat, avg, max, avgmax) and normalisations
+    epoch_loop                      the split, the epoch loop and option checks that train/finetune share
+"""

@@ -15,6 +15,10 @@ from .epoch_loop import per_class_accuracy, split_indices, validate_split
 from ..runs.ledger import append_run
 from ..errors import UsageError
 from ..config import CompareConfig
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from .fit_head import with_recipe
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +37,6 @@ def load_rows(cache: FeatureCache, indices: np.ndarray, block_rows: int) -> np.n
 
 def fit_sklearn(cfg: CompareConfig, cache: FeatureCache, test_cache: Optional[str] = None) -> dict:
     """The plain scikit-learn baseline: StandardScaler + LogisticRegression on the flat C*H*W rows."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
 
     train_idx, val_idx = split_indices(cache.labels, cfg.val_fraction, cfg.seed)
     gb = len(train_idx) * int(np.prod(cache.feature_shape)) * 4 / 1e9
@@ -80,7 +81,6 @@ def _describe(r: dict, c: dict) -> str:
 
 def compare_sklearn(cfg: CompareConfig) -> dict:
     """Fit every head kind (linear, logreg, kernel) and the flat scikit-learn baseline on the same split."""
-    from .fit_head import with_recipe
 
     validate_split(cfg.val_fraction, cfg.seed)
     if cfg.C <= 0 or cfg.max_iter < 1:

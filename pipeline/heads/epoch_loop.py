@@ -16,6 +16,10 @@ import numpy as np
 from ..data.folders import check_seed
 from ..errors import PipelineError, UsageError
 from ..files import require_folder
+import copy
+import torch
+from ..devices import autocast
+from ..progress import is_quiet
 
 
 def validate_split(val_fraction: float, seed: int) -> None:
@@ -74,9 +78,7 @@ def train_one_epoch(model, opt, minibatches: Iterable, device, precision: str = 
     Returns (train accuracy, mean train loss, rows seen). With ``print_every``, a running line
     every that many minibatches.
     """
-    import torch
 
-    from ..devices import autocast
 
     model.train()
     seen = correct = 0
@@ -109,9 +111,7 @@ def run_epochs(epochs: int, one_epoch: Callable[[int], tuple], validate: Callabl
     ``validate()`` -> (val acc, val loss). With ``patience``, stop after that many epochs without a
     lower validation loss, and put ``model``'s weights of the best epoch back (early stopping).
     """
-    import copy
 
-    from ..progress import is_quiet
 
     history, best, best_state, waited = [], math.inf, None, 0
     t0 = time.time()

@@ -29,6 +29,22 @@ from ..errors import UsageError
 from .epoch_loop import per_class_accuracy, run_epochs, split_indices, train_one_epoch, validate_training
 from .feature_views import NORMS, VIEWS, check_view
 from ..config import FitHeadConfig, HEADS, RECIPES
+from torch import nn
+import hashlib
+import json
+import sys
+import torch
+from ..cache.provenance import Provenance
+from ..devices import resolve_device
+from ..files import atomic_write
+from ..progress import is_quiet
+from ..progress import progress
+from ..runs.run_folders import finish_run, new_run_dir
+from .feature_views import Normalizer
+from .probe_heads import CacheRows, ProbeHead, fit_normalizer_stream
+from .probe_heads import CacheViews
+from .probe_heads import CacheViews, fit_setting
+from .probe_heads import CacheViews, format_table, tune
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +103,6 @@ def _as_float32(feats: np.ndarray, device):
     """A minibatch of cached features as a float32 tensor on ``device``: the same numbers as
     ``feats.astype(np.float32)``, but widened by torch (vectorised: ~20x numpy's float16 cast) and,
     on an accelerator, after the copy (half the bytes to move)."""
-    import torch
 
     if not feats.dtype.isnative:  # a foreign byte order, which torch does not take
         feats = feats.astype(np.float32)
@@ -97,7 +112,6 @@ def _as_float32(feats: np.ndarray, device):
 def evaluate_head(head, cache: FeatureCache, indices: np.ndarray, device, block_rows: int,
                   batch_size: int = 256) -> tuple[float, float, np.ndarray]:
     """Accuracy, mean NLL and log-probabilities (rows in sorted ``indices`` order) over some cache rows."""
-    import torch
 
     head.eval()
     out = np.zeros((len(indices), len(cache.classes)), np.float64)
@@ -124,11 +138,7 @@ def scores(head, cache: FeatureCache, indices: np.ndarray, device, block_rows: i
 # -- the three ways to fit ------------------------------------------------------------------------
 def _fit_linear(cfg: FitHeadConfig, cache: FeatureCache, train_idx, val_idx, device):
     """Adam on the Linear layer of a ProbeHead, one line per epoch, early stopping on the val loss."""
-    import torch
 
-    from .probe_heads import CacheRows, ProbeHead, fit_normalizer_stream
-    from ..progress import progress
-    from .feature_views import Normalizer
 
     normalizer = (fit_normalizer_stream(CacheRows(cache, train_idx, cfg.block_rows), cfg.features, cfg.normalize)
                   if cfg.normalize in ("rms", "standardize") else Normalizer(cfg.normalize))
@@ -162,10 +172,7 @@ def _fit_linear(cfg: FitHeadConfig, cache: FeatureCache, train_idx, val_idx, dev
 
 def _fit_linear_in_memory(cfg: FitHeadConfig, cache: FeatureCache, train_idx, val_idx, device, head, opt, rng):
     """The linear head on a pooled view held in memory (C or 2C floats a row: 25,000 rows are 50-100 MB)."""
-    import torch
-    from torch import nn
 
-    from .probe_heads import CacheViews
 
     class OnViewRows(nn.Module):  # the head after its view: normalisation, Linear, LogSoftmax
         def __init__(self):
@@ -215,7 +222,6 @@ def _gamma(text: str):
 
 def _fit_sklearn(cfg: FitHeadConfig, cache: FeatureCache, train_idx, setting: Optional[dict] = None):
     """logreg or kernel (or --tune's winner) fitted by scikit-learn on the training rows, as a ProbeHead."""
-    from .probe_heads import CacheViews, fit_setting
 
     rows = CacheViews(cache, train_idx, cfg.block_rows)
     try:
@@ -226,10 +232,7 @@ def _fit_sklearn(cfg: FitHeadConfig, cache: FeatureCache, train_idx, setting: Op
 
 def _tune(cfg: FitHeadConfig, cache: FeatureCache, train_idx):
     """Stratified k-fold CV over TUNE_GRID on the training rows; the winner refitted on all of them."""
-    import sys
 
-    from .probe_heads import CacheViews, format_table, tune
-    from ..progress import is_quiet
 
     rows = CacheViews(cache, train_idx, cfg.block_rows)
     try:
@@ -250,9 +253,7 @@ def _tune(cfg: FitHeadConfig, cache: FeatureCache, train_idx):
 # -- testing on photos the head never saw -----------------------------------------------------------
 def test_cache_for(cfg: FitHeadConfig, cache: FeatureCache) -> Path:
     """The cache of ``--test-data`` (extracted like ``cache``, reused next time) or ``--test-cache``, checked."""
-    import json
 
-    from ..cache.provenance import Provenance
 
     if cfg.test_data:
         from ..extraction.extract import ExtractConfig, extract
@@ -285,7 +286,6 @@ def test_cache_for(cfg: FitHeadConfig, cache: FeatureCache) -> Path:
 
 def overlap(train: FeatureCache, train_idx, test: FeatureCache) -> list[str]:
     """Test images whose file content equals a training image's (sha256), reported, never silently scored."""
-    import hashlib
 
     def digests(c: FeatureCache, idx) -> dict:
         root, paths, out = Path(c.attrs["data_root"]), c.paths, {}
@@ -303,12 +303,7 @@ def overlap(train: FeatureCache, train_idx, test: FeatureCache) -> list[str]:
 # -- the stage ------------------------------------------------------------------------------------
 def fit_head(cfg: FitHeadConfig) -> dict:
     """Fit the head on the cache's train split; returns metrics (val, and test if asked) and where outputs went."""
-    import torch
 
-    from ..devices import resolve_device
-    from ..files import atomic_write
-    from ..cache.provenance import Provenance
-    from ..runs.run_folders import finish_run, new_run_dir
 
     cfg = with_recipe(cfg)
     validate(cfg)

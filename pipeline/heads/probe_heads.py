@@ -32,6 +32,13 @@ import numpy as np
 
 from .feature_views import (VIEWS, Normalizer, allowed_views, apply_view, apply_view_torch, check_norm,
                     check_view, view_dim)
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.kernel_approximation import Nystroem
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold
+from sklearn.model_selection import train_test_split
+from torch import nn
+import torch
 
 log = logging.getLogger(__name__)
 
@@ -163,8 +170,6 @@ def _probe_head_class():
     global _PROBE_HEAD
     if _PROBE_HEAD is not None:
         return _PROBE_HEAD
-    import torch
-    from torch import nn
 
     class ProbeHead(nn.Module):
         """view -> normalisation -> optional RBF (Nystroem) map -> Linear -> LogSoftmax, on raw cached maps.
@@ -359,7 +364,6 @@ def from_logreg(clf, in_shape, view: str = "flat", normalizer: Optional[Normaliz
 
     float64 by default, so its probabilities match scikit-learn's to ~1e-12, not float32's ~1e-6.
     """
-    import torch
 
     w, b = _logreg_linear(clf)
     return _probe_head_class().from_linear(w, b, in_shape, view, normalizer, dtype=dtype or torch.float64)
@@ -367,7 +371,6 @@ def from_logreg(clf, in_shape, view: str = "flat", normalizer: Optional[Normaliz
 
 def from_kernel(nystroem, clf, in_shape, view: str = "flat", normalizer: Optional[Normalizer] = None, dtype=None):
     """A ProbeHead giving ``clf.predict_proba(nystroem.transform(rows))`` for an RBF Nystroem map."""
-    import torch
 
     if nystroem.kernel != "rbf":
         raise ValueError(f"only the RBF kernel converts to a ProbeHead, not {nystroem.kernel!r}")
@@ -389,8 +392,6 @@ def from_kernel(nystroem, clf, in_shape, view: str = "flat", normalizer: Optiona
 # -- scikit-learn fits ---------------------------------------------------------------------------
 def fit_logreg(X: np.ndarray, y: np.ndarray, C: float = 1.0, seed: int = 0, max_iter: int = 1000):
     """A multinomial (lbfgs) LogisticRegression on view rows; L2 penalty 1/C. Deterministic for a seed."""
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
 
     if C <= 0:
         raise ValueError(f"C must be positive, got {C}")
@@ -434,7 +435,6 @@ def fit_kernel(X: np.ndarray, y: np.ndarray, gamma="scale", n_components: int = 
     Landmarks are drawn with ``seed``; the map and the fit run in float64 (a kernel matrix is
     badly conditioned, and float32 noise through K^{-1/2} would cost the torch copy its 1e-5 match).
     """
-    from sklearn.kernel_approximation import Nystroem
 
     m = min(int(n_components), len(X))
     if m < 1:
@@ -491,8 +491,6 @@ def train_linear(train, val, *, n_classes: int, in_shape, view: str = "flat", no
     Returns (head on CPU, report: best_epoch (from 1), best_val_loss, best_val_acc, epochs_run,
     stopped_early, history of per-epoch dicts).
     """
-    import torch
-    from torch import nn
 
     in_shape = tuple(in_shape)
     check_view(view, in_shape)
@@ -576,7 +574,6 @@ def train_linear(train, val, *, n_classes: int, in_shape, view: str = "flat", no
 
 # -- one setting, fitted ------------------------------------------------------------------------
 def _stratified_holdout(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.model_selection import train_test_split
 
     idx = np.arange(len(y))
     a, b = train_test_split(idx, test_size=fraction, stratify=y, random_state=seed)
@@ -748,7 +745,6 @@ def tune(X, y: np.ndarray, grid=None, folds: int = 5, seed: int = 0, *, in_shape
                             on_setting=on_setting)
         finally:
             torch.set_num_threads(before)
-    from sklearn.model_selection import StratifiedKFold
 
     if score not in ("log_loss", "accuracy"):
         raise ValueError(f"score must be 'log_loss' or 'accuracy', got {score!r}")

@@ -1,1 +1,8 @@
-"""models"""
+"""Whole models (a backbone and a head as one network): training on images, checkpoints, prediction.
+
+What other stages use:
+    whole_models.load_model, read_checkpoint, head_from_checkpoint   any checkpoint as a runnable model
+    train.train, train.finetune     the train and finetune commands
+    predict.predict, predict.imagenet_check   classify files and folders
+    summary.summarize               the summary command
+"""

@@ -24,6 +24,15 @@ from ..devices import resolve_workers
 from ..errors import UsageError
 from ..files import atomic_write, require_folder
 from ..config import FORMATS, ImagenetCheckConfig, PredictConfig
+import torch
+from ..data.image_reader import ImageListDataset, read_items
+from ..devices import resolve_device
+from ..devices import resolve_device, resolve_precision
+from ..extraction import backbones as bb
+from ..extraction.inference import Inference
+from ..extraction.inference import run_batches
+from ..progress import progress
+from .whole_models import load_model
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +62,6 @@ def list_inputs(paths) -> list[str]:
 def iter_log_proba(model, transform, files: list[str], batch_size: int, workers: int) -> Iterator[tuple]:
     """(item, its log-probabilities, or None when the file is unreadable: ``item.error`` says why) per
     file, in order; ``model`` an ``inference.Inference``, ``transform`` the model's preprocessing."""
-    from ..extraction.inference import run_batches
-    from ..data.image_reader import ImageListDataset, read_items
 
     items = read_items(ImageListDataset(Path(""), [(f, -1) for f in files], transform), resolve_workers(workers))
     for batch, logp in run_batches(model, items, batch_size):
@@ -69,7 +76,6 @@ def iter_log_proba(model, transform, files: list[str], batch_size: int, workers:
 
 def iter_predictions(lm, files: list[str], batch_size: int, workers: int, device, precision) -> Iterator[dict]:
     """One row per file, in order: {path, class, probability, error}."""
-    from ..extraction.inference import Inference
 
     classes = lm.classes
     model = Inference(lm.model, device, precision)
@@ -100,10 +106,7 @@ def format_rows(rows: list[dict], fmt: str) -> str:
 
 def predict(cfg: PredictConfig) -> dict:
     """Classify cfg.paths with cfg.model; the rows are returned, or streamed to cfg.output."""
-    from ..progress import progress
 
-    from ..devices import resolve_device, resolve_precision
-    from .whole_models import load_model
 
     if cfg.format not in FORMATS:
         raise UsageError(f"unknown --format {cfg.format!r}; allowed: {', '.join(FORMATS)}")
@@ -168,10 +171,7 @@ def imagenet_check(image: str, backbone: str = ImagenetCheckConfig.backbone,
                    weights: str = ImagenetCheckConfig.weights, top: int = ImagenetCheckConfig.top,
                    device: str = ImagenetCheckConfig.device) -> dict:
     """Top-k ImageNet classes of one image from the full pretrained model (classifier included)."""
-    import torch
 
-    from ..extraction import backbones as bb
-    from ..devices import resolve_device
 
     if top < 1:
         raise UsageError(f"--top must be positive, got {top}")

@@ -10,14 +10,14 @@ from typing import Optional
 from ..extraction import backbones as bb
 from ..errors import UsageError
 from ..config import SummaryConfig
+import torch
+from .whole_models import TransferModel, count_params, head_in_shape, parse_unfreeze
 
 
 
 def summarize(cfg: SummaryConfig) -> dict:
     """Layer-by-layer output shapes and parameter counts, and the totals under a freeze setting."""
-    import torch
 
-    from .whole_models import TransferModel, count_params, head_in_shape, parse_unfreeze
     if cfg.classes < 2:
         raise UsageError(f"--classes must be at least 2, got {cfg.classes}")
     if cfg.crop_size and cfg.crop_size < 32:

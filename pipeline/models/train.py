@@ -20,6 +20,23 @@ from ..devices import resolve_workers
 from ..errors import UsageError
 from ..heads.epoch_loop import per_class_accuracy, run_epochs, split_indices, train_one_epoch, validate_training
 from ..config import FinetuneConfig, TrainConfig
+from pathlib import Path
+from torch.utils.data import DataLoader
+from torchvision import transforms as T
+import sys
+import torch
+from ..cache.feature_cache import CacheError, FeatureCache
+from ..data.image_reader import ImageListDataset, collate_items, item_loader
+from ..data.image_reader import iter_items
+from ..devices import resolve_device, resolve_precision
+from ..extraction.inference import Inference
+from ..extraction.inference import run_batches
+from ..progress import progress
+from ..runs.run_folders import finish_run, new_run_dir
+from .whole_models import build_model
+from .whole_models import build_model, load_model, parse_unfreeze
+from .whole_models import count_params, save_model
+from .whole_models import read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +56,6 @@ def train_transform(transform, augment: bool):
     """The weights' preprocessing, or with --augment: a random resized crop and flip, then its normalisation."""
     if not augment:
         return transform
-    import torch
-    from torchvision import transforms as T
 
     return T.Compose([
         T.RandomResizedCrop(transform.crop_size[0], interpolation=transform.interpolation,
@@ -54,10 +69,7 @@ def train_transform(transform, augment: bool):
 
 def _loader(root, items, transform, cfg: TrainConfig, shuffle: bool):
     """A persistent loader of Items: Batches of ``cfg.batch_size`` (train, shuffled) or chunks in order (val)."""
-    import torch
-    from torch.utils.data import DataLoader
 
-    from ..data.image_reader import ImageListDataset, collate_items, item_loader
 
     workers = resolve_workers(cfg.workers)
     dataset = ImageListDataset(root, items, transform)
@@ -99,8 +111,6 @@ class _Skipped:
 def evaluate(model, val_loader, batch_size: int, skipped: _Skipped
              ) -> tuple[float, float, np.ndarray, np.ndarray]:
     """Accuracy, mean NLL, labels and predictions of the validation images (``inference.run_batches``)."""
-    from ..extraction.inference import run_batches
-    from ..data.image_reader import iter_items
 
     loss_sum, ys, preds = 0.0, [], []
     for batch, logp in run_batches(model, iter_items(val_loader), batch_size):
@@ -119,14 +129,12 @@ def evaluate(model, val_loader, batch_size: int, skipped: _Skipped
 
 def _to_stderr(bar):
     """The bar's ``write`` aimed at stderr: tqdm's goes to stdout, where --json output must stay alone."""
-    import sys
 
     return lambda line: bar.write(line, file=sys.stderr)
 
 
 def _minibatches(loader, device, skipped: _Skipped, bar):
     """(images, labels) on ``device`` from a loader of Batches; unreadable files skipped and logged."""
-    import torch
 
     for batch in loader:
         skipped.add(batch.bad)
@@ -141,10 +149,7 @@ def head_training_images(init_head: str, root) -> set:
     Empty for other checkpoints, or when the head's cache is of another folder; when its cache is
     gone nobody can tell, and that is said.
     """
-    from pathlib import Path
 
-    from ..cache.feature_cache import CacheError, FeatureCache
-    from .whole_models import read_checkpoint
 
     ckpt = read_checkpoint(init_head)
     if ckpt["kind"] != "fit-head":
@@ -164,13 +169,7 @@ def head_training_images(init_head: str, root) -> set:
 
 def _fit(cfg: TrainConfig, kind: str, lm, stages: list, listing, head_saw: frozenset = frozenset()) -> dict:
     """Train ``lm`` on ``listing`` epoch by epoch; ``stages[e]`` = (unfreeze value, stage name) for epoch e."""
-    import torch
 
-    from ..devices import resolve_device, resolve_precision
-    from ..extraction.inference import Inference
-    from .whole_models import count_params, save_model
-    from ..progress import progress
-    from ..runs.run_folders import finish_run, new_run_dir
 
     if list(listing.classes) != lm.classes:
         raise UsageError(f"the model's classes {lm.classes} differ from the data's {list(listing.classes)}")
@@ -238,9 +237,7 @@ def _fit(cfg: TrainConfig, kind: str, lm, stages: list, listing, head_saw: froze
 
 def train(cfg: TrainConfig) -> dict:
     """Backbone frozen, a new head trained on the images; returns metrics and the checkpoint path."""
-    import torch
 
-    from .whole_models import build_model
 
     validate(cfg)
     listing = list_image_folder(cfg.data)
@@ -251,9 +248,7 @@ def train(cfg: TrainConfig) -> dict:
 
 def finetune(cfg: FinetuneConfig) -> dict:
     """Backbone (or its last K blocks) unfrozen at a low learning rate, after optional head-only epochs."""
-    import torch
 
-    from .whole_models import build_model, load_model, parse_unfreeze
 
     validate(cfg)
     unfreeze = parse_unfreeze(cfg.unfreeze)

@@ -29,6 +29,7 @@ from ..extraction import backbones as bb
 from ..errors import PipelineError, UsageError
 from ..files import atomic_write
 from ..cache.provenance import Preprocessing, Provenance
+from ..heads.probe_heads import ProbeHead
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,6 @@ ALL = -1  # unfreeze value: every block of the backbone
 def build_head(in_shape, n_classes: int, dropout: float = 0.0):
     """A new head on the flattened map: the tutorial's Flatten + (Dropout) + Linear(C*H*W, classes) + LogSoftmax,
     as a ``probes.ProbeHead`` (view 'flat', no normalisation), the one head class every stage saves."""
-    from ..heads.probe_heads import ProbeHead
 
     return ProbeHead(in_shape, n_classes, "flat", "none", dropout=dropout)
 
@@ -296,7 +296,6 @@ def _recorded_weights_paths(ckpt: dict) -> list[str]:
 
 def head_from_checkpoint(ckpt: dict, state: dict, path):
     """The checkpoint's head (a ProbeHead) with its weights; a mismatch is a one-line UsageError."""
-    from ..heads.probe_heads import ProbeHead
 
     try:
         return ProbeHead.from_checkpoint(ckpt["head"], state)

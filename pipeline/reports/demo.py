@@ -16,6 +16,7 @@ from ..data.fetch import KAGGLE_CATS_DOGS_URL, FetchConfig, fetch_data
 from ..heads.fit_head import FitHeadConfig
 from ..errors import UsageError
 from ..config import DemoConfig
+from ..data.folders import list_image_folder
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,6 @@ def next_steps(steps: dict, data: Path, runs_dir: str) -> dict:
     """Where the outputs went and the commands to try next, with real paths."""
     run = Path(steps["compare"]["head_run_dir"])
     head, cache = run / "head.pt", steps["extract"]["cache"]
-    from ..data.folders import list_image_folder
 
     some_image = list_image_folder(data).files[0].path  # one photo: a whole class folder can take minutes
     return {

@@ -22,6 +22,23 @@ from ..devices import resolve_workers
 from ..errors import UsageError
 from ..files import atomic_write, require_folder, writing
 from ..config import EvaluateConfig, SPLITS
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+from ..cache.feature_cache import FeatureCache
+from ..cache.provenance import Provenance
+from ..data.image_reader import ImageListDataset, read_items
+from ..devices import resolve_device
+from ..devices import resolve_device, resolve_precision
+from ..extraction.inference import Inference
+from ..extraction.inference import run_batches
+from ..heads.epoch_loop import split_indices
+from ..heads.fit_head import evaluate_head
+from ..models.whole_models import head_from_checkpoint
+from ..models.whole_models import load_model
+from ..models.whole_models import read_checkpoint
+from ..progress import progress
+from ..runs.figures import confusion_matrix_figure, gallery_figure
+from ..runs.figures import save
+from ..runs.run_folders import finish_run, new_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +67,11 @@ def register_predictor(kind: str, source: str, fn: Predictor) -> None:
 
 # -- predictors ----------------------------------------------------------------------------------
 def _head(model_path: str, ckpt: dict, device):
-    from ..models.whole_models import head_from_checkpoint
 
     return head_from_checkpoint(ckpt, ckpt["state_dict"], model_path).to(device).eval()
 
 
 def _check_cache_fits(ckpt: dict, cache) -> None:
-    from ..cache.provenance import Provenance
 
     differ = Provenance.from_checkpoint(ckpt).differences(Provenance.from_cache_attrs(cache.attrs),
                                                           ("backbone", "weights", "preprocessing", "pool", "classes"))
@@ -69,10 +84,6 @@ def _check_cache_fits(ckpt: dict, cache) -> None:
 
 def head_on_cache(model_path: str, ckpt: dict, cfg: EvaluateConfig) -> Predictions:
     """A fit-head checkpoint on cached features: its validation split, or all rows."""
-    from ..cache.feature_cache import FeatureCache
-    from ..devices import resolve_device
-    from ..heads.fit_head import evaluate_head
-    from ..heads.epoch_loop import split_indices
 
     path = cfg.cache or ckpt["cache"]
     device = resolve_device(cfg.device)
@@ -102,9 +113,6 @@ def predict_folder(data: str, classes: list, transform, model, cfg: EvaluateConf
     The folder's classes must be among the model's ``classes`` (matched by name); unreadable
     images are skipped with a warning.
     """
-    from ..extraction.inference import run_batches
-    from ..progress import progress
-    from ..data.image_reader import ImageListDataset, read_items
 
     listing = list_image_folder(data)
     unknown = [c for c in listing.classes if c not in classes]
@@ -132,9 +140,6 @@ def predict_folder(data: str, classes: list, transform, model, cfg: EvaluateConf
 
 def model_on_folder(model_path: str, ckpt: dict, cfg: EvaluateConfig) -> Predictions:
     """Any checkpoint (fit-head head + its backbone, or a train/finetune model) on raw images."""
-    from ..devices import resolve_device, resolve_precision
-    from ..extraction.inference import Inference
-    from ..models.whole_models import load_model
 
     device = resolve_device(cfg.device)
     lm = load_model(model_path, cfg.weights)
@@ -150,7 +155,6 @@ for _kind in ("fit-head", "train", "finetune"):
 # -- the report ----------------------------------------------------------------------------------
 def summarize(pred: Predictions, top_k: int) -> dict:
     """Accuracy, mean NLL, per-class precision/recall/F1, confusion counts and the most confident errors."""
-    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
     k = len(pred.classes)
     y, p = pred.labels, pred.logp.argmax(1)
@@ -183,8 +187,6 @@ def _thumbnail(path: Path, size: int = 256):
 
 def evaluate(cfg: EvaluateConfig) -> dict:
     """Evaluate one checkpoint; write confusion.png, gallery.png and metrics.json to a run folder."""
-    from ..models.whole_models import read_checkpoint
-    from ..runs.run_folders import finish_run, new_run_dir
 
     if cfg.split not in SPLITS:
         raise UsageError(f"unknown --split {cfg.split!r}; allowed: {', '.join(SPLITS)}")
@@ -222,7 +224,6 @@ def figures(result: dict, root=None) -> dict:
     ``result`` is what ``summarize`` (or ``evaluate``) returned; the gallery's thumbnails are read
     from ``root`` (default: the result's ``data_root``), a missing file drawn as 'unreadable'.
     """
-    from ..runs.figures import confusion_matrix_figure, gallery_figure
 
     root = Path(result["data_root"] if root is None else root)
     confusion = confusion_matrix_figure(np.array(result["confusion_matrix"]), result["classes"],
@@ -234,7 +235,6 @@ def figures(result: dict, root=None) -> dict:
 
 def _pictures(pred: Predictions, result: dict, out_dir: Path) -> tuple[Path, Path]:
     """confusion.png and gallery.png of one evaluation."""
-    from ..runs.figures import save
 
     figs = figures(result, pred.root)
     return save(figs["confusion"], out_dir / "confusion.png"), save(figs["gallery"], out_dir / "gallery.png")

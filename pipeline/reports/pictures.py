@@ -16,6 +16,14 @@ import numpy as np
 from ..data.folders import ImageLoadError, list_image_folder, load_rgb
 from ..errors import UsageError
 from ..config import FeatureMapConfig, PreviewConfig
+import torch
+from ..extraction.backbones import load_backbone
+from ..extraction.backbones import load_preprocessing
+from ..extraction.inference import Inference
+from ..runs.figures import denormalise
+from ..runs.figures import preview_figure as draw
+from ..runs.figures import save
+from ..runs.figures import top_channels
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +31,6 @@ log = logging.getLogger(__name__)
 
 def as_seen(transform, image) -> tuple:
     """(normalised CxHxW tensor, HxWx3 de-normalised array in [0, 1]) of a PIL image."""
-    from ..runs.figures import denormalise
 
     x = transform(image)
     return x, denormalise(x.numpy(), [float(m) for m in transform.mean], [float(s) for s in transform.std])
@@ -50,8 +57,6 @@ def sample_per_class(listing, per_class: int, seed: int) -> list[tuple[int, obje
 
 def preview_figure(cfg: PreviewConfig) -> tuple:
     """(Figure, info): a grid of sample images per class, preprocessed as for extraction (``cfg.output`` unused)."""
-    from ..extraction.backbones import load_preprocessing
-    from ..runs.figures import preview_figure as draw
 
     if cfg.per_class < 1:
         raise UsageError(f"--per-class must be positive, got {cfg.per_class}")
@@ -69,7 +74,6 @@ def preview_figure(cfg: PreviewConfig) -> tuple:
 
 def preview(cfg: PreviewConfig) -> dict:
     """Write a grid of sample images per class, preprocessed as for extraction; returns where."""
-    from ..runs.figures import save
 
     fig, info = preview_figure(cfg)
     return {"output": str(save(fig, cfg.output)), **info}
@@ -77,12 +81,8 @@ def preview(cfg: PreviewConfig) -> dict:
 
 def feature_map_figure(cfg: FeatureMapConfig) -> tuple:
     """(Figure, info): the input image beside its feature map and top channels (``cfg.output`` unused)."""
-    import torch
 
-    from ..extraction.backbones import load_backbone
-    from ..extraction.inference import Inference
     from ..runs.figures import feature_map_figure as draw
-    from ..runs.figures import top_channels
 
     if cfg.top_k < 1:
         raise UsageError(f"--top-k must be positive, got {cfg.top_k}")
@@ -103,7 +103,6 @@ def feature_map_figure(cfg: FeatureMapConfig) -> tuple:
 
 def feature_map(cfg: FeatureMapConfig) -> dict:
     """Write the input image beside its feature map and top channels; returns where and the shape."""
-    from ..runs.figures import save
 
     fig, info = feature_map_figure(cfg)
     return {"output": str(save(fig, cfg.output)), **info}

@@ -24,6 +24,8 @@ if not in_notebook():  # a notebook keeps its inline backend for its own plots
     matplotlib.use("Agg")
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure as _MplFigure  # noqa: E402
+from PIL import Image
+from matplotlib.gridspec import GridSpec
 
 DPI = 100
 CURVES_SIZE = (10.0, 4.0)  # inches: two panels side by side
@@ -179,7 +181,6 @@ def gallery_png(items: Sequence[dict], path: str | os.PathLike, cols: int = 4,
 
 def upsample(channel: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Bilinear resize of one HxW map to ``size`` (width, height)."""
-    from PIL import Image
 
     return np.asarray(Image.fromarray(channel.astype(np.float32), mode="F").resize(size, Image.BILINEAR))
 
@@ -192,7 +193,6 @@ def top_channels(fmap: np.ndarray, k: int) -> np.ndarray:
 def feature_map_figure(image: np.ndarray, fmap: np.ndarray, top_k: int = 6, title: str = "") -> Figure:
     """The input (HxWx3 in [0, 1]) beside its C x H' x W' feature map, laid out as channels x positions,
     and the ``top_k`` channels with the highest mean activation upsampled over the input."""
-    from matplotlib.gridspec import GridSpec
 
     c, h, w = fmap.shape
     flat = fmap.reshape(c, h * w)

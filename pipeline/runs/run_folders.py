@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..files import atomic_write, writing
+from .ledger import append_run
 
 
 def new_run_dir(runs_dir: str, kind: str) -> Path:
@@ -34,7 +35,6 @@ def finish_run(out_dir: Path, runs_dir: str, kind: str, history: Optional[list],
     ``ledger``: the rest of the line (cache, backbone, params, metrics; see ``ledger.append_run``).
     Returns the curves' path, if drawn.
     """
-    from .ledger import append_run
 
     curves = None
     with writing(out_dir):
