@@ -114,9 +114,9 @@ def main(argv=None) -> dict:
 
     import torch
 
-    from pipeline.extraction.backbones import load_backbone, load_preprocessing
     from pipeline.data.folders import load_rgb
     from pipeline.data.image_reader import JPEG_DRAFT_MARGIN, draft_short_side
+    from pipeline.extraction.backbones import load_backbone, load_preprocessing
 
     torch.set_num_threads(1)
     transform, weights_id = load_preprocessing("vgg16", a.weights)

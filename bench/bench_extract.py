@@ -138,9 +138,9 @@ def child_model(a) -> dict:
     timed on random batches; with --sweep, at several batch sizes."""
     import torch
 
-    from pipeline.extraction.backbones import load_backbone
     from pipeline.data.folders import list_image_folder
     from pipeline.devices import resolve_device, resolve_precision
+    from pipeline.extraction.backbones import load_backbone
     from pipeline.extraction.extract import ExtractConfig
     from pipeline.extraction.extract_range import feature_model
 
@@ -168,8 +168,8 @@ def child_model(a) -> dict:
 
 def child_decode(a) -> dict:
     """Decode + preprocess alone, in this process (one core), over the benchmark's photos: ms per image."""
-    from pipeline.extraction.backbones import load_preprocessing
     from pipeline.data.image_reader import ImageListDataset
+    from pipeline.extraction.backbones import load_preprocessing
 
     paths = json.loads(Path(a.paths).read_text())
     ds = ImageListDataset(Path(a.data), [(p, 0) for p in paths], load_preprocessing(a.backbone, a.weights)[0])

@@ -33,7 +33,6 @@ SHAPE = (512, 7, 7)
 def make_cache(path: Path, rows: int, block: int = 1024) -> None:
     """A complete cache of separable random rows (two classes), written block by block."""
     from pipeline.cache.feature_cache import CacheWriter
-
     from pipeline.cache.provenance import Preprocessing, Provenance
 
     pre = Preprocessing(256, 224, "bilinear", True, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
@@ -63,8 +62,8 @@ def child(kind: str, path: str, block_rows: int, batch: int, repeat: int) -> dic
     import h5py
 
     from pipeline.cache.feature_cache import FeatureCache
-    from pipeline.heads.fit_head import FitHeadConfig, fit_head
     from pipeline.heads.epoch_loop import split_indices
+    from pipeline.heads.fit_head import FitHeadConfig, fit_head
 
     times = []
     if kind == "raw":

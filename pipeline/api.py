@@ -28,8 +28,21 @@ from typing import Any, Iterable, Optional, Sequence, Union
 
 import numpy as np
 
-from .config import (CheckImagesConfig, CompareConfig, DemoConfig, EvaluateConfig, ExtractConfig, FeatureMapConfig,
-                     FetchConfig, FinetuneConfig, FitHeadConfig, PredictConfig, PreviewConfig, SummaryConfig, TrainConfig)
+from .config import (
+    CheckImagesConfig,
+    CompareConfig,
+    DemoConfig,
+    EvaluateConfig,
+    ExtractConfig,
+    FeatureMapConfig,
+    FetchConfig,
+    FinetuneConfig,
+    FitHeadConfig,
+    PredictConfig,
+    PreviewConfig,
+    SummaryConfig,
+    TrainConfig,
+)
 from .errors import UsageError
 
 __all__ = [
@@ -620,8 +633,8 @@ class Head(_Classifier):
 
     # features through the head alone
     def _cache_predictions(self, cache: Union[Cache, PathLike], split: str, device: Optional[str]):
-        from .reports.evaluate import PREDICTORS
         from .models.whole_models import read_checkpoint
+        from .reports.evaluate import PREDICTORS
 
         ckpt_path = str(self._checkpoint())
         cfg = EvaluateConfig(model=ckpt_path, cache=_path(cache), split=split,
@@ -755,8 +768,8 @@ def train_model(data: PathLike, *, verbose: Optional[bool] = False, **options) -
     ``options``: TrainConfig's (backbone, weights, n, epochs=3, lr, batch_size, augment, pool, dropout,
     val_fraction, seed, device, precision, workers, print_every, runs_dir). Returns the fitted Model.
     """
-    from .models.whole_models import read_checkpoint
     from .models.train import train
+    from .models.whole_models import read_checkpoint
 
     cfg = _config(TrainConfig, "train_model", options, data=os.fspath(data))
     with _verbosity(verbose):
@@ -773,8 +786,8 @@ def finetune_model(data: PathLike, init: Union[Head, Model, PathLike, None] = No
 
     ``options``: FinetuneConfig's (unfreeze='all' or K, epochs, head_epochs, lr, backbone_lr, and train's).
     """
-    from .models.whole_models import read_checkpoint
     from .models.train import finetune
+    from .models.whole_models import read_checkpoint
 
     fixed = {"data": os.fspath(data)}
     if init is not None:
@@ -799,7 +812,8 @@ def evaluate_model(model: Union[Head, Model, PathLike], cache: Union[Cache, Path
     and metrics.json to a run folder; with ``figures`` the dict also holds
     ``figures={'confusion': Figure, 'gallery': Figure}``.
     """
-    from .reports.evaluate import evaluate, figures as draw
+    from .reports.evaluate import evaluate
+    from .reports.evaluate import figures as draw
 
     cfg = _config(EvaluateConfig, "evaluate_model", options, model=_path(model),
                   cache=None if cache is None else _path(cache), data=None if data is None else os.fspath(data))
@@ -836,7 +850,7 @@ def preview(data: PathLike, *, output: Optional[PathLike] = None, **options):
     ``options``: PreviewConfig's (per_class=4, seed, backbone, weights: only the preprocessing is read).
     ``fig.info``: the classes and images shown.
     """
-    from .reports.pictures import preview_figure
+    from .reports.pictures import preview as preview_figure
 
     fig, info = preview_figure(_config(PreviewConfig, "preview", options, data=os.fspath(data),
                                        output=os.fspath(output) if output else ""))
@@ -849,7 +863,7 @@ def feature_map(image: PathLike, *, output: Optional[PathLike] = None, **options
 
     ``options``: FeatureMapConfig's (backbone, weights, top_k=6). ``fig.info``: feature_shape, top_channels.
     """
-    from .reports.pictures import feature_map_figure
+    from .reports.pictures import feature_map as feature_map_figure
 
     fig, info = feature_map_figure(_config(FeatureMapConfig, "feature_map", options, image=os.fspath(image),
                                            output=os.fspath(output) if output else ""))

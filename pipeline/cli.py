@@ -18,10 +18,34 @@ import warnings
 import click
 
 from . import api
-from .config import (COMPILE, DECODERS, FORMATS, HEADS, MODEL_PRECISIONS, NORMS, POOLS, PRECISIONS, RECIPES, SPLITS,
-                     STORAGE_DTYPES, VIEWS, CheckImagesConfig, CompareConfig, DemoConfig, EvaluateConfig, ExtractConfig,
-                     FeatureMapConfig, FetchConfig, FinetuneConfig, FitHeadConfig, ImagenetCheckConfig, PredictConfig,
-                     PreviewConfig, SummaryConfig, TrainConfig)
+from .config import (
+    COMPILE,
+    DECODERS,
+    FORMATS,
+    HEADS,
+    MODEL_PRECISIONS,
+    NORMS,
+    POOLS,
+    PRECISIONS,
+    RECIPES,
+    SPLITS,
+    STORAGE_DTYPES,
+    VIEWS,
+    CheckImagesConfig,
+    CompareConfig,
+    DemoConfig,
+    EvaluateConfig,
+    ExtractConfig,
+    FeatureMapConfig,
+    FetchConfig,
+    FinetuneConfig,
+    FitHeadConfig,
+    ImagenetCheckConfig,
+    PredictConfig,
+    PreviewConfig,
+    SummaryConfig,
+    TrainConfig,
+)
 from .errors import PipelineError, UsageError
 
 
@@ -486,8 +510,6 @@ def demo(as_json, **options):
     from .runs.ledger import current_command
     result = api.run_demo(verbose=None, command=current_command(), **options)
     emit(result, as_json, format_table(result["compare"]) + "\n\n" + format_next(result["next"]))
-
-
 
 
 def image_train_options(fn):

@@ -5,8 +5,9 @@ import contextlib
 import logging
 import os
 from typing import Callable, Optional
-from .errors import UsageError
+
 from .config import DEVICES, PRECISIONS
+from .errors import UsageError
 
 log = logging.getLogger(__name__)
 

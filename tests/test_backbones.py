@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-from pipeline.extraction import backbones as bb
 from pipeline.errors import PipelineError
+from pipeline.extraction import backbones as bb
 
 
 def test_unknown_backbone_lists_known_ones():

@@ -7,8 +7,17 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline import cli
-from pipeline.cache.feature_cache import (CacheBusy, CacheError, CacheWriter, FeatureCache, list_caches, newest_cache, read_info,
-                            source_changes, write_virtual_cache)
+from pipeline.cache.feature_cache import (
+    CacheBusy,
+    CacheError,
+    CacheWriter,
+    FeatureCache,
+    list_caches,
+    newest_cache,
+    read_info,
+    source_changes,
+    write_virtual_cache,
+)
 from pipeline.errors import PipelineError
 from tests.fsfaults import make_non_regular
 

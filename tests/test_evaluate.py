@@ -10,8 +10,8 @@ import torch
 from click.testing import CliRunner
 
 from pipeline import cli
-from pipeline.reports.evaluate import EvaluateConfig, Predictions, evaluate, summarize
 from pipeline.heads.fit_head import FitHeadConfig, fit_head
+from pipeline.reports.evaluate import EvaluateConfig, Predictions, evaluate, summarize
 from pipeline.runs.ledger import read_runs
 from tests.conftest import make_image_folder
 

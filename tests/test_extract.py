@@ -40,8 +40,8 @@ def test_extract_writes_every_row_including_the_partial_last_batch(image_folder,
 def test_rows_match_a_direct_forward_pass(image_folder, tmp_path):
     import torch
 
-    from pipeline.extraction.backbones import load_backbone
     from pipeline.data.folders import load_rgb
+    from pipeline.extraction.backbones import load_backbone
 
     r = extract(cfg(image_folder, tmp_path, precision="fp32"))
     bb = load_backbone("tiny", "none")

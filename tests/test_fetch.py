@@ -14,8 +14,8 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import cli
-from pipeline.errors import PipelineError
 from pipeline.data.fetch import FetchConfig, archive_name, fetch_data
+from pipeline.errors import PipelineError
 
 NAME = "pets.zip"
 

@@ -6,9 +6,9 @@ import torch
 
 from pipeline.cache.feature_cache import FeatureCache
 from pipeline.extraction.extract import ExtractConfig, extract
+from pipeline.heads.epoch_loop import split_indices
 from pipeline.heads.fit_head import FitHeadConfig, evaluate_head, fit_head
 from pipeline.heads.probe_heads import ProbeHead
-from pipeline.heads.epoch_loop import split_indices
 from tests.conftest import make_image_folder
 
 

@@ -9,8 +9,8 @@ import torch
 from click.testing import CliRunner
 
 from pipeline import cli
-from pipeline.extraction import backbones as bb
 from pipeline.errors import PipelineError
+from pipeline.extraction import backbones as bb
 from pipeline.extraction.extract import ExtractConfig, extract
 from pipeline.heads.fit_head import FitHeadConfig, fit_head
 from pipeline.models.whole_models import (

@@ -62,13 +62,13 @@ def test_fit_head_writes_curves(tmp_path, tiny_cache):
 
 def test_confusion_and_gallery(tmp_path):
     cm = np.array([[5, 1, 0], [2, 7, 0], [0, 0, 3]])
-    assert_picture(plots.confusion_matrix_png(cm, ["a", "b", "c"], tmp_path / "cm.png"), (500, 400))
+    assert_picture(plots.save(plots.confusion_matrix_figure(cm, ["a", "b", "c"]), tmp_path / "cm.png"), (500, 400))
     rng = np.random.default_rng(0)
     items = [{"image": Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)),
               "path": f"some/long/folder/name/img{i}.jpg", "true": "a", "pred": "b", "prob": 0.9} for i in range(5)]
     items[2]["image"] = None  # an image that can no longer be read still gets its cell
-    assert_picture(plots.gallery_png(items, tmp_path / "g.png", cols=4), (1120, 680))  # 2 rows x 4 cells
-    assert_picture(plots.gallery_png([], tmp_path / "none.png"), (560, 150))
+    assert_picture(plots.save(plots.gallery_figure(items, cols=4), tmp_path / "g.png"), (1120, 680))  # 2 rows x 4 cells
+    assert_picture(plots.save(plots.gallery_figure([]), tmp_path / "none.png"), (560, 150))
 
 
 def test_denormalise_undoes_caffe_style_normalisation():

@@ -11,8 +11,8 @@ from click.testing import CliRunner
 from pipeline import cli
 from pipeline.extraction import backbones as bb
 from pipeline.heads.fit_head import FitHeadConfig, fit_head
-from pipeline.models.whole_models import build_model, save_model
 from pipeline.models.predict import PredictConfig, predict
+from pipeline.models.whole_models import build_model, save_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:--weights none", "ignore:no sidecar")
 

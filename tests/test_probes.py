@@ -4,10 +4,24 @@ import torch
 from torch import nn
 
 from pipeline.cache.feature_cache import CacheWriter, FeatureCache
-from pipeline.heads.probe_heads import (CacheRows, CacheViews, ProbeHead, expand_grid, fit_kernel, fit_logreg,
-                             fit_normalizer_stream, fit_setting, format_table, from_kernel, from_logreg,
-                             resolve_gamma, train_linear, tune, view_rows)
 from pipeline.heads.feature_views import Normalizer, apply_view
+from pipeline.heads.probe_heads import (
+    CacheRows,
+    CacheViews,
+    ProbeHead,
+    expand_grid,
+    fit_kernel,
+    fit_logreg,
+    fit_normalizer_stream,
+    fit_setting,
+    format_table,
+    from_kernel,
+    from_logreg,
+    resolve_gamma,
+    train_linear,
+    tune,
+    view_rows,
+)
 
 SHAPE = (4, 3, 3)
 

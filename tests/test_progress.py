@@ -4,8 +4,8 @@ import sys
 
 from click.testing import CliRunner
 
-from pipeline.cli import cli
 from pipeline import progress as pg
+from pipeline.cli import cli
 from tests.conftest import ROOT, make_image_folder
 
 

@@ -9,11 +9,11 @@ import torch
 from click.testing import CliRunner
 
 from pipeline import cli
-from pipeline.extraction import backbones as bb
 from pipeline.cache.feature_cache import FeatureCache
+from pipeline.extraction import backbones as bb
 from pipeline.heads.fit_head import FitHeadConfig, fit_head
-from pipeline.models.whole_models import load_model
 from pipeline.models.train import FinetuneConfig, TrainConfig, finetune, sample_split, train
+from pipeline.models.whole_models import load_model
 from tests.conftest import SHARED_CATSDOGS, SHARED_WEIGHTS, make_image_folder
 
 pytestmark = pytest.mark.filterwarnings("ignore:--weights none")

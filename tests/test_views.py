@@ -2,8 +2,15 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.heads.feature_views import (Normalizer, allowed_views, apply_view, apply_view_torch, check_view,
-                            fit_normalizer, view_dim)
+from pipeline.heads.feature_views import (
+    Normalizer,
+    allowed_views,
+    apply_view,
+    apply_view_torch,
+    check_view,
+    fit_normalizer,
+    view_dim,
+)
 
 # (4, 3, 2, 2): row r, channel c holds r*100 + c*10 + [0, 1, 2, 3] over the 2x2 positions
 X = (np.arange(4)[:, None, None, None] * 100 + np.arange(3)[None, :, None, None] * 10

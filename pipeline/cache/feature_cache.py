@@ -24,7 +24,6 @@ import numpy as np
 
 from ..errors import DiskFull, PipelineError, UsageError
 from ..files import require_folder
-from ..config import STORAGE_DTYPES
 
 try:
     import fcntl

@@ -15,15 +15,14 @@ import time
 import warnings
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from .folders import ImageLoadError, decode_image, is_image_name
+from ..config import CheckImagesConfig
 from ..devices import resolve_workers
 from ..errors import PipelineError, UsageError
 from ..files import atomic_write
-from ..config import CheckImagesConfig
+from .folders import ImageLoadError, decode_image, is_image_name
 
 #: Every kind check-images reports, with its severity. Errors are files extract cannot use.
 KINDS = {
@@ -41,7 +40,6 @@ KINDS = {
 REPORT_SUFFIXES = (".csv", ".json")
 #: Formats that share an extension family (a multi-picture JPEG decodes as MPO).
 FORMAT_ALIASES = {"MPO": "JPEG"}
-
 
 
 def finding(path: str, kind: str, detail: str) -> dict:

@@ -11,10 +11,10 @@ import warnings
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .folders import ImageLoadError
-from .image_reader import load_transformed
-from .image_reader import Item
 from torchvision.io import ImageReadMode, decode_jpeg
+
+from .folders import ImageLoadError
+from .image_reader import Item, load_transformed
 
 
 def is_raw(item: Item) -> bool:

@@ -16,19 +16,17 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from ..config import FetchConfig
 from ..errors import PipelineError, UsageError
 from ..files import plain_name, require_folder
-from ..config import FetchConfig, KAGGLE_CATS_DOGS_URL
 
 log = logging.getLogger(__name__)
 
 #: Microsoft's Kaggle cats-and-dogs archive (786 MB; unpacks to PetImages/Cat and PetImages/Dog).
 URL_SCHEMES = ("http", "https", "file")
 CHUNK = 1 << 20
-
 
 
 def archive_name(url: str) -> str:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from ..errors import UsageError
 
 log = logging.getLogger(__name__)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from typing import Optional
+
 import torch
 import torch._inductor.config as inductor_config
 

@@ -9,19 +9,18 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
+from ..cache.feature_cache import cache_file_name, fingerprint
+from ..cache.provenance import package_version
+from ..config import COMPILE, DECODERS, POOLS, STORAGE_DTYPES, ExtractConfig
+from ..data.folders import ImageFolderListing, check_seed, list_image_folder
+from ..data.image_reader import DECODE_VERSION
+from ..errors import UsageError
+from ..files import require_folder
 from . import backbones as bb
 from . import distributed
-from ..cache.feature_cache import STORAGE_DTYPES, cache_file_name, fingerprint
-from ..data.folders import ImageFolderListing, check_seed, list_image_folder
-from ..errors import UsageError
 from .extract_range import existing_cache, extract_range, hit_summary
-from ..files import require_folder
-from ..data.image_reader import DECODE_VERSION
-from ..cache.provenance import package_version
-from ..config import COMPILE, DECODERS, ExtractConfig, POOLS
 
 log = logging.getLogger(__name__)
 

@@ -15,14 +15,14 @@ from typing import Optional
 
 import numpy as np
 
-from . import backbones as bb
 from ..cache.feature_cache import CacheBusy, CacheError, CacheInfo, CacheWriter, now_iso, read_info
+from ..cache.provenance import Provenance, versions
 from ..data.folders import ImageFolderListing, stratified_order
+from ..data.image_reader import DECODE_VERSION, ImageListDataset, item_loader, iter_items
 from ..devices import resolve_workers
 from ..errors import PipelineError, UsageError
 from ..files import writing
-from ..cache.provenance import Provenance, versions
-from ..data.image_reader import DECODE_VERSION, ImageListDataset, item_loader, iter_items
+from . import backbones as bb
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +104,8 @@ def extract_range(cfg, listing: ImageFolderListing, key: str, path: Path, resume
     those candidates (one torchrun shard, ``extra_attrs`` added to its file).
     """
     from ..devices import resolve_device, resolve_precision
-    from .inference import run_batches
     from ..progress import progress
+    from .inference import run_batches
 
     # int8 is a CPU path: --device auto means the CPU for it, even where CUDA is available
     device = resolve_device("cpu" if cfg.precision == "int8" and cfg.device == "auto" else cfg.device)

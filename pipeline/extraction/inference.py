@@ -10,11 +10,10 @@ import time
 from typing import Iterable, Iterator, Optional
 
 import numpy as np
+import torch
 
 from ..data.image_reader import Batch, Item, batches
-import torch
-from ..devices import AdaptiveBatch
-from ..devices import autocast
+from ..devices import AdaptiveBatch, autocast
 
 
 class Inference:

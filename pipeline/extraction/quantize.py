@@ -25,8 +25,8 @@ import logging
 import time
 from pathlib import Path
 
-from ..errors import PipelineError, UsageError
 from ..cache.provenance import package_version
+from ..errors import PipelineError, UsageError
 
 log = logging.getLogger(__name__)
 

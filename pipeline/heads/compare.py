@@ -3,25 +3,23 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from typing import Optional
 
 import numpy as np
-
-from ..cache.feature_cache import FeatureCache
-from .fit_head import HEADS, FitHeadConfig, fit_head, resolve_cache
-from .probe_heads import log_loss
-from .epoch_loop import per_class_accuracy, split_indices, validate_split
-from ..runs.ledger import append_run
-from ..errors import UsageError
-from ..config import CompareConfig
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
-from .fit_head import with_recipe
+
+from ..cache.feature_cache import FeatureCache
+from ..config import CompareConfig
+from ..errors import UsageError
+from ..runs.ledger import append_run
+from .epoch_loop import per_class_accuracy, split_indices, validate_split
+from .fit_head import HEADS, FitHeadConfig, fit_head, resolve_cache, with_recipe
+from .probe_heads import log_loss
 
 log = logging.getLogger(__name__)
-
 
 
 def load_rows(cache: FeatureCache, indices: np.ndarray, block_rows: int) -> np.ndarray:

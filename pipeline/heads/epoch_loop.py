@@ -6,19 +6,19 @@ so they print the same per-epoch line and record the same history (epochs counte
 """
 from __future__ import annotations
 
+import copy
 import math
 import sys
 import time
 from typing import Callable, Iterable
 
 import numpy as np
+import torch
 
 from ..data.folders import check_seed
+from ..devices import autocast
 from ..errors import PipelineError, UsageError
 from ..files import require_folder
-import copy
-import torch
-from ..devices import autocast
 from ..progress import is_quiet
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
+
 from ..config import NORMS, POOLED_VIEWS, VIEWS
 
 

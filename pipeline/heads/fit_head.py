@@ -15,36 +15,31 @@ block), so the linear head's memory stays bounded for caches larger than RAM.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
+import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import torch
+from torch import nn
 
 from ..cache.feature_cache import FeatureCache, newest_cache, source_changes
-from ..errors import UsageError
-from .epoch_loop import per_class_accuracy, run_epochs, split_indices, train_one_epoch, validate_training
-from .feature_views import NORMS, VIEWS, check_view
-from ..config import FitHeadConfig, HEADS, RECIPES
-from torch import nn
-import hashlib
-import json
-import sys
-import torch
 from ..cache.provenance import Provenance
+from ..config import HEADS, RECIPES, FitHeadConfig
 from ..devices import resolve_device
+from ..errors import UsageError
 from ..files import atomic_write
-from ..progress import is_quiet
-from ..progress import progress
+from ..progress import is_quiet, progress
 from ..runs.run_folders import finish_run, new_run_dir
-from .feature_views import Normalizer
-from .probe_heads import CacheRows, ProbeHead, fit_normalizer_stream
-from .probe_heads import CacheViews
-from .probe_heads import CacheViews, fit_setting
-from .probe_heads import CacheViews, format_table, tune
+from .epoch_loop import per_class_accuracy, run_epochs, split_indices, train_one_epoch, validate_training
+from .feature_views import NORMS, VIEWS, Normalizer, check_view
+from .probe_heads import CacheRows, CacheViews, ProbeHead, fit_normalizer_stream, fit_setting, format_table, tune
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,6 @@ What is here, and why:
   ``from_kernel`` turn the scikit-learn fits into one with the same probabilities.
 - ``tune``: stratified k-fold cross-validation over a small grid; a table and the winner.
 
-torch and scikit-learn are imported inside functions: importing this module costs numpy only.
-``ProbeHead`` itself is built on first access (``from pipeline.heads.probe_heads import ProbeHead`` imports torch).
 """
 from __future__ import annotations
 
@@ -29,16 +27,23 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
-
-from .feature_views import (VIEWS, Normalizer, allowed_views, apply_view, apply_view_torch, check_norm,
-                    check_view, view_dim)
+import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.kernel_approximation import Nystroem
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedKFold
-from sklearn.model_selection import train_test_split
+from sklearn.model_selection import StratifiedKFold, train_test_split
 from torch import nn
-import torch
+
+from .feature_views import (
+    VIEWS,
+    Normalizer,
+    allowed_views,
+    apply_view,
+    apply_view_torch,
+    check_norm,
+    check_view,
+    view_dim,
+)
 
 log = logging.getLogger(__name__)
 
@@ -162,180 +167,161 @@ def fit_normalizer_stream(rows: CacheRows, view: str, kind: str, batch_size: int
 
 
 # -- ProbeHead -----------------------------------------------------------------------------------
-_PROBE_HEAD = None
+class ProbeHead(nn.Module):
+    """view -> normalisation -> optional RBF (Nystroem) map -> Linear -> LogSoftmax, on raw cached maps.
 
+    Input: (B, C, H, W) features as the cache stores them (any float dtype: cast to the head's).
+    Output: (B, classes) log-probabilities. All numbers live in ``state_dict`` (buffers
+    ``norm_rms`` / ``norm_mean`` + ``norm_std``, ``landmarks`` + ``kernel_norm``, the Linear);
+    ``config`` is plain Python. ``checkpoint()`` / ``from_checkpoint()`` round-trip through
+    ``torch.save`` / ``torch.load(weights_only=True)``. With view 'flat', normalisation 'none'
+    and no kernel it computes exactly the tutorial's Flatten + Linear(C*H*W) + LogSoftmax.
+    """
 
-def _probe_head_class():
-    """Define ProbeHead on first use, so importing this module does not import torch."""
-    global _PROBE_HEAD
-    if _PROBE_HEAD is not None:
-        return _PROBE_HEAD
+    def __init__(self, in_shape, n_classes: int, view: str = "flat", normalize: str = "none",
+                 kernel_components: int = 0, gamma: Optional[float] = None, dropout: float = 0.0,
+                 dtype=None):
+        super().__init__()
+        self.in_shape = tuple(int(s) for s in in_shape)
+        check_view(view, self.in_shape)
+        check_norm(normalize)
+        if n_classes < 2:
+            raise ValueError(f"a classifier needs at least 2 classes, got {n_classes}")
+        if kernel_components and (gamma is None or gamma <= 0):
+            raise ValueError(f"an RBF kernel map needs gamma > 0, got {gamma}")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        dtype = dtype or torch.float32
+        self.view, self.normalize, self.n_classes = view, normalize, int(n_classes)
+        self.kernel_components = int(kernel_components)
+        self.gamma = float(gamma) if self.kernel_components else None
+        self.dropout_p = float(dropout)
+        d = view_dim(view, self.in_shape)
+        if normalize == "rms":
+            self.register_buffer("norm_rms", torch.ones((), dtype=dtype))
+        elif normalize == "standardize":
+            self.register_buffer("norm_mean", torch.zeros(d, dtype=dtype))
+            self.register_buffer("norm_std", torch.ones(d, dtype=dtype))
+        if self.kernel_components:
+            m = self.kernel_components
+            self.register_buffer("landmarks", torch.zeros(m, d, dtype=dtype))
+            self.register_buffer("kernel_norm", torch.zeros(m, m, dtype=dtype))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.linear = nn.Linear(self.kernel_components or d, self.n_classes, dtype=dtype)
+        self.log_softmax = nn.LogSoftmax(dim=1)
 
-    class ProbeHead(nn.Module):
-        """view -> normalisation -> optional RBF (Nystroem) map -> Linear -> LogSoftmax, on raw cached maps.
+    # -- the plain description ------------------------------------------------------------
+    @property
+    def config(self) -> dict:
+        return {"kind": CONFIG_KIND, "version": CONFIG_VERSION, "in_shape": list(self.in_shape),
+                "n_classes": self.n_classes, "view": self.view, "normalize": self.normalize,
+                "kernel": "rbf" if self.kernel_components else None,
+                "kernel_components": self.kernel_components, "gamma": self.gamma, "dropout": self.dropout_p}
 
-        Input: (B, C, H, W) features as the cache stores them (any float dtype: cast to the head's).
-        Output: (B, classes) log-probabilities. All numbers live in ``state_dict`` (buffers
-        ``norm_rms`` / ``norm_mean`` + ``norm_std``, ``landmarks`` + ``kernel_norm``, the Linear);
-        ``config`` is plain Python. ``checkpoint()`` / ``from_checkpoint()`` round-trip through
-        ``torch.save`` / ``torch.load(weights_only=True)``. With view 'flat', normalisation 'none'
-        and no kernel it computes exactly the tutorial's Flatten + Linear(C*H*W) + LogSoftmax.
-        """
+    def describe(self) -> str:
+        k = f", RBF Nystroem m={self.kernel_components} gamma={self.gamma:.4g}" if self.kernel_components else ""
+        return f"ProbeHead(view={self.view}, normalize={self.normalize}{k}, classes={self.n_classes})"
 
-        def __init__(self, in_shape, n_classes: int, view: str = "flat", normalize: str = "none",
-                     kernel_components: int = 0, gamma: Optional[float] = None, dropout: float = 0.0,
-                     dtype=None):
-            super().__init__()
-            self.in_shape = tuple(int(s) for s in in_shape)
-            check_view(view, self.in_shape)
-            check_norm(normalize)
-            if n_classes < 2:
-                raise ValueError(f"a classifier needs at least 2 classes, got {n_classes}")
-            if kernel_components and (gamma is None or gamma <= 0):
-                raise ValueError(f"an RBF kernel map needs gamma > 0, got {gamma}")
-            if not 0 <= dropout < 1:
-                raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-            dtype = dtype or torch.float32
-            self.view, self.normalize, self.n_classes = view, normalize, int(n_classes)
-            self.kernel_components = int(kernel_components)
-            self.gamma = float(gamma) if self.kernel_components else None
-            self.dropout_p = float(dropout)
-            d = view_dim(view, self.in_shape)
-            if normalize == "rms":
-                self.register_buffer("norm_rms", torch.ones((), dtype=dtype))
-            elif normalize == "standardize":
-                self.register_buffer("norm_mean", torch.zeros(d, dtype=dtype))
-                self.register_buffer("norm_std", torch.ones(d, dtype=dtype))
-            if self.kernel_components:
-                m = self.kernel_components
-                self.register_buffer("landmarks", torch.zeros(m, d, dtype=dtype))
-                self.register_buffer("kernel_norm", torch.zeros(m, m, dtype=dtype))
-            self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-            self.linear = nn.Linear(self.kernel_components or d, self.n_classes, dtype=dtype)
-            self.log_softmax = nn.LogSoftmax(dim=1)
+    def checkpoint(self) -> dict:
+        """{"config": plain dict, "state_dict": CPU tensors}: what a head.pt needs to rebuild this head."""
+        return {"config": self.config, "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()}}
 
-        # -- the plain description ------------------------------------------------------------
-        @property
-        def config(self) -> dict:
-            return {"kind": CONFIG_KIND, "version": CONFIG_VERSION, "in_shape": list(self.in_shape),
-                    "n_classes": self.n_classes, "view": self.view, "normalize": self.normalize,
-                    "kernel": "rbf" if self.kernel_components else None,
-                    "kernel_components": self.kernel_components, "gamma": self.gamma, "dropout": self.dropout_p}
+    @classmethod
+    def from_checkpoint(cls, config: dict, state_dict: dict) -> "ProbeHead":
+        """Rebuild from ``checkpoint()``'s two parts (dtype taken from the saved Linear weights)."""
+        if config.get("kind") != CONFIG_KIND or config.get("version") != CONFIG_VERSION:
+            raise ValueError(f"not a probe-head config (kind {config.get('kind')!r}, "
+                             f"version {config.get('version')!r}; this code reads version {CONFIG_VERSION})")
+        head = cls(config["in_shape"], config["n_classes"], config["view"], config["normalize"],
+                   config.get("kernel_components") or 0, config.get("gamma"), config.get("dropout", 0.0),
+                   dtype=state_dict["linear.weight"].dtype)
+        head.load_state_dict(state_dict)
+        return head
 
-        def describe(self) -> str:
-            k = f", RBF Nystroem m={self.kernel_components} gamma={self.gamma:.4g}" if self.kernel_components else ""
-            return f"ProbeHead(view={self.view}, normalize={self.normalize}{k}, classes={self.n_classes})"
+    @classmethod
+    def from_legacy(cls, state_dict: dict, in_shape, dropout: float = 0.0) -> "ProbeHead":
+        """A fit-head checkpoint's Flatten + (Dropout) + Linear + LogSoftmax state_dict, as a ProbeHead."""
+        keys = [k for k, v in state_dict.items() if k.endswith(".weight") and v.dim() == 2]
+        if len(keys) != 1:
+            raise ValueError(f"expected one Linear layer in the state_dict, found keys {sorted(state_dict)}")
+        w, b = state_dict[keys[0]], state_dict[keys[0][:-len("weight")] + "bias"]
+        return cls.from_linear(w, b, in_shape, dropout=dropout)
 
-        def checkpoint(self) -> dict:
-            """{"config": plain dict, "state_dict": CPU tensors}: what a head.pt needs to rebuild this head."""
-            return {"config": self.config, "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()}}
+    @classmethod
+    def from_linear(cls, weight, bias, in_shape, view: str = "flat", normalizer: Optional[Normalizer] = None,
+                    dropout: float = 0.0, dtype=None) -> "ProbeHead":
+        """A head from a (classes, d) weight and (classes,) bias over ``view`` rows normalised by ``normalizer``."""
+        weight, bias = torch.as_tensor(weight), torch.as_tensor(bias)
+        normalizer = normalizer or Normalizer("none")
+        head = cls(in_shape, weight.shape[0], view, normalizer.kind, dropout=dropout,
+                   dtype=dtype or (weight.dtype if weight.is_floating_point() else None))
+        head.set_normalizer(normalizer)
+        head.set_linear(weight, bias)
+        return head
 
-        @classmethod
-        def from_checkpoint(cls, config: dict, state_dict: dict) -> "ProbeHead":
-            """Rebuild from ``checkpoint()``'s two parts (dtype taken from the saved Linear weights)."""
-            if config.get("kind") != CONFIG_KIND or config.get("version") != CONFIG_VERSION:
-                raise ValueError(f"not a probe-head config (kind {config.get('kind')!r}, "
-                                 f"version {config.get('version')!r}; this code reads version {CONFIG_VERSION})")
-            head = cls(config["in_shape"], config["n_classes"], config["view"], config["normalize"],
-                       config.get("kernel_components") or 0, config.get("gamma"), config.get("dropout", 0.0),
-                       dtype=state_dict["linear.weight"].dtype)
-            head.load_state_dict(state_dict)
-            return head
-
-        @classmethod
-        def from_legacy(cls, state_dict: dict, in_shape, dropout: float = 0.0) -> "ProbeHead":
-            """A fit-head checkpoint's Flatten + (Dropout) + Linear + LogSoftmax state_dict, as a ProbeHead."""
-            keys = [k for k, v in state_dict.items() if k.endswith(".weight") and v.dim() == 2]
-            if len(keys) != 1:
-                raise ValueError(f"expected one Linear layer in the state_dict, found keys {sorted(state_dict)}")
-            w, b = state_dict[keys[0]], state_dict[keys[0][:-len("weight")] + "bias"]
-            return cls.from_linear(w, b, in_shape, dropout=dropout)
-
-        @classmethod
-        def from_linear(cls, weight, bias, in_shape, view: str = "flat", normalizer: Optional[Normalizer] = None,
-                        dropout: float = 0.0, dtype=None) -> "ProbeHead":
-            """A head from a (classes, d) weight and (classes,) bias over ``view`` rows normalised by ``normalizer``."""
-            weight, bias = torch.as_tensor(weight), torch.as_tensor(bias)
-            normalizer = normalizer or Normalizer("none")
-            head = cls(in_shape, weight.shape[0], view, normalizer.kind, dropout=dropout,
-                       dtype=dtype or (weight.dtype if weight.is_floating_point() else None))
-            head.set_normalizer(normalizer)
-            head.set_linear(weight, bias)
-            return head
-
-        # -- filling in the numbers -----------------------------------------------------------
-        def set_normalizer(self, normalizer: Normalizer) -> None:
-            if normalizer.kind != self.normalize:
-                raise ValueError(f"this head normalises with {self.normalize!r}, not {normalizer.kind!r}")
-            if not normalizer.fitted:
-                raise ValueError(f"the {normalizer.kind!r} normalisation is not fitted")
-            with torch.no_grad():
-                if self.normalize == "rms":
-                    self.norm_rms.fill_(normalizer.rms)
-                elif self.normalize == "standardize":
-                    self.norm_mean.copy_(torch.as_tensor(np.asarray(normalizer.mean)))
-                    self.norm_std.copy_(torch.as_tensor(np.asarray(normalizer.std)))
-
-        def normalizer(self) -> Normalizer:
-            """The numpy ``Normalizer`` this head applies (float64 copies of its buffers)."""
+    # -- filling in the numbers -----------------------------------------------------------
+    def set_normalizer(self, normalizer: Normalizer) -> None:
+        if normalizer.kind != self.normalize:
+            raise ValueError(f"this head normalises with {self.normalize!r}, not {normalizer.kind!r}")
+        if not normalizer.fitted:
+            raise ValueError(f"the {normalizer.kind!r} normalisation is not fitted")
+        with torch.no_grad():
             if self.normalize == "rms":
-                return Normalizer("rms", rms=float(self.norm_rms))
-            if self.normalize == "standardize":
-                return Normalizer("standardize", mean=self.norm_mean.double().cpu().numpy(),
-                                  std=self.norm_std.double().cpu().numpy())
-            return Normalizer(self.normalize)
+                self.norm_rms.fill_(normalizer.rms)
+            elif self.normalize == "standardize":
+                self.norm_mean.copy_(torch.as_tensor(np.asarray(normalizer.mean)))
+                self.norm_std.copy_(torch.as_tensor(np.asarray(normalizer.std)))
 
-        def set_kernel(self, landmarks, kernel_norm) -> None:
-            with torch.no_grad():
-                self.landmarks.copy_(torch.as_tensor(landmarks))
-                self.kernel_norm.copy_(torch.as_tensor(kernel_norm))
+    def normalizer(self) -> Normalizer:
+        """The numpy ``Normalizer`` this head applies (float64 copies of its buffers)."""
+        if self.normalize == "rms":
+            return Normalizer("rms", rms=float(self.norm_rms))
+        if self.normalize == "standardize":
+            return Normalizer("standardize", mean=self.norm_mean.double().cpu().numpy(),
+                              std=self.norm_std.double().cpu().numpy())
+        return Normalizer(self.normalize)
 
-        def set_linear(self, weight, bias) -> None:
-            with torch.no_grad():
-                self.linear.weight.copy_(torch.as_tensor(weight))
-                self.linear.bias.copy_(torch.as_tensor(bias))
+    def set_kernel(self, landmarks, kernel_norm) -> None:
+        with torch.no_grad():
+            self.landmarks.copy_(torch.as_tensor(landmarks))
+            self.kernel_norm.copy_(torch.as_tensor(kernel_norm))
 
-        # -- computing ------------------------------------------------------------------------
-        def norm(self, z):
-            """The fitted normalisation of (B, d) view rows."""
-            if self.normalize == "rms":
-                return z / self.norm_rms
-            if self.normalize == "l2":
-                n = z.norm(dim=1, keepdim=True)
-                return z / torch.where(n == 0, torch.ones_like(n), n)
-            if self.normalize == "standardize":
-                return (z - self.norm_mean) / self.norm_std
-            return z
+    def set_linear(self, weight, bias) -> None:
+        with torch.no_grad():
+            self.linear.weight.copy_(torch.as_tensor(weight))
+            self.linear.bias.copy_(torch.as_tensor(bias))
 
-        def kernel_map(self, z):
-            """Nystroem's transform: exp(-gamma ||z - landmark||^2) @ K_mm^{-1/2}^T (as sklearn computes it)."""
-            lm = self.landmarks
-            d2 = (z * z).sum(1, keepdim=True) - 2.0 * (z @ lm.T) + (lm * lm).sum(1)[None, :]
-            return torch.exp(-self.gamma * d2.clamp_min(0.0)) @ self.kernel_norm.T
+    # -- computing ------------------------------------------------------------------------
+    def norm(self, z):
+        """The fitted normalisation of (B, d) view rows."""
+        if self.normalize == "rms":
+            return z / self.norm_rms
+        if self.normalize == "l2":
+            n = z.norm(dim=1, keepdim=True)
+            return z / torch.where(n == 0, torch.ones_like(n), n)
+        if self.normalize == "standardize":
+            return (z - self.norm_mean) / self.norm_std
+        return z
 
-        def embed(self, x):
-            """Raw (B, C, H, W) maps -> what the Linear layer sees."""
-            if tuple(x.shape[1:]) != self.in_shape:
-                raise ValueError(f"this head takes features of shape {self.in_shape}, got {tuple(x.shape[1:])}")
-            z = self.norm(apply_view_torch(x.to(self.linear.weight.dtype), self.view))
-            return self.kernel_map(z) if self.kernel_components else z
+    def kernel_map(self, z):
+        """Nystroem's transform: exp(-gamma ||z - landmark||^2) @ K_mm^{-1/2}^T (as sklearn computes it)."""
+        lm = self.landmarks
+        d2 = (z * z).sum(1, keepdim=True) - 2.0 * (z @ lm.T) + (lm * lm).sum(1)[None, :]
+        return torch.exp(-self.gamma * d2.clamp_min(0.0)) @ self.kernel_norm.T
 
-        def classify(self, z):
-            """Log-probabilities from embedded rows (what ``train_linear`` optimises)."""
-            return self.log_softmax(self.linear(self.dropout(z)))
+    def embed(self, x):
+        """Raw (B, C, H, W) maps -> what the Linear layer sees."""
+        if tuple(x.shape[1:]) != self.in_shape:
+            raise ValueError(f"this head takes features of shape {self.in_shape}, got {tuple(x.shape[1:])}")
+        z = self.norm(apply_view_torch(x.to(self.linear.weight.dtype), self.view))
+        return self.kernel_map(z) if self.kernel_components else z
 
-        def forward(self, x):
-            return self.classify(self.embed(x))
+    def classify(self, z):
+        """Log-probabilities from embedded rows (what ``train_linear`` optimises)."""
+        return self.log_softmax(self.linear(self.dropout(z)))
 
-    ProbeHead.__qualname__, ProbeHead.__module__ = "ProbeHead", __name__
-    _PROBE_HEAD = ProbeHead
-    return ProbeHead
-
-
-def __getattr__(name):  # PEP 562: `from pipeline.heads.probe_heads import ProbeHead` builds the class (imports torch)
-    if name == "ProbeHead":
-        return _probe_head_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    def forward(self, x):
+        return self.classify(self.embed(x))
 
 
 # -- scikit-learn -> ProbeHead -------------------------------------------------------------------
@@ -366,7 +352,7 @@ def from_logreg(clf, in_shape, view: str = "flat", normalizer: Optional[Normaliz
     """
 
     w, b = _logreg_linear(clf)
-    return _probe_head_class().from_linear(w, b, in_shape, view, normalizer, dtype=dtype or torch.float64)
+    return ProbeHead.from_linear(w, b, in_shape, view, normalizer, dtype=dtype or torch.float64)
 
 
 def from_kernel(nystroem, clf, in_shape, view: str = "flat", normalizer: Optional[Normalizer] = None, dtype=None):
@@ -378,7 +364,7 @@ def from_kernel(nystroem, clf, in_shape, view: str = "flat", normalizer: Optiona
     gamma = nystroem.gamma if nystroem.gamma is not None else 1.0 / landmarks.shape[1]  # rbf_kernel's default
     normalizer = normalizer or Normalizer("none")
     w, b = _logreg_linear(clf)
-    head = _probe_head_class()(in_shape, w.shape[0], view, normalizer.kind, kernel_components=len(landmarks),
+    head = ProbeHead(in_shape, w.shape[0], view, normalizer.kind, kernel_components=len(landmarks),
                                gamma=float(gamma), dtype=dtype or torch.float64)
     if landmarks.shape[1] != view_dim(view, in_shape):
         raise ValueError(f"the Nystroem map was fitted on {landmarks.shape[1]}-d rows; the {view!r} view "
@@ -510,7 +496,7 @@ def train_linear(train, val, *, n_classes: int, in_shape, view: str = "flat", no
     loss_fn = nn.NLLLoss(reduction="sum")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        head = _probe_head_class()(in_shape, n_classes, view, normalizer.kind, dropout=dropout)
+        head = ProbeHead(in_shape, n_classes, view, normalizer.kind, dropout=dropout)
     head.set_normalizer(normalizer)
     head.to(device)
     opt = torch.optim.Adam(head.linear.parameters(), lr=lr, weight_decay=weight_decay)

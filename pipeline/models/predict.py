@@ -12,32 +12,26 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator
 
 import numpy as np
-
-from ..data.folders import ImageLoadError, is_image_name
-from ..data.image_reader import load_transformed
-from ..devices import resolve_workers
-from ..errors import UsageError
-from ..files import atomic_write, require_folder
-from ..config import FORMATS, ImagenetCheckConfig, PredictConfig
 import torch
-from ..data.image_reader import ImageListDataset, read_items
-from ..devices import resolve_device
-from ..devices import resolve_device, resolve_precision
+
+from ..config import FORMATS, ImagenetCheckConfig, PredictConfig
+from ..data.folders import ImageLoadError, is_image_name
+from ..data.image_reader import ImageListDataset, load_transformed, read_items
+from ..devices import resolve_device, resolve_precision, resolve_workers
+from ..errors import UsageError
 from ..extraction import backbones as bb
-from ..extraction.inference import Inference
-from ..extraction.inference import run_batches
+from ..extraction.inference import Inference, run_batches
+from ..files import atomic_write, require_folder
 from ..progress import progress
 from .whole_models import load_model
 
 log = logging.getLogger(__name__)
 
 COLUMNS = ("path", "class", "probability", "error")
-
 
 
 def list_inputs(paths) -> list[str]:

@@ -4,15 +4,12 @@ Everything runs on PyTorch's 'meta' device: no weights are loaded or downloaded,
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
-
-from ..extraction import backbones as bb
-from ..errors import UsageError
-from ..config import SummaryConfig
 import torch
-from .whole_models import TransferModel, count_params, head_in_shape, parse_unfreeze
 
+from ..config import SummaryConfig
+from ..errors import UsageError
+from ..extraction import backbones as bb
+from .whole_models import TransferModel, count_params, head_in_shape, parse_unfreeze
 
 
 def summarize(cfg: SummaryConfig) -> dict:

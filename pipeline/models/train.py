@@ -9,37 +9,29 @@ stratified sample (``--n``) and train/val split as extract and fit-head.
 from __future__ import annotations
 
 import logging
+import sys
 import time
-from dataclasses import asdict, dataclass
-from typing import Optional
+from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
-
-from ..data.folders import list_image_folder, stratified_order
-from ..devices import resolve_workers
-from ..errors import UsageError
-from ..heads.epoch_loop import per_class_accuracy, run_epochs, split_indices, train_one_epoch, validate_training
-from ..config import FinetuneConfig, TrainConfig
-from pathlib import Path
+import torch
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
-import sys
-import torch
+
 from ..cache.feature_cache import CacheError, FeatureCache
-from ..data.image_reader import ImageListDataset, collate_items, item_loader
-from ..data.image_reader import iter_items
-from ..devices import resolve_device, resolve_precision
-from ..extraction.inference import Inference
-from ..extraction.inference import run_batches
+from ..config import FinetuneConfig, TrainConfig
+from ..data.folders import list_image_folder, stratified_order
+from ..data.image_reader import ImageListDataset, collate_items, item_loader, iter_items
+from ..devices import resolve_device, resolve_precision, resolve_workers
+from ..errors import UsageError
+from ..extraction.inference import Inference, run_batches
+from ..heads.epoch_loop import per_class_accuracy, run_epochs, split_indices, train_one_epoch, validate_training
 from ..progress import progress
 from ..runs.run_folders import finish_run, new_run_dir
-from .whole_models import build_model
-from .whole_models import build_model, load_model, parse_unfreeze
-from .whole_models import count_params, save_model
-from .whole_models import read_checkpoint
+from .whole_models import build_model, count_params, load_model, parse_unfreeze, read_checkpoint, save_model
 
 log = logging.getLogger(__name__)
-
 
 
 def validate(cfg: TrainConfig) -> None:

@@ -14,7 +14,6 @@ weights_only=True)`` reads; the model is rebuilt from the backbone's name, never
 from __future__ import annotations
 
 import json
-
 import logging
 import warnings
 from dataclasses import dataclass
@@ -25,10 +24,10 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..extraction import backbones as bb
-from ..errors import PipelineError, UsageError
-from ..files import atomic_write
 from ..cache.provenance import Preprocessing, Provenance
+from ..errors import PipelineError, UsageError
+from ..extraction import backbones as bb
+from ..files import atomic_write
 from ..heads.probe_heads import ProbeHead
 
 log = logging.getLogger(__name__)

@@ -6,20 +6,18 @@ fit-head + compare-sklearn on the same split.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
-from ..data.check_images import CheckImagesConfig, check_images
-from ..heads.compare import CompareConfig, compare_sklearn
-from ..extraction.extract import ExtractConfig, extract
-from ..data.fetch import KAGGLE_CATS_DOGS_URL, FetchConfig, fetch_data
-from ..heads.fit_head import FitHeadConfig
-from ..errors import UsageError
 from ..config import DemoConfig
+from ..data.check_images import CheckImagesConfig, check_images
+from ..data.fetch import FetchConfig, fetch_data
 from ..data.folders import list_image_folder
+from ..errors import UsageError
+from ..extraction.extract import ExtractConfig, extract
+from ..heads.compare import CompareConfig, compare_sklearn
+from ..heads.fit_head import FitHeadConfig
 
 log = logging.getLogger(__name__)
-
 
 
 #: The only folder demo fetches into when it is missing; any other missing --data is a typo to report.

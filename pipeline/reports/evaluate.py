@@ -13,31 +13,25 @@ import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import numpy as np
-
-from ..data.folders import ImageLoadError, list_image_folder, load_rgb
-from ..devices import resolve_workers
-from ..errors import UsageError
-from ..files import atomic_write, require_folder, writing
-from ..config import EvaluateConfig, SPLITS
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
 from ..cache.feature_cache import FeatureCache
 from ..cache.provenance import Provenance
+from ..config import SPLITS, EvaluateConfig
+from ..data.folders import ImageLoadError, list_image_folder, load_rgb
 from ..data.image_reader import ImageListDataset, read_items
-from ..devices import resolve_device
-from ..devices import resolve_device, resolve_precision
-from ..extraction.inference import Inference
-from ..extraction.inference import run_batches
+from ..devices import resolve_device, resolve_precision, resolve_workers
+from ..errors import UsageError
+from ..extraction.inference import Inference, run_batches
+from ..files import atomic_write, require_folder, writing
 from ..heads.epoch_loop import split_indices
 from ..heads.fit_head import evaluate_head
-from ..models.whole_models import head_from_checkpoint
-from ..models.whole_models import load_model
-from ..models.whole_models import read_checkpoint
+from ..models.whole_models import head_from_checkpoint, load_model, read_checkpoint
 from ..progress import progress
-from ..runs.figures import confusion_matrix_figure, gallery_figure
-from ..runs.figures import save
+from ..runs.figures import confusion_matrix_figure, gallery_figure, save
 from ..runs.run_folders import finish_run, new_run_dir
 
 log = logging.getLogger(__name__)

@@ -1,32 +1,26 @@
 """The picture stages: a preview grid of a data folder, and one image's feature map.
 
 Both show images as the backbone sees them: after the weights' own resize and crop, with the
-normalisation undone (so a wrong mean/std shows up as wrong colours). ``preview_figure`` and
-``feature_map_figure`` return the matplotlib Figure and what it shows (the Python API's way);
-``preview`` and ``feature_map`` save that figure to ``cfg.output`` (the CLI's).
+normalisation undone (so a wrong mean/std shows up as wrong colours). Each returns the matplotlib
+Figure and what it shows; the caller saves it (the CLI to ``cfg.output``).
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from ..config import FeatureMapConfig, PreviewConfig
 from ..data.folders import ImageLoadError, list_image_folder, load_rgb
 from ..errors import UsageError
-from ..config import FeatureMapConfig, PreviewConfig
-import torch
-from ..extraction.backbones import load_backbone
-from ..extraction.backbones import load_preprocessing
+from ..extraction.backbones import load_backbone, load_preprocessing
 from ..extraction.inference import Inference
-from ..runs.figures import denormalise
+from ..runs.figures import denormalise, top_channels
 from ..runs.figures import preview_figure as draw
-from ..runs.figures import save
-from ..runs.figures import top_channels
 
 log = logging.getLogger(__name__)
-
 
 
 def as_seen(transform, image) -> tuple:
@@ -55,7 +49,7 @@ def sample_per_class(listing, per_class: int, seed: int) -> list[tuple[int, obje
     return chosen
 
 
-def preview_figure(cfg: PreviewConfig) -> tuple:
+def preview(cfg: PreviewConfig) -> tuple:
     """(Figure, info): a grid of sample images per class, preprocessed as for extraction (``cfg.output`` unused)."""
 
     if cfg.per_class < 1:
@@ -72,14 +66,7 @@ def preview_figure(cfg: PreviewConfig) -> tuple:
                  "backbone": cfg.backbone, "weights": weights_id}
 
 
-def preview(cfg: PreviewConfig) -> dict:
-    """Write a grid of sample images per class, preprocessed as for extraction; returns where."""
-
-    fig, info = preview_figure(cfg)
-    return {"output": str(save(fig, cfg.output)), **info}
-
-
-def feature_map_figure(cfg: FeatureMapConfig) -> tuple:
+def feature_map(cfg: FeatureMapConfig) -> tuple:
     """(Figure, info): the input image beside its feature map and top channels (``cfg.output`` unused)."""
 
     from ..runs.figures import feature_map_figure as draw
@@ -101,8 +88,3 @@ def feature_map_figure(cfg: FeatureMapConfig) -> tuple:
                  "backbone": cfg.backbone, "weights": backbone.weights_id}
 
 
-def feature_map(cfg: FeatureMapConfig) -> dict:
-    """Write the input image beside its feature map and top channels; returns where and the shape."""
-
-    fig, info = feature_map_figure(cfg)
-    return {"output": str(save(fig, cfg.output)), **info}

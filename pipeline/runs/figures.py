@@ -24,8 +24,8 @@ if not in_notebook():  # a notebook keeps its inline backend for its own plots
     matplotlib.use("Agg")
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure as _MplFigure  # noqa: E402
-from PIL import Image
 from matplotlib.gridspec import GridSpec
+from PIL import Image
 
 DPI = 100
 CURVES_SIZE = (10.0, 4.0)  # inches: two panels side by side
@@ -118,12 +118,6 @@ def confusion_matrix_figure(cm: np.ndarray, classes: Sequence[str], title: str =
     return fig
 
 
-def confusion_matrix_png(cm: np.ndarray, classes: Sequence[str], path: str | os.PathLike,
-                         title: str = "confusion matrix") -> Path:
-    """``confusion_matrix_figure`` saved as a PNG."""
-    return save(confusion_matrix_figure(cm, classes, title), path)
-
-
 def grid_shape(count: int, cols: int) -> tuple[int, int]:
     cols = max(1, min(cols, count))
     return max(1, math.ceil(count / cols)), cols
@@ -156,12 +150,6 @@ def preview_figure(images: Sequence, titles: Sequence[str], cols: int = 4, supti
     return _image_grid(images, titles, PREVIEW_CELL, cols, suptitle, 11)
 
 
-def preview_png(images: Sequence, titles: Sequence[str], path: str | os.PathLike, cols: int = 4,
-                suptitle: str = "") -> Path:
-    """``preview_figure`` saved as a PNG."""
-    return save(preview_figure(images, titles, cols, suptitle), path)
-
-
 def gallery_figure(items: Sequence[dict], cols: int = 4, suptitle: str = "most confidently wrong") -> Figure:
     """Thumbnails of misclassified images: {image (PIL or None), path, true, pred, prob} each."""
     if not items:
@@ -171,12 +159,6 @@ def gallery_figure(items: Sequence[dict], cols: int = 4, suptitle: str = "most c
     titles = [f"{shorten(it['path'], 30)}\ntrue {it['true']} \u2192 pred {it['pred']}\np = {it['prob']:.3f}"
               for it in items]
     return _image_grid([it["image"] for it in items], titles, GALLERY_CELL, cols, suptitle, 9)
-
-
-def gallery_png(items: Sequence[dict], path: str | os.PathLike, cols: int = 4,
-                suptitle: str = "most confidently wrong") -> Path:
-    """``gallery_figure`` saved as a PNG."""
-    return save(gallery_figure(items, cols, suptitle), path)
 
 
 def upsample(channel: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -223,12 +205,6 @@ def feature_map_figure(image: np.ndarray, fmap: np.ndarray, top_k: int = 6, titl
     if title:
         fig.suptitle(title)
     return fig
-
-
-def feature_map_png(image: np.ndarray, fmap: np.ndarray, path: str | os.PathLike, top_k: int = 6,
-                    title: str = "") -> Path:
-    """``feature_map_figure`` saved as a PNG."""
-    return save(feature_map_figure(image, fmap, top_k, title), path)
 
 
 def denormalise(tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:

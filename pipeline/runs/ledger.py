@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from ..files import require_folder
 from ..errors import UsageError
+from ..files import require_folder
 
 try:
     import fcntl
