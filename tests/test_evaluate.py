@@ -112,3 +112,22 @@ def test_a_trained_model_evaluates_on_images(tmp_path, image_folder):
     r = evaluate(EvaluateConfig(model=model, data=str(image_folder), workers=0, runs_dir=str(tmp_path / "r")))
     assert r["kind"] == "train" and r["rows"] == 24 and sum(map(sum, r["confusion_matrix"])) == 24
     assert r["accuracy"] >= 0.9
+
+
+@pytest.mark.parametrize("made_otherwise", [{"dtype": "float16"}, {"precision": "bf16"}])
+def test_evaluate_cache_and_fit_head_test_cache_refuse_the_same_caches(tmp_path, make_cache, image_folder,
+                                                                       made_otherwise):
+    """One rule decides whether rows mean the same thing: a head refuses a cache made otherwise, both ways."""
+    train = make_cache(image_folder, dtype="float32", precision="fp32")["cache"]
+    other = make_cache(image_folder, **{"dtype": "float32", "precision": "fp32", **made_otherwise},
+                       cache_dir=str(tmp_path / "other"))["cache"]
+    same = make_cache(image_folder, dtype="float32", precision="fp32", cache_dir=str(tmp_path / "same"))["cache"]
+    head = fit_head(FitHeadConfig(cache=train, epochs=1, runs_dir=str(tmp_path / "runs")))["checkpoint"]
+    (field, value), = made_otherwise.items()
+    with pytest.raises(ValueError, match=f"made differently.*{field}: .* vs {value}"):
+        fit_head(FitHeadConfig(cache=train, epochs=1, test_cache=other, runs_dir=str(tmp_path / "runs")))
+    with pytest.raises(ValueError, match=f"does not fit the model.*{field}: .* vs {value}"):
+        evaluate(EvaluateConfig(model=head, cache=other, split="all", runs_dir=str(tmp_path / "runs")))
+    # and both take a cache made the same way
+    assert fit_head(FitHeadConfig(cache=train, epochs=1, test_cache=same, runs_dir=str(tmp_path / "runs")))["test"]
+    assert evaluate(EvaluateConfig(model=head, cache=same, split="all", runs_dir=str(tmp_path / "runs")))["rows"] == 24

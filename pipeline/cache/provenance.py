@@ -2,8 +2,9 @@
 
 A cache writes its ``Provenance`` as HDF5 attributes; a checkpoint carries the same fields; and
 whether two of them fit together (a head and the cache it is evaluated on, a head and the backbone
-it is put on) is decided in one place, ``Provenance.differences``. Preprocessing has one
-representation, ``Preprocessing``, compared as values, never as strings.
+it is put on) is decided in one place, ``Provenance.differences``: every reader of a second cache or
+of a checkpoint (fit-head's test cache, evaluate, compare, predict) asks it, so they refuse the same
+things. Preprocessing has one representation, ``Preprocessing``, compared as values, never as strings.
 """
 from __future__ import annotations
 
@@ -63,6 +64,23 @@ class Preprocessing:
         return cls(int(m[1]), int(m[4]), m[2], m[3] == "True", nums(m[5]), nums(m[6]))
 
 
+#: What identifies an int8 network's calibration (its sample, method and versions; not the seconds it took).
+CALIBRATION_KEYS = ("version", "method", "calib_batch", "calib_n", "calib_seed", "calib_data", "torch", "torchao")
+#: What must agree for rows from two sources to mean the same thing (a head on a cache, a test cache).
+SAME_FEATURES = ("backbone", "weights", "preprocessing", "pool", "classes", "precision", "dtype", "decode_version",
+                 "calibration")
+#: The fields a checkpoint may leave unrecorded ('' on either side is not a difference).
+_OPTIONAL = ("precision", "dtype", "decode_version", "calibration")
+
+
+def calibration_identity(record: str) -> str:
+    """The part of a cache's ``calibration`` attribute that decides the quantised network, as JSON ('' if none)."""
+    if not record:
+        return ""
+    d = json.loads(record)
+    return json.dumps({k: d.get(k) for k in CALIBRATION_KEYS}, sort_keys=True)
+
+
 def package_version(pkg: str) -> str:
     try:
         return metadata.version(pkg)
@@ -91,6 +109,11 @@ class Provenance:
     data_root: str = ""  # absolute path of the data folder ('' for a model not tied to a cache)
     data_fingerprint: str = ""  # the data folder's listing fingerprint at extraction
     versions: dict = field(default_factory=dict)  # library versions at extraction
+    # how the rows were computed and stored ('' = not recorded, as in checkpoints made before these fields)
+    precision: str = ""  # compute precision: fp32, bf16, fp16 or int8
+    dtype: str = ""  # storage dtype of the rows: float16 or float32
+    decode_version: str = ""  # how photos were decoded (image_reader.DECODE_VERSION)
+    calibration: str = ""  # int8: what makes the quantised network (CALIBRATION_KEYS as JSON); '' otherwise
 
     @classmethod
     def of_backbone(cls, loaded, classes, pool: str = "none", weights_arg: str = "", **data) -> "Provenance":
@@ -122,7 +145,9 @@ class Provenance:
         return cls(attrs["backbone"], attrs["weights"], attrs.get("weights_sha256", ""),
                    attrs.get("weights_covers", "all"), attrs.get("weights_path", ""), preprocessing,
                    tuple(json.loads(attrs["classes"])), attrs.get("pool", "none"), attrs.get("data_root", ""),
-                   attrs.get("data_fingerprint", ""), json.loads(attrs.get("versions") or "{}"))
+                   attrs.get("data_fingerprint", ""), json.loads(attrs.get("versions") or "{}"),
+                   str(attrs.get("precision", "")), str(attrs.get("dtype", "")), str(attrs.get("decode_version", "")),
+                   calibration_identity(attrs.get("calibration", "")))
 
     # -- checkpoints -------------------------------------------------------------------------
     def checkpoint_fields(self) -> dict:
@@ -141,14 +166,19 @@ class Provenance:
         return cls(**d)
 
     # -- comparing ---------------------------------------------------------------------------
-    def differences(self, other: "Provenance", what: tuple = ("backbone", "weights", "preprocessing", "pool")
-                    ) -> list[str]:
-        """'field: mine vs theirs' for each of ``what`` that differs (a local file compared by its sha256)."""
+    def differences(self, other: "Provenance", what: tuple = SAME_FEATURES) -> list[str]:
+        """'field: mine vs theirs' for each of ``what`` that differs (a local file compared by its sha256).
+
+        The default, ``SAME_FEATURES``, is the one rule for "these rows mean the same thing"; a field
+        that one side did not record (an older checkpoint) is not a difference.
+        """
         out = []
         for name in what:
             mine, theirs = getattr(self, name), getattr(other, name)
             if name == "weights" and self.weights_sha256 and other.weights_sha256:
                 mine, theirs = self.weights_sha256, other.weights_sha256
+            if name in _OPTIONAL and not (mine and theirs):
+                continue
             if mine != theirs:
                 show = (lambda p: p.describe()) if name == "preprocessing" else (lambda v: v)
                 out.append(f"{name}: {show(mine)} vs {show(theirs)}")

@@ -81,15 +81,6 @@ def calibration_identity(listing, seed: int, n: int) -> dict:
             "torchao": require_torchao()}
 
 
-def same_quantisation(train_attrs, test_attrs) -> list[str]:
-    """How two int8 caches' quantised networks differ (calibration sample, method, versions); [] if alike."""
-    import json
-
-    a, b = (json.loads(attrs.get("calibration", "{}")) for attrs in (train_attrs, test_attrs))
-    keys = ("version", "method", "calib_batch", "calib_n", "calib_seed", "calib_data", "torch", "torchao")
-    return [f"int8 calibration {k}: {a.get(k)} vs {b.get(k)}" for k in keys if a.get(k) != b.get(k)]
-
-
 def calibration_batches(dataset, n: int, batch_size: int) -> tuple[list, list[str]]:
     """The first ``n`` decodable images of ``dataset`` as float batches, and their paths."""
     import torch

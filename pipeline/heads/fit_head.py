@@ -265,14 +265,7 @@ def test_cache_for(cfg: FitHeadConfig, cache: FeatureCache) -> Path:
     else:
         path = Path(cfg.test_cache)
     with FeatureCache(path) as test:
-        differ = Provenance.from_cache_attrs(cache.attrs).differences(
-            Provenance.from_cache_attrs(test.attrs), ("backbone", "weights", "preprocessing", "pool", "classes"))
-        differ += [f"{k}: {cache.attrs.get(k)} vs {test.attrs.get(k)}" for k in ("precision", "dtype", "decode_version")
-                   if cache.attrs.get(k) != test.attrs.get(k)]
-        if not differ and cache.attrs.get("precision") == "int8":
-            from ..extraction.quantize import same_quantisation
-
-            differ += same_quantisation(cache.attrs, test.attrs)
+        differ = Provenance.from_cache_attrs(cache.attrs).differences(Provenance.from_cache_attrs(test.attrs))
         if differ:
             raise UsageError(f"test cache {path} was made differently from the training cache (training vs test): "
                              f"{'; '.join(differ)}")

@@ -67,8 +67,7 @@ def _head(model_path: str, ckpt: dict, device):
 
 def _check_cache_fits(ckpt: dict, cache) -> None:
 
-    differ = Provenance.from_checkpoint(ckpt).differences(Provenance.from_cache_attrs(cache.attrs),
-                                                          ("backbone", "weights", "preprocessing", "pool", "classes"))
+    differ = Provenance.from_checkpoint(ckpt).differences(Provenance.from_cache_attrs(cache.attrs))
     if differ:
         raise UsageError(f"cache {cache.path} does not fit the model (model vs cache): {'; '.join(differ)}")
     if tuple(cache.feature_shape) != tuple(ckpt["in_shape"]):
