@@ -1,6 +1,6 @@
 """Benchmark: decode + preprocess per image with and without JPEG DCT-domain downscaling (``draft``).
 
-Modes: ``full`` decodes every file at full size (before issue 13); ``draft xK`` lets a large JPEG
+Modes: ``full`` decodes every file at full size (what extract did before draft decoding); ``draft xK`` lets a large JPEG
 decode at 1/2, 1/4 or 1/8 scale keeping its shorter side >= K x the transform's resize size
 (``pipeline.data.image_reader.JPEG_DRAFT_MARGIN`` is the K the pipeline uses). Image sets:
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check of issue 13, as one script for a lent GPU machine (never run by the tests or CI):
+# The GPU check of extraction (bf16, compiled, fp32, device decoding), as one script for a lent GPU machine (never run by the tests or CI):
 # bf16 extract (eager and compiled) of 2,048 real photos vs the tutorial loop on the GPU, with PIL
 # decoding and with --decode device (nvJPEG), GPU utilisation sampled by nvidia-smi every 0.5 s,
 # and where the time went (bench_extract's stage columns). Results go to $OUT (or ./gpu-bench).

@@ -422,6 +422,8 @@ def feature_map_cmd(as_json, **options):
 @click.option("--top-k", type=int, help="Images in the misclassified gallery.")
 @click.option("--batch-size", type=int)
 @click.option("--device")
+@click.option("--precision", type=click.Choice(MODEL_PRECISIONS),
+              help="--data: compute precision; auto = bf16 where the device supports it.")
 @click.option("--workers", type=int, help="Decoding processes for --data.")
 @click.option("--runs-dir", help="Where run outputs go.")
 @json_option

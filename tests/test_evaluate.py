@@ -131,3 +131,19 @@ def test_evaluate_cache_and_fit_head_test_cache_refuse_the_same_caches(tmp_path,
     # and both take a cache made the same way
     assert fit_head(FitHeadConfig(cache=train, epochs=1, test_cache=same, runs_dir=str(tmp_path / "runs")))["test"]
     assert evaluate(EvaluateConfig(model=head, cache=same, split="all", runs_dir=str(tmp_path / "runs")))["rows"] == 24
+
+
+def test_evaluate_takes_precision_for_data(tmp_path, head_run, image_folder, monkeypatch):
+    """--precision reaches the network that runs --data (as predict's), and int8 is refused there."""
+    from pipeline.reports import evaluate as stage
+
+    seen = []
+    real = stage.resolve_precision
+    monkeypatch.setattr(stage, "resolve_precision", lambda p, d, **k: seen.append(p) or real(p, d, **k))
+    args = ["evaluate", "--model", head_run["checkpoint"], "--data", str(image_folder), "--workers", "0",
+            "--runs-dir", str(tmp_path / "runs"), "--json"]
+    result = CliRunner().invoke(cli.cli, args + ["--precision", "fp32"])
+    assert result.exit_code == 0, result.output
+    assert seen == ["fp32"] and json.loads(result.stdout)["rows"] == 24
+    bad = CliRunner().invoke(cli.cli, args + ["--precision", "int8"])
+    assert bad.exit_code == 2 and "int8" in bad.stderr

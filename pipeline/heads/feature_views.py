@@ -1,4 +1,4 @@
-"""Views of a cached feature map and their normalisation, chosen at fit time (issue 15).
+"""Views of a cached feature map and their normalisation, chosen at fit time.
 
 A cache stores the backbone's map as it came out, (N, C, H, W). Which vector a classifier sees is
 decided when the head is fitted, and computed while the rows stream in (never stored):

@@ -1,4 +1,4 @@
-"""Classifier heads ("probes") on cached feature maps, and the search for the best one (issue 15).
+"""Classifier heads ("probes") on cached feature maps, and the search for the best one.
 
 What is here, and why:
 
