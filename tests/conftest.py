@@ -44,6 +44,17 @@ def shared_available():
         pytest.skip("../shared (real weights and photos) is not beside the project")
 
 
+@pytest.fixture(scope="session")
+def scratch_project(tmp_path_factory) -> Path:
+    """A project folder outside the checkout with ``../shared`` beside it, for the slow tests that run the
+    README's and the notebook's code as written (their features/ and runs/ land here, never in the checkout).
+    One per session, so the notebook finds the cache the README example made."""
+    top = tmp_path_factory.mktemp("scratch")
+    (top / "shared").symlink_to(SHARED.resolve(), target_is_directory=True)
+    (top / "project").mkdir()
+    return top / "project"
+
+
 @pytest.fixture
 def make_cache(tmp_path):
     """``make_cache(data, **options)``: extract's result for ``data`` with the test defaults (all images,

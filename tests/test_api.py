@@ -275,12 +275,12 @@ def test_the_readme_example_is_short_and_uses_the_public_api():
 
 
 @pytest.mark.slow
-def test_the_readme_example_runs_as_shown(shared_available):
-    """In a plain Python session from the project's root, as a reader would paste it (caches in features/,
-    runs in runs/: the CLI's folders, gitignored, so the example notebook reuses the cache)."""
+def test_the_readme_example_runs_as_shown(shared_available, scratch_project):
+    """In a plain Python session from a project folder with ../shared beside it, as a reader would paste it
+    (its features/ and runs/ land in that scratch folder, which the notebook test reuses)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, "-c", readme_example()], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=900)
+    r = subprocess.run([sys.executable, "-c", readme_example()], cwd=scratch_project, env=env, capture_output=True,
+                       text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     out = r.stdout.splitlines()
     assert out[0].startswith("Cache(") and "800 rows, classes ['Cat', 'Dog'], features 512x7x7" in out[0]
