@@ -875,7 +875,7 @@ def _finish_figure(fig, info: dict, output: Optional[PathLike]):
 
     fig.info = dict(info)
     if output:
-        fig.info["output"] = str(save(fig, output))
+        fig.info["output"] = str(save(fig, info.get("output") or output))
     return fig
 
 

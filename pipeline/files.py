@@ -44,6 +44,45 @@ def require_folder(path: str | os.PathLike, what: str) -> Path:
     return path
 
 
+def check_output(output, inputs=(), data=(), suffixes=(), what: str = "--output") -> Path:
+    """``output`` as a Path, its folder made, when writing it destroys nothing the command reads.
+
+    Refused in one line: a folder; one of ``inputs`` (files the command reads: an image, a model,
+    weights); anything inside one of ``data`` (image folders: a new file there changes the training
+    set and makes its caches stale); a name not ending in one of ``suffixes`` (when given).
+    """
+    out = Path(output)
+    if os.path.isdir(out):
+        raise UsageError(f"{what} {str(output)!r} is a folder; name a file")
+    if os.path.lexists(out):
+        for p in inputs:
+            if p and os.path.exists(p) and os.path.samefile(out, p):
+                raise UsageError(f"{what} {str(output)!r} is one of the inputs ({p}); it would be overwritten")
+    where = Path(os.path.realpath(out))
+    for d in data:
+        if d and os.path.isdir(d) and where.is_relative_to(os.path.realpath(d)):
+            raise UsageError(f"{what} {str(output)!r} is inside the data folder {str(d)!r}; write it elsewhere")
+    if suffixes and out.suffix.lower() not in suffixes:
+        raise UsageError(f"{what} {str(output)!r} must end in {' or '.join(suffixes)}")
+    require_folder(out.parent, f"{what}'s folder")
+    with writing(out.parent):
+        out.parent.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def free_default(path, default) -> str:
+    """``path``, unless it is the option's ``default`` and already exists: then the first free
+    ``name-N.ext`` beside it, so a command run twice with its defaults never replaces the first picture."""
+    path = str(path)
+    if path != str(default) or not os.path.lexists(path):
+        return path
+    p = Path(path)
+    n = 2
+    while os.path.lexists(p.with_name(f"{p.stem}-{n}{p.suffix}")):
+        n += 1
+    return str(p.with_name(f"{p.stem}-{n}{p.suffix}"))
+
+
 def disk_error(e: BaseException, path):
     """A one-line PipelineError naming ``path`` when ``e`` is a full disk, a read-only file system or a
     refused permission (as OSError, or wrapped in h5py's and torch's RuntimeErrors); else None."""

@@ -108,3 +108,50 @@ def test_preview_needs_the_preprocessing_only_never_the_weights(tmp_path, image_
     out = tmp_path / "p.png"
     info = json.loads(run("preview", "--data", image_folder, "--per-class", 2, "--output", out, "--json").stdout)
     assert info["weights"] == "VGG16_Weights.IMAGENET1K_V1" and out.is_file()
+
+
+def _usage_error(*args):
+    result = CliRunner().invoke(cli.cli, [str(a) for a in args])
+    assert result.exit_code == 2, result.output
+    return result.output
+
+
+def test_pictures_never_write_over_an_input_or_inside_the_data_folder(tmp_path, image_folder):
+    photo = image_folder / "red" / "red.0.jpg"
+    before = photo.read_bytes()
+    tiny = ("--backbone", "tiny", "--weights", "none")
+    assert "one of the inputs" in _usage_error("feature-map", photo, *tiny, "--output", photo)
+    # a new name inside the data folder is refused too: it would join the training set
+    assert "inside the data folder" in _usage_error("preview", "--data", image_folder, *tiny,
+                                                    "--output", image_folder / "red" / "x.png")
+    assert photo.read_bytes() == before and not (image_folder / "red" / "x.png").exists()
+
+
+def test_picture_options_out_of_range_are_usage_errors(tmp_path, image_folder):
+    tiny = ("--backbone", "tiny", "--weights", "none")
+    assert "--seed" in _usage_error("preview", "--data", image_folder, *tiny, "--seed", -1,
+                                    "--output", tmp_path / "p.png")
+    assert ".png" in _usage_error("preview", "--data", image_folder, *tiny, "--output", tmp_path / "x.txt")
+    assert ".png" in _usage_error("feature-map", image_folder / "red" / "red.0.jpg", *tiny,
+                                  "--output", tmp_path / "head.pt")
+
+
+def test_figures_are_saved_through_a_temporary_name(tmp_path):
+    fig = plots.curves_figure([{"epoch": 1, "train_acc": .5, "val_acc": .5, "train_loss": 1, "val_loss": 1}])
+    out = tmp_path / "c.png"
+    out.write_bytes(b"old")
+
+    def fail(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    fig.savefig = fail
+    with pytest.raises(Exception, match="no space left"):
+        plots.save(fig, out)
+    assert out.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["c.png"]
+
+
+def test_default_picture_never_replaces_an_earlier_one(tmp_path, image_folder, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        run("preview", "--data", image_folder, "--backbone", "tiny", "--weights", "none", "--per-class", 1)
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["preview-2.png", "preview.png"]

@@ -25,7 +25,7 @@ from ..devices import resolve_device, resolve_precision, resolve_workers
 from ..errors import UsageError
 from ..extraction import backbones as bb
 from ..extraction.inference import Inference, run_batches
-from ..files import atomic_write, require_folder
+from ..files import atomic_write, check_output
 from ..progress import progress
 from .whole_models import load_model
 
@@ -108,7 +108,7 @@ def predict(cfg: PredictConfig) -> dict:
         raise UsageError(f"--batch-size must be positive, got {cfg.batch_size}")
     files = list_inputs(cfg.paths)
     if cfg.output:
-        check_output(cfg.output, [*files, cfg.model, *([cfg.weights] if cfg.weights else [])])
+        check_output(cfg.output, [*files, cfg.model, cfg.weights], data=[p for p in cfg.paths if os.path.isdir(p)])
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     lm = load_model(cfg.model, cfg.weights)
@@ -140,19 +140,6 @@ def predict(cfg: PredictConfig) -> dict:
     return {"model": cfg.model, "kind": lm.kind, "classes": lm.classes,
             "images": len(rows), "errors": errors, "output": cfg.output, "seconds": seconds,
             "img_per_s": len(rows) / seconds if seconds > 0 else 0.0, "rows": rows}
-
-
-def check_output(output: str, inputs: list[str]) -> None:
-    """Refuse an --output that is one of the inputs (an image, the model, its weights) or a folder."""
-    out = Path(output)
-    if out.is_dir():
-        raise UsageError(f"--output {output!r} is a folder; name a file")
-    if out.exists():
-        for p in inputs:
-            if Path(p).exists() and os.path.samefile(out, p):
-                raise UsageError(f"--output {output!r} is one of the inputs ({p}); it would be overwritten")
-    require_folder(out.parent, "--output's folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
 
 
 def _with_open(path: Path, write) -> None:

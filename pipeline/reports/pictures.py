@@ -2,7 +2,8 @@
 
 Both show images as the backbone sees them: after the weights' own resize and crop, with the
 normalisation undone (so a wrong mean/std shows up as wrong colours). Each returns the matplotlib
-Figure and what it shows; the caller saves it (the CLI to ``cfg.output``).
+Figure and what it shows; the caller saves it to ``info["output"]`` (``cfg.output``, checked before
+any work; the default name gets a number rather than replace an earlier run's picture).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 from ..config import FeatureMapConfig, PreviewConfig
 from ..data.folders import ImageLoadError, list_image_folder, load_rgb
 from ..errors import UsageError
+from ..files import check_output, free_default
 from ..extraction.backbones import load_backbone, load_preprocessing
 from ..extraction.inference import Inference
 from ..runs.figures import denormalise, top_channels
@@ -50,10 +52,14 @@ def sample_per_class(listing, per_class: int, seed: int) -> list[tuple[int, obje
 
 
 def preview(cfg: PreviewConfig) -> tuple:
-    """(Figure, info): a grid of sample images per class, preprocessed as for extraction (``cfg.output`` unused)."""
+    """(Figure, info): a grid of sample images per class, preprocessed as for extraction (``cfg.output`` checked)."""
 
     if cfg.per_class < 1:
         raise UsageError(f"--per-class must be positive, got {cfg.per_class}")
+    if cfg.seed < 0:
+        raise UsageError(f"--seed must be 0 or more, got {cfg.seed}")
+    output = cfg.output and str(check_output(free_default(cfg.output, PreviewConfig.output), [cfg.weights],
+                                             data=[cfg.data], suffixes=(".png",)))
     listing = list_image_folder(cfg.data)
     t, weights_id = load_preprocessing(cfg.backbone, cfg.weights)  # the preprocessing only: no weights loaded
     chosen = sample_per_class(listing, cfg.per_class, cfg.seed)
@@ -62,17 +68,19 @@ def preview(cfg: PreviewConfig) -> tuple:
     fig = draw(images, titles, cols=cfg.per_class,
                suptitle=f"{Path(cfg.data).name}: resize {t.resize_size[0]}, crop {t.crop_size[0]} "
                         f"({cfg.backbone}, {weights_id})")
-    return fig, {"classes": list(listing.classes), "images": [p for _, _, p in chosen],
+    return fig, {"output": output, "classes": list(listing.classes), "images": [p for _, _, p in chosen],
                  "backbone": cfg.backbone, "weights": weights_id}
 
 
 def feature_map(cfg: FeatureMapConfig) -> tuple:
-    """(Figure, info): the input image beside its feature map and top channels (``cfg.output`` unused)."""
+    """(Figure, info): the input image beside its feature map and top channels (``cfg.output`` checked)."""
 
     from ..runs.figures import feature_map_figure as draw
 
     if cfg.top_k < 1:
         raise UsageError(f"--top-k must be positive, got {cfg.top_k}")
+    output = cfg.output and str(check_output(free_default(cfg.output, FeatureMapConfig.output),
+                                             [cfg.image, cfg.weights], suffixes=(".png",)))
     try:
         image = load_rgb(cfg.image)
     except ImageLoadError as e:
@@ -84,7 +92,7 @@ def feature_map(cfg: FeatureMapConfig) -> tuple:
     top = top_channels(fmap, cfg.top_k)
     fig = draw(seen, fmap, top_k=cfg.top_k,
                title=f"{Path(cfg.image).name} through {cfg.backbone} ({backbone.weights_id})")
-    return fig, {"feature_shape": list(fmap.shape), "top_channels": [int(c) for c in top],
+    return fig, {"output": output, "feature_shape": list(fmap.shape), "top_channels": [int(c) for c in top],
                  "backbone": cfg.backbone, "weights": backbone.weights_id}
 
 

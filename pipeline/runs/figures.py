@@ -18,6 +18,7 @@ from typing import Sequence
 
 import matplotlib
 
+from ..files import atomic_write, writing
 from ..progress import in_notebook  # noqa: E402
 
 if not in_notebook():  # a notebook keeps its inline backend for its own plots
@@ -48,11 +49,12 @@ class Figure(_MplFigure):
 
 
 def save(fig: _MplFigure, path: str | os.PathLike) -> Path:
-    """Write ``fig`` as a PNG at ``DPI`` to ``path`` (its folder created); returns the path."""
+    """Write ``fig`` as a PNG at ``DPI`` to ``path`` (its folder created) through a temporary name, so
+    a failure never leaves half a picture or destroys the old one; returns the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI)
-    return path
+    with writing(path.parent):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
 
 
 def _figure(size) -> Figure:
