@@ -167,3 +167,23 @@ def test_fit_head_checkpoint_finds_its_local_weights_file(tmp_path, image_folder
     torch.save({k: v + 1 for k, v in state.items()}, other)
     with pytest.raises(ValueError, match="not the file the head was fitted with"):
         load_model(head_pt, weights=str(other))
+
+
+def test_a_head_runs_only_on_the_weights_and_preprocessing_it_was_fitted_with(tmp_path, image_folder):
+    import json
+
+    weights = tmp_path / "w" / "tiny.pt"
+    weights.parent.mkdir()
+    torch.save(bb.load_backbone("tiny", "none").model.state_dict(), weights)
+    head_pt = _head_pt(image_folder, tmp_path, weights=str(weights))
+    with pytest.raises(ValueError, match="fitted on other features.*weights: file:tiny.pt vs none"):
+        load_model(head_pt, weights="none")
+    weights.with_suffix(".json").write_text(json.dumps({"mean": [0.1, 0.2, 0.3], "std": [1, 1, 1]}))
+    with pytest.raises(ValueError, match="fitted on other features.*preprocessing"):
+        load_model(head_pt)  # the same file, but an edited sidecar changes what the head sees
+    random_head = _head_pt(image_folder, tmp_path / "r")  # fitted on --weights none: not any file goes
+    with pytest.raises(ValueError, match="weights: none vs file:tiny.pt"):
+        load_model(random_head, weights=str(weights))
+    result = CliRunner().invoke(cli.cli, ["predict", "--model", str(random_head), "--weights", str(weights),
+                                          str(image_folder)])
+    assert result.exit_code == 2 and "fitted on other features" in result.output

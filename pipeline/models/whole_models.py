@@ -313,11 +313,12 @@ def _from_head(ckpt: dict, path, weights: Optional[str]) -> LoadedModel:
     if list(ckpt["in_shape"]) != expected:
         raise UsageError(f"head {str(path)!r} takes features of shape {ckpt['in_shape']}, but {ckpt['backbone']} "
                          f"with pool {pool!r} gives {expected}")
+    # the head means nothing on another backbone's features: every command that runs a head comes here
     differ = Provenance.from_checkpoint(ckpt).differences(Provenance.of_backbone(loaded, ckpt["classes"], pool),
-                                                          ("preprocessing",))
+                                                          ("weights", "preprocessing"))
     if differ:
-        log.warning("the head's features were made with other preprocessing than %s gives now: %s",
-                    source, "; ".join(differ))
+        raise UsageError(f"head {str(path)!r} was fitted on other features than --weights {source} gives "
+                         f"(head vs now: {'; '.join(differ)}); pass the weights it was fitted with")
     model = TransferModel(ckpt["backbone"], loaded.features, ckpt["in_shape"], len(ckpt["classes"]), pool,
                           ckpt.get("dropout", 0.0), head=head_from_checkpoint(ckpt, ckpt["state_dict"], path))
     info = _info(loaded, source, ckpt["in_shape"], ckpt["classes"], pool, ckpt.get("dropout", 0.0))
