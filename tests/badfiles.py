@@ -91,6 +91,9 @@ def make_bad_corpus(root, classes=("blue", "red")) -> dict[str, BadFile]:
         "note.palette-transparent.png": (_palette_with_transparency(), BadFile("non-rgb-mode", False, True)),
         "note.16bit.png": (_sixteen_bit(), BadFile("non-rgb-mode", False, True)),
         "note.exif.jpg": (_corrupt_exif_jpeg(), BadFile("decode-warning", False, True)),
+        # a real 30000 x 1 picture of a few hundred bytes: its resize to 256 would build 7.7 G pixels
+        "bad.thin.png": (_encode(Image.new("RGB", (30000, 1), (90, 90, 90)), "PNG"),
+                         BadFile("extreme-aspect", True, True)),
     }
     out = {}
     for i, (name, (data, expected)) in enumerate(files.items()):

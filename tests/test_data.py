@@ -99,3 +99,21 @@ def test_a_class_folder_without_images_is_refused(tmp_path, content):
         (root / "green" / "x.jpg").symlink_to("/nonexistent")
     with pytest.raises(ValueError, match=r"class folder '.*green' holds no images; remove it or add images"):
         list_image_folder(root)
+
+
+def test_sixteen_bit_images_scale_by_their_bit_depth_never_by_their_content(tmp_path):
+    dark = np.full((8, 8), 200, np.uint16)  # a dark 16-bit picture: every pixel <= 255
+    bright = dark.copy()
+    bright[0, 0] = 60000  # one bright pixel must not change how the others are scaled
+    Image.fromarray(dark).save(tmp_path / "dark.png")
+    Image.fromarray(bright).save(tmp_path / "bright.png")
+    assert np.asarray(load_rgb(tmp_path / "dark.png"))[4, 4].tolist() == [1, 1, 1]  # 200 / 65535 * 255
+    assert np.asarray(load_rgb(tmp_path / "bright.png"))[4, 4].tolist() == [1, 1, 1]
+
+
+def test_an_extremely_thin_image_is_refused_from_its_header(tmp_path):
+    Image.new("RGB", (12000, 1)).save(tmp_path / "thin.png")
+    Image.new("RGB", (100, 1)).save(tmp_path / "ok.png")
+    with pytest.raises(ImageLoadError, match="more than 100 times") as e:
+        load_rgb(tmp_path / "thin.png")
+    assert e.value.kind == "extreme-aspect" and load_rgb(tmp_path / "ok.png").size == (100, 1)

@@ -32,6 +32,7 @@ KINDS = {
     "not-an-image": "error",  # Thumbs.db, .DS_Store, text, ...: no known image format
     "not-a-file": "error",  # a dangling or looping symlink, a named pipe, a device: never opened
     "decompression-bomb": "error",  # the header claims more than data.MAX_IMAGE_PIXELS pixels
+    "extreme-aspect": "error",  # e.g. 30000 x 1: resizing its short side would build a huge image
     "extension-mismatch": "note",  # e.g. PNG or GIF content named .jpg: decodes fine
     "non-rgb-mode": "note",  # grayscale, CMYK, RGBA, palette, 16-bit: converted to RGB at load
     "decode-warning": "note",  # PIL warned while decoding (e.g. possibly corrupt EXIF data)

@@ -23,6 +23,10 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 
 #: Largest image (in pixels) we agree to decode; larger ones are treated as decompression bombs.
 MAX_IMAGE_PIXELS = 89_478_485  # PIL's own default warning threshold (about 0.25 GB of RGB)
+#: Longest side over shortest side we agree to decode. The preprocessing resizes the shorter side to
+#: the model's size (256), so what it builds grows with this ratio, not with the file: a 12000 x 1
+#: PNG of 200 bytes became a 256 x 3,072,000 image (2.5 GB). At 100 the resize stays under 7 M pixels.
+MAX_ASPECT_RATIO = 100
 
 
 @dataclass(frozen=True)
@@ -141,7 +145,7 @@ class ImageLoadError(Exception):
     def __init__(self, reason: str, kind: str = "unreadable"):
         super().__init__(reason)
         self.reason = reason
-        self.kind = kind  # zero-byte, decompression-bomb, not-an-image, not-a-file, truncated or unreadable
+        self.kind = kind  # zero-byte, decompression-bomb, extreme-aspect, not-an-image, not-a-file, truncated, unreadable
 
 
 def _not_regular(st: os.stat_result) -> str | None:
@@ -221,6 +225,14 @@ def jpeg_draft(im, min_short_side: int | None) -> int:
     return round(width / drafted[1][2]) if drafted else 1
 
 
+def check_aspect(size) -> None:
+    """ImageLoadError when an image of ``size`` (from its header) is too thin to resize safely."""
+    w, h = size
+    if max(w, h) > MAX_ASPECT_RATIO * max(1, min(w, h)):
+        raise ImageLoadError(f"{w} x {h} pixels: more than {MAX_ASPECT_RATIO} times longer than wide, its resize "
+                             "would build a huge image", "extreme-aspect")
+
+
 def decode_image(path: str | os.PathLike, min_short_side: int | None = None):
     """load_rgb's rules, also returning the image as stored: (decoded image, its RGB conversion).
 
@@ -238,6 +250,7 @@ def decode_image(path: str | os.PathLike, min_short_side: int | None = None):
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
                 with Image.open(fp) as im:
+                    check_aspect(im.size)
                     jpeg_draft(im, min_short_side)
                     im.load()
                     return im, to_rgb(im)
@@ -276,11 +289,21 @@ def jpeg_bytes(path: str | os.PathLike):
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
             with Image.open(io.BytesIO(data)) as im:  # the header only: no pixels decoded
+                check_aspect(im.size)
                 return data if im.mode in ("RGB", "L") else None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageLoadError(f"decompression bomb: {e}", "decompression-bomb") from None
     except (OSError, SyntaxError, ValueError):
         return None  # load_rgb gives the precise reason
+
+
+def bit_depth(im) -> int:
+    """Bits per sample of an integer-mode image: a TIFF's BitsPerSample, else 16 (PNG and PNM keep
+    16-bit samples in modes I;16 and I)."""
+    bits = getattr(im, "tag_v2", {}).get(258) if hasattr(im, "tag_v2") else None
+    if isinstance(bits, tuple):
+        bits = bits[0] if bits else None
+    return int(bits) if isinstance(bits, int) and 1 <= bits <= 32 else 16
 
 
 def to_rgb(im):
@@ -291,8 +314,8 @@ def to_rgb(im):
         return im
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(im, dtype=np.float64)
-        hi = 65535.0 if arr.max() > 255 else 255.0
-        return Image.fromarray((arr / hi * 255.0).round().astype(np.uint8)).convert("RGB")
+        hi = float(2 ** bit_depth(im) - 1)  # from the file, never from its pixels: a dark picture stays dark
+        return Image.fromarray((np.clip(arr, 0, hi) / hi * 255.0).round().astype(np.uint8)).convert("RGB")
     if im.mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")
     if im.mode in ("RGBA", "LA", "PA"):
