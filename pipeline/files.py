@@ -31,6 +31,20 @@ def plain_name(name: str, what: str) -> str:
     return name
 
 
+def shown(name: str) -> str:
+    """``name`` printable and storable: bytes that are not UTF-8 (kept by Python as surrogates) as ``\\xe9``."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace") if not is_utf8(name) else name
+
+
+def is_utf8(name: str) -> bool:
+    """Whether a name from the file system is valid UTF-8 (HDF5, CSV and JSON output can hold it as is)."""
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def require_folder(path: str | os.PathLike, what: str) -> Path:
     """``path`` as a Path when it is a folder or can be made one; ValueError when it, or the nearest
     part of it that exists, is something else (a regular file), so ``mkdir`` never fails later."""

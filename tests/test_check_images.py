@@ -171,3 +171,14 @@ def test_links_and_pipes_are_errors_quarantined_and_restored(tmp_path):
     subprocess.run(result["quarantine"]["restore"], shell=True, check=True)
     assert entries(root) == before and entries(qdir) == set()
     assert (root / "red" / "pipe.jpg").is_fifo() and (root / "red" / "loop.jpg").is_symlink()
+
+
+def test_a_name_that_is_not_utf8_is_an_error_shown_escaped_in_every_output(tmp_path):
+    import os
+
+    root = make_image_folder(tmp_path / "data", per_class=2)
+    (root / "red" / "red.0.jpg").rename(root / "red" / os.fsdecode(b"caf\xe9.jpg"))
+    report = tmp_path / "r.csv"
+    result = CliRunner().invoke(cli, ["check-images", str(root), "--report", str(report)])
+    assert result.exit_code == 0, result.output
+    assert "red/caf\\xe9.jpg" in result.output and "red/caf\\xe9.jpg,bad-name,error" in report.read_text()

@@ -117,3 +117,14 @@ def test_an_extremely_thin_image_is_refused_from_its_header(tmp_path):
     with pytest.raises(ImageLoadError, match="more than 100 times") as e:
         load_rgb(tmp_path / "thin.png")
     assert e.value.kind == "extreme-aspect" and load_rgb(tmp_path / "ok.png").size == (100, 1)
+
+
+def test_a_name_that_is_not_utf8_is_left_out_and_reported_escaped(tmp_path):
+    import os
+
+    root = make_image_folder(tmp_path / "d", per_class=3)
+    latin1 = os.fsdecode(b"caf\xe9.jpg")
+    (root / "red" / "red.0.jpg").rename(root / "red" / latin1)
+    listing = list_image_folder(root)
+    assert len(listing.files) == 5 and listing.bad == (("red/caf\\xe9.jpg", listing.bad[0][1]),)
+    assert "not valid UTF-8" in listing.bad[0][1]

@@ -160,3 +160,13 @@ def test_predict_output_never_overwrites_an_input_and_is_never_half_written(tmp_
     assert r.exit_code == 1 and "rows.csv: no space left" in r.stderr
     assert out.read_text() == "the previous results\n"  # the old file stands; no half-written one
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_name_that_is_not_utf8_is_refused_before_any_work(tmp_path, image_folder):
+    import os
+
+    from pipeline.models.predict import list_inputs
+
+    (image_folder / "red" / "red.0.jpg").rename(image_folder / "red" / os.fsdecode(b"caf\xe9.jpg"))
+    with pytest.raises(ValueError, match=r"caf\\\\xe9.jpg.*not valid UTF-8"):
+        list_inputs([str(image_folder)])

@@ -22,7 +22,8 @@ from ..config import CheckImagesConfig
 from ..devices import resolve_workers
 from ..errors import PipelineError, UsageError
 from ..files import atomic_write
-from .folders import ImageLoadError, decode_image, is_image_name
+from ..files import is_utf8, shown
+from .folders import NOT_UTF8, ImageLoadError, decode_image, is_image_name
 
 #: Every kind check-images reports, with its severity. Errors are files extract cannot use.
 KINDS = {
@@ -33,6 +34,7 @@ KINDS = {
     "not-a-file": "error",  # a dangling or looping symlink, a named pipe, a device: never opened
     "decompression-bomb": "error",  # the header claims more than data.MAX_IMAGE_PIXELS pixels
     "extreme-aspect": "error",  # e.g. 30000 x 1: resizing its short side would build a huge image
+    "bad-name": "error",  # a name that is not UTF-8: extract leaves the file out
     "extension-mismatch": "note",  # e.g. PNG or GIF content named .jpg: decodes fine
     "non-rgb-mode": "note",  # grayscale, CMYK, RGBA, palette, 16-bit: converted to RGB at load
     "decode-warning": "note",  # PIL warned while decoding (e.g. possibly corrupt EXIF data)
@@ -56,6 +58,8 @@ def check_file(root: str, rel: str) -> list[dict]:
     """Decode one file as extract would and return its findings (none for a good RGB image)."""
     from PIL import Image
 
+    if not is_utf8(rel):
+        return [finding(shown(rel), "bad-name", NOT_UTF8)]
     listed = is_image_name(Path(rel).name)
     ignored = "" if listed else " (extract ignores it: no image extension or a hidden name)"
     with warnings.catch_warnings(record=True) as caught:

@@ -16,10 +16,15 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UsageError
+from ..files import is_utf8, shown
 
 log = logging.getLogger(__name__)
 #: File name endings treated as images when listing a folder (case-insensitive).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+#: Why a file whose name is not UTF-8 is left out (Python keeps such bytes as surrogates, which no
+#: UTF-8 output can hold): told, with the name escaped, rather than failing mid-run.
+NOT_UTF8 = "the file name is not valid UTF-8; rename it (e.g. convmv -f latin1 -t utf8)"
 
 #: Largest image (in pixels) we agree to decode; larger ones are treated as decompression bombs.
 MAX_IMAGE_PIXELS = 89_478_485  # PIL's own default warning threshold (about 0.25 GB of RGB)
@@ -80,6 +85,9 @@ def list_image_folder(root: str | os.PathLike) -> ImageFolderListing:
     if not root.is_dir():
         raise UsageError(f"data folder {str(root)!r} does not exist or is not a folder")
     classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
+    for c in classes:
+        if not is_utf8(c):
+            raise UsageError(f"class folder {shown(c)!r}: {NOT_UTF8}")
     files: list[SourceFile] = []
     bad: list[tuple[str, str]] = []
     for label, cls in enumerate(classes):
@@ -91,6 +99,9 @@ def list_image_folder(root: str | os.PathLike) -> ImageFolderListing:
                     continue
                 full = Path(dirpath) / name
                 rel = full.relative_to(root).as_posix()
+                if not is_utf8(rel):  # caches, reports and tables store names as UTF-8 text
+                    bad.append((shown(rel), NOT_UTF8))
+                    continue
                 try:
                     st = regular_file_stat(full)
                 except ImageLoadError as e:

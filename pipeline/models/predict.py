@@ -19,13 +19,13 @@ import numpy as np
 import torch
 
 from ..config import FORMATS, ImagenetCheckConfig, PredictConfig
-from ..data.folders import ImageLoadError, is_image_name
+from ..data.folders import NOT_UTF8, ImageLoadError, is_image_name
 from ..data.image_reader import ImageListDataset, load_transformed, read_items
 from ..devices import resolve_device, resolve_precision, resolve_workers
 from ..errors import UsageError
 from ..extraction import backbones as bb
 from ..extraction.inference import Inference, run_batches
-from ..files import atomic_write, check_output
+from ..files import atomic_write, check_output, is_utf8, shown
 from ..progress import progress
 from .whole_models import load_model
 
@@ -50,6 +50,9 @@ def list_inputs(paths) -> list[str]:
             raise UsageError(f"{str(p)!r} {'is neither a file nor a folder' if p.exists() else 'does not exist'}")
     if not files:
         raise UsageError(f"no image files in {', '.join(map(str, paths))}")
+    bad = [f for f in files if not is_utf8(f)]
+    if bad:
+        raise UsageError(f"{shown(bad[0])!r}: {NOT_UTF8}" + (f" ({len(bad) - 1} more such names)" if bad[1:] else ""))
     return files
 
 
