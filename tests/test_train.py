@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from pipeline import cli
 from pipeline.cache.feature_cache import FeatureCache
+from pipeline.data.folders import list_image_folder
 from pipeline.extraction import backbones as bb
 from pipeline.heads.fit_head import FitHeadConfig, fit_head
 from pipeline.models.train import FinetuneConfig, TrainConfig, finetune, sample_split, train
@@ -183,3 +184,17 @@ def test_running_lines_go_to_stderr_under_a_drawn_bar_too(tmp_path, image_folder
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["history"][0]["epoch"] == 1
     assert "Epoch 1, batch 1: running train acc=" in result.stderr
+
+
+@pytest.mark.parametrize("how", ["copy", "move"])
+def test_finetune_finds_its_head_training_images_in_a_copied_or_moved_folder_by_content(tmp_path, make_cache, how):
+    import shutil
+
+    from pipeline.models.train import head_training_images
+
+    data = make_image_folder(tmp_path / "data", per_class=10)
+    cache = make_cache(data)["cache"]
+    head = fit_head(FitHeadConfig(cache=cache, epochs=1, val_fraction=0.5, runs_dir=str(tmp_path / "runs")))
+    same = head_training_images(head["checkpoint"], list_image_folder(data))
+    (shutil.copytree if how == "copy" else shutil.move)(str(data), str(tmp_path / "copy"))
+    assert len(same) == 10 and head_training_images(head["checkpoint"], list_image_folder(tmp_path / "copy")) == same

@@ -135,28 +135,49 @@ def _minibatches(loader, device, skipped: _Skipped, bar):
             yield batch.images().to(device).contiguous(memory_format=torch.channels_last), batch.labels().to(device)
 
 
-def head_training_images(init_head: str, root) -> set:
-    """The images (paths under ``root``) a fit-head checkpoint was trained on, so finetune never validates on them.
+def head_training_images(init_head: str, listing) -> set:
+    """The images of ``listing`` a fit-head checkpoint was trained on, so finetune never validates on them.
 
-    Empty for other checkpoints, or when the head's cache is of another folder; when its cache is
-    gone nobody can tell, and that is said.
+    Found by content (sha256, as fit-head's --test-data does), so a copy of the head's folder is caught
+    too; where the head's folder is gone (moved), by relative path and size. Empty for other
+    checkpoints; when the head's cache is gone nobody can tell, and that is said.
     """
-
+    import hashlib
 
     ckpt = read_checkpoint(init_head)
     if ckpt["kind"] != "fit-head":
         return set()
     try:
         with FeatureCache(ckpt["cache"]) as cache:
-            if Path(cache.attrs["data_root"]) != Path(root).resolve():
-                return set()
+            old_root = Path(cache.attrs["data_root"])
             train_rows, _ = split_indices(cache.labels, ckpt["config"]["val_fraction"], ckpt["config"]["seed"])
             paths = cache.paths
-            return {paths[i] for i in train_rows}
+            trained = [paths[i] for i in train_rows]
+            sizes = dict(zip((p.decode() for p in cache.f["source/paths"][:]), cache.f["source/sizes"][:].tolist())
+                         ) if "source" in cache.f else {}
     except (CacheError, KeyError, OSError) as e:
         log.warning("cannot tell which images %s was trained on (%s): validation may include some of them",
                     init_head, e)
         return set()
+    if old_root == Path(listing.root).resolve():
+        return set(trained)
+
+    def digest(path: Path):
+        try:
+            return hashlib.sha256(path.read_bytes()).hexdigest()
+        except OSError:
+            return None  # gone or unreadable: nothing to compare
+
+    by_content, by_name = {}, set()
+    for p in trained:
+        h = digest(old_root / p)
+        if h is None:
+            by_name.add((p, sizes.get(p)))
+        else:
+            by_content.setdefault(sizes.get(p, (old_root / p).stat().st_size), set()).add(h)
+    return {f.path for f in listing.files
+            if (f.path, f.size) in by_name or (f.size in by_content and digest(listing.root / f.path)
+                                                in by_content[f.size])}
 
 
 def _fit(cfg: TrainConfig, kind: str, lm, stages: list, listing, head_saw: frozenset = frozenset()) -> dict:
@@ -258,5 +279,5 @@ def finetune(cfg: FinetuneConfig) -> dict:
         lm = build_model(cfg.backbone or "vgg16", cfg.weights or "DEFAULT", listing.classes, cfg.pool, cfg.dropout)
     lm.model.set_trainable(unfreeze)  # fails early when K is more than the backbone's blocks
     stages = [(0, "head") if e < cfg.head_epochs else (unfreeze, "finetune") for e in range(cfg.epochs)]
-    head_saw = frozenset(head_training_images(cfg.init_head, listing.root)) if cfg.init_head else frozenset()
+    head_saw = frozenset(head_training_images(cfg.init_head, listing)) if cfg.init_head else frozenset()
     return _fit(cfg, "finetune", lm, stages, listing, head_saw)
