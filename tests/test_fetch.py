@@ -168,7 +168,8 @@ def test_a_served_archive_with_a_dotdot_entry_is_refused(server, tmp_path):
     dest = tmp_path / "dest"
     with pytest.raises(PipelineError, match="archive entry '../evil.txt' would be written outside"):
         fetch_data(cfg(dest, server.url))
-    assert not (tmp_path / "evil.txt").exists() and [p.name for p in dest.iterdir()] == [NAME]
+    assert not (tmp_path / "evil.txt").exists()
+    assert [p.name for p in dest.iterdir() if not p.name.startswith(".")] == [NAME]  # our own records aside
 
 
 @pytest.mark.parametrize("evil", ["../evil.txt", "PetImages/../../evil.txt", "{abs}"])
@@ -310,3 +311,16 @@ def test_an_interrupted_unpack_may_replace_its_own_files(tmp_path, monkeypatch):
     result = fetch_data(cfg(tmp_path, closed_port_url()))
     assert result["unpacked_now"] and (tmp_path / "PetImages" / "Dog" / "0.jpg").stat().st_size == 150_000
     assert not (tmp_path / f".{NAME}.unpacking").exists()
+
+
+def test_another_url_with_the_same_archive_name_is_never_taken_for_the_first(tmp_path):
+    for which in ("A", "B"):
+        (tmp_path / "src" / which).mkdir(parents=True)
+        (tmp_path / "src" / which / "data.zip").write_bytes(make_zip({f"{which}/x/{which}.txt": which.encode()}))
+    dest = tmp_path / "dest"
+    fetch_data(cfg(dest, f"file://{tmp_path}/src/A/data.zip"))
+    with pytest.raises(ValueError, match="fetched from file://.*/A/data.zip, not .*/B/data.zip"):
+        fetch_data(cfg(dest, f"file://{tmp_path}/src/B/data.zip"))
+    result = fetch_data(cfg(dest, f"file://{tmp_path}/src/B/data.zip", overwrite=True))
+    assert result["downloaded"] and (dest / "B" / "x" / "B.txt").read_text() == "B"
+    assert fetch_data(cfg(dest, f"file://{tmp_path}/src/B/data.zip"))["downloaded"] is False

@@ -50,14 +50,42 @@ def fetch_data(cfg: FetchConfig) -> dict:
     except OSError as e:
         raise PipelineError(f"cannot create --dest {str(dest)!r}: {e.strerror or e}") from None
     archive = dest / name
+    check_source(cfg, archive)
     downloaded = not archive.is_file()
     if downloaded:
         download(cfg, archive)
+        _source_record(archive).write_text(json.dumps({"url": cfg.url, "bytes": archive.stat().st_size}))
     else:
         log.info("archive already complete: %s", archive)
     unpacked, fresh = unpack(archive, dest, overwrite=cfg.overwrite)
     return {"archive": str(archive), "bytes": archive.stat().st_size, "downloaded": downloaded,
             "unpacked": str(unpacked), "unpacked_now": fresh, "url": cfg.url}
+
+
+def _source_record(archive: Path) -> Path:
+    return archive.with_name(f".{archive.name}.url")
+
+
+def check_source(cfg: FetchConfig, archive: Path) -> None:
+    """Refuse a --url whose archive name is already taken in --dest by another URL's download, so one
+    never passes for the other; with --overwrite, forget the other one and fetch anew.
+
+    An archive without a record (put there by hand, as the offline message says) is taken as is.
+    """
+    if not archive.is_file():
+        return
+    try:
+        url = json.loads(_source_record(archive).read_text())["url"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if url == cfg.url:
+        return
+    if not cfg.overwrite:
+        raise UsageError(f"{archive} in --dest was fetched from {url}, not {cfg.url}; choose another --dest, "
+                         "or pass --overwrite to fetch and unpack this URL over it")
+    log.warning("%s came from %s: fetching %s anew", archive, url, cfg.url)
+    for old in (archive, archive.with_name(f".{archive.name}.unpacked")):
+        old.unlink(missing_ok=True)
 
 
 # -- download ----------------------------------------------------------------------------------
