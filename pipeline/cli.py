@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import sys
 import warnings
@@ -172,7 +173,18 @@ def plural(k: int, word: str) -> str:
 
 
 def emit(result, as_json: bool, text: str) -> None:
-    click.echo(json.dumps(result, indent=2, default=str) if as_json else text)
+    click.echo(json.dumps(_finite(result), indent=2, default=str, allow_nan=False) if as_json else text)
+
+
+def _finite(value):
+    """``value`` with NaN and infinities as null: JSON has no such numbers, and a bare NaN breaks every parser."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _setup_logging(verbose: int, quiet: bool = False) -> None:
@@ -282,7 +294,7 @@ def caches(cache_dir, consolidate, as_json):
         return
     found = api.list_caches(cache_dir)
     result = {"caches": [c.summary() for c in found],
-              "unreadable": [{"path": str(p), "why": w} for p, w in found.unreadable]}
+              "unreadable": [dict(b) for b in found.unreadable]}  # already {path, why} each
     lines = [f"{'path':<48} {'backbone':<10} {'rows':>6} {'classes':<20} {'size':>9}  created"]
     for c in result["caches"]:
         state = ("" if c["complete"] else "  (incomplete)") + ("  (sharded)" if c.get("sharded") else "")

@@ -24,8 +24,10 @@ from tests.fsfaults import make_non_regular
 
 def _attrs(fp="abc"):
     return {"fingerprint": fp, "backbone": "tiny", "weights": "none", "mean": np.zeros(3), "std": np.ones(3),
-            "transform": "t", "classes": '["a", "b"]', "seed": 0, "n_requested": 0, "data_root": "/x",
-            "data_fingerprint": "d", "dtype": "float32", "created": "now", "versions": "{}"}
+            "transform": "Resize([256], bilinear, antialias=True) CenterCrop([224]) ToTensor() "
+                         "Normalize(mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0])",
+            "classes": '["a", "b"]', "seed": 0, "n_requested": 0, "data_root": "/x",
+            "data_fingerprint": "d", "dtype": "float32", "created": "2026-01-01T00:00:00+0000", "versions": "{}"}
 
 
 def test_writer_commits_only_whole_batches_and_resume_truncates(tmp_path):
@@ -233,3 +235,45 @@ def test_freshness_check_survives_links_and_pipes_in_the_data_folder(tiny_cache,
     assert source_changes(info) is None  # not images: the listing, and so the fingerprint, is unchanged
     (image_folder / "green").mkdir()
     assert "holds no images" in source_changes(info)
+
+
+@pytest.mark.parametrize("name, value, why", [
+    ("classes", '[1, 2]', "at least 2 distinct class names"),
+    ("classes", '["a"]', "at least 2 distinct"),
+    ("classes", '["a", "a"]', "distinct"),
+    ("rows", -1, "0 or more"),
+    ("dtype", "int8", "one of float16, float32"),
+    ("mean", np.array([np.nan, 0, 0]), "3 finite numbers"),
+    ("mean", np.array([0.5, 0.5, 0.5]), "the preprocessing's mean"),
+    ("created", "yesterday", "an ISO 8601 time"),
+])
+def test_every_hand_edited_attribute_is_refused_on_open(tmp_path, name, value, why):
+    with CacheWriter(tmp_path / "c.h5", _attrs()) as w:
+        w.append(np.ones((2, 2, 1, 1), np.float32), [0, 1], ["a", "b"], next_candidate=2)
+        w.finish()
+    with h5py.File(tmp_path / "c.h5", "a") as f:
+        f.attrs[name] = value
+    with pytest.raises(CacheError, match=f"attribute '{name}' .*{why}"):
+        read_info(tmp_path / "c.h5")
+    res = CliRunner().invoke(cli.cli, ["caches", "--cache-dir", str(tmp_path)])
+    assert res.exit_code == 0 and "not a usable cache" in res.stdout
+
+
+def test_newest_compares_created_as_instants_whatever_the_time_zone(tmp_path):
+    # b is an hour later than a as an instant, though earlier as text
+    for name, created in (("a.h5", "2026-01-01T10:30:00+0000"), ("b.h5", "2026-01-01T10:00:00-0100")):
+        with CacheWriter(tmp_path / name, {**_attrs(name), "created": created}) as w:
+            w.append(np.ones((2, 2, 1, 1), np.float32), [0, 1], ["a", "b"], next_candidate=2)
+            w.finish()
+    assert newest_cache(tmp_path).path.name == "b.h5"
+
+
+def test_caches_names_each_unusable_file_and_its_reason(tmp_path):
+    import json
+
+    (tmp_path / "junk.h5").write_bytes(b"not hdf5")
+    text = CliRunner().invoke(cli.cli, ["caches", "--cache-dir", str(tmp_path)]).stdout
+    assert f"not a usable cache: {tmp_path / 'junk.h5'}: " in text and "not an HDF5 file" in text
+    out = json.loads(CliRunner().invoke(cli.cli, ["caches", "--cache-dir", str(tmp_path), "--json"]).stdout)
+    assert out["unreadable"] == [{"path": str(tmp_path / "junk.h5"), "why": out["unreadable"][0]["why"]}]
+    assert "not an HDF5 file" in out["unreadable"][0]["why"]

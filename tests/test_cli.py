@@ -126,3 +126,10 @@ def test_a_diverging_fit_exits_1_and_saves_nothing(run, tmp_path, make_cache):
     r = run("fit-head", "--cache", cache, "--runs-dir", tmp_path / "runs", "--epochs", 2)
     assert r.exit_code == 1 and "training diverged: the loss became nan" in r.stderr
     assert not list((tmp_path / "runs").glob("*/head.pt"))
+
+
+def test_json_output_is_always_valid_json_nan_and_infinity_as_null(capsys):
+    from pipeline.cli import emit
+
+    emit({"val_loss": float("nan"), "history": [{"loss": float("inf")}], "ok": 1.5}, True, "")
+    assert json.loads(capsys.readouterr().out) == {"val_loss": None, "history": [{"loss": None}], "ok": 1.5}

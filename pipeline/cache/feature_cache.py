@@ -22,6 +22,7 @@ from typing import Iterator, Optional, Sequence
 import h5py
 import numpy as np
 
+from ..config import POOLS, STORAGE_DTYPES
 from ..errors import DiskFull, PipelineError, UsageError
 from ..files import require_folder
 
@@ -370,6 +371,7 @@ def _validate(f: h5py.File, path: Path) -> CacheInfo:
         classes = json.loads(attrs["classes"])
     except (TypeError, json.JSONDecodeError):
         raise CacheError(f"{path}: attribute 'classes' is not a JSON list") from None
+    _check_values(path, attrs, classes)
     for name, ndim, kinds in (("labels", 1, "i"), ("paths", 1, "OS")):
         if name not in f or not isinstance(f[name], h5py.Dataset):
             raise CacheError(f"{path} has no dataset {name!r}; it is damaged or foreign")
@@ -389,6 +391,53 @@ def _validate(f: h5py.File, path: Path) -> CacheInfo:
     if attrs.get("sharded"):
         _check_shards(path, attrs)
     return CacheInfo(path, attrs, rows, shape, path.stat().st_size)
+
+
+def _check_values(path: Path, attrs: dict, classes) -> None:
+    """Refuse attribute values no extraction writes, so a hand-edited cache fails here, on open, before
+    any work (not after a fit has written its checkpoint and ledger line)."""
+    def bad(name: str, want: str):
+        raise CacheError(f"{path}: attribute {name!r} is {attrs.get(name)!r:.80}, not {want}; it is damaged or "
+                         "was edited by hand")
+
+    if not (isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) and c for c in classes)
+            and len(set(classes)) == len(classes)):
+        bad("classes", "a list of at least 2 distinct class names")
+    for name in ("rows", "next_candidate", "n_requested", "seed"):
+        if attrs[name] < 0:
+            bad(name, "0 or more")
+    if attrs["dtype"] not in STORAGE_DTYPES:
+        bad("dtype", f"one of {', '.join(STORAGE_DTYPES)}")
+    if attrs.get("pool", "none") not in POOLS:
+        bad("pool", f"one of {', '.join(POOLS)}")
+    for name in ("mean", "std"):
+        v = np.asarray(attrs[name], dtype=object)
+        try:
+            ok = v.shape == (3,) and np.isfinite(v.astype(np.float64)).all() and (name == "mean" or (v > 0).all())
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            bad(name, "3 finite numbers" + (" above 0" if name == "std" else ""))
+    try:
+        from .provenance import Provenance
+
+        pre = Provenance.from_cache_attrs(attrs).preprocessing
+    except (KeyError, TypeError, ValueError, AttributeError):
+        bad("preprocessing", "a preprocessing record")
+    if [round(x, 6) for x in pre.mean] != [round(float(x), 6) for x in attrs["mean"]]:
+        bad("mean", f"the preprocessing's mean {list(pre.mean)}")
+    try:
+        created_at(attrs["created"])
+    except ValueError:
+        bad("created", "an ISO 8601 time")
+
+
+def created_at(created: str) -> float:
+    """A cache's ``created`` attribute as a POSIX time, so times written under any UTC offset compare as
+    instants (an offset-less one is read as local time, as it was written)."""
+    from datetime import datetime
+
+    return datetime.fromisoformat(created).timestamp()
 
 
 def _check_shards(path: Path, attrs: dict) -> None:
@@ -643,7 +692,7 @@ def list_caches(cache_dir: str | os.PathLike) -> tuple[list[CacheInfo], list[tup
             good.append(read_info(p))
         except (CacheError, CacheBusy) as e:
             bad.append((p, str(e)))
-    good.sort(key=lambda i: i.attrs["created"], reverse=True)
+    good.sort(key=lambda i: created_at(i.attrs["created"]), reverse=True)  # instants, whatever the TZ
     return good, bad
 
 
