@@ -24,6 +24,8 @@ from .config import (
     DECODERS,
     FORMATS,
     HEADS,
+    MAX_LR,
+    MAX_TOP_K,
     MODEL_PRECISIONS,
     NORMS,
     POOLS,
@@ -410,7 +412,7 @@ def preview(as_json, **options):
 @defaults_from(FeatureMapConfig)
 @cli.command("feature-map")
 @click.argument("image", type=click.Path(dir_okay=False))
-@click.option("--top-k", type=int, help="Most active channels shown over the image.")
+@click.option("--top-k", type=int, help=f"Most active channels shown over the image (1 to {MAX_TOP_K}).")
 @picture_options()
 @json_option
 @library_errors
@@ -563,7 +565,7 @@ def train_text(result: dict) -> str:
 @click.option("--backbone", help="vgg16, vgg19, resnet18, resnet50, ...")
 @click.option("--weights", help="torchvision weights name (DEFAULT, IMAGENET1K_V1), a state-dict file, or 'none'.")
 @click.option("--epochs", type=int)
-@click.option("--lr", type=FINITE, help="Adam learning rate of the head.")
+@click.option("--lr", type=FINITE, help=f"Adam learning rate of the head, up to {MAX_LR:g}.")
 @split_options
 @json_option
 @library_errors
@@ -584,8 +586,8 @@ def train(as_json, **options):
 @click.option("--epochs", type=int, help="Epochs in all, head-only ones included.")
 @click.option("--head-epochs", type=int,
               help="Staged schedule: train only the head for this many epochs, then unfreeze.")
-@click.option("--lr", type=FINITE, help="Adam learning rate of the head.")
-@click.option("--backbone-lr", type=FINITE, help="Learning rate of the backbone [default: lr / 10].")
+@click.option("--lr", type=FINITE, help=f"Adam learning rate of the head, up to {MAX_LR:g}.")
+@click.option("--backbone-lr", type=FINITE, help=f"Learning rate of the backbone, up to {MAX_LR:g} [default: lr / 10].")
 @split_options
 @json_option
 @library_errors

@@ -25,6 +25,12 @@ HEADS = ("linear", "logreg", "kernel")
 RECIPES = ("default", "seed")
 FORMATS = ("table", "csv", "json")
 SPLITS = ("val", "all")
+#: Learning rates (and weight decays) accepted: beyond these an optimiser's float32 state overflows
+#: (1e38 is a RuntimeError inside Adam) and nothing useful was ever trained.
+MAX_LR = 10.0
+MAX_WEIGHT_DECAY = 10.0
+#: Most channels feature-map draws over the image: each is one more panel (512 took minutes).
+MAX_TOP_K = 32
 
 
 @dataclass

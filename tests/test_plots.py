@@ -155,3 +155,9 @@ def test_default_picture_never_replaces_an_earlier_one(tmp_path, image_folder, m
     for _ in range(2):
         run("preview", "--data", image_folder, "--backbone", "tiny", "--weights", "none", "--per-class", 1)
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["preview-2.png", "preview.png"]
+
+
+def test_top_k_is_capped_and_the_cap_is_in_the_help(tmp_path, image_folder):
+    assert "1 to 32" in run("feature-map", "--help").stdout
+    assert "between 1 and 32" in _usage_error("feature-map", image_folder / "red" / "red.0.jpg", "--backbone", "tiny",
+                                              "--weights", "none", "--top-k", 512, "--output", tmp_path / "f.png")

@@ -198,3 +198,10 @@ def test_finetune_finds_its_head_training_images_in_a_copied_or_moved_folder_by_
     same = head_training_images(head["checkpoint"], list_image_folder(data))
     (shutil.copytree if how == "copy" else shutil.move)(str(data), str(tmp_path / "copy"))
     assert len(same) == 10 and head_training_images(head["checkpoint"], list_image_folder(tmp_path / "copy")) == same
+
+
+@pytest.mark.parametrize("command, option", [("train", "--lr"), ("finetune", "--lr"), ("finetune", "--backbone-lr")])
+def test_a_learning_rate_past_the_range_is_a_usage_error_naming_it(tmp_path, image_folder, command, option):
+    r = CliRunner().invoke(cli.cli, [command, "--data", str(image_folder), "--backbone", "tiny", "--weights", "none",
+                                     option, "1e300", "--epochs", "1", "--runs-dir", str(tmp_path / "runs")])
+    assert r.exit_code == 2 and f"{option} must be in (0, 10]" in r.output, r.output

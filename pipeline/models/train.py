@@ -9,6 +9,7 @@ stratified sample (``--n``) and train/val split as extract and fit-head.
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from dataclasses import asdict
@@ -20,7 +21,7 @@ from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
 from ..cache.feature_cache import CacheError, FeatureCache
-from ..config import FinetuneConfig, TrainConfig
+from ..config import MAX_LR, FinetuneConfig, TrainConfig
 from ..data.folders import list_image_folder, stratified_order
 from ..data.image_reader import ImageListDataset, collate_items, item_loader, iter_items
 from ..devices import resolve_device, resolve_precision, resolve_workers
@@ -34,11 +35,18 @@ from .whole_models import build_model, count_params, load_model, parse_unfreeze,
 log = logging.getLogger(__name__)
 
 
+def check_lr(option: str, lr: float) -> None:
+    """A usage error for a learning rate outside (0, MAX_LR]: larger ones overflow Adam's state."""
+    if not (math.isfinite(lr) and 0 < lr <= MAX_LR):
+        raise UsageError(f"{option} must be in (0, {MAX_LR:g}], got {lr}")
+
+
 def validate(cfg: TrainConfig) -> None:
     validate_training(cfg, positive=("epochs", "batch_size"), non_negative=("n", "print_every"))
+    check_lr("--lr", cfg.lr)
     if isinstance(cfg, FinetuneConfig):
-        if cfg.backbone_lr is not None and cfg.backbone_lr <= 0:
-            raise UsageError(f"--backbone-lr must be positive, got {cfg.backbone_lr}")
+        if cfg.backbone_lr is not None:
+            check_lr("--backbone-lr", cfg.backbone_lr)
         if not 0 <= cfg.head_epochs <= cfg.epochs:
             raise UsageError(f"--head-epochs must be between 0 and --epochs ({cfg.epochs}), got {cfg.head_epochs}")
 

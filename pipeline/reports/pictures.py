@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import FeatureMapConfig, PreviewConfig
+from ..config import MAX_TOP_K, FeatureMapConfig, PreviewConfig
 from ..data.folders import ImageLoadError, list_image_folder, load_rgb
 from ..errors import UsageError
 from ..files import check_output, free_default
@@ -77,8 +77,8 @@ def feature_map(cfg: FeatureMapConfig) -> tuple:
 
     from ..runs.figures import feature_map_figure as draw
 
-    if cfg.top_k < 1:
-        raise UsageError(f"--top-k must be positive, got {cfg.top_k}")
+    if not 1 <= cfg.top_k <= MAX_TOP_K:
+        raise UsageError(f"--top-k must be between 1 and {MAX_TOP_K}, got {cfg.top_k}")
     output = cfg.output and str(check_output(free_default(cfg.output, FeatureMapConfig.output),
                                              [cfg.image, cfg.weights], suffixes=(".png",)))
     try:
