@@ -125,7 +125,7 @@ def test_plain_run_is_a_hit_and_consolidate_makes_one_file(clean, tmp_path):
 def test_killed_rank_resumes_and_a_lost_shard_is_refused_then_redone(tmp_path):
     """Bad files in the sample: replacements come in a second round; the set equals one process's."""
     data = make_image_folder(tmp_path / "data", per_class=16)
-    make_bad_corpus(data)  # 4 files extract skips, 8 odd-but-good ones
+    make_bad_corpus(data)  # 5 files extract skips, 8 odd-but-good ones
     one = single(data, tmp_path / "single", 30)
 
     crashed = torchrun(tmp_path, data, tmp_path / "sharded", 30, env={"CRASH_RANK1_AFTER": "1"})
@@ -140,7 +140,7 @@ def test_killed_rank_resumes_and_a_lost_shard_is_refused_then_redone(tmp_path):
                 assert f.attrs["complete"] == 0 and f.attrs["rows"] > 0  # its first batch survived
 
     res = result_of(torchrun(tmp_path, data, tmp_path / "sharded", 30))
-    assert res["rows"] == 30 and res["skipped"] == 4 and res["computed"] == 30 - committed
+    assert res["rows"] == 30 and res["skipped"] == 5 and res["computed"] == 30 - committed
     assert_same_rows(one, res["cache"], exact=False)
 
     lost = shard_paths(read_info(res["cache"]))[1]
