@@ -49,8 +49,10 @@ def maps(n=60, k=2, shape=SHAPE, seed=0, sep=1.5):
 
 def make_cache(path, x, y):
     attrs = {"fingerprint": "fp", "backbone": "tiny", "weights": "none", "mean": np.zeros(3), "std": np.ones(3),
-             "transform": "t", "classes": '["a", "b", "c"]', "seed": 0, "n_requested": 0, "data_root": "/x",
-             "data_fingerprint": "d", "dtype": "float32", "created": "now", "versions": "{}"}
+             "transform": "Resize([256], bilinear, antialias=True) CenterCrop([224]) ToTensor() "
+                          "Normalize(mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0])",
+             "classes": '["a", "b", "c"]', "seed": 0, "n_requested": 0, "data_root": "/x",
+             "data_fingerprint": "d", "dtype": "float32", "created": "2026-01-01T00:00:00+0000", "versions": "{}"}
     with CacheWriter(path, attrs) as w:
         w.append(x, y, [f"{i}.jpg" for i in range(len(y))], len(y))
         w.finish()
