@@ -37,9 +37,11 @@ from ..errors import UsageError
 from ..files import atomic_write
 from ..progress import is_quiet, progress
 from ..runs.run_folders import finish_run, new_run_dir
+from .cache_views import CacheRows, CacheViews, fit_normalizer_stream
 from .epoch_loop import per_class_accuracy, run_epochs, split_indices, train_one_epoch, validate_training
 from .feature_views import NORMS, VIEWS, Normalizer, check_view
-from .probe_heads import CacheRows, CacheViews, ProbeHead, fit_normalizer_stream, fit_setting, format_table, tune
+from .model_selection import fit_setting, format_table, tune
+from .probe_heads import ProbeHead
 
 log = logging.getLogger(__name__)
 

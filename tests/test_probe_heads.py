@@ -4,24 +4,12 @@ import torch
 from torch import nn
 
 from pipeline.cache.feature_cache import CacheWriter, FeatureCache
+from pipeline.heads.cache_views import CacheRows, CacheViews, fit_normalizer_stream
 from pipeline.heads.feature_views import Normalizer, apply_view
-from pipeline.heads.probe_heads import (
-    CacheRows,
-    CacheViews,
-    ProbeHead,
-    expand_grid,
-    fit_kernel,
-    fit_logreg,
-    fit_normalizer_stream,
-    fit_setting,
-    format_table,
-    from_kernel,
-    from_logreg,
-    resolve_gamma,
-    train_linear,
-    tune,
-    view_rows,
-)
+from pipeline.heads.linear_trainer import train_linear
+from pipeline.heads.model_selection import expand_grid, fit_setting, format_table, tune
+from pipeline.heads.probe_heads import ProbeHead, from_kernel, from_logreg
+from pipeline.heads.sklearn_fits import fit_kernel, fit_logreg, resolve_gamma
 
 SHAPE = (4, 3, 3)
 
@@ -60,7 +48,7 @@ def make_cache(path, x, y):
 def test_plain_head_equals_flatten_linear_logsoftmax():
     torch.manual_seed(0)
     seq = nn.Sequential(nn.Flatten(), nn.Linear(int(np.prod(SHAPE)), 3), nn.LogSoftmax(dim=1))
-    head = ProbeHead.from_legacy(seq.state_dict(), SHAPE)
+    head = ProbeHead.from_linear(seq[1].weight.detach(), seq[1].bias.detach(), SHAPE)
     assert head.config["view"] == "flat" and head.config["normalize"] == "none" and head.linear.weight.dtype == torch.float32
     x = torch.from_numpy(maps(8)[0])
     torch.testing.assert_close(head(x), seq(x), rtol=0, atol=0)
@@ -90,8 +78,9 @@ def test_pooled_shapes_refuse_spatial_views():
     assert {s["view"] for s in expand_grid({"view": ["flat", "avg", "max", "avgmax"]}, (4, 1, 1))} == {"flat", "avg"}
     with pytest.raises(ValueError, match="view 'avgmax'.*allowed views: avg, flat"):
         fit_setting(x, y, {"head": "logreg", "view": "avgmax"})
-    r = tune(x, y, folds=2)  # the default grid, on a pooled cache: its spatial views are left out
-    assert {row["setting"]["view"] for row in r["table"]} == {"avg"} and len(r["table"]) == 8
+    grid = {"head": ["logreg", "kernel"], "view": ["avg", "avgmax"], "C": [1.0, 10.0]}
+    r = tune(x, y, grid, folds=2)  # on a pooled cache the grid's spatial views are left out
+    assert {row["setting"]["view"] for row in r["table"]} == {"avg"} and len(r["table"]) == 4
     with pytest.raises(ValueError, match="view 'max'.*allowed views: avg, flat"):
         tune(x, y, [{"head": "logreg", "view": "max"}], folds=2)
 
@@ -147,13 +136,13 @@ def test_cache_views_stream_in_blocks(tmp_path):
     x, y = maps(23, 3)
     with FeatureCache(make_cache(tmp_path / "c.h5", x, y)) as c:
         idx = np.array([20, 3, 7, 0, 11, 15])
-        xv, yv = view_rows(c, idx, "avgmax", block_rows=4)
-        np.testing.assert_array_equal(xv, apply_view(x[np.sort(idx)], "avgmax"))
-        np.testing.assert_array_equal(yv, y[np.sort(idx)])
+        views = CacheViews(c, idx, block_rows=4)
+        np.testing.assert_array_equal(views["avgmax"], apply_view(x[np.sort(idx)], "avgmax"))
+        np.testing.assert_array_equal(views.labels, y[np.sort(idx)])
         cv = CacheViews(c, idx, block_rows=5).load(["avg", "flat"])
         np.testing.assert_array_equal(cv["flat"], x[np.sort(idx)].reshape(6, -1))
         with pytest.raises(ValueError, match="over the 0.0 GB limit; stream it with CacheRows"):
-            view_rows(c, idx, "flat", max_bytes=100)
+            CacheViews(c, idx, max_bytes=100)["flat"]
         rows = CacheRows(c, np.arange(23), block_rows=4)
         nm = fit_normalizer_stream(rows, "flat", "rms", batch_size=5)
         assert nm.rms == pytest.approx(Normalizer("rms").fit(x.reshape(23, -1)).rms, rel=1e-9)

@@ -1,0 +1,105 @@
+"""The one way heads read a cache: views of its rows, computed while it streams in blocks (never stored).
+
+Pooled views are small (512 or 1024 floats a row for VGG-16) and are held in memory (``CacheViews``);
+the flat view (25,088 floats a row) is streamed (``CacheRows``), so memory stays bounded at any size.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping, Optional, Sequence
+
+import numpy as np
+
+from .feature_views import (
+    Normalizer,
+    allowed_views,
+    apply_view,
+    check_norm,
+    check_view,
+    view_dim,
+)
+
+log = logging.getLogger(__name__)
+
+# -- streaming views out of a cache ------------------------------------------------------------
+def _view_rows_multi(cache, indices, views: Sequence[str], block_rows: int, max_bytes: float) -> dict:
+    indices = np.sort(np.asarray(indices))
+    for v in views:
+        check_view(v, cache.feature_shape)
+    need = sum(len(indices) * view_dim(v, cache.feature_shape) * 4 for v in views)
+    if need > max_bytes:
+        raise ValueError(f"the {'/'.join(views)} view of {len(indices)} rows is {need / 1e9:.1f} GB as float32, "
+                         f"over the {max_bytes / 1e9:.1f} GB limit; stream it with CacheRows instead")
+    out = {v: np.empty((len(indices), view_dim(v, cache.feature_shape)), np.float32) for v in views}
+    i = 0
+    for rows, block, sel in cache.iter_blocks(indices, block_rows):
+        part = block[sel]
+        for v in views:
+            out[v][i:i + len(rows)] = apply_view(part, v)
+        i += len(rows)
+    return out
+
+
+class CacheViews(Mapping):
+    """Lazy {view: rows} over some cache rows, for ``tune``: each view read once, when first asked for.
+
+    ``load(views)`` reads several views in one pass over the cache.
+    """
+
+    def __init__(self, cache, indices, block_rows: int = 2048, max_bytes: float = 4e9):
+        self.cache, self.block_rows, self.max_bytes = cache, block_rows, max_bytes
+        self.indices = np.sort(np.asarray(indices))
+        self.labels = np.asarray(cache.labels[self.indices], np.int64)
+        self.feature_shape = tuple(cache.feature_shape)
+        self._rows: dict = {}
+
+    def load(self, views: Sequence[str]) -> "CacheViews":
+        todo = [v for v in dict.fromkeys(views) if v not in self._rows]
+        if todo:
+            self._rows.update(_view_rows_multi(self.cache, self.indices, todo, self.block_rows, self.max_bytes))
+        return self
+
+    def __getitem__(self, view: str) -> np.ndarray:
+        return self.load([view])._rows[view]
+
+    def __iter__(self):
+        return iter(allowed_views(self.feature_shape))
+
+    def __len__(self):
+        return len(allowed_views(self.feature_shape))
+
+
+@dataclass
+class CacheRows:
+    """Cache rows to stream through ``train_linear`` (the flat view of many rows: never all in memory)."""
+
+    cache: Any  # a pipeline.cache.feature_cache.FeatureCache
+    indices: np.ndarray
+    block_rows: int = 2048
+
+    def __post_init__(self):
+        self.indices = np.sort(np.asarray(self.indices))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    @property
+    def feature_shape(self) -> tuple:
+        return tuple(self.cache.feature_shape)
+
+    def batches(self, view: str, batch_size: int, rng: Optional[np.random.Generator] = None
+                ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(view rows float32, labels) minibatches; with ``rng``, blocks and rows within them shuffled."""
+        for rows, feats in self.cache.iter_batches(self.indices, batch_size, self.block_rows, rng):
+            yield apply_view(feats, view), np.asarray(self.cache.labels[rows], np.int64)
+
+
+def fit_normalizer_stream(rows: CacheRows, view: str, kind: str, batch_size: int = 512) -> Normalizer:
+    """A normaliser fitted on streamed cache rows (one pass, float64 sums)."""
+    check_norm(kind)
+    if kind in ("none", "l2"):
+        return Normalizer(kind)
+    return Normalizer(kind).fit_batches(x for x, _ in rows.batches(view, batch_size))
+
+
