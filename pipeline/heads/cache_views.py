@@ -10,7 +10,9 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
+import torch
 
+from ..cache.feature_cache import FeatureCache
 from .feature_views import (
     Normalizer,
     allowed_views,
@@ -103,3 +105,30 @@ def fit_normalizer_stream(rows: CacheRows, view: str, kind: str, batch_size: int
     return Normalizer(kind).fit_batches(x for x, _ in rows.batches(view, batch_size))
 
 
+# -- a head on cache rows ----------------------------------------------------------------------
+def as_float32(feats: np.ndarray, device):
+    """A minibatch of cached features as a float32 tensor on ``device``: the same numbers as
+    ``feats.astype(np.float32)``, but widened by torch (vectorised: ~20x numpy's float16 cast) and,
+    on an accelerator, after the copy (half the bytes to move)."""
+
+    if not feats.dtype.isnative:  # a foreign byte order, which torch does not take
+        feats = feats.astype(np.float32)
+    return torch.from_numpy(feats).to(device).float()
+
+
+def evaluate_head(head, cache: FeatureCache, indices: np.ndarray, device, block_rows: int,
+                  batch_size: int = 256) -> tuple[float, float, np.ndarray]:
+    """Accuracy, mean NLL and log-probabilities (rows in sorted ``indices`` order) over some cache rows."""
+
+    head.eval()
+    out = np.zeros((len(indices), len(cache.classes)), np.float64)
+    i = 0
+    with torch.inference_mode():
+        for rows, feats in cache.iter_batches(indices, batch_size, block_rows):  # in sorted row order
+            lp = head(as_float32(feats, device)).double().cpu().numpy()
+            out[i:i + len(lp)] = lp
+            i += len(lp)
+    y = cache.labels[np.sort(indices)]
+    nll = float(-out[np.arange(len(y)), y].mean())
+    acc = float((out.argmax(1) == y).mean())
+    return acc, nll, out

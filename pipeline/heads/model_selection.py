@@ -7,8 +7,11 @@ import time
 from typing import Callable, Mapping, Optional
 
 import numpy as np
+import torch
 from sklearn.model_selection import StratifiedKFold, train_test_split
+from threadpoolctl import threadpool_limits
 
+from ..progress import quiet
 from .feature_views import (
     VIEWS,
     Normalizer,
@@ -90,11 +93,13 @@ def fit_setting(X, y: np.ndarray, setting: dict, in_shape=None, n_classes: Optio
     t0 = time.time()
     if s["head"] == "torch":
         a, b = _stratified_holdout(y, 0.125, seed)
-        head, rep = train_linear((x[a], y[a]), (x[b], y[b]), n_classes=n_classes, in_shape=in_shape,
-                                 view=s["view"], normalize=s["normalize"], lr=s["lr"],
-                                 weight_decay=s["weight_decay"], max_epochs=s["max_epochs"],
-                                 patience=s["patience"], batch_size=s["batch_size"], seed=seed)
-        info = {k: rep[k] for k in ("best_epoch", "best_val_loss", "epochs_run", "stopped_early")}
+        with quiet():
+            head, history = train_linear((x[a], y[a]), (x[b], y[b]), n_classes=n_classes, in_shape=in_shape,
+                                         view=s["view"], normalize=s["normalize"], lr=s["lr"],
+                                         weight_decay=s["weight_decay"], epochs=s["max_epochs"],
+                                         patience=s["patience"], batch_size=s["batch_size"], seed=seed)
+        best = min(history, key=lambda h: h["val_loss"])
+        info = {"best_epoch": best["epoch"], "best_val_loss": best["val_loss"], "epochs_run": len(history)}
     else:
         nm = Normalizer(s["normalize"]).fit(x)
         xn = nm.transform(x)
@@ -200,8 +205,6 @@ def tune(X, y: np.ndarray, grid, folds: int = 5, seed: int = 0, *, in_shape=None
     seconds (mean fit time per fold)], "best": the winning row, "folds", "seed", "score", "rows"}.
     """
     if threads:
-        import torch
-        from threadpoolctl import threadpool_limits
 
         before = torch.get_num_threads()
         torch.set_num_threads(threads)
@@ -266,11 +269,11 @@ def tune(X, y: np.ndarray, grid, folds: int = 5, seed: int = 0, *, in_shape=None
             for s in (s for s in group if s["head"] == "torch"):
                 t0 = time.time()
                 a, b = _stratified_holdout(y[tr], 0.125, seed)
-                head, _ = train_linear((x[tr][a], y[tr][a]), (x[tr][b], y[tr][b]), n_classes=n_classes,
-                                       in_shape=shape, view=view, normalize=norm, lr=s["lr"],
-                                       weight_decay=s["weight_decay"], max_epochs=s["max_epochs"],
-                                       patience=s["patience"], batch_size=s["batch_size"], seed=seed)
-                import torch  # (this call may be tune's inner one, without the threads branch's import)
+                with quiet():
+                    head, _ = train_linear((x[tr][a], y[tr][a]), (x[tr][b], y[tr][b]), n_classes=n_classes,
+                                           in_shape=shape, view=view, normalize=norm, lr=s["lr"],
+                                           weight_decay=s["weight_decay"], epochs=s["max_epochs"],
+                                           patience=s["patience"], batch_size=s["batch_size"], seed=seed)
 
                 with torch.no_grad():
                     zt = head.norm(torch.from_numpy(np.ascontiguousarray(x[te], np.float32)))
