@@ -105,6 +105,33 @@ def fit_normalizer_stream(rows: CacheRows, view: str, kind: str, batch_size: int
     return Normalizer(kind).fit_batches(x for x, _ in rows.batches(view, batch_size))
 
 
+class FeatureArray:
+    """Feature rows held in memory with the reading side of ``FeatureCache`` (n, labels, classes,
+    feature_shape, iter_blocks, iter_batches), so a head fits on arrays exactly as on a cache file."""
+
+    def __init__(self, features: np.ndarray, labels: np.ndarray, classes: Sequence[str]):
+        features = np.asarray(features)
+        if features.ndim == 2:  # (N, d) rows: a pooled cache's (N, d, 1, 1)
+            features = features[:, :, None, None]
+        if features.ndim != 4:
+            raise ValueError(f"features must be (N, d) rows or (N, C, H, W) maps, got shape {features.shape}")
+        self.features, self.labels = features, np.asarray(labels, np.int64)
+        self.classes, self.n, self.feature_shape = list(classes), len(features), tuple(features.shape[1:])
+
+    def iter_blocks(self, indices: np.ndarray, block_rows: int, shuffle_blocks: Optional[np.random.Generator] = None
+                    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        indices = np.sort(np.asarray(indices))
+        starts = np.arange(0, self.n, block_rows)
+        if shuffle_blocks is not None:
+            starts = shuffle_blocks.permutation(starts)
+        for s in starts:
+            lo, hi = np.searchsorted(indices, [s, s + block_rows])
+            if lo < hi:
+                yield indices[lo:hi], self.features[s:s + block_rows], indices[lo:hi] - s
+
+    iter_batches = FeatureCache.iter_batches
+
+
 # -- a head on cache rows ----------------------------------------------------------------------
 def as_float32(feats: np.ndarray, device):
     """A minibatch of cached features as a float32 tensor on ``device``: the same numbers as

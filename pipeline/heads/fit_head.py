@@ -21,7 +21,7 @@ import logging
 import math
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -41,6 +41,7 @@ from .epoch_loop import per_class_accuracy, split_indices, validate_training
 from .feature_views import NORMS, VIEWS, check_view
 from .linear_trainer import train_linear
 from .model_selection import fit_setting, format_table, tune
+from .probe_heads import ProbeHead
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +148,6 @@ def _fit_sklearn(cfg: FitHeadConfig, cache: FeatureCache, train_idx, setting: Op
 def _tune(cfg: FitHeadConfig, cache: FeatureCache, train_idx):
     """Stratified k-fold CV over TUNE_GRID on the training rows; the winner refitted on all of them."""
 
-
     rows = CacheViews(cache, train_idx, cfg.block_rows)
     try:
         result = tune(rows, rows.labels, TUNE_GRID, folds=cfg.folds, seed=cfg.seed, threads=1)
@@ -167,7 +167,6 @@ def _tune(cfg: FitHeadConfig, cache: FeatureCache, train_idx):
 # -- testing on photos the head never saw -----------------------------------------------------------
 def test_cache_for(cfg: FitHeadConfig, cache: FeatureCache) -> Path:
     """The cache of ``--test-data`` (extracted like ``cache``, reused next time) or ``--test-cache``, checked."""
-
 
     if cfg.test_data:
         from ..extraction.extract import ExtractConfig, extract
@@ -208,9 +207,45 @@ def overlap(train: FeatureCache, train_idx, test: FeatureCache) -> list[str]:
 
 
 # -- the stage ------------------------------------------------------------------------------------
+@dataclass
+class FittedHead:
+    """A head fitted on some rows, with what its fit says about it."""
+
+    head: ProbeHead  # on ``device``, in eval mode
+    history: list  # one dict per epoch (linear heads; [] otherwise)
+    info: dict  # what the fit reports (iterations, gamma, landmarks, ...)
+    tuning: Optional[dict]  # the cross-validated choice, when one was made
+    val: dict  # acc, loss, rows and per-class accuracy on the validation rows
+    best_epoch: Optional[int]  # linear heads: the epoch whose weights were kept
+    fit_seconds: float
+
+
+def fit_on_rows(cfg: FitHeadConfig, rows, train_idx: np.ndarray, val_idx: np.ndarray, device) -> FittedHead:
+    """Fit the head ``cfg`` asks for on ``train_idx`` of ``rows`` (a ``FeatureCache`` or a ``FeatureArray``)
+    and score it on ``val_idx``: the same code whether the rows come from a cache file or from arrays."""
+    if not cfg.tune:
+        try:
+            check_view(cfg.features, rows.feature_shape)
+        except ValueError as e:
+            raise UsageError(f"--features: {e}") from None
+    t0 = time.time()
+    tuning, history, info = None, [], {}
+    if cfg.tune:
+        head, info, tuning = _tune(cfg, rows, train_idx)
+    elif cfg.head == "linear":
+        head, history = _fit_linear(cfg, rows, train_idx, val_idx, device)
+    else:
+        head, info = _fit_sklearn(cfg, rows, train_idx)
+    fit_seconds = time.time() - t0
+    head = head.to(device).eval()
+    best_epoch = min(history, key=lambda h: h["val_loss"])["epoch"] if history and cfg.patience else (
+        history[-1]["epoch"] if history else None)
+    return FittedHead(head, history, info, tuning, scores(head, rows, val_idx, device, cfg.block_rows), best_epoch,
+                      fit_seconds)
+
+
 def fit_head(cfg: FitHeadConfig) -> dict:
     """Fit the head on the cache's train split; returns metrics (val, and test if asked) and where outputs went."""
-
 
     cfg = with_recipe(cfg)
     validate(cfg)
@@ -220,25 +255,11 @@ def fit_head(cfg: FitHeadConfig) -> dict:
         changed = source_changes(cache.info)
         if changed:
             log.warning("%s: %s", path, changed)
-        if not cfg.tune:
-            try:
-                check_view(cfg.features, cache.feature_shape)
-            except ValueError as e:
-                raise UsageError(f"--features: {e}") from None
         train_idx, val_idx = split_indices(cache.labels, cfg.val_fraction, cfg.seed)
-        t0 = time.time()
-        tuning, history, info = None, [], {}
-        if cfg.tune:
-            head, info, tuning = _tune(cfg, cache, train_idx)
-        elif cfg.head == "linear":
-            head, history = _fit_linear(cfg, cache, train_idx, val_idx, device)
-        else:
-            head, info = _fit_sklearn(cfg, cache, train_idx)
-        fit_seconds = time.time() - t0
-        head = head.to(device)
-        val = scores(head, cache, val_idx, device, cfg.block_rows)
-        best_epoch = min(history, key=lambda h: h["val_loss"])["epoch"] if history and cfg.patience else (
-            history[-1]["epoch"] if history else None)
+        fit = fit_on_rows(cfg, cache, train_idx, val_idx, device)
+        head, history, info, tuning, val, best_epoch = (fit.head, fit.history, fit.info, fit.tuning, fit.val,
+                                                         fit.best_epoch)
+        fit_seconds = fit.fit_seconds
         test = None
         if cfg.test_data or cfg.test_cache:
             with FeatureCache(test_cache_for(cfg, cache)) as tc:
