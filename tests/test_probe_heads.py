@@ -63,12 +63,18 @@ def test_checkpoint_round_trips_through_weights_only_load(tmp_path):
     torch.save(head.checkpoint(), tmp_path / "h.pt")
     ck = torch.load(tmp_path / "h.pt", weights_only=True)
     assert ck["config"]["kernel_components"] == 20 and ck["config"]["view"] == "avgmax"
-    assert set(ck["state_dict"]) == {"norm_mean", "norm_std", "landmarks", "kernel_norm", "linear.weight", "linear.bias"}
+    # K_mm^{-1/2} is folded into the Linear layer: no m x m buffer
+    assert set(ck["state_dict"]) == {"norm_mean", "norm_std", "landmarks", "linear.weight", "linear.bias"}
+    assert ck["config"]["kernel_norm"] is False and ck["state_dict"]["linear.weight"].shape == (3, 20)
     again = ProbeHead.from_checkpoint(ck["config"], ck["state_dict"])
     xt = torch.from_numpy(x[:5])
     torch.testing.assert_close(again(xt), head(xt), rtol=0, atol=0)
     with pytest.raises(ValueError, match="not a probe-head config"):
         ProbeHead.from_checkpoint({"kind": "other"}, ck["state_dict"])
+    # a checkpoint made before the fold (its config has no kernel_norm key) keeps its m x m buffer
+    old = ProbeHead((4, 3, 3), 3, "avgmax", "standardize", kernel_components=20, gamma=0.5)
+    config = {k: v for k, v in old.config.items() if k != "kernel_norm"}
+    assert "kernel_norm" in ProbeHead.from_checkpoint(config, old.checkpoint()["state_dict"]).state_dict()
 
 
 def test_pooled_shapes_refuse_spatial_views():

@@ -33,7 +33,7 @@ class ProbeHead(nn.Module):
 
     Input: (B, C, H, W) features as the cache stores them (any float dtype: cast to the head's).
     Output: (B, classes) log-probabilities. All numbers live in ``state_dict`` (buffers
-    ``norm_rms`` / ``norm_mean`` + ``norm_std``, ``landmarks`` + ``kernel_norm``, the Linear);
+    ``norm_rms`` / ``norm_mean`` + ``norm_std``, ``landmarks`` (+ ``kernel_norm``), the Linear);
     ``config`` is plain Python. ``checkpoint()`` / ``from_checkpoint()`` round-trip through
     ``torch.save`` / ``torch.load(weights_only=True)``. With view 'flat', normalisation 'none'
     and no kernel it computes exactly the tutorial's Flatten + Linear(C*H*W) + LogSoftmax.
@@ -41,7 +41,7 @@ class ProbeHead(nn.Module):
 
     def __init__(self, in_shape, n_classes: int, view: str = "flat", normalize: str = "none",
                  kernel_components: int = 0, gamma: Optional[float] = None, dropout: float = 0.0,
-                 dtype=None):
+                 dtype=None, kernel_norm: bool = True):
         super().__init__()
         self.in_shape = tuple(int(s) for s in in_shape)
         check_view(view, self.in_shape)
@@ -56,6 +56,9 @@ class ProbeHead(nn.Module):
         self.view, self.normalize, self.n_classes = view, normalize, int(n_classes)
         self.kernel_components = int(kernel_components)
         self.gamma = float(gamma) if self.kernel_components else None
+        # Nystroem's K_mm^{-1/2} as its own m x m buffer, or folded into the Linear layer (kernel_norm=False:
+        # the same function, m x m fewer numbers; what from_kernel makes)
+        self.kernel_norm_separate = bool(kernel_norm) and self.kernel_components > 0
         self.dropout_p = float(dropout)
         d = view_dim(view, self.in_shape)
         if normalize == "rms":
@@ -66,7 +69,8 @@ class ProbeHead(nn.Module):
         if self.kernel_components:
             m = self.kernel_components
             self.register_buffer("landmarks", torch.zeros(m, d, dtype=dtype))
-            self.register_buffer("kernel_norm", torch.zeros(m, m, dtype=dtype))
+            if self.kernel_norm_separate:
+                self.register_buffer("kernel_norm", torch.zeros(m, m, dtype=dtype))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.linear = nn.Linear(self.kernel_components or d, self.n_classes, dtype=dtype)
         self.log_softmax = nn.LogSoftmax(dim=1)
@@ -77,7 +81,8 @@ class ProbeHead(nn.Module):
         return {"kind": CONFIG_KIND, "version": CONFIG_VERSION, "in_shape": list(self.in_shape),
                 "n_classes": self.n_classes, "view": self.view, "normalize": self.normalize,
                 "kernel": "rbf" if self.kernel_components else None,
-                "kernel_components": self.kernel_components, "gamma": self.gamma, "dropout": self.dropout_p}
+                "kernel_components": self.kernel_components, "gamma": self.gamma, "dropout": self.dropout_p,
+                "kernel_norm": self.kernel_norm_separate}
 
     def describe(self) -> str:
         k = f", RBF Nystroem m={self.kernel_components} gamma={self.gamma:.4g}" if self.kernel_components else ""
@@ -95,7 +100,7 @@ class ProbeHead(nn.Module):
                              f"version {config.get('version')!r}; this code reads version {CONFIG_VERSION})")
         head = cls(config["in_shape"], config["n_classes"], config["view"], config["normalize"],
                    config.get("kernel_components") or 0, config.get("gamma"), config.get("dropout", 0.0),
-                   dtype=state_dict["linear.weight"].dtype)
+                   dtype=state_dict["linear.weight"].dtype, kernel_norm=config.get("kernel_norm", True))
         head.load_state_dict(state_dict)
         return head
 
@@ -133,10 +138,11 @@ class ProbeHead(nn.Module):
                               std=self.norm_std.double().cpu().numpy())
         return Normalizer(self.normalize)
 
-    def set_kernel(self, landmarks, kernel_norm) -> None:
+    def set_kernel(self, landmarks, kernel_norm=None) -> None:
         with torch.no_grad():
             self.landmarks.copy_(torch.as_tensor(landmarks))
-            self.kernel_norm.copy_(torch.as_tensor(kernel_norm))
+            if self.kernel_norm_separate:
+                self.kernel_norm.copy_(torch.as_tensor(kernel_norm))
 
     def set_linear(self, weight, bias) -> None:
         with torch.no_grad():
@@ -156,10 +162,12 @@ class ProbeHead(nn.Module):
         return z
 
     def kernel_map(self, z):
-        """Nystroem's transform: exp(-gamma ||z - landmark||^2) @ K_mm^{-1/2}^T (as sklearn computes it)."""
+        """Nystroem's transform: exp(-gamma ||z - landmark||^2) @ K_mm^{-1/2}^T (as sklearn computes it), or
+        only its kernel part when K_mm^{-1/2} is folded into the Linear layer."""
         lm = self.landmarks
         d2 = (z * z).sum(1, keepdim=True) - 2.0 * (z @ lm.T) + (lm * lm).sum(1)[None, :]
-        return torch.exp(-self.gamma * d2.clamp_min(0.0)) @ self.kernel_norm.T
+        k = torch.exp(-self.gamma * d2.clamp_min(0.0))
+        return k @ self.kernel_norm.T if self.kernel_norm_separate else k
 
     def embed(self, x):
         """Raw (B, C, H, W) maps -> what the Linear layer sees."""
@@ -208,7 +216,11 @@ def from_logreg(clf, in_shape, view: str = "flat", normalizer: Optional[Normaliz
 
 
 def from_kernel(nystroem, clf, in_shape, view: str = "flat", normalizer: Optional[Normalizer] = None, dtype=None):
-    """A ProbeHead giving ``clf.predict_proba(nystroem.transform(rows))`` for an RBF Nystroem map."""
+    """A ProbeHead giving ``clf.predict_proba(nystroem.transform(rows))`` for an RBF Nystroem map.
+
+    Nystroem's transform is K(x, landmarks) @ N^T, so the Linear layer's W @ (K N^T)^T is (W N) @ K^T:
+    the head stores W N (classes x m) instead of N (m x m), the same function in far fewer numbers.
+    """
 
     if nystroem.kernel != "rbf":
         raise ValueError(f"only the RBF kernel converts to a ProbeHead, not {nystroem.kernel!r}")
@@ -217,13 +229,13 @@ def from_kernel(nystroem, clf, in_shape, view: str = "flat", normalizer: Optiona
     normalizer = normalizer or Normalizer("none")
     w, b = _logreg_linear(clf)
     head = ProbeHead(in_shape, w.shape[0], view, normalizer.kind, kernel_components=len(landmarks),
-                               gamma=float(gamma), dtype=dtype or torch.float64)
+                     gamma=float(gamma), dtype=dtype or torch.float64, kernel_norm=False)
     if landmarks.shape[1] != view_dim(view, in_shape):
         raise ValueError(f"the Nystroem map was fitted on {landmarks.shape[1]}-d rows; the {view!r} view "
                          f"of {tuple(in_shape)} maps is {view_dim(view, in_shape)}-d")
     head.set_normalizer(normalizer)
-    head.set_kernel(landmarks, nystroem.normalization_)
-    head.set_linear(w, b)
+    head.set_kernel(landmarks)
+    head.set_linear(w @ np.asarray(nystroem.normalization_, np.float64), b)
     return head
 
 
