@@ -22,7 +22,7 @@ from .feature_views import (
 )
 from .linear_trainer import train_linear
 from .probe_heads import from_kernel, from_logreg
-from .sklearn_fits import fit_kernel, fit_logreg, kernel_features, resolve_gamma
+from .sklearn_fits import fit_kernel, fit_logreg, kernel_features, logreg_path, nystroem_map
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +234,13 @@ def tune(X, y: np.ndarray, grid, folds: int = 5, seed: int = 0, *, in_shape=None
         r["ll"].append(log_loss(yte, proba))
         r["sec"].append(sec)
 
+    def record_path(group, ztr, zte, ytr, yte, t_before):
+        """The settings of one group (one view and map) differ only in C: one warm-started path."""
+        by_c = {s["C"]: s for s in group}
+        t0 = time.time()
+        for c, clf in logreg_path(ztr, ytr, list(by_c), seed, max_iter):
+            record(by_c[c], _proba(clf, zte, n_classes), yte, t_before + (time.time() - t0) / len(by_c))
+
     groups: dict = {}
     for s in settings:
         groups.setdefault((s["view"], s["normalize"]), []).append(s)
@@ -244,28 +251,15 @@ def tune(X, y: np.ndarray, grid, folds: int = 5, seed: int = 0, *, in_shape=None
             nm = Normalizer(norm).fit(x[tr])
             xtr, xte = nm.transform(x[tr]), nm.transform(x[te])
             t_norm = time.time() - t0
-            for s in (s for s in group if s["head"] == "logreg"):
-                t0 = time.time()
-                clf = fit_logreg(xtr, y[tr], s["C"], seed, max_iter)
-                record(s, _proba(clf, xte, n_classes), y[te], t_norm + time.time() - t0)
+            record_path([s for s in group if s["head"] == "logreg"], xtr, xte, y[tr], y[te], t_norm)
             kernels: dict = {}
             for s in (s for s in group if s["head"] == "kernel"):
                 kernels.setdefault((s["gamma"], s["n_components"]), []).append(s)
             for (gamma, m), ks in kernels.items():
                 t0 = time.time()
-                from sklearn.kernel_approximation import Nystroem
-
-                mm = min(int(m), len(tr))
-                g = resolve_gamma(gamma, xtr)
-                pick = np.sort(np.random.default_rng(seed).choice(len(tr), mm, replace=False))
-                ny = Nystroem(kernel="rbf", gamma=g, n_components=mm, random_state=seed).fit(
-                    np.asarray(xtr[pick], np.float64))
+                ny = nystroem_map(xtr, gamma, m, seed)
                 ztr, zte = kernel_features(ny, xtr), kernel_features(ny, xte)
-                t_map = time.time() - t0
-                for s in ks:
-                    t0 = time.time()
-                    clf = fit_logreg(ztr, y[tr], s["C"], seed, max_iter)
-                    record(s, _proba(clf, zte, n_classes), y[te], t_norm + t_map + time.time() - t0)
+                record_path(ks, ztr, zte, y[tr], y[te], t_norm + time.time() - t0)
             for s in (s for s in group if s["head"] == "torch"):
                 t0 = time.time()
                 a, b = _stratified_holdout(y[tr], 0.125, seed)

@@ -30,6 +30,21 @@ def fit_logreg(X: np.ndarray, y: np.ndarray, C: float = 1.0, seed: int = 0, max_
     return clf
 
 
+def logreg_path(X: np.ndarray, y: np.ndarray, Cs, seed: int = 0, max_iter: int = 1000):
+    """(C, fitted LogisticRegression) for each C in ascending order, each fit warm-started from the last:
+    cross-validating a grid of C costs little more than its largest fit. The classifier is reused:
+    use each one before taking the next."""
+    clf = LogisticRegression(max_iter=max_iter, random_state=seed, warm_start=True)
+    for C in sorted(Cs):
+        if C <= 0:
+            raise ValueError(f"C must be positive, got {C}")
+        clf.set_params(C=C)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            clf.fit(X, y)
+        yield C, clf
+
+
 def resolve_gamma(gamma, X: np.ndarray) -> float:
     """An RBF gamma: a number as is, 'scale' = 1 / (d * var(X)) (scikit-learn's SVC rule), 'g*scale' = g times that.
 
@@ -62,12 +77,18 @@ def fit_kernel(X: np.ndarray, y: np.ndarray, gamma="scale", n_components: int = 
     badly conditioned, and float32 noise through K^{-1/2} would cost the torch copy its 1e-5 match).
     """
 
+    ny = nystroem_map(X, gamma, n_components, seed)
+    return ny, fit_logreg(kernel_features(ny, X), y, C, seed, max_iter)
+
+
+def nystroem_map(X: np.ndarray, gamma="scale", n_components: int = 2000, seed: int = 0) -> Nystroem:
+    """An RBF Nystroem map on ``n_components`` seeded landmark rows of X: every row (the exact kernel) when
+    X has no more rows than that."""
     m = min(int(n_components), len(X))
     if m < 1:
         raise ValueError(f"n_components must be positive, got {n_components}")
     g = resolve_gamma(gamma, X)
     pick = np.sort(np.random.default_rng(seed).choice(len(X), m, replace=False))
-    ny = Nystroem(kernel="rbf", gamma=g, n_components=m, random_state=seed).fit(np.asarray(X[pick], np.float64))
-    return ny, fit_logreg(kernel_features(ny, X), y, C, seed, max_iter)
+    return Nystroem(kernel="rbf", gamma=g, n_components=m, random_state=seed).fit(np.asarray(X[pick], np.float64))
 
 
