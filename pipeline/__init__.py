@@ -34,7 +34,6 @@ tqdm.auto's (a widget in Jupyter with ipywidgets, a bar in a terminal) or a line
 ``import pipeline`` is light: the API loads on first use, torch only when a model runs.
 
 Layout: a folder per stage, each importing only from the folders before it (a test checks):
-
     plumbing     config (every option), errors, progress, files (safe writes), devices
     data/        image folders: listing, safe decoding, the background reader, fetch, check-images
     cache/       the HDF5 feature cache and its provenance

@@ -19,14 +19,17 @@ from __future__ import annotations
 
 import contextlib
 import html
+import inspect
 import logging
 import os
 import sys
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
 
 import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.exceptions import NotFittedError as SklearnNotFittedError
 
 from .config import (
     CheckImagesConfig,
@@ -133,8 +136,9 @@ def _call_text(name: str, *args, **kwargs) -> str:
     return f"pipeline.{name}({', '.join(parts)})"
 
 
-class NotFittedError(ValueError, AttributeError):
-    """A Head or Model used before it was fitted or loaded (as scikit-learn's NotFittedError)."""
+class NotFittedError(SklearnNotFittedError):
+    """A Head or Model used before it was fitted or loaded (scikit-learn's NotFittedError: a ValueError
+    and an AttributeError)."""
 
 
 class Rows(list):
@@ -374,6 +378,9 @@ class _Classifier:
         if not self._fitted:
             raise NotFittedError(f"this {type(self).__name__} is not fitted yet: call fit() or "
                                  f"{type(self).__name__}.load(path) first")
+        if self._fitted["checkpoint_"] is None:
+            raise UsageError(f"this {type(self).__name__} was fitted on arrays of features, in memory: it has no "
+                             "checkpoint (fit it on a Cache to save it or run it on images)")
         return self._fitted["checkpoint_"]
 
     def _set_state(self, checkpoint: PathLike, ckpt: dict, result: Optional[dict] = None) -> None:
@@ -508,7 +515,7 @@ class _Classifier:
 
     def predict(self, X: ImageInput, **options) -> np.ndarray:
         """The most probable class name of each image of ``X`` (options and inputs: see ``predict_proba``)."""
-        return np.asarray(self.classes_, dtype=object)[self.predict_log_proba(X, **options).argmax(1)]
+        return np.asarray(self.classes_)[self.predict_log_proba(X, **options).argmax(1)]
 
     def _score_folder(self, data: PathLike, device, precision, batch_size: int, workers: int) -> float:
         from .reports.evaluate import predict_folder
@@ -557,17 +564,20 @@ class _Classifier:
         return plot_curves(self.history_, title=title)
 
 
-class Head(_Classifier):
-    """A Linear + LogSoftmax classifier on cached features (fit-head), scikit-learn style.
+class Head(ClassifierMixin, BaseEstimator, _Classifier):
+    """A Linear + LogSoftmax classifier on cached features (fit-head), a scikit-learn estimator.
 
     ``Head(**params)``: params are fit-head's options (FitHeadConfig: head='linear', features='avg',
     normalize='l2', epochs=100, patience=5, lr=0.03, C=100, tune=False, test_data=None,
     recipe='default', val_fraction=0.125, seed=0, runs_dir='runs', cache_dir='features', ...);
-    ``verbose=True`` shows progress and epoch lines.
+    ``verbose=True`` shows progress and epoch lines. ``get_params``/``set_params``/``clone`` and
+    ``is_classifier`` work as for any scikit-learn classifier.
 
     - ``fit(cache)``: train on a Cache (or a cache path; None = the newest complete cache in
       ``cache_dir``); returns the head. Writes ``runs/<stamp>-fit-head/head.pt``, history.json and
       curves.png, and a ledger line, as ``python cli.py fit-head``.
+    - ``fit(X, y)``: train on arrays of cached features ((N, d) rows or (N, C, H, W) maps) and labels,
+      in memory (no run folder): the same split and fit as on a cache; ``classes_`` are y's labels.
     - learned: ``classes_``, ``history_`` (one dict per epoch), ``metrics_`` (val_acc, val_loss,
       per-class val acc, ...), ``checkpoint_`` (the head.pt), ``run_dir_``, ``curves_``, ``cache_``
     - ``predict(X)``, ``predict_proba(X)``: X image paths, folders, PIL images (through the backbone the
@@ -581,44 +591,88 @@ class Head(_Classifier):
     _kinds = ("fit-head",)
     _EXCLUDE = ("cache",)  # given to fit, not the constructor
 
-    def __init__(self, *, verbose: bool = False, **params):
+    def __init__(self, **params):
         super().__init__()
-        _check_options(FitHeadConfig, params, "Head", exclude=self._EXCLUDE)
-        self._params = _plain(params)
-        self.verbose = verbose
+        _check_options(FitHeadConfig, {k: v for k, v in params.items() if k != "verbose"}, "Head",
+                       exclude=self._EXCLUDE)
+        for name, default in {**_defaults(FitHeadConfig, self._EXCLUDE), "verbose": False, **params}.items():
+            setattr(self, name, default)
+
+    @classmethod
+    def _get_param_names(cls) -> list[str]:
+        """fit-head's options (the config dataclass's fields, so a new field is a parameter at once) and verbose."""
+        return sorted([*_field_names(FitHeadConfig, cls._EXCLUDE), "verbose"])
 
     @property
     def _verbose(self) -> bool:
         return self.verbose
 
-    def __getattr__(self, name: str):
-        params = self.__dict__.get("_params")
-        if params is not None and name in _field_names(FitHeadConfig, self._EXCLUDE):
-            return self.get_params()[name]
-        return super().__getattr__(name)
+    def _config_params(self) -> dict:
+        """The parameters that are fit-head's options (all but verbose)."""
+        return {k: v for k, v in self.get_params().items() if k != "verbose"}
 
-    def get_params(self, deep: bool = True) -> dict:
-        """Every parameter, defaults included (scikit-learn's get_params)."""
-        return {**_defaults(FitHeadConfig, self._EXCLUDE), **self._params}
+    def _config(self, **fixed) -> "FitHeadConfig":
+        return _config(FitHeadConfig, "Head", self._config_params(), **fixed)
 
-    def set_params(self, **params) -> "Head":
-        """Change parameters (checked as in the constructor); returns the head."""
-        _check_options(FitHeadConfig, params, "Head.set_params", exclude=self._EXCLUDE)
-        self._params.update(_plain(params))
-        return self
-
-    def fit(self, cache: Union[Cache, PathLike, None] = None, y=None, *, verbose: Optional[bool] = None) -> "Head":
-        """Train on ``cache`` (a Cache or a cache file; None = the newest complete cache in cache_dir);
-        returns self, fitted. ``y`` is not used: the labels are the cache's. ``verbose`` (default: the
+    def fit(self, X: Union[Cache, PathLike, np.ndarray, None] = None, y=None, *,
+            verbose: Optional[bool] = None) -> "Head":
+        """Train on a Cache or cache file (None = the newest complete cache in cache_dir), or on arrays
+        of cached features ``X`` with labels ``y``; returns self, fitted. ``verbose`` (default: the
         head's own) shows the progress bars and a line per epoch for this fit only."""
-        from .heads.fit_head import fit_head
         from .models.whole_models import read_checkpoint
 
-        cfg = FitHeadConfig(**self._params, cache=None if cache is None else _path(cache))
+        if X is not None and not isinstance(X, (Cache, str, os.PathLike)):  # arrays of features
+            with _verbosity(self.verbose if verbose is None else verbose):
+                return self._fit_arrays(X, y)
+        if y is not None:
+            raise UsageError("fit(cache) takes its labels from the cache; pass y only with arrays of features X")
+        from .heads.fit_head import fit_head
+
+        cfg = self._config(cache=None if X is None else _path(X))
         with _verbosity(self.verbose if verbose is None else verbose):
             result = fit_head(cfg)
         self._set_state(result["checkpoint"], read_checkpoint(result["checkpoint"]), result)
         return self
+
+    def _fit_arrays(self, X, y) -> "Head":
+        from sklearn.utils.multiclass import check_classification_targets
+        from sklearn.utils.validation import check_array, column_or_1d
+
+        from .devices import resolve_device
+        from .heads.cache_views import FeatureArray
+        from .heads.epoch_loop import split_indices
+        from .heads.fit_head import fit_on_rows
+
+        if y is None:
+            raise ValueError("Head requires y to be passed, but the target y is None (or pass a Cache as X)")
+        X = check_array(X, allow_nd=True, dtype=(np.float64, np.float32), ensure_min_samples=2)
+        y = column_or_1d(y, warn=True)
+        check_classification_targets(y)
+        if len(X) != len(y):
+            raise ValueError(f"X has {len(X)} rows but y has {len(y)} labels")
+        labels, y_idx = np.unique(y, return_inverse=True)
+        if len(labels) < 2:
+            raise ValueError(f"a classifier needs at least 2 classes; y has 1 class ({labels[0]!r})")
+        rows = FeatureArray(X, y_idx, [str(c) for c in labels])
+        cfg = self._config()
+        device = resolve_device(cfg.device)
+        train_idx, val_idx = split_indices(y_idx, cfg.val_fraction, cfg.seed)
+        fit = fit_on_rows(cfg, rows, train_idx, val_idx, device)
+        self._fitted = {
+            "checkpoint_": None, "kind_": "fit-head", "classes_": labels, "backbone_": None, "weights_": None,
+            "feature_shape_": rows.feature_shape, "n_features_in_": int(np.prod(X.shape[1:])),
+            "history_": fit.history, "metrics_": {"val_acc": fit.val["acc"], "val_loss": fit.val["loss"],
+                                                  "per_class_val_acc": fit.val["per_class"],
+                                                  "train_rows": len(train_idx), "val_rows": len(val_idx),
+                                                  "fit_seconds": fit.fit_seconds},
+            "config_": asdict(cfg), "cache_": None, "run_dir_": None, "curves_": None, "result_": {},
+            "head_": fit.head.cpu().eval(),
+        }
+        self._loaded = None
+        return self
+
+    def __sklearn_is_fitted__(self) -> bool:
+        return bool(self._fitted)
 
     @classmethod
     def load(cls, path: PathLike, *, weights: Optional[str] = None, verbose: bool = False) -> "Head":
@@ -637,37 +691,48 @@ class Head(_Classifier):
         from .reports.evaluate import PREDICTORS
 
         ckpt_path = str(self._checkpoint())
-        cfg = EvaluateConfig(model=ckpt_path, cache=_path(cache), split=split,
-                             device=device or self.get_params().get("device", "auto"))
+        cfg = EvaluateConfig(model=ckpt_path, cache=_path(cache), split=split, device=device or self.device)
         with _verbosity(self.verbose):
             return PREDICTORS[("fit-head", "cache")](ckpt_path, read_checkpoint(ckpt_path), cfg)
 
-    def _feature_log_proba(self, X: np.ndarray, batch_size: int, device: Optional[str]) -> np.ndarray:
-        import torch
-
-        from .devices import resolve_device
+    def _feature_head(self, dev):
         from .models.whole_models import head_from_checkpoint, read_checkpoint
 
-        shape = self.feature_shape_
-        X = np.asarray(X)
-        if X.ndim < 2 or int(np.prod(X.shape[1:])) != self.n_features_in_:
-            raise UsageError(f"features of shape {X.shape[1:]} do not fit this head, which takes {shape} "
-                             f"({self.n_features_in_} values) per row")
-        dev = resolve_device(device or self.get_params().get("device", "auto"))
+        if self._fitted.get("head_") is not None:
+            return self._fitted["head_"].to(dev).eval()
         ckpt = read_checkpoint(self._checkpoint())
-        head = head_from_checkpoint(ckpt, ckpt["state_dict"], self._checkpoint()).to(dev).eval()
-        out = []
+        return head_from_checkpoint(ckpt, ckpt["state_dict"], self._checkpoint()).to(dev).eval()
+
+    def _feature_log_proba(self, X: np.ndarray, batch_size: int, device: Optional[str]) -> np.ndarray:
+        import torch
+        from sklearn.utils.validation import check_array
+
+        from .devices import resolve_device
+
+        if not self._fitted:
+            self._checkpoint()  # raises NotFittedError
+        shape = self.feature_shape_
+        X = check_array(X, allow_nd=True, dtype=(np.float64, np.float32))
+        if int(np.prod(X.shape[1:])) != self.n_features_in_:
+            raise ValueError(f"X has {int(np.prod(X.shape[1:]))} features, but Head is expecting "
+                             f"{self.n_features_in_} features as input (cached maps of shape {shape})")
+        dev = resolve_device(device or self.device)
+        head = self._feature_head(dev)
+        out, step = [], max(batch_size, 256)
         with torch.inference_mode():
-            for i in range(0, len(X), max(batch_size, 256)):
-                x = torch.from_numpy(np.ascontiguousarray(X[i:i + max(batch_size, 256)], np.float32))
-                out.append(head(x.reshape(len(x), *shape).to(dev)).float().cpu().numpy())
-        return np.concatenate(out).astype(np.float64)
+            for i in range(0, len(X), step):
+                x = torch.from_numpy(np.ascontiguousarray(X[i:i + step], np.float32))
+                out.append(head(x.reshape(len(x), *shape).to(dev)).double().cpu().numpy())
+        return np.concatenate(out)
 
     def _log_proba(self, X, batch_size, workers, device, precision) -> np.ndarray:
         if isinstance(X, Cache) or (isinstance(X, (str, os.PathLike)) and str(os.fspath(X)).endswith(".h5")):
             return self._cache_predictions(X, "all", device).logp.astype(np.float64)
-        if isinstance(X, np.ndarray) and X.dtype.kind == "f" and X.ndim in (2, 4):
+        if _is_features(X):
             return self._feature_log_proba(X, batch_size, device)
+        if self._fitted and self._fitted.get("head_") is not None:
+            raise UsageError("this Head was fitted on arrays of features: it has no backbone to run images "
+                             "through; predict arrays of features, or fit it on a Cache")
         return self._image_log_proba(X, batch_size, workers, device, precision)
 
     def score(self, X, y=None, *, split: str = "auto", device: Optional[str] = None, precision: str = "auto",
@@ -685,17 +750,34 @@ class Head(_Classifier):
                 split = "val" if c.fingerprint == trained_on else "all"
             pred = self._cache_predictions(X, split, device)
             return float((pred.logp.argmax(1) == pred.labels).mean())
-        return super().score(X, y, device=device, precision=precision, batch_size=batch_size, workers=workers)
+        return _Classifier.score(self, X, y, device=device, precision=precision, batch_size=batch_size,
+                                 workers=workers)
 
     def __repr__(self) -> str:
         defaults = _defaults(FitHeadConfig, self._EXCLUDE)
-        params = ", ".join(f"{k}={v!r}" for k, v in self._params.items() if k not in defaults or defaults[k] != v)
+        params = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items()
+                           if k != "verbose" and (k not in defaults or defaults[k] != v))
         fitted = self.__dict__.get("_fitted")
         if not fitted:
             return f"Head({params})"
         acc = fitted["metrics_"].get("val_acc")
-        return (f"Head({params})  # fitted: classes {fitted['classes_']}"
-                f"{f', val acc {acc:.3f}' if acc is not None else ''}, {fitted['checkpoint_']}")
+        where = fitted["checkpoint_"] or "in memory"
+        return (f"Head({params})  # fitted: classes {list(fitted['classes_'])}"
+                f"{f', val acc {acc:.3f}' if acc is not None else ''}, {where}")
+
+
+def _is_features(X) -> bool:
+    """An array (or nested lists) of cached features, rather than image paths, folders or PIL images."""
+    if hasattr(X, "__array__"):
+        return not isinstance(X, (str, os.PathLike))
+    return isinstance(X, (list, tuple)) and bool(X) and isinstance(X[0], (list, tuple, np.ndarray))
+
+
+# the parameters scikit-learn reads from the constructor's signature: fit-head's options and verbose
+Head.__init__.__signature__ = inspect.Signature(
+    [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    + [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
+       for name, default in {**_defaults(FitHeadConfig, Head._EXCLUDE), "verbose": False}.items()])
 
 
 class Model(_Classifier):
@@ -748,7 +830,7 @@ def compare_sklearn(cache: Union[Cache, PathLike, None] = None, *, head: Union[H
     if unknown:
         raise UsageError(f"compare_sklearn: unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
                          f"allowed: {', '.join(sorted(compare_fields | head_fields))}")
-    head_params = dict(head.get_params() if isinstance(head, Head) else head or {})
+    head_params = dict(head._config_params() if isinstance(head, Head) else head or {})
     _check_options(FitHeadConfig, head_params, "compare_sklearn(head=...)", exclude=("cache",))
     head_params.update({k: v for k, v in options.items() if k in head_fields})
     head_params, options = _plain(head_params), _plain(options)

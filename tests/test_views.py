@@ -8,9 +8,9 @@ from pipeline.heads.feature_views import (
     apply_view,
     apply_view_torch,
     check_view,
-    fit_normalizer,
     view_dim,
 )
+from pipeline.heads.probe_heads import ProbeHead
 
 # (4, 3, 2, 2): row r, channel c holds r*100 + c*10 + [0, 1, 2, 3] over the 2x2 positions
 X = (np.arange(4)[:, None, None, None] * 100 + np.arange(3)[None, :, None, None] * 10
@@ -54,10 +54,12 @@ def test_normalisation_numpy_torch_agree_and_statistics_come_from_training_rows(
     tr = (rng.normal(50, 30, (20, 6)) * [1, 1, 1, 1, 1, 0]).astype(np.float32)  # last feature constant 0
     te = rng.normal(50, 30, (5, 6)).astype(np.float32)
     te[0] = 0  # a zero row: l2 leaves it alone
-    nm = fit_normalizer(kind, tr)
+    nm = Normalizer(kind).fit(tr)
     out = nm.transform(te)
     assert out.dtype == np.float32
-    np.testing.assert_allclose(nm.transform_torch(torch.from_numpy(te)).numpy(), out, rtol=1e-5, atol=1e-6)
+    head = ProbeHead((6, 1, 1), 2, "avg", kind)  # the torch side: what a checkpoint computes
+    head.set_normalizer(nm)
+    np.testing.assert_allclose(head.norm(torch.from_numpy(te)).detach().numpy(), out, rtol=1e-5, atol=1e-6)
     if kind == "rms":
         assert nm.rms == pytest.approx(float(np.sqrt(np.mean(tr.astype(np.float64) ** 2))))
         np.testing.assert_allclose(out, te / nm.rms, rtol=1e-6)

@@ -34,7 +34,6 @@ def decode_on_device(items: Iterable[Item], transform, device, root: Path, chunk
 
 
 def _decode_one(data, device):
-
     try:
         return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
     except RuntimeError:

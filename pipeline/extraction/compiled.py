@@ -27,7 +27,6 @@ class CompiledNet:
     """``net`` compiled with Inductor; ``fallback`` (default ``net``) runs when compiling fails."""
 
     def __init__(self, net, fallback=None):
-
         self.eager = fallback if fallback is not None else net
         self.compiled = torch.compile(net, dynamic=False)
         self.failed = False  # compiling failed (or the compiled network ran out of device memory): eager
@@ -35,7 +34,6 @@ class CompiledNet:
         self.compile_seconds = 0.0  # the first call's time (compiling + one batch)
 
     def __call__(self, x):
-
         if self.failed:
             return self.eager(x)
         n = len(x)
@@ -71,6 +69,5 @@ class CompiledNet:
         return y
 
     def _run(self, x):
-
         with torch.no_grad(), inductor_config.patch(freezing=True):
             return self.compiled(x.contiguous(memory_format=torch.channels_last))

@@ -17,7 +17,7 @@ from ..errors import UsageError
 from ..runs.ledger import append_run
 from .epoch_loop import per_class_accuracy, split_indices, validate_split
 from .fit_head import HEADS, FitHeadConfig, fit_head, resolve_cache, with_recipe
-from .probe_heads import log_loss
+from .model_selection import log_loss
 
 log = logging.getLogger(__name__)
 

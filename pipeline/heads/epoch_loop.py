@@ -79,7 +79,6 @@ def train_one_epoch(model, opt, minibatches: Iterable, device, precision: str = 
     every that many minibatches.
     """
 
-
     model.train()
     seen = correct = 0
     loss_sum = 0.0
@@ -111,7 +110,6 @@ def run_epochs(epochs: int, one_epoch: Callable[[int], tuple], validate: Callabl
     ``validate()`` -> (val acc, val loss). With ``patience``, stop after that many epochs without a
     lower validation loss, and put ``model``'s weights of the best epoch back (early stopping).
     """
-
 
     history, best, best_state, waited = [], math.inf, None, 0
     t0 = time.time()

@@ -174,22 +174,6 @@ class Normalizer:
             return (x / n).astype(dt, copy=False)
         return ((x - self.mean) / self.std).astype(dt, copy=False)
 
-    def transform_torch(self, x):
-        """The torch form of ``transform`` (statistics moved to x's dtype and device)."""
-        import torch
-
-        self._need_fit()
-        if self.kind == "none":
-            return x
-        if self.kind == "rms":
-            return x / self.rms
-        if self.kind == "l2":
-            n = x.norm(dim=1, keepdim=True)
-            return x / torch.where(n == 0, torch.ones_like(n), n)
-        mean = torch.as_tensor(self.mean, dtype=x.dtype, device=x.device)
-        std = torch.as_tensor(self.std, dtype=x.dtype, device=x.device)
-        return (x - mean) / std
-
     def state(self) -> dict:
         """Plain numbers (lists), JSON-friendly, for reports and ledgers."""
         out = {"kind": self.kind}
@@ -198,8 +182,3 @@ class Normalizer:
         if self.mean is not None:
             out["mean"], out["std"] = np.asarray(self.mean).tolist(), np.asarray(self.std).tolist()
         return out
-
-
-def fit_normalizer(kind: str, x: np.ndarray) -> Normalizer:
-    """A ``Normalizer`` of ``kind`` fitted on the training rows ``x`` (N, d)."""
-    return Normalizer(kind).fit(x)

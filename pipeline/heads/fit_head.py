@@ -21,13 +21,12 @@ import logging
 import math
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
-from torch import nn
 
 from ..cache.feature_cache import FeatureCache, newest_cache, source_changes
 from ..cache.provenance import Provenance
@@ -35,11 +34,14 @@ from ..config import HEADS, RECIPES, FitHeadConfig
 from ..devices import resolve_device
 from ..errors import UsageError
 from ..files import atomic_write
-from ..progress import is_quiet, progress
+from ..progress import is_quiet
 from ..runs.run_folders import finish_run, new_run_dir
-from .epoch_loop import per_class_accuracy, run_epochs, split_indices, train_one_epoch, validate_training
-from .feature_views import NORMS, VIEWS, Normalizer, check_view
-from .probe_heads import CacheRows, CacheViews, ProbeHead, fit_normalizer_stream, fit_setting, format_table, tune
+from .cache_views import CacheRows, CacheViews, evaluate_head
+from .epoch_loop import per_class_accuracy, split_indices, validate_training
+from .feature_views import NORMS, VIEWS, check_view
+from .linear_trainer import train_linear
+from .model_selection import fit_setting, format_table, tune
+from .probe_heads import ProbeHead
 
 log = logging.getLogger(__name__)
 
@@ -94,34 +96,6 @@ def resolve_cache(cache: Optional[str], cache_dir: str) -> tuple[Path, Optional[
     return info.path, chosen
 
 
-def _as_float32(feats: np.ndarray, device):
-    """A minibatch of cached features as a float32 tensor on ``device``: the same numbers as
-    ``feats.astype(np.float32)``, but widened by torch (vectorised: ~20x numpy's float16 cast) and,
-    on an accelerator, after the copy (half the bytes to move)."""
-
-    if not feats.dtype.isnative:  # a foreign byte order, which torch does not take
-        feats = feats.astype(np.float32)
-    return torch.from_numpy(feats).to(device).float()
-
-
-def evaluate_head(head, cache: FeatureCache, indices: np.ndarray, device, block_rows: int,
-                  batch_size: int = 256) -> tuple[float, float, np.ndarray]:
-    """Accuracy, mean NLL and log-probabilities (rows in sorted ``indices`` order) over some cache rows."""
-
-    head.eval()
-    out = np.zeros((len(indices), len(cache.classes)), np.float64)
-    i = 0
-    with torch.inference_mode():
-        for rows, feats in cache.iter_batches(indices, batch_size, block_rows):  # in sorted row order
-            lp = head(_as_float32(feats, device)).double().cpu().numpy()
-            out[i:i + len(lp)] = lp
-            i += len(lp)
-    y = cache.labels[np.sort(indices)]
-    nll = float(-out[np.arange(len(y)), y].mean())
-    acc = float((out.argmax(1) == y).mean())
-    return acc, nll, out
-
-
 def scores(head, cache: FeatureCache, indices: np.ndarray, device, block_rows: int) -> dict:
     """acc, loss and per-class accuracy of ``head`` on some rows of ``cache``."""
     acc, loss, logp = evaluate_head(head, cache, indices, device, block_rows)
@@ -132,72 +106,18 @@ def scores(head, cache: FeatureCache, indices: np.ndarray, device, block_rows: i
 
 # -- the three ways to fit ------------------------------------------------------------------------
 def _fit_linear(cfg: FitHeadConfig, cache: FeatureCache, train_idx, val_idx, device):
-    """Adam on the Linear layer of a ProbeHead, one line per epoch, early stopping on the val loss."""
+    """Adam on the Linear layer of a ProbeHead, one line per epoch, early stopping on the val loss.
 
-
-    normalizer = (fit_normalizer_stream(CacheRows(cache, train_idx, cfg.block_rows), cfg.features, cfg.normalize)
-                  if cfg.normalize in ("rms", "standardize") else Normalizer(cfg.normalize))
-    torch.manual_seed(cfg.seed)
-    head = ProbeHead(cache.feature_shape, len(cache.classes), cfg.features, cfg.normalize, dropout=cfg.dropout)
-    head.set_normalizer(normalizer)
-    head.to(device)
-    opt = torch.optim.Adam(head.linear.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    rng = np.random.default_rng(cfg.seed)
-    if cfg.features != "flat":  # pooled views are small: read them once, not every epoch
-        return _fit_linear_in_memory(cfg, cache, train_idx, val_idx, device, head, opt, rng)
-
-    def minibatches(epoch: int):
-        bar = progress(total=len(train_idx), desc=f"epoch {epoch}", unit="row", leave=False)
-        for rows, feats in cache.iter_batches(train_idx, cfg.batch_size, cfg.block_rows, rng):
-            yield (_as_float32(feats, device),
-                   torch.from_numpy(cache.labels[rows]).to(device))
-            bar.update(len(rows))
-        bar.close()
-
-    def one_epoch(epoch: int):
-        acc, loss, _ = train_one_epoch(head, opt, minibatches(epoch), device, epoch=epoch)
-        return acc, loss, {}
-
-    def validate_epoch():
-        return evaluate_head(head, cache, val_idx, device, cfg.block_rows)[:2]
-
-    history = run_epochs(cfg.epochs, one_epoch, validate_epoch, patience=cfg.patience, model=head)
-    return head, history
-
-
-def _fit_linear_in_memory(cfg: FitHeadConfig, cache: FeatureCache, train_idx, val_idx, device, head, opt, rng):
-    """The linear head on a pooled view held in memory (C or 2C floats a row: 25,000 rows are 50-100 MB)."""
-
-
-    class OnViewRows(nn.Module):  # the head after its view: normalisation, Linear, LogSoftmax
-        def __init__(self):
-            super().__init__()
-            self.head = head
-
-        def forward(self, z):
-            return head.classify(head.norm(z))
-
-    def rows(idx):
-        v = CacheViews(cache, idx, cfg.block_rows).load([cfg.features])
-        return torch.from_numpy(v[cfg.features]).to(device), torch.from_numpy(v.labels).to(device)
-
-    (x_tr, y_tr), (x_va, y_va) = rows(train_idx), rows(val_idx)
-    model = OnViewRows()
-
-    def one_epoch(epoch: int):
-        order = torch.from_numpy(rng.permutation(len(y_tr))).to(device)
-        batches = ((x_tr[b], y_tr[b]) for b in order.split(cfg.batch_size))
-        acc, loss, _ = train_one_epoch(model, opt, batches, device, epoch=epoch)
-        return acc, loss, {}
-
-    def validate_epoch():
-        model.eval()
-        with torch.inference_mode():
-            lp = model(x_va)
-        return float((lp.argmax(1) == y_va).float().mean()), float(nn.functional.nll_loss(lp, y_va))
-
-    history = run_epochs(cfg.epochs, one_epoch, validate_epoch, patience=cfg.patience, model=head)
-    return head, history
+    Pooled views are small and read once (25,000 rows of avg are 50 MB); the flat view streams."""
+    if cfg.features == "flat":
+        train, val = CacheRows(cache, train_idx, cfg.block_rows), CacheRows(cache, val_idx, cfg.block_rows)
+    else:
+        views = [CacheViews(cache, idx, cfg.block_rows) for idx in (train_idx, val_idx)]
+        train, val = ((v[cfg.features], v.labels) for v in views)
+    return train_linear(train, val, n_classes=len(cache.classes), in_shape=cache.feature_shape, view=cfg.features,
+                        normalize=cfg.normalize, lr=cfg.lr, weight_decay=cfg.weight_decay, epochs=cfg.epochs,
+                        patience=cfg.patience, batch_size=cfg.batch_size, dropout=cfg.dropout, seed=cfg.seed,
+                        device=device)
 
 
 def _setting(cfg: FitHeadConfig) -> dict:
@@ -228,7 +148,6 @@ def _fit_sklearn(cfg: FitHeadConfig, cache: FeatureCache, train_idx, setting: Op
 def _tune(cfg: FitHeadConfig, cache: FeatureCache, train_idx):
     """Stratified k-fold CV over TUNE_GRID on the training rows; the winner refitted on all of them."""
 
-
     rows = CacheViews(cache, train_idx, cfg.block_rows)
     try:
         result = tune(rows, rows.labels, TUNE_GRID, folds=cfg.folds, seed=cfg.seed, threads=1)
@@ -248,7 +167,6 @@ def _tune(cfg: FitHeadConfig, cache: FeatureCache, train_idx):
 # -- testing on photos the head never saw -----------------------------------------------------------
 def test_cache_for(cfg: FitHeadConfig, cache: FeatureCache) -> Path:
     """The cache of ``--test-data`` (extracted like ``cache``, reused next time) or ``--test-cache``, checked."""
-
 
     if cfg.test_data:
         from ..extraction.extract import ExtractConfig, extract
@@ -289,9 +207,45 @@ def overlap(train: FeatureCache, train_idx, test: FeatureCache) -> list[str]:
 
 
 # -- the stage ------------------------------------------------------------------------------------
+@dataclass
+class FittedHead:
+    """A head fitted on some rows, with what its fit says about it."""
+
+    head: ProbeHead  # on ``device``, in eval mode
+    history: list  # one dict per epoch (linear heads; [] otherwise)
+    info: dict  # what the fit reports (iterations, gamma, landmarks, ...)
+    tuning: Optional[dict]  # the cross-validated choice, when one was made
+    val: dict  # acc, loss, rows and per-class accuracy on the validation rows
+    best_epoch: Optional[int]  # linear heads: the epoch whose weights were kept
+    fit_seconds: float
+
+
+def fit_on_rows(cfg: FitHeadConfig, rows, train_idx: np.ndarray, val_idx: np.ndarray, device) -> FittedHead:
+    """Fit the head ``cfg`` asks for on ``train_idx`` of ``rows`` (a ``FeatureCache`` or a ``FeatureArray``)
+    and score it on ``val_idx``: the same code whether the rows come from a cache file or from arrays."""
+    if not cfg.tune:
+        try:
+            check_view(cfg.features, rows.feature_shape)
+        except ValueError as e:
+            raise UsageError(f"--features: {e}") from None
+    t0 = time.time()
+    tuning, history, info = None, [], {}
+    if cfg.tune:
+        head, info, tuning = _tune(cfg, rows, train_idx)
+    elif cfg.head == "linear":
+        head, history = _fit_linear(cfg, rows, train_idx, val_idx, device)
+    else:
+        head, info = _fit_sklearn(cfg, rows, train_idx)
+    fit_seconds = time.time() - t0
+    head = head.to(device).eval()
+    best_epoch = min(history, key=lambda h: h["val_loss"])["epoch"] if history and cfg.patience else (
+        history[-1]["epoch"] if history else None)
+    return FittedHead(head, history, info, tuning, scores(head, rows, val_idx, device, cfg.block_rows), best_epoch,
+                      fit_seconds)
+
+
 def fit_head(cfg: FitHeadConfig) -> dict:
     """Fit the head on the cache's train split; returns metrics (val, and test if asked) and where outputs went."""
-
 
     cfg = with_recipe(cfg)
     validate(cfg)
@@ -301,25 +255,11 @@ def fit_head(cfg: FitHeadConfig) -> dict:
         changed = source_changes(cache.info)
         if changed:
             log.warning("%s: %s", path, changed)
-        if not cfg.tune:
-            try:
-                check_view(cfg.features, cache.feature_shape)
-            except ValueError as e:
-                raise UsageError(f"--features: {e}") from None
         train_idx, val_idx = split_indices(cache.labels, cfg.val_fraction, cfg.seed)
-        t0 = time.time()
-        tuning, history, info = None, [], {}
-        if cfg.tune:
-            head, info, tuning = _tune(cfg, cache, train_idx)
-        elif cfg.head == "linear":
-            head, history = _fit_linear(cfg, cache, train_idx, val_idx, device)
-        else:
-            head, info = _fit_sklearn(cfg, cache, train_idx)
-        fit_seconds = time.time() - t0
-        head = head.to(device)
-        val = scores(head, cache, val_idx, device, cfg.block_rows)
-        best_epoch = min(history, key=lambda h: h["val_loss"])["epoch"] if history and cfg.patience else (
-            history[-1]["epoch"] if history else None)
+        fit = fit_on_rows(cfg, cache, train_idx, val_idx, device)
+        head, history, info, tuning, val, best_epoch = (fit.head, fit.history, fit.info, fit.tuning, fit.val,
+                                                         fit.best_epoch)
+        fit_seconds = fit.fit_seconds
         test = None
         if cfg.test_data or cfg.test_cache:
             with FeatureCache(test_cache_for(cfg, cache)) as tc:

@@ -104,7 +104,6 @@ def format_rows(rows: list[dict], fmt: str) -> str:
 def predict(cfg: PredictConfig) -> dict:
     """Classify cfg.paths with cfg.model; the rows are returned, or streamed to cfg.output."""
 
-
     if cfg.format not in FORMATS:
         raise UsageError(f"unknown --format {cfg.format!r}; allowed: {', '.join(FORMATS)}")
     if cfg.batch_size < 1:
@@ -155,7 +154,6 @@ def imagenet_check(image: str, backbone: str = ImagenetCheckConfig.backbone,
                    weights: str = ImagenetCheckConfig.weights, top: int = ImagenetCheckConfig.top,
                    device: str = ImagenetCheckConfig.device) -> dict:
     """Top-k ImageNet classes of one image from the full pretrained model (classifier included)."""
-
 
     if top < 1:
         raise UsageError(f"--top must be positive, got {top}")

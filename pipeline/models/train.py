@@ -8,6 +8,7 @@ stratified sample (``--n``) and train/val split as extract and fit-head.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import sys
@@ -69,7 +70,6 @@ def train_transform(transform, augment: bool):
 
 def _loader(root, items, transform, cfg: TrainConfig, shuffle: bool):
     """A persistent loader of Items: Batches of ``cfg.batch_size`` (train, shuffled) or chunks in order (val)."""
-
 
     workers = resolve_workers(cfg.workers)
     dataset = ImageListDataset(root, items, transform)
@@ -150,8 +150,6 @@ def head_training_images(init_head: str, listing) -> set:
     too; where the head's folder is gone (moved), by relative path and size. Empty for other
     checkpoints; when the head's cache is gone nobody can tell, and that is said.
     """
-    import hashlib
-
     ckpt = read_checkpoint(init_head)
     if ckpt["kind"] != "fit-head":
         return set()
@@ -190,7 +188,6 @@ def head_training_images(init_head: str, listing) -> set:
 
 def _fit(cfg: TrainConfig, kind: str, lm, stages: list, listing, head_saw: frozenset = frozenset()) -> dict:
     """Train ``lm`` on ``listing`` epoch by epoch; ``stages[e]`` = (unfreeze value, stage name) for epoch e."""
-
 
     if list(listing.classes) != lm.classes:
         raise UsageError(f"the model's classes {lm.classes} differ from the data's {list(listing.classes)}")
@@ -259,7 +256,6 @@ def _fit(cfg: TrainConfig, kind: str, lm, stages: list, listing, head_saw: froze
 def train(cfg: TrainConfig) -> dict:
     """Backbone frozen, a new head trained on the images; returns metrics and the checkpoint path."""
 
-
     validate(cfg)
     listing = list_image_folder(cfg.data)
     torch.manual_seed(cfg.seed)
@@ -269,7 +265,6 @@ def train(cfg: TrainConfig) -> dict:
 
 def finetune(cfg: FinetuneConfig) -> dict:
     """Backbone (or its last K blocks) unfrozen at a low learning rate, after optional head-only epochs."""
-
 
     validate(cfg)
     unfreeze = parse_unfreeze(cfg.unfreeze)

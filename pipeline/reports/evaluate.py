@@ -61,7 +61,6 @@ def register_predictor(kind: str, source: str, fn: Predictor) -> None:
 
 # -- predictors ----------------------------------------------------------------------------------
 def _head(model_path: str, ckpt: dict, device):
-
     return head_from_checkpoint(ckpt, ckpt["state_dict"], model_path).to(device).eval()
 
 

@@ -4,24 +4,12 @@ import torch
 from torch import nn
 
 from pipeline.cache.feature_cache import CacheWriter, FeatureCache
+from pipeline.heads.cache_views import CacheRows, CacheViews, fit_normalizer_stream
 from pipeline.heads.feature_views import Normalizer, apply_view
-from pipeline.heads.probe_heads import (
-    CacheRows,
-    CacheViews,
-    ProbeHead,
-    expand_grid,
-    fit_kernel,
-    fit_logreg,
-    fit_normalizer_stream,
-    fit_setting,
-    format_table,
-    from_kernel,
-    from_logreg,
-    resolve_gamma,
-    train_linear,
-    tune,
-    view_rows,
-)
+from pipeline.heads.linear_trainer import train_linear
+from pipeline.heads.model_selection import expand_grid, fit_setting, format_table, tune
+from pipeline.heads.probe_heads import ProbeHead, from_kernel, from_logreg
+from pipeline.heads.sklearn_fits import fit_kernel, fit_logreg, resolve_gamma
 
 SHAPE = (4, 3, 3)
 
@@ -62,7 +50,7 @@ def make_cache(path, x, y):
 def test_plain_head_equals_flatten_linear_logsoftmax():
     torch.manual_seed(0)
     seq = nn.Sequential(nn.Flatten(), nn.Linear(int(np.prod(SHAPE)), 3), nn.LogSoftmax(dim=1))
-    head = ProbeHead.from_legacy(seq.state_dict(), SHAPE)
+    head = ProbeHead.from_linear(seq[1].weight.detach(), seq[1].bias.detach(), SHAPE)
     assert head.config["view"] == "flat" and head.config["normalize"] == "none" and head.linear.weight.dtype == torch.float32
     x = torch.from_numpy(maps(8)[0])
     torch.testing.assert_close(head(x), seq(x), rtol=0, atol=0)
@@ -77,12 +65,18 @@ def test_checkpoint_round_trips_through_weights_only_load(tmp_path):
     torch.save(head.checkpoint(), tmp_path / "h.pt")
     ck = torch.load(tmp_path / "h.pt", weights_only=True)
     assert ck["config"]["kernel_components"] == 20 and ck["config"]["view"] == "avgmax"
-    assert set(ck["state_dict"]) == {"norm_mean", "norm_std", "landmarks", "kernel_norm", "linear.weight", "linear.bias"}
+    # K_mm^{-1/2} is folded into the Linear layer: no m x m buffer
+    assert set(ck["state_dict"]) == {"norm_mean", "norm_std", "landmarks", "linear.weight", "linear.bias"}
+    assert ck["config"]["kernel_norm"] is False and ck["state_dict"]["linear.weight"].shape == (3, 20)
     again = ProbeHead.from_checkpoint(ck["config"], ck["state_dict"])
     xt = torch.from_numpy(x[:5])
     torch.testing.assert_close(again(xt), head(xt), rtol=0, atol=0)
     with pytest.raises(ValueError, match="not a probe-head config"):
         ProbeHead.from_checkpoint({"kind": "other"}, ck["state_dict"])
+    # a checkpoint made before the fold (its config has no kernel_norm key) keeps its m x m buffer
+    old = ProbeHead((4, 3, 3), 3, "avgmax", "standardize", kernel_components=20, gamma=0.5)
+    config = {k: v for k, v in old.config.items() if k != "kernel_norm"}
+    assert "kernel_norm" in ProbeHead.from_checkpoint(config, old.checkpoint()["state_dict"]).state_dict()
 
 
 def test_pooled_shapes_refuse_spatial_views():
@@ -92,8 +86,9 @@ def test_pooled_shapes_refuse_spatial_views():
     assert {s["view"] for s in expand_grid({"view": ["flat", "avg", "max", "avgmax"]}, (4, 1, 1))} == {"flat", "avg"}
     with pytest.raises(ValueError, match="view 'avgmax'.*allowed views: avg, flat"):
         fit_setting(x, y, {"head": "logreg", "view": "avgmax"})
-    r = tune(x, y, folds=2)  # the default grid, on a pooled cache: its spatial views are left out
-    assert {row["setting"]["view"] for row in r["table"]} == {"avg"} and len(r["table"]) == 8
+    grid = {"head": ["logreg", "kernel"], "view": ["avg", "avgmax"], "C": [1.0, 10.0]}
+    r = tune(x, y, grid, folds=2)  # on a pooled cache the grid's spatial views are left out
+    assert {row["setting"]["view"] for row in r["table"]} == {"avg"} and len(r["table"]) == 4
     with pytest.raises(ValueError, match="view 'max'.*allowed views: avg, flat"):
         tune(x, y, [{"head": "logreg", "view": "max"}], folds=2)
 
@@ -149,19 +144,19 @@ def test_cache_views_stream_in_blocks(tmp_path):
     x, y = maps(23, 3)
     with FeatureCache(make_cache(tmp_path / "c.h5", x, y)) as c:
         idx = np.array([20, 3, 7, 0, 11, 15])
-        xv, yv = view_rows(c, idx, "avgmax", block_rows=4)
-        np.testing.assert_array_equal(xv, apply_view(x[np.sort(idx)], "avgmax"))
-        np.testing.assert_array_equal(yv, y[np.sort(idx)])
+        views = CacheViews(c, idx, block_rows=4)
+        np.testing.assert_array_equal(views["avgmax"], apply_view(x[np.sort(idx)], "avgmax"))
+        np.testing.assert_array_equal(views.labels, y[np.sort(idx)])
         cv = CacheViews(c, idx, block_rows=5).load(["avg", "flat"])
         np.testing.assert_array_equal(cv["flat"], x[np.sort(idx)].reshape(6, -1))
         with pytest.raises(ValueError, match="over the 0.0 GB limit; stream it with CacheRows"):
-            view_rows(c, idx, "flat", max_bytes=100)
+            CacheViews(c, idx, max_bytes=100)["flat"]
         rows = CacheRows(c, np.arange(23), block_rows=4)
         nm = fit_normalizer_stream(rows, "flat", "rms", batch_size=5)
         assert nm.rms == pytest.approx(Normalizer("rms").fit(x.reshape(23, -1)).rms, rel=1e-9)
-        head, rep = train_linear(CacheRows(c, np.arange(18), 4), CacheRows(c, np.arange(18, 23), 4), n_classes=3,
-                                 in_shape=SHAPE, view="flat", normalize="rms", lr=0.01, max_epochs=3, seed=0)
-        assert rep["epochs_run"] >= 1 and head.config["normalize"] == "rms"
+        head, history = train_linear(CacheRows(c, np.arange(18), 4), CacheRows(c, np.arange(18, 23), 4),
+                                     n_classes=3, in_shape=SHAPE, view="flat", normalize="rms", lr=0.01, epochs=3)
+        assert len(history) == 3 and head.config["normalize"] == "rms"
         cv = CacheViews(c, np.arange(21))
         r = tune(cv, cv.labels, {"view": ["avg", "max"], "C": [1.0]}, folds=3, threads=1)
         assert [row["key"] for row in r["table"]] == ["logreg|avg|l2|C=1", "logreg|max|l2|C=1"]
@@ -174,18 +169,19 @@ def test_early_stopping_restores_the_best_epoch_and_is_reproducible():
     xtr, ytr = rng.normal(0, 1, (40, 30)).astype(np.float32), rng.integers(0, 2, 40)  # noise: memorised, not learnt
     xva, yva = rng.normal(0, 1, (40, 30)).astype(np.float32), rng.integers(0, 2, 40)
     kw = dict(n_classes=2, in_shape=(30, 1, 1), view="flat", normalize="none", lr=0.05, weight_decay=0.0,
-              max_epochs=50, patience=3, batch_size=8, seed=3)
+              epochs=50, patience=3, batch_size=8, seed=3)
     state = torch.random.get_rng_state()
-    head, rep = train_linear((xtr, ytr), (xva, yva), **kw)
+    head, history = train_linear((xtr, ytr), (xva, yva), **kw)
     assert torch.equal(torch.random.get_rng_state(), state)  # the global RNG is left alone
-    losses = [h["val_loss"] for h in rep["history"]]
-    assert rep["stopped_early"] and rep["epochs_run"] == rep["best_epoch"] + 3
-    assert rep["best_epoch"] == 1 + int(np.argmin(losses)) and losses[-1] > rep["best_val_loss"]
+    losses = [h["val_loss"] for h in history]
+    best = 1 + int(np.argmin(losses))
+    assert len(history) == best + 3 < 50 and losses[-1] > min(losses)  # stopped early, 3 epochs after the best
     with torch.no_grad():
         lp = head(torch.from_numpy(xva).reshape(40, 30, 1, 1))
-    assert float(nn.NLLLoss()(lp, torch.from_numpy(yva))) == pytest.approx(rep["best_val_loss"], rel=1e-5)
-    again, rep2 = train_linear((xtr, ytr), (xva, yva), **kw)
-    assert torch.equal(again.linear.weight, head.linear.weight) and rep2["best_epoch"] == rep["best_epoch"]
+    assert float(nn.NLLLoss()(lp, torch.from_numpy(yva))) == pytest.approx(min(losses), rel=1e-5)
+    again, history2 = train_linear((xtr, ytr), (xva, yva), **kw)
+    assert torch.equal(again.linear.weight, head.linear.weight) and history2 == [
+        {**h, "seconds": h2["seconds"]} for h, h2 in zip(history, history2)]
 
 
 def test_tune_is_deterministic_for_a_seed_and_fits_the_winner():
