@@ -179,6 +179,11 @@ class Provenance:
                 mine, theirs = self.weights_sha256, other.weights_sha256
             if name in _OPTIONAL and not (mine and theirs):
                 continue
+            if name == "calibration" and mine != theirs:  # name the keys that differ, not two JSON texts
+                a, b = json.loads(mine), json.loads(theirs)
+                out += [f"int8 calibration {k}: {a.get(k)} vs {b.get(k)}" for k in CALIBRATION_KEYS
+                        if a.get(k) != b.get(k)]
+                continue
             if mine != theirs:
                 show = (lambda p: p.describe()) if name == "preprocessing" else (lambda v: v)
                 out.append(f"{name}: {show(mine)} vs {show(theirs)}")
