@@ -1,19 +1,26 @@
 #!/usr/bin/env python
-"""The README's head table: fit-head settings on two proxies of photos never seen in training.
+"""The README's head table: fit-head settings against plain scikit-learn recipes, on four proxies of photos
+the heads never saw, and the default head's fit time and memory at 800 and 25,000 rows.
 
-A: train on a cache of ../shared/data/catsdogs (n=800: 700 train / 100 val), test on a cache of
-   ../shared/data/catsdogs_test (400 other photos), through fit-head's own --test-cache.
-B: ../shared/data/dogbreeds20 (270 photos, 20 breeds): fit-head on 5 seeded, stratified 80/20
-   splits of one cache (seeds 0-4); mean and std of the validation accuracy and log-loss.
+Proxies (../shared/data): catsdogs -> catsdogs_test, caltech20/train -> caltech20/test,
+scenes6/train -> scenes6/test (a test folder each), and dogbreeds20 (270 photos, 20 breeds: five seeded
+stratified 80/20 splits, mean accuracy on the held-out 20 %). fit-head holds out its validation split
+(--val-fraction, 12.5 %) and trains on the rest; the references train on every training row.
 
-    python bench/head_table.py --train A.h5 --test A_test.h5 --breeds B.h5 [--json out.json]
+References, on the same caches: each 512x7x7 map average-pooled (avg) or average- and max-pooled (avgmax),
+l2-normalised, then GridSearchCV(SVC(kernel="rbf"), C in [1, 10, 100], cv=5) or
+GridSearchCV(LogisticRegression, C in [0.1 ... 1000], cv=5).
 
-Make the caches first with `python cli.py extract --data ... --weights ...` (--n 800, --n 0, --n 0).
+    python bench/head_table.py --data ../shared/data --weights ../shared/weights/vgg16_features_imagenet.pt
+
+Caches are made with the project's extract (n=0) into --cache-dir, or found there (a cache hit).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -23,60 +30,159 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+PROXIES = {  # name: (train folder, test folder or None for cross-validation)
+    "catsdogs": ("catsdogs", "catsdogs_test"),
+    "caltech20": ("caltech20/train", "caltech20/test"),
+    "scenes6": ("scenes6/train", "scenes6/test"),
+    "dogbreeds20": ("dogbreeds20", None),
+}
 SETTINGS = [  # (name, fit-head options)
-    ("seed recipe (flat, 1/RMS, Adam 0.01 x 10)", {"recipe": "seed"}),
-    ("defaults: linear, avg, l2, early stopping", {}),
-    ("linear, flat, l2", {"features": "flat"}),
-    ("linear, max, l2", {"features": "max"}),
-    ("linear, avgmax, l2", {"features": "avgmax"}),
-    ("linear, avg, rms", {"normalize": "rms"}),
-    ("linear, avg, none", {"normalize": "none"}),
-    ("logreg, avg, l2, C=100", {"head": "logreg"}),
-    ("logreg, avg, l2, C=10", {"head": "logreg", "C": 10.0}),
-    ("logreg, avgmax, l2, C=100", {"head": "logreg", "features": "avgmax"}),
-    ("logreg, flat, l2, C=100", {"head": "logreg", "features": "flat"}),
-    ("logreg, avg, standardize, C=1", {"head": "logreg", "normalize": "standardize", "C": 1.0}),
-    ("kernel, avg, l2, C=100", {"head": "kernel"}),
-    ("--tune (every kind, 5-fold CV)", {"tune": True}),
+    ("fit-head defaults (auto: exact RBF kernel head, C and gamma by 5-fold CV)", {}),
+    ("fit-head --tune (every kind and view, 5-fold CV)", {"tune": True}),
+    ("fit-head --head linear (the previous default)", {"head": "linear"}),
+    ("fit-head --head logreg (C=100)", {"head": "logreg"}),
+    ("fit-head --head kernel (C=100, gamma=scale)", {"head": "kernel"}),
 ]
+SPLITS = 5  # dogbreeds20: seeded 80/20 splits
 
 
-def run(name: str, opts: dict, a: str, a_test: str, b: str, runs: str) -> dict:
+def caches(args) -> dict:
+    from pipeline.config import ExtractConfig
+    from pipeline.extraction.extract import extract
+
+    out = {}
+    for name, (train, test) in PROXIES.items():
+        if args.only and name not in args.only:
+            continue
+        made = [extract(ExtractConfig(data=str(Path(args.data) / d), n=0, weights=args.weights,
+                                      cache_dir=args.cache_dir))["cache"] for d in (train, test) if d]
+        out[name] = made
+    return out
+
+
+def reference_rows(x_tr, y_tr, x_te, y_te) -> dict:
+    """The plain scikit-learn recipes (5-fold CV on C) trained on x_tr, scored on x_te: test accuracy each."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV
+    from sklearn.svm import SVC
+
+    out = {}
+    for view, (a, b) in {"avg": (x_tr[0], x_te[0]), "avgmax": (x_tr[1], x_te[1])}.items():
+        for kind, est, grid in (("SVC-RBF", SVC(kernel="rbf"), {"C": [1, 10, 100]}),
+                                ("LogisticRegression", LogisticRegression(max_iter=2000),
+                                 {"C": [0.1, 1, 10, 100, 1000]})):
+            t0 = time.time()
+            search = GridSearchCV(est, grid, cv=5, n_jobs=1).fit(a, y_tr)
+            out[f"sklearn {kind}, {view}, 5-fold CV on C"] = {
+                "acc": float((search.predict(b) == y_te).mean()), "seconds": time.time() - t0,
+                "choice": search.best_params_}
+    return out
+
+
+def pooled(cache, rows) -> tuple:
+    from pipeline.heads.cache_views import CacheViews
+    from pipeline.heads.feature_views import Normalizer
+
+    v = CacheViews(cache, rows)
+    return tuple(Normalizer("l2").transform(v[view]) for view in ("avg", "avgmax")), v.labels
+
+
+def proxy_table(name: str, paths: list, runs: str) -> list[dict]:
+    from pipeline.cache.feature_cache import FeatureCache
+    from pipeline.heads.epoch_loop import split_indices
     from pipeline.heads.fit_head import FitHeadConfig, fit_head
 
-    t0 = time.time()
-    ra = fit_head(FitHeadConfig(cache=a, test_cache=a_test, runs_dir=runs, **opts))
-    seconds = time.time() - t0
-    rb = [fit_head(FitHeadConfig(cache=b, val_fraction=0.2, seed=s, runs_dir=runs, **opts)) for s in range(5)]
-    return {"setting": name, "options": opts, "A_test_acc": ra["test_acc"], "A_test_loss": ra["test_loss"],
-            "A_val_acc": ra["val_acc"], "A_seconds": seconds,
-            "B_acc": float(np.mean([r["val_acc"] for r in rb])), "B_acc_std": float(np.std([r["val_acc"] for r in rb])),
-            "B_loss": float(np.mean([r["val_loss"] for r in rb])),
-            "A_choice": (ra["tuning"] or {}).get("choice"), "B_choices": [(r["tuning"] or {}).get("choice") for r in rb]}
+    rows = []
+    with FeatureCache(paths[0]) as c:
+        n = c.n
+        if len(paths) == 2:
+            with FeatureCache(paths[1]) as t:
+                (xa, ya), (xb, yb) = pooled(c, np.arange(n)), pooled(t, np.arange(t.n))
+            refs = [reference_rows(xa, ya, xb, yb)]
+        else:
+            refs = []
+            for seed in range(SPLITS):
+                tr, te = split_indices(c.labels, 0.2, seed)
+                (xa, ya), (xb, yb) = pooled(c, tr), pooled(c, te)
+                refs.append(reference_rows(xa, ya, xb, yb))
+    for key in refs[0]:
+        accs = [r[key]["acc"] for r in refs]
+        rows.append({"proxy": name, "setting": key, "acc": float(np.mean(accs)), "acc_std": float(np.std(accs)),
+                     "seconds": float(np.mean([r[key]["seconds"] for r in refs])),
+                     "choice": [r[key]["choice"] for r in refs]})
+    for label, opts in SETTINGS:
+        t0 = time.time()
+        if len(paths) == 2:
+            r = fit_head(FitHeadConfig(cache=paths[0], test_cache=paths[1], runs_dir=runs, **opts))
+            accs, choices = [r["test_acc"]], [(r["tuning"] or {}).get("choice")]
+        else:
+            rs = [fit_head(FitHeadConfig(cache=paths[0], val_fraction=0.2, seed=s, runs_dir=runs, **opts))
+                  for s in range(SPLITS)]
+            accs, choices = [x["val_acc"] for x in rs], [(x["tuning"] or {}).get("choice") for x in rs]
+        rows.append({"proxy": name, "setting": label, "acc": float(np.mean(accs)), "acc_std": float(np.std(accs)),
+                     "seconds": (time.time() - t0) / len(accs), "choice": choices})
+    return rows
+
+
+TIMING = """
+import json, resource, sys, time
+import numpy as np
+sys.path.insert(0, {root!r})
+import pipeline
+from pipeline.cache.feature_cache import FeatureCache
+from pipeline.heads.cache_views import CacheViews
+with FeatureCache({cache!r}) as c:
+    v = CacheViews(c, np.arange(c.n)); base, labels = v["avg"], v.labels
+rng = np.random.default_rng(0)
+pick = rng.integers(0, len(base), {rows})
+x = base[pick] + rng.normal(0, 0.3, (len(pick), base.shape[1])).astype(np.float32) * base.std(0)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t0 = time.time()
+head = pipeline.Head().fit(x, labels[pick])
+print(json.dumps({{"rows": {rows}, "seconds": time.time() - t0,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "rss_before_mb": before / 1024, "val_acc": head.metrics_["val_acc"]}}))
+"""
+
+
+def timing(cache: str, rows: int) -> dict:
+    """The default head's fit on ``rows`` synthetic 512-d rows (real catsdogs rows plus noise), in a fresh
+    process so its peak memory is its own."""
+    code = TIMING.format(root=str(Path(__file__).resolve().parents[1]), cache=cache, rows=rows)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--train", required=True, help="cache of catsdogs, n=800")
-    p.add_argument("--test", required=True, help="cache of catsdogs_test (same backbone, weights, preprocessing)")
-    p.add_argument("--breeds", required=True, help="cache of dogbreeds20")
-    p.add_argument("--only", type=int, nargs="*", help="setting numbers to run (default: all)")
+    p.add_argument("--data", default="../shared/data", help="folder holding the proxies' folders")
+    p.add_argument("--weights", default="../shared/weights/vgg16_features_imagenet.pt")
+    p.add_argument("--cache-dir", default="features", help="where the caches are made or found")
+    p.add_argument("--only", nargs="*", choices=list(PROXIES), help="proxies to run (default: all)")
+    p.add_argument("--timing-rows", type=int, nargs="*", default=[800, 25000])
     p.add_argument("--json", help="also write the rows here")
     a = p.parse_args()
     from pipeline.progress import set_quiet
 
     set_quiet(True)
+    made = caches(a)
     rows = []
+    print("| proxy | setting | test acc | fit s | chosen |")
+    print("|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as runs:
-        print("| setting | A: test acc | A: test log-loss | A: fit s | B: acc (5 splits) | B: log-loss |")
-        print("|---|---|---|---|---|---|")
-        for i, (name, opts) in enumerate(SETTINGS):
-            if a.only and i not in a.only:
-                continue
-            r = run(name, opts, a.train, a.test, a.breeds, runs)
-            rows.append(r)
-            print(f"| {name} | {r['A_test_acc']:.4f} | {r['A_test_loss']:.3f} | {r['A_seconds']:.1f} | "
-                  f"{r['B_acc']:.3f} ± {r['B_acc_std']:.3f} | {r['B_loss']:.3f} |", flush=True)
+        for name, paths in made.items():
+            for r in proxy_table(name, paths, runs):
+                rows.append(r)
+                std = f" ± {r['acc_std']:.3f}" if r["acc_std"] else ""
+                print(f"| {name} | {r['setting']} | {r['acc']:.4f}{std} | {r['seconds']:.1f} | {r['choice'][0]} |",
+                      flush=True)
+    if "catsdogs" in made:
+        print("\n| rows | default fit s | peak RSS MB |\n|---|---|---|")
+        for n in a.timing_rows:
+            t = timing(made["catsdogs"][0], n)
+            rows.append({"timing": t})
+            print(f"| {n} | {t['seconds']:.1f} | {t['peak_rss_mb']:.0f} |", flush=True)
+    print(f"\n(CPU: {resource.getrusage(resource.RUSAGE_SELF).ru_utime:.0f} s of user time in this process)")
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=2))
 

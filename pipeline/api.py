@@ -641,7 +641,7 @@ class Head(ClassifierMixin, BaseEstimator, _Classifier):
         from .devices import resolve_device
         from .heads.cache_views import FeatureArray
         from .heads.epoch_loop import split_indices
-        from .heads.fit_head import fit_on_rows
+        from .heads.fit_head import fit_on_rows, validate, with_recipe
 
         if y is None:
             raise ValueError("Head requires y to be passed, but the target y is None (or pass a Cache as X)")
@@ -654,7 +654,8 @@ class Head(ClassifierMixin, BaseEstimator, _Classifier):
         if len(labels) < 2:
             raise ValueError(f"a classifier needs at least 2 classes; y has 1 class ({labels[0]!r})")
         rows = FeatureArray(X, y_idx, [str(c) for c in labels])
-        cfg = self._config()
+        cfg = with_recipe(self._config())
+        validate(cfg)
         device = resolve_device(cfg.device)
         train_idx, val_idx = split_indices(y_idx, cfg.val_fraction, cfg.seed)
         fit = fit_on_rows(cfg, rows, train_idx, val_idx, device)

@@ -21,7 +21,7 @@ COMPILE = ("auto", "on", "off")
 VIEWS = ("flat", "avg", "max", "avgmax")
 NORMS = ("none", "rms", "l2", "standardize")
 POOLED_VIEWS = ("avg", "flat")  # what a (C, 1, 1) cache allows
-HEADS = ("linear", "logreg", "kernel")
+HEADS = ("auto", "linear", "logreg", "kernel")
 RECIPES = ("default", "seed")
 FORMATS = ("table", "csv", "json")
 SPLITS = ("val", "all")
@@ -29,6 +29,7 @@ SPLITS = ("val", "all")
 #: (1e38 is a RuntimeError inside Adam) and nothing useful was ever trained.
 MAX_LR = 10.0
 MAX_WEIGHT_DECAY = 10.0
+MAX_C = 1e6  # logistic regression's inverse regularisation: past this it is no regularisation at all
 #: Most channels feature-map draws over the image: each is one more panel (512 took minutes).
 MAX_TOP_K = 32
 
@@ -87,7 +88,7 @@ class FitHeadConfig:
 
     cache: Optional[str] = None  # cache file; None = the newest complete cache in cache_dir
     cache_dir: str = "features"  # where to look for the newest cache (and where --test-data's cache goes)
-    head: str = "linear"  # linear (Adam, per epoch), logreg (sklearn LogisticRegression), kernel (RBF + logreg)
+    head: str = "auto"  # auto (RBF kernel head, C and gamma by CV), linear (Adam), logreg, kernel (given C, gamma)
     features: str = "avg"  # view of the cached map: flat, avg, max, avgmax
     normalize: str = "l2"  # l2 (each row), rms (one scale), standardize (per feature) or none
     epochs: int = 100  # linear: at most this many passes over the training split
@@ -96,15 +97,15 @@ class FitHeadConfig:
     weight_decay: float = 1e-4  # linear: Adam's L2 penalty
     C: float = 100.0  # logreg, kernel: inverse regularisation strength
     gamma: str = "scale"  # kernel: RBF width, a number or 'scale' (1 / (d var)) or 'G*scale'
-    kernel_components: int = 1000  # kernel: Nystroem landmarks (at most the training rows)
+    kernel_components: int = 2000  # auto, kernel: landmarks; with fewer training rows all are (the exact kernel)
     batch_size: int = 32  # linear: rows per optimisation step
     val_fraction: float = 0.125  # share of rows held out for validation (stratified; 100 of 800)
     dropout: float = 0.0  # linear: dropout before the linear layer when > 0
     seed: int = 0  # seeds the split, the initialisation, the shuffling, CV folds and landmarks
     device: str = "auto"  # 'auto' (CUDA if available), 'cpu', 'cuda'
     block_rows: int = 2048  # rows read from disk at once (bounds memory: block_rows x row size)
-    tune: bool = False  # choose head kind, view, normalisation and C by CV on the training rows
-    folds: int = 5  # --tune: stratified folds
+    tune: bool = False  # a wider search: head kind, view, C and gamma by CV on the training rows
+    folds: int = 5  # auto, --tune: stratified cross-validation folds
     test_data: Optional[str] = None  # an ImageFolder of other photos to test on (extracted like the cache)
     test_cache: Optional[str] = None  # or a cache of them, made with the same backbone, weights and preprocessing
     recipe: str = "default"  # 'seed': the tutorial's flat view, rms scale, Adam 0.01 for 10 epochs, nothing else

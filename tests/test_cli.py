@@ -31,7 +31,7 @@ def test_extract_fit_head_compare_and_caches(run, tmp_path):
     assert path.startswith("features/tiny-n24-") and path.endswith(".h5")
     again = run("extract", "--data", data, "--n", 24, *TINY, "--json")
     assert json.loads(again.stdout)["hit"] is True and "cache hit" in again.stderr
-    r = run("fit-head", "--epochs", 3, "--json")
+    r = run("fit-head", "--head", "linear", "--epochs", 3, "--json")
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
     assert out["val_acc"] == 1.0 and out["train_rows"] + out["val_rows"] == 24
@@ -123,8 +123,12 @@ def test_a_diverging_fit_exits_1_and_saves_nothing(run, tmp_path, make_cache):
     cache = make_cache(make_image_folder(tmp_path / "data", per_class=8), dtype="float32")["cache"]
     with h5py.File(cache, "a") as f:
         f["features"][3] = float("nan")  # one hand-edited row
-    r = run("fit-head", "--cache", cache, "--runs-dir", tmp_path / "runs", "--epochs", 2)
-    assert r.exit_code == 1 and "training diverged: the loss became nan" in r.stderr
+    r = run("fit-head", "--cache", cache, "--head", "linear", "--runs-dir", tmp_path / "runs", "--epochs", 2)
+    assert r.exit_code == 2 and "cache rows hold non-finite features" in r.stderr  # refused where rows are read
+    r = run("fit-head", "--cache", cache, "--head", "linear", "--features", "flat", "--runs-dir", tmp_path / "runs",
+            "--epochs", 2)  # the flat view streams: the NaN reaches the loss
+    assert r.exit_code == 1 and ("training diverged: the loss became nan" in r.stderr
+                                 or "validation loss is nan" in r.stderr)
     assert not list((tmp_path / "runs").glob("*/head.pt"))
 
 

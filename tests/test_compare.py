@@ -21,20 +21,22 @@ def test_both_models_on_the_same_split(tmp_path, monkeypatch, make_cache):
     monkeypatch.setattr(compare, "split_indices", spy)
     monkeypatch.setattr("pipeline.heads.fit_head.split_indices", spy)
     r = compare_sklearn(CompareConfig(cache=cache, val_fraction=0.25, seed=3,
-                                      head=FitHeadConfig(epochs=20, runs_dir=str(tmp_path / "runs"))))
-    assert len(seen) == 4 and all(s == seen[0] for s in seen)  # linear, logreg, kernel, sklearn: one split
-    linear, logreg, kernel, sk = r["models"]
+                                      head=FitHeadConfig(head="linear", epochs=20, runs_dir=str(tmp_path / "runs"))))
+    assert len(seen) == 6 and all(s == seen[0] for s in seen)  # auto, linear, logreg, kernel, 2 x sklearn: one split
+    auto, linear, logreg, kernel, sk, svc = r["models"]
     assert all(m["val_rows"] == 12 for m in r["models"])
-    assert [m["val_acc"] for m in r["models"]] == [1.0] * 4
-    assert 0 <= sk["val_loss"] < 0.5
+    assert [m["val_acc"] for m in r["models"]] == [1.0] * 6
+    assert 0 <= sk["val_loss"] < 0.5 and svc["val_loss"] is None  # an SVC gives no probabilities
     table = format_table(r)
     lines = table.splitlines()
     assert lines[0].split() == ["model", "val", "acc", "val", "log-loss", "fit", "time"]
-    assert lines[2].startswith("linear Linear+LogSoftmax (avg, l2, Adam lr=0.03, wd=0.0001, best epoch ")
-    assert lines[3].startswith("logreg Linear+LogSoftmax (avg, l2, C=100)")
-    assert lines[4].startswith("kernel Linear+LogSoftmax (avg, l2, C=100, RBF gamma=scale")
-    assert lines[5].startswith("sklearn LogisticRegression (flat, standardized, C=1)")
-    assert f"{sk['val_loss']:.4f}" in lines[5] and f"{linear['val_loss']:.4f}" in lines[2]
+    assert lines[2].startswith("auto Linear+LogSoftmax (avg, l2, C=") and "by 5-fold CV, 36 landmarks" in lines[2]
+    assert lines[3].startswith("linear Linear+LogSoftmax (avg, l2, Adam lr=0.03, wd=0.0001, best epoch ")
+    assert lines[4].startswith("logreg Linear+LogSoftmax (avg, l2, C=100)")
+    assert lines[5].startswith("kernel Linear+LogSoftmax (avg, l2, C=100, RBF gamma=scale")
+    assert lines[6].startswith("sklearn LogisticRegression (flat, standardized, C=1)")
+    assert lines[7].startswith("sklearn SVC (avg, l2, RBF gamma=scale, C=") and " - " in lines[7]
+    assert f"{sk['val_loss']:.4f}" in lines[6] and f"{linear['val_loss']:.4f}" in lines[3]
     assert lines[-1].startswith("(same split: 36 train / 12 val rows, seed 3; cache ")
 
 

@@ -99,8 +99,8 @@ def test_sharded_cache_holds_the_single_process_rows(clean):
 
 def test_fit_head_on_sharded_matches_single(clean):
     tmp, data, one, res = clean
-    a = fit_head(FitHeadConfig(cache=one, epochs=3, device="cpu", runs_dir=str(tmp / "runs1")))
-    b = fit_head(FitHeadConfig(cache=res["cache"], epochs=3, device="cpu", runs_dir=str(tmp / "runs2")))
+    a = fit_head(FitHeadConfig(head="linear", cache=one, epochs=3, device="cpu", runs_dir=str(tmp / "runs1")))
+    b = fit_head(FitHeadConfig(head="linear", cache=res["cache"], epochs=3, device="cpu", runs_dir=str(tmp / "runs2")))
     assert (b["val_acc"], b["val_loss"], b["train_loss"]) == (a["val_acc"], a["val_loss"], a["train_loss"])
 
 

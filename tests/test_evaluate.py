@@ -43,7 +43,7 @@ def test_summarize_matches_a_hand_count():
 
 @pytest.fixture
 def head_run(tmp_path, tiny_cache):
-    return fit_head(FitHeadConfig(cache=str(tiny_cache), epochs=3, val_fraction=0.25, runs_dir=str(tmp_path / "runs")))
+    return fit_head(FitHeadConfig(head="linear", cache=str(tiny_cache), epochs=3, val_fraction=0.25, runs_dir=str(tmp_path / "runs")))
 
 
 def test_default_is_the_checkpoints_own_val_split(tmp_path, head_run):
@@ -122,14 +122,14 @@ def test_evaluate_cache_and_fit_head_test_cache_refuse_the_same_caches(tmp_path,
     other = make_cache(image_folder, **{"dtype": "float32", "precision": "fp32", **made_otherwise},
                        cache_dir=str(tmp_path / "other"))["cache"]
     same = make_cache(image_folder, dtype="float32", precision="fp32", cache_dir=str(tmp_path / "same"))["cache"]
-    head = fit_head(FitHeadConfig(cache=train, epochs=1, runs_dir=str(tmp_path / "runs")))["checkpoint"]
+    head = fit_head(FitHeadConfig(head="linear", cache=train, epochs=1, runs_dir=str(tmp_path / "runs")))["checkpoint"]
     (field, value), = made_otherwise.items()
     with pytest.raises(ValueError, match=f"made differently.*{field}: .* vs {value}"):
-        fit_head(FitHeadConfig(cache=train, epochs=1, test_cache=other, runs_dir=str(tmp_path / "runs")))
+        fit_head(FitHeadConfig(head="linear", cache=train, epochs=1, test_cache=other, runs_dir=str(tmp_path / "runs")))
     with pytest.raises(ValueError, match=f"does not fit the model.*{field}: .* vs {value}"):
         evaluate(EvaluateConfig(model=head, cache=other, split="all", runs_dir=str(tmp_path / "runs")))
     # and both take a cache made the same way
-    assert fit_head(FitHeadConfig(cache=train, epochs=1, test_cache=same, runs_dir=str(tmp_path / "runs")))["test"]
+    assert fit_head(FitHeadConfig(head="linear", cache=train, epochs=1, test_cache=same, runs_dir=str(tmp_path / "runs")))["test"]
     assert evaluate(EvaluateConfig(model=head, cache=same, split="all", runs_dir=str(tmp_path / "runs")))["rows"] == 24
 
 

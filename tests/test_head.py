@@ -1,10 +1,12 @@
 import json
+import re
 
 import numpy as np
 import pytest
 import torch
 
 from pipeline.cache.feature_cache import FeatureCache
+from pipeline.errors import PipelineError, UsageError
 from pipeline.extraction.extract import ExtractConfig, extract
 from pipeline.heads.epoch_loop import split_indices
 from pipeline.heads.fit_head import FitHeadConfig, evaluate_head, fit_head
@@ -28,7 +30,7 @@ def test_split_is_stratified_seeded_and_disjoint():
 
 
 def test_fit_head_learns_separable_features_and_saves_a_safe_checkpoint(cache, tmp_path, capsys):
-    r = fit_head(FitHeadConfig(cache=cache, epochs=5, runs_dir=str(tmp_path / "runs"), val_fraction=0.25))
+    r = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=5, runs_dir=str(tmp_path / "runs"), val_fraction=0.25))
     assert r["val_acc"] == 1.0 and r["train_rows"] == 24 and r["val_rows"] == 8
     assert r["history"][-1]["train_loss"] < r["history"][0]["train_loss"]
     lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("Epoch ")]
@@ -44,20 +46,20 @@ def test_fit_head_learns_separable_features_and_saves_a_safe_checkpoint(cache, t
 
 
 def test_dropout_and_the_seed_make_runs_reproducible(cache, tmp_path):
-    a = fit_head(FitHeadConfig(cache=cache, epochs=2, dropout=0.5, runs_dir=str(tmp_path / "a")))
-    b = fit_head(FitHeadConfig(cache=cache, epochs=2, dropout=0.5, runs_dir=str(tmp_path / "b")))
+    a = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=2, dropout=0.5, runs_dir=str(tmp_path / "a")))
+    b = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=2, dropout=0.5, runs_dir=str(tmp_path / "b")))
     for key in ("train_loss", "val_loss", "train_acc"):
         assert [h[key] for h in a["history"]] == pytest.approx([h[key] for h in b["history"]])
     # ... and both matter: without dropout, or with another seed, the same run trains differently
-    no_dropout = fit_head(FitHeadConfig(cache=cache, epochs=2, dropout=0.0, runs_dir=str(tmp_path / "c")))
-    other_seed = fit_head(FitHeadConfig(cache=cache, epochs=2, dropout=0.5, seed=1, runs_dir=str(tmp_path / "d")))
+    no_dropout = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=2, dropout=0.0, runs_dir=str(tmp_path / "c")))
+    other_seed = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=2, dropout=0.5, seed=1, runs_dir=str(tmp_path / "d")))
     for other in (no_dropout, other_seed):
         assert [h["train_loss"] for h in other["history"]] != pytest.approx([h["train_loss"] for h in a["history"]])
 
 
 def test_fit_head_warns_when_the_source_folder_changed(cache, tmp_path, caplog):
     (tmp_path / "d" / "red" / "red.0.jpg").unlink()
-    r = fit_head(FitHeadConfig(cache=cache, epochs=1, runs_dir=str(tmp_path / "runs")))
+    r = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=1, runs_dir=str(tmp_path / "runs")))
     assert "1 removed (e.g. red/red.0.jpg)" in r["source_changed"]
     assert "changed since extraction" in caplog.text
 
@@ -81,13 +83,13 @@ def test_real_vgg16_features_separate_cats_and_dogs(shared_available, tmp_path):
     with FeatureCache(r["cache"]) as c:
         assert np.bincount(c.labels).tolist() == [20, 20] and c.attrs["weights"] == "file:vgg16_features_imagenet.pt"
         assert c.attrs["mean"][0] == pytest.approx(0.485, abs=1e-3)  # from the sidecar, not hand-copied
-    fit = fit_head(FitHeadConfig(cache=r["cache"], epochs=10, val_fraction=0.25, runs_dir=str(tmp_path / "runs")))
+    fit = fit_head(FitHeadConfig(head="linear", cache=r["cache"], epochs=10, val_fraction=0.25, runs_dir=str(tmp_path / "runs")))
     assert fit["val_rows"] == 10 and fit["val_acc"] >= 0.9
 
 
 @pytest.mark.parametrize("features", ["flat", "avg", "max", "avgmax"])
 def test_every_view_trains_and_the_checkpoint_takes_raw_features(cache, tmp_path, features):
-    r = fit_head(FitHeadConfig(cache=cache, features=features, epochs=30, val_fraction=0.25,
+    r = fit_head(FitHeadConfig(head="linear", cache=cache, features=features, epochs=30, val_fraction=0.25,
                                runs_dir=str(tmp_path / "runs")))
     assert r["val_acc"] == 1.0
     ckpt = torch.load(r["checkpoint"], weights_only=True)
@@ -99,11 +101,11 @@ def test_a_pooled_cache_allows_only_the_avg_view(tmp_path, make_cache, image_fol
     pooled = make_cache(image_folder, pool="avg", cache_dir=str(tmp_path / "pooled"))["cache"]
     with pytest.raises(ValueError, match="--features: view 'max' needs the spatial map.*allowed views: avg, flat"):
         fit_head(FitHeadConfig(cache=pooled, features="max", runs_dir=str(tmp_path / "runs")))
-    assert fit_head(FitHeadConfig(cache=pooled, features="avg", epochs=2, runs_dir=str(tmp_path / "runs")))["val_rows"]
+    assert fit_head(FitHeadConfig(head="linear", cache=pooled, features="avg", epochs=2, runs_dir=str(tmp_path / "runs")))["val_rows"]
 
 
 def test_early_stopping_keeps_the_best_epochs_weights(cache, tmp_path, capsys):
-    r = fit_head(FitHeadConfig(cache=cache, recipe="default", lr=0.5, epochs=60, patience=3, val_fraction=0.25,
+    r = fit_head(FitHeadConfig(cache=cache, head="linear", recipe="default", lr=0.5, epochs=60, patience=3, val_fraction=0.25,
                                runs_dir=str(tmp_path / "runs")))
     losses = [h["val_loss"] for h in r["history"]]
     best = int(np.argmin(losses))
@@ -150,18 +152,44 @@ def test_test_data_is_extracted_like_the_cache_scored_and_copies_are_reported(tm
 
     cache = make_cache(image_folder)["cache"]
     other = make_image_folder(tmp_path / "other", per_class=5, seed=7)
-    r = fit_head(FitHeadConfig(cache=cache, epochs=20, test_data=str(other), runs_dir=str(tmp_path / "runs")))
+    r = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=20, test_data=str(other), runs_dir=str(tmp_path / "runs")))
     assert r["test"]["rows"] == 10 and r["test_acc"] == r["test"]["acc"] and r["test"]["overlap"] == []
     from pipeline.cache.feature_cache import newest_cache
 
     assert str(newest_cache(tmp_path / "features").path) == cache  # the newer test cache is never the default
-    again = fit_head(FitHeadConfig(cache=cache, epochs=1, test_cache=r["test"]["cache"], runs_dir=str(tmp_path / "r")))
+    again = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=1, test_cache=r["test"]["cache"], runs_dir=str(tmp_path / "r")))
     assert again["test"]["rows"] == 10
     shutil.copy(image_folder / "red" / "red.0.jpg", other / "red" / "copy.jpg")
     shutil.copy(image_folder / "red" / "red.1.jpg", other / "red" / "copy2.jpg")
-    r = fit_head(FitHeadConfig(cache=cache, epochs=1, test_data=str(other), val_fraction=0.125,
+    r = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=1, test_data=str(other), val_fraction=0.125,
                                runs_dir=str(tmp_path / "runs")))
     assert len(r["test"]["overlap"]) >= 1  # a copy of a training image, whatever its name
     made_otherwise = make_cache(other, dtype="float32", cache_dir=str(tmp_path / "f32"))["cache"]
     with pytest.raises(ValueError, match="made differently from the training cache.*dtype: float16 vs float32"):
-        fit_head(FitHeadConfig(cache=cache, epochs=1, test_cache=made_otherwise, runs_dir=str(tmp_path / "runs")))
+        fit_head(FitHeadConfig(head="linear", cache=cache, epochs=1, test_cache=made_otherwise, runs_dir=str(tmp_path / "runs")))
+
+
+def test_tune_on_a_pooled_cache_leaves_out_the_views_it_cannot_give(make_cache, image_folder, tmp_path):
+    pooled = make_cache(image_folder, pool="avg", cache_dir=str(tmp_path / "pooled"))["cache"]
+    r = fit_head(FitHeadConfig(cache=pooled, tune=True, val_fraction=0.25, folds=3, runs_dir=str(tmp_path / "runs")))
+    assert {row["key"].split("|")[1] for row in r["tuning"]["table"]} == {"avg"}
+
+
+@pytest.mark.parametrize("option", [{"lr": 1e38}, {"weight_decay": 1e300}, {"C": 1e300}, {"lr": 0.0}])
+def test_rates_out_of_range_are_usage_errors_naming_the_range(cache, tmp_path, option):
+    (name, value), = option.items()
+    with pytest.raises(UsageError, match=rf"--{name.replace('_', '-')} must be in .*got {re.escape(str(value))}"):
+        fit_head(FitHeadConfig(cache=cache, runs_dir=str(tmp_path / "runs"), **option))
+
+
+@pytest.mark.parametrize("head", ["auto", "linear"])
+def test_a_non_finite_row_is_refused_before_any_checkpoint(tiny_cache, tmp_path, head):
+    import h5py
+
+    with h5py.File(tiny_cache, "r+") as f:
+        f["features"][3, 0, 0, 0] = np.nan
+    runs = tmp_path / "runs"
+    with pytest.raises((UsageError, PipelineError), match="non-finite features|features for NaN"):
+        fit_head(FitHeadConfig(cache=str(tiny_cache), head=head, features="flat" if head == "linear" else "avg",
+                               epochs=2, val_fraction=0.25, runs_dir=str(runs)))
+    assert not list(runs.glob("*/head.pt"))

@@ -78,12 +78,12 @@ def test_runs_command_shows_fit_head_and_compare(tmp_path, tiny_cache):
     assert cmp.exit_code == 0, cmp.output
     out = runner.invoke(cli.cli, ["runs", "--runs-dir", runs, "--json"])
     records = json.loads(out.stdout)["runs"]
-    # compare-sklearn records the three heads it fits (linear, logreg, kernel), then itself
-    assert [r["kind"] for r in records] == ["compare-sklearn"] + ["fit-head"] * 4
-    assert records[4]["metrics"]["val_acc"] == json.loads(fit.stdout)["val_acc"]
+    # compare-sklearn records the four heads it fits (auto, linear, logreg, kernel), then itself
+    assert [r["kind"] for r in records] == ["compare-sklearn"] + ["fit-head"] * 5  # newest first: the first fit last
+    assert records[5]["metrics"]["val_acc"] == json.loads(fit.stdout)["val_acc"]
     assert "sklearn_val_acc" in records[0]["metrics"] and records[0]["backbone"] == "tiny"
-    assert records[4]["outputs"][0].endswith("head.pt")
-    assert records[0]["outputs"] == [str(Path(r["outputs"][0]).parent) for r in records[1:4][::-1]]
+    assert records[5]["outputs"][0].endswith("head.pt")
+    assert records[0]["outputs"] == [str(Path(r["outputs"][0]).parent) for r in records[1:5][::-1]]
     table = runner.invoke(cli.cli, ["runs", "--runs-dir", runs, "--sort", "val_acc", "--backbone", "tiny"]).stdout
     assert "fit-head" in table and "compare-sklearn" in table and "val_acc=" in table
     bad = runner.invoke(cli.cli, ["runs", "--runs-dir", runs, "--sort", "nope"])

@@ -89,7 +89,7 @@ def test_predict_cli_writes_csv_and_json(tmp_path, image_folder, model_pt):
 
 def test_predict_with_a_fit_head_checkpoint(tmp_path, image_folder, make_cache):
     cache = make_cache(image_folder)["cache"]
-    head = fit_head(FitHeadConfig(cache=cache, epochs=10, runs_dir=str(tmp_path / "runs")))
+    head = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=10, runs_dir=str(tmp_path / "runs")))
     result = predict(PredictConfig(paths=[str(image_folder)], model=head["checkpoint"], workers=0))
     assert result["kind"] == "fit-head" and result["errors"] == 0
     correct = [r["class"] == r["path"].split("/")[-2] for r in result["rows"]]

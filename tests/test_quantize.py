@@ -145,14 +145,14 @@ def test_fit_head_test_data_is_quantised_like_the_training_cache(tmp_path):
     train = make_image_folder(tmp_path / "train", per_class=10)
     test = make_image_folder(tmp_path / "test", per_class=4, seed=9)
     cache = extract(cfg(train, tmp_path))["cache"]
-    result = fit_head(FitHeadConfig(cache=cache, test_data=str(test), epochs=3, runs_dir=str(tmp_path / "runs")))
+    result = fit_head(FitHeadConfig(head="linear", cache=cache, test_data=str(test), epochs=3, runs_dir=str(tmp_path / "runs")))
     with FeatureCache(result["test"]["cache"]) as t, FeatureCache(cache) as c:
         a, b = json.loads(c.attrs["calibration"]), json.loads(t.attrs["calibration"])
     assert b["calib_root"] == str(train.resolve()) and b["images"] == a["images"]
     # a test cache calibrated on its own photos is another network: refused
     own = extract(cfg(test, tmp_path, cache_dir=str(tmp_path / "own")))["cache"]
     with pytest.raises(UsageError, match="int8 calibration calib_data"):
-        fit_head(FitHeadConfig(cache=cache, test_cache=own, epochs=3, runs_dir=str(tmp_path / "runs")))
+        fit_head(FitHeadConfig(head="linear", cache=cache, test_cache=own, epochs=3, runs_dir=str(tmp_path / "runs")))
 
 
 def test_the_cli_extracts_int8_and_names_the_one_off_costs(tmp_path, monkeypatch):

@@ -114,7 +114,7 @@ def test_validation_images_are_those_fit_head_holds_out(tmp_path, make_cache):
 
 def test_finetune_starts_from_a_fit_head_checkpoint(tmp_path, image_folder, make_cache):
     cache = make_cache(image_folder)["cache"]
-    head = fit_head(FitHeadConfig(cache=cache, epochs=5, runs_dir=str(tmp_path / "runs")))
+    head = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=5, runs_dir=str(tmp_path / "runs")))
     result = CliRunner().invoke(cli.cli, [
         "finetune", "--data", str(image_folder), "--init-head", head["checkpoint"], "--epochs", "2",
         "--head-epochs", "1", "--workers", "0", "--batch-size", "8", "--print-every", "1",
@@ -158,7 +158,7 @@ def test_finetune_never_validates_on_images_its_starting_head_was_fitted_on(tmp_
     """A head fitted on all 32 images (n=0), fine-tuned on the same folder with its own split of n=16."""
     data = make_image_folder(tmp_path / "data", per_class=16)
     cache = make_cache(data)["cache"]
-    head = fit_head(FitHeadConfig(cache=cache, epochs=2, val_fraction=0.5, runs_dir=str(tmp_path / "runs")))
+    head = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=2, val_fraction=0.5, runs_dir=str(tmp_path / "runs")))
     with FeatureCache(cache) as c:
         from pipeline.heads.epoch_loop import split_indices
 
@@ -194,7 +194,7 @@ def test_finetune_finds_its_head_training_images_in_a_copied_or_moved_folder_by_
 
     data = make_image_folder(tmp_path / "data", per_class=10)
     cache = make_cache(data)["cache"]
-    head = fit_head(FitHeadConfig(cache=cache, epochs=1, val_fraction=0.5, runs_dir=str(tmp_path / "runs")))
+    head = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=1, val_fraction=0.5, runs_dir=str(tmp_path / "runs")))
     same = head_training_images(head["checkpoint"], list_image_folder(data))
     (shutil.copytree if how == "copy" else shutil.move)(str(data), str(tmp_path / "copy"))
     assert len(same) == 10 and head_training_images(head["checkpoint"], list_image_folder(tmp_path / "copy")) == same

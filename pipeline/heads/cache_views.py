@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..cache.feature_cache import FeatureCache
+from ..errors import UsageError
 from .feature_views import (
     Normalizer,
     allowed_views,
@@ -40,6 +41,11 @@ def _view_rows_multi(cache, indices, views: Sequence[str], block_rows: int, max_
         for v in views:
             out[v][i:i + len(rows)] = apply_view(part, v)
         i += len(rows)
+    for v in views:  # a NaN or inf would train or score silently wrong: refuse it here, where rows are read
+        bad = np.flatnonzero(~np.isfinite(out[v]).all(1))
+        if len(bad):
+            raise UsageError(f"{len(bad)} cache rows hold non-finite features (NaN or inf), e.g. rows "
+                             f"{indices[bad[:5]].tolist()}: the cache is damaged; extract it again")
     return out
 
 

@@ -17,6 +17,7 @@ import torch
 
 from ..data.folders import check_seed
 from ..devices import autocast
+from ..config import MAX_LR
 from ..errors import PipelineError, UsageError
 from ..files import require_folder
 from ..progress import is_quiet
@@ -26,6 +27,12 @@ def validate_split(val_fraction: float, seed: int) -> None:
     if not 0 < val_fraction < 1:
         raise UsageError(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}")
     check_seed(seed)
+
+
+def check_lr(option: str, lr: float) -> None:
+    """A usage error for a learning rate outside (0, MAX_LR]: larger ones overflow Adam's state."""
+    if not (math.isfinite(lr) and 0 < lr <= MAX_LR):
+        raise UsageError(f"{option} must be in (0, {MAX_LR:g}], got {lr}")
 
 
 def validate_training(cfg, positive: tuple = (), non_negative: tuple = ()) -> None:
@@ -38,8 +45,7 @@ def validate_training(cfg, positive: tuple = (), non_negative: tuple = ()) -> No
     for name in non_negative:
         if getattr(cfg, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must be 0 or positive, got {getattr(cfg, name)}")
-    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
-        raise UsageError(f"--lr must be a positive finite number, got {cfg.lr}")
+    check_lr("--lr", cfg.lr)
     if not 0 <= cfg.dropout < 1:
         raise UsageError(f"--dropout must be in [0, 1), got {cfg.dropout}")
 
@@ -116,6 +122,9 @@ def run_epochs(epochs: int, one_epoch: Callable[[int], tuple], validate: Callabl
     for epoch in range(1, epochs + 1):
         train_acc, train_loss, extra = one_epoch(epoch)
         val_acc, val_loss = validate()
+        if not math.isfinite(val_loss):
+            raise PipelineError(f"the validation loss is {val_loss} at epoch {epoch}: some validation rows hold "
+                                "non-finite features (NaN or inf); nothing was saved")
         history.append({"epoch": epoch, **extra, "train_acc": train_acc, "val_acc": val_acc,
                         "train_loss": train_loss, "val_loss": val_loss, "seconds": time.time() - t0})
         if not is_quiet():

@@ -30,7 +30,7 @@ import torch
 
 from ..cache.feature_cache import FeatureCache, newest_cache, source_changes
 from ..cache.provenance import Provenance
-from ..config import HEADS, RECIPES, FitHeadConfig
+from ..config import HEADS, MAX_C, MAX_WEIGHT_DECAY, RECIPES, FitHeadConfig
 from ..devices import resolve_device
 from ..errors import UsageError
 from ..files import atomic_write
@@ -40,19 +40,10 @@ from .cache_views import CacheRows, CacheViews, evaluate_head
 from .epoch_loop import per_class_accuracy, split_indices, validate_training
 from .feature_views import NORMS, VIEWS, check_view
 from .linear_trainer import train_linear
-from .model_selection import fit_setting, format_table, tune
+from .model_selection import AUTO_GRID, TUNE_GRIDS, fit_setting, format_table, tune
 from .probe_heads import ProbeHead
 
 log = logging.getLogger(__name__)
-
-
-#: What --tune compares (every head kind; 800 rows tune in well under a minute on 2 cores).
-TUNE_GRID = [
-    *({"head": "logreg", "view": v, "normalize": "l2", "C": c} for v in ("avg", "avgmax") for c in (1.0, 10.0, 100.0, 1000.0)),
-    *({"head": "kernel", "view": "avg", "normalize": "l2", "C": c, "gamma": g}
-      for c in (10.0, 100.0) for g in ("scale", "2*scale")),
-    *({"head": "torch", "view": "avg", "normalize": "l2", "weight_decay": wd} for wd in (1e-4, 1e-3)),
-]
 
 
 def with_recipe(cfg: FitHeadConfig) -> FitHeadConfig:
@@ -72,11 +63,10 @@ def validate(cfg: FitHeadConfig) -> None:
                                  ("normalize", cfg.normalize, NORMS)):
         if value not in allowed:
             raise UsageError(f"unknown --{name} {value!r}; allowed: {', '.join(allowed)}")
-    for name in ("C", "weight_decay"):
-        v = getattr(cfg, name)
-        if not (math.isfinite(v) and (v > 0 if name == "C" else v >= 0)):
-            raise UsageError(f"--{name.replace('_', '-')} must be a {'positive' if name == 'C' else 'non-negative'} "
-                             f"finite number, got {v}")
+    if not (math.isfinite(cfg.C) and 0 < cfg.C <= MAX_C):
+        raise UsageError(f"--C must be in (0, {MAX_C:g}], got {cfg.C}")
+    if not (math.isfinite(cfg.weight_decay) and 0 <= cfg.weight_decay <= MAX_WEIGHT_DECAY):
+        raise UsageError(f"--weight-decay must be in [0, {MAX_WEIGHT_DECAY:g}], got {cfg.weight_decay}")
     if cfg.test_data and cfg.test_cache:
         raise UsageError("pass --test-data or --test-cache, not both")
 
@@ -145,20 +135,43 @@ def _fit_sklearn(cfg: FitHeadConfig, cache: FeatureCache, train_idx, setting: Op
         raise UsageError(str(e)) from None
 
 
-def _tune(cfg: FitHeadConfig, cache: FeatureCache, train_idx):
-    """Stratified k-fold CV over TUNE_GRID on the training rows; the winner refitted on all of them."""
+def _search_grid(cfg: FitHeadConfig):
+    """What to cross-validate: --tune's wide grids, or the default head's C x gamma on the chosen view."""
+    if cfg.tune:
+        return tuple({**g, "n_components": [cfg.kernel_components]} if g["head"] == ["kernel"] else g
+                     for g in TUNE_GRIDS)
+    return {**AUTO_GRID, "view": [cfg.features], "normalize": [cfg.normalize], "n_components": [cfg.kernel_components]}
 
-    rows = CacheViews(cache, train_idx, cfg.block_rows)
+
+def _cv_rows(cfg: FitHeadConfig, labels: np.ndarray, train_idx: np.ndarray) -> np.ndarray:
+    """The training rows cross-validation runs on: all of them, or a seeded stratified sample of
+    ``kernel_components`` rows when there are more (the choice of C and gamma is stable by then, and a
+    search over 25,000 rows would take minutes); the winner is fitted on every training row."""
+    if len(train_idx) <= cfg.kernel_components:
+        return train_idx
+    keep = split_indices(labels[train_idx], 1 - cfg.kernel_components / len(train_idx), cfg.seed)[0]
+    return train_idx[keep]
+
+
+def _tune(cfg: FitHeadConfig, cache, train_idx):
+    """Stratified k-fold CV on the training rows (over --tune's grids, or the default head's search);
+    the winner refitted on all of them."""
+    cv_idx = _cv_rows(cfg, cache.labels, train_idx)
+    rows = CacheViews(cache, cv_idx, cfg.block_rows)
     try:
-        result = tune(rows, rows.labels, TUNE_GRID, folds=cfg.folds, seed=cfg.seed, threads=1)
+        result = tune(rows, rows.labels, _search_grid(cfg), folds=cfg.folds, seed=cfg.seed, threads=1)
     except ValueError as e:  # too few rows of a class for the folds
-        raise UsageError(f"--tune: {e}") from None
-    if not is_quiet():
-        print(format_table(result), file=sys.stderr)
-    head, info = _fit_sklearn(cfg, cache, train_idx, result["best"]["setting"])
+        raise UsageError(f"{'--tune' if cfg.tune else '--head auto'}: {e}") from None
     best = result["best"]
+    if cfg.tune and not is_quiet():
+        print(format_table(result), file=sys.stderr)
+    else:
+        log.info("head: %s, chosen by %d-fold CV over %d rows (acc %.3f, log-loss %.4f; %d settings)",
+                 best["key"], cfg.folds, len(cv_idx), best["acc_mean"], best["log_loss_mean"], len(result["table"]))
+    head, info = _fit_sklearn(cfg, cache, train_idx, best["setting"])
     tuning = {"choice": best["key"], "setting": best["setting"], "cv_acc": best["acc_mean"],
               "cv_acc_std": best["acc_std"], "cv_log_loss": best["log_loss_mean"], "folds": cfg.folds,
+              "cv_rows": int(len(cv_idx)),
               "table": [{k: r[k] for k in ("key", "acc_mean", "acc_std", "log_loss_mean", "log_loss_std")}
                         for r in result["table"]]}
     return head, info, tuning
@@ -230,7 +243,7 @@ def fit_on_rows(cfg: FitHeadConfig, rows, train_idx: np.ndarray, val_idx: np.nda
             raise UsageError(f"--features: {e}") from None
     t0 = time.time()
     tuning, history, info = None, [], {}
-    if cfg.tune:
+    if cfg.tune or cfg.head == "auto":
         head, info, tuning = _tune(cfg, rows, train_idx)
     elif cfg.head == "linear":
         head, history = _fit_linear(cfg, rows, train_idx, val_idx, device)

@@ -31,6 +31,18 @@ CONFIG_KIND = "probe-head"
 CONFIG_VERSION = 1
 LOG_FLOOR = 1e-15  # probabilities are clipped here for log-loss (as sklearn.metrics.log_loss)
 
+#: The default head's search (fit-head --head auto): an RBF kernel head on every training row (exact up to
+#: its landmark count), C and gamma chosen by cross-validation. Measured on four VGG-16 proxies (README,
+#: "Which head"): the chosen C spans 10-1000 and gamma 0.25-1 x scale, so both are searched, on a log scale.
+AUTO_GRID = {"head": ["kernel"], "C": [1.0, 10.0, 100.0, 1000.0], "gamma": ["0.25*scale", "0.5*scale", "scale"]}
+#: --tune's wider search: every head kind and both pooled views (those the cache has), the default's included.
+TUNE_GRIDS = (
+    {"head": ["kernel"], "view": ["avg", "avgmax"], "normalize": ["l2"], "C": [1.0, 10.0, 100.0, 1000.0],
+     "gamma": ["0.25*scale", "0.5*scale", "scale", "2*scale"]},
+    {"head": ["logreg"], "view": ["avg", "avgmax"], "normalize": ["l2"], "C": [1.0, 10.0, 100.0, 1000.0]},
+    {"head": ["torch"], "view": ["avg"], "normalize": ["l2"], "weight_decay": [1e-4, 1e-3]},
+)
+
 #: Per-kind defaults filled into a setting that leaves them out.
 SETTING_DEFAULTS = {
     "logreg": {"view": "avg", "normalize": "l2", "C": 100.0},
@@ -143,8 +155,16 @@ def _rows_for(X, in_shape):
 
 def expand_grid(grid, feature_shape=None) -> list[dict]:
     """Complete settings from a grid: a dict of lists (product per head kind, each kind taking only its
-    own keys) or a list of setting dicts. With ``feature_shape``, views it lacks are dropped from a
-    dict grid (so the default grid works on pooled caches) and refused in a list."""
+    own keys), a tuple of such dicts (their union), or a list of setting dicts. With ``feature_shape``,
+    views it lacks are dropped from a dict grid (so a grid works on pooled caches) and refused in a list."""
+    if isinstance(grid, tuple):
+        parts = []
+        for g in grid:
+            try:
+                parts += expand_grid(g, feature_shape)
+            except ValueError:  # every view of this part is one the cache lacks
+                continue
+        return expand_grid(parts, feature_shape)
     if isinstance(grid, Mapping):
         g = {k: (list(v) if isinstance(v, (list, tuple)) else [v]) for k, v in grid.items()}
         unknown = set(g) - {"head"} - set().union(*map(set, _SETTING_KEYS.values()))

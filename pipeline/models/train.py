@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import sys
 import time
 from dataclasses import asdict
@@ -22,13 +21,13 @@ from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
 from ..cache.feature_cache import CacheError, FeatureCache
-from ..config import MAX_LR, FinetuneConfig, TrainConfig
+from ..config import FinetuneConfig, TrainConfig
 from ..data.folders import list_image_folder, stratified_order
 from ..data.image_reader import ImageListDataset, collate_items, item_loader, iter_items
 from ..devices import resolve_device, resolve_precision, resolve_workers
 from ..errors import UsageError
 from ..extraction.inference import Inference, run_batches
-from ..heads.epoch_loop import per_class_accuracy, run_epochs, split_indices, train_one_epoch, validate_training
+from ..heads.epoch_loop import check_lr, per_class_accuracy, run_epochs, split_indices, train_one_epoch, validate_training
 from ..progress import progress
 from ..runs.run_folders import finish_run, new_run_dir
 from .whole_models import build_model, count_params, load_model, parse_unfreeze, read_checkpoint, save_model
@@ -36,15 +35,8 @@ from .whole_models import build_model, count_params, load_model, parse_unfreeze,
 log = logging.getLogger(__name__)
 
 
-def check_lr(option: str, lr: float) -> None:
-    """A usage error for a learning rate outside (0, MAX_LR]: larger ones overflow Adam's state."""
-    if not (math.isfinite(lr) and 0 < lr <= MAX_LR):
-        raise UsageError(f"{option} must be in (0, {MAX_LR:g}], got {lr}")
-
-
 def validate(cfg: TrainConfig) -> None:
     validate_training(cfg, positive=("epochs", "batch_size"), non_negative=("n", "print_every"))
-    check_lr("--lr", cfg.lr)
     if isinstance(cfg, FinetuneConfig):
         if cfg.backbone_lr is not None:
             check_lr("--backbone-lr", cfg.backbone_lr)
