@@ -273,16 +273,15 @@ class Cache:
         if idx.size and (idx.min() < -n or idx.max() >= n):
             raise IndexError(f"row indices must be in [{-n}, {n}), the cache has {n} rows")
         idx = np.where(idx < 0, idx + n, idx)
+        from .cache.feature_cache import FeatureCache
+
         wanted, inverse = np.unique(idx, return_inverse=True)
         out = np.empty((len(wanted), *self.feature_shape), dtype)
-        ds, block = self.features, 2048
         i = 0
-        for s in range(0, n, block):
-            lo, hi = np.searchsorted(wanted, [s, s + block])
-            if lo < hi:
-                chunk = ds[s:min(s + block, n)]
-                out[i:i + hi - lo] = chunk[wanted[lo:hi] - s]
-                i += hi - lo
+        with FeatureCache(self.path) as cache:  # the one block reader of a cache file
+            for rows, block, sel in cache.iter_blocks(wanted, 2048):
+                out[i:i + len(rows)] = block[sel]
+                i += len(rows)
         return out[inverse]
 
     @property

@@ -454,10 +454,10 @@ def evaluate(as_json, **options):
 @defaults_from(FitHeadConfig)  # --runs-dir
 @cli.command()
 @click.option("--runs-dir")
-@click.option("--sort", "sort_by", metavar="METRIC",
+@click.option("--sort", "sort_by", metavar="METRIC", default=None,
               help="Best first by this metric (val_acc, accuracy, ...; losses lowest first) [default: newest first].")
 @click.option("--cache", help="Only runs on this cache (a cache file or a fingerprint prefix).")
-@click.option("--backbone", help="Only runs with this backbone.")
+@click.option("--backbone", default=None, help="Only runs with this backbone.")
 @json_option
 @library_errors
 def runs(runs_dir, sort_by, cache, backbone, as_json):

@@ -28,14 +28,8 @@ log = logging.getLogger(__name__)
 
 
 def load_rows(cache: FeatureCache, indices: np.ndarray, block_rows: int) -> np.ndarray:
-    """Rows ``indices`` (sorted) as a float32 (len, C*H*W) array, filled block by block."""
-    d = int(np.prod(cache.feature_shape))
-    x = np.empty((len(indices), d), np.float32)
-    i = 0
-    for rows, block, sel in cache.iter_blocks(indices, block_rows):
-        x[i:i + len(rows)] = block[sel].reshape(len(rows), d)
-        i += len(rows)
-    return x
+    """Rows ``indices`` (sorted) as a float32 (len, C*H*W) array: the flat view, read as every head reads."""
+    return CacheViews(cache, indices, block_rows)["flat"]
 
 
 def fit_sklearn(cfg: CompareConfig, cache: FeatureCache, test_cache: Optional[str] = None) -> dict:
