@@ -566,7 +566,7 @@ class _Classifier:
 class Head(ClassifierMixin, BaseEstimator, _Classifier):
     """A Linear + LogSoftmax classifier on cached features (fit-head), a scikit-learn estimator.
 
-    ``Head(**params)``: params are fit-head's options (FitHeadConfig: head='linear', features='avg',
+    ``Head(**params)``: params are fit-head's options (FitHeadConfig: head='auto', features='avg',
     normalize='l2', epochs=100, patience=5, lr=0.03, C=100, tune=False, test_data=None,
     recipe='default', val_fraction=0.125, seed=0, runs_dir='runs', cache_dir='features', ...);
     ``verbose=True`` shows progress and epoch lines. ``get_params``/``set_params``/``clone`` and
