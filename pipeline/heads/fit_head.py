@@ -208,7 +208,7 @@ def test_cache_for(cfg: FitHeadConfig, cache: FeatureCache) -> Path:
 
         made = json.loads(cache.attrs["config"])
         keep = {k: made[k] for k in ("backbone", "weights", "dtype", "precision", "pool", "decode", "seed", "calib_n",
-                                     "compile") if k in made}
+                                     "compile", "flip") if k in made}
         if "calibration" in cache.attrs:  # int8: the same quantised network, calibrated on the training photos
             keep["calib_data"] = json.loads(cache.attrs["calibration"])["calib_root"]
         from ..runs.ledger import current_command
