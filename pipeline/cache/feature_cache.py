@@ -24,7 +24,7 @@ import numpy as np
 
 from ..config import POOLS, STORAGE_DTYPES
 from ..errors import DiskFull, PipelineError, UsageError
-from ..files import require_folder
+from ..files import require_folder, unwinding_on_signals
 
 try:
     import fcntl
@@ -187,12 +187,13 @@ class CacheWriter:
     def _create(self, attrs: dict, source) -> None:
         """Write a new empty cache under a temporary name, fsync it, then rename it into place."""
         tmp = self.path.with_name(f"{self.path.name}.creating-{os.getpid()}")
-        try:
-            with h5py.File(tmp, "w") as f:
-                _init(f, attrs, source)
-            os.replace(tmp, self.path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with unwinding_on_signals():  # a SIGTERM also removes the temporary file
+            try:
+                with h5py.File(tmp, "w") as f:
+                    _init(f, attrs, source)
+                os.replace(tmp, self.path)
+            finally:
+                tmp.unlink(missing_ok=True)
 
     def _resume(self, attrs: dict) -> None:
         f = self.f
