@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..config import FORMATS, ImagenetCheckConfig, PredictConfig
-from ..data.folders import NOT_UTF8, ImageLoadError, is_image_name
+from ..data.folders import NOT_UTF8, ImageLoadError, is_image_name, walk
 from ..data.image_reader import ImageListDataset, load_transformed, read_items
 from ..devices import resolve_device, resolve_precision, resolve_workers
 from ..errors import UsageError
@@ -41,9 +41,8 @@ def list_inputs(paths) -> list[str]:
     files = []
     for p in map(Path, paths):
         if p.is_dir():
-            for dirpath, dirnames, filenames in os.walk(p):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                files += [str(Path(dirpath) / f) for f in sorted(filenames) if is_image_name(f)]
+            for dirpath, filenames in walk(p):
+                files += [str(Path(dirpath) / f) for f in filenames if is_image_name(f)]
         elif p.is_file():
             files.append(str(p))
         else:
