@@ -129,6 +129,24 @@ def _lock(path: Path, wait_s: float):
         os.close(fd)  # its holder removed this lock file as we took it: lock the new one
 
 
+def being_written(path: Path) -> bool:
+    """Whether a writer holds ``<path>.lock`` now (see _lock): asked without waiting and without
+    creating the lock file, so listing caches never stalls behind a running extraction."""
+    if fcntl is None:
+        return False
+    try:
+        fd = os.open(path.with_name(path.name + ".lock"), os.O_RDONLY)
+    except OSError:
+        return False  # no lock file: no writer
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # releases the probe's shared lock, if it got one
+
+
 def _unlock(path: Path, fd) -> None:
     """Remove the lock file while still holding it (see _lock's inode check), then release it."""
     if fd is None:
@@ -548,15 +566,16 @@ def consolidate(path: str | os.PathLike, block_rows: int = 512) -> dict:
             "shards": [str(p) for p in shards]}
 
 
-def read_info(path: str | os.PathLike) -> CacheInfo:
-    """Validate a cache file and return its attributes (raises CacheError with one clear line)."""
+def read_info(path: str | os.PathLike, wait_s: float = 20.0) -> CacheInfo:
+    """Validate a cache file and return its attributes (raises CacheError with one clear line);
+    CacheBusy when another process holds it for ``wait_s`` (see open_h5)."""
     path = Path(path)
     if not path.is_file():
         raise CacheError(f"cache {str(path)!r} does not exist")
     if not h5py.is_hdf5(path):
         raise CacheError(f"{path} is not an HDF5 file (damaged, or not a feature cache)")
     try:
-        with open_h5(path, "r") as f:
+        with open_h5(path, "r", wait_s) as f:
             return _validate(f, path)
     except (CacheError, CacheBusy):
         raise
@@ -684,13 +703,18 @@ def source_changes(info: CacheInfo) -> Optional[str]:
 def list_caches(cache_dir: str | os.PathLike) -> tuple[list[CacheInfo], list[tuple[Path, str]]]:
     """Valid caches under ``cache_dir`` (newest first) and the files that are not, with why.
 
-    One bad or busy file is reported in the second list, never hiding the others.
+    One bad or busy file is reported in the second list, never hiding the others. Never waits:
+    a cache being written (its writer's lock held, or the file held open) is reported as busy.
     """
     good, bad = [], []
     d = require_folder(cache_dir, "--cache-dir")
     for p in sorted(d.glob("*.h5")) if d.is_dir() else []:
+        if being_written(p):
+            bad.append((p, "being written by another process (an extraction still running?); listed once "
+                           "it has finished"))
+            continue
         try:
-            good.append(read_info(p))
+            good.append(read_info(p, wait_s=0))
         except (CacheError, CacheBusy) as e:
             bad.append((p, str(e)))
     good.sort(key=lambda i: created_at(i.attrs["created"]), reverse=True)  # instants, whatever the TZ
