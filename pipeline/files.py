@@ -36,6 +36,19 @@ def shown(name: str) -> str:
     return os.fsencode(name).decode("utf-8", "backslashreplace") if not is_utf8(name) else name
 
 
+def one_line(text: str) -> str:
+    """``text`` (as ``shown``) with control characters escaped (a newline as ``\\n``, ESC as ``\\x1b``, as
+    repr writes them), so a file name cannot break a line of a table or rewrite the terminal."""
+    out = []
+    for c in shown(text):
+        o = ord(c)
+        if o < 32 or 127 <= o < 160 or c in "\u2028\u2029":
+            out.append(repr(c)[1:-1])
+        else:
+            out.append(c)
+    return "".join(out)
+
+
 def is_utf8(name: str) -> bool:
     """Whether a name from the file system is valid UTF-8 (HDF5, CSV and JSON output can hold it as is)."""
     try:
