@@ -721,10 +721,40 @@ def list_caches(cache_dir: str | os.PathLike) -> tuple[list[CacheInfo], list[tup
     return good, bad
 
 
+def claim_for_training(info: CacheInfo) -> None:
+    """Make a cache that ``fit-head --test-data`` made (purpose 'test') an ordinary one, because a user's
+    ``extract`` just asked for it (a hit): its purpose is cleared and the attribute ``claimed`` set to
+    now, so it is the default training cache from then on (see newest_cache). A cache another process
+    is writing, or a read-only one, stays as it is (a warning says so): the hit itself never fails."""
+    fd, stamp = None, now_iso()
+    try:
+        fd = _lock(info.path, wait_s=2.0)
+        with open_h5(info.path, "r+", wait_s=2.0) as f:
+            f.attrs["purpose"] = ""
+            f.attrs["claimed"] = stamp
+            _fsync(f)
+        info.attrs["purpose"], info.attrs["claimed"] = "", stamp
+    except (OSError, PipelineError) as e:
+        log.warning("%s was made for testing and stays so (%s): pass it with --cache to train on it", info.path, e)
+    finally:
+        _unlock(info.path, fd)
+
+
+def default_time(info: CacheInfo) -> float:
+    """When a cache became a candidate for the default: made, or claimed from testing by an extract."""
+    try:
+        return created_at(info.attrs["claimed"])
+    except (KeyError, TypeError, ValueError):  # never claimed (or a hand-edited stamp): when it was made
+        return created_at(info.attrs["created"])
+
+
 def newest_cache(cache_dir: str | os.PathLike) -> "CacheInfo":
-    """The most recently created complete cache, for commands run without --cache."""
+    """The default cache of commands run without --cache: the newest complete cache in ``cache_dir``,
+    never one made for testing (fit-head --test-data's, purpose 'test', until a user's extract hits
+    it: claim_for_training). Newest by when it was made, or claimed; busy and unreadable files skipped."""
     good, _ = list_caches(cache_dir)
     good = [i for i in good if i.attrs.get("purpose") != "test"]  # a test set is never trained on by default
+    good.sort(key=default_time, reverse=True)
     complete = [i for i in good if i.complete]
     if not complete:
         raise CacheError(f"no complete feature cache in {str(cache_dir)!r}; run `python cli.py extract` first")
