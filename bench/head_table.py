@@ -13,7 +13,8 @@ GridSearchCV(LogisticRegression, C in [0.1 ... 1000], cv=5).
 
     python bench/head_table.py --data ../shared/data --weights ../shared/weights/vgg16_features_imagenet.pt
 
-Caches are made with the project's extract (n=0) into --cache-dir, or found there (a cache hit).
+Caches are made with the project's extract (n=0) into --cache-dir, or found there (a cache hit);
+--flip makes them with extract --flip (each map the mean of the photo's and its mirror image's).
 """
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ def caches(args) -> dict:
         if args.only and name not in args.only:
             continue
         made = [extract(ExtractConfig(data=str(Path(args.data) / d), n=0, weights=args.weights,
-                                      cache_dir=args.cache_dir))["cache"] for d in (train, test) if d]
+                                      cache_dir=args.cache_dir, flip=args.flip))["cache"] for d in (train, test) if d]
         out[name] = made
     return out
 
@@ -159,6 +160,7 @@ def main() -> None:
     p.add_argument("--weights", default="../shared/weights/vgg16_features_imagenet.pt")
     p.add_argument("--cache-dir", default="features", help="where the caches are made or found")
     p.add_argument("--only", nargs="*", choices=list(PROXIES), help="proxies to run (default: all)")
+    p.add_argument("--flip", action="store_true", help="caches made with extract --flip (mirror-mean maps)")
     p.add_argument("--timing-rows", type=int, nargs="*", default=[800, 25000])
     p.add_argument("--json", help="also write the rows here")
     a = p.parse_args()

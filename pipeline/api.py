@@ -832,7 +832,9 @@ def compare_sklearn(cache: Union[Cache, PathLike, None] = None, *, head: Union[H
                          f"allowed: {', '.join(sorted(compare_fields | head_fields))}")
     head_params = dict(head._config_params() if isinstance(head, Head) else head or {})
     _check_options(FitHeadConfig, head_params, "compare_sklearn(head=...)", exclude=("cache",))
-    head_params.update({k: v for k, v in options.items() if k in head_fields})
+    # an option both configs have (C, seed, val_fraction, cache_dir) is compare-sklearn's: its C is the
+    # scikit-learn baseline's, never the heads'; the split is shared by the stage itself
+    head_params.update({k: v for k, v in options.items() if k in head_fields - compare_fields})
     head_params, options = _plain(head_params), _plain(options)
     cfg = CompareConfig(**{k: v for k, v in options.items() if k in compare_fields},
                         cache=None if cache is None else _path(cache),

@@ -75,6 +75,7 @@ class ExtractConfig:
     calib_n: int = 64  # int8: calibration images, the first of the seeded sample
     calib_data: str = ""  # int8: calibrate on this folder's sample ('' = --data; a test set uses its training data's)
     pool: str = "none"  # 'none' keeps the C x H x W map; 'avg' stores globally averaged C x 1 x 1 vectors
+    flip: bool = False  # store each photo's map as the mean of its and its mirror image's (twice the compute)
     decode: str = "pil"  # 'pil' (JPEGs decoded by the workers) or 'device' (decode_jpeg on the device: nvJPEG)
     cache_dir: str = "features"  # where caches live
     shard_dir: str = ""  # under torchrun: where each rank's shard files go ('' = <cache_dir>/<cache name>.shards)

@@ -43,3 +43,13 @@ def test_both_models_on_the_same_split(tmp_path, monkeypatch, make_cache):
 def test_bad_C_is_a_value_error(tmp_path):
     with pytest.raises(ValueError, match="--C must be positive"):
         compare_sklearn(CompareConfig(cache=str(tmp_path / "x.h5"), C=0))
+
+
+def test_compare_sklearn_C_is_the_baselines_never_the_heads(tmp_path, make_cache):
+    import pipeline
+
+    cache = make_cache(make_image_folder(tmp_path / "d", per_class=8))["cache"]
+    rows = pipeline.compare_sklearn(cache, C=0.5, val_fraction=0.25, runs_dir=str(tmp_path / "runs"))
+    by_kind = {r["model"].split()[0] + " " + r["model"].split()[1]: r["model"] for r in rows}
+    assert "C=100" in by_kind["logreg Linear+LogSoftmax"] and "C=100" in by_kind["kernel Linear+LogSoftmax"]
+    assert "C=0.5" in by_kind["sklearn LogisticRegression"]

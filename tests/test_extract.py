@@ -52,6 +52,41 @@ def test_rows_match_a_direct_forward_pass(image_folder, tmp_path):
         np.testing.assert_allclose(c.features[:3], want, rtol=1e-5, atol=1e-5)
 
 
+def test_flip_rows_are_the_mean_of_a_photo_and_its_mirror_image_and_heads_predict_the_same(image_folder,
+                                                                                           tmp_path):
+    import torch
+
+    import pipeline
+    from pipeline.data.folders import load_rgb
+    from pipeline.extraction.backbones import load_backbone
+
+    plain = extract(cfg(image_folder, tmp_path, precision="fp32"))
+    r = extract(cfg(image_folder, tmp_path, precision="fp32", flip=True))
+    assert r["cache"] != plain["cache"]  # another network: another cache
+    bb = load_backbone("tiny", "none")
+    with FeatureCache(r["cache"]) as c:
+        assert c.attrs["flip"]
+        x = torch.stack([bb.transform(load_rgb(image_folder / p)) for p in c.paths[:3]])
+        with torch.inference_mode():
+            want = ((bb.features(x) + bb.features(x.flip(-1)).flip(-1)) / 2).numpy()
+        np.testing.assert_allclose(c.features[:3], want, rtol=1e-5, atol=1e-5)
+        # a photo and its mirror image give one row
+        mirrored = tmp_path / "m" / "blue"
+        mirrored.mkdir(parents=True)
+        from PIL import ImageOps
+
+        ImageOps.mirror(load_rgb(image_folder / c.paths[0])).save(mirrored / "m.png")
+        xm = bb.transform(load_rgb(mirrored / "m.png"))[None]
+        with torch.inference_mode():
+            got = ((bb.features(xm) + bb.features(xm.flip(-1)).flip(-1)) / 2).flip(-1).numpy()
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-4, atol=1e-4)
+        # a head fitted on flip rows runs the same network on images: predict == the head on the rows
+        head = pipeline.Head(head="logreg", runs_dir=str(tmp_path / "runs")).fit(pipeline.Cache(r["cache"]))
+        on_rows = head.predict_proba(np.asarray(c.features[:4]))
+        on_images = head.predict_proba([image_folder / p for p in c.paths[:4]], precision="fp32", workers=0)
+    np.testing.assert_allclose(on_images, on_rows, atol=1e-5)
+
+
 def test_n_takes_a_seeded_stratified_sample(tmp_path):
     data = make_image_folder(tmp_path / "d", per_class=20)
     r = extract(cfg(data, tmp_path, n=10, seed=1))

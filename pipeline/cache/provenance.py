@@ -68,7 +68,7 @@ class Preprocessing:
 CALIBRATION_KEYS = ("version", "method", "calib_batch", "calib_n", "calib_seed", "calib_data", "torch", "torchao")
 #: What must agree for rows from two sources to mean the same thing (a head on a cache, a test cache).
 SAME_FEATURES = ("backbone", "weights", "preprocessing", "pool", "classes", "precision", "dtype", "decode_version",
-                 "calibration")
+                 "calibration", "flip")
 #: The fields a checkpoint may leave unrecorded ('' on either side is not a difference).
 _OPTIONAL = ("precision", "dtype", "decode_version", "calibration")
 
@@ -114,6 +114,7 @@ class Provenance:
     dtype: str = ""  # storage dtype of the rows: float16 or float32
     decode_version: str = ""  # how photos were decoded (image_reader.DECODE_VERSION)
     calibration: str = ""  # int8: what makes the quantised network (CALIBRATION_KEYS as JSON); '' otherwise
+    flip: bool = False  # each map is the mean of the photo's and its mirror image's (extract --flip)
 
     @classmethod
     def of_backbone(cls, loaded, classes, pool: str = "none", weights_arg: str = "", **data) -> "Provenance":
@@ -147,7 +148,7 @@ class Provenance:
                    tuple(json.loads(attrs["classes"])), attrs.get("pool", "none"), attrs.get("data_root", ""),
                    attrs.get("data_fingerprint", ""), json.loads(attrs.get("versions") or "{}"),
                    str(attrs.get("precision", "")), str(attrs.get("dtype", "")), str(attrs.get("decode_version", "")),
-                   calibration_identity(attrs.get("calibration", "")))
+                   calibration_identity(attrs.get("calibration", "")), bool(attrs.get("flip", False)))
 
     # -- checkpoints -------------------------------------------------------------------------
     def checkpoint_fields(self) -> dict:

@@ -86,6 +86,7 @@ def cache_key(cfg: ExtractConfig, listing: ImageFolderListing) -> str:
         "torchvision": package_version("torchvision"),
         # how files become pixels (PIL's reduced decoding of large JPEGs; another decoder): other pixels
         "decode_version": DECODE_VERSION, **({"decode": cfg.decode} if cfg.decode != "pil" else {}),
+        **({"flip": "mirror-mean"} if cfg.flip else {}),
         **({"int8": calibration_identity(calibration_listing(cfg.calib_data, listing), cfg.seed, cfg.calib_n)}
            if int8 else {}),
     })

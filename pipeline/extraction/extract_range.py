@@ -92,6 +92,10 @@ def feature_model(cfg, backbone, listing: ImageFolderListing, device, precision:
 
         net, calibration = calibrated_int8(net, calibration_listing(cfg.calib_data, listing), cfg.seed, cfg.calib_n,
                                            backbone.transform)
+    if cfg.flip:
+        from .inference import MirrorMean
+
+        net = MirrorMean(net)
     return Inference(net, device, precision, cfg.pool, cfg.dtype, compile=compile), calibration
 
 
@@ -131,7 +135,7 @@ def extract_range(cfg, listing: ImageFolderListing, key: str, path: Path, resume
         "seed": cfg.seed, "n_requested": cfg.n, "sample": "seeded, stratified by class (proportional)",
         "n_source_files": len(items), "dtype": cfg.dtype, "precision": precision, "device": str(device),
         "batch_size": cfg.batch_size, "created": now_iso(), "command": cfg.command, "config": json.dumps(asdict(cfg)),
-        "purpose": cfg.purpose, "decode_version": DECODE_VERSION,
+        "purpose": cfg.purpose, "decode_version": DECODE_VERSION, "flip": bool(cfg.flip),
         **({"calibration": json.dumps(calibration)} if calibration else {}),
         **(extra_attrs or {}),
     }

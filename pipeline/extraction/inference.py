@@ -16,6 +16,24 @@ from ..data.image_reader import Batch, Item, batches
 from ..devices import AdaptiveBatch, autocast
 
 
+def mirror_mean(features, x):
+    """The mean of the maps of ``x`` and of its mirror image, the mirror's map mirrored back: a map that
+    does not change when the photo is flipped left-right, and a steadier one (test-time augmentation
+    folded into the features, so every head and every view gets it at no cost of its own)."""
+    return (features(x) + features(x.flip(-1)).flip(-1)) / 2
+
+
+class MirrorMean(torch.nn.Module):
+    """``mirror_mean`` of a feature network, as a network (what extract --flip runs)."""
+
+    def __init__(self, features):
+        super().__init__()
+        self.features = features
+
+    def forward(self, x):
+        return mirror_mean(self.features, x)
+
+
 class Inference:
     """A network on a device and precision: a batch of image tensors -> a numpy array.
 

@@ -103,7 +103,7 @@ def _describe(r: dict, c: dict) -> str:
     elif c["head"] == "logreg":
         how = f"C={c['C']:g}"
     else:
-        how = f"C={c['C']:g}, RBF gamma={c['gamma']}, {c['kernel_components']} landmarks"
+        how = f"C={c['C']:g}, RBF gamma={c['gamma']}, {min(c['kernel_components'], r['train_rows'])} landmarks"
     recipe = "seed recipe: " if c["recipe"] == "seed" else ""
     return f"{c['head']} Linear+LogSoftmax ({recipe}{c['features']}, {c['normalize']}, {how})"
 

@@ -2,13 +2,14 @@
 
 The head reads a *view* of the cached C x H x W maps, chosen at fit time and never stored again
 (``flat``: the tutorial's 25,088-vector; ``avg``/``max``: global pooling; ``avgmax``: both),
-normalised (``l2``, ``rms``, ``standardize`` or ``none``), and is trained three ways, all saved
-as the same ``probes.ProbeHead`` (view -> normalisation -> [RBF map] -> Linear -> LogSoftmax,
-tensors only): ``linear`` with Adam, weight decay and early stopping on the validation loss (the
-best epoch's weights restored); ``logreg``, scikit-learn's LogisticRegression converted to the
-Linear layer; ``kernel``, an RBF Nystroem map in front of it. ``--tune`` picks among them by
-stratified cross-validation on the training rows. ``--test-data`` scores photos the head never
-saw, extracted with the training cache's exact backbone, weights and preprocessing.
+normalised (``l2``, ``rms``, ``standardize`` or ``none``), and fitted one of several ways, all saved
+as the same ``probe_heads.ProbeHead`` (view -> normalisation -> [RBF map] -> Linear -> LogSoftmax,
+tensors only): ``auto`` (the default), an RBF kernel head on every training row with C and gamma
+chosen by cross-validation; ``linear`` with Adam, weight decay and early stopping on the validation
+loss (the best epoch's weights restored); ``logreg``, scikit-learn's LogisticRegression converted to
+the Linear layer; ``kernel``, an RBF Nystroem map in front of it, with the C and gamma given.
+``--tune`` searches every kind and view by cross-validation. ``--test-data`` scores photos the head
+never saw, extracted with the training cache's exact backbone, weights and preprocessing.
 
 Features stream from HDF5 in contiguous blocks (shuffled block order, shuffled rows within a
 block), so the linear head's memory stays bounded for caches larger than RAM.
@@ -135,12 +136,17 @@ def _fit_sklearn(cfg: FitHeadConfig, cache: FeatureCache, train_idx, setting: Op
         raise UsageError(str(e)) from None
 
 
+def _auto_grid(cfg: FitHeadConfig) -> dict:
+    """The default head's search: C x gamma of a kernel head on the view and normalisation asked for."""
+    return {**AUTO_GRID, "view": [cfg.features], "normalize": [cfg.normalize], "n_components": [cfg.kernel_components]}
+
+
 def _search_grid(cfg: FitHeadConfig):
-    """What to cross-validate: --tune's wide grids, or the default head's C x gamma on the chosen view."""
+    """What to cross-validate: --tune's wide grids, or the default head's."""
     if cfg.tune:
         return tuple({**g, "n_components": [cfg.kernel_components]} if g["head"] == ["kernel"] else g
                      for g in TUNE_GRIDS)
-    return {**AUTO_GRID, "view": [cfg.features], "normalize": [cfg.normalize], "n_components": [cfg.kernel_components]}
+    return _auto_grid(cfg)
 
 
 def _cv_rows(cfg: FitHeadConfig, labels: np.ndarray, train_idx: np.ndarray) -> np.ndarray:
@@ -158,9 +164,7 @@ def _default_unless_beaten(cfg: FitHeadConfig, shape, result: dict) -> dict:
     more than one standard error (of that setting's fold mean). A wide grid always holds some setting that
     wins by noise on a few hundred rows (measured: avgmax won 5-fold CV on cats-vs-dogs and lost 1 point on
     its test photos); the default is the measured best, so a challenger must win clearly."""
-    default_keys = {setting_key(s) for s in expand_grid({**AUTO_GRID, "view": [cfg.features],
-                                                          "normalize": [cfg.normalize],
-                                                          "n_components": [cfg.kernel_components]}, shape)}
+    default_keys = {setting_key(s) for s in expand_grid(_auto_grid(cfg), shape)}
     rows = result["table"]
     defaults = [r for r in rows if r["key"] in default_keys]
     if not defaults:
@@ -208,7 +212,7 @@ def test_cache_for(cfg: FitHeadConfig, cache: FeatureCache) -> Path:
 
         made = json.loads(cache.attrs["config"])
         keep = {k: made[k] for k in ("backbone", "weights", "dtype", "precision", "pool", "decode", "seed", "calib_n",
-                                     "compile") if k in made}
+                                     "compile", "flip") if k in made}
         if "calibration" in cache.attrs:  # int8: the same quantised network, calibrated on the training photos
             keep["calib_data"] = json.loads(cache.attrs["calibration"])["calib_root"]
         from ..runs.ledger import current_command

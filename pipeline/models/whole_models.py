@@ -27,6 +27,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..cache.provenance import Preprocessing, Provenance
 from ..errors import PipelineError, UsageError
 from ..extraction import backbones as bb
+from ..extraction.inference import mirror_mean
 from ..files import atomic_write
 from ..heads.probe_heads import ProbeHead
 
@@ -46,20 +47,23 @@ def build_head(in_shape, n_classes: int, dropout: float = 0.0):
 
 
 class TransferModel(nn.Module):
-    """features -> (global average pool) -> head (Flatten, Linear, LogSoftmax): log-probabilities."""
+    """features -> (global average pool) -> head (Flatten, Linear, LogSoftmax): log-probabilities.
+
+    ``flip``: the features are the mean of the photo's and its mirror image's (as a cache made with
+    extract --flip holds them), so a head fitted on such a cache sees the same rows here."""
 
     def __init__(self, backbone: str, features: nn.Module, in_shape, n_classes: int, pool: str = "none",
-                 dropout: float = 0.0, head: Optional[nn.Module] = None):
+                 dropout: float = 0.0, head: Optional[nn.Module] = None, flip: bool = False):
         super().__init__()
         if pool not in POOLS:
             raise UsageError(f"unknown pool {pool!r}; allowed: {', '.join(POOLS)}")
-        self.backbone = backbone
+        self.backbone, self.flip = backbone, bool(flip)
         self.features = features
         self.pool = nn.AdaptiveAvgPool2d(1) if pool == "avg" else nn.Identity()
         self.head = head if head is not None else build_head(in_shape, n_classes, dropout)  # a ProbeHead
 
     def forward(self, x):
-        f = self.pool(self.features(x))
+        f = self.pool(mirror_mean(self.features, x) if self.flip else self.features(x))
         # the head in full precision even under bf16/fp16 autocast: it then computes exactly what it
         # computes on cached features (fit-head, evaluate --cache), and a float64 sklearn head stays float64
         if f.device.type not in ("cpu", "cuda"):  # the meta device (summary) has no autocast
@@ -320,7 +324,8 @@ def _from_head(ckpt: dict, path, weights: Optional[str]) -> LoadedModel:
         raise UsageError(f"head {str(path)!r} was fitted on other features than --weights {source} gives "
                          f"(head vs now: {'; '.join(differ)}); pass the weights it was fitted with")
     model = TransferModel(ckpt["backbone"], loaded.features, ckpt["in_shape"], len(ckpt["classes"]), pool,
-                          ckpt.get("dropout", 0.0), head=head_from_checkpoint(ckpt, ckpt["state_dict"], path))
+                          ckpt.get("dropout", 0.0), head=head_from_checkpoint(ckpt, ckpt["state_dict"], path),
+                          flip=bool(ckpt.get("flip", False)))
     info = _info(loaded, source, ckpt["in_shape"], ckpt["classes"], pool, ckpt.get("dropout", 0.0))
     info["init_from"] = str(path)
     return LoadedModel(model, loaded.transform, info, "fit-head")
