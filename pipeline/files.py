@@ -36,6 +36,19 @@ def shown(name: str) -> str:
     return os.fsencode(name).decode("utf-8", "backslashreplace") if not is_utf8(name) else name
 
 
+def one_line(text: str) -> str:
+    """``text`` (as ``shown``) with control characters escaped (a newline as ``\\n``, ESC as ``\\x1b``, as
+    repr writes them), so a file name cannot break a line of a table or rewrite the terminal."""
+    out = []
+    for c in shown(text):
+        o = ord(c)
+        if o < 32 or 127 <= o < 160 or c in "\u2028\u2029":
+            out.append(repr(c)[1:-1])
+        else:
+            out.append(c)
+    return "".join(out)
+
+
 def is_utf8(name: str) -> bool:
     """Whether a name from the file system is valid UTF-8 (HDF5, CSV and JSON output can hold it as is)."""
     try:
@@ -137,19 +150,55 @@ def writing(path):
     raise err
 
 
+#: Signals whose default action ends the process without running ``finally`` blocks.
+_ENDING_SIGNALS = ("SIGTERM", "SIGHUP")
+
+
+class Terminated(SystemExit):
+    """SIGTERM or SIGHUP arrived while a temporary file was open: unwinds (running the ``finally``
+    that removes it) and exits with the shell's code for the signal, 128 + its number."""
+
+
+def _terminated(signum, frame):
+    raise Terminated(128 + signum)
+
+
+@contextlib.contextmanager
+def unwinding_on_signals():
+    """While inside, SIGTERM and SIGHUP raise Terminated instead of killing the process at once, so the
+    ``finally`` blocks that remove temporary files run. Only where the signal still has its default
+    action (a handler someone installed is left alone) and only in the main thread (Python's rule)."""
+    import signal
+    import threading
+
+    saved = {}
+    if threading.current_thread() is threading.main_thread():
+        for name in _ENDING_SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None and signal.getsignal(sig) == signal.SIG_DFL:
+                saved[sig] = signal.signal(sig, _terminated)
+    try:
+        yield
+    finally:
+        for sig, old in saved.items():
+            signal.signal(sig, old)
+
+
 def atomic_write(path, write) -> Path:
     """``write(tmp)`` into a temporary file beside ``path``, then rename it onto ``path``.
 
-    Readers never see a half-written file, and a failure (a full disk, Ctrl-C) leaves none: the
-    old file, if any, stays as it was. Errors of the disk are one line (see ``writing``).
+    Readers never see a half-written file, and a failure (a full disk, Ctrl-C, SIGTERM: see
+    ``unwinding_on_signals``) leaves none: the old file, if any, stays as it was. Errors of the
+    disk are one line (see ``writing``).
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with writing(path):
-            write(tmp)
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with unwinding_on_signals():
+        try:
+            with writing(path):
+                write(tmp)
+                os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
     return path

@@ -1,5 +1,6 @@
 import multiprocessing
 import shutil
+import time
 
 import h5py
 import numpy as np
@@ -227,6 +228,33 @@ def test_two_writers_creating_the_same_cache_at_once(tmp_path):
         assert got == ["found complete", "wrote"], got
         info = read_info(path)
         assert info.complete and info.rows == 3
+
+
+def _hold_for_writing(path, held, done):
+    with CacheWriter(path, _attrs("busy")):
+        held.set()
+        done.wait(60)
+
+
+def test_listing_never_waits_on_a_cache_being_written(tmp_path):
+    with CacheWriter(tmp_path / "a.h5", _attrs("a")) as w:
+        w.append(np.ones((2, 2, 1, 1), np.float32), [0, 1], ["a", "b"], next_candidate=2)
+        w.finish()
+    ctx = multiprocessing.get_context("fork")
+    held, done = ctx.Event(), ctx.Event()
+    writer = ctx.Process(target=_hold_for_writing, args=(tmp_path / "b.h5", held, done))
+    writer.start()
+    try:
+        assert held.wait(30)
+        started = time.monotonic()
+        good, bad = list_caches(tmp_path)
+        assert newest_cache(tmp_path).path.name == "a.h5"
+        assert time.monotonic() - started < 5  # was about 20 s per look: open_h5 waited for the writer
+        assert [i.path.name for i in good] == ["a.h5"]
+        assert [(p.name, "being written by another process" in why) for p, why in bad] == [("b.h5", True)]
+    finally:
+        done.set()
+        writer.join(30)
 
 
 def test_freshness_check_survives_links_and_pipes_in_the_data_folder(tiny_cache, image_folder):

@@ -88,6 +88,25 @@ def test_a_link_to_a_regular_image_is_listed(tmp_path):
     assert load_rgb(root / "red" / "again.jpg").mode == "RGB"
 
 
+def test_metadata_folders_are_neither_classes_nor_images(tmp_path):
+    root = make_image_folder(tmp_path / "d", per_class=1)
+    for junk in ("__MACOSX", "red/__MACOSX", "red/@eaDir"):
+        (root / junk).mkdir()
+        (root / junk / "thumb.jpg").write_bytes((root / "red" / "red.0.jpg").read_bytes())
+    listing = list_image_folder(root)
+    assert listing.classes == ("blue", "red") and [f.path for f in listing.files] == ["blue/blue.0.jpg", "red/red.0.jpg"]
+
+
+def test_links_to_sub_folders_are_followed_and_a_loop_is_left_out_and_told(tmp_path):
+    root = make_image_folder(tmp_path / "d", per_class=1)
+    more = make_image_folder(tmp_path / "more", classes=("blue",), per_class=2) / "blue"
+    (root / "red" / "more").symlink_to(more, target_is_directory=True)
+    (root / "red" / "up").symlink_to("..", target_is_directory=True)  # a loop back into the data folder
+    listing = list_image_folder(root)
+    assert {f.path for f in listing.files} >= {"red/more/blue.0.jpg", "red/more/blue.1.jpg"}
+    assert [(p, "folder listed already" in why) for p, why in listing.bad] == [("red/up", True)]
+
+
 @pytest.mark.parametrize("content", [None, "Thumbs.db", "link"])
 def test_a_class_folder_without_images_is_refused(tmp_path, content):
     root = make_image_folder(tmp_path / "d", classes=("blue", "red", "green"), per_class=1)

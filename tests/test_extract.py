@@ -228,3 +228,18 @@ def test_non_finite_features_are_never_committed(image_folder, tmp_path, monkeyp
     monkeypatch.setattr(Inference, "__call__", real)
     r = extract(cfg)  # the same command again: nothing non-finite was written, the run completes
     assert r["rows"] == 24 and r["resumed_from"] == 0
+
+
+def test_an_extract_hit_on_a_test_cache_makes_it_the_default(tmp_path, make_cache, image_folder):
+    from pipeline.cache.feature_cache import newest_cache, read_info
+
+    other = make_image_folder(tmp_path / "other", per_class=3, seed=7)
+    test = make_cache(other, purpose="test")["cache"]  # as fit-head --test-data makes it
+    train = make_cache(image_folder)["cache"]
+    for path, created in ((test, "2026-01-01T00:00:00+0000"), (train, "2026-01-02T00:00:00+0000")):
+        with h5py.File(path, "r+") as f:
+            f.attrs["created"] = created
+    assert str(newest_cache(tmp_path / "features").path) == train  # made for testing: never the default
+    hit = make_cache(other)  # the user extracts that folder
+    assert hit["hit"] and hit["cache"] == test and read_info(test).attrs["purpose"] == ""
+    assert str(newest_cache(tmp_path / "features").path) == test  # fit-head now trains on what was just extracted

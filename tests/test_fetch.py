@@ -153,6 +153,13 @@ def test_a_complete_archive_needs_no_network(tmp_path):
     assert result["downloaded"] is False and (tmp_path / "PetImages" / "Cat" / "0.jpg").is_file()
 
 
+def test_a_macos_zips_metadata_folder_is_not_taken_for_the_data_folder(tmp_path):
+    (tmp_path / NAME).write_bytes(make_zip({"PetImages/Cat/0.jpg": b"ok", "PetImages/Dog/0.jpg": b"ok2",
+                                            "__MACOSX/PetImages/Cat/._0.jpg": b"fork"}))
+    result = fetch_data(cfg(tmp_path, closed_port_url()))
+    assert result["unpacked"] == str(tmp_path / "PetImages")
+
+
 def test_connection_refused_is_one_clear_line(tmp_path):
     with pytest.raises(PipelineError) as e:
         fetch_data(cfg(tmp_path, closed_port_url()))

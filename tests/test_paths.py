@@ -3,8 +3,10 @@ import errno
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import h5py
@@ -34,6 +36,28 @@ def test_atomic_write_leaves_the_old_file_or_the_new_one_never_half(tmp_path):
     assert out.read_text() == "old\n" and os.listdir(tmp_path) == ["rows.csv"]  # no temporary file left
     atomic_write(out, lambda tmp: tmp.write_text("new\n"))
     assert out.read_text() == "new\n"
+
+
+def test_sigterm_mid_write_leaves_no_temporary_file(tmp_path):
+    out, ready = tmp_path / "rows.csv", tmp_path / "ready"
+    out.write_text("old\n")
+    script = (
+        "import pathlib, sys, time\n"
+        "from pipeline.files import atomic_write\n"
+        "def slow(tmp):\n"
+        "    tmp.write_text('half of the new')\n"
+        f"    pathlib.Path({str(ready)!r}).touch()\n"
+        "    time.sleep(60)\n"
+        f"atomic_write({str(out)!r}, slow)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT)
+    deadline = time.monotonic() + 60
+    while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ready.exists(), "the child never started writing"
+    proc.terminate()  # SIGTERM
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    assert sorted(os.listdir(tmp_path)) == ["ready", "rows.csv"] and out.read_text() == "old\n"
 
 
 @pytest.mark.parametrize("error, why", [

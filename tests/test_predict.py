@@ -170,3 +170,13 @@ def test_a_name_that_is_not_utf8_is_refused_before_any_work(tmp_path, image_fold
     (image_folder / "red" / "red.0.jpg").rename(image_folder / "red" / os.fsdecode(b"caf\xe9.jpg"))
     with pytest.raises(ValueError, match=r"caf\\\\xe9.jpg.*not valid UTF-8"):
         list_inputs([str(image_folder)])
+
+
+def test_the_table_keeps_one_line_per_file_whatever_its_name_holds():
+    from pipeline.models.predict import format_rows
+
+    rows = [{"path": "cats/a\nb.jpg", "class": "cat\x1b[31m", "probability": 0.9, "error": None},
+            {"path": "cats/c.jpg", "class": None, "probability": None, "error": "unreadable:\nmore"}]
+    lines = format_rows(rows, "table").splitlines()
+    assert len(lines) == 3 and "cats/a\\nb.jpg" in lines[1] and "cat\\x1b[31m" in lines[1]
+    assert lines[2].endswith("unreadable:\\nmore")

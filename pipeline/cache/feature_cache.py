@@ -24,7 +24,7 @@ import numpy as np
 
 from ..config import POOLS, STORAGE_DTYPES
 from ..errors import DiskFull, PipelineError, UsageError
-from ..files import require_folder
+from ..files import require_folder, unwinding_on_signals
 
 try:
     import fcntl
@@ -129,6 +129,24 @@ def _lock(path: Path, wait_s: float):
         os.close(fd)  # its holder removed this lock file as we took it: lock the new one
 
 
+def being_written(path: Path) -> bool:
+    """Whether a writer holds ``<path>.lock`` now (see _lock): asked without waiting and without
+    creating the lock file, so listing caches never stalls behind a running extraction."""
+    if fcntl is None:
+        return False
+    try:
+        fd = os.open(path.with_name(path.name + ".lock"), os.O_RDONLY)
+    except OSError:
+        return False  # no lock file: no writer
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # releases the probe's shared lock, if it got one
+
+
 def _unlock(path: Path, fd) -> None:
     """Remove the lock file while still holding it (see _lock's inode check), then release it."""
     if fd is None:
@@ -187,12 +205,13 @@ class CacheWriter:
     def _create(self, attrs: dict, source) -> None:
         """Write a new empty cache under a temporary name, fsync it, then rename it into place."""
         tmp = self.path.with_name(f"{self.path.name}.creating-{os.getpid()}")
-        try:
-            with h5py.File(tmp, "w") as f:
-                _init(f, attrs, source)
-            os.replace(tmp, self.path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with unwinding_on_signals():  # a SIGTERM also removes the temporary file
+            try:
+                with h5py.File(tmp, "w") as f:
+                    _init(f, attrs, source)
+                os.replace(tmp, self.path)
+            finally:
+                tmp.unlink(missing_ok=True)
 
     def _resume(self, attrs: dict) -> None:
         f = self.f
@@ -547,15 +566,16 @@ def consolidate(path: str | os.PathLike, block_rows: int = 512) -> dict:
             "shards": [str(p) for p in shards]}
 
 
-def read_info(path: str | os.PathLike) -> CacheInfo:
-    """Validate a cache file and return its attributes (raises CacheError with one clear line)."""
+def read_info(path: str | os.PathLike, wait_s: float = 20.0) -> CacheInfo:
+    """Validate a cache file and return its attributes (raises CacheError with one clear line);
+    CacheBusy when another process holds it for ``wait_s`` (see open_h5)."""
     path = Path(path)
     if not path.is_file():
         raise CacheError(f"cache {str(path)!r} does not exist")
     if not h5py.is_hdf5(path):
         raise CacheError(f"{path} is not an HDF5 file (damaged, or not a feature cache)")
     try:
-        with open_h5(path, "r") as f:
+        with open_h5(path, "r", wait_s) as f:
             return _validate(f, path)
     except (CacheError, CacheBusy):
         raise
@@ -683,23 +703,58 @@ def source_changes(info: CacheInfo) -> Optional[str]:
 def list_caches(cache_dir: str | os.PathLike) -> tuple[list[CacheInfo], list[tuple[Path, str]]]:
     """Valid caches under ``cache_dir`` (newest first) and the files that are not, with why.
 
-    One bad or busy file is reported in the second list, never hiding the others.
+    One bad or busy file is reported in the second list, never hiding the others. Never waits:
+    a cache being written (its writer's lock held, or the file held open) is reported as busy.
     """
     good, bad = [], []
     d = require_folder(cache_dir, "--cache-dir")
     for p in sorted(d.glob("*.h5")) if d.is_dir() else []:
+        if being_written(p):
+            bad.append((p, "being written by another process (an extraction still running?); listed once "
+                           "it has finished"))
+            continue
         try:
-            good.append(read_info(p))
+            good.append(read_info(p, wait_s=0))
         except (CacheError, CacheBusy) as e:
             bad.append((p, str(e)))
     good.sort(key=lambda i: created_at(i.attrs["created"]), reverse=True)  # instants, whatever the TZ
     return good, bad
 
 
+def claim_for_training(info: CacheInfo) -> None:
+    """Make a cache that ``fit-head --test-data`` made (purpose 'test') an ordinary one, because a user's
+    ``extract`` just asked for it (a hit): its purpose is cleared and the attribute ``claimed`` set to
+    now, so it is the default training cache from then on (see newest_cache). A cache another process
+    is writing, or a read-only one, stays as it is (a warning says so): the hit itself never fails."""
+    fd, stamp = None, now_iso()
+    try:
+        fd = _lock(info.path, wait_s=2.0)
+        with open_h5(info.path, "r+", wait_s=2.0) as f:
+            f.attrs["purpose"] = ""
+            f.attrs["claimed"] = stamp
+            _fsync(f)
+        info.attrs["purpose"], info.attrs["claimed"] = "", stamp
+    except (OSError, PipelineError) as e:
+        log.warning("%s was made for testing and stays so (%s): pass it with --cache to train on it", info.path, e)
+    finally:
+        _unlock(info.path, fd)
+
+
+def default_time(info: CacheInfo) -> float:
+    """When a cache became a candidate for the default: made, or claimed from testing by an extract."""
+    try:
+        return created_at(info.attrs["claimed"])
+    except (KeyError, TypeError, ValueError):  # never claimed (or a hand-edited stamp): when it was made
+        return created_at(info.attrs["created"])
+
+
 def newest_cache(cache_dir: str | os.PathLike) -> "CacheInfo":
-    """The most recently created complete cache, for commands run without --cache."""
+    """The default cache of commands run without --cache: the newest complete cache in ``cache_dir``,
+    never one made for testing (fit-head --test-data's, purpose 'test', until a user's extract hits
+    it: claim_for_training). Newest by when it was made, or claimed; busy and unreadable files skipped."""
     good, _ = list_caches(cache_dir)
     good = [i for i in good if i.attrs.get("purpose") != "test"]  # a test set is never trained on by default
+    good.sort(key=default_time, reverse=True)
     complete = [i for i in good if i.complete]
     if not complete:
         raise CacheError(f"no complete feature cache in {str(cache_dir)!r}; run `python cli.py extract` first")

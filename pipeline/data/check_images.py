@@ -23,7 +23,7 @@ from ..devices import resolve_workers
 from ..errors import PipelineError, UsageError
 from ..files import atomic_write
 from ..files import is_utf8, shown
-from .folders import NOT_UTF8, ImageLoadError, decode_image, is_image_name
+from .folders import NOT_UTF8, ImageLoadError, decode_image, is_image_name, walk
 
 #: Every kind check-images reports, with its severity. Errors are files extract cannot use.
 KINDS = {
@@ -85,11 +85,11 @@ def check_file(root: str, rel: str) -> list[dict]:
 
 
 def list_files(root: Path, skip: set[Path]) -> list[str]:
-    """Every file below root ('/'-separated, sorted), hidden folders and ``skip`` excepted."""
+    """Every file below root ('/'-separated, sorted), hidden and metadata folders and ``skip`` excepted;
+    links followed as extract follows them (see folders.walk)."""
     rels = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
+    for dirpath, filenames in walk(root):
+        for name in filenames:
             full = Path(dirpath) / name
             if full not in skip:
                 rels.append(full.relative_to(root).as_posix())

@@ -21,6 +21,7 @@ from pathlib import Path, PurePosixPath
 from ..config import FetchConfig
 from ..errors import PipelineError, UsageError
 from ..files import plain_name, require_folder
+from .folders import is_skipped_folder
 
 log = logging.getLogger(__name__)
 
@@ -234,9 +235,10 @@ def archive_kind(path: Path) -> str:
 
 
 def unpacked_root(dest: Path, names: list[str]) -> Path:
-    """The archive's single top-level folder (PetImages for the Kaggle zip), else dest."""
+    """The archive's single top-level folder (PetImages for the Kaggle zip), else dest; metadata
+    folders beside it (a macOS zip's ``__MACOSX``, hidden ones: folders.is_skipped_folder) do not count."""
     tops = {PurePosixPath(n).parts[0] for n in names if PurePosixPath(n).parts}
-    dirs = {t for t in tops if (dest / t).is_dir()}
+    dirs = {t for t in tops if (dest / t).is_dir() and not is_skipped_folder(t)}
     return dest / dirs.pop() if len(dirs) == 1 else dest
 
 

@@ -73,28 +73,71 @@ def is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
+#: Folders that operating systems, archivers and NAS boxes add beside the data: never a class, never
+#: images (``__MACOSX`` holds a macOS zip's ``._`` resource forks, which are not images).
+METADATA_FOLDERS = frozenset({"__MACOSX", "@eaDir", "$RECYCLE.BIN", "System Volume Information", "lost+found"})
+
+
+def is_skipped_folder(name: str) -> bool:
+    """Whether a folder is left out of every listing: hidden (``.git``, ``.Trash``) or METADATA_FOLDERS."""
+    return name.startswith(".") or name in METADATA_FOLDERS
+
+
+def walk(top: str | os.PathLike, left_out: list | None = None, seen: set | None = None):
+    """(folder, sorted file names) for ``top`` and every folder below it, in sorted order.
+
+    The one rule for links: links are followed, to files and to folders alike (a linked class
+    folder, a linked sub-folder, a linked image). A folder reached a second time (a link back to
+    a folder above it, a loop, or a second link to the same one; ``seen``: the real paths walked
+    already, shared between calls) is not walked again: it is added to ``left_out`` as (path
+    relative to ``top``'s parent, why). Skipped folders: is_skipped_folder.
+    """
+    top = Path(top)
+    seen = set() if seen is None else seen
+    seen.add(os.path.realpath(top))
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+        keep = []
+        for d in sorted(dirnames):
+            if is_skipped_folder(d):
+                continue
+            real = os.path.realpath(os.path.join(dirpath, d))
+            if real in seen:
+                if left_out is not None:
+                    rel = (Path(dirpath) / d).relative_to(top.parent).as_posix()
+                    left_out.append((shown(rel), f"a link to a folder listed already ({shown(real)}): left out"))
+                continue
+            seen.add(real)
+            keep.append(d)
+        dirnames[:] = keep
+        yield dirpath, sorted(filenames)
+
+
 def list_image_folder(root: str | os.PathLike) -> ImageFolderListing:
     """List an ImageFolder root: sorted class folders, each with its image files (recursively).
 
-    Hidden files and files without an image extension (``Thumbs.db``, ``.DS_Store``) are left out;
-    image names that are not regular files go to ``bad`` with the reason (see regular_file_stat).
+    Links are followed, to class folders, sub-folders and files alike; a folder reached twice (a
+    loop) is walked once and the repeat goes to ``bad`` (see ``walk``). Hidden files and folders,
+    metadata folders (``__MACOSX``: is_skipped_folder) and files without an image extension
+    (``Thumbs.db``, ``.DS_Store``) are left out; image names that are not regular files go to
+    ``bad`` with the reason (see regular_file_stat).
     Raises ValueError for a missing folder, a class folder without images, fewer than two
     classes, or no images at all.
     """
     root = Path(root)
     if not root.is_dir():
         raise UsageError(f"data folder {str(root)!r} does not exist or is not a folder")
-    classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
+    classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not is_skipped_folder(d.name))
     for c in classes:
         if not is_utf8(c):
             raise UsageError(f"class folder {shown(c)!r}: {NOT_UTF8}")
     files: list[SourceFile] = []
     bad: list[tuple[str, str]] = []
+    # no folder is listed twice: a link to the root or to a class cannot give an image two labels
+    seen = {os.path.realpath(p) for p in (root, *(root / c for c in classes))}
     for label, cls in enumerate(classes):
         before = len(files)
-        for dirpath, dirnames, filenames in os.walk(root / cls):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for name in sorted(filenames):
+        for dirpath, filenames in walk(root / cls, bad, seen):
+            for name in filenames:
                 if not is_image_name(name):
                     continue
                 full = Path(dirpath) / name
@@ -118,8 +161,8 @@ def list_image_folder(root: str | os.PathLike) -> ImageFolderListing:
             "need at least two class sub-folders"
         )
     if bad:
-        log.warning("%d entries of %s are not regular files and are left out (first: %s: %s)",
-                    len(bad), root, *bad[0])
+        log.warning("%d entries of %s are left out (not regular files, or folders reached twice through "
+                    "links; first: %s: %s)", len(bad), root, *bad[0])
     return ImageFolderListing(root, tuple(classes), tuple(files), tuple(bad))
 
 

@@ -11,7 +11,7 @@ import logging
 import time
 from pathlib import Path
 
-from ..cache.feature_cache import cache_file_name, fingerprint
+from ..cache.feature_cache import cache_file_name, claim_for_training, fingerprint
 from ..cache.provenance import package_version
 from ..config import COMPILE, DECODERS, POOLS, STORAGE_DTYPES, ExtractConfig
 from ..data.folders import ImageFolderListing, check_seed, list_image_folder
@@ -106,6 +106,8 @@ def extract(cfg: ExtractConfig) -> dict:
         return distributed.extract_sharded(cfg, listing, key, path, started)
     info = existing_cache(path, key)
     if info is not None and info.complete:
+        if info.attrs.get("purpose") == "test" and cfg.purpose != "test":
+            claim_for_training(info)  # what the user extracts is what fit-head then trains on by default
         return hit_summary(info, started)
     if info is not None:
         log.info("resuming %s from row %d", path, info.rows)

@@ -19,13 +19,13 @@ import numpy as np
 import torch
 
 from ..config import FORMATS, ImagenetCheckConfig, PredictConfig
-from ..data.folders import NOT_UTF8, ImageLoadError, is_image_name
+from ..data.folders import NOT_UTF8, ImageLoadError, is_image_name, walk
 from ..data.image_reader import ImageListDataset, load_transformed, read_items
 from ..devices import resolve_device, resolve_precision, resolve_workers
 from ..errors import UsageError
 from ..extraction import backbones as bb
 from ..extraction.inference import Inference, run_batches
-from ..files import atomic_write, check_output, is_utf8, shown
+from ..files import atomic_write, check_output, is_utf8, one_line, shown
 from ..progress import progress
 from .whole_models import load_model
 
@@ -41,9 +41,8 @@ def list_inputs(paths) -> list[str]:
     files = []
     for p in map(Path, paths):
         if p.is_dir():
-            for dirpath, dirnames, filenames in os.walk(p):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                files += [str(Path(dirpath) / f) for f in sorted(filenames) if is_image_name(f)]
+            for dirpath, filenames in walk(p):
+                files += [str(Path(dirpath) / f) for f in filenames if is_image_name(f)]
         elif p.is_file():
             files.append(str(p))
         else:
@@ -93,11 +92,13 @@ def format_rows(rows: list[dict], fmt: str) -> str:
         w.writeheader()
         w.writerows(rows)
         return buf.getvalue().rstrip("\n")
-    width = max([len("path")] + [len(r["path"]) for r in rows])
+    # one row a line whatever the names hold: cells escaped as files.one_line (csv and json quote their own)
+    cells = [{k: one_line(str(r[k])) if r[k] is not None else "" for k in ("path", "class", "error")} for r in rows]
+    width = max([len("path")] + [len(c["path"]) for c in cells])
     lines = [f"{'path':<{width}}  {'class':<16} {'probability':>11}  error"]
-    for r in rows:
+    for r, c in zip(rows, cells):
         prob = "" if r["probability"] is None else f"{r['probability']:.4f}"
-        lines.append(f"{r['path']:<{width}}  {r['class'] or '':<16} {prob:>11}  {r['error'] or ''}")
+        lines.append(f"{c['path']:<{width}}  {c['class']:<16} {prob:>11}  {c['error']}")
     return "\n".join(lines)
 
 
