@@ -49,8 +49,6 @@ class Inference:
 
     def __init__(self, net, device, precision: str, pool: str = "none", out_dtype: str = "float32",
                  freeze: bool = True, compile: bool = False):
-
-
         self.device, self.precision, self.pool, self.out_dtype = device, precision, pool, np.dtype(out_dtype)
         self.torch_out = getattr(torch, self.out_dtype.name)
         # a quantised graph holds prepacked oneDNN weights: it stays as built (CPU, channels_last inside)
