@@ -152,7 +152,7 @@ def child_model(a) -> dict:
                         **{"calib_n": 16, "batch_size": a.batch_size, **kw})
     backbone = load_backbone(a.backbone, a.weights)
     precision = resolve_precision(cfg.precision, dev, int8_ok=True)
-    model, _ = feature_model(cfg, backbone, list_image_folder(a.data), dev, precision, cfg.compile == "on")
+    model, _, _ = feature_model(cfg, backbone, list_image_folder(a.data), dev, precision, cfg.compile == "on")
     out = {}
     for bs in (8, 16, 32, 64) if a.sweep else (cfg.batch_size,):
         x = torch.randn(bs, 3, 224, 224)

@@ -370,7 +370,7 @@ class _Classifier:
     def __init__(self):
         self._fitted: dict = {}
         self._weights: Optional[str] = None
-        self._loaded = None  # (LoadedModel, Inference, device, precision) once predict ran
+        self._loaded = None  # (LoadedModel, Inference, (device, precision) asked) once predict ran
 
     # -- learned state ---------------------------------------------------------------------------
     def _checkpoint(self) -> Path:
@@ -436,15 +436,12 @@ class _Classifier:
     # -- predicting ------------------------------------------------------------------------------
     def _model(self, device: Optional[str], precision: str):
         """The whole model (backbone + head) from the checkpoint, loaded once, on ``device``."""
-        from .devices import resolve_device, resolve_precision
-        from .extraction.inference import Inference
-        from .models.whole_models import load_model
+        from .models.whole_models import load_model, network
 
-        dev = resolve_device(device or getattr(self, "device", "auto") or "auto")
-        prec = resolve_precision(precision, dev)
-        if self._loaded is None or self._loaded[2:] != (str(dev), prec):
+        asked = (device or getattr(self, "device", "auto") or "auto", precision)
+        if self._loaded is None or self._loaded[2] != asked:
             lm = load_model(self._checkpoint(), self._weights)
-            self._loaded = (lm, Inference(lm.model, dev, prec), str(dev), prec)
+            self._loaded = (lm, network(lm, *asked), asked)
         return self._loaded[0], self._loaded[1]
 
     def _image_log_proba(self, X, batch_size: int, workers: Optional[int], device, precision) -> np.ndarray:

@@ -135,11 +135,11 @@ def test_evaluate_cache_and_fit_head_test_cache_refuse_the_same_caches(tmp_path,
 
 def test_evaluate_takes_precision_for_data(tmp_path, head_run, image_folder, monkeypatch):
     """--precision reaches the network that runs --data (as predict's), and int8 is refused there."""
-    from pipeline.reports import evaluate as stage
+    from pipeline import devices
 
     seen = []
-    real = stage.resolve_precision
-    monkeypatch.setattr(stage, "resolve_precision", lambda p, d, **k: seen.append(p) or real(p, d, **k))
+    real = devices.resolve_precision
+    monkeypatch.setattr(devices, "resolve_precision", lambda p, d, **k: seen.append(p) or real(p, d, **k))
     args = ["evaluate", "--model", head_run["checkpoint"], "--data", str(image_folder), "--workers", "0",
             "--runs-dir", str(tmp_path / "runs"), "--json"]
     result = CliRunner().invoke(cli.cli, args + ["--precision", "fp32"])

@@ -100,7 +100,12 @@ def test_an_interrupted_int8_extraction_resumes_to_the_uninterrupted_result(tmp_
     with pytest.raises(KeyboardInterrupt):
         extract(cfg(data, tmp_path))
     monkeypatch.setattr(Inference, "__call__", real)
-    resumed = extract(cfg(data, tmp_path))  # calibrates again: the same quantised network
+
+    def no_calibration(*a, **k):
+        raise AssertionError("the resumed run calibrated again instead of reusing the stored calibration")
+
+    monkeypatch.setattr("pipeline.extraction.quantize.calibrated_int8", no_calibration)
+    resumed = extract(cfg(data, tmp_path))  # rebuilt from the cache's stored observers: the same network
     assert resumed["resumed_from"] == 10 and resumed["computed"] == 10
     got = features(resumed["cache"])
     assert got[0] == reference[0] and np.array_equal(got[1], reference[1])
@@ -171,3 +176,45 @@ def test_the_cli_extracts_int8_and_names_the_one_off_costs(tmp_path, monkeypatch
     assert "int8 calibration " in r.stderr and "compiling" not in r.stderr
     bad = CliRunner().invoke(cli, args[:-2] + ["--compile", "sometimes"])
     assert bad.exit_code == 2 and "sometimes" in bad.stderr
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_a_head_on_an_int8_cache_predicts_through_that_int8_network(tmp_path, flip):
+    """predict, evaluate and the API rebuild the cache's int8 network from the checkpoint's observers (no
+    calibration images needed): the rows they compute are the cache's rows."""
+    import torch
+
+    import pipeline
+    from pipeline.extraction.quantize import calibration_batches
+    from pipeline.data.image_reader import ImageListDataset
+    from pipeline.heads.fit_head import FitHeadConfig, fit_head
+    from pipeline.models.predict import PredictConfig, predict
+    from pipeline.models.whole_models import load_model, read_checkpoint
+
+    data = make_image_folder(tmp_path / "d", per_class=8)
+    made = extract(cfg(data, tmp_path, flip=flip))
+    paths, rows, _ = features(made["cache"])
+    result = fit_head(FitHeadConfig(head="linear", cache=made["cache"], epochs=3, runs_dir=str(tmp_path / "runs")))
+    ckpt = read_checkpoint(result["checkpoint"])  # weights_only: the observers are plain tensors
+    assert ckpt["precision"] == "int8" and ckpt["int8_observers"]
+    lm = load_model(result["checkpoint"])
+    assert lm.precision == "int8"
+    images, got_paths = calibration_batches(ImageListDataset(data, [(p, 0) for p in paths], lm.transform),
+                                            len(paths), len(paths))
+    assert got_paths == paths
+    x = images[0].contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        from pipeline.extraction.inference import mirror_mean
+
+        again = (mirror_mean(lm.model.features, x) if flip else lm.model.features(x)).numpy()
+    # bitwise the cache's rows (the float network's differ: cosine 0.99999 on this tiny backbone, 0.997 on VGG-16)
+    assert np.array_equal(again, rows)
+    # predict's probabilities are the head's on the cached rows
+    head = pipeline.Head.load(result["checkpoint"])
+    on_rows = head.predict_proba(rows)
+    rows_out = predict(PredictConfig(model=result["checkpoint"], paths=[str(data / p) for p in paths], workers=0,
+                                     format="json"))["rows"]
+    best = on_rows.max(1)
+    assert np.allclose([r["probability"] for r in rows_out], best, atol=1e-4)
+    # finetune needs the float backbone it can train
+    assert load_model(result["checkpoint"], trainable=True).precision is None

@@ -2,6 +2,7 @@
 
 What other stages use:
     feature_cache.FeatureCache, read_info, open_h5, newest_cache, list_caches   reading caches
+    feature_cache.read_int8_observers   the int8 network's calibration, for rebuilding it
     feature_cache.CacheWriter, cache_file_name, fingerprint                      writing them
     provenance.Provenance   backbone, weights, preprocessing, classes: where rows come from, and what fits together
 """

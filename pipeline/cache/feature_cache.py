@@ -49,6 +49,10 @@ ATTR_TYPES = {"fingerprint": str, "backbone": str, "weights": str, "classes": st
               "complete": int, "n_requested": int, "seed": int}
 
 
+#: the group holding an int8 cache's calibrated observers (``quantize.int8_network`` rebuilds the network)
+OBSERVERS = "int8_observers"
+
+
 def fingerprint(params: dict) -> str:
     """A stable hash of everything that determines a cache's contents."""
     return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
@@ -187,8 +191,10 @@ class CacheWriter:
     never sees, resets or moves aside a half-made one.
     """
 
-    def __init__(self, path: Path, attrs: dict, source=None, chunk_rows: int = 16, wait_s: float = 20.0):
+    def __init__(self, path: Path, attrs: dict, source=None, chunk_rows: int = 16, wait_s: float = 20.0,
+                 int8_observers: Optional[dict] = None):
         self.path = Path(path)
+        self._observers = int8_observers
         self.chunk_rows = chunk_rows
         self.f = None
         self._lock_fd = _lock(self.path, wait_s)
@@ -208,7 +214,7 @@ class CacheWriter:
         with unwinding_on_signals():  # a SIGTERM also removes the temporary file
             try:
                 with h5py.File(tmp, "w") as f:
-                    _init(f, attrs, source)
+                    _init(f, attrs, source, self._observers)
                 os.replace(tmp, self.path)
             finally:
                 tmp.unlink(missing_ok=True)
@@ -310,8 +316,9 @@ class CacheWriter:
         self.close()
 
 
-def _init(f: h5py.File, attrs: dict, source) -> None:
-    """A new cache's attributes, empty datasets and source listing, fsynced."""
+def _init(f: h5py.File, attrs: dict, source, int8_observers: Optional[dict] = None) -> None:
+    """A new cache's attributes, empty datasets and source listing (and an int8 network's calibrated
+    observers, so that the network can be rebuilt without its calibration images), fsynced."""
     for k, v in attrs.items():
         f.attrs[k] = v
     f.attrs["format"] = FORMAT
@@ -328,7 +335,17 @@ def _init(f: h5py.File, attrs: dict, source) -> None:
         f.create_dataset("source/paths", data=[s.path for s in source.files], dtype=_STR)
         f.create_dataset("source/sizes", data=np.array([s.size for s in source.files], np.int64))
         f.create_dataset("source/mtimes_ns", data=np.array([s.mtime_ns for s in source.files], np.int64))
+    for name, value in (int8_observers or {}).items():
+        f.create_dataset(f"{OBSERVERS}/{name}", data=np.asarray(value))
     _fsync(f)
+
+
+def read_int8_observers(path: str | os.PathLike) -> Optional[dict]:
+    """The calibrated observers of the int8 network a cache was made with ({name: array}), or None
+    (not int8, or a cache written before they were stored)."""
+    with open_h5(Path(path), "r") as f:
+        g = f.get(OBSERVERS)
+        return {name: g[name][()] for name in g} if g is not None else None
 
 
 # -- reading ------------------------------------------------------------------------------------

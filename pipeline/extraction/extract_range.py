@@ -15,7 +15,8 @@ from typing import Optional
 
 import numpy as np
 
-from ..cache.feature_cache import CacheBusy, CacheError, CacheInfo, CacheWriter, now_iso, read_info
+from ..cache.feature_cache import (CacheBusy, CacheError, CacheInfo, CacheWriter, now_iso, read_info,
+                                   read_int8_observers)
 from ..cache.provenance import Provenance, versions
 from ..data.folders import ImageFolderListing, stratified_order
 from ..data.image_reader import DECODE_VERSION, ImageListDataset, item_loader, iter_items
@@ -82,21 +83,32 @@ def should_compile(choice: str, precision: str, device, images: int) -> bool:
     return precision == "int8" or (device.type == "cpu" and images >= COMPILE_MIN_IMAGES)
 
 
-def feature_model(cfg, backbone, listing: ImageFolderListing, device, precision: str, compile: bool = False):
-    """The backbone's feature part as extract runs it: (Inference, int8 calibration record or None)."""
+def feature_model(cfg, backbone, listing: ImageFolderListing, device, precision: str, compile: bool = False,
+                  resumed: Optional[CacheInfo] = None):
+    """The backbone's feature part as extract runs it: (Inference, int8 calibration record or None, int8
+    calibrated observers or None: stored in the cache so that predict runs this very network).
+
+    int8 resuming a cache that stored its calibrated observers rebuilds that network from them: the
+    calibration is reused, not redone."""
     from .inference import Inference
 
     net, calibration = backbone.features, None
     if precision == "int8":
-        from .quantize import calibrated_int8, calibration_listing
+        from .quantize import calibrated_int8, calibration_listing, int8_network
 
-        net, calibration = calibrated_int8(net, calibration_listing(cfg.calib_data, listing), cfg.seed, cfg.calib_n,
-                                           backbone.transform)
+        stored = read_int8_observers(resumed.path) if resumed is not None else None
+        if stored is not None:
+            crop = backbone.transform.crop_size[0]
+            net, calibration = int8_network(net, stored, (3, crop, crop)), json.loads(resumed.attrs["calibration"])
+        else:
+            net, calibration = calibrated_int8(net, calibration_listing(cfg.calib_data, listing), cfg.seed,
+                                               cfg.calib_n, backbone.transform)
+    observers = getattr(net, "observers", None)
     if cfg.flip:
         from .inference import MirrorMean
 
         net = MirrorMean(net)
-    return Inference(net, device, precision, cfg.pool, cfg.dtype, compile=compile), calibration
+    return Inference(net, device, precision, cfg.pool, cfg.dtype, compile=compile), calibration, observers
 
 
 def extract_range(cfg, listing: ImageFolderListing, key: str, path: Path, resumed: Optional[CacheInfo] = None,
@@ -124,8 +136,8 @@ def extract_range(cfg, listing: ImageFolderListing, key: str, path: Path, resume
     target = stop - first if positions else (cfg.n or len(items))
     rows = start_rows = resumed.rows if resumed else 0
     # auto decides on the whole request, so a resumed run or a torchrun shard decides as the first run did
-    model, calibration = feature_model(cfg, backbone, listing, device, precision,
-                                       should_compile(cfg.compile, precision, device, cfg.n or len(items)))
+    model, calibration, observers = feature_model(cfg, backbone, listing, device, precision,
+                                       should_compile(cfg.compile, precision, device, cfg.n or len(items)), resumed)
     backbone.model = None  # the classifier (about 500 MB for VGG-16) is not needed to extract
     provenance = Provenance.of_backbone(backbone, listing.classes, cfg.pool, cfg.weights,
                                         data_root=str(Path(cfg.data).resolve()),
@@ -149,7 +161,8 @@ def extract_range(cfg, listing: ImageFolderListing, key: str, path: Path, resume
 
         candidates = decode_on_device(candidates, backbone.transform, device, listing.root)
     t0, clock = time.time(), {"input": 0.0, "write": 0.0}
-    with writing(path), CacheWriter(path, attrs, source=listing) as writer:  # a full disk: one line, resumable
+    # a full disk: one line, resumable
+    with writing(path), CacheWriter(path, attrs, source=listing, int8_observers=observers) as writer:
         if writer.complete:  # another process finished this very cache while we waited for its lock
             return hit_summary(read_info(path), t0)
         if writer.rows != start_rows:

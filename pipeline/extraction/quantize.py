@@ -24,6 +24,7 @@ import copy
 import logging
 import time
 from pathlib import Path
+from typing import Optional
 
 from ..cache.provenance import package_version
 from ..errors import PipelineError, UsageError
@@ -110,17 +111,20 @@ def quantization_config():
     return xiq.QuantizationConfig(act, act, default.weight, default.bias, default.is_qat)
 
 
-def quantize_int8(features, calib_batches: list, max_batch: int = MAX_BATCH):
+def quantize_int8(features, calib_batches: list, max_batch: int = MAX_BATCH, observers: Optional[dict] = None):
     """``features`` (float, eval) -> an int8 module: float32 in and out, any batch 1..max_batch.
 
     Equivalent to torchao's ``lower_pt2e_quantized_to_x86`` except that the batch dimension stays
     dynamic (that helper re-exports with the example's shape, fixing the batch size). The pt2e
-    graph stays on the result as ``converted``: ``inference.Inference(compile=True)`` compiles that one.
+    graph stays on the result as ``converted``: ``inference.Inference(compile=True)`` compiles that one,
+    and the calibrated observers' state as ``observers`` (``{name: tensor}``, a few KB): given back as
+    ``observers`` (with one example batch of the input's shape), it rebuilds the same network without
+    the calibration images, which is how predict and evaluate run the network a cache was made with.
     A backbone the quantiser or export cannot take is a one-line PipelineError.
     """
     started = time.time()
     try:
-        lowered = _lowered_int8(features, list(calib_batches), max_batch)
+        lowered = _lowered_int8(features, list(calib_batches), max_batch, observers)
     except Exception as e:  # noqa: BLE001 -- export, the quantiser and the lowering raise many kinds
         first_line = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
         raise PipelineError(f"int8 quantisation of the backbone failed ({type(e).__name__}: {first_line}); "
@@ -130,7 +134,16 @@ def quantize_int8(features, calib_batches: list, max_batch: int = MAX_BATCH):
     return lowered
 
 
-def _lowered_int8(features, calib_batches: list, max_batch: int):
+def int8_network(features, observers: dict, input_shape) -> object:
+    """The int8 network a cache was made with, rebuilt from its stored observers (``quantize_int8``'s
+    ``observers``): bitwise the same features as the calibrated one, without its calibration images."""
+    import torch
+
+    example = torch.zeros((2, *[int(d) for d in input_shape]))
+    return quantize_int8(features, [example], observers={k: torch.as_tensor(v) for k, v in observers.items()})
+
+
+def _lowered_int8(features, calib_batches: list, max_batch: int, observers: Optional[dict] = None):
     import torch
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq  # registers the x86 lowerings
     from torch._export.utils import _is_cia_op
@@ -151,6 +164,12 @@ def _lowered_int8(features, calib_batches: list, max_batch: int):
         prepared = prepare_pt2e(torch.export.export(model, (example,), dynamic_shapes=dynamic).module(), quantizer)
         for batch in calib_batches:
             prepared(batch.contiguous(memory_format=torch.channels_last))
+        if observers is not None:  # the stored calibration replaces what the example batch observed
+            missing = set(_observer_state(prepared)) ^ set(observers)
+            if missing:
+                raise ValueError(f"the stored int8 calibration does not fit this network ({sorted(missing)[:3]})")
+            prepared.load_state_dict(observers, strict=False)
+        state = _observer_state(prepared)
         converted = convert_pt2e(prepared)
         decompositions = {k: v for k, v in torch.export.default_decompositions().items() if _is_cia_op(k)}
         lowered = torch.export.export(converted, (example,), dynamic_shapes=dynamic, strict=True)
@@ -164,6 +183,11 @@ def _lowered_int8(features, calib_batches: list, max_batch: int):
         lowered.recompile()
         freezing_passes(lowered, (example,))  # conv + quantise/dequantise -> prepacked onednn.qconv_pointwise
         constant_fold(lowered)
-    lowered.converted = converted
+    lowered.converted, lowered.observers = converted, state
     return lowered
+
+
+def _observer_state(prepared) -> dict:
+    """The calibrated observers' buffers (activation and weight ranges) of a prepared pt2e graph."""
+    return {k: v.detach().clone() for k, v in prepared.state_dict().items() if "activation_post_process" in k}
 

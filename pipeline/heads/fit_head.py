@@ -29,7 +29,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..cache.feature_cache import FeatureCache, newest_cache, source_changes
+from ..cache.feature_cache import FeatureCache, newest_cache, read_int8_observers, source_changes
 from ..cache.provenance import Provenance
 from ..config import HEADS, MAX_C, MAX_WEIGHT_DECAY, RECIPES, FitHeadConfig
 from ..devices import resolve_device
@@ -319,7 +319,7 @@ def fit_head(cfg: FitHeadConfig) -> dict:
             "state_dict": head.checkpoint()["state_dict"], "head": head.config,
             "in_shape": list(cache.feature_shape), "dropout": cfg.dropout, "config": asdict(cfg),
             "cache": str(path), "cache_fingerprint": cache.attrs["fingerprint"], "metrics": metrics,
-            "best_epoch": best_epoch, "tuning": tuning,
+            "best_epoch": best_epoch, "tuning": tuning, **_int8_network(path),
         }
         atomic_write(out_dir / "head.pt", lambda tmp: torch.save(ckpt, tmp))
     curves = finish_run(out_dir, cfg.runs_dir, "fit-head", history, [out_dir / "head.pt"], cache=str(path),
@@ -330,6 +330,13 @@ def fit_head(cfg: FitHeadConfig) -> dict:
             "per_class_val_acc": val["per_class"], "best_epoch": best_epoch, "fit_seconds": fit_seconds,
             "history": history, "tuning": tuning, "test": test, "fit_info": _plain(info),
             "source_changed": changed, "default_cache": default_cache}
+
+
+def _int8_network(cache_path) -> dict:
+    """An int8 cache's calibrated observers (a few KB of tensors), so that predict and evaluate run the
+    quantised network the head's rows came from, not the float one."""
+    observers = read_int8_observers(cache_path)
+    return {"int8_observers": {k: torch.from_numpy(np.asarray(v)) for k, v in observers.items()}} if observers else {}
 
 
 def _plain(info: dict) -> dict:

@@ -21,13 +21,13 @@ import torch
 from ..config import FORMATS, ImagenetCheckConfig, PredictConfig
 from ..data.folders import NOT_UTF8, ImageLoadError, is_image_name, walk
 from ..data.image_reader import ImageListDataset, load_transformed, read_items
-from ..devices import resolve_device, resolve_precision, resolve_workers
+from ..devices import resolve_device, resolve_workers
 from ..errors import UsageError
 from ..extraction import backbones as bb
-from ..extraction.inference import Inference, run_batches
+from ..extraction.inference import run_batches
 from ..files import atomic_write, check_output, is_utf8, one_line, shown
 from ..progress import progress
-from .whole_models import load_model
+from .whole_models import load_model, network
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +70,10 @@ def iter_log_proba(model, transform, files: list[str], batch_size: int, workers:
                 yield item, None
 
 
-def iter_predictions(lm, files: list[str], batch_size: int, workers: int, device, precision) -> Iterator[dict]:
-    """One row per file, in order: {path, class, probability, error}."""
+def iter_predictions(lm, model, files: list[str], batch_size: int, workers: int) -> Iterator[dict]:
+    """One row per file, in order: {path, class, probability, error}; ``model`` is ``network(lm, ...)``."""
 
     classes = lm.classes
-    model = Inference(lm.model, device, precision)
     for item, logp in iter_log_proba(model, lm.transform, files, batch_size, workers):
         if logp is None:
             yield {"path": item.path, "class": None, "probability": None, "error": item.error}
@@ -112,12 +111,11 @@ def predict(cfg: PredictConfig) -> dict:
     files = list_inputs(cfg.paths)
     if cfg.output:
         check_output(cfg.output, [*files, cfg.model, cfg.weights], data=[p for p in cfg.paths if os.path.isdir(p)])
-    device = resolve_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
     lm = load_model(cfg.model, cfg.weights)
+    model = network(lm, cfg.device, cfg.precision)
     t0 = time.time()
     rows = []
-    predictions = progress(iter_predictions(lm, files, cfg.batch_size, cfg.workers, device, precision),
+    predictions = progress(iter_predictions(lm, model, files, cfg.batch_size, cfg.workers),
                            total=len(files), unit="img", desc="predict")
 
     def write_rows(out) -> None:

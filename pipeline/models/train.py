@@ -265,7 +265,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     listing = list_image_folder(cfg.data)
     torch.manual_seed(cfg.seed)
     if cfg.init_head:
-        lm = load_model(cfg.init_head, cfg.weights)
+        lm = load_model(cfg.init_head, cfg.weights, trainable=True)
         if cfg.backbone and cfg.backbone != lm.info["backbone"]:
             raise UsageError(f"--backbone {cfg.backbone} differs from {cfg.init_head}'s {lm.info['backbone']}")
         if cfg.pool and cfg.pool != lm.info["pool"]:

@@ -132,6 +132,7 @@ class LoadedModel:
     transform: object  # torchvision ImageClassification: PIL image -> normalised tensor
     info: dict  # backbone, weights, preprocessing, classes, in_shape, pool, dropout, ... (see save_model)
     kind: str = "new"  # where it came from: 'new', or the checkpoint kind ('fit-head', 'train', 'finetune')
+    precision: Optional[str] = None  # 'int8': the features are the int8 network the head's cache was made with
 
     @property
     def classes(self) -> list[str]:
@@ -230,16 +231,18 @@ def read_checkpoint(path) -> dict:
     return ckpt
 
 
-def load_model(path, weights: Optional[str] = None) -> LoadedModel:
+def load_model(path, weights: Optional[str] = None, trainable: bool = False) -> LoadedModel:
     """A model.pt (train/finetune) or a head.pt (fit-head + its backbone) as a ready model, in eval mode.
 
     A model.pt holds every weight, so its backbone is rebuilt bare and nothing else is read. A
     head.pt holds only the head: its backbone weights are loaded as recorded (a torchvision name, or
-    the local file, found by path and checked by sha256), or from ``weights`` when given.
+    the local file, found by path and checked by sha256), or from ``weights`` when given. A head fitted
+    on an int8 cache runs that cache's int8 network (rebuilt from the observers its checkpoint holds), so
+    it sees the rows it was trained on; ``trainable`` (finetune) asks for the float backbone instead.
     """
     ckpt = read_checkpoint(path)
     if ckpt["kind"] == "fit-head":
-        lm = _from_head(ckpt, path, weights)
+        lm = _from_head(ckpt, path, weights, trainable)
     else:
         if weights is not None:
             log.info("%s holds its backbone weights; --weights %s is not used", path, weights)
@@ -306,7 +309,7 @@ def head_from_checkpoint(ckpt: dict, state: dict, path):
         raise UsageError(f"{str(path)!r}: its head does not load ({str(e).strip().splitlines()[0][:200]})") from None
 
 
-def _from_head(ckpt: dict, path, weights: Optional[str]) -> LoadedModel:
+def _from_head(ckpt: dict, path, weights: Optional[str], trainable: bool = False) -> LoadedModel:
     source = _head_weights_source(ckpt, weights)
     with warnings.catch_warnings():
         if source.lower() == "none":
@@ -323,9 +326,57 @@ def _from_head(ckpt: dict, path, weights: Optional[str]) -> LoadedModel:
     if differ:
         raise UsageError(f"head {str(path)!r} was fitted on other features than --weights {source} gives "
                          f"(head vs now: {'; '.join(differ)}); pass the weights it was fitted with")
-    model = TransferModel(ckpt["backbone"], loaded.features, ckpt["in_shape"], len(ckpt["classes"]), pool,
+    features, precision = loaded.features, None
+    if ckpt.get("precision") == "int8" and not trainable:
+        features, precision = _cache_int8_network(ckpt, loaded, path), "int8"
+    model = TransferModel(ckpt["backbone"], features, ckpt["in_shape"], len(ckpt["classes"]), pool,
                           ckpt.get("dropout", 0.0), head=head_from_checkpoint(ckpt, ckpt["state_dict"], path),
                           flip=bool(ckpt.get("flip", False)))
     info = _info(loaded, source, ckpt["in_shape"], ckpt["classes"], pool, ckpt.get("dropout", 0.0))
     info["init_from"] = str(path)
-    return LoadedModel(model, loaded.transform, info, "fit-head")
+    return LoadedModel(model, loaded.transform, info, "fit-head", precision)
+
+
+class FrozenGraph(nn.Module):
+    """An exported (int8) graph inside a model: called like a module, but not one of its children, so the
+    model's ``eval()``, ``requires_grad_`` and ``state_dict`` leave it alone (an exported graph has no
+    train mode and its weights are prepacked constants, not parameters)."""
+
+    def __init__(self, graph):
+        super().__init__()
+        self.__dict__["graph"] = graph
+
+    def forward(self, x):
+        return self.graph(x)
+
+
+def _cache_int8_network(ckpt: dict, loaded, path):
+    observers = ckpt.get("int8_observers")
+    if not observers:
+        log.warning("%s was fitted on an int8 cache but holds no calibration (fitted before heads kept it): it "
+                    "runs the float network, whose features differ slightly from its cache's", path)
+        return loaded.features
+    from ..extraction.quantize import int8_network, require_torchao
+
+    require_torchao()
+    crop = loaded.transform.crop_size[0]
+    return FrozenGraph(int8_network(loaded.features, observers, (3, crop, crop)))
+
+
+def network(lm: LoadedModel, device: str, precision: str):
+    """``lm`` as ``Inference`` runs it, on the device and precision asked for: the one place that decides,
+    so predict, evaluate and the API run the same network. An int8-cache head runs its int8 network on the
+    CPU whatever the precision asked for (another precision would give other rows than the head saw)."""
+    from ..devices import resolve_device, resolve_precision
+    from ..extraction.inference import Inference
+
+    if lm.precision == "int8":
+        dev = resolve_device("cpu" if device == "auto" else device)
+        if dev.type != "cpu":
+            raise UsageError(f"this head was fitted on an int8 cache, whose network runs on the CPU only; "
+                             f"use --device cpu or auto, not {device!r}")
+        if precision not in ("auto", "int8"):
+            log.info("precision %s not used: the head runs its cache's int8 network", precision)
+        return Inference(lm.model, dev, "int8")
+    dev = resolve_device(device)
+    return Inference(lm.model, dev, resolve_precision(precision, dev))

@@ -23,13 +23,13 @@ from ..cache.provenance import Provenance
 from ..config import SPLITS, EvaluateConfig
 from ..data.folders import ImageLoadError, list_image_folder, load_rgb
 from ..data.image_reader import ImageListDataset, read_items
-from ..devices import resolve_device, resolve_precision, resolve_workers
+from ..devices import resolve_device, resolve_workers
 from ..errors import UsageError
-from ..extraction.inference import Inference, run_batches
+from ..extraction.inference import run_batches
 from ..files import atomic_write, require_folder, writing
 from ..heads.epoch_loop import split_indices
 from ..heads.fit_head import evaluate_head
-from ..models.whole_models import head_from_checkpoint, load_model, read_checkpoint
+from ..models.whole_models import head_from_checkpoint, load_model, network, read_checkpoint
 from ..progress import progress
 from ..runs.figures import confusion_matrix_figure, gallery_figure, save
 from ..runs.run_folders import finish_run, new_run_dir
@@ -133,10 +133,8 @@ def predict_folder(data: str, classes: list, transform, model, cfg: EvaluateConf
 def model_on_folder(model_path: str, ckpt: dict, cfg: EvaluateConfig) -> Predictions:
     """Any checkpoint (fit-head head + its backbone, or a train/finetune model) on raw images."""
 
-    device = resolve_device(cfg.device)
     lm = load_model(model_path, cfg.weights)
-    model = Inference(lm.model, device, resolve_precision(cfg.precision, device))
-    return predict_folder(cfg.data, lm.classes, lm.transform, model, cfg)
+    return predict_folder(cfg.data, lm.classes, lm.transform, network(lm, cfg.device, cfg.precision), cfg)
 
 
 register_predictor("fit-head", "cache", head_on_cache)
