@@ -70,7 +70,9 @@ class ExtractConfig:
     workers: int = -1  # decoding processes; -1 = one per CPU core (at most 8), 0 = decode in-process
     seed: int = 0  # which n images: the seed of the stratified sample
     dtype: str = "float16"  # storage dtype of features: float16 (half the size, same accuracy) or float32
-    precision: str = "auto"  # compute precision: auto (bf16 where supported), fp32, bf16, fp16 (CUDA), int8 (CPU)
+    # compute precision: fp32, bf16, fp16 (CUDA), int8 (CPU), or auto: int8 + compile for CPU runs of 1,000+
+    # images where measured to pay (AVX-512 VNNI without AMX, torchao installed), else bf16 where supported
+    precision: str = "auto"
     compile: str = "auto"  # torch.compile the backbone: on, off, auto (int8, and long CPU runs: see should_compile)
     calib_n: int = 64  # int8: calibration images, the first of the seeded sample
     calib_data: str = ""  # int8: calibrate on this folder's sample ('' = --data; a test set uses its training data's)

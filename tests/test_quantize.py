@@ -218,3 +218,36 @@ def test_a_head_on_an_int8_cache_predicts_through_that_int8_network(tmp_path, fl
     assert np.allclose([r["probability"] for r in rows_out], best, atol=1e-4)
     # finetune needs the float backbone it can train
     assert load_model(result["checkpoint"], trainable=True).precision is None
+
+
+def test_precision_auto_picks_int8_only_where_it_was_measured_to_pay(monkeypatch, tmp_path):
+    from pipeline.extraction import extract as stage
+
+    monkeypatch.setattr(stage, "cpu_flags", lambda: {"avx512f", "avx512_vnni", "avx512_bf16"})
+    monkeypatch.setattr(stage.Path, "exists", lambda self: False if str(self) == "/dev/nvidia0" else True)
+    c = ExtractConfig(data=str(tmp_path))
+    many = stage.INT8_AUTO_MIN_IMAGES
+    assert stage.auto_precision(c, many)[0] == "int8"
+    assert stage.auto_precision(c, many - 1) == ("auto", f"precision auto: bf16 or fp32, not int8: {many - 1} images "
+                                                 f"(int8 repays its calibration and compile from {many})")
+    for other in ("bf16", "fp32", "int8"):  # asked for: kept
+        assert stage.auto_precision(ExtractConfig(data=str(tmp_path), precision=other), many)[0] == other
+    assert "CUDA" in stage.auto_precision(ExtractConfig(data=str(tmp_path), device="cuda"), many)[1]
+    monkeypatch.setattr(stage, "cpu_flags", lambda: {"avx512f", "avx512_vnni", "amx_bf16", "amx_int8"})
+    assert "AMX" in stage.auto_precision(c, many)[1]
+    monkeypatch.setattr(stage, "cpu_flags", lambda: {"avx2"})
+    assert "VNNI" in stage.auto_precision(c, many)[1]
+    monkeypatch.setattr(stage, "cpu_flags", lambda: {"avx512_vnni"})
+    monkeypatch.setattr(stage, "package_version", lambda pkg: "" if pkg == "torchao" else "1.0")
+    assert "torchao" in stage.auto_precision(c, many)[1]
+
+
+def test_precision_auto_as_int8_is_the_int8_cache(monkeypatch, image_folder, tmp_path):
+    """When auto picks int8 it makes (or finds) exactly the cache --precision int8 makes: one network, one key."""
+    from pipeline.extraction import extract as stage
+
+    monkeypatch.setattr(stage, "auto_precision", lambda cfg, images: ("int8", "int8 for the test")
+                        if cfg.precision == "auto" else (cfg.precision, ""))
+    asked = extract(cfg(image_folder, tmp_path))
+    auto = extract(cfg(image_folder, tmp_path, precision="auto"))
+    assert auto["hit"] and auto["cache"] == asked["cache"] and auto["precision"] == "int8"

@@ -45,7 +45,8 @@ def timed(iterable, clock: dict, key: str):
 def hit_summary(info: CacheInfo, started: float) -> dict:
     """What extract returns for a cache that is already complete."""
     return {"cache": str(info.path), "hit": True, "rows": info.rows, "skipped": int(info.attrs.get("skipped_rows", 0)),
-            "feature_shape": list(info.feature_shape), "classes": info.classes, "seconds": time.time() - started}
+            "feature_shape": list(info.feature_shape), "classes": info.classes, "precision": info.attrs.get("precision"),
+            "seconds": time.time() - started}
 
 
 def existing_cache(path: Path, key: str) -> Optional[CacheInfo]:
