@@ -193,3 +193,20 @@ def test_a_non_finite_row_is_refused_before_any_checkpoint(tiny_cache, tmp_path,
         fit_head(FitHeadConfig(cache=str(tiny_cache), head=head, features="flat" if head == "linear" else "avg",
                                epochs=2, val_fraction=0.25, runs_dir=str(runs)))
     assert not list(runs.glob("*/head.pt"))
+
+
+@pytest.mark.parametrize("challenger, wins", [
+    ({"log_loss_mean": 0.08, "acc_mean": 0.975}, False),  # lower log-loss, accuracy tied: noise (caltech20's case)
+    ({"log_loss_mean": 0.08, "acc_mean": 0.99}, True),  # clearly better on both counts
+    ({"log_loss_mean": 0.119, "acc_mean": 0.99}, False),  # log-loss within one standard error
+])
+def test_tune_keeps_the_default_unless_beaten_on_log_loss_and_accuracy(challenger, wins):
+    from pipeline.heads.fit_head import _auto_grid, _default_unless_beaten
+    from pipeline.heads.model_selection import expand_grid, setting_key
+
+    cfg = FitHeadConfig(tune=True, kernel_components=2000)
+    default_key = setting_key(expand_grid(_auto_grid(cfg), (512, 7, 7))[0])
+    default = {"key": default_key, "log_loss_mean": 0.12, "log_loss_std": 0.015, "acc_mean": 0.973, "acc_std": 0.011}
+    other = {"key": "logreg|avgmax|l2|C=1000", "log_loss_std": 0.01, "acc_std": 0.01, **challenger}
+    result = {"table": [other, default], "best": other, "folds": 5}
+    assert _default_unless_beaten(cfg, (512, 7, 7), result)["key"] == (other if wins else default)["key"]
