@@ -70,4 +70,4 @@ def held_out_scores(rows: np.ndarray, known: np.ndarray, k: int) -> np.ndarray:
 
 def threshold_for(scores: np.ndarray, known_share: float) -> float:
     """The score that ``known_share`` of ``scores`` (known photos) stay at or under: above it is unknown."""
-    return float(np.quantile(np.asarray(scores, np.float64), known_share, method="higher"))
+    return float(np.quantile(np.asarray(scores, np.float64), known_share, method="inverted_cdf"))  # the smallest such

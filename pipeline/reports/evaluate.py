@@ -124,7 +124,7 @@ def predict_folder(data: str, classes: list, transform, model, cfg: EvaluateConf
     skipped with a warning.
     """
 
-    listing = list_image_folder(data)
+    listing = list_image_folder(data, min_classes=1)
     unknown = [c for c in listing.classes if c not in classes]
     foreign = len(unknown) == len(listing.classes) and head is not None and head.has_unknown
     if unknown and not foreign:
