@@ -155,7 +155,7 @@ def head_scores(head, cache: FeatureCache, indices: np.ndarray, device, block_ro
     ``indices`` order: one pass through ``head.scores``."""
 
     head.eval()
-    out = np.zeros((len(indices), len(cache.classes)), np.float64)
+    out = np.zeros((len(indices), getattr(head, "n_classes", len(cache.classes))), np.float64)  # the head's classes
     ood = np.zeros(len(indices), np.float64) if getattr(head, "has_unknown", False) else None
     i = 0
     with torch.inference_mode():
