@@ -617,7 +617,9 @@ class Head(ClassifierMixin, BaseEstimator, _Classifier):
     - learned: ``classes_``, ``history_`` (one dict per epoch), ``metrics_`` (val_acc, val_loss,
       per-class val acc, ...), ``checkpoint_`` (the head.pt), ``run_dir_``, ``curves_``, ``cache_``
     - ``predict(X)``, ``predict_proba(X)``: X image paths, folders, PIL images (through the backbone the
-      cache was made with), or a Cache / an array of cached features (through the head only)
+      cache was made with), or a Cache / an array of cached features (through the head only); the
+      probabilities are calibrated (``temperature_``); ``predict(X, unknown=True)`` names 'unknown' the
+      inputs whose ``unknown_score(X)`` is above ``unknown_threshold_`` (photos of none of the classes)
     - ``score(cache)``: accuracy on a Cache (its validation split when it is the cache the head was fitted
       on, else every row), or on an image folder; ``score(X, y)`` against labels
     - ``save(path)`` / ``Head.load(path)``: the checkpoint (``python cli.py predict --model`` takes it too)
@@ -937,7 +939,9 @@ def evaluate_model(model: Union[Head, Model, PathLike], cache: Union[Cache, Path
     rows or 'all'), or on the image folder ``data`` (any model). ``options``: EvaluateConfig's (split,
     top_k, weights, batch_size, device, precision, workers, runs_dir). Writes confusion.png, gallery.png
     and metrics.json to a run folder; with ``figures`` the dict also holds
-    ``figures={'confusion': Figure, 'gallery': Figure}``.
+    ``figures={'confusion': Figure, 'gallery': Figure, 'reliability': Figure}``. The result also holds
+    ``calibration`` (ECE, log-loss, Brier without and with the temperature) and ``unknown`` (the share
+    flagged); on a folder of photos of none of the model's classes, only the latter.
     """
     from .reports.evaluate import evaluate
     from .reports.evaluate import figures as draw

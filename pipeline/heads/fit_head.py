@@ -408,8 +408,8 @@ def trust_lines(trust: dict) -> list[str]:
     lines = [f"temperature {trust['temperature']:.3f} (fitted on {trust['calibration_rows']} rows: "
              f"{trust['calibrated_on']})" if trust.get("calibration_rows") else "temperature 1 (not calibrated)"]
     if "unknown_threshold" in trust:
-        lines.append(f"unknown above score {trust['unknown_threshold']:.4f} ({trust['known_share']:.0%} of val photos "
-                     f"known; {trust['known_rows']} training rows kept, {trust['known_rows_bytes'] / 1e6:.1f} MB)")
+        lines.append(f"unknown above score {trust['unknown_threshold']:.4f} (keeps {trust['known_share']:.0%} of held-out photos; "
+                     f"{trust['known_rows']} training rows kept, {trust['known_rows_bytes'] / 1e6:.1f} MB)")
     return lines
 
 

@@ -217,33 +217,34 @@ def denormalise(tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarr
 
 
 
-RELIABILITY_SIZE = (5.0, 5.0)
+RELIABILITY_SIZE = (5.0, 6.0)
 
 
 def reliability_figure(before: dict, after: dict, ece_before: float, ece_after: float, temperature: float,
                        title: str = "reliability") -> Figure:
     """Accuracy against confidence per bin of the top probability, without and with the temperature
-    (``before``/``after``: ``calibration.reliability_bins``); on the diagonal, "0.9" comes true 9 times
-    in 10. Marker areas follow the bins' rows."""
+    (``before``/``after``: ``calibration.reliability_bins``), over the rows per bin; on the diagonal,
+    "0.9" comes true 9 times in 10. Marker areas follow the bins' rows."""
     fig = _figure(RELIABILITY_SIZE)
-    ax = fig.subplots()
+    ax, bars = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
     ax.plot([0, 1], [0, 1], "--", color="0.6", label="perfectly calibrated")
     total = max(1, sum(after["count"]))
-    for bins, style, label in ((before, "o-", f"T = 1 (ECE {ece_before:.3f})"),
-                               (after, "s-", f"T = {temperature:.2f} (ECE {ece_after:.3f})")):
+    edges = np.asarray(after["edges"])
+    width = edges[1] - edges[0]
+    for k, (bins, marker, label) in enumerate(((before, "o", f"T = 1 (ECE {ece_before:.3f})"),
+                                               (after, "s", f"T = {temperature:.2f} (ECE {ece_after:.3f})"))):
         keep = [i for i, c in enumerate(bins["count"]) if c]
-        conf = [bins["confidence"][i] for i in keep]
-        acc = [bins["accuracy"][i] for i in keep]
-        line, = ax.plot(conf, acc, style[1:], alpha=0.7, label=label)
-        ax.scatter(conf, acc, s=[20 + 400 * bins["count"][i] / total for i in keep], marker=style[0],
-                   color=line.get_color(), alpha=0.7)
-    lo = min([0.5] + [c for c in after["confidence"] + before["confidence"] if c is not None])
-    lo = max(0.0, math.floor(lo * 10) / 10)
-    ax.set_xlim(lo, 1.0)
-    ax.set_ylim(lo, 1.0)
-    ax.set_xlabel("confidence (top probability, bin mean)")
+        ax.scatter([bins["confidence"][i] for i in keep], [bins["accuracy"][i] for i in keep], marker=marker,
+                   s=[15 + 300 * bins["count"][i] / total for i in keep], alpha=0.6, label=label)
+        bars.bar(edges[:-1] + width * (0.25 + 0.5 * k), bins["count"], width=width / 2, alpha=0.7)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
     ax.set_ylabel("accuracy in the bin")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize=9)
+    bars.set_yscale("log")
+    bars.set_ylabel("photos")
+    bars.set_xlabel("confidence (top probability; bins of 1/15)")
+    bars.grid(alpha=0.3)
     return fig
