@@ -412,7 +412,8 @@ class _Classifier:
         self._loaded = None
 
     #: learned attributes (scikit-learn style: set by fit or load)
-    _LEARNED = ("temperature_", "unknown_threshold_", "checkpoint_", "kind_", "classes_", "backbone_", "weights_", "feature_shape_", "n_features_in_",
+    _LEARNED = ("temperature_", "unknown_threshold_",
+                "checkpoint_", "kind_", "classes_", "backbone_", "weights_", "feature_shape_", "n_features_in_",
                 "history_", "metrics_", "config_", "cache_", "run_dir_", "curves_", "result_")
 
     def __getattr__(self, name: str):

@@ -160,7 +160,7 @@ class TrainConfig:
     # calibration and unknown inputs (as fit-head's; a whole model's temperature comes from its val images)
     calibrate: str = "val"  # temperature from: val (the validation images) or none (T = 1)
     known_share: float = 0.95  # share of validation photos kept as known; the rest of the score range is 'unknown'
-    unknown_rows: int = 5000  # training photos whose pooled features are kept (a seeded sample, one extra pass); 0 = none
+    unknown_rows: int = 5000  # training photos whose pooled features are kept (seeded sample, one more pass); 0 = none
     unknown_k: int = 10  # the unknown score compares a photo with its k-th nearest training photo
 
 

@@ -384,21 +384,22 @@ def fit_head(cfg: FitHeadConfig) -> dict:
                    **({"cv_acc": tuning["cv_acc"], "cv_log_loss": tuning["cv_log_loss"]} if tuning else {}),
                    **({"test_ece": test["calibration"]["after"]["ece"],
                        "test_ece_uncalibrated": test["calibration"]["before"]["ece"]} if test else {}),
-                   **fit.trust}
+                   **{k: fit.trust[k] for k in ("temperature", "unknown_threshold") if k in fit.trust}}
         ckpt = {
             "kind": "fit-head", **Provenance.from_cache_attrs(cache.attrs).checkpoint_fields(),
             "state_dict": head.checkpoint()["state_dict"], "head": head.config,
             "in_shape": list(cache.feature_shape), "dropout": cfg.dropout, "config": asdict(cfg),
             "cache": str(path), "cache_fingerprint": cache.attrs["fingerprint"], "metrics": metrics,
-            "best_epoch": best_epoch, "tuning": tuning,
+            "best_epoch": best_epoch, "tuning": tuning, "trust": fit.trust,
         }
         atomic_write(out_dir / "head.pt", lambda tmp: torch.save(ckpt, tmp))
     curves = finish_run(out_dir, cfg.runs_dir, "fit-head", history, [out_dir / "head.pt"], cache=str(path),
                         params={**asdict(cfg), **({"tuned": tuning["choice"]} if tuning else {})}, metrics=metrics)
     return {"cache": str(path), "run_dir": str(out_dir), "checkpoint": str(out_dir / "head.pt"),
             "curves": str(curves) if curves else None, "head": head.describe(),
-            "train_rows": int(len(train_idx)), "val_rows": int(len(val_idx)), **metrics,
-            "per_class_val_acc": val["per_class"], "best_epoch": best_epoch, "trust": fit.trust, "fit_seconds": fit_seconds,
+            "train_rows": int(len(train_idx)), "val_rows": int(len(val_idx)), **fit.trust, **metrics,
+            "per_class_val_acc": val["per_class"], "best_epoch": best_epoch, "trust": fit.trust,
+            "fit_seconds": fit_seconds,
             "history": history, "tuning": tuning, "test": test, "fit_info": _plain(info),
             "source_changed": changed, "default_cache": default_cache}
 
@@ -408,8 +409,8 @@ def trust_lines(trust: dict) -> list[str]:
     lines = [f"temperature {trust['temperature']:.3f} (fitted on {trust['calibration_rows']} rows: "
              f"{trust['calibrated_on']})" if trust.get("calibration_rows") else "temperature 1 (not calibrated)"]
     if "unknown_threshold" in trust:
-        lines.append(f"unknown above score {trust['unknown_threshold']:.4f} (keeps {trust['known_share']:.0%} of held-out photos; "
-                     f"{trust['known_rows']} training rows kept, {trust['known_rows_bytes'] / 1e6:.1f} MB)")
+        lines.append(f"unknown above score {trust['unknown_threshold']:.4f} (keeps {trust['known_share']:.0%} of "
+                     f"held-out photos; {trust['known_rows']} training rows kept, {trust['known_rows_bytes'] / 1e6:.1f} MB)")
     return lines
 
 

@@ -183,7 +183,8 @@ class ProbeHead(nn.Module):
         if rows.dim() != 2 or rows.shape[1] != self.in_shape[0] or not len(rows):
             raise ValueError(f"known rows must be (N >= 1, {self.in_shape[0]}), got {tuple(rows.shape)}")
         self.unknown_k = int(k)
-        for name, value in (("known_rows", rows), ("unknown_threshold", torch.tensor(float(threshold), dtype=torch.float64))):
+        threshold = torch.tensor(float(threshold), dtype=torch.float64)
+        for name, value in (("known_rows", rows), ("unknown_threshold", threshold)):
             if hasattr(self, name):
                 delattr(self, name)
             self.register_buffer(name, value)
