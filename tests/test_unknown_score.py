@@ -79,6 +79,9 @@ def test_a_head_on_two_colours_flags_the_third_and_keeps_the_stated_share(tmp_pa
     e = evaluate(EvaluateConfig(model=r["checkpoint"], data=str(colours["green"]), workers=0,
                                 runs_dir=str(tmp_path / "runs")))
     assert e["foreign"] and e["rows"] == 12 and e["unknown"]["share"] == 1.0
+    text = CliRunner().invoke(cli.cli, ["evaluate", "--model", r["checkpoint"], "--data", str(colours["green"]),
+                                        "--workers", "0", "--runs-dir", str(tmp_path / "runs")])
+    assert text.exit_code == 0 and "unknown: 12 of 12 photos (100.0%)" in text.stdout
 
 
 def test_no_unknown_score_when_asked_for_none(tmp_path, colours):

@@ -149,8 +149,9 @@ def predict_folder(data: str, classes: list, transform, model, cfg: EvaluateConf
     if not paths:
         raise UsageError(f"no image in {data} could be decoded")
     logp, ood = split_extras(np.concatenate(out), len(classes))
+    trust = _trust(head) if head is not None else {}
     return Predictions(list(classes), listing.root, paths, np.array(labels, np.int64), logp,
-                       f"images of {data}", ood=ood, **(_trust(head) if head is not None else {}))
+                       f"images of {data}", ood=ood if trust.get("threshold") is not None else None, **trust)
 
 
 def model_on_folder(model_path: str, ckpt: dict, cfg: EvaluateConfig) -> Predictions:
