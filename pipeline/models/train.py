@@ -29,7 +29,7 @@ from ..errors import UsageError
 from ..extraction.inference import Inference, run_batches
 from ..heads.calibration import fit_temperature
 from ..heads.epoch_loop import check_lr, per_class_accuracy, run_epochs, split_indices, train_one_epoch, validate_training
-from ..heads.fit_head import trust_lines, validate_trust
+from ..heads.fit_head import validate_trust
 from ..heads.unknown_score import held_out_scores, sample_rows, scores_np, threshold_for
 from ..progress import progress
 from ..runs.run_folders import finish_run, new_run_dir
@@ -177,8 +177,6 @@ def fit_trust(cfg: TrainConfig, model, device, precision, listing, train_idx, va
                       "known_rows_bytes": int(known.nbytes), "unknown_k": cfg.unknown_k,
                       "known_share": cfg.known_share})
     head.to(device)
-    for line in trust_lines(trust):
-        log.info("%s", line)
     return trust
 
 
