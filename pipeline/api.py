@@ -958,8 +958,8 @@ def evaluate_model(model: Union[Head, Model, PathLike], cache: Union[Cache, Path
 
 def predict_files(model: Union[Head, Model, PathLike], paths: Union[PathLike, Sequence[PathLike]], *,
                   verbose: Optional[bool] = False, **options) -> Rows:
-    """One row per image file (folders searched recursively): {path, class, probability, unknown, ood_score, error}, an
-    unreadable file getting its error instead of a class (``python cli.py predict``).
+    """One row per image file (folders searched recursively): {path, class, probability, unknown, ood_score,
+    error}, an unreadable file getting its error instead of a class (``python cli.py predict``).
 
     ``options``: PredictConfig's (weights, batch_size, workers, device, precision, format, output: the
     rows written to a file as csv/json/table). ``rows.result``: images, errors, img/s, output.
