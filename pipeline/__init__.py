@@ -20,8 +20,9 @@ Whole models
     train_model(data, **opts)            a new head trained on images, backbone frozen: a Model
     finetune_model(data, init, **opts)   the backbone unfrozen (all or the last K blocks): a Model
     Model.load(path)                     any checkpoint as a Model: predict, predict_proba, score, save
-    evaluate_model(model, cache|data)    accuracy, per-class precision/recall/F1, confusion matrix, gallery
-    predict_files(model, paths)          rows of path, class, probability (or error), as ``cli.py predict``
+    evaluate_model(model, cache|data)    accuracy, per-class precision/recall/F1, confusion matrix, gallery,
+                                         calibration (ECE, reliability diagram), the share flagged unknown
+    predict_files(model, paths)          rows of path, class, probability, unknown, ood_score (or error)
 Pictures (matplotlib Figures: shown inline in Jupyter)
     preview(data), feature_map(image), plot_curves(head or history); evaluate_model(...)["figures"]
 Data and bookkeeping

@@ -398,7 +398,10 @@ class _Classifier:
             metrics.update({k: result[k] for k in ("val_acc", "val_loss", "train_acc", "train_loss",
                                                    "per_class_val_acc", "train_rows", "val_rows", "fit_seconds")
                             if k in result})
+        sd = ckpt["state_dict"]
+        t, thr = (sd.get(k, sd.get(f"head.{k}")) for k in ("temperature", "unknown_threshold"))
         self._fitted = {
+            "temperature_": 1.0 if t is None else float(t), "unknown_threshold_": None if thr is None else float(thr),
             "checkpoint_": checkpoint, "kind_": ckpt["kind"], "classes_": list(ckpt["classes"]),
             "backbone_": ckpt["backbone"], "weights_": ckpt["weights"], "feature_shape_": tuple(ckpt["in_shape"]),
             "n_features_in_": int(np.prod(ckpt["in_shape"])), "history_": history, "metrics_": metrics,
@@ -409,7 +412,8 @@ class _Classifier:
         self._loaded = None
 
     #: learned attributes (scikit-learn style: set by fit or load)
-    _LEARNED = ("checkpoint_", "kind_", "classes_", "backbone_", "weights_", "feature_shape_", "n_features_in_",
+    _LEARNED = ("temperature_", "unknown_threshold_",
+                "checkpoint_", "kind_", "classes_", "backbone_", "weights_", "feature_shape_", "n_features_in_",
                 "history_", "metrics_", "config_", "cache_", "run_dir_", "curves_", "result_")
 
     def __getattr__(self, name: str):
@@ -444,7 +448,14 @@ class _Classifier:
             self._loaded = (lm, network(lm, *asked), asked)
         return self._loaded[0], self._loaded[1]
 
-    def _image_log_proba(self, X, batch_size: int, workers: Optional[int], device, precision) -> np.ndarray:
+    def _image_scores(self, X, batch_size: int, workers: Optional[int], device, precision):
+        """(log-probabilities, unknown scores or None) of images X."""
+        from .models.whole_models import split_extras
+
+        out = self._image_outputs(X, batch_size, workers, device, precision)
+        return split_extras(out, len(self.classes_))
+
+    def _image_outputs(self, X, batch_size: int, workers: Optional[int], device, precision) -> np.ndarray:
         from PIL import Image
 
         from .data.folders import to_rgb
@@ -487,8 +498,24 @@ class _Classifier:
             out_images += list(model([lm.transform(to_rgb(im)) for im in images[i:i + batch_size]]))
         return np.stack([out_files[j] if kind == "file" else out_images[j] for kind, j in order]).astype(np.float64)
 
+    def _scores(self, X, batch_size: int, workers: Optional[int], device, precision):
+        return self._image_scores(X, batch_size, workers, device, precision)
+
     def _log_proba(self, X, batch_size: int, workers: Optional[int], device, precision) -> np.ndarray:
-        return self._image_log_proba(X, batch_size, workers, device, precision)
+        return self._scores(X, batch_size, workers, device, precision)[0]
+
+    def unknown_score(self, X: ImageInput, *, batch_size: int = 32, workers: Optional[int] = None,
+                      device: Optional[str] = None, precision: str = "auto") -> np.ndarray:
+        """How unlike the training photos each input is, (N,): 1 - cosine similarity of its pooled features
+        to the k-th nearest training photo's; above ``unknown_threshold_`` it counts as unknown."""
+        ood = self._scores(X, batch_size, workers, device, precision)[1]
+        if ood is None:
+            self._no_unknown_score()
+        return np.asarray(ood, np.float64)
+
+    def _no_unknown_score(self):
+        raise UsageError(f"{self.checkpoint_ or 'this head'} has no unknown score (fitted before it existed, or "
+                         "with unknown_rows=0); fit it again")
 
     def predict_proba(self, X: ImageInput, *, batch_size: int = 32, workers: Optional[int] = None,
                       device: Optional[str] = None, precision: str = "auto") -> np.ndarray:
@@ -509,9 +536,19 @@ class _Classifier:
         top = logp.max(1, keepdims=True)
         return logp - (top + np.log(np.exp(logp - top).sum(1, keepdims=True)))
 
-    def predict(self, X: ImageInput, **options) -> np.ndarray:
-        """The most probable class name of each image of ``X`` (options and inputs: see ``predict_proba``)."""
-        return np.asarray(self.classes_)[self.predict_log_proba(X, **options).argmax(1)]
+    def predict(self, X: ImageInput, unknown: bool = False, **options) -> np.ndarray:
+        """The most probable class name of each image of ``X`` (options and inputs: see ``predict_proba``);
+        with ``unknown=True``, 'unknown' for the inputs that look like none of the classes (see
+        ``unknown_score``)."""
+        if not unknown:
+            return np.asarray(self.classes_)[self.predict_log_proba(X, **options).argmax(1)]
+        logp, ood = self._scores(X, options.get("batch_size", 32), options.get("workers"), options.get("device"),
+                                 options.get("precision", "auto"))
+        if ood is None:
+            self._no_unknown_score()
+        labels = np.asarray(self.classes_, dtype=object)[np.asarray(logp).argmax(1)]
+        labels[np.asarray(ood, np.float64) > self.unknown_threshold_] = "unknown"
+        return labels
 
     def _score_folder(self, data: PathLike, device, precision, batch_size: int, workers: int) -> float:
         from .reports.evaluate import predict_folder
@@ -577,7 +614,9 @@ class Head(ClassifierMixin, BaseEstimator, _Classifier):
     - learned: ``classes_``, ``history_`` (one dict per epoch), ``metrics_`` (val_acc, val_loss,
       per-class val acc, ...), ``checkpoint_`` (the head.pt), ``run_dir_``, ``curves_``, ``cache_``
     - ``predict(X)``, ``predict_proba(X)``: X image paths, folders, PIL images (through the backbone the
-      cache was made with), or a Cache / an array of cached features (through the head only)
+      cache was made with), or a Cache / an array of cached features (through the head only); the
+      probabilities are calibrated (``temperature_``); ``predict(X, unknown=True)`` names 'unknown' the
+      inputs whose ``unknown_score(X)`` is above ``unknown_threshold_`` (photos of none of the classes)
     - ``score(cache)``: accuracy on a Cache (its validation split when it is the cache the head was fitted
       on, else every row), or on an image folder; ``score(X, y)`` against labels
     - ``save(path)`` / ``Head.load(path)``: the checkpoint (``python cli.py predict --model`` takes it too)
@@ -655,7 +694,10 @@ class Head(ClassifierMixin, BaseEstimator, _Classifier):
         device = resolve_device(cfg.device)
         train_idx, val_idx = split_indices(y_idx, cfg.val_fraction, cfg.seed)
         fit = fit_on_rows(cfg, rows, train_idx, val_idx, device)
+        h = fit.head
         self._fitted = {
+            "temperature_": float(h.temperature) if h.calibrated else 1.0,
+            "unknown_threshold_": float(h.unknown_threshold) if h.has_unknown else None,
             "checkpoint_": None, "kind_": "fit-head", "classes_": labels, "backbone_": None, "weights_": None,
             "feature_shape_": rows.feature_shape, "n_features_in_": int(np.prod(X.shape[1:])),
             "history_": fit.history, "metrics_": {"val_acc": fit.val["acc"], "val_loss": fit.val["loss"],
@@ -700,7 +742,7 @@ class Head(ClassifierMixin, BaseEstimator, _Classifier):
         ckpt = read_checkpoint(self._checkpoint())
         return head_from_checkpoint(ckpt, ckpt["state_dict"], self._checkpoint()).to(dev).eval()
 
-    def _feature_log_proba(self, X: np.ndarray, batch_size: int, device: Optional[str]) -> np.ndarray:
+    def _feature_scores(self, X: np.ndarray, batch_size: int, device: Optional[str]):
         import torch
         from sklearn.utils.validation import check_array
 
@@ -715,22 +757,25 @@ class Head(ClassifierMixin, BaseEstimator, _Classifier):
                              f"{self.n_features_in_} features as input (cached maps of shape {shape})")
         dev = resolve_device(device or self.device)
         head = self._feature_head(dev)
-        out, step = [], max(batch_size, 256)
+        out, oods, step = [], [], max(batch_size, 256)
         with torch.inference_mode():
             for i in range(0, len(X), step):
                 x = torch.from_numpy(np.ascontiguousarray(X[i:i + step], np.float32))
-                out.append(head(x.reshape(len(x), *shape).to(dev)).double().cpu().numpy())
-        return np.concatenate(out)
+                logp, ood = head.scores(x.reshape(len(x), *shape).to(dev))
+                out.append(logp.double().cpu().numpy())
+                oods.append(None if ood is None else ood.double().cpu().numpy())
+        return np.concatenate(out), None if oods[0] is None else np.concatenate(oods)
 
-    def _log_proba(self, X, batch_size, workers, device, precision) -> np.ndarray:
+    def _scores(self, X, batch_size, workers, device, precision):
         if isinstance(X, Cache) or (isinstance(X, (str, os.PathLike)) and str(os.fspath(X)).endswith(".h5")):
-            return self._cache_predictions(X, "all", device).logp.astype(np.float64)
+            pred = self._cache_predictions(X, "all", device)
+            return pred.logp.astype(np.float64), pred.ood
         if _is_features(X):
-            return self._feature_log_proba(X, batch_size, device)
+            return self._feature_scores(X, batch_size, device)
         if self._fitted and self._fitted.get("head_") is not None:
             raise UsageError("this Head was fitted on arrays of features: it has no backbone to run images "
                              "through; predict arrays of features, or fit it on a Cache")
-        return self._image_log_proba(X, batch_size, workers, device, precision)
+        return self._image_scores(X, batch_size, workers, device, precision)
 
     def score(self, X, y=None, *, split: str = "auto", device: Optional[str] = None, precision: str = "auto",
               batch_size: int = 32, workers: int = -1) -> float:
@@ -891,7 +936,9 @@ def evaluate_model(model: Union[Head, Model, PathLike], cache: Union[Cache, Path
     rows or 'all'), or on the image folder ``data`` (any model). ``options``: EvaluateConfig's (split,
     top_k, weights, batch_size, device, precision, workers, runs_dir). Writes confusion.png, gallery.png
     and metrics.json to a run folder; with ``figures`` the dict also holds
-    ``figures={'confusion': Figure, 'gallery': Figure}``.
+    ``figures={'confusion': Figure, 'gallery': Figure, 'reliability': Figure}``. The result also holds
+    ``calibration`` (ECE, log-loss, Brier without and with the temperature) and ``unknown`` (the share
+    flagged); on a folder of photos of none of the model's classes, only the latter.
     """
     from .reports.evaluate import evaluate
     from .reports.evaluate import figures as draw
@@ -907,8 +954,8 @@ def evaluate_model(model: Union[Head, Model, PathLike], cache: Union[Cache, Path
 
 def predict_files(model: Union[Head, Model, PathLike], paths: Union[PathLike, Sequence[PathLike]], *,
                   verbose: Optional[bool] = False, **options) -> Rows:
-    """One row per image file (folders searched recursively): {path, class, probability, error}, an
-    unreadable file getting its error instead of a class (``python cli.py predict``).
+    """One row per image file (folders searched recursively): {path, class, probability, unknown, ood_score,
+    error}, an unreadable file getting its error instead of a class (``python cli.py predict``).
 
     ``options``: PredictConfig's (weights, batch_size, workers, device, precision, format, output: the
     rows written to a file as csv/json/table). ``rows.result``: images, errors, img/s, output.

@@ -20,6 +20,7 @@ import click
 
 from . import api
 from .config import (
+    CALIBRATIONS,
     COMPILE,
     DECODERS,
     FORMATS,
@@ -336,6 +337,23 @@ def head_options(fn):
     return fn
 
 
+def trust_options(calibrations):
+    """The calibration and unknown-input options of fit-head, train and finetune."""
+    def add(fn):
+        for opt in reversed([
+            click.option("--calibrate", type=click.Choice(calibrations),
+                         help="Where the temperature is fitted: cv (out-of-fold training rows + val), val, or none."),
+            click.option("--known-share", type=FINITE,
+                         help="Share of validation photos kept as known; a photo scoring above them is 'unknown'."),
+            click.option("--unknown-rows", type=int,
+                         help="Training rows kept for the unknown score (a seeded sample, 1 KB each); 0 = none."),
+            click.option("--unknown-k", type=int, help="The unknown score's neighbour: the k-th nearest training row."),
+        ]):
+            fn = opt(fn)
+        return fn
+    return add
+
+
 def split_options(fn):
     fn = click.option("--seed", type=int, help="Seeds the train/val split.")(fn)
     fn = click.option("--val-fraction", type=FINITE)(fn)
@@ -356,6 +374,7 @@ def split_options(fn):
               "on the training rows (a table on stderr), then refit the winner.")
 @click.option("--folds", type=int, help="--tune: folds.")
 @head_options
+@trust_options(CALIBRATIONS)
 @json_option
 @library_errors
 def fit_head_cmd(as_json, **options):
@@ -557,10 +576,13 @@ def image_train_options(fn):
 
 
 def train_text(result: dict) -> str:
+    from .heads.fit_head import trust_lines
+
     per_class = ", ".join(f"{c} {a:.3f}" if a is not None else f"{c} -" for c, a in result["per_class_val_acc"].items())
-    return (f"val acc {result['val_acc']:.3f}, val loss {result['val_loss']:.4f} ({result['train_rows']} train / "
-            f"{result['val_rows']} val images, {result['skipped']} skipped, {result['fit_seconds']:.1f} s)\n"
-            f"per-class val acc: {per_class}\ncheckpoint: {result['checkpoint']}")
+    return "\n".join([f"val acc {result['val_acc']:.3f}, val loss {result['val_loss']:.4f} ({result['train_rows']} "
+                      f"train / {result['val_rows']} val images, {result['skipped']} skipped, "
+                      f"{result['fit_seconds']:.1f} s)", f"per-class val acc: {per_class}", *trust_lines(result),
+                      f"checkpoint: {result['checkpoint']}"])
 
 
 @defaults_from(TrainConfig)
@@ -571,6 +593,7 @@ def train_text(result: dict) -> str:
 @click.option("--epochs", type=int)
 @click.option("--lr", type=FINITE, help=f"Adam learning rate of the head, up to {MAX_LR:g}.")
 @split_options
+@trust_options(("val", "none"))
 @json_option
 @library_errors
 def train(as_json, **options):
@@ -593,6 +616,7 @@ def train(as_json, **options):
 @click.option("--lr", type=FINITE, help=f"Adam learning rate of the head, up to {MAX_LR:g}.")
 @click.option("--backbone-lr", type=FINITE, help=f"Learning rate of the backbone, up to {MAX_LR:g} [default: lr / 10].")
 @split_options
+@trust_options(("val", "none"))
 @json_option
 @library_errors
 def finetune(as_json, **options):

@@ -25,6 +25,9 @@ HEADS = ("auto", "linear", "logreg", "kernel")
 RECIPES = ("default", "seed")
 FORMATS = ("table", "csv", "json")
 SPLITS = ("val", "all")
+#: where a head's temperature is fitted: out-of-fold predictions of the training rows + the validation
+#: rows (sklearn heads; others: the validation rows), the validation rows only, or not at all (T = 1)
+CALIBRATIONS = ("cv", "val", "none")
 #: Learning rates (and weight decays) accepted: beyond these an optimiser's float32 state overflows
 #: (1e38 is a RuntimeError inside Adam) and nothing useful was ever trained.
 MAX_LR = 10.0
@@ -113,6 +116,11 @@ class FitHeadConfig:
     test_cache: Optional[str] = None  # or a cache of them, made with the same backbone, weights and preprocessing
     recipe: str = "default"  # 'seed': the tutorial's flat view, rms scale, Adam 0.01 for 10 epochs, nothing else
     runs_dir: str = "runs"  # where the checkpoint, history and curves go (one folder per run)
+    # calibration and unknown inputs (the same fields as TrainConfig's)
+    calibrate: str = "cv"  # temperature from: cv (out-of-fold training rows + val), val, none (T = 1)
+    known_share: float = 0.95  # share of validation photos kept as known; the rest of the score range is 'unknown'
+    unknown_rows: int = 5000  # training rows kept for the unknown score (a seeded sample, 1 KB each); 0 = none
+    unknown_k: int = 10  # the unknown score compares a photo with its k-th nearest training row
 
 
 @dataclass
@@ -151,6 +159,11 @@ class TrainConfig:
     precision: str = "auto"  # compute precision: auto (bf16 where supported), fp32, bf16, fp16 (CUDA)
     seed: int = 0  # seeds the sample, the split, the head's initialisation, shuffling and augmentation
     runs_dir: str = "runs"  # where model.pt and history.json go (one folder per run)
+    # calibration and unknown inputs (as fit-head's; a whole model's temperature comes from its val images)
+    calibrate: str = "val"  # temperature from: val (the validation images) or none (T = 1)
+    known_share: float = 0.95  # share of validation photos kept as known; the rest of the score range is 'unknown'
+    unknown_rows: int = 5000  # training photos whose pooled features are kept (seeded sample, one more pass); 0 = none
+    unknown_k: int = 10  # the unknown score compares a photo with its k-th nearest training photo
 
 
 @dataclass

@@ -49,7 +49,10 @@ def head_run(tmp_path, tiny_cache):
 def test_default_is_the_checkpoints_own_val_split(tmp_path, head_run):
     r = evaluate(EvaluateConfig(model=head_run["checkpoint"], runs_dir=str(tmp_path / "runs")))
     assert r["rows"] == head_run["val_rows"] == 6
-    assert r["accuracy"] == head_run["val_acc"] and r["loss"] == pytest.approx(head_run["val_loss"], rel=1e-5)
+    assert r["accuracy"] == head_run["val_acc"]
+    # the checkpoint is calibrated; without its temperature it gives exactly the fitted head's val loss
+    assert r["calibration"]["before"]["log_loss"] == pytest.approx(head_run["val_loss"], rel=1e-5)
+    assert r["loss"] == r["calibration"]["after"]["log_loss"] and r["calibration"]["temperature"] != 1.0
     assert np.sum(r["confusion_matrix"]) == 6
     assert Path(r["confusion_png"]).is_file() and Path(r["gallery_png"]).is_file()
     assert json.loads(Path(r["run_dir"], "metrics.json").read_text())["accuracy"] == r["accuracy"]
@@ -96,7 +99,8 @@ def test_cli_json_and_ledger(tmp_path, head_run):
     assert [e["kind"] for e in read_runs(runs)] == ["evaluate", "fit-head"]  # newest first; every stage records
     entry = read_runs(runs)[0]
     assert entry["kind"] == "evaluate" and entry["metrics"]["accuracy"] == r["accuracy"]
-    assert entry["backbone"] == "tiny" and entry["outputs"] == [r["confusion_png"], r["gallery_png"]]
+    assert entry["backbone"] == "tiny"
+    assert entry["outputs"] == [r["confusion_png"], r["gallery_png"], r["reliability_png"]]
     text = CliRunner().invoke(cli.cli, ["evaluate", "--model", head_run["checkpoint"], "--runs-dir", str(runs)])
     assert "precision" in text.stdout and "blue" in text.stdout
     bad = CliRunner().invoke(cli.cli, ["evaluate", "--model", head_run["checkpoint"], "--top-k", "0"])

@@ -161,3 +161,19 @@ def test_top_k_is_capped_and_the_cap_is_in_the_help(tmp_path, image_folder):
     assert "1 to 32" in run("feature-map", "--help").stdout
     assert "between 1 and 32" in _usage_error("feature-map", image_folder / "red" / "red.0.jpg", "--backbone", "tiny",
                                               "--weights", "none", "--top-k", 512, "--output", tmp_path / "f.png")
+
+
+def test_reliability_figure_draws_both_curves_and_the_rows_per_bin():
+    import numpy as np
+
+    from pipeline.heads.calibration import reliability_bins, with_temperature
+    from pipeline.runs.figures import reliability_figure
+
+    rng = np.random.default_rng(0)
+    logp = np.log(rng.dirichlet([0.3, 0.3, 0.3], 200))
+    y = rng.integers(0, 3, 200)
+    fig = reliability_figure(reliability_bins(logp, y), reliability_bins(with_temperature(logp, 2.0), y), 0.3, 0.1,
+                             2.0)
+    top, bars = fig.axes
+    assert len(top.collections) == 2 and "T = 2.00 (ECE 0.100)" in [t.get_text() for t in top.get_legend().texts]
+    assert sum(p.get_height() for p in bars.patches) == 400  # both histograms, every row once

@@ -30,7 +30,8 @@ def test_split_is_stratified_seeded_and_disjoint():
 
 
 def test_fit_head_learns_separable_features_and_saves_a_safe_checkpoint(cache, tmp_path, capsys):
-    r = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=5, runs_dir=str(tmp_path / "runs"), val_fraction=0.25))
+    r = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=5, runs_dir=str(tmp_path / "runs"), val_fraction=0.25,
+                               calibrate="none"))  # the val loss is the fitted head's, before any temperature
     assert r["val_acc"] == 1.0 and r["train_rows"] == 24 and r["val_rows"] == 8
     assert r["history"][-1]["train_loss"] < r["history"][0]["train_loss"]
     lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("Epoch ")]
@@ -124,7 +125,8 @@ def test_a_logreg_head_is_sklearns_logistic_regression_as_a_linear_layer(cache, 
 
     from pipeline.reports.evaluate import EvaluateConfig, evaluate
 
-    r = fit_head(FitHeadConfig(cache=cache, head="logreg", C=10.0, val_fraction=0.25, runs_dir=str(tmp_path / "r")))
+    r = fit_head(FitHeadConfig(cache=cache, head="logreg", C=10.0, val_fraction=0.25, runs_dir=str(tmp_path / "r"),
+                               calibrate="none"))  # sklearn's probabilities exactly, no temperature
     with FeatureCache(cache) as c:
         train, val = split_indices(c.labels, 0.25, 0)
         x = c.features[:].astype(np.float64).mean((2, 3))

@@ -76,13 +76,15 @@ def test_predict_cli_writes_csv_and_json(tmp_path, image_folder, model_pt):
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == str(out) and "1 unreadable" in result.stderr
     rows = list(csv.DictReader(out.open()))
-    assert list(rows[0]) == ["path", "class", "probability", "error"] and len(rows) == 14
+    assert list(rows[0]) == ["path", "class", "probability", "unknown", "ood_score", "error"] and len(rows) == 14
     assert rows[0]["error"] == "zero-byte file" and rows[-1]["path"].endswith("blue.0.jpg")
     as_json = runner.invoke(cli.cli, ["predict", str(data / "red" / "red.1.jpg"), "--model", str(model_pt),
                                       "--format", "json", "--workers", "0"])
-    assert json.loads(as_json.stdout)[0]["class"] in ("red", "blue")
+    first = json.loads(as_json.stdout)[0]
+    assert first["class"] in ("red", "blue")
+    assert first["unknown"] is None and first["ood_score"] is None  # a model saved before the unknown score
     table = runner.invoke(cli.cli, ["predict", str(data / "red"), "--model", str(model_pt), "--workers", "0"])
-    assert table.stdout.splitlines()[0].split() == ["path", "class", "probability", "error"]
+    assert table.stdout.splitlines()[0].split() == ["path", "class", "probability", "unknown", "ood_score", "error"]
     missing = runner.invoke(cli.cli, ["predict", str(tmp_path / "nope"), "--model", str(model_pt)])
     assert missing.exit_code == 2 and "nope' does not exist" in missing.output
 

@@ -201,3 +201,32 @@ def test_tune_is_deterministic_for_a_seed_and_fits_the_winner():
     assert info["key"] == best["key"] and head(torch.from_numpy(x)).shape == (50, 2)
     with pytest.raises(ValueError, match="smallest class has 2"):
         tune(x[:5], y[:5], grid, folds=3)
+
+
+def test_temperature_and_known_rows_round_trip_and_old_checkpoints_load_without_them(tmp_path):
+    import torch
+
+    from pipeline.heads.probe_heads import ProbeHead
+
+    torch.manual_seed(0)
+    old = ProbeHead((4, 2, 2), 3, "avg", "l2")
+    path = tmp_path / "old.pt"
+    config = {k: v for k, v in old.config.items() if k not in ("temperature", "known_rows", "unknown_k")}
+    torch.save(old.checkpoint() | {"config": config}, path)  # as written before calibration existed
+    saved = torch.load(path, weights_only=True)
+    again = ProbeHead.from_checkpoint(saved["config"], saved["state_dict"])
+    x = torch.rand(5, 4, 2, 2)
+    assert not again.calibrated and not again.has_unknown and torch.equal(again(x), old(x))
+    assert again.scores(x)[1] is None
+    head = ProbeHead.from_checkpoint(saved["config"], saved["state_dict"])
+    head.set_temperature(2.0)
+    head.set_unknown(torch.nn.functional.normalize(torch.rand(7, 4), dim=1), 3, 0.25)
+    assert torch.allclose(head(x), torch.log_softmax(old.linear(old.embed(x)) / 2.0, 1))
+    torch.save(head.checkpoint(), path)
+    back = torch.load(path, weights_only=True)
+    assert back["state_dict"]["known_rows"].dtype == torch.float16 and back["config"]["known_rows"] == 7
+    loaded = ProbeHead.from_checkpoint(back["config"], back["state_dict"])
+    (lp, ood), (lp2, ood2) = head.scores(x), loaded.scores(x)
+    assert torch.equal(lp, lp2) and torch.equal(ood, ood2) and float(loaded.unknown_threshold) == 0.25
+    loaded.reset_trust()
+    assert not loaded.calibrated and not loaded.has_unknown and torch.equal(loaded(x), old(x))

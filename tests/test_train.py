@@ -205,3 +205,20 @@ def test_a_learning_rate_past_the_range_is_a_usage_error_naming_it(tmp_path, ima
     r = CliRunner().invoke(cli.cli, [command, "--data", str(image_folder), "--backbone", "tiny", "--weights", "none",
                                      option, "1e300", "--epochs", "1", "--runs-dir", str(tmp_path / "runs")])
     assert r.exit_code == 2 and f"{option} must be in (0, 10]" in r.output, r.output
+
+
+def test_a_trained_model_is_calibrated_and_flags_a_third_colour(tmp_path, make_cache):
+    from pipeline.models.predict import PredictConfig, predict
+
+    data = make_image_folder(tmp_path / "data", per_class=16, classes=("blue", "red"))
+    green = make_image_folder(tmp_path / "green", per_class=6, classes=("green",), seed=3)
+    result = train(TrainConfig(data=str(data), backbone="tiny", epochs=2, lr=0.05, unknown_rows=20, unknown_k=5,
+                               runs_dir=str(tmp_path / "runs"), **FAST))
+    assert result["calibration_rows"] == result["val_rows"] and result["temperature"] > 0
+    assert result["known_rows"] == 20 and result["known_rows_bytes"] == 20 * 8 * 2  # 8 channels, float16
+    state = torch.load(result["checkpoint"], weights_only=True)["state_dict"]
+    assert {"head.temperature", "head.known_rows", "head.unknown_threshold"} <= set(state)
+    lm = load_model(result["checkpoint"])
+    assert lm.model.head.calibrated and float(lm.model.head.temperature) == pytest.approx(result["temperature"])
+    rows = predict(PredictConfig(paths=[str(green)], model=result["checkpoint"], workers=0))["rows"]
+    assert all(r["unknown"] for r in rows) and all(r["ood_score"] > result["unknown_threshold"] for r in rows)

@@ -112,8 +112,9 @@ def walk(top: str | os.PathLike, left_out: list | None = None, seen: set | None 
         yield dirpath, sorted(filenames)
 
 
-def list_image_folder(root: str | os.PathLike) -> ImageFolderListing:
-    """List an ImageFolder root: sorted class folders, each with its image files (recursively).
+def list_image_folder(root: str | os.PathLike, min_classes: int = 2) -> ImageFolderListing:
+    """List an ImageFolder root: sorted class folders, each with its image files (recursively); at least
+    ``min_classes`` of them (evaluate takes one: a folder of photos of one class, or of something else).
 
     Links are followed, to class folders, sub-folders and files alike; a folder reached twice (a
     loop) is walked once and the repeat goes to ``bad`` (see ``walk``). Hidden files and folders,
@@ -155,7 +156,7 @@ def list_image_folder(root: str | os.PathLike) -> ImageFolderListing:
             raise UsageError(f"class folder {str(root / cls)!r} holds no images; remove it or add images")
     if not files:
         raise UsageError(f"data folder {str(root)!r} holds no images (expected one sub-folder per class)")
-    if len(classes) < 2:
+    if len(classes) < min_classes:
         raise UsageError(
             f"data folder {str(root)!r} has {len(classes)} class with images ({', '.join(classes)}); "
             "need at least two class sub-folders"

@@ -149,18 +149,31 @@ def as_float32(feats: np.ndarray, device):
     return torch.from_numpy(feats).to(device).float()
 
 
+def head_scores(head, cache: FeatureCache, indices: np.ndarray, device, block_rows: int,
+                batch_size: int = 256) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """Log-probabilities and unknown scores (None when the head has none) of some cache rows, in sorted
+    ``indices`` order: one pass through ``head.scores``."""
+
+    head.eval()
+    out = np.zeros((len(indices), getattr(head, "n_classes", len(cache.classes))), np.float64)  # the head's classes
+    ood = np.zeros(len(indices), np.float64) if getattr(head, "has_unknown", False) else None
+    i = 0
+    with torch.inference_mode():
+        for rows, feats in cache.iter_batches(indices, batch_size, block_rows):  # in sorted row order
+            x = as_float32(feats, device)
+            lp, score = head.scores(x) if ood is not None else (head(x), None)
+            out[i:i + len(lp)] = lp.double().cpu().numpy()
+            if ood is not None:
+                ood[i:i + len(lp)] = score.double().cpu().numpy()
+            i += len(lp)
+    return out, ood
+
+
 def evaluate_head(head, cache: FeatureCache, indices: np.ndarray, device, block_rows: int,
                   batch_size: int = 256) -> tuple[float, float, np.ndarray]:
     """Accuracy, mean NLL and log-probabilities (rows in sorted ``indices`` order) over some cache rows."""
 
-    head.eval()
-    out = np.zeros((len(indices), len(cache.classes)), np.float64)
-    i = 0
-    with torch.inference_mode():
-        for rows, feats in cache.iter_batches(indices, batch_size, block_rows):  # in sorted row order
-            lp = head(as_float32(feats, device)).double().cpu().numpy()
-            out[i:i + len(lp)] = lp
-            i += len(lp)
+    out, _ = head_scores(head, cache, indices, device, block_rows, batch_size)
     y = cache.labels[np.sort(indices)]
     nll = float(-out[np.arange(len(y)), y].mean())
     acc = float((out.argmax(1) == y).mean())

@@ -31,18 +31,20 @@ import torch
 
 from ..cache.feature_cache import FeatureCache, newest_cache, read_int8_observers, source_changes
 from ..cache.provenance import Provenance
-from ..config import HEADS, MAX_C, MAX_WEIGHT_DECAY, RECIPES, FitHeadConfig
+from ..config import CALIBRATIONS, HEADS, MAX_C, MAX_WEIGHT_DECAY, RECIPES, FitHeadConfig
 from ..devices import resolve_device
 from ..errors import UsageError
 from ..files import atomic_write
 from ..progress import is_quiet
 from ..runs.run_folders import finish_run, new_run_dir
 from .cache_views import CacheRows, CacheViews, evaluate_head
+from .calibration import before_after, calibration_metrics, fit_temperature, out_of_fold_log_proba, with_temperature
 from .epoch_loop import per_class_accuracy, split_indices, validate_training
 from .feature_views import NORMS, VIEWS, check_view
 from .linear_trainer import train_linear
 from .model_selection import AUTO_GRID, TUNE_GRIDS, expand_grid, fit_setting, format_table, setting_key, tune
 from .probe_heads import ProbeHead
+from .unknown_score import held_out_scores, sample_rows, scores_np, threshold_for
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,19 @@ def validate(cfg: FitHeadConfig) -> None:
         raise UsageError(f"--weight-decay must be in [0, {MAX_WEIGHT_DECAY:g}], got {cfg.weight_decay}")
     if cfg.test_data and cfg.test_cache:
         raise UsageError("pass --test-data or --test-cache, not both")
+    validate_trust(cfg, CALIBRATIONS)
+
+
+def validate_trust(cfg, calibrations) -> None:
+    """The calibration and unknown-input options fit-head, train and finetune share."""
+    if cfg.calibrate not in calibrations:
+        raise UsageError(f"unknown --calibrate {cfg.calibrate!r}; allowed: {', '.join(calibrations)}")
+    if not (math.isfinite(cfg.known_share) and 0 < cfg.known_share <= 1):
+        raise UsageError(f"--known-share must be in (0, 1], got {cfg.known_share}")
+    if cfg.unknown_rows < 0:
+        raise UsageError(f"--unknown-rows must be 0 (no unknown score) or positive, got {cfg.unknown_rows}")
+    if cfg.unknown_k < 1:
+        raise UsageError(f"--unknown-k must be positive, got {cfg.unknown_k}")
 
 
 def resolve_cache(cache: Optional[str], cache_dir: str) -> tuple[Path, Optional[dict]]:
@@ -92,7 +107,7 @@ def scores(head, cache: FeatureCache, indices: np.ndarray, device, block_rows: i
     acc, loss, logp = evaluate_head(head, cache, indices, device, block_rows)
     y = cache.labels[np.sort(indices)]
     return {"acc": acc, "loss": loss, "rows": int(len(indices)),
-            "per_class": per_class_accuracy(y, logp.argmax(1), cache.classes)}
+            "per_class": per_class_accuracy(y, logp.argmax(1), cache.classes), "logp": logp, "labels": y}
 
 
 # -- the three ways to fit ------------------------------------------------------------------------
@@ -264,6 +279,7 @@ class FittedHead:
     val: dict  # acc, loss, rows and per-class accuracy on the validation rows
     best_epoch: Optional[int]  # linear heads: the epoch whose weights were kept
     fit_seconds: float
+    trust: dict = None  # the temperature and the unknown score's threshold, with what they were fitted on
 
 
 def fit_on_rows(cfg: FitHeadConfig, rows, train_idx: np.ndarray, val_idx: np.ndarray, device) -> FittedHead:
@@ -286,8 +302,59 @@ def fit_on_rows(cfg: FitHeadConfig, rows, train_idx: np.ndarray, val_idx: np.nda
     head = head.to(device).eval()
     best_epoch = min(history, key=lambda h: h["val_loss"])["epoch"] if history and cfg.patience else (
         history[-1]["epoch"] if history else None)
-    return FittedHead(head, history, info, tuning, scores(head, rows, val_idx, device, cfg.block_rows), best_epoch,
-                      fit_seconds)
+    val = scores(head, rows, val_idx, device, cfg.block_rows)  # before calibration: what the fit itself gives
+    trust = {**calibrate(cfg, rows, head, val, train_idx, tuning), **add_unknown(cfg, rows, head, train_idx, val_idx)}
+    return FittedHead(head, history, info, tuning, val, best_epoch, fit_seconds, trust)
+
+
+def _oof_setting(cfg: FitHeadConfig, tuning: Optional[dict]) -> Optional[dict]:
+    """The scikit-learn setting whose out-of-fold predictions can calibrate the head (None: a torch head)."""
+    setting = tuning["setting"] if tuning else (_setting(cfg) if cfg.head in ("logreg", "kernel") else None)
+    return setting if setting and setting["head"] in ("logreg", "kernel") else None
+
+
+def calibrate(cfg: FitHeadConfig, rows, head: ProbeHead, val: dict, train_idx, tuning) -> dict:
+    """Fit the head's temperature (``--calibrate``) and set it; {temperature, calibration_rows, ...}."""
+    if cfg.calibrate == "none":
+        return {"temperature": 1.0, "calibration_rows": 0, "calibrated_on": "none"}
+    logp, y = val["logp"], val["labels"]
+    setting, source = _oof_setting(cfg, tuning), "val"
+    if cfg.calibrate == "cv" and setting is not None:
+        cv_idx = _cv_rows(cfg, rows.labels, train_idx)
+        views = CacheViews(rows, cv_idx, cfg.block_rows)
+        oof = out_of_fold_log_proba(views, views.labels, setting, len(rows.classes), rows.feature_shape,
+                                    cfg.folds, cfg.seed)
+        if len(oof):
+            logp, y, source = np.concatenate([oof, logp]), np.concatenate([views.labels, y]), "cv+val"
+    t = fit_temperature(logp, y)
+    head.set_temperature(t)
+    after = calibration_metrics(with_temperature(logp, t), y)
+    log.info("calibration: T = %.3f from %d rows (%s): ECE %.4f -> %.4f", t, len(y), source,
+             calibration_metrics(logp, y)["ece"], after["ece"])
+    return {"temperature": t, "calibration_rows": int(len(y)), "calibrated_on": source}
+
+
+def add_unknown(cfg: FitHeadConfig, rows, head: ProbeHead, train_idx, val_idx) -> dict:
+    """Keep a sample of the training rows' pooled features in the head, and the threshold that keeps
+    ``known_share`` of held-out rows known; {unknown_threshold, known_rows, ...}."""
+    if not cfg.unknown_rows:
+        return {}
+    train_idx = np.asarray(train_idx)
+    if len(train_idx) > cfg.unknown_rows:  # read only the rows kept
+        train_idx = np.sort(np.random.default_rng(cfg.seed).choice(train_idx, cfg.unknown_rows, replace=False))
+    avg = CacheViews(rows, train_idx, cfg.block_rows)["avg"]
+    known = sample_rows(avg, 0, cfg.seed)
+    val_scores = scores_np(CacheViews(rows, val_idx, cfg.block_rows)["avg"], known, cfg.unknown_k)
+    threshold = threshold_for(np.concatenate([val_scores, held_out_scores(avg, known, cfg.unknown_k)]),
+                              cfg.known_share)
+    head.set_unknown(torch.from_numpy(known), cfg.unknown_k, threshold)
+    head.to(head.linear.weight.device)
+    log.info("unknown score: %d training rows kept (%.1f MB), k = %d, threshold %.4f keeps %.1f%% of %d val rows",
+             len(known), known.nbytes / 1e6, cfg.unknown_k, threshold, 100 * (val_scores <= threshold).mean(),
+             len(val_scores))
+    return {"unknown_threshold": threshold, "known_rows": int(len(known)), "known_rows_bytes": int(known.nbytes),
+            "unknown_k": cfg.unknown_k, "known_share": cfg.known_share,
+            "val_known_kept": float((val_scores <= threshold).mean())}
 
 
 def fit_head(cfg: FitHeadConfig) -> dict:
@@ -311,6 +378,7 @@ def fit_head(cfg: FitHeadConfig) -> dict:
             with FeatureCache(test_cache_for(cfg, cache)) as tc:
                 test = {**scores(head, tc, np.arange(tc.n), device, cfg.block_rows), "cache": str(tc.path),
                         "overlap": overlap(cache, train_idx, tc)}
+            test["calibration"] = before_after(test.pop("logp"), test.pop("labels"), fit.trust["temperature"])
             if test["overlap"]:
                 log.warning("%d test images have the same content as training images (e.g. %s): the test "
                             "accuracy counts them", len(test["overlap"]), ", ".join(test["overlap"][:3]))
@@ -320,21 +388,25 @@ def fit_head(cfg: FitHeadConfig) -> dict:
                    **({"train_acc": history[best_epoch - 1]["train_acc"],
                        "train_loss": history[best_epoch - 1]["train_loss"]} if history else {}),
                    **({"test_acc": test["acc"], "test_loss": test["loss"]} if test else {}),
-                   **({"cv_acc": tuning["cv_acc"], "cv_log_loss": tuning["cv_log_loss"]} if tuning else {})}
+                   **({"cv_acc": tuning["cv_acc"], "cv_log_loss": tuning["cv_log_loss"]} if tuning else {}),
+                   **({"test_ece": test["calibration"]["after"]["ece"],
+                       "test_ece_uncalibrated": test["calibration"]["before"]["ece"]} if test else {}),
+                   **{k: fit.trust[k] for k in ("temperature", "unknown_threshold") if k in fit.trust}}
         ckpt = {
             "kind": "fit-head", **Provenance.from_cache_attrs(cache.attrs).checkpoint_fields(),
             "state_dict": head.checkpoint()["state_dict"], "head": head.config,
             "in_shape": list(cache.feature_shape), "dropout": cfg.dropout, "config": asdict(cfg),
             "cache": str(path), "cache_fingerprint": cache.attrs["fingerprint"], "metrics": metrics,
-            "best_epoch": best_epoch, "tuning": tuning, **_int8_network(path),
+            "best_epoch": best_epoch, "tuning": tuning, "trust": fit.trust, **_int8_network(path),
         }
         atomic_write(out_dir / "head.pt", lambda tmp: torch.save(ckpt, tmp))
     curves = finish_run(out_dir, cfg.runs_dir, "fit-head", history, [out_dir / "head.pt"], cache=str(path),
                         params={**asdict(cfg), **({"tuned": tuning["choice"]} if tuning else {})}, metrics=metrics)
     return {"cache": str(path), "run_dir": str(out_dir), "checkpoint": str(out_dir / "head.pt"),
             "curves": str(curves) if curves else None, "head": head.describe(),
-            "train_rows": int(len(train_idx)), "val_rows": int(len(val_idx)), **metrics,
-            "per_class_val_acc": val["per_class"], "best_epoch": best_epoch, "fit_seconds": fit_seconds,
+            "train_rows": int(len(train_idx)), "val_rows": int(len(val_idx)), **fit.trust, **metrics,
+            "per_class_val_acc": val["per_class"], "best_epoch": best_epoch, "trust": fit.trust,
+            "fit_seconds": fit_seconds,
             "history": history, "tuning": tuning, "test": test, "fit_info": _plain(info),
             "source_changed": changed, "default_cache": default_cache}
 
@@ -344,6 +416,16 @@ def _int8_network(cache_path) -> dict:
     quantised network the head's rows came from, not the float one."""
     observers = read_int8_observers(cache_path)
     return {"int8_observers": {k: torch.from_numpy(np.asarray(v)) for k, v in observers.items()}} if observers else {}
+
+
+def trust_lines(trust: dict) -> list[str]:
+    """The temperature and the unknown threshold as a person reads them (fit-head, train, finetune)."""
+    lines = [f"temperature {trust['temperature']:.3f} (fitted on {trust['calibration_rows']} rows: "
+             f"{trust['calibrated_on']})" if trust.get("calibration_rows") else "temperature 1 (not calibrated)"]
+    if "unknown_threshold" in trust:
+        lines.append(f"unknown above score {trust['unknown_threshold']:.4f} (keeps {trust['known_share']:.0%} of "
+                     f"held-out photos; {trust['known_rows']} training rows kept, {trust['known_rows_bytes'] / 1e6:.1f} MB)")
+    return lines
 
 
 def _plain(info: dict) -> dict:
@@ -363,11 +445,14 @@ def format_result(r: dict) -> str:
         t = r["tuning"]
         lines.append(f"{t['folds']}-fold CV on the training rows: acc {t['cv_acc']:.3f} ± {t['cv_acc_std']:.3f}, "
                      f"log-loss {t['cv_log_loss']:.4f}")
+    lines += trust_lines(r["trust"])
     if r["test"]:
         t = r["test"]
         per = ", ".join(f"{c} {a:.3f}" for c, a in t["per_class"].items() if a is not None)
+        cal = t["calibration"]
         lines += [f"test acc {t['acc']:.3f}, test loss {t['loss']:.4f} ({t['rows']} images of {t['cache']})",
-                  f"per-class test acc: {per}"]
+                  f"per-class test acc: {per}",
+                  f"test ECE {cal['after']['ece']:.4f} calibrated, {cal['before']['ece']:.4f} without the temperature"]
         if t["overlap"]:
             lines.append(f"warning: {len(t['overlap'])} test images are copies of training images")
     lines.append(f"checkpoint: {r['checkpoint']}")

@@ -34,14 +34,18 @@ class ProbeHead(nn.Module):
     Input: (B, C, H, W) features as the cache stores them (any float dtype: cast to the head's).
     Output: (B, classes) log-probabilities. All numbers live in ``state_dict`` (buffers
     ``norm_rms`` / ``norm_mean`` + ``norm_std``, ``landmarks`` (+ ``kernel_norm``), the Linear);
-    ``config`` is plain Python. ``checkpoint()`` / ``from_checkpoint()`` round-trip through
+    ``config`` is plain Python. Two optional parts, present once set (older checkpoints lack them and load
+    as before): ``temperature`` divides the logits (``set_temperature``: calibration), and ``known_rows``
+    + ``unknown_threshold`` score how unlike the training photos an input is (``set_unknown``, ``scores``).
+    ``checkpoint()`` / ``from_checkpoint()`` round-trip through
     ``torch.save`` / ``torch.load(weights_only=True)``. With view 'flat', normalisation 'none'
     and no kernel it computes exactly the tutorial's Flatten + Linear(C*H*W) + LogSoftmax.
     """
 
     def __init__(self, in_shape, n_classes: int, view: str = "flat", normalize: str = "none",
                  kernel_components: int = 0, gamma: Optional[float] = None, dropout: float = 0.0,
-                 dtype=None, kernel_norm: bool = True):
+                 dtype=None, kernel_norm: bool = True, temperature: bool = False, known_rows: int = 0,
+                 unknown_k: int = 10):
         super().__init__()
         self.in_shape = tuple(int(s) for s in in_shape)
         check_view(view, self.in_shape)
@@ -74,6 +78,11 @@ class ProbeHead(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.linear = nn.Linear(self.kernel_components or d, self.n_classes, dtype=dtype)
         self.log_softmax = nn.LogSoftmax(dim=1)
+        self.unknown_k = int(unknown_k)
+        if temperature:
+            self.set_temperature(1.0)
+        if known_rows:
+            self.set_unknown(torch.zeros(int(known_rows), self.in_shape[0], dtype=torch.float16), unknown_k, 0.0)
 
     # -- the plain description ------------------------------------------------------------
     @property
@@ -82,11 +91,14 @@ class ProbeHead(nn.Module):
                 "n_classes": self.n_classes, "view": self.view, "normalize": self.normalize,
                 "kernel": "rbf" if self.kernel_components else None,
                 "kernel_components": self.kernel_components, "gamma": self.gamma, "dropout": self.dropout_p,
-                "kernel_norm": self.kernel_norm_separate}
+                "kernel_norm": self.kernel_norm_separate, "temperature": self.calibrated,
+                "known_rows": len(self.known_rows) if self.has_unknown else 0, "unknown_k": self.unknown_k}
 
     def describe(self) -> str:
         k = f", RBF Nystroem m={self.kernel_components} gamma={self.gamma:.4g}" if self.kernel_components else ""
-        return f"ProbeHead(view={self.view}, normalize={self.normalize}{k}, classes={self.n_classes})"
+        t = f", T={float(self.temperature):.3g}" if self.calibrated else ""
+        u = f", unknown: {len(self.known_rows)} rows k={self.unknown_k}" if self.has_unknown else ""
+        return f"ProbeHead(view={self.view}, normalize={self.normalize}{k}, classes={self.n_classes}{t}{u})"
 
     def checkpoint(self) -> dict:
         """{"config": plain dict, "state_dict": CPU tensors}: what a head.pt needs to rebuild this head."""
@@ -100,7 +112,9 @@ class ProbeHead(nn.Module):
                              f"version {config.get('version')!r}; this code reads version {CONFIG_VERSION})")
         head = cls(config["in_shape"], config["n_classes"], config["view"], config["normalize"],
                    config.get("kernel_components") or 0, config.get("gamma"), config.get("dropout", 0.0),
-                   dtype=state_dict["linear.weight"].dtype, kernel_norm=config.get("kernel_norm", True))
+                   dtype=state_dict["linear.weight"].dtype, kernel_norm=config.get("kernel_norm", True),
+                   temperature=bool(config.get("temperature")), known_rows=int(config.get("known_rows") or 0),
+                   unknown_k=int(config.get("unknown_k") or 10))
         head.load_state_dict(state_dict)
         return head
 
@@ -144,6 +158,43 @@ class ProbeHead(nn.Module):
             if self.kernel_norm_separate:
                 self.kernel_norm.copy_(torch.as_tensor(kernel_norm))
 
+    @property
+    def calibrated(self) -> bool:
+        return hasattr(self, "temperature")
+
+    @property
+    def has_unknown(self) -> bool:
+        return hasattr(self, "known_rows")
+
+    def set_temperature(self, t: float) -> None:
+        """Divide the logits by ``t`` from now on (1 = the fitted head unchanged)."""
+        if not (t > 0 and np.isfinite(t)):
+            raise ValueError(f"a temperature must be a positive number, got {t}")
+        value = torch.tensor(float(t), dtype=self.linear.weight.dtype, device=self.linear.weight.device)
+        if self.calibrated:
+            self.temperature = value
+        else:
+            self.register_buffer("temperature", value)
+
+    def set_unknown(self, known_rows, k: int, threshold: float) -> None:
+        """Keep ``known_rows`` ((N, C) l2-normalised pooled training rows, float16) and the score above which
+        an input is unknown (``unknown_score``)."""
+        rows = torch.as_tensor(known_rows).to(torch.float16)
+        if rows.dim() != 2 or rows.shape[1] != self.in_shape[0] or not len(rows):
+            raise ValueError(f"known rows must be (N >= 1, {self.in_shape[0]}), got {tuple(rows.shape)}")
+        self.unknown_k = int(k)
+        threshold = torch.tensor(float(threshold), dtype=torch.float64)
+        for name, value in (("known_rows", rows), ("unknown_threshold", threshold)):
+            if hasattr(self, name):
+                delattr(self, name)
+            self.register_buffer(name, value)
+
+    def reset_trust(self) -> None:
+        """Forget the temperature and the unknown score (fine-tuning changes what they were fitted on)."""
+        for name in ("temperature", "known_rows", "unknown_threshold"):
+            if hasattr(self, name):
+                delattr(self, name)
+
     def set_linear(self, weight, bias) -> None:
         with torch.no_grad():
             self.linear.weight.copy_(torch.as_tensor(weight))
@@ -177,11 +228,36 @@ class ProbeHead(nn.Module):
         return self.kernel_map(z) if self.kernel_components else z
 
     def classify(self, z):
-        """Log-probabilities from embedded rows (what ``train_linear`` optimises)."""
-        return self.log_softmax(self.linear(self.dropout(z)))
+        """Log-probabilities from embedded rows (what ``train_linear`` optimises), at the temperature if set."""
+        logits = self.linear(self.dropout(z))
+        return self.log_softmax(logits / self.temperature if self.calibrated else logits)
 
     def forward(self, x):
         return self.classify(self.embed(x))
+
+    def scores(self, x):
+        """(log-probabilities, unknown score or None) of raw (B, C, H, W) maps: one pass, two answers."""
+        from .unknown_score import knn_distance, pooled_rows
+
+        logp = self(x)
+        if not self.has_unknown:
+            return logp, None
+        return logp, knn_distance(pooled_rows(x), self._known_float32(), self.unknown_k)
+
+    def _known_float32(self):
+        """``known_rows`` widened once (per device) and kept: widening 25,000 rows on every call cost
+        20 ms a photo; the float32 copy is not saved (the checkpoint keeps float16)."""
+        rows = self.known_rows
+        cached = getattr(self, "_known_cache", None)
+        if cached is None or cached[0] is not rows:
+            cached = self._known_cache = (rows, rows.float())
+        return cached[1]
+
+    def log_proba_of_rows(self, rows) -> np.ndarray:
+        """Log-probabilities of (N, d) rows of this head's view (not raw maps), as a float64 array."""
+        with torch.no_grad():
+            z = self.norm(torch.as_tensor(np.asarray(rows)).to(self.linear.weight.dtype))
+            return self.classify(self.kernel_map(z) if self.kernel_components else z).double().cpu().numpy()
 
 
 # -- scikit-learn -> ProbeHead -------------------------------------------------------------------

@@ -27,11 +27,11 @@ from ..extraction import backbones as bb
 from ..extraction.inference import run_batches
 from ..files import atomic_write, check_output, is_utf8, one_line, shown
 from ..progress import progress
-from .whole_models import load_model, network
+from .whole_models import load_model, network, split_extras
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ("path", "class", "probability", "error")
+COLUMNS = ("path", "class", "probability", "unknown", "ood_score", "error")
 
 
 def list_inputs(paths) -> list[str]:
@@ -71,15 +71,22 @@ def iter_log_proba(model, transform, files: list[str], batch_size: int, workers:
 
 
 def iter_predictions(lm, model, files: list[str], batch_size: int, workers: int) -> Iterator[dict]:
-    """One row per file, in order: {path, class, probability, error}; ``model`` is ``network(lm, ...)``."""
+    """One row per file, in order: {path, class, probability, unknown, ood_score, error}. ``class`` is the
+    best class even when the photo looks like none of them (``unknown``: its ``ood_score`` is above the
+    threshold); both are None for a model without an unknown score. ``model`` is ``network(lm, ...)``."""
 
     classes = lm.classes
-    for item, logp in iter_log_proba(model, lm.transform, files, batch_size, workers):
-        if logp is None:
-            yield {"path": item.path, "class": None, "probability": None, "error": item.error}
+    threshold = float(lm.model.head.unknown_threshold) if lm.model.head.has_unknown else None
+    for item, out in iter_log_proba(model, lm.transform, files, batch_size, workers):
+        if out is None:
+            yield {"path": item.path, "class": None, "probability": None, "unknown": None, "ood_score": None,
+                   "error": item.error}
             continue
+        logp, ood = split_extras(out, len(classes))
         best = int(logp.argmax())
-        yield {"path": item.path, "class": classes[best], "probability": float(np.exp(logp[best])), "error": None}
+        yield {"path": item.path, "class": classes[best], "probability": float(np.exp(logp[best])),
+               "unknown": None if ood is None else bool(ood > threshold),
+               "ood_score": None if ood is None else round(float(ood), 6), "error": None}
 
 
 def format_rows(rows: list[dict], fmt: str) -> str:
@@ -94,10 +101,12 @@ def format_rows(rows: list[dict], fmt: str) -> str:
     # one row a line whatever the names hold: cells escaped as files.one_line (csv and json quote their own)
     cells = [{k: one_line(str(r[k])) if r[k] is not None else "" for k in ("path", "class", "error")} for r in rows]
     width = max([len("path")] + [len(c["path"]) for c in cells])
-    lines = [f"{'path':<{width}}  {'class':<16} {'probability':>11}  error"]
+    lines = [f"{'path':<{width}}  {'class':<16} {'probability':>11}  {'unknown':<7}  {'ood_score':>9}  error"]
     for r, c in zip(rows, cells):
         prob = "" if r["probability"] is None else f"{r['probability']:.4f}"
-        lines.append(f"{c['path']:<{width}}  {c['class']:<16} {prob:>11}  {c['error']}")
+        unknown = "" if r.get("unknown") is None else ("yes" if r["unknown"] else "no")
+        ood = "" if r.get("ood_score") is None else f"{r['ood_score']:.4f}"
+        lines.append(f"{c['path']:<{width}}  {c['class']:<16} {prob:>11}  {unknown:<7}  {ood:>9}  {c['error']}")
     return "\n".join(lines)
 
 
@@ -139,7 +148,7 @@ def predict(cfg: PredictConfig) -> dict:
     seconds = time.time() - t0
     errors = sum(r["error"] is not None for r in rows)
     return {"model": cfg.model, "kind": lm.kind, "classes": lm.classes,
-            "images": len(rows), "errors": errors, "output": cfg.output, "seconds": seconds,
+            "images": len(rows), "errors": errors, "unknown": sum(bool(r["unknown"]) for r in rows), "output": cfg.output, "seconds": seconds,
             "img_per_s": len(rows) / seconds if seconds > 0 else 0.0, "rows": rows}
 
 

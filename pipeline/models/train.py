@@ -27,16 +27,29 @@ from ..data.image_reader import ImageListDataset, collate_items, item_loader, it
 from ..devices import resolve_device, resolve_precision, resolve_workers
 from ..errors import UsageError
 from ..extraction.inference import Inference, run_batches
+from ..heads.calibration import fit_temperature
 from ..heads.epoch_loop import check_lr, per_class_accuracy, run_epochs, split_indices, train_one_epoch, validate_training
+from ..heads.fit_head import validate_trust
+from ..heads.unknown_score import held_out_scores, sample_rows, scores_np, threshold_for
 from ..progress import progress
 from ..runs.run_folders import finish_run, new_run_dir
-from .whole_models import build_model, count_params, load_model, parse_unfreeze, read_checkpoint, save_model
+from .whole_models import (
+    WithExtras,
+    build_model,
+    count_params,
+    load_model,
+    parse_unfreeze,
+    read_checkpoint,
+    save_model,
+    split_extras,
+)
 
 log = logging.getLogger(__name__)
 
 
 def validate(cfg: TrainConfig) -> None:
     validate_training(cfg, positive=("epochs", "batch_size"), non_negative=("n", "print_every"))
+    validate_trust(cfg, ("val", "none"))
     if isinstance(cfg, FinetuneConfig):
         if cfg.backbone_lr is not None:
             check_lr("--backbone-lr", cfg.backbone_lr)
@@ -119,6 +132,54 @@ def evaluate(model, val_loader, batch_size: int, skipped: _Skipped
     return float((pred == y).mean()), loss_sum / len(y), y, pred
 
 
+def _outputs(model, loader, n_classes: int, batch_size: int, skipped: _Skipped):
+    """Log-probabilities, pooled normalised features and labels of a loader's images (one pass of a
+    ``WithExtras(model, 'pooled')`` Inference)."""
+    logps, pooled, ys = [], [], []
+    for batch, out in run_batches(model, iter_items(loader), batch_size):
+        skipped.add(batch.bad)
+        if out is not None:
+            logp, rows = split_extras(out, n_classes)
+            logps.append(logp)
+            pooled.append(rows)
+            ys.append(np.array([g.label for g in batch.good]))
+    if not ys:
+        raise UsageError("no image could be decoded")
+    return np.concatenate(logps), np.concatenate(pooled), np.concatenate(ys)
+
+
+def fit_trust(cfg: TrainConfig, model, device, precision, listing, train_idx, val_loader, transform,
+              skipped: _Skipped) -> dict:
+    """The temperature (from the validation images) and the unknown score (pooled features of a seeded
+    sample of ``unknown_rows`` training images, one more pass over them; the threshold from the validation
+    images and the kept training images against the others), set on ``model.head``."""
+    head, n_classes = model.head, len(listing.classes)
+    extras = Inference(WithExtras(model, "pooled"), device, precision, freeze=False)
+    logp, val_pooled, y = _outputs(extras, val_loader, n_classes, cfg.batch_size, skipped)
+    trust = {"temperature": 1.0, "calibration_rows": 0, "calibrated_on": "none"}
+    if cfg.calibrate == "val":
+        t = fit_temperature(logp, y)
+        head.set_temperature(t)
+        trust = {"temperature": t, "calibration_rows": int(len(y)), "calibrated_on": "val"}
+    if cfg.unknown_rows:
+        keep = np.asarray(train_idx)
+        if len(keep) > cfg.unknown_rows:
+            keep = np.sort(np.random.default_rng(cfg.seed).choice(keep, cfg.unknown_rows, replace=False))
+        loader = _loader(listing.root, [(listing.files[i].path, listing.files[i].label) for i in keep], transform,
+                         cfg, shuffle=False)
+        train_pooled = _outputs(extras, loader, n_classes, cfg.batch_size, skipped)[1]
+        known = sample_rows(train_pooled, 0, cfg.seed)
+        threshold = threshold_for(np.concatenate([scores_np(val_pooled, known, cfg.unknown_k),
+                                                  held_out_scores(train_pooled, known, cfg.unknown_k)]),
+                                  cfg.known_share)
+        head.set_unknown(torch.from_numpy(known), cfg.unknown_k, threshold)
+        trust.update({"unknown_threshold": threshold, "known_rows": int(len(known)),
+                      "known_rows_bytes": int(known.nbytes), "unknown_k": cfg.unknown_k,
+                      "known_share": cfg.known_share})
+    head.to(device)
+    return trust
+
+
 def _to_stderr(bar):
     """The bar's ``write`` aimed at stderr: tqdm's goes to stdout, where --json output must stay alone."""
 
@@ -195,6 +256,7 @@ def _fit(cfg: TrainConfig, kind: str, lm, stages: list, listing, head_saw: froze
     items = [(f.path, f.label) for f in listing.files]
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
+    lm.model.head.reset_trust()  # a starting head's temperature and known rows describe other features
     model = lm.model.to(device, memory_format=torch.channels_last)
     train_loader = _loader(listing.root, [items[i] for i in train_idx], train_transform(lm.transform, cfg.augment),
                            cfg, shuffle=True)
@@ -230,8 +292,9 @@ def _fit(cfg: TrainConfig, kind: str, lm, stages: list, listing, head_saw: froze
     seconds = time.time() - t0
     y_val, seen = state["y_val"], state["seen"]
     per_class = per_class_accuracy(y_val, state["pred"], lm.classes)
+    trust = fit_trust(cfg, model, device, precision, listing, train_idx, val_loader, lm.transform, skipped)
     metrics = {**history[-1], "per_class_val_acc": per_class, "train_rows": int(seen), "val_rows": int(len(y_val)),
-               "skipped": len(skipped.files), "val_left_out_seen_by_head": len(left_out)}
+               "skipped": len(skipped.files), "val_left_out_seen_by_head": len(left_out), **trust}
     out_dir = new_run_dir(cfg.runs_dir, kind)
     lm.model.to("cpu")
     save_model(lm, out_dir / "model.pt", kind, asdict(cfg), metrics, history)

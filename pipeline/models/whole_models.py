@@ -30,6 +30,7 @@ from ..extraction import backbones as bb
 from ..extraction.inference import mirror_mean
 from ..files import atomic_write
 from ..heads.probe_heads import ProbeHead
+from ..heads.unknown_score import pooled_rows
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +63,20 @@ class TransferModel(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1) if pool == "avg" else nn.Identity()
         self.head = head if head is not None else build_head(in_shape, n_classes, dropout)  # a ProbeHead
 
-    def forward(self, x):
-        f = self.pool(mirror_mean(self.features, x) if self.flip else self.features(x))
-        # the head in full precision even under bf16/fp16 autocast: it then computes exactly what it
-        # computes on cached features (fit-head, evaluate --cache), and a float64 sklearn head stays float64
+    def head_input(self, x):
+        """What the head sees: the backbone's (pooled) features of images ``x``."""
+        return self.pool(mirror_mean(self.features, x) if self.flip else self.features(x))
+
+    def on_features(self, fn, f):
+        """``fn(f)`` in full precision even under bf16/fp16 autocast: the head then computes exactly what it
+        computes on cached features (fit-head, evaluate --cache), and a float64 sklearn head stays float64."""
         if f.device.type not in ("cpu", "cuda"):  # the meta device (summary) has no autocast
-            return self.head(f.float())
+            return fn(f.float())
         with torch.autocast(f.device.type, enabled=False):
-            return self.head(f.float())
+            return fn(f.float())
+
+    def forward(self, x):
+        return self.on_features(self.head, self.head_input(x))
 
     def blocks(self) -> list:
         """The backbone's blocks, first to last (VGG conv stages, ResNet stem + layer1..4, features[i])."""
@@ -99,6 +106,35 @@ class TransferModel(nn.Module):
                 if isinstance(m, _BatchNorm) and not any(p.requires_grad for p in m.parameters()):
                     m.eval()
         return self
+
+
+class WithExtras(nn.Module):
+    """A TransferModel whose output is its log-probabilities followed by more columns, from the same
+    forward pass: the unknown score (``extra='unknown'``, one column, only when the head has one) or the
+    pooled, l2-normalised features the unknown score compares (``extra='pooled'``, C columns)."""
+
+    def __init__(self, model: TransferModel, extra: str = "unknown"):
+        super().__init__()
+        self.model, self.extra = model, extra
+
+    def forward(self, x):
+        def run(f):
+            if self.extra == "pooled":
+                logp = self.model.head(f)
+                return torch.cat([logp, pooled_rows(f).to(logp.dtype)], 1)
+            logp, ood = self.model.head.scores(f)
+            return logp if ood is None else torch.cat([logp, ood[:, None].to(logp.dtype)], 1)
+
+        return self.model.on_features(run, self.model.head_input(x))
+
+
+def split_extras(out, n_classes: int):
+    """(log-probabilities, the extra columns or None) of a ``WithExtras`` output (one row or a batch);
+    one extra column comes back as a (N,) vector (or a number for one row)."""
+    logp, extra = out[..., :n_classes], out[..., n_classes:]
+    if extra.shape[-1] == 0:
+        return logp, None
+    return logp, extra[..., 0] if extra.shape[-1] == 1 else extra
 
 
 def parse_unfreeze(value) -> int:
@@ -363,10 +399,12 @@ def _cache_int8_network(ckpt: dict, loaded, path):
     return FrozenGraph(int8_network(loaded.features, observers, (3, crop, crop)))
 
 
-def network(lm: LoadedModel, device: str, precision: str):
+def network(lm: LoadedModel, device: str, precision: str, extra: str = "unknown"):
     """``lm`` as ``Inference`` runs it, on the device and precision asked for: the one place that decides,
-    so predict, evaluate and the API run the same network. An int8-cache head runs its int8 network on the
-    CPU whatever the precision asked for (another precision would give other rows than the head saw)."""
+    so predict, evaluate and the API run the same network. Its output is ``WithExtras(lm.model, extra)``'s
+    (log-probabilities, then the unknown score when the head has one: ``split_extras``). An int8-cache
+    head runs its int8 network on the CPU whatever the precision asked for (another precision would give
+    other rows than the head saw)."""
     from ..devices import resolve_device, resolve_precision
     from ..extraction.inference import Inference
 
@@ -377,6 +415,6 @@ def network(lm: LoadedModel, device: str, precision: str):
                              f"use --device cpu or auto, not {device!r}")
         if precision not in ("auto", "int8"):
             log.info("precision %s not used: the head runs its cache's int8 network", precision)
-        return Inference(lm.model, dev, "int8")
+        return Inference(WithExtras(lm.model, extra), dev, "int8")
     dev = resolve_device(device)
-    return Inference(lm.model, dev, resolve_precision(precision, dev))
+    return Inference(WithExtras(lm.model, extra), dev, resolve_precision(precision, dev))

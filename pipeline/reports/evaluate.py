@@ -13,7 +13,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
@@ -28,10 +28,11 @@ from ..errors import UsageError
 from ..extraction.inference import run_batches
 from ..files import atomic_write, require_folder, writing
 from ..heads.epoch_loop import split_indices
-from ..heads.fit_head import evaluate_head
-from ..models.whole_models import head_from_checkpoint, load_model, network, read_checkpoint
+from ..heads.cache_views import head_scores
+from ..heads.calibration import before_after, reliability_bins, without_temperature
+from ..models.whole_models import head_from_checkpoint, load_model, network, read_checkpoint, split_extras
 from ..progress import progress
-from ..runs.figures import confusion_matrix_figure, gallery_figure, save
+from ..runs.figures import confusion_matrix_figure, gallery_figure, reliability_figure, save
 from ..runs.run_folders import finish_run, new_run_dir
 
 log = logging.getLogger(__name__)
@@ -44,10 +45,17 @@ class Predictions:
     classes: list  # class names, the model's order
     root: Path  # image paths are relative to this folder
     paths: list  # one per row
-    labels: np.ndarray  # (N,) true class indices
-    logp: np.ndarray  # (N, classes) log-probabilities
+    labels: np.ndarray  # (N,) true class indices; -1 for photos of none of the classes (a foreign folder)
+    logp: np.ndarray  # (N, classes) log-probabilities (calibrated: at the head's temperature)
     source: str  # what was evaluated, in words
     cache_fingerprint: str = ""  # of the cache evaluated on, if any
+    ood: Optional[np.ndarray] = None  # (N,) unknown scores, when the head has them
+    threshold: Optional[float] = None  # above it a photo counts as unknown
+    temperature: float = 1.0  # the head's; 1 for a head fitted before calibration existed
+
+    @property
+    def foreign(self) -> bool:
+        return bool(len(self.labels)) and bool((self.labels < 0).all())
 
 
 Predictor = Callable[[str, dict, EvaluateConfig], Predictions]
@@ -62,6 +70,12 @@ def register_predictor(kind: str, source: str, fn: Predictor) -> None:
 # -- predictors ----------------------------------------------------------------------------------
 def _head(model_path: str, ckpt: dict, device):
     return head_from_checkpoint(ckpt, ckpt["state_dict"], model_path).to(device).eval()
+
+
+def _trust(head) -> dict:
+    """The Predictions fields a head's calibration and unknown score fill in."""
+    return {"temperature": float(head.temperature) if head.calibrated else 1.0,
+            "threshold": float(head.unknown_threshold) if head.has_unknown else None}
 
 
 def _check_cache_fits(ckpt: dict, cache) -> None:
@@ -92,26 +106,34 @@ def head_on_cache(model_path: str, ckpt: dict, cfg: EvaluateConfig) -> Predictio
                             "images; use --split all on a held-out cache", path)
         else:
             rows = np.arange(cache.n)
-        _, _, logp = evaluate_head(_head(model_path, ckpt, device), cache, rows, device, cfg.block_rows)
+        head = _head(model_path, ckpt, device)
+        logp, ood = head_scores(head, cache, rows, device, cfg.block_rows)
         rows = np.sort(rows)
         paths = cache.paths
         return Predictions(list(cache.classes), Path(cache.attrs["data_root"]), [paths[i] for i in rows],
-                           cache.labels[rows], logp, f"{cfg.split} rows of {path}", cache.attrs["fingerprint"])
+                           cache.labels[rows], logp, f"{cfg.split} rows of {path}", cache.attrs["fingerprint"],
+                           ood=ood, **_trust(head))
 
 
-def predict_folder(data: str, classes: list, transform, model, cfg: EvaluateConfig) -> Predictions:
-    """Every decodable image of an ImageFolder through ``model`` (an ``inference.Inference``).
+def predict_folder(data: str, classes: list, transform, model, cfg: EvaluateConfig, head=None) -> Predictions:
+    """Every decodable image of an ImageFolder through ``model`` (an ``inference.Inference``; of a
+    ``WithExtras`` model when ``head`` is given, whose unknown score and temperature then come along).
 
-    The folder's classes must be among the model's ``classes`` (matched by name); unreadable
-    images are skipped with a warning.
+    The folder's classes must be among the model's ``classes`` (matched by name), or none of them (a
+    folder of foreign photos: then only the share flagged unknown is measured); unreadable images are
+    skipped with a warning.
     """
 
-    listing = list_image_folder(data)
+    listing = list_image_folder(data, min_classes=1)
     unknown = [c for c in listing.classes if c not in classes]
-    if unknown:
+    foreign = len(unknown) == len(listing.classes) and head is not None and head.has_unknown
+    if unknown and not foreign:
         raise UsageError(f"data folder {data!r} has classes {unknown} the model does not know; "
                          f"its classes: {', '.join(classes)}")
-    to_model = [classes.index(c) for c in listing.classes]
+    if foreign:
+        log.info("none of the classes of %s is the model's: measuring how many of its photos are flagged unknown",
+                 data)
+    to_model = [-1 if foreign else classes.index(c) for c in listing.classes]
     items = read_items(ImageListDataset(listing.root, [(f.path, to_model[f.label]) for f in listing.files],
                                         transform), resolve_workers(cfg.workers))
     paths, labels, out = [], [], []
@@ -126,15 +148,18 @@ def predict_folder(data: str, classes: list, transform, model, cfg: EvaluateConf
                 labels.extend(g.label for g in batch.good)
     if not paths:
         raise UsageError(f"no image in {data} could be decoded")
-    return Predictions(list(classes), listing.root, paths, np.array(labels, np.int64), np.concatenate(out),
-                       f"images of {data}")
+    logp, ood = split_extras(np.concatenate(out), len(classes))
+    trust = _trust(head) if head is not None else {}
+    return Predictions(list(classes), listing.root, paths, np.array(labels, np.int64), logp,
+                       f"images of {data}", ood=ood if trust.get("threshold") is not None else None, **trust)
 
 
 def model_on_folder(model_path: str, ckpt: dict, cfg: EvaluateConfig) -> Predictions:
     """Any checkpoint (fit-head head + its backbone, or a train/finetune model) on raw images."""
 
     lm = load_model(model_path, cfg.weights)
-    return predict_folder(cfg.data, lm.classes, lm.transform, network(lm, cfg.device, cfg.precision), cfg)
+    return predict_folder(cfg.data, lm.classes, lm.transform, network(lm, cfg.device, cfg.precision), cfg,
+                          lm.model.head)
 
 
 register_predictor("fit-head", "cache", head_on_cache)
@@ -143,9 +168,30 @@ for _kind in ("fit-head", "train", "finetune"):
 
 
 # -- the report ----------------------------------------------------------------------------------
-def summarize(pred: Predictions, top_k: int) -> dict:
-    """Accuracy, mean NLL, per-class precision/recall/F1, confusion counts and the most confident errors."""
+def unknown_report(pred: Predictions) -> dict:
+    """How many photos the unknown score flags (none when the model has no unknown score)."""
+    if pred.ood is None:
+        return {"unknown": None}
+    flagged = pred.ood > pred.threshold
+    return {"unknown": {"threshold": pred.threshold, "flagged": int(flagged.sum()),
+                        "share": float(flagged.mean()), "median_score": float(np.median(pred.ood))}}
 
+
+def summarize_foreign(pred: Predictions) -> dict:
+    """Photos of none of the model's classes: the share flagged unknown, and what the rest were called."""
+    best = pred.logp.argmax(1)
+    top = np.exp(pred.logp.max(1))
+    return {"rows": int(len(best)), "foreign": True, "classes": list(pred.classes), **unknown_report(pred),
+            "called": {c: int((best == i).sum()) for i, c in enumerate(pred.classes)},
+            "median_top_probability": float(np.median(top))}
+
+
+def summarize(pred: Predictions, top_k: int) -> dict:
+    """Accuracy, mean NLL, per-class precision/recall/F1, confusion counts, the most confident errors,
+    calibration before and after the temperature, and the share flagged unknown."""
+
+    if pred.foreign:
+        return summarize_foreign(pred)
     k = len(pred.classes)
     y, p = pred.labels, pred.logp.argmax(1)
     precision, recall, f1, support = precision_recall_fscore_support(y, p, labels=range(k), zero_division=0)
@@ -162,6 +208,10 @@ def summarize(pred: Predictions, top_k: int) -> dict:
         "wrong": [{"path": pred.paths[i], "true": pred.classes[y[i]], "pred": pred.classes[p[i]],
                    "prob": float(np.exp(pred.logp[i, p[i]]))} for i in worst],
         "errors": int(len(wrong)),
+        "calibration": {**before_after(pred.logp, y, pred.temperature),
+                        "bins": reliability_bins(pred.logp, y),
+                        "bins_before": reliability_bins(without_temperature(pred.logp, pred.temperature), y)},
+        **unknown_report(pred),
     }
 
 
@@ -195,48 +245,77 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     pred = predictor(cfg.model, ckpt, cfg)
     result = summarize(pred, cfg.top_k)
     out_dir = new_run_dir(cfg.runs_dir, "evaluate")
-    with writing(out_dir):
-        confusion, gallery = _pictures(pred, result, out_dir)
     result.update({"model": cfg.model, "kind": ckpt["kind"], "source": pred.source, "split": cfg.split,
                    "backbone": ckpt.get("backbone", ""), "cache_fingerprint": pred.cache_fingerprint,
-                   "data_root": str(pred.root), "run_dir": str(out_dir), "confusion_png": str(confusion),
-                   "gallery_png": str(gallery)})
+                   "data_root": str(pred.root), "run_dir": str(out_dir)})
+    pictures = []
+    if not pred.foreign:
+        with writing(out_dir):
+            pictures = _pictures(pred, result, out_dir)
+        result.update(zip(("confusion_png", "gallery_png", "reliability_png"), map(str, pictures)))
     atomic_write(out_dir / "metrics.json", lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
-    finish_run(out_dir, cfg.runs_dir, "evaluate", None, [confusion, gallery], cache_fingerprint=pred.cache_fingerprint,
+    keys = ("rows",) if pred.foreign else ("accuracy", "loss", "macro_f1", "rows")
+    finish_run(out_dir, cfg.runs_dir, "evaluate", None, pictures, cache_fingerprint=pred.cache_fingerprint,
                backbone=result["backbone"], params=asdict(cfg),
-               metrics={k: result[k] for k in ("accuracy", "loss", "macro_f1", "rows")})
+               metrics={**{k: result[k] for k in keys},
+                        **({"unknown_share": result["unknown"]["share"]} if result["unknown"] else {}),
+                        **({"ece": result["calibration"]["after"]["ece"]} if "calibration" in result else {})})
     return result
 
 
 def figures(result: dict, root=None) -> dict:
-    """The evaluation's pictures as matplotlib Figures: {'confusion': ..., 'gallery': ...}.
+    """The evaluation's pictures as matplotlib Figures: {'confusion', 'gallery', 'reliability'} (none for a
+    folder of foreign photos).
 
     ``result`` is what ``summarize`` (or ``evaluate``) returned; the gallery's thumbnails are read
     from ``root`` (default: the result's ``data_root``), a missing file drawn as 'unreadable'.
     """
 
+    if result.get("foreign"):
+        return {}
     root = Path(result["data_root"] if root is None else root)
     confusion = confusion_matrix_figure(np.array(result["confusion_matrix"]), result["classes"],
                                         title=f"accuracy {result['accuracy']:.3f} on {result['rows']} images")
     items = [{**w, "image": _thumbnail(root / w["path"])} for w in result["wrong"]]
     gallery = gallery_figure(items, suptitle=f"most confidently wrong: {len(items)} of {result['errors']} errors")
-    return {"confusion": confusion, "gallery": gallery}
+    cal = result["calibration"]
+    reliability = reliability_figure(cal["bins_before"], cal["bins"], cal["before"]["ece"], cal["after"]["ece"],
+                                     cal["temperature"], title=f"reliability on {result['rows']} images")
+    return {"confusion": confusion, "gallery": gallery, "reliability": reliability}
 
 
-def _pictures(pred: Predictions, result: dict, out_dir: Path) -> tuple[Path, Path]:
-    """confusion.png and gallery.png of one evaluation."""
+def _pictures(pred: Predictions, result: dict, out_dir: Path) -> list[Path]:
+    """confusion.png, gallery.png and reliability.png of one evaluation."""
 
     figs = figures(result, pred.root)
-    return save(figs["confusion"], out_dir / "confusion.png"), save(figs["gallery"], out_dir / "gallery.png")
+    return [save(figs[name], out_dir / f"{name}.png") for name in ("confusion", "gallery", "reliability")]
+
+
+def _unknown_line(result: dict) -> list[str]:
+    u = result["unknown"]
+    if not u:
+        return []
+    return [f"unknown: {u['flagged']} of {result['rows']} photos ({u['share']:.1%}) score above {u['threshold']:.4f}"]
 
 
 def format_report(result: dict) -> str:
+    if result.get("foreign"):
+        called = ", ".join(f"{c} {n}" for c, n in result["called"].items())
+        return "\n".join(_unknown_line(result) + [
+            f"{result['rows']} photos of none of the model's classes ({result['source']}); best class: {called} "
+            f"(median top probability {result['median_top_probability']:.2f})"])
+    cal = result["calibration"]
     lines = [f"accuracy {result['accuracy']:.3f}, loss {result['loss']:.4f}, macro F1 {result['macro_f1']:.3f} "
              f"on {result['rows']} images ({result['source']})"]
     width = max(5, *(len(c) for c in result["per_class"]))
     lines.append(f"{'class':<{width}}  precision  recall     f1  support")
     for c, m in result["per_class"].items():
         lines.append(f"{c:<{width}}  {m['precision']:>9.3f}  {m['recall']:>6.3f}  {m['f1']:>5.3f}  {m['support']:>7d}")
-    lines += [f"confusion matrix: {result['confusion_png']}",
+    b, a = cal["before"], cal["after"]
+    lines += [f"calibration (T = {cal['temperature']:.3f}): ECE {b['ece']:.4f} -> {a['ece']:.4f}, log-loss "
+              f"{b['log_loss']:.4f} -> {a['log_loss']:.4f}, Brier {b['brier']:.4f} -> {a['brier']:.4f}",
+              *_unknown_line(result),
+              f"reliability diagram: {result['reliability_png']}",
+              f"confusion matrix: {result['confusion_png']}",
               f"most confidently wrong ({len(result['wrong'])} of {result['errors']}): {result['gallery_png']}"]
     return "\n".join(lines)

@@ -215,3 +215,36 @@ def denormalise(tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarr
     x = x * np.asarray(std, np.float32)[:, None, None] + np.asarray(mean, np.float32)[:, None, None]
     return np.clip(x.transpose(1, 2, 0), 0.0, 1.0)
 
+
+
+RELIABILITY_SIZE = (5.0, 6.0)
+
+
+def reliability_figure(before: dict, after: dict, ece_before: float, ece_after: float, temperature: float,
+                       title: str = "reliability") -> Figure:
+    """Accuracy against confidence per bin of the top probability, without and with the temperature
+    (``before``/``after``: ``calibration.reliability_bins``), over the rows per bin; on the diagonal,
+    "0.9" comes true 9 times in 10. Marker areas follow the bins' rows."""
+    fig = _figure(RELIABILITY_SIZE)
+    ax, bars = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+    ax.plot([0, 1], [0, 1], "--", color="0.6", label="perfectly calibrated")
+    total = max(1, sum(after["count"]))
+    edges = np.asarray(after["edges"])
+    width = edges[1] - edges[0]
+    for k, (bins, marker, label) in enumerate(((before, "o", f"T = 1 (ECE {ece_before:.3f})"),
+                                               (after, "s", f"T = {temperature:.2f} (ECE {ece_after:.3f})"))):
+        keep = [i for i, c in enumerate(bins["count"]) if c]
+        ax.scatter([bins["confidence"][i] for i in keep], [bins["accuracy"][i] for i in keep], marker=marker,
+                   s=[15 + 300 * bins["count"][i] / total for i in keep], alpha=0.6, label=label)
+        bars.bar(edges[:-1] + width * (0.25 + 0.5 * k), bins["count"], width=width / 2, alpha=0.7)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel("accuracy in the bin")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=9)
+    bars.set_yscale("log")
+    bars.set_ylabel("photos")
+    bars.set_xlabel("confidence (top probability; bins of 1/15)")
+    bars.grid(alpha=0.3)
+    return fig

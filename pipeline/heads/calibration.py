@@ -1,0 +1,127 @@
+"""Calibrated probabilities: one temperature per head, and the measures that say whether "0.9" comes true.
+
+A head's log-probabilities divided by a temperature T and normalised again keep every prediction (the
+argmax does not move) but make its confidence honest: T > 1 softens an over-confident head, T < 1
+sharpens a timid one. T is the one number that minimises the negative log-likelihood of held-out rows;
+on a few hundred photos the validation split alone is too small to pin it down (measured on cats-vs-dogs:
+T = 0.35 from 124 validation rows made the test ECE worse), so sklearn heads also use out-of-fold
+predictions of the training rows (``out_of_fold_log_proba``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import numpy as np
+from sklearn.model_selection import StratifiedKFold
+
+#: the temperatures searched (log-uniformly); beyond them a head is broken, not miscalibrated
+T_BOUNDS = (0.05, 20.0)
+ECE_BINS = 15  # equal-width bins of the top probability, the usual choice
+#: weight of a log-normal prior on T (centred on 1), in rows of evidence: where the rows say little (a
+#: few, all classified right, whose NLL only falls as T -> 0) T stays near 1 instead of running to the bound
+PRIOR_ROWS = 1.0
+
+
+def log_softmax(z: np.ndarray) -> np.ndarray:
+    z = np.asarray(z, np.float64)
+    z = z - z.max(1, keepdims=True)
+    return z - np.log(np.exp(z).sum(1, keepdims=True))
+
+
+def nll(logp: np.ndarray, y: np.ndarray) -> float:
+    return float(-logp[np.arange(len(y)), y].mean())
+
+
+def with_temperature(logp: np.ndarray, t: float) -> np.ndarray:
+    """Log-probabilities at temperature ``t`` (from log-probabilities: they are logits up to a constant)."""
+    return log_softmax(np.asarray(logp, np.float64) / t)
+
+
+def fit_temperature(logp: np.ndarray, y: np.ndarray, bounds=T_BOUNDS, prior_rows: float = PRIOR_ROWS) -> float:
+    """The T minimising the summed NLL of ``with_temperature(logp, T)`` plus ``prior_rows * log(T)^2``:
+    golden-section search on log T (the objective has one minimum)."""
+    logp, y = np.asarray(logp, np.float64), np.asarray(y, np.int64)
+    if not len(y):
+        return 1.0
+    lo, hi = math.log(bounds[0]), math.log(bounds[1])
+    f = lambda s: len(y) * nll(with_temperature(logp, math.exp(s)), y) + prior_rows * s * s  # noqa: E731
+    g = (math.sqrt(5) - 1) / 2
+    a, b = lo + (1 - g) * (hi - lo), lo + g * (hi - lo)
+    fa, fb = f(a), f(b)
+    for _ in range(60):  # the bracket shrinks by 0.618 a step: 1e-12 of its width after 60
+        if fa <= fb:
+            hi, b, fb = b, a, fa
+            a = lo + (1 - g) * (hi - lo)
+            fa = f(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + g * (hi - lo)
+            fb = f(b)
+    return float(math.exp((lo + hi) / 2))
+
+
+def calibration_metrics(logp: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> dict:
+    """Expected calibration error (``bins`` equal-width bins of the top probability, weighted by their
+    share of rows), log-loss (mean NLL) and the multi-class Brier score (mean squared error of the
+    probability vector against the one-hot label)."""
+    logp, y = np.asarray(logp, np.float64), np.asarray(y, np.int64)
+    p = np.exp(logp)
+    conf, right = p.max(1), (p.argmax(1) == y)
+    which = np.minimum((conf * bins).astype(np.int64), bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        m = which == b
+        if m.any():
+            ece += m.mean() * abs(right[m].mean() - conf[m].mean())
+    onehot = np.zeros_like(p)
+    onehot[np.arange(len(y)), y] = 1.0
+    return {"ece": float(ece), "log_loss": nll(logp, y), "brier": float(((p - onehot) ** 2).sum(1).mean())}
+
+
+def reliability_bins(logp: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> dict:
+    """Per bin of the top probability: its rows, mean confidence and accuracy (None where empty)."""
+    p = np.exp(np.asarray(logp, np.float64))
+    conf, right = p.max(1), (p.argmax(1) == np.asarray(y))
+    which = np.minimum((conf * bins).astype(np.int64), bins - 1)
+    count = np.bincount(which, minlength=bins)
+    sums = lambda v: np.bincount(which, v.astype(np.float64), minlength=bins)  # noqa: E731
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_conf, acc = sums(conf) / count, sums(right) / count
+    return {"edges": np.linspace(0, 1, bins + 1).tolist(), "count": count.tolist(),
+            "confidence": [None if c == 0 else float(v) for c, v in zip(count, mean_conf)],
+            "accuracy": [None if c == 0 else float(v) for c, v in zip(count, acc)]}
+
+
+def out_of_fold_log_proba(rows: Mapping, labels: np.ndarray, setting: dict, n_classes: int, in_shape,
+                          folds: int = 5, seed: int = 0) -> np.ndarray:
+    """Log-probabilities of every row from a head of ``setting`` fitted without it (k-fold): held-out
+    predictions of the training rows, to fit the temperature on many more rows than the validation split.
+    ``rows``: {view: (N, d) rows}, as ``CacheViews``; ``in_shape``: the cached maps' shape. Empty when a
+    class has fewer than 2 rows."""
+    from .model_selection import fit_setting
+
+    labels = np.asarray(labels, np.int64)
+    folds = min(folds, int(np.bincount(labels, minlength=n_classes).min()))
+    view = setting["view"]
+    x = rows[view]
+    out = np.zeros((len(labels), n_classes))
+    if folds < 2:
+        return out[:0]
+    for tr, te in StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, labels):
+        head, _ = fit_setting({view: x[tr]}, labels[tr], {**setting, "view": view}, in_shape=tuple(in_shape),
+                              n_classes=n_classes, seed=seed)
+        out[te] = head.log_proba_of_rows(x[te])
+    return out
+
+
+def without_temperature(logp: np.ndarray, t: float) -> np.ndarray:
+    """The uncalibrated log-probabilities back from those at temperature ``t`` (exactly: softmax(l / t)
+    is log-linear in l, so multiplying by t and normalising undoes it)."""
+    return log_softmax(np.asarray(logp, np.float64) * t)
+
+
+def before_after(logp: np.ndarray, y: np.ndarray, t: float) -> dict:
+    """Calibration measures of calibrated ``logp`` (at temperature ``t``) and of the same head without it."""
+    return {"temperature": float(t), "before": calibration_metrics(without_temperature(logp, t), y),
+            "after": calibration_metrics(logp, y)}

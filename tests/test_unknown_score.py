@@ -1,0 +1,101 @@
+"""The unknown score: blocked k-NN cosine distances, the threshold, and a third kind of photo flagged."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from pipeline import cli
+from pipeline.cache.feature_cache import FeatureCache
+from pipeline.heads.cache_views import head_scores
+from pipeline.heads.epoch_loop import split_indices
+from pipeline.heads.fit_head import FitHeadConfig, fit_head
+from pipeline.heads.probe_heads import ProbeHead
+from pipeline.heads.unknown_score import held_out_scores, knn_distance, pooled_rows_np, sample_rows, threshold_for
+from pipeline.reports.evaluate import EvaluateConfig, evaluate
+from tests.conftest import make_image_folder
+
+pytestmark = pytest.mark.filterwarnings("ignore:--weights none", "ignore:no sidecar")
+
+
+def test_knn_distance_in_blocks_is_the_brute_force_kth_neighbour():
+    rng = np.random.default_rng(0)
+    known, q = pooled_rows_np(rng.normal(size=(50, 6))), pooled_rows_np(rng.normal(size=(7, 6)))
+    brute = 1 - np.sort(q @ known.T, axis=1)[:, ::-1][:, 4]  # the 5th most similar
+    got = knn_distance(torch.from_numpy(q), torch.from_numpy(known), k=5, block=8).numpy()  # 7 blocks of 8 rows
+    assert np.allclose(got, brute, atol=1e-6)
+    assert np.allclose(knn_distance(torch.from_numpy(q), torch.from_numpy(known), k=500).numpy(),
+                       1 - (q @ known.T).min(1), atol=1e-6)  # k beyond the rows: the farthest
+
+
+def test_threshold_keeps_the_stated_share_and_held_out_rows_exclude_themselves():
+    scores = np.random.default_rng(1).random(200)
+    for share in (0.5, 0.95, 1.0):
+        t = threshold_for(scores, share)
+        assert (scores <= t).mean() >= share and (scores < t).mean() < share
+    rows = np.random.default_rng(2).normal(size=(30, 4))
+    known = sample_rows(rows, 0, 0)
+    assert np.all(held_out_scores(rows, known, 1) > 1e-3)  # not the row itself (distance 0)
+    assert len(sample_rows(rows, 10, 0)) == 10 and sample_rows(rows, 10, 0).dtype == np.float16
+
+
+@pytest.fixture
+def colours(tmp_path, make_cache):
+    """A cache of blue and red photos (2 x 40), and folders of new blue/red photos and of green ones."""
+    known = make_image_folder(tmp_path / "known", per_class=40, classes=("blue", "red"), seed=0)
+    new = make_image_folder(tmp_path / "new", per_class=10, classes=("blue", "red"), seed=5)
+    green = make_image_folder(tmp_path / "green", per_class=12, classes=("green",), seed=7)
+    return {"cache": make_cache(known)["cache"], "new": new, "green": green}
+
+
+def test_a_head_on_two_colours_flags_the_third_and_keeps_the_stated_share(tmp_path, colours):
+    r = fit_head(FitHeadConfig(cache=colours["cache"], head="logreg", known_share=0.9, val_fraction=0.25,
+                               runs_dir=str(tmp_path / "runs")))
+    assert r["known_rows"] == r["train_rows"] and r["unknown_k"] == 10
+    ckpt = torch.load(r["checkpoint"], weights_only=True)
+    head = ProbeHead.from_checkpoint(ckpt["head"], ckpt["state_dict"])
+    assert head.has_unknown and ckpt["state_dict"]["known_rows"].dtype == torch.float16
+    with FeatureCache(colours["cache"]) as c:  # validation rows + each training row against the others
+        train, val = split_indices(c.labels, 0.25, 0)
+        _, val_ood = head_scores(head, c, val, "cpu", 1024)
+        feats = c.features[:].astype(np.float32).mean((2, 3))
+    held = np.concatenate([val_ood, held_out_scores(feats[train], sample_rows(feats[train], 0, 0), 10)])
+    assert (held <= r["unknown_threshold"]).mean() >= 0.9
+    out = CliRunner().invoke(cli.cli, ["predict", str(colours["green"]), str(colours["new"]), "--model",
+                                       r["checkpoint"], "--format", "json", "--workers", "0"])
+    assert out.exit_code == 0, out.output
+    rows = json.loads(out.stdout)
+    assert all({"class", "probability", "unknown", "ood_score"} <= set(row) for row in rows)
+    green = [row for row in rows if "/green/" in row["path"]]
+    known = [row for row in rows if "/green/" not in row["path"]]
+    assert len(green) == 12 and all(row["unknown"] for row in green)
+    assert all(row["class"] in ("blue", "red") for row in green)  # the best class is still named
+    assert np.mean([row["unknown"] for row in known]) <= 0.2
+    assert min(row["ood_score"] for row in green) > max(row["ood_score"] for row in known)
+    # evaluate on a folder of none of the classes: the share flagged
+    e = evaluate(EvaluateConfig(model=r["checkpoint"], data=str(colours["green"]), workers=0,
+                                runs_dir=str(tmp_path / "runs")))
+    assert e["foreign"] and e["rows"] == 12 and e["unknown"]["share"] == 1.0
+    text = CliRunner().invoke(cli.cli, ["evaluate", "--model", r["checkpoint"], "--data", str(colours["green"]),
+                                        "--workers", "0", "--runs-dir", str(tmp_path / "runs")])
+    assert text.exit_code == 0 and "unknown: 12 of 12 photos (100.0%)" in text.stdout
+
+
+def test_no_unknown_score_when_asked_for_none(tmp_path, colours):
+    r = fit_head(FitHeadConfig(cache=colours["cache"], head="logreg", unknown_rows=0, runs_dir=str(tmp_path / "r")))
+    ckpt = torch.load(r["checkpoint"], weights_only=True)
+    assert "known_rows" not in ckpt["state_dict"] and "unknown_threshold" not in r
+    e = CliRunner().invoke(cli.cli, ["evaluate", "--model", r["checkpoint"], "--data", str(colours["green"]),
+                                     "--workers", "0", "--runs-dir", str(tmp_path / "r")])
+    assert e.exit_code == 2 and "classes ['green'] the model does not know" in e.output
+
+
+@pytest.mark.parametrize("option, value", [("--known-share", "0"), ("--known-share", "1.5"),
+                                           ("--unknown-rows", "-1"), ("--unknown-k", "0")])
+def test_bad_options_are_one_line(tmp_path, colours, option, value):
+    e = CliRunner().invoke(cli.cli, ["fit-head", "--cache", colours["cache"], option, value,
+                                     "--runs-dir", str(tmp_path)])
+    assert e.exit_code == 2 and option in e.output
