@@ -1,0 +1,110 @@
+"""audit on generated photos with planted problems: a wrong label, an exact duplicate, a leak into the test folder."""
+import json
+import shutil
+
+import numpy as np
+from click.testing import CliRunner
+from PIL import Image
+
+import pipeline
+from pipeline.cli import cli
+from tests.conftest import COLOURS
+
+TINY = {"backbone": "tiny", "weights": "none", "workers": 0}
+
+
+def photos(root, per_class=15, seed=0, classes=("blue", "green", "red")):
+    """Photos of a class colour, each with its own shade and gradient (so no two are near copies)."""
+    rng = np.random.default_rng(seed)
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            h, w = 40 + int(rng.integers(0, 16)), 48 + int(rng.integers(0, 16))
+            shade = np.array(COLOURS[c]) + rng.normal(0, 25, 3)
+            ramp = np.linspace(-1, 1, w)[None, :, None] * rng.normal(0, 40, 3)
+            arr = np.clip(shade + ramp + rng.normal(0, 10, (h, w, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(root / c / f"{c}.{i}.jpg", quality=90)
+    return root
+
+
+def planted(tmp_path):
+    data, test = photos(tmp_path / "data"), photos(tmp_path / "test", per_class=5, seed=1)
+    shutil.move(data / "blue" / "blue.3.jpg", data / "red" / "blue.3.jpg")  # a wrong label
+    shutil.copy(data / "green" / "green.1.jpg", data / "green" / "copy.jpg")  # an exact duplicate
+    shutil.copy(data / "red" / "red.2.jpg", test / "red" / "leak.jpg")  # a leak, same bytes
+    Image.open(data / "green" / "green.4.jpg").save(test / "green" / "leak2.jpg", quality=60)  # re-encoded
+    return data, test
+
+
+def test_audit_finds_the_planted_problems(tmp_path):
+    data, test = planted(tmp_path)
+    r = pipeline.audit(data, test_data=str(test), folds=3, threshold=0.9999, cache_dir=str(tmp_path / "features"),
+                       runs_dir=str(tmp_path / "runs"), **TINY)
+    assert r["label_issues"][0]["path"] == "red/blue.3.jpg"
+    assert (r["label_issues"][0]["given"], r["label_issues"][0]["suggested"]) == ("red", "blue")
+    exact = [g for g in r["duplicates"] if g["exact"]]
+    assert [sorted(g["paths"]) for g in exact] == [["green/copy.jpg", "green/green.1.jpg"]]
+    leaks = {(lk["test"], lk["train"]): lk for lk in r["leaks"]}
+    assert leaks[("red/leak.jpg", "red/red.2.jpg")]["exact"]
+    assert ("green/leak2.jpg", "green/green.4.jpg") in leaks
+    assert r["leaks"][0]["similarity"] >= max(lk["similarity"] for lk in r["leaks"])
+    # the report is self-contained and written outside the data folder
+    out = tmp_path / "runs"
+    html = (next(out.glob("*-audit")) / "report.html").read_text()
+    assert "data:image/jpeg;base64," in html and "http://" not in html and "https://" not in html
+    saved = json.loads((next(out.glob("*-audit")) / "report.json").read_text())
+    assert saved["label_issues"][0] == {k: r["label_issues"][0][k] for k in saved["label_issues"][0]}
+    assert not list(data.rglob("*.json")) and not list(data.rglob("*.html"))
+
+
+def test_cli_audit_json_and_apply_undo_round_trip(tmp_path):
+    data, test = planted(tmp_path)
+    before = {p.relative_to(data): p.read_bytes() for p in data.rglob("*") if p.is_file()}
+    args = ["--backbone", "tiny", "--weights", "none", "--workers", "0", "--cache-dir", str(tmp_path / "features"),
+            "--runs-dir", str(tmp_path / "runs")]
+    run = CliRunner().invoke(cli, ["audit", "--data", str(data), "--folds", "3", "--json", *args])
+    assert run.exit_code == 0, run.output
+    r = json.loads(run.stdout)
+    assert set(r["label_issues"][0]) >= {"path", "given", "suggested", "score"}
+    fixes = tmp_path / "fixes.csv"
+    fixes.write_text("path,action,new_class\nred/blue.3.jpg,relabel,blue\ngreen/copy.jpg,remove,\n"
+                     "red/red.5.jpg,keep,\n")
+    run = CliRunner().invoke(cli, ["audit", "--data", str(data), "--apply", str(fixes), *args])
+    assert run.exit_code == 0, run.output
+    assert (data / "blue" / "blue.3.jpg").is_file() and not (data / "green" / "copy.jpg").exists()
+    assert (tmp_path / "data.quarantine" / "green" / "copy.jpg").is_file()
+    assert "0 computed" in run.stdout  # the folder's rows were found by content: nothing recomputed
+    undo = [line for line in run.stdout.splitlines() if "audit --undo" in line][0].split("to undo: ")[1]
+    journal = undo.split("--undo ")[1]
+    run = CliRunner().invoke(cli, ["audit", "--undo", journal, "--cache-dir", str(tmp_path / "features")])
+    assert run.exit_code == 0, run.output
+    after = {p.relative_to(data): p.read_bytes() for p in data.rglob("*") if p.is_file()}
+    assert after == before
+    assert not (tmp_path / "data.quarantine").exists()
+    again = CliRunner().invoke(cli, ["audit", "--undo", journal])
+    assert again.exit_code == 2 and "undone already" in again.output
+
+
+def test_apply_refuses_a_clash_and_moves_nothing(tmp_path):
+    data = photos(tmp_path / "data", per_class=3)
+    shutil.copy(data / "red" / "red.0.jpg", data / "blue" / "red.0.jpg")
+    before = sorted(p.relative_to(data) for p in data.rglob("*.jpg"))
+    fixes = tmp_path / "fixes.csv"
+    fixes.write_text("path,action,new_class\nred/red.1.jpg,relabel,blue\nred/red.0.jpg,relabel,blue\n"
+                     "green/green.0.jpg,relabel,purple\n")
+    run = CliRunner().invoke(cli, ["audit", "--data", str(data), "--apply", str(fixes), "--no-refresh",
+                                   "--runs-dir", str(tmp_path / "runs")])
+    assert run.exit_code == 2
+    assert "red.0.jpg exists already" in run.output and "'purple' is not a class" in run.output
+    assert sorted(p.relative_to(data) for p in data.rglob("*.jpg")) == before
+    # the same row with a new name goes through
+    fixes.write_text("path,action,new_class,new_name\nred/red.0.jpg,relabel,blue,red.0-from-red.jpg\n")
+    run = CliRunner().invoke(cli, ["audit", "--data", str(data), "--apply", str(fixes), "--no-refresh",
+                                   "--runs-dir", str(tmp_path / "runs")])
+    assert run.exit_code == 0, run.output
+    assert (data / "blue" / "red.0-from-red.jpg").is_file()
+
+
+def test_audit_needs_a_folder_or_cache():
+    run = CliRunner().invoke(cli, ["audit"])
+    assert run.exit_code == 2 and "--data" in run.output
