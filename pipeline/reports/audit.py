@@ -78,9 +78,14 @@ def test_cache(cfg: AuditConfig, cache: FeatureCache) -> Optional[Path]:
     return test_cache_for(FitHeadConfig(test_data=cfg.test_data, test_cache=cfg.test_cache), cache)
 
 
-def pooled(cache: FeatureCache) -> np.ndarray:
-    """The average-pooled rows of every cache row (float32, in memory: 2 KB a row for VGG-16)."""
-    return CacheViews(cache, np.arange(cache.n))["avg"]
+def pooled(cache: FeatureCache) -> tuple[np.ndarray, np.ndarray]:
+    """(average-pooled rows for the head, the rows near copies are compared in) of every cache row
+    (float32, in memory: 2 KB a row and view for VGG-16), read in one pass."""
+    from ..heads.feature_views import allowed_views
+
+    view = dup.VIEW if dup.VIEW in allowed_views(cache.feature_shape) else "avg"
+    rows = CacheViews(cache, np.arange(cache.n)).load(["avg", view])
+    return rows["avg"], rows[view]
 
 
 def digests_of(cache: FeatureCache) -> list[str]:
@@ -112,20 +117,20 @@ def analyse(cfg: AuditConfig) -> dict:
         if smallest < cfg.folds:
             raise UsageError(f"{cfg.folds}-fold out-of-fold probabilities need at least {cfg.folds} photos of every "
                              f"class; the smallest class of {path} has {smallest} (pass --folds {max(2, smallest)})")
-        avg = pooled(cache)
+        avg, near_rows = pooled(cache)
         digests = digests_of(cache)
         tpath = test_cache(cfg, cache)
         test = None
         if tpath is not None:
             with FeatureCache(tpath) as tc:
-                test = {"cache": str(tpath), "root": tc.attrs["data_root"], "paths": tc.paths, "avg": pooled(tc),
+                test = {"cache": str(tpath), "root": tc.attrs["data_root"], "paths": tc.paths, "near": pooled(tc)[1],
                         "digests": digests_of(tc), "labels": np.asarray(tc.labels, np.int64)}
     seconds["read"] = time.time() - t0
     t = time.time()
     issues = label_issues(avg, labels, classes, folds=cfg.folds, seed=cfg.seed)
     seconds["label_issues"] = time.time() - t
     t = time.time()
-    x = dup.l2_rows(avg)
+    x = dup.l2_rows(near_rows)
     near = dup.similar_pairs(x, threshold=cfg.threshold, k=10)
     seconds["duplicates"] = time.time() - t
     result = {
@@ -138,7 +143,7 @@ def analyse(cfg: AuditConfig) -> dict:
     }
     if test is not None:
         t = time.time()
-        xt = dup.l2_rows(test["avg"])
+        xt = dup.l2_rows(test["near"])
         cross = dup.similar_pairs(xt, x, threshold=cfg.threshold, k=1, desc="audit: test vs training")
         result["leaks"] = _leaks(cross, test, digests, paths)
         result["test_cache"], result["test_root"], result["test_rows"] = test["cache"], test["root"], len(test["paths"])

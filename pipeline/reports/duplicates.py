@@ -1,8 +1,9 @@
 """Duplicates and leaks: the same photo twice (same bytes), or nearly (re-encoded, resized, slightly cropped).
 
-Near copies are found by the cosine similarity of average-pooled, l2-normalised backbone features
-above ``NEAR_DUPLICATE`` (chosen by measurement, docs/audit.md: copies of real photos re-encoded,
-resized or cropped by a few percent score above it, distinct photos of the same folder below). The
+Near copies are found by the cosine similarity of max-pooled, l2-normalised backbone features (the
+``max`` view; ``avg`` for caches stored pooled) above ``NEAR_DUPLICATE`` (chosen by measurement,
+docs/audit.md: max-pooled rows told copies from distinct photos far better than average-pooled ones,
+whose closest distinct tabby cats scored as high as a half-size copy). The
 search is blocked matrix products (a block of rows against all others), so memory stays at one
 block x N similarities whatever the folder's size; the same pass keeps each row's nearest neighbours,
 from which the outlier score comes (rows far from every other photo). Pairs are grouped by union-find.
@@ -13,13 +14,11 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from ..config import NEAR_DUPLICATE
 from ..progress import progress
 
-#: Cosine similarity (avg-pooled VGG-16 rows, l2-normalised) above which two photos are near copies.
-#: Measured (docs/audit.md): re-encoded / resized / 10%-cropped copies of 60 catsdogs photos scored
-#: >= 0.93 (JPEG q=50: >= 0.99), while the closest distinct photo of each of the 1,000 catsdogs photos
-#: scored at most 0.95 (99.9th percentile 0.93)
-NEAR_DUPLICATE = 0.95
+#: The view near copies are compared in, where the cache has it (bench/near_duplicates.py).
+VIEW = "max"
 #: Bytes of similarities held at once (one block of rows against all the others).
 BLOCK_BYTES = 128 << 20
 
