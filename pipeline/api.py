@@ -54,7 +54,7 @@ __all__ = [
     "extract_features", "list_caches", "compare_sklearn", "train_model", "finetune_model", "evaluate_model",
     "predict_files", "preview", "feature_map", "plot_curves", "check_image_folder", "fetch_data", "run_demo",
     "list_runs", "imagenet_check", "model_summary",
-    "audit",
+    "audit_folder",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -1046,7 +1046,7 @@ def model_summary(**options) -> dict:
 
 
 # -- audit ---------------------------------------------------------------------------------------
-def audit(data: Optional[PathLike] = None, *, verbose: Optional[bool] = False, **options) -> dict:
+def audit_folder(data: Optional[PathLike] = None, *, verbose: Optional[bool] = False, **options) -> dict:
     """What is wrong with a labelled folder (``python cli.py audit``): likely wrong labels (out-of-fold
     probabilities of the default head, ranked by cleanlab's confident learning: given and suggested class,
     score), outliers, exact and near duplicates, and with ``test_data`` the test photos the training
@@ -1059,6 +1059,6 @@ def audit(data: Optional[PathLike] = None, *, verbose: Optional[bool] = False, *
     from .reports.audit import audit as run
 
     fixed = {"data": os.fspath(data)} if data is not None else {}
-    cfg = _config(AuditConfig, "audit", _plain(options), **fixed)
+    cfg = _config(AuditConfig, "audit_folder", _plain(options), **fixed)
     with _verbosity(verbose):
         return run(cfg)

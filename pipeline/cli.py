@@ -696,7 +696,7 @@ def audit(as_json, **options):
     from .reports.audit import format_report
     from .runs.ledger import current_command
 
-    result = api.audit(options.pop("data"), verbose=None, command=current_command(), **options)
+    result = api.audit_folder(options.pop("data"), verbose=None, command=current_command(), **options)
     emit(result, as_json, format_report(result, options.get("top") or AuditConfig.top))
 
 

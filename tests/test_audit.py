@@ -38,7 +38,7 @@ def planted(tmp_path):
 
 def test_audit_finds_the_planted_problems(tmp_path):
     data, test = planted(tmp_path)
-    r = pipeline.audit(data, test_data=str(test), folds=3, threshold=0.999, cache_dir=str(tmp_path / "features"),
+    r = pipeline.audit_folder(data, test_data=str(test), folds=3, threshold=0.999, cache_dir=str(tmp_path / "features"),
                        runs_dir=str(tmp_path / "runs"), **TINY)
     assert r["label_issues"][0]["path"] == "red/blue.3.jpg"
     assert (r["label_issues"][0]["given"], r["label_issues"][0]["suggested"]) == ("red", "blue")

@@ -300,7 +300,7 @@ def format_report(r: dict, top: int = 20) -> str:
              f"duplicate groups: {len(r['duplicates'])}   leaks: "
              f"{len(r['leaks']) if r['test_cache'] else '- (no --test-data)'}"]
     if r["label_issues"]:
-        w = max(len("path"), *(len(i["path"]) for i in r["label_issues"][:top]))
+        w = max(len("likely wrong label"), *(len(i["path"]) for i in r["label_issues"][:top]))
         lines += ["", f"{'likely wrong label':<{w}}  {'given':<12} {'suggested':<12} score",
                   f"{'-' * w}  {'-' * 12} {'-' * 12} -----"]
         lines += [f"{i['path']:<{w}}  {i['given']:<12} {i['suggested']:<12} {i['score']:.3f}"
