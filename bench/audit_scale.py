@@ -12,7 +12,7 @@ import numpy as np
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 CACHE = os.environ.get("AUDIT_BENCH_CACHE", "/tmp/h20/caches/vgg16-nall-3fa45b23bc7d.h5")
-NOISE = 0.5
+NOISE = float(os.environ.get("AUDIT_BENCH_NOISE", "0.5"))
 
 
 def synthetic_rows(n: int, seed: int = 0):

@@ -28,8 +28,8 @@ from ..progress import progress
 
 log = logging.getLogger(__name__)
 
-#: Rows from which the refits use fewer landmarks, and how many (bench/audit_scale.py: 5 refits of 25,000
-#: rows with 2,000 landmarks took minutes on 2 cores; with 1,000 they fit the two-minute target).
+#: Rows from which the refits use fewer landmarks, and how many (bench/audit_scale.py, 25,000 rows on a busy
+#: 2-core machine: the label issues took 176 s with 2,000 landmarks, 41-44 s with 1,000).
 LARGE_N = 5000
 LARGE_N_LANDMARKS = 1000
 
