@@ -79,8 +79,7 @@ def leak_rows(train, picks, weights, workdir):
 def run(name, weights, workdir):
     from pipeline.cache.feature_cache import FeatureCache
     from pipeline.reports import duplicates as dup
-    from pipeline.reports.label_issues import (label_issues, rank_label_issues, recall_at,
-                                               reference_out_of_fold)
+    from pipeline.reports.label_issues import label_issues, rank_label_issues, recall_at, reference_out_of_fold
 
     train_name, test_name = PROXIES[name]
     with FeatureCache(CACHES / train_name) as train, FeatureCache(CACHES / test_name) as test:
@@ -88,7 +87,7 @@ def run(name, weights, workdir):
         y = np.asarray(train.labels, np.int64)
         k_classes = len(train.classes)
         rng = np.random.default_rng(0)
-        wrong = np.sort(rng.choice(len(y), int(round(NOISE * len(y))), replace=False))
+        wrong = np.sort(rng.choice(len(y), round(NOISE * len(y)), replace=False))
         noisy = y.copy()
         noisy[wrong] = (y[wrong] + rng.integers(1, k_classes, len(wrong))) % k_classes
         ours = label_issues(avg, noisy, train.classes)

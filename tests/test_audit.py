@@ -57,7 +57,7 @@ def test_audit_finds_the_planted_problems(tmp_path):
 
 
 def test_cli_audit_json_and_apply_undo_round_trip(tmp_path):
-    data, test = planted(tmp_path)
+    data, _ = planted(tmp_path)
     before = {p.relative_to(data): p.read_bytes() for p in data.rglob("*") if p.is_file()}
     args = ["--backbone", "tiny", "--weights", "none", "--workers", "0", "--cache-dir", str(tmp_path / "features"),
             "--runs-dir", str(tmp_path / "runs")]

@@ -2,7 +2,8 @@
 
 Layout (see README): datasets ``features`` (N, C, H, W), ``labels`` (N,) int64, ``paths`` (N,)
 UTF-8, ``sha256`` (N,) the hex digest of each row's file bytes ('' = not known; caches made before it
-have no such dataset), so a later extraction can reuse a row by content (``row_donors``), ``skipped/paths`` + ``skipped/reasons`` (files that could not be decoded), ``source/*``
+have no such dataset), so a later extraction can reuse a row by content (``row_donors``),
+``skipped/paths`` + ``skipped/reasons`` (files that could not be decoded), ``source/*``
 (the listing of the data folder at creation, to tell what changed since); provenance as root
 attributes, written once. Progress lives in the attributes ``rows`` and ``next_candidate``,
 updated in place only after the rows they count are flushed and fsynced to disk.

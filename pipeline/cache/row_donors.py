@@ -101,7 +101,7 @@ def digests_of_unchanged(info) -> Optional[list[str]]:
             return None
         with open_h5(info.path, "r", wait_s=0) as f:
             paths = [p.decode() if isinstance(p, bytes) else p for p in f["paths"][:info.rows]]
-    except Exception:  # noqa: BLE001 (an unreadable folder or cache is simply not a donor)
+    except Exception:  # an unreadable folder or cache is simply not a donor
         return None
     return [file_digest(root / p) for p in paths]
 
@@ -120,7 +120,7 @@ def find_donors(cache_dir, attrs: dict, exclude: Optional[Path] = None) -> Optio
             with open_h5(info.path, "r", wait_s=0) as f:
                 digests = read_digests(f, info.rows)
                 labels = f["labels"][:info.rows]
-        except Exception as e:  # noqa: BLE001 (a busy or odd donor is simply not used)
+        except Exception as e:  # a busy or odd donor is simply not used
             log.debug("not reusing rows of %s: %s", info.path, e)
             continue
         if digests is None:

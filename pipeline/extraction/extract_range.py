@@ -166,7 +166,7 @@ def extract_range(cfg, listing: ImageFolderListing, key: str, path: Path, resume
     start = max(int(resumed.attrs["next_candidate"]) if resumed else 0, first)
     # rows of other caches made the same way, by content: a photo already computed is not decoded again
     donors = (find_donors(path.parent, attrs, exclude=path)
-              if not positions and cfg.decode == "pil" and rows < target else None)
+              if not positions and rows < target else None)
     if donors:
         log.info("%d photos of earlier caches with the same features can be reused by content", len(donors))
     # the decoding workers fork before the cache file is opened, so they never hold it

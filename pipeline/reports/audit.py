@@ -134,7 +134,7 @@ def analyse(cfg: AuditConfig) -> dict:
     near = dup.similar_pairs(x, threshold=cfg.threshold, k=10)
     seconds["duplicates"] = time.time() - t
     result = {
-        "cache": str(path), "data_root": root, "rows": int(len(labels)), "classes": list(classes),
+        "cache": str(path), "data_root": root, "rows": len(labels), "classes": list(classes),
         "head": issues["setting"], "folds": cfg.folds, "oof_acc": issues["oof_acc"], "threshold": cfg.threshold,
         "label_issues": _label_issues(issues, labels, classes, paths),
         "outliers": _outliers(near, labels, classes, paths),

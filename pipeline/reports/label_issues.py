@@ -49,7 +49,12 @@ def choose_setting(avg: np.ndarray, y: np.ndarray, feature_shape, folds: int, se
 
         idx = np.sort(split_indices(y, 1 - cv_rows / len(y), seed)[0])
     grid = {**AUTO_GRID, "view": ["avg"], "normalize": ["l2"], "n_components": [landmarks]}
-    result = tune({"avg": avg[idx]}, y[idx], grid, folds=folds, seed=seed, in_shape=feature_shape, threads=1)
+    try:
+        result = tune({"avg": avg[idx]}, y[idx], grid, folds=folds, seed=seed, in_shape=feature_shape, threads=1)
+    except ValueError as e:  # a class too small for the folds in the sample: fit-head's kernel defaults
+        log.info("audit: C and gamma not searched (%s); using C=100, gamma=scale", e)
+        return complete_setting({"head": "kernel", "view": "avg", "normalize": "l2", "C": 100.0, "gamma": "scale",
+                                 "n_components": landmarks})
     return result["best"]["setting"]
 
 
@@ -106,8 +111,8 @@ def rank_label_issues(y: np.ndarray, proba: np.ndarray) -> tuple[np.ndarray, np.
     from cleanlab.filter import find_label_issues
 
     quality = proba[np.arange(len(y)), y]
-    flagged = np.flatnonzero(find_label_issues(y, proba, filter_by="prune_by_noise_rate")  # boolean masks
-                             | find_label_issues(y, proba, filter_by="predicted_neq_given"))
+    flagged = np.flatnonzero(find_label_issues(y, proba, filter_by="prune_by_noise_rate", n_jobs=1)  # masks
+                             | find_label_issues(y, proba, filter_by="predicted_neq_given", n_jobs=1))
     flagged = flagged[np.argsort(quality[flagged], kind="stable")]
     rest = np.setdiff1d(np.arange(len(y)), flagged)
     rest = rest[np.argsort(quality[rest], kind="stable")]
@@ -133,5 +138,5 @@ def label_issues(avg: np.ndarray, y: np.ndarray, classes, folds: int = 5, seed: 
 
 def recall_at(ranking: np.ndarray, truth, k: int) -> float:
     """Share of the ``truth`` rows among the first ``k`` of ``ranking``."""
-    truth = set(int(t) for t in truth)
+    truth = {int(t) for t in truth}
     return len(truth & set(ranking[:k].tolist())) / max(len(truth), 1)
