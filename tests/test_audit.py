@@ -84,26 +84,25 @@ def test_cli_audit_json_and_apply_undo_round_trip(tmp_path):
     assert again.exit_code == 2 and "undone already" in again.output
 
 
-def test_apply_refuses_a_clash_and_moves_nothing(tmp_path):
-    data = photos(tmp_path / "data", per_class=3)
-    shutil.copy(data / "red" / "red.0.jpg", data / "blue" / "red.0.jpg")
-    before = sorted(p.relative_to(data) for p in data.rglob("*.jpg"))
-    fixes = tmp_path / "fixes.csv"
-    fixes.write_text("path,action,new_class\nred/red.1.jpg,relabel,blue\nred/red.0.jpg,relabel,blue\n"
-                     "green/green.0.jpg,relabel,purple\n")
-    run = CliRunner().invoke(cli, ["audit", "--data", str(data), "--apply", str(fixes), "--no-refresh",
-                                   "--runs-dir", str(tmp_path / "runs")])
-    assert run.exit_code == 2
-    assert "red.0.jpg exists already" in run.output and "'purple' is not a class" in run.output
-    assert sorted(p.relative_to(data) for p in data.rglob("*.jpg")) == before
-    # the same row with a new name goes through
-    fixes.write_text("path,action,new_class,new_name\nred/red.0.jpg,relabel,blue,red.0-from-red.jpg\n")
-    run = CliRunner().invoke(cli, ["audit", "--data", str(data), "--apply", str(fixes), "--no-refresh",
-                                   "--runs-dir", str(tmp_path / "runs")])
-    assert run.exit_code == 0, run.output
-    assert (data / "blue" / "red.0-from-red.jpg").is_file()
-
-
 def test_audit_needs_a_folder_or_cache():
     run = CliRunner().invoke(cli, ["audit"])
     assert run.exit_code == 2 and "--data" in run.output
+
+
+def test_a_cache_made_before_digests_still_shows_exact_copies(tmp_path, make_cache):
+    import h5py
+
+    data, _ = planted(tmp_path)
+    cache = make_cache(data)["cache"]
+    with h5py.File(cache, "r+") as f:
+        del f["sha256"]
+    r = pipeline.audit_folder(cache=cache, folds=3, threshold=1.0, runs_dir=str(tmp_path / "runs"))
+    assert [sorted(g["paths"]) for g in r["duplicates"] if g["exact"]] == [["green/copy.jpg", "green/green.1.jpg"]]
+
+
+def test_the_report_never_goes_into_the_data_folder(tmp_path, make_cache):
+    data, _ = planted(tmp_path)
+    cache = make_cache(data)["cache"]
+    run = CliRunner().invoke(cli, ["audit", "--cache", cache, "--folds", "3", "--output", str(data / "report")])
+    assert run.exit_code == 2 and "inside the data folder" in run.output
+    assert not (data / "report").exists()

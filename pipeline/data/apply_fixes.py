@@ -4,8 +4,8 @@
 (``<data>.quarantine/``, relative path kept, as check-images does), ``keep`` does nothing. Nothing is
 ever deleted or overwritten: every row is checked before the first move (the file exists, the class
 does, no destination is taken, no two rows move to one place), and a clash refuses the whole list,
-naming it. Each move is appended to a journal (JSON lines, flushed as it goes, so an interrupted run
-can be undone too) holding both places and the file's sha256; ``undo_fixes`` moves everything back
+naming it. Each move is appended to a journal (JSON lines, fsynced before the move is made, so an
+interrupted run can be undone too) holding both places and the file's sha256; ``undo_fixes`` moves everything back
 in reverse order, checking the bytes are the ones that were moved.
 """
 from __future__ import annotations
@@ -129,8 +129,8 @@ def apply_fixes(csv_path, data: str, out_dir: Path, quarantine_dir: Optional[str
             digest = file_digest(src)
             if os.path.lexists(dst):  # appeared since the plan was made: stop here, undo-able
                 raise UsageError(f"{dst} appeared while applying; stopped (undo with `{undo_command(journal)}`)")
+            _append(j, {**m, "sha256": digest, "made_folders": made})  # before the move: no move unrecorded
             os.rename(src, dst)
-            _append(j, {**m, "sha256": digest, "made_folders": made})
     counts = {a: sum(m["action"] == a for m in moves) for a in ("relabel", "remove")}
     return {"what": "moved", "root": str(root), "moved": len(moves), **counts, "quarantine": str(qdir),
             "journal": str(journal), "undo": undo_command(journal), "moves": moves}
@@ -146,18 +146,21 @@ def read_journal(path) -> tuple[dict, list[dict]]:
         raise UsageError(f"{p} is not an audit journal ({e})") from None
     if not lines or lines[0].get("kind") != JOURNAL_KIND:
         raise UsageError(f"{p} is not an audit journal (written by audit --apply)")
-    return lines[0], [m for m in lines[1:] if "from" in m and "to" in m and not m.get("undone")]
+    return lines[0], [m for m in lines[1:] if "from" in m and "to" in m]
 
 
 def undo_fixes(journal_path) -> dict:
     """Move every journalled file back (last move first); refuses, moving nothing, when a file is missing,
     changed, or its old place is taken. Folders the apply made and left empty are removed again."""
     head, moves = read_journal(journal_path)
-    if any(m.get("undo_of") for m in moves) or Path(str(journal_path) + ".undone").exists():
+    if Path(str(journal_path) + ".undone").exists():  # written beside the journal by a finished undo
         raise UsageError(f"{journal_path} was undone already")
-    problems = []
+    problems, done = [], []
     for m in moves:
         src, dst = Path(m["from"]), Path(m["to"])
+        if not os.path.lexists(dst) and src.is_file() and file_digest(src) == m.get("sha256"):
+            continue  # journalled, then interrupted before the move: nothing to undo
+        done.append(m)
         if not dst.is_file():
             problems.append(f"{dst} is missing")
         elif os.path.lexists(src):
@@ -169,12 +172,13 @@ def undo_fixes(journal_path) -> dict:
                          f"{f' (and {len(problems) - 10} more)' if len(problems) > 10 else ''}")
     for m in reversed(moves):
         src, dst = Path(m["from"]), Path(m["to"])
-        src.parent.mkdir(parents=True, exist_ok=True)
-        os.rename(dst, src)
+        if m in done:
+            src.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(dst, src)
         for folder in reversed(m.get("made_folders", [])):
             try:
                 os.rmdir(folder)  # only an empty one
             except OSError:
                 pass
     Path(str(journal_path) + ".undone").write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")
-    return {"what": "moved back", "root": head["root"], "moved": len(moves), "journal": str(journal_path)}
+    return {"what": "moved back", "root": head["root"], "moved": len(done), "journal": str(journal_path)}
