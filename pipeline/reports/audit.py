@@ -178,13 +178,15 @@ def _duplicate_groups(near: dict, digests, labels, classes, paths) -> list[dict]
     for a, b in exact:
         sim[(a, b)] = 1.0
     exact_set = set(exact)
-    out = []
-    for g in dup.groups(len(paths), list(sim)):
-        members = set(g)
-        edges = [(k, v) for k, v in sim.items() if k[0] in members]
-        out.append({"paths": [paths[i] for i in g], "classes": [classes[labels[i]] for i in g],
-                    "similarity": round(min(v for _, v in edges), 4),
-                    "exact": all(k in exact_set for k, _ in edges), "rows": g})
+    found = dup.groups(len(paths), list(sim))
+    group_of = {i: n for n, g in enumerate(found) for i in g}
+    lowest, all_exact = [1.0] * len(found), [True] * len(found)
+    for (a, b), v in sim.items():  # each pair once: a group's weakest link, and whether all are byte copies
+        n = group_of[a]
+        lowest[n] = min(lowest[n], v)
+        all_exact[n] = all_exact[n] and (a, b) in exact_set
+    out = [{"paths": [paths[i] for i in g], "classes": [classes[labels[i]] for i in g],
+            "similarity": round(lowest[n], 4), "exact": all_exact[n], "rows": g} for n, g in enumerate(found)]
     out.sort(key=lambda d: (-d["similarity"], d["rows"][0]))
     return out
 
