@@ -28,6 +28,7 @@ Pictures (matplotlib Figures: shown inline in Jupyter)
 Data and bookkeeping
     check_image_folder(root), fetch_data(), run_demo(), list_runs(runs_dir), imagenet_check(image),
     model_summary(backbone=...)
+    audit_folder(data, test_data=...)    wrong labels, outliers, duplicates, train/test leaks; apply=/undo= fixes
 
 Keyword options are the fields of each stage's config dataclass (the CLI's options; an unknown one
 is a ValueError naming the allowed ones). Nothing is printed unless ``verbose=True``; progress is
@@ -60,6 +61,7 @@ _EXPORTS = {
         "extract_features", "list_caches", "compare_sklearn", "train_model", "finetune_model", "evaluate_model",
         "predict_files", "preview", "feature_map", "plot_curves", "check_image_folder", "fetch_data", "run_demo",
         "list_runs", "imagenet_check", "model_summary",
+        "audit_folder",
     )},
     "UsageError": "errors",
     "PipelineError": "errors",

@@ -32,6 +32,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.exceptions import NotFittedError as SklearnNotFittedError
 
 from .config import (
+    AuditConfig,
     CheckImagesConfig,
     CompareConfig,
     DemoConfig,
@@ -53,6 +54,7 @@ __all__ = [
     "extract_features", "list_caches", "compare_sklearn", "train_model", "finetune_model", "evaluate_model",
     "predict_files", "preview", "feature_map", "plot_curves", "check_image_folder", "fetch_data", "run_demo",
     "list_runs", "imagenet_check", "model_summary",
+    "audit_folder",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -1085,3 +1087,22 @@ def model_summary(**options) -> dict:
     from .models.summary import summarize
 
     return summarize(_config(SummaryConfig, "model_summary", options))
+
+
+# -- audit ---------------------------------------------------------------------------------------
+def audit_folder(data: Optional[PathLike] = None, *, verbose: Optional[bool] = False, **options) -> dict:
+    """What is wrong with a labelled folder (``python cli.py audit``): likely wrong labels (out-of-fold
+    probabilities of the default head, ranked by cleanlab's confident learning: given and suggested class,
+    score), outliers, exact and near duplicates, and with ``test_data`` the test photos the training
+    folder also holds (leaks). Writes report.json, report.html, gallery.png and fixes.csv to a run folder.
+
+    ``options``: AuditConfig's (cache, test_data, test_cache, cache_dir, backbone, weights, folds,
+    threshold, top, output, ...); ``apply='fixes.csv'`` moves the files of a reviewed list instead (journalled,
+    undone with ``undo='journal.jsonl'``), then extracts the folder again reusing every unchanged row.
+    """
+    from .reports.audit import audit as run
+
+    fixed = {"data": os.fspath(data)} if data is not None else {}
+    cfg = _config(AuditConfig, "audit_folder", _plain(options), **fixed)
+    with _verbosity(verbose):
+        return run(cfg)

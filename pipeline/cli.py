@@ -35,6 +35,7 @@ from .config import (
     SPLITS,
     STORAGE_DTYPES,
     VIEWS,
+    AuditConfig,
     CheckImagesConfig,
     CompareConfig,
     DemoConfig,
@@ -280,6 +281,9 @@ def extract(as_json, **options):
         note(f"extracted {result['computed']} images ({result['img_per_s']:.1f} img/s), "
              f"{''.join(w + ', ' for w in one_off)}{result['skipped']} skipped, {result['rows']} rows in "
              f"{'shards of rank ' + str(result['rank']) if 'rank' in result else 'cache'}")
+        if result.get("reused"):
+            note(f"reused {result['reused']} rows of earlier caches by content ({result['label_changes']} of them "
+                 f"now in another class), computed {result['computed']}")
     if "rank" not in result:  # under torchrun only rank 0 prints the result
         emit(result, as_json, result["cache"])
 
@@ -682,6 +686,43 @@ def summary(as_json, **options):
 
     result = api.model_summary(**options)
     emit(result, as_json, format_summary(result))
+
+
+@defaults_from(AuditConfig)
+@cli.command()
+@click.option("--data", help="The labelled training folder (extracted as extract does when it has no cache yet).")
+@click.option("--test-data", help="A test folder: its photos that the training folder also holds are leaks.")
+@click.option("--cache", type=click.Path(dir_okay=False), help="Or the training folder's cache.")
+@click.option("--test-cache", type=click.Path(dir_okay=False), help="Or the test folder's cache.")
+@click.option("--cache-dir")
+@click.option("--backbone")
+@click.option("--weights", help="--data: torchvision weights name, a state-dict file, or 'none'.")
+@click.option("--batch-size", type=int)
+@click.option("--device")
+@click.option("--workers", type=int)
+@click.option("--folds", type=int, help="Out-of-fold probabilities from this many refits of the head.")
+@click.option("--seed", type=int)
+@click.option("--threshold", type=FINITE, help="Cosine similarity from which two photos are near copies.")
+@click.option("--top", type=int, help="Issues shown in the table, the HTML report and the gallery.")
+@click.option("--output", type=click.Path(file_okay=False), help="Folder for the report [default: a run folder].")
+@click.option("--runs-dir")
+@click.option("--apply", type=click.Path(dir_okay=False), metavar="FIXES.csv",
+              help="Apply a reviewed list (path,action,new_class; relabel/remove/keep): files moved, never deleted.")
+@click.option("--undo", type=click.Path(dir_okay=False), metavar="JOURNAL",
+              help="Move back every file of an --apply journal.")
+@click.option("--quarantine-dir", type=click.Path(file_okay=False),
+              help="--apply: where removed files go [default: DATA.quarantine beside DATA].")
+@click.option("--no-refresh", "refresh", flag_value=False, default=True,
+              help="--apply/--undo: do not extract the folder again afterwards.")
+@json_option
+@library_errors
+def audit(as_json, **options):
+    """Find wrong labels, outliers, duplicates and train/test leaks from the cache; --apply fixes, --undo them."""
+    from .reports.audit import format_report
+    from .runs.ledger import current_command
+
+    result = api.audit_folder(options.pop("data"), verbose=None, command=current_command(), **options)
+    emit(result, as_json, format_report(result, options.get("top") or AuditConfig.top))
 
 
 def main() -> None:

@@ -274,3 +274,37 @@ class DemoConfig:
     workers: int = -1  # decoding processes; -1 = one per core
     command: str = ""  # the command line, recorded in the cache
 
+
+
+#: Cosine similarity of max-pooled, l2-normalised rows above which two photos are near copies (audit).
+#: Measured on real photos (docs/audit.md, bench/near_duplicates.py): 98-100 % of resized, re-encoded and
+#: 10 %-cropped copies score above it, and no two distinct photos of catsdogs do.
+NEAR_DUPLICATE = 0.88
+AUDIT_ACTIONS = ("relabel", "remove", "keep")  # the actions of an audit --apply CSV row
+
+
+@dataclass
+class AuditConfig:
+    """Which folder (or cache) to audit, against which test folder, and what to do with a reviewed list."""
+
+    data: Optional[str] = None  # the labelled training folder (extracted as extract does, all photos; reused)
+    test_data: Optional[str] = None  # a test folder to search for photos the training folder also holds (leaks)
+    cache: Optional[str] = None  # or the training folder's cache (its rows are audited)
+    test_cache: Optional[str] = None  # or the test folder's cache, made like the training cache
+    cache_dir: str = "features"  # where caches are looked for and made
+    backbone: str = "vgg16"  # --data: the backbone extract runs
+    weights: str = "DEFAULT"  # --data: torchvision weights name, a state-dict file, or 'none'
+    batch_size: int = 32  # --data: images per forward pass
+    device: str = "auto"  # --data: 'auto', 'cpu', 'cuda'
+    workers: int = -1  # --data: decoding processes; -1 = one per core
+    folds: int = 5  # out-of-fold probabilities from this many refits of the head
+    seed: int = 0  # seeds the folds, the head's landmarks and its choice of C and gamma
+    threshold: float = NEAR_DUPLICATE  # cosine similarity above which two photos count as near copies
+    top: int = 40  # label issues, outliers and groups shown in the table, the HTML report and the gallery
+    output: Optional[str] = None  # folder for report.json, report.html, gallery.png, fixes.csv; default a run folder
+    runs_dir: str = "runs"  # where the run folder goes
+    apply: Optional[str] = None  # a reviewed CSV (path,action,new_class): move the files; writes a journal
+    undo: Optional[str] = None  # a journal of --apply: move every file back where it was
+    quarantine_dir: Optional[str] = None  # --apply: where 'remove' moves files; default '<data>.quarantine'
+    refresh: bool = True  # --apply/--undo: extract the folder again (rows reused by content: no recomputing)
+    command: str = ""  # the command line, recorded in caches it makes

@@ -1,7 +1,9 @@
 """The HDF5 feature cache: naming, the streaming writer, and the validating reader.
 
 Layout (see README): datasets ``features`` (N, C, H, W), ``labels`` (N,) int64, ``paths`` (N,)
-UTF-8, ``skipped/paths`` + ``skipped/reasons`` (files that could not be decoded), ``source/*``
+UTF-8, ``sha256`` (N,) the hex digest of each row's file bytes ('' = not known; caches made before it
+have no such dataset), so a later extraction can reuse a row by content (``row_donors``),
+``skipped/paths`` + ``skipped/reasons`` (files that could not be decoded), ``source/*``
 (the listing of the data folder at creation, to tell what changed since); provenance as root
 attributes, written once. Progress lives in the attributes ``rows`` and ``next_candidate``,
 updated in place only after the rows they count are flushed and fsynced to disk.
@@ -224,7 +226,7 @@ class CacheWriter:
         if f.attrs.get("fingerprint") != attrs["fingerprint"]:
             raise CacheError(f"{self.path} belongs to another extraction (fingerprint differs); move it away")
         rows = self.rows
-        for name in ("features", "labels", "paths"):
+        for name in ("features", "labels", "paths", "sha256"):
             if name in f and f[name].shape[0] != rows:
                 log.info("dropping %d uncommitted rows of %s", f[name].shape[0] - rows, name)
                 f[name].resize(rows, axis=0)
@@ -263,11 +265,12 @@ class CacheWriter:
         return ds
 
     def append(self, features: np.ndarray, labels: Sequence[int], paths: Sequence[str],
-               next_candidate: int, skipped: Sequence[tuple[str, str]] = ()) -> None:
+               next_candidate: int, skipped: Sequence[tuple[str, str]] = (),
+               digests: Optional[Sequence[str]] = None) -> None:
         """Write one batch, then commit it: the counts move only once the rows are on disk.
 
         ``features=None`` writes labels and paths only, for a file whose features exist already
-        (a virtual dataset over shards).
+        (a virtual dataset over shards). ``digests``: the rows' sha256 ('' for each when not given).
         """
         f, start, k = self.f, self.rows, len(labels)
         need = (features.nbytes if features is not None else 0) + 512 * (k + len(skipped))
@@ -281,6 +284,9 @@ class CacheWriter:
                 d.resize(start + k, axis=0)
             f["labels"][start:start + k] = np.asarray(labels, np.int64)
             f["paths"][start:start + k] = list(paths)
+            if "sha256" in f:  # a cache resumed from before the dataset existed goes on without it
+                f["sha256"].resize(start + k, axis=0)
+                f["sha256"][start:start + k] = list(digests) if digests is not None else [""] * k
         s0, m = self.skipped_rows, len(skipped)
         if m:
             for name, col in (("skipped/paths", 0), ("skipped/reasons", 1)):
@@ -329,6 +335,7 @@ def _init(f: h5py.File, attrs: dict, source, int8_observers: Optional[dict] = No
     f.attrs["complete"] = np.int8(0)
     f.create_dataset("labels", (0,), np.int64, maxshape=(None,), chunks=(4096,))
     f.create_dataset("paths", (0,), _STR, maxshape=(None,), chunks=(4096,))
+    f.create_dataset("sha256", (0,), _STR, maxshape=(None,), chunks=(4096,))
     f.create_dataset("skipped/paths", (0,), _STR, maxshape=(None,), chunks=(256,))
     f.create_dataset("skipped/reasons", (0,), _STR, maxshape=(None,), chunks=(256,))
     if source is not None:
@@ -632,6 +639,10 @@ class FeatureCache:
     def skipped(self) -> list[tuple[str, str]]:
         return _skipped(self.f)
 
+    @property
+    def digests(self) -> Optional[list[str]]:
+        """Each row's sha256 of its file's bytes ('' where unknown); None for a cache made before they were kept."""
+        return read_digests(self.f, self.n)
 
     def iter_blocks(self, indices: np.ndarray, block_rows: int, shuffle_blocks: Optional[np.random.Generator] = None
                     ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -677,6 +688,14 @@ class FeatureCache:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def read_digests(f: h5py.File, rows: int) -> Optional[list[str]]:
+    """The first ``rows`` entries of a cache file's ``sha256`` dataset, or None when it has none (or too few)."""
+    d = f.get("sha256")
+    if not isinstance(d, h5py.Dataset) or d.shape[0] < rows:
+        return None
+    return [x.decode() if isinstance(x, bytes) else x for x in d[:rows]]
 
 
 def _skipped(f: h5py.File) -> list[tuple[str, str]]:

@@ -6,6 +6,9 @@ and a batch keeps its bad items beside the good ones (reported, never fatal).
 """
 from __future__ import annotations
 
+import hashlib
+import os
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,10 +57,12 @@ class Item(NamedTuple):
     label: int  # class index (-1 when unknown, as for predict)
     path: str  # relative to the dataset's root
     error: Optional[str] = None  # why the file could not be used
+    digest: str = ""  # sha256 of the file's bytes, when the dataset was asked for digests
+    reused: bool = False  # not decoded: a cache already holds the features of this content (extract)
 
     @property
     def ok(self) -> bool:
-        return self.image is not None
+        return self.image is not None or self.reused
 
 
 class ImageListDataset:
@@ -66,12 +71,15 @@ class ImageListDataset:
     With ``raw_jpeg``, JPEGs come back undecoded (their bytes as a 1-D uint8 tensor) for
     ``device_decode``; everything else is decoded here as usual. A large JPEG decodes at a
     reduced scale when ``transform`` allows it (``draft_short_side``), as in ``load_transformed``.
+    With ``digests`` each Item carries its file's sha256 (hashed here, in the worker), and a file
+    whose digest is in ``known`` is not decoded at all (``reused``: extract copies its cached row).
     """
 
     def __init__(self, root: Path, items: Sequence[tuple[str, int]], transform, start: int = 0,
-                 raw_jpeg: bool = False):
+                 raw_jpeg: bool = False, digests: bool = False, known: frozenset = frozenset()):
         self.root, self.items, self.transform, self.start, self.raw_jpeg = root, items, transform, start, raw_jpeg
         self.min_short_side = draft_short_side(transform)
+        self.digests, self.known = digests or bool(known), known
 
     def __len__(self):
         return len(self.items) - self.start
@@ -79,6 +87,13 @@ class ImageListDataset:
     def __getitem__(self, i) -> Item:
         pos = self.start + i
         path, label = self.items[pos]
+        digest = file_digest(self.root / path) if self.digests else ""
+        if digest and digest in self.known:
+            return Item(pos, None, label, path, None, digest, True)
+        item = self._decode(pos, path, label)
+        return item._replace(digest=digest) if digest else item
+
+    def _decode(self, pos: int, path: str, label: int) -> Item:
         try:
             if self.raw_jpeg:
                 import torch
@@ -91,6 +106,20 @@ class ImageListDataset:
                 return Item(pos, self.transform(load_rgb(self.root / path, self.min_short_side)), label, path)
         except ImageLoadError as e:
             return Item(pos, None, label, path, e.reason)
+
+
+def file_digest(path) -> str:
+    """sha256 of a file's bytes ('' when it cannot be read: decoding then reports why)."""
+    h = hashlib.sha256()
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a pipe put there since the listing: never opened
+            return ""
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    except OSError:
+        return ""
+    return h.hexdigest()
 
 
 def _as_list(chunk):

@@ -18,8 +18,9 @@ import numpy as np
 from ..cache.feature_cache import (CacheBusy, CacheError, CacheInfo, CacheWriter, now_iso, read_info,
                                    read_int8_observers)
 from ..cache.provenance import Provenance, versions
+from ..cache.row_donors import find_donors
 from ..data.folders import ImageFolderListing, stratified_order
-from ..data.image_reader import DECODE_VERSION, ImageListDataset, item_loader, iter_items
+from ..data.image_reader import DECODE_VERSION, ImageListDataset, batches, item_loader, iter_items
 from ..devices import resolve_workers
 from ..errors import PipelineError, UsageError
 from ..files import writing
@@ -112,6 +113,30 @@ def feature_model(cfg, backbone, listing: ImageFolderListing, device, precision:
     return Inference(net, device, precision, cfg.pool, cfg.dtype, compile=compile), calibration, observers
 
 
+def batches_reusing(model, items, batch_size: int, limit: int, donors, reuse: dict, classes=()):
+    """(batch, features of its good items) as ``inference.run_batches``, except that items the reader
+    marked ``reused`` get their rows from ``donors`` instead of the model (counted in ``reuse``: rows
+    copied, and how many of them now carry another class than in the cache they came from)."""
+    for batch in batches(items, batch_size, limit):
+        good = batch.good
+        fresh = [g for g in good if not g.reused]
+        computed = model([g.image for g in fresh]) if fresh else None
+        old = [g for g in good if g.reused]
+        if not old:
+            yield batch, computed
+            continue
+        copied = donors.rows([g.digest for g in old])
+        sample = computed if computed is not None else copied
+        feats = np.empty((len(good), *sample.shape[1:]), sample.dtype)
+        is_old = np.array([g.reused for g in good])
+        feats[is_old] = copied
+        if computed is not None:
+            feats[~is_old] = computed
+        reuse["reused"] += len(old)
+        reuse["label_changes"] += sum(donors.class_of(g.digest) != classes[g.label] for g in old)
+        yield batch, feats
+
+
 def extract_range(cfg, listing: ImageFolderListing, key: str, path: Path, resumed: Optional[CacheInfo] = None,
                   positions: Optional[tuple[int, int]] = None, extra_attrs: Optional[dict] = None) -> dict:
     """Extract into ``path``, continuing ``resumed`` (its validated progress) if given.
@@ -122,7 +147,6 @@ def extract_range(cfg, listing: ImageFolderListing, key: str, path: Path, resume
     """
     from ..devices import resolve_device, resolve_precision
     from ..progress import progress
-    from .inference import run_batches
 
     # int8 is a CPU path: --device auto means the CPU for it, even where CUDA is available
     device = resolve_device("cpu" if cfg.precision == "int8" and cfg.device == "auto" else cfg.device)
@@ -153,15 +177,22 @@ def extract_range(cfg, listing: ImageFolderListing, key: str, path: Path, resume
         **(extra_attrs or {}),
     }
     start = max(int(resumed.attrs["next_candidate"]) if resumed else 0, first)
+    # rows of other caches made the same way, by content: a photo already computed is not decoded again
+    donors = (find_donors(path.parent, attrs, exclude=path)
+              if not positions and rows < target else None)
+    if donors:
+        log.info("%d photos of earlier caches with the same features can be reused by content", len(donors))
     # the decoding workers fork before the cache file is opened, so they never hold it
     dataset = ImageListDataset(listing.root, items[:stop], backbone.transform, start=start,
-                               raw_jpeg=cfg.decode == "device")
+                               raw_jpeg=cfg.decode == "device", digests=True,
+                               known=donors.digests if donors else frozenset())
     candidates = iter_items(item_loader(dataset, resolve_workers(cfg.workers))) if rows < target else iter(())
     if cfg.decode == "device":
         from ..data.device_decode import decode_on_device
 
         candidates = decode_on_device(candidates, backbone.transform, device, listing.root)
     t0, clock = time.time(), {"input": 0.0, "write": 0.0}
+    reuse = {"reused": 0, "label_changes": 0}
     # a full disk: one line, resumable
     with writing(path), CacheWriter(path, attrs, source=listing, int8_observers=observers) as writer:
         if writer.complete:  # another process finished this very cache while we waited for its lock
@@ -172,8 +203,8 @@ def extract_range(cfg, listing: ImageFolderListing, key: str, path: Path, resume
             writer.append(None, [], [], start, list(listing.bad))
         bar = progress(total=target, initial=start_rows, unit="img", desc="extract")
         try:
-            for batch, feats in run_batches(model, timed(candidates, clock, "input"), cfg.batch_size,
-                                            limit=target - start_rows):
+            for batch, feats in batches_reusing(model, timed(candidates, clock, "input"), cfg.batch_size,
+                                                target - start_rows, donors, reuse, listing.classes):
                 for p, why in batch.bad:
                     log.warning("skipping %s: %s", p, why)
                 good = batch.good
@@ -184,7 +215,7 @@ def extract_range(cfg, listing: ImageFolderListing, key: str, path: Path, resume
                                         "weights and their sidecar's mean/std)")
                 started = time.perf_counter()
                 writer.append(feats, [g.label for g in good], [g.path for g in good], batch.next_position,
-                              batch.bad)
+                              batch.bad, digests=[g.digest for g in good])
                 clock["write"] += time.perf_counter() - started
                 rows += len(good)
                 bar.update(len(good))
@@ -197,11 +228,18 @@ def extract_range(cfg, listing: ImageFolderListing, key: str, path: Path, resume
         if rows < target and not positions:
             log.warning("only %d good images of the %d %s (%d skipped)", rows, target,
                         "asked for" if cfg.n else "files", skipped)
-        writer.finish()
+        if donors:
+            donors.close()
+        before = json.loads(writer.f.attrs.get("reuse", "{}") or "{}")
+        total = {k: int(before.get(k, 0)) + reuse[k] for k in reuse}
+        writer.finish(reuse=json.dumps({**total, "computed": rows - total["reused"],
+                                        "from": sorted({*before.get("from", []),
+                                                        *(Path(p).name for p in (donors.sources if donors else []))})}))
         shape = list(writer.f["features"].shape[1:]) if "features" in writer.f else []
     seconds = time.time() - t0
-    computed = rows - start_rows
+    computed = rows - start_rows - reuse["reused"]
     return {"cache": str(path), "hit": False, "rows": rows, "computed": computed, "resumed_from": start_rows,
+            "reused": reuse["reused"], "label_changes": reuse["label_changes"],
             "skipped": skipped, "feature_shape": shape, "classes": list(listing.classes),
             "device": str(device), "precision": precision, "seconds": seconds,
             "img_per_s": computed / seconds if seconds > 0 else 0.0,

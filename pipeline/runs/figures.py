@@ -163,6 +163,17 @@ def gallery_figure(items: Sequence[dict], cols: int = 4, suptitle: str = "most c
     return _image_grid([it["image"] for it in items], titles, GALLERY_CELL, cols, suptitle, 9)
 
 
+def label_issues_figure(items: Sequence[dict], cols: int = 4, suptitle: str = "likely wrong labels") -> Figure:
+    """Thumbnails of an audit's label issues: {image (PIL or None), path, given, suggested, score} each."""
+    if not items:
+        fig = _figure((GALLERY_CELL[0] * 2, 1.5))
+        fig.text(0.5, 0.5, "no label issues found", ha="center", va="center", fontsize=14)
+        return fig
+    titles = [f"{shorten(it['path'], 30)}\ngiven {it['given']} \u2192 {it['suggested']}?\nscore {it['score']:.3f}"
+              for it in items]
+    return _image_grid([it["image"] for it in items], titles, GALLERY_CELL, cols, suptitle, 9)
+
+
 def upsample(channel: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Bilinear resize of one HxW map to ``size`` (width, height)."""
 

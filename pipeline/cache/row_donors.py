@@ -1,0 +1,139 @@
+"""Rows already computed, found by content: a new extraction copies them instead of running the backbone.
+
+A relabelled photo (moved to another class folder), a renamed one, or the untouched photos of a folder
+that gained a few new ones have the same bytes as before, so the same features. Every complete cache
+in the cache folder that records its rows' sha256 and whose ``Provenance`` agrees on every
+``SAME_FEATURES`` field (backbone, weights, preprocessing, pool, classes, precision, dtype, decoding,
+int8 calibration, flip) can give its rows, looked up by the sha256 of a file's bytes. The new cache's
+own provenance (its data folder and fingerprint) is the new folder's, as for a cache computed from
+scratch; it only records how many rows were copied, and from which caches.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import h5py
+import numpy as np
+
+from .feature_cache import list_caches, open_h5, read_digests
+from .provenance import Provenance
+
+log = logging.getLogger(__name__)
+
+
+def same_features(a: dict, b: dict) -> bool:
+    """Whether two caches' attributes say their rows mean the same thing (the one rule,
+    ``Provenance.differences``), and their photos were decoded the same way (PIL or on a device)."""
+    try:
+        differ = Provenance.from_cache_attrs(a).differences(Provenance.from_cache_attrs(b))
+    except (KeyError, TypeError, ValueError):
+        return False
+    return not differ and _decode_mode(a) == _decode_mode(b)
+
+
+def _decode_mode(attrs: dict) -> str:
+    try:
+        return json.loads(attrs.get("config") or "{}").get("decode", "pil")
+    except (TypeError, ValueError):
+        return "?"
+
+
+@dataclass
+class RowDonors:
+    """Rows of earlier caches by sha256: ``digests`` (for the reader: what not to decode) and ``rows``."""
+
+    sources: list  # paths of the donor caches, newest first
+    where: dict = field(default_factory=dict)  # sha256 -> (source index, row, class name)
+    _files: dict = field(default_factory=dict)  # source index -> open h5py.File (opened on first use)
+
+    @property
+    def digests(self) -> frozenset:
+        return frozenset(self.where)
+
+    def __len__(self) -> int:
+        return len(self.where)
+
+    def rows(self, digests: Sequence[str]) -> np.ndarray:
+        """The cached feature rows of these digests, in their order (each must be in ``where``)."""
+        places = [self.where[d] for d in digests]
+        first = self._file(places[0][0])["features"]
+        out = np.empty((len(places), *first.shape[1:]), first.dtype)
+        by_source: dict = {}
+        for i, (src, row, _) in enumerate(places):
+            by_source.setdefault(src, []).append((row, i))
+        for src, pairs in by_source.items():
+            pairs.sort()
+            rows = [r for r, _ in pairs]
+            unique, inverse = np.unique(rows, return_inverse=True)
+            block = self._file(src)["features"][unique.tolist()]
+            out[[i for _, i in pairs]] = block[inverse]
+        return out
+
+    def class_of(self, digest: str) -> str:
+        return self.where[digest][2]
+
+    def _file(self, src: int) -> h5py.File:
+        if src not in self._files:
+            self._files[src] = open_h5(Path(self.sources[src]), "r")
+        return self._files[src]
+
+    def close(self) -> None:
+        for f in self._files.values():
+            if f.id.valid:
+                f.close()
+        self._files.clear()
+
+
+def digests_of_unchanged(info) -> Optional[list[str]]:
+    """The rows' sha256 of a cache made before caches kept them, hashed from its files now: only when
+    its data folder is exactly as it was at extraction (the same listing fingerprint: every path, size
+    and mtime), so the bytes hashed are those the rows were computed from. None otherwise."""
+    from ..data.folders import list_image_folder
+    from ..data.image_reader import file_digest
+
+    root = Path(info.attrs["data_root"])
+    try:
+        if not root.is_dir() or list_image_folder(root).fingerprint() != info.attrs["data_fingerprint"]:
+            return None
+        with open_h5(info.path, "r", wait_s=0) as f:
+            paths = [p.decode() if isinstance(p, bytes) else p for p in f["paths"][:info.rows]]
+    except Exception:  # an unreadable folder or cache is simply not a donor
+        return None
+    return [file_digest(root / p) for p in paths]
+
+
+def find_donors(cache_dir, attrs: dict, exclude: Optional[Path] = None) -> Optional[RowDonors]:
+    """The rows of every complete cache in ``cache_dir`` made like ``attrs`` (a new cache's attributes)
+    that records sha256 digests, newest cache first for a digest several hold; None when there are none."""
+    good, _ = list_caches(cache_dir)
+    donors = RowDonors([])
+    for info in good:
+        if not info.complete or info.rows == 0 or (exclude is not None and info.path.resolve() == exclude.resolve()):
+            continue
+        if info.attrs.get("sharded") or not same_features(attrs, info.attrs):
+            continue
+        try:
+            with open_h5(info.path, "r", wait_s=0) as f:
+                digests = read_digests(f, info.rows)
+                labels = f["labels"][:info.rows]
+        except Exception as e:  # a busy or odd donor is simply not used
+            log.debug("not reusing rows of %s: %s", info.path, e)
+            continue
+        if digests is None:
+            digests = digests_of_unchanged(info)
+        if not digests:
+            continue
+        src = len(donors.sources)
+        classes = info.classes
+        added = 0
+        for row, (d, y) in enumerate(zip(digests, labels.tolist())):
+            if d and d not in donors.where:
+                donors.where[d] = (src, row, classes[y])
+                added += 1
+        if added:
+            donors.sources.append(str(info.path))
+    return donors if donors.where else None

@@ -1,0 +1,339 @@
+"""The audit stage: what is wrong with a labelled folder, found from its feature cache in seconds.
+
+Likely wrong labels (``label_issues``: out-of-fold probabilities of the default head, ranked by
+confident learning), photos like no other (outliers: far from their nearest neighbours), exact and
+near duplicates within the training folder, and photos the test folder shares with it (leaks:
+``duplicates``). The caches are the ones extract makes (made here when missing, reused when not);
+the report goes to a run folder (never into the data): report.json, report.html (self-contained,
+thumbnails inlined), gallery.png, and fixes.csv, the list to review and pass to ``--apply``.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from ..cache.feature_cache import FeatureCache
+from ..config import AuditConfig, ExtractConfig, FitHeadConfig
+from ..data.image_reader import file_digest
+from ..errors import UsageError
+from ..files import atomic_write, check_output, require_folder
+from ..heads.cache_views import CacheViews
+from ..runs.run_folders import new_run_dir
+from . import duplicates as dup
+from .label_issues import label_issues
+
+log = logging.getLogger(__name__)
+
+#: Nearest training photos shown beside each label issue in the HTML report.
+NEIGHBOURS_SHOWN = 4
+
+
+def validate(cfg: AuditConfig) -> None:
+    if cfg.apply and cfg.undo:
+        raise UsageError("pass --apply or --undo, not both")
+    if cfg.apply or cfg.undo:
+        return
+    if not (cfg.data or cfg.cache):
+        raise UsageError("audit needs --data DIR (or --cache FILE)")
+    if cfg.data and cfg.cache:
+        raise UsageError("pass --data or --cache, not both")
+    if cfg.test_data and cfg.test_cache:
+        raise UsageError("pass --test-data or --test-cache, not both")
+    if cfg.folds < 2:
+        raise UsageError(f"--folds must be at least 2, got {cfg.folds}")
+    if not (math.isfinite(cfg.threshold) and 0 < cfg.threshold <= 1):
+        raise UsageError(f"--threshold must be in (0, 1], got {cfg.threshold}")
+    if cfg.top < 1:
+        raise UsageError(f"--top must be positive, got {cfg.top}")
+    for name in ("data", "test_data"):
+        v = getattr(cfg, name)
+        if v and not Path(v).is_dir():
+            raise UsageError(f"--{name.replace('_', '-')} {v!r} is not a folder")
+
+
+def training_cache(cfg: AuditConfig) -> Path:
+    """--cache, or the cache of every photo of --data as extract makes it (a hit when it exists)."""
+    if cfg.cache:
+        return Path(cfg.cache)
+    from ..extraction.extract import extract
+
+    return Path(extract(ExtractConfig(data=cfg.data, n=0, backbone=cfg.backbone, weights=cfg.weights,
+                                      batch_size=cfg.batch_size, device=cfg.device, workers=cfg.workers,
+                                      cache_dir=cfg.cache_dir, command=cfg.command))["cache"])
+
+
+def test_cache(cfg: AuditConfig, cache: FeatureCache) -> Optional[Path]:
+    """The test folder's cache, extracted exactly like the training cache (as fit-head --test-data does)."""
+    if not (cfg.test_data or cfg.test_cache):
+        return None
+    from ..heads.fit_head import test_cache_for
+
+    return test_cache_for(FitHeadConfig(test_data=cfg.test_data, test_cache=cfg.test_cache), cache)
+
+
+def pooled(cache: FeatureCache) -> tuple[np.ndarray, np.ndarray]:
+    """(average-pooled rows for the head, the rows near copies are compared in) of every cache row
+    (float32, in memory: 2 KB a row and view for VGG-16), read in one pass."""
+    from ..heads.feature_views import allowed_views
+
+    view = dup.VIEW if dup.VIEW in allowed_views(cache.feature_shape) else "avg"
+    rows = CacheViews(cache, np.arange(cache.n)).load(["avg", view])
+    return rows["avg"], rows[view]
+
+
+def digests_of(cache: FeatureCache) -> list[str]:
+    """Each row's sha256: from the cache, or (a cache made before it kept them) hashed from the files now."""
+    known = cache.digests
+    if known is not None and all(known):
+        return known
+    root = Path(cache.attrs["data_root"])
+    return [d or file_digest(root / p) for d, p in zip(known or [""] * cache.n, cache.paths)]
+
+
+def _output_dir(cfg: AuditConfig, data_roots) -> Path:
+    if cfg.output:
+        out = Path(cfg.output)
+        check_output(out / "report.json", data=data_roots, what="--output")
+        return out
+    return new_run_dir(cfg.runs_dir, "audit")
+
+
+def analyse(cfg: AuditConfig) -> dict:
+    """The audit of one training cache (and a test cache): label issues, outliers, duplicates, leaks."""
+    t0 = time.time()
+    path = training_cache(cfg)
+    seconds: dict = {}
+    with FeatureCache(path) as cache:
+        classes, labels, paths = cache.classes, np.asarray(cache.labels, np.int64), cache.paths
+        root = cache.attrs["data_root"]
+        smallest = int(np.bincount(labels, minlength=len(classes)).min())
+        if smallest < cfg.folds:
+            raise UsageError(f"{cfg.folds}-fold out-of-fold probabilities need at least {cfg.folds} photos of every "
+                             f"class; the smallest class of {path} has {smallest} (pass --folds {max(2, smallest)})")
+        avg, near_rows = pooled(cache)
+        digests = digests_of(cache)
+        tpath = test_cache(cfg, cache)
+        test = None
+        if tpath is not None:
+            with FeatureCache(tpath) as tc:
+                test = {"cache": str(tpath), "root": tc.attrs["data_root"], "paths": tc.paths, "near": pooled(tc)[1],
+                        "digests": digests_of(tc), "labels": np.asarray(tc.labels, np.int64)}
+    seconds["read"] = time.time() - t0
+    t = time.time()
+    issues = label_issues(avg, labels, classes, folds=cfg.folds, seed=cfg.seed)
+    seconds["label_issues"] = time.time() - t
+    t = time.time()
+    x = dup.l2_rows(near_rows)
+    near = dup.similar_pairs(x, threshold=cfg.threshold, k=10)
+    seconds["duplicates"] = time.time() - t
+    result = {
+        "cache": str(path), "data_root": root, "rows": len(labels), "classes": list(classes),
+        "head": issues["setting"], "folds": cfg.folds, "oof_acc": issues["oof_acc"], "threshold": cfg.threshold,
+        "label_issues": _label_issues(issues, labels, classes, paths),
+        "outliers": _outliers(near, labels, classes, paths),
+        "duplicates": _duplicate_groups(near, digests, labels, classes, paths),
+        "leaks": [], "test_cache": None,
+    }
+    if test is not None:
+        t = time.time()
+        xt = dup.l2_rows(test["near"])
+        cross = dup.similar_pairs(xt, x, threshold=cfg.threshold, k=1, desc="audit: test vs training")
+        result["leaks"] = _leaks(cross, test, digests, paths)
+        result["test_cache"], result["test_root"], result["test_rows"] = test["cache"], test["root"], len(test["paths"])
+        seconds["leaks"] = time.time() - t
+    # for the HTML report only (not in report.json): each row's nearest photos, every path and class
+    result.update(knn=near["knn"][:, :NEIGHBOURS_SHOWN], _paths=paths, _given=[classes[y] for y in labels])
+    result["seconds"] = {**seconds, "total": time.time() - t0}
+    return result
+
+
+def _label_issues(issues: dict, labels, classes, paths) -> list[dict]:
+    proba, score = issues["proba"], issues["score"]
+    return [{"path": paths[i], "given": classes[labels[i]], "suggested": classes[int(proba[i].argmax())],
+             "score": round(float(score[i]), 4), "row": int(i)} for i in issues["flagged"]]
+
+
+def _outliers(near: dict, labels, classes, paths) -> list[dict]:
+    scores = dup.outlier_scores(near["knn_sim"])
+    if not len(scores):
+        return []
+    fence = dup.outlier_threshold(scores)
+    rows = np.flatnonzero(scores > fence)
+    rows = rows[np.argsort(-scores[rows], kind="stable")]
+    return [{"path": paths[i], "given": classes[labels[i]], "score": round(float(scores[i]), 4), "row": int(i),
+             "fence": round(fence, 4)} for i in rows]
+
+
+def _duplicate_groups(near: dict, digests, labels, classes, paths) -> list[dict]:
+    pi, pj, ps = near["pairs"]
+    sim = {(int(a), int(b)): float(s) for a, b, s in zip(pi, pj, ps)}
+    exact = dup.exact_pairs(digests)
+    for a, b in exact:
+        sim[(a, b)] = 1.0
+    exact_set = set(exact)
+    found = dup.groups(len(paths), list(sim))
+    group_of = {i: n for n, g in enumerate(found) for i in g}
+    lowest, all_exact = [1.0] * len(found), [True] * len(found)
+    for (a, b), v in sim.items():  # each pair once: a group's weakest link, and whether all are byte copies
+        n = group_of[a]
+        lowest[n] = min(lowest[n], v)
+        all_exact[n] = all_exact[n] and (a, b) in exact_set
+    out = [{"paths": [paths[i] for i in g], "classes": [classes[labels[i]] for i in g],
+            "similarity": round(lowest[n], 4), "exact": all_exact[n], "rows": g} for n, g in enumerate(found)]
+    out.sort(key=lambda d: (-d["similarity"], d["rows"][0]))
+    return out
+
+
+def _leaks(cross: dict, test: dict, digests, paths) -> list[dict]:
+    found = {}
+    ti, tj, ts = cross["pairs"]
+    for a, b, s in zip(ti.tolist(), tj.tolist(), ts.tolist()):
+        found[(a, b)] = max(found.get((a, b), 0.0), s)
+    for a, b in dup.exact_pairs(test["digests"], digests):
+        found[(a, b)] = 1.0
+    exact = set(dup.exact_pairs(test["digests"], digests))
+    out = [{"train": paths[b], "test": test["paths"][a], "similarity": round(min(s, 1.0), 4),
+            "exact": (a, b) in exact} for (a, b), s in found.items()]
+    out.sort(key=lambda d: (-d["similarity"], d["test"], d["train"]))
+    return out
+
+
+# -- outputs ------------------------------------------------------------------------------------------
+def write_fixes_csv(result: dict, path: Path) -> None:
+    """The list to review: each label issue as 'relabel' to its suggested class, each extra copy of an
+    exact duplicate as 'remove', each outlier as 'keep' (change the action to act on it)."""
+    rows = [{"path": r["path"], "action": "relabel", "new_class": r["suggested"], "why": f"label issue {r['score']}"}
+            for r in result["label_issues"]]
+    for g in result["duplicates"]:
+        if g["exact"]:
+            rows += [{"path": p, "action": "remove", "new_class": "", "why": f"exact copy of {g['paths'][0]}"}
+                     for p in g["paths"][1:]]
+    rows += [{"path": r["path"], "action": "keep", "new_class": "", "why": f"outlier {r['score']}"}
+             for r in result["outliers"]]
+
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, ["path", "action", "new_class", "why"])
+            w.writeheader()
+            w.writerows(rows)
+
+    atomic_write(path, write)
+
+
+def public(result: dict) -> dict:
+    """The result without the arrays only the pictures need (what report.json and --json hold)."""
+    return {k: v for k, v in result.items() if k != "knn" and not k.startswith("_")}
+
+
+def audit(cfg: AuditConfig) -> dict:
+    """The audit command: analyse (the default), or --apply a reviewed list, or --undo one."""
+    validate(cfg)
+    if cfg.apply or cfg.undo:
+        from ..data.apply_fixes import apply_fixes, undo_fixes
+
+        if cfg.apply:
+            if not cfg.data:
+                raise UsageError("--apply needs --data DIR, the folder the list's paths are relative to")
+            out = new_run_dir(cfg.runs_dir, "audit-apply") if not cfg.output else require_folder(cfg.output, "--output")
+            result = apply_fixes(cfg.apply, cfg.data, out, cfg.quarantine_dir)
+        else:
+            result = undo_fixes(cfg.undo)
+        if cfg.refresh:
+            result["refreshed"] = refresh(cfg, result["root"])
+        return result
+    result = analyse(cfg)
+    roots = [result["data_root"], result.get("test_root")]
+    out = _output_dir(cfg, roots)
+    with_pictures(result, out, cfg.top)
+    result["output"] = str(out)
+    report = public(result)
+    atomic_write(out / "report.json", lambda tmp: tmp.write_text(json.dumps(report, indent=1)))
+    write_fixes_csv(result, out / "fixes.csv")
+    result.update(report=str(out / "report.json"), fixes=str(out / "fixes.csv"))
+    return public(result)
+
+
+def with_pictures(result: dict, out: Path, top: int) -> None:
+    from .audit_html import write_gallery, write_html
+
+    result["html"] = str(write_html(result, out / "report.html", top))
+    result["gallery"] = str(write_gallery(result, out / "gallery.png", top))
+
+
+def refresh(cfg: AuditConfig, root: str) -> Optional[dict]:
+    """Extract the changed folder again as its newest cache was made, so the next fit-head trains on the
+    new labels: rows are found by content in the old cache (``row_donors``), so nothing is recomputed."""
+    from ..cache.feature_cache import list_caches
+    from ..extraction.extract import extract
+
+    good, _ = list_caches(cfg.cache_dir) if Path(cfg.cache_dir).is_dir() else ([], [])
+    made = [i for i in good if i.complete and Path(i.attrs["data_root"]) == Path(root).resolve()
+            and i.attrs.get("purpose") != "test"]
+    if not made:
+        log.info("no cache of %s in %s to refresh; the next extract reuses rows by content", root, cfg.cache_dir)
+        return None
+    config = json.loads(made[0].attrs.get("config") or "{}")
+    keep = {k: config[k] for k in ("n", "backbone", "weights", "dtype", "precision", "pool", "decode", "seed",
+                                   "calib_n", "calib_data", "flip", "batch_size", "device", "workers")
+            if k in config}
+    try:
+        r = extract(ExtractConfig(data=root, cache_dir=cfg.cache_dir, command=cfg.command, **keep))
+    except UsageError as e:
+        log.warning("could not extract %s again as %s was made (%s); run extract yourself: rows are reused by "
+                    "content", root, made[0].path, e)
+        return None
+    return {k: r.get(k) for k in ("cache", "hit", "rows", "computed", "reused", "label_changes")}
+
+
+def format_report(r: dict, top: int = 20) -> str:
+    """The audit as the lines a person reads on stdout."""
+    if "journal" in r:
+        return format_fixes(r)
+    lines = [f"audited {r['rows']} photos of {r['data_root']} ({len(r['classes'])} classes; cache {r['cache']})",
+             f"out-of-fold probabilities: {r['folds']} refits of {r['head']} (out-of-fold acc {r['oof_acc']:.3f})",
+             f"label issues: {len(r['label_issues'])}   outliers: {len(r['outliers'])}   "
+             f"duplicate groups: {len(r['duplicates'])}   leaks: "
+             f"{len(r['leaks']) if r['test_cache'] else '- (no --test-data)'}"]
+    if r["label_issues"]:
+        w = max(len("likely wrong label"), *(len(i["path"]) for i in r["label_issues"][:top]))
+        lines += ["", f"{'likely wrong label':<{w}}  {'given':<12} {'suggested':<12} score",
+                  f"{'-' * w}  {'-' * 12} {'-' * 12} -----"]
+        lines += [f"{i['path']:<{w}}  {i['given']:<12} {i['suggested']:<12} {i['score']:.3f}"
+                  for i in r["label_issues"][:top]]
+        if len(r["label_issues"]) > top:
+            lines.append(f"... and {len(r['label_issues']) - top} more (report.json)")
+    if r["outliers"]:
+        lines += ["", "like no other photo (outlier score = 1 - mean cosine similarity to its 10 nearest):"]
+        lines += [f"  {o['path']}  ({o['given']}, {o['score']:.3f})" for o in r["outliers"][:top]]
+    if r["duplicates"]:
+        lines += ["", f"duplicates (cosine >= {r['threshold']}, or the same bytes):"]
+        for g in r["duplicates"][:top]:
+            kind = "exact" if g["exact"] else f"{g['similarity']:.3f}"
+            lines.append(f"  {kind:>6}  " + "  ".join(f"{p} ({c})" for p, c in zip(g["paths"], g["classes"])))
+    if r["leaks"]:
+        lines += ["", f"leaks: test photos with a copy in the training folder ({r['test_root']}):"]
+        lines += [f"  {'exact' if lk['exact'] else format(lk['similarity'], '.3f'):>6}  test {lk['test']}  = "
+                  f"train {lk['train']}" for lk in r["leaks"][:top]]
+    lines += ["", f"report: {r['html']}", f"gallery: {r['gallery']}",
+              f"to fix: review {r['fixes']} (action relabel / remove / keep), then "
+              f"python cli.py audit --data {r['data_root']} --apply {r['fixes']}"]
+    return "\n".join(lines)
+
+
+def format_fixes(r: dict) -> str:
+    lines = [f"{r['what']} {r['moved']} files in {r['root']} (journal {r['journal']})"]
+    ref = r.get("refreshed")
+    if ref:
+        lines.append(f"cache {ref['cache']}: " + ("a hit, nothing computed" if ref["hit"] else
+                     f"{ref['reused']} rows reused by content ({ref['label_changes']} now in another class), "
+                     f"{ref['computed']} computed"))
+    if r.get("undo"):
+        lines.append(f"to undo: {r['undo']}")
+    return "\n".join(lines)

@@ -1,0 +1,98 @@
+"""The audit's pictures: one self-contained HTML page (thumbnails inlined as base64 JPEG, no external
+resource, so it opens anywhere and can be mailed) and a gallery PNG of the top label issues."""
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+from typing import Optional
+
+from ..data.folders import ImageLoadError, load_rgb
+from ..files import atomic_write
+
+THUMB = 160  # pixels, the longer side of a thumbnail
+
+
+def thumbnail(path: Path, size: int = THUMB):
+    """A small RGB PIL image of ``path``, or None when it cannot be read (moved, broken)."""
+    try:
+        im = load_rgb(path, size)
+    except (ImageLoadError, OSError):
+        return None
+    im.thumbnail((size, size))
+    return im
+
+
+def data_uri(image) -> Optional[str]:
+    if image is None:
+        return None
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _img(root: str, rel: str, caption: str) -> str:
+    uri = data_uri(thumbnail(Path(root) / rel))
+    pic = f'<img src="{uri}" alt="">' if uri else '<div class="missing">unreadable</div>'
+    return f'<figure>{pic}<figcaption>{html.escape(caption)}</figcaption></figure>'
+
+
+STYLE = """body{font-family:sans-serif;margin:1.5em;color:#222}h2{margin-top:1.6em}
+table{border-collapse:collapse}td,th{border-bottom:1px solid #ddd;padding:4px 8px;vertical-align:top;text-align:left}
+figure{display:inline-block;margin:2px 6px;text-align:center;font-size:11px;max-width:170px;word-break:break-all}
+img{max-width:160px;max-height:160px;display:block;margin:auto}.missing{width:120px;height:90px;background:#ddd}
+.given{color:#b00}.suggested{color:#070}"""
+
+
+def render(result: dict, top: int) -> str:
+    """The HTML text of an audit ``result`` (``analyse``'s, with its ``knn`` neighbour indices)."""
+    root, esc = result["data_root"], html.escape
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>audit of {esc(root)}</title>"
+             f"<style>{STYLE}</style></head><body>",
+             f"<h1>Audit of {esc(root)}</h1>",
+             f"<p>{result['rows']} photos, classes {esc(', '.join(result['classes']))}; out-of-fold probabilities "
+             f"from {result['folds']} refits of {esc(result['head'])} (accuracy {result['oof_acc']:.3f}); "
+             f"near copies: cosine similarity &ge; {result['threshold']}.</p>",
+             f"<h2>Likely wrong labels ({len(result['label_issues'])})</h2>"]
+    knn, paths, given = result.get("knn"), result.get("_paths"), result.get("_given")
+    parts.append("<table><tr><th>photo</th><th>given &rarr; suggested</th><th>nearest training photos</th></tr>")
+    for it in result["label_issues"][:top]:
+        neighbours = ""
+        if knn is not None and paths is not None:
+            neighbours = "".join(_img(root, paths[j], f"{given[j]}") for j in knn[it["row"]])
+        parts.append(f"<tr><td>{_img(root, it['path'], it['path'])}</td><td><span class='given'>{esc(it['given'])}"
+                     f"</span> &rarr; <span class='suggested'>{esc(it['suggested'])}</span><br>score "
+                     f"{it['score']:.3f}</td><td>{neighbours}</td></tr>")
+    parts.append("</table>")
+    parts.append(f"<h2>Like no other photo ({len(result['outliers'])})</h2><div>")
+    parts += [_img(root, o["path"], f"{o['path']} ({o['given']}, {o['score']:.3f})") for o in result["outliers"][:top]]
+    parts.append(f"</div><h2>Duplicates ({len(result['duplicates'])} groups)</h2><table>")
+    for g in result["duplicates"][:top]:
+        kind = "same bytes" if g["exact"] else f"cosine {g['similarity']:.3f}"
+        parts.append(f"<tr><td>{kind}</td><td>" + "".join(_img(root, p, f"{p} ({c})")
+                                                          for p, c in zip(g["paths"][:6], g["classes"][:6]))
+                     + "</td></tr>")
+    parts.append("</table>")
+    if result.get("test_cache"):
+        parts.append(f"<h2>Leaks: test photos also in the training folder ({len(result['leaks'])})</h2><table>")
+        for lk in result["leaks"][:top]:
+            kind = "same bytes" if lk["exact"] else f"cosine {lk['similarity']:.3f}"
+            parts.append(f"<tr><td>{kind}</td><td>{_img(result['test_root'], lk['test'], 'test ' + lk['test'])}"
+                         f"{_img(root, lk['train'], 'train ' + lk['train'])}</td></tr>")
+        parts.append("</table>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_html(result: dict, path: Path, top: int) -> Path:
+    text = render(result, top)
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_gallery(result: dict, path: Path, top: int) -> Path:
+    from ..runs.figures import label_issues_figure, save
+
+    items = [{**it, "image": thumbnail(Path(result["data_root"]) / it["path"], 256)}
+             for it in result["label_issues"][:min(top, 24)]]
+    return save(label_issues_figure(items), path)

@@ -1,0 +1,126 @@
+"""Duplicates and leaks: the same photo twice (same bytes), or nearly (re-encoded, resized, slightly cropped).
+
+Near copies are found by the cosine similarity of max-pooled, l2-normalised backbone features (the
+``max`` view; ``avg`` for caches stored pooled) above ``NEAR_DUPLICATE`` (chosen by measurement,
+docs/audit.md: max-pooled rows told copies from distinct photos far better than average-pooled ones,
+whose closest distinct tabby cats scored as high as a half-size copy). The
+search is blocked matrix products (a block of rows against all others), so memory stays at one
+block x N similarities whatever the folder's size; the same pass keeps each row's nearest neighbours,
+from which the outlier score comes (rows far from every other photo). Pairs are grouped by union-find.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+
+from ..config import NEAR_DUPLICATE
+from ..progress import progress
+
+#: The view near copies are compared in, where the cache has it (bench/near_duplicates.py).
+VIEW = "max"
+#: Bytes of similarities held at once (one block of rows against all the others).
+BLOCK_BYTES = 128 << 20
+
+
+def l2_rows(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (float32), so a dot product is the cosine similarity."""
+    x = np.asarray(x, np.float32)
+    n = np.linalg.norm(x, axis=1, keepdims=True)
+    n[n == 0] = 1.0
+    return x / n
+
+
+def similar_pairs(x: np.ndarray, other: Optional[np.ndarray] = None, threshold: float = NEAR_DUPLICATE,
+                  k: int = 10, desc: str = "audit: similarity search") -> dict:
+    """Every pair with cosine similarity >= ``threshold`` and each row's ``k`` nearest neighbours.
+
+    Without ``other``: pairs (i, j) of rows of ``x`` with i < j, neighbours among the other rows of
+    ``x``. With ``other`` (e.g. the training rows for test rows ``x``): pairs (i of x, j of other),
+    neighbours among ``other``'s rows. Rows must be l2-normalised. Returns {"pairs": (i, j, sim)
+    arrays, "knn": (N, k) indices, "knn_sim": (N, k) similarities, nearest first}.
+    """
+    base = x if other is None else other
+    n, m = len(x), len(base)
+    k = max(0, min(k, m - (1 if other is None else 0)))
+    block = int(max(16, min(4096, BLOCK_BYTES // max(4 * m, 1))))
+    pi, pj, ps = [], [], []
+    knn = np.zeros((n, k), np.int64)
+    knn_sim = np.zeros((n, k), np.float32)
+    bar = progress(total=n, desc=desc, unit="row")
+    try:
+        for lo in range(0, n, block):
+            hi = min(lo + block, n)
+            s = x[lo:hi] @ base.T
+            if other is None:
+                s[np.arange(hi - lo), np.arange(lo, hi)] = -np.inf  # a row is not its own neighbour
+            if k:
+                part = np.argpartition(-s, k - 1, axis=1)[:, :k]
+                sims = np.take_along_axis(s, part, 1)
+                order = np.argsort(-sims, axis=1, kind="stable")
+                knn[lo:hi] = np.take_along_axis(part, order, 1)
+                knn_sim[lo:hi] = np.take_along_axis(sims, order, 1)
+            r, c = np.nonzero(s >= threshold)
+            if other is None:
+                keep = c > r + lo
+                r, c = r[keep], c[keep]
+            pi.append(r + lo)
+            pj.append(c)
+            ps.append(s[r, c])
+            bar.update(hi - lo)
+    finally:
+        bar.close()
+    cat = (lambda parts, dt: np.concatenate(parts).astype(dt) if parts else np.zeros(0, dt))  # noqa: E731
+    return {"pairs": (cat(pi, np.int64), cat(pj, np.int64), cat(ps, np.float32)), "knn": knn, "knn_sim": knn_sim}
+
+
+def exact_pairs(digests: Sequence[str], other: Optional[Sequence[str]] = None) -> list[tuple[int, int]]:
+    """(i, j) of rows with the same sha256 (i < j within one list; i of ``digests``, j of ``other``)."""
+    if other is None:
+        first: dict = {}
+        out = []
+        for i, d in enumerate(digests):
+            if not d:
+                continue
+            if d in first:
+                out.append((first[d], i))
+            else:
+                first[d] = i
+        return out
+    where: dict = {}
+    for j, d in enumerate(other):
+        if d:
+            where.setdefault(d, []).append(j)
+    return [(i, j) for i, d in enumerate(digests) if d for j in where.get(d, ())]
+
+
+def groups(n: int, pairs: Sequence[tuple[int, int]]) -> list[list[int]]:
+    """Connected groups (union-find) of the rows joined by ``pairs``, each sorted, groups by first row."""
+    parent = list(range(n))
+
+    def find(a: int) -> int:
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    for a, b in pairs:
+        ra, rb = find(int(a)), find(int(b))
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    members: dict = {}
+    for a, b in pairs:
+        for v in (int(a), int(b)):
+            members.setdefault(find(v), set()).add(v)
+    return sorted((sorted(g) for g in members.values()), key=lambda g: g[0])
+
+
+def outlier_scores(knn_sim: np.ndarray) -> np.ndarray:
+    """1 - the mean similarity to a row's nearest neighbours: high for a photo like no other."""
+    return 1.0 - knn_sim.mean(1) if knn_sim.size else np.zeros(len(knn_sim))
+
+
+def outlier_threshold(scores: np.ndarray) -> float:
+    """Scores above the upper quartile plus 3 interquartile ranges (Tukey's far-out fence) are outliers."""
+    q1, q3 = np.percentile(scores, [25, 75])
+    return float(q3 + 3 * (q3 - q1))

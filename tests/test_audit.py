@@ -1,0 +1,108 @@
+"""audit on generated photos with planted problems: a wrong label, an exact duplicate, a leak into the test folder."""
+import json
+import shutil
+
+import numpy as np
+from click.testing import CliRunner
+from PIL import Image
+
+import pipeline
+from pipeline.cli import cli
+from tests.conftest import COLOURS
+
+TINY = {"backbone": "tiny", "weights": "none", "workers": 0}
+
+
+def photos(root, per_class=15, seed=0, classes=("blue", "green", "red")):
+    """Photos of a class colour, each with its own shade and gradient (so no two are near copies)."""
+    rng = np.random.default_rng(seed)
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            h, w = 40 + int(rng.integers(0, 16)), 48 + int(rng.integers(0, 16))
+            shade = np.array(COLOURS[c]) + rng.normal(0, 25, 3)
+            ramp = np.linspace(-1, 1, w)[None, :, None] * rng.normal(0, 40, 3)
+            arr = np.clip(shade + ramp + rng.normal(0, 10, (h, w, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(root / c / f"{c}.{i}.jpg", quality=90)
+    return root
+
+
+def planted(tmp_path):
+    data, test = photos(tmp_path / "data"), photos(tmp_path / "test", per_class=5, seed=1)
+    shutil.move(data / "blue" / "blue.3.jpg", data / "red" / "blue.3.jpg")  # a wrong label
+    shutil.copy(data / "green" / "green.1.jpg", data / "green" / "copy.jpg")  # an exact duplicate
+    shutil.copy(data / "red" / "red.2.jpg", test / "red" / "leak.jpg")  # a leak, same bytes
+    Image.open(data / "green" / "green.4.jpg").save(test / "green" / "leak2.jpg", quality=60)  # re-encoded
+    return data, test
+
+
+def test_audit_finds_the_planted_problems(tmp_path):
+    data, test = planted(tmp_path)
+    r = pipeline.audit_folder(data, test_data=str(test), folds=3, threshold=0.999, cache_dir=str(tmp_path / "features"),
+                       runs_dir=str(tmp_path / "runs"), **TINY)
+    assert r["label_issues"][0]["path"] == "red/blue.3.jpg"
+    assert (r["label_issues"][0]["given"], r["label_issues"][0]["suggested"]) == ("red", "blue")
+    exact = [g for g in r["duplicates"] if g["exact"]]
+    assert [sorted(g["paths"]) for g in exact] == [["green/copy.jpg", "green/green.1.jpg"]]
+    # the two planted leaks are the most similar pairs: the copy first (same bytes), then the re-encoded one
+    top = [(lk["test"], lk["train"], lk["exact"]) for lk in r["leaks"][:2]]
+    assert top == [("red/leak.jpg", "red/red.2.jpg", True), ("green/leak2.jpg", "green/green.4.jpg", False)]
+    # the report is self-contained and written outside the data folder
+    out = tmp_path / "runs"
+    html = (next(out.glob("*-audit")) / "report.html").read_text()
+    assert "data:image/jpeg;base64," in html and "http://" not in html and "https://" not in html
+    saved = json.loads((next(out.glob("*-audit")) / "report.json").read_text())
+    assert saved["label_issues"][0] == {k: r["label_issues"][0][k] for k in saved["label_issues"][0]}
+    assert not list(data.rglob("*.json")) and not list(data.rglob("*.html"))
+
+
+def test_cli_audit_json_and_apply_undo_round_trip(tmp_path):
+    data, _ = planted(tmp_path)
+    before = {p.relative_to(data): p.read_bytes() for p in data.rglob("*") if p.is_file()}
+    args = ["--backbone", "tiny", "--weights", "none", "--workers", "0", "--cache-dir", str(tmp_path / "features"),
+            "--runs-dir", str(tmp_path / "runs")]
+    run = CliRunner().invoke(cli, ["audit", "--data", str(data), "--folds", "3", "--json", *args])
+    assert run.exit_code == 0, run.output
+    r = json.loads(run.stdout)
+    assert set(r["label_issues"][0]) >= {"path", "given", "suggested", "score"}
+    fixes = tmp_path / "fixes.csv"
+    fixes.write_text("path,action,new_class\nred/blue.3.jpg,relabel,blue\ngreen/copy.jpg,remove,\n"
+                     "red/red.5.jpg,keep,\n")
+    run = CliRunner().invoke(cli, ["audit", "--data", str(data), "--apply", str(fixes), *args])
+    assert run.exit_code == 0, run.output
+    assert (data / "blue" / "blue.3.jpg").is_file() and not (data / "green" / "copy.jpg").exists()
+    assert (tmp_path / "data.quarantine" / "green" / "copy.jpg").is_file()
+    assert "0 computed" in run.stdout  # the folder's rows were found by content: nothing recomputed
+    undo = [line for line in run.stdout.splitlines() if "audit --undo" in line][0].split("to undo: ")[1]
+    journal = undo.split("--undo ")[1]
+    run = CliRunner().invoke(cli, ["audit", "--undo", journal, "--cache-dir", str(tmp_path / "features")])
+    assert run.exit_code == 0, run.output
+    after = {p.relative_to(data): p.read_bytes() for p in data.rglob("*") if p.is_file()}
+    assert after == before
+    assert not (tmp_path / "data.quarantine").exists()
+    again = CliRunner().invoke(cli, ["audit", "--undo", journal])
+    assert again.exit_code == 2 and "undone already" in again.output
+
+
+def test_audit_needs_a_folder_or_cache():
+    run = CliRunner().invoke(cli, ["audit"])
+    assert run.exit_code == 2 and "--data" in run.output
+
+
+def test_a_cache_made_before_digests_still_shows_exact_copies(tmp_path, make_cache):
+    import h5py
+
+    data, _ = planted(tmp_path)
+    cache = make_cache(data)["cache"]
+    with h5py.File(cache, "r+") as f:
+        del f["sha256"]
+    r = pipeline.audit_folder(cache=cache, folds=3, threshold=1.0, runs_dir=str(tmp_path / "runs"))
+    assert [sorted(g["paths"]) for g in r["duplicates"] if g["exact"]] == [["green/copy.jpg", "green/green.1.jpg"]]
+
+
+def test_the_report_never_goes_into_the_data_folder(tmp_path, make_cache):
+    data, _ = planted(tmp_path)
+    cache = make_cache(data)["cache"]
+    run = CliRunner().invoke(cli, ["audit", "--cache", cache, "--folds", "3", "--output", str(data / "report")])
+    assert run.exit_code == 2 and "inside the data folder" in run.output
+    assert not (data / "report").exists()

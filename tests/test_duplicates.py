@@ -1,0 +1,50 @@
+"""Blocked similarity search, exact pairs and union-find groups, on vectors whose answer is known by construction."""
+import numpy as np
+
+from pipeline.reports import duplicates as dup
+
+
+def _rows(n=300, d=32, seed=0):
+    return dup.l2_rows(np.random.default_rng(seed).normal(size=(n, d)))
+
+
+def test_similar_pairs_match_the_full_matrix_whatever_the_block(monkeypatch):
+    x = _rows()
+    x[17] = dup.l2_rows(x[[3]] + 0.01)[0]  # a near copy of row 3
+    x[250] = x[40]  # an exact one of row 40
+    full = x @ x.T
+    want = {(i, j) for i, j in zip(*np.nonzero(full >= 0.9)) if i < j}
+    for block_bytes in (4 * 300 * 16, 1 << 30):  # 16-row blocks, and everything at once
+        monkeypatch.setattr(dup, "BLOCK_BYTES", block_bytes)
+        found = dup.similar_pairs(x, threshold=0.9, k=3)
+        pi, pj, ps = found["pairs"]
+        assert set(zip(pi.tolist(), pj.tolist())) == want
+        assert {(3, 17), (40, 250)} <= want
+        np.testing.assert_allclose(ps, full[pi, pj], rtol=1e-5)
+        np.fill_diagonal(full, -np.inf)
+        np.testing.assert_array_equal(found["knn"][:, 0], full.argmax(1))
+        full = x @ x.T
+
+
+def test_pairs_against_other_rows_are_cross_pairs_only():
+    train, test = _rows(100, seed=1), _rows(20, seed=2)
+    test[5] = train[60]
+    found = dup.similar_pairs(test, train, threshold=0.99, k=1)
+    pi, pj, _ = found["pairs"]
+    assert list(zip(pi.tolist(), pj.tolist())) == [(5, 60)]
+    assert found["knn"][5, 0] == 60
+
+
+def test_exact_pairs_and_groups():
+    digests = ["a", "b", "a", "", "c", "a", ""]
+    assert dup.exact_pairs(digests) == [(0, 2), (0, 5)]  # '' (unknown) never matches
+    assert dup.exact_pairs(["c", "x", ""], digests) == [(0, 4)]
+    assert dup.groups(8, [(0, 2), (5, 2), (6, 7)]) == [[0, 2, 5], [6, 7]]
+
+
+def test_an_isolated_row_is_an_outlier():
+    x = dup.l2_rows(np.random.default_rng(0).normal(size=(200, 8)) * 0.1 + 1)  # one tight cloud
+    x[50] = dup.l2_rows(-np.ones((1, 8)))[0]  # the opposite direction
+    scores = dup.outlier_scores(dup.similar_pairs(x, threshold=2.0, k=10)["knn_sim"])
+    flagged = np.flatnonzero(scores > dup.outlier_threshold(scores))
+    assert 50 in flagged and scores.argmax() == 50 and len(flagged) < 10

@@ -1,0 +1,39 @@
+"""Out-of-fold refits and cleanlab's ranking: flipped labels of well-separated classes come first."""
+import numpy as np
+
+from pipeline.reports.label_issues import label_issues, out_of_fold, recall_at
+
+
+def clusters(n_per=60, k=3, d=16, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 1, (k, d)) * 3
+    x = np.concatenate([np.abs(c + rng.normal(0, 0.7, (n_per, d))) for c in centres]).astype(np.float32)
+    return x, np.repeat(np.arange(k), n_per)
+
+
+def test_flipped_labels_rank_first():
+    x, y = clusters()
+    flipped = np.array([5, 70, 130, 150])
+    noisy = y.copy()
+    noisy[flipped] = (y[flipped] + 1) % 3
+    r = label_issues(x, noisy, ["a", "b", "c"], folds=5)
+    assert recall_at(r["ranking"], flipped, len(flipped)) == 1.0
+    assert set(flipped) <= set(r["flagged"].tolist())
+    assert (r["proba"][flipped].argmax(1) == y[flipped]).all()  # the suggested class is the true one
+    np.testing.assert_allclose(r["proba"].sum(1), 1.0)
+
+
+def test_out_of_fold_rows_never_come_from_a_fit_that_saw_them():
+    from sklearn.model_selection import StratifiedKFold
+
+    from pipeline.heads.feature_views import Normalizer
+    from pipeline.heads.sklearn_fits import fit_logreg
+
+    x, y = clusters(n_per=20)
+    setting = {"head": "logreg", "view": "avg", "normalize": "l2", "C": 10.0}
+    p = out_of_fold(x, y, 3, setting, folds=4, seed=3)
+    for tr, te in StratifiedKFold(4, shuffle=True, random_state=3).split(x, y):  # each fold: a fit without it
+        nm = Normalizer("l2")
+        want = fit_logreg(nm.transform(x[tr]), y[tr], 10.0, 3).predict_proba(nm.transform(x[te]))
+        np.testing.assert_allclose(p[te], want, rtol=1e-6)
+        assert not np.allclose(p[te], fit_logreg(nm.transform(x), y, 10.0, 3).predict_proba(nm.transform(x[te])))
