@@ -1,7 +1,7 @@
 """Benchmark: `extract` end to end on every compute path vs the tutorial's loop, in one run on the same images.
 
-Paths (``--only``): bf16 (extract's default on a CPU with bf16), bf16+compile, int8, int8+compile,
-fp32. For each: end-to-end img/s (compile time reported apart, as it is paid once per run), the
+Paths (``--only``): bf16, bf16+compile, int8, int8+compile, fp32, and defaults (no precision or compile
+asked: what ``--precision auto`` picks for this --n on this machine; the table names it). For each: end-to-end img/s (compile time reported apart, as it is paid once per run), the
 network alone at the same batch size, where the time went (waiting for decoded images, model,
 HDF5 writes, other), and the ratio to bf16-eager. Also the bf16 and int8 matmul ceilings, decode
 cost per image, and peak RSS at two n. Each measurement runs in its own subprocess so its peak
@@ -211,7 +211,8 @@ CHILDREN = {"tutorial": child_tutorial, "extract": child_extract, "matmul": chil
 #: the compute paths, as extract options
 PATHS = {"bf16": {"precision": "bf16", "compile": "off"}, "bf16+compile": {"precision": "bf16", "compile": "on"},
          "int8": {"precision": "int8", "compile": "off"}, "int8+compile": {"precision": "int8", "compile": "on"},
-         "fp32": {"precision": "fp32", "compile": "off"}}
+         "fp32": {"precision": "fp32", "compile": "off"},
+         "defaults": {}}  # extract's own choice (--precision auto: int8 + compile from 1,000 images on VNNI CPUs)
 
 
 # -- the parent --------------------------------------------------------------------------------
@@ -247,6 +248,9 @@ def main_bench(a) -> dict:
         env = {"TORCHINDUCTOR_CACHE_DIR": str(tmp / f"inductor-{name}")}
         e = run_child("extract", a, env, cache_dir=tmp / name, extract_kw=kw,
                       **({} if paths.exists() else {"paths": paths}))
+        if name == "defaults":  # the network alone as extract chose it
+            kw = json.dumps({"precision": e["precision"], "compile": "on" if e["compiled"] else "off"})
+            name = f"defaults ({e['precision']}{'+compile' if e['compiled'] else ''})"
         m = run_child("model", a, env, extract_kw=kw)
         st, busy = e["stage_seconds"], e["seconds"] - e["compile_seconds"]
         stages = {"input": st["input"], "model": st["model"] - e["compile_seconds"], "write": st["write"]}
