@@ -20,7 +20,7 @@ import torch
 
 from ..config import FORMATS, ImagenetCheckConfig, PredictConfig
 from ..data.folders import NOT_UTF8, ImageLoadError, is_image_name, walk
-from ..data.image_reader import ImageListDataset, load_transformed, read_items
+from ..data.image_reader import Batch, ImageListDataset, load_transformed, read_items
 from ..devices import resolve_device, resolve_precision, resolve_workers
 from ..errors import UsageError
 from ..extraction import backbones as bb
@@ -70,17 +70,37 @@ def iter_log_proba(model, transform, files: list[str], batch_size: int, workers:
                 yield item, None
 
 
+def prediction_rows(lm, batch: Batch, outputs, top: int = 0) -> list[dict]:
+    """The rows of one batch, in order: {path, class, probability, error}; ``outputs``: the model's
+    log-probabilities of the batch's good items (None when it has none).
+
+    The one place a row is made: predict and the prediction service (``serving.service``) both call it,
+    so a file gives the same row from either. ``top`` > 0 adds ``top``: the ``top`` most probable
+    classes as [{class, probability}] (the service's page draws them as bars).
+    """
+    classes, rows, k = lm.classes, [], 0
+    for item in batch.items:
+        if not item.ok:
+            rows.append({"path": item.path, "class": None, "probability": None, "error": item.error})
+            continue
+        logp = outputs[k]
+        k += 1
+        best = int(logp.argmax())
+        row = {"path": item.path, "class": classes[best], "probability": float(np.exp(logp[best])), "error": None}
+        if top > 0:
+            order = np.argsort(-logp, kind="stable")[:top]
+            row["top"] = [{"class": classes[int(i)], "probability": float(np.exp(logp[i]))} for i in order]
+        rows.append(row)
+    return rows
+
+
 def iter_predictions(lm, files: list[str], batch_size: int, workers: int, device, precision) -> Iterator[dict]:
     """One row per file, in order: {path, class, probability, error}."""
 
-    classes = lm.classes
     model = Inference(lm.model, device, precision)
-    for item, logp in iter_log_proba(model, lm.transform, files, batch_size, workers):
-        if logp is None:
-            yield {"path": item.path, "class": None, "probability": None, "error": item.error}
-            continue
-        best = int(logp.argmax())
-        yield {"path": item.path, "class": classes[best], "probability": float(np.exp(logp[best])), "error": None}
+    items = read_items(ImageListDataset(Path(""), [(f, -1) for f in files], lm.transform), resolve_workers(workers))
+    for batch, logp in run_batches(model, items, batch_size):
+        yield from prediction_rows(lm, batch, logp)
 
 
 def format_rows(rows: list[dict], fmt: str) -> str:
