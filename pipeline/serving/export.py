@@ -30,6 +30,7 @@ from ..extraction.inference import Inference, run_batches
 from ..files import atomic_write, check_output
 from ..models.predict import list_inputs
 from ..models.whole_models import load_model, read_checkpoint
+from ..progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -146,11 +147,19 @@ def write_onnx(net: nn.Module, example, path: Path, meta: dict) -> None:
     import onnx
 
     batch = torch.export.Dim("batch", min=1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the exporter's notes on its own internals
-        torch.onnx.export(net, (example,), str(path), input_names=[INPUT], output_names=list(OUTPUTS),
-                          dynamic_shapes={"images": {0: batch}}, dynamo=True, external_data=False,
-                          verbose=False, report=False)
+    chatty = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir", "torch.onnx")]
+    levels = [c.level for c in chatty]
+    try:
+        for c in chatty:  # the exporter's INFO lines on its own passes
+            c.setLevel(logging.WARNING)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # and its notes on its internals
+            torch.onnx.export(net, (example,), str(path), input_names=[INPUT], output_names=list(OUTPUTS),
+                              dynamic_shapes={"images": {0: batch}}, dynamo=True, external_data=False,
+                              verbose=False, report=False)
+    finally:
+        for c, level in zip(chatty, levels):
+            c.setLevel(level)
     model = onnx.load(str(path))
     del model.metadata_props[:]
     for key, value in meta.items():
@@ -195,7 +204,9 @@ def parity(lm, runner: ExportedRunner, files: list[str], cfg: ExportConfig) -> d
     inference = Inference(lm.model, torch.device("cpu"), "fp32")
     items = read_items(ImageListDataset(Path(""), [(f, -1) for f in files], lm.transform), cfg.workers)
     worst, same, n, bad = 0.0, 0, 0, []
+    bar = progress(total=len(files), desc="parity", unit="img")
     for batch, logp in run_batches(inference, items, cfg.batch_size):
+        bar.update(len(batch.items))
         bad += batch.bad
         if logp is None:
             continue
@@ -204,6 +215,7 @@ def parity(lm, runner: ExportedRunner, files: list[str], cfg: ExportConfig) -> d
         worst = max(worst, float(np.abs(ours - theirs).max()))
         same += int((ours.argmax(1) == theirs.argmax(1)).sum())
         n += len(ours)
+    bar.close()
     if not n:
         raise UsageError(f"none of the {len(files)} photos for the parity check could be read "
                          f"(first: {bad[0][0]}: {bad[0][1]})")
