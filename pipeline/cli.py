@@ -668,7 +668,7 @@ def summary(as_json, **options):
               help="A fit-head head.pt (exported with its backbone) or a train/finetune model.pt.")
 @click.option("--format", "format", type=click.Choice(EXPORT_FORMATS), help="onnx or torchscript.")
 @click.option("--output", required=True, type=click.Path(dir_okay=False),
-              help="The file to write; its metadata goes beside it with suffix .json.")
+              help="The file to write; its metadata goes beside it as FILE.json.")
 @click.option("--weights", help="For a head.pt: its backbone weights, if not where the head recorded them.")
 @click.option("--check-data", help="Photos (a folder or a file) for the parity check [default: the training data's].")
 @click.option("--check-n", type=int, help="Photos of --check-data compared, spread over them; 0 = all.")

@@ -268,7 +268,7 @@ class ExportConfig:
 
     model: str = ""  # a fit-head head.pt (exported with its backbone) or a train/finetune model.pt
     format: str = "onnx"  # onnx (ONNX Runtime and every other ONNX runner) or torchscript (torch.jit.load, C++ libtorch)
-    output: str = ""  # the file to write; its metadata goes beside it as <output without suffix>.json
+    output: str = ""  # the file to write; its metadata goes beside it as <output>.json
     weights: Optional[str] = None  # head.pt only: the backbone weights, when not where the head recorded them
     check_data: Optional[str] = None  # photos for the parity check (a folder or a file); None = the training data's
     check_n: int = 16  # photos of check_data compared (the first in sorted order); 0 = all of them

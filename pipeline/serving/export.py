@@ -3,7 +3,7 @@
 The file takes a batch of preprocessed images, (N, 3, H, W) float32 at the weights' crop size, and
 returns their class probabilities. What a program needs to feed it (the classes, the resize, crop,
 mean and std, all taken from the checkpoint's own provenance record) is written inside it (ONNX
-metadata_props, a TorchScript extra file) and beside it, as ``<output without suffix>.json`` with the
+metadata_props, a TorchScript extra file) and beside it, as ``<output>.json`` with the
 parity check's result. Preprocessing drift is the usual reason an exported model predicts otherwise
 than the tool: so every export runs the exported file (ONNX Runtime, or the TorchScript file loaded
 back) and predict's own path in fp32 on the same preprocessed tensors, and fails above a tolerance.
@@ -58,8 +58,10 @@ class ProbabilityNet(nn.Module):
 
 
 def sidecar_path(output) -> Path:
-    """Where the metadata goes beside an exported file: the same name with suffix .json."""
-    return Path(output).with_suffix(".json")
+    """Where the metadata goes beside an exported file: its name + .json (model.onnx.json, model.ts.json:
+    an ONNX and a TorchScript export of one model side by side keep their own)."""
+    out = Path(output)
+    return out.with_name(out.name + ".json")
 
 
 def require(fmt: str) -> None:
@@ -239,9 +241,6 @@ def export(cfg: ExportConfig) -> dict:
     if cfg.check_n < 0 or cfg.batch_size < 1:
         raise UsageError(f"--check-n must be >= 0 and --batch-size >= 1, got {cfg.check_n} and {cfg.batch_size}")
     out, side = Path(cfg.output), sidecar_path(cfg.output)
-    if out.suffix.lower() == ".json":
-        raise UsageError(f"--output {cfg.output!r}: the metadata goes to FILE with suffix .json; name the model "
-                         "file otherwise (model.onnx, model.ts)")
     inputs = [cfg.model, cfg.weights, cfg.check_data]
     data = [cfg.check_data] if cfg.check_data and os.path.isdir(cfg.check_data) else []
     check_output(out, inputs, data)

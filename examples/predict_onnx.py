@@ -1,0 +1,45 @@
+"""Classify photos with an exported model and nothing of this project: onnxruntime, numpy and Pillow only.
+
+    python examples/predict_onnx.py catsdogs.onnx photo.jpg [more photos...]
+
+The preprocessing is read from the metadata beside the file (catsdogs.onnx.json), and done as torchvision does
+it for the weights: resize the shorter side (Pillow's antialiased resize), center crop, scale to [0, 1],
+normalise by mean and std. Prints one JSON row per photo: path, class, probability.
+"""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+
+RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
+
+
+def preprocess(path: str, p: dict) -> np.ndarray:
+    im = Image.open(path).convert("RGB")
+    w, h = im.size
+    short, long = (w, h) if w <= h else (h, w)
+    size = (p["resize_size"], int(p["resize_size"] * long / short))
+    im = im.resize(size if w <= h else size[::-1], RESAMPLE[p["interpolation"]])
+    w, h = im.size
+    c = p["crop_size"]
+    left, top = int(round((w - c) / 2.0)), int(round((h - c) / 2.0))
+    x = np.asarray(im.crop((left, top, left + c, top + c)), np.float32) / 255.0
+    x = (x - np.array(p["mean"], np.float32)) / np.array(p["std"], np.float32)
+    return x.transpose(2, 0, 1)  # HWC -> CHW
+
+
+def main(model: str, photos: list) -> None:
+    meta = json.loads(Path(model + ".json").read_text())
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    batch = np.stack([preprocess(p, meta["preprocessing"]) for p in photos])
+    probs = session.run(["probabilities"], {"images": batch})[0]
+    for path, p in zip(photos, probs):
+        best = int(p.argmax())
+        print(json.dumps({"path": path, "class": meta["classes"][best], "probability": float(p[best])}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2:])
