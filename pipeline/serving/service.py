@@ -249,10 +249,28 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def check_free(host: str, port: int) -> None:
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise UsageError(f"--host {host!r} is not an address of this machine ({e.strerror})") from None
+    family, kind, _, _, address = infos[0]
+    with socket.socket(family, kind) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            s.bind(address)
+        except OSError as e:
+            raise PipelineError(f"cannot listen on {host}:{port}: {e.strerror}; pass another --port") from None
+
+
 def serve(cfg: ServeConfig) -> dict:
     """Run the service until SIGTERM or Ctrl-C (uvicorn drains the requests in flight first)."""
     import uvicorn
 
+    check(cfg)
+    check_free(cfg.host, cfg.port)  # before the model loads: a port in use is one line, not a traceback later
     app = build_app(cfg)
     if not is_loopback(cfg.host):
         log.warning("serving on %s: reachable from other machines, without authentication", cfg.host)
