@@ -213,3 +213,25 @@ def test_a_port_in_use_is_one_line(head):
         port = s.getsockname()[1]
         r = CliRunner().invoke(cli.cli, ["serve", "--model", str(head), "--port", str(port)])
     assert r.exit_code == 1 and f"cannot listen on 127.0.0.1:{port}" in r.output and "Traceback" not in r.output
+
+
+def test_a_full_queue_is_503_with_retry_after(client, head, monkeypatch):
+    from pipeline.serving.batcher import QueueFull
+
+    def full(images):
+        raise QueueFull("256 images are waiting (at most 256)")
+
+    monkeypatch.setattr(client.app.state.service.batcher, "submit", full)
+    r = client.post("/predict", files=upload(photos(head)[0]))
+    assert r.status_code == 503 and r.headers["retry-after"] == "1" and "busy" in r.json()["detail"]
+
+
+def test_a_missing_extra_is_one_line(monkeypatch):
+    import importlib.util
+
+    from pipeline.serving import service
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "multipart" else real(name, *a))
+    with pytest.raises(pipeline.PipelineError, match=r"serve needs python-multipart: pip install"):
+        service.require()
