@@ -30,6 +30,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -64,7 +65,10 @@ def start_server(model: str, port: int, args) -> subprocess.Popen:
     prefix = ["-c", "import tests.tiny, cli; cli.cli()"] if args.tiny else [str(ROOT / "cli.py")]
     cmd = [sys.executable, *prefix, "-q", "serve", "--model", model, "--port", str(port), "--precision", args.precision,
            "--batch-size", str(args.batch_size), "--max-wait-ms", str(args.max_wait_ms)]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = tempfile.TemporaryFile("w+")  # not a pipe: nobody reads it while the clients run
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log, text=True)
+    proc.log = log
+    return proc
 
 
 def run_serve(model: str, photos: list[str], args) -> dict:
@@ -82,7 +86,8 @@ def run_serve(model: str, photos: list[str], args) -> dict:
             except httpx.TransportError:
                 pass
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"serve did not start: {proc.stderr.read() if proc.poll() is not None else 'timeout'}")
+                proc.log.seek(0)
+                raise SystemExit(f"serve did not start: {proc.log.read()[-2000:]}")
             time.sleep(0.2)
         blobs = [Path(p).read_bytes() for p in photos]
         with httpx.Client() as c:  # warm-up: the first forward pass allocates

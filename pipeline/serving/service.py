@@ -188,8 +188,9 @@ def build_app(cfg: ServeConfig):
         # uvicorn has answered every request in flight by now: what is still queued runs, then the worker stops
         await run_in_threadpool(svc.batcher.close, cfg.drain_seconds or None)
 
+    # no /docs page: FastAPI's loads its scripts from a CDN (the schema stays at /openapi.json)
     app = FastAPI(title="transfer-pipeline", version=package_version("transfer-pipeline"), lifespan=lifespan,
-                  docs_url="/docs", redoc_url=None)
+                  docs_url=None, redoc_url=None)
     app.state.service = svc
 
     @app.get("/", response_class=HTMLResponse)
@@ -276,7 +277,10 @@ def serve(cfg: ServeConfig) -> dict:
         log.warning("serving on %s: reachable from other machines, without authentication", cfg.host)
     log.info("serving %s on http://%s:%d/ (the page; POST /predict, GET /info, GET /health)",
              cfg.model, cfg.host, cfg.port)
-    server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="info",
+    from ..progress import is_quiet
+
+    server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port,
+                                           log_level="warning" if is_quiet() else "info",  # info: a line per request
                                            timeout_graceful_shutdown=cfg.drain_seconds or None))
     # uvicorn drains, then raises the signal it caught again, with the handler it found: this one, so a
     # SIGTERM after a clean drain is a normal return (exit 0), not death by the signal
