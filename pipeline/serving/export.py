@@ -266,6 +266,10 @@ def export(cfg: ExportConfig) -> dict:
             atomic_write(out, lambda t: os.replace(tmp, t))
             atomic_write(side, lambda t: t.write_text(json.dumps({**meta, "parity": check}, indent=2) + "\n"))
             result.update(output=str(out), metadata=str(side), bytes=out.stat().st_size)
+        else:
+            log.warning("the %s export differs from predict by %.3g (tolerance %g; %d of %d photos of the same "
+                        "class): nothing written", cfg.format, check["max_abs_diff"], cfg.tolerance,
+                        check["same_class"], check["images"])
         return result
     finally:
         if tmp.exists():
