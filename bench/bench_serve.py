@@ -211,6 +211,7 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="register the tests' tiny backbones (a quick self-check)")
     ap.add_argument("--json-out")
     args = ap.parse_args()
+    args.model = str(Path(args.model).resolve())  # serve runs from the project's root
     if args.tiny:
         import tests.tiny  # noqa: F401
     from pipeline.models.predict import list_inputs
