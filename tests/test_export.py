@@ -19,7 +19,7 @@ from pipeline.serving import export as export_mod
 from tests.conftest import ROOT, make_image_folder
 from tests.live_server import make_tiny_head
 
-pytestmark = pytest.mark.filterwarnings("ignore:--weights none", "ignore:no sidecar")
+pytestmark = pytest.mark.filterwarnings("ignore:--weights none", "ignore:no sidecar", "ignore:`torch.jit")
 onnx_ok = pytest.importorskip("onnxruntime", reason="the export extra (onnx, onnxruntime) is not installed")
 
 

@@ -27,8 +27,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 import pipeline  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore:--weights none", "ignore:no sidecar",
-                                      "ignore:Using `httpx` with `starlette.testclient`")
+pytestmark = pytest.mark.filterwarnings("ignore:--weights none", "ignore:no sidecar")
 
 
 @pytest.fixture(scope="module")
@@ -127,8 +126,10 @@ def test_info_and_health(client, head):
     assert info["classes"] == ["blue", "green", "red"] and info["backbone"] == "tiny" and info["kind"] == "fit-head"
     assert len(info["cache_fingerprint"]) == 64 and info["versions"]["fastapi"] != "unknown"
     assert info["limits"]["max_files"] == 4
+    before = client.get("/health").json()["images"]
+    client.post("/predict", files=upload(*photos(head)[:2]))
     health = client.get("/health").json()
-    assert health["status"] == "ok" and health["images"] >= 1
+    assert health["status"] == "ok" and health["images"] == before + 2
 
 
 def test_concurrent_requests_share_batches(head):
