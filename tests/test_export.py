@@ -133,3 +133,16 @@ def test_a_missing_extra_is_one_line(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
     with pytest.raises(pipeline.PipelineError, match=r"needs onnxruntime \(runs the parity check\): pip install"):
         export_mod.require("onnx")
+
+
+@pytest.mark.slow
+def test_a_real_vgg16_head_exports_with_parity(shared_available, make_cache, tmp_path):
+    """The README's case on a small scale: VGG-16 features of catsdogs photos, the default head, parity on test photos."""
+    from pipeline.heads.fit_head import FitHeadConfig, fit_head
+    from tests.conftest import SHARED, SHARED_CATSDOGS, SHARED_WEIGHTS
+
+    cache = make_cache(SHARED_CATSDOGS, n=40, backbone="vgg16", weights=str(SHARED_WEIGHTS), workers=2)["cache"]
+    head = fit_head(FitHeadConfig(cache=cache, runs_dir=str(tmp_path / "runs")))["checkpoint"]
+    result = pipeline.export_model(head, tmp_path / "catsdogs.onnx", check_data=SHARED / "data" / "catsdogs_test",
+                                   check_n=8)
+    assert result["passed"] and result["parity"]["same_class"] == 8 and result["max_abs_diff"] < 1e-4
