@@ -25,6 +25,9 @@ Whole models
     predict_files(model, paths)          rows of path, class, probability, unknown, ood_score (or error)
 Pictures (matplotlib Figures: shown inline in Jupyter)
     preview(data), feature_map(image), plot_curves(head or history); evaluate_model(...)["figures"]
+Taking a model elsewhere
+    export_model(model, output)          one ONNX / TorchScript file (+ .json metadata), checked against predict
+    serve_app(model), serve_model(model) the HTTP service with its page: the app in-process, or served by uvicorn
 Data and bookkeeping
     check_image_folder(root), fetch_data(), run_demo(), list_runs(runs_dir), imagenet_check(image),
     model_summary(backbone=...)
@@ -44,6 +47,7 @@ Layout: a folder per stage, each importing only from the folders before it (a te
     heads/       feature views, the probe heads, the epoch loop; fit-head, compare-sklearn
     models/      whole models (backbone + head): train, finetune, predict, summary
     reports/     evaluate, preview and feature-map pictures, the demo
+    serving/     export (ONNX, TorchScript, checked against predict), the prediction service and its page
     api, cli     the Python API and the command line, on top of everything
 """
 
@@ -52,7 +56,7 @@ __version__ = "0.1.0"
 #: modules at the top that every stage may use
 PLUMBING = ("config", "errors", "progress", "files", "devices")
 #: the stage folders in import order: each may import only from those before it (and the plumbing)
-STAGES = ("data", "cache", "extraction", "runs", "heads", "models", "reports")
+STAGES = ("data", "cache", "extraction", "runs", "heads", "models", "reports", "serving")
 
 #: public names -> the module defining them (loaded on first use: PEP 562)
 _EXPORTS = {
@@ -60,7 +64,7 @@ _EXPORTS = {
         "Cache", "Head", "Model", "NotFittedError", "Rows",
         "extract_features", "list_caches", "compare_sklearn", "train_model", "finetune_model", "evaluate_model",
         "predict_files", "preview", "feature_map", "plot_curves", "check_image_folder", "fetch_data", "run_demo",
-        "list_runs", "imagenet_check", "model_summary",
+        "list_runs", "imagenet_check", "model_summary", "export_model", "serve_app", "serve_model",
         "audit_folder",
     )},
     "UsageError": "errors",

@@ -37,6 +37,7 @@ from .config import (
     CompareConfig,
     DemoConfig,
     EvaluateConfig,
+    ExportConfig,
     ExtractConfig,
     FeatureMapConfig,
     FetchConfig,
@@ -44,6 +45,7 @@ from .config import (
     FitHeadConfig,
     PredictConfig,
     PreviewConfig,
+    ServeConfig,
     SummaryConfig,
     TrainConfig,
 )
@@ -55,6 +57,7 @@ __all__ = [
     "predict_files", "preview", "feature_map", "plot_curves", "check_image_folder", "fetch_data", "run_demo",
     "list_runs", "imagenet_check", "model_summary",
     "audit_folder",
+    "export_model", "serve_app", "serve_model",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -1106,3 +1109,38 @@ def audit_folder(data: Optional[PathLike] = None, *, verbose: Optional[bool] = F
     cfg = _config(AuditConfig, "audit_folder", _plain(options), **fixed)
     with _verbosity(verbose):
         return run(cfg)
+
+
+# -- taking a model elsewhere ------------------------------------------------------------------
+def export_model(model: Union[Head, Model, PathLike], output: PathLike, *, verbose: Optional[bool] = False,
+                 **options) -> dict:
+    """A head (with its backbone) or a whole model as one ONNX or TorchScript file that maps preprocessed
+    images to class probabilities, its metadata beside it (``<output>.json``), after a parity check
+    against predict (``python cli.py export``). ``options``: ExportConfig's (format='onnx', check_data,
+    check_n, tolerance, weights, ...). ``result['passed']`` False (and nothing written) when the export's
+    probabilities differ from predict's by more than ``tolerance``; ``result['max_abs_diff']`` by how much.
+    """
+    from .serving.export import export
+
+    cfg = _config(ExportConfig, "export_model", options, model=_path(model), output=os.fspath(output))
+    with _verbosity(verbose):
+        return export(cfg)
+
+
+def serve_app(model: Union[Head, Model, PathLike], **options):
+    """The prediction service as a FastAPI app, in this process (for tests and for mounting in another app:
+    ``fastapi.testclient.TestClient(pipeline.serve_app("head.pt"))``). ``options``: ServeConfig's (batch_size,
+    max_wait_ms, limits, device, precision, weights); host and port are the server's, not the app's."""
+    from .serving.service import build_app
+
+    return build_app(_config(ServeConfig, "serve_app", options, model=_path(model)))
+
+
+def serve_model(model: Union[Head, Model, PathLike], *, verbose: Optional[bool] = None, **options) -> dict:
+    """Serve ``model`` over HTTP until SIGTERM or Ctrl-C (``python cli.py serve``): the page at ``/``,
+    ``POST /predict``, ``GET /info``, ``GET /health``. ``options``: ServeConfig's (host='127.0.0.1', port=8000, ...)."""
+    from .serving.service import serve
+
+    cfg = _config(ServeConfig, "serve_model", options, model=_path(model))
+    with _verbosity(verbose):
+        return serve(cfg)

@@ -23,6 +23,7 @@ from .config import (
     CALIBRATIONS,
     COMPILE,
     DECODERS,
+    EXPORT_FORMATS,
     FORMATS,
     HEADS,
     MAX_LR,
@@ -40,6 +41,7 @@ from .config import (
     CompareConfig,
     DemoConfig,
     EvaluateConfig,
+    ExportConfig,
     ExtractConfig,
     FeatureMapConfig,
     FetchConfig,
@@ -48,6 +50,7 @@ from .config import (
     ImagenetCheckConfig,
     PredictConfig,
     PreviewConfig,
+    ServeConfig,
     SummaryConfig,
     TrainConfig,
 )
@@ -723,6 +726,59 @@ def audit(as_json, **options):
 
     result = api.audit_folder(options.pop("data"), verbose=None, command=current_command(), **options)
     emit(result, as_json, format_report(result, options.get("top") or AuditConfig.top))
+
+
+@defaults_from(ExportConfig)
+@cli.command()
+@click.option("--model", required=True, type=click.Path(dir_okay=False),
+              help="A fit-head head.pt (exported with its backbone) or a train/finetune model.pt.")
+@click.option("--format", "format", type=click.Choice(EXPORT_FORMATS), help="onnx or torchscript.")
+@click.option("--output", required=True, type=click.Path(dir_okay=False),
+              help="The file to write; its metadata goes beside it as FILE.json.")
+@click.option("--weights", help="For a head.pt: its backbone weights, if not where the head recorded them.")
+@click.option("--check-data", help="Photos (a folder or a file) for the parity check [default: the training data's].")
+@click.option("--check-n", type=int, help="Photos of --check-data compared, spread over them; 0 = all.")
+@click.option("--tolerance", type=FINITE, help="Largest allowed probability difference from predict (fp32).")
+@click.option("--batch-size", type=int, help="Images per forward pass in the parity check.")
+@click.option("--workers", type=int, help="Decoding processes for the parity check; 0 = in-process.")
+@json_option
+@library_errors
+def export(as_json, **options):
+    """Write a model as one ONNX or TorchScript file (images in, class probabilities out) + its .json metadata,
+    after checking that it gives predict's probabilities on sample photos (exit 1 when it does not)."""
+    result = api.export_model(options.pop("model"), options.pop("output"), verbose=None, **options)
+    p = result["parity"]
+    text = (f"max |probability difference| vs predict: {result['max_abs_diff']:.3g} on {plural(p['images'], 'photo')}"
+            f" ({p['same_class']} same class; tolerance {p['tolerance']:g})\n"
+            + (f"{result['output']} ({result['bytes'] / 1e6:.1f} MB), metadata {result['metadata']}" if result["passed"]
+               else "nothing written: the export does not predict as predict does"))
+    emit(result, as_json, text)
+    if not result["passed"]:
+        raise click.exceptions.Exit(1)
+
+
+@defaults_from(ServeConfig)
+@cli.command()
+@click.option("--model", required=True, type=click.Path(dir_okay=False),
+              help="A fit-head head.pt or a train/finetune model.pt.")
+@click.option("--weights", help="For a head.pt: its backbone weights, if not where the head recorded them.")
+@click.option("--host", help="Address to listen on (localhost unless told otherwise).")
+@click.option("--port", type=int, help="TCP port (0 = any free one).")
+@click.option("--device", help="auto, cpu, cuda or cuda:N.")
+@click.option("--precision", type=click.Choice(MODEL_PRECISIONS))
+@click.option("--batch-size", type=int, help="Most images in one forward pass (concurrent requests share it).")
+@click.option("--max-wait-ms", type=FINITE, help="How long a batch waits for more images once the first came.")
+@click.option("--max-queue", type=int, help="Images waiting for the network; past it a request gets 503.")
+@click.option("--max-files", type=int, help="Images in one request.")
+@click.option("--max-file-bytes", type=int, help="Bytes of one image.")
+@click.option("--max-request-bytes", type=int, help="Bytes of one request.")
+@click.option("--max-pixels", type=int, help="Pixels of one image (from its header, before decoding).")
+@click.option("--drain-seconds", type=FINITE, help="On SIGTERM: how long requests in flight may still take.")
+@library_errors
+def serve(**options):
+    """Serve a model over HTTP: a page at / to drop photos on, POST /predict (multipart field 'files'; the rows
+    of predict --format json), GET /info, GET /health. Stops on SIGTERM or Ctrl-C, answering what is in flight."""
+    api.serve_model(options.pop("model"), verbose=None, **options)
 
 
 def main() -> None:

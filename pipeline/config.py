@@ -24,6 +24,7 @@ POOLED_VIEWS = ("avg", "flat")  # what a (C, 1, 1) cache allows
 HEADS = ("auto", "linear", "logreg", "kernel")
 RECIPES = ("default", "seed")
 FORMATS = ("table", "csv", "json")
+EXPORT_FORMATS = ("onnx", "torchscript")  # export --format
 SPLITS = ("val", "all")
 #: where a head's temperature is fitted: out-of-fold predictions of the training rows + the validation
 #: rows (sklearn heads; others: the validation rows), the validation rows only, or not at all (T = 1)
@@ -308,3 +309,38 @@ class AuditConfig:
     quarantine_dir: Optional[str] = None  # --apply: where 'remove' moves files; default '<data>.quarantine'
     refresh: bool = True  # --apply/--undo: extract the folder again (rows reused by content: no recomputing)
     command: str = ""  # the command line, recorded in caches it makes
+
+
+@dataclass
+class ExportConfig:
+    """Which model to export, into which file and format, and the parity check it must pass."""
+
+    model: str = ""  # a fit-head head.pt (exported with its backbone) or a train/finetune model.pt
+    format: str = "onnx"  # onnx (ONNX Runtime and every other ONNX runner) or torchscript (torch.jit.load, C++ libtorch)
+    output: str = ""  # the file to write; its metadata goes beside it as <output>.json
+    weights: Optional[str] = None  # head.pt only: the backbone weights, when not where the head recorded them
+    check_data: Optional[str] = None  # photos for the parity check (a folder or a file); None = the training data's
+    check_n: int = 16  # photos of check_data compared (the first in sorted order); 0 = all of them
+    tolerance: float = 1e-4  # largest allowed |probability difference| between the export and predict (fp32)
+    batch_size: int = 16  # images per forward pass in the parity check
+    workers: int = 0  # decoding processes for the parity check; 0 = in this process
+
+
+@dataclass
+class ServeConfig:
+    """Which model to serve, where, and the limits that keep one client from hurting the others."""
+
+    model: str = ""  # a fit-head head.pt or a train/finetune model.pt
+    weights: Optional[str] = None  # head.pt only: the backbone weights, when not where the head recorded them
+    host: str = "127.0.0.1"  # the address to listen on; localhost only unless told otherwise
+    port: int = 8000  # the TCP port (0 = any free one)
+    device: str = "auto"  # 'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:N'
+    precision: str = "auto"  # compute precision, as predict: auto (bf16 where supported), fp32, bf16, fp16 (CUDA)
+    batch_size: int = 32  # most images in one forward pass (requests arriving together share it)
+    max_wait_ms: float = 5.0  # how long a batch waits for more images once its first one came
+    max_queue: int = 256  # images waiting for the network; a request that would overflow it gets 503
+    max_files: int = 64  # images in one request
+    max_file_bytes: int = 20_000_000  # bytes of one image
+    max_request_bytes: int = 100_000_000  # bytes of one request body
+    max_pixels: int = 40_000_000  # pixels of one image (checked from its header, before decoding)
+    drain_seconds: float = 30.0  # on SIGTERM: how long in-flight requests may still take before the exit

@@ -200,7 +200,8 @@ class ImageLoadError(Exception):
     def __init__(self, reason: str, kind: str = "unreadable"):
         super().__init__(reason)
         self.reason = reason
-        self.kind = kind  # zero-byte, decompression-bomb, extreme-aspect, not-an-image, not-a-file, truncated, unreadable
+        self.kind = kind  # zero-byte, decompression-bomb, too-many-pixels, extreme-aspect, not-an-image, not-a-file,
+        # truncated, unreadable
 
 
 def _not_regular(st: os.stat_result) -> str | None:
@@ -295,20 +296,40 @@ def decode_image(path: str | os.PathLike, min_short_side: int | None = None):
     The pixel count is checked from the header (at open) before any pixel data is decoded.
     ``min_short_side``: see ``load_rgb`` (the decoded image is then the reduced one).
     """
+    with open_regular(path) as fp:
+        if os.fstat(fp.fileno()).st_size == 0:
+            raise ImageLoadError("zero-byte file", "zero-byte")
+        return decode_stream(fp, min_short_side)
+
+
+def decode_bytes(data: bytes, min_short_side: int | None = None, max_pixels: int = MAX_IMAGE_PIXELS):
+    """``load_rgb``'s rules for an image held in memory (an upload): its RGB PIL image, or ImageLoadError.
+
+    ``max_pixels`` (at most MAX_IMAGE_PIXELS) is checked from the header, before any pixel is decoded.
+    """
+    import io
+
+    if not data:
+        raise ImageLoadError("zero-byte file", "zero-byte")
+    return decode_stream(io.BytesIO(data), min_short_side, max_pixels)[1]
+
+
+def decode_stream(fp, min_short_side: int | None = None, max_pixels: int = MAX_IMAGE_PIXELS):
+    """(decoded image, its RGB conversion) of an open binary file, under the rules of ``decode_image``."""
     from PIL import Image
 
     try:
-        with open_regular(path) as fp:
-            if os.fstat(fp.fileno()).st_size == 0:
-                raise ImageLoadError("zero-byte file", "zero-byte")
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
-                with Image.open(fp) as im:
-                    check_aspect(im.size)
-                    jpeg_draft(im, min_short_side)
-                    im.load()
-                    return im, to_rgb(im)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+            with Image.open(fp) as im:
+                if im.width * im.height > max_pixels:
+                    raise ImageLoadError(f"{im.width} x {im.height} pixels: more than the {max_pixels} allowed",
+                                         "too-many-pixels")
+                check_aspect(im.size)
+                jpeg_draft(im, min_short_side)
+                im.load()
+                return im, to_rgb(im)
     except ImageLoadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:

@@ -20,7 +20,7 @@ import torch
 
 from ..config import FORMATS, ImagenetCheckConfig, PredictConfig
 from ..data.folders import NOT_UTF8, ImageLoadError, is_image_name, walk
-from ..data.image_reader import ImageListDataset, load_transformed, read_items
+from ..data.image_reader import Batch, ImageListDataset, load_transformed, read_items
 from ..devices import resolve_device, resolve_workers
 from ..errors import UsageError
 from ..extraction import backbones as bb
@@ -70,23 +70,43 @@ def iter_log_proba(model, transform, files: list[str], batch_size: int, workers:
                 yield item, None
 
 
-def iter_predictions(lm, model, files: list[str], batch_size: int, workers: int) -> Iterator[dict]:
-    """One row per file, in order: {path, class, probability, unknown, ood_score, error}. ``class`` is the
-    best class even when the photo looks like none of them (``unknown``: its ``ood_score`` is above the
-    threshold); both are None for a model without an unknown score. ``model`` is ``network(lm, ...)``."""
+def prediction_rows(lm, batch: Batch, outputs, top: int = 0) -> list[dict]:
+    """The rows of one batch, in order: {path, class, probability, unknown, ood_score, error}; ``outputs``:
+    the network's (``whole_models.network``: log-probabilities, then the unknown score when the head has
+    one) for the batch's good items (None when it has none). ``class`` is the best class even when the
+    photo looks like none of them (``unknown``: its ``ood_score`` is above the threshold); both are None
+    for a model without an unknown score.
 
-    classes = lm.classes
+    The one place a row is made: predict and the prediction service (``serving.service``) both call it,
+    so a file gives the same row from either. ``top`` > 0 adds ``top``: the ``top`` most probable
+    classes as [{class, probability}] (the service's page draws them as bars).
+    """
+    classes, rows, k = lm.classes, [], 0
     threshold = float(lm.model.head.unknown_threshold) if lm.model.head.has_unknown else None
-    for item, out in iter_log_proba(model, lm.transform, files, batch_size, workers):
-        if out is None:
-            yield {"path": item.path, "class": None, "probability": None, "unknown": None, "ood_score": None,
-                   "error": item.error}
+    for item in batch.items:
+        if not item.ok:
+            rows.append({"path": item.path, "class": None, "probability": None, "unknown": None, "ood_score": None,
+                         "error": item.error})
             continue
-        logp, ood = split_extras(out, len(classes))
+        logp, ood = split_extras(outputs[k], len(classes))
+        k += 1
         best = int(logp.argmax())
-        yield {"path": item.path, "class": classes[best], "probability": float(np.exp(logp[best])),
+        row = {"path": item.path, "class": classes[best], "probability": float(np.exp(logp[best])),
                "unknown": None if ood is None else bool(ood > threshold),
                "ood_score": None if ood is None else round(float(ood), 6), "error": None}
+        if top > 0:
+            order = np.argsort(-logp, kind="stable")[:top]
+            row["top"] = [{"class": classes[int(i)], "probability": float(np.exp(logp[i]))} for i in order]
+        rows.append(row)
+    return rows
+
+
+def iter_predictions(lm, model, files: list[str], batch_size: int, workers: int) -> Iterator[dict]:
+    """One row per file, in order (``prediction_rows``); ``model`` is ``network(lm, ...)``."""
+
+    items = read_items(ImageListDataset(Path(""), [(f, -1) for f in files], lm.transform), resolve_workers(workers))
+    for batch, outputs in run_batches(model, items, batch_size):
+        yield from prediction_rows(lm, batch, outputs)
 
 
 def format_rows(rows: list[dict], fmt: str) -> str:

@@ -1,0 +1,306 @@
+"""The export stage: a whole model (backbone + head) as one ONNX or TorchScript file, checked against predict.
+
+The file takes a batch of preprocessed images, (N, 3, H, W) float32 at the weights' crop size, and
+returns their class probabilities. What a program needs to feed it (the classes, the resize, crop,
+mean and std, all taken from the checkpoint's own provenance record) is written inside it (ONNX
+metadata_props, a TorchScript extra file) and beside it, as ``<output>.json`` with the
+parity check's result. Preprocessing drift is the usual reason an exported model predicts otherwise
+than the tool: so every export runs the exported file (ONNX Runtime, or the TorchScript file loaded
+back) and predict's own path in fp32 on the same preprocessed tensors, and fails above a tolerance.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..cache.provenance import Preprocessing, package_version, versions
+from ..config import EXPORT_FORMATS, ExportConfig
+from ..data.image_reader import ImageListDataset, read_items
+from ..errors import PipelineError, UsageError
+from ..extraction.inference import run_batches
+from ..files import atomic_write, check_output
+from ..models.predict import list_inputs
+from ..models.whole_models import WithExtras, load_model, network, read_checkpoint, split_extras
+from ..progress import progress
+
+log = logging.getLogger(__name__)
+
+INPUT = "images"
+#: the exported network's outputs, in order (the unknown score only when the head has one); each is
+#: described in the metadata's "outputs"
+OUTPUTS = ("probabilities", "unknown_score")
+METADATA_VERSION = 1
+#: the key of the metadata inside a TorchScript file (torch.jit.load(..., _extra_files={KEY: ""}))
+TORCHSCRIPT_KEY = "transfer_pipeline.json"
+#: what each format needs beyond the required packages: (module, why), for one clear line when missing
+NEEDS = {"onnx": (("onnx", "writes the file"), ("onnxscript", "torch's ONNX exporter"),
+                  ("onnxruntime", "runs the parity check")),
+         "torchscript": ()}
+
+
+class ProbabilityNet(nn.Module):
+    """A ``whole_models.TransferModel`` whose output is its calibrated probabilities, (N, classes) float32,
+    not logs, and, when its head has an unknown score, that score too, (N,) float32 (above the metadata's
+    ``unknown_threshold``: "none of these classes"): what predict computes, in one network."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.extras, self.unknown, self.n_classes = WithExtras(model), bool(model.head.has_unknown), model.head.n_classes
+
+    def forward(self, images):
+        out = self.extras(images)
+        probabilities = torch.exp(out[:, :self.n_classes]).float()
+        return (probabilities, out[:, -1].float()) if self.unknown else probabilities
+
+
+def sidecar_path(output) -> Path:
+    """Where the metadata goes beside an exported file: its name + .json (model.onnx.json, model.ts.json:
+    an ONNX and a TorchScript export of one model side by side keep their own)."""
+    out = Path(output)
+    return out.with_name(out.name + ".json")
+
+
+def require(fmt: str) -> None:
+    """PipelineError in one line when a package that ``fmt`` needs is not installed."""
+    missing = [f"{m} ({why})" for m, why in NEEDS[fmt] if importlib.util.find_spec(m) is None]
+    if missing:
+        raise PipelineError(f"export --format {fmt} needs {', '.join(missing)}: "
+                            "pip install 'transfer-pipeline[export]'")
+
+
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def metadata(cfg: ExportConfig, ckpt: dict, lm) -> dict:
+    """Everything a program needs to use the exported file, from the checkpoint's own records."""
+    pre = Preprocessing.from_dict(ckpt["preprocessing"])
+    n, head = len(lm.classes), lm.model.head
+    return {
+        "metadata_version": METADATA_VERSION, "format": cfg.format,
+        "input": {"name": INPUT, "shape": ["N", 3, pre.crop_size, pre.crop_size], "dtype": "float32",
+                  "what": "RGB images after the preprocessing below (resize, center crop, /255, normalise)"},
+        "outputs": [{"name": "probabilities", "shape": ["N", n], "dtype": "float32",
+                     "what": "class probabilities (calibrated: the head's temperature applied), in the order of "
+                             "classes"}]
+        + ([{"name": "unknown_score", "shape": ["N"], "dtype": "float32",
+             "what": "1 - cosine similarity to the k-th nearest training photo; above unknown_threshold: "
+                     "none of these classes"}] if head.has_unknown else []),
+        "classes": lm.classes,
+        "preprocessing": {**pre.to_dict(), "steps": pre.describe()},
+        "backbone": ckpt["backbone"], "weights": ckpt["weights"], "weights_sha256": ckpt.get("weights_sha256", ""),
+        "flip": bool(ckpt.get("flip", False)), "head": ckpt["head"],
+        "model": str(cfg.model), "model_kind": ckpt["kind"], "model_sha256": file_sha256(cfg.model),
+        "cache": ckpt.get("cache", ""), "cache_fingerprint": ckpt.get("cache_fingerprint", ""),
+        "data_fingerprint": ckpt.get("data_fingerprint", ""),
+        # a score above it means "none of these classes"; None: the model has no unknown score
+        "unknown_threshold": float(head.unknown_threshold) if head.has_unknown else None,
+        "temperature": float(head.temperature) if head.calibrated else 1.0,
+        "versions": {**versions(), **{p: package_version(p) for p in ("onnx", "onnxruntime")}},
+    }
+
+
+# -- the sample photos -------------------------------------------------------------------------
+def spread(files: list, n: int) -> list:
+    """``n`` of ``files`` evenly spread over the list (every class of a sorted folder), all when n is 0."""
+    if not n or n >= len(files):
+        return list(files)
+    return [files[int(i)] for i in np.linspace(0, len(files) - 1, n).round()]
+
+
+def training_photos(ckpt: dict, n: int) -> list[str]:
+    """The first ``n`` rows of a head's training cache (their photos, when still there), or ``n`` photos
+    of a whole model's training folder; [] when neither is reachable."""
+    cache = ckpt.get("cache")
+    if cache and Path(cache).is_file():
+        from ..cache.feature_cache import FeatureCache
+
+        try:
+            c = FeatureCache(cache)
+            try:
+                root = Path(c.attrs.get("data_root", ""))
+                paths = [str(root / p) for p in c.paths[:n or None]]
+            finally:
+                c.f.close()
+            return [p for p in paths if os.path.isfile(p)]
+        except (ValueError, OSError, PipelineError) as e:  # CacheError is a ValueError
+            log.debug("cannot read the photos of %s: %s", cache, e)
+            return []
+    data = (ckpt.get("config") or {}).get("data")
+    if data and os.path.isdir(data):
+        return spread(list_inputs([data]), n)
+    return []
+
+
+def sample_photos(cfg: ExportConfig, ckpt: dict) -> list[str]:
+    if cfg.check_data:
+        return spread(list_inputs([cfg.check_data]), cfg.check_n)
+    files = training_photos(ckpt, cfg.check_n)
+    if not files:
+        raise UsageError(f"no photos for the parity check: the training data of {cfg.model!r} is not reachable; "
+                         "pass --check-data DIR")
+    return files
+
+
+# -- writing and running the file ----------------------------------------------------------------
+def output_names(net: ProbabilityNet) -> list[str]:
+    return list(OUTPUTS if net.unknown else OUTPUTS[:1])
+
+
+def write_onnx(net: nn.Module, example, path: Path, meta: dict) -> None:
+    import onnx
+
+    batch = torch.export.Dim("batch", min=1)
+    chatty = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir", "torch.onnx")]
+    levels = [c.level for c in chatty]
+    try:
+        for c in chatty:  # the exporter's INFO lines on its own passes
+            c.setLevel(logging.WARNING)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # and its notes on its internals
+            torch.onnx.export(net, (example,), str(path), input_names=[INPUT], output_names=output_names(net),
+                              dynamic_shapes={"images": {0: batch}}, dynamo=True, external_data=False,
+                              verbose=False, report=False)
+    finally:
+        for c, level in zip(chatty, levels):
+            c.setLevel(level)
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    for key, value in meta.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
+    onnx.save(model, str(path))
+
+
+def write_torchscript(net: nn.Module, example, path: Path, meta: dict) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit is deprecated in favour of torch.export, still the way to C++
+        traced = torch.jit.trace(net, (example,), check_trace=False)
+        torch.jit.save(traced, str(path), _extra_files={TORCHSCRIPT_KEY: json.dumps(meta)})
+
+
+class ExportedRunner:
+    """The exported file loaded back as another program would load it: (N, 3, H, W) array -> probabilities."""
+
+    def __init__(self, path: Path, fmt: str):
+        self.fmt = fmt
+        if fmt == "onnx":
+            import onnxruntime as ort
+
+            opts = ort.SessionOptions()
+            opts.log_severity_level = 3  # warnings and up only
+            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self.module = torch.jit.load(str(path), map_location="cpu")
+
+    def __call__(self, images: np.ndarray) -> tuple:
+        """(probabilities (N, classes), unknown scores (N,) or None)."""
+        x = np.ascontiguousarray(images, np.float32)
+        if self.fmt == "onnx":
+            out = self.session.run(None, {INPUT: x})
+        else:
+            with torch.inference_mode():
+                got = self.module(torch.from_numpy(x))
+            out = [t.numpy() for t in got] if isinstance(got, (tuple, list)) else [got.numpy()]
+        return out[0], (out[1] if len(out) > 1 else None)
+
+
+def parity(lm, runner: ExportedRunner, files: list[str], cfg: ExportConfig) -> dict:
+    """The exported file and predict's path (fp32, CPU) on the same preprocessed tensors: the largest
+    |probability difference| (and |unknown score difference|) and whether every photo gets the same class."""
+    inference = network(lm, "cpu", "fp32")
+    n_classes = len(lm.classes)
+    items = read_items(ImageListDataset(Path(""), [(f, -1) for f in files], lm.transform), cfg.workers)
+    worst, worst_unknown, same, n, bad = 0.0, 0.0, 0, 0, []
+    bar = progress(total=len(files), desc="parity", unit="img")
+    for batch, out in run_batches(inference, items, cfg.batch_size):
+        bar.update(len(batch.items))
+        bad += batch.bad
+        if out is None:
+            continue
+        logp, score = split_extras(out.astype(np.float64), n_classes)
+        ours = np.exp(logp)
+        theirs, their_score = runner(batch.images().numpy())
+        theirs = theirs.astype(np.float64)
+        worst = max(worst, float(np.abs(ours - theirs).max()))
+        if score is not None:
+            worst_unknown = max(worst_unknown, float(np.abs(score - their_score).max()))
+        same += int((ours.argmax(1) == theirs.argmax(1)).sum())
+        n += len(ours)
+    bar.close()
+    if not n:
+        raise UsageError(f"none of the {len(files)} photos for the parity check could be read "
+                         f"(first: {bad[0][0]}: {bad[0][1]})")
+    return {"images": n, "unreadable": len(bad), "max_abs_diff": worst, "max_abs_diff_unknown": worst_unknown,
+            "same_class": same, "tolerance": cfg.tolerance,
+            "passed": worst <= cfg.tolerance and worst_unknown <= cfg.tolerance and same == n,
+            "runtime": "onnxruntime (CPU)" if runner.fmt == "onnx" else "torch.jit.load (CPU)",
+            "reference": "predict's path, fp32 on the CPU"}
+
+
+def export(cfg: ExportConfig) -> dict:
+    """Write cfg.model as one cfg.format file (+ its .json sidecar) when it passes the parity check.
+
+    A failed check writes nothing (the result says ``passed: False`` and by how much it failed).
+    """
+    if cfg.format not in EXPORT_FORMATS:
+        raise UsageError(f"unknown --format {cfg.format!r}; allowed: {', '.join(EXPORT_FORMATS)}")
+    if not cfg.output:
+        raise UsageError("--output FILE is needed: where the exported model goes")
+    if not cfg.tolerance > 0:
+        raise UsageError(f"--tolerance must be positive, got {cfg.tolerance}")
+    if cfg.check_n < 0 or cfg.batch_size < 1:
+        raise UsageError(f"--check-n must be >= 0 and --batch-size >= 1, got {cfg.check_n} and {cfg.batch_size}")
+    out, side = Path(cfg.output), sidecar_path(cfg.output)
+    inputs = [cfg.model, cfg.weights, cfg.check_data]
+    data = [cfg.check_data] if cfg.check_data and os.path.isdir(cfg.check_data) else []
+    check_output(out, inputs, data)
+    check_output(side, inputs, data, what="the metadata file")
+    require(cfg.format)
+    ckpt = read_checkpoint(cfg.model)
+    files = sample_photos(cfg, ckpt)
+    lm = load_model(cfg.model, cfg.weights)
+    if lm.precision == "int8":
+        raise UsageError(f"{cfg.model!r} runs its cache's int8 network (prepacked oneDNN kernels), which neither "
+                         "ONNX nor TorchScript can hold; fit the head on a float cache (extract --precision bf16) "
+                         "to export it")
+    meta = metadata(cfg, ckpt, lm)
+    crop = meta["input"]["shape"][2]
+    net = ProbabilityNet(lm.model).eval()
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.export")
+    try:
+        log.info("exporting %s (%s) as %s", cfg.model, ckpt["kind"], cfg.format)
+        example = torch.zeros(2, 3, crop, crop)  # 2, not 1: a batch of 1 would fix the batch size
+        (write_onnx if cfg.format == "onnx" else write_torchscript)(net, example, tmp, meta)
+        log.info("parity check on %d photos", len(files))
+        check = parity(lm, ExportedRunner(tmp, cfg.format), files, cfg)
+        result = {"model": cfg.model, "kind": ckpt["kind"], "format": cfg.format, "classes": lm.classes,
+                  "max_abs_diff": check["max_abs_diff"], "passed": check["passed"], "parity": check,
+                  "output": None, "metadata": None}
+        if check["passed"]:
+            atomic_write(out, lambda t: os.replace(tmp, t))
+            atomic_write(side, lambda t: t.write_text(json.dumps({**meta, "parity": check}, indent=2) + "\n"))
+            result.update(output=str(out), metadata=str(side), bytes=out.stat().st_size)
+        else:
+            log.warning("the %s export differs from predict by %.3g (tolerance %g; %d of %d photos of the same "
+                        "class): nothing written", cfg.format, check["max_abs_diff"], cfg.tolerance,
+                        check["same_class"], check["images"])
+        return result
+    finally:
+        if tmp.exists():
+            tmp.unlink()

@@ -1,0 +1,303 @@
+"""The serve stage: a model behind HTTP (FastAPI on uvicorn), with a web page to drop photos on.
+
+``POST /predict`` takes one or many images (multipart/form-data, each in a field named ``files``) and
+answers the rows ``predict --format json`` gives for the same files (``models.predict.prediction_rows``
+makes both); ``?top=K`` adds each image's K most probable classes. ``GET /info`` says what is served,
+``GET /health`` that it is up, ``GET /`` is the page (``page.html``: no external resource).
+
+Uploads are decoded with the rules every stage decodes with (``data.folders``), in worker threads;
+the network runs in one thread that batches the images of concurrent requests (``batcher``). Every
+limit is a ServeConfig field: body size (checked as it streams in), files per request, bytes and pixels
+per image, images waiting (503 past it). A bad file is its row's ``error``, as in predict; a request
+with no usable image is a 4xx naming each file's reason. SIGTERM: uvicorn stops accepting, answers
+what is in flight (for up to ``drain_seconds``), then the batcher stops.
+"""
+# no ``from __future__ import annotations``: FastAPI reads the endpoints' annotations (Request), imported
+# inside build_app so that the module loads without the serve extra and says what is missing
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import signal
+import time
+from importlib import resources
+
+from ..cache.provenance import package_version, versions
+from ..config import ServeConfig
+from ..data.folders import MAX_IMAGE_PIXELS, ImageLoadError, decode_bytes
+from ..data.image_reader import Batch, Item, draft_short_side
+from ..errors import PipelineError, UsageError
+from ..models.predict import prediction_rows
+from ..models.whole_models import load_model, network, read_checkpoint
+from .batcher import Closed, MicroBatcher, QueueFull
+
+log = logging.getLogger(__name__)
+
+FIELD = "files"  # the multipart field that holds the images
+TOO_LARGE = "too-large"  # the ImageLoadError kind of a file over max_file_bytes
+
+
+def require() -> None:
+    """PipelineError in one line when the serving packages are not installed."""
+    import importlib.util
+
+    missing = [m for m in ("fastapi", "uvicorn", "multipart") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise PipelineError(f"serve needs {', '.join('python-multipart' if m == 'multipart' else m for m in missing)}: "
+                            "pip install 'transfer-pipeline[serve]'")
+
+
+def check(cfg: ServeConfig) -> None:
+    for name in ("batch_size", "max_queue", "max_files", "max_file_bytes", "max_request_bytes", "max_pixels"):
+        if getattr(cfg, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if cfg.max_pixels > MAX_IMAGE_PIXELS:
+        raise UsageError(f"--max-pixels {cfg.max_pixels} is more than any stage decodes ({MAX_IMAGE_PIXELS})")
+    if cfg.max_queue < cfg.max_files:
+        raise UsageError(f"--max-queue {cfg.max_queue} is less than --max-files {cfg.max_files}: a full request "
+                         "would never fit")
+    if not 0 <= cfg.max_wait_ms <= 1000 or cfg.drain_seconds < 0:
+        raise UsageError(f"--max-wait-ms must be in [0, 1000] and --drain-seconds >= 0, got {cfg.max_wait_ms} "
+                         f"and {cfg.drain_seconds}")
+    if not 0 <= cfg.port <= 65535:
+        raise UsageError(f"--port must be in 0..65535, got {cfg.port}")
+
+
+class BodyTooLarge(Exception):
+    """The request body grew past max_request_bytes while it streamed in."""
+
+
+class BodyLimit:
+    """ASGI middleware: a declared Content-Length over the limit is refused at once (413), and a body that
+    streams past it (chunked) raises BodyTooLarge in whoever reads it."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        from fastapi.responses import JSONResponse
+
+        length = dict(scope.get("headers", ())).get(b"content-length")
+        if length is not None:
+            try:
+                declared = int(length)
+            except ValueError:
+                return await JSONResponse({"detail": "Content-Length is not a number"}, 400)(scope, receive, send)
+            if declared > self.max_bytes:
+                return await JSONResponse({"detail": f"the request is {declared} bytes; at most {self.max_bytes}"},
+                                          413)(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise BodyTooLarge()
+            return message
+
+        return await self.app(scope, limited, send)
+
+
+def page_html() -> str:
+    return resources.files(__package__).joinpath("page.html").read_text(encoding="utf-8")
+
+
+class Service:
+    """The loaded model, its batcher, and turning uploads into rows."""
+
+    def __init__(self, cfg: ServeConfig):
+        self.cfg = cfg
+        self.ckpt = read_checkpoint(cfg.model)
+        self.lm = load_model(cfg.model, cfg.weights)
+        self.inference = network(self.lm, cfg.device, cfg.precision)  # predict's network, unknown score included
+        self.device, self.precision = self.inference.device, self.inference.precision
+        self.min_short_side = draft_short_side(self.lm.transform)
+        self.batcher = MicroBatcher(self.inference, cfg.batch_size, cfg.max_wait_ms / 1000, cfg.max_queue)
+        self.started = time.time()
+
+    def info(self) -> dict:
+        c, lm = self.ckpt, self.lm
+        return {"model": self.cfg.model, "kind": lm.kind, "classes": lm.classes, "backbone": c["backbone"],
+                "weights": c["weights"], "preprocessing": lm.info.get("preprocessing"),
+                "cache": c.get("cache", ""), "cache_fingerprint": c.get("cache_fingerprint", ""),
+                "data_fingerprint": c.get("data_fingerprint", ""),
+                "device": str(self.device), "precision": self.precision,
+                "batch_size": self.cfg.batch_size, "max_wait_ms": self.cfg.max_wait_ms,
+                "limits": {k: getattr(self.cfg, k) for k in ("max_files", "max_file_bytes", "max_request_bytes",
+                                                             "max_pixels", "max_queue")},
+                "versions": {**versions(), **{p: package_version(p) for p in ("fastapi", "uvicorn", "starlette")}}}
+
+    def health(self) -> dict:
+        b = self.batcher
+        return {"status": "ok", "waiting": b.waiting, "batches": b.batches, "images": b.images,
+                "uptime_s": round(time.time() - self.started, 3)}
+
+    def item(self, k: int, name: str, data) -> Item:
+        """One upload decoded and preprocessed as predict does, or with the reason it cannot be."""
+        try:
+            if not isinstance(data, bytes):
+                raise ImageLoadError(f"form field {FIELD!r} holds text, not a file", "not-an-image")
+            if len(data) > self.cfg.max_file_bytes:
+                raise ImageLoadError(f"{len(data)} bytes; at most {self.cfg.max_file_bytes} per image", TOO_LARGE)
+            rgb = decode_bytes(data, self.min_short_side, self.cfg.max_pixels)
+            return Item(k, self.lm.transform(rgb), -1, name)
+        except ImageLoadError as e:
+            return Item(k, None, -1, name, e.reason)
+
+    def read_uploads(self, uploads) -> tuple[list[Item], list[bool]]:
+        """(Items, whether each was too large) of the form's ``files`` entries (run in a worker thread)."""
+        items, large = [], []
+        for k, up in enumerate(uploads):
+            if isinstance(up, str):
+                items.append(self.item(k, f"{FIELD}[{k}]", up))
+                large.append(False)
+                continue
+            data = up.file.read(self.cfg.max_file_bytes + 1)
+            name = up.filename or f"{FIELD}[{k}]"
+            items.append(self.item(k, name, data))
+            large.append(len(data) > self.cfg.max_file_bytes)
+        return items, large
+
+
+def no_image_detail(rows: list[dict]) -> str:
+    reasons = "; ".join(f"{r['path']}: {r['error']}" for r in rows[:5])
+    more = f" (and {len(rows) - 5} more)" if len(rows) > 5 else ""
+    return f"none of the {len(rows)} files could be classified: {reasons}{more}"
+
+
+def build_app(cfg: ServeConfig):
+    """The FastAPI app serving cfg.model (the model loads now; the batcher stops when the app shuts down)."""
+    require()
+    check(cfg)
+    from fastapi import FastAPI, Request
+    from fastapi.responses import HTMLResponse, JSONResponse
+    from starlette.concurrency import run_in_threadpool
+
+    svc = Service(cfg)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        # uvicorn has answered every request in flight by now: what is still queued runs, then the worker stops
+        await run_in_threadpool(svc.batcher.close, cfg.drain_seconds or None)
+
+    # no /docs page: FastAPI's loads its scripts from a CDN (the schema stays at /openapi.json)
+    app = FastAPI(title="transfer-pipeline", version=package_version("transfer-pipeline"), lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
+    app.state.service = svc
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        return HTMLResponse(page_html())
+
+    @app.get("/health")
+    async def health():
+        return svc.health()
+
+    @app.get("/info")
+    async def info():
+        return svc.info()
+
+    @app.post("/predict")
+    async def predict(request: Request, top: int = 0):
+        started = time.perf_counter()
+        if not 0 <= top <= len(svc.lm.classes):
+            return JSONResponse({"detail": f"top must be in 0..{len(svc.lm.classes)}, got {top}"}, 400)
+        try:  # a malformed form or too many files: starlette's 400 with its reason
+            form = await request.form(max_files=cfg.max_files, max_fields=cfg.max_files)
+        except BodyTooLarge:
+            return JSONResponse({"detail": f"the request is more than {cfg.max_request_bytes} bytes"}, 413)
+        try:
+            uploads = form.getlist(FIELD)
+            if not uploads:
+                return JSONResponse({"detail": f"no file in the field {FIELD!r} (multipart/form-data)"}, 400)
+            items, large = await run_in_threadpool(svc.read_uploads, uploads)
+        finally:
+            await form.close()
+        good = [i.image for i in items if i.ok]
+        outputs = None
+        if good:
+            try:
+                outputs = await asyncio.wrap_future(svc.batcher.submit(good))
+            except QueueFull as e:
+                return JSONResponse({"detail": f"busy: {e}; retry shortly"}, 503, headers={"Retry-After": "1"})
+            except Closed as e:
+                return JSONResponse({"detail": str(e)}, 503)
+        rows = prediction_rows(svc.lm, Batch(items), outputs, top)
+        headers = {"Server-Timing": f"predict;dur={(time.perf_counter() - started) * 1000:.1f}"}
+        if not good:
+            status = 413 if all(large) else 400
+            return JSONResponse({"detail": no_image_detail(rows), "rows": rows}, status, headers=headers)
+        return JSONResponse(rows, headers=headers)
+
+    app.add_middleware(BodyLimit, max_bytes=cfg.max_request_bytes)
+    return app
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_free(host: str, port: int) -> None:
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise UsageError(f"--host {host!r} is not an address of this machine ({e.strerror})") from None
+    family, kind, _, _, address = infos[0]
+    with socket.socket(family, kind) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            s.bind(address)
+        except OSError as e:
+            raise PipelineError(f"cannot listen on {host}:{port}: {e.strerror}; pass another --port") from None
+
+
+def serve(cfg: ServeConfig) -> dict:
+    """Run the service until SIGTERM or Ctrl-C (uvicorn drains the requests in flight first)."""
+    import uvicorn
+
+    check(cfg)
+    check_free(cfg.host, cfg.port)  # before the model loads: a port in use is one line, not a traceback later
+    app = build_app(cfg)
+    if not is_loopback(cfg.host):
+        log.warning("serving on %s: reachable from other machines, without authentication", cfg.host)
+    log.info("serving %s on http://%s:%d/ (the page; POST /predict, GET /info, GET /health)",
+             cfg.model, cfg.host, cfg.port)
+    from ..progress import is_quiet
+
+    server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port,
+                                           log_level="warning" if is_quiet() else "info",  # info: a line per request
+                                           timeout_graceful_shutdown=cfg.drain_seconds or None))
+    # uvicorn drains, then raises the signal it caught again, with the handler it found: this one, so a
+    # SIGTERM after a clean drain is a normal return (exit 0), not death by the signal
+    previous = signal.signal(signal.SIGTERM, _stopped)
+    stopped_by = None
+    try:
+        server.run()
+    except Stopped:
+        stopped_by = "SIGTERM"
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    health = app.state.service.health()
+    log.info("stopped%s after %d images in %d batches", f" by {stopped_by}" if stopped_by else "",
+             health["images"], health["batches"])
+    return {"model": cfg.model, "host": cfg.host, "port": cfg.port, "stopped_by": stopped_by, **health}
+
+
+class Stopped(Exception):
+    """SIGTERM, raised again by uvicorn once it has answered the requests in flight."""
+
+
+def _stopped(signum, frame):
+    raise Stopped()

@@ -1,0 +1,158 @@
+"""export: every head kind and a whole model as ONNX / TorchScript, the metadata, the parity check, its failures."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import pipeline
+from pipeline import cli
+from pipeline.models.predict import PredictConfig, predict
+from pipeline.models.whole_models import build_model, save_model
+from pipeline.serving import export as export_mod
+from tests.conftest import ROOT, make_image_folder
+from tests.live_server import make_tiny_head
+
+pytestmark = pytest.mark.filterwarnings("ignore:--weights none", "ignore:no sidecar", "ignore:`torch.jit")
+onnx_ok = pytest.importorskip("onnxruntime", reason="the export extra (onnx, onnxruntime) is not installed")
+
+
+@pytest.fixture(scope="module")
+def heads(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("heads")
+    return {kind: make_tiny_head(root / kind, head=kind) for kind in ("linear", "kernel")}
+
+
+def example_rows(model: Path, photos) -> list[dict]:
+    """examples/predict_onnx.py's rows: another program, with only the file, its metadata, onnxruntime and Pillow."""
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "predict_onnx.py"), str(model), *map(str, photos)],
+                         capture_output=True, text=True, check=True)
+    return [json.loads(line) for line in out.stdout.splitlines()]
+
+
+@pytest.mark.parametrize("kind", ["linear", "kernel"])
+def test_an_onnx_export_predicts_as_predict_does(heads, kind, tmp_path):
+    head = heads[kind]
+    out = tmp_path / f"{kind}.onnx"
+    result = pipeline.export_model(head, out)
+    assert result["passed"] and result["max_abs_diff"] < 1e-4 and result["parity"]["same_class"] == 16
+    meta = json.loads(Path(f"{out}.json").read_text())
+    assert meta["classes"] == ["blue", "green", "red"] and meta["backbone"] == "tiny"
+    assert meta["preprocessing"]["crop_size"] == 32 and meta["input"]["shape"] == ["N", 3, 32, 32]
+    loaded = pipeline.Head.load(head)
+    assert len(meta["cache_fingerprint"]) == 64 and meta["unknown_threshold"] == loaded.unknown_threshold_
+    assert [o["name"] for o in meta["outputs"]] == ["probabilities", "unknown_score"]
+    assert meta["temperature"] == loaded.temperature_ and result["parity"]["max_abs_diff_unknown"] < 1e-4
+    assert meta["parity"]["max_abs_diff"] == result["max_abs_diff"]
+    # another program with only the file and its metadata: the same classes and probabilities as predict
+    photos = sorted((head.parents[2] / "data").rglob("*.jpg"))[::2]
+    want = predict(PredictConfig(paths=[str(p) for p in photos], model=str(head), workers=0, precision="fp32"))
+    got = example_rows(out, photos)
+    assert [r["class"] for r in got] == [r["class"] for r in want["rows"]]
+    assert np.abs(np.subtract([r["probability"] for r in got], [r["probability"] for r in want["rows"]])).max() < 1e-4
+    assert [r["unknown"] for r in got] == [r["unknown"] for r in want["rows"]]  # the unknown score travels too
+    assert np.abs(np.subtract([r["ood_score"] for r in got], [r["ood_score"] for r in want["rows"]])).max() < 1e-4
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert json.loads(props["classes"]) == meta["classes"] and json.loads(props["preprocessing"]) == meta["preprocessing"]
+
+
+def test_a_torchscript_export_of_a_whole_model(tmp_path, image_folder):
+    torch.manual_seed(0)
+    lm = build_model("tiny_bn", "none", ["blue", "red"])
+    model = tmp_path / "model.pt"
+    save_model(lm, model, "train", {"data": str(image_folder)}, {}, [])
+    out = tmp_path / "model.ts"
+    r = CliRunner().invoke(cli.cli, ["export", "--model", str(model), "--format", "torchscript",
+                                     "--output", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.stdout)
+    assert result["passed"] and result["parity"]["images"] == 16  # spread over the training folder
+    extra = {export_mod.TORCHSCRIPT_KEY: ""}
+    net = torch.jit.load(str(out), _extra_files=extra)
+    assert json.loads(extra[export_mod.TORCHSCRIPT_KEY])["classes"] == ["blue", "red"]
+    x = torch.randn(5, 3, 32, 32)  # another batch size than the one traced
+    with torch.no_grad():
+        assert torch.allclose(net(x), torch.exp(lm.model.eval()(x)), atol=1e-5)
+
+
+def test_a_flip_head_exports_with_its_mirror_mean(tmp_path, make_cache):
+    data = make_image_folder(tmp_path / "data", per_class=6)
+    cache = make_cache(data, dtype="float32", flip=True)["cache"]
+    from pipeline.heads.fit_head import FitHeadConfig, fit_head
+
+    head = fit_head(FitHeadConfig(head="logreg", cache=cache, runs_dir=str(tmp_path / "runs")))["checkpoint"]
+    result = pipeline.export_model(head, tmp_path / "flip.onnx", check_data=data)
+    assert result["passed"] and json.loads((tmp_path / "flip.onnx.json").read_text())["flip"] is True
+
+
+def test_a_failed_parity_check_writes_nothing_and_exits_1(heads, tmp_path, monkeypatch):
+    real = export_mod.ExportedRunner.__call__
+
+    def drifted(self, x):
+        probabilities, unknown = real(self, x)
+        return probabilities * 0.9, unknown
+
+    monkeypatch.setattr(export_mod.ExportedRunner, "__call__", drifted)
+    out = tmp_path / "drift.onnx"
+    r = CliRunner().invoke(cli.cli, ["export", "--model", str(heads["linear"]), "--output", str(out), "--json"])
+    assert r.exit_code == 1
+    result = json.loads(r.stdout)
+    assert not result["passed"] and result["max_abs_diff"] > 1e-2 and result["output"] is None
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_check_data_and_usage_errors(heads, tmp_path):
+    head = heads["linear"]
+    photos = make_image_folder(tmp_path / "other", per_class=3)
+    r = pipeline.export_model(head, tmp_path / "a.onnx", check_data=photos, check_n=0)
+    assert r["parity"]["images"] == 6
+    runner = CliRunner()
+    for args, message in [
+        (["--output", str(tmp_path / "b.onnx"), "--tolerance", "0"], "--tolerance must be positive"),
+        (["--output", str(head)], "is one of the inputs"),
+        (["--output", str(photos / "blue" / "x.onnx"), "--check-data", str(photos)], "inside"),
+    ]:
+        r = runner.invoke(cli.cli, ["export", "--model", str(head), *args])
+        assert r.exit_code == 2 and message in r.output, (args, r.output)
+
+
+def test_no_reachable_photos_asks_for_check_data(heads, tmp_path):
+    import shutil
+
+    lonely = tmp_path / "head.pt"
+    shutil.copy(heads["linear"], lonely)
+    ckpt = torch.load(lonely, weights_only=True)
+    ckpt["cache"] = str(tmp_path / "gone.h5")
+    torch.save(ckpt, lonely)
+    with pytest.raises(ValueError, match="pass --check-data DIR"):
+        pipeline.export_model(lonely, tmp_path / "x.onnx")
+
+
+def test_a_missing_extra_is_one_line(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    with pytest.raises(pipeline.PipelineError, match=r"needs onnxruntime \(runs the parity check\): pip install"):
+        export_mod.require("onnx")
+
+
+@pytest.mark.slow
+def test_a_real_vgg16_head_exports_with_parity(shared_available, make_cache, tmp_path):
+    """The README's case on a small scale: VGG-16 features of catsdogs photos, the default head, parity on test photos."""
+    from pipeline.heads.fit_head import FitHeadConfig, fit_head
+    from tests.conftest import SHARED, SHARED_CATSDOGS, SHARED_WEIGHTS
+
+    cache = make_cache(SHARED_CATSDOGS, n=40, backbone="vgg16", weights=str(SHARED_WEIGHTS), workers=2)["cache"]
+    head = fit_head(FitHeadConfig(cache=cache, runs_dir=str(tmp_path / "runs")))["checkpoint"]
+    result = pipeline.export_model(head, tmp_path / "catsdogs.onnx", check_data=SHARED / "data" / "catsdogs_test",
+                                   check_n=8)
+    assert result["passed"] and result["parity"]["same_class"] == 8 and result["max_abs_diff"] < 1e-4

@@ -1,0 +1,238 @@
+"""The prediction service: predict's rows over HTTP, bad input as 4xx reasons, limits, real uvicorn, SIGTERM."""
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from pipeline import cli
+from pipeline.models.predict import PredictConfig, predict
+from tests.conftest import ROOT
+from tests.live_server import live_server, make_tiny_head
+from tests.tiny import CLI
+
+pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn, python-multipart) is not installed")
+from fastapi.testclient import TestClient  # noqa: E402
+
+import pipeline  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:--weights none", "ignore:no sidecar")
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory) -> Path:
+    return make_tiny_head(tmp_path_factory.mktemp("served"))
+
+
+@pytest.fixture(scope="module")
+def client(head):
+    with TestClient(pipeline.serve_app(head, precision="fp32", max_file_bytes=200_000, max_pixels=1_000_000,
+                                       max_files=4, max_queue=8, max_request_bytes=2_000_000)) as c:
+        yield c
+
+
+def photos(head: Path) -> list[Path]:
+    data = head.parents[2] / "data"
+    return sorted(data.rglob("*.jpg"))
+
+
+def upload(*paths):
+    return [("files", (p.name, p.read_bytes(), "image/jpeg")) for p in paths]
+
+
+def test_predict_gives_predict_rows(client, head):
+    files = photos(head)[::6]  # 4: max_files
+    want = predict(PredictConfig(paths=[str(f) for f in files], model=str(head), workers=0, precision="fp32"))["rows"]
+    r = client.post("/predict", files=upload(*files))
+    assert r.status_code == 200
+    got = r.json()
+    assert [g["path"] for g in got] == [f.name for f in files]
+    assert [g["class"] for g in got] == [w["class"] for w in want]
+    assert np.allclose([g["probability"] for g in got], [w["probability"] for w in want], atol=1e-6)
+    assert all(set(g) == set(w) for g, w in zip(got, want))  # the same fields: whatever predict's rows hold
+
+
+def test_top_adds_the_most_probable_classes_in_order(client, head):
+    r = client.post("/predict?top=3", files=upload(photos(head)[0]))
+    row = r.json()[0]
+    probs = [t["probability"] for t in row["top"]]
+    assert [t["class"] for t in row["top"]][0] == row["class"] and probs == sorted(probs, reverse=True)
+    assert sorted(t["class"] for t in row["top"]) == ["blue", "green", "red"] and abs(sum(probs) - 1) < 1e-5
+    assert client.post("/predict?top=4", files=upload(photos(head)[0])).status_code == 400
+
+
+def test_a_bad_file_beside_good_ones_gets_its_reason_in_its_row(client, head):
+    good = photos(head)[0]
+    r = client.post("/predict", files=upload(good) + [("files", ("notes.jpg", b"hello", "image/jpeg"))])
+    assert r.status_code == 200
+    rows = r.json()
+    assert rows[0]["class"] and rows[0]["error"] is None
+    assert rows[1]["class"] is None and rows[1]["error"].startswith("not an image")
+
+
+def _png(w, h) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (200, 30, 30)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("name, data, status, reason", [
+    ("text.jpg", b"not an image at all", 400, "not an image"),
+    ("empty.png", b"", 400, "zero-byte file"),
+    ("huge.png", _png(1200, 1000), 400, "more than the 1000000 allowed"),  # 1.2 M pixels, a small file
+    ("big.bin", os.urandom(200_001), 413, "at most 200000 per image"),
+])
+def test_a_request_with_no_usable_image_is_a_4xx_naming_why(client, name, data, status, reason):
+    r = client.post("/predict", files=[("files", (name, data, "image/png"))])
+    assert r.status_code == status
+    body = r.json()
+    assert reason in body["detail"] and name in body["detail"] and "\n" not in body["detail"]
+    assert body["rows"][0]["path"] == name and reason in body["rows"][0]["error"]
+
+
+def test_request_limits(client, head):
+    one = photos(head)[0]
+    assert client.post("/predict", files=upload(*[one] * 5)).status_code == 400  # max_files=4
+    r = client.post("/predict", content=b"x" * 2_000_001, headers={"Content-Type": "multipart/form-data; boundary=b"})
+    assert r.status_code == 413 and "at most 2000000" in r.json()["detail"]
+    r = client.post("/predict", data={"other": "x"})
+    assert r.status_code == 400 and "'files'" in r.json()["detail"]
+    r = client.post("/predict", files=[("files", (None, "a text field"))])  # a text part, not a file
+    assert r.status_code == 400
+
+
+def test_a_streamed_body_past_the_limit_is_413(client):
+    def chunks():
+        for _ in range(30):
+            yield b"-" * 100_000  # no Content-Length: counted as it streams in
+
+    r = client.post("/predict", content=chunks(), headers={"Content-Type": "multipart/form-data; boundary=b"})
+    assert r.status_code == 413
+
+
+def test_info_and_health(client, head):
+    info = client.get("/info").json()
+    assert info["classes"] == ["blue", "green", "red"] and info["backbone"] == "tiny" and info["kind"] == "fit-head"
+    assert len(info["cache_fingerprint"]) == 64 and info["versions"]["fastapi"] != "unknown"
+    assert info["limits"]["max_files"] == 4
+    before = client.get("/health").json()["images"]
+    client.post("/predict", files=upload(*photos(head)[:2]))
+    health = client.get("/health").json()
+    assert health["status"] == "ok" and health["images"] == before + 2
+
+
+def test_concurrent_requests_share_batches(head):
+    app = pipeline.serve_app(head, precision="fp32", max_wait_ms=300, batch_size=64)
+    files = photos(head)[:8]
+    with TestClient(app) as c:
+        results = [None] * len(files)
+
+        def send(k):
+            results[k] = c.post("/predict", files=upload(files[k]))
+
+        threads = [threading.Thread(target=send, args=(k,)) for k in range(len(files))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        health = c.get("/health").json()
+    assert all(r.status_code == 200 for r in results)
+    assert health["images"] == 8 and health["batches"] < 8  # waited 300 ms for company: fewer passes than requests
+
+
+def test_bad_settings_are_usage_errors(head):
+    with pytest.raises(ValueError, match="--max-queue 2 is less than --max-files 64"):
+        pipeline.serve_app(head, max_queue=2)
+    r = CliRunner().invoke(cli.cli, ["serve", "--model", str(head), "--port", "70000"])
+    assert r.exit_code == 2 and "--port must be in 0..65535" in r.output
+
+
+def test_real_uvicorn_on_an_ephemeral_port(head):
+    import httpx
+
+    with live_server(pipeline.serve_app(head, precision="fp32")) as url:
+        assert httpx.get(f"{url}/health").json()["status"] == "ok"
+        r = httpx.post(f"{url}/predict", files=upload(*photos(head)[:2]))
+        assert r.status_code == 200 and [row["class"] for row in r.json()] and "predict;dur=" in r.headers["server-timing"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sigterm_answers_the_request_in_flight_then_exits(head):
+    import httpx
+
+    port = _free_port()
+    # a lone image waits max_wait_ms (1.5 s) for company in the batcher: SIGTERM comes while it waits
+    proc = subprocess.Popen([sys.executable, *CLI, "serve", "--model", str(head), "--port", str(port),
+                             "--max-wait-ms", "1000", "--batch-size", "64", "--precision", "fp32"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else ""
+            time.sleep(0.1)
+        answer = {}
+        t = threading.Thread(target=lambda: answer.update(r=httpx.post(f"{url}/predict", timeout=30,
+                                                                          files=upload(photos(head)[0]))))
+        t.start()
+        time.sleep(0.4)
+        proc.send_signal(signal.SIGTERM)
+        t.join(30)
+        assert answer["r"].status_code == 200 and answer["r"].json()[0]["class"]
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_port_in_use_is_one_line(head):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = CliRunner().invoke(cli.cli, ["serve", "--model", str(head), "--port", str(port)])
+    assert r.exit_code == 1 and f"cannot listen on 127.0.0.1:{port}" in r.output and "Traceback" not in r.output
+
+
+def test_a_full_queue_is_503_with_retry_after(client, head, monkeypatch):
+    from pipeline.serving.batcher import QueueFull
+
+    def full(images):
+        raise QueueFull("256 images are waiting (at most 256)")
+
+    monkeypatch.setattr(client.app.state.service.batcher, "submit", full)
+    r = client.post("/predict", files=upload(photos(head)[0]))
+    assert r.status_code == 503 and r.headers["retry-after"] == "1" and "busy" in r.json()["detail"]
+
+
+def test_a_missing_extra_is_one_line(monkeypatch):
+    import importlib.util
+
+    from pipeline.serving import service
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "multipart" else real(name, *a))
+    with pytest.raises(pipeline.PipelineError, match=r"serve needs python-multipart: pip install"):
+        service.require()

@@ -1,0 +1,89 @@
+"""The service's page in a real headless browser (Debian's chromium driven by Playwright): pick a photo, read
+the answer from the page; and the page needs nothing from outside the service."""
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.models.predict import PredictConfig, predict
+from tests.live_server import live_server, make_tiny_head
+
+pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn, python-multipart) is not installed")
+import pipeline  # noqa: E402
+
+CHROMIUM = "/usr/bin/chromium"
+#: a headless chromium that reaches for nothing but the page it is given
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+pytestmark = pytest.mark.filterwarnings("ignore:--weights none", "ignore:no sidecar")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    head = make_tiny_head(tmp_path_factory.mktemp("page"))
+    with live_server(pipeline.serve_app(head, precision="fp32")) as url:
+        yield head, url
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip(f"no chromium at {CHROMIUM} (apt-get install chromium; .ci/run installs it)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (the dev extra) is not installed")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+def test_the_page_is_one_file_with_no_external_resource():
+    from pipeline.serving.service import page_html
+
+    html = page_html()
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", html) and "@import" not in html
+    assert 'type="file"' in html and "predict?top=" in html
+
+
+def test_a_photo_picked_on_the_page_shows_predicts_class_bars_and_time(served, browser, tmp_path):
+    head, url = served
+    photo = tmp_path / "my red photo.jpg"
+    rng = np.random.default_rng(1)
+    Image.fromarray(np.clip(rng.normal((210, 40, 40), 30, (60, 70, 3)), 0, 255).astype(np.uint8)).save(photo)
+    want = predict(PredictConfig(paths=[str(photo)], model=str(head), workers=0, precision="fp32"))["rows"][0]
+
+    page = browser.new_page()
+    requested = []
+    page.on("request", lambda r: requested.append(r.url))
+    page.goto(url + "/")
+    page.wait_for_function("document.getElementById('about').textContent.includes('3 classes')")
+    page.set_input_files("#picker", str(photo))
+    card = page.locator(".card[data-status=done]")
+    card.wait_for(timeout=30_000)
+    assert card.locator(".name").inner_text() == photo.name
+    assert card.locator(".best .class").inner_text() == want["class"]
+    labels = card.locator(".bar .label").all_inner_texts()
+    assert labels[0] == want["class"] and sorted(labels) == ["blue", "green", "red"]
+    percents = [float(t.rstrip("%")) for t in card.locator(".bar .pct").all_inner_texts()]
+    assert percents == sorted(percents, reverse=True) and abs(percents[0] - 100 * want["probability"]) < 0.06
+    assert re.fullmatch(r"\d+ ms, \d+ ms in the service", card.locator(".time").inner_text())
+    assert card.locator(".unknown").count() == int(want["unknown"])  # the badge when predict says unknown
+    assert requested and all(u.startswith(url) or u.startswith("blob:") for u in requested), requested
+    page.close()
+
+
+def test_a_file_that_is_no_image_shows_its_reason(served, browser, tmp_path):
+    _, url = served
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("not a photo")
+    page = browser.new_page()
+    page.goto(url + "/")
+    page.set_input_files("#picker", str(bad))
+    card = page.locator(".card[data-status=error]")
+    card.wait_for(timeout=30_000)
+    assert card.locator(".error").inner_text().startswith("Not classified: not an image")
+    page.close()
