@@ -181,7 +181,7 @@ def extract_range(cfg, listing: ImageFolderListing, key: str, path: Path, resume
     donors = (find_donors(path.parent, attrs, exclude=path)
               if not positions and rows < target else None)
     if donors:
-        log.info("%d photos of earlier caches with the same features can be reused by content", len(donors))
+        log.debug("%d rows of earlier caches with the same features may be reused by content", len(donors))
     # the decoding workers fork before the cache file is opened, so they never hold it
     dataset = ImageListDataset(listing.root, items[:stop], backbone.transform, start=start,
                                raw_jpeg=cfg.decode == "device", digests=True,
