@@ -283,11 +283,9 @@ def cpu_name() -> str:
 
 def cpu_flags() -> list:
     """The CPU features that decide bf16 and int8 speed (AMX tiles, AVX-512 BF16 / VNNI, AVX-VNNI)."""
-    try:
-        flags = next(line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return []
-    return sorted(f for f in flags if f.startswith("amx") or f in ("avx512_bf16", "avx512_vnni", "avx_vnni"))
+    from pipeline.devices import cpu_flags as all_flags
+
+    return sorted(f for f in all_flags() if f.startswith("amx") or f in ("avx512_bf16", "avx512_vnni", "avx_vnni"))
 
 
 def table(r: dict) -> str:

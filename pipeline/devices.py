@@ -57,6 +57,19 @@ def resolve_device(device: str = "auto"):
     return dev
 
 
+def cpu_flags() -> set:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none), read without torch, so that
+    choices made from them (extract's --precision auto) leave a cache hit torch-free."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
 def cpu_has_bf16() -> bool:
     """True when the CPU has native bf16 dot products (AVX-512 BF16 or AMX), where bf16 pays off."""
     import torch

@@ -17,6 +17,7 @@ from ..cache.provenance import package_version
 from ..config import COMPILE, DECODERS, POOLS, STORAGE_DTYPES, ExtractConfig
 from ..data.folders import ImageFolderListing, check_seed, list_image_folder
 from ..data.image_reader import DECODE_VERSION
+from ..devices import cpu_flags
 from ..errors import UsageError
 from ..files import require_folder
 from . import backbones as bb
@@ -66,18 +67,6 @@ def validate(cfg: ExtractConfig) -> None:
 #: saved per image (int8 + compile 42 vs bf16 17 img/s end to end on a 2-core AVX-512 VNNI EPYC; 21.6 vs
 #: 10.4 on another), i.e. after 700-1,000 images; held-out accuracy on int8 rows matched bf16's on the proxies.
 INT8_AUTO_MIN_IMAGES = 1000
-
-
-def cpu_flags() -> set:
-    """The CPU's feature flags from /proc/cpuinfo (empty where there is none), read without torch."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def auto_precision(cfg: ExtractConfig, images: int) -> tuple[str, str]:

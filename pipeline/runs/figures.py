@@ -152,26 +152,27 @@ def preview_figure(images: Sequence, titles: Sequence[str], cols: int = 4, supti
     return _image_grid(images, titles, PREVIEW_CELL, cols, suptitle, 11)
 
 
-def gallery_figure(items: Sequence[dict], cols: int = 4, suptitle: str = "most confidently wrong") -> Figure:
-    """Thumbnails of misclassified images: {image (PIL or None), path, true, pred, prob} each."""
+def _thumbnails_figure(items: Sequence[dict], titles: Sequence[str], cols: int, suptitle: str, empty: str) -> Figure:
+    """Titled thumbnails of ``items`` ({image (PIL or None), ...} each), or one line saying there are none."""
     if not items:
         fig = _figure((GALLERY_CELL[0] * 2, 1.5))
-        fig.text(0.5, 0.5, "no misclassified images", ha="center", va="center", fontsize=14)
+        fig.text(0.5, 0.5, empty, ha="center", va="center", fontsize=14)
         return fig
+    return _image_grid([it["image"] for it in items], titles, GALLERY_CELL, cols, suptitle, 9)
+
+
+def gallery_figure(items: Sequence[dict], cols: int = 4, suptitle: str = "most confidently wrong") -> Figure:
+    """Thumbnails of misclassified images: {image (PIL or None), path, true, pred, prob} each."""
     titles = [f"{shorten(it['path'], 30)}\ntrue {it['true']} \u2192 pred {it['pred']}\np = {it['prob']:.3f}"
               for it in items]
-    return _image_grid([it["image"] for it in items], titles, GALLERY_CELL, cols, suptitle, 9)
+    return _thumbnails_figure(items, titles, cols, suptitle, "no misclassified images")
 
 
 def label_issues_figure(items: Sequence[dict], cols: int = 4, suptitle: str = "likely wrong labels") -> Figure:
     """Thumbnails of an audit's label issues: {image (PIL or None), path, given, suggested, score} each."""
-    if not items:
-        fig = _figure((GALLERY_CELL[0] * 2, 1.5))
-        fig.text(0.5, 0.5, "no label issues found", ha="center", va="center", fontsize=14)
-        return fig
     titles = [f"{shorten(it['path'], 30)}\ngiven {it['given']} \u2192 {it['suggested']}?\nscore {it['score']:.3f}"
               for it in items]
-    return _image_grid([it["image"] for it in items], titles, GALLERY_CELL, cols, suptitle, 9)
+    return _thumbnails_figure(items, titles, cols, suptitle, "no label issues found")
 
 
 def upsample(channel: np.ndarray, size: tuple[int, int]) -> np.ndarray:
