@@ -109,7 +109,7 @@ def out_of_fold_log_proba(rows: Mapping, labels: np.ndarray, setting: dict, n_cl
     if folds < 2:
         return out[:0]
     for tr, te in StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, labels):
-        head, _ = fit_setting({view: x[tr]}, labels[tr], {**setting, "view": view}, in_shape=tuple(in_shape),
+        head, _ = fit_setting({view: x[tr]}, labels[tr], setting, in_shape=tuple(in_shape),
                               n_classes=n_classes, seed=seed)
         out[te] = head.log_proba_of_rows(x[te])
     return out

@@ -203,7 +203,8 @@ def log_loss(y: np.ndarray, proba: np.ndarray) -> float:
     return float(-np.log(p).mean())
 
 
-def _proba(clf, z: np.ndarray, n_classes: int) -> np.ndarray:
+def class_proba(clf, z: np.ndarray, n_classes: int) -> np.ndarray:
+    """``clf.predict_proba`` over all ``n_classes`` (0 for a class its training rows lacked)."""
     p = np.zeros((len(z), n_classes))
     p[:, np.asarray(clf.classes_)] = clf.predict_proba(z)
     return p
@@ -259,7 +260,7 @@ def tune(X, y: np.ndarray, grid, folds: int = 5, seed: int = 0, *, in_shape=None
         by_c = {s["C"]: s for s in group}
         t0 = time.time()
         for c, clf in logreg_path(ztr, ytr, list(by_c), seed, max_iter):
-            record(by_c[c], _proba(clf, zte, n_classes), yte, t_before + (time.time() - t0) / len(by_c))
+            record(by_c[c], class_proba(clf, zte, n_classes), yte, t_before + (time.time() - t0) / len(by_c))
 
     groups: dict = {}
     for s in settings:

@@ -56,7 +56,7 @@ def sample_rows(rows: np.ndarray, cap: int, seed: int) -> np.ndarray:
 
 def scores_np(queries: np.ndarray, known: np.ndarray, k: int, batch: int = 256) -> np.ndarray:
     """``knn_distance`` of average-view rows ``queries`` (N, C) against float16 ``known`` rows."""
-    known_t = torch.from_numpy(np.ascontiguousarray(known))
+    known_t = torch.from_numpy(np.ascontiguousarray(known)).float()  # cast once, not once per batch
     q = pooled_rows_np(queries)
     return np.concatenate([knn_distance(torch.from_numpy(q[i:i + batch]), known_t, k).numpy()
                            for i in range(0, len(q), batch)]) if len(q) else np.zeros(0, np.float32)

@@ -276,7 +276,12 @@ def load_model(path, weights: Optional[str] = None, trainable: bool = False) -> 
     on an int8 cache runs that cache's int8 network (rebuilt from the observers its checkpoint holds), so
     it sees the rows it was trained on; ``trainable`` (finetune) asks for the float backbone instead.
     """
-    ckpt = read_checkpoint(path)
+    return model_from_checkpoint(read_checkpoint(path), path, weights, trainable)
+
+
+def model_from_checkpoint(ckpt: dict, path, weights: Optional[str] = None, trainable: bool = False) -> LoadedModel:
+    """``load_model`` of a checkpoint already read (``read_checkpoint``): a caller holding it does not
+    read the file (half a gigabyte for a VGG-16 model.pt) a second time."""
     if ckpt["kind"] == "fit-head":
         lm = _from_head(ckpt, path, weights, trainable)
     else:
@@ -415,6 +420,8 @@ def network(lm: LoadedModel, device: str, precision: str, extra: str = "unknown"
                              f"use --device cpu or auto, not {device!r}")
         if precision not in ("auto", "int8"):
             log.info("precision %s not used: the head runs its cache's int8 network", precision)
-        return Inference(WithExtras(lm.model, extra), dev, "int8")
-    dev = resolve_device(device)
-    return Inference(WithExtras(lm.model, extra), dev, resolve_precision(precision, dev))
+        prec = "int8"
+    else:
+        dev = resolve_device(device)
+        prec = resolve_precision(precision, dev)
+    return Inference(WithExtras(lm.model, extra), dev, prec)

@@ -196,9 +196,9 @@ def _leaks(cross: dict, test: dict, digests, paths) -> list[dict]:
     ti, tj, ts = cross["pairs"]
     for a, b, s in zip(ti.tolist(), tj.tolist(), ts.tolist()):
         found[(a, b)] = max(found.get((a, b), 0.0), s)
-    for a, b in dup.exact_pairs(test["digests"], digests):
-        found[(a, b)] = 1.0
     exact = set(dup.exact_pairs(test["digests"], digests))
+    for pair in exact:
+        found[pair] = 1.0
     out = [{"train": paths[b], "test": test["paths"][a], "similarity": round(min(s, 1.0), 4),
             "exact": (a, b) in exact} for (a, b), s in found.items()]
     out.sort(key=lambda d: (-d["similarity"], d["test"], d["train"]))

@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..config import NEAR_DUPLICATE
+from ..heads.unknown_score import pooled_rows_np
 from ..progress import progress
 
 #: The view near copies are compared in, where the cache has it (bench/near_duplicates.py).
@@ -25,10 +26,7 @@ BLOCK_BYTES = 128 << 20
 
 def l2_rows(x: np.ndarray) -> np.ndarray:
     """Rows scaled to unit length (float32), so a dot product is the cosine similarity."""
-    x = np.asarray(x, np.float32)
-    n = np.linalg.norm(x, axis=1, keepdims=True)
-    n[n == 0] = 1.0
-    return x / n
+    return pooled_rows_np(x)
 
 
 def similar_pairs(x: np.ndarray, other: Optional[np.ndarray] = None, threshold: float = NEAR_DUPLICATE,

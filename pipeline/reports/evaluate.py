@@ -30,7 +30,7 @@ from ..files import atomic_write, require_folder, writing
 from ..heads.epoch_loop import split_indices
 from ..heads.cache_views import head_scores
 from ..heads.calibration import before_after, reliability_bins, without_temperature
-from ..models.whole_models import head_from_checkpoint, load_model, network, read_checkpoint, split_extras
+from ..models.whole_models import head_from_checkpoint, model_from_checkpoint, network, read_checkpoint, split_extras
 from ..progress import progress
 from ..runs.figures import confusion_matrix_figure, gallery_figure, reliability_figure, save
 from ..runs.run_folders import finish_run, new_run_dir
@@ -157,7 +157,7 @@ def predict_folder(data: str, classes: list, transform, model, cfg: EvaluateConf
 def model_on_folder(model_path: str, ckpt: dict, cfg: EvaluateConfig) -> Predictions:
     """Any checkpoint (fit-head head + its backbone, or a train/finetune model) on raw images."""
 
-    lm = load_model(model_path, cfg.weights)
+    lm = model_from_checkpoint(ckpt, model_path, cfg.weights)
     return predict_folder(cfg.data, lm.classes, lm.transform, network(lm, cfg.device, cfg.precision), cfg,
                           lm.model.head)
 

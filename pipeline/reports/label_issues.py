@@ -22,7 +22,7 @@ from sklearn.model_selection import StratifiedKFold
 from threadpoolctl import threadpool_limits
 
 from ..heads.feature_views import Normalizer
-from ..heads.model_selection import AUTO_GRID, complete_setting, setting_key, tune
+from ..heads.model_selection import AUTO_GRID, class_proba, complete_setting, setting_key, tune
 from ..heads.sklearn_fits import fit_logreg, kernel_features, nystroem_map
 from ..progress import progress
 
@@ -32,12 +32,6 @@ log = logging.getLogger(__name__)
 #: 2-core machine: the label issues took 176 s with 2,000 landmarks, 41-44 s with 1,000).
 LARGE_N = 5000
 LARGE_N_LANDMARKS = 1000
-
-
-def _proba(clf, z: np.ndarray, n_classes: int) -> np.ndarray:
-    p = np.zeros((len(z), n_classes))
-    p[:, np.asarray(clf.classes_)] = clf.predict_proba(z)
-    return p
 
 
 def choose_setting(avg: np.ndarray, y: np.ndarray, feature_shape, folds: int, seed: int, landmarks: int,
@@ -75,7 +69,7 @@ def out_of_fold(avg: np.ndarray, y: np.ndarray, n_classes: int, setting: dict, f
                     ny = nystroem_map(xtr, s["gamma"], s["n_components"], seed)
                     xtr, xte = kernel_features(ny, xtr), kernel_features(ny, xte)
                 clf = fit_logreg(xtr, y[tr], s["C"], seed)
-                proba[te] = _proba(clf, xte, n_classes)
+                proba[te] = class_proba(clf, xte, n_classes)
                 bar.update(1)
     finally:
         bar.close()

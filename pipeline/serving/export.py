@@ -10,7 +10,6 @@ back) and predict's own path in fp32 on the same preprocessed tensors, and fails
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -26,10 +25,11 @@ from ..cache.provenance import Preprocessing, package_version, versions
 from ..config import EXPORT_FORMATS, ExportConfig
 from ..data.image_reader import ImageListDataset, read_items
 from ..errors import PipelineError, UsageError
+from ..extraction import backbones as bb
 from ..extraction.inference import run_batches
 from ..files import atomic_write, check_output
 from ..models.predict import list_inputs
-from ..models.whole_models import WithExtras, load_model, network, read_checkpoint, split_extras
+from ..models.whole_models import WithExtras, model_from_checkpoint, network, read_checkpoint, split_extras
 from ..progress import progress
 
 log = logging.getLogger(__name__)
@@ -77,14 +77,6 @@ def require(fmt: str) -> None:
                             "pip install 'transfer-pipeline[export]'")
 
 
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def metadata(cfg: ExportConfig, ckpt: dict, lm) -> dict:
     """Everything a program needs to use the exported file, from the checkpoint's own records."""
     pre = Preprocessing.from_dict(ckpt["preprocessing"])
@@ -103,7 +95,7 @@ def metadata(cfg: ExportConfig, ckpt: dict, lm) -> dict:
         "preprocessing": {**pre.to_dict(), "steps": pre.describe()},
         "backbone": ckpt["backbone"], "weights": ckpt["weights"], "weights_sha256": ckpt.get("weights_sha256", ""),
         "flip": bool(ckpt.get("flip", False)), "head": ckpt["head"],
-        "model": str(cfg.model), "model_kind": ckpt["kind"], "model_sha256": file_sha256(cfg.model),
+        "model": str(cfg.model), "model_kind": ckpt["kind"], "model_sha256": bb.file_sha256(cfg.model),
         "cache": ckpt.get("cache", ""), "cache_fingerprint": ckpt.get("cache_fingerprint", ""),
         "data_fingerprint": ckpt.get("data_fingerprint", ""),
         # a score above it means "none of these classes"; None: the model has no unknown score
@@ -129,12 +121,9 @@ def training_photos(ckpt: dict, n: int) -> list[str]:
         from ..cache.feature_cache import FeatureCache
 
         try:
-            c = FeatureCache(cache)
-            try:
+            with FeatureCache(cache) as c:
                 root = Path(c.attrs.get("data_root", ""))
                 paths = [str(root / p) for p in c.paths[:n or None]]
-            finally:
-                c.f.close()
             return [p for p in paths if os.path.isfile(p)]
         except (ValueError, OSError, PipelineError) as e:  # CacheError is a ValueError
             log.debug("cannot read the photos of %s: %s", cache, e)
@@ -273,14 +262,14 @@ def export(cfg: ExportConfig) -> dict:
     check_output(side, inputs, data, what="the metadata file")
     require(cfg.format)
     ckpt = read_checkpoint(cfg.model)
-    files = sample_photos(cfg, ckpt)
-    lm = load_model(cfg.model, cfg.weights)
-    if lm.precision == "int8":
+    if ckpt["kind"] == "fit-head" and ckpt.get("precision") == "int8":  # refused before quantising anything
         raise UsageError(f"{cfg.model!r} runs its cache's int8 network (prepacked oneDNN kernels), which neither "
                          "ONNX nor TorchScript can hold; fit the head on a float cache (extract --precision bf16) "
                          "to export it")
+    files = sample_photos(cfg, ckpt)
+    lm = model_from_checkpoint(ckpt, cfg.model, cfg.weights)
     meta = metadata(cfg, ckpt, lm)
-    crop = meta["input"]["shape"][2]
+    crop = lm.transform.crop_size[0]
     net = ProbabilityNet(lm.model).eval()
     tmp = out.with_name(f".{out.name}.{os.getpid()}.export")
     try:

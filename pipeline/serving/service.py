@@ -28,7 +28,7 @@ from ..data.folders import MAX_IMAGE_PIXELS, ImageLoadError, decode_bytes
 from ..data.image_reader import Batch, Item, draft_short_side
 from ..errors import PipelineError, UsageError
 from ..models.predict import prediction_rows
-from ..models.whole_models import load_model, network, read_checkpoint
+from ..models.whole_models import model_from_checkpoint, network, read_checkpoint
 from .batcher import Closed, MicroBatcher, QueueFull
 
 log = logging.getLogger(__name__)
@@ -111,25 +111,25 @@ class Service:
 
     def __init__(self, cfg: ServeConfig):
         self.cfg = cfg
-        self.ckpt = read_checkpoint(cfg.model)
-        self.lm = load_model(cfg.model, cfg.weights)
-        self.inference = network(self.lm, cfg.device, cfg.precision)  # predict's network, unknown score included
-        self.device, self.precision = self.inference.device, self.inference.precision
-        self.min_short_side = draft_short_side(self.lm.transform)
+        c = read_checkpoint(cfg.model)
+        self.lm = lm = model_from_checkpoint(c, cfg.model, cfg.weights)
+        self.inference = network(lm, cfg.device, cfg.precision)  # predict's network, unknown score included
+        self.min_short_side = draft_short_side(lm.transform)
         self.batcher = MicroBatcher(self.inference, cfg.batch_size, cfg.max_wait_ms / 1000, cfg.max_queue)
         self.started = time.time()
+        # GET /info: fixed once the model is loaded
+        self._info = {"model": cfg.model, "kind": lm.kind, "classes": lm.classes, "backbone": c["backbone"],
+                      "weights": c["weights"], "preprocessing": lm.info.get("preprocessing"),
+                      "cache": c.get("cache", ""), "cache_fingerprint": c.get("cache_fingerprint", ""),
+                      "data_fingerprint": c.get("data_fingerprint", ""),
+                      "device": str(self.inference.device), "precision": self.inference.precision,
+                      "batch_size": cfg.batch_size, "max_wait_ms": cfg.max_wait_ms,
+                      "limits": {k: getattr(cfg, k) for k in ("max_files", "max_file_bytes", "max_request_bytes",
+                                                              "max_pixels", "max_queue")},
+                      "versions": {**versions(), **{p: package_version(p) for p in ("fastapi", "uvicorn", "starlette")}}}
 
     def info(self) -> dict:
-        c, lm = self.ckpt, self.lm
-        return {"model": self.cfg.model, "kind": lm.kind, "classes": lm.classes, "backbone": c["backbone"],
-                "weights": c["weights"], "preprocessing": lm.info.get("preprocessing"),
-                "cache": c.get("cache", ""), "cache_fingerprint": c.get("cache_fingerprint", ""),
-                "data_fingerprint": c.get("data_fingerprint", ""),
-                "device": str(self.device), "precision": self.precision,
-                "batch_size": self.cfg.batch_size, "max_wait_ms": self.cfg.max_wait_ms,
-                "limits": {k: getattr(self.cfg, k) for k in ("max_files", "max_file_bytes", "max_request_bytes",
-                                                             "max_pixels", "max_queue")},
-                "versions": {**versions(), **{p: package_version(p) for p in ("fastapi", "uvicorn", "starlette")}}}
+        return self._info
 
     def health(self) -> dict:
         b = self.batcher
