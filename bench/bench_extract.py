@@ -324,7 +324,7 @@ def main_sweep(a) -> dict:
     out = {"model_only": run_child("model", a)}
     for threads in a.sweep_threads:
         out[f"model_only_threads{threads}"] = run_child("model", a, threads=threads)
-    for workers in (0, 1, 2):
+    for workers in (-1, 0, 1, 2):  # -1: in turns with the network (threads); N: N background processes
         kw = json.dumps({"workers": workers})
         out[f"extract_workers{workers}"] = run_child("extract", a, cache_dir=tmp / f"w{workers}", extract_kw=kw)
     return out

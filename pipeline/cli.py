@@ -237,7 +237,8 @@ def json_option(fn):
 @click.option("--weights", help="torchvision weights name (DEFAULT, IMAGENET1K_V1), a state-dict file, or 'none'.")
 @click.option("--batch-size", type=int)
 @click.option("--device", help="auto, cpu, cuda or cuda:N.")
-@click.option("--workers", type=int, help="Decoding processes; -1 = one per core.")
+@click.option("--workers", type=int,
+              help="Decoding: -1 = on the CPU a thread per core, in turns with the network; on a GPU a process per core; N processes; 0 in-process.")
 @click.option("--seed", type=int, help="Seed of the stratified sample of --n images.")
 @click.option("--dtype", type=click.Choice(STORAGE_DTYPES),
               help="Storage dtype of the features.")
@@ -468,7 +469,7 @@ def feature_map_cmd(as_json, **options):
 @click.option("--device")
 @click.option("--precision", type=click.Choice(MODEL_PRECISIONS),
               help="--data: compute precision; auto = bf16 where the device supports it.")
-@click.option("--workers", type=int, help="Decoding processes for --data.")
+@click.option("--workers", type=int, help="Decoding for --data, as predict's --workers.")
 @click.option("--runs-dir", help="Where run outputs go.")
 @json_option
 @library_errors
@@ -641,7 +642,8 @@ def finetune(as_json, **options):
 @click.option("--format", "format", type=click.Choice(FORMATS))
 @click.option("--output", type=click.Path(dir_okay=False), help="Write the rows to FILE.")
 @click.option("--batch-size", type=int)
-@click.option("--workers", type=int, help="Decoding processes; -1 = one per core.")
+@click.option("--workers", type=int,
+              help="Decoding: -1 = on the CPU a thread per core, in turns with the network; on a GPU a process per core; N processes; 0 in-process.")
 @click.option("--device", help="auto, cpu, cuda or cuda:N.")
 @click.option("--precision", type=click.Choice(MODEL_PRECISIONS))
 @library_errors

@@ -71,7 +71,7 @@ class ExtractConfig:
     weights: str = "DEFAULT"  # torchvision weights name, path to a state-dict file, or 'none'
     batch_size: int = 32  # images per forward pass (and per committed write)
     device: str = "auto"  # 'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:N'
-    workers: int = -1  # decoding processes; -1 = one per CPU core (at most 8), 0 = decode in-process
+    workers: int = -1  # -1: with a CPU network, a thread per core in turns with it, else a process per core (<= 8); 0: in-process
     seed: int = 0  # which n images: the seed of the stratified sample
     dtype: str = "float16"  # storage dtype of features: float16 (half the size, same accuracy) or float32
     # compute precision: fp32, bf16, fp16 (CUDA), int8 (CPU), or auto: int8 + compile for CPU runs of 1,000+
@@ -189,7 +189,7 @@ class PredictConfig:
     model: str = ""  # a model.pt from train/finetune, or a head.pt from fit-head (+ its backbone weights)
     weights: Optional[str] = None  # head.pt only: the backbone weights, when not where the head recorded them
     batch_size: int = 32  # images per forward pass
-    workers: int = -1  # decoding processes; -1 = one per CPU core (at most 8), 0 = decode in-process
+    workers: int = -1  # -1: with a CPU network, a thread per core in turns with it, else a process per core (<= 8); 0: in-process
     device: str = "auto"  # 'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:N'
     precision: str = "auto"  # compute precision: auto (bf16 where supported), fp32, bf16, fp16 (CUDA)
     format: str = "table"  # output format: table, csv or json
@@ -232,7 +232,7 @@ class EvaluateConfig:
     device: str = "auto"  # 'auto' (CUDA if available), 'cpu', 'cuda'
     precision: str = "auto"  # --data: compute precision, auto (bf16 where supported), fp32, bf16, fp16 (as predict)
     batch_size: int = 32  # images per forward pass (--data)
-    workers: int = -1  # decoding processes for --data; -1 = one per core (at most 8), 0 = in-process
+    workers: int = -1  # --data: -1, a thread per core in turns with a CPU network, else a process per core (<= 8); 0: in-process
     block_rows: int = 2048  # cache rows read from disk at once
     runs_dir: str = "runs"  # the pictures and metrics.json go to runs/<stamp>-evaluate/
 

@@ -1,4 +1,4 @@
-"""The reader's JPEG DCT-domain downscaling: large JPEGs decode reduced, everything else as before."""
+"""The reader: large JPEGs decoded at a reduced DCT scale, everything else as before; decoding in turns with a CPU network."""
 import numpy as np
 import pytest
 from PIL import Image
@@ -92,3 +92,32 @@ def test_the_dataset_drafts_with_its_transform(big_jpeg, monkeypatch):
     assert np.array_equal(item.image.numpy(), load_transformed(big_jpeg, T).numpy())
     ImageListDataset(big_jpeg.parent, items, train_transform(T, augment=True))[0]
     assert seen == [64, 64, None]  # the dataset, load_transformed, then augmentation: full size
+
+
+def test_in_turns_gives_what_worker_processes_give_and_decodes_only_when_asked(tmp_path, monkeypatch):
+    import torch
+
+    from pipeline.data.image_reader import read_in_turns, read_items
+
+    for i in range(7):
+        Image.fromarray(photo_like(50, 40, seed=i)).save(tmp_path / f"{i}.jpg", quality=90)
+    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
+    items = [(f"{i}.jpg", i % 2) for i in range(3)] + [("bad.jpg", 0)] + [(f"{i}.jpg", 1) for i in range(3, 7)]
+    ds = ImageListDataset(tmp_path, items, T, digests=True)
+    want = list(read_items(ds, 1))  # one background process
+    got = list(read_items(ds, -1, torch.device("cpu"), chunk=3))  # a CPU network: threads, in turns
+    assert [(g.position, g.path, g.label, g.error, g.digest) for g in got] == \
+           [(w.position, w.path, w.label, w.error, w.digest) for w in want]
+    assert got[3].error and all(np.array_equal(g.image.numpy(), w.image.numpy()) for g, w in zip(got, want) if g.ok)
+
+    decoded = []
+    real = ImageListDataset.__getitem__
+    monkeypatch.setattr(ImageListDataset, "__getitem__", lambda self, i: decoded.append(i) or real(self, i))
+    turns = read_in_turns(ds, 2, chunk=3)
+    assert decoded == []  # nothing before the first item is asked for
+    next(turns)
+    assert sorted(decoded) == [0, 1, 2]  # one chunk, while the network waits; not the whole folder
+    next(turns), next(turns)
+    assert sorted(decoded) == [0, 1, 2]
+    next(turns)
+    assert sorted(decoded) == [0, 1, 2, 3, 4, 5]

@@ -20,8 +20,7 @@ from ..cache.feature_cache import (CacheBusy, CacheError, CacheInfo, CacheWriter
 from ..cache.provenance import Provenance, versions
 from ..cache.row_donors import find_donors
 from ..data.folders import ImageFolderListing, stratified_order
-from ..data.image_reader import DECODE_VERSION, ImageListDataset, batches, item_loader, iter_items
-from ..devices import resolve_workers
+from ..data.image_reader import DECODE_VERSION, ImageListDataset, batches, read_items
 from ..errors import PipelineError, UsageError
 from ..files import writing
 from . import backbones as bb
@@ -186,7 +185,7 @@ def extract_range(cfg, listing: ImageFolderListing, key: str, path: Path, resume
     dataset = ImageListDataset(listing.root, items[:stop], backbone.transform, start=start,
                                raw_jpeg=cfg.decode == "device", digests=True,
                                known=donors.digests if donors else frozenset())
-    candidates = iter_items(item_loader(dataset, resolve_workers(cfg.workers))) if rows < target else iter(())
+    candidates = read_items(dataset, cfg.workers, device, chunk=cfg.batch_size) if rows < target else iter(())
     if cfg.decode == "device":
         from ..data.device_decode import decode_on_device
 

@@ -21,7 +21,7 @@ import torch
 from ..config import FORMATS, ImagenetCheckConfig, PredictConfig
 from ..data.folders import NOT_UTF8, ImageLoadError, is_image_name, walk
 from ..data.image_reader import Batch, ImageListDataset, load_transformed, read_items
-from ..devices import resolve_device, resolve_workers
+from ..devices import resolve_device
 from ..errors import UsageError
 from ..extraction import backbones as bb
 from ..extraction.inference import run_batches
@@ -59,7 +59,8 @@ def iter_log_proba(model, transform, files: list[str], batch_size: int, workers:
     """(item, its log-probabilities, or None when the file is unreadable: ``item.error`` says why) per
     file, in order; ``model`` an ``inference.Inference``, ``transform`` the model's preprocessing."""
 
-    items = read_items(ImageListDataset(Path(""), [(f, -1) for f in files], transform), resolve_workers(workers))
+    items = read_items(ImageListDataset(Path(""), [(f, -1) for f in files], transform), workers, model.device,
+                       chunk=batch_size)
     for batch, logp in run_batches(model, items, batch_size):
         k = 0
         for item in batch.items:
@@ -104,7 +105,8 @@ def prediction_rows(lm, batch: Batch, outputs, top: int = 0) -> list[dict]:
 def iter_predictions(lm, model, files: list[str], batch_size: int, workers: int) -> Iterator[dict]:
     """One row per file, in order (``prediction_rows``); ``model`` is ``network(lm, ...)``."""
 
-    items = read_items(ImageListDataset(Path(""), [(f, -1) for f in files], lm.transform), resolve_workers(workers))
+    items = read_items(ImageListDataset(Path(""), [(f, -1) for f in files], lm.transform), workers, model.device,
+                       chunk=batch_size)
     for batch, outputs in run_batches(model, items, batch_size):
         yield from prediction_rows(lm, batch, outputs)
 

@@ -23,7 +23,7 @@ from ..cache.provenance import Provenance
 from ..config import SPLITS, EvaluateConfig
 from ..data.folders import ImageLoadError, list_image_folder, load_rgb
 from ..data.image_reader import ImageListDataset, read_items
-from ..devices import resolve_device, resolve_workers
+from ..devices import resolve_device
 from ..errors import UsageError
 from ..extraction.inference import run_batches
 from ..files import atomic_write, require_folder, writing
@@ -135,7 +135,7 @@ def predict_folder(data: str, classes: list, transform, model, cfg: EvaluateConf
                  data)
     to_model = [-1 if foreign else classes.index(c) for c in listing.classes]
     items = read_items(ImageListDataset(listing.root, [(f.path, to_model[f.label]) for f in listing.files],
-                                        transform), resolve_workers(cfg.workers))
+                                        transform), cfg.workers, model.device, chunk=cfg.batch_size)
     paths, labels, out = [], [], []
     with progress(total=len(listing.files), unit="img", desc="evaluate") as bar:
         for batch, logp in run_batches(model, items, cfg.batch_size):
