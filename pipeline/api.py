@@ -701,8 +701,8 @@ class Head(ClassifierMixin, BaseEstimator, _Classifier):
         fit = fit_on_rows(cfg, rows, train_idx, val_idx, device)
         h = fit.head
         self._fitted = {
-            "temperature_": float(h.temperature) if h.calibrated else 1.0,
-            "unknown_threshold_": float(h.unknown_threshold) if h.has_unknown else None,
+            "temperature_": h.temperature_used,
+            "unknown_threshold_": h.threshold_used,
             "checkpoint_": None, "kind_": "fit-head", "classes_": labels, "backbone_": None, "weights_": None,
             "feature_shape_": rows.feature_shape, "n_features_in_": int(np.prod(X.shape[1:])),
             "history_": fit.history, "metrics_": {"val_acc": fit.val["acc"], "val_loss": fit.val["loss"],

@@ -644,6 +644,15 @@ class FeatureCache:
         """Each row's sha256 of its file's bytes ('' where unknown); None for a cache made before they were kept."""
         return read_digests(self.f, self.n)
 
+    def row_digests(self, rows=None) -> list[str]:
+        """The sha256 of each of ``rows`` (all by default): those the cache keeps, the others (a cache made
+        before it kept them) hashed from the files now; '' for a file gone or unreadable."""
+        from ..data.image_reader import file_digest
+
+        rows = range(self.n) if rows is None else rows
+        known, paths, root = self.digests, self.paths, Path(self.attrs["data_root"])
+        return [(known[i] if known is not None else "") or file_digest(root / paths[i]) for i in rows]
+
     def iter_blocks(self, indices: np.ndarray, block_rows: int, shuffle_blocks: Optional[np.random.Generator] = None
                     ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Yield (rows, block, sel) for the sorted ``indices``, one contiguous block of the file at a time.

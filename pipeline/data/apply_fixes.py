@@ -155,12 +155,12 @@ def undo_fixes(journal_path) -> dict:
     head, moves = read_journal(journal_path)
     if Path(str(journal_path) + ".undone").exists():  # written beside the journal by a finished undo
         raise UsageError(f"{journal_path} was undone already")
-    problems, done = [], []
-    for m in moves:
+    problems, done = [], set()  # indices of the moves that happened
+    for i, m in enumerate(moves):
         src, dst = Path(m["from"]), Path(m["to"])
         if not os.path.lexists(dst) and src.is_file() and file_digest(src) == m.get("sha256"):
             continue  # journalled, then interrupted before the move: nothing to undo
-        done.append(m)
+        done.add(i)
         if not dst.is_file():
             problems.append(f"{dst} is missing")
         elif os.path.lexists(src):
@@ -170,9 +170,9 @@ def undo_fixes(journal_path) -> dict:
     if problems:
         raise UsageError(f"nothing was moved back: {'; '.join(problems[:10])}"
                          f"{f' (and {len(problems) - 10} more)' if len(problems) > 10 else ''}")
-    for m in reversed(moves):
+    for i, m in reversed(list(enumerate(moves))):
         src, dst = Path(m["from"]), Path(m["to"])
-        if m in done:
+        if i in done:
             src.parent.mkdir(parents=True, exist_ok=True)
             os.rename(dst, src)
         for folder in reversed(m.get("made_folders", [])):

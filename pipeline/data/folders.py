@@ -399,3 +399,15 @@ def to_rgb(im):
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return im.convert("RGB")
+
+
+def thumbnail(path, size: int):
+    """At most ``size`` x ``size`` RGB PIL image of ``path`` (decoded reduced where the JPEG allows), or None
+    when it cannot be read (moved, broken): for the pictures of reports, which show what they can."""
+    try:
+        im = load_rgb(path, size)
+    except (ImageLoadError, OSError):
+        return None
+    im.thumbnail((size, size))
+    return im
+

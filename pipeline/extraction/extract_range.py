@@ -221,14 +221,14 @@ def extract_range(cfg, listing: ImageFolderListing, key: str, path: Path, resume
                 bar.set_postfix(skipped=writer.skipped_rows, refresh=False)
         finally:
             bar.close()
+            if donors:  # their files are open: closed however the run ends
+                donors.close()
         skipped = writer.skipped_rows
         if rows == 0 and not positions:
             raise UsageError(f"no image in {cfg.data} could be decoded ({skipped} tried); run check-images on it")
         if rows < target and not positions:
             log.warning("only %d good images of the %d %s (%d skipped)", rows, target,
                         "asked for" if cfg.n else "files", skipped)
-        if donors:
-            donors.close()
         before = json.loads(writer.f.attrs.get("reuse", "{}") or "{}")
         total = {k: int(before.get(k, 0)) + reuse[k] for k in reuse}
         writer.finish(reuse=json.dumps({**total, "computed": rows - total["reused"],

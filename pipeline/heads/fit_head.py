@@ -16,7 +16,6 @@ block), so the linear head's memory stays bounded for caches larger than RAM.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -44,7 +43,7 @@ from .feature_views import NORMS, VIEWS, check_view
 from .linear_trainer import train_linear
 from .model_selection import AUTO_GRID, TUNE_GRIDS, expand_grid, fit_setting, format_table, setting_key, tune
 from .probe_heads import ProbeHead
-from .unknown_score import held_out_scores, sample_rows, scores_np, threshold_for
+from .unknown_score import fit_unknown, kept_indices, unknown_summary
 
 log = logging.getLogger(__name__)
 
@@ -254,17 +253,8 @@ def test_cache_for(cfg: FitHeadConfig, cache: FeatureCache) -> Path:
 def overlap(train: FeatureCache, train_idx, test: FeatureCache) -> list[str]:
     """Test images whose file content equals a training image's (sha256), reported, never silently scored."""
 
-    def digests(c: FeatureCache, idx) -> dict:
-        root, paths, out = Path(c.attrs["data_root"]), c.paths, {}
-        for i in idx:
-            try:
-                out[hashlib.sha256((root / paths[i]).read_bytes()).hexdigest()] = paths[i]
-            except OSError:
-                pass  # moved since: nothing to compare
-        return out
-
-    seen = digests(train, train_idx)
-    return sorted(p for h, p in digests(test, range(test.n)).items() if h in seen)
+    seen = {h for h in train.row_digests(train_idx) if h}
+    return sorted(p for h, p in zip(test.row_digests(), test.paths) if h in seen)
 
 
 # -- the stage ------------------------------------------------------------------------------------
@@ -339,21 +329,16 @@ def add_unknown(cfg: FitHeadConfig, rows, head: ProbeHead, train_idx, val_idx) -
     ``known_share`` of held-out rows known; {unknown_threshold, known_rows, ...}."""
     if not cfg.unknown_rows:
         return {}
-    train_idx = np.asarray(train_idx)
-    if len(train_idx) > cfg.unknown_rows:  # read only the rows kept
-        train_idx = np.sort(np.random.default_rng(cfg.seed).choice(train_idx, cfg.unknown_rows, replace=False))
-    avg = CacheViews(rows, train_idx, cfg.block_rows)["avg"]
-    known = sample_rows(avg, 0, cfg.seed)
-    val_scores = scores_np(CacheViews(rows, val_idx, cfg.block_rows)["avg"], known, cfg.unknown_k)
-    threshold = threshold_for(np.concatenate([val_scores, held_out_scores(avg, known, cfg.unknown_k)]),
-                              cfg.known_share)
+    train_idx = kept_indices(train_idx, cfg.unknown_rows, cfg.seed)  # read only the rows kept
+    known, threshold, val_scores = fit_unknown(CacheViews(rows, train_idx, cfg.block_rows)["avg"],
+                                               CacheViews(rows, val_idx, cfg.block_rows)["avg"], cfg.unknown_k,
+                                               cfg.known_share)
     head.set_unknown(torch.from_numpy(known), cfg.unknown_k, threshold)
     head.to(head.linear.weight.device)
     log.info("unknown score: %d training rows kept (%.1f MB), k = %d, threshold %.4f keeps %.1f%% of %d val rows",
              len(known), known.nbytes / 1e6, cfg.unknown_k, threshold, 100 * (val_scores <= threshold).mean(),
              len(val_scores))
-    return {"unknown_threshold": threshold, "known_rows": int(len(known)), "known_rows_bytes": int(known.nbytes),
-            "unknown_k": cfg.unknown_k, "known_share": cfg.known_share,
+    return {**unknown_summary(known, threshold, cfg.unknown_k, cfg.known_share),
             "val_known_kept": float((val_scores <= threshold).mean())}
 
 

@@ -166,6 +166,16 @@ class ProbeHead(nn.Module):
     def has_unknown(self) -> bool:
         return hasattr(self, "known_rows")
 
+    @property
+    def temperature_used(self) -> float:
+        """The temperature the logits are divided by (1.0 when not calibrated)."""
+        return float(self.temperature) if self.calibrated else 1.0
+
+    @property
+    def threshold_used(self):
+        """The unknown score above which a photo is unknown, or None without an unknown score."""
+        return float(self.unknown_threshold) if self.has_unknown else None
+
     def set_temperature(self, t: float) -> None:
         """Divide the logits by ``t`` from now on (1 = the fitted head unchanged)."""
         if not (t > 0 and np.isfinite(t)):

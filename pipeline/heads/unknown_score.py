@@ -71,3 +71,29 @@ def held_out_scores(rows: np.ndarray, known: np.ndarray, k: int) -> np.ndarray:
 def threshold_for(scores: np.ndarray, known_share: float) -> float:
     """The score that ``known_share`` of ``scores`` (known photos) stay at or under: above it is unknown."""
     return float(np.quantile(np.asarray(scores, np.float64), known_share, method="inverted_cdf"))  # the smallest such
+
+
+def kept_indices(indices, cap: int, seed: int) -> np.ndarray:
+    """At most ``cap`` of ``indices`` (a seeded sample, sorted; 0 = all): the training rows a score keeps,
+    chosen before any is read."""
+    indices = np.asarray(indices)
+    if cap and len(indices) > cap:
+        indices = np.sort(np.random.default_rng(seed).choice(indices, cap, replace=False))
+    return indices
+
+
+def fit_unknown(train_rows: np.ndarray, val_rows: np.ndarray, k: int, known_share: float) -> tuple:
+    """(known rows as float16, threshold, the validation rows' scores): ``train_rows`` kept, and the
+    score that keeps ``known_share`` of the validation rows and of the kept rows (each scored against
+    the others) known."""
+    known = sample_rows(train_rows, 0, 0)
+    val_scores = scores_np(val_rows, known, k)
+    threshold = threshold_for(np.concatenate([val_scores, held_out_scores(train_rows, known, k)]), known_share)
+    return known, threshold, val_scores
+
+
+def unknown_summary(known: np.ndarray, threshold: float, k: int, known_share: float) -> dict:
+    """What a fit reports and records of its unknown score."""
+    return {"unknown_threshold": threshold, "known_rows": int(len(known)), "known_rows_bytes": int(known.nbytes),
+            "unknown_k": k, "known_share": known_share}
+

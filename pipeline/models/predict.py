@@ -83,7 +83,7 @@ def prediction_rows(lm, batch: Batch, outputs, top: int = 0) -> list[dict]:
     classes as [{class, probability}] (the service's page draws them as bars).
     """
     classes, rows, k = lm.classes, [], 0
-    threshold = float(lm.model.head.unknown_threshold) if lm.model.head.has_unknown else None
+    threshold = lm.model.head.threshold_used
     for item in batch.items:
         if not item.ok:
             rows.append({"path": item.path, "class": None, "probability": None, "unknown": None, "ood_score": None,

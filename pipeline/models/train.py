@@ -8,7 +8,6 @@ stratified sample (``--n``) and train/val split as extract and fit-head.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import sys
 import time
@@ -23,14 +22,14 @@ from torchvision import transforms as T
 from ..cache.feature_cache import CacheError, FeatureCache
 from ..config import FinetuneConfig, TrainConfig
 from ..data.folders import list_image_folder, stratified_order
-from ..data.image_reader import ImageListDataset, collate_items, item_loader, iter_items
+from ..data.image_reader import ImageListDataset, collate_items, file_digest, item_loader, iter_items
 from ..devices import resolve_device, resolve_precision, resolve_workers
 from ..errors import UsageError
 from ..extraction.inference import Inference, run_batches
 from ..heads.calibration import fit_temperature
 from ..heads.epoch_loop import check_lr, per_class_accuracy, run_epochs, split_indices, train_one_epoch, validate_training
 from ..heads.fit_head import validate_trust
-from ..heads.unknown_score import held_out_scores, sample_rows, scores_np, threshold_for
+from ..heads.unknown_score import fit_unknown, kept_indices, unknown_summary
 from ..progress import progress
 from ..runs.run_folders import finish_run, new_run_dir
 from .whole_models import (
@@ -162,20 +161,13 @@ def fit_trust(cfg: TrainConfig, model, device, precision, listing, train_idx, va
         head.set_temperature(t)
         trust = {"temperature": t, "calibration_rows": int(len(y)), "calibrated_on": "val"}
     if cfg.unknown_rows:
-        keep = np.asarray(train_idx)
-        if len(keep) > cfg.unknown_rows:
-            keep = np.sort(np.random.default_rng(cfg.seed).choice(keep, cfg.unknown_rows, replace=False))
+        keep = kept_indices(train_idx, cfg.unknown_rows, cfg.seed)
         loader = _loader(listing.root, [(listing.files[i].path, listing.files[i].label) for i in keep], transform,
                          cfg, shuffle=False)
         train_pooled = _outputs(extras, loader, n_classes, cfg.batch_size, skipped)[1]
-        known = sample_rows(train_pooled, 0, cfg.seed)
-        threshold = threshold_for(np.concatenate([scores_np(val_pooled, known, cfg.unknown_k),
-                                                  held_out_scores(train_pooled, known, cfg.unknown_k)]),
-                                  cfg.known_share)
+        known, threshold, _ = fit_unknown(train_pooled, val_pooled, cfg.unknown_k, cfg.known_share)
         head.set_unknown(torch.from_numpy(known), cfg.unknown_k, threshold)
-        trust.update({"unknown_threshold": threshold, "known_rows": int(len(known)),
-                      "known_rows_bytes": int(known.nbytes), "unknown_k": cfg.unknown_k,
-                      "known_share": cfg.known_share})
+        trust.update(unknown_summary(known, threshold, cfg.unknown_k, cfg.known_share))
     head.to(device)
     return trust
 
@@ -200,8 +192,9 @@ def head_training_images(init_head: str, listing) -> set:
     """The images of ``listing`` a fit-head checkpoint was trained on, so finetune never validates on them.
 
     Found by content (sha256, as fit-head's --test-data does), so a copy of the head's folder is caught
-    too; where the head's folder is gone (moved), by relative path and size. Empty for other
-    checkpoints; when the head's cache is gone nobody can tell, and that is said.
+    too, with the digests the cache keeps; a row without one (an older cache, its file gone) by relative
+    path and size. Empty for other checkpoints; when the head's cache is gone nobody can tell, and that
+    is said.
     """
     ckpt = read_checkpoint(init_head)
     if ckpt["kind"] != "fit-head":
@@ -212,6 +205,7 @@ def head_training_images(init_head: str, listing) -> set:
             train_rows, _ = split_indices(cache.labels, ckpt["config"]["val_fraction"], ckpt["config"]["seed"])
             paths = cache.paths
             trained = [paths[i] for i in train_rows]
+            digests = cache.row_digests(train_rows)  # kept in the cache: the head's folder may be gone
             sizes = dict(zip((p.decode() for p in cache.f["source/paths"][:]), cache.f["source/sizes"][:].tolist())
                          ) if "source" in cache.f else {}
     except (CacheError, KeyError, OSError) as e:
@@ -220,23 +214,21 @@ def head_training_images(init_head: str, listing) -> set:
         return set()
     if old_root == Path(listing.root).resolve():
         return set(trained)
-
-    def digest(path: Path):
-        try:
-            return hashlib.sha256(path.read_bytes()).hexdigest()
-        except OSError:
-            return None  # gone or unreadable: nothing to compare
-
-    by_content, by_name = {}, set()
-    for p in trained:
-        h = digest(old_root / p)
-        if h is None:
-            by_name.add((p, sizes.get(p)))
+    by_content, by_name = {}, set()  # by_content: file size (None: not recorded) -> digests
+    for p, h in zip(trained, digests):
+        if h:
+            by_content.setdefault(sizes.get(p), set()).add(h)
         else:
-            by_content.setdefault(sizes.get(p, (old_root / p).stat().st_size), set()).add(h)
-    return {f.path for f in listing.files
-            if (f.path, f.size) in by_name or (f.size in by_content and digest(listing.root / f.path)
-                                                in by_content[f.size])}
+            by_name.add((p, sizes.get(p)))
+    any_size = by_content.get(None, set())
+
+    def trained_on(f) -> bool:
+        if (f.path, f.size) in by_name:
+            return True
+        wanted = by_content.get(f.size, set()) | any_size
+        return bool(wanted) and file_digest(listing.root / f.path) in wanted
+
+    return {f.path for f in listing.files if trained_on(f)}
 
 
 def _fit(cfg: TrainConfig, kind: str, lm, stages: list, listing, head_saw: frozenset = frozenset()) -> dict:

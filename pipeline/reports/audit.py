@@ -21,7 +21,6 @@ import numpy as np
 
 from ..cache.feature_cache import FeatureCache
 from ..config import AuditConfig, ExtractConfig, FitHeadConfig
-from ..data.image_reader import file_digest
 from ..errors import UsageError
 from ..files import atomic_write, check_output, require_folder
 from ..heads.cache_views import CacheViews
@@ -88,15 +87,6 @@ def pooled(cache: FeatureCache) -> tuple[np.ndarray, np.ndarray]:
     return rows["avg"], rows[view]
 
 
-def digests_of(cache: FeatureCache) -> list[str]:
-    """Each row's sha256: from the cache, or (a cache made before it kept them) hashed from the files now."""
-    known = cache.digests
-    if known is not None and all(known):
-        return known
-    root = Path(cache.attrs["data_root"])
-    return [d or file_digest(root / p) for d, p in zip(known or [""] * cache.n, cache.paths)]
-
-
 def _output_dir(cfg: AuditConfig, data_roots) -> Path:
     if cfg.output:
         out = Path(cfg.output)
@@ -118,13 +108,13 @@ def analyse(cfg: AuditConfig) -> dict:
             raise UsageError(f"{cfg.folds}-fold out-of-fold probabilities need at least {cfg.folds} photos of every "
                              f"class; the smallest class of {path} has {smallest} (pass --folds {max(2, smallest)})")
         avg, near_rows = pooled(cache)
-        digests = digests_of(cache)
+        digests = cache.row_digests()
         tpath = test_cache(cfg, cache)
         test = None
         if tpath is not None:
             with FeatureCache(tpath) as tc:
                 test = {"cache": str(tpath), "root": tc.attrs["data_root"], "paths": tc.paths, "near": pooled(tc)[1],
-                        "digests": digests_of(tc), "labels": np.asarray(tc.labels, np.int64)}
+                        "digests": tc.row_digests(), "labels": np.asarray(tc.labels, np.int64)}
     seconds["read"] = time.time() - t0
     t = time.time()
     issues = label_issues(avg, labels, classes, folds=cfg.folds, seed=cfg.seed)

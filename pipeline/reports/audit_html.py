@@ -8,20 +8,10 @@ import io
 from pathlib import Path
 from typing import Optional
 
-from ..data.folders import ImageLoadError, load_rgb
+from ..data.folders import thumbnail
 from ..files import atomic_write
 
 THUMB = 160  # pixels, the longer side of a thumbnail
-
-
-def thumbnail(path: Path, size: int = THUMB):
-    """A small RGB PIL image of ``path``, or None when it cannot be read (moved, broken)."""
-    try:
-        im = load_rgb(path, size)
-    except (ImageLoadError, OSError):
-        return None
-    im.thumbnail((size, size))
-    return im
 
 
 def data_uri(image) -> Optional[str]:
@@ -33,7 +23,7 @@ def data_uri(image) -> Optional[str]:
 
 
 def _img(root: str, rel: str, caption: str) -> str:
-    uri = data_uri(thumbnail(Path(root) / rel))
+    uri = data_uri(thumbnail(Path(root) / rel, THUMB))
     pic = f'<img src="{uri}" alt="">' if uri else '<div class="missing">unreadable</div>'
     return f'<figure>{pic}<figcaption>{html.escape(caption)}</figcaption></figure>'
 

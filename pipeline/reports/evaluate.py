@@ -21,7 +21,7 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from ..cache.feature_cache import FeatureCache
 from ..cache.provenance import Provenance
 from ..config import SPLITS, EvaluateConfig
-from ..data.folders import ImageLoadError, list_image_folder, load_rgb
+from ..data.folders import list_image_folder, thumbnail
 from ..data.image_reader import ImageListDataset, read_items
 from ..devices import resolve_device
 from ..errors import UsageError
@@ -74,8 +74,8 @@ def _head(model_path: str, ckpt: dict, device):
 
 def _trust(head) -> dict:
     """The Predictions fields a head's calibration and unknown score fill in."""
-    return {"temperature": float(head.temperature) if head.calibrated else 1.0,
-            "threshold": float(head.unknown_threshold) if head.has_unknown else None}
+    return {"temperature": head.temperature_used,
+            "threshold": head.threshold_used}
 
 
 def _check_cache_fits(ckpt: dict, cache) -> None:
@@ -216,12 +216,9 @@ def summarize(pred: Predictions, top_k: int) -> dict:
 
 
 def _thumbnail(path: Path, size: int = 256):
-    try:
-        im = load_rgb(path)
-    except (ImageLoadError, OSError) as e:
-        log.warning("gallery: cannot show %s (%s)", path, getattr(e, "reason", e))
-        return None
-    im.thumbnail((size, size))
+    im = thumbnail(path, size)
+    if im is None:
+        log.warning("gallery: cannot show %s", path)
     return im
 
 

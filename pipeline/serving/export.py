@@ -99,8 +99,8 @@ def metadata(cfg: ExportConfig, ckpt: dict, lm) -> dict:
         "cache": ckpt.get("cache", ""), "cache_fingerprint": ckpt.get("cache_fingerprint", ""),
         "data_fingerprint": ckpt.get("data_fingerprint", ""),
         # a score above it means "none of these classes"; None: the model has no unknown score
-        "unknown_threshold": float(head.unknown_threshold) if head.has_unknown else None,
-        "temperature": float(head.temperature) if head.calibrated else 1.0,
+        "unknown_threshold": head.threshold_used,
+        "temperature": head.temperature_used,
         "versions": {**versions(), **{p: package_version(p) for p in ("onnx", "onnxruntime")}},
     }
 
