@@ -55,9 +55,13 @@ def caches(args) -> dict:
     for name, (train, test) in PROXIES.items():
         if args.only and name not in args.only:
             continue
-        made = [extract(ExtractConfig(data=str(Path(args.data) / d), n=0, weights=args.weights,
-                                      cache_dir=args.cache_dir, flip=args.flip))["cache"] for d in (train, test) if d]
-        out[name] = made
+        kw = {"n": 0, "weights": args.weights, "cache_dir": args.cache_dir, "flip": args.flip}
+        first = extract(ExtractConfig(data=str(Path(args.data) / train), precision=args.precision, **kw))
+        out[name] = [first["cache"]]
+        if test:  # the training cache's network: its precision, and for int8 its calibration photos
+            same = ({"precision": "int8", "calib_data": str(Path(args.data) / train)} if first["precision"] == "int8"
+                    else {"precision": args.precision})
+            out[name].append(extract(ExtractConfig(data=str(Path(args.data) / test), **same, **kw))["cache"])
     return out
 
 
@@ -161,6 +165,7 @@ def main() -> None:
     p.add_argument("--cache-dir", default="features", help="where the caches are made or found")
     p.add_argument("--only", nargs="*", choices=list(PROXIES), help="proxies to run (default: all)")
     p.add_argument("--flip", action="store_true", help="caches made with extract --flip (mirror-mean maps)")
+    p.add_argument("--precision", default="auto", help="extract's --precision for the caches")
     p.add_argument("--timing-rows", type=int, nargs="*", default=[800, 25000])
     p.add_argument("--json", help="also write the rows here")
     a = p.parse_args()

@@ -9,6 +9,7 @@ pyramid) and ``halves`` (the average plus top and bottom halves: layout without 
 mirrored photo gives the same row).
 
     python bench/view_screen.py --views avg spp halves --only caltech20 scenes6
+    python bench/view_screen.py --caches scenes6=features/a.h5,features/b.h5   # caches made already
 
 Not a test: one run per proxy, where one test photo is 0.25-0.33 points.
 """
@@ -80,13 +81,17 @@ def main() -> None:
     p.add_argument("--cache-dir", default="features")
     p.add_argument("--only", nargs="*", choices=list(PROXIES))
     p.add_argument("--flip", action="store_true", help="caches made with extract --flip")
+    p.add_argument("--precision", default="auto", help="extract's --precision for the caches")
     p.add_argument("--views", nargs="+", default=["avg", "sqrt", "gem3", "spp", "halves"])
+    p.add_argument("--caches", nargs="+", metavar="NAME=TRAIN.h5[,TEST.h5]",
+                   help="existing caches instead of extracting (a proxy name, its training cache, its test cache)")
     args = p.parse_args()
     import pipeline
     from pipeline.heads.epoch_loop import split_indices
 
     runs = str(Path(args.cache_dir).parent / "runs-view-screen")
-    for name, paths in caches(args).items():
+    given = {k: v.split(",") for k, v in (c.split("=", 1) for c in args.caches)} if args.caches else None
+    for name, paths in (given or caches(args)).items():
         x, y = maps(paths[0])
         if len(paths) == 2:
             xt, yt = maps(paths[1])
