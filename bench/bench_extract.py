@@ -89,9 +89,8 @@ def child_extract(a) -> dict:
     if a.paths:
         with FeatureCache(r["cache"]) as c:
             Path(a.paths).write_text(json.dumps(c.paths))
-    steady = r["seconds"] - r["compile_seconds"]  # the first batch is inside the compile time
-    return {"images": r["rows"], "seconds": r["seconds"], "img_per_s": r["img_per_s"], "wall_s": wall,
-            "steady_img_per_s": (r["computed"] - (a.batch_size if r["compiled"] else 0)) / steady,
+    return {"images": r["rows"], "seconds": r["seconds"], "img_per_s": r["wall_img_per_s"], "wall_s": wall,
+            "steady_img_per_s": r["img_per_s"],  # extract's own figure: after calibration and compiling
             "compile_seconds": r["compile_seconds"], "compiled": r["compiled"],
             "calibration_seconds": r.get("calibration_seconds", 0.0), "stage_seconds": r["stage_seconds"],
             "precision": r["precision"], "device": r["device"], **kw, **peak_rss_mb()}

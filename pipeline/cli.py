@@ -282,8 +282,9 @@ def extract(as_json, **options):
         one_off = [f"{what} {result[k]:.0f} s" for k, what in (("calibration_seconds", "int8 calibration"),
                                                                ("compile_seconds", "compiling"))
                    if result.get(k)]
-        note(f"extracted {result['computed']} images ({result['img_per_s']:.1f} img/s), "
-             f"{''.join(w + ', ' for w in one_off)}{result['skipped']} skipped, {result['rows']} rows in "
+        note(f"extracted {result['computed']} images ({result['img_per_s']:.1f} img/s"
+             f"{', not counting ' + ' and '.join(one_off) if one_off else ''}), "
+             f"{result['skipped']} skipped, {result['rows']} rows in "
              f"{'shards of rank ' + str(result['rank']) if 'rank' in result else 'cache'}")
         if result.get("reused"):
             note(f"reused {result['reused']} rows of earlier caches by content ({result['label_changes']} of them "

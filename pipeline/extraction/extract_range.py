@@ -237,11 +237,16 @@ def extract_range(cfg, listing: ImageFolderListing, key: str, path: Path, resume
         shape = list(writer.f["features"].shape[1:]) if "features" in writer.f else []
     seconds = time.time() - t0
     computed = rows - start_rows - reuse["reused"]
+    # the rate after the one-offs (calibration, then compiling: the first compiled call and its batch), which
+    # a longer run tends to; what bench/bench_extract.py reports, so a user's run and the bench agree
+    first = min(cfg.batch_size, computed) if model.compile_seconds else 0
+    steady_seconds = seconds - model.compile_seconds
     return {"cache": str(path), "hit": False, "rows": rows, "computed": computed, "resumed_from": start_rows,
             "reused": reuse["reused"], "label_changes": reuse["label_changes"],
             "skipped": skipped, "feature_shape": shape, "classes": list(listing.classes),
             "device": str(device), "precision": precision, "seconds": seconds,
-            "img_per_s": computed / seconds if seconds > 0 else 0.0,
+            "img_per_s": (computed - first) / steady_seconds if computed > first and steady_seconds > 0 else 0.0,
+            "wall_img_per_s": computed / seconds if seconds > 0 else 0.0,  # one-off compiling included
             # where the time went: waiting for decoded images, the model (compiling included), HDF5 writes
             "stage_seconds": {**clock, "model": model.busy_seconds}, "compile_seconds": model.compile_seconds,
             "compiled": bool(model.compiled and not model.compiled.failed),
