@@ -14,7 +14,8 @@ from pipeline.heads.cache_views import head_scores
 from pipeline.heads.epoch_loop import split_indices
 from pipeline.heads.fit_head import FitHeadConfig, fit_head
 from pipeline.heads.probe_heads import ProbeHead
-from pipeline.heads.unknown_score import held_out_scores, knn_distance, pooled_rows_np, sample_rows, threshold_for
+from pipeline.heads.unknown_score import (held_out_scores, kept_indices, knn_distance, known_rows, pooled_rows_np,
+                                          threshold_for)
 from pipeline.reports.evaluate import EvaluateConfig, evaluate
 from tests.conftest import make_image_folder
 
@@ -37,9 +38,12 @@ def test_threshold_keeps_the_stated_share_and_held_out_rows_exclude_themselves()
         t = threshold_for(scores, share)
         assert (scores <= t).mean() >= share and (scores < t).mean() < share
     rows = np.random.default_rng(2).normal(size=(30, 4))
-    known = sample_rows(rows, 0, 0)
+    known = known_rows(rows)
     assert np.all(held_out_scores(rows, known, 1) > 1e-3)  # not the row itself (distance 0)
-    assert len(sample_rows(rows, 10, 0)) == 10 and sample_rows(rows, 10, 0).dtype == np.float16
+    assert known.dtype == np.float16
+    kept = kept_indices(np.arange(100, 130), 10, 0)
+    assert len(set(kept)) == 10 and set(kept) <= set(range(100, 130)) and list(kept) == sorted(kept)
+    assert list(kept_indices(np.arange(5), 10, 0)) == list(range(5)) and list(kept_indices(np.arange(5), 0, 0)) == list(range(5))
 
 
 @pytest.fixture
@@ -62,7 +66,7 @@ def test_a_head_on_two_colours_flags_the_third_and_keeps_the_stated_share(tmp_pa
         train, val = split_indices(c.labels, 0.25, 0)
         _, val_ood = head_scores(head, c, val, "cpu", 1024)
         feats = c.features[:].astype(np.float32).mean((2, 3))
-    held = np.concatenate([val_ood, held_out_scores(feats[train], sample_rows(feats[train], 0, 0), 10)])
+    held = np.concatenate([val_ood, held_out_scores(feats[train], known_rows(feats[train]), 10)])
     assert (held <= r["unknown_threshold"]).mean() >= 0.9
     out = CliRunner().invoke(cli.cli, ["predict", str(colours["green"]), str(colours["new"]), "--model",
                                        r["checkpoint"], "--format", "json", "--workers", "0"])

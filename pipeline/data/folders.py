@@ -410,4 +410,3 @@ def thumbnail(path, size: int):
         return None
     im.thumbnail((size, size))
     return im
-

@@ -46,12 +46,9 @@ def knn_distance(q: torch.Tensor, known: torch.Tensor, k: int, block: int = BLOC
     return 1.0 - best[:, k - 1]
 
 
-def sample_rows(rows: np.ndarray, cap: int, seed: int) -> np.ndarray:
-    """At most ``cap`` rows (a seeded sample, in their order; 0 = all) as float16, what a checkpoint keeps."""
-    rows = pooled_rows_np(rows)
-    if cap and len(rows) > cap:
-        rows = rows[np.sort(np.random.default_rng(seed).choice(len(rows), cap, replace=False))]
-    return rows.astype(np.float16)
+def known_rows(rows: np.ndarray) -> np.ndarray:
+    """Average-view rows as a checkpoint keeps them: normalised (``pooled_rows_np``), float16."""
+    return pooled_rows_np(rows).astype(np.float16)
 
 
 def scores_np(queries: np.ndarray, known: np.ndarray, k: int, batch: int = 256) -> np.ndarray:
@@ -86,7 +83,7 @@ def fit_unknown(train_rows: np.ndarray, val_rows: np.ndarray, k: int, known_shar
     """(known rows as float16, threshold, the validation rows' scores): ``train_rows`` kept, and the
     score that keeps ``known_share`` of the validation rows and of the kept rows (each scored against
     the others) known."""
-    known = sample_rows(train_rows, 0, 0)
+    known = known_rows(train_rows)
     val_scores = scores_np(val_rows, known, k)
     threshold = threshold_for(np.concatenate([val_scores, held_out_scores(train_rows, known, k)]), known_share)
     return known, threshold, val_scores
@@ -96,4 +93,3 @@ def unknown_summary(known: np.ndarray, threshold: float, k: int, known_share: fl
     """What a fit reports and records of its unknown score."""
     return {"unknown_threshold": threshold, "known_rows": int(len(known)), "known_rows_bytes": int(known.nbytes),
             "unknown_k": k, "known_share": known_share}
-
