@@ -59,8 +59,8 @@ def caches(args) -> dict:
         first = extract(ExtractConfig(data=str(Path(args.data) / train), precision=args.precision, **kw))
         out[name] = [first["cache"]]
         if test:  # the training cache's network: its precision, and for int8 its calibration photos
-            same = ({"precision": "int8", "calib_data": str(Path(args.data) / train)} if first["precision"] == "int8"
-                    else {"precision": args.precision})
+            same = {"precision": first["precision"],
+                    **({"calib_data": str(Path(args.data) / train)} if first["precision"] == "int8" else {})}
             out[name].append(extract(ExtractConfig(data=str(Path(args.data) / test), **same, **kw))["cache"])
     return out
 

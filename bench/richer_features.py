@@ -43,6 +43,8 @@ def pooled_layers(folder: str, weights: str) -> tuple:
     out, labels = {k: [] for k in LAYERS}, []
     with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16):
         for batch in batches(read_in_turns(ds, available_cores(), 32), 32):
+            if not batch.good:  # only unreadable files
+                continue
             x = batch.images().contiguous(memory_format=torch.channels_last)
             for i, layer in enumerate(net):
                 x = layer(x)

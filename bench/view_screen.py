@@ -89,7 +89,6 @@ def main() -> None:
     import pipeline
     from pipeline.heads.epoch_loop import split_indices
 
-    runs = str(Path(args.cache_dir).parent / "runs-view-screen")
     given = {k: v.split(",") for k, v in (c.split("=", 1) for c in args.caches)} if args.caches else None
     for name, paths in (given or caches(args)).items():
         x, y = maps(paths[0])
@@ -102,11 +101,11 @@ def main() -> None:
             t0, rows = time.time(), view_rows(x, v)
             if len(paths) == 2:
                 res = [{**reference_scores(rows, y, view_rows(xt, v), yt),
-                        "default head": float((pipeline.Head(runs_dir=runs).fit(rows, y).predict(view_rows(xt, v))
+                        "default head": float((pipeline.Head().fit(rows, y).predict(view_rows(xt, v))
                                                == yt).mean())}]
             else:  # as head_table: the head's own validation split is the held-out 20 %
                 res = [{**reference_scores(rows[a], y[a], rows[b], y[b]),
-                        "default head": pipeline.Head(runs_dir=runs, val_fraction=0.2, seed=s).fit(rows, y)
+                        "default head": pipeline.Head(val_fraction=0.2, seed=s).fit(rows, y)
                         .metrics_["val_acc"]} for s, (a, b) in enumerate(splits)]
             print(json.dumps({"proxy": name, "view": v, **{k: round(float(np.mean([r[k] for r in res])), 4)
                                                           for k in res[0]}, "seconds": round(time.time() - t0, 1)}),

@@ -272,7 +272,7 @@ class DemoConfig:
     quarantine: bool = True  # move undecodable files out of the data folder (never deleted)
     cache_dir: str = "features"  # feature caches
     runs_dir: str = "runs"  # run outputs
-    workers: int = -1  # decoding processes; -1 = one per core
+    workers: int = -1  # decoding, as ExtractConfig.workers (-1: on the CPU, in turns with the network)
     command: str = ""  # the command line, recorded in the cache
 
 
@@ -297,7 +297,7 @@ class AuditConfig:
     weights: str = "DEFAULT"  # --data: torchvision weights name, a state-dict file, or 'none'
     batch_size: int = 32  # --data: images per forward pass
     device: str = "auto"  # --data: 'auto', 'cpu', 'cuda'
-    workers: int = -1  # --data: decoding processes; -1 = one per core
+    workers: int = -1  # --data: decoding, as ExtractConfig.workers (-1: on the CPU, in turns with the network)
     folds: int = 5  # out-of-fold probabilities from this many refits of the head
     seed: int = 0  # seeds the folds, the head's landmarks and its choice of C and gamma
     threshold: float = NEAR_DUPLICATE  # cosine similarity above which two photos count as near copies

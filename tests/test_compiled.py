@@ -38,6 +38,20 @@ def test_a_short_batch_is_padded_to_the_compiled_size_and_trimmed(monkeypatch):
     assert c.batch == 5 and c.compile_seconds > 0 and not c.failed
 
 
+def test_a_small_first_batch_compiles_for_the_batch_size_asked(monkeypatch):
+    """extract's first batch may be mostly rows reused from other caches: later full batches must not be
+    split into calls of that first batch's size."""
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: lambda x: (seen.append(len(x)), module(x))[1])
+    m = net()
+    c = CompiledNet(m, batch=4)
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(c(x[:1]), m(x[:1]), atol=1e-6)  # padded up to 4, trimmed to 1
+        assert torch.allclose(c(x), m(x), atol=1e-6)
+    assert seen == [4, 4] and c.batch == 4 and c.first_images == 1
+
+
 def test_a_failing_compile_warns_once_and_runs_eagerly(monkeypatch, caplog):
     calls = []
 

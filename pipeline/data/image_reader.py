@@ -147,14 +147,14 @@ def iter_items(source) -> Iterator[Item]:
 def read_items(dataset: ImageListDataset, workers: int, device=None, chunk: int = 32) -> Iterator[Item]:
     """The dataset's Items in order, for a network on ``device`` (a ``torch.device``; None: not known).
 
-    ``workers`` -1 (the default) with a network on the CPU: decoded in this process by one thread
-    per core, ``chunk`` at a time and only when asked for (``read_in_turns``). Otherwise
+    ``workers`` -1 (every command's default) with a network on the CPU: decoded in this process by one thread
+    per core (at most 8), ``chunk`` at a time and only when asked for (``read_in_turns``). Otherwise
     ``resolve_workers(workers)`` background processes, started right away, decode while the network runs.
     """
-    from ..devices import available_cores, resolve_workers
+    from ..devices import resolve_workers
 
     if workers == -1 and device is not None and device.type == "cpu":
-        return read_in_turns(dataset, available_cores(), chunk)
+        return read_in_turns(dataset, resolve_workers(-1), chunk)  # a thread per core, at most 8 as processes
     return iter_items(item_loader(dataset, resolve_workers(workers)))
 
 
@@ -170,11 +170,14 @@ def read_in_turns(dataset: ImageListDataset, threads: int, chunk: int) -> Iterat
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(max(1, threads), thread_name_prefix="decode") as pool:
+    chunk = max(1, chunk)
+    with ThreadPoolExecutor(max(1, min(threads, chunk)), thread_name_prefix="decode") as pool:
         for start in range(0, len(dataset), chunk):
-            # warnings filters are process-wide: the per-item catch_warnings of the threads may interleave,
-            # so the state they leave behind is dropped here, once the chunk is done
+            # warnings filters are process-wide and the threads' own catch_warnings may interleave: PIL's warnings
+            # (EXIF) are ignored for the whole chunk here, and whatever the threads leave is dropped after it
+            # (decoding does not depend on the filters: data.folders checks the pixel limit itself)
             with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
                 done = list(pool.map(dataset.__getitem__, range(start, min(start + chunk, len(dataset)))))
             yield from done
 

@@ -26,12 +26,16 @@ log = logging.getLogger(__name__)
 class CompiledNet:
     """``net`` compiled with Inductor; ``fallback`` (default ``net``) runs when compiling fails."""
 
-    def __init__(self, net, fallback=None):
+    def __init__(self, net, fallback=None, batch: Optional[int] = None):
         self.eager = fallback if fallback is not None else net
         self.compiled = torch.compile(net, dynamic=False)
         self.failed = False  # compiling failed (or the compiled network ran out of device memory): eager
-        self.batch: Optional[int] = None  # the batch size compiled for (the first call's)
+        # the batch size to compile for: a smaller first call (extract's first batch holding rows reused from
+        # other caches) is padded up to it, so later full batches are not split into calls of that size
+        self.wanted = batch
+        self.batch: Optional[int] = None  # the batch size compiled for (``wanted``, or the first call's)
         self.compile_seconds = 0.0  # the first call's time (compiling + one batch)
+        self.first_images = 0  # how many images that first call ran
 
     def __call__(self, x):
         if self.failed:
@@ -41,23 +45,28 @@ class CompiledNet:
             return self._first(x)
         if n > self.batch:  # not produced by extract (batches never grow), but keep it correct
             return torch.cat([self(x[s:s + self.batch]) for s in range(0, n, self.batch)])
-        padded = x if n == self.batch else torch.cat([x, x.new_zeros((self.batch - n, *x.shape[1:]))])
         try:
-            return self._run(padded)[:n]
+            return self._run(self._padded(x))[:n]
         except torch.cuda.OutOfMemoryError:
             # eager from now on, so that device.AdaptiveBatch's smaller retries are not padded back up
             self.failed = True
             log.warning("the compiled network ran out of device memory at batch %d; running it eagerly", self.batch)
             raise
 
-    def _first(self, x):
-        """Compile (inside the first call) for ``x``'s shape; any failure but out-of-memory -> eager."""
+    def _padded(self, x):
+        n = len(x)
+        return x if n == self.batch else torch.cat([x, x.new_zeros((self.batch - n, *x.shape[1:]))])
 
-        self.batch, started = len(x), time.perf_counter()
+    def _first(self, x):
+        """Compile (inside the first call) for batches of ``wanted`` or ``x``'s size, the larger; any failure
+        but out-of-memory -> eager."""
+
+        n = self.first_images = len(x)
+        self.batch, started = max(n, self.wanted or 0), time.perf_counter()
         try:
-            y = self._run(x)
+            y = self._run(self._padded(x))[:n]
         except torch.cuda.OutOfMemoryError:
-            self.batch = None
+            self.batch = self.wanted = None  # device.AdaptiveBatch retries smaller: compile for that size then
             raise
         except Exception as e:  # noqa: BLE001 -- whatever fails while compiling, the eager module still works
             self.failed = True

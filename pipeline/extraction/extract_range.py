@@ -109,7 +109,8 @@ def feature_model(cfg, backbone, listing: ImageFolderListing, device, precision:
         from .inference import MirrorMean
 
         net = MirrorMean(net)
-    return Inference(net, device, precision, cfg.pool, cfg.dtype, compile=compile), calibration, observers
+    return (Inference(net, device, precision, cfg.pool, cfg.dtype, compile=compile, compile_batch=cfg.batch_size),
+            calibration, observers)
 
 
 def batches_reusing(model, items, batch_size: int, limit: int, donors, reuse: dict, classes=()):
@@ -239,14 +240,15 @@ def extract_range(cfg, listing: ImageFolderListing, key: str, path: Path, resume
     computed = rows - start_rows - reuse["reused"]
     # the rate after the one-offs (calibration, then compiling: the first compiled call and its batch), which
     # a longer run tends to; what bench/bench_extract.py reports, so a user's run and the bench agree
-    first = min(cfg.batch_size, computed) if model.compile_seconds else 0
+    first = model.compiled.first_images if model.compile_seconds else 0
     steady_seconds = seconds - model.compile_seconds
+    wall = computed / seconds if seconds > 0 else 0.0
     return {"cache": str(path), "hit": False, "rows": rows, "computed": computed, "resumed_from": start_rows,
             "reused": reuse["reused"], "label_changes": reuse["label_changes"],
             "skipped": skipped, "feature_shape": shape, "classes": list(listing.classes),
             "device": str(device), "precision": precision, "seconds": seconds,
-            "img_per_s": (computed - first) / steady_seconds if computed > first and steady_seconds > 0 else 0.0,
-            "wall_img_per_s": computed / seconds if seconds > 0 else 0.0,  # one-off compiling included
+            "img_per_s": (computed - first) / steady_seconds if computed > first and steady_seconds > 0 else wall,
+            "wall_img_per_s": wall,  # one-off compiling included
             # where the time went: waiting for decoded images, the model (compiling included), HDF5 writes
             "stage_seconds": {**clock, "model": model.busy_seconds}, "compile_seconds": model.compile_seconds,
             "compiled": bool(model.compiled and not model.compiled.failed),

@@ -44,11 +44,12 @@ class Inference:
     ``pool='avg'``, globally averaged first). ``freeze`` (the default) makes the parameters
     require no gradient; train's validation passes False for the model it is training.
     With precision 'int8', ``net`` is already quantised (``quantize.quantize_int8``); ``compile``
-    runs it through ``compiled.CompiledNet`` (its ``compile_seconds`` says what compiling cost).
+    runs it through ``compiled.CompiledNet`` for batches of ``compile_batch`` (default: the first call's size;
+    its ``compile_seconds`` says what compiling cost).
     """
 
     def __init__(self, net, device, precision: str, pool: str = "none", out_dtype: str = "float32",
-                 freeze: bool = True, compile: bool = False):
+                 freeze: bool = True, compile: bool = False, compile_batch: Optional[int] = None):
         self.device, self.precision, self.pool, self.out_dtype = device, precision, pool, np.dtype(out_dtype)
         self.torch_out = getattr(torch, self.out_dtype.name)
         # a quantised graph holds prepacked oneDNN weights: it stays as built (CPU, channels_last inside)
@@ -68,7 +69,7 @@ class Inference:
             from .compiled import CompiledNet
 
             # int8: compile the quantise/dequantise graph (Inductor fuses it), the lowered one is the fallback
-            self.compiled = CompiledNet(getattr(self.net, "converted", self.net), fallback=self.net)
+            self.compiled = CompiledNet(getattr(self.net, "converted", self.net), fallback=self.net, batch=compile_batch)
         self.run = AdaptiveBatch(self._forward, on_oom=torch.cuda.empty_cache if self.cuda else None)
 
     @property

@@ -246,7 +246,8 @@ def test_cache_for(cfg: FitHeadConfig, cache: FeatureCache) -> Path:
         differ = Provenance.from_cache_attrs(cache.attrs).differences(Provenance.from_cache_attrs(test.attrs))
         if differ:
             raise UsageError(f"test cache {path} was made differently from the training cache (training vs test): "
-                             f"{'; '.join(differ)}")
+                             f"{'; '.join(differ)} (--test-data DIR extracts the test folder with the training "
+                             "cache's network)")
     return path
 
 

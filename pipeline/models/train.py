@@ -201,10 +201,11 @@ def head_training_images(init_head: str, listing) -> set:
         return set()
     try:
         with FeatureCache(ckpt["cache"]) as cache:
-            old_root = Path(cache.attrs["data_root"])
             train_rows, _ = split_indices(cache.labels, ckpt["config"]["val_fraction"], ckpt["config"]["seed"])
             paths = cache.paths
             trained = [paths[i] for i in train_rows]
+            if Path(cache.attrs["data_root"]) == Path(listing.root).resolve():
+                return set(trained)
             digests = cache.row_digests(train_rows)  # kept in the cache: the head's folder may be gone
             sizes = dict(zip((p.decode() for p in cache.f["source/paths"][:]), cache.f["source/sizes"][:].tolist())
                          ) if "source" in cache.f else {}
@@ -212,8 +213,6 @@ def head_training_images(init_head: str, listing) -> set:
         log.warning("cannot tell which images %s was trained on (%s): validation may include some of them",
                     init_head, e)
         return set()
-    if old_root == Path(listing.root).resolve():
-        return set(trained)
     by_content, by_name = {}, set()  # by_content: file size (None: not recorded) -> digests
     for p, h in zip(trained, digests):
         if h:
@@ -225,8 +224,10 @@ def head_training_images(init_head: str, listing) -> set:
     def trained_on(f) -> bool:
         if (f.path, f.size) in by_name:
             return True
-        wanted = by_content.get(f.size, set()) | any_size
-        return bool(wanted) and file_digest(listing.root / f.path) in wanted
+        if f.size not in by_content and not any_size:
+            return False  # no trained file has this size: not hashed
+        h = file_digest(listing.root / f.path)
+        return h in by_content.get(f.size, ()) or h in any_size
 
     return {f.path for f in listing.files if trained_on(f)}
 

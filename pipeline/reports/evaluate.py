@@ -218,7 +218,7 @@ def summarize(pred: Predictions, top_k: int) -> dict:
 def _thumbnail(path: Path, size: int = 256):
     im = thumbnail(path, size)
     if im is None:
-        log.warning("gallery: cannot show %s", path)
+        log.warning("gallery: cannot show %s (moved, or no longer readable)", path)
     return im
 
 
