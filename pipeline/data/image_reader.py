@@ -163,8 +163,8 @@ def read_in_turns(dataset: ImageListDataset, threads: int, chunk: int) -> Iterat
     (PIL and hashlib release the GIL) only once the previous chunk has been taken.
 
     Why, for a network on the CPU: it uses every core already, so decoding beside it only takes
-    cores from it, and worse, each decoding process that pre-empts one of its threads stalls the
-    others at the next barrier. Measured with VGG-16 int8 + compile on 2 cores: the network ran 11 %
+    cores from it, and worse (most likely), each decoding process that pre-empts one of its threads
+    stalls the others at the next barrier. Measured with VGG-16 int8 + compile on 2 cores: the network ran 11 %
     slower beside two decoding processes than alone; decoding and the network taking turns on all
     cores, it runs as fast as alone and decoding costs its own time only (``bench/bench_extract.py``).
     """
