@@ -2,7 +2,7 @@
 
 Paths (``--only``): bf16, bf16+compile, int8, int8+compile, fp32, and defaults (no precision or compile
 asked: what ``--precision auto`` picks for this --n on this machine; the table names it). For each: end-to-end img/s (compile time reported apart, as it is paid once per run), the
-network alone at the same batch size, where the time went (waiting for decoded images, model,
+network alone at the same batch size (just before and just after, averaged), where the time went (waiting for decoded images, model,
 HDF5 writes, other), and the ratio to bf16-eager. Also the bf16 and int8 matmul ceilings, decode
 cost per image, and peak RSS at two n. Each measurement runs in its own subprocess so its peak
 RSS is its own. Prints tables and, with --json-out, every figure as JSON. Not a test: figures
@@ -215,6 +215,19 @@ PATHS = {"bf16": {"precision": "bf16", "compile": "off"}, "bf16+compile": {"prec
 
 
 # -- the parent --------------------------------------------------------------------------------
+def default_path(a) -> dict:
+    """The precision and compile choice extract's defaults make for this run (as extract decides them)."""
+    from pipeline.devices import resolve_device, resolve_precision
+    from pipeline.extraction.extract import ExtractConfig, auto_precision
+    from pipeline.extraction.extract_range import should_compile
+
+    cfg = ExtractConfig(data=a.data, n=a.n, weights=a.weights, device=a.device)
+    dev = resolve_device(a.device)
+    precision = resolve_precision(auto_precision(cfg, a.n)[0], dev, int8_ok=True)
+    return {"precision": precision, "compile": "on" if should_compile("auto", precision, dev, a.n) else "off"}
+
+
+
 def run_child(kind: str, a, env: Optional[dict] = None, **extra) -> dict:
     args = [sys.executable, __file__, "--child", kind, "--device", a.device, "--data", a.data, "--weights", a.weights,
             "--backbone", a.backbone, "--n", str(extra.pop("n", a.n)), "--seconds", str(a.seconds),
@@ -242,20 +255,25 @@ def main_bench(a) -> dict:
     r["matmul"] = run_child("matmul", a)
     r["paths"] = {}
     for name in [p for p in a.only if a.device == "cpu" or "int8" not in p]:  # int8 is a CPU path
-        kw = json.dumps(PATHS[name])
+        kw = json.dumps(PATHS[name] or default_path(a))
         # an empty Inductor cache per path: the compile time reported is a cold one, as on a new machine
         env = {"TORCHINDUCTOR_CACHE_DIR": str(tmp / f"inductor-{name}")}
-        e = run_child("extract", a, env, cache_dir=tmp / name, extract_kw=kw,
+        # the network alone just before and just after extract, averaged: a shared machine's speed drifts
+        # by several % within minutes, and one sample taken at another moment moves the ratio as much
+        alone_env = {"TORCHINDUCTOR_CACHE_DIR": str(tmp / f"inductor-{name}-alone")}  # extract's compile stays cold
+        before = run_child("model", a, alone_env, extract_kw=kw)
+        e = run_child("extract", a, env, cache_dir=tmp / name, extract_kw=json.dumps(PATHS[name]),
                       **({} if paths.exists() else {"paths": paths}))
         if name == "defaults":  # the network alone as extract chose it
             kw = json.dumps({"precision": e["precision"], "compile": "on" if e["compiled"] else "off"})
             name = f"defaults ({e['precision']}{'+compile' if e['compiled'] else ''})"
-        m = run_child("model", a, env, extract_kw=kw)
+        after = run_child("model", a, alone_env, extract_kw=kw)
         st, busy = e["stage_seconds"], e["seconds"] - e["compile_seconds"]
         stages = {"input": st["input"], "model": st["model"] - e["compile_seconds"], "write": st["write"]}
         stages["other"] = max(0.0, busy - sum(stages.values()))
-        model_alone = m["img_per_s_by_batch"][str(a.batch_size)]
-        r["paths"][name] = {**e, "model_alone_img_per_s": model_alone,
+        alone = [m["img_per_s_by_batch"][str(a.batch_size)] for m in (before, after)]
+        model_alone = sum(alone) / 2
+        r["paths"][name] = {**e, "model_alone_img_per_s": model_alone, "model_alone_before_after": alone,
                             "end_to_end_vs_model_alone": e["steady_img_per_s"] / model_alone,
                             "stage_share": {k: v / busy for k, v in stages.items()}}
     r["tutorial"] = run_child("tutorial", a, paths=paths)
@@ -297,7 +315,7 @@ def table(r: dict) -> str:
              f"tutorial loop (fp32, batch 8): {t['img_per_s']:.2f} img/s; decode + preprocess alone: "
              f"{d['ms_per_image']:.1f} ms/image on one core",
              "",
-             "| path | end to end img/s | x bf16 eager | x tutorial | model alone img/s | end to end / model alone "
+             "| path | end to end img/s | x bf16 eager | x tutorial | model alone img/s (before / after) | end to end / model alone "
              "| compile s (cold) | calibration s | time: input wait / model / write / other | % of ceiling "
              "| peak RSS MB |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -307,7 +325,8 @@ def table(r: dict) -> str:
         failed = " (compile failed: eager)" if "compile" in name and not q["compiled"] else ""
         lines.append(
             f"| {name}{failed} | {q['steady_img_per_s']:.2f} | {q['vs_bf16_eager']:.2f}x | {q['vs_tutorial']:.2f}x "
-            f"| {q['model_alone_img_per_s']:.2f} | {100 * q['end_to_end_vs_model_alone']:.0f} % "
+            f"| {q['model_alone_img_per_s']:.2f} ({' / '.join(f'{v:.1f}' for v in q['model_alone_before_after'])}) "
+            f"| {100 * q['end_to_end_vs_model_alone']:.0f} % "
             f"| {q['compile_seconds']:.1f} | {q['calibration_seconds']:.1f} "
             f"| {sh['input']} / {sh['model']} / {sh['write']} / {sh['other']} % "
             f"| {ceiling} | {q['rss_mb']:.0f} |")
