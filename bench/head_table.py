@@ -158,14 +158,19 @@ def timing(cache: str, rows: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def cache_arguments(p: argparse.ArgumentParser) -> None:
+    """The options ``caches`` reads, for every script that makes or finds the proxies' caches."""
     p.add_argument("--data", default="../shared/data", help="folder holding the proxies' folders")
     p.add_argument("--weights", default="../shared/weights/vgg16_features_imagenet.pt")
     p.add_argument("--cache-dir", default="features", help="where the caches are made or found")
     p.add_argument("--only", nargs="*", choices=list(PROXIES), help="proxies to run (default: all)")
     p.add_argument("--flip", action="store_true", help="caches made with extract --flip (mirror-mean maps)")
     p.add_argument("--precision", default="auto", help="extract's --precision for the caches")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cache_arguments(p)
     p.add_argument("--timing-rows", type=int, nargs="*", default=[800, 25000])
     p.add_argument("--json", help="also write the rows here")
     a = p.parse_args()

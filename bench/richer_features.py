@@ -32,8 +32,7 @@ def pooled_layers(folder: str, weights: str) -> tuple:
     import torch
 
     from pipeline.data.folders import list_image_folder
-    from pipeline.data.image_reader import ImageListDataset, batches, read_in_turns
-    from pipeline.devices import available_cores
+    from pipeline.data.image_reader import ImageListDataset, batches, read_items
     from pipeline.extraction.backbones import load_backbone
 
     b = load_backbone("vgg16", weights)
@@ -42,7 +41,7 @@ def pooled_layers(folder: str, weights: str) -> tuple:
     ds = ImageListDataset(listing.root, [(f.path, f.label) for f in listing.files], b.transform)
     out, labels = {k: [] for k in LAYERS}, []
     with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16):
-        for batch in batches(read_in_turns(ds, available_cores(), 32), 32):
+        for batch in batches(read_items(ds, -1, torch.device("cpu"), 32), 32):  # decoding as extract's
             if not batch.good:  # only unreadable files
                 continue
             x = batch.images().contiguous(memory_format=torch.channels_last)

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from head_table import PROXIES, SPLITS, caches  # noqa: E402  (bench/ is the script's folder)
+from head_table import SPLITS, cache_arguments, caches  # noqa: E402  (bench/ is the script's folder)
 
 
 def l2(a: np.ndarray) -> np.ndarray:
@@ -76,12 +76,7 @@ def reference_scores(a, ya, b, yb) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", default="../shared/data")
-    p.add_argument("--weights", default="../shared/weights/vgg16_features_imagenet.pt")
-    p.add_argument("--cache-dir", default="features")
-    p.add_argument("--only", nargs="*", choices=list(PROXIES))
-    p.add_argument("--flip", action="store_true", help="caches made with extract --flip")
-    p.add_argument("--precision", default="auto", help="extract's --precision for the caches")
+    cache_arguments(p)
     p.add_argument("--views", nargs="+", default=["avg", "sqrt", "gem3", "spp", "halves"])
     p.add_argument("--caches", nargs="+", metavar="NAME=TRAIN.h5[,TEST.h5]",
                    help="existing caches instead of extracting (a proxy name, its training cache, its test cache)")
