@@ -183,8 +183,9 @@ def test_sigkilled_extraction_resumes_to_the_uninterrupted_result(tmp_path, kill
     with pytest.raises(ValueError, match="incomplete"):
         FeatureCache(cache)
     # resume at once: the killed run's decoding workers may still be exiting
-    resumed = json.loads(subprocess.run(_extract_cmd(data, tmp_path / "f", workers), cwd=ROOT, capture_output=True,
-                                        check=True, text=True).stdout)
+    run = subprocess.run(_extract_cmd(data, tmp_path / "f", workers), cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]  # the resumed run's own words, if it fails
+    resumed = json.loads(run.stdout)
     assert resumed["resumed_from"] == committed and resumed["computed"] == 80 - committed
     got, want = _rows(resumed["cache"]), _rows(reference["cache"])
     assert got[0] == want[0]
