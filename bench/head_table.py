@@ -3,18 +3,20 @@
 the heads never saw, and the default head's fit time and memory at 800 and 25,000 rows.
 
 Proxies (../shared/data): catsdogs -> catsdogs_test, caltech20/train -> caltech20/test,
-scenes6/train -> scenes6/test (a test folder each), and dogbreeds20 (270 photos, 20 breeds: five seeded
-stratified 80/20 splits, mean accuracy on the held-out 20 %). fit-head holds out its validation split
+scenes6/train -> scenes6/test (a test folder each), and dogbreeds20 (270 photos, 20 breeds: --splits
+seeded stratified 80/20 splits, mean accuracy on the held-out 20 %). fit-head holds out its validation split
 (--val-fraction, 12.5 %) and trains on the rest; the references train on every training row.
 
-References, on the same caches: each 512x7x7 map average-pooled (avg) or average- and max-pooled (avgmax),
-l2-normalised, then GridSearchCV(SVC(kernel="rbf"), C in [1, 10, 100], cv=5) or
-GridSearchCV(LogisticRegression, C in [0.1 ... 1000], cv=5).
+References, on plain caches (one view of each photo): each 512x7x7 map average-pooled (avg) or average- and
+max-pooled (avgmax), l2-normalised, then GridSearchCV(SVC(kernel="rbf"), C in [1, 10, 100], cv=5) or
+GridSearchCV(LogisticRegression, C in [0.1 ... 1000], cv=5). Where extract's defaults make a flip cache
+(at most 50 photos per class: caltech20, dogbreeds20), fit-head runs on it and the references on both.
 
     python bench/head_table.py --data ../shared/data --weights ../shared/weights/vgg16_features_imagenet.pt
 
 Caches are made with the project's extract (n=0) into --cache-dir, or found there (a cache hit);
---flip makes them with extract --flip (each map the mean of the photo's and its mirror image's).
+--flip on/off makes them with extract --flip/--no-flip (each map the mean of the photo's and its mirror
+image's, or not) instead of extract's default.
 """
 from __future__ import annotations
 
@@ -44,24 +46,27 @@ SETTINGS = [  # (name, fit-head options)
     ("fit-head --head logreg (C=100)", {"head": "logreg"}),
     ("fit-head --head kernel (C=100, gamma=scale)", {"head": "kernel"}),
 ]
-SPLITS = 5  # dogbreeds20: seeded 80/20 splits
+SPLITS = 20  # dogbreeds20: seeded 80/20 splits (20: the standard error of a mean difference is about 0.4 points)
 
 
-def caches(args) -> dict:
+def caches(args, flip=None) -> dict:
+    """proxy -> [training cache, test cache (if any)], made by the project's extract (n=0) or found in
+    --cache-dir; ``flip`` None: --flip's (auto: what extract does by default)."""
     from pipeline.config import ExtractConfig
     from pipeline.extraction.extract import extract
 
+    flip = {"auto": None, "on": True, "off": False}[args.flip] if flip is None else flip
     out = {}
     for name, (train, test) in PROXIES.items():
         if args.only and name not in args.only:
             continue
-        kw = {"n": 0, "weights": args.weights, "cache_dir": args.cache_dir, "flip": args.flip}
+        kw = {"n": 0, "weights": args.weights, "cache_dir": args.cache_dir, "flip": flip}
         first = extract(ExtractConfig(data=str(Path(args.data) / train), precision=args.precision, **kw))
         out[name] = [first["cache"]]
-        if test:  # the training cache's network: its precision, and for int8 its calibration photos
-            same = {"precision": first["precision"],
+        if test:  # the training cache's network: its precision, flip, and for int8 its calibration photos
+            same = {"precision": first["precision"], "flip": first["flip"],
                     **({"calib_data": str(Path(args.data) / train)} if first["precision"] == "int8" else {})}
-            out[name].append(extract(ExtractConfig(data=str(Path(args.data) / test), **same, **kw))["cache"])
+            out[name].append(extract(ExtractConfig(data=str(Path(args.data) / test), **{**kw, **same}))["cache"])
     return out
 
 
@@ -92,29 +97,33 @@ def pooled(cache, rows) -> tuple:
     return tuple(Normalizer("l2").transform(v[view]) for view in ("avg", "avgmax")), v.labels
 
 
-def proxy_table(name: str, paths: list, runs: str) -> list[dict]:
+def reference_table(name: str, paths: list, splits: int, label: str = "") -> list[dict]:
+    """The scikit-learn reference rows on ``paths`` (a test cache, or ``splits`` seeded 80/20 splits)."""
     from pipeline.cache.feature_cache import FeatureCache
     from pipeline.heads.epoch_loop import split_indices
-    from pipeline.heads.fit_head import FitHeadConfig, fit_head
 
-    rows = []
     with FeatureCache(paths[0]) as c:
-        n = c.n
         if len(paths) == 2:
             with FeatureCache(paths[1]) as t:
-                (xa, ya), (xb, yb) = pooled(c, np.arange(n)), pooled(t, np.arange(t.n))
+                (xa, ya), (xb, yb) = pooled(c, np.arange(c.n)), pooled(t, np.arange(t.n))
             refs = [reference_rows(xa, ya, xb, yb)]
         else:
             refs = []
-            for seed in range(SPLITS):
+            for seed in range(splits):
                 tr, te = split_indices(c.labels, 0.2, seed)
                 (xa, ya), (xb, yb) = pooled(c, tr), pooled(c, te)
                 refs.append(reference_rows(xa, ya, xb, yb))
-    for key in refs[0]:
-        accs = [r[key]["acc"] for r in refs]
-        rows.append({"proxy": name, "setting": key, "acc": float(np.mean(accs)), "acc_std": float(np.std(accs)),
-                     "seconds": float(np.mean([r[key]["seconds"] for r in refs])),
-                     "choice": [r[key]["choice"] for r in refs]})
+    return [{"proxy": name, "setting": key + label, "acc": float(np.mean(accs)), "acc_std": float(np.std(accs)),
+             "seconds": float(np.mean([r[key]["seconds"] for r in refs])), "choice": [r[key]["choice"] for r in refs]}
+            for key in refs[0] for accs in [[r[key]["acc"] for r in refs]]]
+
+
+def proxy_table(name: str, paths: list, runs: str, splits: int) -> list[dict]:
+    """fit-head's settings on ``paths``: test accuracy on the test cache, or the mean over ``splits`` seeded
+    80/20 splits (fit-head's validation split is the held-out 20 %)."""
+    from pipeline.heads.fit_head import FitHeadConfig, fit_head
+
+    rows = []
     for label, opts in SETTINGS:
         t0 = time.time()
         if len(paths) == 2:
@@ -122,7 +131,7 @@ def proxy_table(name: str, paths: list, runs: str) -> list[dict]:
             accs, choices = [r["test_acc"]], [(r["tuning"] or {}).get("choice")]
         else:
             rs = [fit_head(FitHeadConfig(cache=paths[0], val_fraction=0.2, seed=s, runs_dir=runs, **opts))
-                  for s in range(SPLITS)]
+                  for s in range(splits)]
             accs, choices = [x["val_acc"] for x in rs], [(x["tuning"] or {}).get("choice") for x in rs]
         rows.append({"proxy": name, "setting": label, "acc": float(np.mean(accs)), "acc_std": float(np.std(accs)),
                      "seconds": (time.time() - t0) / len(accs), "choice": choices})
@@ -164,7 +173,8 @@ def cache_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default="../shared/weights/vgg16_features_imagenet.pt")
     p.add_argument("--cache-dir", default="features", help="where the caches are made or found")
     p.add_argument("--only", nargs="*", choices=list(PROXIES), help="proxies to run (default: all)")
-    p.add_argument("--flip", action="store_true", help="caches made with extract --flip (mirror-mean maps)")
+    p.add_argument("--flip", choices=("auto", "on", "off"), default="auto",
+                   help="extract's --flip for the caches (auto: its default, on for at most 50 photos per class)")
     p.add_argument("--precision", default="auto", help="extract's --precision for the caches")
 
 
@@ -172,18 +182,23 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cache_arguments(p)
     p.add_argument("--timing-rows", type=int, nargs="*", default=[800, 25000])
+    p.add_argument("--splits", type=int, default=SPLITS, help="dogbreeds20: seeded 80/20 splits")
     p.add_argument("--json", help="also write the rows here")
     a = p.parse_args()
     from pipeline.progress import set_quiet
 
     set_quiet(True)
     made = caches(a)
+    plain = caches(a, flip=False)  # the references see one view of each photo, as the recipe any user types
     rows = []
     print("| proxy | setting | test acc | fit s | chosen |")
     print("|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as runs:
         for name, paths in made.items():
-            for r in proxy_table(name, paths, runs):
+            table = reference_table(name, plain[name], a.splits)
+            if paths != plain[name]:  # the defaults' cache is another (flip): the references on it too
+                table += reference_table(name, paths, a.splits, " (on the flip cache)")
+            for r in table + proxy_table(name, paths, runs, a.splits):
                 rows.append(r)
                 std = f" ± {r['acc_std']:.3f}" if r["acc_std"] else ""
                 print(f"| {name} | {r['setting']} | {r['acc']:.4f}{std} | {r['seconds']:.1f} | {r['choice'][0]} |",

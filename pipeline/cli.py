@@ -253,9 +253,9 @@ def json_option(fn):
 @click.option("--calib-data", help="int8: calibrate on this folder's sample instead of --data's.")
 @click.option("--pool", type=click.Choice(POOLS),
               help="avg stores globally pooled C-vectors instead of C x H x W maps.")
-@click.option("--flip", is_flag=True,
-              help="Store each map as the mean of the photo's and its mirror image's (twice the compute; "
-                   "+1 to 2 points on fine-grained classes).")
+@click.option("--flip/--no-flip", default=None,
+              help="Store each map as the mean of the photo's and its mirror image's (twice the compute; about "
+                   "+1 point on a small fine-grained set) [default: on for pretrained weights and at most 50 photos per class].")
 @click.option("--decode", type=click.Choice(DECODERS),
               help="device: decode JPEGs with torchvision's decode_jpeg on --device (nvJPEG on a GPU), "
                    "for when CPU decoding is the bottleneck; other files still go through PIL.")

@@ -87,6 +87,29 @@ def test_flip_rows_are_the_mean_of_a_photo_and_its_mirror_image_and_heads_predic
     np.testing.assert_allclose(on_images, on_rows, atol=1e-5)
 
 
+def test_flip_is_the_default_for_pretrained_weights_and_few_photos_per_class(image_folder, tmp_path):
+    import torch
+
+    from pipeline.config import FLIP_AUTO_MAX_PER_CLASS
+    from pipeline.extraction.backbones import load_backbone
+    from pipeline.extraction.extract import auto_flip
+
+    weights = tmp_path / "tiny.pt"
+    torch.save(load_backbone("tiny", "none").model.state_dict(), weights)
+    r = extract(cfg(image_folder, tmp_path, weights=str(weights)))  # 12 photos per class
+    assert r["flip"]
+    with FeatureCache(r["cache"]) as c:  # recorded as decided, so readers and --test-data see a plain bool
+        assert c.attrs["flip"] and json.loads(c.attrs["config"])["flip"] is True
+    again = extract(cfg(image_folder, tmp_path, weights=str(weights), flip=True))
+    assert again["hit"] and again["cache"] == r["cache"] and again["flip"]
+    off = extract(cfg(image_folder, tmp_path, weights=str(weights), flip=False))
+    assert not off["flip"] and off["cache"] != r["cache"]
+    assert not extract(cfg(image_folder, tmp_path))["flip"]  # random weights: one pass
+    pretrained = ExtractConfig(weights="DEFAULT")
+    assert auto_flip(pretrained, 2 * FLIP_AUTO_MAX_PER_CLASS, 2)
+    assert not auto_flip(pretrained, 2 * FLIP_AUTO_MAX_PER_CLASS + 1, 2)
+
+
 def test_n_takes_a_seeded_stratified_sample(tmp_path):
     data = make_image_folder(tmp_path / "d", per_class=20)
     r = extract(cfg(data, tmp_path, n=10, seed=1))

@@ -19,6 +19,7 @@ from ..cache.feature_cache import (CacheBusy, CacheError, CacheInfo, CacheWriter
                                    read_int8_observers)
 from ..cache.provenance import Provenance, versions
 from ..cache.row_donors import find_donors
+from ..config import FLIP_AUTO_MAX_PER_CLASS
 from ..data.folders import ImageFolderListing, stratified_order
 from ..data.image_reader import DECODE_VERSION, ImageListDataset, batches, read_items
 from ..errors import PipelineError, UsageError
@@ -46,7 +47,7 @@ def hit_summary(info: CacheInfo, started: float) -> dict:
     """What extract returns for a cache that is already complete."""
     return {"cache": str(info.path), "hit": True, "rows": info.rows, "skipped": int(info.attrs.get("skipped_rows", 0)),
             "feature_shape": list(info.feature_shape), "classes": info.classes, "precision": info.attrs.get("precision"),
-            "seconds": time.time() - started}
+            "flip": bool(info.attrs.get("flip", False)), "seconds": time.time() - started}
 
 
 def existing_cache(path: Path, key: str) -> Optional[CacheInfo]:
@@ -108,6 +109,9 @@ def feature_model(cfg, backbone, listing: ImageFolderListing, device, precision:
     if cfg.flip:
         from .inference import MirrorMean
 
+        log.info("flip: each map is the mean of the photo's and its mirror image's, twice the compute (by default "
+                 "for pretrained weights and at most %d photos per class; --no-flip turns it off)",
+                 FLIP_AUTO_MAX_PER_CLASS)
         net = MirrorMean(net)
     return (Inference(net, device, precision, cfg.pool, cfg.dtype, compile=compile, compile_batch=cfg.batch_size),
             calibration, observers)
@@ -246,7 +250,7 @@ def extract_range(cfg, listing: ImageFolderListing, key: str, path: Path, resume
     return {"cache": str(path), "hit": False, "rows": rows, "computed": computed, "resumed_from": start_rows,
             "reused": reuse["reused"], "label_changes": reuse["label_changes"],
             "skipped": skipped, "feature_shape": shape, "classes": list(listing.classes),
-            "device": str(device), "precision": precision, "seconds": seconds,
+            "device": str(device), "precision": precision, "flip": bool(cfg.flip), "seconds": seconds,
             "img_per_s": (computed - first) / steady_seconds if computed > first and steady_seconds > 0 else wall,
             "wall_img_per_s": wall,  # one-off compiling included
             # where the time went: waiting for decoded images, the model (compiling included), HDF5 writes
