@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from head_table import PROXIES, SPLITS  # noqa: E402  (bench/ is the script's folder)
-from view_screen import l2, reference_scores  # noqa: E402
+from head_table import PROXIES  # noqa: E402  (bench/ is the script's folder)
+from view_screen import SPLITS, l2, reference_scores  # noqa: E402
 
 LAYERS = {"p4": 23, "p5": 30}  # index in vgg16.features of the max-pool ending block 4 / block 5
 

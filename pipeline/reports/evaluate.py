@@ -74,8 +74,7 @@ def _head(model_path: str, ckpt: dict, device):
 
 def _trust(head) -> dict:
     """The Predictions fields a head's calibration and unknown score fill in."""
-    return {"temperature": head.temperature_used,
-            "threshold": head.threshold_used}
+    return {"temperature": head.temperature_used, "threshold": head.threshold_used}
 
 
 def _check_cache_fits(ckpt: dict, cache) -> None:
