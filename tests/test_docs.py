@@ -1,0 +1,54 @@
+"""The documents a newcomer reads first: no merge-conflict markers anywhere, a README of one screen's
+worth of set-up / run / test, and links that lead somewhere."""
+import re
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MARKER = re.compile(r"^(<<<<<<< |=======$|>>>>>>> )", re.M)
+TEXT_SUFFIXES = {".md", ".py", ".cfg", ".toml", ".txt", ".html", ".ipynb", ".json", ".yml", ".yaml", ""}
+
+
+def tracked_text_files():
+    try:
+        out = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+        paths = [ROOT / line for line in out.splitlines()]
+    except (OSError, subprocess.CalledProcessError):  # not a git checkout (an unpacked sdist)
+        paths = [p for p in ROOT.rglob("*") if ".venv" not in p.parts and ".git" not in p.parts]
+    return [p for p in paths if p.is_file() and p.suffix in TEXT_SUFFIXES]
+
+
+def test_no_tracked_text_file_holds_merge_conflict_markers():
+    files = tracked_text_files()
+    assert any(p.name == "README.md" for p in files)
+    bad = []
+    for path in files:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue
+        bad += [f"{path.relative_to(ROOT)}:{text[:m.start()].count(chr(10)) + 1}" for m in MARKER.finditer(text)]
+    assert not bad, f"merge-conflict markers at {bad}"
+
+
+def test_marker_check_sees_a_marker():
+    text = "a\n<<<<<<< HEAD\nb\n=======\nc\n>>>>>>> branch\n"
+    assert len(MARKER.findall(text)) == 3
+
+
+def test_readme_is_short_and_its_sections_link_into_docs():
+    text = (ROOT / "README.md").read_text()
+    assert len(text) < 10_000, "the README is a one-screen set-up / run / test plus short sections"
+    for heading in ("## Set up, run, test", "## The three commands"):
+        assert heading in text
+
+
+def test_relative_links_in_readme_and_docs_resolve():
+    broken = []
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", doc.read_text()):
+            if "://" in target or target.startswith("mailto:"):
+                continue
+            if not (doc.parent / target).exists():
+                broken.append(f"{doc.relative_to(ROOT)} -> {target}")
+    assert not broken, broken
