@@ -233,7 +233,7 @@ def audit(cfg: AuditConfig) -> dict:
             out = new_run_dir(cfg.runs_dir, "audit-apply") if not cfg.output else require_folder(cfg.output, "--output")
             result = apply_fixes(cfg.apply, cfg.data, out, cfg.quarantine_dir)
         else:
-            result = undo_fixes(cfg.undo)
+            result = undo_fixes(cfg.undo, cfg.data)
         if cfg.refresh:
             result["refreshed"] = refresh(cfg, result["root"])
         return result
