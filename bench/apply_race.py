@@ -53,8 +53,8 @@ def main() -> None:
     before = sum(1 for p in data.rglob("*") if p.is_file())
     answers = mp.Manager().dict()
     t0 = time.time()
-    procs = [mp.Process(target=apply_slowly, args=(str(f), str(data), str(top / f"run-{f.stem}"), args.fsync_ms, answers))
-             for f in lists]
+    procs = [mp.Process(target=apply_slowly,
+                        args=(str(f), str(data), str(top / f"run-{f.stem}"), args.fsync_ms, answers)) for f in lists]
     for p in procs:
         p.start()
     for p in procs:

@@ -106,6 +106,9 @@ def test_two_applies_at_once_never_lose_a_file(tmp_path, monkeypatch):
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", slow_fsync)
+    from pipeline.data import moves
+
+    monkeypatch.setattr(moves, "LOCK_WAIT_S", 60.0)  # the second waits for the first (then finds the names taken)
     outcome = {}
 
     def run(c):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import logging
 import os
 import shutil
 import sys
@@ -29,6 +30,8 @@ try:
     import fcntl
 except ImportError:  # Windows: no folder lock
     fcntl = None
+
+log = logging.getLogger(__name__)
 
 
 def _libc_renameat2():
@@ -151,7 +154,7 @@ def folder_lock(folder, exclusive: bool, busy: str, wait_s: float | None = None)
         fd = None
     try:
         if fd is not None and not _flock_within(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH,
-                                                LOCK_WAIT_S if wait_s is None else wait_s):
+                                                LOCK_WAIT_S if wait_s is None else wait_s, folder):
             raise FolderBusy(busy)
         yield
     finally:
@@ -159,7 +162,9 @@ def folder_lock(folder, exclusive: bool, busy: str, wait_s: float | None = None)
             os.close(fd)
 
 
-def _flock_within(fd: int, mode: int, wait_s: float) -> bool:
+def _flock_within(fd: int, mode: int, wait_s: float, folder) -> bool:
+    """Whether the lock was taken within ``wait_s``; True too where the file system has no locks (some
+    network shares): said once, and the moves still never replace a file."""
     deadline = time.monotonic() + wait_s
     while True:
         try:
@@ -169,6 +174,9 @@ def _flock_within(fd: int, mode: int, wait_s: float) -> bool:
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.05)
+        except OSError as e:
+            log.warning("cannot lock %s (%s): going on without the folder lock", folder, e.strerror or e)
+            return True
 
 
 def changing_folder(root):
