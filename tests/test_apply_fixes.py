@@ -353,3 +353,27 @@ def test_audits_own_list_applies_exactly_odd_names_included(tmp_path):
     assert lines[2].startswith("'=red/x.jpg,") and lines[1].startswith(f"red/{odd},")
     r = apply_fixes(tmp_path / "fixes.csv", data, tmp_path / "run")
     assert r["moved"] == 2 and (data / " blue " / odd).is_file() and (data / " blue " / "x.jpg").is_file()
+
+
+def test_a_move_stopped_between_its_link_and_unlink_is_undone_to_one_name(tmp_path, monkeypatch):
+    """Without renameat2 a move is a hard link, then an unlink: killed in between, the photo has two names.
+    The undo drops the new one (the same file: nothing lost) and the folder is as it was."""
+    data = make_image_folder(tmp_path / "data", per_class=3)
+    before = snapshot(data)
+    fixes = tmp_path / "fixes.csv"
+    fixes.write_text("path,action,new_class\nred/red.0.jpg,relabel,blue\nred/red.1.jpg,relabel,blue\n")
+    real = af.move_no_replace
+
+    def killed_after_the_link(a, b):
+        if str(a).endswith("red.1.jpg"):
+            os.link(a, b)
+            raise KeyboardInterrupt
+        real(a, b)
+
+    monkeypatch.setattr(af, "move_no_replace", killed_after_the_link)
+    with pytest.raises(KeyboardInterrupt):
+        apply_fixes(fixes, data, tmp_path / "run")
+    monkeypatch.setattr(af, "move_no_replace", real)
+    assert (data / "blue" / "red.1.jpg").samefile(data / "red" / "red.1.jpg")
+    assert undo_fixes(tmp_path / "run" / "journal.jsonl")["moved"] == 1
+    assert snapshot(data) == before

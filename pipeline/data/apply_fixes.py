@@ -276,8 +276,8 @@ def undo_fixes(journal_path, data: Optional[str] = None) -> dict:
                          f"quarantine {qdir}: {'; '.join(outside[:5])}"
                          f"{f' (and {len(outside) - 5} more)' if len(outside) > 5 else ''}")
     with changing_folder(root):
-        done = [i for i, m in enumerate(moves) if was_moved(m)]
-        problems = [p for i in done for p in cannot_move_back(moves[i])]
+        done = {i for i, m in enumerate(moves) if was_moved(m)}
+        problems = [p for i in sorted(done) for p in cannot_move_back(moves[i])]
         if problems:
             raise UsageError(f"nothing was moved back: {'; '.join(problems[:10])}"
                              f"{f' (and {len(problems) - 10} more)' if len(problems) > 10 else ''}")
@@ -285,6 +285,8 @@ def undo_fixes(journal_path, data: Optional[str] = None) -> dict:
             if i in done:
                 Path(m["from"]).parent.mkdir(parents=True, exist_ok=True)
                 move_no_replace(m["to"], m["from"])
+            elif is_second_name(m):
+                os.unlink(m["to"])  # the photo under both names, one file: the new name goes, nothing is lost
             for folder in reversed(m.get("made_folders", [])):
                 try:
                     os.rmdir(folder)  # only an empty one
@@ -298,6 +300,15 @@ def was_moved(m: dict) -> bool:
     """Whether a journalled move was made: confirmed, or (an intent whose confirmation a crash lost) its file
     is at the new place and not at the old one. An unconfirmed intent is otherwise skipped."""
     return m["confirmed"] or (os.path.isfile(m["to"]) and not os.path.lexists(m["from"]))
+
+
+def is_second_name(m: dict) -> bool:
+    """Whether an unconfirmed move stopped between its hard link and its unlink (``moves.rename_no_replace``
+    without renameat2): the photo is under both names, one file."""
+    try:
+        return not m["confirmed"] and os.path.samefile(m["from"], m["to"])
+    except OSError:
+        return False
 
 
 def cannot_move_back(m: dict) -> list[str]:
