@@ -696,7 +696,8 @@ def summary(as_json, **options):
 
 @defaults_from(AuditConfig)
 @cli.command()
-@click.option("--data", help="The labelled training folder (extracted as extract does when it has no cache yet).")
+@click.option("--data", help="The labelled training folder (extracted as extract does when it has no cache yet); "
+              "with --undo, the folder the journal must be of.")
 @click.option("--test-data", help="A test folder: its photos that the training folder also holds are leaks.")
 @click.option("--cache", type=click.Path(dir_okay=False), help="Or the training folder's cache.")
 @click.option("--test-cache", type=click.Path(dir_okay=False), help="Or the test folder's cache.")

@@ -3,11 +3,13 @@
 A file name taken from a URL (or any other outside source) must never choose the folder it is
 written to; a folder option that names an existing file must be one clear usage error, not a
 traceback from ``mkdir`` deep inside a stage; and an output is written whole or not at all
-(``atomic_write``), a full or read-only disk being one line (``writing``), never a traceback.
+(``atomic_write``), a full or read-only disk being one line (``writing``), never a traceback; a
+file name in a CSV never runs as a spreadsheet formula (``SafeCsvWriter``).
 """
 from __future__ import annotations
 
 import contextlib
+import csv
 import os
 from pathlib import Path
 
@@ -202,3 +204,36 @@ def atomic_write(path, write) -> Path:
             if tmp.exists():
                 tmp.unlink()
     return path
+
+
+#: First characters that make a spreadsheet read a cell as a formula (OWASP, "CSV injection").
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value):
+    """``value`` as a CSV cell a spreadsheet shows as text: a string that starts like a formula (after any
+    single quotes) gets one more single quote in front, as OWASP advises; ``csv_cell_read`` undoes it
+    exactly. Numbers and other strings are left as they are."""
+    if isinstance(value, str) and value.lstrip("'")[:1] in FORMULA_STARTS:
+        return "'" + value
+    return value
+
+
+def csv_cell_read(text: str) -> str:
+    """A cell as ``csv_cell`` wrote it, back as it was: one single quote in front of a formula-like start
+    is dropped (a cell a person wrote with ``=`` at the start is kept as written)."""
+    if text.startswith("'") and text.lstrip("'")[:1] in FORMULA_STARTS:
+        return text[1:]
+    return text
+
+
+class SafeCsvWriter(csv.DictWriter):
+    """``csv.DictWriter`` whose cells go through ``csv_cell``: every CSV the pipeline writes (predict,
+    check-images, audit's fixes.csv) holds file names, which a file's maker chooses (``=cmd|' calc'!A0.jpg``)."""
+
+    def writerow(self, rowdict):
+        return super().writerow({k: csv_cell(v) for k, v in rowdict.items()})
+
+    def writerows(self, rowdicts):
+        for row in rowdicts:
+            self.writerow(row)

@@ -75,7 +75,10 @@ def test_cli_audit_json_and_apply_undo_round_trip(tmp_path):
     assert "0 computed" in run.stdout  # the folder's rows were found by content: nothing recomputed
     undo = [line for line in run.stdout.splitlines() if "audit --undo" in line][0].split("to undo: ")[1]
     journal = undo.split("--undo ")[1]
-    run = CliRunner().invoke(cli, ["audit", "--undo", journal, "--cache-dir", str(tmp_path / "features")])
+    other = CliRunner().invoke(cli, ["audit", "--undo", journal, "--data", str(tmp_path), "--no-refresh"])
+    assert other.exit_code == 2 and "not of --data" in other.output  # --data pins the folder an undo may touch
+    run = CliRunner().invoke(cli, ["audit", "--undo", journal, "--data", str(data),
+                                   "--cache-dir", str(tmp_path / "features")])
     assert run.exit_code == 0, run.output
     after = {p.relative_to(data): p.read_bytes() for p in data.rglob("*") if p.is_file()}
     assert after == before

@@ -182,3 +182,16 @@ def test_a_name_that_is_not_utf8_is_an_error_shown_escaped_in_every_output(tmp_p
     result = CliRunner().invoke(cli, ["check-images", str(root), "--report", str(report)])
     assert result.exit_code == 0, result.output
     assert "red/caf\\xe9.jpg" in result.output and "red/caf\\xe9.jpg,bad-name,error" in report.read_text()
+
+
+def test_csv_report_cells_never_start_a_formula(tmp_path):
+    """A class folder named like a spreadsheet formula: the report's path cells start with a single quote."""
+    root = make_image_folder(tmp_path / "data", per_class=2)
+    odd = root / "@SUM(1+1)"
+    odd.mkdir()
+    (root / "red" / "red.0.jpg").rename(odd / "good.jpg")
+    (odd / "empty.jpg").write_bytes(b"")
+    report = tmp_path / "report.csv"
+    check_images(CheckImagesConfig(str(root), report=str(report), workers=1))
+    rows = list(csv.DictReader(report.open()))
+    assert [r["path"] for r in rows] == ["'@SUM(1+1)/empty.jpg"] and rows[0]["kind"] == "zero-byte"

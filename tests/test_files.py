@@ -159,3 +159,14 @@ def test_a_real_full_tmpfs(tmp_path):
         assert r.returncode == 1 and "read-only" in r.stderr.strip().splitlines()[-1], r.stderr
     finally:
         subprocess.run(["umount", str(small)])
+
+
+@pytest.mark.parametrize("cell", ["=cmd|' calc'!A0.jpg", "+1", "-x", "@SUM(A1)", "\tx", "\rx", "'=a", "''+b",
+                                  "'plain", "plain", "'", "", "a=b"])
+def test_csv_cells_are_safe_for_spreadsheets_and_read_back_exactly(cell):
+    from pipeline.files import csv_cell, csv_cell_read
+
+    written = csv_cell(cell)
+    assert written[:1] not in ("=", "+", "-", "@", "\t", "\r")  # a spreadsheet never sees a formula
+    assert csv_cell_read(written) == cell
+    assert csv_cell(0.5) == 0.5 and csv_cell(-1.5) == -1.5  # numbers stay numbers

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import pytest
 import torch
@@ -182,3 +183,18 @@ def test_the_table_keeps_one_line_per_file_whatever_its_name_holds():
     lines = format_rows(rows, "table").splitlines()
     assert len(lines) == 3 and "cats/a\\nb.jpg" in lines[1] and "cat\\x1b[31m" in lines[1]
     assert lines[2].endswith("unreadable:\\nmore")
+
+
+def test_predict_csv_never_starts_a_cell_with_a_formula(tmp_path, image_folder, model_pt, monkeypatch):
+    """A photo named like a spreadsheet formula, given by its relative name: the cell is written behind a
+    single quote (OWASP), in the file and on stdout, so a spreadsheet shows the name instead of running it."""
+    odd = "=cmd|' calc'!A0.jpg"
+    shutil.copy(image_folder / "red" / "red.0.jpg", image_folder / "red" / odd)
+    monkeypatch.chdir(image_folder / "red")
+    out = tmp_path / "pred.csv"
+    args = ["predict", odd, "--model", str(model_pt), "--format", "csv", "--workers", "0"]
+    written = CliRunner().invoke(cli.cli, [*args, "--output", str(out)])
+    assert written.exit_code == 0, written.output
+    assert out.read_text().splitlines()[1].startswith("'=cmd|' calc'!A0.jpg,")
+    printed = CliRunner().invoke(cli.cli, args)
+    assert printed.stdout.splitlines()[1].startswith("'=cmd|' calc'!A0.jpg,")

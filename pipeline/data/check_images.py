@@ -6,7 +6,6 @@ file extract cannot use, and a *note* a file extract uses after converting it or
 """
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shlex
@@ -21,7 +20,7 @@ from pathlib import Path
 from ..config import CheckImagesConfig
 from ..devices import resolve_workers
 from ..errors import PipelineError, UsageError
-from ..files import atomic_write
+from ..files import SafeCsvWriter, atomic_write
 from ..files import is_utf8, shown
 from .folders import NOT_UTF8, ImageLoadError, decode_image, is_image_name, walk
 
@@ -176,7 +175,7 @@ def write_report(path: Path, result: dict) -> str:
             tmp.write_text(json.dumps({**result, "report": str(path)}, indent=2))
             return
         with tmp.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["path", "kind", "severity", "detail"])
+            w = SafeCsvWriter(f, fieldnames=["path", "kind", "severity", "detail"])
             w.writeheader()
             w.writerows(result["findings"])
 

@@ -17,6 +17,7 @@ from ..cache.provenance import package_version
 from ..config import COMPILE, DECODERS, FLIP_AUTO_MAX_PER_CLASS, POOLS, STORAGE_DTYPES, ExtractConfig
 from ..data.folders import ImageFolderListing, check_seed, list_image_folder
 from ..data.image_reader import DECODE_VERSION
+from ..data.moves import reading_folder
 from ..devices import cpu_flags
 from ..errors import UsageError
 from ..files import require_folder
@@ -130,7 +131,14 @@ def cache_key(cfg: ExtractConfig, listing: ImageFolderListing) -> str:
 
 
 def extract(cfg: ExtractConfig) -> dict:
-    """Run (or reuse, or resume) one extraction; returns a summary with the cache path."""
+    """Run (or reuse, or resume) one extraction; returns a summary with the cache path. The data folder
+    is held for reading meanwhile (``moves.reading_folder``): never listed or read halfway through an
+    audit --apply, which waits (or is refused) until the extraction ends."""
+    with reading_folder(cfg.data):
+        return extract_held(cfg)
+
+
+def extract_held(cfg: ExtractConfig) -> dict:
     started = time.time()
     validate(cfg)
     listing = list_image_folder(cfg.data)

@@ -6,7 +6,6 @@ A file that cannot be decoded gets a row with its error instead of a class.
 """
 from __future__ import annotations
 
-import csv
 import io
 import json
 import logging
@@ -25,7 +24,7 @@ from ..devices import resolve_device
 from ..errors import UsageError
 from ..extraction import backbones as bb
 from ..extraction.inference import run_batches
-from ..files import atomic_write, check_output, is_utf8, one_line, shown
+from ..files import SafeCsvWriter, atomic_write, check_output, is_utf8, one_line, shown
 from ..progress import progress
 from .whole_models import load_model, network, split_extras
 
@@ -116,7 +115,7 @@ def format_rows(rows: list[dict], fmt: str) -> str:
         return json.dumps(rows, indent=2)
     if fmt == "csv":
         buf = io.StringIO()
-        w = csv.DictWriter(buf, COLUMNS, lineterminator="\n")
+        w = SafeCsvWriter(buf, COLUMNS, lineterminator="\n")
         w.writeheader()
         w.writerows(rows)
         return buf.getvalue().rstrip("\n")
@@ -151,7 +150,7 @@ def predict(cfg: PredictConfig) -> dict:
 
     def write_rows(out) -> None:
         """Every row, streamed (csv: a row as soon as it is known), into ``out`` or just into ``rows``."""
-        writer = csv.DictWriter(out, COLUMNS) if out and cfg.format == "csv" else None
+        writer = SafeCsvWriter(out, COLUMNS) if out and cfg.format == "csv" else None
         if writer:
             writer.writeheader()
         for row in predictions:

@@ -9,7 +9,6 @@ thumbnails inlined), gallery.png, and fixes.csv, the list to review and pass to 
 """
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -22,7 +21,7 @@ import numpy as np
 from ..cache.feature_cache import FeatureCache
 from ..config import AuditConfig, ExtractConfig, FitHeadConfig
 from ..errors import UsageError
-from ..files import atomic_write, check_output, require_folder
+from ..files import SafeCsvWriter, atomic_write, check_output, require_folder
 from ..heads.cache_views import CacheViews
 from ..runs.run_folders import new_run_dir
 from . import duplicates as dup
@@ -210,7 +209,7 @@ def write_fixes_csv(result: dict, path: Path) -> None:
 
     def write(tmp):
         with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, ["path", "action", "new_class", "why"])
+            w = SafeCsvWriter(f, ["path", "action", "new_class", "why"])
             w.writeheader()
             w.writerows(rows)
 
@@ -234,7 +233,7 @@ def audit(cfg: AuditConfig) -> dict:
             out = new_run_dir(cfg.runs_dir, "audit-apply") if not cfg.output else require_folder(cfg.output, "--output")
             result = apply_fixes(cfg.apply, cfg.data, out, cfg.quarantine_dir)
         else:
-            result = undo_fixes(cfg.undo)
+            result = undo_fixes(cfg.undo, cfg.data)
         if cfg.refresh:
             result["refreshed"] = refresh(cfg, result["root"])
         return result
