@@ -21,7 +21,7 @@ from pathlib import Path
 from ..config import CheckImagesConfig
 from ..devices import resolve_workers
 from ..errors import PipelineError, UsageError
-from ..files import atomic_write
+from ..files import atomic_write, check_output
 from ..files import is_utf8, shown
 from .folders import NOT_UTF8, ImageLoadError, decode_image, is_image_name, walk
 
@@ -122,12 +122,14 @@ def validate(cfg: CheckImagesConfig) -> tuple[Path, Path | None, int]:
         raise UsageError(f"folder {cfg.root!r} does not exist or is not a folder")
     if cfg.report and Path(cfg.report).suffix.lower() not in REPORT_SUFFIXES:
         raise UsageError(f"--report {cfg.report!r} must end with one of: {', '.join(REPORT_SUFFIXES)}")
+    checked = [(root, "the checked folder")]
+    if cfg.report:
+        check_output(cfg.report, data=checked, what="--report")
     workers = resolve_workers(cfg.workers)
     qdir = None
     if cfg.quarantine or cfg.quarantine_dir:
         qdir = Path(os.path.abspath(cfg.quarantine_dir)) if cfg.quarantine_dir else default_quarantine_dir(root)
-        if qdir == root or root in qdir.parents:
-            raise UsageError(f"--quarantine-dir {str(qdir)!r} must be outside the checked folder {str(root)!r}")
+        check_output(qdir, data=checked, what="--quarantine-dir", folder=True)
     return root, qdir, workers
 
 

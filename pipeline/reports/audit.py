@@ -22,7 +22,7 @@ import numpy as np
 from ..cache.feature_cache import FeatureCache
 from ..config import AuditConfig, ExtractConfig, FitHeadConfig
 from ..errors import UsageError
-from ..files import atomic_write, check_output, require_folder
+from ..files import atomic_write, check_output, writing
 from ..heads.cache_views import CacheViews
 from ..runs.run_folders import new_run_dir
 from . import duplicates as dup
@@ -87,12 +87,15 @@ def pooled(cache: FeatureCache) -> tuple[np.ndarray, np.ndarray]:
     return rows["avg"], rows[view]
 
 
-def _output_dir(cfg: AuditConfig, data_roots) -> Path:
-    if cfg.output:
-        out = Path(cfg.output)
-        check_output(out / "report.json", data=data_roots, what="--output")
-        return out
-    return new_run_dir(cfg.runs_dir, "audit")
+def _output_dir(cfg: AuditConfig, data_roots, kind: str = "audit") -> Path:
+    """--output, or a new run folder in --runs-dir, once outside every photo folder the audit reads."""
+    folder, option = (cfg.output, "--output") if cfg.output else (cfg.runs_dir, "--runs-dir")
+    check_output(folder, data=data_roots, what=option, folder=True)
+    if not cfg.output:
+        return new_run_dir(cfg.runs_dir, kind)
+    with writing(folder):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    return Path(folder)
 
 
 def analyse(cfg: AuditConfig) -> dict:
@@ -231,7 +234,7 @@ def audit(cfg: AuditConfig) -> dict:
         if cfg.apply:
             if not cfg.data:
                 raise UsageError("--apply needs --data DIR, the folder the list's paths are relative to")
-            out = new_run_dir(cfg.runs_dir, "audit-apply") if not cfg.output else require_folder(cfg.output, "--output")
+            out = _output_dir(cfg, [(cfg.data, "--data")], "audit-apply")
             result = apply_fixes(cfg.apply, cfg.data, out, cfg.quarantine_dir)
         else:
             result = undo_fixes(cfg.undo)
