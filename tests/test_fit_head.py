@@ -53,7 +53,7 @@ def test_dropout_and_the_seed_make_runs_reproducible(cache, tmp_path):
         assert [h[key] for h in a["history"]] == pytest.approx([h[key] for h in b["history"]])
     # ... and both matter: without dropout, or with another seed, the same run trains differently
     no_dropout = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=2, dropout=0.0, runs_dir=str(tmp_path / "c")))
-    other_seed = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=2, dropout=0.5, seed=1, runs_dir=str(tmp_path / "d")))
+    other_seed = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=2, dropout=0.5, seed=1, runs_dir=str(tmp_path / "e")))
     for other in (no_dropout, other_seed):
         assert [h["train_loss"] for h in other["history"]] != pytest.approx([h["train_loss"] for h in a["history"]])
 
