@@ -339,7 +339,7 @@ def _cache_record(cache) -> dict:
     from ..cache.feature_cache import read_info
 
     try:
-        attrs = dict(read_info(cache, wait_s=2.0).attrs)
+        attrs = dict(read_info(cache).attrs)
         return {**attrs, "config": json.loads(attrs.get("config", "{}")),
                 "calibration": json.loads(attrs.get("calibration", "{}"))}
     except (ValueError, OSError, TypeError, PipelineError) as e:  # CacheError is a ValueError, CacheBusy not
@@ -352,10 +352,15 @@ def cache_reads(cache, what: str = "the cache") -> tuple[list, list]:
     cache, the weights file and sidecar it was made with, its photos' folder and its int8 calibration folder."""
     record = _cache_record(cache)
     config = record.get("config", {})
-    files = [(cache, what)] + [f for w in dict.fromkeys([record.get("weights_path"), config.get("weights")]) for f in bb.weights_inputs(w)]
+    files = [(cache, what), *_weights_files(record.get("weights_path"), config.get("weights"))]
     folders = [(record.get("data_root"), f"the photos of {what} {cache}"),
                (record.get("calibration", {}).get("calib_root"), f"the calibration photos of {what} {cache}")]
     return files, folders
+
+
+def _weights_files(*candidates) -> list:
+    """Each weights file among ``candidates`` (names and None left out) with its sidecar, once."""
+    return [f for w in dict.fromkeys(candidates) for f in bb.weights_inputs(w)]
 
 
 def checkpoint_reads(ckpt: dict, path, weights: Optional[str] = None) -> tuple[list, list]:
@@ -364,9 +369,9 @@ def checkpoint_reads(ckpt: dict, path, weights: Optional[str] = None) -> tuple[l
     folder its record names (through each cache too). The list a command's output guard gets
     (files.check_output), so no output ever replaces any of them, or lands among the photos."""
     config = ckpt.get("config") or {}
-    files = [(path, "the model")]
-    files += [f for w in dict.fromkeys([weights, ckpt.get("weights_path"), config.get("weights")]) for f in bb.weights_inputs(w)]
-    folders = [(config.get("data"), "the model's training photos"), (config.get("test_data"), "the model's test photos")]
+    files = [(path, "the model"), *_weights_files(weights, ckpt.get("weights_path"), config.get("weights"))]
+    folders = [(config.get("data"), "the model's training photos"),
+               (config.get("test_data"), "the model's test photos")]
     for key, what in (("cache", "the model's cache"), ("test_cache", "the model's test cache")):
         for cache in dict.fromkeys([ckpt.get(key), config.get(key)]):
             more = cache_reads(cache, what) if cache else ([], [])
