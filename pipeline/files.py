@@ -3,7 +3,8 @@
 A file name taken from a URL (or any other outside source) must never choose the folder it is
 written to; a folder option that names an existing file must be one clear usage error, not a
 traceback from ``mkdir`` deep inside a stage; and an output is written whole or not at all
-(``atomic_write``), a full or read-only disk being one line (``writing``), never a traceback.
+(``atomic_write``), a full or read-only disk being one line (``writing``), never a traceback. No output
+of any command may replace a file it reads or land among its photos: ``check_output`` is the one guard.
 """
 from __future__ import annotations
 

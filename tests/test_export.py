@@ -81,6 +81,10 @@ def test_a_torchscript_export_of_a_whole_model(tmp_path, image_folder):
     x = torch.randn(5, 3, 32, 32)  # another batch size than the one traced
     with torch.no_grad():
         assert torch.allclose(net(x), torch.exp(lm.model.eval()(x)), atol=1e-5)
+    inside = image_folder / "blue" / "model.ts"  # the parity check's default photos are the model's own
+    r = CliRunner().invoke(cli.cli, ["export", "--model", str(model), "--format", "torchscript", "--output", str(inside)])
+    assert r.exit_code == 2 and "inside the data folder" in r.output and "the model's training photos" in r.output
+    assert not inside.exists()
 
 
 def test_a_flip_head_exports_with_its_mirror_mean(tmp_path, make_cache):

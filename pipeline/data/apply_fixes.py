@@ -20,6 +20,7 @@ from typing import Optional
 
 from ..config import AUDIT_ACTIONS
 from ..errors import UsageError
+from ..files import check_output
 from .check_images import default_quarantine_dir
 from .folders import list_image_folder
 from .image_reader import file_digest
@@ -112,8 +113,7 @@ def apply_fixes(csv_path, data: str, out_dir: Path, quarantine_dir: Optional[str
     if not root.is_dir():
         raise UsageError(f"--data {data!r} is not a folder")
     qdir = Path(quarantine_dir).resolve() if quarantine_dir else default_quarantine_dir(root)
-    if qdir.is_relative_to(root):
-        raise UsageError(f"--quarantine-dir {str(qdir)!r} must be outside the data folder {str(root)!r}")
+    check_output(qdir, data=[(root, "--data")], what="--quarantine-dir", folder=True)
     moves = plan_moves(read_fixes(csv_path), root, qdir)
     journal = Path(out_dir) / "journal.jsonl"
     if journal.exists():
