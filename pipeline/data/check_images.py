@@ -84,16 +84,11 @@ def check_file(root: str, rel: str) -> list[dict]:
     return out
 
 
-def list_files(root: Path, skip: set[Path]) -> list[str]:
-    """Every file below root ('/'-separated, sorted), hidden and metadata folders and ``skip`` excepted;
-    links followed as extract follows them (see folders.walk)."""
-    rels = []
-    for dirpath, filenames in walk(root):
-        for name in filenames:
-            full = Path(dirpath) / name
-            if full not in skip:
-                rels.append(full.relative_to(root).as_posix())
-    return rels
+def list_files(root: Path) -> list[str]:
+    """Every file below root ('/'-separated, sorted), hidden and metadata folders excepted; links followed
+    as extract follows them (see folders.walk). The --report is never among them (validate refuses it there)."""
+    return [(Path(dirpath) / name).relative_to(root).as_posix() for dirpath, filenames in walk(root)
+            for name in filenames]
 
 
 def check_all(root: Path, rels: list[str], workers: int):
@@ -138,8 +133,7 @@ def check_images(cfg: CheckImagesConfig) -> dict:
     from ..progress import progress
 
     root, qdir, workers = validate(cfg)
-    skip = {Path(os.path.abspath(cfg.report))} if cfg.report else set()
-    rels = list_files(root, skip)
+    rels = list_files(root)
     workers = min(workers, max(1, len(rels)))
     t0 = time.perf_counter()
     findings: list[dict] = []
