@@ -585,14 +585,14 @@ class _Classifier:
         reads it) to ``path``; returns the path. ``load`` reads it back."""
         import shutil
 
-        from .files import atomic_write
+        from .files import atomic_write, check_output
+        from .models.whole_models import checkpoint_reads
 
         src, dst = self._checkpoint(), Path(os.fspath(path))
-        if dst.exists() and dst.is_dir():
-            raise UsageError(f"{str(dst)!r} is a folder; name a file, e.g. {str(dst / src.name)!r}")
-        if dst.exists() and os.path.samefile(src, dst):
+        if dst.is_file() and os.path.samefile(src, dst):
             return dst
-        dst.parent.mkdir(parents=True, exist_ok=True)
+        files, folders = checkpoint_reads({"config": self.config_, "cache": self.cache_}, src, self._weights)
+        check_output(dst, files, folders, what="save's path")
         return atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
 
     def plot_curves(self, title: str = ""):

@@ -109,3 +109,11 @@ def test_the_report_never_goes_into_the_data_folder(tmp_path, make_cache):
     run = CliRunner().invoke(cli, ["audit", "--cache", cache, "--folds", "3", "--output", str(data / "report")])
     assert run.exit_code == 2 and "inside the data folder" in run.output
     assert not (data / "report").exists()
+    run = CliRunner().invoke(cli, ["audit", "--cache", cache, "--folds", "3", "--runs-dir", str(data / "green")])
+    assert run.exit_code == 2 and "--runs-dir" in run.output and "inside the data folder" in run.output
+    fixes = tmp_path / "fixes.csv"
+    fixes.write_text("path,action,new_class\ngreen/copy.jpg,remove,\n")
+    run = CliRunner().invoke(cli, ["audit", "--apply", str(fixes), "--data", str(data), "--output", str(data / "j")])
+    assert run.exit_code == 2 and "inside the data folder" in run.output  # the journal would join the photos
+    assert not (data / "j").exists() and (data / "green" / "copy.jpg").exists()
+    assert [p.name for p in (data / "green").iterdir() if not p.name.endswith(".jpg")] == []

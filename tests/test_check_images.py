@@ -137,7 +137,8 @@ def test_json_report_and_json_stdout(dirty, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["{missing}"], "does not exist"),
     (["{root}", "--report", "{tmp}/r.txt"], ".csv, .json"),
-    (["{root}", "--quarantine-dir", "{root}/q"], "must be outside"),
+    (["{root}", "--quarantine-dir", "{root}/q"], "inside the data folder"),
+    (["{root}", "--report", "{root}/red/r.csv"], "inside the data folder"),
     (["{root}", "--workers", "-3"], "--workers"),
 ])
 def test_usage_errors_exit_2_with_one_line(tmp_path, args, message):

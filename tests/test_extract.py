@@ -8,9 +8,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
 import pipeline.data.folders
 from pipeline.cache.feature_cache import FeatureCache
+from pipeline.cli import cli
 from pipeline.extraction.extract import ExtractConfig, extract
 from tests.conftest import ROOT, make_image_folder
 from tests.tiny import CLI
@@ -158,6 +160,13 @@ def test_bad_files_are_skipped_recorded_and_replaced(tmp_path):
         assert not set(skipped) & set(c.paths)
     # --n counts good images: asking for all 20 good ones of 23 files works
     assert extract(cfg(data, tmp_path, n=20))["rows"] == 20
+
+
+def test_a_cache_dir_inside_the_data_folder_is_refused(image_folder):
+    r = CliRunner().invoke(cli, ["extract", "--data", str(image_folder), "--cache-dir", str(image_folder / "blue"),
+                                 "--backbone", "tiny", "--weights", "none", "--workers", "0"])
+    assert r.exit_code == 2 and "--cache-dir" in r.output and "is inside the data folder" in r.output, r.output
+    assert len(list((image_folder / "blue").iterdir())) == 12
 
 
 def test_a_folder_of_only_bad_files_is_a_clear_error(tmp_path):

@@ -165,6 +165,22 @@ def test_predict_output_never_overwrites_an_input_and_is_never_half_written(tmp_
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_predict_output_never_replaces_what_a_head_reads(tmp_path, image_folder, make_cache):
+    """A head's cache and training photos are its inputs too, even when predict is given other photos."""
+    cache = make_cache(image_folder, dtype="float32")["cache"]
+    head = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=1, runs_dir=str(tmp_path / "runs")))["checkpoint"]
+    photo = image_folder / "red" / "red.0.jpg"
+    elsewhere = tmp_path / "new.jpg"
+    elsewhere.write_bytes(photo.read_bytes())
+    before = {p: open(p, 'rb').read() for p in (cache, photo)}
+    for target, why in ((cache, "is one of the inputs (the model's cache"), (photo, "is inside the data folder"),
+                        (image_folder / "red" / "rows.csv", "is inside the data folder")):
+        r = CliRunner().invoke(cli.cli, ["predict", str(elsewhere), "--model", head, "--output", str(target),
+                                         "--format", "csv", "--workers", "0"])
+        assert r.exit_code == 2 and why in r.stderr, (target, r.output)
+    assert {p: open(p, 'rb').read() for p in before} == before and not (image_folder / "red" / "rows.csv").exists()
+
+
 def test_a_name_that_is_not_utf8_is_refused_before_any_work(tmp_path, image_folder):
     import os
 

@@ -24,7 +24,7 @@ from typing import Optional
 
 from ..config import AUDIT_ACTIONS
 from ..errors import PipelineError, UsageError
-from ..files import csv_cell_read
+from ..files import check_output, csv_cell_read
 from .check_images import default_quarantine_dir
 from .folders import is_image_name, is_skipped_folder, list_image_folder
 from .image_reader import file_digest
@@ -161,6 +161,7 @@ def apply_fixes(csv_path, data: str, out_dir: Path, quarantine_dir: Optional[str
     if not root.is_dir():
         raise UsageError(f"--data {data!r} is not a folder")
     qdir = Path(quarantine_dir).resolve() if quarantine_dir else default_quarantine_dir(root)
+    check_output(qdir, data=[(root, "--data")], what="--quarantine-dir", folder=True)
     check_apart(root, qdir)
     rows = read_fixes(csv_path)
     journal = Path(out_dir) / "journal.jsonl"

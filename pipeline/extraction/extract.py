@@ -20,7 +20,7 @@ from ..data.image_reader import DECODE_VERSION
 from ..data.moves import reading_folder
 from ..devices import cpu_flags
 from ..errors import UsageError
-from ..files import require_folder
+from ..files import check_output
 from . import backbones as bb
 from . import distributed
 from .extract_range import existing_cache, extract_range, hit_summary
@@ -56,9 +56,10 @@ def validate(cfg: ExtractConfig) -> None:
     if not Path(cfg.data).is_dir():
         raise UsageError(f"data folder {cfg.data!r} does not exist; `python cli.py fetch-data` downloads the Kaggle "
                          "cats-vs-dogs set to data/PetImages, or pass --data DIR")
-    require_folder(cfg.cache_dir, "--cache-dir")
+    photos = [(cfg.data, "--data"), (cfg.calib_data, "--calib-data")]
+    check_output(cfg.cache_dir, data=photos, what="--cache-dir", folder=True)
     if cfg.shard_dir:
-        require_folder(cfg.shard_dir, "--shard-dir")
+        check_output(cfg.shard_dir, data=photos, what="--shard-dir", folder=True)
     if bb.is_weights_path(cfg.weights) and not Path(cfg.weights).is_file():
         raise UsageError(f"weights file {cfg.weights!r} does not exist")
 

@@ -33,7 +33,7 @@ from ..cache.provenance import Provenance
 from ..config import CALIBRATIONS, HEADS, MAX_C, MAX_WEIGHT_DECAY, RECIPES, FitHeadConfig
 from ..devices import resolve_device
 from ..errors import UsageError
-from ..files import atomic_write
+from ..files import atomic_write, check_output
 from ..progress import is_quiet
 from ..runs.run_folders import finish_run, new_run_dir
 from .cache_views import CacheRows, CacheViews, evaluate_head
@@ -60,7 +60,7 @@ def with_recipe(cfg: FitHeadConfig) -> FitHeadConfig:
 
 def validate(cfg: FitHeadConfig) -> None:
     validate_training(cfg, positive=("epochs", "batch_size", "block_rows", "kernel_components", "folds"),
-                      non_negative=("patience",))
+                      non_negative=("patience",), data=((cfg.test_data, "--test-data"),))
     for name, value, allowed in (("head", cfg.head, HEADS), ("features", cfg.features, VIEWS),
                                  ("normalize", cfg.normalize, NORMS)):
         if value not in allowed:
@@ -351,6 +351,8 @@ def fit_head(cfg: FitHeadConfig) -> dict:
     path, default_cache = resolve_cache(cfg.cache, cfg.cache_dir)
     device = resolve_device(cfg.device)
     with FeatureCache(path) as cache:
+        check_output(cfg.runs_dir, data=[(cache.attrs["data_root"], f"the photos of the cache {path}")],
+                     what="--runs-dir", folder=True)
         changed = source_changes(cache.info)
         if changed:
             log.warning("%s: %s", path, changed)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Iterator
@@ -26,7 +25,7 @@ from ..extraction import backbones as bb
 from ..extraction.inference import run_batches
 from ..files import SafeCsvWriter, atomic_write, check_output, is_utf8, one_line, shown
 from ..progress import progress
-from .whole_models import load_model, network, split_extras
+from .whole_models import checkpoint_reads, model_from_checkpoint, network, read_checkpoint, split_extras
 
 log = logging.getLogger(__name__)
 
@@ -139,9 +138,11 @@ def predict(cfg: PredictConfig) -> dict:
     if cfg.batch_size < 1:
         raise UsageError(f"--batch-size must be positive, got {cfg.batch_size}")
     files = list_inputs(cfg.paths)
+    ckpt = read_checkpoint(cfg.model)
     if cfg.output:
-        check_output(cfg.output, [*files, cfg.model, cfg.weights], data=[p for p in cfg.paths if os.path.isdir(p)])
-    lm = load_model(cfg.model, cfg.weights)
+        reads, folders = checkpoint_reads(ckpt, cfg.model, cfg.weights)
+        check_output(cfg.output, [*files, *reads], data=[*cfg.paths, *folders])
+    lm = model_from_checkpoint(ckpt, cfg.model, cfg.weights)
     model = network(lm, cfg.device, cfg.precision)
     t0 = time.time()
     rows = []
