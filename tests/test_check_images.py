@@ -123,6 +123,29 @@ def test_quarantine_refuses_to_overwrite(dirty, tmp_path):
     assert snapshot(root) == before
 
 
+def test_quarantine_never_replaces_a_file_that_appears_after_the_check(dirty, tmp_path, monkeypatch):
+    """The names are checked first, then moved: a file written into the quarantine in between (another
+    run, a user) stays, and the photo stays where it was (the old shutil.move replaced it)."""
+    from pipeline.data import check_images as ci
+
+    root, corpus = dirty
+    qdir = tmp_path / "q"
+    bad = sorted(p for p, b in corpus.items() if b.is_error)
+    real_mkdir = Path.mkdir
+
+    def mkdir_then_race(self, *a, **kw):
+        real_mkdir(self, *a, **kw)
+        target = self / Path(bad[0]).name
+        if self.parent == qdir and not target.exists() and (root / bad[0]).parent.name == self.name:
+            target.write_bytes(b"someone else's")
+
+    monkeypatch.setattr(Path, "mkdir", mkdir_then_race)
+    with pytest.raises(FileExistsError):
+        ci.quarantine(root, qdir, [bad[0]])
+    assert (qdir / bad[0]).read_bytes() == b"someone else's"
+    assert (root / bad[0]).exists()
+
+
 def test_json_report_and_json_stdout(dirty, tmp_path):
     root, corpus = dirty
     report = tmp_path / "out" / "report.json"

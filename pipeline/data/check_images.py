@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import shutil
 import time
 import warnings
 from collections import Counter
@@ -23,6 +22,7 @@ from ..errors import PipelineError, UsageError
 from ..files import SafeCsvWriter, atomic_write, check_output
 from ..files import is_utf8, shown
 from .folders import NOT_UTF8, ImageLoadError, decode_image, is_image_name, walk
+from .moves import changing_folder, move_no_replace
 
 #: Every kind check-images reports, with its severity. Errors are files extract cannot use.
 KINDS = {
@@ -193,9 +193,10 @@ def quarantine(root: Path, qdir: Path, rels: list[str]) -> dict:
     if taken:
         raise PipelineError(f"quarantine folder {qdir} already holds {len(taken)} of these files "
                             f"(first: {taken[0]}); move them back first or choose --quarantine-dir")
-    for rel in rels:
-        (qdir / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(root / rel), str(qdir / rel))
+    with changing_folder(root):  # no extract reading, no audit --apply moving, while files leave
+        for rel in rels:
+            (qdir / rel).parent.mkdir(parents=True, exist_ok=True)
+            move_no_replace(root / rel, qdir / rel)  # never over a file that appeared meanwhile; across disks too
     return {"dir": str(qdir), "moved": len(rels), "restore": restore_command(root, qdir)}
 
 
