@@ -254,8 +254,9 @@ def json_option(fn):
 @click.option("--pool", type=click.Choice(POOLS),
               help="avg stores globally pooled C-vectors instead of C x H x W maps.")
 @click.option("--flip/--no-flip", default=None,
-              help="Store each map as the mean of the photo's and its mirror image's (twice the compute; about "
-                   "+1 point on a small fine-grained set) [default: on for pretrained weights and at most 50 photos per class].")
+              help="Store each map as the mean of the photo's and its mirror image's: twice the compute, about "
+                   "+1 point on a small fine-grained set (dogbreeds20). Part of the cache key: extract test folders "
+                   "with the same option (fit-head --test-data does) [default: off].")
 @click.option("--decode", type=click.Choice(DECODERS),
               help="device: decode JPEGs with torchvision's decode_jpeg on --device (nvJPEG on a GPU), "
                    "for when CPU decoding is the bottleneck; other files still go through PIL.")

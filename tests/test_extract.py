@@ -87,27 +87,38 @@ def test_flip_rows_are_the_mean_of_a_photo_and_its_mirror_image_and_heads_predic
     np.testing.assert_allclose(on_images, on_rows, atol=1e-5)
 
 
-def test_flip_is_the_default_for_pretrained_weights_and_few_photos_per_class(image_folder, tmp_path):
+def test_flip_is_opt_in_so_an_added_photo_keeps_every_row_and_a_test_folder_fits_the_head(tmp_path):
+    """Flip was once decided from the folder (pretrained weights and at most 50 photos per class, counted
+    over the whole folder): the 101st photo of two classes turned it off (every row recomputed, each meaning
+    something else), and a small test folder extracted like its training folder got it on (evaluate then
+    refused the test cache: "flip: False vs True"). Off unless asked, it can do neither."""
+    import shutil
+
     import torch
 
-    from pipeline.config import FLIP_AUTO_MAX_PER_CLASS
     from pipeline.extraction.backbones import load_backbone
-    from pipeline.extraction.extract import auto_flip
+    from pipeline.heads.fit_head import FitHeadConfig, fit_head
+    from pipeline.reports.evaluate import EvaluateConfig, evaluate
 
-    weights = tmp_path / "tiny.pt"
+    weights = tmp_path / "tiny.pt"  # a weights file: pretrained, as far as extract can tell
     torch.save(load_backbone("tiny", "none").model.state_dict(), weights)
-    r = extract(cfg(image_folder, tmp_path, weights=str(weights)))  # 12 photos per class
-    assert r["flip"]
-    with FeatureCache(r["cache"]) as c:  # recorded as decided, so readers and --test-data see a plain bool
+    train = make_image_folder(tmp_path / "train", per_class=50)
+    first = extract(cfg(train, tmp_path, weights=str(weights)))
+    assert not first["flip"]
+    shutil.copy(make_image_folder(tmp_path / "one", per_class=1, seed=3) / "blue" / "blue.0.jpg",
+                train / "blue" / "added.jpg")
+    again = extract(cfg(train, tmp_path, weights=str(weights)))
+    assert not again["flip"] and (again["reused"], again["computed"]) == (100, 1)
+    test = extract(cfg(make_image_folder(tmp_path / "test", per_class=6, seed=4), tmp_path, weights=str(weights)))
+    assert not test["flip"]
+    head = fit_head(FitHeadConfig(cache=again["cache"], head="logreg", runs_dir=str(tmp_path / "runs")))
+    result = evaluate(EvaluateConfig(model=head["checkpoint"], cache=test["cache"], split="all",
+                                     runs_dir=str(tmp_path / "runs")))
+    assert result["rows"] == 12
+    flipped = extract(cfg(train, tmp_path, weights=str(weights), flip=True))  # asked for: a cache of its own
+    assert flipped["flip"] and flipped["cache"] != again["cache"]
+    with FeatureCache(flipped["cache"]) as c:
         assert c.attrs["flip"] and json.loads(c.attrs["config"])["flip"] is True
-    again = extract(cfg(image_folder, tmp_path, weights=str(weights), flip=True))
-    assert again["hit"] and again["cache"] == r["cache"] and again["flip"]
-    off = extract(cfg(image_folder, tmp_path, weights=str(weights), flip=False))
-    assert not off["flip"] and off["cache"] != r["cache"]
-    assert not extract(cfg(image_folder, tmp_path))["flip"]  # random weights: one pass
-    pretrained = ExtractConfig(weights="DEFAULT")
-    assert auto_flip(pretrained, 2 * FLIP_AUTO_MAX_PER_CLASS, 2)
-    assert not auto_flip(pretrained, 2 * FLIP_AUTO_MAX_PER_CLASS + 1, 2)
 
 
 def test_n_takes_a_seeded_stratified_sample(tmp_path):

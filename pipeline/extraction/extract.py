@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..cache.feature_cache import cache_file_name, claim_for_training, fingerprint
 from ..cache.provenance import package_version
-from ..config import COMPILE, DECODERS, FLIP_AUTO_MAX_PER_CLASS, POOLS, STORAGE_DTYPES, ExtractConfig
+from ..config import COMPILE, DECODERS, POOLS, STORAGE_DTYPES, ExtractConfig
 from ..data.folders import ImageFolderListing, check_seed, list_image_folder
 from ..data.image_reader import DECODE_VERSION
 from ..devices import cpu_flags
@@ -90,13 +90,6 @@ def auto_precision(cfg: ExtractConfig, images: int) -> tuple[str, str]:
                     "after a one-off calibration and compile); --precision bf16 keeps the float network")
 
 
-def auto_flip(cfg: ExtractConfig, images: int, classes: int) -> bool:
-    """What ``flip`` unset means for this run: on for pretrained weights and few photos per class."""
-    if cfg.flip is not None:
-        return bool(cfg.flip)
-    return images <= FLIP_AUTO_MAX_PER_CLASS * classes and cfg.weights.lower() != "none"
-
-
 def weights_identity(cfg: ExtractConfig) -> dict:
     """What names the weights, without loading them: a torchvision name, or a file's hash + sidecar."""
     if cfg.weights.lower() == "none":
@@ -144,7 +137,6 @@ def extract(cfg: ExtractConfig) -> dict:
     if precision != cfg.precision:  # the same cache, key and network as --precision int8
         cfg = replace(cfg, precision=precision)
         validate(cfg)
-    cfg = replace(cfg, flip=auto_flip(cfg, images, len(listing.classes)))  # decided before the key names it
     key = cache_key(cfg, listing)
     path = Path(cfg.cache_dir) / cache_file_name(cfg.backbone, cfg.n, key)
     if distributed.world_size() > 1:  # started by torchrun: this rank extracts its shard

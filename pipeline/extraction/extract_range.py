@@ -19,7 +19,6 @@ from ..cache.feature_cache import (CacheBusy, CacheError, CacheInfo, CacheWriter
                                    read_int8_observers)
 from ..cache.provenance import Provenance, versions
 from ..cache.row_donors import find_donors
-from ..config import FLIP_AUTO_MAX_PER_CLASS
 from ..data.folders import ImageFolderListing, stratified_order
 from ..data.image_reader import DECODE_VERSION, ImageListDataset, batches, read_items
 from ..errors import PipelineError, UsageError
@@ -109,9 +108,7 @@ def feature_model(cfg, backbone, listing: ImageFolderListing, device, precision:
     if cfg.flip:
         from .inference import MirrorMean
 
-        log.info("flip: each map is the mean of the photo's and its mirror image's, twice the compute (by default "
-                 "for pretrained weights and at most %d photos per class; --no-flip turns it off)",
-                 FLIP_AUTO_MAX_PER_CLASS)
+        log.info("flip: each map is the mean of the photo's and its mirror image's (--flip), twice the compute")
         net = MirrorMean(net)
     return (Inference(net, device, precision, cfg.pool, cfg.dtype, compile=compile, compile_batch=cfg.batch_size),
             calibration, observers)
