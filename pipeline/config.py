@@ -86,6 +86,10 @@ class ExtractConfig:
     # a rule on its size would change what every row means when a photo is added, and a test folder extracted
     # with the training folder's options would not fit its head
     flip: bool = False
+    # on a cache hit (or resume), hash every row's photo and compare with the sha256 the cache keeps: a photo
+    # rewritten in place with its size and mtime kept is found. Always done where the rows' files total at most
+    # 100 MB (cache.freshness.VERIFY_AUTO_MAX_BYTES, about 0.15 s); this asks for it on larger folders
+    verify: bool = False
     decode: str = "pil"  # 'pil' (JPEGs decoded by the workers) or 'device' (decode_jpeg on the device: nvJPEG)
     cache_dir: str = "features"  # where caches live
     shard_dir: str = ""  # under torchrun: where each rank's shard files go ('' = <cache_dir>/<cache name>.shards)

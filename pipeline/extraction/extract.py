@@ -13,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..cache.feature_cache import cache_file_name, claim_for_training, fingerprint
+from ..cache.freshness import set_aside, stale_reason
 from ..cache.provenance import package_version
 from ..config import COMPILE, DECODERS, POOLS, STORAGE_DTYPES, ExtractConfig
 from ..data.folders import ImageFolderListing, check_seed, list_image_folder
@@ -142,10 +143,18 @@ def extract(cfg: ExtractConfig) -> dict:
     if distributed.world_size() > 1:  # started by torchrun: this rank extracts its shard
         return distributed.extract_sharded(cfg, listing, key, path, started)
     info = existing_cache(path, key)
+    verified = False
+    if info is not None:
+        stale, verified = stale_reason(info, listing, cfg.verify)
+        if stale:  # extracted again, its rows reused by content: only what changed is computed
+            log.warning("%s is stale: %s; extracting again (its rows are reused where the photo's bytes are the "
+                        "same)", path, stale)
+            set_aside(path)
+            info = None
     if info is not None and info.complete:
         if info.attrs.get("purpose") == "test" and cfg.purpose != "test":
             claim_for_training(info)  # what the user extracts is what fit-head then trains on by default
-        return hit_summary(info, started)
+        return {**hit_summary(info, started), "verified": verified}
     if info is not None:
         log.info("resuming %s from row %d", path, info.rows)
     path.parent.mkdir(parents=True, exist_ok=True)
