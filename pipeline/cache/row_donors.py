@@ -112,7 +112,8 @@ def find_donors(cache_dir, attrs: dict, exclude: Optional[Path] = None,
     that records sha256 digests, newest cache first for a digest several hold, then the committed rows of
     the caches ``also`` names (set aside as stale: complete or not, see ``freshness``); None when there are none."""
     good, _ = list_caches(cache_dir)
-    candidates = [i for i in good if i.complete and not (exclude is not None and i.path.resolve() == exclude.resolve())]
+    mine = exclude.resolve() if exclude is not None else None
+    candidates = [i for i in good if i.complete and i.path.resolve() != mine]
     for p in also:
         try:
             candidates.append(read_info(p, wait_s=0))
