@@ -9,14 +9,16 @@ seeded stratified 80/20 splits, mean accuracy on the held-out 20 %). fit-head ho
 
 References, on plain caches (one view of each photo): each 512x7x7 map average-pooled (avg) or average- and
 max-pooled (avgmax), l2-normalised, then GridSearchCV(SVC(kernel="rbf"), C in [1, 10, 100], cv=5) or
-GridSearchCV(LogisticRegression, C in [0.1 ... 1000], cv=5). Where extract's defaults make a flip cache
-(at most 50 photos per class: caltech20, dogbreeds20), fit-head runs on it and the references on both.
+GridSearchCV(LogisticRegression, C in [0.1 ... 1000], cv=5). For the proxies named after --flip, fit-head
+runs on a flip cache (extract --flip) and the references on both; the table in docs/heads.md flips the two
+proxies with at most 50 photos per class:
 
-    python bench/head_table.py --data ../shared/data --weights ../shared/weights/vgg16_features_imagenet.pt
+    python bench/head_table.py --data ../shared/data --weights ../shared/weights/vgg16_features_imagenet.pt \
+        --flip caltech20 dogbreeds20
 
 Caches are made with the project's extract (n=0) into --cache-dir, or found there (a cache hit);
---flip on/off makes them with extract --flip/--no-flip (each map the mean of the photo's and its mirror
-image's, or not) instead of extract's default.
+--flip [PROXY ...] makes those proxies' caches (all of them with --flip alone) with extract --flip (each map the
+mean of the photo's and its mirror image's) instead of extract's default (off).
 """
 from __future__ import annotations
 
@@ -49,18 +51,23 @@ SETTINGS = [  # (name, fit-head options)
 SPLITS = 20  # dogbreeds20: seeded 80/20 splits (20: the standard error of a mean difference is about 0.4 points)
 
 
+def flipped(args) -> set:
+    """The proxies --flip names (every proxy for --flip alone, none without it)."""
+    return set(PROXIES) if args.flip == [] else set(args.flip or ())
+
+
 def caches(args, flip=None) -> dict:
     """proxy -> [training cache, test cache (if any)], made by the project's extract (n=0) or found in
-    --cache-dir; ``flip`` None: --flip's (auto: what extract does by default)."""
+    --cache-dir; ``flip`` None: on for the proxies --flip names (``flipped``), else ``flip`` for all."""
     from pipeline.config import ExtractConfig
     from pipeline.extraction.extract import extract
 
-    flip = {"auto": None, "on": True, "off": False}[args.flip] if flip is None else flip
     out = {}
     for name, (train, test) in PROXIES.items():
         if args.only and name not in args.only:
             continue
-        kw = {"n": 0, "weights": args.weights, "cache_dir": args.cache_dir, "flip": flip}
+        kw = {"n": 0, "weights": args.weights, "cache_dir": args.cache_dir,
+              "flip": name in flipped(args) if flip is None else flip}
         first = extract(ExtractConfig(data=str(Path(args.data) / train), precision=args.precision, **kw))
         out[name] = [first["cache"]]
         if test:  # the training cache's network: its precision, flip, and for int8 its calibration photos
@@ -178,8 +185,8 @@ def cache_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default="../shared/weights/vgg16_features_imagenet.pt")
     p.add_argument("--cache-dir", default="features", help="where the caches are made or found")
     p.add_argument("--only", nargs="*", choices=list(PROXIES), help="proxies to run (default: all)")
-    p.add_argument("--flip", choices=("auto", "on", "off"), default="auto",
-                   help="extract's --flip for the caches (auto: its default, on for at most 50 photos per class)")
+    p.add_argument("--flip", nargs="*", choices=list(PROXIES), metavar="PROXY",
+                   help="extract these proxies' caches with --flip (all of them: --flip alone; default: none)")
     p.add_argument("--precision", default="auto", help="extract's --precision for the caches")
 
 
@@ -201,7 +208,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as runs:
         for name, paths in made.items():
             table = reference_table(name, plain[name], a.splits)
-            if paths != plain[name]:  # the defaults' cache is another (flip): the references on it too
+            if paths != plain[name]:  # a flip cache (--flip): the references on it too
                 table += reference_table(name, paths, a.splits, " (on the flip cache)")
             for r in table + proxy_table(name, paths, runs, a.splits):
                 rows.append(r)

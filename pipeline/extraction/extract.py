@@ -13,8 +13,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..cache.feature_cache import cache_file_name, claim_for_training, fingerprint
+from ..cache.freshness import set_aside, stale_reason
 from ..cache.provenance import package_version
-from ..config import COMPILE, DECODERS, FLIP_AUTO_MAX_PER_CLASS, POOLS, STORAGE_DTYPES, ExtractConfig
+from ..config import COMPILE, DECODERS, POOLS, STORAGE_DTYPES, ExtractConfig
 from ..data.folders import ImageFolderListing, check_seed, list_image_folder
 from ..data.image_reader import DECODE_VERSION
 from ..data.moves import reading_folder
@@ -92,13 +93,6 @@ def auto_precision(cfg: ExtractConfig, images: int) -> tuple[str, str]:
                     "after a one-off calibration and compile); --precision bf16 keeps the float network")
 
 
-def auto_flip(cfg: ExtractConfig, images: int, classes: int) -> bool:
-    """What ``flip`` unset means for this run: on for pretrained weights and few photos per class."""
-    if cfg.flip is not None:
-        return bool(cfg.flip)
-    return images <= FLIP_AUTO_MAX_PER_CLASS * classes and cfg.weights.lower() != "none"
-
-
 def weights_identity(cfg: ExtractConfig) -> dict:
     """What names the weights, without loading them: a torchvision name, or a file's hash + sidecar."""
     if cfg.weights.lower() == "none":
@@ -153,16 +147,23 @@ def extract_held(cfg: ExtractConfig) -> dict:
     if precision != cfg.precision:  # the same cache, key and network as --precision int8
         cfg = replace(cfg, precision=precision)
         validate(cfg)
-    cfg = replace(cfg, flip=auto_flip(cfg, images, len(listing.classes)))  # decided before the key names it
     key = cache_key(cfg, listing)
     path = Path(cfg.cache_dir) / cache_file_name(cfg.backbone, cfg.n, key)
     if distributed.world_size() > 1:  # started by torchrun: this rank extracts its shard
         return distributed.extract_sharded(cfg, listing, key, path, started)
     info = existing_cache(path, key)
+    verified = False
+    if info is not None:
+        stale, verified = stale_reason(info, listing, cfg.verify)
+        if stale:  # extracted again, its rows reused by content: only what changed is computed
+            log.warning("%s is stale: %s; extracting again (its rows are reused where the photo's bytes are the "
+                        "same)", path, stale)
+            set_aside(path)
+            info = None
     if info is not None and info.complete:
         if info.attrs.get("purpose") == "test" and cfg.purpose != "test":
             claim_for_training(info)  # what the user extracts is what fit-head then trains on by default
-        return hit_summary(info, started)
+        return {**hit_summary(info, started), "verified": verified}
     if info is not None:
         log.info("resuming %s from row %d", path, info.rows)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -331,16 +331,14 @@ def add_unknown(cfg: FitHeadConfig, rows, head: ProbeHead, train_idx, val_idx) -
     if not cfg.unknown_rows:
         return {}
     train_idx = kept_indices(train_idx, cfg.unknown_rows, cfg.seed)  # read only the rows kept
-    known, threshold, val_scores = fit_unknown(CacheViews(rows, train_idx, cfg.block_rows)["avg"],
-                                               CacheViews(rows, val_idx, cfg.block_rows)["avg"], cfg.unknown_k,
-                                               cfg.known_share)
-    head.set_unknown(torch.from_numpy(known), cfg.unknown_k, threshold)
+    fit = fit_unknown(CacheViews(rows, train_idx, cfg.block_rows)["avg"],
+                      CacheViews(rows, val_idx, cfg.block_rows)["avg"], cfg.unknown_k, cfg.known_share)
+    head.set_unknown(torch.from_numpy(fit.known), cfg.unknown_k, fit.threshold)
     head.to(head.linear.weight.device)
+    val_kept = float((fit.val_scores <= fit.threshold).mean()) if len(fit.val_scores) else float("nan")
     log.info("unknown score: %d training rows kept (%.1f MB), k = %d, threshold %.4f keeps %.1f%% of %d val rows",
-             len(known), known.nbytes / 1e6, cfg.unknown_k, threshold, 100 * (val_scores <= threshold).mean(),
-             len(val_scores))
-    return {**unknown_summary(known, threshold, cfg.unknown_k, cfg.known_share),
-            "val_known_kept": float((val_scores <= threshold).mean())}
+             len(fit.known), fit.known.nbytes / 1e6, cfg.unknown_k, fit.threshold, 100 * val_kept, len(fit.val_scores))
+    return {**unknown_summary(fit, cfg.unknown_k, cfg.known_share), "val_known_kept": val_kept}
 
 
 def fit_head(cfg: FitHeadConfig) -> dict:
@@ -411,9 +409,19 @@ def trust_lines(trust: dict) -> list[str]:
     lines = [f"temperature {trust['temperature']:.3f} (fitted on {trust['calibration_rows']} rows: "
              f"{trust['calibrated_on']})" if trust.get("calibration_rows") else "temperature 1 (not calibrated)"]
     if "unknown_threshold" in trust:
-        lines.append(f"unknown above score {trust['unknown_threshold']:.4f} (keeps {trust['known_share']:.0%} of "
-                     f"held-out photos; {trust['known_rows']} training rows kept, {trust['known_rows_bytes'] / 1e6:.1f} MB)")
+        lines.append(f"unknown above score {trust['unknown_threshold']:.4f} ({kept_text(trust)}; "
+                     f"{trust['known_rows']} training rows kept, {trust['known_rows_bytes'] / 1e6:.1f} MB)")
     return lines
+
+
+def kept_text(trust: dict) -> str:
+    """What the threshold kept, measured ('keeps 2 of 2 held-out photos (100 %; asked 95 %)'), or, for a
+    record made before that was measured, the share asked for."""
+    if "known_kept" not in trust:
+        return f"set to keep {trust['known_share']:.0%} of held-out photos"
+    n = trust["held_out_rows"]
+    return (f"keeps {round(trust['known_kept'] * n)} of {n} held-out photos ({trust['known_kept']:.0%}; "
+            f"asked {trust['known_share']:.0%})")
 
 
 def _plain(info: dict) -> dict:

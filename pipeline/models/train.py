@@ -168,9 +168,9 @@ def fit_trust(cfg: TrainConfig, model, device, precision, listing, train_idx, va
         loader = _loader(listing.root, [(listing.files[i].path, listing.files[i].label) for i in keep], transform,
                          cfg, shuffle=False)
         train_pooled = _outputs(extras, loader, n_classes, cfg.batch_size, skipped)[1]
-        known, threshold, _ = fit_unknown(train_pooled, val_pooled, cfg.unknown_k, cfg.known_share)
-        head.set_unknown(torch.from_numpy(known), cfg.unknown_k, threshold)
-        trust.update(unknown_summary(known, threshold, cfg.unknown_k, cfg.known_share))
+        fit = fit_unknown(train_pooled, val_pooled, cfg.unknown_k, cfg.known_share)
+        head.set_unknown(torch.from_numpy(fit.known), cfg.unknown_k, fit.threshold)
+        trust.update(unknown_summary(fit, cfg.unknown_k, cfg.known_share))
     head.to(device)
     return trust
 
