@@ -241,3 +241,14 @@ def test_quiet_predict_says_how_many_files_were_bad_in_one_line(image_folder, mo
     assert r.exit_code == 0 and r.stderr.splitlines() == ["2 of 26 files could not be read (their rows say why)"]
     loud = CliRunner().invoke(cli.cli, ["predict", str(data), "--model", str(model_pt), "--workers", "0"])
     assert "empty.jpg: zero-byte file" in loud.stderr  # without -q each file is still named
+
+
+def test_sigterm_while_writing_keeps_the_rows_too(tmp_path, image_folder, model_pt, monkeypatch):
+    import pipeline.models.predict as predict_mod
+    from pipeline.files import Terminated
+
+    monkeypatch.setattr(predict_mod, "iter_predictions", _rows_then(Terminated(143), n=2))
+    out = tmp_path / "rows.csv"
+    r = CliRunner().invoke(cli.cli, ["predict", str(image_folder), "--model", str(model_pt), "--format", "csv",
+                                     "--output", str(out), "--workers", "0"])
+    assert r.exit_code == 143 and [row["path"] for row in csv.DictReader(out.open())] == ["p0.jpg", "p1.jpg"]
