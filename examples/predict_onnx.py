@@ -111,7 +111,7 @@ def resize_crop(im, p: dict):
     size = (p["resize_size"], int(p["resize_size"] * long / short))
     im = im.resize(size if w <= h else size[::-1], RESAMPLE[p["interpolation"]])
     w, h, c = im.width, im.height, p["crop_size"]
-    left, top = int(round((w - c) / 2.0)), int(round((h - c) / 2.0))
+    left, top = round((w - c) / 2.0), round((h - c) / 2.0)  # Python rounds half to even, as torchvision
     return im.crop((left, top, left + c, top + c))
 
 

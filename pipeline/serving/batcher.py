@@ -63,7 +63,7 @@ class MicroBatcher:
     def waiting(self) -> int:
         return len(self._queue)
 
-    def reserve(self, n: int) -> "Reservation":
+    def reserve(self, n: int) -> Reservation:
         """Room for ``n`` images, taken now, before they are decoded (QueueFull or Closed when there is none):
         counted with the images waiting, until the reservation submits them or is released."""
         with self._cond:

@@ -115,10 +115,10 @@ def decoding(lm) -> dict:
     return {"rule": "data/portable.py of transfer-pipeline (docs/export-serve.md), copied verbatim by "
                     "examples/predict_onnx.py",
             "jpeg_draft_min_short_side": draft_short_side(lm.transform),
-            "steps": ["a JPEG whose shorter side is >= 2 x jpeg_draft_min_short_side (when not null): "
-                      "Image.draft('RGB', (D, D)) before decoding (DCT scale 1/2, 1/4 or 1/8)",
-                      "modes I;16, I;16B, I;16L, I: round(clip(v, 0, 2**bits - 1) * 255 / (2**bits - 1)) as L, "
-                      "bits from a TIFF's BitsPerSample else 16, then RGB",
+            "steps": [("a JPEG whose shorter side is >= 2 x jpeg_draft_min_short_side (when not null): "
+                       "Image.draft('RGB', (D, D)) before decoding (DCT scale 1/2, 1/4 or 1/8)"),
+                      ("modes I;16, I;16B, I;16L, I: round(clip(v, 0, 2**bits - 1) * 255 / (2**bits - 1)) as L, "
+                       "bits from a TIFF's BitsPerSample else 16, then RGB"),
                       "RGBA, LA, PA and P with a transparent colour: composited over white",
                       "any other mode: Image.convert('RGB'); no EXIF rotation"],
             "decode_version": DECODE_VERSION}

@@ -30,9 +30,9 @@ from importlib import resources
 
 from ..cache.provenance import package_version, versions
 from ..config import ServeConfig
-from ..devices import resolve_workers
 from ..data.folders import MAX_IMAGE_PIXELS, ImageLoadError, decode_bytes
 from ..data.image_reader import Batch, Item, draft_short_side
+from ..devices import resolve_workers
 from ..errors import PipelineError, UsageError
 from ..models.predict import prediction_rows
 from ..models.whole_models import model_from_checkpoint, network, read_checkpoint
@@ -274,7 +274,7 @@ def build_app(cfg: ServeConfig):
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        svc.loop = asyncio.get_running_loop()
+        svc.loop, svc.drained = asyncio.get_running_loop(), asyncio.Event()  # bound to the loop that serves
         yield
         # uvicorn has answered every request in flight by now: what is still queued runs, then the worker stops
         await run_in_threadpool(svc.batcher.close, cfg.drain_seconds or None)
