@@ -172,7 +172,12 @@ class DrainDeadline:
 
         request = asyncio.ensure_future(self.app(scope, receive, tracked))
         drained = asyncio.ensure_future(self.service.drained.wait())
-        await asyncio.wait({request, drained}, return_when=asyncio.FIRST_COMPLETED)
+        try:
+            await asyncio.wait({request, drained}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # uvicorn forcing the exit (a second Ctrl-C): nothing left behind
+            request.cancel()
+            drained.cancel()
+            raise
         if request.done():
             drained.cancel()
             return request.result()
