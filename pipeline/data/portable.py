@@ -21,7 +21,7 @@ The rule:
 import numpy as np
 from PIL import Image
 
-# ---- copied verbatim into examples/predict_onnx.py (from here to the end of the file) ----
+# ---- the decoding rule: the same text in pipeline/data/portable.py and examples/predict_onnx.py ----
 
 #: Rows of a 16-bit image scaled to 8 bits at a time (``to_gray8``): small integer blocks, never a
 #: float64 copy of the whole image (a 9400 x 9400 16-bit PNG took predict to 3.1 GB that way).
