@@ -23,7 +23,7 @@ from PIL import Image
 
 # ---- the decoding rule: the same text in pipeline/data/portable.py and examples/predict_onnx.py ----
 
-#: Rows of a 16-bit image scaled to 8 bits at a time (``to_gray8``): small integer blocks, never a
+#: Rows of a 16-bit image scaled to 8 bits at a time (``gray16_to_rgb``): small integer blocks, never a
 #: float64 copy of the whole image (a 9400 x 9400 16-bit PNG took predict to 3.1 GB that way).
 ROWS_PER_BLOCK = 256
 #: The resampling filters torchvision's InterpolationMode names stand for, on a PIL image.
@@ -41,26 +41,27 @@ def bit_depth(im) -> int:
     return int(bits) if isinstance(bits, int) and 1 <= bits <= 32 else 16
 
 
-def to_gray8(im):
-    """An integer-mode image (I;16, I;16B, I;16L, I) as an 8-bit gray ("L") image: each sample v becomes
+def gray16_to_rgb(im):
+    """An integer-mode image (I;16, I;16B, I;16L, I) as RGB gray: each sample v becomes
     round(clip(v, 0, hi) * 255 / hi), hi = 2 ** bit_depth(im) - 1 (from the file, never from its pixels:
     a dark picture stays dark). Computed in int64 as (v * 255 + hi // 2) // hi, which is that rounding
-    exactly (hi is odd, so no sample falls half-way), ROWS_PER_BLOCK rows at a time."""
+    exactly (hi is odd, so no sample falls half-way), ROWS_PER_BLOCK rows at a time pasted straight into
+    the RGB image: no full-size copy in between."""
     hi = 2 ** bit_depth(im) - 1
-    out = np.empty((im.height, im.width), np.uint8)
+    rgb = Image.new("RGB", im.size)
     for top in range(0, im.height, ROWS_PER_BLOCK):
         block = np.asarray(im.crop((0, top, im.width, min(im.height, top + ROWS_PER_BLOCK))), np.int64)
-        out[top:top + len(block)] = (np.clip(block, 0, hi) * 255 + hi // 2) // hi
-    return Image.fromarray(out, "L")
+        rgb.paste(Image.fromarray(((np.clip(block, 0, hi) * 255 + hi // 2) // hi).astype(np.uint8), "L"), (0, top))
+    return rgb
 
 
 def to_rgb(im):
-    """Any PIL mode as RGB: 16-bit samples scaled to 8 bits (``to_gray8``), transparency (RGBA, LA, PA,
+    """Any PIL mode as RGB: 16-bit samples scaled to 8 bits (``gray16_to_rgb``), transparency (RGBA, LA, PA,
     a palette with a transparent colour) composited over white, anything else by ``convert("RGB")``."""
     if im.mode == "RGB":
         return im
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-        return to_gray8(im).convert("RGB")
+        return gray16_to_rgb(im)
     if im.mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")
     if im.mode in ("RGBA", "LA", "PA"):
