@@ -1131,7 +1131,8 @@ def export_model(model: Union[Head, Model, PathLike], output: PathLike, *, verbo
 
 def serve_app(model: Union[Head, Model, PathLike], **options):
     """The prediction service as a FastAPI app, in this process (for tests and for mounting in another app:
-    ``fastapi.testclient.TestClient(pipeline.serve_app("head.pt"))``). ``options``: ServeConfig's (batch_size,
+    ``TestClient(pipeline.serve_app("head.pt"), base_url="http://localhost")``: a loopback app answers
+    its own Host names only). ``options``: ServeConfig's (batch_size,
     max_wait_ms, limits, device, precision, weights); host and port are the server's, not the app's."""
     from .serving.service import build_app
 

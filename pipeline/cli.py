@@ -656,9 +656,14 @@ def finetune(as_json, **options):
 @library_errors
 def predict(paths, **options):
     """Classify images and folders of images: class and probability per file; unreadable files get an error."""
-    from .models.predict import format_rows
+    from .models.predict import Interrupted, format_rows
 
-    result = api.predict_files(options.pop("model"), list(paths), verbose=None, **options).result
+    try:
+        result = api.predict_files(options.pop("model"), list(paths), verbose=None, **options).result
+    except Interrupted as e:  # the rows computed so far are kept: written (--output) or shown
+        if not e.result["output"]:
+            click.echo(format_rows(e.result["rows"], options["format"]))
+        sys.exit(130)
     note(f"{plural(result['images'], 'image')}, {result['errors']} unreadable, "
                f"{result['img_per_s']:.1f} img/s")
     click.echo(result["output"] if result["output"] else format_rows(result["rows"], options["format"]))

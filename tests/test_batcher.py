@@ -75,3 +75,24 @@ def test_a_failing_network_fails_only_its_batch():
         b.submit([1.0]).result(10)
     assert b.submit([1.0]).result(10).shape == (1, 1)
     b.close(10)
+
+
+def test_room_is_reserved_before_decoding_and_given_back():
+    """serve takes room for a request's files before decoding them: a full queue refuses it up front, the images
+    it then submits use the room it holds, and what it does not use (bad files) goes back."""
+    run = Recorder()
+    run.release.set()
+    b = MicroBatcher(run, batch_size=16, max_wait_s=0.0, max_queue=4)
+    with b.reserve(3) as held:
+        with pytest.raises(QueueFull, match="3 being decoded"):
+            b.reserve(2)
+        assert b.reserve(1).left == 1  # 3 + 1: full (this one never given back, held to the end)
+        assert held.submit([1.0, 2.0]).result(10).ravel().tolist() == [2.0, 4.0]  # within its own room
+    with pytest.raises(QueueFull):
+        b.reserve(4)  # the unreleased reservation of 1 still counts
+    b.release(1)
+    with b.reserve(4):
+        pass
+    b.close(10)
+    with pytest.raises(Closed):
+        b.reserve(1)

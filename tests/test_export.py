@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from PIL import Image
 
 import pipeline
 from pipeline import cli
@@ -41,7 +42,8 @@ def test_an_onnx_export_predicts_as_predict_does(heads, kind, tmp_path):
     head = heads[kind]
     out = tmp_path / f"{kind}.onnx"
     result = pipeline.export_model(head, out)
-    assert result["passed"] and result["max_abs_diff"] < 1e-4 and result["parity"]["same_class"] == 16
+    assert result["passed"] and result["max_abs_diff"] < 1e-4
+    assert result["parity"]["same_class"] == 16 + len(export_mod.ODD_MODES)  # the odd modes made from a photo
     meta = json.loads(Path(f"{out}.json").read_text())
     assert meta["classes"] == ["blue", "green", "red"] and meta["backbone"] == "tiny"
     assert meta["preprocessing"]["crop_size"] == 32 and meta["input"]["shape"] == ["N", 3, 32, 32]
@@ -62,6 +64,58 @@ def test_an_onnx_export_predicts_as_predict_does(heads, kind, tmp_path):
 
     props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert json.loads(props["classes"]) == meta["classes"] and json.loads(props["preprocessing"]) == meta["preprocessing"]
+
+
+def odd_photos(folder: Path, photo: Path) -> list[Path]:
+    """A photo as every mode where a decoder can differ from predict's, and a large JPEG with detail."""
+    from tests.test_image_reader import photo_like
+
+    folder.mkdir()
+    files = [Path(f) for f in export_mod.odd_mode_files(str(photo), folder, None)]  # None: a 1024 x 768 JPEG
+    Image.fromarray(photo_like(1200, 900)).save(folder / "detailed.jpg", quality=90)  # decoded reduced by predict
+    Image.fromarray(photo_like(300, 200)).convert("RGB").convert("P", palette=Image.Palette.ADAPTIVE).save(
+        folder / "palette.gif")
+    return files + [folder / "detailed.jpg", folder / "palette.gif"]
+
+
+def test_the_example_follows_the_decoding_rule_on_odd_modes(heads, tmp_path):
+    """16-bit gray, gray + alpha, RGBA, a palette with transparency, CMYK, large JPEGs: the example's probabilities
+    are predict's (it once composited alpha over black, clipped 16-bit gray and decoded large JPEGs in full)."""
+    head = heads["linear"]
+    out = tmp_path / "odd.onnx"
+    assert pipeline.export_model(head, out)["passed"]
+    photos = odd_photos(tmp_path / "odd", min((head.parents[2] / "data").rglob("*.jpg")))
+    assert {Image.open(p).mode for p in photos} >= {"I;16", "LA", "RGBA", "P", "CMYK"}
+    want = predict(PredictConfig(paths=[str(p) for p in photos], model=str(head), workers=0, precision="fp32"))["rows"]
+    got = example_rows(out, photos)
+    assert [r["class"] for r in got] == [r["class"] for r in want]
+    assert np.abs(np.subtract([r["probability"] for r in got], [r["probability"] for r in want])).max() < 1e-4
+    assert np.abs(np.subtract([r["ood_score"] for r in got], [r["ood_score"] for r in want])).max() < 1e-4
+
+
+def test_the_example_holds_the_decoding_rule_verbatim():
+    """One rule: the example's decoding is data/portable.py's text below its marker, character for character."""
+    from pipeline.data import portable
+
+    source = Path(portable.__file__).read_text()
+    marker = next(line for line in source.splitlines(keepends=True) if line.startswith("# ---- the decoding rule:"))
+    assert source.split(marker)[1] in (ROOT / "examples" / "predict_onnx.py").read_text().split(marker)[1]
+
+
+def test_the_parity_check_decodes_each_photo_from_its_bytes_by_the_rule(heads, tmp_path, monkeypatch):
+    """A decoder that drops alpha (as the example once did) fails the check: it no longer feeds both sides the
+    same tensors; the metadata says the rule's parameters."""
+    from pipeline.data import portable
+
+    out = tmp_path / "rule.onnx"
+    good = pipeline.export_model(heads["linear"], out)
+    assert good["parity"]["odd_modes"] == list(export_mod.ODD_MODES)
+    meta = json.loads(Path(f"{out}.json").read_text())
+    assert meta["decoding"]["jpeg_draft_min_short_side"] == 2 * meta["preprocessing"]["resize_size"]
+    assert "portable.py" in meta["decoding"]["rule"]
+    monkeypatch.setattr(portable, "to_rgb", lambda im: im.convert("RGB"))
+    bad = pipeline.export_model(heads["linear"], tmp_path / "drops_alpha.onnx")
+    assert not bad["passed"] and bad["max_abs_diff"] > 1e-4 and not (tmp_path / "drops_alpha.onnx").exists()
 
 
 def test_a_torchscript_export_of_a_whole_model(tmp_path, image_folder):
@@ -194,4 +248,5 @@ def test_a_real_vgg16_head_exports_with_parity(shared_available, make_cache, tmp
     head = fit_head(FitHeadConfig(cache=cache, runs_dir=str(tmp_path / "runs")))["checkpoint"]
     result = pipeline.export_model(head, tmp_path / "catsdogs.onnx", check_data=SHARED / "data" / "catsdogs_test",
                                    check_n=8)
-    assert result["passed"] and result["parity"]["same_class"] == 8 and result["max_abs_diff"] < 1e-4
+    assert result["passed"] and result["parity"]["same_class"] == 8 + len(export_mod.ODD_MODES)
+    assert result["max_abs_diff"] < 1e-4, result["parity"]

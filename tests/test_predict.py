@@ -214,3 +214,73 @@ def test_predict_csv_never_starts_a_cell_with_a_formula(tmp_path, image_folder, 
     assert out.read_text().splitlines()[1].startswith("'=cmd|' calc'!A0.jpg,")
     printed = CliRunner().invoke(cli.cli, args)
     assert printed.stdout.splitlines()[1].startswith("'=cmd|' calc'!A0.jpg,")
+
+
+def _rows(n: int) -> list[dict]:
+    """``n`` rows as predict makes them, unknown true, false, true..."""
+    return [{"path": f"p{i}.jpg", "class": "red", "probability": 0.9, "unknown": i % 2 == 0, "ood_score": 0.5,
+             "error": None} for i in range(n)]
+
+
+def _rows_then(stop, n: int = 3):
+    """A stand-in for iter_predictions: ``n`` rows, then ``stop`` raised (Ctrl-C)."""
+
+    def rows(*a, **k):
+        yield from _rows(n)
+        raise stop
+
+    return rows
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json"])
+def test_ctrl_c_keeps_the_rows_already_computed(tmp_path, image_folder, model_pt, monkeypatch, fmt):
+    """Ctrl-C lost every row (the temporary file was removed): now the file holds them, complete and valid."""
+    import pipeline.models.predict as predict_mod
+
+    monkeypatch.setattr(predict_mod, "iter_predictions", _rows_then(KeyboardInterrupt()))
+    out = tmp_path / f"rows.{fmt}"
+    r = CliRunner().invoke(cli.cli, ["predict", str(image_folder), "--model", str(model_pt), "--format", fmt,
+                                     "--output", str(out), "--workers", "0"])
+    assert r.exit_code == 130 and "interrupted: 3 of 24 rows written to" in r.stderr
+    rows = list(csv.DictReader(out.open())) if fmt == "csv" else json.loads(out.read_text())
+    assert [row["path"] for row in rows] == ["p0.jpg", "p1.jpg", "p2.jpg"]
+    shown = CliRunner().invoke(cli.cli, ["predict", str(image_folder), "--model", str(model_pt), "--format", "csv",
+                                         "--workers", "0"])  # no --output: the rows so far on stdout
+    assert shown.exit_code == 130 and len(list(csv.DictReader(shown.stdout.splitlines()))) == 3
+
+
+def test_booleans_are_true_false_in_every_format(tmp_path, image_folder, model_pt, monkeypatch):
+    """CSV wrote Python's True/False, JSON true/false and the table yes/no: one rule now, JSON's words."""
+    import pipeline.models.predict as predict_mod
+
+    monkeypatch.setattr(predict_mod, "iter_predictions", lambda *a, **k: iter(_rows(2)))
+    out = tmp_path / "rows.csv"
+    r = CliRunner().invoke(cli.cli, ["predict", str(image_folder), "--model", str(model_pt), "--format", "csv",
+                                     "--output", str(out), "--workers", "0"])
+    assert r.exit_code == 0, r.output
+    assert [row["unknown"] for row in csv.DictReader(out.open())] == ["true", "false"]  # streamed
+    rows = _rows(2)
+    assert [row["unknown"] for row in csv.DictReader(predict_mod.format_rows(rows, "csv").splitlines())] == \
+        ["true", "false"]
+    assert [line.split()[3] for line in predict_mod.format_rows(rows, "table").splitlines()[1:]] == ["true", "false"]
+    assert [row["unknown"] for row in json.loads(predict_mod.format_rows(rows, "json"))] == [True, False]
+
+
+def test_quiet_predict_says_how_many_files_were_bad_in_one_line(image_folder, model_pt):
+    """-q printed a warning per bad file (50,000 lines for 50,000): now one line with the count."""
+    data = _folder_with_bad_files(image_folder)
+    r = CliRunner().invoke(cli.cli, ["-q", "predict", str(data), "--model", str(model_pt), "--workers", "0"])
+    assert r.exit_code == 0 and r.stderr.splitlines() == ["2 of 26 files could not be read (their rows say why)"]
+    loud = CliRunner().invoke(cli.cli, ["predict", str(data), "--model", str(model_pt), "--workers", "0"])
+    assert "empty.jpg: zero-byte file" in loud.stderr  # without -q each file is still named
+
+
+def test_sigterm_while_writing_keeps_the_rows_too(tmp_path, image_folder, model_pt, monkeypatch):
+    import pipeline.models.predict as predict_mod
+    from pipeline.files import Terminated
+
+    monkeypatch.setattr(predict_mod, "iter_predictions", _rows_then(Terminated(143), n=2))
+    out = tmp_path / "rows.csv"
+    r = CliRunner().invoke(cli.cli, ["predict", str(image_folder), "--model", str(model_pt), "--format", "csv",
+                                     "--output", str(out), "--workers", "0"])
+    assert r.exit_code == 143 and [row["path"] for row in csv.DictReader(out.open())] == ["p0.jpg", "p1.jpg"]

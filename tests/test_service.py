@@ -38,7 +38,8 @@ def head(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def client(head):
     with TestClient(pipeline.serve_app(head, precision="fp32", max_file_bytes=200_000, max_pixels=1_000_000,
-                                       max_files=4, max_queue=8, max_request_bytes=2_000_000)) as c:
+                                       max_files=4, max_queue=8, max_request_bytes=2_000_000),
+                    base_url="http://localhost") as c:  # a loopback service answers its own names only
         yield c
 
 
@@ -91,13 +92,14 @@ def _png(w, h) -> bytes:
     ("text.jpg", b"not an image at all", 400, "not an image"),
     ("empty.png", b"", 400, "zero-byte file"),
     ("huge.png", _png(1200, 1000), 400, "more than the 1000000 allowed"),  # 1.2 M pixels, a small file
-    ("big.bin", os.urandom(200_001), 413, "at most 200000 per image"),
+    ("big.bin", os.urandom(300_000), 413, "larger than the 200000 bytes allowed per image"),
 ])
 def test_a_request_with_no_usable_image_is_a_4xx_naming_why(client, name, data, status, reason):
     r = client.post("/predict", files=[("files", (name, data, "image/png"))])
     assert r.status_code == status
     body = r.json()
     assert reason in body["detail"] and name in body["detail"] and "\n" not in body["detail"]
+    assert "200001" not in body["detail"]  # what was read, not the upload's size
     assert body["rows"][0]["path"] == name and reason in body["rows"][0]["error"]
 
 
@@ -135,7 +137,7 @@ def test_info_and_health(client, head):
 def test_concurrent_requests_share_batches(head):
     app = pipeline.serve_app(head, precision="fp32", max_wait_ms=300, batch_size=64)
     files = photos(head)[:8]
-    with TestClient(app) as c:
+    with TestClient(app, base_url="http://localhost") as c:
         results = [None] * len(files)
 
         def send(k):
@@ -207,6 +209,50 @@ def test_sigterm_answers_the_request_in_flight_then_exits(head):
             proc.wait()
 
 
+def test_past_drain_seconds_a_request_in_flight_gets_a_clean_503(head):
+    """It got a 500, and the log a traceback a request (uvicorn cancelling it). Port 0: the log says the real one."""
+    import re
+
+    import httpx
+
+    # the lone image waits 1 s for company; SIGTERM 0.3 s in, --drain-seconds 0.2: not done in time
+    proc = subprocess.Popen([sys.executable, *CLI, "serve", "--model", str(head), "--port", "0", "--max-wait-ms",
+                             "1000", "--batch-size", "64", "--precision", "fp32", "--drain-seconds", "0.2"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        line = ""
+        while "serving" not in line:
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, "serve exited"
+        port = int(re.search(r"http://127\.0\.0\.1:(\d+)/", line)[1])
+        assert port != 0
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        answer = {}
+        t = threading.Thread(target=lambda: answer.update(r=httpx.post(f"{url}/predict", timeout=30,
+                                                                          files=upload(photos(head)[0]))))
+        t.start()
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        t.join(30)
+        assert answer["r"].status_code == 503 and "--drain-seconds" in answer["r"].json()["detail"]
+        assert proc.wait(30) == 0
+        log = proc.stdout.read()
+        assert "Traceback" not in log and "Exception in ASGI" not in log, log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_a_port_in_use_is_one_line(head):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -222,9 +268,72 @@ def test_a_full_queue_is_503_with_retry_after(client, head, monkeypatch):
     def full(images):
         raise QueueFull("256 images are waiting (at most 256)")
 
-    monkeypatch.setattr(client.app.state.service.batcher, "submit", full)
+    monkeypatch.setattr(client.app.state.service.batcher, "reserve", full)
     r = client.post("/predict", files=upload(photos(head)[0]))
     assert r.status_code == 503 and r.headers["retry-after"] == "1" and "busy" in r.json()["detail"]
+
+
+def test_a_full_queue_refuses_before_any_decoding(client, head, monkeypatch):
+    """The queue was checked only after every upload was decoded: a flood cost a full decode each."""
+    from pipeline.serving import service
+
+    decoded = []
+    real = service.decode_bytes
+    monkeypatch.setattr(service, "decode_bytes", lambda *a, **k: decoded.append(1) or real(*a, **k))
+    batcher = client.app.state.service.batcher
+    with batcher.reserve(batcher.max_queue - 1):  # 7 of 8 taken by requests being decoded
+        r = client.post("/predict", files=upload(*photos(head)[:2]))
+        assert r.status_code == 503 and "7 being decoded" in r.json()["detail"] and decoded == []
+    assert client.post("/predict", files=upload(*photos(head)[:2])).status_code == 200 and len(decoded) == 2
+    assert batcher._reserved == 0  # given back: by the submit, and by the with block
+
+
+def test_at_most_one_upload_a_core_is_decoded_at_once(head, monkeypatch):
+    """32 clients with 6300 x 6300 PNGs reached 6 GB: 40 request threads decoded at once. Now a pool of
+    decode_threads() threads decodes, whatever the number of clients."""
+    from pipeline.serving import service
+
+    monkeypatch.setattr(service, "decode_threads", lambda: 2)
+    lock, now, most = threading.Lock(), [0], [0]
+    real = service.decode_bytes
+
+    def counted(*a, **k):
+        with lock:
+            now[0] += 1
+            most[0] = max(most[0], now[0])
+        time.sleep(0.05)
+        try:
+            return real(*a, **k)
+        finally:
+            with lock:
+                now[0] -= 1
+
+    monkeypatch.setattr(service, "decode_bytes", counted)
+    files = photos(head)[:4]
+    with TestClient(pipeline.serve_app(head, precision="fp32"), base_url="http://localhost") as c:
+        results = []
+        threads = [threading.Thread(target=lambda: results.append(c.post("/predict", files=upload(*files))))
+                   for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert [r.status_code for r in results] == [200] * 6 and most[0] == 2
+
+
+@pytest.mark.parametrize("host, status", [("localhost:8000", 200), ("127.0.0.1", 200), ("[::1]:80", 200),
+                                          ("LOCALHOST.", 200), ("evil.example.com", 400),
+                                          ("127.0.0.1.evil.example.com:8000", 400), ("", 400)])
+def test_a_loopback_service_answers_its_own_names_only(client, host, status):
+    """DNS rebinding: a page of evil.example.com, its name now pointing at 127.0.0.1, read /info."""
+    r = client.get("/info", headers={"Host": host})
+    assert r.status_code == status and (status == 200 or "localhost only" in r.json()["detail"])
+
+
+def test_info_shows_file_names_not_where_they_are(client, head):
+    info = client.get("/info").json()
+    assert info["model"] == head.name and "/" not in info["cache"] and info["cache"].endswith(".h5")
+    assert str(head.parent) not in str(info)
 
 
 def test_a_missing_extra_is_one_line(monkeypatch):

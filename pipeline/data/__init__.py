@@ -3,6 +3,7 @@
 What other stages use:
     folders.list_image_folder, folders.decode_image, folders.stratified_order   listing, safe decoding, sampling
     image_reader.ImageListDataset, image_reader.read_items, image_reader.batches  decoded batches for a network
+    portable.preprocess     the decoding rule (Pillow + numpy only) that exports state and the example copies
     fetch.fetch_data        the fetch-data command (download, resume, unpack safely)
     check_images.check_images   the check-images command (decode everything, report, quarantine)
 Nothing here imports torch at import time: a cache hit lists a folder without it.

@@ -18,6 +18,7 @@ import numpy as np
 
 from ..errors import UsageError
 from ..files import is_utf8, shown
+from .portable import bit_depth, jpeg_draft, to_rgb  # noqa: F401 (the decoding rule; bit_depth for callers)
 
 log = logging.getLogger(__name__)
 #: File name endings treated as images when listing a folder (case-insensitive).
@@ -307,22 +308,6 @@ def load_rgb(path: str | os.PathLike, min_short_side: int | None = None):
     return decode_image(path, min_short_side)[1]
 
 
-def jpeg_draft(im, min_short_side: int | None) -> int:
-    """Ask PIL to decode the opened, not yet loaded JPEG ``im`` at the smallest DCT scale
-    (1/2, 1/4, 1/8) whose shorter side is still >= ``min_short_side``; returns the scale (1 = none).
-
-    Only when the shorter side is at least 2 x ``min_short_side`` (below that the scale would be
-    1 anyway); never for other formats. PIL's ``draft`` picks the largest scale s in (8, 4, 2, 1)
-    with s <= min(W // w, H // h) for the size (w, h) asked, and rounds the result up, so asking for
-    a square of ``min_short_side`` keeps ceil(short / s) >= ``min_short_side``.
-    """
-    if not min_short_side or im.format not in ("JPEG", "MPO") or min(im.size) < 2 * min_short_side:
-        return 1
-    width = im.width
-    drafted = im.draft("RGB", (min_short_side, min_short_side))  # (mode, box of the whole image, scaled)
-    return round(width / drafted[1][2]) if drafted else 1
-
-
 def check_aspect(size) -> None:
     """ImageLoadError when an image of ``size`` (from its header) is too thin to resize safely."""
     w, h = size
@@ -418,34 +403,6 @@ def jpeg_bytes(path: str | os.PathLike):
         raise ImageLoadError(f"decompression bomb: {e}", "decompression-bomb") from None
     except (OSError, SyntaxError, ValueError):
         return None  # load_rgb gives the precise reason
-
-
-def bit_depth(im) -> int:
-    """Bits per sample of an integer-mode image: a TIFF's BitsPerSample, else 16 (PNG and PNM keep
-    16-bit samples in modes I;16 and I)."""
-    bits = getattr(im, "tag_v2", {}).get(258) if hasattr(im, "tag_v2") else None
-    if isinstance(bits, tuple):
-        bits = bits[0] if bits else None
-    return int(bits) if isinstance(bits, int) and 1 <= bits <= 32 else 16
-
-
-def to_rgb(im):
-    """Convert any PIL mode to RGB; transparency is composited over white."""
-    from PIL import Image
-
-    if im.mode == "RGB":
-        return im
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(im, dtype=np.float64)
-        hi = float(2 ** bit_depth(im) - 1)  # from the file, never from its pixels: a dark picture stays dark
-        return Image.fromarray((np.clip(arr, 0, hi) / hi * 255.0).round().astype(np.uint8)).convert("RGB")
-    if im.mode == "P" and "transparency" in im.info:
-        im = im.convert("RGBA")
-    if im.mode in ("RGBA", "LA", "PA"):
-        rgba = im.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return im.convert("RGB")
 
 
 def thumbnail(path, size: int):

@@ -2,7 +2,9 @@
 
 Predictions stream: folders are listed, images decoded by background workers, classified in
 batches, and each row (written at once with --output FILE as CSV) comes out in input order.
-A file that cannot be decoded gets a row with its error instead of a class.
+A file that cannot be decoded gets a row with its error instead of a class. Ctrl-C keeps the rows
+computed so far: the output file is completed with them (``Interrupted``). Booleans are ``true`` /
+``false`` in every format (JSON's words: CSV and the table write them so too).
 """
 from __future__ import annotations
 
@@ -23,13 +25,34 @@ from ..devices import resolve_device
 from ..errors import UsageError
 from ..extraction import backbones as bb
 from ..extraction.inference import run_batches
-from ..files import SafeCsvWriter, atomic_write, check_output, is_utf8, one_line, shown
-from ..progress import progress
+from ..files import SafeCsvWriter, Terminated, atomic_write, check_output, is_utf8, one_line, shown
+from ..progress import is_quiet, progress
 from .whole_models import checkpoint_reads, model_from_checkpoint, network, read_checkpoint, split_extras
 
 log = logging.getLogger(__name__)
 
 COLUMNS = ("path", "class", "probability", "unknown", "ood_score", "error")
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during predict, once the rows computed until then are kept (and written, with --output):
+    ``result`` is predict's result for them."""
+
+    def __init__(self, result: dict):
+        super().__init__()
+        self.result = result
+
+
+def cell(value):
+    """A value as CSV and the table write it: a boolean as JSON does (true / false: one rule for every
+    format), None as an empty cell, anything else as it is."""
+    if isinstance(value, (bool, np.bool_)):
+        return "true" if value else "false"
+    return "" if value is None else value
+
+
+def csv_row(row: dict) -> dict:
+    return {k: cell(v) for k, v in row.items()}
 
 
 def list_inputs(paths) -> list[str]:
@@ -116,7 +139,7 @@ def format_rows(rows: list[dict], fmt: str) -> str:
         buf = io.StringIO()
         w = SafeCsvWriter(buf, COLUMNS, lineterminator="\n")
         w.writeheader()
-        w.writerows(rows)
+        w.writerows(map(csv_row, rows))
         return buf.getvalue().rstrip("\n")
     # one row a line whatever the names hold: cells escaped as files.one_line (csv and json quote their own)
     cells = [{k: one_line(str(r[k])) if r[k] is not None else "" for k in ("path", "class", "error")} for r in rows]
@@ -124,7 +147,7 @@ def format_rows(rows: list[dict], fmt: str) -> str:
     lines = [f"{'path':<{width}}  {'class':<16} {'probability':>11}  {'unknown':<7}  {'ood_score':>9}  error"]
     for r, c in zip(rows, cells):
         prob = "" if r["probability"] is None else f"{r['probability']:.4f}"
-        unknown = "" if r.get("unknown") is None else ("yes" if r["unknown"] else "no")
+        unknown = cell(r.get("unknown"))
         ood = "" if r.get("ood_score") is None else f"{r['ood_score']:.4f}"
         lines.append(f"{c['path']:<{width}}  {c['class']:<16} {prob:>11}  {unknown:<7}  {ood:>9}  {c['error']}")
     return "\n".join(lines)
@@ -149,17 +172,23 @@ def predict(cfg: PredictConfig) -> dict:
     predictions = progress(iter_predictions(lm, model, files, cfg.batch_size, cfg.workers),
                            total=len(files), unit="img", desc="predict")
 
+    stopped = []  # the Ctrl-C (or SIGTERM) that ended the rows early
+
     def write_rows(out) -> None:
-        """Every row, streamed (csv: a row as soon as it is known), into ``out`` or just into ``rows``."""
+        """Every row, streamed (csv: a row as soon as it is known), into ``out`` or just into ``rows``; on
+        Ctrl-C the rows so far, as a complete file of their own."""
         writer = SafeCsvWriter(out, COLUMNS) if out and cfg.format == "csv" else None
         if writer:
             writer.writeheader()
-        for row in predictions:
-            if row["error"]:
-                log.warning("%s: %s", row["path"], row["error"])
-            rows.append(row)
-            if writer:
-                writer.writerow(row)
+        try:
+            for row in predictions:
+                if row["error"] and not is_quiet():  # quiet: one line with the count, at the end
+                    log.warning("%s: %s", row["path"], row["error"])
+                rows.append(row)
+                if writer:
+                    writer.writerow(csv_row(row))
+        except (KeyboardInterrupt, Terminated) as e:
+            stopped.append(e)
         if out and not writer:
             out.write(format_rows(rows, cfg.format) + "\n")
 
@@ -169,9 +198,19 @@ def predict(cfg: PredictConfig) -> dict:
         write_rows(None)
     seconds = time.time() - t0
     errors = sum(r["error"] is not None for r in rows)
-    return {"model": cfg.model, "kind": lm.kind, "classes": lm.classes,
-            "images": len(rows), "errors": errors, "unknown": sum(bool(r["unknown"]) for r in rows), "output": cfg.output, "seconds": seconds,
-            "img_per_s": len(rows) / seconds if seconds > 0 else 0.0, "rows": rows}
+    if errors and is_quiet():
+        log.warning("%d of %d files could not be read (their rows say why)", errors, len(rows))
+    result = {"model": cfg.model, "kind": lm.kind, "classes": lm.classes, "files": len(files),
+              "images": len(rows), "errors": errors, "unknown": sum(bool(r["unknown"]) for r in rows),
+              "output": cfg.output, "seconds": seconds, "img_per_s": len(rows) / seconds if seconds > 0 else 0.0,
+              "rows": rows}
+    if stopped:
+        log.warning("interrupted: %d of %d rows%s", len(rows), len(files),
+                    f" written to {cfg.output}" if cfg.output else "")
+        if isinstance(stopped[0], Terminated):
+            raise stopped[0]
+        raise Interrupted(result)
+    return result
 
 
 def _with_open(path: Path, write) -> None:

@@ -4,7 +4,8 @@ One worker thread owns the network. A request hands in its images and gets a Fut
 takes what is waiting (at most ``batch_size`` images), waiting up to ``max_wait_s`` for more once the
 first came, runs them in one forward pass, and resolves each request's Future with its own rows of the
 output. The queue is bounded in images, so a flood is refused (``QueueFull``) instead of growing memory
-and latency without end.
+and latency without end; a request takes its room (``reserve``) before its images are decoded, so a
+refused request costs no decoding either.
 """
 from __future__ import annotations
 
@@ -53,6 +54,7 @@ class MicroBatcher:
         self._queue: deque = deque()
         self._cond = threading.Condition()
         self._closed = False
+        self._reserved = 0  # room taken by requests whose images are still being decoded
         self.batches = self.images = 0
         self._thread = threading.Thread(target=self._loop, name="micro-batcher", daemon=True)
         self._thread.start()
@@ -61,18 +63,36 @@ class MicroBatcher:
     def waiting(self) -> int:
         return len(self._queue)
 
-    def submit(self, images: list) -> Future:
+    def reserve(self, n: int) -> Reservation:
+        """Room for ``n`` images, taken now, before they are decoded (QueueFull or Closed when there is none):
+        counted with the images waiting, until the reservation submits them or is released."""
+        with self._cond:
+            self._check_room(n, 0)
+            self._reserved += n
+        return Reservation(self, n)
+
+    def submit(self, images: list, reserved: int = 0) -> Future:
+        """The images' outputs, as a Future; ``reserved``: room taken for them by ``reserve`` (given back now)."""
         if not images:
             raise ValueError("nothing to run")
         job = _Job(len(images))
         with self._cond:
-            if self._closed:
-                raise Closed("the service is shutting down")
-            if len(self._queue) + len(images) > self.max_queue:
-                raise QueueFull(f"{len(self._queue)} images are waiting (at most {self.max_queue})")
+            self._check_room(len(images), reserved)
+            self._reserved -= reserved
             self._queue.extend((job, i, im) for i, im in enumerate(images))
             self._cond.notify()
         return job.future
+
+    def _check_room(self, n: int, reserved: int) -> None:
+        if self._closed:
+            raise Closed("the service is shutting down")
+        if len(self._queue) + self._reserved - reserved + n > self.max_queue:
+            raise QueueFull(f"{len(self._queue)} images are waiting and {self._reserved - reserved} being decoded "
+                            f"(at most {self.max_queue})")
+
+    def release(self, n: int) -> None:
+        with self._cond:
+            self._reserved -= n
 
     def close(self, timeout: float | None = None) -> None:
         with self._cond:
@@ -111,3 +131,25 @@ class MicroBatcher:
             self.images += len(batch)
             for (job, i, _), o in zip(batch, out):
                 job.done(i, o)
+
+
+class Reservation:
+    """Room for a request's images in the batcher's queue, held while they are decoded: ``submit`` the good
+    ones (at most as many as reserved), and the rest goes back when the ``with`` block ends."""
+
+    def __init__(self, batcher: MicroBatcher, n: int):
+        self.batcher, self.left = batcher, n
+
+    def submit(self, images: list) -> Future:
+        if len(images) > self.left:
+            raise ValueError(f"{len(images)} images for {self.left} reserved")
+        future = self.batcher.submit(images, reserved=len(images))
+        self.left -= len(images)
+        return future
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.batcher.release(self.left)
+        self.left = 0

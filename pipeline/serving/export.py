@@ -6,7 +6,9 @@ mean and std, all taken from the checkpoint's own provenance record) is written 
 metadata_props, a TorchScript extra file) and beside it, as ``<output>.json`` with the
 parity check's result. Preprocessing drift is the usual reason an exported model predicts otherwise
 than the tool: so every export runs the exported file (ONNX Runtime, or the TorchScript file loaded
-back) and predict's own path in fp32 on the same preprocessed tensors, and fails above a tolerance.
+back) fed by the export's decoding rule (``data.portable``: what any consumer can copy) against
+predict's own path in fp32, both from each photo's bytes (odd modes included: ``ODD_MODES``), and fails
+above a tolerance.
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ from torch import nn
 
 from ..cache.provenance import Preprocessing, package_version, versions
 from ..config import EXPORT_FORMATS, ExportConfig
-from ..data.image_reader import ImageListDataset, read_items
+from ..data import portable
+from ..data.image_reader import DECODE_VERSION, ImageListDataset, draft_short_side, read_items
 from ..errors import PipelineError, UsageError
 from ..extraction import backbones as bb
 from ..extraction.inference import run_batches
@@ -100,6 +103,7 @@ def metadata(cfg: ExportConfig, ckpt: dict, lm) -> dict:
                      "none of these classes"}] if head.has_unknown else []),
         "classes": lm.classes,
         "preprocessing": {**pre.to_dict(), "steps": pre.describe()},
+        "decoding": decoding(lm),
         "backbone": ckpt["backbone"], "weights": ckpt["weights"], "weights_sha256": ckpt.get("weights_sha256", ""),
         "flip": bool(ckpt.get("flip", False)), "head": ckpt["head"],
         "model": str(cfg.model), "model_kind": ckpt["kind"], "model_sha256": bb.file_sha256(cfg.model),
@@ -110,6 +114,21 @@ def metadata(cfg: ExportConfig, ckpt: dict, lm) -> dict:
         "temperature": head.temperature_used,
         "versions": {**versions(), **{p: package_version(p) for p in ("onnx", "onnxruntime")}},
     }
+
+
+def decoding(lm) -> dict:
+    """How a photo's bytes become the RGB image that "preprocessing" takes: the one rule predict, serve and
+    every consumer of the export follow (``data.portable``; examples/predict_onnx.py copies it)."""
+    return {"rule": "data/portable.py of transfer-pipeline (docs/export-serve.md), copied verbatim by "
+                    "examples/predict_onnx.py",
+            "jpeg_draft_min_short_side": draft_short_side(lm.transform),
+            "steps": [("a JPEG whose shorter side is >= 2 x jpeg_draft_min_short_side (when not null): "
+                       "Image.draft('RGB', (D, D)) before decoding (DCT scale 1/2, 1/4 or 1/8)"),
+                      ("modes I;16, I;16B, I;16L, I: round(clip(v, 0, 2**bits - 1) * 255 / (2**bits - 1)) as L, "
+                       "bits from a TIFF's BitsPerSample else 16, then RGB"),
+                      "RGBA, LA, PA and P with a transparent colour: composited over white",
+                      "any other mode: Image.convert('RGB'); no EXIF rotation"],
+            "decode_version": DECODE_VERSION}
 
 
 # -- the sample photos -------------------------------------------------------------------------
@@ -216,37 +235,87 @@ class ExportedRunner:
         return out[0], (out[1] if len(out) > 1 else None)
 
 
-def parity(lm, runner: ExportedRunner, files: list[str], cfg: ExportConfig) -> dict:
-    """The exported file and predict's path (fp32, CPU) on the same preprocessed tensors: the largest
-    |probability difference| (and |unknown score difference|) and whether every photo gets the same class."""
+#: The odd files every parity check adds, made from its first photo: (file name, how it is made). Each
+#: mode where a decoder can silently differ from predict's (16-bit scaling, transparency, CMYK, a JPEG
+#: large enough to be decoded reduced); examples/predict_onnx.py once differed on all of them.
+ODD_MODES = ("gray16.png", "gray_alpha.png", "rgba.png", "palette_transparent.png", "cmyk.jpg", "large.jpg")
+
+
+def odd_mode_files(photo: str, folder: Path, draft_side) -> list[str]:
+    """ODD_MODES versions of ``photo`` written into ``folder``; their paths ([] when it cannot be read)."""
+    from PIL import Image
+
+    from ..data.folders import ImageLoadError, load_rgb
+
+    try:
+        rgb = load_rgb(photo)
+    except ImageLoadError:
+        return []
+    gray = np.asarray(rgb.convert("L"), np.uint16)
+    alpha = Image.fromarray(np.tile(np.linspace(0, 255, rgb.width).astype(np.uint8), (rgb.height, 1)), "L")
+    long_side = 4 * (draft_side or 256)  # 2 x D on the shorter side at least: decoded reduced where predict does
+    large = rgb.resize((long_side, long_side * 3 // 4), Image.Resampling.BICUBIC)
+    made = {"gray16.png": Image.fromarray(gray * 257 + 40),  # I;16, using the whole 16-bit range
+            "gray_alpha.png": Image.merge("LA", (rgb.convert("L"), alpha)),
+            "rgba.png": Image.merge("RGBA", (*rgb.split(), alpha)),
+            "palette_transparent.png": rgb.quantize(16), "cmyk.jpg": rgb.convert("CMYK"), "large.jpg": large}
+    paths = []
+    for name in ODD_MODES:
+        path = folder / name
+        made[name].save(path, **({"transparency": 0} if made[name].mode == "P" else {}))
+        paths.append(str(path))
+    return paths
+
+
+def parity(lm, runner: ExportedRunner, files: list[str], cfg: ExportConfig, meta: dict) -> dict:
+    """Each photo from its bytes, twice: predict's path (fp32, CPU), and the exported file fed by the export's
+    decoding rule (``data.portable.preprocess``, what examples/predict_onnx.py runs); on the sample photos and
+    on ODD_MODES versions of the first. The largest |probability difference| (and |unknown score difference|)
+    and whether every photo gets the same class."""
+    import tempfile
+
     inference = network(lm, "cpu", "fp32")
     n_classes = len(lm.classes)
-    items = read_items(ImageListDataset(Path(""), [(f, -1) for f in files], lm.transform), cfg.workers)
     worst, worst_unknown, same, n, bad = 0.0, 0.0, 0, 0, []
-    bar = progress(total=len(files), desc="parity", unit="img")
-    for batch, out in run_batches(inference, items, cfg.batch_size):
-        bar.update(len(batch.items))
-        bad += batch.bad
-        if out is None:
-            continue
-        logp, score = split_extras(out.astype(np.float64), n_classes)
-        ours = np.exp(logp)
-        theirs, their_score = runner(batch.images().numpy())
-        theirs = theirs.astype(np.float64)
-        worst = max(worst, float(np.abs(ours - theirs).max()))
-        if score is not None:
-            worst_unknown = max(worst_unknown, float(np.abs(score - their_score).max()))
-        same += int((ours.argmax(1) == theirs.argmax(1)).sum())
-        n += len(ours)
-    bar.close()
+    with tempfile.TemporaryDirectory(prefix="parity-") as tmp:
+        odd = odd_mode_files(files[0], Path(tmp), meta["decoding"]["jpeg_draft_min_short_side"]) if files else []
+        photos = files + odd
+        items = read_items(ImageListDataset(Path(""), [(f, -1) for f in photos], lm.transform), cfg.workers)
+        bar = progress(total=len(photos), desc="parity", unit="img")
+        for batch, out in run_batches(inference, items, cfg.batch_size):
+            bar.update(len(batch.items))
+            bad += batch.bad
+            if out is None:
+                continue
+            logp, score = split_extras(out.astype(np.float64), n_classes)
+            ours = np.exp(logp)
+            theirs, their_score = runner(np.stack([portable_input(g.path, meta) for g in batch.good]))
+            theirs = theirs.astype(np.float64)
+            worst = max(worst, float(np.abs(ours - theirs).max()))
+            if score is not None:
+                worst_unknown = max(worst_unknown, float(np.abs(score - their_score).max()))
+            same += int((ours.argmax(1) == theirs.argmax(1)).sum())
+            n += len(ours)
+        bar.close()
     if not n:
         raise UsageError(f"none of the {len(files)} photos for the parity check could be read "
                          f"(first: {bad[0][0]}: {bad[0][1]})")
-    return {"images": n, "unreadable": len(bad), "max_abs_diff": worst, "max_abs_diff_unknown": worst_unknown,
+    return {"images": n - len(odd), "odd_modes": [Path(f).name for f in odd], "unreadable": len(bad),
+            "max_abs_diff": worst, "max_abs_diff_unknown": worst_unknown,
             "same_class": same, "tolerance": cfg.tolerance,
             "passed": worst <= cfg.tolerance and worst_unknown <= cfg.tolerance and same == n,
             "runtime": "onnxruntime (CPU)" if runner.fmt == "onnx" else "torch.jit.load (CPU)",
-            "reference": "predict's path, fp32 on the CPU"}
+            "reference": "predict's path, fp32 on the CPU, against the export fed by its decoding rule, both from "
+                         "each photo's bytes"}
+
+
+def portable_input(path: str, meta: dict) -> np.ndarray:
+    """The export's input for one photo by its own decoding rule; a photo the rule cannot read fails the export."""
+    try:
+        return portable.preprocess(path, meta["preprocessing"], meta["decoding"])
+    except (OSError, ValueError, SyntaxError) as e:
+        raise PipelineError(f"{path}: predict reads it but the export's decoding rule (data/portable.py) "
+                            f"does not: {e}") from None
 
 
 def check_outputs(cfg: ExportConfig, ckpt: dict) -> tuple[Path, Path]:
@@ -290,7 +359,7 @@ def export(cfg: ExportConfig) -> dict:
         example = torch.zeros(2, 3, crop, crop)  # 2, not 1: a batch of 1 would fix the batch size
         (write_onnx if cfg.format == "onnx" else write_torchscript)(net, example, tmp, meta)
         log.info("parity check on %d photos", len(files))
-        check = parity(lm, ExportedRunner(tmp, cfg.format), files, cfg)
+        check = parity(lm, ExportedRunner(tmp, cfg.format), files, cfg, meta)
         result = {"model": cfg.model, "kind": ckpt["kind"], "format": cfg.format, "classes": lm.classes,
                   "max_abs_diff": check["max_abs_diff"], "passed": check["passed"], "parity": check,
                   "output": None, "metadata": None}

@@ -5,12 +5,16 @@ answers the rows ``predict --format json`` gives for the same files (``models.pr
 makes both); ``?top=K`` adds each image's K most probable classes. ``GET /info`` says what is served,
 ``GET /health`` that it is up, ``GET /`` is the page (``page.html``: no external resource).
 
-Uploads are decoded with the rules every stage decodes with (``data.folders``), in worker threads;
-the network runs in one thread that batches the images of concurrent requests (``batcher``). Every
-limit is a ServeConfig field: body size (checked as it streams in), files per request, bytes and pixels
-per image, images waiting (503 past it). A bad file is its row's ``error``, as in predict; a request
-with no usable image is a 4xx naming each file's reason. SIGTERM: uvicorn stops accepting, answers
-what is in flight (for up to ``drain_seconds``), then the batcher stops.
+Uploads are decoded with the rules every stage decodes with (``data.folders``), by a pool of one thread
+per core (``decode_threads``: at most that many images are being decoded at once, whatever the number of
+clients: a 6300 x 6300 PNG takes 160 MB while it is); the network runs in one thread that batches the
+images of concurrent requests (``batcher``). Every limit is a ServeConfig field: body size (checked as
+it streams in), files per request, bytes and pixels per image, images waiting or being decoded (503
+past it, before any decoding). A bad file is its row's ``error``, as in predict; a request with no
+usable image is a 4xx naming each file's reason. With a loopback --host (the default) only requests
+naming this machine in their Host header are answered (DNS rebinding). SIGTERM: uvicorn stops
+accepting, answers what is in flight (for up to ``drain_seconds``; what is still running then gets a
+clean 503), then the batcher stops.
 """
 # no ``from __future__ import annotations``: FastAPI reads the endpoints' annotations (Request), imported
 # inside build_app so that the module loads without the serve extra and says what is missing
@@ -18,14 +22,17 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import os
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 
 from ..cache.provenance import package_version, versions
 from ..config import ServeConfig
 from ..data.folders import MAX_IMAGE_PIXELS, ImageLoadError, decode_bytes
 from ..data.image_reader import Batch, Item, draft_short_side
+from ..devices import resolve_workers
 from ..errors import PipelineError, UsageError
 from ..models.predict import prediction_rows
 from ..models.whole_models import model_from_checkpoint, network, read_checkpoint
@@ -35,6 +42,14 @@ log = logging.getLogger(__name__)
 
 FIELD = "files"  # the multipart field that holds the images
 TOO_LARGE = "too-large"  # the ImageLoadError kind of a file over max_file_bytes
+#: Seconds uvicorn waits past --drain-seconds before cancelling what is left (a 500 and a traceback each):
+#: by then ``DrainDeadline`` has answered every request still running with a 503.
+CANCEL_GRACE_S = 2.0
+
+
+def decode_threads() -> int:
+    """Uploads decoded at once: one per core (at most 8), the most the CPU can decode anyway."""
+    return resolve_workers(-1)
 
 
 def require() -> None:
@@ -102,6 +117,81 @@ class BodyLimit:
         return await self.app(scope, limited, send)
 
 
+def host_name(header: str) -> str:
+    """The name of a Host header, without its port: "[::1]:8000" -> "::1", "Localhost.:80" -> "localhost"."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:header.find("]")] if "]" in header else header
+    name = header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+    return name.rstrip(".")
+
+
+def local_names(host: str) -> frozenset:
+    """The Host names a loopback service answers: localhost's and the bound address."""
+    return frozenset({"localhost", "127.0.0.1", "::1", host_name(host)})
+
+
+class LocalHostOnly:
+    """ASGI middleware: a request whose Host header names anything but this machine (``allowed``) is 400.
+
+    A service on localhost is safe from other machines, but not from a web page open in a browser here: with
+    DNS rebinding its name (evil.example.com) comes to point at 127.0.0.1, and the browser sends it the
+    page's requests with that name as Host. Only with a loopback --host: one given for other machines to
+    reach has names this service cannot know."""
+
+    def __init__(self, app, allowed: frozenset):
+        self.app, self.allowed = app, allowed
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            header = dict(scope.get("headers", ())).get(b"host", b"").decode("latin-1")
+            if host_name(header) not in self.allowed:
+                from fastapi.responses import JSONResponse
+
+                return await JSONResponse({"detail": f"Host {header[:100]!r} is not this machine's name; this "
+                                                     "service answers localhost only"}, 400)(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+class DrainDeadline:
+    """ASGI middleware: once SIGTERM's --drain-seconds are over (``Service.drained``), a request still running
+    is answered 503 and stopped, before uvicorn would cancel it (a 500 and a traceback in the log, each)."""
+
+    def __init__(self, app, service: "Service"):
+        self.app, self.service = app, service
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracked(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        request = asyncio.ensure_future(self.app(scope, receive, tracked))
+        drained = asyncio.ensure_future(self.service.drained.wait())
+        try:
+            await asyncio.wait({request, drained}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # uvicorn forcing the exit (a second Ctrl-C): nothing left behind
+            request.cancel()
+            drained.cancel()
+            raise
+        if request.done():
+            drained.cancel()
+            return request.result()
+        request.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await request
+        if not started:
+            from fastapi.responses import JSONResponse
+
+            await JSONResponse({"detail": f"the service stopped: the request was not done within the "
+                                          f"{self.service.cfg.drain_seconds:g} s of --drain-seconds"},
+                               503)(scope, receive, send)
+
+
 def page_html() -> str:
     return resources.files(__package__).joinpath("page.html").read_text(encoding="utf-8")
 
@@ -116,17 +206,27 @@ class Service:
         self.inference = network(lm, cfg.device, cfg.precision)  # predict's network, unknown score included
         self.min_short_side = draft_short_side(lm.transform)
         self.batcher = MicroBatcher(self.inference, cfg.batch_size, cfg.max_wait_ms / 1000, cfg.max_queue)
+        self.decoder = ThreadPoolExecutor(decode_threads(), thread_name_prefix="decode-upload")
         self.started = time.time()
-        # GET /info: fixed once the model is loaded
-        self._info = {"model": cfg.model, "kind": lm.kind, "classes": lm.classes, "backbone": c["backbone"],
-                      "weights": c["weights"], "preprocessing": lm.info.get("preprocessing"),
-                      "cache": c.get("cache", ""), "cache_fingerprint": c.get("cache_fingerprint", ""),
+        self.drained = asyncio.Event()  # set --drain-seconds after SIGTERM (``begin_drain``)
+        self.loop = None  # the server's event loop, once it runs
+        # GET /info: fixed once the model is loaded; file names only, never where they are on this machine
+        self._info = {"model": os.path.basename(cfg.model), "kind": lm.kind, "classes": lm.classes,
+                      "backbone": c["backbone"], "weights": os.path.basename(c["weights"] or ""),
+                      "preprocessing": lm.info.get("preprocessing"),
+                      "cache": os.path.basename(c.get("cache", "")),
+                      "cache_fingerprint": c.get("cache_fingerprint", ""),
                       "data_fingerprint": c.get("data_fingerprint", ""),
                       "device": str(self.inference.device), "precision": self.inference.precision,
                       "batch_size": cfg.batch_size, "max_wait_ms": cfg.max_wait_ms,
                       "limits": {k: getattr(cfg, k) for k in ("max_files", "max_file_bytes", "max_request_bytes",
                                                               "max_pixels", "max_queue")},
                       "versions": {**versions(), **{p: package_version(p) for p in ("fastapi", "uvicorn", "starlette")}}}
+
+    def begin_drain(self) -> None:
+        """SIGTERM came (called in the signal handler): in drain_seconds, what still runs is answered 503."""
+        if self.loop is not None and self.cfg.drain_seconds:
+            self.loop.call_soon_threadsafe(self.loop.call_later, self.cfg.drain_seconds, self.drained.set)
 
     def info(self) -> dict:
         return self._info
@@ -141,26 +241,25 @@ class Service:
         try:
             if not isinstance(data, bytes):
                 raise ImageLoadError(f"form field {FIELD!r} holds text, not a file", "not-an-image")
-            if len(data) > self.cfg.max_file_bytes:
-                raise ImageLoadError(f"{len(data)} bytes; at most {self.cfg.max_file_bytes} per image", TOO_LARGE)
+            if len(data) > self.cfg.max_file_bytes:  # read up to one byte past the limit: its real size is unknown
+                raise ImageLoadError(f"larger than the {self.cfg.max_file_bytes} bytes allowed per image", TOO_LARGE)
             rgb = decode_bytes(data, self.min_short_side, self.cfg.max_pixels)
             return Item(k, self.lm.transform(rgb), -1, name)
         except ImageLoadError as e:
             return Item(k, None, -1, name, e.reason)
 
-    def read_uploads(self, uploads) -> tuple[list[Item], list[bool]]:
-        """(Items, whether each was too large) of the form's ``files`` entries (run in a worker thread)."""
-        items, large = [], []
-        for k, up in enumerate(uploads):
-            if isinstance(up, str):
-                items.append(self.item(k, f"{FIELD}[{k}]", up))
-                large.append(False)
-                continue
-            data = up.file.read(self.cfg.max_file_bytes + 1)
-            name = up.filename or f"{FIELD}[{k}]"
-            items.append(self.item(k, name, data))
-            large.append(len(data) > self.cfg.max_file_bytes)
-        return items, large
+    def upload_item(self, k: int, up) -> tuple[Item, bool]:
+        """(Item, whether it was too large) of the form's ``k``-th ``files`` entry (in a decoding thread)."""
+        if isinstance(up, str):
+            return self.item(k, f"{FIELD}[{k}]", up), False
+        data = up.file.read(self.cfg.max_file_bytes + 1)
+        return self.item(k, up.filename or f"{FIELD}[{k}]", data), len(data) > self.cfg.max_file_bytes
+
+    async def read_uploads(self, uploads) -> tuple[list[Item], list[bool]]:
+        """(Items, whether each was too large) of the form's ``files`` entries, each decoded by the pool."""
+        done = await asyncio.gather(*(asyncio.wrap_future(self.decoder.submit(self.upload_item, k, up))
+                                      for k, up in enumerate(uploads)))
+        return [item for item, _ in done], [large for _, large in done]
 
 
 def no_image_detail(rows: list[dict]) -> str:
@@ -181,9 +280,11 @@ def build_app(cfg: ServeConfig):
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        svc.loop, svc.drained = asyncio.get_running_loop(), asyncio.Event()  # bound to the loop that serves
         yield
         # uvicorn has answered every request in flight by now: what is still queued runs, then the worker stops
         await run_in_threadpool(svc.batcher.close, cfg.drain_seconds or None)
+        svc.decoder.shutdown(wait=False, cancel_futures=True)
 
     # no /docs page: FastAPI's loads its scripts from a CDN (the schema stays at /openapi.json)
     app = FastAPI(title="transfer-pipeline", version=package_version("transfer-pipeline"), lifespan=lifespan,
@@ -215,18 +316,20 @@ def build_app(cfg: ServeConfig):
             uploads = form.getlist(FIELD)
             if not uploads:
                 return JSONResponse({"detail": f"no file in the field {FIELD!r} (multipart/form-data)"}, 400)
-            items, large = await run_in_threadpool(svc.read_uploads, uploads)
-        finally:
-            await form.close()
-        good = [i.image for i in items if i.ok]
-        outputs = None
-        if good:
-            try:
-                outputs = await asyncio.wrap_future(svc.batcher.submit(good))
+            try:  # room in the queue first: a refused request costs no decoding
+                reservation = svc.batcher.reserve(len(uploads))
             except QueueFull as e:
                 return JSONResponse({"detail": f"busy: {e}; retry shortly"}, 503, headers={"Retry-After": "1"})
             except Closed as e:
                 return JSONResponse({"detail": str(e)}, 503)
+            with reservation:
+                items, large = await svc.read_uploads(uploads)
+                good = [i.image for i in items if i.ok]
+                outputs = await asyncio.wrap_future(reservation.submit(good)) if good else None
+        except Closed as e:
+            return JSONResponse({"detail": str(e)}, 503)
+        finally:
+            await form.close()
         rows = prediction_rows(svc.lm, Batch(items), outputs, top)
         headers = {"Server-Timing": f"predict;dur={(time.perf_counter() - started) * 1000:.1f}"}
         if not good:
@@ -235,6 +338,9 @@ def build_app(cfg: ServeConfig):
         return JSONResponse(rows, headers=headers)
 
     app.add_middleware(BodyLimit, max_bytes=cfg.max_request_bytes)
+    app.add_middleware(DrainDeadline, service=svc)
+    if is_loopback(cfg.host):
+        app.add_middleware(LocalHostOnly, allowed=local_names(cfg.host))
     return app
 
 
@@ -247,7 +353,9 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_free(host: str, port: int) -> None:
+def listening_socket(host: str, port: int):
+    """A socket bound to host:port (port 0: a free one, which the socket then says), before the model loads:
+    a port in use is one line, not a traceback later; uvicorn serves on this very socket."""
     import socket
 
     try:
@@ -255,12 +363,14 @@ def check_free(host: str, port: int) -> None:
     except socket.gaierror as e:
         raise UsageError(f"--host {host!r} is not an address of this machine ({e.strerror})") from None
     family, kind, _, _, address = infos[0]
-    with socket.socket(family, kind) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
-        try:
-            s.bind(address)
-        except OSError as e:
-            raise PipelineError(f"cannot listen on {host}:{port}: {e.strerror}; pass another --port") from None
+    s = socket.socket(family, kind)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+    try:
+        s.bind(address)
+    except OSError as e:
+        s.close()
+        raise PipelineError(f"cannot listen on {host}:{port}: {e.strerror}; pass another --port") from None
+    return s
 
 
 def serve(cfg: ServeConfig) -> dict:
@@ -268,31 +378,44 @@ def serve(cfg: ServeConfig) -> dict:
     import uvicorn
 
     check(cfg)
-    check_free(cfg.host, cfg.port)  # before the model loads: a port in use is one line, not a traceback later
-    app = build_app(cfg)
-    if not is_loopback(cfg.host):
-        log.warning("serving on %s: reachable from other machines, without authentication", cfg.host)
-    log.info("serving %s on http://%s:%d/ (the page; POST /predict, GET /info, GET /health)",
-             cfg.model, cfg.host, cfg.port)
-    from ..progress import is_quiet
+    with listening_socket(cfg.host, cfg.port) as sock:
+        port = sock.getsockname()[1]
+        app = build_app(cfg)
+        svc = app.state.service
+        if not is_loopback(cfg.host):
+            log.warning("serving on %s: reachable from other machines, without authentication", cfg.host)
+        log.info("serving %s on http://%s:%d/ (the page; POST /predict, GET /info, GET /health)",
+                 cfg.model, f"[{cfg.host}]" if ":" in cfg.host else cfg.host, port)
+        from ..progress import is_quiet
 
-    server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port,
-                                           log_level="warning" if is_quiet() else "info",  # info: a line per request
-                                           timeout_graceful_shutdown=cfg.drain_seconds or None))
-    # uvicorn drains, then raises the signal it caught again, with the handler it found: this one, so a
-    # SIGTERM after a clean drain is a normal return (exit 0), not death by the signal
-    previous = signal.signal(signal.SIGTERM, _stopped)
-    stopped_by = None
-    try:
-        server.run()
-    except Stopped:
-        stopped_by = "SIGTERM"
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    health = app.state.service.health()
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning" if is_quiet() else "info",  # a line a request
+                                               timeout_graceful_shutdown=cfg.drain_seconds + CANCEL_GRACE_S
+                                               if cfg.drain_seconds else None))
+        server.handle_exit = starting_the_drain(server.handle_exit, svc)  # what uvicorn's signal handlers call
+        # uvicorn drains, then raises the signal it caught again, with the handler it found: this one, so a
+        # SIGTERM after a clean drain is a normal return (exit 0), not death by the signal
+        previous = signal.signal(signal.SIGTERM, _stopped)
+        stopped_by = None
+        try:
+            server.run(sockets=[sock])
+        except Stopped:
+            stopped_by = "SIGTERM"
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    health = svc.health()
     log.info("stopped%s after %d images in %d batches", f" by {stopped_by}" if stopped_by else "",
              health["images"], health["batches"])
-    return {"model": cfg.model, "host": cfg.host, "port": cfg.port, "stopped_by": stopped_by, **health}
+    return {"model": cfg.model, "host": cfg.host, "port": port, "stopped_by": stopped_by, **health}
+
+
+def starting_the_drain(handle_exit, svc: Service):
+    """uvicorn's ``handle_exit`` (SIGTERM, Ctrl-C), starting the service's drain clock first."""
+
+    def handle(sig, frame) -> None:
+        svc.begin_drain()
+        handle_exit(sig, frame)
+
+    return handle
 
 
 class Stopped(Exception):

@@ -1,0 +1,115 @@
+"""The decoding rule: a photo's bytes -> an RGB image -> the network's input, with Pillow and numpy only.
+
+One rule for every consumer of a model. predict, extract, evaluate and serve decode through it
+(``data.folders.decode_stream`` calls ``jpeg_draft`` and ``to_rgb``; torchvision's preset then does
+what ``resize_crop`` and ``normalise`` do); every export writes its parameters into its metadata
+(``"decoding"``: see ``serving.export.metadata``) and its parity check runs ``preprocess`` on each
+photo's bytes against predict's path; ``examples/predict_onnx.py`` holds a verbatim copy of the
+functions below the line (``tests/test_export.py`` keeps it so). Written out in docs/export-serve.md.
+
+The rule:
+1. JPEG whose shorter side is at least 2 x D (D = ``jpeg_draft_min_short_side``, when the model has one):
+   decoded at the smallest DCT scale (1/2, 1/4, 1/8) keeping the shorter side >= D (Pillow's ``draft``).
+2. To RGB: 16-bit (and 32-bit integer) gray scaled to 8 bits by the file's bit depth, rounded;
+   transparency (RGBA, LA, PA, a palette with a transparent colour) composited over white; every other
+   mode by Pillow's ``convert("RGB")`` (CMYK, gray, palette, 16-bit RGB as Pillow reads it).
+3. Resize the shorter side to ``resize_size`` (the longer to int(resize_size * long / short)) with Pillow's
+   resampling, center crop ``crop_size`` (offsets int(round((side - crop) / 2))), /255 as float32,
+   minus mean, divided by std, channels first. No EXIF rotation: pixels as stored.
+"""
+# Pillow and numpy only below: this file must run where nothing of this project is installed
+import numpy as np
+from PIL import Image
+
+# ---- the decoding rule: the same text in pipeline/data/portable.py and examples/predict_onnx.py ----
+
+#: Rows of a 16-bit image scaled to 8 bits at a time (``gray16_to_rgb``): small integer blocks, never a
+#: float64 copy of the whole image (a 9400 x 9400 16-bit PNG took predict to 3.1 GB that way).
+ROWS_PER_BLOCK = 256
+#: The resampling filters torchvision's InterpolationMode names stand for, on a PIL image.
+RESAMPLE = {"nearest": Image.Resampling.NEAREST, "nearest-exact": Image.Resampling.NEAREST,
+            "bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
+            "box": Image.Resampling.BOX, "hamming": Image.Resampling.HAMMING, "lanczos": Image.Resampling.LANCZOS}
+
+
+def bit_depth(im) -> int:
+    """Bits per sample of an integer-mode image: a TIFF's BitsPerSample, else 16 (PNG and PNM keep
+    16-bit samples in modes I;16 and I)."""
+    bits = getattr(im, "tag_v2", {}).get(258) if hasattr(im, "tag_v2") else None
+    if isinstance(bits, tuple):
+        bits = bits[0] if bits else None
+    return int(bits) if isinstance(bits, int) and 1 <= bits <= 32 else 16
+
+
+def gray16_to_rgb(im):
+    """An integer-mode image (I;16, I;16B, I;16L, I) as RGB gray: each sample v becomes
+    round(clip(v, 0, hi) * 255 / hi), hi = 2 ** bit_depth(im) - 1 (from the file, never from its pixels:
+    a dark picture stays dark). Computed in int64 as (v * 255 + hi // 2) // hi, which is that rounding
+    exactly (hi is odd, so no sample falls half-way), ROWS_PER_BLOCK rows at a time pasted straight into
+    the RGB image: no full-size copy in between."""
+    hi = 2 ** bit_depth(im) - 1
+    rgb = Image.new("RGB", im.size)
+    for top in range(0, im.height, ROWS_PER_BLOCK):
+        block = np.asarray(im.crop((0, top, im.width, min(im.height, top + ROWS_PER_BLOCK))), np.int64)
+        rgb.paste(Image.fromarray(((np.clip(block, 0, hi) * 255 + hi // 2) // hi).astype(np.uint8), "L"), (0, top))
+    return rgb
+
+
+def to_rgb(im):
+    """Any PIL mode as RGB: 16-bit samples scaled to 8 bits (``gray16_to_rgb``), transparency (RGBA, LA, PA,
+    a palette with a transparent colour) composited over white, anything else by ``convert("RGB")``."""
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        return gray16_to_rgb(im)
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA"):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def jpeg_draft(im, min_short_side) -> int:
+    """Ask PIL to decode the opened, not yet loaded JPEG ``im`` at the smallest DCT scale
+    (1/2, 1/4, 1/8) whose shorter side is still >= ``min_short_side``; returns the scale (1 = none).
+
+    Only when the shorter side is at least 2 x ``min_short_side`` (below that the scale would be
+    1 anyway); never for other formats. PIL's ``draft`` picks the largest scale s in (8, 4, 2, 1)
+    with s <= min(W // w, H // h) for the size (w, h) asked, and rounds the result up, so asking for
+    a square of ``min_short_side`` keeps ceil(short / s) >= ``min_short_side``.
+    """
+    if not min_short_side or im.format not in ("JPEG", "MPO") or min(im.size) < 2 * min_short_side:
+        return 1
+    width = im.width
+    drafted = im.draft("RGB", (min_short_side, min_short_side))  # (mode, box of the whole image, scaled)
+    return round(width / drafted[1][2]) if drafted else 1
+
+
+def resize_crop(im, p: dict):
+    """torchvision's Resize([resize_size]) then CenterCrop(crop_size) on a PIL image; ``p``: the metadata's
+    "preprocessing"."""
+    w, h = im.size
+    short, long = (w, h) if w <= h else (h, w)
+    size = (p["resize_size"], int(p["resize_size"] * long / short))
+    im = im.resize(size if w <= h else size[::-1], RESAMPLE[p["interpolation"]])
+    w, h, c = im.width, im.height, p["crop_size"]
+    left, top = round((w - c) / 2.0), round((h - c) / 2.0)  # Python rounds half to even, as torchvision
+    return im.crop((left, top, left + c, top + c))
+
+
+def normalise(im, p: dict) -> np.ndarray:
+    """A (3, crop, crop) float32 array: /255, minus mean, divided by std, as torchvision does in float32."""
+    x = np.asarray(im, np.float32) / np.float32(255)
+    x = (x - np.array(p["mean"], np.float32)) / np.array(p["std"], np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))  # HWC -> CHW
+
+
+def preprocess(fp, p: dict, decoding: dict) -> np.ndarray:
+    """The network's input for one photo (a path or an open binary file), by the rule above; ``p``: the
+    metadata's "preprocessing", ``decoding``: its "decoding"."""
+    with Image.open(fp) as im:
+        jpeg_draft(im, decoding.get("jpeg_draft_min_short_side"))
+        im.load()
+        return normalise(resize_crop(to_rgb(im), p), p)
