@@ -656,19 +656,23 @@ class Head(ClassifierMixin, BaseEstimator, _Classifier):
 
     def fit(self, X: Union[Cache, PathLike, np.ndarray, None] = None, y=None, *,
             verbose: Optional[bool] = None) -> "Head":
-        """Train on a Cache or cache file (None = the newest complete cache in cache_dir), or on arrays
-        of cached features ``X`` with labels ``y``; returns self, fitted. ``verbose`` (default: the
-        head's own) shows the progress bars and a line per epoch for this fit only."""
+        """Train on a Cache or cache file (None = the newest complete cache in cache_dir), on a list of
+        caches of the same photos from other backbones (one head on their fused features: each cache's
+        view l2-normalised, side by side; predicting runs every backbone), or on arrays of cached features
+        ``X`` with labels ``y``; returns self, fitted. ``verbose`` (default: the head's own) shows the
+        progress bars and a line per epoch for this fit only."""
         from .models.whole_models import read_checkpoint
 
-        if X is not None and not isinstance(X, (Cache, str, os.PathLike)):  # arrays of features
+        several = isinstance(X, (list, tuple)) and bool(X) and all(isinstance(x, (Cache, str, os.PathLike)) for x in X)
+        if X is not None and not several and not isinstance(X, (Cache, str, os.PathLike)):  # arrays of features
             with _verbosity(self.verbose if verbose is None else verbose):
                 return self._fit_arrays(X, y)
         if y is not None:
             raise UsageError("fit(cache) takes its labels from the cache; pass y only with arrays of features X")
         from .heads.fit_head import fit_head
 
-        cfg = self._config(cache=None if X is None else _path(X))
+        # several caches of the same photos: one head on their fused features (heads/fused_views.py)
+        cfg = self._config(cache=None if X is None else [_path(x) for x in X] if several else _path(X))
         with _verbosity(self.verbose if verbose is None else verbose):
             result = fit_head(cfg)
         self._set_state(result["checkpoint"], read_checkpoint(result["checkpoint"]), result)

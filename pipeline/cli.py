@@ -371,7 +371,10 @@ def split_options(fn):
 
 @defaults_from(FitHeadConfig)
 @cli.command("fit-head")
-@common_cache_options
+@click.option("--cache-dir", help="Folder of feature caches.")
+@click.option("--cache", "cache", type=click.Path(dir_okay=False), multiple=True,
+              help="Cache file to use [default: the newest complete cache]; given more than once (caches of the "
+                   "same photos from other backbones), one head on their fused features.")
 @split_options
 @click.option("--head", type=click.Choice(HEADS),
               help="linear: Adam with early stopping; logreg: scikit-learn LogisticRegression; kernel: an RBF "
@@ -391,7 +394,7 @@ def fit_head_cmd(as_json, **options):
     from .heads.fit_head import format_result
 
     cache = options.pop("cache")
-    result = api.Head(verbose=None, **options).fit(cache).result_
+    result = api.Head(verbose=None, **options).fit(list(cache) if len(cache) > 1 else cache[0] if cache else None).result_
     emit(result, as_json, format_result(result))
 
 

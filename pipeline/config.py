@@ -104,7 +104,8 @@ class ExtractConfig:
 class FitHeadConfig:
     """How to train the head, and on which cache. The defaults were chosen by measurement (README)."""
 
-    cache: Optional[str] = None  # cache file; None = the newest complete cache in cache_dir
+    # cache file; None = the newest complete cache in cache_dir; a list of caches of the same photos: fused features
+    cache: Optional[str] = None
     cache_dir: str = "features"  # where to look for the newest cache (and where --test-data's cache goes)
     head: str = "auto"  # auto (RBF kernel head, C and gamma by CV), linear (Adam), logreg, kernel (given C, gamma)
     features: str = "avg"  # view of the cached map: flat, avg, max, avgmax
