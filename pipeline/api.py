@@ -34,6 +34,7 @@ from sklearn.exceptions import NotFittedError as SklearnNotFittedError
 from .config import (
     AuditConfig,
     CheckImagesConfig,
+    ChooseBackboneConfig,
     CompareConfig,
     DemoConfig,
     EvaluateConfig,
@@ -53,7 +54,8 @@ from .errors import UsageError
 
 __all__ = [
     "Cache", "Head", "Model", "NotFittedError", "Rows",
-    "extract_features", "list_caches", "compare_sklearn", "train_model", "finetune_model", "evaluate_model",
+    "extract_features", "list_caches", "compare_sklearn", "choose_backbone", "train_model", "finetune_model",
+    "evaluate_model",
     "predict_files", "preview", "feature_map", "plot_curves", "check_image_folder", "fetch_data", "run_demo",
     "list_runs", "imagenet_check", "model_summary",
     "audit_folder",
@@ -866,6 +868,24 @@ class Model(_Classifier):
 
 
 # -- stages that return rows or reports --------------------------------------------------------
+def choose_backbone(data: PathLike, backbones: Sequence[str], *, verbose: Optional[bool] = False, **options):
+    """Which backbone suits the photos of ``data``: each of ``backbones`` ('NAME' or 'NAME=WEIGHTS')
+    extracts the same seeded sample (ordinary caches, reused later), fit-head's default head is
+    cross-validated on each and on their fused features (repeated stratified k-fold, the same folds
+    for every candidate), and the answer (a ``BackboneChoice``: ``candidates`` best first with accuracy,
+    log-loss, their standard errors, extraction img/s and cache MB per 1,000 photos; ``best``;
+    ``fastest_within_noise``, the recommendation; ``note``) says which are indistinguishable on these
+    photos. ``options``: ChooseBackboneConfig's (n, folds, repeats, fused, seed, cache_dir, device, ...),
+    as ``python cli.py choose-backbone``."""
+    from .heads.choose_backbone import choose_backbone as run
+
+    if isinstance(backbones, str):
+        backbones = [backbones]
+    cfg = _config(ChooseBackboneConfig, "choose_backbone", options, data=_path(data), backbones=tuple(backbones))
+    with _verbosity(verbose):
+        return run(cfg)
+
+
 def compare_sklearn(cache: Union[Cache, PathLike, None] = None, *, head: Union[Head, dict, None] = None,
                     verbose: Optional[bool] = False, **options) -> Rows:
     """Fit the torch head and scikit-learn's StandardScaler + LogisticRegression on the same seeded split.

@@ -137,6 +137,25 @@ class FitHeadConfig:
 
 
 @dataclass
+class ChooseBackboneConfig:
+    """Which backbones to compare on which photos, and how hard to cross-validate."""
+
+    data: str = "data/PetImages"  # ImageFolder root: one sub-folder of images per class
+    backbones: tuple = ()  # candidates, each 'NAME' or 'NAME=WEIGHTS' (a weights name, a file, or 'none')
+    n: int = 1000  # photos each candidate extracts (a seeded stratified sample); all when the folder has fewer
+    seed: int = 0  # the sample, the folds, the heads
+    folds: int = 5  # stratified k-fold ...
+    repeats: int = 2  # ... repeated with other shuffles: every candidate on the same folds
+    fused: bool = True  # also every combination of two or more candidates, fused (fit-head --cache A --cache B)
+    cache_dir: str = "features"  # where the candidates' caches go (ordinary caches: later commands reuse them)
+    device: str = "auto"  # extraction and heads
+    precision: str = "auto"  # extraction's compute precision (as extract --precision)
+    batch_size: int = 32  # extraction's images per forward pass
+    workers: int = -1  # extraction's decoding workers (as extract --workers)
+    command: str = ""  # the command line, recorded in the caches it makes
+
+
+@dataclass
 class CompareConfig:
     """Which cache and split, and the settings of each model."""
 
