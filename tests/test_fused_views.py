@@ -6,15 +6,11 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from torch import nn
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms._presets import ImageClassification
 
 import pipeline
 from pipeline.cache.feature_cache import FeatureCache
 from pipeline.cli import cli
 from pipeline.errors import UsageError
-from pipeline.extraction.backbones import BackboneSpec, register_backbone
 from pipeline.heads.cache_views import CacheViews, evaluate_head
 from pipeline.heads.fit_head import FitHeadConfig, fit_head
 from pipeline.heads.fused_views import FusedRows, l2_rows
@@ -23,25 +19,6 @@ from pipeline.models.whole_models import head_from_checkpoint, load_model, read_
 from tests.conftest import make_image_folder
 
 pytestmark = pytest.mark.filterwarnings("ignore:--weights none")
-
-
-class WideNet(nn.Module):
-    """Another tiny backbone with its own preprocessing: a 24 x 24 bicubic crop, other mean and std."""
-
-    def __init__(self, num_classes: int = 10):
-        super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(3))
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(6 * 8 * 8, num_classes))
-
-    def forward(self, x):
-        return self.classifier(self.features(x))
-
-
-register_backbone(BackboneSpec(
-    name="tiny_wide", build=WideNet, features=lambda m: m.features, feature_prefixes=("features.",),
-    transform=lambda: ImageClassification(crop_size=24, resize_size=28, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
-                                          interpolation=InterpolationMode.BICUBIC),
-    classifier_in=lambda m: m.classifier[1].in_features))
 
 CLASSES = ("blue", "green", "red")
 

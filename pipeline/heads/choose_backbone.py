@@ -106,18 +106,30 @@ def _extract(cfg: ChooseBackboneConfig, backbone: str, weights: str, n: int) -> 
 
 def sample_size(cfg: ChooseBackboneConfig) -> int:
     """The --n every candidate extracts: 0 (all, the cache a plain extract of the folder makes) when the
-    folder holds no more than --n photos."""
+    folder holds no more than --n photos. Too few photos of a class for the folds is refused here, before
+    any extraction (and again on the rows extracted, which may have lost unreadable files)."""
     from ..data.folders import list_image_folder
 
-    return 0 if not cfg.n or cfg.n >= len(list_image_folder(cfg.data).files) else cfg.n
+    listing = list_image_folder(cfg.data)
+    n = 0 if not cfg.n or cfg.n >= len(listing.files) else cfg.n
+    smallest = int(np.bincount(listing.labels, minlength=len(listing.classes)).min())
+    check_folds(cfg.folds, smallest if not n else int(smallest * n / len(listing.files)))
+    return n
+
+
+def check_folds(folds: int, smallest: int) -> None:
+    if smallest < folds:
+        raise UsageError(f"{folds}-fold cross-validation needs at least {folds} photos of every class; the "
+                         f"smallest class has {smallest} (--folds fewer, or more photos)")
 
 
 def extraction_rate(cache: FeatureCache, result: dict) -> Optional[float]:
-    """Images a second this machine extracted the cache at: this run's, or the one the cache recorded."""
-    if not result.get("hit") and result.get("computed"):
-        return float(result["img_per_s"])
+    """Images a second this machine extracted the cache at, as the cache recorded it (the same figure on a
+    later hit), else as this run computed it; None for a cache made before rates were kept."""
     recorded = cache.attrs.get("extract_rate")
-    return float(json.loads(recorded)["img_per_s"]) if recorded else None
+    if recorded:
+        return float(json.loads(recorded)["img_per_s"])
+    return float(result["img_per_s"]) if not result.get("hit") and result.get("computed") else None
 
 
 def corrected_se(scores, test_share: float) -> float:
@@ -185,10 +197,7 @@ def choose_backbone(cfg: ChooseBackboneConfig) -> BackboneChoice:
         ref = caches[0]
         orders = [np.arange(ref.n)] + [match_rows(ref, c) for c in caches[1:]]  # the same photos in every cache
         labels = ref.labels
-        smallest = int(np.bincount(labels, minlength=len(ref.classes)).min())
-        if smallest < cfg.folds:
-            raise UsageError(f"{cfg.folds}-fold cross-validation needs at least {cfg.folds} photos of every class; "
-                             f"the smallest class has {smallest} (--folds fewer, or more photos)")
+        check_folds(cfg.folds, int(np.bincount(labels, minlength=len(ref.classes)).min()))
         folds = list(RepeatedStratifiedKFold(n_splits=cfg.folds, n_repeats=cfg.repeats, random_state=cfg.seed)
                      .split(np.zeros(len(labels)), labels))
         rates = [extraction_rate(c, r) for c, r in zip(caches, made)]
