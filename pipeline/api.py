@@ -877,7 +877,7 @@ def choose_backbone(data: PathLike, backbones: Sequence[str], *, verbose: Option
     ``fastest_within_noise``, the recommendation; ``note``) says which are indistinguishable on these
     photos. ``options``: ChooseBackboneConfig's (n, folds, repeats, fused, seed, cache_dir, device, ...),
     as ``python cli.py choose-backbone``."""
-    from .heads.choose_backbone import choose_backbone as run
+    from .heads.backbone_choice import choose_backbone as run
 
     if isinstance(backbones, str):
         backbones = [backbones]

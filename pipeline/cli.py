@@ -424,7 +424,7 @@ def choose_backbone_cmd(as_json, data, backbones, **options):
     extraction speed and cache size of each, and the fastest within noise of the best."""
     from dataclasses import asdict
 
-    from .heads.choose_backbone import format_choice
+    from .heads.backbone_choice import format_choice
     from .runs.ledger import current_command
 
     options = {k: v for k, v in options.items() if v is not None}

@@ -10,7 +10,7 @@ import pipeline
 from pipeline.cache.feature_cache import read_info
 from pipeline.cli import cli
 from pipeline.config import ChooseBackboneConfig
-from pipeline.heads.choose_backbone import NOISE_SES, Candidate, _decide, corrected_se, format_choice
+from pipeline.heads.backbone_choice import NOISE_SES, Candidate, _decide, corrected_se, format_choice
 from tests.conftest import make_image_folder
 
 pytestmark = pytest.mark.filterwarnings("ignore:--weights none")
