@@ -17,7 +17,9 @@ import itertools
 import json
 import logging
 import math
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -142,14 +144,22 @@ def corrected_se(scores, test_share: float) -> float:
 
 
 @contextlib.contextmanager
-def _quiet_fits():
-    """fit-head's line per fit (which setting won) is noise a few dozen times over."""
+def _fold_workers():
+    """Folds fitted side by side, one per core, each on one BLAS and torch thread (set once around them all,
+    so no fit's own limit can lift another's: the same numbers as one fold at a time), and fit-head's line
+    per fit (which setting won), noise a few dozen times over, left out."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
     logger = logging.getLogger("pipeline.heads.fit_head")
-    level = logger.level
+    level, threads = logger.level, torch.get_num_threads()
     logger.setLevel(logging.WARNING)
+    torch.set_num_threads(1)
     try:
-        yield
+        with threadpool_limits(1), ThreadPoolExecutor(max(1, min(os.cpu_count() or 1, 8))) as pool:
+            yield pool
     finally:
+        torch.set_num_threads(threads)
         logger.setLevel(level)
 
 
@@ -163,13 +173,9 @@ def cross_validate(rows, order: np.ndarray, folds: list, seed: int, device) -> t
     if isinstance(rows, FusedRows):
         cfg = rows.head_config(cfg)
     dev = resolve_device(device)
-    acc, loss = [], []
-    with _quiet_fits():
-        for train, test in folds:
-            fit = fit_on_rows(cfg, rows, order[train], order[test], dev)
-            acc.append(fit.val["acc"])
-            loss.append(fit.val["loss"])
-    return acc, loss
+    with _fold_workers() as pool:
+        fits = list(pool.map(lambda fold: fit_on_rows(cfg, rows, order[fold[0]], order[fold[1]], dev), folds))
+    return [f.val["acc"] for f in fits], [f.val["loss"] for f in fits]
 
 
 def _fused_rate(rates: list) -> Optional[float]:
