@@ -11,7 +11,6 @@ that runs the backbones on photos (``models.fused_models``).
 """
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 from typing import Optional, Sequence
@@ -213,12 +212,6 @@ def open_head_rows(ckpt: dict, cache: Optional[str] = None):
     return FusedRows(ckpt["caches"], ckpt["fused"]["view"])
 
 
-def describe(ckpt: dict) -> str:
-    """'vgg16 (512) + resnet18 (512), avg blocks': a fused checkpoint in a few words."""
-    f = ckpt["fused"]
-    return " + ".join(f"{p['backbone']} ({p['block']})" for p in f["parts"]) + f", {f['view']} blocks"
-
-
 def record_problem(record) -> Optional[str]:
     """Why a checkpoint's ``fused`` entry cannot be used (a hand edit, a newer format), or None."""
     if not isinstance(record, dict) or record.get("version") != FUSED_VERSION:
@@ -232,8 +225,3 @@ def record_problem(record) -> Optional[str]:
         return "a fused-features record with its view"
     return None
 
-
-def dumps(record: dict) -> str:
-    """The fused record without its tensors, as JSON (export metadata, service /info)."""
-    return json.dumps({**record, "parts": [{k: v for k, v in p.items() if k != "int8_observers"}
-                                           for p in record["parts"]]})
