@@ -16,6 +16,7 @@ Caches and heads
                                          predict_proba(X), score(cache or folder), save(path), Head.load(path),
                                          plot_curves(); learned state in classes_, history_, metrics_, checkpoint_
     compare_sklearn(cache, **opts)       the torch head and scikit-learn's LogisticRegression on one split: rows
+    choose_backbone(data, backbones)     each backbone (and their fusions) cross-validated on the photos: which to use
 Whole models
     train_model(data, **opts)            a new head trained on images, backbone frozen: a Model
     finetune_model(data, init, **opts)   the backbone unfrozen (all or the last K blocks): a Model
@@ -62,7 +63,7 @@ STAGES = ("data", "cache", "extraction", "runs", "heads", "models", "reports", "
 _EXPORTS = {
     **{name: "api" for name in (
         "Cache", "Head", "Model", "NotFittedError", "Rows",
-        "extract_features", "list_caches", "compare_sklearn", "train_model", "finetune_model", "evaluate_model",
+        "extract_features", "list_caches", "compare_sklearn", "choose_backbone", "train_model", "finetune_model", "evaluate_model",
         "predict_files", "preview", "feature_map", "plot_curves", "check_image_folder", "fetch_data", "run_demo",
         "list_runs", "imagenet_check", "model_summary", "export_model", "serve_app", "serve_model",
         "audit_folder",

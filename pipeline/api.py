@@ -34,6 +34,7 @@ from sklearn.exceptions import NotFittedError as SklearnNotFittedError
 from .config import (
     AuditConfig,
     CheckImagesConfig,
+    ChooseBackboneConfig,
     CompareConfig,
     DemoConfig,
     EvaluateConfig,
@@ -53,7 +54,8 @@ from .errors import UsageError
 
 __all__ = [
     "Cache", "Head", "Model", "NotFittedError", "Rows",
-    "extract_features", "list_caches", "compare_sklearn", "train_model", "finetune_model", "evaluate_model",
+    "extract_features", "list_caches", "compare_sklearn", "choose_backbone", "train_model", "finetune_model",
+    "evaluate_model",
     "predict_files", "preview", "feature_map", "plot_curves", "check_image_folder", "fetch_data", "run_demo",
     "list_runs", "imagenet_check", "model_summary",
     "audit_folder",
@@ -658,19 +660,23 @@ class Head(ClassifierMixin, BaseEstimator, _Classifier):
 
     def fit(self, X: Union[Cache, PathLike, np.ndarray, None] = None, y=None, *,
             verbose: Optional[bool] = None) -> "Head":
-        """Train on a Cache or cache file (None = the newest complete cache in cache_dir), or on arrays
-        of cached features ``X`` with labels ``y``; returns self, fitted. ``verbose`` (default: the
-        head's own) shows the progress bars and a line per epoch for this fit only."""
+        """Train on a Cache or cache file (None = the newest complete cache in cache_dir), on a list of
+        caches of the same photos from other backbones (one head on their fused features: each cache's
+        view l2-normalised, side by side; predicting runs every backbone), or on arrays of cached features
+        ``X`` with labels ``y``; returns self, fitted. ``verbose`` (default: the head's own) shows the
+        progress bars and a line per epoch for this fit only."""
         from .models.whole_models import read_checkpoint
 
-        if X is not None and not isinstance(X, (Cache, str, os.PathLike)):  # arrays of features
+        several = isinstance(X, (list, tuple)) and bool(X) and all(isinstance(x, (Cache, str, os.PathLike)) for x in X)
+        if X is not None and not several and not isinstance(X, (Cache, str, os.PathLike)):  # arrays of features
             with _verbosity(self.verbose if verbose is None else verbose):
                 return self._fit_arrays(X, y)
         if y is not None:
             raise UsageError("fit(cache) takes its labels from the cache; pass y only with arrays of features X")
         from .heads.fit_head import fit_head
 
-        cfg = self._config(cache=None if X is None else _path(X))
+        # several caches of the same photos: one head on their fused features (heads/fused_views.py)
+        cfg = self._config(cache=None if X is None else [_path(x) for x in X] if several else _path(X))
         with _verbosity(self.verbose if verbose is None else verbose):
             result = fit_head(cfg)
         self._set_state(result["checkpoint"], read_checkpoint(result["checkpoint"]), result)
@@ -864,6 +870,24 @@ class Model(_Classifier):
 
 
 # -- stages that return rows or reports --------------------------------------------------------
+def choose_backbone(data: PathLike, backbones: Sequence[str], *, verbose: Optional[bool] = False, **options):
+    """Which backbone suits the photos of ``data``: each of ``backbones`` ('NAME' or 'NAME=WEIGHTS')
+    extracts the same seeded sample (ordinary caches, reused later), fit-head's default head is
+    cross-validated on each and on their fused features (repeated stratified k-fold, the same folds
+    for every candidate), and the answer (a ``BackboneChoice``: ``candidates`` best first with accuracy,
+    log-loss, their standard errors, extraction img/s and cache MB per 1,000 photos; ``best``;
+    ``fastest_within_noise``, the recommendation; ``note``) says which are indistinguishable on these
+    photos. ``options``: ChooseBackboneConfig's (n, folds, repeats, fused, seed, cache_dir, device, ...),
+    as ``python cli.py choose-backbone``."""
+    from .heads.backbone_choice import choose_backbone as run
+
+    if isinstance(backbones, str):
+        backbones = [backbones]
+    cfg = _config(ChooseBackboneConfig, "choose_backbone", options, data=_path(data), backbones=tuple(backbones))
+    with _verbosity(verbose):
+        return run(cfg)
+
+
 def compare_sklearn(cache: Union[Cache, PathLike, None] = None, *, head: Union[Head, dict, None] = None,
                     verbose: Optional[bool] = False, **options) -> Rows:
     """Fit the torch head and scikit-learn's StandardScaler + LogisticRegression on the same seeded split.

@@ -38,6 +38,7 @@ from .config import (
     VIEWS,
     AuditConfig,
     CheckImagesConfig,
+    ChooseBackboneConfig,
     CompareConfig,
     DemoConfig,
     EvaluateConfig,
@@ -377,7 +378,10 @@ def split_options(fn):
 
 @defaults_from(FitHeadConfig)
 @cli.command("fit-head")
-@common_cache_options
+@click.option("--cache-dir", help="Folder of feature caches.")
+@click.option("--cache", "cache", type=click.Path(dir_okay=False), multiple=True,
+              help="Cache file to use [default: the newest complete cache]; given more than once (caches of the "
+                   "same photos from other backbones), one head on their fused features.")
 @split_options
 @click.option("--head", type=click.Choice(HEADS),
               help="linear: Adam with early stopping; logreg: scikit-learn LogisticRegression; kernel: an RBF "
@@ -397,8 +401,41 @@ def fit_head_cmd(as_json, **options):
     from .heads.fit_head import format_result
 
     cache = options.pop("cache")
-    result = api.Head(verbose=None, **options).fit(cache).result_
+    result = api.Head(verbose=None, **options).fit(list(cache) if len(cache) > 1 else cache[0] if cache else None).result_
     emit(result, as_json, format_result(result))
+
+
+@defaults_from(ChooseBackboneConfig)
+@cli.command("choose-backbone")
+@click.option("--data", help="ImageFolder root (one folder per class).")
+@click.option("--backbone", "backbones", multiple=True, metavar="NAME[=WEIGHTS]",
+              help="A candidate: a backbone name, with its weights (a name, a file, or none) after '='; once per "
+                   "candidate.")
+@click.option("-n", "--n", type=int, help="Photos each candidate extracts (a seeded stratified sample; all when "
+              "the folder has fewer).")
+@click.option("--folds", type=int, help="Stratified cross-validation folds ...")
+@click.option("--repeats", type=int, help="... repeated with other shuffles (every candidate on the same folds).")
+@click.option("--fused/--no-fused", default=None,
+              help="Also cross-validate every combination of two or more candidates' fused features.")
+@click.option("--seed", type=int, help="Seeds the sample, the folds and the heads.")
+@click.option("--cache-dir", help="Where the candidates' caches go (later commands reuse them).")
+@click.option("--device", help="auto, cpu, cuda or cuda:N.")
+@click.option("--precision", type=click.Choice(PRECISIONS), help="Extraction's compute precision (as extract's).")
+@click.option("--batch-size", type=int, help="Extraction's images per forward pass.")
+@click.option("--workers", type=int, help="Extraction's decoding workers (as extract's).")
+@json_option
+@library_errors
+def choose_backbone_cmd(as_json, data, backbones, **options):
+    """Which backbone (or fusion of backbones) suits these photos: cross-validated accuracy, log-loss,
+    extraction speed and cache size of each, and the fastest within noise of the best."""
+    from dataclasses import asdict
+
+    from .heads.backbone_choice import format_choice
+    from .runs.ledger import current_command
+
+    options = {k: v for k, v in options.items() if v is not None}
+    choice = api.choose_backbone(data, list(backbones), verbose=None, command=current_command(), **options)
+    emit(asdict(choice), as_json, format_choice(choice))
 
 
 @defaults_from(CompareConfig, FitHeadConfig)

@@ -101,7 +101,8 @@ class ExtractConfig:
 class FitHeadConfig:
     """How to train the head, and on which cache. The defaults were chosen by measurement (README)."""
 
-    cache: Optional[str] = None  # cache file; None = the newest complete cache in cache_dir
+    # cache file; None = the newest complete cache in cache_dir; a list of caches of the same photos: fused features
+    cache: Optional[str] = None
     cache_dir: str = "features"  # where to look for the newest cache (and where --test-data's cache goes)
     head: str = "auto"  # auto (RBF kernel head, C and gamma by CV), linear (Adam), logreg, kernel (given C, gamma)
     features: str = "avg"  # view of the cached map: flat, avg, max, avgmax
@@ -130,6 +131,25 @@ class FitHeadConfig:
     known_share: float = 0.95  # share of validation photos kept as known; the rest of the score range is 'unknown'
     unknown_rows: int = 5000  # training rows kept for the unknown score (a seeded sample, 1 KB each); 0 = none
     unknown_k: int = 10  # the unknown score compares a photo with its k-th nearest training row
+
+
+@dataclass
+class ChooseBackboneConfig:
+    """Which backbones to compare on which photos, and how hard to cross-validate."""
+
+    data: str = "data/PetImages"  # ImageFolder root: one sub-folder of images per class
+    backbones: tuple = ()  # candidates, each 'NAME' or 'NAME=WEIGHTS' (a weights name, a file, or 'none')
+    n: int = 1000  # photos each candidate extracts (a seeded stratified sample); all when the folder has fewer
+    seed: int = 0  # the sample, the folds, the heads
+    folds: int = 5  # stratified k-fold ...
+    repeats: int = 2  # ... repeated with other shuffles: every candidate on the same folds
+    fused: bool = True  # also every combination of two or more candidates, fused (fit-head --cache A --cache B)
+    cache_dir: str = "features"  # where the candidates' caches go (ordinary caches: later commands reuse them)
+    device: str = "auto"  # extraction and heads
+    precision: str = "auto"  # extraction's compute precision (as extract --precision)
+    batch_size: int = 32  # extraction's images per forward pass
+    workers: int = -1  # extraction's decoding workers (as extract --workers)
+    command: str = ""  # the command line, recorded in the caches it makes
 
 
 @dataclass

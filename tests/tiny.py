@@ -1,10 +1,12 @@
 """Tiny backbones for fast tests, 32x32 input: 'tiny' -> 8x8x8 features (VGG-like: flattened into
-the head), 'tiny_bn' -> 16x8x8 features in two conv+BatchNorm blocks (ResNet-like: pooled head).
+the head), 'tiny_bn' -> 16x8x8 features in two conv+BatchNorm blocks (ResNet-like: pooled head), 'tiny_wide'
+-> 6x8x8 features of a 24x24 bicubic crop with its own mean and std (other preprocessing, for fused features).
 
 Import this module to register it; subprocess tests run
 ``python -c "import tests.tiny, cli; cli.cli()" ARGS``.
 """
 from torch import nn
+from torchvision.transforms import InterpolationMode
 from torchvision.transforms._presets import ImageClassification
 
 from pipeline.extraction.backbones import BackboneSpec, register_backbone, split_at_maxpool
@@ -55,6 +57,30 @@ TINY_BN = BackboneSpec(
     blocks=split_at_maxpool,
 )
 register_backbone(TINY_BN)
+
+
+class WideNet(nn.Module):
+    """Another tiny backbone with its own preprocessing: a 24 x 24 bicubic crop, other mean and std."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(3))
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(6 * 8 * 8, num_classes))
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+TINY_WIDE = BackboneSpec(
+    name="tiny_wide",
+    build=WideNet,
+    features=lambda m: m.features,
+    feature_prefixes=("features.",),
+    transform=lambda: ImageClassification(crop_size=24, resize_size=28, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
+                                          interpolation=InterpolationMode.BICUBIC),
+    classifier_in=lambda m: m.classifier[1].in_features,
+)
+register_backbone(TINY_WIDE)
 
 #: the command prefix for running the CLI in a subprocess with 'tiny' registered
 CLI = ["-c", "import tests.tiny, cli; cli.cli()"]

@@ -43,6 +43,17 @@ def timed(iterable, clock: dict, key: str):
         yield element
 
 
+def rates(model, seconds: float, computed: int) -> dict:
+    """{img_per_s: the rate after the one-offs (calibration, then compiling: the first compiled call and its
+    batch), which a longer run tends to, what bench/bench_extract.py reports, so a user's run and the bench
+    agree; wall_img_per_s: one-off compiling included} of ``computed`` images in ``seconds``."""
+    first = model.compiled.first_images if model.compile_seconds else 0
+    steady_seconds = seconds - model.compile_seconds
+    wall = computed / seconds if seconds > 0 else 0.0
+    return {"img_per_s": (computed - first) / steady_seconds if computed > first and steady_seconds > 0 else wall,
+            "wall_img_per_s": wall}
+
+
 def hit_summary(info: CacheInfo, started: float) -> dict:
     """What extract returns for a cache that is already complete."""
     return {"cache": str(info.path), "hit": True, "rows": info.rows, "skipped": int(info.attrs.get("skipped_rows", 0)),
@@ -250,26 +261,25 @@ def extract_range(cfg, listing: ImageFolderListing, key: str, path: Path, resume
                         "asked for" if cfg.n else "files", skipped)
         before = json.loads(writer.f.attrs.get("reuse", "{}") or "{}")
         total = {k: int(before.get(k, 0)) + reuse[k] for k in reuse}
+        computed = rows - start_rows - reuse["reused"]
+        speed = rates(model, time.time() - t0, computed)
         writer.finish(reuse=json.dumps({**total, "computed": rows - total["reused"],
                                         "from": sorted({*before.get("from", []),
-                                                        *(Path(p).name for p in (donors.sources if donors else []))})}))
+                                                        *(Path(p).name for p in (donors.sources if donors else []))})}),
+                      # how fast this machine made it (choose-backbone reads it back on a cache hit)
+                      **({"extract_rate": json.dumps({**speed, "images": computed, "device": str(device),
+                                                      "precision": precision, "flip": bool(cfg.flip)})}
+                         if computed else {}))
         shape = list(writer.f["features"].shape[1:]) if "features" in writer.f else []
     for p in stale:  # superseded: every row of it that still holds is in the new cache
         p.unlink(missing_ok=True)
         log.info("removed %s (set aside as stale; its rows that still hold were reused)", p)
     seconds = time.time() - t0
-    computed = rows - start_rows - reuse["reused"]
-    # the rate after the one-offs (calibration, then compiling: the first compiled call and its batch), which
-    # a longer run tends to; what bench/bench_extract.py reports, so a user's run and the bench agree
-    first = model.compiled.first_images if model.compile_seconds else 0
-    steady_seconds = seconds - model.compile_seconds
-    wall = computed / seconds if seconds > 0 else 0.0
     return {"cache": str(path), "hit": False, "rows": rows, "computed": computed, "resumed_from": start_rows,
             "reused": reuse["reused"], "label_changes": reuse["label_changes"],
             "skipped": skipped, "feature_shape": shape, "classes": list(listing.classes),
             "device": str(device), "precision": precision, "flip": bool(cfg.flip), "seconds": seconds,
-            "img_per_s": (computed - first) / steady_seconds if computed > first and steady_seconds > 0 else wall,
-            "wall_img_per_s": wall,  # one-off compiling included
+            **rates(model, seconds, computed),
             # where the time went: waiting for decoded images, the model (compiling included), HDF5 writes
             "stage_seconds": {**clock, "model": model.busy_seconds}, "compile_seconds": model.compile_seconds,
             "compiled": bool(model.compiled and not model.compiled.failed),

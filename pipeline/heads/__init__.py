@@ -3,6 +3,8 @@
 What other stages use:
     fit_head.fit_head               the fit-head command
     compare.compare_sklearn         the compare-sklearn command
+    backbone_choice.choose_backbone the choose-backbone command
+    fused_views.FusedRows           several caches of the same photos as one cache of fused rows
     probe_heads.ProbeHead           one torch module for every head kind (view -> norm -> [RBF] -> Linear -> LogSoftmax)
     feature_views                   the views (flat, avg, max, avgmax) and normalisations
     epoch_loop                      the split, the epoch loop and option checks that train/finetune share

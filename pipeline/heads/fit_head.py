@@ -40,6 +40,7 @@ from .cache_views import CacheRows, CacheViews, evaluate_head
 from .calibration import before_after, calibration_metrics, fit_temperature, out_of_fold_log_proba, with_temperature
 from .epoch_loop import per_class_accuracy, split_indices, validate_training
 from .feature_views import NORMS, VIEWS, check_view
+from .fused_views import FusedRows, fused_paths, single_cache
 from .linear_trainer import train_linear
 from .model_selection import AUTO_GRID, TUNE_GRIDS, expand_grid, fit_setting, format_table, setting_key, tune
 from .probe_heads import ProbeHead
@@ -71,6 +72,9 @@ def validate(cfg: FitHeadConfig) -> None:
         raise UsageError(f"--weight-decay must be in [0, {MAX_WEIGHT_DECAY:g}], got {cfg.weight_decay}")
     if cfg.test_data and cfg.test_cache:
         raise UsageError("pass --test-data or --test-cache, not both")
+    if fused_paths(cfg.cache) and cfg.test_cache:
+        raise UsageError("--test-cache names one cache; test a head on several caches' fused features with "
+                         "--test-data DIR (each backbone extracts it)")
     validate_trust(cfg, CALIBRATIONS)
 
 
@@ -346,22 +350,24 @@ def fit_head(cfg: FitHeadConfig) -> dict:
 
     cfg = with_recipe(cfg)
     validate(cfg)
-    path, default_cache = resolve_cache(cfg.cache, cfg.cache_dir)
+    fused = fused_paths(cfg.cache)  # several caches: one head on their fused views (heads/fused_views.py)
+    path, default_cache = (Path(fused[0]), None) if fused else resolve_cache(single_cache(cfg.cache), cfg.cache_dir)
     device = resolve_device(cfg.device)
-    with FeatureCache(path) as cache:
+    with (FusedRows(fused, cfg.features, cfg.block_rows) if fused else FeatureCache(path)) as cache:
         check_output(cfg.runs_dir, data=[(cache.attrs["data_root"], f"the photos of the cache {path}")],
                      what="--runs-dir", folder=True)
         changed = source_changes(cache.info)
         if changed:
             log.warning("%s: %s", path, changed)
         train_idx, val_idx = split_indices(cache.labels, cfg.val_fraction, cfg.seed)
-        fit = fit_on_rows(cfg, cache, train_idx, val_idx, device)
+        fit = fit_on_rows(cache.head_config(cfg) if fused else cfg, cache, train_idx, val_idx, device)
         head, history, info, tuning, val, best_epoch = (fit.head, fit.history, fit.info, fit.tuning, fit.val,
                                                          fit.best_epoch)
         fit_seconds = fit.fit_seconds
         test = None
         if cfg.test_data or cfg.test_cache:
-            with FeatureCache(test_cache_for(cfg, cache)) as tc:
+            with (cache.like([test_cache_for(cfg, part) for part in cache.parts]) if fused
+                  else FeatureCache(test_cache_for(cfg, cache))) as tc:
                 test = {**scores(head, tc, np.arange(tc.n), device, cfg.block_rows), "cache": str(tc.path),
                         "overlap": overlap(cache, train_idx, tc)}
             test["calibration"] = before_after(test.pop("logp"), test.pop("labels"), fit.trust["temperature"])
@@ -383,12 +389,15 @@ def fit_head(cfg: FitHeadConfig) -> dict:
             "state_dict": head.checkpoint()["state_dict"], "head": head.config,
             "in_shape": list(cache.feature_shape), "dropout": cfg.dropout, "config": asdict(cfg),
             "cache": str(path), "cache_fingerprint": cache.attrs["fingerprint"], "metrics": metrics,
-            "best_epoch": best_epoch, "tuning": tuning, "trust": fit.trust, **_int8_network(path),
+            "best_epoch": best_epoch, "tuning": tuning, "trust": fit.trust,
+            **(cache.checkpoint_fields() if fused else _int8_network(path)),
         }
         atomic_write(out_dir / "head.pt", lambda tmp: torch.save(ckpt, tmp))
     curves = finish_run(out_dir, cfg.runs_dir, "fit-head", history, [out_dir / "head.pt"], cache=str(path),
+                        **({"backbone": ckpt["backbone"], "cache_fingerprint": ckpt["cache_fingerprint"]} if fused else {}),
                         params={**asdict(cfg), **({"tuned": tuning["choice"]} if tuning else {})}, metrics=metrics)
-    return {"cache": str(path), "run_dir": str(out_dir), "checkpoint": str(out_dir / "head.pt"),
+    return {"cache": str(path), **({"caches": fused} if fused else {}), "run_dir": str(out_dir),
+            "checkpoint": str(out_dir / "head.pt"),
             "curves": str(curves) if curves else None, "head": head.describe(),
             "train_rows": int(len(train_idx)), "val_rows": int(len(val_idx)), **fit.trust, **metrics,
             "per_class_val_acc": val["per_class"], "best_epoch": best_epoch, "trust": fit.trust,

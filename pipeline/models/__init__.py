@@ -2,6 +2,7 @@
 
 What other stages use:
     whole_models.load_model, read_checkpoint, head_from_checkpoint   any checkpoint as a runnable model
+    fused_models.FusedModel         a head on fused features: every backbone on its own preprocessing
     train.train, train.finetune     the train and finetune commands
     predict.predict, predict.imagenet_check   classify files and folders
     summary.summarize               the summary command

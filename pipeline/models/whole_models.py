@@ -29,6 +29,7 @@ from ..errors import PipelineError, UsageError
 from ..extraction import backbones as bb
 from ..extraction.inference import mirror_mean
 from ..files import atomic_write
+from ..heads.fused_views import record_problem
 from ..heads.probe_heads import ProbeHead
 from ..heads.unknown_score import pooled_rows
 
@@ -215,6 +216,7 @@ _SCHEMA = {
     "preprocessing": (dict, "a preprocessing record"),
     "config": (dict, "a dict"),
     "head": (dict, "a probe-head config"),
+    "fused": (dict, "a fused-features record (heads/fused_views.py)"),
 }
 _REQUIRED = ("state_dict", "backbone", "weights", "classes", "in_shape", "preprocessing", "head")
 
@@ -232,6 +234,8 @@ def _field_ok(name: str, value) -> bool:
         return value in POOLS
     if name == "dropout":
         return 0 <= value < 1
+    if name == "fused":
+        return record_problem(value) is None
     if name == "preprocessing":
         try:
             Preprocessing.from_dict(value)
@@ -282,7 +286,9 @@ def load_model(path, weights: Optional[str] = None, trainable: bool = False) -> 
 def model_from_checkpoint(ckpt: dict, path, weights: Optional[str] = None, trainable: bool = False) -> LoadedModel:
     """``load_model`` of a checkpoint already read (``read_checkpoint``): a caller holding it does not
     read the file (half a gigabyte for a VGG-16 model.pt) a second time."""
-    if ckpt["kind"] == "fit-head":
+    if ckpt["kind"] == "fit-head" and ckpt.get("fused"):
+        lm = _from_fused_head(ckpt, path, weights, trainable)
+    elif ckpt["kind"] == "fit-head":
         lm = _from_head(ckpt, path, weights, trainable)
     else:
         if weights is not None:
@@ -389,7 +395,10 @@ def head_from_checkpoint(ckpt: dict, state: dict, path):
         raise UsageError(f"{str(path)!r}: its head does not load ({str(e).strip().splitlines()[0][:200]})") from None
 
 
-def _from_head(ckpt: dict, path, weights: Optional[str], trainable: bool = False) -> LoadedModel:
+def _head_backbone(ckpt: dict, path, weights: Optional[str], trainable: bool = False):
+    """The backbone a fit-head checkpoint's rows came from, checked against its record: (the loaded backbone,
+    the weights used, its feature network: the int8 one when its cache was int8 and not ``trainable``,
+    'int8' or None)."""
     source = _head_weights_source(ckpt, weights)
     with warnings.catch_warnings():
         if source.lower() == "none":
@@ -409,12 +418,46 @@ def _from_head(ckpt: dict, path, weights: Optional[str], trainable: bool = False
     features, precision = loaded.features, None
     if ckpt.get("precision") == "int8" and not trainable:
         features, precision = _cache_int8_network(ckpt, loaded, path), "int8"
+    return loaded, source, features, precision
+
+
+def _from_head(ckpt: dict, path, weights: Optional[str], trainable: bool = False) -> LoadedModel:
+    loaded, source, features, precision = _head_backbone(ckpt, path, weights, trainable)
+    pool = ckpt.get("pool", "none")
     model = TransferModel(ckpt["backbone"], features, ckpt["in_shape"], len(ckpt["classes"]), pool,
                           ckpt.get("dropout", 0.0), head=head_from_checkpoint(ckpt, ckpt["state_dict"], path),
                           flip=bool(ckpt.get("flip", False)))
     info = _info(loaded, source, ckpt["in_shape"], ckpt["classes"], pool, ckpt.get("dropout", 0.0))
     info["init_from"] = str(path)
     return LoadedModel(model, loaded.transform, info, "fit-head", precision)
+
+
+def _from_fused_head(ckpt: dict, path, weights: Optional[str], trainable: bool) -> LoadedModel:
+    """A head on several caches' fused features: each backbone loaded as a head on its cache would load it
+    (its recorded weights, checked; its int8 network), each on its own preprocessing of the photo
+    (``fused_models``)."""
+    from .fused_models import FusedModel, StackedTransform
+
+    if weights is not None:
+        raise UsageError(f"{str(path)!r} runs {len(ckpt['fused']['parts'])} backbones ({ckpt['backbone']}), each with "
+                         "the weights recorded for it; --weights names one backbone's")
+    if trainable:
+        raise UsageError(f"{str(path)!r} is a head on {ckpt['backbone']}'s fused features; fine-tuning starts "
+                         "from a head on one backbone's")
+    parts, transforms, records, precisions = [], [], [], []
+    for part in ckpt["fused"]["parts"]:
+        loaded, source, features, precision = _head_backbone(part, path, None)
+        parts.append(TransferModel(part["backbone"], features, part["in_shape"], len(ckpt["classes"]),
+                                   part.get("pool", "none"), head=nn.Identity(), flip=bool(part.get("flip", False))))
+        transforms.append(loaded.transform)
+        records.append(_info(loaded, source, part["in_shape"], ckpt["classes"], part.get("pool", "none"), 0.0))
+        precisions.append(precision)
+    model = FusedModel(parts, [t.crop_size[0] for t in transforms], ckpt["fused"]["view"],
+                       head_from_checkpoint(ckpt, ckpt["state_dict"], path))
+    info = {**{k: v for k, v in ckpt.items() if k not in ("state_dict", "kind", "config", "metrics", "history",
+                                                            "head", "tuning", "trust", "fused")},
+            "preprocessing": [r["preprocessing"] for r in records], "fused": records, "init_from": str(path)}
+    return LoadedModel(model, StackedTransform(transforms), info, "fit-head", "int8" if "int8" in precisions else None)
 
 
 class FrozenGraph(nn.Module):

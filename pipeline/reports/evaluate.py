@@ -18,7 +18,6 @@ from typing import Callable, Optional
 import numpy as np
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-from ..cache.feature_cache import FeatureCache
 from ..cache.provenance import Provenance
 from ..config import SPLITS, EvaluateConfig
 from ..data.folders import list_image_folder, thumbnail
@@ -30,6 +29,7 @@ from ..files import atomic_write, check_output, writing
 from ..heads.epoch_loop import split_indices
 from ..heads.cache_views import head_scores
 from ..heads.calibration import before_after, reliability_bins, without_temperature
+from ..heads.fused_views import open_head_rows
 from ..models.whole_models import (
     cache_reads,
     checkpoint_reads,
@@ -98,9 +98,9 @@ def _check_cache_fits(ckpt: dict, cache) -> None:
 def head_on_cache(model_path: str, ckpt: dict, cfg: EvaluateConfig) -> Predictions:
     """A fit-head checkpoint on cached features: its validation split, or all rows."""
 
-    path = cfg.cache or ckpt["cache"]
     device = resolve_device(cfg.device)
-    with FeatureCache(path) as cache:
+    with open_head_rows(ckpt, cfg.cache) as cache:  # one cache, or a fused head's caches fused as then
+        path = cache.path
         if not cfg.cache:
             log.info("using the cache the model was trained on: %s (%d rows, %s, created %s); --cache picks another",
                      path, cache.n, cache.attrs["backbone"], cache.attrs["created"])

@@ -31,6 +31,7 @@ from ..errors import PipelineError, UsageError
 from ..extraction import backbones as bb
 from ..extraction.inference import run_batches
 from ..files import atomic_write, check_output
+from ..models.fused_models import fused_metadata, input_shape
 from ..models.predict import list_inputs
 from ..models.whole_models import (
     WithExtras,
@@ -113,6 +114,7 @@ def metadata(cfg: ExportConfig, ckpt: dict, lm) -> dict:
         "unknown_threshold": head.threshold_used,
         "temperature": head.temperature_used,
         "versions": {**versions(), **{p: package_version(p) for p in ("onnx", "onnxruntime")}},
+        **(fused_metadata(ckpt, lm.transform, INPUT) if ckpt.get("fused") else {}),  # several backbones' inputs
     }
 
 
@@ -351,12 +353,11 @@ def export(cfg: ExportConfig) -> dict:
     files = sample_photos(cfg, ckpt)
     lm = model_from_checkpoint(ckpt, cfg.model, cfg.weights)
     meta = metadata(cfg, ckpt, lm)
-    crop = lm.transform.crop_size[0]
     net = ProbabilityNet(lm.model).eval()
     tmp = out.with_name(f".{out.name}.{os.getpid()}.export")
     try:
         log.info("exporting %s (%s) as %s", cfg.model, ckpt["kind"], cfg.format)
-        example = torch.zeros(2, 3, crop, crop)  # 2, not 1: a batch of 1 would fix the batch size
+        example = torch.zeros(2, *input_shape(lm.transform))  # 2, not 1: a batch of 1 would fix the batch size
         (write_onnx if cfg.format == "onnx" else write_torchscript)(net, example, tmp, meta)
         log.info("parity check on %d photos", len(files))
         check = parity(lm, ExportedRunner(tmp, cfg.format), files, cfg, meta)

@@ -1,0 +1,301 @@
+"""The choose-backbone stage: which backbone (or fusion of backbones) suits these photos, by cross-validation.
+
+Each candidate extracts the same seeded stratified sample into an ordinary cache (later commands reuse
+it; a cache already there costs seconds), and fit-head's default head (``fit_head.fit_on_rows``, with
+its own choice of settings inside each training part: nested, so the score is of the whole procedure) is
+cross-validated on it, and on the fused views of every combination of candidates
+(``fused_views.FusedRows``): repeated stratified k-fold on the same photos in the same folds for every
+candidate, so candidates are compared fold by fold. Noise is said as it is: the standard error of a
+k-fold mean uses Nadeau and Bengio's correction (the training parts overlap, so the folds are not
+independent: var x (1/J + n_test/n_train) over J folds), and a candidate is "within noise" of the best
+when their paired difference is under two such standard errors.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import logging
+import math
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from ..cache.feature_cache import FeatureCache
+from ..config import ChooseBackboneConfig, FitHeadConfig
+from ..errors import UsageError
+from .fused_views import FusedRows, match_rows
+
+log = logging.getLogger(__name__)
+
+#: a candidate is within noise of the best while their paired difference is under this many standard errors
+NOISE_SES = 2.0
+
+
+@dataclass
+class Candidate:
+    """One backbone, or a fusion of several, as cross-validated."""
+
+    name: str  # 'vgg16', 'vgg16+tf_efficientnet_lite0'
+    backbones: list  # the --backbone values it is made of
+    caches: list  # their cache files
+    features: int  # length of the row the head reads (a fusion: the sum of its blocks)
+    acc: float  # mean accuracy over the folds
+    acc_se: float  # its standard error (corrected for overlapping training parts)
+    log_loss: float  # mean log-loss (the fitted head's, before any temperature)
+    log_loss_se: float
+    fold_acc: list  # per fold, in the same folds for every candidate
+    fold_log_loss: list
+    img_per_s: Optional[float]  # extraction rate on this machine (a fusion runs each backbone: 1/sum(1/r)); None if unknown
+    mb_per_1000: float  # cache size per 1,000 photos (a fusion: the sum of its caches')
+    diff: float = 0.0  # the best's accuracy minus this one's (mean of the paired fold differences)
+    diff_se: float = 0.0  # its standard error
+    within_noise: bool = True  # of the best: diff < NOISE_SES x diff_se
+
+
+@dataclass
+class BackboneChoice:
+    """choose-backbone's answer: every candidate, the best, and the fastest within noise of it."""
+
+    data: str
+    rows: int  # photos every candidate was scored on
+    classes: int
+    folds: int
+    repeats: int
+    candidates: list = field(default_factory=list)  # Candidate, best first
+    best: str = ""
+    fastest_within_noise: str = ""  # the recommendation: the fastest candidate indistinguishable from the best
+    indistinguishable: list = field(default_factory=list)  # names within noise of the best (the best included)
+    extract_seconds: float = 0.0
+    cv_seconds: float = 0.0
+    note: str = ""  # the recommendation, said in words
+
+
+def parse_candidate(text: str) -> tuple[str, str]:
+    """'vgg16=W' -> ('vgg16', 'W'); 'vgg16' -> ('vgg16', 'DEFAULT')."""
+    name, _, weights = str(text).partition("=")
+    if not name.strip():
+        raise UsageError(f"--backbone {text!r}: expected NAME or NAME=WEIGHTS")
+    return name.strip(), weights.strip() or "DEFAULT"
+
+
+def validate(cfg: ChooseBackboneConfig) -> None:
+    if not cfg.backbones:
+        raise UsageError("name the candidates: --backbone NAME[=WEIGHTS], once per candidate (two or more to compare)")
+    specs = [parse_candidate(b) for b in cfg.backbones]
+    if len(set(specs)) < len(specs):
+        raise UsageError(f"a candidate is named twice: {', '.join(cfg.backbones)}")
+    if cfg.folds < 2 or cfg.repeats < 1:
+        raise UsageError(f"--folds must be at least 2 and --repeats at least 1, got {cfg.folds} and {cfg.repeats}")
+    if cfg.n < 0:
+        raise UsageError(f"--n must be 0 (all) or positive, got {cfg.n}")
+    if not Path(cfg.data).is_dir():
+        raise UsageError(f"data folder {cfg.data!r} does not exist")
+
+
+def _extract(cfg: ChooseBackboneConfig, backbone: str, weights: str, n: int) -> dict:
+    from ..extraction.extract import ExtractConfig, extract
+
+    return extract(ExtractConfig(data=cfg.data, n=n, backbone=backbone, weights=weights, seed=cfg.seed,
+                                 cache_dir=cfg.cache_dir, device=cfg.device, precision=cfg.precision,
+                                 batch_size=cfg.batch_size, workers=cfg.workers, command=cfg.command))
+
+
+def sample_size(cfg: ChooseBackboneConfig) -> int:
+    """The --n every candidate extracts: 0 (all, the cache a plain extract of the folder makes) when the
+    folder holds no more than --n photos. Too few photos of a class for the folds is refused here, before
+    any extraction (and again on the rows extracted, which may have lost unreadable files)."""
+    from ..data.folders import list_image_folder
+
+    listing = list_image_folder(cfg.data)
+    n = 0 if not cfg.n or cfg.n >= len(listing.files) else cfg.n
+    smallest = int(np.bincount(listing.labels, minlength=len(listing.classes)).min())
+    check_folds(cfg.folds, smallest if not n else int(smallest * n / len(listing.files)))
+    return n
+
+
+def check_folds(folds: int, smallest: int) -> None:
+    if smallest < folds:
+        raise UsageError(f"{folds}-fold cross-validation needs at least {folds} photos of every class; the "
+                         f"smallest class has {smallest} (--folds fewer, or more photos)")
+
+
+def extraction_rate(cache: FeatureCache, result: dict) -> Optional[float]:
+    """Images a second this machine extracted the cache at, as the cache recorded it (the same figure on a
+    later hit), else as this run computed it; None for a cache made before rates were kept."""
+    recorded = cache.attrs.get("extract_rate")
+    if recorded:
+        return float(json.loads(recorded)["img_per_s"])
+    return float(result["img_per_s"]) if not result.get("hit") and result.get("computed") else None
+
+
+def corrected_se(scores, test_share: float) -> float:
+    """The standard error of the mean of repeated k-fold scores, Nadeau and Bengio's corrected form:
+    sqrt(var x (1/J + n_test/n_train)); 0 for one fold."""
+    scores = np.asarray(scores, np.float64)
+    if len(scores) < 2:
+        return 0.0
+    return float(math.sqrt(scores.var(ddof=1) * (1 / len(scores) + test_share / (1 - test_share))))
+
+
+@contextlib.contextmanager
+def _fold_workers():
+    """Folds fitted side by side, one per core, each on one BLAS and torch thread (set once around them all,
+    so no fit's own limit can lift another's: the same numbers as one fold at a time), and fit-head's line
+    per fit (which setting won), noise a few dozen times over, left out."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    logger = logging.getLogger("pipeline.heads.fit_head")
+    level, threads = logger.level, torch.get_num_threads()
+    logger.setLevel(logging.WARNING)
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(1), ThreadPoolExecutor(max(1, min(os.cpu_count() or 1, 8))) as pool:
+            yield pool
+    finally:
+        torch.set_num_threads(threads)
+        logger.setLevel(level)
+
+
+def cross_validate(rows, order: np.ndarray, folds: list, seed: int, device) -> tuple[list, list]:
+    """(accuracy, log-loss) per fold of fit-head's default head on ``rows`` (a cache or fused rows); ``order``
+    maps the reference rows the folds index to ``rows``'s rows."""
+    from ..devices import resolve_device
+    from .fit_head import fit_on_rows
+
+    cfg = FitHeadConfig(seed=seed, calibrate="none", unknown_rows=0, device=device)  # the default head, bare
+    if isinstance(rows, FusedRows):
+        cfg = rows.head_config(cfg)
+    dev = resolve_device(device)
+    with _fold_workers() as pool:
+        fits = list(pool.map(lambda fold: fit_on_rows(cfg, rows, order[fold[0]], order[fold[1]], dev), folds))
+    return [f.val["acc"] for f in fits], [f.val["loss"] for f in fits]
+
+
+def _fused_rate(rates: list) -> Optional[float]:
+    return None if any(r is None or r <= 0 for r in rates) else 1.0 / sum(1.0 / r for r in rates)
+
+
+def choose_backbone(cfg: ChooseBackboneConfig) -> BackboneChoice:
+    """Extract the sample with each candidate, cross-validate the default head on each and on their fusions,
+    and say which is best and which is the fastest within noise of it."""
+    from sklearn.model_selection import RepeatedStratifiedKFold
+
+    validate(cfg)
+    specs = [parse_candidate(b) for b in cfg.backbones]
+    n = sample_size(cfg)
+    t0 = time.time()
+    made = []
+    for name, weights in specs:
+        log.info("choose-backbone: extracting with %s (%s)", name, weights)
+        made.append(_extract(cfg, name, weights, n))
+    extract_seconds = time.time() - t0
+    caches = []
+    try:
+        for r in made:
+            caches.append(FeatureCache(r["cache"]))
+        ref = caches[0]
+        orders = [np.arange(ref.n)] + [match_rows(ref, c) for c in caches[1:]]  # the same photos in every cache
+        labels = ref.labels
+        check_folds(cfg.folds, int(np.bincount(labels, minlength=len(ref.classes)).min()))
+        folds = list(RepeatedStratifiedKFold(n_splits=cfg.folds, n_repeats=cfg.repeats, random_state=cfg.seed)
+                     .split(np.zeros(len(labels)), labels))
+        rates = [extraction_rate(c, r) for c, r in zip(caches, made)]
+        sizes = [c.info.size_bytes / c.n * 1000 / 1e6 for c in caches]
+        names = [name for name, _ in specs]
+        t1 = time.time()
+        found = []
+        for i, c in enumerate(caches):
+            log.info("choose-backbone: cross-validating the default head on %s (%d folds)", names[i], len(folds))
+            acc, loss = cross_validate(c, orders[i], folds, cfg.seed, cfg.device)
+            found.append(_candidate(names[i], [cfg.backbones[i]], [str(c.path)], c.feature_shape[0],
+                                    acc, loss, cfg.folds, rates[i], sizes[i]))
+        if cfg.fused:
+            for k in range(2, len(caches) + 1):
+                for combo in itertools.combinations(range(len(caches)), k):
+                    label = "+".join(names[i] for i in combo)
+                    log.info("choose-backbone: cross-validating the default head on %s's fused features", label)
+                    with FusedRows([caches[i].path for i in combo]) as fused:
+                        acc, loss = cross_validate(fused, orders[combo[0]], folds, cfg.seed, cfg.device)
+                        found.append(_candidate(label, [cfg.backbones[i] for i in combo],
+                                                [str(caches[i].path) for i in combo], fused.feature_shape[0], acc,
+                                                loss, cfg.folds, _fused_rate([rates[i] for i in combo]),
+                                                sum(sizes[i] for i in combo)))
+        cv_seconds = time.time() - t1
+    finally:
+        for c in caches:
+            c.close()
+    return _decide(cfg, found, len(labels), len(ref.classes), extract_seconds, cv_seconds)
+
+
+def _candidate(name, backbones, caches, features, acc, loss, folds, rate, mb) -> Candidate:
+    share = 1 / folds
+    return Candidate(name, backbones, caches, int(features), float(np.mean(acc)), corrected_se(acc, share),
+                     float(np.mean(loss)), corrected_se(loss, share), [float(a) for a in acc],
+                     [float(x) for x in loss], rate, float(mb))
+
+
+def _decide(cfg, found: list, rows: int, classes: int, extract_seconds: float, cv_seconds: float) -> BackboneChoice:
+    """The best (highest mean accuracy; the lower log-loss on a tie), each one's paired difference from it,
+    and the fastest of those within noise."""
+    best = max(found, key=lambda c: (c.acc, -c.log_loss))
+    for c in found:
+        d = np.asarray(best.fold_acc) - np.asarray(c.fold_acc)
+        c.diff, c.diff_se = float(d.mean()), corrected_se(d, 1 / cfg.folds)
+        c.within_noise = c is best or c.diff <= NOISE_SES * c.diff_se
+    close = [c for c in found if c.within_noise]
+    timed = [c for c in close if c.img_per_s]
+    fastest = max(timed, key=lambda c: c.img_per_s) if timed else best
+    found = sorted(found, key=lambda c: (-c.acc, c.log_loss))
+    choice = BackboneChoice(cfg.data, rows, classes, cfg.folds, cfg.repeats, found, best.name, fastest.name,
+                            [c.name for c in close], extract_seconds, cv_seconds)
+    choice.note = recommendation(choice, best, fastest)
+    return choice
+
+
+def recommendation(choice: BackboneChoice, best: Candidate, fastest: Candidate) -> str:
+    """The recommendation in words, honest about what these photos can tell apart."""
+    one = 100.0 / choice.rows
+    lines = [f"best: {best.name}, {100 * best.acc:.1f} ± {100 * best.acc_se:.1f} % cross-validated accuracy on "
+             f"{choice.rows} photos (one photo = {one:.2f} points)."]
+    others = [n for n in choice.indistinguishable if n != best.name]
+    if not others:
+        lines.append(f"Every other candidate scores lower by more than {NOISE_SES:g} standard errors of the paired "
+                     f"difference: use {best.name}.")
+        return " ".join(lines)
+    lines.append(f"Within noise of it (paired difference under {NOISE_SES:g} standard errors): {', '.join(others)}; "
+                 "on these photos they are indistinguishable from the best.")
+    if fastest is not best and best.img_per_s:
+        lines.append(f"Recommended: {fastest.name}, the fastest of them ({fastest.img_per_s:.1f} img/s, "
+                     f"{fastest.img_per_s / best.img_per_s:.1f}x {best.name}'s); more photos would tell them apart.")
+    else:
+        lines.append(f"Recommended: {fastest.name}" + (", also the fastest of them." if fastest.img_per_s else "."))
+    return " ".join(lines)
+
+
+def format_choice(choice: BackboneChoice) -> str:
+    """The table a person reads, best first, and the recommendation."""
+    w = max(len("candidate"), *(len(c.name) for c in choice.candidates))
+    lines = [f"{choice.repeats} x {choice.folds}-fold stratified CV of fit-head's default head on {choice.rows} "
+             f"photos of {choice.classes} classes ({choice.data}); ± one standard error (corrected for overlapping "
+             "folds)",
+             f"  {'candidate':<{w}}  {'features':>8}  {'CV accuracy':>15}  {'log-loss':>15}  {'vs best':>13}  "
+             f"{'img/s':>7}  {'MB/1k':>6}",
+             ]
+    for c in choice.candidates:
+        mark = "*" if c.name == choice.fastest_within_noise else " "
+        vs = "best" if c.name == choice.best else f"{-100 * c.diff + 0.0:+.1f} ± {100 * c.diff_se:.1f}"
+        noise = "" if c.name == choice.best else ("  (within noise)" if c.within_noise else "")
+        rate = f"{c.img_per_s:7.1f}" if c.img_per_s else f"{'n/a':>7}"
+        lines.append(f"{mark} {c.name:<{w}}  {c.features:>8}  {100 * c.acc:6.1f} ± {100 * c.acc_se:4.1f} %  "
+                     f"{c.log_loss:6.3f} ± {c.log_loss_se:5.3f}  {vs:>13}  {rate}  {c.mb_per_1000:6.1f}{noise}")
+    lines.append(f"(* recommended; extraction {choice.extract_seconds:.0f} s, cross-validation {choice.cv_seconds:.0f} s; "
+                 "img/s as extract ran on this machine, n/a for a cache made before rates were kept)")
+    lines.append(choice.note)
+    return "\n".join(lines)

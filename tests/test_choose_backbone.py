@@ -1,0 +1,88 @@
+"""choose-backbone: every candidate (and their fusions) cross-validated on the same folds, honest about noise."""
+import json
+import math
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import pipeline
+from pipeline.cache.feature_cache import read_info
+from pipeline.cli import cli
+from pipeline.config import ChooseBackboneConfig
+from pipeline.heads.backbone_choice import NOISE_SES, Candidate, _decide, corrected_se, format_choice
+from tests.conftest import make_image_folder
+
+pytestmark = pytest.mark.filterwarnings("ignore:--weights none")
+
+
+def test_choose_backbone_end_to_end_json_reuses_its_caches_and_their_rates(tmp_path):
+    data = make_image_folder(tmp_path / "data", per_class=10, classes=("blue", "green", "red"))
+    args = ["choose-backbone", "--data", data, "--backbone", "tiny=none", "--backbone", "tiny_wide=none",
+            "--folds", "3", "--repeats", "1", "--cache-dir", tmp_path / "features", "--workers", "0", "--json"]
+    out = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    assert out.exit_code == 0, out.output
+    r = json.loads(out.stdout)
+    names = [c["name"] for c in r["candidates"]]
+    assert sorted(names) == ["tiny", "tiny+tiny_wide", "tiny_wide"] and r["rows"] == 30 and r["classes"] == 3
+    by = {c["name"]: c for c in r["candidates"]}
+    assert by["tiny+tiny_wide"]["features"] == 8 + 6 and by["tiny"]["features"] == 8
+    for c in r["candidates"]:
+        assert len(c["fold_acc"]) == 3 and 0 <= c["acc"] <= 1 and c["acc_se"] >= 0 and c["log_loss"] > 0
+        assert c["img_per_s"] > 0 and c["mb_per_1000"] > 0
+    fused = by["tiny+tiny_wide"]  # both networks per photo: slower than either, its caches' sizes together
+    assert fused["img_per_s"] == pytest.approx(1 / (1 / by["tiny"]["img_per_s"] + 1 / by["tiny_wide"]["img_per_s"]))
+    assert fused["mb_per_1000"] == pytest.approx(by["tiny"]["mb_per_1000"] + by["tiny_wide"]["mb_per_1000"])
+    assert r["best"] == names[0] and r["fastest_within_noise"] in r["indistinguishable"] and r["note"]
+    # ordinary caches (extract finds them), and the rate they were made at is kept in them
+    for c in ("tiny", "tiny_wide"):
+        (path,) = by[c]["caches"]
+        assert json.loads(read_info(path).attrs["extract_rate"])["img_per_s"] == pytest.approx(by[c]["img_per_s"])
+    again = pipeline.choose_backbone(data, ["tiny=none", "tiny_wide=none"], folds=3, repeats=1, fused=False,
+                                     cache_dir=tmp_path / "features", workers=0)
+    assert [c.name for c in again.candidates if "+" in c.name] == []
+    for c in again.candidates:  # the same caches (hits), the same folds and heads: the same scores and rates
+        assert c.caches == by[c.name]["caches"] and c.fold_acc == by[c.name]["fold_acc"]
+        assert c.img_per_s == pytest.approx(by[c.name]["img_per_s"])
+    text = format_choice(again)
+    assert "CV accuracy" in text and "img/s" in text and "MB/1k" in text and again.note in text
+
+
+def _candidate(name, fold_acc, rate):
+    acc = np.asarray(fold_acc, float)
+    return Candidate(name, [name], [], 10, float(acc.mean()), corrected_se(acc, 0.2), 0.5, 0.01, list(acc),
+                     [0.5] * len(acc), rate, 1.0)
+
+
+def test_a_clear_winner_is_recommended_and_a_tie_goes_to_the_fastest():
+    cfg = ChooseBackboneConfig(data="d", folds=5, repeats=2)
+    rng = np.random.default_rng(0)
+    base = 0.8 + rng.normal(0, 0.03, 10)
+    clear = _decide(cfg, [_candidate("slow", base + 0.10, 10.0), _candidate("fast", base, 100.0)], 200, 5, 0, 0)
+    assert clear.best == "slow" and clear.fastest_within_noise == "slow" and clear.indistinguishable == ["slow"]
+    assert "by more than 2 standard errors" in clear.note
+    tie_acc = base + rng.normal(0, 0.03, 10)
+    tie = _decide(cfg, [_candidate("slow", base + 0.005, 10.0), _candidate("fast", tie_acc, 100.0)], 200, 5, 0, 0)
+    fast = next(c for c in tie.candidates if c.name == "fast")
+    assert fast.within_noise and fast.diff <= NOISE_SES * fast.diff_se
+    assert tie.fastest_within_noise == "fast" and "indistinguishable" in tie.note and "10.0x" in tie.note
+
+
+def test_the_standard_error_is_corrected_for_overlapping_folds():
+    scores = [0.8, 0.9, 0.85, 0.75, 0.95]
+    naive = np.std(scores, ddof=1) / math.sqrt(5)
+    assert corrected_se(scores, 0.2) == pytest.approx(np.std(scores, ddof=1) * math.sqrt(1 / 5 + 0.25))
+    assert corrected_se(scores, 0.2) > naive and corrected_se([0.9], 0.2) == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "name the candidates"),
+    (["--backbone", "tiny=none", "--backbone", "tiny=none"], "named twice"),
+    (["--backbone", "tiny=none", "--folds", "11"], "at least 11 photos of every class"),
+    (["--backbone", "=none"], "expected NAME or NAME=WEIGHTS"),
+])
+def test_usage_errors_are_one_line(tmp_path, args, message):
+    data = make_image_folder(tmp_path / "data", per_class=10)
+    out = CliRunner().invoke(cli, ["choose-backbone", "--data", str(data), "--cache-dir", str(tmp_path / "f"),
+                                   "--workers", "0", *args])
+    assert out.exit_code == 2 and message in out.output and out.output.count("\n") == 1, out.output

@@ -1,0 +1,148 @@
+"""Fused features: one head on several caches of the same photos, and every command that runs it on photos."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import pipeline
+from pipeline.cache.feature_cache import FeatureCache
+from pipeline.cli import cli
+from pipeline.errors import UsageError
+from pipeline.heads.cache_views import CacheViews, evaluate_head
+from pipeline.heads.fit_head import FitHeadConfig, fit_head
+from pipeline.heads.fused_views import FusedRows, l2_rows
+from pipeline.models.predict import PredictConfig, predict
+from pipeline.models.whole_models import head_from_checkpoint, load_model, read_checkpoint
+from tests.conftest import make_image_folder
+
+pytestmark = pytest.mark.filterwarnings("ignore:--weights none")
+
+CLASSES = ("blue", "green", "red")
+
+
+@pytest.fixture
+def photos(tmp_path):
+    return make_image_folder(tmp_path / "data", per_class=16, classes=CLASSES)
+
+
+@pytest.fixture
+def two_caches(photos, make_cache):
+    """The same photos through two backbones with other preprocessing: tiny (32 px, 8 channels) and tiny_wide
+    (24 px bicubic, 6 channels)."""
+    return make_cache(photos)["cache"], make_cache(photos, backbone="tiny_wide")["cache"]
+
+
+def test_fused_rows_are_each_caches_view_l2_normalised_side_by_side_matched_by_content(two_caches):
+    a, b = two_caches
+    with FeatureCache(a) as ca, FeatureCache(b) as cb, FusedRows([a, b]) as fused:
+        assert fused.feature_shape == (14, 1, 1) and fused.block_sizes == [8, 6] and fused.n == ca.n
+        assert fused.classes == list(CLASSES) and (fused.labels == ca.labels).all()
+        want_a = l2_rows(CacheViews(ca, np.arange(ca.n))["avg"])
+        by_path = dict(zip(cb.paths, l2_rows(CacheViews(cb, np.arange(cb.n))["avg"])))
+        want_b = np.stack([by_path[p] for p in ca.paths])  # the rows of b in a's order
+        got = fused.features[:, :, 0, 0]
+        assert np.allclose(got[:, :8], want_a) and np.allclose(got[:, 8:], want_b)
+        assert np.allclose(np.linalg.norm(got[:, 8:], axis=1), 1, atol=1e-5)  # each block: unit length
+        assert fused.attrs["backbone"] == "tiny+tiny_wide"
+
+
+def test_a_fused_head_predicts_evaluates_exports_and_serves_every_backbone_on_the_photo(two_caches, tmp_path):
+    a, b = two_caches
+    test = make_image_folder(tmp_path / "test", per_class=4, classes=CLASSES, seed=5)
+    r = fit_head(FitHeadConfig(cache=[a, b], test_data=str(test), runs_dir=str(tmp_path / "runs"), unknown_rows=40))
+    assert r["caches"] == [a, b] and r["test"]["rows"] == 12 and r["val_acc"] == 1.0
+    ckpt = read_checkpoint(r["checkpoint"])  # one checkpoint: the head and each backbone's record
+    assert ckpt["in_shape"] == [14, 1, 1] and ckpt["backbone"] == "tiny+tiny_wide"
+    assert [p["backbone"] for p in ckpt["fused"]["parts"]] == ["tiny", "tiny_wide"]
+    assert [p["block"] for p in ckpt["fused"]["parts"]] == [8, 6] and ckpt["fused"]["parts"][1]["preprocessing"]["crop_size"] == 24
+
+    # predict runs each backbone on its own preprocessing of the photo: the rows its test caches hold
+    files = sorted(str(p) for p in test.rglob("*.jpg"))
+    rows = predict(PredictConfig(paths=[str(test)], model=r["checkpoint"], workers=0, precision="fp32"))["rows"]
+    head = head_from_checkpoint(ckpt, ckpt["state_dict"], r["checkpoint"])
+    with FusedRows(r["test"]["cache"].split(" + ")) as tc:
+        _, _, logp = evaluate_head(head, tc, np.arange(tc.n), "cpu", 64)
+        cached = {str(test / p): np.exp(lp) for p, lp in zip(tc.paths, logp)}
+    by_file = {row["path"]: row for row in rows}
+    for f in files:
+        assert by_file[f]["class"] == CLASSES[int(cached[f].argmax())]
+        assert by_file[f]["probability"] == pytest.approx(cached[f].max(), abs=2e-3)  # float16 cache rows
+        assert by_file[f]["ood_score"] is not None
+
+    # evaluate: on photos (every backbone), and on the caches it was fitted on (their val rows, fused as then)
+    on_photos = pipeline.evaluate_model(r["checkpoint"], data=test, runs_dir=tmp_path / "runs")
+    assert on_photos["accuracy"] == pytest.approx(r["test_acc"]) and on_photos["rows"] == 12
+    on_cache = pipeline.evaluate_model(r["checkpoint"], runs_dir=tmp_path / "runs")
+    assert on_cache["accuracy"] == pytest.approx(r["val_acc"]) and on_cache["rows"] == r["val_rows"]
+    with pytest.raises(UsageError, match="fitted on 2 caches' fused features"):
+        pipeline.evaluate_model(r["checkpoint"], cache=a, runs_dir=tmp_path / "runs")
+
+    # export: one ONNX file taking the stacked inputs, checked against predict's path
+    out = pipeline.export_model(r["checkpoint"], tmp_path / "fused.onnx", check_data=test)
+    assert out["passed"] and out["max_abs_diff"] < 1e-4
+    meta = json.loads((tmp_path / "fused.onnx.json").read_text())
+    assert meta["input"]["shape"] == ["N", 6, 32, 32] and [p["crop_size"] for p in meta["preprocessing"]] == [32, 24]
+
+    # serve: the service's rows are predict's
+    from fastapi.testclient import TestClient
+
+    upload = [("files", (f.rsplit("/", 1)[-1], open(f, "rb").read(), "image/jpeg")) for f in files[:3]]
+    with TestClient(pipeline.serve_app(r["checkpoint"], precision="fp32")) as client:
+        got = client.post("/predict", files=upload).json()
+    assert [g["class"] for g in got] == [by_file[f]["class"] for f in files[:3]]
+    assert np.allclose([g["probability"] for g in got], [by_file[f]["probability"] for f in files[:3]], atol=1e-6)
+
+
+def test_fit_head_takes_cache_twice_on_the_command_line_and_the_api_a_list(two_caches, tmp_path):
+    a, b = two_caches
+    out = CliRunner().invoke(cli, ["fit-head", "--cache", a, "--cache", b, "--head", "logreg", "--runs-dir",
+                                   str(tmp_path / "runs"), "--json"], catch_exceptions=False)
+    assert out.exit_code == 0, out.output
+    result = json.loads(out.stdout)
+    assert result["caches"] == [a, b] and read_checkpoint(result["checkpoint"])["in_shape"] == [14, 1, 1]
+    head = pipeline.Head(head="logreg", runs_dir=tmp_path / "runs").fit([pipeline.Cache(a), b])
+    assert head.backbone_ == "tiny+tiny_wide" and head.feature_shape_ == (14, 1, 1)
+    assert list(head.predict(sorted(str(p) for p in (tmp_path / "data" / "red").glob("*.jpg"))[:2])) == ["red", "red"]
+
+
+def test_caches_of_other_photos_or_classes_are_refused_in_one_line(photos, make_cache, tmp_path):
+    a = make_cache(photos)["cache"]
+    fewer = make_cache(photos, backbone="tiny_wide", n=30, cache_dir=str(tmp_path / "fewer"))["cache"]
+    with pytest.raises(UsageError, match=r"do not hold the same photos: 18 of the first's 48 are not in the second"):
+        fit_head(FitHeadConfig(cache=[a, fewer], runs_dir=str(tmp_path / "runs")))
+    relabelled = tmp_path / "relabelled"
+    shutil.copytree(photos, relabelled)
+    (relabelled / "green" / "green.0.jpg").rename(relabelled / "red" / "green.0.jpg")  # the same photo, another class
+    moved = make_cache(relabelled, backbone="tiny_wide", cache_dir=str(tmp_path / "moved"))["cache"]
+    with pytest.raises(UsageError, match="1 of the first's 48 are not in the second"):
+        fit_head(FitHeadConfig(cache=[a, moved], runs_dir=str(tmp_path / "runs")))
+    other_classes = make_cache(make_image_folder(tmp_path / "two", per_class=16, classes=("blue", "red")),
+                               backbone="tiny_wide", cache_dir=str(tmp_path / "two_f"))["cache"]
+    with pytest.raises(UsageError, match="have other classes"):
+        fit_head(FitHeadConfig(cache=[a, other_classes], runs_dir=str(tmp_path / "runs")))
+    with pytest.raises(UsageError, match="named twice"):
+        fit_head(FitHeadConfig(cache=[a, a], runs_dir=str(tmp_path / "runs")))
+    with pytest.raises(UsageError, match="--test-cache names one cache"):
+        fit_head(FitHeadConfig(cache=[a, fewer], test_cache=a, runs_dir=str(tmp_path / "runs")))
+    out = CliRunner().invoke(cli, ["fit-head", "--cache", a, "--cache", fewer, "--runs-dir", str(tmp_path / "runs")])
+    assert out.exit_code == 2 and out.output.count("\n") == 1 and "do not hold the same photos" in out.output
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").glob("*/head.pt"))  # nothing written
+
+
+def test_a_fused_head_loads_each_backbones_recorded_weights_and_refuses_weights_and_finetuning(two_caches, tmp_path):
+    a, b = two_caches
+    r = fit_head(FitHeadConfig(cache=[a, b], head="logreg", runs_dir=str(tmp_path / "runs")))
+    lm = load_model(r["checkpoint"])
+    assert lm.transform.input_shape == (6, 32, 32) and [p["crop_size"] for p in lm.info["preprocessing"]] == [32, 24]
+    with pytest.raises(UsageError, match="--weights names one backbone's"):
+        load_model(r["checkpoint"], weights="none")
+    with pytest.raises(UsageError, match="fine-tuning starts from a head on one backbone's"):
+        load_model(r["checkpoint"], trainable=True)
+    ckpt = torch.load(r["checkpoint"], weights_only=True)
+    ckpt["fused"]["parts"] = ckpt["fused"]["parts"][:1]  # a damaged record: one line, not a traceback
+    torch.save(ckpt, tmp_path / "bad.pt")
+    with pytest.raises(UsageError, match="field 'fused' must be a fused-features record"):
+        load_model(tmp_path / "bad.pt")
