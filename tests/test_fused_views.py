@@ -90,7 +90,7 @@ def test_a_fused_head_predicts_evaluates_exports_and_serves_every_backbone_on_th
     from fastapi.testclient import TestClient
 
     upload = [("files", (f.rsplit("/", 1)[-1], open(f, "rb").read(), "image/jpeg")) for f in files[:3]]
-    with TestClient(pipeline.serve_app(r["checkpoint"], precision="fp32")) as client:
+    with TestClient(pipeline.serve_app(r["checkpoint"], precision="fp32"), base_url="http://localhost") as client:
         got = client.post("/predict", files=upload).json()
     assert [g["class"] for g in got] == [by_file[f]["class"] for f in files[:3]]
     assert np.allclose([g["probability"] for g in got], [by_file[f]["probability"] for f in files[:3]], atol=1e-6)

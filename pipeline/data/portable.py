@@ -106,10 +106,19 @@ def normalise(im, p: dict) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(2, 0, 1))  # HWC -> CHW
 
 
-def preprocess(fp, p: dict, decoding: dict) -> np.ndarray:
+def preprocess(fp, p, decoding: dict) -> np.ndarray:
     """The network's input for one photo (a path or an open binary file), by the rule above; ``p``: the
-    metadata's "preprocessing", ``decoding``: its "decoding"."""
+    metadata's "preprocessing", ``decoding``: its "decoding". A fused model's "preprocessing" is a list, one a
+    backbone: the photo decoded once, part i in channels 3i..3i+2 at the top left of a zero canvas."""
     with Image.open(fp) as im:
         jpeg_draft(im, decoding.get("jpeg_draft_min_short_side"))
         im.load()
-        return normalise(resize_crop(to_rgb(im), p), p)
+        rgb = to_rgb(im)
+    if isinstance(p, dict):
+        return normalise(resize_crop(rgb, p), p)
+    side = max(part["crop_size"] for part in p)
+    out = np.zeros((3 * len(p), side, side), np.float32)
+    for i, part in enumerate(p):
+        x = normalise(resize_crop(rgb, part), part)
+        out[3 * i:3 * i + 3, :x.shape[1], :x.shape[2]] = x
+    return out

@@ -375,12 +375,15 @@ def checkpoint_reads(ckpt: dict, path, weights: Optional[str] = None) -> tuple[l
     folder its record names (through each cache too). The list a command's output guard gets
     (files.check_output), so no output ever replaces any of them, or lands among the photos."""
     config = ckpt.get("config") or {}
-    files = [(path, "the model"), *_weights_files(weights, ckpt.get("weights_path"), config.get("weights"))]
+    parts = (ckpt.get("fused") or {}).get("parts", [])  # a fused head: each backbone's weights and cache
+    files = [(path, "the model"), *_weights_files(weights, ckpt.get("weights_path"), config.get("weights"),
+                                                  *(p.get("weights") for p in parts))]
     folders = [(config.get("data"), "the model's training photos"),
                (config.get("test_data"), "the model's test photos")]
     for key, what in (("cache", "the model's cache"), ("test_cache", "the model's test cache")):
-        for cache in dict.fromkeys([ckpt.get(key), config.get(key)]):
-            more = cache_reads(cache, what) if cache else ([], [])
+        named = [ckpt.get(key), config.get(key), *(p.get(key) for p in parts)]
+        for cache in dict.fromkeys(c for v in named for c in (v if isinstance(v, (list, tuple)) else [v]) if c):
+            more = cache_reads(cache, what)
             files, folders = files + more[0], folders + more[1]
     files.append((config.get("init_head"), "the head the model started from"))
     return files, folders
