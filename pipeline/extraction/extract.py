@@ -51,7 +51,7 @@ def validate(cfg: ExtractConfig) -> None:
         raise UsageError(f"unknown --compile {cfg.compile!r}; allowed: {', '.join(COMPILE)}")
     if cfg.decode not in DECODERS:
         raise UsageError(f"unknown --decode {cfg.decode!r}; allowed: {', '.join(DECODERS)}")
-    bb.get_spec(cfg.backbone)
+    bb.canonical_name(cfg.backbone)  # the name itself is resolved on a miss: a hit imports no torch
     if not Path(cfg.data).is_dir():
         raise UsageError(f"data folder {cfg.data!r} does not exist; `python cli.py fetch-data` downloads the Kaggle "
                          "cats-vs-dogs set to data/PetImages, or pass --data DIR")
@@ -133,6 +133,7 @@ def extract(cfg: ExtractConfig) -> dict:
     """Run (or reuse, or resume) one extraction; returns a summary with the cache path."""
     started = time.time()
     validate(cfg)
+    cfg = replace(cfg, backbone=bb.canonical_name(cfg.backbone))  # timm:X and X name one cache
     listing = list_image_folder(cfg.data)
     total = len(listing.files)
     if cfg.n > total:
@@ -154,6 +155,7 @@ def extract(cfg: ExtractConfig) -> dict:
         if info.attrs.get("purpose") == "test" and cfg.purpose != "test":
             claim_for_training(info)  # what the user extracts is what fit-head then trains on by default
         return hit_summary(info, started)
+    bb.get_spec(cfg.backbone)  # an unknown name: a usage error before anything is written
     if info is not None:
         log.info("resuming %s from row %d", path, info.rows)
     path.parent.mkdir(parents=True, exist_ok=True)
