@@ -90,6 +90,14 @@ def auto_precision(cfg: ExtractConfig, images: int) -> tuple[str, str]:
                     "after a one-off calibration and compile); --precision bf16 keeps the float network")
 
 
+def prefers_float(cfg: ExtractConfig) -> bool:
+    """Whether ``--precision auto`` runs this backbone in float rather than int8: on the CPU, a network
+    with depthwise convolutions runs fastest under ONNX Runtime (``onnx_runtime``); imports torch."""
+    from .onnx_runtime import available, has_depthwise
+
+    return available() and has_depthwise(bb.bare_features(cfg.backbone, "meta"))
+
+
 def auto_flip(cfg: ExtractConfig, images: int, classes: int) -> bool:
     """What ``flip`` unset means for this run: on for pretrained weights and few photos per class."""
     if cfg.flip is not None:
@@ -139,18 +147,29 @@ def extract(cfg: ExtractConfig) -> dict:
     if cfg.n > total:
         raise UsageError(f"--n {cfg.n} is more than the {total} images in {cfg.data}")
     images = cfg.n or total
+    cfg = replace(cfg, flip=auto_flip(cfg, images, len(listing.classes)))  # decided before the key names it
     precision, why = auto_precision(cfg, images)
-    if why:  # said when it matters: what was chosen, or why a long run is not int8
-        log.log(logging.INFO if precision == "int8" or images >= INT8_AUTO_MIN_IMAGES else logging.DEBUG, "%s", why)
+    float_cfg = cfg  # --precision auto's float choice, when the network runs faster in float (see below)
     if precision != cfg.precision:  # the same cache, key and network as --precision int8
         cfg = replace(cfg, precision=precision)
         validate(cfg)
-    cfg = replace(cfg, flip=auto_flip(cfg, images, len(listing.classes)))  # decided before the key names it
     key = cache_key(cfg, listing)
     path = Path(cfg.cache_dir) / cache_file_name(cfg.backbone, cfg.n, key)
     if distributed.world_size() > 1:  # started by torchrun: this rank extracts its shard
         return distributed.extract_sharded(cfg, listing, key, path, started)
     info = existing_cache(path, key)
+    if (info is None or not info.complete) and float_cfg is not cfg:
+        # auto's int8 is for dense networks; one with depthwise convolutions (EfficientNet, MobileNet) runs
+        # faster in float under ONNX Runtime: its cache is auto's answer too (found without torch on a hit)
+        float_key = cache_key(float_cfg, listing)
+        float_path = Path(cfg.cache_dir) / cache_file_name(cfg.backbone, cfg.n, float_key)
+        float_info = existing_cache(float_path, float_key)
+        if (float_info is not None and float_info.complete) or (info is None and prefers_float(cfg)):
+            why = f"precision auto: float, not int8: {cfg.backbone} has depthwise convolutions"
+            cfg, key, path, info = float_cfg, float_key, float_path, float_info
+    if why:  # said when it matters: what was chosen, or why a long run is not int8
+        log.log(logging.INFO if cfg.precision == "int8" or images >= INT8_AUTO_MIN_IMAGES else logging.DEBUG,
+                "%s", why)
     if info is not None and info.complete:
         if info.attrs.get("purpose") == "test" and cfg.purpose != "test":
             claim_for_training(info)  # what the user extracts is what fit-head then trains on by default
