@@ -39,3 +39,12 @@ def test_auto_prefers_onnxruntime_to_int8_and_finds_that_cache_again(make_cache,
     assert (first["runtime"], first["precision"]) == ("onnxruntime", "fp32")
     again = make_cache(image_folder, backbone="test_efficientnet", precision="auto", flip=False)
     assert again["hit"] and again["cache"] == first["cache"]
+
+
+def test_a_network_onnx_cannot_take_runs_in_pytorch(make_cache, image_folder, monkeypatch):
+    def refuse(*a, **k):
+        raise RuntimeError("Exporting the operator 'aten::frobnicate' to ONNX opset version 18 is not supported")
+
+    monkeypatch.setattr(onnx_runtime.torch.onnx, "export", refuse)
+    result = make_cache(image_folder, backbone="test_efficientnet", precision="auto", flip=False)
+    assert (result["runtime"], result["precision"], result["rows"]) == ("torch", "fp32", 24)

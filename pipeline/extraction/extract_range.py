@@ -120,7 +120,12 @@ def feature_model(cfg, backbone, listing: ImageFolderListing, device, precision:
         from .onnx_runtime import OrtNet
 
         crop = backbone.transform.crop_size[0]
-        net = OrtNet(net, (3, crop, crop))
+        try:
+            net = OrtNet(net, (3, crop, crop))
+        except Exception as e:  # noqa: BLE001 -- the ONNX exporter refuses some operators: PyTorch still runs it
+            runtime = "torch"
+            log.warning("ONNX Runtime cannot run this network (%s: %s); running it in PyTorch, fp32",
+                        type(e).__name__, (str(e).strip().splitlines() or [""])[0][:200])
     if cfg.flip:
         from .inference import MirrorMean
 
@@ -128,8 +133,9 @@ def feature_model(cfg, backbone, listing: ImageFolderListing, device, precision:
                  "for pretrained weights and at most %d photos per class; --no-flip turns it off)",
                  FLIP_AUTO_MAX_PER_CLASS)
         net = MirrorMean(net)
-    return (Inference(net, device, precision, cfg.pool, cfg.dtype, compile=compile, compile_batch=cfg.batch_size),
-            calibration, observers)
+    model = Inference(net, device, precision, cfg.pool, cfg.dtype, compile=compile, compile_batch=cfg.batch_size)
+    model.runtime = runtime  # what ran it: 'onnxruntime', or 'torch' (also when ONNX Runtime could not)
+    return model, calibration, observers
 
 
 def batches_reusing(model, items, batch_size: int, limit: int, donors, reuse: dict, classes=()):
@@ -187,6 +193,7 @@ def extract_range(cfg, listing: ImageFolderListing, key: str, path: Path, resume
                                                   runtime == "torch" and should_compile(cfg.compile, precision, device,
                                                                                         cfg.n or len(items)),
                                                   resumed, runtime)
+    runtime = model.runtime
     backbone.model = None  # the classifier (about 500 MB for VGG-16) is not needed to extract
     provenance = Provenance.of_backbone(backbone, listing.classes, cfg.pool, cfg.weights,
                                         data_root=str(Path(cfg.data).resolve()),
