@@ -151,3 +151,24 @@ def test_libraries_split_prefixes():
     assert libraries.split_prefix("torchvision:vgg16") == ("torchvision", "vgg16")
     assert libraries.split_prefix("vgg16") == ("", "vgg16")
     assert libraries.split_prefix("other:vgg16") == ("", "other:vgg16")
+
+
+def test_a_vgg16_cache_keeps_its_key_whichever_way_it_is_named(image_folder, monkeypatch):
+    """Caches made before timm are found again: 'vgg16' and 'torchvision:vgg16' key exactly the fields they
+    did (the backbone's bare name, no library field), and their file name is unchanged."""
+    from pipeline.cache.feature_cache import cache_file_name
+    from pipeline.data.folders import list_image_folder
+    from pipeline.extraction import extract as extract_mod
+    from pipeline.extraction.backbones import canonical_name
+
+    seen = []
+    monkeypatch.setattr(extract_mod, "fingerprint", lambda d: seen.append(d) or "k" * 64)
+    listing = list_image_folder(str(image_folder))
+    for name in ("vgg16", "torchvision:vgg16"):
+        cfg = extract_mod.ExtractConfig(data=str(image_folder), backbone=canonical_name(name), n=0)
+        extract_mod.cache_key(cfg, listing)
+    assert seen[0] == seen[1] and seen[0]["backbone"] == "vgg16"
+    assert set(seen[0]) == {"format", "data", "backbone", "weights", "n", "seed", "dtype", "precision", "pool",
+                            "torchvision", "decode_version"}
+    assert cache_file_name("vgg16", 0, "k" * 64) == "vgg16-nall-kkkkkkkkkkkk.h5"
+    assert cache_file_name("timm:resnet18", 0, "k" * 64) == "timm-resnet18-nall-kkkkkkkkkkkk.h5"
