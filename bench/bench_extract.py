@@ -12,7 +12,7 @@ move with machine load, so compare the ratios measured within one run.
     python bench/bench_extract.py --sweep     # batch size / decode workers / threads, quick
 
 Another backbone beside VGG-16 (``--backbone NAME --weights FILE``): every path of NAME (fp32, bf16,
-+compile, int8+compile, and its defaults: ONNX Runtime for a network with depthwise convolutions) and
++compile, int8+compile, and its defaults: what --precision auto picks for it) and
 VGG-16's defaults, interleaved in one run on the same photos (VGG-16 before and after, averaged), each
 path's steady img/s, its ratio to VGG-16's default and its share of its FLOPs ceiling:
 
@@ -356,12 +356,12 @@ def versus_table(r: dict) -> str:
              f"ceilings (2048^3 matmul): {m['dtype']} {m['gflop_per_s']:.0f} GFLOP/s"
              + (f", fp32 {m['fp32_gflop_per_s']:.0f}" if "fp32_gflop_per_s" in m else "")
              + (f", int8 {m['int8_gop_per_s']:.0f} GOP/s" if "int8_gop_per_s" in m else ""), "",
-             "| backbone | path | precision / runtime | steady img/s | x beside's default | % of FLOPs ceiling "
+             "| backbone | path | precision | steady img/s | x beside's default | % of FLOPs ceiling "
              "| one-offs s (compile, calibration) |", "|---|---|---|---|---|---|---|"]
     for e in r["runs"]:
         ratio = f"{e['vs_beside_default']:.2f}x" if "vs_beside_default" in e else "(reference)"
         lines.append(f"| {e['backbone']} | {e['path']} | {e['precision']}"
-                     f"{'+compile' if e['compiled'] else ''} / {e.get('runtime', 'torch')} "
+                     f"{'+compile' if e['compiled'] else ''} "
                      f"| {e['steady_img_per_s']:.1f} | {ratio} | {100 * e['fraction_of_ceiling']:.1f} "
                      f"| {e['compile_seconds']:.0f}, {e['calibration_seconds']:.0f} |")
     return "\n".join(lines)

@@ -469,6 +469,14 @@ def bare_features(name: str, device: str = "cpu"):
     return features if device == "meta" else features.to_empty(device=device)
 
 
+def has_depthwise(net) -> bool:
+    """True when ``net`` holds a depthwise convolution (one group per input channel: EfficientNet, MobileNet,
+    ConvNeXt), which PyTorch runs far below its FLOPs on the CPU unless compiled, and int8 does not help."""
+    from torch import nn
+
+    return any(isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels for m in net.modules())
+
+
 def default_transform(name: str):
     """The preprocessing of ``name``'s default weights (needs no download)."""
     return _default_transform(get_spec(name))

@@ -75,28 +75,23 @@ def existing_cache(path: Path, key: str) -> Optional[CacheInfo]:
 #: --compile auto compiles a bf16/fp32 CPU run from this many images on. Measured on a 2-core CPU:
 #: compiling VGG-16 costs ~30 s cold and saves ~8 % per image in bf16, so it pays from ~4,500 images.
 COMPILE_MIN_IMAGES = 5000
+#: ... and a network with depthwise convolutions from this many: EfficientNet-Lite0 in bf16 ran 1.39x faster
+#: compiled (30.4 vs 21.9 img/s steady, 1,000 catsdogs photos, docs/performance.md) after a ~48 s compile, which
+#: that saving repays after ~3,700 images (Inductor fuses the depthwise convolutions PyTorch runs slowly eager).
+COMPILE_MIN_IMAGES_DEPTHWISE = 4000
 
 
-def should_compile(choice: str, precision: str, device, images: int) -> bool:
+def should_compile(choice: str, precision: str, device, images: int, depthwise: bool = False) -> bool:
     """--compile: on, off, or auto = int8 (compiled it runs about twice as fast as eager: Inductor fuses the
     quantise/dequantise steps) or a CPU run long enough to pay back the compile time."""
     if choice != "auto":
         return choice == "on"
-    return precision == "int8" or (device.type == "cpu" and images >= COMPILE_MIN_IMAGES)
-
-
-def float_runtime(cfg, backbone, device) -> str:
-    """'onnxruntime' where ``--precision auto`` runs a float network fastest there (a CPU, a network with
-    depthwise convolutions: ``onnx_runtime``), else 'torch'."""
-    if cfg.precision != "auto" or device.type != "cpu":
-        return "torch"
-    from .onnx_runtime import prefers_onnxruntime
-
-    return "onnxruntime" if prefers_onnxruntime(backbone.features, device) else "torch"
+    return precision == "int8" or (device.type == "cpu" and
+                                   images >= (COMPILE_MIN_IMAGES_DEPTHWISE if depthwise else COMPILE_MIN_IMAGES))
 
 
 def feature_model(cfg, backbone, listing: ImageFolderListing, device, precision: str, compile: bool = False,
-                  resumed: Optional[CacheInfo] = None, runtime: str = "torch"):
+                  resumed: Optional[CacheInfo] = None):
     """The backbone's feature part as extract runs it: (Inference, int8 calibration record or None, int8
     calibrated observers or None: stored in the cache so that predict runs this very network).
 
@@ -116,16 +111,6 @@ def feature_model(cfg, backbone, listing: ImageFolderListing, device, precision:
             net, calibration = calibrated_int8(net, calibration_listing(cfg.calib_data, listing), cfg.seed,
                                                cfg.calib_n, backbone.transform)
     observers = getattr(net, "observers", None)
-    if runtime == "onnxruntime":
-        from .onnx_runtime import OrtNet
-
-        crop = backbone.transform.crop_size[0]
-        try:
-            net = OrtNet(net, (3, crop, crop))
-        except Exception as e:  # noqa: BLE001 -- the ONNX exporter refuses some operators: PyTorch still runs it
-            runtime = "torch"
-            log.warning("ONNX Runtime cannot run this network (%s: %s); running it in PyTorch, fp32",
-                        type(e).__name__, (str(e).strip().splitlines() or [""])[0][:200])
     if cfg.flip:
         from .inference import MirrorMean
 
@@ -133,9 +118,8 @@ def feature_model(cfg, backbone, listing: ImageFolderListing, device, precision:
                  "for pretrained weights and at most %d photos per class; --no-flip turns it off)",
                  FLIP_AUTO_MAX_PER_CLASS)
         net = MirrorMean(net)
-    model = Inference(net, device, precision, cfg.pool, cfg.dtype, compile=compile, compile_batch=cfg.batch_size)
-    model.runtime = runtime  # what ran it: 'onnxruntime', or 'torch' (also when ONNX Runtime could not)
-    return model, calibration, observers
+    return (Inference(net, device, precision, cfg.pool, cfg.dtype, compile=compile, compile_batch=cfg.batch_size),
+            calibration, observers)
 
 
 def batches_reusing(model, items, batch_size: int, limit: int, donors, reuse: dict, classes=()):
@@ -176,13 +160,10 @@ def extract_range(cfg, listing: ImageFolderListing, key: str, path: Path, resume
     # int8 is a CPU path: --device auto means the CPU for it, even where CUDA is available
     device = resolve_device("cpu" if cfg.precision == "int8" and cfg.device == "auto" else cfg.device)
     precision = resolve_precision(cfg.precision, device, int8_ok=True)
-    backbone = bb.load_backbone(cfg.backbone, cfg.weights)
-    runtime = float_runtime(cfg, backbone, device)
-    if runtime == "onnxruntime":
-        precision = "fp32"
     if resumed is not None and resumed.attrs["precision"] != precision:
         raise UsageError(f"{path} was started in precision {resumed.attrs['precision']!r} and this run computes in "
                          f"{precision!r}; pass --precision {resumed.attrs['precision']} to finish it")
+    backbone = bb.load_backbone(cfg.backbone, cfg.weights)
     order = stratified_order(listing.labels, cfg.seed)
     items = [(listing.files[i].path, listing.files[i].label) for i in order]
     first, stop = positions or (0, len(items))
@@ -190,10 +171,9 @@ def extract_range(cfg, listing: ImageFolderListing, key: str, path: Path, resume
     rows = start_rows = resumed.rows if resumed else 0
     # auto decides on the whole request, so a resumed run or a torchrun shard decides as the first run did
     model, calibration, observers = feature_model(cfg, backbone, listing, device, precision,
-                                                  runtime == "torch" and should_compile(cfg.compile, precision, device,
-                                                                                        cfg.n or len(items)),
-                                                  resumed, runtime)
-    runtime = model.runtime
+                                                  should_compile(cfg.compile, precision, device, cfg.n or len(items),
+                                                                 bb.has_depthwise(backbone.features)),
+                                                  resumed)
     backbone.model = None  # the classifier (about 500 MB for VGG-16) is not needed to extract
     provenance = Provenance.of_backbone(backbone, listing.classes, cfg.pool, cfg.weights,
                                         data_root=str(Path(cfg.data).resolve()),
@@ -203,7 +183,7 @@ def extract_range(cfg, listing: ImageFolderListing, key: str, path: Path, resume
         "seed": cfg.seed, "n_requested": cfg.n, "sample": "seeded, stratified by class (proportional)",
         "n_source_files": len(items), "dtype": cfg.dtype, "precision": precision, "device": str(device),
         "batch_size": cfg.batch_size, "created": now_iso(), "command": cfg.command, "config": json.dumps(asdict(cfg)),
-        "purpose": cfg.purpose, "decode_version": DECODE_VERSION, "flip": bool(cfg.flip), "runtime": runtime,
+        "purpose": cfg.purpose, "decode_version": DECODE_VERSION, "flip": bool(cfg.flip),
         **({"calibration": json.dumps(calibration)} if calibration else {}),
         **(extra_attrs or {}),
     }
@@ -277,8 +257,7 @@ def extract_range(cfg, listing: ImageFolderListing, key: str, path: Path, resume
     return {"cache": str(path), "hit": False, "rows": rows, "computed": computed, "resumed_from": start_rows,
             "reused": reuse["reused"], "label_changes": reuse["label_changes"],
             "skipped": skipped, "feature_shape": shape, "classes": list(listing.classes),
-            "device": str(device), "precision": precision, "runtime": runtime, "flip": bool(cfg.flip),
-            "seconds": seconds,
+            "device": str(device), "precision": precision, "flip": bool(cfg.flip), "seconds": seconds,
             "img_per_s": (computed - first) / steady_seconds if computed > first and steady_seconds > 0 else wall,
             "wall_img_per_s": wall,  # one-off compiling included
             # where the time went: waiting for decoded images, the model (compiling included), HDF5 writes
