@@ -51,7 +51,7 @@ def validate(cfg: ExtractConfig) -> None:
         raise UsageError(f"unknown --compile {cfg.compile!r}; allowed: {', '.join(COMPILE)}")
     if cfg.decode not in DECODERS:
         raise UsageError(f"unknown --decode {cfg.decode!r}; allowed: {', '.join(DECODERS)}")
-    bb.canonical_name(cfg.backbone)  # the name itself is resolved on a miss: a hit imports no torch
+    check_backbone(cfg)
     if not Path(cfg.data).is_dir():
         raise UsageError(f"data folder {cfg.data!r} does not exist; `python cli.py fetch-data` downloads the Kaggle "
                          "cats-vs-dogs set to data/PetImages, or pass --data DIR")
@@ -60,6 +60,14 @@ def validate(cfg: ExtractConfig) -> None:
         require_folder(cfg.shard_dir, "--shard-dir")
     if bb.is_weights_path(cfg.weights) and not Path(cfg.weights).is_file():
         raise UsageError(f"weights file {cfg.weights!r} does not exist")
+
+
+def check_backbone(cfg: ExtractConfig) -> None:
+    """An unknown --backbone is a usage error before anything else; resolving a name imports torch, so a
+    name with caches of its own in --cache-dir (it resolved when they were made) is left for a hit."""
+    name = bb.canonical_name(cfg.backbone)
+    if not any(Path(cfg.cache_dir).glob(cache_file_name(name, 0, "*").replace("-nall-", "-n*-"))):
+        bb.get_spec(name)
 
 
 #: ``--precision auto`` picks int8 + compile for CPU runs of at least this many images. Its one-off costs
