@@ -463,9 +463,8 @@ def bare_features(name: str, device: str = "cpu"):
     For loading a complete saved state dict, or counting parameters, without initialising (and
     then throwing away) a classifier: VGG-16's alone has 120 M parameters.
     """
-    import torch
-
-    features = get_spec(name).features(meta_model(get_spec(name).build))
+    spec = get_spec(name)
+    features = spec.features(meta_model(spec.build))
     return features if device == "meta" else features.to_empty(device=device)
 
 
