@@ -10,6 +10,14 @@ move with machine load, so compare the ratios measured within one run.
 
     python bench/bench_extract.py --n 256 --json-out bench-extract.json
     python bench/bench_extract.py --sweep     # batch size / decode workers / threads, quick
+
+Another backbone beside VGG-16 (``--backbone NAME --weights FILE``): every path of NAME (fp32, bf16,
++compile, int8+compile, and its defaults: what --precision auto picks for it) and
+VGG-16's defaults, interleaved in one run on the same photos (VGG-16 before and after, averaged), each
+path's steady img/s, its ratio to VGG-16's default and its share of its FLOPs ceiling:
+
+    python bench/bench_extract.py --backbone tf_efficientnet_lite0 \
+        --weights ../shared/weights/tf_efficientnet_lite0_imagenet.pt --n 1000 --work-dir /tmp/bench
 """
 from __future__ import annotations
 
@@ -93,7 +101,9 @@ def child_extract(a) -> dict:
             "steady_img_per_s": r["img_per_s"],  # extract's own figure: after calibration and compiling
             "compile_seconds": r["compile_seconds"], "compiled": r["compiled"],
             "calibration_seconds": r.get("calibration_seconds", 0.0), "stage_seconds": r["stage_seconds"],
-            "precision": r["precision"], "device": r["device"], **kw, **peak_rss_mb()}
+            "precision": r["precision"], "runtime": r.get("runtime", "torch"), "flip": r.get("flip", False),
+            "device": r["device"], **kw,
+            **peak_rss_mb()}
 
 
 def child_matmul(a) -> dict:
@@ -124,6 +134,9 @@ def child_matmul(a) -> dict:
 
     x, y = torch.randn(n, n, dtype=dtype, device=dev), torch.randn(n, n, dtype=dtype, device=dev)
     out = {"dtype": str(dtype).replace("torch.", ""), "gflop_per_s": 2 * n ** 3 / best_seconds(lambda: x @ y) / 1e9}
+    if dtype != torch.float32:  # an fp32 path's ceiling
+        xf, yf = x.float(), y.float()
+        out["fp32_gflop_per_s"] = 2 * n ** 3 / best_seconds(lambda: xf @ yf) / 1e9
     if dev.type == "cpu":
         xi = torch.randint(-128, 127, (n, n), dtype=torch.int8)
         yi = torch.randint(-128, 127, (n, n), dtype=torch.int8)
@@ -179,12 +192,14 @@ def child_decode(a) -> dict:
 
 
 def conv_gflop_per_image(backbone: str, weights: str) -> float:
-    """2 x the multiply-adds of every convolution for one 224 x 224 image, counted with forward hooks."""
+    """2 x the multiply-adds of every convolution for one image at the backbone's crop (224 x 224 for
+    ImageNet models), counted with forward hooks (a depthwise convolution: one input channel per output)."""
     import torch
 
     from pipeline.extraction.backbones import load_backbone
 
-    net = load_backbone(backbone, weights).features.eval()
+    loaded = load_backbone(backbone, weights)
+    net, crop = loaded.features.eval(), loaded.transform.crop_size[0]
     macs = []
 
     def hook(m, inp, out):
@@ -192,7 +207,7 @@ def conv_gflop_per_image(backbone: str, weights: str) -> float:
 
     hs = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
     with torch.no_grad():
-        net(torch.zeros(1, 3, 224, 224))
+        net(torch.zeros(1, 3, crop, crop))
     for h in hs:
         h.remove()
     return 2 * sum(macs) / 1e9
@@ -291,6 +306,67 @@ def main_bench(a) -> dict:
     return r
 
 
+#: every path of another backbone, beside VGG-16's defaults ("defaults": what --precision auto picks for it)
+VERSUS_PATHS = ("defaults", "fp32", "bf16", "fp32+compile", "bf16+compile", "int8+compile")
+PATHS["fp32+compile"] = {"precision": "fp32", "compile": "on"}
+
+
+def main_versus(a) -> dict:
+    """Every path of --backbone and VGG-16's defaults (before and after them), on the same photos, one run."""
+    from pipeline.devices import resolve_device
+
+    a.device = str(resolve_device(a.device))
+    tmp = Path(a.work_dir or tempfile.mkdtemp(prefix="bench-versus-"))
+    tmp.mkdir(parents=True, exist_ok=True)
+    base_name, base_weights = a.beside.split("=", 1)
+    base = argparse.Namespace(**{**vars(a), "backbone": base_name, "weights": base_weights})
+    r = {"machine": {"cpu": cpu_name(), "flags": cpu_flags(), "cores": os.cpu_count(), "device": a.device},
+         "n": a.n, "batch_size": a.batch_size, "backbone": a.backbone, "beside": base_name,
+         "gflop_per_image": {a.backbone: conv_gflop_per_image(a.backbone, a.weights),
+                             base_name: conv_gflop_per_image(base_name, base_weights)},
+         "matmul": run_child("matmul", a), "runs": []}
+
+    def extract_run(args, path: str, tag: str) -> dict:
+        env = {"TORCHINDUCTOR_CACHE_DIR": str(tmp / f"inductor-{tag}")}
+        e = run_child("extract", args, env, cache_dir=tmp / tag, extract_kw=json.dumps(PATHS[path]))
+        m = r["matmul"]
+        ceiling = m.get("int8_gop_per_s") if e["precision"] == "int8" else (
+            m["gflop_per_s"] if e["precision"] == m["dtype"] else m.get("fp32_gflop_per_s", m["gflop_per_s"]))
+        passes = 2 if e.get("flip") else 1  # flip: each photo and its mirror image
+        e.update(backbone=args.backbone, path=path,
+                 fraction_of_ceiling=e["steady_img_per_s"] * passes * r["gflop_per_image"][args.backbone] / ceiling)
+        r["runs"].append(e)
+        return e
+
+    for k in range(a.rounds):
+        before = extract_run(base, "defaults", f"base-{k}-before")
+        mine = [extract_run(a, path, f"{path.replace('+', '-')}-{k}") for path in a.only_versus]
+        after = extract_run(base, "defaults", f"base-{k}-after")
+        reference = (before["steady_img_per_s"] + after["steady_img_per_s"]) / 2
+        for e in mine:
+            e["vs_beside_default"] = e["steady_img_per_s"] / reference
+    return r
+
+
+def versus_table(r: dict) -> str:
+    m = r["matmul"]
+    lines = [f"{r['machine']['cores']} cores, {r['machine']['cpu']} ({' '.join(r['machine']['flags'])}); "
+             f"{r['n']} photos, batch {r['batch_size']}; GFLOP/image: "
+             + ", ".join(f"{k} {v:.2f}" for k, v in r["gflop_per_image"].items()),
+             f"ceilings (2048^3 matmul): {m['dtype']} {m['gflop_per_s']:.0f} GFLOP/s"
+             + (f", fp32 {m['fp32_gflop_per_s']:.0f}" if "fp32_gflop_per_s" in m else "")
+             + (f", int8 {m['int8_gop_per_s']:.0f} GOP/s" if "int8_gop_per_s" in m else ""), "",
+             "| backbone | path | precision | steady img/s | x beside's default | % of FLOPs ceiling "
+             "| one-offs s (compile, calibration) |", "|---|---|---|---|---|---|---|"]
+    for e in r["runs"]:
+        ratio = f"{e['vs_beside_default']:.2f}x" if "vs_beside_default" in e else "(reference)"
+        lines.append(f"| {e['backbone']} | {e['path']} | {e['precision']}"
+                     f"{'+compile' if e['compiled'] else ''} "
+                     f"| {e['steady_img_per_s']:.1f} | {ratio} | {100 * e['fraction_of_ceiling']:.1f} "
+                     f"| {e['compile_seconds']:.0f}, {e['calibration_seconds']:.0f} |")
+    return "\n".join(lines)
+
+
 def cpu_name() -> str:
     try:
         return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
@@ -371,12 +447,19 @@ def main() -> None:
     p.add_argument("--cache-dir", help=argparse.SUPPRESS)
     p.add_argument("--extract-kw", help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--beside", default=f"vgg16={WEIGHTS}",
+                   help="NAME=WEIGHTS whose defaults another --backbone is measured beside")
+    p.add_argument("--only-versus", nargs="+", default=list(VERSUS_PATHS), choices=list(VERSUS_PATHS),
+                   help="another --backbone's paths to measure")
+    p.add_argument("--rounds", type=int, default=1, help="another --backbone: times to repeat the interleaved runs")
+    p.add_argument("--work-dir", help="another --backbone: where its caches go (a temporary folder by default)")
     a = p.parse_args()
     if a.child:
         print(json.dumps(CHILDREN[a.child](a)))
         return
-    r = main_sweep(a) if a.sweep else main_bench(a)
-    print(json.dumps(r, indent=2) if a.sweep else table(r))
+    versus = not a.sweep and a.backbone != a.beside.split("=", 1)[0]
+    r = main_sweep(a) if a.sweep else main_versus(a) if versus else main_bench(a)
+    print(json.dumps(r, indent=2) if a.sweep else versus_table(r) if versus else table(r))
     if a.json_out:
         Path(a.json_out).write_text(json.dumps(r, indent=2))
 

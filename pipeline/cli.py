@@ -234,8 +234,8 @@ def json_option(fn):
 @click.option("--data", help="ImageFolder root (one folder per class).")
 @click.option("-n", "--n", type=int,
               help="Good images to extract; 0 = all (under torchrun write -n: torchrun takes --n for its own).")
-@click.option("--backbone", help="vgg16, vgg19, resnet18, resnet50, ...")
-@click.option("--weights", help="torchvision weights name (DEFAULT, IMAGENET1K_V1), a state-dict file, or 'none'.")
+@click.option("--backbone", help="Any torchvision or timm model: vgg16, resnet50, tf_efficientnet_lite0, convnext_tiny, timm:NAME (docs/backbones.md).")
+@click.option("--weights", help="DEFAULT, a torchvision weights name (IMAGENET1K_V1) or timm tag (in1k), a state-dict file (+ .json sidecar), or 'none'.")
 @click.option("--batch-size", type=int)
 @click.option("--device", help="auto, cpu, cuda or cuda:N.")
 @click.option("--workers", type=int,
@@ -461,7 +461,7 @@ def picture_options():
     def decorate(fn):
         for opt in reversed([
             click.option("--backbone", help="Whose preprocessing/features."),
-            click.option("--weights", help="torchvision weights name, a state-dict file (+ .json sidecar), or 'none'."),
+            click.option("--weights", help="DEFAULT, a torchvision weights name or timm tag, a state-dict file (+ .json sidecar), or 'none'."),
             click.option("--output", type=click.Path(dir_okay=False),
                          help="PNG to write."),
         ]):
@@ -584,7 +584,7 @@ def check_images_cmd(as_json, **options):
 @cli.command()
 @click.option("--data", help="ImageFolder root; fetched (Kaggle cats vs dogs) into its parent when missing.")
 @click.option("--url", help="Archive to fetch when --data is missing.")
-@click.option("--weights", help="torchvision weights name or a local file.")
+@click.option("--weights", help="DEFAULT, a torchvision weights name or timm tag, or a local file.")
 @click.option("--backbone")
 @click.option("--n", type=int)
 @click.option("--no-quarantine", "quarantine", flag_value=False, default=True,
@@ -640,8 +640,8 @@ def train_text(result: dict) -> str:
 @defaults_from(TrainConfig)
 @cli.command()
 @image_train_options
-@click.option("--backbone", help="vgg16, vgg19, resnet18, resnet50, ...")
-@click.option("--weights", help="torchvision weights name (DEFAULT, IMAGENET1K_V1), a state-dict file, or 'none'.")
+@click.option("--backbone", help="Any torchvision or timm model: vgg16, resnet50, tf_efficientnet_lite0, convnext_tiny, timm:NAME (docs/backbones.md).")
+@click.option("--weights", help="DEFAULT, a torchvision weights name (IMAGENET1K_V1) or timm tag (in1k), a state-dict file (+ .json sidecar), or 'none'.")
 @click.option("--epochs", type=int)
 @click.option("--lr", type=FINITE, help=f"Adam learning rate of the head, up to {MAX_LR:g}.")
 @split_options
@@ -751,7 +751,7 @@ def summary(as_json, **options):
 @click.option("--test-cache", type=click.Path(dir_okay=False), help="Or the test folder's cache.")
 @click.option("--cache-dir")
 @click.option("--backbone")
-@click.option("--weights", help="--data: torchvision weights name, a state-dict file, or 'none'.")
+@click.option("--weights", help="--data: DEFAULT, a torchvision weights name or timm tag, a state-dict file, or 'none'.")
 @click.option("--batch-size", type=int)
 @click.option("--device")
 @click.option("--workers", type=int)

@@ -67,8 +67,8 @@ class ExtractConfig:
 
     data: str = "data/PetImages"  # ImageFolder root: one sub-folder of images per class
     n: int = 800  # how many good images (a seeded stratified sample); 0 = all
-    backbone: str = "vgg16"  # a name from backbones.BACKBONES
-    weights: str = "DEFAULT"  # torchvision weights name, path to a state-dict file, or 'none'
+    backbone: str = "vgg16"  # any torchvision or timm model name (timm:/torchvision: force one), validated at use
+    weights: str = "DEFAULT"  # DEFAULT, a torchvision weights name or timm tag, path to a state-dict file, or 'none'
     batch_size: int = 32  # images per forward pass (and per committed write)
     device: str = "auto"  # 'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:N'
     workers: int = -1  # -1: with a CPU network, a thread per core in turns with it, else a process per core (<= 8); 0: in-process
@@ -173,8 +173,8 @@ class TrainConfig:
 
     data: str = "data/PetImages"  # ImageFolder root: one sub-folder of images per class
     n: int = 0  # images to use (a seeded stratified sample, unreadable ones skipped); 0 = all
-    backbone: Optional[str] = "vgg16"  # a name from backbones.BACKBONES
-    weights: Optional[str] = "DEFAULT"  # torchvision weights name, a state-dict file, or 'none'
+    backbone: Optional[str] = "vgg16"  # any torchvision or timm model name (timm:/torchvision: force one), validated at use
+    weights: Optional[str] = "DEFAULT"  # DEFAULT, a torchvision weights name or timm tag, a state-dict file, or 'none'
     pool: Optional[str] = None  # head input: 'none' (flattened map), 'avg'; None = the backbone's own
     dropout: float = 0.0  # dropout before the head's linear layer when > 0
     augment: bool = False  # RandomResizedCrop + RandomHorizontalFlip on training images
@@ -229,7 +229,7 @@ class ImagenetCheckConfig:
     """Which image, through which full pretrained model (its ImageNet classifier included)."""
 
     image: str = ""  # the image file
-    backbone: str = "vgg16"  # a name from backbones.BACKBONES
+    backbone: str = "vgg16"  # any torchvision or timm model name (timm:/torchvision: force one), validated at use
     weights: str = "DEFAULT"  # full pretrained weights: a torchvision name or a state-dict file
     top: int = 5  # how many of the best classes to show
     device: str = "auto"  # 'auto' (CUDA if available), 'cpu', 'cuda'
@@ -239,7 +239,7 @@ class ImagenetCheckConfig:
 class SummaryConfig:
     """Which model to describe; parameters are counted on the meta device (no weights, no compute)."""
 
-    backbone: str = "vgg16"  # a name from backbones.BACKBONES
+    backbone: str = "vgg16"  # any torchvision or timm model name (timm:/torchvision: force one), validated at use
     classes: int = 2  # outputs of the new head
     pool: Optional[str] = None  # 'none' or 'avg'; None = the backbone's own (VGG none, others avg)
     dropout: float = 0.0  # dropout before the head's linear layer (adds no parameters)
@@ -273,7 +273,7 @@ class PreviewConfig:
     per_class: int = 4  # images per class (one row per class)
     seed: int = 0  # which images: a seeded sample of each class
     backbone: str = "vgg16"  # whose preprocessing (resize/crop/normalisation) to apply
-    weights: str = "DEFAULT"  # torchvision weights name, a state-dict file (+ sidecar), or 'none'
+    weights: str = "DEFAULT"  # DEFAULT, a torchvision weights name or timm tag, a state-dict file (+ sidecar), or 'none'
     output: str = "runs/preview.png"  # the PNG to write
 
 
@@ -282,8 +282,8 @@ class FeatureMapConfig:
     """Which image, through which backbone."""
 
     image: str = ""  # the image file
-    backbone: str = "vgg16"  # a name from backbones.BACKBONES
-    weights: str = "DEFAULT"  # torchvision weights name, a state-dict file (+ sidecar), or 'none'
+    backbone: str = "vgg16"  # any torchvision or timm model name (timm:/torchvision: force one), validated at use
+    weights: str = "DEFAULT"  # DEFAULT, a torchvision weights name or timm tag, a state-dict file (+ sidecar), or 'none'
     top_k: int = 6  # most active channels to upsample over the image
     output: str = "runs/feature-map.png"  # the PNG to write
 
@@ -294,7 +294,7 @@ class DemoConfig:
 
     data: str = "data/PetImages"  # ImageFolder root; fetched from url into its parent folder if missing
     url: str = KAGGLE_CATS_DOGS_URL  # archive to fetch when data is missing
-    weights: str = "DEFAULT"  # torchvision weights name, a local state-dict file, or 'none'
+    weights: str = "DEFAULT"  # DEFAULT, a torchvision weights name or timm tag, a local state-dict file, or 'none'
     backbone: str = "vgg16"  # feature extractor
     n: int = 800  # images to extract (the tutorial's 700 train / 100 val)
     quarantine: bool = True  # move undecodable files out of the data folder (never deleted)

@@ -7,9 +7,124 @@ from pipeline.errors import PipelineError
 from pipeline.extraction import backbones as bb
 
 
-def test_unknown_backbone_lists_known_ones():
-    with pytest.raises(ValueError, match="known: .*resnet18.*vgg16"):
-        bb.get_spec("alexnet9")
+def test_unknown_backbone_names_close_matches_and_how_to_list():
+    with pytest.raises(ValueError) as e:
+        bb.get_spec("convnext_tiny2x")
+    msg = str(e.value)
+    assert "'convnext_tiny2x'" in msg and "close: convnext_tiny" in msg and "timm.list_models" in msg
+    assert "\n" not in msg
+    with pytest.raises(ValueError, match="timm has no model"):
+        bb.get_spec("timm:alexnet9")
+
+
+@pytest.mark.parametrize("name, library, canonical", [
+    ("tf_efficientnet_lite0", "timm", "tf_efficientnet_lite0"),  # only timm has it
+    ("timm:tf_efficientnet_lite0", "timm", "tf_efficientnet_lite0"),
+    ("resnet18", "torchvision", "resnet18"),  # both have it: torchvision, as before timm
+    ("timm:resnet18", "timm", "timm:resnet18"),
+    ("torchvision:resnet18", "torchvision", "resnet18"),
+    ("mobilenet_v3_small", "torchvision", "mobilenet_v3_small"),
+])
+def test_names_resolve_to_one_library(name, library, canonical):
+    spec = bb.get_spec(name)
+    assert (spec.library, spec.name) == (library, canonical)
+    assert bb.canonical_name(name) == canonical
+
+
+def test_a_bare_or_torchvision_name_is_canonical_without_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from pipeline.extraction.backbones import canonical_name; "
+            "print(canonical_name('torchvision:vgg16'), canonical_name('convnext_tiny'), 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["vgg16", "convnext_tiny", "False"]
+
+
+@pytest.mark.parametrize("name, shape, blocks", [
+    ("test_efficientnet", (256, 5, 5), 5),  # timm CNN: forward_features' map, stages from feature_info
+    ("test_vit", (64, 10, 10), 6),  # timm ViT: the 10x10 patch tokens as a map, class token dropped
+    ("test_convnext", (64, 5, 5), 4),
+])
+def test_timm_models_give_their_last_map_and_stages(name, shape, blocks):
+    loaded = bb.load_backbone(name, "none")
+    crop = loaded.transform.crop_size[0]
+    assert crop == 160 and bb.feature_shape(name, crop) == shape
+    with torch.inference_mode():
+        assert tuple(loaded.features(torch.zeros(2, 3, crop, crop)).shape) == (2, *shape)
+    assert len(bb.feature_blocks(loaded.spec, loaded.features)) == blocks
+    trunk = {k for k in loaded.features.state_dict()}
+    assert not any("classifier" in k or k.startswith("net.head.") for k in trunk)  # the classifier is not cut in
+
+
+def test_vit_map_is_its_patch_tokens_without_the_class_token():
+    loaded = bb.load_backbone("test_vit", "none")
+    x = torch.randn(1, 3, 160, 160)
+    with torch.inference_mode():
+        tokens = loaded.model.forward_features(x)
+        fmap = loaded.features(x)
+    assert tokens.shape[1] == 1 + 100
+    assert torch.equal(fmap.flatten(2).transpose(1, 2), tokens[:, 1:])
+
+
+def test_timm_preprocessing_comes_from_its_pretrained_config():
+    import timm
+    from timm.data import resolve_data_config
+
+    loaded = bb.load_backbone("test_convnext", "none")
+    cfg = resolve_data_config({}, model=timm.create_model("test_convnext"))
+    t = loaded.transform
+    assert t.crop_size == [cfg["input_size"][-1]] and t.resize_size == [int(cfg["input_size"][-1] / cfg["crop_pct"])]
+    assert t.interpolation.value == cfg["interpolation"] == "bicubic"
+    assert tuple(t.mean) == tuple(cfg["mean"]) and tuple(t.std) == tuple(cfg["std"])
+    pre, weights_id = bb.load_preprocessing("tf_efficientnet_lite0", "DEFAULT")  # no download
+    assert (pre.resize_size, pre.crop_size, list(pre.mean)) == ([256], [224], [0.5, 0.5, 0.5])
+    assert weights_id.startswith("timm:tf_efficientnet_lite0.")
+
+
+def test_torchvision_trunks_stop_before_pooling():
+    assert bb.get_spec("vgg16").pool == "none" and bb.get_spec("resnet18").pool == "avg"
+    vgg = bb.load_backbone("vgg16", "none")
+    assert vgg.features is vgg.model.features  # the module today's caches and checkpoints were made with
+    assert len(bb.feature_blocks(vgg.spec, vgg.features)) == 5
+    resnet = bb.load_backbone("resnet18", "none")
+    assert len(bb.feature_blocks(resnet.spec, resnet.features)) == 5  # stem, layer1..layer4
+    assert bb.feature_shape("mobilenet_v3_small", 224) == (576, 7, 7)
+    with pytest.raises(ValueError, match="not a chain of layers.*timm"):
+        bb.get_spec("vit_b_16")
+
+
+def test_timm_local_file_with_its_sidecar(tmp_path):
+    model = bb.load_backbone("test_efficientnet", "none").model
+    path = tmp_path / "effnet.pt"
+    torch.save(model.state_dict(), path)
+    (tmp_path / "effnet.json").write_text(json.dumps({
+        "arch": "test_efficientnet", "library": "timm", "mean": [0.5] * 3, "std": [0.5] * 3,
+        "interpolation": "bilinear", "resize": 180, "crop": 160}))
+    loaded = bb.load_backbone("test_efficientnet", str(path))
+    t = loaded.transform
+    assert (t.resize_size, t.crop_size, t.interpolation.value, loaded.mean) == ([180], [160], "bilinear", [0.5] * 3)
+    assert loaded.covers == "all" and len(bb.imagenet_categories(loaded)) == 1000
+    (tmp_path / "effnet.json").write_text(json.dumps({"arch": "test_efficientnet", "library": "torchvision"}))
+    with pytest.raises(ValueError, match="timm:test_efficientnet|torchvision's"):
+        bb.load_backbone("test_efficientnet", str(path))
+    (tmp_path / "effnet.json").write_text(json.dumps({"resize": 0}))
+    with pytest.raises(ValueError, match="'resize' must be a positive"):
+        bb.load_backbone("test_efficientnet", str(path))
+
+
+def test_timm_offline_download_is_one_clear_line(monkeypatch):
+    import timm.models._hub as hub
+
+    def offline(*a, **k):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+    monkeypatch.setattr(hub, "hf_hub_download", offline)  # where timm's pretrained route downloads
+    with pytest.raises(PipelineError) as e:
+        bb.load_backbone("test_efficientnet", "DEFAULT")
+    msg = str(e.value)
+    assert "cannot download timm's test_efficientnet." in msg and "offline?" in msg and "--weights PATH" in msg
+    assert "\n" not in msg
 
 
 def test_unknown_weights_name_lists_allowed():

@@ -66,7 +66,7 @@ def test_extract_fit_head_compare_and_caches(run, tmp_path):
     (["extract", "--data", "nowhere"], "does not exist"),
     (["extract", "--n", "-1"], "--n must be 0"),
     (["extract", "--n", "99"], "more than the 24 images"),
-    (["extract", "--backbone", "alexnet9"], "unknown backbone 'alexnet9'; known:"),
+    (["extract", "--backbone", "alexnet9"], "unknown --backbone 'alexnet9': neither torchvision nor timm"),
     (["extract", "--backbone", "tiny", "--weights", "missing.pt"], "does not exist"),
     (["fit-head", "--cache", "missing.h5"], "does not exist"),
     (["fit-head"], "no complete feature cache"),

@@ -61,7 +61,8 @@ def fingerprint(params: dict) -> str:
 
 
 def cache_file_name(backbone: str, n: int, key: str) -> str:
-    return f"{backbone}-n{n if n else 'all'}-{key[:12]}.h5"
+    """``<backbone>-n<N|all>-<key>.h5`` (a library prefix's ':' as '-': 'timm:resnet18' -> 'timm-resnet18')."""
+    return f"{backbone.replace(':', '-')}-n{n if n else 'all'}-{key[:12]}.h5"
 
 
 class CacheError(UsageError):

@@ -91,15 +91,15 @@ def package_version(pkg: str) -> str:
 def versions() -> dict:
     """The library versions that can change features or their storage."""
     return {"python": platform.python_version(),
-            **{p: package_version(p) for p in ("torch", "torchvision", "h5py", "numpy", "pillow", "transfer-pipeline")}}
+            **{p: package_version(p) for p in ("torch", "torchvision", "timm", "h5py", "numpy", "pillow", "transfer-pipeline")}}
 
 
 @dataclass(frozen=True)
 class Provenance:
     """Everything that identifies where a feature map comes from, and what its rows mean."""
 
-    backbone: str  # a name from backbones.BACKBONES
-    weights: str  # 'VGG16_Weights.IMAGENET1K_V1', 'file:<name>' or 'none'
+    backbone: str  # the canonical --backbone name (backbones.canonical_name): 'vgg16', 'tf_efficientnet_lite0'
+    weights: str  # 'VGG16_Weights.IMAGENET1K_V1', 'timm:<arch>.<tag>', 'file:<name>' or 'none'
     weights_sha256: str  # sha256 of a local weights file ('' for torchvision weights)
     weights_covers: str  # which part the weights cover: 'all', 'features' or 'none'
     weights_path: str  # absolute path of a local weights file when it was used ('' otherwise)

@@ -1,8 +1,12 @@
-"""Pretrained torchvision backbones as frozen feature extractors, with their preprocessing.
+"""Pretrained backbones (any torchvision classification model, any timm model) as frozen feature
+extractors, with their preprocessing.
 
-Weights come from torchvision's weights API (downloaded into ``$TORCH_HOME`` when online), a
-local state-dict file (normalisation from a JSON sidecar with the same stem), or ``none``
-(random init, for tests). Preprocessing always comes from the weights' own ``transforms()``.
+A --backbone value resolves in ``get_spec`` (which library, see ``libraries``); tests and users may
+``register_backbone`` their own. Weights come from the library's own pretrained route (torchvision's
+weights API into ``$TORCH_HOME``, timm's hub download into the Hugging Face cache), a local state-dict
+file (preprocessing from a JSON sidecar with the same stem), or ``none`` (random init, for tests).
+Preprocessing always comes from the model's own record: torchvision weights' ``transforms()``, timm's
+pretrained config, or the sidecar.
 """
 from __future__ import annotations
 
@@ -16,96 +20,40 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
 from ..errors import PipelineError, UsageError
+from . import libraries
+from .libraries import split_at_maxpool  # noqa: F401 -- tests' tiny backbones split this way
 
 if TYPE_CHECKING:  # only for annotations: importing torch here would slow every cache hit
     from torch import nn
     from torchvision.transforms._presets import ImageClassification
 
-# torch and torchvision are imported inside functions: a cache hit must not pay for importing them.
+# torch, torchvision and timm are imported inside functions: a cache hit must not pay for importing them.
 
 
 @dataclass(frozen=True)
 class BackboneSpec:
     """How to build one backbone and which part of it extracts features."""
 
-    name: str  # the --backbone value
+    name: str  # the canonical --backbone value (``canonical_name``)
     build: Callable[[], "nn.Module"]  # the full model with random weights (classifier included)
     features: Callable[["nn.Module"], "nn.Module"]  # the part before global pooling, from the full model
-    feature_prefixes: tuple[str, ...]  # state-dict key prefixes that part needs (loaded strictly)
-    torchvision_name: Optional[str] = None  # name for torchvision's weights registry; None for custom models
-    transform: Optional[Callable[[], "ImageClassification"]] = None  # preprocessing for custom models
+    # state-dict key prefixes that part needs (loaded strictly); () = the keys of ``features``' tensors
+    feature_prefixes: tuple[str, ...] = ()
+    torchvision_name: Optional[str] = None  # name for torchvision's weights registry; None for others
+    transform: Optional[Callable[[], "ImageClassification"]] = None  # preprocessing of random/file weights
     classifier_in: Optional[Callable[["nn.Module"], int]] = None  # in_features of the original classifier
     # How the original classifier reads the map, so a new head is its equivalent: 'none' = flattened
-    # (VGG: Linear(512*7*7, classes)), 'avg' = global average pooling first (ResNet, MobileNet, EfficientNet).
+    # (VGG: Linear(512*7*7, classes)), 'avg' = global average pooling first (ResNet, MobileNet, timm models).
     pool: str = "none"
     # The feature part's blocks, first to last, for "unfreeze the last k blocks"; None = its children.
     blocks: Optional[Callable[["nn.Module"], list]] = None
+    library: str = ""  # 'torchvision', 'timm', or '' for a registered backbone
+    arch: str = ""  # the library's own name of the model
 
 
-def _tv(name: str, features, prefixes, classifier_in, pool="none", blocks=None) -> BackboneSpec:
-    def build():
-        from torchvision.models import get_model
-
-        return get_model(name, weights=None)
-
-    return BackboneSpec(
-        name=name,
-        build=build,
-        features=features,
-        feature_prefixes=prefixes,
-        torchvision_name=name,
-        classifier_in=classifier_in,
-        pool=pool,
-        blocks=blocks,
-    )
-
-
-def _resnet_trunk(m):
-    from torch import nn
-
-    return nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool, m.layer1, m.layer2, m.layer3, m.layer4)
-
-
-_RESNET_PREFIXES = ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.", "layer4.")
-
-
-def split_at_maxpool(features) -> list:
-    """VGG-style blocks: the conv stages of a Sequential, each ending with its MaxPool."""
-    from torch import nn
-
-    blocks, current = [], []
-    for m in features.children():
-        current.append(m)
-        if isinstance(m, nn.MaxPool2d):
-            blocks.append(nn.Sequential(*current))
-            current = []
-    if current:
-        blocks.append(nn.Sequential(*current))
-    return blocks
-
-
-def _resnet_blocks(trunk) -> list:
-    """ResNet blocks: the stem (conv1, bn1, relu, maxpool), then layer1..layer4."""
-    from torch import nn
-
-    children = list(trunk.children())
-    return [nn.Sequential(*children[:4]), *children[4:]]
-
-
-BACKBONES: dict[str, BackboneSpec] = {
-    "vgg16": _tv("vgg16", lambda m: m.features, ("features.",), lambda m: m.classifier[0].in_features,
-                 blocks=split_at_maxpool),
-    "vgg19": _tv("vgg19", lambda m: m.features, ("features.",), lambda m: m.classifier[0].in_features,
-                 blocks=split_at_maxpool),
-    "resnet18": _tv("resnet18", _resnet_trunk, _RESNET_PREFIXES, lambda m: m.fc.in_features, "avg", _resnet_blocks),
-    "resnet50": _tv("resnet50", _resnet_trunk, _RESNET_PREFIXES, lambda m: m.fc.in_features, "avg", _resnet_blocks),
-    "mobilenet_v3_large": _tv(
-        "mobilenet_v3_large", lambda m: m.features, ("features.",), lambda m: m.classifier[0].in_features, "avg"
-    ),
-    "efficientnet_b0": _tv(
-        "efficientnet_b0", lambda m: m.features, ("features.",), lambda m: m.classifier[1].in_features, "avg"
-    ),
-}
+#: backbones registered by name (tests' tiny ones, users' own); library models resolve in ``get_spec``
+BACKBONES: dict[str, BackboneSpec] = {}
+_RESOLVED: dict[str, BackboneSpec] = {}
 
 
 def register_backbone(spec: BackboneSpec) -> None:
@@ -113,10 +61,85 @@ def register_backbone(spec: BackboneSpec) -> None:
     BACKBONES[spec.name] = spec
 
 
+def canonical_name(name: str) -> str:
+    """The name caches and checkpoints record for a --backbone value: a registered name or a bare library
+    name as given, ``torchvision:X`` as X (torchvision owns bare names), ``timm:X`` as X unless torchvision
+    has an X too. Without torch for all but ``timm:`` names, so a cache hit stays torch-free."""
+    if not name or not name.strip() or name != name.strip():
+        raise UsageError(f"--backbone must be a model name, got {name!r}")
+    if name in BACKBONES:
+        return name
+    library, bare = libraries.split_prefix(name)
+    if library == "torchvision":
+        return bare
+    return libraries.canonical("timm", bare) if library == "timm" else name
+
+
 def get_spec(name: str) -> BackboneSpec:
-    if name not in BACKBONES:
-        raise UsageError(f"unknown backbone {name!r}; known: {', '.join(sorted(BACKBONES))}")
-    return BACKBONES[name]
+    """The backbone a --backbone value names (registered, torchvision or timm); a usage error if none."""
+    if name in BACKBONES:
+        return BACKBONES[name]
+    if name not in _RESOLVED:
+        library, bare = libraries.library_of(name)
+        spec = (_torchvision_spec if library == "torchvision" else _timm_spec)(libraries.canonical(library, bare), bare)
+        _RESOLVED[name] = _RESOLVED[spec.name] = spec
+    return _RESOLVED[name]
+
+
+def _torchvision_spec(name: str, bare: str) -> BackboneSpec:
+    import torch
+    from torchvision.models import get_model
+
+    def build():
+        return get_model(bare, weights=None)
+
+    transform = libraries.torchvision_transform(bare)
+    model = meta_model(build)
+    try:
+        with torch.no_grad():
+            size = transform.crop_size[0]
+            out = libraries.torchvision_trunk(model)(torch.empty(1, 3, size, size, device="meta"))
+        if out.dim() != 4:
+            raise ValueError(f"its feature part gives a {out.dim()}-d output, not a map")
+    except Exception as e:  # noqa: BLE001 -- a model whose forward is not a chain of its children
+        raise UsageError(f"torchvision's {bare} is not a chain of layers this tool can cut before its pooling "
+                         f"({type(e).__name__}: {str(e).strip().splitlines()[0][:120] if str(e).strip() else ''}); "
+                         f"use timm's version of it (--backbone timm:NAME, docs/backbones.md)") from None
+    return BackboneSpec(name=name, build=build, features=libraries.torchvision_trunk, torchvision_name=bare,
+                        pool=libraries.torchvision_pool(model), blocks=libraries.torchvision_blocks,
+                        library="torchvision", arch=bare)
+
+
+def meta_model(build):
+    """``build()`` on the meta device (no storage, no initialisation); on the CPU first for a builder that
+    computes with tensors (RegNet's widths)."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            return build()
+    except (NotImplementedError, RuntimeError):
+        return build().to("meta")
+
+
+def _timm_spec(name: str, bare: str) -> BackboneSpec:
+    def build():
+        import timm
+
+        return timm.create_model(bare, pretrained=False)
+
+    return BackboneSpec(name=name, build=build, features=libraries.timm_trunk,
+                        transform=lambda: transform_of(libraries.timm_preprocessing(libraries.timm_pretrained_cfg(bare))),
+                        pool="avg", blocks=libraries.timm_blocks, library="timm", arch=bare)
+
+
+def transform_of(pre: dict):
+    """A torchvision ``ImageClassification`` preset from a record of resize, crop, interpolation, mean, std."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms._presets import ImageClassification
+
+    return ImageClassification(crop_size=int(pre["crop"]), resize_size=int(pre["resize"]), mean=tuple(pre["mean"]),
+                               std=tuple(pre["std"]), interpolation=InterpolationMode(pre["interpolation"]))
 
 
 @dataclass
@@ -176,8 +199,13 @@ def weights_inputs(weights: Optional[str]) -> list[tuple[str, str]]:
     return [(weights, "the backbone weights"), (str(sidecar_path(weights)), f"the sidecar of the weights {weights}")]
 
 
+#: interpolation names a sidecar may give (torchvision's InterpolationMode values)
+INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic", "box", "hamming", "lanczos")
+
+
 def read_sidecar(path: str | os.PathLike) -> dict:
-    """The JSON sidecar of a weights file (``x.pt`` -> ``x.json``), or {} when there is none."""
+    """The JSON sidecar of a weights file (``x.pt`` -> ``x.json``), or {} when there is none: mean and std,
+    and optionally resize, crop, interpolation, arch, library and covers."""
     side = sidecar_path(path)
     if not side.is_file():
         return {}
@@ -193,10 +221,19 @@ def read_sidecar(path: str | os.PathLike) -> dict:
                 and (key == "mean" or all(x > 0 for x in value))):
             raise UsageError(f"weights sidecar {str(side)!r}: {key!r} must be a list of 3 finite numbers"
                              f"{' > 0' if key == 'std' else ''}, got {value!r}")
+    for key in ("resize", "crop"):
+        if key in meta and not (isinstance(meta[key], int) and not isinstance(meta[key], bool) and meta[key] > 0):
+            raise UsageError(f"weights sidecar {str(side)!r}: {key!r} must be a positive whole number of pixels, "
+                             f"got {meta[key]!r}")
+    if "interpolation" in meta and meta["interpolation"] not in INTERPOLATIONS:
+        raise UsageError(f"weights sidecar {str(side)!r}: 'interpolation' must be one of {', '.join(INTERPOLATIONS)}, "
+                         f"got {meta['interpolation']!r}")
     return meta
 
 
 def _default_transform(spec: BackboneSpec):
+    """The preprocessing of the model's own record: a registered spec's, torchvision's default weights', timm's
+    default pretrained config's."""
     from torchvision.models import get_model_weights
 
     if spec.transform is not None:
@@ -204,18 +241,14 @@ def _default_transform(spec: BackboneSpec):
     return get_model_weights(spec.torchvision_name).DEFAULT.transforms()
 
 
-def _with_normalisation(t, mean, std):
-    """The same resize/crop as ``t`` with another mean/std (a local file's sidecar)."""
-    from torchvision.transforms._presets import ImageClassification
-
-    return ImageClassification(
-        crop_size=t.crop_size[0],
-        resize_size=t.resize_size[0],
-        mean=tuple(mean),
-        std=tuple(std),
-        interpolation=t.interpolation,
-        antialias=t.antialias,
-    )
+def _with_sidecar(t, meta: dict):
+    """``t`` with what a local file's sidecar says instead (mean/std; resize, crop, interpolation if given)."""
+    pre = {"crop": t.crop_size[0], "resize": t.resize_size[0], "interpolation": t.interpolation.value,
+           "mean": t.mean, "std": t.std}
+    pre.update({k: meta[k] for k in pre if k in meta})
+    out = transform_of(pre)
+    out.antialias = t.antialias
+    return out
 
 
 def torchvision_weights(spec: BackboneSpec, name: str):
@@ -236,6 +269,17 @@ def torchvision_weights(spec: BackboneSpec, name: str):
     return enum[short]
 
 
+def timm_tag(weights: str) -> str:
+    """timm's pretrained tag a --weights value names ('' = the model's default)."""
+    return "" if weights.upper() == "DEFAULT" else weights.split(".")[-1]
+
+
+def timm_weights_id(spec: BackboneSpec, weights: str) -> tuple:
+    """(timm's pretrained config of --weights, its id as provenance records it: 'timm:<arch>.<tag>')."""
+    cfg = libraries.timm_pretrained_cfg(spec.arch, timm_tag(weights))
+    return cfg, f"timm:{spec.arch}.{cfg.tag}"
+
+
 def expected_download_path(weights) -> Path:
     """Where torchvision keeps (and looks for) the downloaded file of these weights."""
     import torch
@@ -252,6 +296,24 @@ def _download_state_dict(weights) -> dict:
             f"cannot download {weights} ({type(e).__name__}: {e}); offline? put {target.name} from "
             f"{weights.url} at {target} (TORCH_HOME={os.environ.get('TORCH_HOME', '~/.cache/torch')}) "
             "or pass --weights PATH to a local state-dict file"
+        ) from None
+
+
+def _timm_pretrained(spec: BackboneSpec, weights: str):
+    """timm's model with its pretrained weights (timm downloads them once into the Hugging Face cache)."""
+    import timm
+
+    cfg, weights_id = timm_weights_id(spec, weights)
+    try:
+        return timm.create_model(f"{spec.arch}.{cfg.tag}", pretrained=True), cfg, weights_id
+    except (UsageError, PipelineError):
+        raise
+    except Exception as e:  # noqa: BLE001 -- the hub's offline, HTTP and cache errors have no common class
+        reason = (str(e).strip().splitlines() or [""])[0][:160]
+        raise PipelineError(
+            f"cannot download timm's {weights_id[5:]} ({type(e).__name__}: {reason}); offline? fetch it once where "
+            f"there is a network (it is kept in {libraries.timm_cache_dir()}, HF_HOME) or pass --weights PATH to a "
+            "local state-dict file with its .json sidecar (docs/backbones.md)"
         ) from None
 
 
@@ -280,6 +342,15 @@ def unloadable_reason(e: Exception) -> str:
     return (text.splitlines()[0] if text else type(e).__name__)[:200]
 
 
+def feature_keys(spec: BackboneSpec, model) -> set:
+    """The full model's state-dict keys its feature part needs (by prefix, or by the tensors it holds)."""
+    state = model.state_dict(keep_vars=True)
+    if spec.feature_prefixes:
+        return {k for k in state if k.startswith(spec.feature_prefixes)}
+    held = {id(v) for v in spec.features(model).state_dict(keep_vars=True).values()}
+    return {k for k, v in state.items() if id(v) in held}
+
+
 def _apply_state_dict(spec: BackboneSpec, model, state: dict, source: str) -> str:
     """Load ``state`` into ``model``; the feature part strictly. Returns what it covers."""
     try:
@@ -291,17 +362,27 @@ def _apply_state_dict(spec: BackboneSpec, model, state: dict, source: str) -> st
         raise UsageError(
             f"weights {source} are not for {spec.name}: unexpected keys such as {unexpected[:3]}"
         )
-    needed = [k for k in missing if k.startswith(spec.feature_prefixes)]
+    needed = sorted(set(missing) & feature_keys(spec, model))
     if needed:
         raise UsageError(f"weights {source} lack {len(needed)} keys {spec.name} needs, such as {needed[:3]}")
     return "all" if not missing else "features"
+
+
+def _check_sidecar_model(spec: BackboneSpec, path: Path, meta: dict) -> None:
+    """A sidecar that names another model (or library) than --backbone is a usage error."""
+    arch, library = meta.get("arch"), meta.get("library")
+    if arch and arch not in (spec.name, spec.arch):
+        raise UsageError(f"weights file {str(path)!r} is for {arch!r}, not {spec.name!r} (its sidecar says so)")
+    if library and spec.library and library != spec.library:
+        raise UsageError(f"weights file {str(path)!r} is for {library}'s {arch or 'model'}, not {spec.library}'s "
+                         f"{spec.arch} (its sidecar says so); pass --backbone {library}:{arch or spec.arch}")
 
 
 def load_preprocessing(name: str = "vgg16", weights: str = "DEFAULT"):
     """(transform, weights id) of backbone ``name`` with ``weights``, without loading or downloading them.
 
     For what needs only the preprocessing (preview): torchvision's weights enum carries its
-    ``transforms()``, and a local file's mean/std are in its sidecar.
+    ``transforms()``, timm's pretrained config its data config, and a local file's sidecar the rest.
     """
     spec = get_spec(name)
     if weights.lower() == "none":
@@ -311,22 +392,31 @@ def load_preprocessing(name: str = "vgg16", weights: str = "DEFAULT"):
         if not path.is_file():
             raise UsageError(f"weights file {str(path)!r} does not exist")
         meta = read_sidecar(path)
-        if meta.get("arch") and meta["arch"] != name:
-            raise UsageError(f"weights file {str(path)!r} is for {meta['arch']!r}, not {name!r} (its sidecar says so)")
+        _check_sidecar_model(spec, path, meta)
         transform = _default_transform(spec)
         if "mean" in meta and "std" in meta:
-            return _with_normalisation(transform, meta["mean"], meta["std"]), f"file:{path.name}"
-        warnings.warn(f"no sidecar {path.with_suffix('.json').name} with mean/std; using the ImageNet defaults")
+            return _with_sidecar(transform, meta), f"file:{path.name}"
+        warnings.warn(f"no sidecar {path.with_suffix('.json').name} with mean/std; using the model's defaults")
         return transform, f"file:{path.name}"
+    if spec.library == "timm":
+        cfg, weights_id = timm_weights_id(spec, weights)
+        return transform_of(libraries.timm_preprocessing(cfg)), weights_id
     w = torchvision_weights(spec, weights)
     return w.transforms(), str(w)
 
 
 def load_backbone(name: str = "vgg16", weights: str = "DEFAULT") -> LoadedBackbone:
-    """Build backbone ``name`` with ``weights`` (a torchvision name, a file path, or 'none'), in eval mode."""
+    """Build backbone ``name`` with ``weights`` (a library's pretrained name, a file path, or 'none'), in eval mode."""
     import torch
 
     spec = get_spec(name)
+    if spec.library == "timm" and weights.lower() != "none" and not is_weights_path(weights):
+        model, cfg, weights_id = _timm_pretrained(spec, weights)
+        loaded = LoadedBackbone(spec, model, transform_of(libraries.timm_preprocessing(cfg)), weights_id,
+                                covers="all" if getattr(model, "num_classes", 0) else "features",
+                                categories=libraries.timm_categories(model))
+        loaded.model.eval()
+        return loaded
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # 'none' means the same random weights in every process (resumable caches)
         model = spec.build()
@@ -350,6 +440,20 @@ def load_backbone(name: str = "vgg16", weights: str = "DEFAULT") -> LoadedBackbo
     return loaded
 
 
+def imagenet_categories(loaded: LoadedBackbone) -> list:
+    """The class names of the loaded model's classifier: its weights' own, else (a local file of a full
+    model) those of the library's ImageNet classifier of that model."""
+    if loaded.categories:
+        return list(loaded.categories)
+    if loaded.spec.library == "timm":
+        return libraries.timm_categories(loaded.model)
+    if loaded.spec.torchvision_name:
+        from torchvision.models import get_model_weights
+
+        return list(get_model_weights(loaded.spec.torchvision_name).DEFAULT.meta.get("categories", []))
+    return []
+
+
 # -- shapes, blocks and preprocessing, for building and rebuilding whole models ----------------------
 def feature_blocks(spec: BackboneSpec, features) -> list:
     """The blocks of a feature part, first to last (``spec.blocks``, or its children)."""
@@ -361,8 +465,8 @@ def feature_shape(name: str, crop_size: int) -> tuple[int, int, int]:
     import torch
 
     spec = get_spec(name)
-    with torch.device("meta"):
-        y = spec.features(spec.build())(torch.empty(1, 3, crop_size, crop_size))
+    with torch.no_grad():
+        y = spec.features(meta_model(spec.build))(torch.empty(1, 3, crop_size, crop_size, device="meta"))
     return tuple(int(d) for d in y.shape[1:])
 
 
@@ -372,12 +476,17 @@ def bare_features(name: str, device: str = "cpu"):
     For loading a complete saved state dict, or counting parameters, without initialising (and
     then throwing away) a classifier: VGG-16's alone has 120 M parameters.
     """
-    import torch
-
     spec = get_spec(name)
-    with torch.device("meta"):
-        features = spec.features(spec.build())
+    features = spec.features(meta_model(spec.build))
     return features if device == "meta" else features.to_empty(device=device)
+
+
+def has_depthwise(net) -> bool:
+    """True when ``net`` holds a depthwise convolution (one group per input channel: EfficientNet, MobileNet,
+    ConvNeXt), which PyTorch runs far below its FLOPs on the CPU unless compiled, and int8 does not help."""
+    from torch import nn
+
+    return any(isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels for m in net.modules())
 
 
 def default_transform(name: str):

@@ -53,7 +53,7 @@ def validate(cfg: ExtractConfig) -> None:
         raise UsageError(f"unknown --compile {cfg.compile!r}; allowed: {', '.join(COMPILE)}")
     if cfg.decode not in DECODERS:
         raise UsageError(f"unknown --decode {cfg.decode!r}; allowed: {', '.join(DECODERS)}")
-    bb.get_spec(cfg.backbone)
+    check_backbone(cfg)
     if not Path(cfg.data).is_dir():
         raise UsageError(f"data folder {cfg.data!r} does not exist; `python cli.py fetch-data` downloads the Kaggle "
                          "cats-vs-dogs set to data/PetImages, or pass --data DIR")
@@ -63,6 +63,14 @@ def validate(cfg: ExtractConfig) -> None:
         check_output(cfg.shard_dir, data=photos, what="--shard-dir", folder=True)
     if bb.is_weights_path(cfg.weights) and not Path(cfg.weights).is_file():
         raise UsageError(f"weights file {cfg.weights!r} does not exist")
+
+
+def check_backbone(cfg: ExtractConfig) -> None:
+    """An unknown --backbone is a usage error before anything else; resolving a name imports torch, so a
+    name with caches of its own in --cache-dir (it resolved when they were made) is left for a hit."""
+    name = bb.canonical_name(cfg.backbone)
+    if not any(Path(cfg.cache_dir).glob(cache_file_name(name, 0, "*").replace("-nall-", "-n*-"))):
+        bb.get_spec(name)
 
 
 #: ``--precision auto`` picks int8 + compile for CPU runs of at least this many images. Its one-off costs
@@ -91,6 +99,14 @@ def auto_precision(cfg: ExtractConfig, images: int) -> tuple[str, str]:
         return "auto", f"precision auto: bf16 or fp32, not int8: {why_not}"
     return "int8", (f"precision auto: int8 + compile ({images} images on a CPU with AVX-512 VNNI: about 2.5x bf16 "
                     "after a one-off calibration and compile); --precision bf16 keeps the float network")
+
+
+def prefers_float(cfg: ExtractConfig) -> bool:
+    """Whether ``--precision auto`` runs this backbone in float rather than int8 (imports torch): a network
+    with depthwise convolutions does. EfficientNet-Lite0 on 1,000 photos (docs/performance.md): int8 +
+    compile 23.3 img/s after 104 s of calibration and compiling, bf16 21.9 eager and 30.4 compiled; so
+    bf16, compiled from ``COMPILE_MIN_IMAGES_DEPTHWISE`` images."""
+    return bb.has_depthwise(bb.bare_features(cfg.backbone, "meta"))
 
 
 def weights_identity(cfg: ExtractConfig) -> dict:
@@ -136,14 +152,14 @@ def extract(cfg: ExtractConfig) -> dict:
 def extract_held(cfg: ExtractConfig) -> dict:
     started = time.time()
     validate(cfg)
+    cfg = replace(cfg, backbone=bb.canonical_name(cfg.backbone))  # timm:X and X name one cache
     listing = list_image_folder(cfg.data)
     total = len(listing.files)
     if cfg.n > total:
         raise UsageError(f"--n {cfg.n} is more than the {total} images in {cfg.data}")
     images = cfg.n or total
     precision, why = auto_precision(cfg, images)
-    if why:  # said when it matters: what was chosen, or why a long run is not int8
-        log.log(logging.INFO if precision == "int8" or images >= INT8_AUTO_MIN_IMAGES else logging.DEBUG, "%s", why)
+    float_cfg = cfg  # --precision auto's float choice, when the network runs faster in float (see below)
     if precision != cfg.precision:  # the same cache, key and network as --precision int8
         cfg = replace(cfg, precision=precision)
         validate(cfg)
@@ -152,6 +168,18 @@ def extract_held(cfg: ExtractConfig) -> dict:
     if distributed.world_size() > 1:  # started by torchrun: this rank extracts its shard
         return distributed.extract_sharded(cfg, listing, key, path, started)
     info = existing_cache(path, key)
+    if (info is None or not info.complete) and float_cfg is not cfg:
+        # auto's int8 is for dense networks; one with depthwise convolutions (EfficientNet, MobileNet) runs
+        # faster in bf16: its cache is auto's answer too (found without torch on a hit)
+        float_key = cache_key(float_cfg, listing)
+        float_path = Path(cfg.cache_dir) / cache_file_name(cfg.backbone, cfg.n, float_key)
+        float_info = existing_cache(float_path, float_key)
+        if (float_info is not None and float_info.complete) or (info is None and prefers_float(cfg)):
+            why = f"precision auto: float, not int8: {cfg.backbone} has depthwise convolutions"
+            cfg, key, path, info = float_cfg, float_key, float_path, float_info
+    if why:  # said when it matters: what was chosen, or why a long run is not int8
+        log.log(logging.INFO if cfg.precision == "int8" or images >= INT8_AUTO_MIN_IMAGES else logging.DEBUG,
+                "%s", why)
     verified = False
     if info is not None:
         stale, verified = stale_reason(info, listing, cfg.verify)
@@ -164,6 +192,7 @@ def extract_held(cfg: ExtractConfig) -> dict:
         if info.attrs.get("purpose") == "test" and cfg.purpose != "test":
             claim_for_training(info)  # what the user extracts is what fit-head then trains on by default
         return {**hit_summary(info, started), "verified": verified}
+    bb.get_spec(cfg.backbone)  # an unknown name: a usage error before anything is written
     if info is not None:
         log.info("resuming %s from row %d", path, info.rows)
     path.parent.mkdir(parents=True, exist_ok=True)

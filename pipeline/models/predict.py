@@ -231,12 +231,7 @@ def imagenet_check(image: str, backbone: str = ImagenetCheckConfig.backbone,
         what = "are random (--weights none)" if loaded.covers == "none" else "cover only the features"
         raise UsageError(f"weights {loaded.weights_id} {what} of {backbone}, not its ImageNet classifier; "
                          "imagenet-check needs the full pretrained model, e.g. --weights DEFAULT")
-    categories = loaded.categories
-    spec = loaded.spec
-    if not categories and spec.torchvision_name:  # a local full-model file: the names of the ImageNet classes
-        from torchvision.models import get_model_weights
-
-        categories = list(get_model_weights(spec.torchvision_name).DEFAULT.meta.get("categories", []))
+    categories = bb.imagenet_categories(loaded)  # a local full-model file: its library's ImageNet class names
     try:
         x = load_transformed(image, loaded.transform).unsqueeze(0)
     except ImageLoadError as e:

@@ -4,7 +4,7 @@ The head replaces the original classifier with its equivalent for the new classe
 - VGG (``spec.pool == 'none'``): exactly ``head.build_head`` on the C x H x W map, i.e.
   Flatten + Linear(512*7*7 = 25088, classes) + LogSoftmax, so a fit-head checkpoint from a
   normal cache loads straight into ``model.head``;
-- ResNet, MobileNet, EfficientNet (``spec.pool == 'avg'``): global average pooling, then
+- ResNet, MobileNet, EfficientNet, every timm model (``spec.pool == 'avg'``): global average pooling, then
   ``build_head`` on (C, 1, 1), i.e. Linear(C, classes) + LogSoftmax, which is also what fit-head
   trains on a ``--pool avg`` cache.
 
@@ -89,8 +89,8 @@ class TransferModel(nn.Module):
         if unfreeze != ALL and not 0 <= unfreeze <= len(blocks):
             raise UsageError(f"cannot unfreeze the last {unfreeze} blocks: {self.backbone} has {len(blocks)} "
                              f"(allowed: none, all, or 1..{len(blocks)})")
-        self.features.requires_grad_(False)
-        for block in blocks if unfreeze == ALL else blocks[len(blocks) - unfreeze:]:
+        self.features.requires_grad_(unfreeze == ALL)  # all: every parameter, a ViT's position embedding too
+        for block in [] if unfreeze == ALL else blocks[len(blocks) - unfreeze:]:
             block.requires_grad_(True)
         self.head.requires_grad_(True)
         self.train(self.training)

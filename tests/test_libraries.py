@@ -1,0 +1,174 @@
+"""timm and torchvision models as backbones through every command: tiny random timm test models end to end,
+and (slow) the real EfficientNet-Lite0 file on real photos."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import pipeline
+from pipeline import cli
+from pipeline.extraction import libraries
+from tests.conftest import SHARED, make_image_folder
+
+pytestmark = pytest.mark.filterwarnings("ignore:--weights none", "ignore:no sidecar", "ignore:`torch.jit")
+
+LITE0 = SHARED / "weights" / "tf_efficientnet_lite0_imagenet.pt"
+CATSDOGS_TEST = SHARED / "data" / "catsdogs_test"
+
+
+def run(*args) -> str:
+    result = CliRunner().invoke(cli.cli, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("timm")
+    make_image_folder(root / "data", per_class=8, classes=("blue", "green", "red"))
+    make_image_folder(root / "test", per_class=3, classes=("blue", "green", "red"), seed=1)
+    return root
+
+
+@pytest.fixture(scope="module")
+def timm_head(folders) -> Path:
+    """extract (timm's test_efficientnet, random weights) -> fit-head --test-data: its head.pt."""
+    root = folders
+    out = run("extract", "--data", root / "data", "--n", 0, "--backbone", "timm:test_efficientnet", "--weights",
+              "none", "--cache-dir", root / "features", "--workers", 0, "--precision", "fp32", "--json")
+    cache = Path(json.loads(out)["cache"])
+    assert cache.name.startswith("test_efficientnet-")  # timm:X and X are one name: X only timm has
+    out = run("fit-head", "--cache", cache, "--test-data", root / "test", "--runs-dir", root / "runs", "--json")
+    result = json.loads(out)
+    assert result["test_acc"] == 1.0
+    return Path(result["checkpoint"])
+
+
+def test_a_timm_head_predicts_evaluates_exports_and_serves(timm_head, folders, tmp_path):
+    from fastapi.testclient import TestClient
+
+    photos = sorted((folders / "test").rglob("*.jpg"))
+    rows = list(pipeline.predict_files(timm_head, photos, precision="fp32", workers=0))
+    assert [r["class"] for r in rows] == [p.parent.name for p in photos]
+    report = json.loads(run("evaluate", "--model", timm_head, "--data", folders / "test", "--runs-dir", tmp_path,
+                            "--workers", 0, "--json"))
+    assert report["accuracy"] == 1.0
+    exported = pipeline.export_model(timm_head, tmp_path / "m.onnx")
+    assert exported["passed"] and exported["max_abs_diff"] < 1e-4
+    meta = json.loads(Path(f"{tmp_path / 'm.onnx'}.json").read_text())
+    assert meta["backbone"] == "test_efficientnet" and meta["preprocessing"]["crop_size"] == 160
+    with TestClient(pipeline.serve_app(timm_head, precision="fp32")) as client:
+        answer = client.post("/predict", files=[("files", (photos[0].name, photos[0].read_bytes(), "image/jpeg"))])
+    assert answer.status_code == 200 and answer.json()[0]["class"] == photos[0].parent.name
+
+
+def test_finetune_unfreezes_a_timm_models_last_stages(folders, tmp_path):
+    out = run("summary", "--backbone", "test_vit", "--unfreeze", 2)
+    assert "6 backbone blocks" in out
+    result = json.loads(run("finetune", "--data", folders / "data", "--backbone", "test_vit", "--weights", "none",
+                            "--unfreeze", 2, "--epochs", 1, "--batch-size", 8, "--workers", 0,
+                            "--runs-dir", tmp_path, "--json"))
+    rows = pipeline.predict_files(result["checkpoint"], sorted((folders / "test").rglob("*.jpg")), precision="fp32",
+                                  workers=0)
+    assert rows.result["errors"] == 0 and len(rows) == 9
+    ckpt = torch.load(result["checkpoint"], weights_only=True)
+    assert ckpt["backbone"] == "test_vit" and ckpt["preprocessing"]["crop_size"] == 160
+
+
+def test_int8_and_compile_extract_a_timm_model(folders, tmp_path):
+    pytest.importorskip("torchao")
+    out = run("extract", "--data", folders / "data", "--n", 0, "--backbone", "test_convnext", "--weights", "none",
+              "--cache-dir", tmp_path, "--workers", 0, "--precision", "int8", "--calib-n", 8, "--json")
+    result = json.loads(out)
+    assert result["precision"] == "int8" and result["rows"] == 24 and result["feature_shape"] == [64, 5, 5]
+
+
+def test_an_unknown_backbone_is_a_usage_error_before_anything_runs(folders, tmp_path):
+    result = CliRunner().invoke(cli.cli, ["extract", "--data", str(folders / "data"), "--n", "0", "--backbone",
+                                          "convnext_tiny2x", "--cache-dir", str(tmp_path / "f")])
+    assert result.exit_code == 2 and "close: convnext_tiny" in result.stderr
+    assert not list(tmp_path.rglob("*.h5"))
+
+
+# -- the real EfficientNet-Lite0 file on real photos ------------------------------------------------------
+@pytest.fixture
+def lite0_available():
+    if not (LITE0.is_file() and CATSDOGS_TEST.is_dir()):
+        pytest.skip("../shared (the Lite0 weights and catsdogs_test) is not beside the project")
+
+
+def _subset(root: Path, per_class: int) -> Path:
+    for cls in ("Cat", "Dog"):
+        (root / cls).mkdir(parents=True)
+        for p in sorted((CATSDOGS_TEST / cls).glob("*.jpg"))[:per_class]:
+            (root / cls / p.name).symlink_to(p)
+    return root
+
+
+@pytest.mark.slow
+def test_lite0_imagenet_classifier_names_cats_and_dogs(lite0_available):
+    """imagenet-check with the shared file: its 1000-class classifier names a cat or a dog class."""
+    cats = dogs = 0
+    photos = sorted((CATSDOGS_TEST / "Cat").glob("*.jpg"))[:10] + sorted((CATSDOGS_TEST / "Dog").glob("*.jpg"))[:10]
+    for p in photos:
+        top = pipeline.imagenet_check(str(p), backbone="tf_efficientnet_lite0", weights=str(LITE0), top=1,
+                                      device="cpu")["top"][0]
+        index = top["index"]
+        cats += p.parent.name == "Cat" and 281 <= index <= 293  # ImageNet's cats (domestic and wild)
+        dogs += p.parent.name == "Dog" and 151 <= index <= 275  # ImageNet's dogs
+    assert cats >= 7 and dogs >= 8
+
+
+@pytest.mark.slow
+def test_lite0_features_fit_an_accurate_head(lite0_available, tmp_path):
+    """extract with the shared file, then fit-head on its features: >= 0.9 on held-out real photos."""
+    data = _subset(tmp_path / "train", 40)
+    test = tmp_path / "test"
+    for cls in ("Cat", "Dog"):
+        (test / cls).mkdir(parents=True)
+        for p in sorted((CATSDOGS_TEST / cls).glob("*.jpg"))[100:130]:
+            (test / cls / p.name).symlink_to(p)
+    out = run("extract", "--data", data, "--n", 0, "--backbone", "tf_efficientnet_lite0", "--weights", LITE0,
+              "--cache-dir", tmp_path / "features", "--json")
+    extracted = json.loads(out)
+    assert extracted["feature_shape"] == [1280, 7, 7]
+    import h5py
+
+    with h5py.File(extracted["cache"], "r") as f:  # the sidecar's preprocessing, in the cache's provenance
+        pre = json.loads(f.attrs["preprocessing"])
+    assert (pre["resize_size"], pre["crop_size"], pre["interpolation"], pre["mean"]) == (256, 224, "bicubic", [0.5] * 3)
+    result = json.loads(run("fit-head", "--cache", extracted["cache"], "--test-data", test,
+                            "--runs-dir", tmp_path / "runs", "--json"))
+    assert result["test_acc"] >= 0.9
+
+
+def test_libraries_split_prefixes():
+    assert libraries.split_prefix("timm:resnet18") == ("timm", "resnet18")
+    assert libraries.split_prefix("torchvision:vgg16") == ("torchvision", "vgg16")
+    assert libraries.split_prefix("vgg16") == ("", "vgg16")
+    assert libraries.split_prefix("other:vgg16") == ("", "other:vgg16")
+
+
+def test_a_vgg16_cache_keeps_its_key_whichever_way_it_is_named(image_folder, monkeypatch):
+    """Caches made before timm are found again: 'vgg16' and 'torchvision:vgg16' key exactly the fields they
+    did (the backbone's bare name, no library field), and their file name is unchanged."""
+    from pipeline.cache.feature_cache import cache_file_name
+    from pipeline.data.folders import list_image_folder
+    from pipeline.extraction import extract as extract_mod
+    from pipeline.extraction.backbones import canonical_name
+
+    seen = []
+    monkeypatch.setattr(extract_mod, "fingerprint", lambda d: seen.append(d) or "k" * 64)
+    listing = list_image_folder(str(image_folder))
+    for name in ("vgg16", "torchvision:vgg16"):
+        cfg = extract_mod.ExtractConfig(data=str(image_folder), backbone=canonical_name(name), n=0)
+        extract_mod.cache_key(cfg, listing)
+    assert seen[0] == seen[1] and seen[0]["backbone"] == "vgg16"
+    assert set(seen[0]) == {"format", "data", "backbone", "weights", "n", "seed", "dtype", "precision", "pool",
+                            "torchvision", "decode_version"}
+    assert cache_file_name("vgg16", 0, "k" * 64) == "vgg16-nall-kkkkkkkkkkkk.h5"
+    assert cache_file_name("timm:resnet18", 0, "k" * 64) == "timm-resnet18-nall-kkkkkkkkkkkk.h5"
