@@ -61,7 +61,7 @@ def test_a_timm_head_predicts_evaluates_exports_and_serves(timm_head, folders, t
     assert exported["passed"] and exported["max_abs_diff"] < 1e-4
     meta = json.loads(Path(f"{tmp_path / 'm.onnx'}.json").read_text())
     assert meta["backbone"] == "test_efficientnet" and meta["preprocessing"]["crop_size"] == 160
-    with TestClient(pipeline.serve_app(timm_head, precision="fp32")) as client:
+    with TestClient(pipeline.serve_app(timm_head, precision="fp32"), base_url="http://localhost") as client:
         answer = client.post("/predict", files=[("files", (photos[0].name, photos[0].read_bytes(), "image/jpeg"))])
     assert answer.status_code == 200 and answer.json()[0]["class"] == photos[0].parent.name
 
