@@ -325,3 +325,21 @@ def from_kernel(nystroem, clf, in_shape, view: str = "flat", normalizer: Optiona
     return head
 
 
+
+
+def from_svm(expansion, in_shape, view: str = "flat", normalizer: Optional[Normalizer] = None, dtype=None):
+    """A ProbeHead whose scores are an SVM's (``sklearn_fits.fit_svm``'s ``KernelExpansion``, fitted on
+    ``normalizer``-normalised ``view`` rows): its support rows are the kernel stage's landmarks (no
+    K_mm^{-1/2}: the identity), the expansion's coefficients the Linear layer. Its softmax is a probability
+    once a temperature (fitted on out-of-fold scores) scales it."""
+    normalizer = normalizer or Normalizer("none")
+    rows, w = np.asarray(expansion.rows, np.float64), np.asarray(expansion.weight, np.float64)
+    if rows.shape[1] != view_dim(view, in_shape):
+        raise ValueError(f"the SVM was fitted on {rows.shape[1]}-d rows; the {view!r} view of {tuple(in_shape)} "
+                         f"maps is {view_dim(view, in_shape)}-d")
+    head = ProbeHead(in_shape, w.shape[0], view, normalizer.kind, kernel_components=len(rows),
+                     gamma=float(expansion.gamma), dtype=dtype or torch.float64, kernel_norm=False)
+    head.set_normalizer(normalizer)
+    head.set_kernel(rows)
+    head.set_linear(w, np.asarray(expansion.bias, np.float64))
+    return head
