@@ -61,19 +61,42 @@ FIT_HEAD = {"defaults": {}, "tune": {"tune": True}}
 
 
 # -- the caches --------------------------------------------------------------------------------------------
+def found_caches(args) -> dict:
+    """{data folder: the newest complete plain cache of it in --cache-dir} of --backbone (any, if not given)
+    and --weights' file: caches made already, at any precision, are used as they are."""
+    from pipeline.cache.feature_cache import list_caches
+
+    good, _ = list_caches(args.cache_dir) if Path(args.cache_dir).is_dir() else ([], [])
+    out: dict = {}
+    for info in good:  # newest first
+        made = json.loads(info.attrs.get("config", "{}"))
+        if (made.get("flip") or made.get("n") not in (0, None) or made.get("pool") not in (None, "none")
+                or (getattr(args, "backbone", None) and info.attrs["backbone"] != args.backbone)
+                or Path(args.weights).name not in str(info.attrs.get("weights", ""))):
+            continue
+        out.setdefault(str(Path(info.attrs["data_root"]).resolve()), info)
+    return out
+
+
 def caches(args, flip=False) -> dict:
-    """proxy -> [training cache, test cache (if any)]: ``--cache``'s, or made by the project's extract (n=0)
-    or found in --cache-dir; the test folder with its training cache's network (precision, int8 calibration)."""
+    """proxy -> [training cache, test cache (if any)]: ``--cache``'s, plain caches found in --cache-dir (a
+    training and test cache made at the same precision), or made by the project's extract (n=0): the test
+    folder with its training cache's network (precision, int8 calibration)."""
     from pipeline.config import ExtractConfig
     from pipeline.extraction.extract import extract
 
     named = dict(getattr(args, "cache", None) or [])
+    found = found_caches(args) if not flip else {}
     out = {}
     for name, (train, test) in PROXIES.items():
         if args.only and name not in args.only:
             continue
         if name in named:
             out[name] = named[name]
+            continue
+        have = [found.get(str((Path(args.data) / f).resolve())) for f in (train, test) if f]
+        if all(have) and len({json.loads(i.attrs["config"]).get("precision") for i in have}) == 1:
+            out[name] = [str(i.path) for i in have]
             continue
         kw = {"n": 0, "weights": args.weights, "cache_dir": args.cache_dir, "flip": flip,
               **({"backbone": args.backbone} if getattr(args, "backbone", None) else {})}

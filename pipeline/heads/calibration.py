@@ -61,6 +61,20 @@ def fit_temperature(logp: np.ndarray, y: np.ndarray, bounds=T_BOUNDS, prior_rows
     return float(math.exp((lo + hi) / 2))
 
 
+def fit_stack_weights(logps: list, y: np.ndarray, bounds=(0.0, 1.0 / T_BOUNDS[0])) -> list[float]:
+    """Non-negative weights w minimising the NLL of softmax(sum_i w_i logps[i]) (held-out log-probabilities
+    of several heads on the same rows): each head's temperature and its share in one; a head that adds
+    nothing gets weight 0. L-BFGS-B from equal weights of 1."""
+    from scipy.optimize import minimize
+
+    logps, y = [np.asarray(lp, np.float64) for lp in logps], np.asarray(y, np.int64)
+    if not len(y):
+        return [1.0] * len(logps)
+    f = lambda w: nll(log_softmax(sum(wi * lp for wi, lp in zip(w, logps))), y)  # noqa: E731
+    res = minimize(f, np.ones(len(logps)), bounds=[bounds] * len(logps), method="L-BFGS-B")
+    return [float(w) for w in res.x]
+
+
 def calibration_metrics(logp: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> dict:
     """Expected calibration error (``bins`` equal-width bins of the top probability, weighted by their
     share of rows), log-loss (mean NLL) and the multi-class Brier score (mean squared error of the

@@ -41,7 +41,17 @@ from .calibration import before_after, calibration_metrics, fit_temperature, out
 from .epoch_loop import per_class_accuracy, split_indices, validate_training
 from .feature_views import NORMS, VIEWS, check_view
 from .linear_trainer import train_linear
-from .model_selection import AUTO_GRID, TUNE_GRIDS, expand_grid, fit_setting, format_table, setting_key, tune
+from .model_selection import (
+    AUTO_GRID,
+    TUNE_GRIDS,
+    clearly_better,
+    expand_grid,
+    fit_setting,
+    format_table,
+    setting_key,
+    stacked_row,
+    tune,
+)
 from .probe_heads import ProbeHead
 from .unknown_score import fit_unknown, kept_indices, unknown_summary
 
@@ -177,32 +187,25 @@ def _cv_rows(cfg: FitHeadConfig, labels: np.ndarray, train_idx: np.ndarray) -> n
 
 
 def _default_unless_beaten(cfg: FitHeadConfig, shape, result: dict) -> dict:
-    """The default head's best setting in ``result`` (a ``tune`` over --tune's grids), unless the best other
-    setting beats it clearly (``_clearly_better``). A wide grid always holds some setting that wins by noise
-    on a few hundred rows (measured: avgmax won 5-fold CV on cats-vs-dogs and lost 1 point on its test
+    """The default head's choice among ``result``'s rows (a ``tune`` over --tune's grids), unless the wide
+    search's best beats it clearly (``clearly_better``). A wide grid always holds some setting that wins by
+    noise on a few hundred rows (measured: avgmax won 5-fold CV on cats-vs-dogs and lost 1 point on its test
     photos; logistic regression on avgmax won the log-loss on caltech20 by 0.04, tied its accuracy and scored
     one test photo fewer), so a challenger must win on both counts."""
     default = _default_row(cfg, shape, result)
     best = result["best"]
-    return best if default is None or _clearly_better(best, default, result["folds"]) else default
+    return best if default is None or clearly_better(best, default, result["folds"]) else default
 
 
 def _default_row(cfg: FitHeadConfig, shape, result: dict) -> Optional[dict]:
-    """The default head's best row of a ``tune`` table (None when the table holds none of its settings)."""
+    """The default head's own choice from the rows of a ``tune`` table that are its settings (None: some are
+    missing): the best SVM and the best logistic regression (CV accuracy, then log-loss), stacked."""
     default_keys = {setting_key(s) for s in expand_grid(_auto_grid(cfg), shape)}
-    defaults = [r for r in result["table"] if r["key"] in default_keys]
-    return min(defaults, key=lambda r: (r["log_loss_mean"], -r["acc_mean"])) if defaults else None
-
-
-def _clearly_better(best: dict, default: dict, folds: int) -> bool:
-    """Both the log-loss lower and the accuracy higher, each by more than the standard error of the
-    difference of two means over ``folds`` folds."""
-
-    def noise(metric: str) -> float:
-        return math.hypot(best[f"{metric}_std"], default[f"{metric}_std"]) / math.sqrt(folds)
-
-    return (best["log_loss_mean"] + noise("log_loss") < default["log_loss_mean"]
-            and best["acc_mean"] - noise("acc") > default["acc_mean"])
+    rows = [r for r in result["table"] if r["key"] in default_keys]
+    best = {kind: min((r for r in rows if r["setting"]["head"] == kind), key=lambda r: (-r["acc_mean"],
+                                                                                      r["log_loss_mean"]), default=None)
+            for kind in ("svm", "logreg")}
+    return stacked_row(best["svm"], best["logreg"], result) if all(best.values()) else None
 
 
 def _nested(cfg: FitHeadConfig, rows, grid, n_classes: int) -> dict:
@@ -222,7 +225,7 @@ def _nested(cfg: FitHeadConfig, rows, grid, n_classes: int) -> dict:
     outer = StratifiedKFold(cfg.folds, shuffle=True, random_state=cfg.seed + 1)
     for tr, te in outer.split(np.zeros(len(y)), y):
         part = {v: rows[v][tr] for v in views}
-        inner = tune(part, y[tr], grid, folds=cfg.folds, seed=cfg.seed, in_shape=shape, threads=1)
+        inner = tune(part, y[tr], grid, folds=cfg.folds, seed=cfg.seed, in_shape=shape, threads=1, score="accuracy")
         choices = {"tune": _default_unless_beaten(cfg, shape, inner), "default": _default_row(cfg, shape, inner)}
         for name, row in choices.items():
             head, _ = fit_setting(part, y[tr], row["setting"], in_shape=shape, n_classes=n_classes, seed=cfg.seed)
@@ -241,17 +244,18 @@ def _tune(cfg: FitHeadConfig, cache, train_idx):
     cv_idx = _cv_rows(cfg, cache.labels, train_idx)
     rows = CacheViews(cache, cv_idx, cfg.block_rows)
     try:
-        result = tune(rows, rows.labels, _search_grid(cfg), folds=cfg.folds, seed=cfg.seed, threads=1)
+        result = tune(rows, rows.labels, _search_grid(cfg), folds=cfg.folds, seed=cfg.seed, threads=1,
+                      score="accuracy")
     except ValueError as e:  # too few rows of a class for the folds
         raise UsageError(f"{'--tune' if cfg.tune else '--head auto'}: {e}") from None
-    best, nested = result["best"], None
+    best, nested = _default_row(cfg, rows.feature_shape, result), None
     if cfg.tune:
         best, default = _default_unless_beaten(cfg, rows.feature_shape, result), _default_row(cfg, rows.feature_shape, result)
         if default is not None and best["key"] != default["key"]:
             nested = _nested(cfg, rows, _search_grid(cfg), len(cache.classes))
-            if not _clearly_better(nested["tune"], nested["default"], cfg.folds):
+            if not clearly_better(nested["tune"], nested["default"], cfg.folds):
                 best = default
-        result = {**result, "best": best}  # the table marks the choice
+    result = {**result, "best": best}  # the table marks the choice
     if cfg.tune and not is_quiet():
         print(format_table(result) + "\n(--tune keeps the default head's best setting unless another beats both its "
               "CV log-loss and its CV accuracy by more than the standard error of the difference, and the wider "
