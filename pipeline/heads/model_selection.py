@@ -164,7 +164,8 @@ def fit_setting(X, y: np.ndarray, setting: dict, in_shape=None, n_classes: Optio
 
     ``X``: raw (N, C, H, W) maps, or a mapping {view: rows} such as ``CacheViews`` (then ``in_shape``
     comes from its ``feature_shape`` or must be given). A torch head holds out a stratified 1/8 of
-    the rows for early stopping. The head is float64 for scikit-learn kinds, float32 for torch.
+    the rows for early stopping; an SVM fits on a seeded stratified sample of ``GRAM_ROWS`` rows when
+    there are more (its time grows with the square of the rows; a stack's logistic regression sees all). The head is float64 for scikit-learn kinds, float32 for torch.
     """
     s = complete_setting(setting)
     rows, in_shape = _rows_for(X, in_shape)
@@ -186,7 +187,8 @@ def fit_setting(X, y: np.ndarray, setting: dict, in_shape=None, n_classes: Optio
         nm = Normalizer(s["normalize"]).fit(x)
         xn = nm.transform(x)
         if s["head"] in ("svm", "stack"):
-            svm = fit_svm(xn, y, s["C"], s["gamma"], s["scheme"], n_classes)
+            some = _stratified_holdout(y, 1 - GRAM_ROWS / len(y), seed)[0] if len(y) > GRAM_ROWS else slice(None)
+            svm = fit_svm(xn[some], y[some], s["C"], s["gamma"], s["scheme"], n_classes)
             if s["head"] == "svm":
                 head = from_svm(svm, in_shape, s["view"], nm)
             else:
