@@ -333,7 +333,9 @@ def extract_features(data: PathLike, n: int = ExtractConfig.n, *, verbose: Optio
     ``options`` are ExtractConfig's: backbone ('vgg16'), weights ('DEFAULT', a torchvision name, a
     local state-dict file with its .json sidecar, or 'none'), cache_dir ('features'), seed, dtype,
     precision ('auto', 'fp32', 'bf16', 'fp16', or 'int8' on the CPU with torchao: calibrated on
-    calib_n images of calib_data or data), compile, pool, flip (None: auto), batch_size, device, workers, decode.
+    calib_n images of calib_data or data), compile, pool, flip (False; True: each
+    map the mean of the photo's and its mirror image's), verify (hash every row's photo on a hit, as on
+    folders up to 100 MB always), batch_size, device, workers, decode.
     The same request again is a cache hit
     (nothing computed); an interrupted one resumes. Returns the Cache (``.result``: extract's summary).
     """
@@ -585,14 +587,14 @@ class _Classifier:
         reads it) to ``path``; returns the path. ``load`` reads it back."""
         import shutil
 
-        from .files import atomic_write
+        from .files import atomic_write, check_output
+        from .models.whole_models import checkpoint_reads
 
         src, dst = self._checkpoint(), Path(os.fspath(path))
-        if dst.exists() and dst.is_dir():
-            raise UsageError(f"{str(dst)!r} is a folder; name a file, e.g. {str(dst / src.name)!r}")
-        if dst.exists() and os.path.samefile(src, dst):
+        if dst.is_file() and os.path.samefile(src, dst):
             return dst
-        dst.parent.mkdir(parents=True, exist_ok=True)
+        files, folders = checkpoint_reads({"config": self.config_, "cache": self.cache_}, src, self._weights)
+        check_output(dst, files, folders, what="save's path")
         return atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
 
     def plot_curves(self, title: str = ""):

@@ -61,15 +61,6 @@ class CheckImagesConfig:
     workers: int = -1  # decoding processes; -1 = one per CPU core, 1 = in this process
 
 
-#: ``flip`` left unset (auto) mirrors each photo when the folder holds at most this many photos per class. A
-#: mirror image is a second view of every photo, worth most where a class has few: measured on 20 seeded splits
-#: of dogbreeds20 (13 photos per class), the default head gained 1.0 +- 0.4 points (docs/heads.md); on
-#: catsdogs (500 per class) and scenes6 (100) nothing beyond noise. Small folders pay the second pass in
-#: seconds; large ones, where it would cost the most, gain the least, so they keep one pass. Random weights
-#: (``weights='none'``, for smoke runs and tests) gain nothing from a second view and keep one pass too.
-FLIP_AUTO_MAX_PER_CLASS = 50
-
-
 @dataclass
 class ExtractConfig:
     """What to extract, from where, and how."""
@@ -90,9 +81,15 @@ class ExtractConfig:
     calib_n: int = 64  # int8: calibration images, the first of the seeded sample
     calib_data: str = ""  # int8: calibrate on this folder's sample ('' = --data; a test set uses its training data's)
     pool: str = "none"  # 'none' keeps the C x H x W map; 'avg' stores globally averaged C x 1 x 1 vectors
-    # store each photo's map as the mean of its and its mirror image's (twice the compute); None = auto:
-    # on for pretrained weights and at most FLIP_AUTO_MAX_PER_CLASS photos per class (extract.auto_flip)
-    flip: Optional[bool] = None
+    # store each photo's map as the mean of its and its mirror image's: twice the compute, +1.0 +- 0.4 points for
+    # the default head on dogbreeds20 (13 photos per class; docs/heads.md). Opt-in, never decided from the folder:
+    # a rule on its size would change what every row means when a photo is added, and a test folder extracted
+    # with the training folder's options would not fit its head
+    flip: bool = False
+    # on a cache hit (or resume), hash every row's photo and compare with the sha256 the cache keeps: a photo
+    # rewritten in place with its size and mtime kept is found. Always done where the rows' files total at most
+    # 100 MB (cache.freshness.VERIFY_AUTO_MAX_BYTES, about 0.15 s); this asks for it on larger folders
+    verify: bool = False
     decode: str = "pil"  # 'pil' (JPEGs decoded by the workers) or 'device' (decode_jpeg on the device: nvJPEG)
     cache_dir: str = "features"  # where caches live
     shard_dir: str = ""  # under torchrun: where each rank's shard files go ('' = <cache_dir>/<cache name>.shards)

@@ -3,11 +3,14 @@
 A file name taken from a URL (or any other outside source) must never choose the folder it is
 written to; a folder option that names an existing file must be one clear usage error, not a
 traceback from ``mkdir`` deep inside a stage; and an output is written whole or not at all
-(``atomic_write``), a full or read-only disk being one line (``writing``), never a traceback.
+(``atomic_write``), a full or read-only disk being one line (``writing``), never a traceback; a
+file name in a CSV never runs as a spreadsheet formula (``SafeCsvWriter``). No output of any command
+may replace a file it reads or land among its photos: ``check_output`` is the one guard.
 """
 from __future__ import annotations
 
 import contextlib
+import csv
 import os
 from pathlib import Path
 
@@ -71,30 +74,59 @@ def require_folder(path: str | os.PathLike, what: str) -> Path:
     return path
 
 
-def check_output(output, inputs=(), data=(), suffixes=(), what: str = "--output") -> Path:
-    """``output`` as a Path, its folder made, when writing it destroys nothing the command reads.
+def check_output(output, inputs=(), data=(), suffixes=(), what: str = "--output", folder: bool = False) -> Path:
+    """``output`` as a Path when writing it destroys nothing the command reads: the one output guard
+    of every command (a file's folder is made; with ``folder``, a folder to write into, made by the caller).
 
-    Refused in one line: a folder; one of ``inputs`` (files the command reads: an image, a model,
-    weights); anything inside one of ``data`` (image folders: a new file there changes the training
-    set and makes its caches stale); a name not ending in one of ``suffixes`` (when given).
+    ``inputs``: every file the command reads (images, the model, weights and their sidecar, caches);
+    ``data``: every image folder it reads. Each entry is a path, or (path, what it is) for the message;
+    None and '' are left out. Refused in one line naming the path and why (exit 2):
+
+    - a file output that is a folder, a folder output that is a file;
+    - one of ``inputs``, by any name (a link, '..', a hard link), there or not: a weights sidecar written
+      where none was would be read by the next run;
+    - a data folder or anything inside one: a new file there joins the training set, makes its caches
+      stale, and may replace a photo;
+    - a file name not ending in one of ``suffixes`` (when given).
     """
     out = Path(output)
-    if os.path.isdir(out):
+    if folder:
+        require_folder(out, what)
+    elif os.path.isdir(out):
         raise UsageError(f"{what} {str(output)!r} is a folder; name a file")
-    if os.path.lexists(out):
-        for p in inputs:
-            if p and os.path.exists(p) and os.path.samefile(out, p):
-                raise UsageError(f"{what} {str(output)!r} is one of the inputs ({p}); it would be overwritten")
+    for p, role in _labelled(inputs, "one of the inputs"):
+        if _same_file(out, p):
+            raise UsageError(f"{what} {str(output)!r} is one of the inputs ({role}: {p}); it would be overwritten")
     where = Path(os.path.realpath(out))
-    for d in data:
-        if d and os.path.isdir(d) and where.is_relative_to(os.path.realpath(d)):
-            raise UsageError(f"{what} {str(output)!r} is inside the data folder {str(d)!r}; write it elsewhere")
+    for d, role in _labelled(data, ""):
+        if os.path.isdir(d) and where.is_relative_to(os.path.realpath(d)):
+            inside = "is the" if where == Path(os.path.realpath(d)) else "is inside the"
+            raise UsageError(f"{what} {str(output)!r} {inside} data folder {str(d)!r}{f' ({role})' if role else ''}; "
+                             "write it elsewhere")
     if suffixes and out.suffix.lower() not in suffixes:
         raise UsageError(f"{what} {str(output)!r} must end in {' or '.join(suffixes)}")
-    require_folder(out.parent, f"{what}'s folder")
-    with writing(out.parent):
-        out.parent.mkdir(parents=True, exist_ok=True)
+    if not folder:
+        require_folder(out.parent, f"{what}'s folder")
+        with writing(out.parent):
+            out.parent.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def _labelled(entries, default: str) -> list[tuple[str, str]]:
+    """(path, what it is) of each entry of check_output's ``inputs`` or ``data`` (a path or a pair), blanks left out."""
+    pairs = [e if isinstance(e, tuple) else (e, default) for e in entries]
+    return [(os.fspath(p), role) for p, role in pairs if p]
+
+
+def _same_file(a: Path, b: str) -> bool:
+    """Whether paths ``a`` and ``b`` name one file: the same place once links and '..' are resolved
+    (whether or not it exists yet), or two names of one file (a hard link)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def free_default(path, default) -> str:
@@ -202,3 +234,36 @@ def atomic_write(path, write) -> Path:
             if tmp.exists():
                 tmp.unlink()
     return path
+
+
+#: First characters that make a spreadsheet read a cell as a formula (OWASP, "CSV injection").
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value):
+    """``value`` as a CSV cell a spreadsheet shows as text: a string that starts like a formula (after any
+    single quotes) gets one more single quote in front, as OWASP advises; ``csv_cell_read`` undoes it
+    exactly. Numbers and other strings are left as they are."""
+    if isinstance(value, str) and value.lstrip("'")[:1] in FORMULA_STARTS:
+        return "'" + value
+    return value
+
+
+def csv_cell_read(text: str) -> str:
+    """A cell as ``csv_cell`` wrote it, back as it was: one single quote in front of a formula-like start
+    is dropped (a cell a person wrote with ``=`` at the start is kept as written)."""
+    if text.startswith("'") and text.lstrip("'")[:1] in FORMULA_STARTS:
+        return text[1:]
+    return text
+
+
+class SafeCsvWriter(csv.DictWriter):
+    """``csv.DictWriter`` whose cells go through ``csv_cell``: every CSV the pipeline writes (predict,
+    check-images, audit's fixes.csv) holds file names, which a file's maker chooses (``=cmd|' calc'!A0.jpg``)."""
+
+    def writerow(self, rowdict):
+        return super().writerow({k: csv_cell(v) for k, v in rowdict.items()})
+
+    def writerows(self, rowdicts):
+        for row in rowdicts:
+            self.writerow(row)

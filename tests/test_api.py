@@ -188,6 +188,12 @@ def test_save_and_load_round_trip_the_cli_checkpoint(head, work):
     assert pipeline.Head.load(head.checkpoint_).history_ == head.history_  # history.json beside it
     with pytest.raises(ValueError, match="is a folder"):
         head.save(work)
+    before = {p: p.read_bytes() for p in (Path(head.cache_), images[0])}
+    for target, why in ((head.cache_, "is one of the inputs .the model's cache"), (images[0], "inside the data folder"),
+                        (work / "data" / "red" / "h.pt", "inside the data folder")):
+        with pytest.raises(ValueError, match=why):
+            head.save(target)  # its cache and photos are what it reads
+    assert {p: p.read_bytes() for p in before} == before and not (work / "data" / "red" / "h.pt").exists()
 
 
 # -- rows, reports, figures ----------------------------------------------------------------------

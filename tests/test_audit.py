@@ -75,7 +75,10 @@ def test_cli_audit_json_and_apply_undo_round_trip(tmp_path):
     assert "0 computed" in run.stdout  # the folder's rows were found by content: nothing recomputed
     undo = [line for line in run.stdout.splitlines() if "audit --undo" in line][0].split("to undo: ")[1]
     journal = undo.split("--undo ")[1]
-    run = CliRunner().invoke(cli, ["audit", "--undo", journal, "--cache-dir", str(tmp_path / "features")])
+    other = CliRunner().invoke(cli, ["audit", "--undo", journal, "--data", str(tmp_path), "--no-refresh"])
+    assert other.exit_code == 2 and "not of --data" in other.output  # --data pins the folder an undo may touch
+    run = CliRunner().invoke(cli, ["audit", "--undo", journal, "--data", str(data),
+                                   "--cache-dir", str(tmp_path / "features")])
     assert run.exit_code == 0, run.output
     after = {p.relative_to(data): p.read_bytes() for p in data.rglob("*") if p.is_file()}
     assert after == before
@@ -106,3 +109,11 @@ def test_the_report_never_goes_into_the_data_folder(tmp_path, make_cache):
     run = CliRunner().invoke(cli, ["audit", "--cache", cache, "--folds", "3", "--output", str(data / "report")])
     assert run.exit_code == 2 and "inside the data folder" in run.output
     assert not (data / "report").exists()
+    run = CliRunner().invoke(cli, ["audit", "--cache", cache, "--folds", "3", "--runs-dir", str(data / "green")])
+    assert run.exit_code == 2 and "--runs-dir" in run.output and "inside the data folder" in run.output
+    fixes = tmp_path / "fixes.csv"
+    fixes.write_text("path,action,new_class\ngreen/copy.jpg,remove,\n")
+    run = CliRunner().invoke(cli, ["audit", "--apply", str(fixes), "--data", str(data), "--output", str(data / "j")])
+    assert run.exit_code == 2 and "inside the data folder" in run.output  # the journal would join the photos
+    assert not (data / "j").exists() and (data / "green" / "copy.jpg").exists()
+    assert [p.name for p in (data / "green").iterdir() if not p.name.endswith(".jpg")] == []

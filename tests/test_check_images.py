@@ -123,6 +123,29 @@ def test_quarantine_refuses_to_overwrite(dirty, tmp_path):
     assert snapshot(root) == before
 
 
+def test_quarantine_never_replaces_a_file_that_appears_after_the_check(dirty, tmp_path, monkeypatch):
+    """The names are checked first, then moved: a file written into the quarantine in between (another
+    run, a user) stays, and the photo stays where it was (the old shutil.move replaced it)."""
+    from pipeline.data import check_images as ci
+
+    root, corpus = dirty
+    qdir = tmp_path / "q"
+    bad = sorted(p for p, b in corpus.items() if b.is_error)
+    real_mkdir = Path.mkdir
+
+    def mkdir_then_race(self, *a, **kw):
+        real_mkdir(self, *a, **kw)
+        target = self / Path(bad[0]).name
+        if self.parent == qdir and not target.exists() and (root / bad[0]).parent.name == self.name:
+            target.write_bytes(b"someone else's")
+
+    monkeypatch.setattr(Path, "mkdir", mkdir_then_race)
+    with pytest.raises(FileExistsError):
+        ci.quarantine(root, qdir, [bad[0]])
+    assert (qdir / bad[0]).read_bytes() == b"someone else's"
+    assert (root / bad[0]).exists()
+
+
 def test_json_report_and_json_stdout(dirty, tmp_path):
     root, corpus = dirty
     report = tmp_path / "out" / "report.json"
@@ -137,7 +160,8 @@ def test_json_report_and_json_stdout(dirty, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["{missing}"], "does not exist"),
     (["{root}", "--report", "{tmp}/r.txt"], ".csv, .json"),
-    (["{root}", "--quarantine-dir", "{root}/q"], "must be outside"),
+    (["{root}", "--quarantine-dir", "{root}/q"], "inside the data folder"),
+    (["{root}", "--report", "{root}/red/r.csv"], "inside the data folder"),
     (["{root}", "--workers", "-3"], "--workers"),
 ])
 def test_usage_errors_exit_2_with_one_line(tmp_path, args, message):
@@ -182,3 +206,16 @@ def test_a_name_that_is_not_utf8_is_an_error_shown_escaped_in_every_output(tmp_p
     result = CliRunner().invoke(cli, ["check-images", str(root), "--report", str(report)])
     assert result.exit_code == 0, result.output
     assert "red/caf\\xe9.jpg" in result.output and "red/caf\\xe9.jpg,bad-name,error" in report.read_text()
+
+
+def test_csv_report_cells_never_start_a_formula(tmp_path):
+    """A class folder named like a spreadsheet formula: the report's path cells start with a single quote."""
+    root = make_image_folder(tmp_path / "data", per_class=2)
+    odd = root / "@SUM(1+1)"
+    odd.mkdir()
+    (root / "red" / "red.0.jpg").rename(odd / "good.jpg")
+    (odd / "empty.jpg").write_bytes(b"")
+    report = tmp_path / "report.csv"
+    check_images(CheckImagesConfig(str(root), report=str(report), workers=1))
+    rows = list(csv.DictReader(report.open()))
+    assert [r["path"] for r in rows] == ["'@SUM(1+1)/empty.jpg"] and rows[0]["kind"] == "zero-byte"

@@ -23,17 +23,17 @@ def run(tmp_path, monkeypatch):
     return invoke
 
 
-def test_flip_and_no_flip_override_extracts_default(run, tmp_path):
+def test_flip_is_off_unless_asked_for(run, tmp_path):
     data = make_image_folder(tmp_path / "data", per_class=4)
     torch.save(load_backbone("tiny", "none").model.state_dict(), tmp_path / "tiny.pt")
     common = ("extract", "--data", data, "--n", 0, "--backbone", "tiny", "--weights", tmp_path / "tiny.pt",
               "--workers", 0, "--json")
-    default, off = run(*common), run(*common, "--no-flip")
-    assert default.exit_code == 0 and off.exit_code == 0, default.output + off.output
-    assert json.loads(default.stdout)["flip"] is True and json.loads(off.stdout)["flip"] is False
-    assert "flip: each map is the mean of the photo's and its mirror image's" in default.stderr
-    random = run("extract", "--data", data, "--n", 0, *TINY, "--flip", "--json")
-    assert json.loads(random.stdout)["flip"] is True  # asked for: on even where the default is off
+    default, on, off = run(*common), run(*common, "--flip"), run(*common, "--no-flip")
+    assert default.exit_code == on.exit_code == off.exit_code == 0, default.output + on.output + off.output
+    assert [json.loads(r.stdout)["flip"] for r in (default, on, off)] == [False, True, False]
+    assert json.loads(off.stdout)["hit"] and json.loads(off.stdout)["cache"] == json.loads(default.stdout)["cache"]
+    assert "flip: each map is the mean of the photo's and its mirror image's" in on.stderr
+    assert "flip:" not in default.stderr
 
 
 def test_extract_fit_head_compare_and_caches(run, tmp_path):

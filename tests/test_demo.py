@@ -23,6 +23,17 @@ def test_demo_runs_every_step_and_quarantines_bad_files(tmp_path, monkeypatch):
     assert "[4/4]" in r.stderr
 
 
+def test_demo_refuses_outputs_inside_the_data_folder_before_moving_a_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = make_image_folder(tmp_path / "pets", per_class=2)
+    (data / "red" / "broken.jpg").write_bytes(b"")
+    for option in ("--runs-dir", "--cache-dir"):
+        r = CliRunner().invoke(cli, ["demo", "--data", str(data), option, str(data / "red"), "--backbone", "tiny",
+                                     "--weights", "none"])
+        assert r.exit_code == 2 and option in r.output and "inside the data folder" in r.output, r.output
+    assert (data / "red" / "broken.jpg").exists() and not (tmp_path / "pets.quarantine").exists()
+
+
 def test_demo_fetches_a_missing_folder(tmp_path, monkeypatch):
     import shutil
 

@@ -89,6 +89,18 @@ def test_refusals(tmp_path, head_run):
         evaluate(EvaluateConfig(model=str(tmp_path / "missing.pt")))
 
 
+def test_a_runs_dir_inside_a_photo_folder_it_reads_is_refused(tmp_path, head_run, image_folder):
+    """Issue 31 row 12: evaluate --runs-dir inside a class folder wrote its PNGs into the dataset."""
+    before = sorted(image_folder.rglob("*"))
+    other = make_image_folder(tmp_path / "other", per_class=2)
+    for args in (["--runs-dir", str(image_folder / "blue")],  # the head's training photos (through its cache)
+                 ["--runs-dir", str(image_folder)],
+                 ["--data", str(other), "--runs-dir", str(other / "red" / "runs")]):
+        r = CliRunner().invoke(cli.cli, ["evaluate", "--model", head_run["checkpoint"], *args])
+        assert r.exit_code == 2 and "--runs-dir" in r.output and "data folder" in r.output, (args, r.output)
+    assert sorted(image_folder.rglob("*")) == before and not (other / "red" / "runs").exists()
+
+
 def test_cli_json_and_ledger(tmp_path, head_run):
     runs = tmp_path / "runs"
     result = CliRunner().invoke(cli.cli, ["evaluate", "--model", head_run["checkpoint"], "--split", "all",

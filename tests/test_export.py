@@ -81,6 +81,10 @@ def test_a_torchscript_export_of_a_whole_model(tmp_path, image_folder):
     x = torch.randn(5, 3, 32, 32)  # another batch size than the one traced
     with torch.no_grad():
         assert torch.allclose(net(x), torch.exp(lm.model.eval()(x)), atol=1e-5)
+    inside = image_folder / "blue" / "model.ts"  # the parity check's default photos are the model's own
+    r = CliRunner().invoke(cli.cli, ["export", "--model", str(model), "--format", "torchscript", "--output", str(inside)])
+    assert r.exit_code == 2 and "inside the data folder" in r.output and "the model's training photos" in r.output
+    assert not inside.exists()
 
 
 def test_a_flip_head_exports_with_its_mirror_mean(tmp_path, make_cache):
@@ -122,6 +126,41 @@ def test_check_data_and_usage_errors(heads, tmp_path):
     ]:
         r = runner.invoke(cli.cli, ["export", "--model", str(head), *args])
         assert r.exit_code == 2 and message in r.output, (args, r.output)
+
+
+def files_below(root: Path) -> dict:
+    """Every file below ``root`` -> its bytes: what a refused command must leave as it was."""
+    return {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_no_output_replaces_a_photo_the_cache_or_the_weights_sidecar_of_the_head(tmp_path):
+    """Issue 31 row 1: a TorchScript export over a training photo, over the head's cache, or with its
+    metadata over the weights' sidecar exited 0; each is now refused (exit 2) and nothing changes."""
+    from pipeline.extraction import backbones as bb
+    from pipeline.extraction.extract import ExtractConfig, extract
+    from pipeline.heads.fit_head import FitHeadConfig, fit_head
+
+    data = make_image_folder(tmp_path / "d", per_class=4, classes=("blue", "green", "red"))
+    weights = tmp_path / "W" / "r18.pt"
+    weights.parent.mkdir()
+    torch.save(bb.load_backbone("tiny", "none").model.state_dict(), weights)
+    weights.with_suffix(".json").write_text(json.dumps({"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}))
+    cache = extract(ExtractConfig(data=str(data), n=0, backbone="tiny", weights=str(weights), workers=0,
+                                  cache_dir=str(tmp_path / "f")))["cache"]
+    head = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=1, runs_dir=str(tmp_path / "r")))["checkpoint"]
+    before = files_below(tmp_path)
+    for output, extra, why in [
+        (data / "blue" / "blue.0.jpg", [], "is inside the data folder"),
+        (data / "green" / "new.ts", [], "is inside the data folder"),
+        (cache, [], "is one of the inputs (the model's cache"),
+        (weights.with_suffix(""), [], "is one of the inputs (the sidecar of the weights"),  # its r18.json
+        (weights.with_suffix(""), ["--weights", str(weights)], "is one of the inputs (the sidecar of the weights"),
+        (weights, [], "is one of the inputs (the backbone weights"),
+    ]:
+        r = CliRunner().invoke(cli.cli, ["export", "--model", head, "--format", "torchscript", "--output",
+                                         str(output), *extra])
+        assert r.exit_code == 2 and why in r.output and str(output) in r.output, (output, r.output)
+    assert files_below(tmp_path) == before
 
 
 def test_no_reachable_photos_asks_for_check_data(heads, tmp_path):

@@ -8,9 +8,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
 import pipeline.data.folders
 from pipeline.cache.feature_cache import FeatureCache
+from pipeline.cli import cli
 from pipeline.extraction.extract import ExtractConfig, extract
 from tests.conftest import ROOT, make_image_folder
 from tests.tiny import CLI
@@ -87,27 +89,38 @@ def test_flip_rows_are_the_mean_of_a_photo_and_its_mirror_image_and_heads_predic
     np.testing.assert_allclose(on_images, on_rows, atol=1e-5)
 
 
-def test_flip_is_the_default_for_pretrained_weights_and_few_photos_per_class(image_folder, tmp_path):
+def test_flip_is_opt_in_so_an_added_photo_keeps_every_row_and_a_test_folder_fits_the_head(tmp_path):
+    """Flip was once decided from the folder (pretrained weights and at most 50 photos per class, counted
+    over the whole folder): the 101st photo of two classes turned it off (every row recomputed, each meaning
+    something else), and a small test folder extracted like its training folder got it on (evaluate then
+    refused the test cache: "flip: False vs True"). Off unless asked, it can do neither."""
+    import shutil
+
     import torch
 
-    from pipeline.config import FLIP_AUTO_MAX_PER_CLASS
     from pipeline.extraction.backbones import load_backbone
-    from pipeline.extraction.extract import auto_flip
+    from pipeline.heads.fit_head import FitHeadConfig, fit_head
+    from pipeline.reports.evaluate import EvaluateConfig, evaluate
 
-    weights = tmp_path / "tiny.pt"
+    weights = tmp_path / "tiny.pt"  # a weights file: pretrained, as far as extract can tell
     torch.save(load_backbone("tiny", "none").model.state_dict(), weights)
-    r = extract(cfg(image_folder, tmp_path, weights=str(weights)))  # 12 photos per class
-    assert r["flip"]
-    with FeatureCache(r["cache"]) as c:  # recorded as decided, so readers and --test-data see a plain bool
+    train = make_image_folder(tmp_path / "train", per_class=50)
+    first = extract(cfg(train, tmp_path, weights=str(weights)))
+    assert not first["flip"]
+    shutil.copy(make_image_folder(tmp_path / "one", per_class=1, seed=3) / "blue" / "blue.0.jpg",
+                train / "blue" / "added.jpg")
+    again = extract(cfg(train, tmp_path, weights=str(weights)))
+    assert not again["flip"] and (again["reused"], again["computed"]) == (100, 1)
+    test = extract(cfg(make_image_folder(tmp_path / "test", per_class=6, seed=4), tmp_path, weights=str(weights)))
+    assert not test["flip"]
+    head = fit_head(FitHeadConfig(cache=again["cache"], head="logreg", runs_dir=str(tmp_path / "runs")))
+    result = evaluate(EvaluateConfig(model=head["checkpoint"], cache=test["cache"], split="all",
+                                     runs_dir=str(tmp_path / "runs")))
+    assert result["rows"] == 12
+    flipped = extract(cfg(train, tmp_path, weights=str(weights), flip=True))  # asked for: a cache of its own
+    assert flipped["flip"] and flipped["cache"] != again["cache"]
+    with FeatureCache(flipped["cache"]) as c:
         assert c.attrs["flip"] and json.loads(c.attrs["config"])["flip"] is True
-    again = extract(cfg(image_folder, tmp_path, weights=str(weights), flip=True))
-    assert again["hit"] and again["cache"] == r["cache"] and again["flip"]
-    off = extract(cfg(image_folder, tmp_path, weights=str(weights), flip=False))
-    assert not off["flip"] and off["cache"] != r["cache"]
-    assert not extract(cfg(image_folder, tmp_path))["flip"]  # random weights: one pass
-    pretrained = ExtractConfig(weights="DEFAULT")
-    assert auto_flip(pretrained, 2 * FLIP_AUTO_MAX_PER_CLASS, 2)
-    assert not auto_flip(pretrained, 2 * FLIP_AUTO_MAX_PER_CLASS + 1, 2)
 
 
 def test_n_takes_a_seeded_stratified_sample(tmp_path):
@@ -131,6 +144,141 @@ def test_same_request_is_a_cache_hit_without_decoding(image_folder, tmp_path, mo
     monkeypatch.setattr(pipeline.data.folders, "load_rgb", no_decoding)
     again = extract(cfg(image_folder, tmp_path, batch_size=7, workers=0))
     assert again["hit"] and again["cache"] == first["cache"] and again["rows"] == 24
+
+
+def _while_reading(monkeypatch, position: int, before, after=None):
+    """Run ``before(file)`` just before extract reads its candidate at ``position`` (and ``after(file)`` just after)."""
+    from pipeline.data.image_reader import ImageListDataset
+
+    read = ImageListDataset.__getitem__
+
+    def reading(self, i):
+        pos = self.start + i
+        if pos != position:
+            return read(self, i)
+        file = self.root / self.items[pos][0]
+        before(file)
+        try:
+            return read(self, i)
+        finally:
+            if after:
+                after(file)
+
+    monkeypatch.setattr(ImageListDataset, "__getitem__", reading)
+
+
+def _move_away(file):
+    file.rename(file.with_name(file.name + ".away"))
+
+
+def _move_back(file):
+    file.with_name(file.name + ".away").rename(file)
+
+
+def _touch(file):
+    st = file.stat()
+    os.utime(file, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+
+
+def _untouch(file):
+    st = file.stat()
+    os.utime(file, ns=(st.st_atime_ns, st.st_mtime_ns - 10**9))
+
+
+@pytest.mark.parametrize("change, undo", [(_move_away, _move_back),  # audit --apply moving it, then --undo
+                                          (_touch, _untouch)], ids=["moved", "rewritten"])
+def test_a_file_moved_or_rewritten_during_extraction_is_never_a_permanent_skip(image_folder, tmp_path, monkeypatch,
+                                                                                change, undo):
+    """A file moved away during extract (an audit --apply beside it) was recorded as skipped ("No such file or
+    directory") and the cache marked complete; once moved back, the folder's listing was as before and every
+    extract was a hit of one row fewer."""
+    from pipeline.errors import PipelineError
+
+    changed = []
+    _while_reading(monkeypatch, 7, lambda f: (changed.append(f), change(f)))
+    with pytest.raises(PipelineError, match="changed during extraction: 1 files gone or rewritten"):
+        extract(cfg(image_folder, tmp_path))
+    monkeypatch.undo()
+    undo(changed[0])
+    (cache,) = (tmp_path / "f").glob("*.h5")
+    with FeatureCache(cache, allow_incomplete=True) as c:
+        assert not c.info.complete and c.skipped() == []
+    r = extract(cfg(image_folder, tmp_path))  # the folder as listed again: resumed
+    assert not r["hit"] and r["resumed_from"] == 5 and (r["rows"], r["skipped"]) == (24, 0)
+
+
+def test_a_cache_whose_skipped_files_read_again_is_not_a_hit(image_folder, tmp_path, monkeypatch):
+    """A file gone only while it was read (moved away and back between the read and the check of the
+    batch) is skipped; the next extract finds it readable and extracts again, reusing every other row."""
+    _while_reading(monkeypatch, 7, _move_away, _move_back)
+    first = extract(cfg(image_folder, tmp_path))
+    assert (first["rows"], first["skipped"]) == (23, 1)
+    monkeypatch.undo()
+    again = extract(cfg(image_folder, tmp_path))
+    assert not again["hit"] and again["cache"] == first["cache"]
+    assert (again["rows"], again["skipped"], again["reused"], again["computed"]) == (24, 0, 23, 1)
+    assert [p.name for p in (tmp_path / "f").iterdir() if ".stale-" in p.name] == []  # set aside, then removed
+    assert extract(cfg(image_folder, tmp_path))["hit"]
+
+
+def test_a_file_the_disk_cannot_read_stays_skipped_and_the_cache_a_hit(image_folder, tmp_path, monkeypatch):
+    """An I/O error is a reason that may pass, but a file untouched since (its ctime before the cache was begun)
+    has not been fixed: re-extracting it on every run would never give a hit."""
+    import time
+
+    from pipeline.data.image_reader import ImageListDataset, Item
+
+    decode = ImageListDataset._decode
+    monkeypatch.setattr(ImageListDataset, "_decode", lambda self, pos, path, label: (
+        Item(pos, None, label, path, "unreadable image: Input/output error") if pos == 7
+        else decode(self, pos, path, label)))
+    time.sleep(1.1)  # the photos' ctime a second before the cache's creation (kept in whole seconds)
+    first = extract(cfg(image_folder, tmp_path))
+    assert (first["rows"], first["skipped"]) == (23, 1)
+    monkeypatch.undo()
+    assert extract(cfg(image_folder, tmp_path))["hit"]
+
+
+def _rewrite_keeping_size_and_mtime(file, like):
+    """Put another photo's bytes in ``file`` (padded after its end, where JPEG decoders stop reading), keeping
+    the file's size and mtime: its listing is as before."""
+    st, data = file.stat(), like.read_bytes()
+    assert len(data) <= st.st_size
+    file.write_bytes(data + bytes(st.st_size - len(data)))
+    os.utime(file, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _solid_jpeg(path, colour):
+    from PIL import Image
+
+    Image.new("RGB", (8, 8), colour).save(path)
+    return path
+
+
+def test_a_photo_rewritten_in_place_with_size_and_mtime_kept_is_found_by_its_sha256(image_folder, tmp_path,
+                                                                                   monkeypatch):
+    """Such a photo (os.utime restoring the mtime) leaves the listing's fingerprint as it was: a hit with stale
+    features. The sha256 the cache keeps per row finds it: on every hit of a small folder, and with --verify."""
+    from pipeline.data.image_reader import file_digest
+
+    first = extract(cfg(image_folder, tmp_path))
+    with FeatureCache(first["cache"]) as c:
+        target = image_folder / c.paths[3]
+    _rewrite_keeping_size_and_mtime(target, _solid_jpeg(tmp_path / "green.jpg", (0, 255, 0)))
+    again = extract(cfg(image_folder, tmp_path))  # a small folder: every hit checks
+    assert not again["hit"] and again["cache"] == first["cache"] and (again["reused"], again["computed"]) == (23, 1)
+    with FeatureCache(again["cache"]) as c:
+        assert c.digests[c.paths.index(target.relative_to(image_folder).as_posix())] == file_digest(target)
+    assert extract(cfg(image_folder, tmp_path))["verified"]
+
+    from pipeline.cache import freshness
+
+    monkeypatch.setattr(freshness, "VERIFY_AUTO_MAX_BYTES", 0)  # as for a large folder: hashed only when asked
+    _rewrite_keeping_size_and_mtime(target, _solid_jpeg(tmp_path / "dark.jpg", (0, 90, 0)))
+    hit = extract(cfg(image_folder, tmp_path))
+    assert hit["hit"] and not hit["verified"]
+    third = extract(cfg(image_folder, tmp_path, verify=True))
+    assert not third["hit"] and (third["reused"], third["computed"]) == (23, 1)
 
 
 def test_a_changed_folder_or_setting_gives_a_new_cache(image_folder, tmp_path):
@@ -158,6 +306,13 @@ def test_bad_files_are_skipped_recorded_and_replaced(tmp_path):
         assert not set(skipped) & set(c.paths)
     # --n counts good images: asking for all 20 good ones of 23 files works
     assert extract(cfg(data, tmp_path, n=20))["rows"] == 20
+
+
+def test_a_cache_dir_inside_the_data_folder_is_refused(image_folder):
+    r = CliRunner().invoke(cli, ["extract", "--data", str(image_folder), "--cache-dir", str(image_folder / "blue"),
+                                 "--backbone", "tiny", "--weights", "none", "--workers", "0"])
+    assert r.exit_code == 2 and "--cache-dir" in r.output and "is inside the data folder" in r.output, r.output
+    assert len(list((image_folder / "blue").iterdir())) == 12
 
 
 def test_a_folder_of_only_bad_files_is_a_clear_error(tmp_path):

@@ -16,8 +16,8 @@ from click.testing import CliRunner
 
 from pipeline.cache import feature_cache as cache_mod
 from pipeline.cli import cli
-from pipeline.errors import DiskFull
-from pipeline.files import atomic_write, disk_error, writing
+from pipeline.errors import DiskFull, UsageError
+from pipeline.files import atomic_write, check_output, disk_error, writing
 from tests.conftest import ROOT, make_image_folder
 
 TINY = ["--backbone", "tiny", "--weights", "none", "--workers", "0", "--dtype", "float32", "--batch-size", "4"]
@@ -78,6 +78,43 @@ def test_writing_passes_other_errors_through():
     with pytest.raises(FileNotFoundError):
         with writing("x"):
             raise FileNotFoundError("gone")
+
+
+def _refused(output, **reads) -> str:
+    with pytest.raises(UsageError) as e:
+        check_output(output, **reads)
+    return str(e.value)
+
+
+def test_the_output_guard_refuses_every_input_by_any_name_there_or_not(tmp_path):
+    weights = tmp_path / "W" / "r18.pt"
+    weights.parent.mkdir()
+    weights.write_bytes(b"w")
+    sidecar = weights.with_suffix(".json")  # not there yet: written, it would change the weights' preprocessing
+    inputs = [(weights, "the backbone weights"), (sidecar, "the sidecar of the weights")]
+    assert "is one of the inputs (the sidecar of the weights" in _refused(sidecar, inputs=inputs)
+    assert "is one of the inputs" in _refused(tmp_path / "W" / ".." / "W" / "r18.pt", inputs=inputs)
+    (tmp_path / "link.pt").symlink_to(weights)
+    os.link(weights, tmp_path / "hard.pt")
+    for name in ("link.pt", "hard.pt"):
+        assert "the backbone weights" in _refused(tmp_path / name, inputs=inputs)
+    assert not sidecar.exists() and weights.read_bytes() == b"w"
+    assert check_output(tmp_path / "out" / "x.onnx", inputs=inputs) == tmp_path / "out" / "x.onnx"
+
+
+def test_the_output_guard_keeps_outputs_out_of_data_folders_files_and_folders_alike(tmp_path):
+    data = make_image_folder(tmp_path / "d", per_class=1)
+    photos = [(data, "the head's training photos")]
+    message = _refused(data / "blue" / "blue.0.jpg", data=photos)
+    assert "is inside the data folder" in message and "(the head's training photos)" in message
+    assert "is inside the data folder" in _refused(data / "blue" / "new", data=photos, folder=True, what="--runs-dir")
+    assert "--runs-dir" in _refused(data, data=photos, folder=True, what="--runs-dir")
+    assert "is the data folder" in _refused(data, data=photos, folder=True)
+    (tmp_path / "alias").symlink_to(data, target_is_directory=True)
+    assert "inside the data folder" in _refused(tmp_path / "alias" / "red" / "p.csv", data=photos)
+    assert check_output(tmp_path / "runs", data=photos, folder=True) == tmp_path / "runs"
+    assert not (tmp_path / "runs").exists()  # a folder output is made by its writer, when it writes
+    assert "must be a folder" in _refused(data / "blue" / "blue.0.jpg", folder=True)
 
 
 def _extract(tmp_path, data):
@@ -159,3 +196,14 @@ def test_a_real_full_tmpfs(tmp_path):
         assert r.returncode == 1 and "read-only" in r.stderr.strip().splitlines()[-1], r.stderr
     finally:
         subprocess.run(["umount", str(small)])
+
+
+@pytest.mark.parametrize("cell", ["=cmd|' calc'!A0.jpg", "+1", "-x", "@SUM(A1)", "\tx", "\rx", "'=a", "''+b",
+                                  "'plain", "plain", "'", "", "a=b"])
+def test_csv_cells_are_safe_for_spreadsheets_and_read_back_exactly(cell):
+    from pipeline.files import csv_cell, csv_cell_read
+
+    written = csv_cell(cell)
+    assert written[:1] not in ("=", "+", "-", "@", "\t", "\r")  # a spreadsheet never sees a formula
+    assert csv_cell_read(written) == cell
+    assert csv_cell(0.5) == 0.5 and csv_cell(-1.5) == -1.5  # numbers stay numbers

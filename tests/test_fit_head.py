@@ -4,8 +4,10 @@ import re
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
 from pipeline.cache.feature_cache import FeatureCache
+from pipeline.cli import cli
 from pipeline.errors import PipelineError, UsageError
 from pipeline.extraction.extract import ExtractConfig, extract
 from pipeline.heads.epoch_loop import split_indices
@@ -53,9 +55,15 @@ def test_dropout_and_the_seed_make_runs_reproducible(cache, tmp_path):
         assert [h[key] for h in a["history"]] == pytest.approx([h[key] for h in b["history"]])
     # ... and both matter: without dropout, or with another seed, the same run trains differently
     no_dropout = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=2, dropout=0.0, runs_dir=str(tmp_path / "c")))
-    other_seed = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=2, dropout=0.5, seed=1, runs_dir=str(tmp_path / "d")))
+    other_seed = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=2, dropout=0.5, seed=1, runs_dir=str(tmp_path / "e")))
     for other in (no_dropout, other_seed):
         assert [h["train_loss"] for h in other["history"]] != pytest.approx([h["train_loss"] for h in a["history"]])
+
+
+def test_a_runs_dir_inside_the_caches_photos_is_refused(cache, tmp_path):
+    r = CliRunner().invoke(cli, ["fit-head", "--cache", str(cache), "--runs-dir", str(tmp_path / "d" / "blue")])
+    assert r.exit_code == 2 and "--runs-dir" in r.output and "is inside the data folder" in r.output, r.output
+    assert sorted(p.name for p in (tmp_path / "d" / "blue").iterdir()) == sorted(f"blue.{i}.jpg" for i in range(16))
 
 
 def test_fit_head_warns_when_the_source_folder_changed(cache, tmp_path, caplog):

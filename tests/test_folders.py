@@ -147,3 +147,28 @@ def test_a_name_that_is_not_utf8_is_left_out_and_reported_escaped(tmp_path):
     listing = list_image_folder(root)
     assert len(listing.files) == 5 and listing.bad == (("red/caf\\xe9.jpg", listing.bad[0][1]),)
     assert "not valid UTF-8" in listing.bad[0][1]
+
+
+def test_reasons_that_may_pass_are_told_from_verdicts_on_a_files_bytes(tmp_path):
+    from pipeline.data.folders import is_os_error_reason, regular_file_stat
+
+    with pytest.raises(ImageLoadError) as gone:
+        regular_file_stat(tmp_path / "gone.jpg")
+    assert is_os_error_reason(gone.value.reason)  # "unreadable image: No such file or directory"
+    assert is_os_error_reason("unreadable image: [Errno 5] Input/output error")
+    for verdict in ("unreadable image: image file is truncated", "zero-byte file", "not an image (unidentified format)",
+                    "a dangling symlink (to 'x')"):
+        assert not is_os_error_reason(verdict)
+
+
+def test_a_listing_tells_which_files_changed_since(tmp_path):
+    import os
+
+    data = make_image_folder(tmp_path / "d", per_class=3)
+    listing = list_image_folder(data)
+    paths = [f.path for f in listing.files]
+    assert listing.changed(paths) == []
+    (data / paths[0]).unlink()
+    st = (data / paths[1]).stat()
+    os.utime(data / paths[1], ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+    assert listing.changed(paths + ["blue/not-listed.jpg"]) == paths[:2]

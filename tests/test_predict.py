@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import pytest
 import torch
@@ -164,6 +165,22 @@ def test_predict_output_never_overwrites_an_input_and_is_never_half_written(tmp_
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_predict_output_never_replaces_what_a_head_reads(tmp_path, image_folder, make_cache):
+    """A head's cache and training photos are its inputs too, even when predict is given other photos."""
+    cache = make_cache(image_folder, dtype="float32")["cache"]
+    head = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=1, runs_dir=str(tmp_path / "runs")))["checkpoint"]
+    photo = image_folder / "red" / "red.0.jpg"
+    elsewhere = tmp_path / "new.jpg"
+    elsewhere.write_bytes(photo.read_bytes())
+    before = {p: open(p, 'rb').read() for p in (cache, photo)}
+    for target, why in ((cache, "is one of the inputs (the model's cache"), (photo, "is inside the data folder"),
+                        (image_folder / "red" / "rows.csv", "is inside the data folder")):
+        r = CliRunner().invoke(cli.cli, ["predict", str(elsewhere), "--model", head, "--output", str(target),
+                                         "--format", "csv", "--workers", "0"])
+        assert r.exit_code == 2 and why in r.stderr, (target, r.output)
+    assert {p: open(p, 'rb').read() for p in before} == before and not (image_folder / "red" / "rows.csv").exists()
+
+
 def test_a_name_that_is_not_utf8_is_refused_before_any_work(tmp_path, image_folder):
     import os
 
@@ -182,3 +199,18 @@ def test_the_table_keeps_one_line_per_file_whatever_its_name_holds():
     lines = format_rows(rows, "table").splitlines()
     assert len(lines) == 3 and "cats/a\\nb.jpg" in lines[1] and "cat\\x1b[31m" in lines[1]
     assert lines[2].endswith("unreadable:\\nmore")
+
+
+def test_predict_csv_never_starts_a_cell_with_a_formula(tmp_path, image_folder, model_pt, monkeypatch):
+    """A photo named like a spreadsheet formula, given by its relative name: the cell is written behind a
+    single quote (OWASP), in the file and on stdout, so a spreadsheet shows the name instead of running it."""
+    odd = "=cmd|' calc'!A0.jpg"
+    shutil.copy(image_folder / "red" / "red.0.jpg", image_folder / "red" / odd)
+    monkeypatch.chdir(image_folder / "red")
+    out = tmp_path / "pred.csv"
+    args = ["predict", odd, "--model", str(model_pt), "--format", "csv", "--workers", "0"]
+    written = CliRunner().invoke(cli.cli, [*args, "--output", str(out)])
+    assert written.exit_code == 0, written.output
+    assert out.read_text().splitlines()[1].startswith("'=cmd|' calc'!A0.jpg,")
+    printed = CliRunner().invoke(cli.cli, args)
+    assert printed.stdout.splitlines()[1].startswith("'=cmd|' calc'!A0.jpg,")

@@ -145,6 +145,17 @@ def test_cli_rejects_bad_values(tmp_path, image_folder):
     assert bad.exit_code == 2 and "does not exist" in bad.output
 
 
+def test_a_runs_dir_inside_the_training_photos_is_refused_before_training(tmp_path, image_folder, make_cache):
+    tiny = ["--backbone", "tiny", "--weights", "none", "--epochs", "1", "--workers", "0"]
+    for command in (["train", "--data", str(image_folder)],
+                    ["finetune", "--data", str(make_image_folder(tmp_path / "copy")), "--init-head",
+                     fit_head(FitHeadConfig(head="linear", cache=make_cache(image_folder)["cache"], epochs=1,
+                                            runs_dir=str(tmp_path / "runs")))["checkpoint"]]):
+        r = CliRunner().invoke(cli.cli, [*command, *tiny, "--runs-dir", str(image_folder / "red" / "runs")])
+        assert r.exit_code == 2 and "--runs-dir" in r.output and "inside the data folder" in r.output, r.output
+    assert not (image_folder / "red" / "runs").exists()
+
+
 @pytest.mark.slow
 def test_finetune_real_vgg16_on_real_photos_lowers_the_loss(tmp_path, shared_available):
     result = finetune(FinetuneConfig(data=str(SHARED_CATSDOGS), n=18, weights=str(SHARED_WEIGHTS), unfreeze="1",

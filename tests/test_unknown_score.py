@@ -103,3 +103,36 @@ def test_bad_options_are_one_line(tmp_path, colours, option, value):
     e = CliRunner().invoke(cli.cli, ["fit-head", "--cache", colours["cache"], option, value,
                                      "--runs-dir", str(tmp_path)])
     assert e.exit_code == 2 and option in e.output
+
+
+def test_identical_training_photos_get_a_threshold_above_rounding_noise_and_the_share_kept_is_measured(
+        tmp_path, make_cache):
+    """All-identical training photos once gave a threshold of -4.8e-7 (their distances to each other are
+    rounding noise): the training photos themselves were unknown in fp32 (not in bf16), and the summary
+    said "keeps 95 %" where it kept 2 of 2."""
+    import shutil
+
+    from pipeline.heads.unknown_score import THRESHOLD_FLOOR, fit_unknown
+
+    assert threshold_for(np.full(20, -4.8e-7), 0.95) == THRESHOLD_FLOOR
+    one = make_image_folder(tmp_path / "one", per_class=1)
+    data = tmp_path / "same"
+    for c in ("blue", "red"):
+        (data / c).mkdir(parents=True)
+        for i in range(16):  # more than k + 1 = 11 a class: every neighbour that counts is the same photo
+            shutil.copy(one / c / f"{c}.0.jpg", data / c / f"{i}.jpg")
+    cache = make_cache(data, dtype="float32")["cache"]
+    r = fit_head(FitHeadConfig(cache=cache, head="logreg", runs_dir=str(tmp_path / "runs")))
+    assert r["unknown_threshold"] >= THRESHOLD_FLOOR
+    assert r["known_kept"] == 1.0 and r["held_out_rows"] == r["val_rows"] + r["train_rows"]
+    out = CliRunner().invoke(cli.cli, ["predict", str(data), "--model", r["checkpoint"], "--format", "json",
+                                       "--precision", "fp32", "--workers", "0"])
+    assert out.exit_code == 0, out.output
+    assert not any(row["unknown"] for row in json.loads(out.stdout))  # its own training photos are known
+    text = CliRunner().invoke(cli.cli, ["fit-head", "--cache", cache, "--head", "logreg",
+                                        "--runs-dir", str(tmp_path / "runs")])
+    n = r["held_out_rows"]
+    assert text.exit_code == 0 and f"keeps {n} of {n} held-out photos (100%; asked 95%)" in text.output
+    rows = np.random.default_rng(0).normal(size=(40, 6))  # a spread of scores: kept is about the share asked
+    fit = fit_unknown(rows[:30], rows[30:], 3, 0.9)
+    assert 0.9 <= fit.kept < 0.95 and fit.held_out == 40

@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 import h5py
 import numpy as np
 
-from .feature_cache import list_caches, open_h5, read_digests
+from .feature_cache import CacheBusy, CacheError, list_caches, open_h5, read_digests, read_info
 from .provenance import Provenance
 
 log = logging.getLogger(__name__)
@@ -106,13 +106,22 @@ def digests_of_unchanged(info) -> Optional[list[str]]:
     return [file_digest(root / p) for p in paths]
 
 
-def find_donors(cache_dir, attrs: dict, exclude: Optional[Path] = None) -> Optional[RowDonors]:
+def find_donors(cache_dir, attrs: dict, exclude: Optional[Path] = None,
+                also: Sequence[Path] = ()) -> Optional[RowDonors]:
     """The rows of every complete cache in ``cache_dir`` made like ``attrs`` (a new cache's attributes)
-    that records sha256 digests, newest cache first for a digest several hold; None when there are none."""
+    that records sha256 digests, newest cache first for a digest several hold, then the committed rows of
+    the caches ``also`` names (set aside as stale: complete or not, see ``freshness``); None when there are none."""
     good, _ = list_caches(cache_dir)
+    mine = exclude.resolve() if exclude is not None else None
+    candidates = [i for i in good if i.complete and i.path.resolve() != mine]
+    for p in also:
+        try:
+            candidates.append(read_info(p, wait_s=0))
+        except (CacheError, CacheBusy) as e:
+            log.debug("not reusing rows of %s: %s", p, e)
     donors = RowDonors([])
-    for info in good:
-        if not info.complete or info.rows == 0 or (exclude is not None and info.path.resolve() == exclude.resolve()):
+    for info in candidates:
+        if info.rows == 0:
             continue
         if info.attrs.get("sharded") or not same_features(attrs, info.attrs):
             continue

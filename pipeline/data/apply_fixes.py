@@ -2,75 +2,111 @@
 
 ``relabel`` moves a photo into another class folder, ``remove`` moves it under the quarantine folder
 (``<data>.quarantine/``, relative path kept, as check-images does), ``keep`` does nothing. Nothing is
-ever deleted or overwritten: every row is checked before the first move (the file exists, the class
-does, no destination is taken, no two rows move to one place), and a clash refuses the whole list,
-naming it. Each move is appended to a journal (JSON lines, fsynced before the move is made, so an
-interrupted run can be undone too) holding both places and the file's sha256; ``undo_fixes`` moves everything back
-in reverse order, checking the bytes are the ones that were moved.
+ever deleted or overwritten: the folder is held (``moves.changing_folder``: one changer, no extraction
+reading it) while every row is checked before the first move (a photo of the folder's own listing,
+not reached through a link, named once; the class exists; no destination is taken, no two rows move
+to one place), and a clash refuses the whole list, naming it. Every move is one step that never
+replaces a file (``moves.move_no_replace``, across file systems too). Each move is journalled
+(JSON lines) as an intent, fsynced before the move, then confirmed once made, with both places and
+the file's sha256; ``undo_fixes`` moves everything that moved back in reverse order, checking the
+bytes are the ones that were moved, and only within the journal's data folder and quarantine.
 """
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import shlex
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Optional
 
 from ..config import AUDIT_ACTIONS
-from ..errors import UsageError
+from ..errors import PipelineError, UsageError
+from ..files import check_output, csv_cell_read
 from .check_images import default_quarantine_dir
-from .folders import list_image_folder
+from .folders import is_image_name, is_skipped_folder, list_image_folder
 from .image_reader import file_digest
+from .moves import changing_folder, move_no_replace
 
 JOURNAL_KIND = "transfer-pipeline-audit-journal"
+#: 2: each move journalled as an intent (fsynced before it), then confirmed ({"moved": n}) once made
+JOURNAL_VERSION = 2
+FIXES_COLUMNS = ("path", "action", "new_class", "new_name")
+
+
+def csv_text(p: Path) -> str:
+    """The list as text: UTF-8, with or without the byte-order mark a spreadsheet's "CSV UTF-8" writes;
+    any other encoding (cp1252, UTF-16) a usage error naming the line."""
+    raw = p.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise UsageError(f"{p} line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); save the list as "
+                         "'CSV UTF-8'") from None
 
 
 def read_fixes(csv_path) -> list[dict]:
-    """The CSV's rows (path, action, new_class, optional new_name), checked for their columns and actions."""
+    """The CSV's rows (path, action, new_class, optional new_name), checked for their columns and actions.
+
+    Names are kept exactly as written (a class folder ' dogs' keeps its space); only the action is
+    trimmed. Cells are read back from ``SafeCsvWriter``'s escaping (``files.csv_cell_read``)."""
     p = Path(csv_path)
     if not p.is_file():
         raise UsageError(f"--apply {str(csv_path)!r} is not a file")
-    with open(p, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = {"path", "action"} - set(reader.fieldnames or ())
-        if missing:
-            raise UsageError(f"{p}: needs the columns path, action (and new_class for relabel); "
-                             f"missing {', '.join(sorted(missing))}")
-        rows = []
-        for n, row in enumerate(reader, start=2):
-            action = (row.get("action") or "").strip().lower()
-            if action not in AUDIT_ACTIONS:
-                raise UsageError(f"{p} line {n}: action {row.get('action')!r}; allowed: {', '.join(AUDIT_ACTIONS)}")
-            rows.append({"line": n, "path": (row.get("path") or "").strip(), "action": action,
-                         "new_class": (row.get("new_class") or "").strip(),
-                         "new_name": (row.get("new_name") or "").strip()})
+    reader = csv.DictReader(io.StringIO(csv_text(p), newline=""))
+    missing = {"path", "action"} - set(reader.fieldnames or ())
+    if missing:
+        raise UsageError(f"{p}: needs the columns path, action (and new_class for relabel); "
+                         f"missing {', '.join(sorted(missing))}")
+    rows = []
+    for row in reader:
+        cells = {k: csv_cell_read(row.get(k) or "") for k in FIXES_COLUMNS}
+        action = cells["action"].strip().lower()
+        if action not in AUDIT_ACTIONS:
+            raise UsageError(f"{p} line {reader.line_num}: action {cells['action']!r}; allowed: "
+                             f"{', '.join(AUDIT_ACTIONS)}")
+        rows.append({**cells, "line": reader.line_num, "action": action})
     return [r for r in rows if r["action"] != "keep"]
+
+
+def link_on_the_way(path: Path, base: Path) -> Optional[str]:
+    """The first link between ``base`` and ``path`` (``path`` included) as 'a -> b', or None."""
+    p = base
+    for part in path.relative_to(base).parts:
+        p = p / part
+        if p.is_symlink():
+            return f"{p.relative_to(base)} -> {os.readlink(p)}"
+    return None
 
 
 def plan_moves(rows: list[dict], root: Path, qdir: Path) -> list[dict]:
     """(action, from, to) for every row, or UsageError naming every problem before anything moves."""
-    classes = set(list_image_folder(root).classes)
-    problems, moves, taken, seen = [], [], set(), set()
+    listing = list_image_folder(root)
+    classes, listed = set(listing.classes), {f.path for f in listing.files}
+    problems, moves, taken, line_of = [], [], set(), {}
     for r in rows:
         rel = r["path"]
-        src = root / rel
         where = f"line {r['line']} ({rel})"
-        parts = Path(rel).parts
-        if not rel or Path(rel).is_absolute() or ".." in parts or len(parts) < 2:
+        parts = PurePosixPath(rel).parts
+        if not rel or PurePosixPath(rel).is_absolute() or ".." in parts or len(parts) < 2:
             problems.append(f"{where}: not a path inside the data folder (class/name)")
             continue
-        if rel in seen:
-            problems.append(f"{where}: listed twice")
+        key = PurePosixPath(rel).as_posix()  # 'a//b' and 'a/./b' are 'a/b': one file, however written
+        if key in line_of:
+            problems.append(f"{where}: the same file as line {line_of[key]}")
             continue
-        seen.add(rel)
-        if not src.is_file() or src.is_symlink():
-            problems.append(f"{where}: no such file")
+        line_of[key] = r["line"]
+        if key not in listed:
+            problems.append(f"{where}: no such file among the folder's photos (missing, not an image, hidden, "
+                            "or not a regular file)")
             continue
+        src = root / key
         name = r["new_name"] or src.name
-        if "/" in name or name in ("", ".", ".."):
-            problems.append(f"{where}: new_name {name!r} is not a file name")
+        if "/" in name or "\\" in name or not is_image_name(name):
+            problems.append(f"{where}: new_name {name!r} is not an image file name")
             continue
         if r["action"] == "relabel":
             if r["new_class"] not in classes:
@@ -82,7 +118,12 @@ def plan_moves(rows: list[dict], root: Path, qdir: Path) -> list[dict]:
                 continue
             dst = root / r["new_class"] / name
         else:
-            dst = qdir / Path(rel).parent / name
+            dst = qdir / PurePosixPath(key).parent / name
+        link = link_on_the_way(src, root) or link_on_the_way(dst.parent, root if r["action"] == "relabel" else qdir)
+        if link:
+            problems.append(f"{where}: a link on the way ({link}); apply moves files only within the folders "
+                            "themselves")
+            continue
         if os.path.lexists(dst) or dst in taken:
             problems.append(f"{where}: {dst} exists already (or another row moves there); give this row a "
                             "new_name column value")
@@ -96,14 +137,22 @@ def plan_moves(rows: list[dict], root: Path, qdir: Path) -> list[dict]:
     return moves
 
 
-def _append(journal, record: dict) -> None:
+def _append(journal, record: dict, sync: bool = True) -> None:
     journal.write(json.dumps(record) + "\n")
     journal.flush()
-    os.fsync(journal.fileno())
+    if sync:
+        os.fsync(journal.fileno())
 
 
 def undo_command(journal: Path) -> str:
     return f"python cli.py audit --undo {shlex.quote(str(journal))}"
+
+
+def check_apart(root: Path, qdir: Path) -> None:
+    """The quarantine and the data folder, neither inside the other (undo tells them apart by place)."""
+    if qdir.is_relative_to(root) or root.is_relative_to(qdir):
+        raise UsageError(f"the quarantine folder {str(qdir)!r} and the data folder {str(root)!r} must be apart "
+                         "(neither inside the other); choose another --quarantine-dir")
 
 
 def apply_fixes(csv_path, data: str, out_dir: Path, quarantine_dir: Optional[str] = None) -> dict:
@@ -112,73 +161,163 @@ def apply_fixes(csv_path, data: str, out_dir: Path, quarantine_dir: Optional[str
     if not root.is_dir():
         raise UsageError(f"--data {data!r} is not a folder")
     qdir = Path(quarantine_dir).resolve() if quarantine_dir else default_quarantine_dir(root)
-    if qdir.is_relative_to(root):
-        raise UsageError(f"--quarantine-dir {str(qdir)!r} must be outside the data folder {str(root)!r}")
-    moves = plan_moves(read_fixes(csv_path), root, qdir)
+    check_output(qdir, data=[(root, "--data")], what="--quarantine-dir", folder=True)
+    check_apart(root, qdir)
+    rows = read_fixes(csv_path)
     journal = Path(out_dir) / "journal.jsonl"
     if journal.exists():
         raise UsageError(f"{journal} exists already; choose another --output")
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    with open(journal, "x") as j:
-        _append(j, {"kind": JOURNAL_KIND, "version": 1, "root": str(root), "quarantine": str(qdir),
-                    "list": str(Path(csv_path).resolve()), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-        for m in moves:
-            src, dst = Path(m["from"]), Path(m["to"])
-            made = [str(p) for p in reversed(dst.parents) if not p.exists()]
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            digest = file_digest(src)
-            if os.path.lexists(dst):  # appeared since the plan was made: stop here, undo-able
-                raise UsageError(f"{dst} appeared while applying; stopped (undo with `{undo_command(journal)}`)")
-            _append(j, {**m, "sha256": digest, "made_folders": made})  # before the move: no move unrecorded
-            os.rename(src, dst)
+    with changing_folder(root):  # planned and moved with no other changer or reader of the folder
+        moves = plan_moves(rows, root, qdir)
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        with open(journal, "x") as j:
+            _append(j, {"kind": JOURNAL_KIND, "version": JOURNAL_VERSION, "root": str(root), "quarantine": str(qdir),
+                        "list": str(Path(csv_path).resolve()), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+            for n, m in enumerate(moves):
+                move_journalled(j, n, m, journal)
     counts = {a: sum(m["action"] == a for m in moves) for a in ("relabel", "remove")}
     return {"what": "moved", "root": str(root), "moved": len(moves), **counts, "quarantine": str(qdir),
             "journal": str(journal), "undo": undo_command(journal), "moves": moves}
 
 
+def move_journalled(j, n: int, m: dict, journal: Path) -> None:
+    """One move: its intent journalled (fsynced) before it, its confirmation after; a move that cannot be
+    made stops the apply with the undo command (what moved before it is journalled and confirmed)."""
+    src, dst = Path(m["from"]), Path(m["to"])
+    stopped = f"stopped; undo what moved with `{undo_command(journal)}`"
+    digest = file_digest(src)
+    if not digest:
+        raise PipelineError(f"{src} vanished or became unreadable while applying; {stopped}")
+    made = [str(p) for p in reversed(dst.parents) if not p.exists()]
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    _append(j, {**m, "n": n, "sha256": digest, "made_folders": made})  # before the move: no move unrecorded
+    try:
+        move_no_replace(src, dst)
+    except FileExistsError:
+        raise PipelineError(f"{dst} appeared while applying (another program?); {stopped}") from None
+    except OSError as e:
+        raise PipelineError(f"cannot move {src} to {dst}: {e.strerror or e}; {stopped}") from None
+    _append(j, {"moved": n}, sync=False)  # lost in a crash? undo then looks at the files themselves
+
+
 def read_journal(path) -> tuple[dict, list[dict]]:
+    """The journal's head and its moves, each with ``confirmed`` (its move is known to have been made)."""
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"--undo {str(path)!r} is not a file")
     try:
         lines = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UsageError(f"{p} is not an audit journal ({e})") from None
-    if not lines or lines[0].get("kind") != JOURNAL_KIND:
+    if not lines or not isinstance(lines[0], dict) or lines[0].get("kind") != JOURNAL_KIND:
         raise UsageError(f"{p} is not an audit journal (written by audit --apply)")
-    return lines[0], [m for m in lines[1:] if "from" in m and "to" in m]
+    records = [r for r in lines[1:] if isinstance(r, dict)]
+    confirmed = {r["moved"] for r in records if isinstance(r.get("moved"), int)}
+    moves = [{**m, "confirmed": isinstance(m.get("n"), int) and m["n"] in confirmed}
+             for m in records if "from" in m and "to" in m]
+    return lines[0], moves
 
 
-def undo_fixes(journal_path) -> dict:
-    """Move every journalled file back (last move first); refuses, moving nothing, when a file is missing,
-    changed, or its old place is taken. Folders the apply made and left empty are removed again."""
+def journal_places(head: dict, journal, data: Optional[str]) -> tuple[Path, Path]:
+    """The journal's data folder and quarantine (links resolved), checked: absolute, apart, and the
+    data folder the one ``--data`` names when given."""
+    root, qdir = head.get("root"), head.get("quarantine")
+    if not (isinstance(root, str) and isinstance(qdir, str) and os.path.isabs(root) and os.path.isabs(qdir)):
+        raise UsageError(f"{journal} names no data folder and quarantine (not written by audit --apply)")
+    root, qdir = Path(os.path.realpath(root)), Path(os.path.realpath(qdir))
+    if data is not None and root != Path(data).resolve():
+        raise UsageError(f"{journal} is the journal of {root}, not of --data {data}; nothing was moved back")
+    if not root.is_dir():
+        raise UsageError(f"the journal's data folder {root} is not a folder; nothing was moved back")
+    check_apart(root, qdir)
+    return root, qdir
+
+
+def resolved_inside(path, base: Path) -> bool:
+    """Whether ``path``, its folders' links resolved, is an image file name inside ``base`` below a folder of
+    it (a class, or the quarantine's copy of one), with no hidden or metadata folder on the way."""
+    if not isinstance(path, str) or not os.path.isabs(path):
+        return False
+    p = Path(path)
+    real = Path(os.path.realpath(p.parent)) / p.name
+    if not real.is_relative_to(base):
+        return False
+    parts = real.relative_to(base).parts
+    return len(parts) >= 2 and is_image_name(parts[-1]) and not any(is_skipped_folder(x) for x in parts[:-1])
+
+
+def outside_places(m: dict, root: Path, qdir: Path) -> list[str]:
+    """What of one journalled move lies outside the places an undo may touch (empty: nothing)."""
+    action = m.get("action")
+    if action not in ("relabel", "remove"):
+        return [f"action {action!r}"]
+    out = [f"{m[k]!r}" for k, base in (("from", root), ("to", root if action == "relabel" else qdir))
+           if not resolved_inside(m[k], base)]
+    folders = m.get("made_folders", [])
+    if not isinstance(folders, list):
+        return [*out, f"made_folders {folders!r}"]
+    for f in folders:
+        real = Path(os.path.realpath(f)) if isinstance(f, str) and os.path.isabs(f) else None
+        if real is None or not (real.is_relative_to(root) or real.is_relative_to(qdir) or qdir.is_relative_to(real)):
+            out.append(f"folder {f!r}")
+    return out
+
+
+def undo_fixes(journal_path, data: Optional[str] = None) -> dict:
+    """Move every journalled file back (last move first); refuses, moving nothing, when the journal names
+    a place outside its data folder (or ``data``) and quarantine, or a file is missing, changed, or its old
+    place is taken. Folders the apply made and left empty are removed again."""
     head, moves = read_journal(journal_path)
     if Path(str(journal_path) + ".undone").exists():  # written beside the journal by a finished undo
         raise UsageError(f"{journal_path} was undone already")
-    problems, done = [], set()  # indices of the moves that happened
-    for i, m in enumerate(moves):
-        src, dst = Path(m["from"]), Path(m["to"])
-        if not os.path.lexists(dst) and src.is_file() and file_digest(src) == m.get("sha256"):
-            continue  # journalled, then interrupted before the move: nothing to undo
-        done.add(i)
-        if not dst.is_file():
-            problems.append(f"{dst} is missing")
-        elif os.path.lexists(src):
-            problems.append(f"{src} exists again")
-        elif m.get("sha256") and file_digest(dst) != m["sha256"]:
-            problems.append(f"{dst} changed since it was moved")
-    if problems:
-        raise UsageError(f"nothing was moved back: {'; '.join(problems[:10])}"
-                         f"{f' (and {len(problems) - 10} more)' if len(problems) > 10 else ''}")
-    for i, m in reversed(list(enumerate(moves))):
-        src, dst = Path(m["from"]), Path(m["to"])
-        if i in done:
-            src.parent.mkdir(parents=True, exist_ok=True)
-            os.rename(dst, src)
-        for folder in reversed(m.get("made_folders", [])):
-            try:
-                os.rmdir(folder)  # only an empty one
-            except OSError:
-                pass
+    root, qdir = journal_places(head, journal_path, data)
+    outside = [f"move {i + 1}: {w}" for i, m in enumerate(moves) for w in outside_places(m, root, qdir)]
+    if outside:
+        raise UsageError(f"nothing was moved back: {journal_path} names places outside its data folder {root} and "
+                         f"quarantine {qdir}: {'; '.join(outside[:5])}"
+                         f"{f' (and {len(outside) - 5} more)' if len(outside) > 5 else ''}")
+    with changing_folder(root):
+        done = {i for i, m in enumerate(moves) if was_moved(m)}
+        problems = [p for i in sorted(done) for p in cannot_move_back(moves[i])]
+        if problems:
+            raise UsageError(f"nothing was moved back: {'; '.join(problems[:10])}"
+                             f"{f' (and {len(problems) - 10} more)' if len(problems) > 10 else ''}")
+        for i, m in reversed(list(enumerate(moves))):
+            if i in done:
+                Path(m["from"]).parent.mkdir(parents=True, exist_ok=True)
+                move_no_replace(m["to"], m["from"])
+            elif is_second_name(m):
+                os.unlink(m["to"])  # the photo under both names, one file: the new name goes, nothing is lost
+            for folder in reversed(m.get("made_folders", [])):
+                try:
+                    os.rmdir(folder)  # only an empty one
+                except OSError:
+                    pass
     Path(str(journal_path) + ".undone").write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")
-    return {"what": "moved back", "root": head["root"], "moved": len(done), "journal": str(journal_path)}
+    return {"what": "moved back", "root": str(root), "moved": len(done), "journal": str(journal_path)}
+
+
+def was_moved(m: dict) -> bool:
+    """Whether a journalled move was made: confirmed, or (an intent whose confirmation a crash lost) its file
+    is at the new place and not at the old one. An unconfirmed intent is otherwise skipped."""
+    return m["confirmed"] or (os.path.isfile(m["to"]) and not os.path.lexists(m["from"]))
+
+
+def is_second_name(m: dict) -> bool:
+    """Whether an unconfirmed move stopped between its hard link and its unlink (``moves.rename_no_replace``
+    without renameat2): the photo is under both names, one file."""
+    try:
+        return not m["confirmed"] and os.path.samefile(m["from"], m["to"])
+    except OSError:
+        return False
+
+
+def cannot_move_back(m: dict) -> list[str]:
+    src, dst = Path(m["from"]), Path(m["to"])
+    if dst.is_symlink() or not dst.is_file():
+        return [f"{dst} is missing"]
+    if os.path.lexists(src):
+        return [f"{src} exists again"]
+    if m.get("sha256") and file_digest(dst) != m["sha256"]:
+        return [f"{dst} changed since it was moved"]
+    return []

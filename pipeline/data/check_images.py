@@ -6,11 +6,9 @@ file extract cannot use, and a *note* a file extract uses after converting it or
 """
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shlex
-import shutil
 import time
 import warnings
 from collections import Counter
@@ -21,9 +19,10 @@ from pathlib import Path
 from ..config import CheckImagesConfig
 from ..devices import resolve_workers
 from ..errors import PipelineError, UsageError
-from ..files import atomic_write
+from ..files import SafeCsvWriter, atomic_write, check_output
 from ..files import is_utf8, shown
 from .folders import NOT_UTF8, ImageLoadError, decode_image, is_image_name, walk
+from .moves import changing_folder, move_no_replace
 
 #: Every kind check-images reports, with its severity. Errors are files extract cannot use.
 KINDS = {
@@ -84,16 +83,11 @@ def check_file(root: str, rel: str) -> list[dict]:
     return out
 
 
-def list_files(root: Path, skip: set[Path]) -> list[str]:
-    """Every file below root ('/'-separated, sorted), hidden and metadata folders and ``skip`` excepted;
-    links followed as extract follows them (see folders.walk)."""
-    rels = []
-    for dirpath, filenames in walk(root):
-        for name in filenames:
-            full = Path(dirpath) / name
-            if full not in skip:
-                rels.append(full.relative_to(root).as_posix())
-    return rels
+def list_files(root: Path) -> list[str]:
+    """Every file below root ('/'-separated, sorted), hidden and metadata folders excepted; links followed
+    as extract follows them (see folders.walk). The --report is never among them (validate refuses it there)."""
+    return [(Path(dirpath) / name).relative_to(root).as_posix() for dirpath, filenames in walk(root)
+            for name in filenames]
 
 
 def check_all(root: Path, rels: list[str], workers: int):
@@ -122,12 +116,14 @@ def validate(cfg: CheckImagesConfig) -> tuple[Path, Path | None, int]:
         raise UsageError(f"folder {cfg.root!r} does not exist or is not a folder")
     if cfg.report and Path(cfg.report).suffix.lower() not in REPORT_SUFFIXES:
         raise UsageError(f"--report {cfg.report!r} must end with one of: {', '.join(REPORT_SUFFIXES)}")
+    checked = [(root, "the checked folder")]
+    if cfg.report:
+        check_output(cfg.report, data=checked, what="--report")
     workers = resolve_workers(cfg.workers)
     qdir = None
     if cfg.quarantine or cfg.quarantine_dir:
         qdir = Path(os.path.abspath(cfg.quarantine_dir)) if cfg.quarantine_dir else default_quarantine_dir(root)
-        if qdir == root or root in qdir.parents:
-            raise UsageError(f"--quarantine-dir {str(qdir)!r} must be outside the checked folder {str(root)!r}")
+        check_output(qdir, data=checked, what="--quarantine-dir", folder=True)
     return root, qdir, workers
 
 
@@ -136,8 +132,7 @@ def check_images(cfg: CheckImagesConfig) -> dict:
     from ..progress import progress
 
     root, qdir, workers = validate(cfg)
-    skip = {Path(os.path.abspath(cfg.report))} if cfg.report else set()
-    rels = list_files(root, skip)
+    rels = list_files(root)
     workers = min(workers, max(1, len(rels)))
     t0 = time.perf_counter()
     findings: list[dict] = []
@@ -176,7 +171,7 @@ def write_report(path: Path, result: dict) -> str:
             tmp.write_text(json.dumps({**result, "report": str(path)}, indent=2))
             return
         with tmp.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["path", "kind", "severity", "detail"])
+            w = SafeCsvWriter(f, fieldnames=["path", "kind", "severity", "detail"])
             w.writeheader()
             w.writerows(result["findings"])
 
@@ -198,9 +193,10 @@ def quarantine(root: Path, qdir: Path, rels: list[str]) -> dict:
     if taken:
         raise PipelineError(f"quarantine folder {qdir} already holds {len(taken)} of these files "
                             f"(first: {taken[0]}); move them back first or choose --quarantine-dir")
-    for rel in rels:
-        (qdir / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(root / rel), str(qdir / rel))
+    with changing_folder(root):  # no extract reading, no audit --apply moving, while files leave
+        for rel in rels:
+            (qdir / rel).parent.mkdir(parents=True, exist_ok=True)
+            move_no_replace(root / rel, qdir / rel)  # never over a file that appeared meanwhile; across disks too
     return {"dir": str(qdir), "moved": len(rels), "restore": restore_command(root, qdir)}
 
 

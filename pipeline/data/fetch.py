@@ -20,7 +20,7 @@ from pathlib import Path, PurePosixPath
 
 from ..config import FetchConfig
 from ..errors import PipelineError, UsageError
-from ..files import plain_name, require_folder
+from ..files import check_output, plain_name
 from .folders import is_skipped_folder
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def archive_name(url: str) -> str:
 def fetch_data(cfg: FetchConfig) -> dict:
     """Download cfg.url into cfg.dest (unless already complete) and unpack it there (unless done)."""
     name = archive_name(cfg.url)
-    dest = require_folder(cfg.dest, "--dest")
+    dest = check_output(cfg.dest, what="--dest", folder=True)  # the URL is all it reads
     try:
         dest.mkdir(parents=True, exist_ok=True)
     except OSError as e:

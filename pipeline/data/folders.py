@@ -11,6 +11,7 @@ import os
 import stat
 import warnings
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +68,28 @@ class ImageFolderListing:
     @property
     def labels(self) -> np.ndarray:
         return np.array([f.label for f in self.files], dtype=np.int64)
+
+    @cached_property
+    def by_path(self) -> dict:
+        """{relative path: SourceFile} of the listed files."""
+        return {f.path: f for f in self.files}
+
+    def changed(self, paths) -> list[str]:
+        """Those of ``paths`` (listed files; others are ignored) that are no longer as listed: gone, or of
+        another size or mtime. A stat each: cheap enough to ask for every file a run reads."""
+        out = []
+        for p in paths:
+            listed = self.by_path.get(p)
+            if listed is None:
+                continue
+            try:
+                st = os.stat(self.root / p)
+            except OSError:
+                out.append(p)
+                continue
+            if (st.st_size, st.st_mtime_ns) != (listed.size, listed.mtime_ns):
+                out.append(p)
+        return out
 
 
 def is_image_name(name: str) -> bool:
@@ -194,6 +217,25 @@ def stratified_order(labels: np.ndarray, seed: int) -> np.ndarray:
     return np.lexsort((tiebreak, keys))
 
 
+def os_error_reason(e: OSError) -> str:
+    """The reason recorded for a file the OS would not give (gone, not permitted, an I/O error)."""
+    return f"unreadable image: {e.strerror or e}"
+
+
+_OS_MESSAGES = frozenset(os.strerror(n) for n in errno.errorcode)
+
+
+def is_os_error_reason(reason: str) -> bool:
+    """Whether a recorded reason says the file could not be reached (``os_error_reason``, or an OSError's own
+    text '[Errno N] ...'), which may pass (a file moved away and back, a permission fixed), rather than what
+    its bytes are (truncated, not an image, too large), which a file of the same size and mtime keeps."""
+    prefix = "unreadable image: "
+    if not reason.startswith(prefix):
+        return False
+    rest = reason[len(prefix):]
+    return rest in _OS_MESSAGES or rest.startswith("[Errno ")
+
+
 class ImageLoadError(Exception):
     """An image that cannot be used; ``reason`` is a short description, ``kind`` a stable class of it."""
 
@@ -227,7 +269,7 @@ def regular_file_stat(path: str | os.PathLike) -> os.stat_result:
             raise ImageLoadError("a symlink loop, not a file", "not-a-file") from None
         if e.errno == errno.ENOENT and os.path.islink(path):
             raise ImageLoadError(f"a dangling symlink (to {os.readlink(path)!r})", "not-a-file") from None
-        raise ImageLoadError(f"unreadable image: {e.strerror or e}", "unreadable") from None
+        raise ImageLoadError(os_error_reason(e), "unreadable") from None
     what = _not_regular(st)
     if what:
         raise ImageLoadError(f"not a regular file ({what})", "not-a-file")
@@ -244,7 +286,7 @@ def open_regular(path: str | os.PathLike):
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
     except OSError as e:
-        raise ImageLoadError(f"unreadable image: {e.strerror or e}", "unreadable") from None
+        raise ImageLoadError(os_error_reason(e), "unreadable") from None
     what = _not_regular(os.fstat(fd))
     if what:
         os.close(fd)

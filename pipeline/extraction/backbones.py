@@ -163,9 +163,22 @@ def _finite_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def sidecar_path(path: str | os.PathLike) -> Path:
+    """Where a weights file's sidecar is (``x.pt`` -> ``x.json``): its mean, std, arch and covers."""
+    return Path(path).with_suffix(".json")
+
+
+def weights_inputs(weights: Optional[str]) -> list[tuple[str, str]]:
+    """A --weights file and its sidecar, for an output guard's inputs (files.check_output): the sidecar
+    even when there is none yet (one written there would change the preprocessing); [] for a name."""
+    if not weights or not is_weights_path(weights):
+        return []
+    return [(weights, "the backbone weights"), (str(sidecar_path(weights)), f"the sidecar of the weights {weights}")]
+
+
 def read_sidecar(path: str | os.PathLike) -> dict:
     """The JSON sidecar of a weights file (``x.pt`` -> ``x.json``), or {} when there is none."""
-    side = Path(path).with_suffix(".json")
+    side = sidecar_path(path)
     if not side.is_file():
         return {}
     try:

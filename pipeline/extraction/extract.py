@@ -13,13 +13,15 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..cache.feature_cache import cache_file_name, claim_for_training, fingerprint
+from ..cache.freshness import set_aside, stale_reason
 from ..cache.provenance import package_version
-from ..config import COMPILE, DECODERS, FLIP_AUTO_MAX_PER_CLASS, POOLS, STORAGE_DTYPES, ExtractConfig
+from ..config import COMPILE, DECODERS, POOLS, STORAGE_DTYPES, ExtractConfig
 from ..data.folders import ImageFolderListing, check_seed, list_image_folder
 from ..data.image_reader import DECODE_VERSION
+from ..data.moves import reading_folder
 from ..devices import cpu_flags
 from ..errors import UsageError
-from ..files import require_folder
+from ..files import check_output
 from . import backbones as bb
 from . import distributed
 from .extract_range import existing_cache, extract_range, hit_summary
@@ -55,9 +57,10 @@ def validate(cfg: ExtractConfig) -> None:
     if not Path(cfg.data).is_dir():
         raise UsageError(f"data folder {cfg.data!r} does not exist; `python cli.py fetch-data` downloads the Kaggle "
                          "cats-vs-dogs set to data/PetImages, or pass --data DIR")
-    require_folder(cfg.cache_dir, "--cache-dir")
+    photos = [(cfg.data, "--data"), (cfg.calib_data, "--calib-data")]
+    check_output(cfg.cache_dir, data=photos, what="--cache-dir", folder=True)
     if cfg.shard_dir:
-        require_folder(cfg.shard_dir, "--shard-dir")
+        check_output(cfg.shard_dir, data=photos, what="--shard-dir", folder=True)
     if bb.is_weights_path(cfg.weights) and not Path(cfg.weights).is_file():
         raise UsageError(f"weights file {cfg.weights!r} does not exist")
 
@@ -88,13 +91,6 @@ def auto_precision(cfg: ExtractConfig, images: int) -> tuple[str, str]:
         return "auto", f"precision auto: bf16 or fp32, not int8: {why_not}"
     return "int8", (f"precision auto: int8 + compile ({images} images on a CPU with AVX-512 VNNI: about 2.5x bf16 "
                     "after a one-off calibration and compile); --precision bf16 keeps the float network")
-
-
-def auto_flip(cfg: ExtractConfig, images: int, classes: int) -> bool:
-    """What ``flip`` unset means for this run: on for pretrained weights and few photos per class."""
-    if cfg.flip is not None:
-        return bool(cfg.flip)
-    return images <= FLIP_AUTO_MAX_PER_CLASS * classes and cfg.weights.lower() != "none"
 
 
 def weights_identity(cfg: ExtractConfig) -> dict:
@@ -130,7 +126,14 @@ def cache_key(cfg: ExtractConfig, listing: ImageFolderListing) -> str:
 
 
 def extract(cfg: ExtractConfig) -> dict:
-    """Run (or reuse, or resume) one extraction; returns a summary with the cache path."""
+    """Run (or reuse, or resume) one extraction; returns a summary with the cache path. The data folder
+    is held for reading meanwhile (``moves.reading_folder``): never listed or read halfway through an
+    audit --apply, which waits (or is refused) until the extraction ends."""
+    with reading_folder(cfg.data):
+        return extract_held(cfg)
+
+
+def extract_held(cfg: ExtractConfig) -> dict:
     started = time.time()
     validate(cfg)
     listing = list_image_folder(cfg.data)
@@ -144,16 +147,23 @@ def extract(cfg: ExtractConfig) -> dict:
     if precision != cfg.precision:  # the same cache, key and network as --precision int8
         cfg = replace(cfg, precision=precision)
         validate(cfg)
-    cfg = replace(cfg, flip=auto_flip(cfg, images, len(listing.classes)))  # decided before the key names it
     key = cache_key(cfg, listing)
     path = Path(cfg.cache_dir) / cache_file_name(cfg.backbone, cfg.n, key)
     if distributed.world_size() > 1:  # started by torchrun: this rank extracts its shard
         return distributed.extract_sharded(cfg, listing, key, path, started)
     info = existing_cache(path, key)
+    verified = False
+    if info is not None:
+        stale, verified = stale_reason(info, listing, cfg.verify)
+        if stale:  # extracted again, its rows reused by content: only what changed is computed
+            log.warning("%s is stale: %s; extracting again (its rows are reused where the photo's bytes are the "
+                        "same)", path, stale)
+            set_aside(path)
+            info = None
     if info is not None and info.complete:
         if info.attrs.get("purpose") == "test" and cfg.purpose != "test":
             claim_for_training(info)  # what the user extracts is what fit-head then trains on by default
-        return hit_summary(info, started)
+        return {**hit_summary(info, started), "verified": verified}
     if info is not None:
         log.info("resuming %s from row %d", path, info.rows)
     path.parent.mkdir(parents=True, exist_ok=True)

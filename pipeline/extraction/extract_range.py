@@ -18,8 +18,8 @@ import numpy as np
 from ..cache.feature_cache import (CacheBusy, CacheError, CacheInfo, CacheWriter, now_iso, read_info,
                                    read_int8_observers)
 from ..cache.provenance import Provenance, versions
+from ..cache.freshness import set_aside_copies
 from ..cache.row_donors import find_donors
-from ..config import FLIP_AUTO_MAX_PER_CLASS
 from ..data.folders import ImageFolderListing, stratified_order
 from ..data.image_reader import DECODE_VERSION, ImageListDataset, batches, read_items
 from ..errors import PipelineError, UsageError
@@ -48,6 +48,20 @@ def hit_summary(info: CacheInfo, started: float) -> dict:
     return {"cache": str(info.path), "hit": True, "rows": info.rows, "skipped": int(info.attrs.get("skipped_rows", 0)),
             "feature_shape": list(info.feature_shape), "classes": info.classes, "precision": info.attrs.get("precision"),
             "flip": bool(info.attrs.get("flip", False)), "seconds": time.time() - started}
+
+
+def refuse_changed(listing: ImageFolderListing, batch) -> None:
+    """PipelineError when a file of ``batch`` is gone or rewritten since the folder was listed, before the batch
+    is written: the cache's name says the folder as listed, so a file moved or edited during the run (an
+    ``audit --apply`` beside it) is neither a row nor a skip of it. The rows before stay committed and the
+    cache incomplete: the same command resumes once the folder is as listed again (``audit --undo``), and a
+    folder left changed is another request (another cache)."""
+    changed = listing.changed(item.path for item in batch.items)
+    if changed:
+        raise PipelineError(f"the data folder {listing.root} changed during extraction: {len(changed)} files gone "
+                            f"or rewritten since it was listed (e.g. {', '.join(changed[:3])}); the cache stays "
+                            "incomplete and nothing of theirs is recorded. Run the same command again once nothing "
+                            "else is changing the folder (an audit --apply running?)")
 
 
 def existing_cache(path: Path, key: str) -> Optional[CacheInfo]:
@@ -109,9 +123,7 @@ def feature_model(cfg, backbone, listing: ImageFolderListing, device, precision:
     if cfg.flip:
         from .inference import MirrorMean
 
-        log.info("flip: each map is the mean of the photo's and its mirror image's, twice the compute (by default "
-                 "for pretrained weights and at most %d photos per class; --no-flip turns it off)",
-                 FLIP_AUTO_MAX_PER_CLASS)
+        log.info("flip: each map is the mean of the photo's and its mirror image's (--flip), twice the compute")
         net = MirrorMean(net)
     return (Inference(net, device, precision, cfg.pool, cfg.dtype, compile=compile, compile_batch=cfg.batch_size),
             calibration, observers)
@@ -182,7 +194,8 @@ def extract_range(cfg, listing: ImageFolderListing, key: str, path: Path, resume
     }
     start = max(int(resumed.attrs["next_candidate"]) if resumed else 0, first)
     # rows of other caches made the same way, by content: a photo already computed is not decoded again
-    donors = (find_donors(path.parent, attrs, exclude=path)
+    stale = set_aside_copies(path) if not positions else []  # this request's caches set aside as stale
+    donors = (find_donors(path.parent, attrs, exclude=path, also=stale)
               if not positions and rows < target else None)
     if donors:
         log.debug("%d rows of earlier caches with the same features may be reused by content", len(donors))
@@ -209,6 +222,7 @@ def extract_range(cfg, listing: ImageFolderListing, key: str, path: Path, resume
         try:
             for batch, feats in batches_reusing(model, timed(candidates, clock, "input"), cfg.batch_size,
                                                 target - start_rows, donors, reuse, listing.classes):
+                refuse_changed(listing, batch)
                 for p, why in batch.bad:
                     log.warning("skipping %s: %s", p, why)
                 good = batch.good
@@ -240,6 +254,9 @@ def extract_range(cfg, listing: ImageFolderListing, key: str, path: Path, resume
                                         "from": sorted({*before.get("from", []),
                                                         *(Path(p).name for p in (donors.sources if donors else []))})}))
         shape = list(writer.f["features"].shape[1:]) if "features" in writer.f else []
+    for p in stale:  # superseded: every row of it that still holds is in the new cache
+        p.unlink(missing_ok=True)
+        log.info("removed %s (set aside as stale; its rows that still hold were reused)", p)
     seconds = time.time() - t0
     computed = rows - start_rows - reuse["reused"]
     # the rate after the one-offs (calibration, then compiling: the first compiled call and its batch), which

@@ -19,7 +19,7 @@ from ..data.folders import check_seed
 from ..devices import autocast
 from ..config import MAX_LR
 from ..errors import PipelineError, UsageError
-from ..files import require_folder
+from ..files import check_output
 from ..progress import is_quiet
 
 
@@ -35,10 +35,11 @@ def check_lr(option: str, lr: float) -> None:
         raise UsageError(f"{option} must be in (0, {MAX_LR:g}], got {lr}")
 
 
-def validate_training(cfg, positive: tuple = (), non_negative: tuple = ()) -> None:
-    """The option checks fit-head, train and finetune share (split, counts, lr, dropout)."""
+def validate_training(cfg, positive: tuple = (), non_negative: tuple = (), data: tuple = ()) -> None:
+    """The option checks fit-head, train and finetune share (split, counts, lr, dropout, and a --runs-dir
+    outside ``data``, the photo folders the run reads: see files.check_output)."""
     validate_split(cfg.val_fraction, cfg.seed)
-    require_folder(cfg.runs_dir, "--runs-dir")
+    check_output(cfg.runs_dir, data=data, what="--runs-dir", folder=True)
     for name in positive:
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")

@@ -33,7 +33,7 @@ from ..cache.provenance import Provenance
 from ..config import CALIBRATIONS, HEADS, MAX_C, MAX_WEIGHT_DECAY, RECIPES, FitHeadConfig
 from ..devices import resolve_device
 from ..errors import UsageError
-from ..files import atomic_write
+from ..files import atomic_write, check_output
 from ..progress import is_quiet
 from ..runs.run_folders import finish_run, new_run_dir
 from .cache_views import CacheRows, CacheViews, evaluate_head
@@ -70,7 +70,7 @@ def with_recipe(cfg: FitHeadConfig) -> FitHeadConfig:
 
 def validate(cfg: FitHeadConfig) -> None:
     validate_training(cfg, positive=("epochs", "batch_size", "block_rows", "kernel_components", "folds"),
-                      non_negative=("patience",))
+                      non_negative=("patience",), data=((cfg.test_data, "--test-data"),))
     for name, value, allowed in (("head", cfg.head, HEADS), ("features", cfg.features, VIEWS),
                                  ("normalize", cfg.normalize, NORMS)):
         if value not in allowed:
@@ -395,17 +395,16 @@ def add_unknown(cfg: FitHeadConfig, rows, head: ProbeHead, train_idx, val_idx) -
     if not cfg.unknown_rows:
         return {}
     train_idx = kept_indices(train_idx, cfg.unknown_rows, cfg.seed)  # read only the rows kept
-    known, threshold, val_scores = fit_unknown(CacheViews(rows, train_idx, cfg.block_rows)["avg"],
-                                               CacheViews(rows, val_idx, cfg.block_rows)["avg"], cfg.unknown_k,
-                                               cfg.known_share)
-    head.set_unknown(torch.from_numpy(known), cfg.unknown_k, threshold)
+    fit = fit_unknown(CacheViews(rows, train_idx, cfg.block_rows)["avg"],
+                      CacheViews(rows, val_idx, cfg.block_rows)["avg"], cfg.unknown_k, cfg.known_share)
+    head.set_unknown(torch.from_numpy(fit.known), cfg.unknown_k, fit.threshold)
     head.to(head.linear.weight.device)
-    kept = float((val_scores <= threshold).mean()) if len(val_scores) else None
-    log.info("unknown score: %d training rows kept (%.1f MB), k = %d, threshold %.4f (%s)", len(known),
-             known.nbytes / 1e6, cfg.unknown_k, threshold,
-             f"keeps {100 * kept:.1f}% of {len(val_scores)} val rows" if len(val_scores) else
+    val_kept = float((fit.val_scores <= fit.threshold).mean()) if len(fit.val_scores) else None
+    log.info("unknown score: %d training rows kept (%.1f MB), k = %d, threshold %.4f (%s)", len(fit.known),
+             fit.known.nbytes / 1e6, cfg.unknown_k, fit.threshold,
+             f"keeps {100 * val_kept:.1f}% of {len(fit.val_scores)} val rows" if len(fit.val_scores) else
              "from each kept row against the others")
-    return {**unknown_summary(known, threshold, cfg.unknown_k, cfg.known_share), "val_known_kept": kept}
+    return {**unknown_summary(fit, cfg.unknown_k, cfg.known_share), "val_known_kept": val_kept}
 
 
 def fit_head(cfg: FitHeadConfig) -> dict:
@@ -416,6 +415,8 @@ def fit_head(cfg: FitHeadConfig) -> dict:
     path, default_cache = resolve_cache(cfg.cache, cfg.cache_dir)
     device = resolve_device(cfg.device)
     with FeatureCache(path) as cache:
+        check_output(cfg.runs_dir, data=[(cache.attrs["data_root"], f"the photos of the cache {path}")],
+                     what="--runs-dir", folder=True)
         changed = source_changes(cache.info)
         if changed:
             log.warning("%s: %s", path, changed)
@@ -474,9 +475,19 @@ def trust_lines(trust: dict) -> list[str]:
     lines = [f"temperature {trust['temperature']:.3f} (fitted on {trust['calibration_rows']} rows: "
              f"{trust['calibrated_on']})" if trust.get("calibration_rows") else "temperature 1 (not calibrated)"]
     if "unknown_threshold" in trust:
-        lines.append(f"unknown above score {trust['unknown_threshold']:.4f} (keeps {trust['known_share']:.0%} of "
-                     f"held-out photos; {trust['known_rows']} training rows kept, {trust['known_rows_bytes'] / 1e6:.1f} MB)")
+        lines.append(f"unknown above score {trust['unknown_threshold']:.4f} ({kept_text(trust)}; "
+                     f"{trust['known_rows']} training rows kept, {trust['known_rows_bytes'] / 1e6:.1f} MB)")
     return lines
+
+
+def kept_text(trust: dict) -> str:
+    """What the threshold kept, measured ('keeps 2 of 2 held-out photos (100 %; asked 95 %)'), or, for a
+    record made before that was measured, the share asked for."""
+    if "known_kept" not in trust:
+        return f"set to keep {trust['known_share']:.0%} of held-out photos"
+    n = trust["held_out_rows"]
+    return (f"keeps {round(trust['known_kept'] * n)} of {n} held-out photos ({trust['known_kept']:.0%}; "
+            f"asked {trust['known_share']:.0%})")
 
 
 def _plain(info: dict) -> dict:

@@ -6,11 +6,9 @@ A file that cannot be decoded gets a row with its error instead of a class.
 """
 from __future__ import annotations
 
-import csv
 import io
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Iterator
@@ -25,9 +23,9 @@ from ..devices import resolve_device
 from ..errors import UsageError
 from ..extraction import backbones as bb
 from ..extraction.inference import run_batches
-from ..files import atomic_write, check_output, is_utf8, one_line, shown
+from ..files import SafeCsvWriter, atomic_write, check_output, is_utf8, one_line, shown
 from ..progress import progress
-from .whole_models import load_model, network, split_extras
+from .whole_models import checkpoint_reads, model_from_checkpoint, network, read_checkpoint, split_extras
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +114,7 @@ def format_rows(rows: list[dict], fmt: str) -> str:
         return json.dumps(rows, indent=2)
     if fmt == "csv":
         buf = io.StringIO()
-        w = csv.DictWriter(buf, COLUMNS, lineterminator="\n")
+        w = SafeCsvWriter(buf, COLUMNS, lineterminator="\n")
         w.writeheader()
         w.writerows(rows)
         return buf.getvalue().rstrip("\n")
@@ -140,9 +138,11 @@ def predict(cfg: PredictConfig) -> dict:
     if cfg.batch_size < 1:
         raise UsageError(f"--batch-size must be positive, got {cfg.batch_size}")
     files = list_inputs(cfg.paths)
+    ckpt = read_checkpoint(cfg.model)
     if cfg.output:
-        check_output(cfg.output, [*files, cfg.model, cfg.weights], data=[p for p in cfg.paths if os.path.isdir(p)])
-    lm = load_model(cfg.model, cfg.weights)
+        reads, folders = checkpoint_reads(ckpt, cfg.model, cfg.weights)
+        check_output(cfg.output, [*files, *reads], data=[*cfg.paths, *folders])
+    lm = model_from_checkpoint(ckpt, cfg.model, cfg.weights)
     model = network(lm, cfg.device, cfg.precision)
     t0 = time.time()
     rows = []
@@ -151,7 +151,7 @@ def predict(cfg: PredictConfig) -> dict:
 
     def write_rows(out) -> None:
         """Every row, streamed (csv: a row as soon as it is known), into ``out`` or just into ``rows``."""
-        writer = csv.DictWriter(out, COLUMNS) if out and cfg.format == "csv" else None
+        writer = SafeCsvWriter(out, COLUMNS) if out and cfg.format == "csv" else None
         if writer:
             writer.writeheader()
         for row in predictions:

@@ -25,6 +25,7 @@ from ..data.folders import list_image_folder, stratified_order
 from ..data.image_reader import ImageListDataset, collate_items, file_digest, item_loader, iter_items
 from ..devices import resolve_device, resolve_precision, resolve_workers
 from ..errors import UsageError
+from ..files import check_output
 from ..extraction.inference import Inference, run_batches
 from ..heads.calibration import fit_temperature
 from ..heads.epoch_loop import check_lr, per_class_accuracy, run_epochs, split_indices, train_one_epoch, validate_training
@@ -35,8 +36,9 @@ from ..runs.run_folders import finish_run, new_run_dir
 from .whole_models import (
     WithExtras,
     build_model,
+    checkpoint_reads,
     count_params,
-    load_model,
+    model_from_checkpoint,
     parse_unfreeze,
     read_checkpoint,
     save_model,
@@ -47,7 +49,8 @@ log = logging.getLogger(__name__)
 
 
 def validate(cfg: TrainConfig) -> None:
-    validate_training(cfg, positive=("epochs", "batch_size"), non_negative=("n", "print_every"))
+    validate_training(cfg, positive=("epochs", "batch_size"), non_negative=("n", "print_every"),
+                      data=((cfg.data, "--data"),))
     validate_trust(cfg, ("val", "none"))
     if isinstance(cfg, FinetuneConfig):
         if cfg.backbone_lr is not None:
@@ -165,9 +168,9 @@ def fit_trust(cfg: TrainConfig, model, device, precision, listing, train_idx, va
         loader = _loader(listing.root, [(listing.files[i].path, listing.files[i].label) for i in keep], transform,
                          cfg, shuffle=False)
         train_pooled = _outputs(extras, loader, n_classes, cfg.batch_size, skipped)[1]
-        known, threshold, _ = fit_unknown(train_pooled, val_pooled, cfg.unknown_k, cfg.known_share)
-        head.set_unknown(torch.from_numpy(known), cfg.unknown_k, threshold)
-        trust.update(unknown_summary(known, threshold, cfg.unknown_k, cfg.known_share))
+        fit = fit_unknown(train_pooled, val_pooled, cfg.unknown_k, cfg.known_share)
+        head.set_unknown(torch.from_numpy(fit.known), cfg.unknown_k, fit.threshold)
+        trust.update(unknown_summary(fit, cfg.unknown_k, cfg.known_share))
     head.to(device)
     return trust
 
@@ -321,7 +324,10 @@ def finetune(cfg: FinetuneConfig) -> dict:
     listing = list_image_folder(cfg.data)
     torch.manual_seed(cfg.seed)
     if cfg.init_head:
-        lm = load_model(cfg.init_head, cfg.weights, trainable=True)
+        ckpt = read_checkpoint(cfg.init_head)
+        check_output(cfg.runs_dir, data=checkpoint_reads(ckpt, cfg.init_head, cfg.weights)[1], what="--runs-dir",
+                     folder=True)
+        lm = model_from_checkpoint(ckpt, cfg.init_head, cfg.weights, trainable=True)
         if cfg.backbone and cfg.backbone != lm.info["backbone"]:
             raise UsageError(f"--backbone {cfg.backbone} differs from {cfg.init_head}'s {lm.info['backbone']}")
         if cfg.pool and cfg.pool != lm.info["pool"]:

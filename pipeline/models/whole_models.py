@@ -328,17 +328,56 @@ def _recorded_weights_paths(ckpt: dict) -> list[str]:
     """Where a head's weights file was: the checkpoint's record, else its cache's (a relative path in
     the cache's config is relative to where extract ran)."""
     paths = [ckpt["weights_path"]] if ckpt.get("weights_path") else []
-    cache = ckpt.get("cache")
-    if cache and Path(cache).is_file():
-        from ..cache.feature_cache import read_info
+    record = _cache_record(ckpt.get("cache"))
+    return paths + [p for p in (record.get("weights_path"), record.get("config", {}).get("weights")) if p]
 
-        try:
-            attrs = read_info(cache).attrs
-            config = json.loads(attrs.get("config", "{}"))
-            paths += [p for p in (attrs.get("weights_path"), config.get("weights")) if p]
-        except (ValueError, OSError, TypeError, PipelineError) as e:  # CacheError is a ValueError, CacheBusy not
-            log.debug("cannot read the weights path from %s: %s", cache, e)
-    return paths
+
+def _cache_record(cache) -> dict:
+    """A cache's attributes with its config parsed ({} when the file is not there or not readable)."""
+    if not cache or not Path(cache).is_file():
+        return {}
+    from ..cache.feature_cache import read_info
+
+    try:
+        attrs = dict(read_info(cache).attrs)
+        return {**attrs, "config": json.loads(attrs.get("config", "{}")),
+                "calibration": json.loads(attrs.get("calibration", "{}"))}
+    except (ValueError, OSError, TypeError, PipelineError) as e:  # CacheError is a ValueError, CacheBusy not
+        log.debug("cannot read the record of %s: %s", cache, e)
+        return {}
+
+
+def cache_reads(cache, what: str = "the cache") -> tuple[list, list]:
+    """(files, folders) a command reads through a cache, for its output guard (files.check_output): the
+    cache, the weights file and sidecar it was made with, its photos' folder and its int8 calibration folder."""
+    record = _cache_record(cache)
+    config = record.get("config", {})
+    files = [(cache, what), *_weights_files(record.get("weights_path"), config.get("weights"))]
+    folders = [(record.get("data_root"), f"the photos of {what} {cache}"),
+               (record.get("calibration", {}).get("calib_root"), f"the calibration photos of {what} {cache}")]
+    return files, folders
+
+
+def _weights_files(*candidates) -> list:
+    """Each weights file among ``candidates`` (names and None left out) with its sidecar, once."""
+    return [f for w in dict.fromkeys(candidates) for f in bb.weights_inputs(w)]
+
+
+def checkpoint_reads(ckpt: dict, path, weights: Optional[str] = None) -> tuple[list, list]:
+    """(files, folders) a command that runs this checkpoint reads or may read, each with what it is: the
+    checkpoint, its backbone weights and their sidecars (given or recorded), and every cache, model and photo
+    folder its record names (through each cache too). The list a command's output guard gets
+    (files.check_output), so no output ever replaces any of them, or lands among the photos."""
+    config = ckpt.get("config") or {}
+    files = [(path, "the model"), *_weights_files(weights, ckpt.get("weights_path"), config.get("weights"))]
+    folders = [(config.get("data"), "the model's training photos"),
+               (config.get("test_data"), "the model's test photos")]
+    for key, what in (("cache", "the model's cache"), ("test_cache", "the model's test cache")):
+        for cache in dict.fromkeys([ckpt.get(key), config.get(key)]):
+            more = cache_reads(cache, what) if cache else ([], [])
+            files, folders = files + more[0], folders + more[1]
+    files.append((config.get("init_head"), "the head the model started from"))
+    return files, folders
 
 
 def head_from_checkpoint(ckpt: dict, state: dict, path):

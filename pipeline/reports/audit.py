@@ -9,7 +9,6 @@ thumbnails inlined), gallery.png, and fixes.csv, the list to review and pass to 
 """
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -22,7 +21,7 @@ import numpy as np
 from ..cache.feature_cache import FeatureCache
 from ..config import AuditConfig, ExtractConfig, FitHeadConfig
 from ..errors import UsageError
-from ..files import atomic_write, check_output, require_folder
+from ..files import SafeCsvWriter, atomic_write, check_output, writing
 from ..heads.cache_views import CacheViews
 from ..runs.run_folders import new_run_dir
 from . import duplicates as dup
@@ -87,12 +86,25 @@ def pooled(cache: FeatureCache) -> tuple[np.ndarray, np.ndarray]:
     return rows["avg"], rows[view]
 
 
-def _output_dir(cfg: AuditConfig, data_roots) -> Path:
-    if cfg.output:
-        out = Path(cfg.output)
-        check_output(out / "report.json", data=data_roots, what="--output")
-        return out
-    return new_run_dir(cfg.runs_dir, "audit")
+def check_output_dir(cfg: AuditConfig) -> None:
+    """--output (or --runs-dir) refused before any work when inside a photo folder the audit reads: --data,
+    --test-data, or the photos of --cache and --test-cache (a report or journal there would join a class)."""
+    from ..models.whole_models import cache_reads
+
+    folders = [(cfg.data, "--data"), (cfg.test_data, "--test-data")]
+    for option, cache in (("--cache", cfg.cache), ("--test-cache", cfg.test_cache)):
+        folders += cache_reads(cache, option)[1] if cache else []
+    folder, option = (cfg.output, "--output") if cfg.output else (cfg.runs_dir, "--runs-dir")
+    check_output(folder, data=folders, what=option, folder=True)
+
+
+def _output_dir(cfg: AuditConfig, kind: str = "audit") -> Path:
+    """--output (made when missing), or a new run folder in --runs-dir; check_output_dir has checked both."""
+    if not cfg.output:
+        return new_run_dir(cfg.runs_dir, kind)
+    with writing(cfg.output):
+        Path(cfg.output).mkdir(parents=True, exist_ok=True)
+    return Path(cfg.output)
 
 
 def analyse(cfg: AuditConfig) -> dict:
@@ -210,7 +222,7 @@ def write_fixes_csv(result: dict, path: Path) -> None:
 
     def write(tmp):
         with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, ["path", "action", "new_class", "why"])
+            w = SafeCsvWriter(f, ["path", "action", "new_class", "why"])
             w.writeheader()
             w.writerows(rows)
 
@@ -225,22 +237,23 @@ def public(result: dict) -> dict:
 def audit(cfg: AuditConfig) -> dict:
     """The audit command: analyse (the default), or --apply a reviewed list, or --undo one."""
     validate(cfg)
+    if not cfg.undo:
+        check_output_dir(cfg)
     if cfg.apply or cfg.undo:
         from ..data.apply_fixes import apply_fixes, undo_fixes
 
         if cfg.apply:
             if not cfg.data:
                 raise UsageError("--apply needs --data DIR, the folder the list's paths are relative to")
-            out = new_run_dir(cfg.runs_dir, "audit-apply") if not cfg.output else require_folder(cfg.output, "--output")
+            out = _output_dir(cfg, "audit-apply")
             result = apply_fixes(cfg.apply, cfg.data, out, cfg.quarantine_dir)
         else:
-            result = undo_fixes(cfg.undo)
+            result = undo_fixes(cfg.undo, cfg.data)
         if cfg.refresh:
             result["refreshed"] = refresh(cfg, result["root"])
         return result
     result = analyse(cfg)
-    roots = [result["data_root"], result.get("test_root")]
-    out = _output_dir(cfg, roots)
+    out = _output_dir(cfg)
     with_pictures(result, out, cfg.top)
     result["output"] = str(out)
     report = public(result)

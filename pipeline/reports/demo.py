@@ -13,6 +13,7 @@ from ..data.check_images import CheckImagesConfig, check_images
 from ..data.fetch import FetchConfig, fetch_data
 from ..data.folders import list_image_folder
 from ..errors import UsageError
+from ..files import check_output
 from ..extraction.extract import ExtractConfig, extract
 from ..heads.compare import CompareConfig, compare_sklearn
 from ..heads.fit_head import FitHeadConfig
@@ -37,6 +38,8 @@ def demo(cfg: DemoConfig) -> dict:
         data = Path(steps["fetch"]["unpacked"])
     else:
         log.info("[1/4] using the images in %s", data)
+    for option, folder in (("--runs-dir", cfg.runs_dir), ("--cache-dir", cfg.cache_dir)):  # before a file moves
+        check_output(folder, data=[(data, "--data")], what=option, folder=True)
     log.info("[2/4] checking every image in %s", data)
     checked = check_images(CheckImagesConfig(root=str(data), quarantine=cfg.quarantine, workers=cfg.workers))
     steps["check"] = {k: checked[k] for k in ("files", "good", "errors", "notes", "by_kind", "quarantine")}

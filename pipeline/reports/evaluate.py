@@ -26,11 +26,19 @@ from ..data.image_reader import ImageListDataset, read_items
 from ..devices import resolve_device
 from ..errors import UsageError
 from ..extraction.inference import run_batches
-from ..files import atomic_write, require_folder, writing
+from ..files import atomic_write, check_output, writing
 from ..heads.epoch_loop import split_indices
 from ..heads.cache_views import head_scores
 from ..heads.calibration import before_after, reliability_bins, without_temperature
-from ..models.whole_models import head_from_checkpoint, model_from_checkpoint, network, read_checkpoint, split_extras
+from ..models.whole_models import (
+    cache_reads,
+    checkpoint_reads,
+    head_from_checkpoint,
+    model_from_checkpoint,
+    network,
+    read_checkpoint,
+    split_extras,
+)
 from ..progress import progress
 from ..runs.figures import confusion_matrix_figure, gallery_figure, reliability_figure, save
 from ..runs.run_folders import finish_run, new_run_dir
@@ -221,6 +229,15 @@ def _thumbnail(path: Path, size: int = 256):
     return im
 
 
+def check_runs_dir(cfg: EvaluateConfig, ckpt: dict) -> None:
+    """--runs-dir refused where its pictures would replace or join what is evaluated: the model's cache and
+    photos, --cache's, --data (a picture in a class folder is one more training photo)."""
+    files, folders = checkpoint_reads(ckpt, cfg.model, cfg.weights)
+    more = cache_reads(cfg.cache, "--cache") if cfg.cache else ([], [])
+    check_output(cfg.runs_dir, [*files, *more[0]], [*folders, *more[1], (cfg.data, "--data")], what="--runs-dir",
+                 folder=True)
+
+
 def evaluate(cfg: EvaluateConfig) -> dict:
     """Evaluate one checkpoint; write confusion.png, gallery.png and metrics.json to a run folder."""
 
@@ -228,11 +245,11 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         raise UsageError(f"unknown --split {cfg.split!r}; allowed: {', '.join(SPLITS)}")
     if cfg.cache and cfg.data:
         raise UsageError("pass --cache or --data, not both")
-    require_folder(cfg.runs_dir, "--runs-dir")
     for name in ("top_k", "batch_size", "block_rows"):
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     ckpt = read_checkpoint(cfg.model)
+    check_runs_dir(cfg, ckpt)
     source = "data" if cfg.data else "cache"
     predictor = PREDICTORS.get((ckpt["kind"], source))
     if predictor is None:

@@ -17,7 +17,7 @@ from ..config import MAX_TOP_K, FeatureMapConfig, PreviewConfig
 from ..data.folders import ImageLoadError, list_image_folder, load_rgb
 from ..errors import UsageError
 from ..files import check_output, free_default
-from ..extraction.backbones import load_backbone, load_preprocessing
+from ..extraction.backbones import load_backbone, load_preprocessing, weights_inputs
 from ..extraction.inference import Inference
 from ..runs.figures import denormalise, top_channels
 from ..runs.figures import preview_figure as draw
@@ -58,8 +58,8 @@ def preview(cfg: PreviewConfig) -> tuple:
         raise UsageError(f"--per-class must be positive, got {cfg.per_class}")
     if cfg.seed < 0:
         raise UsageError(f"--seed must be 0 or more, got {cfg.seed}")
-    output = cfg.output and str(check_output(free_default(cfg.output, PreviewConfig.output), [cfg.weights],
-                                             data=[cfg.data], suffixes=(".png",)))
+    output = cfg.output and str(check_output(free_default(cfg.output, PreviewConfig.output),
+                                             weights_inputs(cfg.weights), data=[cfg.data], suffixes=(".png",)))
     listing = list_image_folder(cfg.data)
     t, weights_id = load_preprocessing(cfg.backbone, cfg.weights)  # the preprocessing only: no weights loaded
     chosen = sample_per_class(listing, cfg.per_class, cfg.seed)
@@ -80,7 +80,7 @@ def feature_map(cfg: FeatureMapConfig) -> tuple:
     if not 1 <= cfg.top_k <= MAX_TOP_K:
         raise UsageError(f"--top-k must be between 1 and {MAX_TOP_K}, got {cfg.top_k}")
     output = cfg.output and str(check_output(free_default(cfg.output, FeatureMapConfig.output),
-                                             [cfg.image, cfg.weights], suffixes=(".png",)))
+                                             [cfg.image, *weights_inputs(cfg.weights)], suffixes=(".png",)))
     try:
         image = load_rgb(cfg.image)
     except ImageLoadError as e:

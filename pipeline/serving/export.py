@@ -29,7 +29,14 @@ from ..extraction import backbones as bb
 from ..extraction.inference import run_batches
 from ..files import atomic_write, check_output
 from ..models.predict import list_inputs
-from ..models.whole_models import WithExtras, model_from_checkpoint, network, read_checkpoint, split_extras
+from ..models.whole_models import (
+    WithExtras,
+    checkpoint_reads,
+    model_from_checkpoint,
+    network,
+    read_checkpoint,
+    split_extras,
+)
 from ..progress import progress
 
 log = logging.getLogger(__name__)
@@ -242,6 +249,16 @@ def parity(lm, runner: ExportedRunner, files: list[str], cfg: ExportConfig) -> d
             "reference": "predict's path, fp32 on the CPU"}
 
 
+def check_outputs(cfg: ExportConfig, ckpt: dict) -> tuple[Path, Path]:
+    """(the file, its metadata file) once neither replaces what the export reads: the model, its weights
+    and their sidecar, its cache, training photos (the default parity check's) and --check-data."""
+    inputs, data = checkpoint_reads(ckpt, cfg.model, cfg.weights)
+    inputs = [*inputs, (cfg.check_data, "the parity check's photos")]
+    data = [*data, (cfg.check_data, "the parity check's photos")]
+    out = check_output(cfg.output, inputs, data)
+    return out, check_output(sidecar_path(out), inputs, data, what=f"the metadata file beside --output {cfg.output!r}:")
+
+
 def export(cfg: ExportConfig) -> dict:
     """Write cfg.model as one cfg.format file (+ its .json sidecar) when it passes the parity check.
 
@@ -255,13 +272,9 @@ def export(cfg: ExportConfig) -> dict:
         raise UsageError(f"--tolerance must be positive, got {cfg.tolerance}")
     if cfg.check_n < 0 or cfg.batch_size < 1:
         raise UsageError(f"--check-n must be >= 0 and --batch-size >= 1, got {cfg.check_n} and {cfg.batch_size}")
-    out, side = Path(cfg.output), sidecar_path(cfg.output)
-    inputs = [cfg.model, cfg.weights, cfg.check_data]
-    data = [cfg.check_data] if cfg.check_data and os.path.isdir(cfg.check_data) else []
-    check_output(out, inputs, data)
-    check_output(side, inputs, data, what="the metadata file")
-    require(cfg.format)
     ckpt = read_checkpoint(cfg.model)
+    out, side = check_outputs(cfg, ckpt)
+    require(cfg.format)
     if ckpt["kind"] == "fit-head" and ckpt.get("precision") == "int8":  # refused before quantising anything
         raise UsageError(f"{cfg.model!r} runs its cache's int8 network (prepacked oneDNN kernels), which neither "
                          "ONNX nor TorchScript can hold; fit the head on a float cache (extract --precision bf16) "
