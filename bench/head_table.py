@@ -198,12 +198,16 @@ def parse_candidate(text: str) -> tuple:
 
 
 # -- the table -----------------------------------------------------------------------------------------------
-def run_proxy(name: str, paths: list, candidates: list, splits: int, store: dict, save, label: str) -> None:
-    """Every candidate's test predictions on every split of ``name`` not in ``store`` yet (saved as they come)."""
+def run_proxy(name: str, paths: list, candidates: list, splits: int, store: dict, save, label: str,
+              first: int = 0) -> None:
+    """Every candidate's test predictions on splits ``first`` ... ``splits`` - 1 of ``name`` not in ``store`` yet
+    (saved as they come)."""
     maps, labels, classes, n_train = pooled_maps(paths)
     n_test = len(labels) - n_train if len(paths) == 2 else HOLDOUT
     av = None
     for i, (tr, te) in enumerate(paired_splits(labels, n_test, splits)):
+        if i < first:
+            continue
         for cand, kind, opts in candidates:
             key = f"{name}|{cand}{label if kind == 'fit-head' else ''}|{i}"
             if key in store:
@@ -222,8 +226,8 @@ def run_proxy(name: str, paths: list, candidates: list, splits: int, store: dict
 
 
 def summary(store: dict) -> dict:
-    """{proxy: {candidate: {acc, diff, se, splits}}}: the mean accuracy and the mean paired difference to the
-    best recipe (the recipe with the higher mean) with its standard error, over the splits every one has."""
+    """{proxy: {candidate: {acc, splits, vs: {recipe: (mean paired difference, its standard error)}, best_recipe}}}
+    over the splits every candidate of the proxy has; the best recipe is the one with the higher mean."""
     by: dict = {}
     for key, r in store.items():
         proxy, cand, split = key.rsplit("|", 2)
@@ -233,33 +237,37 @@ def summary(store: dict) -> dict:
         recipes = [c for c in RECIPES if c in cands]
         if not recipes:
             continue
+        common = sorted(set.intersection(*(set(a) for a in cands.values())))
+        if not common:
+            continue
+        best = max(recipes, key=lambda r: np.mean([cands[r][s] for s in common]))
         for cand, accs in cands.items():
-            common = sorted(set(accs).intersection(*(cands[r] for r in recipes)))
-            if not common:
-                continue
-            best = max(recipes, key=lambda r: np.mean([cands[r][s] for s in common]))
-            d = np.array([accs[s] - cands[best][s] for s in common])
-            out.setdefault(proxy, {})[cand] = {
-                "acc": float(np.mean([accs[s] for s in common])), "diff": float(d.mean()),
-                "se": float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan"),
-                "splits": len(common), "best_recipe": best}
+            vs = {}
+            for r in recipes:
+                d = np.array([accs[s] - cands[r][s] for s in common])
+                vs[r] = (float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan"))
+            out.setdefault(proxy, {})[cand] = {"acc": float(np.mean([accs[s] for s in common])), "vs": vs,
+                                               "splits": len(common), "best_recipe": best}
     return out
 
 
 def markdown(table: dict) -> str:
-    """One row per candidate, one column per proxy: mean accuracy, and the paired difference in points +- SE."""
+    """One row per candidate, one column per proxy: mean accuracy, then the paired differences to each recipe
+    in points +- their standard errors."""
     proxies = list(table)
     cands = list(dict.fromkeys(c for p in proxies for c in table[p]))
-    lines = ["| candidate | " + " | ".join(f"{p} ({next(iter(table[p].values()))['splits']} splits)"
-                                        for p in proxies) + " |", "|---" * (len(proxies) + 1) + "|"]
+    head = "| candidate | " + " | ".join(f"{p} ({next(iter(table[p].values()))['splits']} splits)" for p in proxies)
+    lines = [head + " |", "|---" * (len(proxies) + 1) + "|"]
     for c in cands:
         cells = []
         for p in proxies:
             r = table[p].get(c)
-            cells.append("" if r is None else f"{r['acc']:.4f} ({100 * r['diff']:+.2f} ± {100 * r['se']:.2f})")
+            diffs = ", ".join(f"{100 * m:+.2f} ± {100 * se:.2f} vs {k}" for k, (m, se) in (r or {}).get("vs", {}).items()
+                              if k != c)
+            cells.append("" if r is None else f"{r['acc']:.4f}" + (f" ({diffs})" if diffs else ""))
         lines.append(f"| {c} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + ("\n\n(mean test accuracy over the paired splits; in brackets the mean paired "
-                               "difference to the better plain recipe, in points, ± its standard error)")
+                               "difference to each plain recipe, in points, ± its standard error)")
 
 
 TIMING = """
@@ -275,9 +283,9 @@ rng = np.random.default_rng(0)
 pick = rng.integers(0, len(base), {rows})
 x = base[pick] + rng.normal(0, 0.3, (len(pick), base.shape[1])).astype(np.float32) * base.std(0)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-t0 = time.time()
+t0, c0 = time.time(), time.process_time()
 head = pipeline.Head().fit(x, labels[pick])
-print(json.dumps({{"rows": {rows}, "seconds": time.time() - t0,
+print(json.dumps({{"rows": {rows}, "seconds": time.time() - t0, "cpu_seconds": time.process_time() - c0,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "rss_before_mb": before / 1024, "val_acc": head.metrics_["val_acc"]}}))
 """
@@ -315,7 +323,10 @@ def main() -> None:
     cache_arguments(p)
     p.add_argument("--candidates", nargs="*", default=["svc", "logreg", "defaults"])
     p.add_argument("--splits", type=int, default=SPLITS, help="paired splits per proxy")
-    p.add_argument("--results", default="head_table.json", help="the per-split results, kept between runs")
+    p.add_argument("--first-split", type=int, default=0,
+                   help="start at this split (several processes, each its own --results, share the work)")
+    p.add_argument("--results", nargs="+", default=["head_table.json"],
+                   help="the per-split results, kept between runs (the first is written; all are read)")
     p.add_argument("--label", default="", help="appended to fit-head candidates' names (e.g. another checkout's)")
     p.add_argument("--timing-rows", type=int, nargs="*", default=[], help="also time the default fit (800 25000)")
     a = p.parse_args()
@@ -323,18 +334,18 @@ def main() -> None:
 
     set_quiet(True)
     candidates = [parse_candidate(c) for c in a.candidates]
-    results = Path(a.results)
-    store = json.loads(results.read_text()) if results.exists() else {}
+    results = Path(a.results[0])
+    store = {k: v for f in map(Path, reversed(a.results)) if f.exists() for k, v in json.loads(f.read_text()).items()}
     save = lambda: results.write_text(json.dumps(store, indent=1))  # noqa: E731
     made = caches(a)
     for name, paths in made.items():
-        run_proxy(name, paths, candidates, a.splits, store, save, a.label)
+        run_proxy(name, paths, candidates, a.splits, store, save, a.label, a.first_split)
     print(markdown(summary({k: v for k, v in store.items() if k.split("|")[0] in made})))
     if a.timing_rows:
-        print("\n| rows | default fit s | peak RSS MB |\n|---|---|---|")
+        print("\n| rows | default fit s | CPU s | peak RSS MB |\n|---|---|---|---|")
         for n in a.timing_rows:
             t = timing(made["catsdogs"][0], n)
-            print(f"| {n} | {t['seconds']:.1f} | {t['peak_rss_mb']:.0f} |", flush=True)
+            print(f"| {n} | {t['seconds']:.1f} | {t['cpu_seconds']:.1f} | {t['peak_rss_mb']:.0f} |", flush=True)
     print(f"\n(CPU: {resource.getrusage(resource.RUSAGE_SELF).ru_utime:.0f} s of user time in this process)")
 
 

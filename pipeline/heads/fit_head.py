@@ -37,7 +37,7 @@ from ..files import atomic_write, check_output
 from ..progress import is_quiet
 from ..runs.run_folders import finish_run, new_run_dir
 from .cache_views import CacheRows, CacheViews, evaluate_head
-from .calibration import before_after, calibration_metrics, fit_temperature, out_of_fold_log_proba, with_temperature
+from .calibration import before_after, calibration_metrics, fit_temperature, with_temperature
 from .epoch_loop import per_class_accuracy, split_indices, validate_training
 from .feature_views import NORMS, VIEWS, check_view
 from .linear_trainer import train_linear
@@ -48,6 +48,7 @@ from .model_selection import (
     expand_grid,
     fit_setting,
     format_table,
+    out_of_fold_log_proba,
     setting_key,
     stacked_row,
     tune,

@@ -165,7 +165,8 @@ def fit_setting(X, y: np.ndarray, setting: dict, in_shape=None, n_classes: Optio
     ``X``: raw (N, C, H, W) maps, or a mapping {view: rows} such as ``CacheViews`` (then ``in_shape``
     comes from its ``feature_shape`` or must be given). A torch head holds out a stratified 1/8 of
     the rows for early stopping; an SVM fits on a seeded stratified sample of ``GRAM_ROWS`` rows when
-    there are more (its time grows with the square of the rows; a stack's logistic regression sees all). The head is float64 for scikit-learn kinds, float32 for torch.
+    there are more (its time grows with the square of the rows; a stack's logistic regression sees all).
+    The head is float64 for scikit-learn kinds, float32 for torch.
     """
     s = complete_setting(setting)
     rows, in_shape = _rows_for(X, in_shape)
@@ -208,6 +209,26 @@ def fit_setting(X, y: np.ndarray, setting: dict, in_shape=None, n_classes: Optio
             raise ValueError(f"the training rows hold {head.n_classes} of the {n_classes} classes")
     info.update(setting=s, key=setting_key(s), fit_seconds=time.time() - t0, rows=len(y))
     return head, info
+
+
+def out_of_fold_log_proba(rows: Mapping, labels: np.ndarray, setting: dict, n_classes: int, in_shape,
+                          folds: int = 5, seed: int = 0) -> np.ndarray:
+    """Log-probabilities of every row from a head of ``setting`` fitted without it (k-fold): held-out
+    predictions of the training rows, to fit the temperature on many more rows than the validation split.
+    ``rows``: {view: (N, d) rows}, as ``CacheViews``; ``in_shape``: the cached maps' shape. Empty when a
+    class has fewer than 2 rows."""
+    labels = np.asarray(labels, np.int64)
+    folds = min(folds, int(np.bincount(labels, minlength=n_classes).min()))
+    view = setting["view"]
+    x = rows[view]
+    out = np.zeros((len(labels), n_classes))
+    if folds < 2:
+        return out[:0]
+    for tr, te in StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, labels):
+        head, _ = fit_setting({view: x[tr]}, labels[tr], setting, in_shape=tuple(in_shape),
+                              n_classes=n_classes, seed=seed)
+        out[te] = head.log_proba_of_rows(x[te])
+    return out
 
 
 # -- cross-validated choice ------------------------------------------------------------------------
