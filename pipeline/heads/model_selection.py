@@ -13,6 +13,7 @@ from sklearn.model_selection import StratifiedKFold, train_test_split
 from threadpoolctl import threadpool_limits
 
 from ..progress import quiet
+from .calibration import fit_stack_weights, fit_temperature, log_softmax, with_temperature
 from .feature_views import (
     VIEWS,
     Normalizer,
@@ -22,7 +23,6 @@ from .feature_views import (
     check_view,
 )
 from .linear_trainer import train_linear
-from .calibration import fit_stack_weights, fit_temperature, log_softmax, with_temperature
 from .probe_heads import from_kernel, from_logreg, from_stack, from_svm
 from .sklearn_fits import (
     GRAM_ROWS,
