@@ -1,153 +1,273 @@
 #!/usr/bin/env python
-"""The README's head table: fit-head settings against plain scikit-learn recipes, on four proxies of photos
-the heads never saw, and the default head's fit time and memory at 800 and 25,000 rows.
+"""The README's head table: fit-head's defaults against the plain scikit-learn recipes, on many paired splits
+of six proxies, and the default head's fit time and memory at 800 and 25,000 rows.
 
-Proxies (../shared/data): catsdogs -> catsdogs_test, caltech20/train -> caltech20/test,
-scenes6/train -> scenes6/test (a test folder each), and dogbreeds20 (270 photos, 20 breeds: --splits
-seeded stratified 80/20 splits, mean accuracy on the held-out 20 %). fit-head holds out its validation split
-(--val-fraction, 12.5 %) and trains on the rest; the references train on every training row.
+One test folder of 300 photos cannot resolve one point (three photos), so each proxy's training and test
+photos are pooled and split again, ``--splits`` times (stratified, seeded, of the original sizes: the test
+part as large as the test folder; dogbreeds20, which has none, 80/20), and every candidate is scored on the
+same splits. The table gives each candidate's mean test accuracy and its mean *paired* difference to the
+best plain recipe (the one with the higher mean) with the standard error of that mean (std / sqrt(splits)).
 
-References, on plain caches (one view of each photo): each 512x7x7 map average-pooled (avg) or average- and
-max-pooled (avgmax), l2-normalised, then GridSearchCV(SVC(kernel="rbf"), C in [1, 10, 100], cv=5) or
-GridSearchCV(LogisticRegression, C in [0.1 ... 1000], cv=5). For the proxies named after --flip, fit-head
-runs on a flip cache (extract --flip) and the references on both; the table in docs/heads.md flips the two
-proxies with at most 50 photos per class:
+Proxies (``--data``): catsdogs + catsdogs_test, caltech20, scenes6, food10, signdigits10 (train/ + test/
+pooled) and dogbreeds20. Rows are read from the caches (so a split costs no extraction): plain caches, one
+view of each photo, made by the project's extract (``--backbone``, ``--weights``, n=0, --no-flip) into
+``--cache-dir`` or found there, or named with ``--cache proxy=TRAIN.h5[,TEST.h5]`` (another backbone's caches).
 
-    python bench/head_table.py --data ../shared/data --weights ../shared/weights/vgg16_features_imagenet.pt \
-        --flip caltech20 dogbreeds20
+Candidates (``--candidates``; each fits on the split's training rows and predicts its test rows):
+  svc       the plain recipe: avg-pooled l2 rows, GridSearchCV(SVC(), {"C": [0.1, 1, 10, 100]}, cv=5)
+  logreg    GridSearchCV(LogisticRegression(max_iter=2000), {"C": [0.1, 1, 10, 100, 1000]}, cv=5), same rows
+  defaults  fit-head as the README runs it (FitHeadConfig() on the training rows: its validation split and all)
+  tune      the same with --tune
+  others    any ``name=option:value,...`` of FitHeadConfig (e.g. ``kernel=head:kernel``)
 
-Caches are made with the project's extract (n=0) into --cache-dir, or found there (a cache hit);
---flip [PROXY ...] makes those proxies' caches (all of them with --flip alone) with extract --flip (each map the
-mean of the photo's and its mirror image's) instead of extract's default (off).
+    python bench/head_table.py                        # every proxy, 20 splits, the default candidates
+    python bench/head_table.py --only scenes6 --candidates svc logreg defaults --splits 30
+    python bench/head_table.py --pipeline-root /work/main --label before   # an older checkout's defaults
+
+Each (proxy, candidate, split)'s predictions are kept in ``--results`` (JSON), so a rerun computes only
+what is missing and a candidate added later is paired with the same splits.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(os.environ.get("HEAD_TABLE_PIPELINE") or Path(__file__).resolve().parents[1])
+sys.path.insert(0, str(ROOT))
 
-PROXIES = {  # name: (train folder, test folder or None for cross-validation)
+PROXIES = {  # name: (train folder, test folder or None: 80/20 splits)
     "catsdogs": ("catsdogs", "catsdogs_test"),
     "caltech20": ("caltech20/train", "caltech20/test"),
     "scenes6": ("scenes6/train", "scenes6/test"),
     "dogbreeds20": ("dogbreeds20", None),
+    "food10": ("food10/train", "food10/test"),
+    "signdigits10": ("signdigits10/train", "signdigits10/test"),
 }
-SETTINGS = [  # (name, fit-head options)
-    ("fit-head defaults (auto: exact RBF kernel head, C and gamma by 5-fold CV)", {}),
-    ("fit-head --tune (every kind and view, 5-fold CV)", {"tune": True}),
-    ("fit-head --head linear (the previous default)", {"head": "linear"}),
-    ("fit-head --head logreg (C=100)", {"head": "logreg"}),
-    ("fit-head --head kernel (C=100, gamma=scale)", {"head": "kernel"}),
-]
-SPLITS = 20  # dogbreeds20: seeded 80/20 splits (20: the standard error of a mean difference is about 0.4 points)
+SPLITS = 20  # paired splits per proxy: the standard error of a mean difference is about 0.2-0.4 points
+HOLDOUT = 0.2  # a proxy without a test folder: its held-out share
+RECIPES = {  # the plain scikit-learn recipes: (estimator, grid of C), on avg-pooled l2 rows, 5-fold CV
+    "svc": ("SVC-RBF", [0.1, 1, 10, 100]),
+    "logreg": ("LogisticRegression", [0.1, 1, 10, 100, 1000]),
+}
+FIT_HEAD = {"defaults": {}, "tune": {"tune": True}}
 
 
-def flipped(args) -> set:
-    """The proxies --flip names (every proxy for --flip alone, none without it)."""
-    return set(PROXIES) if args.flip == [] else set(args.flip or ())
+# -- the caches --------------------------------------------------------------------------------------------
+def found_caches(args) -> dict:
+    """{data folder: the newest complete plain cache of it in --cache-dir} of --backbone (any, if not given)
+    and --weights' file: caches made already, at any precision, are used as they are."""
+    from pipeline.cache.feature_cache import list_caches
+
+    good, _ = list_caches(args.cache_dir) if Path(args.cache_dir).is_dir() else ([], [])
+    out: dict = {}
+    for info in good:  # newest first
+        made = json.loads(info.attrs.get("config", "{}"))
+        if (made.get("flip") or made.get("n") not in (0, None) or made.get("pool") not in (None, "none")
+                or (getattr(args, "backbone", None) and info.attrs["backbone"] != args.backbone)
+                or Path(args.weights).name not in str(info.attrs.get("weights", ""))):
+            continue
+        out.setdefault(str(Path(info.attrs["data_root"]).resolve()), info)
+    return out
 
 
-def caches(args, flip=None) -> dict:
-    """proxy -> [training cache, test cache (if any)], made by the project's extract (n=0) or found in
-    --cache-dir; ``flip`` None: on for the proxies --flip names (``flipped``), else ``flip`` for all."""
+def caches(args, flip=False) -> dict:
+    """proxy -> [training cache, test cache (if any)]: ``--cache``'s, plain caches found in --cache-dir (a
+    training and test cache made at the same precision), or made by the project's extract (n=0): the test
+    folder with its training cache's network (precision, int8 calibration)."""
     from pipeline.config import ExtractConfig
     from pipeline.extraction.extract import extract
 
+    named = dict(getattr(args, "cache", None) or [])
+    found = found_caches(args) if not flip else {}
     out = {}
     for name, (train, test) in PROXIES.items():
         if args.only and name not in args.only:
             continue
-        kw = {"n": 0, "weights": args.weights, "cache_dir": args.cache_dir,
-              "flip": name in flipped(args) if flip is None else flip}
+        if name in named:
+            out[name] = named[name]
+            continue
+        have = [found.get(str((Path(args.data) / f).resolve())) for f in (train, test) if f]
+        if all(have) and len({json.loads(i.attrs["config"]).get("precision") for i in have}) == 1:
+            out[name] = [str(i.path) for i in have]
+            continue
+        kw = {"n": 0, "weights": args.weights, "cache_dir": args.cache_dir, "flip": flip,
+              **({"backbone": args.backbone} if getattr(args, "backbone", None) else {})}
         first = extract(ExtractConfig(data=str(Path(args.data) / train), precision=args.precision, **kw))
         out[name] = [first["cache"]]
-        if test:  # the training cache's network: its precision, flip, and for int8 its calibration photos
-            same = {"precision": first["precision"], "flip": first["flip"],
+        if test:
+            same = {"precision": first["precision"],
                     **({"calib_data": str(Path(args.data) / train)} if first["precision"] == "int8" else {})}
             out[name].append(extract(ExtractConfig(data=str(Path(args.data) / test), **{**kw, **same}))["cache"])
     return out
 
 
-def recipe_scores(a, ya, b, yb) -> dict:
-    """Each plain scikit-learn recipe (SVC-RBF or LogisticRegression, 5-fold CV on C) fitted on (a, ya) and
-    scored on (b, yb): {kind: {acc, seconds, choice}}."""
+def pooled_maps(paths: list) -> tuple:
+    """(maps (N, C, H, W) float16, labels, classes, rows of the training cache) of the caches pooled."""
+    from pipeline.cache.feature_cache import FeatureCache
+
+    maps, labels, classes = [], [], None
+    for p in paths:
+        with FeatureCache(p) as c:
+            if classes is not None and list(c.classes) != classes:
+                raise SystemExit(f"{p}: classes {list(c.classes)} differ from the training cache's {classes}")
+            classes = list(c.classes)
+            maps.append(np.concatenate([b[sel] for _, b, sel in c.iter_blocks(np.arange(c.n), 512)]))
+            labels.append(np.asarray(c.labels, np.int64))
+    return np.concatenate(maps), np.concatenate(labels), classes, len(labels[0])
+
+
+def paired_splits(labels: np.ndarray, n_test: int, count: int, seed: int = 0) -> list:
+    """``count`` seeded stratified (train, test) index splits with ``n_test`` test rows (a share when < 1)."""
+    from sklearn.model_selection import StratifiedShuffleSplit
+
+    sss = StratifiedShuffleSplit(n_splits=count, test_size=n_test, random_state=seed)
+    return [(np.sort(a), np.sort(b)) for a, b in sss.split(np.zeros(len(labels)), labels)]
+
+
+# -- the candidates ------------------------------------------------------------------------------------------
+def l2_avg(maps: np.ndarray) -> np.ndarray:
+    from pipeline.heads.feature_views import Normalizer, apply_view
+
+    return Normalizer("l2").transform(apply_view(maps, "avg").astype(np.float64))
+
+
+def recipe_predict(kind: str, a, ya, b) -> np.ndarray:
+    """A plain recipe (RECIPES[kind]) fitted on rows ``a`` (C by 5-fold CV), predicting rows ``b``."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import GridSearchCV
     from sklearn.svm import SVC
 
+    est, grid = RECIPES[kind]
+    est = SVC() if est == "SVC-RBF" else LogisticRegression(max_iter=2000)
+    return GridSearchCV(est, {"C": grid}, cv=5, n_jobs=1).fit(a, ya).predict(b)
+
+
+def recipe_scores(a, ya, b, yb) -> dict:
+    """Each plain recipe fitted on (a, ya) and scored on (b, yb): {name: {acc, seconds}} (view_screen's)."""
     out = {}
-    for kind, est, grid in (("SVC-RBF", SVC(kernel="rbf"), {"C": [1, 10, 100]}),
-                            ("LogisticRegression", LogisticRegression(max_iter=2000), {"C": [0.1, 1, 10, 100, 1000]})):
+    for kind, (est, _) in RECIPES.items():
         t0 = time.time()
-        search = GridSearchCV(est, grid, cv=5, n_jobs=1).fit(a, ya)
-        out[kind] = {"acc": float((search.predict(b) == yb).mean()), "seconds": time.time() - t0,
-                     "choice": search.best_params_}
+        out[f"{est}"] = {"acc": float((recipe_predict(kind, a, ya, b) == yb).mean()), "seconds": time.time() - t0}
     return out
 
 
-def reference_rows(x_tr, y_tr, x_te, y_te) -> dict:
-    """The recipes on the avg and avgmax rows (x_tr, x_te: (avg, avgmax) each), trained on x_tr, scored on x_te."""
-    return {f"sklearn {kind}, {view}, 5-fold CV on C": r
-            for view, a, b in (("avg", x_tr[0], x_te[0]), ("avgmax", x_tr[1], x_te[1]))
-            for kind, r in recipe_scores(a, y_tr, b, y_te).items()}
+def fit_head_predict(options: dict, maps, labels, classes, tr, te) -> tuple:
+    """fit-head with ``options`` on rows ``tr`` (its own validation split taken from them, as on a cache),
+    predicting rows ``te``: (predicted labels, what it chose)."""
+    import torch
 
-
-def pooled(cache, rows) -> tuple:
-    from pipeline.heads.cache_views import CacheViews
-    from pipeline.heads.feature_views import Normalizer
-
-    v = CacheViews(cache, rows)
-    return tuple(Normalizer("l2").transform(v[view]) for view in ("avg", "avgmax")), v.labels
-
-
-def reference_table(name: str, paths: list, splits: int, label: str = "") -> list[dict]:
-    """The scikit-learn reference rows on ``paths`` (a test cache, or ``splits`` seeded 80/20 splits)."""
-    from pipeline.cache.feature_cache import FeatureCache
+    from pipeline.config import FitHeadConfig
+    from pipeline.heads.cache_views import FeatureArray
     from pipeline.heads.epoch_loop import split_indices
+    from pipeline.heads.fit_head import fit_on_rows
 
-    with FeatureCache(paths[0]) as c:
-        if len(paths) == 2:
-            with FeatureCache(paths[1]) as t:
-                (xa, ya), (xb, yb) = pooled(c, np.arange(c.n)), pooled(t, np.arange(t.n))
-            refs = [reference_rows(xa, ya, xb, yb)]
-        else:
-            refs = []
-            for seed in range(splits):
-                tr, te = split_indices(c.labels, 0.2, seed)
-                (xa, ya), (xb, yb) = pooled(c, tr), pooled(c, te)
-                refs.append(reference_rows(xa, ya, xb, yb))
-    return [{"proxy": name, "setting": key + label, "acc": float(np.mean(accs)), "acc_std": float(np.std(accs)),
-             "seconds": float(np.mean([r[key]["seconds"] for r in refs])), "choice": [r[key]["choice"] for r in refs]}
-            for key in refs[0] for accs in [[r[key]["acc"] for r in refs]]]
+    rows = FeatureArray(maps[tr], labels[tr], classes)
+    cfg = FitHeadConfig(**options)
+    train_idx, val_idx = split_indices(rows.labels, cfg.val_fraction, cfg.seed)
+    fit = fit_on_rows(cfg, rows, train_idx, val_idx, "cpu")
+    with torch.no_grad():
+        logp = fit.head.cpu().eval()(torch.from_numpy(np.asarray(maps[te], np.float32)))
+    return logp.argmax(1).numpy(), (fit.tuning or {}).get("choice")
 
 
-def proxy_table(name: str, paths: list, runs: str, splits: int) -> list[dict]:
-    """fit-head's settings on ``paths``: test accuracy on the test cache, or the mean over ``splits`` seeded
-    80/20 splits (fit-head's validation split is the held-out 20 %)."""
-    from pipeline.heads.fit_head import FitHeadConfig, fit_head
+def parse_candidate(text: str) -> tuple:
+    """'name' (a recipe or FIT_HEAD's) or 'name=option:value,...' -> (name, kind, fit-head options)."""
+    name, _, opts = text.partition("=")
+    if not opts:
+        if name in RECIPES:
+            return name, "recipe", None
+        if name in FIT_HEAD:
+            return name, "fit-head", FIT_HEAD[name]
+        raise SystemExit(f"unknown candidate {name!r}: {', '.join([*RECIPES, *FIT_HEAD])} or name=option:value,...")
+    parsed = {}
+    for pair in opts.split(","):
+        k, _, v = pair.partition(":")
+        try:
+            parsed[k] = json.loads(v)
+        except ValueError:
+            parsed[k] = v
+    return name, "fit-head", parsed
 
-    rows = []
-    for label, opts in SETTINGS:
-        t0 = time.time()
-        if len(paths) == 2:
-            r = fit_head(FitHeadConfig(cache=paths[0], test_cache=paths[1], runs_dir=runs, **opts))
-            accs, choices = [r["test_acc"]], [(r["tuning"] or {}).get("choice")]
-        else:
-            rs = [fit_head(FitHeadConfig(cache=paths[0], val_fraction=0.2, seed=s, runs_dir=runs, **opts))
-                  for s in range(splits)]
-            accs, choices = [x["val_acc"] for x in rs], [(x["tuning"] or {}).get("choice") for x in rs]
-        rows.append({"proxy": name, "setting": label, "acc": float(np.mean(accs)), "acc_std": float(np.std(accs)),
-                     "seconds": (time.time() - t0) / len(accs), "choice": choices})
-    return rows
+
+# -- the table -----------------------------------------------------------------------------------------------
+def run_proxy(name: str, paths: list, candidates: list, splits: int, store: dict, save, label: str,
+              first: int = 0) -> None:
+    """Every candidate's test predictions on splits ``first`` ... ``splits`` - 1 of ``name`` not in ``store`` yet
+    (saved as they come)."""
+    maps, labels, classes, n_train = pooled_maps(paths)
+    n_test = len(labels) - n_train if len(paths) == 2 else HOLDOUT
+    av = None
+    for i, (tr, te) in enumerate(paired_splits(labels, n_test, splits)):
+        if i < first:
+            continue
+        for cand, kind, opts in candidates:
+            key = f"{name}|{cand}{label if kind == 'fit-head' else ''}|{i}"
+            if key in store:
+                continue
+            t0 = time.time()
+            if kind == "recipe":
+                av = l2_avg(maps) if av is None else av
+                pred, choice = recipe_predict(cand, av[tr], labels[tr], av[te]), None
+            else:
+                pred, choice = fit_head_predict(opts, maps, labels, classes, tr, te)
+            store[key] = {"acc": float((pred == labels[te]).mean()), "rows": int(len(te)),
+                          "seconds": time.time() - t0, "choice": choice}
+            print(f"{key}: {store[key]['acc']:.4f} ({store[key]['seconds']:.1f} s, {choice})", file=sys.stderr,
+                  flush=True)
+            save()
+
+
+def summary(store: dict) -> dict:
+    """{proxy: {candidate: {acc, splits, vs: {recipe: (mean paired difference, its standard error)}, best_recipe}}}
+    over the splits every candidate of the proxy has; the best recipe is the one with the higher mean."""
+    by: dict = {}
+    for key, r in store.items():
+        proxy, cand, split = key.rsplit("|", 2)
+        by.setdefault(proxy, {}).setdefault(cand, {})[int(split)] = r["acc"]
+    out = {}
+    for proxy, cands in by.items():
+        recipes = [c for c in RECIPES if c in cands]
+        if not recipes:
+            continue
+        common = sorted(set.intersection(*(set(a) for a in cands.values())))
+        if not common:
+            continue
+        best = max(recipes, key=lambda r: np.mean([cands[r][s] for s in common]))
+        for cand, accs in cands.items():
+            vs = {}
+            for r in recipes:
+                d = np.array([accs[s] - cands[r][s] for s in common])
+                vs[r] = (float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan"))
+            out.setdefault(proxy, {})[cand] = {"acc": float(np.mean([accs[s] for s in common])), "vs": vs,
+                                               "splits": len(common), "best_recipe": best}
+    return out
+
+
+def markdown(table: dict) -> str:
+    """One row per candidate, one column per proxy: mean accuracy, then the paired differences to each recipe
+    in points +- their standard errors."""
+    proxies = list(table)
+    cands = list(dict.fromkeys(c for p in proxies for c in table[p]))
+    head = "| candidate | " + " | ".join(f"{p} ({next(iter(table[p].values()))['splits']} splits)" for p in proxies)
+    lines = [head + " |", "|---" * (len(proxies) + 1) + "|"]
+    for c in cands:
+        cells = []
+        for p in proxies:
+            r = table[p].get(c)
+            diffs = ", ".join(f"{100 * m:+.2f} ± {100 * se:.2f} vs {k}" for k, (m, se) in (r or {}).get("vs", {}).items()
+                              if k != c)
+            cells.append("" if r is None else f"{r['acc']:.4f}" + (f" ({diffs})" if diffs else ""))
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + ("\n\n(mean test accuracy over the paired splits; in brackets the mean paired "
+                               "difference to each plain recipe, in points, ± its standard error)")
 
 
 TIMING = """
@@ -163,9 +283,9 @@ rng = np.random.default_rng(0)
 pick = rng.integers(0, len(base), {rows})
 x = base[pick] + rng.normal(0, 0.3, (len(pick), base.shape[1])).astype(np.float32) * base.std(0)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-t0 = time.time()
+t0, c0 = time.time(), time.process_time()
 head = pipeline.Head().fit(x, labels[pick])
-print(json.dumps({{"rows": {rows}, "seconds": time.time() - t0,
+print(json.dumps({{"rows": {rows}, "seconds": time.time() - t0, "cpu_seconds": time.process_time() - c0,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "rss_before_mb": before / 1024, "val_acc": head.metrics_["val_acc"]}}))
 """
@@ -174,56 +294,59 @@ print(json.dumps({{"rows": {rows}, "seconds": time.time() - t0,
 def timing(cache: str, rows: int) -> dict:
     """The default head's fit on ``rows`` synthetic 512-d rows (real catsdogs rows plus noise), in a fresh
     process so its peak memory is its own."""
-    code = TIMING.format(root=str(Path(__file__).resolve().parents[1]), cache=cache, rows=rows)
+    code = TIMING.format(root=str(ROOT), cache=cache, rows=rows)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def named_cache(text: str) -> tuple:
+    name, _, files = text.partition("=")
+    if name not in PROXIES or not files:
+        raise argparse.ArgumentTypeError(f"--cache takes proxy=TRAIN.h5[,TEST.h5] with a proxy of {', '.join(PROXIES)}")
+    return name, files.split(",")
 
 
 def cache_arguments(p: argparse.ArgumentParser) -> None:
     """The options ``caches`` reads, for every script that makes or finds the proxies' caches."""
     p.add_argument("--data", default="../shared/data", help="folder holding the proxies' folders")
-    p.add_argument("--weights", default="../shared/weights/vgg16_features_imagenet.pt")
+    p.add_argument("--backbone", help="extract's --backbone for the caches (default: extract's)")
+    p.add_argument("--weights", default="../shared/weights/vgg16_features_imagenet.pt", help="extract's --weights")
     p.add_argument("--cache-dir", default="features", help="where the caches are made or found")
+    p.add_argument("--cache", type=named_cache, action="append",
+                   help="proxy=TRAIN.h5[,TEST.h5]: a cache made already (e.g. another backbone's); repeatable")
     p.add_argument("--only", nargs="*", choices=list(PROXIES), help="proxies to run (default: all)")
-    p.add_argument("--flip", nargs="*", choices=list(PROXIES), metavar="PROXY",
-                   help="extract these proxies' caches with --flip (all of them: --flip alone; default: none)")
-    p.add_argument("--precision", default="auto", help="extract's --precision for the caches")
+    p.add_argument("--precision", default="bf16", help="extract's --precision for the caches")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cache_arguments(p)
-    p.add_argument("--timing-rows", type=int, nargs="*", default=[800, 25000])
-    p.add_argument("--splits", type=int, default=SPLITS, help="dogbreeds20: seeded 80/20 splits")
-    p.add_argument("--json", help="also write the rows here")
+    p.add_argument("--candidates", nargs="*", default=["svc", "logreg", "defaults"])
+    p.add_argument("--splits", type=int, default=SPLITS, help="paired splits per proxy")
+    p.add_argument("--first-split", type=int, default=0,
+                   help="start at this split (several processes, each its own --results, share the work)")
+    p.add_argument("--results", nargs="+", default=["head_table.json"],
+                   help="the per-split results, kept between runs (the first is written; all are read)")
+    p.add_argument("--label", default="", help="appended to fit-head candidates' names (e.g. another checkout's)")
+    p.add_argument("--timing-rows", type=int, nargs="*", default=[], help="also time the default fit (800 25000)")
     a = p.parse_args()
     from pipeline.progress import set_quiet
 
     set_quiet(True)
+    candidates = [parse_candidate(c) for c in a.candidates]
+    results = Path(a.results[0])
+    store = {k: v for f in map(Path, reversed(a.results)) if f.exists() for k, v in json.loads(f.read_text()).items()}
+    save = lambda: results.write_text(json.dumps(store, indent=1))  # noqa: E731
     made = caches(a)
-    plain = caches(a, flip=False)  # the references see one view of each photo, as the recipe any user types
-    rows = []
-    print("| proxy | setting | test acc | fit s | chosen |")
-    print("|---|---|---|---|---|")
-    with tempfile.TemporaryDirectory() as runs:
-        for name, paths in made.items():
-            table = reference_table(name, plain[name], a.splits)
-            if paths != plain[name]:  # a flip cache (--flip): the references on it too
-                table += reference_table(name, paths, a.splits, " (on the flip cache)")
-            for r in table + proxy_table(name, paths, runs, a.splits):
-                rows.append(r)
-                std = f" ± {r['acc_std']:.3f}" if r["acc_std"] else ""
-                print(f"| {name} | {r['setting']} | {r['acc']:.4f}{std} | {r['seconds']:.1f} | {r['choice'][0]} |",
-                      flush=True)
-    if "catsdogs" in made:
-        print("\n| rows | default fit s | peak RSS MB |\n|---|---|---|")
+    for name, paths in made.items():
+        run_proxy(name, paths, candidates, a.splits, store, save, a.label, a.first_split)
+    print(markdown(summary({k: v for k, v in store.items() if k.split("|")[0] in made})))
+    if a.timing_rows:
+        print("\n| rows | default fit s | CPU s | peak RSS MB |\n|---|---|---|---|")
         for n in a.timing_rows:
             t = timing(made["catsdogs"][0], n)
-            rows.append({"timing": t})
-            print(f"| {n} | {t['seconds']:.1f} | {t['peak_rss_mb']:.0f} |", flush=True)
+            print(f"| {n} | {t['seconds']:.1f} | {t['cpu_seconds']:.1f} | {t['peak_rss_mb']:.0f} |", flush=True)
     print(f"\n(CPU: {resource.getrusage(resource.RUSAGE_SELF).ru_utime:.0f} s of user time in this process)")
-    if a.json:
-        Path(a.json).write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":

@@ -384,14 +384,17 @@ def split_options(fn):
                    "same photos from other backbones), one head on their fused features.")
 @split_options
 @click.option("--head", type=click.Choice(HEADS),
-              help="linear: Adam with early stopping; logreg: scikit-learn LogisticRegression; kernel: an RBF "
-                   "(Nystroem) map + logreg. Each is saved as the same Linear + LogSoftmax checkpoint.")
-@click.option("--C", "C", type=FINITE, help="logreg, kernel: inverse regularisation strength.")
-@click.option("--gamma", help="kernel: RBF width, a number, 'scale' or 'G*scale'.")
+              help="auto: the exact RBF SVM or logistic regression, kind and C by k-fold CV; linear: Adam with "
+                   "early stopping; logreg: scikit-learn LogisticRegression; kernel: an RBF (Nystroem) map + logreg; "
+                   "svm: the exact RBF SVM (one-vs-rest). Each is saved as the same Linear + LogSoftmax checkpoint.")
+@click.option("--C", "C", type=FINITE, help="logreg, kernel, svm: inverse regularisation strength.")
+@click.option("--gamma", help="kernel, svm: RBF width, a number, 'scale' or 'G*scale'.")
 @click.option("--kernel-components", type=int, help="kernel: Nystroem landmarks.")
 @click.option("--tune", is_flag=True, help="Choose head kind, view, normalisation and C by stratified k-fold CV "
               "on the training rows (a table on stderr), then refit the winner.")
-@click.option("--folds", type=int, help="--tune: folds.")
+@click.option("--folds", type=int, help="auto, --tune: folds.")
+@click.option("--refit/--no-refit", default=None, help="auto, --tune: once validated, fit the chosen setting again on "
+              "every row, the validation rows included.")
 @head_options
 @trust_options(CALIBRATIONS)
 @json_option

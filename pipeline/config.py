@@ -21,7 +21,7 @@ COMPILE = ("auto", "on", "off")
 VIEWS = ("flat", "avg", "max", "avgmax")
 NORMS = ("none", "rms", "l2", "standardize")
 POOLED_VIEWS = ("avg", "flat")  # what a (C, 1, 1) cache allows
-HEADS = ("auto", "linear", "logreg", "kernel")
+HEADS = ("auto", "linear", "logreg", "kernel", "svm")
 RECIPES = ("default", "seed")
 FORMATS = ("table", "csv", "json")
 EXPORT_FORMATS = ("onnx", "torchscript")  # export --format
@@ -104,15 +104,15 @@ class FitHeadConfig:
     # cache file; None = the newest complete cache in cache_dir; a list of caches of the same photos: fused features
     cache: Optional[str] = None
     cache_dir: str = "features"  # where to look for the newest cache (and where --test-data's cache goes)
-    head: str = "auto"  # auto (RBF kernel head, C and gamma by CV), linear (Adam), logreg, kernel (given C, gamma)
+    head: str = "auto"  # auto (RBF SVM or logreg, kind and C by CV), linear (Adam), logreg, kernel, svm (given C, gamma)
     features: str = "avg"  # view of the cached map: flat, avg, max, avgmax
     normalize: str = "l2"  # l2 (each row), rms (one scale), standardize (per feature) or none
     epochs: int = 100  # linear: at most this many passes over the training split
     patience: int = 5  # linear: stop after this many epochs without a lower val loss (0 = never); best restored
     lr: float = 0.03  # linear: Adam learning rate (l2-normalised rows: unit scale)
     weight_decay: float = 1e-4  # linear: Adam's L2 penalty
-    C: float = 100.0  # logreg, kernel: inverse regularisation strength
-    gamma: str = "scale"  # kernel: RBF width, a number or 'scale' (1 / (d var)) or 'G*scale'
+    C: float = 100.0  # logreg, kernel, svm: inverse regularisation strength
+    gamma: str = "scale"  # kernel, svm: RBF width, a number or 'scale' (1 / (d var)) or 'G*scale'
     kernel_components: int = 2000  # auto, kernel: landmarks; with fewer training rows all are (the exact kernel)
     batch_size: int = 32  # linear: rows per optimisation step
     val_fraction: float = 0.125  # share of rows held out for validation (stratified; 100 of 800)
@@ -121,6 +121,7 @@ class FitHeadConfig:
     device: str = "auto"  # 'auto' (CUDA if available), 'cpu', 'cuda'
     block_rows: int = 2048  # rows read from disk at once (bounds memory: block_rows x row size)
     tune: bool = False  # a wider search: head kind, view, C and gamma by CV on the training rows
+    refit: bool = True  # auto, --tune: once validated, fit the chosen setting again on every row (val included)
     folds: int = 5  # auto, --tune: stratified cross-validation folds
     test_data: Optional[str] = None  # an ImageFolder of other photos to test on (extracted like the cache)
     test_cache: Optional[str] = None  # or a cache of them, made with the same backbone, weights and preprocessing

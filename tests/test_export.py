@@ -27,7 +27,7 @@ onnx_ok = pytest.importorskip("onnxruntime", reason="the export extra (onnx, onn
 @pytest.fixture(scope="module")
 def heads(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("heads")
-    return {kind: make_tiny_head(root / kind, head=kind) for kind in ("linear", "kernel")}
+    return {kind: make_tiny_head(root / kind, head=kind) for kind in ("linear", "kernel", "svm")}
 
 
 def example_rows(model: Path, photos) -> list[dict]:
@@ -37,7 +37,7 @@ def example_rows(model: Path, photos) -> list[dict]:
     return [json.loads(line) for line in out.stdout.splitlines()]
 
 
-@pytest.mark.parametrize("kind", ["linear", "kernel"])
+@pytest.mark.parametrize("kind", ["linear", "kernel", "svm"])
 def test_an_onnx_export_predicts_as_predict_does(heads, kind, tmp_path):
     head = heads[kind]
     out = tmp_path / f"{kind}.onnx"

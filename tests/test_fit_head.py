@@ -152,7 +152,7 @@ def test_tune_picks_by_cross_validation_and_is_deterministic(cache, tmp_path):
     a = fit_head(FitHeadConfig(cache=cache, tune=True, folds=3, runs_dir=str(tmp_path / "a")))
     b = fit_head(FitHeadConfig(cache=cache, tune=True, folds=3, runs_dir=str(tmp_path / "b")))
     assert a["tuning"]["choice"] == b["tuning"]["choice"] and a["tuning"]["table"] == b["tuning"]["table"]
-    assert {row["key"].split("|")[0] for row in a["tuning"]["table"]} == {"logreg", "kernel", "torch"}
+    assert {row["key"].split("|")[0] for row in a["tuning"]["table"]} == {"logreg", "kernel", "svm", "torch"}
     ckpt = torch.load(a["checkpoint"], weights_only=True)
     assert ckpt["tuning"]["choice"] == a["tuning"]["choice"] and a["cv_acc"] == ckpt["tuning"]["cv_acc"]
 
@@ -211,12 +211,54 @@ def test_a_non_finite_row_is_refused_before_any_checkpoint(tiny_cache, tmp_path,
     ({"log_loss_mean": 0.119, "acc_mean": 0.99}, False),  # log-loss within one standard error
 ])
 def test_tune_keeps_the_default_unless_beaten_on_log_loss_and_accuracy(challenger, wins):
-    from pipeline.heads.fit_head import _auto_grid, _default_unless_beaten
-    from pipeline.heads.model_selection import expand_grid, setting_key
+    from pipeline.heads.model_selection import clearly_better
 
-    cfg = FitHeadConfig(tune=True, kernel_components=2000)
-    default_key = setting_key(expand_grid(_auto_grid(cfg), (512, 7, 7))[0])
-    default = {"key": default_key, "log_loss_mean": 0.12, "log_loss_std": 0.015, "acc_mean": 0.973, "acc_std": 0.011}
-    other = {"key": "logreg|avgmax|l2|C=1000", "log_loss_std": 0.01, "acc_std": 0.01, **challenger}
-    result = {"table": [other, default], "best": other, "folds": 5}
-    assert _default_unless_beaten(cfg, (512, 7, 7), result)["key"] == (other if wins else default)["key"]
+    default = {"log_loss_mean": 0.12, "log_loss_std": 0.015, "acc_mean": 0.973, "acc_std": 0.011}
+    other = {"log_loss_std": 0.01, "acc_std": 0.01, **challenger}
+    assert clearly_better(other, default, folds=5) == wins
+
+
+def test_the_default_head_stacks_svm_and_logreg_chosen_by_cv_and_refits_on_every_row(cache, tmp_path):
+    r = fit_head(FitHeadConfig(cache=cache, folds=3, runs_dir=str(tmp_path / "a")))
+    assert r["tuning"]["choice"].startswith("stack|avg|l2|") and len(r["tuning"]["setting"]["weights"]) == 2
+    assert {row["key"].split("|")[0] for row in r["tuning"]["table"]} == {"svm", "logreg"}
+    assert r["fit_info"]["refit_rows"] == r["train_rows"] + r["val_rows"] == 32  # the validation rows too
+    assert r["calibrated_on"] == "cv+val" and r["calibration_rows"] == r["train_rows"] + r["val_rows"]
+    assert r["val_known_kept"] is None and r["known_rows"] == 32  # the threshold from the rows held out one by one
+    ckpt = torch.load(r["checkpoint"], weights_only=True)
+    head = ProbeHead.from_checkpoint(ckpt["head"], ckpt["state_dict"])
+    assert head.temperature_used == r["temperature"] != 1.0
+    kept = fit_head(FitHeadConfig(cache=cache, folds=3, refit=False, runs_dir=str(tmp_path / "b")))
+    assert "refit_rows" not in kept["fit_info"] and kept["known_rows"] == kept["train_rows"] == 28
+    assert kept["val_acc"] == r["val_acc"] and kept["tuning"]["choice"] == r["tuning"]["choice"]
+
+
+@pytest.mark.parametrize("wider_wins_nested", [True, False])
+def test_tune_keeps_a_wider_choice_only_when_nested_cv_confirms_it(cache, tmp_path, monkeypatch, wider_wins_nested):
+    from pipeline.heads import fit_head as fh
+
+    def challenger(cfg, shape, result):  # the wide search's winner is not one of the default's settings
+        default = fh._default_row(cfg, shape, result)
+        return next(r for r in result["table"] if r["key"] != default["key"] and r["setting"]["head"] != "torch")
+
+    good = {"acc_mean": 1.0, "acc_std": 0.0, "log_loss_mean": 0.01, "log_loss_std": 0.0}
+    bad = {"acc_mean": 0.5, "acc_std": 0.0, "log_loss_mean": 0.7, "log_loss_std": 0.0}
+    monkeypatch.setattr(fh, "_default_unless_beaten", challenger)
+    monkeypatch.setattr(fh, "_nested", lambda *a: {"tune": good, "default": bad} if wider_wins_nested else
+                        {"tune": bad, "default": good})
+    r = fit_head(FitHeadConfig(cache=cache, tune=True, folds=3, runs_dir=str(tmp_path / "runs")))
+    assert (not r["tuning"]["choice"].startswith("stack|")) == wider_wins_nested  # the default's choice: a stack
+    assert r["tuning"]["nested"]["tune"] == (good if wider_wins_nested else bad)
+
+
+def test_nested_cv_scores_both_searches_on_rows_no_choice_saw(cache):
+    from pipeline.heads.cache_views import CacheViews
+    from pipeline.heads.fit_head import _nested, _search_grid
+
+    cfg = FitHeadConfig(tune=True, folds=3)
+    with FeatureCache(cache) as c:
+        rows = CacheViews(c, np.arange(c.n))
+        out = _nested(cfg, rows, ({"head": ["logreg"], "view": ["avg", "avgmax"], "normalize": ["l2"], "C": [1.0]},
+                                  {"head": ["svm"], "view": ["avg"], "normalize": ["l2"], "C": [1.0]}), 2)
+    assert set(out) == {"tune", "default"} and 0.5 <= out["default"]["acc_mean"] <= 1.0
+    assert out["default"]["log_loss_mean"] > 0

@@ -5,6 +5,7 @@ from torch import nn
 
 from pipeline.cache.feature_cache import CacheWriter, FeatureCache
 from pipeline.heads.cache_views import CacheRows, CacheViews, fit_normalizer_stream
+from pipeline.heads.calibration import log_softmax
 from pipeline.heads.feature_views import Normalizer, apply_view
 from pipeline.heads.linear_trainer import train_linear
 from pipeline.heads.model_selection import expand_grid, fit_setting, format_table, tune
@@ -129,6 +130,38 @@ def test_kernel_conversion_reproduces_predict_proba(k, view, norm, gamma):
     with torch.no_grad():
         p = head(torch.from_numpy(x)).exp().numpy()
     np.testing.assert_allclose(p, clf.predict_proba(ny.transform(z.astype(np.float64))), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("k,scheme", [(2, "ovr"), (3, "ovr"), (3, "ovo")])
+def test_svm_conversion_gives_the_svms_scores_and_classes(k, scheme, tmp_path):
+    from sklearn.multiclass import OneVsRestClassifier
+    from sklearn.svm import SVC
+
+    from pipeline.heads.probe_heads import from_svm
+    from pipeline.heads.sklearn_fits import fit_svm
+
+    x, y = maps(45, k)
+    nm = Normalizer("l2")
+    z = nm.transform(apply_view(x, "avg")).astype(np.float64)
+    svm = fit_svm(z, y, C=10, gamma="scale", scheme=scheme)
+    head = from_svm(svm, SHAPE, "avg", nm)
+    assert head.config["kernel_components"] == len(svm.rows) <= len(z)  # the support rows, no K^-1/2
+    with torch.no_grad():
+        logp = head(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(logp, log_softmax(svm.scores(z)), rtol=0, atol=1e-5)  # float32 maps in
+    sk = SVC(C=10, gamma="scale")
+    if k == 2:  # scores [0, f]: f is SVC's decision function
+        np.testing.assert_allclose(svm.scores(z)[:, 1], sk.fit(z, y).decision_function(z), atol=1e-6)
+    elif scheme == "ovr":  # one binary SVM per class: scikit-learn's one-vs-rest
+        np.testing.assert_allclose(svm.scores(z), OneVsRestClassifier(sk).fit(z, y).decision_function(z), atol=1e-6)
+    else:  # SVC's own pairs: the mean margin of each class
+        f = sk.set_params(decision_function_shape="ovo").fit(z, y).decision_function(z)  # pairs (0,1), (0,2), (1,2)
+        np.testing.assert_allclose(svm.scores(z), np.stack([f[:, 0] + f[:, 1], -f[:, 0] + f[:, 2],
+                                                            -f[:, 1] - f[:, 2]], 1) / 2, atol=1e-6)
+    torch.save(head.checkpoint(), tmp_path / "h.pt")
+    back = ProbeHead.from_checkpoint(**torch.load(tmp_path / "h.pt", weights_only=True))
+    with torch.no_grad():
+        np.testing.assert_allclose(back(torch.from_numpy(x)).numpy(), logp, atol=1e-12)
 
 
 def test_gamma_rules():

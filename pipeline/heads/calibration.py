@@ -5,15 +5,13 @@ argmax does not move) but make its confidence honest: T > 1 softens an over-conf
 sharpens a timid one. T is the one number that minimises the negative log-likelihood of held-out rows;
 on a few hundred photos the validation split alone is too small to pin it down (measured on cats-vs-dogs:
 T = 0.35 from 124 validation rows made the test ECE worse), so sklearn heads also use out-of-fold
-predictions of the training rows (``out_of_fold_log_proba``).
+predictions of the training rows (``model_selection.out_of_fold_log_proba``).
 """
 from __future__ import annotations
 
 import math
-from typing import Mapping
 
 import numpy as np
-from sklearn.model_selection import StratifiedKFold
 
 #: the temperatures searched (log-uniformly); beyond them a head is broken, not miscalibrated
 T_BOUNDS = (0.05, 20.0)
@@ -61,6 +59,20 @@ def fit_temperature(logp: np.ndarray, y: np.ndarray, bounds=T_BOUNDS, prior_rows
     return float(math.exp((lo + hi) / 2))
 
 
+def fit_stack_weights(logps: list, y: np.ndarray, bounds=(0.0, 1.0 / T_BOUNDS[0])) -> list[float]:
+    """Non-negative weights w minimising the NLL of softmax(sum_i w_i logps[i]) (held-out log-probabilities
+    of several heads on the same rows): each head's temperature and its share in one; a head that adds
+    nothing gets weight 0. L-BFGS-B from equal weights of 1."""
+    from scipy.optimize import minimize
+
+    logps, y = [np.asarray(lp, np.float64) for lp in logps], np.asarray(y, np.int64)
+    if not len(y):
+        return [1.0] * len(logps)
+    f = lambda w: nll(log_softmax(sum(wi * lp for wi, lp in zip(w, logps))), y)  # noqa: E731
+    res = minimize(f, np.ones(len(logps)), bounds=[bounds] * len(logps), method="L-BFGS-B")
+    return [float(w) for w in res.x]
+
+
 def calibration_metrics(logp: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> dict:
     """Expected calibration error (``bins`` equal-width bins of the top probability, weighted by their
     share of rows), log-loss (mean NLL) and the multi-class Brier score (mean squared error of the
@@ -91,28 +103,6 @@ def reliability_bins(logp: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> d
     return {"edges": np.linspace(0, 1, bins + 1).tolist(), "count": count.tolist(),
             "confidence": [None if c == 0 else float(v) for c, v in zip(count, mean_conf)],
             "accuracy": [None if c == 0 else float(v) for c, v in zip(count, acc)]}
-
-
-def out_of_fold_log_proba(rows: Mapping, labels: np.ndarray, setting: dict, n_classes: int, in_shape,
-                          folds: int = 5, seed: int = 0) -> np.ndarray:
-    """Log-probabilities of every row from a head of ``setting`` fitted without it (k-fold): held-out
-    predictions of the training rows, to fit the temperature on many more rows than the validation split.
-    ``rows``: {view: (N, d) rows}, as ``CacheViews``; ``in_shape``: the cached maps' shape. Empty when a
-    class has fewer than 2 rows."""
-    from .model_selection import fit_setting
-
-    labels = np.asarray(labels, np.int64)
-    folds = min(folds, int(np.bincount(labels, minlength=n_classes).min()))
-    view = setting["view"]
-    x = rows[view]
-    out = np.zeros((len(labels), n_classes))
-    if folds < 2:
-        return out[:0]
-    for tr, te in StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, labels):
-        head, _ = fit_setting({view: x[tr]}, labels[tr], setting, in_shape=tuple(in_shape),
-                              n_classes=n_classes, seed=seed)
-        out[te] = head.log_proba_of_rows(x[te])
-    return out
 
 
 def without_temperature(logp: np.ndarray, t: float) -> np.ndarray:

@@ -20,7 +20,7 @@ from ..errors import UsageError
 from ..runs.ledger import append_run
 from .cache_views import CacheViews
 from .epoch_loop import per_class_accuracy, split_indices, validate_split
-from .fit_head import HEADS, FitHeadConfig, fit_head, resolve_cache, with_recipe
+from .fit_head import FitHeadConfig, fit_head, resolve_cache, with_recipe
 from .feature_views import Normalizer
 from .model_selection import log_loss
 
@@ -92,12 +92,16 @@ def fit_svc(cfg: CompareConfig, cache: FeatureCache, test_cache: Optional[str] =
     return out
 
 
+#: the head kinds compared (the default's SVM is in its stack; ``--head svm`` alone is not a row)
+COMPARED = ("auto", "linear", "logreg", "kernel")
+
+
 def _describe(r: dict, c: dict) -> str:
     """A table name for one fit-head result (``c``: its effective config): kind and the settings that matter."""
     if c["head"] == "auto":
         s = r["tuning"]["setting"]
-        how = (f"C={s['C']:g}, RBF gamma={s['gamma']} by {c['folds']}-fold CV, "
-               f"{min(c['kernel_components'], r['train_rows'])} landmarks")
+        how = (f"RBF SVM C={s['C']:g} x {s['weights'][0]:.2g} + logreg C={s['C_logreg']:g} x {s['weights'][1]:.2g}, "
+               f"by {c['folds']}-fold CV" if s["head"] == "stack" else f"{r['tuning']['choice']} by {c['folds']}-fold CV")
     elif c["head"] == "linear":
         how = f"Adam lr={c['lr']:g}, wd={c['weight_decay']:g}, best epoch {r['best_epoch']} of {len(r['history'])}"
     elif c["head"] == "logreg":
@@ -117,7 +121,7 @@ def compare_sklearn(cfg: CompareConfig) -> dict:
     path, default_cache = resolve_cache(cfg.cache, cfg.cache_dir)
     base = replace(cfg.head or FitHeadConfig(), cache=str(path), val_fraction=cfg.val_fraction, seed=cfg.seed,
                    tune=False)
-    kinds = ("linear",) if base.recipe == "seed" else HEADS
+    kinds = ("linear",) if base.recipe == "seed" else COMPARED
     models, runs, test_cache = [], [], None
     for kind in kinds:
         r = fit_head(replace(base, head=kind))

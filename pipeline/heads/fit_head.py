@@ -37,12 +37,23 @@ from ..files import atomic_write, check_output
 from ..progress import is_quiet
 from ..runs.run_folders import finish_run, new_run_dir
 from .cache_views import CacheRows, CacheViews, evaluate_head
-from .calibration import before_after, calibration_metrics, fit_temperature, out_of_fold_log_proba, with_temperature
+from .calibration import before_after, calibration_metrics, fit_temperature, with_temperature
 from .epoch_loop import per_class_accuracy, split_indices, validate_training
 from .feature_views import NORMS, VIEWS, check_view
 from .fused_views import FusedRows, fused_paths, single_cache
 from .linear_trainer import train_linear
-from .model_selection import AUTO_GRID, TUNE_GRIDS, expand_grid, fit_setting, format_table, setting_key, tune
+from .model_selection import (
+    AUTO_GRID,
+    TUNE_GRIDS,
+    clearly_better,
+    expand_grid,
+    fit_setting,
+    format_table,
+    out_of_fold_log_proba,
+    setting_key,
+    stacked_row,
+    tune,
+)
 from .probe_heads import ProbeHead
 from .unknown_score import fit_unknown, kept_indices, unknown_summary
 
@@ -130,10 +141,12 @@ def _fit_linear(cfg: FitHeadConfig, cache: FeatureCache, train_idx, val_idx, dev
 
 
 def _setting(cfg: FitHeadConfig) -> dict:
-    """fit-head's options as a ``probes`` setting (logreg / kernel)."""
+    """fit-head's options as a ``model_selection`` setting (logreg / kernel / svm)."""
     s = {"head": cfg.head, "view": cfg.features, "normalize": cfg.normalize, "C": cfg.C}
+    if cfg.head in ("kernel", "svm"):
+        s.update(gamma=_gamma(cfg.gamma))
     if cfg.head == "kernel":
-        s.update(gamma=_gamma(cfg.gamma), n_components=cfg.kernel_components)
+        s.update(n_components=cfg.kernel_components)
     return s
 
 
@@ -154,9 +167,10 @@ def _fit_sklearn(cfg: FitHeadConfig, cache: FeatureCache, train_idx, setting: Op
         raise UsageError(str(e)) from None
 
 
-def _auto_grid(cfg: FitHeadConfig) -> dict:
-    """The default head's search: C x gamma of a kernel head on the view and normalisation asked for."""
-    return {**AUTO_GRID, "view": [cfg.features], "normalize": [cfg.normalize], "n_components": [cfg.kernel_components]}
+def _auto_grid(cfg: FitHeadConfig) -> tuple:
+    """The default head's search (AUTO_GRID) on the view and normalisation asked for."""
+    return tuple({**g, "view": [cfg.features], "normalize": [cfg.normalize],
+                  **({"n_components": [cfg.kernel_components]} if g["head"] == ["kernel"] else {})} for g in AUTO_GRID)
 
 
 def _search_grid(cfg: FitHeadConfig):
@@ -178,54 +192,93 @@ def _cv_rows(cfg: FitHeadConfig, labels: np.ndarray, train_idx: np.ndarray) -> n
 
 
 def _default_unless_beaten(cfg: FitHeadConfig, shape, result: dict) -> dict:
-    """--tune's choice: the default head's best setting, unless the best other setting beats it clearly: its
-    CV log-loss lower and its CV accuracy higher, each by more than the standard error of the difference. A
-    wide grid always holds some setting that wins by noise on a few hundred rows (measured: avgmax won
-    5-fold CV on cats-vs-dogs and lost 1 point on its test photos; logistic regression on avgmax won the
-    log-loss on caltech20 by 0.04, tied its accuracy and scored one test photo fewer); the default is the
-    measured best, so a challenger must win on both counts."""
-    default_keys = {setting_key(s) for s in expand_grid(_auto_grid(cfg), shape)}
-    rows = result["table"]
-    defaults = [r for r in rows if r["key"] in default_keys]
-    if not defaults:
-        return result["best"]
-    default = min(defaults, key=lambda r: (r["log_loss_mean"], -r["acc_mean"]))
+    """The default head's choice among ``result``'s rows (a ``tune`` over --tune's grids), unless the wide
+    search's best beats it clearly (``clearly_better``). A wide grid always holds some setting that wins by
+    noise on a few hundred rows (measured: avgmax won 5-fold CV on cats-vs-dogs and lost 1 point on its test
+    photos; logistic regression on avgmax won the log-loss on caltech20 by 0.04, tied its accuracy and scored
+    one test photo fewer), so a challenger must win on both counts."""
+    default = _default_row(cfg, shape, result)
     best = result["best"]
+    return best if default is None or clearly_better(best, default, result["folds"]) else default
 
-    def noise(metric: str) -> float:  # the standard error of the difference of two fold means
-        return math.hypot(best[f"{metric}_std"], default[f"{metric}_std"]) / math.sqrt(result["folds"])
 
-    clearly = (best["log_loss_mean"] + noise("log_loss") < default["log_loss_mean"]
-               and best["acc_mean"] - noise("acc") > default["acc_mean"])
-    return best if clearly else default
+def _default_row(cfg: FitHeadConfig, shape, result: dict) -> Optional[dict]:
+    """The default head's own choice from the rows of a ``tune`` table that are its settings (None: some are
+    missing): the best SVM and the best logistic regression (CV accuracy, then log-loss), stacked."""
+    default_keys = {setting_key(s) for s in expand_grid(_auto_grid(cfg), shape)}
+    rows = [r for r in result["table"] if r["key"] in default_keys]
+    best = {kind: min((r for r in rows if r["setting"]["head"] == kind), key=lambda r: (-r["acc_mean"],
+                                                                                      r["log_loss_mean"]), default=None)
+            for kind in ("svm", "logreg")}
+    return stacked_row(best["svm"], best["logreg"], result) if all(best.values()) else None
+
+
+def _nested(cfg: FitHeadConfig, rows, grid, n_classes: int) -> dict:
+    """--tune's choice made again inside each of ``cfg.folds`` outer folds and scored on the outer fold's rows,
+    beside the default head's own choice made the same way: {"tune": row, "default": row} (acc and calibrated
+    log-loss, mean and std over the outer folds). Choosing among many settings by the same folds that score
+    them flatters the winner; only rows no choice saw say whether the wider search is worth it."""
+    from sklearn.model_selection import StratifiedKFold
+
+    from .calibration import with_temperature
+    from .model_selection import LOG_FLOOR
+
+    shape = rows.feature_shape
+    views = sorted({s["view"] for s in expand_grid(grid, shape)})
+    y = rows.labels
+    out = {"tune": {"acc": [], "ll": []}, "default": {"acc": [], "ll": []}}
+    outer = StratifiedKFold(cfg.folds, shuffle=True, random_state=cfg.seed + 1)
+    for tr, te in outer.split(np.zeros(len(y)), y):
+        part = {v: rows[v][tr] for v in views}
+        inner = tune(part, y[tr], grid, folds=cfg.folds, seed=cfg.seed, in_shape=shape, threads=1, score="accuracy")
+        choices = {"tune": _default_unless_beaten(cfg, shape, inner), "default": _default_row(cfg, shape, inner)}
+        for name, row in choices.items():
+            head, _ = fit_setting(part, y[tr], row["setting"], in_shape=shape, n_classes=n_classes, seed=cfg.seed)
+            logp = with_temperature(head.log_proba_of_rows(rows[row["setting"]["view"]][te]), row["temperature"])
+            out[name]["acc"].append(float((logp.argmax(1) == y[te]).mean()))
+            out[name]["ll"].append(float(-np.log(np.clip(np.exp(logp[np.arange(len(te)), y[te]]), LOG_FLOOR, 1)).mean()))
+    return {name: {"acc_mean": float(np.mean(r["acc"])), "acc_std": float(np.std(r["acc"])),
+                   "log_loss_mean": float(np.mean(r["ll"])), "log_loss_std": float(np.std(r["ll"]))}
+            for name, r in out.items()}
 
 
 def _tune(cfg: FitHeadConfig, cache, train_idx):
     """Stratified k-fold CV on the training rows (over --tune's grids, or the default head's search);
-    the winner refitted on all of them."""
+    the winner refitted on all of them. Returns (head, info, tuning, (the winner's out-of-fold
+    log-probabilities, their labels))."""
     cv_idx = _cv_rows(cfg, cache.labels, train_idx)
     rows = CacheViews(cache, cv_idx, cfg.block_rows)
     try:
-        result = tune(rows, rows.labels, _search_grid(cfg), folds=cfg.folds, seed=cfg.seed, threads=1)
+        result = tune(rows, rows.labels, _search_grid(cfg), folds=cfg.folds, seed=cfg.seed, threads=1,
+                      score="accuracy")
     except ValueError as e:  # too few rows of a class for the folds
         raise UsageError(f"{'--tune' if cfg.tune else '--head auto'}: {e}") from None
-    best = result["best"]
+    best, nested = _default_row(cfg, rows.feature_shape, result), None
     if cfg.tune:
-        best = _default_unless_beaten(cfg, rows.feature_shape, result)
-        result = {**result, "best": best}  # the table marks the choice
+        best, default = _default_unless_beaten(cfg, rows.feature_shape, result), _default_row(cfg, rows.feature_shape, result)
+        if default is not None and best["key"] != default["key"]:
+            nested = _nested(cfg, rows, _search_grid(cfg), len(cache.classes))
+            if not clearly_better(nested["tune"], nested["default"], cfg.folds):
+                best = default
+    result = {**result, "best": best}  # the table marks the choice
     if cfg.tune and not is_quiet():
         print(format_table(result) + "\n(--tune keeps the default head's best setting unless another beats both its "
-              "CV log-loss and its CV accuracy by more than the standard error of the difference)", file=sys.stderr)
+              "CV log-loss and its CV accuracy by more than the standard error of the difference, and the wider "
+              "search, made again inside each outer fold, beats the default's own search on the outer folds' rows "
+              "the same way)" + (f"\nnested CV: --tune {nested['tune']['acc_mean']:.3f} / "
+                                 f"{nested['tune']['log_loss_mean']:.4f}, defaults {nested['default']['acc_mean']:.3f} / "
+                                 f"{nested['default']['log_loss_mean']:.4f} (acc / log-loss)" if nested else ""),
+              file=sys.stderr)
     else:
         log.info("head: %s, chosen by %d-fold CV over %d rows (acc %.3f, log-loss %.4f; %d settings)",
                  best["key"], cfg.folds, len(cv_idx), best["acc_mean"], best["log_loss_mean"], len(result["table"]))
     head, info = _fit_sklearn(cfg, cache, train_idx, best["setting"])
     tuning = {"choice": best["key"], "setting": best["setting"], "cv_acc": best["acc_mean"],
               "cv_acc_std": best["acc_std"], "cv_log_loss": best["log_loss_mean"], "folds": cfg.folds,
-              "cv_rows": int(len(cv_idx)),
+              "cv_rows": int(len(cv_idx)), "nested": nested,
               "table": [{k: r[k] for k in ("key", "acc_mean", "acc_std", "log_loss_mean", "log_loss_std")}
                         for r in result["table"]]}
-    return head, info, tuning
+    return head, info, tuning, (result["oof"][best["key"]], rows.labels)
 
 
 # -- testing on photos the head never saw -----------------------------------------------------------
@@ -286,35 +339,47 @@ def fit_on_rows(cfg: FitHeadConfig, rows, train_idx: np.ndarray, val_idx: np.nda
         except ValueError as e:
             raise UsageError(f"--features: {e}") from None
     t0 = time.time()
-    tuning, history, info = None, [], {}
+    tuning, history, info, oof = None, [], {}, None
     if cfg.tune or cfg.head == "auto":
-        head, info, tuning = _tune(cfg, rows, train_idx)
+        head, info, tuning, oof = _tune(cfg, rows, train_idx)
     elif cfg.head == "linear":
         head, history = _fit_linear(cfg, rows, train_idx, val_idx, device)
     else:
         head, info = _fit_sklearn(cfg, rows, train_idx)
-    fit_seconds = time.time() - t0
     head = head.to(device).eval()
     best_epoch = min(history, key=lambda h: h["val_loss"])["epoch"] if history and cfg.patience else (
         history[-1]["epoch"] if history else None)
     val = scores(head, rows, val_idx, device, cfg.block_rows)  # before calibration: what the fit itself gives
-    trust = {**calibrate(cfg, rows, head, val, train_idx, tuning), **add_unknown(cfg, rows, head, train_idx, val_idx)}
+    calibration = calibrate(cfg, rows, head, val, train_idx, tuning, oof)
+    known_idx, held_out = train_idx, val_idx
+    if tuning and cfg.refit:  # validated: now the same setting on every row, the validation rows included
+        known_idx, held_out = np.union1d(train_idx, val_idx), val_idx[:0]
+        head, info = _fit_sklearn(cfg, rows, known_idx, tuning["setting"])
+        head = head.to(device).eval()
+        if calibration["calibration_rows"]:
+            head.set_temperature(calibration["temperature"])
+        info["refit_rows"] = int(len(known_idx))
+    fit_seconds = time.time() - t0
+    trust = {**calibration, **add_unknown(cfg, rows, head, known_idx, held_out)}
     return FittedHead(head, history, info, tuning, val, best_epoch, fit_seconds, trust)
 
 
 def _oof_setting(cfg: FitHeadConfig, tuning: Optional[dict]) -> Optional[dict]:
     """The scikit-learn setting whose out-of-fold predictions can calibrate the head (None: a torch head)."""
-    setting = tuning["setting"] if tuning else (_setting(cfg) if cfg.head in ("logreg", "kernel") else None)
-    return setting if setting and setting["head"] in ("logreg", "kernel") else None
+    setting = tuning["setting"] if tuning else (_setting(cfg) if cfg.head in ("logreg", "kernel", "svm") else None)
+    return setting if setting and setting["head"] in ("logreg", "kernel", "svm") else None
 
 
-def calibrate(cfg: FitHeadConfig, rows, head: ProbeHead, val: dict, train_idx, tuning) -> dict:
-    """Fit the head's temperature (``--calibrate``) and set it; {temperature, calibration_rows, ...}."""
+def calibrate(cfg: FitHeadConfig, rows, head: ProbeHead, val: dict, train_idx, tuning, oof=None) -> dict:
+    """Fit the head's temperature (``--calibrate``) and set it; {temperature, calibration_rows, ...}.
+    ``oof``: the chosen setting's out-of-fold (log-probabilities, labels) from its cross-validation, if made."""
     if cfg.calibrate == "none":
         return {"temperature": 1.0, "calibration_rows": 0, "calibrated_on": "none"}
     logp, y = val["logp"], val["labels"]
     setting, source = _oof_setting(cfg, tuning), "val"
-    if cfg.calibrate == "cv" and setting is not None:
+    if cfg.calibrate == "cv" and oof is not None and len(oof[1]):
+        logp, y, source = np.concatenate([oof[0], logp]), np.concatenate([oof[1], y]), "cv+val"
+    elif cfg.calibrate == "cv" and setting is not None:
         cv_idx = _cv_rows(cfg, rows.labels, train_idx)
         views = CacheViews(rows, cv_idx, cfg.block_rows)
         oof = out_of_fold_log_proba(views, views.labels, setting, len(rows.classes), rows.feature_shape,
@@ -339,9 +404,11 @@ def add_unknown(cfg: FitHeadConfig, rows, head: ProbeHead, train_idx, val_idx) -
                       CacheViews(rows, val_idx, cfg.block_rows)["avg"], cfg.unknown_k, cfg.known_share)
     head.set_unknown(torch.from_numpy(fit.known), cfg.unknown_k, fit.threshold)
     head.to(head.linear.weight.device)
-    val_kept = float((fit.val_scores <= fit.threshold).mean()) if len(fit.val_scores) else float("nan")
-    log.info("unknown score: %d training rows kept (%.1f MB), k = %d, threshold %.4f keeps %.1f%% of %d val rows",
-             len(fit.known), fit.known.nbytes / 1e6, cfg.unknown_k, fit.threshold, 100 * val_kept, len(fit.val_scores))
+    val_kept = float((fit.val_scores <= fit.threshold).mean()) if len(fit.val_scores) else None
+    log.info("unknown score: %d training rows kept (%.1f MB), k = %d, threshold %.4f (%s)", len(fit.known),
+             fit.known.nbytes / 1e6, cfg.unknown_k, fit.threshold,
+             f"keeps {100 * val_kept:.1f}% of {len(fit.val_scores)} val rows" if len(fit.val_scores) else
+             "from each kept row against the others")
     return {**unknown_summary(fit, cfg.unknown_k, cfg.known_share), "val_known_kept": val_kept}
 
 

@@ -45,7 +45,7 @@ class ProbeHead(nn.Module):
     def __init__(self, in_shape, n_classes: int, view: str = "flat", normalize: str = "none",
                  kernel_components: int = 0, gamma: Optional[float] = None, dropout: float = 0.0,
                  dtype=None, kernel_norm: bool = True, temperature: bool = False, known_rows: int = 0,
-                 unknown_k: int = 10):
+                 unknown_k: int = 10, linear_skip: bool = False):
         super().__init__()
         self.in_shape = tuple(int(s) for s in in_shape)
         check_view(view, self.in_shape)
@@ -76,7 +76,9 @@ class ProbeHead(nn.Module):
             if self.kernel_norm_separate:
                 self.register_buffer("kernel_norm", torch.zeros(m, m, dtype=dtype))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.linear = nn.Linear(self.kernel_components or d, self.n_classes, dtype=dtype)
+        # the normalised rows themselves beside the kernel features (a kernel and a linear model summed: ``from_stack``)
+        self.linear_skip = bool(linear_skip) and self.kernel_components > 0
+        self.linear = nn.Linear(self.kernel_components + d * self.linear_skip or d, self.n_classes, dtype=dtype)
         self.log_softmax = nn.LogSoftmax(dim=1)
         self.unknown_k = int(unknown_k)
         if temperature:
@@ -91,11 +93,12 @@ class ProbeHead(nn.Module):
                 "n_classes": self.n_classes, "view": self.view, "normalize": self.normalize,
                 "kernel": "rbf" if self.kernel_components else None,
                 "kernel_components": self.kernel_components, "gamma": self.gamma, "dropout": self.dropout_p,
-                "kernel_norm": self.kernel_norm_separate, "temperature": self.calibrated,
+                "kernel_norm": self.kernel_norm_separate, "linear_skip": self.linear_skip, "temperature": self.calibrated,
                 "known_rows": len(self.known_rows) if self.has_unknown else 0, "unknown_k": self.unknown_k}
 
     def describe(self) -> str:
-        k = f", RBF Nystroem m={self.kernel_components} gamma={self.gamma:.4g}" if self.kernel_components else ""
+        k = f", RBF m={self.kernel_components} gamma={self.gamma:.4g}" if self.kernel_components else ""
+        k += " + linear" if self.linear_skip else ""
         t = f", T={float(self.temperature):.3g}" if self.calibrated else ""
         u = f", unknown: {len(self.known_rows)} rows k={self.unknown_k}" if self.has_unknown else ""
         return f"ProbeHead(view={self.view}, normalize={self.normalize}{k}, classes={self.n_classes}{t}{u})"
@@ -114,7 +117,7 @@ class ProbeHead(nn.Module):
                    config.get("kernel_components") or 0, config.get("gamma"), config.get("dropout", 0.0),
                    dtype=state_dict["linear.weight"].dtype, kernel_norm=config.get("kernel_norm", True),
                    temperature=bool(config.get("temperature")), known_rows=int(config.get("known_rows") or 0),
-                   unknown_k=int(config.get("unknown_k") or 10))
+                   unknown_k=int(config.get("unknown_k") or 10), linear_skip=bool(config.get("linear_skip")))
         head.load_state_dict(state_dict)
         return head
 
@@ -234,8 +237,14 @@ class ProbeHead(nn.Module):
         """Raw (B, C, H, W) maps -> what the Linear layer sees."""
         if tuple(x.shape[1:]) != self.in_shape:
             raise ValueError(f"this head takes features of shape {self.in_shape}, got {tuple(x.shape[1:])}")
-        z = self.norm(apply_view_torch(x.to(self.linear.weight.dtype), self.view))
-        return self.kernel_map(z) if self.kernel_components else z
+        return self.features(self.norm(apply_view_torch(x.to(self.linear.weight.dtype), self.view)))
+
+    def features(self, z):
+        """Normalised view rows -> what the Linear layer sees: the rows, their kernel features, or both."""
+        if not self.kernel_components:
+            return z
+        k = self.kernel_map(z)
+        return torch.cat([k, z], 1) if self.linear_skip else k
 
     def classify(self, z):
         """Log-probabilities from embedded rows (what ``train_linear`` optimises), at the temperature if set."""
@@ -267,7 +276,7 @@ class ProbeHead(nn.Module):
         """Log-probabilities of (N, d) rows of this head's view (not raw maps), as a float64 array."""
         with torch.no_grad():
             z = self.norm(torch.as_tensor(np.asarray(rows)).to(self.linear.weight.dtype))
-            return self.classify(self.kernel_map(z) if self.kernel_components else z).double().cpu().numpy()
+            return self.classify(self.features(z)).double().cpu().numpy()
 
 
 # -- scikit-learn -> ProbeHead -------------------------------------------------------------------
@@ -325,3 +334,38 @@ def from_kernel(nystroem, clf, in_shape, view: str = "flat", normalizer: Optiona
     return head
 
 
+
+
+def from_svm(expansion, in_shape, view: str = "flat", normalizer: Optional[Normalizer] = None, dtype=None):
+    """A ProbeHead whose scores are an SVM's (``sklearn_fits.fit_svm``'s ``KernelExpansion``, fitted on
+    ``normalizer``-normalised ``view`` rows): its support rows are the kernel stage's landmarks (no
+    K_mm^{-1/2}: the identity), the expansion's coefficients the Linear layer. Its softmax is a probability
+    once a temperature (fitted on out-of-fold scores) scales it."""
+    normalizer = normalizer or Normalizer("none")
+    rows, w = np.asarray(expansion.rows, np.float64), np.asarray(expansion.weight, np.float64)
+    if rows.shape[1] != view_dim(view, in_shape):
+        raise ValueError(f"the SVM was fitted on {rows.shape[1]}-d rows; the {view!r} view of {tuple(in_shape)} "
+                         f"maps is {view_dim(view, in_shape)}-d")
+    head = ProbeHead(in_shape, w.shape[0], view, normalizer.kind, kernel_components=len(rows),
+                     gamma=float(expansion.gamma), dtype=dtype or torch.float64, kernel_norm=False)
+    head.set_normalizer(normalizer)
+    head.set_kernel(rows)
+    head.set_linear(w, np.asarray(expansion.bias, np.float64))
+    return head
+
+
+def from_stack(expansion, svm_weight: float, clf, logreg_weight: float, in_shape, view: str = "flat",
+               normalizer: Optional[Normalizer] = None, dtype=None):
+    """A ProbeHead whose logits are ``svm_weight`` x an SVM's scores + ``logreg_weight`` x a logistic
+    regression's logits (both fitted on the same ``normalizer``-normalised ``view`` rows): one Linear layer
+    over the SVM's kernel features and the rows themselves (``linear_skip``)."""
+    normalizer = normalizer or Normalizer("none")
+    head = from_svm(expansion, in_shape, view, normalizer, dtype)
+    w_lr, b_lr = _logreg_linear(clf)
+    stacked = ProbeHead(in_shape, head.n_classes, view, normalizer.kind, kernel_components=head.kernel_components,
+                        gamma=head.gamma, dtype=head.linear.weight.dtype, kernel_norm=False, linear_skip=True)
+    stacked.set_normalizer(normalizer)
+    stacked.set_kernel(head.landmarks)
+    weight = np.concatenate([svm_weight * np.asarray(expansion.weight, np.float64), logreg_weight * w_lr], 1)
+    stacked.set_linear(weight, svm_weight * np.asarray(expansion.bias, np.float64) + logreg_weight * b_lr)
+    return stacked

@@ -1,19 +1,29 @@
-"""scikit-learn fits on view rows: multinomial logistic regression, and an RBF kernel map in front of it.
+"""scikit-learn fits on view rows: multinomial logistic regression, an RBF kernel map in front of it, and
+the exact RBF support-vector machine.
 
 The kernel map is Nystroem's: on every training row it is the exact kernel machine; on a sample of
-landmark rows, an approximation for training sets too large for an n x n kernel.
+landmark rows, an approximation for training sets too large for an n x n kernel. The SVM's decision
+function is a kernel expansion over its support vectors (``svm_expansion``): a Linear layer over the RBF
+kernel of the stored support rows, which a ``ProbeHead`` holds as its landmarks.
 """
 from __future__ import annotations
 
 import logging
 import warnings
+from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.kernel_approximation import Nystroem
 from sklearn.linear_model import LogisticRegression
+from sklearn.metrics.pairwise import rbf_kernel
+from sklearn.svm import SVC
 
 log = logging.getLogger(__name__)
+
+SVM_SCHEMES = ("ovr", "ovo")  # a class against the rest, or SVC's own pairs
+GRAM_ROWS = 6000  # up to this many rows an SVM's kernel matrix is computed once (6,000: 288 MB of float64)
 
 # -- scikit-learn fits ---------------------------------------------------------------------------
 def fit_logreg(X: np.ndarray, y: np.ndarray, C: float = 1.0, seed: int = 0, max_iter: int = 1000):
@@ -92,3 +102,79 @@ def nystroem_map(X: np.ndarray, gamma="scale", n_components: int = 2000, seed: i
     return Nystroem(kernel="rbf", gamma=g, n_components=m, random_state=seed).fit(np.asarray(X[pick], np.float64))
 
 
+
+
+def svm_gram(X: np.ndarray, gamma) -> np.ndarray:
+    """The RBF kernel matrix of rows X (float64), what ``fit_svm`` reads: computed once for every C and class."""
+    X = np.asarray(X, np.float64)
+    return rbf_kernel(X, X, gamma=resolve_gamma(gamma, X))
+
+
+@dataclass(frozen=True)
+class KernelExpansion:
+    """Class scores ``weight @ exp(-gamma ||x - rows||^2).T + bias`` (an SVM's decision functions)."""
+
+    rows: np.ndarray  # (m, d) support rows
+    weight: np.ndarray  # (K, m)
+    bias: np.ndarray  # (K,)
+    gamma: float
+
+    def scores(self, X: np.ndarray, chunk: int = 4096) -> np.ndarray:
+        X = np.asarray(X, np.float64)
+        return np.concatenate([rbf_kernel(X[i:i + chunk], self.rows, gamma=self.gamma) @ self.weight.T + self.bias
+                               for i in range(0, len(X), chunk)]) if len(X) else np.zeros((0, len(self.bias)))
+
+
+def fit_svm(X: np.ndarray, y: np.ndarray, C: float = 1.0, gamma="scale", scheme: str = "ovr",
+            n_classes: int = 0, gram: Optional[np.ndarray] = None) -> KernelExpansion:
+    """The exact RBF support-vector machine (scikit-learn's SVC, libsvm) on view rows, as the kernel
+    expansion of its class scores; ``gamma`` as ``resolve_gamma`` reads it ('scale' is SVC's own default).
+
+    Binary: scores [0, f(x)], f SVC's decision function (> 0: class 1), so the argmax is SVC's prediction.
+    Several classes, ``scheme`` 'ovr': one binary SVM a class against the rest, its f_k the class's score;
+    'ovo' (SVC's own): the pair (i, j)'s f_ij (> 0: class i) adds f_ij / (K - 1) to class i's score and takes
+    it from j's (SVC counts votes instead: the same class but for near-ties, and no score softmax can use).
+    Deterministic (libsvm draws nothing without probability=True). Up to ``GRAM_ROWS`` rows the kernel
+    matrix is computed once (``gram``: one already computed, as ``svm_gram`` gives) and every binary SVM
+    reads it; beyond, libsvm computes kernel values as it needs them (an n x n matrix would not fit).
+    """
+    if C <= 0:
+        raise ValueError(f"C must be positive, got {C}")
+    if scheme not in SVM_SCHEMES:
+        raise ValueError(f"unknown SVM scheme {scheme!r}; allowed: {', '.join(SVM_SCHEMES)}")
+    X, y = np.asarray(X, np.float64), np.asarray(y, np.int64)
+    k = max(int(n_classes), int(y.max()) + 1)
+    if len(np.unique(y)) != k:
+        raise ValueError(f"the training rows hold {len(np.unique(y))} of the {k} classes; a head needs every class")
+    g = resolve_gamma(gamma, X)
+    if gram is None and len(X) <= GRAM_ROWS:
+        gram = svm_gram(X, g)
+
+    def svc(labels):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            if gram is not None:
+                return SVC(C=C, kernel="precomputed", decision_function_shape="ovo").fit(gram, labels)
+            return SVC(C=C, kernel="rbf", gamma=g, decision_function_shape="ovo", cache_size=500).fit(X, labels)
+
+    if k == 2 or scheme == "ovr":
+        fits = [svc(y)] if k == 2 else [svc((y == c).astype(np.int64)) for c in range(k)]
+        used = np.unique(np.concatenate([f.support_ for f in fits]))
+        w, b = np.zeros((k, len(used))), np.zeros(k)
+        for c, f in zip([1] if k == 2 else range(k), fits):
+            w[c, np.searchsorted(used, f.support_)] = f.dual_coef_[0]
+            b[c] = f.intercept_[0]
+        return KernelExpansion(X[used], w, b, g)
+    clf = svc(y)
+    dual, intercept = np.asarray(clf.dual_coef_, np.float64), np.asarray(clf.intercept_, np.float64)
+    owner = np.repeat(np.arange(k), clf.n_support_)  # each support row's class
+    w, b, pair = np.zeros((k, len(owner))), np.zeros(k), 0
+    for i in range(k):
+        for j in range(i + 1, k):
+            coef = (np.where(owner == i, dual[j - 1], 0.0) + np.where(owner == j, dual[i], 0.0)) / (k - 1)
+            w[i] += coef
+            w[j] -= coef
+            b[i] += intercept[pair] / (k - 1)
+            b[j] -= intercept[pair] / (k - 1)
+            pair += 1
+    return KernelExpansion(X[clf.support_], w, b, g)

@@ -108,7 +108,11 @@ def head_on_cache(model_path: str, ckpt: dict, cfg: EvaluateConfig) -> Predictio
         if cfg.split == "val":
             c = ckpt["config"]
             rows = split_indices(cache.labels, c["val_fraction"], c["seed"])[1]
-            if cache.attrs["fingerprint"] != ckpt["cache_fingerprint"]:
+            if c.get("refit") and ckpt.get("tuning"):
+                log.warning("the head was refitted on every row of its cache, the validation rows included "
+                            "(fit-head --refit): these 'val' rows are rows it saw; fit-head's own val figures "
+                            "came from the fit without them. Use --split all on a held-out cache")
+            elif cache.attrs["fingerprint"] != ckpt["cache_fingerprint"]:
                 log.warning("%s is not the cache the model was trained on: its 'val' rows may include training "
                             "images; use --split all on a held-out cache", path)
         else:

@@ -22,7 +22,7 @@ from sklearn.model_selection import StratifiedKFold
 from threadpoolctl import threadpool_limits
 
 from ..heads.feature_views import Normalizer
-from ..heads.model_selection import AUTO_GRID, class_proba, complete_setting, setting_key, tune
+from ..heads.model_selection import KERNEL_GRID, class_proba, complete_setting, setting_key, tune
 from ..heads.sklearn_fits import fit_logreg, kernel_features, nystroem_map
 from ..progress import progress
 
@@ -36,13 +36,13 @@ LARGE_N_LANDMARKS = 1000
 
 def choose_setting(avg: np.ndarray, y: np.ndarray, feature_shape, folds: int, seed: int, landmarks: int,
                    cv_rows: int) -> dict:
-    """fit-head's default choice of C and gamma (its AUTO_GRID by k-fold CV on at most ``cv_rows`` rows)."""
+    """A kernel head's C and gamma (KERNEL_GRID by k-fold CV on at most ``cv_rows`` rows)."""
     idx = np.arange(len(y))
     if len(idx) > cv_rows:
         from ..heads.epoch_loop import split_indices
 
         idx = np.sort(split_indices(y, 1 - cv_rows / len(y), seed)[0])
-    grid = {**AUTO_GRID, "view": ["avg"], "normalize": ["l2"], "n_components": [landmarks]}
+    grid = {**KERNEL_GRID, "view": ["avg"], "normalize": ["l2"], "n_components": [landmarks]}
     try:
         result = tune({"avg": avg[idx]}, y[idx], grid, folds=folds, seed=seed, in_shape=feature_shape, threads=1)
     except ValueError as e:  # a class too small for the folds in the sample: fit-head's kernel defaults
