@@ -253,7 +253,7 @@ def test_tune_keeps_a_wider_choice_only_when_nested_cv_confirms_it(cache, tmp_pa
 
 def test_nested_cv_scores_both_searches_on_rows_no_choice_saw(cache):
     from pipeline.heads.cache_views import CacheViews
-    from pipeline.heads.fit_head import _nested, _search_grid
+    from pipeline.heads.fit_head import _nested
 
     cfg = FitHeadConfig(tune=True, folds=3)
     with FeatureCache(cache) as c:
