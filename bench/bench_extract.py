@@ -1,9 +1,10 @@
 """Benchmark: `extract` end to end on every compute path vs the tutorial's loop, in one run on the same images.
 
 Paths (``--only``): bf16, bf16+compile, int8, int8+compile, fp32, and defaults (no precision or compile
-asked: what ``--precision auto`` picks for this --n on this machine; the table names it). For each: end-to-end img/s (compile time reported apart, as it is paid once per run), the
-network alone at the same batch size (just before and just after, averaged), where the time went (waiting for decoded images, model,
-HDF5 writes, other), and the ratio to bf16-eager. Also the bf16 and int8 matmul ceilings, decode
+asked: what ``--precision auto`` picks for this --n on this machine; the table names it). For each: end-to-end
+img/s (compile time reported apart, as it is paid once per run), the network alone at the same batch size (just
+before and just after, averaged), where the time went (waiting for decoded images, model, HDF5 writes, other), and
+the ratio to bf16-eager. Also the bf16 and int8 matmul ceilings, decode
 cost per image, and peak RSS at two n. Each measurement runs in its own subprocess so its peak
 RSS is its own. Prints tables and, with --json-out, every figure as JSON. Not a test: figures
 move with machine load, so compare the ratios measured within one run.
@@ -391,9 +392,9 @@ def table(r: dict) -> str:
              f"tutorial loop (fp32, batch 8): {t['img_per_s']:.2f} img/s; decode + preprocess alone: "
              f"{d['ms_per_image']:.1f} ms/image on one core",
              "",
-             "| path | end to end img/s | x bf16 eager | x tutorial | model alone img/s (before / after) | end to end / model alone "
-             "| compile s (cold) | calibration s | time: input wait / model / write / other | % of ceiling "
-             "| peak RSS MB |",
+             "| path | end to end img/s | x bf16 eager | x tutorial | model alone img/s (before / after) "
+             "| end to end / model alone | compile s (cold) | calibration s "
+             "| time: input wait / model / write / other | % of ceiling | peak RSS MB |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, q in r["paths"].items():
         sh = {k: f"{100 * v:.0f}" for k, v in q["stage_share"].items()}

@@ -231,9 +231,10 @@ def main() -> None:
         result["export"] = run_export(args.model, args.export, photos, args)
     print(f"| | img/s | p50 ms | p95 ms |\n|---|---|---|---|\n"
           f"| predict (batch {args.batch_size}) | {pred['img_per_s']:.1f} | | |\n"
-          f"| serve, {args.clients} clients x 1 photo per request | {served['img_per_s']:.1f} | {served['p50_ms']:.0f} | "
-          f"{served['p95_ms']:.0f} |\n\nserve / predict = {result['serve_vs_predict']:.2f}; same class "
-          f"{same}/{len(photos)}; {served['forward_passes']} forward passes (mean batch {served['mean_batch']:.1f})")
+          f"| serve, {args.clients} clients x 1 photo per request | {served['img_per_s']:.1f} "
+          f"| {served['p50_ms']:.0f} | {served['p95_ms']:.0f} |\n\n"
+          f"serve / predict = {result['serve_vs_predict']:.2f}; same class {same}/{len(photos)}; "
+          f"{served['forward_passes']} forward passes (mean batch {served['mean_batch']:.1f})")
     if args.export:
         e = result["export"]
         print(f"\n| batch of {e['batch']} | img/s | max |p - p(fp32)| |\n|---|---|---|")

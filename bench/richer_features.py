@@ -88,8 +88,8 @@ def main() -> None:
                 res = [{**reference_scores(r[a], y[a], r[b], y[b]),
                         "default head": pipeline.Head(val_fraction=0.2, seed=s).fit(r, y).metrics_["val_acc"]}
                        for s, (a, b) in enumerate(split_indices(y, 0.2, s) for s in range(SPLITS))]
-            print(json.dumps({"proxy": name, "features": spec, **{k: round(float(np.mean([q[k] for q in res])), 4)
-                                                                 for k in res[0]}, "seconds": round(time.time() - t0, 1)}),
+            means = {k: round(float(np.mean([q[k] for q in res])), 4) for k in res[0]}
+            print(json.dumps({"proxy": name, "features": spec, **means, "seconds": round(time.time() - t0, 1)}),
                   flush=True)
 
 

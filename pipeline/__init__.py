@@ -63,7 +63,8 @@ STAGES = ("data", "cache", "extraction", "runs", "heads", "models", "reports", "
 _EXPORTS = {
     **{name: "api" for name in (
         "Cache", "Head", "Model", "NotFittedError", "Rows",
-        "extract_features", "list_caches", "compare_sklearn", "choose_backbone", "train_model", "finetune_model", "evaluate_model",
+        "extract_features", "list_caches", "compare_sklearn", "choose_backbone", "train_model", "finetune_model",
+        "evaluate_model",
         "predict_files", "preview", "feature_map", "plot_curves", "check_image_folder", "fetch_data", "run_demo",
         "list_runs", "imagenet_check", "model_summary", "export_model", "serve_app", "serve_model",
         "audit_folder",

@@ -77,6 +77,14 @@ class FiniteFloat(click.ParamType):
 
 FINITE = FiniteFloat()
 
+#: help texts shared by several commands
+BACKBONE_HELP = ("Any torchvision or timm model: vgg16, resnet50, tf_efficientnet_lite0, convnext_tiny, timm:NAME "
+                 "(docs/backbones.md).")
+WEIGHTS_HELP = ("DEFAULT, a torchvision weights name (IMAGENET1K_V1) or timm tag (in1k), a state-dict file "
+                "(+ .json sidecar), or 'none'.")
+WORKERS_HELP = ("Decoding: -1 = on the CPU a thread per core, in turns with the network; on a GPU a process per core; "
+                "N processes; 0 in-process.")
+
 
 class OneLineUsageError(click.UsageError):
     """A usage error shown as a single 'Error: ...' line (exit code 2), without the usage banner."""
@@ -234,12 +242,11 @@ def json_option(fn):
 @click.option("--data", help="ImageFolder root (one folder per class).")
 @click.option("-n", "--n", type=int,
               help="Good images to extract; 0 = all (under torchrun write -n: torchrun takes --n for its own).")
-@click.option("--backbone", help="Any torchvision or timm model: vgg16, resnet50, tf_efficientnet_lite0, convnext_tiny, timm:NAME (docs/backbones.md).")
-@click.option("--weights", help="DEFAULT, a torchvision weights name (IMAGENET1K_V1) or timm tag (in1k), a state-dict file (+ .json sidecar), or 'none'.")
+@click.option("--backbone", help=BACKBONE_HELP)
+@click.option("--weights", help=WEIGHTS_HELP)
 @click.option("--batch-size", type=int)
 @click.option("--device", help="auto, cpu, cuda or cuda:N.")
-@click.option("--workers", type=int,
-              help="Decoding: -1 = on the CPU a thread per core, in turns with the network; on a GPU a process per core; N processes; 0 in-process.")
+@click.option("--workers", type=int, help=WORKERS_HELP)
 @click.option("--seed", type=int, help="Seed of the stratified sample of --n images.")
 @click.option("--dtype", type=click.Choice(STORAGE_DTYPES),
               help="Storage dtype of the features.")
@@ -404,7 +411,8 @@ def fit_head_cmd(as_json, **options):
     from .heads.fit_head import format_result
 
     cache = options.pop("cache")
-    result = api.Head(verbose=None, **options).fit(list(cache) if len(cache) > 1 else cache[0] if cache else None).result_
+    rows = list(cache) if len(cache) > 1 else cache[0] if cache else None
+    result = api.Head(verbose=None, **options).fit(rows).result_
     emit(result, as_json, format_result(result))
 
 
@@ -464,7 +472,8 @@ def picture_options():
     def decorate(fn):
         for opt in reversed([
             click.option("--backbone", help="Whose preprocessing/features."),
-            click.option("--weights", help="DEFAULT, a torchvision weights name or timm tag, a state-dict file (+ .json sidecar), or 'none'."),
+            click.option("--weights", help="DEFAULT, a torchvision weights name or timm tag, a state-dict file "
+                                           "(+ .json sidecar), or 'none'."),
             click.option("--output", type=click.Path(dir_okay=False),
                          help="PNG to write."),
         ]):
@@ -504,7 +513,8 @@ def feature_map_cmd(as_json, **options):
 
 @defaults_from(EvaluateConfig)
 @cli.command()
-@click.option("--model", required=True, type=click.Path(dir_okay=False), help="A fit-head head.pt (on --cache or --data) or a train/finetune model.pt (on --data).")
+@click.option("--model", required=True, type=click.Path(dir_okay=False),
+              help="A fit-head head.pt (on --cache or --data) or a train/finetune model.pt (on --data).")
 @click.option("--cache", type=click.Path(dir_okay=False),
               help="Feature cache to evaluate on [default: the one the model was trained on].")
 @click.option("--data", help="Or an ImageFolder root, run through the backbone.")
@@ -543,7 +553,8 @@ def runs(runs_dir, sort_by, cache, backbone, as_json):
     from .runs.ledger import format_runs, ledger_path
 
     records = list(api.list_runs(runs_dir, sort_by=sort_by, cache=cache, backbone=backbone))
-    emit({"runs": records}, as_json, format_runs(records, sort_by) if records else f"no runs in {ledger_path(runs_dir)}")
+    table = format_runs(records, sort_by) if records else f"no runs in {ledger_path(runs_dir)}"
+    emit({"runs": records}, as_json, table)
 
 
 @defaults_from(FetchConfig)
@@ -643,8 +654,8 @@ def train_text(result: dict) -> str:
 @defaults_from(TrainConfig)
 @cli.command()
 @image_train_options
-@click.option("--backbone", help="Any torchvision or timm model: vgg16, resnet50, tf_efficientnet_lite0, convnext_tiny, timm:NAME (docs/backbones.md).")
-@click.option("--weights", help="DEFAULT, a torchvision weights name (IMAGENET1K_V1) or timm tag (in1k), a state-dict file (+ .json sidecar), or 'none'.")
+@click.option("--backbone", help=BACKBONE_HELP)
+@click.option("--weights", help=WEIGHTS_HELP)
 @click.option("--epochs", type=int)
 @click.option("--lr", type=FINITE, help=f"Adam learning rate of the head, up to {MAX_LR:g}.")
 @split_options
@@ -689,8 +700,7 @@ def finetune(as_json, **options):
 @click.option("--format", "format", type=click.Choice(FORMATS))
 @click.option("--output", type=click.Path(dir_okay=False), help="Write the rows to FILE.")
 @click.option("--batch-size", type=int)
-@click.option("--workers", type=int,
-              help="Decoding: -1 = on the CPU a thread per core, in turns with the network; on a GPU a process per core; N processes; 0 in-process.")
+@click.option("--workers", type=int, help=WORKERS_HELP)
 @click.option("--device", help="auto, cpu, cuda or cuda:N.")
 @click.option("--precision", type=click.Choice(MODEL_PRECISIONS))
 @library_errors
@@ -754,7 +764,8 @@ def summary(as_json, **options):
 @click.option("--test-cache", type=click.Path(dir_okay=False), help="Or the test folder's cache.")
 @click.option("--cache-dir")
 @click.option("--backbone")
-@click.option("--weights", help="--data: DEFAULT, a torchvision weights name or timm tag, a state-dict file, or 'none'.")
+@click.option("--weights",
+              help="--data: DEFAULT, a torchvision weights name or timm tag, a state-dict file, or 'none'.")
 @click.option("--batch-size", type=int)
 @click.option("--device")
 @click.option("--workers", type=int)

@@ -71,7 +71,8 @@ class ExtractConfig:
     weights: str = "DEFAULT"  # DEFAULT, a torchvision weights name or timm tag, path to a state-dict file, or 'none'
     batch_size: int = 32  # images per forward pass (and per committed write)
     device: str = "auto"  # 'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:N'
-    workers: int = -1  # -1: with a CPU network, a thread per core in turns with it, else a process per core (<= 8); 0: in-process
+    # -1: with a CPU network, a thread per core in turns with it, else a process per core (<= 8); 0: in-process
+    workers: int = -1
     seed: int = 0  # which n images: the seed of the stratified sample
     dtype: str = "float16"  # storage dtype of features: float16 (half the size, same accuracy) or float32
     # compute precision: fp32, bf16, fp16 (CUDA), int8 (CPU), or auto: int8 + compile for CPU runs of 1,000+
@@ -104,7 +105,8 @@ class FitHeadConfig:
     # cache file; None = the newest complete cache in cache_dir; a list of caches of the same photos: fused features
     cache: Optional[str] = None
     cache_dir: str = "features"  # where to look for the newest cache (and where --test-data's cache goes)
-    head: str = "auto"  # auto (RBF SVM or logreg, kind and C by CV), linear (Adam), logreg, kernel, svm (given C, gamma)
+    # auto (RBF SVM or logreg, kind and C by CV), linear (Adam), logreg, kernel, svm (given C, gamma)
+    head: str = "auto"
     features: str = "avg"  # view of the cached map: flat, avg, max, avgmax
     normalize: str = "l2"  # l2 (each row), rms (one scale), standardize (per feature) or none
     epochs: int = 100  # linear: at most this many passes over the training split
@@ -174,7 +176,8 @@ class TrainConfig:
 
     data: str = "data/PetImages"  # ImageFolder root: one sub-folder of images per class
     n: int = 0  # images to use (a seeded stratified sample, unreadable ones skipped); 0 = all
-    backbone: Optional[str] = "vgg16"  # any torchvision or timm model name (timm:/torchvision: force one), validated at use
+    # any torchvision or timm model name (timm:/torchvision: force one), validated at use
+    backbone: Optional[str] = "vgg16"
     weights: Optional[str] = "DEFAULT"  # DEFAULT, a torchvision weights name or timm tag, a state-dict file, or 'none'
     pool: Optional[str] = None  # head input: 'none' (flattened map), 'avg'; None = the backbone's own
     dropout: float = 0.0  # dropout before the head's linear layer when > 0
@@ -218,7 +221,8 @@ class PredictConfig:
     model: str = ""  # a model.pt from train/finetune, or a head.pt from fit-head (+ its backbone weights)
     weights: Optional[str] = None  # head.pt only: the backbone weights, when not where the head recorded them
     batch_size: int = 32  # images per forward pass
-    workers: int = -1  # -1: with a CPU network, a thread per core in turns with it, else a process per core (<= 8); 0: in-process
+    # -1: with a CPU network, a thread per core in turns with it, else a process per core (<= 8); 0: in-process
+    workers: int = -1
     device: str = "auto"  # 'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:N'
     precision: str = "auto"  # compute precision: auto (bf16 where supported), fp32, bf16, fp16 (CUDA)
     format: str = "table"  # output format: table, csv or json
@@ -261,7 +265,8 @@ class EvaluateConfig:
     device: str = "auto"  # 'auto' (CUDA if available), 'cpu', 'cuda'
     precision: str = "auto"  # --data: compute precision, auto (bf16 where supported), fp32, bf16, fp16 (as predict)
     batch_size: int = 32  # images per forward pass (--data)
-    workers: int = -1  # --data: -1, a thread per core in turns with a CPU network, else a process per core (<= 8); 0: in-process
+    # --data: -1, a thread per core in turns with a CPU network, else a process per core (<= 8); 0: in-process
+    workers: int = -1
     block_rows: int = 2048  # cache rows read from disk at once
     runs_dir: str = "runs"  # the pictures and metrics.json go to runs/<stamp>-evaluate/
 
@@ -274,7 +279,8 @@ class PreviewConfig:
     per_class: int = 4  # images per class (one row per class)
     seed: int = 0  # which images: a seeded sample of each class
     backbone: str = "vgg16"  # whose preprocessing (resize/crop/normalisation) to apply
-    weights: str = "DEFAULT"  # DEFAULT, a torchvision weights name or timm tag, a state-dict file (+ sidecar), or 'none'
+    # DEFAULT, a torchvision weights name or timm tag, a state-dict file (+ sidecar), or 'none'
+    weights: str = "DEFAULT"
     output: str = "runs/preview.png"  # the PNG to write
 
 
@@ -284,7 +290,8 @@ class FeatureMapConfig:
 
     image: str = ""  # the image file
     backbone: str = "vgg16"  # any torchvision or timm model name (timm:/torchvision: force one), validated at use
-    weights: str = "DEFAULT"  # DEFAULT, a torchvision weights name or timm tag, a state-dict file (+ sidecar), or 'none'
+    # DEFAULT, a torchvision weights name or timm tag, a state-dict file (+ sidecar), or 'none'
+    weights: str = "DEFAULT"
     top_k: int = 6  # most active channels to upsample over the image
     output: str = "runs/feature-map.png"  # the PNG to write
 
@@ -345,7 +352,8 @@ class ExportConfig:
     """Which model to export, into which file and format, and the parity check it must pass."""
 
     model: str = ""  # a fit-head head.pt (exported with its backbone) or a train/finetune model.pt
-    format: str = "onnx"  # onnx (ONNX Runtime and every other ONNX runner) or torchscript (torch.jit.load, C++ libtorch)
+    # onnx (ONNX Runtime and every other ONNX runner) or torchscript (torch.jit.load, C++ libtorch)
+    format: str = "onnx"
     output: str = ""  # the file to write; its metadata goes beside it as <output>.json
     weights: Optional[str] = None  # head.pt only: the backbone weights, when not where the head recorded them
     check_data: Optional[str] = None  # photos for the parity check (a folder or a file); None = the training data's

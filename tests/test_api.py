@@ -101,7 +101,8 @@ def test_verbose_shows_progress_and_restores_the_setting(work, capfd, monkeypatc
 def test_unknown_options_name_themselves_and_the_allowed_ones(work):
     with pytest.raises(ValueError, match=r"extract_features: unknown option bakbone; allowed: .*backbone"):
         pipeline.extract_features("data", bakbone="tiny")
-    with pytest.raises(ValueError, match=r"Head: unknown options epoch, rate; allowed: cache_dir, head, features, normalize, epochs"):
+    allowed = "cache_dir, head, features, normalize, epochs"
+    with pytest.raises(ValueError, match=rf"Head: unknown options epoch, rate; allowed: {allowed}"):
         pipeline.Head(epoch=3, rate=1)
     with pytest.raises(ValueError, match="compare_sklearn: unknown option c;"):
         pipeline.compare_sklearn("x.h5", c=2)
@@ -274,7 +275,7 @@ def readme_example() -> str:
 
 def test_the_readme_example_is_short_and_uses_the_public_api():
     code = readme_example()
-    lines = [l for l in code.splitlines() if l.strip() and not l.lstrip().startswith("#")]
+    lines = [line for line in code.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     assert len(lines) <= 12 and lines[0] == "import pipeline"
     used = set(re.findall(r"pipeline\.(\w+)", code))
     assert used and used <= set(pipeline.__all__)

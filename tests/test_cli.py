@@ -104,7 +104,7 @@ def test_errors_are_one_line_with_exit_code_2(run, tmp_path, make_cache, args, m
     (tmp_path / "nan.json").write_text('{"mean": [NaN, 0, 0], "std": [1, 1, 1]}')
     r = run(*args)
     assert r.exit_code == 2, r.output
-    err = [l for l in r.stderr.splitlines() if l.strip()]
+    err = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith("Error: ") and message in err[0], r.stderr
     assert "Traceback" not in r.output
 

@@ -63,9 +63,9 @@ def test_demo_ends_with_its_outputs_and_the_next_commands(tmp_path, monkeypatch)
                                  "--n", "24", "--workers", "0"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     tail = r.stdout.splitlines()
-    head = [l.split(": ", 1)[1].strip() for l in tail if l.startswith("head checkpoint:")][0]
+    head = [line.split(": ", 1)[1].strip() for line in tail if line.startswith("head checkpoint:")][0]
     assert Path(head).is_file() and head.endswith("head.pt")
-    commands = [l.strip() for l in tail[tail.index("next, try:") + 1:]]
+    commands = [line.strip() for line in tail[tail.index("next, try:") + 1:]]
     assert [c.split()[2] for c in commands] == ["predict", "evaluate", "runs"]
     assert all(head in c for c in commands[:2])
     # the suggested predict command runs as printed

@@ -43,7 +43,8 @@ def test_summarize_matches_a_hand_count():
 
 @pytest.fixture
 def head_run(tmp_path, tiny_cache):
-    return fit_head(FitHeadConfig(head="linear", cache=str(tiny_cache), epochs=3, val_fraction=0.25, runs_dir=str(tmp_path / "runs")))
+    return fit_head(FitHeadConfig(head="linear", cache=str(tiny_cache), epochs=3, val_fraction=0.25,
+                                  runs_dir=str(tmp_path / "runs")))
 
 
 def test_default_is_the_checkpoints_own_val_split(tmp_path, head_run):
@@ -83,7 +84,8 @@ def test_refusals(tmp_path, head_run):
                 "preprocessing": {"resize_size": 36, "crop_size": 32, "interpolation": "bilinear", "antialias": True,
                                   "mean": [0.5] * 3, "std": [0.25] * 3}}, tmp_path / "t.pt")
     # a whole model needs images, not cached features
-    with pytest.raises(ValueError, match="cannot evaluate a 'train' checkpoint on --cache; known: .*fit-head on --cache"):
+    with pytest.raises(ValueError,
+                       match="cannot evaluate a 'train' checkpoint on --cache; known: .*fit-head on --cache"):
         evaluate(EvaluateConfig(model=str(tmp_path / "t.pt"), runs_dir=str(tmp_path / "r")))
     with pytest.raises(ValueError, match="does not exist"):
         evaluate(EvaluateConfig(model=str(tmp_path / "missing.pt")))
@@ -145,7 +147,8 @@ def test_evaluate_cache_and_fit_head_test_cache_refuse_the_same_caches(tmp_path,
     with pytest.raises(ValueError, match=f"does not fit the model.*{field}: .* vs {value}"):
         evaluate(EvaluateConfig(model=head, cache=other, split="all", runs_dir=str(tmp_path / "runs")))
     # and both take a cache made the same way
-    assert fit_head(FitHeadConfig(head="linear", cache=train, epochs=1, test_cache=same, runs_dir=str(tmp_path / "runs")))["test"]
+    assert fit_head(FitHeadConfig(head="linear", cache=train, epochs=1, test_cache=same,
+                                  runs_dir=str(tmp_path / "runs")))["test"]
     assert evaluate(EvaluateConfig(model=head, cache=same, split="all", runs_dir=str(tmp_path / "runs")))["rows"] == 24
 
 

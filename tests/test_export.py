@@ -63,7 +63,8 @@ def test_an_onnx_export_predicts_as_predict_does(heads, kind, tmp_path):
     import onnx
 
     props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
-    assert json.loads(props["classes"]) == meta["classes"] and json.loads(props["preprocessing"]) == meta["preprocessing"]
+    assert json.loads(props["classes"]) == meta["classes"]
+    assert json.loads(props["preprocessing"]) == meta["preprocessing"]
 
 
 def odd_photos(folder: Path, photo: Path) -> list[Path]:
@@ -136,7 +137,8 @@ def test_a_torchscript_export_of_a_whole_model(tmp_path, image_folder):
     with torch.no_grad():
         assert torch.allclose(net(x), torch.exp(lm.model.eval()(x)), atol=1e-5)
     inside = image_folder / "blue" / "model.ts"  # the parity check's default photos are the model's own
-    r = CliRunner().invoke(cli.cli, ["export", "--model", str(model), "--format", "torchscript", "--output", str(inside)])
+    r = CliRunner().invoke(cli.cli, ["export", "--model", str(model), "--format", "torchscript",
+                                     "--output", str(inside)])
     assert r.exit_code == 2 and "inside the data folder" in r.output and "the model's training photos" in r.output
     assert not inside.exists()
 
@@ -240,7 +242,8 @@ def test_a_missing_extra_is_one_line(monkeypatch):
 
 @pytest.mark.slow
 def test_a_real_vgg16_head_exports_with_parity(shared_available, make_cache, tmp_path):
-    """The README's case on a small scale: VGG-16 features of catsdogs photos, the default head, parity on test photos."""
+    """The README's case on a small scale: VGG-16 features of catsdogs photos, the default head, parity on test
+    photos."""
     from pipeline.heads.fit_head import FitHeadConfig, fit_head
     from tests.conftest import SHARED, SHARED_CATSDOGS, SHARED_WEIGHTS
 

@@ -54,7 +54,8 @@ def test_feature_map(tmp_path, image_folder):
 
 
 def test_fit_head_writes_curves(tmp_path, tiny_cache):
-    result = run("fit-head", "--cache", tiny_cache, "--head", "linear", "--epochs", 3, "--runs-dir", tmp_path / "runs", "--json")
+    result = run("fit-head", "--cache", tiny_cache, "--head", "linear", "--epochs", 3, "--runs-dir", tmp_path / "runs",
+                 "--json")
     curves = Path(json.loads(result.stdout)["curves"])
     assert curves == Path(json.loads(result.stdout)["checkpoint"]).with_name("curves.png")
     assert_picture(curves, (1000, 400))

@@ -137,7 +137,7 @@ def test_extract_on_a_full_disk_exits_1_then_resumes_to_the_uninterrupted_cache(
     monkeypatch.setattr(cache_mod.shutil, "disk_usage", filling)
     r = _extract(tmp_path, data)
     assert r.exit_code == 1
-    err = [l for l in r.stderr.splitlines() if l.startswith("Error")]
+    err = [line for line in r.stderr.splitlines() if line.startswith("Error")]
     assert len(err) == 1 and "no space left on the device" in err[0] and "run the same command again" in err[0]
     path = next((tmp_path / "f").glob("*.h5"))
     with h5py.File(path) as f:

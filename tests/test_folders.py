@@ -94,7 +94,8 @@ def test_metadata_folders_are_neither_classes_nor_images(tmp_path):
         (root / junk).mkdir()
         (root / junk / "thumb.jpg").write_bytes((root / "red" / "red.0.jpg").read_bytes())
     listing = list_image_folder(root)
-    assert listing.classes == ("blue", "red") and [f.path for f in listing.files] == ["blue/blue.0.jpg", "red/red.0.jpg"]
+    assert listing.classes == ("blue", "red")
+    assert [f.path for f in listing.files] == ["blue/blue.0.jpg", "red/red.0.jpg"]
 
 
 def test_links_to_sub_folders_are_followed_and_a_loop_is_left_out_and_told(tmp_path):

@@ -57,7 +57,8 @@ def test_a_fused_head_predicts_evaluates_exports_and_serves_every_backbone_on_th
     ckpt = read_checkpoint(r["checkpoint"])  # one checkpoint: the head and each backbone's record
     assert ckpt["in_shape"] == [14, 1, 1] and ckpt["backbone"] == "tiny+tiny_wide"
     assert [p["backbone"] for p in ckpt["fused"]["parts"]] == ["tiny", "tiny_wide"]
-    assert [p["block"] for p in ckpt["fused"]["parts"]] == [8, 6] and ckpt["fused"]["parts"][1]["preprocessing"]["crop_size"] == 24
+    assert [p["block"] for p in ckpt["fused"]["parts"]] == [8, 6]
+    assert ckpt["fused"]["parts"][1]["preprocessing"]["crop_size"] == 24
 
     # predict runs each backbone on its own preprocessing of the photo: the rows its test caches hold
     files = sorted(str(p) for p in test.rglob("*.jpg"))

@@ -1,4 +1,5 @@
-"""The reader: large JPEGs decoded at a reduced DCT scale, everything else as before; decoding in turns with a CPU network."""
+"""The reader: large JPEGs decoded at a reduced DCT scale, everything else as before; decoding in turns with a CPU
+network."""
 import numpy as np
 import pytest
 from PIL import Image

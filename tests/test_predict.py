@@ -140,8 +140,8 @@ def test_predict_output_never_overwrites_an_input_and_is_never_half_written(tmp_
     image = image_folder / "red" / "red.0.jpg"
     before = image.read_bytes(), model_pt.read_bytes()
     for target in (image, model_pt):
-        r = CliRunner().invoke(cli.cli, ["predict", str(image_folder), "--model", str(model_pt), "--output", str(target),
-                                         "--workers", "0"])
+        r = CliRunner().invoke(cli.cli, ["predict", str(image_folder), "--model", str(model_pt),
+                                         "--output", str(target), "--workers", "0"])
         assert r.exit_code == 2 and "is one of the inputs" in r.stderr
     assert (image.read_bytes(), model_pt.read_bytes()) == before
     out = tmp_path / "rows.csv"

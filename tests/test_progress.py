@@ -34,8 +34,8 @@ def test_extract_not_on_a_terminal_logs_progress_lines_and_quiet_silences_them(t
             "--workers", "0", "--batch-size", "4"]
     r = CliRunner().invoke(cli, args, catch_exceptions=False)  # CliRunner's stderr is not a terminal
     assert r.exit_code == 0, r.output
-    lines = [l for l in r.stderr.splitlines() if l.startswith("extract: ")]
-    assert [l.split()[1] for l in lines] == ["4/16", "8/16", "12/16", "16/16"]
+    lines = [line for line in r.stderr.splitlines() if line.startswith("extract: ")]
+    assert [line.split()[1] for line in lines] == ["4/16", "8/16", "12/16", "16/16"]
     r = CliRunner().invoke(cli, ["--quiet", *args[:-2], "--batch-size", "8", "--seed", "1"],
                            catch_exceptions=False)
     assert r.exit_code == 0, r.output

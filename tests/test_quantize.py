@@ -74,7 +74,8 @@ def test_the_fingerprint_covers_the_calibration_and_not_compile(image_folder, tm
     import pipeline.extraction.extract
     import pipeline.extraction.quantize
 
-    for module, name in ((pipeline.extraction.quantize, "QUANT_VERSION"), (pipeline.extraction.extract, "DECODE_VERSION")):
+    versions = ((pipeline.extraction.quantize, "QUANT_VERSION"), (pipeline.extraction.extract, "DECODE_VERSION"))
+    for module, name in versions:
         with pytest.MonkeyPatch.context() as mp:  # another quantisation or decoding: another cache
             mp.setattr(module, name, getattr(module, name) + 1)
             assert cache_key(cfg(image_folder, tmp_path), listing) != base, name
@@ -150,7 +151,8 @@ def test_fit_head_test_data_is_quantised_like_the_training_cache(tmp_path):
     train = make_image_folder(tmp_path / "train", per_class=10)
     test = make_image_folder(tmp_path / "test", per_class=4, seed=9)
     cache = extract(cfg(train, tmp_path))["cache"]
-    result = fit_head(FitHeadConfig(head="linear", cache=cache, test_data=str(test), epochs=3, runs_dir=str(tmp_path / "runs")))
+    result = fit_head(FitHeadConfig(head="linear", cache=cache, test_data=str(test), epochs=3,
+                                    runs_dir=str(tmp_path / "runs")))
     with FeatureCache(result["test"]["cache"]) as t, FeatureCache(cache) as c:
         a, b = json.loads(c.attrs["calibration"]), json.loads(t.attrs["calibration"])
     assert b["calib_root"] == str(train.resolve()) and b["images"] == a["images"]
@@ -185,8 +187,8 @@ def test_a_head_on_an_int8_cache_predicts_through_that_int8_network(tmp_path, fl
     import torch
 
     import pipeline
-    from pipeline.extraction.quantize import calibration_batches
     from pipeline.data.image_reader import ImageListDataset
+    from pipeline.extraction.quantize import calibration_batches
     from pipeline.heads.fit_head import FitHeadConfig, fit_head
     from pipeline.models.predict import PredictConfig, predict
     from pipeline.models.whole_models import load_model, read_checkpoint

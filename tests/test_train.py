@@ -169,7 +169,8 @@ def test_finetune_never_validates_on_images_its_starting_head_was_fitted_on(tmp_
     """A head fitted on all 32 images (n=0), fine-tuned on the same folder with its own split of n=16."""
     data = make_image_folder(tmp_path / "data", per_class=16)
     cache = make_cache(data)["cache"]
-    head = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=2, val_fraction=0.5, runs_dir=str(tmp_path / "runs")))
+    head = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=2, val_fraction=0.5,
+                                  runs_dir=str(tmp_path / "runs")))
     with FeatureCache(cache) as c:
         from pipeline.heads.epoch_loop import split_indices
 
@@ -205,7 +206,8 @@ def test_finetune_finds_its_head_training_images_in_a_copied_or_moved_folder_by_
 
     data = make_image_folder(tmp_path / "data", per_class=10)
     cache = make_cache(data)["cache"]
-    head = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=1, val_fraction=0.5, runs_dir=str(tmp_path / "runs")))
+    head = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=1, val_fraction=0.5,
+                                  runs_dir=str(tmp_path / "runs")))
     same = head_training_images(head["checkpoint"], list_image_folder(data))
     (shutil.copytree if how == "copy" else shutil.move)(str(data), str(tmp_path / "copy"))
     assert len(same) == 10 and head_training_images(head["checkpoint"], list_image_folder(tmp_path / "copy")) == same

@@ -14,8 +14,14 @@ from pipeline.heads.cache_views import head_scores
 from pipeline.heads.epoch_loop import split_indices
 from pipeline.heads.fit_head import FitHeadConfig, fit_head
 from pipeline.heads.probe_heads import ProbeHead
-from pipeline.heads.unknown_score import (held_out_scores, kept_indices, knn_distance, known_rows, pooled_rows_np,
-                                          threshold_for)
+from pipeline.heads.unknown_score import (
+    held_out_scores,
+    kept_indices,
+    knn_distance,
+    known_rows,
+    pooled_rows_np,
+    threshold_for,
+)
 from pipeline.reports.evaluate import EvaluateConfig, evaluate
 from tests.conftest import make_image_folder
 
@@ -43,7 +49,8 @@ def test_threshold_keeps_the_stated_share_and_held_out_rows_exclude_themselves()
     assert known.dtype == np.float16
     kept = kept_indices(np.arange(100, 130), 10, 0)
     assert len(set(kept)) == 10 and set(kept) <= set(range(100, 130)) and list(kept) == sorted(kept)
-    assert list(kept_indices(np.arange(5), 10, 0)) == list(range(5)) and list(kept_indices(np.arange(5), 0, 0)) == list(range(5))
+    assert list(kept_indices(np.arange(5), 10, 0)) == list(range(5))
+    assert list(kept_indices(np.arange(5), 0, 0)) == list(range(5))
 
 
 @pytest.fixture

@@ -91,7 +91,8 @@ def package_version(pkg: str) -> str:
 def versions() -> dict:
     """The library versions that can change features or their storage."""
     return {"python": platform.python_version(),
-            **{p: package_version(p) for p in ("torch", "torchvision", "timm", "h5py", "numpy", "pillow", "transfer-pipeline")}}
+            **{p: package_version(p)
+               for p in ("torch", "torchvision", "timm", "h5py", "numpy", "pillow", "transfer-pipeline")}}
 
 
 @dataclass(frozen=True)

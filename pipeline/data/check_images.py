@@ -19,8 +19,7 @@ from pathlib import Path
 from ..config import CheckImagesConfig
 from ..devices import resolve_workers
 from ..errors import PipelineError, UsageError
-from ..files import SafeCsvWriter, atomic_write, check_output
-from ..files import is_utf8, shown
+from ..files import SafeCsvWriter, atomic_write, check_output, is_utf8, shown
 from .folders import NOT_UTF8, ImageLoadError, decode_image, is_image_name, walk
 from .moves import changing_folder, move_no_replace
 

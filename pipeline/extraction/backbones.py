@@ -128,8 +128,10 @@ def _timm_spec(name: str, bare: str) -> BackboneSpec:
 
         return timm.create_model(bare, pretrained=False)
 
-    return BackboneSpec(name=name, build=build, features=libraries.timm_trunk,
-                        transform=lambda: transform_of(libraries.timm_preprocessing(libraries.timm_pretrained_cfg(bare))),
+    def transform():
+        return transform_of(libraries.timm_preprocessing(libraries.timm_pretrained_cfg(bare)))
+
+    return BackboneSpec(name=name, build=build, features=libraries.timm_trunk, transform=transform,
                         pool="avg", blocks=libraries.timm_blocks, library="timm", arch=bare)
 
 

@@ -211,5 +211,6 @@ def _write_cache(cfg, listing, path: Path, got: list, next_candidate: int, start
     return {"cache": str(path), "hit": False, "rows": len(labels), "computed": computed,
             "resumed_from": len(labels) - computed, "skipped": len(skipped), "feature_shape": list(shape),
             "classes": list(listing.classes), "device": attrs["device"], "precision": attrs.get("precision"),
-            "flip": bool(attrs.get("flip", False)), "seconds": seconds, "img_per_s": computed / seconds if seconds > 0 else 0.0,
+            "flip": bool(attrs.get("flip", False)), "seconds": seconds,
+            "img_per_s": computed / seconds if seconds > 0 else 0.0,
             "world_size": len(got), "shard_dir": attrs["shard_dir"], "shards": len(parts), "ranks": ranks}

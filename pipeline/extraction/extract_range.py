@@ -15,10 +15,9 @@ from typing import Optional
 
 import numpy as np
 
-from ..cache.feature_cache import (CacheBusy, CacheError, CacheInfo, CacheWriter, now_iso, read_info,
-                                   read_int8_observers)
-from ..cache.provenance import Provenance, versions
+from ..cache.feature_cache import CacheBusy, CacheError, CacheInfo, CacheWriter, now_iso, read_info, read_int8_observers
 from ..cache.freshness import set_aside_copies
+from ..cache.provenance import Provenance, versions
 from ..cache.row_donors import find_donors
 from ..data.folders import ImageFolderListing, stratified_order
 from ..data.image_reader import DECODE_VERSION, ImageListDataset, batches, read_items
@@ -56,8 +55,9 @@ def rates(model, seconds: float, computed: int) -> dict:
 
 def hit_summary(info: CacheInfo, started: float) -> dict:
     """What extract returns for a cache that is already complete."""
-    return {"cache": str(info.path), "hit": True, "rows": info.rows, "skipped": int(info.attrs.get("skipped_rows", 0)),
-            "feature_shape": list(info.feature_shape), "classes": info.classes, "precision": info.attrs.get("precision"),
+    return {"cache": str(info.path), "hit": True, "rows": info.rows,
+            "skipped": int(info.attrs.get("skipped_rows", 0)), "feature_shape": list(info.feature_shape),
+            "classes": info.classes, "precision": info.attrs.get("precision"),
             "flip": bool(info.attrs.get("flip", False)), "seconds": time.time() - started}
 
 
@@ -245,7 +245,8 @@ def extract_range(cfg, listing: ImageFolderListing, key: str, path: Path, resume
                     log.warning("skipping %s: %s", p, why)
                 good = batch.good
                 if feats is not None and not np.isfinite(feats).all():
-                    bad_rows = [g.path for g, ok in zip(good, np.isfinite(feats).reshape(len(good), -1).all(1)) if not ok]
+                    finite = np.isfinite(feats).reshape(len(good), -1).all(1)
+                    bad_rows = [g.path for g, ok in zip(good, finite) if not ok]
                     raise PipelineError(f"the backbone gave NaN or infinite features for {len(bad_rows)} images (e.g. "
                                         f"{', '.join(bad_rows[:3])}); nothing of this batch was written (check the "
                                         "weights and their sidecar's mean/std)")

@@ -69,7 +69,8 @@ class Inference:
             from .compiled import CompiledNet
 
             # int8: compile the quantise/dequantise graph (Inductor fuses it), the lowered one is the fallback
-            self.compiled = CompiledNet(getattr(self.net, "converted", self.net), fallback=self.net, batch=compile_batch)
+            self.compiled = CompiledNet(getattr(self.net, "converted", self.net), fallback=self.net,
+                                        batch=compile_batch)
         self.run = AdaptiveBatch(self._forward, on_oom=torch.cuda.empty_cache if self.cuda else None)
 
     @property

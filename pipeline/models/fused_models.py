@@ -59,7 +59,8 @@ class FusedModel(nn.Module):
         self.backbone = "+".join(p.backbone for p in parts)
 
     def head_input(self, x):
-        maps = [part.head_input(x[:, 3 * i:3 * i + 3, :s, :s]) for i, (part, s) in enumerate(zip(self.parts, self.sizes))]
+        maps = [part.head_input(x[:, 3 * i:3 * i + 3, :s, :s])
+                for i, (part, s) in enumerate(zip(self.parts, self.sizes))]
         return fuse_maps(maps, self.view)
 
     def on_features(self, fn, f):
@@ -90,14 +91,16 @@ def fused_metadata(ckpt: dict, transform: StackedTransform, input_name: str) -> 
 
     parts = ckpt["fused"]["parts"]
     pre = [Preprocessing.from_dict(p["preprocessing"]) for p in parts]
+    backbones = ", ".join(p["backbone"] for p in parts)
+    part_keys = ("backbone", "weights", "weights_sha256", "pool", "flip", "in_shape", "block")
     return {
         "input": {"name": input_name, "shape": ["N", *transform.input_shape], "dtype": "float32",
-                  "what": f"the photo preprocessed once per backbone (preprocessing[i], for {', '.join(p['backbone'] for p in parts)}), "
+                  "what": f"the photo preprocessed once per backbone (preprocessing[i], for {backbones}), "
                           f"part i in channels 3i..3i+2 at the top left of a {transform.side} x {transform.side} "
                           "canvas, zeros elsewhere"},
-        "preprocessing": [{**p.to_dict(), "steps": p.describe(), "backbone": part["backbone"], "channels": [3 * i, 3 * i + 3]}
+        "preprocessing": [{**p.to_dict(), "steps": p.describe(), "backbone": part["backbone"],
+                           "channels": [3 * i, 3 * i + 3]}
                           for i, (p, part) in enumerate(zip(pre, parts))],
         "fused": {"view": ckpt["fused"]["view"],
-                  "parts": [{k: part.get(k) for k in ("backbone", "weights", "weights_sha256", "pool", "flip", "in_shape",
-                                                      "block")} for part in parts]},
+                  "parts": [{k: part.get(k) for k in part_keys} for part in parts]},
     }

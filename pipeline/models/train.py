@@ -25,10 +25,17 @@ from ..data.folders import list_image_folder, stratified_order
 from ..data.image_reader import ImageListDataset, collate_items, file_digest, item_loader, iter_items
 from ..devices import resolve_device, resolve_precision, resolve_workers
 from ..errors import UsageError
-from ..files import check_output
 from ..extraction.inference import Inference, run_batches
+from ..files import check_output
 from ..heads.calibration import fit_temperature
-from ..heads.epoch_loop import check_lr, per_class_accuracy, run_epochs, split_indices, train_one_epoch, validate_training
+from ..heads.epoch_loop import (
+    check_lr,
+    per_class_accuracy,
+    run_epochs,
+    split_indices,
+    train_one_epoch,
+    validate_training,
+)
 from ..heads.fit_head import validate_trust
 from ..heads.unknown_score import fit_unknown, kept_indices, unknown_summary
 from ..progress import progress

@@ -293,8 +293,8 @@ def model_from_checkpoint(ckpt: dict, path, weights: Optional[str] = None, train
     else:
         if weights is not None:
             log.info("%s holds its backbone weights; --weights %s is not used", path, weights)
-        head = head_from_checkpoint(ckpt, {k[len("head."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("head.")},
-                           path)
+        head_state = {k[len("head."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("head.")}
+        head = head_from_checkpoint(ckpt, head_state, path)
         model = TransferModel(ckpt["backbone"], bb.bare_features(ckpt["backbone"]), ckpt["in_shape"],
                               len(ckpt["classes"]), ckpt["pool"], ckpt["dropout"], head=head)
         try:

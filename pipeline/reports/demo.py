@@ -13,8 +13,8 @@ from ..data.check_images import CheckImagesConfig, check_images
 from ..data.fetch import FetchConfig, fetch_data
 from ..data.folders import list_image_folder
 from ..errors import UsageError
-from ..files import check_output
 from ..extraction.extract import ExtractConfig, extract
+from ..files import check_output
 from ..heads.compare import CompareConfig, compare_sklearn
 from ..heads.fit_head import FitHeadConfig
 
@@ -62,7 +62,8 @@ def next_steps(steps: dict, data: Path, runs_dir: str) -> dict:
 
     some_image = list_image_folder(data).files[0].path  # one photo: a whole class folder can take minutes
     return {
-        "cache": cache, "checkpoint": str(head), "curves": str(run / "curves.png"), "history": str(run / "history.json"),
+        "cache": cache, "checkpoint": str(head), "curves": str(run / "curves.png"),
+        "history": str(run / "history.json"),
         "commands": [
             f"python cli.py predict {data / some_image} --model {head}",
             f"python cli.py evaluate --model {head}",

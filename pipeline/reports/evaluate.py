@@ -26,9 +26,9 @@ from ..devices import resolve_device
 from ..errors import UsageError
 from ..extraction.inference import run_batches
 from ..files import atomic_write, check_output, writing
-from ..heads.epoch_loop import split_indices
 from ..heads.cache_views import head_scores
 from ..heads.calibration import before_after, reliability_bins, without_temperature
+from ..heads.epoch_loop import split_indices
 from ..heads.fused_views import open_head_rows
 from ..models.whole_models import (
     cache_reads,

@@ -16,9 +16,9 @@ import torch
 from ..config import MAX_TOP_K, FeatureMapConfig, PreviewConfig
 from ..data.folders import ImageLoadError, list_image_folder, load_rgb
 from ..errors import UsageError
-from ..files import check_output, free_default
 from ..extraction.backbones import load_backbone, load_preprocessing, weights_inputs
 from ..extraction.inference import Inference
+from ..files import check_output, free_default
 from ..runs.figures import denormalise, top_channels
 from ..runs.figures import preview_figure as draw
 

@@ -65,7 +65,8 @@ class ProbabilityNet(nn.Module):
 
     def __init__(self, model: nn.Module):
         super().__init__()
-        self.extras, self.unknown, self.n_classes = WithExtras(model), bool(model.head.has_unknown), model.head.n_classes
+        self.extras = WithExtras(model)
+        self.unknown, self.n_classes = bool(model.head.has_unknown), model.head.n_classes
 
     def forward(self, images):
         out = self.extras(images)

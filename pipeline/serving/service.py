@@ -221,7 +221,8 @@ class Service:
                       "batch_size": cfg.batch_size, "max_wait_ms": cfg.max_wait_ms,
                       "limits": {k: getattr(cfg, k) for k in ("max_files", "max_file_bytes", "max_request_bytes",
                                                               "max_pixels", "max_queue")},
-                      "versions": {**versions(), **{p: package_version(p) for p in ("fastapi", "uvicorn", "starlette")}}}
+                      "versions": {**versions(),
+                                   **{p: package_version(p) for p in ("fastapi", "uvicorn", "starlette")}}}
 
     def begin_drain(self) -> None:
         """SIGTERM came (called in the signal handler): in drain_seconds, what still runs is answered 503."""
