@@ -172,3 +172,25 @@ def test_a_vgg16_cache_keeps_its_key_whichever_way_it_is_named(image_folder, mon
                             "torchvision", "decode_version"}
     assert cache_file_name("vgg16", 0, "k" * 64) == "vgg16-nall-kkkkkkkkkkkk.h5"
     assert cache_file_name("timm:resnet18", 0, "k" * 64) == "timm-resnet18-nall-kkkkkkkkkkkk.h5"
+
+
+def test_audit_and_finetune_run_on_a_timm_head_and_its_cache(timm_head, folders, tmp_path):
+    """audit finds a test photo the training folder also holds in a timm cache (extracting the test folder
+    with the cache's own network), and finetune starts from the timm head, its backbone and preprocessing."""
+    import shutil
+
+    test = tmp_path / "test"
+    shutil.copytree(folders / "test", test)
+    leaked = sorted((folders / "data" / "red").glob("*.jpg"))[0]
+    shutil.copy(leaked, test / "red" / "copy.jpg")
+    cache = torch.load(timm_head, weights_only=True)["cache"]
+    report = json.loads(run("audit", "--cache", cache, "--test-data", test, "--cache-dir", folders / "features",
+                            "--backbone", "timm:test_efficientnet", "--weights", "none", "--workers", 0,
+                            "--runs-dir", tmp_path / "runs", "--json"))
+    leaks = {(Path(x["test"]).name, Path(x["train"]).name) for x in report["leaks"]}
+    assert ("copy.jpg", leaked.name) in leaks
+    result = json.loads(run("finetune", "--data", folders / "data", "--init-head", timm_head, "--unfreeze", 1,
+                            "--epochs", 1, "--batch-size", 8, "--workers", 0, "--runs-dir", tmp_path / "runs",
+                            "--json"))
+    ckpt = torch.load(result["checkpoint"], weights_only=True)
+    assert ckpt["backbone"] == "test_efficientnet" and ckpt["preprocessing"]["crop_size"] == 160
