@@ -8,7 +8,6 @@ from pipeline import Head
 from pipeline.heads.calibration import (
     calibration_metrics,
     fit_blend_weights,
-    fit_stack_weights,
     fit_temperature,
     log_softmax,
     reliability_bins,
@@ -40,18 +39,16 @@ def _two_heads(n: int = 400, seed: int = 0):
     return logits(margin_a), logits(margin_b), y
 
 
-def test_a_head_clearly_more_accurate_out_of_fold_is_kept_alone():
+def test_the_blend_is_never_less_accurate_out_of_fold_than_the_better_head():
     # the NLL-optimal blend of these leans on the calibrated, less accurate head (measured: 85 % against 95 %)
     a, b, y = _two_heads()
     w = fit_blend_weights(a, b, y)
     blend = log_softmax(w[0] * a + w[1] * b)
-    assert float((blend.argmax(1) == y).mean()) == 0.95
-    assert w == [pytest.approx(1 / fit_temperature(a, y)), 0.0]
-
-
-def test_the_nll_blend_stays_where_no_head_is_clearly_more_accurate():
-    a, b, y = _two_heads()
-    assert fit_blend_weights(b, b, y) == fit_stack_weights([b, b], y)
+    accuracy = lambda logp: float((logp.argmax(1) == y).mean())  # noqa: E731
+    assert min(w) >= 0
+    assert accuracy(blend) >= max(accuracy(a), accuracy(b)) == 0.95
+    # and the weights carry the blend's temperature: rescaling it does not lower its NLL
+    assert fit_temperature(blend, y) == pytest.approx(1.0, rel=0.02)
 
 
 def test_fit_temperature_recovers_the_temperature_the_labels_were_drawn_at():

@@ -45,8 +45,7 @@ LOG_FLOOR = 1e-15  # probabilities are clipped here for log-loss (as sklearn.met
 
 #: The default head's search (fit-head --head auto): the two plain recipes that a default head must not lose
 #: to, the exact RBF SVM (one-vs-rest, gamma 'scale' as SVC's) and logistic regression, each with C by CV
-#: accuracy, then stacked (``stack_setting``: their out-of-fold log-probabilities weighted to the lowest NLL,
-#: or one alone where it is clearly the more accurate out of fold)
+#: accuracy, then stacked (``stack_setting``: their out-of-fold log-probabilities weighted to the lowest NLL)
 #: and refitted on every row. Measured on paired splits of the proxies (docs/heads.md).
 AUTO_GRID = (
     {"head": ["svm"], "C": [0.1, 1.0, 10.0, 100.0, 1000.0], "gamma": ["scale"], "scheme": ["ovr"]},
@@ -91,10 +90,8 @@ def clearly_better(challenger: dict, default: dict, folds: int) -> bool:
 
 def stack_setting(svm_row: dict, logreg_row: dict, oof: Mapping, y: np.ndarray) -> tuple[dict, np.ndarray]:
     """The stack of two ``tune`` rows (an SVM's, a logistic regression's, on the same view and normalisation)
-    with the weights that minimise the NLL of their out-of-fold log-probabilities combined (each one's
-    temperature and share), or one of them alone where it is more accurate out of fold than that blend by more
-    than the standard error of the difference (``fit_blend_weights``), and the stack's out-of-fold
-    log-probabilities. Measured on four proxies
+    with the weights that minimise the NLL of their out-of-fold log-probabilities combined (``fit_stack_weights``:
+    each one's temperature and share), and the stack's out-of-fold log-probabilities. Measured on four proxies
     over paired splits (docs/heads.md): where the SVM is the better recipe (scenes, objects) and where logistic
     regression is (20 dog breeds from 11 photos each), the stack is at least level with the better one; choosing
     one of the two by CV loses a point on one kind of set or the other."""
