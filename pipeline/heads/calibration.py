@@ -59,31 +59,18 @@ def fit_temperature(logp: np.ndarray, y: np.ndarray, bounds=T_BOUNDS, prior_rows
     return float(math.exp((lo + hi) / 2))
 
 
-#: the blend shares tried by ``fit_blend_weights`` (0: the second head alone, 1: the first alone)
-BLEND_SHARES = np.linspace(0.0, 1.0, 21)
+def fit_stack_weights(logps: list, y: np.ndarray, bounds=(0.0, 1.0 / T_BOUNDS[0])) -> list[float]:
+    """Non-negative weights w minimising the NLL of softmax(sum_i w_i logps[i]) (held-out log-probabilities
+    of several heads on the same rows): each head's temperature and its share in one; a head that adds
+    nothing gets weight 0. L-BFGS-B from equal weights of 1."""
+    from scipy.optimize import minimize
 
-
-def fit_blend_weights(first: np.ndarray, second: np.ndarray, y: np.ndarray) -> list[float]:
-    """Two non-negative weights (w1, w2) for softmax(w1 * first + w2 * second), from two heads' held-out
-    log-probabilities of the same rows: each head is calibrated alone (``fit_temperature``), the share s of
-    the first in s * first + (1 - s) * second is the one of ``BLEND_SHARES`` with the highest held-out
-    accuracy, ties going to the lower NLL (then to the earlier share), and the blend's own temperature is
-    fitted last. Accuracy first because the head is judged on it: by NLL alone a blend leans towards the
-    better-calibrated head (logistic regression, nearly always) even where the other is more accurate; the
-    shares include each head alone, so the blend is never less accurate out of fold than the better of the two."""
-    y = np.asarray(y, np.int64)
+    logps, y = [np.asarray(lp, np.float64) for lp in logps], np.asarray(y, np.int64)
     if not len(y):
-        return [1.0, 1.0]
-    t1, t2 = fit_temperature(first, y), fit_temperature(second, y)
-    a, b = np.asarray(first, np.float64) / t1, np.asarray(second, np.float64) / t2
-
-    def scored(share: float) -> tuple:
-        logp = log_softmax(share * a + (1 - share) * b)
-        return -float((logp.argmax(1) == y).mean()), nll(logp, y)
-
-    share = float(min(BLEND_SHARES, key=scored))
-    t = fit_temperature(log_softmax(share * a + (1 - share) * b), y)
-    return [share / (t1 * t), (1 - share) / (t2 * t)]
+        return [1.0] * len(logps)
+    f = lambda w: nll(log_softmax(sum(wi * lp for wi, lp in zip(w, logps))), y)  # noqa: E731
+    res = minimize(f, np.ones(len(logps)), bounds=[bounds] * len(logps), method="L-BFGS-B")
+    return [float(w) for w in res.x]
 
 
 def calibration_metrics(logp: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> dict:

@@ -13,7 +13,7 @@ from sklearn.model_selection import StratifiedKFold, train_test_split
 from threadpoolctl import threadpool_limits
 
 from ..progress import quiet
-from .calibration import fit_blend_weights, fit_temperature, log_softmax, with_temperature
+from .calibration import fit_stack_weights, fit_temperature, log_softmax, with_temperature
 from .feature_views import (
     VIEWS,
     Normalizer,
@@ -96,7 +96,7 @@ def stack_setting(svm_row: dict, logreg_row: dict, oof: Mapping, y: np.ndarray) 
     regression is (20 dog breeds from 11 photos each), the stack is at least level with the better one; choosing
     one of the two by CV loses a point on one kind of set or the other."""
     svm, lr = svm_row["setting"], logreg_row["setting"]
-    weights = fit_blend_weights(oof[svm_row["key"]], oof[logreg_row["key"]], y)
+    weights = fit_stack_weights([oof[svm_row["key"]], oof[logreg_row["key"]]], y)
     setting = complete_setting({"head": "stack", "view": svm["view"], "normalize": svm["normalize"], "C": svm["C"],
                                 "gamma": svm["gamma"], "scheme": svm["scheme"], "C_logreg": lr["C"],
                                 "weights": tuple(weights)})
