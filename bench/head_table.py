@@ -262,8 +262,8 @@ def markdown(table: dict) -> str:
         cells = []
         for p in proxies:
             r = table[p].get(c)
-            diffs = ", ".join(f"{100 * m:+.2f} ± {100 * se:.2f} vs {k}" for k, (m, se) in (r or {}).get("vs", {}).items()
-                              if k != c)
+            vs = (r or {}).get("vs", {}).items()
+            diffs = ", ".join(f"{100 * m:+.2f} ± {100 * se:.2f} vs {k}" for k, (m, se) in vs if k != c)
             cells.append("" if r is None else f"{r['acc']:.4f}" + (f" ({diffs})" if diffs else ""))
         lines.append(f"| {c} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + ("\n\n(mean test accuracy over the paired splits; in brackets the mean paired "

@@ -36,7 +36,7 @@ def test_fit_head_learns_separable_features_and_saves_a_safe_checkpoint(cache, t
                                calibrate="none"))  # the val loss is the fitted head's, before any temperature
     assert r["val_acc"] == 1.0 and r["train_rows"] == 24 and r["val_rows"] == 8
     assert r["history"][-1]["train_loss"] < r["history"][0]["train_loss"]
-    lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("Epoch ")]
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("Epoch ")]
     assert len(lines) == 5 and lines[0].startswith("Epoch 1, Train acc=") and "Val loss=" in lines[0]
     ckpt = torch.load(r["checkpoint"], weights_only=True)
     assert ckpt["classes"] == ["blue", "red"] and ckpt["in_shape"] == [8, 8, 8] and ckpt["backbone"] == "tiny"
@@ -54,8 +54,10 @@ def test_dropout_and_the_seed_make_runs_reproducible(cache, tmp_path):
     for key in ("train_loss", "val_loss", "train_acc"):
         assert [h[key] for h in a["history"]] == pytest.approx([h[key] for h in b["history"]])
     # ... and both matter: without dropout, or with another seed, the same run trains differently
-    no_dropout = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=2, dropout=0.0, runs_dir=str(tmp_path / "c")))
-    other_seed = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=2, dropout=0.5, seed=1, runs_dir=str(tmp_path / "e")))
+    no_dropout = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=2, dropout=0.0,
+                                        runs_dir=str(tmp_path / "c")))
+    other_seed = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=2, dropout=0.5, seed=1,
+                                        runs_dir=str(tmp_path / "e")))
     for other in (no_dropout, other_seed):
         assert [h["train_loss"] for h in other["history"]] != pytest.approx([h["train_loss"] for h in a["history"]])
 
@@ -92,7 +94,8 @@ def test_real_vgg16_features_separate_cats_and_dogs(shared_available, tmp_path):
     with FeatureCache(r["cache"]) as c:
         assert np.bincount(c.labels).tolist() == [20, 20] and c.attrs["weights"] == "file:vgg16_features_imagenet.pt"
         assert c.attrs["mean"][0] == pytest.approx(0.485, abs=1e-3)  # from the sidecar, not hand-copied
-    fit = fit_head(FitHeadConfig(head="linear", cache=r["cache"], epochs=10, val_fraction=0.25, runs_dir=str(tmp_path / "runs")))
+    fit = fit_head(FitHeadConfig(head="linear", cache=r["cache"], epochs=10, val_fraction=0.25,
+                                 runs_dir=str(tmp_path / "runs")))
     assert fit["val_rows"] == 10 and fit["val_acc"] >= 0.9
 
 
@@ -110,12 +113,14 @@ def test_a_pooled_cache_allows_only_the_avg_view(tmp_path, make_cache, image_fol
     pooled = make_cache(image_folder, pool="avg", cache_dir=str(tmp_path / "pooled"))["cache"]
     with pytest.raises(ValueError, match="--features: view 'max' needs the spatial map.*allowed views: avg, flat"):
         fit_head(FitHeadConfig(cache=pooled, features="max", runs_dir=str(tmp_path / "runs")))
-    assert fit_head(FitHeadConfig(head="linear", cache=pooled, features="avg", epochs=2, runs_dir=str(tmp_path / "runs")))["val_rows"]
+    pooled_fit = fit_head(FitHeadConfig(head="linear", cache=pooled, features="avg", epochs=2,
+                                        runs_dir=str(tmp_path / "runs")))
+    assert pooled_fit["val_rows"]
 
 
 def test_early_stopping_keeps_the_best_epochs_weights(cache, tmp_path, capsys):
-    r = fit_head(FitHeadConfig(cache=cache, head="linear", recipe="default", lr=0.5, epochs=60, patience=3, val_fraction=0.25,
-                               runs_dir=str(tmp_path / "runs")))
+    r = fit_head(FitHeadConfig(cache=cache, head="linear", recipe="default", lr=0.5, epochs=60, patience=3,
+                               val_fraction=0.25, runs_dir=str(tmp_path / "runs")))
     losses = [h["val_loss"] for h in r["history"]]
     best = int(np.argmin(losses))
     assert r["best_epoch"] == best + 1 and len(losses) <= best + 1 + 3  # stopped 3 epochs after the best
@@ -162,12 +167,14 @@ def test_test_data_is_extracted_like_the_cache_scored_and_copies_are_reported(tm
 
     cache = make_cache(image_folder)["cache"]
     other = make_image_folder(tmp_path / "other", per_class=5, seed=7)
-    r = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=20, test_data=str(other), runs_dir=str(tmp_path / "runs")))
+    r = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=20, test_data=str(other),
+                               runs_dir=str(tmp_path / "runs")))
     assert r["test"]["rows"] == 10 and r["test_acc"] == r["test"]["acc"] and r["test"]["overlap"] == []
     from pipeline.cache.feature_cache import newest_cache
 
     assert str(newest_cache(tmp_path / "features").path) == cache  # the newer test cache is never the default
-    again = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=1, test_cache=r["test"]["cache"], runs_dir=str(tmp_path / "r")))
+    again = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=1, test_cache=r["test"]["cache"],
+                                   runs_dir=str(tmp_path / "r")))
     assert again["test"]["rows"] == 10
     shutil.copy(image_folder / "red" / "red.0.jpg", other / "red" / "copy.jpg")
     shutil.copy(image_folder / "red" / "red.1.jpg", other / "red" / "copy2.jpg")
@@ -176,7 +183,8 @@ def test_test_data_is_extracted_like_the_cache_scored_and_copies_are_reported(tm
     assert len(r["test"]["overlap"]) >= 1  # a copy of a training image, whatever its name
     made_otherwise = make_cache(other, dtype="float32", cache_dir=str(tmp_path / "f32"))["cache"]
     with pytest.raises(ValueError, match="made differently from the training cache.*dtype: float16 vs float32"):
-        fit_head(FitHeadConfig(head="linear", cache=cache, epochs=1, test_cache=made_otherwise, runs_dir=str(tmp_path / "runs")))
+        fit_head(FitHeadConfig(head="linear", cache=cache, epochs=1, test_cache=made_otherwise,
+                               runs_dir=str(tmp_path / "runs")))
 
 
 def test_tune_on_a_pooled_cache_leaves_out_the_views_it_cannot_give(make_cache, image_folder, tmp_path):

@@ -52,7 +52,8 @@ def test_plain_head_equals_flatten_linear_logsoftmax():
     torch.manual_seed(0)
     seq = nn.Sequential(nn.Flatten(), nn.Linear(int(np.prod(SHAPE)), 3), nn.LogSoftmax(dim=1))
     head = ProbeHead.from_linear(seq[1].weight.detach(), seq[1].bias.detach(), SHAPE)
-    assert head.config["view"] == "flat" and head.config["normalize"] == "none" and head.linear.weight.dtype == torch.float32
+    assert head.config["view"] == "flat" and head.config["normalize"] == "none"
+    assert head.linear.weight.dtype == torch.float32
     x = torch.from_numpy(maps(8)[0])
     torch.testing.assert_close(head(x), seq(x), rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"takes features of shape \(4, 3, 3\), got \(4, 1, 1\)"):
@@ -113,7 +114,8 @@ def test_logreg_conversion_reproduces_predict_proba(k, view, norm):
 
 
 @pytest.mark.parametrize("k", [2, 3])
-@pytest.mark.parametrize("view,norm,gamma", [("avgmax", "l2", "scale"), ("flat", "rms", "2*scale"), ("avg", "none", None)])
+@pytest.mark.parametrize("view,norm,gamma",
+                         [("avgmax", "l2", "scale"), ("flat", "rms", "2*scale"), ("avg", "none", None)])
 def test_kernel_conversion_reproduces_predict_proba(k, view, norm, gamma):
     x, y = maps(45, k)
     nm = Normalizer(norm).fit(apply_view(x, view))

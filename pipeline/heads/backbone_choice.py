@@ -51,7 +51,8 @@ class Candidate:
     log_loss_se: float
     fold_acc: list  # per fold, in the same folds for every candidate
     fold_log_loss: list
-    img_per_s: Optional[float]  # extraction rate on this machine (a fusion runs each backbone: 1/sum(1/r)); None if unknown
+    # extraction rate on this machine (a fusion runs each backbone: 1/sum(1/r)); None if unknown
+    img_per_s: Optional[float]
     mb_per_1000: float  # cache size per 1,000 photos (a fusion: the sum of its caches')
     diff: float = 0.0  # the best's accuracy minus this one's (mean of the paired fold differences)
     diff_se: float = 0.0  # its standard error
@@ -295,7 +296,8 @@ def format_choice(choice: BackboneChoice) -> str:
         rate = f"{c.img_per_s:7.1f}" if c.img_per_s else f"{'n/a':>7}"
         lines.append(f"{mark} {c.name:<{w}}  {c.features:>8}  {100 * c.acc:6.1f} ± {100 * c.acc_se:4.1f} %  "
                      f"{c.log_loss:6.3f} ± {c.log_loss_se:5.3f}  {vs:>13}  {rate}  {c.mb_per_1000:6.1f}{noise}")
-    lines.append(f"(* recommended; extraction {choice.extract_seconds:.0f} s, cross-validation {choice.cv_seconds:.0f} s; "
-                 "img/s as extract ran on this machine, n/a for a cache made before rates were kept)")
+    lines.append(f"(* recommended; extraction {choice.extract_seconds:.0f} s, "
+                 f"cross-validation {choice.cv_seconds:.0f} s; img/s as extract ran on this machine, "
+                 "n/a for a cache made before rates were kept)")
     lines.append(choice.note)
     return "\n".join(lines)

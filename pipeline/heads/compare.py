@@ -100,8 +100,9 @@ def _describe(r: dict, c: dict) -> str:
     """A table name for one fit-head result (``c``: its effective config): kind and the settings that matter."""
     if c["head"] == "auto":
         s = r["tuning"]["setting"]
+        cv = f"by {c['folds']}-fold CV"
         how = (f"RBF SVM C={s['C']:g} x {s['weights'][0]:.2g} + logreg C={s['C_logreg']:g} x {s['weights'][1]:.2g}, "
-               f"by {c['folds']}-fold CV" if s["head"] == "stack" else f"{r['tuning']['choice']} by {c['folds']}-fold CV")
+               f"{cv}" if s["head"] == "stack" else f"{r['tuning']['choice']} {cv}")
     elif c["head"] == "linear":
         how = f"Adam lr={c['lr']:g}, wd={c['weight_decay']:g}, best epoch {r['best_epoch']} of {len(r['history'])}"
     elif c["head"] == "logreg":

@@ -236,7 +236,8 @@ def _nested(cfg: FitHeadConfig, rows, grid, n_classes: int) -> dict:
             head, _ = fit_setting(part, y[tr], row["setting"], in_shape=shape, n_classes=n_classes, seed=cfg.seed)
             logp = with_temperature(head.log_proba_of_rows(rows[row["setting"]["view"]][te]), row["temperature"])
             out[name]["acc"].append(float((logp.argmax(1) == y[te]).mean()))
-            out[name]["ll"].append(float(-np.log(np.clip(np.exp(logp[np.arange(len(te)), y[te]]), LOG_FLOOR, 1)).mean()))
+            p_true = np.clip(np.exp(logp[np.arange(len(te)), y[te]]), LOG_FLOOR, 1)
+            out[name]["ll"].append(float(-np.log(p_true).mean()))
     return {name: {"acc_mean": float(np.mean(r["acc"])), "acc_std": float(np.std(r["acc"])),
                    "log_loss_mean": float(np.mean(r["ll"])), "log_loss_std": float(np.std(r["ll"]))}
             for name, r in out.items()}
@@ -255,7 +256,8 @@ def _tune(cfg: FitHeadConfig, cache, train_idx):
         raise UsageError(f"{'--tune' if cfg.tune else '--head auto'}: {e}") from None
     best, nested = _default_row(cfg, rows.feature_shape, result), None
     if cfg.tune:
-        best, default = _default_unless_beaten(cfg, rows.feature_shape, result), _default_row(cfg, rows.feature_shape, result)
+        default = _default_row(cfg, rows.feature_shape, result)
+        best = _default_unless_beaten(cfg, rows.feature_shape, result)
         if default is not None and best["key"] != default["key"]:
             nested = _nested(cfg, rows, _search_grid(cfg), len(cache.classes))
             if not clearly_better(nested["tune"], nested["default"], cfg.folds):
@@ -266,7 +268,8 @@ def _tune(cfg: FitHeadConfig, cache, train_idx):
               "CV log-loss and its CV accuracy by more than the standard error of the difference, and the wider "
               "search, made again inside each outer fold, beats the default's own search on the outer folds' rows "
               "the same way)" + (f"\nnested CV: --tune {nested['tune']['acc_mean']:.3f} / "
-                                 f"{nested['tune']['log_loss_mean']:.4f}, defaults {nested['default']['acc_mean']:.3f} / "
+                                 f"{nested['tune']['log_loss_mean']:.4f}, "
+                                 f"defaults {nested['default']['acc_mean']:.3f} / "
                                  f"{nested['default']['log_loss_mean']:.4f} (acc / log-loss)" if nested else ""),
               file=sys.stderr)
     else:
@@ -460,8 +463,9 @@ def fit_head(cfg: FitHeadConfig) -> dict:
             **(cache.checkpoint_fields() if fused else _int8_network(path)),
         }
         atomic_write(out_dir / "head.pt", lambda tmp: torch.save(ckpt, tmp))
+    fused_fields = {"backbone": ckpt["backbone"], "cache_fingerprint": ckpt["cache_fingerprint"]} if fused else {}
     curves = finish_run(out_dir, cfg.runs_dir, "fit-head", history, [out_dir / "head.pt"], cache=str(path),
-                        **({"backbone": ckpt["backbone"], "cache_fingerprint": ckpt["cache_fingerprint"]} if fused else {}),
+                        **fused_fields,
                         params={**asdict(cfg), **({"tuned": tuning["choice"]} if tuning else {})}, metrics=metrics)
     return {"cache": str(path), **({"caches": fused} if fused else {}), "run_dir": str(out_dir),
             "checkpoint": str(out_dir / "head.pt"),

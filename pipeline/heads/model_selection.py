@@ -141,7 +141,8 @@ def complete_setting(setting: dict) -> dict:
 
 
 def setting_key(setting: dict) -> str:
-    """A short stable name: 'logreg|avg|l2|C=100', 'kernel|avg|l2|C=10|gamma=scale|m=1000', 'torch|flat|l2|lr=0.01|wd=0.0001'."""
+    """A short stable name: 'logreg|avg|l2|C=100', 'kernel|avg|l2|C=10|gamma=scale|m=1000',
+    'torch|flat|l2|lr=0.01|wd=0.0001'."""
     s = complete_setting(setting)
     base = f"{s['head']}|{s['view']}|{s['normalize']}"
     if s["head"] == "torch":

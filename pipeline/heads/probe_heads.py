@@ -93,7 +93,8 @@ class ProbeHead(nn.Module):
                 "n_classes": self.n_classes, "view": self.view, "normalize": self.normalize,
                 "kernel": "rbf" if self.kernel_components else None,
                 "kernel_components": self.kernel_components, "gamma": self.gamma, "dropout": self.dropout_p,
-                "kernel_norm": self.kernel_norm_separate, "linear_skip": self.linear_skip, "temperature": self.calibrated,
+                "kernel_norm": self.kernel_norm_separate, "linear_skip": self.linear_skip,
+                "temperature": self.calibrated,
                 "known_rows": len(self.known_rows) if self.has_unknown else 0, "unknown_k": self.unknown_k}
 
     def describe(self) -> str:
