@@ -41,7 +41,8 @@ def make_cache(path: Path, rows: int, block: int = 1024) -> None:
     pre = Preprocessing(256, 224, "bilinear", True, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
     attrs = {**Provenance("vgg16", "synthetic", "", "all", "", pre, ("a", "b"), "none", str(path.parent),
                           "synthetic").cache_attrs(),
-             "fingerprint": "bench", "seed": 0, "n_requested": rows, "dtype": "float16", "created": ""}
+             "fingerprint": "bench", "seed": 0, "n_requested": rows, "dtype": "float16",
+             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     rng = np.random.default_rng(0)
     direction = rng.standard_normal(SHAPE).astype(np.float32)
     with CacheWriter(path, attrs) as w:
