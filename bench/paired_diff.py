@@ -21,7 +21,8 @@ import numpy as np
 def accuracies(spec: str, proxy: str) -> dict:
     """{split: accuracy} of FILE:CANDIDATE on ``proxy``."""
     path, _, cand = spec.rpartition(":")
-    store = json.loads(open(path).read())
+    with open(path) as f:
+        store = json.load(f)
     out = {}
     for key, r in store.items():
         p, c, split = key.rsplit("|", 2)
