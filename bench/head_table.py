@@ -12,6 +12,10 @@ Proxies (``--data``): catsdogs + catsdogs_test, caltech20, scenes6, food10, sign
 pooled) and dogbreeds20. Rows are read from the caches (so a split costs no extraction): plain caches, one
 view of each photo, made by the project's extract (``--backbone``, ``--weights``, n=0, --no-flip) into
 ``--cache-dir`` or found there, or named with ``--cache proxy=TRAIN.h5[,TEST.h5]`` (another backbone's caches).
+``--fuse proxy=TRAIN.h5[,TEST.h5]`` (another backbone's caches of the same photos) also scores every candidate on
+the fused rows, as ``fit-head --cache A --cache B`` fits them (heads/fused_views.py: each cache's avg row
+l2-normalised as one block, side by side), in the first caches' row order, so on the same splits; those
+candidates are named ``NAME+fused`` and compared with the single backbone's recipes.
 
 Candidates (``--candidates``; each fits on the split's training rows and predicts its test rows):
   svc       the plain recipe: avg-pooled l2 rows, GridSearchCV(SVC(), {"C": [0.1, 1, 10, 100]}, cv=5)
@@ -23,6 +27,8 @@ Candidates (``--candidates``; each fits on the split's training rows and predict
     python bench/head_table.py                        # every proxy, 20 splits, the default candidates
     python bench/head_table.py --only scenes6 --candidates svc logreg defaults --splits 30
     python bench/head_table.py --pipeline-root /work/main --label before   # an older checkout's defaults
+    python bench/head_table.py --backbone tf_efficientnet_lite0 --weights W --only dogbreeds20 \
+        --fuse dogbreeds20=VGG16.h5                   # Lite0 alone and fused with VGG-16, same splits
 
 Each (proxy, candidate, split)'s predictions are kept in ``--results`` (JSON), so a rerun computes only
 what is missing and a candidate added later is paired with the same splits.
@@ -109,13 +115,18 @@ def caches(args, flip=False) -> dict:
     return out
 
 
-def pooled_maps(paths: list) -> tuple:
-    """(maps (N, C, H, W) float16, labels, classes, rows of the training cache) of the caches pooled."""
+def pooled_maps(paths: list, fuse: list | None = None) -> tuple:
+    """(maps (N, C, H, W) float16, labels, classes, rows of the training cache) of the caches pooled; with
+    ``fuse`` (another backbone's caches of the same folders, in the same order) each cache's fused rows
+    with its counterpart, as (N, D, 1, 1) float32 maps in ``paths``' row order."""
     from pipeline.cache.feature_cache import FeatureCache
+    from pipeline.heads.fused_views import FusedRows
 
+    if fuse and len(fuse) != len(paths):
+        raise SystemExit(f"--fuse names {len(fuse)} caches for {len(paths)}: {', '.join(map(str, paths))}")
     maps, labels, classes = [], [], None
-    for p in paths:
-        with FeatureCache(p) as c:
+    for k, p in enumerate(paths):
+        with (FusedRows([p, fuse[k]]) if fuse else FeatureCache(p)) as c:
             if classes is not None and list(c.classes) != classes:
                 raise SystemExit(f"{p}: classes {list(c.classes)} differ from the training cache's {classes}")
             classes = list(c.classes)
@@ -199,25 +210,27 @@ def parse_candidate(text: str) -> tuple:
 
 # -- the table -----------------------------------------------------------------------------------------------
 def run_proxy(name: str, paths: list, candidates: list, splits: int, store: dict, save, label: str,
-              first: int = 0) -> None:
+              first: int = 0, fuse: list | None = None) -> None:
     """Every candidate's test predictions on splits ``first`` ... ``splits`` - 1 of ``name`` not in ``store`` yet
-    (saved as they come)."""
-    maps, labels, classes, n_train = pooled_maps(paths)
+    (saved as they come); with ``fuse``, on the fused rows (see ``pooled_maps``), as ``NAME+fused``."""
+    maps, labels, classes, n_train = pooled_maps(paths, fuse)
+    suffix = "+fused" if fuse else ""
     n_test = len(labels) - n_train if len(paths) == 2 else HOLDOUT
     av = None
     for i, (tr, te) in enumerate(paired_splits(labels, n_test, splits)):
         if i < first:
             continue
         for cand, kind, opts in candidates:
-            key = f"{name}|{cand}{label if kind == 'fit-head' else ''}|{i}"
+            key = f"{name}|{cand}{suffix}{label if kind == 'fit-head' else ''}|{i}"
             if key in store:
                 continue
             t0 = time.time()
             if kind == "recipe":
                 av = l2_avg(maps) if av is None else av
                 pred, choice = recipe_predict(cand, av[tr], labels[tr], av[te]), None
-            else:
-                pred, choice = fit_head_predict(opts, maps, labels, classes, tr, te)
+            else:  # fused rows: their own avg view, as FusedRows.head_config gives fit-head
+                pred, choice = fit_head_predict({**opts, **({"features": "avg"} if fuse else {})}, maps, labels,
+                                                classes, tr, te)
             store[key] = {"acc": float((pred == labels[te]).mean()), "rows": int(len(te)),
                           "seconds": time.time() - t0, "choice": choice}
             print(f"{key}: {store[key]['acc']:.4f} ({store[key]['seconds']:.1f} s, {choice})", file=sys.stderr,
@@ -322,6 +335,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cache_arguments(p)
     p.add_argument("--candidates", nargs="*", default=["svc", "logreg", "defaults"])
+    p.add_argument("--fuse", type=named_cache, action="append", default=[],
+                   help="proxy=TRAIN.h5[,TEST.h5]: another backbone's caches of the same photos: also every "
+                        "candidate on the fused rows (NAME+fused), same splits; repeatable")
     p.add_argument("--splits", type=int, default=SPLITS, help="paired splits per proxy")
     p.add_argument("--first-split", type=int, default=0,
                    help="start at this split (several processes, each its own --results, share the work)")
@@ -340,6 +356,8 @@ def main() -> None:
     made = caches(a)
     for name, paths in made.items():
         run_proxy(name, paths, candidates, a.splits, store, save, a.label, a.first_split)
+        if name in dict(a.fuse):
+            run_proxy(name, paths, candidates, a.splits, store, save, a.label, a.first_split, dict(a.fuse)[name])
     print(markdown(summary({k: v for k, v in store.items() if k.split("|")[0] in made})))
     if a.timing_rows:
         print("\n| rows | default fit s | CPU s | peak RSS MB |\n|---|---|---|---|")
