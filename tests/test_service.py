@@ -48,6 +48,21 @@ def photos(head: Path) -> list[Path]:
     return sorted(data.rglob("*.jpg"))
 
 
+def wait_healthy(url: str, proc: subprocess.Popen, seconds: float = 60) -> None:
+    """Until the service at ``url`` answers /health; fails with its output if it exits or takes too long."""
+    import httpx
+
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else ""
+        time.sleep(0.1)
+
+
 def upload(*paths):
     return [("files", (p.name, p.read_bytes(), "image/jpeg")) for p in paths]
 
@@ -186,15 +201,7 @@ def test_sigterm_answers_the_request_in_flight_then_exits(head):
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else ""
-            time.sleep(0.1)
+        wait_healthy(url, proc)
         answer = {}
         t = threading.Thread(target=lambda: answer.update(r=httpx.post(f"{url}/predict", timeout=30,
                                                                           files=upload(photos(head)[0]))))
@@ -228,15 +235,7 @@ def test_past_drain_seconds_a_request_in_flight_gets_a_clean_503(head):
         port = int(re.search(r"http://127\.0\.0\.1:(\d+)/", line)[1])
         assert port != 0
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        wait_healthy(url, proc)
         answer = {}
         t = threading.Thread(target=lambda: answer.update(r=httpx.post(f"{url}/predict", timeout=30,
                                                                           files=upload(photos(head)[0]))))
