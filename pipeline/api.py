@@ -447,14 +447,15 @@ class _Classifier:
         return ckpt
 
     # -- predicting ------------------------------------------------------------------------------
-    def _model(self, device: Optional[str], precision: str):
-        """The whole model (backbone + head) from the checkpoint, loaded once, on ``device``."""
+    def _model(self, device: Optional[str], precision: str, maps: bool = False):
+        """The whole model (backbone + head) from the checkpoint, loaded once, on ``device`` (``maps``: with
+        each photo's heatmap in its output, ``whole_models.network``)."""
         from .models.whole_models import load_model, network
 
-        asked = (device or getattr(self, "device", "auto") or "auto", precision)
+        asked = (device or getattr(self, "device", "auto") or "auto", precision, maps)
         if self._loaded is None or self._loaded[2] != asked:
             lm = load_model(self._checkpoint(), self._weights)
-            self._loaded = (lm, network(lm, *asked), asked)
+            self._loaded = (lm, network(lm, *asked[:2], maps=maps), asked)
         return self._loaded[0], self._loaded[1]
 
     def _image_scores(self, X, batch_size: int, workers: Optional[int], device, precision):
@@ -464,7 +465,8 @@ class _Classifier:
         out = self._image_outputs(X, batch_size, workers, device, precision)
         return split_extras(out, len(self.classes_))
 
-    def _image_outputs(self, X, batch_size: int, workers: Optional[int], device, precision) -> np.ndarray:
+    def _image_outputs(self, X, batch_size: int, workers: Optional[int], device, precision,
+                       maps: bool = False) -> np.ndarray:
         from PIL import Image
 
         from .data.folders import to_rgb
@@ -473,7 +475,7 @@ class _Classifier:
         items = [X] if isinstance(X, (str, os.PathLike, Image.Image)) else list(X)
         if not items:
             raise UsageError("nothing to predict: X is empty")
-        lm, model = self._model(device, precision)
+        lm, model = self._model(device, precision, maps)
         files, images, order = [], [], []
         for x in items:
             if isinstance(x, Image.Image):
@@ -509,6 +511,18 @@ class _Classifier:
 
     def _scores(self, X, batch_size: int, workers: Optional[int], device, precision):
         return self._image_scores(X, batch_size, workers, device, precision)
+
+    def explain(self, X: ImageInput, *, batch_size: int = 32, workers: Optional[int] = None,
+                device: Optional[str] = None, precision: str = "auto") -> np.ndarray:
+        """Heatmaps, (N, H, W) in [0, 1]: where in each photo its predicted class was decided (Grad-CAM on the
+        backbone's last H x W feature map, ``pipeline.heads.heatmaps``); 1 at the hottest place. A map covers
+        the photo as the backbone saw it (resized and centre-cropped). One forward pass per photo, the head's
+        own gradient at the map. ``X`` as ``predict_proba``'s."""
+        from .heads.heatmaps import normalised
+        from .models.whole_models import map_grid, split_maps
+
+        out = self._image_outputs(X, batch_size, workers, device, precision, maps=True)
+        return normalised(split_maps(out, map_grid(self._loaded[0]))[1])
 
     def _log_proba(self, X, batch_size: int, workers: Optional[int], device, precision) -> np.ndarray:
         return self._scores(X, batch_size, workers, device, precision)[0]
@@ -779,6 +793,45 @@ class Head(ClassifierMixin, BaseEstimator, _Classifier):
                 oods.append(None if ood is None else ood.double().cpu().numpy())
         return np.concatenate(out), None if oods[0] is None else np.concatenate(oods)
 
+    def explain(self, X, *, batch_size: int = 32, workers: Optional[int] = None, device: Optional[str] = None,
+                precision: str = "auto") -> np.ndarray:
+        """Heatmaps, (N, H, W) in [0, 1], of each photo's predicted class (see ``_Classifier.explain``); from
+        a Cache (or cache file: every row, in its order) or an array of cached maps, the head alone runs (no
+        backbone, no second pass over the photos). A cache made with ``--pool avg`` has no map to explain."""
+        from .heads.heatmaps import normalised
+
+        if _is_cache(X):
+            return normalised(self._cache_maps(X if isinstance(X, Cache) else Cache(X), batch_size, device))
+        if _is_features(X):
+            return normalised(self._feature_maps(X, batch_size, device))
+        return _Classifier.explain(self, X, batch_size=batch_size, workers=workers, device=device,
+                                   precision=precision)
+
+    def _feature_maps(self, X, batch_size: int, device: Optional[str]) -> np.ndarray:
+        from .devices import resolve_device
+        from .heads.heatmaps import check_spatial, head_maps
+
+        if not self._fitted:
+            self._checkpoint()  # raises NotFittedError
+        X = np.asarray(X)
+        if int(np.prod(X.shape[1:])) != self.n_features_in_:
+            raise ValueError(f"X has {int(np.prod(X.shape[1:]))} features, but Head is expecting "
+                             f"{self.n_features_in_} features as input (cached maps of shape {self.feature_shape_})")
+        check_spatial(self.feature_shape_, "this head's cache")
+        head = self._feature_head(resolve_device(device or self.device))
+        return head_maps(head, X.reshape(len(X), *self.feature_shape_), batch_size=batch_size)[1]
+
+    def _cache_maps(self, cache: Cache, batch_size: int, device: Optional[str]) -> np.ndarray:
+        from .heads.heatmaps import check_spatial
+        from .models.whole_models import read_checkpoint
+        from .reports.evaluate import check_cache_fits
+
+        check_spatial(cache.feature_shape, f"cache {cache.path}")
+        check_cache_fits(read_checkpoint(self._checkpoint()), cache)
+        step = max(batch_size, 256)
+        return np.concatenate([self._feature_maps(cache.read_features(range(i, min(i + step, len(cache)))),
+                                                  batch_size, device) for i in range(0, len(cache), step)])
+
     def _scores(self, X, batch_size, workers, device, precision):
         if isinstance(X, Cache) or (isinstance(X, (str, os.PathLike)) and str(os.fspath(X)).endswith(".h5")):
             pred = self._cache_predictions(X, "all", device)
@@ -819,6 +872,11 @@ class Head(ClassifierMixin, BaseEstimator, _Classifier):
         where = fitted["checkpoint_"] or "in memory"
         return (f"Head({params})  # fitted: classes {list(fitted['classes_'])}"
                 f"{f', val acc {acc:.3f}' if acc is not None else ''}, {where}")
+
+
+def _is_cache(X) -> bool:
+    """A Cache, or the path of a cache file."""
+    return isinstance(X, Cache) or (isinstance(X, (str, os.PathLike)) and str(os.fspath(X)).endswith(".h5"))
 
 
 def _is_features(X) -> bool:

@@ -699,6 +699,8 @@ def finetune(as_json, **options):
 @click.option("--weights", help="For a head.pt: its backbone weights, if not where the head recorded them.")
 @click.option("--format", "format", type=click.Choice(FORMATS))
 @click.option("--output", type=click.Path(dir_okay=False), help="Write the rows to FILE.")
+@click.option("--explain", type=click.Path(file_okay=False),
+              help="Write each photo's heatmap (where its class was decided) over it into DIR, one PNG per photo.")
 @click.option("--batch-size", type=int)
 @click.option("--workers", type=int, help=WORKERS_HELP)
 @click.option("--device", help="auto, cpu, cuda or cuda:N.")

@@ -227,6 +227,7 @@ class PredictConfig:
     precision: str = "auto"  # compute precision: auto (bf16 where supported), fp32, bf16, fp16 (CUDA)
     format: str = "table"  # output format: table, csv or json
     output: Optional[str] = None  # write the rows to this file (streamed for csv); None = return them
+    explain: Optional[str] = None  # a folder: each photo's heatmap (Grad-CAM of its class) over it, NNNNN-name.png
 
 
 @dataclass

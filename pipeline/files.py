@@ -34,6 +34,15 @@ def plain_name(name: str, what: str) -> str:
     return name
 
 
+def numbered_name(number: int, source: str, suffix: str) -> str:
+    """A plain file name for an output made from the input file ``source``: its number (unique, in input order)
+    and its name's stem with anything but letters, digits, '-', '_' and '.' as '_', cut short, + ``suffix``:
+    photos of the same name in different folders, or with '/', '..', control characters, non-UTF-8 bytes or
+    200-byte names, still give one visible, distinct name each."""
+    stem = "".join(c if (c.isascii() and c.isalnum()) or c in "-_." else "_" for c in Path(source).stem)[:80]
+    return plain_name(f"{number:05d}-{stem}{suffix}", "an output name")
+
+
 def shown(name: str) -> str:
     """``name`` printable and storable: bytes that are not UTF-8 (kept by Python as surrogates) as ``\\xe9``."""
     return os.fsencode(name).decode("utf-8", "backslashreplace") if not is_utf8(name) else name

@@ -2,15 +2,21 @@
 crafted cached maps through every fit-head head kind, and generated photos through whole models."""
 from __future__ import annotations
 
+import csv
+import io
+
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from pipeline.cache.feature_cache import CacheWriter
 from pipeline.errors import UsageError
 from pipeline.heads.fit_head import FitHeadConfig, fit_head
 from pipeline.heads.heatmaps import check_spatial, grad_cam, head_maps, log_odds, normalised
 from pipeline.models.whole_models import head_from_checkpoint, read_checkpoint
+
+import tests.tiny  # noqa: F401  (registers the tiny backbones)
 
 SHAPE = (9, 6, 6)  # C, H, W
 CLASSES = ("a", "b", "c")
@@ -126,3 +132,153 @@ def test_a_pooled_cache_has_no_map_to_explain():
 def test_normalised_maps_peak_at_one_and_drop_counter_evidence():
     m = normalised(np.array([[[-2.0, 1.0], [0.5, 2.0]], [[-1.0, -3.0], [-0.5, -2.0]]]))
     assert m[0].max() == 1 and m[0, 0, 0] == 0 and m[0, 1, 0] == 0.25 and not m[1].any()
+
+
+# -- whole models, from photos ------------------------------------------------------------------
+PATCH = 12  # pixels of the coloured square that decides a photo's class (in the 32 x 32 crop: 3 x 3 cells of 4)
+PATCH_COLOURS = {"blue": (40, 60, 220), "red": (220, 40, 40)}
+
+
+def patch_photo(path, colour: str, corner, rng):
+    """A 36 x 36 grey-noise photo (the tiny backbones' crop is its middle 32 x 32) with one coloured square at
+    ``corner`` (row, column in the crop): the only place that tells the class."""
+    arr = np.clip(rng.normal(128, 25, (36, 36, 3)), 0, 255)
+    r, s = corner[0] + 2, corner[1] + 2
+    arr[r:r + PATCH, s:s + PATCH] = np.clip(rng.normal(PATCH_COLOURS[colour], 15, (PATCH, PATCH, 3)), 0, 255)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr.astype(np.uint8)).save(path)
+    return path
+
+
+def patch_folder(root, per_class: int, seed: int):
+    """An ImageFolder of patch photos, and each photo's square (corner) by path."""
+    rng = np.random.default_rng(seed)
+    corners = {}
+    for c in PATCH_COLOURS:
+        for i in range(per_class):
+            corner = tuple(int(v) for v in rng.integers(0, 32 - PATCH + 1, 2))
+            corners[str(patch_photo(root / c / f"{c}.{i}.png", c, corner, rng))] = corner
+    return root, corners
+
+
+def patch_share(maps: np.ndarray, corners) -> float:
+    """The share of maps whose hottest cell (4 x 4 pixels of the crop) overlaps its photo's square."""
+    hits = 0
+    for m, (r, s) in zip(maps, corners):
+        i, j = np.unravel_index(int(np.argmax(m)), m.shape)
+        cell = 32 // m.shape[0]
+        hits += r - cell < i * cell < r + PATCH and s - cell < j * cell < s + PATCH
+    return hits / len(maps)
+
+
+@pytest.fixture(scope="module")
+def patch_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("patches")
+    data, _ = patch_folder(root / "data", 16, seed=0)
+    test, corners = patch_folder(root / "test", 6, seed=1)
+    return root, data, sorted(corners), [corners[p] for p in sorted(corners)]
+
+
+def patch_cache(root, data, backbone: str) -> str:
+    from pipeline.extraction.extract import ExtractConfig, extract
+
+    return extract(ExtractConfig(data=str(data), n=0, backbone=backbone, weights="none", workers=0,
+                                 cache_dir=str(root / "features"), dtype="float32", precision="fp32"))["cache"]
+
+
+pytestmark = pytest.mark.filterwarnings("ignore:--weights none", "ignore:no sidecar")
+
+
+@pytest.mark.parametrize("kind", ["auto", "logreg", "svm", "kernel", "linear"])
+def test_a_heads_map_of_a_photo_lights_the_square_that_decides_it(patch_data, kind):
+    import pipeline
+
+    root, data, photos, corners = patch_data
+    head = pipeline.Head(head=kind, epochs=40, calibrate="none", unknown_rows=0, runs_dir=str(root / "runs"))
+    head.fit(patch_cache(root, data, "tiny"))
+    maps = head.explain(photos)
+    assert maps.shape == (len(photos), 8, 8) and maps.min() >= 0 and np.allclose(maps.max((1, 2)), 1)
+    assert (head.predict(photos) == [p.split("/")[-2] for p in photos]).mean() >= 0.9
+    assert patch_share(maps, corners) >= 0.9, kind
+
+
+def test_a_trained_whole_model_lights_the_square_through_its_pooled_head(patch_data):
+    """tiny_bn: BatchNorm, a head on the average-pooled map; the map is the one before the pool."""
+    import pipeline
+
+    root, data, photos, corners = patch_data
+    model = pipeline.train_model(data, backbone="tiny_bn", weights="none", epochs=30, lr=0.05, workers=0,
+                                 batch_size=8, precision="fp32", unknown_rows=0, runs_dir=str(root / "runs"))
+    maps = model.explain(photos, precision="fp32")
+    assert maps.shape == (len(photos), 8, 8)
+    assert (model.predict(photos, precision="fp32") == [p.split("/")[-2] for p in photos]).mean() >= 0.9
+    assert patch_share(maps, corners) >= 0.9
+
+
+def test_a_head_explains_its_cache_with_no_backbone_and_as_its_photos(patch_data):
+    """From the cache the head alone runs; the maps are those of the same photos through the backbone."""
+    import pipeline
+
+    root, data, _, _ = patch_data
+    cache = pipeline.Cache(patch_cache(root, data, "tiny"))
+    head = pipeline.Head(head="logreg", calibrate="none", unknown_rows=0, runs_dir=str(root / "runs")).fit(cache)
+    from_cache = head.explain(cache)
+    from_photos = head.explain([str(cache.data_root / p) for p in cache.paths], precision="fp32")
+    np.testing.assert_allclose(from_cache, from_photos, atol=1e-4)
+    np.testing.assert_allclose(head.explain(cache.read_features([3, 5])), from_cache[[3, 5]], atol=1e-6)
+
+
+def test_a_pooled_cache_is_refused_with_the_reason(patch_data):
+    import pipeline
+
+    root, data, _, _ = patch_data
+    from pipeline.extraction.extract import ExtractConfig, extract
+
+    pooled = extract(ExtractConfig(data=str(data), n=0, backbone="tiny", weights="none", workers=0, pool="avg",
+                                   cache_dir=str(root / "pooled"), dtype="float32"))["cache"]
+    head = pipeline.Head(head="logreg", calibrate="none", unknown_rows=0, runs_dir=str(root / "runs")).fit(pooled)
+    with pytest.raises(UsageError, match=r"pooled features \(8, 1, 1\).*without --pool avg"):
+        head.explain(pooled)
+    assert head.explain([str(next((data / "red").iterdir()))]).shape == (1, 8, 8)  # from photos: the map is there
+
+
+def test_predict_explain_writes_one_overlay_per_photo_beside_its_rows(patch_data, tmp_path):
+    from click.testing import CliRunner
+
+    from pipeline import cli
+
+    root, data, photos, _ = patch_data
+    head = pipeline_head(root, data)
+    odd = tmp_path / "in" / "a\nb photo.png"  # a name that must not reach the file system as it is
+    odd.parent.mkdir()
+    odd.write_bytes(open(photos[0], "rb").read())
+    (tmp_path / "in" / "broken.jpg").write_bytes(b"not an image")
+    out = tmp_path / "maps"
+    r = CliRunner().invoke(cli.cli, ["predict", str(tmp_path / "in"), photos[1], "--model", head, "--workers", "0",
+                                     "--format", "csv", "--explain", str(out)])
+    assert r.exit_code == 0, r.output
+    rows = list(csv.DictReader(io.StringIO(r.stdout)))
+    written = sorted(p.name for p in out.iterdir())
+    assert written == ["00000-a_b_photo.png", "00002-blue.1.png"]  # numbered in input order; the broken one: none
+    assert [row["heatmap"] for row in rows] == [str(out / written[0]), "", str(out / written[1])]
+    assert rows[0]["path"].endswith("a\nb photo.png") and rows[1]["error"] and not rows[0]["error"]
+    assert Image.open(out / written[0]).size == (32, 32)
+
+
+def test_predict_explain_is_refused_among_the_photos(patch_data):
+    from click.testing import CliRunner
+
+    from pipeline import cli
+
+    root, data, photos, _ = patch_data
+    r = CliRunner().invoke(cli.cli, ["predict", str(data), "--model", pipeline_head(root, data), "--workers", "0",
+                                     "--explain", str(data / "red" / "maps")])
+    assert r.exit_code == 2 and "--explain" in r.stderr and "data folder" in r.stderr
+    assert not (data / "red" / "maps").exists()
+
+
+def pipeline_head(root, data) -> str:
+    from pipeline.heads.fit_head import fit_head
+
+    return fit_head(FitHeadConfig(cache=patch_cache(root, data, "tiny"), head="logreg", calibrate="none",
+                                  unknown_rows=0, runs_dir=str(root / "runs")))["checkpoint"]

@@ -134,3 +134,12 @@ def explained_target(classes: Sequence[str], target: Optional[str], n: int):
     if target not in classes:
         raise UsageError(f"unknown class {target!r} to explain; the model's classes: {', '.join(classes)}")
     return np.full(n, list(classes).index(target), np.int64)
+
+
+def overlay(transform, image, cam):
+    """The overlay PNG's picture of one photo: its network input (``image``, normalised by ``transform``, as the
+    backbone saw it: resized and cropped) under its signed map ``cam`` (shown as ``normalised``)."""
+    from ..runs.figures import denormalise, heatmap_overlay
+
+    seen = denormalise(np.asarray(image), [float(m) for m in transform.mean], [float(s) for s in transform.std])
+    return heatmap_overlay(seen, normalised(np.asarray(cam)[None])[0])

@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -25,9 +25,28 @@ from ..devices import resolve_device
 from ..errors import UsageError
 from ..extraction import backbones as bb
 from ..extraction.inference import run_batches
-from ..files import SafeCsvWriter, Terminated, atomic_write, check_output, is_utf8, one_line, shown
+from ..files import (
+    SafeCsvWriter,
+    Terminated,
+    atomic_write,
+    check_output,
+    is_utf8,
+    numbered_name,
+    one_line,
+    shown,
+    writing,
+)
+from ..heads.heatmaps import overlay
 from ..progress import is_quiet, progress
-from .whole_models import checkpoint_reads, model_from_checkpoint, network, read_checkpoint, split_extras
+from .whole_models import (
+    checkpoint_reads,
+    map_grid,
+    model_from_checkpoint,
+    network,
+    read_checkpoint,
+    split_extras,
+    split_maps,
+)
 
 log = logging.getLogger(__name__)
 
@@ -123,21 +142,49 @@ def prediction_rows(lm, batch: Batch, outputs, top: int = 0) -> list[dict]:
     return rows
 
 
-def iter_predictions(lm, model, files: list[str], batch_size: int, workers: int) -> Iterator[dict]:
-    """One row per file, in order (``prediction_rows``); ``model`` is ``network(lm, ...)``."""
+def iter_predictions(lm, model, files: list[str], batch_size: int, workers: int,
+                     explain: Optional[Path] = None) -> Iterator[dict]:
+    """One row per file, in order (``prediction_rows``); ``model`` is ``network(lm, ...)``, with ``maps``
+    when ``explain`` names the folder that gets each photo's heatmap overlay (its row's ``heatmap``)."""
 
     items = read_items(ImageListDataset(Path(""), [(f, -1) for f in files], lm.transform), workers, model.device,
                        chunk=batch_size)
+    grid = map_grid(lm) if explain else None
     for batch, outputs in run_batches(model, items, batch_size):
-        yield from prediction_rows(lm, batch, outputs)
+        maps = None
+        if grid and outputs is not None:
+            outputs, maps = split_maps(outputs, grid)
+        rows = prediction_rows(lm, batch, outputs)
+        if grid:
+            write_overlays(lm, batch, rows, maps, explain)
+        yield from rows
+
+
+def write_overlays(lm, batch: Batch, rows: list[dict], maps, folder: Path) -> None:
+    """Each good photo's heatmap over it as ``folder/NNNNN-name.png`` (its number in the input order), the
+    file's name in its row's ``heatmap`` (None for an unreadable photo)."""
+    good = iter(zip(batch.good, maps if maps is not None else []))
+    for item, row in zip(batch.items, rows):
+        row["heatmap"] = None
+        if item.ok:
+            g, cam = next(good)
+            path = folder / numbered_name(g.position, g.path, ".png")
+            atomic_write(path, lambda tmp: overlay(lm.transform, g.image, cam).save(tmp, format="PNG"))
+            row["heatmap"] = str(path)
+
+
+def row_columns(explained: bool) -> tuple:
+    """The CSV columns: predict's, and ``heatmap`` (the overlay's file) with --explain."""
+    return COLUMNS + ("heatmap",) if explained else COLUMNS
 
 
 def format_rows(rows: list[dict], fmt: str) -> str:
+    columns = row_columns(bool(rows) and "heatmap" in rows[0])
     if fmt == "json":
         return json.dumps(rows, indent=2)
     if fmt == "csv":
         buf = io.StringIO()
-        w = SafeCsvWriter(buf, COLUMNS, lineterminator="\n")
+        w = SafeCsvWriter(buf, columns, lineterminator="\n")
         w.writeheader()
         w.writerows(map(csv_row, rows))
         return buf.getvalue().rstrip("\n")
@@ -162,14 +209,22 @@ def predict(cfg: PredictConfig) -> dict:
         raise UsageError(f"--batch-size must be positive, got {cfg.batch_size}")
     files = list_inputs(cfg.paths)
     ckpt = read_checkpoint(cfg.model)
+    reads, folders = checkpoint_reads(ckpt, cfg.model, cfg.weights)
     if cfg.output:
-        reads, folders = checkpoint_reads(ckpt, cfg.model, cfg.weights)
         check_output(cfg.output, [*files, *reads], data=[*cfg.paths, *folders])
+    explain = None
+    if cfg.explain:  # a folder of new PNGs: never among the photos (they would be classified next time)
+        explain = check_output(cfg.explain, [*files, *reads, (cfg.output, "--output")], data=[*cfg.paths, *folders],
+                               what="--explain", folder=True)
     lm = model_from_checkpoint(ckpt, cfg.model, cfg.weights)
-    model = network(lm, cfg.device, cfg.precision)
+    model = network(lm, cfg.device, cfg.precision, maps=bool(explain))
+    if explain:
+        with writing(explain):
+            explain.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     rows = []
-    predictions = progress(iter_predictions(lm, model, files, cfg.batch_size, cfg.workers),
+    columns = row_columns(bool(explain))
+    predictions = progress(iter_predictions(lm, model, files, cfg.batch_size, cfg.workers, explain),
                            total=len(files), unit="img", desc="predict")
 
     stopped = []  # the Ctrl-C (or SIGTERM) that ended the rows early
@@ -177,7 +232,7 @@ def predict(cfg: PredictConfig) -> dict:
     def write_rows(out) -> None:
         """Every row, streamed (csv: a row as soon as it is known), into ``out`` or just into ``rows``; on
         Ctrl-C the rows so far, as a complete file of their own."""
-        writer = SafeCsvWriter(out, COLUMNS) if out and cfg.format == "csv" else None
+        writer = SafeCsvWriter(out, columns) if out and cfg.format == "csv" else None
         if writer:
             writer.writeheader()
         try:
@@ -202,7 +257,8 @@ def predict(cfg: PredictConfig) -> dict:
         log.warning("%d of %d files could not be read (their rows say why)", errors, len(rows))
     result = {"model": cfg.model, "kind": lm.kind, "classes": lm.classes, "files": len(files),
               "images": len(rows), "errors": errors, "unknown": sum(bool(r["unknown"]) for r in rows),
-              "output": cfg.output, "seconds": seconds, "img_per_s": len(rows) / seconds if seconds > 0 else 0.0,
+              "output": cfg.output, "explain": str(explain) if explain else None,
+              "seconds": seconds, "img_per_s": len(rows) / seconds if seconds > 0 else 0.0,
               "rows": rows}
     if stopped:
         log.warning("interrupted: %d of %d rows%s", len(rows), len(files),

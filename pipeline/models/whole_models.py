@@ -30,6 +30,7 @@ from ..extraction import backbones as bb
 from ..extraction.inference import mirror_mean
 from ..files import atomic_write
 from ..heads.fused_views import record_problem
+from ..heads.heatmaps import grad_cam
 from ..heads.probe_heads import ProbeHead
 from ..heads.unknown_score import pooled_rows
 
@@ -64,9 +65,13 @@ class TransferModel(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1) if pool == "avg" else nn.Identity()
         self.head = head if head is not None else build_head(in_shape, n_classes, dropout)  # a ProbeHead
 
+    def feature_map(self, x):
+        """The backbone's last feature map of images ``x``, before any pool: where a heatmap points."""
+        return mirror_mean(self.features, x) if self.flip else self.features(x)
+
     def head_input(self, x):
         """What the head sees: the backbone's (pooled) features of images ``x``."""
-        return self.pool(mirror_mean(self.features, x) if self.flip else self.features(x))
+        return self.pool(self.feature_map(x))
 
     def on_features(self, fn, f):
         """``fn(f)`` in full precision even under bf16/fp16 autocast: the head then computes exactly what it
@@ -112,11 +117,13 @@ class TransferModel(nn.Module):
 class WithExtras(nn.Module):
     """A TransferModel whose output is its log-probabilities followed by more columns, from the same
     forward pass: the unknown score (``extra='unknown'``, one column, only when the head has one) or the
-    pooled, l2-normalised features the unknown score compares (``extra='pooled'``, C columns)."""
+    pooled, l2-normalised features the unknown score compares (``extra='pooled'``, C columns); with
+    ``maps``, last, the predicted class's Grad-CAM map (H x W columns: ``split_maps``), the backbone run
+    without a gradient and only the head with one (``heads.heatmaps``)."""
 
-    def __init__(self, model: TransferModel, extra: str = "unknown"):
+    def __init__(self, model: TransferModel, extra: str = "unknown", maps: bool = False):
         super().__init__()
-        self.model, self.extra = model, extra
+        self.model, self.extra, self.maps = model, extra, maps
 
     def forward(self, x):
         def run(f):
@@ -126,7 +133,30 @@ class WithExtras(nn.Module):
             logp, ood = self.model.head.scores(f)
             return logp if ood is None else torch.cat([logp, ood[:, None].to(logp.dtype)], 1)
 
-        return self.model.on_features(run, self.model.head_input(x))
+        if not self.maps:
+            return self.model.on_features(run, self.model.head_input(x))
+
+        def run_with_maps(f):
+            out = run(self.model.pool(f))
+            return torch.cat([out, grad_cam(self.model.head, f, pool=self.model.pool)[1].flatten(1).to(out.dtype)], 1)
+
+        return self.model.on_features(run_with_maps, self.model.feature_map(x))
+
+
+def map_grid(lm: "LoadedModel") -> tuple[int, int]:
+    """(H, W) of the heatmaps of ``lm`` (its backbone's last feature map); a head on fused features has no
+    one map to point into (a UsageError)."""
+    if not isinstance(lm.model, TransferModel):
+        raise UsageError("heatmaps need one backbone's feature map; this head is on several backbones' fused "
+                         "features: explain a head fitted on one of them")
+    _, h, w = bb.feature_shape(lm.model.backbone, lm.transform.crop_size[0])
+    return int(h), int(w)
+
+
+def split_maps(out, grid: tuple[int, int]):
+    """(the other columns, (N, H, W) maps) of a ``WithExtras(maps=True)`` output."""
+    k = grid[0] * grid[1]
+    return out[..., :-k], out[..., -k:].reshape(*out.shape[:-1], *grid)
 
 
 def split_extras(out, n_classes: int):
@@ -489,10 +519,11 @@ def _cache_int8_network(ckpt: dict, loaded, path):
     return FrozenGraph(int8_network(loaded.features, observers, (3, crop, crop)))
 
 
-def network(lm: LoadedModel, device: str, precision: str, extra: str = "unknown"):
+def network(lm: LoadedModel, device: str, precision: str, extra: str = "unknown", maps: bool = False):
     """``lm`` as ``Inference`` runs it, on the device and precision asked for: the one place that decides,
     so predict, evaluate and the API run the same network. Its output is ``WithExtras(lm.model, extra)``'s
-    (log-probabilities, then the unknown score when the head has one: ``split_extras``). An int8-cache
+    (log-probabilities, then the unknown score when the head has one: ``split_extras``; with ``maps``, the
+    predicted class's heatmap last: ``split_maps``). An int8-cache
     head runs its int8 network on the CPU whatever the precision asked for (another precision would give
     other rows than the head saw)."""
     from ..devices import resolve_device, resolve_precision
@@ -509,4 +540,6 @@ def network(lm: LoadedModel, device: str, precision: str, extra: str = "unknown"
     else:
         dev = resolve_device(device)
         prec = resolve_precision(precision, dev)
-    return Inference(WithExtras(lm.model, extra), dev, prec)
+    if maps:
+        map_grid(lm)  # refused now, in one line, for a head on fused features
+    return Inference(WithExtras(lm.model, extra, maps), dev, prec)

@@ -85,7 +85,8 @@ def _trust(head) -> dict:
     return {"temperature": head.temperature_used, "threshold": head.threshold_used}
 
 
-def _check_cache_fits(ckpt: dict, cache) -> None:
+def check_cache_fits(ckpt: dict, cache) -> None:
+    """A one-line UsageError when ``cache`` holds other features than the head ``ckpt`` was fitted on."""
 
     differ = Provenance.from_checkpoint(ckpt).differences(Provenance.from_cache_attrs(cache.attrs))
     if differ:
@@ -104,7 +105,7 @@ def head_on_cache(model_path: str, ckpt: dict, cfg: EvaluateConfig) -> Predictio
         if not cfg.cache:
             log.info("using the cache the model was trained on: %s (%d rows, %s, created %s); --cache picks another",
                      path, cache.n, cache.attrs["backbone"], cache.attrs["created"])
-        _check_cache_fits(ckpt, cache)
+        check_cache_fits(ckpt, cache)
         if cfg.split == "val":
             c = ckpt["config"]
             rows = split_indices(cache.labels, c["val_fraction"], c["seed"])[1]

@@ -181,6 +181,16 @@ def upsample(channel: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(channel.astype(np.float32), mode="F").resize(size, Image.BILINEAR))
 
 
+def heatmap_overlay(image: np.ndarray, heat: np.ndarray) -> Image.Image:
+    """A photo (H x W x 3 in [0, 1], as the backbone saw it) with a heatmap (h x w in [0, 1]) upsampled over it in
+    'jet' colours: red where the class was decided, the photo faintly blue-tinted where the map is cold."""
+    h, w = image.shape[:2]
+    heat = np.clip(upsample(np.asarray(heat, np.float32), (w, h)), 0.0, 1.0)
+    colours = matplotlib.colormaps["jet"](heat)[..., :3]
+    a = (0.15 + 0.45 * heat)[..., None]
+    return Image.fromarray(np.round(255 * ((1 - a) * image + a * colours)).astype(np.uint8))
+
+
 def top_channels(fmap: np.ndarray, k: int) -> np.ndarray:
     """The ``k`` channels of a C x H x W map with the highest mean activation, highest first."""
     return np.argsort(-fmap.reshape(len(fmap), -1).mean(1), kind="stable")[:k]
