@@ -282,3 +282,42 @@ def pipeline_head(root, data) -> str:
 
     return fit_head(FitHeadConfig(cache=patch_cache(root, data, "tiny"), head="logreg", calibrate="none",
                                   unknown_rows=0, runs_dir=str(root / "runs")))["checkpoint"]
+
+
+# -- evaluate's gallery of confident errors ------------------------------------------------------
+@pytest.fixture(scope="module")
+def swapped(patch_data):
+    """The test photos filed under the other colour: every one a confident error, its square still the cause."""
+    import shutil
+
+    root, _, photos, corners = patch_data
+    out = root / "swapped"
+    for p, other in (("red", "blue"), ("blue", "red")):
+        (out / other).mkdir(parents=True)
+        for f in sorted((root / "test" / p).iterdir()):
+            shutil.copy(f, out / other / f.name)
+    by_name = {f"{'blue' if p.split('/')[-2] == 'red' else 'red'}/{p.split('/')[-1]}": c
+               for p, c in zip(photos, corners)}
+    return out, by_name
+
+
+@pytest.mark.parametrize("source", ["cache", "data"])
+def test_evaluate_gallery_shows_each_errors_heatmap(patch_data, swapped, source, tmp_path):
+    from pipeline.config import EvaluateConfig
+    from pipeline.reports.evaluate import _gallery_image, evaluate
+
+    root, data, _, _ = patch_data
+    folder, corners = swapped
+    head = pipeline_head(root, data)
+    where = ({"cache": patch_cache(root, folder, "tiny"), "split": "all"} if source == "cache"
+             else {"data": str(folder), "workers": 0, "precision": "fp32"})
+    result = evaluate(EvaluateConfig(model=head, runs_dir=str(tmp_path / "runs"), top_k=8, **where))
+    wrong = result["wrong"]
+    assert len(wrong) == 8 and result["errors"] >= 11
+    maps = np.array([w["heatmap"] for w in wrong])
+    assert maps.shape == (8, 8, 8) and patch_share(maps, [corners[w["path"]] for w in wrong]) >= 0.85
+    from pipeline.cache.provenance import Preprocessing
+
+    transform = Preprocessing.from_dict(result["preprocessing"]).to_transform()
+    assert _gallery_image(folder, wrong[0], transform).size == (32, 32)  # the crop the model saw, under its map
+    assert (tmp_path / "runs").exists() and result["gallery_png"].endswith("gallery.png")

@@ -18,9 +18,10 @@ from typing import Callable, Optional
 import numpy as np
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-from ..cache.provenance import Provenance
+from ..cache.feature_cache import FeatureCache
+from ..cache.provenance import Preprocessing, Provenance
 from ..config import SPLITS, EvaluateConfig
-from ..data.folders import list_image_folder, thumbnail
+from ..data.folders import ImageLoadError, list_image_folder, load_rgb, thumbnail
 from ..data.image_reader import ImageListDataset, read_items
 from ..devices import resolve_device
 from ..errors import UsageError
@@ -29,15 +30,20 @@ from ..files import atomic_write, check_output, writing
 from ..heads.cache_views import head_scores
 from ..heads.calibration import before_after, reliability_bins, without_temperature
 from ..heads.epoch_loop import split_indices
+from ..heads.feature_views import is_pooled
+from ..heads.heatmaps import head_maps, normalised, overlay
 from ..heads.fused_views import open_head_rows
 from ..models.whole_models import (
+    TransferModel,
     cache_reads,
     checkpoint_reads,
     head_from_checkpoint,
+    map_grid,
     model_from_checkpoint,
     network,
     read_checkpoint,
     split_extras,
+    split_maps,
 )
 from ..progress import progress
 from ..runs.figures import confusion_matrix_figure, gallery_figure, reliability_figure, save
@@ -60,6 +66,10 @@ class Predictions:
     ood: Optional[np.ndarray] = None  # (N,) unknown scores, when the head has them
     threshold: Optional[float] = None  # above it a photo counts as unknown
     temperature: float = 1.0  # the head's; 1 for a head fitted before calibration existed
+    # row indices -> their predicted class's heatmaps ((k, H, W) in [0, 1]), and the preprocessing that made the
+    # photos the maps cover; None where there are none (a pooled cache, fused features)
+    heatmaps: Optional[Callable[[np.ndarray], np.ndarray]] = None
+    preprocessing: Optional[dict] = None
 
     @property
     def foreign(self) -> bool:
@@ -122,18 +132,38 @@ def head_on_cache(model_path: str, ckpt: dict, cfg: EvaluateConfig) -> Predictio
         logp, ood = head_scores(head, cache, rows, device, cfg.block_rows)
         rows = np.sort(rows)
         paths = cache.paths
+        spatial = not ckpt.get("fused") and not is_pooled(cache.feature_shape)
         return Predictions(list(cache.classes), Path(cache.attrs["data_root"]), [paths[i] for i in rows],
                            cache.labels[rows], logp, f"{cfg.split} rows of {path}", cache.attrs["fingerprint"],
-                           ood=ood, **_trust(head))
+                           ood=ood, **_trust(head), heatmaps=cached_heatmaps(head, path, rows) if spatial else None,
+                           preprocessing=ckpt["preprocessing"] if spatial else None)
 
 
-def predict_folder(data: str, classes: list, transform, model, cfg: EvaluateConfig, head=None) -> Predictions:
+def cached_heatmaps(head, path, rows: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """Row indices (of ``rows``, the cache rows evaluated) -> their heatmaps, from the cached maps: the head
+    alone runs again on those few rows (the gallery's), never the backbone."""
+
+    def heatmaps(picked: np.ndarray) -> np.ndarray:
+        wanted = rows[np.asarray(picked, np.int64)]
+        unique = np.unique(wanted)  # h5py reads increasing rows
+        with FeatureCache(path) as cache:
+            if not len(unique):
+                return np.zeros((0, *cache.feature_shape[1:]), np.float32)
+            maps = head_maps(head, cache.features[unique.tolist()])[1]
+        return normalised(maps[np.searchsorted(unique, wanted)])
+
+    return heatmaps
+
+
+def predict_folder(data: str, classes: list, transform, model, cfg: EvaluateConfig, head=None,
+                   grid: Optional[tuple] = None) -> Predictions:
     """Every decodable image of an ImageFolder through ``model`` (an ``inference.Inference``; of a
     ``WithExtras`` model when ``head`` is given, whose unknown score and temperature then come along).
 
     The folder's classes must be among the model's ``classes`` (matched by name), or none of them (a
     folder of foreign photos: then only the share flagged unknown is measured); unreadable images are
-    skipped with a warning.
+    skipped with a warning. ``grid``: (H, W) of the heatmaps ``model`` adds to its output (``network(maps=True)``),
+    which ``heatmaps`` then gives.
     """
 
     listing = list_image_folder(data, min_classes=1)
@@ -148,13 +178,16 @@ def predict_folder(data: str, classes: list, transform, model, cfg: EvaluateConf
     to_model = [-1 if foreign else classes.index(c) for c in listing.classes]
     items = read_items(ImageListDataset(listing.root, [(f.path, to_model[f.label]) for f in listing.files],
                                         transform), cfg.workers, model.device, chunk=cfg.batch_size)
-    paths, labels, out = [], [], []
+    paths, labels, out, maps = [], [], [], []
     with progress(total=len(listing.files), unit="img", desc="evaluate") as bar:
         for batch, logp in run_batches(model, items, cfg.batch_size):
             bar.update(len(batch.items))
             for p, why in batch.bad:
                 log.warning("skipping %s: %s", p, why)
             if logp is not None:
+                if grid:
+                    logp, m = split_maps(logp, grid)
+                    maps.append(m)
                 out.append(logp)
                 paths.extend(g.path for g in batch.good)
                 labels.extend(g.label for g in batch.good)
@@ -162,16 +195,21 @@ def predict_folder(data: str, classes: list, transform, model, cfg: EvaluateConf
         raise UsageError(f"no image in {data} could be decoded")
     logp, ood = split_extras(np.concatenate(out), len(classes))
     trust = _trust(head) if head is not None else {}
+    all_maps = normalised(np.concatenate(maps)) if maps else None
     return Predictions(list(classes), listing.root, paths, np.array(labels, np.int64), logp,
-                       f"images of {data}", ood=ood if trust.get("threshold") is not None else None, **trust)
+                       f"images of {data}", ood=ood if trust.get("threshold") is not None else None, **trust,
+                       heatmaps=None if all_maps is None else (lambda picked: all_maps[np.asarray(picked, np.int64)]))
 
 
 def model_on_folder(model_path: str, ckpt: dict, cfg: EvaluateConfig) -> Predictions:
     """Any checkpoint (fit-head head + its backbone, or a train/finetune model) on raw images."""
 
     lm = model_from_checkpoint(ckpt, model_path, cfg.weights)
-    return predict_folder(cfg.data, lm.classes, lm.transform, network(lm, cfg.device, cfg.precision), cfg,
-                          lm.model.head)
+    grid = map_grid(lm) if isinstance(lm.model, TransferModel) else None  # fused features: no one map
+    pred = predict_folder(cfg.data, lm.classes, lm.transform, network(lm, cfg.device, cfg.precision, maps=bool(grid)),
+                          cfg, lm.model.head, grid)
+    pred.preprocessing = lm.info["preprocessing"] if grid else None
+    return pred
 
 
 register_predictor("fit-head", "cache", head_on_cache)
@@ -218,13 +256,35 @@ def summarize(pred: Predictions, top_k: int) -> dict:
         "classes": list(pred.classes),
         "confusion_matrix": confusion_matrix(y, p, labels=range(k)).tolist(),
         "wrong": [{"path": pred.paths[i], "true": pred.classes[y[i]], "pred": pred.classes[p[i]],
-                   "prob": float(np.exp(pred.logp[i, p[i]]))} for i in worst],
+                   "prob": float(np.exp(pred.logp[i, p[i]])), **heat}
+                  for i, heat in zip(worst, _heatmaps(pred, worst))],
+        **({"preprocessing": pred.preprocessing} if pred.heatmaps is not None else {}),
         "errors": int(len(wrong)),
         "calibration": {**before_after(pred.logp, y, pred.temperature),
                         "bins": reliability_bins(pred.logp, y),
                         "bins_before": reliability_bins(without_temperature(pred.logp, pred.temperature), y)},
         **unknown_report(pred),
     }
+
+
+def _heatmaps(pred: Predictions, rows: np.ndarray) -> list[dict]:
+    """{'heatmap': H x W nested list in [0, 1]} of each row's predicted class (kept in metrics.json, so the
+    gallery can be drawn from the result alone), or {} each when the predictions have none."""
+    if pred.heatmaps is None:
+        return [{} for _ in rows]
+    return [{"heatmap": np.round(m, 3).tolist()} for m in pred.heatmaps(rows)]
+
+
+def _gallery_image(root: Path, item: dict, transform):
+    """A gallery cell: the photo under its heatmap (as the model saw it: resized, cropped), or its thumbnail."""
+    if transform is None or "heatmap" not in item:
+        return _thumbnail(root / item["path"])
+    try:
+        x = transform(load_rgb(root / item["path"]))
+    except (ImageLoadError, OSError):
+        log.warning("gallery: cannot show %s (moved, or no longer readable)", root / item["path"])
+        return None
+    return overlay(transform, x, np.asarray(item["heatmap"], np.float32))
 
 
 def _thumbnail(path: Path, size: int = 256):
@@ -294,7 +354,8 @@ def figures(result: dict, root=None) -> dict:
     root = Path(result["data_root"] if root is None else root)
     confusion = confusion_matrix_figure(np.array(result["confusion_matrix"]), result["classes"],
                                         title=f"accuracy {result['accuracy']:.3f} on {result['rows']} images")
-    items = [{**w, "image": _thumbnail(root / w["path"])} for w in result["wrong"]]
+    transform = Preprocessing.from_dict(result["preprocessing"]).to_transform() if "preprocessing" in result else None
+    items = [{**w, "image": _gallery_image(root, w, transform)} for w in result["wrong"]]
     gallery = gallery_figure(items, suptitle=f"most confidently wrong: {len(items)} of {result['errors']} errors")
     cal = result["calibration"]
     reliability = reliability_figure(cal["bins_before"], cal["bins"], cal["before"]["ece"], cal["after"]["ece"],
