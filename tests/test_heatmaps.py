@@ -321,3 +321,34 @@ def test_evaluate_gallery_shows_each_errors_heatmap(patch_data, swapped, source,
     transform = Preprocessing.from_dict(result["preprocessing"]).to_transform()
     assert _gallery_image(folder, wrong[0], transform).size == (32, 32)  # the crop the model saw, under its map
     assert (tmp_path / "runs").exists() and result["gallery_png"].endswith("gallery.png")
+
+
+# -- the service ---------------------------------------------------------------------------------
+def test_the_service_answers_predicts_overlay_when_asked(patch_data, tmp_path):
+    """?explain=true: each good row's heatmap as a data: JPEG, the overlay predict --explain writes (one rule)."""
+    import base64
+
+    pytest.importorskip("fastapi", reason="the serve extra is not installed")
+    from fastapi.testclient import TestClient
+
+    import pipeline
+    from pipeline.models.predict import PredictConfig, predict
+
+    root, data, photos, _ = patch_data
+    head = pipeline_head(root, data)
+    written = predict(PredictConfig(paths=[photos[0]], model=head, workers=0, precision="fp32",
+                                    explain=str(tmp_path / "maps")))["rows"][0]
+    files = [("files", ("a.png", open(photos[0], "rb").read(), "image/png")),
+             ("files", ("b.png", b"junk", "image/png"))]
+    with TestClient(pipeline.serve_app(head, precision="fp32"), base_url="http://localhost") as client:
+        rows = client.post("/predict?explain=true", files=files).json()
+        plain = client.post("/predict", files=files[:1]).json()
+    assert rows[0]["heatmap"].startswith("data:image/jpeg;base64,") and rows[1]["heatmap"] is None
+    assert "heatmap" not in plain[0] and plain[0]["probability"] == rows[0]["probability"]
+    served = np.asarray(Image.open(io.BytesIO(base64.b64decode(rows[0]["heatmap"].split(",", 1)[1]))), np.float32)
+    png = np.asarray(Image.open(written["heatmap"]), np.float32)
+
+    def cells(a):  # 4 x 4-pixel means: JPEG smooths a noisy 32 x 32 photo's pixels, not its cells' colours
+        return a.reshape(8, 4, 8, 4, 3).mean((1, 3))
+
+    assert np.abs(cells(served) - cells(png)).mean() < 4

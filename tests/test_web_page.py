@@ -87,3 +87,21 @@ def test_a_file_that_is_no_image_shows_its_reason(served, browser, tmp_path):
     card.wait_for(timeout=30_000)
     assert card.locator(".error").inner_text().startswith("Not classified: not an image")
     page.close()
+
+
+def test_each_photo_on_the_page_shows_its_heatmap_under_it(served, browser, tmp_path):
+    _, url = served
+    photo = tmp_path / "green.jpg"
+    rng = np.random.default_rng(2)
+    Image.fromarray(np.clip(rng.normal((40, 190, 60), 30, (50, 60, 3)), 0, 255).astype(np.uint8)).save(photo)
+    page = browser.new_page()
+    page.goto(url + "/")
+    page.wait_for_function("document.getElementById('about').textContent.includes('3 classes')")
+    page.set_input_files("#picker", str(photo))
+    card = page.locator(".card[data-status=done]")
+    card.wait_for(timeout=30_000)
+    heat = card.locator("img.heatmap")
+    assert heat.get_attribute("src").startswith("data:image/jpeg;base64,")
+    assert heat.evaluate("im => im.complete && im.naturalWidth") == 32  # decoded: the tiny backbone's crop
+    assert card.locator(".why").inner_text().startswith("Red: where the model saw ")
+    page.close()

@@ -2,7 +2,8 @@
 
 ``POST /predict`` takes one or many images (multipart/form-data, each in a field named ``files``) and
 answers the rows ``predict --format json`` gives for the same files (``models.predict.prediction_rows``
-makes both); ``?top=K`` adds each image's K most probable classes. ``GET /info`` says what is served,
+makes both); ``?top=K`` adds each image's K most probable classes, ``?explain=true`` its heatmap over it (a
+``data:`` JPEG in ``heatmap``: where the class was decided, ``heads.heatmaps``). ``GET /info`` says what is served,
 ``GET /health`` that it is up, ``GET /`` is the page (``page.html``: no external resource).
 
 Uploads are decoded with the rules every stage decodes with (``data.folders``), by a pool of one thread
@@ -35,7 +36,9 @@ from ..data.image_reader import Batch, Item, draft_short_side
 from ..devices import resolve_workers
 from ..errors import PipelineError, UsageError
 from ..models.predict import prediction_rows
-from ..models.whole_models import model_from_checkpoint, network, read_checkpoint
+from ..heads.heatmaps import overlay
+from ..models.whole_models import TransferModel, map_grid, model_from_checkpoint, network, read_checkpoint, split_maps
+from ..reports.audit_html import data_uri
 from .batcher import Closed, MicroBatcher, QueueFull
 
 log = logging.getLogger(__name__)
@@ -203,7 +206,9 @@ class Service:
         self.cfg = cfg
         c = read_checkpoint(cfg.model)
         self.lm = lm = model_from_checkpoint(c, cfg.model, cfg.weights)
-        self.inference = network(lm, cfg.device, cfg.precision)  # predict's network, unknown score included
+        # predict's network, unknown score included, and the heatmap (the head's gradient: a small share of the time)
+        self.grid = map_grid(lm) if isinstance(lm.model, TransferModel) else None
+        self.inference = network(lm, cfg.device, cfg.precision, maps=self.grid is not None)
         self.min_short_side = draft_short_side(lm.transform)
         self.batcher = MicroBatcher(self.inference, cfg.batch_size, cfg.max_wait_ms / 1000, cfg.max_queue)
         self.decoder = ThreadPoolExecutor(decode_threads(), thread_name_prefix="decode-upload")
@@ -256,6 +261,14 @@ class Service:
         data = up.file.read(self.cfg.max_file_bytes + 1)
         return self.item(k, up.filename or f"{FIELD}[{k}]", data), len(data) > self.cfg.max_file_bytes
 
+    def heatmaps(self, items: list[Item], rows: list[dict], maps) -> None:
+        """Each row's ``heatmap``: its photo as the model saw it under the map, as a data: URI (None for a file
+        that was no image, or a model on fused features, which has no one map)."""
+        good = iter(maps if maps is not None else [])
+        for item, row in zip(items, rows):
+            explained = item.ok and self.grid is not None
+            row["heatmap"] = data_uri(overlay(self.lm.transform, item.image, next(good))) if explained else None
+
     async def read_uploads(self, uploads) -> tuple[list[Item], list[bool]]:
         """(Items, whether each was too large) of the form's ``files`` entries, each decoded by the pool."""
         done = await asyncio.gather(*(asyncio.wrap_future(self.decoder.submit(self.upload_item, k, up))
@@ -305,7 +318,7 @@ def build_app(cfg: ServeConfig):
         return svc.info()
 
     @app.post("/predict")
-    async def predict(request: Request, top: int = 0):
+    async def predict(request: Request, top: int = 0, explain: bool = False):
         started = time.perf_counter()
         if not 0 <= top <= len(svc.lm.classes):
             return JSONResponse({"detail": f"top must be in 0..{len(svc.lm.classes)}, got {top}"}, 400)
@@ -331,7 +344,12 @@ def build_app(cfg: ServeConfig):
             return JSONResponse({"detail": str(e)}, 503)
         finally:
             await form.close()
+        maps = None
+        if svc.grid and outputs is not None:
+            outputs, maps = split_maps(outputs, svc.grid)
         rows = prediction_rows(svc.lm, Batch(items), outputs, top)
+        if explain:
+            await asyncio.wrap_future(svc.decoder.submit(svc.heatmaps, items, rows, maps))
         headers = {"Server-Timing": f"predict;dur={(time.perf_counter() - started) * 1000:.1f}"}
         if not good:
             status = 413 if all(large) else 400
