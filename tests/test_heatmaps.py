@@ -352,3 +352,15 @@ def test_the_service_answers_predicts_overlay_when_asked(patch_data, tmp_path):
         return a.reshape(8, 4, 8, 4, 3).mean((1, 3))
 
     assert np.abs(cells(served) - cells(png)).mean() < 4
+
+
+def test_a_head_fitted_on_arrays_of_maps_explains_arrays():
+    import pipeline
+
+    x, y, _ = region_maps(90)
+    head = pipeline.Head(head="logreg", calibrate="none", unknown_rows=0).fit(x, np.array(CLASSES)[y])
+    xt, _, corners = region_maps(30, seed=1)
+    maps = head.explain(xt)
+    assert maps.shape == (30, 6, 6) and lit_share(maps, corners) >= 0.9
+    with pytest.raises(UsageError, match="no spatial map"):
+        pipeline.Head(head="logreg", calibrate="none", unknown_rows=0).fit(x.mean((2, 3)), y).explain(x.mean((2, 3)))
