@@ -48,7 +48,7 @@ def log_odds(logp, target):
     return picked - torch.logsumexp(others, 1)
 
 
-PATH_STEPS = 16  # kernel heads: points on the path from the landmarks' centre (their gradient is integrated)
+PATH_STEPS = 8  # kernel heads: points on the path from the landmarks' centre (their gradient is integrated)
 
 
 def _rows(head, a, pool=None):

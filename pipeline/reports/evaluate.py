@@ -155,15 +155,13 @@ def cached_heatmaps(head, path, rows: np.ndarray) -> Callable[[np.ndarray], np.n
     return heatmaps
 
 
-def predict_folder(data: str, classes: list, transform, model, cfg: EvaluateConfig, head=None,
-                   grid: Optional[tuple] = None) -> Predictions:
+def predict_folder(data: str, classes: list, transform, model, cfg: EvaluateConfig, head=None) -> Predictions:
     """Every decodable image of an ImageFolder through ``model`` (an ``inference.Inference``; of a
     ``WithExtras`` model when ``head`` is given, whose unknown score and temperature then come along).
 
     The folder's classes must be among the model's ``classes`` (matched by name), or none of them (a
     folder of foreign photos: then only the share flagged unknown is measured); unreadable images are
-    skipped with a warning. ``grid``: (H, W) of the heatmaps ``model`` adds to its output (``network(maps=True)``),
-    which ``heatmaps`` then gives.
+    skipped with a warning.
     """
 
     listing = list_image_folder(data, min_classes=1)
@@ -178,16 +176,13 @@ def predict_folder(data: str, classes: list, transform, model, cfg: EvaluateConf
     to_model = [-1 if foreign else classes.index(c) for c in listing.classes]
     items = read_items(ImageListDataset(listing.root, [(f.path, to_model[f.label]) for f in listing.files],
                                         transform), cfg.workers, model.device, chunk=cfg.batch_size)
-    paths, labels, out, maps = [], [], [], []
+    paths, labels, out = [], [], []
     with progress(total=len(listing.files), unit="img", desc="evaluate") as bar:
         for batch, logp in run_batches(model, items, cfg.batch_size):
             bar.update(len(batch.items))
             for p, why in batch.bad:
                 log.warning("skipping %s: %s", p, why)
             if logp is not None:
-                if grid:
-                    logp, m = split_maps(logp, grid)
-                    maps.append(m)
                 out.append(logp)
                 paths.extend(g.path for g in batch.good)
                 labels.extend(g.label for g in batch.good)
@@ -195,21 +190,38 @@ def predict_folder(data: str, classes: list, transform, model, cfg: EvaluateConf
         raise UsageError(f"no image in {data} could be decoded")
     logp, ood = split_extras(np.concatenate(out), len(classes))
     trust = _trust(head) if head is not None else {}
-    all_maps = normalised(np.concatenate(maps)) if maps else None
     return Predictions(list(classes), listing.root, paths, np.array(labels, np.int64), logp,
-                       f"images of {data}", ood=ood if trust.get("threshold") is not None else None, **trust,
-                       heatmaps=None if all_maps is None else (lambda picked: all_maps[np.asarray(picked, np.int64)]))
+                       f"images of {data}", ood=ood if trust.get("threshold") is not None else None, **trust)
 
 
 def model_on_folder(model_path: str, ckpt: dict, cfg: EvaluateConfig) -> Predictions:
     """Any checkpoint (fit-head head + its backbone, or a train/finetune model) on raw images."""
 
     lm = model_from_checkpoint(ckpt, model_path, cfg.weights)
-    grid = map_grid(lm) if isinstance(lm.model, TransferModel) else None  # fused features: no one map
-    pred = predict_folder(cfg.data, lm.classes, lm.transform, network(lm, cfg.device, cfg.precision, maps=bool(grid)),
-                          cfg, lm.model.head, grid)
-    pred.preprocessing = lm.info["preprocessing"] if grid else None
+    pred = predict_folder(cfg.data, lm.classes, lm.transform, network(lm, cfg.device, cfg.precision), cfg,
+                          lm.model.head)
+    if isinstance(lm.model, TransferModel):  # fused features: no one map to explain
+        pred.heatmaps, pred.preprocessing = photo_heatmaps(lm, pred, cfg), lm.info["preprocessing"]
     return pred
+
+
+def photo_heatmaps(lm, pred: Predictions, cfg: EvaluateConfig) -> Callable[[np.ndarray], np.ndarray]:
+    """Row indices -> their heatmaps: those photos (the gallery's few) once more through the network, now with
+    the head's gradient (computing every photo's map in the first pass would cost the head's gradient on
+    all of them for a dozen maps); a photo no longer readable gets an empty map."""
+
+    def heatmaps(picked: np.ndarray) -> np.ndarray:
+        grid = map_grid(lm)
+        model = network(lm, cfg.device, cfg.precision, maps=True)
+        files = [(pred.paths[i], -1) for i in np.asarray(picked, np.int64)]
+        items = read_items(ImageListDataset(pred.root, files, lm.transform), 0, model.device, chunk=cfg.batch_size)
+        maps = []
+        for batch, out in run_batches(model, items, cfg.batch_size):
+            good = iter(split_maps(out, grid)[1] if out is not None else [])
+            maps += [next(good) if item.ok else np.zeros(grid, np.float32) for item in batch.items]
+        return normalised(np.array(maps, np.float32).reshape(len(files), *grid))
+
+    return heatmaps
 
 
 register_predictor("fit-head", "cache", head_on_cache)

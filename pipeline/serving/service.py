@@ -206,11 +206,14 @@ class Service:
         self.cfg = cfg
         c = read_checkpoint(cfg.model)
         self.lm = lm = model_from_checkpoint(c, cfg.model, cfg.weights)
-        # predict's network, unknown score included, and the heatmap (the head's gradient: a small share of the time)
-        self.grid = map_grid(lm) if isinstance(lm.model, TransferModel) else None
-        self.inference = network(lm, cfg.device, cfg.precision, maps=self.grid is not None)
+        self.inference = network(lm, cfg.device, cfg.precision)  # predict's network, unknown score included
         self.min_short_side = draft_short_side(lm.transform)
         self.batcher = MicroBatcher(self.inference, cfg.batch_size, cfg.max_wait_ms / 1000, cfg.max_queue)
+        # ?explain=true: the same model with the head's gradient (heatmaps), batched on its own, so only the
+        # requests that ask for maps pay for them (a kernel head's gradient can cost more than a small backbone)
+        self.grid = map_grid(lm) if isinstance(lm.model, TransferModel) else None  # fused features: no one map
+        self.explainer = (MicroBatcher(network(lm, cfg.device, cfg.precision, maps=True), cfg.batch_size,
+                                       cfg.max_wait_ms / 1000, cfg.max_queue) if self.grid else None)
         self.decoder = ThreadPoolExecutor(decode_threads(), thread_name_prefix="decode-upload")
         self.started = time.time()
         self.drained = asyncio.Event()  # set --drain-seconds after SIGTERM (``begin_drain``)
@@ -238,8 +241,8 @@ class Service:
         return self._info
 
     def health(self) -> dict:
-        b = self.batcher
-        return {"status": "ok", "waiting": b.waiting, "batches": b.batches, "images": b.images,
+        both = [b for b in (self.batcher, self.explainer) if b is not None]
+        return {"status": "ok", **{k: sum(getattr(b, k) for b in both) for k in ("waiting", "batches", "images")},
                 "uptime_s": round(time.time() - self.started, 3)}
 
     def item(self, k: int, name: str, data) -> Item:
@@ -298,6 +301,8 @@ def build_app(cfg: ServeConfig):
         yield
         # uvicorn has answered every request in flight by now: what is still queued runs, then the worker stops
         await run_in_threadpool(svc.batcher.close, cfg.drain_seconds or None)
+        if svc.explainer is not None:
+            await run_in_threadpool(svc.explainer.close, cfg.drain_seconds or None)
         svc.decoder.shutdown(wait=False, cancel_futures=True)
 
     # no /docs page: FastAPI's loads its scripts from a CDN (the schema stays at /openapi.json)
@@ -330,8 +335,9 @@ def build_app(cfg: ServeConfig):
             uploads = form.getlist(FIELD)
             if not uploads:
                 return JSONResponse({"detail": f"no file in the field {FIELD!r} (multipart/form-data)"}, 400)
+            explained = explain and svc.explainer is not None
             try:  # room in the queue first: a refused request costs no decoding
-                reservation = svc.batcher.reserve(len(uploads))
+                reservation = (svc.explainer if explained else svc.batcher).reserve(len(uploads))
             except QueueFull as e:
                 return JSONResponse({"detail": f"busy: {e}; retry shortly"}, 503, headers={"Retry-After": "1"})
             except Closed as e:
@@ -345,7 +351,7 @@ def build_app(cfg: ServeConfig):
         finally:
             await form.close()
         maps = None
-        if svc.grid and outputs is not None:
+        if explained and outputs is not None:
             outputs, maps = split_maps(outputs, svc.grid)
         rows = prediction_rows(svc.lm, Batch(items), outputs, top)
         if explain:
