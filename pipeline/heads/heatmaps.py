@@ -73,12 +73,10 @@ def class_direction(head, z, target, steps: int = PATH_STEPS):
         centre = head.landmarks.mean(0, keepdim=True)
         t = ((torch.arange(steps, dtype=z.dtype, device=z.device) + 0.5) / steps)[:, None, None]
         points = centre + t * (z - centre)[None]
-    total = torch.zeros_like(z)
-    for p in points:
-        p = p.detach().requires_grad_(True)
-        (g,) = torch.autograd.grad(log_odds(head.classify(head.features(p)), target).sum(), p)
-        total += g
-    return total / steps
+    points = points.reshape(-1, z.shape[1]).detach().requires_grad_(True)  # every point in one pass
+    score = log_odds(head.classify(head.features(points)), target.repeat(steps))
+    (g,) = torch.autograd.grad(score.sum(), points)
+    return g.view(steps, *z.shape).mean(0)
 
 
 def grad_cam(head, fmap, target=None, pool=None) -> tuple:
