@@ -716,8 +716,9 @@ def predict(paths, **options):
         if not e.result["output"]:
             click.echo(format_rows(e.result["rows"], options["format"]))
         sys.exit(130)
+    heatmaps = f", heatmaps in {result['explain']}" if result.get("explain") else ""
     note(f"{plural(result['images'], 'image')}, {result['errors']} unreadable, "
-               f"{result['img_per_s']:.1f} img/s")
+               f"{result['img_per_s']:.1f} img/s{heatmaps}")
     click.echo(result["output"] if result["output"] else format_rows(result["rows"], options["format"]))
     if result["errors"] == result["images"]:
         raise click.ClickException(f"none of the {plural(result['images'], 'input')} could be classified")

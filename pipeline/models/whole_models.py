@@ -543,3 +543,12 @@ def network(lm: LoadedModel, device: str, precision: str, extra: str = "unknown"
     if maps:
         map_grid(lm)  # refused now, in one line, for a head on fused features
     return Inference(WithExtras(lm.model, extra, maps), dev, prec)
+
+
+def explaining(inference):
+    """A ``network``'s Inference again, on its device and precision, with each photo's heatmap in its output
+    (``WithExtras(maps=True)``): for the few photos a report explains after the first pass."""
+    from ..extraction.inference import Inference
+
+    net = inference.net
+    return Inference(WithExtras(net.model, net.extra, maps=True), inference.device, inference.precision)

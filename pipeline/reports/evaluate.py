@@ -37,6 +37,7 @@ from ..models.whole_models import (
     TransferModel,
     cache_reads,
     checkpoint_reads,
+    explaining,
     head_from_checkpoint,
     map_grid,
     model_from_checkpoint,
@@ -198,21 +199,21 @@ def model_on_folder(model_path: str, ckpt: dict, cfg: EvaluateConfig) -> Predict
     """Any checkpoint (fit-head head + its backbone, or a train/finetune model) on raw images."""
 
     lm = model_from_checkpoint(ckpt, model_path, cfg.weights)
-    pred = predict_folder(cfg.data, lm.classes, lm.transform, network(lm, cfg.device, cfg.precision), cfg,
-                          lm.model.head)
+    model = network(lm, cfg.device, cfg.precision)
+    pred = predict_folder(cfg.data, lm.classes, lm.transform, model, cfg, lm.model.head)
     if isinstance(lm.model, TransferModel):  # fused features: no one map to explain
-        pred.heatmaps, pred.preprocessing = photo_heatmaps(lm, pred, cfg), lm.info["preprocessing"]
+        pred.heatmaps, pred.preprocessing = photo_heatmaps(lm, model, pred, cfg), lm.info["preprocessing"]
     return pred
 
 
-def photo_heatmaps(lm, pred: Predictions, cfg: EvaluateConfig) -> Callable[[np.ndarray], np.ndarray]:
+def photo_heatmaps(lm, first, pred: Predictions, cfg: EvaluateConfig) -> Callable[[np.ndarray], np.ndarray]:
     """Row indices -> their heatmaps: those photos (the gallery's few) once more through the network, now with
     the head's gradient (computing every photo's map in the first pass would cost the head's gradient on
     all of them for a dozen maps); a photo no longer readable gets an empty map."""
 
     def heatmaps(picked: np.ndarray) -> np.ndarray:
         grid = map_grid(lm)
-        model = network(lm, cfg.device, cfg.precision, maps=True)
+        model = explaining(first)  # the first pass's network, device and precision
         files = [(pred.paths[i], -1) for i in np.asarray(picked, np.int64)]
         items = read_items(ImageListDataset(pred.root, files, lm.transform), 0, model.device, chunk=cfg.batch_size)
         maps = []

@@ -37,7 +37,15 @@ from ..devices import resolve_workers
 from ..errors import PipelineError, UsageError
 from ..models.predict import prediction_rows
 from ..heads.heatmaps import overlay
-from ..models.whole_models import TransferModel, map_grid, model_from_checkpoint, network, read_checkpoint, split_maps
+from ..models.whole_models import (
+    TransferModel,
+    explaining,
+    map_grid,
+    model_from_checkpoint,
+    network,
+    read_checkpoint,
+    split_maps,
+)
 from ..reports.audit_html import data_uri
 from .batcher import Closed, MicroBatcher, QueueFull
 
@@ -212,8 +220,8 @@ class Service:
         # ?explain=true: the same model with the head's gradient (heatmaps), batched on its own, so only the
         # requests that ask for maps pay for them (a kernel head's gradient can cost more than a small backbone)
         self.grid = map_grid(lm) if isinstance(lm.model, TransferModel) else None  # fused features: no one map
-        self.explainer = (MicroBatcher(network(lm, cfg.device, cfg.precision, maps=True), cfg.batch_size,
-                                       cfg.max_wait_ms / 1000, cfg.max_queue) if self.grid else None)
+        self.explainer = (MicroBatcher(explaining(self.inference), cfg.batch_size, cfg.max_wait_ms / 1000,
+                                       cfg.max_queue) if self.grid else None)
         self.decoder = ThreadPoolExecutor(decode_threads(), thread_name_prefix="decode-upload")
         self.started = time.time()
         self.drained = asyncio.Event()  # set --drain-seconds after SIGTERM (``begin_drain``)
