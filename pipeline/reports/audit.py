@@ -246,7 +246,12 @@ def audit(cfg: AuditConfig) -> dict:
             if not cfg.data:
                 raise UsageError("--apply needs --data DIR, the folder the list's paths are relative to")
             out = _output_dir(cfg, "audit-apply")
-            result = apply_fixes(cfg.apply, cfg.data, out, cfg.quarantine_dir)
+            try:
+                result = apply_fixes(cfg.apply, cfg.data, out, cfg.quarantine_dir)
+            except Exception:
+                if not cfg.output and not any(out.iterdir()):
+                    out.rmdir()  # a refused list leaves no empty run folder behind
+                raise
         else:
             result = undo_fixes(cfg.undo, cfg.data)
         if cfg.refresh:
