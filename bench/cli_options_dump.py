@@ -25,9 +25,8 @@ def _type(t: click.ParamType) -> dict:
 
 
 def _param(p: click.Parameter) -> dict:
-    default = p.default
-    out = {"kind": type(p).__name__, "opts": list(p.opts), "secondary_opts": list(p.secondary_opts),
-           "default": default if isinstance(default, (str, int, float, bool, type(None), list, tuple)) else repr(default),
+    default = p.default if isinstance(p.default, (str, int, float, bool, type(None), list, tuple)) else repr(p.default)
+    out = {"kind": type(p).__name__, "opts": list(p.opts), "secondary_opts": list(p.secondary_opts), "default": default,
            "type": _type(p.type), "required": p.required, "multiple": p.multiple, "nargs": p.nargs,
            "metavar": p.metavar}
     if isinstance(p, click.Option):

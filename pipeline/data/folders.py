@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import MAX_SEED
 from ..errors import UsageError
 from ..files import is_utf8, shown
 from .portable import bit_depth, jpeg_draft, to_rgb  # noqa: F401 (the decoding rule; bit_depth for callers)
@@ -189,10 +190,6 @@ def list_image_folder(root: str | os.PathLike, min_classes: int = 2) -> ImageFol
         log.warning("%d entries of %s are left out (not regular files, or folders reached twice through "
                     "links; first: %s: %s)", len(bad), root, *bad[0])
     return ImageFolderListing(root, tuple(classes), tuple(files), tuple(bad))
-
-
-#: Seeds are stored as HDF5 attributes and given to numpy and torch: 0 .. 2**32 - 1 suits all three.
-MAX_SEED = 2**32 - 1
 
 
 def check_seed(seed: int) -> None:
