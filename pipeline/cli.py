@@ -40,6 +40,7 @@ from .config import (
     TrainConfig,
     check_value,
     cli_name,
+    integer_field,
     option_fields,
     spec_of,
 )
@@ -134,15 +135,14 @@ def _click_type(f, opt):
         return click.Choice(opt.choices)
     if opt.path:
         return click.Path(dir_okay=opt.path != "file", file_okay=opt.path != "dir")
-    kind = str(f.type)
-    return int if kind in ("int", "Optional[int]") else FINITE if kind in ("float", "Optional[float]") else None
+    return int if integer_field(f) else FINITE if str(f.type) in ("float", "Optional[float]") else None
 
 
 def _range_check(f, opt):
     """A click callback refusing a value outside the option's range, in the command line's terms (exit 2)."""
     def callback(ctx, param, value):
         try:
-            check_value(opt, value, cli_name(f.name, opt), integer=str(f.type) in ("int", "Optional[int]"))
+            check_value(opt, value, cli_name(f.name, opt), integer=integer_field(f))
         except UsageError as e:
             raise OneLineUsageError(str(e), ctx) from None
         return value

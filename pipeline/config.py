@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -100,11 +101,9 @@ def spec_of(f) -> Optional[Option]:
     return f.metadata.get("option")
 
 
-def option_fields(cls) -> list:
-    """The fields of a config dataclass that are options, the class's own first, then its groups' (nearest first).
-
-    That is the order of the command's --help and of its table in docs/commands.md.
-    """
+def ordered_fields(cls) -> list:
+    """The fields of a config dataclass, the class's own first, then its groups' (nearest first): the order of
+    the command's --help, of its table in docs/commands.md and of the API's list of allowed keywords."""
     from dataclasses import fields
 
     def place(f) -> tuple:
@@ -114,7 +113,12 @@ def option_fields(cls) -> list:
                 return i, own.index(f.name)
         return len(cls.__mro__), 0
 
-    return sorted((f for f in fields(cls) if spec_of(f) is not None), key=place)
+    return sorted(fields(cls), key=place)
+
+
+def option_fields(cls) -> list:
+    """The fields of a config dataclass that are options (not internal), in ``ordered_fields`` order."""
+    return [f for f in ordered_fields(cls) if spec_of(f) is not None]
 
 
 def cli_name(name: str, opt: Optional[Option] = None) -> str:
@@ -136,7 +140,7 @@ def describe_range(text: str, integer: bool) -> str:
         return f"{lo:g} or more" if lo <= 0 else f"at least {lo:g}"
     if integer and not lo_open and not hi_open:
         return f"between {lo:g} and {hi:.0f}"
-    return text
+    return f"in {text}"
 
 
 def check_value(opt: Option, value, name: str, integer: bool = False) -> None:
@@ -149,15 +153,17 @@ def check_value(opt: Option, value, name: str, integer: bool = False) -> None:
             raise UsageError(f"unknown {name} {v!r}; allowed: {', '.join(map(str, opt.choices))}")
         if opt.range is None:
             continue
-        if not isinstance(v, (int, float)):
-            raise UsageError(f"{name} must be a number, got {v!r}")
+        if not isinstance(v, numbers.Integral if integer else numbers.Real):
+            raise UsageError(f"{name} must be a {'whole ' if integer else ''}number, got {v!r}")
         lo, hi, lo_open, hi_open = _interval(opt.range)
         inside = (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)
         if not (inside and math.isfinite(v)):
             raise UsageError(f"{name} must be {describe_range(opt.range, integer)}, got {v}")
 
 
-def _is_int(f) -> bool:
+def integer_field(f) -> bool:
+    """Whether a config field holds a whole number (its annotation is a string: ``from __future__ import
+    annotations``)."""
     return str(f.type) in ("int", "Optional[int]", "int | None")
 
 
@@ -170,7 +176,7 @@ def check_options(cls, values: dict, python: bool = True, what: str = "") -> Non
         opt = spec_of(f)
         if opt is not None and f.name in values:
             check_value(opt, values[f.name], (f"{what}: " if what else "") + f.name if python
-                        else cli_name(f.name, opt), _is_int(f))
+                        else cli_name(f.name, opt), integer_field(f))
 
 
 def check_config(cfg) -> None:
@@ -389,6 +395,18 @@ class FitHeadConfig(SplitOptions, TrustOptions, DeviceOptions):
         "logreg: scikit-learn LogisticRegression; kernel: an RBF (Nystroem) map + logreg; svm: the exact RBF SVM "
         "(one-vs-rest). Each is saved as the same Linear + LogSoftmax checkpoint.", choices=HEADS,
         doc="`auto` (SVM + logreg stacked, each C by CV), `linear`, `logreg`, `kernel`, `svm`"))
+    features: str = field(default="avg", metadata=option(
+        "View of the cached map: flat (C*H*W, the tutorial's), avg / max (global pooling), avgmax.", choices=VIEWS))
+    normalize: str = field(default="l2", metadata=option(
+        "Feature normalisation.", choices=NORMS,
+        doc="`l2` (each row), `rms` (one scale), `standardize` (per feature), `none`"))
+    epochs: int = field(default=100, metadata=option("linear: at most this many epochs.", range=POSITIVE))
+    patience: int = field(default=5, metadata=option(
+        "linear: early stopping after this many epochs without a lower val loss (0 = never); the best epoch's "
+        "weights are kept.", range=NON_NEGATIVE))
+    lr: float = field(default=0.03, metadata=option("linear: Adam learning rate.", range=LEARNING_RATES))
+    weight_decay: float = field(default=1e-4, metadata=option(
+        "linear: Adam weight decay.", range=f"[0, {MAX_WEIGHT_DECAY:g}]"))
     C: float = field(default=100.0, metadata=option(
         "logreg, kernel, svm: inverse regularisation strength.", range=f"(0, {MAX_C:g}]", names=("--C",)))
     gamma: str = field(default="scale", metadata=option(
@@ -397,40 +415,28 @@ class FitHeadConfig(SplitOptions, TrustOptions, DeviceOptions):
     kernel_components: int = field(default=2000, metadata=option(
         "kernel: Nystroem landmarks.", range=POSITIVE,
         doc="auto, kernel: Nystroem landmarks; with fewer training rows all are (the exact kernel)"))
+    batch_size: int = field(default=32, metadata=option("linear: rows per optimisation step.", range=POSITIVE))
+    dropout: float = field(default=0.0, metadata=option(
+        "linear: dropout before the linear layer when > 0.", range=DROPOUT))
+    block_rows: int = field(default=2048, metadata=option(
+        "Rows read from disk at once (bounds memory: block_rows x row size).", range=POSITIVE, cli=False))
     tune: bool = field(default=False, metadata=option(
         "Choose head kind, view, normalisation and C by stratified k-fold CV on the training rows (a table on "
         "stderr), then refit the winner."))
-    folds: int = field(default=5, metadata=option("auto, --tune: folds.", range=POSITIVE,
-                                                  doc="auto, `--tune`: stratified cross-validation folds"))
     refit: bool = field(default=True, metadata=option(
         "auto, --tune: once validated, fit the chosen setting again on every row, the validation rows included.",
         negatable=True, doc=(
             "auto, `--tune`: once scored on the validation split, fit the chosen setting again on every row (the "
             "validation rows too; `evaluate`'s val split then scores rows the saved head saw: fit-head's own val "
             "figures come from the fit without them)")))
-    features: str = field(default="avg", metadata=option(
-        "View of the cached map: flat (C*H*W, the tutorial's), avg / max (global pooling), avgmax.", choices=VIEWS))
-    normalize: str = field(default="l2", metadata=option(
-        "Feature normalisation.", choices=NORMS,
-        doc="`l2` (each row), `rms` (one scale), `standardize` (per feature), `none`"))
-    recipe: str = field(default="default", metadata=option(
-        "seed: the tutorial's exact head (flat, 1/RMS, Adam 0.01, 10 epochs, no early stopping).", choices=RECIPES))
-    epochs: int = field(default=100, metadata=option("linear: at most this many epochs.", range=POSITIVE))
-    patience: int = field(default=5, metadata=option(
-        "linear: early stopping after this many epochs without a lower val loss (0 = never); the best epoch's "
-        "weights are kept.", range=NON_NEGATIVE))
-    lr: float = field(default=0.03, metadata=option("linear: Adam learning rate.", range=LEARNING_RATES))
-    weight_decay: float = field(default=1e-4, metadata=option(
-        "linear: Adam weight decay.", range=f"[0, {MAX_WEIGHT_DECAY:g}]"))
-    batch_size: int = field(default=32, metadata=option("linear: rows per optimisation step.", range=POSITIVE))
-    dropout: float = field(default=0.0, metadata=option(
-        "linear: dropout before the linear layer when > 0.", range=DROPOUT))
+    folds: int = field(default=5, metadata=option("auto, --tune: folds.", range=POSITIVE,
+                                                  doc="auto, `--tune`: stratified cross-validation folds"))
     test_data: Optional[str] = field(default=None, metadata=TEST_DATA)
     test_cache: Optional[str] = field(default=None, metadata=TEST_CACHE)
+    recipe: str = field(default="default", metadata=option(
+        "seed: the tutorial's exact head (flat, 1/RMS, Adam 0.01, 10 epochs, no early stopping).", choices=RECIPES))
     runs_dir: str = field(default="runs", metadata=option(
         "Where run outputs go.", doc="where the checkpoint, history and curves go (`runs/<stamp>-fit-head/`)"))
-    block_rows: int = field(default=2048, metadata=option(
-        "Rows read from disk at once (bounds memory: block_rows x row size).", range=POSITIVE, cli=False))
 
 
 @dataclass

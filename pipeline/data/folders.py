@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import MAX_SEED
 from ..errors import UsageError
 from ..files import is_utf8, shown
 from .portable import bit_depth, jpeg_draft, to_rgb  # noqa: F401 (the decoding rule; bit_depth for callers)
@@ -190,11 +189,6 @@ def list_image_folder(root: str | os.PathLike, min_classes: int = 2) -> ImageFol
         log.warning("%d entries of %s are left out (not regular files, or folders reached twice through "
                     "links; first: %s: %s)", len(bad), root, *bad[0])
     return ImageFolderListing(root, tuple(classes), tuple(files), tuple(bad))
-
-
-def check_seed(seed: int) -> None:
-    if not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-        raise UsageError(f"--seed must be between 0 and {MAX_SEED}, got {seed}")
 
 
 def stratified_order(labels: np.ndarray, seed: int) -> np.ndarray:
