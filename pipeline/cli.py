@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import warnings
 
@@ -20,6 +21,7 @@ import click
 
 from . import api
 from .config import (
+    SEEDS,
     AuditConfig,
     CheckImagesConfig,
     ChooseBackboneConfig,
@@ -40,7 +42,8 @@ from .config import (
     TrainConfig,
     check_value,
     cli_name,
-    integer_field,
+    describe_range,
+    field_kind,
     option_fields,
     spec_of,
 )
@@ -135,14 +138,14 @@ def _click_type(f, opt):
         return click.Choice(opt.choices)
     if opt.path:
         return click.Path(dir_okay=opt.path != "file", file_okay=opt.path != "dir")
-    return int if integer_field(f) else FINITE if str(f.type) in ("float", "Optional[float]") else None
+    return {"int": int, "float": FINITE}.get(field_kind(f))
 
 
 def _range_check(f, opt):
     """A click callback refusing a value outside the option's range, in the command line's terms (exit 2)."""
     def callback(ctx, param, value):
         try:
-            check_value(opt, value, cli_name(f.name, opt), integer=integer_field(f))
+            check_value(opt, value, cli_name(f.name, opt), integer=field_kind(f) == "int")
         except UsageError as e:
             raise OneLineUsageError(str(e), ctx) from None
         return value
@@ -164,7 +167,7 @@ def click_param(f):
     default = _default(f)
     names = list(opt.names) or [cli_name(f.name)]
     kw = {} if opt.required else {"default": default, "show_default": default not in (None, "")}
-    if str(f.type) == "bool":
+    if field_kind(f) == "bool":
         if opt.negatable:
             names = [f"{names[0]}/--no-{names[0][2:]}"]
         elif default:  # a default-True bool is switched off: --no-NAME
@@ -188,6 +191,7 @@ def options_from(cls, only: tuple = ()):
     def decorate(fn):
         for f in reversed(chosen):
             fn = click_param(f)(fn)
+            fn.__click_params__[-1].spec_field = f  # docs/commands.md's tables read the spec back (option_table)
         return fn
 
     return decorate
@@ -558,6 +562,62 @@ def serve(**options):
     """Serve a model over HTTP: a page at / to drop photos on, POST /predict (multipart field 'files'; the rows
     of predict --format json), GET /info, GET /health. Stops on SIGTERM or Ctrl-C, answering what is in flight."""
     api.serve_model(options.pop("model"), verbose=None, **options)
+
+
+# -- docs/commands.md's option tables, written from the same specs --------------------------------------
+OPTION_TABLE = re.compile(r"(<!-- options: (?P<command>[\w-]+) .*?-->\n)(?P<table>.*?)(<!-- end options -->)", re.S)
+
+
+def _doc_text(text: str) -> str:
+    """A help text as a table cell: no '[default: ...]' (the default has its column), lower case, no final stop."""
+    text = re.sub(r"\s*\[default: [^\]]*\]", "", text or "").strip().rstrip(".").strip()
+    if re.match(r"[A-Z][a-z]*\b", text):
+        text = text[0].lower() + text[1:]
+    return text.replace("|", "\\|")
+
+
+def _doc_default(p: click.Parameter, opt) -> str:
+    if opt is not None and opt.doc_default is not None:
+        return opt.doc_default
+    given = re.search(r"\[default: ([^\]]*)\]", p.help or "")
+    if p.required:
+        return "(required)"
+    if given:
+        return given.group(1)
+    value = p.default
+    if isinstance(value, bool):
+        return ("on" if value else "off") if p.is_flag else ""
+    if value is None or value == "" or value == () or not isinstance(value, (str, int, float)):
+        return ""
+    return f"`{value}`" if isinstance(value, str) else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _doc_names(p: click.Option, opt) -> str:
+    metavar = f" {p.metavar}" if p.metavar else ""
+    names = [f"`{n}`" for n in p.opts[:-1]] + [f"`{p.opts[-1]}{metavar}`"]
+    return ", ".join(names) + "".join(f" / `{n}`" for n in p.secondary_opts)
+
+
+def option_table(command: str) -> str:
+    """The markdown table of a command's options (docs/commands.md): names, default, what each does, from the
+    config specs the options are made of (``doc`` and ``doc_default`` where the docs say more than --help)."""
+    rows = ["| option | default | what it does |", "|---|---|---|"]
+    for p in cli.commands[command].params:
+        if isinstance(p, click.Option):
+            f = getattr(p, "spec_field", None)
+            opt = spec_of(f) if f is not None else None
+            what = opt.doc if opt is not None and opt.doc else _doc_text(opt.help if opt is not None else p.help)
+            if opt is not None and opt.range and opt.range != SEEDS and "or more" not in (
+                    allowed := describe_range(opt.range, field_kind(f) == "int")) and allowed != "positive":
+                what += f" ({allowed})"
+            rows.append(f"| {_doc_names(p, opt)} | {_doc_default(p, opt)} | {what} |")
+    return "\n".join(rows) + "\n"
+
+
+def with_option_tables(markdown: str) -> str:
+    """``markdown`` with every ``<!-- options: COMMAND -->`` ... ``<!-- end options -->`` block's table written
+    again from the specs (``python bench/commands_doc.py`` does it to docs/commands.md; a test checks it is)."""
+    return OPTION_TABLE.sub(lambda m: m.group(1) + option_table(m.group("command")) + m.group(4), markdown)
 
 
 def main() -> None:

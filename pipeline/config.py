@@ -161,10 +161,12 @@ def check_value(opt: Option, value, name: str, integer: bool = False) -> None:
             raise UsageError(f"{name} must be {describe_range(opt.range, integer)}, got {v}")
 
 
-def integer_field(f) -> bool:
-    """Whether a config field holds a whole number (its annotation is a string: ``from __future__ import
-    annotations``)."""
-    return str(f.type) in ("int", "Optional[int]", "int | None")
+def field_kind(f) -> str:
+    """'int', 'float', 'bool' (optional or not), or the annotation's text, from a config field's type (a string
+    under ``from __future__ import annotations``, a class otherwise)."""
+    text = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    text = text.replace("typing.", "")
+    return next((k for k in ("bool", "int", "float") if text in (k, f"Optional[{k}]", f"{k} | None")), text)
 
 
 def check_options(cls, values: dict, python: bool = True, what: str = "") -> None:
@@ -174,9 +176,12 @@ def check_options(cls, values: dict, python: bool = True, what: str = "") -> Non
 
     for f in fields(cls):
         opt = spec_of(f)
-        if opt is not None and f.name in values:
-            check_value(opt, values[f.name], (f"{what}: " if what else "") + f.name if python
-                        else cli_name(f.name, opt), integer_field(f))
+        if opt is None or f.name not in values:
+            continue
+        try:
+            check_value(opt, values[f.name], f.name if python else cli_name(f.name, opt), field_kind(f) == "int")
+        except UsageError as e:
+            raise UsageError(f"{what}: {e}" if what else str(e)) from None
 
 
 def check_config(cfg) -> None:
@@ -505,7 +510,7 @@ class TrainConfig(RunnerOptions, SplitOptions, TrustOptions):
     augment: bool = field(default=False, metadata=option("Random resized crop + horizontal flip on training images."))
     epochs: int = field(default=3, metadata=option("Passes over the training split.", range=POSITIVE))
     lr: float = field(default=1e-3, metadata=option(f"Adam learning rate of the head, up to {MAX_LR:g}.",
-                                                    range=LEARNING_RATES))
+                                                    range=LEARNING_RATES, doc="Adam learning rate of the head"))
     batch_size: int = field(default=32, metadata=option("Images per optimisation step.", range=POSITIVE))
     print_every: int = field(default=20, metadata=option(
         "Running train accuracy/loss every this many minibatches; 0 = never.", range=NON_NEGATIVE))
@@ -537,10 +542,10 @@ class FinetuneConfig(TrainConfig):
     head_epochs: int = field(default=0, metadata=option(
         "Staged schedule: train only the head for this many epochs, then unfreeze.", range=NON_NEGATIVE))
     lr: float = field(default=1e-4, metadata=option(f"Adam learning rate of the head, up to {MAX_LR:g}.",
-                                                    range=LEARNING_RATES))
+                                                    range=LEARNING_RATES, doc="Adam learning rate of the head"))
     backbone_lr: Optional[float] = field(default=None, metadata=option(
         f"Learning rate of the backbone, up to {MAX_LR:g} [default: lr / 10].", range=LEARNING_RATES,
-        doc_default="lr / 10"))
+        doc="learning rate of the unfrozen backbone", doc_default="lr / 10"))
 
 
 @dataclass
@@ -631,7 +636,8 @@ class FeatureMapConfig:
 
     image: str = field(default="", metadata=option("The image file.", argument=True, path="file", required=True))
     top_k: int = field(default=6, metadata=option(
-        f"Most active channels shown over the image (1 to {MAX_TOP_K}).", range=f"[1, {MAX_TOP_K}]"))
+        f"Most active channels shown over the image (1 to {MAX_TOP_K}).", range=f"[1, {MAX_TOP_K}]",
+        doc="most active channels shown over the image"))
     backbone: str = field(default="vgg16", metadata=option("Whose preprocessing/features."))
     weights: str = field(default="DEFAULT", metadata=option(WEIGHTS_HELP))
     output: str = field(default="runs/feature-map.png", metadata=option("PNG to write.", path="file",
