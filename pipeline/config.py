@@ -67,8 +67,8 @@ class Option:
     """What one config field is to its users: its help, what it allows, and how the command line spells it.
 
     The CLI makes its click options from these (``pipeline.cli.options_from``), the API and the stages
-    check values with them (``check_value``), and docs/commands.md's tables are written from them
-    (``pipeline/cli_docs.py``).
+    check values with them (``check_options``, ``check_config``), and docs/commands.md's tables are written
+    from them (``pipeline.cli.option_table``, run by ``python bench/commands_doc.py``).
     """
 
     help: str
@@ -76,7 +76,7 @@ class Option:
     range: Optional[str] = None  # an interval, e.g. "(0, 10]" or "[1, inf)"
     names: tuple = ()  # command-line names, e.g. ("-n", "--n") [default: --field-name]
     negatable: bool = False  # a bool shown as --x/--no-x (a default-True bool without it is --no-x)
-    argument: bool = False  # a positional argument on the command line (ARGS), not an option
+    argument: bool = False  # a positional argument on the command line, not an --option
     path: Optional[str] = None  # "file" or "dir": the command line refuses the other kind
     metavar: Optional[str] = None
     required: bool = False  # on the command line (the API takes it as a positional parameter)
@@ -225,7 +225,6 @@ class RunnerOptions(DeviceOptions):
 
     precision: str = field(default="auto", metadata=MODEL_PRECISION)
     batch_size: int = field(default=32, metadata=option("Images per forward pass.", range=POSITIVE))
-    # -1: with a CPU network, a thread per core in turns with it, else a process per core (<= 8); 0: in-process
     workers: int = field(default=-1, metadata=option(WORKERS_HELP, range=WORKER_COUNTS, doc=(
         "decoding: -1 = with the network on the CPU, a thread per core taking turns with it (decoding beside a CPU "
         "network slows it: [performance.md](performance.md)); on a GPU a background process per core (at most 8); "
@@ -316,8 +315,6 @@ class ExtractConfig(RunnerOptions):
         "the library's pretrained weights (`DEFAULT`, a torchvision weights name such as `IMAGENET1K_V1`, or a timm "
         "tag such as `in1k`), a local state-dict file with its `.json` sidecar, or `none` (random, for tests); see "
         "[backbones.md](backbones.md#weights)")))
-    # compute precision: fp32, bf16, fp16 (CUDA), int8 (CPU), or auto: int8 + compile for CPU runs of 1,000+
-    # images where measured to pay (AVX-512 VNNI without AMX, torchao installed), else bf16 where supported
     precision: str = field(default="auto", metadata=option(
         "Compute precision; auto = int8 for CPU runs of 1,000+ images where it pays (AVX-512 VNNI, torchao), else "
         "bf16 where the device supports it; int8 (CPU, needs torchao) quantises the backbone, calibrated on "
@@ -344,10 +341,8 @@ class ExtractConfig(RunnerOptions):
     pool: str = field(default="none", metadata=option(
         "avg stores globally pooled C-vectors instead of C x H x W maps.", choices=POOLS,
         doc="`none` keeps the C x H x W map; `avg` stores globally averaged C x 1 x 1 vectors"))
-    # store each photo's map as the mean of its and its mirror image's: twice the compute, +1.0 +- 0.4 points for
-    # the default head on dogbreeds20 (13 photos per class; docs/heads.md). Opt-in, never decided from the folder:
-    # a rule on its size would change what every row means when a photo is added, and a test folder extracted
-    # with the training folder's options would not fit its head
+    # Opt-in, never decided from the folder: a rule on its size would change what every row means when a photo is
+    # added, and a test folder extracted with the training folder's options would not fit its head
     flip: bool = field(default=False, metadata=option(
         "Store each map as the mean of the photo's and its mirror image's: twice the compute, about +1 point on a "
         "small fine-grained set (dogbreeds20). Part of the cache key: extract test folders with the same option "
@@ -385,7 +380,7 @@ class ExtractConfig(RunnerOptions):
 class FitHeadConfig(SplitOptions, TrustOptions, DeviceOptions):
     """How to train the head, and on which cache. The defaults were chosen by measurement (README)."""
 
-    # cache file; None = the newest complete cache in cache_dir; a list of caches of the same photos: fused features
+    # None = the newest complete cache in cache_dir; a list of caches of the same photos: one head on fused features
     cache: Optional[str] = field(default=None, metadata=option(
         "Cache file to use [default: the newest complete cache]; given more than once (caches of the same photos "
         "from other backbones), one head on their fused features.", path="file", multiple=True, metavar="FILE",
