@@ -49,6 +49,8 @@ from .config import (
     ServeConfig,
     SummaryConfig,
     TrainConfig,
+    check_options,
+    ordered_fields,
 )
 from .errors import UsageError
 
@@ -85,7 +87,7 @@ def _defaults(cls, exclude: Iterable[str] = ()) -> dict:
 
 def _check_options(cls, options: dict, what: str, exclude: Iterable[str] = ()) -> None:
     """Refuse keywords that are not fields of ``cls`` (those in ``exclude`` are set by the API itself)."""
-    allowed = _field_names(cls, exclude)
+    allowed = [f.name for f in ordered_fields(cls) if f.name not in set(exclude)]
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise UsageError(f"{what}: unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
@@ -98,9 +100,11 @@ def _plain(options: dict) -> dict:
 
 
 def _config(cls, what: str, options: dict, **fixed):
-    """``cls(**options, **fixed)``, the options checked against the dataclass's fields (so new fields of
-    a stage's config are options of its API function without any change here)."""
+    """``cls(**options, **fixed)``, the options checked against the dataclass's fields and their specs' choices
+    and ranges, named as the caller wrote them (``lr``, not ``--lr``): a new field of a stage's config is an
+    option of its API function, checked, without any change here."""
     _check_options(cls, options, what, exclude=fixed)
+    check_options(cls, options, python=True, what=what)
     return cls(**_plain({**options, **fixed}))
 
 

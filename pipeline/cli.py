@@ -1,10 +1,10 @@
 """Command line: parse options, call one pipeline function per command, print results.
 
-Results go to stdout (``--json`` for scripts), progress and logs to stderr. Defaults live once, in
-each stage's config dataclass (``defaults_from``). The library's ``UsageError`` is a usage error
-(one line, exit code 2), a ``PipelineError`` exits 1; anything else is a bug, shown as one line, or
-with its traceback under ``-v``. ``python cli.py`` (a shim at the top) and the ``transfer-pipeline``
-console script both run ``main``.
+Results go to stdout (``--json`` for scripts), progress and logs to stderr. The option of every config field is
+made from its spec in ``pipeline/config.py`` (``options_from``): help, choices, range and default live there
+once. The library's ``UsageError`` is a usage error (one line, exit code 2), a ``PipelineError`` exits 1;
+anything else is a bug, shown as one line, or with its traceback under ``-v``. ``python cli.py`` (a shim at
+the top) and the ``transfer-pipeline`` console script both run ``main``.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import warnings
 
@@ -20,22 +21,7 @@ import click
 
 from . import api
 from .config import (
-    CALIBRATIONS,
-    COMPILE,
-    DECODERS,
-    EXPORT_FORMATS,
-    FORMATS,
-    HEADS,
-    MAX_LR,
-    MAX_TOP_K,
-    MODEL_PRECISIONS,
-    NORMS,
-    POOLS,
-    PRECISIONS,
-    RECIPES,
-    SPLITS,
-    STORAGE_DTYPES,
-    VIEWS,
+    SEEDS,
     AuditConfig,
     CheckImagesConfig,
     ChooseBackboneConfig,
@@ -54,6 +40,12 @@ from .config import (
     ServeConfig,
     SummaryConfig,
     TrainConfig,
+    check_value,
+    cli_name,
+    describe_range,
+    field_kind,
+    option_fields,
+    spec_of,
 )
 from .errors import PipelineError, UsageError
 
@@ -64,8 +56,6 @@ class FiniteFloat(click.ParamType):
     name = "float"
 
     def convert(self, value, param, ctx):
-        import math
-
         try:
             x = float(value)
         except (TypeError, ValueError):
@@ -76,14 +66,6 @@ class FiniteFloat(click.ParamType):
 
 
 FINITE = FiniteFloat()
-
-#: help texts shared by several commands
-BACKBONE_HELP = ("Any torchvision or timm model: vgg16, resnet50, tf_efficientnet_lite0, convnext_tiny, timm:NAME "
-                 "(docs/backbones.md).")
-WEIGHTS_HELP = ("DEFAULT, a torchvision weights name (IMAGENET1K_V1) or timm tag (in1k), a state-dict file "
-                "(+ .json sidecar), or 'none'.")
-WORKERS_HELP = ("Decoding: -1 = on the CPU a thread per core, in turns with the network; on a GPU a process per core; "
-                "N processes; 0 in-process.")
 
 
 class OneLineUsageError(click.UsageError):
@@ -150,28 +132,67 @@ def library_errors(fn):
     return wrapper
 
 
-def defaults_from(*sources):
-    """Take each option's default from the first config dataclass (or function) that has a field of its name.
+def _click_type(f, opt):
+    """The click type of a config field: its choices, a file or a folder, int, a finite float, or text."""
+    if opt.choices is not None:
+        return click.Choice(opt.choices)
+    if opt.path:
+        return click.Path(dir_okay=opt.path != "file", file_okay=opt.path != "dir")
+    return {"int": int, "float": FINITE}.get(field_kind(f))
 
-    So a default is written once, where the stage is: ``--n`` shows ExtractConfig.n.
-    """
-    import inspect
-    from dataclasses import MISSING, fields, is_dataclass
 
-    table: dict = {}
-    for src in reversed(sources):
-        if is_dataclass(src):
-            table.update({f.name: f.default for f in fields(src) if f.default is not MISSING})
+def _range_check(f, opt):
+    """A click callback refusing a value outside the option's range, in the command line's terms (exit 2)."""
+    def callback(ctx, param, value):
+        try:
+            check_value(opt, value, cli_name(f.name, opt), integer=field_kind(f) == "int")
+        except UsageError as e:
+            raise OneLineUsageError(str(e), ctx) from None
+        return value
+    return callback if opt.range else None
+
+
+def _default(f):
+    from dataclasses import MISSING
+
+    return f.default_factory() if f.default is MISSING and f.default_factory is not MISSING else f.default
+
+
+def click_param(f):
+    """The click option (or argument) of one config field, from its Option spec: names, type, default, help."""
+    opt = spec_of(f)
+    if opt.argument:
+        return click.argument(f.name, nargs=-1 if opt.multiple else 1, required=opt.required or not opt.multiple,
+                              type=_click_type(f, opt), metavar=opt.metavar)
+    default = _default(f)
+    names = list(opt.names) or [cli_name(f.name)]
+    kw = {} if opt.required else {"default": default, "show_default": default not in (None, "")}
+    if field_kind(f) == "bool":
+        if opt.negatable:
+            names = [f"{names[0]}/--no-{names[0][2:]}"]
+        elif default:  # a default-True bool is switched off: --no-NAME
+            names = list(opt.names) or [f"--no-{f.name.replace('_', '-')}"]
+            kw["flag_value"] = False
         else:
-            table.update({k: v.default for k, v in inspect.signature(src).parameters.items()
-                          if v.default is not inspect.Parameter.empty})
+            kw["is_flag"] = True
+        return click.option(*names, f.name, help=opt.help, **kw)
+    return click.option(*names, f.name, type=_click_type(f, opt), required=opt.required, multiple=opt.multiple,
+                        metavar=opt.metavar, help=opt.help, callback=_range_check(f, opt), **kw)
 
-    def decorate(cmd: click.Command) -> click.Command:
-        for p in cmd.params:
-            if isinstance(p, click.Option) and p.name in table and not p.required:
-                p.default = table[p.name]
-                p.show_default = table[p.name] not in (None, "")
-        return cmd
+
+def options_from(cls, only: tuple = ()):
+    """The click options of a command, made from its config dataclass's option specs (``only``: just these).
+
+    A field's help, choices, range, default, names and kind are written once, in ``pipeline/config.py``:
+    adding a field there adds the option here (docs/layout.md, "Adding an option").
+    """
+    chosen = [f for f in option_fields(cls) if spec_of(f).cli and (not only or f.name in only)]
+
+    def decorate(fn):
+        for f in reversed(chosen):
+            fn = click_param(f)(fn)
+            fn.__click_params__[-1].spec_field = f  # docs/commands.md's tables read the spec back (option_table)
+        return fn
 
     return decorate
 
@@ -226,55 +247,12 @@ def cli(verbose, quiet):
     set_quiet(quiet)
 
 
-def common_cache_options(fn):
-    fn = click.option("--cache-dir", help="Folder of feature caches.")(fn)
-    fn = click.option("--cache", "cache", type=click.Path(dir_okay=False),
-                      help="Cache file to use [default: the newest complete cache].")(fn)
-    return fn
-
-
 def json_option(fn):
     return click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")(fn)
 
 
-@defaults_from(ExtractConfig)
 @cli.command()
-@click.option("--data", help="ImageFolder root (one folder per class).")
-@click.option("-n", "--n", type=int,
-              help="Good images to extract; 0 = all (under torchrun write -n: torchrun takes --n for its own).")
-@click.option("--backbone", help=BACKBONE_HELP)
-@click.option("--weights", help=WEIGHTS_HELP)
-@click.option("--batch-size", type=int)
-@click.option("--device", help="auto, cpu, cuda or cuda:N.")
-@click.option("--workers", type=int, help=WORKERS_HELP)
-@click.option("--seed", type=int, help="Seed of the stratified sample of --n images.")
-@click.option("--dtype", type=click.Choice(STORAGE_DTYPES),
-              help="Storage dtype of the features.")
-@click.option("--precision", type=click.Choice(PRECISIONS),
-              help="Compute precision; auto = int8 for CPU runs of 1,000+ images where it pays (AVX-512 VNNI, "
-                   "torchao), else bf16 where the device supports it; int8 (CPU, needs torchao) quantises the "
-                   "backbone, calibrated on --calib-n images of the sample.")
-@click.option("--compile", type=click.Choice(COMPILE),
-              help="torch.compile the backbone: a one-off compile (tens of seconds), then faster per image; "
-                   "auto = for int8 and long CPU runs. Falls back to eager with a warning.")
-@click.option("--calib-n", type=int, help="int8: calibration images (the first of the seeded sample).")
-@click.option("--calib-data", help="int8: calibrate on this folder's sample instead of --data's.")
-@click.option("--pool", type=click.Choice(POOLS),
-              help="avg stores globally pooled C-vectors instead of C x H x W maps.")
-@click.option("--flip/--no-flip", default=None,
-              help="Store each map as the mean of the photo's and its mirror image's: twice the compute, about "
-                   "+1 point on a small fine-grained set (dogbreeds20). Part of the cache key: extract test folders "
-                   "with the same option (fit-head --test-data does) [default: off].")
-@click.option("--verify", is_flag=True,
-              help="On a cache hit or resume, hash every row's photo (sha256) and extract again what was rewritten "
-                   "in place with its size and mtime kept [default: only where the rows' photos total at most "
-                   "100 MB; about 1.5 s for 25,000 JPEGs].")
-@click.option("--decode", type=click.Choice(DECODERS),
-              help="device: decode JPEGs with torchvision's decode_jpeg on --device (nvJPEG on a GPU), "
-                   "for when CPU decoding is the bottleneck; other files still go through PIL.")
-@click.option("--cache-dir")
-@click.option("--shard-dir", help="Under torchrun: shards go to SHARD_DIR/<cache name>.shards/ "
-              "(e.g. a node-local disk) [default: beside the cache].")
+@options_from(ExtractConfig)
 @json_option
 @library_errors
 def extract(as_json, **options):
@@ -307,9 +285,8 @@ def extract(as_json, **options):
         emit(result, as_json, result["cache"])
 
 
-@defaults_from(ExtractConfig)  # --cache-dir
 @cli.command()
-@click.option("--cache-dir")
+@options_from(ExtractConfig, only=("cache_dir",))
 @click.option("--consolidate", type=click.Path(dir_okay=False), metavar="CACHE",
               help="Copy this sharded (torchrun) cache into one ordinary file in its place, instead of listing.")
 @json_option
@@ -334,76 +311,8 @@ def caches(cache_dir, consolidate, as_json):
     emit(result, as_json, "\n".join(lines) if result["caches"] or result["unreadable"] else f"no caches in {cache_dir}")
 
 
-def head_options(fn):
-    """Options of the head fit-head trains (compare-sklearn trains every kind with them)."""
-    for opt in reversed([
-        click.option("--features", type=click.Choice(VIEWS),
-                     help="View of the cached map: flat (C*H*W, the tutorial's), avg / max (global pooling), avgmax."),
-        click.option("--normalize", type=click.Choice(NORMS), help="Feature normalisation."),
-        click.option("--recipe", type=click.Choice(RECIPES),
-                     help="seed: the tutorial's exact head (flat, 1/RMS, Adam 0.01, 10 epochs, no early stopping)."),
-        click.option("--epochs", type=int, help="linear: at most this many epochs."),
-        click.option("--patience", type=int, help="linear: early stopping after this many epochs without a "
-                     "lower val loss (0 = never); the best epoch's weights are kept."),
-        click.option("--lr", type=FINITE, help="linear: Adam learning rate."),
-        click.option("--weight-decay", type=FINITE, help="linear: Adam weight decay."),
-        click.option("--batch-size", type=int),
-        click.option("--dropout", type=FINITE),
-        click.option("--test-data", type=click.Path(file_okay=False),
-                     help="Photos the head never saw (one folder per class): extracted like the cache, then scored."),
-        click.option("--test-cache", type=click.Path(dir_okay=False),
-                     help="Or a cache of them (made with the same backbone, weights and preprocessing)."),
-        click.option("--device"),
-        click.option("--runs-dir", help="Where run outputs go."),
-    ]):
-        fn = opt(fn)
-    return fn
-
-
-def trust_options(calibrations):
-    """The calibration and unknown-input options of fit-head, train and finetune."""
-    def add(fn):
-        for opt in reversed([
-            click.option("--calibrate", type=click.Choice(calibrations),
-                         help="Where the temperature is fitted: cv (out-of-fold training rows + val), val, or none."),
-            click.option("--known-share", type=FINITE,
-                         help="Share of validation photos kept as known; a photo scoring above them is 'unknown'."),
-            click.option("--unknown-rows", type=int,
-                         help="Training rows kept for the unknown score (a seeded sample, 1 KB each); 0 = none."),
-            click.option("--unknown-k", type=int, help="The unknown score's neighbour: the k-th nearest training row."),
-        ]):
-            fn = opt(fn)
-        return fn
-    return add
-
-
-def split_options(fn):
-    fn = click.option("--seed", type=int, help="Seeds the train/val split.")(fn)
-    fn = click.option("--val-fraction", type=FINITE)(fn)
-    return fn
-
-
-@defaults_from(FitHeadConfig)
 @cli.command("fit-head")
-@click.option("--cache-dir", help="Folder of feature caches.")
-@click.option("--cache", "cache", type=click.Path(dir_okay=False), multiple=True,
-              help="Cache file to use [default: the newest complete cache]; given more than once (caches of the "
-                   "same photos from other backbones), one head on their fused features.")
-@split_options
-@click.option("--head", type=click.Choice(HEADS),
-              help="auto: the exact RBF SVM or logistic regression, kind and C by k-fold CV; linear: Adam with "
-                   "early stopping; logreg: scikit-learn LogisticRegression; kernel: an RBF (Nystroem) map + logreg; "
-                   "svm: the exact RBF SVM (one-vs-rest). Each is saved as the same Linear + LogSoftmax checkpoint.")
-@click.option("--C", "C", type=FINITE, help="logreg, kernel, svm: inverse regularisation strength.")
-@click.option("--gamma", help="kernel, svm: RBF width, a number, 'scale' or 'G*scale'.")
-@click.option("--kernel-components", type=int, help="kernel: Nystroem landmarks.")
-@click.option("--tune", is_flag=True, help="Choose head kind, view, normalisation and C by stratified k-fold CV "
-              "on the training rows (a table on stderr), then refit the winner.")
-@click.option("--folds", type=int, help="auto, --tune: folds.")
-@click.option("--refit/--no-refit", default=None, help="auto, --tune: once validated, fit the chosen setting again on "
-              "every row, the validation rows included.")
-@head_options
-@trust_options(CALIBRATIONS)
+@options_from(FitHeadConfig)
 @json_option
 @library_errors
 def fit_head_cmd(as_json, **options):
@@ -416,24 +325,8 @@ def fit_head_cmd(as_json, **options):
     emit(result, as_json, format_result(result))
 
 
-@defaults_from(ChooseBackboneConfig)
 @cli.command("choose-backbone")
-@click.option("--data", help="ImageFolder root (one folder per class).")
-@click.option("--backbone", "backbones", multiple=True, metavar="NAME[=WEIGHTS]",
-              help="A candidate: a backbone name, with its weights (a name, a file, or none) after '='; once per "
-                   "candidate.")
-@click.option("-n", "--n", type=int, help="Photos each candidate extracts (a seeded stratified sample; all when "
-              "the folder has fewer).")
-@click.option("--folds", type=int, help="Stratified cross-validation folds ...")
-@click.option("--repeats", type=int, help="... repeated with other shuffles (every candidate on the same folds).")
-@click.option("--fused/--no-fused", default=None,
-              help="Also cross-validate every combination of two or more candidates' fused features.")
-@click.option("--seed", type=int, help="Seeds the sample, the folds and the heads.")
-@click.option("--cache-dir", help="Where the candidates' caches go (later commands reuse them).")
-@click.option("--device", help="auto, cpu, cuda or cuda:N.")
-@click.option("--precision", type=click.Choice(PRECISIONS), help="Extraction's compute precision (as extract's).")
-@click.option("--batch-size", type=int, help="Extraction's images per forward pass.")
-@click.option("--workers", type=int, help="Extraction's decoding workers (as extract's).")
+@options_from(ChooseBackboneConfig)
 @json_option
 @library_errors
 def choose_backbone_cmd(as_json, data, backbones, **options):
@@ -449,45 +342,26 @@ def choose_backbone_cmd(as_json, data, backbones, **options):
     emit(asdict(choice), as_json, format_choice(choice))
 
 
-@defaults_from(CompareConfig, FitHeadConfig)
+#: fit-head's options that compare-sklearn's heads take from its command line (the API takes all of them)
+COMPARED_HEAD_OPTIONS = ("features", "normalize", "recipe", "epochs", "patience", "lr", "weight_decay", "batch_size",
+                         "dropout", "test_data", "test_cache", "device", "runs_dir")
+
+
 @cli.command("compare-sklearn")
-@common_cache_options
-@split_options
-@click.option("--C", "C", type=FINITE, help="LogisticRegression C.")
-@click.option("--max-iter", type=int)
-@click.option("--no-scale", is_flag=True, help="Do not standardise features before LogisticRegression.")
-@head_options
+@options_from(CompareConfig)
+@options_from(FitHeadConfig, only=COMPARED_HEAD_OPTIONS)
 @json_option
 @library_errors
-def compare_sklearn_cmd(as_json, cache, cache_dir, val_fraction, seed, C, max_iter, no_scale, **head):
+def compare_sklearn_cmd(as_json, cache, **options):
     """Fit the torch head and scikit-learn LogisticRegression on the same split; print both."""
     from .heads.compare import format_table
 
-    result = api.compare_sklearn(cache, verbose=None, cache_dir=cache_dir, val_fraction=val_fraction, seed=seed, C=C,
-                                 max_iter=max_iter, scale=not no_scale, **head).result
+    result = api.compare_sklearn(cache, verbose=None, **options).result
     emit(result, as_json, format_table(result))
 
 
-def picture_options():
-    def decorate(fn):
-        for opt in reversed([
-            click.option("--backbone", help="Whose preprocessing/features."),
-            click.option("--weights", help="DEFAULT, a torchvision weights name or timm tag, a state-dict file "
-                                           "(+ .json sidecar), or 'none'."),
-            click.option("--output", type=click.Path(dir_okay=False),
-                         help="PNG to write."),
-        ]):
-            fn = opt(fn)
-        return fn
-    return decorate
-
-
-@defaults_from(PreviewConfig)
 @cli.command()
-@click.option("--data", help="ImageFolder root (one folder per class).")
-@click.option("--per-class", type=int, help="Images per class.")
-@click.option("--seed", type=int, help="Seeds which images are shown.")
-@picture_options()
+@options_from(PreviewConfig)
 @json_option
 @library_errors
 def preview(as_json, **options):
@@ -496,11 +370,8 @@ def preview(as_json, **options):
     emit(result, as_json, result["output"])
 
 
-@defaults_from(FeatureMapConfig)
 @cli.command("feature-map")
-@click.argument("image", type=click.Path(dir_okay=False))
-@click.option("--top-k", type=int, help=f"Most active channels shown over the image (1 to {MAX_TOP_K}).")
-@picture_options()
+@options_from(FeatureMapConfig)
 @json_option
 @library_errors
 def feature_map_cmd(as_json, **options):
@@ -511,23 +382,8 @@ def feature_map_cmd(as_json, **options):
     emit(result, as_json, result["output"])
 
 
-@defaults_from(EvaluateConfig)
 @cli.command()
-@click.option("--model", required=True, type=click.Path(dir_okay=False),
-              help="A fit-head head.pt (on --cache or --data) or a train/finetune model.pt (on --data).")
-@click.option("--cache", type=click.Path(dir_okay=False),
-              help="Feature cache to evaluate on [default: the one the model was trained on].")
-@click.option("--data", help="Or an ImageFolder root, run through the backbone.")
-@click.option("--split", type=click.Choice(SPLITS),
-              help="Cache rows: the model's validation split, or all.")
-@click.option("--weights", help="Backbone weights for --data [default: those the model names].")
-@click.option("--top-k", type=int, help="Images in the misclassified gallery.")
-@click.option("--batch-size", type=int)
-@click.option("--device")
-@click.option("--precision", type=click.Choice(MODEL_PRECISIONS),
-              help="--data: compute precision; auto = bf16 where the device supports it.")
-@click.option("--workers", type=int, help="Decoding for --data, as predict's --workers.")
-@click.option("--runs-dir", help="Where run outputs go.")
+@options_from(EvaluateConfig)
 @json_option
 @library_errors
 def evaluate(as_json, **options):
@@ -539,12 +395,12 @@ def evaluate(as_json, **options):
     emit(result, as_json, format_report(result))
 
 
-@defaults_from(FitHeadConfig)  # --runs-dir
 @cli.command()
-@click.option("--runs-dir")
+@options_from(FitHeadConfig, only=("runs_dir",))
 @click.option("--sort", "sort_by", metavar="METRIC", default=None,
               help="Best first by this metric (val_acc, accuracy, ...; losses lowest first) [default: newest first].")
-@click.option("--cache", help="Only runs on this cache (a cache file or a fingerprint prefix).")
+@click.option("--cache", default=None, show_default=False,
+              help="Only runs on this cache (a cache file or a fingerprint prefix).")
 @click.option("--backbone", default=None, help="Only runs with this backbone.")
 @json_option
 @library_errors
@@ -557,12 +413,8 @@ def runs(runs_dir, sort_by, cache, backbone, as_json):
     emit({"runs": records}, as_json, table)
 
 
-@defaults_from(FetchConfig)
 @cli.command("fetch-data")
-@click.option("--overwrite", is_flag=True,
-              help="Unpack over files already in --dest (by default a conflict is refused, naming the file).")
-@click.option("--dest", help="Folder for the archive and its unpacked files.")
-@click.option("--url", help="A zip or tar archive to download.")
+@options_from(FetchConfig)
 @json_option
 @library_errors
 def fetch_data_cmd(as_json, **options):
@@ -574,16 +426,8 @@ def fetch_data_cmd(as_json, **options):
     emit(result, as_json, result["unpacked"])
 
 
-@defaults_from(CheckImagesConfig)
 @cli.command("check-images")
-@click.argument("root", metavar="DIR")
-@click.option("--report", type=click.Path(dir_okay=False),
-              help="Write every finding to this file: .csv (one row each) or .json.")
-@click.option("--quarantine", is_flag=True,
-              help="Move files with errors to the quarantine folder, keeping relative paths (never deletes).")
-@click.option("--quarantine-dir", type=click.Path(file_okay=False),
-              help="Quarantine folder (implies --quarantine) [default: DIR.quarantine beside DIR].")
-@click.option("--workers", type=int, help="Decoding processes; -1 = one per core.")
+@options_from(CheckImagesConfig)
 @json_option
 @library_errors
 def check_images_cmd(as_json, **options):
@@ -594,18 +438,8 @@ def check_images_cmd(as_json, **options):
     emit(result, as_json, format_summary(result))
 
 
-@defaults_from(DemoConfig)
 @cli.command()
-@click.option("--data", help="ImageFolder root; fetched (Kaggle cats vs dogs) into its parent when missing.")
-@click.option("--url", help="Archive to fetch when --data is missing.")
-@click.option("--weights", help="DEFAULT, a torchvision weights name or timm tag, or a local file.")
-@click.option("--backbone")
-@click.option("--n", type=int)
-@click.option("--no-quarantine", "quarantine", flag_value=False, default=True,
-              help="Only report bad files; do not move them out of the data folder.")
-@click.option("--cache-dir")
-@click.option("--runs-dir")
-@click.option("--workers", type=int)
+@options_from(DemoConfig)
 @json_option
 @library_errors
 def demo(as_json, **options):
@@ -615,30 +449,6 @@ def demo(as_json, **options):
     from .runs.ledger import current_command
     result = api.run_demo(verbose=None, command=current_command(), **options)
     emit(result, as_json, format_table(result["compare"]) + "\n\n" + format_next(result["next"]))
-
-
-def image_train_options(fn):
-    """Options train and finetune share (data, sample, model, optimisation, output)."""
-    for opt in reversed([
-        click.option("--data", help="ImageFolder root (one folder per class)."),
-        click.option("--n", type=int,
-                     help="Images to use (seeded stratified sample); 0 = all."),
-        click.option("--pool", type=click.Choice(POOLS),
-                     help="Head input: flattened map (none) or global average (avg) [default: the backbone's]."),
-        click.option("--dropout", type=FINITE),
-        click.option("--augment", is_flag=True, help="Random resized crop + horizontal flip on training images."),
-        click.option("--batch-size", type=int),
-        click.option("--print-every", type=int,
-                     help="Running train accuracy/loss every this many minibatches; 0 = never."),
-        click.option("--workers", type=int,
-                     help="Decoding processes; -1 = one per core."),
-        click.option("--device", help="auto, cpu, cuda or cuda:N."),
-        click.option("--precision", type=click.Choice(MODEL_PRECISIONS),
-                     help="Compute precision; auto = bf16 where the device supports it."),
-        click.option("--runs-dir", help="Where run outputs go."),
-    ]):
-        fn = opt(fn)
-    return fn
 
 
 def train_text(result: dict) -> str:
@@ -651,15 +461,8 @@ def train_text(result: dict) -> str:
                       f"checkpoint: {result['checkpoint']}"])
 
 
-@defaults_from(TrainConfig)
 @cli.command()
-@image_train_options
-@click.option("--backbone", help=BACKBONE_HELP)
-@click.option("--weights", help=WEIGHTS_HELP)
-@click.option("--epochs", type=int)
-@click.option("--lr", type=FINITE, help=f"Adam learning rate of the head, up to {MAX_LR:g}.")
-@split_options
-@trust_options(("val", "none"))
+@options_from(TrainConfig)
 @json_option
 @library_errors
 def train(as_json, **options):
@@ -668,21 +471,8 @@ def train(as_json, **options):
     emit(result, as_json, train_text(result))
 
 
-@defaults_from(FinetuneConfig)
 @cli.command()
-@image_train_options
-@click.option("--init-head", type=click.Path(dir_okay=False),
-              help="Start from a fit-head head.pt or a train/finetune model.pt.")
-@click.option("--backbone", help="[default: the --init-head checkpoint's, else vgg16]")
-@click.option("--weights", help="Backbone weights [default: the --init-head checkpoint's, else DEFAULT].")
-@click.option("--unfreeze", help="'all', or K: the last K blocks of the backbone (see summary).")
-@click.option("--epochs", type=int, help="Epochs in all, head-only ones included.")
-@click.option("--head-epochs", type=int,
-              help="Staged schedule: train only the head for this many epochs, then unfreeze.")
-@click.option("--lr", type=FINITE, help=f"Adam learning rate of the head, up to {MAX_LR:g}.")
-@click.option("--backbone-lr", type=FINITE, help=f"Learning rate of the backbone, up to {MAX_LR:g} [default: lr / 10].")
-@split_options
-@trust_options(("val", "none"))
+@options_from(FinetuneConfig)
 @json_option
 @library_errors
 def finetune(as_json, **options):
@@ -691,20 +481,8 @@ def finetune(as_json, **options):
     emit(result, as_json, train_text(result))
 
 
-@defaults_from(PredictConfig)
 @cli.command()
-@click.argument("paths", nargs=-1, required=True)
-@click.option("--model", "model", required=True, type=click.Path(dir_okay=False),
-              help="A model.pt from train/finetune, or a head.pt from fit-head.")
-@click.option("--weights", help="For a head.pt: its backbone weights, if not where the head recorded them.")
-@click.option("--format", "format", type=click.Choice(FORMATS))
-@click.option("--output", type=click.Path(dir_okay=False), help="Write the rows to FILE.")
-@click.option("--explain", type=click.Path(file_okay=False),
-              help="Write each photo's heatmap (where its class was decided) over it into DIR, one PNG per photo.")
-@click.option("--batch-size", type=int)
-@click.option("--workers", type=int, help=WORKERS_HELP)
-@click.option("--device", help="auto, cpu, cuda or cuda:N.")
-@click.option("--precision", type=click.Choice(MODEL_PRECISIONS))
+@options_from(PredictConfig)
 @library_errors
 def predict(paths, **options):
     """Classify images and folders of images: class and probability per file; unreadable files get an error."""
@@ -724,13 +502,8 @@ def predict(paths, **options):
         raise click.ClickException(f"none of the {plural(result['images'], 'input')} could be classified")
 
 
-@defaults_from(ImagenetCheckConfig)
 @cli.command("imagenet-check")
-@click.argument("image", type=click.Path(dir_okay=False))
-@click.option("--backbone")
-@click.option("--weights", help="Full pretrained weights (with the ImageNet classifier): a torchvision name or a file.")
-@click.option("--top", type=int)
-@click.option("--device")
+@options_from(ImagenetCheckConfig)
 @json_option
 @library_errors
 def imagenet_check_cmd(as_json, **options):
@@ -740,14 +513,8 @@ def imagenet_check_cmd(as_json, **options):
     emit(result, as_json, "\n".join(f"{t['rank']}. {t['class']:<30} {t['probability']:.4f}" for t in result["top"]))
 
 
-@defaults_from(SummaryConfig)
 @cli.command()
-@click.option("--backbone")
-@click.option("--classes", type=int, help="Outputs of the new head.")
-@click.option("--pool", type=click.Choice(POOLS), help="[default: the backbone's]")
-@click.option("--dropout", type=FINITE)
-@click.option("--unfreeze", help="'none' (frozen backbone, as train), 'all', or K: the last K blocks (as finetune).")
-@click.option("--crop-size", type=int, help="Input size; 0 = the backbone's default.")
+@options_from(SummaryConfig)
 @json_option
 @library_errors
 def summary(as_json, **options):
@@ -758,34 +525,8 @@ def summary(as_json, **options):
     emit(result, as_json, format_summary(result))
 
 
-@defaults_from(AuditConfig)
 @cli.command()
-@click.option("--data", help="The labelled training folder (extracted as extract does when it has no cache yet); "
-              "with --undo, the folder the journal must be of.")
-@click.option("--test-data", help="A test folder: its photos that the training folder also holds are leaks.")
-@click.option("--cache", type=click.Path(dir_okay=False), help="Or the training folder's cache.")
-@click.option("--test-cache", type=click.Path(dir_okay=False), help="Or the test folder's cache.")
-@click.option("--cache-dir")
-@click.option("--backbone")
-@click.option("--weights",
-              help="--data: DEFAULT, a torchvision weights name or timm tag, a state-dict file, or 'none'.")
-@click.option("--batch-size", type=int)
-@click.option("--device")
-@click.option("--workers", type=int)
-@click.option("--folds", type=int, help="Out-of-fold probabilities from this many refits of the head.")
-@click.option("--seed", type=int)
-@click.option("--threshold", type=FINITE, help="Cosine similarity from which two photos are near copies.")
-@click.option("--top", type=int, help="Issues shown in the table, the HTML report and the gallery.")
-@click.option("--output", type=click.Path(file_okay=False), help="Folder for the report [default: a run folder].")
-@click.option("--runs-dir")
-@click.option("--apply", type=click.Path(dir_okay=False), metavar="FIXES.csv",
-              help="Apply a reviewed list (path,action,new_class; relabel/remove/keep): files moved, never deleted.")
-@click.option("--undo", type=click.Path(dir_okay=False), metavar="JOURNAL",
-              help="Move back every file of an --apply journal.")
-@click.option("--quarantine-dir", type=click.Path(file_okay=False),
-              help="--apply: where removed files go [default: DATA.quarantine beside DATA].")
-@click.option("--no-refresh", "refresh", flag_value=False, default=True,
-              help="--apply/--undo: do not extract the folder again afterwards.")
+@options_from(AuditConfig)
 @json_option
 @library_errors
 def audit(as_json, **options):
@@ -797,19 +538,8 @@ def audit(as_json, **options):
     emit(result, as_json, format_report(result, options.get("top") or AuditConfig.top))
 
 
-@defaults_from(ExportConfig)
 @cli.command()
-@click.option("--model", required=True, type=click.Path(dir_okay=False),
-              help="A fit-head head.pt (exported with its backbone) or a train/finetune model.pt.")
-@click.option("--format", "format", type=click.Choice(EXPORT_FORMATS), help="onnx or torchscript.")
-@click.option("--output", required=True, type=click.Path(dir_okay=False),
-              help="The file to write; its metadata goes beside it as FILE.json.")
-@click.option("--weights", help="For a head.pt: its backbone weights, if not where the head recorded them.")
-@click.option("--check-data", help="Photos (a folder or a file) for the parity check [default: the training data's].")
-@click.option("--check-n", type=int, help="Photos of --check-data compared, spread over them; 0 = all.")
-@click.option("--tolerance", type=FINITE, help="Largest allowed probability difference from predict (fp32).")
-@click.option("--batch-size", type=int, help="Images per forward pass in the parity check.")
-@click.option("--workers", type=int, help="Decoding processes for the parity check; 0 = in-process.")
+@options_from(ExportConfig)
 @json_option
 @library_errors
 def export(as_json, **options):
@@ -826,28 +556,69 @@ def export(as_json, **options):
         raise click.exceptions.Exit(1)
 
 
-@defaults_from(ServeConfig)
 @cli.command()
-@click.option("--model", required=True, type=click.Path(dir_okay=False),
-              help="A fit-head head.pt or a train/finetune model.pt.")
-@click.option("--weights", help="For a head.pt: its backbone weights, if not where the head recorded them.")
-@click.option("--host", help="Address to listen on (localhost unless told otherwise).")
-@click.option("--port", type=int, help="TCP port (0 = any free one).")
-@click.option("--device", help="auto, cpu, cuda or cuda:N.")
-@click.option("--precision", type=click.Choice(MODEL_PRECISIONS))
-@click.option("--batch-size", type=int, help="Most images in one forward pass (concurrent requests share it).")
-@click.option("--max-wait-ms", type=FINITE, help="How long a batch waits for more images once the first came.")
-@click.option("--max-queue", type=int, help="Images waiting for the network; past it a request gets 503.")
-@click.option("--max-files", type=int, help="Images in one request.")
-@click.option("--max-file-bytes", type=int, help="Bytes of one image.")
-@click.option("--max-request-bytes", type=int, help="Bytes of one request.")
-@click.option("--max-pixels", type=int, help="Pixels of one image (from its header, before decoding).")
-@click.option("--drain-seconds", type=FINITE, help="On SIGTERM: how long requests in flight may still take.")
+@options_from(ServeConfig)
 @library_errors
 def serve(**options):
     """Serve a model over HTTP: a page at / to drop photos on, POST /predict (multipart field 'files'; the rows
     of predict --format json), GET /info, GET /health. Stops on SIGTERM or Ctrl-C, answering what is in flight."""
     api.serve_model(options.pop("model"), verbose=None, **options)
+
+
+# -- docs/commands.md's option tables, written from the same specs --------------------------------------
+OPTION_TABLE = re.compile(r"(<!-- options: (?P<command>[\w-]+) .*?-->\n)(?P<table>.*?)(<!-- end options -->)", re.S)
+
+
+def _doc_text(text: str) -> str:
+    """A help text as a table cell: no '[default: ...]' (the default has its column), lower case, no final stop."""
+    text = re.sub(r"\s*\[default: [^\]]*\]", "", text or "").strip().rstrip(".").strip()
+    if re.match(r"[A-Z][a-z]*\b", text):
+        text = text[0].lower() + text[1:]
+    return text.replace("|", "\\|")
+
+
+def _doc_default(p: click.Parameter, opt) -> str:
+    if opt is not None and opt.doc_default is not None:
+        return opt.doc_default
+    given = re.search(r"\[default: ([^\]]*)\]", p.help or "")
+    if p.required:
+        return "(required)"
+    if given:
+        return given.group(1)
+    value = p.default
+    if isinstance(value, bool):
+        return ("on" if value else "off") if p.is_flag else ""
+    if value is None or value == "" or value == () or not isinstance(value, (str, int, float)):
+        return ""
+    return f"`{value}`" if isinstance(value, str) else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _doc_names(p: click.Option, opt) -> str:
+    metavar = f" {p.metavar}" if p.metavar else ""
+    names = [f"`{n}`" for n in p.opts[:-1]] + [f"`{p.opts[-1]}{metavar}`"]
+    return ", ".join(names) + "".join(f" / `{n}`" for n in p.secondary_opts)
+
+
+def option_table(command: str) -> str:
+    """The markdown table of a command's options (docs/commands.md): names, default, what each does, from the
+    config specs the options are made of (``doc`` and ``doc_default`` where the docs say more than --help)."""
+    rows = ["| option | default | what it does |", "|---|---|---|"]
+    for p in cli.commands[command].params:
+        if isinstance(p, click.Option):
+            f = getattr(p, "spec_field", None)
+            opt = spec_of(f) if f is not None else None
+            what = opt.doc if opt is not None and opt.doc else _doc_text(opt.help if opt is not None else p.help)
+            if opt is not None and opt.range and opt.range != SEEDS and "or more" not in (
+                    allowed := describe_range(opt.range, field_kind(f) == "int")) and allowed != "positive":
+                what += f" ({allowed})"
+            rows.append(f"| {_doc_names(p, opt)} | {_doc_default(p, opt)} | {what} |")
+    return "\n".join(rows) + "\n"
+
+
+def with_option_tables(markdown: str) -> str:
+    """``markdown`` with every ``<!-- options: COMMAND -->`` ... ``<!-- end options -->`` block's table written
+    again from the specs (``python bench/commands_doc.py`` does it to docs/commands.md; a test checks it is)."""
+    return OPTION_TABLE.sub(lambda m: m.group(1) + option_table(m.group("command")) + m.group(4), markdown)
 
 
 def main() -> None:

@@ -104,7 +104,7 @@ def check_output(output, inputs=(), data=(), suffixes=(), what: str = "--output"
     elif os.path.isdir(out):
         raise UsageError(f"{what} {str(output)!r} is a folder; name a file")
     for p, role in _labelled(inputs, "one of the inputs"):
-        if _same_file(out, p):
+        if same_file(out, p):
             raise UsageError(f"{what} {str(output)!r} is one of the inputs ({role}: {p}); it would be overwritten")
     where = Path(os.path.realpath(out))
     for d, role in _labelled(data, ""):
@@ -127,7 +127,7 @@ def _labelled(entries, default: str) -> list[tuple[str, str]]:
     return [(os.fspath(p), role) for p, role in pairs if p]
 
 
-def _same_file(a: Path, b: str) -> bool:
+def same_file(a: Path, b: str) -> bool:
     """Whether paths ``a`` and ``b`` name one file: the same place once links and '..' are resolved
     (whether or not it exists yet), or two names of one file (a hard link)."""
     if os.path.realpath(a) == os.path.realpath(b):

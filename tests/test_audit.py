@@ -117,3 +117,13 @@ def test_the_report_never_goes_into_the_data_folder(tmp_path, make_cache):
     assert run.exit_code == 2 and "inside the data folder" in run.output  # the journal would join the photos
     assert not (data / "j").exists() and (data / "green" / "copy.jpg").exists()
     assert [p.name for p in (data / "green").iterdir() if not p.name.endswith(".jpg")] == []
+
+
+def test_a_refused_list_leaves_no_empty_run_folder(tmp_path):
+    data, _ = planted(tmp_path)
+    fixes = tmp_path / "fixes.csv"
+    fixes.write_text("path,action,new_class\nno/such.jpg,remove,\n")
+    runs = tmp_path / "runs"
+    run = CliRunner().invoke(cli, ["audit", "--apply", str(fixes), "--data", str(data), "--runs-dir", str(runs)])
+    assert run.exit_code == 2 and "nothing was moved" in run.output, run.output
+    assert not runs.exists() or list(runs.iterdir()) == []

@@ -52,3 +52,13 @@ def test_relative_links_in_readme_and_docs_resolve():
             if not (doc.parent / target).exists():
                 broken.append(f"{doc.relative_to(ROOT)} -> {target}")
     assert not broken, broken
+
+
+def test_the_option_tables_of_commands_md_are_the_ones_the_specs_write():
+    """docs/commands.md's option tables come from pipeline/config.py's specs: after changing an option, run
+    ``python bench/commands_doc.py``."""
+    from pipeline.cli import with_option_tables
+
+    text = (ROOT / "docs" / "commands.md").read_text(encoding="utf-8")
+    assert text.count("<!-- options: ") >= 20
+    assert with_option_tables(text) == text, "docs/commands.md is out of date: run python bench/commands_doc.py"

@@ -331,3 +331,24 @@ def test_another_url_with_the_same_archive_name_is_never_taken_for_the_first(tmp
     result = fetch_data(cfg(dest, f"file://{tmp_path}/src/B/data.zip", overwrite=True))
     assert result["downloaded"] and (dest / "B" / "x" / "B.txt").read_text() == "B"
     assert fetch_data(cfg(dest, f"file://{tmp_path}/src/B/data.zip"))["downloaded"] is False
+
+
+def test_overwrite_never_removes_the_file_the_url_names(tmp_path):
+    """--url file://DEST/data.zip is the archive's own place: a stale record from another URL must not
+    make --overwrite delete the very file it is asked to read."""
+    dest = tmp_path / "dest"
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "data.zip").write_bytes(make_zip({"A/x/A.txt": b"A"}))
+    fetch_data(cfg(dest, f"file://{tmp_path}/src/data.zip"))
+    mine = make_zip({"B/x/B.txt": b"B"})
+    (dest / "data.zip").write_bytes(mine)  # the user's own zip, put where the first download was
+    result = fetch_data(cfg(dest, f"file://{dest}/data.zip", overwrite=True))
+    assert (dest / "data.zip").read_bytes() == mine and (dest / "B" / "x" / "B.txt").read_text() == "B"
+    assert result["downloaded"] is False
+
+
+def test_an_entry_that_would_replace_its_own_archive_is_refused_even_with_overwrite(tmp_path):
+    (tmp_path / "data.zip").write_bytes(make_zip({"data.zip": b"not the archive"}))
+    with pytest.raises(PipelineError, match="the file it is unpacked from"):
+        fetch_data(cfg(tmp_path, f"file://{tmp_path}/data.zip", overwrite=True))
+    assert zipfile.is_zipfile(tmp_path / "data.zip")

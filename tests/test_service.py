@@ -172,7 +172,7 @@ def test_bad_settings_are_usage_errors(head):
     with pytest.raises(ValueError, match="--max-queue 2 is less than --max-files 64"):
         pipeline.serve_app(head, max_queue=2)
     r = CliRunner().invoke(cli.cli, ["serve", "--model", str(head), "--port", "70000"])
-    assert r.exit_code == 2 and "--port must be in 0..65535" in r.output
+    assert r.exit_code == 2 and "--port must be between 0 and 65535" in r.output
 
 
 def test_real_uvicorn_on_an_ephemeral_port(head):

@@ -26,6 +26,7 @@ import numpy as np
 
 from ..config import POOLS, STORAGE_DTYPES
 from ..errors import DiskFull, PipelineError, UsageError
+from ..data.moves import flock_within
 from ..files import require_folder, unwinding_on_signals
 
 try:
@@ -118,15 +119,10 @@ def _lock(path: Path, wait_s: float):
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
             raise PipelineError(f"cannot create the lock file {lock}: {e.strerror or e}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not flock_within(fd, fcntl.LOCK_EX, max(0.0, deadline - time.monotonic()), lock):
             os.close(fd)
-            if time.monotonic() > deadline:
-                raise CacheBusy(f"{path} is being written by another process (an extraction still running?); "
-                                "try again when it has finished") from None
-            time.sleep(0.1)
-            continue
+            raise CacheBusy(f"{path} is being written by another process (an extraction still running?); "
+                            "try again when it has finished")
         try:
             same = os.fstat(fd).st_ino == os.stat(lock).st_ino
         except FileNotFoundError:

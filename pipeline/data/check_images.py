@@ -16,7 +16,7 @@ from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from pathlib import Path
 
-from ..config import CheckImagesConfig
+from ..config import CheckImagesConfig, check_config
 from ..devices import resolve_workers
 from ..errors import PipelineError, UsageError
 from ..files import SafeCsvWriter, atomic_write, check_output, is_utf8, shown
@@ -110,6 +110,7 @@ def default_quarantine_dir(root: Path) -> Path:
 def validate(cfg: CheckImagesConfig) -> tuple[Path, Path | None, int]:
     """The absolute root, quarantine folder and worker count; ValueError for a bad folder, report,
     quarantine or worker count."""
+    check_config(cfg)
     root = Path(os.path.abspath(cfg.root))
     if not root.is_dir():
         raise UsageError(f"folder {cfg.root!r} does not exist or is not a folder")

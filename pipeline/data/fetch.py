@@ -20,7 +20,7 @@ from pathlib import Path, PurePosixPath
 
 from ..config import FetchConfig
 from ..errors import PipelineError, UsageError
-from ..files import check_output, plain_name
+from ..files import check_output, plain_name, same_file
 from .folders import is_skipped_folder
 
 log = logging.getLogger(__name__)
@@ -51,14 +51,15 @@ def fetch_data(cfg: FetchConfig) -> dict:
     except OSError as e:
         raise PipelineError(f"cannot create --dest {str(dest)!r}: {e.strerror or e}") from None
     archive = dest / name
-    check_source(cfg, archive)
+    source = local_source(cfg.url)
+    check_source(cfg, archive, source)
     downloaded = not archive.is_file()
     if downloaded:
         download(cfg, archive)
         _source_record(archive).write_text(json.dumps({"url": cfg.url, "bytes": archive.stat().st_size}))
     else:
         log.info("archive already complete: %s", archive)
-    unpacked, fresh = unpack(archive, dest, overwrite=cfg.overwrite)
+    unpacked, fresh = unpack(archive, dest, overwrite=cfg.overwrite, keep=source)
     return {"archive": str(archive), "bytes": archive.stat().st_size, "downloaded": downloaded,
             "unpacked": str(unpacked), "unpacked_now": fresh, "url": cfg.url}
 
@@ -67,11 +68,18 @@ def _source_record(archive: Path) -> Path:
     return archive.with_name(f".{archive.name}.url")
 
 
-def check_source(cfg: FetchConfig, archive: Path) -> None:
+def local_source(url: str) -> Path | None:
+    """The file a file:// URL reads (never removed, even with --overwrite), else None."""
+    parsed = urllib.parse.urlparse(url)
+    return Path(urllib.request.url2pathname(parsed.path)) if parsed.scheme == "file" else None
+
+
+def check_source(cfg: FetchConfig, archive: Path, source: Path | None = None) -> None:
     """Refuse a --url whose archive name is already taken in --dest by another URL's download, so one
     never passes for the other; with --overwrite, forget the other one and fetch anew.
 
-    An archive without a record (put there by hand, as the offline message says) is taken as is.
+    An archive without a record (put there by hand, as the offline message says) is taken as is, and so
+    is the --url's own file when it lies at the archive's place: what a command reads is never removed.
     """
     if not archive.is_file():
         return
@@ -81,11 +89,13 @@ def check_source(cfg: FetchConfig, archive: Path) -> None:
         return
     if url == cfg.url:
         return
-    if not cfg.overwrite:
+    own = source is not None and same_file(archive, source)
+    if not (cfg.overwrite or own):
         raise UsageError(f"{archive} in --dest was fetched from {url}, not {cfg.url}; choose another --dest, "
                          "or pass --overwrite to fetch and unpack this URL over it")
-    log.warning("%s came from %s: fetching %s anew", archive, url, cfg.url)
-    for old in (archive, archive.with_name(f".{archive.name}.unpacked")):
+    log.warning("%s came from %s: %s anew", archive, url, f"unpacking {cfg.url}" if own else f"fetching {cfg.url}")
+    forget = [_source_record(archive), archive.with_name(f".{archive.name}.unpacked")]
+    for old in forget + ([] if own else [archive]):
         old.unlink(missing_ok=True)
 
 
@@ -250,15 +260,19 @@ def _marker_bytes(marker: Path):
         return None
 
 
-def check_conflicts(kind: str, members: list, dest: Path, overwrite: bool) -> None:
+def check_conflicts(kind: str, members: list, dest: Path, overwrite: bool, keep=()) -> None:
     """Refuse (PipelineError naming the first) files already in dest that an entry would replace;
-    with ``overwrite`` remove them instead, so nothing is written through an existing link."""
+    with ``overwrite`` remove them instead, so nothing is written through an existing link, except the
+    files in ``keep`` (the archive and the --url's own file), which are refused even then."""
     for m in members:
         name = m.filename if kind == "zip" else m.name
         target = dest / name
         is_dir = m.is_dir() if kind == "zip" else m.isdir()
         if not os.path.lexists(target) or (is_dir and target.is_dir() and not target.is_symlink()):
             continue
+        if any(k is not None and same_file(target, k) for k in keep):
+            raise PipelineError(f"the archive would replace {target}, the file it is unpacked from; "
+                                "fetch into another --dest")
         if not overwrite:
             raise PipelineError(f"{target} already exists and the archive would overwrite it; move it away, "
                                 "or unpack over it with --overwrite")
@@ -266,7 +280,7 @@ def check_conflicts(kind: str, members: list, dest: Path, overwrite: bool) -> No
             target.unlink()
 
 
-def unpack(archive: Path, dest: Path, overwrite: bool = False) -> tuple[Path, bool]:
+def unpack(archive: Path, dest: Path, overwrite: bool = False, keep: Path | None = None) -> tuple[Path, bool]:
     """Unpack archive into dest (once: a marker file records it); returns (unpacked root, unpacked now).
 
     Files already in dest are never overwritten silently: see check_conflicts."""
@@ -290,7 +304,7 @@ def unpack(archive: Path, dest: Path, overwrite: bool = False) -> tuple[Path, bo
             members = arc.infolist() if kind == "zip" else arc.getmembers()
             started = dest / f".{archive.name}.unpacking"
             # a run cut off mid-unpack left its own files: those it may replace
-            check_conflicts(kind, members, dest, overwrite or _marker_bytes(started) == size)
+            check_conflicts(kind, members, dest, overwrite or _marker_bytes(started) == size, keep=(archive, keep))
             started.write_text(json.dumps({"archive": archive.name, "bytes": size}))
             for m in progress(members, desc=f"unpack {archive.name}", unit="file"):
                 if kind == "tar" and hasattr(tarfile, "data_filter"):

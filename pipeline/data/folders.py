@@ -191,15 +191,6 @@ def list_image_folder(root: str | os.PathLike, min_classes: int = 2) -> ImageFol
     return ImageFolderListing(root, tuple(classes), tuple(files), tuple(bad))
 
 
-#: Seeds are stored as HDF5 attributes and given to numpy and torch: 0 .. 2**32 - 1 suits all three.
-MAX_SEED = 2**32 - 1
-
-
-def check_seed(seed: int) -> None:
-    if not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-        raise UsageError(f"--seed must be between 0 and {MAX_SEED}, got {seed}")
-
-
 def stratified_order(labels: np.ndarray, seed: int) -> np.ndarray:
     """A seeded order of all indices whose every prefix is a stratified sample.
 

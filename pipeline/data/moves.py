@@ -153,7 +153,7 @@ def folder_lock(folder, exclusive: bool, busy: str, wait_s: float | None = None)
     except OSError:
         fd = None
     try:
-        if fd is not None and not _flock_within(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH,
+        if fd is not None and not flock_within(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH,
                                                 LOCK_WAIT_S if wait_s is None else wait_s, folder):
             raise FolderBusy(busy)
         yield
@@ -162,7 +162,7 @@ def folder_lock(folder, exclusive: bool, busy: str, wait_s: float | None = None)
             os.close(fd)
 
 
-def _flock_within(fd: int, mode: int, wait_s: float, folder) -> bool:
+def flock_within(fd: int, mode: int, wait_s: float, folder) -> bool:
     """Whether the lock was taken within ``wait_s``; True too where the file system has no locks (some
     network shares): said once, and the moves still never replace a file."""
     deadline = time.monotonic() + wait_s

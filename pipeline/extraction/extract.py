@@ -15,8 +15,8 @@ from pathlib import Path
 from ..cache.feature_cache import cache_file_name, claim_for_training, fingerprint
 from ..cache.freshness import set_aside, stale_reason
 from ..cache.provenance import package_version
-from ..config import COMPILE, DECODERS, POOLS, STORAGE_DTYPES, ExtractConfig
-from ..data.folders import ImageFolderListing, check_seed, list_image_folder
+from ..config import ExtractConfig, check_config
+from ..data.folders import ImageFolderListing, list_image_folder
 from ..data.image_reader import DECODE_VERSION
 from ..data.moves import reading_folder
 from ..devices import cpu_flags
@@ -30,29 +30,15 @@ log = logging.getLogger(__name__)
 
 
 def validate(cfg: ExtractConfig) -> None:
-    check_seed(cfg.seed)
-    if cfg.n < 0:
-        raise UsageError(f"--n must be 0 (all) or positive, got {cfg.n}")
-    if cfg.batch_size < 1:
-        raise UsageError(f"--batch-size must be positive, got {cfg.batch_size}")
+    check_config(cfg)
     if cfg.precision == "int8":
         from .quantize import MAX_BATCH, require_torchao
 
         require_torchao()
         if cfg.batch_size > MAX_BATCH:
             raise UsageError(f"--batch-size {cfg.batch_size} is more than the {MAX_BATCH} an int8 network takes")
-        if cfg.calib_n < 1:
-            raise UsageError(f"--calib-n must be positive, got {cfg.calib_n}")
         if cfg.calib_data and not Path(cfg.calib_data).is_dir():
             raise UsageError(f"calibration folder {cfg.calib_data!r} does not exist")
-    if cfg.dtype not in STORAGE_DTYPES:
-        raise UsageError(f"unknown --dtype {cfg.dtype!r}; allowed: {', '.join(STORAGE_DTYPES)}")
-    if cfg.pool not in POOLS:
-        raise UsageError(f"unknown --pool {cfg.pool!r}; allowed: {', '.join(POOLS)}")
-    if cfg.compile not in COMPILE:
-        raise UsageError(f"unknown --compile {cfg.compile!r}; allowed: {', '.join(COMPILE)}")
-    if cfg.decode not in DECODERS:
-        raise UsageError(f"unknown --decode {cfg.decode!r}; allowed: {', '.join(DECODERS)}")
     check_backbone(cfg)
     if not Path(cfg.data).is_dir():
         raise UsageError(f"data folder {cfg.data!r} does not exist; `python cli.py fetch-data` downloads the Kaggle "

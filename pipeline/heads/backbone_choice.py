@@ -27,7 +27,7 @@ from typing import Optional
 import numpy as np
 
 from ..cache.feature_cache import FeatureCache
-from ..config import ChooseBackboneConfig, FitHeadConfig
+from ..config import ChooseBackboneConfig, FitHeadConfig, check_config
 from ..errors import UsageError
 from .fused_views import FusedRows, match_rows
 
@@ -86,15 +86,12 @@ def parse_candidate(text: str) -> tuple[str, str]:
 
 
 def validate(cfg: ChooseBackboneConfig) -> None:
+    check_config(cfg)
     if not cfg.backbones:
         raise UsageError("name the candidates: --backbone NAME[=WEIGHTS], once per candidate (two or more to compare)")
     specs = [parse_candidate(b) for b in cfg.backbones]
     if len(set(specs)) < len(specs):
         raise UsageError(f"a candidate is named twice: {', '.join(cfg.backbones)}")
-    if cfg.folds < 2 or cfg.repeats < 1:
-        raise UsageError(f"--folds must be at least 2 and --repeats at least 1, got {cfg.folds} and {cfg.repeats}")
-    if cfg.n < 0:
-        raise UsageError(f"--n must be 0 (all) or positive, got {cfg.n}")
     if not Path(cfg.data).is_dir():
         raise UsageError(f"data folder {cfg.data!r} does not exist")
 

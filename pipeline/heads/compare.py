@@ -15,11 +15,11 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
 from ..cache.feature_cache import FeatureCache
-from ..config import CompareConfig
+from ..config import CompareConfig, check_config
 from ..errors import UsageError
 from ..runs.ledger import append_run
 from .cache_views import CacheViews
-from .epoch_loop import per_class_accuracy, split_indices, validate_split
+from .epoch_loop import per_class_accuracy, split_indices
 from .fit_head import FitHeadConfig, fit_head, resolve_cache, with_recipe
 from .feature_views import Normalizer
 from .model_selection import log_loss
@@ -116,9 +116,7 @@ def _describe(r: dict, c: dict) -> str:
 def compare_sklearn(cfg: CompareConfig) -> dict:
     """Fit every head kind (linear, logreg, kernel) and the flat scikit-learn baseline on the same split."""
 
-    validate_split(cfg.val_fraction, cfg.seed)
-    if cfg.C <= 0 or cfg.max_iter < 1:
-        raise UsageError(f"--C must be positive and --max-iter >= 1, got C={cfg.C}, max_iter={cfg.max_iter}")
+    check_config(cfg)
     path, default_cache = resolve_cache(cfg.cache, cfg.cache_dir)
     base = replace(cfg.head or FitHeadConfig(), cache=str(path), val_fraction=cfg.val_fraction, seed=cfg.seed,
                    tune=False)

@@ -15,40 +15,18 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
-from ..data.folders import check_seed
 from ..devices import autocast
-from ..config import MAX_LR
+from ..config import check_config
 from ..errors import PipelineError, UsageError
 from ..files import check_output
 from ..progress import is_quiet
 
 
-def validate_split(val_fraction: float, seed: int) -> None:
-    if not 0 < val_fraction < 1:
-        raise UsageError(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}")
-    check_seed(seed)
-
-
-def check_lr(option: str, lr: float) -> None:
-    """A usage error for a learning rate outside (0, MAX_LR]: larger ones overflow Adam's state."""
-    if not (math.isfinite(lr) and 0 < lr <= MAX_LR):
-        raise UsageError(f"{option} must be in (0, {MAX_LR:g}], got {lr}")
-
-
-def validate_training(cfg, positive: tuple = (), non_negative: tuple = (), data: tuple = ()) -> None:
-    """The option checks fit-head, train and finetune share (split, counts, lr, dropout, and a --runs-dir
-    outside ``data``, the photo folders the run reads: see files.check_output)."""
-    validate_split(cfg.val_fraction, cfg.seed)
+def validate_training(cfg, data: tuple = ()) -> None:
+    """The checks fit-head, train and finetune share: every option within its spec's choices and range
+    (config.check_config), and a --runs-dir outside ``data``, the photo folders the run reads (files.check_output)."""
+    check_config(cfg)
     check_output(cfg.runs_dir, data=data, what="--runs-dir", folder=True)
-    for name in positive:
-        if getattr(cfg, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    for name in non_negative:
-        if getattr(cfg, name) < 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be 0 or positive, got {getattr(cfg, name)}")
-    check_lr("--lr", cfg.lr)
-    if not 0 <= cfg.dropout < 1:
-        raise UsageError(f"--dropout must be in [0, 1), got {cfg.dropout}")
 
 
 def split_indices(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

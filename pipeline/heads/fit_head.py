@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -30,7 +29,7 @@ import torch
 
 from ..cache.feature_cache import FeatureCache, newest_cache, read_int8_observers, source_changes
 from ..cache.provenance import Provenance
-from ..config import CALIBRATIONS, HEADS, MAX_C, MAX_WEIGHT_DECAY, RECIPES, FitHeadConfig
+from ..config import RECIPES, FitHeadConfig
 from ..devices import resolve_device
 from ..errors import UsageError
 from ..files import atomic_write, check_output
@@ -39,7 +38,7 @@ from ..runs.run_folders import finish_run, new_run_dir
 from .cache_views import CacheRows, CacheViews, evaluate_head
 from .calibration import before_after, calibration_metrics, fit_temperature, with_temperature
 from .epoch_loop import per_class_accuracy, split_indices, validate_training
-from .feature_views import NORMS, VIEWS, check_view
+from .feature_views import check_view
 from .fused_views import FusedRows, fused_paths, single_cache
 from .linear_trainer import train_linear
 from .model_selection import (
@@ -71,34 +70,12 @@ def with_recipe(cfg: FitHeadConfig) -> FitHeadConfig:
 
 
 def validate(cfg: FitHeadConfig) -> None:
-    validate_training(cfg, positive=("epochs", "batch_size", "block_rows", "kernel_components", "folds"),
-                      non_negative=("patience",), data=((cfg.test_data, "--test-data"),))
-    for name, value, allowed in (("head", cfg.head, HEADS), ("features", cfg.features, VIEWS),
-                                 ("normalize", cfg.normalize, NORMS)):
-        if value not in allowed:
-            raise UsageError(f"unknown --{name} {value!r}; allowed: {', '.join(allowed)}")
-    if not (math.isfinite(cfg.C) and 0 < cfg.C <= MAX_C):
-        raise UsageError(f"--C must be in (0, {MAX_C:g}], got {cfg.C}")
-    if not (math.isfinite(cfg.weight_decay) and 0 <= cfg.weight_decay <= MAX_WEIGHT_DECAY):
-        raise UsageError(f"--weight-decay must be in [0, {MAX_WEIGHT_DECAY:g}], got {cfg.weight_decay}")
+    validate_training(cfg, data=((cfg.test_data, "--test-data"),))
     if cfg.test_data and cfg.test_cache:
         raise UsageError("pass --test-data or --test-cache, not both")
     if fused_paths(cfg.cache) and cfg.test_cache:
         raise UsageError("--test-cache names one cache; test a head on several caches' fused features with "
                          "--test-data DIR (each backbone extracts it)")
-    validate_trust(cfg, CALIBRATIONS)
-
-
-def validate_trust(cfg, calibrations) -> None:
-    """The calibration and unknown-input options fit-head, train and finetune share."""
-    if cfg.calibrate not in calibrations:
-        raise UsageError(f"unknown --calibrate {cfg.calibrate!r}; allowed: {', '.join(calibrations)}")
-    if not (math.isfinite(cfg.known_share) and 0 < cfg.known_share <= 1):
-        raise UsageError(f"--known-share must be in (0, 1], got {cfg.known_share}")
-    if cfg.unknown_rows < 0:
-        raise UsageError(f"--unknown-rows must be 0 (no unknown score) or positive, got {cfg.unknown_rows}")
-    if cfg.unknown_k < 1:
-        raise UsageError(f"--unknown-k must be positive, got {cfg.unknown_k}")
 
 
 def resolve_cache(cache: Optional[str], cache_dir: str) -> tuple[Path, Optional[dict]]:

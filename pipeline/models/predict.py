@@ -18,7 +18,7 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from ..config import FORMATS, ImagenetCheckConfig, PredictConfig
+from ..config import ImagenetCheckConfig, PredictConfig, check_config, check_options
 from ..data.folders import NOT_UTF8, ImageLoadError, is_image_name, walk
 from ..data.image_reader import Batch, ImageListDataset, load_transformed, read_items
 from ..devices import resolve_device
@@ -203,10 +203,7 @@ def format_rows(rows: list[dict], fmt: str) -> str:
 def predict(cfg: PredictConfig) -> dict:
     """Classify cfg.paths with cfg.model; the rows are returned, or streamed to cfg.output."""
 
-    if cfg.format not in FORMATS:
-        raise UsageError(f"unknown --format {cfg.format!r}; allowed: {', '.join(FORMATS)}")
-    if cfg.batch_size < 1:
-        raise UsageError(f"--batch-size must be positive, got {cfg.batch_size}")
+    check_config(cfg)
     files = list_inputs(cfg.paths)
     ckpt = read_checkpoint(cfg.model)
     reads, folders = checkpoint_reads(ckpt, cfg.model, cfg.weights)
@@ -280,8 +277,7 @@ def imagenet_check(image: str, backbone: str = ImagenetCheckConfig.backbone,
                    device: str = ImagenetCheckConfig.device) -> dict:
     """Top-k ImageNet classes of one image from the full pretrained model (classifier included)."""
 
-    if top < 1:
-        raise UsageError(f"--top must be positive, got {top}")
+    check_options(ImagenetCheckConfig, {"top": top}, python=False)
     loaded = bb.load_backbone(backbone, weights)
     if loaded.covers != "all":
         what = "are random (--weights none)" if loaded.covers == "none" else "cover only the features"

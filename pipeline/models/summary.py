@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import SummaryConfig
+from ..config import SummaryConfig, check_config
 from ..errors import UsageError
 from ..extraction import backbones as bb
 from .whole_models import TransferModel, count_params, head_in_shape, parse_unfreeze
@@ -15,8 +15,7 @@ from .whole_models import TransferModel, count_params, head_in_shape, parse_unfr
 def summarize(cfg: SummaryConfig) -> dict:
     """Layer-by-layer output shapes and parameter counts, and the totals under a freeze setting."""
 
-    if cfg.classes < 2:
-        raise UsageError(f"--classes must be at least 2, got {cfg.classes}")
+    check_config(cfg)
     if cfg.crop_size and cfg.crop_size < 32:
         raise UsageError(f"--crop-size must be 0 (the weights' own) or at least 32, got {cfg.crop_size}")
     unfreeze = parse_unfreeze(cfg.unfreeze)

@@ -29,14 +29,12 @@ from ..extraction.inference import Inference, run_batches
 from ..files import check_output
 from ..heads.calibration import fit_temperature
 from ..heads.epoch_loop import (
-    check_lr,
     per_class_accuracy,
     run_epochs,
     split_indices,
     train_one_epoch,
     validate_training,
 )
-from ..heads.fit_head import validate_trust
 from ..heads.unknown_score import fit_unknown, kept_indices, unknown_summary
 from ..progress import progress
 from ..runs.run_folders import finish_run, new_run_dir
@@ -56,12 +54,8 @@ log = logging.getLogger(__name__)
 
 
 def validate(cfg: TrainConfig) -> None:
-    validate_training(cfg, positive=("epochs", "batch_size"), non_negative=("n", "print_every"),
-                      data=((cfg.data, "--data"),))
-    validate_trust(cfg, ("val", "none"))
+    validate_training(cfg, data=((cfg.data, "--data"),))
     if isinstance(cfg, FinetuneConfig):
-        if cfg.backbone_lr is not None:
-            check_lr("--backbone-lr", cfg.backbone_lr)
         if not 0 <= cfg.head_epochs <= cfg.epochs:
             raise UsageError(f"--head-epochs must be between 0 and --epochs ({cfg.epochs}), got {cfg.head_epochs}")
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Optional
@@ -19,7 +18,7 @@ from typing import Optional
 import numpy as np
 
 from ..cache.feature_cache import FeatureCache
-from ..config import AuditConfig, ExtractConfig, FitHeadConfig
+from ..config import AuditConfig, ExtractConfig, FitHeadConfig, check_config
 from ..errors import UsageError
 from ..files import SafeCsvWriter, atomic_write, check_output, writing
 from ..heads.cache_views import CacheViews
@@ -34,6 +33,7 @@ NEIGHBOURS_SHOWN = 4
 
 
 def validate(cfg: AuditConfig) -> None:
+    check_config(cfg)
     if cfg.apply and cfg.undo:
         raise UsageError("pass --apply or --undo, not both")
     if cfg.apply or cfg.undo:
@@ -44,12 +44,6 @@ def validate(cfg: AuditConfig) -> None:
         raise UsageError("pass --data or --cache, not both")
     if cfg.test_data and cfg.test_cache:
         raise UsageError("pass --test-data or --test-cache, not both")
-    if cfg.folds < 2:
-        raise UsageError(f"--folds must be at least 2, got {cfg.folds}")
-    if not (math.isfinite(cfg.threshold) and 0 < cfg.threshold <= 1):
-        raise UsageError(f"--threshold must be in (0, 1], got {cfg.threshold}")
-    if cfg.top < 1:
-        raise UsageError(f"--top must be positive, got {cfg.top}")
     for name in ("data", "test_data"):
         v = getattr(cfg, name)
         if v and not Path(v).is_dir():
@@ -246,7 +240,12 @@ def audit(cfg: AuditConfig) -> dict:
             if not cfg.data:
                 raise UsageError("--apply needs --data DIR, the folder the list's paths are relative to")
             out = _output_dir(cfg, "audit-apply")
-            result = apply_fixes(cfg.apply, cfg.data, out, cfg.quarantine_dir)
+            try:
+                result = apply_fixes(cfg.apply, cfg.data, out, cfg.quarantine_dir)
+            except Exception:
+                if not cfg.output and not any(out.iterdir()):
+                    out.rmdir()  # a refused list leaves no empty run folder behind
+                raise
         else:
             result = undo_fixes(cfg.undo, cfg.data)
         if cfg.refresh:

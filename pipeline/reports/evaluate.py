@@ -20,7 +20,7 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from ..cache.feature_cache import FeatureCache
 from ..cache.provenance import Preprocessing, Provenance
-from ..config import SPLITS, EvaluateConfig
+from ..config import EvaluateConfig, check_config
 from ..data.folders import ImageLoadError, list_image_folder, load_rgb, thumbnail
 from ..data.image_reader import ImageListDataset, read_items
 from ..devices import resolve_device
@@ -319,13 +319,9 @@ def check_runs_dir(cfg: EvaluateConfig, ckpt: dict) -> None:
 def evaluate(cfg: EvaluateConfig) -> dict:
     """Evaluate one checkpoint; write confusion.png, gallery.png and metrics.json to a run folder."""
 
-    if cfg.split not in SPLITS:
-        raise UsageError(f"unknown --split {cfg.split!r}; allowed: {', '.join(SPLITS)}")
+    check_config(cfg)
     if cfg.cache and cfg.data:
         raise UsageError("pass --cache or --data, not both")
-    for name in ("top_k", "batch_size", "block_rows"):
-        if getattr(cfg, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     ckpt = read_checkpoint(cfg.model)
     check_runs_dir(cfg, ckpt)
     source = "data" if cfg.data else "cache"

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import MAX_TOP_K, FeatureMapConfig, PreviewConfig
+from ..config import FeatureMapConfig, PreviewConfig, check_config
 from ..data.folders import ImageLoadError, list_image_folder, load_rgb
 from ..errors import UsageError
 from ..extraction.backbones import load_backbone, load_preprocessing, weights_inputs
@@ -54,10 +54,7 @@ def sample_per_class(listing, per_class: int, seed: int) -> list[tuple[int, obje
 def preview(cfg: PreviewConfig) -> tuple:
     """(Figure, info): a grid of sample images per class, preprocessed as for extraction (``cfg.output`` checked)."""
 
-    if cfg.per_class < 1:
-        raise UsageError(f"--per-class must be positive, got {cfg.per_class}")
-    if cfg.seed < 0:
-        raise UsageError(f"--seed must be 0 or more, got {cfg.seed}")
+    check_config(cfg)
     output = cfg.output and str(check_output(free_default(cfg.output, PreviewConfig.output),
                                              weights_inputs(cfg.weights), data=[cfg.data], suffixes=(".png",)))
     listing = list_image_folder(cfg.data)
@@ -77,8 +74,7 @@ def feature_map(cfg: FeatureMapConfig) -> tuple:
 
     from ..runs.figures import feature_map_figure as draw
 
-    if not 1 <= cfg.top_k <= MAX_TOP_K:
-        raise UsageError(f"--top-k must be between 1 and {MAX_TOP_K}, got {cfg.top_k}")
+    check_config(cfg)
     output = cfg.output and str(check_output(free_default(cfg.output, FeatureMapConfig.output),
                                              [cfg.image, *weights_inputs(cfg.weights)], suffixes=(".png",)))
     try:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..cache.provenance import Preprocessing, package_version, versions
-from ..config import EXPORT_FORMATS, ExportConfig
+from ..config import ExportConfig, check_config
 from ..data import portable
 from ..data.image_reader import DECODE_VERSION, ImageListDataset, draft_short_side, read_items
 from ..errors import PipelineError, UsageError
@@ -336,14 +336,9 @@ def export(cfg: ExportConfig) -> dict:
 
     A failed check writes nothing (the result says ``passed: False`` and by how much it failed).
     """
-    if cfg.format not in EXPORT_FORMATS:
-        raise UsageError(f"unknown --format {cfg.format!r}; allowed: {', '.join(EXPORT_FORMATS)}")
+    check_config(cfg)
     if not cfg.output:
         raise UsageError("--output FILE is needed: where the exported model goes")
-    if not cfg.tolerance > 0:
-        raise UsageError(f"--tolerance must be positive, got {cfg.tolerance}")
-    if cfg.check_n < 0 or cfg.batch_size < 1:
-        raise UsageError(f"--check-n must be >= 0 and --batch-size >= 1, got {cfg.check_n} and {cfg.batch_size}")
     ckpt = read_checkpoint(cfg.model)
     out, side = check_outputs(cfg, ckpt)
     require(cfg.format)

@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 
 from ..cache.provenance import package_version, versions
-from ..config import ServeConfig
+from ..config import ServeConfig, check_config
 from ..data.folders import MAX_IMAGE_PIXELS, ImageLoadError, decode_bytes
 from ..data.image_reader import Batch, Item, draft_short_side
 from ..devices import resolve_workers
@@ -74,19 +74,12 @@ def require() -> None:
 
 
 def check(cfg: ServeConfig) -> None:
-    for name in ("batch_size", "max_queue", "max_files", "max_file_bytes", "max_request_bytes", "max_pixels"):
-        if getattr(cfg, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    check_config(cfg)
     if cfg.max_pixels > MAX_IMAGE_PIXELS:
         raise UsageError(f"--max-pixels {cfg.max_pixels} is more than any stage decodes ({MAX_IMAGE_PIXELS})")
     if cfg.max_queue < cfg.max_files:
         raise UsageError(f"--max-queue {cfg.max_queue} is less than --max-files {cfg.max_files}: a full request "
                          "would never fit")
-    if not 0 <= cfg.max_wait_ms <= 1000 or cfg.drain_seconds < 0:
-        raise UsageError(f"--max-wait-ms must be in [0, 1000] and --drain-seconds >= 0, got {cfg.max_wait_ms} "
-                         f"and {cfg.drain_seconds}")
-    if not 0 <= cfg.port <= 65535:
-        raise UsageError(f"--port must be in 0..65535, got {cfg.port}")
 
 
 class BodyTooLarge(Exception):
