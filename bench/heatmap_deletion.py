@@ -175,9 +175,9 @@ def main(argv=None) -> None:
           "| class changed: hot | cold |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for proxy, r in results.items():
-        print(f"| {PROXIES[proxy][1]} | {r['photos']} | {r['accuracy']:.3f} | {r['hot_beats_cold']:.0%} | "
-              f"{r['hot_beats_random']:.0%} | {r['mean_drop_hot']:.3f} | {r['mean_drop_cold']:.3f} | "
-              f"{r['mean_drop_random']:.3f} | {r['class_changed_hot']:.0%} | {r['class_changed_cold']:.0%} |")
+        print(f"| {PROXIES[proxy][1]} | {r['photos']} | {r['accuracy']:.3f} | {r['hot_beats_cold']:.1%} | "
+              f"{r['hot_beats_random']:.1%} | {r['mean_drop_hot']:.3f} | {r['mean_drop_cold']:.3f} | "
+              f"{r['mean_drop_random']:.3f} | {r['class_changed_hot']:.1%} | {r['class_changed_cold']:.1%} |")
     if args.output:
         args.output.write_text(json.dumps(results, indent=2))
 
