@@ -23,7 +23,7 @@ opencv-python and ttach in. The method itself is the few lines below.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -84,9 +84,9 @@ def grad_cam(head, fmap, target=None, pool=None) -> tuple:
 
     ``pool``: what a whole model applies to its backbone's map before the head (its global average pool),
     None for cached maps; ``target``: (B,) class indices to explain, default each row's predicted class.
-    One forward pass of the head, with a gradient even under ``torch.inference_mode`` (the map is copied out
-    of it first). The rows are independent (a head has no batch statistics in eval mode), so one backward
-    gives every row's gradient.
+    One forward pass of the head (a kernel head: one more, batched, along its path), with a gradient even under
+    ``torch.inference_mode`` (the map is copied out of it first). The rows are independent (a head has no batch
+    statistics in eval mode), so one backward gives every row's gradient.
     """
     check_spatial(fmap.shape, "the feature map")
     with torch.inference_mode(False), torch.enable_grad():
@@ -123,15 +123,6 @@ def normalised(maps: np.ndarray) -> np.ndarray:
     maps = np.maximum(np.asarray(maps, np.float32), 0.0)
     peak = maps.reshape(len(maps), -1).max(1) if len(maps) else np.zeros(0, np.float32)
     return maps / np.where(peak > 0, peak, 1.0)[:, None, None]
-
-
-def explained_target(classes: Sequence[str], target: Optional[str], n: int):
-    """(n,) class indices for ``target`` (a class name), or None (each row's predicted class)."""
-    if target is None:
-        return None
-    if target not in classes:
-        raise UsageError(f"unknown class {target!r} to explain; the model's classes: {', '.join(classes)}")
-    return np.full(n, list(classes).index(target), np.int64)
 
 
 def overlay(transform, image, cam):
