@@ -65,7 +65,8 @@ def blanked(x, cam, share: float, fill: str, rng):
     k = int(round(share * heat.size))
     order = np.argsort(heat, kind="stable")
     picks = {"hot": order[-k:], "cold": order[:k], "random": rng.choice(heat.size, k, replace=False)}
-    filler = (gaussian_blur(x[None], [s // 4 * 2 + 1], [s / 8])[0] if fill == "blur"
+    width = s // 4 * 2 + 1  # a blur half the crop wide: the blanked area keeps its colours, not its shapes
+    filler = (gaussian_blur(x[None], [width, width], [s / 8, s / 8])[0] if fill == "blur"
               else x.mean(dim=(1, 2), keepdim=True).expand_as(x))
     out = []
     for kind in KINDS:
