@@ -33,11 +33,12 @@ from ..cache.provenance import Provenance
 from ..config import CALIBRATIONS, HEADS, MAX_C, MAX_WEIGHT_DECAY, RECIPES, FitHeadConfig
 from ..devices import resolve_device
 from ..errors import UsageError
-from ..files import atomic_write, check_output
+from ..files import check_output
 from ..progress import is_quiet
 from ..runs.run_folders import finish_run, new_run_dir
 from .cache_views import CacheRows, CacheViews, evaluate_head
 from .calibration import before_after, calibration_metrics, fit_temperature, with_temperature
+from .checkpoints import HEAD_KIND, write_checkpoint
 from .epoch_loop import per_class_accuracy, split_indices, validate_training
 from .feature_views import NORMS, VIEWS, check_view
 from .fused_views import FusedRows, fused_paths, single_cache
@@ -455,14 +456,14 @@ def fit_head(cfg: FitHeadConfig) -> dict:
                        "test_ece_uncalibrated": test["calibration"]["before"]["ece"]} if test else {}),
                    **{k: fit.trust[k] for k in ("temperature", "unknown_threshold") if k in fit.trust}}
         ckpt = {
-            "kind": "fit-head", **Provenance.from_cache_attrs(cache.attrs).checkpoint_fields(),
+            **Provenance.from_cache_attrs(cache.attrs).checkpoint_fields(),
             "state_dict": head.checkpoint()["state_dict"], "head": head.config,
             "in_shape": list(cache.feature_shape), "dropout": cfg.dropout, "config": asdict(cfg),
             "cache": str(path), "cache_fingerprint": cache.attrs["fingerprint"], "metrics": metrics,
             "best_epoch": best_epoch, "tuning": tuning, "trust": fit.trust,
             **(cache.checkpoint_fields() if fused else _int8_network(path)),
         }
-        atomic_write(out_dir / "head.pt", lambda tmp: torch.save(ckpt, tmp))
+        write_checkpoint(out_dir / "head.pt", HEAD_KIND, ckpt)
     fused_fields = {"backbone": ckpt["backbone"], "cache_fingerprint": ckpt["cache_fingerprint"]} if fused else {}
     curves = finish_run(out_dir, cfg.runs_dir, "fit-head", history, [out_dir / "head.pt"], cache=str(path),
                         **fused_fields,
