@@ -27,7 +27,6 @@ from ..devices import resolve_device, resolve_precision, resolve_workers
 from ..errors import UsageError
 from ..extraction.inference import Inference, run_batches
 from ..files import check_output
-from ..heads.calibration import fit_temperature
 from ..heads.epoch_loop import (
     check_lr,
     per_class_accuracy,
@@ -37,7 +36,7 @@ from ..heads.epoch_loop import (
     validate_training,
 )
 from ..heads.fit_head import validate_trust
-from ..heads.unknown_score import fit_unknown, kept_indices, unknown_summary
+from ..heads.trust import fit_trust
 from ..progress import progress
 from ..runs.run_folders import finish_run, new_run_dir
 from .whole_models import (
@@ -157,29 +156,21 @@ def _outputs(model, loader, n_classes: int, batch_size: int, skipped: _Skipped):
     return np.concatenate(logps), np.concatenate(pooled), np.concatenate(ys)
 
 
-def fit_trust(cfg: TrainConfig, model, device, precision, listing, train_idx, val_loader, transform,
-              skipped: _Skipped) -> dict:
-    """The temperature (from the validation images) and the unknown score (pooled features of a seeded
-    sample of ``unknown_rows`` training images, one more pass over them; the threshold from the validation
-    images and the kept training images against the others), set on ``model.head``."""
-    head, n_classes = model.head, len(listing.classes)
+def trust_of(cfg: TrainConfig, model, device, precision, listing, train_idx, val_loader, transform,
+             skipped: _Skipped) -> dict:
+    """``heads.trust.fit_trust`` on images: the temperature from the validation images, the unknown score
+    from the pooled features of a seeded sample of ``unknown_rows`` training images (one more pass over
+    them) against the validation images'; set on ``model.head``."""
+    n_classes = len(listing.classes)
     extras = Inference(WithExtras(model, "pooled"), device, precision, freeze=False)
     logp, val_pooled, y = _outputs(extras, val_loader, n_classes, cfg.batch_size, skipped)
-    trust = {"temperature": 1.0, "calibration_rows": 0, "calibrated_on": "none"}
-    if cfg.calibrate == "val":
-        t = fit_temperature(logp, y)
-        head.set_temperature(t)
-        trust = {"temperature": t, "calibration_rows": int(len(y)), "calibrated_on": "val"}
-    if cfg.unknown_rows:
-        keep = kept_indices(train_idx, cfg.unknown_rows, cfg.seed)
+
+    def train_pooled(keep):
         loader = _loader(listing.root, [(listing.files[i].path, listing.files[i].label) for i in keep], transform,
                          cfg, shuffle=False)
-        train_pooled = _outputs(extras, loader, n_classes, cfg.batch_size, skipped)[1]
-        fit = fit_unknown(train_pooled, val_pooled, cfg.unknown_k, cfg.known_share)
-        head.set_unknown(torch.from_numpy(fit.known), cfg.unknown_k, fit.threshold)
-        trust.update(unknown_summary(fit, cfg.unknown_k, cfg.known_share))
-    head.to(device)
-    return trust
+        return _outputs(extras, loader, n_classes, cfg.batch_size, skipped)[1]
+
+    return fit_trust(cfg, model.head, (logp, y, "val"), train_idx, train_pooled, lambda: val_pooled)
 
 
 def _to_stderr(bar):
@@ -295,7 +286,7 @@ def _fit(cfg: TrainConfig, kind: str, lm, stages: list, listing, head_saw: froze
     seconds = time.time() - t0
     y_val, seen = state["y_val"], state["seen"]
     per_class = per_class_accuracy(y_val, state["pred"], lm.classes)
-    trust = fit_trust(cfg, model, device, precision, listing, train_idx, val_loader, lm.transform, skipped)
+    trust = trust_of(cfg, model, device, precision, listing, train_idx, val_loader, lm.transform, skipped)
     metrics = {**history[-1], "per_class_val_acc": per_class, "train_rows": int(seen), "val_rows": int(len(y_val)),
                "skipped": len(skipped.files), "val_left_out_seen_by_head": len(left_out), **trust}
     out_dir = new_run_dir(cfg.runs_dir, kind)
