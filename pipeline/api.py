@@ -465,47 +465,11 @@ class _Classifier:
         return split_extras(out, len(self.classes_))
 
     def _image_outputs(self, X, batch_size: int, workers: Optional[int], device, precision) -> np.ndarray:
-        from PIL import Image
+        from .models.predict import outputs_of_inputs
 
-        from .data.folders import to_rgb
-        from .models.predict import iter_log_proba, list_inputs
-
-        items = [X] if isinstance(X, (str, os.PathLike, Image.Image)) else list(X)
-        if not items:
-            raise UsageError("nothing to predict: X is empty")
         lm, model = self._model(device, precision)
-        files, images, order = [], [], []
-        for x in items:
-            if isinstance(x, Image.Image):
-                order.append(("image", len(images)))
-                images.append(x)
-            elif isinstance(x, (str, os.PathLike)):
-                found = list_inputs([os.fspath(x)])  # a folder: its images, sorted, recursively
-                order += [("file", len(files) + i) for i in range(len(found))]
-                files += found
-            else:
-                raise TypeError(f"cannot predict a {type(x).__name__}: pass image paths, folders or PIL images"
-                                + (" (an array of cached features only to a Head)" if isinstance(x, np.ndarray)
-                                   else ""))
-        out_files: list = []
-        if files:
-            workers = (0 if len(files) < 64 else -1) if workers is None else workers
-            bad = []
-            with _verbosity(self._verbose):
-                from .progress import progress
-
-                for item, logp in progress(iter_log_proba(model, lm.transform, files, batch_size, workers),
-                                           total=len(files), unit="img", desc="predict"):
-                    if logp is None:
-                        bad.append(f"{item.path} ({item.error})")
-                    out_files.append(logp)
-            if bad:
-                raise UsageError(f"{len(bad)} of {len(files)} images could not be read: {'; '.join(bad[:3])}"
-                                 f"{' ...' if len(bad) > 3 else ''}")
-        out_images = []
-        for i in range(0, len(images), batch_size):
-            out_images += list(model([lm.transform(to_rgb(im)) for im in images[i:i + batch_size]]))
-        return np.stack([out_files[j] if kind == "file" else out_images[j] for kind, j in order]).astype(np.float64)
+        with _verbosity(self._verbose):
+            return outputs_of_inputs(lm, model, X, batch_size, workers)
 
     def _scores(self, X, batch_size: int, workers: Optional[int], device, precision):
         return self._image_scores(X, batch_size, workers, device, precision)
