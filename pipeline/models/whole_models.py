@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -197,6 +198,29 @@ def save_model(lm: LoadedModel, path, kind: str, config: dict, metrics: dict, hi
         "state_dict": {k: v.detach().cpu() for k, v in lm.model.state_dict().items()},
         "config": json.loads(json.dumps(config)), "metrics": json.loads(json.dumps(metrics)),
         "history": json.loads(json.dumps(history))})
+
+
+def learned_state(checkpoint, ckpt: dict, result: Optional[dict] = None) -> dict:
+    """What a checkpoint (and the run that wrote it: its ``result``, when known) says about its model, as the
+    Python API's learned attributes (``classes_``, ``history_``, ``metrics_``, ...). The history is the
+    run's, the checkpoint's, or the ``history.json`` beside a head.pt / model.pt."""
+    checkpoint, result = Path(checkpoint), result or {}
+    history, saved = result.get("history"), checkpoint.with_name("history.json")
+    if history is None and "history" in ckpt:
+        history = ckpt["history"]
+    elif history is None and saved.is_file() and checkpoint.name in ("head.pt", "model.pt"):
+        history = json.loads(saved.read_text())
+    metrics = {**(ckpt.get("metrics") or {}), **{k: result[k] for k in (
+        "val_acc", "val_loss", "train_acc", "train_loss", "per_class_val_acc", "train_rows", "val_rows",
+        "fit_seconds") if k in result}}
+    sd = ckpt["state_dict"]
+    t, thr = (sd.get(k, sd.get(f"head.{k}")) for k in ("temperature", "unknown_threshold"))
+    return {"temperature_": 1.0 if t is None else float(t), "unknown_threshold_": None if thr is None else float(thr),
+            "checkpoint_": checkpoint, "kind_": ckpt["kind"], "classes_": list(ckpt["classes"]),
+            "backbone_": ckpt["backbone"], "weights_": ckpt["weights"], "feature_shape_": tuple(ckpt["in_shape"]),
+            "n_features_in_": int(np.prod(ckpt["in_shape"])), "history_": history, "metrics_": metrics,
+            "config_": dict(ckpt.get("config") or {}), "cache_": ckpt.get("cache"), "run_dir_": result.get("run_dir"),
+            "curves_": result.get("curves"), "result_": dict(result)}
 
 
 def load_model(path, weights: Optional[str] = None, trainable: bool = False) -> LoadedModel:
