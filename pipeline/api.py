@@ -220,6 +220,18 @@ class Head(ClassifierMixin, BaseEstimator, FeatureHead, _Classifier):
     _kinds = ("fit-head",)
     _EXCLUDE = ("cache",)  # given to fit, not the constructor
 
+    class _Parameters:
+        """``Head``'s signature, read from fit-head's options whenever asked (``inspect.signature(Head)``,
+        ``help(Head)``, scikit-learn's checks): the constructor takes ``**params`` so that a misspelt one is a
+        ValueError naming the allowed ones, and a new field of FitHeadConfig is a parameter at once."""
+
+        def __get__(self, obj, cls) -> inspect.Signature:
+            params = {**_defaults(FitHeadConfig, cls._EXCLUDE), "verbose": False}
+            return inspect.Signature([inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
+                                      for name, default in params.items()])
+
+    __signature__ = _Parameters()
+
     def __init__(self, **params):
         super().__init__()
         _check_options(FitHeadConfig, {k: v for k, v in params.items() if k != "verbose"}, "Head",
@@ -322,13 +334,6 @@ class Head(ClassifierMixin, BaseEstimator, FeatureHead, _Classifier):
         where = self.checkpoint_ or "in memory"
         return (f"Head({params})  # fitted: classes {list(self.classes_)}"
                 f"{f', val acc {acc:.3f}' if acc is not None else ''}, {where}")
-
-
-# the parameters scikit-learn reads from the constructor's signature: fit-head's options and verbose
-Head.__init__.__signature__ = inspect.Signature(
-    [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-    + [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
-       for name, default in {**_defaults(FitHeadConfig, Head._EXCLUDE), "verbose": False}.items()])
 
 
 class Model(_Classifier):
