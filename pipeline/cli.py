@@ -9,9 +9,7 @@ console script both run ``main``.
 from __future__ import annotations
 
 import functools
-import json
 import logging
-import math
 import os
 import sys
 import warnings
@@ -56,6 +54,7 @@ from .config import (
     TrainConfig,
 )
 from .errors import PipelineError, UsageError
+from .files import json_text
 
 
 class FiniteFloat(click.ParamType):
@@ -189,18 +188,7 @@ def plural(k: int, word: str) -> str:
 
 
 def emit(result, as_json: bool, text: str) -> None:
-    click.echo(json.dumps(_finite(result), indent=2, default=str, allow_nan=False) if as_json else text)
-
-
-def _finite(value):
-    """``value`` with NaN and infinities as null: JSON has no such numbers, and a bare NaN breaks every parser."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
+    click.echo(json_text(result, indent=2, default=str) if as_json else text)
 
 
 def _setup_logging(verbose: int, quiet: bool = False) -> None:

@@ -9,7 +9,6 @@ computed so far: the output file is completed with them (``Interrupted``). Boole
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
 import time
@@ -26,7 +25,7 @@ from ..devices import resolve_device
 from ..errors import UsageError
 from ..extraction import backbones as bb
 from ..extraction.inference import run_batches
-from ..files import SafeCsvWriter, Terminated, atomic_write, check_output, is_utf8, one_line, shown
+from ..files import SafeCsvWriter, Terminated, atomic_write, check_output, is_utf8, json_text, one_line, shown
 from ..progress import is_quiet, progress
 from .whole_models import checkpoint_reads, model_from_checkpoint, network, read_checkpoint, split_extras
 
@@ -213,7 +212,7 @@ def iter_predictions(lm, model, files: list[str], batch_size: int, workers: int)
 
 def format_rows(rows: list[dict], fmt: str) -> str:
     if fmt == "json":
-        return json.dumps(rows, indent=2)
+        return json_text(rows, indent=2)
     if fmt == "csv":
         buf = io.StringIO()
         w = SafeCsvWriter(buf, COLUMNS, lineterminator="\n")

@@ -9,7 +9,6 @@ through ``predict.iter_log_proba``, the loop predict uses too, so both give the 
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from ..config import SPLITS, EvaluateConfig
 from ..data.folders import list_image_folder, thumbnail
 from ..devices import resolve_device
 from ..errors import UsageError
-from ..files import atomic_write, check_output, writing
+from ..files import check_output, write_json, writing
 from ..heads.cache_views import head_scores
 from ..heads.calibration import before_after, reliability_bins, without_temperature
 from ..heads.epoch_loop import split_indices
@@ -260,7 +259,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         with writing(out_dir):
             pictures = _pictures(pred, result, out_dir)
         result.update(zip(("confusion_png", "gallery_png", "reliability_png"), map(str, pictures)))
-    atomic_write(out_dir / "metrics.json", lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
+    write_json(out_dir / "metrics.json", result)
     keys = ("rows",) if pred.foreign else ("accuracy", "loss", "macro_f1", "rows")
     finish_run(out_dir, cfg.runs_dir, "evaluate", None, pictures, cache_fingerprint=pred.cache_fingerprint,
                backbone=result["backbone"], params=asdict(cfg),

@@ -30,7 +30,7 @@ from ..data.image_reader import DECODE_VERSION, ImageListDataset, draft_short_si
 from ..errors import PipelineError, UsageError
 from ..extraction import backbones as bb
 from ..extraction.inference import run_batches
-from ..files import atomic_write, check_output
+from ..files import atomic_write, check_output, write_json
 from ..models.fused_models import fused_metadata, input_shape
 from ..models.predict import list_inputs
 from ..models.whole_models import (
@@ -367,7 +367,7 @@ def export(cfg: ExportConfig) -> dict:
                   "output": None, "metadata": None}
         if check["passed"]:
             atomic_write(out, lambda t: os.replace(tmp, t))
-            atomic_write(side, lambda t: t.write_text(json.dumps({**meta, "parity": check}, indent=2) + "\n"))
+            write_json(side, {**meta, "parity": check})
             result.update(output=str(out), metadata=str(side), bytes=out.stat().st_size)
         else:
             log.warning("the %s export differs from predict by %.3g (tolerance %g; %d of %d photos of the same "
