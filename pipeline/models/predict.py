@@ -86,7 +86,7 @@ def iter_log_proba(model, items: Iterable[Item], batch_size: int) -> Iterator[tu
     """The one loop from images to a network's outputs (log-probabilities, and the extra columns of a
     ``whole_models.WithExtras`` network): (item, its output row, or None when the file is unreadable:
     ``item.error`` says why) per item, in order, batched by ``inference.run_batches``. predict, evaluate
-    --data, train's validation and the API all read images through it."""
+    --data, train's validation, export's parity check and the API all read images through it."""
     for batch, out in run_batches(model, items, batch_size):
         k = 0
         for item in batch.items:
