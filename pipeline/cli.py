@@ -9,7 +9,6 @@ the top) and the ``transfer-pipeline`` console script both run ``main``.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import os
@@ -48,6 +47,7 @@ from .config import (
     spec_of,
 )
 from .errors import PipelineError, UsageError
+from .files import json_text
 
 
 class FiniteFloat(click.ParamType):
@@ -210,18 +210,7 @@ def plural(k: int, word: str) -> str:
 
 
 def emit(result, as_json: bool, text: str) -> None:
-    click.echo(json.dumps(_finite(result), indent=2, default=str, allow_nan=False) if as_json else text)
-
-
-def _finite(value):
-    """``value`` with NaN and infinities as null: JSON has no such numbers, and a bare NaN breaks every parser."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
+    click.echo(json_text(result, indent=2, default=str) if as_json else text)
 
 
 def _setup_logging(verbose: int, quiet: bool = False) -> None:

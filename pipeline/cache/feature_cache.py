@@ -605,7 +605,8 @@ def read_info(path: str | os.PathLike, wait_s: float = 20.0) -> CacheInfo:
 
 
 class FeatureCache:
-    """Read access to a complete, validated cache: labels in memory, features streamed in blocks."""
+    """Read access to a complete, validated cache: labels in memory, features streamed in blocks (the one
+    reader of a cache file: the stages' and the API's ``Cache``'s)."""
 
     def __init__(self, path: str | os.PathLike, allow_incomplete: bool = False):
         self.info = read_info(path)
@@ -615,7 +616,7 @@ class FeatureCache:
                 f"cache {self.info.path} is incomplete ({self.info.rows} of {self.info.attrs['n_requested'] or 'all'} "
                 f"rows); finish it by running `{cmd}` again"
             )
-        if self.info.rows == 0:
+        if self.info.rows == 0 and not allow_incomplete:  # the API's handle reads an empty one as empty
             raise CacheError(f"cache {self.info.path} holds no rows")
         self.path = self.info.path
         self.f = open_h5(self.path, "r")  # blocks are read whole: a bigger chunk cache only adds copies
@@ -671,6 +672,21 @@ class FeatureCache:
             block = buf[:stop - s]
             self.features.read_direct(block, np.s_[s:stop])
             yield indices[lo:hi], block, indices[lo:hi] - s
+
+    def read_rows(self, rows: Optional[Sequence[int]] = None, dtype=np.float32, block_rows: int = 2048) -> np.ndarray:
+        """Rows of features as one array (all rows when ``rows`` is None; negative ones count from the end), in
+        the order asked for, read block by block."""
+        n = self.n
+        idx = np.arange(n) if rows is None else np.asarray(rows, dtype=np.int64).ravel()
+        if idx.size and (idx.min() < -n or idx.max() >= n):
+            raise IndexError(f"row indices must be in [{-n}, {n}), the cache has {n} rows")
+        wanted, inverse = np.unique(np.where(idx < 0, idx + n, idx), return_inverse=True)
+        out = np.empty((len(wanted), *self.feature_shape), dtype)
+        i = 0
+        for got, block, sel in self.iter_blocks(wanted, block_rows):
+            out[i:i + len(got)] = block[sel]
+            i += len(got)
+        return out[inverse]
 
     def iter_batches(self, indices: np.ndarray, batch_size: int, block_rows: int,
                      rng: Optional[np.random.Generator] = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:

@@ -20,7 +20,7 @@ import numpy as np
 from ..cache.feature_cache import FeatureCache
 from ..config import AuditConfig, ExtractConfig, FitHeadConfig, check_config
 from ..errors import UsageError
-from ..files import SafeCsvWriter, atomic_write, check_output, writing
+from ..files import SafeCsvWriter, atomic_write, check_output, write_json, writing
 from ..heads.cache_views import CacheViews
 from ..runs.run_folders import new_run_dir
 from . import duplicates as dup
@@ -256,7 +256,7 @@ def audit(cfg: AuditConfig) -> dict:
     with_pictures(result, out, cfg.top)
     result["output"] = str(out)
     report = public(result)
-    atomic_write(out / "report.json", lambda tmp: tmp.write_text(json.dumps(report, indent=1)))
+    write_json(out / "report.json", report, indent=1)
     write_fixes_csv(result, out / "fixes.csv")
     result.update(report=str(out / "report.json"), fixes=str(out / "fixes.csv"))
     return public(result)
