@@ -35,6 +35,8 @@ from .config import (
     RECIPES,
     SPLITS,
     STORAGE_DTYPES,
+    SUGGEST_HEADS,
+    SUGGEST_RULES,
     VIEWS,
     AuditConfig,
     CheckImagesConfig,
@@ -52,6 +54,7 @@ from .config import (
     PredictConfig,
     PreviewConfig,
     ServeConfig,
+    SuggestConfig,
     SummaryConfig,
     TrainConfig,
 )
@@ -792,6 +795,35 @@ def audit(as_json, **options):
 
     result = api.audit_folder(options.pop("data"), verbose=None, command=current_command(), **options)
     emit(result, as_json, format_report(result, options.get("top") or AuditConfig.top))
+
+
+@defaults_from(SuggestConfig)
+@cli.command()
+@click.option("--data", required=True, help="The labelled folder (one sub-folder per class).")
+@click.option("--pool", required=True, help="A folder of unlabelled photos (at any depth).")
+@click.option("--k", type=int, help="Photos to suggest.")
+@click.option("--rule", type=click.Choice(SUGGEST_RULES), help="How the pool is ranked (docs/suggest.md).")
+@click.option("--head", type=click.Choice(SUGGEST_HEADS), help="auto: fit-head's default head; logreg: faster.")
+@click.option("--cache-dir")
+@click.option("--backbone")
+@click.option("--weights", help="DEFAULT, a torchvision weights name or timm tag, a state-dict file, or 'none'.")
+@click.option("--batch-size", type=int)
+@click.option("--device")
+@click.option("--workers", type=int)
+@click.option("--seed", type=int)
+@click.option("--output", type=click.Path(file_okay=False), help="Folder for the list and page [default: run folder].")
+@click.option("--runs-dir")
+@json_option
+@library_errors
+def suggest(as_json, **options):
+    """Which photos of an unlabelled pool to label next: a ranked CSV and an HTML page with thumbnails."""
+    from dataclasses import asdict
+
+    from .reports.suggest import format_result
+    from .runs.ledger import current_command
+
+    result = api.suggest(options.pop("data"), options.pop("pool"), verbose=None, command=current_command(), **options)
+    emit(asdict(result), as_json, format_result(result))
 
 
 @defaults_from(ExportConfig)

@@ -95,7 +95,9 @@ class ExtractConfig:
     cache_dir: str = "features"  # where caches live
     shard_dir: str = ""  # under torchrun: where each rank's shard files go ('' = <cache_dir>/<cache name>.shards)
     command: str = ""  # the command line, recorded so an incomplete cache can say how to finish it
-    purpose: str = ""  # 'test' for a cache fit-head --test-data made: never picked as the default training cache
+    # 'test' for a cache fit-head --test-data made, 'pool' for suggest's unlabelled photos (listed without classes):
+    # never picked as the default training cache
+    purpose: str = ""
 
 
 @dataclass
@@ -344,6 +346,34 @@ class AuditConfig:
     undo: Optional[str] = None  # a journal of --apply: move every file back where it was
     quarantine_dir: Optional[str] = None  # --apply: where 'remove' moves files; default '<data>.quarantine'
     refresh: bool = True  # --apply/--undo: extract the folder again (rows reused by content: no recomputing)
+    command: str = ""  # the command line, recorded in caches it makes
+
+
+#: How suggest ranks a pool (bench/suggest_curve.py measured them against random picks, docs/suggest.md):
+#: 'diverse-uncertain' the 2k least certain photos, then one at a time the one farthest from every photo labelled
+#: or picked (k-center); 'margin' the least certain; 'diverse' the k-center over the whole pool; 'random'.
+SUGGEST_RULES = ("diverse-uncertain", "margin", "diverse", "random")
+SUGGEST_HEADS = ("auto", "logreg")  # fit-head's default head (by CV), or logistic regression with its defaults
+
+
+@dataclass
+class SuggestConfig:
+    """Which labelled folder, which pool of unlabelled photos, and how the pool is ranked for labelling."""
+
+    data: Optional[str] = None  # the labelled folder (one sub-folder per class), extracted as extract does
+    pool: Optional[str] = None  # a folder of unlabelled photos (at any depth), extracted once (cached like any)
+    k: int = 50  # photos to suggest
+    rule: str = "diverse-uncertain"  # diverse-uncertain, margin, diverse (k-center) or random
+    head: str = "auto"  # the head whose uncertainty counts: auto (fit-head's default, by CV) or logreg
+    cache_dir: str = "features"  # where caches are looked for and made
+    backbone: str = "vgg16"  # the backbone extract runs on both folders
+    weights: str = "DEFAULT"  # torchvision weights name, a state-dict file, or 'none'
+    batch_size: int = 32  # images per forward pass
+    device: str = "auto"  # 'auto', 'cpu', 'cuda'
+    workers: int = -1  # decoding, as ExtractConfig.workers (-1: on the CPU, in turns with the network)
+    seed: int = 0  # seeds the head's CV folds and the random rule
+    output: Optional[str] = None  # folder for suggestions.csv and suggestions.html; default a run folder
+    runs_dir: str = "runs"  # where the run folder goes
     command: str = ""  # the command line, recorded in caches it makes
 
 

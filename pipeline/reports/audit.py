@@ -98,8 +98,9 @@ def check_output_dir(cfg: AuditConfig) -> None:
     check_output(folder, data=folders, what=option, folder=True)
 
 
-def _output_dir(cfg: AuditConfig, kind: str = "audit") -> Path:
-    """--output (made when missing), or a new run folder in --runs-dir; check_output_dir has checked both."""
+def output_dir(cfg, kind: str = "audit") -> Path:
+    """--output (made when missing), or a new run folder in --runs-dir (``cfg``: a config with both; the
+    caller has checked them with check_output)."""
     if not cfg.output:
         return new_run_dir(cfg.runs_dir, kind)
     with writing(cfg.output):
@@ -245,7 +246,7 @@ def audit(cfg: AuditConfig) -> dict:
         if cfg.apply:
             if not cfg.data:
                 raise UsageError("--apply needs --data DIR, the folder the list's paths are relative to")
-            out = _output_dir(cfg, "audit-apply")
+            out = output_dir(cfg, "audit-apply")
             result = apply_fixes(cfg.apply, cfg.data, out, cfg.quarantine_dir)
         else:
             result = undo_fixes(cfg.undo, cfg.data)
@@ -253,7 +254,7 @@ def audit(cfg: AuditConfig) -> dict:
             result["refreshed"] = refresh(cfg, result["root"])
         return result
     result = analyse(cfg)
-    out = _output_dir(cfg)
+    out = output_dir(cfg)
     with_pictures(result, out, cfg.top)
     result["output"] = str(out)
     report = public(result)
@@ -278,7 +279,7 @@ def refresh(cfg: AuditConfig, root: str) -> Optional[dict]:
 
     good, _ = list_caches(cfg.cache_dir) if Path(cfg.cache_dir).is_dir() else ([], [])
     made = [i for i in good if i.complete and Path(i.attrs["data_root"]) == Path(root).resolve()
-            and i.attrs.get("purpose") != "test"]
+            and not i.attrs.get("purpose")]
     if not made:
         log.info("no cache of %s in %s to refresh; the next extract reuses rows by content", root, cfg.cache_dir)
         return None
