@@ -135,6 +135,7 @@ def analyse(cfg: AuditConfig) -> dict:
     t = time.time()
     x = dup.l2_rows(near_rows)
     near = dup.similar_pairs(x, threshold=cfg.threshold, k=10)
+    near["pairs"], unconfirmed = confirmed(near["pairs"], path, path)
     seconds["duplicates"] = time.time() - t
     result = {
         "cache": str(path), "data_root": root, "rows": len(labels), "classes": list(classes),
@@ -142,12 +143,13 @@ def analyse(cfg: AuditConfig) -> dict:
         "label_issues": _label_issues(issues, labels, classes, paths),
         "outliers": _outliers(near, labels, classes, paths),
         "duplicates": _duplicate_groups(near, digests, labels, classes, paths),
-        "leaks": [], "test_cache": None,
+        "leaks": [], "test_cache": None, "unconfirmed": {"duplicates": unconfirmed},
     }
     if test is not None:
         t = time.time()
         xt = dup.l2_rows(test["near"])
         cross = dup.similar_pairs(xt, x, threshold=cfg.threshold, k=1, desc="audit: test vs training")
+        cross["pairs"], result["unconfirmed"]["leaks"] = confirmed(cross["pairs"], tpath, path)
         result["leaks"] = _leaks(cross, test, digests, paths)
         result["test_cache"], result["test_root"], result["test_rows"] = test["cache"], test["root"], len(test["paths"])
         seconds["leaks"] = time.time() - t
@@ -155,6 +157,30 @@ def analyse(cfg: AuditConfig) -> dict:
     result.update(knn=near["knn"][:, :NEIGHBOURS_SHOWN], _paths=paths, _given=[classes[y] for y in labels])
     result["seconds"] = {**seconds, "total": time.time() - t0}
     return result
+
+
+#: Candidate pairs whose maps are read at once for the second check (100 KB a map for VGG-16).
+CONFIRM_BLOCK = 512
+
+
+def confirmed(pairs: tuple, path_a: Path, path_b: Path) -> tuple[tuple, int]:
+    """The near-copy candidates ``pairs`` (rows i of the cache ``path_a``, j of ``path_b``, similarity) that
+    the second check confirms (``duplicates.layout_similarity`` at least ``SAME_LAYOUT``: the whole maps
+    agree, straight or mirrored), and how many it refused. Caches of pooled vectors (no layout) keep every candidate."""
+    i, j, s = pairs
+    with FeatureCache(path_a) as a, FeatureCache(path_b) as b:
+        if not (dup.has_layout(a.feature_shape) and len(i)):
+            return pairs, 0
+        keep = np.concatenate([dup.layout_similarity(read_maps(a, i[lo:lo + CONFIRM_BLOCK]),
+                                                     read_maps(b, j[lo:lo + CONFIRM_BLOCK])) >= dup.SAME_LAYOUT
+                               for lo in range(0, len(i), CONFIRM_BLOCK)])
+    return (i[keep], j[keep], s[keep]), int((~keep).sum())
+
+
+def read_maps(cache: FeatureCache, rows: np.ndarray) -> np.ndarray:
+    """The cached maps of ``rows`` (in their order, repeats allowed) as float32."""
+    unique, inverse = np.unique(rows, return_inverse=True)
+    return cache.features[unique.tolist()].astype(np.float32)[inverse]
 
 
 def _label_issues(issues: dict, labels, classes, paths) -> list[dict]:
@@ -317,7 +343,7 @@ def format_report(r: dict, top: int = 20) -> str:
         lines += ["", "like no other photo (outlier score = 1 - mean cosine similarity to its 10 nearest):"]
         lines += [f"  {o['path']}  ({o['given']}, {o['score']:.3f})" for o in r["outliers"][:top]]
     if r["duplicates"]:
-        lines += ["", f"duplicates (cosine >= {r['threshold']}, or the same bytes):"]
+        lines += ["", f"duplicates (cosine >= {r['threshold']} and the same layout, or the same bytes):"]
         for g in r["duplicates"][:top]:
             kind = "exact" if g["exact"] else f"{g['similarity']:.3f}"
             lines.append(f"  {kind:>6}  " + "  ".join(f"{p} ({c})" for p, c in zip(g["paths"], g["classes"])))

@@ -43,7 +43,7 @@ def render(result: dict, top: int) -> str:
              f"<h1>Audit of {esc(root)}</h1>",
              f"<p>{result['rows']} photos, classes {esc(', '.join(result['classes']))}; out-of-fold probabilities "
              f"from {result['folds']} refits of {esc(result['head'])} (accuracy {result['oof_acc']:.3f}); "
-             f"near copies: cosine similarity &ge; {result['threshold']}.</p>",
+             f"near copies: cosine similarity &ge; {result['threshold']} and the same layout.</p>",
              f"<h2>Likely wrong labels ({len(result['label_issues'])})</h2>"]
     knn, paths, given = result.get("knn"), result.get("_paths"), result.get("_given")
     parts.append("<table><tr><th>photo</th><th>given &rarr; suggested</th><th>nearest training photos</th></tr>")
