@@ -338,7 +338,7 @@ class AuditConfig:
     workers: int = -1  # --data: decoding, as ExtractConfig.workers (-1: on the CPU, in turns with the network)
     folds: int = 5  # out-of-fold probabilities from this many refits of the head
     seed: int = 0  # seeds the folds, the head's landmarks and its choice of C and gamma
-    threshold: float = NEAR_DUPLICATE  # cosine similarity above which two photos count as near copies
+    threshold: float = NEAR_DUPLICATE  # max-view cosine from which two photos are near copies (then a layout check)
     top: int = 40  # label issues, outliers and groups shown in the table, the HTML report and the gallery
     output: Optional[str] = None  # folder for report.json, report.html, gallery.png, fixes.csv; default a run folder
     runs_dir: str = "runs"  # where the run folder goes
