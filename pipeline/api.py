@@ -44,6 +44,7 @@ from .config import (
     PredictConfig,
     PreviewConfig,
     ServeConfig,
+    SuggestConfig,
     SummaryConfig,
     TrainConfig,
     check_options,
@@ -59,7 +60,7 @@ __all__ = [
     "evaluate_model",
     "predict_files", "preview", "feature_map", "plot_curves", "check_image_folder", "fetch_data", "run_demo",
     "list_runs", "imagenet_check", "model_summary",
-    "audit_folder",
+    "audit_folder", "suggest",
     "export_model", "serve_app", "serve_model",
 ]
 
@@ -633,6 +634,20 @@ def audit_folder(data: Optional[PathLike] = None, *, verbose: Optional[bool] = F
 
     fixed = {"data": os.fspath(data)} if data is not None else {}
     cfg = _config(AuditConfig, "audit_folder", _plain(options), **fixed)
+    with verbosity(verbose):
+        return run(cfg)
+
+
+def suggest(data: PathLike, pool: PathLike, *, verbose: Optional[bool] = False, **options):
+    """Which photos of ``pool`` (a folder of unlabelled photos) to label next for the labelled folder ``data``
+    (``python cli.py suggest``): both extracted (cached; rows found by content, so a suggested photo moved
+    into its class folder costs no second forward pass), the default head fitted on ``data``'s rows, the pool
+    ranked by its uncertainty and by distance to what is labelled. Returns a ``SuggestResult`` (``rows``: rank,
+    path, predicted class, probability, uncertainty, distance; ``csv``, ``html``: the list and its page).
+    ``options``: SuggestConfig's (k=50, rule, head, cache_dir, backbone, weights, output, ...)."""
+    from .reports.suggest import suggest as run
+
+    cfg = _config(SuggestConfig, "suggest", options, data=os.fspath(data), pool=os.fspath(pool))
     with verbosity(verbose):
         return run(cfg)
 

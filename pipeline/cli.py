@@ -37,6 +37,7 @@ from .config import (
     PredictConfig,
     PreviewConfig,
     ServeConfig,
+    SuggestConfig,
     SummaryConfig,
     TrainConfig,
     check_value,
@@ -524,6 +525,21 @@ def audit(as_json, **options):
 
     result = api.audit_folder(options.pop("data"), verbose=None, command=current_command(), **options)
     emit(result, as_json, format_report(result, options.get("top") or AuditConfig.top))
+
+
+@cli.command()
+@options_from(SuggestConfig)
+@json_option
+@library_errors
+def suggest(as_json, **options):
+    """Which photos of an unlabelled pool to label next: a ranked CSV and an HTML page with thumbnails."""
+    from dataclasses import asdict
+
+    from .reports.suggest import format_result
+    from .runs.ledger import current_command
+
+    result = api.suggest(options.pop("data"), options.pop("pool"), verbose=None, command=current_command(), **options)
+    emit(asdict(result), as_json, format_result(result))
 
 
 @cli.command()

@@ -440,9 +440,10 @@ def _check_values(path: Path, attrs: dict, classes) -> None:
         raise CacheError(f"{path}: attribute {name!r} is {attrs.get(name)!r:.80}, not {want}; it is damaged or "
                          "was edited by hand")
 
-    if not (isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) and c for c in classes)
+    fewest = 1 if attrs.get("purpose") == "pool" else 2  # a pool of unlabelled photos (suggest): one class
+    if not (isinstance(classes, list) and len(classes) >= fewest and all(isinstance(c, str) and c for c in classes)
             and len(set(classes)) == len(classes)):
-        bad("classes", "a list of at least 2 distinct class names")
+        bad("classes", f"a list of at least {fewest} distinct class names")
     for name in ("rows", "next_candidate", "n_requested", "seed"):
         if attrs[name] < 0:
             bad(name, "0 or more")
@@ -734,10 +735,10 @@ def read_skipped(path: str | os.PathLike) -> list[tuple[str, str]]:
 
 def source_changes(info: CacheInfo) -> Optional[str]:
     """Describe how the data folder changed since the cache was made, or None if it did not."""
-    from ..data.folders import list_image_folder
+    from ..data.folders import list_folder
 
     try:
-        now = list_image_folder(info.attrs["data_root"])
+        now = list_folder(info.attrs["data_root"], str(info.attrs.get("purpose", "")))
     except ValueError as e:
         return f"the data folder cannot be listed now ({e})"
     if now.fingerprint() == info.attrs["data_fingerprint"]:
@@ -809,9 +810,10 @@ def default_time(info: CacheInfo) -> float:
 def newest_cache(cache_dir: str | os.PathLike) -> "CacheInfo":
     """The default cache of commands run without --cache: the newest complete cache in ``cache_dir``,
     never one made for testing (fit-head --test-data's, purpose 'test', until a user's extract hits
-    it: claim_for_training). Newest by when it was made, or claimed; busy and unreadable files skipped."""
+    it: claim_for_training) nor a pool of unlabelled photos (suggest's, purpose 'pool'). Newest by when it
+    was made, or claimed; busy and unreadable files skipped."""
     good, _ = list_caches(cache_dir)
-    good = [i for i in good if i.attrs.get("purpose") != "test"]  # a test set is never trained on by default
+    good = [i for i in good if not i.attrs.get("purpose")]  # a test set or a pool to label: never trained on by default
     good.sort(key=default_time, reverse=True)
     complete = [i for i in good if i.complete]
     if not complete:

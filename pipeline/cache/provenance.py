@@ -69,6 +69,8 @@ CALIBRATION_KEYS = ("version", "method", "calib_batch", "calib_n", "calib_seed",
 #: What must agree for rows from two sources to mean the same thing (a head on a cache, a test cache).
 SAME_FEATURES = ("backbone", "weights", "preprocessing", "pool", "classes", "precision", "dtype", "decode_version",
                  "calibration", "flip")
+#: What a row's numbers depend on (rows reused by content: row_donors): the same but the classes (labels only).
+ROW_FEATURES = tuple(f for f in SAME_FEATURES if f != "classes")
 #: The fields a checkpoint may leave unrecorded ('' on either side is not a difference).
 _OPTIONAL = ("precision", "dtype", "decode_version", "calibration")
 

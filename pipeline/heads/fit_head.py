@@ -262,6 +262,24 @@ def _tune(cfg: FitHeadConfig, cache, train_idx):
     return head, info, tuning, (result["oof"][best["key"]], rows.labels)
 
 
+def default_head_on_rows(rows, labels: np.ndarray, n_classes: int, in_shape, cfg: FitHeadConfig) -> tuple:
+    """(fit-head's default head, its setting's name) on rows in memory (``rows``: {view: (N, d) rows}): --head
+    auto's search by CV on every row, then the choice fitted on all of them, for stages that fit a head
+    without a run of its own (suggest). With fewer than 2 rows of some class no CV can choose: the
+    logistic regression's defaults."""
+    labels = np.asarray(labels, np.int64)
+    folds = min(cfg.folds, int(np.bincount(labels, minlength=n_classes).min()))
+    setting, temperature = {"head": "logreg", "view": cfg.features, "normalize": cfg.normalize}, 1.0
+    if folds >= 2:
+        result = tune(rows, labels, _auto_grid(cfg), folds=folds, seed=cfg.seed, in_shape=in_shape, threads=1,
+                      score="accuracy")
+        row = _default_row(cfg, in_shape, result)
+        setting, temperature = row["setting"], row["temperature"]
+    head, info = fit_setting(rows, labels, setting, in_shape=in_shape, n_classes=n_classes, seed=cfg.seed)
+    head.set_temperature(temperature)
+    return head.eval(), info["key"]
+
+
 # -- testing on photos the head never saw -----------------------------------------------------------
 def test_cache_for(cfg: FitHeadConfig, cache: FeatureCache) -> Path:
     """The cache of ``--test-data`` (extracted like ``cache``, reused next time) or ``--test-cache``, checked."""
