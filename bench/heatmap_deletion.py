@@ -96,8 +96,8 @@ def example_strip(transform, x, cam, variants):
 def deletion(head_pt: str, test: Path, weights: Path, n: int, share: float, fill: str, batch: int, seed: int,
              precision: str, examples: Path = None, n_examples: int = 0) -> dict:
     from pipeline.data.folders import list_image_folder, stratified_order
-    from pipeline.data.image_reader import ImageListDataset, read_items
-    from pipeline.extraction.inference import run_batches
+    from pipeline.data.image_reader import Item
+    from pipeline.models.predict import iter_log_proba, read_images
     from pipeline.models.whole_models import load_model, map_grid, network, split_extras, split_maps
 
     listing = list_image_folder(test)
@@ -107,30 +107,40 @@ def deletion(head_pt: str, test: Path, weights: Path, n: int, share: float, fill
     explained = network(lm, "cpu", precision, maps=True)
     plain = network(lm, "cpu", precision)
     grid, k = map_grid(lm), len(lm.classes)
-    items = read_items(ImageListDataset(listing.root, [(f.path, f.label) for f in chosen], lm.transform), 0,
-                       explained.device, chunk=batch)
+    items = read_images([(f.path, f.label) for f in chosen], lm.transform, explained, batch, 0, listing.root)
     rng = np.random.default_rng(seed)
     drops = {kind: [] for kind in KINDS}
     flips, correct, started = {kind: 0 for kind in KINDS}, 0, time.time()
-    for b, out in run_batches(explained, items, batch):
-        rest, maps = split_maps(out, grid)
-        logp = split_extras(rest, k)[0]
-        images = []
-        for g, cam in zip(b.good, maps):
-            variants = blanked(g.image, cam, share, fill, rng)
-            images += variants
-            if examples and g.position < n_examples:
-                examples.mkdir(parents=True, exist_ok=True)
-                example_strip(lm.transform, g.image, cam, variants).save(
-                    examples / f"{test.parent.name}-{test.name}-{g.position}.png")
-        again = split_extras(np.concatenate([plain(images[i:i + batch]) for i in range(0, len(images), batch)]), k)[0]
-        for j, g in enumerate(b.good):
-            c = int(logp[j].argmax())
+
+    def score(pending) -> None:
+        """The blanked photos of ``pending`` (photo, its log-probabilities, its variants) through the plain
+        network (the one loop, on tensors), and each variant's drop of the photo's class."""
+        nonlocal correct
+        variants = (Item(i, v, -1, f"<blanked {i}>") for i, v in enumerate(v for *_, vs in pending for v in vs))
+        again = [split_extras(out, k)[0] for _, out in iter_log_proba(plain, variants, batch)]
+        for j, (g, logp, _) in enumerate(pending):
+            c = int(logp.argmax())
             correct += c == g.label
             for m, kind in enumerate(KINDS):
                 after = again[len(KINDS) * j + m]
-                drops[kind].append(float(np.exp(logp[j, c]) - np.exp(after[c])))
+                drops[kind].append(float(np.exp(logp[c]) - np.exp(after[c])))
                 flips[kind] += int(after.argmax()) != c
+
+    pending = []
+    for g, out in iter_log_proba(explained, items, batch):  # the photo's class, probability and map: one pass
+        if out is None:
+            continue
+        rest, cam = split_maps(out, grid)
+        variants = blanked(g.image, cam, share, fill, rng)
+        if examples and g.position < n_examples:
+            examples.mkdir(parents=True, exist_ok=True)
+            example_strip(lm.transform, g.image, cam, variants).save(
+                examples / f"{test.parent.name}-{test.name}-{g.position}.png")
+        pending.append((g, split_extras(rest, k)[0], variants))
+        if len(pending) == batch:
+            score(pending)
+            pending = []
+    score(pending)
     d = {kind: np.array(v) for kind, v in drops.items()}
     photos = len(d["hot"])
     return {"photos": photos, "accuracy": correct / photos, "seconds": round(time.time() - started, 1),

@@ -33,6 +33,7 @@ Data and bookkeeping
     check_image_folder(root), fetch_data(), run_demo(), list_runs(runs_dir), imagenet_check(image),
     model_summary(backbone=...)
     audit_folder(data, test_data=...)    wrong labels, outliers, duplicates, train/test leaks; apply=/undo= fixes
+    suggest(data, pool, k=50)            which unlabelled photos of pool to label next: a CSV and a page
 
 Keyword options are the fields of each stage's config dataclass (the CLI's options; an unknown one
 is a ValueError naming the allowed ones). Nothing is printed unless ``verbose=True``; progress is
@@ -67,7 +68,7 @@ _EXPORTS = {
         "evaluate_model",
         "predict_files", "preview", "feature_map", "plot_curves", "check_image_folder", "fetch_data", "run_demo",
         "list_runs", "imagenet_check", "model_summary", "export_model", "serve_app", "serve_model",
-        "audit_folder",
+        "audit_folder", "suggest",
     )},
     "UsageError": "errors",
     "PipelineError": "errors",

@@ -17,20 +17,17 @@ is the module of the extract stage, and a function of the same name would hide i
 """
 from __future__ import annotations
 
-import contextlib
 import html
 import inspect
 import logging
 import os
-import sys
-from dataclasses import MISSING, asdict, fields
-from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence, Union
+from dataclasses import MISSING, fields
+from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.exceptions import NotFittedError as SklearnNotFittedError
 
+from .cache.handle import Cache, Caches
 from .config import (
     AuditConfig,
     CheckImagesConfig,
@@ -47,12 +44,15 @@ from .config import (
     PredictConfig,
     PreviewConfig,
     ServeConfig,
+    SuggestConfig,
     SummaryConfig,
     TrainConfig,
     check_options,
     ordered_fields,
 )
 from .errors import UsageError
+from .models.estimators import FeatureHead, ImageClassifier, NotFittedError, is_cache, is_features
+from .progress import verbosity
 
 __all__ = [
     "Cache", "Head", "Model", "NotFittedError", "Rows",
@@ -60,7 +60,7 @@ __all__ = [
     "evaluate_model",
     "predict_files", "preview", "feature_map", "plot_curves", "check_image_folder", "fetch_data", "run_demo",
     "list_runs", "imagenet_check", "model_summary",
-    "audit_folder",
+    "audit_folder", "suggest",
     "export_model", "serve_app", "serve_model",
 ]
 
@@ -108,31 +108,6 @@ def _config(cls, what: str, options: dict, **fixed):
     return cls(**_plain({**options, **fixed}))
 
 
-@contextlib.contextmanager
-def _verbosity(verbose: Optional[bool]):
-    """Progress bars, epoch lines and info logs on (True) or off (False) inside the block; None: as they are."""
-    if verbose is None:
-        yield
-        return
-    from .progress import quiet
-
-    logger = logging.getLogger("pipeline")
-    handler = None
-    if verbose and not logging.getLogger().handlers and not logger.handlers:  # plain Python or Jupyter
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
-        level = logger.level
-        logger.setLevel(logging.INFO)  # setLevel, not .level =: it clears the loggers' isEnabledFor cache
-    try:
-        with quiet(not verbose):
-            yield
-    finally:
-        if handler is not None:
-            logger.removeHandler(handler)
-            logger.setLevel(level)
-
-
 def _path(x) -> str:
     """A path given as a str, a PathLike, or an object of this API (a Cache, Head or Model)."""
     if isinstance(x, (Head, Model)):
@@ -145,11 +120,6 @@ def _call_text(name: str, *args, **kwargs) -> str:
     parts = [repr(os.fspath(a) if isinstance(a, os.PathLike) else a) for a in args]
     parts += [f"{k}={v!r}" for k, v in kwargs.items()]
     return f"pipeline.{name}({', '.join(parts)})"
-
-
-class NotFittedError(SklearnNotFittedError):
-    """A Head or Model used before it was fitted or loaded (scikit-learn's NotFittedError: a ValueError
-    and an AttributeError)."""
 
 
 class Rows(list):
@@ -179,159 +149,6 @@ class Rows(list):
 
 
 # -- caches ------------------------------------------------------------------------------------
-class Cache:
-    """A feature cache: one HDF5 file of features of an image folder through a frozen backbone.
-
-    ``Cache(path)`` opens (and validates) an existing cache; ``extract_features`` returns one. Cheap:
-    nothing but the attributes is read until asked for, and torch is never imported.
-
-    - ``len(cache)``: rows (images); ``cache.classes``: class names, in label order
-    - ``cache.labels``: (N,) int64 class indices; ``cache.paths``: image paths relative to ``cache.data_root``
-    - ``cache.feature_shape``: (C, H, W) of one row; ``cache.features``: the h5py dataset itself, read
-      lazily (``cache.features[:10]``); ``cache.read_features(rows)``: rows as a float32 array
-    - ``cache.provenance``: backbone, weights, preprocessing, classes, data (``pipeline.cache.provenance.Provenance``)
-    - ``cache.summary()``: what ``python cli.py caches`` shows of it; ``cache.attrs``: every HDF5 attribute
-    - ``cache.result``: extract's summary when the cache came from ``extract_features`` (hit, rows, img/s)
-
-    A Cache can stand where a path is expected (``os.fspath(cache)``). ``close()`` (or ``with``) closes
-    the file if ``features`` opened it.
-    """
-
-    def __init__(self, path: PathLike, *, result: Optional[dict] = None):
-        from .cache.feature_cache import read_info
-
-        self.path = Path(os.fspath(path))
-        self._info = read_info(self.path)
-        self.result = dict(result or {})
-        self._file = None
-
-    # attributes, read without loading features
-    @property
-    def attrs(self) -> dict:
-        return dict(self._info.attrs)
-
-    def __len__(self) -> int:
-        return self._info.rows
-
-    @property
-    def classes(self) -> list[str]:
-        return self._info.classes
-
-    @property
-    def feature_shape(self) -> tuple:
-        return tuple(self._info.feature_shape)
-
-    @property
-    def complete(self) -> bool:
-        return self._info.complete
-
-    @property
-    def backbone(self) -> str:
-        return self._info.attrs["backbone"]
-
-    @property
-    def fingerprint(self) -> str:
-        return self._info.attrs["fingerprint"]
-
-    @property
-    def data_root(self) -> Path:
-        return Path(self._info.attrs["data_root"])
-
-    @property
-    def provenance(self):
-        """Backbone, weights, preprocessing, classes and data folder (``pipeline.cache.provenance.Provenance``)."""
-        from .cache.provenance import Provenance
-
-        return Provenance.from_cache_attrs(self._info.attrs)
-
-    def summary(self) -> dict:
-        """Path, backbone, weights, rows, classes, feature shape, dtype, size, created, complete, fingerprint."""
-        return self._info.summary()
-
-    # datasets
-    def _h5(self):
-        from .cache.feature_cache import open_h5
-
-        if self._file is None or not self._file.id.valid:
-            self._file = open_h5(self.path, "r")
-        return self._file
-
-    def _read(self, name: str) -> np.ndarray:
-        """A small dataset, read with the file opened only for that (``features`` keeps it open)."""
-        from .cache.feature_cache import open_h5
-
-        with open_h5(self.path, "r") as f:
-            return f[name][: len(self)]
-
-    @property
-    def labels(self) -> np.ndarray:
-        return self._read("labels")
-
-    @property
-    def paths(self) -> list[str]:
-        return [p.decode() if isinstance(p, bytes) else p for p in self._read("paths")]
-
-    @property
-    def features(self):
-        """The ``features`` dataset (N, C, H, W), as h5py reads it: slices come from disk when indexed."""
-        return self._h5()["features"]
-
-    def read_features(self, rows: Optional[Sequence[int]] = None, dtype=np.float32) -> np.ndarray:
-        """Rows of features as one array (all rows when ``rows`` is None), read block by block, in the
-        order asked for."""
-        n = len(self)
-        idx = np.arange(n) if rows is None else np.asarray(rows, dtype=np.int64).ravel()
-        if idx.size and (idx.min() < -n or idx.max() >= n):
-            raise IndexError(f"row indices must be in [{-n}, {n}), the cache has {n} rows")
-        idx = np.where(idx < 0, idx + n, idx)
-        from .cache.feature_cache import FeatureCache
-
-        wanted, inverse = np.unique(idx, return_inverse=True)
-        out = np.empty((len(wanted), *self.feature_shape), dtype)
-        i = 0
-        with FeatureCache(self.path) as cache:  # the one block reader of a cache file
-            for rows, block, sel in cache.iter_blocks(wanted, 2048):
-                out[i:i + len(rows)] = block[sel]
-                i += len(rows)
-        return out[inverse]
-
-    @property
-    def skipped(self) -> list[tuple[str, str]]:
-        """(path, reason) of the files extraction could not decode."""
-        from .cache.feature_cache import read_skipped
-
-        return read_skipped(self.path)
-
-    def consolidate(self) -> dict:
-        """Turn a sharded cache (from a torchrun extraction) into one ordinary file, in place."""
-        from .cache.feature_cache import consolidate, read_info
-
-        self.close()
-        result = consolidate(self.path)
-        self._info = read_info(self.path)
-        return result
-
-    def close(self) -> None:
-        if self._file is not None and self._file.id.valid:
-            self._file.close()
-        self._file = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __fspath__(self) -> str:
-        return str(self.path)
-
-    def __repr__(self) -> str:
-        shape = "x".join(map(str, self.feature_shape)) or "-"
-        state = "" if self.complete else ", incomplete"
-        return (f"Cache('{self.path}': {len(self)} rows, classes {self.classes}, features {shape} "
-                f"{self._info.attrs['dtype']}, {self.backbone} {self._info.attrs['weights']}{state})")
-
-
 def extract_features(data: PathLike, n: int = ExtractConfig.n, *, verbose: Optional[bool] = False,
                      **options) -> Cache:
     """Run the frozen backbone over ``n`` images of the folder ``data`` (0 = all) into a feature cache.
@@ -350,17 +167,9 @@ def extract_features(data: PathLike, n: int = ExtractConfig.n, *, verbose: Optio
     cfg = _config(ExtractConfig, "extract_features", options, data=os.fspath(data))
     from .extraction.extract import extract
 
-    with _verbosity(verbose):
+    with verbosity(verbose):
         result = extract(cfg)
     return Cache(result["cache"], result=result)
-
-
-class Caches(list):
-    """The valid caches of a folder (Cache objects, newest first); ``unreadable``: [{path, why}] of the rest."""
-
-    def __init__(self, caches=(), unreadable=()):
-        super().__init__(caches)
-        self.unreadable = list(unreadable)
 
 
 def list_caches(cache_dir: PathLike = ExtractConfig.cache_dir) -> Caches:
@@ -372,210 +181,9 @@ def list_caches(cache_dir: PathLike = ExtractConfig.cache_dir) -> Caches:
 
 
 # -- models ------------------------------------------------------------------------------------
-ImageInput = Any  # a path (file or folder), a PIL image, or a list of them
-
-
-class _Classifier:
-    """What a fit-head head and a train/finetune model share: predicting images from a checkpoint."""
-
-    _kinds: tuple = ()
-
-    def __init__(self):
-        self._fitted: dict = {}
-        self._weights: Optional[str] = None
-        self._loaded = None  # (LoadedModel, Inference, (device, precision) asked) once predict ran
-
-    # -- learned state ---------------------------------------------------------------------------
-    def _checkpoint(self) -> Path:
-        if not self._fitted:
-            raise NotFittedError(f"this {type(self).__name__} is not fitted yet: call fit() or "
-                                 f"{type(self).__name__}.load(path) first")
-        if self._fitted["checkpoint_"] is None:
-            raise UsageError(f"this {type(self).__name__} was fitted on arrays of features, in memory: it has no "
-                             "checkpoint (fit it on a Cache to save it or run it on images)")
-        return self._fitted["checkpoint_"]
-
-    def _set_state(self, checkpoint: PathLike, ckpt: dict, result: Optional[dict] = None) -> None:
-        checkpoint = Path(checkpoint)
-        history = (result or {}).get("history")
-        if history is None:
-            saved = checkpoint.with_name("history.json")
-            if "history" in ckpt:
-                history = ckpt["history"]
-            elif saved.is_file() and (checkpoint.name in ("head.pt", "model.pt")):
-                import json
-
-                history = json.loads(saved.read_text())
-        metrics = dict(ckpt.get("metrics") or {})
-        if result:
-            metrics.update({k: result[k] for k in ("val_acc", "val_loss", "train_acc", "train_loss",
-                                                   "per_class_val_acc", "train_rows", "val_rows", "fit_seconds")
-                            if k in result})
-        sd = ckpt["state_dict"]
-        t, thr = (sd.get(k, sd.get(f"head.{k}")) for k in ("temperature", "unknown_threshold"))
-        self._fitted = {
-            "temperature_": 1.0 if t is None else float(t), "unknown_threshold_": None if thr is None else float(thr),
-            "checkpoint_": checkpoint, "kind_": ckpt["kind"], "classes_": list(ckpt["classes"]),
-            "backbone_": ckpt["backbone"], "weights_": ckpt["weights"], "feature_shape_": tuple(ckpt["in_shape"]),
-            "n_features_in_": int(np.prod(ckpt["in_shape"])), "history_": history, "metrics_": metrics,
-            "config_": dict(ckpt.get("config") or {}), "cache_": ckpt.get("cache"),
-            "run_dir_": (result or {}).get("run_dir"), "curves_": (result or {}).get("curves"),
-            "result_": dict(result or {}),
-        }
-        self._loaded = None
-
-    #: learned attributes (scikit-learn style: set by fit or load)
-    _LEARNED = ("temperature_", "unknown_threshold_",
-                "checkpoint_", "kind_", "classes_", "backbone_", "weights_", "feature_shape_", "n_features_in_",
-                "history_", "metrics_", "config_", "cache_", "run_dir_", "curves_", "result_")
-
-    def __getattr__(self, name: str):
-        if name.startswith("__") or name in ("_fitted", "_weights", "_loaded", "_params", "verbose"):
-            raise AttributeError(name)
-        if name in type(self)._LEARNED:
-            fitted = self.__dict__.get("_fitted") or {}
-            if name not in fitted:
-                raise NotFittedError(f"{type(self).__name__}.{name} is set by fit() or load(); this one is not "
-                                     "fitted yet")
-            return fitted[name]
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-
-    @classmethod
-    def _read(cls, path: PathLike) -> dict:
-        from .models.whole_models import read_checkpoint
-
-        ckpt = read_checkpoint(path)
-        if cls._kinds and ckpt["kind"] not in cls._kinds:
-            hint = "Model.load" if ckpt["kind"] != "fit-head" else "Head.load"
-            raise UsageError(f"{os.fspath(path)!r} is a {ckpt['kind']} checkpoint, not a {cls.__name__}'s; use {hint}")
-        return ckpt
-
-    # -- predicting ------------------------------------------------------------------------------
-    def _model(self, device: Optional[str], precision: str, maps: bool = False):
-        """The whole model (backbone + head) from the checkpoint, loaded once, on ``device`` (``maps``: with
-        each photo's heatmap in its output, ``whole_models.network``)."""
-        from .models.whole_models import load_model, network
-
-        asked = (device or getattr(self, "device", "auto") or "auto", precision, maps)
-        if self._loaded is None or self._loaded[2] != asked:
-            lm = load_model(self._checkpoint(), self._weights)
-            self._loaded = (lm, network(lm, *asked[:2], maps=maps), asked)
-        return self._loaded[0], self._loaded[1]
-
-    def _image_scores(self, X, batch_size: int, workers: Optional[int], device, precision):
-        """(log-probabilities, unknown scores or None) of images X."""
-        from .models.whole_models import split_extras
-
-        out = self._image_outputs(X, batch_size, workers, device, precision)
-        return split_extras(out, len(self.classes_))
-
-    def _image_outputs(self, X, batch_size: int, workers: Optional[int], device, precision,
-                       maps: bool = False) -> np.ndarray:
-        from PIL import Image
-
-        from .data.folders import to_rgb
-        from .models.predict import iter_log_proba, list_inputs
-
-        items = [X] if isinstance(X, (str, os.PathLike, Image.Image)) else list(X)
-        if not items:
-            raise UsageError("nothing to predict: X is empty")
-        lm, model = self._model(device, precision, maps)
-        files, images, order = [], [], []
-        for x in items:
-            if isinstance(x, Image.Image):
-                order.append(("image", len(images)))
-                images.append(x)
-            elif isinstance(x, (str, os.PathLike)):
-                found = list_inputs([os.fspath(x)])  # a folder: its images, sorted, recursively
-                order += [("file", len(files) + i) for i in range(len(found))]
-                files += found
-            else:
-                raise TypeError(f"cannot predict a {type(x).__name__}: pass image paths, folders or PIL images"
-                                + (" (an array of cached features only to a Head)" if isinstance(x, np.ndarray)
-                                   else ""))
-        out_files: list = []
-        if files:
-            workers = (0 if len(files) < 64 else -1) if workers is None else workers
-            bad = []
-            with _verbosity(self._verbose):
-                from .progress import progress
-
-                for item, logp in progress(iter_log_proba(model, lm.transform, files, batch_size, workers),
-                                           total=len(files), unit="img", desc="predict"):
-                    if logp is None:
-                        bad.append(f"{item.path} ({item.error})")
-                    out_files.append(logp)
-            if bad:
-                raise UsageError(f"{len(bad)} of {len(files)} images could not be read: {'; '.join(bad[:3])}"
-                                 f"{' ...' if len(bad) > 3 else ''}")
-        out_images = []
-        for i in range(0, len(images), batch_size):
-            out_images += list(model([lm.transform(to_rgb(im)) for im in images[i:i + batch_size]]))
-        return np.stack([out_files[j] if kind == "file" else out_images[j] for kind, j in order]).astype(np.float64)
-
-    def _scores(self, X, batch_size: int, workers: Optional[int], device, precision):
-        return self._image_scores(X, batch_size, workers, device, precision)
-
-    def explain(self, X: ImageInput, *, batch_size: int = 32, workers: Optional[int] = None,
-                device: Optional[str] = None, precision: str = "auto") -> np.ndarray:
-        """Heatmaps, (N, H, W) in [0, 1]: where in each photo its predicted class was decided (Grad-CAM on the
-        backbone's last H x W feature map, ``pipeline.heads.heatmaps``); 1 at the hottest place. A map covers
-        the photo as the backbone saw it (resized and centre-cropped). One forward pass per photo, the head's
-        own gradient at the map. ``X`` as ``predict_proba``'s."""
-        from .heads.heatmaps import normalised
-        from .models.whole_models import map_grid, split_maps
-
-        out = self._image_outputs(X, batch_size, workers, device, precision, maps=True)
-        return normalised(split_maps(out, map_grid(self._loaded[0]))[1])
-
-    def _log_proba(self, X, batch_size: int, workers: Optional[int], device, precision) -> np.ndarray:
-        return self._scores(X, batch_size, workers, device, precision)[0]
-
-    def unknown_score(self, X: ImageInput, *, batch_size: int = 32, workers: Optional[int] = None,
-                      device: Optional[str] = None, precision: str = "auto") -> np.ndarray:
-        """How unlike the training photos each input is, (N,): 1 - cosine similarity of its pooled features
-        to the k-th nearest training photo's; above ``unknown_threshold_`` it counts as unknown."""
-        ood = self._scores(X, batch_size, workers, device, precision)[1]
-        if ood is None:
-            self._no_unknown_score()
-        return np.asarray(ood, np.float64)
-
-    def _no_unknown_score(self):
-        raise UsageError(f"{self.checkpoint_ or 'this head'} has no unknown score (fitted before it existed, or "
-                         "with unknown_rows=0); fit it again")
-
-    def predict_proba(self, X: ImageInput, *, batch_size: int = 32, workers: Optional[int] = None,
-                      device: Optional[str] = None, precision: str = "auto") -> np.ndarray:
-        """Class probabilities, (N, len(classes_)), columns in ``classes_`` order.
-
-        ``X``: an image path, a folder (its images, sorted, recursively: the order ``predict_files``
-        lists), a PIL image, or a list of any of these. Images go through the backbone with the
-        checkpoint's own preprocessing; an unreadable file is a ValueError naming it.
-        """
-        return np.exp(self.predict_log_proba(X, batch_size=batch_size, workers=workers, device=device,
-                                             precision=precision))
-
-    def predict_log_proba(self, X: ImageInput, *, batch_size: int = 32, workers: Optional[int] = None,
-                          device: Optional[str] = None, precision: str = "auto") -> np.ndarray:
-        """Log-probabilities, as ``predict_proba``: the model's output, normalised again in float64 (in
-        bf16 it sums to 1 only within 1e-3), so each row's probabilities sum to 1."""
-        logp = self._log_proba(X, batch_size, workers, device, precision)
-        top = logp.max(1, keepdims=True)
-        return logp - (top + np.log(np.exp(logp - top).sum(1, keepdims=True)))
-
-    def predict(self, X: ImageInput, unknown: bool = False, **options) -> np.ndarray:
-        """The most probable class name of each image of ``X`` (options and inputs: see ``predict_proba``);
-        with ``unknown=True``, 'unknown' for the inputs that look like none of the classes (see
-        ``unknown_score``)."""
-        if not unknown:
-            return np.asarray(self.classes_)[self.predict_log_proba(X, **options).argmax(1)]
-        logp, ood = self._scores(X, options.get("batch_size", 32), options.get("workers"), options.get("device"),
-                                 options.get("precision", "auto"))
-        if ood is None:
-            self._no_unknown_score()
-        labels = np.asarray(self.classes_, dtype=object)[np.asarray(logp).argmax(1)]
-        labels[np.asarray(ood, np.float64) > self.unknown_threshold_] = "unknown"
-        return labels
+class _Classifier(ImageClassifier):
+    """What a fit-head head and a train/finetune model share (``models.estimators.ImageClassifier``), and
+    scoring a folder as ``evaluate_model(data=...)`` does."""
 
     def _score_folder(self, data: PathLike, device, precision, batch_size: int, workers: int) -> float:
         from .reports.evaluate import predict_folder
@@ -583,48 +191,12 @@ class _Classifier:
         lm, model = self._model(device, precision)
         cfg = EvaluateConfig(model=str(self._checkpoint()), data=os.fspath(data), batch_size=batch_size,
                              workers=workers)
-        with _verbosity(self._verbose):
+        with verbosity(self._verbose):
             pred = predict_folder(os.fspath(data), lm.classes, lm.transform, model, cfg)
         return float((pred.logp.argmax(1) == pred.labels).mean())
 
-    def score(self, X, y=None, *, device: Optional[str] = None, precision: str = "auto", batch_size: int = 32,
-              workers: int = -1) -> float:
-        """Accuracy: on an image folder ``X`` (every image, labels from its class folders, as
-        ``evaluate_model(data=...)``), or of ``predict(X)`` against labels ``y`` (class names or indices)."""
-        if y is not None:
-            pred = self.predict(X, device=device, precision=precision, batch_size=batch_size)
-            y = np.asarray(y)
-            if y.dtype.kind in "iu":
-                y = np.asarray(self.classes_, dtype=object)[y]
-            return float((pred == y.astype(object)).mean())
-        if isinstance(X, (str, os.PathLike)) and Path(os.fspath(X)).is_dir():
-            return self._score_folder(X, device, precision, batch_size, workers)
-        raise UsageError("score(X) takes an image folder (class sub-folders), or images X with their labels y")
 
-    # -- files -----------------------------------------------------------------------------------
-    def save(self, path: PathLike) -> Path:
-        """Copy the checkpoint (the same safe dict the CLI writes: ``torch.load(weights_only=True)``
-        reads it) to ``path``; returns the path. ``load`` reads it back."""
-        import shutil
-
-        from .files import atomic_write, check_output
-        from .models.whole_models import checkpoint_reads
-
-        src, dst = self._checkpoint(), Path(os.fspath(path))
-        if dst.is_file() and os.path.samefile(src, dst):
-            return dst
-        files, folders = checkpoint_reads({"config": self.config_, "cache": self.cache_}, src, self._weights)
-        check_output(dst, files, folders, what="save's path")
-        return atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
-
-    def plot_curves(self, title: str = ""):
-        """Accuracy and loss per epoch, train vs validation (a matplotlib Figure)."""
-        if not self.history_:
-            raise UsageError(f"no training history is known for {self.checkpoint_} (history.json is not beside it)")
-        return plot_curves(self.history_, title=title)
-
-
-class Head(ClassifierMixin, BaseEstimator, _Classifier):
+class Head(ClassifierMixin, BaseEstimator, FeatureHead, _Classifier):
     """A Linear + LogSoftmax classifier on cached features (fit-head), a scikit-learn estimator.
 
     ``Head(**params)``: params are fit-head's options (FitHeadConfig: head='auto', features='avg',
@@ -652,6 +224,18 @@ class Head(ClassifierMixin, BaseEstimator, _Classifier):
 
     _kinds = ("fit-head",)
     _EXCLUDE = ("cache",)  # given to fit, not the constructor
+
+    class _Parameters:
+        """``Head``'s signature, read from fit-head's options whenever asked (``inspect.signature(Head)``,
+        ``help(Head)``, scikit-learn's checks): the constructor takes ``**params`` so that a misspelt one is a
+        ValueError naming the allowed ones, and a new field of FitHeadConfig is a parameter at once."""
+
+        def __get__(self, obj, cls) -> inspect.Signature:
+            params = {**_defaults(FitHeadConfig, cls._EXCLUDE), "verbose": False}
+            return inspect.Signature([inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
+                                      for name, default in params.items()])
+
+    __signature__ = _Parameters()
 
     def __init__(self, **params):
         super().__init__()
@@ -683,66 +267,20 @@ class Head(ClassifierMixin, BaseEstimator, _Classifier):
         view l2-normalised, side by side; predicting runs every backbone), or on arrays of cached features
         ``X`` with labels ``y``; returns self, fitted. ``verbose`` (default: the head's own) shows the
         progress bars and a line per epoch for this fit only."""
-        from .models.whole_models import read_checkpoint
-
         several = isinstance(X, (list, tuple)) and bool(X) and all(isinstance(x, (Cache, str, os.PathLike)) for x in X)
         if X is not None and not several and not isinstance(X, (Cache, str, os.PathLike)):  # arrays of features
-            with _verbosity(self.verbose if verbose is None else verbose):
-                return self._fit_arrays(X, y)
+            with verbosity(self.verbose if verbose is None else verbose):
+                return self._fit_arrays(self._config(), X, y)
         if y is not None:
             raise UsageError("fit(cache) takes its labels from the cache; pass y only with arrays of features X")
         from .heads.fit_head import fit_head
 
         # several caches of the same photos: one head on their fused features (heads/fused_views.py)
         cfg = self._config(cache=None if X is None else [_path(x) for x in X] if several else _path(X))
-        with _verbosity(self.verbose if verbose is None else verbose):
+        with verbosity(self.verbose if verbose is None else verbose):
             result = fit_head(cfg)
-        self._set_state(result["checkpoint"], read_checkpoint(result["checkpoint"]), result)
+        self._set_state(result["checkpoint"], result=result)
         return self
-
-    def _fit_arrays(self, X, y) -> "Head":
-        from sklearn.utils.multiclass import check_classification_targets
-        from sklearn.utils.validation import check_array, column_or_1d
-
-        from .devices import resolve_device
-        from .heads.cache_views import FeatureArray
-        from .heads.epoch_loop import split_indices
-        from .heads.fit_head import fit_on_rows, validate, with_recipe
-
-        if y is None:
-            raise ValueError("Head requires y to be passed, but the target y is None (or pass a Cache as X)")
-        X = check_array(X, allow_nd=True, dtype=(np.float64, np.float32), ensure_min_samples=2)
-        y = column_or_1d(y, warn=True)
-        check_classification_targets(y)
-        if len(X) != len(y):
-            raise ValueError(f"X has {len(X)} rows but y has {len(y)} labels")
-        labels, y_idx = np.unique(y, return_inverse=True)
-        if len(labels) < 2:
-            raise ValueError(f"a classifier needs at least 2 classes; y has 1 class ({labels[0]!r})")
-        rows = FeatureArray(X, y_idx, [str(c) for c in labels])
-        cfg = with_recipe(self._config())
-        validate(cfg)
-        device = resolve_device(cfg.device)
-        train_idx, val_idx = split_indices(y_idx, cfg.val_fraction, cfg.seed)
-        fit = fit_on_rows(cfg, rows, train_idx, val_idx, device)
-        h = fit.head
-        self._fitted = {
-            "temperature_": h.temperature_used,
-            "unknown_threshold_": h.threshold_used,
-            "checkpoint_": None, "kind_": "fit-head", "classes_": labels, "backbone_": None, "weights_": None,
-            "feature_shape_": rows.feature_shape, "n_features_in_": int(np.prod(X.shape[1:])),
-            "history_": fit.history, "metrics_": {"val_acc": fit.val["acc"], "val_loss": fit.val["loss"],
-                                                  "per_class_val_acc": fit.val["per_class"],
-                                                  "train_rows": len(train_idx), "val_rows": len(val_idx),
-                                                  "fit_seconds": fit.fit_seconds},
-            "config_": asdict(cfg), "cache_": None, "run_dir_": None, "curves_": None, "result_": {},
-            "head_": fit.head.cpu().eval(),
-        }
-        self._loaded = None
-        return self
-
-    def __sklearn_is_fitted__(self) -> bool:
-        return bool(self._fitted)
 
     @classmethod
     def load(cls, path: PathLike, *, weights: Optional[str] = None, verbose: bool = False) -> "Head":
@@ -757,92 +295,20 @@ class Head(ClassifierMixin, BaseEstimator, _Classifier):
 
     # features through the head alone
     def _cache_predictions(self, cache: Union[Cache, PathLike], split: str, device: Optional[str]):
-        from .models.whole_models import read_checkpoint
         from .reports.evaluate import PREDICTORS
 
         ckpt_path = str(self._checkpoint())
         cfg = EvaluateConfig(model=ckpt_path, cache=_path(cache), split=split, device=device or self.device)
-        with _verbosity(self.verbose):
-            return PREDICTORS[("fit-head", "cache")](ckpt_path, read_checkpoint(ckpt_path), cfg)
-
-    def _feature_head(self, dev):
-        from .models.whole_models import head_from_checkpoint, read_checkpoint
-
-        if self._fitted.get("head_") is not None:
-            return self._fitted["head_"].to(dev).eval()
-        ckpt = read_checkpoint(self._checkpoint())
-        return head_from_checkpoint(ckpt, ckpt["state_dict"], self._checkpoint()).to(dev).eval()
-
-    def _feature_scores(self, X: np.ndarray, batch_size: int, device: Optional[str]):
-        import torch
-        from sklearn.utils.validation import check_array
-
-        from .devices import resolve_device
-
-        if not self._fitted:
-            self._checkpoint()  # raises NotFittedError
-        shape = self.feature_shape_
-        X = check_array(X, allow_nd=True, dtype=(np.float64, np.float32))
-        if int(np.prod(X.shape[1:])) != self.n_features_in_:
-            raise ValueError(f"X has {int(np.prod(X.shape[1:]))} features, but Head is expecting "
-                             f"{self.n_features_in_} features as input (cached maps of shape {shape})")
-        dev = resolve_device(device or self.device)
-        head = self._feature_head(dev)
-        out, oods, step = [], [], max(batch_size, 256)
-        with torch.inference_mode():
-            for i in range(0, len(X), step):
-                x = torch.from_numpy(np.ascontiguousarray(X[i:i + step], np.float32))
-                logp, ood = head.scores(x.reshape(len(x), *shape).to(dev))
-                out.append(logp.double().cpu().numpy())
-                oods.append(None if ood is None else ood.double().cpu().numpy())
-        return np.concatenate(out), None if oods[0] is None else np.concatenate(oods)
-
-    def explain(self, X, *, batch_size: int = 32, workers: Optional[int] = None, device: Optional[str] = None,
-                precision: str = "auto") -> np.ndarray:
-        """Heatmaps, (N, H, W) in [0, 1], of each photo's predicted class (see ``_Classifier.explain``); from
-        a Cache (or cache file: every row, in its order) or an array of cached maps, the head alone runs (no
-        backbone, no second pass over the photos). A cache made with ``--pool avg`` has no map to explain."""
-        from .heads.heatmaps import normalised
-
-        if _is_cache(X):
-            return normalised(self._cache_maps(X if isinstance(X, Cache) else Cache(X), batch_size, device))
-        if _is_features(X):
-            return normalised(self._feature_maps(X, batch_size, device))
-        return _Classifier.explain(self, X, batch_size=batch_size, workers=workers, device=device,
-                                   precision=precision)
-
-    def _feature_maps(self, X, batch_size: int, device: Optional[str]) -> np.ndarray:
-        from .devices import resolve_device
-        from .heads.heatmaps import check_spatial, head_maps
-
-        if not self._fitted:
-            self._checkpoint()  # raises NotFittedError
-        X = np.asarray(X)
-        if int(np.prod(X.shape[1:])) != self.n_features_in_:
-            raise ValueError(f"X has {int(np.prod(X.shape[1:]))} features, but Head is expecting "
-                             f"{self.n_features_in_} features as input (cached maps of shape {self.feature_shape_})")
-        check_spatial(self.feature_shape_, "this head's cache")
-        head = self._feature_head(resolve_device(device or self.device))
-        return head_maps(head, X.reshape(len(X), *self.feature_shape_), batch_size=batch_size)[1]
-
-    def _cache_maps(self, cache: Cache, batch_size: int, device: Optional[str]) -> np.ndarray:
-        from .heads.heatmaps import check_spatial
-        from .models.whole_models import read_checkpoint
-        from .reports.evaluate import check_cache_fits
-
-        check_spatial(cache.feature_shape, f"cache {cache.path}")
-        check_cache_fits(read_checkpoint(self._checkpoint()), cache)
-        step = max(batch_size, 256)
-        return np.concatenate([self._feature_maps(cache.read_features(range(i, min(i + step, len(cache)))),
-                                                  batch_size, device) for i in range(0, len(cache), step)])
+        with verbosity(self.verbose):
+            return PREDICTORS[("fit-head", "cache")](ckpt_path, self._read(ckpt_path), cfg)
 
     def _scores(self, X, batch_size, workers, device, precision):
-        if isinstance(X, Cache) or (isinstance(X, (str, os.PathLike)) and str(os.fspath(X)).endswith(".h5")):
+        if is_cache(X):
             pred = self._cache_predictions(X, "all", device)
             return pred.logp.astype(np.float64), pred.ood
-        if _is_features(X):
+        if is_features(X):
             return self._feature_scores(X, batch_size, device)
-        if self._fitted and self._fitted.get("head_") is not None:
+        if self.__sklearn_is_fitted__() and self._head is not None:
             raise UsageError("this Head was fitted on arrays of features: it has no backbone to run images "
                              "through; predict arrays of features, or fit it on a Cache")
         return self._image_scores(X, batch_size, workers, device, precision)
@@ -852,13 +318,10 @@ class Head(ClassifierMixin, BaseEstimator, _Classifier):
         """Accuracy on a Cache (or cache file): ``split='val'`` its validation split, 'all' every row,
         'auto' (default) the validation split of the cache the head was fitted on and every row of any
         other; on an image folder: every image through the backbone; ``score(X, y)``: against labels."""
-        if y is None and (isinstance(X, Cache) or (isinstance(X, (str, os.PathLike))
-                                                   and str(os.fspath(X)).endswith(".h5"))):
-            from .models.whole_models import read_checkpoint
-
+        if y is None and is_cache(X):
             if split == "auto":
                 c = X if isinstance(X, Cache) else Cache(X)
-                trained_on = read_checkpoint(self._checkpoint()).get("cache_fingerprint")
+                trained_on = self._read(self._checkpoint()).get("cache_fingerprint")
                 split = "val" if c.fingerprint == trained_on else "all"
             pred = self._cache_predictions(X, split, device)
             return float((pred.logp.argmax(1) == pred.labels).mean())
@@ -869,32 +332,12 @@ class Head(ClassifierMixin, BaseEstimator, _Classifier):
         defaults = _defaults(FitHeadConfig, self._EXCLUDE)
         params = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items()
                            if k != "verbose" and (k not in defaults or defaults[k] != v))
-        fitted = self.__dict__.get("_fitted")
-        if not fitted:
+        if not self.__sklearn_is_fitted__():
             return f"Head({params})"
-        acc = fitted["metrics_"].get("val_acc")
-        where = fitted["checkpoint_"] or "in memory"
-        return (f"Head({params})  # fitted: classes {list(fitted['classes_'])}"
+        acc = self.metrics_.get("val_acc")
+        where = self.checkpoint_ or "in memory"
+        return (f"Head({params})  # fitted: classes {list(self.classes_)}"
                 f"{f', val acc {acc:.3f}' if acc is not None else ''}, {where}")
-
-
-def _is_cache(X) -> bool:
-    """A Cache, or the path of a cache file."""
-    return isinstance(X, Cache) or (isinstance(X, (str, os.PathLike)) and str(os.fspath(X)).endswith(".h5"))
-
-
-def _is_features(X) -> bool:
-    """An array (or nested lists) of cached features, rather than image paths, folders or PIL images."""
-    if hasattr(X, "__array__"):
-        return not isinstance(X, (str, os.PathLike))
-    return isinstance(X, (list, tuple)) and bool(X) and isinstance(X[0], (list, tuple, np.ndarray))
-
-
-# the parameters scikit-learn reads from the constructor's signature: fit-head's options and verbose
-Head.__init__.__signature__ = inspect.Signature(
-    [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-    + [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
-       for name, default in {**_defaults(FitHeadConfig, Head._EXCLUDE), "verbose": False}.items()])
 
 
 class Model(_Classifier):
@@ -923,12 +366,11 @@ class Model(_Classifier):
         return model
 
     def __repr__(self) -> str:
-        fitted = self.__dict__.get("_fitted")
-        if not fitted:
+        if not self.__sklearn_is_fitted__():
             return "Model()"
-        acc = fitted["metrics_"].get("val_acc")
-        return (f"Model({fitted['kind_']}, {fitted['backbone_']}, classes {fitted['classes_']}"
-                f"{f', val acc {acc:.3f}' if acc is not None else ''}: {fitted['checkpoint_']})")
+        acc = self.metrics_.get("val_acc")
+        return (f"Model({self.kind_}, {self.backbone_}, classes {self.classes_}"
+                f"{f', val acc {acc:.3f}' if acc is not None else ''}: {self.checkpoint_})")
 
 
 # -- stages that return rows or reports --------------------------------------------------------
@@ -946,7 +388,7 @@ def choose_backbone(data: PathLike, backbones: Sequence[str], *, verbose: Option
     if isinstance(backbones, str):
         backbones = [backbones]
     cfg = _config(ChooseBackboneConfig, "choose_backbone", options, data=_path(data), backbones=tuple(backbones))
-    with _verbosity(verbose):
+    with verbosity(verbose):
         return run(cfg)
 
 
@@ -976,7 +418,7 @@ def compare_sklearn(cache: Union[Cache, PathLike, None] = None, *, head: Union[H
                         head=FitHeadConfig(**{k: v for k, v in head_params.items() if k != "cache"}))
     from .heads.compare import compare_sklearn as run
 
-    with _verbosity(verbose):
+    with verbosity(verbose):
         result = run(cfg)
     return Rows(result["models"], result)
 
@@ -988,13 +430,11 @@ def train_model(data: PathLike, *, verbose: Optional[bool] = False, **options) -
     val_fraction, seed, device, precision, workers, print_every, runs_dir). Returns the fitted Model.
     """
     from .models.train import train
-    from .models.whole_models import read_checkpoint
-
     cfg = _config(TrainConfig, "train_model", options, data=os.fspath(data))
-    with _verbosity(verbose):
+    with verbosity(verbose):
         result = train(cfg)
     model = Model(verbose=bool(verbose))
-    model._set_state(result["checkpoint"], read_checkpoint(result["checkpoint"]), result)
+    model._set_state(result["checkpoint"], result=result)
     return model
 
 
@@ -1006,16 +446,14 @@ def finetune_model(data: PathLike, init: Union[Head, Model, PathLike, None] = No
     ``options``: FinetuneConfig's (unfreeze='all' or K, epochs, head_epochs, lr, backbone_lr, and train's).
     """
     from .models.train import finetune
-    from .models.whole_models import read_checkpoint
-
     fixed = {"data": os.fspath(data)}
     if init is not None:
         fixed["init_head"] = _path(init)
     cfg = _config(FinetuneConfig, "finetune_model", options, **fixed)
-    with _verbosity(verbose):
+    with verbosity(verbose):
         result = finetune(cfg)
     model = Model(verbose=bool(verbose))
-    model._set_state(result["checkpoint"], read_checkpoint(result["checkpoint"]), result)
+    model._set_state(result["checkpoint"], result=result)
     return model
 
 
@@ -1038,7 +476,7 @@ def evaluate_model(model: Union[Head, Model, PathLike], cache: Union[Cache, Path
 
     cfg = _config(EvaluateConfig, "evaluate_model", options, model=_path(model),
                   cache=None if cache is None else _path(cache), data=None if data is None else os.fspath(data))
-    with _verbosity(verbose):
+    with verbosity(verbose):
         result = evaluate(cfg)
     if figures:
         result["figures"] = draw(result)
@@ -1058,7 +496,7 @@ def predict_files(model: Union[Head, Model, PathLike], paths: Union[PathLike, Se
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     cfg = _config(PredictConfig, "predict_files", options, model=_path(model),
                   paths=[os.fspath(p) for p in paths])
-    with _verbosity(verbose):
+    with verbosity(verbose):
         result = predict(cfg)
     return Rows(result["rows"], result)
 
@@ -1121,7 +559,7 @@ def check_image_folder(root: PathLike, *, verbose: Optional[bool] = False, **opt
     from .data.check_images import check_images
 
     cfg = _config(CheckImagesConfig, "check_image_folder", options, root=os.fspath(root))
-    with _verbosity(verbose):
+    with verbosity(verbose):
         return check_images(cfg)
 
 
@@ -1131,7 +569,7 @@ def fetch_data(*, verbose: Optional[bool] = False, **options) -> dict:
     from .data.fetch import fetch_data as run
 
     cfg = _config(FetchConfig, "fetch_data", options)
-    with _verbosity(verbose):
+    with verbosity(verbose):
         return run(cfg)
 
 
@@ -1142,7 +580,7 @@ def run_demo(*, verbose: Optional[bool] = False, **options) -> dict:
 
     options.setdefault("command", _call_text("run_demo", **options))
     cfg = _config(DemoConfig, "run_demo", options)
-    with _verbosity(verbose):
+    with verbosity(verbose):
         return demo(cfg)
 
 
@@ -1195,7 +633,21 @@ def audit_folder(data: Optional[PathLike] = None, *, verbose: Optional[bool] = F
 
     fixed = {"data": os.fspath(data)} if data is not None else {}
     cfg = _config(AuditConfig, "audit_folder", _plain(options), **fixed)
-    with _verbosity(verbose):
+    with verbosity(verbose):
+        return run(cfg)
+
+
+def suggest(data: PathLike, pool: PathLike, *, verbose: Optional[bool] = False, **options):
+    """Which photos of ``pool`` (a folder of unlabelled photos) to label next for the labelled folder ``data``
+    (``python cli.py suggest``): both extracted (cached; rows found by content, so a suggested photo moved
+    into its class folder costs no second forward pass), the default head fitted on ``data``'s rows, the pool
+    ranked by its uncertainty and by distance to what is labelled. Returns a ``SuggestResult`` (``rows``: rank,
+    path, predicted class, probability, uncertainty, distance; ``csv``, ``html``: the list and its page).
+    ``options``: SuggestConfig's (k=50, rule, head, cache_dir, backbone, weights, output, ...)."""
+    from .reports.suggest import suggest as run
+
+    cfg = _config(SuggestConfig, "suggest", options, data=os.fspath(data), pool=os.fspath(pool))
+    with verbosity(verbose):
         return run(cfg)
 
 
@@ -1211,7 +663,7 @@ def export_model(model: Union[Head, Model, PathLike], output: PathLike, *, verbo
     from .serving.export import export
 
     cfg = _config(ExportConfig, "export_model", options, model=_path(model), output=os.fspath(output))
-    with _verbosity(verbose):
+    with verbosity(verbose):
         return export(cfg)
 
 
@@ -1231,5 +683,5 @@ def serve_model(model: Union[Head, Model, PathLike], *, verbose: Optional[bool] 
     from .serving.service import serve
 
     cfg = _config(ServeConfig, "serve_model", options, model=_path(model))
-    with _verbosity(verbose):
+    with verbosity(verbose):
         return serve(cfg)

@@ -9,7 +9,6 @@ the top) and the ``transfer-pipeline`` console script both run ``main``.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import os
@@ -38,6 +37,7 @@ from .config import (
     PredictConfig,
     PreviewConfig,
     ServeConfig,
+    SuggestConfig,
     SummaryConfig,
     TrainConfig,
     check_value,
@@ -48,6 +48,7 @@ from .config import (
     spec_of,
 )
 from .errors import PipelineError, UsageError
+from .files import json_text
 
 
 class FiniteFloat(click.ParamType):
@@ -210,18 +211,7 @@ def plural(k: int, word: str) -> str:
 
 
 def emit(result, as_json: bool, text: str) -> None:
-    click.echo(json.dumps(_finite(result), indent=2, default=str, allow_nan=False) if as_json else text)
-
-
-def _finite(value):
-    """``value`` with NaN and infinities as null: JSON has no such numbers, and a bare NaN breaks every parser."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
+    click.echo(json_text(result, indent=2, default=str) if as_json else text)
 
 
 def _setup_logging(verbose: int, quiet: bool = False) -> None:
@@ -536,6 +526,21 @@ def audit(as_json, **options):
 
     result = api.audit_folder(options.pop("data"), verbose=None, command=current_command(), **options)
     emit(result, as_json, format_report(result, options.get("top") or AuditConfig.top))
+
+
+@cli.command()
+@options_from(SuggestConfig)
+@json_option
+@library_errors
+def suggest(as_json, **options):
+    """Which photos of an unlabelled pool to label next: a ranked CSV and an HTML page with thumbnails."""
+    from dataclasses import asdict
+
+    from .reports.suggest import format_result
+    from .runs.ledger import current_command
+
+    result = api.suggest(options.pop("data"), options.pop("pool"), verbose=None, command=current_command(), **options)
+    emit(asdict(result), as_json, format_result(result))
 
 
 @cli.command()

@@ -372,8 +372,9 @@ class ExtractConfig(RunnerOptions):
         "cache].", metavar="DIR", doc_default="(beside the cache)"))
     command: str = field(default="", metadata=internal("the command line, so an incomplete cache can say how to "
                                                        "finish it"))
-    purpose: str = field(default="", metadata=internal("'test' for a cache fit-head --test-data made: never picked "
-                                                       "as the default training cache"))
+    purpose: str = field(default="", metadata=internal(
+        "'test' for a cache fit-head --test-data made, 'pool' for suggest's unlabelled photos (listed without "
+        "classes): never picked as the default training cache"))
 
 
 @dataclass
@@ -701,9 +702,9 @@ class AuditConfig(DeviceOptions):
     seed: int = field(default=0, metadata=option(
         "Seeds the folds, the head's landmarks and its choice of C and gamma.", range=SEEDS))
     threshold: float = field(default=NEAR_DUPLICATE, metadata=option(
-        "Cosine similarity from which two photos are near copies.", range="(0, 1]", doc=(
-            "cosine similarity (max-pooled, l2-normalised rows) from which two photos are near copies (measured: "
-            "docs/audit.md)")))
+        "Max-view cosine similarity from which two photos are near copies (then a layout check).", range="(0, 1]",
+        doc=("cosine similarity (max-pooled, l2-normalised rows) from which two photos are near copies, each then "
+             "confirmed by the layout of their cached maps (measured: docs/audit.md)")))
     top: int = field(default=40, metadata=option("Issues shown in the table, the HTML report and the gallery.",
                                                  range=POSITIVE))
     output: Optional[str] = field(default=None, metadata=option(
@@ -726,6 +727,43 @@ class AuditConfig(DeviceOptions):
     refresh: bool = field(default=True, metadata=option(
         "--apply/--undo: do not extract the folder again afterwards.", doc_default="(refresh)",
         doc="`--apply`/`--undo`: do not extract the folder again afterwards (rows are reused by content either way)"))
+    command: str = field(default="", metadata=internal("the command line, recorded in caches it makes"))
+
+
+#: How suggest ranks a pool (bench/suggest_curve.py measured them against random picks, docs/suggest.md):
+#: 'diverse-uncertain' the 2k least certain photos, then one at a time the one farthest from every photo labelled
+#: or picked (k-center); 'margin' the least certain; 'diverse' the k-center over the whole pool; 'random'.
+SUGGEST_RULES = ("diverse-uncertain", "margin", "diverse", "random")
+SUGGEST_HEADS = ("auto", "logreg")  # fit-head's default head (by CV), or logistic regression with its defaults
+
+
+@dataclass
+class SuggestConfig(DeviceOptions):
+    """Which labelled folder, which pool of unlabelled photos, and how the pool is ranked for labelling."""
+
+    data: Optional[str] = field(default=None, metadata=option(
+        "The labelled folder (one sub-folder per class), extracted as extract does.", metavar="DIR", required=True))
+    pool: Optional[str] = field(default=None, metadata=option(
+        "A folder of unlabelled photos (loose or in sub-folders), extracted once as one unlabelled class (never the "
+        "default training cache).", metavar="DIR", required=True))
+    k: int = field(default=50, metadata=option("Photos to suggest.", range=POSITIVE))
+    rule: str = field(default="diverse-uncertain", metadata=option(
+        "How the pool is ranked: diverse-uncertain = k-center among the 2k least certain (measured in "
+        "docs/suggest.md).", choices=SUGGEST_RULES))
+    head: str = field(default="auto", metadata=option(
+        "The head whose uncertainty counts: auto (fit-head's default, by CV) or logreg (faster).",
+        choices=SUGGEST_HEADS))
+    cache_dir: str = field(default="features", metadata=option("Where caches are looked for and made."))
+    backbone: str = field(default="vgg16", metadata=option(BACKBONE_HELP))
+    weights: str = field(default="DEFAULT", metadata=option(WEIGHTS_HELP))
+    batch_size: int = field(default=32, metadata=option("Images per forward pass.", range=POSITIVE))
+    workers: int = field(default=-1, metadata=option("Decoding, as extract's --workers.", range=WORKER_COUNTS))
+    seed: int = field(default=0, metadata=option("Seeds the head's CV folds and the random rule.", range=SEEDS))
+    output: Optional[str] = field(default=None, metadata=option(
+        "Folder for suggestions.csv and suggestions.html [default: a run folder].", path="dir", metavar="DIR",
+        doc_default="a run folder `runs/<stamp>-suggest/`",
+        doc="where suggestions.csv and suggestions.html go (never inside either photo folder)"))
+    runs_dir: str = field(default="runs", metadata=option("Where the run folder goes."))
     command: str = field(default="", metadata=internal("the command line, recorded in caches it makes"))
 
 

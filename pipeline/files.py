@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
+import math
+import numbers
 import os
 from pathlib import Path
 
@@ -247,6 +250,29 @@ def atomic_write(path, write) -> Path:
 
 #: First characters that make a spreadsheet read a cell as a formula (OWASP, "CSV injection").
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def finite(value):
+    """``value`` with NaN and infinities as None, in dicts, lists and tuples too."""
+    if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
+def json_text(value, **options) -> str:
+    """The one way JSON is written (result files, the ledger, journals, ``--json``): NaN and infinities as
+    null, since JSON has no such numbers and a bare NaN (what Python's json writes) breaks every other
+    parser. ``options``: json.dumps's (indent, default, ensure_ascii)."""
+    return json.dumps(finite(value), allow_nan=False, **options)
+
+
+def write_json(path, value, indent: int = 2) -> Path:
+    """``value`` as a JSON file (``json_text``), written safely (``atomic_write``)."""
+    return atomic_write(path, lambda tmp: tmp.write_text(json_text(value, indent=indent) + "\n"))
 
 
 def csv_cell(value):

@@ -11,6 +11,7 @@ otherwise (tqdm.auto falls back by itself; its warning about the missing widget 
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 import time
 import warnings
@@ -42,6 +43,29 @@ def quiet(silent: bool = True) -> Iterator[None]:
         yield
     finally:
         set_quiet(before)
+
+@contextlib.contextmanager
+def verbosity(verbose: Optional[bool]) -> Iterator[None]:
+    """Progress bars, epoch lines and info logs on (True) or off (False) inside the block; None: as they are
+    (the Python API's ``verbose=``: in plain Python or Jupyter, True also shows the info logs on stderr)."""
+    if verbose is None:
+        yield
+        return
+    logger = logging.getLogger("pipeline")
+    handler = None
+    if verbose and not logging.getLogger().handlers and not logger.handlers:  # plain Python or Jupyter
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        level = logger.level
+        logger.setLevel(logging.INFO)  # setLevel, not .level =: it clears the loggers' isEnabledFor cache
+    try:
+        with quiet(not verbose):
+            yield
+    finally:
+        if handler is not None:
+            logger.removeHandler(handler)
+            logger.setLevel(level)
 
 
 def in_notebook() -> bool:

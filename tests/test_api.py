@@ -323,6 +323,25 @@ def test_head_fits_arrays_of_features_as_it_fits_a_cache(cache):
         from_arrays.predict(np.zeros((2, 3)))
     with pytest.raises(ValueError, match="fitted on arrays of features"):
         from_arrays.save("h.pt")
+    # learned state is plain attributes, set in one go by fit or load, the same names either way
+    learned = {k for k in vars(from_cache) if k.endswith("_") and not k.startswith("_")}
+    assert learned == {k for k in vars(from_arrays) if k.endswith("_") and not k.startswith("_")}
+    assert {"classes_", "history_", "metrics_", "checkpoint_", "temperature_"} <= learned
+    assert not hasattr(pipeline.Head, "__getattr__")
+
+
+def test_a_cache_reads_its_rows_through_the_one_reader(cache):
+    """Cache.labels/paths/read_features come from FeatureCache (read_rows: any order, negative rows)."""
+    from pipeline.cache.feature_cache import FeatureCache
+
+    with FeatureCache(cache.path) as fc:
+        everything = fc.read_rows()
+        assert (cache.labels == fc.labels).all() and cache.paths == fc.paths
+    np.testing.assert_array_equal(cache.read_features([2, 0, -1]), everything[[2, 0, len(cache) - 1]])
+    np.testing.assert_array_equal(cache.features[:2], everything[:2])
+    with pytest.raises(IndexError, match="row indices must be in"):
+        cache.read_features([len(cache)])
+    cache.close()
 
 
 # scikit-learn's own estimator checks, on a fast head (logistic regression on standardised rows: the

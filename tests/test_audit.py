@@ -127,3 +127,25 @@ def test_a_refused_list_leaves_no_empty_run_folder(tmp_path):
     run = CliRunner().invoke(cli, ["audit", "--apply", str(fixes), "--data", str(data), "--runs-dir", str(runs)])
     assert run.exit_code == 2 and "nothing was moved" in run.output, run.output
     assert not runs.exists() or list(runs.iterdir()) == []
+
+
+def square(path, y, x, background=255):
+    """A black 16-pixel square at (y, x) on a plain 72 x 72 background: its max-pooled features are the same
+    wherever the square is (the conv sees the same edges), its layout is not."""
+    arr = np.full((72, 72, 3), background, np.uint8)
+    arr[y:y + 16, x:x + 16] = 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+
+
+def test_a_leak_needs_the_same_layout_not_only_the_same_things(tmp_path):
+    data, test = photos(tmp_path / "data", per_class=4), photos(tmp_path / "test", per_class=2, seed=1)
+    square(data / "blue" / "square.png", 12, 12)
+    square(test / "blue" / "square_lower.png", 44, 12)  # another photo of the same thing, elsewhere in the frame
+    square(test / "blue" / "square_again.png", 12, 12, background=250)  # the same photo, its background retouched
+    r = pipeline.audit_folder(data, test_data=str(test), folds=2, threshold=0.99, cache_dir=str(tmp_path / "features"),
+                              runs_dir=str(tmp_path / "runs"), **TINY)
+    leaks = {(lk["test"], lk["train"]) for lk in r["leaks"]}
+    assert ("blue/square_again.png", "blue/square.png") in leaks
+    assert ("blue/square_lower.png", "blue/square.png") not in leaks
+    assert r["unconfirmed"]["leaks"] >= 1

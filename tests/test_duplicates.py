@@ -48,3 +48,16 @@ def test_an_isolated_row_is_an_outlier():
     scores = dup.outlier_scores(dup.similar_pairs(x, threshold=2.0, k=10)["knn_sim"])
     flagged = np.flatnonzero(scores > dup.outlier_threshold(scores))
     assert 50 in flagged and scores.argmax() == 50 and len(flagged) < 10
+
+
+def test_layout_similarity_sees_where_things_are_and_takes_mirror_images_as_copies():
+    rng = np.random.default_rng(0)
+    a = np.zeros((3, 8, 5, 5))
+    a[:, :, :2, :3] = np.abs(rng.normal(size=(3, 8, 2, 3)))  # something in the upper left of each photo
+    moved = np.roll(a, 3, axis=2)  # the same thing lower down: the max view cannot tell
+    np.testing.assert_allclose(moved.max((2, 3)), a.max((2, 3)))
+    mirrored = a[..., ::-1]
+    sims = dup.layout_similarity(np.concatenate([a, a, a]), np.concatenate([a, mirrored, moved]))
+    np.testing.assert_allclose(sims[:6], 1.0, rtol=1e-5)
+    assert (sims[6:] < dup.SAME_LAYOUT).all()
+    assert dup.has_layout((512, 7, 7)) and not dup.has_layout((512, 1, 1))

@@ -207,3 +207,32 @@ def test_csv_cells_are_safe_for_spreadsheets_and_read_back_exactly(cell):
     assert written[:1] not in ("=", "+", "-", "@", "\t", "\r")  # a spreadsheet never sees a formula
     assert csv_cell_read(written) == cell
     assert csv_cell(0.5) == 0.5 and csv_cell(-1.5) == -1.5  # numbers stay numbers
+
+
+def test_the_one_json_writer_writes_nan_and_infinities_as_null(tmp_path):
+    import json
+    import math
+
+    import numpy as np
+
+    from pipeline.files import json_text, write_json
+
+    value = {"a": math.nan, "b": [1.5, -math.inf, {"c": np.float32("nan")}], "d": (2, True), "e": np.float64(0.5)}
+    assert json.loads(json_text(value)) == {"a": None, "b": [1.5, None, {"c": None}], "d": [2, True], "e": 0.5}
+    path = write_json(tmp_path / "r.json", value, indent=1)
+    assert "NaN" not in path.read_text() and json.loads(path.read_text())["a"] is None
+
+
+def test_the_ledger_and_history_files_hold_no_bare_nan(tmp_path):
+    import json
+    import math
+
+    from pipeline.runs.run_folders import finish_run
+
+    out = tmp_path / "runs" / "x"
+    out.mkdir(parents=True)
+    history = [{"epoch": 1, "train_loss": math.nan, "val_loss": 0.5, "train_acc": 0.5, "val_acc": 0.5}]
+    finish_run(out, str(tmp_path / "runs"), "fit-head", history, [], params={}, metrics={"val_loss": math.inf})
+    for f in (out / "history.json", tmp_path / "runs" / "ledger.jsonl"):
+        assert "NaN" not in f.read_text() and "Infinity" not in f.read_text()
+    assert json.loads((out / "history.json").read_text())[0]["train_loss"] is None

@@ -5,6 +5,7 @@ import csv
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -284,3 +285,27 @@ def test_sigterm_while_writing_keeps_the_rows_too(tmp_path, image_folder, model_
     r = CliRunner().invoke(cli.cli, ["predict", str(image_folder), "--model", str(model_pt), "--format", "csv",
                                      "--output", str(out), "--workers", "0"])
     assert r.exit_code == 143 and [row["path"] for row in csv.DictReader(out.open())] == ["p0.jpg", "p1.jpg"]
+
+
+def test_the_one_loop_gives_every_item_in_order_and_reports_a_bad_file_once(image_folder, model_pt, caplog):
+    """predict, evaluate --data, train's validation and the API all read images through iter_log_proba."""
+    from PIL import Image
+
+    from pipeline.models.predict import ImageOutputs, iter_log_proba, outputs_of_inputs, read_images
+    from pipeline.models.whole_models import load_model, network
+
+    data = _folder_with_bad_files(image_folder)
+    lm = load_model(model_pt)
+    model = network(lm, "cpu", "fp32")
+    pairs = [(str(p), 0) for p in sorted(data.rglob("*.*g"))]
+    got = ImageOutputs()
+    for _ in range(2):  # two passes (train's epochs): each bad file is logged once
+        got.clear()
+        got.collect(iter_log_proba(model, read_images(pairs, lm.transform, model, 5, 0), 5))
+    assert sorted(got.bad) == sorted(str(p) for p in (data / "red" / "empty.jpg", data / "blue" / "text.png"))
+    assert sum("skipping" in r.message for r in caplog.records) == 2
+    assert got.paths == [p for p, _ in pairs if p not in got.bad] and len(got.rows) == 24
+    # the API's inputs: files, a folder and PIL images, through the same loop, in the order given
+    good = got.paths[:2]
+    mixed = outputs_of_inputs(lm, model, [good[0], Image.open(good[1]), good[1]], batch_size=2)
+    assert np.allclose(mixed, np.stack([got.rows[0], got.rows[1], got.rows[1]]), atol=1e-6)

@@ -4,5 +4,6 @@ What other stages use:
     feature_cache.FeatureCache, read_info, open_h5, newest_cache, list_caches   reading caches
     feature_cache.read_int8_observers   the int8 network's calibration, for rebuilding it
     feature_cache.CacheWriter, cache_file_name, fingerprint                      writing them
+    handle.Cache            the Python API's handle on one cache file (pipeline.Cache)
     provenance.Provenance   backbone, weights, preprocessing, classes: where rows come from, and what fits together
 """

@@ -440,9 +440,10 @@ def _check_values(path: Path, attrs: dict, classes) -> None:
         raise CacheError(f"{path}: attribute {name!r} is {attrs.get(name)!r:.80}, not {want}; it is damaged or "
                          "was edited by hand")
 
-    if not (isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) and c for c in classes)
+    fewest = 1 if attrs.get("purpose") == "pool" else 2  # a pool of unlabelled photos (suggest): one class
+    if not (isinstance(classes, list) and len(classes) >= fewest and all(isinstance(c, str) and c for c in classes)
             and len(set(classes)) == len(classes)):
-        bad("classes", "a list of at least 2 distinct class names")
+        bad("classes", f"a list of at least {fewest} distinct class names")
     for name in ("rows", "next_candidate", "n_requested", "seed"):
         if attrs[name] < 0:
             bad(name, "0 or more")
@@ -605,7 +606,8 @@ def read_info(path: str | os.PathLike, wait_s: float = 20.0) -> CacheInfo:
 
 
 class FeatureCache:
-    """Read access to a complete, validated cache: labels in memory, features streamed in blocks."""
+    """Read access to a complete, validated cache: labels in memory, features streamed in blocks (the one
+    reader of a cache file: the stages' and the API's ``Cache``'s)."""
 
     def __init__(self, path: str | os.PathLike, allow_incomplete: bool = False):
         self.info = read_info(path)
@@ -615,7 +617,7 @@ class FeatureCache:
                 f"cache {self.info.path} is incomplete ({self.info.rows} of {self.info.attrs['n_requested'] or 'all'} "
                 f"rows); finish it by running `{cmd}` again"
             )
-        if self.info.rows == 0:
+        if self.info.rows == 0 and not allow_incomplete:  # the API's handle reads an empty one as empty
             raise CacheError(f"cache {self.info.path} holds no rows")
         self.path = self.info.path
         self.f = open_h5(self.path, "r")  # blocks are read whole: a bigger chunk cache only adds copies
@@ -672,6 +674,21 @@ class FeatureCache:
             self.features.read_direct(block, np.s_[s:stop])
             yield indices[lo:hi], block, indices[lo:hi] - s
 
+    def read_rows(self, rows: Optional[Sequence[int]] = None, dtype=np.float32, block_rows: int = 2048) -> np.ndarray:
+        """Rows of features as one array (all rows when ``rows`` is None; negative ones count from the end), in
+        the order asked for, read block by block."""
+        n = self.n
+        idx = np.arange(n) if rows is None else np.asarray(rows, dtype=np.int64).ravel()
+        if idx.size and (idx.min() < -n or idx.max() >= n):
+            raise IndexError(f"row indices must be in [{-n}, {n}), the cache has {n} rows")
+        wanted, inverse = np.unique(np.where(idx < 0, idx + n, idx), return_inverse=True)
+        out = np.empty((len(wanted), *self.feature_shape), dtype)
+        i = 0
+        for got, block, sel in self.iter_blocks(wanted, block_rows):
+            out[i:i + len(got)] = block[sel]
+            i += len(got)
+        return out[inverse]
+
     def iter_batches(self, indices: np.ndarray, batch_size: int, block_rows: int,
                      rng: Optional[np.random.Generator] = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield (rows, features) minibatches over ``indices``: in row order, or with ``rng`` shuffled.
@@ -718,10 +735,10 @@ def read_skipped(path: str | os.PathLike) -> list[tuple[str, str]]:
 
 def source_changes(info: CacheInfo) -> Optional[str]:
     """Describe how the data folder changed since the cache was made, or None if it did not."""
-    from ..data.folders import list_image_folder
+    from ..data.folders import list_folder
 
     try:
-        now = list_image_folder(info.attrs["data_root"])
+        now = list_folder(info.attrs["data_root"], str(info.attrs.get("purpose", "")))
     except ValueError as e:
         return f"the data folder cannot be listed now ({e})"
     if now.fingerprint() == info.attrs["data_fingerprint"]:
@@ -793,9 +810,10 @@ def default_time(info: CacheInfo) -> float:
 def newest_cache(cache_dir: str | os.PathLike) -> "CacheInfo":
     """The default cache of commands run without --cache: the newest complete cache in ``cache_dir``,
     never one made for testing (fit-head --test-data's, purpose 'test', until a user's extract hits
-    it: claim_for_training). Newest by when it was made, or claimed; busy and unreadable files skipped."""
+    it: claim_for_training) nor a pool of unlabelled photos (suggest's, purpose 'pool'). Newest by when it
+    was made, or claimed; busy and unreadable files skipped."""
     good, _ = list_caches(cache_dir)
-    good = [i for i in good if i.attrs.get("purpose") != "test"]  # a test set is never trained on by default
+    good = [i for i in good if not i.attrs.get("purpose")]  # a test set or a pool to label: never trained on by default
     good.sort(key=default_time, reverse=True)
     complete = [i for i in good if i.complete]
     if not complete:

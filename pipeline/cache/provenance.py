@@ -14,6 +14,8 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from importlib import metadata
 
+from ..errors import UsageError
+
 
 @dataclass(frozen=True)
 class Preprocessing:
@@ -69,6 +71,8 @@ CALIBRATION_KEYS = ("version", "method", "calib_batch", "calib_n", "calib_seed",
 #: What must agree for rows from two sources to mean the same thing (a head on a cache, a test cache).
 SAME_FEATURES = ("backbone", "weights", "preprocessing", "pool", "classes", "precision", "dtype", "decode_version",
                  "calibration", "flip")
+#: What a row's numbers depend on (rows reused by content: row_donors): the same but the classes (labels only).
+ROW_FEATURES = tuple(f for f in SAME_FEATURES if f != "classes")
 #: The fields a checkpoint may leave unrecorded ('' on either side is not a difference).
 _OPTIONAL = ("precision", "dtype", "decode_version", "calibration")
 
@@ -191,3 +195,13 @@ class Provenance:
                 out.append(f"{name}: {show(mine)} vs {show(theirs)}")
         return out
 
+
+def check_cache_fits(ckpt: dict, cache) -> None:
+    """A one-line UsageError when ``cache`` holds other features than the head ``ckpt`` was fitted on."""
+
+    differ = Provenance.from_checkpoint(ckpt).differences(Provenance.from_cache_attrs(cache.attrs))
+    if differ:
+        raise UsageError(f"cache {cache.path} does not fit the model (model vs cache): {'; '.join(differ)}")
+    if tuple(cache.feature_shape) != tuple(ckpt["in_shape"]):
+        raise UsageError(f"cache {cache.path} has features {cache.feature_shape}, the model expects "
+                         f"{tuple(ckpt['in_shape'])}")

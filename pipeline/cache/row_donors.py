@@ -3,8 +3,10 @@
 A relabelled photo (moved to another class folder), a renamed one, or the untouched photos of a folder
 that gained a few new ones have the same bytes as before, so the same features. Every complete cache
 in the cache folder that records its rows' sha256 and whose ``Provenance`` agrees on every
-``SAME_FEATURES`` field (backbone, weights, preprocessing, pool, classes, precision, dtype, decoding,
-int8 calibration, flip) can give its rows, looked up by the sha256 of a file's bytes. The new cache's
+``ROW_FEATURES`` field (backbone, weights, preprocessing, pool, precision, dtype, decoding, int8
+calibration, flip: ``SAME_FEATURES`` but the classes, which label rows without changing them) can give
+its rows, looked up by the sha256 of a file's bytes. A folder that gained a class, or a pool of
+unlabelled photos (suggest's) whose photos are then labelled, gives its rows too. The new cache's
 own provenance (its data folder and fingerprint) is the new folder's, as for a cache computed from
 scratch; it only records how many rows were copied, and from which caches.
 """
@@ -20,16 +22,17 @@ import h5py
 import numpy as np
 
 from .feature_cache import CacheBusy, CacheError, list_caches, open_h5, read_digests, read_info
-from .provenance import Provenance
+from .provenance import ROW_FEATURES, Provenance
 
 log = logging.getLogger(__name__)
 
 
 def same_features(a: dict, b: dict) -> bool:
-    """Whether two caches' attributes say their rows mean the same thing (the one rule,
-    ``Provenance.differences``), and their photos were decoded the same way (PIL or on a device)."""
+    """Whether two caches' attributes say their rows were computed the same way (the one rule,
+    ``Provenance.differences``, on ``ROW_FEATURES``), and their photos were decoded the same way (PIL or on a
+    device). Their classes may differ: a row is a photo's features, whatever class folder it is in."""
     try:
-        differ = Provenance.from_cache_attrs(a).differences(Provenance.from_cache_attrs(b))
+        differ = Provenance.from_cache_attrs(a).differences(Provenance.from_cache_attrs(b), ROW_FEATURES)
     except (KeyError, TypeError, ValueError):
         return False
     return not differ and _decode_mode(a) == _decode_mode(b)

@@ -24,7 +24,7 @@ from typing import Optional
 
 from ..config import AUDIT_ACTIONS
 from ..errors import PipelineError, UsageError
-from ..files import check_output, csv_cell_read
+from ..files import check_output, csv_cell_read, json_text
 from .check_images import default_quarantine_dir
 from .folders import is_image_name, is_skipped_folder, list_image_folder
 from .image_reader import file_digest
@@ -138,7 +138,7 @@ def plan_moves(rows: list[dict], root: Path, qdir: Path) -> list[dict]:
 
 
 def _append(journal, record: dict, sync: bool = True) -> None:
-    journal.write(json.dumps(record) + "\n")
+    journal.write(json_text(record) + "\n")
     journal.flush()
     if sync:
         os.fsync(journal.fileno())

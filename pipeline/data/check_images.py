@@ -6,7 +6,6 @@ file extract cannot use, and a *note* a file extract uses after converting it or
 """
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 from ..config import CheckImagesConfig, check_config
 from ..devices import resolve_workers
 from ..errors import PipelineError, UsageError
-from ..files import SafeCsvWriter, atomic_write, check_output, is_utf8, shown
+from ..files import SafeCsvWriter, atomic_write, check_output, is_utf8, json_text, shown
 from .folders import NOT_UTF8, ImageLoadError, decode_image, is_image_name, walk
 from .moves import changing_folder, move_no_replace
 
@@ -168,7 +167,7 @@ def write_report(path: Path, result: dict) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     def write(tmp: Path) -> None:
         if path.suffix.lower() == ".json":
-            tmp.write_text(json.dumps({**result, "report": str(path)}, indent=2))
+            tmp.write_text(json_text({**result, "report": str(path)}, indent=2))
             return
         with tmp.open("w", newline="") as f:
             w = SafeCsvWriter(f, fieldnames=["path", "kind", "severity", "detail"])

@@ -20,7 +20,7 @@ from pathlib import Path, PurePosixPath
 
 from ..config import FetchConfig
 from ..errors import PipelineError, UsageError
-from ..files import check_output, plain_name, same_file
+from ..files import check_output, json_text, plain_name, same_file
 from .folders import is_skipped_folder
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ def fetch_data(cfg: FetchConfig) -> dict:
     downloaded = not archive.is_file()
     if downloaded:
         download(cfg, archive)
-        _source_record(archive).write_text(json.dumps({"url": cfg.url, "bytes": archive.stat().st_size}))
+        _source_record(archive).write_text(json_text({"url": cfg.url, "bytes": archive.stat().st_size}))
     else:
         log.info("archive already complete: %s", archive)
     unpacked, fresh = unpack(archive, dest, overwrite=cfg.overwrite, keep=source)
@@ -305,7 +305,7 @@ def unpack(archive: Path, dest: Path, overwrite: bool = False, keep: Path | None
             started = dest / f".{archive.name}.unpacking"
             # a run cut off mid-unpack left its own files: those it may replace
             check_conflicts(kind, members, dest, overwrite or _marker_bytes(started) == size, keep=(archive, keep))
-            started.write_text(json.dumps({"archive": archive.name, "bytes": size}))
+            started.write_text(json_text({"archive": archive.name, "bytes": size}))
             for m in progress(members, desc=f"unpack {archive.name}", unit="file"):
                 if kind == "tar" and hasattr(tarfile, "data_filter"):
                     arc.extract(m, dest, filter="data")  # the standard library's own safety net, too
@@ -316,7 +316,7 @@ def unpack(archive: Path, dest: Path, overwrite: bool = False, keep: Path | None
     except OSError as e:  # a full disk, no permission
         raise PipelineError(f"cannot unpack {archive} into {dest}: {e}") from None
     root = unpacked_root(dest, names)
-    marker.write_text(json.dumps({"archive": archive.name, "bytes": size,
+    marker.write_text(json_text({"archive": archive.name, "bytes": size,
                                   "root": root.relative_to(dest).as_posix()}))
     started.unlink(missing_ok=True)
     log.info("unpacked %d entries of %s to %s", len(names), archive.name, root)

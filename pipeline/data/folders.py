@@ -161,21 +161,7 @@ def list_image_folder(root: str | os.PathLike, min_classes: int = 2) -> ImageFol
     seen = {os.path.realpath(p) for p in (root, *(root / c for c in classes))}
     for label, cls in enumerate(classes):
         before = len(files)
-        for dirpath, filenames in walk(root / cls, bad, seen):
-            for name in filenames:
-                if not is_image_name(name):
-                    continue
-                full = Path(dirpath) / name
-                rel = full.relative_to(root).as_posix()
-                if not is_utf8(rel):  # caches, reports and tables store names as UTF-8 text
-                    bad.append((shown(rel), NOT_UTF8))
-                    continue
-                try:
-                    st = regular_file_stat(full)
-                except ImageLoadError as e:
-                    bad.append((rel, e.reason))
-                    continue
-                files.append(SourceFile(rel, label, st.st_size, st.st_mtime_ns))
+        _list_files(root, root / cls, label, files, bad, seen)
         if len(files) == before:
             raise UsageError(f"class folder {str(root / cls)!r} holds no images; remove it or add images")
     if not files:
@@ -189,6 +175,54 @@ def list_image_folder(root: str | os.PathLike, min_classes: int = 2) -> ImageFol
         log.warning("%d entries of %s are left out (not regular files, or folders reached twice through "
                     "links; first: %s: %s)", len(bad), root, *bad[0])
     return ImageFolderListing(root, tuple(classes), tuple(files), tuple(bad))
+
+
+def _list_files(root: Path, top: Path, label: int, files: list, bad: list, seen: set) -> None:
+    """Append every image file below ``top`` to ``files`` with ``label`` (paths relative to ``root``); image
+    names that cannot be used go to ``bad`` with the reason."""
+    for dirpath, filenames in walk(top, bad, seen):
+        for name in filenames:
+            if not is_image_name(name):
+                continue
+            full = Path(dirpath) / name
+            rel = full.relative_to(root).as_posix()
+            if not is_utf8(rel):  # caches, reports and tables store names as UTF-8 text
+                bad.append((shown(rel), NOT_UTF8))
+                continue
+            try:
+                st = regular_file_stat(full)
+            except ImageLoadError as e:
+                bad.append((rel, e.reason))
+                continue
+            files.append(SourceFile(rel, label, st.st_size, st.st_mtime_ns))
+
+
+#: The one class of a pool of photos nobody has labelled yet (``list_unlabelled``; suggest's pool cache).
+UNLABELLED = "(unlabelled)"
+#: An extraction's ``purpose`` for such a pool: listed by ``list_unlabelled``, never a default training cache.
+POOL = "pool"
+
+
+def list_unlabelled(root: str | os.PathLike) -> ImageFolderListing:
+    """Every image below ``root`` (in it or in any folder below it, as ``walk`` finds them), as one class
+    ``UNLABELLED``: a pool of photos to label, extracted like any folder (its rows found by content once a
+    photo is moved into a class folder)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UsageError(f"folder {str(root)!r} does not exist or is not a folder")
+    files: list[SourceFile] = []
+    bad: list[tuple[str, str]] = []
+    _list_files(root, root, 0, files, bad, set())
+    if not files:
+        raise UsageError(f"folder {str(root)!r} holds no images")
+    if bad:
+        log.warning("%d entries of %s are left out (first: %s: %s)", len(bad), root, *bad[0])
+    return ImageFolderListing(root, (UNLABELLED,), tuple(files), tuple(bad))
+
+
+def list_folder(root: str | os.PathLike, purpose: str = "") -> ImageFolderListing:
+    """The listing an extraction of ``purpose`` reads: a pool's (``POOL``) photos unlabelled, else the ImageFolder."""
+    return list_unlabelled(root) if purpose == POOL else list_image_folder(root)
 
 
 def stratified_order(labels: np.ndarray, seed: int) -> np.ndarray:

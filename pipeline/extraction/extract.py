@@ -16,7 +16,7 @@ from ..cache.feature_cache import cache_file_name, claim_for_training, fingerpri
 from ..cache.freshness import set_aside, stale_reason
 from ..cache.provenance import package_version
 from ..config import ExtractConfig, check_config
-from ..data.folders import ImageFolderListing, list_image_folder
+from ..data.folders import POOL, ImageFolderListing, list_folder
 from ..data.image_reader import DECODE_VERSION
 from ..data.moves import reading_folder
 from ..devices import cpu_flags
@@ -122,6 +122,7 @@ def cache_key(cfg: ExtractConfig, listing: ImageFolderListing) -> str:
         # how files become pixels (PIL's reduced decoding of large JPEGs; another decoder): other pixels
         "decode_version": DECODE_VERSION, **({"decode": cfg.decode} if cfg.decode != "pil" else {}),
         **({"flip": "mirror-mean"} if cfg.flip else {}),
+        **({"purpose": POOL} if cfg.purpose == POOL else {}),  # the same folder listed without its classes
         **({"int8": calibration_identity(calibration_listing(cfg.calib_data, listing), cfg.seed, cfg.calib_n)}
            if int8 else {}),
     })
@@ -139,7 +140,7 @@ def extract_held(cfg: ExtractConfig) -> dict:
     started = time.time()
     validate(cfg)
     cfg = replace(cfg, backbone=bb.canonical_name(cfg.backbone))  # timm:X and X name one cache
-    listing = list_image_folder(cfg.data)
+    listing = list_folder(cfg.data, cfg.purpose)  # a pool to label (suggest): its photos, unlabelled
     total = len(listing.files)
     if cfg.n > total:
         raise UsageError(f"--n {cfg.n} is more than the {total} images in {cfg.data}")

@@ -7,5 +7,7 @@ What other stages use:
     fused_views.FusedRows           several caches of the same photos as one cache of fused rows
     probe_heads.ProbeHead           one torch module for every head kind (view -> norm -> [RBF] -> Linear -> LogSoftmax)
     feature_views                   the views (flat, avg, max, avgmax) and normalisations
+    checkpoints.write_checkpoint, read_checkpoint   the one writer and reader of every checkpoint kind
+    trust.fit_trust                 the temperature and the unknown score, fitted once for every kind of model
     epoch_loop                      the split, the epoch loop and option checks that train/finetune share
 """

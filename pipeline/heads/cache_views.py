@@ -169,6 +169,14 @@ def head_scores(head, cache: FeatureCache, indices: np.ndarray, device, block_ro
     return out, ood
 
 
+def array_scores(head, X: np.ndarray, feature_shape, device, batch_size: int = 256
+                 ) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """``head_scores`` of rows of cached features held in memory ((N, ...) with C*H*W values a row, as the
+    API's arrays of features come), ``batch_size`` rows at a time."""
+    rows = FeatureArray(np.asarray(X).reshape(len(X), *feature_shape), np.zeros(len(X), np.int64), ())
+    return head_scores(head, rows, np.arange(len(X)), device, batch_size, batch_size)
+
+
 def evaluate_head(head, cache: FeatureCache, indices: np.ndarray, device, block_rows: int,
                   batch_size: int = 256) -> tuple[float, float, np.ndarray]:
     """Accuracy, mean NLL and log-probabilities (rows in sorted ``indices`` order) over some cache rows."""

@@ -32,11 +32,12 @@ from ..cache.provenance import Provenance
 from ..config import RECIPES, FitHeadConfig
 from ..devices import resolve_device
 from ..errors import UsageError
-from ..files import atomic_write, check_output
+from ..files import check_output
 from ..progress import is_quiet
 from ..runs.run_folders import finish_run, new_run_dir
 from .cache_views import CacheRows, CacheViews, evaluate_head
-from .calibration import before_after, calibration_metrics, fit_temperature, with_temperature
+from .calibration import before_after
+from .checkpoints import HEAD_KIND, write_checkpoint
 from .epoch_loop import per_class_accuracy, split_indices, validate_training
 from .feature_views import check_view
 from .fused_views import FusedRows, fused_paths, single_cache
@@ -54,7 +55,7 @@ from .model_selection import (
     tune,
 )
 from .probe_heads import ProbeHead
-from .unknown_score import fit_unknown, kept_indices, unknown_summary
+from .trust import fit_trust
 
 log = logging.getLogger(__name__)
 
@@ -261,6 +262,24 @@ def _tune(cfg: FitHeadConfig, cache, train_idx):
     return head, info, tuning, (result["oof"][best["key"]], rows.labels)
 
 
+def default_head_on_rows(rows, labels: np.ndarray, n_classes: int, in_shape, cfg: FitHeadConfig) -> tuple:
+    """(fit-head's default head, its setting's name) on rows in memory (``rows``: {view: (N, d) rows}): --head
+    auto's search by CV on every row, then the choice fitted on all of them, for stages that fit a head
+    without a run of its own (suggest). With fewer than 2 rows of some class no CV can choose: the
+    logistic regression's defaults."""
+    labels = np.asarray(labels, np.int64)
+    folds = min(cfg.folds, int(np.bincount(labels, minlength=n_classes).min()))
+    setting, temperature = {"head": "logreg", "view": cfg.features, "normalize": cfg.normalize}, 1.0
+    if folds >= 2:
+        result = tune(rows, labels, _auto_grid(cfg), folds=folds, seed=cfg.seed, in_shape=in_shape, threads=1,
+                      score="accuracy")
+        row = _default_row(cfg, in_shape, result)
+        setting, temperature = row["setting"], row["temperature"]
+    head, info = fit_setting(rows, labels, setting, in_shape=in_shape, n_classes=n_classes, seed=cfg.seed)
+    head.set_temperature(temperature)
+    return head.eval(), info["key"]
+
+
 # -- testing on photos the head never saw -----------------------------------------------------------
 def test_cache_for(cfg: FitHeadConfig, cache: FeatureCache) -> Path:
     """The cache of ``--test-data`` (extracted like ``cache``, reused next time) or ``--test-cache``, checked."""
@@ -330,17 +349,16 @@ def fit_on_rows(cfg: FitHeadConfig, rows, train_idx: np.ndarray, val_idx: np.nda
     best_epoch = min(history, key=lambda h: h["val_loss"])["epoch"] if history and cfg.patience else (
         history[-1]["epoch"] if history else None)
     val = scores(head, rows, val_idx, device, cfg.block_rows)  # before calibration: what the fit itself gives
-    calibration = calibrate(cfg, rows, head, val, train_idx, tuning, oof)
+    calibration = calibration_rows(cfg, rows, val, train_idx, tuning, oof)
     known_idx, held_out = train_idx, val_idx
     if tuning and cfg.refit:  # validated: now the same setting on every row, the validation rows included
         known_idx, held_out = np.union1d(train_idx, val_idx), val_idx[:0]
         head, info = _fit_sklearn(cfg, rows, known_idx, tuning["setting"])
         head = head.to(device).eval()
-        if calibration["calibration_rows"]:
-            head.set_temperature(calibration["temperature"])
         info["refit_rows"] = int(len(known_idx))
     fit_seconds = time.time() - t0
-    trust = {**calibration, **add_unknown(cfg, rows, head, known_idx, held_out)}
+    trust = fit_trust(cfg, head, calibration, known_idx, lambda idx: CacheViews(rows, idx, cfg.block_rows)["avg"],
+                      lambda: CacheViews(rows, held_out, cfg.block_rows)["avg"])
     return FittedHead(head, history, info, tuning, val, best_epoch, fit_seconds, trust)
 
 
@@ -350,11 +368,12 @@ def _oof_setting(cfg: FitHeadConfig, tuning: Optional[dict]) -> Optional[dict]:
     return setting if setting and setting["head"] in ("logreg", "kernel", "svm") else None
 
 
-def calibrate(cfg: FitHeadConfig, rows, head: ProbeHead, val: dict, train_idx, tuning, oof=None) -> dict:
-    """Fit the head's temperature (``--calibrate``) and set it; {temperature, calibration_rows, ...}.
-    ``oof``: the chosen setting's out-of-fold (log-probabilities, labels) from its cross-validation, if made."""
+def calibration_rows(cfg: FitHeadConfig, rows, val: dict, train_idx, tuning, oof=None) -> Optional[tuple]:
+    """What ``--calibrate`` fits the temperature on: (log-probabilities, labels, 'val' or 'cv+val'), None for
+    'none'. ``oof``: the chosen setting's out-of-fold (log-probabilities, labels) from its cross-validation,
+    if made; 'cv' makes them for a scikit-learn head that was not cross-validated."""
     if cfg.calibrate == "none":
-        return {"temperature": 1.0, "calibration_rows": 0, "calibrated_on": "none"}
+        return None
     logp, y = val["logp"], val["labels"]
     setting, source = _oof_setting(cfg, tuning), "val"
     if cfg.calibrate == "cv" and oof is not None and len(oof[1]):
@@ -366,30 +385,7 @@ def calibrate(cfg: FitHeadConfig, rows, head: ProbeHead, val: dict, train_idx, t
                                     cfg.folds, cfg.seed)
         if len(oof):
             logp, y, source = np.concatenate([oof, logp]), np.concatenate([views.labels, y]), "cv+val"
-    t = fit_temperature(logp, y)
-    head.set_temperature(t)
-    after = calibration_metrics(with_temperature(logp, t), y)
-    log.info("calibration: T = %.3f from %d rows (%s): ECE %.4f -> %.4f", t, len(y), source,
-             calibration_metrics(logp, y)["ece"], after["ece"])
-    return {"temperature": t, "calibration_rows": int(len(y)), "calibrated_on": source}
-
-
-def add_unknown(cfg: FitHeadConfig, rows, head: ProbeHead, train_idx, val_idx) -> dict:
-    """Keep a sample of the training rows' pooled features in the head, and the threshold that keeps
-    ``known_share`` of held-out rows known; {unknown_threshold, known_rows, ...}."""
-    if not cfg.unknown_rows:
-        return {}
-    train_idx = kept_indices(train_idx, cfg.unknown_rows, cfg.seed)  # read only the rows kept
-    fit = fit_unknown(CacheViews(rows, train_idx, cfg.block_rows)["avg"],
-                      CacheViews(rows, val_idx, cfg.block_rows)["avg"], cfg.unknown_k, cfg.known_share)
-    head.set_unknown(torch.from_numpy(fit.known), cfg.unknown_k, fit.threshold)
-    head.to(head.linear.weight.device)
-    val_kept = float((fit.val_scores <= fit.threshold).mean()) if len(fit.val_scores) else None
-    log.info("unknown score: %d training rows kept (%.1f MB), k = %d, threshold %.4f (%s)", len(fit.known),
-             fit.known.nbytes / 1e6, cfg.unknown_k, fit.threshold,
-             f"keeps {100 * val_kept:.1f}% of {len(fit.val_scores)} val rows" if len(fit.val_scores) else
-             "from each kept row against the others")
-    return {**unknown_summary(fit, cfg.unknown_k, cfg.known_share), "val_known_kept": val_kept}
+    return logp, y, source
 
 
 def fit_head(cfg: FitHeadConfig) -> dict:
@@ -432,14 +428,14 @@ def fit_head(cfg: FitHeadConfig) -> dict:
                        "test_ece_uncalibrated": test["calibration"]["before"]["ece"]} if test else {}),
                    **{k: fit.trust[k] for k in ("temperature", "unknown_threshold") if k in fit.trust}}
         ckpt = {
-            "kind": "fit-head", **Provenance.from_cache_attrs(cache.attrs).checkpoint_fields(),
+            **Provenance.from_cache_attrs(cache.attrs).checkpoint_fields(),
             "state_dict": head.checkpoint()["state_dict"], "head": head.config,
             "in_shape": list(cache.feature_shape), "dropout": cfg.dropout, "config": asdict(cfg),
             "cache": str(path), "cache_fingerprint": cache.attrs["fingerprint"], "metrics": metrics,
             "best_epoch": best_epoch, "tuning": tuning, "trust": fit.trust,
             **(cache.checkpoint_fields() if fused else _int8_network(path)),
         }
-        atomic_write(out_dir / "head.pt", lambda tmp: torch.save(ckpt, tmp))
+        write_checkpoint(out_dir / "head.pt", HEAD_KIND, ckpt)
     fused_fields = {"backbone": ckpt["backbone"], "cache_fingerprint": ckpt["cache_fingerprint"]} if fused else {}
     curves = finish_run(out_dir, cfg.runs_dir, "fit-head", history, [out_dir / "head.pt"], cache=str(path),
                         **fused_fields,

@@ -117,6 +117,15 @@ def head_maps(head, fmaps, target=None, batch_size: int = 64) -> tuple[np.ndarra
     return np.concatenate(out_logp), np.concatenate(out_maps)
 
 
+def cache_head_maps(head, cache, indices, batch_size: int = 64, block_rows: int = 2048) -> np.ndarray:
+    """Signed maps (N, H, W) of some rows of a ``FeatureCache``, in sorted ``indices`` order, read block by
+    block as ``cache_views.head_scores`` reads them: the head alone, never the backbone."""
+    check_spatial(cache.feature_shape, f"cache {cache.path}")
+    maps = [head_maps(head, feats, batch_size=batch_size)[1]
+            for _, feats in cache.iter_batches(np.asarray(indices, np.int64), batch_size, block_rows)]
+    return np.concatenate(maps) if maps else np.zeros((0, *cache.feature_shape[1:]), np.float32)
+
+
 def normalised(maps: np.ndarray) -> np.ndarray:
     """Maps for showing: negative parts (evidence against the class) cut to 0, each map scaled to a peak of 1
     (a map with no positive evidence stays 0)."""

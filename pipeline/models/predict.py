@@ -9,18 +9,18 @@ computed so far: the output file is completed with them (``Interrupted``). Boole
 from __future__ import annotations
 
 import io
-import json
 import logging
+import os
 import time
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 import torch
 
 from ..config import ImagenetCheckConfig, PredictConfig, check_config, check_options
 from ..data.folders import NOT_UTF8, ImageLoadError, is_image_name, walk
-from ..data.image_reader import Batch, ImageListDataset, load_transformed, read_items
+from ..data.image_reader import Batch, ImageListDataset, Item, load_transformed, read_items
 from ..devices import resolve_device
 from ..errors import UsageError
 from ..extraction import backbones as bb
@@ -31,6 +31,7 @@ from ..files import (
     atomic_write,
     check_output,
     is_utf8,
+    json_text,
     numbered_name,
     one_line,
     shown,
@@ -95,82 +96,155 @@ def list_inputs(paths) -> list[str]:
     return files
 
 
-def iter_log_proba(model, transform, files: list[str], batch_size: int, workers: int) -> Iterator[tuple]:
-    """(item, its log-probabilities, or None when the file is unreadable: ``item.error`` says why) per
-    file, in order; ``model`` an ``inference.Inference``, ``transform`` the model's preprocessing."""
+def read_images(pairs, transform, model, batch_size: int, workers: int, root=Path("")) -> Iterator[Item]:
+    """The Items of (path, label) ``pairs`` (relative to ``root``) decoded with ``transform`` for ``model``
+    (an ``inference.Inference``), read as ``image_reader.read_items`` reads for a network on its device."""
+    return read_items(ImageListDataset(Path(root), list(pairs), transform), workers, model.device, chunk=batch_size)
 
-    items = read_items(ImageListDataset(Path(""), [(f, -1) for f in files], transform), workers, model.device,
-                       chunk=batch_size)
-    for batch, logp in run_batches(model, items, batch_size):
+
+def iter_log_proba(model, items: Iterable[Item], batch_size: int) -> Iterator[tuple]:
+    """The one loop from images to a network's outputs (log-probabilities, and the extra columns of a
+    ``whole_models.WithExtras`` network): (item, its output row, or None when the file is unreadable:
+    ``item.error`` says why) per item, in order, batched by ``inference.run_batches``. predict, evaluate
+    --data, train's validation, export's parity check and the API all read images through it."""
+    for batch, out in run_batches(model, items, batch_size):
         k = 0
         for item in batch.items:
             if item.ok:
-                yield item, logp[k]
+                yield item, out[k]
                 k += 1
             else:
                 yield item, None
 
 
+class ImageOutputs:
+    """The good/bad bookkeeping of the loop: the output rows, labels and paths of the good items in order,
+    and each unreadable file once, with why (logged when it is first met, unless ``warn`` is False).
+    One instance may collect several passes (train's epochs): a file is reported once."""
+
+    def __init__(self, warn: bool = True):
+        self.warn, self.bad = warn, {}
+        self.clear()
+
+    def clear(self) -> None:
+        """Forget the good items (the bad ones stay known, so a file is reported once)."""
+        self.rows, self.labels, self.paths = [], [], []
+
+    def add(self, item: Item, out) -> None:
+        if out is None:
+            if item.path not in self.bad and self.warn:
+                log.warning("skipping %s: %s", item.path, item.error)
+            self.bad.setdefault(item.path, item.error)
+        else:
+            self.rows.append(out)
+            self.labels.append(item.label)
+            self.paths.append(item.path)
+
+    def collect(self, stream) -> "ImageOutputs":
+        """Add every (item, output) of ``stream`` (``iter_log_proba``'s); returns self."""
+        for item, out in stream:
+            self.add(item, out)
+        return self
+
+    def arrays(self, none_read: str) -> tuple[np.ndarray, np.ndarray]:
+        """(the output rows stacked, the labels); ``none_read``: the UsageError when no image was read."""
+        if not self.rows:
+            raise UsageError(none_read)
+        return np.stack(self.rows), np.array(self.labels, np.int64)
+
+
+def outputs_of_inputs(lm, model, inputs, batch_size: int, workers=None) -> np.ndarray:
+    """``model``'s output rows (float64), in order, for ``inputs``: an image path, a folder (its images, sorted,
+    recursively: the order predict lists), a PIL image, or a list of these (the API's ``X``). An unreadable
+    file is a UsageError naming it. ``workers`` None: decoded in this process for fewer than 64 files."""
+    from PIL import Image
+
+    from ..data.folders import to_rgb
+
+    inputs = [inputs] if isinstance(inputs, (str, os.PathLike, Image.Image)) else list(inputs)
+    if not inputs:
+        raise UsageError("nothing to predict: X is empty")
+    files, images, order = [], [], []
+    for x in inputs:
+        if isinstance(x, Image.Image):
+            order.append(("image", len(images)))
+            images.append(x)
+        elif isinstance(x, (str, os.PathLike)):
+            found = list_inputs([os.fspath(x)])  # a folder: its images, sorted, recursively
+            order += [("file", len(files) + i) for i in range(len(found))]
+            files += found
+        else:
+            raise TypeError(f"cannot predict a {type(x).__name__}: pass image paths, folders or PIL images"
+                            + (" (an array of cached features only to a Head)" if isinstance(x, np.ndarray) else ""))
+    got = {"file": ImageOutputs(warn=False), "image": ImageOutputs(warn=False)}
+    if files:
+        workers = (0 if len(files) < 64 else -1) if workers is None else workers
+        items = read_images([(f, -1) for f in files], lm.transform, model, batch_size, workers)
+        got["file"].collect(progress(iter_log_proba(model, items, batch_size), total=len(files), unit="img",
+                                     desc="predict"))
+        if got["file"].bad:
+            bad = [f"{p} ({why})" for p, why in got["file"].bad.items()]
+            raise UsageError(f"{len(bad)} of {len(files)} images could not be read: {'; '.join(bad[:3])}"
+                             f"{' ...' if len(bad) > 3 else ''}")
+    pil = (Item(i, lm.transform(to_rgb(im)), -1, f"<image {i}>") for i, im in enumerate(images))
+    got["image"].collect(iter_log_proba(model, pil, batch_size))
+    return np.stack([got[kind].rows[j] for kind, j in order]).astype(np.float64)
+
+
 def prediction_rows(lm, batch: Batch, outputs, top: int = 0) -> list[dict]:
-    """The rows of one batch, in order: {path, class, probability, unknown, ood_score, error}; ``outputs``:
-    the network's (``whole_models.network``: log-probabilities, then the unknown score when the head has
-    one) for the batch's good items (None when it has none). ``class`` is the best class even when the
-    photo looks like none of them (``unknown``: its ``ood_score`` is above the threshold); both are None
-    for a model without an unknown score.
+    """The rows of one batch, in order (``prediction_row`` of each item); ``outputs``: the network's for the
+    batch's good items (None when it has none)."""
+    good = iter(outputs if outputs is not None else ())
+    return [prediction_row(lm, item, next(good) if item.ok else None, top) for item in batch.items]
+
+
+def prediction_row(lm, item: Item, output, top: int = 0) -> dict:
+    """{path, class, probability, unknown, ood_score, error} of one item; ``output``: the network's
+    (``whole_models.network``: log-probabilities, then the unknown score when the head has one), None for an
+    unreadable file. ``class`` is the best class even when the photo looks like none of them (``unknown``: its
+    ``ood_score`` is above the threshold); both are None for a model without an unknown score.
 
     The one place a row is made: predict and the prediction service (``serving.service``) both call it,
     so a file gives the same row from either. ``top`` > 0 adds ``top``: the ``top`` most probable
     classes as [{class, probability}] (the service's page draws them as bars).
     """
-    classes, rows, k = lm.classes, [], 0
-    threshold = lm.model.head.threshold_used
-    for item in batch.items:
-        if not item.ok:
-            rows.append({"path": item.path, "class": None, "probability": None, "unknown": None, "ood_score": None,
-                         "error": item.error})
-            continue
-        logp, ood = split_extras(outputs[k], len(classes))
-        k += 1
-        best = int(logp.argmax())
-        row = {"path": item.path, "class": classes[best], "probability": float(np.exp(logp[best])),
-               "unknown": None if ood is None else bool(ood > threshold),
-               "ood_score": None if ood is None else round(float(ood), 6), "error": None}
-        if top > 0:
-            order = np.argsort(-logp, kind="stable")[:top]
-            row["top"] = [{"class": classes[int(i)], "probability": float(np.exp(logp[i]))} for i in order]
-        rows.append(row)
-    return rows
+    if output is None:
+        return {"path": item.path, "class": None, "probability": None, "unknown": None, "ood_score": None,
+                "error": item.error}
+    classes = lm.classes
+    logp, ood = split_extras(output, len(classes))
+    best = int(logp.argmax())
+    row = {"path": item.path, "class": classes[best], "probability": float(np.exp(logp[best])),
+           "unknown": None if ood is None else bool(ood > lm.model.head.threshold_used),
+           "ood_score": None if ood is None else round(float(ood), 6), "error": None}
+    if top > 0:
+        order = np.argsort(-logp, kind="stable")[:top]
+        row["top"] = [{"class": classes[int(i)], "probability": float(np.exp(logp[i]))} for i in order]
+    return row
 
 
 def iter_predictions(lm, model, files: list[str], batch_size: int, workers: int,
                      explain: Optional[Path] = None) -> Iterator[dict]:
-    """One row per file, in order (``prediction_rows``); ``model`` is ``network(lm, ...)``, with ``maps``
+    """One row per file, in order (``prediction_row``); ``model`` is ``network(lm, ...)``, with ``maps``
     when ``explain`` names the folder that gets each photo's heatmap overlay (its row's ``heatmap``)."""
-
-    items = read_items(ImageListDataset(Path(""), [(f, -1) for f in files], lm.transform), workers, model.device,
-                       chunk=batch_size)
+    items = read_images([(f, -1) for f in files], lm.transform, model, batch_size, workers)
     grid = map_grid(lm) if explain else None
-    for batch, outputs in run_batches(model, items, batch_size):
-        maps = None
-        if grid and outputs is not None:
-            outputs, maps = split_maps(outputs, grid)
-        rows = prediction_rows(lm, batch, outputs)
-        if grid:
-            write_overlays(lm, batch, rows, maps, explain)
-        yield from rows
+    for item, out in iter_log_proba(model, items, batch_size):
+        if not grid:
+            yield prediction_row(lm, item, out)
+            continue
+        out, cam = split_maps(out, grid) if out is not None else (None, None)
+        row = prediction_row(lm, item, out)
+        row["heatmap"] = write_overlay(lm, item, cam, explain) if out is not None else None
+        yield row
 
 
-def write_overlays(lm, batch: Batch, rows: list[dict], maps, folder: Path) -> None:
-    """Each good photo's heatmap over it as ``folder/NNNNN-name.png`` (its number in the input order), the
-    file's name in its row's ``heatmap`` (None for an unreadable photo)."""
-    good = iter(zip(batch.good, maps if maps is not None else []))
-    for item, row in zip(batch.items, rows):
-        row["heatmap"] = None
-        if item.ok:
-            g, cam = next(good)
-            path = folder / numbered_name(g.position, g.path, ".png")
-            atomic_write(path, lambda tmp: overlay(lm.transform, g.image, cam).save(tmp, format="PNG"))
-            row["heatmap"] = str(path)
+def write_overlay(lm, item: Item, cam, folder: Path) -> str:
+    """A good photo's heatmap over it as ``folder/NNNNN-name.png`` (its number in the input order); the
+    file's name (its row's ``heatmap``)."""
+    path = folder / numbered_name(item.position, item.path, ".png")
+    atomic_write(path, lambda tmp: overlay(lm.transform, item.image, cam).save(tmp, format="PNG"))
+    return str(path)
 
 
 def row_columns(explained: bool) -> tuple:
@@ -181,7 +255,7 @@ def row_columns(explained: bool) -> tuple:
 def format_rows(rows: list[dict], fmt: str) -> str:
     columns = row_columns(bool(rows) and "heatmap" in rows[0])
     if fmt == "json":
-        return json.dumps(rows, indent=2)
+        return json_text(rows, indent=2)
     if fmt == "csv":
         buf = io.StringIO()
         w = SafeCsvWriter(buf, columns, lineterminator="\n")

@@ -25,9 +25,8 @@ from ..data.folders import list_image_folder, stratified_order
 from ..data.image_reader import ImageListDataset, collate_items, file_digest, item_loader, iter_items
 from ..devices import resolve_device, resolve_precision, resolve_workers
 from ..errors import UsageError
-from ..extraction.inference import Inference, run_batches
+from ..extraction.inference import Inference
 from ..files import check_output
-from ..heads.calibration import fit_temperature
 from ..heads.epoch_loop import (
     per_class_accuracy,
     run_epochs,
@@ -35,9 +34,10 @@ from ..heads.epoch_loop import (
     train_one_epoch,
     validate_training,
 )
-from ..heads.unknown_score import fit_unknown, kept_indices, unknown_summary
+from ..heads.trust import fit_trust
 from ..progress import progress
 from ..runs.run_folders import finish_run, new_run_dir
+from .predict import ImageOutputs, iter_log_proba
 from .whole_models import (
     WithExtras,
     build_model,
@@ -103,77 +103,39 @@ def sample_split(labels: np.ndarray, n: int, val_fraction: float, seed: int) -> 
 
 
 # -- loops -------------------------------------------------------------------------------------
-class _Skipped:
-    """Unreadable files, each logged once."""
-
-    def __init__(self):
-        self.files = {}
-
-    def add(self, bad):
-        for path, reason in bad:
-            if path not in self.files:
-                log.warning("skipping %s: %s", path, reason)
-                self.files[path] = reason
-
-
-def evaluate(model, val_loader, batch_size: int, skipped: _Skipped
+def evaluate(model, val_loader, batch_size: int, skipped: ImageOutputs
              ) -> tuple[float, float, np.ndarray, np.ndarray]:
-    """Accuracy, mean NLL, labels and predictions of the validation images (``inference.run_batches``)."""
-
-    loss_sum, ys, preds = 0.0, [], []
-    for batch, logp in run_batches(model, iter_items(val_loader), batch_size):
-        skipped.add(batch.bad)
-        if logp is None:
-            continue
-        y = np.array([g.label for g in batch.good])
-        loss_sum -= float(logp[np.arange(len(y)), y].sum())
-        ys.append(y)
-        preds.append(logp.argmax(1))
-    if not ys:
-        raise UsageError("no validation image could be decoded")
-    y, pred = np.concatenate(ys), np.concatenate(preds)
+    """Accuracy, mean NLL, labels and predictions of the validation images (``predict.iter_log_proba``)."""
+    logp, y = _outputs(model, val_loader, batch_size, skipped, "no validation image could be decoded")
+    loss_sum = 0.0  # summed batch by batch (the loop's batches: batch_size good images each), as always
+    for i in range(0, len(y), batch_size):
+        loss_sum -= float(logp[i:i + batch_size][np.arange(len(y[i:i + batch_size])), y[i:i + batch_size]].sum())
+    pred = logp.argmax(1)
     return float((pred == y).mean()), loss_sum / len(y), y, pred
 
 
-def _outputs(model, loader, n_classes: int, batch_size: int, skipped: _Skipped):
-    """Log-probabilities, pooled normalised features and labels of a loader's images (one pass of a
-    ``WithExtras(model, 'pooled')`` Inference)."""
-    logps, pooled, ys = [], [], []
-    for batch, out in run_batches(model, iter_items(loader), batch_size):
-        skipped.add(batch.bad)
-        if out is not None:
-            logp, rows = split_extras(out, n_classes)
-            logps.append(logp)
-            pooled.append(rows)
-            ys.append(np.array([g.label for g in batch.good]))
-    if not ys:
-        raise UsageError("no image could be decoded")
-    return np.concatenate(logps), np.concatenate(pooled), np.concatenate(ys)
+def _outputs(model, loader, batch_size: int, skipped: ImageOutputs, none_read: str = "no image could be decoded"):
+    """(the network's output rows, labels) of a loader's images; unreadable files go to ``skipped``'s record."""
+    skipped.clear()
+    return skipped.collect(iter_log_proba(model, iter_items(loader), batch_size)).arrays(none_read)
 
 
-def fit_trust(cfg: TrainConfig, model, device, precision, listing, train_idx, val_loader, transform,
-              skipped: _Skipped) -> dict:
-    """The temperature (from the validation images) and the unknown score (pooled features of a seeded
-    sample of ``unknown_rows`` training images, one more pass over them; the threshold from the validation
-    images and the kept training images against the others), set on ``model.head``."""
-    head, n_classes = model.head, len(listing.classes)
+def trust_of(cfg: TrainConfig, model, device, precision, listing, train_idx, val_loader, transform,
+             skipped: ImageOutputs) -> dict:
+    """``heads.trust.fit_trust`` on images: the temperature from the validation images, the unknown score
+    from the pooled features of a seeded sample of ``unknown_rows`` training images (one more pass over
+    them) against the validation images'; set on ``model.head``."""
+    n_classes = len(listing.classes)
     extras = Inference(WithExtras(model, "pooled"), device, precision, freeze=False)
-    logp, val_pooled, y = _outputs(extras, val_loader, n_classes, cfg.batch_size, skipped)
-    trust = {"temperature": 1.0, "calibration_rows": 0, "calibrated_on": "none"}
-    if cfg.calibrate == "val":
-        t = fit_temperature(logp, y)
-        head.set_temperature(t)
-        trust = {"temperature": t, "calibration_rows": int(len(y)), "calibrated_on": "val"}
-    if cfg.unknown_rows:
-        keep = kept_indices(train_idx, cfg.unknown_rows, cfg.seed)
+    out, y = _outputs(extras, val_loader, cfg.batch_size, skipped)
+    logp, val_pooled = split_extras(out, n_classes)
+
+    def train_pooled(keep):
         loader = _loader(listing.root, [(listing.files[i].path, listing.files[i].label) for i in keep], transform,
                          cfg, shuffle=False)
-        train_pooled = _outputs(extras, loader, n_classes, cfg.batch_size, skipped)[1]
-        fit = fit_unknown(train_pooled, val_pooled, cfg.unknown_k, cfg.known_share)
-        head.set_unknown(torch.from_numpy(fit.known), cfg.unknown_k, fit.threshold)
-        trust.update(unknown_summary(fit, cfg.unknown_k, cfg.known_share))
-    head.to(device)
-    return trust
+        return split_extras(_outputs(extras, loader, cfg.batch_size, skipped)[0], n_classes)[1]
+
+    return fit_trust(cfg, model.head, (logp, y, "val"), train_idx, train_pooled, lambda: val_pooled)
 
 
 def _to_stderr(bar):
@@ -182,11 +144,13 @@ def _to_stderr(bar):
     return lambda line: bar.write(line, file=sys.stderr)
 
 
-def _minibatches(loader, device, skipped: _Skipped, bar):
+def _minibatches(loader, device, skipped: ImageOutputs, bar):
     """(images, labels) on ``device`` from a loader of Batches; unreadable files skipped and logged."""
 
     for batch in loader:
-        skipped.add(batch.bad)
+        for item in batch.items:
+            if not item.ok:
+                skipped.add(item, None)
         bar.update(len(batch.items))
         if batch.good:
             yield batch.images().to(device).contiguous(memory_format=torch.channels_last), batch.labels().to(device)
@@ -262,7 +226,7 @@ def _fit(cfg: TrainConfig, kind: str, lm, stages: list, listing, head_saw: froze
     opt = torch.optim.Adam([{"params": model.head.parameters(), "lr": cfg.lr},
                             {"params": model.features.parameters(), "lr": backbone_lr}])
     val_model = Inference(model, device, precision, freeze=False)  # the same inference path as evaluate/predict
-    skipped, state = _Skipped(), {"stage": None}
+    skipped, state = ImageOutputs(), {"stage": None}
     log.info("%s: %d train / %d val images of %s, device %s, precision %s", kind, len(train_idx), len(val_idx),
              cfg.data, device, precision)
 
@@ -289,9 +253,9 @@ def _fit(cfg: TrainConfig, kind: str, lm, stages: list, listing, head_saw: froze
     seconds = time.time() - t0
     y_val, seen = state["y_val"], state["seen"]
     per_class = per_class_accuracy(y_val, state["pred"], lm.classes)
-    trust = fit_trust(cfg, model, device, precision, listing, train_idx, val_loader, lm.transform, skipped)
+    trust = trust_of(cfg, model, device, precision, listing, train_idx, val_loader, lm.transform, skipped)
     metrics = {**history[-1], "per_class_val_acc": per_class, "train_rows": int(seen), "val_rows": int(len(y_val)),
-               "skipped": len(skipped.files), "val_left_out_seen_by_head": len(left_out), **trust}
+               "skipped": len(skipped.bad), "val_left_out_seen_by_head": len(left_out), **trust}
     out_dir = new_run_dir(cfg.runs_dir, kind)
     lm.model.to("cpu")
     save_model(lm, out_dir / "model.pt", kind, asdict(cfg), metrics, history)
@@ -300,7 +264,7 @@ def _fit(cfg: TrainConfig, kind: str, lm, stages: list, listing, head_saw: froze
                         metrics={k: metrics[k] for k in ("val_acc", "val_loss", "train_acc", "train_loss")})
     return {"run_dir": str(out_dir), "checkpoint": str(out_dir / "model.pt"), "curves": str(curves),
             "backbone": lm.info["backbone"], **metrics,
-            "skipped_files": [{"path": p, "why": w} for p, w in skipped.files.items()],
+            "skipped_files": [{"path": p, "why": w} for p, w in skipped.bad.items()],
             "device": str(device), "precision": precision, "fit_seconds": seconds,
             "img_per_s": (seen + len(y_val)) * cfg.epochs / seconds if seconds > 0 else 0.0, "history": history}
 

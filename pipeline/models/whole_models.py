@@ -8,8 +8,8 @@ The head replaces the original classifier with its equivalent for the new classe
   ``build_head`` on (C, 1, 1), i.e. Linear(C, classes) + LogSoftmax, which is also what fit-head
   trains on a ``--pool avg`` cache.
 
-A checkpoint is a plain dict (tensors, strings, numbers, lists) that ``torch.load(...,
-weights_only=True)`` reads; the model is rebuilt from the backbone's name, never unpickled.
+A checkpoint is a plain dict that ``heads/checkpoints.py`` writes and reads (``torch.load(...,
+weights_only=True)``); the model is rebuilt from the backbone's name, never unpickled.
 """
 from __future__ import annotations
 
@@ -20,25 +20,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..cache.provenance import Preprocessing, Provenance
+from ..config import POOLS
 from ..errors import PipelineError, UsageError
 from ..extraction import backbones as bb
 from ..extraction.inference import mirror_mean
-from ..files import atomic_write
-from ..heads.fused_views import record_problem
+from ..heads.checkpoints import read_checkpoint, write_checkpoint
 from ..heads.heatmaps import grad_cam
 from ..heads.probe_heads import ProbeHead
 from ..heads.unknown_score import pooled_rows
 
 log = logging.getLogger(__name__)
 
-POOLS = ("none", "avg")
-FORMAT_VERSION = 1
-MODEL_KINDS = ("train", "finetune")  # checkpoints holding a whole model (fit-head ones hold a head)
 ALL = -1  # unfreeze value: every block of the backbone
 
 
@@ -224,81 +222,35 @@ def build_model(backbone: str, weights: str, classes, pool: Optional[str] = None
 
 
 def save_model(lm: LoadedModel, path, kind: str, config: dict, metrics: dict, history: list) -> Path:
-    """Write a checkpoint dict (no pickled objects) that ``load_model`` turns back into ``lm``."""
-    ckpt = {**lm.info, "head": lm.model.head.config, "kind": kind, "format_version": FORMAT_VERSION,
-            "state_dict": {k: v.detach().cpu() for k, v in lm.model.state_dict().items()},
-            "config": json.loads(json.dumps(config)), "metrics": json.loads(json.dumps(metrics)),
-            "history": json.loads(json.dumps(history))}
-    return atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
+    """Write the checkpoint (``checkpoints.write_checkpoint``) that ``load_model`` turns back into ``lm``."""
+    return write_checkpoint(path, kind, {
+        **lm.info, "head": lm.model.head.config,
+        "state_dict": {k: v.detach().cpu() for k, v in lm.model.state_dict().items()},
+        "config": json.loads(json.dumps(config)), "metrics": json.loads(json.dumps(metrics)),
+        "history": json.loads(json.dumps(history))})
 
 
-#: field -> (type(s), what it must be): a checkpoint is checked against this once, when read
-_SCHEMA = {
-    "state_dict": (dict, "a dict of tensors"),
-    "backbone": (str, "a backbone name"),
-    "weights": (str, "a weights id"),
-    "weights_sha256": (str, "a sha256 hex string"),
-    "weights_path": (str, "a path"),
-    "classes": (list, "a list of at least 2 class names"),
-    "in_shape": (list, "a list of 3 positive integers"),
-    "pool": (str, f"one of {', '.join(POOLS)}"),
-    "dropout": ((int, float), "a number in [0, 1)"),
-    "preprocessing": (dict, "a preprocessing record"),
-    "config": (dict, "a dict"),
-    "head": (dict, "a probe-head config"),
-    "fused": (dict, "a fused-features record (heads/fused_views.py)"),
-}
-_REQUIRED = ("state_dict", "backbone", "weights", "classes", "in_shape", "preprocessing", "head")
-
-
-def _field_ok(name: str, value) -> bool:
-    if not isinstance(value, _SCHEMA[name][0]) or isinstance(value, bool):
-        return False
-    if name == "state_dict":
-        return all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())
-    if name == "classes":
-        return len(value) >= 2 and all(isinstance(c, str) for c in value)
-    if name == "in_shape":
-        return len(value) == 3 and all(isinstance(d, int) and d > 0 for d in value)
-    if name == "pool":
-        return value in POOLS
-    if name == "dropout":
-        return 0 <= value < 1
-    if name == "fused":
-        return record_problem(value) is None
-    if name == "preprocessing":
-        try:
-            Preprocessing.from_dict(value)
-        except (KeyError, TypeError, ValueError):
-            return False
-    return True
-
-
-def read_checkpoint(path) -> dict:
-    """The dict in a model.pt or head.pt, read with weights_only=True (nothing is unpickled), schema-checked.
-
-    Every field the tool uses is checked here, once, so a hand-edited or foreign checkpoint is one
-    line naming the bad field, never a traceback somewhere in predict, evaluate or finetune.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"model file {str(path)!r} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # zip errors, refused globals: one line, and never torch's advice to unpickle
-        raise UsageError(f"{str(path)!r} is not a loadable checkpoint ({bb.unloadable_reason(e)})") from None
-    kinds = ("fit-head", *MODEL_KINDS)
-    if not isinstance(ckpt, dict) or ckpt.get("kind") not in kinds:
-        raise UsageError(f"{str(path)!r} is not a checkpoint of this tool (expected kind {', '.join(kinds)})")
-    missing = [k for k in _REQUIRED + (("config",) if ckpt["kind"] == "fit-head" else ("pool", "dropout"))
-               if k not in ckpt]
-    if missing:
-        raise UsageError(f"{str(path)!r} is a damaged or outdated {ckpt['kind']} checkpoint: it lacks "
-                         f"{', '.join(missing)}")
-    for name in _SCHEMA:
-        if name in ckpt and not _field_ok(name, ckpt[name]):
-            raise UsageError(f"{str(path)!r}: field {name!r} must be {_SCHEMA[name][1]}, got {ckpt[name]!r:.60}")
-    return ckpt
+def learned_state(checkpoint, ckpt: dict, result: Optional[dict] = None) -> dict:
+    """What a checkpoint (and the run that wrote it: its ``result``, when known) says about its model, as the
+    Python API's learned attributes (``classes_``, ``history_``, ``metrics_``, ...). The history is the
+    run's, the checkpoint's, or the ``history.json`` beside a head.pt / model.pt."""
+    checkpoint, result = Path(checkpoint), result or {}
+    history, saved = result.get("history"), checkpoint.with_name("history.json")
+    if history is None and "history" in ckpt:
+        history = ckpt["history"]
+    elif history is None and saved.is_file() and checkpoint.name in ("head.pt", "model.pt"):
+        history = json.loads(saved.read_text())
+    metrics = {**(ckpt.get("metrics") or {}), **{k: result[k] for k in (
+        "val_acc", "val_loss", "train_acc", "train_loss", "per_class_val_acc", "train_rows", "val_rows",
+        "fit_seconds") if k in result}}
+    sd = ckpt["state_dict"]
+    t, thr = (sd.get(k, sd.get(f"head.{k}")) for k in ("temperature", "unknown_threshold"))
+    return {"temperature_": 1.0 if t is None else float(t), "unknown_threshold_": None if thr is None else float(thr),
+            "checkpoint_": checkpoint, "kind_": ckpt["kind"], "classes_": list(ckpt["classes"]),
+            "backbone_": ckpt["backbone"], "weights_": ckpt["weights"], "feature_shape_": tuple(ckpt["in_shape"]),
+            "n_features_in_": int(np.prod(ckpt["in_shape"])), "history_": history, "metrics_": metrics,
+            "config_": dict(ckpt.get("config") or {}), "cache_": ckpt.get("cache"), "run_dir_": result.get("run_dir"),
+            "curves_": result.get("curves"), "result_": dict(result)}
 
 
 def load_model(path, weights: Optional[str] = None, trainable: bool = False) -> LoadedModel:
@@ -487,8 +439,8 @@ def _from_fused_head(ckpt: dict, path, weights: Optional[str], trainable: bool) 
         precisions.append(precision)
     model = FusedModel(parts, [t.crop_size[0] for t in transforms], ckpt["fused"]["view"],
                        head_from_checkpoint(ckpt, ckpt["state_dict"], path))
-    info = {**{k: v for k, v in ckpt.items() if k not in ("state_dict", "kind", "config", "metrics", "history",
-                                                            "head", "tuning", "trust", "fused")},
+    info = {**{k: v for k, v in ckpt.items() if k not in ("state_dict", "kind", "format_version", "config",
+                                                            "metrics", "history", "head", "tuning", "trust", "fused")},
             "preprocessing": [r["preprocessing"] for r in records], "fused": records, "init_from": str(path)}
     return LoadedModel(model, StackedTransform(transforms), info, "fit-head", "int8" if "int8" in precisions else None)
 

@@ -20,7 +20,7 @@ import numpy as np
 from ..cache.feature_cache import FeatureCache
 from ..config import AuditConfig, ExtractConfig, FitHeadConfig, check_config
 from ..errors import UsageError
-from ..files import SafeCsvWriter, atomic_write, check_output, writing
+from ..files import SafeCsvWriter, atomic_write, check_output, write_json, writing
 from ..heads.cache_views import CacheViews
 from ..runs.run_folders import new_run_dir
 from . import duplicates as dup
@@ -92,8 +92,9 @@ def check_output_dir(cfg: AuditConfig) -> None:
     check_output(folder, data=folders, what=option, folder=True)
 
 
-def _output_dir(cfg: AuditConfig, kind: str = "audit") -> Path:
-    """--output (made when missing), or a new run folder in --runs-dir; check_output_dir has checked both."""
+def output_dir(cfg, kind: str = "audit") -> Path:
+    """--output (made when missing), or a new run folder in --runs-dir (``cfg``: a config with both; the
+    caller has checked them with check_output)."""
     if not cfg.output:
         return new_run_dir(cfg.runs_dir, kind)
     with writing(cfg.output):
@@ -128,6 +129,7 @@ def analyse(cfg: AuditConfig) -> dict:
     t = time.time()
     x = dup.l2_rows(near_rows)
     near = dup.similar_pairs(x, threshold=cfg.threshold, k=10)
+    near["pairs"], unconfirmed = confirmed(near["pairs"], path, path)
     seconds["duplicates"] = time.time() - t
     result = {
         "cache": str(path), "data_root": root, "rows": len(labels), "classes": list(classes),
@@ -135,12 +137,13 @@ def analyse(cfg: AuditConfig) -> dict:
         "label_issues": _label_issues(issues, labels, classes, paths),
         "outliers": _outliers(near, labels, classes, paths),
         "duplicates": _duplicate_groups(near, digests, labels, classes, paths),
-        "leaks": [], "test_cache": None,
+        "leaks": [], "test_cache": None, "unconfirmed": {"duplicates": unconfirmed},
     }
     if test is not None:
         t = time.time()
         xt = dup.l2_rows(test["near"])
         cross = dup.similar_pairs(xt, x, threshold=cfg.threshold, k=1, desc="audit: test vs training")
+        cross["pairs"], result["unconfirmed"]["leaks"] = confirmed(cross["pairs"], tpath, path)
         result["leaks"] = _leaks(cross, test, digests, paths)
         result["test_cache"], result["test_root"], result["test_rows"] = test["cache"], test["root"], len(test["paths"])
         seconds["leaks"] = time.time() - t
@@ -148,6 +151,30 @@ def analyse(cfg: AuditConfig) -> dict:
     result.update(knn=near["knn"][:, :NEIGHBOURS_SHOWN], _paths=paths, _given=[classes[y] for y in labels])
     result["seconds"] = {**seconds, "total": time.time() - t0}
     return result
+
+
+#: Candidate pairs whose maps are read at once for the second check (100 KB a map for VGG-16).
+CONFIRM_BLOCK = 512
+
+
+def confirmed(pairs: tuple, path_a: Path, path_b: Path) -> tuple[tuple, int]:
+    """The near-copy candidates ``pairs`` (rows i of the cache ``path_a``, j of ``path_b``, similarity) that
+    the second check confirms (``duplicates.layout_similarity`` at least ``SAME_LAYOUT``: the whole maps
+    agree, straight or mirrored), and how many it refused. Caches of pooled vectors (no layout) keep every candidate."""
+    i, j, s = pairs
+    with FeatureCache(path_a) as a, FeatureCache(path_b) as b:
+        if not (dup.has_layout(a.feature_shape) and len(i)):
+            return pairs, 0
+        keep = np.concatenate([dup.layout_similarity(read_maps(a, i[lo:lo + CONFIRM_BLOCK]),
+                                                     read_maps(b, j[lo:lo + CONFIRM_BLOCK])) >= dup.SAME_LAYOUT
+                               for lo in range(0, len(i), CONFIRM_BLOCK)])
+    return (i[keep], j[keep], s[keep]), int((~keep).sum())
+
+
+def read_maps(cache: FeatureCache, rows: np.ndarray) -> np.ndarray:
+    """The cached maps of ``rows`` (in their order, repeats allowed) as float32."""
+    unique, inverse = np.unique(rows, return_inverse=True)
+    return cache.features[unique.tolist()].astype(np.float32)[inverse]
 
 
 def _label_issues(issues: dict, labels, classes, paths) -> list[dict]:
@@ -239,7 +266,7 @@ def audit(cfg: AuditConfig) -> dict:
         if cfg.apply:
             if not cfg.data:
                 raise UsageError("--apply needs --data DIR, the folder the list's paths are relative to")
-            out = _output_dir(cfg, "audit-apply")
+            out = output_dir(cfg, "audit-apply")
             try:
                 result = apply_fixes(cfg.apply, cfg.data, out, cfg.quarantine_dir)
             except Exception:
@@ -252,11 +279,11 @@ def audit(cfg: AuditConfig) -> dict:
             result["refreshed"] = refresh(cfg, result["root"])
         return result
     result = analyse(cfg)
-    out = _output_dir(cfg)
+    out = output_dir(cfg)
     with_pictures(result, out, cfg.top)
     result["output"] = str(out)
     report = public(result)
-    atomic_write(out / "report.json", lambda tmp: tmp.write_text(json.dumps(report, indent=1)))
+    write_json(out / "report.json", report, indent=1)
     write_fixes_csv(result, out / "fixes.csv")
     result.update(report=str(out / "report.json"), fixes=str(out / "fixes.csv"))
     return public(result)
@@ -277,7 +304,7 @@ def refresh(cfg: AuditConfig, root: str) -> Optional[dict]:
 
     good, _ = list_caches(cfg.cache_dir) if Path(cfg.cache_dir).is_dir() else ([], [])
     made = [i for i in good if i.complete and Path(i.attrs["data_root"]) == Path(root).resolve()
-            and i.attrs.get("purpose") != "test"]
+            and not i.attrs.get("purpose")]
     if not made:
         log.info("no cache of %s in %s to refresh; the next extract reuses rows by content", root, cfg.cache_dir)
         return None
@@ -315,7 +342,7 @@ def format_report(r: dict, top: int = 20) -> str:
         lines += ["", "like no other photo (outlier score = 1 - mean cosine similarity to its 10 nearest):"]
         lines += [f"  {o['path']}  ({o['given']}, {o['score']:.3f})" for o in r["outliers"][:top]]
     if r["duplicates"]:
-        lines += ["", f"duplicates (cosine >= {r['threshold']}, or the same bytes):"]
+        lines += ["", f"duplicates (cosine >= {r['threshold']} and the same layout, or the same bytes):"]
         for g in r["duplicates"][:top]:
             kind = "exact" if g["exact"] else f"{g['similarity']:.3f}"
             lines.append(f"  {kind:>6}  " + "  ".join(f"{p} ({c})" for p, c in zip(g["paths"], g["classes"])))

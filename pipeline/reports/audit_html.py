@@ -22,7 +22,7 @@ def data_uri(image) -> Optional[str]:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _img(root: str, rel: str, caption: str) -> str:
+def photo_figure(root: str, rel: str, caption: str) -> str:
     uri = data_uri(thumbnail(Path(root) / rel, THUMB))
     pic = f'<img src="{uri}" alt="">' if uri else '<div class="missing">unreadable</div>'
     return f'<figure>{pic}<figcaption>{html.escape(caption)}</figcaption></figure>'
@@ -43,24 +43,25 @@ def render(result: dict, top: int) -> str:
              f"<h1>Audit of {esc(root)}</h1>",
              f"<p>{result['rows']} photos, classes {esc(', '.join(result['classes']))}; out-of-fold probabilities "
              f"from {result['folds']} refits of {esc(result['head'])} (accuracy {result['oof_acc']:.3f}); "
-             f"near copies: cosine similarity &ge; {result['threshold']}.</p>",
+             f"near copies: cosine similarity &ge; {result['threshold']} and the same layout.</p>",
              f"<h2>Likely wrong labels ({len(result['label_issues'])})</h2>"]
     knn, paths, given = result.get("knn"), result.get("_paths"), result.get("_given")
     parts.append("<table><tr><th>photo</th><th>given &rarr; suggested</th><th>nearest training photos</th></tr>")
     for it in result["label_issues"][:top]:
         neighbours = ""
         if knn is not None and paths is not None:
-            neighbours = "".join(_img(root, paths[j], f"{given[j]}") for j in knn[it["row"]])
-        parts.append(f"<tr><td>{_img(root, it['path'], it['path'])}</td><td><span class='given'>{esc(it['given'])}"
-                     f"</span> &rarr; <span class='suggested'>{esc(it['suggested'])}</span><br>score "
+            neighbours = "".join(photo_figure(root, paths[j], f"{given[j]}") for j in knn[it["row"]])
+        parts.append(f"<tr><td>{photo_figure(root, it['path'], it['path'])}</td><td><span class='given'>"
+                     f"{esc(it['given'])}</span> &rarr; <span class='suggested'>{esc(it['suggested'])}</span><br>score "
                      f"{it['score']:.3f}</td><td>{neighbours}</td></tr>")
     parts.append("</table>")
     parts.append(f"<h2>Like no other photo ({len(result['outliers'])})</h2><div>")
-    parts += [_img(root, o["path"], f"{o['path']} ({o['given']}, {o['score']:.3f})") for o in result["outliers"][:top]]
+    parts += [photo_figure(root, o["path"], f"{o['path']} ({o['given']}, {o['score']:.3f})")
+              for o in result["outliers"][:top]]
     parts.append(f"</div><h2>Duplicates ({len(result['duplicates'])} groups)</h2><table>")
     for g in result["duplicates"][:top]:
         kind = "same bytes" if g["exact"] else f"cosine {g['similarity']:.3f}"
-        parts.append(f"<tr><td>{kind}</td><td>" + "".join(_img(root, p, f"{p} ({c})")
+        parts.append(f"<tr><td>{kind}</td><td>" + "".join(photo_figure(root, p, f"{p} ({c})")
                                                           for p, c in zip(g["paths"][:6], g["classes"][:6]))
                      + "</td></tr>")
     parts.append("</table>")
@@ -68,8 +69,8 @@ def render(result: dict, top: int) -> str:
         parts.append(f"<h2>Leaks: test photos also in the training folder ({len(result['leaks'])})</h2><table>")
         for lk in result["leaks"][:top]:
             kind = "same bytes" if lk["exact"] else f"cosine {lk['similarity']:.3f}"
-            parts.append(f"<tr><td>{kind}</td><td>{_img(result['test_root'], lk['test'], 'test ' + lk['test'])}"
-                         f"{_img(root, lk['train'], 'train ' + lk['train'])}</td></tr>")
+            parts.append(f"<tr><td>{kind}</td><td>{photo_figure(result['test_root'], lk['test'], 'test ' + lk['test'])}"
+                         f"{photo_figure(root, lk['train'], 'train ' + lk['train'])}</td></tr>")
         parts.append("</table>")
     parts.append("</body></html>")
     return "\n".join(parts)

@@ -5,11 +5,10 @@ Two steps: a *predictor* turns (checkpoint, cache or folder) into ``Predictions`
 true labels, log-probabilities), then ``summarize`` and the pictures work on those alone. A
 predictor is looked up by the checkpoint's ``kind`` and the source (``cache`` or ``data``), so a
 new kind of model (train/finetune's model.pt) plugs in with ``register_predictor``; a folder goes
-through ``inference.run_batches``, the path predict uses too, so both give the same numbers.
+through ``predict.iter_log_proba``, the loop predict uses too, so both give the same numbers.
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,19 +18,17 @@ import numpy as np
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from ..cache.feature_cache import FeatureCache
-from ..cache.provenance import Preprocessing, Provenance
+from ..cache.provenance import Preprocessing, check_cache_fits
 from ..config import EvaluateConfig, check_config
 from ..data.folders import ImageLoadError, list_image_folder, load_rgb, thumbnail
-from ..data.image_reader import ImageListDataset, read_items
 from ..devices import resolve_device
 from ..errors import UsageError
-from ..extraction.inference import run_batches
-from ..files import atomic_write, check_output, writing
+from ..files import check_output, write_json, writing
 from ..heads.cache_views import head_scores
 from ..heads.calibration import before_after, reliability_bins, without_temperature
 from ..heads.epoch_loop import split_indices
 from ..heads.feature_views import is_pooled
-from ..heads.heatmaps import head_maps, normalised, overlay
+from ..heads.heatmaps import cache_head_maps, normalised, overlay
 from ..heads.fused_views import open_head_rows
 from ..models.whole_models import (
     TransferModel,
@@ -46,6 +43,7 @@ from ..models.whole_models import (
     split_extras,
     split_maps,
 )
+from ..models.predict import ImageOutputs, iter_log_proba, read_images
 from ..progress import progress
 from ..runs.figures import confusion_matrix_figure, gallery_figure, reliability_figure, save
 from ..runs.run_folders import finish_run, new_run_dir
@@ -96,17 +94,6 @@ def _trust(head) -> dict:
     return {"temperature": head.temperature_used, "threshold": head.threshold_used}
 
 
-def check_cache_fits(ckpt: dict, cache) -> None:
-    """A one-line UsageError when ``cache`` holds other features than the head ``ckpt`` was fitted on."""
-
-    differ = Provenance.from_checkpoint(ckpt).differences(Provenance.from_cache_attrs(cache.attrs))
-    if differ:
-        raise UsageError(f"cache {cache.path} does not fit the model (model vs cache): {'; '.join(differ)}")
-    if tuple(cache.feature_shape) != tuple(ckpt["in_shape"]):
-        raise UsageError(f"cache {cache.path} has features {cache.feature_shape}, the model expects "
-                         f"{tuple(ckpt['in_shape'])}")
-
-
 def head_on_cache(model_path: str, ckpt: dict, cfg: EvaluateConfig) -> Predictions:
     """A fit-head checkpoint on cached features: its validation split, or all rows."""
 
@@ -146,11 +133,9 @@ def cached_heatmaps(head, path, rows: np.ndarray) -> Callable[[np.ndarray], np.n
 
     def heatmaps(picked: np.ndarray) -> np.ndarray:
         wanted = rows[np.asarray(picked, np.int64)]
-        unique = np.unique(wanted)  # h5py reads increasing rows
+        unique = np.unique(wanted)  # the maps come in sorted row order
         with FeatureCache(path) as cache:
-            if not len(unique):
-                return np.zeros((0, *cache.feature_shape[1:]), np.float32)
-            maps = head_maps(head, cache.features[unique.tolist()])[1]
+            maps = cache_head_maps(head, cache, unique)
         return normalised(maps[np.searchsorted(unique, wanted)])
 
     return heatmaps
@@ -175,23 +160,14 @@ def predict_folder(data: str, classes: list, transform, model, cfg: EvaluateConf
         log.info("none of the classes of %s is the model's: measuring how many of its photos are flagged unknown",
                  data)
     to_model = [-1 if foreign else classes.index(c) for c in listing.classes]
-    items = read_items(ImageListDataset(listing.root, [(f.path, to_model[f.label]) for f in listing.files],
-                                        transform), cfg.workers, model.device, chunk=cfg.batch_size)
-    paths, labels, out = [], [], []
-    with progress(total=len(listing.files), unit="img", desc="evaluate") as bar:
-        for batch, logp in run_batches(model, items, cfg.batch_size):
-            bar.update(len(batch.items))
-            for p, why in batch.bad:
-                log.warning("skipping %s: %s", p, why)
-            if logp is not None:
-                out.append(logp)
-                paths.extend(g.path for g in batch.good)
-                labels.extend(g.label for g in batch.good)
-    if not paths:
-        raise UsageError(f"no image in {data} could be decoded")
-    logp, ood = split_extras(np.concatenate(out), len(classes))
+    items = read_images([(f.path, to_model[f.label]) for f in listing.files], transform, model, cfg.batch_size,
+                        cfg.workers, listing.root)
+    got = ImageOutputs().collect(progress(iter_log_proba(model, items, cfg.batch_size), total=len(listing.files),
+                                          unit="img", desc="evaluate"))
+    out, labels = got.arrays(f"no image in {data} could be decoded")
+    logp, ood = split_extras(out, len(classes))
     trust = _trust(head) if head is not None else {}
-    return Predictions(list(classes), listing.root, paths, np.array(labels, np.int64), logp,
+    return Predictions(list(classes), listing.root, got.paths, labels, logp,
                        f"images of {data}", ood=ood if trust.get("threshold") is not None else None, **trust)
 
 
@@ -215,11 +191,9 @@ def photo_heatmaps(lm, first, pred: Predictions, cfg: EvaluateConfig) -> Callabl
         grid = map_grid(lm)
         model = explaining(first)  # the first pass's network, device and precision
         files = [(pred.paths[i], -1) for i in np.asarray(picked, np.int64)]
-        items = read_items(ImageListDataset(pred.root, files, lm.transform), 0, model.device, chunk=cfg.batch_size)
-        maps = []
-        for batch, out in run_batches(model, items, cfg.batch_size):
-            good = iter(split_maps(out, grid)[1] if out is not None else [])
-            maps += [next(good) if item.ok else np.zeros(grid, np.float32) for item in batch.items]
+        items = read_images(files, lm.transform, model, cfg.batch_size, 0, pred.root)
+        maps = [split_maps(out, grid)[1] if out is not None else np.zeros(grid, np.float32)
+                for _, out in iter_log_proba(model, items, cfg.batch_size)]
         return normalised(np.array(maps, np.float32).reshape(len(files), *grid))
 
     return heatmaps
@@ -340,7 +314,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         with writing(out_dir):
             pictures = _pictures(pred, result, out_dir)
         result.update(zip(("confusion_png", "gallery_png", "reliability_png"), map(str, pictures)))
-    atomic_write(out_dir / "metrics.json", lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
+    write_json(out_dir / "metrics.json", result)
     keys = ("rows",) if pred.foreign else ("accuracy", "loss", "macro_f1", "rows")
     finish_run(out_dir, cfg.runs_dir, "evaluate", None, pictures, cache_fingerprint=pred.cache_fingerprint,
                backbone=result["backbone"], params=asdict(cfg),

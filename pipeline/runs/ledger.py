@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import UsageError
-from ..files import require_folder
+from ..files import json_text, require_folder
 
 try:
     import fcntl
@@ -84,7 +84,7 @@ def append_run(runs_dir: str | os.PathLike, kind: str, *, cache_fingerprint: Opt
         "cache": str(cache) if cache else "", "cache_fingerprint": cache_fingerprint or "",
         "backbone": backbone or "", "params": params, "metrics": metrics, "outputs": [str(o) for o in outputs],
     }
-    line = json.dumps(record, default=str, ensure_ascii=False) + "\n"
+    line = json_text(record, default=str, ensure_ascii=False) + "\n"
     _write_line(ledger_path(runs_dir), line.encode("utf-8"))
     return record
 

@@ -5,12 +5,11 @@ pictures and ``metrics.json``); ``finish_run`` writes them and the ledger line i
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Optional
 
-from ..files import atomic_write, writing
+from ..files import write_json, writing
 from .ledger import append_run
 
 
@@ -41,7 +40,7 @@ def finish_run(out_dir: Path, runs_dir: str, kind: str, history: Optional[list],
         if history:
             from . import figures as plots
 
-            atomic_write(out_dir / "history.json", lambda tmp: tmp.write_text(json.dumps(history, indent=2)))
+            write_json(out_dir / "history.json", history)
             curves = plots.curves(history, out_dir / "curves.png")
         append_run(runs_dir, kind, outputs=[*outputs, *([curves] if curves else [])], **ledger)
     return curves

@@ -29,10 +29,10 @@ from ..data import portable
 from ..data.image_reader import DECODE_VERSION, ImageListDataset, draft_short_side, read_items
 from ..errors import PipelineError, UsageError
 from ..extraction import backbones as bb
-from ..extraction.inference import run_batches
-from ..files import atomic_write, check_output
+from ..files import atomic_write, check_output, write_json
 from ..models.fused_models import fused_metadata, input_shape
 from ..models.predict import list_inputs
+from ..models.predict import ImageOutputs, iter_log_proba
 from ..models.whole_models import (
     WithExtras,
     checkpoint_reads,
@@ -279,27 +279,24 @@ def parity(lm, runner: ExportedRunner, files: list[str], cfg: ExportConfig, meta
 
     inference = network(lm, "cpu", "fp32")
     n_classes = len(lm.classes)
-    worst, worst_unknown, same, n, bad = 0.0, 0.0, 0, 0, []
+    worst, worst_unknown, same, n = 0.0, 0.0, 0, 0
     with tempfile.TemporaryDirectory(prefix="parity-") as tmp:
         odd = odd_mode_files(files[0], Path(tmp), meta["decoding"]["jpeg_draft_min_short_side"]) if files else []
         photos = files + odd
         items = read_items(ImageListDataset(Path(""), [(f, -1) for f in photos], lm.transform), cfg.workers)
-        bar = progress(total=len(photos), desc="parity", unit="img")
-        for batch, out in run_batches(inference, items, cfg.batch_size):
-            bar.update(len(batch.items))
-            bad += batch.bad
-            if out is None:
-                continue
-            logp, score = split_extras(out.astype(np.float64), n_classes)
+        got = ImageOutputs(warn=False).collect(progress(iter_log_proba(inference, items, cfg.batch_size),
+                                                        total=len(photos), desc="parity", unit="img"))
+        bad = list(got.bad.items())
+        for i in range(0, len(got.rows), cfg.batch_size):  # the loop's batches (batch_size readable photos each)
+            logp, score = split_extras(np.stack(got.rows[i:i + cfg.batch_size]).astype(np.float64), n_classes)
             ours = np.exp(logp)
-            theirs, their_score = runner(np.stack([portable_input(g.path, meta) for g in batch.good]))
+            theirs, their_score = runner(np.stack([portable_input(p, meta) for p in got.paths[i:i + cfg.batch_size]]))
             theirs = theirs.astype(np.float64)
             worst = max(worst, float(np.abs(ours - theirs).max()))
             if score is not None:
                 worst_unknown = max(worst_unknown, float(np.abs(score - their_score).max()))
             same += int((ours.argmax(1) == theirs.argmax(1)).sum())
             n += len(ours)
-        bar.close()
     if not n:
         raise UsageError(f"none of the {len(files)} photos for the parity check could be read "
                          f"(first: {bad[0][0]}: {bad[0][1]})")
@@ -362,7 +359,7 @@ def export(cfg: ExportConfig) -> dict:
                   "output": None, "metadata": None}
         if check["passed"]:
             atomic_write(out, lambda t: os.replace(tmp, t))
-            atomic_write(side, lambda t: t.write_text(json.dumps({**meta, "parity": check}, indent=2) + "\n"))
+            write_json(side, {**meta, "parity": check})
             result.update(output=str(out), metadata=str(side), bytes=out.stat().st_size)
         else:
             log.warning("the %s export differs from predict by %.3g (tolerance %g; %d of %d photos of the same "

@@ -1,0 +1,243 @@
+"""The suggest stage: which photos of an unlabelled pool to label next, ranked from the caches.
+
+Both folders are extracted as extract does (the pool as one unlabelled class, purpose 'pool': never
+a default training cache); rows are found by content (``row_donors``), so a suggested photo moved into
+its class folder costs the next extract no forward pass. The default head is fitted on the labelled
+rows; among the pool photos it is least sure of (1 - the margin between its two most probable classes),
+those farthest (cosine, average-pooled l2 rows) from every photo labelled or picked already are picked
+one at a time (``rank_pool``): uncertain photos unlike anything labelled, and never several near copies
+of one photo while others are left. The list goes to suggestions.csv and suggestions.html (thumbnails
+inlined), in a run folder or --output, never among the photos.
+"""
+from __future__ import annotations
+
+import html
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..cache.feature_cache import FeatureCache
+from ..config import ExtractConfig, FitHeadConfig, SuggestConfig, check_config
+from ..data.folders import POOL
+from ..errors import UsageError
+from ..files import SafeCsvWriter, atomic_write, check_output
+from ..heads.cache_views import CacheViews
+from ..heads.unknown_score import pooled_rows_np
+
+log = logging.getLogger(__name__)
+
+#: Similarities held at once while the distances to the labelled rows are computed (rows x labelled rows).
+BLOCK_ROWS = 4096
+
+
+@dataclass
+class SuggestResult:
+    """What suggest found: the ranked photos (``rows``: path, rank, predicted class, its probability,
+    uncertainty, distance to the nearest labelled photo) and where the list and the page went."""
+
+    rows: list
+    csv: Path
+    html: Path
+    head: str  # the head whose uncertainty ranked the pool (its setting's name)
+    rule: str
+    labelled: int  # labelled photos (rows of the labelled cache)
+    pool: int  # photos in the pool
+    skipped: int  # pool photos left out because the labelled folder holds the same bytes
+    caches: dict = field(default_factory=dict)  # {"labelled": path, "pool": path}
+    seconds: dict = field(default_factory=dict)
+
+
+def validate(cfg: SuggestConfig) -> None:
+    check_config(cfg)
+    for name in ("data", "pool"):
+        v = getattr(cfg, name)
+        if not v:
+            raise UsageError(f"suggest needs --{name} DIR")
+        if not Path(v).is_dir():
+            raise UsageError(f"--{name} {v!r} is not a folder")
+    data, pool = Path(cfg.data).resolve(), Path(cfg.pool).resolve()
+    if data.is_relative_to(pool) or pool.is_relative_to(data):
+        raise UsageError(f"--pool {cfg.pool!r} and --data {cfg.data!r} overlap: the pool's photos would be a class "
+                         "of the labelled folder (or the other way round); keep them in separate folders")
+    folder, option = (cfg.output, "--output") if cfg.output else (cfg.runs_dir, "--runs-dir")
+    check_output(folder, data=[(cfg.data, "--data"), (cfg.pool, "--pool")], what=option, folder=True)
+
+
+# -- the ranking (arrays only: the benchmark calls it too) --------------------------------------------
+def uncertainty(proba: np.ndarray) -> np.ndarray:
+    """1 - (the most probable class's probability - the second's): 0 for a sure photo, 1 for a tie."""
+    if proba.shape[1] < 2:
+        return np.ones(len(proba))
+    top2 = -np.partition(-proba, 1, axis=1)[:, :2]
+    return 1.0 - (top2[:, 0] - top2[:, 1])
+
+
+def nearest_distance(x: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """Each l2-normalised row's cosine distance (1 - similarity, at least 0) to its nearest row of ``other``."""
+    if not len(other):
+        return np.ones(len(x))
+    out = np.empty(len(x))
+    for lo in range(0, len(x), BLOCK_ROWS):
+        out[lo:lo + BLOCK_ROWS] = 1.0 - (x[lo:lo + BLOCK_ROWS] @ other.T).max(1)
+    return np.clip(out, 0.0, None)
+
+
+#: The default rule looks for spread among this many times k of the least certain photos (measured: 2 beat 3
+#: and the uncertainty-weighted k-center over the whole pool on scenes6, tied on caltech20; docs/suggest.md).
+CANDIDATES = 2
+
+
+def rank_pool(pool: np.ndarray, labelled: np.ndarray, proba: np.ndarray, k: int, rule: str = "diverse-uncertain",
+              seed: int = 0) -> np.ndarray:
+    """The ``k`` pool rows to label first, in order. ``pool``, ``labelled``: l2-normalised pooled rows;
+    ``proba``: the current head's probabilities of the pool rows.
+
+    'diverse-uncertain': the ``CANDIDATES`` x k least certain rows, then among them one at a time the row
+    farthest from every row labelled or picked already (k-center): photos the head is unsure of, and not
+    several near copies of one kind while others are left. 'margin': the least certain rows; 'diverse': the
+    k-center over the whole pool; 'random': a seeded random order.
+    """
+    k = min(k, len(pool))
+    if rule == "random":
+        return np.random.default_rng(seed).permutation(len(pool))[:k]
+    by_margin = np.argsort(-uncertainty(proba), kind="stable")
+    if rule == "margin":
+        return by_margin[:k]
+    candidates = by_margin[:CANDIDATES * k] if rule == "diverse-uncertain" else by_margin
+    return candidates[k_center(pool[candidates], labelled, k)]
+
+
+def k_center(x: np.ndarray, labelled: np.ndarray, k: int) -> np.ndarray:
+    """Greedy k-center: ``k`` rows of ``x``, each the farthest (cosine) from ``labelled`` and the rows picked
+    before it; ties (rows at distance 0, copies of labelled photos) go to the earlier row."""
+    dist = nearest_distance(x, labelled)
+    chosen = np.empty(k, np.int64)
+    for step in range(k):
+        i = int(np.argmax(dist))
+        chosen[step] = i
+        dist = np.minimum(dist, np.clip(1.0 - x @ x[i], 0.0, None))
+        dist[chosen[:step + 1]] = -1.0
+    return chosen
+
+
+# -- the stage ----------------------------------------------------------------------------------------
+def extract_both(cfg: SuggestConfig) -> tuple[Path, Path]:
+    """The caches of the labelled folder and of the pool (extract's: hits when they exist, rows by content)."""
+    from ..extraction.extract import extract
+
+    common = dict(n=0, backbone=cfg.backbone, weights=cfg.weights, batch_size=cfg.batch_size, device=cfg.device,
+                  workers=cfg.workers, cache_dir=cfg.cache_dir, command=cfg.command)
+    labelled = extract(ExtractConfig(data=cfg.data, **common))["cache"]
+    pool = extract(ExtractConfig(data=cfg.pool, purpose=POOL, **common))["cache"]
+    return Path(labelled), Path(pool)
+
+
+def fit_head(cfg: SuggestConfig, avg: np.ndarray, labels: np.ndarray, n_classes: int):
+    """The head whose uncertainty counts: fit-head's default (``--head auto``) or a logistic regression."""
+    from ..heads.fit_head import default_head_on_rows
+    from ..heads.model_selection import fit_setting
+
+    shape = (avg.shape[1], 1, 1)
+    if cfg.head == "logreg":
+        head, info = fit_setting({"avg": avg}, labels, {"head": "logreg"}, in_shape=shape, n_classes=n_classes,
+                                 seed=cfg.seed)
+        return head.eval(), info["key"]
+    return default_head_on_rows({"avg": avg}, labels, n_classes, shape, FitHeadConfig(seed=cfg.seed))
+
+
+def suggest(cfg: SuggestConfig) -> SuggestResult:
+    """Rank the pool's photos for labelling and write the list (CSV) and its page (HTML)."""
+    from .audit import output_dir
+
+    validate(cfg)
+    t0 = time.time()
+    lab_path, pool_path = extract_both(cfg)
+    with FeatureCache(lab_path) as lc, FeatureCache(pool_path) as pc:
+        classes, labels = list(lc.classes), np.asarray(lc.labels, np.int64)
+        if len(set(labels.tolist())) < 2:
+            raise UsageError(f"{cfg.data}: at least two classes with photos are needed to rank a pool")
+        avg = CacheViews(lc, np.arange(lc.n)).load(["avg"])["avg"]
+        pool_avg = CacheViews(pc, np.arange(pc.n)).load(["avg"])["avg"]
+        paths, root = pc.paths, pc.attrs["data_root"]
+        known = set(d for d in lc.row_digests() if d)
+        fresh = np.array([not d or d not in known for d in pc.row_digests()], bool)
+    seconds = {"extract": time.time() - t0}
+    t = time.time()
+    head, key = fit_head(cfg, avg, labels, len(classes))
+    proba = np.exp(head.log_proba_of_rows(pool_avg))
+    seconds["head"] = time.time() - t
+    t = time.time()
+    keep = np.flatnonzero(fresh)  # a photo the labelled folder holds already teaches nothing
+    order = keep[rank_pool(pooled_rows_np(pool_avg[keep]), pooled_rows_np(avg), proba[keep], cfg.k, cfg.rule,
+                           cfg.seed)]
+    dist = nearest_distance(pooled_rows_np(pool_avg[order]), pooled_rows_np(avg))
+    u = uncertainty(proba[order])
+    rows = [{"rank": r + 1, "path": paths[i], "predicted": classes[int(proba[i].argmax())],
+             "probability": round(float(proba[i].max()), 4), "uncertainty": round(float(u[r]), 4),
+             "distance": round(float(dist[r]), 4)} for r, i in enumerate(order)]
+    seconds["rank"] = time.time() - t
+    out = output_dir(cfg, "suggest")
+    result = SuggestResult(rows, out / "suggestions.csv", out / "suggestions.html", key, cfg.rule, len(labels),
+                           len(paths), int((~fresh).sum()), {"labelled": str(lab_path), "pool": str(pool_path)},
+                           seconds)
+    write_csv(rows, result.csv)
+    write_page(result, root, cfg.data)
+    result.seconds["total"] = time.time() - t0
+    return result
+
+
+COLUMNS = ("rank", "path", "predicted", "probability", "uncertainty", "distance")
+
+
+def write_csv(rows: list, path: Path) -> Path:
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            w = SafeCsvWriter(f, list(COLUMNS))
+            w.writeheader()
+            w.writerows(rows)
+
+    return atomic_write(path, write)
+
+
+def render(result: SuggestResult, root: str, data: str) -> str:
+    """The page: each suggested photo (thumbnail inlined), its rank, the head's guess and how unsure it is."""
+    from .audit_html import STYLE, photo_figure
+
+    esc = html.escape
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>photos to label next</title>"
+             f"<style>{STYLE}</style></head><body><h1>Photos to label next</h1>",
+             f"<p>{len(result.rows)} of the {result.pool} photos of {esc(root)}, ranked by the rule "
+             f"<b>{esc(result.rule)}</b> (the uncertainty of {esc(result.head)}, fitted on the {result.labelled} "
+             f"photos of {esc(data)}, and the distance to the nearest labelled or suggested photo). Move each into its "
+             f"class folder of {esc(data)}: the next extract reuses its features.</p>",
+             "<table><tr><th>rank</th><th>photo</th><th>the head's guess</th><th>uncertainty</th>"
+             "<th>distance</th></tr>"]
+    for r in result.rows:
+        parts.append(f"<tr><td>{r['rank']}</td><td>{photo_figure(root, r['path'], r['path'])}</td>"
+                     f"<td>{esc(r['predicted'])} ({r['probability']:.3f})</td><td>{r['uncertainty']:.3f}</td>"
+                     f"<td>{r['distance']:.3f}</td></tr>")
+    parts.append("</table></body></html>")
+    return "\n".join(parts)
+
+
+def write_page(result: SuggestResult, root: str, data: str) -> Path:
+    text = render(result, root, data)
+    return atomic_write(result.html, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def format_result(r: SuggestResult, top: int = 20) -> str:
+    """The list as the lines a person reads on stdout."""
+    w = max([len("photo")] + [len(x["path"]) for x in r.rows[:top]])
+    lines = [f"{len(r.rows)} of {r.pool} pool photos to label next (rule {r.rule}; head {r.head} on "
+             f"{r.labelled} labelled photos" + (f"; {r.skipped} pool photos already labelled left out" if r.skipped
+                                                 else "") + ")",
+             f"{'rank':>4}  {'photo':<{w}}  {'guess':<14} {'uncertainty':>11} {'distance':>8}"]
+    lines += [f"{x['rank']:>4}  {x['path']:<{w}}  {x['predicted']:<14} {x['uncertainty']:>11.3f} {x['distance']:>8.3f}"
+              for x in r.rows[:top]]
+    if len(r.rows) > top:
+        lines.append(f"... and {len(r.rows) - top} more ({r.csv})")
+    lines += [f"list: {r.csv}", f"page: {r.html}"]
+    return "\n".join(lines)

@@ -1,0 +1,99 @@
+"""suggest: which unlabelled photos to label next; the pool is cached like any folder and its rows reused by content."""
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from pipeline.cache.feature_cache import newest_cache
+from pipeline.cli import cli
+from pipeline.reports.suggest import rank_pool, uncertainty
+from tests.conftest import make_image_folder
+from tests.test_row_donors import forward_passes  # noqa: F401  (the fixture)
+
+
+def tiny_args(tmp_path):
+    return ["--backbone", "tiny", "--weights", "none", "--workers", "0", "--cache-dir", str(tmp_path / "features")]
+
+
+@pytest.fixture
+def pool(tmp_path, image_folder):
+    """A folder of 9 unlabelled photos (blue, red and green ones, loose and in a sub-folder) and one byte copy
+    of a labelled photo."""
+    made = make_image_folder(tmp_path / "made", per_class=3, classes=("blue", "red", "green"), seed=7)
+    root = tmp_path / "pool"
+    (root / "day2").mkdir(parents=True)
+    for i, p in enumerate(sorted(made.rglob("*.jpg"))):
+        shutil.copy(p, (root / "day2" if i % 2 else root) / f"p{i}.jpg")
+    shutil.copy(image_folder / "blue" / "blue.0.jpg", root / "copy_of_blue0.jpg")
+    return root
+
+
+def test_suggest_writes_the_ranked_list_and_its_page(tmp_path, image_folder, pool):
+    out = tmp_path / "out"
+    run = CliRunner().invoke(cli, ["suggest", "--data", str(image_folder), "--pool", str(pool), "--k", "5",
+                                   "--output", str(out), "--json", *tiny_args(tmp_path)])
+    assert run.exit_code == 0, run.output
+    result = json.loads(run.output)
+    assert result["pool"] == 10 and result["labelled"] == 24 and result["skipped"] == 1
+    with open(out / "suggestions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["rank"]) for r in rows] == [1, 2, 3, 4, 5]
+    paths = [r["path"] for r in rows]
+    assert len(set(paths)) == 5 and all((pool / p).is_file() for p in paths)
+    assert "copy_of_blue0.jpg" not in paths  # the labelled folder holds these bytes already
+    assert {r["predicted"] for r in rows} <= {"blue", "red"}
+    page = (out / "suggestions.html").read_text()
+    assert page.count("data:image/jpeg;base64,") == 5 and "src=\"http" not in page
+    # the pool's cache is an ordinary cache, but never the default one to train on
+    assert newest_cache(tmp_path / "features").attrs["data_root"] == str(image_folder.resolve())
+
+
+def test_a_suggested_photo_moved_into_its_class_costs_no_forward_pass(tmp_path, image_folder, pool, make_cache,
+                                                                     forward_passes):  # noqa: F811
+    from pipeline import api
+
+    result = api.suggest(image_folder, pool, k=3, output=tmp_path / "out", backbone="tiny", weights="none",
+                         workers=0, cache_dir=tmp_path / "features")
+    assert forward_passes["images"] == 24 + 9  # the pool's copy of a labelled photo: its row reused too
+    first = result.rows[0]["path"]
+    shutil.move(pool / first, image_folder / "red" / "labelled_now.jpg")
+    forward_passes["images"] = 0
+    again = make_cache(image_folder)  # extract of the labelled folder: its row comes from the pool's cache
+    assert (again["computed"], again["reused"], forward_passes["images"]) == (0, 25, 0)
+
+
+def test_a_new_class_folder_costs_only_its_photos(tmp_path, image_folder, make_cache, forward_passes):  # noqa: F811
+    make_cache(image_folder)
+    make_image_folder(image_folder, per_class=4, classes=("green",), seed=3)
+    forward_passes["images"] = 0
+    again = make_cache(image_folder)
+    assert (again["computed"], again["reused"], forward_passes["images"]) == (4, 24, 4)
+
+
+def test_the_default_rule_skips_near_copies_that_margin_alone_would_all_pick():
+    rng = np.random.default_rng(0)
+    labelled = np.eye(8)[:2]
+    base = rng.normal(size=(6, 8))
+    pool = np.concatenate([np.repeat(base[:1], 3, 0), base[1:]])  # three copies of one photo, five others
+    pool /= np.linalg.norm(pool, axis=1, keepdims=True)
+    proba = np.array([[0.5, 0.5]] * 3 + [[0.6, 0.4], [0.7, 0.3], [0.8, 0.2], [0.9, 0.1], [0.95, 0.05]])
+    assert uncertainty(proba)[0] == 1.0
+    assert sorted(rank_pool(pool, labelled, proba, 3, "margin")) == [0, 1, 2]
+    picked = rank_pool(pool, labelled, proba, 3)  # the default: spread among the 6 least certain
+    assert len(set(picked.tolist()) & {0, 1, 2}) == 1 and len(set(picked.tolist())) == 3
+    assert (rank_pool(pool, labelled, proba, 4, "random", seed=1) == rank_pool(pool, labelled, proba, 4, "random",
+                                                                                seed=1)).all()
+
+
+@pytest.mark.parametrize("where", ["pool_inside_data", "output_inside_pool"])
+def test_overlapping_folders_are_refused(tmp_path, image_folder, pool, where):
+    if where == "pool_inside_data":
+        args = ["--data", str(image_folder), "--pool", str(image_folder / "blue")]
+    else:
+        args = ["--data", str(image_folder), "--pool", str(pool), "--output", str(pool / "out")]
+    run = CliRunner().invoke(cli, ["suggest", *args, *tiny_args(tmp_path)])
+    assert run.exit_code == 2 and ("overlap" in run.output or "inside the data folder" in run.output), run.output
+    assert not (pool / "out").exists()
