@@ -37,7 +37,7 @@ class ImageClassifier:
 
     def __init__(self):
         self._weights: Optional[str] = None
-        self._loaded = None  # (LoadedModel, Inference, (device, precision) asked) once predict ran
+        self._loaded = None  # (LoadedModel, Inference, (device, precision, maps) asked) once predict ran
         self._head = None  # a head fitted on arrays, in memory (no checkpoint)
 
     # -- learned state ---------------------------------------------------------------------------
