@@ -253,3 +253,42 @@ def test_precision_auto_as_int8_is_the_int8_cache(monkeypatch, image_folder, tmp
     asked = extract(cfg(image_folder, tmp_path))
     auto = extract(cfg(image_folder, tmp_path, precision="auto"))
     assert auto["hit"] and auto["cache"] == asked["cache"] and auto["precision"] == "int8"
+
+
+def test_a_later_extraction_reuses_the_projects_int8_calibration(tmp_path, monkeypatch):
+    """Another --n (another cache) in the same project: the calibration kept in the one-offs folder is reused
+    (the same network: bitwise the same rows), said on the summary; a photo of the sample rewritten since
+    (same size and mtime, so the same key) is refused and calibrated again."""
+    import os
+
+    from pipeline.extraction import quantize
+
+    data = make_image_folder(tmp_path / "d", per_class=8)
+    first = extract(cfg(data, tmp_path))
+    stored = list((tmp_path / "f" / "oneoffs" / "int8").glob("*.pt"))
+    assert len(stored) == 1 and "calibration_reused" not in first
+    real, calibrations = quantize.calibrated_int8, []
+    monkeypatch.setattr(quantize, "calibrated_int8", lambda *a, **k: (calibrations.append(1), real(*a, **k))[1])
+    again = extract(cfg(data, tmp_path, n=10))
+    assert not calibrations and again["calibration_reused"].endswith(".json")
+    paths, rows, attrs = features(again["cache"])
+    all_paths, all_rows, first_attrs = features(first["cache"])
+    assert np.array_equal(rows, all_rows[[all_paths.index(p) for p in paths]])
+    assert json.loads(attrs["calibration"]) == json.loads(first_attrs["calibration"])  # the record, as made
+    photo = data / json.loads(first_attrs["calibration"])["images"][0]
+    st = photo.stat()
+    raw = bytearray(photo.read_bytes())
+    raw[-3] ^= 0xFF  # another photo, same size and mtime: the listing (and the key) cannot tell
+    photo.write_bytes(bytes(raw))
+    os.utime(photo, ns=(st.st_atime_ns, st.st_mtime_ns))
+    third = extract(cfg(data, tmp_path, n=12))
+    assert calibrations == [1] and "calibration_reused" not in third
+
+
+def test_an_unreadable_stored_calibration_is_calibrated_again(tmp_path, caplog):
+    data = make_image_folder(tmp_path / "d", per_class=6)
+    extract(cfg(data, tmp_path))
+    (stored,) = (tmp_path / "f" / "oneoffs" / "int8").glob("*.pt")
+    stored.write_bytes(b"not a tensor file")
+    r = extract(cfg(data, tmp_path, n=8))
+    assert "calibration_reused" not in r and "unreadable" in caplog.text
