@@ -148,7 +148,7 @@ def feature_model(cfg, backbone, listing: ImageFolderListing, device, precision:
 def int8_feature_network(cfg, backbone, listing: ImageFolderListing, folder: Path, resumed: Optional[CacheInfo],
                          lower: bool):
     """(the int8 network, its calibration record with ``reused`` saying from where, when it was)."""
-    from .oneoffs import calibration_key, store_calibration, stored_calibration
+    from .oneoffs import calibration_key, request_key, store_calibration, stored_calibration
     from .quantize import calibrated_int8, calibration_identity, calibration_listing, int8_network
 
     crop = backbone.transform.crop_size[0]
@@ -157,8 +157,9 @@ def int8_feature_network(cfg, backbone, listing: ImageFolderListing, folder: Pat
         calibration = {**json.loads(resumed.attrs["calibration"]), "reused": "the cache being resumed"}
         return int8_network(backbone.features, stored, (3, crop, crop), lower), calibration
     calib_listing = calibration_listing(cfg.calib_data, listing)
-    key = calibration_key(calibration_identity(calib_listing, cfg.seed, cfg.calib_n), backbone.spec.name,
-                          backbone.features, Provenance.of_backbone(backbone, ()).preprocessing.to_dict())
+    identity = calibration_identity(calib_listing, cfg.seed, cfg.calib_n)
+    key = calibration_key(identity, backbone.spec.name, backbone.features,
+                          Provenance.of_backbone(backbone, ()).preprocessing.to_dict())
     found = stored_calibration(folder, key, calib_listing.root)
     if found is not None:
         observers, calibration = found
@@ -166,7 +167,8 @@ def int8_feature_network(cfg, backbone, listing: ImageFolderListing, folder: Pat
                 {**calibration, "reused": str(folder / "int8" / f"{key}.json")})
     net, calibration = calibrated_int8(backbone.features, calib_listing, cfg.seed, cfg.calib_n, backbone.transform,
                                        lower=lower)
-    store_calibration(folder, key, net.observers, calibration, calib_listing.root)
+    store_calibration(folder, key, net.observers, calibration, calib_listing.root,
+                      request_key(identity, cfg.backbone, bb.weights_identity(cfg.weights)))
     return net, calibration
 
 

@@ -57,6 +57,24 @@ def calibration_key(identity: dict, backbone: str, features, preprocessing: dict
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
+def request_key(identity: dict, backbone: str, weights: dict) -> str:
+    """The calibration as a request names it (no torch, no weights loaded): ``--precision auto`` asks
+    ``has_calibration`` whether the one-offs are paid; reusing one still checks the full ``calibration_key``."""
+    blob = json.dumps({"calibration": identity, "backbone": backbone, "weights": weights}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def has_calibration(folder: Path, request: str) -> bool:
+    """Whether a calibration stored in ``folder`` was made for ``request`` (``request_key``)."""
+    for record in (folder / "int8").glob("*.json") if (folder / "int8").is_dir() else []:
+        try:
+            if json.loads(record.read_text()).get("request") == request:
+                return True
+        except (OSError, ValueError, AttributeError):
+            continue
+    return False
+
+
 def _file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -84,7 +102,8 @@ def stored_calibration(folder: Path, key: str, root: str) -> Optional[tuple[dict
     return observers, record["calibration"]
 
 
-def store_calibration(folder: Path, key: str, observers: dict, calibration: dict, root: str) -> None:
+def store_calibration(folder: Path, key: str, observers: dict, calibration: dict, root: str,
+                      request: str = "") -> None:
     """Keep a calibration for later processes (a failure to write only warns: the run does not need it)."""
     import torch
 
@@ -97,7 +116,7 @@ def store_calibration(folder: Path, key: str, observers: dict, calibration: dict
         atomic_write(target / f"{key}.pt", lambda tmp: torch.save({k: v.contiguous() for k, v in observers.items()},
                                                                     tmp))
         atomic_write(target / f"{key}.json", lambda tmp: tmp.write_text(json.dumps(
-            {"key": key, "calibration": calibration, "digests": digests}, indent=1)))
+            {"key": key, "request": request, "calibration": calibration, "digests": digests}, indent=1)))
     except Exception as e:  # noqa: BLE001 -- a read-only or full disk: the run goes on, the next calibrates again
         log.warning("could not keep the int8 calibration in %s (%s)", target, e)
 
