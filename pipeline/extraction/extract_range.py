@@ -260,6 +260,7 @@ def extract_range(cfg, listing: ImageFolderListing, key: str, path: Path, resume
                                raw_jpeg=cfg.decode == "device", digests=True,
                                known=donors.digests if donors else frozenset())
     candidates = read_items(dataset, cfg.workers, device, chunk=cfg.batch_size) if rows < target else iter(())
+    reader = candidates  # a CPU network's reader says whether it decoded in turns with it or beside it
     if cfg.decode == "device":
         from ..data.device_decode import decode_on_device
 
@@ -329,4 +330,5 @@ def extract_range(cfg, listing: ImageFolderListing, key: str, path: Path, resume
             # where the time went: waiting for decoded images, the model (compiling included), HDF5 writes
             "stage_seconds": {**clock, "model": model.busy_seconds}, "compile_seconds": model.compile_seconds,
             "compiled": bool(model.compiled and not model.compiled.failed), "compile_cache": model.compile_cache,
+            "decoding": getattr(reader, "choice", "") or ("in background processes" if rows > start_rows else ""),
             **paid}
