@@ -129,3 +129,21 @@ def test_the_compile_cache_lives_in_the_project_and_is_warm_for_a_later_process(
     other = CompiledNet(torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3)).eval(), cache_folder=tmp_path)
     other(x)
     assert other.cache == "cold"  # another network: its kernels are not there
+
+
+def test_eager_first_runs_a_few_images_eagerly_before_compiling(monkeypatch):
+    """A head's int8 network (predict, serve) compiles only once a few batches have run: a call on one photo
+    never waits for a compile."""
+    compiled_calls = []
+
+    def fake_compile(module, **kw):
+        return lambda x: (compiled_calls.append(len(x)), module(x))[1]
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    c = CompiledNet(net(), eager_first=4)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        c(x), c(x)
+        assert compiled_calls == [] and c.batch is None
+        c(x)
+    assert compiled_calls == [2] and c.batch == 2

@@ -27,8 +27,11 @@ log = logging.getLogger(__name__)
 class CompiledNet:
     """``net`` compiled with Inductor; ``fallback`` (default ``net``) runs when compiling fails."""
 
-    def __init__(self, net, fallback=None, batch: Optional[int] = None, cache_folder: Optional[Path] = None):
+    def __init__(self, net, fallback=None, batch: Optional[int] = None, cache_folder: Optional[Path] = None,
+                 eager_first: int = 0):
         self.net = net
+        # run the first ``eager_first`` images eagerly: a short call (predict on a photo) never waits for a compile
+        self.eager_left = eager_first
         self.eager = fallback if fallback is not None else net
         # the project's one-offs folder: Inductor's kernels kept there for later processes (``oneoffs``)
         self.cache_folder = cache_folder
@@ -43,9 +46,10 @@ class CompiledNet:
         self.first_images = 0  # how many images that first call ran
 
     def __call__(self, x):
-        if self.failed:
-            return self.eager(x)
         n = len(x)
+        if self.failed or self.eager_left > 0:
+            self.eager_left -= n
+            return self.eager(x)
         if self.batch is None:
             return self._first(x)
         if n > self.batch:  # not produced by extract (batches never grow), but keep it correct
