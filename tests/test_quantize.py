@@ -176,6 +176,8 @@ def test_the_cli_extracts_int8_and_names_the_one_off_costs(tmp_path, monkeypatch
     out = json.loads(r.stdout)
     assert out["precision"] == "int8" and out["rows"] == 12 and out["calibration_seconds"] > 0
     assert "int8 calibration " in r.stderr and "compiling" not in r.stderr
+    again = CliRunner().invoke(cli, [*args[:4], "10", *args[5:]], catch_exceptions=False)  # another --n
+    assert again.exit_code == 0 and "int8 calibration reused" in again.stderr, again.stderr
     bad = CliRunner().invoke(cli, args[:-2] + ["--compile", "sometimes"])
     assert bad.exit_code == 2 and "sometimes" in bad.stderr
 

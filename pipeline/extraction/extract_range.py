@@ -163,6 +163,8 @@ def int8_feature_network(cfg, backbone, listing: ImageFolderListing, folder: Pat
     found = stored_calibration(folder, key, calib_listing.root)
     if found is not None:
         observers, calibration = found
+        log.info("int8 calibration reused (%s: %d photos, %.0f s when made)", folder / "int8" / f"{key}.json",
+                 len(calibration.get("images", [])), calibration.get("seconds", 0))
         return (int8_network(backbone.features, observers, (3, crop, crop), lower),
                 {**calibration, "reused": str(folder / "int8" / f"{key}.json")})
     net, calibration = calibrated_int8(backbone.features, calib_listing, cfg.seed, cfg.calib_n, backbone.transform,

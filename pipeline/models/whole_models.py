@@ -486,6 +486,7 @@ def _cache_int8_network(ckpt: dict, loaded, path):
 
     require_torchao()
     crop = loaded.transform.crop_size[0]
+    log.info("int8 calibration reused (the %d observers %s keeps; no photo calibrated)", len(observers), path)
     return FrozenGraph(compiled_int8(int8_network(loaded.features, observers, (3, crop, crop), lower=False)))
 
 
