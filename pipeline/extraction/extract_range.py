@@ -174,7 +174,7 @@ def int8_feature_network(cfg, backbone, listing: ImageFolderListing, folder: Pat
     return net, calibration
 
 
-def one_offs(model, calibration: Optional[dict]) -> dict:
+def one_offs(calibration: Optional[dict]) -> dict:
     """What this run paid once, for its summary: the int8 calibration's seconds (or what reusing one took, and
     from where: taken out of ``calibration``, which the cache keeps as it was made)."""
     if not calibration:
@@ -237,7 +237,7 @@ def extract_range(cfg, listing: ImageFolderListing, key: str, path: Path, resume
                                                                  bb.has_depthwise(backbone.features)),
                                                   resumed)
     backbone.model = None  # the classifier (about 500 MB for VGG-16) is not needed to extract
-    paid = one_offs(model, calibration)
+    paid = one_offs(calibration)
     provenance = Provenance.of_backbone(backbone, listing.classes, cfg.pool, cfg.weights,
                                         data_root=str(Path(cfg.data).resolve()),
                                         data_fingerprint=listing.fingerprint(), versions=versions())
