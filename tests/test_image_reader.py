@@ -177,6 +177,6 @@ def test_the_cpu_reader_decodes_beside_the_network_when_that_is_faster(tmp_path,
     assert [(g.position, g.path) for g in got] == [(w.position, w.path) for w in want]
     assert all(np.array_equal(g.image.numpy(), w.image.numpy()) for g, w in zip(got, want))
     monkeypatch.setattr(ImageListDataset, "__getitem__", real)
-    quick = CpuReader(ds, 1, 2)
-    consume(quick, 0.2)
+    quick = CpuReader(ImageListDataset(tmp_path, [(f"{i % 4}.jpg", 0) for i in range(6)], T), 1, 2)
+    consume(quick, 0.5)  # decoding two small photos: well under 5 % of half a second
     assert quick.mode == "turns" and "in turns" in quick.choice and not quick.cycles["beside"]
