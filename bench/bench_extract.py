@@ -100,7 +100,8 @@ def child_extract(a) -> dict:
             Path(a.paths).write_text(json.dumps(c.paths))
     return {"images": r["rows"], "seconds": r["seconds"], "img_per_s": r["wall_img_per_s"], "wall_s": wall,
             "steady_img_per_s": r["img_per_s"],  # extract's own figure: after calibration and compiling
-            "compile_seconds": r["compile_seconds"], "compiled": r["compiled"],
+            "compile_seconds": r["compile_seconds"], "compiled": r["compiled"], "decoding": r.get("decoding", ""),
+            "compile_cache": r.get("compile_cache", ""), "calibration_reused": r.get("calibration_reused", ""),
             "calibration_seconds": r.get("calibration_seconds", 0.0), "stage_seconds": r["stage_seconds"],
             "precision": r["precision"], "runtime": r.get("runtime", "torch"), "flip": r.get("flip", False),
             "device": r["device"], **kw,
@@ -394,8 +395,8 @@ def table(r: dict) -> str:
              "",
              "| path | end to end img/s | x bf16 eager | x tutorial | model alone img/s (before / after) "
              "| end to end / model alone | compile s (cold) | calibration s "
-             "| time: input wait / model / write / other | % of ceiling | peak RSS MB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| time: input wait / model / write / other | % of ceiling | peak RSS MB | decoding |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, q in r["paths"].items():
         sh = {k: f"{100 * v:.0f}" for k, v in q["stage_share"].items()}
         ceiling = f"{100 * q['fraction_of_ceiling']:.0f}" if q["fraction_of_ceiling"] else "-"
@@ -406,7 +407,7 @@ def table(r: dict) -> str:
             f"| {100 * q['end_to_end_vs_model_alone']:.0f} % "
             f"| {q['compile_seconds']:.1f} | {q['calibration_seconds']:.1f} "
             f"| {sh['input']} / {sh['model']} / {sh['write']} / {sh['other']} % "
-            f"| {ceiling} | {q['rss_mb']:.0f} |")
+            f"| {ceiling} | {q['rss_mb']:.0f} | {q.get('decoding', '')} |")
     lines += ["", f"extract peak RSS n={f['n'][0]} vs n={f['n'][1]}: {f['rss_mb'][0]:.0f} MB vs "
               f"{f['rss_mb'][1]:.0f} MB ({100 * (f['ratio'] - 1):+.1f} %)"]
     return "\n".join(lines)

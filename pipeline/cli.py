@@ -261,9 +261,10 @@ def extract(as_json, **options):
         note(f"cache hit: {result['rows']} rows already extracted, nothing computed"
              f"{' (every photo checked against its sha256)' if result.get('verified') else ''}")
     else:
-        one_off = [f"{what} {result[k]:.0f} s" for k, what in (("calibration_seconds", "int8 calibration"),
-                                                               ("compile_seconds", "compiling"))
-                   if result.get(k)]
+        one_off = [f"{what} {result[k]:.0f} s" for k, what in (
+            ("calibration_seconds", "int8 calibration" + (" reused" if result.get("calibration_reused") else "")),
+            ("compile_seconds", "compiling" + (f" (compile cache {result['compile_cache']})"
+                                               if result.get("compile_cache") else ""))) if result.get(k)]
         note(f"extracted {result['computed']} images ({result['img_per_s']:.1f} img/s"
              f"{', not counting ' + ' and '.join(one_off) if one_off else ''}), "
              f"{result['skipped']} skipped, {result['rows']} rows in "

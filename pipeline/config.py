@@ -198,8 +198,8 @@ BACKBONE_HELP = ("Any torchvision or timm model: vgg16, resnet50, tf_efficientne
                  "(docs/backbones.md).")
 WEIGHTS_HELP = ("DEFAULT, a torchvision weights name (IMAGENET1K_V1) or timm tag (in1k), a state-dict file "
                 "(+ .json sidecar), or 'none'.")
-WORKERS_HELP = ("Decoding: -1 = on the CPU a thread per core, in turns with the network; on a GPU a process per core; "
-                "N processes; 0 in-process.")
+WORKERS_HELP = ("Decoding: -1 = on the CPU a thread per core, in turns with the network or beside it (whichever "
+                "measures faster); on a GPU a process per core; N processes; 0 in-process.")
 HEAD_WEIGHTS_HELP = "For a head.pt: its backbone weights, if not where the head recorded them."
 DEVICE = option("auto, cpu, cuda or cuda:N.", doc="`auto` (CUDA if available), `cpu`, `cuda`, `cuda:N`")
 CACHE_DIR = option("Folder of feature caches.")
@@ -226,9 +226,9 @@ class RunnerOptions(DeviceOptions):
     precision: str = field(default="auto", metadata=MODEL_PRECISION)
     batch_size: int = field(default=32, metadata=option("Images per forward pass.", range=POSITIVE))
     workers: int = field(default=-1, metadata=option(WORKERS_HELP, range=WORKER_COUNTS, doc=(
-        "decoding: -1 = with the network on the CPU, a thread per core taking turns with it (decoding beside a CPU "
-        "network slows it: [performance.md](performance.md)); on a GPU a background process per core (at most 8); "
-        "N = N processes; 0 = in-process")))
+        "decoding: -1 = with the network on the CPU, a thread per core, taking turns with it or decoding beside it, "
+        "whichever this machine measures faster ([performance.md](performance.md#decoding-in-turns-with-the-network-"
+        "or-beside-it)); on a GPU a background process per core (at most 8); N = N processes; 0 = in-process")))
 
 
 @dataclass
@@ -322,8 +322,9 @@ class ExtractConfig(RunnerOptions):
             "compute precision: `auto` (on the CPU, a network with depthwise convolutions such as EfficientNet-Lite, "
             "MobileNet or ConvNeXt runs bf16 where supported, never int8, compiled from 4,000 images: its fastest "
             "path there ([performance.md](performance.md#other-backbones-on-the-cpu)); otherwise int8 + compile for "
-            "CPU runs of 1,000+ images on AVX-512 VNNI without AMX when torchao is installed, else bf16 where "
-            "supported), `fp32`, `bf16`, `fp16` (CUDA), `int8` (CPU, needs torchao)")))
+            "CPU runs of 1,000+ images on AVX-512 VNNI or AMX when torchao is installed (300+ once the project's "
+            "one-offs folder holds the calibration: [performance.md](performance.md#one-offs-paid-once)), else bf16 "
+            "where supported), `fp32`, `bf16`, `fp16` (CUDA), `int8` (CPU, needs torchao)")))
     batch_size: int = field(default=32, metadata=option(
         "Images per forward pass (and per committed write).", range=POSITIVE))
     seed: int = field(default=0, metadata=option("Seed of the stratified sample of --n images.", range=SEEDS))

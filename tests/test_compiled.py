@@ -104,3 +104,46 @@ def test_after_compiling_errors_propagate_and_out_of_memory_turns_eager(monkeypa
 ])
 def test_when_compile_auto_compiles(choice, precision, device, images, want):
     assert should_compile(choice, precision, device, images) is want
+
+
+def test_the_compile_cache_lives_in_the_project_and_is_warm_for_a_later_process(monkeypatch, tmp_path):
+    """Inductor's caches go to <one-offs>/inductor while compiling (not the environment's default), and a
+    second compile of the same network there is reported warm."""
+    import os
+
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    seen = []
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+
+    def fake_compile(module, **kw):
+        return lambda x: (seen.append(cache_dir()), module(x))[1]
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    x = torch.randn(2, 3, 8, 8)
+    first, second = CompiledNet(net(), cache_folder=tmp_path), CompiledNet(net(), cache_folder=tmp_path)
+    first(x)
+    second(x)
+    assert seen == [str((tmp_path / "inductor").resolve())] * 2 and "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+    assert (first.cache, second.cache) == ("cold", "warm")
+    other = CompiledNet(torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3)).eval(), cache_folder=tmp_path)
+    other(x)
+    assert other.cache == "cold"  # another network: its kernels are not there
+
+
+def test_eager_first_runs_a_few_images_eagerly_before_compiling(monkeypatch):
+    """A head's int8 network (predict, serve) compiles only once a few batches have run: a call on one photo
+    never waits for a compile."""
+    compiled_calls = []
+
+    def fake_compile(module, **kw):
+        return lambda x: (compiled_calls.append(len(x)), module(x))[1]
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    c = CompiledNet(net(), eager_first=4)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        c(x), c(x)
+        assert compiled_calls == [] and c.batch is None
+        c(x)
+    assert compiled_calls == [2] and c.batch == 2

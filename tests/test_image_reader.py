@@ -146,3 +146,37 @@ def test_sixteen_bit_gray_converts_in_integer_blocks_without_a_float64_copy():
     assert rgb.mode == "RGB" and rgb.size == (1500, 2000)
     # the uint8 output (3 MB) and one block of int64 rows (256 x 1500 x 8 x ~3 temporaries); float64 was 24 MB a copy
     assert peak < 2000 * 1500 + 4 * ROWS_PER_BLOCK * 1500 * 8, peak
+
+
+def test_the_cpu_reader_decodes_beside_the_network_when_that_is_faster(tmp_path, monkeypatch):
+    """'auto' tries both after the first batch and keeps the faster: here decoding is slow and the 'network'
+    (the consumer) sleeps, leaving the cores idle, so beside wins; the items are the same in any mode. With
+    decoding a negligible share of a batch it stays in turns without trying."""
+    import time
+
+    from pipeline.data.image_reader import CpuReader
+
+    for i in range(4):
+        Image.fromarray(photo_like(50, 40, seed=i)).save(tmp_path / f"{i}.jpg", quality=90)
+    ds = ImageListDataset(tmp_path, [(f"{i % 4}.jpg", 0) for i in range(20)], T)
+    real = ImageListDataset.__getitem__
+    monkeypatch.setattr(ImageListDataset, "__getitem__", lambda self, i: (time.sleep(0.02), real(self, i))[1])
+
+    def consume(reader, network_seconds):
+        out = []
+        for k, item in enumerate(reader):
+            out.append(item)
+            if k % 2 == 1:
+                time.sleep(network_seconds)  # the network's turn, after each chunk of two
+        return out
+
+    auto = CpuReader(ds, 1, 2)
+    got = consume(auto, 0.05)
+    assert auto.mode == "beside" and auto.choice.startswith("decoding beside")
+    want = list(CpuReader(ds, 1, 2, mode="turns"))
+    assert [(g.position, g.path) for g in got] == [(w.position, w.path) for w in want]
+    assert all(np.array_equal(g.image.numpy(), w.image.numpy()) for g, w in zip(got, want))
+    monkeypatch.setattr(ImageListDataset, "__getitem__", real)
+    quick = CpuReader(ImageListDataset(tmp_path, [(f"{i % 4}.jpg", 0) for i in range(6)], T), 1, 2)
+    consume(quick, 0.5)  # decoding two small photos: well under 5 % of half a second
+    assert quick.mode == "turns" and "in turns" in quick.choice and not quick.cycles["beside"]

@@ -148,38 +148,116 @@ def read_items(dataset: ImageListDataset, workers: int, device=None, chunk: int 
     """The dataset's Items in order, for a network on ``device`` (a ``torch.device``; None: not known).
 
     ``workers`` -1 (every command's default) with a network on the CPU: decoded in this process by one thread
-    per core (at most 8), ``chunk`` at a time and only when asked for (``read_in_turns``). Otherwise
-    ``resolve_workers(workers)`` background processes, started right away, decode while the network runs.
+    per core (at most 8), ``chunk`` at a time, in turns with the network or beside it, whichever this machine
+    runs faster (``CpuReader``). Otherwise ``resolve_workers(workers)`` background processes, started right
+    away, decode while the network runs.
     """
     from ..devices import resolve_workers
 
     if workers == -1 and device is not None and device.type == "cpu":
-        return read_in_turns(dataset, resolve_workers(-1), chunk)  # a thread per core, at most 8 as processes
+        return CpuReader(dataset, resolve_workers(-1), chunk)  # a thread per core, at most 8 as processes
     return iter_items(item_loader(dataset, resolve_workers(workers)))
 
 
 def read_in_turns(dataset: ImageListDataset, threads: int, chunk: int) -> Iterator[Item]:
     """The dataset's Items in order, ``chunk`` at a time, decoded by ``threads`` threads of this process
-    (PIL and hashlib release the GIL) only once the previous chunk has been taken.
+    (PIL and hashlib release the GIL) only once the previous chunk has been taken (``CpuReader``'s 'turns')."""
+    return CpuReader(dataset, threads, chunk, mode="turns")
 
-    Why, for a network on the CPU: it uses every core already, so decoding beside it only takes
-    cores from it, and worse (most likely), each decoding process that pre-empts one of its threads
-    stalls the others at the next barrier. Measured with VGG-16 int8 + compile on 2 cores: the network ran 11 %
-    slower beside two decoding processes than alone; decoding and the network taking turns on all
-    cores, it runs as fast as alone and decoding costs its own time only (``bench/bench_extract.py``).
+
+#: ``CpuReader`` tries decoding beside the network only when decoding in turns takes at least this share of
+#: a batch's time: beside it can at best hide that share, and trying costs a few batches.
+PROBE_FROM_SHARE = 0.05
+
+
+class CpuReader:
+    """The dataset's Items in order, ``chunk`` at a time, decoded by a pool of ``threads`` threads of this
+    process (PIL and hashlib release the GIL), for a network on the CPU: in turns with it, or beside it.
+
+    In turns ('turns'), a chunk is decoded only once the previous one has been taken, so the network runs
+    on every core alone: it uses them all already, and decoding beside it takes cores from it and, worse,
+    stalls its threads at their next barrier when it pre-empts one (VGG-16 int8 + compile on a 2-core EPYC
+    ran 11 % slower beside two decoding processes; in turns decoding cost its own 6 % only). But a network
+    that leaves cores idle (many short parallel loops: a fast compiled int8 network on AMX, where decoding
+    in turns was 21 % of the time) hides decoding beside it ('beside': the next chunk is decoded while the
+    network runs on this one). 'auto' measures which, on this machine, this network: a batch's time
+    (from one chunk's request to the next) in turns and beside, after the first batch (compiling);
+    decoding under ``PROBE_FROM_SHARE`` of a batch in turns is left in turns without trying.
+    ``choice`` says what was decided and why.
     """
-    from concurrent.futures import ThreadPoolExecutor
 
-    chunk = max(1, chunk)
-    with ThreadPoolExecutor(max(1, min(threads, chunk)), thread_name_prefix="decode") as pool:
-        for start in range(0, len(dataset), chunk):
-            # warnings filters are process-wide and the threads' own catch_warnings may interleave: PIL's warnings
-            # (EXIF) are ignored for the whole chunk here, and whatever the threads leave is dropped after it
-            # (decoding does not depend on the filters: data.folders checks the pixel limit itself)
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
-                done = list(pool.map(dataset.__getitem__, range(start, min(start + chunk, len(dataset)))))
-            yield from done
+    def __init__(self, dataset: ImageListDataset, threads: int, chunk: int, mode: str = "auto"):
+        self.dataset, self.threads, self.chunk = dataset, max(1, threads), max(1, chunk)
+        self.mode = mode  # 'turns', 'beside', or 'auto' (probing, then one of the two)
+        self.choice = f"decoding {'in turns' if mode != 'beside' else 'beside'}" + (
+            " (too few batches to try beside)" if mode == "auto" else "")
+        self.cycles: dict = {"turns": [], "beside": []}  # a batch's seconds, in steady turns / beside
+        self._items = self._read()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Item:
+        return next(self._items)
+
+    def _plan(self, k: int) -> str:
+        """How chunk ``k`` is read: 'turns' or 'beside' (decode chunk k + 1 while the network runs on k).
+        Probing in 'auto': turns for chunks 0-1 (0 compiles), beside for 2-3, turns for 4-5; batch 1 and 5 are
+        steady turns, batch 3 steady beside (it was decoded beside, and the next one is)."""
+        if self.mode != "auto":
+            return self.mode
+        return "beside" if k in (2, 3) else "turns"
+
+    def _decide(self, k: int, cycle: float, wait: float, mode: str, prefetched: bool) -> None:
+        """Note chunk ``k``'s batch time (``cycle``, ``wait`` of it decoding) and decide once enough is known."""
+        if self.mode != "auto" or k == 0:
+            return
+        if mode == "turns" and not prefetched:
+            self.cycles["turns"].append(cycle)
+            if k == 1 and wait < PROBE_FROM_SHARE * cycle:
+                self._settle("turns", f"in turns: decoding {100 * wait / cycle:.0f} % of a batch")
+        elif mode == "beside" and prefetched:
+            self.cycles["beside"].append(cycle)
+        if k == 5:
+            turns, beside = sum(self.cycles["turns"]) / len(self.cycles["turns"]), self.cycles["beside"][0]
+            self._settle("beside" if beside < turns else "turns",
+                         f"{'beside' if beside < turns else 'in turns'}: {beside:.2f} s a batch beside the network, "
+                         f"{turns:.2f} s in turns")
+
+    def _settle(self, mode: str, why: str) -> None:
+        import logging
+
+        self.mode, self.choice = mode, f"decoding {why}"
+        logging.getLogger(__name__).info("%s", self.choice)
+
+    def _read(self) -> Iterator[Item]:
+        import time
+        from concurrent.futures import ThreadPoolExecutor
+
+        starts = list(range(0, len(self.dataset), self.chunk))
+        # one thread hands out a chunk (so it can run beside the network), the pool's threads decode its photos
+        with ThreadPoolExecutor(1, thread_name_prefix="chunk") as pool, \
+                ThreadPoolExecutor(min(self.threads, self.chunk), thread_name_prefix="decode") as self._pool:
+            pending, last = None, None  # the next chunk's decoding, when started beside; the last request
+            for k, start in enumerate(starts):
+                asked = time.perf_counter()
+                if last is not None:
+                    self._decide(k - 1, asked - last[0], last[1], last[2], last[3])
+                prefetched = pending is not None
+                done = (pending or pool.submit(self._decode, start)).result()
+                wait, mode = time.perf_counter() - asked, self._plan(k)
+                pending = pool.submit(self._decode, starts[k + 1]) if mode == "beside" and k + 1 < len(starts) else None
+                last = (asked, wait, mode, prefetched)
+                yield from done
+
+    def _decode(self, start: int) -> list:
+        stop = min(start + self.chunk, len(self.dataset))
+        # warnings filters are process-wide and the threads' own catch_warnings may interleave: PIL's warnings
+        # (EXIF) are ignored for the whole chunk here, and whatever the threads leave is dropped after it
+        # (decoding does not depend on the filters: data.folders checks the pixel limit itself)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+            return list(self._pool.map(self.dataset.__getitem__, range(start, stop)))
 
 
 @dataclass

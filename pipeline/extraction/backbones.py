@@ -174,6 +174,15 @@ def is_weights_path(weights: str) -> bool:
     return os.sep in weights or "/" in weights or weights.endswith((".pt", ".pth", ".bin")) or Path(weights).is_file()
 
 
+def weights_identity(weights: str) -> dict:
+    """What names --weights, without loading them: a library's name, or a file's hash + sidecar."""
+    if weights.lower() == "none":
+        return {"weights": "none"}
+    if is_weights_path(weights):
+        return {"weights_sha256": file_sha256(weights), "sidecar": read_sidecar(Path(weights))}
+    return {"weights": weights.split(".")[-1]}
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

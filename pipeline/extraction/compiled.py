@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -26,8 +27,15 @@ log = logging.getLogger(__name__)
 class CompiledNet:
     """``net`` compiled with Inductor; ``fallback`` (default ``net``) runs when compiling fails."""
 
-    def __init__(self, net, fallback=None, batch: Optional[int] = None):
+    def __init__(self, net, fallback=None, batch: Optional[int] = None, cache_folder: Optional[Path] = None,
+                 eager_first: int = 0):
+        self.net = net
+        # run the first ``eager_first`` images eagerly: a short call (predict on a photo) never waits for a compile
+        self.eager_left = eager_first
         self.eager = fallback if fallback is not None else net
+        # the project's one-offs folder: Inductor's kernels kept there for later processes (``oneoffs``)
+        self.cache_folder = cache_folder
+        self.cache = ""  # after compiling: 'warm' (an earlier process compiled this network here) or 'cold'
         self.compiled = torch.compile(net, dynamic=False)
         self.failed = False  # compiling failed (or the compiled network ran out of device memory): eager
         # the batch size to compile for: a smaller first call (extract's first batch holding rows reused from
@@ -38,9 +46,10 @@ class CompiledNet:
         self.first_images = 0  # how many images that first call ran
 
     def __call__(self, x):
-        if self.failed:
-            return self.eager(x)
         n = len(x)
+        if self.failed or self.eager_left > 0:
+            self.eager_left -= n
+            return self.eager(x)
         if self.batch is None:
             return self._first(x)
         if n > self.batch:  # not produced by extract (batches never grow), but keep it correct
@@ -61,10 +70,15 @@ class CompiledNet:
         """Compile (inside the first call) for batches of ``wanted`` or ``x``'s size, the larger; any failure
         but out-of-memory -> eager."""
 
+        from .oneoffs import compile_cache, compiled_signature
+
         n = self.first_images = len(x)
         self.batch, started = max(n, self.wanted or 0), time.perf_counter()
         try:
-            y = self._run(self._padded(x))[:n]
+            with compile_cache(self.cache_folder) as folder:
+                marker = folder / "pipeline-compiled" / compiled_signature(self.net, self.batch, x)
+                warm = marker.exists()
+                y = self._run(self._padded(x))[:n]
         except torch.cuda.OutOfMemoryError:
             self.batch = self.wanted = None  # device.AdaptiveBatch retries smaller: compile for that size then
             raise
@@ -74,7 +88,14 @@ class CompiledNet:
                         str(e).strip().splitlines()[0][:200] if str(e).strip() else "")
             return self.eager(x)
         self.compile_seconds = time.perf_counter() - started
-        log.info("compiled the network in %.1f s (batch %d)", self.compile_seconds, self.batch)
+        self.cache = "warm" if warm else "cold"
+        try:
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+        except OSError:
+            pass  # a read-only cache: the next process is told cold, and compiles as fast
+        log.info("compiled the network in %.1f s (batch %d; compile cache %s: %s)", self.compile_seconds,
+                 self.batch, self.cache, folder)
         return y
 
     def _run(self, x):

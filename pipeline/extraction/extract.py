@@ -62,29 +62,51 @@ def check_backbone(cfg: ExtractConfig) -> None:
 #: ``--precision auto`` picks int8 + compile for CPU runs of at least this many images. Its one-off costs
 #: (calibration about 20 s, compiling about 15 s cold: docs/performance.md) are repaid at 0.036-0.05 s
 #: saved per image (int8 + compile 42 vs bf16 17 img/s end to end on a 2-core AVX-512 VNNI EPYC; 21.6 vs
-#: 10.4 on another), i.e. after 700-1,000 images; held-out accuracy on int8 rows matched bf16's on the proxies.
+#: 10.4 on another), i.e. after 700-1,000 images; on a 2-core AMX Xeon (issue 35: bf16 21.7, int8 + compile
+#: 61.9 img/s, 0.030 s saved per image; 19.1 s calibration + 13.6 s compile) after about 1,100, less the 6 s
+#: a compiled run no longer spends lowering. Held-out accuracy on int8 rows matched bf16's on the proxies.
 INT8_AUTO_MIN_IMAGES = 1000
+#: ... and from this many once the project has paid them (``oneoffs``: the calibration kept, the compile's
+#: kernels cached): rebuilding the network from its observers (about 3 s) and a warm compile (about 5 s on the
+#: EPYC) are repaid after 170 images there and about 270 at the AMX Xeon's saving.
+INT8_AUTO_MIN_IMAGES_PAID = 300
+#: CPU flags of int8 dot products int8 + compile was measured fast on: AVX-512 VNNI (EPYC) and AMX (Xeon)
+INT8_FLAGS = ("avx512_vnni", "amx_int8")
 
 
-def auto_precision(cfg: ExtractConfig, images: int) -> tuple[str, str]:
+def auto_precision(cfg: ExtractConfig, images: int, paid: bool = False) -> tuple[str, str]:
     """What ``--precision auto`` means for this run, and why: int8 where it is measured to pay on the CPU
-    (torchao present, int8 dot products without AMX, no CUDA device, a run long enough to repay the
-    calibration and compile), else 'auto' (bf16 or fp32, decided with the device). Decided from the
-    request alone and without torch, so that a cache hit is still answered without importing it."""
+    (torchao present, int8 dot products: AVX-512 VNNI or AMX, no CUDA device, a run long enough to repay the
+    calibration and compile: ``paid``, the project holds them already, shortens it), else 'auto' (bf16 or
+    fp32, decided with the device). Decided from the request alone and without torch, so that a cache hit is
+    still answered without importing it."""
     if cfg.precision != "auto":
         return cfg.precision, ""
     flags = cpu_flags()
     gpu = cfg.device != "cpu" and (cfg.device.startswith("cuda") or Path("/dev/nvidia0").exists())
+    least = INT8_AUTO_MIN_IMAGES_PAID if paid else INT8_AUTO_MIN_IMAGES
     why_not = ("a CUDA device" if gpu else
                "no torchao" if not package_version("torchao") else
-               "AMX's bf16 (int8 not measured there)" if "amx_bf16" in flags else
-               "no int8 dot products (AVX-512 VNNI)" if "avx512_vnni" not in flags else
-               f"{images} images (int8 repays its calibration and compile from {INT8_AUTO_MIN_IMAGES})"
-               if images < INT8_AUTO_MIN_IMAGES else "")
+               "no int8 dot products (AVX-512 VNNI or AMX)" if not flags & set(INT8_FLAGS) else
+               f"{images} images (int8 repays its {'reused ' if paid else ''}calibration and compile from {least})"
+               if images < least else "")
     if why_not:
         return "auto", f"precision auto: bf16 or fp32, not int8: {why_not}"
-    return "int8", (f"precision auto: int8 + compile ({images} images on a CPU with AVX-512 VNNI: about 2.5x bf16 "
-                    "after a one-off calibration and compile); --precision bf16 keeps the float network")
+    unit = "AMX" if "amx_int8" in flags else "AVX-512 VNNI"
+    return "int8", (f"precision auto: int8 + compile ({images} images on a CPU with {unit}: 2-3x bf16 after a "
+                    f"one-off calibration and compile{', both kept from an earlier run' if paid else ''}); "
+                    "--precision bf16 keeps the float network")
+
+
+def one_offs_paid(cfg: ExtractConfig, listing: ImageFolderListing) -> bool:
+    """Whether the project's one-offs folder holds this request's int8 calibration (without torch)."""
+    from .oneoffs import has_calibration, oneoffs_dir, request_key
+    from .quantize import calibration_identity, calibration_listing
+
+    if cfg.precision != "auto" or not package_version("torchao"):
+        return False
+    identity = calibration_identity(calibration_listing(cfg.calib_data, listing), cfg.seed, cfg.calib_n)
+    return has_calibration(oneoffs_dir(cfg.cache_dir), request_key(identity, cfg.backbone, weights_identity(cfg)))
 
 
 def prefers_float(cfg: ExtractConfig) -> bool:
@@ -97,12 +119,7 @@ def prefers_float(cfg: ExtractConfig) -> bool:
 
 def weights_identity(cfg: ExtractConfig) -> dict:
     """What names the weights, without loading them: a torchvision name, or a file's hash + sidecar."""
-    if cfg.weights.lower() == "none":
-        return {"weights": "none"}
-    if bb.is_weights_path(cfg.weights):
-        p = Path(cfg.weights)
-        return {"weights_sha256": bb.file_sha256(p), "sidecar": bb.read_sidecar(p)}
-    return {"weights": cfg.weights.split(".")[-1]}
+    return bb.weights_identity(cfg.weights)
 
 
 def cache_key(cfg: ExtractConfig, listing: ImageFolderListing) -> str:
@@ -145,7 +162,7 @@ def extract_held(cfg: ExtractConfig) -> dict:
     if cfg.n > total:
         raise UsageError(f"--n {cfg.n} is more than the {total} images in {cfg.data}")
     images = cfg.n or total
-    precision, why = auto_precision(cfg, images)
+    precision, why = auto_precision(cfg, images, one_offs_paid(cfg, listing))
     float_cfg = cfg  # --precision auto's float choice, when the network runs faster in float (see below)
     if precision != cfg.precision:  # the same cache, key and network as --precision int8
         cfg = replace(cfg, precision=precision)

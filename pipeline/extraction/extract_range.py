@@ -120,29 +120,68 @@ def feature_model(cfg, backbone, listing: ImageFolderListing, device, precision:
     """The backbone's feature part as extract runs it: (Inference, int8 calibration record or None, int8
     calibrated observers or None: stored in the cache so that predict runs this very network).
 
-    int8 resuming a cache that stored its calibrated observers rebuilds that network from them: the
-    calibration is reused, not redone."""
+    int8 reuses a calibration made before instead of calibrating again: the resumed cache's, else the one
+    the project's one-offs folder holds for this calibration, backbone, weights and preprocessing
+    (``oneoffs``); a new calibration is kept there. The record says ``reused`` where it was (and
+    ``reuse_seconds``, what rebuilding took): ``one_offs`` takes them out before the record is stored."""
     from .inference import Inference
+    from .oneoffs import oneoffs_dir
 
-    net, calibration = backbone.features, None
+    net, calibration, folder = backbone.features, None, oneoffs_dir(cfg.cache_dir)
     if precision == "int8":
-        from .quantize import calibrated_int8, calibration_listing, int8_network
-
-        stored = read_int8_observers(resumed.path) if resumed is not None else None
-        if stored is not None:
-            crop = backbone.transform.crop_size[0]
-            net, calibration = int8_network(net, stored, (3, crop, crop)), json.loads(resumed.attrs["calibration"])
-        else:
-            net, calibration = calibrated_int8(net, calibration_listing(cfg.calib_data, listing), cfg.seed,
-                                               cfg.calib_n, backbone.transform)
+        started = time.time()
+        net, calibration = int8_feature_network(cfg, backbone, listing, folder, resumed,
+                                                lower=not (compile and not cfg.flip))
+        if "reused" in calibration:  # what reusing it cost (rebuilding the network from its observers)
+            calibration["reuse_seconds"] = round(time.time() - started, 2)
     observers = getattr(net, "observers", None)
     if cfg.flip:
         from .inference import MirrorMean
 
         log.info("flip: each map is the mean of the photo's and its mirror image's (--flip), twice the compute")
         net = MirrorMean(net)
-    return (Inference(net, device, precision, cfg.pool, cfg.dtype, compile=compile, compile_batch=cfg.batch_size),
+    return (Inference(net, device, precision, cfg.pool, cfg.dtype, compile=compile, compile_batch=cfg.batch_size,
+                      cache_folder=folder),
             calibration, observers)
+
+
+def int8_feature_network(cfg, backbone, listing: ImageFolderListing, folder: Path, resumed: Optional[CacheInfo],
+                         lower: bool):
+    """(the int8 network, its calibration record with ``reused`` saying from where, when it was)."""
+    from .oneoffs import calibration_key, request_key, store_calibration, stored_calibration
+    from .quantize import calibrated_int8, calibration_identity, calibration_listing, int8_network
+
+    crop = backbone.transform.crop_size[0]
+    stored = read_int8_observers(resumed.path) if resumed is not None else None
+    if stored is not None:
+        calibration = {**json.loads(resumed.attrs["calibration"]), "reused": "the cache being resumed"}
+        return int8_network(backbone.features, stored, (3, crop, crop), lower), calibration
+    calib_listing = calibration_listing(cfg.calib_data, listing)
+    identity = calibration_identity(calib_listing, cfg.seed, cfg.calib_n)
+    key = calibration_key(identity, backbone.spec.name, backbone.features,
+                          Provenance.of_backbone(backbone, ()).preprocessing.to_dict())
+    found = stored_calibration(folder, key, calib_listing.root)
+    if found is not None:
+        observers, calibration = found
+        log.info("int8 calibration reused (%s: %d photos, %.0f s when made)", folder / "int8" / f"{key}.json",
+                 len(calibration.get("images", [])), calibration.get("seconds", 0))
+        return (int8_network(backbone.features, observers, (3, crop, crop), lower),
+                {**calibration, "reused": str(folder / "int8" / f"{key}.json")})
+    net, calibration = calibrated_int8(backbone.features, calib_listing, cfg.seed, cfg.calib_n, backbone.transform,
+                                       lower=lower)
+    store_calibration(folder, key, net.observers, calibration, calib_listing.root,
+                      request_key(identity, cfg.backbone, bb.weights_identity(cfg.weights)))
+    return net, calibration
+
+
+def one_offs(calibration: Optional[dict]) -> dict:
+    """What this run paid once, for its summary: the int8 calibration's seconds (or what reusing one took, and
+    from where: taken out of ``calibration``, which the cache keeps as it was made)."""
+    if not calibration:
+        return {}
+    reused = calibration.pop("reused", "")
+    seconds = calibration.pop("reuse_seconds", 0.0) if reused else calibration["seconds"]
+    return {"calibration_seconds": seconds, **({"calibration_reused": reused} if reused else {})}
 
 
 def batches_reusing(model, items, batch_size: int, limit: int, donors, reuse: dict, classes=()):
@@ -198,6 +237,7 @@ def extract_range(cfg, listing: ImageFolderListing, key: str, path: Path, resume
                                                                  bb.has_depthwise(backbone.features)),
                                                   resumed)
     backbone.model = None  # the classifier (about 500 MB for VGG-16) is not needed to extract
+    paid = one_offs(calibration)
     provenance = Provenance.of_backbone(backbone, listing.classes, cfg.pool, cfg.weights,
                                         data_root=str(Path(cfg.data).resolve()),
                                         data_fingerprint=listing.fingerprint(), versions=versions())
@@ -222,6 +262,7 @@ def extract_range(cfg, listing: ImageFolderListing, key: str, path: Path, resume
                                raw_jpeg=cfg.decode == "device", digests=True,
                                known=donors.digests if donors else frozenset())
     candidates = read_items(dataset, cfg.workers, device, chunk=cfg.batch_size) if rows < target else iter(())
+    reader = candidates  # a CPU network's reader says whether it decoded in turns with it or beside it
     if cfg.decode == "device":
         from ..data.device_decode import decode_on_device
 
@@ -290,5 +331,6 @@ def extract_range(cfg, listing: ImageFolderListing, key: str, path: Path, resume
             **rates(model, seconds, computed),
             # where the time went: waiting for decoded images, the model (compiling included), HDF5 writes
             "stage_seconds": {**clock, "model": model.busy_seconds}, "compile_seconds": model.compile_seconds,
-            "compiled": bool(model.compiled and not model.compiled.failed),
-            **({"calibration_seconds": calibration["seconds"]} if calibration else {})}
+            "compiled": bool(model.compiled and not model.compiled.failed), "compile_cache": model.compile_cache,
+            "decoding": getattr(reader, "choice", "") or ("in background processes" if rows > start_rows else ""),
+            **paid}

@@ -45,11 +45,12 @@ class Inference:
     require no gradient; train's validation passes False for the model it is training.
     With precision 'int8', ``net`` is already quantised (``quantize.quantize_int8``); ``compile``
     runs it through ``compiled.CompiledNet`` for batches of ``compile_batch`` (default: the first call's size;
-    its ``compile_seconds`` says what compiling cost).
+    its ``compile_seconds`` says what compiling cost), its kernels kept in ``cache_folder`` (``oneoffs``).
     """
 
     def __init__(self, net, device, precision: str, pool: str = "none", out_dtype: str = "float32",
-                 freeze: bool = True, compile: bool = False, compile_batch: Optional[int] = None):
+                 freeze: bool = True, compile: bool = False, compile_batch: Optional[int] = None,
+                 cache_folder=None):
         self.device, self.precision, self.pool, self.out_dtype = device, precision, pool, np.dtype(out_dtype)
         self.torch_out = getattr(torch, self.out_dtype.name)
         # a quantised graph holds prepacked oneDNN weights: it stays as built (CPU, channels_last inside)
@@ -70,13 +71,18 @@ class Inference:
 
             # int8: compile the quantise/dequantise graph (Inductor fuses it), the lowered one is the fallback
             self.compiled = CompiledNet(getattr(self.net, "converted", self.net), fallback=self.net,
-                                        batch=compile_batch)
+                                        batch=compile_batch, cache_folder=cache_folder)
         self.run = AdaptiveBatch(self._forward, on_oom=torch.cuda.empty_cache if self.cuda else None)
 
     @property
     def compile_seconds(self) -> float:
         """What the first compiled call took (compiling + one batch); 0 when not compiled."""
         return self.compiled.compile_seconds if self.compiled is not None else 0.0
+
+    @property
+    def compile_cache(self) -> str:
+        """'warm' (an earlier process compiled this network into the same cache), 'cold', or '' (not compiled)."""
+        return self.compiled.cache if self.compiled is not None and not self.compiled.failed else ""
 
     def stack(self, tensors: list):
         """Stack per-image tensors into one batch; on CUDA straight into pinned memory."""

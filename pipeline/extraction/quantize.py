@@ -20,6 +20,7 @@ other features or with another calibration's.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
@@ -47,7 +48,7 @@ def require_torchao() -> str:
     return version
 
 
-def calibrated_int8(features, listing, seed: int, n: int, transform):
+def calibrated_int8(features, listing, seed: int, n: int, transform, lower: bool = True):
     """``features`` quantised on the first ``n`` images of ``listing``'s seeded stratified order.
 
     Returns (module, record): the record (method, sample, versions, image paths, seconds) goes
@@ -61,7 +62,7 @@ def calibrated_int8(features, listing, seed: int, n: int, transform):
     dataset = ImageListDataset(listing.root, [(listing.files[i].path, listing.files[i].label) for i in order],
                                transform)
     batches, paths = calibration_batches(dataset, n, CALIB_BATCH)
-    module = quantize_int8(features, batches)
+    module = quantize_int8(features, batches, lower=lower)
     return module, {**calibration_identity(listing, seed, n), "images": paths,
                     "calib_root": str(Path(listing.root).resolve()),
                     "seconds": round(time.time() - started, 2)}
@@ -111,7 +112,8 @@ def quantization_config():
     return xiq.QuantizationConfig(act, act, default.weight, default.bias, default.is_qat)
 
 
-def quantize_int8(features, calib_batches: list, max_batch: int = MAX_BATCH, observers: Optional[dict] = None):
+def quantize_int8(features, calib_batches: list, max_batch: int = MAX_BATCH, observers: Optional[dict] = None,
+                  lower: bool = True):
     """``features`` (float, eval) -> an int8 module: float32 in and out, any batch 1..max_batch.
 
     Equivalent to torchao's ``lower_pt2e_quantized_to_x86`` except that the batch dimension stays
@@ -120,35 +122,58 @@ def quantize_int8(features, calib_batches: list, max_batch: int = MAX_BATCH, obs
     and the calibrated observers' state as ``observers`` (``{name: tensor}``, a few KB): given back as
     ``observers`` (with one example batch of the input's shape), it rebuilds the same network without
     the calibration images, which is how predict and evaluate run the network a cache was made with.
-    A backbone the quantiser or export cannot take is a one-line PipelineError.
+    A backbone the quantiser or export cannot take is a one-line PipelineError. ``lower=False`` (a network
+    that will be compiled, which compiles ``converted``) lowers only when first called (the fallback when
+    compiling fails): lowering re-exports the graph, 6 of the 9 s it takes to rebuild VGG-16's from observers.
     """
     started = time.time()
-    try:
-        lowered = _lowered_int8(features, list(calib_batches), max_batch, observers)
-    except Exception as e:  # noqa: BLE001 -- export, the quantiser and the lowering raise many kinds
-        first_line = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-        raise PipelineError(f"int8 quantisation of the backbone failed ({type(e).__name__}: {first_line}); "
-                            "use --precision bf16 or fp32") from e
+    with _one_line_errors():
+        converted, state, example, dynamic = _converted_int8(features, list(calib_batches), max_batch, observers)
+        lowered = _lower(converted, example, dynamic) if lower else LazyLowered(converted, example, dynamic)
+    lowered.converted, lowered.observers = converted, state
     log.info("quantised to int8 on %d calibration images in %.1f s", sum(len(b) for b in calib_batches),
              time.time() - started)
     return lowered
 
 
-def int8_network(features, observers: dict, input_shape) -> object:
+def int8_network(features, observers: dict, input_shape, lower: bool = True) -> object:
     """The int8 network a cache was made with, rebuilt from its stored observers (``quantize_int8``'s
     ``observers``): bitwise the same features as the calibrated one, without its calibration images."""
     import torch
 
     example = torch.zeros((2, *[int(d) for d in input_shape]))
-    return quantize_int8(features, [example], observers={k: torch.as_tensor(v) for k, v in observers.items()})
+    return quantize_int8(features, [example], observers={k: torch.as_tensor(v) for k, v in observers.items()},
+                         lower=lower)
 
 
-def _lowered_int8(features, calib_batches: list, max_batch: int, observers: Optional[dict] = None):
+@contextlib.contextmanager
+def _one_line_errors():
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 -- export, the quantiser and the lowering raise many kinds
+        first_line = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        raise PipelineError(f"int8 quantisation of the backbone failed ({type(e).__name__}: {first_line}); "
+                            "use --precision bf16 or fp32") from e
+
+
+class LazyLowered:
+    """The lowered int8 network, lowered when first called (``quantize_int8(lower=False)``)."""
+
+    def __init__(self, converted, example, dynamic):
+        self._args, self._lowered = (converted, example, dynamic), None
+
+    def __call__(self, x):
+        if self._lowered is None:
+            with _one_line_errors():
+                self._lowered = _lower(*self._args)
+        return self._lowered(x)
+
+
+def _converted_int8(features, calib_batches: list, max_batch: int, observers: Optional[dict] = None):
+    """The calibrated pt2e graph (quantise/dequantise steps around float ops), its observers' state, and the
+    example and dynamic shapes ``_lower`` exports it with."""
     import torch
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq  # registers the x86 lowerings
-    from torch._export.utils import _is_cia_op
-    from torch._inductor.constant_folding import constant_fold
-    from torch._inductor.fx_passes.freezing_patterns import freezing_passes
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     example = calib_batches[0].contiguous(memory_format=torch.channels_last)
@@ -171,6 +196,17 @@ def _lowered_int8(features, calib_batches: list, max_batch: int, observers: Opti
             prepared.load_state_dict(observers, strict=False)
         state = _observer_state(prepared)
         converted = convert_pt2e(prepared)
+    return converted, state, example, dynamic
+
+
+def _lower(converted, example, dynamic):
+    """The pt2e graph lowered to prepacked oneDNN int8 ops: runs eagerly, at any batch size up to the maximum."""
+    import torch
+    from torch._export.utils import _is_cia_op
+    from torch._inductor.constant_folding import constant_fold
+    from torch._inductor.fx_passes.freezing_patterns import freezing_passes
+
+    with torch.no_grad():
         decompositions = {k: v for k, v in torch.export.default_decompositions().items() if _is_cia_op(k)}
         lowered = torch.export.export(converted, (example,), dynamic_shapes=dynamic, strict=True)
         lowered = lowered.run_decompositions(decompositions).module()
@@ -183,7 +219,6 @@ def _lowered_int8(features, calib_batches: list, max_batch: int, observers: Opti
         lowered.recompile()
         freezing_passes(lowered, (example,))  # conv + quantise/dequantise -> prepacked onednn.qconv_pointwise
         constant_fold(lowered)
-    lowered.converted, lowered.observers = converted, state
     return lowered
 
 
