@@ -38,8 +38,9 @@ def pair_columns(k: int) -> torch.Tensor:
     """(K, K-1) indices into [-z, z] (z: the K(K-1)/2 pair margins, > 0 for the pair's first class): for each
     class, the minus log-odds of its K-1 pairwise wins."""
     pairs = class_pairs(k)
-    cols = [[p for p, (i, _) in enumerate(pairs) if i == c] + [len(pairs) + p for p, (_, j) in enumerate(pairs) if j == c]
-            for c in range(k)]
+    first = [[p for p, (i, _) in enumerate(pairs) if i == c] for c in range(k)]
+    second = [[len(pairs) + p for p, (_, j) in enumerate(pairs) if j == c] for c in range(k)]
+    cols = [a + b for a, b in zip(first, second)]
     return torch.tensor(cols, dtype=torch.long)
 
 
