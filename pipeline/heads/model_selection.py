@@ -399,13 +399,16 @@ def tune(X, y: np.ndarray, grid, folds: int = 5, seed: int = 0, *, in_shape=None
             t_norm = time.time() - t0
             record_path([s for s in group if s["head"] == "logreg"], xtr, xte, y[tr], te, t_norm)
             grams: dict = {}
+            svms: dict = {}  # two classes: one-vs-one is one-vs-rest, fitted once
             for s in (s for s in group if s["head"] == "svm"):
                 t0 = time.time()
                 gamma = resolve_gamma(s["gamma"], xtr)
                 if gamma not in grams and len(xtr) <= GRAM_ROWS:  # one kernel matrix for every C and scheme
                     grams[gamma] = svm_gram(xtr, gamma)
-                svm = fit_svm(xtr, y[tr], s["C"], gamma, s["scheme"], n_classes, grams.get(gamma))
-                record_svm(s, svm, xte, te, t_norm + time.time() - t0)
+                fit = (gamma, s["C"], s["scheme"] if n_classes > 2 else "ovr")
+                if fit not in svms:
+                    svms[fit] = fit_svm(xtr, y[tr], s["C"], gamma, s["scheme"], n_classes, grams.get(gamma))
+                record_svm(s, svms[fit], xte, te, t_norm + time.time() - t0)
             kernels: dict = {}
             for s in (s for s in group if s["head"] == "kernel"):
                 kernels.setdefault((s["gamma"], s["n_components"]), []).append(s)
