@@ -396,7 +396,8 @@ class FitHeadConfig(SplitOptions, TrustOptions, DeviceOptions):
         "auto: the exact RBF SVM or logistic regression, kind and C by k-fold CV; linear: Adam with early stopping; "
         "logreg: scikit-learn LogisticRegression; kernel: an RBF (Nystroem) map + logreg; svm: the exact RBF SVM "
         "(one-vs-rest). Each is saved as the same Linear + LogSoftmax checkpoint.", choices=HEADS,
-        doc="`auto` (SVM + logreg stacked, each C by CV), `linear`, `logreg`, `kernel`, `svm`"))
+        doc="`auto` (one-vs-rest SVM, SVC's one-vs-one pairs and logreg stacked, each C by CV), `linear`, `logreg`, "
+            "`kernel`, `svm`"))
     features: str = field(default="avg", metadata=option(
         "View of the cached map: flat (C*H*W, the tutorial's), avg / max (global pooling), avgmax.", choices=VIEWS))
     normalize: str = field(default="l2", metadata=option(

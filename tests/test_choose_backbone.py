@@ -28,7 +28,8 @@ def test_choose_backbone_end_to_end_json_reuses_its_caches_and_their_rates(tmp_p
     by = {c["name"]: c for c in r["candidates"]}
     assert by["tiny+tiny_wide"]["features"] == 8 + 6 and by["tiny"]["features"] == 8
     for c in r["candidates"]:
-        assert len(c["fold_acc"]) == 3 and 0 <= c["acc"] <= 1 and c["acc_se"] >= 0 and c["log_loss"] > 0
+        # a log-loss of 0: separable rows, where the coupled pairs reach probability 1.0 in float64
+        assert len(c["fold_acc"]) == 3 and 0 <= c["acc"] <= 1 and c["acc_se"] >= 0 and c["log_loss"] >= 0
         assert c["img_per_s"] > 0 and c["mb_per_1000"] > 0
     fused = by["tiny+tiny_wide"]  # both networks per photo: slower than either, its caches' sizes together
     assert fused["img_per_s"] == pytest.approx(1 / (1 / by["tiny"]["img_per_s"] + 1 / by["tiny_wide"]["img_per_s"]))

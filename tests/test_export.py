@@ -27,7 +27,7 @@ onnx_ok = pytest.importorskip("onnxruntime", reason="the export extra (onnx, onn
 @pytest.fixture(scope="module")
 def heads(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("heads")
-    return {kind: make_tiny_head(root / kind, head=kind) for kind in ("linear", "kernel", "svm")}
+    return {kind: make_tiny_head(root / kind, head=kind) for kind in ("linear", "kernel", "svm", "auto")}
 
 
 def example_rows(model: Path, photos) -> list[dict]:
@@ -37,9 +37,11 @@ def example_rows(model: Path, photos) -> list[dict]:
     return [json.loads(line) for line in out.stdout.splitlines()]
 
 
-@pytest.mark.parametrize("kind", ["linear", "kernel", "svm"])
+@pytest.mark.parametrize("kind", ["linear", "kernel", "svm", "auto"])  # auto: the stack, with coupled pairs
 def test_an_onnx_export_predicts_as_predict_does(heads, kind, tmp_path):
     head = heads[kind]
+    if kind == "auto":  # the default head on three classes: SVC's own pairs coupled in the exported graph
+        assert torch.load(head, weights_only=True)["head"]["pairs"]
     out = tmp_path / f"{kind}.onnx"
     result = pipeline.export_model(head, out)
     assert result["passed"] and result["max_abs_diff"] < 1e-4

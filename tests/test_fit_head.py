@@ -270,3 +270,24 @@ def test_nested_cv_scores_both_searches_on_rows_no_choice_saw(cache):
                                   {"head": ["svm"], "view": ["avg"], "normalize": ["l2"], "C": [1.0]}), 2)
     assert set(out) == {"tune", "default"} and 0.5 <= out["default"]["acc_mean"] <= 1.0
     assert out["default"]["log_loss_mean"] > 0
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_the_default_stacks_svcs_own_pairs_too_when_there_are_several_classes(k):
+    from pipeline.heads.fit_head import _auto_grid, _default_row
+    from pipeline.heads.model_selection import fit_setting, tune
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(k), 20)
+    rows = {"avg": rng.normal(0, 1, (len(y), 8)) + np.eye(8)[y] * 1.5}
+    cfg = FitHeadConfig()
+    result = tune(rows, y, _auto_grid(cfg), folds=3, in_shape=(8, 1, 1), threads=1, score="accuracy")
+    row = _default_row(cfg, (8, 1, 1), result)
+    setting = row["setting"]
+    # several classes: one-vs-rest SVM, SVC's one-vs-one pairs (coupled at a fitted scale) and logreg, three weights;
+    # two classes: the pairs are the one-vs-rest SVM, so two
+    assert (len(setting["weights"]), setting["C_pairs"] > 0) == ((3, True) if k > 2 else (2, False))
+    assert (setting["pair_scale"] != 1.0) == (k > 2)
+    head, _ = fit_setting(rows, y, setting, in_shape=(8, 1, 1), n_classes=k)
+    assert head.config["pairs"] == (k > 2) and head.config["linear_skip"]
+    assert (head.log_proba_of_rows(rows["avg"]).argmax(1) == y).mean() > 0.8

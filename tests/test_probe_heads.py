@@ -134,36 +134,71 @@ def test_kernel_conversion_reproduces_predict_proba(k, view, norm, gamma):
     np.testing.assert_allclose(p, clf.predict_proba(ny.transform(z.astype(np.float64))), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("k,scheme", [(2, "ovr"), (3, "ovr"), (3, "ovo")])
+@pytest.mark.parametrize("k,scheme", [(2, "ovr"), (3, "ovr"), (3, "ovo"), (4, "ovo")])
 def test_svm_conversion_gives_the_svms_scores_and_classes(k, scheme, tmp_path):
     from sklearn.multiclass import OneVsRestClassifier
     from sklearn.svm import SVC
 
-    from pipeline.heads.probe_heads import from_svm
+    from pipeline.heads.probe_heads import class_pairs, from_svm
     from pipeline.heads.sklearn_fits import fit_svm
 
     x, y = maps(45, k)
     nm = Normalizer("l2")
     z = nm.transform(apply_view(x, "avg")).astype(np.float64)
     svm = fit_svm(z, y, C=10, gamma="scale", scheme=scheme)
-    head = from_svm(svm, SHAPE, "avg", nm)
+    head = from_svm(svm, SHAPE, "avg", nm, pair_scale=4.0)
     assert head.config["kernel_components"] == len(svm.rows) <= len(z)  # the support rows, no K^-1/2
     with torch.no_grad():
         logp = head(torch.from_numpy(x)).numpy()
-    np.testing.assert_allclose(logp, log_softmax(svm.scores(z)), rtol=0, atol=1e-5)  # float32 maps in
     sk = SVC(C=10, gamma="scale")
+    if scheme == "ovo":  # SVC's own pairs' margins, coupled: p_i ~ 1 / (1 + sum_j exp(-s f_ij)) (Price et al.)
+        f = sk.set_params(decision_function_shape="ovo").fit(z, y).decision_function(z)
+        np.testing.assert_allclose(svm.scores(z), f, atol=1e-6)
+        inv = np.ones((len(z), k))
+        for p, (i, j) in enumerate(class_pairs(k)):
+            inv[:, i] += np.exp(-4.0 * f[:, p])
+            inv[:, j] += np.exp(4.0 * f[:, p])
+        np.testing.assert_allclose(logp, log_softmax(-np.log(inv)), atol=1e-5)
+        assert head.config["pairs"] and head.linear.out_features == k * (k - 1) // 2
+    else:
+        np.testing.assert_allclose(logp, log_softmax(svm.scores(z)), rtol=0, atol=1e-5)  # float32 maps in
     if k == 2:  # scores [0, f]: f is SVC's decision function
         np.testing.assert_allclose(svm.scores(z)[:, 1], sk.fit(z, y).decision_function(z), atol=1e-6)
     elif scheme == "ovr":  # one binary SVM per class: scikit-learn's one-vs-rest
         np.testing.assert_allclose(svm.scores(z), OneVsRestClassifier(sk).fit(z, y).decision_function(z), atol=1e-6)
-    else:  # SVC's own pairs: the mean margin of each class
-        f = sk.set_params(decision_function_shape="ovo").fit(z, y).decision_function(z)  # pairs (0,1), (0,2), (1,2)
-        np.testing.assert_allclose(svm.scores(z), np.stack([f[:, 0] + f[:, 1], -f[:, 0] + f[:, 2],
-                                                            -f[:, 1] - f[:, 2]], 1) / 2, atol=1e-6)
     torch.save(head.checkpoint(), tmp_path / "h.pt")
     back = ProbeHead.from_checkpoint(**torch.load(tmp_path / "h.pt", weights_only=True))
     with torch.no_grad():
         np.testing.assert_allclose(back(torch.from_numpy(x)).numpy(), logp, atol=1e-12)
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_the_stack_is_the_weighted_sum_of_both_svms_and_logreg_in_one_head(k, tmp_path):
+    from pipeline.heads.probe_heads import from_stack
+    from pipeline.heads.sklearn_fits import fit_logreg, fit_svm
+
+    x, y = maps(45, k)
+    nm = Normalizer("l2")
+    z = nm.transform(apply_view(x, "avg")).astype(np.float64)
+    ovr, ovo = fit_svm(z, y, C=10, scheme="ovr"), fit_svm(z, y, C=1, scheme="ovo")
+    clf = fit_logreg(z, y, C=10)
+    head = from_stack(ovr, 0.7, clf, 0.4, SHAPE, "avg", nm, pair_scale=3.0, pairs=ovo, pairs_weight=1.5)
+    with torch.no_grad():
+        logp = head(torch.from_numpy(x)).numpy()
+        coupled = from_svm_log_proba(ovo, x, nm, 3.0)
+    want = log_softmax(0.7 * ovr.scores(z) + 1.5 * coupled + 0.4 * np.log(clf.predict_proba(z)))
+    np.testing.assert_allclose(logp, want, atol=1e-5)
+    assert head.kernel_components <= len(ovr.rows) + len(ovo.rows)  # one copy of the rows both SVMs keep
+    torch.save(head.checkpoint(), tmp_path / "h.pt")
+    back = ProbeHead.from_checkpoint(**torch.load(tmp_path / "h.pt", weights_only=True))
+    with torch.no_grad():
+        np.testing.assert_allclose(back(torch.from_numpy(x)).numpy(), logp, atol=1e-12)
+
+
+def from_svm_log_proba(svm, x, nm, scale):
+    from pipeline.heads.probe_heads import from_svm
+
+    return from_svm(svm, SHAPE, "avg", nm, pair_scale=scale)(torch.from_numpy(x)).numpy()
 
 
 def test_gamma_rules():

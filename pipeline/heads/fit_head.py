@@ -182,13 +182,20 @@ def _default_unless_beaten(cfg: FitHeadConfig, shape, result: dict) -> dict:
 
 def _default_row(cfg: FitHeadConfig, shape, result: dict) -> Optional[dict]:
     """The default head's own choice from the rows of a ``tune`` table that are its settings (None: some are
-    missing): the best SVM and the best logistic regression (CV accuracy, then log-loss), stacked."""
+    missing): the best one-vs-rest SVM, the best one-vs-one SVM (several classes: with two they are the same
+    SVM) and the best logistic regression (CV accuracy, then log-loss), stacked."""
     default_keys = {setting_key(s) for s in expand_grid(_auto_grid(cfg), shape)}
     rows = [r for r in result["table"] if r["key"] in default_keys]
-    best = {kind: min((r for r in rows if r["setting"]["head"] == kind), key=lambda r: (-r["acc_mean"],
-                                                                                      r["log_loss_mean"]), default=None)
-            for kind in ("svm", "logreg")}
-    return stacked_row(best["svm"], best["logreg"], result) if all(best.values()) else None
+    several = int(np.max(result["labels"])) > 1
+
+    def best(kind, scheme=None):
+        return min((r for r in rows if r["setting"]["head"] == kind and scheme in (None, r["setting"].get("scheme"))),
+                   key=lambda r: (-r["acc_mean"], r["log_loss_mean"]), default=None)
+
+    svm, logreg, pairs = best("svm", "ovr"), best("logreg"), best("svm", "ovo") if several else None
+    if svm is None or logreg is None:
+        return None
+    return stacked_row(svm, logreg, result, pairs)
 
 
 def _nested(cfg: FitHeadConfig, rows, grid, n_classes: int) -> dict:

@@ -13,7 +13,7 @@ from sklearn.model_selection import StratifiedKFold, train_test_split
 from threadpoolctl import threadpool_limits
 
 from ..progress import quiet
-from .calibration import fit_stack_weights, fit_temperature, log_softmax, with_temperature
+from .calibration import fit_stack_weights, fit_temperature, log_softmax, nll, with_temperature
 from .feature_views import (
     VIEWS,
     Normalizer,
@@ -23,7 +23,7 @@ from .feature_views import (
     check_view,
 )
 from .linear_trainer import train_linear
-from .probe_heads import from_kernel, from_logreg, from_stack, from_svm
+from .probe_heads import couple_pairs, from_kernel, from_logreg, from_stack, from_svm, pair_columns
 from .sklearn_fits import (
     GRAM_ROWS,
     fit_kernel,
@@ -48,7 +48,7 @@ LOG_FLOOR = 1e-15  # probabilities are clipped here for log-loss (as sklearn.met
 #: accuracy, then stacked (``stack_setting``: their out-of-fold log-probabilities weighted to the lowest NLL)
 #: and refitted on every row. Measured on paired splits of the proxies (docs/heads.md).
 AUTO_GRID = (
-    {"head": ["svm"], "C": [0.1, 1.0, 10.0, 100.0, 1000.0], "gamma": ["scale"], "scheme": ["ovr"]},
+    {"head": ["svm"], "C": [0.1, 1.0, 10.0, 100.0, 1000.0], "gamma": ["scale"], "scheme": ["ovr", "ovo"]},
     {"head": ["logreg"], "C": [0.1, 1.0, 10.0, 100.0, 1000.0]},
 )
 #: The previous default's search (an RBF kernel head, C and gamma by CV): audit's out-of-fold refits still use it.
@@ -56,7 +56,7 @@ KERNEL_GRID = {"head": ["kernel"], "C": [1.0, 10.0, 100.0, 1000.0], "gamma": ["0
 #: --tune's wider search: every head kind and both pooled views (those the cache has), the default's included.
 TUNE_GRIDS = (
     {"head": ["svm"], "view": ["avg", "avgmax"], "normalize": ["l2"], "C": [0.1, 1.0, 10.0, 100.0, 1000.0],
-     "gamma": ["0.5*scale", "scale", "2*scale"], "scheme": ["ovr"]},  # ovo's mean margins: 0.5-3 points worse
+     "gamma": ["0.5*scale", "scale", "2*scale"], "scheme": ["ovr", "ovo"]},
     {"head": ["kernel"], "view": ["avg", "avgmax"], "normalize": ["l2"], "C": [1.0, 10.0, 100.0, 1000.0],
      "gamma": ["0.5*scale", "scale"]},
     {"head": ["logreg"], "view": ["avg", "avgmax"], "normalize": ["l2"], "C": [0.1, 1.0, 10.0, 100.0, 1000.0]},
@@ -67,10 +67,10 @@ TUNE_GRIDS = (
 SETTING_DEFAULTS = {
     "logreg": {"view": "avg", "normalize": "l2", "C": 100.0},
     "kernel": {"view": "avg", "normalize": "l2", "C": 100.0, "gamma": "scale", "n_components": 1000},
-    "svm": {"view": "avg", "normalize": "l2", "C": 10.0, "gamma": "scale", "scheme": "ovr"},
+    "svm": {"view": "avg", "normalize": "l2", "C": 10.0, "gamma": "scale", "scheme": "ovr", "pair_scale": 1.0},
     # an SVM's scores and a logistic regression's logits, weighted (``stack_setting``)
     "stack": {"view": "avg", "normalize": "l2", "C": 10.0, "gamma": "scale", "scheme": "ovr", "C_logreg": 100.0,
-              "weights": (1.0, 1.0)},
+              "weights": (1.0, 1.0), "pair_scale": 1.0, "C_pairs": 0.0},  # C_pairs > 0: a one-vs-one SVM too
     "torch": {"view": "flat", "normalize": "l2", "lr": 1e-2, "weight_decay": 1e-4, "max_epochs": 100,
               "patience": 5, "batch_size": 32},
 }
@@ -88,33 +88,39 @@ def clearly_better(challenger: dict, default: dict, folds: int) -> bool:
             and challenger["acc_mean"] - noise("acc") > default["acc_mean"])
 
 
-def stack_setting(svm_row: dict, logreg_row: dict, oof: Mapping, y: np.ndarray) -> tuple[dict, np.ndarray]:
-    """The stack of two ``tune`` rows (an SVM's, a logistic regression's, on the same view and normalisation)
-    with the weights that minimise the NLL of their out-of-fold log-probabilities combined (``fit_stack_weights``:
-    each one's temperature and share), and the stack's out-of-fold log-probabilities. Measured on four proxies
-    over paired splits (docs/heads.md): where the SVM is the better recipe (scenes, objects) and where logistic
-    regression is (20 dog breeds from 11 photos each), the stack is at least level with the better one; choosing
-    one of the two by CV loses a point on one kind of set or the other."""
+def stack_setting(svm_row: dict, logreg_row: dict, oof: Mapping, y: np.ndarray,
+                  pairs_row: Optional[dict] = None) -> tuple[dict, np.ndarray]:
+    """The stack of ``tune`` rows (an SVM's, a logistic regression's and optionally a one-vs-one SVM's, on the
+    same view and normalisation) with the weights that minimise the NLL of their out-of-fold log-probabilities
+    combined (``fit_stack_weights``: each one's temperature and share), and the stack's out-of-fold
+    log-probabilities. Measured over paired splits of six proxies (docs/heads.md): each of the three is the more
+    accurate recipe somewhere (logistic regression on 20 dog breeds from 11 photos each, one-vs-rest on noisy
+    dishes, SVC's own pairs on hand signs); the stack is at least level with the better plain recipe, and
+    choosing one of them by CV loses a point on one kind of set or another."""
+    rows = [svm_row, *([pairs_row] if pairs_row else []), logreg_row]
+    weights = fit_stack_weights([oof[r["key"]] for r in rows], y)
     svm, lr = svm_row["setting"], logreg_row["setting"]
-    weights = fit_stack_weights([oof[svm_row["key"]], oof[logreg_row["key"]]], y)
+    pairs = pairs_row["setting"] if pairs_row else None
+    scaled = pairs or svm
     setting = complete_setting({"head": "stack", "view": svm["view"], "normalize": svm["normalize"], "C": svm["C"],
                                 "gamma": svm["gamma"], "scheme": svm["scheme"], "C_logreg": lr["C"],
-                                "weights": tuple(weights)})
-    combined = log_softmax(weights[0] * oof[svm_row["key"]] + weights[1] * oof[logreg_row["key"]])
+                                "weights": tuple(weights), "pair_scale": scaled.get("pair_scale", 1.0),
+                                "C_pairs": pairs["C"] if pairs else 0.0})
+    combined = log_softmax(sum(w * oof[r["key"]] for w, r in zip(weights, rows)))
     return setting, combined
 
 
-def stacked_row(svm_row: dict, logreg_row: dict, result: dict) -> dict:
-    """A ``tune`` table row for the stack of two of ``result``'s rows (``stack_setting``): its out-of-fold
-    accuracy and log-loss per fold of the same folds; its out-of-fold log-probabilities go into result["oof"]."""
-    setting, oof = stack_setting(svm_row, logreg_row, result["oof"], result["labels"])
+def stacked_row(svm_row: dict, logreg_row: dict, result: dict, pairs_row: Optional[dict] = None) -> dict:
+    """A ``tune`` table row for the stack of ``result``'s rows (``stack_setting``): its out-of-fold accuracy and
+    log-loss per fold of the same folds; its out-of-fold log-probabilities go into result["oof"]."""
+    setting, oof = stack_setting(svm_row, logreg_row, result["oof"], result["labels"], pairs_row)
     y, key = result["labels"], setting_key(setting)
     result["oof"][key] = oof
     acc = [float((oof[te].argmax(1) == y[te]).mean()) for _, te in result["splits"]]
     ll = [log_loss(y[te], np.exp(oof[te])) for _, te in result["splits"]]
     return {"key": key, "setting": setting, "acc_mean": float(np.mean(acc)), "acc_std": float(np.std(acc)),
             "log_loss_mean": float(np.mean(ll)), "log_loss_std": float(np.std(ll)), "temperature": 1.0,
-            "seconds": svm_row["seconds"] + logreg_row["seconds"]}
+            "seconds": sum(r["seconds"] for r in (svm_row, logreg_row, pairs_row) if r)}
 
 
 # -- one setting, fitted ------------------------------------------------------------------------
@@ -156,6 +162,8 @@ def setting_key(setting: dict) -> str:
         base += f"|{s['scheme']}"
     if s["head"] == "stack":
         base += f"|C_logreg={s['C_logreg']:g}|w={','.join(format(w, '.3g') for w in s['weights'])}"
+        base += f"|ovo C={s['C_pairs']:g}" if s["C_pairs"] else ""
+        base += f"|s={s['pair_scale']:.3g}" if s["scheme"] == "ovo" or s["C_pairs"] else ""
     return base
 
 
@@ -192,10 +200,12 @@ def fit_setting(X, y: np.ndarray, setting: dict, in_shape=None, n_classes: Optio
             some = _stratified_holdout(y, 1 - GRAM_ROWS / len(y), seed)[0] if len(y) > GRAM_ROWS else slice(None)
             svm = fit_svm(xn[some], y[some], s["C"], s["gamma"], s["scheme"], n_classes)
             if s["head"] == "svm":
-                head = from_svm(svm, in_shape, s["view"], nm)
+                head = from_svm(svm, in_shape, s["view"], nm, pair_scale=s["pair_scale"])
             else:
                 clf = fit_logreg(xn, y, s["C_logreg"], seed, max_iter)
-                head = from_stack(svm, s["weights"][0], clf, s["weights"][1], in_shape, s["view"], nm)
+                pairs = fit_svm(xn[some], y[some], s["C_pairs"], s["gamma"], "ovo", n_classes) if s["C_pairs"] else None
+                head = from_stack(svm, s["weights"][0], clf, s["weights"][-1], in_shape, s["view"], nm,
+                                  pair_scale=s["pair_scale"], pairs=pairs, pairs_weight=s["weights"][1])
             info = {"gamma": svm.gamma, "support_rows": int(len(svm.rows)), "setting": s}
             info.update(key=setting_key(s), fit_seconds=time.time() - t0, rows=len(y))
             return head, info
@@ -362,6 +372,14 @@ def tune(X, y: np.ndarray, grid, folds: int = 5, seed: int = 0, *, in_shape=None
         r["oof"][te] = np.log(np.clip(proba, LOG_FLOOR, 1.0)) if logp is None else logp
         r["sec"].append(sec)
 
+    def record_svm(s, svm, xte, te, sec):
+        """An SVM's held-out class scores; a one-vs-one SVM's pairs' margins, coupled once every fold has them."""
+        if not svm.pairs:
+            return record(s, None, te, sec, log_softmax(svm.scores(xte)))
+        r = results[setting_key(s)]
+        r.setdefault("margins", np.zeros((len(y), len(svm.bias))))[te] = svm.scores(xte)
+        r["sec"].append(sec)
+
     def record_path(group, ztr, zte, ytr, yte, t_before):
         """The settings of one group (one view and map) differ only in C: one warm-started path."""
         by_c = {s["C"]: s for s in group}
@@ -381,13 +399,16 @@ def tune(X, y: np.ndarray, grid, folds: int = 5, seed: int = 0, *, in_shape=None
             t_norm = time.time() - t0
             record_path([s for s in group if s["head"] == "logreg"], xtr, xte, y[tr], te, t_norm)
             grams: dict = {}
+            svms: dict = {}  # two classes: one-vs-one is one-vs-rest, fitted once
             for s in (s for s in group if s["head"] == "svm"):
                 t0 = time.time()
                 gamma = resolve_gamma(s["gamma"], xtr)
                 if gamma not in grams and len(xtr) <= GRAM_ROWS:  # one kernel matrix for every C and scheme
                     grams[gamma] = svm_gram(xtr, gamma)
-                svm = fit_svm(xtr, y[tr], s["C"], gamma, s["scheme"], n_classes, grams.get(gamma))
-                record(s, None, te, t_norm + time.time() - t0, log_softmax(svm.scores(xte)))
+                fit = (gamma, s["C"], s["scheme"] if n_classes > 2 else "ovr")
+                if fit not in svms:
+                    svms[fit] = fit_svm(xtr, y[tr], s["C"], gamma, s["scheme"], n_classes, grams.get(gamma))
+                record_svm(s, svms[fit], xte, te, t_norm + time.time() - t0)
             kernels: dict = {}
             for s in (s for s in group if s["head"] == "kernel"):
                 kernels.setdefault((s["gamma"], s["n_components"]), []).append(s)
@@ -414,7 +435,11 @@ def tune(X, y: np.ndarray, grid, folds: int = 5, seed: int = 0, *, in_shape=None
                     proba = head.classify(zt).double().exp().numpy()
                 record(s, proba, te, time.time() - t0)
         for s in group:
-            _calibrated(results[setting_key(s)], y, splits)
+            r = results[setting_key(s)]
+            if "margins" in r:  # the pairs' scale fitted on the out-of-fold margins, then coupled
+                r["pair_scale"] = fit_pair_scale(r["margins"], y, n_classes)
+                r["oof"] = coupled_log_proba(r.pop("margins"), r["pair_scale"], n_classes)
+            _calibrated(r, y, splits)
             if on_setting:
                 on_setting(_row(s, results[setting_key(s)]))
     table = [_row(s, results[setting_key(s)]) for s in settings]
@@ -425,6 +450,23 @@ def tune(X, y: np.ndarray, grid, folds: int = 5, seed: int = 0, *, in_shape=None
     return {"table": table, "best": table[order[0]], "ranking": [table[i]["key"] for i in order],
             "folds": folds, "seed": seed, "score": score, "rows": int(len(y)),
             "oof": {k: r["oof"] for k, r in results.items()}, "labels": y, "splits": splits}
+
+
+def coupled_log_proba(margins: np.ndarray, scale: float, n_classes: int) -> np.ndarray:
+    """Class log-probabilities from one-vs-one margins (N, K(K-1)/2) times ``scale``, as the head computes them."""
+    z = torch.from_numpy(np.asarray(margins, np.float64) * scale)
+    return log_softmax(couple_pairs(z, pair_columns(n_classes)).numpy())
+
+
+def fit_pair_scale(margins: np.ndarray, y: np.ndarray, n_classes: int, bounds=(0.01, 100.0)) -> float:
+    """The scale of one-vs-one margins whose coupled probabilities have the lowest NLL (held-out margins): as
+    SVC's Platt scaling of each pair, in one number. The coupling is not linear in the scale, so unlike a
+    temperature it changes which class wins near ties: fitted, not left at 1."""
+    from scipy.optimize import minimize_scalar
+
+    f = lambda t: nll(coupled_log_proba(margins, math.exp(t), n_classes), y)  # noqa: E731
+    res = minimize_scalar(f, bounds=tuple(math.log(b) for b in bounds), method="bounded")
+    return float(math.exp(res.x))
 
 
 def _calibrated(r: dict, y: np.ndarray, splits) -> None:
@@ -438,7 +480,7 @@ def _calibrated(r: dict, y: np.ndarray, splits) -> None:
 
 
 def _row(s: dict, r: dict) -> dict:
-    return {"key": setting_key(s), "setting": s,
+    return {"key": setting_key(s), "setting": {**s, "pair_scale": r["pair_scale"]} if "pair_scale" in r else s,
             "acc_mean": float(np.mean(r["acc"])), "acc_std": float(np.std(r["acc"])),
             "log_loss_mean": float(np.mean(r["ll"])), "log_loss_std": float(np.std(r["ll"])),
             "temperature": r["temperature"], "seconds": float(np.mean(r["sec"]))}

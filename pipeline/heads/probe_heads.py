@@ -7,6 +7,7 @@ the same probabilities as the scikit-learn estimators they come from.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Optional
 
 import numpy as np
@@ -27,6 +28,31 @@ CONFIG_KIND = "probe-head"
 CONFIG_VERSION = 1
 
 
+# -- one-vs-one class pairs ----------------------------------------------------------------------
+def class_pairs(k: int) -> list[tuple[int, int]]:
+    """The class pairs (i, j), i < j, in scikit-learn's SVC order: (0, 1), (0, 2) ... (1, 2) ..."""
+    return [(i, j) for i in range(k) for j in range(i + 1, k)]
+
+
+def pair_columns(k: int) -> torch.Tensor:
+    """(K, K-1) indices into [-z, z] (z: the K(K-1)/2 pair margins, > 0 for the pair's first class): for each
+    class, the minus log-odds of its K-1 pairwise wins."""
+    pairs = class_pairs(k)
+    first = [[p for p, (i, _) in enumerate(pairs) if i == c] for c in range(k)]
+    second = [[len(pairs) + p for p, (_, j) in enumerate(pairs) if j == c] for c in range(k)]
+    cols = [a + b for a, b in zip(first, second)]
+    return torch.tensor(cols, dtype=torch.long)
+
+
+def couple_pairs(z, columns):
+    """Class log-scores from pair margins z (B, K(K-1)/2): Price et al.'s coupling of the pairwise probabilities
+    r_ij = sigmoid(z_ij), p_i proportional to 1 / (sum_j 1 / r_ij - (K - 2)) = 1 / (1 + sum_j exp(-z_ij)): closed form
+    (one logsumexp, so every export runs it), and a class that wins all its pairs clearly gets nearly all the mass,
+    as SVC's votes would give it the photo."""
+    u = torch.cat([-z, z], 1)[:, columns]  # (B, K, K-1)
+    return -torch.logsumexp(torch.cat([torch.zeros_like(u[:, :, :1]), u], 2), 2)
+
+
 # -- ProbeHead -----------------------------------------------------------------------------------
 class ProbeHead(nn.Module):
     """view -> normalisation -> optional RBF (Nystroem) map -> Linear -> LogSoftmax, on raw cached maps.
@@ -45,7 +71,7 @@ class ProbeHead(nn.Module):
     def __init__(self, in_shape, n_classes: int, view: str = "flat", normalize: str = "none",
                  kernel_components: int = 0, gamma: Optional[float] = None, dropout: float = 0.0,
                  dtype=None, kernel_norm: bool = True, temperature: bool = False, known_rows: int = 0,
-                 unknown_k: int = 10, linear_skip: bool = False):
+                 unknown_k: int = 10, linear_skip: bool = False, pairs: bool = False):
         super().__init__()
         self.in_shape = tuple(int(s) for s in in_shape)
         check_view(view, self.in_shape)
@@ -78,7 +104,15 @@ class ProbeHead(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         # the normalised rows themselves beside the kernel features (a kernel and a linear model summed: ``from_stack``)
         self.linear_skip = bool(linear_skip) and self.kernel_components > 0
-        self.linear = nn.Linear(self.kernel_components + d * self.linear_skip or d, self.n_classes, dtype=dtype)
+        # one-vs-one: the Linear layer's first K(K-1)/2 outputs are the class pairs' margins, coupled into class
+        # scores (``couple_pairs``) and weighted by ``pair_weight``; with linear_skip K logits follow, added after
+        self.pairs = bool(pairs) and self.kernel_components > 0 and self.n_classes > 2
+        self.n_pairs = self.n_classes * (self.n_classes - 1) // 2 if self.pairs else 0
+        outputs = self.n_pairs + self.n_classes * (not self.pairs or self.linear_skip)
+        self.linear = nn.Linear(self.kernel_components + d * self.linear_skip or d, outputs, dtype=dtype)
+        if self.pairs:
+            self.register_buffer("pair_weight", torch.ones((), dtype=dtype))
+            self.register_buffer("pair_columns", pair_columns(self.n_classes), persistent=False)
         self.log_softmax = nn.LogSoftmax(dim=1)
         self.unknown_k = int(unknown_k)
         if temperature:
@@ -93,12 +127,13 @@ class ProbeHead(nn.Module):
                 "n_classes": self.n_classes, "view": self.view, "normalize": self.normalize,
                 "kernel": "rbf" if self.kernel_components else None,
                 "kernel_components": self.kernel_components, "gamma": self.gamma, "dropout": self.dropout_p,
-                "kernel_norm": self.kernel_norm_separate, "linear_skip": self.linear_skip,
+                "kernel_norm": self.kernel_norm_separate, "linear_skip": self.linear_skip, "pairs": self.pairs,
                 "temperature": self.calibrated,
                 "known_rows": len(self.known_rows) if self.has_unknown else 0, "unknown_k": self.unknown_k}
 
     def describe(self) -> str:
         k = f", RBF m={self.kernel_components} gamma={self.gamma:.4g}" if self.kernel_components else ""
+        k += " one-vs-one" if self.pairs else ""
         k += " + linear" if self.linear_skip else ""
         t = f", T={float(self.temperature):.3g}" if self.calibrated else ""
         u = f", unknown: {len(self.known_rows)} rows k={self.unknown_k}" if self.has_unknown else ""
@@ -118,7 +153,8 @@ class ProbeHead(nn.Module):
                    config.get("kernel_components") or 0, config.get("gamma"), config.get("dropout", 0.0),
                    dtype=state_dict["linear.weight"].dtype, kernel_norm=config.get("kernel_norm", True),
                    temperature=bool(config.get("temperature")), known_rows=int(config.get("known_rows") or 0),
-                   unknown_k=int(config.get("unknown_k") or 10), linear_skip=bool(config.get("linear_skip")))
+                   unknown_k=int(config.get("unknown_k") or 10), linear_skip=bool(config.get("linear_skip")),
+                   pairs=bool(config.get("pairs")))
         head.load_state_dict(state_dict)
         return head
 
@@ -250,6 +286,9 @@ class ProbeHead(nn.Module):
     def classify(self, z):
         """Log-probabilities from embedded rows (what ``train_linear`` optimises), at the temperature if set."""
         logits = self.linear(self.dropout(z))
+        if self.pairs:
+            coupled = self.pair_weight * couple_pairs(logits[:, :self.n_pairs], self.pair_columns)
+            logits = coupled + logits[:, self.n_pairs:] if self.linear_skip else coupled
         return self.log_softmax(logits / self.temperature if self.calibrated else logits)
 
     def forward(self, x):
@@ -337,36 +376,69 @@ def from_kernel(nystroem, clf, in_shape, view: str = "flat", normalizer: Optiona
 
 
 
-def from_svm(expansion, in_shape, view: str = "flat", normalizer: Optional[Normalizer] = None, dtype=None):
+def from_svm(expansion, in_shape, view: str = "flat", normalizer: Optional[Normalizer] = None, dtype=None,
+             pair_scale: float = 1.0):
     """A ProbeHead whose scores are an SVM's (``sklearn_fits.fit_svm``'s ``KernelExpansion``, fitted on
     ``normalizer``-normalised ``view`` rows): its support rows are the kernel stage's landmarks (no
     K_mm^{-1/2}: the identity), the expansion's coefficients the Linear layer. Its softmax is a probability
-    once a temperature (fitted on out-of-fold scores) scales it."""
+    once a temperature (fitted on out-of-fold scores) scales it. One-vs-one pairs' margins are multiplied by
+    ``pair_scale`` (fitted on out-of-fold margins) and coupled into class scores (``couple_pairs``)."""
     normalizer = normalizer or Normalizer("none")
     rows, w = np.asarray(expansion.rows, np.float64), np.asarray(expansion.weight, np.float64)
     if rows.shape[1] != view_dim(view, in_shape):
         raise ValueError(f"the SVM was fitted on {rows.shape[1]}-d rows; the {view!r} view of {tuple(in_shape)} "
                          f"maps is {view_dim(view, in_shape)}-d")
-    head = ProbeHead(in_shape, w.shape[0], view, normalizer.kind, kernel_components=len(rows),
-                     gamma=float(expansion.gamma), dtype=dtype or torch.float64, kernel_norm=False)
+    k = svm_classes(expansion)
+    head = ProbeHead(in_shape, k, view, normalizer.kind, kernel_components=len(rows), gamma=float(expansion.gamma),
+                     dtype=dtype or torch.float64, kernel_norm=False, pairs=expansion.pairs)
     head.set_normalizer(normalizer)
     head.set_kernel(rows)
-    head.set_linear(w, np.asarray(expansion.bias, np.float64))
+    scale = pair_scale if expansion.pairs else 1.0
+    head.set_linear(scale * w, scale * np.asarray(expansion.bias, np.float64))
     return head
 
 
+def svm_classes(expansion) -> int:
+    """How many classes an SVM's expansion scores (K, or the K of its K(K-1)/2 pairs)."""
+    n = len(expansion.bias)
+    return int(round((1 + math.sqrt(1 + 8 * n)) / 2)) if expansion.pairs else n
+
+
 def from_stack(expansion, svm_weight: float, clf, logreg_weight: float, in_shape, view: str = "flat",
-               normalizer: Optional[Normalizer] = None, dtype=None):
+               normalizer: Optional[Normalizer] = None, dtype=None, pair_scale: float = 1.0, pairs=None,
+               pairs_weight: float = 0.0):
     """A ProbeHead whose logits are ``svm_weight`` x an SVM's scores + ``logreg_weight`` x a logistic
-    regression's logits (both fitted on the same ``normalizer``-normalised ``view`` rows): one Linear layer
-    over the SVM's kernel features and the rows themselves (``linear_skip``)."""
+    regression's logits (+ ``pairs_weight`` x a one-vs-one SVM's coupled pairs, ``pairs``), all fitted on the
+    same ``normalizer``-normalised ``view`` rows: one Linear layer over the kernel features of both SVMs'
+    support rows and the rows themselves (``linear_skip``). With pairs (from either SVM) the Linear layer's first
+    outputs are their margins times ``pair_scale`` (from the kernel features), coupled and weighted by
+    ``pair_weight``; the class logits follow."""
     normalizer = normalizer or Normalizer("none")
-    head = from_svm(expansion, in_shape, view, normalizer, dtype)
+    parts = [(e, w) for e, w in ((expansion, svm_weight), (pairs, pairs_weight)) if e is not None]
+    rows, inverse = np.unique(np.concatenate([np.asarray(e.rows, np.float64) for e, _ in parts]), axis=0,
+                              return_inverse=True)
+    k = svm_classes(expansion)
     w_lr, b_lr = _logreg_linear(clf)
-    stacked = ProbeHead(in_shape, head.n_classes, view, normalizer.kind, kernel_components=head.kernel_components,
-                        gamma=head.gamma, dtype=head.linear.weight.dtype, kernel_norm=False, linear_skip=True)
+    pair_part = next(((e, w) for e, w in parts if e.pairs), None)
+    n_pairs = len(pair_part[0].bias) if pair_part else 0
+    weight, bias = np.zeros((n_pairs + k, len(rows) + w_lr.shape[1])), np.zeros(n_pairs + k)
+    start = 0
+    for e, w in parts:  # each expansion's support rows, placed at their column in the union
+        cols = inverse.reshape(-1)[start:start + len(e.rows)]
+        start += len(e.rows)
+        target = slice(0, n_pairs) if e.pairs else slice(n_pairs, None)
+        factor = pair_scale if e.pairs else w
+        np.add.at(weight[target], (slice(None), cols), factor * np.asarray(e.weight, np.float64))
+        bias[target] += factor * np.asarray(e.bias, np.float64)
+    weight[n_pairs:, len(rows):] = logreg_weight * w_lr
+    bias[n_pairs:] += logreg_weight * b_lr
+    stacked = ProbeHead(in_shape, k, view, normalizer.kind, kernel_components=len(rows),
+                        gamma=float(expansion.gamma), dtype=dtype or torch.float64, kernel_norm=False,
+                        linear_skip=True, pairs=pair_part is not None)
     stacked.set_normalizer(normalizer)
-    stacked.set_kernel(head.landmarks)
-    weight = np.concatenate([svm_weight * np.asarray(expansion.weight, np.float64), logreg_weight * w_lr], 1)
-    stacked.set_linear(weight, svm_weight * np.asarray(expansion.bias, np.float64) + logreg_weight * b_lr)
+    stacked.set_kernel(rows)
+    stacked.set_linear(weight, bias)
+    if pair_part is not None:
+        with torch.no_grad():
+            stacked.pair_weight.fill_(pair_part[1])
     return stacked

@@ -118,6 +118,7 @@ class KernelExpansion:
     weight: np.ndarray  # (K, m)
     bias: np.ndarray  # (K,)
     gamma: float
+    pairs: bool = False  # rows of ``weight``: the class pairs' margins (one-vs-one), not the classes' scores
 
     def scores(self, X: np.ndarray, chunk: int = 4096) -> np.ndarray:
         X = np.asarray(X, np.float64)
@@ -132,8 +133,8 @@ def fit_svm(X: np.ndarray, y: np.ndarray, C: float = 1.0, gamma="scale", scheme:
 
     Binary: scores [0, f(x)], f SVC's decision function (> 0: class 1), so the argmax is SVC's prediction.
     Several classes, ``scheme`` 'ovr': one binary SVM a class against the rest, its f_k the class's score;
-    'ovo' (SVC's own): the pair (i, j)'s f_ij (> 0: class i) adds f_ij / (K - 1) to class i's score and takes
-    it from j's (SVC counts votes instead: the same class but for near-ties, and no score softmax can use).
+    'ovo' (SVC's own): the K(K-1)/2 pairs' margins f_ij (> 0: class i; SVC's ``decision_function``), a
+    ``pairs`` expansion that ``probe_heads.couple_pairs`` turns into class scores (SVC counts their votes).
     Deterministic (libsvm draws nothing without probability=True). Up to ``GRAM_ROWS`` rows the kernel
     matrix is computed once (``gram``: one already computed, as ``svm_gram`` gives) and every binary SVM
     reads it; beyond, libsvm computes kernel values as it needs them (an n x n matrix would not fit).
@@ -168,13 +169,7 @@ def fit_svm(X: np.ndarray, y: np.ndarray, C: float = 1.0, gamma="scale", scheme:
     clf = svc(y)
     dual, intercept = np.asarray(clf.dual_coef_, np.float64), np.asarray(clf.intercept_, np.float64)
     owner = np.repeat(np.arange(k), clf.n_support_)  # each support row's class
-    w, b, pair = np.zeros((k, len(owner))), np.zeros(k), 0
-    for i in range(k):
-        for j in range(i + 1, k):
-            coef = (np.where(owner == i, dual[j - 1], 0.0) + np.where(owner == j, dual[i], 0.0)) / (k - 1)
-            w[i] += coef
-            w[j] -= coef
-            b[i] += intercept[pair] / (k - 1)
-            b[j] -= intercept[pair] / (k - 1)
-            pair += 1
-    return KernelExpansion(X[clf.support_], w, b, g)
+    w = np.zeros((k * (k - 1) // 2, len(owner)))
+    for p, (i, j) in enumerate((i, j) for i in range(k) for j in range(i + 1, k)):  # libsvm's own formula
+        w[p] = np.where(owner == i, dual[j - 1], 0.0) + np.where(owner == j, dual[i], 0.0)
+    return KernelExpansion(X[clf.support_], w, intercept.copy(), g, pairs=True)
