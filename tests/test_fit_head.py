@@ -291,3 +291,20 @@ def test_the_default_stacks_svcs_own_pairs_too_when_there_are_several_classes(k)
     head, _ = fit_setting(rows, y, setting, in_shape=(8, 1, 1), n_classes=k)
     assert head.config["pairs"] == (k > 2) and head.config["linear_skip"]
     assert (head.log_proba_of_rows(rows["avg"]).argmax(1) == y).mean() > 0.8
+
+
+def test_past_max_pair_classes_the_default_leaves_the_pairs_out(monkeypatch):
+    """The pairs' head grows with the square of the classes: above MAX_PAIR_CLASSES the stack is the
+    one-vs-rest SVM and logreg alone, so 200 classes never make a head of half a gigabyte."""
+    from pipeline.heads import model_selection
+    from pipeline.heads.fit_head import _auto_grid, _default_row
+
+    monkeypatch.setattr(model_selection, "MAX_PAIR_CLASSES", 2)
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 20)
+    rows = {"avg": rng.normal(0, 1, (len(y), 8)) + np.eye(8)[y] * 1.5}
+    cfg = FitHeadConfig()
+    result = model_selection.tune(rows, y, _auto_grid(cfg), folds=3, in_shape=(8, 1, 1), threads=1)
+    assert result["table"] and all(r["setting"].get("scheme") != "ovo" for r in result["table"])
+    setting = _default_row(cfg, (8, 1, 1), result)["setting"]
+    assert len(setting["weights"]) == 2 and setting["C_pairs"] == 0.0

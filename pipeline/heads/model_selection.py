@@ -51,6 +51,9 @@ AUTO_GRID = (
     {"head": ["svm"], "C": [0.1, 1.0, 10.0, 100.0, 1000.0], "gamma": ["scale"], "scheme": ["ovr", "ovo"]},
     {"head": ["logreg"], "C": [0.1, 1.0, 10.0, 100.0, 1000.0]},
 )
+#: Most classes for which a one-vs-one SVM is tried: its K(K-1)/2 pairs are rows of the head's Linear layer over
+#: the support rows (K=50: 1,225 pairs, about 30 MB in float32 at 6,000 support rows; K=200 would be 0.5 GB).
+MAX_PAIR_CLASSES = 50
 #: The previous default's search (an RBF kernel head, C and gamma by CV): audit's out-of-fold refits still use it.
 KERNEL_GRID = {"head": ["kernel"], "C": [1.0, 10.0, 100.0, 1000.0], "gamma": ["0.25*scale", "0.5*scale", "scale"]}
 #: --tune's wider search: every head kind and both pooled views (those the cache has), the default's included.
@@ -360,6 +363,8 @@ def tune(X, y: np.ndarray, grid, folds: int = 5, seed: int = 0, *, in_shape=None
     settings = expand_grid(grid, shape)
     y = np.asarray(y, np.int64)
     n_classes = int(y.max()) + 1
+    if n_classes > MAX_PAIR_CLASSES:  # the pairs' head would grow with the square of the classes
+        settings = [s for s in settings if s.get("scheme") != "ovo"]
     smallest = int(np.bincount(y, minlength=n_classes).min())
     if folds < 2 or smallest < folds:
         raise ValueError(f"{folds}-fold cross-validation needs at least {max(folds, 2)} rows of every class; "
