@@ -1,4 +1,4 @@
-"""Command line: parse options, call one pipeline function per command, print results.
+"""Command line: parse options, call one pipeline function per command, print its result (``reports/present``).
 
 Results go to stdout (``--json`` for scripts), progress and logs to stderr. The option of every config field is
 made from its spec in ``pipeline/config.py`` (``options_from``): help, choices, range and default live there
@@ -49,6 +49,7 @@ from .config import (
 )
 from .errors import PipelineError, UsageError
 from .files import json_text
+from .reports import present
 
 
 class FiniteFloat(click.ParamType):
@@ -206,10 +207,6 @@ def note(text: str) -> None:
         click.echo(text, err=True)
 
 
-def plural(k: int, word: str) -> str:
-    return f"{k} {word}" if k == 1 else f"{k} {word}s"
-
-
 def emit(result, as_json: bool, text: str) -> None:
     click.echo(json_text(result, indent=2, default=str) if as_json else text)
 
@@ -257,21 +254,8 @@ def extract(as_json, **options):
     except KeyboardInterrupt:
         click.echo(f"\ninterrupted; committed rows are kept. Resume with:\n  {current_command()}", err=True)
         sys.exit(130)
-    if result["hit"]:
-        note(f"cache hit: {result['rows']} rows already extracted, nothing computed"
-             f"{' (every photo checked against its sha256)' if result.get('verified') else ''}")
-    else:
-        one_off = [f"{what} {result[k]:.0f} s" for k, what in (
-            ("calibration_seconds", "int8 calibration" + (" reused" if result.get("calibration_reused") else "")),
-            ("compile_seconds", "compiling" + (f" (compile cache {result['compile_cache']})"
-                                               if result.get("compile_cache") else ""))) if result.get(k)]
-        note(f"extracted {result['computed']} images ({result['img_per_s']:.1f} img/s"
-             f"{', not counting ' + ' and '.join(one_off) if one_off else ''}), "
-             f"{result['skipped']} skipped, {result['rows']} rows in "
-             f"{'shards of rank ' + str(result['rank']) if 'rank' in result else 'cache'}")
-        if result.get("reused"):
-            note(f"reused {result['reused']} rows of earlier caches by content ({result['label_changes']} of them "
-                 f"now in another class), computed {result['computed']}")
+    for line in present.extract_notes(result):
+        note(line)
     if "rank" not in result:  # under torchrun only rank 0 prints the result
         emit(result, as_json, result["cache"])
 
@@ -286,20 +270,13 @@ def caches(cache_dir, consolidate, as_json):
     """List the feature caches: path, backbone, rows, classes, size, created."""
     if consolidate:
         result = api.Cache(consolidate).consolidate()
-        note(f"{result['rows']} rows copied into one file ({result['size_bytes'] / 1e6:.1f} MB); "
-                   f"its {len(result['shards'])} shard files are no longer needed")
+        note(present.consolidate_note(result))
         emit(result, as_json, result["cache"])
         return
     found = api.list_caches(cache_dir)
     result = {"caches": [c.summary() for c in found],
               "unreadable": [dict(b) for b in found.unreadable]}  # already {path, why} each
-    lines = [f"{'path':<48} {'backbone':<10} {'rows':>6} {'classes':<20} {'size':>9}  created"]
-    for c in result["caches"]:
-        state = ("" if c["complete"] else "  (incomplete)") + ("  (sharded)" if c.get("sharded") else "")
-        lines.append(f"{c['path']:<48} {c['backbone']:<10} {c['rows']:>6} {','.join(c['classes'])[:20]:<20} "
-                     f"{c['size_bytes'] / 1e6:>7.1f}MB  {c['created']}{state}")
-    lines += [f"not a usable cache: {b['path']}: {b['why']}" for b in result["unreadable"]]
-    emit(result, as_json, "\n".join(lines) if result["caches"] or result["unreadable"] else f"no caches in {cache_dir}")
+    emit(result, as_json, present.caches_text(result, cache_dir))
 
 
 @cli.command("fit-head")
@@ -308,12 +285,10 @@ def caches(cache_dir, consolidate, as_json):
 @library_errors
 def fit_head_cmd(as_json, **options):
     """Fit a Linear + LogSoftmax head on cached features (one line per epoch for --head linear)."""
-    from .heads.fit_head import format_result
-
     cache = options.pop("cache")
     rows = list(cache) if len(cache) > 1 else cache[0] if cache else None
     result = api.Head(verbose=None, **options).fit(rows).result_
-    emit(result, as_json, format_result(result))
+    emit(result, as_json, present.fit_head_text(result))
 
 
 @cli.command("choose-backbone")
@@ -325,12 +300,11 @@ def choose_backbone_cmd(as_json, data, backbones, **options):
     extraction speed and cache size of each, and the fastest within noise of the best."""
     from dataclasses import asdict
 
-    from .heads.backbone_choice import format_choice
     from .runs.ledger import current_command
 
     options = {k: v for k, v in options.items() if v is not None}
     choice = api.choose_backbone(data, list(backbones), verbose=None, command=current_command(), **options)
-    emit(asdict(choice), as_json, format_choice(choice))
+    emit(asdict(choice), as_json, present.choose_backbone_text(choice))
 
 
 #: fit-head's options that compare-sklearn's heads take from its command line (the API takes all of them)
@@ -345,10 +319,8 @@ COMPARED_HEAD_OPTIONS = ("features", "normalize", "recipe", "epochs", "patience"
 @library_errors
 def compare_sklearn_cmd(as_json, cache, **options):
     """Fit the torch head and scikit-learn LogisticRegression on the same split; print both."""
-    from .heads.compare import format_table
-
     result = api.compare_sklearn(cache, verbose=None, **options).result
-    emit(result, as_json, format_table(result))
+    emit(result, as_json, present.compare_text(result))
 
 
 @cli.command()
@@ -368,8 +340,7 @@ def preview(as_json, **options):
 def feature_map_cmd(as_json, **options):
     """A PNG of IMAGE beside its feature map (channels x positions) and its most active channels."""
     result = api.feature_map(options.pop("image"), **options).info
-    note(f"feature map {' x '.join(map(str, result['feature_shape']))}, "
-               f"top channels {result['top_channels']}")
+    note(present.feature_map_note(result))
     emit(result, as_json, result["output"])
 
 
@@ -379,11 +350,9 @@ def feature_map_cmd(as_json, **options):
 @library_errors
 def evaluate(as_json, **options):
     """Accuracy, per-class precision/recall/F1, a confusion-matrix PNG and a gallery of confident errors."""
-    from .reports.evaluate import format_report
-
     result = api.evaluate_model(options.pop("model"), options.pop("cache"), options.pop("data"), figures=False,
                                 verbose=None, **options)
-    emit(result, as_json, format_report(result))
+    emit(result, as_json, present.evaluate_text(result))
 
 
 @cli.command()
@@ -397,11 +366,8 @@ def evaluate(as_json, **options):
 @library_errors
 def runs(runs_dir, sort_by, cache, backbone, as_json):
     """The experiment ledger (runs/ledger.jsonl) as a table."""
-    from .runs.ledger import format_runs, ledger_path
-
     records = list(api.list_runs(runs_dir, sort_by=sort_by, cache=cache, backbone=backbone))
-    table = format_runs(records, sort_by) if records else f"no runs in {ledger_path(runs_dir)}"
-    emit({"runs": records}, as_json, table)
+    emit({"runs": records}, as_json, present.runs_text(records, sort_by, runs_dir))
 
 
 @cli.command("fetch-data")
@@ -411,9 +377,7 @@ def runs(runs_dir, sort_by, cache, backbone, as_json):
 def fetch_data_cmd(as_json, **options):
     """Download an image archive (resuming a partial download) and unpack it safely; prints the folder."""
     result = api.fetch_data(verbose=None, **options)
-    state = "downloaded" if result["downloaded"] else "already complete"
-    note(f"{result['archive']}: {result['bytes'] / 1e6:.1f} MB, {state}; "
-               f"{'unpacked' if result['unpacked_now'] else 'already unpacked'} to {result['unpacked']}")
+    note(present.fetch_note(result))
     emit(result, as_json, result["unpacked"])
 
 
@@ -423,10 +387,8 @@ def fetch_data_cmd(as_json, **options):
 @library_errors
 def check_images_cmd(as_json, **options):
     """Fully decode every file below DIR and report unusable ones (errors) and converted ones (notes)."""
-    from .data.check_images import format_summary
-
     result = api.check_image_folder(options.pop("root"), verbose=None, **options)
-    emit(result, as_json, format_summary(result))
+    emit(result, as_json, present.check_images_text(result))
 
 
 @cli.command()
@@ -435,21 +397,9 @@ def check_images_cmd(as_json, **options):
 @library_errors
 def demo(as_json, **options):
     """The main job in one go: fetch if missing, check images, extract, fit the head, compare with sklearn."""
-    from .heads.compare import format_table
-    from .reports.demo import format_next
     from .runs.ledger import current_command
     result = api.run_demo(verbose=None, command=current_command(), **options)
-    emit(result, as_json, format_table(result["compare"]) + "\n\n" + format_next(result["next"]))
-
-
-def train_text(result: dict) -> str:
-    from .heads.fit_head import trust_lines
-
-    per_class = ", ".join(f"{c} {a:.3f}" if a is not None else f"{c} -" for c, a in result["per_class_val_acc"].items())
-    return "\n".join([f"val acc {result['val_acc']:.3f}, val loss {result['val_loss']:.4f} ({result['train_rows']} "
-                      f"train / {result['val_rows']} val images, {result['skipped']} skipped, "
-                      f"{result['fit_seconds']:.1f} s)", f"per-class val acc: {per_class}", *trust_lines(result),
-                      f"checkpoint: {result['checkpoint']}"])
+    emit(result, as_json, present.demo_text(result))
 
 
 @cli.command()
@@ -459,7 +409,7 @@ def train_text(result: dict) -> str:
 def train(as_json, **options):
     """Train a new head on images end to end, backbone frozen; saves runs/<stamp>-train/model.pt."""
     result = api.train_model(options.pop("data"), verbose=None, **options).result_
-    emit(result, as_json, train_text(result))
+    emit(result, as_json, present.train_text(result))
 
 
 @cli.command()
@@ -469,7 +419,7 @@ def train(as_json, **options):
 def finetune(as_json, **options):
     """Unfreeze the backbone (or its last K blocks) and train at a low rate; saves runs/<stamp>-finetune/model.pt."""
     result = api.finetune_model(options.pop("data"), options.pop("init_head"), verbose=None, **options).result_
-    emit(result, as_json, train_text(result))
+    emit(result, as_json, present.train_text(result))
 
 
 @cli.command()
@@ -477,20 +427,18 @@ def finetune(as_json, **options):
 @library_errors
 def predict(paths, **options):
     """Classify images and folders of images: class and probability per file; unreadable files get an error."""
-    from .models.predict import Interrupted, format_rows
+    from .models.predict import Interrupted
 
     try:
         result = api.predict_files(options.pop("model"), list(paths), verbose=None, **options).result
     except Interrupted as e:  # the rows computed so far are kept: written (--output) or shown
         if not e.result["output"]:
-            click.echo(format_rows(e.result["rows"], options["format"]))
+            click.echo(present.predict_rows_text(e.result["rows"], options["format"]))
         sys.exit(130)
-    heatmaps = f", heatmaps in {result['explain']}" if result.get("explain") else ""
-    note(f"{plural(result['images'], 'image')}, {result['errors']} unreadable, "
-               f"{result['img_per_s']:.1f} img/s{heatmaps}")
-    click.echo(result["output"] if result["output"] else format_rows(result["rows"], options["format"]))
+    note(present.predict_note(result))
+    click.echo(result["output"] if result["output"] else present.predict_rows_text(result["rows"], options["format"]))
     if result["errors"] == result["images"]:
-        raise click.ClickException(f"none of the {plural(result['images'], 'input')} could be classified")
+        raise click.ClickException(f"none of the {present.plural(result['images'], 'input')} could be classified")
 
 
 @cli.command("imagenet-check")
@@ -499,9 +447,8 @@ def predict(paths, **options):
 @library_errors
 def imagenet_check_cmd(as_json, **options):
     """Sanity check: the top ImageNet classes of IMAGE from the full pretrained model."""
-
     result = api.imagenet_check(options.pop("image"), **options)
-    emit(result, as_json, "\n".join(f"{t['rank']}. {t['class']:<30} {t['probability']:.4f}" for t in result["top"]))
+    emit(result, as_json, present.imagenet_check_text(result))
 
 
 @cli.command()
@@ -510,10 +457,8 @@ def imagenet_check_cmd(as_json, **options):
 @library_errors
 def summary(as_json, **options):
     """Layer-by-layer table and total/trainable parameter counts of backbone + head under a freeze setting."""
-    from .models.summary import format_summary
-
     result = api.model_summary(**options)
-    emit(result, as_json, format_summary(result))
+    emit(result, as_json, present.summary_text(result))
 
 
 @cli.command()
@@ -522,11 +467,10 @@ def summary(as_json, **options):
 @library_errors
 def audit(as_json, **options):
     """Find wrong labels, outliers, duplicates and train/test leaks from the cache; --apply fixes, --undo them."""
-    from .reports.audit import format_report
     from .runs.ledger import current_command
 
     result = api.audit_folder(options.pop("data"), verbose=None, command=current_command(), **options)
-    emit(result, as_json, format_report(result, options.get("top") or AuditConfig.top))
+    emit(result, as_json, present.audit_text(result, options.get("top") or AuditConfig.top))
 
 
 @cli.command()
@@ -537,11 +481,10 @@ def suggest(as_json, **options):
     """Which photos of an unlabelled pool to label next: a ranked CSV and an HTML page with thumbnails."""
     from dataclasses import asdict
 
-    from .reports.suggest import format_result
     from .runs.ledger import current_command
 
     result = api.suggest(options.pop("data"), options.pop("pool"), verbose=None, command=current_command(), **options)
-    emit(asdict(result), as_json, format_result(result))
+    emit(asdict(result), as_json, present.suggest_text(result))
 
 
 @cli.command()
@@ -552,12 +495,7 @@ def export(as_json, **options):
     """Write a model as one ONNX or TorchScript file (images in, class probabilities out) + its .json metadata,
     after checking that it gives predict's probabilities on sample photos (exit 1 when it does not)."""
     result = api.export_model(options.pop("model"), options.pop("output"), verbose=None, **options)
-    p = result["parity"]
-    text = (f"max |probability difference| vs predict: {result['max_abs_diff']:.3g} on {plural(p['images'], 'photo')}"
-            f" ({p['same_class']} same class; tolerance {p['tolerance']:g})\n"
-            + (f"{result['output']} ({result['bytes'] / 1e6:.1f} MB), metadata {result['metadata']}" if result["passed"]
-               else "nothing written: the export does not predict as predict does"))
-    emit(result, as_json, text)
+    emit(result, as_json, present.export_text(result))
     if not result["passed"]:
         raise click.exceptions.Exit(1)
 

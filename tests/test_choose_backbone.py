@@ -10,7 +10,8 @@ import pipeline
 from pipeline.cache.feature_cache import read_info
 from pipeline.cli import cli
 from pipeline.config import ChooseBackboneConfig
-from pipeline.heads.backbone_choice import NOISE_SES, Candidate, _decide, corrected_se, format_choice
+from pipeline.heads.backbone_choice import NOISE_SES, Candidate, _decide, corrected_se
+from pipeline.reports.present import choose_backbone_text
 from tests.conftest import make_image_folder
 
 pytestmark = pytest.mark.filterwarnings("ignore:--weights none")
@@ -45,7 +46,7 @@ def test_choose_backbone_end_to_end_json_reuses_its_caches_and_their_rates(tmp_p
     for c in again.candidates:  # the same caches (hits), the same folds and heads: the same scores and rates
         assert c.caches == by[c.name]["caches"] and c.fold_acc == by[c.name]["fold_acc"]
         assert c.img_per_s == pytest.approx(by[c.name]["img_per_s"])
-    text = format_choice(again)
+    text = choose_backbone_text(again)
     assert "CV accuracy" in text and "img/s" in text and "MB/1k" in text and again.note in text
 
 

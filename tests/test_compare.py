@@ -1,6 +1,7 @@
 import pytest
 
-from pipeline.heads.compare import CompareConfig, compare_sklearn, format_table
+from pipeline.heads.compare import CompareConfig, compare_sklearn
+from pipeline.reports.present import compare_text
 from pipeline.heads.fit_head import FitHeadConfig
 from tests.conftest import make_image_folder
 
@@ -27,7 +28,7 @@ def test_both_models_on_the_same_split(tmp_path, monkeypatch, make_cache):
     assert all(m["val_rows"] == 12 for m in r["models"])
     assert [m["val_acc"] for m in r["models"]] == [1.0] * 6
     assert 0 <= sk["val_loss"] < 0.5 and svc["val_loss"] is None  # an SVC gives no probabilities
-    table = format_table(r)
+    table = compare_text(r)
     lines = table.splitlines()
     assert lines[0].split() == ["model", "val", "acc", "val", "log-loss", "fit", "time"]
     assert lines[2].startswith("auto Linear+LogSoftmax (avg, l2, RBF SVM C=") and "+ logreg C=" in lines[2]

@@ -9,7 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline import cli
-from pipeline.runs.ledger import append_run, format_runs, ledger_path, read_runs
+from pipeline.reports.present import runs_table
+from pipeline.runs.ledger import append_run, ledger_path, read_runs
 
 
 def _add(runs, kind="fit-head", fp="aaaa1111", backbone="vgg16", **metrics):
@@ -37,7 +38,7 @@ def test_sort_and_filters(tmp_path):
     assert len(read_runs(tmp_path, cache="aaaa")) == 3
     with pytest.raises(ValueError, match="known metrics: accuracy, val_acc, val_loss"):
         read_runs(tmp_path, sort_by="f1")
-    table = format_runs(read_runs(tmp_path, sort_by="val_acc"), "val_acc")
+    table = runs_table(read_runs(tmp_path, sort_by="val_acc"), "val_acc")
     assert table.splitlines()[2].split()[-3] == "val_acc=0.95"
 
 
@@ -99,13 +100,13 @@ def test_a_line_of_wrong_types_is_skipped_with_a_warning(tmp_path, caplog, line)
     runs = read_runs(tmp_path, sort_by="val_acc")
     assert [r["metrics"]["val_acc"] for r in runs] == [0.6, 0.5]
     assert "line 2 is damaged and skipped" in caplog.text
-    assert "val_acc=0.6" in format_runs(runs, "val_acc")
+    assert "val_acc=0.6" in runs_table(runs, "val_acc")
     res = CliRunner().invoke(cli.cli, ["runs", "--runs-dir", str(tmp_path)])
     assert res.exit_code == 0 and "val_acc=0.5" in res.stdout
 
 
-def test_format_runs_takes_odd_outputs(tmp_path):
-    assert "7" in format_runs([{"kind": "x", "outputs": [7]}])
+def test_runs_table_takes_odd_outputs(tmp_path):
+    assert "7" in runs_table([{"kind": "x", "outputs": [7]}])
 
 
 def test_runs_dir_that_is_a_file_is_a_usage_error(tmp_path):

@@ -197,28 +197,3 @@ def quarantine(root: Path, qdir: Path, rels: list[str]) -> dict:
             (qdir / rel).parent.mkdir(parents=True, exist_ok=True)
             move_no_replace(root / rel, qdir / rel)  # never over a file that appeared meanwhile; across disks too
     return {"dir": str(qdir), "moved": len(rels), "restore": restore_command(root, qdir)}
-
-
-def format_summary(result: dict, max_listed: int = 50) -> str:
-    """The stdout table: counts per kind with an example, then the files with errors."""
-    lines = [f"checked {result['files']} files in {result['root']} ({result['seconds']:.1f} s, "
-             f"{result['workers']} workers): {result['errors']} with errors, {result['notes']} with notes only"]
-    if result["by_kind"]:
-        example = {}
-        for f in result["findings"]:
-            example.setdefault(f["kind"], f["path"])
-        lines.append(f"{'kind':<20} {'severity':<8} {'count':>6}  example")
-        for kind, n in result["by_kind"].items():
-            lines.append(f"{kind:<20} {KINDS[kind]:<8} {n:>6}  {example[kind]}")
-    errors = [f for f in result["findings"] if f["severity"] == "error"]
-    if errors:
-        lines.append("files extract cannot use:")
-        lines += [f"  {f['path']}: {f['detail']}" for f in errors[:max_listed]]
-        if len(errors) > max_listed:
-            lines.append(f"  ... and {len(errors) - max_listed} more (write them all with --report)")
-    if result["report"]:
-        lines.append(f"report: {result['report']}")
-    q = result["quarantine"]
-    if q:
-        lines.append(f"moved {q['moved']} files to {q['dir']}; to move them back:\n  {q['restore']}")
-    return "\n".join(lines)

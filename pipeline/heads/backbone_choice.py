@@ -275,26 +275,3 @@ def recommendation(choice: BackboneChoice, best: Candidate, fastest: Candidate) 
     else:
         lines.append(f"Recommended: {fastest.name}" + (", also the fastest of them." if fastest.img_per_s else "."))
     return " ".join(lines)
-
-
-def format_choice(choice: BackboneChoice) -> str:
-    """The table a person reads, best first, and the recommendation."""
-    w = max(len("candidate"), *(len(c.name) for c in choice.candidates))
-    lines = [f"{choice.repeats} x {choice.folds}-fold stratified CV of fit-head's default head on {choice.rows} "
-             f"photos of {choice.classes} classes ({choice.data}); ± one standard error (corrected for overlapping "
-             "folds)",
-             f"  {'candidate':<{w}}  {'features':>8}  {'CV accuracy':>15}  {'log-loss':>15}  {'vs best':>13}  "
-             f"{'img/s':>7}  {'MB/1k':>6}",
-             ]
-    for c in choice.candidates:
-        mark = "*" if c.name == choice.fastest_within_noise else " "
-        vs = "best" if c.name == choice.best else f"{-100 * c.diff + 0.0:+.1f} ± {100 * c.diff_se:.1f}"
-        noise = "" if c.name == choice.best else ("  (within noise)" if c.within_noise else "")
-        rate = f"{c.img_per_s:7.1f}" if c.img_per_s else f"{'n/a':>7}"
-        lines.append(f"{mark} {c.name:<{w}}  {c.features:>8}  {100 * c.acc:6.1f} ± {100 * c.acc_se:4.1f} %  "
-                     f"{c.log_loss:6.3f} ± {c.log_loss_se:5.3f}  {vs:>13}  {rate}  {c.mb_per_1000:6.1f}{noise}")
-    lines.append(f"(* recommended; extraction {choice.extract_seconds:.0f} s, "
-                 f"cross-validation {choice.cv_seconds:.0f} s; img/s as extract ran on this machine, "
-                 "n/a for a cache made before rates were kept)")
-    lines.append(choice.note)
-    return "\n".join(lines)

@@ -144,22 +144,3 @@ def compare_sklearn(cfg: CompareConfig) -> dict:
                                           "train_rows": sk["train_rows"], "val_rows": sk["val_rows"]},
             "models": models, "head_run_dir": runs[0]["run_dir"], "test_cache": test_cache,
             "source_changed": runs[0]["source_changed"], "default_cache": default_cache}
-
-
-def format_table(result: dict) -> str:
-    test = any("test_acc" in m for m in result["models"])
-    rows = [("model", "val acc", "val log-loss", *(("test acc", "test log-loss") if test else ()), "fit time")]
-    for m in result["models"]:
-        loss = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731 (an SVC gives no probabilities)
-        t = (f"{m['test_acc']:.3f}", loss(m["test_loss"])) if "test_acc" in m else (("-", "-") if test else ())
-        rows.append((m["model"], f"{m['val_acc']:.3f}", loss(m["val_loss"]), *t, f"{m['fit_seconds']:.1f} s"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    for m in result["models"]:
-        accs = ", ".join(f"{c} {a:.3f}" for c, a in m["per_class_val_acc"].items() if a is not None)
-        lines.append(f"per-class val acc, {m['model'].split(' (')[0]}: {accs}")
-    s = result["split"]
-    lines.append(f"(same split: {s['train_rows']} train / {s['val_rows']} val rows, seed {s['seed']}; "
-                 f"cache {result['cache']}{'; test ' + result['test_cache'] if result.get('test_cache') else ''})")
-    return "\n".join(lines)

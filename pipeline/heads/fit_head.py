@@ -464,52 +464,5 @@ def _int8_network(cache_path) -> dict:
     return {"int8_observers": {k: torch.from_numpy(np.asarray(v)) for k, v in observers.items()}} if observers else {}
 
 
-def trust_lines(trust: dict) -> list[str]:
-    """The temperature and the unknown threshold as a person reads them (fit-head, train, finetune)."""
-    lines = [f"temperature {trust['temperature']:.3f} (fitted on {trust['calibration_rows']} rows: "
-             f"{trust['calibrated_on']})" if trust.get("calibration_rows") else "temperature 1 (not calibrated)"]
-    if "unknown_threshold" in trust:
-        lines.append(f"unknown above score {trust['unknown_threshold']:.4f} ({kept_text(trust)}; "
-                     f"{trust['known_rows']} training rows kept, {trust['known_rows_bytes'] / 1e6:.1f} MB)")
-    return lines
-
-
-def kept_text(trust: dict) -> str:
-    """What the threshold kept, measured ('keeps 2 of 2 held-out photos (100 %; asked 95 %)'), or, for a
-    record made before that was measured, the share asked for."""
-    if "known_kept" not in trust:
-        return f"set to keep {trust['known_share']:.0%} of held-out photos"
-    n = trust["held_out_rows"]
-    return (f"keeps {round(trust['known_kept'] * n)} of {n} held-out photos ({trust['known_kept']:.0%}; "
-            f"asked {trust['known_share']:.0%})")
-
-
 def _plain(info: dict) -> dict:
     return {k: v for k, v in info.items() if isinstance(v, (str, int, float, bool, type(None)))}
-
-
-def format_result(r: dict) -> str:
-    """fit-head's result as the lines a person reads (the epoch lines went to stderr as they came)."""
-    per_class = ", ".join(f"{c} {a:.3f}" for c, a in r["per_class_val_acc"].items() if a is not None)
-    best = f", best epoch {r['best_epoch']} of {len(r['history'])}" if r["history"] else ""
-    tuned = f" (tuned: {r['tuning']['choice']})" if r["tuning"] else ""
-    lines = [f"{r['head']}{tuned}",
-             f"val acc {r['val_acc']:.3f}, val loss {r['val_loss']:.4f} ({r['train_rows']} train / {r['val_rows']} "
-             f"val rows, {r['fit_seconds']:.1f} s{best})",
-             f"per-class val acc: {per_class}"]
-    if r["tuning"]:
-        t = r["tuning"]
-        lines.append(f"{t['folds']}-fold CV on the training rows: acc {t['cv_acc']:.3f} ± {t['cv_acc_std']:.3f}, "
-                     f"log-loss {t['cv_log_loss']:.4f}")
-    lines += trust_lines(r["trust"])
-    if r["test"]:
-        t = r["test"]
-        per = ", ".join(f"{c} {a:.3f}" for c, a in t["per_class"].items() if a is not None)
-        cal = t["calibration"]
-        lines += [f"test acc {t['acc']:.3f}, test loss {t['loss']:.4f} ({t['rows']} images of {t['cache']})",
-                  f"per-class test acc: {per}",
-                  f"test ECE {cal['after']['ece']:.4f} calibrated, {cal['before']['ece']:.4f} without the temperature"]
-        if t["overlap"]:
-            lines.append(f"warning: {len(t['overlap'])} test images are copies of training images")
-    lines.append(f"checkpoint: {r['checkpoint']}")
-    return "\n".join(lines)

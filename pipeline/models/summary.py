@@ -51,21 +51,3 @@ def summarize(cfg: SummaryConfig) -> dict:
     return {"backbone": cfg.backbone, "classes": cfg.classes, "pool": pool, "unfreeze": cfg.unfreeze,
             "input_shape": [3, crop, crop], "blocks": len(model.blocks()), "total_params": total,
             "trainable_params": trainable, "frozen_params": total - trainable, "layers": layers}
-
-
-def format_summary(result: dict) -> str:
-    lines = [f"{'layer':<28} {'type':<22} {'output shape':<16} {'params':>12} {'trainable':>12} {'block':>5}"]
-    for r in result["layers"]:
-        shape = "x".join(map(str, r["output_shape"] or []))
-        block = "" if r["block"] is None else str(r["block"])
-        lines.append(f"{r['layer']:<28} {r['type']:<22} {shape:<16} {r['params']:>12,} {r['trainable']:>12,} "
-                     f"{block:>5}")
-    lines += [
-        f"{result['backbone']} + head for {result['classes']} classes (pool {result['pool']}, input "
-        f"{'x'.join(map(str, result['input_shape']))}, unfreeze {result['unfreeze']}, "
-        f"{result['blocks']} backbone blocks)",
-        f"Total params:         {result['total_params']:>12,}",
-        f"Trainable params:     {result['trainable_params']:>12,}",
-        f"Non-trainable params: {result['frozen_params']:>12,}",
-    ]
-    return "\n".join(lines)

@@ -70,9 +70,3 @@ def next_steps(steps: dict, data: Path, runs_dir: str) -> dict:
             f"python cli.py runs --runs-dir {runs_dir}",
         ],
     }
-
-
-def format_next(nxt: dict) -> str:
-    lines = [f"feature cache:   {nxt['cache']}", f"head checkpoint: {nxt['checkpoint']}",
-             f"training curves: {nxt['curves']}", "next, try:"]
-    return "\n".join(lines + [f"  {c}" for c in nxt["commands"]])

@@ -226,18 +226,3 @@ def render(result: SuggestResult, root: str, data: str) -> str:
 def write_page(result: SuggestResult, root: str, data: str) -> Path:
     text = render(result, root, data)
     return atomic_write(result.html, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-
-
-def format_result(r: SuggestResult, top: int = 20) -> str:
-    """The list as the lines a person reads on stdout."""
-    w = max([len("photo")] + [len(x["path"]) for x in r.rows[:top]])
-    lines = [f"{len(r.rows)} of {r.pool} pool photos to label next (rule {r.rule}; head {r.head} on "
-             f"{r.labelled} labelled photos" + (f"; {r.skipped} pool photos already labelled left out" if r.skipped
-                                                 else "") + ")",
-             f"{'rank':>4}  {'photo':<{w}}  {'guess':<14} {'uncertainty':>11} {'distance':>8}"]
-    lines += [f"{x['rank']:>4}  {x['path']:<{w}}  {x['predicted']:<14} {x['uncertainty']:>11.3f} {x['distance']:>8.3f}"
-              for x in r.rows[:top]]
-    if len(r.rows) > top:
-        lines.append(f"... and {len(r.rows) - top} more ({r.csv})")
-    lines += [f"list: {r.csv}", f"page: {r.html}"]
-    return "\n".join(lines)

@@ -151,24 +151,3 @@ def read_runs(runs_dir: str | os.PathLike, sort_by: Optional[str] = None, cache:
         ranked = {id(r) for r in have}
         records = have + [r for r in records if id(r) not in ranked]
     return records
-
-
-def _fmt(v) -> str:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return str(v)
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
-def format_runs(records: list[dict], sort_by: Optional[str] = None) -> str:
-    """A table: time, kind, backbone, cache, scalar metrics (``sort_by`` first), first output."""
-    rows = [("time", "kind", "backbone", "cache", "metrics", "output")]
-    for r in records:
-        m = {k: v for k, v in r.get("metrics", {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        keys = ([sort_by] if sort_by in m else []) + [k for k in m if k != sort_by]
-        outputs = r.get("outputs") or [""]
-        rows.append((r.get("time", "")[:19].replace("T", " "), r.get("kind", ""), r.get("backbone", ""),
-                     r.get("cache_fingerprint", "")[:12], " ".join(f"{k}={_fmt(m[k])}" for k in keys), str(outputs[0])))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)

@@ -1,0 +1,361 @@
+"""Every command's result as the text a person reads on the terminal, in one place.
+
+The CLI parses options, calls one API function and hands its result here; the stages return results and
+write files (predict's csv/json/table rows stay in ``models/predict.py``: they are its output files too).
+Nothing here computes or writes anything, and nothing here imports torch.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+from ..data.check_images import KINDS
+from ..runs.ledger import ledger_path
+
+if TYPE_CHECKING:
+    from ..heads.backbone_choice import BackboneChoice
+    from .suggest import SuggestResult
+
+
+def plural(k: int, word: str) -> str:
+    return f"{k} {word}" if k == 1 else f"{k} {word}s"
+
+
+def trust_lines(trust: dict) -> list[str]:
+    """The temperature and the unknown threshold as a person reads them (fit-head, train, finetune)."""
+    lines = [f"temperature {trust['temperature']:.3f} (fitted on {trust['calibration_rows']} rows: "
+             f"{trust['calibrated_on']})" if trust.get("calibration_rows") else "temperature 1 (not calibrated)"]
+    if "unknown_threshold" in trust:
+        lines.append(f"unknown above score {trust['unknown_threshold']:.4f} ({kept_text(trust)}; "
+                     f"{trust['known_rows']} training rows kept, {trust['known_rows_bytes'] / 1e6:.1f} MB)")
+    return lines
+
+
+def kept_text(trust: dict) -> str:
+    """What the threshold kept, measured ('keeps 2 of 2 held-out photos (100 %; asked 95 %)'), or, for a
+    record made before that was measured, the share asked for."""
+    if "known_kept" not in trust:
+        return f"set to keep {trust['known_share']:.0%} of held-out photos"
+    n = trust["held_out_rows"]
+    return (f"keeps {round(trust['known_kept'] * n)} of {n} held-out photos ({trust['known_kept']:.0%}; "
+            f"asked {trust['known_share']:.0%})")
+
+
+def fit_head_text(r: dict) -> str:
+    """fit-head's result as the lines a person reads (the epoch lines went to stderr as they came)."""
+    per_class = ", ".join(f"{c} {a:.3f}" for c, a in r["per_class_val_acc"].items() if a is not None)
+    best = f", best epoch {r['best_epoch']} of {len(r['history'])}" if r["history"] else ""
+    tuned = f" (tuned: {r['tuning']['choice']})" if r["tuning"] else ""
+    lines = [f"{r['head']}{tuned}",
+             f"val acc {r['val_acc']:.3f}, val loss {r['val_loss']:.4f} ({r['train_rows']} train / {r['val_rows']} "
+             f"val rows, {r['fit_seconds']:.1f} s{best})",
+             f"per-class val acc: {per_class}"]
+    if r["tuning"]:
+        t = r["tuning"]
+        lines.append(f"{t['folds']}-fold CV on the training rows: acc {t['cv_acc']:.3f} ± {t['cv_acc_std']:.3f}, "
+                     f"log-loss {t['cv_log_loss']:.4f}")
+    lines += trust_lines(r["trust"])
+    if r["test"]:
+        t = r["test"]
+        per = ", ".join(f"{c} {a:.3f}" for c, a in t["per_class"].items() if a is not None)
+        cal = t["calibration"]
+        lines += [f"test acc {t['acc']:.3f}, test loss {t['loss']:.4f} ({t['rows']} images of {t['cache']})",
+                  f"per-class test acc: {per}",
+                  f"test ECE {cal['after']['ece']:.4f} calibrated, {cal['before']['ece']:.4f} without the temperature"]
+        if t["overlap"]:
+            lines.append(f"warning: {len(t['overlap'])} test images are copies of training images")
+    lines.append(f"checkpoint: {r['checkpoint']}")
+    return "\n".join(lines)
+
+
+def compare_text(result: dict) -> str:
+    test = any("test_acc" in m for m in result["models"])
+    rows = [("model", "val acc", "val log-loss", *(("test acc", "test log-loss") if test else ()), "fit time")]
+    for m in result["models"]:
+        loss = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731 (an SVC gives no probabilities)
+        t = (f"{m['test_acc']:.3f}", loss(m["test_loss"])) if "test_acc" in m else (("-", "-") if test else ())
+        rows.append((m["model"], f"{m['val_acc']:.3f}", loss(m["val_loss"]), *t, f"{m['fit_seconds']:.1f} s"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    for m in result["models"]:
+        accs = ", ".join(f"{c} {a:.3f}" for c, a in m["per_class_val_acc"].items() if a is not None)
+        lines.append(f"per-class val acc, {m['model'].split(' (')[0]}: {accs}")
+    s = result["split"]
+    lines.append(f"(same split: {s['train_rows']} train / {s['val_rows']} val rows, seed {s['seed']}; "
+                 f"cache {result['cache']}{'; test ' + result['test_cache'] if result.get('test_cache') else ''})")
+    return "\n".join(lines)
+
+
+def choose_backbone_text(choice: BackboneChoice) -> str:
+    """The table a person reads, best first, and the recommendation."""
+    w = max(len("candidate"), *(len(c.name) for c in choice.candidates))
+    lines = [f"{choice.repeats} x {choice.folds}-fold stratified CV of fit-head's default head on {choice.rows} "
+             f"photos of {choice.classes} classes ({choice.data}); ± one standard error (corrected for overlapping "
+             "folds)",
+             f"  {'candidate':<{w}}  {'features':>8}  {'CV accuracy':>15}  {'log-loss':>15}  {'vs best':>13}  "
+             f"{'img/s':>7}  {'MB/1k':>6}",
+             ]
+    for c in choice.candidates:
+        mark = "*" if c.name == choice.fastest_within_noise else " "
+        vs = "best" if c.name == choice.best else f"{-100 * c.diff + 0.0:+.1f} ± {100 * c.diff_se:.1f}"
+        noise = "" if c.name == choice.best else ("  (within noise)" if c.within_noise else "")
+        rate = f"{c.img_per_s:7.1f}" if c.img_per_s else f"{'n/a':>7}"
+        lines.append(f"{mark} {c.name:<{w}}  {c.features:>8}  {100 * c.acc:6.1f} ± {100 * c.acc_se:4.1f} %  "
+                     f"{c.log_loss:6.3f} ± {c.log_loss_se:5.3f}  {vs:>13}  {rate}  {c.mb_per_1000:6.1f}{noise}")
+    lines.append(f"(* recommended; extraction {choice.extract_seconds:.0f} s, "
+                 f"cross-validation {choice.cv_seconds:.0f} s; img/s as extract ran on this machine, "
+                 "n/a for a cache made before rates were kept)")
+    lines.append(choice.note)
+    return "\n".join(lines)
+
+
+def summary_text(result: dict) -> str:
+    lines = [f"{'layer':<28} {'type':<22} {'output shape':<16} {'params':>12} {'trainable':>12} {'block':>5}"]
+    for r in result["layers"]:
+        shape = "x".join(map(str, r["output_shape"] or []))
+        block = "" if r["block"] is None else str(r["block"])
+        lines.append(f"{r['layer']:<28} {r['type']:<22} {shape:<16} {r['params']:>12,} {r['trainable']:>12,} "
+                     f"{block:>5}")
+    lines += [
+        f"{result['backbone']} + head for {result['classes']} classes (pool {result['pool']}, input "
+        f"{'x'.join(map(str, result['input_shape']))}, unfreeze {result['unfreeze']}, "
+        f"{result['blocks']} backbone blocks)",
+        f"Total params:         {result['total_params']:>12,}",
+        f"Trainable params:     {result['trainable_params']:>12,}",
+        f"Non-trainable params: {result['frozen_params']:>12,}",
+    ]
+    return "\n".join(lines)
+
+
+def check_images_text(result: dict, max_listed: int = 50) -> str:
+    """The stdout table: counts per kind with an example, then the files with errors."""
+    lines = [f"checked {result['files']} files in {result['root']} ({result['seconds']:.1f} s, "
+             f"{result['workers']} workers): {result['errors']} with errors, {result['notes']} with notes only"]
+    if result["by_kind"]:
+        example = {}
+        for f in result["findings"]:
+            example.setdefault(f["kind"], f["path"])
+        lines.append(f"{'kind':<20} {'severity':<8} {'count':>6}  example")
+        for kind, n in result["by_kind"].items():
+            lines.append(f"{kind:<20} {KINDS[kind]:<8} {n:>6}  {example[kind]}")
+    errors = [f for f in result["findings"] if f["severity"] == "error"]
+    if errors:
+        lines.append("files extract cannot use:")
+        lines += [f"  {f['path']}: {f['detail']}" for f in errors[:max_listed]]
+        if len(errors) > max_listed:
+            lines.append(f"  ... and {len(errors) - max_listed} more (write them all with --report)")
+    if result["report"]:
+        lines.append(f"report: {result['report']}")
+    q = result["quarantine"]
+    if q:
+        lines.append(f"moved {q['moved']} files to {q['dir']}; to move them back:\n  {q['restore']}")
+    return "\n".join(lines)
+
+
+def demo_next_text(nxt: dict) -> str:
+    lines = [f"feature cache:   {nxt['cache']}", f"head checkpoint: {nxt['checkpoint']}",
+             f"training curves: {nxt['curves']}", "next, try:"]
+    return "\n".join(lines + [f"  {c}" for c in nxt["commands"]])
+
+
+def suggest_text(r: SuggestResult, top: int = 20) -> str:
+    """The list as the lines a person reads on stdout."""
+    w = max([len("photo")] + [len(x["path"]) for x in r.rows[:top]])
+    lines = [f"{len(r.rows)} of {r.pool} pool photos to label next (rule {r.rule}; head {r.head} on "
+             f"{r.labelled} labelled photos" + (f"; {r.skipped} pool photos already labelled left out" if r.skipped
+                                                 else "") + ")",
+             f"{'rank':>4}  {'photo':<{w}}  {'guess':<14} {'uncertainty':>11} {'distance':>8}"]
+    lines += [f"{x['rank']:>4}  {x['path']:<{w}}  {x['predicted']:<14} {x['uncertainty']:>11.3f} {x['distance']:>8.3f}"
+              for x in r.rows[:top]]
+    if len(r.rows) > top:
+        lines.append(f"... and {len(r.rows) - top} more ({r.csv})")
+    lines += [f"list: {r.csv}", f"page: {r.html}"]
+    return "\n".join(lines)
+
+
+def _unknown_line(result: dict) -> list[str]:
+    u = result["unknown"]
+    if not u:
+        return []
+    return [f"unknown: {u['flagged']} of {result['rows']} photos ({u['share']:.1%}) score above {u['threshold']:.4f}"]
+
+
+def evaluate_text(result: dict) -> str:
+    if result.get("foreign"):
+        called = ", ".join(f"{c} {n}" for c, n in result["called"].items())
+        return "\n".join(_unknown_line(result) + [
+            f"{result['rows']} photos of none of the model's classes ({result['source']}); best class: {called} "
+            f"(median top probability {result['median_top_probability']:.2f})"])
+    cal = result["calibration"]
+    lines = [f"accuracy {result['accuracy']:.3f}, loss {result['loss']:.4f}, macro F1 {result['macro_f1']:.3f} "
+             f"on {result['rows']} images ({result['source']})"]
+    width = max(5, *(len(c) for c in result["per_class"]))
+    lines.append(f"{'class':<{width}}  precision  recall     f1  support")
+    for c, m in result["per_class"].items():
+        lines.append(f"{c:<{width}}  {m['precision']:>9.3f}  {m['recall']:>6.3f}  {m['f1']:>5.3f}  {m['support']:>7d}")
+    b, a = cal["before"], cal["after"]
+    lines += [f"calibration (T = {cal['temperature']:.3f}): ECE {b['ece']:.4f} -> {a['ece']:.4f}, log-loss "
+              f"{b['log_loss']:.4f} -> {a['log_loss']:.4f}, Brier {b['brier']:.4f} -> {a['brier']:.4f}",
+              *_unknown_line(result),
+              f"reliability diagram: {result['reliability_png']}",
+              f"confusion matrix: {result['confusion_png']}",
+              f"most confidently wrong ({len(result['wrong'])} of {result['errors']}): {result['gallery_png']}"]
+    return "\n".join(lines)
+
+
+def audit_text(r: dict, top: int = 20) -> str:
+    """The audit as the lines a person reads on stdout."""
+    if "journal" in r:
+        return audit_fixes_text(r)
+    lines = [f"audited {r['rows']} photos of {r['data_root']} ({len(r['classes'])} classes; cache {r['cache']})",
+             f"out-of-fold probabilities: {r['folds']} refits of {r['head']} (out-of-fold acc {r['oof_acc']:.3f})",
+             f"label issues: {len(r['label_issues'])}   outliers: {len(r['outliers'])}   "
+             f"duplicate groups: {len(r['duplicates'])}   leaks: "
+             f"{len(r['leaks']) if r['test_cache'] else '- (no --test-data)'}"]
+    if r["label_issues"]:
+        w = max(len("likely wrong label"), *(len(i["path"]) for i in r["label_issues"][:top]))
+        lines += ["", f"{'likely wrong label':<{w}}  {'given':<12} {'suggested':<12} score",
+                  f"{'-' * w}  {'-' * 12} {'-' * 12} -----"]
+        lines += [f"{i['path']:<{w}}  {i['given']:<12} {i['suggested']:<12} {i['score']:.3f}"
+                  for i in r["label_issues"][:top]]
+        if len(r["label_issues"]) > top:
+            lines.append(f"... and {len(r['label_issues']) - top} more (report.json)")
+    if r["outliers"]:
+        lines += ["", "like no other photo (outlier score = 1 - mean cosine similarity to its 10 nearest):"]
+        lines += [f"  {o['path']}  ({o['given']}, {o['score']:.3f})" for o in r["outliers"][:top]]
+    if r["duplicates"]:
+        lines += ["", f"duplicates (cosine >= {r['threshold']} and the same layout, or the same bytes):"]
+        for g in r["duplicates"][:top]:
+            kind = "exact" if g["exact"] else f"{g['similarity']:.3f}"
+            lines.append(f"  {kind:>6}  " + "  ".join(f"{p} ({c})" for p, c in zip(g["paths"], g["classes"])))
+    if r["leaks"]:
+        lines += ["", f"leaks: test photos with a copy in the training folder ({r['test_root']}):"]
+        lines += [f"  {'exact' if lk['exact'] else format(lk['similarity'], '.3f'):>6}  test {lk['test']}  = "
+                  f"train {lk['train']}" for lk in r["leaks"][:top]]
+    lines += ["", f"report: {r['html']}", f"gallery: {r['gallery']}",
+              f"to fix: review {r['fixes']} (action relabel / remove / keep), then "
+              f"python cli.py audit --data {r['data_root']} --apply {r['fixes']}"]
+    return "\n".join(lines)
+
+
+def audit_fixes_text(r: dict) -> str:
+    lines = [f"{r['what']} {r['moved']} files in {r['root']} (journal {r['journal']})"]
+    ref = r.get("refreshed")
+    if ref:
+        lines.append(f"cache {ref['cache']}: " + ("a hit, nothing computed" if ref["hit"] else
+                     f"{ref['reused']} rows reused by content ({ref['label_changes']} now in another class), "
+                     f"{ref['computed']} computed"))
+    if r.get("undo"):
+        lines.append(f"to undo: {r['undo']}")
+    return "\n".join(lines)
+
+
+def _metric(v) -> str:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return str(v)
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def runs_table(records: list[dict], sort_by: Optional[str] = None) -> str:
+    """A table: time, kind, backbone, cache, scalar metrics (``sort_by`` first), first output."""
+    rows = [("time", "kind", "backbone", "cache", "metrics", "output")]
+    for r in records:
+        m = {k: v for k, v in r.get("metrics", {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        keys = ([sort_by] if sort_by in m else []) + [k for k in m if k != sort_by]
+        outputs = r.get("outputs") or [""]
+        rows.append((r.get("time", "")[:19].replace("T", " "), r.get("kind", ""), r.get("backbone", ""),
+                     r.get("cache_fingerprint", "")[:12], " ".join(f"{k}={_metric(m[k])}" for k in keys),
+                     str(outputs[0])))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def runs_text(records: list[dict], sort_by: Optional[str], runs_dir) -> str:
+    """The runs command: the ledger's table, or where no run was recorded."""
+    return runs_table(records, sort_by) if records else f"no runs in {ledger_path(runs_dir)}"
+
+
+def extract_notes(result: dict) -> list[str]:
+    """extract's informational lines (stderr): a hit, or what was computed, reused and skipped."""
+    if result["hit"]:
+        return [f"cache hit: {result['rows']} rows already extracted, nothing computed"
+                f"{' (every photo checked against its sha256)' if result.get('verified') else ''}"]
+    one_off = [f"{what} {result[k]:.0f} s" for k, what in (
+        ("calibration_seconds", "int8 calibration" + (" reused" if result.get("calibration_reused") else "")),
+        ("compile_seconds", "compiling" + (f" (compile cache {result['compile_cache']})"
+                                           if result.get("compile_cache") else ""))) if result.get(k)]
+    lines = [f"extracted {result['computed']} images ({result['img_per_s']:.1f} img/s"
+             f"{', not counting ' + ' and '.join(one_off) if one_off else ''}), "
+             f"{result['skipped']} skipped, {result['rows']} rows in "
+             f"{'shards of rank ' + str(result['rank']) if 'rank' in result else 'cache'}"]
+    if result.get("reused"):
+        lines.append(f"reused {result['reused']} rows of earlier caches by content ({result['label_changes']} of "
+                     f"them now in another class), computed {result['computed']}")
+    return lines
+
+
+def consolidate_note(result: dict) -> str:
+    return (f"{result['rows']} rows copied into one file ({result['size_bytes'] / 1e6:.1f} MB); "
+            f"its {len(result['shards'])} shard files are no longer needed")
+
+
+def caches_text(result: dict, cache_dir) -> str:
+    """The caches command's table: one line per cache, then the files that are not usable caches."""
+    lines = [f"{'path':<48} {'backbone':<10} {'rows':>6} {'classes':<20} {'size':>9}  created"]
+    for c in result["caches"]:
+        state = ("" if c["complete"] else "  (incomplete)") + ("  (sharded)" if c.get("sharded") else "")
+        lines.append(f"{c['path']:<48} {c['backbone']:<10} {c['rows']:>6} {','.join(c['classes'])[:20]:<20} "
+                     f"{c['size_bytes'] / 1e6:>7.1f}MB  {c['created']}{state}")
+    lines += [f"not a usable cache: {b['path']}: {b['why']}" for b in result["unreadable"]]
+    return "\n".join(lines) if result["caches"] or result["unreadable"] else f"no caches in {cache_dir}"
+
+
+def feature_map_note(result: dict) -> str:
+    return f"feature map {' x '.join(map(str, result['feature_shape']))}, top channels {result['top_channels']}"
+
+
+def fetch_note(result: dict) -> str:
+    state = "downloaded" if result["downloaded"] else "already complete"
+    return (f"{result['archive']}: {result['bytes'] / 1e6:.1f} MB, {state}; "
+            f"{'unpacked' if result['unpacked_now'] else 'already unpacked'} to {result['unpacked']}")
+
+
+def demo_text(result: dict) -> str:
+    return compare_text(result["compare"]) + "\n\n" + demo_next_text(result["next"])
+
+
+def train_text(result: dict) -> str:
+    """train's and finetune's result as the lines a person reads."""
+    per_class = ", ".join(f"{c} {a:.3f}" if a is not None else f"{c} -" for c, a in result["per_class_val_acc"].items())
+    return "\n".join([f"val acc {result['val_acc']:.3f}, val loss {result['val_loss']:.4f} ({result['train_rows']} "
+                      f"train / {result['val_rows']} val images, {result['skipped']} skipped, "
+                      f"{result['fit_seconds']:.1f} s)", f"per-class val acc: {per_class}", *trust_lines(result),
+                      f"checkpoint: {result['checkpoint']}"])
+
+
+def predict_rows_text(rows: list[dict], fmt: str) -> str:
+    """predict's rows on stdout: the same text as its --output file of that format."""
+    from ..models.predict import format_rows
+
+    return format_rows(rows, fmt)
+
+
+def predict_note(result: dict) -> str:
+    heatmaps = f", heatmaps in {result['explain']}" if result.get("explain") else ""
+    return (f"{plural(result['images'], 'image')}, {result['errors']} unreadable, "
+            f"{result['img_per_s']:.1f} img/s{heatmaps}")
+
+
+def imagenet_check_text(result: dict) -> str:
+    return "\n".join(f"{t['rank']}. {t['class']:<30} {t['probability']:.4f}" for t in result["top"])
+
+
+def export_text(result: dict) -> str:
+    """The parity check against predict, then what was written (or that nothing was)."""
+    p = result["parity"]
+    return (f"max |probability difference| vs predict: {result['max_abs_diff']:.3g} on "
+            f"{plural(p['images'], 'photo')} ({p['same_class']} same class; tolerance {p['tolerance']:g})\n"
+            + (f"{result['output']} ({result['bytes'] / 1e6:.1f} MB), metadata {result['metadata']}"
+               if result["passed"] else "nothing written: the export does not predict as predict does"))
