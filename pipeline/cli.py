@@ -116,7 +116,7 @@ def library_errors(fn):
         except UsageError as e:
             raise OneLineUsageError(str(e)) from None
         except PipelineError as e:
-            if getattr(e, "fatal", False):  # see paths.disk_error: no clean shutdown is possible
+            if getattr(e, "fatal", False):  # see files.disk_error: no clean shutdown is possible
                 click.echo(f"Error: {e}", err=True)
                 sys.stdout.flush()
                 sys.stderr.flush()

@@ -1,6 +1,6 @@
 """The check-images stage: fully decode every file of a folder in parallel and report what is wrong.
 
-It applies extract's own loading rules (``data.decode_image``), so an *error* here is exactly a
+It applies extract's own loading rules (``folders.decode_image``), so an *error* here is exactly a
 file extract cannot use, and a *note* a file extract uses after converting it or despite a warning.
 ``--quarantine`` moves the files with errors aside (keeping relative paths); nothing is deleted.
 """
@@ -29,7 +29,7 @@ KINDS = {
     "unreadable": "error",  # corrupt image data
     "not-an-image": "error",  # Thumbs.db, .DS_Store, text, ...: no known image format
     "not-a-file": "error",  # a dangling or looping symlink, a named pipe, a device: never opened
-    "decompression-bomb": "error",  # the header claims more than data.MAX_IMAGE_PIXELS pixels
+    "decompression-bomb": "error",  # the header claims more than folders.MAX_IMAGE_PIXELS pixels
     "extreme-aspect": "error",  # e.g. 30000 x 1: resizing its short side would build a huge image
     "bad-name": "error",  # a name that is not UTF-8: extract leaves the file out
     "extension-mismatch": "note",  # e.g. PNG or GIF content named .jpg: decodes fine

@@ -1,6 +1,6 @@
 """JPEG decoding on the compute device (nvJPEG on CUDA), for when CPU decoding is the bottleneck.
 
-The decoding workers only read bytes and check headers (``data.jpeg_bytes``); chunks of JPEGs are
+The decoding workers only read bytes and check headers (``folders.jpeg_bytes``); chunks of JPEGs are
 decoded together by ``torchvision.io.decode_jpeg`` on the device and preprocessed there by the
 weights' own transform, which works on tensors. A file the device cannot decode, and every
 non-JPEG, goes through PIL as usual, so what counts as a bad file does not change.

@@ -29,7 +29,7 @@ DECODE_VERSION = 2
 
 
 def draft_short_side(transform) -> Optional[int]:
-    """The shorter side a JPEG may be reduced to before ``transform`` (see ``data.load_rgb``), or None.
+    """The shorter side a JPEG may be reduced to before ``transform`` (see ``folders.load_rgb``), or None.
 
     Only for a transform that starts with an antialiased resize of the shorter side to one size
     (torchvision's ``ImageClassification``, what weights' ``transforms()`` return): the image

@@ -57,7 +57,7 @@ class CompiledNet:
         try:
             return self._run(self._padded(x))[:n]
         except torch.cuda.OutOfMemoryError:
-            # eager from now on, so that device.AdaptiveBatch's smaller retries are not padded back up
+            # eager from now on, so that devices.AdaptiveBatch's smaller retries are not padded back up
             self.failed = True
             log.warning("the compiled network ran out of device memory at batch %d; running it eagerly", self.batch)
             raise
@@ -80,7 +80,7 @@ class CompiledNet:
                 warm = marker.exists()
                 y = self._run(self._padded(x))[:n]
         except torch.cuda.OutOfMemoryError:
-            self.batch = self.wanted = None  # device.AdaptiveBatch retries smaller: compile for that size then
+            self.batch = self.wanted = None  # devices.AdaptiveBatch retries smaller: compile for that size then
             raise
         except Exception as e:  # noqa: BLE001 -- whatever fails while compiling, the eager module still works
             self.failed = True

@@ -2,7 +2,7 @@
 
 The cache's name is a fingerprint of everything that changes its contents, so the same request
 is answered from disk without importing torch. The work itself is ``extract_range``: reader
-(``reader``) -> model (``inference.Inference``) -> writer (``cache.CacheWriter``); under torchrun,
+(``reader``) -> model (``inference.Inference``) -> writer (``feature_cache.CacheWriter``); under torchrun,
 ``distributed`` runs it once per shard.
 """
 from __future__ import annotations

@@ -212,7 +212,7 @@ def extract_range(cfg, listing: ImageFolderListing, key: str, path: Path, resume
                   positions: Optional[tuple[int, int]] = None, extra_attrs: Optional[dict] = None) -> dict:
     """Extract into ``path``, continuing ``resumed`` (its validated progress) if given.
 
-    ``cfg`` is an ``extract.ExtractConfig``. Without ``positions``, the first ``cfg.n`` good images
+    ``cfg`` is a ``config.ExtractConfig``. Without ``positions``, the first ``cfg.n`` good images
     of the stratified order (all with n=0); with ``positions=(first, stop)``, every good image among
     those candidates (one torchrun shard, ``extra_attrs`` added to its file).
     """

@@ -4,10 +4,13 @@ The head reads a *view* of the cached C x H x W maps, chosen at fit time and nev
 (``flat``: the tutorial's 25,088-vector; ``avg``/``max``: global pooling; ``avgmax``: both),
 normalised (``l2``, ``rms``, ``standardize`` or ``none``), and fitted one of several ways, all saved
 as the same ``probe_heads.ProbeHead`` (view -> normalisation -> [RBF map] -> Linear -> LogSoftmax,
-tensors only): ``auto`` (the default), an RBF kernel head on every training row with C and gamma
-chosen by cross-validation; ``linear`` with Adam, weight decay and early stopping on the validation
-loss (the best epoch's weights restored); ``logreg``, scikit-learn's LogisticRegression converted to
-the Linear layer; ``kernel``, an RBF Nystroem map in front of it, with the C and gamma given.
+tensors only): ``auto`` (the default) stacks an exact RBF SVM (one-vs-rest, gamma 'scale'),
+SVC's own one-vs-one pairs (up to ``model_selection.MAX_PAIR_CLASSES`` = 50 classes) and logistic
+regression, the C of each chosen by cross-validation, weighted by the NLL of their out-of-fold
+log-probabilities (``model_selection.stack_setting``); ``svm``, the RBF SVM alone; ``linear`` with
+Adam, weight decay and early stopping on the validation loss (the best epoch's weights restored);
+``logreg``, scikit-learn's LogisticRegression converted to the Linear layer; ``kernel``, an RBF
+Nystroem map in front of it, with the C and gamma given.
 ``--tune`` searches every kind and view by cross-validation. ``--test-data`` scores photos the head
 never saw, extracted with the training cache's exact backbone, weights and preprocessing.
 
@@ -132,7 +135,7 @@ def _gamma(text: str):
     try:
         return float(text)
     except ValueError:
-        return text  # 'scale' or 'G*scale', checked by probes.resolve_gamma
+        return text  # 'scale' or 'G*scale', checked by sklearn_fits.resolve_gamma
 
 
 def _fit_sklearn(cfg: FitHeadConfig, cache: FeatureCache, train_idx, setting: Optional[dict] = None):

@@ -3,7 +3,7 @@ the exact RBF support-vector machine.
 
 The kernel map is Nystroem's: on every training row it is the exact kernel machine; on a sample of
 landmark rows, an approximation for training sets too large for an n x n kernel. The SVM's decision
-function is a kernel expansion over its support vectors (``svm_expansion``): a Linear layer over the RBF
+function is a kernel expansion over its support vectors (``KernelExpansion``): a Linear layer over the RBF
 kernel of the stored support rows, which a ``ProbeHead`` holds as its landmarks.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Whole models: a backbone's feature part + a new head; freezing; checkpoints on disk.
 
 The head replaces the original classifier with its equivalent for the new classes:
-- VGG (``spec.pool == 'none'``): exactly ``head.build_head`` on the C x H x W map, i.e.
+- VGG (``spec.pool == 'none'``): exactly ``build_head`` (below) on the C x H x W map, i.e.
   Flatten + Linear(512*7*7 = 25088, classes) + LogSoftmax, so a fit-head checkpoint from a
   normal cache loads straight into ``model.head``;
 - ResNet, MobileNet, EfficientNet, every timm model (``spec.pool == 'avg'``): global average pooling, then
@@ -42,7 +42,7 @@ ALL = -1  # unfreeze value: every block of the backbone
 
 def build_head(in_shape, n_classes: int, dropout: float = 0.0):
     """A new head on the flattened map: the tutorial's Flatten + (Dropout) + Linear(C*H*W, classes) + LogSoftmax,
-    as a ``probes.ProbeHead`` (view 'flat', no normalisation), the one head class every stage saves."""
+    as a ``probe_heads.ProbeHead`` (view 'flat', no normalisation), the one head class every stage saves."""
 
     return ProbeHead(in_shape, n_classes, "flat", "none", dropout=dropout)
 

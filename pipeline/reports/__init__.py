@@ -2,6 +2,7 @@
 
 What the API and CLI use:
     evaluate.evaluate               accuracy, per-class figures, confusion matrix, most confidently wrong images
-    pictures.preview_figure, pictures.feature_map_figure   what the backbone sees
+    pictures.preview, pictures.feature_map   what the backbone sees
     demo.demo                       fetch -> check -> extract -> fit-head -> compare in one command
+    present                         every command's result as the text a person reads on the terminal
 """
