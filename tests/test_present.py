@@ -1,0 +1,62 @@
+"""The terminal texts that used to be built inside cli.py, pinned byte for byte (the CLI prints them as they are)."""
+from pipeline.reports import present
+
+TRUST = {"temperature": 0.886, "calibration_rows": 2, "calibrated_on": "val", "unknown_threshold": 0.91991,
+         "known_kept": 0.95, "held_out_rows": 20, "known_share": 0.95, "known_rows": 18, "known_rows_bytes": 1152}
+
+
+def test_extract_notes_say_what_was_computed_reused_or_a_hit():
+    assert present.extract_notes({"hit": True, "rows": 20, "verified": True}) == [
+        "cache hit: 20 rows already extracted, nothing computed (every photo checked against its sha256)"]
+    ran = {"hit": False, "computed": 3, "img_per_s": 12.34, "skipped": 1, "rows": 20, "reused": 17,
+           "label_changes": 2, "calibration_seconds": 4.2, "calibration_reused": True, "compile_seconds": 0}
+    assert present.extract_notes(ran) == [
+        "extracted 3 images (12.3 img/s, not counting int8 calibration reused 4 s), 1 skipped, 20 rows in cache",
+        "reused 17 rows of earlier caches by content (2 of them now in another class), computed 3"]
+    assert present.extract_notes({**ran, "reused": 0, "calibration_seconds": 0, "rank": 1}) == [
+        "extracted 3 images (12.3 img/s), 1 skipped, 20 rows in shards of rank 1"]
+
+
+def test_caches_text_is_a_table_or_says_there_are_none():
+    c = {"path": "features/a.h5", "backbone": "tiny", "rows": 8, "classes": ["blue", "red"], "size_bytes": 2e5,
+         "created": "2026-12-05T01:23:27+0000", "complete": False}
+    text = present.caches_text({"caches": [c], "unreadable": [{"path": "x.h5", "why": "not HDF5"}]}, "features")
+    assert text.splitlines() == [
+        "path                                             backbone     rows classes                   size  created",
+        "features/a.h5                                    tiny            8 blue,red                 0.2MB  "
+        "2026-12-05T01:23:27+0000  (incomplete)",
+        "not a usable cache: x.h5: not HDF5"]
+    assert present.caches_text({"caches": [], "unreadable": []}, "features") == "no caches in features"
+
+
+def test_train_text_and_its_trust_lines():
+    result = {"per_class_val_acc": {"blue": 1.0, "red": None}, "val_acc": 1.0, "val_loss": 0.5556, "train_rows": 18,
+              "val_rows": 2, "skipped": 0, "fit_seconds": 1.25, "checkpoint": "runs/x/model.pt", **TRUST}
+    assert present.train_text(result).splitlines() == [
+        "val acc 1.000, val loss 0.5556 (18 train / 2 val images, 0 skipped, 1.2 s)",
+        "per-class val acc: blue 1.000, red -",
+        "temperature 0.886 (fitted on 2 rows: val)",
+        "unknown above score 0.9199 (keeps 19 of 20 held-out photos (95%; asked 95%); 18 training rows kept, 0.0 MB)",
+        "checkpoint: runs/x/model.pt"]
+
+
+def test_export_text_passed_and_refused():
+    r = {"parity": {"images": 1, "same_class": 1, "tolerance": 1e-4}, "max_abs_diff": 2.94e-08, "passed": True,
+         "output": "m.onnx", "bytes": 1.5e6, "metadata": "m.onnx.json"}
+    assert present.export_text(r) == ("max |probability difference| vs predict: 2.94e-08 on 1 photo (1 same class; "
+                                      "tolerance 0.0001)\nm.onnx (1.5 MB), metadata m.onnx.json")
+    assert present.export_text({**r, "passed": False}).endswith(
+        "\nnothing written: the export does not predict as predict does")
+
+
+def test_the_one_line_notes():
+    assert present.predict_note({"images": 1, "errors": 0, "img_per_s": 3.0, "explain": "runs/h"}) == \
+        "1 image, 0 unreadable, 3.0 img/s, heatmaps in runs/h"
+    assert present.feature_map_note({"feature_shape": [8, 8, 8], "top_channels": [5, 4]}) == \
+        "feature map 8 x 8 x 8, top channels [5, 4]"
+    assert present.fetch_note({"archive": "a.zip", "bytes": 2e6, "downloaded": False, "unpacked_now": True,
+                               "unpacked": "data"}) == "a.zip: 2.0 MB, already complete; unpacked to data"
+    assert present.consolidate_note({"rows": 9, "size_bytes": 1e6, "shards": ["a", "b"]}) == \
+        "9 rows copied into one file (1.0 MB); its 2 shard files are no longer needed"
+    assert present.imagenet_check_text({"top": [{"rank": 1, "class": "tabby", "probability": 0.5}]}) == \
+        "1. tabby                          0.5000"
