@@ -7,7 +7,7 @@ from pipeline.cache.feature_cache import CacheWriter, FeatureCache
 from pipeline.heads.cache_views import CacheRows, CacheViews, fit_normalizer_stream
 from pipeline.heads.calibration import log_softmax
 from pipeline.heads.feature_views import Normalizer, apply_view
-from pipeline.heads.linear_trainer import train_linear
+from pipeline.heads.linear_trainer import LinearTraining, train_linear
 from pipeline.heads.model_selection import expand_grid, fit_setting, format_table, tune
 from pipeline.heads.probe_heads import ProbeHead, from_kernel, from_logreg
 from pipeline.heads.sklearn_fits import fit_kernel, fit_logreg, resolve_gamma
@@ -225,7 +225,8 @@ def test_cache_views_stream_in_blocks(tmp_path):
         nm = fit_normalizer_stream(rows, "flat", "rms", batch_size=5)
         assert nm.rms == pytest.approx(Normalizer("rms").fit(x.reshape(23, -1)).rms, rel=1e-9)
         head, history = train_linear(CacheRows(c, np.arange(18), 4), CacheRows(c, np.arange(18, 23), 4),
-                                     n_classes=3, in_shape=SHAPE, view="flat", normalize="rms", lr=0.01, epochs=3)
+                                     n_classes=3, in_shape=SHAPE, view="flat", normalize="rms",
+                                     training=LinearTraining(lr=0.01, epochs=3))
         assert len(history) == 3 and head.config["normalize"] == "rms"
         cv = CacheViews(c, np.arange(21))
         r = tune(cv, cv.labels, {"view": ["avg", "max"], "C": [1.0]}, folds=3, threads=1)
@@ -238,8 +239,8 @@ def test_early_stopping_restores_the_best_epoch_and_is_reproducible():
     rng = np.random.default_rng(0)
     xtr, ytr = rng.normal(0, 1, (40, 30)).astype(np.float32), rng.integers(0, 2, 40)  # noise: memorised, not learnt
     xva, yva = rng.normal(0, 1, (40, 30)).astype(np.float32), rng.integers(0, 2, 40)
-    kw = dict(n_classes=2, in_shape=(30, 1, 1), view="flat", normalize="none", lr=0.05, weight_decay=0.0,
-              epochs=50, patience=3, batch_size=8, seed=3)
+    kw = dict(n_classes=2, in_shape=(30, 1, 1), view="flat", normalize="none",
+              training=LinearTraining(lr=0.05, weight_decay=0.0, epochs=50, patience=3, batch_size=8, seed=3))
     state = torch.random.get_rng_state()
     head, history = train_linear((xtr, ytr), (xva, yva), **kw)
     assert torch.equal(torch.random.get_rng_state(), state)  # the global RNG is left alone

@@ -44,7 +44,7 @@ from .checkpoints import HEAD_KIND, write_checkpoint
 from .epoch_loop import per_class_accuracy, split_indices, validate_training
 from .feature_views import check_view
 from .fused_views import FusedRows, fused_paths, single_cache
-from .linear_trainer import train_linear
+from .linear_trainer import LinearTraining, train_linear
 from .model_selection import (
     AUTO_GRID,
     TUNE_GRIDS,
@@ -116,9 +116,9 @@ def _fit_linear(cfg: FitHeadConfig, cache: FeatureCache, train_idx, val_idx, dev
         views = [CacheViews(cache, idx, cfg.block_rows) for idx in (train_idx, val_idx)]
         train, val = ((v[cfg.features], v.labels) for v in views)
     return train_linear(train, val, n_classes=len(cache.classes), in_shape=cache.feature_shape, view=cfg.features,
-                        normalize=cfg.normalize, lr=cfg.lr, weight_decay=cfg.weight_decay, epochs=cfg.epochs,
-                        patience=cfg.patience, batch_size=cfg.batch_size, dropout=cfg.dropout, seed=cfg.seed,
-                        device=device)
+                        normalize=cfg.normalize, training=LinearTraining(
+                            lr=cfg.lr, weight_decay=cfg.weight_decay, epochs=cfg.epochs, patience=cfg.patience,
+                            batch_size=cfg.batch_size, dropout=cfg.dropout, seed=cfg.seed), device=device)
 
 
 def _setting(cfg: FitHeadConfig) -> dict:

@@ -7,6 +7,8 @@ one train/finetune use too (``epoch_loop.run_epochs``), so every trainer prints 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from torch import nn
@@ -39,33 +41,46 @@ def _normalizer(train, view: str, normalize) -> Normalizer:
     return Normalizer(normalize).fit(np.asarray(train[0]))
 
 
-def train_linear(train, val, *, n_classes: int, in_shape, view: str = "avg", normalize="l2", lr: float = 0.03,
-                 weight_decay: float = 1e-4, epochs: int = 100, patience: int = 5, batch_size: int = 32,
-                 dropout: float = 0.0, seed: int = 0, device="cpu") -> tuple[ProbeHead, list[dict]]:
+@dataclass(frozen=True)
+class LinearTraining:
+    """How a linear head trains (fit-head's --head linear options, or a torch setting of ``tune``): Adam's rate
+    and weight decay, at most ``epochs``, early stopping after ``patience`` epochs without a lower validation
+    loss, the mini-batch size, dropout before the Linear layer, and the seed of all of it."""
+
+    lr: float = 0.03
+    weight_decay: float = 1e-4
+    epochs: int = 100
+    patience: int = 5
+    batch_size: int = 32
+    dropout: float = 0.0
+    seed: int = 0
+
+
+def train_linear(train, val, *, n_classes: int, in_shape, view: str = "avg", normalize="l2",
+                 training: LinearTraining = LinearTraining(), device="cpu") -> tuple[ProbeHead, list[dict]]:
     """A linear ProbeHead trained with Adam; returns (head, per-epoch history).
 
     ``train`` / ``val``: ``(rows, labels)`` arrays of ``view`` rows, or ``CacheRows`` to stream (any view).
     ``normalize``: a kind (fitted here on the training rows) or a fitted ``Normalizer``. With
-    ``patience``, training stops after that many epochs without a lower validation loss and the best
+    ``training.patience``, training stops after that many epochs without a lower validation loss and the best
     epoch's weights are put back. Seeded (the initialisation as after the tutorial's
     ``torch.manual_seed(seed)``, the shuffling, dropout); the caller's torch RNG is left as it was.
     """
     with torch.random.fork_rng(devices=[]):
-        return _train(train, val, n_classes, in_shape, view, normalize, lr, weight_decay, epochs, patience,
-                      batch_size, dropout, seed, device)
+        return _train(train, val, n_classes, in_shape, view, normalize, training, device)
 
 
-def _train(train, val, n_classes, in_shape, view, normalize, lr, weight_decay, epochs, patience, batch_size,
-           dropout, seed, device):
+def _train(train, val, n_classes, in_shape, view, normalize, training: LinearTraining, device):
     in_shape = tuple(int(s) for s in in_shape)
     check_view(view, in_shape)
     normalizer = _normalizer(train, view, normalize)
-    torch.manual_seed(seed)
-    head = ProbeHead(in_shape, n_classes, view, normalizer.kind, dropout=dropout)
+    torch.manual_seed(training.seed)
+    head = ProbeHead(in_shape, n_classes, view, normalizer.kind, dropout=training.dropout)
     head.set_normalizer(normalizer)
     head.to(device)
-    opt = torch.optim.Adam(head.linear.parameters(), lr=lr, weight_decay=weight_decay)
-    rng = np.random.default_rng(seed)
+    opt = torch.optim.Adam(head.linear.parameters(), lr=training.lr, weight_decay=training.weight_decay)
+    rng = np.random.default_rng(training.seed)
+    batch_size = training.batch_size
 
     if isinstance(train, CacheRows):
         cache = train.cache
@@ -109,5 +124,5 @@ def _train(train, val, n_classes, in_shape, view, normalize, lr, weight_decay, e
         acc, loss, _ = train_one_epoch(model, opt, minibatches(epoch), device, epoch=epoch)
         return acc, loss, {}
 
-    history = run_epochs(epochs, one_epoch, validate, patience=patience, model=head)
+    history = run_epochs(training.epochs, one_epoch, validate, patience=training.patience, model=head)
     return head.eval(), history

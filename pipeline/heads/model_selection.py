@@ -22,7 +22,7 @@ from .feature_views import (
     check_norm,
     check_view,
 )
-from .linear_trainer import train_linear
+from .linear_trainer import LinearTraining, train_linear
 from .probe_heads import couple_pairs, from_kernel, from_logreg, from_stack, from_svm, pair_columns
 from .sklearn_fits import (
     GRAM_ROWS,
@@ -170,6 +170,12 @@ def setting_key(setting: dict) -> str:
     return base
 
 
+def _training(s: dict, seed: int) -> LinearTraining:
+    """A torch setting's training options (dropout none: the settings have none)."""
+    return LinearTraining(lr=s["lr"], weight_decay=s["weight_decay"], epochs=s["max_epochs"], patience=s["patience"],
+                          batch_size=s["batch_size"], seed=seed)
+
+
 def fit_setting(X, y: np.ndarray, setting: dict, in_shape=None, n_classes: Optional[int] = None, seed: int = 0,
                 max_iter: int = 1000):
     """Fit one setting (e.g. ``tune``'s winner) on all of ``X`` and return (ProbeHead, info).
@@ -191,9 +197,7 @@ def fit_setting(X, y: np.ndarray, setting: dict, in_shape=None, n_classes: Optio
         a, b = _stratified_holdout(y, 0.125, seed)
         with quiet():
             head, history = train_linear((x[a], y[a]), (x[b], y[b]), n_classes=n_classes, in_shape=in_shape,
-                                         view=s["view"], normalize=s["normalize"], lr=s["lr"],
-                                         weight_decay=s["weight_decay"], epochs=s["max_epochs"],
-                                         patience=s["patience"], batch_size=s["batch_size"], seed=seed)
+                                         view=s["view"], normalize=s["normalize"], training=_training(s, seed))
         best = min(history, key=lambda h: h["val_loss"])
         info = {"best_epoch": best["epoch"], "best_val_loss": best["val_loss"], "epochs_run": len(history)}
     else:
@@ -431,9 +435,7 @@ def tune(X, y: np.ndarray, grid, folds: int = 5, seed: int = 0, *, in_shape=None
                 a, b = _stratified_holdout(y[tr], 0.125, seed)
                 with quiet():
                     head, _ = train_linear((x[tr][a], y[tr][a]), (x[tr][b], y[tr][b]), n_classes=n_classes,
-                                           in_shape=shape, view=view, normalize=norm, lr=s["lr"],
-                                           weight_decay=s["weight_decay"], epochs=s["max_epochs"],
-                                           patience=s["patience"], batch_size=s["batch_size"], seed=seed)
+                                           in_shape=shape, view=view, normalize=norm, training=_training(s, seed))
 
                 with torch.no_grad():
                     zt = head.norm(torch.from_numpy(np.ascontiguousarray(x[te], np.float32)))
