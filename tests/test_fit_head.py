@@ -275,13 +275,13 @@ def test_nested_cv_scores_both_searches_on_rows_no_choice_saw(cache):
 @pytest.mark.parametrize("k", [2, 3])
 def test_the_default_stacks_svcs_own_pairs_too_when_there_are_several_classes(k):
     from pipeline.heads.fit_head import _auto_grid, _default_row
-    from pipeline.heads.model_selection import fit_setting, tune
+    from pipeline.heads.model_selection import CVOptions, fit_setting, tune
 
     rng = np.random.default_rng(0)
     y = np.repeat(np.arange(k), 20)
     rows = {"avg": rng.normal(0, 1, (len(y), 8)) + np.eye(8)[y] * 1.5}
     cfg = FitHeadConfig()
-    result = tune(rows, y, _auto_grid(cfg), folds=3, in_shape=(8, 1, 1), threads=1, score="accuracy")
+    result = tune(rows, y, _auto_grid(cfg), CVOptions(folds=3, threads=1, score="accuracy"), in_shape=(8, 1, 1))
     row = _default_row(cfg, (8, 1, 1), result)
     setting = row["setting"]
     # several classes: one-vs-rest SVM, SVC's one-vs-one pairs (coupled at a fitted scale) and logreg, three weights;
@@ -304,7 +304,8 @@ def test_past_max_pair_classes_the_default_leaves_the_pairs_out(monkeypatch):
     y = np.repeat(np.arange(3), 20)
     rows = {"avg": rng.normal(0, 1, (len(y), 8)) + np.eye(8)[y] * 1.5}
     cfg = FitHeadConfig()
-    result = model_selection.tune(rows, y, _auto_grid(cfg), folds=3, in_shape=(8, 1, 1), threads=1)
+    result = model_selection.tune(rows, y, _auto_grid(cfg), model_selection.CVOptions(folds=3, threads=1),
+                                  in_shape=(8, 1, 1))
     assert result["table"] and all(r["setting"].get("scheme") != "ovo" for r in result["table"])
     setting = _default_row(cfg, (8, 1, 1), result)["setting"]
     assert len(setting["weights"]) == 2 and setting["C_pairs"] == 0.0

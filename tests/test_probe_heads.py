@@ -8,7 +8,7 @@ from pipeline.heads.cache_views import CacheRows, CacheViews, fit_normalizer_str
 from pipeline.heads.calibration import log_softmax
 from pipeline.heads.feature_views import Normalizer, apply_view
 from pipeline.heads.linear_trainer import LinearTraining, train_linear
-from pipeline.heads.model_selection import expand_grid, fit_setting, format_table, tune
+from pipeline.heads.model_selection import CVOptions, expand_grid, fit_setting, format_table, tune
 from pipeline.heads.probe_heads import ProbeHead, from_kernel, from_logreg
 from pipeline.heads.sklearn_fits import fit_kernel, fit_logreg, resolve_gamma
 
@@ -89,10 +89,10 @@ def test_pooled_shapes_refuse_spatial_views():
     with pytest.raises(ValueError, match="view 'avgmax'.*allowed views: avg, flat"):
         fit_setting(x, y, {"head": "logreg", "view": "avgmax"})
     grid = {"head": ["logreg", "kernel"], "view": ["avg", "avgmax"], "C": [1.0, 10.0]}
-    r = tune(x, y, grid, folds=2)  # on a pooled cache the grid's spatial views are left out
+    r = tune(x, y, grid, CVOptions(folds=2))  # on a pooled cache the grid's spatial views are left out
     assert {row["setting"]["view"] for row in r["table"]} == {"avg"} and len(r["table"]) == 4
     with pytest.raises(ValueError, match="view 'max'.*allowed views: avg, flat"):
-        tune(x, y, [{"head": "logreg", "view": "max"}], folds=2)
+        tune(x, y, [{"head": "logreg", "view": "max"}], CVOptions(folds=2))
 
 
 @pytest.mark.parametrize("k", [2, 3])
@@ -229,7 +229,7 @@ def test_cache_views_stream_in_blocks(tmp_path):
                                      training=LinearTraining(lr=0.01, epochs=3))
         assert len(history) == 3 and head.config["normalize"] == "rms"
         cv = CacheViews(c, np.arange(21))
-        r = tune(cv, cv.labels, {"view": ["avg", "max"], "C": [1.0]}, folds=3, threads=1)
+        r = tune(cv, cv.labels, {"view": ["avg", "max"], "C": [1.0]}, CVOptions(folds=3, threads=1))
         assert [row["key"] for row in r["table"]] == ["logreg|avg|l2|C=1", "logreg|max|l2|C=1"]
         head, _ = fit_setting(cv, cv.labels, r["best"]["setting"])
         assert head(torch.from_numpy(x)).shape == (23, 3)
@@ -260,18 +260,18 @@ def test_tune_is_deterministic_for_a_seed_and_fits_the_winner():
     grid = {"head": ["logreg", "kernel", "torch"], "view": ["avg", "avgmax"], "normalize": ["l2", "rms"],
             "C": [0.1, 10.0], "gamma": ["scale"], "n_components": [15], "lr": [0.01], "weight_decay": [1e-3],
             "max_epochs": [5]}
-    r1, r2 = tune(x, y, grid, folds=3, seed=0), tune(x, y, grid, folds=3, seed=0)
+    r1, r2 = tune(x, y, grid, CVOptions(folds=3, seed=0)), tune(x, y, grid, CVOptions(folds=3, seed=0))
     drop = lambda r: [{k: v for k, v in row.items() if k != "seconds"} for row in r["table"]]  # noqa: E731
     assert len(r1["table"]) == 2 * 2 * (2 + 2 + 1)
     assert drop(r1) == drop(r2) and r1["best"]["key"] == r2["best"]["key"]
-    assert drop(tune(x, y, grid, folds=3, seed=1)) != drop(r1)  # another seed, other folds
+    assert drop(tune(x, y, grid, CVOptions(folds=3, seed=1))) != drop(r1)  # another seed, other folds
     best = r1["best"]
     assert best["log_loss_mean"] == min(r["log_loss_mean"] for r in r1["table"])
     assert r1["ranking"][0] == best["key"] and format_table(r1).splitlines()[2].startswith("* " + best["key"])
     head, info = fit_setting(x, y, best["setting"], seed=0)
     assert info["key"] == best["key"] and head(torch.from_numpy(x)).shape == (50, 2)
     with pytest.raises(ValueError, match="smallest class has 2"):
-        tune(x[:5], y[:5], grid, folds=3)
+        tune(x[:5], y[:5], grid, CVOptions(folds=3))
 
 
 def test_temperature_and_known_rows_round_trip_and_old_checkpoints_load_without_them(tmp_path):

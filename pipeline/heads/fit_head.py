@@ -48,6 +48,7 @@ from .linear_trainer import LinearTraining, train_linear
 from .model_selection import (
     AUTO_GRID,
     TUNE_GRIDS,
+    CVOptions,
     clearly_better,
     expand_grid,
     fit_setting,
@@ -154,6 +155,11 @@ def _auto_grid(cfg: FitHeadConfig) -> tuple:
                   **({"n_components": [cfg.kernel_components]} if g["head"] == ["kernel"] else {})} for g in AUTO_GRID)
 
 
+def _cv(cfg: FitHeadConfig, folds: int) -> CVOptions:
+    """fit-head's cross-validation: by accuracy, seeded by --seed, on one thread (many small fits)."""
+    return CVOptions(folds=folds, seed=cfg.seed, score="accuracy", threads=1)
+
+
 def _search_grid(cfg: FitHeadConfig):
     """What to cross-validate: --tune's wide grids, or the default head's."""
     if cfg.tune:
@@ -218,7 +224,7 @@ def _nested(cfg: FitHeadConfig, rows, grid, n_classes: int) -> dict:
     outer = StratifiedKFold(cfg.folds, shuffle=True, random_state=cfg.seed + 1)
     for tr, te in outer.split(np.zeros(len(y)), y):
         part = {v: rows[v][tr] for v in views}
-        inner = tune(part, y[tr], grid, folds=cfg.folds, seed=cfg.seed, in_shape=shape, threads=1, score="accuracy")
+        inner = tune(part, y[tr], grid, _cv(cfg, cfg.folds), in_shape=shape)
         choices = {"tune": _default_unless_beaten(cfg, shape, inner), "default": _default_row(cfg, shape, inner)}
         for name, row in choices.items():
             head, _ = fit_setting(part, y[tr], row["setting"], in_shape=shape, n_classes=n_classes, seed=cfg.seed)
@@ -238,8 +244,7 @@ def _tune(cfg: FitHeadConfig, cache, train_idx):
     cv_idx = _cv_rows(cfg, cache.labels, train_idx)
     rows = CacheViews(cache, cv_idx, cfg.block_rows)
     try:
-        result = tune(rows, rows.labels, _search_grid(cfg), folds=cfg.folds, seed=cfg.seed, threads=1,
-                      score="accuracy")
+        result = tune(rows, rows.labels, _search_grid(cfg), _cv(cfg, cfg.folds))
     except ValueError as e:  # too few rows of a class for the folds
         raise UsageError(f"{'--tune' if cfg.tune else '--head auto'}: {e}") from None
     best, nested = _default_row(cfg, rows.feature_shape, result), None
@@ -281,8 +286,7 @@ def default_head_on_rows(rows, labels: np.ndarray, n_classes: int, in_shape, cfg
     folds = min(cfg.folds, int(np.bincount(labels, minlength=n_classes).min()))
     setting, temperature = {"head": "logreg", "view": cfg.features, "normalize": cfg.normalize}, 1.0
     if folds >= 2:
-        result = tune(rows, labels, _auto_grid(cfg), folds=folds, seed=cfg.seed, in_shape=in_shape, threads=1,
-                      score="accuracy")
+        result = tune(rows, labels, _auto_grid(cfg), _cv(cfg, folds), in_shape=in_shape)
         row = _default_row(cfg, in_shape, result)
         setting, temperature = row["setting"], row["temperature"]
     head, info = fit_setting(rows, labels, setting, in_shape=in_shape, n_classes=n_classes, seed=cfg.seed)

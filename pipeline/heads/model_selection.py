@@ -1,10 +1,12 @@
 """Settings of a head (kind, view, normalisation, C, gamma ...), fitted one at a time or chosen by cross-validation."""
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
 import time
+from dataclasses import dataclass
 from typing import Callable, Mapping, Optional
 
 import numpy as np
@@ -331,10 +333,37 @@ def class_proba(clf, z: np.ndarray, n_classes: int) -> np.ndarray:
     return p
 
 
-def tune(X, y: np.ndarray, grid, folds: int = 5, seed: int = 0, *, in_shape=None, score: str = "log_loss",
-         max_iter: int = 1000, threads: Optional[int] = None,
+@dataclass(frozen=True)
+class CVOptions:
+    """How ``tune`` cross-validates: ``folds`` stratified folds shuffled by ``seed`` (which also seeds landmarks
+    and torch heads), the winner by ``score`` ('log_loss' or 'accuracy'), ``max_iter`` of each logistic
+    regression, and ``threads``, the BLAS and torch threads meanwhile (None: as they are)."""
+
+    folds: int = 5
+    seed: int = 0
+    score: str = "log_loss"
+    max_iter: int = 1000
+    threads: Optional[int] = None
+
+
+@contextlib.contextmanager
+def limited_threads(threads: Optional[int]):
+    """BLAS and torch capped at ``threads`` inside the block (None: left as they are)."""
+    if not threads:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with threadpool_limits(threads):
+            yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def tune(X, y: np.ndarray, grid, cv: CVOptions = CVOptions(), *, in_shape=None,
          on_setting: Optional[Callable[[dict], None]] = None) -> dict:
-    """Stratified k-fold cross-validation of every setting in ``grid``.
+    """Stratified k-fold cross-validation of every setting in ``grid`` (``cv``: folds, seed, score, threads).
 
     ``X``: raw (N, C, H, W) maps or a {view: rows} mapping (``CacheViews``); ``y``: labels 0..K-1.
     Normalisation statistics, kernel landmarks and early-stopping splits are fitted inside each
@@ -342,25 +371,20 @@ def tune(X, y: np.ndarray, grid, folds: int = 5, seed: int = 0, *, in_shape=None
     seeded; lbfgs and libsvm are deterministic); only the 'seconds' column varies. The log-loss is
     that of each setting's out-of-fold log-probabilities at the one temperature fitted on them (what
     the head gives once calibrated; an SVM's margins are no probabilities before it). The winner has the
-    lowest mean log-loss (``score='accuracy'``: highest mean accuracy), ties going to the other measure
-    and then to the earlier setting. ``threads`` caps BLAS and torch threads meanwhile: many small fits
+    lowest mean log-loss (``cv.score='accuracy'``: highest mean accuracy), ties going to the other measure
+    and then to the earlier setting. ``cv.threads`` caps BLAS and torch threads meanwhile: many small fits
     on a busy machine run up to 10x faster on one thread than fighting over several.
     Returns {"table": [per setting: key, setting, acc_mean, acc_std, log_loss_mean, log_loss_std,
     temperature, seconds (mean fit time per fold)], "best": the winning row, "folds", "seed", "score",
     "rows", "oof": {key: (rows, classes) out-of-fold log-probabilities before the temperature}, "labels",
     "splits": the folds' (train, test) indices}.
     """
-    if threads:
+    with limited_threads(cv.threads):
+        return _tune(X, y, grid, cv, in_shape, on_setting)
 
-        before = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            with threadpool_limits(threads):
-                return tune(X, y, grid, folds, seed, in_shape=in_shape, score=score, max_iter=max_iter,
-                            on_setting=on_setting)
-        finally:
-            torch.set_num_threads(before)
 
+def _tune(X, y, grid, cv: CVOptions, in_shape, on_setting) -> dict:
+    folds, seed, score, max_iter = cv.folds, cv.seed, cv.score, cv.max_iter
     if score not in ("log_loss", "accuracy"):
         raise ValueError(f"score must be 'log_loss' or 'accuracy', got {score!r}")
     rows, shape = _rows_for(X, in_shape)

@@ -22,7 +22,7 @@ from sklearn.model_selection import StratifiedKFold
 from threadpoolctl import threadpool_limits
 
 from ..heads.feature_views import Normalizer
-from ..heads.model_selection import KERNEL_GRID, class_proba, complete_setting, setting_key, tune
+from ..heads.model_selection import KERNEL_GRID, CVOptions, class_proba, complete_setting, setting_key, tune
 from ..heads.sklearn_fits import fit_logreg, kernel_features, nystroem_map
 from ..progress import progress
 
@@ -44,7 +44,8 @@ def choose_setting(avg: np.ndarray, y: np.ndarray, feature_shape, folds: int, se
         idx = np.sort(split_indices(y, 1 - cv_rows / len(y), seed)[0])
     grid = {**KERNEL_GRID, "view": ["avg"], "normalize": ["l2"], "n_components": [landmarks]}
     try:
-        result = tune({"avg": avg[idx]}, y[idx], grid, folds=folds, seed=seed, in_shape=feature_shape, threads=1)
+        result = tune({"avg": avg[idx]}, y[idx], grid, CVOptions(folds=folds, seed=seed, threads=1),
+                      in_shape=feature_shape)
     except ValueError as e:  # a class too small for the folds in the sample: fit-head's kernel defaults
         log.info("audit: C and gamma not searched (%s); using C=100, gamma=scale", e)
         return complete_setting({"head": "kernel", "view": "avg", "normalize": "l2", "C": 100.0, "gamma": "scale",
