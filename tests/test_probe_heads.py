@@ -9,7 +9,7 @@ from pipeline.heads.calibration import log_softmax
 from pipeline.heads.feature_views import Normalizer, apply_view
 from pipeline.heads.linear_trainer import LinearTraining, train_linear
 from pipeline.heads.model_selection import CVOptions, expand_grid, fit_setting, format_table, tune
-from pipeline.heads.probe_heads import ProbeHead, from_kernel, from_logreg
+from pipeline.heads.probe_heads import KernelSpec, ProbeHead, from_kernel, from_logreg
 from pipeline.heads.sklearn_fits import fit_kernel, fit_logreg, resolve_gamma
 
 SHAPE = (4, 3, 3)
@@ -76,7 +76,7 @@ def test_checkpoint_round_trips_through_weights_only_load(tmp_path):
     with pytest.raises(ValueError, match="not a probe-head config"):
         ProbeHead.from_checkpoint({"kind": "other"}, ck["state_dict"])
     # a checkpoint made before the fold (its config has no kernel_norm key) keeps its m x m buffer
-    old = ProbeHead((4, 3, 3), 3, "avgmax", "standardize", kernel_components=20, gamma=0.5)
+    old = ProbeHead((4, 3, 3), 3, "avgmax", "standardize", KernelSpec(20, 0.5))
     config = {k: v for k, v in old.config.items() if k != "kernel_norm"}
     assert "kernel_norm" in ProbeHead.from_checkpoint(config, old.checkpoint()["state_dict"]).state_dict()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -26,6 +27,30 @@ log = logging.getLogger(__name__)
 
 CONFIG_KIND = "probe-head"
 CONFIG_VERSION = 1
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """The RBF map in front of a ProbeHead's Linear layer (``components`` 0: none): its landmarks' number and
+    gamma; Nystroem's K_mm^{-1/2} as its own buffer (``separate_norm``) or folded into the Linear layer; the
+    normalised rows beside the kernel features (``linear_skip``: a kernel and a linear model summed); the Linear
+    layer's first outputs as one-vs-one pairs' margins, coupled into class scores (``pairs``)."""
+
+    components: int = 0
+    gamma: Optional[float] = None
+    separate_norm: bool = True
+    linear_skip: bool = False
+    pairs: bool = False
+
+
+@dataclass(frozen=True)
+class TrustParts:
+    """The optional parts a checkpoint's head holds (their numbers come with its state): a temperature, and
+    ``known_rows`` training rows for the unknown score of its ``unknown_k`` nearest."""
+
+    temperature: bool = False
+    known_rows: int = 0
+    unknown_k: int = 10
 
 
 # -- one-vs-one class pairs ----------------------------------------------------------------------
@@ -69,10 +94,11 @@ class ProbeHead(nn.Module):
     """
 
     def __init__(self, in_shape, n_classes: int, view: str = "flat", normalize: str = "none",
-                 kernel_components: int = 0, gamma: Optional[float] = None, dropout: float = 0.0,
-                 dtype=None, kernel_norm: bool = True, temperature: bool = False, known_rows: int = 0,
-                 unknown_k: int = 10, linear_skip: bool = False, pairs: bool = False):
+                 kernel: KernelSpec = KernelSpec(), dropout: float = 0.0, dtype=None, trust: TrustParts = TrustParts()):
         super().__init__()
+        kernel_components, gamma, kernel_norm = kernel.components, kernel.gamma, kernel.separate_norm
+        linear_skip, pairs = kernel.linear_skip, kernel.pairs
+        temperature, known_rows, unknown_k = trust.temperature, trust.known_rows, trust.unknown_k
         self.in_shape = tuple(int(s) for s in in_shape)
         check_view(view, self.in_shape)
         check_norm(normalize)
@@ -149,12 +175,13 @@ class ProbeHead(nn.Module):
         if config.get("kind") != CONFIG_KIND or config.get("version") != CONFIG_VERSION:
             raise ValueError(f"not a probe-head config (kind {config.get('kind')!r}, "
                              f"version {config.get('version')!r}; this code reads version {CONFIG_VERSION})")
-        head = cls(config["in_shape"], config["n_classes"], config["view"], config["normalize"],
-                   config.get("kernel_components") or 0, config.get("gamma"), config.get("dropout", 0.0),
-                   dtype=state_dict["linear.weight"].dtype, kernel_norm=config.get("kernel_norm", True),
-                   temperature=bool(config.get("temperature")), known_rows=int(config.get("known_rows") or 0),
-                   unknown_k=int(config.get("unknown_k") or 10), linear_skip=bool(config.get("linear_skip")),
-                   pairs=bool(config.get("pairs")))
+        kernel = KernelSpec(config.get("kernel_components") or 0, config.get("gamma"),
+                            separate_norm=config.get("kernel_norm", True), linear_skip=bool(config.get("linear_skip")),
+                            pairs=bool(config.get("pairs")))
+        trust = TrustParts(temperature=bool(config.get("temperature")), known_rows=int(config.get("known_rows") or 0),
+                           unknown_k=int(config.get("unknown_k") or 10))
+        head = cls(config["in_shape"], config["n_classes"], config["view"], config["normalize"], kernel,
+                   config.get("dropout", 0.0), dtype=state_dict["linear.weight"].dtype, trust=trust)
         head.load_state_dict(state_dict)
         return head
 
@@ -363,8 +390,8 @@ def from_kernel(nystroem, clf, in_shape, view: str = "flat", normalizer: Optiona
     gamma = nystroem.gamma if nystroem.gamma is not None else 1.0 / landmarks.shape[1]  # rbf_kernel's default
     normalizer = normalizer or Normalizer("none")
     w, b = _logreg_linear(clf)
-    head = ProbeHead(in_shape, w.shape[0], view, normalizer.kind, kernel_components=len(landmarks),
-                     gamma=float(gamma), dtype=dtype or torch.float64, kernel_norm=False)
+    head = ProbeHead(in_shape, w.shape[0], view, normalizer.kind,
+                     KernelSpec(len(landmarks), float(gamma), separate_norm=False), dtype=dtype or torch.float64)
     if landmarks.shape[1] != view_dim(view, in_shape):
         raise ValueError(f"the Nystroem map was fitted on {landmarks.shape[1]}-d rows; the {view!r} view "
                          f"of {tuple(in_shape)} maps is {view_dim(view, in_shape)}-d")
@@ -389,8 +416,9 @@ def from_svm(expansion, in_shape, view: str = "flat", normalizer: Optional[Norma
         raise ValueError(f"the SVM was fitted on {rows.shape[1]}-d rows; the {view!r} view of {tuple(in_shape)} "
                          f"maps is {view_dim(view, in_shape)}-d")
     k = svm_classes(expansion)
-    head = ProbeHead(in_shape, k, view, normalizer.kind, kernel_components=len(rows), gamma=float(expansion.gamma),
-                     dtype=dtype or torch.float64, kernel_norm=False, pairs=expansion.pairs)
+    head = ProbeHead(in_shape, k, view, normalizer.kind,
+                     KernelSpec(len(rows), float(expansion.gamma), separate_norm=False, pairs=expansion.pairs),
+                     dtype=dtype or torch.float64)
     head.set_normalizer(normalizer)
     head.set_kernel(rows)
     scale = pair_scale if expansion.pairs else 1.0
@@ -432,9 +460,9 @@ def from_stack(expansion, svm_weight: float, clf, logreg_weight: float, in_shape
         bias[target] += factor * np.asarray(e.bias, np.float64)
     weight[n_pairs:, len(rows):] = logreg_weight * w_lr
     bias[n_pairs:] += logreg_weight * b_lr
-    stacked = ProbeHead(in_shape, k, view, normalizer.kind, kernel_components=len(rows),
-                        gamma=float(expansion.gamma), dtype=dtype or torch.float64, kernel_norm=False,
-                        linear_skip=True, pairs=pair_part is not None)
+    stacked = ProbeHead(in_shape, k, view, normalizer.kind,
+                        KernelSpec(len(rows), float(expansion.gamma), separate_norm=False, linear_skip=True,
+                                   pairs=pair_part is not None), dtype=dtype or torch.float64)
     stacked.set_normalizer(normalizer)
     stacked.set_kernel(rows)
     stacked.set_linear(weight, bias)
