@@ -252,7 +252,7 @@ def extract(as_json, **options):
     try:
         result = api.extract_features(options.pop("data"), verbose=None, command=current_command(), **options).result
     except KeyboardInterrupt:
-        click.echo(f"\ninterrupted; committed rows are kept. Resume with:\n  {current_command()}", err=True)
+        click.echo(present.extract_interrupted(current_command()), err=True)
         sys.exit(130)
     for line in present.extract_notes(result):
         note(line)

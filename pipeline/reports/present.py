@@ -296,6 +296,10 @@ def extract_notes(result: dict) -> list[str]:
     return lines
 
 
+def extract_interrupted(command: str) -> str:
+    return f"\ninterrupted; committed rows are kept. Resume with:\n  {command}"
+
+
 def consolidate_note(result: dict) -> str:
     return (f"{result['rows']} rows copied into one file ({result['size_bytes'] / 1e6:.1f} MB); "
             f"its {len(result['shards'])} shard files are no longer needed")
