@@ -359,7 +359,10 @@ def imagenet_check_text(result: dict) -> str:
 def export_text(result: dict) -> str:
     """The parity check against predict, then what was written (or that nothing was)."""
     p = result["parity"]
-    return (f"max |probability difference| vs predict: {result['max_abs_diff']:.3g} on "
-            f"{plural(p['images'], 'photo')} ({p['same_class']} same class; tolerance {p['tolerance']:g})\n"
+    odd = len(p.get("odd_modes", ()))
+    compared = f"{plural(p['images'], 'photo')}" + (f" and {plural(odd, 'odd-mode file')} made from the first" if odd
+                                                     else "")
+    return (f"max |probability difference| vs predict: {result['max_abs_diff']:.3g} on {compared} "
+            f"({p['same_class']} of {p['images'] + odd} the same class; tolerance {p['tolerance']:g})\n"
             + (f"{result['output']} ({result['bytes'] / 1e6:.1f} MB), metadata {result['metadata']}"
                if result["passed"] else "nothing written: the export does not predict as predict does"))

@@ -364,7 +364,7 @@ def export(cfg: ExportConfig) -> dict:
         else:
             log.warning("the %s export differs from predict by %.3g (tolerance %g; %d of %d photos of the same "
                         "class): nothing written", cfg.format, check["max_abs_diff"], cfg.tolerance,
-                        check["same_class"], check["images"])
+                        check["same_class"], check["images"] + len(check["odd_modes"]))
         return result
     finally:
         if tmp.exists():
