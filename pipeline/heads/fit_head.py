@@ -369,28 +369,29 @@ def fit_on_rows(cfg: FitHeadConfig, rows, train_idx: np.ndarray, val_idx: np.nda
     return FittedHead(head, history, info, tuning, val, best_epoch, fit_seconds, trust)
 
 
-def fit_fused_or_alone(cfg: FitHeadConfig, fused: FusedRows, device) -> tuple:
-    """fit-head's default head on several caches' fused rows and on each cache alone, keeping the one with the
-    best CV accuracy (then CV log-loss; the fused rows on a tie): (its fit, its rows, train_idx, val_idx).
-    Equal-weight blocks let a much weaker backbone in (fused VGG-16 + Lite0 on 20 dog breeds, where Lite0
-    alone is 4.8 points ahead); choosing among the three by the same CV that chooses the default head's
-    members follows the dominant backbone there and keeps the fusion where the two disagree (measured on
-    paired splits of four proxies, docs/backbones.md). Another head (--head, --tune) is fitted on the fused
-    rows as asked."""
+def fit_fused_or_alone(cfg: FitHeadConfig, fused, parts: list, device, fused_cfg: FitHeadConfig) -> tuple:
+    """fit-head's default head on several caches' fused rows (``fused``, fitted with ``fused_cfg``) and on each
+    cache alone (``parts``: the caches, or their rows as arrays), keeping the one with the best CV accuracy
+    (then CV log-loss; the fused rows on a tie): (its fit, its rows, train_idx, val_idx). Equal-weight blocks
+    let a much weaker backbone in (fused VGG-16 + Lite0 on 20 dog breeds, where Lite0 alone is 4.8 points
+    ahead); choosing by the criterion choose-backbone names its best with follows the dominant backbone there
+    and keeps the fusion where the two disagree (measured on paired splits of four proxies,
+    docs/backbones.md). Another head (--head, --tune) is fitted on the fused rows as asked."""
     train_idx, val_idx = split_indices(fused.labels, cfg.val_fraction, cfg.seed)
-    best = (fit_on_rows(fused.head_config(cfg), fused, train_idx, val_idx, device), fused, train_idx, val_idx)
+    best = (fit_on_rows(fused_cfg, fused, train_idx, val_idx, device), fused, train_idx, val_idx)
     if cfg.tune or cfg.head != "auto":
         return best
     tried = [best]
-    for part in fused.parts:
+    for part in parts:
         tr, va = split_indices(part.labels, cfg.val_fraction, cfg.seed)
         tried.append((fit_on_rows(cfg, part, tr, va, device), part, tr, va))
     best = max(tried, key=lambda t: (t[0].tuning["cv_acc"], -t[0].tuning["cv_log_loss"]))  # the first on a tie
     fit = best[0]
     fit.fit_seconds = sum(t[0].fit_seconds for t in tried)
-    fit.tuning["fusion"] = [{"rows": "fused" if rows is fused else rows.attrs["backbone"], "cache": str(rows.path),
-                             "cv_acc": f.tuning["cv_acc"], "cv_log_loss": f.tuning["cv_log_loss"],
-                             "chosen": rows is best[1]} for f, rows, _, _ in tried]
+    fit.tuning["fusion"] = [{"rows": "fused" if k == 0 else getattr(rows, "attrs", {}).get("backbone", f"part {k}"),
+                             "cache": str(getattr(rows, "path", "")), "cv_acc": f.tuning["cv_acc"],
+                             "cv_log_loss": f.tuning["cv_log_loss"], "chosen": rows is best[1]}
+                            for k, (f, rows, _, _) in enumerate(tried)]
     log.info("fused features or one cache alone, by %d-fold CV (acc / log-loss): %s; keeping %s", cfg.folds,
              ", ".join(f"{r['rows']} {r['cv_acc']:.3f} / {r['cv_log_loss']:.4f}" for r in fit.tuning["fusion"]),
              next(r["rows"] for r in fit.tuning["fusion"] if r["chosen"]))
@@ -438,7 +439,7 @@ def fit_head(cfg: FitHeadConfig) -> dict:
         if changed:
             log.warning("%s: %s", path, changed)
         if fused:  # the fused rows, or one cache alone where it wins the default head's CV
-            fit, cache, train_idx, val_idx = fit_fused_or_alone(cfg, cache, device)
+            fit, cache, train_idx, val_idx = fit_fused_or_alone(cfg, cache, cache.parts, device, cache.head_config(cfg))
             fused, path = (fused, path) if isinstance(cache, FusedRows) else ([], Path(cache.path))
         else:
             train_idx, val_idx = split_indices(cache.labels, cfg.val_fraction, cfg.seed)
