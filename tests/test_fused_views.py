@@ -12,7 +12,7 @@ from pipeline.cache.feature_cache import FeatureCache
 from pipeline.cli import cli
 from pipeline.errors import UsageError
 from pipeline.heads.cache_views import CacheViews, evaluate_head
-from pipeline.heads.fit_head import FitHeadConfig, fit_head
+from pipeline.heads.fit_head import FitHeadConfig, fit_head, format_result
 from pipeline.heads.fused_views import FusedRows, l2_rows
 from pipeline.models.predict import PredictConfig, predict
 from pipeline.models.whole_models import head_from_checkpoint, load_model, read_checkpoint
@@ -174,6 +174,7 @@ def test_the_default_head_keeps_one_cache_alone_where_it_beats_the_fused_rows_by
     assert list(tried) == ["fused", "tiny", "tiny_wide"] and [t["chosen"] for t in tried.values()] == [0, 1, 0]
     assert tried["tiny"]["cv_acc"] > tried["fused"]["cv_acc"] > tried["tiny_wide"]["cv_acc"]
     assert r["caches"] == [a, b] and r["cache"] == a and r["cv_acc"] == tried["tiny"]["cv_acc"]
+    assert "fused features or one cache alone" in format_result(r) and "; kept tiny\n" in format_result(r)
     ckpt = read_checkpoint(r["checkpoint"])
     assert "fused" not in ckpt and ckpt["backbone"] == "tiny" and ckpt["cache"] == a
     on_cache = pipeline.evaluate_model(r["checkpoint"], runs_dir=tmp_path / "runs")  # a's own validation rows
