@@ -15,7 +15,9 @@ view of each photo, made by the project's extract (``--backbone``, ``--weights``
 ``--fuse proxy=TRAIN.h5[,TEST.h5]`` (another backbone's caches of the same photos) also scores every candidate on
 the fused rows, as ``fit-head --cache A --cache B`` fits them (heads/fused_views.py: each cache's avg row
 l2-normalised as one block, side by side), in the first caches' row order, so on the same splits; those
-candidates are named ``NAME+fused`` and compared with the single backbone's recipes.
+candidates are named ``NAME+fused`` and compared with the single backbone's recipes. fit-head's default head
+there is what ``fit-head --cache A --cache B`` does: the fused rows or one backbone's block alone, whichever
+wins its CV (``fit_head.fit_fused_or_alone``; the choice is logged beside each split's result).
 
 Candidates (``--candidates``; each fits on the split's training rows and predicts its test rows):
   svc       the plain recipe: avg-pooled l2 rows, GridSearchCV(SVC(), {"C": [0.1, 1, 10, 100]}, cv=5)
@@ -116,9 +118,9 @@ def caches(args, flip=False) -> dict:
 
 
 def pooled_maps(paths: list, fuse: list | None = None) -> tuple:
-    """(maps (N, C, H, W) float16, labels, classes, rows of the training cache) of the caches pooled; with
+    """(maps (N, C, H, W) float16, labels, classes, rows of the training cache, None) of the caches pooled; with
     ``fuse`` (another backbone's caches of the same folders, in the same order) each cache's fused rows
-    with its counterpart, as (N, D, 1, 1) float32 maps in ``paths``' row order."""
+    with its counterpart, as (N, D, 1, 1) float32 maps in ``paths``' row order, and the blocks' sizes."""
     from pipeline.cache.feature_cache import FeatureCache
     from pipeline.heads.fused_views import FusedRows
 
@@ -132,7 +134,8 @@ def pooled_maps(paths: list, fuse: list | None = None) -> tuple:
             classes = list(c.classes)
             maps.append(np.concatenate([b[sel] for _, b, sel in c.iter_blocks(np.arange(c.n), 512)]))
             labels.append(np.asarray(c.labels, np.int64))
-    return np.concatenate(maps), np.concatenate(labels), classes, len(labels[0])
+            blocks = getattr(c, "block_sizes", None)
+    return np.concatenate(maps), np.concatenate(labels), classes, len(labels[0]), blocks
 
 
 def paired_splits(labels: np.ndarray, n_test: int, count: int, seed: int = 0) -> list:
@@ -170,23 +173,36 @@ def recipe_scores(a, ya, b, yb) -> dict:
     return out
 
 
-def fit_head_predict(options: dict, maps, labels, classes, tr, te) -> tuple:
+def fit_head_predict(options: dict, maps, labels, classes, tr, te, blocks=None) -> tuple:
     """fit-head with ``options`` on rows ``tr`` (its own validation split taken from them, as on a cache),
-    predicting rows ``te``: (predicted labels, what it chose)."""
+    predicting rows ``te``: (predicted labels, what it chose). ``blocks``: the fused rows' block sizes, for
+    fit-head's choice between the fused rows and each cache alone (``fit_fused_or_alone``)."""
     import torch
 
     from pipeline.config import FitHeadConfig
     from pipeline.heads.cache_views import FeatureArray
     from pipeline.heads.epoch_loop import split_indices
-    from pipeline.heads.fit_head import fit_on_rows
+    from pipeline.heads.fit_head import fit_fused_or_alone, fit_on_rows
 
     rows = FeatureArray(maps[tr], labels[tr], classes)
     cfg = FitHeadConfig(**options)
-    train_idx, val_idx = split_indices(rows.labels, cfg.val_fraction, cfg.seed)
-    fit = fit_on_rows(cfg, rows, train_idx, val_idx, "cpu")
+    columns = slice(None)
+    if blocks:
+        ends = np.cumsum([0, *blocks])
+        parts = [FeatureArray(maps[tr][:, a:b], labels[tr], classes) for a, b in zip(ends[:-1], ends[1:])]
+        fit, chosen, _, _ = fit_fused_or_alone(cfg, rows, parts, "cpu", cfg)
+        if chosen is not rows:
+            k = next(i for i, p in enumerate(parts) if p is chosen)
+            columns = slice(ends[k], ends[k + 1])
+    else:
+        train_idx, val_idx = split_indices(rows.labels, cfg.val_fraction, cfg.seed)
+        fit = fit_on_rows(cfg, rows, train_idx, val_idx, "cpu")
     with torch.no_grad():
-        logp = fit.head.cpu().eval()(torch.from_numpy(np.asarray(maps[te], np.float32)))
-    return logp.argmax(1).numpy(), (fit.tuning or {}).get("choice")
+        logp = fit.head.cpu().eval()(torch.from_numpy(np.asarray(maps[te][:, columns], np.float32)))
+    choice = (fit.tuning or {}).get("choice")
+    if fit.tuning and "fusion" in fit.tuning:
+        choice = f"{next(r['rows'] for r in fit.tuning['fusion'] if r['chosen'])}: {choice}"
+    return logp.argmax(1).numpy(), choice
 
 
 def parse_candidate(text: str) -> tuple:
@@ -213,7 +229,7 @@ def run_proxy(name: str, paths: list, candidates: list, splits: int, store: dict
               first: int = 0, fuse: list | None = None) -> None:
     """Every candidate's test predictions on splits ``first`` ... ``splits`` - 1 of ``name`` not in ``store`` yet
     (saved as they come); with ``fuse``, on the fused rows (see ``pooled_maps``), as ``NAME+fused``."""
-    maps, labels, classes, n_train = pooled_maps(paths, fuse)
+    maps, labels, classes, n_train, blocks = pooled_maps(paths, fuse)
     suffix = "+fused" if fuse else ""
     n_test = len(labels) - n_train if len(paths) == 2 else HOLDOUT
     av = None
@@ -230,7 +246,7 @@ def run_proxy(name: str, paths: list, candidates: list, splits: int, store: dict
                 pred, choice = recipe_predict(cand, av[tr], labels[tr], av[te]), None
             else:  # fused rows: their own avg view, as FusedRows.head_config gives fit-head
                 pred, choice = fit_head_predict({**opts, **({"features": "avg"} if fuse else {})}, maps, labels,
-                                                classes, tr, te)
+                                                classes, tr, te, blocks)
             store[key] = {"acc": float((pred == labels[te]).mean()), "rows": int(len(te)),
                           "seconds": time.time() - t0, "choice": choice}
             print(f"{key}: {store[key]['acc']:.4f} ({store[key]['seconds']:.1f} s, {choice})", file=sys.stderr,

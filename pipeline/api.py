@@ -264,7 +264,8 @@ class Head(ClassifierMixin, BaseEstimator, FeatureHead, _Classifier):
             verbose: Optional[bool] = None) -> "Head":
         """Train on a Cache or cache file (None = the newest complete cache in cache_dir), on a list of
         caches of the same photos from other backbones (one head on their fused features: each cache's
-        view l2-normalised, side by side; predicting runs every backbone), or on arrays of cached features
+        view l2-normalised, side by side; predicting runs every backbone; the default head keeps one cache
+        alone where that wins its CV), or on arrays of cached features
         ``X`` with labels ``y``; returns self, fitted. ``verbose`` (default: the head's own) shows the
         progress bars and a line per epoch for this fit only."""
         several = isinstance(X, (list, tuple)) and bool(X) and all(isinstance(x, (Cache, str, os.PathLike)) for x in X)

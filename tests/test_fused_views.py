@@ -13,6 +13,7 @@ from pipeline.cli import cli
 from pipeline.errors import UsageError
 from pipeline.heads.cache_views import CacheViews, evaluate_head
 from pipeline.heads.fit_head import FitHeadConfig, fit_head
+from pipeline.reports.present import fit_head_text
 from pipeline.heads.fused_views import FusedRows, l2_rows
 from pipeline.models.predict import PredictConfig, predict
 from pipeline.models.whole_models import head_from_checkpoint, load_model, read_checkpoint
@@ -147,3 +148,38 @@ def test_a_fused_head_loads_each_backbones_recorded_weights_and_refuses_weights_
     torch.save(ckpt, tmp_path / "bad.pt")
     with pytest.raises(UsageError, match="field 'fused' must be a fused-features record"):
         load_model(tmp_path / "bad.pt")
+
+
+def _rows_written(cache, signal: float, seed: int) -> None:
+    """Replace a cache's features by seeded noise, plus ``signal`` on the channel of each row's class: rows that
+    say as much about the classes as one asks, whatever the tiny backbones made of the photos."""
+    import h5py
+
+    with h5py.File(cache, "r+") as f:
+        shape, labels = f["features"].shape, f["labels"][:]
+        rng = np.random.default_rng(seed)
+        rows = rng.normal(size=shape[:2])
+        rows[np.arange(len(labels)), labels] += signal
+        f["features"][...] = np.broadcast_to(rows[:, :, None, None], shape).astype(f["features"].dtype)
+
+
+def test_the_default_head_keeps_one_cache_alone_where_it_beats_the_fused_rows_by_cv(two_caches, tmp_path):
+    """A backbone whose rows say nothing must not dilute one that separates the classes: the default head
+    cross-validates the fused rows and each cache alone and keeps a alone (an ordinary one-backbone
+    checkpoint); an explicit head still fits the fused rows."""
+    a, b = two_caches
+    _rows_written(a, 2.0, 0)
+    _rows_written(b, 0.0, 1)
+    r = fit_head(FitHeadConfig(cache=[a, b], runs_dir=str(tmp_path / "runs")))
+    tried = {t["rows"]: t for t in r["tuning"]["fusion"]}
+    assert list(tried) == ["fused", "tiny", "tiny_wide"] and [t["chosen"] for t in tried.values()] == [0, 1, 0]
+    assert tried["tiny"]["cv_acc"] > tried["fused"]["cv_acc"] > tried["tiny_wide"]["cv_acc"]
+    assert r["caches"] == [a, b] and r["cache"] == a and r["cv_acc"] == tried["tiny"]["cv_acc"]
+    assert "fused features or one cache alone" in fit_head_text(r) and "; kept tiny\n" in fit_head_text(r)
+    ckpt = read_checkpoint(r["checkpoint"])
+    assert "fused" not in ckpt and ckpt["backbone"] == "tiny" and ckpt["cache"] == a
+    on_cache = pipeline.evaluate_model(r["checkpoint"], runs_dir=tmp_path / "runs")  # a's own validation rows
+    assert on_cache["rows"] == r["val_rows"]
+
+    explicit = fit_head(FitHeadConfig(cache=[a, b], head="logreg", runs_dir=str(tmp_path / "runs")))
+    assert read_checkpoint(explicit["checkpoint"])["in_shape"] == [14, 1, 1] and explicit["tuning"] is None

@@ -53,6 +53,11 @@ def fit_head_text(r: dict) -> str:
         t = r["tuning"]
         lines.append(f"{t['folds']}-fold CV on the training rows: acc {t['cv_acc']:.3f} ± {t['cv_acc_std']:.3f}, "
                      f"log-loss {t['cv_log_loss']:.4f}")
+    if r["tuning"] and r["tuning"].get("fusion"):
+        tried = r["tuning"]["fusion"]
+        lines.append("fused features or one cache alone, by CV acc / log-loss: "
+                     + ", ".join(f"{t['rows']} {t['cv_acc']:.3f} / {t['cv_log_loss']:.4f}" for t in tried)
+                     + f"; kept {next(t['rows'] for t in tried if t['chosen'])}")
     lines += trust_lines(r["trust"])
     if r["test"]:
         t = r["test"]
