@@ -83,3 +83,16 @@ def _progress_state_restored():
     before = progress.is_quiet()
     yield
     progress.set_quiet(before)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny problems: BLAS/torch thread pools only add contention on a shared 2-core machine (10x slower)."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(1):
+        yield
+    torch.set_num_threads(n)

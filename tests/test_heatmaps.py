@@ -22,16 +22,7 @@ SHAPE = (9, 6, 6)  # C, H, W
 CLASSES = ("a", "b", "c")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny problems: thread pools only add contention on a shared machine."""
-    from threadpoolctl import threadpool_limits
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def region_maps(n: int, seed: int = 0):

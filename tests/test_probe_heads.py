@@ -15,16 +15,7 @@ from pipeline.heads.sklearn_fits import fit_kernel, fit_logreg, resolve_gamma
 SHAPE = (4, 3, 3)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny problems: BLAS/torch thread pools only add contention on a shared 2-core machine (10x slower)."""
-    from threadpoolctl import threadpool_limits
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def maps(n=60, k=2, shape=SHAPE, seed=0, sep=1.5):
