@@ -18,7 +18,6 @@ import argparse
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,14 +26,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_serve import free_port, wait_healthy  # the same folder: the one way to start and wait for serve
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def huge_png(side: int, bits: int) -> bytes:
@@ -86,16 +80,7 @@ def attack(args) -> dict:
                                 cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         url = f"http://127.0.0.1:{port}"
         try:
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit("serve did not start")
-                time.sleep(0.2)
+            wait_healthy(url, proc)
             idle = rss_kb(proc.pid)
             data = huge_png(args.side, args.bits)
             samples, health, statuses, after = [], [], [], []

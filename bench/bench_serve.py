@@ -71,6 +71,26 @@ def start_server(model: str, port: int, args) -> subprocess.Popen:
     return proc
 
 
+def wait_healthy(url: str, proc: subprocess.Popen, seconds: float = 120) -> None:
+    """Until the service at ``url`` answers /health; SystemExit (with its log, when it keeps one) if it exits or
+    takes longer than ``seconds``."""
+    import httpx
+
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            log = getattr(proc, "log", None)
+            if log is not None:
+                log.seek(0)
+            raise SystemExit(f"serve did not start{': ' + log.read()[-2000:] if log is not None else ''}")
+        time.sleep(0.2)
+
+
 def run_serve(model: str, photos: list[str], args) -> dict:
     import httpx
 
@@ -78,17 +98,7 @@ def run_serve(model: str, photos: list[str], args) -> dict:
     url = f"http://127.0.0.1:{port}"
     proc = start_server(model, port, args)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.log.seek(0)
-                raise SystemExit(f"serve did not start: {proc.log.read()[-2000:]}")
-            time.sleep(0.2)
+        wait_healthy(url, proc)
         blobs = [Path(p).read_bytes() for p in photos]
         with httpx.Client() as c:  # warm-up: the first forward pass allocates
             c.post(f"{url}/predict", files=[("files", ("warm.jpg", blobs[0], "image/jpeg"))], timeout=60)

@@ -191,8 +191,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_sigterm_answers_the_request_in_flight_then_exits(head):
+def predict_then_sigterm(url: str, proc: subprocess.Popen, photo, after: float):
+    """The answer to a /predict of ``photo`` sent now, with SIGTERM sent to the service ``after`` seconds in."""
     import httpx
+
+    answer = {}
+    t = threading.Thread(target=lambda: answer.update(r=httpx.post(f"{url}/predict", timeout=30, files=upload(photo))))
+    t.start()
+    time.sleep(after)
+    proc.send_signal(signal.SIGTERM)
+    t.join(30)
+    return answer["r"]
+
+
+def test_sigterm_answers_the_request_in_flight_then_exits(head):
 
     port = _free_port()
     # a lone image waits max_wait_ms (1.5 s) for company in the batcher: SIGTERM comes while it waits
@@ -202,14 +214,8 @@ def test_sigterm_answers_the_request_in_flight_then_exits(head):
     try:
         url = f"http://127.0.0.1:{port}"
         wait_healthy(url, proc)
-        answer = {}
-        t = threading.Thread(target=lambda: answer.update(r=httpx.post(f"{url}/predict", timeout=30,
-                                                                          files=upload(photos(head)[0]))))
-        t.start()
-        time.sleep(0.4)
-        proc.send_signal(signal.SIGTERM)
-        t.join(30)
-        assert answer["r"].status_code == 200 and answer["r"].json()[0]["class"]
+        r = predict_then_sigterm(url, proc, photos(head)[0], after=0.4)
+        assert r.status_code == 200 and r.json()[0]["class"]
         assert proc.wait(30) == 0
     finally:
         if proc.poll() is None:
@@ -221,7 +227,6 @@ def test_past_drain_seconds_a_request_in_flight_gets_a_clean_503(head):
     """It got a 500, and the log a traceback a request (uvicorn cancelling it). Port 0: the log says the real one."""
     import re
 
-    import httpx
 
     # the lone image waits 1 s for company; SIGTERM 0.3 s in, --drain-seconds 0.2: not done in time
     proc = subprocess.Popen([sys.executable, *CLI, "serve", "--model", str(head), "--port", "0", "--max-wait-ms",
@@ -236,14 +241,8 @@ def test_past_drain_seconds_a_request_in_flight_gets_a_clean_503(head):
         assert port != 0
         url = f"http://127.0.0.1:{port}"
         wait_healthy(url, proc)
-        answer = {}
-        t = threading.Thread(target=lambda: answer.update(r=httpx.post(f"{url}/predict", timeout=30,
-                                                                          files=upload(photos(head)[0]))))
-        t.start()
-        time.sleep(0.3)
-        proc.send_signal(signal.SIGTERM)
-        t.join(30)
-        assert answer["r"].status_code == 503 and "--drain-seconds" in answer["r"].json()["detail"]
+        r = predict_then_sigterm(url, proc, photos(head)[0], after=0.3)
+        assert r.status_code == 503 and "--drain-seconds" in r.json()["detail"]
         assert proc.wait(30) == 0
         log = proc.stdout.read()
         assert "Traceback" not in log and "Exception in ASGI" not in log, log
