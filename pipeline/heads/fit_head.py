@@ -343,17 +343,25 @@ class FittedHead:
     trust: dict = None  # the temperature and the unknown score's threshold, with what they were fitted on
 
 
-def fit_on_rows(cfg: FitHeadConfig, rows, train_idx: np.ndarray, val_idx: np.ndarray, device) -> FittedHead:
-    """Fit the head ``cfg`` asks for on ``train_idx`` of ``rows`` (a ``FeatureCache`` or a ``FeatureArray``)
-    and score it on ``val_idx``: the same code whether the rows come from a cache file or from arrays."""
+def _checked_view(cfg: FitHeadConfig, rows) -> None:
     if not cfg.tune:
         try:
             check_view(cfg.features, rows.feature_shape)
         except ValueError as e:
             raise UsageError(f"--features: {e}") from None
+
+
+def fit_on_rows(cfg: FitHeadConfig, rows, train_idx: np.ndarray, val_idx: np.ndarray, device,
+                tuned: Optional[tuple] = None) -> FittedHead:
+    """Fit the head ``cfg`` asks for on ``train_idx`` of ``rows`` (a ``FeatureCache`` or a ``FeatureArray``)
+    and score it on ``val_idx``: the same code whether the rows come from a cache file or from arrays.
+    ``tuned``: ``_tune``'s result on these rows when the caller already cross-validated them."""
+    _checked_view(cfg, rows)
     t0 = time.time()
     tuning, history, info, oof = None, [], {}, None
-    if cfg.tune or cfg.head == "auto":
+    if tuned is not None:
+        head, info, tuning, oof = tuned
+    elif cfg.tune or cfg.head == "auto":
         head, info, tuning, oof = _tune(cfg, rows, train_idx)
     elif cfg.head == "linear":
         head, history = _fit_linear(cfg, rows, train_idx, val_idx, device)
@@ -385,24 +393,26 @@ def fit_fused_or_alone(cfg: FitHeadConfig, fused, parts: list, device, fused_cfg
     and keeps the fusion where the two disagree (measured on paired splits of four proxies,
     docs/backbones.md). Another head (--head, --tune) is fitted on the fused rows as asked."""
     train_idx, val_idx = split_indices(fused.labels, cfg.val_fraction, cfg.seed)
-    best = (fit_on_rows(fused_cfg, fused, train_idx, val_idx, device), fused, train_idx, val_idx)
     if cfg.tune or cfg.head != "auto":
-        return best
-    tried = [best]
-    for part in parts:
-        tr, va = split_indices(part.labels, cfg.val_fraction, cfg.seed)
-        tried.append((fit_on_rows(cfg, part, tr, va, device), part, tr, va))
-    best = max(tried, key=lambda t: (t[0].tuning["cv_acc"], -t[0].tuning["cv_log_loss"]))  # the first on a tie
-    fit = best[0]
-    fit.fit_seconds = sum(t[0].fit_seconds for t in tried)
+        return fit_on_rows(fused_cfg, fused, train_idx, val_idx, device), fused, train_idx, val_idx
+    t0 = time.time()
+    tried = []  # (the cross-validated choice, its config, rows, train_idx, val_idx): only the winner is refitted
+    for part_cfg, rows in [(fused_cfg, fused), *((cfg, part) for part in parts)]:
+        tr, va = (train_idx, val_idx) if rows is fused else split_indices(rows.labels, cfg.val_fraction, cfg.seed)
+        _checked_view(part_cfg, rows)
+        tried.append((_tune(part_cfg, rows, tr), part_cfg, rows, tr, va))
+    best = max(tried, key=lambda t: (t[0][2]["cv_acc"], -t[0][2]["cv_log_loss"]))  # the first on a tie
+    tuned, best_cfg, best_rows, tr, va = best
+    fit = fit_on_rows(best_cfg, best_rows, tr, va, device, tuned=tuned)
+    fit.fit_seconds = time.time() - t0
     fit.tuning["fusion"] = [{"rows": "fused" if k == 0 else getattr(rows, "attrs", {}).get("backbone", f"part {k}"),
-                             "cache": str(getattr(rows, "path", "")), "cv_acc": f.tuning["cv_acc"],
-                             "cv_log_loss": f.tuning["cv_log_loss"], "chosen": rows is best[1]}
-                            for k, (f, rows, _, _) in enumerate(tried)]
+                             "cache": str(getattr(rows, "path", "")), "cv_acc": t[2]["cv_acc"],
+                             "cv_log_loss": t[2]["cv_log_loss"], "chosen": rows is best_rows}
+                            for k, (t, _, rows, _, _) in enumerate(tried)]
     log.info("fused features or one cache alone, by %d-fold CV (acc / log-loss): %s; keeping %s", cfg.folds,
              ", ".join(f"{r['rows']} {r['cv_acc']:.3f} / {r['cv_log_loss']:.4f}" for r in fit.tuning["fusion"]),
              next(r["rows"] for r in fit.tuning["fusion"] if r["chosen"]))
-    return best
+    return fit, best_rows, tr, va
 
 
 def _oof_setting(cfg: FitHeadConfig, tuning: Optional[dict]) -> Optional[dict]:
