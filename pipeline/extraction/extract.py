@@ -106,7 +106,8 @@ def one_offs_paid(cfg: ExtractConfig, listing: ImageFolderListing) -> bool:
     if cfg.precision != "auto" or not package_version("torchao"):
         return False
     identity = calibration_identity(calibration_listing(cfg.calib_data, listing), cfg.seed, cfg.calib_n)
-    return has_calibration(oneoffs_dir(cfg.cache_dir), request_key(identity, cfg.backbone, weights_identity(cfg)))
+    request = request_key(identity, cfg.backbone, bb.weights_identity(cfg.weights))
+    return has_calibration(oneoffs_dir(cfg.cache_dir), request)
 
 
 def prefers_float(cfg: ExtractConfig) -> bool:
@@ -115,11 +116,6 @@ def prefers_float(cfg: ExtractConfig) -> bool:
     compile 23.3 img/s after 104 s of calibration and compiling, bf16 21.9 eager and 30.4 compiled; so
     bf16, compiled from ``COMPILE_MIN_IMAGES_DEPTHWISE`` images."""
     return bb.has_depthwise(bb.bare_features(cfg.backbone, "meta"))
-
-
-def weights_identity(cfg: ExtractConfig) -> dict:
-    """What names the weights, without loading them: a torchvision name, or a file's hash + sidecar."""
-    return bb.weights_identity(cfg.weights)
 
 
 def cache_key(cfg: ExtractConfig, listing: ImageFolderListing) -> str:
@@ -133,7 +129,7 @@ def cache_key(cfg: ExtractConfig, listing: ImageFolderListing) -> str:
 
     int8 = cfg.precision == "int8"
     return fingerprint({
-        "format": 1, "data": listing.fingerprint(), "backbone": cfg.backbone, **weights_identity(cfg),
+        "format": 1, "data": listing.fingerprint(), "backbone": cfg.backbone, **bb.weights_identity(cfg.weights),
         "n": cfg.n, "seed": cfg.seed, "dtype": cfg.dtype, "precision": cfg.precision, "pool": cfg.pool,
         "torchvision": package_version("torchvision"),
         # how files become pixels (PIL's reduced decoding of large JPEGs; another decoder): other pixels

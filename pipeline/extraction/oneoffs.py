@@ -28,6 +28,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
+from ..cache.feature_cache import fingerprint
+from ..data.image_reader import file_digest
+
 log = logging.getLogger(__name__)
 
 #: where the one-offs go when neither the environment nor the command says (extract's default --cache-dir)
@@ -52,16 +55,14 @@ def weights_digest(net) -> str:
 
 def calibration_key(identity: dict, backbone: str, features, preprocessing: dict) -> str:
     """What decides a calibrated int8 network, as one fingerprint."""
-    blob = json.dumps({"calibration": identity, "backbone": backbone, "weights": weights_digest(features),
-                       "preprocessing": preprocessing}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+    return fingerprint({"calibration": identity, "backbone": backbone, "weights": weights_digest(features),
+                        "preprocessing": preprocessing})[:32]
 
 
 def request_key(identity: dict, backbone: str, weights: dict) -> str:
     """The calibration as a request names it (no torch, no weights loaded): ``--precision auto`` asks
     ``has_calibration`` whether the one-offs are paid; reusing one still checks the full ``calibration_key``."""
-    blob = json.dumps({"calibration": identity, "backbone": backbone, "weights": weights}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+    return fingerprint({"calibration": identity, "backbone": backbone, "weights": weights})[:32]
 
 
 def has_calibration(folder: Path, request: str) -> bool:
@@ -73,10 +74,6 @@ def has_calibration(folder: Path, request: str) -> bool:
         except (OSError, ValueError, AttributeError):
             continue
     return False
-
-
-def _file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def stored_calibration(folder: Path, key: str, root: str) -> Optional[tuple[dict, dict]]:
@@ -91,7 +88,7 @@ def stored_calibration(folder: Path, key: str, root: str) -> Optional[tuple[dict
         record = json.loads(record_file.read_text())
         observers = torch.load(entry, weights_only=True, map_location="cpu")
         changed = [p for p, digest in record["digests"].items()
-                   if not (Path(root) / p).is_file() or _file_sha256(Path(root) / p) != digest]
+                   if file_digest(Path(root) / p) != digest]  # '' for a photo gone or unreadable
     except (OSError, ValueError, KeyError, RuntimeError, TypeError, EOFError, pickle.UnpicklingError) as e:
         log.warning("the stored int8 calibration %s is unreadable (%s); calibrating again", entry, e)
         return None
@@ -112,7 +109,7 @@ def store_calibration(folder: Path, key: str, observers: dict, calibration: dict
     target = folder / "int8"
     try:
         target.mkdir(parents=True, exist_ok=True)
-        digests = {p: _file_sha256(Path(root) / p) for p in calibration.get("images", [])}
+        digests = {p: file_digest(Path(root) / p) for p in calibration.get("images", [])}
         atomic_write(target / f"{key}.pt", lambda tmp: torch.save({k: v.contiguous() for k, v in observers.items()},
                                                                     tmp))
         atomic_write(target / f"{key}.json", lambda tmp: tmp.write_text(json.dumps(
@@ -147,5 +144,4 @@ def compiled_signature(net, batch: int, sample) -> str:
     import torch
 
     code = getattr(net, "code", "") if isinstance(getattr(net, "code", ""), str) else ""
-    blob = json.dumps([repr(net), code, batch, list(sample.shape[1:]), str(sample.dtype), torch.__version__])
-    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+    return fingerprint([repr(net), code, batch, list(sample.shape[1:]), str(sample.dtype), torch.__version__])[:32]
