@@ -260,20 +260,24 @@ class FeatureHead:
         from ..heads.cache_views import array_scores
 
         self._check_fitted()
-        X = check_array(X, allow_nd=True, dtype=(np.float64, np.float32))
-        if int(np.prod(X.shape[1:])) != self.n_features_in_:
-            raise ValueError(f"X has {int(np.prod(X.shape[1:]))} features, but Head is expecting "
-                             f"{self.n_features_in_} features as input (cached maps of shape {self.feature_shape_})")
+        X = self._checked_features(check_array(X, allow_nd=True, dtype=(np.float64, np.float32)))
         dev = resolve_device(device or self.device)
         return array_scores(self._feature_head(dev), X, self.feature_shape_, dev, max(batch_size, 256))
 
-    def _feature_head(self, dev):
-        """The head alone, on ``dev``: the one fitted in memory, or its checkpoint's."""
+    def _checked_features(self, X: np.ndarray) -> np.ndarray:
+        """``X`` when its rows have as many features as the head's cached maps, else ValueError (as sklearn's)."""
+        if int(np.prod(X.shape[1:])) != self.n_features_in_:
+            raise ValueError(f"X has {int(np.prod(X.shape[1:]))} features, but Head is expecting "
+                             f"{self.n_features_in_} features as input (cached maps of shape {self.feature_shape_})")
+        return X
+
+    def _feature_head(self, dev, ckpt: Optional[dict] = None):
+        """The head alone, on ``dev``: the one fitted in memory, or its checkpoint's (``ckpt`` when read already)."""
         from .whole_models import head_from_checkpoint
 
         if self._head is not None:
             return self._head.to(dev).eval()
-        ckpt = self._read(self._checkpoint())
+        ckpt = ckpt or self._read(self._checkpoint())
         return head_from_checkpoint(ckpt, ckpt["state_dict"], self._checkpoint()).to(dev).eval()
 
     def explain(self, X, *, batch_size: int = 32, workers: Optional[int] = None, device: Optional[str] = None,
@@ -295,10 +299,7 @@ class FeatureHead:
         from ..heads.heatmaps import check_spatial, head_maps
 
         self._check_fitted()
-        X = np.asarray(X)
-        if int(np.prod(X.shape[1:])) != self.n_features_in_:
-            raise ValueError(f"X has {int(np.prod(X.shape[1:]))} features, but Head is expecting "
-                             f"{self.n_features_in_} features as input (cached maps of shape {self.feature_shape_})")
+        X = self._checked_features(np.asarray(X))
         check_spatial(self.feature_shape_, "this head's cache")
         head = self._feature_head(resolve_device(device or self.device))
         return head_maps(head, X.reshape(len(X), *self.feature_shape_), batch_size=batch_size)[1]
@@ -314,7 +315,7 @@ class FeatureHead:
         with FeatureCache(os.fspath(cache)) as rows:
             check_spatial(rows.feature_shape, f"cache {rows.path}")
             check_cache_fits(ckpt, rows)
-            head = self._feature_head(resolve_device(device or self.device))
+            head = self._feature_head(resolve_device(device or self.device), ckpt)
             return cache_head_maps(head, rows, np.arange(rows.n), batch_size)
 
 
