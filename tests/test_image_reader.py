@@ -98,7 +98,7 @@ def test_the_dataset_drafts_with_its_transform(big_jpeg, monkeypatch):
 def test_in_turns_gives_what_worker_processes_give_and_decodes_only_when_asked(tmp_path, monkeypatch):
     import torch
 
-    from pipeline.data.image_reader import read_in_turns, read_items
+    from pipeline.data.image_reader import CpuReader, read_items
 
     for i in range(7):
         Image.fromarray(photo_like(50, 40, seed=i)).save(tmp_path / f"{i}.jpg", quality=90)
@@ -114,7 +114,7 @@ def test_in_turns_gives_what_worker_processes_give_and_decodes_only_when_asked(t
     decoded = []
     real = ImageListDataset.__getitem__
     monkeypatch.setattr(ImageListDataset, "__getitem__", lambda self, i: decoded.append(i) or real(self, i))
-    turns = read_in_turns(ds, 2, chunk=3)
+    turns = CpuReader(ds, 2, 3, mode="turns")
     assert decoded == []  # nothing before the first item is asked for
     next(turns)
     assert sorted(decoded) == [0, 1, 2]  # one chunk, while the network waits; not the whole folder

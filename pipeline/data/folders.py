@@ -376,7 +376,7 @@ def decode_stream(fp, min_short_side: int | None = None, max_pixels: int = MAX_I
             Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
             with Image.open(fp) as im:
                 # checked here too, not only by PIL's warning: warning filters are process-wide, so a thread
-                # decoding beside others (data.image_reader.read_in_turns) may run without the one above
+                # decoding beside others (data.image_reader.CpuReader) may run without the one above
                 if im.width * im.height > MAX_IMAGE_PIXELS:
                     raise ImageLoadError(f"decompression bomb: {im.width} x {im.height} pixels, more than "
                                          f"PIL's limit of {MAX_IMAGE_PIXELS}", "decompression-bomb")

@@ -159,12 +159,6 @@ def read_items(dataset: ImageListDataset, workers: int, device=None, chunk: int 
     return iter_items(item_loader(dataset, resolve_workers(workers)))
 
 
-def read_in_turns(dataset: ImageListDataset, threads: int, chunk: int) -> Iterator[Item]:
-    """The dataset's Items in order, ``chunk`` at a time, decoded by ``threads`` threads of this process
-    (PIL and hashlib release the GIL) only once the previous chunk has been taken (``CpuReader``'s 'turns')."""
-    return CpuReader(dataset, threads, chunk, mode="turns")
-
-
 #: ``CpuReader`` tries decoding beside the network only when decoding in turns takes at least this share of
 #: a batch's time: beside it can at best hide that share, and trying costs a few batches.
 PROBE_FROM_SHARE = 0.05
