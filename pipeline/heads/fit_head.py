@@ -32,7 +32,7 @@ import torch
 
 from ..cache.feature_cache import FeatureCache, newest_cache, read_int8_observers, source_changes
 from ..cache.provenance import Provenance
-from ..config import RECIPES, FitHeadConfig
+from ..config import FitHeadConfig
 from ..devices import resolve_device
 from ..errors import UsageError
 from ..files import check_output
@@ -66,8 +66,6 @@ log = logging.getLogger(__name__)
 
 def with_recipe(cfg: FitHeadConfig) -> FitHeadConfig:
     """``--recipe seed``: the tutorial's head exactly (flat 25,088-vector scaled by 1/RMS, Adam 0.01, 10 epochs)."""
-    if cfg.recipe not in RECIPES:
-        raise UsageError(f"unknown --recipe {cfg.recipe!r}; allowed: {', '.join(RECIPES)}")
     if cfg.recipe == "seed":
         return replace(cfg, head="linear", features="flat", normalize="rms", epochs=10, patience=0, lr=0.01,
                        weight_decay=0.0, tune=False)
@@ -444,8 +442,8 @@ def calibration_rows(cfg: FitHeadConfig, rows, val: dict, train_idx, tuning, oof
 def fit_head(cfg: FitHeadConfig) -> dict:
     """Fit the head on the cache's train split; returns metrics (val, and test if asked) and where outputs went."""
 
+    validate(cfg)  # the options as given (--recipe among them), then the recipe's settings
     cfg = with_recipe(cfg)
-    validate(cfg)
     fused = named = fused_paths(cfg.cache)  # several caches: one head on their fused views (heads/fused_views.py)
     path, default_cache = (Path(fused[0]), None) if fused else resolve_cache(single_cache(cfg.cache), cfg.cache_dir)
     device = resolve_device(cfg.device)

@@ -237,8 +237,8 @@ class FeatureHead:
         if len(labels) < 2:
             raise ValueError(f"a classifier needs at least 2 classes; y has 1 class ({labels[0]!r})")
         rows = FeatureArray(X, y_idx, [str(c) for c in labels])
-        cfg = with_recipe(cfg)
         validate(cfg)
+        cfg = with_recipe(cfg)
         device = resolve_device(cfg.device)
         train_idx, val_idx = split_indices(y_idx, cfg.val_fraction, cfg.seed)
         fit = fit_on_rows(cfg, rows, train_idx, val_idx, device)
