@@ -40,12 +40,9 @@ SAME_LAYOUT = 0.65
 def layout_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """For pairs of maps ``a[n]``, ``b[n]`` ((N, C, H, W)): the cosine similarity of the whole maps, cell by
     cell, or of ``a`` and ``b`` mirrored left to right if that is higher (a mirror image is a copy too)."""
-    a = np.asarray(a, np.float32).reshape(len(a), -1)
-    b = np.asarray(b, np.float32)
-    flat, mirrored = b.reshape(len(b), -1), b[..., ::-1].reshape(len(b), -1)
-    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
-    out = [(a * (m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12))).sum(1) for m in (flat, mirrored)]
-    return np.maximum(*out)
+    a, b = l2_rows(np.asarray(a).reshape(len(a), -1)), np.asarray(b)
+    flat, mirrored = (l2_rows(m.reshape(len(b), -1)) for m in (b, b[..., ::-1]))
+    return np.maximum((a * flat).sum(1), (a * mirrored).sum(1))
 
 
 def has_layout(feature_shape) -> bool:

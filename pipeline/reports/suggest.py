@@ -171,9 +171,9 @@ def suggest(cfg: SuggestConfig) -> SuggestResult:
     seconds["head"] = time.time() - t
     t = time.time()
     keep = np.flatnonzero(fresh)  # a photo the labelled folder holds already teaches nothing
-    order = keep[rank_pool(pooled_rows_np(pool_avg[keep]), pooled_rows_np(avg), proba[keep], cfg.k, cfg.rule,
-                           cfg.seed)]
-    dist = nearest_distance(pooled_rows_np(pool_avg[order]), pooled_rows_np(avg))
+    labelled = pooled_rows_np(avg)
+    order = keep[rank_pool(pooled_rows_np(pool_avg[keep]), labelled, proba[keep], cfg.k, cfg.rule, cfg.seed)]
+    dist = nearest_distance(pooled_rows_np(pool_avg[order]), labelled)
     u = uncertainty(proba[order])
     rows = [{"rank": r + 1, "path": paths[i], "predicted": classes[int(proba[i].argmax())],
              "probability": round(float(proba[i].max()), 4), "uncertainty": round(float(u[r]), 4),
