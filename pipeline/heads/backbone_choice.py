@@ -273,6 +273,9 @@ def recommendation(choice: BackboneChoice, best: Candidate, fastest: Candidate) 
     lines = [f"best: {best.name}, {100 * best.acc:.1f} ± {100 * best.acc_se:.1f} % cross-validated accuracy on "
              f"{choice.rows} photos (one photo = {one:.2f} points)."]
     others = [n for n in choice.indistinguishable if n != best.name]
+    if len(choice.candidates) == 1:
+        lines.append("The only candidate: name two or more (--backbone again) to compare them.")
+        return " ".join(lines)
     if not others:
         lines.append(f"Every other candidate scores lower by more than {NOISE_SES:g} standard errors of the paired "
                      f"difference: use {best.name}.")
