@@ -391,7 +391,8 @@ class FitHeadConfig(SplitOptions, TrustOptions, DeviceOptions):
             "same photos from other backbones: one head on their fused features "
             "([choose-backbone.md](choose-backbone.md#fused-features))")))
     cache_dir: str = field(default="features", metadata=option(
-        "Folder of feature caches.", doc="where to look for the newest cache (and where `--test-data`'s cache goes)"))
+        "Folder of feature caches.",
+        doc="where to look for the newest cache (`--test-data`'s cache goes beside the cache fitted on)"))
     head: str = field(default="auto", metadata=option(
         "auto: the exact RBF SVM or logistic regression, kind and C by k-fold CV; linear: Adam with early stopping; "
         "logreg: scikit-learn LogisticRegression; kernel: an RBF (Nystroem) map + logreg; svm: the exact RBF SVM "
