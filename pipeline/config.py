@@ -433,7 +433,7 @@ class FitHeadConfig(SplitOptions, TrustOptions, DeviceOptions):
             "auto, `--tune`: once scored on the validation split, fit the chosen setting again on every row (the "
             "validation rows too; `evaluate`'s val split then scores rows the saved head saw: fit-head's own val "
             "figures come from the fit without them)")))
-    folds: int = field(default=5, metadata=option("auto, --tune: folds.", range=POSITIVE,
+    folds: int = field(default=5, metadata=option("auto, --tune: folds.", range="[2, inf)",
                                                   doc="auto, `--tune`: stratified cross-validation folds"))
     test_data: Optional[str] = field(default=None, metadata=TEST_DATA)
     test_cache: Optional[str] = field(default=None, metadata=TEST_CACHE)

@@ -193,6 +193,17 @@ def test_tune_on_a_pooled_cache_leaves_out_the_views_it_cannot_give(make_cache, 
     assert {row["key"].split("|")[1] for row in r["tuning"]["table"]} == {"avg"}
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--head", "svm", "--gamma", "nan"], "--gamma must be a positive number"),  # was scikit-learn's own message
+    (["--head", "svm", "--gamma", "-2*scale"], "got '-2*scale'"),  # was 'got -3.71', a number never typed
+    (["--gamma", "abc"], "--gamma must be a positive number"),  # the default head ignored it silently
+    (["--folds", "1"], "--folds must be at least 2, got 1"),  # was '1-fold CV needs 2 rows; the smallest has 12'
+])
+def test_gamma_and_folds_are_checked_as_given_before_any_work(cache, tmp_path, args, message):
+    run = CliRunner().invoke(cli, ["fit-head", "--cache", str(cache), "--runs-dir", str(tmp_path / "runs"), *args])
+    assert run.exit_code == 2 and message in run.output and not (tmp_path / "runs").exists(), run.output
+
+
 @pytest.mark.parametrize("option", [{"lr": 1e38}, {"weight_decay": 1e300}, {"C": 1e300}, {"lr": 0.0}])
 def test_rates_out_of_range_are_usage_errors_naming_the_range(cache, tmp_path, option):
     (name, value), = option.items()

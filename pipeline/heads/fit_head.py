@@ -59,6 +59,7 @@ from .model_selection import (
     tune,
 )
 from .probe_heads import ProbeHead
+from .sklearn_fits import parse_gamma
 from .trust import fit_trust
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,10 @@ def with_recipe(cfg: FitHeadConfig) -> FitHeadConfig:
 
 def validate(cfg: FitHeadConfig) -> None:
     validate_training(cfg, data=((cfg.test_data, "--test-data"),))
+    try:
+        parse_gamma(cfg.gamma)  # checked as given, before any work (and whichever head uses it)
+    except ValueError as e:
+        raise UsageError(f"--{e}") from None
     if cfg.test_data and cfg.test_cache:
         raise UsageError("pass --test-data or --test-cache, not both")
     if fused_paths(cfg.cache) and cfg.test_cache:
