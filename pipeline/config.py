@@ -145,15 +145,16 @@ def describe_range(text: str, integer: bool) -> str:
 
 def check_value(opt: Option, value, name: str, integer: bool = False) -> None:
     """A UsageError naming ``name`` (``--lr`` or ``lr``, the caller's terms) when ``value`` is outside the
-    option's choices or range. None passes (an optional value left to its default)."""
-    if value is None or isinstance(value, bool):
+    option's choices or range. None passes (an optional value left to its default); True and False are no
+    number (``n=True`` was taken for 1 and named a cache 'nTrue')."""
+    if value is None:
         return
     for v in value if isinstance(value, (list, tuple)) else [value]:
         if opt.choices is not None and v not in opt.choices:
             raise UsageError(f"unknown {name} {v!r}; allowed: {', '.join(map(str, opt.choices))}")
         if opt.range is None:
             continue
-        if not isinstance(v, numbers.Integral if integer else numbers.Real):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral if integer else numbers.Real):
             raise UsageError(f"{name} must be a {'whole ' if integer else ''}number, got {v!r}")
         lo, hi, lo_open, hi_open = _interval(opt.range)
         inside = (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)
