@@ -177,8 +177,14 @@ def _cv_rows(cfg: FitHeadConfig, labels: np.ndarray, train_idx: np.ndarray) -> n
     search over 25,000 rows would take minutes); the winner is fitted on every training row."""
     if len(train_idx) <= cfg.kernel_components:
         return train_idx
-    keep = split_indices(labels[train_idx], 1 - cfg.kernel_components / len(train_idx), cfg.seed)[0]
-    return train_idx[keep]
+    keep = train_idx[split_indices(labels[train_idx], 1 - cfg.kernel_components / len(train_idx), cfg.seed)[0]]
+    n = int(labels.max()) + 1
+    sampled, whole = np.bincount(labels[keep], minlength=n), np.bincount(labels[train_idx], minlength=n)
+    if sampled.min() < cfg.folds <= whole[sampled.argmin()]:  # the sample, not the folder, is too small
+        raise UsageError(f"--kernel-components {cfg.kernel_components}: the cross-validation sample of that many "
+                         f"training rows holds {sampled.min()} of a class; {cfg.folds}-fold CV needs {cfg.folds} "
+                         f"of each (raise --kernel-components, or lower --folds)")
+    return keep
 
 
 def _default_unless_beaten(cfg: FitHeadConfig, shape, result: dict) -> dict:
