@@ -333,6 +333,23 @@ def load_rgb(path: str | os.PathLike, min_short_side: int | None = None):
     return decode_image(path, min_short_side)[1]
 
 
+def check_size(size, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
+    """ImageLoadError when an image of ``size`` (from a file's header, or a PIL image given in memory) is empty,
+    has more pixels than allowed, or is too thin to resize safely: the checks before any pixel is decoded or
+    resized."""
+    w, h = size
+    if w * h == 0:
+        raise ImageLoadError(f"{w} x {h} pixels: an empty image", "unreadable")
+    # checked here too, not only by PIL's warning: warning filters are process-wide, so a thread
+    # decoding beside others (data.image_reader.CpuReader) may run without the one in decode_stream
+    if w * h > MAX_IMAGE_PIXELS:
+        raise ImageLoadError(f"decompression bomb: {w} x {h} pixels, more than PIL's limit of {MAX_IMAGE_PIXELS}",
+                             "decompression-bomb")
+    if w * h > max_pixels:
+        raise ImageLoadError(f"{w} x {h} pixels: more than the {max_pixels} allowed", "too-many-pixels")
+    check_aspect(size)
+
+
 def check_aspect(size) -> None:
     """ImageLoadError when an image of ``size`` (from its header) is too thin to resize safely."""
     w, h = size
@@ -381,15 +398,7 @@ def decode_stream(fp, min_short_side: int | None = None, max_pixels: int = MAX_I
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
             with Image.open(fp) as im:
-                # checked here too, not only by PIL's warning: warning filters are process-wide, so a thread
-                # decoding beside others (data.image_reader.CpuReader) may run without the one above
-                if im.width * im.height > MAX_IMAGE_PIXELS:
-                    raise ImageLoadError(f"decompression bomb: {im.width} x {im.height} pixels, more than "
-                                         f"PIL's limit of {MAX_IMAGE_PIXELS}", "decompression-bomb")
-                if im.width * im.height > max_pixels:
-                    raise ImageLoadError(f"{im.width} x {im.height} pixels: more than the {max_pixels} allowed",
-                                         "too-many-pixels")
-                check_aspect(im.size)
+                check_size(im.size, max_pixels)
                 jpeg_draft(im, min_short_side)
                 im.load()
                 return im, to_rgb(im)
