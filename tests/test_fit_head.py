@@ -207,6 +207,15 @@ def test_gamma_and_folds_are_checked_as_given_before_any_work(cache, tmp_path, a
     assert run.exit_code == 2 and message in run.output and not (tmp_path / "runs").exists(), run.output
 
 
+def test_a_test_folder_of_other_classes_is_refused_before_any_fit_or_extraction(cache, tmp_path):
+    test = make_image_folder(tmp_path / "t", per_class=3, classes=("blue", "green"))
+    before = sorted((tmp_path / "features").iterdir())
+    run = CliRunner().invoke(cli, ["fit-head", "--cache", str(cache), "--test-data", str(test),
+                                   "--runs-dir", str(tmp_path / "runs")])
+    assert run.exit_code == 2 and "(missing: red; unknown: green)" in run.output, run.output
+    assert not (tmp_path / "runs").exists() and sorted((tmp_path / "features").iterdir()) == before
+
+
 @pytest.mark.parametrize("option", [{"lr": 1e38}, {"weight_decay": 1e300}, {"C": 1e300}, {"lr": 0.0}])
 def test_rates_out_of_range_are_usage_errors_naming_the_range(cache, tmp_path, option):
     (name, value), = option.items()

@@ -304,9 +304,26 @@ def default_head_on_rows(rows, labels: np.ndarray, n_classes: int, in_shape, cfg
 
 
 # -- testing on photos the head never saw -----------------------------------------------------------
+def check_test_classes(test_data: Optional[str], classes) -> None:
+    """A ``--test-data`` folder of other class folders than the head's, refused before anything is fitted or
+    extracted, naming the classes missing and unknown (it was refused after both, as a cache 'made differently'
+    with the advice to extract it with the training cache's network)."""
+    if not test_data:
+        return
+    from ..data.folders import list_image_folder
+
+    theirs, ours = list_image_folder(test_data, min_classes=1).classes, list(classes)
+    if list(theirs) != ours:
+        missing, unknown = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
+        why = "; ".join(f"{k}: {', '.join(v)}" for k, v in (("missing", missing), ("unknown", unknown)) if v)
+        raise UsageError(f"--test-data {test_data!r} has the classes {', '.join(theirs)}, the head's are "
+                         f"{', '.join(ours)} ({why}): a test folder holds the same class folders")
+
+
 def test_cache_for(cfg: FitHeadConfig, cache: FeatureCache) -> Path:
     """The cache of ``--test-data`` (extracted like ``cache``, reused next time) or ``--test-cache``, checked."""
 
+    check_test_classes(cfg.test_data, cache.classes)
     if cfg.test_data:
         from ..extraction.extract import ExtractConfig, extract
 
@@ -461,6 +478,7 @@ def fit_head(cfg: FitHeadConfig) -> dict:
     with (FusedRows(fused, cfg.features, cfg.block_rows) if fused else FeatureCache(path)) as cache:
         check_output(cfg.runs_dir, data=[(cache.attrs["data_root"], f"the photos of the cache {path}")],
                      what="--runs-dir", folder=True)
+        check_test_classes(cfg.test_data, cache.classes)  # before the fit, not after it
         changed = source_changes(cache.info)
         if changed:
             log.warning("%s: %s", path, changed)
