@@ -145,15 +145,16 @@ def describe_range(text: str, integer: bool) -> str:
 
 def check_value(opt: Option, value, name: str, integer: bool = False) -> None:
     """A UsageError naming ``name`` (``--lr`` or ``lr``, the caller's terms) when ``value`` is outside the
-    option's choices or range. None passes (an optional value left to its default)."""
-    if value is None or isinstance(value, bool):
+    option's choices or range. None passes (an optional value left to its default); True and False are no
+    number (``n=True`` was taken for 1 and named a cache 'nTrue')."""
+    if value is None:
         return
     for v in value if isinstance(value, (list, tuple)) else [value]:
         if opt.choices is not None and v not in opt.choices:
             raise UsageError(f"unknown {name} {v!r}; allowed: {', '.join(map(str, opt.choices))}")
         if opt.range is None:
             continue
-        if not isinstance(v, numbers.Integral if integer else numbers.Real):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral if integer else numbers.Real):
             raise UsageError(f"{name} must be a {'whole ' if integer else ''}number, got {v!r}")
         lo, hi, lo_open, hi_open = _interval(opt.range)
         inside = (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)
@@ -391,7 +392,8 @@ class FitHeadConfig(SplitOptions, TrustOptions, DeviceOptions):
             "same photos from other backbones: one head on their fused features "
             "([choose-backbone.md](choose-backbone.md#fused-features))")))
     cache_dir: str = field(default="features", metadata=option(
-        "Folder of feature caches.", doc="where to look for the newest cache (and where `--test-data`'s cache goes)"))
+        "Folder of feature caches.",
+        doc="where to look for the newest cache (`--test-data`'s cache goes beside the cache fitted on)"))
     head: str = field(default="auto", metadata=option(
         "auto: the exact RBF SVM or logistic regression, kind and C by k-fold CV; linear: Adam with early stopping; "
         "logreg: scikit-learn LogisticRegression; kernel: an RBF (Nystroem) map + logreg; svm: the exact RBF SVM "
@@ -432,7 +434,7 @@ class FitHeadConfig(SplitOptions, TrustOptions, DeviceOptions):
             "auto, `--tune`: once scored on the validation split, fit the chosen setting again on every row (the "
             "validation rows too; `evaluate`'s val split then scores rows the saved head saw: fit-head's own val "
             "figures come from the fit without them)")))
-    folds: int = field(default=5, metadata=option("auto, --tune: folds.", range=POSITIVE,
+    folds: int = field(default=5, metadata=option("auto, --tune: folds.", range="[2, inf)",
                                                   doc="auto, `--tune`: stratified cross-validation folds"))
     test_data: Optional[str] = field(default=None, metadata=TEST_DATA)
     test_cache: Optional[str] = field(default=None, metadata=TEST_CACHE)

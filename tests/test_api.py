@@ -330,6 +330,33 @@ def test_head_fits_arrays_of_features_as_it_fits_a_cache(cache):
     assert not hasattr(pipeline.Head, "__getattr__")
 
 
+def test_pil_images_in_memory_meet_the_rules_of_files(head):
+    """An empty PIL image was a ZeroDivisionError, and a 30000 x 1 one was resized to billions of pixels for a
+    real backbone: in memory as from a file, they are refused with the reason (the good ones still predict)."""
+    good = Image.new("RGB", (40, 40), (40, 60, 200))
+    assert head.predict_proba([good]).shape == (1, 2)
+    for bad, reason in [(Image.new("RGB", (0, 0)), "0 x 0 pixels: an empty image"),
+                        (Image.new("RGB", (30000, 1)), "more than 100 times longer than wide")]:
+        with pytest.raises(pipeline.UsageError, match=rf"1 of 2 images could not be read: <image 1> \(.*{reason}"):
+            head.predict_proba([good, bad])
+
+
+def test_score_takes_labels_of_the_classes_and_refuses_others(cache):
+    """score(X, y) compares with y in fit's own label space (numeric classes are labels, never indices), and a
+    label that is no class, an index out of range or a y of the wrong length is an error, never a silent miss."""
+    X = cache.read_features()
+    names = np.asarray(cache.classes)[cache.labels]
+    numbered = pipeline.Head(head="logreg", unknown_rows=0).fit(X, np.where(names == "blue", 3, 7))
+    assert numbered.score(X, np.where(names == "blue", 3, 7)) == 1.0  # was an IndexError: 3 read as an index
+    named = pipeline.Head(head="logreg", unknown_rows=0).fit(X, names)
+    assert named.score(X, cache.labels) == named.score(X, names) == 1.0  # indices still work for named classes
+    for y, message in [(names[:1], "one label per image"), (np.full(len(X), -1), "class index -1"),
+                       (np.full(len(X), "purple"), "'purple', which is not one of the classes"),
+                       (names[:, None], "one label per image")]:
+        with pytest.raises(pipeline.UsageError, match=message):
+            named.score(X, y)
+
+
 def test_a_cache_reads_its_rows_through_the_one_reader(cache):
     """Cache.labels/paths/read_features come from FeatureCache (read_rows: any order, negative rows)."""
     from pipeline.cache.feature_cache import FeatureCache

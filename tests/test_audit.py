@@ -8,7 +8,7 @@ from PIL import Image
 
 import pipeline
 from pipeline.cli import cli
-from tests.conftest import COLOURS
+from tests.conftest import COLOURS, make_image_folder
 
 TINY = {"backbone": "tiny", "weights": "none", "workers": 0}
 
@@ -90,6 +90,21 @@ def test_cli_audit_json_and_apply_undo_round_trip(tmp_path):
 def test_audit_needs_a_folder_or_cache():
     run = CliRunner().invoke(cli, ["audit"])
     assert run.exit_code == 2 and "--data" in run.output
+
+
+def test_too_small_a_class_names_it_and_gives_advice_that_works(tmp_path, make_cache):
+    """A class of one photo: no --folds can help (the advice was "pass --folds 2", which fails the same way)."""
+    make_image_folder(tmp_path / "data", per_class=4)
+    for p in sorted((tmp_path / "data" / "red").iterdir())[1:]:
+        p.unlink()
+    cache = make_cache(tmp_path / "data")["cache"]
+    for folds, advice in [(5, "add photos to it"), (2, "add photos to it")]:
+        run = CliRunner().invoke(cli, ["audit", "--cache", cache, "--folds", str(folds)])
+        assert run.exit_code == 2 and "class 'red'" in run.output and "has 1 (" + advice in run.output, run.output
+    shutil.copy(next((tmp_path / "data" / "red").iterdir()), tmp_path / "data" / "red" / "again.jpg")
+    cache = make_cache(tmp_path / "data")["cache"]
+    run = CliRunner().invoke(cli, ["audit", "--cache", cache, "--folds", "3"])
+    assert run.exit_code == 2 and "has 2 (pass --folds 2)" in run.output, run.output
 
 
 def test_a_cache_made_before_digests_still_shows_exact_copies(tmp_path, make_cache):

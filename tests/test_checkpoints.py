@@ -42,3 +42,18 @@ def test_the_writer_refuses_an_unknown_kind(tmp_path):
     with pytest.raises(ValueError, match="unknown checkpoint kind"):
         write_checkpoint(tmp_path / "x.pt", "mystery", {})
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_an_export_or_other_foreign_file_is_named_for_what_it_is(tmp_path, capfd):
+    """A TorchScript export, an ONNX file, a JSON sidecar or an empty file given as a checkpoint: one line
+    saying what the file is (not 'pickled Python objects', which they are not), and no torch warning."""
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), tmp_path / "export.pt")
+    (tmp_path / "export.onnx").write_bytes(b"\x08\x08\x12\x07pytorch" + bytes(64))
+    (tmp_path / "export.onnx.json").write_text('{"classes": ["a", "b"]}')
+    (tmp_path / "empty.pt").write_bytes(b"")
+    for name, reason in [("export.pt", "TorchScript archive"), ("export.onnx", "not a file torch.save wrote"),
+                         ("export.onnx.json", "not a file torch.save wrote"), ("empty.pt", "empty")]:
+        with pytest.raises(ValueError, match="is not a loadable checkpoint") as e:
+            read_checkpoint(tmp_path / name)
+        assert reason in str(e.value) and "pickled" not in str(e.value), (name, str(e.value))
+    assert "TorchScript" not in capfd.readouterr().err

@@ -83,6 +83,9 @@ def test_the_command_line_names_its_options(args, message):
     (lambda: pipeline.extract_features("data", dtype="float64"),
      "^extract_features: unknown dtype 'float64'; allowed: float16, float32$"),
     (lambda: pipeline.serve_app("m.pt", port=70000), "^serve_app: port must be between 0 and 65535, got 70000$"),
+    # a bool is no number: n=True was taken for 1 and made a cache named 'nTrue' that its reader then refused
+    (lambda: pipeline.extract_features("data", n=True), "^extract_features: n must be a whole number, got True$"),
+    (lambda: pipeline.train_model("data", lr=False), "^train_model: lr must be a number, got False$"),
 ])
 def test_the_api_names_its_parameters(call, message):
     """Python callers read their own keyword (lr=...), never the command line's --lr."""

@@ -193,6 +193,29 @@ def test_tune_on_a_pooled_cache_leaves_out_the_views_it_cannot_give(make_cache, 
     assert {row["key"].split("|")[1] for row in r["tuning"]["table"]} == {"avg"}
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--head", "svm", "--gamma", "nan"], "--gamma must be a positive number"),  # was scikit-learn's own message
+    (["--head", "svm", "--gamma", "-2*scale"], "got '-2*scale'"),  # was 'got -3.71', a number never typed
+    (["--gamma", "abc"], "--gamma must be a positive number"),  # the default head ignored it silently
+    (["--folds", "1"], "--folds must be at least 2, got 1"),  # was '1-fold CV needs 2 rows; the smallest has 12'
+    # 14 training rows a class, but a CV sample of 4: was "5-fold CV needs 5 rows of every class; the smallest has 2"
+    (["--kernel-components", "4"], "--kernel-components 4: the cross-validation sample"),
+])
+def test_gamma_and_folds_are_checked_as_given_before_any_work(cache, tmp_path, args, message):
+    """Each refusal names the option at fault, before a run folder is made."""
+    run = CliRunner().invoke(cli, ["fit-head", "--cache", str(cache), "--runs-dir", str(tmp_path / "runs"), *args])
+    assert run.exit_code == 2 and message in run.output and not (tmp_path / "runs").exists(), run.output
+
+
+def test_a_test_folder_of_other_classes_is_refused_before_any_fit_or_extraction(cache, tmp_path):
+    test = make_image_folder(tmp_path / "t", per_class=3, classes=("blue", "green"))
+    before = sorted((tmp_path / "features").iterdir())
+    run = CliRunner().invoke(cli, ["fit-head", "--cache", str(cache), "--test-data", str(test),
+                                   "--runs-dir", str(tmp_path / "runs")])
+    assert run.exit_code == 2 and "(missing: red; unknown: green)" in run.output, run.output
+    assert not (tmp_path / "runs").exists() and sorted((tmp_path / "features").iterdir()) == before
+
+
 @pytest.mark.parametrize("option", [{"lr": 1e38}, {"weight_decay": 1e300}, {"C": 1e300}, {"lr": 0.0}])
 def test_rates_out_of_range_are_usage_errors_naming_the_range(cache, tmp_path, option):
     (name, value), = option.items()

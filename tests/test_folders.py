@@ -173,3 +173,24 @@ def test_a_listing_tells_which_files_changed_since(tmp_path):
     st = (data / paths[1]).stat()
     os.utime(data / paths[1], ns=(st.st_atime_ns, st.st_mtime_ns + 1))
     assert listing.changed(paths + ["blue/not-listed.jpg"]) == paths[:2]
+
+
+def test_pil_warnings_on_a_damaged_exif_block_are_dropped_unless_asked_for(tmp_path):
+    """An EXIF block cut short decodes fine but made PIL warn "Truncated File Read", a line naming no file, from
+    every decoder outside the image reader (evaluate's gallery, audit's report, export's parity check, serve)."""
+    import warnings
+
+    from pipeline.data.folders import decode_bytes, decode_image, thumbnail
+    from tests.badfiles import _corrupt_exif_jpeg
+
+    photo = tmp_path / "exif.jpg"
+    photo.write_bytes(_corrupt_exif_jpeg())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert thumbnail(photo, 16).size[0] <= 16 and load_rgb(photo).size == (40, 32)
+        decode_bytes(photo.read_bytes())
+    assert [str(w.message) for w in caught] == []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        decode_image(photo, pil_warnings=True)  # check-images reports them
+    assert any("Truncated File Read" in str(w.message) for w in caught)

@@ -62,7 +62,7 @@ def check_file(root: str, rel: str) -> list[dict]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            im, _ = decode_image(Path(root) / rel)
+            im, _ = decode_image(Path(root) / rel, pil_warnings=True)
         except ImageLoadError as e:
             return [finding(rel, e.kind, e.reason + ignored)]
     out = []

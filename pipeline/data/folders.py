@@ -333,6 +333,23 @@ def load_rgb(path: str | os.PathLike, min_short_side: int | None = None):
     return decode_image(path, min_short_side)[1]
 
 
+def check_size(size, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
+    """ImageLoadError when an image of ``size`` (from a file's header, or a PIL image given in memory) is empty,
+    has more pixels than allowed, or is too thin to resize safely: the checks before any pixel is decoded or
+    resized."""
+    w, h = size
+    if w * h == 0:
+        raise ImageLoadError(f"{w} x {h} pixels: an empty image", "unreadable")
+    # checked here too, not only by PIL's warning: warning filters are process-wide, so a thread
+    # decoding beside others (data.image_reader.CpuReader) may run without the one in decode_stream
+    if w * h > MAX_IMAGE_PIXELS:
+        raise ImageLoadError(f"decompression bomb: {w} x {h} pixels, more than PIL's limit of {MAX_IMAGE_PIXELS}",
+                             "decompression-bomb")
+    if w * h > max_pixels:
+        raise ImageLoadError(f"{w} x {h} pixels: more than the {max_pixels} allowed", "too-many-pixels")
+    check_aspect(size)
+
+
 def check_aspect(size) -> None:
     """ImageLoadError when an image of ``size`` (from its header) is too thin to resize safely."""
     w, h = size
@@ -341,17 +358,18 @@ def check_aspect(size) -> None:
                              "would build a huge image", "extreme-aspect")
 
 
-def decode_image(path: str | os.PathLike, min_short_side: int | None = None):
+def decode_image(path: str | os.PathLike, min_short_side: int | None = None, pil_warnings: bool = False):
     """load_rgb's rules, also returning the image as stored: (decoded image, its RGB conversion).
 
     check-images uses the first to report format and mode, so it and extract agree on what is bad.
     The pixel count is checked from the header (at open) before any pixel data is decoded.
-    ``min_short_side``: see ``load_rgb`` (the decoded image is then the reduced one).
+    ``min_short_side``: see ``load_rgb`` (the decoded image is then the reduced one). ``pil_warnings``: let
+    PIL's warnings (a damaged EXIF block) through, for check-images to report; otherwise they are dropped.
     """
     with open_regular(path) as fp:
         if os.fstat(fp.fileno()).st_size == 0:
             raise ImageLoadError("zero-byte file", "zero-byte")
-        return decode_stream(fp, min_short_side)
+        return decode_stream(fp, min_short_side, pil_warnings=pil_warnings)
 
 
 def decode_bytes(data: bytes, min_short_side: int | None = None, max_pixels: int = MAX_IMAGE_PIXELS):
@@ -366,24 +384,21 @@ def decode_bytes(data: bytes, min_short_side: int | None = None, max_pixels: int
     return decode_stream(io.BytesIO(data), min_short_side, max_pixels)[1]
 
 
-def decode_stream(fp, min_short_side: int | None = None, max_pixels: int = MAX_IMAGE_PIXELS):
-    """(decoded image, its RGB conversion) of an open binary file, under the rules of ``decode_image``."""
+def decode_stream(fp, min_short_side: int | None = None, max_pixels: int = MAX_IMAGE_PIXELS,
+                  pil_warnings: bool = False):
+    """(decoded image, its RGB conversion) of an open binary file, under the rules of ``decode_image``. PIL's
+    warnings are dropped unless ``pil_warnings``: the image decoded, and a line such as "Truncated File Read"
+    (an EXIF block cut short) names no file (reports, the gallery, export's parity check, serve)."""
     from PIL import Image
 
     try:
         with warnings.catch_warnings():
+            if not pil_warnings:
+                warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
             with Image.open(fp) as im:
-                # checked here too, not only by PIL's warning: warning filters are process-wide, so a thread
-                # decoding beside others (data.image_reader.CpuReader) may run without the one above
-                if im.width * im.height > MAX_IMAGE_PIXELS:
-                    raise ImageLoadError(f"decompression bomb: {im.width} x {im.height} pixels, more than "
-                                         f"PIL's limit of {MAX_IMAGE_PIXELS}", "decompression-bomb")
-                if im.width * im.height > max_pixels:
-                    raise ImageLoadError(f"{im.width} x {im.height} pixels: more than the {max_pixels} allowed",
-                                         "too-many-pixels")
-                check_aspect(im.size)
+                check_size(im.size, max_pixels)
                 jpeg_draft(im, min_short_side)
                 im.load()
                 return im, to_rgb(im)

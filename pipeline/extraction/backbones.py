@@ -342,10 +342,7 @@ def _load_local(path: Path) -> dict:
 
     if not path.is_file():
         raise UsageError(f"weights file {str(path)!r} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle errors, zip errors, refused globals: one line, never torch's advice to unpickle
-        raise UsageError(f"weights file {str(path)!r} is not a loadable state dict ({unloadable_reason(e)})") from None
+    obj = load_weights_only(path, f"weights file {str(path)!r} is not a loadable state dict")
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -353,13 +350,48 @@ def _load_local(path: Path) -> dict:
     return obj
 
 
-def unloadable_reason(e: Exception) -> str:
+def load_weights_only(path: Path, refusal: str):
+    """``torch.load(path, weights_only=True)`` (nothing is unpickled); a file it refuses is one UsageError,
+    ``refusal (why)``. torch's warning that a TorchScript archive goes to ``torch.jit.load`` stays off stderr:
+    with weights_only it is refused, and the reason says what the file is."""
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*TorchScript archive")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle errors, zip errors, refused globals: one line, never torch's advice to unpickle
+        raise UsageError(f"{refusal} ({unloadable_reason(e, path)})") from None
+
+
+#: how the files torch.save writes begin: a zip archive, or a pickle's PROTO opcode (the legacy format)
+_TORCH_SAVE_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+def unloadable_reason(e: Exception, path: Optional[Path] = None) -> str:
     """Why ``torch.load(weights_only=True)`` refused a file, in one line (torch's own message is a page
-    that ends by suggesting ``weights_only=False``, which would run the file's code)."""
+    that ends by suggesting ``weights_only=False``, which would run the file's code). ``path``: the file,
+    to say so when it is not one torch.save wrote at all (an ONNX export, a JSON sidecar, a photo)."""
     text = str(e).strip()
+    if "TorchScript" in text:
+        return "it is a TorchScript archive, as export writes, for torch.jit.load: not a checkpoint or state dict"
+    head = _first_bytes(path) if path is not None else None
+    if head == b"":
+        return "the file is empty"
+    if head is not None and not head.startswith(_TORCH_SAVE_MAGIC):
+        return "it is not a file torch.save wrote: an ONNX export, JSON, an image?"
     if "weights_only" in text or "Unsupported global" in text:
         return "it holds pickled Python objects, which are never loaded"
     return (text.splitlines()[0] if text else type(e).__name__)[:200]
+
+
+def _first_bytes(path: Path) -> Optional[bytes]:
+    """The first 4 bytes of a file, or None when it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4)
+    except OSError:
+        return None
 
 
 def feature_keys(spec: BackboneSpec, model) -> set:

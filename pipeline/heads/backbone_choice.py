@@ -118,9 +118,19 @@ def sample_size(cfg: ChooseBackboneConfig) -> int:
 
 
 def check_folds(folds: int, smallest: int) -> None:
+    """Enough photos in the smallest class for the folds, and for the default head's own cross-validation
+    inside each fold's training part (the photos a stratified fold leaves there: at least s - ceil(s / folds))."""
     if smallest < folds:
         raise UsageError(f"{folds}-fold cross-validation needs at least {folds} photos of every class; the "
                          f"smallest class has {smallest} (--folds fewer, or more photos)")
+    inner = FitHeadConfig.folds
+    if smallest - math.ceil(smallest / folds) < inner:
+        need = next(s for s in itertools.count(smallest) if s - math.ceil(s / folds) >= inner)
+        better = [k for k in range(folds + 1, smallest + 1) if smallest - math.ceil(smallest / k) >= inner]
+        raise UsageError(f"the default head cross-validates {inner}-fold inside each training part, which with "
+                         f"--folds {folds} holds {smallest - math.ceil(smallest / folds)} photos of the smallest class "
+                         f"({smallest} photos); every class needs at least {need} photos"
+                         + (f" (or pass --folds {better[0]})" if better else ""))
 
 
 def extraction_rate(cache: FeatureCache, result: dict) -> Optional[float]:
@@ -263,6 +273,9 @@ def recommendation(choice: BackboneChoice, best: Candidate, fastest: Candidate) 
     lines = [f"best: {best.name}, {100 * best.acc:.1f} ± {100 * best.acc_se:.1f} % cross-validated accuracy on "
              f"{choice.rows} photos (one photo = {one:.2f} points)."]
     others = [n for n in choice.indistinguishable if n != best.name]
+    if len(choice.candidates) == 1:
+        lines.append("The only candidate: name two or more (--backbone again) to compare them.")
+        return " ".join(lines)
     if not others:
         lines.append(f"Every other candidate scores lower by more than {NOISE_SES:g} standard errors of the paired "
                      f"difference: use {best.name}.")

@@ -16,7 +16,7 @@ import torch
 from ..cache.provenance import Preprocessing
 from ..config import POOLS
 from ..errors import UsageError
-from ..extraction.backbones import unloadable_reason
+from ..extraction.backbones import load_weights_only
 from ..files import atomic_write
 from .fused_views import record_problem
 
@@ -85,10 +85,7 @@ def read_checkpoint(path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"model file {str(path)!r} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # zip errors, refused globals: one line, and never torch's advice to unpickle
-        raise UsageError(f"{str(path)!r} is not a loadable checkpoint ({unloadable_reason(e)})") from None
+    ckpt = load_weights_only(path, f"{str(path)!r} is not a loadable checkpoint")
     if not isinstance(ckpt, dict) or ckpt.get("kind") not in KINDS:
         raise UsageError(f"{str(path)!r} is not a checkpoint of this tool (expected kind {', '.join(KINDS)})")
     version = ckpt.get("format_version", 0)  # 0: written before checkpoints recorded their version

@@ -59,6 +59,7 @@ from .model_selection import (
     tune,
 )
 from .probe_heads import ProbeHead
+from .sklearn_fits import parse_gamma
 from .trust import fit_trust
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,10 @@ def with_recipe(cfg: FitHeadConfig) -> FitHeadConfig:
 
 def validate(cfg: FitHeadConfig) -> None:
     validate_training(cfg, data=((cfg.test_data, "--test-data"),))
+    try:
+        parse_gamma(cfg.gamma)  # checked as given, before any work (and whichever head uses it)
+    except ValueError as e:
+        raise UsageError(f"--{e}") from None
     if cfg.test_data and cfg.test_cache:
         raise UsageError("pass --test-data or --test-cache, not both")
     if fused_paths(cfg.cache) and cfg.test_cache:
@@ -172,8 +177,14 @@ def _cv_rows(cfg: FitHeadConfig, labels: np.ndarray, train_idx: np.ndarray) -> n
     search over 25,000 rows would take minutes); the winner is fitted on every training row."""
     if len(train_idx) <= cfg.kernel_components:
         return train_idx
-    keep = split_indices(labels[train_idx], 1 - cfg.kernel_components / len(train_idx), cfg.seed)[0]
-    return train_idx[keep]
+    keep = train_idx[split_indices(labels[train_idx], 1 - cfg.kernel_components / len(train_idx), cfg.seed)[0]]
+    n = int(labels.max()) + 1
+    sampled, whole = np.bincount(labels[keep], minlength=n), np.bincount(labels[train_idx], minlength=n)
+    if sampled.min() < cfg.folds <= whole[sampled.argmin()]:  # the sample, not the folder, is too small
+        raise UsageError(f"--kernel-components {cfg.kernel_components}: the cross-validation sample of that many "
+                         f"training rows holds {sampled.min()} of a class; {cfg.folds}-fold CV needs {cfg.folds} "
+                         f"of each (raise --kernel-components, or lower --folds)")
+    return keep
 
 
 def _default_unless_beaten(cfg: FitHeadConfig, shape, result: dict) -> dict:
@@ -293,9 +304,26 @@ def default_head_on_rows(rows, labels: np.ndarray, n_classes: int, in_shape, cfg
 
 
 # -- testing on photos the head never saw -----------------------------------------------------------
+def check_test_classes(test_data: Optional[str], classes) -> None:
+    """A ``--test-data`` folder of other class folders than the head's, refused before anything is fitted or
+    extracted, naming the classes missing and unknown (it was refused after both, as a cache 'made differently'
+    with the advice to extract it with the training cache's network)."""
+    if not test_data:
+        return
+    from ..data.folders import list_image_folder
+
+    theirs, ours = list_image_folder(test_data, min_classes=1).classes, list(classes)
+    if list(theirs) != ours:
+        missing, unknown = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
+        why = "; ".join(f"{k}: {', '.join(v)}" for k, v in (("missing", missing), ("unknown", unknown)) if v)
+        raise UsageError(f"--test-data {test_data!r} has the classes {', '.join(theirs)}, the head's are "
+                         f"{', '.join(ours)} ({why}): a test folder holds the same class folders")
+
+
 def test_cache_for(cfg: FitHeadConfig, cache: FeatureCache) -> Path:
     """The cache of ``--test-data`` (extracted like ``cache``, reused next time) or ``--test-cache``, checked."""
 
+    check_test_classes(cfg.test_data, cache.classes)
     if cfg.test_data:
         from ..extraction.extract import ExtractConfig, extract
 
@@ -450,6 +478,7 @@ def fit_head(cfg: FitHeadConfig) -> dict:
     with (FusedRows(fused, cfg.features, cfg.block_rows) if fused else FeatureCache(path)) as cache:
         check_output(cfg.runs_dir, data=[(cache.attrs["data_root"], f"the photos of the cache {path}")],
                      what="--runs-dir", folder=True)
+        check_test_classes(cfg.test_data, cache.classes)  # before the fit, not after it
         changed = source_changes(cache.info)
         if changed:
             log.warning("%s: %s", path, changed)

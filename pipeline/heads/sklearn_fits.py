@@ -9,6 +9,7 @@ kernel of the stored support rows, which a ``ProbeHead`` holds as its landmarks.
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Optional
@@ -60,15 +61,26 @@ def resolve_gamma(gamma, X: np.ndarray) -> float:
 
     For l2-normalised rows 'scale' is about 1 (squared distances lie in [0, 4]).
     """
-    if isinstance(gamma, str):
-        g, _, rest = gamma.partition("*") if "*" in gamma else ("1", "*", gamma)
-        if rest.strip() != "scale":
-            raise ValueError(f"gamma must be a number, 'scale' or 'G*scale', got {gamma!r}")
-        var = float(np.var(X, dtype=np.float64))
-        return float(g) / (X.shape[1] * var) if var > 0 else float(g)
-    if gamma <= 0:
-        raise ValueError(f"gamma must be positive, got {gamma}")
-    return float(gamma)
+    factor, scaled = parse_gamma(gamma)
+    if not scaled:
+        return factor
+    var = float(np.var(X, dtype=np.float64))
+    return factor / (X.shape[1] * var) if var > 0 else factor
+
+
+def parse_gamma(gamma) -> tuple[float, bool]:
+    """(G, whether it multiplies 'scale') of a gamma as given: a number, 'scale' or 'G*scale'; ValueError
+    unless G is a finite positive number (nan, 0 or -1 would make no RBF at all)."""
+    text = str(gamma).strip()
+    g, star, rest = text.partition("*")
+    scaled = text == "scale" or (bool(star) and rest.strip() == "scale")
+    try:
+        factor = 1.0 if text == "scale" else float(g if scaled else text)
+    except ValueError:
+        factor = math.nan
+    if not (math.isfinite(factor) and factor > 0):
+        raise ValueError(f"gamma must be a positive number, 'scale' or 'G*scale' with G positive, got {gamma!r}")
+    return factor, scaled
 
 
 def kernel_features(nystroem, X: np.ndarray, chunk: int = 4096) -> np.ndarray:

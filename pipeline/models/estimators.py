@@ -174,16 +174,34 @@ class ImageClassifier:
     def score(self, X, y=None, *, device: Optional[str] = None, precision: str = "auto", batch_size: int = 32,
               workers: int = -1) -> float:
         """Accuracy: on an image folder ``X`` (every image, labels from its class folders, as
-        ``evaluate_model(data=...)``), or of ``predict(X)`` against labels ``y`` (class names or indices)."""
+        ``evaluate_model(data=...)``), or of ``predict(X)`` against labels ``y`` (see ``_class_labels``)."""
         if y is not None:
             pred = self.predict(X, device=device, precision=precision, batch_size=batch_size)
-            y = np.asarray(y)
-            if y.dtype.kind in "iu":
-                y = np.asarray(self.classes_, dtype=object)[y]
-            return float((pred == y.astype(object)).mean())
+            return float((pred == self._class_labels(y, len(pred))).mean())
         if isinstance(X, (str, os.PathLike)) and Path(os.fspath(X)).is_dir():
             return self._score_folder(X, device, precision, batch_size, workers)
         raise UsageError("score(X) takes an image folder (class sub-folders), or images X with their labels y")
+
+    def _class_labels(self, y, n: int) -> np.ndarray:
+        """``y`` as labels of ``classes_``, checked, so a wrong label is an error rather than a silent miss: one
+        per prediction (``n``), each a class, or an index into ``classes_`` where the classes are not numbers
+        themselves (a head fitted on ``y = [3, 7]`` is scored against 3 and 7, never against indices)."""
+        y = np.asarray(y)
+        if y.ndim != 1 or len(y) != n:
+            raise UsageError(f"y holds {y.size} labels (shape {y.shape}); score needs one label per image ({n})")
+        classes = np.asarray(self.classes_, dtype=object)
+        names, values = set(classes.tolist()), y.tolist()
+        if all(v in names for v in values):
+            return y.astype(object)
+        numbered = any(isinstance(c, (int, np.integer)) for c in classes.tolist())
+        if y.dtype.kind in "iu" and not numbered:
+            wrong = [v for v in values if not 0 <= v < len(classes)]
+            if not wrong:
+                return classes[y]
+            raise UsageError(f"y holds the class index {wrong[0]}; classes_ has {len(classes)} classes "
+                             f"(indices 0 to {len(classes) - 1}: {', '.join(map(str, classes))})")
+        wrong = next(v for v in values if v not in names)
+        raise UsageError(f"y holds {wrong!r}, which is not one of the classes: {', '.join(map(repr, classes))}")
 
     # -- files -----------------------------------------------------------------------------------
     def save(self, path: PathLike) -> Path:

@@ -159,7 +159,15 @@ def outputs_of_inputs(lm, model, inputs, batch_size: int, workers=None) -> np.nd
     file is a UsageError naming it. ``workers`` None: decoded in this process for fewer than 64 files."""
     from PIL import Image
 
-    from ..data.folders import to_rgb
+    from ..data.folders import ImageLoadError, check_size, to_rgb
+
+    def pil_item(i: int, im) -> Item:
+        """A PIL image given in memory, under the rules a file's header meets (empty, too many pixels, too thin)."""
+        try:
+            check_size(im.size)
+            return Item(i, lm.transform(to_rgb(im)), -1, f"<image {i}>")
+        except ImageLoadError as e:
+            return Item(i, None, -1, f"<image {i}>", e.reason)
 
     inputs = [inputs] if isinstance(inputs, (str, os.PathLike, Image.Image)) else list(inputs)
     if not inputs:
@@ -182,13 +190,18 @@ def outputs_of_inputs(lm, model, inputs, batch_size: int, workers=None) -> np.nd
         items = read_images([(f, -1) for f in files], lm.transform, model, batch_size, workers)
         got["file"].collect(progress(iter_log_proba(model, items, batch_size), total=len(files), unit="img",
                                      desc="predict"))
-        if got["file"].bad:
-            bad = [f"{p} ({why})" for p, why in got["file"].bad.items()]
-            raise UsageError(f"{len(bad)} of {len(files)} images could not be read: {'; '.join(bad[:3])}"
-                             f"{' ...' if len(bad) > 3 else ''}")
-    pil = (Item(i, lm.transform(to_rgb(im)), -1, f"<image {i}>") for i, im in enumerate(images))
-    got["image"].collect(iter_log_proba(model, pil, batch_size))
+        _refuse_unread(got["file"], len(files))
+    got["image"].collect(iter_log_proba(model, (pil_item(i, im) for i, im in enumerate(images)), batch_size))
+    _refuse_unread(got["image"], len(images))
     return np.stack([got[kind].rows[j] for kind, j in order]).astype(np.float64)
+
+
+def _refuse_unread(got: "ImageOutputs", n: int) -> None:
+    """The API predicts every input or none: a UsageError naming the first few that could not be read."""
+    if got.bad:
+        bad = [f"{p} ({why})" for p, why in got.bad.items()]
+        raise UsageError(f"{len(bad)} of {n} images could not be read: {'; '.join(bad[:3])}"
+                         f"{' ...' if len(bad) > 3 else ''}")
 
 
 def prediction_rows(lm, batch: Batch, outputs, top: int = 0) -> list[dict]:

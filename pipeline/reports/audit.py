@@ -110,10 +110,12 @@ def analyse(cfg: AuditConfig) -> dict:
     with FeatureCache(path) as cache:
         classes, labels, paths = cache.classes, np.asarray(cache.labels, np.int64), cache.paths
         root = cache.attrs["data_root"]
-        smallest = int(np.bincount(labels, minlength=len(classes)).min())
+        counts = np.bincount(labels, minlength=len(classes))
+        smallest = int(counts.min())
         if smallest < cfg.folds:
+            fix = f"pass --folds {smallest}" if smallest >= 2 else "add photos to it or move it out of the folder"
             raise UsageError(f"{cfg.folds}-fold out-of-fold probabilities need at least {cfg.folds} photos of every "
-                             f"class; the smallest class of {path} has {smallest} (pass --folds {max(2, smallest)})")
+                             f"class; class {classes[int(counts.argmin())]!r} of {path} has {smallest} ({fix})")
         avg, near_rows = pooled(cache)
         digests = cache.row_digests()
         tpath = test_cache(cfg, cache)

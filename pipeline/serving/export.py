@@ -312,7 +312,9 @@ def parity(lm, runner: ExportedRunner, files: list[str], cfg: ExportConfig, meta
 def portable_input(path: str, meta: dict) -> np.ndarray:
     """The export's input for one photo by its own decoding rule; a photo the rule cannot read fails the export."""
     try:
-        return portable.preprocess(path, meta["preprocessing"], meta["decoding"])
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")  # EXIF notes, as predict's
+            return portable.preprocess(path, meta["preprocessing"], meta["decoding"])
     except (OSError, ValueError, SyntaxError) as e:
         raise PipelineError(f"{path}: predict reads it but the export's decoding rule (data/portable.py) "
                             f"does not: {e}") from None
