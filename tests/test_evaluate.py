@@ -59,6 +59,23 @@ def test_default_is_the_checkpoints_own_val_split(tmp_path, head_run):
     assert json.loads(Path(r["run_dir"], "metrics.json").read_text())["accuracy"] == r["accuracy"]
 
 
+def test_val_split_of_a_held_out_cache_is_not_called_rows_the_refitted_head_saw(tmp_path, make_cache, image_folder,
+                                                                                 caplog):
+    """The default head is refitted on every row of its cache; on another cache (a held-out test folder's) the
+    'val' rows are not rows it saw: the warning says the cache is not the model's and how few rows 'val' scores,
+    not (as before) that the head saw them."""
+    train = make_cache(image_folder)["cache"]
+    held_out = make_image_folder(tmp_path / "test", per_class=12, seed=5)
+    test = make_cache(held_out, cache_dir=str(tmp_path / "test_features"))["cache"]
+    head = fit_head(FitHeadConfig(cache=train, runs_dir=str(tmp_path / "runs")))["checkpoint"]
+    r = evaluate(EvaluateConfig(model=head, cache=test, runs_dir=str(tmp_path / "runs")))
+    assert "is not the cache the model was trained on: 'val' scores 4 of its 24 rows" in caplog.text
+    assert "rows it saw" not in caplog.text and r["rows"] == 4
+    caplog.clear()
+    evaluate(EvaluateConfig(model=head, runs_dir=str(tmp_path / "runs")))  # its own cache: the refit note
+    assert "these 'val' rows are rows it saw" in caplog.text and "not the cache" not in caplog.text
+
+
 def test_data_folder_agrees_with_all_cache_rows(tmp_path, head_run, image_folder):
     ckpt = head_run["checkpoint"]
     on_cache = evaluate(EvaluateConfig(model=ckpt, split="all", runs_dir=str(tmp_path / "runs")))

@@ -107,13 +107,14 @@ def head_on_cache(model_path: str, ckpt: dict, cfg: EvaluateConfig) -> Predictio
         if cfg.split == "val":
             c = ckpt["config"]
             rows = split_indices(cache.labels, c["val_fraction"], c["seed"])[1]
-            if c.get("refit") and ckpt.get("tuning"):
+            if cache.attrs["fingerprint"] != ckpt["cache_fingerprint"]:  # first: the refit note is of its own cache
+                log.warning("%s is not the cache the model was trained on: 'val' scores %d of its %d rows (split as "
+                            "the model's cache was), which may include training images; use --split all on a "
+                            "held-out cache", path, len(rows), cache.n)
+            elif c.get("refit") and ckpt.get("tuning"):
                 log.warning("the head was refitted on every row of its cache, the validation rows included "
                             "(fit-head --refit): these 'val' rows are rows it saw; fit-head's own val figures "
                             "came from the fit without them. Use --split all on a held-out cache")
-            elif cache.attrs["fingerprint"] != ckpt["cache_fingerprint"]:
-                log.warning("%s is not the cache the model was trained on: its 'val' rows may include training "
-                            "images; use --split all on a held-out cache", path)
         else:
             rows = np.arange(cache.n)
         head = _head(model_path, ckpt, device)
