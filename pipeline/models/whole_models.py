@@ -173,7 +173,7 @@ def parse_unfreeze(value) -> int:
         return 0
     if text == "all":
         return ALL
-    if text.isdigit():
+    if text.isdecimal():  # not isdigit: '²' is a digit int() refuses
         return int(text)
     raise UsageError(f"unknown unfreeze value {value!r}; allowed: none, all, or a number of blocks K >= 1")
 
