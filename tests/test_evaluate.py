@@ -41,6 +41,23 @@ def test_summarize_matches_a_hand_count():
     assert len(summarize(pred, top_k=1)["wrong"]) == 1
 
 
+def test_macro_f1_leaves_out_classes_neither_in_the_photos_nor_called():
+    """A folder of 2 of the model's 4 classes, all called one of those 2: macro F1 averages their F1s as
+    scikit-learn does (it averaged in 0 for the 2 classes absent from both, halving it); a class that is called
+    but absent counts, with F1 0."""
+    from sklearn.metrics import f1_score
+
+    classes = ["a", "b", "c", "d"]
+    labels = np.array([0, 0, 1, 1])
+    for called in ([0, 1, 1, 1], [0, 2, 1, 1]):
+        probs = np.full((4, 4), 0.1)
+        probs[np.arange(4), called] = 0.7
+        r = summarize(Predictions(classes, Path("/data"), [f"x{i}.jpg" for i in range(4)], labels, np.log(probs),
+                                  "hand"), top_k=5)
+        assert r["macro_f1"] == pytest.approx(f1_score(labels, called, average="macro"))
+    assert r["macro_f1"] == pytest.approx((2 / 3 + 1 + 0) / 3)  # a, b, and c (called once, absent)
+
+
 @pytest.fixture
 def head_run(tmp_path, tiny_cache):
     return fit_head(FitHeadConfig(head="linear", cache=str(tiny_cache), epochs=3, val_fraction=0.25,

@@ -233,12 +233,15 @@ def summarize(pred: Predictions, top_k: int) -> dict:
     k = len(pred.classes)
     y, p = pred.labels, pred.logp.argmax(1)
     precision, recall, f1, support = precision_recall_fscore_support(y, p, labels=range(k), zero_division=0)
+    # macro F1 over the classes the photos hold or were called (scikit-learn's own set): a class of the model
+    # that neither is nor is called anywhere here (a test folder of some classes) has no F1 to average
+    present = (support > 0) | (np.bincount(p, minlength=k) > 0)
     wrong = np.flatnonzero(p != y)
     conf = np.exp(pred.logp[wrong, p[wrong]])
     worst = wrong[np.argsort(-conf, kind="stable")[:top_k]]
     return {
         "rows": int(len(y)), "accuracy": float((p == y).mean()),
-        "loss": float(-pred.logp[np.arange(len(y)), y].mean()) + 0.0, "macro_f1": float(f1.mean()),
+        "loss": float(-pred.logp[np.arange(len(y)), y].mean()) + 0.0, "macro_f1": float(f1[present].mean()),
         "per_class": {c: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
                           "support": int(support[i])} for i, c in enumerate(pred.classes)},
         "classes": list(pred.classes),
