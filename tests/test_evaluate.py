@@ -93,6 +93,31 @@ def test_val_split_of_a_held_out_cache_is_not_called_rows_the_refitted_head_saw(
     assert "these 'val' rows are rows it saw" in caplog.text and "not the cache" not in caplog.text
 
 
+def test_a_cache_of_some_of_the_models_classes_is_scored_as_its_folder_is(tmp_path, make_cache):
+    """evaluate --data took a test folder of 2 of the model's 3 classes, but --cache of the same folder was
+    refused ('classes: (...) vs (...)'); now its labels are matched to the model's classes by name, the same
+    figures as --data, and a cache with a class the model does not know is refused naming it."""
+    classes = ("blue", "green", "red")
+    train = make_cache(make_image_folder(tmp_path / "train", classes=classes), dtype="float32", precision="fp32")
+    head = fit_head(FitHeadConfig(head="linear", cache=train["cache"], epochs=3, runs_dir=str(tmp_path / "runs")))
+    head = head["checkpoint"]
+    some = make_image_folder(tmp_path / "some", per_class=6, classes=("blue", "red"), seed=3)
+    cache = make_cache(some, dtype="float32", precision="fp32", cache_dir=str(tmp_path / "some_features"))["cache"]
+    on_cache = evaluate(EvaluateConfig(model=head, cache=cache, split="all", runs_dir=str(tmp_path / "runs")))
+    on_data = evaluate(EvaluateConfig(model=head, data=str(some), precision="fp32", workers=0,
+                                      runs_dir=str(tmp_path / "runs")))
+    assert on_cache["classes"] == list(classes) and on_cache["rows"] == on_data["rows"] == 12
+    assert [on_cache["per_class"][c]["support"] for c in classes] == [6, 0, 6]
+    assert on_cache["accuracy"] == on_data["accuracy"] and on_cache["loss"] == pytest.approx(on_data["loss"], abs=1e-4)
+    other = make_image_folder(tmp_path / "other", per_class=6, classes=("blue", "red"), seed=4)
+    (other / "red").rename(other / "purple")
+    wrong = make_cache(other, dtype="float32", precision="fp32", cache_dir=str(tmp_path / "other_features"))["cache"]
+    out = CliRunner().invoke(cli.cli, ["evaluate", "--model", head, "--cache", wrong, "--split", "all",
+                                       "--runs-dir", str(tmp_path / "runs")])
+    assert out.exit_code == 2 and "has classes ['purple'] the model does not know" in out.output
+    assert out.output.count("\n") == 1
+
+
 def test_data_folder_agrees_with_all_cache_rows(tmp_path, head_run, image_folder):
     ckpt = head_run["checkpoint"]
     on_cache = evaluate(EvaluateConfig(model=ckpt, split="all", runs_dir=str(tmp_path / "runs")))

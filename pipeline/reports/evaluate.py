@@ -18,7 +18,7 @@ import numpy as np
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from ..cache.feature_cache import FeatureCache
-from ..cache.provenance import Preprocessing, check_cache_fits
+from ..cache.provenance import ROW_FEATURES, Preprocessing, check_cache_fits
 from ..config import EvaluateConfig, check_config
 from ..data.folders import ImageLoadError, list_image_folder, load_rgb, thumbnail
 from ..devices import resolve_device
@@ -103,7 +103,8 @@ def head_on_cache(model_path: str, ckpt: dict, cfg: EvaluateConfig) -> Predictio
         if not cfg.cache:
             log.info("using the cache the model was trained on: %s (%d rows, %s, created %s); --cache picks another",
                      path, cache.n, cache.attrs["backbone"], cache.attrs["created"])
-        check_cache_fits(ckpt, cache)
+        to_model = cache_classes_to_model(ckpt["classes"], cache)
+        check_cache_fits(ckpt, cache, ROW_FEATURES)
         if cfg.split == "val":
             c = ckpt["config"]
             rows = split_indices(cache.labels, c["val_fraction"], c["seed"])[1]
@@ -122,10 +123,21 @@ def head_on_cache(model_path: str, ckpt: dict, cfg: EvaluateConfig) -> Predictio
         rows = np.sort(rows)
         paths = cache.paths
         spatial = not ckpt.get("fused") and not is_pooled(cache.feature_shape)
-        return Predictions(list(cache.classes), Path(cache.attrs["data_root"]), [paths[i] for i in rows],
-                           cache.labels[rows], logp, f"{cfg.split} rows of {path}", cache.attrs["fingerprint"],
+        return Predictions(list(ckpt["classes"]), Path(cache.attrs["data_root"]), [paths[i] for i in rows],
+                           to_model[cache.labels[rows]], logp, f"{cfg.split} rows of {path}",
+                           cache.attrs["fingerprint"],
                            ood=ood, **_trust(head), heatmaps=cached_heatmaps(head, path, rows) if spatial else None,
                            preprocessing=ckpt["preprocessing"] if spatial else None)
+
+
+def cache_classes_to_model(classes: list, cache) -> np.ndarray:
+    """Each of the cache's class indices as the model's: a cache of some of the model's classes is scored as
+    ``--data`` scores such a folder (matched by name); one with a class the model does not know is refused."""
+    unknown = [c for c in cache.classes if c not in classes]
+    if unknown:
+        raise UsageError(f"cache {cache.path} has classes {unknown} the model does not know; its classes: "
+                         f"{', '.join(classes)}")
+    return np.array([list(classes).index(c) for c in cache.classes], dtype=np.int64)
 
 
 def cached_heatmaps(head, path, rows: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
