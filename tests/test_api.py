@@ -135,7 +135,7 @@ def test_head_is_a_scikit_learn_style_estimator(cache, capfd):
     assert h.classes_ == ["blue", "red"] and len(h.history_) == 10 and h.history_[0]["epoch"] == 1  # the recipe's 10
     assert h.metrics_["val_acc"] == 1.0 and h.metrics_["val_rows"] == 6
     assert h.checkpoint_.name == "head.pt" and h.checkpoint_.is_file() and Path(h.run_dir_) == h.checkpoint_.parent
-    assert h.feature_shape_ == (8, 8, 8) and h.n_features_in_ == 512 and h.cache_ == str(cache.path)
+    assert h.feature_shape_ == (8, 8, 8) and h.n_features_in_ == 512 and h.cache_ == os.path.abspath(cache.path)
     assert "fitted" in repr(h)
     h.fit(cache, verbose=True)
     assert "Epoch 3, Train acc=" in capfd.readouterr().err
