@@ -243,7 +243,7 @@ def test_train_finetune_and_model_load(work, head):
     images = sorted((work / "data").rglob("*.jpg"))
     assert m.score("data", workers=0) == pytest.approx(m.score(images, [p.parent.name for p in images]))
     f = pipeline.finetune_model("data", init=head, epochs=1, unfreeze="1", **fast)
-    assert f.kind_ == "finetune" and f.config_["init_head"] == str(head.checkpoint_)
+    assert f.kind_ == "finetune" and f.config_["init_head"] == os.path.abspath(head.checkpoint_)
     again = pipeline.Model.load(f.save(work / "ft.pt"))
     images = sorted((work / "data" / "red").glob("*.jpg"))[:2]
     np.testing.assert_allclose(again.predict_proba(images, precision="fp32"),
