@@ -316,6 +316,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     check_runs_dir(cfg, ckpt)
     source = "data" if cfg.data else "cache"
     predictor = PREDICTORS.get((ckpt["kind"], source))
+    if predictor is None and not (cfg.cache or cfg.data):  # nothing named: say what this checkpoint needs
+        raise UsageError(f"a {ckpt['kind']!r} checkpoint is evaluated on photos: pass --data DIR")
     if predictor is None:
         known = sorted(f"{k} on --{s}" for k, s in PREDICTORS)
         raise UsageError(f"cannot evaluate a {ckpt['kind']!r} checkpoint on --{source}; known: {', '.join(known)}")
