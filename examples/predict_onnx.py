@@ -8,7 +8,8 @@ reduced DCT scale, 16-bit gray scaled by its bit depth, transparency over white,
 center crop and normalisation. The functions below the line are a verbatim copy of the project's
 pipeline/data/portable.py (a test keeps them so): copy them as they are. Prints one JSON row per photo: path,
 class, probability, and when the model has an unknown score, unknown (the score above the metadata's
-unknown_threshold: none of these classes) and ood_score.
+unknown_threshold: none of these classes) and ood_score; a file that cannot be decoded gets class null and
+its reason in error, and the other photos are still classified.
 """
 import json
 import sys
@@ -26,15 +27,24 @@ def main(model: str, photos: list) -> None:
     session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
     names = [o["name"] for o in meta["outputs"]]
     for i in range(0, len(photos), BATCH):
-        chunk = photos[i:i + BATCH]
-        batch = np.stack([preprocess(p, meta["preprocessing"], meta["decoding"]) for p in chunk])
-        out = dict(zip(names, session.run(names, {"images": batch})))
-        for k, (path, p) in enumerate(zip(chunk, out["probabilities"])):
-            best = int(p.argmax())
-            row = {"path": path, "class": meta["classes"][best], "probability": float(p[best])}
-            if "unknown_score" in out:
-                score = float(out["unknown_score"][k])
-                row.update(unknown=score > meta["unknown_threshold"], ood_score=round(score, 6))
+        rows, inputs = [], []
+        for path in photos[i:i + BATCH]:  # a file that is no image gets its reason in its row; the rest go on
+            try:
+                inputs.append(preprocess(path, meta["preprocessing"], meta["decoding"]))
+                rows.append({"path": path})
+            except (OSError, ValueError, Image.DecompressionBombError) as e:
+                rows.append({"path": path, "class": None, "probability": None, "error": f"{type(e).__name__}: {e}"})
+        out = dict(zip(names, session.run(names, {"images": np.stack(inputs)}))) if inputs else {}
+        good = iter(range(len(inputs)))
+        for row in rows:
+            if "error" not in row:
+                k = next(good)
+                p = out["probabilities"][k]
+                best = int(p.argmax())
+                row.update({"class": meta["classes"][best], "probability": float(p[best])})
+                if "unknown_score" in out:
+                    score = float(out["unknown_score"][k])
+                    row.update(unknown=score > meta["unknown_threshold"], ood_score=round(score, 6))
             print(json.dumps(row))
 
 

@@ -201,7 +201,8 @@ WEIGHTS_HELP = ("DEFAULT, a torchvision weights name (IMAGENET1K_V1) or timm tag
                 "(+ .json sidecar), or 'none'.")
 WORKERS_HELP = ("Decoding: -1 = on the CPU a thread per core, in turns with the network or beside it (whichever "
                 "measures faster); on a GPU a process per core; N processes; 0 in-process.")
-HEAD_WEIGHTS_HELP = "For a head.pt: its backbone weights, if not where the head recorded them."
+HEAD_WEIGHTS_HELP = ("For a head.pt: its backbone weights, if not where the head recorded them (a fused head: one "
+                     "of its backbones' files, matched by sha256; the others are looked for beside it).")
 DEVICE = option("auto, cpu, cuda or cuda:N.", doc="`auto` (CUDA if available), `cpu`, `cuda`, `cuda:N`")
 CACHE_DIR = option("Folder of feature caches.")
 RUNS_DIR = option("Where run outputs go.")

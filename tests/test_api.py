@@ -135,7 +135,7 @@ def test_head_is_a_scikit_learn_style_estimator(cache, capfd):
     assert h.classes_ == ["blue", "red"] and len(h.history_) == 10 and h.history_[0]["epoch"] == 1  # the recipe's 10
     assert h.metrics_["val_acc"] == 1.0 and h.metrics_["val_rows"] == 6
     assert h.checkpoint_.name == "head.pt" and h.checkpoint_.is_file() and Path(h.run_dir_) == h.checkpoint_.parent
-    assert h.feature_shape_ == (8, 8, 8) and h.n_features_in_ == 512 and h.cache_ == str(cache.path)
+    assert h.feature_shape_ == (8, 8, 8) and h.n_features_in_ == 512 and h.cache_ == os.path.abspath(cache.path)
     assert "fitted" in repr(h)
     h.fit(cache, verbose=True)
     assert "Epoch 3, Train acc=" in capfd.readouterr().err
@@ -243,7 +243,7 @@ def test_train_finetune_and_model_load(work, head):
     images = sorted((work / "data").rglob("*.jpg"))
     assert m.score("data", workers=0) == pytest.approx(m.score(images, [p.parent.name for p in images]))
     f = pipeline.finetune_model("data", init=head, epochs=1, unfreeze="1", **fast)
-    assert f.kind_ == "finetune" and f.config_["init_head"] == str(head.checkpoint_)
+    assert f.kind_ == "finetune" and f.config_["init_head"] == os.path.abspath(head.checkpoint_)
     again = pipeline.Model.load(f.save(work / "ft.pt"))
     images = sorted((work / "data" / "red").glob("*.jpg"))[:2]
     np.testing.assert_allclose(again.predict_proba(images, precision="fp32"),

@@ -83,6 +83,25 @@ def test_the_standard_error_is_corrected_for_overlapping_folds():
     assert corrected_se(scores, 0.2) > naive and corrected_se([0.9], 0.2) == 0
 
 
+def test_a_later_candidates_bad_weights_are_refused_before_any_extraction(tmp_path):
+    """The second candidate's weights file is missing, or its sidecar names another model: refused in one line
+    before the first candidate is extracted (it was extracted first, minutes for a real backbone)."""
+    import json as json_module
+
+    data = make_image_folder(tmp_path / "data", per_class=10)
+    other = tmp_path / "w" / "other.pt"
+    other.parent.mkdir()
+    other.write_bytes(b"")
+    other.with_suffix(".json").write_text(json_module.dumps({"arch": "vgg16"}))
+    for weights, message in ((tmp_path / "missing.pt", "does not exist"),
+                             (other, "is for 'vgg16', not 'tiny_wide' (its sidecar says so)")):
+        out = CliRunner().invoke(cli, ["choose-backbone", "--data", str(data), "--cache-dir", str(tmp_path / "f"),
+                                       "--workers", "0", "--backbone", "tiny=none", "--backbone",
+                                       f"tiny_wide={weights}"])
+        assert out.exit_code == 2 and message in out.output and out.output.count("\n") == 1, out.output
+        assert not (tmp_path / "f").exists()  # nothing extracted
+
+
 @pytest.mark.parametrize("args, message", [
     ([], "name the candidates"),
     (["--backbone", "tiny=none", "--backbone", "tiny=none"], "named twice"),

@@ -41,6 +41,23 @@ def test_summarize_matches_a_hand_count():
     assert len(summarize(pred, top_k=1)["wrong"]) == 1
 
 
+def test_macro_f1_leaves_out_classes_neither_in_the_photos_nor_called():
+    """A folder of 2 of the model's 4 classes, all called one of those 2: macro F1 averages their F1s as
+    scikit-learn does (it averaged in 0 for the 2 classes absent from both, halving it); a class that is called
+    but absent counts, with F1 0."""
+    from sklearn.metrics import f1_score
+
+    classes = ["a", "b", "c", "d"]
+    labels = np.array([0, 0, 1, 1])
+    for called in ([0, 1, 1, 1], [0, 2, 1, 1]):
+        probs = np.full((4, 4), 0.1)
+        probs[np.arange(4), called] = 0.7
+        r = summarize(Predictions(classes, Path("/data"), [f"x{i}.jpg" for i in range(4)], labels, np.log(probs),
+                                  "hand"), top_k=5)
+        assert r["macro_f1"] == pytest.approx(f1_score(labels, called, average="macro"))
+    assert r["macro_f1"] == pytest.approx((2 / 3 + 1 + 0) / 3)  # a, b, and c (called once, absent)
+
+
 @pytest.fixture
 def head_run(tmp_path, tiny_cache):
     return fit_head(FitHeadConfig(head="linear", cache=str(tiny_cache), epochs=3, val_fraction=0.25,
@@ -57,6 +74,48 @@ def test_default_is_the_checkpoints_own_val_split(tmp_path, head_run):
     assert np.sum(r["confusion_matrix"]) == 6
     assert Path(r["confusion_png"]).is_file() and Path(r["gallery_png"]).is_file()
     assert json.loads(Path(r["run_dir"], "metrics.json").read_text())["accuracy"] == r["accuracy"]
+
+
+def test_val_split_of_a_held_out_cache_is_not_called_rows_the_refitted_head_saw(tmp_path, make_cache, image_folder,
+                                                                                 caplog):
+    """The default head is refitted on every row of its cache; on another cache (a held-out test folder's) the
+    'val' rows are not rows it saw: the warning says the cache is not the model's and how few rows 'val' scores,
+    not (as before) that the head saw them."""
+    train = make_cache(image_folder)["cache"]
+    held_out = make_image_folder(tmp_path / "test", per_class=12, seed=5)
+    test = make_cache(held_out, cache_dir=str(tmp_path / "test_features"))["cache"]
+    head = fit_head(FitHeadConfig(cache=train, runs_dir=str(tmp_path / "runs")))["checkpoint"]
+    r = evaluate(EvaluateConfig(model=head, cache=test, runs_dir=str(tmp_path / "runs")))
+    assert "is not the cache the model was trained on: 'val' scores 4 of its 24 rows" in caplog.text
+    assert "rows it saw" not in caplog.text and r["rows"] == 4
+    caplog.clear()
+    evaluate(EvaluateConfig(model=head, runs_dir=str(tmp_path / "runs")))  # its own cache: the refit note
+    assert "these 'val' rows are rows it saw" in caplog.text and "not the cache" not in caplog.text
+
+
+def test_a_cache_of_some_of_the_models_classes_is_scored_as_its_folder_is(tmp_path, make_cache):
+    """evaluate --data took a test folder of 2 of the model's 3 classes, but --cache of the same folder was
+    refused ('classes: (...) vs (...)'); now its labels are matched to the model's classes by name, the same
+    figures as --data, and a cache with a class the model does not know is refused naming it."""
+    classes = ("blue", "green", "red")
+    train = make_cache(make_image_folder(tmp_path / "train", classes=classes), dtype="float32", precision="fp32")
+    head = fit_head(FitHeadConfig(head="linear", cache=train["cache"], epochs=3, runs_dir=str(tmp_path / "runs")))
+    head = head["checkpoint"]
+    some = make_image_folder(tmp_path / "some", per_class=6, classes=("blue", "red"), seed=3)
+    cache = make_cache(some, dtype="float32", precision="fp32", cache_dir=str(tmp_path / "some_features"))["cache"]
+    on_cache = evaluate(EvaluateConfig(model=head, cache=cache, split="all", runs_dir=str(tmp_path / "runs")))
+    on_data = evaluate(EvaluateConfig(model=head, data=str(some), precision="fp32", workers=0,
+                                      runs_dir=str(tmp_path / "runs")))
+    assert on_cache["classes"] == list(classes) and on_cache["rows"] == on_data["rows"] == 12
+    assert [on_cache["per_class"][c]["support"] for c in classes] == [6, 0, 6]
+    assert on_cache["accuracy"] == on_data["accuracy"] and on_cache["loss"] == pytest.approx(on_data["loss"], abs=1e-4)
+    other = make_image_folder(tmp_path / "other", per_class=6, classes=("blue", "red"), seed=4)
+    (other / "red").rename(other / "purple")
+    wrong = make_cache(other, dtype="float32", precision="fp32", cache_dir=str(tmp_path / "other_features"))["cache"]
+    out = CliRunner().invoke(cli.cli, ["evaluate", "--model", head, "--cache", wrong, "--split", "all",
+                                       "--runs-dir", str(tmp_path / "runs")])
+    assert out.exit_code == 2 and "has classes ['purple'] the model does not know" in out.output
+    assert out.output.count("\n") == 1
 
 
 def test_data_folder_agrees_with_all_cache_rows(tmp_path, head_run, image_folder):
@@ -86,6 +145,9 @@ def test_refusals(tmp_path, head_run):
     # a whole model needs images, not cached features
     with pytest.raises(ValueError,
                        match="cannot evaluate a 'train' checkpoint on --cache; known: .*fit-head on --cache"):
+        evaluate(EvaluateConfig(model=str(tmp_path / "t.pt"), cache=str(tmp_path / "c.h5"),
+                                runs_dir=str(tmp_path / "r")))
+    with pytest.raises(ValueError, match="'train' checkpoint is evaluated on photos: pass --data DIR"):
         evaluate(EvaluateConfig(model=str(tmp_path / "t.pt"), runs_dir=str(tmp_path / "r")))
     with pytest.raises(ValueError, match="does not exist"):
         evaluate(EvaluateConfig(model=str(tmp_path / "missing.pt")))
@@ -130,6 +192,9 @@ def test_a_trained_model_evaluates_on_images(tmp_path, image_folder):
     r = evaluate(EvaluateConfig(model=model, data=str(image_folder), workers=0, runs_dir=str(tmp_path / "r")))
     assert r["kind"] == "train" and r["rows"] == 24 and sum(map(sum, r["confusion_matrix"])) == 24
     assert r["accuracy"] >= 0.9
+    # neither --data nor --cache: said as what it needs (it said "cannot evaluate ... on --cache", never passed)
+    with pytest.raises(ValueError, match="'train' checkpoint is evaluated on photos: pass --data DIR"):
+        evaluate(EvaluateConfig(model=model, runs_dir=str(tmp_path / "r")))
 
 
 @pytest.mark.parametrize("made_otherwise", [{"dtype": "float16"}, {"precision": "bf16"}])

@@ -96,6 +96,24 @@ def test_the_example_follows_the_decoding_rule_on_odd_modes(heads, tmp_path):
     assert np.abs(np.subtract([r["ood_score"] for r in got], [r["ood_score"] for r in want])).max() < 1e-4
 
 
+def test_the_example_gives_an_unreadable_file_its_reason_and_classifies_the_rest(heads, tmp_path):
+    """A zero-byte photo and a text file among good photos: before, the example died with a traceback on the
+    first of them and printed nothing of their batch; now their rows say why, the others are predict's."""
+    head = heads["linear"]
+    out = tmp_path / "m.onnx"
+    assert pipeline.export_model(head, out)["passed"]
+    good = sorted((head.parents[2] / "data").rglob("*.jpg"))[:2]
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "notes.jpg").write_text("not a photo")
+    photos = [good[0], tmp_path / "empty.jpg", tmp_path / "notes.jpg", good[1]]
+    got = example_rows(out, photos)
+    want = predict(PredictConfig(paths=[str(p) for p in good], model=str(head), workers=0, precision="fp32"))["rows"]
+    assert [r["path"] for r in got] == list(map(str, photos))
+    assert [r["class"] for r in got] == [want[0]["class"], None, None, want[1]["class"]]
+    assert "UnidentifiedImageError" in got[1]["error"] and "UnidentifiedImageError" in got[2]["error"]
+    assert abs(got[3]["probability"] - want[1]["probability"]) < 1e-4
+
+
 def test_the_example_holds_the_decoding_rule_verbatim():
     """One rule: the example's decoding is data/portable.py's text below its marker, character for character."""
     from pipeline.data import portable

@@ -48,6 +48,31 @@ def test_fit_head_learns_separable_features_and_saves_a_safe_checkpoint(cache, t
     assert json.loads((tmp_path / "runs").glob("*/history.json").__next__().read_text())[0]["epoch"] == 1
 
 
+def test_a_head_fitted_with_a_relative_cache_dir_is_evaluated_and_exported_from_any_folder(tmp_path, monkeypatch):
+    """fit-head --cache-dir features (relative) recorded 'features/...' in head.pt: from another folder
+    evaluate said the cache 'does not exist' and export found no photos for its parity check. The checkpoint
+    now records where the cache is, one head on one cache and a fused one alike."""
+    from pipeline.reports.evaluate import EvaluateConfig, evaluate
+    from pipeline.heads.checkpoints import read_checkpoint
+    from pipeline.serving.export import training_photos
+
+    data = make_image_folder(tmp_path / "d", per_class=16)
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    project.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(project)
+    for backbone in ("tiny", "tiny_wide"):
+        extract(ExtractConfig(data=str(data), n=0, backbone=backbone, weights="none", workers=0, cache_dir="features"))
+    caches = sorted(str(p.relative_to(project)) for p in (project / "features").glob("*.h5"))
+    one = fit_head(FitHeadConfig(head="logreg", cache_dir="features", runs_dir="runs"))["checkpoint"]
+    fused = fit_head(FitHeadConfig(head="logreg", cache=caches, runs_dir="runs"))["checkpoint"]
+    monkeypatch.chdir(elsewhere)
+    for head in (one, fused):
+        r = evaluate(EvaluateConfig(model=str(project / head), runs_dir=str(tmp_path / "runs")))
+        assert r["rows"] == 4
+    assert len(training_photos(read_checkpoint(project / one), 2)) == 2  # export's parity check photos
+
+
 def test_dropout_and_the_seed_make_runs_reproducible(cache, tmp_path):
     a = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=2, dropout=0.5, runs_dir=str(tmp_path / "a")))
     b = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=2, dropout=0.5, runs_dir=str(tmp_path / "b")))

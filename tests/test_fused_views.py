@@ -134,12 +134,12 @@ def test_caches_of_other_photos_or_classes_are_refused_in_one_line(photos, make_
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").glob("*/head.pt"))  # nothing written
 
 
-def test_a_fused_head_loads_each_backbones_recorded_weights_and_refuses_weights_and_finetuning(two_caches, tmp_path):
+def test_a_fused_head_loads_each_backbones_recorded_weights_and_refuses_finetuning(two_caches, tmp_path):
     a, b = two_caches
     r = fit_head(FitHeadConfig(cache=[a, b], head="logreg", runs_dir=str(tmp_path / "runs")))
     lm = load_model(r["checkpoint"])
     assert lm.transform.input_shape == (6, 32, 32) and [p["crop_size"] for p in lm.info["preprocessing"]] == [32, 24]
-    with pytest.raises(UsageError, match="--weights names one backbone's"):
+    with pytest.raises(UsageError, match="--weights 'none' must be one of their weights files"):
         load_model(r["checkpoint"], weights="none")
     with pytest.raises(UsageError, match="fine-tuning starts from a head on one backbone's"):
         load_model(r["checkpoint"], trainable=True)
@@ -148,6 +148,37 @@ def test_a_fused_head_loads_each_backbones_recorded_weights_and_refuses_weights_
     torch.save(ckpt, tmp_path / "bad.pt")
     with pytest.raises(UsageError, match="field 'fused' must be a fused-features record"):
         load_model(tmp_path / "bad.pt")
+
+
+def test_a_fused_head_whose_weights_folder_moved_runs_with_weights_naming_one_file_of_it(photos, make_cache, tmp_path):
+    """Each backbone's weights file recorded in a fused head has moved (the project copied elsewhere): --weights
+    names one file of the new folder (matched by sha256), the other is found beside it; before, --weights was
+    refused for a fused head while the error said to pass it, so the head could not run at all."""
+    from pipeline.extraction import backbones as bb
+
+    folder = tmp_path / "w"
+    folder.mkdir()
+    for name in ("tiny", "tiny_wide"):
+        torch.save(bb.load_backbone(name, "none").model.state_dict(), folder / f"{name}.pt")
+    a = make_cache(photos, weights=str(folder / "tiny.pt"))["cache"]
+    b = make_cache(photos, backbone="tiny_wide", weights=str(folder / "tiny_wide.pt"))["cache"]
+    r = fit_head(FitHeadConfig(cache=[a, b], head="logreg", runs_dir=str(tmp_path / "runs")))
+    want = load_model(r["checkpoint"]).model.head.state_dict()
+    shutil.move(folder, tmp_path / "moved")
+    with pytest.raises(pipeline.PipelineError, match="tiny.pt .*not found.*in one folder and pass --weights"):
+        load_model(r["checkpoint"])
+    lm = load_model(r["checkpoint"], weights=str(tmp_path / "moved" / "tiny_wide.pt"))
+    assert [p["weights_path"] for p in lm.info["fused"]] == [str((tmp_path / "moved" / n).resolve())
+                                                             for n in ("tiny.pt", "tiny_wide.pt")]
+    assert all(torch.equal(v, want[k]) for k, v in lm.model.head.state_dict().items())
+    other = tmp_path / "other.pt"
+    torch.save({k: v + 1 for k, v in torch.load(tmp_path / "moved" / "tiny.pt").items()}, other)
+    with pytest.raises(UsageError, match="is none of the files .* was fitted with"):
+        load_model(r["checkpoint"], weights=str(other))
+    out = CliRunner().invoke(cli, ["predict", "--model", r["checkpoint"], "--weights",
+                                   str(tmp_path / "moved" / "tiny.pt"), str(photos / "red")])
+    assert out.exit_code == 0, out.output
+    assert out.output.count("red") >= 16
 
 
 def _rows_written(cache, signal: float, seed: int) -> None:

@@ -84,6 +84,21 @@ def test_three_classes_with_a_bad_file(tmp_path):
     assert load_model(result["checkpoint"]).classes == ["blue", "green", "red"]
 
 
+def test_a_model_trained_on_a_relative_data_folder_finds_its_photos_from_any_folder(tmp_path, monkeypatch):
+    """train --data d (relative) recorded 'd' in model.pt: from another folder export found no training photos
+    for its parity check ('not reachable; pass --check-data'). The checkpoint now records the folder's path."""
+    from pipeline.heads.checkpoints import read_checkpoint
+    from pipeline.serving.export import training_photos
+
+    make_image_folder(tmp_path / "project" / "d", per_class=6)
+    monkeypatch.chdir(tmp_path / "project")
+    result = train(TrainConfig(data="d", backbone="tiny", epochs=1, runs_dir="runs", **FAST))
+    monkeypatch.chdir(tmp_path)
+    ckpt = read_checkpoint(tmp_path / "project" / result["checkpoint"])
+    assert ckpt["config"]["data"] == str(tmp_path / "project" / "d")
+    assert len(training_photos(ckpt, 2)) == 2
+
+
 def test_n_takes_a_stratified_sample_split_like_fit_head():
     import numpy as np
 

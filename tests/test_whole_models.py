@@ -9,7 +9,7 @@ import torch
 from click.testing import CliRunner
 
 from pipeline import cli
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, UsageError
 from pipeline.extraction import backbones as bb
 from pipeline.extraction.extract import ExtractConfig, extract
 from pipeline.heads.fit_head import FitHeadConfig, fit_head
@@ -50,6 +50,8 @@ def test_summary_cli_prints_table_and_totals():
 
 def test_parse_unfreeze():
     assert (parse_unfreeze("none"), parse_unfreeze("all"), parse_unfreeze("3")) == (0, ALL, 3)
+    with pytest.raises(UsageError, match="unknown unfreeze value '²'"):  # was an internal ValueError from int()
+        parse_unfreeze("²")
     with pytest.raises(ValueError, match="allowed: none, all"):
         parse_unfreeze("last")
 

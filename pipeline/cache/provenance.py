@@ -196,10 +196,11 @@ class Provenance:
         return out
 
 
-def check_cache_fits(ckpt: dict, cache) -> None:
-    """A one-line UsageError when ``cache`` holds other features than the head ``ckpt`` was fitted on."""
+def check_cache_fits(ckpt: dict, cache, what: tuple = SAME_FEATURES) -> None:
+    """A one-line UsageError when ``cache`` holds other features than the head ``ckpt`` was fitted on (``what``:
+    the fields compared; ROW_FEATURES leaves the classes to the caller)."""
 
-    differ = Provenance.from_checkpoint(ckpt).differences(Provenance.from_cache_attrs(cache.attrs))
+    differ = Provenance.from_checkpoint(ckpt).differences(Provenance.from_cache_attrs(cache.attrs), what)
     if differ:
         raise UsageError(f"cache {cache.path} does not fit the model (model vs cache): {'; '.join(differ)}")
     if tuple(cache.feature_shape) != tuple(ckpt["in_shape"]):

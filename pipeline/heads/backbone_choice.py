@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,6 +95,18 @@ def validate(cfg: ChooseBackboneConfig) -> None:
         raise UsageError(f"a candidate is named twice: {', '.join(cfg.backbones)}")
     if not Path(cfg.data).is_dir():
         raise UsageError(f"data folder {cfg.data!r} does not exist")
+    check_candidates(specs)
+
+
+def check_candidates(specs: list) -> None:
+    """Each candidate's name and weights as far as known without loading them (an unknown name, a missing
+    file, a sidecar of another model): refused before the first extraction, not after minutes of it."""
+    from ..extraction.backbones import load_preprocessing
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # 'no sidecar', 'random weights': extract says them once, later
+        for name, weights in specs:
+            load_preprocessing(name, weights)
 
 
 def _extract(cfg: ChooseBackboneConfig, backbone: str, weights: str, n: int) -> dict:

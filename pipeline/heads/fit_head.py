@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -515,7 +516,9 @@ def fit_head(cfg: FitHeadConfig) -> dict:
             **Provenance.from_cache_attrs(cache.attrs).checkpoint_fields(),
             "state_dict": head.checkpoint()["state_dict"], "head": head.config,
             "in_shape": list(cache.feature_shape), "dropout": cfg.dropout, "config": asdict(cfg),
-            "cache": str(path), "cache_fingerprint": cache.attrs["fingerprint"], "metrics": metrics,
+            # absolute: evaluate, export and finetune --init-head find it from any folder, not only from where
+            # fit-head ran (a relative --cache-dir recorded 'features/...', 'does not exist' elsewhere)
+            "cache": os.path.abspath(path), "cache_fingerprint": cache.attrs["fingerprint"], "metrics": metrics,
             "best_epoch": best_epoch, "tuning": tuning, "trust": fit.trust,
             **(cache.checkpoint_fields() if fused else _int8_network(path)),
         }

@@ -11,6 +11,7 @@ that runs the backbones on photos (``models.fused_models``).
 """
 from __future__ import annotations
 
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Optional, Sequence
@@ -179,10 +180,10 @@ class FusedRows(FeatureArray):
             observers = read_int8_observers(part.path)
             parts.append({**Provenance.from_cache_attrs(part.attrs).checkpoint_fields(),
                           "in_shape": [int(d) for d in part.feature_shape], "block": int(size),
-                          "cache": str(part.path), "cache_fingerprint": part.attrs["fingerprint"],
+                          "cache": os.path.abspath(part.path), "cache_fingerprint": part.attrs["fingerprint"],
                           **({"int8_observers": _tensors(observers)} if observers else {})})
         return {"fused": {"version": FUSED_VERSION, "view": self.view, "parts": parts},
-                "caches": [str(p.path) for p in self.parts]}
+                "caches": [os.path.abspath(p.path) for p in self.parts]}  # found from any folder
 
     def close(self) -> None:
         for p in self.parts:

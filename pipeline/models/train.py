@@ -9,6 +9,7 @@ stratified sample (``--n``) and train/val split as extract and fit-head.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from dataclasses import asdict
@@ -258,7 +259,7 @@ def _fit(cfg: TrainConfig, kind: str, lm, stages: list, listing, head_saw: froze
                "skipped": len(skipped.bad), "val_left_out_seen_by_head": len(left_out), **trust}
     out_dir = new_run_dir(cfg.runs_dir, kind)
     lm.model.to("cpu")
-    save_model(lm, out_dir / "model.pt", kind, asdict(cfg), metrics, history)
+    save_model(lm, out_dir / "model.pt", kind, recorded_config(cfg), metrics, history)
     curves = finish_run(out_dir, cfg.runs_dir, kind, history, [out_dir / "model.pt"], backbone=lm.info["backbone"],
                         params=asdict(cfg),
                         metrics={k: metrics[k] for k in ("val_acc", "val_loss", "train_acc", "train_loss")})
@@ -267,6 +268,16 @@ def _fit(cfg: TrainConfig, kind: str, lm, stages: list, listing, head_saw: froze
             "skipped_files": [{"path": p, "why": w} for p, w in skipped.bad.items()],
             "device": str(device), "precision": precision, "fit_seconds": seconds,
             "img_per_s": (seen + len(y_val)) * cfg.epochs / seconds if seconds > 0 else 0.0, "history": history}
+
+
+def recorded_config(cfg) -> dict:
+    """The config a model.pt keeps, its folders and files absolute: export's parity check (the training
+    photos) and every output guard find them from any folder, not only from where the run was started."""
+    config = asdict(cfg)
+    for key in ("data", "init_head"):
+        if config.get(key):
+            config[key] = os.path.abspath(config[key])
+    return config
 
 
 def train(cfg: TrainConfig) -> dict:

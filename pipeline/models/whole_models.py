@@ -173,7 +173,7 @@ def parse_unfreeze(value) -> int:
         return 0
     if text == "all":
         return ALL
-    if text.isdigit():
+    if text.isdecimal():  # not isdigit: '²' is a digit int() refuses
         return int(text)
     raise UsageError(f"unknown unfreeze value {value!r}; allowed: none, all, or a number of blocks K >= 1")
 
@@ -292,7 +292,7 @@ def model_from_checkpoint(ckpt: dict, path, weights: Optional[str] = None, train
     return lm
 
 
-def _head_weights_source(ckpt: dict, weights: Optional[str]) -> str:
+def _head_weights_source(ckpt: dict, weights: Optional[str], hint: str = "pass --weights PATH to it") -> str:
     """The --weights value that recreates the backbone a fit-head checkpoint's features came from."""
     recorded, sha = ckpt["weights"], ckpt.get("weights_sha256", "")
     if not recorded.startswith("file:"):
@@ -308,8 +308,8 @@ def _head_weights_source(ckpt: dict, weights: Optional[str]) -> str:
         elif weights:
             return weights  # not a file: load_backbone says what is wrong with it
     raise PipelineError(f"the head was fitted on features of the weights file {recorded[5:]} (sha256 {sha[:12]}...), "
-                        f"not found at {', '.join(map(repr, candidates)) or 'any recorded path'}; "
-                        "pass --weights PATH to it")
+                        f"not found at {', '.join(map(repr, dict.fromkeys(candidates))) or 'any recorded path'}; "
+                        f"{hint}")
 
 
 def _recorded_weights_paths(ckpt: dict) -> list[str]:
@@ -380,11 +380,11 @@ def head_from_checkpoint(ckpt: dict, state: dict, path):
         raise UsageError(f"{str(path)!r}: its head does not load ({str(e).strip().splitlines()[0][:200]})") from None
 
 
-def _head_backbone(ckpt: dict, path, weights: Optional[str], trainable: bool = False):
+def _head_backbone(ckpt: dict, path, weights: Optional[str], trainable: bool = False, **hint):
     """The backbone a fit-head checkpoint's rows came from, checked against its record: (the loaded backbone,
     the weights used, its feature network: the int8 one when its cache was int8 and not ``trainable``,
     'int8' or None)."""
-    source = _head_weights_source(ckpt, weights)
+    source = _head_weights_source(ckpt, weights, **hint)
     with warnings.catch_warnings():
         if source.lower() == "none":
             warnings.simplefilter("ignore")  # a head fitted on random features, made so on purpose
@@ -423,15 +423,13 @@ def _from_fused_head(ckpt: dict, path, weights: Optional[str], trainable: bool) 
     (``fused_models``)."""
     from .fused_models import FusedModel, StackedTransform
 
-    if weights is not None:
-        raise UsageError(f"{str(path)!r} runs {len(ckpt['fused']['parts'])} backbones ({ckpt['backbone']}), each with "
-                         "the weights recorded for it; --weights names one backbone's")
     if trainable:
         raise UsageError(f"{str(path)!r} is a head on {ckpt['backbone']}'s fused features; fine-tuning starts "
                          "from a head on one backbone's")
+    given = _fused_weights(ckpt, path, weights)
     parts, transforms, records, precisions = [], [], [], []
-    for part in ckpt["fused"]["parts"]:
-        loaded, source, features, precision = _head_backbone(part, path, None)
+    for i, part in enumerate(ckpt["fused"]["parts"]):
+        loaded, source, features, precision = _head_backbone(part, path, given.get(i), hint=FUSED_WEIGHTS_HINT)
         parts.append(TransferModel(part["backbone"], features, part["in_shape"], len(ckpt["classes"]),
                                    part.get("pool", "none"), head=nn.Identity(), flip=bool(part.get("flip", False))))
         transforms.append(loaded.transform)
@@ -443,6 +441,38 @@ def _from_fused_head(ckpt: dict, path, weights: Optional[str], trainable: bool) 
                                                             "metrics", "history", "head", "tuning", "trust", "fused")},
             "preprocessing": [r["preprocessing"] for r in records], "fused": records, "init_from": str(path)}
     return LoadedModel(model, StackedTransform(transforms), info, "fit-head", "int8" if "int8" in precisions else None)
+
+
+#: What to do when a fused head's weights files are not where it recorded them (one --weights finds the rest).
+FUSED_WEIGHTS_HINT = ("put its backbones' weights files (with their sidecars) in one folder and pass --weights "
+                      "naming one of them")
+
+
+def _fused_weights(ckpt: dict, path, weights: Optional[str]) -> dict:
+    """{part index: weights file} for a fused head given ``--weights``: the backbone whose recorded sha256 the
+    file has, and each other backbone's recorded file name beside it (same sha256) where its recorded path is
+    gone. So a head whose weights folder moved runs again with --weights naming one file of the new folder."""
+    if weights is None:
+        return {}
+    parts = ckpt["fused"]["parts"]
+    recorded = ", ".join(f"{p['backbone']}: {p['weights']}" for p in parts)
+    if not bb.is_weights_path(weights) or not Path(weights).is_file():
+        raise UsageError(f"{str(path)!r} runs {len(parts)} backbones ({recorded}); --weights {weights!r} must be "
+                         "one of their weights files (the others are looked for beside it)")
+    sha = bb.file_sha256(weights)
+    if not any(p.get("weights_sha256") == sha for p in parts):
+        raise UsageError(f"--weights {weights!r} is none of the files {str(path)!r} was fitted with ({recorded})")
+    given = {}
+    for i, part in enumerate(parts):
+        if part.get("weights_sha256") == sha:
+            given[i] = weights
+            continue
+        if not part["weights"].startswith("file:") or any(Path(c).is_file() for c in _recorded_weights_paths(part)):
+            continue  # a library's weights, or still where recorded
+        beside = Path(weights).parent / Path(part["weights"][5:]).name
+        if beside.is_file() and bb.file_sha256(beside) == part.get("weights_sha256"):
+            given[i] = str(beside)
+    return given
 
 
 class FrozenGraph(nn.Module):

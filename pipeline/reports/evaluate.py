@@ -18,7 +18,7 @@ import numpy as np
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from ..cache.feature_cache import FeatureCache
-from ..cache.provenance import Preprocessing, check_cache_fits
+from ..cache.provenance import ROW_FEATURES, Preprocessing, check_cache_fits
 from ..config import EvaluateConfig, check_config
 from ..data.folders import ImageLoadError, list_image_folder, load_rgb, thumbnail
 from ..devices import resolve_device
@@ -103,17 +103,19 @@ def head_on_cache(model_path: str, ckpt: dict, cfg: EvaluateConfig) -> Predictio
         if not cfg.cache:
             log.info("using the cache the model was trained on: %s (%d rows, %s, created %s); --cache picks another",
                      path, cache.n, cache.attrs["backbone"], cache.attrs["created"])
-        check_cache_fits(ckpt, cache)
+        to_model = cache_classes_to_model(ckpt["classes"], cache)
+        check_cache_fits(ckpt, cache, ROW_FEATURES)
         if cfg.split == "val":
             c = ckpt["config"]
             rows = split_indices(cache.labels, c["val_fraction"], c["seed"])[1]
-            if c.get("refit") and ckpt.get("tuning"):
+            if cache.attrs["fingerprint"] != ckpt["cache_fingerprint"]:  # first: the refit note is of its own cache
+                log.warning("%s is not the cache the model was trained on: 'val' scores %d of its %d rows (split as "
+                            "the model's cache was), which may include training images; use --split all on a "
+                            "held-out cache", path, len(rows), cache.n)
+            elif c.get("refit") and ckpt.get("tuning"):
                 log.warning("the head was refitted on every row of its cache, the validation rows included "
                             "(fit-head --refit): these 'val' rows are rows it saw; fit-head's own val figures "
                             "came from the fit without them. Use --split all on a held-out cache")
-            elif cache.attrs["fingerprint"] != ckpt["cache_fingerprint"]:
-                log.warning("%s is not the cache the model was trained on: its 'val' rows may include training "
-                            "images; use --split all on a held-out cache", path)
         else:
             rows = np.arange(cache.n)
         head = _head(model_path, ckpt, device)
@@ -121,10 +123,21 @@ def head_on_cache(model_path: str, ckpt: dict, cfg: EvaluateConfig) -> Predictio
         rows = np.sort(rows)
         paths = cache.paths
         spatial = not ckpt.get("fused") and not is_pooled(cache.feature_shape)
-        return Predictions(list(cache.classes), Path(cache.attrs["data_root"]), [paths[i] for i in rows],
-                           cache.labels[rows], logp, f"{cfg.split} rows of {path}", cache.attrs["fingerprint"],
+        return Predictions(list(ckpt["classes"]), Path(cache.attrs["data_root"]), [paths[i] for i in rows],
+                           to_model[cache.labels[rows]], logp, f"{cfg.split} rows of {path}",
+                           cache.attrs["fingerprint"],
                            ood=ood, **_trust(head), heatmaps=cached_heatmaps(head, path, rows) if spatial else None,
                            preprocessing=ckpt["preprocessing"] if spatial else None)
+
+
+def cache_classes_to_model(classes: list, cache) -> np.ndarray:
+    """Each of the cache's class indices as the model's: a cache of some of the model's classes is scored as
+    ``--data`` scores such a folder (matched by name); one with a class the model does not know is refused."""
+    unknown = [c for c in cache.classes if c not in classes]
+    if unknown:
+        raise UsageError(f"cache {cache.path} has classes {unknown} the model does not know; its classes: "
+                         f"{', '.join(classes)}")
+    return np.array([list(classes).index(c) for c in cache.classes], dtype=np.int64)
 
 
 def cached_heatmaps(head, path, rows: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
@@ -232,12 +245,15 @@ def summarize(pred: Predictions, top_k: int) -> dict:
     k = len(pred.classes)
     y, p = pred.labels, pred.logp.argmax(1)
     precision, recall, f1, support = precision_recall_fscore_support(y, p, labels=range(k), zero_division=0)
+    # macro F1 over the classes the photos hold or were called (scikit-learn's own set): a class of the model
+    # that neither is nor is called anywhere here (a test folder of some classes) has no F1 to average
+    present = (support > 0) | (np.bincount(p, minlength=k) > 0)
     wrong = np.flatnonzero(p != y)
     conf = np.exp(pred.logp[wrong, p[wrong]])
     worst = wrong[np.argsort(-conf, kind="stable")[:top_k]]
     return {
         "rows": int(len(y)), "accuracy": float((p == y).mean()),
-        "loss": float(-pred.logp[np.arange(len(y)), y].mean()) + 0.0, "macro_f1": float(f1.mean()),
+        "loss": float(-pred.logp[np.arange(len(y)), y].mean()) + 0.0, "macro_f1": float(f1[present].mean()),
         "per_class": {c: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
                           "support": int(support[i])} for i, c in enumerate(pred.classes)},
         "classes": list(pred.classes),
@@ -300,6 +316,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     check_runs_dir(cfg, ckpt)
     source = "data" if cfg.data else "cache"
     predictor = PREDICTORS.get((ckpt["kind"], source))
+    if predictor is None and not (cfg.cache or cfg.data):  # nothing named: say what this checkpoint needs
+        raise UsageError(f"a {ckpt['kind']!r} checkpoint is evaluated on photos: pass --data DIR")
     if predictor is None:
         known = sorted(f"{k} on --{s}" for k, s in PREDICTORS)
         raise UsageError(f"cannot evaluate a {ckpt['kind']!r} checkpoint on --{source}; known: {', '.join(known)}")
