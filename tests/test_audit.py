@@ -164,3 +164,14 @@ def test_a_leak_needs_the_same_layout_not_only_the_same_things(tmp_path):
     assert ("blue/square_again.png", "blue/square.png") in leaks
     assert ("blue/square_lower.png", "blue/square.png") not in leaks
     assert r["unconfirmed"]["leaks"] >= 1
+
+
+def test_a_test_folder_of_other_classes_is_refused_before_its_extraction(tmp_path, make_cache):
+    """The classes named, not a cache of the test folder refused afterwards as one 'made differently'."""
+    cache = make_cache(make_image_folder(tmp_path / "data", per_class=4))["cache"]
+    test = make_image_folder(tmp_path / "t", per_class=3, classes=("blue", "green"))
+    before = sorted((tmp_path / "features").iterdir())
+    run = CliRunner().invoke(cli, ["audit", "--cache", cache, "--folds", "2", "--test-data", str(test),
+                                   "--runs-dir", str(tmp_path / "runs")])
+    assert run.exit_code == 2 and "(missing: red; unknown: green)" in run.output, run.output
+    assert sorted((tmp_path / "features").iterdir()) == before
