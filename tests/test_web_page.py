@@ -89,6 +89,28 @@ def test_a_file_that_is_no_image_shows_its_reason(served, browser, tmp_path):
     page.close()
 
 
+def test_a_photo_picked_before_the_page_knows_the_classes_waits_for_them(served, browser, tmp_path):
+    """/info held back until the photo is picked: the page asked for the top 5 of a 3-class head (a 400)."""
+    _, url = served
+    photo = tmp_path / "blue.jpg"
+    rng = np.random.default_rng(3)
+    Image.fromarray(np.clip(rng.normal((40, 60, 200), 30, (50, 60, 3)), 0, 255).astype(np.uint8)).save(photo)
+    page = browser.new_page()
+    held = []
+    page.route("**/info", lambda route: held.append(route))
+    page.goto(url + "/")
+    page.set_input_files("#picker", str(photo))
+    page.wait_for_function("document.querySelector('.card') !== null")
+    page.wait_for_timeout(300)  # the old page had sent its request by now
+    assert len(held) == 1
+    held[0].continue_()
+    card = page.locator(".card[data-status]")
+    card.wait_for(timeout=30_000)
+    assert card.get_attribute("data-status") == "done", card.inner_text()
+    assert sorted(card.locator(".bar .label").all_inner_texts()) == ["blue", "green", "red"]
+    page.close()
+
+
 def test_each_photo_on_the_page_shows_its_heatmap_under_it(served, browser, tmp_path):
     _, url = served
     photo = tmp_path / "green.jpg"
