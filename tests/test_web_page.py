@@ -41,6 +41,13 @@ def browser():
         b.close()
 
 
+def noisy_photo(path, rgb, size, seed):
+    """A JPEG of one colour with noise, ``size`` (height, width)."""
+    rng = np.random.default_rng(seed)
+    Image.fromarray(np.clip(rng.normal(rgb, 30, (*size, 3)), 0, 255).astype(np.uint8)).save(path)
+    return path
+
+
 def test_the_page_is_one_file_with_no_external_resource():
     from pipeline.serving.service import page_html
 
@@ -51,9 +58,7 @@ def test_the_page_is_one_file_with_no_external_resource():
 
 def test_a_photo_picked_on_the_page_shows_predicts_class_bars_and_time(served, browser, tmp_path):
     head, url = served
-    photo = tmp_path / "my red photo.jpg"
-    rng = np.random.default_rng(1)
-    Image.fromarray(np.clip(rng.normal((210, 40, 40), 30, (60, 70, 3)), 0, 255).astype(np.uint8)).save(photo)
+    photo = noisy_photo(tmp_path / "my red photo.jpg", (210, 40, 40), (60, 70), seed=1)
     want = predict(PredictConfig(paths=[str(photo)], model=str(head), workers=0, precision="fp32"))["rows"][0]
 
     page = browser.new_page()
@@ -92,9 +97,7 @@ def test_a_file_that_is_no_image_shows_its_reason(served, browser, tmp_path):
 def test_a_photo_picked_before_the_page_knows_the_classes_waits_for_them(served, browser, tmp_path):
     """/info held back until the photo is picked: the page asked for the top 5 of a 3-class head (a 400)."""
     _, url = served
-    photo = tmp_path / "blue.jpg"
-    rng = np.random.default_rng(3)
-    Image.fromarray(np.clip(rng.normal((40, 60, 200), 30, (50, 60, 3)), 0, 255).astype(np.uint8)).save(photo)
+    photo = noisy_photo(tmp_path / "blue.jpg", (40, 60, 200), (50, 60), seed=3)
     page = browser.new_page()
     held = []
     page.route("**/info", lambda route: held.append(route))
@@ -113,9 +116,7 @@ def test_a_photo_picked_before_the_page_knows_the_classes_waits_for_them(served,
 
 def test_each_photo_on_the_page_shows_its_heatmap_under_it(served, browser, tmp_path):
     _, url = served
-    photo = tmp_path / "green.jpg"
-    rng = np.random.default_rng(2)
-    Image.fromarray(np.clip(rng.normal((40, 190, 60), 30, (50, 60, 3)), 0, 255).astype(np.uint8)).save(photo)
+    photo = noisy_photo(tmp_path / "green.jpg", (40, 190, 60), (50, 60), seed=2)
     page = browser.new_page()
     page.goto(url + "/")
     page.wait_for_function("document.getElementById('about').textContent.includes('3 classes')")
