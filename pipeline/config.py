@@ -523,6 +523,12 @@ class TrainConfig(RunnerOptions, SplitOptions, TrustOptions):
     calibrate: str = field(default="val", metadata=option(
         "Where the temperature is fitted: cv (out-of-fold training rows + val), val, or none.", choices=("val", "none"),
         doc="the temperature from the validation images (`val`) or none (T = 1)"))
+    resume: Optional[str] = field(default=None, metadata=option(
+        "The run folder of a stopped run (the same command): its epochs are kept, training goes on from the next.",
+        path="dir", metavar="RUN_DIR", doc=(
+            "the run folder of a stopped run of the same command and options (`--epochs` may grow): its saved "
+            "epochs are kept (model, optimiser and random states after each) and training goes on from the next, "
+            "as if never stopped (bit for bit with `--workers 0`; decoding processes draw augmentation anew)")))
 
 
 @dataclass
