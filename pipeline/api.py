@@ -428,7 +428,8 @@ def train_model(data: PathLike, *, verbose: Optional[bool] = False, **options) -
     """Train a new head on the images of ``data`` end to end, the backbone frozen (``python cli.py train``).
 
     ``options``: TrainConfig's (backbone, weights, n, epochs=3, lr, batch_size, augment, pool, dropout,
-    val_fraction, seed, device, precision, workers, print_every, runs_dir). Returns the fitted Model.
+    val_fraction, seed, device, precision, workers, print_every, runs_dir, resume). Returns the fitted Model.
+    Ctrl-C raises ``TrainingInterrupted`` (a KeyboardInterrupt) naming the run folder ``resume`` continues.
     """
     from .models.train import train
     cfg = _config(TrainConfig, "train_model", options, data=os.fspath(data))

@@ -408,7 +408,7 @@ def demo(as_json, **options):
 @library_errors
 def train(as_json, **options):
     """Train a new head on images end to end, backbone frozen; saves runs/<stamp>-train/model.pt."""
-    result = api.train_model(options.pop("data"), verbose=None, **options).result_
+    result = interruptible_training(lambda: api.train_model(options.pop("data"), verbose=None, **options))
     emit(result, as_json, present.train_text(result))
 
 
@@ -418,8 +418,20 @@ def train(as_json, **options):
 @library_errors
 def finetune(as_json, **options):
     """Unfreeze the backbone (or its last K blocks) and train at a low rate; saves runs/<stamp>-finetune/model.pt."""
-    result = api.finetune_model(options.pop("data"), options.pop("init_head"), verbose=None, **options).result_
+    result = interruptible_training(lambda: api.finetune_model(options.pop("data"), options.pop("init_head"),
+                                                               verbose=None, **options))
     emit(result, as_json, present.train_text(result))
+
+
+def interruptible_training(run) -> dict:
+    """A train / finetune run's result; on Ctrl-C, what was kept and the command that resumes it (exit 130)."""
+    from .models.resume import TrainingInterrupted
+    from .runs.ledger import current_command
+    try:
+        return run().result_
+    except TrainingInterrupted as e:
+        click.echo(present.train_interrupted(e, current_command()), err=True)
+        sys.exit(130)
 
 
 @cli.command()

@@ -523,6 +523,12 @@ class TrainConfig(RunnerOptions, SplitOptions, TrustOptions):
     calibrate: str = field(default="val", metadata=option(
         "Where the temperature is fitted: cv (out-of-fold training rows + val), val, or none.", choices=("val", "none"),
         doc="the temperature from the validation images (`val`) or none (T = 1)"))
+    resume: Optional[str] = field(default=None, metadata=option(
+        "The run folder of a stopped run (the same command): its epochs are kept, training goes on from the next.",
+        path="dir", metavar="RUN_DIR", doc=(
+            "the run folder of a stopped run of the same command and options (`--epochs` may grow): its saved "
+            "epochs are kept (model, optimiser and random states after each) and training goes on from the next, "
+            "as if never stopped (bit for bit with `--workers 0`; decoding processes draw augmentation anew)")))
 
 
 @dataclass
@@ -782,7 +788,8 @@ class ExportConfig:
     format: str = field(default="onnx", metadata=option("onnx or torchscript.", choices=EXPORT_FORMATS, doc=(
         "`onnx` (ONNX Runtime and other ONNX runners) or `torchscript` (`torch.jit.load`, C++ libtorch)")))
     output: str = field(default="", metadata=option(
-        "The file to write; its metadata goes beside it as FILE.json.", path="file", required=True, metavar="FILE"))
+        "The file to write (not named for the other format: .onnx, .pt, .ts); its metadata goes beside it as "
+        "FILE.json.", path="file", required=True, metavar="FILE"))
     weights: Optional[str] = field(default=None, metadata=option(HEAD_WEIGHTS_HELP,
                                                                  doc_default="where the head recorded them"))
     check_data: Optional[str] = field(default=None, metadata=option(

@@ -273,3 +273,14 @@ def test_a_real_vgg16_head_exports_with_parity(shared_available, make_cache, tmp
                                    check_n=8)
     assert result["passed"] and result["parity"]["same_class"] == 8 + len(export_mod.ODD_MODES)
     assert result["max_abs_diff"] < 1e-4, result["parity"]
+
+
+def test_an_output_named_for_the_other_format_is_refused(tmp_path, image_folder):
+    lm = build_model("tiny_bn", "none", ["blue", "red"])
+    model = tmp_path / "model.pt"
+    save_model(lm, model, "train", {"data": str(image_folder)}, {}, [])
+    for fmt, name, other in [("torchscript", "Model.ONNX", "onnx"), ("onnx", "model.ts", "torchscript")]:
+        r = CliRunner().invoke(cli.cli, ["export", "--model", str(model), "--format", fmt,
+                                         "--output", str(tmp_path / name)])
+        assert r.exit_code == 2 and f"names a {other} file but --format is {fmt!r}" in r.output, r.output
+        assert not (tmp_path / name).exists()

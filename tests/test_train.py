@@ -255,3 +255,41 @@ def test_a_trained_model_is_calibrated_and_flags_a_third_colour(tmp_path, make_c
     assert lm.model.head.calibrated and float(lm.model.head.temperature) == pytest.approx(result["temperature"])
     rows = predict(PredictConfig(paths=[str(green)], model=result["checkpoint"], workers=0))["rows"]
     assert all(r["unknown"] for r in rows) and all(r["ood_score"] > result["unknown_threshold"] for r in rows)
+
+
+def test_a_stopped_finetune_resumes_where_it_stopped_as_if_never_stopped(tmp_path, image_folder, monkeypatch):
+    import pipeline.models.train as train_mod
+    args = ["finetune", "--data", str(image_folder), "--backbone", "tiny_bn", "--head-epochs", "1", "--lr", "0.01",
+            "--augment", "--weights", "none", "--workers", "0", "--batch-size", "8", "--print-every", "0",
+            "--precision", "fp32", "--runs-dir", str(tmp_path / "runs"), "--json"]
+    whole = CliRunner().invoke(cli.cli, [*args, "--epochs", "4"])
+    assert whole.exit_code == 0, whole.output
+    whole = json.loads(whole.stdout)
+
+    real = train_mod.train_one_epoch
+
+    def ctrl_c_in_epoch_3(*a):
+        if a[-1] == 3:
+            raise KeyboardInterrupt
+        return real(*a)
+
+    monkeypatch.setattr(train_mod, "train_one_epoch", ctrl_c_in_epoch_3)
+    stopped = CliRunner().invoke(cli.cli, [*args, "--epochs", "4"])
+    assert stopped.exit_code == 130
+    run_dir = next(d for d in (tmp_path / "runs").iterdir() if str(d) != whole["run_dir"] and d.is_dir())
+    assert f"2 epochs of 4 kept in {run_dir}/model.pt" in stopped.stderr and f"--resume {run_dir}" in stopped.stderr
+    assert load_model(run_dir / "model.pt").model is not None  # the epochs so far: a usable model already
+    monkeypatch.setattr(train_mod, "train_one_epoch", real)
+
+    changed = CliRunner().invoke(cli.cli, [*args, "--epochs", "4", "--lr", "0.02", "--resume", str(run_dir)])
+    assert changed.exit_code == 2 and "--lr 0.02 (the run had 0.01)" in changed.output
+    resumed = CliRunner().invoke(cli.cli, [*args, "--epochs", "4", "--resume", str(run_dir)])
+    assert resumed.exit_code == 0, resumed.output
+    resumed = json.loads(resumed.stdout)
+    assert resumed["run_dir"] == str(run_dir) and [h["epoch"] for h in resumed["history"]] == [1, 2, 3, 4]
+    assert [h["stage"] for h in resumed["history"]] == ["head", "finetune", "finetune", "finetune"]
+    a, b = (torch.load(r["checkpoint"], weights_only=True) for r in (whole, resumed))
+    assert "resume" not in b and all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert resumed["val_loss"] == whole["val_loss"]
+    again = CliRunner().invoke(cli.cli, [*args, "--epochs", "4", "--resume", str(run_dir)])
+    assert again.exit_code == 2 and "a finished run's; nothing to resume" in again.output

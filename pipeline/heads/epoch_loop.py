@@ -10,7 +10,7 @@ import copy
 import math
 import sys
 import time
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -88,17 +88,18 @@ def train_one_epoch(model, opt, minibatches: Iterable, device, precision: str = 
 
 
 def run_epochs(epochs: int, one_epoch: Callable[[int], tuple], validate: Callable[[], tuple], patience: int = 0,
-               model=None) -> list[dict]:
+               model=None, done: Sequence[dict] = (), on_epoch: Optional[Callable[[list], None]] = None) -> list[dict]:
     """Run up to ``epochs`` epochs (numbered from 1), printing a line for each; returns the history.
 
     ``one_epoch(epoch)`` -> (train acc, train loss, extra fields for the history row);
     ``validate()`` -> (val acc, val loss). With ``patience``, stop after that many epochs without a
     lower validation loss, and put ``model``'s weights of the best epoch back (early stopping).
+    ``done``: the history of a resumed run (its next epoch comes next); ``on_epoch(history)`` after each.
     """
 
-    history, best, best_state, waited = [], math.inf, None, 0
-    t0 = time.time()
-    for epoch in range(1, epochs + 1):
+    history, best, best_state, waited = list(done), math.inf, None, 0
+    t0 = time.time() - (history[-1]["seconds"] if history else 0.0)
+    for epoch in range(len(history) + 1, epochs + 1):
         train_acc, train_loss, extra = one_epoch(epoch)
         val_acc, val_loss = validate()
         if not math.isfinite(val_loss):
@@ -109,6 +110,8 @@ def run_epochs(epochs: int, one_epoch: Callable[[int], tuple], validate: Callabl
         if not is_quiet():
             print(f"Epoch {epoch}, Train acc={train_acc:.3f}, Val acc={val_acc:.3f}, "
                   f"Train loss={train_loss:.3f}, Val loss={val_loss:.3f}", file=sys.stderr)
+        if on_epoch is not None:
+            on_epoch(history)
         if not patience:
             continue
         if val_loss < best:

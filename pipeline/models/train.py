@@ -39,6 +39,7 @@ from ..heads.trust import fit_trust
 from ..progress import progress
 from ..runs.run_folders import finish_run, new_run_dir
 from .predict import ImageOutputs, iter_log_proba
+from .resume import TrainingInterrupted, items_digest, read_resume, restore, resume_fields
 from .whole_models import (
     WithExtras,
     build_model,
@@ -226,6 +227,8 @@ def _fit(cfg: TrainConfig, kind: str, lm, stages: list, listing, head_saw: froze
     backbone_lr = getattr(cfg, "backbone_lr", None) or cfg.lr / 10
     opt = torch.optim.Adam([{"params": model.head.parameters(), "lr": cfg.lr},
                             {"params": model.features.parameters(), "lr": backbone_lr}])
+    digest = items_digest(items, train_idx, val_idx)
+    stopped = read_resume(cfg, kind, recorded_config(cfg), digest) if cfg.resume else None
     val_model = Inference(model, device, precision, freeze=False)  # the same inference path as evaluate/predict
     skipped, state = ImageOutputs(), {"stage": None}
     log.info("%s: %d train / %d val images of %s, device %s, precision %s", kind, len(train_idx), len(val_idx),
@@ -243,21 +246,38 @@ def _fit(cfg: TrainConfig, kind: str, lm, stages: list, listing, head_saw: froze
         acc, loss, state["seen"] = train_one_epoch(model, opt, _minibatches(train_loader, device, skipped, bar),
                                                    device, precision, cfg.print_every, _to_stderr(bar), epoch)
         bar.close()
-        return acc, loss, {"stage": name, "trainable_params": count_params(model)[1]}
+        return acc, loss, {"stage": name, "trainable_params": count_params(model)[1], "train_rows": state["seen"]}
 
     def validate():
         acc, loss, state["y_val"], state["pred"] = evaluate(val_model, val_loader, cfg.batch_size, skipped)
         return acc, loss
 
+    run = {"dir": Path(cfg.resume) if cfg.resume else None, "done": 0}
+
+    def save_epoch(history: list):  # the run so far, resumable: a Ctrl-C or a crash loses one epoch at most
+        run["dir"] = run["dir"] or new_run_dir(cfg.runs_dir, kind)
+        save_model(lm, run["dir"] / "model.pt", kind, recorded_config(cfg),
+                   {**history[-1], "epochs_done": len(history), "epochs": cfg.epochs}, history,
+                   resume=resume_fields(opt, train_loader.generator, digest))
+        run["done"] = len(history)
+
+    done = restore(stopped, model, opt, train_loader.generator) if stopped else []
+    if done:
+        log.info("resuming %s after epoch %d of %d", cfg.resume, len(done), cfg.epochs)
     t0 = time.time()
-    history = run_epochs(cfg.epochs, one_epoch, validate)
-    seconds = time.time() - t0
-    y_val, seen = state["y_val"], state["seen"]
+    try:
+        history = run_epochs(cfg.epochs, one_epoch, validate, done=done, on_epoch=save_epoch)
+        seconds = time.time() - t0
+        if len(history) == len(done):  # --epochs as many as were done: the stopped run finished as it is
+            validate()
+        trust = trust_of(cfg, model, device, precision, listing, train_idx, val_loader, lm.transform, skipped)
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(run["dir"], run["done"] or len(done), cfg.epochs) from None
+    y_val, seen = state["y_val"], history[-1]["train_rows"]
     per_class = per_class_accuracy(y_val, state["pred"], lm.classes)
-    trust = trust_of(cfg, model, device, precision, listing, train_idx, val_loader, lm.transform, skipped)
     metrics = {**history[-1], "per_class_val_acc": per_class, "train_rows": int(seen), "val_rows": int(len(y_val)),
                "skipped": len(skipped.bad), "val_left_out_seen_by_head": len(left_out), **trust}
-    out_dir = new_run_dir(cfg.runs_dir, kind)
+    out_dir = run["dir"] or new_run_dir(cfg.runs_dir, kind)
     lm.model.to("cpu")
     save_model(lm, out_dir / "model.pt", kind, recorded_config(cfg), metrics, history)
     curves = finish_run(out_dir, cfg.runs_dir, kind, history, [out_dir / "model.pt"], backbone=lm.info["backbone"],
@@ -267,7 +287,8 @@ def _fit(cfg: TrainConfig, kind: str, lm, stages: list, listing, head_saw: froze
             "backbone": lm.info["backbone"], **metrics,
             "skipped_files": [{"path": p, "why": w} for p, w in skipped.bad.items()],
             "device": str(device), "precision": precision, "fit_seconds": seconds,
-            "img_per_s": (seen + len(y_val)) * cfg.epochs / seconds if seconds > 0 else 0.0, "history": history}
+            "img_per_s": (seen + len(y_val)) * (len(history) - len(done)) / seconds if seconds > 0 else 0.0,
+            "history": history}
 
 
 def recorded_config(cfg) -> dict:

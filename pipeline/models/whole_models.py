@@ -221,9 +221,11 @@ def build_model(backbone: str, weights: str, classes, pool: Optional[str] = None
     return LoadedModel(model, loaded.transform, _info(loaded, weights, in_shape, classes, pool, dropout))
 
 
-def save_model(lm: LoadedModel, path, kind: str, config: dict, metrics: dict, history: list) -> Path:
-    """Write the checkpoint (``checkpoints.write_checkpoint``) that ``load_model`` turns back into ``lm``."""
-    return write_checkpoint(path, kind, {
+def save_model(lm: LoadedModel, path, kind: str, config: dict, metrics: dict, history: list,
+               resume: Optional[dict] = None) -> Path:
+    """Write the checkpoint (``checkpoints.write_checkpoint``) that ``load_model`` turns back into ``lm``;
+    ``resume``: what an unfinished run needs to go on (``models.resume``)."""
+    return write_checkpoint(path, kind, {**({"resume": resume} if resume is not None else {}),
         **lm.info, "head": lm.model.head.config,
         "state_dict": {k: v.detach().cpu() for k, v in lm.model.state_dict().items()},
         "config": json.loads(json.dumps(config)), "metrics": json.loads(json.dumps(metrics)),

@@ -6,6 +6,7 @@ Nothing here computes or writes anything, and nothing here imports torch.
 """
 from __future__ import annotations
 
+import shlex
 from typing import TYPE_CHECKING, Optional
 
 from ..data.check_images import KINDS
@@ -303,6 +304,15 @@ def extract_notes(result: dict) -> list[str]:
 
 def extract_interrupted(command: str) -> str:
     return f"\ninterrupted; committed rows are kept. Resume with:\n  {command}"
+
+
+def train_interrupted(stopped, command: str) -> str:
+    """Ctrl-C during train / finetune (``models.resume.TrainingInterrupted``): what is kept, how to go on."""
+    if stopped.run_dir is None:
+        return "\ninterrupted during the first epoch: nothing was saved"
+    again = command if "--resume" in command else f"{command} --resume {shlex.quote(str(stopped.run_dir))}"
+    return (f"\ninterrupted; {plural(stopped.epochs_done, 'epoch')} of {stopped.epochs} kept in "
+            f"{stopped.run_dir}/model.pt. Resume with:\n  {again}")
 
 
 def consolidate_note(result: dict) -> str:

@@ -320,6 +320,20 @@ def portable_input(path: str, meta: dict) -> np.ndarray:
                             f"does not: {e}") from None
 
 
+#: the names a user reads as the other format; a file named for one format holding the other fails later, in the
+#: runner it was handed to
+SUFFIXES = {"onnx": (".onnx",), "torchscript": (".pt", ".pth", ".ts", ".torchscript", ".jit")}
+
+
+def check_suffix(cfg: ExportConfig) -> None:
+    """Refuse --output named for the other format (model.onnx written as TorchScript); other names pass."""
+    suffix = Path(cfg.output).suffix.lower()
+    for fmt, names in SUFFIXES.items():
+        if fmt != cfg.format and suffix in names:
+            raise UsageError(f"--output {cfg.output!r} names a {fmt} file but --format is {cfg.format!r}: "
+                             f"pass --format {fmt}, or name the file {Path(cfg.output).stem}{SUFFIXES[cfg.format][0]}")
+
+
 def check_outputs(cfg: ExportConfig, ckpt: dict) -> tuple[Path, Path]:
     """(the file, its metadata file) once neither replaces what the export reads: the model, its weights
     and their sidecar, its cache, training photos (the default parity check's) and --check-data."""
@@ -340,6 +354,7 @@ def export(cfg: ExportConfig) -> dict:
         raise UsageError("--output FILE is needed: where the exported model goes")
     ckpt = read_checkpoint(cfg.model)
     out, side = check_outputs(cfg, ckpt)
+    check_suffix(cfg)
     require(cfg.format)
     if ckpt["kind"] == "fit-head" and ckpt.get("precision") == "int8":  # refused before quantising anything
         raise UsageError(f"{cfg.model!r} runs its cache's int8 network (prepacked oneDNN kernels), which neither "
@@ -354,7 +369,7 @@ def export(cfg: ExportConfig) -> dict:
         log.info("exporting %s (%s) as %s", cfg.model, ckpt["kind"], cfg.format)
         example = torch.zeros(2, *input_shape(lm.transform))  # 2, not 1: a batch of 1 would fix the batch size
         (write_onnx if cfg.format == "onnx" else write_torchscript)(net, example, tmp, meta)
-        log.info("parity check on %d photos", len(files))
+        log.info("parity check on %d photo%s", len(files), "" if len(files) == 1 else "s")
         check = parity(lm, ExportedRunner(tmp, cfg.format), files, cfg, meta)
         result = {"model": cfg.model, "kind": ckpt["kind"], "format": cfg.format, "classes": lm.classes,
                   "max_abs_diff": check["max_abs_diff"], "passed": check["passed"], "parity": check,

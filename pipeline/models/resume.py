@@ -1,0 +1,90 @@
+"""Interrupted train / finetune runs, resumed: after every epoch the run folder's model.pt holds the model
+and what continuing needs (the optimiser's state, the random generator's, the epochs' history); ``--resume
+RUN_DIR`` with the same options goes on from the next epoch, as if never stopped.
+
+The resume fields live in the run's own checkpoint, written by the one checkpoint writer; a finished run's
+model.pt has none, so it cannot be resumed by mistake.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..errors import UsageError
+from .whole_models import read_checkpoint
+
+#: options that change nothing an epoch computes: they may differ between the stopped run and its resumption
+FREE_OPTIONS = ("epochs", "resume", "runs_dir", "workers", "print_every", "device")
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during train / finetune: ``run_dir`` (None when no epoch had finished) holds ``epochs_done`` of
+    ``epochs`` epochs, resumable with ``--resume run_dir``."""
+
+    def __init__(self, run_dir: Optional[Path], epochs_done: int, epochs: int):
+        super().__init__()
+        self.run_dir, self.epochs_done, self.epochs = run_dir, epochs_done, epochs
+
+
+def items_digest(items: list, train_idx, val_idx) -> str:
+    """Which images the run trains and validates on: a resumed run must see the same ones."""
+    split = {"train": [items[i] for i in train_idx], "val": [items[i] for i in val_idx]}
+    return hashlib.sha256(json.dumps(split, default=str).encode()).hexdigest()
+
+
+def _cpu(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _cpu(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_cpu(v) for v in value]
+    return value
+
+
+def resume_fields(opt: torch.optim.Optimizer, shuffle: torch.Generator, digest: str) -> dict:
+    """What a checkpoint needs beyond the model to go on where an epoch ended: the optimiser's state and
+    the random states (torch's, and the training loader's ``shuffle`` generator)."""
+    return {"optimizer": _cpu(opt.state_dict()), "rng": torch.get_rng_state(), "shuffle": shuffle.get_state(),
+            "items_sha256": digest}
+
+
+def read_resume(cfg, kind: str, recorded: dict, digest: str) -> dict:
+    """The stopped run's checkpoint in ``cfg.resume``, once it is one of ``kind`` with the same options
+    (``recorded``: this run's) and the same images, and has epochs left to run."""
+    path = Path(cfg.resume) / "model.pt"
+    if not path.is_file():
+        raise UsageError(f"--resume {cfg.resume!r}: no model.pt there (expected the run folder a stopped "
+                         f"train or finetune named)")
+    ckpt = read_checkpoint(path)
+    if "resume" not in ckpt:
+        raise UsageError(f"--resume {cfg.resume!r}: its model.pt is a finished run's; nothing to resume")
+    if ckpt["kind"] != kind:
+        raise UsageError(f"--resume {cfg.resume!r} is a {ckpt['kind']} run; resume it with {ckpt['kind']}")
+    before = ckpt.get("config") or {}
+    differ = [f"--{k.replace('_', '-')} {recorded[k]!r} (the run had {before.get(k)!r})" for k in recorded
+              if k not in FREE_OPTIONS and before.get(k) != recorded[k]]
+    if differ:
+        raise UsageError(f"--resume {cfg.resume!r}: other options than the stopped run's: {'; '.join(differ)}; "
+                         "resume with its options (only --epochs, --workers, --device may change)")
+    if ckpt["resume"].get("items_sha256") != digest:
+        raise UsageError(f"--resume {cfg.resume!r}: the images of {cfg.data!r} (or their split) differ from the "
+                         "stopped run's; a resumed run must train on the same ones")
+    done = len(ckpt.get("history") or [])
+    if cfg.epochs < done:
+        raise UsageError(f"--epochs {cfg.epochs}: the run already did {done} epochs (give at least {done}; "
+                         f"{done} finishes it as it is)")
+    return ckpt
+
+
+def restore(ckpt: dict, model: torch.nn.Module, opt: torch.optim.Optimizer, shuffle: torch.Generator) -> list:
+    """Put the stopped run's model, optimiser and random states back; returns its history."""
+    model.load_state_dict(ckpt["state_dict"])
+    opt.load_state_dict(ckpt["resume"]["optimizer"])
+    torch.set_rng_state(ckpt["resume"]["rng"])
+    shuffle.set_state(ckpt["resume"]["shuffle"])
+    return list(ckpt["history"])
