@@ -82,8 +82,8 @@ def pooled(cache: FeatureCache) -> tuple[np.ndarray, np.ndarray]:
 
 
 def check_output_dir(cfg: AuditConfig) -> None:
-    """--output (or --runs-dir) refused before any work when inside a photo folder the audit reads: --data,
-    --test-data, or the photos of --cache and --test-cache (a report or journal there would join a class)."""
+    """--output (or --runs-dir) and --cache-dir refused before any work when inside a photo folder the audit
+    reads: --data, --test-data, or the photos of --cache and --test-cache (a file there would join a class)."""
     from ..models.whole_models import cache_reads
 
     folders = [(cfg.data, "--data"), (cfg.test_data, "--test-data")]
@@ -91,6 +91,8 @@ def check_output_dir(cfg: AuditConfig) -> None:
         folders += cache_reads(cache, option)[1] if cache else []
     folder, option = (cfg.output, "--output") if cfg.output else (cfg.runs_dir, "--runs-dir")
     check_output(folder, data=folders, what=option, folder=True)
+    # every folder at once: extract checks only its own, so the training cache would land in --test-data first
+    check_output(cfg.cache_dir, data=folders, what="--cache-dir", folder=True)
 
 
 def output_dir(cfg, kind: str = "audit") -> Path:
