@@ -268,6 +268,23 @@ def test_predict_explain_is_refused_among_the_photos(patch_data):
     assert not (data / "red" / "maps").exists()
 
 
+def test_predict_explain_is_refused_in_the_folder_of_a_photo_named_alone(patch_data, tmp_path):
+    """A photo named alone: its folder is a photo folder too (the heatmap used to land beside the photo)."""
+    from click.testing import CliRunner
+
+    from pipeline import cli
+
+    root, data, photos, _ = patch_data
+    photo = tmp_path / "in" / "new photo.png"
+    photo.parent.mkdir()
+    photo.write_bytes(open(photos[0], "rb").read())
+    for explain in (photo.parent, photo.parent / "maps"):
+        r = CliRunner().invoke(cli.cli, ["predict", str(photo), "--model", pipeline_head(root, data),
+                                         "--workers", "0", "--explain", str(explain)])
+        assert r.exit_code == 2 and "--explain" in r.stderr and f"the folder of {photo}" in r.stderr, r.output
+    assert sorted(photo.parent.iterdir()) == [photo]
+
+
 def pipeline_head(root, data) -> str:
     from pipeline.heads.fit_head import fit_head
 

@@ -96,6 +96,12 @@ def list_inputs(paths) -> list[str]:
     return files
 
 
+def file_folders(paths) -> list[tuple[str, str]]:
+    """(folder, what it is) of each image file named directly: a photo folder too, though not named (a heatmap
+    written there would sit among the photo's neighbours and be classified with them next time)."""
+    return [(str(Path(p).parent), f"the folder of {p}") for p in paths if Path(p).is_file()]
+
+
 def read_images(pairs, transform, model, batch_size: int, workers: int, root=Path("")) -> Iterator[Item]:
     """The Items of (path, label) ``pairs`` (relative to ``root``) decoded with ``transform`` for ``model``
     (an ``inference.Inference``), read as ``image_reader.read_items`` reads for a network on its device."""
@@ -298,8 +304,8 @@ def predict(cfg: PredictConfig) -> dict:
         check_output(cfg.output, [*files, *reads], data=[*cfg.paths, *folders])
     explain = None
     if cfg.explain:  # a folder of new PNGs: never among the photos (they would be classified next time)
-        explain = check_output(cfg.explain, [*files, *reads, (cfg.output, "--output")], data=[*cfg.paths, *folders],
-                               what="--explain", folder=True)
+        explain = check_output(cfg.explain, [*files, *reads, (cfg.output, "--output")],
+                               data=[*cfg.paths, *folders, *file_folders(cfg.paths)], what="--explain", folder=True)
     lm = model_from_checkpoint(ckpt, cfg.model, cfg.weights)
     model = network(lm, cfg.device, cfg.precision, maps=bool(explain))
     if explain:
