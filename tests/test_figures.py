@@ -128,6 +128,16 @@ def test_pictures_never_write_over_an_input_or_inside_the_data_folder(tmp_path, 
     assert photo.read_bytes() == before and not (image_folder / "red" / "x.png").exists()
 
 
+def test_feature_map_never_writes_beside_its_image(tmp_path, image_folder):
+    """The image's folder is a photo folder: the picture used to land among its photos (and join a class)."""
+    photo = image_folder / "red" / "red.0.jpg"
+    before = sorted((image_folder / "red").iterdir())
+    error = _usage_error("feature-map", photo, "--backbone", "tiny", "--weights", "none",
+                         "--output", image_folder / "red" / "fm.png")
+    assert "--output" in error and "the folder of IMAGE" in error
+    assert sorted((image_folder / "red").iterdir()) == before
+
+
 def test_picture_options_out_of_range_are_usage_errors(tmp_path, image_folder):
     tiny = ("--backbone", "tiny", "--weights", "none")
     assert "--seed" in _usage_error("preview", "--data", image_folder, *tiny, "--seed", -1,
