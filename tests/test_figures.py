@@ -14,7 +14,7 @@ from PIL import Image
 
 from pipeline import cli
 from pipeline.runs import figures as plots
-from tests.conftest import ROOT, SHARED_CATSDOGS, SHARED_WEIGHTS
+from tests.conftest import ROOT, SHARED_CATSDOGS, SHARED_WEIGHTS, make_image_folder
 
 
 def assert_picture(path, size):
@@ -42,6 +42,16 @@ def test_preview_grid(tmp_path, image_folder):
     top, bottom = pixels[60:280].reshape(-1, 3), pixels[320:520].reshape(-1, 3)
     assert top[:, 2].mean() > top[:, 0].mean() + 20  # the blue row is blue, the red row red:
     assert bottom[:, 0].mean() > bottom[:, 2].mean() + 20  # one row per class, in class order
+
+
+def test_preview_gives_each_class_its_own_row_however_few_its_images(tmp_path):
+    """A class with fewer images than --per-class used to let the next class wrap into its row."""
+    data = make_image_folder(tmp_path / "data", per_class=2, classes=("blue", "green", "red"))
+    for c in ("blue", "red"):
+        (data / c / f"{c}.1.jpg").unlink()
+    out = tmp_path / "p.png"
+    run("preview", "--data", data, "--backbone", "tiny", "--weights", "none", "--per-class", 2, "--output", out)
+    assert_picture(out, (440, 790))  # 3 rows (blue, green, red) x 2 cells, not 2 rows of 2 mixing the classes
 
 
 def test_feature_map(tmp_path, image_folder):
@@ -143,6 +153,8 @@ def test_picture_options_out_of_range_are_usage_errors(tmp_path, image_folder):
     assert "--seed" in _usage_error("preview", "--data", image_folder, *tiny, "--seed", -1,
                                     "--output", tmp_path / "p.png")
     assert ".png" in _usage_error("preview", "--data", image_folder, *tiny, "--output", tmp_path / "x.txt")
+    assert "--per-class must be between 1 and 32, got 300" in _usage_error(
+        "preview", "--data", image_folder, *tiny, "--per-class", 300, "--output", tmp_path / "p.png")
     assert ".png" in _usage_error("feature-map", image_folder / "red" / "red.0.jpg", *tiny,
                                   "--output", tmp_path / "head.pt")
 

@@ -51,6 +51,20 @@ def sample_per_class(listing, per_class: int, seed: int) -> list[tuple[int, obje
     return chosen
 
 
+def class_rows(chosen, classes, transform) -> tuple[list, list, int]:
+    """(images as seen, titles, columns) of ``sample_per_class``'s choice: one row per class with images, ended by
+    blank cells (title None) where a class has fewer than the others, so no class wraps into the next row."""
+    by_class: dict = {}
+    for label, image, _ in chosen:
+        by_class.setdefault(label, []).append(as_seen(transform, image)[1])
+    cols = max(map(len, by_class.values()), default=1)
+    images, titles = [], []
+    for label, seen in sorted(by_class.items()):
+        images += seen + [None] * (cols - len(seen))
+        titles += [classes[label]] * len(seen) + [None] * (cols - len(seen))
+    return images, titles, cols
+
+
 def preview(cfg: PreviewConfig) -> tuple:
     """(Figure, info): a grid of sample images per class, preprocessed as for extraction (``cfg.output`` checked)."""
 
@@ -60,9 +74,8 @@ def preview(cfg: PreviewConfig) -> tuple:
     listing = list_image_folder(cfg.data)
     t, weights_id = load_preprocessing(cfg.backbone, cfg.weights)  # the preprocessing only: no weights loaded
     chosen = sample_per_class(listing, cfg.per_class, cfg.seed)
-    images = [as_seen(t, im)[1] for _, im, _ in chosen]
-    titles = [listing.classes[label] for label, _, _ in chosen]
-    fig = draw(images, titles, cols=cfg.per_class,
+    images, titles, cols = class_rows(chosen, listing.classes, t)
+    fig = draw(images, titles, cols=cols,
                suptitle=f"{Path(cfg.data).name}: resize {t.resize_size[0]}, crop {t.crop_size[0]} "
                         f"({cfg.backbone}, {weights_id})")
     return fig, {"output": output, "classes": list(listing.classes), "images": [p for _, _, p in chosen],

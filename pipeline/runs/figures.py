@@ -137,6 +137,8 @@ def _image_grid(images: Sequence, titles: Sequence[str], cell, cols: int, suptit
     for ax in axes:
         ax.axis("off")
     for ax, image, title in zip(axes, images, titles):
+        if title is None:  # a blank cell (the end of a short row)
+            continue
         if image is None:
             ax.imshow(np.full((8, 8, 3), 0.8))
             ax.text(4, 4, "unreadable", ha="center", va="center")
@@ -148,7 +150,8 @@ def _image_grid(images: Sequence, titles: Sequence[str], cell, cols: int, suptit
 
 
 def preview_figure(images: Sequence, titles: Sequence[str], cols: int = 4, suptitle: str = "") -> Figure:
-    """A grid of images (HxWx3 arrays in [0, 1] or PIL images), each titled (its class)."""
+    """A grid of images (HxWx3 arrays in [0, 1] or PIL images), each titled (its class); a cell titled None
+    is left blank (a class with fewer images than ``cols`` still ends its row)."""
     return _image_grid(images, titles, PREVIEW_CELL, cols, suptitle, 11)
 
 
