@@ -99,6 +99,21 @@ def test_cam_of_a_linear_head_on_the_average_is_its_weights_over_the_map():
     torch.testing.assert_close(maps, cam)
 
 
+def test_a_linear_heads_map_takes_one_pass_of_the_head(monkeypatch):
+    """The head used to run twice per map (once for the rows, once more for the gradient's direction)."""
+    from pipeline.heads.probe_heads import ProbeHead
+
+    head = ProbeHead.from_linear(torch.randn(3, 4), torch.zeros(3), (4, 2, 2), view="avg")
+    x = torch.rand(2, 4, 2, 2)
+    expected = grad_cam(head, x)
+    calls = []
+    classify = head.classify
+    monkeypatch.setattr(head, "classify", lambda h: calls.append(1) or classify(h))
+    logp, maps = grad_cam(head, x)
+    assert len(calls) == 1
+    torch.testing.assert_close((logp, maps), expected)
+
+
 def test_log_odds_stays_finite_and_exact_at_certainty():
     logp = torch.log_softmax(torch.tensor([[0.0, 60.0, -5.0]], dtype=torch.float32), 1)
     odds = log_odds(logp, torch.tensor([1]))
