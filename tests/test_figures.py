@@ -63,6 +63,19 @@ def test_feature_map(tmp_path, image_folder):
     assert_picture(out, (1500, 600))
 
 
+def test_feature_map_titles_never_overlap_at_the_most_channels():
+    """--top-k 32 used to squeeze 16 overlays a row into the fixed-size figure: their titles ran into each other."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fmap = np.random.default_rng(0).random((64, 7, 7)).astype(np.float32) * 100
+    fig = plots.feature_map_figure(np.zeros((224, 224, 3)), fmap, top_k=32)
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    boxes = [ax.title.get_window_extent(renderer) for ax in fig.axes if ax.get_title().startswith("#")]
+    assert len(boxes) == 32
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+
+
 def test_fit_head_writes_curves(tmp_path, tiny_cache):
     result = run("fit-head", "--cache", tiny_cache, "--head", "linear", "--epochs", 3, "--runs-dir", tmp_path / "runs",
                  "--json")
