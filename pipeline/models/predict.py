@@ -30,6 +30,7 @@ from ..files import (
     Terminated,
     atomic_write,
     check_output,
+    folder_of_a_file,
     is_utf8,
     json_text,
     numbered_name,
@@ -94,12 +95,6 @@ def list_inputs(paths) -> list[str]:
     if bad:
         raise UsageError(f"{shown(bad[0])!r}: {NOT_UTF8}" + (f" ({len(bad) - 1} more such names)" if bad[1:] else ""))
     return files
-
-
-def file_folders(paths) -> list[tuple[str, str]]:
-    """(folder, what it is) of each image file named directly: a photo folder too, though not named (a heatmap
-    written there would sit among the photo's neighbours and be classified with them next time)."""
-    return [(str(Path(p).parent), f"the folder of {p}") for p in paths if Path(p).is_file()]
 
 
 def read_images(pairs, transform, model, batch_size: int, workers: int, root=Path("")) -> Iterator[Item]:
@@ -304,8 +299,12 @@ def predict(cfg: PredictConfig) -> dict:
         check_output(cfg.output, [*files, *reads], data=[*cfg.paths, *folders])
     explain = None
     if cfg.explain:  # a folder of new PNGs: never among the photos (they would be classified next time)
-        explain = check_output(cfg.explain, [*files, *reads, (cfg.output, "--output")],
-                               data=[*cfg.paths, *folders, *file_folders(cfg.paths)], what="--explain", folder=True)
+        explain = check_output(cfg.explain, [*files, *reads, (cfg.output, "--output")], data=[*cfg.paths, *folders],
+                               what="--explain", folder=True)
+        photo = folder_of_a_file(explain, cfg.paths)
+        if photo:
+            raise UsageError(f"--explain {cfg.explain!r} is the folder of {photo!r}: its heatmaps would join that "
+                             "photo's neighbours; write them elsewhere")
     lm = model_from_checkpoint(ckpt, cfg.model, cfg.weights)
     model = network(lm, cfg.device, cfg.precision, maps=bool(explain))
     if explain:

@@ -18,7 +18,7 @@ from ..data.folders import ImageLoadError, list_image_folder, load_rgb
 from ..errors import UsageError
 from ..extraction.backbones import load_backbone, load_preprocessing, weights_inputs
 from ..extraction.inference import Inference
-from ..files import check_output, free_default, same_file
+from ..files import check_output, folder_of_a_file, free_default
 from ..runs.figures import denormalise, top_channels
 from ..runs.figures import preview_figure as draw
 
@@ -90,7 +90,7 @@ def feature_map(cfg: FeatureMapConfig) -> tuple:
     check_config(cfg)
     output = cfg.output and str(check_output(free_default(cfg.output, FeatureMapConfig.output),
                                              [(cfg.image, "IMAGE"), *weights_inputs(cfg.weights)], suffixes=(".png",)))
-    if output and same_file(Path(output).parent, str(Path(cfg.image).parent)):  # (that folder exists: nothing made)
+    if output and folder_of_a_file(Path(output).parent, [cfg.image]):  # (that folder exists: nothing was made)
         raise UsageError(f"--output {output!r} is in the folder of IMAGE {cfg.image!r}: a picture there would "
                          "join its photos; write it elsewhere")
     try:
