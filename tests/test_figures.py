@@ -54,6 +54,16 @@ def test_preview_gives_each_class_its_own_row_however_few_its_images(tmp_path):
     assert_picture(out, (440, 790))  # 3 rows (blue, green, red) x 2 cells, not 2 rows of 2 mixing the classes
 
 
+def test_preview_of_a_folder_of_broken_files_is_refused_not_drawn_empty(tmp_path):
+    data = tmp_path / "data"
+    for c in ("a", "b"):
+        (data / c).mkdir(parents=True)
+        (data / c / "x.jpg").write_bytes(b"not an image")
+    error = _usage_error("preview", "--data", data, "--backbone", "tiny", "--weights", "none",
+                         "--output", tmp_path / "p.png")
+    assert f"no image in {data} could be decoded (2 tried)" in error and not (tmp_path / "p.png").exists()
+
+
 def test_feature_map(tmp_path, image_folder):
     out = tmp_path / "fm.png"
     result = run("feature-map", image_folder / "red" / "red.0.jpg", "--backbone", "tiny", "--weights", "none",

@@ -74,6 +74,9 @@ def preview(cfg: PreviewConfig) -> tuple:
     listing = list_image_folder(cfg.data)
     t, weights_id = load_preprocessing(cfg.backbone, cfg.weights)  # the preprocessing only: no weights loaded
     chosen = sample_per_class(listing, cfg.per_class, cfg.seed)
+    if not chosen:  # every file skipped: no picture of nothing (it used to be an empty PNG and exit 0)
+        raise UsageError(f"no image in {cfg.data} could be decoded ({len(listing.files)} tried); "
+                         "run check-images on it")
     images, titles, cols = class_rows(chosen, listing.classes, t)
     fig = draw(images, titles, cols=cols,
                suptitle=f"{Path(cfg.data).name}: resize {t.resize_size[0]}, crop {t.crop_size[0]} "
