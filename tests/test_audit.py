@@ -187,3 +187,10 @@ def test_a_cache_dir_inside_the_test_folder_is_refused_before_anything_is_writte
                                    "--backbone", "tiny", "--weights", "none", "--workers", "0"])
     assert run.exit_code == 2 and "--cache-dir" in run.output and "(--test-data)" in run.output, run.output
     assert not (test / "features").exists()
+
+
+def test_a_pool_cache_is_refused_in_one_line(tmp_path, make_cache):
+    """suggest's pool cache (one unlabelled class) used to end in 'unexpected ValueError ... (a bug?)', exit 1."""
+    cache = make_cache(make_image_folder(tmp_path / "pool", per_class=3), purpose="pool")["cache"]
+    run = CliRunner().invoke(cli, ["audit", "--cache", cache, "--folds", "2", "--runs-dir", str(tmp_path / "runs")])
+    assert run.exit_code == 2 and "the unlabelled photos of a pool (suggest's)" in run.output, run.output

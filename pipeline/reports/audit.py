@@ -19,6 +19,7 @@ import numpy as np
 
 from ..cache.feature_cache import FeatureCache
 from ..config import AuditConfig, ExtractConfig, FitHeadConfig, check_config
+from ..data.folders import POOL
 from ..errors import UsageError
 from ..files import SafeCsvWriter, atomic_write, check_output, write_json, writing
 from ..heads.cache_views import CacheViews
@@ -113,6 +114,9 @@ def analyse(cfg: AuditConfig) -> dict:
     with FeatureCache(path) as cache:
         classes, labels, paths = cache.classes, np.asarray(cache.labels, np.int64), cache.paths
         root = cache.attrs["data_root"]
+        if len(classes) < 2:  # a pool's cache (suggest's): no labels to doubt; out-of-fold fits would fail inside
+            what = "the unlabelled photos of a pool (suggest's)" if cache.attrs.get("purpose") == POOL else "one class"
+            raise UsageError(f"cache {path} holds {what}: the audit needs a labelled cache of at least two classes")
         counts = np.bincount(labels, minlength=len(classes))
         smallest = int(counts.min())
         if smallest < cfg.folds:
