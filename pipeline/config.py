@@ -45,6 +45,8 @@ MAX_WEIGHT_DECAY = 10.0
 MAX_C = 1e6  # logistic regression's inverse regularisation: past this it is no regularisation at all
 #: Most channels feature-map draws over the image: each is one more panel (512 took minutes).
 MAX_TOP_K = 32
+#: Most images of a class preview draws (a row each): 300 took two minutes for a PNG 66,000 pixels wide.
+MAX_PER_CLASS = 32
 
 
 #: Seeds are stored as HDF5 attributes and given to numpy and torch: 0 .. 2**32 - 1 suits all three.
@@ -576,7 +578,7 @@ class PredictConfig(RunnerOptions):
             "write each photo's heatmap over it (where its class was decided: [heatmaps.md](heatmaps.md)) into DIR as "
             "`NNNNN-name.png` (its number in the input order, the name's stem with anything but letters, digits, `-`, "
             "`_`, `.` as `_`), named in the rows' `heatmap` column; from the same forward pass as the rows. Refused "
-            "where `--output` is (inside a photo folder, over an input)")))
+            "where `--output` is (inside a photo folder, over an input) and in the folder of a photo named alone")))
 
 
 @dataclass
@@ -637,7 +639,9 @@ class PreviewConfig:
     """Which images to show, and with which preprocessing."""
 
     data: str = field(default="data/PetImages", metadata=option(DATA_HELP, metavar="DIR"))
-    per_class: int = field(default=4, metadata=option("Images per class.", range=POSITIVE))
+    per_class: int = field(default=4, metadata=option(
+        f"Images per class, a row each (1 to {MAX_PER_CLASS}).", range=f"[1, {MAX_PER_CLASS}]",
+        doc="images per class, a row each"))
     seed: int = field(default=0, metadata=option("Seeds which images are shown.", range=SEEDS))
     backbone: str = field(default="vgg16", metadata=option("Whose preprocessing/features."))
     weights: str = field(default="DEFAULT", metadata=option(WEIGHTS_HELP))

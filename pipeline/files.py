@@ -141,6 +141,14 @@ def same_file(a: Path, b: str) -> bool:
         return False
 
 
+def folder_of_a_file(folder, paths) -> str | None:
+    """The first of ``paths`` that is a file in ``folder`` itself (a photo named alone: an output there would sit
+    among its neighbours and be read with them next time), or None. Only that folder: a sub-folder beside the
+    photo, such as ``maps/`` next to ``./cat.jpg``, is the caller's choice."""
+    return next((str(p) for p in paths if os.path.isfile(p) and same_file(Path(folder), os.path.dirname(p) or ".")),
+                None)
+
+
 def free_default(path, default) -> str:
     """``path``, unless it is the option's ``default`` and already exists: then the first free
     ``name-N.ext`` beside it, so a command run twice with its defaults never replaces the first picture."""

@@ -175,3 +175,22 @@ def test_a_test_folder_of_other_classes_is_refused_before_its_extraction(tmp_pat
                                    "--runs-dir", str(tmp_path / "runs")])
     assert run.exit_code == 2 and "(missing: red; unknown: green)" in run.output, run.output
     assert sorted((tmp_path / "features").iterdir()) == before
+
+
+def test_a_cache_dir_inside_the_test_folder_is_refused_before_anything_is_written(tmp_path):
+    """The training folder's extraction used to write its cache into --test-data, whose listing then took
+    the cache's folder for an empty class."""
+    data = make_image_folder(tmp_path / "data", per_class=4)
+    test = make_image_folder(tmp_path / "t", per_class=3)
+    run = CliRunner().invoke(cli, ["audit", "--data", str(data), "--test-data", str(test), "--folds", "2",
+                                   "--cache-dir", str(test / "features"), "--runs-dir", str(tmp_path / "runs"),
+                                   "--backbone", "tiny", "--weights", "none", "--workers", "0"])
+    assert run.exit_code == 2 and "--cache-dir" in run.output and "(--test-data)" in run.output, run.output
+    assert not (test / "features").exists()
+
+
+def test_a_pool_cache_is_refused_in_one_line(tmp_path, make_cache):
+    """suggest's pool cache (one unlabelled class) used to end in 'unexpected ValueError ... (a bug?)', exit 1."""
+    cache = make_cache(make_image_folder(tmp_path / "pool", per_class=3), purpose="pool")["cache"]
+    run = CliRunner().invoke(cli, ["audit", "--cache", cache, "--folds", "2", "--runs-dir", str(tmp_path / "runs")])
+    assert run.exit_code == 2 and "the unlabelled photos of a pool (suggest's)" in run.output, run.output

@@ -79,7 +79,7 @@ def test_the_command_line_names_its_options(args, message):
 
 @pytest.mark.parametrize("call, message", [
     (lambda: pipeline.train_model("data", lr=20.0), r"^train_model: lr must be in \(0, 10\], got 20.0$"),
-    (lambda: pipeline.preview("data", per_class=0), "^preview: per_class must be positive, got 0$"),
+    (lambda: pipeline.preview("data", per_class=0), "^preview: per_class must be between 1 and 32, got 0$"),
     (lambda: pipeline.extract_features("data", dtype="float64"),
      "^extract_features: unknown dtype 'float64'; allowed: float16, float32$"),
     (lambda: pipeline.serve_app("m.pt", port=70000), "^serve_app: port must be between 0 and 65535, got 70000$"),

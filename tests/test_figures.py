@@ -14,7 +14,7 @@ from PIL import Image
 
 from pipeline import cli
 from pipeline.runs import figures as plots
-from tests.conftest import ROOT, SHARED_CATSDOGS, SHARED_WEIGHTS
+from tests.conftest import ROOT, SHARED_CATSDOGS, SHARED_WEIGHTS, make_image_folder
 
 
 def assert_picture(path, size):
@@ -44,6 +44,26 @@ def test_preview_grid(tmp_path, image_folder):
     assert bottom[:, 0].mean() > bottom[:, 2].mean() + 20  # one row per class, in class order
 
 
+def test_preview_gives_each_class_its_own_row_however_few_its_images(tmp_path):
+    """A class with fewer images than --per-class used to let the next class wrap into its row."""
+    data = make_image_folder(tmp_path / "data", per_class=2, classes=("blue", "green", "red"))
+    for c in ("blue", "red"):
+        (data / c / f"{c}.1.jpg").unlink()
+    out = tmp_path / "p.png"
+    run("preview", "--data", data, "--backbone", "tiny", "--weights", "none", "--per-class", 2, "--output", out)
+    assert_picture(out, (440, 790))  # 3 rows (blue, green, red) x 2 cells, not 2 rows of 2 mixing the classes
+
+
+def test_preview_of_a_folder_of_broken_files_is_refused_not_drawn_empty(tmp_path):
+    data = tmp_path / "data"
+    for c in ("a", "b"):
+        (data / c).mkdir(parents=True)
+        (data / c / "x.jpg").write_bytes(b"not an image")
+    error = _usage_error("preview", "--data", data, "--backbone", "tiny", "--weights", "none",
+                         "--output", tmp_path / "p.png")
+    assert f"no image in {data} could be decoded (2 tried)" in error and not (tmp_path / "p.png").exists()
+
+
 def test_feature_map(tmp_path, image_folder):
     out = tmp_path / "fm.png"
     result = run("feature-map", image_folder / "red" / "red.0.jpg", "--backbone", "tiny", "--weights", "none",
@@ -51,6 +71,19 @@ def test_feature_map(tmp_path, image_folder):
     info = json.loads(result.stdout)
     assert info["feature_shape"] == [8, 8, 8] and len(info["top_channels"]) == 4
     assert_picture(out, (1500, 600))
+
+
+def test_feature_map_titles_never_overlap_at_the_most_channels():
+    """--top-k 32 used to squeeze 16 overlays a row into the fixed-size figure: their titles ran into each other."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fmap = np.random.default_rng(0).random((64, 7, 7)).astype(np.float32) * 100
+    fig = plots.feature_map_figure(np.zeros((224, 224, 3)), fmap, top_k=32)
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    boxes = [ax.title.get_window_extent(renderer) for ax in fig.axes if ax.get_title().startswith("#")]
+    assert len(boxes) == 32
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
 
 
 def test_fit_head_writes_curves(tmp_path, tiny_cache):
@@ -128,11 +161,23 @@ def test_pictures_never_write_over_an_input_or_inside_the_data_folder(tmp_path, 
     assert photo.read_bytes() == before and not (image_folder / "red" / "x.png").exists()
 
 
+def test_feature_map_never_writes_beside_its_image(tmp_path, image_folder):
+    """The image's folder is a photo folder: the picture used to land among its photos (and join a class)."""
+    photo = image_folder / "red" / "red.0.jpg"
+    before = sorted((image_folder / "red").iterdir())
+    error = _usage_error("feature-map", photo, "--backbone", "tiny", "--weights", "none",
+                         "--output", image_folder / "red" / "fm.png")
+    assert "--output" in error and "the folder of IMAGE" in error
+    assert sorted((image_folder / "red").iterdir()) == before
+
+
 def test_picture_options_out_of_range_are_usage_errors(tmp_path, image_folder):
     tiny = ("--backbone", "tiny", "--weights", "none")
     assert "--seed" in _usage_error("preview", "--data", image_folder, *tiny, "--seed", -1,
                                     "--output", tmp_path / "p.png")
     assert ".png" in _usage_error("preview", "--data", image_folder, *tiny, "--output", tmp_path / "x.txt")
+    assert "--per-class must be between 1 and 32, got 300" in _usage_error(
+        "preview", "--data", image_folder, *tiny, "--per-class", 300, "--output", tmp_path / "p.png")
     assert ".png" in _usage_error("feature-map", image_folder / "red" / "red.0.jpg", *tiny,
                                   "--output", tmp_path / "head.pt")
 

@@ -99,6 +99,21 @@ def test_cam_of_a_linear_head_on_the_average_is_its_weights_over_the_map():
     torch.testing.assert_close(maps, cam)
 
 
+def test_a_linear_heads_map_takes_one_pass_of_the_head(monkeypatch):
+    """The head used to run twice per map (once for the rows, once more for the gradient's direction)."""
+    from pipeline.heads.probe_heads import ProbeHead
+
+    head = ProbeHead.from_linear(torch.randn(3, 4), torch.zeros(3), (4, 2, 2), view="avg")
+    x = torch.rand(2, 4, 2, 2)
+    expected = grad_cam(head, x)
+    calls = []
+    classify = head.classify
+    monkeypatch.setattr(head, "classify", lambda h: calls.append(1) or classify(h))
+    logp, maps = grad_cam(head, x)
+    assert len(calls) == 1
+    torch.testing.assert_close((logp, maps), expected)
+
+
 def test_log_odds_stays_finite_and_exact_at_certainty():
     logp = torch.log_softmax(torch.tensor([[0.0, 60.0, -5.0]], dtype=torch.float32), 1)
     odds = log_odds(logp, torch.tensor([1]))
@@ -266,6 +281,22 @@ def test_predict_explain_is_refused_among_the_photos(patch_data):
                                      "--explain", str(data / "red" / "maps")])
     assert r.exit_code == 2 and "--explain" in r.stderr and "data folder" in r.stderr
     assert not (data / "red" / "maps").exists()
+
+
+def test_predict_explain_is_refused_in_the_folder_of_a_photo_named_alone(patch_data, tmp_path):
+    """A photo named alone: its folder is a photo folder too (the heatmap used to land beside the photo)."""
+    from click.testing import CliRunner
+
+    from pipeline import cli
+
+    root, data, photos, _ = patch_data
+    photo = tmp_path / "in" / "new photo.png"
+    photo.parent.mkdir()
+    photo.write_bytes(open(photos[0], "rb").read())
+    r = CliRunner().invoke(cli.cli, ["predict", str(photo), "--model", pipeline_head(root, data), "--workers", "0",
+                                     "--explain", str(tmp_path / "in" / "." / "")])
+    assert r.exit_code == 2 and "--explain" in r.stderr and f"the folder of '{photo}'" in r.stderr, r.output
+    assert sorted(photo.parent.iterdir()) == [photo]
 
 
 def pipeline_head(root, data) -> str:

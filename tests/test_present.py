@@ -64,3 +64,22 @@ def test_the_one_line_notes():
         "\ninterrupted; committed rows are kept. Resume with:\n  python cli.py extract --data d"
     assert present.imagenet_check_text({"top": [{"rank": 1, "class": "tabby", "probability": 0.5}]}) == \
         "1. tabby                          0.5000"
+
+
+def test_suggest_and_audit_tables_keep_a_row_a_line_whatever_the_names_hold():
+    """A photo or class name with a newline used to print as a row of its own (a fake rank, a fake issue)."""
+    from types import SimpleNamespace
+
+    evil = "evil\n  99  fake.jpg"
+    r = SimpleNamespace(rows=[{"rank": 1, "path": evil, "predicted": "c\x1b[2J", "uncertainty": 0.5, "distance": 0.25}],
+                        pool=1, rule="margin", head="logreg", labelled=4, skipped=0, csv="s.csv", html="s.html")
+    lines = present.suggest_text(r).splitlines()
+    assert len(lines) == 5 and lines[2] == "   1  evil\\n  99  fake.jpg  c\\x1b[2J             0.500    0.250"
+    issue = {"path": evil, "given": "a\nb", "suggested": "c", "score": 0.5}
+    audit = {"rows": 4, "data_root": "d", "classes": ["a\nb", "c"], "cache": "x.h5", "folds": 2, "head": "h",
+             "oof_acc": 1.0, "label_issues": [issue], "outliers": [{**issue}],
+             "duplicates": [{"exact": True, "paths": [evil, "x"], "classes": ["a\nb", "c"]}], "threshold": 0.88,
+             "leaks": [{"exact": True, "test": evil, "train": evil}], "test_cache": "t.h5", "test_root": "t",
+             "html": "r.html", "gallery": "g.png", "fixes": "f.csv"}
+    text = present.audit_text(audit)
+    assert "\n  99" not in text and "a\nb" not in text and text.count("evil\\n  99  fake.jpg") == 5

@@ -97,3 +97,12 @@ def test_overlapping_folders_are_refused(tmp_path, image_folder, pool, where):
     run = CliRunner().invoke(cli, ["suggest", *args, *tiny_args(tmp_path)])
     assert run.exit_code == 2 and ("overlap" in run.output or "inside the data folder" in run.output), run.output
     assert not (pool / "out").exists()
+
+
+def test_a_cache_dir_inside_the_pool_is_refused_before_anything_is_written(tmp_path, image_folder, pool):
+    """The labelled folder's extraction used to write its cache into the pool before the pool's refused it."""
+    args = ["--data", str(image_folder), "--pool", str(pool), "--output", str(tmp_path / "out"), "--backbone", "tiny",
+            "--weights", "none", "--workers", "0", "--cache-dir", str(pool / "features")]
+    run = CliRunner().invoke(cli, ["suggest", *args])
+    assert run.exit_code == 2 and "--cache-dir" in run.output and "(--pool)" in run.output, run.output
+    assert not (pool / "features").exists()

@@ -95,8 +95,11 @@ def grad_cam(head, fmap, target=None, pool=None) -> tuple:
         z = _rows(head, a, pool)
         logp = head.classify(head.features(z))
         picked = logp.argmax(1) if target is None else torch.as_tensor(target, device=logp.device).long()
-        direction = class_direction(head, z.detach(), picked.detach())
-        (grad,) = torch.autograd.grad((direction * z).sum(), a)  # the direction, back through view and norm
+        if head.kernel_components:
+            direction = class_direction(head, z.detach(), picked.detach())
+            (grad,) = torch.autograd.grad((direction * z).sum(), a)  # the direction, back through view and norm
+        else:  # the gradient at z itself: straight back through the pass above, not a second one
+            (grad,) = torch.autograd.grad(log_odds(logp, picked.detach()).sum(), a)
     weights = grad.mean(dim=(2, 3), keepdim=True)
     return logp.detach(), (weights * a.detach()).sum(1)
 

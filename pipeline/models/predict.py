@@ -30,6 +30,7 @@ from ..files import (
     Terminated,
     atomic_write,
     check_output,
+    folder_of_a_file,
     is_utf8,
     json_text,
     numbered_name,
@@ -300,6 +301,10 @@ def predict(cfg: PredictConfig) -> dict:
     if cfg.explain:  # a folder of new PNGs: never among the photos (they would be classified next time)
         explain = check_output(cfg.explain, [*files, *reads, (cfg.output, "--output")], data=[*cfg.paths, *folders],
                                what="--explain", folder=True)
+        photo = folder_of_a_file(explain, cfg.paths)
+        if photo:
+            raise UsageError(f"--explain {cfg.explain!r} is the folder of {photo!r}: its heatmaps would join that "
+                             "photo's neighbours; write them elsewhere")
     lm = model_from_checkpoint(ckpt, cfg.model, cfg.weights)
     model = network(lm, cfg.device, cfg.precision, maps=bool(explain))
     if explain:

@@ -19,6 +19,7 @@ import numpy as np
 
 from ..cache.feature_cache import FeatureCache
 from ..config import AuditConfig, ExtractConfig, FitHeadConfig, check_config
+from ..data.folders import POOL
 from ..errors import UsageError
 from ..files import SafeCsvWriter, atomic_write, check_output, write_json, writing
 from ..heads.cache_views import CacheViews
@@ -82,8 +83,8 @@ def pooled(cache: FeatureCache) -> tuple[np.ndarray, np.ndarray]:
 
 
 def check_output_dir(cfg: AuditConfig) -> None:
-    """--output (or --runs-dir) refused before any work when inside a photo folder the audit reads: --data,
-    --test-data, or the photos of --cache and --test-cache (a report or journal there would join a class)."""
+    """--output (or --runs-dir) and --cache-dir refused before any work when inside a photo folder the audit
+    reads: --data, --test-data, or the photos of --cache and --test-cache (a file there would join a class)."""
     from ..models.whole_models import cache_reads
 
     folders = [(cfg.data, "--data"), (cfg.test_data, "--test-data")]
@@ -91,6 +92,8 @@ def check_output_dir(cfg: AuditConfig) -> None:
         folders += cache_reads(cache, option)[1] if cache else []
     folder, option = (cfg.output, "--output") if cfg.output else (cfg.runs_dir, "--runs-dir")
     check_output(folder, data=folders, what=option, folder=True)
+    # every folder at once: extract checks only its own, so the training cache would land in --test-data first
+    check_output(cfg.cache_dir, data=folders, what="--cache-dir", folder=True)
 
 
 def output_dir(cfg, kind: str = "audit") -> Path:
@@ -111,6 +114,9 @@ def analyse(cfg: AuditConfig) -> dict:
     with FeatureCache(path) as cache:
         classes, labels, paths = cache.classes, np.asarray(cache.labels, np.int64), cache.paths
         root = cache.attrs["data_root"]
+        if len(classes) < 2:  # a pool's cache (suggest's): no labels to doubt; out-of-fold fits would fail inside
+            what = "the unlabelled photos of a pool (suggest's)" if cache.attrs.get("purpose") == POOL else "one class"
+            raise UsageError(f"cache {path} holds {what}: the audit needs a labelled cache of at least two classes")
         counts = np.bincount(labels, minlength=len(classes))
         smallest = int(counts.min())
         if smallest < cfg.folds:

@@ -12,6 +12,7 @@ from ..data.folders import thumbnail
 from ..files import atomic_write
 
 THUMB = 160  # pixels, the longer side of a thumbnail
+GROUP_SHOWN = 6  # thumbnails of a duplicate group; the others are named
 
 
 def data_uri(image) -> Optional[str]:
@@ -61,8 +62,10 @@ def render(result: dict, top: int) -> str:
     parts.append(f"</div><h2>Duplicates ({len(result['duplicates'])} groups)</h2><table>")
     for g in result["duplicates"][:top]:
         kind = "same bytes" if g["exact"] else f"cosine {g['similarity']:.3f}"
+        more = len(g["paths"]) - GROUP_SHOWN  # named, not hidden: the copy to remove may be among them
         parts.append(f"<tr><td>{kind}</td><td>" + "".join(photo_figure(root, p, f"{p} ({c})")
-                                                          for p, c in zip(g["paths"][:6], g["classes"][:6]))
+                                                          for p, c in zip(g["paths"][:GROUP_SHOWN], g["classes"]))
+                     + (f"<p>and {more} more: {esc(', '.join(g['paths'][GROUP_SHOWN:]))}</p>" if more > 0 else "")
                      + "</td></tr>")
     parts.append("</table>")
     if result.get("test_cache"):

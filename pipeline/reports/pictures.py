@@ -18,7 +18,7 @@ from ..data.folders import ImageLoadError, list_image_folder, load_rgb
 from ..errors import UsageError
 from ..extraction.backbones import load_backbone, load_preprocessing, weights_inputs
 from ..extraction.inference import Inference
-from ..files import check_output, free_default
+from ..files import check_output, folder_of_a_file, free_default
 from ..runs.figures import denormalise, top_channels
 from ..runs.figures import preview_figure as draw
 
@@ -51,6 +51,20 @@ def sample_per_class(listing, per_class: int, seed: int) -> list[tuple[int, obje
     return chosen
 
 
+def class_rows(chosen, classes, transform) -> tuple[list, list, int]:
+    """(images as seen, titles, columns) of ``sample_per_class``'s choice: one row per class with images, ended by
+    blank cells (title None) where a class has fewer than the others, so no class wraps into the next row."""
+    by_class: dict = {}
+    for label, image, _ in chosen:
+        by_class.setdefault(label, []).append(as_seen(transform, image)[1])
+    cols = max(map(len, by_class.values()), default=1)
+    images, titles = [], []
+    for label, seen in sorted(by_class.items()):
+        images += seen + [None] * (cols - len(seen))
+        titles += [classes[label]] * len(seen) + [None] * (cols - len(seen))
+    return images, titles, cols
+
+
 def preview(cfg: PreviewConfig) -> tuple:
     """(Figure, info): a grid of sample images per class, preprocessed as for extraction (``cfg.output`` checked)."""
 
@@ -60,9 +74,11 @@ def preview(cfg: PreviewConfig) -> tuple:
     listing = list_image_folder(cfg.data)
     t, weights_id = load_preprocessing(cfg.backbone, cfg.weights)  # the preprocessing only: no weights loaded
     chosen = sample_per_class(listing, cfg.per_class, cfg.seed)
-    images = [as_seen(t, im)[1] for _, im, _ in chosen]
-    titles = [listing.classes[label] for label, _, _ in chosen]
-    fig = draw(images, titles, cols=cfg.per_class,
+    if not chosen:  # every file skipped: no picture of nothing (it used to be an empty PNG and exit 0)
+        raise UsageError(f"no image in {cfg.data} could be decoded ({len(listing.files)} tried); "
+                         "run check-images on it")
+    images, titles, cols = class_rows(chosen, listing.classes, t)
+    fig = draw(images, titles, cols=cols,
                suptitle=f"{Path(cfg.data).name}: resize {t.resize_size[0]}, crop {t.crop_size[0]} "
                         f"({cfg.backbone}, {weights_id})")
     return fig, {"output": output, "classes": list(listing.classes), "images": [p for _, _, p in chosen],
@@ -76,7 +92,10 @@ def feature_map(cfg: FeatureMapConfig) -> tuple:
 
     check_config(cfg)
     output = cfg.output and str(check_output(free_default(cfg.output, FeatureMapConfig.output),
-                                             [cfg.image, *weights_inputs(cfg.weights)], suffixes=(".png",)))
+                                             [(cfg.image, "IMAGE"), *weights_inputs(cfg.weights)], suffixes=(".png",)))
+    if output and folder_of_a_file(Path(output).parent, [cfg.image]):  # (that folder exists: nothing was made)
+        raise UsageError(f"--output {output!r} is in the folder of IMAGE {cfg.image!r}: a picture there would "
+                         "join its photos; write it elsewhere")
     try:
         image = load_rgb(cfg.image)
     except ImageLoadError as e:

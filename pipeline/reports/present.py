@@ -10,6 +10,7 @@ import shlex
 from typing import TYPE_CHECKING, Optional
 
 from ..data.check_images import KINDS
+from ..files import one_line
 from ..runs.ledger import ledger_path
 
 if TYPE_CHECKING:
@@ -166,13 +167,14 @@ def demo_next_text(nxt: dict) -> str:
 
 def suggest_text(r: SuggestResult, top: int = 20) -> str:
     """The list as the lines a person reads on stdout."""
-    w = max([len("photo")] + [len(x["path"]) for x in r.rows[:top]])
+    names = [one_line(x["path"]) for x in r.rows[:top]]  # a name's newline must not start a row of its own
+    w = max([len("photo")] + [len(n) for n in names])
     lines = [f"{len(r.rows)} of {r.pool} pool photos to label next (rule {r.rule}; head {r.head} on "
              f"{r.labelled} labelled photos" + (f"; {r.skipped} pool photos already labelled left out" if r.skipped
                                                  else "") + ")",
              f"{'rank':>4}  {'photo':<{w}}  {'guess':<14} {'uncertainty':>11} {'distance':>8}"]
-    lines += [f"{x['rank']:>4}  {x['path']:<{w}}  {x['predicted']:<14} {x['uncertainty']:>11.3f} {x['distance']:>8.3f}"
-              for x in r.rows[:top]]
+    lines += [f"{x['rank']:>4}  {n:<{w}}  {one_line(x['predicted']):<14} {x['uncertainty']:>11.3f} "
+              f"{x['distance']:>8.3f}" for x, n in zip(r.rows, names)]
     if len(r.rows) > top:
         lines.append(f"... and {len(r.rows) - top} more ({r.csv})")
     lines += [f"list: {r.csv}", f"page: {r.html}"]
@@ -218,26 +220,27 @@ def audit_text(r: dict, top: int = 20) -> str:
              f"label issues: {len(r['label_issues'])}   outliers: {len(r['outliers'])}   "
              f"duplicate groups: {len(r['duplicates'])}   leaks: "
              f"{len(r['leaks']) if r['test_cache'] else '- (no --test-data)'}"]
-    if r["label_issues"]:
-        w = max(len("likely wrong label"), *(len(i["path"]) for i in r["label_issues"][:top]))
+    if r["label_issues"]:  # names and classes one_line'd: a newline in one must not start a row of its own
+        w = max(len("likely wrong label"), *(len(one_line(i["path"])) for i in r["label_issues"][:top]))
         lines += ["", f"{'likely wrong label':<{w}}  {'given':<12} {'suggested':<12} score",
                   f"{'-' * w}  {'-' * 12} {'-' * 12} -----"]
-        lines += [f"{i['path']:<{w}}  {i['given']:<12} {i['suggested']:<12} {i['score']:.3f}"
-                  for i in r["label_issues"][:top]]
+        lines += [f"{one_line(i['path']):<{w}}  {one_line(i['given']):<12} {one_line(i['suggested']):<12} "
+                  f"{i['score']:.3f}" for i in r["label_issues"][:top]]
         if len(r["label_issues"]) > top:
             lines.append(f"... and {len(r['label_issues']) - top} more (report.json)")
     if r["outliers"]:
         lines += ["", "like no other photo (outlier score = 1 - mean cosine similarity to its 10 nearest):"]
-        lines += [f"  {o['path']}  ({o['given']}, {o['score']:.3f})" for o in r["outliers"][:top]]
+        lines += [f"  {one_line(o['path'])}  ({one_line(o['given'])}, {o['score']:.3f})" for o in r["outliers"][:top]]
     if r["duplicates"]:
         lines += ["", f"duplicates (cosine >= {r['threshold']} and the same layout, or the same bytes):"]
         for g in r["duplicates"][:top]:
             kind = "exact" if g["exact"] else f"{g['similarity']:.3f}"
-            lines.append(f"  {kind:>6}  " + "  ".join(f"{p} ({c})" for p, c in zip(g["paths"], g["classes"])))
+            lines.append(f"  {kind:>6}  " + "  ".join(f"{one_line(p)} ({one_line(c)})"
+                                                      for p, c in zip(g["paths"], g["classes"])))
     if r["leaks"]:
         lines += ["", f"leaks: test photos with a copy in the training folder ({r['test_root']}):"]
-        lines += [f"  {'exact' if lk['exact'] else format(lk['similarity'], '.3f'):>6}  test {lk['test']}  = "
-                  f"train {lk['train']}" for lk in r["leaks"][:top]]
+        lines += [f"  {'exact' if lk['exact'] else format(lk['similarity'], '.3f'):>6}  test {one_line(lk['test'])}  = "
+                  f"train {one_line(lk['train'])}" for lk in r["leaks"][:top]]
     lines += ["", f"report: {r['html']}", f"gallery: {r['gallery']}",
               f"to fix: review {r['fixes']} (action relabel / remove / keep), then "
               f"python cli.py audit --data {r['data_root']} --apply {r['fixes']}"]

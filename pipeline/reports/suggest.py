@@ -62,8 +62,12 @@ def validate(cfg: SuggestConfig) -> None:
     if data.is_relative_to(pool) or pool.is_relative_to(data):
         raise UsageError(f"--pool {cfg.pool!r} and --data {cfg.data!r} overlap: the pool's photos would be a class "
                          "of the labelled folder (or the other way round); keep them in separate folders")
+    photos = [(cfg.data, "--data"), (cfg.pool, "--pool")]
     folder, option = (cfg.output, "--output") if cfg.output else (cfg.runs_dir, "--runs-dir")
-    check_output(folder, data=[(cfg.data, "--data"), (cfg.pool, "--pool")], what=option, folder=True)
+    check_output(folder, data=photos, what=option, folder=True)
+    # both folders, before either is extracted: extract checks only its own, so a cache inside the pool
+    # would be written by the labelled folder's extraction before the pool's refused it
+    check_output(cfg.cache_dir, data=photos, what="--cache-dir", folder=True)
 
 
 # -- the ranking (arrays only: the benchmark calls it too) --------------------------------------------

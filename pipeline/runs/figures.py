@@ -31,6 +31,7 @@ from PIL import Image
 DPI = 100
 CURVES_SIZE = (10.0, 4.0)  # inches: two panels side by side
 FEATURE_MAP_SIZE = (15.0, 6.0)
+OVERLAY_CELL = (2.0, 2.4)  # inches of one more channel overlay's column or row
 PREVIEW_CELL = (2.2, 2.5)  # inches per image, title included
 GALLERY_CELL = (2.8, 3.2)
 
@@ -137,6 +138,8 @@ def _image_grid(images: Sequence, titles: Sequence[str], cell, cols: int, suptit
     for ax in axes:
         ax.axis("off")
     for ax, image, title in zip(axes, images, titles):
+        if title is None:  # a blank cell (the end of a short row)
+            continue
         if image is None:
             ax.imshow(np.full((8, 8, 3), 0.8))
             ax.text(4, 4, "unreadable", ha="center", va="center")
@@ -148,7 +151,8 @@ def _image_grid(images: Sequence, titles: Sequence[str], cell, cols: int, suptit
 
 
 def preview_figure(images: Sequence, titles: Sequence[str], cols: int = 4, suptitle: str = "") -> Figure:
-    """A grid of images (HxWx3 arrays in [0, 1] or PIL images), each titled (its class)."""
+    """A grid of images (HxWx3 arrays in [0, 1] or PIL images), each titled (its class); a cell titled None
+    is left blank (a class with fewer images than ``cols`` still ends its row)."""
     return _image_grid(images, titles, PREVIEW_CELL, cols, suptitle, 11)
 
 
@@ -196,6 +200,19 @@ def top_channels(fmap: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-fmap.reshape(len(fmap), -1).mean(1), kind="stable")[:k]
 
 
+def overlay_grid(k: int) -> tuple[int, int]:
+    """(rows, columns) of feature_map_figure's ``k`` channel overlays: 2 rows up to 8, then 4."""
+    rows = 2 if k <= 8 else 4
+    return rows, max(1, math.ceil(k / rows))
+
+
+def feature_map_size(rows: int, cols: int) -> tuple[float, float]:
+    """Inches of the feature-map figure: FEATURE_MAP_SIZE up to 2 x 3 overlays, an overlay's cell more for each
+    column or row past those (at a fixed size, 32 overlays squeezed 16 titles into a row, one over the other)."""
+    return (FEATURE_MAP_SIZE[0] + OVERLAY_CELL[0] * max(0, cols - 3),
+            FEATURE_MAP_SIZE[1] + OVERLAY_CELL[1] * max(0, rows - 2))
+
+
 def feature_map_figure(image: np.ndarray, fmap: np.ndarray, top_k: int = 6, title: str = "") -> Figure:
     """The input (HxWx3 in [0, 1]) beside its C x H' x W' feature map, laid out as channels x positions,
     and the ``top_k`` channels with the highest mean activation upsampled over the input."""
@@ -203,9 +220,9 @@ def feature_map_figure(image: np.ndarray, fmap: np.ndarray, top_k: int = 6, titl
     c, h, w = fmap.shape
     flat = fmap.reshape(c, h * w)
     top = top_channels(fmap, top_k)
-    over_cols = max(1, math.ceil(len(top) / 2))
-    fig = _figure(FEATURE_MAP_SIZE)
-    gs = GridSpec(2, 2 + over_cols, figure=fig, width_ratios=[2.2, 1.6] + [1.0] * over_cols)
+    over_rows, over_cols = overlay_grid(len(top))
+    fig = _figure(feature_map_size(over_rows, over_cols))
+    gs = GridSpec(over_rows, 2 + over_cols, figure=fig, width_ratios=[2.2, 1.6] + [1.0] * over_cols)
     ax = fig.add_subplot(gs[:, 0])
     ax.imshow(image)
     ax.set_title(f"input ({image.shape[1]}x{image.shape[0]}, as the backbone sees it)", fontsize=10)
@@ -224,7 +241,7 @@ def feature_map_figure(image: np.ndarray, fmap: np.ndarray, top_k: int = 6, titl
         ax.imshow(image)
         ax.imshow(upsample(fmap[ch], size), cmap="jet", alpha=0.5,
                   vmin=0.0, vmax=float(fmap[ch].max()) or 1.0)
-        ax.set_title(f"#{i + 1}: channel {ch} (mean {flat[ch].mean():.3g})", fontsize=9)
+        ax.set_title(f"#{i + 1}: channel {ch}\nmean {flat[ch].mean():.3g}", fontsize=9)
         ax.axis("off")
     if title:
         fig.suptitle(title)
