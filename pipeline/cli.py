@@ -104,7 +104,7 @@ class OneLineGroup(_OneLineErrors, click.Group):
 
 
 def library_errors(fn):
-    """Turn library exceptions into click's: UsageError -> exit 2, PipelineError -> exit 1.
+    """Turn library exceptions into click's: UsageError -> exit 2, PipelineError -> exit 1, Ctrl-C -> 130.
 
     Anything else is a bug: one line and exit 1, or the whole traceback with ``-v``.
     """
@@ -122,7 +122,10 @@ def library_errors(fn):
                 sys.stderr.flush()
                 os._exit(1)
             raise click.ClickException(str(e)) from None
-        except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt, SystemExit):
+        except KeyboardInterrupt:  # click's own "Aborted!" exits 1, the code of a failed environment
+            click.echo("\ninterrupted", err=True)
+            sys.exit(130)
+        except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
             raise
         except Exception as e:
             ctx = click.get_current_context(silent=True)

@@ -150,3 +150,14 @@ def test_json_output_is_always_valid_json_nan_and_infinity_as_null(capsys):
 
     emit({"val_loss": float("nan"), "history": [{"loss": float("inf")}], "ok": 1.5}, True, "")
     assert json.loads(capsys.readouterr().out) == {"val_loss": None, "history": [{"loss": None}], "ok": 1.5}
+
+
+def test_ctrl_c_in_any_command_is_exit_130_not_the_code_of_a_failed_environment(tmp_path, monkeypatch):
+    from pipeline import api
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(api, "list_caches", ctrl_c)
+    r = CliRunner().invoke(cli, ["caches", "--cache-dir", str(tmp_path)])
+    assert r.exit_code == 130 and r.stderr.strip() == "interrupted" and "Aborted" not in r.output
