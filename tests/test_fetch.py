@@ -352,3 +352,29 @@ def test_an_entry_that_would_replace_its_own_archive_is_refused_even_with_overwr
     with pytest.raises(PipelineError, match="the file it is unpacked from"):
         fetch_data(cfg(tmp_path, f"file://{tmp_path}/data.zip", overwrite=True))
     assert zipfile.is_zipfile(tmp_path / "data.zip")
+
+
+def link_member(name, kind, target):
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, target
+    return info, None
+
+
+@pytest.mark.parametrize("members, refusal", [
+    ([link_member("s", tarfile.SYMTYPE, "mine"), file_member("s/photo.jpg", b"pwned")], "written through a link"),
+    ([link_member("s", tarfile.SYMTYPE, "mine/photo.jpg"), file_member("s", b"pwned")], "written through a link"),
+    ([link_member("h", tarfile.LNKTYPE, "mine/photo.jpg"), file_member("h", b"pwned")], "not a file of the archive"),
+    ([link_member("h", tarfile.LNKTYPE, "pets.tar.gz"), file_member("h", b"pwned")], "not a file of the archive"),
+])
+def test_a_tar_never_writes_through_its_own_links_into_files_already_there(tmp_path, members, refusal):
+    """A link inside dest passes the outside checks; writing through it replaced the user's photo (or the
+    archive being read) without --overwrite."""
+    mine = tmp_path / "mine" / "photo.jpg"
+    mine.parent.mkdir()
+    mine.write_bytes(b"my own photo")
+    make_tar(tmp_path / "pets.tar.gz", members)
+    archive = (tmp_path / "pets.tar.gz").read_bytes()
+    with pytest.raises(PipelineError, match=refusal):
+        fetch_data(cfg(tmp_path, closed_port_url().replace(NAME, "pets.tar.gz"), overwrite=True))
+    assert mine.read_bytes() == b"my own photo" and (tmp_path / "pets.tar.gz").read_bytes() == archive
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "pets.tar.gz"]

@@ -211,10 +211,26 @@ def _inside(dest: Path, name: str) -> bool:
     return target == dest or dest in target.parents
 
 
+def _check_through_links(m, parts: tuple, links: set, files: set) -> None:
+    """Refuse a tar entry that would write through a link the archive made before it (into a file
+    already in dest, or the archive itself), and a hard link to anything but a file the archive wrote."""
+    name = m.name
+    if any(parts[:i] in links for i in range(1, len(parts) + 1)):
+        raise PipelineError(f"archive entry {name!r} would be written through a link the archive made earlier; "
+                            "refusing to unpack")
+    if m.islnk() and PurePosixPath(m.linkname).parts not in files:
+        raise PipelineError(f"archive entry {name!r} is a hard link to {m.linkname!r}, which is not a file of "
+                            "the archive; refusing to unpack")
+    if m.issym() or m.islnk():
+        links.add(parts)
+    elif m.isfile():
+        files.add(parts)
+
+
 def check_members(kind: str, arc, dest: Path) -> list[str]:
     """The archive's entry names; PipelineError naming the first entry that would land outside dest."""
     dest = dest.resolve()
-    names = []
+    names, links, files = [], set(), set()
     members = arc.infolist() if kind == "zip" else arc.getmembers()
     for m in members:
         name = m.filename if kind == "zip" else m.name
@@ -232,6 +248,7 @@ def check_members(kind: str, arc, dest: Path) -> list[str]:
                 if link.startswith("/") or not _inside(dest, str(PurePosixPath(base) / link)):
                     raise PipelineError(f"archive entry {name!r} links to {link!r} outside {dest}; "
                                      "refusing to unpack")
+            _check_through_links(m, PurePosixPath(name).parts, links, files)
         names.append(name)
     return names
 
