@@ -378,3 +378,18 @@ def test_a_tar_never_writes_through_its_own_links_into_files_already_there(tmp_p
         fetch_data(cfg(tmp_path, closed_port_url().replace(NAME, "pets.tar.gz"), overwrite=True))
     assert mine.read_bytes() == b"my own photo" and (tmp_path / "pets.tar.gz").read_bytes() == archive
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "pets.tar.gz"]
+
+
+def test_a_part_file_of_another_url_is_never_resumed_with_this_ones_bytes(server, tmp_path):
+    """A cut-off download of .../A/pets.zip was resumed from .../B/pets.zip: half of each, a broken zip."""
+    other = make_zip({"B/x/B.bin": np.random.default_rng(1).bytes(200_000)})
+    server.files["B/" + NAME], server.drops = other, 1
+    with pytest.raises(PipelineError, match="run the same command again to resume"):
+        fetch_data(cfg(tmp_path, server.url, retries=0))
+    url_b = server.url.replace(NAME, "B/" + NAME)
+    with pytest.raises(ValueError, match=f"{NAME}.part in --dest was partly fetched from {server.url}, not {url_b}"):
+        fetch_data(cfg(tmp_path, url_b))
+    assert (tmp_path / f"{NAME}.part").stat().st_size == len(server.files[NAME]) // 2
+    result = fetch_data(cfg(tmp_path, url_b, overwrite=True))
+    assert (tmp_path / NAME).read_bytes() == other and result["unpacked"] == str(tmp_path / "B")
+    assert server.requests[-1] is None, "B must be fetched from its first byte"

@@ -55,6 +55,7 @@ def fetch_data(cfg: FetchConfig) -> dict:
     check_source(cfg, archive, source)
     downloaded = not archive.is_file()
     if downloaded:
+        _source_record(archive).write_text(json_text({"url": cfg.url}))  # whose bytes the .part holds
         download(cfg, archive)
         _source_record(archive).write_text(json_text({"url": cfg.url, "bytes": archive.stat().st_size}))
     else:
@@ -75,13 +76,15 @@ def local_source(url: str) -> Path | None:
 
 
 def check_source(cfg: FetchConfig, archive: Path, source: Path | None = None) -> None:
-    """Refuse a --url whose archive name is already taken in --dest by another URL's download, so one
-    never passes for the other; with --overwrite, forget the other one and fetch anew.
+    """Refuse a --url whose archive name is already taken in --dest by another URL's download (complete,
+    or a .part to resume), so one never passes for the other, nor is resumed with its bytes; with
+    --overwrite, forget the other one and fetch anew.
 
     An archive without a record (put there by hand, as the offline message says) is taken as is, and so
     is the --url's own file when it lies at the archive's place: what a command reads is never removed.
     """
-    if not archive.is_file():
+    part = archive.with_name(archive.name + ".part")
+    if not (archive.is_file() or part.is_file()):
         return
     try:
         url = json.loads(_source_record(archive).read_text())["url"]
@@ -90,11 +93,12 @@ def check_source(cfg: FetchConfig, archive: Path, source: Path | None = None) ->
     if url == cfg.url:
         return
     own = source is not None and same_file(archive, source)
+    held, how = (archive, "fetched") if archive.is_file() else (part, "partly fetched")
     if not (cfg.overwrite or own):
-        raise UsageError(f"{archive} in --dest was fetched from {url}, not {cfg.url}; choose another --dest, "
+        raise UsageError(f"{held} in --dest was {how} from {url}, not {cfg.url}; choose another --dest, "
                          "or pass --overwrite to fetch and unpack this URL over it")
-    log.warning("%s came from %s: %s anew", archive, url, f"unpacking {cfg.url}" if own else f"fetching {cfg.url}")
-    forget = [_source_record(archive), archive.with_name(f".{archive.name}.unpacked")]
+    log.warning("%s came from %s: %s anew", held, url, f"unpacking {cfg.url}" if own else f"fetching {cfg.url}")
+    forget = [_source_record(archive), archive.with_name(f".{archive.name}.unpacked"), part]
     for old in forget + ([] if own else [archive]):
         old.unlink(missing_ok=True)
 
