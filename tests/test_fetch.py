@@ -393,3 +393,30 @@ def test_a_part_file_of_another_url_is_never_resumed_with_this_ones_bytes(server
     result = fetch_data(cfg(tmp_path, url_b, overwrite=True))
     assert (tmp_path / NAME).read_bytes() == other and result["unpacked"] == str(tmp_path / "B")
     assert server.requests[-1] is None, "B must be fetched from its first byte"
+
+
+def small_disk(monkeypatch, free):
+    import shutil
+
+    usage = shutil._ntuple_diskusage(10 * free, 9 * free, free)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage)
+
+
+def test_a_decompression_bomb_is_refused_before_it_fills_the_disk(tmp_path, monkeypatch):
+    """4 MB of zeros deflate to 4 KB: unpacking wrote until the disk was full, leaving half of it."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("PetImages/Cat/0.jpg", b"\0" * (4 << 20))
+    (tmp_path / "bomb.zip").write_bytes(buf.getvalue())
+    assert len(buf.getvalue()) < 10_000
+    small_disk(monkeypatch, 1 << 20)
+    res = CliRunner().invoke(cli, ["fetch-data", "--dest", str(tmp_path), "--url", f"file://{tmp_path}/bomb.zip"])
+    assert res.exit_code == 1 and "unpacking bomb.zip needs 4.2 MB but" in res.output and "1.0 MB free" in res.output
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["bomb.zip"]
+
+
+def test_a_download_larger_than_the_free_space_is_refused_before_writing(server, tmp_path, monkeypatch):
+    small_disk(monkeypatch, 1000)
+    with pytest.raises(PipelineError, match=f"downloading {NAME} .* needs 0.3 MB but .* 0.0 MB free"):
+        fetch_data(cfg(tmp_path, server.url))
+    assert not (tmp_path / f"{NAME}.part").exists() or (tmp_path / f"{NAME}.part").stat().st_size == 0

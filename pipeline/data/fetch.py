@@ -10,6 +10,7 @@ import http.client
 import json
 import logging
 import os
+import shutil
 import tarfile
 import time
 import urllib.error
@@ -19,7 +20,7 @@ import zipfile
 from pathlib import Path, PurePosixPath
 
 from ..config import FetchConfig
-from ..errors import PipelineError, UsageError
+from ..errors import DiskFull, PipelineError, UsageError
 from ..files import check_output, json_text, plain_name, same_file
 from .folders import is_skipped_folder
 
@@ -104,6 +105,15 @@ def check_source(cfg: FetchConfig, archive: Path, source: Path | None = None) ->
 
 
 # -- download ----------------------------------------------------------------------------------
+def ensure_room(dest: Path, need: int, what: str) -> None:
+    """Refuse (DiskFull, exit 1) before writing ``need`` bytes the disk under dest cannot hold, so a
+    decompression bomb or a huge announced download never fills the disk and leaves half of itself."""
+    free = shutil.disk_usage(dest).free
+    if need > free:
+        raise DiskFull(f"{what} needs {need / 1e6:.1f} MB but {dest} has {free / 1e6:.1f} MB free; "
+                       "free some space (or choose another --dest) and run again")
+
+
 def _offline_error(cfg: FetchConfig, archive: Path, why) -> PipelineError:
     reason = getattr(why, "reason", why)
     return PipelineError(f"cannot download {cfg.url} ({reason}); offline? Download it by hand and put it at "
@@ -190,6 +200,8 @@ def _transfer(cfg: FetchConfig, archive: Path, part: Path, offset: int) -> int |
             if offset:
                 log.warning("the server does not resume downloads; starting %s again", archive.name)
             offset, total = 0, int(length) if length and length.isdigit() else None
+        if total is not None:
+            ensure_room(part.parent, total - offset, f"downloading {archive.name} ({total} bytes)")
         with open(part, "ab" if offset else "wb") as f, progress(
                 total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
                 desc=archive.name) as bar:
@@ -255,6 +267,12 @@ def check_members(kind: str, arc, dest: Path) -> list[str]:
             _check_through_links(m, PurePosixPath(name).parts, links, files)
         names.append(name)
     return names
+
+
+def unpacked_bytes(kind: str, members: list) -> int:
+    """What the entries declare they hold once unpacked: a zip entry never unpacks past its declared
+    size (zipfile stops there), and a tar entry's size is what tarfile writes."""
+    return sum(m.file_size if kind == "zip" else m.size for m in members)
 
 
 def archive_kind(path: Path) -> str:
@@ -323,6 +341,7 @@ def unpack(archive: Path, dest: Path, overwrite: bool = False, keep: Path | None
         with opener(archive) as arc:
             names = check_members(kind, arc, dest)
             members = arc.infolist() if kind == "zip" else arc.getmembers()
+            ensure_room(dest, unpacked_bytes(kind, members), f"unpacking {archive.name}")
             started = dest / f".{archive.name}.unpacking"
             # a run cut off mid-unpack left its own files: those it may replace
             check_conflicts(kind, members, dest, overwrite or _marker_bytes(started) == size, keep=(archive, keep))
