@@ -244,6 +244,13 @@ def test_bad_url_is_a_usage_error(tmp_path):
     assert res.exit_code == 2 and "ftp://example.com/x.zip" in res.output
 
 
+@pytest.mark.parametrize("url", ["http://[::1", "http://127.0.0.1:99999/x.zip", "http://127.0.0.1:abc/x.zip"])
+def test_a_malformed_url_is_a_usage_error_not_a_bug(tmp_path, url):
+    res = CliRunner().invoke(cli, ["fetch-data", "--dest", str(tmp_path), "--url", url])
+    assert res.exit_code == 2 and f"Error: --url {url!r} is not a valid URL (" in res.output
+    assert len(res.output.strip().splitlines()) == 1 and "bug" not in res.output
+
+
 ESCAPE = "..%2F..%2Fescape.tar"
 
 

@@ -34,7 +34,11 @@ CHUNK = 1 << 20
 def archive_name(url: str) -> str:
     """The archive's file name in dest: the URL path's last part, decoded, and only a plain name
     (a decoded '%2F' or '..' would otherwise write the archive outside dest)."""
-    parts = urllib.parse.urlsplit(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+        _ = parts.port  # parsed on access: 'http://h:99999/x.zip'
+    except ValueError as e:  # 'http://[::1': an unclosed IPv6 bracket, a bad port
+        raise UsageError(f"--url {url!r} is not a valid URL ({e})") from None
     if parts.scheme not in URL_SCHEMES:
         raise UsageError(f"--url {url!r} must be a URL of scheme {', '.join(URL_SCHEMES)}")
     name = PurePosixPath(parts.path).name
