@@ -427,3 +427,13 @@ def test_a_download_larger_than_the_free_space_is_refused_before_writing(server,
     with pytest.raises(PipelineError, match=f"downloading {NAME} .* needs 0.3 MB but .* 0.0 MB free"):
         fetch_data(cfg(tmp_path, server.url))
     assert not (tmp_path / f"{NAME}.part").exists() or (tmp_path / f"{NAME}.part").stat().st_size == 0
+
+
+def test_a_download_that_never_started_leaves_no_record_of_its_url(tmp_path):
+    """The offline message says to put the archive there by hand: it must then be taken, whatever URL follows."""
+    with pytest.raises(PipelineError, match="put it at"):
+        fetch_data(cfg(tmp_path, closed_port_url()))
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / NAME).write_bytes(pets_zip())  # fetched by hand from a mirror
+    result = fetch_data(cfg(tmp_path, f"file://{tmp_path}/mirror/{NAME}"))
+    assert result["downloaded"] is False and result["unpacked"] == str(tmp_path / "PetImages")

@@ -60,7 +60,6 @@ def fetch_data(cfg: FetchConfig) -> dict:
     check_source(cfg, archive, source)
     downloaded = not archive.is_file()
     if downloaded:
-        _source_record(archive).write_text(json_text({"url": cfg.url}))  # whose bytes the .part holds
         download(cfg, archive)
         _source_record(archive).write_text(json_text({"url": cfg.url, "bytes": archive.stat().st_size}))
     else:
@@ -206,6 +205,7 @@ def _transfer(cfg: FetchConfig, archive: Path, part: Path, offset: int) -> int |
             offset, total = 0, int(length) if length and length.isdigit() else None
         if total is not None:
             ensure_room(part.parent, total - offset, f"downloading {archive.name} ({total} bytes)")
+        _source_record(archive).write_text(json_text({"url": cfg.url}))  # whose bytes the .part holds
         with open(part, "ab" if offset else "wb") as f, progress(
                 total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
                 desc=archive.name) as bar:
