@@ -197,6 +197,23 @@ def test_links_and_pipes_are_errors_quarantined_and_restored(tmp_path):
     assert (root / "red" / "pipe.jpg").is_fifo() and (root / "red" / "loop.jpg").is_symlink()
 
 
+def test_quarantine_never_moves_a_file_out_of_a_linked_folder_elsewhere(tmp_path):
+    """A linked sub-folder (or class folder) is checked, but its files lie outside the checked folder:
+    quarantining them moved them out of the folder elsewhere."""
+    root = make_image_folder(tmp_path / "data", per_class=2)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "broken.jpg").write_bytes(b"")
+    (root / "red" / "linked").symlink_to(elsewhere)
+    (root / "blue" / "empty.jpg").write_bytes(b"")
+    res = CliRunner().invoke(cli, ["check-images", str(root), "--quarantine", "--workers", "1"])
+    assert res.exit_code == 0, res.output
+    assert "red/linked/broken.jpg: zero-byte file" in res.stdout
+    assert (elsewhere / "broken.jpg").is_file(), "a file outside the checked folder was moved"
+    assert entries(tmp_path / "data.quarantine") == {"blue/empty.jpg"}
+    assert "left 1 files in place: they are in linked folders" in res.stdout and "red/linked/broken.jpg)" in res.stdout
+
+
 def test_a_name_that_is_not_utf8_is_an_error_shown_escaped_in_every_output(tmp_path):
     import os
 

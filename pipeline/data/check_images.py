@@ -186,8 +186,18 @@ def restore_command(root: Path, qdir: Path) -> str:
             f"{shlex.quote(str(root))} {{}} +)")
 
 
+def through_link(root: Path, rel: str) -> bool:
+    """Whether root/rel lies in a folder reached through a linked folder (its real folder is elsewhere):
+    moving it would take a file out of a folder the command was not given."""
+    parent = os.path.dirname(rel)
+    return os.path.realpath(root / parent) != os.path.normpath(os.path.join(os.path.realpath(root), parent))
+
+
 def quarantine(root: Path, qdir: Path, rels: list[str]) -> dict:
-    """Move root/rel to qdir/rel for each rel; refuses (moving nothing) if any target exists."""
+    """Move root/rel to qdir/rel for each rel, except those in linked folders (left in place and listed);
+    refuses (moving nothing) if any target exists."""
+    linked = [r for r in rels if through_link(root, r)]
+    rels = [r for r in rels if r not in set(linked)]
     taken = [r for r in rels if (qdir / r).exists() or (qdir / r).is_symlink()]
     if taken:
         raise PipelineError(f"quarantine folder {qdir} already holds {len(taken)} of these files "
@@ -196,4 +206,4 @@ def quarantine(root: Path, qdir: Path, rels: list[str]) -> dict:
         for rel in rels:
             (qdir / rel).parent.mkdir(parents=True, exist_ok=True)
             move_no_replace(root / rel, qdir / rel)  # never over a file that appeared meanwhile; across disks too
-    return {"dir": str(qdir), "moved": len(rels), "restore": restore_command(root, qdir)}
+    return {"dir": str(qdir), "moved": len(rels), "restore": restore_command(root, qdir), "left_linked": linked}

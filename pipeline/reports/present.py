@@ -154,6 +154,9 @@ def check_images_text(result: dict, max_listed: int = 50) -> str:
     q = result["quarantine"]
     if q:
         lines.append(f"moved {q['moved']} files to {q['dir']}; to move them back:\n  {q['restore']}")
+        if q["left_linked"]:
+            lines.append(f"left {len(q['left_linked'])} files in place: they are in linked folders, whose files lie "
+                         f"outside {result['root']} (first: {q['left_linked'][0]})")
     return "\n".join(lines)
 
 
