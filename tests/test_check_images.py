@@ -214,6 +214,18 @@ def test_quarantine_never_moves_a_file_out_of_a_linked_folder_elsewhere(tmp_path
     assert "left 1 files in place: they are in linked folders" in res.stdout and "red/linked/broken.jpg)" in res.stdout
 
 
+def test_quarantining_one_class_folder_never_adds_a_class_to_its_parent(tmp_path):
+    """check-images data/red --quarantine puts data/red.quarantine beside it: extract of data took it for
+    a third class (of broken files only)."""
+    root = make_image_folder(tmp_path / "data", per_class=2)
+    (root / "red" / "empty.jpg").write_bytes(b"")
+    res = CliRunner().invoke(cli, ["check-images", str(root / "red"), "--quarantine", "--workers", "1"])
+    assert res.exit_code == 0 and (root / "red.quarantine" / "empty.jpg").is_file(), res.output
+    assert list_image_folder(root).classes == ("blue", "red")
+    again = check_images(CheckImagesConfig(str(root), workers=1))
+    assert again["errors"] == 0 and again["files"] == 4
+
+
 def test_a_name_that_is_not_utf8_is_an_error_shown_escaped_in_every_output(tmp_path):
     import os
 

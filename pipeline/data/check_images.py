@@ -19,7 +19,7 @@ from ..config import CheckImagesConfig, check_config
 from ..devices import resolve_workers
 from ..errors import PipelineError, UsageError
 from ..files import SafeCsvWriter, atomic_write, check_output, is_utf8, json_text, shown
-from .folders import NOT_UTF8, ImageLoadError, decode_image, is_image_name, walk
+from .folders import NOT_UTF8, QUARANTINE_SUFFIX, ImageLoadError, decode_image, is_image_name, walk
 from .moves import changing_folder, move_no_replace
 
 #: Every kind check-images reports, with its severity. Errors are files extract cannot use.
@@ -103,7 +103,7 @@ def check_all(root: Path, rels: list[str], workers: int):
 
 
 def default_quarantine_dir(root: Path) -> Path:
-    return root.parent / f"{root.name}.quarantine"
+    return root.parent / f"{root.name}{QUARANTINE_SUFFIX}"
 
 
 def validate(cfg: CheckImagesConfig) -> tuple[Path, Path | None, int]:

@@ -102,9 +102,15 @@ def is_image_name(name: str) -> bool:
 METADATA_FOLDERS = frozenset({"__MACOSX", "@eaDir", "$RECYCLE.BIN", "System Volume Information", "lost+found"})
 
 
+#: A quarantine folder's suffix (check-images, audit --apply: ``DIR.quarantine`` beside DIR): never a class,
+#: so the broken files of a class folder checked alone do not become a class of its parent.
+QUARANTINE_SUFFIX = ".quarantine"
+
+
 def is_skipped_folder(name: str) -> bool:
-    """Whether a folder is left out of every listing: hidden (``.git``, ``.Trash``) or METADATA_FOLDERS."""
-    return name.startswith(".") or name in METADATA_FOLDERS
+    """Whether a folder is left out of every listing: hidden (``.git``, ``.Trash``), METADATA_FOLDERS or a
+    quarantine (``Cat.quarantine``)."""
+    return name.startswith(".") or name in METADATA_FOLDERS or name.endswith(QUARANTINE_SUFFIX)
 
 
 def walk(top: str | os.PathLike, left_out: list | None = None, seen: set | None = None):
