@@ -21,8 +21,9 @@ from ..files import is_utf8, shown
 from .portable import bit_depth, jpeg_draft, to_rgb  # noqa: F401 (the decoding rule; bit_depth for callers)
 
 log = logging.getLogger(__name__)
-#: File name endings treated as images when listing a folder (case-insensitive).
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+#: File name endings treated as images when listing a folder (case-insensitive): torchvision ImageFolder's
+#: (.ppm, .pgm included) and .jfif, the name browsers on Windows save JPEGs under; PIL reads them all.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 #: Why a file whose name is not UTF-8 is left out (Python keeps such bytes as surrogates, which no
 #: UTF-8 output can hold): told, with the name escaped, rather than failing mid-run.
