@@ -163,6 +163,10 @@ def test_json_report_and_json_stdout(dirty, tmp_path):
     (["{root}", "--quarantine-dir", "{root}/q"], "inside the data folder"),
     (["{root}", "--report", "{root}/red/r.csv"], "inside the data folder"),
     (["{root}", "--workers", "-3"], "--workers"),
+    # the printed restore command moves every file of the quarantine into the data folder
+    (["{root}", "--quarantine-dir", "{tmp}"], "must be apart"),
+    (["{root}", "--quarantine-dir", "{tmp}/q", "--report", "{tmp}/q/r.csv"], "inside the quarantine folder"),
+    (["{root}", "--quarantine-dir", "{tmp}/r.csv", "--report", "{tmp}/r.csv"], "inside the quarantine folder"),
 ])
 def test_usage_errors_exit_2_with_one_line(tmp_path, args, message):
     root = make_image_folder(tmp_path / "data", per_class=1)

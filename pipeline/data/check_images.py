@@ -123,7 +123,19 @@ def validate(cfg: CheckImagesConfig) -> tuple[Path, Path | None, int]:
     if cfg.quarantine or cfg.quarantine_dir:
         qdir = Path(os.path.abspath(cfg.quarantine_dir)) if cfg.quarantine_dir else default_quarantine_dir(root)
         check_output(qdir, data=checked, what="--quarantine-dir", folder=True)
+        check_apart(Path(os.path.realpath(root)), Path(os.path.realpath(qdir)))
+        if cfg.report and Path(os.path.realpath(cfg.report)).is_relative_to(os.path.realpath(qdir)):
+            raise UsageError(f"--report {cfg.report!r} is inside the quarantine folder {str(qdir)!r}, whose every file "
+                             "the restore command moves into the checked folder; write it elsewhere")
     return root, qdir, workers
+
+
+def check_apart(root: Path, qdir: Path) -> None:
+    """The quarantine and the data folder, neither inside the other: the restore command moves every file of
+    the quarantine into the data folder (a quarantine holding it would move the data folder into itself)."""
+    if qdir.is_relative_to(root) or root.is_relative_to(qdir):
+        raise UsageError(f"the quarantine folder {str(qdir)!r} and the data folder {str(root)!r} must be apart "
+                         "(neither inside the other); choose another --quarantine-dir")
 
 
 def check_images(cfg: CheckImagesConfig) -> dict:
