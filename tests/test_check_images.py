@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from pipeline.cli import cli
 from pipeline.data.check_images import KINDS, CheckImagesConfig, check_images
 from pipeline.data.folders import ImageLoadError, list_image_folder, load_rgb
+from pipeline.errors import PipelineError
 from tests.badfiles import make_bad_corpus, skipped_by_extract, usable
 from tests.conftest import make_image_folder
 from tests.fsfaults import make_non_regular, no_hang
@@ -140,10 +141,27 @@ def test_quarantine_never_replaces_a_file_that_appears_after_the_check(dirty, tm
             target.write_bytes(b"someone else's")
 
     monkeypatch.setattr(Path, "mkdir", mkdir_then_race)
-    with pytest.raises(FileExistsError):
+    with pytest.raises(PipelineError, match="File exists.*0 of 1 files moved"):
         ci.quarantine(root, qdir, [bad[0]])
     assert (qdir / bad[0]).read_bytes() == b"someone else's"
     assert (root / bad[0]).exists()
+
+
+def test_a_quarantine_that_cannot_take_a_file_is_one_line_and_a_rerun_goes_on(dirty, tmp_path):
+    """A file where the quarantine needs a folder (or a read-only quarantine) was 'unexpected
+    FileExistsError ... a bug?'."""
+    root, corpus = dirty
+    qdir = tmp_path / "q"
+    qdir.mkdir()
+    (qdir / "red").write_text("in the way")
+    args = ["check-images", str(root), "--quarantine-dir", str(qdir), "--workers", "1"]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1, res.output
+    assert f"cannot move {root}/red/" in res.output and "run the same command again once fixed" in res.output
+    assert "bug" not in res.output
+    (qdir / "red").unlink()
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    assert set(snapshot(qdir)) == {p for p, b in corpus.items() if b.is_error}
 
 
 def test_json_report_and_json_stdout(dirty, tmp_path):

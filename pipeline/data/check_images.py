@@ -215,7 +215,12 @@ def quarantine(root: Path, qdir: Path, rels: list[str]) -> dict:
         raise PipelineError(f"quarantine folder {qdir} already holds {len(taken)} of these files "
                             f"(first: {taken[0]}); move them back first or choose --quarantine-dir")
     with changing_folder(root):  # no extract reading, no audit --apply moving, while files leave
-        for rel in rels:
-            (qdir / rel).parent.mkdir(parents=True, exist_ok=True)
-            move_no_replace(root / rel, qdir / rel)  # never over a file that appeared meanwhile; across disks too
+        for i, rel in enumerate(rels):
+            try:
+                (qdir / rel).parent.mkdir(parents=True, exist_ok=True)
+                move_no_replace(root / rel, qdir / rel)  # never over a file that appeared meanwhile; across disks too
+            except OSError as e:  # a file in the way, a read-only folder: the rest stays, a rerun goes on
+                raise PipelineError(f"cannot move {root / rel} to {qdir / rel}: {e.strerror or e} ({e.filename}); "
+                                    f"{i} of {len(rels)} files moved, the rest left in place: run the same command "
+                                    "again once fixed") from None
     return {"dir": str(qdir), "moved": len(rels), "restore": restore_command(root, qdir), "left_linked": linked}
