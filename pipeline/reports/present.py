@@ -280,9 +280,13 @@ def runs_table(records: list[dict], sort_by: Optional[str] = None) -> str:
     return "\n".join(lines)
 
 
-def runs_text(records: list[dict], sort_by: Optional[str], runs_dir) -> str:
-    """The runs command: the ledger's table, or where no run was recorded."""
-    return runs_table(records, sort_by) if records else f"no runs in {ledger_path(runs_dir)}"
+def runs_text(records: list[dict], sort_by: Optional[str], runs_dir, cache: Optional[str] = None,
+              backbone: Optional[str] = None) -> str:
+    """The runs command: the ledger's table, or where no run was recorded (or none matched the filters)."""
+    if records:
+        return runs_table(records, sort_by)
+    filters = " and ".join(f"--{k} {v}" for k, v in (("cache", cache), ("backbone", backbone)) if v)
+    return f"no runs in {ledger_path(runs_dir)}" + (f" match {filters}" if filters else "")
 
 
 def extract_notes(result: dict) -> list[str]:
