@@ -34,6 +34,19 @@ def test_demo_refuses_outputs_inside_the_data_folder_before_moving_a_file(tmp_pa
     assert (data / "red" / "broken.jpg").exists() and not (tmp_path / "pets.quarantine").exists()
 
 
+def test_demo_refuses_bad_extract_options_before_moving_a_file(tmp_path, monkeypatch):
+    """--n 1000 of a folder of 5, or a misspelt --weights file, was refused by extract after check-images had
+    quarantined the broken files."""
+    monkeypatch.chdir(tmp_path)
+    data = make_image_folder(tmp_path / "pets", per_class=2)
+    (data / "red" / "broken.jpg").write_bytes(b"")
+    for args, message in ((["--n", "1000", "--weights", "none"], "--n 1000 is more than the 5 images"),
+                          (["--weights", str(tmp_path / "nope.pt")], "does not exist")):
+        r = CliRunner().invoke(cli, ["demo", "--data", str(data), "--backbone", "tiny", *args])
+        assert r.exit_code == 2 and message in r.output, r.output
+    assert (data / "red" / "broken.jpg").exists() and not (tmp_path / "pets.quarantine").exists()
+
+
 def test_demo_fetches_a_missing_folder(tmp_path, monkeypatch):
     import shutil
 
