@@ -110,6 +110,17 @@ def test_unknown_options_name_themselves_and_the_allowed_ones(work):
         pipeline.preview("data", per_clas=2)
 
 
+def test_a_flag_given_as_a_string_is_refused_not_taken_as_true(work):
+    """'no' is true to Python: check_image_folder(quarantine='no') moved the broken files it was to leave."""
+    (work / "data" / "red" / "broken.jpg").write_bytes(b"")
+    with pytest.raises(ValueError, match="check_image_folder: quarantine must be True or False, got 'no'"):
+        pipeline.check_image_folder("data", quarantine="no", workers=1)
+    with pytest.raises(ValueError, match="extract_features: flip must be True or False, got 'False'"):
+        pipeline.extract_features("data", flip="False", **TINY)
+    assert (work / "data" / "red" / "broken.jpg").exists() and not (work / "data.quarantine").exists()
+    assert pipeline.check_image_folder("data", quarantine=np.bool_(False), workers=1)["quarantine"] is None
+
+
 def test_options_follow_the_config_dataclasses(monkeypatch):
     """A field added to a stage's config is an option of the API at once (other work adds fields)."""
     import dataclasses
