@@ -546,7 +546,7 @@ def plot_curves(history: Union[Head, Model, Sequence[dict]], title: str = ""):
     from .runs.figures import curves_figure
 
     if isinstance(history, _Classifier):
-        history = history.history_
+        return history.plot_curves(title=title)  # says why a fitted head has none
     if not history:
         raise UsageError("no epochs to plot")
     return curves_figure(list(history), title=title)

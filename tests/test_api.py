@@ -320,6 +320,16 @@ def test_head_clones_and_is_a_classifier():
         h.set_params(lrr=1)
 
 
+def test_a_default_head_says_why_it_has_no_curves(cache):
+    """fit-head's default head fits by CV: plot_curves said its history.json was missing (it never had one),
+    and pipeline.plot_curves(head) said only 'no epochs to plot'."""
+    head = pipeline.Head(val_fraction=0.25).fit(cache)
+    assert not (Path(head.checkpoint_).parent / "history.json").exists()
+    for plot in (head.plot_curves, lambda: pipeline.plot_curves(head)):
+        with pytest.raises(ValueError, match=r"only heads trained by epochs have them \(head='linear'"):
+            plot()
+
+
 def test_head_fits_arrays_of_features_as_it_fits_a_cache(cache):
     """The same rows as arrays (labels as names) give the same head as the cache file."""
     from_cache = pipeline.Head(head="logreg", val_fraction=0.25, runs_dir=str(cache.path.parent / "runs")).fit(cache)
