@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -246,6 +247,27 @@ def test_quarantining_one_class_folder_never_adds_a_class_to_its_parent(tmp_path
     assert list_image_folder(root).classes == ("blue", "red")
     again = check_images(CheckImagesConfig(str(root), workers=1))
     assert again["errors"] == 0 and again["files"] == 4
+
+
+def test_links_and_pipes_are_quarantined_onto_another_file_system_too(tmp_path, monkeypatch):
+    """Between file systems a move is a copy of the bytes: a dangling link had none ('unexpected
+    FileNotFoundError'), and opening a pipe to copy it blocked forever."""
+    import errno
+
+    from pipeline.data import moves
+
+    def across(src, dst):
+        raise OSError(errno.EXDEV, "Invalid cross-device link", str(src), None, str(dst))
+
+    monkeypatch.setattr(moves, "rename_no_replace", across)
+    root = make_image_folder(tmp_path / "data", per_class=1)
+    reasons = make_non_regular(root / "red")
+    with no_hang(20):
+        result = check_images(CheckImagesConfig(str(root), workers=1, quarantine=True))
+    qdir = tmp_path / "data.quarantine"
+    assert entries(qdir) == {f"red/{n}" for n in reasons} and result["quarantine"]["moved"] == len(reasons)
+    assert os.readlink(qdir / "red" / "dangling.jpg") == "/nonexistent/x.jpg" and (qdir / "red" / "pipe.jpg").is_fifo()
+    assert not any(os.path.lexists(root / "red" / n) for n in reasons)
 
 
 def test_a_name_that_is_not_utf8_is_an_error_shown_escaped_in_every_output(tmp_path):
