@@ -392,6 +392,19 @@ def test_a_cache_reads_its_rows_through_the_one_reader(cache):
     cache.close()
 
 
+def test_a_boolean_mask_reads_its_true_rows_and_a_fraction_is_refused(cache):
+    """read_features(cache.labels == 0) read rows 0 and 1 (the mask as numbers), one per row, and 2.7 read row 2."""
+    everything = cache.read_features()
+    mask = cache.labels == 0
+    np.testing.assert_array_equal(cache.read_features(mask), everything[mask])
+    with pytest.raises(IndexError, match="one value per row"):
+        cache.read_features(mask[:3])
+    with pytest.raises(IndexError, match="whole numbers"):
+        cache.read_features([2.7])
+    assert cache.read_features([]).shape == (0, *everything.shape[1:])
+    cache.close()
+
+
 # scikit-learn's own estimator checks, on a fast head (logistic regression on standardised rows: the
 # l2 default would map the checks' 2-d toy points onto a circle). Every check runs and passes but two
 # that skip themselves here: the array-API check (SCIPY_ARRAY_API unset) and the pandas one (no pandas).

@@ -606,6 +606,20 @@ def read_info(path: str | os.PathLike, wait_s: float = 20.0) -> CacheInfo:
         raise CacheError(f"{path} cannot be read as a feature cache ({e})") from None
 
 
+def row_indices(rows, n: int) -> np.ndarray:
+    """``rows`` as int64 row numbers: whole numbers, or a boolean mask of one value per row (numpy's idiom,
+    ``cache.labels == 0``), whose True rows are meant; a mask read as the numbers 0 and 1, or 2.7 read as 2,
+    gave other rows without a word."""
+    arr = np.asarray(rows)
+    if arr.dtype == bool:
+        if arr.shape != (n,):
+            raise IndexError(f"a boolean mask of rows needs one value per row ({n}), got shape {arr.shape}")
+        return np.flatnonzero(arr)
+    if arr.size and arr.dtype.kind not in "iu":
+        raise IndexError(f"row indices must be whole numbers (or a boolean mask of the {n} rows), got {arr.dtype}")
+    return arr.astype(np.int64).ravel()
+
+
 def _not_a_file(path: Path) -> str:
     """Why a cache path is not a file: missing, or what it is (a folder, a pipe, a dangling or looping link)."""
     if not os.path.lexists(path):
@@ -690,7 +704,7 @@ class FeatureCache:
         """Rows of features as one array (all rows when ``rows`` is None; negative ones count from the end), in
         the order asked for, read block by block."""
         n = self.n
-        idx = np.arange(n) if rows is None else np.asarray(rows, dtype=np.int64).ravel()
+        idx = np.arange(n) if rows is None else row_indices(rows, n)
         if idx.size and (idx.min() < -n or idx.max() >= n):
             raise IndexError(f"row indices must be in [{-n}, {n}), the cache has {n} rows")
         wanted, inverse = np.unique(np.where(idx < 0, idx + n, idx), return_inverse=True)
