@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from pipeline.cli import cli
 from pipeline.data.fetch import FetchConfig, archive_name, fetch_data
 from pipeline.errors import PipelineError
+from tests.fsfaults import no_hang
 
 NAME = "pets.zip"
 
@@ -49,6 +50,15 @@ class Handler(BaseHTTPRequestHandler):
             self.send_error(404)
             return
         start = 0
+        if getattr(srv, "unsized", 0):  # no Content-Length: that many bytes, then the connection closes
+            self.send_response(200)
+            self.end_headers()
+            try:
+                for _ in range(srv.unsized // 65536):
+                    self.wfile.write(b"\0" * 65536)
+            except OSError:
+                pass
+            return
         if rng and not srv.ignore_range:
             start = int(rng.split("=")[1].split("-")[0])
             if start >= len(data):
@@ -437,3 +447,22 @@ def test_a_download_that_never_started_leaves_no_record_of_its_url(tmp_path):
     (tmp_path / NAME).write_bytes(pets_zip())  # fetched by hand from a mirror
     result = fetch_data(cfg(tmp_path, f"file://{tmp_path}/mirror/{NAME}"))
     assert result["downloaded"] is False and result["unpacked"] == str(tmp_path / "PetImages")
+
+
+def test_a_download_of_unknown_size_stops_before_the_disk_is_full(server, tmp_path, monkeypatch):
+    """A server that never says how large the file is (here 8 MB, on a disk with 3 MB to spare) filled the disk."""
+    from pipeline.data import fetch
+
+    server.unsized = 8 << 20
+    real = fetch.shutil.disk_usage
+    written = []
+
+    def usage(path):  # the disk fills as the .part grows: 3 MB free above the margin at the start
+        part = tmp_path / f"{NAME}.part"
+        written.append(part.stat().st_size if part.exists() else 0)
+        return real(path)._replace(free=getattr(fetch, "UNKNOWN_SIZE_MARGIN", 64 << 20) + (3 << 20) - written[-1])
+
+    monkeypatch.setattr(fetch.shutil, "disk_usage", usage)
+    with no_hang(30), pytest.raises(PipelineError, match="of a size the server did not say.* MB free"):
+        fetch_data(cfg(tmp_path, server.url))
+    assert 2 << 20 <= (tmp_path / f"{NAME}.part").stat().st_size <= 3 << 20

@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 #: Microsoft's Kaggle cats-and-dogs archive (786 MB; unpacks to PetImages/Cat and PetImages/Dog).
 URL_SCHEMES = ("http", "https", "file")
 CHUNK = 1 << 20
+#: Room a download of unknown size leaves free: it stops there (the .part kept) rather than fill the disk.
+UNKNOWN_SIZE_MARGIN = 64 << 20
 
 
 def archive_name(url: str) -> str:
@@ -211,6 +213,9 @@ def _transfer(cfg: FetchConfig, archive: Path, part: Path, offset: int) -> int |
                 desc=archive.name) as bar:
             try:
                 while chunk := resp.read(CHUNK):
+                    if total is None:  # an endless answer never fills the disk
+                        ensure_room(part.parent, len(chunk) + UNKNOWN_SIZE_MARGIN,
+                                    f"downloading {archive.name} (of a size the server did not say)")
                     f.write(chunk)
                     bar.update(len(chunk))
             except (OSError, http.client.HTTPException) as e:
