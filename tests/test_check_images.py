@@ -229,11 +229,14 @@ def test_quarantine_never_moves_a_file_out_of_a_linked_folder_elsewhere(tmp_path
     (elsewhere / "broken.jpg").write_bytes(b"")
     (root / "red" / "linked").symlink_to(elsewhere)
     (root / "blue" / "empty.jpg").write_bytes(b"")
+    (root / "red" / "sub").mkdir()
+    (root / "red" / "sub" / "empty.jpg").write_bytes(b"")
+    (root / "blue" / "alias").symlink_to(root / "red" / "sub")  # linked, but inside the checked folder: moved
     res = CliRunner().invoke(cli, ["check-images", str(root), "--quarantine", "--workers", "1"])
     assert res.exit_code == 0, res.output
     assert "red/linked/broken.jpg: zero-byte file" in res.stdout
     assert (elsewhere / "broken.jpg").is_file(), "a file outside the checked folder was moved"
-    assert entries(tmp_path / "data.quarantine") == {"blue/empty.jpg"}
+    assert entries(tmp_path / "data.quarantine") == {"blue/empty.jpg", "blue/alias/empty.jpg"}
     assert "left 1 files in place: they are in linked folders" in res.stdout and "red/linked/broken.jpg)" in res.stdout
 
 

@@ -199,10 +199,9 @@ def restore_command(root: Path, qdir: Path) -> str:
 
 
 def through_link(root: Path, rel: str) -> bool:
-    """Whether root/rel lies in a folder reached through a linked folder (its real folder is elsewhere):
+    """Whether root/rel lies in a folder reached through a linked folder whose real folder is outside root:
     moving it would take a file out of a folder the command was not given."""
-    parent = os.path.dirname(rel)
-    return os.path.realpath(root / parent) != os.path.normpath(os.path.join(os.path.realpath(root), parent))
+    return not Path(os.path.realpath(root / os.path.dirname(rel))).is_relative_to(os.path.realpath(root))
 
 
 def quarantine(root: Path, qdir: Path, rels: list[str]) -> dict:
