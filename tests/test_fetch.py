@@ -412,6 +412,21 @@ def test_a_part_file_of_another_url_is_never_resumed_with_this_ones_bytes(server
     assert server.requests[-1] is None, "B must be fetched from its first byte"
 
 
+@pytest.mark.parametrize("record", [".pets.tar.gz.unpacked", "./.pets.tar.gz.url", ".pets.tar.gz.unpacking",
+                                    "pets.tar.gz.part"])
+def test_an_entry_named_as_fetch_datas_own_records_is_refused(tmp_path, record):
+    """A link named .pets.tar.gz.unpacked to a photo already in dest: the marker written after unpacking
+    went through it, replacing the photo with JSON."""
+    mine = tmp_path / "mine" / "photo.jpg"
+    mine.parent.mkdir()
+    mine.write_bytes(b"my own photo")
+    make_tar(tmp_path / "pets.tar.gz", [link_member(record, tarfile.SYMTYPE, "mine/photo.jpg"),
+                                        file_member("PetImages/Cat/0.jpg", b"ok")])
+    with pytest.raises(PipelineError, match="would take the place of fetch-data's own"):
+        fetch_data(cfg(tmp_path, closed_port_url().replace(NAME, "pets.tar.gz")))
+    assert mine.read_bytes() == b"my own photo" and not (tmp_path / "PetImages").exists()
+
+
 def small_disk(monkeypatch, free):
     import shutil
 

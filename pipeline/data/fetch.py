@@ -252,8 +252,16 @@ def _check_through_links(m, parts: tuple, links: set, files: set) -> None:
         files.add(parts)
 
 
-def check_members(kind: str, arc, dest: Path) -> list[str]:
-    """The archive's entry names; PipelineError naming the first entry that would land outside dest."""
+def own_files(archive: Path) -> set[str]:
+    """The names fetch-data keeps beside an archive in dest: its .part and its records (an entry named as
+    the archive itself: check_conflicts)."""
+    a = archive.name
+    return {f"{a}.part", _source_record(archive).name, f".{a}.unpacked", f".{a}.unpacking"}
+
+
+def check_members(kind: str, arc, dest: Path, own: set = frozenset()) -> list[str]:
+    """The archive's entry names; PipelineError naming the first entry that would land outside dest, or on
+    one of fetch-data's ``own`` files (a link there made its record be written into a file it points to)."""
     dest = dest.resolve()
     names, links, files = [], set(), set()
     members = arc.infolist() if kind == "zip" else arc.getmembers()
@@ -261,6 +269,9 @@ def check_members(kind: str, arc, dest: Path) -> list[str]:
         name = m.filename if kind == "zip" else m.name
         if not _inside(dest, name):
             raise PipelineError(f"archive entry {name!r} would be written outside {dest}; refusing to unpack")
+        if PurePosixPath(name).parts in {(o,) for o in own}:
+            raise PipelineError(f"archive entry {name!r} would take the place of fetch-data's own "
+                                f"{PurePosixPath(name).name}; refusing to unpack")
         if kind == "tar":
             if not (m.isfile() or m.isdir() or m.issym() or m.islnk()):
                 raise PipelineError(f"archive entry {name!r} is a device or pipe; refusing to unpack")
@@ -348,7 +359,7 @@ def unpack(archive: Path, dest: Path, overwrite: bool = False, keep: Path | None
     opener = zipfile.ZipFile if kind == "zip" else tarfile.open
     try:
         with opener(archive) as arc:
-            names = check_members(kind, arc, dest)
+            names = check_members(kind, arc, dest, own_files(archive))
             members = arc.infolist() if kind == "zip" else arc.getmembers()
             ensure_room(dest, unpacked_bytes(kind, members), f"unpacking {archive.name}")
             started = dest / f".{archive.name}.unpacking"
