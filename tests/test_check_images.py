@@ -165,6 +165,19 @@ def test_a_quarantine_that_cannot_take_a_file_is_one_line_and_a_rerun_goes_on(di
     assert set(snapshot(qdir)) == {p for p, b in corpus.items() if b.is_error}
 
 
+def test_a_link_inside_the_quarantine_folder_is_refused_before_anything_moves(tmp_path):
+    """q/red -> elsewhere: the broken file landed in elsewhere, and the printed restore command moved the
+    link itself into the data folder."""
+    root = make_image_folder(tmp_path / "data", per_class=1)
+    (root / "red" / "empty.jpg").write_bytes(b"")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "q").mkdir()
+    (tmp_path / "q" / "red").symlink_to(tmp_path / "elsewhere")
+    res = CliRunner().invoke(cli, ["check-images", str(root), "--quarantine-dir", str(tmp_path / "q")])
+    assert res.exit_code == 1 and "holds a link on the way to red/empty.jpg" in res.output, res.output
+    assert (root / "red" / "empty.jpg").exists() and list((tmp_path / "elsewhere").iterdir()) == []
+
+
 def test_json_report_and_json_stdout(dirty, tmp_path):
     root, corpus = dirty
     report = tmp_path / "out" / "report.json"

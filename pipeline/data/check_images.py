@@ -198,10 +198,15 @@ def restore_command(root: Path, qdir: Path) -> str:
             f"{shlex.quote(str(root))} {{}} +)")
 
 
-def through_link(root: Path, rel: str) -> bool:
-    """Whether root/rel lies in a folder reached through a linked folder whose real folder is outside root:
-    moving it would take a file out of a folder the command was not given."""
-    return not Path(os.path.realpath(root / os.path.dirname(rel))).is_relative_to(os.path.realpath(root))
+def through_link(root: Path, rel: str, strict: bool = False) -> bool:
+    """Whether root/rel lies in a folder reached through a linked folder whose real folder is outside root
+    (moving it would take a file out of a folder the command was not given); ``strict``: through any link
+    below root, of the folders that exist."""
+    parent = os.path.dirname(rel)
+    real = Path(os.path.realpath(root / parent))
+    if strict:
+        return real != Path(os.path.realpath(root)) / parent
+    return not real.is_relative_to(os.path.realpath(root))
 
 
 def quarantine(root: Path, qdir: Path, rels: list[str]) -> dict:
@@ -213,6 +218,10 @@ def quarantine(root: Path, qdir: Path, rels: list[str]) -> dict:
     if taken:
         raise PipelineError(f"quarantine folder {qdir} already holds {len(taken)} of these files "
                             f"(first: {taken[0]}); move them back first or choose --quarantine-dir")
+    linked_q = [r for r in rels if through_link(qdir, r, strict=True)]
+    if linked_q:  # a file would land where the link points, and the restore command move the link back
+        raise PipelineError(f"quarantine folder {qdir} holds a link on the way to {linked_q[0]} (a linked "
+                            "folder); nothing was moved: remove the link or choose --quarantine-dir")
     with changing_folder(root):  # no extract reading, no audit --apply moving, while files leave
         for i, rel in enumerate(rels):
             try:
