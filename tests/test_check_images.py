@@ -178,6 +178,18 @@ def test_a_link_inside_the_quarantine_folder_is_refused_before_anything_moves(tm
     assert (root / "red" / "empty.jpg").exists() and list((tmp_path / "elsewhere").iterdir()) == []
 
 
+def test_a_name_with_a_newline_or_esc_is_one_escaped_line_of_the_table(tmp_path):
+    """A photo named 'bad\\nline.jpg' broke the table in two, and ESC sequences in a name (an unpacked archive's)
+    went to the terminal as they were."""
+    root = make_image_folder(tmp_path / "data", per_class=1)
+    (root / "red" / "bad\nline.jpg").write_bytes(b"")
+    (root / "red" / "x\x1b[2Jy.jpg").write_bytes(b"")
+    res = CliRunner().invoke(cli, ["check-images", str(root), "--workers", "1"])
+    assert res.exit_code == 0 and "\x1b" not in res.stdout
+    assert "  red/bad\\nline.jpg: zero-byte file\n" in res.stdout and "  red/x\\x1b[2Jy.jpg: zero-byte" in res.stdout
+    assert "zero-byte            error         2  red/bad\\nline.jpg\n" in res.stdout
+
+
 def test_json_report_and_json_stdout(dirty, tmp_path):
     root, corpus = dirty
     report = tmp_path / "out" / "report.json"

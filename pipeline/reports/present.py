@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Optional
 
 from ..data.check_images import KINDS
+from ..files import one_line
 from ..runs.ledger import ledger_path
 
 if TYPE_CHECKING:
@@ -139,14 +140,14 @@ def check_images_text(result: dict, max_listed: int = 50) -> str:
     if result["by_kind"]:
         example = {}
         for f in result["findings"]:
-            example.setdefault(f["kind"], f["path"])
+            example.setdefault(f["kind"], one_line(f["path"]))  # a name with a newline or ESC: one line, escaped
         lines.append(f"{'kind':<20} {'severity':<8} {'count':>6}  example")
         for kind, n in result["by_kind"].items():
             lines.append(f"{kind:<20} {KINDS[kind]:<8} {n:>6}  {example[kind]}")
     errors = [f for f in result["findings"] if f["severity"] == "error"]
     if errors:
         lines.append("files extract cannot use:")
-        lines += [f"  {f['path']}: {f['detail']}" for f in errors[:max_listed]]
+        lines += [f"  {one_line(f['path'])}: {one_line(f['detail'])}" for f in errors[:max_listed]]
         if len(errors) > max_listed:
             lines.append(f"  ... and {len(errors) - max_listed} more (write them all with --report)")
     if result["report"]:
@@ -156,7 +157,7 @@ def check_images_text(result: dict, max_listed: int = 50) -> str:
         lines.append(f"moved {q['moved']} files to {q['dir']}; to move them back:\n  {q['restore']}")
         if q["left_linked"]:
             lines.append(f"left {len(q['left_linked'])} files in place: they are in linked folders, whose files lie "
-                         f"outside {result['root']} (first: {q['left_linked'][0]})")
+                         f"outside {result['root']} (first: {one_line(q['left_linked'][0])})")
     return "\n".join(lines)
 
 
