@@ -427,6 +427,32 @@ def test_an_entry_named_as_fetch_datas_own_records_is_refused(tmp_path, record):
     assert mine.read_bytes() == b"my own photo" and not (tmp_path / "PetImages").exists()
 
 
+def patched_zip(flag_or: int = 0, method: int = None) -> bytes:
+    """pets_zip's layout with every entry's flag bits or compression method changed in place (headers only)."""
+    import struct
+
+    data = bytearray(make_zip({"PetImages/Cat/0.jpg": b"ok", "PetImages/Dog/0.jpg": b"ok2"}))
+    for sig, flag_at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        i = data.find(sig)
+        while i >= 0:
+            data[i + flag_at] |= flag_or
+            if method is not None:
+                data[i + flag_at + 2:i + flag_at + 4] = struct.pack("<H", method)
+            i = data.find(sig, i + 4)
+    return bytes(data)
+
+
+@pytest.mark.parametrize("archive, refusal", [(patched_zip(flag_or=1), "is encrypted"),
+                                              (patched_zip(method=9), "compressed with method 9")])
+def test_a_zip_python_cannot_unpack_is_refused_before_anything_is_written(tmp_path, archive, refusal):
+    """A password-protected zip, or Windows' Deflate64 one (large zips from Explorer), stopped after making
+    folders with 'unexpected RuntimeError/NotImplementedError ... a bug?'."""
+    (tmp_path / NAME).write_bytes(archive)
+    res = CliRunner().invoke(cli, ["-q", "fetch-data", "--dest", str(tmp_path), "--url", closed_port_url()])
+    assert res.exit_code == 1 and refusal in res.output and "bug" not in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "PetImages").exists()
+
+
 def small_disk(monkeypatch, free):
     import shutil
 

@@ -252,6 +252,24 @@ def _check_through_links(m, parts: tuple, links: set, files: set) -> None:
         files.add(parts)
 
 
+#: The zip compression methods Python's zipfile unpacks (Windows' Deflate64, 9, is not among them).
+ZIP_METHODS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflate", zipfile.ZIP_BZIP2: "bzip2",
+               zipfile.ZIP_LZMA: "lzma"}
+
+
+def _check_zip_entry(m: zipfile.ZipInfo) -> None:
+    """Refuse, before anything is written, a zip entry zipfile cannot unpack: a password-protected one, or
+    one compressed by another method (they failed halfway as 'unexpected RuntimeError ... a bug?')."""
+    if m.flag_bits & 0x1:
+        raise PipelineError(f"archive entry {m.filename!r} is encrypted (password-protected); unpack the archive "
+                            "by hand (unzip asks for the password) and point --data at the folder")
+    if m.compress_type not in ZIP_METHODS:
+        raise PipelineError(f"archive entry {m.filename!r} is compressed with method {m.compress_type} (9: "
+                            f"Deflate64), which Python's zipfile cannot unpack (it can: "
+                            f"{', '.join(ZIP_METHODS.values())}); unpack it by hand (7z x ARCHIVE) and point --data "
+                            "at the folder")
+
+
 def own_files(archive: Path) -> set[str]:
     """The names fetch-data keeps beside an archive in dest: its .part and its records (an entry named as
     the archive itself: check_conflicts)."""
@@ -269,6 +287,8 @@ def check_members(kind: str, arc, dest: Path, own: set = frozenset()) -> list[st
         name = m.filename if kind == "zip" else m.name
         if not _inside(dest, name):
             raise PipelineError(f"archive entry {name!r} would be written outside {dest}; refusing to unpack")
+        if kind == "zip":
+            _check_zip_entry(m)
         if PurePosixPath(name).parts in {(o,) for o in own}:
             raise PipelineError(f"archive entry {name!r} would take the place of fetch-data's own "
                                 f"{PurePosixPath(name).name}; refusing to unpack")
