@@ -453,6 +453,20 @@ def test_a_zip_python_cannot_unpack_is_refused_before_anything_is_written(tmp_pa
     assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "PetImages").exists()
 
 
+def test_a_zip_whose_compressed_data_is_damaged_is_one_line(tmp_path):
+    """A damaged deflate stream raised zlib.error: 'unexpected error: Error -3 while decompressing data ... a bug?'."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("PetImages/Cat/0.jpg", b"hello world " * 5000)
+    data = bytearray(buf.getvalue())
+    start = data.find(b"PetImages/Cat/0.jpg") + len("PetImages/Cat/0.jpg")
+    data[start:start + 3] = b"\xff\xff\xff"  # an invalid block type
+    (tmp_path / NAME).write_bytes(bytes(data))
+    res = CliRunner().invoke(cli, ["-q", "fetch-data", "--dest", str(tmp_path), "--url", closed_port_url()])
+    assert res.exit_code == 1 and "bug" not in res.output, res.output
+    assert res.output.startswith(f"Error: cannot unpack {tmp_path / NAME}: Error -3") and "download again" in res.output
+
+
 def small_disk(monkeypatch, free):
     import shutil
 

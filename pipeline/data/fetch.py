@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import lzma
 import os
 import shutil
 import tarfile
@@ -17,6 +18,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 
 from ..config import FetchConfig
@@ -391,7 +393,7 @@ def unpack(archive: Path, dest: Path, overwrite: bool = False, keep: Path | None
                     arc.extract(m, dest, filter="data")  # the standard library's own safety net, too
                 else:
                     arc.extract(m, dest)
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError) as e:
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, lzma.LZMAError) as e:  # damaged data
         raise PipelineError(f"cannot unpack {archive}: {e}; delete it and download again") from None
     except OSError as e:  # a full disk, no permission
         raise PipelineError(f"cannot unpack {archive} into {dest}: {e}") from None
