@@ -6,6 +6,7 @@ import json
 import socket
 import tarfile
 import threading
+import time
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -79,7 +80,9 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(body[: len(body) // 2])
             self.close_connection = True
             return
-        self.wfile.write(body)
+        for i in range(0, len(body), 20_000 if getattr(srv, "slow", False) else len(body) or 1):
+            self.wfile.write(body[i:i + (20_000 if getattr(srv, "slow", False) else len(body))])
+            time.sleep(0.02 if getattr(srv, "slow", False) else 0)
 
     def log_message(self, *args):
         pass
@@ -521,3 +524,24 @@ def test_a_download_of_unknown_size_stops_before_the_disk_is_full(server, tmp_pa
     with no_hang(30), pytest.raises(PipelineError, match="of a size the server did not say.* MB free"):
         fetch_data(cfg(tmp_path, server.url))
     assert 2 << 20 <= (tmp_path / f"{NAME}.part").stat().st_size <= 3 << 20
+
+
+def test_two_fetches_into_one_dest_at_once_download_once(server, tmp_path):
+    """Two demo or fetch-data runs at once wrote one .part together: one ended in 'unexpected
+    FileNotFoundError' (the other had renamed it), or both appended a resumed .part twice."""
+    server.slow = True  # 0.3 MB in 20 KB pieces: about 0.3 s, while the other waits for the folder
+    results = []
+
+    def run():
+        try:
+            results.append(fetch_data(cfg(tmp_path, server.url))["unpacked"])
+        except Exception as e:  # the test reports it
+            results.append(f"{type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [str(tmp_path / "PetImages")] * 2
+    assert (tmp_path / NAME).read_bytes() == server.files[NAME] and server.requests == [None]

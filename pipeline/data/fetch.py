@@ -25,6 +25,7 @@ from ..config import FetchConfig
 from ..errors import DiskFull, PipelineError, UsageError
 from ..files import check_output, json_text, plain_name, same_file
 from .folders import is_skipped_folder
+from .moves import folder_lock
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +62,16 @@ def fetch_data(cfg: FetchConfig) -> dict:
         raise PipelineError(f"cannot create --dest {str(dest)!r}: {e.strerror or e}") from None
     archive = dest / name
     source = local_source(cfg.url)
-    check_source(cfg, archive, source)
-    downloaded = not archive.is_file()
-    if downloaded:
-        download(cfg, archive)
-        _source_record(archive).write_text(json_text({"url": cfg.url, "bytes": archive.stat().st_size}))
-    else:
-        log.info("archive already complete: %s", archive)
-    unpacked, fresh = unpack(archive, dest, overwrite=cfg.overwrite, keep=source)
+    busy = f"another fetch-data is downloading or unpacking into {dest}; run this again when it has finished"
+    with folder_lock(dest, True, busy):  # two at once appended one .part twice, or unpacked over each other
+        check_source(cfg, archive, source)
+        downloaded = not archive.is_file()
+        if downloaded:
+            download(cfg, archive)
+            _source_record(archive).write_text(json_text({"url": cfg.url, "bytes": archive.stat().st_size}))
+        else:
+            log.info("archive already complete: %s", archive)
+        unpacked, fresh = unpack(archive, dest, overwrite=cfg.overwrite, keep=source)
     return {"archive": str(archive), "bytes": archive.stat().st_size, "downloaded": downloaded,
             "unpacked": str(unpacked), "unpacked_now": fresh, "url": cfg.url}
 
