@@ -545,3 +545,17 @@ def test_two_fetches_into_one_dest_at_once_download_once(server, tmp_path):
         t.join()
     assert results == [str(tmp_path / "PetImages")] * 2
     assert (tmp_path / NAME).read_bytes() == server.files[NAME] and server.requests == [None]
+
+
+def test_a_read_only_dest_is_one_line_not_a_bug(server, tmp_path, monkeypatch):
+    """A --dest on a read-only file system (or without write permission) was 'unexpected OSError: [Errno 30]
+    Read-only file system ... (a bug?)'."""
+    import errno
+    import pathlib
+
+    def read_only(self, *a, **kw):
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+    monkeypatch.setattr(pathlib.Path, "write_text", read_only)
+    res = CliRunner().invoke(cli, ["-q", "fetch-data", "--dest", str(tmp_path), "--url", server.url])
+    assert res.exit_code == 1 and res.output == f"Error: cannot write {tmp_path}: the file system is read-only\n"

@@ -23,7 +23,7 @@ from pathlib import Path, PurePosixPath
 
 from ..config import FetchConfig
 from ..errors import DiskFull, PipelineError, UsageError
-from ..files import check_output, json_text, plain_name, same_file
+from ..files import check_output, disk_error, json_text, plain_name, same_file
 from .folders import is_skipped_folder
 from .moves import folder_lock
 
@@ -67,8 +67,11 @@ def fetch_data(cfg: FetchConfig) -> dict:
         check_source(cfg, archive, source)
         downloaded = not archive.is_file()
         if downloaded:
-            download(cfg, archive)
-            _source_record(archive).write_text(json_text({"url": cfg.url, "bytes": archive.stat().st_size}))
+            try:
+                download(cfg, archive)
+                _source_record(archive).write_text(json_text({"url": cfg.url, "bytes": archive.stat().st_size}))
+            except OSError as e:  # a read-only or full --dest (the network's errors are PipelineErrors already)
+                raise disk_error(e, dest) or PipelineError(f"cannot write in --dest {dest}: {e}") from None
         else:
             log.info("archive already complete: %s", archive)
         unpacked, fresh = unpack(archive, dest, overwrite=cfg.overwrite, keep=source)
