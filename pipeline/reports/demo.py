@@ -6,6 +6,7 @@ fit-head + compare-sklearn on the same split.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from ..config import DemoConfig
@@ -45,7 +46,11 @@ def demo(cfg: DemoConfig) -> dict:
     validate(extract_cfg)  # a bad --n, --backbone or --weights is refused before check-images moves a file
     check_n(extract_cfg, len(list_image_folder(data).files))
     log.info("[2/4] checking every image in %s", data)
-    checked = check_images(CheckImagesConfig(root=str(data), quarantine=cfg.quarantine, workers=cfg.workers))
+    quarantine = cfg.quarantine and os.access(data, os.W_OK)
+    if cfg.quarantine and not quarantine:  # a read-only folder (a shared set): extract skips the bad files
+        log.warning("%s cannot be changed (read-only): its unusable files are reported, not moved; extract "
+                    "skips them", data)
+    checked = check_images(CheckImagesConfig(root=str(data), quarantine=quarantine, workers=cfg.workers))
     steps["check"] = {k: checked[k] for k in ("files", "good", "errors", "notes", "by_kind", "quarantine")}
     log.info("      %d files, %d unusable%s", checked["files"], checked["errors"],
              f", moved to {checked['quarantine']['dir']}" if checked["errors"] and checked["quarantine"] else "")
