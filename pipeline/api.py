@@ -51,6 +51,7 @@ from .config import (
     ordered_fields,
 )
 from .errors import UsageError
+from .files import shown
 from .models.estimators import FeatureHead, ImageClassifier, NotFittedError, is_cache, is_features
 from .progress import verbosity
 
@@ -177,7 +178,7 @@ def list_caches(cache_dir: PathLike = ExtractConfig.cache_dir) -> Caches:
     from .cache.feature_cache import list_caches as run
 
     good, bad = run(cache_dir)
-    return Caches([Cache(i.path) for i in good], [{"path": str(p), "why": w} for p, w in bad])
+    return Caches([Cache(i.path) for i in good], [{"path": shown(str(p)), "why": w} for p, w in bad])
 
 
 # -- models ------------------------------------------------------------------------------------
@@ -546,7 +547,7 @@ def plot_curves(history: Union[Head, Model, Sequence[dict]], title: str = ""):
     from .runs.figures import curves_figure
 
     if isinstance(history, _Classifier):
-        history = history.history_
+        return history.plot_curves(title=title)  # says why a fitted head has none
     if not history:
         raise UsageError("no epochs to plot")
     return curves_figure(list(history), title=title)

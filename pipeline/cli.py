@@ -370,7 +370,7 @@ def evaluate(as_json, **options):
 def runs(runs_dir, sort_by, cache, backbone, as_json):
     """The experiment ledger (runs/ledger.jsonl) as a table."""
     records = list(api.list_runs(runs_dir, sort_by=sort_by, cache=cache, backbone=backbone))
-    emit({"runs": records}, as_json, present.runs_text(records, sort_by, runs_dir))
+    emit({"runs": records}, as_json, present.runs_text(records, sort_by, runs_dir, cache, backbone))
 
 
 @cli.command("fetch-data")

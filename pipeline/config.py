@@ -164,6 +164,13 @@ def check_value(opt: Option, value, name: str, integer: bool = False) -> None:
             raise UsageError(f"{name} must be {describe_range(opt.range, integer)}, got {v}")
 
 
+def check_flag(value, name: str) -> None:
+    """A UsageError unless ``value`` is True, False (numpy's too) or None: the string 'no' is true to Python,
+    so ``quarantine='no'`` moved the files it was meant to leave."""
+    if value is not None and (isinstance(value, str) or value not in (True, False)):
+        raise UsageError(f"{name} must be True or False, got {value!r}")
+
+
 def field_kind(f) -> str:
     """'int', 'float', 'bool' (optional or not), or the annotation's text, from a config field's type (a string
     under ``from __future__ import annotations``, a class otherwise)."""
@@ -182,7 +189,10 @@ def check_options(cls, values: dict, python: bool = True, what: str = "") -> Non
         if opt is None or f.name not in values:
             continue
         try:
-            check_value(opt, values[f.name], f.name if python else cli_name(f.name, opt), field_kind(f) == "int")
+            name = f.name if python else cli_name(f.name, opt)
+            if field_kind(f) == "bool":
+                check_flag(values[f.name], name)
+            check_value(opt, values[f.name], name, field_kind(f) == "int")
         except UsageError as e:
             raise UsageError(f"{what}: {e}" if what else str(e)) from None
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import json
 import math
 import numbers
@@ -82,8 +83,19 @@ def require_folder(path: str | os.PathLike, what: str) -> Path:
         probe = probe.parent
     if os.path.lexists(probe) and not probe.is_dir():
         where = "" if probe == path else f" ({str(probe)!r} is not a folder)"
-        raise UsageError(f"{what} {str(path)!r} must be a folder, but it is a file{where}")
+        raise UsageError(f"{what} {str(path)!r} must be a folder, but it is {what_is(probe)}{where}")
     return path
+
+
+def what_is(path: Path) -> str:
+    """What stands at ``path`` that is not a folder: 'a file', or a link that leads nowhere (not 'a file')."""
+    if not path.is_symlink():
+        return "a file"
+    try:
+        path.stat()
+    except OSError as e:
+        return "a symlink loop" if e.errno == errno.ELOOP else f"a dangling link (to {os.readlink(path)!r})"
+    return "a link to a file"
 
 
 def check_output(output, inputs=(), data=(), suffixes=(), what: str = "--output", folder: bool = False) -> Path:

@@ -110,6 +110,17 @@ def test_unknown_options_name_themselves_and_the_allowed_ones(work):
         pipeline.preview("data", per_clas=2)
 
 
+def test_a_flag_given_as_a_string_is_refused_not_taken_as_true(work):
+    """'no' is true to Python: check_image_folder(quarantine='no') moved the broken files it was to leave."""
+    (work / "data" / "red" / "broken.jpg").write_bytes(b"")
+    with pytest.raises(ValueError, match="check_image_folder: quarantine must be True or False, got 'no'"):
+        pipeline.check_image_folder("data", quarantine="no", workers=1)
+    with pytest.raises(ValueError, match="extract_features: flip must be True or False, got 'False'"):
+        pipeline.extract_features("data", flip="False", **TINY)
+    assert (work / "data" / "red" / "broken.jpg").exists() and not (work / "data.quarantine").exists()
+    assert pipeline.check_image_folder("data", quarantine=np.bool_(False), workers=1)["quarantine"] is None
+
+
 def test_options_follow_the_config_dataclasses(monkeypatch):
     """A field added to a stage's config is an option of the API at once (other work adds fields)."""
     import dataclasses
@@ -309,6 +320,16 @@ def test_head_clones_and_is_a_classifier():
         h.set_params(lrr=1)
 
 
+def test_a_default_head_says_why_it_has_no_curves(cache):
+    """fit-head's default head fits by CV: plot_curves said its history.json was missing (it never had one),
+    and pipeline.plot_curves(head) said only 'no epochs to plot'."""
+    head = pipeline.Head(val_fraction=0.25).fit(cache)
+    assert not (Path(head.checkpoint_).parent / "history.json").exists()
+    for plot in (head.plot_curves, lambda: pipeline.plot_curves(head)):
+        with pytest.raises(ValueError, match=r"only heads trained by epochs have them \(head='linear'"):
+            plot()
+
+
 def test_head_fits_arrays_of_features_as_it_fits_a_cache(cache):
     """The same rows as arrays (labels as names) give the same head as the cache file."""
     from_cache = pipeline.Head(head="logreg", val_fraction=0.25, runs_dir=str(cache.path.parent / "runs")).fit(cache)
@@ -368,6 +389,19 @@ def test_a_cache_reads_its_rows_through_the_one_reader(cache):
     np.testing.assert_array_equal(cache.features[:2], everything[:2])
     with pytest.raises(IndexError, match="row indices must be in"):
         cache.read_features([len(cache)])
+    cache.close()
+
+
+def test_a_boolean_mask_reads_its_true_rows_and_a_fraction_is_refused(cache):
+    """read_features(cache.labels == 0) read rows 0 and 1 (the mask as numbers), one per row, and 2.7 read row 2."""
+    everything = cache.read_features()
+    mask = cache.labels == 0
+    np.testing.assert_array_equal(cache.read_features(mask), everything[mask])
+    with pytest.raises(IndexError, match="one value per row"):
+        cache.read_features(mask[:3])
+    with pytest.raises(IndexError, match="whole numbers"):
+        cache.read_features([2.7])
+    assert cache.read_features([]).shape == (0, *everything.shape[1:])
     cache.close()
 
 

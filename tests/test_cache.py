@@ -1,6 +1,9 @@
+import json
 import multiprocessing
+import os
 import shutil
 import time
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -179,6 +182,23 @@ def test_a_hand_edited_created_attribute_hides_no_other_cache(tmp_path):
     assert newest_cache(tmp_path).path.name == "c.h5"
     res = CliRunner().invoke(cli.cli, ["caches", "--cache-dir", str(tmp_path)])
     assert res.exit_code == 0 and "c.h5" in res.stdout and "not a usable cache" in res.stdout
+
+
+def test_caches_says_what_a_bad_entry_is_and_escapes_a_name_that_is_not_utf8(tmp_path):
+    """A folder, a pipe or a looping link named x.h5 was 'does not exist'; a latin-1 name went out raw
+    (a lone surrogate in --json)."""
+    (tmp_path / "dir.h5").mkdir()
+    os.mkfifo(tmp_path / "pipe.h5")
+    os.symlink("loop.h5", tmp_path / "loop.h5")
+    (tmp_path / os.fsdecode(b"caf\xe9.h5")).write_bytes(b"junk")
+    res = CliRunner().invoke(cli.cli, ["caches", "--cache-dir", str(tmp_path), "--json"])
+    assert res.exit_code == 0, res.output
+    why = {Path(b["path"]).name: b["why"] for b in json.loads(res.stdout)["unreadable"]}
+    assert why["dir.h5"].endswith("is not a regular file (a folder)")
+    assert why["pipe.h5"].endswith("is not a regular file (a named pipe)")
+    assert why["loop.h5"].endswith("is a symlink loop, not a file")
+    assert why["caf\\xe9.h5"].endswith("caf\\xe9.h5 is not an HDF5 file (damaged, or not a feature cache)")
+    assert "\\ud" not in res.stdout
 
 
 def test_a_cache_dir_that_is_a_file_is_a_usage_error(tmp_path):

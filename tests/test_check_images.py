@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from click.testing import CliRunner
 from pipeline.cli import cli
 from pipeline.data.check_images import KINDS, CheckImagesConfig, check_images
 from pipeline.data.folders import ImageLoadError, list_image_folder, load_rgb
+from pipeline.errors import PipelineError
 from tests.badfiles import make_bad_corpus, skipped_by_extract, usable
 from tests.conftest import make_image_folder
 from tests.fsfaults import make_non_regular, no_hang
@@ -140,10 +142,52 @@ def test_quarantine_never_replaces_a_file_that_appears_after_the_check(dirty, tm
             target.write_bytes(b"someone else's")
 
     monkeypatch.setattr(Path, "mkdir", mkdir_then_race)
-    with pytest.raises(FileExistsError):
+    with pytest.raises(PipelineError, match="File exists.*0 of 1 files moved"):
         ci.quarantine(root, qdir, [bad[0]])
     assert (qdir / bad[0]).read_bytes() == b"someone else's"
     assert (root / bad[0]).exists()
+
+
+def test_a_quarantine_that_cannot_take_a_file_is_one_line_and_a_rerun_goes_on(dirty, tmp_path):
+    """A file where the quarantine needs a folder (or a read-only quarantine) was 'unexpected
+    FileExistsError ... a bug?'."""
+    root, corpus = dirty
+    qdir = tmp_path / "q"
+    qdir.mkdir()
+    (qdir / "red").write_text("in the way")
+    args = ["check-images", str(root), "--quarantine-dir", str(qdir), "--workers", "1"]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1, res.output
+    assert f"cannot move {root}/red/" in res.output and "run the same command again once fixed" in res.output
+    assert "bug" not in res.output
+    (qdir / "red").unlink()
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    assert set(snapshot(qdir)) == {p for p, b in corpus.items() if b.is_error}
+
+
+def test_a_link_inside_the_quarantine_folder_is_refused_before_anything_moves(tmp_path):
+    """q/red -> elsewhere: the broken file landed in elsewhere, and the printed restore command moved the
+    link itself into the data folder."""
+    root = make_image_folder(tmp_path / "data", per_class=1)
+    (root / "red" / "empty.jpg").write_bytes(b"")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "q").mkdir()
+    (tmp_path / "q" / "red").symlink_to(tmp_path / "elsewhere")
+    res = CliRunner().invoke(cli, ["check-images", str(root), "--quarantine-dir", str(tmp_path / "q")])
+    assert res.exit_code == 1 and "holds a link on the way to red/empty.jpg" in res.output, res.output
+    assert (root / "red" / "empty.jpg").exists() and list((tmp_path / "elsewhere").iterdir()) == []
+
+
+def test_a_name_with_a_newline_or_esc_is_one_escaped_line_of_the_table(tmp_path):
+    """A photo named 'bad\\nline.jpg' broke the table in two, and ESC sequences in a name (an unpacked archive's)
+    went to the terminal as they were."""
+    root = make_image_folder(tmp_path / "data", per_class=1)
+    (root / "red" / "bad\nline.jpg").write_bytes(b"")
+    (root / "red" / "x\x1b[2Jy.jpg").write_bytes(b"")
+    res = CliRunner().invoke(cli, ["check-images", str(root), "--workers", "1"])
+    assert res.exit_code == 0 and "\x1b" not in res.stdout
+    assert "  red/bad\\nline.jpg: zero-byte file\n" in res.stdout and "  red/x\\x1b[2Jy.jpg: zero-byte" in res.stdout
+    assert "zero-byte            error         2  red/bad\\nline.jpg\n" in res.stdout
 
 
 def test_json_report_and_json_stdout(dirty, tmp_path):
@@ -163,6 +207,10 @@ def test_json_report_and_json_stdout(dirty, tmp_path):
     (["{root}", "--quarantine-dir", "{root}/q"], "inside the data folder"),
     (["{root}", "--report", "{root}/red/r.csv"], "inside the data folder"),
     (["{root}", "--workers", "-3"], "--workers"),
+    # the printed restore command moves every file of the quarantine into the data folder
+    (["{root}", "--quarantine-dir", "{tmp}"], "must be apart"),
+    (["{root}", "--quarantine-dir", "{tmp}/q", "--report", "{tmp}/q/r.csv"], "inside the quarantine folder"),
+    (["{root}", "--quarantine-dir", "{tmp}/r.csv", "--report", "{tmp}/r.csv"], "inside the quarantine folder"),
 ])
 def test_usage_errors_exit_2_with_one_line(tmp_path, args, message):
     root = make_image_folder(tmp_path / "data", per_class=1)
@@ -195,6 +243,59 @@ def test_links_and_pipes_are_errors_quarantined_and_restored(tmp_path):
     subprocess.run(result["quarantine"]["restore"], shell=True, check=True)
     assert entries(root) == before and entries(qdir) == set()
     assert (root / "red" / "pipe.jpg").is_fifo() and (root / "red" / "loop.jpg").is_symlink()
+
+
+def test_quarantine_never_moves_a_file_out_of_a_linked_folder_elsewhere(tmp_path):
+    """A linked sub-folder (or class folder) is checked, but its files lie outside the checked folder:
+    quarantining them moved them out of the folder elsewhere."""
+    root = make_image_folder(tmp_path / "data", per_class=2)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "broken.jpg").write_bytes(b"")
+    (root / "red" / "linked").symlink_to(elsewhere)
+    (root / "blue" / "empty.jpg").write_bytes(b"")
+    (root / "red" / "sub").mkdir()
+    (root / "red" / "sub" / "empty.jpg").write_bytes(b"")
+    (root / "blue" / "alias").symlink_to(root / "red" / "sub")  # linked, but inside the checked folder: moved
+    res = CliRunner().invoke(cli, ["check-images", str(root), "--quarantine", "--workers", "1"])
+    assert res.exit_code == 0, res.output
+    assert "red/linked/broken.jpg: zero-byte file" in res.stdout
+    assert (elsewhere / "broken.jpg").is_file(), "a file outside the checked folder was moved"
+    assert entries(tmp_path / "data.quarantine") == {"blue/empty.jpg", "blue/alias/empty.jpg"}
+    assert "left 1 files in place: they are in linked folders" in res.stdout and "red/linked/broken.jpg)" in res.stdout
+
+
+def test_quarantining_one_class_folder_never_adds_a_class_to_its_parent(tmp_path):
+    """check-images data/red --quarantine puts data/red.quarantine beside it: extract of data took it for
+    a third class (of broken files only)."""
+    root = make_image_folder(tmp_path / "data", per_class=2)
+    (root / "red" / "empty.jpg").write_bytes(b"")
+    res = CliRunner().invoke(cli, ["check-images", str(root / "red"), "--quarantine", "--workers", "1"])
+    assert res.exit_code == 0 and (root / "red.quarantine" / "empty.jpg").is_file(), res.output
+    assert list_image_folder(root).classes == ("blue", "red")
+    again = check_images(CheckImagesConfig(str(root), workers=1))
+    assert again["errors"] == 0 and again["files"] == 4
+
+
+def test_links_and_pipes_are_quarantined_onto_another_file_system_too(tmp_path, monkeypatch):
+    """Between file systems a move is a copy of the bytes: a dangling link had none ('unexpected
+    FileNotFoundError'), and opening a pipe to copy it blocked forever."""
+    import errno
+
+    from pipeline.data import moves
+
+    def across(src, dst):
+        raise OSError(errno.EXDEV, "Invalid cross-device link", str(src), None, str(dst))
+
+    monkeypatch.setattr(moves, "rename_no_replace", across)
+    root = make_image_folder(tmp_path / "data", per_class=1)
+    reasons = make_non_regular(root / "red")
+    with no_hang(20):
+        result = check_images(CheckImagesConfig(str(root), workers=1, quarantine=True))
+    qdir = tmp_path / "data.quarantine"
+    assert entries(qdir) == {f"red/{n}" for n in reasons} and result["quarantine"]["moved"] == len(reasons)
+    assert os.readlink(qdir / "red" / "dangling.jpg") == "/nonexistent/x.jpg" and (qdir / "red" / "pipe.jpg").is_fifo()
+    assert not any(os.path.lexists(root / "red" / n) for n in reasons)
 
 
 def test_a_name_that_is_not_utf8_is_an_error_shown_escaped_in_every_output(tmp_path):

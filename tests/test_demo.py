@@ -34,6 +34,39 @@ def test_demo_refuses_outputs_inside_the_data_folder_before_moving_a_file(tmp_pa
     assert (data / "red" / "broken.jpg").exists() and not (tmp_path / "pets.quarantine").exists()
 
 
+def test_demo_refuses_bad_extract_options_before_moving_a_file(tmp_path, monkeypatch):
+    """--n 1000 of a folder of 5, or a misspelt --weights file, was refused by extract after check-images had
+    quarantined the broken files."""
+    monkeypatch.chdir(tmp_path)
+    data = make_image_folder(tmp_path / "pets", per_class=2)
+    (data / "red" / "broken.jpg").write_bytes(b"")
+    for args, message in ((["--n", "1000", "--weights", "none"], "--n 1000 is more than the 5 images"),
+                          (["--weights", str(tmp_path / "nope.pt")], "does not exist")):
+        r = CliRunner().invoke(cli, ["demo", "--data", str(data), "--backbone", "tiny", *args])
+        assert r.exit_code == 2 and message in r.output, r.output
+    assert (data / "red" / "broken.jpg").exists() and not (tmp_path / "pets.quarantine").exists()
+
+
+def test_demo_on_a_read_only_folder_reports_the_bad_files_and_goes_on(tmp_path, monkeypatch):
+    """A read-only data folder (a shared set, as the README's offline demo) stopped the demo at its first step:
+    the quarantine could move nothing."""
+    import os
+
+    monkeypatch.chdir(tmp_path)
+    data = make_image_folder(tmp_path / "pets", per_class=12)
+    (data / "red" / "broken.jpg").write_bytes(b"")
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if (mode & os.W_OK and Path(p) == data)
+                        else real(p, mode, **kw))
+    r = CliRunner().invoke(cli, ["demo", "--data", str(data), "--backbone", "tiny", "--weights", "none",
+                                 "--n", "24", "--workers", "1", "--json"])
+    assert r.exit_code == 0, r.output
+    assert "cannot be changed (read-only): its unusable files are reported, not moved" in r.stderr
+    out = json.loads(r.stdout)
+    assert out["check"]["errors"] == 1 and out["check"]["quarantine"] is None and out["extract"]["rows"] == 24
+    assert (data / "red" / "broken.jpg").exists() and not (tmp_path / "pets.quarantine").exists()
+
+
 def test_demo_fetches_a_missing_folder(tmp_path, monkeypatch):
     import shutil
 

@@ -6,6 +6,7 @@ import json
 import socket
 import tarfile
 import threading
+import time
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -16,6 +17,7 @@ from click.testing import CliRunner
 from pipeline.cli import cli
 from pipeline.data.fetch import FetchConfig, archive_name, fetch_data
 from pipeline.errors import PipelineError
+from tests.fsfaults import no_hang
 
 NAME = "pets.zip"
 
@@ -49,6 +51,15 @@ class Handler(BaseHTTPRequestHandler):
             self.send_error(404)
             return
         start = 0
+        if getattr(srv, "unsized", 0):  # no Content-Length: that many bytes, then the connection closes
+            self.send_response(200)
+            self.end_headers()
+            try:
+                for _ in range(srv.unsized // 65536):
+                    self.wfile.write(b"\0" * 65536)
+            except OSError:
+                pass
+            return
         if rng and not srv.ignore_range:
             start = int(rng.split("=")[1].split("-")[0])
             if start >= len(data):
@@ -69,7 +80,9 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(body[: len(body) // 2])
             self.close_connection = True
             return
-        self.wfile.write(body)
+        for i in range(0, len(body), 20_000 if getattr(srv, "slow", False) else len(body) or 1):
+            self.wfile.write(body[i:i + (20_000 if getattr(srv, "slow", False) else len(body))])
+            time.sleep(0.02 if getattr(srv, "slow", False) else 0)
 
     def log_message(self, *args):
         pass
@@ -244,6 +257,13 @@ def test_bad_url_is_a_usage_error(tmp_path):
     assert res.exit_code == 2 and "ftp://example.com/x.zip" in res.output
 
 
+@pytest.mark.parametrize("url", ["http://[::1", "http://127.0.0.1:99999/x.zip", "http://127.0.0.1:abc/x.zip"])
+def test_a_malformed_url_is_a_usage_error_not_a_bug(tmp_path, url):
+    res = CliRunner().invoke(cli, ["fetch-data", "--dest", str(tmp_path), "--url", url])
+    assert res.exit_code == 2 and f"Error: --url {url!r} is not a valid URL (" in res.output
+    assert len(res.output.strip().splitlines()) == 1 and "bug" not in res.output
+
+
 ESCAPE = "..%2F..%2Fescape.tar"
 
 
@@ -352,3 +372,190 @@ def test_an_entry_that_would_replace_its_own_archive_is_refused_even_with_overwr
     with pytest.raises(PipelineError, match="the file it is unpacked from"):
         fetch_data(cfg(tmp_path, f"file://{tmp_path}/data.zip", overwrite=True))
     assert zipfile.is_zipfile(tmp_path / "data.zip")
+
+
+def link_member(name, kind, target):
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, target
+    return info, None
+
+
+@pytest.mark.parametrize("members, refusal", [
+    ([link_member("s", tarfile.SYMTYPE, "mine"), file_member("s/photo.jpg", b"pwned")], "written through a link"),
+    ([link_member("s", tarfile.SYMTYPE, "mine/photo.jpg"), file_member("s", b"pwned")], "written through a link"),
+    ([link_member("h", tarfile.LNKTYPE, "mine/photo.jpg"), file_member("h", b"pwned")], "not a file of the archive"),
+    ([link_member("h", tarfile.LNKTYPE, "pets.tar.gz"), file_member("h", b"pwned")], "not a file of the archive"),
+])
+def test_a_tar_never_writes_through_its_own_links_into_files_already_there(tmp_path, members, refusal):
+    """A link inside dest passes the outside checks; writing through it replaced the user's photo (or the
+    archive being read) without --overwrite."""
+    mine = tmp_path / "mine" / "photo.jpg"
+    mine.parent.mkdir()
+    mine.write_bytes(b"my own photo")
+    make_tar(tmp_path / "pets.tar.gz", members)
+    archive = (tmp_path / "pets.tar.gz").read_bytes()
+    with pytest.raises(PipelineError, match=refusal):
+        fetch_data(cfg(tmp_path, closed_port_url().replace(NAME, "pets.tar.gz"), overwrite=True))
+    assert mine.read_bytes() == b"my own photo" and (tmp_path / "pets.tar.gz").read_bytes() == archive
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "pets.tar.gz"]
+
+
+def test_a_part_file_of_another_url_is_never_resumed_with_this_ones_bytes(server, tmp_path):
+    """A cut-off download of .../A/pets.zip was resumed from .../B/pets.zip: half of each, a broken zip."""
+    other = make_zip({"B/x/B.bin": np.random.default_rng(1).bytes(200_000)})
+    server.files["B/" + NAME], server.drops = other, 1
+    with pytest.raises(PipelineError, match="run the same command again to resume"):
+        fetch_data(cfg(tmp_path, server.url, retries=0))
+    url_b = server.url.replace(NAME, "B/" + NAME)
+    with pytest.raises(ValueError, match=f"{NAME}.part in --dest was partly fetched from {server.url}, not {url_b}"):
+        fetch_data(cfg(tmp_path, url_b))
+    assert (tmp_path / f"{NAME}.part").stat().st_size == len(server.files[NAME]) // 2
+    result = fetch_data(cfg(tmp_path, url_b, overwrite=True))
+    assert (tmp_path / NAME).read_bytes() == other and result["unpacked"] == str(tmp_path / "B")
+    assert server.requests[-1] is None, "B must be fetched from its first byte"
+
+
+@pytest.mark.parametrize("record", [".pets.tar.gz.unpacked", "./.pets.tar.gz.url", ".pets.tar.gz.unpacking",
+                                    "pets.tar.gz.part"])
+def test_an_entry_named_as_fetch_datas_own_records_is_refused(tmp_path, record):
+    """A link named .pets.tar.gz.unpacked to a photo already in dest: the marker written after unpacking
+    went through it, replacing the photo with JSON."""
+    mine = tmp_path / "mine" / "photo.jpg"
+    mine.parent.mkdir()
+    mine.write_bytes(b"my own photo")
+    make_tar(tmp_path / "pets.tar.gz", [link_member(record, tarfile.SYMTYPE, "mine/photo.jpg"),
+                                        file_member("PetImages/Cat/0.jpg", b"ok")])
+    with pytest.raises(PipelineError, match="would take the place of fetch-data's own"):
+        fetch_data(cfg(tmp_path, closed_port_url().replace(NAME, "pets.tar.gz")))
+    assert mine.read_bytes() == b"my own photo" and not (tmp_path / "PetImages").exists()
+
+
+def patched_zip(flag_or: int = 0, method: int = None) -> bytes:
+    """pets_zip's layout with every entry's flag bits or compression method changed in place (headers only)."""
+    import struct
+
+    data = bytearray(make_zip({"PetImages/Cat/0.jpg": b"ok", "PetImages/Dog/0.jpg": b"ok2"}))
+    for sig, flag_at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        i = data.find(sig)
+        while i >= 0:
+            data[i + flag_at] |= flag_or
+            if method is not None:
+                data[i + flag_at + 2:i + flag_at + 4] = struct.pack("<H", method)
+            i = data.find(sig, i + 4)
+    return bytes(data)
+
+
+@pytest.mark.parametrize("archive, refusal", [(patched_zip(flag_or=1), "is encrypted"),
+                                              (patched_zip(method=9), "compressed with method 9")])
+def test_a_zip_python_cannot_unpack_is_refused_before_anything_is_written(tmp_path, archive, refusal):
+    """A password-protected zip, or Windows' Deflate64 one (large zips from Explorer), stopped after making
+    folders with 'unexpected RuntimeError/NotImplementedError ... a bug?'."""
+    (tmp_path / NAME).write_bytes(archive)
+    res = CliRunner().invoke(cli, ["-q", "fetch-data", "--dest", str(tmp_path), "--url", closed_port_url()])
+    assert res.exit_code == 1 and refusal in res.output and "bug" not in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "PetImages").exists()
+
+
+def test_a_zip_whose_compressed_data_is_damaged_is_one_line(tmp_path):
+    """A damaged deflate stream raised zlib.error: 'unexpected error: Error -3 while decompressing data ... a bug?'."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("PetImages/Cat/0.jpg", b"hello world " * 5000)
+    data = bytearray(buf.getvalue())
+    start = data.find(b"PetImages/Cat/0.jpg") + len("PetImages/Cat/0.jpg")
+    data[start:start + 3] = b"\xff\xff\xff"  # an invalid block type
+    (tmp_path / NAME).write_bytes(bytes(data))
+    res = CliRunner().invoke(cli, ["-q", "fetch-data", "--dest", str(tmp_path), "--url", closed_port_url()])
+    assert res.exit_code == 1 and "bug" not in res.output, res.output
+    assert res.output.startswith(f"Error: cannot unpack {tmp_path / NAME}: Error -3") and "download again" in res.output
+
+
+def small_disk(monkeypatch, free):
+    import shutil
+
+    usage = shutil._ntuple_diskusage(10 * free, 9 * free, free)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage)
+
+
+def test_a_decompression_bomb_is_refused_before_it_fills_the_disk(tmp_path, monkeypatch):
+    """4 MB of zeros deflate to 4 KB: unpacking wrote until the disk was full, leaving half of it."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("PetImages/Cat/0.jpg", b"\0" * (4 << 20))
+    (tmp_path / "bomb.zip").write_bytes(buf.getvalue())
+    assert len(buf.getvalue()) < 10_000
+    small_disk(monkeypatch, 1 << 20)
+    res = CliRunner().invoke(cli, ["fetch-data", "--dest", str(tmp_path), "--url", f"file://{tmp_path}/bomb.zip"])
+    assert res.exit_code == 1 and "unpacking bomb.zip needs 4.2 MB but" in res.output and "1.0 MB free" in res.output
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["bomb.zip"]
+
+
+def test_a_download_larger_than_the_free_space_is_refused_before_writing(server, tmp_path, monkeypatch):
+    small_disk(monkeypatch, 1000)
+    with pytest.raises(PipelineError, match=f"downloading {NAME} .* needs 0.3 MB but .* 0.0 MB free"):
+        fetch_data(cfg(tmp_path, server.url))
+    assert not (tmp_path / f"{NAME}.part").exists() or (tmp_path / f"{NAME}.part").stat().st_size == 0
+
+
+def test_a_download_that_never_started_leaves_no_record_of_its_url(tmp_path):
+    """The offline message says to put the archive there by hand: it must then be taken, whatever URL follows."""
+    with pytest.raises(PipelineError, match="put it at"):
+        fetch_data(cfg(tmp_path, closed_port_url()))
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / NAME).write_bytes(pets_zip())  # fetched by hand from a mirror
+    result = fetch_data(cfg(tmp_path, f"file://{tmp_path}/mirror/{NAME}"))
+    assert result["downloaded"] is False and result["unpacked"] == str(tmp_path / "PetImages")
+
+
+def test_a_download_of_unknown_size_stops_before_the_disk_is_full(server, tmp_path, monkeypatch):
+    """A server that never says how large the file is (here 8 MB, on a disk with 3 MB to spare) filled the disk."""
+    from pipeline.data import fetch
+
+    server.unsized = 8 << 20
+    real = fetch.shutil.disk_usage
+    written = []
+
+    def usage(path):  # the disk fills as the .part grows: 3 MB free above the margin at the start
+        part = tmp_path / f"{NAME}.part"
+        written.append(part.stat().st_size if part.exists() else 0)
+        return real(path)._replace(free=getattr(fetch, "UNKNOWN_SIZE_MARGIN", 64 << 20) + (3 << 20) - written[-1])
+
+    monkeypatch.setattr(fetch.shutil, "disk_usage", usage)
+    with no_hang(30), pytest.raises(PipelineError, match="of a size the server did not say.* MB free"):
+        fetch_data(cfg(tmp_path, server.url))
+    assert 2 << 20 <= (tmp_path / f"{NAME}.part").stat().st_size <= 3 << 20
+
+
+def test_two_fetches_into_one_dest_at_once_download_once(server, tmp_path):
+    """Two demo or fetch-data runs at once wrote one .part together: one ended in 'unexpected
+    FileNotFoundError' (the other had renamed it), or both appended a resumed .part twice."""
+    server.slow = True  # 0.3 MB in 20 KB pieces: about 0.3 s, while the other waits for the folder
+    results = []
+
+    def run():
+        try:
+            results.append(fetch_data(cfg(tmp_path, server.url))["unpacked"])
+        except Exception as e:  # the test reports it
+            results.append(f"{type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [str(tmp_path / "PetImages")] * 2
+    assert (tmp_path / NAME).read_bytes() == server.files[NAME] and server.requests == [None]
+
+
+def test_a_read_only_dest_is_one_line_not_a_bug(server, tmp_path, monkeypatch):
+    """A --dest on a read-only file system (or without write permission) was 'unexpected OSError: [Errno 30]
+    Read-only file system ... (a bug?)'."""
+    import errno
+    import pathlib
+
+    def read_only(self, *a, **kw):
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+    monkeypatch.setattr(pathlib.Path, "write_text", read_only)
+    res = CliRunner().invoke(cli, ["-q", "fetch-data", "--dest", str(tmp_path), "--url", server.url])
+    assert res.exit_code == 1 and res.output == f"Error: cannot write {tmp_path}: the file system is read-only\n"

@@ -236,3 +236,17 @@ def test_the_ledger_and_history_files_hold_no_bare_nan(tmp_path):
     for f in (out / "history.json", tmp_path / "runs" / "ledger.jsonl"):
         assert "NaN" not in f.read_text() and "Infinity" not in f.read_text()
     assert json.loads((out / "history.json").read_text())[0]["train_loss"] is None
+
+
+@pytest.mark.parametrize("make, said", [
+    (lambda p: p.symlink_to(p.name), "it is a symlink loop"),
+    (lambda p: p.symlink_to("/nonexistent/runs"), "it is a dangling link (to '/nonexistent/runs')"),
+    (lambda p: p.write_text("x"), "it is a file"),
+])
+def test_a_folder_option_says_what_stands_in_its_place(tmp_path, make, said):
+    """A dangling link 'runs' (to an unmounted drive) or a looping one was called 'a file'."""
+    from click.testing import CliRunner
+
+    make(tmp_path / "runs")
+    res = CliRunner().invoke(cli, ["runs", "--runs-dir", str(tmp_path / "runs")])
+    assert res.exit_code == 2 and res.output.strip().endswith(f"must be a folder, but {said}"), res.output

@@ -18,6 +18,18 @@ def test_listing_sorted_classes_and_skips_non_images(tmp_path):
     assert listing.labels.tolist() == [0, 0, 0, 1, 1, 1]
 
 
+@pytest.mark.parametrize("name, fmt, mode", [("a.jfif", "JPEG", "RGB"), ("b.PPM", "PPM", "RGB"), ("c.pgm", "PPM", "L")])
+def test_jfif_ppm_and_pgm_photos_are_listed_and_checked_clean(tmp_path, name, fmt, mode):
+    """PIL reads them (torchvision's ImageFolder lists .ppm/.pgm; Windows browsers save JPEGs as .jfif),
+    but the listing left them out: check-images called them 'unlisted-image' and extract never saw them."""
+    from pipeline.data.check_images import check_file
+
+    root = make_image_folder(tmp_path / "d", per_class=1)
+    Image.new(mode, (40, 30), 128).save(root / "red" / name, format=fmt)
+    assert f"red/{name}" in [f.path for f in list_image_folder(root).files]
+    assert [f["kind"] for f in check_file(str(root), f"red/{name}")] == ([] if mode == "RGB" else ["non-rgb-mode"])
+
+
 def test_fingerprint_changes_when_a_file_changes(tmp_path):
     root = make_image_folder(tmp_path / "d", per_class=3)
     before = list_image_folder(root).fingerprint()

@@ -27,6 +27,24 @@ def test_round_trip_newest_first(tmp_path):
     assert set(first) >= {"time", "kind", "command", "cache_fingerprint", "backbone", "params", "metrics", "outputs"}
 
 
+def test_filters_matching_nothing_say_so_rather_than_that_there_are_no_runs(tmp_path):
+    _add(tmp_path, val_acc=0.8)
+    res = CliRunner().invoke(cli.cli, ["runs", "--runs-dir", str(tmp_path), "--backbone", "resnet50"])
+    assert res.exit_code == 0 and res.stdout.strip() == f"no runs in {ledger_path(tmp_path)} match --backbone resnet50"
+    res = CliRunner().invoke(cli.cli, ["runs", "--runs-dir", str(tmp_path), "--cache", "zz", "--backbone", "vgg16"])
+    assert res.stdout.strip().endswith("match --cache zz and --backbone vgg16")
+
+
+def test_sorting_by_a_metric_no_run_has_as_a_number_names_only_numeric_ones(tmp_path):
+    """A hand-edited val_acc of 'high' (or true) was listed as known while refused: 'no run has the metric
+    'val_acc'; known metrics: val_acc'."""
+    _add(tmp_path, val_acc="high", val_loss=True, accuracy=0.5)
+    with pytest.raises(ValueError, match="no run has the metric 'val_acc'; known metrics: accuracy$"):
+        read_runs(tmp_path, sort_by="val_acc")
+    with pytest.raises(ValueError, match="no run has the metric 'val_loss'"):
+        read_runs(tmp_path, sort_by="val_loss")
+
+
 def test_sort_and_filters(tmp_path):
     _add(tmp_path, val_acc=0.8, val_loss=0.3)
     _add(tmp_path, fp="bbbb2222", backbone="resnet18", val_acc=0.95, val_loss=0.6)

@@ -113,6 +113,21 @@ def test_imagenet_check_refuses_weights_without_the_classifier(tmp_path, image_f
     assert result.exit_code == 2 and "are random" in result.output
 
 
+@pytest.mark.parametrize("name, content", [("missing.jpg", None), ("empty.jpg", b""), ("text.jpg", b"not a photo")])
+def test_imagenet_check_refuses_a_bad_image_before_loading_the_weights(tmp_path, monkeypatch, name, content):
+    """A typo in the image's name first downloaded VGG-16's 528 MB, then failed."""
+    def no_load(*a, **kw):
+        raise AssertionError("the weights were loaded for an image that cannot be read")
+
+    monkeypatch.setattr(bb, "load_backbone", no_load)
+    image = tmp_path / name
+    if content is not None:
+        image.write_bytes(content)
+    result = CliRunner().invoke(cli.cli, ["imagenet-check", str(image)])
+    assert result.exit_code == 2 and result.output.startswith(f"Error: {image}: "), result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
 def test_imagenet_check_top5_names_from_the_weights_meta(tmp_path, image_folder):
     full = tmp_path / "resnet18_full.pt"
     torch.save(bb.load_backbone("resnet18", "none").model.state_dict(), full)  # random, but with a classifier

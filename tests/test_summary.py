@@ -22,3 +22,15 @@ def test_summary_counts_match_a_hand_count():
     r = summarize(SummaryConfig(backbone="tiny", classes=2))
     assert (r["total_params"], r["trainable_params"]) == (3 * 8 * 9 + 8 + 8 * 8 * 8 * 2 + 2, 8 * 8 * 8 * 2 + 2)
     assert r["layers"][-2]["output_shape"] == [2] and r["layers"][0]["output_shape"] == [8, 32, 32]
+
+
+def test_a_crop_size_the_backbone_cannot_take_is_a_usage_error_naming_its_own():
+    """A ViT's patch grid is fixed: --crop-size 100 was 'unexpected AssertionError ... a bug?'."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+
+    res = CliRunner().invoke(cli, ["summary", "--backbone", "vit_tiny_patch16_224", "--crop-size", "100"])
+    assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1, res.output
+    assert "vit_tiny_patch16_224 does not take a 100x100 input" in res.output and "its own 224" in res.output
+    assert summarize(SummaryConfig(backbone="vit_tiny_patch16_224", crop_size=224))["input_shape"] == [3, 224, 224]

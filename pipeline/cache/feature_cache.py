@@ -26,8 +26,9 @@ import numpy as np
 
 from ..config import POOLS, STORAGE_DTYPES
 from ..errors import DiskFull, PipelineError, UsageError
+from ..data.folders import ImageLoadError, regular_file_stat
 from ..data.moves import flock_within
-from ..files import require_folder, unwinding_on_signals
+from ..files import require_folder, shown, unwinding_on_signals
 
 try:
     import fcntl
@@ -593,9 +594,9 @@ def read_info(path: str | os.PathLike, wait_s: float = 20.0) -> CacheInfo:
     CacheBusy when another process holds it for ``wait_s`` (see open_h5)."""
     path = Path(path)
     if not path.is_file():
-        raise CacheError(f"cache {str(path)!r} does not exist")
+        raise CacheError(f"cache {shown(str(path))!r} {_not_a_file(path)}")
     if not h5py.is_hdf5(path):
-        raise CacheError(f"{path} is not an HDF5 file (damaged, or not a feature cache)")
+        raise CacheError(f"{shown(str(path))} is not an HDF5 file (damaged, or not a feature cache)")
     try:
         with open_h5(path, "r", wait_s) as f:
             return _validate(f, path)
@@ -603,6 +604,31 @@ def read_info(path: str | os.PathLike, wait_s: float = 20.0) -> CacheInfo:
         raise
     except (OSError, KeyError, ValueError, TypeError) as e:
         raise CacheError(f"{path} cannot be read as a feature cache ({e})") from None
+
+
+def row_indices(rows, n: int) -> np.ndarray:
+    """``rows`` as int64 row numbers: whole numbers, or a boolean mask of one value per row (numpy's idiom,
+    ``cache.labels == 0``), whose True rows are meant; a mask read as the numbers 0 and 1, or 2.7 read as 2,
+    gave other rows without a word."""
+    arr = np.asarray(rows)
+    if arr.dtype == bool:
+        if arr.shape != (n,):
+            raise IndexError(f"a boolean mask of rows needs one value per row ({n}), got shape {arr.shape}")
+        return np.flatnonzero(arr)
+    if arr.size and arr.dtype.kind not in "iu":
+        raise IndexError(f"row indices must be whole numbers (or a boolean mask of the {n} rows), got {arr.dtype}")
+    return arr.astype(np.int64).ravel()
+
+
+def _not_a_file(path: Path) -> str:
+    """Why a cache path is not a file: missing, or what it is (a folder, a pipe, a dangling or looping link)."""
+    if not os.path.lexists(path):
+        return "does not exist"
+    try:
+        regular_file_stat(path)
+    except ImageLoadError as e:
+        return f"is {e.reason}"
+    return "is not a file"
 
 
 class FeatureCache:
@@ -678,7 +704,7 @@ class FeatureCache:
         """Rows of features as one array (all rows when ``rows`` is None; negative ones count from the end), in
         the order asked for, read block by block."""
         n = self.n
-        idx = np.arange(n) if rows is None else np.asarray(rows, dtype=np.int64).ravel()
+        idx = np.arange(n) if rows is None else row_indices(rows, n)
         if idx.size and (idx.min() < -n or idx.max() >= n):
             raise IndexError(f"row indices must be in [{-n}, {n}), the cache has {n} rows")
         wanted, inverse = np.unique(np.where(idx < 0, idx + n, idx), return_inverse=True)

@@ -25,7 +25,7 @@ from typing import Optional
 from ..config import AUDIT_ACTIONS
 from ..errors import PipelineError, UsageError
 from ..files import check_output, csv_cell_read, json_text
-from .check_images import default_quarantine_dir
+from .check_images import check_apart, default_quarantine_dir
 from .folders import is_image_name, is_skipped_folder, list_image_folder
 from .image_reader import file_digest
 from .moves import changing_folder, move_no_replace
@@ -146,13 +146,6 @@ def _append(journal, record: dict, sync: bool = True) -> None:
 
 def undo_command(journal: Path) -> str:
     return f"python cli.py audit --undo {shlex.quote(str(journal))}"
-
-
-def check_apart(root: Path, qdir: Path) -> None:
-    """The quarantine and the data folder, neither inside the other (undo tells them apart by place)."""
-    if qdir.is_relative_to(root) or root.is_relative_to(qdir):
-        raise UsageError(f"the quarantine folder {str(qdir)!r} and the data folder {str(root)!r} must be apart "
-                         "(neither inside the other); choose another --quarantine-dir")
 
 
 def apply_fixes(csv_path, data: str, out_dir: Path, quarantine_dir: Optional[str] = None) -> dict:

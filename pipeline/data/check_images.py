@@ -19,7 +19,7 @@ from ..config import CheckImagesConfig, check_config
 from ..devices import resolve_workers
 from ..errors import PipelineError, UsageError
 from ..files import SafeCsvWriter, atomic_write, check_output, is_utf8, json_text, shown
-from .folders import NOT_UTF8, ImageLoadError, decode_image, is_image_name, walk
+from .folders import NOT_UTF8, QUARANTINE_SUFFIX, ImageLoadError, decode_image, is_image_name, walk
 from .moves import changing_folder, move_no_replace
 
 #: Every kind check-images reports, with its severity. Errors are files extract cannot use.
@@ -103,7 +103,7 @@ def check_all(root: Path, rels: list[str], workers: int):
 
 
 def default_quarantine_dir(root: Path) -> Path:
-    return root.parent / f"{root.name}.quarantine"
+    return root.parent / f"{root.name}{QUARANTINE_SUFFIX}"
 
 
 def validate(cfg: CheckImagesConfig) -> tuple[Path, Path | None, int]:
@@ -123,7 +123,19 @@ def validate(cfg: CheckImagesConfig) -> tuple[Path, Path | None, int]:
     if cfg.quarantine or cfg.quarantine_dir:
         qdir = Path(os.path.abspath(cfg.quarantine_dir)) if cfg.quarantine_dir else default_quarantine_dir(root)
         check_output(qdir, data=checked, what="--quarantine-dir", folder=True)
+        check_apart(Path(os.path.realpath(root)), Path(os.path.realpath(qdir)))
+        if cfg.report and Path(os.path.realpath(cfg.report)).is_relative_to(os.path.realpath(qdir)):
+            raise UsageError(f"--report {cfg.report!r} is inside the quarantine folder {str(qdir)!r}, whose every file "
+                             "the restore command moves into the checked folder; write it elsewhere")
     return root, qdir, workers
+
+
+def check_apart(root: Path, qdir: Path) -> None:
+    """The quarantine and the data folder, neither inside the other: the restore command moves every file of
+    the quarantine into the data folder (a quarantine holding it would move the data folder into itself)."""
+    if qdir.is_relative_to(root) or root.is_relative_to(qdir):
+        raise UsageError(f"the quarantine folder {str(qdir)!r} and the data folder {str(root)!r} must be apart "
+                         "(neither inside the other); choose another --quarantine-dir")
 
 
 def check_images(cfg: CheckImagesConfig) -> dict:
@@ -186,14 +198,37 @@ def restore_command(root: Path, qdir: Path) -> str:
             f"{shlex.quote(str(root))} {{}} +)")
 
 
+def through_link(root: Path, rel: str, strict: bool = False) -> bool:
+    """Whether root/rel lies in a folder reached through a linked folder whose real folder is outside root
+    (moving it would take a file out of a folder the command was not given); ``strict``: through any link
+    below root, of the folders that exist."""
+    parent = os.path.dirname(rel)
+    real = Path(os.path.realpath(root / parent))
+    if strict:
+        return real != Path(os.path.realpath(root)) / parent
+    return not real.is_relative_to(os.path.realpath(root))
+
+
 def quarantine(root: Path, qdir: Path, rels: list[str]) -> dict:
-    """Move root/rel to qdir/rel for each rel; refuses (moving nothing) if any target exists."""
+    """Move root/rel to qdir/rel for each rel, except those in linked folders (left in place and listed);
+    refuses (moving nothing) if any target exists."""
+    linked = [r for r in rels if through_link(root, r)]
+    rels = [r for r in rels if r not in set(linked)]
     taken = [r for r in rels if (qdir / r).exists() or (qdir / r).is_symlink()]
     if taken:
         raise PipelineError(f"quarantine folder {qdir} already holds {len(taken)} of these files "
                             f"(first: {taken[0]}); move them back first or choose --quarantine-dir")
+    linked_q = [r for r in rels if through_link(qdir, r, strict=True)]
+    if linked_q:  # a file would land where the link points, and the restore command move the link back
+        raise PipelineError(f"quarantine folder {qdir} holds a link on the way to {linked_q[0]} (a linked "
+                            "folder); nothing was moved: remove the link or choose --quarantine-dir")
     with changing_folder(root):  # no extract reading, no audit --apply moving, while files leave
-        for rel in rels:
-            (qdir / rel).parent.mkdir(parents=True, exist_ok=True)
-            move_no_replace(root / rel, qdir / rel)  # never over a file that appeared meanwhile; across disks too
-    return {"dir": str(qdir), "moved": len(rels), "restore": restore_command(root, qdir)}
+        for i, rel in enumerate(rels):
+            try:
+                (qdir / rel).parent.mkdir(parents=True, exist_ok=True)
+                move_no_replace(root / rel, qdir / rel)  # never over a file that appeared meanwhile; across disks too
+            except OSError as e:  # a file in the way, a read-only folder: the rest stays, a rerun goes on
+                raise PipelineError(f"cannot move {root / rel} to {qdir / rel}: {e.strerror or e} ({e.filename}); "
+                                    f"{i} of {len(rels)} files moved, the rest left in place: run the same command "
+                                    "again once fixed") from None
+    return {"dir": str(qdir), "moved": len(rels), "restore": restore_command(root, qdir), "left_linked": linked}

@@ -9,31 +9,41 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import lzma
 import os
+import shutil
 import tarfile
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 
 from ..config import FetchConfig
-from ..errors import PipelineError, UsageError
-from ..files import check_output, json_text, plain_name, same_file
+from ..errors import DiskFull, PipelineError, UsageError
+from ..files import check_output, disk_error, json_text, plain_name, same_file
 from .folders import is_skipped_folder
+from .moves import folder_lock
 
 log = logging.getLogger(__name__)
 
 #: Microsoft's Kaggle cats-and-dogs archive (786 MB; unpacks to PetImages/Cat and PetImages/Dog).
 URL_SCHEMES = ("http", "https", "file")
 CHUNK = 1 << 20
+#: Room a download of unknown size leaves free: it stops there (the .part kept) rather than fill the disk.
+UNKNOWN_SIZE_MARGIN = 64 << 20
 
 
 def archive_name(url: str) -> str:
     """The archive's file name in dest: the URL path's last part, decoded, and only a plain name
     (a decoded '%2F' or '..' would otherwise write the archive outside dest)."""
-    parts = urllib.parse.urlsplit(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+        _ = parts.port  # parsed on access: 'http://h:99999/x.zip'
+    except ValueError as e:  # 'http://[::1': an unclosed IPv6 bracket, a bad port
+        raise UsageError(f"--url {url!r} is not a valid URL ({e})") from None
     if parts.scheme not in URL_SCHEMES:
         raise UsageError(f"--url {url!r} must be a URL of scheme {', '.join(URL_SCHEMES)}")
     name = PurePosixPath(parts.path).name
@@ -52,14 +62,19 @@ def fetch_data(cfg: FetchConfig) -> dict:
         raise PipelineError(f"cannot create --dest {str(dest)!r}: {e.strerror or e}") from None
     archive = dest / name
     source = local_source(cfg.url)
-    check_source(cfg, archive, source)
-    downloaded = not archive.is_file()
-    if downloaded:
-        download(cfg, archive)
-        _source_record(archive).write_text(json_text({"url": cfg.url, "bytes": archive.stat().st_size}))
-    else:
-        log.info("archive already complete: %s", archive)
-    unpacked, fresh = unpack(archive, dest, overwrite=cfg.overwrite, keep=source)
+    busy = f"another fetch-data is downloading or unpacking into {dest}; run this again when it has finished"
+    with folder_lock(dest, True, busy):  # two at once appended one .part twice, or unpacked over each other
+        check_source(cfg, archive, source)
+        downloaded = not archive.is_file()
+        if downloaded:
+            try:
+                download(cfg, archive)
+                _source_record(archive).write_text(json_text({"url": cfg.url, "bytes": archive.stat().st_size}))
+            except OSError as e:  # a read-only or full --dest (the network's errors are PipelineErrors already)
+                raise disk_error(e, dest) or PipelineError(f"cannot write in --dest {dest}: {e}") from None
+        else:
+            log.info("archive already complete: %s", archive)
+        unpacked, fresh = unpack(archive, dest, overwrite=cfg.overwrite, keep=source)
     return {"archive": str(archive), "bytes": archive.stat().st_size, "downloaded": downloaded,
             "unpacked": str(unpacked), "unpacked_now": fresh, "url": cfg.url}
 
@@ -75,13 +90,15 @@ def local_source(url: str) -> Path | None:
 
 
 def check_source(cfg: FetchConfig, archive: Path, source: Path | None = None) -> None:
-    """Refuse a --url whose archive name is already taken in --dest by another URL's download, so one
-    never passes for the other; with --overwrite, forget the other one and fetch anew.
+    """Refuse a --url whose archive name is already taken in --dest by another URL's download (complete,
+    or a .part to resume), so one never passes for the other, nor is resumed with its bytes; with
+    --overwrite, forget the other one and fetch anew.
 
     An archive without a record (put there by hand, as the offline message says) is taken as is, and so
     is the --url's own file when it lies at the archive's place: what a command reads is never removed.
     """
-    if not archive.is_file():
+    part = archive.with_name(archive.name + ".part")
+    if not (archive.is_file() or part.is_file()):
         return
     try:
         url = json.loads(_source_record(archive).read_text())["url"]
@@ -90,16 +107,26 @@ def check_source(cfg: FetchConfig, archive: Path, source: Path | None = None) ->
     if url == cfg.url:
         return
     own = source is not None and same_file(archive, source)
+    held, how = (archive, "fetched") if archive.is_file() else (part, "partly fetched")
     if not (cfg.overwrite or own):
-        raise UsageError(f"{archive} in --dest was fetched from {url}, not {cfg.url}; choose another --dest, "
+        raise UsageError(f"{held} in --dest was {how} from {url}, not {cfg.url}; choose another --dest, "
                          "or pass --overwrite to fetch and unpack this URL over it")
-    log.warning("%s came from %s: %s anew", archive, url, f"unpacking {cfg.url}" if own else f"fetching {cfg.url}")
-    forget = [_source_record(archive), archive.with_name(f".{archive.name}.unpacked")]
+    log.warning("%s came from %s: %s anew", held, url, f"unpacking {cfg.url}" if own else f"fetching {cfg.url}")
+    forget = [_source_record(archive), archive.with_name(f".{archive.name}.unpacked"), part]
     for old in forget + ([] if own else [archive]):
         old.unlink(missing_ok=True)
 
 
 # -- download ----------------------------------------------------------------------------------
+def ensure_room(dest: Path, need: int, what: str) -> None:
+    """Refuse (DiskFull, exit 1) before writing ``need`` bytes the disk under dest cannot hold, so a
+    decompression bomb or a huge announced download never fills the disk and leaves half of itself."""
+    free = shutil.disk_usage(dest).free
+    if need > free:
+        raise DiskFull(f"{what} needs {need / 1e6:.1f} MB but {dest} has {free / 1e6:.1f} MB free; "
+                       "free some space (or choose another --dest) and run again")
+
+
 def _offline_error(cfg: FetchConfig, archive: Path, why) -> PipelineError:
     reason = getattr(why, "reason", why)
     return PipelineError(f"cannot download {cfg.url} ({reason}); offline? Download it by hand and put it at "
@@ -186,11 +213,17 @@ def _transfer(cfg: FetchConfig, archive: Path, part: Path, offset: int) -> int |
             if offset:
                 log.warning("the server does not resume downloads; starting %s again", archive.name)
             offset, total = 0, int(length) if length and length.isdigit() else None
+        if total is not None:
+            ensure_room(part.parent, total - offset, f"downloading {archive.name} ({total} bytes)")
+        _source_record(archive).write_text(json_text({"url": cfg.url}))  # whose bytes the .part holds
         with open(part, "ab" if offset else "wb") as f, progress(
                 total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
                 desc=archive.name) as bar:
             try:
                 while chunk := resp.read(CHUNK):
+                    if total is None:  # an endless answer never fills the disk
+                        ensure_room(part.parent, len(chunk) + UNKNOWN_SIZE_MARGIN,
+                                    f"downloading {archive.name} (of a size the server did not say)")
                     f.write(chunk)
                     bar.update(len(chunk))
             except (OSError, http.client.HTTPException) as e:
@@ -211,15 +244,62 @@ def _inside(dest: Path, name: str) -> bool:
     return target == dest or dest in target.parents
 
 
-def check_members(kind: str, arc, dest: Path) -> list[str]:
-    """The archive's entry names; PipelineError naming the first entry that would land outside dest."""
+def _check_through_links(m, parts: tuple, links: set, files: set) -> None:
+    """Refuse a tar entry that would write through a link the archive made before it (into a file
+    already in dest, or the archive itself), and a hard link to anything but a file the archive wrote."""
+    name = m.name
+    if any(parts[:i] in links for i in range(1, len(parts) + 1)):
+        raise PipelineError(f"archive entry {name!r} would be written through a link the archive made earlier; "
+                            "refusing to unpack")
+    if m.islnk() and PurePosixPath(m.linkname).parts not in files:
+        raise PipelineError(f"archive entry {name!r} is a hard link to {m.linkname!r}, which is not a file of "
+                            "the archive; refusing to unpack")
+    if m.issym() or m.islnk():
+        links.add(parts)
+    elif m.isfile():
+        files.add(parts)
+
+
+#: The zip compression methods Python's zipfile unpacks (Windows' Deflate64, 9, is not among them).
+ZIP_METHODS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflate", zipfile.ZIP_BZIP2: "bzip2",
+               zipfile.ZIP_LZMA: "lzma"}
+
+
+def _check_zip_entry(m: zipfile.ZipInfo) -> None:
+    """Refuse, before anything is written, a zip entry zipfile cannot unpack: a password-protected one, or
+    one compressed by another method (they failed halfway as 'unexpected RuntimeError ... a bug?')."""
+    if m.flag_bits & 0x1:
+        raise PipelineError(f"archive entry {m.filename!r} is encrypted (password-protected); unpack the archive "
+                            "by hand (unzip asks for the password) and point --data at the folder")
+    if m.compress_type not in ZIP_METHODS:
+        raise PipelineError(f"archive entry {m.filename!r} is compressed with method {m.compress_type} (9: "
+                            f"Deflate64), which Python's zipfile cannot unpack (it can: "
+                            f"{', '.join(ZIP_METHODS.values())}); unpack it by hand (7z x ARCHIVE) and point --data "
+                            "at the folder")
+
+
+def own_files(archive: Path) -> set[str]:
+    """The names fetch-data keeps beside an archive in dest: its .part and its records (an entry named as
+    the archive itself: check_conflicts)."""
+    a = archive.name
+    return {f"{a}.part", _source_record(archive).name, f".{a}.unpacked", f".{a}.unpacking"}
+
+
+def check_members(kind: str, arc, dest: Path, own: set = frozenset()) -> list[str]:
+    """The archive's entry names; PipelineError naming the first entry that would land outside dest, or on
+    one of fetch-data's ``own`` files (a link there made its record be written into a file it points to)."""
     dest = dest.resolve()
-    names = []
+    names, links, files = [], set(), set()
     members = arc.infolist() if kind == "zip" else arc.getmembers()
     for m in members:
         name = m.filename if kind == "zip" else m.name
         if not _inside(dest, name):
             raise PipelineError(f"archive entry {name!r} would be written outside {dest}; refusing to unpack")
+        if kind == "zip":
+            _check_zip_entry(m)
+        if PurePosixPath(name).parts in {(o,) for o in own}:
+            raise PipelineError(f"archive entry {name!r} would take the place of fetch-data's own "
+                                f"{PurePosixPath(name).name}; refusing to unpack")
         if kind == "tar":
             if not (m.isfile() or m.isdir() or m.issym() or m.islnk()):
                 raise PipelineError(f"archive entry {name!r} is a device or pipe; refusing to unpack")
@@ -232,8 +312,15 @@ def check_members(kind: str, arc, dest: Path) -> list[str]:
                 if link.startswith("/") or not _inside(dest, str(PurePosixPath(base) / link)):
                     raise PipelineError(f"archive entry {name!r} links to {link!r} outside {dest}; "
                                      "refusing to unpack")
+            _check_through_links(m, PurePosixPath(name).parts, links, files)
         names.append(name)
     return names
+
+
+def unpacked_bytes(kind: str, members: list) -> int:
+    """What the entries declare they hold once unpacked: a zip entry never unpacks past its declared
+    size (zipfile stops there), and a tar entry's size is what tarfile writes."""
+    return sum(m.file_size if kind == "zip" else m.size for m in members)
 
 
 def archive_kind(path: Path) -> str:
@@ -300,8 +387,9 @@ def unpack(archive: Path, dest: Path, overwrite: bool = False, keep: Path | None
     opener = zipfile.ZipFile if kind == "zip" else tarfile.open
     try:
         with opener(archive) as arc:
-            names = check_members(kind, arc, dest)
+            names = check_members(kind, arc, dest, own_files(archive))
             members = arc.infolist() if kind == "zip" else arc.getmembers()
+            ensure_room(dest, unpacked_bytes(kind, members), f"unpacking {archive.name}")
             started = dest / f".{archive.name}.unpacking"
             # a run cut off mid-unpack left its own files: those it may replace
             check_conflicts(kind, members, dest, overwrite or _marker_bytes(started) == size, keep=(archive, keep))
@@ -311,7 +399,7 @@ def unpack(archive: Path, dest: Path, overwrite: bool = False, keep: Path | None
                     arc.extract(m, dest, filter="data")  # the standard library's own safety net, too
                 else:
                     arc.extract(m, dest)
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError) as e:
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, lzma.LZMAError) as e:  # damaged data
         raise PipelineError(f"cannot unpack {archive}: {e}; delete it and download again") from None
     except OSError as e:  # a full disk, no permission
         raise PipelineError(f"cannot unpack {archive} into {dest}: {e}") from None

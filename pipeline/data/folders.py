@@ -21,8 +21,9 @@ from ..files import is_utf8, shown
 from .portable import bit_depth, jpeg_draft, to_rgb  # noqa: F401 (the decoding rule; bit_depth for callers)
 
 log = logging.getLogger(__name__)
-#: File name endings treated as images when listing a folder (case-insensitive).
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+#: File name endings treated as images when listing a folder (case-insensitive): torchvision ImageFolder's
+#: (.ppm, .pgm included) and .jfif, the name browsers on Windows save JPEGs under; PIL reads them all.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 #: Why a file whose name is not UTF-8 is left out (Python keeps such bytes as surrogates, which no
 #: UTF-8 output can hold): told, with the name escaped, rather than failing mid-run.
@@ -102,9 +103,15 @@ def is_image_name(name: str) -> bool:
 METADATA_FOLDERS = frozenset({"__MACOSX", "@eaDir", "$RECYCLE.BIN", "System Volume Information", "lost+found"})
 
 
+#: A quarantine folder's suffix (check-images, audit --apply: ``DIR.quarantine`` beside DIR): never a class,
+#: so the broken files of a class folder checked alone do not become a class of its parent.
+QUARANTINE_SUFFIX = ".quarantine"
+
+
 def is_skipped_folder(name: str) -> bool:
-    """Whether a folder is left out of every listing: hidden (``.git``, ``.Trash``) or METADATA_FOLDERS."""
-    return name.startswith(".") or name in METADATA_FOLDERS
+    """Whether a folder is left out of every listing: hidden (``.git``, ``.Trash``), METADATA_FOLDERS or a
+    quarantine (``Cat.quarantine``)."""
+    return name.startswith(".") or name in METADATA_FOLDERS or name.endswith(QUARANTINE_SUFFIX)
 
 
 def walk(top: str | os.PathLike, left_out: list | None = None, seen: set | None = None):

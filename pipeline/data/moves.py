@@ -19,6 +19,7 @@ import errno
 import logging
 import os
 import shutil
+import stat
 import sys
 import time
 from pathlib import Path
@@ -88,13 +89,30 @@ def _rename_onto_placeholder(src, dst) -> None:
 
 def move_no_replace(src, dst) -> None:
     """Move the regular file ``src`` to ``dst``, a name that must be free (FileExistsError, nothing moved,
-    when it is not), on the same file system or another one (``copy_across``)."""
+    when it is not), on the same file system or another one (``copy_across``; a link or a named pipe, which
+    check-images quarantines too, is made anew there: ``remake_across``)."""
     try:
         rename_no_replace(src, dst)
     except OSError as e:
         if e.errno != errno.EXDEV:
             raise
-        copy_across(Path(src), Path(dst))
+        if stat.S_ISLNK(os.lstat(src).st_mode) or stat.S_ISFIFO(os.lstat(src).st_mode):
+            remake_across(Path(src), Path(dst))
+        else:
+            copy_across(Path(src), Path(dst))
+
+
+def remake_across(src: Path, dst: Path) -> None:
+    """A link or named pipe moved between file systems: the same link (its target unchanged, never followed)
+    or an empty pipe with its mode made at ``dst`` (failing when the name is taken), then ``src`` removed.
+    Copying through them opened a dangling link's nothing, or a pipe that blocks forever."""
+    st = os.lstat(src)
+    if stat.S_ISLNK(st.st_mode):
+        os.symlink(os.readlink(src), dst)
+    else:
+        os.mkfifo(dst, stat.S_IMODE(st.st_mode))
+    fsync_folder(dst.parent)
+    os.unlink(src)
 
 
 def copy_across(src: Path, dst: Path) -> None:

@@ -51,6 +51,11 @@ def validate(cfg: ExtractConfig) -> None:
         raise UsageError(f"weights file {cfg.weights!r} does not exist")
 
 
+def check_n(cfg: ExtractConfig, total: int) -> None:
+    if cfg.n > total:
+        raise UsageError(f"--n {cfg.n} is more than the {total} images in {cfg.data}")
+
+
 def check_backbone(cfg: ExtractConfig) -> None:
     """An unknown --backbone is a usage error before anything else; resolving a name imports torch, so a
     name with caches of its own in --cache-dir (it resolved when they were made) is left for a hit."""
@@ -155,8 +160,7 @@ def extract_held(cfg: ExtractConfig) -> dict:
     cfg = replace(cfg, backbone=bb.canonical_name(cfg.backbone))  # timm:X and X name one cache
     listing = list_folder(cfg.data, cfg.purpose)  # a pool to label (suggest): its photos, unlabelled
     total = len(listing.files)
-    if cfg.n > total:
-        raise UsageError(f"--n {cfg.n} is more than the {total} images in {cfg.data}")
+    check_n(cfg, total)
     images = cfg.n or total
     precision, why = auto_precision(cfg, images, one_offs_paid(cfg, listing))
     float_cfg = cfg  # --precision auto's float choice, when the network runs faster in float (see below)

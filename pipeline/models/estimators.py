@@ -223,7 +223,9 @@ class ImageClassifier:
         """Accuracy and loss per epoch, train vs validation (a matplotlib Figure)."""
         self._check_fitted()
         if not self.history_:
-            raise UsageError(f"no training history is known for {self.checkpoint_} (history.json is not beside it)")
+            raise UsageError(f"no training curves for {self.checkpoint_}: only heads trained by epochs have them "
+                             "(head='linear', train, finetune; fit-head's default 'auto' fits SVMs and logistic "
+                             "regression by CV), with their history.json beside them")
         from ..runs.figures import curves_figure
 
         return curves_figure(list(self.history_), title=title)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..config import ImagenetCheckConfig, PredictConfig, check_config, check_options
-from ..data.folders import NOT_UTF8, ImageLoadError, is_image_name, walk
+from ..data.folders import NOT_UTF8, ImageLoadError, is_image_name, load_rgb, walk
 from ..data.image_reader import Batch, ImageListDataset, Item, load_transformed, read_items
 from ..devices import resolve_device
 from ..errors import UsageError
@@ -370,6 +370,10 @@ def imagenet_check(image: str, backbone: str = ImagenetCheckConfig.backbone,
     """Top-k ImageNet classes of one image from the full pretrained model (classifier included)."""
 
     check_options(ImagenetCheckConfig, {"top": top}, python=False)
+    try:
+        load_rgb(image)  # a typo or a broken photo is told before the weights load (VGG-16's: 528 MB to download)
+    except ImageLoadError as e:
+        raise UsageError(f"{image}: {e.reason}") from None
     loaded = bb.load_backbone(backbone, weights)
     if loaded.covers != "all":
         what = "are random (--weights none)" if loaded.covers == "none" else "cover only the features"

@@ -19,11 +19,17 @@ def summarize(cfg: SummaryConfig) -> dict:
     if cfg.crop_size and cfg.crop_size < 32:
         raise UsageError(f"--crop-size must be 0 (the weights' own) or at least 32, got {cfg.crop_size}")
     unfreeze = parse_unfreeze(cfg.unfreeze)
-    crop = cfg.crop_size or bb.default_transform(cfg.backbone).crop_size[0]
+    own = bb.default_transform(cfg.backbone).crop_size[0]
+    crop = cfg.crop_size or own
     pool = cfg.pool or bb.get_spec(cfg.backbone).pool
+    try:
+        in_shape = head_in_shape(cfg.backbone, crop, pool)
+    except (AssertionError, RuntimeError, ValueError) as e:  # a ViT's patch grid is fixed: 224 only
+        raise UsageError(f"{cfg.backbone} does not take a {crop}x{crop} input ({str(e).strip()}); leave --crop-size "
+                         f"out for its own {own}") from None
     with torch.device("meta"):
-        model = TransferModel(cfg.backbone, bb.bare_features(cfg.backbone, "meta"),
-                              head_in_shape(cfg.backbone, crop, pool), cfg.classes, pool, cfg.dropout)
+        model = TransferModel(cfg.backbone, bb.bare_features(cfg.backbone, "meta"), in_shape, cfg.classes, pool,
+                              cfg.dropout)
     model.set_trainable(unfreeze)
     block_of = {id(m): i for i, b in enumerate(model.blocks()) for m in b.modules()}
     shapes, hooks = {}, []

@@ -6,6 +6,7 @@ fit-head + compare-sklearn on the same split.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from ..config import DemoConfig
@@ -13,7 +14,7 @@ from ..data.check_images import CheckImagesConfig, check_images
 from ..data.fetch import FetchConfig, fetch_data
 from ..data.folders import list_image_folder
 from ..errors import UsageError
-from ..extraction.extract import ExtractConfig, extract
+from ..extraction.extract import ExtractConfig, check_n, extract, validate
 from ..files import check_output
 from ..heads.compare import CompareConfig, compare_sklearn
 from ..heads.fit_head import FitHeadConfig
@@ -40,14 +41,21 @@ def demo(cfg: DemoConfig) -> dict:
         log.info("[1/4] using the images in %s", data)
     for option, folder in (("--runs-dir", cfg.runs_dir), ("--cache-dir", cfg.cache_dir)):  # before a file moves
         check_output(folder, data=[(data, "--data")], what=option, folder=True)
+    extract_cfg = ExtractConfig(data=str(data), n=cfg.n, backbone=cfg.backbone, weights=cfg.weights,
+                                workers=cfg.workers, cache_dir=cfg.cache_dir, command=cfg.command)
+    validate(extract_cfg)  # a bad --n, --backbone or --weights is refused before check-images moves a file
+    check_n(extract_cfg, len(list_image_folder(data).files))
     log.info("[2/4] checking every image in %s", data)
-    checked = check_images(CheckImagesConfig(root=str(data), quarantine=cfg.quarantine, workers=cfg.workers))
+    quarantine = cfg.quarantine and os.access(data, os.W_OK)
+    if cfg.quarantine and not quarantine:  # a read-only folder (a shared set): extract skips the bad files
+        log.warning("%s cannot be changed (read-only): its unusable files are reported, not moved; extract "
+                    "skips them", data)
+    checked = check_images(CheckImagesConfig(root=str(data), quarantine=quarantine, workers=cfg.workers))
     steps["check"] = {k: checked[k] for k in ("files", "good", "errors", "notes", "by_kind", "quarantine")}
     log.info("      %d files, %d unusable%s", checked["files"], checked["errors"],
              f", moved to {checked['quarantine']['dir']}" if checked["errors"] and checked["quarantine"] else "")
     log.info("[3/4] extracting %s features of %d images", cfg.backbone, cfg.n)
-    steps["extract"] = extract(ExtractConfig(data=str(data), n=cfg.n, backbone=cfg.backbone, weights=cfg.weights,
-                                             workers=cfg.workers, cache_dir=cfg.cache_dir, command=cfg.command))
+    steps["extract"] = extract(extract_cfg)
     log.info("[4/4] fitting the torch head and scikit-learn on the same split")
     steps["compare"] = compare_sklearn(CompareConfig(cache=steps["extract"]["cache"],
                                                      head=FitHeadConfig(runs_dir=cfg.runs_dir)))

@@ -141,14 +141,14 @@ def check_images_text(result: dict, max_listed: int = 50) -> str:
     if result["by_kind"]:
         example = {}
         for f in result["findings"]:
-            example.setdefault(f["kind"], f["path"])
+            example.setdefault(f["kind"], one_line(f["path"]))  # a name with a newline or ESC: one line, escaped
         lines.append(f"{'kind':<20} {'severity':<8} {'count':>6}  example")
         for kind, n in result["by_kind"].items():
             lines.append(f"{kind:<20} {KINDS[kind]:<8} {n:>6}  {example[kind]}")
     errors = [f for f in result["findings"] if f["severity"] == "error"]
     if errors:
         lines.append("files extract cannot use:")
-        lines += [f"  {f['path']}: {f['detail']}" for f in errors[:max_listed]]
+        lines += [f"  {one_line(f['path'])}: {one_line(f['detail'])}" for f in errors[:max_listed]]
         if len(errors) > max_listed:
             lines.append(f"  ... and {len(errors) - max_listed} more (write them all with --report)")
     if result["report"]:
@@ -156,6 +156,9 @@ def check_images_text(result: dict, max_listed: int = 50) -> str:
     q = result["quarantine"]
     if q:
         lines.append(f"moved {q['moved']} files to {q['dir']}; to move them back:\n  {q['restore']}")
+        if q["left_linked"]:
+            lines.append(f"left {len(q['left_linked'])} files in place: they are in linked folders, whose files lie "
+                         f"outside {result['root']} (first: {one_line(q['left_linked'][0])})")
     return "\n".join(lines)
 
 
@@ -281,9 +284,13 @@ def runs_table(records: list[dict], sort_by: Optional[str] = None) -> str:
     return "\n".join(lines)
 
 
-def runs_text(records: list[dict], sort_by: Optional[str], runs_dir) -> str:
-    """The runs command: the ledger's table, or where no run was recorded."""
-    return runs_table(records, sort_by) if records else f"no runs in {ledger_path(runs_dir)}"
+def runs_text(records: list[dict], sort_by: Optional[str], runs_dir, cache: Optional[str] = None,
+              backbone: Optional[str] = None) -> str:
+    """The runs command: the ledger's table, or where no run was recorded (or none matched the filters)."""
+    if records:
+        return runs_table(records, sort_by)
+    filters = " and ".join(f"--{k} {v}" for k, v in (("cache", cache), ("backbone", backbone)) if v)
+    return f"no runs in {ledger_path(runs_dir)}" + (f" match {filters}" if filters else "")
 
 
 def extract_notes(result: dict) -> list[str]:

@@ -112,6 +112,10 @@ def record_problem(rec) -> Optional[str]:
     return None
 
 
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def read_runs(runs_dir: str | os.PathLike, sort_by: Optional[str] = None, cache: Optional[str] = None,
               backbone: Optional[str] = None) -> list[dict]:
     """The ledger's runs, newest first (or best first by metric ``sort_by``), optionally filtered.
@@ -142,9 +146,9 @@ def read_runs(runs_dir: str | os.PathLike, sort_by: Optional[str] = None, cache:
     if cache:
         records = [r for r in records if _matches_cache(r, cache)]
     if sort_by:
-        have = [r for r in records if isinstance(r.get("metrics", {}).get(sort_by), (int, float))]
-        if records and not have:
-            known = sorted({k for r in records for k in r.get("metrics", {})})
+        have = [r for r in records if _number(r.get("metrics", {}).get(sort_by))]
+        if records and not have:  # the metrics runs have as numbers: a hand-edited 'high' is none
+            known = sorted({k for r in records for k, v in r.get("metrics", {}).items() if _number(v)})
             raise UsageError(f"no run has the metric {sort_by!r}; known metrics: {', '.join(known) or 'none'}")
         sign = 1 if _lower_is_better(sort_by) else -1
         have.sort(key=lambda r: sign * r["metrics"][sort_by])
