@@ -68,6 +68,32 @@ def verbosity(verbose: Optional[bool]) -> Iterator[None]:
             logger.setLevel(level)
 
 
+@contextlib.contextmanager
+def still_running(what: str) -> Iterator[None]:
+    """A line every ``LOG_INTERVAL`` seconds while the block runs (``what: still running, 20 s``), for one long
+    call that reports nothing itself (a libsvm or lbfgs fit on 20,000 rows, a compile): without it such a call
+    left the log silent for minutes. Nothing when quiet; nothing at all for a block shorter than the interval."""
+    if _QUIET:
+        yield
+        return
+    import threading
+
+    stop, started = threading.Event(), time.monotonic()
+    interval = max(LOG_INTERVAL, 0.1)  # a test's interval of 0: ten lines a second, not a busy loop
+
+    def beat() -> None:
+        while not stop.wait(interval):
+            print(f"{what}: still running, {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
+
+    thread = threading.Thread(target=beat, name="still-running", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 def in_notebook() -> bool:
     """Whether this process is a running Jupyter kernel (not merely one that imported ipykernel)."""
     ipython = sys.modules.get("IPython")

@@ -357,3 +357,29 @@ def test_past_max_pair_classes_the_default_leaves_the_pairs_out(monkeypatch):
     assert result["table"] and all(r["setting"].get("scheme") != "ovo" for r in result["table"])
     setting = _default_row(cfg, (8, 1, 1), result)["setting"]
     assert len(setting["weights"]) == 2 and setting["C_pairs"] == 0.0
+
+
+def test_a_long_search_and_fit_say_how_far_they_are(cache, tmp_path, monkeypatch, capsys):
+    """fit-head on 23,792 rows was silent for 11 s (the default head's final fit and refit) and --tune for 54 s
+    (its cross-validation): the search now has a progress bar over its fits, and each long fit says it is still
+    running (the interval shortened here; a slow fit simulated)."""
+    import time
+
+    import pipeline.heads.fit_head as fh
+    import pipeline.progress as pg
+
+    monkeypatch.setattr(pg, "LOG_INTERVAL", 0.0)
+    real = fh.fit_setting
+
+    def slow(*a, **k):
+        time.sleep(0.35)
+        return real(*a, **k)
+
+    monkeypatch.setattr(fh, "fit_setting", slow)
+    fit_head(FitHeadConfig(cache=cache, runs_dir=str(tmp_path / "runs"), folds=2))
+    err = capsys.readouterr().err.splitlines()
+    cv = [line for line in err if line.startswith("cross-validation: ")]
+    assert cv and cv[-1].startswith("cross-validation: 30/30 (100%)")  # 2 folds x the default's 15 settings
+    fitting = [line for line in err if line.startswith("fitting the head on ") and ": still running, " in line]
+    rows = {line.split()[4] for line in fitting}
+    assert rows == {"28", "32"}  # the fit on the 28 training rows, then the refit on all 32

@@ -75,3 +75,20 @@ def test_in_a_jupyter_kernel_without_ipywidgets_the_bar_falls_back_quietly():
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["tqdm.asyncio", "4"]  # tqdm.auto's text bar, not tqdm.notebook's widget
     assert "x: 100%" in r.stderr and "3/3" in r.stderr and "Warning" not in r.stderr and "IProgress" not in r.stderr
+
+
+def test_still_running_writes_a_line_each_interval_of_a_long_call_and_nothing_when_quiet(capsys, monkeypatch):
+    """One long call that reports nothing itself (an SVM fit on 20,000 rows: 74 s of silence in a log) gets a
+    line every interval; a call shorter than the interval gets none."""
+    import time
+
+    monkeypatch.setattr(pg, "LOG_INTERVAL", 0.1)
+    with pg.still_running("fitting the head on 9 rows"):
+        time.sleep(0.45)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) >= 2 and all(line.startswith("fitting the head on 9 rows: still running, ") for line in lines)
+    with pg.still_running("short"):
+        pass
+    with pg.quiet(), pg.still_running("silenced"):
+        time.sleep(0.3)
+    assert capsys.readouterr().err == ""
