@@ -292,19 +292,35 @@ def _tune(cfg: FitHeadConfig, cache, train_idx):
     return head, info, tuning, (result["oof"][best["key"]], rows.labels)
 
 
+def _cv_sample(cfg: FitHeadConfig, labels: np.ndarray, folds: int) -> np.ndarray:
+    """The rows ``default_head_on_rows`` cross-validates on, as fit-head's ``_cv_rows``: all of them, or a seeded
+    stratified sample of ``kernel_components`` when there are more (suggest's search over 23,792 labelled rows fitted
+    exact SVMs on 19,000 rows per fold: many minutes, silent), with every row of a class the sample would leave
+    with fewer than ``folds``."""
+    every = np.arange(len(labels))
+    if len(labels) <= cfg.kernel_components:
+        return every
+    keep = split_indices(labels, 1 - cfg.kernel_components / len(labels), cfg.seed)[0]
+    few = np.bincount(labels[keep], minlength=int(labels.max()) + 1) < folds
+    return np.union1d(keep, every[few[labels]])
+
+
 def default_head_on_rows(rows, labels: np.ndarray, n_classes: int, in_shape, cfg: FitHeadConfig) -> tuple:
     """(fit-head's default head, its setting's name) on rows in memory (``rows``: {view: (N, d) rows}): --head
-    auto's search by CV on every row, then the choice fitted on all of them, for stages that fit a head
+    auto's search by CV (on ``_cv_sample``'s rows), then the choice fitted on all of them, for stages that fit a head
     without a run of its own (suggest). With fewer than 2 rows of some class no CV can choose: the
     logistic regression's defaults."""
     labels = np.asarray(labels, np.int64)
     folds = min(cfg.folds, int(np.bincount(labels, minlength=n_classes).min()))
     setting, temperature = {"head": "logreg", "view": cfg.features, "normalize": cfg.normalize}, 1.0
     if folds >= 2:
-        result = tune(rows, labels, _auto_grid(cfg), _cv(cfg, folds), in_shape=in_shape)
+        some = _cv_sample(cfg, labels, folds)
+        result = tune({cfg.features: np.asarray(rows[cfg.features])[some]}, labels[some], _auto_grid(cfg),
+                      _cv(cfg, folds, "cross-validation"), in_shape=in_shape)
         row = _default_row(cfg, in_shape, result)
         setting, temperature = row["setting"], row["temperature"]
-    head, info = fit_setting(rows, labels, setting, in_shape=in_shape, n_classes=n_classes, seed=cfg.seed)
+    with still_running(f"fitting the head on {len(labels)} rows"):
+        head, info = fit_setting(rows, labels, setting, in_shape=in_shape, n_classes=n_classes, seed=cfg.seed)
     head.set_temperature(temperature)
     return head.eval(), info["key"]
 
