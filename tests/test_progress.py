@@ -92,3 +92,13 @@ def test_still_running_writes_a_line_each_interval_of_a_long_call_and_nothing_wh
     with pg.quiet(), pg.still_running("silenced"):
         time.sleep(0.3)
     assert capsys.readouterr().err == ""
+
+
+def test_a_step_right_after_another_goes_on_from_its_last_line():
+    """compare-sklearn's two scikit-learn fits each waited their own interval: 19 s between the LogisticRegression's
+    last line and the SVC's first. A step starting within two intervals of the module's last line writes an
+    interval after that line (not before it has run a tenth of an interval); otherwise an interval after it starts."""
+    assert pg.next_line(last=20.0, started=29.0, interval=10.0) == 30.0  # the previous step's line at 20 s
+    assert pg.next_line(last=20.0, started=31.0, interval=10.0) == 32.0  # overdue: once this step has run 1 s
+    assert pg.next_line(last=float("-inf"), started=31.0, interval=10.0) == 41.0  # the first: its own interval
+    assert pg.next_line(last=5.0, started=31.0, interval=10.0) == 41.0  # long ago: the log said other things since
