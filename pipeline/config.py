@@ -577,7 +577,9 @@ class PredictConfig(RunnerOptions):
         "A model.pt from train/finetune, or a head.pt from fit-head.", path="file", required=True, metavar="FILE"))
     weights: Optional[str] = field(default=None, metadata=option(HEAD_WEIGHTS_HELP,
                                                                  doc_default="where the head recorded them"))
-    format: str = field(default="table", metadata=option("Output format.", choices=FORMATS))
+    format: str = field(default="table", metadata=option(
+        "Output format (the table into an --output named .csv or .json: csv or json).", choices=FORMATS,
+        doc="output format; the table into an `--output` named `.csv` or `.json` is written as csv or json"))
     output: Optional[str] = field(default=None, metadata=option(
         "Write the rows to FILE.", path="file", metavar="FILE", doc=(
             "write the rows to FILE (streamed for csv; refused if it names an input, the model or what it reads, or "

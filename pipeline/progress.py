@@ -21,6 +21,8 @@ _QUIET = False
 
 #: Seconds between two progress lines when stderr is not a terminal.
 LOG_INTERVAL = 10.0
+#: When this module last wrote a progress line or a ``still_running`` line (time.monotonic()).
+_last_line = float("-inf")
 
 
 def set_quiet(quiet: bool) -> None:
@@ -66,6 +68,46 @@ def verbosity(verbose: Optional[bool]) -> Iterator[None]:
         if handler is not None:
             logger.removeHandler(handler)
             logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def still_running(what: str) -> Iterator[None]:
+    """A line every ``LOG_INTERVAL`` seconds while the block runs (``what: still running, 20 s``), for one long
+    call that reports nothing itself (a libsvm or lbfgs fit on 20,000 rows, a compile): without it such a call
+    left the log silent for minutes. Nothing when quiet; the first line as ``next_line`` says."""
+    if _QUIET:
+        yield
+        return
+    import threading
+
+    stop, started = threading.Event(), time.monotonic()
+    interval = max(LOG_INTERVAL, 0.1)  # a test's interval of 0: ten lines a second, not a busy loop
+
+    def beat() -> None:
+        global _last_line
+        while not stop.wait(max(0.0, next_line(_last_line, started, interval) - time.monotonic())):
+            if time.monotonic() >= next_line(_last_line, started, interval):  # no progress line came meanwhile
+                print(f"{what}: still running, {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
+                _last_line = time.monotonic()
+
+    thread = threading.Thread(target=beat, name="still-running", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def next_line(last: float, started: float, interval: float) -> float:
+    """When a block that started at ``started`` writes its next ``still_running`` line: an interval after this
+    module's last line (``last``), not before the block has run a tenth of it (at most 1 s: a quick step writes
+    nothing), so that consecutive long steps keep a line every interval (each waiting its own interval left 19 s
+    between compare-sklearn's two references); an interval after the start when the last line is older than two
+    intervals (the log said something else since, most likely)."""
+    if last < started - 2 * interval:
+        return started + interval
+    return max(last + interval, started + min(1.0, interval / 10))
 
 
 def in_notebook() -> bool:
@@ -115,6 +157,8 @@ class LogProgress:
         extra = f", {self.postfix}" if self.postfix else ""
         print(f"{self.desc}: {done}{pct}, {rate:.1f} {self.unit}/s{eta}{extra}", file=self.file or sys.stderr,
               flush=True)
+        global _last_line
+        _last_line = now
 
     def write(self, line: str, file=None) -> None:
         print(line, file=file or self.file or sys.stderr, flush=True)

@@ -116,3 +116,34 @@ def test_usage_errors_are_one_line(tmp_path, args, message):
     out = CliRunner().invoke(cli, ["choose-backbone", "--data", str(data), "--cache-dir", str(tmp_path / "f"),
                                    "--workers", "0", *args])
     assert out.exit_code == 2 and message in out.output and out.output.count("\n") == 1, out.output
+
+
+def test_cross_validation_shows_one_bar_over_the_folds_not_each_folds_own(tmp_path, monkeypatch, capsys):
+    """choose-backbone said nothing while it cross-validated a candidate (10 folds fitted side by side); with a
+    bar inside each fold's fit there would be one per thread, interleaved. One line per fold done instead."""
+    import pipeline.progress as pg
+
+    data = make_image_folder(tmp_path / "data", per_class=10, classes=("blue", "green", "red"))
+    monkeypatch.setattr(pg, "LOG_INTERVAL", 0.0)
+    pipeline.choose_backbone(data, ["tiny=none", "tiny_wide=none"], folds=3, repeats=1, fused=False,
+                             cache_dir=tmp_path / "features", workers=0, verbose=True)
+    err = capsys.readouterr().err.splitlines()
+    for name in ("tiny", "tiny_wide"):
+        done = [line.split()[2] for line in err if line.startswith(f"choose-backbone: {name}: ")]
+        assert done == ["1/3", "2/3", "3/3"]
+    assert not [line for line in err if line.startswith("cross-validation: ") or "still running" in line]
+
+
+def test_a_candidate_whose_rows_all_came_from_an_earlier_cache_keeps_that_caches_rate(tmp_path, make_cache):
+    """After `extract -n 0` of the folder, choose-backbone's sample of it copies every row by content and computes
+    none: its cache recorded no rate, so the candidate showed 'n/a' ('a cache made before rates were kept') and was
+    never the fastest within noise. The copied rows keep the rate of the cache they came from."""
+    data = make_image_folder(tmp_path / "data", per_class=10, classes=("blue", "green", "red"))
+    whole = make_cache(data)  # tmp_path/features, as choose-backbone's below
+    rate = json.loads(read_info(whole["cache"]).attrs["extract_rate"])
+    choice = pipeline.choose_backbone(data, ["tiny=none", "tiny_wide=none"], n=24, folds=3, repeats=1, fused=False,
+                                      cache_dir=tmp_path / "features", workers=0)
+    tiny = next(c for c in choice.candidates if c.name == "tiny")
+    (path,) = tiny.caches
+    assert path != whole["cache"] and json.loads(read_info(path).attrs["reuse"])["computed"] == 0
+    assert tiny.img_per_s == pytest.approx(rate["img_per_s"])

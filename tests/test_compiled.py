@@ -147,3 +147,25 @@ def test_eager_first_runs_a_few_images_eagerly_before_compiling(monkeypatch):
         assert compiled_calls == [] and c.batch is None
         c(x)
     assert compiled_calls == [2] and c.batch == 2
+
+
+def test_a_long_compile_says_it_is_still_running(monkeypatch, tmp_path, capsys):
+    """Compiling happens inside the first call and said nothing until it ended (12.8 s for the tiny test network
+    cold, tens of seconds for VGG-16): a line every interval now says it is still compiling; later calls none."""
+    import time
+
+    import pipeline.progress as pg
+
+    def slow_compile(module, **kw):
+        return lambda x: (time.sleep(0.35), module(x))[1]
+
+    monkeypatch.setattr(torch, "compile", slow_compile)
+    monkeypatch.setattr(pg, "LOG_INTERVAL", 0.0)
+    c = CompiledNet(net(), batch=4, cache_folder=tmp_path)
+    with torch.no_grad():
+        c(torch.randn(4, 3, 8, 8))
+        lines = capsys.readouterr().err.splitlines()
+        c(torch.randn(4, 3, 8, 8))
+    assert lines and all(line.startswith("compiling the network for batches of 4 (once): still running, ")
+                         for line in lines)
+    assert capsys.readouterr().err == ""

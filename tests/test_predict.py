@@ -324,3 +324,20 @@ def test_the_one_loop_gives_every_item_in_order_and_reports_a_bad_file_once(imag
     good = got.paths[:2]
     mixed = outputs_of_inputs(lm, model, [good[0], Image.open(good[1]), good[1]], batch_size=2)
     assert np.allclose(mixed, np.stack([got.rows[0], got.rows[1], got.rows[1]]), atol=1e-6)
+
+
+def test_an_output_named_csv_or_json_gets_that_format_without_format(tmp_path, image_folder, model_pt):
+    """`predict DIR --output pred.json` wrote the table into pred.json (no JSON reader takes it), and pred.csv was
+    a table too; the default table now follows the output's name. --format given otherwise still wins."""
+    def run(name, *more):
+        out = tmp_path / name
+        r = CliRunner().invoke(cli.cli, ["predict", str(image_folder), "--model", str(model_pt), "--output", str(out),
+                                         "--workers", "0", *more])
+        assert r.exit_code == 0, r.output
+        return out.read_text()
+
+    assert len(json.loads(run("pred.json"))) == 24
+    rows = list(csv.DictReader(run("pred.CSV").splitlines()))
+    assert len(rows) == 24 and list(rows[0])[:2] == ["path", "class"]
+    assert run("pred.txt").split()[:2] == ["path", "class"] and "," not in run("pred.txt").splitlines()[0]
+    assert len(json.loads(run("other.csv", "--format", "json"))) == 24

@@ -75,3 +75,30 @@ def test_in_a_jupyter_kernel_without_ipywidgets_the_bar_falls_back_quietly():
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["tqdm.asyncio", "4"]  # tqdm.auto's text bar, not tqdm.notebook's widget
     assert "x: 100%" in r.stderr and "3/3" in r.stderr and "Warning" not in r.stderr and "IProgress" not in r.stderr
+
+
+def test_still_running_writes_a_line_each_interval_of_a_long_call_and_nothing_when_quiet(capsys, monkeypatch):
+    """One long call that reports nothing itself (an SVM fit on 20,000 rows: 74 s of silence in a log) gets a
+    line every interval; a call shorter than the interval gets none."""
+    import time
+
+    monkeypatch.setattr(pg, "LOG_INTERVAL", 0.1)
+    with pg.still_running("fitting the head on 9 rows"):
+        time.sleep(0.45)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) >= 2 and all(line.startswith("fitting the head on 9 rows: still running, ") for line in lines)
+    with pg.still_running("short"):
+        pass
+    with pg.quiet(), pg.still_running("silenced"):
+        time.sleep(0.3)
+    assert capsys.readouterr().err == ""
+
+
+def test_a_step_right_after_another_goes_on_from_its_last_line():
+    """compare-sklearn's two scikit-learn fits each waited their own interval: 19 s between the LogisticRegression's
+    last line and the SVC's first. A step starting within two intervals of the module's last line writes an
+    interval after that line (not before it has run a tenth of an interval); otherwise an interval after it starts."""
+    assert pg.next_line(last=20.0, started=29.0, interval=10.0) == 30.0  # the previous step's line at 20 s
+    assert pg.next_line(last=20.0, started=31.0, interval=10.0) == 32.0  # overdue: once this step has run 1 s
+    assert pg.next_line(last=float("-inf"), started=31.0, interval=10.0) == 41.0  # the first: its own interval
+    assert pg.next_line(last=5.0, started=31.0, interval=10.0) == 41.0  # long ago: the log said other things since

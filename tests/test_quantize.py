@@ -318,3 +318,19 @@ def test_precision_auto_knows_when_the_projects_one_offs_are_paid(tmp_path, monk
     monkeypatch.setattr(stage, "INT8_AUTO_MIN_IMAGES_PAID", 6)
     r = extract(auto)
     assert r["precision"] == "int8" and r["calibration_reused"]
+
+
+def test_a_network_rebuilt_from_stored_observers_says_so_not_two_calibration_images(tmp_path, caplog):
+    """Reusing the one-offs' calibration logged 'quantised to int8 on 2 calibration images' (the rebuild's example
+    batch of two zeros) right after 'int8 calibration reused (... 64 photos ...)'."""
+    import logging
+
+    data = make_image_folder(tmp_path / "d", per_class=8)
+    extract(cfg(data, tmp_path))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pipeline"):
+        extract(cfg(data, tmp_path, n=12))  # another request: the calibration of the same sample reused
+    said = [r.getMessage() for r in caplog.records if "int8" in r.getMessage()]
+    assert any(m.startswith("int8 calibration reused") for m in said)
+    assert any(m.startswith("int8 network rebuilt from ") for m in said)
+    assert not any("calibration images" in m for m in said)

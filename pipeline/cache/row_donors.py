@@ -51,6 +51,9 @@ class RowDonors:
 
     sources: list  # paths of the donor caches, newest first
     where: dict = field(default_factory=dict)  # sha256 -> (source index, row, class name)
+    # the extraction rate the newest donor recorded (its ``extract_rate`` attribute, JSON), if any: a cache whose
+    # every row is copied was made at that rate, the same network on this machine's caches
+    extract_rate: Optional[str] = None
     _files: dict = field(default_factory=dict)  # source index -> open h5py.File (opened on first use)
 
     @property
@@ -148,4 +151,5 @@ def find_donors(cache_dir, attrs: dict, exclude: Optional[Path] = None,
                 added += 1
         if added:
             donors.sources.append(str(info.path))
+            donors.extract_rate = donors.extract_rate or info.attrs.get("extract_rate")
     return donors if donors.where else None

@@ -21,6 +21,8 @@ from typing import Optional
 import torch
 import torch._inductor.config as inductor_config
 
+from ..progress import still_running
+
 log = logging.getLogger(__name__)
 
 
@@ -78,7 +80,8 @@ class CompiledNet:
             with compile_cache(self.cache_folder) as folder:
                 marker = folder / "pipeline-compiled" / compiled_signature(self.net, self.batch, x)
                 warm = marker.exists()
-                y = self._run(self._padded(x))[:n]
+                with still_running(f"compiling the network for batches of {self.batch} (once)"):
+                    y = self._run(self._padded(x))[:n]
         except torch.cuda.OutOfMemoryError:
             self.batch = self.wanted = None  # devices.AdaptiveBatch retries smaller: compile for that size then
             raise

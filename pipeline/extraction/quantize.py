@@ -131,8 +131,11 @@ def quantize_int8(features, calib_batches: list, max_batch: int = MAX_BATCH, obs
         converted, state, example, dynamic = _converted_int8(features, list(calib_batches), max_batch, observers)
         lowered = _lower(converted, example, dynamic) if lower else LazyLowered(converted, example, dynamic)
     lowered.converted, lowered.observers = converted, state
-    log.info("quantised to int8 on %d calibration images in %.1f s", sum(len(b) for b in calib_batches),
-             time.time() - started)
+    if observers is None:
+        log.info("quantised to int8 on %d calibration images in %.1f s", sum(len(b) for b in calib_batches),
+                 time.time() - started)
+    else:  # calib_batches is only an example of the input's shape: no photo was calibrated on
+        log.info("int8 network rebuilt from %d stored observers in %.1f s", len(observers), time.time() - started)
     return lowered
 
 

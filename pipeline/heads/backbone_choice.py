@@ -184,19 +184,33 @@ def _fold_workers():
         logger.setLevel(level)
 
 
-def cross_validate(rows, order: np.ndarray, folds: list, seed: int, device) -> tuple[list, list]:
+def cross_validate(rows, order: np.ndarray, folds: list, seed: int, device, name: str = "") -> tuple[list, list]:
     """(accuracy, log-loss) per fold of fit-head's default head on ``rows`` (a cache or fused rows); ``order``
-    maps the reference rows the folds index to ``rows``'s rows."""
+    maps the reference rows the folds index to ``rows``'s rows. One progress bar over the folds (``name``'s),
+    the fits' own bars and lines (one per fold thread, interleaved) left out."""
     from ..devices import resolve_device
+    from ..progress import progress, quiet
     from .fit_head import fit_on_rows
 
     cfg = FitHeadConfig(seed=seed, calibrate="none", unknown_rows=0, device=device)  # the default head, bare
     if isinstance(rows, FusedRows):
         cfg = rows.head_config(cfg)
     dev = resolve_device(device)
-    with _fold_workers() as pool:
-        fits = list(pool.map(lambda fold: fit_on_rows(cfg, rows, order[fold[0]], order[fold[1]], dev), folds))
+    bar = progress(total=len(folds), desc=f"choose-backbone: {name or 'cross-validation'}", unit="fold")
+    with _fold_workers() as pool, quiet():
+        fits = list(bar_of(pool.map(lambda fold: fit_on_rows(cfg, rows, order[fold[0]], order[fold[1]], dev),
+                                    folds), bar))
     return [f.val["acc"] for f in fits], [f.val["loss"] for f in fits]
+
+
+def bar_of(results, bar):
+    """``results`` as they come, each advancing ``bar`` (made before ``quiet``, so it still shows); closed after."""
+    try:
+        for r in results:
+            bar.update(1)
+            yield r
+    finally:
+        bar.close()
 
 
 def _fused_rate(rates: list) -> Optional[float]:
@@ -234,7 +248,7 @@ def choose_backbone(cfg: ChooseBackboneConfig) -> BackboneChoice:
         found = []
         for i, c in enumerate(caches):
             log.info("choose-backbone: cross-validating the default head on %s (%d folds)", names[i], len(folds))
-            acc, loss = cross_validate(c, orders[i], folds, cfg.seed, cfg.device)
+            acc, loss = cross_validate(c, orders[i], folds, cfg.seed, cfg.device, names[i])
             found.append(_candidate(names[i], [cfg.backbones[i]], [str(c.path)], c.feature_shape[0],
                                     acc, loss, cfg.folds, rates[i], sizes[i]))
         if cfg.fused:
@@ -243,7 +257,7 @@ def choose_backbone(cfg: ChooseBackboneConfig) -> BackboneChoice:
                     label = "+".join(names[i] for i in combo)
                     log.info("choose-backbone: cross-validating the default head on %s's fused features", label)
                     with FusedRows([caches[i].path for i in combo]) as fused:
-                        acc, loss = cross_validate(fused, orders[combo[0]], folds, cfg.seed, cfg.device)
+                        acc, loss = cross_validate(fused, orders[combo[0]], folds, cfg.seed, cfg.device, label)
                         found.append(_candidate(label, [cfg.backbones[i] for i in combo],
                                                 [str(caches[i].path) for i in combo], fused.feature_shape[0], acc,
                                                 loss, cfg.folds, _fused_rate([rates[i] for i in combo]),

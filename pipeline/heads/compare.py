@@ -17,6 +17,7 @@ from sklearn.svm import SVC
 from ..cache.feature_cache import FeatureCache
 from ..config import CompareConfig, check_config
 from ..errors import UsageError
+from ..progress import still_running
 from ..runs.ledger import append_run
 from .cache_views import CacheViews
 from .epoch_loop import per_class_accuracy, split_indices
@@ -43,7 +44,8 @@ def fit_sklearn(cfg: CompareConfig, cache: FeatureCache, test_cache: Optional[st
     steps = [StandardScaler()] if cfg.scale else []
     model = make_pipeline(*steps, LogisticRegression(C=cfg.C, max_iter=cfg.max_iter))
     t0 = time.time()
-    model.fit(x_train, y_train)
+    with still_running(f"fitting scikit-learn's LogisticRegression on {len(train_idx)} flat rows"):
+        model.fit(x_train, y_train)
     seconds = time.time() - t0
     del x_train
 
@@ -78,7 +80,8 @@ def fit_svc(cfg: CompareConfig, cache: FeatureCache, test_cache: Optional[str] =
     folds = min(5, int(np.bincount(y).min()))
     if folds < 2:
         raise UsageError("the SVC reference needs at least 2 training rows of every class")
-    search = GridSearchCV(SVC(kernel="rbf"), {"C": [1.0, 10.0, 100.0]}, cv=folds, n_jobs=1).fit(x, y)
+    with still_running(f"fitting scikit-learn's SVC, C by {folds}-fold GridSearchCV, on {len(y)} rows"):
+        search = GridSearchCV(SVC(kernel="rbf"), {"C": [1.0, 10.0, 100.0]}, cv=folds, n_jobs=1).fit(x, y)
     seconds = time.time() - t0
     xv, yv = rows(cache, val_idx)
     pred = search.predict(xv)

@@ -14,7 +14,7 @@ import torch
 from sklearn.model_selection import StratifiedKFold, train_test_split
 from threadpoolctl import threadpool_limits
 
-from ..progress import quiet
+from ..progress import progress, quiet
 from .calibration import fit_stack_weights, fit_temperature, log_softmax, nll, with_temperature
 from .feature_views import (
     VIEWS,
@@ -337,13 +337,15 @@ def class_proba(clf, z: np.ndarray, n_classes: int) -> np.ndarray:
 class CVOptions:
     """How ``tune`` cross-validates: ``folds`` stratified folds shuffled by ``seed`` (which also seeds landmarks
     and torch heads), the winner by ``score`` ('log_loss' or 'accuracy'), ``max_iter`` of each logistic
-    regression, and ``threads``, the BLAS and torch threads meanwhile (None: as they are)."""
+    regression, ``threads``, the BLAS and torch threads meanwhile (None: as they are), and ``progress``, the
+    name of a progress bar over the fits (folds x settings; '' for none: a caller that shows its own)."""
 
     folds: int = 5
     seed: int = 0
     score: str = "log_loss"
     max_iter: int = 1000
     threads: Optional[int] = None
+    progress: str = ""
 
 
 @contextlib.contextmanager
@@ -399,11 +401,15 @@ def _tune(X, y, grid, cv: CVOptions, in_shape, on_setting) -> dict:
                          f"the smallest class has {smallest}")
     splits = list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
     results = {setting_key(s): {"oof": np.zeros((len(y), n_classes)), "sec": []} for s in settings}
+    # every setting once per fold: a search of minutes (--tune) says how far it is
+    bar = progress(total=folds * len(settings), desc=cv.progress, unit="fit") if cv.progress else None
 
     def record(s, proba, te, sec, logp=None):
         r = results[setting_key(s)]
         r["oof"][te] = np.log(np.clip(proba, LOG_FLOOR, 1.0)) if logp is None else logp
         r["sec"].append(sec)
+        if bar is not None:
+            bar.update(1)
 
     def record_svm(s, svm, xte, te, sec):
         """An SVM's held-out class scores; a one-vs-one SVM's pairs' margins, coupled once every fold has them."""
@@ -412,6 +418,8 @@ def _tune(X, y, grid, cv: CVOptions, in_shape, on_setting) -> dict:
         r = results[setting_key(s)]
         r.setdefault("margins", np.zeros((len(y), len(svm.bias))))[te] = svm.scores(xte)
         r["sec"].append(sec)
+        if bar is not None:
+            bar.update(1)
 
     def record_path(group, ztr, zte, ytr, yte, t_before):
         """The settings of one group (one view and map) differ only in C: one warm-started path."""
@@ -473,6 +481,8 @@ def _tune(X, y, grid, cv: CVOptions, in_shape, on_setting) -> dict:
             _calibrated(r, y, splits)
             if on_setting:
                 on_setting(_row(s, results[setting_key(s)]))
+    if bar is not None:
+        bar.close()
     table = [_row(s, results[setting_key(s)]) for s in settings]
     if score == "log_loss":
         order = sorted(range(len(table)), key=lambda i: (table[i]["log_loss_mean"], -table[i]["acc_mean"], i))

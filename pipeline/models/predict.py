@@ -12,6 +12,7 @@ import io
 import logging
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
@@ -288,10 +289,19 @@ def format_rows(rows: list[dict], fmt: str) -> str:
     return "\n".join(lines)
 
 
+def output_format(cfg: PredictConfig) -> str:
+    """--format, except that the default table into an --output named .csv or .json is that format: ``predict DIR
+    --output pred.json`` wrote a table into pred.json (no JSON reader takes it), and pred.csv was a table too."""
+    if cfg.format != "table" or not cfg.output:
+        return cfg.format
+    return {".csv": "csv", ".json": "json"}.get(Path(cfg.output).suffix.lower(), cfg.format)
+
+
 def predict(cfg: PredictConfig) -> dict:
     """Classify cfg.paths with cfg.model; the rows are returned, or streamed to cfg.output."""
 
     check_config(cfg)
+    cfg = replace(cfg, format=output_format(cfg))
     files = list_inputs(cfg.paths)
     ckpt = read_checkpoint(cfg.model)
     reads, folders = checkpoint_reads(ckpt, cfg.model, cfg.weights)
