@@ -61,3 +61,22 @@ def test_layout_similarity_sees_where_things_are_and_takes_mirror_images_as_copi
     np.testing.assert_allclose(sims[:6], 1.0, rtol=1e-5)
     assert (sims[6:] < dup.SAME_LAYOUT).all()
     assert dup.has_layout((512, 7, 7)) and not dup.has_layout((512, 1, 1))
+
+
+def test_a_folder_of_near_copies_keeps_each_photos_closest_candidates_and_one_group(monkeypatch):
+    x = _rows(200, seed=3)
+    rng = np.random.default_rng(4)
+    x[:120] = dup.l2_rows(x[[0]] + 0.05 * rng.normal(size=(120, x.shape[1])))  # 120 near copies of one photo
+    full = x @ x.T
+    above = {(i, j) for i, j in zip(*np.nonzero(full >= 0.9)) if i < j}
+    monkeypatch.setattr(dup, "BLOCK_BYTES", 4 * 200 * 16)  # 16-row blocks
+    found = dup.similar_pairs(x, threshold=0.9, k=3, per_row=4)
+    pi, pj, ps = found["pairs"]
+    kept = set(zip(pi.tolist(), pj.tolist()))
+    assert kept <= above and len(above) > 6000 and len(kept) <= 4 * 200
+    assert found["left_out"] == len(above) - len(kept)
+    assert max(np.bincount(pi, minlength=200)) <= 4
+    for i in range(119):  # each copy's kept candidates are its most similar later rows
+        later = np.sort(full[i, i + 1:][full[i, i + 1:] >= 0.9])[::-1][:4]
+        np.testing.assert_allclose(np.sort(ps[pi == i])[::-1], later, rtol=1e-5)
+    assert dup.groups(200, kept) == [list(range(120))]

@@ -23,6 +23,7 @@ from ..data.folders import POOL
 from ..errors import UsageError
 from ..files import SafeCsvWriter, atomic_write, check_output, write_json, writing
 from ..heads.cache_views import CacheViews
+from ..progress import progress
 from ..runs.run_folders import new_run_dir
 from . import duplicates as dup
 from .label_issues import label_issues
@@ -138,6 +139,7 @@ def analyse(cfg: AuditConfig) -> dict:
     t = time.time()
     x = dup.l2_rows(near_rows)
     near = dup.similar_pairs(x, threshold=cfg.threshold, k=10)
+    warn_left_out(near["left_out"], "near-copy candidate pairs")
     near["pairs"], unconfirmed = confirmed(near["pairs"], path, path)
     seconds["duplicates"] = time.time() - t
     result = {
@@ -152,6 +154,7 @@ def analyse(cfg: AuditConfig) -> dict:
         t = time.time()
         xt = dup.l2_rows(test["near"])
         cross = dup.similar_pairs(xt, x, threshold=cfg.threshold, k=1, desc="audit: test vs training")
+        warn_left_out(cross["left_out"], "test-training candidate pairs")
         cross["pairs"], result["unconfirmed"]["leaks"] = confirmed(cross["pairs"], tpath, path)
         result["leaks"] = _leaks(cross, test, digests, paths)
         result["test_cache"], result["test_root"], result["test_rows"] = test["cache"], test["root"], len(test["paths"])
@@ -166,6 +169,12 @@ def analyse(cfg: AuditConfig) -> dict:
 CONFIRM_BLOCK = 512
 
 
+def warn_left_out(count: int, what: str) -> None:
+    if count:
+        log.warning("%d more %s left out: at most %d a photo, its most similar (the folder holds many near copies "
+                    "of each other, or --threshold is low)", count, what, dup.PAIRS_PER_ROW)
+
+
 def confirmed(pairs: tuple, path_a: Path, path_b: Path) -> tuple[tuple, int]:
     """The near-copy candidates ``pairs`` (rows i of the cache ``path_a``, j of ``path_b``, similarity) that
     the second check confirms (``duplicates.layout_similarity`` at least ``SAME_LAYOUT``: the whole maps
@@ -174,9 +183,13 @@ def confirmed(pairs: tuple, path_a: Path, path_b: Path) -> tuple[tuple, int]:
     with FeatureCache(path_a) as a, FeatureCache(path_b) as b:
         if not (dup.has_layout(a.feature_shape) and len(i)):
             return pairs, 0
-        keep = np.concatenate([dup.layout_similarity(read_maps(a, i[lo:lo + CONFIRM_BLOCK]),
-                                                     read_maps(b, j[lo:lo + CONFIRM_BLOCK])) >= dup.SAME_LAYOUT
-                               for lo in range(0, len(i), CONFIRM_BLOCK)])
+        keep = []
+        with progress(total=len(i), desc="audit: second check of near copies", unit="pair") as bar:
+            for lo in range(0, len(i), CONFIRM_BLOCK):
+                keep.append(dup.layout_similarity(read_maps(a, i[lo:lo + CONFIRM_BLOCK]),
+                                                  read_maps(b, j[lo:lo + CONFIRM_BLOCK])) >= dup.SAME_LAYOUT)
+                bar.update(len(keep[-1]))
+        keep = np.concatenate(keep)
     return (i[keep], j[keep], s[keep]), int((~keep).sum())
 
 

@@ -35,6 +35,10 @@ BLOCK_BYTES = 128 << 20
 #: side cut shrunk to 60 %; the 17 real ones 0.83-1.0), the 111 distinct photos closest in the max view 0.16-0.70,
 #: all but two below 0.65.
 SAME_LAYOUT = 0.65
+#: Near-copy candidates kept per photo (its most similar ones): in a folder of near-identical shots nearly every
+#: pair passes the threshold (30 % of 25,000 photos' 312 M pairs: gigabytes, then hours of the second check);
+#: this many per photo still joins a group of any size, each photo to its closest copies.
+PAIRS_PER_ROW = 16
 
 
 def layout_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -56,19 +60,21 @@ def l2_rows(x: np.ndarray) -> np.ndarray:
 
 
 def similar_pairs(x: np.ndarray, other: Optional[np.ndarray] = None, threshold: float = NEAR_DUPLICATE,
-                  k: int = 10, desc: str = "audit: similarity search") -> dict:
-    """Every pair with cosine similarity >= ``threshold`` and each row's ``k`` nearest neighbours.
+                  k: int = 10, desc: str = "audit: similarity search", per_row: int = PAIRS_PER_ROW) -> dict:
+    """Pairs with cosine similarity >= ``threshold`` (each row's ``per_row`` most similar) and each row's ``k``
+    nearest neighbours.
 
     Without ``other``: pairs (i, j) of rows of ``x`` with i < j, neighbours among the other rows of
     ``x``. With ``other`` (e.g. the training rows for test rows ``x``): pairs (i of x, j of other),
     neighbours among ``other``'s rows. Rows must be l2-normalised. Returns {"pairs": (i, j, sim)
-    arrays, "knn": (N, k) indices, "knn_sim": (N, k) similarities, nearest first}.
+    arrays, "knn": (N, k) indices, "knn_sim": (N, k) similarities, nearest first, "left_out": pairs above
+    the threshold beyond ``per_row``}.
     """
     base = x if other is None else other
     n, m = len(x), len(base)
     k = max(0, min(k, m - (1 if other is None else 0)))
     block = int(max(16, min(4096, BLOCK_BYTES // max(4 * m, 1))))
-    pi, pj, ps = [], [], []
+    pi, pj, ps, left_out = [], [], [], 0
     knn = np.zeros((n, k), np.int64)
     knn_sim = np.zeros((n, k), np.float32)
     bar = progress(total=n, desc=desc, unit="row")
@@ -84,10 +90,10 @@ def similar_pairs(x: np.ndarray, other: Optional[np.ndarray] = None, threshold: 
                 order = np.argsort(-sims, axis=1, kind="stable")
                 knn[lo:hi] = np.take_along_axis(part, order, 1)
                 knn_sim[lo:hi] = np.take_along_axis(sims, order, 1)
-            r, c = np.nonzero(s >= threshold)
-            if other is None:
-                keep = c > r + lo
-                r, c = r[keep], c[keep]
+            if other is None:  # each pair once: j > i
+                s[np.arange(m)[None, :] <= np.arange(lo, hi)[:, None]] = -np.inf
+            r, c, over = _most_similar(s, threshold, per_row)
+            left_out += over
             pi.append(r + lo)
             pj.append(c)
             ps.append(s[r, c])
@@ -95,7 +101,21 @@ def similar_pairs(x: np.ndarray, other: Optional[np.ndarray] = None, threshold: 
     finally:
         bar.close()
     cat = (lambda parts, dt: np.concatenate(parts).astype(dt) if parts else np.zeros(0, dt))  # noqa: E731
-    return {"pairs": (cat(pi, np.int64), cat(pj, np.int64), cat(ps, np.float32)), "knn": knn, "knn_sim": knn_sim}
+    return {"pairs": (cat(pi, np.int64), cat(pj, np.int64), cat(ps, np.float32)), "knn": knn, "knn_sim": knn_sim,
+            "left_out": left_out}
+
+
+def _most_similar(s: np.ndarray, threshold: float, per_row: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """(rows, columns) of ``s`` at least ``threshold``, at most ``per_row`` a row (its highest), and how many
+    more there were."""
+    above = s >= threshold
+    counts = above.sum(1)
+    if counts.max(initial=0) <= per_row:
+        r, c = np.nonzero(above)
+        return r, c, 0
+    top = np.argpartition(-s, per_row - 1, axis=1)[:, :per_row]
+    r, t = np.nonzero(np.take_along_axis(s, top, 1) >= threshold)
+    return r, top[r, t], int(counts.sum()) - len(r)
 
 
 def exact_pairs(digests: Sequence[str], other: Optional[Sequence[str]] = None) -> list[tuple[int, int]]:
