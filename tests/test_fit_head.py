@@ -412,3 +412,12 @@ def test_the_default_head_on_rows_in_memory_cross_validates_a_sample_of_many_row
     (counts,) = searched
     assert counts.sum() < 60 and counts[2] == 6 and counts.min() >= 5  # the small class whole
     assert fitted == [len(labels)] and key.startswith("stack|avg|l2")
+
+
+@pytest.mark.parametrize("command", ["fit-head", "compare-sklearn"])
+def test_a_pool_cache_is_refused_naming_what_it_holds(tmp_path, make_cache, command):
+    """suggest's pool cache (one unlabelled class) ended in the solver's 'needs samples of at least 2 classes'."""
+    cache = make_cache(make_image_folder(tmp_path / "pool", per_class=3), purpose="pool")["cache"]
+    run = CliRunner().invoke(cli, [command, "--cache", cache, "--runs-dir", str(tmp_path / "runs")])
+    assert run.exit_code == 2 and "holds the unlabelled photos of a pool (suggest's): a head needs" in run.output
+    assert not (tmp_path / "runs").exists()

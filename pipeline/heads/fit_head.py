@@ -34,6 +34,7 @@ import torch
 from ..cache.feature_cache import FeatureCache, newest_cache, read_int8_observers, source_changes
 from ..cache.provenance import Provenance
 from ..config import FitHeadConfig
+from ..data.folders import POOL
 from ..devices import resolve_device
 from ..errors import UsageError
 from ..files import check_output
@@ -100,6 +101,14 @@ def resolve_cache(cache: Optional[str], cache_dir: str) -> tuple[Path, Optional[
     log.info("using the newest cache %s (%d rows, %s, created %s); --cache picks another",
              chosen["path"], chosen["rows"], chosen["backbone"], chosen["created"])
     return info.path, chosen
+
+
+def check_labelled(cache, path, needs: str = "a head") -> None:
+    """A head (an audit) needs two classes: a pool's cache (suggest's unlabelled photos) is refused naming what
+    it is, before a solver fails inside on its one class."""
+    if len(cache.classes) < 2:
+        what = "the unlabelled photos of a pool (suggest's)" if cache.attrs.get("purpose") == POOL else "one class"
+        raise UsageError(f"cache {path} holds {what}: {needs} needs a labelled cache of at least two classes")
 
 
 def scores(head, cache: FeatureCache, indices: np.ndarray, device, block_rows: int) -> dict:
@@ -499,6 +508,7 @@ def fit_head(cfg: FitHeadConfig) -> dict:
     path, default_cache = (Path(fused[0]), None) if fused else resolve_cache(single_cache(cfg.cache), cfg.cache_dir)
     device = resolve_device(cfg.device)
     with (FusedRows(fused, cfg.features, cfg.block_rows) if fused else FeatureCache(path)) as cache:
+        check_labelled(cache, path)
         check_output(cfg.runs_dir, data=[(cache.attrs["data_root"], f"the photos of the cache {path}")],
                      what="--runs-dir", folder=True)
         check_test_classes(cfg.test_data, cache.classes)  # before the fit, not after it

@@ -19,10 +19,10 @@ import numpy as np
 
 from ..cache.feature_cache import FeatureCache
 from ..config import AuditConfig, ExtractConfig, FitHeadConfig, check_config
-from ..data.folders import POOL
 from ..errors import UsageError
 from ..files import SafeCsvWriter, atomic_write, check_output, write_json, writing
 from ..heads.cache_views import CacheViews
+from ..heads.fit_head import check_labelled
 from ..progress import progress
 from ..runs.run_folders import new_run_dir
 from . import duplicates as dup
@@ -115,9 +115,7 @@ def analyse(cfg: AuditConfig) -> dict:
     with FeatureCache(path) as cache:
         classes, labels, paths = cache.classes, np.asarray(cache.labels, np.int64), cache.paths
         root = cache.attrs["data_root"]
-        if len(classes) < 2:  # a pool's cache (suggest's): no labels to doubt; out-of-fold fits would fail inside
-            what = "the unlabelled photos of a pool (suggest's)" if cache.attrs.get("purpose") == POOL else "one class"
-            raise UsageError(f"cache {path} holds {what}: the audit needs a labelled cache of at least two classes")
+        check_labelled(cache, path, "the audit")  # a pool's cache (suggest's): no labels to doubt
         counts = np.bincount(labels, minlength=len(classes))
         smallest = int(counts.min())
         if smallest < cfg.folds:
