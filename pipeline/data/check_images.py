@@ -14,6 +14,7 @@ from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from pathlib import Path
+from typing import Callable, Optional
 
 from ..config import CheckImagesConfig, check_config
 from ..devices import resolve_workers
@@ -138,8 +139,11 @@ def check_apart(root: Path, qdir: Path) -> None:
                          "(neither inside the other); choose another --quarantine-dir")
 
 
-def check_images(cfg: CheckImagesConfig) -> dict:
-    """Check every file below cfg.root; report, and quarantine the errors if asked. Returns a summary."""
+def check_images(cfg: CheckImagesConfig, before_moving: Optional[Callable[[dict], None]] = None) -> dict:
+    """Check every file below cfg.root; report, and quarantine the errors if asked. Returns a summary.
+
+    ``before_moving(summary)``: a caller's last check once the good files are counted, before any file moves
+    (demo: enough good photos left for ``--n``); an exception there leaves the folder as it was."""
     from ..progress import progress
 
     root, qdir, workers = validate(cfg)
@@ -169,6 +173,8 @@ def check_images(cfg: CheckImagesConfig) -> dict:
     }
     if cfg.report:
         result["report"] = write_report(Path(cfg.report), result)
+    if before_moving is not None:
+        before_moving(result)
     if qdir is not None:
         result["quarantine"] = quarantine(root, qdir, error_files)
     return result
@@ -213,7 +219,8 @@ def quarantine(root: Path, qdir: Path, rels: list[str]) -> dict:
     """Move root/rel to qdir/rel for each rel, except those in linked folders (left in place and listed);
     refuses (moving nothing) if any target exists."""
     linked = [r for r in rels if through_link(root, r)]
-    rels = [r for r in rels if r not in set(linked)]
+    left = set(linked)
+    rels = [r for r in rels if r not in left]
     taken = [r for r in rels if (qdir / r).exists() or (qdir / r).is_symlink()]
     if taken:
         raise PipelineError(f"quarantine folder {qdir} already holds {len(taken)} of these files "
