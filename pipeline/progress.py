@@ -87,7 +87,7 @@ def still_running(what: str) -> Iterator[None]:
         global _last_line
         while not stop.wait(max(0.0, next_line(_last_line, started, interval) - time.monotonic())):
             if time.monotonic() >= next_line(_last_line, started, interval):  # no progress line came meanwhile
-                print(f"{what}: still running, {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
+                write_line(f"{what}: still running, {time.monotonic() - started:.0f} s")
                 _last_line = time.monotonic()
 
     thread = threading.Thread(target=beat, name="still-running", daemon=True)
@@ -97,6 +97,16 @@ def still_running(what: str) -> Iterator[None]:
     finally:
         stop.set()
         thread.join()
+
+
+def write_line(text: str) -> None:
+    """One whole line on stderr from any thread: above a drawn bar (tqdm's write), in one write call elsewhere, so
+    it never lands inside another line."""
+    if _interactive():
+        _auto_tqdm().write(text, file=sys.stderr)
+    else:
+        sys.stderr.write(text + "\n")
+        sys.stderr.flush()
 
 
 def next_line(last: float, started: float, interval: float) -> float:
