@@ -201,8 +201,9 @@ def _auto_tqdm():
     return tqdm
 
 
-class _Iterating:
-    """Wrap an iterable so each item advances ``bar``."""
+class Advancing:
+    """Wrap an iterable so each item advances ``bar`` (closed after the last): a bar made before ``quiet``
+    silenced what runs inside, or a ``progress(iterable)``."""
 
     def __init__(self, iterable, bar):
         self.iterable, self.bar = iterable, bar
@@ -227,10 +228,10 @@ def progress(iterable=None, *, total: Optional[int] = None, desc: str = "", unit
         total = len(iterable)
     if _QUIET:
         bar = _Silent(total=total, desc=desc, unit=unit, initial=initial)
-        return _Iterating(iterable, bar) if iterable is not None else bar
+        return Advancing(iterable, bar) if iterable is not None else bar
     if not _interactive():
         bar = LogProgress(total=total, desc=desc, unit=unit, initial=initial)
-        return _Iterating(iterable, bar) if iterable is not None else bar
+        return Advancing(iterable, bar) if iterable is not None else bar
 
     tqdm = _auto_tqdm()
     return tqdm(iterable, total=total, desc=desc, unit=unit, initial=initial, leave=leave, file=sys.stderr,
