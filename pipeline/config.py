@@ -454,7 +454,8 @@ class FitHeadConfig(SplitOptions, TrustOptions, DeviceOptions):
     recipe: str = field(default="default", metadata=option(
         "seed: the tutorial's exact head (flat, 1/RMS, Adam 0.01, 10 epochs, no early stopping).", choices=RECIPES))
     runs_dir: str = field(default="runs", metadata=option(
-        "Where run outputs go.", doc="where the checkpoint, history and curves go (`runs/<stamp>-fit-head/`)"))
+        "Where run outputs go.", doc=("where the checkpoint goes (`runs/<stamp>-fit-head/`), and a linear head's "
+                                      "history and curves")))
 
 
 @dataclass

@@ -87,7 +87,7 @@ def still_running(what: str) -> Iterator[None]:
         global _last_line
         while not stop.wait(max(0.0, next_line(_last_line, started, interval) - time.monotonic())):
             if time.monotonic() >= next_line(_last_line, started, interval):  # no progress line came meanwhile
-                print(f"{what}: still running, {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
+                write_line(f"{what}: still running, {time.monotonic() - started:.0f} s")
                 _last_line = time.monotonic()
 
     thread = threading.Thread(target=beat, name="still-running", daemon=True)
@@ -97,6 +97,16 @@ def still_running(what: str) -> Iterator[None]:
     finally:
         stop.set()
         thread.join()
+
+
+def write_line(text: str) -> None:
+    """One whole line on stderr from any thread: above a drawn bar (tqdm's write), in one write call elsewhere, so
+    it never lands inside another line."""
+    if _interactive():
+        _auto_tqdm().write(text, file=sys.stderr)
+    else:
+        sys.stderr.write(text + "\n")
+        sys.stderr.flush()
 
 
 def next_line(last: float, started: float, interval: float) -> float:
@@ -191,8 +201,9 @@ def _auto_tqdm():
     return tqdm
 
 
-class _Iterating:
-    """Wrap an iterable so each item advances ``bar``."""
+class Advancing:
+    """Wrap an iterable so each item advances ``bar`` (closed after the last): a bar made before ``quiet``
+    silenced what runs inside, or a ``progress(iterable)``."""
 
     def __init__(self, iterable, bar):
         self.iterable, self.bar = iterable, bar
@@ -217,10 +228,10 @@ def progress(iterable=None, *, total: Optional[int] = None, desc: str = "", unit
         total = len(iterable)
     if _QUIET:
         bar = _Silent(total=total, desc=desc, unit=unit, initial=initial)
-        return _Iterating(iterable, bar) if iterable is not None else bar
+        return Advancing(iterable, bar) if iterable is not None else bar
     if not _interactive():
         bar = LogProgress(total=total, desc=desc, unit=unit, initial=initial)
-        return _Iterating(iterable, bar) if iterable is not None else bar
+        return Advancing(iterable, bar) if iterable is not None else bar
 
     tqdm = _auto_tqdm()
     return tqdm(iterable, total=total, desc=desc, unit=unit, initial=initial, leave=leave, file=sys.stderr,

@@ -262,7 +262,7 @@ def test_quarantine_never_moves_a_file_out_of_a_linked_folder_elsewhere(tmp_path
     assert "red/linked/broken.jpg: zero-byte file" in res.stdout
     assert (elsewhere / "broken.jpg").is_file(), "a file outside the checked folder was moved"
     assert entries(tmp_path / "data.quarantine") == {"blue/empty.jpg", "blue/alias/empty.jpg"}
-    assert "left 1 files in place: they are in linked folders" in res.stdout and "red/linked/broken.jpg)" in res.stdout
+    assert "left 1 file in place: they are in linked folders" in res.stdout and "red/linked/broken.jpg)" in res.stdout
 
 
 def test_quarantining_one_class_folder_never_adds_a_class_to_its_parent(tmp_path):

@@ -1,6 +1,7 @@
 import json
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import cli
@@ -40,23 +41,26 @@ def test_demo_refuses_bad_extract_options_before_moving_a_file(tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     data = make_image_folder(tmp_path / "pets", per_class=2)
     (data / "red" / "broken.jpg").write_bytes(b"")
-    for args, message in ((["--n", "1000", "--weights", "none"], "--n 1000 is more than the 5 images"),
+    for args, message in ((["--n", "1000", "--weights", "none"], "--n 1000 is more than the 4 images"),
+                          (["--n", "5", "--weights", "none"], "--n 5 is more than the 4 images"),  # 5 files, 1 broken
                           (["--weights", str(tmp_path / "nope.pt")], "does not exist")):
         r = CliRunner().invoke(cli, ["demo", "--data", str(data), "--backbone", "tiny", *args])
         assert r.exit_code == 2 and message in r.output, r.output
     assert (data / "red" / "broken.jpg").exists() and not (tmp_path / "pets.quarantine").exists()
 
 
-def test_demo_on_a_read_only_folder_reports_the_bad_files_and_goes_on(tmp_path, monkeypatch):
+@pytest.mark.parametrize("read_only", [".", "red", ".."])
+def test_demo_on_a_read_only_folder_reports_the_bad_files_and_goes_on(tmp_path, monkeypatch, read_only):
     """A read-only data folder (a shared set, as the README's offline demo) stopped the demo at its first step:
-    the quarantine could move nothing."""
+    the quarantine could move nothing; so did a read-only class folder or a folder beside which no quarantine
+    can be made."""
     import os
 
     monkeypatch.chdir(tmp_path)
     data = make_image_folder(tmp_path / "pets", per_class=12)
     (data / "red" / "broken.jpg").write_bytes(b"")
-    real = os.access
-    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if (mode & os.W_OK and Path(p) == data)
+    real, locked = os.access, (data / read_only).resolve()
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if (mode & os.W_OK and Path(p).resolve() == locked)
                         else real(p, mode, **kw))
     r = CliRunner().invoke(cli, ["demo", "--data", str(data), "--backbone", "tiny", "--weights", "none",
                                  "--n", "24", "--workers", "1", "--json"])

@@ -197,7 +197,7 @@ def test_check_data_and_usage_errors(heads, tmp_path):
     runner = CliRunner()
     for args, message in [
         (["--output", str(tmp_path / "b.onnx"), "--tolerance", "0"], "--tolerance must be positive"),
-        (["--output", str(head)], "is one of the inputs"),
+        (["--output", str(head), "--format", "torchscript"], "is one of the inputs"),
         (["--output", str(photos / "blue" / "x.onnx"), "--check-data", str(photos)], "inside"),
     ]:
         r = runner.invoke(cli.cli, ["export", "--model", str(head), *args])
@@ -279,8 +279,8 @@ def test_an_output_named_for_the_other_format_is_refused(tmp_path, image_folder)
     lm = build_model("tiny_bn", "none", ["blue", "red"])
     model = tmp_path / "model.pt"
     save_model(lm, model, "train", {"data": str(image_folder)}, {}, [])
-    for fmt, name, other in [("torchscript", "Model.ONNX", "onnx"), ("onnx", "model.ts", "torchscript")]:
+    for fmt, name, other in [("torchscript", "new/Model.ONNX", "an onnx"), ("onnx", "new/model.ts", "a torchscript")]:
         r = CliRunner().invoke(cli.cli, ["export", "--model", str(model), "--format", fmt,
                                          "--output", str(tmp_path / name)])
-        assert r.exit_code == 2 and f"names a {other} file but --format is {fmt!r}" in r.output, r.output
-        assert not (tmp_path / name).exists()
+        assert r.exit_code == 2 and f"names {other} file but --format is {fmt!r}" in r.output, r.output
+        assert not (tmp_path / "new").exists()  # not even its folder

@@ -446,7 +446,8 @@ def patched_zip(flag_or: int = 0, method: int = None) -> bytes:
 
 
 @pytest.mark.parametrize("archive, refusal", [(patched_zip(flag_or=1), "is encrypted"),
-                                              (patched_zip(method=9), "compressed with method 9")])
+                                              (patched_zip(method=9), "compressed with method 9 (Deflate64)"),
+                                              (patched_zip(method=98), "compressed with method 98 (PPMd)")])
 def test_a_zip_python_cannot_unpack_is_refused_before_anything_is_written(tmp_path, archive, refusal):
     """A password-protected zip, or Windows' Deflate64 one (large zips from Explorer), stopped after making
     folders with 'unexpected RuntimeError/NotImplementedError ... a bug?'."""

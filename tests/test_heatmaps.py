@@ -103,15 +103,21 @@ def test_a_linear_heads_map_takes_one_pass_of_the_head(monkeypatch):
     """The head used to run twice per map (once for the rows, once more for the gradient's direction)."""
     from pipeline.heads.probe_heads import ProbeHead
 
-    head = ProbeHead.from_linear(torch.randn(3, 4), torch.zeros(3), (4, 2, 2), view="avg")
-    x = torch.rand(2, 4, 2, 2)
-    expected = grad_cam(head, x)
+    torch.manual_seed(1)
+    w, b = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    head = ProbeHead.from_linear(w, b, (4, 2, 2), view="avg")
+    x = torch.rand(2, 4, 2, 2, dtype=torch.float64)
     calls = []
     classify = head.classify
     monkeypatch.setattr(head, "classify", lambda h: calls.append(1) or classify(h))
     logp, maps = grad_cam(head, x)
     assert len(calls) == 1
-    torch.testing.assert_close((logp, maps), expected)
+    logits = x.mean((2, 3)) @ w.T + b  # the log-odds' gradient: w_t minus the other classes' softmax-weighted w
+    t = logits.argmax(1)
+    others = torch.softmax(logits.scatter(1, t[:, None], float("-inf")), 1)
+    direction = w[t] - others @ w
+    torch.testing.assert_close(logp, torch.log_softmax(logits, 1))
+    torch.testing.assert_close(maps, torch.einsum("bc,bchw->bhw", direction, x) / 4)
 
 
 def test_log_odds_stays_finite_and_exact_at_certainty():

@@ -102,3 +102,27 @@ def test_a_step_right_after_another_goes_on_from_its_last_line():
     assert pg.next_line(last=20.0, started=31.0, interval=10.0) == 32.0  # overdue: once this step has run 1 s
     assert pg.next_line(last=float("-inf"), started=31.0, interval=10.0) == 41.0  # the first: its own interval
     assert pg.next_line(last=5.0, started=31.0, interval=10.0) == 41.0  # long ago: the log said other things since
+
+
+def test_a_still_running_line_goes_above_a_drawn_bar_in_a_terminal_and_whole_elsewhere(monkeypatch):
+    """It was a plain print from its thread: over a live bar in a terminal, and text and newline in two writes."""
+    written = []
+
+    class Bar:
+        @staticmethod
+        def write(text, file=None):
+            written.append(("bar", text))
+
+    class Stderr:
+        def write(self, text):
+            written.append(("stderr", text))
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(pg, "_auto_tqdm", lambda: Bar)
+    monkeypatch.setattr(sys, "stderr", Stderr())
+    for interactive in (True, False):
+        monkeypatch.setattr(pg, "_interactive", lambda: interactive)
+        pg.write_line("fit: still running, 10 s")
+    assert written == [("bar", "fit: still running, 10 s"), ("stderr", "fit: still running, 10 s\n")]

@@ -28,7 +28,7 @@ from ..files import check_output, csv_cell_read, json_text
 from .check_images import check_apart, default_quarantine_dir
 from .folders import is_image_name, is_skipped_folder, list_image_folder
 from .image_reader import file_digest
-from .moves import changing_folder, move_no_replace
+from .moves import changing_folder, link_on_the_way, move_no_replace
 
 JOURNAL_KIND = "transfer-pipeline-audit-journal"
 #: 2: each move journalled as an intent (fsynced before it), then confirmed ({"moved": n}) once made
@@ -70,16 +70,6 @@ def read_fixes(csv_path) -> list[dict]:
                              f"{', '.join(AUDIT_ACTIONS)}")
         rows.append({**cells, "line": reader.line_num, "action": action})
     return [r for r in rows if r["action"] != "keep"]
-
-
-def link_on_the_way(path: Path, base: Path) -> Optional[str]:
-    """The first link between ``base`` and ``path`` (``path`` included) as 'a -> b', or None."""
-    p = base
-    for part in path.relative_to(base).parts:
-        p = p / part
-        if p.is_symlink():
-            return f"{p.relative_to(base)} -> {os.readlink(p)}"
-    return None
 
 
 def plan_moves(rows: list[dict], root: Path, qdir: Path) -> list[dict]:

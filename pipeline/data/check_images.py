@@ -14,13 +14,14 @@ from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from pathlib import Path
+from typing import Callable, Optional
 
 from ..config import CheckImagesConfig, check_config
 from ..devices import resolve_workers
 from ..errors import PipelineError, UsageError
 from ..files import SafeCsvWriter, atomic_write, check_output, is_utf8, json_text, shown
 from .folders import NOT_UTF8, QUARANTINE_SUFFIX, ImageLoadError, decode_image, is_image_name, walk
-from .moves import changing_folder, move_no_replace
+from .moves import changing_folder, link_on_the_way, move_no_replace
 
 #: Every kind check-images reports, with its severity. Errors are files extract cannot use.
 KINDS = {
@@ -138,8 +139,11 @@ def check_apart(root: Path, qdir: Path) -> None:
                          "(neither inside the other); choose another --quarantine-dir")
 
 
-def check_images(cfg: CheckImagesConfig) -> dict:
-    """Check every file below cfg.root; report, and quarantine the errors if asked. Returns a summary."""
+def check_images(cfg: CheckImagesConfig, before_moving: Optional[Callable[[dict], None]] = None) -> dict:
+    """Check every file below cfg.root; report, and quarantine the errors if asked. Returns a summary.
+
+    ``before_moving(summary)``: a caller's last check once the good files are counted, before any file moves
+    (demo: enough good photos left for ``--n``); an exception there leaves the folder as it was."""
     from ..progress import progress
 
     root, qdir, workers = validate(cfg)
@@ -169,6 +173,8 @@ def check_images(cfg: CheckImagesConfig) -> dict:
     }
     if cfg.report:
         result["report"] = write_report(Path(cfg.report), result)
+    if before_moving is not None:
+        before_moving(result)
     if qdir is not None:
         result["quarantine"] = quarantine(root, qdir, error_files)
     return result
@@ -198,14 +204,10 @@ def restore_command(root: Path, qdir: Path) -> str:
             f"{shlex.quote(str(root))} {{}} +)")
 
 
-def through_link(root: Path, rel: str, strict: bool = False) -> bool:
+def through_link(root: Path, rel: str) -> bool:
     """Whether root/rel lies in a folder reached through a linked folder whose real folder is outside root
-    (moving it would take a file out of a folder the command was not given); ``strict``: through any link
-    below root, of the folders that exist."""
-    parent = os.path.dirname(rel)
-    real = Path(os.path.realpath(root / parent))
-    if strict:
-        return real != Path(os.path.realpath(root)) / parent
+    (moving it would take a file out of a folder the command was not given)."""
+    real = Path(os.path.realpath(root / os.path.dirname(rel)))
     return not real.is_relative_to(os.path.realpath(root))
 
 
@@ -213,12 +215,13 @@ def quarantine(root: Path, qdir: Path, rels: list[str]) -> dict:
     """Move root/rel to qdir/rel for each rel, except those in linked folders (left in place and listed);
     refuses (moving nothing) if any target exists."""
     linked = [r for r in rels if through_link(root, r)]
-    rels = [r for r in rels if r not in set(linked)]
+    left = set(linked)
+    rels = [r for r in rels if r not in left]
     taken = [r for r in rels if (qdir / r).exists() or (qdir / r).is_symlink()]
     if taken:
         raise PipelineError(f"quarantine folder {qdir} already holds {len(taken)} of these files "
                             f"(first: {taken[0]}); move them back first or choose --quarantine-dir")
-    linked_q = [r for r in rels if through_link(qdir, r, strict=True)]
+    linked_q = [r for r in rels if link_on_the_way(qdir / os.path.dirname(r), qdir)]
     if linked_q:  # a file would land where the link points, and the restore command move the link back
         raise PipelineError(f"quarantine folder {qdir} holds a link on the way to {linked_q[0]} (a linked "
                             "folder); nothing was moved: remove the link or choose --quarantine-dir")

@@ -260,9 +260,13 @@ def _check_through_links(m, parts: tuple, links: set, files: set) -> None:
         files.add(parts)
 
 
-#: The zip compression methods Python's zipfile unpacks (Windows' Deflate64, 9, is not among them).
+#: The zip compression methods Python's zipfile unpacks (Windows' Deflate64, 9, is not among them; Zstandard,
+#: 93, is from Python 3.14)
 ZIP_METHODS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflate", zipfile.ZIP_BZIP2: "bzip2",
-               zipfile.ZIP_LZMA: "lzma"}
+               zipfile.ZIP_LZMA: "lzma", **({zipfile.ZIP_ZSTANDARD: "zstd"} if hasattr(zipfile, "ZIP_ZSTANDARD")
+                                          else {})}
+#: names of methods zipfile cannot unpack, for the refusal
+OTHER_ZIP_METHODS = {9: "Deflate64", 12: "bzip2", 93: "Zstandard", 95: "xz", 98: "PPMd", 99: "AES-encrypted"}
 
 
 def _check_zip_entry(m: zipfile.ZipInfo) -> None:
@@ -272,8 +276,9 @@ def _check_zip_entry(m: zipfile.ZipInfo) -> None:
         raise PipelineError(f"archive entry {m.filename!r} is encrypted (password-protected); unpack the archive "
                             "by hand (unzip asks for the password) and point --data at the folder")
     if m.compress_type not in ZIP_METHODS:
-        raise PipelineError(f"archive entry {m.filename!r} is compressed with method {m.compress_type} (9: "
-                            f"Deflate64), which Python's zipfile cannot unpack (it can: "
+        name = OTHER_ZIP_METHODS.get(m.compress_type, "an unknown one")
+        raise PipelineError(f"archive entry {m.filename!r} is compressed with method {m.compress_type} ({name}), "
+                            f"which Python's zipfile cannot unpack (it can: "
                             f"{', '.join(ZIP_METHODS.values())}); unpack it by hand (7z x ARCHIVE) and point --data "
                             "at the folder")
 

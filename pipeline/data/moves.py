@@ -207,3 +207,13 @@ def reading_folder(root):
     """Held by extract from listing the folder to its last row: never a listing taken halfway through a change."""
     return folder_lock(root, False, f"{root} is being changed by audit --apply/--undo; try again when it has "
                                     "finished")
+
+
+def link_on_the_way(path: Path, base: Path) -> str | None:
+    """The first link between ``base`` and ``path`` (``path`` included) as 'a -> b', or None."""
+    p = base
+    for part in path.relative_to(base).parts:
+        p = p / part
+        if p.is_symlink():
+            return f"{p.relative_to(base)} -> {os.readlink(p)}"
+    return None

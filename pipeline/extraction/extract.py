@@ -52,6 +52,7 @@ def validate(cfg: ExtractConfig) -> None:
 
 
 def check_n(cfg: ExtractConfig, total: int) -> None:
+    """--n within the ``total`` images there are, refused before any work (demo: before any file moves)."""
     if cfg.n > total:
         raise UsageError(f"--n {cfg.n} is more than the {total} images in {cfg.data}")
 

@@ -312,15 +312,17 @@ def extract_range(cfg, listing: ImageFolderListing, key: str, path: Path, resume
         total = {k: int(before.get(k, 0)) + reuse[k] for k in reuse}
         computed = rows - start_rows - reuse["reused"]
         speed = rates(model, time.time() - t0, computed)
+        # how fast this machine made it (choose-backbone reads it back on a cache hit); every row copied: the
+        # rate of the caches they came from
+        if computed:
+            rate = json.dumps({**speed, "images": computed, "device": str(device), "precision": precision,
+                               "flip": bool(cfg.flip)})
+        else:
+            rate = donors.extract_rate if donors else None
         writer.finish(reuse=json.dumps({**total, "computed": rows - total["reused"],
                                         "from": sorted({*before.get("from", []),
                                                         *(Path(p).name for p in (donors.sources if donors else []))})}),
-                      # how fast this machine made it (choose-backbone reads it back on a cache hit); every row
-                      # copied: the rate of the caches they came from
-                      **({"extract_rate": json.dumps({**speed, "images": computed, "device": str(device),
-                                                      "precision": precision, "flip": bool(cfg.flip)})}
-                         if computed else {"extract_rate": donors.extract_rate}
-                         if donors and donors.extract_rate else {}))
+                      **({"extract_rate": rate} if rate else {}))
         shape = list(writer.f["features"].shape[1:]) if "features" in writer.f else []
     for p in stale:  # superseded: every row of it that still holds is in the new cache
         p.unlink(missing_ok=True)

@@ -189,7 +189,7 @@ def cross_validate(rows, order: np.ndarray, folds: list, seed: int, device, name
     maps the reference rows the folds index to ``rows``'s rows. One progress bar over the folds (``name``'s),
     the fits' own bars and lines (one per fold thread, interleaved) left out."""
     from ..devices import resolve_device
-    from ..progress import progress, quiet
+    from ..progress import Advancing, progress, quiet
     from .fit_head import fit_on_rows
 
     cfg = FitHeadConfig(seed=seed, calibrate="none", unknown_rows=0, device=device)  # the default head, bare
@@ -198,19 +198,9 @@ def cross_validate(rows, order: np.ndarray, folds: list, seed: int, device, name
     dev = resolve_device(device)
     bar = progress(total=len(folds), desc=f"choose-backbone: {name or 'cross-validation'}", unit="fold")
     with _fold_workers() as pool, quiet():
-        fits = list(bar_of(pool.map(lambda fold: fit_on_rows(cfg, rows, order[fold[0]], order[fold[1]], dev),
+        fits = list(Advancing(pool.map(lambda fold: fit_on_rows(cfg, rows, order[fold[0]], order[fold[1]], dev),
                                     folds), bar))
     return [f.val["acc"] for f in fits], [f.val["loss"] for f in fits]
-
-
-def bar_of(results, bar):
-    """``results`` as they come, each advancing ``bar`` (made before ``quiet``, so it still shows); closed after."""
-    try:
-        for r in results:
-            bar.update(1)
-            yield r
-    finally:
-        bar.close()
 
 
 def _fused_rate(rates: list) -> Optional[float]:

@@ -184,15 +184,19 @@ def _search_grid(cfg: FitHeadConfig):
     return _auto_grid(cfg)
 
 
-def _cv_rows(cfg: FitHeadConfig, labels: np.ndarray, train_idx: np.ndarray) -> np.ndarray:
+def _cv_rows(cfg: FitHeadConfig, labels: np.ndarray, train_idx: np.ndarray, folds: Optional[int] = None) -> np.ndarray:
     """The training rows cross-validation runs on: all of them, or a seeded stratified sample of
     ``kernel_components`` rows when there are more (the choice of C and gamma is stable by then, and a
-    search over 25,000 rows would take minutes); the winner is fitted on every training row."""
+    search over 25,000 rows would take minutes); the winner is fitted on every training row. A class the
+    sample leaves with fewer rows than the folds: refused naming --kernel-components, or, with ``folds`` given
+    (rows in memory: suggest, whose folds fit its smallest class already), kept whole."""
     if len(train_idx) <= cfg.kernel_components:
         return train_idx
     keep = train_idx[split_indices(labels[train_idx], 1 - cfg.kernel_components / len(train_idx), cfg.seed)[0]]
     n = int(labels.max()) + 1
-    sampled, whole = np.bincount(labels[keep], minlength=n), np.bincount(labels[train_idx], minlength=n)
+    sampled, whole = (np.bincount(labels[rows], minlength=n) for rows in (keep, train_idx))
+    if folds is not None:
+        return np.union1d(keep, train_idx[(sampled < folds)[labels[train_idx]]])
     if sampled.min() < cfg.folds <= whole[sampled.argmin()]:  # the sample, not the folder, is too small
         raise UsageError(f"--kernel-components {cfg.kernel_components}: the cross-validation sample of that many "
                          f"training rows holds {sampled.min()} of a class; {cfg.folds}-fold CV needs {cfg.folds} "
@@ -301,29 +305,16 @@ def _tune(cfg: FitHeadConfig, cache, train_idx):
     return head, info, tuning, (result["oof"][best["key"]], rows.labels)
 
 
-def _cv_sample(cfg: FitHeadConfig, labels: np.ndarray, folds: int) -> np.ndarray:
-    """The rows ``default_head_on_rows`` cross-validates on, as fit-head's ``_cv_rows``: all of them, or a seeded
-    stratified sample of ``kernel_components`` when there are more (suggest's search over 23,792 labelled rows fitted
-    exact SVMs on 19,000 rows per fold: many minutes, silent), with every row of a class the sample would leave
-    with fewer than ``folds``."""
-    every = np.arange(len(labels))
-    if len(labels) <= cfg.kernel_components:
-        return every
-    keep = split_indices(labels, 1 - cfg.kernel_components / len(labels), cfg.seed)[0]
-    few = np.bincount(labels[keep], minlength=int(labels.max()) + 1) < folds
-    return np.union1d(keep, every[few[labels]])
-
-
 def default_head_on_rows(rows, labels: np.ndarray, n_classes: int, in_shape, cfg: FitHeadConfig) -> tuple:
     """(fit-head's default head, its setting's name) on rows in memory (``rows``: {view: (N, d) rows}): --head
-    auto's search by CV (on ``_cv_sample``'s rows), then the choice fitted on all of them, for stages that fit a head
+    auto's search by CV (on ``_cv_rows``' rows), then the choice fitted on all of them, for stages that fit a head
     without a run of its own (suggest). With fewer than 2 rows of some class no CV can choose: the
     logistic regression's defaults."""
     labels = np.asarray(labels, np.int64)
     folds = min(cfg.folds, int(np.bincount(labels, minlength=n_classes).min()))
     setting, temperature = {"head": "logreg", "view": cfg.features, "normalize": cfg.normalize}, 1.0
     if folds >= 2:
-        some = _cv_sample(cfg, labels, folds)
+        some = _cv_rows(cfg, labels, np.arange(len(labels)), folds)
         result = tune({cfg.features: np.asarray(rows[cfg.features])[some]}, labels[some], _auto_grid(cfg),
                       _cv(cfg, folds, "cross-validation"), in_shape=in_shape)
         row = _default_row(cfg, in_shape, result)

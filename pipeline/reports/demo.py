@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from ..config import DemoConfig
-from ..data.check_images import CheckImagesConfig, check_images
+from ..data.check_images import CheckImagesConfig, check_images, default_quarantine_dir
 from ..data.fetch import FetchConfig, fetch_data
 from ..data.folders import list_image_folder
 from ..errors import UsageError
@@ -44,13 +44,13 @@ def demo(cfg: DemoConfig) -> dict:
     extract_cfg = ExtractConfig(data=str(data), n=cfg.n, backbone=cfg.backbone, weights=cfg.weights,
                                 workers=cfg.workers, cache_dir=cfg.cache_dir, command=cfg.command)
     validate(extract_cfg)  # a bad --n, --backbone or --weights is refused before check-images moves a file
-    check_n(extract_cfg, len(list_image_folder(data).files))
     log.info("[2/4] checking every image in %s", data)
-    quarantine = cfg.quarantine and os.access(data, os.W_OK)
+    quarantine = cfg.quarantine and can_quarantine(data)
     if cfg.quarantine and not quarantine:  # a read-only folder (a shared set): extract skips the bad files
         log.warning("%s cannot be changed (read-only): its unusable files are reported, not moved; extract "
                     "skips them", data)
-    checked = check_images(CheckImagesConfig(root=str(data), quarantine=quarantine, workers=cfg.workers))
+    checked = check_images(CheckImagesConfig(root=str(data), quarantine=quarantine, workers=cfg.workers),
+                           before_moving=lambda found: check_n(extract_cfg, found["good"]))
     steps["check"] = {k: checked[k] for k in ("files", "good", "errors", "notes", "by_kind", "quarantine")}
     log.info("      %d files, %d unusable%s", checked["files"], checked["errors"],
              f", moved to {checked['quarantine']['dir']}" if checked["errors"] and checked["quarantine"] else "")
@@ -61,6 +61,13 @@ def demo(cfg: DemoConfig) -> dict:
                                                      head=FitHeadConfig(runs_dir=cfg.runs_dir)))
     steps["next"] = next_steps(steps, data, cfg.runs_dir)
     return steps
+
+
+def can_quarantine(data: Path) -> bool:
+    """Whether check-images may move files out of ``data``'s class folders into the quarantine beside it."""
+    qdir = default_quarantine_dir(data)
+    folders = [data, *(d for d in data.iterdir() if d.is_dir()), qdir if qdir.is_dir() else data.parent]
+    return all(os.access(d, os.W_OK) for d in folders)
 
 
 def next_steps(steps: dict, data: Path, runs_dir: str) -> dict:

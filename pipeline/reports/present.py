@@ -155,10 +155,10 @@ def check_images_text(result: dict, max_listed: int = 50) -> str:
         lines.append(f"report: {result['report']}")
     q = result["quarantine"]
     if q:
-        lines.append(f"moved {q['moved']} files to {q['dir']}; to move them back:\n  {q['restore']}")
+        lines.append(f"moved {plural(q['moved'], 'file')} to {q['dir']}; to move them back:\n  {q['restore']}")
         if q["left_linked"]:
-            lines.append(f"left {len(q['left_linked'])} files in place: they are in linked folders, whose files lie "
-                         f"outside {result['root']} (first: {one_line(q['left_linked'][0])})")
+            lines.append(f"left {plural(len(q['left_linked']), 'file')} in place: they are in linked folders, whose "
+                         f"files lie outside {result['root']} (first: {one_line(q['left_linked'][0])})")
     return "\n".join(lines)
 
 

@@ -330,7 +330,8 @@ def check_suffix(cfg: ExportConfig) -> None:
     suffix = Path(cfg.output).suffix.lower()
     for fmt, names in SUFFIXES.items():
         if fmt != cfg.format and suffix in names:
-            raise UsageError(f"--output {cfg.output!r} names a {fmt} file but --format is {cfg.format!r}: "
+            raise UsageError(f"--output {cfg.output!r} names {'an' if fmt == 'onnx' else 'a'} {fmt} file but "
+                             f"--format is {cfg.format!r}: "
                              f"pass --format {fmt}, or name the file {Path(cfg.output).stem}{SUFFIXES[cfg.format][0]}")
 
 
@@ -352,9 +353,9 @@ def export(cfg: ExportConfig) -> dict:
     check_config(cfg)
     if not cfg.output:
         raise UsageError("--output FILE is needed: where the exported model goes")
+    check_suffix(cfg)  # before check_outputs, which makes --output's folder
     ckpt = read_checkpoint(cfg.model)
     out, side = check_outputs(cfg, ckpt)
-    check_suffix(cfg)
     require(cfg.format)
     if ckpt["kind"] == "fit-head" and ckpt.get("precision") == "int8":  # refused before quantising anything
         raise UsageError(f"{cfg.model!r} runs its cache's int8 network (prepacked oneDNN kernels), which neither "
