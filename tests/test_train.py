@@ -293,3 +293,28 @@ def test_a_stopped_finetune_resumes_where_it_stopped_as_if_never_stopped(tmp_pat
     assert resumed["val_loss"] == whole["val_loss"]
     again = CliRunner().invoke(cli.cli, [*args, "--epochs", "4", "--resume", str(run_dir)])
     assert again.exit_code == 2 and "a finished run's; nothing to resume" in again.output
+
+
+def _stop_in_epoch(monkeypatch, epoch: int):
+    """Ctrl-C inside ``epoch``'s training pass (a KeyboardInterrupt where the signal would raise it)."""
+    import pipeline.models.train as train_mod
+    real = train_mod.train_one_epoch
+
+    def stop(*a):
+        if a[-1] == epoch:
+            raise KeyboardInterrupt
+        return real(*a)
+
+    monkeypatch.setattr(train_mod, "train_one_epoch", stop)
+    return lambda: monkeypatch.setattr(train_mod, "train_one_epoch", real)
+
+
+def test_an_interrupted_api_run_says_where_its_epochs_are_and_how_to_resume(tmp_path, image_folder, monkeypatch):
+    import pipeline
+    from pipeline.models.resume import TrainingInterrupted
+    _stop_in_epoch(monkeypatch, 2)
+    with pytest.raises(TrainingInterrupted) as stopped:
+        pipeline.train_model(image_folder, backbone="tiny_bn", epochs=3, runs_dir=tmp_path / "runs", **FAST)
+    run_dir = stopped.value.run_dir
+    assert str(stopped.value) == (f"1 of 3 epochs kept in {run_dir}/model.pt; resume with resume={str(run_dir)!r} "
+                                  "(--resume on the command line)")
