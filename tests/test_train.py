@@ -318,3 +318,36 @@ def test_an_interrupted_api_run_says_where_its_epochs_are_and_how_to_resume(tmp_
     run_dir = stopped.value.run_dir
     assert str(stopped.value) == (f"1 of 3 epochs kept in {run_dir}/model.pt; resume with resume={str(run_dir)!r} "
                                   "(--resume on the command line)")
+
+
+def test_ctrl_c_in_the_first_save_or_the_last_steps_leaves_no_false_claim_and_one_finished_run(
+        tmp_path, image_folder, monkeypatch):
+    import pipeline.models.train as train_mod
+    import pipeline.runs.figures as figures
+    runs = tmp_path / "runs"
+    args = ["train", "--data", str(image_folder), "--backbone", "tiny_bn", "--epochs", "2", "--weights", "none",
+            "--workers", "0", "--batch-size", "8", "--print-every", "0", "--runs-dir", str(runs), "--json"]
+    real_save, real_curves = train_mod.save_model, figures.curves
+
+    def cut_short(*a, **k):  # Ctrl-C while the first epoch's model.pt is written (its temporary file removed)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "save_model", cut_short)
+    first = CliRunner().invoke(cli.cli, args)
+    assert first.exit_code == 130 and "nothing was saved" in first.stderr and "--resume" not in first.stderr
+    assert not runs.exists() or not [d for d in runs.iterdir() if d.is_dir()]  # no empty folder claiming epochs
+    monkeypatch.setattr(train_mod, "save_model", real_save)
+
+    def stop_drawing(*a, **k):  # Ctrl-C while the curves are drawn, after calibration
+        monkeypatch.setattr(figures, "curves", real_curves)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(figures, "curves", stop_drawing)
+    last = CliRunner().invoke(cli.cli, args)
+    assert last.exit_code == 130 and "2 epochs of 2 kept" in last.stderr, last.output
+    run_dir = next(d for d in runs.iterdir() if d.is_dir())
+    resumed = CliRunner().invoke(cli.cli, [*args, "--resume", str(run_dir)])
+    assert resumed.exit_code == 0, resumed.output
+    assert "resume" not in torch.load(run_dir / "model.pt", weights_only=True)
+    assert (run_dir / "history.json").is_file() and (run_dir / "curves.png").is_file()
+    assert len((runs / "ledger.jsonl").read_text().splitlines()) == 1

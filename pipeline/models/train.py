@@ -271,24 +271,43 @@ def _fit(cfg: TrainConfig, kind: str, lm, stages: list, listing, head_saw: froze
         if len(history) == len(done):  # --epochs as many as were done: the stopped run finished as it is
             validate()
         trust = trust_of(cfg, model, device, precision, listing, train_idx, val_loader, lm.transform, skipped)
+        y_val, seen = state["y_val"], history[-1]["train_rows"]
+        per_class = per_class_accuracy(y_val, state["pred"], lm.classes)
+        metrics = {**history[-1], "per_class_val_acc": per_class, "train_rows": int(seen),
+                   "val_rows": int(len(y_val)), "skipped": len(skipped.bad), "val_left_out_seen_by_head": len(left_out),
+                   **trust}
+        out_dir = run["dir"]  # every epoch saved there; a resumed run with no epoch left: the folder resumed
+        lm.model.to("cpu")
+
+        def commit():  # the finished model.pt replaces the resumable one: from here on the run is done
+            save_model(lm, out_dir / "model.pt", kind, recorded_config(cfg), metrics, history)
+            run["finished"] = True
+
+        curves = finish_run(out_dir, cfg.runs_dir, kind, history, [out_dir / "model.pt"], commit=commit,
+                            backbone=lm.info["backbone"], params=asdict(cfg),
+                            metrics={k: metrics[k] for k in ("val_acc", "val_loss", "train_acc", "train_loss")})
     except KeyboardInterrupt:
-        raise TrainingInterrupted(run["dir"], run["done"] or len(done), cfg.epochs) from None
-    y_val, seen = state["y_val"], history[-1]["train_rows"]
-    per_class = per_class_accuracy(y_val, state["pred"], lm.classes)
-    metrics = {**history[-1], "per_class_val_acc": per_class, "train_rows": int(seen), "val_rows": int(len(y_val)),
-               "skipped": len(skipped.bad), "val_left_out_seen_by_head": len(left_out), **trust}
-    out_dir = run["dir"] or new_run_dir(cfg.runs_dir, kind)
-    lm.model.to("cpu")
-    save_model(lm, out_dir / "model.pt", kind, recorded_config(cfg), metrics, history)
-    curves = finish_run(out_dir, cfg.runs_dir, kind, history, [out_dir / "model.pt"], backbone=lm.info["backbone"],
-                        params=asdict(cfg),
-                        metrics={k: metrics[k] for k in ("val_acc", "val_loss", "train_acc", "train_loss")})
+        if run.get("finished"):
+            raise
+        raise stopped_at(run, len(done), cfg.epochs) from None
     return {"run_dir": str(out_dir), "checkpoint": str(out_dir / "model.pt"), "curves": str(curves),
             "backbone": lm.info["backbone"], **metrics,
             "skipped_files": [{"path": p, "why": w} for p, w in skipped.bad.items()],
             "device": str(device), "precision": precision, "fit_seconds": seconds,
             "img_per_s": (seen + len(y_val)) * (len(history) - len(done)) / seconds if seconds > 0 else 0.0,
             "history": history}
+
+
+def stopped_at(run: dict, resumed_from: int, epochs: int) -> TrainingInterrupted:
+    """What a Ctrl-C leaves: the epochs whose model.pt was written; a run folder made for a first epoch
+    whose save was cut short holds nothing and is removed, so no folder claims epochs it lacks."""
+    kept = run["done"] or resumed_from
+    if not kept and run["dir"] is not None:
+        try:
+            run["dir"].rmdir()
+        except OSError:  # not empty after all: left as it is
+            pass
+    return TrainingInterrupted(run["dir"] if kept else None, kept, epochs)
 
 
 def recorded_config(cfg) -> dict:
