@@ -351,3 +351,27 @@ def test_ctrl_c_in_the_first_save_or_the_last_steps_leaves_no_false_claim_and_on
     assert "resume" not in torch.load(run_dir / "model.pt", weights_only=True)
     assert (run_dir / "history.json").is_file() and (run_dir / "curves.png").is_file()
     assert len((runs / "ledger.jsonl").read_text().splitlines()) == 1
+
+
+def test_a_full_disk_at_an_epoch_save_says_what_is_kept_and_how_to_resume(tmp_path, image_folder, monkeypatch):
+    import errno
+
+    import pipeline.heads.checkpoints as checkpoints
+    real, saves = checkpoints.torch.save, []
+
+    def second_save_fails(obj, f, *a, **k):
+        saves.append(f)
+        if len(saves) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(obj, f, *a, **k)
+
+    monkeypatch.setattr(checkpoints.torch, "save", second_save_fails)
+    args = ["train", "--data", str(image_folder), "--backbone", "tiny_bn", "--epochs", "3", "--weights", "none",
+            "--workers", "0", "--batch-size", "8", "--print-every", "0", "--runs-dir", str(tmp_path / "runs")]
+    full = CliRunner().invoke(cli.cli, args)
+    run_dir = next(d for d in (tmp_path / "runs").iterdir() if d.is_dir())
+    assert full.exit_code == 1 and "no space left on the device" in full.stderr
+    assert (f"1 of 3 epochs are kept in {run_dir}/model.pt: make room, then run the same command with "
+            f"--resume {run_dir}") in full.stderr
+    monkeypatch.setattr(checkpoints.torch, "save", real)
+    assert CliRunner().invoke(cli.cli, [*args, "--resume", str(run_dir)]).exit_code == 0

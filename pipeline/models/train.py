@@ -25,7 +25,7 @@ from ..config import FinetuneConfig, TrainConfig
 from ..data.folders import list_image_folder, stratified_order
 from ..data.image_reader import ImageListDataset, collate_items, file_digest, item_loader, iter_items
 from ..devices import resolve_device, resolve_precision, resolve_workers
-from ..errors import UsageError
+from ..errors import DiskFull, UsageError
 from ..extraction.inference import Inference
 from ..files import check_output
 from ..heads.epoch_loop import (
@@ -290,6 +290,14 @@ def _fit(cfg: TrainConfig, kind: str, lm, stages: list, listing, head_saw: froze
         if run.get("finished"):
             raise
         raise stopped_at(run, len(done), cfg.epochs) from None
+    except DiskFull as e:  # a save that did not fit: the epochs saved before it are still there
+        if run.get("finished"):
+            raise
+        kept = stopped_at(run, len(done), cfg.epochs)
+        if kept.run_dir is None:
+            raise
+        raise DiskFull(f"{e}; {kept.epochs_done} of {cfg.epochs} epochs are kept in {kept.run_dir}/model.pt: "
+                       f"make room, then run the same command with --resume {kept.run_dir}") from None
     return {"run_dir": str(out_dir), "checkpoint": str(out_dir / "model.pt"), "curves": str(curves),
             "backbone": lm.info["backbone"], **metrics,
             "skipped_files": [{"path": p, "why": w} for p, w in skipped.bad.items()],
