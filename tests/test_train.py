@@ -375,3 +375,31 @@ def test_a_full_disk_at_an_epoch_save_says_what_is_kept_and_how_to_resume(tmp_pa
             f"--resume {run_dir}") in full.stderr
     monkeypatch.setattr(checkpoints.torch, "save", real)
     assert CliRunner().invoke(cli.cli, [*args, "--resume", str(run_dir)]).exit_code == 0
+
+
+def test_a_run_folder_is_trained_into_by_one_process_at_a_time(tmp_path, image_folder, monkeypatch):
+    import pipeline.models.train as train_mod
+    from pipeline.data.moves import FolderBusy, folder_lock
+    args = ["train", "--data", str(image_folder), "--backbone", "tiny_bn", "--epochs", "3", "--weights", "none",
+            "--workers", "0", "--batch-size", "8", "--print-every", "0", "--runs-dir", str(tmp_path / "runs")]
+    real, seen = train_mod.train_one_epoch, []
+
+    def second_epoch_finds_its_folder_held(*a):
+        if a[-1] == 2:
+            run_dir = next(d for d in (tmp_path / "runs").iterdir() if d.is_dir())
+            with pytest.raises(FolderBusy):  # as a second process trying the folder would
+                with folder_lock(run_dir, True, "busy", wait_s=0):
+                    pass
+            seen.append(run_dir)
+            raise KeyboardInterrupt
+        return real(*a)
+
+    monkeypatch.setattr(train_mod, "train_one_epoch", second_epoch_finds_its_folder_held)
+    assert CliRunner().invoke(cli.cli, args).exit_code == 130 and seen
+    monkeypatch.setattr(train_mod, "train_one_epoch", real)
+    run_dir = seen[0]
+    with folder_lock(run_dir, True, "busy", wait_s=0):  # another --resume of it still running
+        twice = CliRunner().invoke(cli.cli, [*args, "--resume", str(run_dir)])
+    assert twice.exit_code == 1 and f"{run_dir} is being trained into by another process" in twice.stderr
+    assert CliRunner().invoke(cli.cli, [*args, "--resume", str(run_dir)]).exit_code == 0
+    assert len((tmp_path / "runs" / "ledger.jsonl").read_text().splitlines()) == 1  # one run, one line

@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from ..data.moves import folder_lock
 from ..errors import UsageError
 from .whole_models import read_checkpoint
 
@@ -31,6 +32,14 @@ class TrainingInterrupted(KeyboardInterrupt):
                          f"{epochs_done} of {epochs} epochs kept in {run_dir}/model.pt; resume with "
                          f"resume={str(run_dir)!r} (--resume on the command line)")
         self.run_dir, self.epochs_done, self.epochs = run_dir, epochs_done, epochs
+
+
+def training_into(run_dir):
+    """Held (a flock on the run folder) by the one process training into it, from its first save to the end:
+    a --resume of it while the run, or another resumption, still trains is refused (exit 1) instead of
+    writing the same model.pt and a second ledger line for one run."""
+    return folder_lock(run_dir, True, f"{run_dir} is being trained into by another process (the run itself, or "
+                                      "another --resume of it); wait for it to finish", wait_s=0)
 
 
 def items_digest(items: list, train_idx, val_idx) -> str:

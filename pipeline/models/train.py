@@ -8,6 +8,7 @@ stratified sample (``--n``) and train/val split as extract and fit-head.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -39,7 +40,7 @@ from ..heads.trust import fit_trust
 from ..progress import progress
 from ..runs.run_folders import finish_run, new_run_dir
 from .predict import ImageOutputs, iter_log_proba
-from .resume import TrainingInterrupted, items_digest, read_resume, restore, resume_fields
+from .resume import TrainingInterrupted, items_digest, read_resume, restore, resume_fields, training_into
 from .whole_models import (
     WithExtras,
     build_model,
@@ -204,6 +205,12 @@ def head_training_images(init_head: str, listing) -> set:
 
 def _fit(cfg: TrainConfig, kind: str, lm, stages: list, listing, head_saw: frozenset = frozenset()) -> dict:
     """Train ``lm`` on ``listing`` epoch by epoch; ``stages[e]`` = (unfreeze value, stage name) for epoch e."""
+    with contextlib.ExitStack() as held:  # the run folder's lock, from its first save (or the resume) to the end
+        return _train_run(cfg, kind, lm, stages, listing, head_saw, held)
+
+
+def _train_run(cfg: TrainConfig, kind: str, lm, stages: list, listing, head_saw: frozenset,
+               held: contextlib.ExitStack) -> dict:
 
     if list(listing.classes) != lm.classes:
         raise UsageError(f"the model's classes {lm.classes} differ from the data's {list(listing.classes)}")
@@ -228,6 +235,8 @@ def _fit(cfg: TrainConfig, kind: str, lm, stages: list, listing, head_saw: froze
     opt = torch.optim.Adam([{"params": model.head.parameters(), "lr": cfg.lr},
                             {"params": model.features.parameters(), "lr": backbone_lr}])
     digest = items_digest(items, train_idx, val_idx)
+    if cfg.resume:
+        held.enter_context(training_into(cfg.resume))
     stopped = read_resume(cfg, kind, recorded_config(cfg), digest) if cfg.resume else None
     val_model = Inference(model, device, precision, freeze=False)  # the same inference path as evaluate/predict
     skipped, state = ImageOutputs(), {"stage": None}
@@ -255,7 +264,9 @@ def _fit(cfg: TrainConfig, kind: str, lm, stages: list, listing, head_saw: froze
     run = {"dir": Path(cfg.resume) if cfg.resume else None, "done": 0}
 
     def save_epoch(history: list):  # the run so far, resumable: a Ctrl-C or a crash loses one epoch at most
-        run["dir"] = run["dir"] or new_run_dir(cfg.runs_dir, kind)
+        if run["dir"] is None:
+            run["dir"] = new_run_dir(cfg.runs_dir, kind)
+            held.enter_context(training_into(run["dir"]))
         save_model(lm, run["dir"] / "model.pt", kind, recorded_config(cfg),
                    {**history[-1], "epochs_done": len(history), "epochs": cfg.epochs}, history,
                    resume=resume_fields(opt, train_loader.generator, digest))
