@@ -403,3 +403,16 @@ def test_a_run_folder_is_trained_into_by_one_process_at_a_time(tmp_path, image_f
     assert twice.exit_code == 1 and f"{run_dir} is being trained into by another process" in twice.stderr
     assert CliRunner().invoke(cli.cli, [*args, "--resume", str(run_dir)]).exit_code == 0
     assert len((tmp_path / "runs" / "ledger.jsonl").read_text().splitlines()) == 1  # one run, one line
+
+
+def test_a_photo_rewritten_in_place_since_the_stop_refuses_the_resume(tmp_path, image_folder, monkeypatch):
+    args = ["train", "--data", str(image_folder), "--backbone", "tiny_bn", "--epochs", "3", "--weights", "none",
+            "--workers", "0", "--batch-size", "8", "--print-every", "0", "--runs-dir", str(tmp_path / "runs")]
+    go_on = _stop_in_epoch(monkeypatch, 2)
+    assert CliRunner().invoke(cli.cli, args).exit_code == 130
+    go_on()
+    run_dir = next(d for d in (tmp_path / "runs").iterdir() if d.is_dir())
+    (image_folder / "red" / "red.3.jpg").write_bytes((image_folder / "blue" / "blue.3.jpg").read_bytes())
+    resumed = CliRunner().invoke(cli.cli, [*args, "--resume", str(run_dir)])
+    assert resumed.exit_code == 2, resumed.output  # it went on with the new bytes, unnoticed
+    assert "differ from the stopped run's (added, removed or rewritten since)" in resumed.stderr

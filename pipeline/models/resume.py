@@ -42,9 +42,11 @@ def training_into(run_dir):
                                       "another --resume of it); wait for it to finish", wait_s=0)
 
 
-def items_digest(items: list, train_idx, val_idx) -> str:
-    """Which images the run trains and validates on: a resumed run must see the same ones."""
-    split = {"train": [items[i] for i in train_idx], "val": [items[i] for i in val_idx]}
+def items_digest(files, train_idx, val_idx) -> str:
+    """Which images (``SourceFile``s) the run trains and validates on, with their sizes and times, as extract's
+    listing fingerprint: a resumed run must see the same ones, none of them rewritten in place."""
+    split = {part: [(files[i].path, files[i].label, files[i].size, files[i].mtime_ns) for i in idx]
+             for part, idx in (("train", train_idx), ("val", val_idx))}
     return hashlib.sha256(json.dumps(split, default=str).encode()).hexdigest()
 
 
@@ -85,7 +87,7 @@ def read_resume(cfg, kind: str, recorded: dict, digest: str) -> dict:
                          "resume with its options (only --epochs, --workers, --device may change)")
     if ckpt["resume"].get("items_sha256") != digest:
         raise UsageError(f"--resume {cfg.resume!r}: the images of {cfg.data!r} (or their split) differ from the "
-                         "stopped run's; a resumed run must train on the same ones")
+                         "stopped run's (added, removed or rewritten since); a resumed run must train on the same ones")
     done = len(ckpt.get("history") or [])
     if cfg.epochs < done:
         raise UsageError(f"--epochs {cfg.epochs}: the run already did {done} epochs (give at least {done}; "

@@ -234,7 +234,7 @@ def _train_run(cfg: TrainConfig, kind: str, lm, stages: list, listing, head_saw:
     backbone_lr = getattr(cfg, "backbone_lr", None) or cfg.lr / 10
     opt = torch.optim.Adam([{"params": model.head.parameters(), "lr": cfg.lr},
                             {"params": model.features.parameters(), "lr": backbone_lr}])
-    digest = items_digest(items, train_idx, val_idx)
+    digest = items_digest(listing.files, train_idx, val_idx)
     if cfg.resume:
         held.enter_context(training_into(cfg.resume))
     stopped = read_resume(cfg, kind, recorded_config(cfg), digest) if cfg.resume else None
