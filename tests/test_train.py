@@ -416,3 +416,16 @@ def test_a_photo_rewritten_in_place_since_the_stop_refuses_the_resume(tmp_path, 
     resumed = CliRunner().invoke(cli.cli, [*args, "--resume", str(run_dir)])
     assert resumed.exit_code == 2, resumed.output  # it went on with the new bytes, unnoticed
     assert "differ from the stopped run's (added, removed or rewritten since)" in resumed.stderr
+
+
+def test_a_run_folder_moved_into_the_data_folder_is_not_resumed_there(tmp_path, image_folder, monkeypatch):
+    args = ["train", "--data", str(image_folder), "--backbone", "tiny_bn", "--epochs", "3", "--weights", "none",
+            "--workers", "0", "--batch-size", "8", "--print-every", "0", "--runs-dir", str(tmp_path / "runs")]
+    go_on = _stop_in_epoch(monkeypatch, 2)
+    assert CliRunner().invoke(cli.cli, args).exit_code == 130
+    go_on()
+    run_dir = next(d for d in (tmp_path / "runs").iterdir() if d.is_dir())
+    inside = run_dir.rename(image_folder / "red" / run_dir.name)  # its curves.png would become a red photo
+    resumed = CliRunner().invoke(cli.cli, [*args, "--resume", str(inside)])
+    assert resumed.exit_code == 2 and "--resume" in resumed.stderr and "inside the data folder" in resumed.stderr
+    assert sorted(p.name for p in inside.iterdir()) == ["model.pt"]

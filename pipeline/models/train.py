@@ -58,6 +58,8 @@ log = logging.getLogger(__name__)
 
 def validate(cfg: TrainConfig) -> None:
     validate_training(cfg, data=((cfg.data, "--data"),))
+    if cfg.resume:  # the run goes on writing there (model.pt, curves.png): never among the photos it reads
+        check_output(cfg.resume, data=((cfg.data, "--data"),), what="--resume", folder=True)
     if isinstance(cfg, FinetuneConfig):
         if not 0 <= cfg.head_epochs <= cfg.epochs:
             raise UsageError(f"--head-epochs must be between 0 and --epochs ({cfg.epochs}), got {cfg.head_epochs}")
