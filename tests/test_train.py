@@ -429,3 +429,15 @@ def test_a_run_folder_moved_into_the_data_folder_is_not_resumed_there(tmp_path, 
     resumed = CliRunner().invoke(cli.cli, [*args, "--resume", str(inside)])
     assert resumed.exit_code == 2 and "--resume" in resumed.stderr and "inside the data folder" in resumed.stderr
     assert sorted(p.name for p in inside.iterdir()) == ["model.pt"]
+
+
+def test_a_resume_removes_the_temporary_model_pt_a_killed_save_left(tmp_path, image_folder, monkeypatch):
+    args = ["train", "--data", str(image_folder), "--backbone", "tiny_bn", "--epochs", "3", "--weights", "none",
+            "--workers", "0", "--batch-size", "8", "--print-every", "0", "--runs-dir", str(tmp_path / "runs")]
+    go_on = _stop_in_epoch(monkeypatch, 2)
+    assert CliRunner().invoke(cli.cli, args).exit_code == 130
+    go_on()
+    run_dir = next(d for d in (tmp_path / "runs").iterdir() if d.is_dir())
+    (run_dir / ".model.pt.99999.tmp").write_bytes(b"\0" * 1000)  # kill -9 in the middle of a save
+    assert CliRunner().invoke(cli.cli, [*args, "--resume", str(run_dir)]).exit_code == 0
+    assert sorted(p.name for p in run_dir.iterdir()) == ["curves.png", "history.json", "model.pt"]

@@ -42,6 +42,13 @@ def training_into(run_dir):
                                       "another --resume of it); wait for it to finish", wait_s=0)
 
 
+def clear_leftovers(run_dir) -> None:
+    """Remove the temporary model.pt files a killed save left (``files.atomic_write``'s ``.model.pt.PID.tmp``,
+    as large as the model): with the folder held (``training_into``) no other process is writing them."""
+    for tmp in Path(run_dir).glob(".model.pt.*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
 def items_digest(files, train_idx, val_idx) -> str:
     """Which images (``SourceFile``s) the run trains and validates on, with their sizes and times, as extract's
     listing fingerprint: a resumed run must see the same ones, none of them rewritten in place."""

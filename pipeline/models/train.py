@@ -40,7 +40,15 @@ from ..heads.trust import fit_trust
 from ..progress import progress
 from ..runs.run_folders import finish_run, new_run_dir
 from .predict import ImageOutputs, iter_log_proba
-from .resume import TrainingInterrupted, items_digest, read_resume, restore, resume_fields, training_into
+from .resume import (
+    TrainingInterrupted,
+    clear_leftovers,
+    items_digest,
+    read_resume,
+    restore,
+    resume_fields,
+    training_into,
+)
 from .whole_models import (
     WithExtras,
     build_model,
@@ -239,6 +247,7 @@ def _train_run(cfg: TrainConfig, kind: str, lm, stages: list, listing, head_saw:
     digest = items_digest(listing.files, train_idx, val_idx)
     if cfg.resume:
         held.enter_context(training_into(cfg.resume))
+        clear_leftovers(cfg.resume)
     stopped = read_resume(cfg, kind, recorded_config(cfg), digest) if cfg.resume else None
     val_model = Inference(model, device, precision, freeze=False)  # the same inference path as evaluate/predict
     skipped, state = ImageOutputs(), {"stage": None}
