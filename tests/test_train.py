@@ -441,3 +441,21 @@ def test_a_resume_removes_the_temporary_model_pt_a_killed_save_left(tmp_path, im
     (run_dir / ".model.pt.99999.tmp").write_bytes(b"\0" * 1000)  # kill -9 in the middle of a save
     assert CliRunner().invoke(cli.cli, [*args, "--resume", str(run_dir)]).exit_code == 0
     assert sorted(p.name for p in run_dir.iterdir()) == ["curves.png", "history.json", "model.pt"]
+
+
+def test_a_resumed_run_on_a_gpu_gets_the_gpus_random_state_back(tmp_path, image_folder, monkeypatch):
+    """Dropout on a GPU draws from the GPU's generator: a resumed run must go on with its state, not the seed's
+    (the GPU stood in for: its states are saved with the epoch and set again on resuming)."""
+    import pipeline.models.resume as resume
+    state, restored = [torch.tensor([7, 8, 9], dtype=torch.uint8)], []
+    monkeypatch.setattr(resume, "gpu_rng_states", lambda: state)
+    monkeypatch.setattr(resume, "set_gpu_rng_states", restored.append)
+    args = ["train", "--data", str(image_folder), "--backbone", "tiny_bn", "--epochs", "3", "--weights", "none",
+            "--device", "cpu", "--precision", "fp32", "--workers", "0", "--batch-size", "8", "--print-every", "0",
+            "--runs-dir", str(tmp_path / "runs")]
+    go_on = _stop_in_epoch(monkeypatch, 2)
+    assert CliRunner().invoke(cli.cli, args).exit_code == 130
+    go_on()
+    run_dir = next(d for d in (tmp_path / "runs").iterdir() if d.is_dir())
+    assert CliRunner().invoke(cli.cli, [*args, "--resume", str(run_dir)]).exit_code == 0
+    assert len(restored) == 1 and [t.tolist() for t in restored[0]] == [[7, 8, 9]]

@@ -69,9 +69,24 @@ def _cpu(value):
 
 def resume_fields(opt: torch.optim.Optimizer, shuffle: torch.Generator, digest: str) -> dict:
     """What a checkpoint needs beyond the model to go on where an epoch ended: the optimiser's state and
-    the random states (torch's, and the training loader's ``shuffle`` generator)."""
-    return {"optimizer": _cpu(opt.state_dict()), "rng": torch.get_rng_state(), "shuffle": shuffle.get_state(),
-            "items_sha256": digest}
+    the random states (torch's, each GPU's, and the training loader's ``shuffle`` generator)."""
+    fields = {"optimizer": _cpu(opt.state_dict()), "rng": torch.get_rng_state(), "shuffle": shuffle.get_state(),
+              "items_sha256": digest}
+    gpus = gpu_rng_states()
+    if gpus is not None:
+        fields["cuda_rng"] = gpus
+    return fields
+
+
+def gpu_rng_states() -> Optional[list]:
+    """Each GPU's random state where one is in use: dropout on a GPU draws from its own generator."""
+    return torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+
+
+def set_gpu_rng_states(states: list) -> None:
+    """Put the GPUs' random states back, where this machine has as many GPUs (else it is another machine)."""
+    if torch.cuda.is_available() and len(states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states)
 
 
 def read_resume(cfg, kind: str, recorded: dict, digest: str) -> dict:
@@ -107,5 +122,7 @@ def restore(ckpt: dict, model: torch.nn.Module, opt: torch.optim.Optimizer, shuf
     model.load_state_dict(ckpt["state_dict"])
     opt.load_state_dict(ckpt["resume"]["optimizer"])
     torch.set_rng_state(ckpt["resume"]["rng"])
+    if ckpt["resume"].get("cuda_rng"):
+        set_gpu_rng_states(ckpt["resume"]["cuda_rng"])
     shuffle.set_state(ckpt["resume"]["shuffle"])
     return list(ckpt["history"])
