@@ -459,3 +459,26 @@ def test_a_resumed_run_on_a_gpu_gets_the_gpus_random_state_back(tmp_path, image_
     run_dir = next(d for d in (tmp_path / "runs").iterdir() if d.is_dir())
     assert CliRunner().invoke(cli.cli, [*args, "--resume", str(run_dir)]).exit_code == 0
     assert len(restored) == 1 and [t.tolist() for t in restored[0]] == [[7, 8, 9]]
+
+
+def test_sigterm_during_training_says_what_is_kept_and_exits_143(tmp_path, image_folder, monkeypatch):
+    import signal
+
+    import pipeline.models.train as train_mod
+    real = train_mod.train_one_epoch
+
+    def sigterm_in_epoch_2(*a):
+        if a[-1] == 2:
+            if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:  # it would end the process, and pytest with it
+                raise AssertionError("SIGTERM would end the run without a word")
+            signal.raise_signal(signal.SIGTERM)  # a scheduler stopping the job
+        return real(*a)
+
+    monkeypatch.setattr(train_mod, "train_one_epoch", sigterm_in_epoch_2)
+    args = ["train", "--data", str(image_folder), "--backbone", "tiny_bn", "--epochs", "3", "--weights", "none",
+            "--workers", "0", "--batch-size", "8", "--print-every", "0", "--runs-dir", str(tmp_path / "runs")]
+    stopped = CliRunner().invoke(cli.cli, args)
+    run_dir = next(d for d in (tmp_path / "runs").iterdir() if d.is_dir())
+    assert stopped.exit_code == 143
+    assert f"terminated; 1 of 3 epochs kept in {run_dir}/model.pt; resume with" in stopped.stderr
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL

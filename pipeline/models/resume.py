@@ -28,7 +28,7 @@ class TrainingInterrupted(KeyboardInterrupt):
 
     def __init__(self, run_dir: Optional[Path], epochs_done: int, epochs: int):
         # the message is what a notebook shows of it: where the epochs are and how to go on
-        super().__init__("interrupted during the first epoch: nothing was saved" if run_dir is None else
+        super().__init__("stopped during the first epoch: nothing was saved" if run_dir is None else
                          f"{epochs_done} of {epochs} epochs kept in {run_dir}/model.pt; resume with "
                          f"resume={str(run_dir)!r} (--resume on the command line)")
         self.run_dir, self.epochs_done, self.epochs = run_dir, epochs_done, epochs

@@ -28,7 +28,7 @@ from ..data.image_reader import ImageListDataset, collate_items, file_digest, it
 from ..devices import resolve_device, resolve_precision, resolve_workers
 from ..errors import DiskFull, UsageError
 from ..extraction.inference import Inference
-from ..files import check_output
+from ..files import Terminated, check_output
 from ..heads.epoch_loop import (
     per_class_accuracy,
     run_epochs,
@@ -308,10 +308,14 @@ def _train_run(cfg: TrainConfig, kind: str, lm, stages: list, listing, head_saw:
         curves = finish_run(out_dir, cfg.runs_dir, kind, history, [out_dir / "model.pt"], commit=commit,
                             backbone=lm.info["backbone"], params=asdict(cfg),
                             metrics={k: metrics[k] for k in ("val_acc", "val_loss", "train_acc", "train_loss")})
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated) as e:
         if run.get("finished"):
             raise
-        raise stopped_at(run, len(done), cfg.epochs) from None
+        kept = stopped_at(run, len(done), cfg.epochs)
+        if isinstance(e, Terminated):  # SIGTERM or SIGHUP (the CLI's): the process ends, saying what it keeps
+            log.warning("terminated; %s", kept)
+            raise
+        raise kept from None
     except DiskFull as e:  # a save that did not fit: the epochs saved before it are still there
         if run.get("finished"):
             raise
