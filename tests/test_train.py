@@ -482,3 +482,23 @@ def test_sigterm_during_training_says_what_is_kept_and_exits_143(tmp_path, image
     assert stopped.exit_code == 143
     assert f"terminated; 1 of 3 epochs kept in {run_dir}/model.pt; resume with" in stopped.stderr
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_a_diverged_run_names_the_epochs_it_kept_instead_of_saying_nothing_was_saved(tmp_path, image_folder,
+                                                                                    monkeypatch):
+    import torch.nn.functional as F
+    real, calls = F.nll_loss, []
+
+    def nan_in_epoch_3(*a, **k):  # 20 training images in minibatches of 8: call 7 is epoch 3's first
+        calls.append(1)
+        return real(*a, **k) * (float("nan") if len(calls) == 7 else 1.0)
+
+    monkeypatch.setattr(F, "nll_loss", nan_in_epoch_3)
+    args = ["train", "--data", str(image_folder), "--backbone", "tiny_bn", "--epochs", "4", "--weights", "none",
+            "--workers", "0", "--batch-size", "8", "--print-every", "0", "--precision", "fp32",
+            "--runs-dir", str(tmp_path / "runs")]
+    diverged = CliRunner().invoke(cli.cli, args)
+    run_dir = next(d for d in (tmp_path / "runs").iterdir() if d.is_dir())
+    assert diverged.exit_code == 1 and "the loss became nan at epoch 3, minibatch 1" in diverged.stderr
+    assert "nothing was saved" not in diverged.stderr  # it was: the epochs before it
+    assert f"epochs 1-2 are kept in {run_dir}/model.pt" in diverged.stderr

@@ -26,7 +26,7 @@ from ..config import FinetuneConfig, TrainConfig
 from ..data.folders import list_image_folder, stratified_order
 from ..data.image_reader import ImageListDataset, collate_items, file_digest, item_loader, iter_items
 from ..devices import resolve_device, resolve_precision, resolve_workers
-from ..errors import DiskFull, UsageError
+from ..errors import DiskFull, PipelineError, UsageError
 from ..extraction.inference import Inference
 from ..files import Terminated, check_output
 from ..heads.epoch_loop import (
@@ -316,14 +316,20 @@ def _train_run(cfg: TrainConfig, kind: str, lm, stages: list, listing, head_saw:
             log.warning("terminated; %s", kept)
             raise
         raise kept from None
-    except DiskFull as e:  # a save that did not fit: the epochs saved before it are still there
+    except PipelineError as e:  # a full disk, a diverged loss: the epochs saved before it are still there
         if run.get("finished"):
             raise
         kept = stopped_at(run, len(done), cfg.epochs)
         if kept.run_dir is None:
             raise
-        raise DiskFull(f"{e}; {kept.epochs_done} of {cfg.epochs} epochs are kept in {kept.run_dir}/model.pt: "
-                       f"make room, then run the same command with --resume {kept.run_dir}") from None
+        if isinstance(e, DiskFull):
+            raise DiskFull(f"{e}; {kept.epochs_done} of {cfg.epochs} epochs are kept in {kept.run_dir}/model.pt: "
+                           f"make room, then run the same command with --resume {kept.run_dir}") from None
+        n = kept.epochs_done
+        note = f"{'epoch 1 is' if n == 1 else f'epochs 1-{n} are'} kept in {kept.run_dir}/model.pt"
+        text = str(e)
+        raise type(e)(text.replace("nothing was saved", note) if "nothing was saved" in text else f"{text}; {note}"
+                      ) from None
     return {"run_dir": str(out_dir), "checkpoint": str(out_dir / "model.pt"), "curves": str(curves),
             "backbone": lm.info["backbone"], **metrics,
             "skipped_files": [{"path": p, "why": w} for p, w in skipped.bad.items()],
