@@ -502,3 +502,25 @@ def test_a_diverged_run_names_the_epochs_it_kept_instead_of_saying_nothing_was_s
     assert diverged.exit_code == 1 and "the loss became nan at epoch 3, minibatch 1" in diverged.stderr
     assert "nothing was saved" not in diverged.stderr  # it was: the epochs before it
     assert f"epochs 1-2 are kept in {run_dir}/model.pt" in diverged.stderr
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda c: c.update(resume="x"), "'resume'"),
+    (lambda c: c["resume"].pop("rng"), "'resume.rng'"),
+    (lambda c: c["resume"].update(optimizer={}), "'resume.optimizer'"),
+    (lambda c: c["resume"].update(shuffle=torch.zeros(3)), "'resume.shuffle'"),
+    (lambda c: c.update(history=5), "'history'"),
+])
+def test_a_hand_edited_stopped_checkpoint_is_refused_naming_the_field(tmp_path, image_folder, monkeypatch, edit,
+                                                                      field):
+    args = ["train", "--data", str(image_folder), "--backbone", "tiny_bn", "--epochs", "3", "--weights", "none",
+            "--workers", "0", "--batch-size", "8", "--print-every", "0", "--runs-dir", str(tmp_path / "runs")]
+    go_on = _stop_in_epoch(monkeypatch, 2)
+    assert CliRunner().invoke(cli.cli, args).exit_code == 130
+    go_on()
+    run_dir = next(d for d in (tmp_path / "runs").iterdir() if d.is_dir())
+    ckpt = torch.load(run_dir / "model.pt", weights_only=True)
+    edit(ckpt)
+    torch.save(ckpt, run_dir / "model.pt")
+    resumed = CliRunner().invoke(cli.cli, [*args, "--resume", str(run_dir)])
+    assert resumed.exit_code == 2 and f"field {field} is not" in resumed.stderr, resumed.output

@@ -99,6 +99,7 @@ def read_resume(cfg, kind: str, recorded: dict, digest: str) -> dict:
     ckpt = read_checkpoint(path)
     if "resume" not in ckpt:
         raise UsageError(f"--resume {cfg.resume!r}: its model.pt is a finished run's; nothing to resume")
+    check_resume_fields(ckpt, path)
     if ckpt["kind"] != kind:
         raise UsageError(f"--resume {cfg.resume!r} is a {ckpt['kind']} run; resume it with {ckpt['kind']}")
     before = ckpt.get("config") or {}
@@ -115,6 +116,32 @@ def read_resume(cfg, kind: str, recorded: dict, digest: str) -> dict:
         raise UsageError(f"--epochs {cfg.epochs}: the run already did {done} epochs (give at least {done}; "
                          f"{done} finishes it as it is)")
     return ckpt
+
+
+#: resume field -> (what it must be, the check)
+_RESUME_FIELDS = {
+    "optimizer": ("an optimiser state (state, param_groups)",
+                  lambda v: isinstance(v, dict) and isinstance(v.get("state"), dict)
+                  and isinstance(v.get("param_groups"), list)),
+    "rng": ("a random state (a uint8 tensor)", lambda v: isinstance(v, torch.Tensor) and v.dtype == torch.uint8),
+    "shuffle": ("a random state (a uint8 tensor)", lambda v: isinstance(v, torch.Tensor) and v.dtype == torch.uint8),
+    "items_sha256": ("a sha256 hex string", lambda v: isinstance(v, str)),
+}
+
+
+def check_resume_fields(ckpt: dict, path) -> None:
+    """A stopped run's checkpoint holds what resuming reads, of the right types (a hand-edited or foreign one is
+    refused naming the field, as ``checkpoints.read_checkpoint`` does for the model's fields)."""
+    fields = ckpt["resume"]
+    wrong = ([("resume", "a dict of the stopped run's states")] if not isinstance(fields, dict) else
+             [(f"resume.{k}", what) for k, (what, ok) in _RESUME_FIELDS.items() if not ok(fields.get(k))])
+    history = ckpt.get("history")
+    if not (isinstance(history, list) and history and all(isinstance(h, dict) for h in history)):
+        wrong.append(("history", "a list of the epochs done, one dict each"))
+    if wrong:
+        name, what = wrong[0]
+        raise UsageError(f"{path}: field {name!r} is not {what}; not a stopped run's model.pt as train and finetune "
+                         "write it")
 
 
 def restore(ckpt: dict, model: torch.nn.Module, opt: torch.optim.Optimizer, shuffle: torch.Generator) -> list:
