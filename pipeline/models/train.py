@@ -221,7 +221,7 @@ def _fit(cfg: TrainConfig, kind: str, lm, stages: list, listing, head_saw: froze
 
 def _train_run(cfg: TrainConfig, kind: str, lm, stages: list, listing, head_saw: frozenset,
                held: contextlib.ExitStack) -> dict:
-
+    """``_fit``'s run; ``held`` keeps the run folder's lock (``resume.training_into``) until it ends."""
     if list(listing.classes) != lm.classes:
         raise UsageError(f"the model's classes {lm.classes} differ from the data's {list(listing.classes)}")
     train_idx, val_idx = sample_split(listing.labels, cfg.n, cfg.val_fraction, cfg.seed)
