@@ -524,3 +524,31 @@ def test_a_hand_edited_stopped_checkpoint_is_refused_naming_the_field(tmp_path, 
     torch.save(ckpt, run_dir / "model.pt")
     resumed = CliRunner().invoke(cli.cli, [*args, "--resume", str(run_dir)])
     assert resumed.exit_code == 2 and f"field {field} is not" in resumed.stderr, resumed.output
+
+
+def test_sigterm_to_a_run_with_decoding_processes_says_what_is_kept_and_nothing_else(tmp_path):
+    """A scheduler's SIGTERM reaches the decoding processes too: torch's shutdown of the killed workers
+    used to follow the one line with tracebacks ('DataLoader worker ... is killed by signal')."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+    data = make_image_folder(tmp_path / "data", per_class=100, size=(120, 100))
+    runs = tmp_path / "runs"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import tests.tiny, cli; cli.cli()", "-q", "train", "--data", str(data),
+         "--backbone", "tiny_bn", "--weights", "none", "--workers", "1", "--batch-size", "8", "--print-every", "0",
+         "--epochs", "1000", "--runs-dir", str(runs)],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not list(runs.glob("*/model.pt")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    time.sleep(1)
+    os.killpg(proc.pid, signal.SIGTERM)  # as a scheduler stops a job: every process of it
+    _, stderr = proc.communicate(timeout=60)
+    lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith("warning: --weights")]
+    assert proc.returncode == 143 and len(lines) == 1 and lines[0].startswith("terminated; "), stderr[-3000:]
