@@ -427,11 +427,22 @@ def finetune(as_json, **options):
 
 
 def interruptible_training(run) -> dict:
-    """A train / finetune run's result; on Ctrl-C, what was kept and the command that resumes it (exit 130)."""
+    """A train / finetune run's result; on Ctrl-C, what was kept and the command that resumes it (exit 130);
+    SIGTERM or SIGHUP (a scheduler's stop) says what was kept too, then exits 143 or 129."""
+    import multiprocessing
+
+    from .files import Terminated, unwinding_on_signals
     from .models.resume import TrainingInterrupted
     from .runs.ledger import current_command
     try:
-        return run().result_
+        with unwinding_on_signals():
+            return run().result_
+    except Terminated as e:  # what was kept is said; decoding processes killed with us would only add torch's
+        if multiprocessing.active_children():  # tracebacks while they are shut down: leave at once
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(e.code)
+        raise
     except TrainingInterrupted as e:
         click.echo(present.train_interrupted(e, current_command()), err=True)
         sys.exit(130)

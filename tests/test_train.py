@@ -293,3 +293,262 @@ def test_a_stopped_finetune_resumes_where_it_stopped_as_if_never_stopped(tmp_pat
     assert resumed["val_loss"] == whole["val_loss"]
     again = CliRunner().invoke(cli.cli, [*args, "--epochs", "4", "--resume", str(run_dir)])
     assert again.exit_code == 2 and "a finished run's; nothing to resume" in again.output
+
+
+def _stop_in_epoch(monkeypatch, epoch: int):
+    """Ctrl-C inside ``epoch``'s training pass (a KeyboardInterrupt where the signal would raise it)."""
+    import pipeline.models.train as train_mod
+    real = train_mod.train_one_epoch
+
+    def stop(*a):
+        if a[-1] == epoch:
+            raise KeyboardInterrupt
+        return real(*a)
+
+    monkeypatch.setattr(train_mod, "train_one_epoch", stop)
+    return lambda: monkeypatch.setattr(train_mod, "train_one_epoch", real)
+
+
+def test_an_interrupted_api_run_says_where_its_epochs_are_and_how_to_resume(tmp_path, image_folder, monkeypatch):
+    import pipeline
+    from pipeline.models.resume import TrainingInterrupted
+    _stop_in_epoch(monkeypatch, 2)
+    with pytest.raises(TrainingInterrupted) as stopped:
+        pipeline.train_model(image_folder, backbone="tiny_bn", epochs=3, runs_dir=tmp_path / "runs", **FAST)
+    run_dir = stopped.value.run_dir
+    assert str(stopped.value) == (f"1 of 3 epochs kept in {run_dir}/model.pt; resume with resume={str(run_dir)!r} "
+                                  "(--resume on the command line)")
+
+
+def test_ctrl_c_in_the_first_save_or_the_last_steps_leaves_no_false_claim_and_one_finished_run(
+        tmp_path, image_folder, monkeypatch):
+    import pipeline.models.train as train_mod
+    import pipeline.runs.figures as figures
+    runs = tmp_path / "runs"
+    args = ["train", "--data", str(image_folder), "--backbone", "tiny_bn", "--epochs", "2", "--weights", "none",
+            "--workers", "0", "--batch-size", "8", "--print-every", "0", "--runs-dir", str(runs), "--json"]
+    real_save, real_curves = train_mod.save_model, figures.curves
+
+    def cut_short(*a, **k):  # Ctrl-C while the first epoch's model.pt is written (its temporary file removed)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "save_model", cut_short)
+    first = CliRunner().invoke(cli.cli, args)
+    assert first.exit_code == 130 and "nothing was saved" in first.stderr and "--resume" not in first.stderr
+    assert not runs.exists() or not [d for d in runs.iterdir() if d.is_dir()]  # no empty folder claiming epochs
+    monkeypatch.setattr(train_mod, "save_model", real_save)
+
+    def stop_drawing(*a, **k):  # Ctrl-C while the curves are drawn, after calibration
+        monkeypatch.setattr(figures, "curves", real_curves)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(figures, "curves", stop_drawing)
+    last = CliRunner().invoke(cli.cli, args)
+    assert last.exit_code == 130 and "2 epochs of 2 kept" in last.stderr, last.output
+    run_dir = next(d for d in runs.iterdir() if d.is_dir())
+    resumed = CliRunner().invoke(cli.cli, [*args, "--resume", str(run_dir)])
+    assert resumed.exit_code == 0, resumed.output
+    assert "resume" not in torch.load(run_dir / "model.pt", weights_only=True)
+    assert (run_dir / "history.json").is_file() and (run_dir / "curves.png").is_file()
+    assert len((runs / "ledger.jsonl").read_text().splitlines()) == 1
+
+
+def test_a_full_disk_at_an_epoch_save_says_what_is_kept_and_how_to_resume(tmp_path, image_folder, monkeypatch):
+    import errno
+
+    import pipeline.heads.checkpoints as checkpoints
+    real, saves = checkpoints.torch.save, []
+
+    def second_save_fails(obj, f, *a, **k):
+        saves.append(f)
+        if len(saves) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(obj, f, *a, **k)
+
+    monkeypatch.setattr(checkpoints.torch, "save", second_save_fails)
+    args = ["train", "--data", str(image_folder), "--backbone", "tiny_bn", "--epochs", "3", "--weights", "none",
+            "--workers", "0", "--batch-size", "8", "--print-every", "0", "--runs-dir", str(tmp_path / "runs")]
+    full = CliRunner().invoke(cli.cli, args)
+    run_dir = next(d for d in (tmp_path / "runs").iterdir() if d.is_dir())
+    assert full.exit_code == 1 and "no space left on the device" in full.stderr
+    assert (f"1 of 3 epochs are kept in {run_dir}/model.pt: make room, then run the same command with "
+            f"--resume {run_dir}") in full.stderr
+    monkeypatch.setattr(checkpoints.torch, "save", real)
+    assert CliRunner().invoke(cli.cli, [*args, "--resume", str(run_dir)]).exit_code == 0
+
+
+def test_a_run_folder_is_trained_into_by_one_process_at_a_time(tmp_path, image_folder, monkeypatch):
+    import pipeline.models.train as train_mod
+    from pipeline.data.moves import FolderBusy, folder_lock
+    args = ["train", "--data", str(image_folder), "--backbone", "tiny_bn", "--epochs", "3", "--weights", "none",
+            "--workers", "0", "--batch-size", "8", "--print-every", "0", "--runs-dir", str(tmp_path / "runs")]
+    real, seen = train_mod.train_one_epoch, []
+
+    def second_epoch_finds_its_folder_held(*a):
+        if a[-1] == 2:
+            run_dir = next(d for d in (tmp_path / "runs").iterdir() if d.is_dir())
+            with pytest.raises(FolderBusy):  # as a second process trying the folder would
+                with folder_lock(run_dir, True, "busy", wait_s=0):
+                    pass
+            seen.append(run_dir)
+            raise KeyboardInterrupt
+        return real(*a)
+
+    monkeypatch.setattr(train_mod, "train_one_epoch", second_epoch_finds_its_folder_held)
+    assert CliRunner().invoke(cli.cli, args).exit_code == 130 and seen
+    monkeypatch.setattr(train_mod, "train_one_epoch", real)
+    run_dir = seen[0]
+    with folder_lock(run_dir, True, "busy", wait_s=0):  # another --resume of it still running
+        twice = CliRunner().invoke(cli.cli, [*args, "--resume", str(run_dir)])
+    assert twice.exit_code == 1 and f"{run_dir} is being trained into by another process" in twice.stderr
+    assert CliRunner().invoke(cli.cli, [*args, "--resume", str(run_dir)]).exit_code == 0
+    assert len((tmp_path / "runs" / "ledger.jsonl").read_text().splitlines()) == 1  # one run, one line
+
+
+def test_a_photo_rewritten_in_place_since_the_stop_refuses_the_resume(tmp_path, image_folder, monkeypatch):
+    args = ["train", "--data", str(image_folder), "--backbone", "tiny_bn", "--epochs", "3", "--weights", "none",
+            "--workers", "0", "--batch-size", "8", "--print-every", "0", "--runs-dir", str(tmp_path / "runs")]
+    go_on = _stop_in_epoch(monkeypatch, 2)
+    assert CliRunner().invoke(cli.cli, args).exit_code == 130
+    go_on()
+    run_dir = next(d for d in (tmp_path / "runs").iterdir() if d.is_dir())
+    (image_folder / "red" / "red.3.jpg").write_bytes((image_folder / "blue" / "blue.3.jpg").read_bytes())
+    resumed = CliRunner().invoke(cli.cli, [*args, "--resume", str(run_dir)])
+    assert resumed.exit_code == 2, resumed.output  # it went on with the new bytes, unnoticed
+    assert "differ from the stopped run's (added, removed or rewritten since)" in resumed.stderr
+
+
+def test_a_run_folder_moved_into_the_data_folder_is_not_resumed_there(tmp_path, image_folder, monkeypatch):
+    args = ["train", "--data", str(image_folder), "--backbone", "tiny_bn", "--epochs", "3", "--weights", "none",
+            "--workers", "0", "--batch-size", "8", "--print-every", "0", "--runs-dir", str(tmp_path / "runs")]
+    go_on = _stop_in_epoch(monkeypatch, 2)
+    assert CliRunner().invoke(cli.cli, args).exit_code == 130
+    go_on()
+    run_dir = next(d for d in (tmp_path / "runs").iterdir() if d.is_dir())
+    inside = run_dir.rename(image_folder / "red" / run_dir.name)  # its curves.png would become a red photo
+    resumed = CliRunner().invoke(cli.cli, [*args, "--resume", str(inside)])
+    assert resumed.exit_code == 2 and "--resume" in resumed.stderr and "inside the data folder" in resumed.stderr
+    assert sorted(p.name for p in inside.iterdir()) == ["model.pt"]
+
+
+def test_a_resume_removes_the_temporary_model_pt_a_killed_save_left(tmp_path, image_folder, monkeypatch):
+    args = ["train", "--data", str(image_folder), "--backbone", "tiny_bn", "--epochs", "3", "--weights", "none",
+            "--workers", "0", "--batch-size", "8", "--print-every", "0", "--runs-dir", str(tmp_path / "runs")]
+    go_on = _stop_in_epoch(monkeypatch, 2)
+    assert CliRunner().invoke(cli.cli, args).exit_code == 130
+    go_on()
+    run_dir = next(d for d in (tmp_path / "runs").iterdir() if d.is_dir())
+    (run_dir / ".model.pt.99999.tmp").write_bytes(b"\0" * 1000)  # kill -9 in the middle of a save
+    assert CliRunner().invoke(cli.cli, [*args, "--resume", str(run_dir)]).exit_code == 0
+    assert sorted(p.name for p in run_dir.iterdir()) == ["curves.png", "history.json", "model.pt"]
+
+
+def test_a_resumed_run_on_a_gpu_gets_the_gpus_random_state_back(tmp_path, image_folder, monkeypatch):
+    """Dropout on a GPU draws from the GPU's generator: a resumed run must go on with its state, not the seed's
+    (the GPU stood in for: its states are saved with the epoch and set again on resuming)."""
+    import pipeline.models.resume as resume
+    state, restored = [torch.tensor([7, 8, 9], dtype=torch.uint8)], []
+    monkeypatch.setattr(resume, "gpu_rng_states", lambda: state)
+    monkeypatch.setattr(resume, "set_gpu_rng_states", restored.append)
+    args = ["train", "--data", str(image_folder), "--backbone", "tiny_bn", "--epochs", "3", "--weights", "none",
+            "--device", "cpu", "--precision", "fp32", "--workers", "0", "--batch-size", "8", "--print-every", "0",
+            "--runs-dir", str(tmp_path / "runs")]
+    go_on = _stop_in_epoch(monkeypatch, 2)
+    assert CliRunner().invoke(cli.cli, args).exit_code == 130
+    go_on()
+    run_dir = next(d for d in (tmp_path / "runs").iterdir() if d.is_dir())
+    assert CliRunner().invoke(cli.cli, [*args, "--resume", str(run_dir)]).exit_code == 0
+    assert len(restored) == 1 and [t.tolist() for t in restored[0]] == [[7, 8, 9]]
+
+
+def test_sigterm_during_training_says_what_is_kept_and_exits_143(tmp_path, image_folder, monkeypatch):
+    import signal
+
+    import pipeline.models.train as train_mod
+    real = train_mod.train_one_epoch
+
+    def sigterm_in_epoch_2(*a):
+        if a[-1] == 2:
+            if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:  # it would end the process, and pytest with it
+                raise AssertionError("SIGTERM would end the run without a word")
+            signal.raise_signal(signal.SIGTERM)  # a scheduler stopping the job
+        return real(*a)
+
+    monkeypatch.setattr(train_mod, "train_one_epoch", sigterm_in_epoch_2)
+    args = ["train", "--data", str(image_folder), "--backbone", "tiny_bn", "--epochs", "3", "--weights", "none",
+            "--workers", "0", "--batch-size", "8", "--print-every", "0", "--runs-dir", str(tmp_path / "runs")]
+    stopped = CliRunner().invoke(cli.cli, args)
+    run_dir = next(d for d in (tmp_path / "runs").iterdir() if d.is_dir())
+    assert stopped.exit_code == 143
+    assert f"terminated; 1 of 3 epochs kept in {run_dir}/model.pt; resume with" in stopped.stderr
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_a_diverged_run_names_the_epochs_it_kept_instead_of_saying_nothing_was_saved(tmp_path, image_folder,
+                                                                                    monkeypatch):
+    import torch.nn.functional as F
+    real, calls = F.nll_loss, []
+
+    def nan_in_epoch_3(*a, **k):  # 20 training images in minibatches of 8: call 7 is epoch 3's first
+        calls.append(1)
+        return real(*a, **k) * (float("nan") if len(calls) == 7 else 1.0)
+
+    monkeypatch.setattr(F, "nll_loss", nan_in_epoch_3)
+    args = ["train", "--data", str(image_folder), "--backbone", "tiny_bn", "--epochs", "4", "--weights", "none",
+            "--workers", "0", "--batch-size", "8", "--print-every", "0", "--precision", "fp32",
+            "--runs-dir", str(tmp_path / "runs")]
+    diverged = CliRunner().invoke(cli.cli, args)
+    run_dir = next(d for d in (tmp_path / "runs").iterdir() if d.is_dir())
+    assert diverged.exit_code == 1 and "the loss became nan at epoch 3, minibatch 1" in diverged.stderr
+    assert "nothing was saved" not in diverged.stderr  # it was: the epochs before it
+    assert f"epochs 1-2 are kept in {run_dir}/model.pt" in diverged.stderr
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda c: c.update(resume="x"), "'resume'"),
+    (lambda c: c["resume"].pop("rng"), "'resume.rng'"),
+    (lambda c: c["resume"].update(optimizer={}), "'resume.optimizer'"),
+    (lambda c: c["resume"].update(shuffle=torch.zeros(3)), "'resume.shuffle'"),
+    (lambda c: c.update(history=5), "'history'"),
+])
+def test_a_hand_edited_stopped_checkpoint_is_refused_naming_the_field(tmp_path, image_folder, monkeypatch, edit,
+                                                                      field):
+    args = ["train", "--data", str(image_folder), "--backbone", "tiny_bn", "--epochs", "3", "--weights", "none",
+            "--workers", "0", "--batch-size", "8", "--print-every", "0", "--runs-dir", str(tmp_path / "runs")]
+    go_on = _stop_in_epoch(monkeypatch, 2)
+    assert CliRunner().invoke(cli.cli, args).exit_code == 130
+    go_on()
+    run_dir = next(d for d in (tmp_path / "runs").iterdir() if d.is_dir())
+    ckpt = torch.load(run_dir / "model.pt", weights_only=True)
+    edit(ckpt)
+    torch.save(ckpt, run_dir / "model.pt")
+    resumed = CliRunner().invoke(cli.cli, [*args, "--resume", str(run_dir)])
+    assert resumed.exit_code == 2 and f"field {field} is not" in resumed.stderr, resumed.output
+
+
+def test_sigterm_to_a_run_with_decoding_processes_says_what_is_kept_and_nothing_else(tmp_path):
+    """A scheduler's SIGTERM reaches the decoding processes too: torch's shutdown of the killed workers
+    used to follow the one line with tracebacks ('DataLoader worker ... is killed by signal')."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+    data = make_image_folder(tmp_path / "data", per_class=100, size=(120, 100))
+    runs = tmp_path / "runs"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import tests.tiny, cli; cli.cli()", "-q", "train", "--data", str(data),
+         "--backbone", "tiny_bn", "--weights", "none", "--workers", "1", "--batch-size", "8", "--print-every", "0",
+         "--epochs", "1000", "--runs-dir", str(runs)],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not list(runs.glob("*/model.pt")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    time.sleep(1)
+    os.killpg(proc.pid, signal.SIGTERM)  # as a scheduler stops a job: every process of it
+    _, stderr = proc.communicate(timeout=60)
+    lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith("warning: --weights")]
+    assert proc.returncode == 143 and len(lines) == 1 and lines[0].startswith("terminated; "), stderr[-3000:]

@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from ..data.moves import folder_lock
 from ..errors import UsageError
 from .whole_models import read_checkpoint
 
@@ -26,13 +27,33 @@ class TrainingInterrupted(KeyboardInterrupt):
     ``epochs`` epochs, resumable with ``--resume run_dir``."""
 
     def __init__(self, run_dir: Optional[Path], epochs_done: int, epochs: int):
-        super().__init__()
+        # the message is what a notebook shows of it: where the epochs are and how to go on
+        super().__init__("stopped during the first epoch: nothing was saved" if run_dir is None else
+                         f"{epochs_done} of {epochs} epochs kept in {run_dir}/model.pt; resume with "
+                         f"resume={str(run_dir)!r} (--resume on the command line)")
         self.run_dir, self.epochs_done, self.epochs = run_dir, epochs_done, epochs
 
 
-def items_digest(items: list, train_idx, val_idx) -> str:
-    """Which images the run trains and validates on: a resumed run must see the same ones."""
-    split = {"train": [items[i] for i in train_idx], "val": [items[i] for i in val_idx]}
+def training_into(run_dir):
+    """Held (a flock on the run folder) by the one process training into it, from its first save to the end:
+    a --resume of it while the run, or another resumption, still trains is refused (exit 1) instead of
+    writing the same model.pt and a second ledger line for one run."""
+    return folder_lock(run_dir, True, f"{run_dir} is being trained into by another process (the run itself, or "
+                                      "another --resume of it); wait for it to finish", wait_s=0)
+
+
+def clear_leftovers(run_dir) -> None:
+    """Remove the temporary model.pt files a killed save left (``files.atomic_write``'s ``.model.pt.PID.tmp``,
+    as large as the model): with the folder held (``training_into``) no other process is writing them."""
+    for tmp in Path(run_dir).glob(".model.pt.*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+def items_digest(files, train_idx, val_idx) -> str:
+    """Which images (``SourceFile``s) the run trains and validates on, with their sizes and times, as extract's
+    listing fingerprint: a resumed run must see the same ones, none of them rewritten in place."""
+    split = {part: [(files[i].path, files[i].label, files[i].size, files[i].mtime_ns) for i in idx]
+             for part, idx in (("train", train_idx), ("val", val_idx))}
     return hashlib.sha256(json.dumps(split, default=str).encode()).hexdigest()
 
 
@@ -48,9 +69,24 @@ def _cpu(value):
 
 def resume_fields(opt: torch.optim.Optimizer, shuffle: torch.Generator, digest: str) -> dict:
     """What a checkpoint needs beyond the model to go on where an epoch ended: the optimiser's state and
-    the random states (torch's, and the training loader's ``shuffle`` generator)."""
-    return {"optimizer": _cpu(opt.state_dict()), "rng": torch.get_rng_state(), "shuffle": shuffle.get_state(),
-            "items_sha256": digest}
+    the random states (torch's, each GPU's, and the training loader's ``shuffle`` generator)."""
+    fields = {"optimizer": _cpu(opt.state_dict()), "rng": torch.get_rng_state(), "shuffle": shuffle.get_state(),
+              "items_sha256": digest}
+    gpus = gpu_rng_states()
+    if gpus is not None:
+        fields["cuda_rng"] = gpus
+    return fields
+
+
+def gpu_rng_states() -> Optional[list]:
+    """Each GPU's random state where one is in use: dropout on a GPU draws from its own generator."""
+    return torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+
+
+def set_gpu_rng_states(states: list) -> None:
+    """Put the GPUs' random states back, where this machine has as many GPUs (else it is another machine)."""
+    if torch.cuda.is_available() and len(states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states)
 
 
 def read_resume(cfg, kind: str, recorded: dict, digest: str) -> dict:
@@ -63,6 +99,7 @@ def read_resume(cfg, kind: str, recorded: dict, digest: str) -> dict:
     ckpt = read_checkpoint(path)
     if "resume" not in ckpt:
         raise UsageError(f"--resume {cfg.resume!r}: its model.pt is a finished run's; nothing to resume")
+    check_resume_fields(ckpt, path)
     if ckpt["kind"] != kind:
         raise UsageError(f"--resume {cfg.resume!r} is a {ckpt['kind']} run; resume it with {ckpt['kind']}")
     before = ckpt.get("config") or {}
@@ -73,7 +110,7 @@ def read_resume(cfg, kind: str, recorded: dict, digest: str) -> dict:
                          "resume with its options (only --epochs, --workers, --device may change)")
     if ckpt["resume"].get("items_sha256") != digest:
         raise UsageError(f"--resume {cfg.resume!r}: the images of {cfg.data!r} (or their split) differ from the "
-                         "stopped run's; a resumed run must train on the same ones")
+                         "stopped run's (added, removed or rewritten since); a resumed run must train on the same ones")
     done = len(ckpt.get("history") or [])
     if cfg.epochs < done:
         raise UsageError(f"--epochs {cfg.epochs}: the run already did {done} epochs (give at least {done}; "
@@ -81,10 +118,38 @@ def read_resume(cfg, kind: str, recorded: dict, digest: str) -> dict:
     return ckpt
 
 
+#: resume field -> (what it must be, the check)
+_RESUME_FIELDS = {
+    "optimizer": ("an optimiser state (state, param_groups)",
+                  lambda v: isinstance(v, dict) and isinstance(v.get("state"), dict)
+                  and isinstance(v.get("param_groups"), list)),
+    "rng": ("a random state (a uint8 tensor)", lambda v: isinstance(v, torch.Tensor) and v.dtype == torch.uint8),
+    "shuffle": ("a random state (a uint8 tensor)", lambda v: isinstance(v, torch.Tensor) and v.dtype == torch.uint8),
+    "items_sha256": ("a sha256 hex string", lambda v: isinstance(v, str)),
+}
+
+
+def check_resume_fields(ckpt: dict, path) -> None:
+    """A stopped run's checkpoint holds what resuming reads, of the right types (a hand-edited or foreign one is
+    refused naming the field, as ``checkpoints.read_checkpoint`` does for the model's fields)."""
+    fields = ckpt["resume"]
+    wrong = ([("resume", "a dict of the stopped run's states")] if not isinstance(fields, dict) else
+             [(f"resume.{k}", what) for k, (what, ok) in _RESUME_FIELDS.items() if not ok(fields.get(k))])
+    history = ckpt.get("history")
+    if not (isinstance(history, list) and history and all(isinstance(h, dict) for h in history)):
+        wrong.append(("history", "a list of the epochs done, one dict each"))
+    if wrong:
+        name, what = wrong[0]
+        raise UsageError(f"{path}: field {name!r} is not {what}; not a stopped run's model.pt as train and finetune "
+                         "write it")
+
+
 def restore(ckpt: dict, model: torch.nn.Module, opt: torch.optim.Optimizer, shuffle: torch.Generator) -> list:
     """Put the stopped run's model, optimiser and random states back; returns its history."""
     model.load_state_dict(ckpt["state_dict"])
     opt.load_state_dict(ckpt["resume"]["optimizer"])
     torch.set_rng_state(ckpt["resume"]["rng"])
+    if ckpt["resume"].get("cuda_rng"):
+        set_gpu_rng_states(ckpt["resume"]["cuda_rng"])
     shuffle.set_state(ckpt["resume"]["shuffle"])
     return list(ckpt["history"])

@@ -8,6 +8,7 @@ stratified sample (``--n``) and train/val split as extract and fit-head.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -25,9 +26,9 @@ from ..config import FinetuneConfig, TrainConfig
 from ..data.folders import list_image_folder, stratified_order
 from ..data.image_reader import ImageListDataset, collate_items, file_digest, item_loader, iter_items
 from ..devices import resolve_device, resolve_precision, resolve_workers
-from ..errors import UsageError
+from ..errors import DiskFull, PipelineError, UsageError
 from ..extraction.inference import Inference
-from ..files import check_output
+from ..files import Terminated, check_output
 from ..heads.epoch_loop import (
     per_class_accuracy,
     run_epochs,
@@ -39,7 +40,15 @@ from ..heads.trust import fit_trust
 from ..progress import progress
 from ..runs.run_folders import finish_run, new_run_dir
 from .predict import ImageOutputs, iter_log_proba
-from .resume import TrainingInterrupted, items_digest, read_resume, restore, resume_fields
+from .resume import (
+    TrainingInterrupted,
+    clear_leftovers,
+    items_digest,
+    read_resume,
+    restore,
+    resume_fields,
+    training_into,
+)
 from .whole_models import (
     WithExtras,
     build_model,
@@ -57,6 +66,8 @@ log = logging.getLogger(__name__)
 
 def validate(cfg: TrainConfig) -> None:
     validate_training(cfg, data=((cfg.data, "--data"),))
+    if cfg.resume:  # the run goes on writing there (model.pt, curves.png): never among the photos it reads
+        check_output(cfg.resume, data=((cfg.data, "--data"),), what="--resume", folder=True)
     if isinstance(cfg, FinetuneConfig):
         if not 0 <= cfg.head_epochs <= cfg.epochs:
             raise UsageError(f"--head-epochs must be between 0 and --epochs ({cfg.epochs}), got {cfg.head_epochs}")
@@ -204,7 +215,13 @@ def head_training_images(init_head: str, listing) -> set:
 
 def _fit(cfg: TrainConfig, kind: str, lm, stages: list, listing, head_saw: frozenset = frozenset()) -> dict:
     """Train ``lm`` on ``listing`` epoch by epoch; ``stages[e]`` = (unfreeze value, stage name) for epoch e."""
+    with contextlib.ExitStack() as held:  # the run folder's lock, from its first save (or the resume) to the end
+        return _train_run(cfg, kind, lm, stages, listing, head_saw, held)
 
+
+def _train_run(cfg: TrainConfig, kind: str, lm, stages: list, listing, head_saw: frozenset,
+               held: contextlib.ExitStack) -> dict:
+    """``_fit``'s run; ``held`` keeps the run folder's lock (``resume.training_into``) until it ends."""
     if list(listing.classes) != lm.classes:
         raise UsageError(f"the model's classes {lm.classes} differ from the data's {list(listing.classes)}")
     train_idx, val_idx = sample_split(listing.labels, cfg.n, cfg.val_fraction, cfg.seed)
@@ -227,7 +244,10 @@ def _fit(cfg: TrainConfig, kind: str, lm, stages: list, listing, head_saw: froze
     backbone_lr = getattr(cfg, "backbone_lr", None) or cfg.lr / 10
     opt = torch.optim.Adam([{"params": model.head.parameters(), "lr": cfg.lr},
                             {"params": model.features.parameters(), "lr": backbone_lr}])
-    digest = items_digest(items, train_idx, val_idx)
+    digest = items_digest(listing.files, train_idx, val_idx)
+    if cfg.resume:
+        held.enter_context(training_into(cfg.resume))
+        clear_leftovers(cfg.resume)
     stopped = read_resume(cfg, kind, recorded_config(cfg), digest) if cfg.resume else None
     val_model = Inference(model, device, precision, freeze=False)  # the same inference path as evaluate/predict
     skipped, state = ImageOutputs(), {"stage": None}
@@ -255,7 +275,9 @@ def _fit(cfg: TrainConfig, kind: str, lm, stages: list, listing, head_saw: froze
     run = {"dir": Path(cfg.resume) if cfg.resume else None, "done": 0}
 
     def save_epoch(history: list):  # the run so far, resumable: a Ctrl-C or a crash loses one epoch at most
-        run["dir"] = run["dir"] or new_run_dir(cfg.runs_dir, kind)
+        if run["dir"] is None:
+            run["dir"] = new_run_dir(cfg.runs_dir, kind)
+            held.enter_context(training_into(run["dir"]))
         save_model(lm, run["dir"] / "model.pt", kind, recorded_config(cfg),
                    {**history[-1], "epochs_done": len(history), "epochs": cfg.epochs}, history,
                    resume=resume_fields(opt, train_loader.generator, digest))
@@ -271,24 +293,61 @@ def _fit(cfg: TrainConfig, kind: str, lm, stages: list, listing, head_saw: froze
         if len(history) == len(done):  # --epochs as many as were done: the stopped run finished as it is
             validate()
         trust = trust_of(cfg, model, device, precision, listing, train_idx, val_loader, lm.transform, skipped)
-    except KeyboardInterrupt:
-        raise TrainingInterrupted(run["dir"], run["done"] or len(done), cfg.epochs) from None
-    y_val, seen = state["y_val"], history[-1]["train_rows"]
-    per_class = per_class_accuracy(y_val, state["pred"], lm.classes)
-    metrics = {**history[-1], "per_class_val_acc": per_class, "train_rows": int(seen), "val_rows": int(len(y_val)),
-               "skipped": len(skipped.bad), "val_left_out_seen_by_head": len(left_out), **trust}
-    out_dir = run["dir"] or new_run_dir(cfg.runs_dir, kind)
-    lm.model.to("cpu")
-    save_model(lm, out_dir / "model.pt", kind, recorded_config(cfg), metrics, history)
-    curves = finish_run(out_dir, cfg.runs_dir, kind, history, [out_dir / "model.pt"], backbone=lm.info["backbone"],
-                        params=asdict(cfg),
-                        metrics={k: metrics[k] for k in ("val_acc", "val_loss", "train_acc", "train_loss")})
+        y_val, seen = state["y_val"], history[-1]["train_rows"]
+        per_class = per_class_accuracy(y_val, state["pred"], lm.classes)
+        metrics = {**history[-1], "per_class_val_acc": per_class, "train_rows": int(seen),
+                   "val_rows": int(len(y_val)), "skipped": len(skipped.bad), "val_left_out_seen_by_head": len(left_out),
+                   **trust}
+        out_dir = run["dir"]  # every epoch saved there; a resumed run with no epoch left: the folder resumed
+        lm.model.to("cpu")
+
+        def commit():  # the finished model.pt replaces the resumable one: from here on the run is done
+            save_model(lm, out_dir / "model.pt", kind, recorded_config(cfg), metrics, history)
+            run["finished"] = True
+
+        curves = finish_run(out_dir, cfg.runs_dir, kind, history, [out_dir / "model.pt"], commit=commit,
+                            backbone=lm.info["backbone"], params=asdict(cfg),
+                            metrics={k: metrics[k] for k in ("val_acc", "val_loss", "train_acc", "train_loss")})
+    except (KeyboardInterrupt, Terminated) as e:
+        if run.get("finished"):
+            raise
+        kept = stopped_at(run, len(done), cfg.epochs)
+        if isinstance(e, Terminated):  # SIGTERM or SIGHUP (the CLI's): the process ends, saying what it keeps
+            log.warning("terminated; %s", kept)
+            raise
+        raise kept from None
+    except PipelineError as e:  # a full disk, a diverged loss: the epochs saved before it are still there
+        if run.get("finished"):
+            raise
+        kept = stopped_at(run, len(done), cfg.epochs)
+        if kept.run_dir is None:
+            raise
+        if isinstance(e, DiskFull):
+            raise DiskFull(f"{e}; {kept.epochs_done} of {cfg.epochs} epochs are kept in {kept.run_dir}/model.pt: "
+                           f"make room, then run the same command with --resume {kept.run_dir}") from None
+        n = kept.epochs_done
+        note = f"{'epoch 1 is' if n == 1 else f'epochs 1-{n} are'} kept in {kept.run_dir}/model.pt"
+        text = str(e)
+        raise type(e)(text.replace("nothing was saved", note) if "nothing was saved" in text else f"{text}; {note}"
+                      ) from None
     return {"run_dir": str(out_dir), "checkpoint": str(out_dir / "model.pt"), "curves": str(curves),
             "backbone": lm.info["backbone"], **metrics,
             "skipped_files": [{"path": p, "why": w} for p, w in skipped.bad.items()],
             "device": str(device), "precision": precision, "fit_seconds": seconds,
             "img_per_s": (seen + len(y_val)) * (len(history) - len(done)) / seconds if seconds > 0 else 0.0,
             "history": history}
+
+
+def stopped_at(run: dict, resumed_from: int, epochs: int) -> TrainingInterrupted:
+    """What a Ctrl-C leaves: the epochs whose model.pt was written; a run folder made for a first epoch
+    whose save was cut short holds nothing and is removed, so no folder claims epochs it lacks."""
+    kept = run["done"] or resumed_from
+    if not kept and run["dir"] is not None:
+        try:
+            run["dir"].rmdir()
+        except OSError:  # not empty after all: left as it is
+            pass
+    return TrainingInterrupted(run["dir"] if kept else None, kept, epochs)
 
 
 def recorded_config(cfg) -> dict:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from ..files import write_json, writing
 from .ledger import append_run
@@ -27,10 +27,12 @@ def new_run_dir(runs_dir: str, kind: str) -> Path:
 
 
 def finish_run(out_dir: Path, runs_dir: str, kind: str, history: Optional[list], outputs: list,
-               **ledger) -> Optional[Path]:
+               commit: Optional[Callable[[], object]] = None, **ledger) -> Optional[Path]:
     """Write ``history.json`` and ``curves.png`` (when there is a history) and the run's ledger line.
 
     ``outputs``: files the run wrote (checkpoint, pictures), recorded in the ledger with the curves;
+    ``commit``: writes the run's checkpoint, after the pictures and just before the ledger line, so a run
+    stopped while they are drawn still has its resumable checkpoint, and a finished one its line;
     ``ledger``: the rest of the line (cache, backbone, params, metrics; see ``ledger.append_run``).
     Returns the curves' path, if drawn.
     """
@@ -42,5 +44,7 @@ def finish_run(out_dir: Path, runs_dir: str, kind: str, history: Optional[list],
 
             write_json(out_dir / "history.json", history)
             curves = plots.curves(history, out_dir / "curves.png")
+        if commit is not None:
+            commit()
         append_run(runs_dir, kind, outputs=[*outputs, *([curves] if curves else [])], **ledger)
     return curves
