@@ -541,7 +541,7 @@ class TrainConfig(RunnerOptions, SplitOptions, TrustOptions):
         path="dir", metavar="RUN_DIR", doc=(
             "the run folder of a stopped run of the same command and options (`--epochs` may grow): its saved "
             "epochs are kept (model, optimiser and random states after each) and training goes on from the next, "
-            "as if never stopped (bit for bit with `--workers 0`; decoding processes draw augmentation anew)")))
+            "as if never stopped (bit for bit with `--workers 0`; decoding processes shuffle and augment anew)")))
 
 
 @dataclass

@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from ..data.moves import folder_lock
+from ..config import cli_name
 from ..errors import UsageError
 from .whole_models import read_checkpoint
 
@@ -103,11 +104,12 @@ def read_resume(cfg, kind: str, recorded: dict, digest: str) -> dict:
     if ckpt["kind"] != kind:
         raise UsageError(f"--resume {cfg.resume!r} is a {ckpt['kind']} run; resume it with {ckpt['kind']}")
     before = ckpt.get("config") or {}
-    differ = [f"--{k.replace('_', '-')} {recorded[k]!r} (the run had {before.get(k)!r})" for k in recorded
+    differ = [f"{cli_name(k)} {recorded[k]!r} (the run had {before.get(k)!r})" for k in recorded
               if k not in FREE_OPTIONS and before.get(k) != recorded[k]]
     if differ:
+        free = ", ".join(cli_name(k) for k in FREE_OPTIONS if k != "resume")
         raise UsageError(f"--resume {cfg.resume!r}: other options than the stopped run's: {'; '.join(differ)}; "
-                         "resume with its options (only --epochs, --workers, --device may change)")
+                         f"resume with its options (only {free} may change)")
     if ckpt["resume"].get("items_sha256") != digest:
         raise UsageError(f"--resume {cfg.resume!r}: the images of {cfg.data!r} (or their split) differ from the "
                          "stopped run's (added, removed or rewritten since); a resumed run must train on the same ones")
