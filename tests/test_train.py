@@ -309,6 +309,21 @@ def _stop_in_epoch(monkeypatch, epoch: int):
     return lambda: monkeypatch.setattr(train_mod, "train_one_epoch", real)
 
 
+def _train_args(tmp_path, image_folder, *extra) -> list:
+    """A 3-epoch train of the tiny backbone, as a command line, its runs in tmp_path/runs."""
+    return ["train", "--data", str(image_folder), "--backbone", "tiny_bn", "--epochs", "3", "--weights", "none",
+            "--workers", "0", "--batch-size", "8", "--print-every", "0", "--runs-dir", str(tmp_path / "runs"), *extra]
+
+
+def _stopped_train_run(tmp_path, image_folder, monkeypatch, *extra) -> tuple[list, Path]:
+    """That train stopped by Ctrl-C in epoch 2: its command line and its run folder (epoch 1 kept)."""
+    args = _train_args(tmp_path, image_folder, *extra)
+    go_on = _stop_in_epoch(monkeypatch, 2)
+    assert CliRunner().invoke(cli.cli, args).exit_code == 130
+    go_on()
+    return args, next(d for d in (tmp_path / "runs").iterdir() if d.is_dir())
+
+
 def test_an_interrupted_api_run_says_where_its_epochs_are_and_how_to_resume(tmp_path, image_folder, monkeypatch):
     import pipeline
     from pipeline.models.resume import TrainingInterrupted
@@ -366,8 +381,7 @@ def test_a_full_disk_at_an_epoch_save_says_what_is_kept_and_how_to_resume(tmp_pa
         return real(obj, f, *a, **k)
 
     monkeypatch.setattr(checkpoints.torch, "save", second_save_fails)
-    args = ["train", "--data", str(image_folder), "--backbone", "tiny_bn", "--epochs", "3", "--weights", "none",
-            "--workers", "0", "--batch-size", "8", "--print-every", "0", "--runs-dir", str(tmp_path / "runs")]
+    args = _train_args(tmp_path, image_folder)
     full = CliRunner().invoke(cli.cli, args)
     run_dir = next(d for d in (tmp_path / "runs").iterdir() if d.is_dir())
     assert full.exit_code == 1 and "no space left on the device" in full.stderr
@@ -380,8 +394,7 @@ def test_a_full_disk_at_an_epoch_save_says_what_is_kept_and_how_to_resume(tmp_pa
 def test_a_run_folder_is_trained_into_by_one_process_at_a_time(tmp_path, image_folder, monkeypatch):
     import pipeline.models.train as train_mod
     from pipeline.data.moves import FolderBusy, folder_lock
-    args = ["train", "--data", str(image_folder), "--backbone", "tiny_bn", "--epochs", "3", "--weights", "none",
-            "--workers", "0", "--batch-size", "8", "--print-every", "0", "--runs-dir", str(tmp_path / "runs")]
+    args = _train_args(tmp_path, image_folder)
     real, seen = train_mod.train_one_epoch, []
 
     def second_epoch_finds_its_folder_held(*a):
@@ -406,12 +419,7 @@ def test_a_run_folder_is_trained_into_by_one_process_at_a_time(tmp_path, image_f
 
 
 def test_a_photo_rewritten_in_place_since_the_stop_refuses_the_resume(tmp_path, image_folder, monkeypatch):
-    args = ["train", "--data", str(image_folder), "--backbone", "tiny_bn", "--epochs", "3", "--weights", "none",
-            "--workers", "0", "--batch-size", "8", "--print-every", "0", "--runs-dir", str(tmp_path / "runs")]
-    go_on = _stop_in_epoch(monkeypatch, 2)
-    assert CliRunner().invoke(cli.cli, args).exit_code == 130
-    go_on()
-    run_dir = next(d for d in (tmp_path / "runs").iterdir() if d.is_dir())
+    args, run_dir = _stopped_train_run(tmp_path, image_folder, monkeypatch)
     (image_folder / "red" / "red.3.jpg").write_bytes((image_folder / "blue" / "blue.3.jpg").read_bytes())
     resumed = CliRunner().invoke(cli.cli, [*args, "--resume", str(run_dir)])
     assert resumed.exit_code == 2, resumed.output  # it went on with the new bytes, unnoticed
@@ -419,12 +427,7 @@ def test_a_photo_rewritten_in_place_since_the_stop_refuses_the_resume(tmp_path, 
 
 
 def test_a_run_folder_moved_into_the_data_folder_is_not_resumed_there(tmp_path, image_folder, monkeypatch):
-    args = ["train", "--data", str(image_folder), "--backbone", "tiny_bn", "--epochs", "3", "--weights", "none",
-            "--workers", "0", "--batch-size", "8", "--print-every", "0", "--runs-dir", str(tmp_path / "runs")]
-    go_on = _stop_in_epoch(monkeypatch, 2)
-    assert CliRunner().invoke(cli.cli, args).exit_code == 130
-    go_on()
-    run_dir = next(d for d in (tmp_path / "runs").iterdir() if d.is_dir())
+    args, run_dir = _stopped_train_run(tmp_path, image_folder, monkeypatch)
     inside = run_dir.rename(image_folder / "red" / run_dir.name)  # its curves.png would become a red photo
     resumed = CliRunner().invoke(cli.cli, [*args, "--resume", str(inside)])
     assert resumed.exit_code == 2 and "--resume" in resumed.stderr and "inside the data folder" in resumed.stderr
@@ -432,12 +435,7 @@ def test_a_run_folder_moved_into_the_data_folder_is_not_resumed_there(tmp_path, 
 
 
 def test_a_resume_removes_the_temporary_model_pt_a_killed_save_left(tmp_path, image_folder, monkeypatch):
-    args = ["train", "--data", str(image_folder), "--backbone", "tiny_bn", "--epochs", "3", "--weights", "none",
-            "--workers", "0", "--batch-size", "8", "--print-every", "0", "--runs-dir", str(tmp_path / "runs")]
-    go_on = _stop_in_epoch(monkeypatch, 2)
-    assert CliRunner().invoke(cli.cli, args).exit_code == 130
-    go_on()
-    run_dir = next(d for d in (tmp_path / "runs").iterdir() if d.is_dir())
+    args, run_dir = _stopped_train_run(tmp_path, image_folder, monkeypatch)
     (run_dir / ".model.pt.99999.tmp").write_bytes(b"\0" * 1000)  # kill -9 in the middle of a save
     assert CliRunner().invoke(cli.cli, [*args, "--resume", str(run_dir)]).exit_code == 0
     assert sorted(p.name for p in run_dir.iterdir()) == ["curves.png", "history.json", "model.pt"]
@@ -450,13 +448,7 @@ def test_a_resumed_run_on_a_gpu_gets_the_gpus_random_state_back(tmp_path, image_
     state, restored = [torch.tensor([7, 8, 9], dtype=torch.uint8)], []
     monkeypatch.setattr(resume, "gpu_rng_states", lambda: state)
     monkeypatch.setattr(resume, "set_gpu_rng_states", restored.append)
-    args = ["train", "--data", str(image_folder), "--backbone", "tiny_bn", "--epochs", "3", "--weights", "none",
-            "--device", "cpu", "--precision", "fp32", "--workers", "0", "--batch-size", "8", "--print-every", "0",
-            "--runs-dir", str(tmp_path / "runs")]
-    go_on = _stop_in_epoch(monkeypatch, 2)
-    assert CliRunner().invoke(cli.cli, args).exit_code == 130
-    go_on()
-    run_dir = next(d for d in (tmp_path / "runs").iterdir() if d.is_dir())
+    args, run_dir = _stopped_train_run(tmp_path, image_folder, monkeypatch, "--device", "cpu", "--precision", "fp32")
     assert CliRunner().invoke(cli.cli, [*args, "--resume", str(run_dir)]).exit_code == 0
     assert len(restored) == 1 and [t.tolist() for t in restored[0]] == [[7, 8, 9]]
 
@@ -475,8 +467,7 @@ def test_sigterm_during_training_says_what_is_kept_and_exits_143(tmp_path, image
         return real(*a)
 
     monkeypatch.setattr(train_mod, "train_one_epoch", sigterm_in_epoch_2)
-    args = ["train", "--data", str(image_folder), "--backbone", "tiny_bn", "--epochs", "3", "--weights", "none",
-            "--workers", "0", "--batch-size", "8", "--print-every", "0", "--runs-dir", str(tmp_path / "runs")]
+    args = _train_args(tmp_path, image_folder)
     stopped = CliRunner().invoke(cli.cli, args)
     run_dir = next(d for d in (tmp_path / "runs").iterdir() if d.is_dir())
     assert stopped.exit_code == 143
@@ -513,12 +504,7 @@ def test_a_diverged_run_names_the_epochs_it_kept_instead_of_saying_nothing_was_s
 ])
 def test_a_hand_edited_stopped_checkpoint_is_refused_naming_the_field(tmp_path, image_folder, monkeypatch, edit,
                                                                       field):
-    args = ["train", "--data", str(image_folder), "--backbone", "tiny_bn", "--epochs", "3", "--weights", "none",
-            "--workers", "0", "--batch-size", "8", "--print-every", "0", "--runs-dir", str(tmp_path / "runs")]
-    go_on = _stop_in_epoch(monkeypatch, 2)
-    assert CliRunner().invoke(cli.cli, args).exit_code == 130
-    go_on()
-    run_dir = next(d for d in (tmp_path / "runs").iterdir() if d.is_dir())
+    args, run_dir = _stopped_train_run(tmp_path, image_folder, monkeypatch)
     ckpt = torch.load(run_dir / "model.pt", weights_only=True)
     edit(ckpt)
     torch.save(ckpt, run_dir / "model.pt")
