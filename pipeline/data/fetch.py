@@ -266,7 +266,7 @@ ZIP_METHODS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflate", zi
                zipfile.ZIP_LZMA: "lzma", **({zipfile.ZIP_ZSTANDARD: "zstd"} if hasattr(zipfile, "ZIP_ZSTANDARD")
                                           else {})}
 #: names of methods zipfile cannot unpack, for the refusal
-OTHER_ZIP_METHODS = {9: "Deflate64", 12: "bzip2", 93: "Zstandard", 95: "xz", 98: "PPMd", 99: "AES-encrypted"}
+OTHER_ZIP_METHODS = {9: "Deflate64", 93: "Zstandard", 95: "xz", 98: "PPMd", 99: "AES-encrypted"}
 
 
 def _check_zip_entry(m: zipfile.ZipInfo) -> None:
