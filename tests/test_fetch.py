@@ -491,6 +491,22 @@ def test_a_decompression_bomb_is_refused_before_it_fills_the_disk(tmp_path, monk
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["bomb.zip"]
 
 
+def test_an_unpack_over_its_own_files_needs_room_only_for_what_they_lack(tmp_path, monkeypatch):
+    """An --overwrite (or resumed) unpack counted the files already in --dest again: refused with room enough."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        for name in ("PetImages/Cat/0.jpg", "PetImages/Dog/0.jpg"):
+            z.writestr(name, b"\0" * (2 << 20))
+    (tmp_path / "pets.zip").write_bytes(buf.getvalue())
+    (tmp_path / "PetImages" / "Cat").mkdir(parents=True)
+    (tmp_path / "PetImages" / "Cat" / "0.jpg").write_bytes(b"\0" * (2 << 20))  # unpacked before
+    small_disk(monkeypatch, 3 << 20)
+    res = CliRunner().invoke(cli, ["fetch-data", "--dest", str(tmp_path), "--url", f"file://{tmp_path}/pets.zip",
+                                   "--overwrite"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "PetImages" / "Dog" / "0.jpg").stat().st_size == 2 << 20
+
+
 def test_a_download_larger_than_the_free_space_is_refused_before_writing(server, tmp_path, monkeypatch):
     small_disk(monkeypatch, 1000)
     with pytest.raises(PipelineError, match=f"downloading {NAME} .* needs 0.3 MB but .* 0.0 MB free"):

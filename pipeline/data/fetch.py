@@ -322,10 +322,16 @@ def check_members(kind: str, arc, dest: Path, own: set = frozenset()) -> list[st
     return names
 
 
-def unpacked_bytes(kind: str, members: list) -> int:
-    """What the entries declare they hold once unpacked: a zip entry never unpacks past its declared
-    size (zipfile stops there), and a tar entry's size is what tarfile writes."""
-    return sum(m.file_size if kind == "zip" else m.size for m in members)
+def unpacked_bytes(kind: str, members: list, dest: Path) -> int:
+    """What the entries declare they hold once unpacked, less what their files already in dest hold (a
+    resumed or --overwrite unpack replaces them): a zip entry never unpacks past its declared size (zipfile
+    stops there), and a tar entry's size is what tarfile writes."""
+    need = 0
+    for m in members:
+        target = dest / (m.filename if kind == "zip" else m.name)
+        there = target.stat().st_size if target.is_file() and not target.is_symlink() else 0
+        need += max(0, (m.file_size if kind == "zip" else m.size) - there)
+    return need
 
 
 def archive_kind(path: Path) -> str:
@@ -394,7 +400,7 @@ def unpack(archive: Path, dest: Path, overwrite: bool = False, keep: Path | None
         with opener(archive) as arc:
             names = check_members(kind, arc, dest, own_files(archive))
             members = arc.infolist() if kind == "zip" else arc.getmembers()
-            ensure_room(dest, unpacked_bytes(kind, members), f"unpacking {archive.name}")
+            ensure_room(dest, unpacked_bytes(kind, members, dest), f"unpacking {archive.name}")
             started = dest / f".{archive.name}.unpacking"
             # a run cut off mid-unpack left its own files: those it may replace
             check_conflicts(kind, members, dest, overwrite or _marker_bytes(started) == size, keep=(archive, keep))

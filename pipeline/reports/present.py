@@ -28,7 +28,7 @@ def trust_lines(trust: dict) -> list[str]:
              f"{trust['calibrated_on']})" if trust.get("calibration_rows") else "temperature 1 (not calibrated)"]
     if "unknown_threshold" in trust:
         lines.append(f"unknown above score {trust['unknown_threshold']:.4f} ({kept_text(trust)}; "
-                     f"{trust['known_rows']} training rows kept, {trust['known_rows_bytes'] / 1e6:.1f} MB)")
+                     f"{plural(trust['known_rows'], 'training row')} kept, {trust['known_rows_bytes'] / 1e6:.1f} MB)")
     return lines
 
 
