@@ -404,12 +404,15 @@ def _tune(X, y, grid, cv: CVOptions, in_shape, on_setting) -> dict:
     # every setting once per fold: a search of minutes (--tune) says how far it is
     bar = progress(total=folds * len(settings), desc=cv.progress, unit="fit") if cv.progress else None
 
-    def record(s, proba, te, sec, logp=None):
-        r = results[setting_key(s)]
-        r["oof"][te] = np.log(np.clip(proba, LOG_FLOOR, 1.0)) if logp is None else logp
+    def fitted(r, sec):  # one setting fitted on one fold
         r["sec"].append(sec)
         if bar is not None:
             bar.update(1)
+
+    def record(s, proba, te, sec, logp=None):
+        r = results[setting_key(s)]
+        r["oof"][te] = np.log(np.clip(proba, LOG_FLOOR, 1.0)) if logp is None else logp
+        fitted(r, sec)
 
     def record_svm(s, svm, xte, te, sec):
         """An SVM's held-out class scores; a one-vs-one SVM's pairs' margins, coupled once every fold has them."""
@@ -417,9 +420,7 @@ def _tune(X, y, grid, cv: CVOptions, in_shape, on_setting) -> dict:
             return record(s, None, te, sec, log_softmax(svm.scores(xte)))
         r = results[setting_key(s)]
         r.setdefault("margins", np.zeros((len(y), len(svm.bias))))[te] = svm.scores(xte)
-        r["sec"].append(sec)
-        if bar is not None:
-            bar.update(1)
+        fitted(r, sec)
 
     def record_path(group, ztr, zte, ytr, yte, t_before):
         """The settings of one group (one view and map) differ only in C: one warm-started path."""

@@ -308,28 +308,18 @@ def _train_run(cfg: TrainConfig, kind: str, lm, stages: list, listing, head_saw:
         curves = finish_run(out_dir, cfg.runs_dir, kind, history, [out_dir / "model.pt"], commit=commit,
                             backbone=lm.info["backbone"], params=asdict(cfg),
                             metrics={k: metrics[k] for k in ("val_acc", "val_loss", "train_acc", "train_loss")})
-    except (KeyboardInterrupt, Terminated) as e:
+    except (KeyboardInterrupt, Terminated, PipelineError) as e:  # Ctrl-C, SIGTERM, a full disk, a diverged loss
         if run.get("finished"):
             raise
         kept = stopped_at(run, len(done), cfg.epochs)
         if isinstance(e, Terminated):  # SIGTERM or SIGHUP (the CLI's): the process ends, saying what it keeps
             log.warning("terminated; %s", kept)
             raise
-        raise kept from None
-    except PipelineError as e:  # a full disk, a diverged loss: the epochs saved before it are still there
-        if run.get("finished"):
-            raise
-        kept = stopped_at(run, len(done), cfg.epochs)
+        if isinstance(e, KeyboardInterrupt):
+            raise kept from None
         if kept.run_dir is None:
             raise
-        if isinstance(e, DiskFull):
-            raise DiskFull(f"{e}; {kept.epochs_done} of {cfg.epochs} epochs are kept in {kept.run_dir}/model.pt: "
-                           f"make room, then run the same command with --resume {kept.run_dir}") from None
-        n = kept.epochs_done
-        note = f"{'epoch 1 is' if n == 1 else f'epochs 1-{n} are'} kept in {kept.run_dir}/model.pt"
-        text = str(e)
-        raise type(e)(text.replace("nothing was saved", note) if "nothing was saved" in text else f"{text}; {note}"
-                      ) from None
+        raise with_epochs_kept(e, kept) from None
     return {"run_dir": str(out_dir), "checkpoint": str(out_dir / "model.pt"), "curves": str(curves),
             "backbone": lm.info["backbone"], **metrics,
             "skipped_files": [{"path": p, "why": w} for p, w in skipped.bad.items()],
@@ -348,6 +338,18 @@ def stopped_at(run: dict, resumed_from: int, epochs: int) -> TrainingInterrupted
         except OSError:  # not empty after all: left as it is
             pass
     return TrainingInterrupted(run["dir"] if kept else None, kept, epochs)
+
+
+def with_epochs_kept(error: PipelineError, kept: TrainingInterrupted) -> PipelineError:
+    """``error`` saying which epochs the run folder still holds (and, for a full disk, how to go on), in place
+    of the epoch loop's 'nothing was saved'."""
+    where = f"{kept.run_dir}/model.pt"
+    if isinstance(error, DiskFull):
+        return DiskFull(f"{error}; {kept.epochs_done} of {kept.epochs} epochs are kept in {where}: make room, then "
+                        f"run the same command with --resume {kept.run_dir}")
+    n, text = kept.epochs_done, str(error)
+    note = f"{'epoch 1 is' if n == 1 else f'epochs 1-{n} are'} kept in {where}"
+    return type(error)(text.replace("nothing was saved", note) if "nothing was saved" in text else f"{text}; {note}")
 
 
 def recorded_config(cfg) -> dict:
