@@ -369,3 +369,20 @@ def test_a_photo_stored_sideways_with_its_orientation_tag_predicts_as_the_uprigh
                                  workers=0, precision="fp32"))["rows"]  # the command: the same rows
     assert rows[1]["class"] == rows[0]["class"] and rows[1]["probability"] == pytest.approx(rows[0]["probability"])
 
+
+def test_a_head_fitted_on_a_cache_of_the_old_decoding_rule_predicts_and_says_what_to_do(tmp_path, image_folder,
+                                                                                        make_cache, old_decoding,
+                                                                                        caplog):
+    """A head fitted before photos were turned upright (decode_version 2) still predicts (same backbone, the
+    photos decoded now), with one line saying what it learnt from and how to fit it on upright photos."""
+    import logging
+
+    with old_decoding():
+        old = make_cache(image_folder, dtype="float32")["cache"]
+    head = fit_head(FitHeadConfig(head="linear", cache=old, epochs=1, runs_dir=str(tmp_path / "runs")))["checkpoint"]
+    with caplog.at_level(logging.WARNING):
+        rows = predict(PredictConfig(paths=[str(image_folder / "red" / "red.0.jpg")], model=head, workers=0))["rows"]
+    assert rows[0]["class"] in ("blue", "red")
+    said = [r.getMessage() for r in caplog.records if "older rule" in r.getMessage()]
+    assert len(said) == 1 and "fitted on photos decoded by the older rule 2 (now 3" in said[0]
+    assert "extract its data again and fit it on that cache" in said[0] and "\n" not in said[0]
