@@ -4,8 +4,9 @@
 
 The decoding and preprocessing follow the export's rule exactly (docs/export-serve.md; the metadata beside the
 file, catsdogs.onnx.json, holds its parameters under "preprocessing" and "decoding"): a large JPEG decoded at a
-reduced DCT scale, 16-bit gray scaled by its bit depth, transparency over white, then torchvision's resize,
-center crop and normalisation. The functions below the line are a verbatim copy of the project's
+reduced DCT scale, 16-bit gray scaled by its bit depth, float gray by its range, transparency over white, a
+photo stored sideways turned upright by its EXIF Orientation, then torchvision's resize, center crop and
+normalisation. The functions below the line are a verbatim copy of the project's
 pipeline/data/portable.py (a test keeps them so): copy them as they are. Prints one JSON row per photo: path,
 class, probability, and when the model has an unknown score, unknown (the score above the metadata's
 unknown_threshold: none of these classes) and ood_score; a file that cannot be decoded gets class null and
@@ -82,13 +83,41 @@ def gray16_to_rgb(im):
     return rgb
 
 
+def float_range(im) -> tuple:
+    """(lo, hi) a mode F image is scaled from: [0, 1] widened to take in its finite samples, read
+    ROWS_PER_BLOCK rows at a time."""
+    lo, hi = 0.0, 1.0
+    for top in range(0, im.height, ROWS_PER_BLOCK):
+        block = np.asarray(im.crop((0, top, im.width, min(im.height, top + ROWS_PER_BLOCK))), np.float32)
+        finite = block[np.isfinite(block)]
+        if finite.size:
+            lo, hi = min(lo, float(finite.min())), max(hi, float(finite.max()))
+    return lo, hi
+
+
+def float_to_rgb(im):
+    """A 32-bit float gray image (mode F, a float TIFF) as RGB gray: each sample v becomes
+    floor((clip(v, lo, hi) - lo) * 255 / (hi - lo) + 0.5) in float64, (lo, hi) = ``float_range(im)``; NaN and
+    -inf count as lo, +inf as hi. ``convert("RGB")`` clips to 0-255 instead: a [0, 1] picture came out black."""
+    lo, hi = float_range(im)
+    rgb = Image.new("RGB", im.size)
+    for top in range(0, im.height, ROWS_PER_BLOCK):
+        block = np.asarray(im.crop((0, top, im.width, min(im.height, top + ROWS_PER_BLOCK))), np.float64)
+        block = np.clip(np.nan_to_num(block, nan=lo, posinf=hi, neginf=lo), lo, hi)
+        rgb.paste(Image.fromarray(np.floor((block - lo) * 255 / (hi - lo) + 0.5).astype(np.uint8), "L"), (0, top))
+    return rgb
+
+
 def to_rgb(im):
-    """Any PIL mode as RGB: 16-bit samples scaled to 8 bits (``gray16_to_rgb``), transparency (RGBA, LA, PA,
-    a palette with a transparent colour) composited over white, anything else by ``convert("RGB")``."""
+    """Any PIL mode as RGB: 16-bit samples scaled to 8 bits (``gray16_to_rgb``), float samples by their range
+    (``float_to_rgb``), transparency (RGBA, LA, PA, a palette with a transparent colour) composited over white,
+    anything else by ``convert("RGB")``."""
     if im.mode == "RGB":
         return im
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):
         return gray16_to_rgb(im)
+    if im.mode == "F":
+        return float_to_rgb(im)
     if im.mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")
     if im.mode in ("RGBA", "LA", "PA"):
@@ -96,6 +125,28 @@ def to_rgb(im):
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return im.convert("RGB")
+
+
+#: How a photo stored with EXIF Orientation 2-8 is turned upright (Pillow's ``ImageOps.exif_transpose`` table).
+UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+           5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+           8: Image.Transpose.ROTATE_90}
+
+
+def orientation(im) -> int:
+    """The EXIF Orientation (2-8) of an opened image, 1 when it has none, another value, or an EXIF block
+    Pillow cannot read: only the tag is read (``exif_transpose`` also rewrites the block, and raises on
+    damaged ones), and a damaged block never stops a photo that decodes."""
+    try:
+        value = im.getexif().get(0x0112, 1)
+        return int(value) if value in UPRIGHT else 1
+    except Exception:  # Pillow's EXIF parser raises many kinds on damaged data (SyntaxError, struct.error, ...)
+        return 1
+
+
+def upright(rgb, turn: int):
+    """``rgb`` turned as EXIF Orientation ``turn`` asks (``orientation``): the photo as a viewer shows it."""
+    return rgb.transpose(UPRIGHT[turn]) if turn in UPRIGHT else rgb
 
 
 def jpeg_draft(im, min_short_side) -> int:
@@ -140,7 +191,7 @@ def preprocess(fp, p, decoding: dict) -> np.ndarray:
     with Image.open(fp) as im:
         jpeg_draft(im, decoding.get("jpeg_draft_min_short_side"))
         im.load()
-        rgb = to_rgb(im)
+        rgb = upright(to_rgb(im), orientation(im))
     if isinstance(p, dict):
         return normalise(resize_crop(rgb, p), p)
     side = max(part["crop_size"] for part in p)
@@ -149,7 +200,6 @@ def preprocess(fp, p, decoding: dict) -> np.ndarray:
         x = normalise(resize_crop(rgb, part), part)
         out[3 * i:3 * i + 3, :x.shape[1], :x.shape[2]] = x
     return out
-
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2:])

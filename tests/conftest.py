@@ -96,3 +96,21 @@ def one_thread():
     with threadpool_limits(1):
         yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def old_decoding(monkeypatch):
+    """``with old_decoding():`` extract writes caches as the rule before EXIF rotation did (decode_version 2)."""
+    import contextlib
+
+    import pipeline.extraction.extract
+    import pipeline.extraction.extract_range
+
+    @contextlib.contextmanager
+    def patched():
+        with pytest.MonkeyPatch.context() as mp:
+            for module in (pipeline.extraction.extract, pipeline.extraction.extract_range):
+                mp.setattr(module, "DECODE_VERSION", 2)
+            yield
+
+    return patched

@@ -320,3 +320,28 @@ def test_csv_report_cells_never_start_a_formula(tmp_path):
     check_images(CheckImagesConfig(str(root), report=str(report), workers=1))
     rows = list(csv.DictReader(report.open()))
     assert [r["path"] for r in rows] == ["'@SUM(1+1)/empty.jpg"] and rows[0]["kind"] == "zero-byte"
+
+
+def test_an_unreadable_exif_block_is_a_note_and_the_photo_is_good(tmp_path, monkeypatch):
+    """Pillow cannot read the EXIF block: the photo still decodes, as stored (not turned upright), which
+    check-images says in a note; a readable block says nothing."""
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.data.check_images import check_file
+    from tests.test_image_reader import STORED_AS, asymmetric, save_turned
+
+    root = make_image_folder(tmp_path / "data", per_class=1)
+    rel = "red/phone.png"
+    save_turned(asymmetric(), root / rel, 6)
+    assert check_file(str(root), rel) == []
+
+    def broken(self):
+        raise SyntaxError("not a TIFF file")
+
+    monkeypatch.setattr(Image.Image, "getexif", broken)
+    found = check_file(str(root), rel)
+    assert [(f["kind"], f["severity"]) for f in found] == [("exif-unreadable", "note")]
+    assert "SyntaxError: not a TIFF file" in found[0]["detail"] and "not turned upright" in found[0]["detail"]
+    stored = asymmetric().transpose(STORED_AS[6])
+    assert np.array_equal(np.asarray(load_rgb(root / rel)), np.asarray(stored))

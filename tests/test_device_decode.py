@@ -51,3 +51,24 @@ def test_a_named_pipe_never_hangs_device_decoding(tmp_path):
         r = _extract(data, tmp_path, "device")
     with FeatureCache(r["cache"]) as c:
         assert c.n == 6 and "red/f.jpg" not in c.paths
+
+
+def test_a_sideways_jpeg_goes_through_pil_and_reaches_the_network_upright(tmp_path):
+    """nvJPEG (decode_jpeg) ignores EXIF: a JPEG with Orientation 2-8 is left to PIL, which turns it, so both
+    decoders give the photo upright; an upright JPEG still goes to the device."""
+    import torch
+    from PIL import Image
+    from torchvision.transforms._presets import ImageClassification
+
+    from pipeline.data.device_decode import decode_on_device
+    from pipeline.data.image_reader import ImageListDataset
+    from tests.test_image_reader import photo_like, save_turned
+
+    up = Image.fromarray(photo_like(90, 60))
+    up.save(tmp_path / "up.jpg", quality=95)
+    save_turned(up, tmp_path / "turned.jpg", 6)
+    assert jpeg_bytes(tmp_path / "up.jpg") is not None and jpeg_bytes(tmp_path / "turned.jpg") is None
+    t = ImageClassification(crop_size=28, resize_size=32)
+    ds = ImageListDataset(tmp_path, [("up.jpg", 0), ("turned.jpg", 0)], t, raw_jpeg=True)
+    a, b = (i.image for i in decode_on_device([ds[0], ds[1]], t, torch.device("cpu"), tmp_path))
+    assert a.shape == b.shape == (3, 28, 28) and (a - b).abs().mean() < 0.1  # JPEG loss, resizers; sideways: 1.07

@@ -88,7 +88,8 @@ def test_the_example_follows_the_decoding_rule_on_odd_modes(heads, tmp_path):
     out = tmp_path / "odd.onnx"
     assert pipeline.export_model(head, out)["passed"]
     photos = odd_photos(tmp_path / "odd", min((head.parents[2] / "data").rglob("*.jpg")))
-    assert {Image.open(p).mode for p in photos} >= {"I;16", "LA", "RGBA", "P", "CMYK"}
+    assert {Image.open(p).mode for p in photos} >= {"I;16", "LA", "RGBA", "P", "CMYK", "F"}
+    assert any(Image.open(p).getexif().get(0x0112) == 6 for p in photos)  # a photo stored sideways
     want = predict(PredictConfig(paths=[str(p) for p in photos], model=str(head), workers=0, precision="fp32"))["rows"]
     got = example_rows(out, photos)
     assert [r["class"] for r in got] == [r["class"] for r in want]

@@ -422,3 +422,24 @@ def test_an_extract_hit_on_a_test_cache_makes_it_the_default(tmp_path, make_cach
     hit = make_cache(other)  # the user extracts that folder
     assert hit["hit"] and hit["cache"] == test and read_info(test).attrs["purpose"] == ""
     assert str(newest_cache(tmp_path / "features").path) == test  # fit-head now trains on what was just extracted
+
+
+def test_a_cache_of_the_old_decoding_rule_is_extracted_again_never_resumed_or_reused(image_folder, tmp_path,
+                                                                                     old_decoding):
+    """decode_version 3 turns photos upright by their EXIF orientation: a cache made before (2) has another key, so
+    another file (an interrupted one is never resumed either), and none of its rows is copied into the new one
+    (rows are reused by content, but a phone photo's content now gives other pixels)."""
+    from PIL import Image
+
+    from tests.test_image_reader import save_turned
+
+    up = Image.open(image_folder / "red" / "red.0.jpg")
+    save_turned(up, image_folder / "red" / "phone.jpg", 6)
+    with old_decoding():
+        old = extract(cfg(image_folder, tmp_path))
+    with h5py.File(old["cache"], "r") as f:
+        assert str(f.attrs["decode_version"]) == "2"
+    new = extract(cfg(image_folder, tmp_path))
+    assert not new["hit"] and new["cache"] != old["cache"] and new["reused"] == 0 and new["computed"] == 25
+    with h5py.File(new["cache"], "r") as f:
+        assert str(f.attrs["decode_version"]) == "3"

@@ -421,3 +421,26 @@ def test_a_pool_cache_is_refused_naming_what_it_holds(tmp_path, make_cache, comm
     run = CliRunner().invoke(cli, [command, "--cache", cache, "--runs-dir", str(tmp_path / "runs")])
     assert run.exit_code == 2 and "holds the unlabelled photos of a pool (suggest's): a head needs" in run.output
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_training_cache_of_the_old_decoding_rule_is_refused_with_what_to_do(tmp_path, make_cache, old_decoding):
+    """fit-head --test-data extracts the test folder with the current rule (photos turned upright by EXIF): a
+    training cache from before (decode_version 2) holds other pixels' rows; one line says to extract it again.
+    evaluate --cache refuses a head fitted on it with the same words."""
+    data = make_image_folder(tmp_path / "d", per_class=6)
+    test = make_image_folder(tmp_path / "t", per_class=3, seed=5)
+    with old_decoding():
+        old = make_cache(data, dtype="float32")["cache"]
+    before = sorted((tmp_path / "features").iterdir())
+    run = CliRunner().invoke(cli, ["fit-head", "--cache", old, "--test-data", str(test), "--head", "linear",
+                                   "--epochs", "1", "--runs-dir", str(tmp_path / "runs")])
+    assert run.exit_code == 2 and run.output.count("\n") == 1, run.output
+    assert ("would differ in decode_version: 2 vs 3 (photos decoded by the older rule 2: extract that data again "
+            "with this version, and fit again a head made from it)") in run.output
+    assert not (tmp_path / "runs").exists() and sorted((tmp_path / "features").iterdir()) == before  # no work
+    head = fit_head(FitHeadConfig(head="linear", cache=old, epochs=1, runs_dir=str(tmp_path / "runs")))["checkpoint"]
+    new = make_cache(data, dtype="float32", cache_dir=str(tmp_path / "new"))["cache"]
+    run = CliRunner().invoke(cli, ["evaluate", "--model", head, "--cache", new, "--split", "all",
+                                   "--runs-dir", str(tmp_path / "runs")])
+    assert run.exit_code == 2 and run.output.count("\n") == 1, run.output
+    assert "decode_version: 2 vs 3 (photos decoded by the older rule 2: extract that data again" in run.output

@@ -180,3 +180,82 @@ def test_the_cpu_reader_decodes_beside_the_network_when_that_is_faster(tmp_path,
     quick = CpuReader(ImageListDataset(tmp_path, [(f"{i % 4}.jpg", 0) for i in range(6)], T), 1, 2)
     consume(quick, 0.5)  # decoding two small photos: well under 5 % of half a second
     assert quick.mode == "turns" and "in turns" in quick.choice and not quick.cycles["beside"]
+
+
+# -- EXIF orientation and float gray: every path decodes the photo a viewer shows --------------------------------
+#: How a photo is stored so that EXIF Orientation k (2-8) turns it back upright: the inverse of each transpose.
+STORED_AS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+             5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_90, 7: Image.Transpose.TRANSVERSE,
+             8: Image.Transpose.ROTATE_270}
+
+
+def save_turned(upright: Image.Image, path, k: int, exif: bytes | None = None) -> None:
+    """``upright`` stored as a camera held sideways stores it, with EXIF Orientation ``k`` (or ``exif`` as given)."""
+    if exif is None:
+        tags = Image.Exif()
+        tags[0x0112] = k
+        exif = tags.tobytes()
+    upright.transpose(STORED_AS[k]).save(path, exif=exif)
+
+
+def asymmetric(w: int = 9, h: int = 6) -> Image.Image:
+    """No flip or rotation of it equals it (random pixels, not square)."""
+    return Image.fromarray(np.random.default_rng(3).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("k", range(2, 9))
+def test_a_photo_stored_with_an_orientation_tag_decodes_upright(tmp_path, k):
+    """Every orientation 2-8 (lossless PNG: equal pixels): before, the pixels as stored, sideways or mirrored."""
+    up = asymmetric()
+    save_turned(up, tmp_path / "p.png", k)
+    assert np.array_equal(np.asarray(load_rgb(tmp_path / "p.png")), np.asarray(up))
+    stored, rgb = decode_image(tmp_path / "p.png")
+    assert stored.size == up.transpose(STORED_AS[k]).size and rgb.size == up.size  # check-images' mode: as stored
+
+
+def test_a_large_sideways_jpeg_is_drafted_then_turned_and_reaches_the_network_upright(tmp_path):
+    """Orientation 6 on a JPEG decoded reduced: the reduced photo is turned (the short side is the same either
+    way), and the tensor the dataset gives is the upright photo's."""
+    up = Image.fromarray(photo_like(390, 260))
+    up.save(tmp_path / "up.jpg", quality=95)
+    save_turned(up, tmp_path / "turned.jpg", 6)
+    assert load_rgb(tmp_path / "turned.jpg", 64).size == (98, 65) == load_rgb(tmp_path / "up.jpg", 64).size
+    ds = ImageListDataset(tmp_path, [("up.jpg", 0), ("turned.jpg", 0)], T)
+    a, b = ds[0].image, ds[1].image
+    assert (a - b).abs().mean() < 0.05  # JPEG's loss on the two storings; sideways differed by ~1
+    assert (a - ds[1].image.flip(-1)).abs().mean() > 0.2  # the photo is not symmetric: a wrong turn shows
+
+
+def test_a_damaged_exif_block_still_decodes_and_turns_when_its_tag_reads(tmp_path):
+    """A block Pillow's ``exif_transpose`` raises on (Pillow 13: struct.error rewriting tag 0x0116 stored as text)
+    but whose Orientation reads: the rule reads only the tag, so the photo still decodes, upright."""
+    damaged = (b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x04\x01\x16\x00\x02\x00\x00\x00\x04cam\x00\x01\x12\x00"
+               b"\x03\x00\x00\x00\x01\x00\x06\x00\x00\x01\x1a\x00\x05\x00\x00\x00\x01\x00\x00\x00>\x87i\x00\x04"
+               b"\x00\x00\x00\x01\x00\x00\x00F\x00\x00\x00\x00\x00\x00\x00H\x00\x00\x00\x01\x00\x01\x90\x03\x00"
+               b"\x02\x00\x00\x00\x14\x00\x00\x00X\x00\x00\x00\x002024:01:01 00:00:\x870\x00")
+    up = asymmetric()
+    save_turned(up, tmp_path / "p.png", 6, exif=damaged)
+    assert np.array_equal(np.asarray(load_rgb(tmp_path / "p.png")), np.asarray(up))
+
+
+def test_float_and_sixteen_bit_gray_are_never_black(tmp_path):
+    """A float TIFF (mode F) in [0, 1] went through convert('RGB'), which clips to 0-255: all black or 1. Now a
+    [0, 1] picture keeps its brightness (v x 255), one in other units is fitted by its own range, NaN is lo.
+    16-bit gray (I;16) by its type's range, as since decode_version 2."""
+    ramp = np.linspace(0, 1, 200, dtype=np.float32).reshape(10, 20)
+    Image.fromarray(ramp, "F").save(tmp_path / "unit.tif")
+    Image.fromarray(ramp * 0.2, "F").save(tmp_path / "dark.tif")
+    Image.fromarray(ramp * 1000 - 250, "F").save(tmp_path / "wide.tif")
+    nan = ramp.copy()
+    nan[0, 0], nan[0, 1] = np.nan, np.inf
+    Image.fromarray(nan, "F").save(tmp_path / "nan.tif")
+    assert Image.open(tmp_path / "unit.tif").mode == "F"
+    gray = {name: np.asarray(load_rgb(tmp_path / f"{name}.tif"))[..., 0].astype(int)
+            for name in ("unit", "dark", "wide", "nan")}
+    assert np.array_equal(gray["unit"], np.floor(ramp.astype(np.float64) * 255 + 0.5))
+    assert gray["dark"].max() == 51  # 0.2 x 255: a dark picture stays dark, as 16-bit gray does
+    assert gray["wide"].min() == 0 and gray["wide"].max() == 255  # [-250, 750]: its own range
+    assert gray["nan"][0, 0] == 0 and gray["nan"][0, 1] == 255 and np.array_equal(gray["nan"][1:], gray["unit"][1:])
+    Image.fromarray((ramp * 65535).astype(np.uint16)).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode == "I;16"
+    assert np.abs(np.asarray(load_rgb(tmp_path / "g16.png"))[..., 0].astype(int) - gray["unit"]).max() <= 1

@@ -341,3 +341,48 @@ def test_an_output_named_csv_or_json_gets_that_format_without_format(tmp_path, i
     assert len(rows) == 24 and list(rows[0])[:2] == ["path", "class"]
     assert run("pred.txt").split()[:2] == ["path", "class"] and "," not in run("pred.txt").splitlines()[0]
     assert len(json.loads(run("other.csv", "--format", "json"))) == 24
+
+
+def test_a_photo_stored_sideways_with_its_orientation_tag_predicts_as_the_upright_photo(tmp_path):
+    """Phone photos: before, predict saw the pixels as stored (sideways) and gave other probabilities; now the
+    same photo stored turned with its EXIF Orientation predicts exactly as the upright photo (a random-weight
+    head: its weights differ across the map, so a turn changes what it says)."""
+    from PIL import Image
+
+    from tests.test_image_reader import STORED_AS, photo_like, save_turned
+
+    torch.manual_seed(1)
+    lm = build_model("tiny", "none", ["a", "b", "c"])
+    save_model(lm, tmp_path / "model.pt", "train", {}, {}, [])
+    up = Image.fromarray(photo_like(60, 40, seed=4))
+    up.save(tmp_path / "up.png")
+    for k in (3, 6, 8):
+        save_turned(up, tmp_path / f"turned{k}.png", k)
+    up.transpose(STORED_AS[6]).save(tmp_path / "sideways.png")  # no tag: the photo is sideways
+    names = ["up.png", "turned3.png", "turned6.png", "turned8.png", "sideways.png"]
+    import pipeline
+
+    probs = pipeline.Model.load(tmp_path / "model.pt").predict_proba([str(tmp_path / n) for n in names])
+    np.testing.assert_allclose(probs[1:4], probs[[0, 0, 0]], atol=1e-6)
+    assert np.abs(probs[4] - probs[0]).max() > 1e-3  # a turn does show
+    rows = predict(PredictConfig(paths=[str(tmp_path / n) for n in names[:3]], model=str(tmp_path / "model.pt"),
+                                 workers=0, precision="fp32"))["rows"]  # the command: the same rows
+    assert rows[1]["class"] == rows[0]["class"] and rows[1]["probability"] == pytest.approx(rows[0]["probability"])
+
+
+def test_a_head_fitted_on_a_cache_of_the_old_decoding_rule_predicts_and_says_what_to_do(tmp_path, image_folder,
+                                                                                        make_cache, old_decoding,
+                                                                                        caplog):
+    """A head fitted before photos were turned upright (decode_version 2) still predicts (same backbone, the
+    photos decoded now), with one line saying what it learnt from and how to fit it on upright photos."""
+    import logging
+
+    with old_decoding():
+        old = make_cache(image_folder, dtype="float32")["cache"]
+    head = fit_head(FitHeadConfig(head="linear", cache=old, epochs=1, runs_dir=str(tmp_path / "runs")))["checkpoint"]
+    with caplog.at_level(logging.WARNING):
+        rows = predict(PredictConfig(paths=[str(image_folder / "red" / "red.0.jpg")], model=head, workers=0))["rows"]
+    assert rows[0]["class"] in ("blue", "red")
+    said = [r.getMessage() for r in caplog.records if "older rule" in r.getMessage()]
+    assert len(said) == 1 and "fitted on photos decoded by the older rule 2 (now 3" in said[0]
+    assert "extract its data again and fit it on that cache" in said[0] and "\n" not in said[0]

@@ -344,3 +344,19 @@ def test_a_missing_extra_is_one_line(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "multipart" else real(name, *a))
     with pytest.raises(pipeline.PipelineError, match=r"serve needs python-multipart: pip install"):
         service.require()
+
+
+def test_an_upload_stored_sideways_with_its_orientation_tag_gets_the_upright_photos_row(client, head, tmp_path):
+    """serve decodes uploads by the same rule: a phone photo stored turned with its EXIF Orientation gets the
+    upright photo's probabilities (before, the sideways pixels')."""
+    from tests.test_image_reader import STORED_AS, photo_like, save_turned
+
+    up = Image.fromarray(photo_like(60, 40, seed=4))
+    up.save(tmp_path / "up.png")
+    save_turned(up, tmp_path / "turned.png", 6)
+    up.transpose(STORED_AS[6]).save(tmp_path / "sideways.png")
+    rows = client.post("/predict?top=3", files=upload(tmp_path / "up.png", tmp_path / "turned.png",
+                                                       tmp_path / "sideways.png")).json()
+    probs = [{t["class"]: t["probability"] for t in r["top"]} for r in rows]
+    assert probs[1] == pytest.approx(probs[0], abs=1e-6)
+    assert max(abs(probs[2][c] - probs[0][c]) for c in probs[0]) > 1e-4  # a turn does show

@@ -190,10 +190,27 @@ class Provenance:
                 out += [f"int8 calibration {k}: {a.get(k)} vs {b.get(k)}" for k in CALIBRATION_KEYS
                         if a.get(k) != b.get(k)]
                 continue
+            if name == "decode_version" and mine != theirs:
+                out.append(decode_difference(mine, theirs))
+                continue
             if mine != theirs:
                 show = (lambda p: p.describe()) if name == "preprocessing" else (lambda v: v)
                 out.append(f"{name}: {show(mine)} vs {show(theirs)}")
         return out
+
+
+def older_decoding(record: str, current: int) -> str:
+    """The first decode_version in ``record`` (one cache's, or a fused head's joined by '+': '3+3') other than
+    ``current``; '' when there is none, or nothing was recorded."""
+    return next((v for v in str(record).split("+") if v and v != str(current)), "")
+
+
+def decode_difference(mine: str, theirs: str) -> str:
+    """The difference of two decode_versions, saying what to do: the rows of the older one were made from other
+    pixels (version 3 turned photos upright by their EXIF orientation), so they are made again, never mixed."""
+    older = min((mine, theirs), key=lambda v: int(v) if str(v).isdigit() else 0)
+    return (f"decode_version: {mine} vs {theirs} (photos decoded by the older rule {older}: extract that data again "
+            "with this version, and fit again a head made from it)")
 
 
 def check_cache_fits(ckpt: dict, cache, what: tuple = SAME_FEATURES) -> None:

@@ -20,7 +20,7 @@ from ..config import CheckImagesConfig, check_config
 from ..devices import resolve_workers
 from ..errors import PipelineError, UsageError
 from ..files import SafeCsvWriter, atomic_write, check_output, is_utf8, json_text, shown
-from .folders import NOT_UTF8, QUARANTINE_SUFFIX, ImageLoadError, decode_image, is_image_name, walk
+from .folders import NOT_UTF8, QUARANTINE_SUFFIX, ImageLoadError, decode_image, exif_problem, is_image_name, walk
 from .moves import changing_folder, link_on_the_way, move_no_replace
 
 #: Every kind check-images reports, with its severity. Errors are files extract cannot use.
@@ -36,6 +36,7 @@ KINDS = {
     "extension-mismatch": "note",  # e.g. PNG or GIF content named .jpg: decodes fine
     "non-rgb-mode": "note",  # grayscale, CMYK, RGBA, palette, 16-bit: converted to RGB at load
     "decode-warning": "note",  # PIL warned while decoding (e.g. possibly corrupt EXIF data)
+    "exif-unreadable": "note",  # its EXIF block cannot be read: decoded as stored, not turned upright
     "unlisted-image": "note",  # a good image extract ignores (no image extension, or a hidden name)
 }
 REPORT_SUFFIXES = (".csv", ".json")
@@ -76,6 +77,10 @@ def check_file(root: str, rel: str) -> list[dict]:
             out.append(finding(rel, "extension-mismatch", f"{im.format} content named {suffix}"))
     if im.mode != "RGB":
         out.append(finding(rel, "non-rgb-mode", _mode_detail(im)))
+    problem = exif_problem(im)
+    if problem:
+        out.append(finding(rel, "exif-unreadable", f"EXIF block unreadable ({problem}): decoded as stored, "
+                                                   "not turned upright by its Orientation tag"))
     messages = dict.fromkeys(str(w.message) for w in caught
                              if not issubclass(w.category, (ResourceWarning, DeprecationWarning)))
     out += [finding(rel, "decode-warning", f"PIL warned while decoding: {m}") for m in messages]

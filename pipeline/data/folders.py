@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import UsageError
 from ..files import is_utf8, shown
-from .portable import bit_depth, jpeg_draft, to_rgb  # noqa: F401 (the decoding rule; bit_depth for callers)
+from .portable import bit_depth, jpeg_draft, orientation, to_rgb, upright  # noqa: F401 (the decoding rule; bit_depth for callers)
 
 log = logging.getLogger(__name__)
 #: File name endings treated as images when listing a folder (case-insensitive): torchvision ImageFolder's
@@ -328,10 +328,11 @@ def open_regular(path: str | os.PathLike):
 
 
 def load_rgb(path: str | os.PathLike, min_short_side: int | None = None):
-    """Fully decode an image file into an RGB PIL image, or raise ImageLoadError with the reason.
+    """Fully decode an image file into an RGB PIL image, upright, or raise ImageLoadError with the reason.
 
-    Grayscale, CMYK, palette, RGBA and 16-bit images are converted to RGB (transparency is
-    composited on white), so they count as good images.
+    Grayscale, CMYK, palette, RGBA, 16-bit and float images are converted to RGB (transparency is
+    composited on white), so they count as good images; a photo stored sideways with an EXIF Orientation
+    tag is turned as every viewer shows it (``portable.upright``).
 
     With ``min_short_side``, a JPEG whose shorter side is at least twice that is decoded at a
     reduced scale (1/2, 1/4 or 1/8, in the DCT domain: ``jpeg_draft``) that keeps its shorter side
@@ -366,7 +367,7 @@ def check_aspect(size) -> None:
 
 
 def decode_image(path: str | os.PathLike, min_short_side: int | None = None, pil_warnings: bool = False):
-    """load_rgb's rules, also returning the image as stored: (decoded image, its RGB conversion).
+    """load_rgb's rules, also returning the image as stored: (decoded image, its upright RGB conversion).
 
     check-images uses the first to report format and mode, so it and extract agree on what is bad.
     The pixel count is checked from the header (at open) before any pixel data is decoded.
@@ -408,7 +409,7 @@ def decode_stream(fp, min_short_side: int | None = None, max_pixels: int = MAX_I
                 check_size(im.size, max_pixels)
                 jpeg_draft(im, min_short_side)
                 im.load()
-                return im, to_rgb(im)
+                return im, upright(to_rgb(im), orientation(im))
     except ImageLoadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -422,9 +423,10 @@ def decode_stream(fp, min_short_side: int | None = None, max_pixels: int = MAX_I
 
 def jpeg_bytes(path: str | os.PathLike):
     """The raw bytes of a baseline RGB or grayscale JPEG within the pixel limit, for decoding elsewhere
-    (on a GPU); None when the file should go through load_rgb instead (other formats and modes, or a
-    header PIL cannot parse). Zero-byte files, decompression bombs and anything but a regular file raise
-    ImageLoadError, as in load_rgb.
+    (on a GPU); None when the file should go through load_rgb instead (other formats and modes, a header
+    PIL cannot parse, or an EXIF Orientation 2-8: PIL turns it upright, so both paths give the same
+    pixels, and only phone photos stored sideways cost CPU decoding). Zero-byte files, decompression bombs
+    and anything but a regular file raise ImageLoadError, as in load_rgb.
     """
     import io
 
@@ -445,11 +447,21 @@ def jpeg_bytes(path: str | os.PathLike):
             Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
             with Image.open(io.BytesIO(data)) as im:  # the header only: no pixels decoded
                 check_aspect(im.size)
-                return data if im.mode in ("RGB", "L") else None
+                return data if im.mode in ("RGB", "L") and orientation(im) == 1 else None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageLoadError(f"decompression bomb: {e}", "decompression-bomb") from None
     except (OSError, SyntaxError, ValueError):
         return None  # load_rgb gives the precise reason
+
+
+def exif_problem(im) -> str:
+    """Why the EXIF block of an opened image cannot be read ('' when it can, or there is none): such a photo
+    decodes as stored, not turned upright (``portable.orientation``); check-images says so."""
+    try:
+        im.getexif().get(0x0112)
+    except Exception as e:  # as portable.orientation: any error of Pillow's EXIF parser
+        return f"{type(e).__name__}: {e}"
+    return ""
 
 
 def thumbnail(path, size: int):

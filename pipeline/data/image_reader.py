@@ -24,8 +24,10 @@ from .folders import ImageLoadError, jpeg_bytes, load_rgb
 #: a full decode (min over 8 images, two runs), against >= 0.9987 with 2 (bench/bench_decode.py).
 JPEG_DRAFT_MARGIN = 2
 #: What changes decoded pixels besides the libraries: 1 = always decoded at full size,
-#: 2 = large JPEGs decoded reduced (JPEG_DRAFT_MARGIN = 2). For the keys of caches made from them.
-DECODE_VERSION = 2
+#: 2 = large JPEGs decoded reduced (JPEG_DRAFT_MARGIN = 2), 3 = photos turned upright by their EXIF
+#: Orientation and float gray scaled by its range (``portable``). For the keys of caches made from them:
+#: a cache of another version is never resumed, reused or compared with this one (``provenance.differences``).
+DECODE_VERSION = 3
 
 
 def draft_short_side(transform) -> Optional[int]:

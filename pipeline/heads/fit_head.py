@@ -342,6 +342,21 @@ def check_test_classes(test_data: Optional[str], classes) -> None:
                          f"{', '.join(ours)} ({why}): a test folder holds the same class folders")
 
 
+def check_test_decoding(test_data: Optional[str], cache, path) -> None:
+    """A training cache made by an older decoding rule than ``--test-data`` would be extracted with (decode_version,
+    e.g. before photos were turned upright by their EXIF orientation), refused before anything is fitted or
+    extracted, saying what to do (it was refused after both, as a test cache 'made differently')."""
+    from ..cache.provenance import decode_difference, older_decoding
+    from ..data.image_reader import DECODE_VERSION
+
+    fused = isinstance(cache, FusedRows)  # its record joins its caches' ('3+3')
+    older = older_decoding(cache.provenance.decode_version if fused else cache.attrs.get("decode_version", ""),
+                           DECODE_VERSION)
+    if test_data and older:
+        raise UsageError(f"the training cache {path} and --test-data {test_data!r} would differ in "
+                         f"{decode_difference(older, str(DECODE_VERSION))}")
+
+
 def test_cache_for(cfg: FitHeadConfig, cache: FeatureCache) -> Path:
     """The cache of ``--test-data`` (extracted like ``cache``, reused next time) or ``--test-cache``, checked.
     Callers check the folder's classes first (``check_test_classes``), before any fit."""
@@ -503,6 +518,7 @@ def fit_head(cfg: FitHeadConfig) -> dict:
         check_output(cfg.runs_dir, data=[(cache.attrs["data_root"], f"the photos of the cache {path}")],
                      what="--runs-dir", folder=True)
         check_test_classes(cfg.test_data, cache.classes)  # before the fit, not after it
+        check_test_decoding(cfg.test_data, cache, path)
         changed = source_changes(cache.info)
         if changed:
             log.warning("%s: %s", path, changed)

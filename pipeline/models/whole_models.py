@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..cache.provenance import Preprocessing, Provenance
+from ..cache.provenance import Preprocessing, Provenance, older_decoding
 from ..config import POOLS
 from ..errors import PipelineError, UsageError
 from ..extraction import backbones as bb
@@ -402,10 +402,24 @@ def _head_backbone(ckpt: dict, path, weights: Optional[str], trainable: bool = F
     if differ:
         raise UsageError(f"head {str(path)!r} was fitted on other features than --weights {source} gives "
                          f"(head vs now: {'; '.join(differ)}); pass the weights it was fitted with")
+    warn_older_decoding(ckpt, path)
     features, precision = loaded.features, None
     if ckpt.get("precision") == "int8" and not trainable:
         features, precision = _cache_int8_network(ckpt, loaded, path), "int8"
     return loaded, source, features, precision
+
+
+def warn_older_decoding(ckpt: dict, path) -> None:
+    """One line when a head's rows came from photos decoded by an older rule than photos are now (decode_version:
+    before 3, phone photos went in sideways): it still runs on the photos decoded now, the same backbone's
+    features, but it learnt from the old pixels."""
+    from ..data.image_reader import DECODE_VERSION
+
+    made = older_decoding(ckpt.get("decode_version", ""), DECODE_VERSION)  # a fused head's: '3+3'
+    if made:
+        log.warning("head %r was fitted on photos decoded by the older rule %s (now %d: photos turned upright by "
+                    "their EXIF orientation); to fit it on the photos as now decoded, extract its data again and "
+                    "fit it on that cache", str(path), made, DECODE_VERSION)
 
 
 def _from_head(ckpt: dict, path, weights: Optional[str], trainable: bool = False) -> LoadedModel:

@@ -129,8 +129,12 @@ def decoding(lm) -> dict:
                        "Image.draft('RGB', (D, D)) before decoding (DCT scale 1/2, 1/4 or 1/8)"),
                       ("modes I;16, I;16B, I;16L, I: round(clip(v, 0, 2**bits - 1) * 255 / (2**bits - 1)) as L, "
                        "bits from a TIFF's BitsPerSample else 16, then RGB"),
+                      ("mode F: floor((clip(v, lo, hi) - lo) * 255 / (hi - lo) + 0.5) as L, lo = min(0, smallest), "
+                       "hi = max(1, largest finite sample), NaN and -inf as lo, +inf as hi, then RGB"),
                       "RGBA, LA, PA and P with a transparent colour: composited over white",
-                      "any other mode: Image.convert('RGB'); no EXIF rotation"],
+                      "any other mode: Image.convert('RGB')",
+                      ("EXIF Orientation 2-8: turned upright with ImageOps.exif_transpose's table (Image.transpose); "
+                       "an EXIF block Pillow cannot read: as stored")],
             "decode_version": DECODE_VERSION}
 
 
@@ -240,8 +244,10 @@ class ExportedRunner:
 
 #: The odd files every parity check adds, made from its first photo: (file name, how it is made). Each
 #: mode where a decoder can silently differ from predict's (16-bit scaling, transparency, CMYK, a JPEG
-#: large enough to be decoded reduced); examples/predict_onnx.py once differed on all of them.
-ODD_MODES = ("gray16.png", "gray_alpha.png", "rgba.png", "palette_transparent.png", "cmyk.jpg", "large.jpg")
+#: large enough to be decoded reduced, float gray, a photo stored sideways with its EXIF Orientation);
+#: examples/predict_onnx.py once differed on all of them.
+ODD_MODES = ("gray16.png", "gray_alpha.png", "rgba.png", "palette_transparent.png", "cmyk.jpg", "large.jpg",
+             "float.tif", "exif_rotated.jpg")
 
 
 def odd_mode_files(photo: str, folder: Path, draft_side) -> list[str]:
@@ -261,11 +267,16 @@ def odd_mode_files(photo: str, folder: Path, draft_side) -> list[str]:
     made = {"gray16.png": Image.fromarray(gray * 257 + 40),  # I;16, using the whole 16-bit range
             "gray_alpha.png": Image.merge("LA", (rgb.convert("L"), alpha)),
             "rgba.png": Image.merge("RGBA", (*rgb.split(), alpha)),
-            "palette_transparent.png": rgb.quantize(16), "cmyk.jpg": rgb.convert("CMYK"), "large.jpg": large}
+            "palette_transparent.png": rgb.quantize(16), "cmyk.jpg": rgb.convert("CMYK"), "large.jpg": large,
+            "float.tif": Image.fromarray(gray.astype(np.float32) / 255, "F"),  # in [0, 1]
+            "exif_rotated.jpg": rgb.transpose(Image.Transpose.ROTATE_90)}  # stored sideways, Orientation 6
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    options = {"palette_transparent.png": {"transparency": 0}, "exif_rotated.jpg": {"exif": exif}}
     paths = []
     for name in ODD_MODES:
         path = folder / name
-        made[name].save(path, **({"transparency": 0} if made[name].mode == "P" else {}))
+        made[name].save(path, **options.get(name, {}))
         paths.append(str(path))
     return paths
 
