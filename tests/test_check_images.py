@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import cli
-from pipeline.data.check_images import KINDS, CheckImagesConfig, check_images
+from pipeline.data.check_images import KINDS, MOVED_LIST, CheckImagesConfig, check_images
 from pipeline.data.folders import ImageLoadError, list_image_folder, load_rgb
 from pipeline.errors import PipelineError
 from tests.badfiles import make_bad_corpus, skipped_by_extract, usable
@@ -34,7 +34,8 @@ def by_path(findings):
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*")
+            if p.is_file() and p.name != MOVED_LIST}
 
 
 def test_each_bad_kind_is_named_with_its_severity(dirty):
@@ -113,6 +114,26 @@ def test_quarantine_moves_errors_keeping_paths_and_the_printed_command_restores_
     restore = res.stdout.strip().splitlines()[-1].strip()
     subprocess.run(restore, shell=True, check=True)
     assert snapshot(root) == before
+
+
+def test_the_restore_command_moves_back_only_what_check_images_moved(tmp_path):
+    """audit --apply's removals share DIR.quarantine (its --undo moves them back): the restore command moved every
+    file of the quarantine, those too. Two runs, a file at the top of the folder, a name with a space."""
+    root = make_image_folder(tmp_path / "data", per_class=1)
+    qdir = tmp_path / "data.quarantine"
+    (qdir / "red").mkdir(parents=True)
+    (qdir / "red" / "removed by audit.jpg").write_bytes(b"audit's")
+    (root / "red" / "empty one.jpg").write_bytes(b"")
+    first = check_images(CheckImagesConfig(str(root), workers=1, quarantine=True))
+    (root / "notes.txt").write_bytes(b"")
+    second = check_images(CheckImagesConfig(str(root), workers=1, quarantine=True))
+    assert snapshot(qdir) == {"red/removed by audit.jpg": b"audit's", "red/empty one.jpg": b"", "notes.txt": b""}
+    assert first["quarantine"]["restore"] == second["quarantine"]["restore"]
+    subprocess.run(second["quarantine"]["restore"], shell=True, check=True)
+    assert snapshot(qdir) == {"red/removed by audit.jpg": b"audit's"}
+    assert (root / "red" / "empty one.jpg").exists() and (root / "notes.txt").exists()
+    subprocess.run(second["quarantine"]["restore"], shell=True, check=True)  # again: nothing left to move
+    assert snapshot(qdir) == {"red/removed by audit.jpg": b"audit's"}
 
 
 def test_quarantine_refuses_to_overwrite(dirty, tmp_path):
@@ -207,7 +228,6 @@ def test_json_report_and_json_stdout(dirty, tmp_path):
     (["{root}", "--quarantine-dir", "{root}/q"], "inside the data folder"),
     (["{root}", "--report", "{root}/red/r.csv"], "inside the data folder"),
     (["{root}", "--workers", "-3"], "--workers"),
-    # the printed restore command moves every file of the quarantine into the data folder
     (["{root}", "--quarantine-dir", "{tmp}"], "must be apart"),
     (["{root}", "--quarantine-dir", "{tmp}/q", "--report", "{tmp}/q/r.csv"], "inside the quarantine folder"),
     (["{root}", "--quarantine-dir", "{tmp}/r.csv", "--report", "{tmp}/r.csv"], "inside the quarantine folder"),
@@ -223,7 +243,8 @@ def test_usage_errors_exit_2_with_one_line(tmp_path, args, message):
 
 def entries(root: Path) -> set[str]:
     """Every non-folder entry below root, links and pipes included."""
-    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_symlink() or not p.is_dir()}
+    return {p.relative_to(root).as_posix() for p in root.rglob("*")
+            if (p.is_symlink() or not p.is_dir()) and p.name != MOVED_LIST}
 
 
 def test_links_and_pipes_are_errors_quarantined_and_restored(tmp_path):

@@ -6,6 +6,7 @@ file extract cannot use, and a *note* a file extract uses after converting it or
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import time
@@ -131,14 +132,14 @@ def validate(cfg: CheckImagesConfig) -> tuple[Path, Path | None, int]:
         check_output(qdir, data=checked, what="--quarantine-dir", folder=True)
         check_apart(Path(os.path.realpath(root)), Path(os.path.realpath(qdir)))
         if cfg.report and Path(os.path.realpath(cfg.report)).is_relative_to(os.path.realpath(qdir)):
-            raise UsageError(f"--report {cfg.report!r} is inside the quarantine folder {str(qdir)!r}, whose every file "
-                             "the restore command moves into the checked folder; write it elsewhere")
+            raise UsageError(f"--report {cfg.report!r} is inside the quarantine folder {str(qdir)!r}, which holds "
+                             "the files moved out of the checked folder; write it elsewhere")
     return root, qdir, workers
 
 
 def check_apart(root: Path, qdir: Path) -> None:
-    """The quarantine and the data folder, neither inside the other: the restore command moves every file of
-    the quarantine into the data folder (a quarantine holding it would move the data folder into itself)."""
+    """The quarantine and the data folder, neither inside the other: files move from one to the other and back
+    (a quarantine inside the data folder would be checked as a class; one holding it would hold the data)."""
     if qdir.is_relative_to(root) or root.is_relative_to(qdir):
         raise UsageError(f"the quarantine folder {str(qdir)!r} and the data folder {str(root)!r} must be apart "
                          "(neither inside the other); choose another --quarantine-dir")
@@ -201,12 +202,19 @@ def write_report(path: Path, result: dict) -> str:
     return str(path)
 
 
+#: In the quarantine folder: every path check-images moved there, NUL-terminated, appended as each one moves. The
+#: restore command reads it, so files another command put in the same folder (audit --apply's removals, which
+#: its own --undo moves back) stay where they are.
+MOVED_LIST = ".check-images-moved"
+
+
 def restore_command(root: Path, qdir: Path) -> str:
-    """A POSIX shell command that moves every quarantined entry back to its place (never overwriting)."""
-    script = 'for f; do mkdir -p "$0/${f%/*}" && mv -n "$f" "$0/$f"; done'
-    # everything but folders: quarantined links and pipes go back too
-    return (f"(cd {shlex.quote(str(qdir))} && find . ! -type d -exec sh -c {shlex.quote(script)} "
-            f"{shlex.quote(str(root))} {{}} +)")
+    """A POSIX shell command that moves back every entry of the quarantine's MOVED_LIST still there (links and
+    pipes too), never overwriting."""
+    script = ('for f; do f="./$f"; [ -e "$f" ] || [ -h "$f" ] || continue; '
+              'mkdir -p "$0/${f%/*}" && mv -n "$f" "$0/$f"; done')
+    return (f"(cd {shlex.quote(str(qdir))} && xargs -0 -r sh -c {shlex.quote(script)} {shlex.quote(str(root))} "
+            f"< {MOVED_LIST})")
 
 
 def through_link(root: Path, rel: str) -> bool:
@@ -230,10 +238,14 @@ def quarantine(root: Path, qdir: Path, rels: list[str]) -> dict:
     if linked_q:  # a file would land where the link points, and the restore command move the link back
         raise PipelineError(f"quarantine folder {qdir} holds a link on the way to {linked_q[0]} (a linked "
                             "folder); nothing was moved: remove the link or choose --quarantine-dir")
-    with changing_folder(root):  # no extract reading, no audit --apply moving, while files leave
+    with changing_folder(root), contextlib.ExitStack() as stack:  # no extract reading, no audit --apply moving
+        listing = None
         for i, rel in enumerate(rels):
             try:
                 (qdir / rel).parent.mkdir(parents=True, exist_ok=True)
+                listing = listing or stack.enter_context((qdir / MOVED_LIST).open("ab"))
+                listing.write(os.fsencode(rel) + b"\0")  # first: the restore skips what is not there
+                listing.flush()
                 move_no_replace(root / rel, qdir / rel)  # never over a file that appeared meanwhile; across disks too
             except OSError as e:  # a file in the way, a read-only folder: the rest stays, a rerun goes on
                 raise PipelineError(f"cannot move {root / rel} to {qdir / rel}: {e.strerror or e} ({e.filename}); "
