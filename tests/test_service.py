@@ -138,6 +138,22 @@ def test_a_streamed_body_past_the_limit_is_413(client):
     assert r.status_code == 413
 
 
+def test_a_body_that_stalls_is_408_and_the_service_goes_on(head):
+    import httpx
+
+    start = (b"POST /predict HTTP/1.1\r\nHost: localhost\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+             b"Content-Length: 100000\r\n\r\n--b\r\nContent-Disposition: form-data; name=\"files\"; "
+             b"filename=\"a.jpg\"\r\n\r\n")  # then nothing more: a slow client, or one holding the connection
+    with live_server(pipeline.serve_app(head, precision="fp32", body_seconds=1)) as url:
+        with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=20) as s:
+            s.sendall(start)
+            answer = s.recv(4096).decode()
+        assert answer.startswith("HTTP/1.1 408")
+        detail = answer.split("\r\n\r\n", 1)[1]
+        assert "within the 1 s of --body-seconds" in detail and "\n" not in detail
+        assert httpx.post(f"{url}/predict", files=upload(photos(head)[0])).status_code == 200
+
+
 def test_info_and_health(client, head):
     info = client.get("/info").json()
     assert info["classes"] == ["blue", "green", "red"] and info["backbone"] == "tiny" and info["kind"] == "fit-head"

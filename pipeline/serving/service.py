@@ -86,12 +86,17 @@ class BodyTooLarge(Exception):
     """The request body grew past max_request_bytes while it streamed in."""
 
 
+class BodyTimeout(Exception):
+    """The request body was not all there body_seconds after it began (a stalled or trickling client)."""
+
+
 class BodyLimit:
     """ASGI middleware: a declared Content-Length over the limit is refused at once (413), and a body that
-    streams past it (chunked) raises BodyTooLarge in whoever reads it."""
+    streams past it (chunked) raises BodyTooLarge in whoever reads it; one not all in within ``seconds`` (0:
+    no limit) raises BodyTimeout, or a client that stops sending would hold its connection for ever."""
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, seconds: float = 0):
+        self.app, self.max_bytes, self.seconds = app, max_bytes, seconds
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -107,13 +112,21 @@ class BodyLimit:
             if declared > self.max_bytes:
                 return await JSONResponse({"detail": f"the request is {declared} bytes; at most {self.max_bytes}"},
                                           413)(scope, receive, send)
-        seen = 0
+        seen, complete = 0, False
+        deadline = asyncio.get_running_loop().time() + self.seconds
 
         async def limited():
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, complete
+            if complete or not self.seconds:  # past the body: the wait for a disconnect has no deadline
+                message = await receive()
+            else:
+                try:
+                    message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
+                except asyncio.TimeoutError:
+                    raise BodyTimeout() from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
+                complete = not message.get("more_body", False)
                 if seen > self.max_bytes:
                     raise BodyTooLarge()
             return message
@@ -332,6 +345,9 @@ def build_app(cfg: ServeConfig):
             form = await request.form(max_files=cfg.max_files, max_fields=cfg.max_files)
         except BodyTooLarge:
             return JSONResponse({"detail": f"the request is more than {cfg.max_request_bytes} bytes"}, 413)
+        except BodyTimeout:
+            return JSONResponse({"detail": f"the request body did not arrive within the {cfg.body_seconds:g} s of "
+                                           "--body-seconds"}, 408)
         try:
             uploads = form.getlist(FIELD)
             if not uploads:
@@ -363,7 +379,7 @@ def build_app(cfg: ServeConfig):
             return JSONResponse({"detail": no_image_detail(rows), "rows": rows}, status, headers=headers)
         return JSONResponse(rows, headers=headers)
 
-    app.add_middleware(BodyLimit, max_bytes=cfg.max_request_bytes)
+    app.add_middleware(BodyLimit, max_bytes=cfg.max_request_bytes, seconds=cfg.body_seconds)
     app.add_middleware(DrainDeadline, service=svc)
     if is_loopback(cfg.host):
         app.add_middleware(LocalHostOnly, allowed=local_names(cfg.host))
