@@ -206,3 +206,20 @@ def test_pil_warnings_on_a_damaged_exif_block_are_dropped_unless_asked_for(tmp_p
         warnings.simplefilter("always")
         decode_image(photo, pil_warnings=True)  # check-images reports them
     assert any("Truncated File Read" in str(w.message) for w in caught)
+
+
+def test_postscript_is_never_handed_to_ghostscript_even_named_jpg(tmp_path, monkeypatch):
+    """Pillow decodes EPS by running Ghostscript (a PostScript interpreter: `{} loop` never ends) on the
+    bytes: an upload to serve, or a photo folder's file, must not get to run it."""
+    import PIL.EpsImagePlugin
+
+    from pipeline.data.folders import decode_bytes
+
+    ran = []
+    monkeypatch.setattr(PIL.EpsImagePlugin, "Ghostscript", lambda *a, **k: ran.append(a) or Image.new("RGB", (8, 8)).im)
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n{} loop\n"
+    (tmp_path / "photo.jpg").write_bytes(eps)
+    for decode in (lambda: decode_bytes(eps), lambda: load_rgb(tmp_path / "photo.jpg")):
+        with pytest.raises(ImageLoadError, match="EPS is not decoded: .*Ghostscript"):
+            decode()
+    assert not ran

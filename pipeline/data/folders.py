@@ -29,6 +29,10 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".webp", "
 #: UTF-8 output can hold): told, with the name escaped, rather than failing mid-run.
 NOT_UTF8 = "the file name is not valid UTF-8; rename it (e.g. convmv -f latin1 -t utf8)"
 
+#: Formats Pillow decodes by running another program on the bytes (EPS: Ghostscript, a PostScript interpreter,
+#: unbounded in time: ``{} loop``): no stage lists them, and an upload or a file named .jpg holding one is refused.
+EXTERNAL_FORMATS = {"EPS": "Ghostscript"}
+
 #: Largest image (in pixels) we agree to decode; larger ones are treated as decompression bombs.
 MAX_IMAGE_PIXELS = 89_478_485  # PIL's own default warning threshold (about 0.25 GB of RGB)
 #: Longest side over shortest side we agree to decode. The preprocessing resizes the shorter side to
@@ -406,6 +410,9 @@ def decode_stream(fp, min_short_side: int | None = None, max_pixels: int = MAX_I
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
             with Image.open(fp) as im:
+                if im.format in EXTERNAL_FORMATS:
+                    raise ImageLoadError(f"{im.format} is not decoded: it would run {EXTERNAL_FORMATS[im.format]} on "
+                                         "the file (convert it to PNG or JPEG)", "not-an-image")
                 check_size(im.size, max_pixels)
                 jpeg_draft(im, min_short_side)
                 im.load()
