@@ -129,6 +129,14 @@ def test_request_limits(client, head):
     assert r.status_code == 400
 
 
+@pytest.mark.parametrize("query, name", [("top=abc", "top"), ("top=1.5", "top"), ("explain=maybe", "explain")])
+def test_a_bad_query_parameter_is_400_in_one_line_naming_it(client, head, query, name):
+    r = client.post(f"/predict?{query}", files=upload(photos(head)[0]))
+    detail = r.json()["detail"]
+    assert r.status_code == 400 and isinstance(detail, str) and "\n" not in detail
+    assert detail.startswith(f"{name}: ") and repr(query.split("=")[1]) in detail
+
+
 def test_a_streamed_body_past_the_limit_is_413(client):
     def chunks():
         for _ in range(30):

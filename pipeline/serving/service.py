@@ -299,11 +299,18 @@ def no_image_detail(rows: list[dict]) -> str:
     return f"none of the {len(rows)} files could be classified: {reasons}{more}"
 
 
+def validation_detail(errors) -> str:
+    """FastAPI's list of a query's validation errors as one line: "top: Input should be a valid integer, ... got
+    'abc'" (the page and curl show ``detail`` as it is)."""
+    return "; ".join(f"{e['loc'][-1]}: {e['msg']}, got {e.get('input')!r}" for e in errors)
+
+
 def build_app(cfg: ServeConfig):
     """The FastAPI app serving cfg.model (the model loads now; the batcher stops when the app shuts down)."""
     require()
     check(cfg)
     from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse
     from starlette.concurrency import run_in_threadpool
 
@@ -323,6 +330,10 @@ def build_app(cfg: ServeConfig):
     app = FastAPI(title="transfer-pipeline", version=package_version("transfer-pipeline"), lifespan=lifespan,
                   docs_url=None, redoc_url=None)
     app.state.service = svc
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_parameter(request, exc):
+        return JSONResponse({"detail": validation_detail(exc.errors())}, 400)
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
