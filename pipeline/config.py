@@ -843,6 +843,10 @@ class ServeConfig(DeviceOptions):
         "How long a batch waits for more images once the first came.", range="[0, 1000]"))
     max_queue: int = field(default=256, metadata=option(
         "Images waiting for the network; past it a request gets 503.", range=POSITIVE))
+    max_requests: int = field(default=32, metadata=option(
+        "POST requests read and answered at once; past it 503.", range=POSITIVE,
+        doc="POST requests read and answered at once (more: 503 before their body is read; each costs up to 1 MB "
+            "of memory a file while its form is read)"))
     max_files: int = field(default=64, metadata=option("Images in one request.", range=POSITIVE,
                                                        doc="images in one request (more: 400)"))
     max_file_bytes: int = field(default=20_000_000, metadata=option(

@@ -162,6 +162,30 @@ def test_a_body_that_stalls_is_408_and_the_service_goes_on(head):
         assert httpx.post(f"{url}/predict", files=upload(photos(head)[0])).status_code == 200
 
 
+def test_past_max_requests_a_request_is_503_before_its_body_is_read(head):
+    import httpx
+
+    start = (b"POST /predict HTTP/1.1\r\nHost: localhost\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+             b"Content-Length: 100000\r\n\r\n--b\r\n")  # each holds its request open, its form half read
+    with live_server(pipeline.serve_app(head, precision="fp32", max_requests=2)) as url:
+        port = int(url.rsplit(":", 1)[1])
+        held = [socket.create_connection(("127.0.0.1", port), timeout=20) for _ in range(2)]
+        for s in held:
+            s.sendall(start)
+        time.sleep(0.5)
+        r = httpx.post(f"{url}/predict", files=upload(photos(head)[0]))
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert "--max-requests 2" in r.json()["detail"] and "\n" not in r.json()["detail"]
+        assert httpx.get(f"{url}/health").status_code == 200  # the service still answers what costs nothing
+        for s in held:
+            s.close()
+        deadline = time.monotonic() + 10
+        while (r := httpx.post(f"{url}/predict", files=upload(photos(head)[0]))).status_code == 503:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert r.status_code == 200
+
+
 def test_info_and_health(client, head):
     info = client.get("/info").json()
     assert info["classes"] == ["blue", "green", "red"] and info["backbone"] == "tiny" and info["kind"] == "fit-head"

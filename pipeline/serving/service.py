@@ -134,6 +134,30 @@ class BodyLimit:
         return await self.app(scope, limited, send)
 
 
+class RequestSlots:
+    """ASGI middleware: at most ``slots`` POST requests at once; past it 503 with Retry-After, before any of the
+    body is read. A form being read keeps up to 1 MB of each file in memory (Starlette's spool), so without a
+    bound N clients cost N x max_files MB, however the queue behind is limited."""
+
+    def __init__(self, app, slots: int):
+        self.app, self.slots, self.busy = app, slots, 0
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        if self.busy >= self.slots:
+            from fastapi.responses import JSONResponse
+
+            return await JSONResponse({"detail": f"busy: {self.busy} requests are being answered (--max-requests "
+                                                 f"{self.slots}); retry shortly"}, 503,
+                                      headers={"Retry-After": "1"})(scope, receive, send)
+        self.busy += 1
+        try:
+            return await self.app(scope, receive, send)
+        finally:
+            self.busy -= 1
+
+
 def host_name(header: str) -> str:
     """The name of a Host header, without its port: "[::1]:8000" -> "::1", "Localhost.:80" -> "localhost"."""
     header = header.strip().lower()
@@ -241,8 +265,8 @@ class Service:
                       "data_fingerprint": c.get("data_fingerprint", ""),
                       "device": str(self.inference.device), "precision": self.inference.precision,
                       "batch_size": cfg.batch_size, "max_wait_ms": cfg.max_wait_ms,
-                      "limits": {k: getattr(cfg, k) for k in ("max_files", "max_file_bytes", "max_request_bytes",
-                                                              "max_pixels", "max_queue")},
+                      "limits": {k: getattr(cfg, k) for k in ("max_requests", "max_files", "max_file_bytes",
+                                                              "max_request_bytes", "max_pixels", "max_queue")},
                       "versions": {**versions(),
                                    **{p: package_version(p) for p in ("fastapi", "uvicorn", "starlette")}}}
 
@@ -391,6 +415,7 @@ def build_app(cfg: ServeConfig):
         return JSONResponse(rows, headers=headers)
 
     app.add_middleware(BodyLimit, max_bytes=cfg.max_request_bytes, seconds=cfg.body_seconds)
+    app.add_middleware(RequestSlots, slots=cfg.max_requests)
     app.add_middleware(DrainDeadline, service=svc)
     if is_loopback(cfg.host):
         app.add_middleware(LocalHostOnly, allowed=local_names(cfg.host))
