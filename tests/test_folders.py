@@ -223,3 +223,20 @@ def test_postscript_is_never_handed_to_ghostscript_even_named_jpg(tmp_path, monk
         with pytest.raises(ImageLoadError, match="EPS is not decoded: .*Ghostscript"):
             decode()
     assert not ran
+
+
+def test_a_file_pillow_cannot_decode_by_any_of_its_errors_is_an_unreadable_image_not_a_crash(tmp_path):
+    """A DDS header with no pixel format (504 bytes named .jpg) made Pillow raise NotImplementedError, which
+    ended predict and extract of a whole folder on it ("unexpected NotImplementedError")."""
+    import io
+
+    from pipeline.data.folders import decode_bytes
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, "DDS")
+    dds = bytearray(buf.getvalue())
+    dds[80:84] = bytes(4)  # the pixel format's flags: none
+    (tmp_path / "photo.jpg").write_bytes(dds)
+    for decode in (lambda: decode_bytes(bytes(dds)), lambda: load_rgb(tmp_path / "photo.jpg")):
+        with pytest.raises(ImageLoadError, match="unreadable image: Unknown pixel format"):
+            decode()

@@ -423,7 +423,8 @@ def decode_stream(fp, min_short_side: int | None = None, max_pixels: int = MAX_I
         raise ImageLoadError(f"decompression bomb: {e}", "decompression-bomb") from None
     except Image.UnidentifiedImageError:
         raise ImageLoadError("not an image (unidentified format)", "not-an-image") from None
-    except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
+    except (OSError, SyntaxError, ValueError, NotImplementedError) as e:  # truncated or corrupt data (Pillow's DDS
+        # and BLP readers raise NotImplementedError on a header they cannot make sense of)
         kind = "truncated" if "truncated" in str(e) else "unreadable"
         raise ImageLoadError(f"unreadable image: {e}", kind) from None
 
