@@ -33,7 +33,8 @@ def main(model: str, photos: list) -> None:
             try:
                 inputs.append(preprocess(path, meta["preprocessing"], meta["decoding"]))
                 rows.append({"path": path})
-            except (OSError, ValueError, Image.DecompressionBombError) as e:
+            # NotImplementedError: Pillow's DDS and BLP readers on a header they cannot make sense of
+            except (OSError, ValueError, NotImplementedError, Image.DecompressionBombError) as e:
                 rows.append({"path": path, "class": None, "probability": None, "error": f"{type(e).__name__}: {e}"})
         out = dict(zip(names, session.run(names, {"images": np.stack(inputs)}))) if inputs else {}
         good = iter(range(len(inputs)))

@@ -115,6 +115,27 @@ def test_the_example_gives_an_unreadable_file_its_reason_and_classifies_the_rest
     assert abs(got[3]["probability"] - want[1]["probability"]) < 1e-4
 
 
+def test_the_example_gives_a_damaged_dds_its_reason_and_classifies_the_rest(tmp_path):
+    """Pillow's DDS reader raises NotImplementedError on a header with no pixel format: the example died on it
+    with a traceback, printing no row of its batch."""
+    import io
+
+    from tests.live_server import make_tiny_head
+
+    head = make_tiny_head(tmp_path / "made")
+    out = tmp_path / "m.onnx"
+    assert pipeline.export_model(head, out)["passed"]
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, "DDS")
+    dds = bytearray(buf.getvalue())
+    dds[80:84] = bytes(4)  # the pixel format's flags: none
+    (tmp_path / "damaged.jpg").write_bytes(dds)
+    good = sorted((head.parents[2] / "data").rglob("*.jpg"))[0]
+    got = example_rows(out, [tmp_path / "damaged.jpg", good])
+    assert got[0]["class"] is None and "NotImplementedError: Unknown pixel format" in got[0]["error"]
+    assert got[1]["class"] and "error" not in got[1]
+
+
 def test_the_example_holds_the_decoding_rule_verbatim():
     """One rule: the example's decoding is data/portable.py's text below its marker, character for character."""
     from pipeline.data import portable
