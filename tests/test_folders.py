@@ -240,3 +240,21 @@ def test_a_file_pillow_cannot_decode_by_any_of_its_errors_is_an_unreadable_image
     for decode in (lambda: decode_bytes(bytes(dds)), lambda: load_rgb(tmp_path / "photo.jpg")):
         with pytest.raises(ImageLoadError, match="unreadable image: Unknown pixel format"):
             decode()
+
+
+def test_a_damaged_header_pillow_trips_over_while_opening_is_an_unreadable_image(tmp_path):
+    """A SPIDER header naming an image of a stack with no stack made Image.open itself raise AttributeError (a
+    Pillow bug), which ended predict and extract of a whole folder on it."""
+    import io
+    import struct
+
+    from pipeline.data.folders import decode_bytes
+
+    buf = io.BytesIO()
+    Image.new("F", (8, 8)).save(buf, "SPIDER")
+    spider = bytearray(buf.getvalue())
+    spider[104:108] = struct.pack("<f", 1.0)  # the header's image number: 1, in no stack
+    (tmp_path / "photo.jpg").write_bytes(spider)
+    for decode in (lambda: decode_bytes(bytes(spider)), lambda: load_rgb(tmp_path / "photo.jpg")):
+        with pytest.raises(ImageLoadError, match="unreadable image: .*stkoffset"):
+            decode()

@@ -396,6 +396,17 @@ def decode_bytes(data: bytes, min_short_side: int | None = None, max_pixels: int
     return decode_stream(io.BytesIO(data), min_short_side, max_pixels)[1]
 
 
+def open_image(fp):
+    """``Image.open``, where an AttributeError can only be Pillow's, on a damaged header (SPIDER's, naming an
+    image of a stack without the stack): that file's "unreadable image", not the end of a whole run."""
+    from PIL import Image
+
+    try:
+        return Image.open(fp)
+    except AttributeError as e:
+        raise ImageLoadError(f"unreadable image: {e}", "unreadable") from None
+
+
 def decode_stream(fp, min_short_side: int | None = None, max_pixels: int = MAX_IMAGE_PIXELS,
                   pil_warnings: bool = False):
     """(decoded image, its RGB conversion) of an open binary file, under the rules of ``decode_image``. PIL's
@@ -409,7 +420,7 @@ def decode_stream(fp, min_short_side: int | None = None, max_pixels: int = MAX_I
                 warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
-            with Image.open(fp) as im:
+            with open_image(fp) as im:
                 if im.format in EXTERNAL_FORMATS:
                     raise ImageLoadError(f"{im.format} is not decoded: it would run {EXTERNAL_FORMATS[im.format]} on "
                                          "the file (convert it to PNG or JPEG)", "not-an-image")
