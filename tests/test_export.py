@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -134,6 +135,26 @@ def test_the_example_gives_a_damaged_dds_its_reason_and_classifies_the_rest(tmp_
     got = example_rows(out, [tmp_path / "damaged.jpg", good])
     assert got[0]["class"] is None and "NotImplementedError: Unknown pixel format" in got[0]["error"]
     assert got[1]["class"] and "error" not in got[1]
+
+
+def test_the_example_never_runs_ghostscript_on_a_photo(tmp_path):
+    """An EPS file (PostScript: a program, which may never end) named .jpg: Pillow decodes it by running
+    Ghostscript, which the example did when one was installed; now its row says it is not decoded."""
+    from tests.live_server import make_tiny_head
+
+    head = make_tiny_head(tmp_path / "made")
+    out = tmp_path / "m.onnx"
+    assert pipeline.export_model(head, out)["passed"]
+    ran = tmp_path / "gs-ran"
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "gs").write_text(f"#!/bin/sh\ntouch {ran}\nexit 1\n")
+    (tmp_path / "bin" / "gs").chmod(0o755)
+    (tmp_path / "photo.jpg").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n{} loop\n")
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}"}
+    got = subprocess.run([sys.executable, str(ROOT / "examples" / "predict_onnx.py"), str(out),
+                          str(tmp_path / "photo.jpg")], capture_output=True, text=True, check=True, env=env)
+    row = json.loads(got.stdout.splitlines()[0])
+    assert row["class"] is None and "EPS is not decoded" in row["error"] and not ran.exists()
 
 
 def test_the_example_holds_the_decoding_rule_verbatim():
