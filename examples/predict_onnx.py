@@ -33,7 +33,8 @@ def main(model: str, photos: list) -> None:
             try:
                 inputs.append(preprocess(path, meta["preprocessing"], meta["decoding"]))
                 rows.append({"path": path})
-            except (OSError, ValueError, Image.DecompressionBombError) as e:
+            # NotImplementedError: Pillow's DDS and BLP readers on a header they cannot make sense of
+            except (OSError, ValueError, NotImplementedError, Image.DecompressionBombError) as e:
                 rows.append({"path": path, "class": None, "probability": None, "error": f"{type(e).__name__}: {e}"})
         out = dict(zip(names, session.run(names, {"images": np.stack(inputs)}))) if inputs else {}
         good = iter(range(len(inputs)))
@@ -189,6 +190,8 @@ def preprocess(fp, p, decoding: dict) -> np.ndarray:
     metadata's "preprocessing", ``decoding``: its "decoding". A fused model's "preprocessing" is a list, one a
     backbone: the photo decoded once, part i in channels 3i..3i+2 at the top left of a zero canvas."""
     with Image.open(fp) as im:
+        if im.format == "EPS":  # Pillow decodes PostScript by running Ghostscript on it: a program, unbounded
+            raise ValueError("EPS is not decoded: it would run Ghostscript on the file (convert it to PNG or JPEG)")
         jpeg_draft(im, decoding.get("jpeg_draft_min_short_side"))
         im.load()
         rgb = upright(to_rgb(im), orientation(im))

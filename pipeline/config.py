@@ -843,6 +843,10 @@ class ServeConfig(DeviceOptions):
         "How long a batch waits for more images once the first came.", range="[0, 1000]"))
     max_queue: int = field(default=256, metadata=option(
         "Images waiting for the network; past it a request gets 503.", range=POSITIVE))
+    max_requests: int = field(default=32, metadata=option(
+        "POST requests read and answered at once; past it 503.", range=POSITIVE,
+        doc="POST requests read and answered at once (more: 503 before their body is read; each costs up to 1 MB "
+            "of memory a file while its form is read)"))
     max_files: int = field(default=64, metadata=option("Images in one request.", range=POSITIVE,
                                                        doc="images in one request (more: 400)"))
     max_file_bytes: int = field(default=20_000_000, metadata=option(
@@ -852,6 +856,10 @@ class ServeConfig(DeviceOptions):
         "Bytes of one request.", range=POSITIVE, doc="bytes of one request body (413, checked as it streams in)"))
     max_pixels: int = field(default=40_000_000, metadata=option(
         "Pixels of one image (from its header, before decoding).", range=POSITIVE))
+    body_seconds: float = field(default=60.0, metadata=option(
+        "How long a request's body may take to arrive (then 408).", range="[0, inf)",
+        doc="how long a request's body may take to arrive (then 408: a stalled client holds no connection; 0 = no "
+            "limit)"))
     drain_seconds: float = field(default=30.0, metadata=option(
         "On SIGTERM: how long requests in flight may still take.", range="[0, inf)",
         doc="on SIGTERM: how long requests in flight may still take (then a clean 503; 0 = no limit)"))

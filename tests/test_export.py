@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -113,6 +114,47 @@ def test_the_example_gives_an_unreadable_file_its_reason_and_classifies_the_rest
     assert [r["class"] for r in got] == [want[0]["class"], None, None, want[1]["class"]]
     assert "UnidentifiedImageError" in got[1]["error"] and "UnidentifiedImageError" in got[2]["error"]
     assert abs(got[3]["probability"] - want[1]["probability"]) < 1e-4
+
+
+def test_the_example_gives_a_damaged_dds_its_reason_and_classifies_the_rest(tmp_path):
+    """Pillow's DDS reader raises NotImplementedError on a header with no pixel format: the example died on it
+    with a traceback, printing no row of its batch."""
+    import io
+
+    from tests.live_server import make_tiny_head
+
+    head = make_tiny_head(tmp_path / "made")
+    out = tmp_path / "m.onnx"
+    assert pipeline.export_model(head, out)["passed"]
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, "DDS")
+    dds = bytearray(buf.getvalue())
+    dds[80:84] = bytes(4)  # the pixel format's flags: none
+    (tmp_path / "damaged.jpg").write_bytes(dds)
+    good = sorted((head.parents[2] / "data").rglob("*.jpg"))[0]
+    got = example_rows(out, [tmp_path / "damaged.jpg", good])
+    assert got[0]["class"] is None and "NotImplementedError: Unknown pixel format" in got[0]["error"]
+    assert got[1]["class"] and "error" not in got[1]
+
+
+def test_the_example_never_runs_ghostscript_on_a_photo(tmp_path):
+    """An EPS file (PostScript: a program, which may never end) named .jpg: Pillow decodes it by running
+    Ghostscript, which the example did when one was installed; now its row says it is not decoded."""
+    from tests.live_server import make_tiny_head
+
+    head = make_tiny_head(tmp_path / "made")
+    out = tmp_path / "m.onnx"
+    assert pipeline.export_model(head, out)["passed"]
+    ran = tmp_path / "gs-ran"
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "gs").write_text(f"#!/bin/sh\ntouch {ran}\nexit 1\n")
+    (tmp_path / "bin" / "gs").chmod(0o755)
+    (tmp_path / "photo.jpg").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n{} loop\n")
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}"}
+    got = subprocess.run([sys.executable, str(ROOT / "examples" / "predict_onnx.py"), str(out),
+                          str(tmp_path / "photo.jpg")], capture_output=True, text=True, check=True, env=env)
+    row = json.loads(got.stdout.splitlines()[0])
+    assert row["class"] is None and "EPS is not decoded" in row["error"] and not ran.exists()
 
 
 def test_the_example_holds_the_decoding_rule_verbatim():

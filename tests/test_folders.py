@@ -206,3 +206,55 @@ def test_pil_warnings_on_a_damaged_exif_block_are_dropped_unless_asked_for(tmp_p
         warnings.simplefilter("always")
         decode_image(photo, pil_warnings=True)  # check-images reports them
     assert any("Truncated File Read" in str(w.message) for w in caught)
+
+
+def test_postscript_is_never_handed_to_ghostscript_even_named_jpg(tmp_path, monkeypatch):
+    """Pillow decodes EPS by running Ghostscript (a PostScript interpreter: `{} loop` never ends) on the
+    bytes: an upload to serve, or a photo folder's file, must not get to run it."""
+    import PIL.EpsImagePlugin
+
+    from pipeline.data.folders import decode_bytes
+
+    ran = []
+    monkeypatch.setattr(PIL.EpsImagePlugin, "Ghostscript", lambda *a, **k: ran.append(a) or Image.new("RGB", (8, 8)).im)
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n{} loop\n"
+    (tmp_path / "photo.jpg").write_bytes(eps)
+    for decode in (lambda: decode_bytes(eps), lambda: load_rgb(tmp_path / "photo.jpg")):
+        with pytest.raises(ImageLoadError, match="EPS is not decoded: .*Ghostscript"):
+            decode()
+    assert not ran
+
+
+def test_a_file_pillow_cannot_decode_by_any_of_its_errors_is_an_unreadable_image_not_a_crash(tmp_path):
+    """A DDS header with no pixel format (504 bytes named .jpg) made Pillow raise NotImplementedError, which
+    ended predict and extract of a whole folder on it ("unexpected NotImplementedError")."""
+    import io
+
+    from pipeline.data.folders import decode_bytes
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, "DDS")
+    dds = bytearray(buf.getvalue())
+    dds[80:84] = bytes(4)  # the pixel format's flags: none
+    (tmp_path / "photo.jpg").write_bytes(dds)
+    for decode in (lambda: decode_bytes(bytes(dds)), lambda: load_rgb(tmp_path / "photo.jpg")):
+        with pytest.raises(ImageLoadError, match="unreadable image: Unknown pixel format"):
+            decode()
+
+
+def test_a_damaged_header_pillow_trips_over_while_opening_is_an_unreadable_image(tmp_path):
+    """A SPIDER header naming an image of a stack with no stack made Image.open itself raise AttributeError (a
+    Pillow bug), which ended predict and extract of a whole folder on it."""
+    import io
+    import struct
+
+    from pipeline.data.folders import decode_bytes
+
+    buf = io.BytesIO()
+    Image.new("F", (8, 8)).save(buf, "SPIDER")
+    spider = bytearray(buf.getvalue())
+    spider[104:108] = struct.pack("<f", 1.0)  # the header's image number: 1, in no stack
+    (tmp_path / "photo.jpg").write_bytes(spider)
+    for decode in (lambda: decode_bytes(bytes(spider)), lambda: load_rgb(tmp_path / "photo.jpg")):
+        with pytest.raises(ImageLoadError, match="unreadable image: .*stkoffset"):
+            decode()

@@ -129,6 +129,14 @@ def test_request_limits(client, head):
     assert r.status_code == 400
 
 
+@pytest.mark.parametrize("query, name", [("top=abc", "top"), ("top=1.5", "top"), ("explain=maybe", "explain")])
+def test_a_bad_query_parameter_is_400_in_one_line_naming_it(client, head, query, name):
+    r = client.post(f"/predict?{query}", files=upload(photos(head)[0]))
+    detail = r.json()["detail"]
+    assert r.status_code == 400 and isinstance(detail, str) and "\n" not in detail
+    assert detail.startswith(f"{name}: ") and repr(query.split("=")[1]) in detail
+
+
 def test_a_streamed_body_past_the_limit_is_413(client):
     def chunks():
         for _ in range(30):
@@ -136,6 +144,46 @@ def test_a_streamed_body_past_the_limit_is_413(client):
 
     r = client.post("/predict", content=chunks(), headers={"Content-Type": "multipart/form-data; boundary=b"})
     assert r.status_code == 413
+
+
+def test_a_body_that_stalls_is_408_and_the_service_goes_on(head):
+    import httpx
+
+    start = (b"POST /predict HTTP/1.1\r\nHost: localhost\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+             b"Content-Length: 100000\r\n\r\n--b\r\nContent-Disposition: form-data; name=\"files\"; "
+             b"filename=\"a.jpg\"\r\n\r\n")  # then nothing more: a slow client, or one holding the connection
+    with live_server(pipeline.serve_app(head, precision="fp32", body_seconds=1)) as url:
+        with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=20) as s:
+            s.sendall(start)
+            answer = s.recv(4096).decode()
+        assert answer.startswith("HTTP/1.1 408")
+        detail = answer.split("\r\n\r\n", 1)[1]
+        assert "within the 1 s of --body-seconds" in detail and "\n" not in detail
+        assert httpx.post(f"{url}/predict", files=upload(photos(head)[0])).status_code == 200
+
+
+def test_past_max_requests_a_request_is_503_before_its_body_is_read(head):
+    import httpx
+
+    start = (b"POST /predict HTTP/1.1\r\nHost: localhost\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+             b"Content-Length: 100000\r\n\r\n--b\r\n")  # each holds its request open, its form half read
+    with live_server(pipeline.serve_app(head, precision="fp32", max_requests=2)) as url:
+        port = int(url.rsplit(":", 1)[1])
+        held = [socket.create_connection(("127.0.0.1", port), timeout=20) for _ in range(2)]
+        for s in held:
+            s.sendall(start)
+        time.sleep(0.5)
+        r = httpx.post(f"{url}/predict", files=upload(photos(head)[0]))
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert "--max-requests 2" in r.json()["detail"] and "\n" not in r.json()["detail"]
+        assert httpx.get(f"{url}/health").status_code == 200  # the service still answers what costs nothing
+        for s in held:
+            s.close()
+        deadline = time.monotonic() + 10
+        while (r := httpx.post(f"{url}/predict", files=upload(photos(head)[0]))).status_code == 503:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert r.status_code == 200
 
 
 def test_info_and_health(client, head):

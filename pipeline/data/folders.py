@@ -29,6 +29,10 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".webp", "
 #: UTF-8 output can hold): told, with the name escaped, rather than failing mid-run.
 NOT_UTF8 = "the file name is not valid UTF-8; rename it (e.g. convmv -f latin1 -t utf8)"
 
+#: Formats Pillow decodes by running another program on the bytes (EPS: Ghostscript, a PostScript interpreter,
+#: unbounded in time: ``{} loop``): no stage lists them, and an upload or a file named .jpg holding one is refused.
+EXTERNAL_FORMATS = {"EPS": "Ghostscript"}
+
 #: Largest image (in pixels) we agree to decode; larger ones are treated as decompression bombs.
 MAX_IMAGE_PIXELS = 89_478_485  # PIL's own default warning threshold (about 0.25 GB of RGB)
 #: Longest side over shortest side we agree to decode. The preprocessing resizes the shorter side to
@@ -392,6 +396,17 @@ def decode_bytes(data: bytes, min_short_side: int | None = None, max_pixels: int
     return decode_stream(io.BytesIO(data), min_short_side, max_pixels)[1]
 
 
+def open_image(fp):
+    """``Image.open``, where an AttributeError can only be Pillow's, on a damaged header (SPIDER's, naming an
+    image of a stack without the stack): that file's "unreadable image", not the end of a whole run."""
+    from PIL import Image
+
+    try:
+        return Image.open(fp)
+    except AttributeError as e:
+        raise ImageLoadError(f"unreadable image: {e}", "unreadable") from None
+
+
 def decode_stream(fp, min_short_side: int | None = None, max_pixels: int = MAX_IMAGE_PIXELS,
                   pil_warnings: bool = False):
     """(decoded image, its RGB conversion) of an open binary file, under the rules of ``decode_image``. PIL's
@@ -405,7 +420,10 @@ def decode_stream(fp, min_short_side: int | None = None, max_pixels: int = MAX_I
                 warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
-            with Image.open(fp) as im:
+            with open_image(fp) as im:
+                if im.format in EXTERNAL_FORMATS:
+                    raise ImageLoadError(f"{im.format} is not decoded: it would run {EXTERNAL_FORMATS[im.format]} on "
+                                         "the file (convert it to PNG or JPEG)", "not-an-image")
                 check_size(im.size, max_pixels)
                 jpeg_draft(im, min_short_side)
                 im.load()
@@ -416,7 +434,8 @@ def decode_stream(fp, min_short_side: int | None = None, max_pixels: int = MAX_I
         raise ImageLoadError(f"decompression bomb: {e}", "decompression-bomb") from None
     except Image.UnidentifiedImageError:
         raise ImageLoadError("not an image (unidentified format)", "not-an-image") from None
-    except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
+    except (OSError, SyntaxError, ValueError, NotImplementedError) as e:  # truncated or corrupt data (Pillow's DDS
+        # and BLP readers raise NotImplementedError on a header they cannot make sense of)
         kind = "truncated" if "truncated" in str(e) else "unreadable"
         raise ImageLoadError(f"unreadable image: {e}", kind) from None
 

@@ -166,6 +166,8 @@ def preprocess(fp, p, decoding: dict) -> np.ndarray:
     metadata's "preprocessing", ``decoding``: its "decoding". A fused model's "preprocessing" is a list, one a
     backbone: the photo decoded once, part i in channels 3i..3i+2 at the top left of a zero canvas."""
     with Image.open(fp) as im:
+        if im.format == "EPS":  # Pillow decodes PostScript by running Ghostscript on it: a program, unbounded
+            raise ValueError("EPS is not decoded: it would run Ghostscript on the file (convert it to PNG or JPEG)")
         jpeg_draft(im, decoding.get("jpeg_draft_min_short_side"))
         im.load()
         rgb = upright(to_rgb(im), orientation(im))

@@ -18,12 +18,16 @@ def new_run_dir(runs_dir: str, kind: str) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     base = Path(runs_dir) / f"{stamp}-{kind}"
     d, k = base, 1
-    while d.exists():
-        k += 1
-        d = base.with_name(f"{base.name}-{k}")
-    with writing(d):
-        d.mkdir(parents=True)
-    return d
+    while True:
+        try:
+            with writing(d):
+                d.mkdir(parents=True)  # not exist_ok: a run started in the same second may take it first
+            return d
+        except FileExistsError as e:
+            if e.filename != str(d):  # not this folder taken by another run: raised as it is
+                raise
+            k += 1
+            d = base.with_name(f"{base.name}-{k}")
 
 
 def finish_run(out_dir: Path, runs_dir: str, kind: str, history: Optional[list], outputs: list,

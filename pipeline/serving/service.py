@@ -86,12 +86,17 @@ class BodyTooLarge(Exception):
     """The request body grew past max_request_bytes while it streamed in."""
 
 
+class BodyTimeout(Exception):
+    """The request body was not all there body_seconds after it began (a stalled or trickling client)."""
+
+
 class BodyLimit:
     """ASGI middleware: a declared Content-Length over the limit is refused at once (413), and a body that
-    streams past it (chunked) raises BodyTooLarge in whoever reads it."""
+    streams past it (chunked) raises BodyTooLarge in whoever reads it; one not all in within ``seconds`` (0:
+    no limit) raises BodyTimeout, or a client that stops sending would hold its connection for ever."""
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, seconds: float = 0):
+        self.app, self.max_bytes, self.seconds = app, max_bytes, seconds
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -107,18 +112,50 @@ class BodyLimit:
             if declared > self.max_bytes:
                 return await JSONResponse({"detail": f"the request is {declared} bytes; at most {self.max_bytes}"},
                                           413)(scope, receive, send)
-        seen = 0
+        seen, complete = 0, False
+        deadline = asyncio.get_running_loop().time() + self.seconds
 
         async def limited():
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, complete
+            if complete or not self.seconds:  # past the body: the wait for a disconnect has no deadline
+                message = await receive()
+            else:
+                try:
+                    message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
+                except asyncio.TimeoutError:
+                    raise BodyTimeout() from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
+                complete = not message.get("more_body", False)
                 if seen > self.max_bytes:
                     raise BodyTooLarge()
             return message
 
         return await self.app(scope, limited, send)
+
+
+class RequestSlots:
+    """ASGI middleware: at most ``slots`` POST requests at once; past it 503 with Retry-After, before any of the
+    body is read. A form being read keeps up to 1 MB of each file in memory (Starlette's spool), so without a
+    bound N clients cost N x max_files MB, however the queue behind is limited."""
+
+    def __init__(self, app, slots: int):
+        self.app, self.slots, self.busy = app, slots, 0
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        if self.busy >= self.slots:
+            from fastapi.responses import JSONResponse
+
+            return await JSONResponse({"detail": f"busy: {self.busy} requests are being answered (--max-requests "
+                                                 f"{self.slots}); retry shortly"}, 503,
+                                      headers={"Retry-After": "1"})(scope, receive, send)
+        self.busy += 1
+        try:
+            return await self.app(scope, receive, send)
+        finally:
+            self.busy -= 1
 
 
 def host_name(header: str) -> str:
@@ -228,8 +265,8 @@ class Service:
                       "data_fingerprint": c.get("data_fingerprint", ""),
                       "device": str(self.inference.device), "precision": self.inference.precision,
                       "batch_size": cfg.batch_size, "max_wait_ms": cfg.max_wait_ms,
-                      "limits": {k: getattr(cfg, k) for k in ("max_files", "max_file_bytes", "max_request_bytes",
-                                                              "max_pixels", "max_queue")},
+                      "limits": {k: getattr(cfg, k) for k in ("max_requests", "max_files", "max_file_bytes",
+                                                              "max_request_bytes", "max_pixels", "max_queue")},
                       "versions": {**versions(),
                                    **{p: package_version(p) for p in ("fastapi", "uvicorn", "starlette")}}}
 
@@ -286,11 +323,18 @@ def no_image_detail(rows: list[dict]) -> str:
     return f"none of the {len(rows)} files could be classified: {reasons}{more}"
 
 
+def validation_detail(errors) -> str:
+    """FastAPI's list of a query's validation errors as one line: "top: Input should be a valid integer, ... got
+    'abc'" (the page and curl show ``detail`` as it is)."""
+    return "; ".join(f"{e['loc'][-1]}: {e['msg']}, got {e.get('input')!r}" for e in errors)
+
+
 def build_app(cfg: ServeConfig):
     """The FastAPI app serving cfg.model (the model loads now; the batcher stops when the app shuts down)."""
     require()
     check(cfg)
     from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse
     from starlette.concurrency import run_in_threadpool
 
@@ -310,6 +354,10 @@ def build_app(cfg: ServeConfig):
     app = FastAPI(title="transfer-pipeline", version=package_version("transfer-pipeline"), lifespan=lifespan,
                   docs_url=None, redoc_url=None)
     app.state.service = svc
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_parameter(request, exc):
+        return JSONResponse({"detail": validation_detail(exc.errors())}, 400)
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
@@ -332,6 +380,9 @@ def build_app(cfg: ServeConfig):
             form = await request.form(max_files=cfg.max_files, max_fields=cfg.max_files)
         except BodyTooLarge:
             return JSONResponse({"detail": f"the request is more than {cfg.max_request_bytes} bytes"}, 413)
+        except BodyTimeout:
+            return JSONResponse({"detail": f"the request body did not arrive within the {cfg.body_seconds:g} s of "
+                                           "--body-seconds"}, 408)
         try:
             uploads = form.getlist(FIELD)
             if not uploads:
@@ -363,7 +414,8 @@ def build_app(cfg: ServeConfig):
             return JSONResponse({"detail": no_image_detail(rows), "rows": rows}, status, headers=headers)
         return JSONResponse(rows, headers=headers)
 
-    app.add_middleware(BodyLimit, max_bytes=cfg.max_request_bytes)
+    app.add_middleware(BodyLimit, max_bytes=cfg.max_request_bytes, seconds=cfg.body_seconds)
+    app.add_middleware(RequestSlots, slots=cfg.max_requests)
     app.add_middleware(DrainDeadline, service=svc)
     if is_loopback(cfg.host):
         app.add_middleware(LocalHostOnly, allowed=local_names(cfg.host))
