@@ -55,6 +55,10 @@ from .files import shown
 from .models.estimators import FeatureHead, ImageClassifier, NotFittedError, is_cache, is_features
 from .progress import verbosity
 
+#: the stages' result dataclasses -> their stage packages, loaded on first use (``__getattr__`` below); not in
+#: ``__all__``, so that ``help(pipeline)`` and ``from pipeline.api import *`` stay without torch
+RESULTS = {"FitHeadResult": "heads", "BackboneChoice": "heads", "SuggestResult": "reports"}
+
 __all__ = [
     "Cache", "Head", "Model", "NotFittedError", "Rows",
     "extract_features", "list_caches", "compare_sklearn", "choose_backbone", "train_model", "finetune_model",
@@ -67,6 +71,16 @@ __all__ = [
 
 PathLike = Union[str, os.PathLike]
 log = logging.getLogger(__name__)
+
+
+def __getattr__(name: str):
+    """The stages' result dataclasses (``RESULTS``: name -> stage package), loaded on first use: their modules
+    import torch, and ``import pipeline.api`` must not."""
+    if name not in RESULTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f"pipeline.{RESULTS[name]}"), name)
 
 
 # -- plumbing ----------------------------------------------------------------------------------
@@ -212,7 +226,8 @@ class Head(ClassifierMixin, BaseEstimator, FeatureHead, _Classifier):
     - ``fit(X, y)``: train on arrays of cached features ((N, d) rows or (N, C, H, W) maps) and labels,
       in memory (no run folder): the same split and fit as on a cache; ``classes_`` are y's labels.
     - learned: ``classes_``, ``history_`` (one dict per epoch), ``metrics_`` (val_acc, val_loss,
-      per-class val acc, ...), ``checkpoint_`` (the head.pt), ``run_dir_``, ``curves_``, ``cache_``
+      per-class val acc, ...), ``checkpoint_`` (the head.pt), ``run_dir_``, ``curves_``, ``cache_``,
+      ``result_`` (fit-head's answer, a ``FitHeadResult``; None when fitted on arrays or loaded)
     - ``predict(X)``, ``predict_proba(X)``: X image paths, folders, PIL images (through the backbone the
       cache was made with), or a Cache / an array of cached features (through the head only); the
       probabilities are calibrated (``temperature_``); ``predict(X, unknown=True)`` names 'unknown' the
@@ -281,7 +296,7 @@ class Head(ClassifierMixin, BaseEstimator, FeatureHead, _Classifier):
         cfg = self._config(cache=None if X is None else [_path(x) for x in X] if several else _path(X))
         with verbosity(self.verbose if verbose is None else verbose):
             result = fit_head(cfg)
-        self._set_state(result["checkpoint"], result=result)
+        self._set_state(result.checkpoint, result=result)
         return self
 
     @classmethod

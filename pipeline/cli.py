@@ -291,7 +291,7 @@ def fit_head_cmd(as_json, **options):
     cache = options.pop("cache")
     rows = list(cache) if len(cache) > 1 else cache[0] if cache else None
     result = api.Head(verbose=None, **options).fit(rows).result_
-    emit(result, as_json, present.fit_head_text(result))
+    emit(result.to_dict(), as_json, present.fit_head_text(result))
 
 
 @cli.command("choose-backbone")

@@ -101,7 +101,7 @@ def test_fit_head_on_sharded_matches_single(clean):
     tmp, data, one, res = clean
     a = fit_head(FitHeadConfig(head="linear", cache=one, epochs=3, device="cpu", runs_dir=str(tmp / "runs1")))
     b = fit_head(FitHeadConfig(head="linear", cache=res["cache"], epochs=3, device="cpu", runs_dir=str(tmp / "runs2")))
-    assert (b["val_acc"], b["val_loss"], b["train_loss"]) == (a["val_acc"], a["val_loss"], a["train_loss"])
+    assert (b.val_acc, b.val_loss, b.metrics["train_loss"]) == (a.val_acc, a.val_loss, a.metrics["train_loss"])
 
 
 def test_plain_run_is_a_hit_and_consolidate_makes_one_file(clean, tmp_path):

@@ -168,7 +168,7 @@ def test_a_flip_head_exports_with_its_mirror_mean(tmp_path, make_cache):
     cache = make_cache(data, dtype="float32", flip=True)["cache"]
     from pipeline.heads.fit_head import FitHeadConfig, fit_head
 
-    head = fit_head(FitHeadConfig(head="logreg", cache=cache, runs_dir=str(tmp_path / "runs")))["checkpoint"]
+    head = fit_head(FitHeadConfig(head="logreg", cache=cache, runs_dir=str(tmp_path / "runs"))).checkpoint
     result = pipeline.export_model(head, tmp_path / "flip.onnx", check_data=data)
     assert result["passed"] and json.loads((tmp_path / "flip.onnx.json").read_text())["flip"] is True
 
@@ -223,7 +223,7 @@ def test_no_output_replaces_a_photo_the_cache_or_the_weights_sidecar_of_the_head
     weights.with_suffix(".json").write_text(json.dumps({"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}))
     cache = extract(ExtractConfig(data=str(data), n=0, backbone="tiny", weights=str(weights), workers=0,
                                   cache_dir=str(tmp_path / "f")))["cache"]
-    head = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=1, runs_dir=str(tmp_path / "r")))["checkpoint"]
+    head = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=1, runs_dir=str(tmp_path / "r"))).checkpoint
     before = files_below(tmp_path)
     for output, extra, why in [
         (data / "blue" / "blue.0.jpg", [], "is inside the data folder"),
@@ -268,7 +268,7 @@ def test_a_real_vgg16_head_exports_with_parity(shared_available, make_cache, tmp
     from tests.conftest import SHARED, SHARED_CATSDOGS, SHARED_WEIGHTS
 
     cache = make_cache(SHARED_CATSDOGS, n=40, backbone="vgg16", weights=str(SHARED_WEIGHTS), workers=2)["cache"]
-    head = fit_head(FitHeadConfig(cache=cache, runs_dir=str(tmp_path / "runs")))["checkpoint"]
+    head = fit_head(FitHeadConfig(cache=cache, runs_dir=str(tmp_path / "runs"))).checkpoint
     result = pipeline.export_model(head, tmp_path / "catsdogs.onnx", check_data=SHARED / "data" / "catsdogs_test",
                                    check_n=8)
     assert result["passed"] and result["parity"]["same_class"] == 8 + len(export_mod.ODD_MODES)

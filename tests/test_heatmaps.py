@@ -74,8 +74,8 @@ def test_every_head_kind_lights_the_region_that_decides_the_class(region_cache, 
     cache, root = region_cache
     fitted = fit_head(FitHeadConfig(cache=str(cache), head=kind, runs_dir=str(root / "runs" / kind),
                                     calibrate="none", unknown_rows=0, **options))
-    ckpt = read_checkpoint(fitted["checkpoint"])
-    head = head_from_checkpoint(ckpt, ckpt["state_dict"], fitted["checkpoint"]).eval()
+    ckpt = read_checkpoint(fitted.checkpoint)
+    head = head_from_checkpoint(ckpt, ckpt["state_dict"], fitted.checkpoint).eval()
     x, y, corners = region_maps(30, seed=1)  # photos it never saw
     logp, maps = head_maps(head, x)
     with torch.no_grad():
@@ -309,7 +309,7 @@ def pipeline_head(root, data) -> str:
     from pipeline.heads.fit_head import fit_head
 
     return fit_head(FitHeadConfig(cache=patch_cache(root, data, "tiny"), head="logreg", calibrate="none",
-                                  unknown_rows=0, runs_dir=str(root / "runs")))["checkpoint"]
+                                  unknown_rows=0, runs_dir=str(root / "runs"))).checkpoint
 
 
 # -- evaluate's gallery of confident errors ------------------------------------------------------

@@ -131,16 +131,16 @@ def test_finetune_starts_from_a_fit_head_checkpoint(tmp_path, image_folder, make
     cache = make_cache(image_folder)["cache"]
     head = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=5, runs_dir=str(tmp_path / "runs")))
     result = CliRunner().invoke(cli.cli, [
-        "finetune", "--data", str(image_folder), "--init-head", head["checkpoint"], "--epochs", "2",
+        "finetune", "--data", str(image_folder), "--init-head", head.checkpoint, "--epochs", "2",
         "--head-epochs", "1", "--workers", "0", "--batch-size", "8", "--print-every", "1",
         "--runs-dir", str(tmp_path / "runs"), "--json"])
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
-    assert out["history"][0]["val_acc"] == pytest.approx(head["val_acc"])  # the same head on the same split
+    assert out["history"][0]["val_acc"] == pytest.approx(head.val_acc)  # the same head on the same split
     assert "Epoch 1, batch 1: running train acc=" in result.stderr
     assert "Epoch 2, Train acc=" in result.stderr and "Val loss=" in result.stderr
     ckpt = torch.load(out["checkpoint"], weights_only=True)
-    assert ckpt["kind"] == "finetune" and ckpt["init_from"] == head["checkpoint"]
+    assert ckpt["kind"] == "finetune" and ckpt["init_from"] == head.checkpoint
     assert Path(out["curves"]).is_file()
     from pipeline.runs.ledger import read_runs
 
@@ -165,7 +165,7 @@ def test_a_runs_dir_inside_the_training_photos_is_refused_before_training(tmp_pa
     for command in (["train", "--data", str(image_folder)],
                     ["finetune", "--data", str(make_image_folder(tmp_path / "copy")), "--init-head",
                      fit_head(FitHeadConfig(head="linear", cache=make_cache(image_folder)["cache"], epochs=1,
-                                            runs_dir=str(tmp_path / "runs")))["checkpoint"]]):
+                                            runs_dir=str(tmp_path / "runs"))).checkpoint]):
         r = CliRunner().invoke(cli.cli, [*command, *tiny, "--runs-dir", str(image_folder / "red" / "runs")])
         assert r.exit_code == 2 and "--runs-dir" in r.output and "inside the data folder" in r.output, r.output
     assert not (image_folder / "red" / "runs").exists()
@@ -190,7 +190,7 @@ def test_finetune_never_validates_on_images_its_starting_head_was_fitted_on(tmp_
         from pipeline.heads.epoch_loop import split_indices
 
         seen = {c.paths[i] for i in split_indices(c.labels, 0.5, 0)[0]}
-    r = CliRunner().invoke(cli.cli, ["finetune", "--data", str(data), "--init-head", head["checkpoint"], "--n", "16",
+    r = CliRunner().invoke(cli.cli, ["finetune", "--data", str(data), "--init-head", head.checkpoint, "--n", "16",
                                      "--val-fraction", "0.5", "--seed", "1", "--epochs", "1", "--workers", "0",
                                      "--runs-dir", str(tmp_path / "runs"), "--json"])
     assert r.exit_code == 0, r.output
@@ -223,14 +223,14 @@ def test_finetune_finds_its_head_training_images_in_a_copied_or_moved_folder_by_
     cache = make_cache(data)["cache"]
     head = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=1, val_fraction=0.5,
                                   runs_dir=str(tmp_path / "runs")))
-    same = head_training_images(head["checkpoint"], list_image_folder(data))
+    same = head_training_images(head.checkpoint, list_image_folder(data))
     (shutil.copytree if how == "copy" else shutil.move)(str(data), str(tmp_path / "copy"))
-    assert len(same) == 10 and head_training_images(head["checkpoint"], list_image_folder(tmp_path / "copy")) == same
+    assert len(same) == 10 and head_training_images(head.checkpoint, list_image_folder(tmp_path / "copy")) == same
     if how == "move":  # the head's folder is gone: the cache's digests still find a renamed one by content
         old = sorted(same)[0]
         new = str(Path(old).with_name("renamed" + Path(old).suffix))
         (tmp_path / "copy" / old).rename(tmp_path / "copy" / new)
-        assert head_training_images(head["checkpoint"], list_image_folder(tmp_path / "copy")) == same - {old} | {new}
+        assert head_training_images(head.checkpoint, list_image_folder(tmp_path / "copy")) == same - {old} | {new}
 
 
 @pytest.mark.parametrize("command, option", [("train", "--lr"), ("finetune", "--lr"), ("finetune", "--backbone-lr")])

@@ -15,6 +15,7 @@ from ..runs.ledger import ledger_path
 
 if TYPE_CHECKING:
     from ..heads.backbone_choice import BackboneChoice
+    from ..heads.fit_head import FitHeadResult
     from .suggest import SuggestResult
 
 
@@ -42,27 +43,27 @@ def kept_text(trust: dict) -> str:
             f"asked {trust['known_share']:.0%})")
 
 
-def fit_head_text(r: dict) -> str:
+def fit_head_text(r: FitHeadResult) -> str:
     """fit-head's result as the lines a person reads (the epoch lines went to stderr as they came)."""
-    per_class = ", ".join(f"{c} {a:.3f}" for c, a in r["per_class_val_acc"].items() if a is not None)
-    best = f", best epoch {r['best_epoch']} of {len(r['history'])}" if r["history"] else ""
-    tuned = f" (tuned: {r['tuning']['choice']})" if r["tuning"] else ""
-    lines = [f"{r['head']}{tuned}",
-             f"val acc {r['val_acc']:.3f}, val loss {r['val_loss']:.4f} ({r['train_rows']} train / {r['val_rows']} "
-             f"val rows, {r['fit_seconds']:.1f} s{best})",
+    per_class = ", ".join(f"{c} {a:.3f}" for c, a in r.per_class_val_acc.items() if a is not None)
+    best = f", best epoch {r.best_epoch} of {len(r.history)}" if r.history else ""
+    tuned = f" (tuned: {r.tuning['choice']})" if r.tuning else ""
+    lines = [f"{r.head}{tuned}",
+             f"val acc {r.val_acc:.3f}, val loss {r.val_loss:.4f} ({r.train_rows} train / {r.val_rows} "
+             f"val rows, {r.fit_seconds:.1f} s{best})",
              f"per-class val acc: {per_class}"]
-    if r["tuning"]:
-        t = r["tuning"]
+    if r.tuning:
+        t = r.tuning
         lines.append(f"{t['folds']}-fold CV on the training rows: acc {t['cv_acc']:.3f} ± {t['cv_acc_std']:.3f}, "
                      f"log-loss {t['cv_log_loss']:.4f}")
-    if r["tuning"] and r["tuning"].get("fusion"):
-        tried = r["tuning"]["fusion"]
+    if r.tuning and r.tuning.get("fusion"):
+        tried = r.tuning["fusion"]
         lines.append("fused features or one cache alone, by CV acc / log-loss: "
                      + ", ".join(f"{t['rows']} {t['cv_acc']:.3f} / {t['cv_log_loss']:.4f}" for t in tried)
                      + f"; kept {next(t['rows'] for t in tried if t['chosen'])}")
-    lines += trust_lines(r["trust"])
-    if r["test"]:
-        t = r["test"]
+    lines += trust_lines(r.trust)
+    if r.test:
+        t = r.test
         per = ", ".join(f"{c} {a:.3f}" for c, a in t["per_class"].items() if a is not None)
         cal = t["calibration"]
         lines += [f"test acc {t['acc']:.3f}, test loss {t['loss']:.4f} ({t['rows']} images of {t['cache']})",
@@ -70,7 +71,7 @@ def fit_head_text(r: dict) -> str:
                   f"test ECE {cal['after']['ece']:.4f} calibrated, {cal['before']['ece']:.4f} without the temperature"]
         if t["overlap"]:
             lines.append(f"warning: {len(t['overlap'])} test images are copies of training images")
-    lines.append(f"checkpoint: {r['checkpoint']}")
+    lines.append(f"checkpoint: {r.checkpoint}")
     return "\n".join(lines)
 
 
