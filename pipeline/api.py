@@ -57,7 +57,7 @@ from .progress import verbosity
 
 #: the stages' result dataclasses -> their stage packages, loaded on first use (``__getattr__`` below); not in
 #: ``__all__``, so that ``help(pipeline)`` and ``from pipeline.api import *`` stay without torch
-RESULTS = {"FitHeadResult": "heads", "BackboneChoice": "heads", "SuggestResult": "reports"}
+RESULTS = {"FitHeadResult": "heads", "CompareResult": "heads", "BackboneChoice": "heads", "SuggestResult": "reports"}
 
 __all__ = [
     "Cache", "Head", "Model", "NotFittedError", "Rows",
@@ -139,9 +139,9 @@ def _call_text(name: str, *args, **kwargs) -> str:
 
 class Rows(list):
     """A list of row dicts (one per model, run, ...) that Jupyter shows as a table; ``result`` holds the
-    stage's whole answer (split, cache, run folders) when there is more to it than the rows."""
+    stage's whole answer (its result dataclass: split, cache, run folders) when there is more to it than the rows."""
 
-    def __init__(self, rows=(), result: Optional[dict] = None):
+    def __init__(self, rows=(), result=None):
         super().__init__(rows)
         self.result = result if result is not None else {}
 
@@ -416,7 +416,7 @@ def compare_sklearn(cache: Union[Cache, PathLike, None] = None, *, head: Union[H
     ``options``: CompareConfig's (C, max_iter, scale, val_fraction, seed, cache_dir, block_rows) and any
     of fit-head's (epochs, lr, ...) for the torch head, or ``head=Head(...)`` (its parameters).
     Returns one row dict per model (model, val_acc, val_loss, fit_seconds, per_class_val_acc, ...);
-    ``rows.result`` holds the split, the cache and the head's run folder.
+    ``rows.result``, a ``CompareResult``, holds the split, the cache and the head's run folder.
     """
     compare_fields = set(_field_names(CompareConfig, ("head",)))
     head_fields = set(_field_names(FitHeadConfig, ("cache",)))
@@ -437,7 +437,7 @@ def compare_sklearn(cache: Union[Cache, PathLike, None] = None, *, head: Union[H
 
     with verbosity(verbose):
         result = run(cfg)
-    return Rows(result["models"], result)
+    return Rows(result.models, result)
 
 
 def train_model(data: PathLike, *, verbose: Optional[bool] = False, **options) -> Model:

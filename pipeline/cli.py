@@ -322,8 +322,10 @@ COMPARED_HEAD_OPTIONS = ("features", "normalize", "recipe", "epochs", "patience"
 @library_errors
 def compare_sklearn_cmd(as_json, cache, **options):
     """Fit the torch head and scikit-learn LogisticRegression on the same split; print both."""
+    from dataclasses import asdict
+
     result = api.compare_sklearn(cache, verbose=None, **options).result
-    emit(result, as_json, present.compare_text(result))
+    emit(asdict(result), as_json, present.compare_text(result))
 
 
 @cli.command()

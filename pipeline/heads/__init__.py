@@ -2,7 +2,7 @@
 
 What other stages use:
     fit_head.fit_head               the fit-head command (its answer: FitHeadResult, exported here)
-    compare.compare_sklearn         the compare-sklearn command
+    compare.compare_sklearn         the compare-sklearn command (its answer: CompareResult, exported here)
     backbone_choice.choose_backbone the choose-backbone command (its answer: BackboneChoice, exported here)
     fused_views.FusedRows           several caches of the same photos as one cache of fused rows
     probe_heads.ProbeHead           one torch module for every head kind (view -> norm -> [RBF] -> Linear -> LogSoftmax)
@@ -14,7 +14,7 @@ What other stages use:
 
 #: the stages' result dataclasses -> their modules, loaded on first use: the modules import torch, and
 #: ``import pipeline.heads`` (a cache hit's path) must not
-RESULTS = {"FitHeadResult": "fit_head", "BackboneChoice": "backbone_choice"}
+RESULTS = {"FitHeadResult": "fit_head", "CompareResult": "compare", "BackboneChoice": "backbone_choice"}
 
 
 def __getattr__(name: str):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
 import numpy as np
@@ -116,7 +116,20 @@ def _describe(r: FitHeadResult, c: dict) -> str:
     return f"{c['head']} Linear+LogSoftmax ({recipe}{c['features']}, {c['normalize']}, {how})"
 
 
-def compare_sklearn(cfg: CompareConfig) -> dict:
+@dataclass(frozen=True)
+class CompareResult:
+    """compare-sklearn's answer: one row per model, fitted on one split of one cache."""
+
+    cache: str
+    split: dict  # val_fraction, seed, train_rows, val_rows: the one split every model was fitted on
+    models: list  # one row dict per model: the heads' kinds, then the scikit-learn recipes
+    head_run_dir: str  # the first head's run folder (demo's next steps point at its head.pt)
+    test_cache: Optional[str]  # the cache of --test-data / --test-cache every model was scored on, else None
+    source_changed: Optional[str]  # how the photos changed since the cache was made (None: they did not)
+    default_cache: Optional[dict]  # the newest cache taken when none was named, else None
+
+
+def compare_sklearn(cfg: CompareConfig) -> CompareResult:
     """Fit every head kind (linear, logreg, kernel) and the flat scikit-learn baseline on the same split."""
 
     check_config(cfg)
@@ -144,7 +157,7 @@ def compare_sklearn(cfg: CompareConfig) -> dict:
                         "sklearn_val_acc": sk["val_acc"], "sklearn_val_loss": sk["val_loss"],
                         **({"svc_val_acc": svc["val_acc"]} if svc else {})},
                outputs=[r.run_dir for r in runs])
-    return {"cache": str(path), "split": {"val_fraction": cfg.val_fraction, "seed": cfg.seed,
-                                          "train_rows": sk["train_rows"], "val_rows": sk["val_rows"]},
-            "models": models, "head_run_dir": runs[0].run_dir, "test_cache": test_cache,
-            "source_changed": runs[0].source_changed, "default_cache": default_cache}
+    return CompareResult(cache=str(path), split={"val_fraction": cfg.val_fraction, "seed": cfg.seed,
+                                                 "train_rows": sk["train_rows"], "val_rows": sk["val_rows"]},
+                         models=models, head_run_dir=runs[0].run_dir, test_cache=test_cache,
+                         source_changed=runs[0].source_changed, default_cache=default_cache)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import asdict
 from pathlib import Path
 
 from ..config import DemoConfig
@@ -57,8 +58,8 @@ def demo(cfg: DemoConfig) -> dict:
     log.info("[3/4] extracting %s features of %d images", cfg.backbone, cfg.n)
     steps["extract"] = extract(extract_cfg)
     log.info("[4/4] fitting the torch head and scikit-learn on the same split")
-    steps["compare"] = compare_sklearn(CompareConfig(cache=steps["extract"]["cache"],
-                                                     head=FitHeadConfig(runs_dir=cfg.runs_dir)))
+    steps["compare"] = asdict(compare_sklearn(CompareConfig(cache=steps["extract"]["cache"],
+                                                            head=FitHeadConfig(runs_dir=cfg.runs_dir))))
     steps["next"] = next_steps(steps, data, cfg.runs_dir)
     return steps
 

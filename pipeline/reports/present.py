@@ -15,6 +15,7 @@ from ..runs.ledger import ledger_path
 
 if TYPE_CHECKING:
     from ..heads.backbone_choice import BackboneChoice
+    from ..heads.compare import CompareResult
     from ..heads.fit_head import FitHeadResult
     from .suggest import SuggestResult
 
@@ -75,22 +76,27 @@ def fit_head_text(r: FitHeadResult) -> str:
     return "\n".join(lines)
 
 
-def compare_text(result: dict) -> str:
-    test = any("test_acc" in m for m in result["models"])
+def compare_text(result: CompareResult) -> str:
+    return compare_table(result.models, result.split, result.cache, result.test_cache)
+
+
+def compare_table(models: list, split: dict, cache: str, test_cache: Optional[str]) -> str:
+    """compare-sklearn's table, one row per model, and the split they share (demo's is a dict of it)."""
+    test = any("test_acc" in m for m in models)
     rows = [("model", "val acc", "val log-loss", *(("test acc", "test log-loss") if test else ()), "fit time")]
-    for m in result["models"]:
+    for m in models:
         loss = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731 (an SVC gives no probabilities)
         t = (f"{m['test_acc']:.3f}", loss(m["test_loss"])) if "test_acc" in m else (("-", "-") if test else ())
         rows.append((m["model"], f"{m['val_acc']:.3f}", loss(m["val_loss"]), *t, f"{m['fit_seconds']:.1f} s"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    for m in result["models"]:
+    for m in models:
         accs = ", ".join(f"{c} {a:.3f}" for c, a in m["per_class_val_acc"].items() if a is not None)
         lines.append(f"per-class val acc, {m['model'].split(' (')[0]}: {accs}")
-    s = result["split"]
+    s = split
     lines.append(f"(same split: {s['train_rows']} train / {s['val_rows']} val rows, seed {s['seed']}; "
-                 f"cache {result['cache']}{'; test ' + result['test_cache'] if result.get('test_cache') else ''})")
+                 f"cache {cache}{'; test ' + test_cache if test_cache else ''})")
     return "\n".join(lines)
 
 
@@ -353,7 +359,9 @@ def fetch_note(result: dict) -> str:
 
 
 def demo_text(result: dict) -> str:
-    return compare_text(result["compare"]) + "\n\n" + demo_next_text(result["next"])
+    c = result["compare"]
+    return (compare_table(c["models"], c["split"], c["cache"], c.get("test_cache")) + "\n\n"
+            + demo_next_text(result["next"]))
 
 
 def train_text(result: dict) -> str:
