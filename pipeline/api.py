@@ -21,7 +21,7 @@ import html
 import inspect
 import logging
 import os
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, fields, replace
 from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
@@ -57,7 +57,8 @@ from .progress import verbosity
 
 #: the stages' result dataclasses -> their stage packages, loaded on first use (``__getattr__`` below); not in
 #: ``__all__``, so that ``help(pipeline)`` and ``from pipeline.api import *`` stay without torch
-RESULTS = {"FitHeadResult": "heads", "CompareResult": "heads", "BackboneChoice": "heads", "SuggestResult": "reports"}
+RESULTS = {"FitHeadResult": "heads", "CompareResult": "heads", "BackboneChoice": "heads", "EvaluateResult": "reports",
+           "SuggestResult": "reports"}
 
 __all__ = [
     "Cache", "Head", "Model", "NotFittedError", "Rows",
@@ -477,15 +478,16 @@ def finetune_model(data: PathLike, init: Union[Head, Model, PathLike, None] = No
 
 def evaluate_model(model: Union[Head, Model, PathLike], cache: Union[Cache, PathLike, None] = None,
                    data: Optional[PathLike] = None, *, figures: bool = True, verbose: Optional[bool] = False,
-                   **options) -> dict:
+                   **options):
     """Accuracy, loss, macro F1, per-class precision/recall/F1, the confusion matrix and the most
     confidently wrong images of ``model`` (``python cli.py evaluate``).
 
     On ``cache`` (a head only; by default the cache it was fitted on, ``split='val'`` its validation
     rows or 'all'), or on the image folder ``data`` (any model). ``options``: EvaluateConfig's (split,
     top_k, weights, batch_size, device, precision, workers, runs_dir). Writes confusion.png, gallery.png
-    and metrics.json to a run folder; with ``figures`` the dict also holds
-    ``figures={'confusion': Figure, 'gallery': Figure, 'reliability': Figure}``. The result also holds
+    and metrics.json to a run folder. Returns an ``EvaluateResult`` (``accuracy``, ``per_class``, ...;
+    ``to_dict()``: metrics.json's keys); with ``figures`` its ``figures`` are
+    ``{'confusion': Figure, 'gallery': Figure, 'reliability': Figure}``. It also holds
     ``calibration`` (ECE, log-loss, Brier without and with the temperature) and ``unknown`` (the share
     flagged); on a folder of photos of none of the model's classes, only the latter.
     """
@@ -496,9 +498,7 @@ def evaluate_model(model: Union[Head, Model, PathLike], cache: Union[Cache, Path
                   cache=None if cache is None else _path(cache), data=None if data is None else os.fspath(data))
     with verbosity(verbose):
         result = evaluate(cfg)
-    if figures:
-        result["figures"] = draw(result)
-    return result
+    return replace(result, figures=draw(result.to_dict())) if figures else result
 
 
 def predict_files(model: Union[Head, Model, PathLike], paths: Union[PathLike, Sequence[PathLike]], *,

@@ -357,7 +357,7 @@ def evaluate(as_json, **options):
     """Accuracy, per-class precision/recall/F1, a confusion-matrix PNG and a gallery of confident errors."""
     result = api.evaluate_model(options.pop("model"), options.pop("cache"), options.pop("data"), figures=False,
                                 verbose=None, **options)
-    emit(result, as_json, present.evaluate_text(result))
+    emit(result.to_dict(), as_json, present.evaluate_text(result))
 
 
 @cli.command()

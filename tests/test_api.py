@@ -181,8 +181,8 @@ def test_head_scores_a_cache_or_a_folder(head, work, make_cache):
     other = make_image_folder(work / "other", per_class=5, seed=3)
     other_cache = pipeline.extract_features(other, n=0, dtype="float32", **TINY)
     r = pipeline.evaluate_model(head, cache=other_cache, split="all")
-    assert head.score(other_cache) == r["accuracy"]  # another cache: every row
-    assert head.score(other, workers=0) == pytest.approx(r["accuracy"])  # images through the backbone
+    assert head.score(other_cache) == r.accuracy  # another cache: every row
+    assert head.score(other, workers=0) == pytest.approx(r.accuracy)  # images through the backbone
     files = sorted((other / "red").glob("*.jpg"))[:3]
     assert head.score(files, ["red"] * 3) == 1.0 and head.score(files, [1, 1, 0]) == pytest.approx(2 / 3)
 
@@ -222,10 +222,10 @@ def test_evaluate_model_gives_metrics_and_figures(head):
     from matplotlib.figure import Figure
 
     r = pipeline.evaluate_model(head)  # the cache it was fitted on, validation rows
-    assert r["rows"] == 6 and r["accuracy"] == 1.0 and Path(r["confusion_png"]).is_file()
-    assert isinstance(r["figures"]["confusion"], Figure) and isinstance(r["figures"]["gallery"], Figure)
-    assert r["figures"]["confusion"]._repr_png_()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "figures" not in pipeline.evaluate_model(head, figures=False)
+    assert r.rows == 6 and r.accuracy == 1.0 and Path(r.confusion_png).is_file()
+    assert isinstance(r.figures["confusion"], Figure) and isinstance(r.figures["gallery"], Figure)
+    assert r.figures["confusion"]._repr_png_()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert pipeline.evaluate_model(head, figures=False).figures == {}
 
 
 def test_pictures_are_figures_that_show_inline_and_can_be_saved(head, work):

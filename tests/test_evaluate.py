@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from pipeline import cli
 from pipeline.heads.fit_head import FitHeadConfig, fit_head
-from pipeline.reports.evaluate import EvaluateConfig, Predictions, evaluate, summarize
+from pipeline.reports.evaluate import EvaluateConfig, EvaluateResult, Predictions, evaluate, summarize
 from pipeline.runs.ledger import read_runs
 from tests.conftest import make_image_folder
 
@@ -66,14 +66,16 @@ def head_run(tmp_path, tiny_cache):
 
 def test_default_is_the_checkpoints_own_val_split(tmp_path, head_run):
     r = evaluate(EvaluateConfig(model=head_run.checkpoint, runs_dir=str(tmp_path / "runs")))
-    assert r["rows"] == head_run.val_rows == 6
-    assert r["accuracy"] == head_run.val_acc
+    assert r.rows == head_run.val_rows == 6
+    assert r.accuracy == head_run.val_acc
     # the checkpoint is calibrated; without its temperature it gives exactly the fitted head's val loss
-    assert r["calibration"]["before"]["log_loss"] == pytest.approx(head_run.val_loss, rel=1e-5)
-    assert r["loss"] == r["calibration"]["after"]["log_loss"] and r["calibration"]["temperature"] != 1.0
-    assert np.sum(r["confusion_matrix"]) == 6
-    assert Path(r["confusion_png"]).is_file() and Path(r["gallery_png"]).is_file()
-    assert json.loads(Path(r["run_dir"], "metrics.json").read_text())["accuracy"] == r["accuracy"]
+    assert r.calibration["before"]["log_loss"] == pytest.approx(head_run.val_loss, rel=1e-5)
+    assert r.loss == r.calibration["after"]["log_loss"] and r.calibration["temperature"] != 1.0
+    assert np.sum(r.confusion_matrix) == 6
+    assert Path(r.confusion_png).is_file() and Path(r.gallery_png).is_file()
+    saved = json.loads(Path(r.run_dir, "metrics.json").read_text())
+    assert isinstance(r, EvaluateResult) and saved["accuracy"] == r.accuracy
+    assert list(r.to_dict()) == list(saved)  # --json's keys are metrics.json's, in its order
 
 
 def test_val_split_of_a_held_out_cache_is_not_called_rows_the_refitted_head_saw(tmp_path, make_cache, image_folder,
@@ -87,7 +89,7 @@ def test_val_split_of_a_held_out_cache_is_not_called_rows_the_refitted_head_saw(
     head = fit_head(FitHeadConfig(cache=train, runs_dir=str(tmp_path / "runs"))).checkpoint
     r = evaluate(EvaluateConfig(model=head, cache=test, runs_dir=str(tmp_path / "runs")))
     assert "is not the cache the model was trained on: 'val' scores 4 of its 24 rows" in caplog.text
-    assert "rows it saw" not in caplog.text and r["rows"] == 4
+    assert "rows it saw" not in caplog.text and r.rows == 4
     caplog.clear()
     evaluate(EvaluateConfig(model=head, runs_dir=str(tmp_path / "runs")))  # its own cache: the refit note
     assert "these 'val' rows are rows it saw" in caplog.text and "not the cache" not in caplog.text
@@ -106,9 +108,9 @@ def test_a_cache_of_some_of_the_models_classes_is_scored_as_its_folder_is(tmp_pa
     on_cache = evaluate(EvaluateConfig(model=head, cache=cache, split="all", runs_dir=str(tmp_path / "runs")))
     on_data = evaluate(EvaluateConfig(model=head, data=str(some), precision="fp32", workers=0,
                                       runs_dir=str(tmp_path / "runs")))
-    assert on_cache["classes"] == list(classes) and on_cache["rows"] == on_data["rows"] == 12
-    assert [on_cache["per_class"][c]["support"] for c in classes] == [6, 0, 6]
-    assert on_cache["accuracy"] == on_data["accuracy"] and on_cache["loss"] == pytest.approx(on_data["loss"], abs=1e-4)
+    assert on_cache.classes == list(classes) and on_cache.rows == on_data.rows == 12
+    assert [on_cache.per_class[c]["support"] for c in classes] == [6, 0, 6]
+    assert on_cache.accuracy == on_data.accuracy and on_cache.loss == pytest.approx(on_data.loss, abs=1e-4)
     other = make_image_folder(tmp_path / "other", per_class=6, classes=("blue", "red"), seed=4)
     (other / "red").rename(other / "purple")
     wrong = make_cache(other, dtype="float32", precision="fp32", cache_dir=str(tmp_path / "other_features"))["cache"]
@@ -122,9 +124,9 @@ def test_data_folder_agrees_with_all_cache_rows(tmp_path, head_run, image_folder
     ckpt = head_run.checkpoint
     on_cache = evaluate(EvaluateConfig(model=ckpt, split="all", runs_dir=str(tmp_path / "runs")))
     on_data = evaluate(EvaluateConfig(model=ckpt, data=str(image_folder), workers=0, runs_dir=str(tmp_path / "runs")))
-    assert on_cache["rows"] == on_data["rows"] == 24
-    assert on_data["confusion_matrix"] == on_cache["confusion_matrix"]
-    assert on_data["loss"] == pytest.approx(on_cache["loss"], rel=1e-3, abs=1e-4)
+    assert on_cache.rows == on_data.rows == 24
+    assert on_data.confusion_matrix == on_cache.confusion_matrix
+    assert on_data.loss == pytest.approx(on_cache.loss, rel=1e-3, abs=1e-4)
 
 
 def test_refusals(tmp_path, head_run):
@@ -190,8 +192,8 @@ def test_a_trained_model_evaluates_on_images(tmp_path, image_folder):
     model = train(TrainConfig(data=str(image_folder), backbone="tiny", epochs=3, lr=0.01, val_fraction=0.25,
                               runs_dir=str(tmp_path / "runs"), **fast))["checkpoint"]
     r = evaluate(EvaluateConfig(model=model, data=str(image_folder), workers=0, runs_dir=str(tmp_path / "r")))
-    assert r["kind"] == "train" and r["rows"] == 24 and sum(map(sum, r["confusion_matrix"])) == 24
-    assert r["accuracy"] >= 0.9
+    assert r.kind == "train" and r.rows == 24 and sum(map(sum, r.confusion_matrix)) == 24
+    assert r.accuracy >= 0.9
     # neither --data nor --cache: said as what it needs (it said "cannot evaluate ... on --cache", never passed)
     with pytest.raises(ValueError, match="'train' checkpoint is evaluated on photos: pass --data DIR"):
         evaluate(EvaluateConfig(model=model, runs_dir=str(tmp_path / "r")))
@@ -214,7 +216,7 @@ def test_evaluate_cache_and_fit_head_test_cache_refuse_the_same_caches(tmp_path,
     # and both take a cache made the same way
     assert fit_head(FitHeadConfig(head="linear", cache=train, epochs=1, test_cache=same,
                                   runs_dir=str(tmp_path / "runs"))).test
-    assert evaluate(EvaluateConfig(model=head, cache=same, split="all", runs_dir=str(tmp_path / "runs")))["rows"] == 24
+    assert evaluate(EvaluateConfig(model=head, cache=same, split="all", runs_dir=str(tmp_path / "runs"))).rows == 24
 
 
 def test_evaluate_takes_precision_for_data(tmp_path, head_run, image_folder, monkeypatch):

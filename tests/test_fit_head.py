@@ -69,7 +69,7 @@ def test_a_head_fitted_with_a_relative_cache_dir_is_evaluated_and_exported_from_
     monkeypatch.chdir(elsewhere)
     for head in (one, fused):
         r = evaluate(EvaluateConfig(model=str(project / head), runs_dir=str(tmp_path / "runs")))
-        assert r["rows"] == 4
+        assert r.rows == 4
     assert len(training_photos(read_checkpoint(project / one), 2)) == 2  # export's parity check photos
 
 
@@ -175,7 +175,7 @@ def test_a_logreg_head_is_sklearns_logistic_regression_as_a_linear_layer(cache, 
     assert np.abs(np.exp(logp) - clf.predict_proba(x[val])).max() < 1e-5
     # ... and evaluate takes it like any head
     e = evaluate(EvaluateConfig(model=r.checkpoint, runs_dir=str(tmp_path / "e")))
-    assert e["accuracy"] == r.val_acc and e["rows"] == r.val_rows
+    assert e.accuracy == r.val_acc and e.rows == r.val_rows
 
 
 def test_tune_picks_by_cross_validation_and_is_deterministic(cache, tmp_path):

@@ -76,9 +76,9 @@ def test_a_fused_head_predicts_evaluates_exports_and_serves_every_backbone_on_th
 
     # evaluate: on photos (every backbone), and on the caches it was fitted on (their val rows, fused as then)
     on_photos = pipeline.evaluate_model(r.checkpoint, data=test, runs_dir=tmp_path / "runs")
-    assert on_photos["accuracy"] == pytest.approx(r.metrics["test_acc"]) and on_photos["rows"] == 12
+    assert on_photos.accuracy == pytest.approx(r.metrics["test_acc"]) and on_photos.rows == 12
     on_cache = pipeline.evaluate_model(r.checkpoint, runs_dir=tmp_path / "runs")
-    assert on_cache["accuracy"] == pytest.approx(r.val_acc) and on_cache["rows"] == r.val_rows
+    assert on_cache.accuracy == pytest.approx(r.val_acc) and on_cache.rows == r.val_rows
     with pytest.raises(UsageError, match="fitted on 2 caches' fused features"):
         pipeline.evaluate_model(r.checkpoint, cache=a, runs_dir=tmp_path / "runs")
 
@@ -210,7 +210,7 @@ def test_the_default_head_keeps_one_cache_alone_where_it_beats_the_fused_rows_by
     ckpt = read_checkpoint(r.checkpoint)
     assert "fused" not in ckpt and ckpt["backbone"] == "tiny" and ckpt["cache"] == a
     on_cache = pipeline.evaluate_model(r.checkpoint, runs_dir=tmp_path / "runs")  # a's own validation rows
-    assert on_cache["rows"] == r.val_rows
+    assert on_cache.rows == r.val_rows
 
     explicit = fit_head(FitHeadConfig(cache=[a, b], head="logreg", runs_dir=str(tmp_path / "runs")))
     assert read_checkpoint(explicit.checkpoint)["in_shape"] == [14, 1, 1] and explicit.tuning is None

@@ -340,15 +340,15 @@ def test_evaluate_gallery_shows_each_errors_heatmap(patch_data, swapped, source,
     where = ({"cache": patch_cache(root, folder, "tiny"), "split": "all"} if source == "cache"
              else {"data": str(folder), "workers": 0, "precision": "fp32"})
     result = evaluate(EvaluateConfig(model=head, runs_dir=str(tmp_path / "runs"), top_k=8, **where))
-    wrong = result["wrong"]
-    assert len(wrong) == 8 and result["errors"] >= 11
+    wrong = result.wrong
+    assert len(wrong) == 8 and result.errors >= 11
     maps = np.array([w["heatmap"] for w in wrong])
     assert maps.shape == (8, 8, 8) and patch_share(maps, [corners[w["path"]] for w in wrong]) >= 0.85
     from pipeline.cache.provenance import Preprocessing
 
-    transform = Preprocessing.from_dict(result["preprocessing"]).to_transform()
+    transform = Preprocessing.from_dict(result.preprocessing).to_transform()
     assert _gallery_image(folder, wrong[0], transform).size == (32, 32)  # the crop the model saw, under its map
-    assert (tmp_path / "runs").exists() and result["gallery_png"].endswith("gallery.png")
+    assert (tmp_path / "runs").exists() and result.gallery_png.endswith("gallery.png")
 
 
 # -- the service ---------------------------------------------------------------------------------

@@ -89,7 +89,9 @@ def test_a_head_on_two_colours_flags_the_third_and_keeps_the_stated_share(tmp_pa
     # evaluate on a folder of none of the classes: the share flagged
     e = evaluate(EvaluateConfig(model=r.checkpoint, data=str(colours["green"]), workers=0,
                                 runs_dir=str(tmp_path / "runs")))
-    assert e["foreign"] and e["rows"] == 12 and e["unknown"]["share"] == 1.0
+    assert e.foreign and e.rows == 12 and e.unknown["share"] == 1.0 and e.accuracy is None
+    with open(f"{e.run_dir}/metrics.json") as saved:
+        assert list(e.to_dict()) == list(json.load(saved))  # a foreign folder's keys: no scores
     text = CliRunner().invoke(cli.cli, ["evaluate", "--model", r.checkpoint, "--data", str(colours["green"]),
                                         "--workers", "0", "--runs-dir", str(tmp_path / "runs")])
     assert text.exit_code == 0 and "unknown: 12 of 12 photos (100.0%)" in text.stdout

@@ -2,6 +2,7 @@
 
 What the API and CLI use:
     evaluate.evaluate               accuracy, per-class figures, confusion matrix, most confidently wrong images
+                                    (its answer: EvaluateResult, exported here)
     pictures.preview, pictures.feature_map   what the backbone sees
     demo.demo                       fetch -> check -> extract -> fit-head -> compare in one command
     present                         every command's result as the text a person reads on the terminal
@@ -10,7 +11,7 @@ What the API and CLI use:
 
 #: the stages' result dataclasses -> their modules, loaded on first use: the modules import torch, and
 #: ``import pipeline.reports.present`` (the CLI's) must not
-RESULTS = {"SuggestResult": "suggest"}
+RESULTS = {"EvaluateResult": "evaluate", "SuggestResult": "suggest"}
 
 
 def __getattr__(name: str):

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from ..heads.backbone_choice import BackboneChoice
     from ..heads.compare import CompareResult
     from ..heads.fit_head import FitHeadResult
+    from .evaluate import EvaluateResult
     from .suggest import SuggestResult
 
 
@@ -191,33 +192,33 @@ def suggest_text(r: SuggestResult, top: int = 20) -> str:
     return "\n".join(lines)
 
 
-def _unknown_line(result: dict) -> list[str]:
-    u = result["unknown"]
+def _unknown_line(result: EvaluateResult) -> list[str]:
+    u = result.unknown
     if not u:
         return []
-    return [f"unknown: {u['flagged']} of {result['rows']} photos ({u['share']:.1%}) score above {u['threshold']:.4f}"]
+    return [f"unknown: {u['flagged']} of {result.rows} photos ({u['share']:.1%}) score above {u['threshold']:.4f}"]
 
 
-def evaluate_text(result: dict) -> str:
-    if result.get("foreign"):
-        called = ", ".join(f"{c} {n}" for c, n in result["called"].items())
+def evaluate_text(result: EvaluateResult) -> str:
+    if result.foreign:
+        called = ", ".join(f"{c} {n}" for c, n in result.called.items())
         return "\n".join(_unknown_line(result) + [
-            f"{result['rows']} photos of none of the model's classes ({result['source']}); best class: {called} "
-            f"(median top probability {result['median_top_probability']:.2f})"])
-    cal = result["calibration"]
-    lines = [f"accuracy {result['accuracy']:.3f}, loss {result['loss']:.4f}, macro F1 {result['macro_f1']:.3f} "
-             f"on {result['rows']} images ({result['source']})"]
-    width = max(5, *(len(c) for c in result["per_class"]))
+            f"{result.rows} photos of none of the model's classes ({result.source}); best class: {called} "
+            f"(median top probability {result.median_top_probability:.2f})"])
+    cal = result.calibration
+    lines = [f"accuracy {result.accuracy:.3f}, loss {result.loss:.4f}, macro F1 {result.macro_f1:.3f} "
+             f"on {result.rows} images ({result.source})"]
+    width = max(5, *(len(c) for c in result.per_class))
     lines.append(f"{'class':<{width}}  precision  recall     f1  support")
-    for c, m in result["per_class"].items():
+    for c, m in result.per_class.items():
         lines.append(f"{c:<{width}}  {m['precision']:>9.3f}  {m['recall']:>6.3f}  {m['f1']:>5.3f}  {m['support']:>7d}")
     b, a = cal["before"], cal["after"]
     lines += [f"calibration (T = {cal['temperature']:.3f}): ECE {b['ece']:.4f} -> {a['ece']:.4f}, log-loss "
               f"{b['log_loss']:.4f} -> {a['log_loss']:.4f}, Brier {b['brier']:.4f} -> {a['brier']:.4f}",
               *_unknown_line(result),
-              f"reliability diagram: {result['reliability_png']}",
-              f"confusion matrix: {result['confusion_png']}",
-              f"most confidently wrong ({len(result['wrong'])} of {result['errors']}): {result['gallery_png']}"]
+              f"reliability diagram: {result.reliability_png}",
+              f"confusion matrix: {result.confusion_png}",
+              f"most confidently wrong ({len(result.wrong)} of {result.errors}): {result.gallery_png}"]
     return "\n".join(lines)
 
 
