@@ -57,8 +57,8 @@ from .progress import verbosity
 
 #: the stages' result dataclasses -> their stage packages, loaded on first use (``__getattr__`` below); not in
 #: ``__all__``, so that ``help(pipeline)`` and ``from pipeline.api import *`` stay without torch
-RESULTS = {"FitHeadResult": "heads", "CompareResult": "heads", "BackboneChoice": "heads", "EvaluateResult": "reports",
-           "SuggestResult": "reports"}
+RESULTS = {"FitHeadResult": "heads", "CompareResult": "heads", "BackboneChoice": "heads", "PredictResult": "models",
+           "EvaluateResult": "reports", "SuggestResult": "reports"}
 
 __all__ = [
     "Cache", "Head", "Model", "NotFittedError", "Rows",
@@ -507,7 +507,7 @@ def predict_files(model: Union[Head, Model, PathLike], paths: Union[PathLike, Se
     error}, an unreadable file getting its error instead of a class (``python cli.py predict``).
 
     ``options``: PredictConfig's (weights, batch_size, workers, device, precision, format, output: the
-    rows written to a file as csv/json/table). ``rows.result``: images, errors, img/s, output.
+    rows written to a file as csv/json/table). ``rows.result``, a ``PredictResult``: images, errors, img/s, output.
     """
     from .models.predict import predict
 
@@ -516,7 +516,7 @@ def predict_files(model: Union[Head, Model, PathLike], paths: Union[PathLike, Se
                   paths=[os.fspath(p) for p in paths])
     with verbosity(verbose):
         result = predict(cfg)
-    return Rows(result["rows"], result)
+    return Rows(result.rows, result)
 
 
 # -- pictures ----------------------------------------------------------------------------------

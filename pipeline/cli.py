@@ -460,13 +460,13 @@ def predict(paths, **options):
     try:
         result = api.predict_files(options.pop("model"), list(paths), verbose=None, **options).result
     except Interrupted as e:  # the rows computed so far are kept: written (--output) or shown
-        if not e.result["output"]:
-            click.echo(present.predict_rows_text(e.result["rows"], options["format"]))
+        if not e.result.output:
+            click.echo(present.predict_rows_text(e.result.rows, options["format"]))
         sys.exit(130)
     note(present.predict_note(result))
-    click.echo(result["output"] if result["output"] else present.predict_rows_text(result["rows"], options["format"]))
-    if result["errors"] == result["images"]:
-        raise click.ClickException(f"none of the {present.plural(result['images'], 'input')} could be classified")
+    click.echo(result.output if result.output else present.predict_rows_text(result.rows, options["format"]))
+    if result.errors == result.images:
+        raise click.ClickException(f"none of the {present.plural(result.images, 'input')} could be classified")
 
 
 @cli.command("imagenet-check")

@@ -58,10 +58,10 @@ def test_an_onnx_export_predicts_as_predict_does(heads, kind, tmp_path):
     photos = sorted((head.parents[2] / "data").rglob("*.jpg"))[::2]
     want = predict(PredictConfig(paths=[str(p) for p in photos], model=str(head), workers=0, precision="fp32"))
     got = example_rows(out, photos)
-    assert [r["class"] for r in got] == [r["class"] for r in want["rows"]]
-    assert np.abs(np.subtract([r["probability"] for r in got], [r["probability"] for r in want["rows"]])).max() < 1e-4
-    assert [r["unknown"] for r in got] == [r["unknown"] for r in want["rows"]]  # the unknown score travels too
-    assert np.abs(np.subtract([r["ood_score"] for r in got], [r["ood_score"] for r in want["rows"]])).max() < 1e-4
+    assert [r["class"] for r in got] == [r["class"] for r in want.rows]
+    assert np.abs(np.subtract([r["probability"] for r in got], [r["probability"] for r in want.rows])).max() < 1e-4
+    assert [r["unknown"] for r in got] == [r["unknown"] for r in want.rows]  # the unknown score travels too
+    assert np.abs(np.subtract([r["ood_score"] for r in got], [r["ood_score"] for r in want.rows])).max() < 1e-4
     import onnx
 
     props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
@@ -89,7 +89,7 @@ def test_the_example_follows_the_decoding_rule_on_odd_modes(heads, tmp_path):
     assert pipeline.export_model(head, out)["passed"]
     photos = odd_photos(tmp_path / "odd", min((head.parents[2] / "data").rglob("*.jpg")))
     assert {Image.open(p).mode for p in photos} >= {"I;16", "LA", "RGBA", "P", "CMYK"}
-    want = predict(PredictConfig(paths=[str(p) for p in photos], model=str(head), workers=0, precision="fp32"))["rows"]
+    want = predict(PredictConfig(paths=[str(p) for p in photos], model=str(head), workers=0, precision="fp32")).rows
     got = example_rows(out, photos)
     assert [r["class"] for r in got] == [r["class"] for r in want]
     assert np.abs(np.subtract([r["probability"] for r in got], [r["probability"] for r in want])).max() < 1e-4
@@ -107,7 +107,7 @@ def test_the_example_gives_an_unreadable_file_its_reason_and_classifies_the_rest
     (tmp_path / "notes.jpg").write_text("not a photo")
     photos = [good[0], tmp_path / "empty.jpg", tmp_path / "notes.jpg", good[1]]
     got = example_rows(out, photos)
-    want = predict(PredictConfig(paths=[str(p) for p in good], model=str(head), workers=0, precision="fp32"))["rows"]
+    want = predict(PredictConfig(paths=[str(p) for p in good], model=str(head), workers=0, precision="fp32")).rows
     assert [r["path"] for r in got] == list(map(str, photos))
     assert [r["class"] for r in got] == [want[0]["class"], None, None, want[1]["class"]]
     assert "UnidentifiedImageError" in got[1]["error"] and "UnidentifiedImageError" in got[2]["error"]

@@ -63,7 +63,7 @@ def test_a_fused_head_predicts_evaluates_exports_and_serves_every_backbone_on_th
 
     # predict runs each backbone on its own preprocessing of the photo: the rows its test caches hold
     files = sorted(str(p) for p in test.rglob("*.jpg"))
-    rows = predict(PredictConfig(paths=[str(test)], model=r.checkpoint, workers=0, precision="fp32"))["rows"]
+    rows = predict(PredictConfig(paths=[str(test)], model=r.checkpoint, workers=0, precision="fp32")).rows
     head = head_from_checkpoint(ckpt, ckpt["state_dict"], r.checkpoint)
     with FusedRows(r.test["cache"].split(" + ")) as tc:
         _, _, logp = evaluate_head(head, tc, np.arange(tc.n), "cpu", 64)

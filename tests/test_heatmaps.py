@@ -365,7 +365,7 @@ def test_the_service_answers_predicts_overlay_when_asked(patch_data, tmp_path):
     root, data, photos, _ = patch_data
     head = pipeline_head(root, data)
     written = predict(PredictConfig(paths=[photos[0]], model=head, workers=0, precision="fp32",
-                                    explain=str(tmp_path / "maps")))["rows"][0]
+                                    explain=str(tmp_path / "maps"))).rows[0]
     files = [("files", ("a.png", open(photos[0], "rb").read(), "image/png")),
              ("files", ("b.png", b"junk", "image/png"))]
     with TestClient(pipeline.serve_app(head, precision="fp32"), base_url="http://localhost") as client:

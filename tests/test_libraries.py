@@ -74,7 +74,7 @@ def test_finetune_unfreezes_a_timm_models_last_stages(folders, tmp_path):
                             "--runs-dir", tmp_path, "--json"))
     rows = pipeline.predict_files(result["checkpoint"], sorted((folders / "test").rglob("*.jpg")), precision="fp32",
                                   workers=0)
-    assert rows.result["errors"] == 0 and len(rows) == 9
+    assert rows.result.errors == 0 and len(rows) == 9
     ckpt = torch.load(result["checkpoint"], weights_only=True)
     assert ckpt["backbone"] == "test_vit" and ckpt["preprocessing"]["crop_size"] == 160
 

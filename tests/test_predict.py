@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from pipeline import cli
 from pipeline.extraction import backbones as bb
 from pipeline.heads.fit_head import FitHeadConfig, fit_head
-from pipeline.models.predict import PredictConfig, predict
+from pipeline.models.predict import PredictConfig, PredictResult, predict
 from pipeline.models.whole_models import build_model, save_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:--weights none", "ignore:no sidecar")
@@ -44,8 +44,9 @@ def _folder_with_bad_files(image_folder):
 def test_predict_folder_reports_bad_files_per_row(tmp_path, image_folder, model_pt):
     data = _folder_with_bad_files(image_folder)
     result = predict(PredictConfig(paths=[str(data)], model=str(model_pt), workers=0, batch_size=5))
-    rows = result["rows"]
-    assert len(rows) == 26 and result["errors"] == 2  # 24 images + 2 bad ones, notes.txt left out
+    rows = result.rows
+    assert isinstance(result, PredictResult) and result.files == 26 and result.output is None
+    assert len(rows) == 26 and result.errors == 2  # 24 images + 2 bad ones, notes.txt left out
     assert [r["path"] for r in rows] == sorted(r["path"] for r in rows)  # input order kept around the bad ones
     bad = {r["path"].rsplit("/", 1)[1]: r for r in rows if r["error"]}
     assert bad["empty.jpg"]["error"] == "zero-byte file" and bad["empty.jpg"]["class"] is None
@@ -59,11 +60,11 @@ def test_predict_same_rows_whatever_the_batch_size(image_folder, model_pt):
     data = _folder_with_bad_files(image_folder)
     a = predict(PredictConfig(paths=[str(data)], model=str(model_pt), workers=0, batch_size=3, precision="fp32"))
     b = predict(PredictConfig(paths=[str(data)], model=str(model_pt), workers=0, batch_size=64, precision="fp32"))
-    assert [(r["path"], r["class"], r["error"]) for r in a["rows"]] == [(r["path"], r["class"], r["error"])
-                                                                       for r in b["rows"]]
+    assert [(r["path"], r["class"], r["error"]) for r in a.rows] == [(r["path"], r["class"], r["error"])
+                                                                       for r in b.rows]
     # unreadable files have no probability (None): compare those positions exactly, the rest with a tolerance
-    assert [r["probability"] is None for r in a["rows"]] == [r["probability"] is None for r in b["rows"]]
-    good = [(x["probability"], y["probability"]) for x, y in zip(a["rows"], b["rows"]) if x["probability"] is not None]
+    assert [r["probability"] is None for r in a.rows] == [r["probability"] is None for r in b.rows]
+    good = [(x["probability"], y["probability"]) for x, y in zip(a.rows, b.rows) if x["probability"] is not None]
     assert len(good) >= 20
     assert [x for x, _ in good] == pytest.approx([y for _, y in good], rel=1e-5)
 
@@ -95,8 +96,8 @@ def test_predict_with_a_fit_head_checkpoint(tmp_path, image_folder, make_cache):
     cache = make_cache(image_folder)["cache"]
     head = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=10, runs_dir=str(tmp_path / "runs")))
     result = predict(PredictConfig(paths=[str(image_folder)], model=head.checkpoint, workers=0))
-    assert result["kind"] == "fit-head" and result["errors"] == 0
-    correct = [r["class"] == r["path"].split("/")[-2] for r in result["rows"]]
+    assert result.kind == "fit-head" and result.errors == 0
+    correct = [r["class"] == r["path"].split("/")[-2] for r in result.rows]
     assert sum(correct) / len(correct) >= 0.9
 
 

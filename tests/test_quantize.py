@@ -217,7 +217,7 @@ def test_a_head_on_an_int8_cache_predicts_through_that_int8_network(tmp_path, fl
     head = pipeline.Head.load(result.checkpoint)
     on_rows = head.predict_proba(rows)
     rows_out = predict(PredictConfig(model=result.checkpoint, paths=[str(data / p) for p in paths], workers=0,
-                                     format="json"))["rows"]
+                                     format="json")).rows
     best = on_rows.max(1)
     assert np.allclose([r["probability"] for r in rows_out], best, atol=1e-4)
     # finetune needs the float backbone it can train

@@ -253,7 +253,7 @@ def test_a_trained_model_is_calibrated_and_flags_a_third_colour(tmp_path, make_c
     assert {"head.temperature", "head.known_rows", "head.unknown_threshold"} <= set(state)
     lm = load_model(result["checkpoint"])
     assert lm.model.head.calibrated and float(lm.model.head.temperature) == pytest.approx(result["temperature"])
-    rows = predict(PredictConfig(paths=[str(green)], model=result["checkpoint"], workers=0))["rows"]
+    rows = predict(PredictConfig(paths=[str(green)], model=result["checkpoint"], workers=0)).rows
     assert all(r["unknown"] for r in rows) and all(r["ood_score"] > result["unknown_threshold"] for r in rows)
 
 

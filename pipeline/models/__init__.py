@@ -5,6 +5,19 @@ What other stages use:
     estimators.ImageClassifier      the scikit-learn face of a checkpoint (the API's Head and Model)
     fused_models.FusedModel         a head on fused features: every backbone on its own preprocessing
     train.train, train.finetune     the train and finetune commands
-    predict.predict, predict.imagenet_check   classify files and folders
+    predict.predict, predict.imagenet_check   classify files and folders (predict's answer: PredictResult,
+                                    exported here)
     summary.summarize               the summary command
 """
+
+#: the stages' result dataclasses -> their modules, loaded on first use: the modules import torch, and
+#: ``import pipeline.models.estimators`` (the API's) must not
+RESULTS = {"PredictResult": "predict"}
+
+
+def __getattr__(name: str):
+    if name not in RESULTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f"{__name__}.{RESULTS[name]}"), name)

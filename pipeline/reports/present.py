@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from ..heads.backbone_choice import BackboneChoice
     from ..heads.compare import CompareResult
     from ..heads.fit_head import FitHeadResult
+    from ..models.predict import PredictResult
     from .evaluate import EvaluateResult
     from .suggest import SuggestResult
 
@@ -381,10 +382,10 @@ def predict_rows_text(rows: list[dict], fmt: str) -> str:
     return format_rows(rows, fmt)
 
 
-def predict_note(result: dict) -> str:
-    heatmaps = f", heatmaps in {result['explain']}" if result.get("explain") else ""
-    return (f"{plural(result['images'], 'image')}, {result['errors']} unreadable, "
-            f"{result['img_per_s']:.1f} img/s{heatmaps}")
+def predict_note(result: PredictResult) -> str:
+    heatmaps = f", heatmaps in {result.explain}" if result.explain else ""
+    return (f"{plural(result.images, 'image')}, {result.errors} unreadable, "
+            f"{result.img_per_s:.1f} img/s{heatmaps}")
 
 
 def imagenet_check_text(result: dict) -> str:
