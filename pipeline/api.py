@@ -57,8 +57,8 @@ from .progress import verbosity
 
 #: the stages' result dataclasses -> their stage packages, loaded on first use (``__getattr__`` below); not in
 #: ``__all__``, so that ``help(pipeline)`` and ``from pipeline.api import *`` stay without torch
-RESULTS = {"FitHeadResult": "heads", "CompareResult": "heads", "BackboneChoice": "heads", "PredictResult": "models",
-           "EvaluateResult": "reports", "SuggestResult": "reports"}
+RESULTS = {"FitHeadResult": "heads", "CompareResult": "heads", "BackboneChoice": "heads", "TrainResult": "models",
+           "PredictResult": "models", "EvaluateResult": "reports", "SuggestResult": "reports"}
 
 __all__ = [
     "Cache", "Head", "Model", "NotFittedError", "Rows",
@@ -445,7 +445,8 @@ def train_model(data: PathLike, *, verbose: Optional[bool] = False, **options) -
     """Train a new head on the images of ``data`` end to end, the backbone frozen (``python cli.py train``).
 
     ``options``: TrainConfig's (backbone, weights, n, epochs=3, lr, batch_size, augment, pool, dropout,
-    val_fraction, seed, device, precision, workers, print_every, runs_dir, resume). Returns the fitted Model.
+    val_fraction, seed, device, precision, workers, print_every, runs_dir, resume). Returns the fitted Model
+    (``model.result_``: the run's ``TrainResult``).
     Ctrl-C raises ``TrainingInterrupted`` (a KeyboardInterrupt) naming the run folder ``resume`` continues.
     """
     from .models.train import train
@@ -453,7 +454,7 @@ def train_model(data: PathLike, *, verbose: Optional[bool] = False, **options) -
     with verbosity(verbose):
         result = train(cfg)
     model = Model(verbose=bool(verbose))
-    model._set_state(result["checkpoint"], result=result)
+    model._set_state(result.checkpoint, result=result)
     return model
 
 
@@ -472,7 +473,7 @@ def finetune_model(data: PathLike, init: Union[Head, Model, PathLike, None] = No
     with verbosity(verbose):
         result = finetune(cfg)
     model = Model(verbose=bool(verbose))
-    model._set_state(result["checkpoint"], result=result)
+    model._set_state(result.checkpoint, result=result)
     return model
 
 

@@ -414,7 +414,7 @@ def demo(as_json, **options):
 def train(as_json, **options):
     """Train a new head on images end to end, backbone frozen; saves runs/<stamp>-train/model.pt."""
     result = interruptible_training(lambda: api.train_model(options.pop("data"), verbose=None, **options))
-    emit(result, as_json, present.train_text(result))
+    emit(result.to_dict(), as_json, present.train_text(result))
 
 
 @cli.command()
@@ -425,10 +425,10 @@ def finetune(as_json, **options):
     """Unfreeze the backbone (or its last K blocks) and train at a low rate; saves runs/<stamp>-finetune/model.pt."""
     result = interruptible_training(lambda: api.finetune_model(options.pop("data"), options.pop("init_head"),
                                                                verbose=None, **options))
-    emit(result, as_json, present.train_text(result))
+    emit(result.to_dict(), as_json, present.train_text(result))
 
 
-def interruptible_training(run) -> dict:
+def interruptible_training(run):
     """A train / finetune run's result; on Ctrl-C, what was kept and the command that resumes it (exit 130);
     SIGTERM or SIGHUP (a scheduler's stop) says what was kept too, then exits 143 or 129."""
     import multiprocessing

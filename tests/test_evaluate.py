@@ -190,7 +190,7 @@ def test_a_trained_model_evaluates_on_images(tmp_path, image_folder):
 
     fast = dict(weights="none", workers=0, device="cpu", precision="fp32", batch_size=8)
     model = train(TrainConfig(data=str(image_folder), backbone="tiny", epochs=3, lr=0.01, val_fraction=0.25,
-                              runs_dir=str(tmp_path / "runs"), **fast))["checkpoint"]
+                              runs_dir=str(tmp_path / "runs"), **fast)).checkpoint
     r = evaluate(EvaluateConfig(model=model, data=str(image_folder), workers=0, runs_dir=str(tmp_path / "r")))
     assert r.kind == "train" and r.rows == 24 and sum(map(sum, r.confusion_matrix)) == 24
     assert r.accuracy >= 0.9

@@ -30,8 +30,12 @@ def test_caches_text_is_a_table_or_says_there_are_none():
 
 
 def test_train_text_and_its_trust_lines():
-    result = {"per_class_val_acc": {"blue": 1.0, "red": None}, "val_acc": 1.0, "val_loss": 0.5556, "train_rows": 18,
-              "val_rows": 2, "skipped": 0, "fit_seconds": 1.25, "checkpoint": "runs/x/model.pt", **TRUST}
+    from types import SimpleNamespace
+
+    metrics = {"per_class_val_acc": {"blue": 1.0, "red": None}, "val_acc": 1.0, "val_loss": 0.5556, "train_rows": 18,
+               "val_rows": 2, "skipped": 0, **TRUST}
+    result = SimpleNamespace(metrics=metrics, val_acc=1.0, val_loss=0.5556, fit_seconds=1.25,
+                             checkpoint="runs/x/model.pt")  # a TrainResult's fields
     assert present.train_text(result).splitlines() == [
         "val acc 1.000, val loss 0.5556 (18 train / 2 val images, 0 skipped, 1.2 s)",
         "per-class val acc: blue 1.000, red -",

@@ -4,7 +4,7 @@ What other stages use:
     whole_models.load_model, head_from_checkpoint   any checkpoint as a runnable model (read by heads/checkpoints.py)
     estimators.ImageClassifier      the scikit-learn face of a checkpoint (the API's Head and Model)
     fused_models.FusedModel         a head on fused features: every backbone on its own preprocessing
-    train.train, train.finetune     the train and finetune commands
+    train.train, train.finetune     the train and finetune commands (their answer: TrainResult, exported here)
     predict.predict, predict.imagenet_check   classify files and folders (predict's answer: PredictResult,
                                     exported here)
     summary.summarize               the summary command
@@ -12,7 +12,7 @@ What other stages use:
 
 #: the stages' result dataclasses -> their modules, loaded on first use: the modules import torch, and
 #: ``import pipeline.models.estimators`` (the API's) must not
-RESULTS = {"PredictResult": "predict"}
+RESULTS = {"TrainResult": "train", "PredictResult": "predict"}
 
 
 def __getattr__(name: str):

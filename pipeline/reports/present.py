@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from ..heads.compare import CompareResult
     from ..heads.fit_head import FitHeadResult
     from ..models.predict import PredictResult
+    from ..models.train import TrainResult
     from .evaluate import EvaluateResult
     from .suggest import SuggestResult
 
@@ -366,13 +367,14 @@ def demo_text(result: dict) -> str:
             + demo_next_text(result["next"]))
 
 
-def train_text(result: dict) -> str:
+def train_text(result: TrainResult) -> str:
     """train's and finetune's result as the lines a person reads."""
-    per_class = ", ".join(f"{c} {a:.3f}" if a is not None else f"{c} -" for c, a in result["per_class_val_acc"].items())
-    return "\n".join([f"val acc {result['val_acc']:.3f}, val loss {result['val_loss']:.4f} ({result['train_rows']} "
-                      f"train / {result['val_rows']} val images, {result['skipped']} skipped, "
-                      f"{result['fit_seconds']:.1f} s)", f"per-class val acc: {per_class}", *trust_lines(result),
-                      f"checkpoint: {result['checkpoint']}"])
+    m = result.metrics
+    per_class = ", ".join(f"{c} {a:.3f}" if a is not None else f"{c} -" for c, a in m["per_class_val_acc"].items())
+    return "\n".join([f"val acc {result.val_acc:.3f}, val loss {result.val_loss:.4f} ({m['train_rows']} "
+                      f"train / {m['val_rows']} val images, {m['skipped']} skipped, "
+                      f"{result.fit_seconds:.1f} s)", f"per-class val acc: {per_class}", *trust_lines(m),
+                      f"checkpoint: {result.checkpoint}"])
 
 
 def predict_rows_text(rows: list[dict], fmt: str) -> str:
