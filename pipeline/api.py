@@ -58,7 +58,8 @@ from .progress import verbosity
 #: the stages' result dataclasses -> their stage packages, loaded on first use (``__getattr__`` below); not in
 #: ``__all__``, so that ``help(pipeline)`` and ``from pipeline.api import *`` stay without torch
 RESULTS = {"FitHeadResult": "heads", "CompareResult": "heads", "BackboneChoice": "heads", "TrainResult": "models",
-           "PredictResult": "models", "EvaluateResult": "reports", "SuggestResult": "reports"}
+           "PredictResult": "models", "EvaluateResult": "reports", "SuggestResult": "reports",
+           "ExportResult": "serving"}
 
 __all__ = [
     "Cache", "Head", "Model", "NotFittedError", "Rows",
@@ -672,12 +673,12 @@ def suggest(data: PathLike, pool: PathLike, *, verbose: Optional[bool] = False, 
 
 # -- taking a model elsewhere ------------------------------------------------------------------
 def export_model(model: Union[Head, Model, PathLike], output: PathLike, *, verbose: Optional[bool] = False,
-                 **options) -> dict:
+                 **options):
     """A head (with its backbone) or a whole model as one ONNX or TorchScript file that maps preprocessed
     images to class probabilities, its metadata beside it (``<output>.json``), after a parity check
     against predict (``python cli.py export``). ``options``: ExportConfig's (format='onnx', check_data,
-    check_n, tolerance, weights, ...). ``result['passed']`` False (and nothing written) when the export's
-    probabilities differ from predict's by more than ``tolerance``; ``result['max_abs_diff']`` by how much.
+    check_n, tolerance, weights, ...). Returns an ``ExportResult``: ``passed`` False (and nothing written) when
+    the export's probabilities differ from predict's by more than ``tolerance``; ``max_abs_diff`` by how much.
     """
     from .serving.export import export
 

@@ -523,8 +523,8 @@ def export(as_json, **options):
     """Write a model as one ONNX or TorchScript file (images in, class probabilities out) + its .json metadata,
     after checking that it gives predict's probabilities on sample photos (exit 1 when it does not)."""
     result = api.export_model(options.pop("model"), options.pop("output"), verbose=None, **options)
-    emit(result, as_json, present.export_text(result))
-    if not result["passed"]:
+    emit(result.to_dict(), as_json, present.export_text(result))
+    if not result.passed:
         raise click.exceptions.Exit(1)
 
 

@@ -84,7 +84,7 @@ def test_a_fused_head_predicts_evaluates_exports_and_serves_every_backbone_on_th
 
     # export: one ONNX file taking the stacked inputs, checked against predict's path
     out = pipeline.export_model(r.checkpoint, tmp_path / "fused.onnx", check_data=test)
-    assert out["passed"] and out["max_abs_diff"] < 1e-4
+    assert out.passed and out.max_abs_diff < 1e-4
     meta = json.loads((tmp_path / "fused.onnx.json").read_text())
     assert meta["input"]["shape"] == ["N", 6, 32, 32] and [p["crop_size"] for p in meta["preprocessing"]] == [32, 24]
 

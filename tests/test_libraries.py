@@ -58,7 +58,7 @@ def test_a_timm_head_predicts_evaluates_exports_and_serves(timm_head, folders, t
                             "--workers", 0, "--json"))
     assert report["accuracy"] == 1.0
     exported = pipeline.export_model(timm_head, tmp_path / "m.onnx")
-    assert exported["passed"] and exported["max_abs_diff"] < 1e-4
+    assert exported.passed and exported.max_abs_diff < 1e-4
     meta = json.loads(Path(f"{tmp_path / 'm.onnx'}.json").read_text())
     assert meta["backbone"] == "test_efficientnet" and meta["preprocessing"]["crop_size"] == 160
     with TestClient(pipeline.serve_app(timm_head, precision="fp32"), base_url="http://localhost") as client:

@@ -45,13 +45,18 @@ def test_train_text_and_its_trust_lines():
 
 
 def test_export_text_passed_and_refused():
+    from types import SimpleNamespace
+
+    def text(fields: dict) -> str:  # an ExportResult's fields
+        return present.export_text(SimpleNamespace(**fields))
+
     r = {"parity": {"images": 1, "same_class": 1, "tolerance": 1e-4}, "max_abs_diff": 2.94e-08, "passed": True,
          "output": "m.onnx", "bytes": 1.5e6, "metadata": "m.onnx.json"}
-    assert present.export_text(r) == ("max |probability difference| vs predict: 2.94e-08 on 1 photo (1 of 1 the same "
+    assert text(r) == ("max |probability difference| vs predict: 2.94e-08 on 1 photo (1 of 1 the same "
                                       "class; tolerance 0.0001)\nm.onnx (1.5 MB), metadata m.onnx.json")
     odd = {**r, "parity": {**r["parity"], "images": 16, "same_class": 22, "odd_modes": ["a.png"] * 6}}
-    assert "on 16 photos and 6 odd-mode files made from the first (22 of 22 the same class" in present.export_text(odd)
-    assert present.export_text({**r, "passed": False}).endswith(
+    assert "on 16 photos and 6 odd-mode files made from the first (22 of 22 the same class" in text(odd)
+    assert text({**r, "passed": False}).endswith(
         "\nnothing written: the export does not predict as predict does")
 
 

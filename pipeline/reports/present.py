@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from ..heads.fit_head import FitHeadResult
     from ..models.predict import PredictResult
     from ..models.train import TrainResult
+    from ..serving.export import ExportResult
     from .evaluate import EvaluateResult
     from .suggest import SuggestResult
 
@@ -394,13 +395,13 @@ def imagenet_check_text(result: dict) -> str:
     return "\n".join(f"{t['rank']}. {t['class']:<30} {t['probability']:.4f}" for t in result["top"])
 
 
-def export_text(result: dict) -> str:
+def export_text(result: ExportResult) -> str:
     """The parity check against predict, then what was written (or that nothing was)."""
-    p = result["parity"]
+    p = result.parity
     odd = len(p.get("odd_modes", ()))
     compared = f"{plural(p['images'], 'photo')}" + (f" and {plural(odd, 'odd-mode file')} made from the first" if odd
                                                      else "")
-    return (f"max |probability difference| vs predict: {result['max_abs_diff']:.3g} on {compared} "
+    return (f"max |probability difference| vs predict: {result.max_abs_diff:.3g} on {compared} "
             f"({p['same_class']} of {p['images'] + odd} the same class; tolerance {p['tolerance']:g})\n"
-            + (f"{result['output']} ({result['bytes'] / 1e6:.1f} MB), metadata {result['metadata']}"
-               if result["passed"] else "nothing written: the export does not predict as predict does"))
+            + (f"{result.output} ({result.bytes / 1e6:.1f} MB), metadata {result.metadata}"
+               if result.passed else "nothing written: the export does not predict as predict does"))
