@@ -59,7 +59,7 @@ from .progress import verbosity
 #: ``__all__``, so that ``help(pipeline)`` and ``from pipeline.api import *`` stay without torch
 RESULTS = {"FitHeadResult": "heads", "CompareResult": "heads", "BackboneChoice": "heads", "TrainResult": "models",
            "PredictResult": "models", "EvaluateResult": "reports", "SuggestResult": "reports",
-           "ExportResult": "serving"}
+           "SummaryResult": "models", "ExportResult": "serving"}
 
 __all__ = [
     "Cache", "Head", "Model", "NotFittedError", "Rows",
@@ -629,10 +629,10 @@ def imagenet_check(image: PathLike, **options) -> dict:
     return run(os.fspath(image), **options)
 
 
-def model_summary(**options) -> dict:
+def model_summary(**options):
     """Layer-by-layer shapes and total/trainable parameters of backbone + head under a freeze setting
-    (``python cli.py summary``); ``options``: SummaryConfig's (backbone, classes, pool, dropout, unfreeze,
-    crop_size)."""
+    (``python cli.py summary``), a ``SummaryResult``; ``options``: SummaryConfig's (backbone, classes, pool,
+    dropout, unfreeze, crop_size)."""
     from .models.summary import summarize
 
     return summarize(_config(SummaryConfig, "model_summary", options))

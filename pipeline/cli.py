@@ -485,8 +485,10 @@ def imagenet_check_cmd(as_json, **options):
 @library_errors
 def summary(as_json, **options):
     """Layer-by-layer table and total/trainable parameter counts of backbone + head under a freeze setting."""
+    from dataclasses import asdict
+
     result = api.model_summary(**options)
-    emit(result, as_json, present.summary_text(result))
+    emit(asdict(result), as_json, present.summary_text(result))
 
 
 @cli.command()

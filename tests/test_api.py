@@ -273,7 +273,7 @@ def test_predict_files_check_runs_and_summary(work, head):
     assert report["files"] == 25 and report["errors"] == 1 and report["findings"][0]["kind"] == "zero-byte"
     runs = pipeline.list_runs()
     assert [r["kind"] for r in runs] == ["fit-head"] and runs[0]["metrics"]["val_acc"] == 1.0
-    assert pipeline.model_summary(backbone="tiny", classes=3)["trainable_params"] == 512 * 3 + 3
+    assert pipeline.model_summary(backbone="tiny", classes=3).trainable_params == 512 * 3 + 3
 
 
 # -- the README example --------------------------------------------------------------------------

@@ -7,12 +7,12 @@ What other stages use:
     train.train, train.finetune     the train and finetune commands (their answer: TrainResult, exported here)
     predict.predict, predict.imagenet_check   classify files and folders (predict's answer: PredictResult,
                                     exported here)
-    summary.summarize               the summary command
+    summary.summarize               the summary command (its answer: SummaryResult, exported here)
 """
 
 #: the stages' result dataclasses -> their modules, loaded on first use: the modules import torch, and
 #: ``import pipeline.models.estimators`` (the API's) must not
-RESULTS = {"TrainResult": "train", "PredictResult": "predict"}
+RESULTS = {"TrainResult": "train", "PredictResult": "predict", "SummaryResult": "summary"}
 
 
 def __getattr__(name: str):

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from ..heads.compare import CompareResult
     from ..heads.fit_head import FitHeadResult
     from ..models.predict import PredictResult
+    from ..models.summary import SummaryResult
     from ..models.train import TrainResult
     from ..serving.export import ExportResult
     from .evaluate import EvaluateResult
@@ -127,20 +128,20 @@ def choose_backbone_text(choice: BackboneChoice) -> str:
     return "\n".join(lines)
 
 
-def summary_text(result: dict) -> str:
+def summary_text(result: SummaryResult) -> str:
     lines = [f"{'layer':<28} {'type':<22} {'output shape':<16} {'params':>12} {'trainable':>12} {'block':>5}"]
-    for r in result["layers"]:
+    for r in result.layers:
         shape = "x".join(map(str, r["output_shape"] or []))
         block = "" if r["block"] is None else str(r["block"])
         lines.append(f"{r['layer']:<28} {r['type']:<22} {shape:<16} {r['params']:>12,} {r['trainable']:>12,} "
                      f"{block:>5}")
     lines += [
-        f"{result['backbone']} + head for {result['classes']} classes (pool {result['pool']}, input "
-        f"{'x'.join(map(str, result['input_shape']))}, unfreeze {result['unfreeze']}, "
-        f"{result['blocks']} backbone blocks)",
-        f"Total params:         {result['total_params']:>12,}",
-        f"Trainable params:     {result['trainable_params']:>12,}",
-        f"Non-trainable params: {result['frozen_params']:>12,}",
+        f"{result.backbone} + head for {result.classes} classes (pool {result.pool}, input "
+        f"{'x'.join(map(str, result.input_shape))}, unfreeze {result.unfreeze}, "
+        f"{result.blocks} backbone blocks)",
+        f"Total params:         {result.total_params:>12,}",
+        f"Trainable params:     {result.trainable_params:>12,}",
+        f"Non-trainable params: {result.frozen_params:>12,}",
     ]
     return "\n".join(lines)
 
