@@ -59,7 +59,7 @@ from .progress import verbosity
 #: ``__all__``, so that ``help(pipeline)`` and ``from pipeline.api import *`` stay without torch
 RESULTS = {"FitHeadResult": "heads", "CompareResult": "heads", "BackboneChoice": "heads", "TrainResult": "models",
            "PredictResult": "models", "EvaluateResult": "reports", "SuggestResult": "reports",
-           "SummaryResult": "models", "ExportResult": "serving"}
+           "SummaryResult": "models", "ExportResult": "serving", "CheckImagesResult": "data"}
 
 __all__ = [
     "Cache", "Head", "Model", "NotFittedError", "Rows",
@@ -571,10 +571,10 @@ def plot_curves(history: Union[Head, Model, Sequence[dict]], title: str = ""):
 
 
 # -- data, ledger, odds and ends ---------------------------------------------------------------
-def check_image_folder(root: PathLike, *, verbose: Optional[bool] = False, **options) -> dict:
-    """Fully decode every file below ``root`` as extract would; counts, findings (errors: files extract
-    cannot use; notes: converted ones) and, with ``quarantine=True``, the files with errors moved aside
-    (``python cli.py check-images``). ``options``: CheckImagesConfig's (report, quarantine, quarantine_dir,
+def check_image_folder(root: PathLike, *, verbose: Optional[bool] = False, **options):
+    """Fully decode every file below ``root`` as extract would: a ``CheckImagesResult`` of counts, findings
+    (errors: files extract cannot use; notes: converted ones) and, with ``quarantine=True``, the files with errors
+    moved aside (``python cli.py check-images``). ``options``: CheckImagesConfig's (report, quarantine, quarantine_dir,
     workers)."""
     from .data.check_images import check_images
 

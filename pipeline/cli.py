@@ -392,8 +392,10 @@ def fetch_data_cmd(as_json, **options):
 @library_errors
 def check_images_cmd(as_json, **options):
     """Fully decode every file below DIR and report unusable ones (errors) and converted ones (notes)."""
+    from dataclasses import asdict
+
     result = api.check_image_folder(options.pop("root"), verbose=None, **options)
-    emit(result, as_json, present.check_images_text(result))
+    emit(asdict(result), as_json, present.check_images_text(result))
 
 
 @cli.command()

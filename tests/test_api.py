@@ -118,7 +118,7 @@ def test_a_flag_given_as_a_string_is_refused_not_taken_as_true(work):
     with pytest.raises(ValueError, match="extract_features: flip must be True or False, got 'False'"):
         pipeline.extract_features("data", flip="False", **TINY)
     assert (work / "data" / "red" / "broken.jpg").exists() and not (work / "data.quarantine").exists()
-    assert pipeline.check_image_folder("data", quarantine=np.bool_(False), workers=1)["quarantine"] is None
+    assert pipeline.check_image_folder("data", quarantine=np.bool_(False), workers=1).quarantine is None
 
 
 def test_options_follow_the_config_dataclasses(monkeypatch):
@@ -270,7 +270,7 @@ def test_predict_files_check_runs_and_summary(work, head):
     assert len(rows) == 13 and rows.result.errors == 1
     assert {r["class"] for r in rows if not r["error"]} == {"blue"}
     report = pipeline.check_image_folder("data", workers=1)
-    assert report["files"] == 25 and report["errors"] == 1 and report["findings"][0]["kind"] == "zero-byte"
+    assert report.files == 25 and report.errors == 1 and report.findings[0]["kind"] == "zero-byte"
     runs = pipeline.list_runs()
     assert [r["kind"] for r in runs] == ["fit-head"] and runs[0]["metrics"]["val_acc"] == 1.0
     assert pipeline.model_summary(backbone="tiny", classes=3).trainable_params == 512 * 3 + 3

@@ -14,6 +14,7 @@ from ..files import one_line
 from ..runs.ledger import ledger_path
 
 if TYPE_CHECKING:
+    from ..data.check_images import CheckImagesResult
     from ..heads.backbone_choice import BackboneChoice
     from ..heads.compare import CompareResult
     from ..heads.fit_head import FitHeadResult
@@ -146,31 +147,31 @@ def summary_text(result: SummaryResult) -> str:
     return "\n".join(lines)
 
 
-def check_images_text(result: dict, max_listed: int = 50) -> str:
+def check_images_text(result: CheckImagesResult, max_listed: int = 50) -> str:
     """The stdout table: counts per kind with an example, then the files with errors."""
-    lines = [f"checked {result['files']} files in {result['root']} ({result['seconds']:.1f} s, "
-             f"{result['workers']} workers): {result['errors']} with errors, {result['notes']} with notes only"]
-    if result["by_kind"]:
+    lines = [f"checked {result.files} files in {result.root} ({result.seconds:.1f} s, "
+             f"{result.workers} workers): {result.errors} with errors, {result.notes} with notes only"]
+    if result.by_kind:
         example = {}
-        for f in result["findings"]:
+        for f in result.findings:
             example.setdefault(f["kind"], one_line(f["path"]))  # a name with a newline or ESC: one line, escaped
         lines.append(f"{'kind':<20} {'severity':<8} {'count':>6}  example")
-        for kind, n in result["by_kind"].items():
+        for kind, n in result.by_kind.items():
             lines.append(f"{kind:<20} {KINDS[kind]:<8} {n:>6}  {example[kind]}")
-    errors = [f for f in result["findings"] if f["severity"] == "error"]
+    errors = [f for f in result.findings if f["severity"] == "error"]
     if errors:
         lines.append("files extract cannot use:")
         lines += [f"  {one_line(f['path'])}: {one_line(f['detail'])}" for f in errors[:max_listed]]
         if len(errors) > max_listed:
             lines.append(f"  ... and {len(errors) - max_listed} more (write them all with --report)")
-    if result["report"]:
-        lines.append(f"report: {result['report']}")
-    q = result["quarantine"]
+    if result.report:
+        lines.append(f"report: {result.report}")
+    q = result.quarantine
     if q:
         lines.append(f"moved {plural(q['moved'], 'file')} to {q['dir']}; to move them back:\n  {q['restore']}")
         if q["left_linked"]:
             lines.append(f"left {plural(len(q['left_linked']), 'file')} in place: they are in linked folders, whose "
-                         f"files lie outside {result['root']} (first: {one_line(q['left_linked'][0])})")
+                         f"files lie outside {result.root} (first: {one_line(q['left_linked'][0])})")
     return "\n".join(lines)
 
 
