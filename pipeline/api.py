@@ -59,7 +59,8 @@ from .progress import verbosity
 #: ``__all__``, so that ``help(pipeline)`` and ``from pipeline.api import *`` stay without torch
 RESULTS = {"FitHeadResult": "heads", "CompareResult": "heads", "BackboneChoice": "heads", "TrainResult": "models",
            "PredictResult": "models", "EvaluateResult": "reports", "SuggestResult": "reports",
-           "SummaryResult": "models", "ExportResult": "serving", "CheckImagesResult": "data"}
+           "SummaryResult": "models", "ExportResult": "serving", "CheckImagesResult": "data",
+           "ImagenetCheckResult": "models"}
 
 __all__ = [
     "Cache", "Head", "Model", "NotFittedError", "Rows",
@@ -614,8 +615,9 @@ def list_runs(runs_dir: PathLike = FitHeadConfig.runs_dir, *, sort_by: Optional[
                           backbone=backbone))
 
 
-def imagenet_check(image: PathLike, **options) -> dict:
-    """Top ImageNet classes of one image from the full pretrained model (``python cli.py imagenet-check``);
+def imagenet_check(image: PathLike, **options):
+    """Top ImageNet classes of one image from the full pretrained model (``python cli.py imagenet-check``), an
+    ``ImagenetCheckResult``;
     ``options``: backbone, weights (with the classifier), top, device."""
     import inspect
 

@@ -477,8 +477,10 @@ def predict(paths, **options):
 @library_errors
 def imagenet_check_cmd(as_json, **options):
     """Sanity check: the top ImageNet classes of IMAGE from the full pretrained model."""
+    from dataclasses import asdict
+
     result = api.imagenet_check(options.pop("image"), **options)
-    emit(result, as_json, present.imagenet_check_text(result))
+    emit(asdict(result), as_json, present.imagenet_check_text(result))
 
 
 @cli.command()

@@ -116,7 +116,7 @@ def test_lite0_imagenet_classifier_names_cats_and_dogs(lite0_available):
     photos = sorted((CATSDOGS_TEST / "Cat").glob("*.jpg"))[:10] + sorted((CATSDOGS_TEST / "Dog").glob("*.jpg"))[:10]
     for p in photos:
         top = pipeline.imagenet_check(str(p), backbone="tf_efficientnet_lite0", weights=str(LITE0), top=1,
-                                      device="cpu")["top"][0]
+                                      device="cpu").top[0]
         index = top["index"]
         cats += p.parent.name == "Cat" and 281 <= index <= 293  # ImageNet's cats (domestic and wild)
         dogs += p.parent.name == "Dog" and 151 <= index <= 275  # ImageNet's dogs

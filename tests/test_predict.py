@@ -142,6 +142,10 @@ def test_imagenet_check_top5_names_from_the_weights_meta(tmp_path, image_folder)
     assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1
     assert top[0]["class"] == bb.torchvision_weights(bb.get_spec("resnet18"), "DEFAULT").meta["categories"][
         top[0]["index"]]
+    from pipeline.models.predict import ImagenetCheckResult, imagenet_check
+
+    r = imagenet_check(str(image_folder / "red" / "red.0.jpg"), backbone="resnet18", weights=str(full), top=2)
+    assert isinstance(r, ImagenetCheckResult) and [t["index"] for t in r.top] == [t["index"] for t in top[:2]]
 
 
 def test_predict_exits_1_when_no_input_could_be_classified(tmp_path, model_pt):

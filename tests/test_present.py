@@ -73,7 +73,7 @@ def test_the_one_line_notes():
         "9 rows copied into one file (1.0 MB); its 2 shard files are no longer needed"
     assert present.extract_interrupted("python cli.py extract --data d") == \
         "\ninterrupted; committed rows are kept. Resume with:\n  python cli.py extract --data d"
-    assert present.imagenet_check_text({"top": [{"rank": 1, "class": "tabby", "probability": 0.5}]}) == \
+    assert present.imagenet_check_text(SimpleNamespace(top=[{"rank": 1, "class": "tabby", "probability": 0.5}])) == \
         "1. tabby                          0.5000"
 
 

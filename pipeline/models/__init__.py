@@ -5,14 +5,15 @@ What other stages use:
     estimators.ImageClassifier      the scikit-learn face of a checkpoint (the API's Head and Model)
     fused_models.FusedModel         a head on fused features: every backbone on its own preprocessing
     train.train, train.finetune     the train and finetune commands (their answer: TrainResult, exported here)
-    predict.predict, predict.imagenet_check   classify files and folders (predict's answer: PredictResult,
-                                    exported here)
+    predict.predict, predict.imagenet_check   classify files and folders (their answers: PredictResult,
+                                    ImagenetCheckResult, exported here)
     summary.summarize               the summary command (its answer: SummaryResult, exported here)
 """
 
 #: the stages' result dataclasses -> their modules, loaded on first use: the modules import torch, and
 #: ``import pipeline.models.estimators`` (the API's) must not
-RESULTS = {"TrainResult": "train", "PredictResult": "predict", "SummaryResult": "summary"}
+RESULTS = {"TrainResult": "train", "PredictResult": "predict", "ImagenetCheckResult": "predict",
+           "SummaryResult": "summary"}
 
 
 def __getattr__(name: str):

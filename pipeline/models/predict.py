@@ -391,9 +391,19 @@ def _with_open(path: Path, write) -> None:
 
 
 # -- the ImageNet sanity check ------------------------------------------------------------------
+@dataclass(frozen=True)
+class ImagenetCheckResult:
+    """imagenet-check's answer: the top ImageNet classes of one image."""
+
+    image: str
+    backbone: str
+    weights: str  # the weights as the cache and checkpoints name them (a torchvision name, file:NAME, ...)
+    top: list  # {rank, class, index, probability} each, most probable first
+
+
 def imagenet_check(image: str, backbone: str = ImagenetCheckConfig.backbone,
                    weights: str = ImagenetCheckConfig.weights, top: int = ImagenetCheckConfig.top,
-                   device: str = ImagenetCheckConfig.device) -> dict:
+                   device: str = ImagenetCheckConfig.device) -> ImagenetCheckResult:
     """Top-k ImageNet classes of one image from the full pretrained model (classifier included)."""
 
     check_options(ImagenetCheckConfig, {"top": top}, python=False)
@@ -418,6 +428,6 @@ def imagenet_check(image: str, backbone: str = ImagenetCheckConfig.backbone,
         raise UsageError(f"{backbone}'s classifier has {len(prob)} outputs but {len(categories)} class names are "
                          "known; imagenet-check needs an ImageNet-1k classifier")
     values, indices = prob.topk(min(top, len(prob)))
-    return {"image": image, "backbone": backbone, "weights": loaded.weights_id,
-            "top": [{"rank": r + 1, "class": categories[i], "index": int(i), "probability": float(p)}
-                    for r, (p, i) in enumerate(zip(values.tolist(), indices.tolist()))]}
+    return ImagenetCheckResult(image=image, backbone=backbone, weights=loaded.weights_id,
+                               top=[{"rank": r + 1, "class": categories[i], "index": int(i), "probability": float(p)}
+                                    for r, (p, i) in enumerate(zip(values.tolist(), indices.tolist()))])

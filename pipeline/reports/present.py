@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from ..heads.backbone_choice import BackboneChoice
     from ..heads.compare import CompareResult
     from ..heads.fit_head import FitHeadResult
-    from ..models.predict import PredictResult
+    from ..models.predict import ImagenetCheckResult, PredictResult
     from ..models.summary import SummaryResult
     from ..models.train import TrainResult
     from ..serving.export import ExportResult
@@ -393,8 +393,8 @@ def predict_note(result: PredictResult) -> str:
             f"{result.img_per_s:.1f} img/s{heatmaps}")
 
 
-def imagenet_check_text(result: dict) -> str:
-    return "\n".join(f"{t['rank']}. {t['class']:<30} {t['probability']:.4f}" for t in result["top"])
+def imagenet_check_text(result: ImagenetCheckResult) -> str:
+    return "\n".join(f"{t['rank']}. {t['class']:<30} {t['probability']:.4f}" for t in result.top)
 
 
 def export_text(result: ExportResult) -> str:
