@@ -60,7 +60,7 @@ from .progress import verbosity
 RESULTS = {"FitHeadResult": "heads", "CompareResult": "heads", "BackboneChoice": "heads", "TrainResult": "models",
            "PredictResult": "models", "EvaluateResult": "reports", "SuggestResult": "reports",
            "SummaryResult": "models", "ExportResult": "serving", "CheckImagesResult": "data",
-           "ImagenetCheckResult": "models"}
+           "ImagenetCheckResult": "models", "FetchResult": "data"}
 
 __all__ = [
     "Cache", "Head", "Model", "NotFittedError", "Rows",
@@ -584,9 +584,10 @@ def check_image_folder(root: PathLike, *, verbose: Optional[bool] = False, **opt
         return check_images(cfg)
 
 
-def fetch_data(*, verbose: Optional[bool] = False, **options) -> dict:
+def fetch_data(*, verbose: Optional[bool] = False, **options):
     """Download an image archive (resuming) and unpack it safely (``python cli.py fetch-data``);
-    ``options``: FetchConfig's (dest, url, overwrite, timeout, retries). ``result['unpacked']``: the folder."""
+    ``options``: FetchConfig's (dest, url, overwrite, timeout, retries). A ``FetchResult``: ``unpacked`` is the
+    folder."""
     from .data.fetch import fetch_data as run
 
     cfg = _config(FetchConfig, "fetch_data", options)

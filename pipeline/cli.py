@@ -381,9 +381,11 @@ def runs(runs_dir, sort_by, cache, backbone, as_json):
 @library_errors
 def fetch_data_cmd(as_json, **options):
     """Download an image archive (resuming a partial download) and unpack it safely; prints the folder."""
+    from dataclasses import asdict
+
     result = api.fetch_data(verbose=None, **options)
     note(present.fetch_note(result))
-    emit(result, as_json, result["unpacked"])
+    emit(asdict(result), as_json, result.unpacked)
 
 
 @cli.command("check-images")

@@ -36,7 +36,7 @@ def demo(cfg: DemoConfig) -> dict:
                          f"{DEFAULT_DATA} (leave --data out), or pass an existing ImageFolder root")
     if not data.is_dir():
         log.info("[1/4] %s is missing: fetching %s", data, cfg.url)
-        steps["fetch"] = fetch_data(FetchConfig(dest=str(data.parent), url=cfg.url))
+        steps["fetch"] = asdict(fetch_data(FetchConfig(dest=str(data.parent), url=cfg.url)))
         data = Path(steps["fetch"]["unpacked"])
     else:
         log.info("[1/4] using the images in %s", data)

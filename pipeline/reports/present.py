@@ -15,6 +15,7 @@ from ..runs.ledger import ledger_path
 
 if TYPE_CHECKING:
     from ..data.check_images import CheckImagesResult
+    from ..data.fetch import FetchResult
     from ..heads.backbone_choice import BackboneChoice
     from ..heads.compare import CompareResult
     from ..heads.fit_head import FitHeadResult
@@ -358,10 +359,10 @@ def feature_map_note(result: dict) -> str:
     return f"feature map {' x '.join(map(str, result['feature_shape']))}, top channels {result['top_channels']}"
 
 
-def fetch_note(result: dict) -> str:
-    state = "downloaded" if result["downloaded"] else "already complete"
-    return (f"{result['archive']}: {result['bytes'] / 1e6:.1f} MB, {state}; "
-            f"{'unpacked' if result['unpacked_now'] else 'already unpacked'} to {result['unpacked']}")
+def fetch_note(result: FetchResult) -> str:
+    state = "downloaded" if result.downloaded else "already complete"
+    return (f"{result.archive}: {result.bytes / 1e6:.1f} MB, {state}; "
+            f"{'unpacked' if result.unpacked_now else 'already unpacked'} to {result.unpacked}")
 
 
 def demo_text(result: dict) -> str:
