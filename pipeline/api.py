@@ -60,7 +60,8 @@ from .progress import verbosity
 RESULTS = {"FitHeadResult": "heads", "CompareResult": "heads", "BackboneChoice": "heads", "TrainResult": "models",
            "PredictResult": "models", "EvaluateResult": "reports", "SuggestResult": "reports",
            "SummaryResult": "models", "ExportResult": "serving", "CheckImagesResult": "data",
-           "ImagenetCheckResult": "models", "FetchResult": "data"}
+           "ImagenetCheckResult": "models", "FetchResult": "data",
+           "DemoResult": "reports"}
 
 __all__ = [
     "Cache", "Head", "Model", "NotFittedError", "Rows",
@@ -595,9 +596,10 @@ def fetch_data(*, verbose: Optional[bool] = False, **options):
         return run(cfg)
 
 
-def run_demo(*, verbose: Optional[bool] = False, **options) -> dict:
+def run_demo(*, verbose: Optional[bool] = False, **options):
     """The main job in one go: fetch if missing, check, extract, fit-head, compare-sklearn
-    (``python cli.py demo``); ``options``: DemoConfig's (data, weights, n, backbone, cache_dir, runs_dir, ...)."""
+    (``python cli.py demo``), a ``DemoResult`` of each step's; ``options``: DemoConfig's (data, weights, n,
+    backbone, cache_dir, runs_dir, ...)."""
     from .reports.demo import demo
 
     options.setdefault("command", _call_text("run_demo", **options))

@@ -408,7 +408,7 @@ def demo(as_json, **options):
     """The main job in one go: fetch if missing, check images, extract, fit the head, compare with sklearn."""
     from .runs.ledger import current_command
     result = api.run_demo(verbose=None, command=current_command(), **options)
-    emit(result, as_json, present.demo_text(result))
+    emit(result.to_dict(), as_json, present.demo_text(result))
 
 
 @cli.command()

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from ..models.summary import SummaryResult
     from ..models.train import TrainResult
     from ..serving.export import ExportResult
+    from .demo import DemoResult
     from .evaluate import EvaluateResult
     from .suggest import SuggestResult
 
@@ -84,11 +85,7 @@ def fit_head_text(r: FitHeadResult) -> str:
 
 
 def compare_text(result: CompareResult) -> str:
-    return compare_table(result.models, result.split, result.cache, result.test_cache)
-
-
-def compare_table(models: list, split: dict, cache: str, test_cache: Optional[str]) -> str:
-    """compare-sklearn's table, one row per model, and the split they share (demo's is a dict of it)."""
+    models = result.models
     test = any("test_acc" in m for m in models)
     rows = [("model", "val acc", "val log-loss", *(("test acc", "test log-loss") if test else ()), "fit time")]
     for m in models:
@@ -101,9 +98,9 @@ def compare_table(models: list, split: dict, cache: str, test_cache: Optional[st
     for m in models:
         accs = ", ".join(f"{c} {a:.3f}" for c, a in m["per_class_val_acc"].items() if a is not None)
         lines.append(f"per-class val acc, {m['model'].split(' (')[0]}: {accs}")
-    s = split
+    s = result.split
     lines.append(f"(same split: {s['train_rows']} train / {s['val_rows']} val rows, seed {s['seed']}; "
-                 f"cache {cache}{'; test ' + test_cache if test_cache else ''})")
+                 f"cache {result.cache}{'; test ' + result.test_cache if result.test_cache else ''})")
     return "\n".join(lines)
 
 
@@ -365,10 +362,8 @@ def fetch_note(result: FetchResult) -> str:
             f"{'unpacked' if result.unpacked_now else 'already unpacked'} to {result.unpacked}")
 
 
-def demo_text(result: dict) -> str:
-    c = result["compare"]
-    return (compare_table(c["models"], c["split"], c["cache"], c.get("test_cache")) + "\n\n"
-            + demo_next_text(result["next"]))
+def demo_text(result: DemoResult) -> str:
+    return compare_text(result.compare) + "\n\n" + demo_next_text(result.next)
 
 
 def train_text(result: TrainResult) -> str:
