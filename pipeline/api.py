@@ -61,7 +61,7 @@ RESULTS = {"FitHeadResult": "heads", "CompareResult": "heads", "BackboneChoice":
            "PredictResult": "models", "EvaluateResult": "reports", "SuggestResult": "reports",
            "SummaryResult": "models", "ExportResult": "serving", "CheckImagesResult": "data",
            "ImagenetCheckResult": "models", "FetchResult": "data",
-           "DemoResult": "reports"}
+           "DemoResult": "reports", "ConsolidateResult": "cache"}
 
 __all__ = [
     "Cache", "Head", "Model", "NotFittedError", "Rows",

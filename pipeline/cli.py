@@ -272,9 +272,11 @@ def extract(as_json, **options):
 def caches(cache_dir, consolidate, as_json):
     """List the feature caches: path, backbone, rows, classes, size, created."""
     if consolidate:
+        from dataclasses import asdict
+
         result = api.Cache(consolidate).consolidate()
         note(present.consolidate_note(result))
-        emit(result, as_json, result["cache"])
+        emit(asdict(result), as_json, result.cache)
         return
     found = api.list_caches(cache_dir)
     result = {"caches": [c.summary() for c in found],

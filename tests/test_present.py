@@ -69,7 +69,7 @@ def test_the_one_line_notes():
         "feature map 8 x 8 x 8, top channels [5, 4]"
     assert present.fetch_note(SimpleNamespace(archive="a.zip", bytes=2e6, downloaded=False, unpacked_now=True,
                                               unpacked="data")) == "a.zip: 2.0 MB, already complete; unpacked to data"
-    assert present.consolidate_note({"rows": 9, "size_bytes": 1e6, "shards": ["a", "b"]}) == \
+    assert present.consolidate_note(SimpleNamespace(rows=9, size_bytes=1e6, shards=["a", "b"])) == \
         "9 rows copied into one file (1.0 MB); its 2 shard files are no longer needed"
     assert present.extract_interrupted("python cli.py extract --data d") == \
         "\ninterrupted; committed rows are kept. Resume with:\n  python cli.py extract --data d"

@@ -14,6 +14,7 @@ from ..files import one_line
 from ..runs.ledger import ledger_path
 
 if TYPE_CHECKING:
+    from ..cache.feature_cache import ConsolidateResult
     from ..data.check_images import CheckImagesResult
     from ..data.fetch import FetchResult
     from ..heads.backbone_choice import BackboneChoice
@@ -336,9 +337,9 @@ def train_interrupted(stopped, command: str) -> str:
             f"{stopped.run_dir}/model.pt. Resume with:\n  {again}")
 
 
-def consolidate_note(result: dict) -> str:
-    return (f"{result['rows']} rows copied into one file ({result['size_bytes'] / 1e6:.1f} MB); "
-            f"its {len(result['shards'])} shard files are no longer needed")
+def consolidate_note(result: ConsolidateResult) -> str:
+    return (f"{result.rows} rows copied into one file ({result.size_bytes / 1e6:.1f} MB); "
+            f"its {len(result.shards)} shard files are no longer needed")
 
 
 def caches_text(result: dict, cache_dir) -> str:
