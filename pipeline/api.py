@@ -61,7 +61,8 @@ RESULTS = {"FitHeadResult": "heads", "CompareResult": "heads", "BackboneChoice":
            "PredictResult": "models", "EvaluateResult": "reports", "SuggestResult": "reports",
            "SummaryResult": "models", "ExportResult": "serving", "CheckImagesResult": "data",
            "ImagenetCheckResult": "models", "FetchResult": "data",
-           "DemoResult": "reports", "ConsolidateResult": "cache"}
+           "DemoResult": "reports", "ConsolidateResult": "cache", "PreviewResult": "reports",
+           "FeatureMapResult": "reports"}
 
 __all__ = [
     "Cache", "Head", "Model", "NotFittedError", "Rows",
@@ -529,7 +530,7 @@ def preview(data: PathLike, *, output: Optional[PathLike] = None, **options):
     a matplotlib Figure (shown inline in Jupyter), also saved as a PNG when ``output`` is given.
 
     ``options``: PreviewConfig's (per_class=4, seed, backbone, weights: only the preprocessing is read).
-    ``fig.info``: the classes and images shown.
+    ``fig.info``: a ``PreviewResult``, the classes and images shown.
     """
     from .reports.pictures import preview as preview_figure
 
@@ -542,7 +543,8 @@ def feature_map(image: PathLike, *, output: Optional[PathLike] = None, **options
     """One image beside its feature map (channels x positions) and its most active channels over it:
     a matplotlib Figure, also saved as a PNG when ``output`` is given.
 
-    ``options``: FeatureMapConfig's (backbone, weights, top_k=6). ``fig.info``: feature_shape, top_channels.
+    ``options``: FeatureMapConfig's (backbone, weights, top_k=6). ``fig.info``: a
+    ``FeatureMapResult`` (feature_shape, top_channels).
     """
     from .reports.pictures import feature_map as feature_map_figure
 
@@ -551,12 +553,13 @@ def feature_map(image: PathLike, *, output: Optional[PathLike] = None, **options
     return _finish_figure(fig, info, output)
 
 
-def _finish_figure(fig, info: dict, output: Optional[PathLike]):
+def _finish_figure(fig, info, output: Optional[PathLike]):
+    """``fig`` with ``fig.info`` (the stage's PreviewResult or FeatureMapResult), saved as a PNG when asked."""
+    from dataclasses import replace
+
     from .runs.figures import save
 
-    fig.info = dict(info)
-    if output:
-        fig.info["output"] = str(save(fig, info.get("output") or output))
+    fig.info = replace(info, output=str(save(fig, info.output or output))) if output else info
     return fig
 
 

@@ -336,8 +336,10 @@ def compare_sklearn_cmd(as_json, cache, **options):
 @library_errors
 def preview(as_json, **options):
     """A PNG grid of sample images per class, resized/cropped as for extraction (de-normalised)."""
+    from dataclasses import asdict
+
     result = api.preview(options.pop("data"), **options).info
-    emit(result, as_json, result["output"])
+    emit(asdict(result), as_json, result.output)
 
 
 @cli.command("feature-map")
@@ -346,9 +348,11 @@ def preview(as_json, **options):
 @library_errors
 def feature_map_cmd(as_json, **options):
     """A PNG of IMAGE beside its feature map (channels x positions) and its most active channels."""
+    from dataclasses import asdict
+
     result = api.feature_map(options.pop("image"), **options).info
     note(present.feature_map_note(result))
-    emit(result, as_json, result["output"])
+    emit(asdict(result), as_json, result.output)
 
 
 @cli.command()

@@ -232,12 +232,13 @@ def test_pictures_are_figures_that_show_inline_and_can_be_saved(head, work):
     import matplotlib
 
     fig = pipeline.preview("data", per_class=2, backbone="tiny", weights="none")
-    assert isinstance(fig, matplotlib.figure.Figure) and fig.info["classes"] == ["blue", "red"]
+    assert isinstance(fig, matplotlib.figure.Figure) and fig.info.classes == ["blue", "red"]
     png = fig._repr_png_()  # what Jupyter displays
     assert png[:4] == b"\x89PNG" and Image.open(__import__("io").BytesIO(png)).size == (440, 540)
     fm = pipeline.feature_map(work / "data" / "red" / "red.1.jpg", backbone="tiny", weights="none", top_k=2,
                               output=work / "fm.png")
-    assert fm.info["feature_shape"] == [8, 8, 8] and Image.open(work / "fm.png").size == (1500, 600)
+    assert fm.info.feature_shape == [8, 8, 8] and Image.open(work / "fm.png").size == (1500, 600)
+    assert isinstance(fm.info, pipeline.api.FeatureMapResult) and fm.info.output == str(work / "fm.png")
     curves = head.plot_curves()
     assert len(curves.axes) == 2 and pipeline.plot_curves(head.history_).axes[0].get_title() == "accuracy"
     import matplotlib.pyplot as plt

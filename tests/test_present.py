@@ -65,7 +65,7 @@ def test_the_one_line_notes():
 
     assert present.predict_note(SimpleNamespace(images=1, errors=0, img_per_s=3.0, explain="runs/h")) == \
         "1 image, 0 unreadable, 3.0 img/s, heatmaps in runs/h"
-    assert present.feature_map_note({"feature_shape": [8, 8, 8], "top_channels": [5, 4]}) == \
+    assert present.feature_map_note(SimpleNamespace(feature_shape=[8, 8, 8], top_channels=[5, 4])) == \
         "feature map 8 x 8 x 8, top channels [5, 4]"
     assert present.fetch_note(SimpleNamespace(archive="a.zip", bytes=2e6, downloaded=False, unpacked_now=True,
                                               unpacked="data")) == "a.zip: 2.0 MB, already complete; unpacked to data"

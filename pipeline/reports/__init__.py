@@ -3,7 +3,7 @@
 What the API and CLI use:
     evaluate.evaluate               accuracy, per-class figures, confusion matrix, most confidently wrong images
                                     (its answer: EvaluateResult, exported here)
-    pictures.preview, pictures.feature_map   what the backbone sees
+    pictures.preview, pictures.feature_map   what the backbone sees (PreviewResult, FeatureMapResult)
     demo.demo                       fetch -> check -> extract -> fit-head -> compare in one command (DemoResult)
     present                         every command's result as the text a person reads on the terminal
     suggest.SuggestResult           suggest's answer (exported here)
@@ -11,7 +11,8 @@ What the API and CLI use:
 
 #: the stages' result dataclasses -> their modules, loaded on first use: the modules import torch, and
 #: ``import pipeline.reports.present`` (the CLI's) must not
-RESULTS = {"EvaluateResult": "evaluate", "DemoResult": "demo", "SuggestResult": "suggest"}
+RESULTS = {"EvaluateResult": "evaluate", "PreviewResult": "pictures", "FeatureMapResult": "pictures",
+           "DemoResult": "demo", "SuggestResult": "suggest"}
 
 
 def __getattr__(name: str):

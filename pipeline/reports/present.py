@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from ..serving.export import ExportResult
     from .demo import DemoResult
     from .evaluate import EvaluateResult
+    from .pictures import FeatureMapResult
     from .suggest import SuggestResult
 
 
@@ -353,8 +354,8 @@ def caches_text(result: dict, cache_dir) -> str:
     return "\n".join(lines) if result["caches"] or result["unreadable"] else f"no caches in {cache_dir}"
 
 
-def feature_map_note(result: dict) -> str:
-    return f"feature map {' x '.join(map(str, result['feature_shape']))}, top channels {result['top_channels']}"
+def feature_map_note(result: FeatureMapResult) -> str:
+    return f"feature map {' x '.join(map(str, result.feature_shape))}, top channels {result.top_channels}"
 
 
 def fetch_note(result: FetchResult) -> str:
