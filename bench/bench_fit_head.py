@@ -93,13 +93,13 @@ def child(kind: str, path: str, block_rows: int, batch: int, repeat: int) -> dic
             t0 = time.perf_counter()
             r = fit_head(FitHeadConfig(cache=path, block_rows=block_rows, runs_dir=runs))
             times.append(time.perf_counter() - t0)  # the whole command's work (reading the rows included)
-        n = r["train_rows"] + r["val_rows"]
+        n = r.train_rows + r.val_rows
     else:
         with tempfile.TemporaryDirectory() as runs:
             r = fit_head(FitHeadConfig(cache=path, epochs=1, block_rows=block_rows, batch_size=batch, runs_dir=runs,
                                        features="flat", normalize="rms", patience=0))  # the streaming path
-        n = r["train_rows"] + r["val_rows"]
-        times.append(r["fit_seconds"])  # without torch's import
+        n = r.train_rows + r.val_rows
+        times.append(r.fit_seconds)  # without torch's import
     seconds = float(np.median(times))
     hwm = next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmHWM"))
     return {"rows": n, "seconds": seconds, "all_seconds": times, "rows_per_s": n / seconds,

@@ -58,7 +58,7 @@ def run_predict(model: str, photos: list[str], args) -> dict:
     rows = pipeline.predict_files(model, photos, precision=args.precision, batch_size=args.batch_size,
                                   workers=args.workers)
     r = rows.result
-    return {"img_per_s": r["img_per_s"], "seconds": r["seconds"], "classes": [row["class"] for row in rows]}
+    return {"img_per_s": r.img_per_s, "seconds": r.seconds, "classes": [row["class"] for row in rows]}
 
 
 def start_server(model: str, port: int, args) -> subprocess.Popen:

@@ -177,7 +177,7 @@ def main(argv=None) -> None:
         train, test = (args.data / part for part in PROXIES[proxy])
         cache = find_cache(train, args.weights, [args.cache_dir, *args.reuse])
         with tempfile.TemporaryDirectory() as runs:
-            head = fit_head(FitHeadConfig(cache=cache, head=args.head, runs_dir=runs))["checkpoint"]
+            head = fit_head(FitHeadConfig(cache=cache, head=args.head, runs_dir=runs)).checkpoint
             results[proxy] = {"head": args.head, "fill": args.fill, "share": args.share,
                               **deletion(head, test, args.weights, args.n, args.share, args.fill, args.batch_size,
                                          args.seed, args.precision, args.examples, args.n_examples)}

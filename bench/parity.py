@@ -65,15 +65,15 @@ def main() -> None:
             with FeatureCache(test["cache"]) as c:
                 test_feats[prec] = (c.paths, c.features[: c.n])
             h = fit_head(FitHeadConfig(cache=train["cache"], test_cache=test["cache"], runs_dir=f"{tmp}/runs"))
-            r[prec] = {"train_img_per_s": train.get("img_per_s"), "test_acc": h["test_acc"],
-                       "test_loss": h["test_loss"], "test_rows": len(test_feats[prec][0]), "val_acc": h["val_acc"]}
+            r[prec] = {"train_img_per_s": train.get("img_per_s"), "test_acc": h.metrics["test_acc"],
+                       "test_loss": h.metrics["test_loss"], "test_rows": len(test_feats[prec][0]), "val_acc": h.val_acc}
             if a.breeds:
                 breeds = extract(ExtractConfig(data=a.breeds, n=0, **common))["cache"]
                 splits = [fit_head(FitHeadConfig(cache=breeds, val_fraction=0.2, seed=seed, runs_dir=f"{tmp}/runs"))
                           for seed in range(5)]
-                acc = [r["val_acc"] for r in splits]
+                acc = [s.val_acc for s in splits]
                 r[prec]["breeds_acc"], r[prec]["breeds_acc_std"] = float(np.mean(acc)), float(np.std(acc))
-            print(f"[parity] {prec}: test acc {h['test_acc']:.4f}", file=sys.stderr, flush=True)
+            print(f"[parity] {prec}: test acc {h.metrics['test_acc']:.4f}", file=sys.stderr, flush=True)
         ref_paths, ref = test_feats[a.precisions[0]]
         for prec in a.precisions[1:]:
             paths, x = test_feats[prec]

@@ -25,7 +25,7 @@ Whole models
                                          calibration (ECE, reliability diagram), the share flagged unknown
     predict_files(model, paths)          rows of path, class, probability, unknown, ood_score (or error)
 Pictures (matplotlib Figures: shown inline in Jupyter)
-    preview(data), feature_map(image), plot_curves(head or history); evaluate_model(...)["figures"]
+    preview(data), feature_map(image), plot_curves(head or history); evaluate_model(...).figures
 Taking a model elsewhere
     export_model(model, output)          one ONNX / TorchScript file (+ .json metadata), checked against predict
     serve_app(model), serve_model(model) the HTTP service with its page: the app in-process, or served by uvicorn

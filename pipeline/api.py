@@ -21,7 +21,7 @@ import html
 import inspect
 import logging
 import os
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, fields, replace
 from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
@@ -55,6 +55,15 @@ from .files import shown
 from .models.estimators import FeatureHead, ImageClassifier, NotFittedError, is_cache, is_features
 from .progress import verbosity
 
+#: the stages' result dataclasses -> their stage packages, loaded on first use (``__getattr__`` below); not in
+#: ``__all__``, so that ``help(pipeline)`` and ``from pipeline.api import *`` stay without torch
+RESULTS = {"FitHeadResult": "heads", "CompareResult": "heads", "BackboneChoice": "heads", "TrainResult": "models",
+           "PredictResult": "models", "EvaluateResult": "reports", "SuggestResult": "reports",
+           "SummaryResult": "models", "ExportResult": "serving", "CheckImagesResult": "data",
+           "ImagenetCheckResult": "models", "FetchResult": "data",
+           "DemoResult": "reports", "ConsolidateResult": "cache", "PreviewResult": "reports",
+           "FeatureMapResult": "reports"}
+
 __all__ = [
     "Cache", "Head", "Model", "NotFittedError", "Rows",
     "extract_features", "list_caches", "compare_sklearn", "choose_backbone", "train_model", "finetune_model",
@@ -67,6 +76,16 @@ __all__ = [
 
 PathLike = Union[str, os.PathLike]
 log = logging.getLogger(__name__)
+
+
+def __getattr__(name: str):
+    """The stages' result dataclasses (``RESULTS``: name -> stage package), loaded on first use: their modules
+    import torch, and ``import pipeline.api`` must not."""
+    if name not in RESULTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f"pipeline.{RESULTS[name]}"), name)
 
 
 # -- plumbing ----------------------------------------------------------------------------------
@@ -125,9 +144,9 @@ def _call_text(name: str, *args, **kwargs) -> str:
 
 class Rows(list):
     """A list of row dicts (one per model, run, ...) that Jupyter shows as a table; ``result`` holds the
-    stage's whole answer (split, cache, run folders) when there is more to it than the rows."""
+    stage's whole answer (its result dataclass: split, cache, run folders) when there is more to it than the rows."""
 
-    def __init__(self, rows=(), result: Optional[dict] = None):
+    def __init__(self, rows=(), result=None):
         super().__init__(rows)
         self.result = result if result is not None else {}
 
@@ -212,7 +231,8 @@ class Head(ClassifierMixin, BaseEstimator, FeatureHead, _Classifier):
     - ``fit(X, y)``: train on arrays of cached features ((N, d) rows or (N, C, H, W) maps) and labels,
       in memory (no run folder): the same split and fit as on a cache; ``classes_`` are y's labels.
     - learned: ``classes_``, ``history_`` (one dict per epoch), ``metrics_`` (val_acc, val_loss,
-      per-class val acc, ...), ``checkpoint_`` (the head.pt), ``run_dir_``, ``curves_``, ``cache_``
+      per-class val acc, ...), ``checkpoint_`` (the head.pt), ``run_dir_``, ``curves_``, ``cache_``,
+      ``result_`` (fit-head's answer, a ``FitHeadResult``; None when fitted on arrays or loaded)
     - ``predict(X)``, ``predict_proba(X)``: X image paths, folders, PIL images (through the backbone the
       cache was made with), or a Cache / an array of cached features (through the head only); the
       probabilities are calibrated (``temperature_``); ``predict(X, unknown=True)`` names 'unknown' the
@@ -281,7 +301,7 @@ class Head(ClassifierMixin, BaseEstimator, FeatureHead, _Classifier):
         cfg = self._config(cache=None if X is None else [_path(x) for x in X] if several else _path(X))
         with verbosity(self.verbose if verbose is None else verbose):
             result = fit_head(cfg)
-        self._set_state(result["checkpoint"], result=result)
+        self._set_state(result.checkpoint, result=result)
         return self
 
     @classmethod
@@ -401,7 +421,7 @@ def compare_sklearn(cache: Union[Cache, PathLike, None] = None, *, head: Union[H
     ``options``: CompareConfig's (C, max_iter, scale, val_fraction, seed, cache_dir, block_rows) and any
     of fit-head's (epochs, lr, ...) for the torch head, or ``head=Head(...)`` (its parameters).
     Returns one row dict per model (model, val_acc, val_loss, fit_seconds, per_class_val_acc, ...);
-    ``rows.result`` holds the split, the cache and the head's run folder.
+    ``rows.result``, a ``CompareResult``, holds the split, the cache and the head's run folder.
     """
     compare_fields = set(_field_names(CompareConfig, ("head",)))
     head_fields = set(_field_names(FitHeadConfig, ("cache",)))
@@ -422,14 +442,15 @@ def compare_sklearn(cache: Union[Cache, PathLike, None] = None, *, head: Union[H
 
     with verbosity(verbose):
         result = run(cfg)
-    return Rows(result["models"], result)
+    return Rows(result.models, result)
 
 
 def train_model(data: PathLike, *, verbose: Optional[bool] = False, **options) -> Model:
     """Train a new head on the images of ``data`` end to end, the backbone frozen (``python cli.py train``).
 
     ``options``: TrainConfig's (backbone, weights, n, epochs=3, lr, batch_size, augment, pool, dropout,
-    val_fraction, seed, device, precision, workers, print_every, runs_dir, resume). Returns the fitted Model.
+    val_fraction, seed, device, precision, workers, print_every, runs_dir, resume). Returns the fitted Model
+    (``model.result_``: the run's ``TrainResult``).
     Ctrl-C raises ``TrainingInterrupted`` (a KeyboardInterrupt) naming the run folder ``resume`` continues.
     """
     from .models.train import train
@@ -437,7 +458,7 @@ def train_model(data: PathLike, *, verbose: Optional[bool] = False, **options) -
     with verbosity(verbose):
         result = train(cfg)
     model = Model(verbose=bool(verbose))
-    model._set_state(result["checkpoint"], result=result)
+    model._set_state(result.checkpoint, result=result)
     return model
 
 
@@ -456,21 +477,22 @@ def finetune_model(data: PathLike, init: Union[Head, Model, PathLike, None] = No
     with verbosity(verbose):
         result = finetune(cfg)
     model = Model(verbose=bool(verbose))
-    model._set_state(result["checkpoint"], result=result)
+    model._set_state(result.checkpoint, result=result)
     return model
 
 
 def evaluate_model(model: Union[Head, Model, PathLike], cache: Union[Cache, PathLike, None] = None,
                    data: Optional[PathLike] = None, *, figures: bool = True, verbose: Optional[bool] = False,
-                   **options) -> dict:
+                   **options):
     """Accuracy, loss, macro F1, per-class precision/recall/F1, the confusion matrix and the most
     confidently wrong images of ``model`` (``python cli.py evaluate``).
 
     On ``cache`` (a head only; by default the cache it was fitted on, ``split='val'`` its validation
     rows or 'all'), or on the image folder ``data`` (any model). ``options``: EvaluateConfig's (split,
     top_k, weights, batch_size, device, precision, workers, runs_dir). Writes confusion.png, gallery.png
-    and metrics.json to a run folder; with ``figures`` the dict also holds
-    ``figures={'confusion': Figure, 'gallery': Figure, 'reliability': Figure}``. The result also holds
+    and metrics.json to a run folder. Returns an ``EvaluateResult`` (``accuracy``, ``per_class``, ...;
+    ``to_dict()``: metrics.json's keys); with ``figures`` its ``figures`` are
+    ``{'confusion': Figure, 'gallery': Figure, 'reliability': Figure}``. It also holds
     ``calibration`` (ECE, log-loss, Brier without and with the temperature) and ``unknown`` (the share
     flagged); on a folder of photos of none of the model's classes, only the latter.
     """
@@ -481,9 +503,7 @@ def evaluate_model(model: Union[Head, Model, PathLike], cache: Union[Cache, Path
                   cache=None if cache is None else _path(cache), data=None if data is None else os.fspath(data))
     with verbosity(verbose):
         result = evaluate(cfg)
-    if figures:
-        result["figures"] = draw(result)
-    return result
+    return replace(result, figures=draw(result.to_dict())) if figures else result
 
 
 def predict_files(model: Union[Head, Model, PathLike], paths: Union[PathLike, Sequence[PathLike]], *,
@@ -492,7 +512,7 @@ def predict_files(model: Union[Head, Model, PathLike], paths: Union[PathLike, Se
     error}, an unreadable file getting its error instead of a class (``python cli.py predict``).
 
     ``options``: PredictConfig's (weights, batch_size, workers, device, precision, format, output: the
-    rows written to a file as csv/json/table). ``rows.result``: images, errors, img/s, output.
+    rows written to a file as csv/json/table). ``rows.result``, a ``PredictResult``: images, errors, img/s, output.
     """
     from .models.predict import predict
 
@@ -501,7 +521,7 @@ def predict_files(model: Union[Head, Model, PathLike], paths: Union[PathLike, Se
                   paths=[os.fspath(p) for p in paths])
     with verbosity(verbose):
         result = predict(cfg)
-    return Rows(result["rows"], result)
+    return Rows(result.rows, result)
 
 
 # -- pictures ----------------------------------------------------------------------------------
@@ -510,7 +530,7 @@ def preview(data: PathLike, *, output: Optional[PathLike] = None, **options):
     a matplotlib Figure (shown inline in Jupyter), also saved as a PNG when ``output`` is given.
 
     ``options``: PreviewConfig's (per_class=4, seed, backbone, weights: only the preprocessing is read).
-    ``fig.info``: the classes and images shown.
+    ``fig.info``: a ``PreviewResult``, the classes and images shown.
     """
     from .reports.pictures import preview as preview_figure
 
@@ -523,7 +543,8 @@ def feature_map(image: PathLike, *, output: Optional[PathLike] = None, **options
     """One image beside its feature map (channels x positions) and its most active channels over it:
     a matplotlib Figure, also saved as a PNG when ``output`` is given.
 
-    ``options``: FeatureMapConfig's (backbone, weights, top_k=6). ``fig.info``: feature_shape, top_channels.
+    ``options``: FeatureMapConfig's (backbone, weights, top_k=6). ``fig.info``: a
+    ``FeatureMapResult`` (feature_shape, top_channels).
     """
     from .reports.pictures import feature_map as feature_map_figure
 
@@ -532,12 +553,13 @@ def feature_map(image: PathLike, *, output: Optional[PathLike] = None, **options
     return _finish_figure(fig, info, output)
 
 
-def _finish_figure(fig, info: dict, output: Optional[PathLike]):
+def _finish_figure(fig, info, output: Optional[PathLike]):
+    """``fig`` with ``fig.info`` (the stage's PreviewResult or FeatureMapResult), saved as a PNG when asked."""
+    from dataclasses import replace
+
     from .runs.figures import save
 
-    fig.info = dict(info)
-    if output:
-        fig.info["output"] = str(save(fig, info.get("output") or output))
+    fig.info = replace(info, output=str(save(fig, info.output or output))) if output else info
     return fig
 
 
@@ -554,10 +576,10 @@ def plot_curves(history: Union[Head, Model, Sequence[dict]], title: str = ""):
 
 
 # -- data, ledger, odds and ends ---------------------------------------------------------------
-def check_image_folder(root: PathLike, *, verbose: Optional[bool] = False, **options) -> dict:
-    """Fully decode every file below ``root`` as extract would; counts, findings (errors: files extract
-    cannot use; notes: converted ones) and, with ``quarantine=True``, the files with errors moved aside
-    (``python cli.py check-images``). ``options``: CheckImagesConfig's (report, quarantine, quarantine_dir,
+def check_image_folder(root: PathLike, *, verbose: Optional[bool] = False, **options):
+    """Fully decode every file below ``root`` as extract would: a ``CheckImagesResult`` of counts, findings
+    (errors: files extract cannot use; notes: converted ones) and, with ``quarantine=True``, the files with errors
+    moved aside (``python cli.py check-images``). ``options``: CheckImagesConfig's (report, quarantine, quarantine_dir,
     workers)."""
     from .data.check_images import check_images
 
@@ -566,9 +588,10 @@ def check_image_folder(root: PathLike, *, verbose: Optional[bool] = False, **opt
         return check_images(cfg)
 
 
-def fetch_data(*, verbose: Optional[bool] = False, **options) -> dict:
+def fetch_data(*, verbose: Optional[bool] = False, **options):
     """Download an image archive (resuming) and unpack it safely (``python cli.py fetch-data``);
-    ``options``: FetchConfig's (dest, url, overwrite, timeout, retries). ``result['unpacked']``: the folder."""
+    ``options``: FetchConfig's (dest, url, overwrite, timeout, retries). A ``FetchResult``: ``unpacked`` is the
+    folder."""
     from .data.fetch import fetch_data as run
 
     cfg = _config(FetchConfig, "fetch_data", options)
@@ -576,9 +599,10 @@ def fetch_data(*, verbose: Optional[bool] = False, **options) -> dict:
         return run(cfg)
 
 
-def run_demo(*, verbose: Optional[bool] = False, **options) -> dict:
+def run_demo(*, verbose: Optional[bool] = False, **options):
     """The main job in one go: fetch if missing, check, extract, fit-head, compare-sklearn
-    (``python cli.py demo``); ``options``: DemoConfig's (data, weights, n, backbone, cache_dir, runs_dir, ...)."""
+    (``python cli.py demo``), a ``DemoResult`` of each step's; ``options``: DemoConfig's (data, weights, n,
+    backbone, cache_dir, runs_dir, ...)."""
     from .reports.demo import demo
 
     options.setdefault("command", _call_text("run_demo", **options))
@@ -597,8 +621,9 @@ def list_runs(runs_dir: PathLike = FitHeadConfig.runs_dir, *, sort_by: Optional[
                           backbone=backbone))
 
 
-def imagenet_check(image: PathLike, **options) -> dict:
-    """Top ImageNet classes of one image from the full pretrained model (``python cli.py imagenet-check``);
+def imagenet_check(image: PathLike, **options):
+    """Top ImageNet classes of one image from the full pretrained model (``python cli.py imagenet-check``), an
+    ``ImagenetCheckResult``;
     ``options``: backbone, weights (with the classifier), top, device."""
     import inspect
 
@@ -612,10 +637,10 @@ def imagenet_check(image: PathLike, **options) -> dict:
     return run(os.fspath(image), **options)
 
 
-def model_summary(**options) -> dict:
+def model_summary(**options):
     """Layer-by-layer shapes and total/trainable parameters of backbone + head under a freeze setting
-    (``python cli.py summary``); ``options``: SummaryConfig's (backbone, classes, pool, dropout, unfreeze,
-    crop_size)."""
+    (``python cli.py summary``), a ``SummaryResult``; ``options``: SummaryConfig's (backbone, classes, pool,
+    dropout, unfreeze, crop_size)."""
     from .models.summary import summarize
 
     return summarize(_config(SummaryConfig, "model_summary", options))
@@ -656,12 +681,12 @@ def suggest(data: PathLike, pool: PathLike, *, verbose: Optional[bool] = False, 
 
 # -- taking a model elsewhere ------------------------------------------------------------------
 def export_model(model: Union[Head, Model, PathLike], output: PathLike, *, verbose: Optional[bool] = False,
-                 **options) -> dict:
+                 **options):
     """A head (with its backbone) or a whole model as one ONNX or TorchScript file that maps preprocessed
     images to class probabilities, its metadata beside it (``<output>.json``), after a parity check
     against predict (``python cli.py export``). ``options``: ExportConfig's (format='onnx', check_data,
-    check_n, tolerance, weights, ...). ``result['passed']`` False (and nothing written) when the export's
-    probabilities differ from predict's by more than ``tolerance``; ``result['max_abs_diff']`` by how much.
+    check_n, tolerance, weights, ...). Returns an ``ExportResult``: ``passed`` False (and nothing written) when
+    the export's probabilities differ from predict's by more than ``tolerance``; ``max_abs_diff`` by how much.
     """
     from .serving.export import export
 

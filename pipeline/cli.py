@@ -272,9 +272,11 @@ def extract(as_json, **options):
 def caches(cache_dir, consolidate, as_json):
     """List the feature caches: path, backbone, rows, classes, size, created."""
     if consolidate:
+        from dataclasses import asdict
+
         result = api.Cache(consolidate).consolidate()
         note(present.consolidate_note(result))
-        emit(result, as_json, result["cache"])
+        emit(asdict(result), as_json, result.cache)
         return
     found = api.list_caches(cache_dir)
     result = {"caches": [c.summary() for c in found],
@@ -291,7 +293,7 @@ def fit_head_cmd(as_json, **options):
     cache = options.pop("cache")
     rows = list(cache) if len(cache) > 1 else cache[0] if cache else None
     result = api.Head(verbose=None, **options).fit(rows).result_
-    emit(result, as_json, present.fit_head_text(result))
+    emit(result.to_dict(), as_json, present.fit_head_text(result))
 
 
 @cli.command("choose-backbone")
@@ -322,8 +324,10 @@ COMPARED_HEAD_OPTIONS = ("features", "normalize", "recipe", "epochs", "patience"
 @library_errors
 def compare_sklearn_cmd(as_json, cache, **options):
     """Fit the torch head and scikit-learn LogisticRegression on the same split; print both."""
+    from dataclasses import asdict
+
     result = api.compare_sklearn(cache, verbose=None, **options).result
-    emit(result, as_json, present.compare_text(result))
+    emit(asdict(result), as_json, present.compare_text(result))
 
 
 @cli.command()
@@ -332,8 +336,10 @@ def compare_sklearn_cmd(as_json, cache, **options):
 @library_errors
 def preview(as_json, **options):
     """A PNG grid of sample images per class, resized/cropped as for extraction (de-normalised)."""
+    from dataclasses import asdict
+
     result = api.preview(options.pop("data"), **options).info
-    emit(result, as_json, result["output"])
+    emit(asdict(result), as_json, result.output)
 
 
 @cli.command("feature-map")
@@ -342,9 +348,11 @@ def preview(as_json, **options):
 @library_errors
 def feature_map_cmd(as_json, **options):
     """A PNG of IMAGE beside its feature map (channels x positions) and its most active channels."""
+    from dataclasses import asdict
+
     result = api.feature_map(options.pop("image"), **options).info
     note(present.feature_map_note(result))
-    emit(result, as_json, result["output"])
+    emit(asdict(result), as_json, result.output)
 
 
 @cli.command()
@@ -355,7 +363,7 @@ def evaluate(as_json, **options):
     """Accuracy, per-class precision/recall/F1, a confusion-matrix PNG and a gallery of confident errors."""
     result = api.evaluate_model(options.pop("model"), options.pop("cache"), options.pop("data"), figures=False,
                                 verbose=None, **options)
-    emit(result, as_json, present.evaluate_text(result))
+    emit(result.to_dict(), as_json, present.evaluate_text(result))
 
 
 @cli.command()
@@ -379,9 +387,11 @@ def runs(runs_dir, sort_by, cache, backbone, as_json):
 @library_errors
 def fetch_data_cmd(as_json, **options):
     """Download an image archive (resuming a partial download) and unpack it safely; prints the folder."""
+    from dataclasses import asdict
+
     result = api.fetch_data(verbose=None, **options)
     note(present.fetch_note(result))
-    emit(result, as_json, result["unpacked"])
+    emit(asdict(result), as_json, result.unpacked)
 
 
 @cli.command("check-images")
@@ -390,8 +400,10 @@ def fetch_data_cmd(as_json, **options):
 @library_errors
 def check_images_cmd(as_json, **options):
     """Fully decode every file below DIR and report unusable ones (errors) and converted ones (notes)."""
+    from dataclasses import asdict
+
     result = api.check_image_folder(options.pop("root"), verbose=None, **options)
-    emit(result, as_json, present.check_images_text(result))
+    emit(asdict(result), as_json, present.check_images_text(result))
 
 
 @cli.command()
@@ -402,7 +414,7 @@ def demo(as_json, **options):
     """The main job in one go: fetch if missing, check images, extract, fit the head, compare with sklearn."""
     from .runs.ledger import current_command
     result = api.run_demo(verbose=None, command=current_command(), **options)
-    emit(result, as_json, present.demo_text(result))
+    emit(result.to_dict(), as_json, present.demo_text(result))
 
 
 @cli.command()
@@ -412,7 +424,7 @@ def demo(as_json, **options):
 def train(as_json, **options):
     """Train a new head on images end to end, backbone frozen; saves runs/<stamp>-train/model.pt."""
     result = interruptible_training(lambda: api.train_model(options.pop("data"), verbose=None, **options))
-    emit(result, as_json, present.train_text(result))
+    emit(result.to_dict(), as_json, present.train_text(result))
 
 
 @cli.command()
@@ -423,10 +435,10 @@ def finetune(as_json, **options):
     """Unfreeze the backbone (or its last K blocks) and train at a low rate; saves runs/<stamp>-finetune/model.pt."""
     result = interruptible_training(lambda: api.finetune_model(options.pop("data"), options.pop("init_head"),
                                                                verbose=None, **options))
-    emit(result, as_json, present.train_text(result))
+    emit(result.to_dict(), as_json, present.train_text(result))
 
 
-def interruptible_training(run) -> dict:
+def interruptible_training(run):
     """A train / finetune run's result; on Ctrl-C, what was kept and the command that resumes it (exit 130);
     SIGTERM or SIGHUP (a scheduler's stop) says what was kept too, then exits 143 or 129."""
     import multiprocessing
@@ -458,13 +470,13 @@ def predict(paths, **options):
     try:
         result = api.predict_files(options.pop("model"), list(paths), verbose=None, **options).result
     except Interrupted as e:  # the rows computed so far are kept: written (--output) or shown
-        if not e.result["output"]:
-            click.echo(present.predict_rows_text(e.result["rows"], options["format"]))
+        if not e.result.output:
+            click.echo(present.predict_rows_text(e.result.rows, options["format"]))
         sys.exit(130)
     note(present.predict_note(result))
-    click.echo(result["output"] if result["output"] else present.predict_rows_text(result["rows"], options["format"]))
-    if result["errors"] == result["images"]:
-        raise click.ClickException(f"none of the {present.plural(result['images'], 'input')} could be classified")
+    click.echo(result.output if result.output else present.predict_rows_text(result.rows, options["format"]))
+    if result.errors == result.images:
+        raise click.ClickException(f"none of the {present.plural(result.images, 'input')} could be classified")
 
 
 @cli.command("imagenet-check")
@@ -473,8 +485,10 @@ def predict(paths, **options):
 @library_errors
 def imagenet_check_cmd(as_json, **options):
     """Sanity check: the top ImageNet classes of IMAGE from the full pretrained model."""
+    from dataclasses import asdict
+
     result = api.imagenet_check(options.pop("image"), **options)
-    emit(result, as_json, present.imagenet_check_text(result))
+    emit(asdict(result), as_json, present.imagenet_check_text(result))
 
 
 @cli.command()
@@ -483,8 +497,10 @@ def imagenet_check_cmd(as_json, **options):
 @library_errors
 def summary(as_json, **options):
     """Layer-by-layer table and total/trainable parameter counts of backbone + head under a freeze setting."""
+    from dataclasses import asdict
+
     result = api.model_summary(**options)
-    emit(result, as_json, present.summary_text(result))
+    emit(asdict(result), as_json, present.summary_text(result))
 
 
 @cli.command()
@@ -521,8 +537,8 @@ def export(as_json, **options):
     """Write a model as one ONNX or TorchScript file (images in, class probabilities out) + its .json metadata,
     after checking that it gives predict's probabilities on sample photos (exit 1 when it does not)."""
     result = api.export_model(options.pop("model"), options.pop("output"), verbose=None, **options)
-    emit(result, as_json, present.export_text(result))
-    if not result["passed"]:
+    emit(result.to_dict(), as_json, present.export_text(result))
+    if not result.passed:
         raise click.exceptions.Exit(1)
 
 

@@ -118,7 +118,7 @@ def test_a_flag_given_as_a_string_is_refused_not_taken_as_true(work):
     with pytest.raises(ValueError, match="extract_features: flip must be True or False, got 'False'"):
         pipeline.extract_features("data", flip="False", **TINY)
     assert (work / "data" / "red" / "broken.jpg").exists() and not (work / "data.quarantine").exists()
-    assert pipeline.check_image_folder("data", quarantine=np.bool_(False), workers=1)["quarantine"] is None
+    assert pipeline.check_image_folder("data", quarantine=np.bool_(False), workers=1).quarantine is None
 
 
 def test_options_follow_the_config_dataclasses(monkeypatch):
@@ -181,8 +181,8 @@ def test_head_scores_a_cache_or_a_folder(head, work, make_cache):
     other = make_image_folder(work / "other", per_class=5, seed=3)
     other_cache = pipeline.extract_features(other, n=0, dtype="float32", **TINY)
     r = pipeline.evaluate_model(head, cache=other_cache, split="all")
-    assert head.score(other_cache) == r["accuracy"]  # another cache: every row
-    assert head.score(other, workers=0) == pytest.approx(r["accuracy"])  # images through the backbone
+    assert head.score(other_cache) == r.accuracy  # another cache: every row
+    assert head.score(other, workers=0) == pytest.approx(r.accuracy)  # images through the backbone
     files = sorted((other / "red").glob("*.jpg"))[:3]
     assert head.score(files, ["red"] * 3) == 1.0 and head.score(files, [1, 1, 0]) == pytest.approx(2 / 3)
 
@@ -214,7 +214,7 @@ def test_compare_sklearn_returns_rows(cache):
     assert isinstance(rows, list) and [r["model"].split()[0] for r in rows] == [
         "auto", "linear", "logreg", "kernel", "sklearn", "sklearn"]
     assert rows[1]["model"].startswith("linear Linear+LogSoftmax (avg, l2") and "C=0.5" in rows[4]["model"]
-    assert rows.result["split"]["val_rows"] == rows[0]["val_rows"] == 6
+    assert rows.result.split["val_rows"] == rows[0]["val_rows"] == 6
     assert "<table>" in rows._repr_html_() and "sklearn LogisticRegression" in rows._repr_html_()
 
 
@@ -222,22 +222,23 @@ def test_evaluate_model_gives_metrics_and_figures(head):
     from matplotlib.figure import Figure
 
     r = pipeline.evaluate_model(head)  # the cache it was fitted on, validation rows
-    assert r["rows"] == 6 and r["accuracy"] == 1.0 and Path(r["confusion_png"]).is_file()
-    assert isinstance(r["figures"]["confusion"], Figure) and isinstance(r["figures"]["gallery"], Figure)
-    assert r["figures"]["confusion"]._repr_png_()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "figures" not in pipeline.evaluate_model(head, figures=False)
+    assert r.rows == 6 and r.accuracy == 1.0 and Path(r.confusion_png).is_file()
+    assert isinstance(r.figures["confusion"], Figure) and isinstance(r.figures["gallery"], Figure)
+    assert r.figures["confusion"]._repr_png_()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert pipeline.evaluate_model(head, figures=False).figures == {}
 
 
 def test_pictures_are_figures_that_show_inline_and_can_be_saved(head, work):
     import matplotlib
 
     fig = pipeline.preview("data", per_class=2, backbone="tiny", weights="none")
-    assert isinstance(fig, matplotlib.figure.Figure) and fig.info["classes"] == ["blue", "red"]
+    assert isinstance(fig, matplotlib.figure.Figure) and fig.info.classes == ["blue", "red"]
     png = fig._repr_png_()  # what Jupyter displays
     assert png[:4] == b"\x89PNG" and Image.open(__import__("io").BytesIO(png)).size == (440, 540)
     fm = pipeline.feature_map(work / "data" / "red" / "red.1.jpg", backbone="tiny", weights="none", top_k=2,
                               output=work / "fm.png")
-    assert fm.info["feature_shape"] == [8, 8, 8] and Image.open(work / "fm.png").size == (1500, 600)
+    assert fm.info.feature_shape == [8, 8, 8] and Image.open(work / "fm.png").size == (1500, 600)
+    assert isinstance(fm.info, pipeline.api.FeatureMapResult) and fm.info.output == str(work / "fm.png")
     curves = head.plot_curves()
     assert len(curves.axes) == 2 and pipeline.plot_curves(head.history_).axes[0].get_title() == "accuracy"
     import matplotlib.pyplot as plt
@@ -267,13 +268,13 @@ def test_train_finetune_and_model_load(work, head):
 def test_predict_files_check_runs_and_summary(work, head):
     (work / "data" / "blue" / "bad.jpg").write_bytes(b"")
     rows = pipeline.predict_files(head, work / "data" / "blue", workers=0)
-    assert len(rows) == 13 and rows.result["errors"] == 1
+    assert len(rows) == 13 and rows.result.errors == 1
     assert {r["class"] for r in rows if not r["error"]} == {"blue"}
     report = pipeline.check_image_folder("data", workers=1)
-    assert report["files"] == 25 and report["errors"] == 1 and report["findings"][0]["kind"] == "zero-byte"
+    assert report.files == 25 and report.errors == 1 and report.findings[0]["kind"] == "zero-byte"
     runs = pipeline.list_runs()
     assert [r["kind"] for r in runs] == ["fit-head"] and runs[0]["metrics"]["val_acc"] == 1.0
-    assert pipeline.model_summary(backbone="tiny", classes=3)["trainable_params"] == 512 * 3 + 3
+    assert pipeline.model_summary(backbone="tiny", classes=3).trainable_params == 512 * 3 + 3
 
 
 # -- the README example --------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import cli
-from pipeline.data.check_images import KINDS, MOVED_LIST, CheckImagesConfig, check_images
+from pipeline.data.check_images import KINDS, MOVED_LIST, CheckImagesConfig, CheckImagesResult, check_images
 from pipeline.data.folders import ImageLoadError, list_image_folder, load_rgb
 from pipeline.errors import PipelineError
 from tests.badfiles import make_bad_corpus, skipped_by_extract, usable
@@ -41,21 +41,21 @@ def snapshot(root: Path) -> dict[str, bytes]:
 def test_each_bad_kind_is_named_with_its_severity(dirty):
     root, corpus = dirty
     result = check_images(CheckImagesConfig(str(root), workers=2))
-    found = by_path(result["findings"])
+    found = by_path(result.findings)
     for rel, expected in corpus.items():
         kinds = {f["kind"]: f["severity"] for f in found.get(rel, [])}
         assert expected.kind in kinds, (rel, found.get(rel))
         assert kinds[expected.kind] == ("error" if expected.is_error else "note"), rel
     assert set(found) == set(corpus), "the generated good JPEGs must have no findings"
-    assert result["files"] == 8 + len(corpus)
-    assert result["errors"] == sum(b.is_error for b in corpus.values())
-    assert result["notes"] == len(usable(corpus))
-    assert set(result["by_kind"]) <= set(KINDS)
+    assert isinstance(result, CheckImagesResult) and result.files == 8 + len(corpus)
+    assert result.errors == sum(b.is_error for b in corpus.values())
+    assert result.notes == len(usable(corpus))
+    assert set(result.by_kind) <= set(KINDS)
 
 
 def test_details_say_which_mode_format_and_warning(dirty):
     root, _ = dirty
-    found = by_path(check_images(CheckImagesConfig(str(root), workers=1))["findings"])
+    found = by_path(check_images(CheckImagesConfig(str(root), workers=1)).findings)
     detail = {p: " | ".join(f["detail"] for f in fs) for p, fs in found.items()}
     assert "mode CMYK" in detail["blue/note.cmyk.jpg"]
     assert "mode L," in detail["red/note.gray.jpg"]
@@ -79,7 +79,7 @@ def test_errors_are_exactly_what_extracts_loader_rejects(dirty):
         except ImageLoadError:
             rejected.add(f.path)
     assert rejected == skipped_by_extract(corpus)
-    errors = {f["path"] for f in check_images(CheckImagesConfig(str(root), workers=1))["findings"]
+    errors = {f["path"] for f in check_images(CheckImagesConfig(str(root), workers=1)).findings
               if f["severity"] == "error"}
     listed = {f.path for f in list_image_folder(root).files}
     assert errors & listed == rejected
@@ -88,7 +88,7 @@ def test_errors_are_exactly_what_extracts_loader_rejects(dirty):
 def test_an_image_without_image_extension_is_reported(tmp_path):
     root = make_image_folder(tmp_path / "data", per_class=1)
     (root / "blue" / "blue.0.jpg").rename(root / "blue" / "photo.jpeg.bak")
-    [f] = check_images(CheckImagesConfig(str(root), workers=1))["findings"]
+    [f] = check_images(CheckImagesConfig(str(root), workers=1)).findings
     assert (f["path"], f["kind"], f["severity"]) == ("blue/photo.jpeg.bak", "unlisted-image", "note")
 
 
@@ -128,11 +128,11 @@ def test_the_restore_command_moves_back_only_what_check_images_moved(tmp_path):
     (root / "notes.txt").write_bytes(b"")
     second = check_images(CheckImagesConfig(str(root), workers=1, quarantine=True))
     assert snapshot(qdir) == {"red/removed by audit.jpg": b"audit's", "red/empty one.jpg": b"", "notes.txt": b""}
-    assert first["quarantine"]["restore"] == second["quarantine"]["restore"]
-    subprocess.run(second["quarantine"]["restore"], shell=True, check=True)
+    assert first.quarantine["restore"] == second.quarantine["restore"]
+    subprocess.run(second.quarantine["restore"], shell=True, check=True)
     assert snapshot(qdir) == {"red/removed by audit.jpg": b"audit's"}
     assert (root / "red" / "empty one.jpg").exists() and (root / "notes.txt").exists()
-    subprocess.run(second["quarantine"]["restore"], shell=True, check=True)  # again: nothing left to move
+    subprocess.run(second.quarantine["restore"], shell=True, check=True)  # again: nothing left to move
     assert snapshot(qdir) == {"red/removed by audit.jpg": b"audit's"}
 
 
@@ -254,14 +254,14 @@ def test_links_and_pipes_are_errors_quarantined_and_restored(tmp_path):
     before = entries(root)
     with no_hang(60):
         result = check_images(CheckImagesConfig(str(root), workers=1, quarantine=True))
-    found = by_path(result["findings"])
+    found = by_path(result.findings)
     for name, why in reasons.items():
         [f] = found[f"red/{name}"]
         assert f["kind"] == "not-a-file" and f["severity"] == "error" and why in f["detail"]
     assert found["red/plain.txt"][0]["kind"] == "not-a-file"
     qdir = tmp_path / "data.quarantine"
     assert entries(qdir) == {f"red/{n}" for n in [*reasons, "plain.txt"]}
-    subprocess.run(result["quarantine"]["restore"], shell=True, check=True)
+    subprocess.run(result.quarantine["restore"], shell=True, check=True)
     assert entries(root) == before and entries(qdir) == set()
     assert (root / "red" / "pipe.jpg").is_fifo() and (root / "red" / "loop.jpg").is_symlink()
 
@@ -295,7 +295,7 @@ def test_quarantining_one_class_folder_never_adds_a_class_to_its_parent(tmp_path
     assert res.exit_code == 0 and (root / "red.quarantine" / "empty.jpg").is_file(), res.output
     assert list_image_folder(root).classes == ("blue", "red")
     again = check_images(CheckImagesConfig(str(root), workers=1))
-    assert again["errors"] == 0 and again["files"] == 4
+    assert again.errors == 0 and again.files == 4
 
 
 def test_links_and_pipes_are_quarantined_onto_another_file_system_too(tmp_path, monkeypatch):
@@ -314,7 +314,7 @@ def test_links_and_pipes_are_quarantined_onto_another_file_system_too(tmp_path, 
     with no_hang(20):
         result = check_images(CheckImagesConfig(str(root), workers=1, quarantine=True))
     qdir = tmp_path / "data.quarantine"
-    assert entries(qdir) == {f"red/{n}" for n in reasons} and result["quarantine"]["moved"] == len(reasons)
+    assert entries(qdir) == {f"red/{n}" for n in reasons} and result.quarantine["moved"] == len(reasons)
     assert os.readlink(qdir / "red" / "dangling.jpg") == "/nonexistent/x.jpg" and (qdir / "red" / "pipe.jpg").is_fifo()
     assert not any(os.path.lexists(root / "red" / n) for n in reasons)
 

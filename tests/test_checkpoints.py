@@ -11,7 +11,7 @@ from pipeline.models.whole_models import build_model, load_model, save_model
 @pytest.fixture
 def head_pt(tiny_cache, tmp_path):
     r = fit_head(FitHeadConfig(head="logreg", cache=str(tiny_cache), runs_dir=str(tmp_path / "runs")))
-    return r["checkpoint"]
+    return r.checkpoint
 
 
 def test_every_kind_records_its_kind_and_format_version(head_pt, tmp_path):

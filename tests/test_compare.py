@@ -1,7 +1,7 @@
 import pytest
 
 from pipeline.cache.feature_cache import FeatureCache
-from pipeline.heads.compare import CompareConfig, compare_sklearn
+from pipeline.heads.compare import CompareConfig, CompareResult, compare_sklearn
 from pipeline.reports.present import compare_text
 from pipeline.heads.fit_head import FitHeadConfig
 from tests.conftest import make_image_folder
@@ -25,9 +25,10 @@ def test_both_models_on_the_same_split(tmp_path, monkeypatch, make_cache):
     r = compare_sklearn(CompareConfig(cache=cache, val_fraction=0.25, seed=3,
                                       head=FitHeadConfig(head="linear", epochs=20, runs_dir=str(tmp_path / "runs"))))
     assert len(seen) == 6 and all(s == seen[0] for s in seen)  # auto, linear, logreg, kernel, 2 x sklearn: one split
-    auto, linear, logreg, kernel, sk, svc = r["models"]
-    assert all(m["val_rows"] == 12 for m in r["models"])
-    assert [m["val_acc"] for m in r["models"]] == [1.0] * 6
+    assert isinstance(r, CompareResult) and r.split["val_rows"] == 12 and r.test_cache is None
+    auto, linear, logreg, kernel, sk, svc = r.models
+    assert all(m["val_rows"] == 12 for m in r.models)
+    assert [m["val_acc"] for m in r.models] == [1.0] * 6
     assert 0 <= sk["val_loss"] < 0.5 and svc["val_loss"] is None  # an SVC gives no probabilities
     table = compare_text(r)
     lines = table.splitlines()

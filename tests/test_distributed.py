@@ -9,7 +9,14 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline.cache.feature_cache import CacheError, FeatureCache, consolidate, read_info, shard_paths
+from pipeline.cache.feature_cache import (
+    CacheError,
+    ConsolidateResult,
+    FeatureCache,
+    consolidate,
+    read_info,
+    shard_paths,
+)
 from pipeline.extraction.distributed import split
 from pipeline.extraction.extract import ExtractConfig, extract
 from pipeline.heads.fit_head import FitHeadConfig, fit_head
@@ -101,7 +108,7 @@ def test_fit_head_on_sharded_matches_single(clean):
     tmp, data, one, res = clean
     a = fit_head(FitHeadConfig(head="linear", cache=one, epochs=3, device="cpu", runs_dir=str(tmp / "runs1")))
     b = fit_head(FitHeadConfig(head="linear", cache=res["cache"], epochs=3, device="cpu", runs_dir=str(tmp / "runs2")))
-    assert (b["val_acc"], b["val_loss"], b["train_loss"]) == (a["val_acc"], a["val_loss"], a["train_loss"])
+    assert (b.val_acc, b.val_loss, b.metrics["train_loss"]) == (a.val_acc, a.val_loss, a.metrics["train_loss"])
 
 
 def test_plain_run_is_a_hit_and_consolidate_makes_one_file(clean, tmp_path):
@@ -112,8 +119,8 @@ def test_plain_run_is_a_hit_and_consolidate_makes_one_file(clean, tmp_path):
     shutil.copytree(Path(res["cache"]).parent, copy)
     path = copy / Path(res["cache"]).name
     out = consolidate(path)
-    assert out["rows"] == 24 and len(out["shards"]) == 2
-    for s in out["shards"]:
+    assert isinstance(out, ConsolidateResult) and out.rows == 24 and len(out.shards) == 2
+    for s in out.shards:
         Path(s).unlink()
     with h5py.File(path, "r") as f:
         assert not f["features"].is_virtual and "sharded" not in f.attrs

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from pipeline import cli
 from pipeline.heads.fit_head import FitHeadConfig, fit_head
-from pipeline.reports.evaluate import EvaluateConfig, Predictions, evaluate, summarize
+from pipeline.reports.evaluate import EvaluateConfig, EvaluateResult, Predictions, evaluate, summarize
 from pipeline.runs.ledger import read_runs
 from tests.conftest import make_image_folder
 
@@ -65,15 +65,17 @@ def head_run(tmp_path, tiny_cache):
 
 
 def test_default_is_the_checkpoints_own_val_split(tmp_path, head_run):
-    r = evaluate(EvaluateConfig(model=head_run["checkpoint"], runs_dir=str(tmp_path / "runs")))
-    assert r["rows"] == head_run["val_rows"] == 6
-    assert r["accuracy"] == head_run["val_acc"]
+    r = evaluate(EvaluateConfig(model=head_run.checkpoint, runs_dir=str(tmp_path / "runs")))
+    assert r.rows == head_run.val_rows == 6
+    assert r.accuracy == head_run.val_acc
     # the checkpoint is calibrated; without its temperature it gives exactly the fitted head's val loss
-    assert r["calibration"]["before"]["log_loss"] == pytest.approx(head_run["val_loss"], rel=1e-5)
-    assert r["loss"] == r["calibration"]["after"]["log_loss"] and r["calibration"]["temperature"] != 1.0
-    assert np.sum(r["confusion_matrix"]) == 6
-    assert Path(r["confusion_png"]).is_file() and Path(r["gallery_png"]).is_file()
-    assert json.loads(Path(r["run_dir"], "metrics.json").read_text())["accuracy"] == r["accuracy"]
+    assert r.calibration["before"]["log_loss"] == pytest.approx(head_run.val_loss, rel=1e-5)
+    assert r.loss == r.calibration["after"]["log_loss"] and r.calibration["temperature"] != 1.0
+    assert np.sum(r.confusion_matrix) == 6
+    assert Path(r.confusion_png).is_file() and Path(r.gallery_png).is_file()
+    saved = json.loads(Path(r.run_dir, "metrics.json").read_text())
+    assert isinstance(r, EvaluateResult) and saved["accuracy"] == r.accuracy
+    assert list(r.to_dict()) == list(saved)  # --json's keys are metrics.json's, in its order
 
 
 def test_val_split_of_a_held_out_cache_is_not_called_rows_the_refitted_head_saw(tmp_path, make_cache, image_folder,
@@ -84,10 +86,10 @@ def test_val_split_of_a_held_out_cache_is_not_called_rows_the_refitted_head_saw(
     train = make_cache(image_folder)["cache"]
     held_out = make_image_folder(tmp_path / "test", per_class=12, seed=5)
     test = make_cache(held_out, cache_dir=str(tmp_path / "test_features"))["cache"]
-    head = fit_head(FitHeadConfig(cache=train, runs_dir=str(tmp_path / "runs")))["checkpoint"]
+    head = fit_head(FitHeadConfig(cache=train, runs_dir=str(tmp_path / "runs"))).checkpoint
     r = evaluate(EvaluateConfig(model=head, cache=test, runs_dir=str(tmp_path / "runs")))
     assert "is not the cache the model was trained on: 'val' scores 4 of its 24 rows" in caplog.text
-    assert "rows it saw" not in caplog.text and r["rows"] == 4
+    assert "rows it saw" not in caplog.text and r.rows == 4
     caplog.clear()
     evaluate(EvaluateConfig(model=head, runs_dir=str(tmp_path / "runs")))  # its own cache: the refit note
     assert "these 'val' rows are rows it saw" in caplog.text and "not the cache" not in caplog.text
@@ -100,15 +102,15 @@ def test_a_cache_of_some_of_the_models_classes_is_scored_as_its_folder_is(tmp_pa
     classes = ("blue", "green", "red")
     train = make_cache(make_image_folder(tmp_path / "train", classes=classes), dtype="float32", precision="fp32")
     head = fit_head(FitHeadConfig(head="linear", cache=train["cache"], epochs=3, runs_dir=str(tmp_path / "runs")))
-    head = head["checkpoint"]
+    head = head.checkpoint
     some = make_image_folder(tmp_path / "some", per_class=6, classes=("blue", "red"), seed=3)
     cache = make_cache(some, dtype="float32", precision="fp32", cache_dir=str(tmp_path / "some_features"))["cache"]
     on_cache = evaluate(EvaluateConfig(model=head, cache=cache, split="all", runs_dir=str(tmp_path / "runs")))
     on_data = evaluate(EvaluateConfig(model=head, data=str(some), precision="fp32", workers=0,
                                       runs_dir=str(tmp_path / "runs")))
-    assert on_cache["classes"] == list(classes) and on_cache["rows"] == on_data["rows"] == 12
-    assert [on_cache["per_class"][c]["support"] for c in classes] == [6, 0, 6]
-    assert on_cache["accuracy"] == on_data["accuracy"] and on_cache["loss"] == pytest.approx(on_data["loss"], abs=1e-4)
+    assert on_cache.classes == list(classes) and on_cache.rows == on_data.rows == 12
+    assert [on_cache.per_class[c]["support"] for c in classes] == [6, 0, 6]
+    assert on_cache.accuracy == on_data.accuracy and on_cache.loss == pytest.approx(on_data.loss, abs=1e-4)
     other = make_image_folder(tmp_path / "other", per_class=6, classes=("blue", "red"), seed=4)
     (other / "red").rename(other / "purple")
     wrong = make_cache(other, dtype="float32", precision="fp32", cache_dir=str(tmp_path / "other_features"))["cache"]
@@ -119,16 +121,16 @@ def test_a_cache_of_some_of_the_models_classes_is_scored_as_its_folder_is(tmp_pa
 
 
 def test_data_folder_agrees_with_all_cache_rows(tmp_path, head_run, image_folder):
-    ckpt = head_run["checkpoint"]
+    ckpt = head_run.checkpoint
     on_cache = evaluate(EvaluateConfig(model=ckpt, split="all", runs_dir=str(tmp_path / "runs")))
     on_data = evaluate(EvaluateConfig(model=ckpt, data=str(image_folder), workers=0, runs_dir=str(tmp_path / "runs")))
-    assert on_cache["rows"] == on_data["rows"] == 24
-    assert on_data["confusion_matrix"] == on_cache["confusion_matrix"]
-    assert on_data["loss"] == pytest.approx(on_cache["loss"], rel=1e-3, abs=1e-4)
+    assert on_cache.rows == on_data.rows == 24
+    assert on_data.confusion_matrix == on_cache.confusion_matrix
+    assert on_data.loss == pytest.approx(on_cache.loss, rel=1e-3, abs=1e-4)
 
 
 def test_refusals(tmp_path, head_run):
-    ckpt = head_run["checkpoint"]
+    ckpt = head_run.checkpoint
     other = make_image_folder(tmp_path / "other", per_class=2, classes=("blue", "green"))
     with pytest.raises(ValueError, match=r"classes \['green'\] the model does not know"):
         evaluate(EvaluateConfig(model=ckpt, data=str(other), workers=0, runs_dir=str(tmp_path / "r")))
@@ -160,14 +162,14 @@ def test_a_runs_dir_inside_a_photo_folder_it_reads_is_refused(tmp_path, head_run
     for args in (["--runs-dir", str(image_folder / "blue")],  # the head's training photos (through its cache)
                  ["--runs-dir", str(image_folder)],
                  ["--data", str(other), "--runs-dir", str(other / "red" / "runs")]):
-        r = CliRunner().invoke(cli.cli, ["evaluate", "--model", head_run["checkpoint"], *args])
+        r = CliRunner().invoke(cli.cli, ["evaluate", "--model", head_run.checkpoint, *args])
         assert r.exit_code == 2 and "--runs-dir" in r.output and "data folder" in r.output, (args, r.output)
     assert sorted(image_folder.rglob("*")) == before and not (other / "red" / "runs").exists()
 
 
 def test_cli_json_and_ledger(tmp_path, head_run):
     runs = tmp_path / "runs"
-    result = CliRunner().invoke(cli.cli, ["evaluate", "--model", head_run["checkpoint"], "--split", "all",
+    result = CliRunner().invoke(cli.cli, ["evaluate", "--model", head_run.checkpoint, "--split", "all",
                                           "--runs-dir", str(runs), "--json"])
     assert result.exit_code == 0, result.output
     r = json.loads(result.stdout)
@@ -177,9 +179,9 @@ def test_cli_json_and_ledger(tmp_path, head_run):
     assert entry["kind"] == "evaluate" and entry["metrics"]["accuracy"] == r["accuracy"]
     assert entry["backbone"] == "tiny"
     assert entry["outputs"] == [r["confusion_png"], r["gallery_png"], r["reliability_png"]]
-    text = CliRunner().invoke(cli.cli, ["evaluate", "--model", head_run["checkpoint"], "--runs-dir", str(runs)])
+    text = CliRunner().invoke(cli.cli, ["evaluate", "--model", head_run.checkpoint, "--runs-dir", str(runs)])
     assert "precision" in text.stdout and "blue" in text.stdout
-    bad = CliRunner().invoke(cli.cli, ["evaluate", "--model", head_run["checkpoint"], "--top-k", "0"])
+    bad = CliRunner().invoke(cli.cli, ["evaluate", "--model", head_run.checkpoint, "--top-k", "0"])
     assert bad.exit_code == 2 and "--top-k must be positive" in bad.stderr
 
 
@@ -188,10 +190,10 @@ def test_a_trained_model_evaluates_on_images(tmp_path, image_folder):
 
     fast = dict(weights="none", workers=0, device="cpu", precision="fp32", batch_size=8)
     model = train(TrainConfig(data=str(image_folder), backbone="tiny", epochs=3, lr=0.01, val_fraction=0.25,
-                              runs_dir=str(tmp_path / "runs"), **fast))["checkpoint"]
+                              runs_dir=str(tmp_path / "runs"), **fast)).checkpoint
     r = evaluate(EvaluateConfig(model=model, data=str(image_folder), workers=0, runs_dir=str(tmp_path / "r")))
-    assert r["kind"] == "train" and r["rows"] == 24 and sum(map(sum, r["confusion_matrix"])) == 24
-    assert r["accuracy"] >= 0.9
+    assert r.kind == "train" and r.rows == 24 and sum(map(sum, r.confusion_matrix)) == 24
+    assert r.accuracy >= 0.9
     # neither --data nor --cache: said as what it needs (it said "cannot evaluate ... on --cache", never passed)
     with pytest.raises(ValueError, match="'train' checkpoint is evaluated on photos: pass --data DIR"):
         evaluate(EvaluateConfig(model=model, runs_dir=str(tmp_path / "r")))
@@ -205,7 +207,7 @@ def test_evaluate_cache_and_fit_head_test_cache_refuse_the_same_caches(tmp_path,
     other = make_cache(image_folder, **{"dtype": "float32", "precision": "fp32", **made_otherwise},
                        cache_dir=str(tmp_path / "other"))["cache"]
     same = make_cache(image_folder, dtype="float32", precision="fp32", cache_dir=str(tmp_path / "same"))["cache"]
-    head = fit_head(FitHeadConfig(head="linear", cache=train, epochs=1, runs_dir=str(tmp_path / "runs")))["checkpoint"]
+    head = fit_head(FitHeadConfig(head="linear", cache=train, epochs=1, runs_dir=str(tmp_path / "runs"))).checkpoint
     (field, value), = made_otherwise.items()
     with pytest.raises(ValueError, match=f"made differently.*{field}: .* vs {value}"):
         fit_head(FitHeadConfig(head="linear", cache=train, epochs=1, test_cache=other, runs_dir=str(tmp_path / "runs")))
@@ -213,8 +215,8 @@ def test_evaluate_cache_and_fit_head_test_cache_refuse_the_same_caches(tmp_path,
         evaluate(EvaluateConfig(model=head, cache=other, split="all", runs_dir=str(tmp_path / "runs")))
     # and both take a cache made the same way
     assert fit_head(FitHeadConfig(head="linear", cache=train, epochs=1, test_cache=same,
-                                  runs_dir=str(tmp_path / "runs")))["test"]
-    assert evaluate(EvaluateConfig(model=head, cache=same, split="all", runs_dir=str(tmp_path / "runs")))["rows"] == 24
+                                  runs_dir=str(tmp_path / "runs"))).test
+    assert evaluate(EvaluateConfig(model=head, cache=same, split="all", runs_dir=str(tmp_path / "runs"))).rows == 24
 
 
 def test_evaluate_takes_precision_for_data(tmp_path, head_run, image_folder, monkeypatch):
@@ -224,7 +226,7 @@ def test_evaluate_takes_precision_for_data(tmp_path, head_run, image_folder, mon
     seen = []
     real = devices.resolve_precision
     monkeypatch.setattr(devices, "resolve_precision", lambda p, d, **k: seen.append(p) or real(p, d, **k))
-    args = ["evaluate", "--model", head_run["checkpoint"], "--data", str(image_folder), "--workers", "0",
+    args = ["evaluate", "--model", head_run.checkpoint, "--data", str(image_folder), "--workers", "0",
             "--runs-dir", str(tmp_path / "runs"), "--json"]
     result = CliRunner().invoke(cli.cli, args + ["--precision", "fp32"])
     assert result.exit_code == 0, result.output

@@ -45,24 +45,24 @@ def test_an_onnx_export_predicts_as_predict_does(heads, kind, tmp_path):
         assert torch.load(head, weights_only=True)["head"]["pairs"]
     out = tmp_path / f"{kind}.onnx"
     result = pipeline.export_model(head, out)
-    assert result["passed"] and result["max_abs_diff"] < 1e-4
-    assert result["parity"]["same_class"] == 16 + len(export_mod.ODD_MODES)  # the odd modes made from a photo
+    assert isinstance(result, export_mod.ExportResult) and result.passed and result.max_abs_diff < 1e-4
+    assert result.parity["same_class"] == 16 + len(export_mod.ODD_MODES)  # the odd modes made from a photo
     meta = json.loads(Path(f"{out}.json").read_text())
     assert meta["classes"] == ["blue", "green", "red"] and meta["backbone"] == "tiny"
     assert meta["preprocessing"]["crop_size"] == 32 and meta["input"]["shape"] == ["N", 3, 32, 32]
     loaded = pipeline.Head.load(head)
     assert len(meta["cache_fingerprint"]) == 64 and meta["unknown_threshold"] == loaded.unknown_threshold_
     assert [o["name"] for o in meta["outputs"]] == ["probabilities", "unknown_score"]
-    assert meta["temperature"] == loaded.temperature_ and result["parity"]["max_abs_diff_unknown"] < 1e-4
-    assert meta["parity"]["max_abs_diff"] == result["max_abs_diff"]
+    assert meta["temperature"] == loaded.temperature_ and result.parity["max_abs_diff_unknown"] < 1e-4
+    assert meta["parity"]["max_abs_diff"] == result.max_abs_diff
     # another program with only the file and its metadata: the same classes and probabilities as predict
     photos = sorted((head.parents[2] / "data").rglob("*.jpg"))[::2]
     want = predict(PredictConfig(paths=[str(p) for p in photos], model=str(head), workers=0, precision="fp32"))
     got = example_rows(out, photos)
-    assert [r["class"] for r in got] == [r["class"] for r in want["rows"]]
-    assert np.abs(np.subtract([r["probability"] for r in got], [r["probability"] for r in want["rows"]])).max() < 1e-4
-    assert [r["unknown"] for r in got] == [r["unknown"] for r in want["rows"]]  # the unknown score travels too
-    assert np.abs(np.subtract([r["ood_score"] for r in got], [r["ood_score"] for r in want["rows"]])).max() < 1e-4
+    assert [r["class"] for r in got] == [r["class"] for r in want.rows]
+    assert np.abs(np.subtract([r["probability"] for r in got], [r["probability"] for r in want.rows])).max() < 1e-4
+    assert [r["unknown"] for r in got] == [r["unknown"] for r in want.rows]  # the unknown score travels too
+    assert np.abs(np.subtract([r["ood_score"] for r in got], [r["ood_score"] for r in want.rows])).max() < 1e-4
     import onnx
 
     props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
@@ -87,11 +87,11 @@ def test_the_example_follows_the_decoding_rule_on_odd_modes(heads, tmp_path):
     are predict's (it once composited alpha over black, clipped 16-bit gray and decoded large JPEGs in full)."""
     head = heads["linear"]
     out = tmp_path / "odd.onnx"
-    assert pipeline.export_model(head, out)["passed"]
+    assert pipeline.export_model(head, out).passed
     photos = odd_photos(tmp_path / "odd", min((head.parents[2] / "data").rglob("*.jpg")))
     assert {Image.open(p).mode for p in photos} >= {"I;16", "LA", "RGBA", "P", "CMYK", "F"}
     assert any(Image.open(p).getexif().get(0x0112) == 6 for p in photos)  # a photo stored sideways
-    want = predict(PredictConfig(paths=[str(p) for p in photos], model=str(head), workers=0, precision="fp32"))["rows"]
+    want = predict(PredictConfig(paths=[str(p) for p in photos], model=str(head), workers=0, precision="fp32")).rows
     got = example_rows(out, photos)
     assert [r["class"] for r in got] == [r["class"] for r in want]
     assert np.abs(np.subtract([r["probability"] for r in got], [r["probability"] for r in want])).max() < 1e-4
@@ -103,13 +103,13 @@ def test_the_example_gives_an_unreadable_file_its_reason_and_classifies_the_rest
     first of them and printed nothing of their batch; now their rows say why, the others are predict's."""
     head = heads["linear"]
     out = tmp_path / "m.onnx"
-    assert pipeline.export_model(head, out)["passed"]
+    assert pipeline.export_model(head, out).passed
     good = sorted((head.parents[2] / "data").rglob("*.jpg"))[:2]
     (tmp_path / "empty.jpg").write_bytes(b"")
     (tmp_path / "notes.jpg").write_text("not a photo")
     photos = [good[0], tmp_path / "empty.jpg", tmp_path / "notes.jpg", good[1]]
     got = example_rows(out, photos)
-    want = predict(PredictConfig(paths=[str(p) for p in good], model=str(head), workers=0, precision="fp32"))["rows"]
+    want = predict(PredictConfig(paths=[str(p) for p in good], model=str(head), workers=0, precision="fp32")).rows
     assert [r["path"] for r in got] == list(map(str, photos))
     assert [r["class"] for r in got] == [want[0]["class"], None, None, want[1]["class"]]
     assert "UnidentifiedImageError" in got[1]["error"] and "UnidentifiedImageError" in got[2]["error"]
@@ -125,7 +125,7 @@ def test_the_example_gives_a_damaged_dds_its_reason_and_classifies_the_rest(tmp_
 
     head = make_tiny_head(tmp_path / "made")
     out = tmp_path / "m.onnx"
-    assert pipeline.export_model(head, out)["passed"]
+    assert pipeline.export_model(head, out).passed
     buf = io.BytesIO()
     Image.new("RGB", (8, 8)).save(buf, "DDS")
     dds = bytearray(buf.getvalue())
@@ -144,7 +144,7 @@ def test_the_example_never_runs_ghostscript_on_a_photo(tmp_path):
 
     head = make_tiny_head(tmp_path / "made")
     out = tmp_path / "m.onnx"
-    assert pipeline.export_model(head, out)["passed"]
+    assert pipeline.export_model(head, out).passed
     ran = tmp_path / "gs-ran"
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "gs").write_text(f"#!/bin/sh\ntouch {ran}\nexit 1\n")
@@ -173,13 +173,13 @@ def test_the_parity_check_decodes_each_photo_from_its_bytes_by_the_rule(heads, t
 
     out = tmp_path / "rule.onnx"
     good = pipeline.export_model(heads["linear"], out)
-    assert good["parity"]["odd_modes"] == list(export_mod.ODD_MODES)
+    assert good.parity["odd_modes"] == list(export_mod.ODD_MODES)
     meta = json.loads(Path(f"{out}.json").read_text())
     assert meta["decoding"]["jpeg_draft_min_short_side"] == 2 * meta["preprocessing"]["resize_size"]
     assert "portable.py" in meta["decoding"]["rule"]
     monkeypatch.setattr(portable, "to_rgb", lambda im: im.convert("RGB"))
     bad = pipeline.export_model(heads["linear"], tmp_path / "drops_alpha.onnx")
-    assert not bad["passed"] and bad["max_abs_diff"] > 1e-4 and not (tmp_path / "drops_alpha.onnx").exists()
+    assert not bad.passed and bad.max_abs_diff > 1e-4 and not (tmp_path / "drops_alpha.onnx").exists()
 
 
 def test_a_torchscript_export_of_a_whole_model(tmp_path, image_folder):
@@ -211,9 +211,9 @@ def test_a_flip_head_exports_with_its_mirror_mean(tmp_path, make_cache):
     cache = make_cache(data, dtype="float32", flip=True)["cache"]
     from pipeline.heads.fit_head import FitHeadConfig, fit_head
 
-    head = fit_head(FitHeadConfig(head="logreg", cache=cache, runs_dir=str(tmp_path / "runs")))["checkpoint"]
+    head = fit_head(FitHeadConfig(head="logreg", cache=cache, runs_dir=str(tmp_path / "runs"))).checkpoint
     result = pipeline.export_model(head, tmp_path / "flip.onnx", check_data=data)
-    assert result["passed"] and json.loads((tmp_path / "flip.onnx.json").read_text())["flip"] is True
+    assert result.passed and json.loads((tmp_path / "flip.onnx.json").read_text())["flip"] is True
 
 
 def test_a_failed_parity_check_writes_nothing_and_exits_1(heads, tmp_path, monkeypatch):
@@ -228,7 +228,7 @@ def test_a_failed_parity_check_writes_nothing_and_exits_1(heads, tmp_path, monke
     r = CliRunner().invoke(cli.cli, ["export", "--model", str(heads["linear"]), "--output", str(out), "--json"])
     assert r.exit_code == 1
     result = json.loads(r.stdout)
-    assert not result["passed"] and result["max_abs_diff"] > 1e-2 and result["output"] is None
+    assert not result["passed"] and result["max_abs_diff"] > 1e-2 and result["output"] is None and "bytes" not in result
     assert list(tmp_path.iterdir()) == []
 
 
@@ -236,7 +236,7 @@ def test_check_data_and_usage_errors(heads, tmp_path):
     head = heads["linear"]
     photos = make_image_folder(tmp_path / "other", per_class=3)
     r = pipeline.export_model(head, tmp_path / "a.onnx", check_data=photos, check_n=0)
-    assert r["parity"]["images"] == 6
+    assert r.parity["images"] == 6
     runner = CliRunner()
     for args, message in [
         (["--output", str(tmp_path / "b.onnx"), "--tolerance", "0"], "--tolerance must be positive"),
@@ -266,7 +266,7 @@ def test_no_output_replaces_a_photo_the_cache_or_the_weights_sidecar_of_the_head
     weights.with_suffix(".json").write_text(json.dumps({"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}))
     cache = extract(ExtractConfig(data=str(data), n=0, backbone="tiny", weights=str(weights), workers=0,
                                   cache_dir=str(tmp_path / "f")))["cache"]
-    head = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=1, runs_dir=str(tmp_path / "r")))["checkpoint"]
+    head = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=1, runs_dir=str(tmp_path / "r"))).checkpoint
     before = files_below(tmp_path)
     for output, extra, why in [
         (data / "blue" / "blue.0.jpg", [], "is inside the data folder"),
@@ -311,11 +311,11 @@ def test_a_real_vgg16_head_exports_with_parity(shared_available, make_cache, tmp
     from tests.conftest import SHARED, SHARED_CATSDOGS, SHARED_WEIGHTS
 
     cache = make_cache(SHARED_CATSDOGS, n=40, backbone="vgg16", weights=str(SHARED_WEIGHTS), workers=2)["cache"]
-    head = fit_head(FitHeadConfig(cache=cache, runs_dir=str(tmp_path / "runs")))["checkpoint"]
+    head = fit_head(FitHeadConfig(cache=cache, runs_dir=str(tmp_path / "runs"))).checkpoint
     result = pipeline.export_model(head, tmp_path / "catsdogs.onnx", check_data=SHARED / "data" / "catsdogs_test",
                                    check_n=8)
-    assert result["passed"] and result["parity"]["same_class"] == 8 + len(export_mod.ODD_MODES)
-    assert result["max_abs_diff"] < 1e-4, result["parity"]
+    assert result.passed and result.parity["same_class"] == 8 + len(export_mod.ODD_MODES)
+    assert result.max_abs_diff < 1e-4, result.parity
 
 
 def test_an_output_named_for_the_other_format_is_refused(tmp_path, image_folder):

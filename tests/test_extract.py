@@ -114,9 +114,9 @@ def test_flip_is_opt_in_so_an_added_photo_keeps_every_row_and_a_test_folder_fits
     test = extract(cfg(make_image_folder(tmp_path / "test", per_class=6, seed=4), tmp_path, weights=str(weights)))
     assert not test["flip"]
     head = fit_head(FitHeadConfig(cache=again["cache"], head="logreg", runs_dir=str(tmp_path / "runs")))
-    result = evaluate(EvaluateConfig(model=head["checkpoint"], cache=test["cache"], split="all",
+    result = evaluate(EvaluateConfig(model=head.checkpoint, cache=test["cache"], split="all",
                                      runs_dir=str(tmp_path / "runs")))
-    assert result["rows"] == 12
+    assert result.rows == 12
     flipped = extract(cfg(train, tmp_path, weights=str(weights), flip=True))  # asked for: a cache of its own
     assert flipped["flip"] and flipped["cache"] != again["cache"]
     with FeatureCache(flipped["cache"]) as c:

@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import cli
-from pipeline.data.fetch import FetchConfig, archive_name, fetch_data
+from pipeline.data.fetch import FetchConfig, FetchResult, archive_name, fetch_data
 from pipeline.errors import PipelineError
 from tests.fsfaults import no_hang
 
@@ -114,14 +114,15 @@ def cfg(dest, url, **kw) -> FetchConfig:
 def test_downloads_unpacks_and_then_leaves_everything_alone(server, tmp_path):
     result = fetch_data(cfg(tmp_path, server.url))
     assert (tmp_path / NAME).read_bytes() == server.files[NAME]
-    assert result["unpacked"] == str(tmp_path / "PetImages") and result["bytes"] == len(server.files[NAME])
+    assert isinstance(result, FetchResult) and result.url == server.url
+    assert result.unpacked == str(tmp_path / "PetImages") and result.bytes == len(server.files[NAME])
     assert (tmp_path / "PetImages" / "Dog" / "0.jpg").stat().st_size == 150_000
     assert not (tmp_path / f"{NAME}.part").exists()
     assert server.requests == [None]
 
     again = fetch_data(cfg(tmp_path, server.url))
     assert server.requests == [None], "a complete archive must not be downloaded again"
-    assert (again["downloaded"], again["unpacked_now"], again["unpacked"]) == (False, False, result["unpacked"])
+    assert (again.downloaded, again.unpacked_now, again.unpacked) == (False, False, result.unpacked)
 
 
 def test_an_interrupted_download_resumes_by_itself(server, tmp_path):
@@ -163,14 +164,14 @@ def test_a_complete_part_file_is_finished_on_416(server, tmp_path):
 def test_a_complete_archive_needs_no_network(tmp_path):
     (tmp_path / NAME).write_bytes(pets_zip())
     result = fetch_data(cfg(tmp_path, closed_port_url()))
-    assert result["downloaded"] is False and (tmp_path / "PetImages" / "Cat" / "0.jpg").is_file()
+    assert result.downloaded is False and (tmp_path / "PetImages" / "Cat" / "0.jpg").is_file()
 
 
 def test_a_macos_zips_metadata_folder_is_not_taken_for_the_data_folder(tmp_path):
     (tmp_path / NAME).write_bytes(make_zip({"PetImages/Cat/0.jpg": b"ok", "PetImages/Dog/0.jpg": b"ok2",
                                             "__MACOSX/PetImages/Cat/._0.jpg": b"fork"}))
     result = fetch_data(cfg(tmp_path, closed_port_url()))
-    assert result["unpacked"] == str(tmp_path / "PetImages")
+    assert result.unpacked == str(tmp_path / "PetImages")
 
 
 def test_connection_refused_is_one_clear_line(tmp_path):
@@ -336,7 +337,7 @@ def test_an_interrupted_unpack_may_replace_its_own_files(tmp_path, monkeypatch):
     monkeypatch.setattr(zipfile.ZipFile, "extract", real)
     assert (tmp_path / "PetImages" / "Cat" / "0.jpg").is_file()
     result = fetch_data(cfg(tmp_path, closed_port_url()))
-    assert result["unpacked_now"] and (tmp_path / "PetImages" / "Dog" / "0.jpg").stat().st_size == 150_000
+    assert result.unpacked_now and (tmp_path / "PetImages" / "Dog" / "0.jpg").stat().st_size == 150_000
     assert not (tmp_path / f".{NAME}.unpacking").exists()
 
 
@@ -349,8 +350,8 @@ def test_another_url_with_the_same_archive_name_is_never_taken_for_the_first(tmp
     with pytest.raises(ValueError, match="fetched from file://.*/A/data.zip, not .*/B/data.zip"):
         fetch_data(cfg(dest, f"file://{tmp_path}/src/B/data.zip"))
     result = fetch_data(cfg(dest, f"file://{tmp_path}/src/B/data.zip", overwrite=True))
-    assert result["downloaded"] and (dest / "B" / "x" / "B.txt").read_text() == "B"
-    assert fetch_data(cfg(dest, f"file://{tmp_path}/src/B/data.zip"))["downloaded"] is False
+    assert result.downloaded and (dest / "B" / "x" / "B.txt").read_text() == "B"
+    assert fetch_data(cfg(dest, f"file://{tmp_path}/src/B/data.zip")).downloaded is False
 
 
 def test_overwrite_never_removes_the_file_the_url_names(tmp_path):
@@ -364,7 +365,7 @@ def test_overwrite_never_removes_the_file_the_url_names(tmp_path):
     (dest / "data.zip").write_bytes(mine)  # the user's own zip, put where the first download was
     result = fetch_data(cfg(dest, f"file://{dest}/data.zip", overwrite=True))
     assert (dest / "data.zip").read_bytes() == mine and (dest / "B" / "x" / "B.txt").read_text() == "B"
-    assert result["downloaded"] is False
+    assert result.downloaded is False
 
 
 def test_an_entry_that_would_replace_its_own_archive_is_refused_even_with_overwrite(tmp_path):
@@ -411,7 +412,7 @@ def test_a_part_file_of_another_url_is_never_resumed_with_this_ones_bytes(server
         fetch_data(cfg(tmp_path, url_b))
     assert (tmp_path / f"{NAME}.part").stat().st_size == len(server.files[NAME]) // 2
     result = fetch_data(cfg(tmp_path, url_b, overwrite=True))
-    assert (tmp_path / NAME).read_bytes() == other and result["unpacked"] == str(tmp_path / "B")
+    assert (tmp_path / NAME).read_bytes() == other and result.unpacked == str(tmp_path / "B")
     assert server.requests[-1] is None, "B must be fetched from its first byte"
 
 
@@ -521,7 +522,7 @@ def test_a_download_that_never_started_leaves_no_record_of_its_url(tmp_path):
     assert list(tmp_path.iterdir()) == []
     (tmp_path / NAME).write_bytes(pets_zip())  # fetched by hand from a mirror
     result = fetch_data(cfg(tmp_path, f"file://{tmp_path}/mirror/{NAME}"))
-    assert result["downloaded"] is False and result["unpacked"] == str(tmp_path / "PetImages")
+    assert result.downloaded is False and result.unpacked == str(tmp_path / "PetImages")
 
 
 def test_a_download_of_unknown_size_stops_before_the_disk_is_full(server, tmp_path, monkeypatch):
@@ -551,7 +552,7 @@ def test_two_fetches_into_one_dest_at_once_download_once(server, tmp_path):
 
     def run():
         try:
-            results.append(fetch_data(cfg(tmp_path, server.url))["unpacked"])
+            results.append(fetch_data(cfg(tmp_path, server.url)).unpacked)
         except Exception as e:  # the test reports it
             results.append(f"{type(e).__name__}: {e}")
 

@@ -11,7 +11,7 @@ from pipeline.cli import cli
 from pipeline.errors import PipelineError, UsageError
 from pipeline.extraction.extract import ExtractConfig, extract
 from pipeline.heads.epoch_loop import split_indices
-from pipeline.heads.fit_head import FitHeadConfig, evaluate_head, fit_head
+from pipeline.heads.fit_head import FitHeadConfig, FitHeadResult, evaluate_head, fit_head
 from pipeline.heads.probe_heads import ProbeHead
 from tests.conftest import make_image_folder
 
@@ -34,17 +34,17 @@ def test_split_is_stratified_seeded_and_disjoint():
 def test_fit_head_learns_separable_features_and_saves_a_safe_checkpoint(cache, tmp_path, capsys):
     r = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=5, runs_dir=str(tmp_path / "runs"), val_fraction=0.25,
                                calibrate="none"))  # the val loss is the fitted head's, before any temperature
-    assert r["val_acc"] == 1.0 and r["train_rows"] == 24 and r["val_rows"] == 8
-    assert r["history"][-1]["train_loss"] < r["history"][0]["train_loss"]
+    assert r.val_acc == 1.0 and r.train_rows == 24 and r.val_rows == 8
+    assert r.history[-1]["train_loss"] < r.history[0]["train_loss"]
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("Epoch ")]
     assert len(lines) == 5 and lines[0].startswith("Epoch 1, Train acc=") and "Val loss=" in lines[0]
-    ckpt = torch.load(r["checkpoint"], weights_only=True)
+    ckpt = torch.load(r.checkpoint, weights_only=True)
     assert ckpt["classes"] == ["blue", "red"] and ckpt["in_shape"] == [8, 8, 8] and ckpt["backbone"] == "tiny"
     assert ckpt["head"]["view"] == "avg" and ckpt["head"]["normalize"] == "l2"  # the defaults
     head = ProbeHead.from_checkpoint(ckpt["head"], ckpt["state_dict"])  # raw cached features in, as saved
     with FeatureCache(cache) as c:
         acc, loss, _ = evaluate_head(head, c, split_indices(c.labels, 0.25, 0)[1], "cpu", 1024)
-    assert acc == r["val_acc"] and loss == pytest.approx(r["val_loss"], rel=1e-3, abs=1e-5)
+    assert acc == r.val_acc and loss == pytest.approx(r.val_loss, rel=1e-3, abs=1e-5)
     assert json.loads((tmp_path / "runs").glob("*/history.json").__next__().read_text())[0]["epoch"] == 1
 
 
@@ -64,12 +64,12 @@ def test_a_head_fitted_with_a_relative_cache_dir_is_evaluated_and_exported_from_
     for backbone in ("tiny", "tiny_wide"):
         extract(ExtractConfig(data=str(data), n=0, backbone=backbone, weights="none", workers=0, cache_dir="features"))
     caches = sorted(str(p.relative_to(project)) for p in (project / "features").glob("*.h5"))
-    one = fit_head(FitHeadConfig(head="logreg", cache_dir="features", runs_dir="runs"))["checkpoint"]
-    fused = fit_head(FitHeadConfig(head="logreg", cache=caches, runs_dir="runs"))["checkpoint"]
+    one = fit_head(FitHeadConfig(head="logreg", cache_dir="features", runs_dir="runs")).checkpoint
+    fused = fit_head(FitHeadConfig(head="logreg", cache=caches, runs_dir="runs")).checkpoint
     monkeypatch.chdir(elsewhere)
     for head in (one, fused):
         r = evaluate(EvaluateConfig(model=str(project / head), runs_dir=str(tmp_path / "runs")))
-        assert r["rows"] == 4
+        assert r.rows == 4
     assert len(training_photos(read_checkpoint(project / one), 2)) == 2  # export's parity check photos
 
 
@@ -77,14 +77,14 @@ def test_dropout_and_the_seed_make_runs_reproducible(cache, tmp_path):
     a = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=2, dropout=0.5, runs_dir=str(tmp_path / "a")))
     b = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=2, dropout=0.5, runs_dir=str(tmp_path / "b")))
     for key in ("train_loss", "val_loss", "train_acc"):
-        assert [h[key] for h in a["history"]] == pytest.approx([h[key] for h in b["history"]])
+        assert [h[key] for h in a.history] == pytest.approx([h[key] for h in b.history])
     # ... and both matter: without dropout, or with another seed, the same run trains differently
     no_dropout = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=2, dropout=0.0,
                                         runs_dir=str(tmp_path / "c")))
     other_seed = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=2, dropout=0.5, seed=1,
                                         runs_dir=str(tmp_path / "e")))
     for other in (no_dropout, other_seed):
-        assert [h["train_loss"] for h in other["history"]] != pytest.approx([h["train_loss"] for h in a["history"]])
+        assert [h["train_loss"] for h in other.history] != pytest.approx([h["train_loss"] for h in a.history])
 
 
 def test_a_runs_dir_inside_the_caches_photos_is_refused(cache, tmp_path):
@@ -96,7 +96,7 @@ def test_a_runs_dir_inside_the_caches_photos_is_refused(cache, tmp_path):
 def test_fit_head_warns_when_the_source_folder_changed(cache, tmp_path, caplog):
     (tmp_path / "d" / "red" / "red.0.jpg").unlink()
     r = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=1, runs_dir=str(tmp_path / "runs")))
-    assert "1 removed (e.g. red/red.0.jpg)" in r["source_changed"]
+    assert "1 removed (e.g. red/red.0.jpg)" in r.source_changed
     assert "changed since extraction" in caplog.text
 
 
@@ -121,15 +121,15 @@ def test_real_vgg16_features_separate_cats_and_dogs(shared_available, tmp_path):
         assert c.attrs["mean"][0] == pytest.approx(0.485, abs=1e-3)  # from the sidecar, not hand-copied
     fit = fit_head(FitHeadConfig(head="linear", cache=r["cache"], epochs=10, val_fraction=0.25,
                                  runs_dir=str(tmp_path / "runs")))
-    assert fit["val_rows"] == 10 and fit["val_acc"] >= 0.9
+    assert fit.val_rows == 10 and fit.val_acc >= 0.9
 
 
 @pytest.mark.parametrize("features", ["flat", "avg", "max", "avgmax"])
 def test_every_view_trains_and_the_checkpoint_takes_raw_features(cache, tmp_path, features):
     r = fit_head(FitHeadConfig(head="linear", cache=cache, features=features, epochs=30, val_fraction=0.25,
                                runs_dir=str(tmp_path / "runs")))
-    assert r["val_acc"] == 1.0
-    ckpt = torch.load(r["checkpoint"], weights_only=True)
+    assert r.val_acc == 1.0
+    ckpt = torch.load(r.checkpoint, weights_only=True)
     head = ProbeHead.from_checkpoint(ckpt["head"], ckpt["state_dict"])
     assert head.linear.in_features == {"flat": 512, "avg": 8, "max": 8, "avgmax": 16}[features]
 
@@ -140,22 +140,22 @@ def test_a_pooled_cache_allows_only_the_avg_view(tmp_path, make_cache, image_fol
         fit_head(FitHeadConfig(cache=pooled, features="max", runs_dir=str(tmp_path / "runs")))
     pooled_fit = fit_head(FitHeadConfig(head="linear", cache=pooled, features="avg", epochs=2,
                                         runs_dir=str(tmp_path / "runs")))
-    assert pooled_fit["val_rows"]
+    assert pooled_fit.val_rows
 
 
 def test_early_stopping_keeps_the_best_epochs_weights(cache, tmp_path, capsys):
     r = fit_head(FitHeadConfig(cache=cache, head="linear", recipe="default", lr=0.5, epochs=60, patience=3,
                                val_fraction=0.25, runs_dir=str(tmp_path / "runs")))
-    losses = [h["val_loss"] for h in r["history"]]
+    losses = [h["val_loss"] for h in r.history]
     best = int(np.argmin(losses))
-    assert r["best_epoch"] == best + 1 and len(losses) <= best + 1 + 3  # stopped 3 epochs after the best
-    assert r["val_loss"] == pytest.approx(losses[best], rel=1e-6)  # the saved head is the best epoch's
+    assert r.best_epoch == best + 1 and len(losses) <= best + 1 + 3  # stopped 3 epochs after the best
+    assert r.val_loss == pytest.approx(losses[best], rel=1e-6)  # the saved head is the best epoch's
     assert f"Best epoch {best + 1} of {len(losses)}" in capsys.readouterr().err
 
 
 def test_the_seed_recipe_is_the_tutorials_head(cache, tmp_path):
     r = fit_head(FitHeadConfig(cache=cache, recipe="seed", runs_dir=str(tmp_path / "runs")))
-    assert len(r["history"]) == 10 and r["head"].startswith("ProbeHead(view=flat, normalize=rms")
+    assert len(r.history) == 10 and r.head.startswith("ProbeHead(view=flat, normalize=rms")
 
 
 def test_a_logreg_head_is_sklearns_logistic_regression_as_a_linear_layer(cache, tmp_path):
@@ -171,20 +171,20 @@ def test_a_logreg_head_is_sklearns_logistic_regression_as_a_linear_layer(cache, 
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         clf = LogisticRegression(C=10.0, max_iter=1000, random_state=0).fit(x[train], c.labels[train])
         _, _, logp = evaluate_head(ProbeHead.from_checkpoint(*(lambda k: (k["head"], k["state_dict"]))(
-            torch.load(r["checkpoint"], weights_only=True))), c, val, "cpu", 1024)
+            torch.load(r.checkpoint, weights_only=True))), c, val, "cpu", 1024)
     assert np.abs(np.exp(logp) - clf.predict_proba(x[val])).max() < 1e-5
     # ... and evaluate takes it like any head
-    e = evaluate(EvaluateConfig(model=r["checkpoint"], runs_dir=str(tmp_path / "e")))
-    assert e["accuracy"] == r["val_acc"] and e["rows"] == r["val_rows"]
+    e = evaluate(EvaluateConfig(model=r.checkpoint, runs_dir=str(tmp_path / "e")))
+    assert e.accuracy == r.val_acc and e.rows == r.val_rows
 
 
 def test_tune_picks_by_cross_validation_and_is_deterministic(cache, tmp_path):
     a = fit_head(FitHeadConfig(cache=cache, tune=True, folds=3, runs_dir=str(tmp_path / "a")))
     b = fit_head(FitHeadConfig(cache=cache, tune=True, folds=3, runs_dir=str(tmp_path / "b")))
-    assert a["tuning"]["choice"] == b["tuning"]["choice"] and a["tuning"]["table"] == b["tuning"]["table"]
-    assert {row["key"].split("|")[0] for row in a["tuning"]["table"]} == {"logreg", "kernel", "svm", "torch"}
-    ckpt = torch.load(a["checkpoint"], weights_only=True)
-    assert ckpt["tuning"]["choice"] == a["tuning"]["choice"] and a["cv_acc"] == ckpt["tuning"]["cv_acc"]
+    assert a.tuning["choice"] == b.tuning["choice"] and a.tuning["table"] == b.tuning["table"]
+    assert {row["key"].split("|")[0] for row in a.tuning["table"]} == {"logreg", "kernel", "svm", "torch"}
+    ckpt = torch.load(a.checkpoint, weights_only=True)
+    assert ckpt["tuning"]["choice"] == a.tuning["choice"] and a.metrics["cv_acc"] == ckpt["tuning"]["cv_acc"]
 
 
 def test_test_data_is_extracted_like_the_cache_scored_and_copies_are_reported(tmp_path, make_cache, image_folder):
@@ -194,18 +194,18 @@ def test_test_data_is_extracted_like_the_cache_scored_and_copies_are_reported(tm
     other = make_image_folder(tmp_path / "other", per_class=5, seed=7)
     r = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=20, test_data=str(other),
                                runs_dir=str(tmp_path / "runs")))
-    assert r["test"]["rows"] == 10 and r["test_acc"] == r["test"]["acc"] and r["test"]["overlap"] == []
+    assert r.test["rows"] == 10 and r.metrics["test_acc"] == r.test["acc"] and r.test["overlap"] == []
     from pipeline.cache.feature_cache import newest_cache
 
     assert str(newest_cache(tmp_path / "features").path) == cache  # the newer test cache is never the default
-    again = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=1, test_cache=r["test"]["cache"],
+    again = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=1, test_cache=r.test["cache"],
                                    runs_dir=str(tmp_path / "r")))
-    assert again["test"]["rows"] == 10
+    assert again.test["rows"] == 10
     shutil.copy(image_folder / "red" / "red.0.jpg", other / "red" / "copy.jpg")
     shutil.copy(image_folder / "red" / "red.1.jpg", other / "red" / "copy2.jpg")
     r = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=1, test_data=str(other), val_fraction=0.125,
                                runs_dir=str(tmp_path / "runs")))
-    assert len(r["test"]["overlap"]) >= 1  # a copy of a training image, whatever its name
+    assert len(r.test["overlap"]) >= 1  # a copy of a training image, whatever its name
     made_otherwise = make_cache(other, dtype="float32", cache_dir=str(tmp_path / "f32"))["cache"]
     with pytest.raises(ValueError, match="made differently from the training cache.*dtype: float16 vs float32"):
         fit_head(FitHeadConfig(head="linear", cache=cache, epochs=1, test_cache=made_otherwise,
@@ -215,7 +215,7 @@ def test_test_data_is_extracted_like_the_cache_scored_and_copies_are_reported(tm
 def test_tune_on_a_pooled_cache_leaves_out_the_views_it_cannot_give(make_cache, image_folder, tmp_path):
     pooled = make_cache(image_folder, pool="avg", cache_dir=str(tmp_path / "pooled"))["cache"]
     r = fit_head(FitHeadConfig(cache=pooled, tune=True, val_fraction=0.25, folds=3, runs_dir=str(tmp_path / "runs")))
-    assert {row["key"].split("|")[1] for row in r["tuning"]["table"]} == {"avg"}
+    assert {row["key"].split("|")[1] for row in r.tuning["table"]} == {"avg"}
 
 
 @pytest.mark.parametrize("args, message", [
@@ -274,19 +274,32 @@ def test_tune_keeps_the_default_unless_beaten_on_log_loss_and_accuracy(challenge
     assert clearly_better(other, default, folds=5) == wins
 
 
+def test_the_result_is_a_dataclass_and_to_dict_is_the_json_object(cache, tmp_path):
+    """Callers read attributes; --json prints to_dict(): the trust's and metrics' keys at the top as before."""
+    r = fit_head(FitHeadConfig(cache=cache, head="logreg", runs_dir=str(tmp_path / "runs")))
+    assert isinstance(r, FitHeadResult) and r.val_acc == r.metrics["val_acc"] and r.caches == []
+    d = r.to_dict()
+    assert list(d)[:8] == ["cache", "run_dir", "checkpoint", "curves", "head", "train_rows", "val_rows", "temperature"]
+    assert d["val_acc"] == r.val_acc and d["known_rows"] == r.trust["known_rows"] and d["trust"] == r.trust
+    assert "caches" not in d and list(d)[-2:] == ["source_changed", "default_cache"]
+    out = CliRunner().invoke(cli, ["fit-head", "--cache", cache, "--head", "logreg", "--runs-dir",
+                                   str(tmp_path / "runs"), "--json"])
+    assert out.exit_code == 0 and list(json.loads(out.stdout)) == list(d)
+
+
 def test_the_default_head_stacks_svm_and_logreg_chosen_by_cv_and_refits_on_every_row(cache, tmp_path):
     r = fit_head(FitHeadConfig(cache=cache, folds=3, runs_dir=str(tmp_path / "a")))
-    assert r["tuning"]["choice"].startswith("stack|avg|l2|") and len(r["tuning"]["setting"]["weights"]) == 2
-    assert {row["key"].split("|")[0] for row in r["tuning"]["table"]} == {"svm", "logreg"}
-    assert r["fit_info"]["refit_rows"] == r["train_rows"] + r["val_rows"] == 32  # the validation rows too
-    assert r["calibrated_on"] == "cv+val" and r["calibration_rows"] == r["train_rows"] + r["val_rows"]
-    assert r["val_known_kept"] is None and r["known_rows"] == 32  # the threshold from the rows held out one by one
-    ckpt = torch.load(r["checkpoint"], weights_only=True)
+    assert r.tuning["choice"].startswith("stack|avg|l2|") and len(r.tuning["setting"]["weights"]) == 2
+    assert {row["key"].split("|")[0] for row in r.tuning["table"]} == {"svm", "logreg"}
+    assert r.fit_info["refit_rows"] == r.train_rows + r.val_rows == 32  # the validation rows too
+    assert r.trust["calibrated_on"] == "cv+val" and r.trust["calibration_rows"] == r.train_rows + r.val_rows
+    assert r.trust["val_known_kept"] is None and r.trust["known_rows"] == 32  # the threshold: rows held out one by one
+    ckpt = torch.load(r.checkpoint, weights_only=True)
     head = ProbeHead.from_checkpoint(ckpt["head"], ckpt["state_dict"])
-    assert head.temperature_used == r["temperature"] != 1.0
+    assert head.temperature_used == r.trust["temperature"] != 1.0
     kept = fit_head(FitHeadConfig(cache=cache, folds=3, refit=False, runs_dir=str(tmp_path / "b")))
-    assert "refit_rows" not in kept["fit_info"] and kept["known_rows"] == kept["train_rows"] == 28
-    assert kept["val_acc"] == r["val_acc"] and kept["tuning"]["choice"] == r["tuning"]["choice"]
+    assert "refit_rows" not in kept.fit_info and kept.trust["known_rows"] == kept.train_rows == 28
+    assert kept.val_acc == r.val_acc and kept.tuning["choice"] == r.tuning["choice"]
 
 
 @pytest.mark.parametrize("wider_wins_nested", [True, False])
@@ -303,8 +316,8 @@ def test_tune_keeps_a_wider_choice_only_when_nested_cv_confirms_it(cache, tmp_pa
     monkeypatch.setattr(fh, "_nested", lambda *a: {"tune": good, "default": bad} if wider_wins_nested else
                         {"tune": bad, "default": good})
     r = fit_head(FitHeadConfig(cache=cache, tune=True, folds=3, runs_dir=str(tmp_path / "runs")))
-    assert (not r["tuning"]["choice"].startswith("stack|")) == wider_wins_nested  # the default's choice: a stack
-    assert r["tuning"]["nested"]["tune"] == (good if wider_wins_nested else bad)
+    assert (not r.tuning["choice"].startswith("stack|")) == wider_wins_nested  # the default's choice: a stack
+    assert r.tuning["nested"]["tune"] == (good if wider_wins_nested else bad)
 
 
 def test_nested_cv_scores_both_searches_on_rows_no_choice_saw(cache):
@@ -438,7 +451,7 @@ def test_a_training_cache_of_the_old_decoding_rule_is_refused_with_what_to_do(tm
     assert ("would differ in decode_version: 2 vs 3 (photos decoded by the older rule 2: extract that data again "
             "with this version, and fit again a head made from it)") in run.output
     assert not (tmp_path / "runs").exists() and sorted((tmp_path / "features").iterdir()) == before  # no work
-    head = fit_head(FitHeadConfig(head="linear", cache=old, epochs=1, runs_dir=str(tmp_path / "runs")))["checkpoint"]
+    head = fit_head(FitHeadConfig(head="linear", cache=old, epochs=1, runs_dir=str(tmp_path / "runs"))).checkpoint
     new = make_cache(data, dtype="float32", cache_dir=str(tmp_path / "new"))["cache"]
     run = CliRunner().invoke(cli, ["evaluate", "--model", head, "--cache", new, "--split", "all",
                                    "--runs-dir", str(tmp_path / "runs")])

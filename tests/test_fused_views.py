@@ -54,8 +54,8 @@ def test_a_fused_head_predicts_evaluates_exports_and_serves_every_backbone_on_th
     a, b = two_caches
     test = make_image_folder(tmp_path / "test", per_class=4, classes=CLASSES, seed=5)
     r = fit_head(FitHeadConfig(cache=[a, b], test_data=str(test), runs_dir=str(tmp_path / "runs"), unknown_rows=40))
-    assert r["caches"] == [a, b] and r["test"]["rows"] == 12 and r["val_acc"] == 1.0
-    ckpt = read_checkpoint(r["checkpoint"])  # one checkpoint: the head and each backbone's record
+    assert r.caches == [a, b] and r.test["rows"] == 12 and r.val_acc == 1.0
+    ckpt = read_checkpoint(r.checkpoint)  # one checkpoint: the head and each backbone's record
     assert ckpt["in_shape"] == [14, 1, 1] and ckpt["backbone"] == "tiny+tiny_wide"
     assert [p["backbone"] for p in ckpt["fused"]["parts"]] == ["tiny", "tiny_wide"]
     assert [p["block"] for p in ckpt["fused"]["parts"]] == [8, 6]
@@ -63,9 +63,9 @@ def test_a_fused_head_predicts_evaluates_exports_and_serves_every_backbone_on_th
 
     # predict runs each backbone on its own preprocessing of the photo: the rows its test caches hold
     files = sorted(str(p) for p in test.rglob("*.jpg"))
-    rows = predict(PredictConfig(paths=[str(test)], model=r["checkpoint"], workers=0, precision="fp32"))["rows"]
-    head = head_from_checkpoint(ckpt, ckpt["state_dict"], r["checkpoint"])
-    with FusedRows(r["test"]["cache"].split(" + ")) as tc:
+    rows = predict(PredictConfig(paths=[str(test)], model=r.checkpoint, workers=0, precision="fp32")).rows
+    head = head_from_checkpoint(ckpt, ckpt["state_dict"], r.checkpoint)
+    with FusedRows(r.test["cache"].split(" + ")) as tc:
         _, _, logp = evaluate_head(head, tc, np.arange(tc.n), "cpu", 64)
         cached = {str(test / p): np.exp(lp) for p, lp in zip(tc.paths, logp)}
     by_file = {row["path"]: row for row in rows}
@@ -75,16 +75,16 @@ def test_a_fused_head_predicts_evaluates_exports_and_serves_every_backbone_on_th
         assert by_file[f]["ood_score"] is not None
 
     # evaluate: on photos (every backbone), and on the caches it was fitted on (their val rows, fused as then)
-    on_photos = pipeline.evaluate_model(r["checkpoint"], data=test, runs_dir=tmp_path / "runs")
-    assert on_photos["accuracy"] == pytest.approx(r["test_acc"]) and on_photos["rows"] == 12
-    on_cache = pipeline.evaluate_model(r["checkpoint"], runs_dir=tmp_path / "runs")
-    assert on_cache["accuracy"] == pytest.approx(r["val_acc"]) and on_cache["rows"] == r["val_rows"]
+    on_photos = pipeline.evaluate_model(r.checkpoint, data=test, runs_dir=tmp_path / "runs")
+    assert on_photos.accuracy == pytest.approx(r.metrics["test_acc"]) and on_photos.rows == 12
+    on_cache = pipeline.evaluate_model(r.checkpoint, runs_dir=tmp_path / "runs")
+    assert on_cache.accuracy == pytest.approx(r.val_acc) and on_cache.rows == r.val_rows
     with pytest.raises(UsageError, match="fitted on 2 caches' fused features"):
-        pipeline.evaluate_model(r["checkpoint"], cache=a, runs_dir=tmp_path / "runs")
+        pipeline.evaluate_model(r.checkpoint, cache=a, runs_dir=tmp_path / "runs")
 
     # export: one ONNX file taking the stacked inputs, checked against predict's path
-    out = pipeline.export_model(r["checkpoint"], tmp_path / "fused.onnx", check_data=test)
-    assert out["passed"] and out["max_abs_diff"] < 1e-4
+    out = pipeline.export_model(r.checkpoint, tmp_path / "fused.onnx", check_data=test)
+    assert out.passed and out.max_abs_diff < 1e-4
     meta = json.loads((tmp_path / "fused.onnx.json").read_text())
     assert meta["input"]["shape"] == ["N", 6, 32, 32] and [p["crop_size"] for p in meta["preprocessing"]] == [32, 24]
 
@@ -92,7 +92,7 @@ def test_a_fused_head_predicts_evaluates_exports_and_serves_every_backbone_on_th
     from fastapi.testclient import TestClient
 
     upload = [("files", (f.rsplit("/", 1)[-1], open(f, "rb").read(), "image/jpeg")) for f in files[:3]]
-    with TestClient(pipeline.serve_app(r["checkpoint"], precision="fp32"), base_url="http://localhost") as client:
+    with TestClient(pipeline.serve_app(r.checkpoint, precision="fp32"), base_url="http://localhost") as client:
         got = client.post("/predict", files=upload).json()
     assert [g["class"] for g in got] == [by_file[f]["class"] for f in files[:3]]
     assert np.allclose([g["probability"] for g in got], [by_file[f]["probability"] for f in files[:3]], atol=1e-6)
@@ -137,13 +137,13 @@ def test_caches_of_other_photos_or_classes_are_refused_in_one_line(photos, make_
 def test_a_fused_head_loads_each_backbones_recorded_weights_and_refuses_finetuning(two_caches, tmp_path):
     a, b = two_caches
     r = fit_head(FitHeadConfig(cache=[a, b], head="logreg", runs_dir=str(tmp_path / "runs")))
-    lm = load_model(r["checkpoint"])
+    lm = load_model(r.checkpoint)
     assert lm.transform.input_shape == (6, 32, 32) and [p["crop_size"] for p in lm.info["preprocessing"]] == [32, 24]
     with pytest.raises(UsageError, match="--weights 'none' must be one of their weights files"):
-        load_model(r["checkpoint"], weights="none")
+        load_model(r.checkpoint, weights="none")
     with pytest.raises(UsageError, match="fine-tuning starts from a head on one backbone's"):
-        load_model(r["checkpoint"], trainable=True)
-    ckpt = torch.load(r["checkpoint"], weights_only=True)
+        load_model(r.checkpoint, trainable=True)
+    ckpt = torch.load(r.checkpoint, weights_only=True)
     ckpt["fused"]["parts"] = ckpt["fused"]["parts"][:1]  # a damaged record: one line, not a traceback
     torch.save(ckpt, tmp_path / "bad.pt")
     with pytest.raises(UsageError, match="field 'fused' must be a fused-features record"):
@@ -163,19 +163,19 @@ def test_a_fused_head_whose_weights_folder_moved_runs_with_weights_naming_one_fi
     a = make_cache(photos, weights=str(folder / "tiny.pt"))["cache"]
     b = make_cache(photos, backbone="tiny_wide", weights=str(folder / "tiny_wide.pt"))["cache"]
     r = fit_head(FitHeadConfig(cache=[a, b], head="logreg", runs_dir=str(tmp_path / "runs")))
-    want = load_model(r["checkpoint"]).model.head.state_dict()
+    want = load_model(r.checkpoint).model.head.state_dict()
     shutil.move(folder, tmp_path / "moved")
     with pytest.raises(pipeline.PipelineError, match="tiny.pt .*not found.*in one folder and pass --weights"):
-        load_model(r["checkpoint"])
-    lm = load_model(r["checkpoint"], weights=str(tmp_path / "moved" / "tiny_wide.pt"))
+        load_model(r.checkpoint)
+    lm = load_model(r.checkpoint, weights=str(tmp_path / "moved" / "tiny_wide.pt"))
     assert [p["weights_path"] for p in lm.info["fused"]] == [str((tmp_path / "moved" / n).resolve())
                                                              for n in ("tiny.pt", "tiny_wide.pt")]
     assert all(torch.equal(v, want[k]) for k, v in lm.model.head.state_dict().items())
     other = tmp_path / "other.pt"
     torch.save({k: v + 1 for k, v in torch.load(tmp_path / "moved" / "tiny.pt").items()}, other)
     with pytest.raises(UsageError, match="is none of the files .* was fitted with"):
-        load_model(r["checkpoint"], weights=str(other))
-    out = CliRunner().invoke(cli, ["predict", "--model", r["checkpoint"], "--weights",
+        load_model(r.checkpoint, weights=str(other))
+    out = CliRunner().invoke(cli, ["predict", "--model", r.checkpoint, "--weights",
                                    str(tmp_path / "moved" / "tiny.pt"), str(photos / "red")])
     assert out.exit_code == 0, out.output
     assert out.output.count("red") >= 16
@@ -202,15 +202,15 @@ def test_the_default_head_keeps_one_cache_alone_where_it_beats_the_fused_rows_by
     _rows_written(a, 2.0, 0)
     _rows_written(b, 0.0, 1)
     r = fit_head(FitHeadConfig(cache=[a, b], runs_dir=str(tmp_path / "runs")))
-    tried = {t["rows"]: t for t in r["tuning"]["fusion"]}
+    tried = {t["rows"]: t for t in r.tuning["fusion"]}
     assert list(tried) == ["fused", "tiny", "tiny_wide"] and [t["chosen"] for t in tried.values()] == [0, 1, 0]
     assert tried["tiny"]["cv_acc"] > tried["fused"]["cv_acc"] > tried["tiny_wide"]["cv_acc"]
-    assert r["caches"] == [a, b] and r["cache"] == a and r["cv_acc"] == tried["tiny"]["cv_acc"]
+    assert r.caches == [a, b] and r.cache == a and r.metrics["cv_acc"] == tried["tiny"]["cv_acc"]
     assert "fused features or one cache alone" in fit_head_text(r) and "; kept tiny\n" in fit_head_text(r)
-    ckpt = read_checkpoint(r["checkpoint"])
+    ckpt = read_checkpoint(r.checkpoint)
     assert "fused" not in ckpt and ckpt["backbone"] == "tiny" and ckpt["cache"] == a
-    on_cache = pipeline.evaluate_model(r["checkpoint"], runs_dir=tmp_path / "runs")  # a's own validation rows
-    assert on_cache["rows"] == r["val_rows"]
+    on_cache = pipeline.evaluate_model(r.checkpoint, runs_dir=tmp_path / "runs")  # a's own validation rows
+    assert on_cache.rows == r.val_rows
 
     explicit = fit_head(FitHeadConfig(cache=[a, b], head="logreg", runs_dir=str(tmp_path / "runs")))
-    assert read_checkpoint(explicit["checkpoint"])["in_shape"] == [14, 1, 1] and explicit["tuning"] is None
+    assert read_checkpoint(explicit.checkpoint)["in_shape"] == [14, 1, 1] and explicit.tuning is None

@@ -74,8 +74,8 @@ def test_every_head_kind_lights_the_region_that_decides_the_class(region_cache, 
     cache, root = region_cache
     fitted = fit_head(FitHeadConfig(cache=str(cache), head=kind, runs_dir=str(root / "runs" / kind),
                                     calibrate="none", unknown_rows=0, **options))
-    ckpt = read_checkpoint(fitted["checkpoint"])
-    head = head_from_checkpoint(ckpt, ckpt["state_dict"], fitted["checkpoint"]).eval()
+    ckpt = read_checkpoint(fitted.checkpoint)
+    head = head_from_checkpoint(ckpt, ckpt["state_dict"], fitted.checkpoint).eval()
     x, y, corners = region_maps(30, seed=1)  # photos it never saw
     logp, maps = head_maps(head, x)
     with torch.no_grad():
@@ -309,7 +309,7 @@ def pipeline_head(root, data) -> str:
     from pipeline.heads.fit_head import fit_head
 
     return fit_head(FitHeadConfig(cache=patch_cache(root, data, "tiny"), head="logreg", calibrate="none",
-                                  unknown_rows=0, runs_dir=str(root / "runs")))["checkpoint"]
+                                  unknown_rows=0, runs_dir=str(root / "runs"))).checkpoint
 
 
 # -- evaluate's gallery of confident errors ------------------------------------------------------
@@ -340,15 +340,15 @@ def test_evaluate_gallery_shows_each_errors_heatmap(patch_data, swapped, source,
     where = ({"cache": patch_cache(root, folder, "tiny"), "split": "all"} if source == "cache"
              else {"data": str(folder), "workers": 0, "precision": "fp32"})
     result = evaluate(EvaluateConfig(model=head, runs_dir=str(tmp_path / "runs"), top_k=8, **where))
-    wrong = result["wrong"]
-    assert len(wrong) == 8 and result["errors"] >= 11
+    wrong = result.wrong
+    assert len(wrong) == 8 and result.errors >= 11
     maps = np.array([w["heatmap"] for w in wrong])
     assert maps.shape == (8, 8, 8) and patch_share(maps, [corners[w["path"]] for w in wrong]) >= 0.85
     from pipeline.cache.provenance import Preprocessing
 
-    transform = Preprocessing.from_dict(result["preprocessing"]).to_transform()
+    transform = Preprocessing.from_dict(result.preprocessing).to_transform()
     assert _gallery_image(folder, wrong[0], transform).size == (32, 32)  # the crop the model saw, under its map
-    assert (tmp_path / "runs").exists() and result["gallery_png"].endswith("gallery.png")
+    assert (tmp_path / "runs").exists() and result.gallery_png.endswith("gallery.png")
 
 
 # -- the service ---------------------------------------------------------------------------------
@@ -365,7 +365,7 @@ def test_the_service_answers_predicts_overlay_when_asked(patch_data, tmp_path):
     root, data, photos, _ = patch_data
     head = pipeline_head(root, data)
     written = predict(PredictConfig(paths=[photos[0]], model=head, workers=0, precision="fp32",
-                                    explain=str(tmp_path / "maps")))["rows"][0]
+                                    explain=str(tmp_path / "maps"))).rows[0]
     files = [("files", ("a.png", open(photos[0], "rb").read(), "image/png")),
              ("files", ("b.png", b"junk", "image/png"))]
     with TestClient(pipeline.serve_app(head, precision="fp32"), base_url="http://localhost") as client:

@@ -58,7 +58,7 @@ def test_a_timm_head_predicts_evaluates_exports_and_serves(timm_head, folders, t
                             "--workers", 0, "--json"))
     assert report["accuracy"] == 1.0
     exported = pipeline.export_model(timm_head, tmp_path / "m.onnx")
-    assert exported["passed"] and exported["max_abs_diff"] < 1e-4
+    assert exported.passed and exported.max_abs_diff < 1e-4
     meta = json.loads(Path(f"{tmp_path / 'm.onnx'}.json").read_text())
     assert meta["backbone"] == "test_efficientnet" and meta["preprocessing"]["crop_size"] == 160
     with TestClient(pipeline.serve_app(timm_head, precision="fp32"), base_url="http://localhost") as client:
@@ -74,7 +74,7 @@ def test_finetune_unfreezes_a_timm_models_last_stages(folders, tmp_path):
                             "--runs-dir", tmp_path, "--json"))
     rows = pipeline.predict_files(result["checkpoint"], sorted((folders / "test").rglob("*.jpg")), precision="fp32",
                                   workers=0)
-    assert rows.result["errors"] == 0 and len(rows) == 9
+    assert rows.result.errors == 0 and len(rows) == 9
     ckpt = torch.load(result["checkpoint"], weights_only=True)
     assert ckpt["backbone"] == "test_vit" and ckpt["preprocessing"]["crop_size"] == 160
 
@@ -116,7 +116,7 @@ def test_lite0_imagenet_classifier_names_cats_and_dogs(lite0_available):
     photos = sorted((CATSDOGS_TEST / "Cat").glob("*.jpg"))[:10] + sorted((CATSDOGS_TEST / "Dog").glob("*.jpg"))[:10]
     for p in photos:
         top = pipeline.imagenet_check(str(p), backbone="tf_efficientnet_lite0", weights=str(LITE0), top=1,
-                                      device="cpu")["top"][0]
+                                      device="cpu").top[0]
         index = top["index"]
         cats += p.parent.name == "Cat" and 281 <= index <= 293  # ImageNet's cats (domestic and wild)
         dogs += p.parent.name == "Dog" and 151 <= index <= 275  # ImageNet's dogs

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from pipeline import cli
 from pipeline.extraction import backbones as bb
 from pipeline.heads.fit_head import FitHeadConfig, fit_head
-from pipeline.models.predict import PredictConfig, predict
+from pipeline.models.predict import PredictConfig, PredictResult, predict
 from pipeline.models.whole_models import build_model, save_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:--weights none", "ignore:no sidecar")
@@ -44,8 +44,9 @@ def _folder_with_bad_files(image_folder):
 def test_predict_folder_reports_bad_files_per_row(tmp_path, image_folder, model_pt):
     data = _folder_with_bad_files(image_folder)
     result = predict(PredictConfig(paths=[str(data)], model=str(model_pt), workers=0, batch_size=5))
-    rows = result["rows"]
-    assert len(rows) == 26 and result["errors"] == 2  # 24 images + 2 bad ones, notes.txt left out
+    rows = result.rows
+    assert isinstance(result, PredictResult) and result.files == 26 and result.output is None
+    assert len(rows) == 26 and result.errors == 2  # 24 images + 2 bad ones, notes.txt left out
     assert [r["path"] for r in rows] == sorted(r["path"] for r in rows)  # input order kept around the bad ones
     bad = {r["path"].rsplit("/", 1)[1]: r for r in rows if r["error"]}
     assert bad["empty.jpg"]["error"] == "zero-byte file" and bad["empty.jpg"]["class"] is None
@@ -59,11 +60,11 @@ def test_predict_same_rows_whatever_the_batch_size(image_folder, model_pt):
     data = _folder_with_bad_files(image_folder)
     a = predict(PredictConfig(paths=[str(data)], model=str(model_pt), workers=0, batch_size=3, precision="fp32"))
     b = predict(PredictConfig(paths=[str(data)], model=str(model_pt), workers=0, batch_size=64, precision="fp32"))
-    assert [(r["path"], r["class"], r["error"]) for r in a["rows"]] == [(r["path"], r["class"], r["error"])
-                                                                       for r in b["rows"]]
+    assert [(r["path"], r["class"], r["error"]) for r in a.rows] == [(r["path"], r["class"], r["error"])
+                                                                       for r in b.rows]
     # unreadable files have no probability (None): compare those positions exactly, the rest with a tolerance
-    assert [r["probability"] is None for r in a["rows"]] == [r["probability"] is None for r in b["rows"]]
-    good = [(x["probability"], y["probability"]) for x, y in zip(a["rows"], b["rows"]) if x["probability"] is not None]
+    assert [r["probability"] is None for r in a.rows] == [r["probability"] is None for r in b.rows]
+    good = [(x["probability"], y["probability"]) for x, y in zip(a.rows, b.rows) if x["probability"] is not None]
     assert len(good) >= 20
     assert [x for x, _ in good] == pytest.approx([y for _, y in good], rel=1e-5)
 
@@ -94,9 +95,9 @@ def test_predict_cli_writes_csv_and_json(tmp_path, image_folder, model_pt):
 def test_predict_with_a_fit_head_checkpoint(tmp_path, image_folder, make_cache):
     cache = make_cache(image_folder)["cache"]
     head = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=10, runs_dir=str(tmp_path / "runs")))
-    result = predict(PredictConfig(paths=[str(image_folder)], model=head["checkpoint"], workers=0))
-    assert result["kind"] == "fit-head" and result["errors"] == 0
-    correct = [r["class"] == r["path"].split("/")[-2] for r in result["rows"]]
+    result = predict(PredictConfig(paths=[str(image_folder)], model=head.checkpoint, workers=0))
+    assert result.kind == "fit-head" and result.errors == 0
+    correct = [r["class"] == r["path"].split("/")[-2] for r in result.rows]
     assert sum(correct) / len(correct) >= 0.9
 
 
@@ -141,6 +142,10 @@ def test_imagenet_check_top5_names_from_the_weights_meta(tmp_path, image_folder)
     assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1
     assert top[0]["class"] == bb.torchvision_weights(bb.get_spec("resnet18"), "DEFAULT").meta["categories"][
         top[0]["index"]]
+    from pipeline.models.predict import ImagenetCheckResult, imagenet_check
+
+    r = imagenet_check(str(image_folder / "red" / "red.0.jpg"), backbone="resnet18", weights=str(full), top=2)
+    assert isinstance(r, ImagenetCheckResult) and [t["index"] for t in r.top] == [t["index"] for t in top[:2]]
 
 
 def test_predict_exits_1_when_no_input_could_be_classified(tmp_path, model_pt):
@@ -184,7 +189,7 @@ def test_predict_output_never_overwrites_an_input_and_is_never_half_written(tmp_
 def test_predict_output_never_replaces_what_a_head_reads(tmp_path, image_folder, make_cache):
     """A head's cache and training photos are its inputs too, even when predict is given other photos."""
     cache = make_cache(image_folder, dtype="float32")["cache"]
-    head = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=1, runs_dir=str(tmp_path / "runs")))["checkpoint"]
+    head = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=1, runs_dir=str(tmp_path / "runs"))).checkpoint
     photo = image_folder / "red" / "red.0.jpg"
     elsewhere = tmp_path / "new.jpg"
     elsewhere.write_bytes(photo.read_bytes())
@@ -366,7 +371,7 @@ def test_a_photo_stored_sideways_with_its_orientation_tag_predicts_as_the_uprigh
     np.testing.assert_allclose(probs[1:4], probs[[0, 0, 0]], atol=1e-6)
     assert np.abs(probs[4] - probs[0]).max() > 1e-3  # a turn does show
     rows = predict(PredictConfig(paths=[str(tmp_path / n) for n in names[:3]], model=str(tmp_path / "model.pt"),
-                                 workers=0, precision="fp32"))["rows"]  # the command: the same rows
+                                 workers=0, precision="fp32")).rows  # the command: the same rows
     assert rows[1]["class"] == rows[0]["class"] and rows[1]["probability"] == pytest.approx(rows[0]["probability"])
 
 
@@ -379,9 +384,9 @@ def test_a_head_fitted_on_a_cache_of_the_old_decoding_rule_predicts_and_says_wha
 
     with old_decoding():
         old = make_cache(image_folder, dtype="float32")["cache"]
-    head = fit_head(FitHeadConfig(head="linear", cache=old, epochs=1, runs_dir=str(tmp_path / "runs")))["checkpoint"]
+    head = fit_head(FitHeadConfig(head="linear", cache=old, epochs=1, runs_dir=str(tmp_path / "runs"))).checkpoint
     with caplog.at_level(logging.WARNING):
-        rows = predict(PredictConfig(paths=[str(image_folder / "red" / "red.0.jpg")], model=head, workers=0))["rows"]
+        rows = predict(PredictConfig(paths=[str(image_folder / "red" / "red.0.jpg")], model=head, workers=0)).rows
     assert rows[0]["class"] in ("blue", "red")
     said = [r.getMessage() for r in caplog.records if "older rule" in r.getMessage()]
     assert len(said) == 1 and "fitted on photos decoded by the older rule 2 (now 3" in said[0]

@@ -30,8 +30,12 @@ def test_caches_text_is_a_table_or_says_there_are_none():
 
 
 def test_train_text_and_its_trust_lines():
-    result = {"per_class_val_acc": {"blue": 1.0, "red": None}, "val_acc": 1.0, "val_loss": 0.5556, "train_rows": 18,
-              "val_rows": 2, "skipped": 0, "fit_seconds": 1.25, "checkpoint": "runs/x/model.pt", **TRUST}
+    from types import SimpleNamespace
+
+    metrics = {"per_class_val_acc": {"blue": 1.0, "red": None}, "val_acc": 1.0, "val_loss": 0.5556, "train_rows": 18,
+               "val_rows": 2, "skipped": 0, **TRUST}
+    result = SimpleNamespace(metrics=metrics, val_acc=1.0, val_loss=0.5556, fit_seconds=1.25,
+                             checkpoint="runs/x/model.pt")  # a TrainResult's fields
     assert present.train_text(result).splitlines() == [
         "val acc 1.000, val loss 0.5556 (18 train / 2 val images, 0 skipped, 1.2 s)",
         "per-class val acc: blue 1.000, red -",
@@ -41,28 +45,35 @@ def test_train_text_and_its_trust_lines():
 
 
 def test_export_text_passed_and_refused():
+    from types import SimpleNamespace
+
+    def text(fields: dict) -> str:  # an ExportResult's fields
+        return present.export_text(SimpleNamespace(**fields))
+
     r = {"parity": {"images": 1, "same_class": 1, "tolerance": 1e-4}, "max_abs_diff": 2.94e-08, "passed": True,
          "output": "m.onnx", "bytes": 1.5e6, "metadata": "m.onnx.json"}
-    assert present.export_text(r) == ("max |probability difference| vs predict: 2.94e-08 on 1 photo (1 of 1 the same "
+    assert text(r) == ("max |probability difference| vs predict: 2.94e-08 on 1 photo (1 of 1 the same "
                                       "class; tolerance 0.0001)\nm.onnx (1.5 MB), metadata m.onnx.json")
     odd = {**r, "parity": {**r["parity"], "images": 16, "same_class": 22, "odd_modes": ["a.png"] * 6}}
-    assert "on 16 photos and 6 odd-mode files made from the first (22 of 22 the same class" in present.export_text(odd)
-    assert present.export_text({**r, "passed": False}).endswith(
+    assert "on 16 photos and 6 odd-mode files made from the first (22 of 22 the same class" in text(odd)
+    assert text({**r, "passed": False}).endswith(
         "\nnothing written: the export does not predict as predict does")
 
 
 def test_the_one_line_notes():
-    assert present.predict_note({"images": 1, "errors": 0, "img_per_s": 3.0, "explain": "runs/h"}) == \
+    from types import SimpleNamespace
+
+    assert present.predict_note(SimpleNamespace(images=1, errors=0, img_per_s=3.0, explain="runs/h")) == \
         "1 image, 0 unreadable, 3.0 img/s, heatmaps in runs/h"
-    assert present.feature_map_note({"feature_shape": [8, 8, 8], "top_channels": [5, 4]}) == \
+    assert present.feature_map_note(SimpleNamespace(feature_shape=[8, 8, 8], top_channels=[5, 4])) == \
         "feature map 8 x 8 x 8, top channels [5, 4]"
-    assert present.fetch_note({"archive": "a.zip", "bytes": 2e6, "downloaded": False, "unpacked_now": True,
-                               "unpacked": "data"}) == "a.zip: 2.0 MB, already complete; unpacked to data"
-    assert present.consolidate_note({"rows": 9, "size_bytes": 1e6, "shards": ["a", "b"]}) == \
+    assert present.fetch_note(SimpleNamespace(archive="a.zip", bytes=2e6, downloaded=False, unpacked_now=True,
+                                              unpacked="data")) == "a.zip: 2.0 MB, already complete; unpacked to data"
+    assert present.consolidate_note(SimpleNamespace(rows=9, size_bytes=1e6, shards=["a", "b"])) == \
         "9 rows copied into one file (1.0 MB); its 2 shard files are no longer needed"
     assert present.extract_interrupted("python cli.py extract --data d") == \
         "\ninterrupted; committed rows are kept. Resume with:\n  python cli.py extract --data d"
-    assert present.imagenet_check_text({"top": [{"rank": 1, "class": "tabby", "probability": 0.5}]}) == \
+    assert present.imagenet_check_text(SimpleNamespace(top=[{"rank": 1, "class": "tabby", "probability": 0.5}])) == \
         "1. tabby                          0.5000"
 
 

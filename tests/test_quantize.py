@@ -153,7 +153,7 @@ def test_fit_head_test_data_is_quantised_like_the_training_cache(tmp_path):
     cache = extract(cfg(train, tmp_path))["cache"]
     result = fit_head(FitHeadConfig(head="linear", cache=cache, test_data=str(test), epochs=3,
                                     runs_dir=str(tmp_path / "runs")))
-    with FeatureCache(result["test"]["cache"]) as t, FeatureCache(cache) as c:
+    with FeatureCache(result.test["cache"]) as t, FeatureCache(cache) as c:
         a, b = json.loads(c.attrs["calibration"]), json.loads(t.attrs["calibration"])
     assert b["calib_root"] == str(train.resolve()) and b["images"] == a["images"]
     # a test cache calibrated on its own photos is another network: refused
@@ -199,9 +199,9 @@ def test_a_head_on_an_int8_cache_predicts_through_that_int8_network(tmp_path, fl
     made = extract(cfg(data, tmp_path, flip=flip))
     paths, rows, _ = features(made["cache"])
     result = fit_head(FitHeadConfig(head="linear", cache=made["cache"], epochs=3, runs_dir=str(tmp_path / "runs")))
-    ckpt = read_checkpoint(result["checkpoint"])  # weights_only: the observers are plain tensors
+    ckpt = read_checkpoint(result.checkpoint)  # weights_only: the observers are plain tensors
     assert ckpt["precision"] == "int8" and ckpt["int8_observers"]
-    lm = load_model(result["checkpoint"])
+    lm = load_model(result.checkpoint)
     assert lm.precision == "int8"
     images, got_paths = calibration_batches(ImageListDataset(data, [(p, 0) for p in paths], lm.transform),
                                             len(paths), len(paths))
@@ -214,14 +214,14 @@ def test_a_head_on_an_int8_cache_predicts_through_that_int8_network(tmp_path, fl
     # bitwise the cache's rows (the float network's differ: cosine 0.99999 on this tiny backbone, 0.997 on VGG-16)
     assert np.array_equal(again, rows)
     # predict's probabilities are the head's on the cached rows
-    head = pipeline.Head.load(result["checkpoint"])
+    head = pipeline.Head.load(result.checkpoint)
     on_rows = head.predict_proba(rows)
-    rows_out = predict(PredictConfig(model=result["checkpoint"], paths=[str(data / p) for p in paths], workers=0,
-                                     format="json"))["rows"]
+    rows_out = predict(PredictConfig(model=result.checkpoint, paths=[str(data / p) for p in paths], workers=0,
+                                     format="json")).rows
     best = on_rows.max(1)
     assert np.allclose([r["probability"] for r in rows_out], best, atol=1e-4)
     # finetune needs the float backbone it can train
-    assert load_model(result["checkpoint"], trainable=True).precision is None
+    assert load_model(result.checkpoint, trainable=True).precision is None
 
 
 def test_precision_auto_picks_int8_only_where_it_was_measured_to_pay(monkeypatch, tmp_path):

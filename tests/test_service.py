@@ -69,7 +69,7 @@ def upload(*paths):
 
 def test_predict_gives_predict_rows(client, head):
     files = photos(head)[::6]  # 4: max_files
-    want = predict(PredictConfig(paths=[str(f) for f in files], model=str(head), workers=0, precision="fp32"))["rows"]
+    want = predict(PredictConfig(paths=[str(f) for f in files], model=str(head), workers=0, precision="fp32")).rows
     r = client.post("/predict", files=upload(*files))
     assert r.status_code == 200
     got = r.json()

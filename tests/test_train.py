@@ -13,7 +13,7 @@ from pipeline.cache.feature_cache import FeatureCache
 from pipeline.data.folders import list_image_folder
 from pipeline.extraction import backbones as bb
 from pipeline.heads.fit_head import FitHeadConfig, fit_head
-from pipeline.models.train import FinetuneConfig, TrainConfig, finetune, sample_split, train
+from pipeline.models.train import FinetuneConfig, TrainConfig, TrainResult, finetune, sample_split, train
 from pipeline.models.whole_models import load_model
 from tests.conftest import SHARED_CATSDOGS, SHARED_WEIGHTS, make_image_folder
 
@@ -38,24 +38,24 @@ def _same(a: dict, b: dict) -> dict:
 def test_train_lowers_the_loss_and_leaves_the_backbone_bit_identical(tmp_path, image_folder):
     result = train(TrainConfig(data=str(image_folder), backbone="tiny_bn", epochs=4, lr=0.05,
                                runs_dir=str(tmp_path / "runs"), **FAST))
-    losses = [h["train_loss"] for h in result["history"]]
+    losses = [h["train_loss"] for h in result.history]
     assert losses[-1] < losses[0]
-    assert all(_same(_features(result["checkpoint"]), _initial_features("tiny_bn")).values())  # BN stats too
-    assert (result["train_rows"], result["val_rows"]) == (20, 4)  # 12 + 12 images, 1/8 of each class held out
-    assert json.loads((Path(result["run_dir"]) / "history.json").read_text()) == result["history"]
+    assert all(_same(_features(result.checkpoint), _initial_features("tiny_bn")).values())  # BN stats too
+    assert (result.metrics["train_rows"], result.metrics["val_rows"]) == (20, 4)  # 12 + 12 images, 1/8 of each held out
+    assert json.loads((Path(result.run_dir) / "history.json").read_text()) == result.history
 
 
 def test_finetune_changes_the_backbone(tmp_path, image_folder):
     result = finetune(FinetuneConfig(data=str(image_folder), backbone="tiny", epochs=1, lr=1e-2,
                                      runs_dir=str(tmp_path / "runs"), **FAST))
-    assert result["history"][0]["stage"] == "finetune"
-    assert not any(_same(_features(result["checkpoint"]), _initial_features("tiny")).values())
+    assert result.history[0]["stage"] == "finetune"
+    assert not any(_same(_features(result.checkpoint), _initial_features("tiny")).values())
 
 
 def test_finetune_last_k_blocks_keeps_the_others_frozen(tmp_path, image_folder):
     result = finetune(FinetuneConfig(data=str(image_folder), backbone="tiny_bn", unfreeze="1", epochs=1, lr=1e-2,
                                      runs_dir=str(tmp_path / "runs"), **FAST))
-    same = _same(_features(result["checkpoint"]), _initial_features("tiny_bn"))
+    same = _same(_features(result.checkpoint), _initial_features("tiny_bn"))
     first = [k for k in same if k.split(".")[1] in ("0", "1")]  # conv + BatchNorm of block 0 (stats included)
     assert first and all(same[k] for k in first)
     assert not any(v for k, v in same.items() if k not in first and not k.endswith("num_batches_tracked"))
@@ -65,12 +65,12 @@ def test_staged_schedule_switches_at_the_right_epoch(tmp_path, image_folder):
     common = dict(data=str(image_folder), backbone="tiny_bn", head_epochs=2, lr=1e-2, runs_dir=str(tmp_path / "r"),
                   **FAST)
     head_only = finetune(FinetuneConfig(epochs=2, **common))
-    assert all(_same(_features(head_only["checkpoint"]), _initial_features("tiny_bn")).values())
+    assert all(_same(_features(head_only.checkpoint), _initial_features("tiny_bn")).values())
     staged = finetune(FinetuneConfig(epochs=3, **common))
-    assert [h["stage"] for h in staged["history"]] == ["head", "head", "finetune"]
-    trainable = [h["trainable_params"] for h in staged["history"]]
+    assert [h["stage"] for h in staged.history] == ["head", "head", "finetune"]
+    trainable = [h["trainable_params"] for h in staged.history]
     assert trainable[0] == trainable[1] == 16 * 2 + 2 and trainable[2] == 1491 - 51 + 34
-    assert not any(_same(_features(staged["checkpoint"]), _initial_features("tiny_bn")).values())
+    assert not any(_same(_features(staged.checkpoint), _initial_features("tiny_bn")).values())
 
 
 def test_three_classes_with_a_bad_file(tmp_path):
@@ -78,10 +78,10 @@ def test_three_classes_with_a_bad_file(tmp_path):
     (data / "green" / "broken.jpg").write_bytes(b"")
     result = train(TrainConfig(data=str(data), backbone="tiny", epochs=3, lr=0.01, val_fraction=0.2,
                                runs_dir=str(tmp_path / "runs"), **FAST))
-    assert set(result["per_class_val_acc"]) == {"blue", "green", "red"}
-    assert result["val_acc"] >= 0.8
-    assert result["skipped"] == 1 and result["skipped_files"][0]["why"] == "zero-byte file"
-    assert load_model(result["checkpoint"]).classes == ["blue", "green", "red"]
+    assert set(result.metrics["per_class_val_acc"]) == {"blue", "green", "red"}
+    assert result.val_acc >= 0.8
+    assert result.metrics["skipped"] == 1 and result.skipped_files[0]["why"] == "zero-byte file"
+    assert load_model(result.checkpoint).classes == ["blue", "green", "red"]
 
 
 def test_a_model_trained_on_a_relative_data_folder_finds_its_photos_from_any_folder(tmp_path, monkeypatch):
@@ -94,7 +94,7 @@ def test_a_model_trained_on_a_relative_data_folder_finds_its_photos_from_any_fol
     monkeypatch.chdir(tmp_path / "project")
     result = train(TrainConfig(data="d", backbone="tiny", epochs=1, runs_dir="runs", **FAST))
     monkeypatch.chdir(tmp_path)
-    ckpt = read_checkpoint(tmp_path / "project" / result["checkpoint"])
+    ckpt = read_checkpoint(tmp_path / "project" / result.checkpoint)
     assert ckpt["config"]["data"] == str(tmp_path / "project" / "d")
     assert len(training_photos(ckpt, 2)) == 2
 
@@ -131,16 +131,16 @@ def test_finetune_starts_from_a_fit_head_checkpoint(tmp_path, image_folder, make
     cache = make_cache(image_folder)["cache"]
     head = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=5, runs_dir=str(tmp_path / "runs")))
     result = CliRunner().invoke(cli.cli, [
-        "finetune", "--data", str(image_folder), "--init-head", head["checkpoint"], "--epochs", "2",
+        "finetune", "--data", str(image_folder), "--init-head", head.checkpoint, "--epochs", "2",
         "--head-epochs", "1", "--workers", "0", "--batch-size", "8", "--print-every", "1",
         "--runs-dir", str(tmp_path / "runs"), "--json"])
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
-    assert out["history"][0]["val_acc"] == pytest.approx(head["val_acc"])  # the same head on the same split
+    assert out["history"][0]["val_acc"] == pytest.approx(head.val_acc)  # the same head on the same split
     assert "Epoch 1, batch 1: running train acc=" in result.stderr
     assert "Epoch 2, Train acc=" in result.stderr and "Val loss=" in result.stderr
     ckpt = torch.load(out["checkpoint"], weights_only=True)
-    assert ckpt["kind"] == "finetune" and ckpt["init_from"] == head["checkpoint"]
+    assert ckpt["kind"] == "finetune" and ckpt["init_from"] == head.checkpoint
     assert Path(out["curves"]).is_file()
     from pipeline.runs.ledger import read_runs
 
@@ -165,7 +165,7 @@ def test_a_runs_dir_inside_the_training_photos_is_refused_before_training(tmp_pa
     for command in (["train", "--data", str(image_folder)],
                     ["finetune", "--data", str(make_image_folder(tmp_path / "copy")), "--init-head",
                      fit_head(FitHeadConfig(head="linear", cache=make_cache(image_folder)["cache"], epochs=1,
-                                            runs_dir=str(tmp_path / "runs")))["checkpoint"]]):
+                                            runs_dir=str(tmp_path / "runs"))).checkpoint]):
         r = CliRunner().invoke(cli.cli, [*command, *tiny, "--runs-dir", str(image_folder / "red" / "runs")])
         assert r.exit_code == 2 and "--runs-dir" in r.output and "inside the data folder" in r.output, r.output
     assert not (image_folder / "red" / "runs").exists()
@@ -176,7 +176,7 @@ def test_finetune_real_vgg16_on_real_photos_lowers_the_loss(tmp_path, shared_ava
     result = finetune(FinetuneConfig(data=str(SHARED_CATSDOGS), n=18, weights=str(SHARED_WEIGHTS), unfreeze="1",
                                      epochs=3, lr=1e-4, batch_size=8, workers=0, print_every=0, val_fraction=0.125,
                                      runs_dir=str(tmp_path / "runs")))
-    losses = [h["train_loss"] for h in result["history"]]
+    losses = [h["train_loss"] for h in result.history]
     assert losses[-1] < losses[0], losses
 
 
@@ -190,7 +190,7 @@ def test_finetune_never_validates_on_images_its_starting_head_was_fitted_on(tmp_
         from pipeline.heads.epoch_loop import split_indices
 
         seen = {c.paths[i] for i in split_indices(c.labels, 0.5, 0)[0]}
-    r = CliRunner().invoke(cli.cli, ["finetune", "--data", str(data), "--init-head", head["checkpoint"], "--n", "16",
+    r = CliRunner().invoke(cli.cli, ["finetune", "--data", str(data), "--init-head", head.checkpoint, "--n", "16",
                                      "--val-fraction", "0.5", "--seed", "1", "--epochs", "1", "--workers", "0",
                                      "--runs-dir", str(tmp_path / "runs"), "--json"])
     assert r.exit_code == 0, r.output
@@ -223,14 +223,14 @@ def test_finetune_finds_its_head_training_images_in_a_copied_or_moved_folder_by_
     cache = make_cache(data)["cache"]
     head = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=1, val_fraction=0.5,
                                   runs_dir=str(tmp_path / "runs")))
-    same = head_training_images(head["checkpoint"], list_image_folder(data))
+    same = head_training_images(head.checkpoint, list_image_folder(data))
     (shutil.copytree if how == "copy" else shutil.move)(str(data), str(tmp_path / "copy"))
-    assert len(same) == 10 and head_training_images(head["checkpoint"], list_image_folder(tmp_path / "copy")) == same
+    assert len(same) == 10 and head_training_images(head.checkpoint, list_image_folder(tmp_path / "copy")) == same
     if how == "move":  # the head's folder is gone: the cache's digests still find a renamed one by content
         old = sorted(same)[0]
         new = str(Path(old).with_name("renamed" + Path(old).suffix))
         (tmp_path / "copy" / old).rename(tmp_path / "copy" / new)
-        assert head_training_images(head["checkpoint"], list_image_folder(tmp_path / "copy")) == same - {old} | {new}
+        assert head_training_images(head.checkpoint, list_image_folder(tmp_path / "copy")) == same - {old} | {new}
 
 
 @pytest.mark.parametrize("command, option", [("train", "--lr"), ("finetune", "--lr"), ("finetune", "--backbone-lr")])
@@ -247,14 +247,16 @@ def test_a_trained_model_is_calibrated_and_flags_a_third_colour(tmp_path, make_c
     green = make_image_folder(tmp_path / "green", per_class=6, classes=("green",), seed=3)
     result = train(TrainConfig(data=str(data), backbone="tiny", epochs=2, lr=0.05, unknown_rows=20, unknown_k=5,
                                runs_dir=str(tmp_path / "runs"), **FAST))
-    assert result["calibration_rows"] == result["val_rows"] and result["temperature"] > 0
-    assert result["known_rows"] == 20 and result["known_rows_bytes"] == 20 * 8 * 2  # 8 channels, float16
-    state = torch.load(result["checkpoint"], weights_only=True)["state_dict"]
+    m = result.metrics
+    assert isinstance(result, TrainResult) and m["calibration_rows"] == m["val_rows"] and m["temperature"] > 0
+    assert m["known_rows"] == 20 and m["known_rows_bytes"] == 20 * 8 * 2  # 8 channels, float16
+    assert list(result.to_dict())[:5] == ["run_dir", "checkpoint", "curves", "backbone", "epoch"]
+    state = torch.load(result.checkpoint, weights_only=True)["state_dict"]
     assert {"head.temperature", "head.known_rows", "head.unknown_threshold"} <= set(state)
-    lm = load_model(result["checkpoint"])
-    assert lm.model.head.calibrated and float(lm.model.head.temperature) == pytest.approx(result["temperature"])
-    rows = predict(PredictConfig(paths=[str(green)], model=result["checkpoint"], workers=0))["rows"]
-    assert all(r["unknown"] for r in rows) and all(r["ood_score"] > result["unknown_threshold"] for r in rows)
+    lm = load_model(result.checkpoint)
+    assert lm.model.head.calibrated and float(lm.model.head.temperature) == pytest.approx(m["temperature"])
+    rows = predict(PredictConfig(paths=[str(green)], model=result.checkpoint, workers=0)).rows
+    assert all(r["unknown"] for r in rows) and all(r["ood_score"] > m["unknown_threshold"] for r in rows)
 
 
 def test_a_stopped_finetune_resumes_where_it_stopped_as_if_never_stopped(tmp_path, image_folder, monkeypatch):

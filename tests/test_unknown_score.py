@@ -65,8 +65,8 @@ def colours(tmp_path, make_cache):
 def test_a_head_on_two_colours_flags_the_third_and_keeps_the_stated_share(tmp_path, colours):
     r = fit_head(FitHeadConfig(cache=colours["cache"], head="logreg", known_share=0.9, val_fraction=0.25,
                                runs_dir=str(tmp_path / "runs")))
-    assert r["known_rows"] == r["train_rows"] and r["unknown_k"] == 10
-    ckpt = torch.load(r["checkpoint"], weights_only=True)
+    assert r.trust["known_rows"] == r.train_rows and r.trust["unknown_k"] == 10
+    ckpt = torch.load(r.checkpoint, weights_only=True)
     head = ProbeHead.from_checkpoint(ckpt["head"], ckpt["state_dict"])
     assert head.has_unknown and ckpt["state_dict"]["known_rows"].dtype == torch.float16
     with FeatureCache(colours["cache"]) as c:  # validation rows + each training row against the others
@@ -74,9 +74,9 @@ def test_a_head_on_two_colours_flags_the_third_and_keeps_the_stated_share(tmp_pa
         _, val_ood = head_scores(head, c, val, "cpu", 1024)
         feats = c.features[:].astype(np.float32).mean((2, 3))
     held = np.concatenate([val_ood, held_out_scores(feats[train], known_rows(feats[train]), 10)])
-    assert (held <= r["unknown_threshold"]).mean() >= 0.9
+    assert (held <= r.trust["unknown_threshold"]).mean() >= 0.9
     out = CliRunner().invoke(cli.cli, ["predict", str(colours["green"]), str(colours["new"]), "--model",
-                                       r["checkpoint"], "--format", "json", "--workers", "0"])
+                                       r.checkpoint, "--format", "json", "--workers", "0"])
     assert out.exit_code == 0, out.output
     rows = json.loads(out.stdout)
     assert all({"class", "probability", "unknown", "ood_score"} <= set(row) for row in rows)
@@ -87,19 +87,21 @@ def test_a_head_on_two_colours_flags_the_third_and_keeps_the_stated_share(tmp_pa
     assert np.mean([row["unknown"] for row in known]) <= 0.2
     assert min(row["ood_score"] for row in green) > max(row["ood_score"] for row in known)
     # evaluate on a folder of none of the classes: the share flagged
-    e = evaluate(EvaluateConfig(model=r["checkpoint"], data=str(colours["green"]), workers=0,
+    e = evaluate(EvaluateConfig(model=r.checkpoint, data=str(colours["green"]), workers=0,
                                 runs_dir=str(tmp_path / "runs")))
-    assert e["foreign"] and e["rows"] == 12 and e["unknown"]["share"] == 1.0
-    text = CliRunner().invoke(cli.cli, ["evaluate", "--model", r["checkpoint"], "--data", str(colours["green"]),
+    assert e.foreign and e.rows == 12 and e.unknown["share"] == 1.0 and e.accuracy is None
+    with open(f"{e.run_dir}/metrics.json") as saved:
+        assert list(e.to_dict()) == list(json.load(saved))  # a foreign folder's keys: no scores
+    text = CliRunner().invoke(cli.cli, ["evaluate", "--model", r.checkpoint, "--data", str(colours["green"]),
                                         "--workers", "0", "--runs-dir", str(tmp_path / "runs")])
     assert text.exit_code == 0 and "unknown: 12 of 12 photos (100.0%)" in text.stdout
 
 
 def test_no_unknown_score_when_asked_for_none(tmp_path, colours):
     r = fit_head(FitHeadConfig(cache=colours["cache"], head="logreg", unknown_rows=0, runs_dir=str(tmp_path / "r")))
-    ckpt = torch.load(r["checkpoint"], weights_only=True)
-    assert "known_rows" not in ckpt["state_dict"] and "unknown_threshold" not in r
-    e = CliRunner().invoke(cli.cli, ["evaluate", "--model", r["checkpoint"], "--data", str(colours["green"]),
+    ckpt = torch.load(r.checkpoint, weights_only=True)
+    assert "known_rows" not in ckpt["state_dict"] and "unknown_threshold" not in r.trust
+    e = CliRunner().invoke(cli.cli, ["evaluate", "--model", r.checkpoint, "--data", str(colours["green"]),
                                      "--workers", "0", "--runs-dir", str(tmp_path / "r")])
     assert e.exit_code == 2 and "classes ['green'] the model does not know" in e.output
 
@@ -130,15 +132,15 @@ def test_identical_training_photos_get_a_threshold_above_rounding_noise_and_the_
             shutil.copy(one / c / f"{c}.0.jpg", data / c / f"{i}.jpg")
     cache = make_cache(data, dtype="float32")["cache"]
     r = fit_head(FitHeadConfig(cache=cache, head="logreg", runs_dir=str(tmp_path / "runs")))
-    assert r["unknown_threshold"] >= THRESHOLD_FLOOR
-    assert r["known_kept"] == 1.0 and r["held_out_rows"] == r["val_rows"] + r["train_rows"]
-    out = CliRunner().invoke(cli.cli, ["predict", str(data), "--model", r["checkpoint"], "--format", "json",
+    assert r.trust["unknown_threshold"] >= THRESHOLD_FLOOR
+    assert r.trust["known_kept"] == 1.0 and r.trust["held_out_rows"] == r.val_rows + r.train_rows
+    out = CliRunner().invoke(cli.cli, ["predict", str(data), "--model", r.checkpoint, "--format", "json",
                                        "--precision", "fp32", "--workers", "0"])
     assert out.exit_code == 0, out.output
     assert not any(row["unknown"] for row in json.loads(out.stdout))  # its own training photos are known
     text = CliRunner().invoke(cli.cli, ["fit-head", "--cache", cache, "--head", "logreg",
                                         "--runs-dir", str(tmp_path / "runs")])
-    n = r["held_out_rows"]
+    n = r.trust["held_out_rows"]
     assert text.exit_code == 0 and f"keeps {n} of {n} held-out photos (100%; asked 95%)" in text.output
     rows = np.random.default_rng(0).normal(size=(40, 6))  # a spread of scores: kept is about the share asked
     fit = fit_unknown(rows[:30], rows[30:], 3, 0.9)

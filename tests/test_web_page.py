@@ -59,7 +59,7 @@ def test_the_page_is_one_file_with_no_external_resource():
 def test_a_photo_picked_on_the_page_shows_predicts_class_bars_and_time(served, browser, tmp_path):
     head, url = served
     photo = noisy_photo(tmp_path / "my red photo.jpg", (210, 40, 40), (60, 70), seed=1)
-    want = predict(PredictConfig(paths=[str(photo)], model=str(head), workers=0, precision="fp32"))["rows"][0]
+    want = predict(PredictConfig(paths=[str(photo)], model=str(head), workers=0, precision="fp32")).rows[0]
 
     page = browser.new_page()
     requested = []

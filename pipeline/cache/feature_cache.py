@@ -556,7 +556,17 @@ def write_virtual_cache(path: Path, attrs: dict, source, shards: Sequence[tuple[
     os.replace(tmp, path)
 
 
-def consolidate(path: str | os.PathLike, block_rows: int = 512) -> dict:
+@dataclass(frozen=True)
+class ConsolidateResult:
+    """caches --consolidate's answer: the one ordinary cache file now in the sharded cache's place."""
+
+    cache: str
+    rows: int
+    size_bytes: int
+    shards: list  # the shard files it was copied from: no longer needed, left for the user to remove
+
+
+def consolidate(path: str | os.PathLike, block_rows: int = 512) -> ConsolidateResult:
     """Copy a sharded cache into one ordinary cache file, in blocks, and put it in the virtual file's place.
 
     The copy is written beside it under a temporary name and renamed over it only when complete,
@@ -585,8 +595,8 @@ def consolidate(path: str | os.PathLike, block_rows: int = 512) -> dict:
         dst.attrs.modify("complete", np.int8(1))
         _fsync(dst)
     os.replace(tmp, info.path)
-    return {"cache": str(info.path), "rows": info.rows, "size_bytes": info.path.stat().st_size,
-            "shards": [str(p) for p in shards]}
+    return ConsolidateResult(cache=str(info.path), rows=info.rows, size_bytes=info.path.stat().st_size,
+                             shards=[str(p) for p in shards])
 
 
 def read_info(path: str | os.PathLike, wait_s: float = 20.0) -> CacheInfo:

@@ -118,8 +118,9 @@ class Cache:
 
         return read_skipped(self.path)
 
-    def consolidate(self) -> dict:
-        """Turn a sharded cache (from a torchrun extraction) into one ordinary file, in place."""
+    def consolidate(self):
+        """Turn a sharded cache (from a torchrun extraction) into one ordinary file, in place; returns a
+        ``ConsolidateResult`` (cache, rows, size_bytes, the shards no longer needed)."""
         from .feature_cache import consolidate, read_info
 
         self.close()

@@ -13,6 +13,7 @@ import time
 import warnings
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
@@ -145,7 +146,26 @@ def check_apart(root: Path, qdir: Path) -> None:
                          "(neither inside the other); choose another --quarantine-dir")
 
 
-def check_images(cfg: CheckImagesConfig, before_moving: Optional[Callable[[dict], None]] = None) -> dict:
+@dataclass(frozen=True)
+class CheckImagesResult:
+    """check-images' answer: counts, every finding, and where the report and the quarantined files went."""
+
+    root: str
+    files: int
+    good: int  # files extract can use (no error; notes allowed)
+    errors: int  # files with an error: extract skips them
+    notes: int  # files with notes only (converted on decoding: CMYK, EXIF-rotated, ...)
+    by_kind: dict  # finding kind -> count
+    seconds: float
+    files_per_s: Optional[float]
+    workers: int
+    findings: list  # {path, kind, severity, detail} each
+    report: Optional[str]  # the --report file written, else None
+    quarantine: Optional[dict]  # with --quarantine: where the files went, how to move them back; else None
+
+
+def check_images(cfg: CheckImagesConfig,
+                 before_moving: Optional[Callable[[CheckImagesResult], None]] = None) -> CheckImagesResult:
     """Check every file below cfg.root; report, and quarantine the errors if asked. Returns a summary.
 
     ``before_moving(summary)``: a caller's last check once the good files are counted, before any file moves
@@ -170,19 +190,18 @@ def check_images(cfg: CheckImagesConfig, before_moving: Optional[Callable[[dict]
                 note_files += 1
             bar.update()
     seconds = time.perf_counter() - t0
-    result = {
-        "root": str(root), "files": len(rels), "good": len(rels) - len(error_files),
-        "errors": len(error_files), "notes": note_files,
-        "by_kind": dict(sorted(Counter(f["kind"] for f in findings).items())),
-        "seconds": round(seconds, 2), "files_per_s": round(len(rels) / seconds, 1) if seconds else None,
-        "workers": workers, "findings": findings, "report": None, "quarantine": None,
-    }
+    result = CheckImagesResult(
+        root=str(root), files=len(rels), good=len(rels) - len(error_files), errors=len(error_files),
+        notes=note_files, by_kind=dict(sorted(Counter(f["kind"] for f in findings).items())),
+        seconds=round(seconds, 2), files_per_s=round(len(rels) / seconds, 1) if seconds else None,
+        workers=workers, findings=findings, report=None, quarantine=None,
+    )
     if cfg.report:
-        result["report"] = write_report(Path(cfg.report), result)
+        result = replace(result, report=write_report(Path(cfg.report), asdict(result)))
     if before_moving is not None:
         before_moving(result)
     if qdir is not None:
-        result["quarantine"] = quarantine(root, qdir, error_files)
+        result = replace(result, quarantine=quarantine(root, qdir, error_files))
     return result
 
 

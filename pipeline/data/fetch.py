@@ -19,6 +19,7 @@ import urllib.parse
 import urllib.request
 import zipfile
 import zlib
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from ..config import FetchConfig
@@ -52,7 +53,19 @@ def archive_name(url: str) -> str:
     return plain_name(urllib.parse.unquote(name), f"--url {url!r} names the archive")
 
 
-def fetch_data(cfg: FetchConfig) -> dict:
+@dataclass(frozen=True)
+class FetchResult:
+    """fetch-data's answer: the archive, whether it was downloaded now, and the folder it unpacked to."""
+
+    archive: str
+    bytes: int  # the archive's size
+    downloaded: bool  # False: the archive was already complete
+    unpacked: str  # the folder unpacked (the one to pass as --data)
+    unpacked_now: bool  # False: it had been unpacked before
+    url: str
+
+
+def fetch_data(cfg: FetchConfig) -> FetchResult:
     """Download cfg.url into cfg.dest (unless already complete) and unpack it there (unless done)."""
     name = archive_name(cfg.url)
     dest = check_output(cfg.dest, what="--dest", folder=True)  # the URL is all it reads
@@ -75,8 +88,8 @@ def fetch_data(cfg: FetchConfig) -> dict:
         else:
             log.info("archive already complete: %s", archive)
         unpacked, fresh = unpack(archive, dest, overwrite=cfg.overwrite, keep=source)
-    return {"archive": str(archive), "bytes": archive.stat().st_size, "downloaded": downloaded,
-            "unpacked": str(unpacked), "unpacked_now": fresh, "url": cfg.url}
+    return FetchResult(archive=str(archive), bytes=archive.stat().st_size, downloaded=downloaded,
+                       unpacked=str(unpacked), unpacked_now=fresh, url=cfg.url)
 
 
 def _source_record(archive: Path) -> Path:

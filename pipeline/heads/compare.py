@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
 import numpy as np
@@ -21,7 +21,7 @@ from ..progress import still_running
 from ..runs.ledger import append_run
 from .cache_views import CacheViews
 from .epoch_loop import per_class_accuracy, split_indices
-from .fit_head import FitHeadConfig, fit_head, resolve_cache, with_recipe
+from .fit_head import FitHeadConfig, FitHeadResult, fit_head, resolve_cache, with_recipe
 from .feature_views import Normalizer
 from .model_selection import log_loss
 
@@ -99,24 +99,37 @@ def fit_svc(cfg: CompareConfig, cache: FeatureCache, test_cache: Optional[str] =
 COMPARED = ("auto", "linear", "logreg", "kernel")
 
 
-def _describe(r: dict, c: dict) -> str:
+def _describe(r: FitHeadResult, c: dict) -> str:
     """A table name for one fit-head result (``c``: its effective config): kind and the settings that matter."""
     if c["head"] == "auto":
-        s = r["tuning"]["setting"]
+        s = r.tuning["setting"]
         cv = f"by {c['folds']}-fold CV"
         how = (f"RBF SVM C={s['C']:g} x {s['weights'][0]:.2g} + logreg C={s['C_logreg']:g} x {s['weights'][1]:.2g}, "
-               f"{cv}" if s["head"] == "stack" else f"{r['tuning']['choice']} {cv}")
+               f"{cv}" if s["head"] == "stack" else f"{r.tuning['choice']} {cv}")
     elif c["head"] == "linear":
-        how = f"Adam lr={c['lr']:g}, wd={c['weight_decay']:g}, best epoch {r['best_epoch']} of {len(r['history'])}"
+        how = f"Adam lr={c['lr']:g}, wd={c['weight_decay']:g}, best epoch {r.best_epoch} of {len(r.history)}"
     elif c["head"] == "logreg":
         how = f"C={c['C']:g}"
     else:
-        how = f"C={c['C']:g}, RBF gamma={c['gamma']}, {min(c['kernel_components'], r['train_rows'])} landmarks"
+        how = f"C={c['C']:g}, RBF gamma={c['gamma']}, {min(c['kernel_components'], r.train_rows)} landmarks"
     recipe = "seed recipe: " if c["recipe"] == "seed" else ""
     return f"{c['head']} Linear+LogSoftmax ({recipe}{c['features']}, {c['normalize']}, {how})"
 
 
-def compare_sklearn(cfg: CompareConfig) -> dict:
+@dataclass(frozen=True)
+class CompareResult:
+    """compare-sklearn's answer: one row per model, fitted on one split of one cache."""
+
+    cache: str
+    split: dict  # val_fraction, seed, train_rows, val_rows: the one split every model was fitted on
+    models: list  # one row dict per model: the heads' kinds, then the scikit-learn recipes
+    head_run_dir: str  # the first head's run folder (demo's next steps point at its head.pt)
+    test_cache: Optional[str]  # the cache of --test-data / --test-cache every model was scored on, else None
+    source_changed: Optional[str]  # how the photos changed since the cache was made (None: they did not)
+    default_cache: Optional[dict]  # the newest cache taken when none was named, else None
+
+
+def compare_sklearn(cfg: CompareConfig) -> CompareResult:
     """Fit every head kind (linear, logreg, kernel) and the flat scikit-learn baseline on the same split."""
 
     check_config(cfg)
@@ -127,11 +140,12 @@ def compare_sklearn(cfg: CompareConfig) -> dict:
     models, runs, test_cache = [], [], None
     for kind in kinds:
         r = fit_head(replace(base, head=kind))
-        test_cache = (r["test"] or {}).get("cache")
-        models.append({"model": _describe(r, asdict(with_recipe(replace(base, head=kind)))), **{k: r[k] for k in (
-            "val_acc", "val_loss", "fit_seconds", "train_rows", "val_rows", "per_class_val_acc")},
-            **({"test_acc": r["test_acc"], "test_loss": r["test_loss"]} if r["test"] else {}),
-            "checkpoint": r["checkpoint"]})
+        test_cache = (r.test or {}).get("cache")
+        models.append({"model": _describe(r, asdict(with_recipe(replace(base, head=kind)))), "val_acc": r.val_acc,
+                       "val_loss": r.val_loss, "fit_seconds": r.fit_seconds, "train_rows": r.train_rows,
+                       "val_rows": r.val_rows, "per_class_val_acc": r.per_class_val_acc,
+                       **({"test_acc": r.metrics["test_acc"], "test_loss": r.metrics["test_loss"]} if r.test else {}),
+                       "checkpoint": r.checkpoint})
         runs.append(r)
     with FeatureCache(path) as cache:
         sk = fit_sklearn(cfg, cache, test_cache)
@@ -139,11 +153,11 @@ def compare_sklearn(cfg: CompareConfig) -> dict:
     models += [sk] + ([svc] if svc else [])
     append_run(base.runs_dir, "compare-sklearn", cache=str(path), params=asdict(cfg),
                metrics={"val_acc": models[0]["val_acc"], "val_loss": models[0]["val_loss"],
-                        **{f"{m}_val_acc": r["val_acc"] for m, r in zip(kinds[1:], runs[1:])},
+                        **{f"{m}_val_acc": r.val_acc for m, r in zip(kinds[1:], runs[1:])},
                         "sklearn_val_acc": sk["val_acc"], "sklearn_val_loss": sk["val_loss"],
                         **({"svc_val_acc": svc["val_acc"]} if svc else {})},
-               outputs=[r["run_dir"] for r in runs])
-    return {"cache": str(path), "split": {"val_fraction": cfg.val_fraction, "seed": cfg.seed,
-                                          "train_rows": sk["train_rows"], "val_rows": sk["val_rows"]},
-            "models": models, "head_run_dir": runs[0]["run_dir"], "test_cache": test_cache,
-            "source_changed": runs[0]["source_changed"], "default_cache": default_cache}
+               outputs=[r.run_dir for r in runs])
+    return CompareResult(cache=str(path), split={"val_fraction": cfg.val_fraction, "seed": cfg.seed,
+                                                 "train_rows": sk["train_rows"], "val_rows": sk["val_rows"]},
+                         models=models, head_run_dir=runs[0].run_dir, test_cache=test_cache,
+                         source_changed=runs[0].source_changed, default_cache=default_cache)

@@ -24,7 +24,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -65,6 +65,49 @@ from .sklearn_fits import parse_gamma
 from .trust import fit_trust
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FitHeadResult:
+    """fit-head's answer: the head's scores, how it was fitted, and where its files went."""
+
+    cache: str  # the cache fitted on (one of several fused, or the one that won alone)
+    run_dir: str
+    checkpoint: str
+    curves: Optional[str]  # None for a head without epochs (no curves to draw)
+    head: str  # the fitted head described in one line
+    train_rows: int
+    val_rows: int
+    metrics: dict  # val/train/test/CV scores and the temperature: what the ledger and the checkpoint record
+    per_class_val_acc: dict
+    best_epoch: Optional[int]
+    trust: dict  # the temperature and the unknown threshold, and the rows each was fitted on
+    fit_seconds: float
+    history: list  # one dict per epoch (empty for a head fitted in one go)
+    tuning: Optional[dict]  # the CV search (--tune, or the default head's), None without one
+    test: Optional[dict]  # the scores on --test-data / --test-cache, None without them
+    fit_info: dict
+    source_changed: Optional[str]  # how the photos changed since the cache was made (None: they did not)
+    default_cache: Optional[dict]  # the newest cache taken when none was named, else None
+    caches: list = field(default_factory=list)  # the caches fused into one head's rows (empty for one cache)
+
+    @property
+    def val_acc(self) -> float:
+        return self.metrics["val_acc"]
+
+    @property
+    def val_loss(self) -> float:
+        return self.metrics["val_loss"]
+
+    def to_dict(self) -> dict:
+        """The answer as --json prints it: the trust's and the metrics' keys at the top level too."""
+        d = asdict(self)
+        head = {k: d.pop(k) for k in ("cache", "caches", "run_dir", "checkpoint", "curves", "head", "train_rows",
+                                      "val_rows")}
+        metrics = d.pop("metrics")
+        if not head["caches"]:
+            del head["caches"]
+        return {**head, **d["trust"], **metrics, **d}
 
 
 def with_recipe(cfg: FitHeadConfig) -> FitHeadConfig:
@@ -505,7 +548,7 @@ def calibration_rows(cfg: FitHeadConfig, rows, val: dict, train_idx, tuning, oof
     return logp, y, source
 
 
-def fit_head(cfg: FitHeadConfig) -> dict:
+def fit_head(cfg: FitHeadConfig) -> FitHeadResult:
     """Fit the head on the cache's train split; returns metrics (val, and test if asked) and where outputs went."""
 
     validate(cfg)  # the options as given (--recipe among them), then the recipe's settings
@@ -566,14 +609,12 @@ def fit_head(cfg: FitHeadConfig) -> dict:
     curves = finish_run(out_dir, cfg.runs_dir, "fit-head", history, [out_dir / "head.pt"], cache=str(path),
                         **fused_fields,
                         params={**asdict(cfg), **({"tuned": tuning["choice"]} if tuning else {})}, metrics=metrics)
-    return {"cache": str(path), **({"caches": named} if named else {}), "run_dir": str(out_dir),
-            "checkpoint": str(out_dir / "head.pt"),
-            "curves": str(curves) if curves else None, "head": head.describe(),
-            "train_rows": int(len(train_idx)), "val_rows": int(len(val_idx)), **fit.trust, **metrics,
-            "per_class_val_acc": val["per_class"], "best_epoch": best_epoch, "trust": fit.trust,
-            "fit_seconds": fit_seconds,
-            "history": history, "tuning": tuning, "test": test, "fit_info": _plain(info),
-            "source_changed": changed, "default_cache": default_cache}
+    return FitHeadResult(cache=str(path), caches=list(named or []), run_dir=str(out_dir),
+                         checkpoint=str(out_dir / "head.pt"), curves=str(curves) if curves else None,
+                         head=head.describe(), train_rows=int(len(train_idx)), val_rows=int(len(val_idx)),
+                         metrics=metrics, per_class_val_acc=val["per_class"], best_epoch=best_epoch, trust=fit.trust,
+                         fit_seconds=fit_seconds, history=history, tuning=tuning, test=test, fit_info=_plain(info),
+                         source_changed=changed, default_cache=default_cache)
 
 
 def _int8_network(cache_path) -> dict:

@@ -48,7 +48,7 @@ class ImageClassifier:
             setattr(self, name, value)
         self._head, self._loaded = head, None
 
-    def _set_state(self, checkpoint: PathLike, ckpt: Optional[dict] = None, result: Optional[dict] = None) -> None:
+    def _set_state(self, checkpoint: PathLike, ckpt: Optional[dict] = None, result=None) -> None:
         """Learn what a checkpoint (read now unless given) and the run that wrote it (``result``) say."""
         from .whole_models import learned_state, read_checkpoint
 
@@ -269,7 +269,7 @@ class FeatureHead:
                      "kind_": "fit-head", "classes_": labels, "backbone_": None, "weights_": None,
                      "feature_shape_": rows.feature_shape, "n_features_in_": int(np.prod(X.shape[1:])),
                      "history_": fit.history, "metrics_": metrics, "config_": asdict(cfg), "cache_": None,
-                     "run_dir_": None, "curves_": None, "result_": {}}, head=h)
+                     "run_dir_": None, "curves_": None, "result_": None}, head=h)
         return self
 
     def _feature_scores(self, X, batch_size: int, device: Optional[str]):

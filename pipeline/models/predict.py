@@ -12,7 +12,7 @@ import io
 import logging
 import os
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
@@ -56,11 +56,29 @@ log = logging.getLogger(__name__)
 COLUMNS = ("path", "class", "probability", "unknown", "ood_score", "error")
 
 
+@dataclass(frozen=True)
+class PredictResult:
+    """predict's answer: one row per file (class, probability, unknown, ood_score, or its error) and counts."""
+
+    model: str
+    kind: str
+    classes: list
+    files: int  # the files found (on Ctrl-C more than the rows computed)
+    images: int  # the rows computed
+    errors: int  # rows of files that could not be read (their error instead of a class)
+    unknown: int  # rows the unknown score flags
+    output: Optional[str]  # the file the rows went to (--output); None: they are for stdout
+    explain: Optional[str]  # the folder of the heatmaps (--explain), else None
+    seconds: float
+    img_per_s: float
+    rows: list
+
+
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C during predict, once the rows computed until then are kept (and written, with --output):
-    ``result`` is predict's result for them."""
+    ``result`` is predict's result (a PredictResult) for them."""
 
-    def __init__(self, result: dict):
+    def __init__(self, result: PredictResult):
         super().__init__()
         self.result = result
 
@@ -297,7 +315,7 @@ def output_format(cfg: PredictConfig) -> str:
     return {".csv": "csv", ".json": "json"}.get(Path(cfg.output).suffix.lower(), cfg.format)
 
 
-def predict(cfg: PredictConfig) -> dict:
+def predict(cfg: PredictConfig) -> PredictResult:
     """Classify cfg.paths with cfg.model; the rows are returned, or streamed to cfg.output."""
 
     check_config(cfg)
@@ -354,11 +372,10 @@ def predict(cfg: PredictConfig) -> dict:
     errors = sum(r["error"] is not None for r in rows)
     if errors and is_quiet():
         log.warning("%d of %d files could not be read (their rows say why)", errors, len(rows))
-    result = {"model": cfg.model, "kind": lm.kind, "classes": lm.classes, "files": len(files),
-              "images": len(rows), "errors": errors, "unknown": sum(bool(r["unknown"]) for r in rows),
-              "output": cfg.output, "explain": str(explain) if explain else None,
-              "seconds": seconds, "img_per_s": len(rows) / seconds if seconds > 0 else 0.0,
-              "rows": rows}
+    result = PredictResult(model=cfg.model, kind=lm.kind, classes=lm.classes, files=len(files), images=len(rows),
+                           errors=errors, unknown=sum(bool(r["unknown"]) for r in rows), output=cfg.output,
+                           explain=str(explain) if explain else None, seconds=seconds,
+                           img_per_s=len(rows) / seconds if seconds > 0 else 0.0, rows=rows)
     if stopped:
         log.warning("interrupted: %d of %d rows%s", len(rows), len(files),
                     f" written to {cfg.output}" if cfg.output else "")
@@ -374,9 +391,19 @@ def _with_open(path: Path, write) -> None:
 
 
 # -- the ImageNet sanity check ------------------------------------------------------------------
+@dataclass(frozen=True)
+class ImagenetCheckResult:
+    """imagenet-check's answer: the top ImageNet classes of one image."""
+
+    image: str
+    backbone: str
+    weights: str  # the weights as the cache and checkpoints name them (a torchvision name, file:NAME, ...)
+    top: list  # {rank, class, index, probability} each, most probable first
+
+
 def imagenet_check(image: str, backbone: str = ImagenetCheckConfig.backbone,
                    weights: str = ImagenetCheckConfig.weights, top: int = ImagenetCheckConfig.top,
-                   device: str = ImagenetCheckConfig.device) -> dict:
+                   device: str = ImagenetCheckConfig.device) -> ImagenetCheckResult:
     """Top-k ImageNet classes of one image from the full pretrained model (classifier included)."""
 
     check_options(ImagenetCheckConfig, {"top": top}, python=False)
@@ -401,6 +428,6 @@ def imagenet_check(image: str, backbone: str = ImagenetCheckConfig.backbone,
         raise UsageError(f"{backbone}'s classifier has {len(prob)} outputs but {len(categories)} class names are "
                          "known; imagenet-check needs an ImageNet-1k classifier")
     values, indices = prob.topk(min(top, len(prob)))
-    return {"image": image, "backbone": backbone, "weights": loaded.weights_id,
-            "top": [{"rank": r + 1, "class": categories[i], "index": int(i), "probability": float(p)}
-                    for r, (p, i) in enumerate(zip(values.tolist(), indices.tolist()))]}
+    return ImagenetCheckResult(image=image, backbone=backbone, weights=loaded.weights_id,
+                               top=[{"rank": r + 1, "class": categories[i], "index": int(i), "probability": float(p)}
+                                    for r, (p, i) in enumerate(zip(values.tolist(), indices.tolist()))])

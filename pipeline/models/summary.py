@@ -4,6 +4,9 @@ Everything runs on PyTorch's 'meta' device: no weights are loaded or downloaded,
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 
 from ..config import SummaryConfig, check_config
@@ -12,7 +15,23 @@ from ..extraction import backbones as bb
 from .whole_models import TransferModel, count_params, head_in_shape, parse_unfreeze
 
 
-def summarize(cfg: SummaryConfig) -> dict:
+@dataclass(frozen=True)
+class SummaryResult:
+    """summary's answer: the model's layers and its parameter counts under the freeze setting."""
+
+    backbone: str
+    classes: int
+    pool: Optional[str]  # the head's pooling: the one asked for, else the backbone's own
+    unfreeze: str
+    input_shape: list  # [3, crop, crop]: the crop the counts and shapes are for
+    blocks: int  # the backbone's blocks (what --unfreeze K counts from the end)
+    total_params: int
+    trainable_params: int
+    frozen_params: int
+    layers: list  # one dict per leaf module: layer, type, output_shape, params, trainable, block
+
+
+def summarize(cfg: SummaryConfig) -> SummaryResult:
     """Layer-by-layer output shapes and parameter counts, and the totals under a freeze setting."""
 
     check_config(cfg)
@@ -54,6 +73,6 @@ def summarize(cfg: SummaryConfig) -> dict:
                        "trainable": sum(p.numel() for p in params if p.requires_grad),
                        "block": block_of.get(id(m))})
     total, trainable = count_params(model)
-    return {"backbone": cfg.backbone, "classes": cfg.classes, "pool": pool, "unfreeze": cfg.unfreeze,
-            "input_shape": [3, crop, crop], "blocks": len(model.blocks()), "total_params": total,
-            "trainable_params": trainable, "frozen_params": total - trainable, "layers": layers}
+    return SummaryResult(backbone=cfg.backbone, classes=cfg.classes, pool=pool, unfreeze=cfg.unfreeze,
+                         input_shape=[3, crop, crop], blocks=len(model.blocks()), total_params=total,
+                         trainable_params=trainable, frozen_params=total - trainable, layers=layers)

@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -213,14 +213,14 @@ def head_training_images(init_head: str, listing) -> set:
     return {f.path for f in listing.files if trained_on(f)}
 
 
-def _fit(cfg: TrainConfig, kind: str, lm, stages: list, listing, head_saw: frozenset = frozenset()) -> dict:
+def _fit(cfg: TrainConfig, kind: str, lm, stages: list, listing, head_saw: frozenset = frozenset()) -> TrainResult:
     """Train ``lm`` on ``listing`` epoch by epoch; ``stages[e]`` = (unfreeze value, stage name) for epoch e."""
     with contextlib.ExitStack() as held:  # the run folder's lock, from its first save (or the resume) to the end
         return _train_run(cfg, kind, lm, stages, listing, head_saw, held)
 
 
 def _train_run(cfg: TrainConfig, kind: str, lm, stages: list, listing, head_saw: frozenset,
-               held: contextlib.ExitStack) -> dict:
+               held: contextlib.ExitStack) -> TrainResult:
     """``_fit``'s run; ``held`` keeps the run folder's lock (``resume.training_into``) until it ends."""
     if list(listing.classes) != lm.classes:
         raise UsageError(f"the model's classes {lm.classes} differ from the data's {list(listing.classes)}")
@@ -320,12 +320,43 @@ def _train_run(cfg: TrainConfig, kind: str, lm, stages: list, listing, head_saw:
         if kept.run_dir is None:
             raise
         raise with_epochs_kept(e, kept) from None
-    return {"run_dir": str(out_dir), "checkpoint": str(out_dir / "model.pt"), "curves": str(curves),
-            "backbone": lm.info["backbone"], **metrics,
-            "skipped_files": [{"path": p, "why": w} for p, w in skipped.bad.items()],
-            "device": str(device), "precision": precision, "fit_seconds": seconds,
-            "img_per_s": (seen + len(y_val)) * (len(history) - len(done)) / seconds if seconds > 0 else 0.0,
-            "history": history}
+    return TrainResult(run_dir=str(out_dir), checkpoint=str(out_dir / "model.pt"), curves=str(curves),
+                       backbone=lm.info["backbone"], metrics=metrics,
+                       skipped_files=[{"path": p, "why": w} for p, w in skipped.bad.items()],
+                       device=str(device), precision=precision, fit_seconds=seconds,
+                       img_per_s=(seen + len(y_val)) * (len(history) - len(done)) / seconds if seconds > 0 else 0.0,
+                       history=history)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """train's and finetune's answer: the model's scores, where it was saved, and how the run went."""
+
+    run_dir: str
+    checkpoint: str
+    curves: str
+    backbone: str
+    metrics: dict  # the last epoch's scores, per-class val acc, rows, the trust's temperature and threshold: model.pt's
+    skipped_files: list  # {path, why} of each photo that could not be decoded
+    device: str
+    precision: str
+    fit_seconds: float
+    img_per_s: float
+    history: list  # one dict per epoch (a resumed run's earlier epochs included)
+
+    @property
+    def val_acc(self) -> float:
+        return self.metrics["val_acc"]
+
+    @property
+    def val_loss(self) -> float:
+        return self.metrics["val_loss"]
+
+    def to_dict(self) -> dict:
+        """The answer as --json prints it: the metrics' keys at the top level."""
+        d = asdict(self)
+        head = {k: d.pop(k) for k in ("run_dir", "checkpoint", "curves", "backbone")}
+        return {**head, **d.pop("metrics"), **d}
 
 
 def stopped_at(run: dict, resumed_from: int, epochs: int) -> TrainingInterrupted:
@@ -362,7 +393,7 @@ def recorded_config(cfg) -> dict:
     return config
 
 
-def train(cfg: TrainConfig) -> dict:
+def train(cfg: TrainConfig) -> TrainResult:
     """Backbone frozen, a new head trained on the images; returns metrics and the checkpoint path."""
 
     validate(cfg)
@@ -372,7 +403,7 @@ def train(cfg: TrainConfig) -> dict:
     return _fit(cfg, "train", lm, [(0, "head")] * cfg.epochs, listing)
 
 
-def finetune(cfg: FinetuneConfig) -> dict:
+def finetune(cfg: FinetuneConfig) -> TrainResult:
     """Backbone (or its last K blocks) unfrozen at a low learning rate, after optional head-only epochs."""
 
     validate(cfg)

@@ -232,11 +232,12 @@ def save_model(lm: LoadedModel, path, kind: str, config: dict, metrics: dict, hi
         "history": json.loads(json.dumps(history))})
 
 
-def learned_state(checkpoint, ckpt: dict, result: Optional[dict] = None) -> dict:
+def learned_state(checkpoint, ckpt: dict, result=None) -> dict:
     """What a checkpoint (and the run that wrote it: its ``result``, when known) says about its model, as the
     Python API's learned attributes (``classes_``, ``history_``, ``metrics_``, ...). The history is the
     run's, the checkpoint's, or the ``history.json`` beside a head.pt / model.pt."""
-    checkpoint, result = Path(checkpoint), result or {}
+    checkpoint, run = Path(checkpoint), result
+    result = result.to_dict() if hasattr(result, "to_dict") else dict(result or {})
     history, saved = result.get("history"), checkpoint.with_name("history.json")
     if history is None and "history" in ckpt:
         history = ckpt["history"]
@@ -252,7 +253,7 @@ def learned_state(checkpoint, ckpt: dict, result: Optional[dict] = None) -> dict
             "backbone_": ckpt["backbone"], "weights_": ckpt["weights"], "feature_shape_": tuple(ckpt["in_shape"]),
             "n_features_in_": int(np.prod(ckpt["in_shape"])), "history_": history, "metrics_": metrics,
             "config_": dict(ckpt.get("config") or {}), "cache_": ckpt.get("cache"), "run_dir_": result.get("run_dir"),
-            "curves_": result.get("curves"), "result_": dict(result)}
+            "curves_": result.get("curves"), "result_": run}
 
 
 def load_model(path, weights: Optional[str] = None, trainable: bool = False) -> LoadedModel:

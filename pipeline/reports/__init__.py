@@ -2,7 +2,22 @@
 
 What the API and CLI use:
     evaluate.evaluate               accuracy, per-class figures, confusion matrix, most confidently wrong images
-    pictures.preview, pictures.feature_map   what the backbone sees
-    demo.demo                       fetch -> check -> extract -> fit-head -> compare in one command
+                                    (its answer: EvaluateResult, exported here)
+    pictures.preview, pictures.feature_map   what the backbone sees (PreviewResult, FeatureMapResult)
+    demo.demo                       fetch -> check -> extract -> fit-head -> compare in one command (DemoResult)
     present                         every command's result as the text a person reads on the terminal
+    suggest.SuggestResult           suggest's answer (exported here)
 """
+
+#: the stages' result dataclasses -> their modules, loaded on first use: the modules import torch, and
+#: ``import pipeline.reports.present`` (the CLI's) must not
+RESULTS = {"EvaluateResult": "evaluate", "PreviewResult": "pictures", "FeatureMapResult": "pictures",
+           "DemoResult": "demo", "SuggestResult": "suggest"}
+
+
+def __getattr__(name: str):
+    if name not in RESULTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f"{__name__}.{RESULTS[name]}"), name)

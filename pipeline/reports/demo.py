@@ -7,16 +7,18 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Optional
 
 from ..config import DemoConfig
 from ..data.check_images import CheckImagesConfig, check_images, default_quarantine_dir
-from ..data.fetch import FetchConfig, fetch_data
+from ..data.fetch import FetchConfig, FetchResult, fetch_data
 from ..data.folders import list_image_folder
 from ..errors import UsageError
 from ..extraction.extract import ExtractConfig, check_n, extract, validate
 from ..files import check_output
-from ..heads.compare import CompareConfig, compare_sklearn
+from ..heads.compare import CompareConfig, CompareResult, compare_sklearn
 from ..heads.fit_head import FitHeadConfig
 
 log = logging.getLogger(__name__)
@@ -26,17 +28,35 @@ log = logging.getLogger(__name__)
 DEFAULT_DATA = DemoConfig.data
 
 
-def demo(cfg: DemoConfig) -> dict:
+@dataclass(frozen=True)
+class DemoResult:
+    """demo's answer: each step's, and where the outputs went with the commands to try next."""
+
+    fetch: Optional[FetchResult]  # None when the data folder was already there (nothing fetched)
+    check: dict  # check-images' counts: files, good, errors, notes, by_kind, quarantine
+    extract: dict  # extract's summary
+    compare: CompareResult
+    next: dict  # cache, checkpoint, curves, history, and the commands to try next, with real paths
+
+    def to_dict(self) -> dict:
+        """The answer as --json prints it: no fetch when nothing was fetched."""
+        d = asdict(self)
+        if d["fetch"] is None:
+            del d["fetch"]
+        return d
+
+
+def demo(cfg: DemoConfig) -> DemoResult:
     """Run every step, logging each to stderr; returns each step's summary and what to try next."""
     data = Path(cfg.data)
-    steps: dict = {}
+    steps: dict = {"fetch": None}
     if not data.is_dir() and Path(cfg.data) != Path(DEFAULT_DATA):
         raise UsageError(f"data folder {cfg.data!r} does not exist; demo downloads only into the default "
                          f"{DEFAULT_DATA} (leave --data out), or pass an existing ImageFolder root")
     if not data.is_dir():
         log.info("[1/4] %s is missing: fetching %s", data, cfg.url)
         steps["fetch"] = fetch_data(FetchConfig(dest=str(data.parent), url=cfg.url))
-        data = Path(steps["fetch"]["unpacked"])
+        data = Path(steps["fetch"].unpacked)
     else:
         log.info("[1/4] using the images in %s", data)
     for option, folder in (("--runs-dir", cfg.runs_dir), ("--cache-dir", cfg.cache_dir)):  # before a file moves
@@ -50,17 +70,17 @@ def demo(cfg: DemoConfig) -> dict:
         log.warning("%s cannot be changed (read-only): its unusable files are reported, not moved; extract "
                     "skips them", data)
     checked = check_images(CheckImagesConfig(root=str(data), quarantine=quarantine, workers=cfg.workers),
-                           before_moving=lambda found: check_n(extract_cfg, found["good"]))
-    steps["check"] = {k: checked[k] for k in ("files", "good", "errors", "notes", "by_kind", "quarantine")}
-    log.info("      %d files, %d unusable%s", checked["files"], checked["errors"],
-             f", moved to {checked['quarantine']['dir']}" if checked["errors"] and checked["quarantine"] else "")
+                           before_moving=lambda found: check_n(extract_cfg, found.good))
+    steps["check"] = {k: getattr(checked, k) for k in ("files", "good", "errors", "notes", "by_kind", "quarantine")}
+    log.info("      %d files, %d unusable%s", checked.files, checked.errors,
+             f", moved to {checked.quarantine['dir']}" if checked.errors and checked.quarantine else "")
     log.info("[3/4] extracting %s features of %d images", cfg.backbone, cfg.n)
     steps["extract"] = extract(extract_cfg)
     log.info("[4/4] fitting the torch head and scikit-learn on the same split")
     steps["compare"] = compare_sklearn(CompareConfig(cache=steps["extract"]["cache"],
                                                      head=FitHeadConfig(runs_dir=cfg.runs_dir)))
     steps["next"] = next_steps(steps, data, cfg.runs_dir)
-    return steps
+    return DemoResult(**steps)
 
 
 def can_quarantine(data: Path) -> bool:
@@ -72,7 +92,7 @@ def can_quarantine(data: Path) -> bool:
 
 def next_steps(steps: dict, data: Path, runs_dir: str) -> dict:
     """Where the outputs went and the commands to try next, with real paths."""
-    run = Path(steps["compare"]["head_run_dir"])
+    run = Path(steps["compare"].head_run_dir)
     head, cache = run / "head.pt", steps["extract"]["cache"]
 
     some_image = list_image_folder(data).files[0].path  # one photo: a whole class folder can take minutes

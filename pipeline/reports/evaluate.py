@@ -10,7 +10,7 @@ through ``predict.iter_log_proba``, the loop predict uses too, so both give the 
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -297,6 +297,55 @@ def _thumbnail(path: Path, size: int = 256):
     return im
 
 
+@dataclass(frozen=True)
+class EvaluateResult:
+    """evaluate's answer: one model's scores on a cache's rows or a folder's photos, and where its pictures and
+    metrics.json went. On photos of none of its classes (``foreign``) only the share flagged unknown and what
+    they were called: the scores and pictures are None."""
+
+    rows: int
+    classes: list
+    unknown: Optional[dict]  # how many photos the unknown score flags; None for a model without one
+    model: str
+    kind: str
+    source: str  # the rows scored, in words (the cache's validation rows, a folder)
+    split: str
+    backbone: str
+    cache_fingerprint: Optional[str]
+    data_root: str  # where the photos are: the gallery reads them from there
+    run_dir: str
+    foreign: bool = False  # photos of none of the model's classes: only unknown, called, median_top_probability
+    accuracy: Optional[float] = None
+    loss: Optional[float] = None
+    macro_f1: Optional[float] = None
+    per_class: Optional[dict] = None
+    confusion_matrix: Optional[list] = None
+    wrong: Optional[list] = None  # the most confidently wrong photos, with their heatmaps where there are any
+    preprocessing: Optional[dict] = None  # how the model saw the photos: the gallery lays the heatmaps over them
+    errors: Optional[int] = None
+    calibration: Optional[dict] = None
+    called: Optional[dict] = None  # foreign photos: how many each class took
+    median_top_probability: Optional[float] = None
+    confusion_png: Optional[str] = None
+    gallery_png: Optional[str] = None
+    reliability_png: Optional[str] = None
+    figures: dict = field(default_factory=dict)  # the API's matplotlib Figures (evaluate_model(figures=True))
+
+    #: the keys of --json and metrics.json, in their order; those of OPTIONAL only where they have a value
+    KEYS = ("rows", "foreign", "accuracy", "loss", "macro_f1", "per_class", "classes", "confusion_matrix", "wrong",
+            "preprocessing", "errors", "calibration", "unknown", "called", "median_top_probability", "model", "kind",
+            "source", "split", "backbone", "cache_fingerprint", "data_root", "run_dir", "confusion_png",
+            "gallery_png", "reliability_png")
+    OPTIONAL = ("foreign", "accuracy", "loss", "macro_f1", "per_class", "confusion_matrix", "wrong", "preprocessing",
+                "errors", "calibration", "called", "median_top_probability", "confusion_png", "gallery_png",
+                "reliability_png")
+
+    def to_dict(self) -> dict:
+        """The answer as --json prints it (metrics.json's keys): a foreign folder's without the scores."""
+        return {k: getattr(self, k) for k in self.KEYS
+                if k not in self.OPTIONAL or not (getattr(self, k) is None or getattr(self, k) is False)}
+
+
 def check_runs_dir(cfg: EvaluateConfig, ckpt: dict) -> None:
     """--runs-dir refused where its pictures would replace or join what is evaluated: the model's cache and
     photos, --cache's, --data (a picture in a class folder is one more training photo)."""
@@ -306,7 +355,7 @@ def check_runs_dir(cfg: EvaluateConfig, ckpt: dict) -> None:
                  folder=True)
 
 
-def evaluate(cfg: EvaluateConfig) -> dict:
+def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
     """Evaluate one checkpoint; write confusion.png, gallery.png and metrics.json to a run folder."""
 
     check_config(cfg)
@@ -339,7 +388,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
                metrics={**{k: result[k] for k in keys},
                         **({"unknown_share": result["unknown"]["share"]} if result["unknown"] else {}),
                         **({"ece": result["calibration"]["after"]["ece"]} if "calibration" in result else {})})
-    return result
+    return EvaluateResult(**result)
 
 
 def figures(result: dict, root=None) -> dict:

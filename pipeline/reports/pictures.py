@@ -8,6 +8,7 @@ any work; the default name gets a number rather than replace an earlier run's pi
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -65,8 +66,31 @@ def class_rows(chosen, classes, transform) -> tuple[list, list, int]:
     return images, titles, cols
 
 
+@dataclass(frozen=True)
+class PreviewResult:
+    """preview's answer (the Figure's ``info``): what the grid shows and where it went."""
+
+    output: str  # the PNG written ('' when none was asked for: the API's figure only)
+    classes: list
+    images: list  # the photos shown, class by class
+    backbone: str
+    weights: str  # the weights whose preprocessing was used, as caches name them
+
+
+@dataclass(frozen=True)
+class FeatureMapResult:
+    """feature-map's answer (the Figure's ``info``): the map's shape, its most active channels, where it went."""
+
+    output: str  # the PNG written ('' when none was asked for: the API's figure only)
+    feature_shape: list  # channels x H x W of the backbone's map for the image
+    top_channels: list  # the most active channels, most active first
+    backbone: str
+    weights: str
+
+
 def preview(cfg: PreviewConfig) -> tuple:
-    """(Figure, info): a grid of sample images per class, preprocessed as for extraction (``cfg.output`` checked)."""
+    """(Figure, PreviewResult): a grid of sample images per class, preprocessed as for extraction (``cfg.output``
+    checked)."""
 
     check_config(cfg)
     output = cfg.output and str(check_output(free_default(cfg.output, PreviewConfig.output),
@@ -81,12 +105,12 @@ def preview(cfg: PreviewConfig) -> tuple:
     fig = draw(images, titles, cols=cols,
                suptitle=f"{Path(cfg.data).name}: resize {t.resize_size[0]}, crop {t.crop_size[0]} "
                         f"({cfg.backbone}, {weights_id})")
-    return fig, {"output": output, "classes": list(listing.classes), "images": [p for _, _, p in chosen],
-                 "backbone": cfg.backbone, "weights": weights_id}
+    return fig, PreviewResult(output=output, classes=list(listing.classes), images=[p for _, _, p in chosen],
+                              backbone=cfg.backbone, weights=weights_id)
 
 
 def feature_map(cfg: FeatureMapConfig) -> tuple:
-    """(Figure, info): the input image beside its feature map and top channels (``cfg.output`` checked)."""
+    """(Figure, FeatureMapResult): the input image beside its feature map and top channels (``cfg.output`` checked)."""
 
     from ..runs.figures import feature_map_figure as draw
 
@@ -107,7 +131,7 @@ def feature_map(cfg: FeatureMapConfig) -> tuple:
     top = top_channels(fmap, cfg.top_k)
     fig = draw(seen, fmap, top_k=cfg.top_k,
                title=f"{Path(cfg.image).name} through {cfg.backbone} ({backbone.weights_id})")
-    return fig, {"output": output, "feature_shape": list(fmap.shape), "top_channels": [int(c) for c in top],
-                 "backbone": cfg.backbone, "weights": backbone.weights_id}
+    return fig, FeatureMapResult(output=output, feature_shape=list(fmap.shape), top_channels=[int(c) for c in top],
+                                 backbone=cfg.backbone, weights=backbone.weights_id)
 
 

@@ -14,7 +14,19 @@ from ..files import one_line
 from ..runs.ledger import ledger_path
 
 if TYPE_CHECKING:
+    from ..cache.feature_cache import ConsolidateResult
+    from ..data.check_images import CheckImagesResult
+    from ..data.fetch import FetchResult
     from ..heads.backbone_choice import BackboneChoice
+    from ..heads.compare import CompareResult
+    from ..heads.fit_head import FitHeadResult
+    from ..models.predict import ImagenetCheckResult, PredictResult
+    from ..models.summary import SummaryResult
+    from ..models.train import TrainResult
+    from ..serving.export import ExportResult
+    from .demo import DemoResult
+    from .evaluate import EvaluateResult
+    from .pictures import FeatureMapResult
     from .suggest import SuggestResult
 
 
@@ -42,27 +54,27 @@ def kept_text(trust: dict) -> str:
             f"asked {trust['known_share']:.0%})")
 
 
-def fit_head_text(r: dict) -> str:
+def fit_head_text(r: FitHeadResult) -> str:
     """fit-head's result as the lines a person reads (the epoch lines went to stderr as they came)."""
-    per_class = ", ".join(f"{c} {a:.3f}" for c, a in r["per_class_val_acc"].items() if a is not None)
-    best = f", best epoch {r['best_epoch']} of {len(r['history'])}" if r["history"] else ""
-    tuned = f" (tuned: {r['tuning']['choice']})" if r["tuning"] else ""
-    lines = [f"{r['head']}{tuned}",
-             f"val acc {r['val_acc']:.3f}, val loss {r['val_loss']:.4f} ({r['train_rows']} train / {r['val_rows']} "
-             f"val rows, {r['fit_seconds']:.1f} s{best})",
+    per_class = ", ".join(f"{c} {a:.3f}" for c, a in r.per_class_val_acc.items() if a is not None)
+    best = f", best epoch {r.best_epoch} of {len(r.history)}" if r.history else ""
+    tuned = f" (tuned: {r.tuning['choice']})" if r.tuning else ""
+    lines = [f"{r.head}{tuned}",
+             f"val acc {r.val_acc:.3f}, val loss {r.val_loss:.4f} ({r.train_rows} train / {r.val_rows} "
+             f"val rows, {r.fit_seconds:.1f} s{best})",
              f"per-class val acc: {per_class}"]
-    if r["tuning"]:
-        t = r["tuning"]
+    if r.tuning:
+        t = r.tuning
         lines.append(f"{t['folds']}-fold CV on the training rows: acc {t['cv_acc']:.3f} ± {t['cv_acc_std']:.3f}, "
                      f"log-loss {t['cv_log_loss']:.4f}")
-    if r["tuning"] and r["tuning"].get("fusion"):
-        tried = r["tuning"]["fusion"]
+    if r.tuning and r.tuning.get("fusion"):
+        tried = r.tuning["fusion"]
         lines.append("fused features or one cache alone, by CV acc / log-loss: "
                      + ", ".join(f"{t['rows']} {t['cv_acc']:.3f} / {t['cv_log_loss']:.4f}" for t in tried)
                      + f"; kept {next(t['rows'] for t in tried if t['chosen'])}")
-    lines += trust_lines(r["trust"])
-    if r["test"]:
-        t = r["test"]
+    lines += trust_lines(r.trust)
+    if r.test:
+        t = r.test
         per = ", ".join(f"{c} {a:.3f}" for c, a in t["per_class"].items() if a is not None)
         cal = t["calibration"]
         lines += [f"test acc {t['acc']:.3f}, test loss {t['loss']:.4f} ({t['rows']} images of {t['cache']})",
@@ -70,26 +82,27 @@ def fit_head_text(r: dict) -> str:
                   f"test ECE {cal['after']['ece']:.4f} calibrated, {cal['before']['ece']:.4f} without the temperature"]
         if t["overlap"]:
             lines.append(f"warning: {len(t['overlap'])} test images are copies of training images")
-    lines.append(f"checkpoint: {r['checkpoint']}")
+    lines.append(f"checkpoint: {r.checkpoint}")
     return "\n".join(lines)
 
 
-def compare_text(result: dict) -> str:
-    test = any("test_acc" in m for m in result["models"])
+def compare_text(result: CompareResult) -> str:
+    models = result.models
+    test = any("test_acc" in m for m in models)
     rows = [("model", "val acc", "val log-loss", *(("test acc", "test log-loss") if test else ()), "fit time")]
-    for m in result["models"]:
+    for m in models:
         loss = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731 (an SVC gives no probabilities)
         t = (f"{m['test_acc']:.3f}", loss(m["test_loss"])) if "test_acc" in m else (("-", "-") if test else ())
         rows.append((m["model"], f"{m['val_acc']:.3f}", loss(m["val_loss"]), *t, f"{m['fit_seconds']:.1f} s"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    for m in result["models"]:
+    for m in models:
         accs = ", ".join(f"{c} {a:.3f}" for c, a in m["per_class_val_acc"].items() if a is not None)
         lines.append(f"per-class val acc, {m['model'].split(' (')[0]}: {accs}")
-    s = result["split"]
+    s = result.split
     lines.append(f"(same split: {s['train_rows']} train / {s['val_rows']} val rows, seed {s['seed']}; "
-                 f"cache {result['cache']}{'; test ' + result['test_cache'] if result.get('test_cache') else ''})")
+                 f"cache {result.cache}{'; test ' + result.test_cache if result.test_cache else ''})")
     return "\n".join(lines)
 
 
@@ -116,49 +129,49 @@ def choose_backbone_text(choice: BackboneChoice) -> str:
     return "\n".join(lines)
 
 
-def summary_text(result: dict) -> str:
+def summary_text(result: SummaryResult) -> str:
     lines = [f"{'layer':<28} {'type':<22} {'output shape':<16} {'params':>12} {'trainable':>12} {'block':>5}"]
-    for r in result["layers"]:
+    for r in result.layers:
         shape = "x".join(map(str, r["output_shape"] or []))
         block = "" if r["block"] is None else str(r["block"])
         lines.append(f"{r['layer']:<28} {r['type']:<22} {shape:<16} {r['params']:>12,} {r['trainable']:>12,} "
                      f"{block:>5}")
     lines += [
-        f"{result['backbone']} + head for {result['classes']} classes (pool {result['pool']}, input "
-        f"{'x'.join(map(str, result['input_shape']))}, unfreeze {result['unfreeze']}, "
-        f"{result['blocks']} backbone blocks)",
-        f"Total params:         {result['total_params']:>12,}",
-        f"Trainable params:     {result['trainable_params']:>12,}",
-        f"Non-trainable params: {result['frozen_params']:>12,}",
+        f"{result.backbone} + head for {result.classes} classes (pool {result.pool}, input "
+        f"{'x'.join(map(str, result.input_shape))}, unfreeze {result.unfreeze}, "
+        f"{result.blocks} backbone blocks)",
+        f"Total params:         {result.total_params:>12,}",
+        f"Trainable params:     {result.trainable_params:>12,}",
+        f"Non-trainable params: {result.frozen_params:>12,}",
     ]
     return "\n".join(lines)
 
 
-def check_images_text(result: dict, max_listed: int = 50) -> str:
+def check_images_text(result: CheckImagesResult, max_listed: int = 50) -> str:
     """The stdout table: counts per kind with an example, then the files with errors."""
-    lines = [f"checked {result['files']} files in {result['root']} ({result['seconds']:.1f} s, "
-             f"{result['workers']} workers): {result['errors']} with errors, {result['notes']} with notes only"]
-    if result["by_kind"]:
+    lines = [f"checked {result.files} files in {result.root} ({result.seconds:.1f} s, "
+             f"{result.workers} workers): {result.errors} with errors, {result.notes} with notes only"]
+    if result.by_kind:
         example = {}
-        for f in result["findings"]:
+        for f in result.findings:
             example.setdefault(f["kind"], one_line(f["path"]))  # a name with a newline or ESC: one line, escaped
         lines.append(f"{'kind':<20} {'severity':<8} {'count':>6}  example")
-        for kind, n in result["by_kind"].items():
+        for kind, n in result.by_kind.items():
             lines.append(f"{kind:<20} {KINDS[kind]:<8} {n:>6}  {example[kind]}")
-    errors = [f for f in result["findings"] if f["severity"] == "error"]
+    errors = [f for f in result.findings if f["severity"] == "error"]
     if errors:
         lines.append("files extract cannot use:")
         lines += [f"  {one_line(f['path'])}: {one_line(f['detail'])}" for f in errors[:max_listed]]
         if len(errors) > max_listed:
             lines.append(f"  ... and {len(errors) - max_listed} more (write them all with --report)")
-    if result["report"]:
-        lines.append(f"report: {result['report']}")
-    q = result["quarantine"]
+    if result.report:
+        lines.append(f"report: {result.report}")
+    q = result.quarantine
     if q:
         lines.append(f"moved {plural(q['moved'], 'file')} to {q['dir']}; to move them back:\n  {q['restore']}")
         if q["left_linked"]:
             lines.append(f"left {plural(len(q['left_linked']), 'file')} in place: they are in linked folders, whose "
-                         f"files lie outside {result['root']} (first: {one_line(q['left_linked'][0])})")
+                         f"files lie outside {result.root} (first: {one_line(q['left_linked'][0])})")
     return "\n".join(lines)
 
 
@@ -184,33 +197,33 @@ def suggest_text(r: SuggestResult, top: int = 20) -> str:
     return "\n".join(lines)
 
 
-def _unknown_line(result: dict) -> list[str]:
-    u = result["unknown"]
+def _unknown_line(result: EvaluateResult) -> list[str]:
+    u = result.unknown
     if not u:
         return []
-    return [f"unknown: {u['flagged']} of {result['rows']} photos ({u['share']:.1%}) score above {u['threshold']:.4f}"]
+    return [f"unknown: {u['flagged']} of {result.rows} photos ({u['share']:.1%}) score above {u['threshold']:.4f}"]
 
 
-def evaluate_text(result: dict) -> str:
-    if result.get("foreign"):
-        called = ", ".join(f"{c} {n}" for c, n in result["called"].items())
+def evaluate_text(result: EvaluateResult) -> str:
+    if result.foreign:
+        called = ", ".join(f"{c} {n}" for c, n in result.called.items())
         return "\n".join(_unknown_line(result) + [
-            f"{result['rows']} photos of none of the model's classes ({result['source']}); best class: {called} "
-            f"(median top probability {result['median_top_probability']:.2f})"])
-    cal = result["calibration"]
-    lines = [f"accuracy {result['accuracy']:.3f}, loss {result['loss']:.4f}, macro F1 {result['macro_f1']:.3f} "
-             f"on {result['rows']} images ({result['source']})"]
-    width = max(5, *(len(c) for c in result["per_class"]))
+            f"{result.rows} photos of none of the model's classes ({result.source}); best class: {called} "
+            f"(median top probability {result.median_top_probability:.2f})"])
+    cal = result.calibration
+    lines = [f"accuracy {result.accuracy:.3f}, loss {result.loss:.4f}, macro F1 {result.macro_f1:.3f} "
+             f"on {result.rows} images ({result.source})"]
+    width = max(5, *(len(c) for c in result.per_class))
     lines.append(f"{'class':<{width}}  precision  recall     f1  support")
-    for c, m in result["per_class"].items():
+    for c, m in result.per_class.items():
         lines.append(f"{c:<{width}}  {m['precision']:>9.3f}  {m['recall']:>6.3f}  {m['f1']:>5.3f}  {m['support']:>7d}")
     b, a = cal["before"], cal["after"]
     lines += [f"calibration (T = {cal['temperature']:.3f}): ECE {b['ece']:.4f} -> {a['ece']:.4f}, log-loss "
               f"{b['log_loss']:.4f} -> {a['log_loss']:.4f}, Brier {b['brier']:.4f} -> {a['brier']:.4f}",
               *_unknown_line(result),
-              f"reliability diagram: {result['reliability_png']}",
-              f"confusion matrix: {result['confusion_png']}",
-              f"most confidently wrong ({len(result['wrong'])} of {result['errors']}): {result['gallery_png']}"]
+              f"reliability diagram: {result.reliability_png}",
+              f"confusion matrix: {result.confusion_png}",
+              f"most confidently wrong ({len(result.wrong)} of {result.errors}): {result.gallery_png}"]
     return "\n".join(lines)
 
 
@@ -325,9 +338,9 @@ def train_interrupted(stopped, command: str) -> str:
             f"{stopped.run_dir}/model.pt. Resume with:\n  {again}")
 
 
-def consolidate_note(result: dict) -> str:
-    return (f"{result['rows']} rows copied into one file ({result['size_bytes'] / 1e6:.1f} MB); "
-            f"its {len(result['shards'])} shard files are no longer needed")
+def consolidate_note(result: ConsolidateResult) -> str:
+    return (f"{result.rows} rows copied into one file ({result.size_bytes / 1e6:.1f} MB); "
+            f"its {len(result.shards)} shard files are no longer needed")
 
 
 def caches_text(result: dict, cache_dir) -> str:
@@ -341,27 +354,28 @@ def caches_text(result: dict, cache_dir) -> str:
     return "\n".join(lines) if result["caches"] or result["unreadable"] else f"no caches in {cache_dir}"
 
 
-def feature_map_note(result: dict) -> str:
-    return f"feature map {' x '.join(map(str, result['feature_shape']))}, top channels {result['top_channels']}"
+def feature_map_note(result: FeatureMapResult) -> str:
+    return f"feature map {' x '.join(map(str, result.feature_shape))}, top channels {result.top_channels}"
 
 
-def fetch_note(result: dict) -> str:
-    state = "downloaded" if result["downloaded"] else "already complete"
-    return (f"{result['archive']}: {result['bytes'] / 1e6:.1f} MB, {state}; "
-            f"{'unpacked' if result['unpacked_now'] else 'already unpacked'} to {result['unpacked']}")
+def fetch_note(result: FetchResult) -> str:
+    state = "downloaded" if result.downloaded else "already complete"
+    return (f"{result.archive}: {result.bytes / 1e6:.1f} MB, {state}; "
+            f"{'unpacked' if result.unpacked_now else 'already unpacked'} to {result.unpacked}")
 
 
-def demo_text(result: dict) -> str:
-    return compare_text(result["compare"]) + "\n\n" + demo_next_text(result["next"])
+def demo_text(result: DemoResult) -> str:
+    return compare_text(result.compare) + "\n\n" + demo_next_text(result.next)
 
 
-def train_text(result: dict) -> str:
+def train_text(result: TrainResult) -> str:
     """train's and finetune's result as the lines a person reads."""
-    per_class = ", ".join(f"{c} {a:.3f}" if a is not None else f"{c} -" for c, a in result["per_class_val_acc"].items())
-    return "\n".join([f"val acc {result['val_acc']:.3f}, val loss {result['val_loss']:.4f} ({result['train_rows']} "
-                      f"train / {result['val_rows']} val images, {result['skipped']} skipped, "
-                      f"{result['fit_seconds']:.1f} s)", f"per-class val acc: {per_class}", *trust_lines(result),
-                      f"checkpoint: {result['checkpoint']}"])
+    m = result.metrics
+    per_class = ", ".join(f"{c} {a:.3f}" if a is not None else f"{c} -" for c, a in m["per_class_val_acc"].items())
+    return "\n".join([f"val acc {result.val_acc:.3f}, val loss {result.val_loss:.4f} ({m['train_rows']} "
+                      f"train / {m['val_rows']} val images, {m['skipped']} skipped, "
+                      f"{result.fit_seconds:.1f} s)", f"per-class val acc: {per_class}", *trust_lines(m),
+                      f"checkpoint: {result.checkpoint}"])
 
 
 def predict_rows_text(rows: list[dict], fmt: str) -> str:
@@ -371,23 +385,23 @@ def predict_rows_text(rows: list[dict], fmt: str) -> str:
     return format_rows(rows, fmt)
 
 
-def predict_note(result: dict) -> str:
-    heatmaps = f", heatmaps in {result['explain']}" if result.get("explain") else ""
-    return (f"{plural(result['images'], 'image')}, {result['errors']} unreadable, "
-            f"{result['img_per_s']:.1f} img/s{heatmaps}")
+def predict_note(result: PredictResult) -> str:
+    heatmaps = f", heatmaps in {result.explain}" if result.explain else ""
+    return (f"{plural(result.images, 'image')}, {result.errors} unreadable, "
+            f"{result.img_per_s:.1f} img/s{heatmaps}")
 
 
-def imagenet_check_text(result: dict) -> str:
-    return "\n".join(f"{t['rank']}. {t['class']:<30} {t['probability']:.4f}" for t in result["top"])
+def imagenet_check_text(result: ImagenetCheckResult) -> str:
+    return "\n".join(f"{t['rank']}. {t['class']:<30} {t['probability']:.4f}" for t in result.top)
 
 
-def export_text(result: dict) -> str:
+def export_text(result: ExportResult) -> str:
     """The parity check against predict, then what was written (or that nothing was)."""
-    p = result["parity"]
+    p = result.parity
     odd = len(p.get("odd_modes", ()))
     compared = f"{plural(p['images'], 'photo')}" + (f" and {plural(odd, 'odd-mode file')} made from the first" if odd
                                                      else "")
-    return (f"max |probability difference| vs predict: {result['max_abs_diff']:.3g} on {compared} "
+    return (f"max |probability difference| vs predict: {result.max_abs_diff:.3g} on {compared} "
             f"({p['same_class']} of {p['images'] + odd} the same class; tolerance {p['tolerance']:g})\n"
-            + (f"{result['output']} ({result['bytes'] / 1e6:.1f} MB), metadata {result['metadata']}"
-               if result["passed"] else "nothing written: the export does not predict as predict does"))
+            + (f"{result.output} ({result.bytes / 1e6:.1f} MB), metadata {result.metadata}"
+               if result.passed else "nothing written: the export does not predict as predict does"))

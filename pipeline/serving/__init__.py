@@ -2,6 +2,17 @@
 prediction service (an HTTP API that batches requests arriving together, and its web page).
 
 What other modules use:
-    export.export                   the export command
+    export.export                   the export command (its answer: ExportResult, exported here)
     service.build_app, service.serve   the serve command, and the app in-process (tests)
 """
+
+#: the stages' result dataclasses -> their modules, loaded on first use: the modules import torch
+RESULTS = {"ExportResult": "export"}
+
+
+def __getattr__(name: str):
+    if name not in RESULTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f"{__name__}.{RESULTS[name]}"), name)

@@ -17,7 +17,9 @@ import json
 import logging
 import os
 import warnings
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -356,7 +358,30 @@ def check_outputs(cfg: ExportConfig, ckpt: dict) -> tuple[Path, Path]:
     return out, check_output(sidecar_path(out), inputs, data, what=f"the metadata file beside --output {cfg.output!r}:")
 
 
-def export(cfg: ExportConfig) -> dict:
+@dataclass(frozen=True)
+class ExportResult:
+    """export's answer: the parity check against predict, and what was written (nothing when it failed)."""
+
+    model: str
+    kind: str
+    format: str
+    classes: list
+    max_abs_diff: float  # the largest |probability difference| vs predict on the sample photos
+    passed: bool  # within --tolerance: the file was written
+    parity: dict  # the check in full: photos, odd-mode files, same class, tolerance
+    output: Optional[str]  # the exported file; None when the check failed
+    metadata: Optional[str]  # its .json sidecar; None when the check failed
+    bytes: Optional[int] = None  # the file's size; None (and not in to_dict) when nothing was written
+
+    def to_dict(self) -> dict:
+        """The answer as --json prints it: no bytes when nothing was written."""
+        d = asdict(self)
+        if d["bytes"] is None:
+            del d["bytes"]
+        return d
+
+
+def export(cfg: ExportConfig) -> ExportResult:
     """Write cfg.model as one cfg.format file (+ its .json sidecar) when it passes the parity check.
 
     A failed check writes nothing (the result says ``passed: False`` and by how much it failed).
@@ -383,13 +408,13 @@ def export(cfg: ExportConfig) -> dict:
         (write_onnx if cfg.format == "onnx" else write_torchscript)(net, example, tmp, meta)
         log.info("parity check on %d photo%s", len(files), "" if len(files) == 1 else "s")
         check = parity(lm, ExportedRunner(tmp, cfg.format), files, cfg, meta)
-        result = {"model": cfg.model, "kind": ckpt["kind"], "format": cfg.format, "classes": lm.classes,
-                  "max_abs_diff": check["max_abs_diff"], "passed": check["passed"], "parity": check,
-                  "output": None, "metadata": None}
+        result = ExportResult(model=cfg.model, kind=ckpt["kind"], format=cfg.format, classes=lm.classes,
+                              max_abs_diff=check["max_abs_diff"], passed=check["passed"], parity=check,
+                              output=None, metadata=None)
         if check["passed"]:
             atomic_write(out, lambda t: os.replace(tmp, t))
             write_json(side, {**meta, "parity": check})
-            result.update(output=str(out), metadata=str(side), bytes=out.stat().st_size)
+            result = replace(result, output=str(out), metadata=str(side), bytes=out.stat().st_size)
         else:
             log.warning("the %s export differs from predict by %.3g (tolerance %g; %d of %d photos of the same "
                         "class): nothing written", cfg.format, check["max_abs_diff"], cfg.tolerance,
