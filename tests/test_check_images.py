@@ -35,7 +35,7 @@ def by_path(findings):
 
 def snapshot(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*")
-            if p.is_file() and p.name != MOVED_LIST}
+            if p.is_file() and not p.name.startswith(MOVED_LIST)}
 
 
 def test_each_bad_kind_is_named_with_its_severity(dirty):
@@ -116,24 +116,45 @@ def test_quarantine_moves_errors_keeping_paths_and_the_printed_command_restores_
     assert snapshot(root) == before
 
 
-def test_the_restore_command_moves_back_only_what_check_images_moved(tmp_path):
-    """audit --apply's removals share DIR.quarantine (its --undo moves them back): the restore command moved every
-    file of the quarantine, those too. Two runs, a file at the top of the folder, a name with a space."""
-    root = make_image_folder(tmp_path / "data", per_class=1)
-    qdir = tmp_path / "data.quarantine"
+def test_the_restore_command_moves_back_only_what_its_run_moved(tmp_path):
+    """audit --apply's removals and other runs' files share a quarantine: the restore command moved every file of
+    it (then: every file a check-images run had ever listed there, into whichever folder the command named)."""
+    root, other = (make_image_folder(tmp_path / name, per_class=1) for name in ("data", "other"))
+    qdir = tmp_path / "q"
     (qdir / "red").mkdir(parents=True)
     (qdir / "red" / "removed by audit.jpg").write_bytes(b"audit's")
     (root / "red" / "empty one.jpg").write_bytes(b"")
-    first = check_images(CheckImagesConfig(str(root), workers=1, quarantine=True))
+    first = check_images(CheckImagesConfig(str(root), workers=1, quarantine_dir=str(qdir)))
     (root / "notes.txt").write_bytes(b"")
-    second = check_images(CheckImagesConfig(str(root), workers=1, quarantine=True))
-    assert snapshot(qdir) == {"red/removed by audit.jpg": b"audit's", "red/empty one.jpg": b"", "notes.txt": b""}
-    assert first.quarantine["restore"] == second.quarantine["restore"]
+    second = check_images(CheckImagesConfig(str(root), workers=1, quarantine_dir=str(qdir)))
+    (other / "blue" / "bad.jpg").write_bytes(b"")
+    third = check_images(CheckImagesConfig(str(other), workers=1, quarantine_dir=str(qdir)))
+    assert snapshot(qdir) == {"red/removed by audit.jpg": b"audit's", "red/empty one.jpg": b"", "notes.txt": b"",
+                              "blue/bad.jpg": b""}
     subprocess.run(second.quarantine["restore"], shell=True, check=True)
-    assert snapshot(qdir) == {"red/removed by audit.jpg": b"audit's"}
-    assert (root / "red" / "empty one.jpg").exists() and (root / "notes.txt").exists()
-    subprocess.run(second.quarantine["restore"], shell=True, check=True)  # again: nothing left to move
-    assert snapshot(qdir) == {"red/removed by audit.jpg": b"audit's"}
+    assert set(snapshot(qdir)) == {"red/removed by audit.jpg", "red/empty one.jpg", "blue/bad.jpg"}
+    assert (root / "notes.txt").exists() and not (root / "blue" / "bad.jpg").exists()
+    subprocess.run(third.quarantine["restore"], shell=True, check=True)
+    subprocess.run(first.quarantine["restore"], shell=True, check=True)
+    assert snapshot(qdir) == {"red/removed by audit.jpg": b"audit's"} and not list(qdir.glob(MOVED_LIST + "*"))
+    assert (root / "red" / "empty one.jpg").exists() and (other / "blue" / "bad.jpg").exists()
+
+
+def test_a_restore_that_cannot_move_a_file_back_keeps_its_list(tmp_path):
+    root = make_image_folder(tmp_path / "data", per_class=1)
+    (root / "red" / "empty.jpg").write_bytes(b"")
+    result = check_images(CheckImagesConfig(str(root), workers=1, quarantine=True))
+    (root / "red" / "empty.jpg").write_bytes(b"a new file in its place")
+    assert subprocess.run(result.quarantine["restore"], shell=True).returncode != 0
+    qdir = tmp_path / "data.quarantine"
+    assert (root / "red" / "empty.jpg").read_bytes() == b"a new file in its place"
+    assert (qdir / "red" / "empty.jpg").read_bytes() == b"" and len(list(qdir.glob(MOVED_LIST + "-*"))) == 1
+
+
+def test_nothing_to_move_prints_no_restore_command(tmp_path):
+    root = make_image_folder(tmp_path / "data", per_class=1)
+    res = CliRunner().invoke(cli, ["check-images", str(root), "--quarantine", "--workers", "1"])
+    assert res.exit_code == 0 and "moved 0 files" in res.stdout and "move them back" not in res.stdout
 
 
 def test_quarantine_refuses_to_overwrite(dirty, tmp_path):
@@ -244,7 +265,7 @@ def test_usage_errors_exit_2_with_one_line(tmp_path, args, message):
 def entries(root: Path) -> set[str]:
     """Every non-folder entry below root, links and pipes included."""
     return {p.relative_to(root).as_posix() for p in root.rglob("*")
-            if (p.is_symlink() or not p.is_dir()) and p.name != MOVED_LIST}
+            if (p.is_symlink() or not p.is_dir()) and not p.name.startswith(MOVED_LIST)}
 
 
 def test_links_and_pipes_are_errors_quarantined_and_restored(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shlex
+import tempfile
 import time
 import warnings
 from collections import Counter
@@ -221,19 +222,26 @@ def write_report(path: Path, result: dict) -> str:
     return str(path)
 
 
-#: In the quarantine folder: every path check-images moved there, NUL-terminated, appended as each one moves. The
-#: restore command reads it, so files another command put in the same folder (audit --apply's removals, which
-#: its own --undo moves back) stay where they are.
+#: In the quarantine folder, one for each run that moved files (MOVED_LIST + a stamp): the paths it moved,
+#: NUL-terminated, each written once it moved. The restore command moves back those alone (files another run or
+#: command put in the same folder, audit --apply's removals, stay) and removes the list once all are back.
 MOVED_LIST = ".check-images-moved"
 
 
-def restore_command(root: Path, qdir: Path) -> str:
-    """A POSIX shell command that moves back every entry of the quarantine's MOVED_LIST still there (links and
-    pipes too), never overwriting."""
-    script = ('for f; do f="./$f"; [ -e "$f" ] || [ -h "$f" ] || continue; '
-              'mkdir -p "$0/${f%/*}" && mv -n "$f" "$0/$f"; done')
+def restore_command(root: Path, qdir: Path, listing: str) -> str:
+    """A POSIX shell command that moves back every entry of ``listing`` (a file in ``qdir``) still there, links and
+    pipes too, never overwriting; the list is removed when every entry went back."""
+    script = ('r=0; for f; do f="./$f"; [ -e "$f" ] || [ -h "$f" ] || continue; '
+              '{ mkdir -p "$0/${f%/*}" && mv -n "$f" "$0/$f" && ! [ -e "$f" -o -h "$f" ]; } || r=1; done; exit $r')
     return (f"(cd {shlex.quote(str(qdir))} && xargs -0 -r sh -c {shlex.quote(script)} {shlex.quote(str(root))} "
-            f"< {MOVED_LIST})")
+            f"< {shlex.quote(listing)} && rm -f {shlex.quote(listing)})")
+
+
+def new_moved_list(qdir: Path):
+    """This run's MOVED_LIST in ``qdir``, made new (a unique name: two runs never share one), open for writing."""
+    fd, path = tempfile.mkstemp(prefix=f"{MOVED_LIST}-{time.strftime('%Y%m%dT%H%M%S')}-", dir=qdir)
+    os.close(fd)
+    return open(path, "wb")
 
 
 def through_link(root: Path, rel: str) -> bool:
@@ -262,12 +270,16 @@ def quarantine(root: Path, qdir: Path, rels: list[str]) -> dict:
         for i, rel in enumerate(rels):
             try:
                 (qdir / rel).parent.mkdir(parents=True, exist_ok=True)
-                listing = listing or stack.enter_context((qdir / MOVED_LIST).open("ab"))
-                listing.write(os.fsencode(rel) + b"\0")  # first: the restore skips what is not there
-                listing.flush()
+                listing = listing or stack.enter_context(new_moved_list(qdir))
                 move_no_replace(root / rel, qdir / rel)  # never over a file that appeared meanwhile; across disks too
+                listing.write(os.fsencode(rel) + b"\0")  # once moved: never another's file at that place
+                listing.flush()
             except OSError as e:  # a file in the way, a read-only folder: the rest stays, a rerun goes on
+                if listing and not i:
+                    os.unlink(listing.name)
+                where = f" (listed in {listing.name})" if i else ""
                 raise PipelineError(f"cannot move {root / rel} to {qdir / rel}: {e.strerror or e} ({e.filename}); "
-                                    f"{i} of {len(rels)} files moved, the rest left in place: run the same command "
-                                    "again once fixed") from None
-    return {"dir": str(qdir), "moved": len(rels), "restore": restore_command(root, qdir), "left_linked": linked}
+                                    f"{i} of {len(rels)} files moved{where}, the rest left in place: run the same "
+                                    "command again once fixed") from None
+    restore = restore_command(root, qdir, os.path.basename(listing.name)) if listing else None
+    return {"dir": str(qdir), "moved": len(rels), "restore": restore, "left_linked": linked}

@@ -168,7 +168,8 @@ def check_images_text(result: CheckImagesResult, max_listed: int = 50) -> str:
         lines.append(f"report: {result.report}")
     q = result.quarantine
     if q:
-        lines.append(f"moved {plural(q['moved'], 'file')} to {q['dir']}; to move them back:\n  {q['restore']}")
+        back = f"; to move them back:\n  {q['restore']}" if q["restore"] else ""
+        lines.append(f"moved {plural(q['moved'], 'file')} to {q['dir']}{back}")
         if q["left_linked"]:
             lines.append(f"left {plural(len(q['left_linked']), 'file')} in place: they are in linked folders, whose "
                          f"files lie outside {result.root} (first: {one_line(q['left_linked'][0])})")
