@@ -33,8 +33,10 @@ def main(model: str, photos: list) -> None:
             try:
                 inputs.append(preprocess(path, meta["preprocessing"], meta["decoding"]))
                 rows.append({"path": path})
-            # NotImplementedError: Pillow's DDS and BLP readers on a header they cannot make sense of
-            except (OSError, ValueError, NotImplementedError, Image.DecompressionBombError) as e:
+            # what Pillow raises on a damaged file besides OSError and ValueError: NotImplementedError (DDS, BLP
+            # headers), RuntimeError (AVIF), AttributeError (a SPIDER header, while opening)
+            except (OSError, ValueError, NotImplementedError, RuntimeError, AttributeError,
+                    Image.DecompressionBombError) as e:
                 rows.append({"path": path, "class": None, "probability": None, "error": f"{type(e).__name__}: {e}"})
         out = dict(zip(names, session.run(names, {"images": np.stack(inputs)}))) if inputs else {}
         good = iter(range(len(inputs)))
@@ -185,13 +187,24 @@ def normalise(im, p: dict) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(2, 0, 1))  # HWC -> CHW
 
 
+#: Formats Pillow decodes by running another program on the bytes (EPS: Ghostscript, a PostScript interpreter,
+#: unbounded in time: ``{} loop``): refused, whatever the file is named.
+EXTERNAL_FORMATS = {"EPS": "Ghostscript"}
+
+
+def refuse_external(im) -> None:
+    """ValueError for an opened image of EXTERNAL_FORMATS, before any of it is decoded."""
+    if im.format in EXTERNAL_FORMATS:
+        raise ValueError(f"{im.format} is not decoded: it would run {EXTERNAL_FORMATS[im.format]} on the file "
+                         "(convert it to PNG or JPEG)")
+
+
 def preprocess(fp, p, decoding: dict) -> np.ndarray:
     """The network's input for one photo (a path or an open binary file), by the rule above; ``p``: the
     metadata's "preprocessing", ``decoding``: its "decoding". A fused model's "preprocessing" is a list, one a
     backbone: the photo decoded once, part i in channels 3i..3i+2 at the top left of a zero canvas."""
     with Image.open(fp) as im:
-        if im.format == "EPS":  # Pillow decodes PostScript by running Ghostscript on it: a program, unbounded
-            raise ValueError("EPS is not decoded: it would run Ghostscript on the file (convert it to PNG or JPEG)")
+        refuse_external(im)
         jpeg_draft(im, decoding.get("jpeg_draft_min_short_side"))
         im.load()
         rgb = upright(to_rgb(im), orientation(im))
@@ -203,6 +216,7 @@ def preprocess(fp, p, decoding: dict) -> np.ndarray:
         x = normalise(resize_crop(rgb, part), part)
         out[3 * i:3 * i + 3, :x.shape[1], :x.shape[2]] = x
     return out
+
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2:])

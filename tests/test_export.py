@@ -116,24 +116,43 @@ def test_the_example_gives_an_unreadable_file_its_reason_and_classifies_the_rest
     assert abs(got[3]["probability"] - want[1]["probability"]) < 1e-4
 
 
-def test_the_example_gives_a_damaged_dds_its_reason_and_classifies_the_rest(tmp_path):
-    """Pillow's DDS reader raises NotImplementedError on a header with no pixel format: the example died on it
-    with a traceback, printing no row of its batch."""
+def damaged(kind: str) -> bytes:
+    """A file Pillow raises on with other than OSError/ValueError: a DDS header with no pixel format
+    (NotImplementedError), a SPIDER image of no stack (AttributeError, while opening), an AVIF without its
+    primary item (RuntimeError)."""
     import io
+    import struct
+
+    buf = io.BytesIO()
+    Image.new("F" if kind == "SPIDER" else "RGB", (16, 16)).save(buf, kind)
+    data = bytearray(buf.getvalue())
+    if kind == "DDS":
+        data[80:84] = bytes(4)  # the pixel format's flags: none
+    elif kind == "SPIDER":
+        data[104:108] = struct.pack("<f", 1.0)  # the header's image number: 1, in no stack
+    else:
+        at = data.find(b"pitm") + 8
+        data[at:at + 2] = b"\x00\x63"  # the primary item: one the file does not hold
+    return bytes(data)
+
+
+@pytest.mark.parametrize("kind, error", [("DDS", "NotImplementedError: Unknown pixel format"),
+                                         ("SPIDER", "AttributeError: "), ("AVIF", "RuntimeError: ")])
+def test_the_example_gives_a_damaged_file_its_reason_and_classifies_the_rest(tmp_path, kind, error):
+    """The example died on each with a traceback, printing no row of its batch."""
+    from PIL import features
 
     from tests.live_server import make_tiny_head
 
+    if kind == "AVIF" and not features.check("avif"):
+        pytest.skip("this Pillow decodes no AVIF")
     head = make_tiny_head(tmp_path / "made")
     out = tmp_path / "m.onnx"
     assert pipeline.export_model(head, out).passed
-    buf = io.BytesIO()
-    Image.new("RGB", (8, 8)).save(buf, "DDS")
-    dds = bytearray(buf.getvalue())
-    dds[80:84] = bytes(4)  # the pixel format's flags: none
-    (tmp_path / "damaged.jpg").write_bytes(dds)
+    (tmp_path / "damaged.jpg").write_bytes(damaged(kind))
     good = sorted((head.parents[2] / "data").rglob("*.jpg"))[0]
     got = example_rows(out, [tmp_path / "damaged.jpg", good])
-    assert got[0]["class"] is None and "NotImplementedError: Unknown pixel format" in got[0]["error"]
+    assert got[0]["class"] is None and error in got[0]["error"]
     assert got[1]["class"] and "error" not in got[1]
 
 

@@ -1,6 +1,6 @@
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, features
 
 from pipeline.data.folders import ImageLoadError, jpeg_bytes, list_image_folder, load_rgb, stratified_order
 from tests.conftest import make_image_folder
@@ -239,6 +239,25 @@ def test_a_file_pillow_cannot_decode_by_any_of_its_errors_is_an_unreadable_image
     (tmp_path / "photo.jpg").write_bytes(dds)
     for decode in (lambda: decode_bytes(bytes(dds)), lambda: load_rgb(tmp_path / "photo.jpg")):
         with pytest.raises(ImageLoadError, match="unreadable image: Unknown pixel format"):
+            decode()
+
+
+@pytest.mark.skipif(not features.check("avif"), reason="this Pillow decodes no AVIF")
+def test_a_damaged_avif_is_an_unreadable_image_not_a_crash(tmp_path):
+    """An AVIF whose primary item is missing (named .jpg) made Pillow raise RuntimeError, which ended check-images,
+    extract and predict of a whole folder on it and was a 500 in serve."""
+    import io
+
+    from pipeline.data.folders import decode_bytes
+
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(buf, "AVIF")
+    avif = bytearray(buf.getvalue())
+    at = avif.find(b"pitm") + 8  # after the box's type and its version and flags: the primary item's id
+    avif[at:at + 2] = b"\x00\x63"  # an item the file does not hold
+    (tmp_path / "photo.jpg").write_bytes(avif)
+    for decode in (lambda: decode_bytes(bytes(avif)), lambda: load_rgb(tmp_path / "photo.jpg")):
+        with pytest.raises(ImageLoadError, match="unreadable image: .*image item"):
             decode()
 
 

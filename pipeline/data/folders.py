@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import UsageError
 from ..files import is_utf8, shown
-from .portable import bit_depth, jpeg_draft, orientation, to_rgb, upright  # noqa: F401 (the decoding rule; bit_depth for callers)
+from .portable import bit_depth, jpeg_draft, orientation, refuse_external, to_rgb, upright  # noqa: F401 (the decoding rule; bit_depth for callers)
 
 log = logging.getLogger(__name__)
 #: File name endings treated as images when listing a folder (case-insensitive): torchvision ImageFolder's
@@ -28,10 +28,6 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".webp", "
 #: Why a file whose name is not UTF-8 is left out (Python keeps such bytes as surrogates, which no
 #: UTF-8 output can hold): told, with the name escaped, rather than failing mid-run.
 NOT_UTF8 = "the file name is not valid UTF-8; rename it (e.g. convmv -f latin1 -t utf8)"
-
-#: Formats Pillow decodes by running another program on the bytes (EPS: Ghostscript, a PostScript interpreter,
-#: unbounded in time: ``{} loop``): no stage lists them, and an upload or a file named .jpg holding one is refused.
-EXTERNAL_FORMATS = {"EPS": "Ghostscript"}
 
 #: Largest image (in pixels) we agree to decode; larger ones are treated as decompression bombs.
 MAX_IMAGE_PIXELS = 89_478_485  # PIL's own default warning threshold (about 0.25 GB of RGB)
@@ -421,9 +417,10 @@ def decode_stream(fp, min_short_side: int | None = None, max_pixels: int = MAX_I
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
             with open_image(fp) as im:
-                if im.format in EXTERNAL_FORMATS:
-                    raise ImageLoadError(f"{im.format} is not decoded: it would run {EXTERNAL_FORMATS[im.format]} on "
-                                         "the file (convert it to PNG or JPEG)", "not-an-image")
+                try:
+                    refuse_external(im)  # an upload or a file named .jpg holding EPS: Ghostscript never runs
+                except ValueError as e:
+                    raise ImageLoadError(str(e), "not-an-image") from None
                 check_size(im.size, max_pixels)
                 jpeg_draft(im, min_short_side)
                 im.load()
@@ -434,8 +431,8 @@ def decode_stream(fp, min_short_side: int | None = None, max_pixels: int = MAX_I
         raise ImageLoadError(f"decompression bomb: {e}", "decompression-bomb") from None
     except Image.UnidentifiedImageError:
         raise ImageLoadError("not an image (unidentified format)", "not-an-image") from None
-    except (OSError, SyntaxError, ValueError, NotImplementedError) as e:  # truncated or corrupt data (Pillow's DDS
-        # and BLP readers raise NotImplementedError on a header they cannot make sense of)
+    except (OSError, SyntaxError, ValueError, NotImplementedError, RuntimeError) as e:  # truncated or corrupt data
+        # (Pillow's DDS and BLP readers raise NotImplementedError on a header they cannot read, AVIF's RuntimeError)
         kind = "truncated" if "truncated" in str(e) else "unreadable"
         raise ImageLoadError(f"unreadable image: {e}", kind) from None
 

@@ -161,13 +161,24 @@ def normalise(im, p: dict) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(2, 0, 1))  # HWC -> CHW
 
 
+#: Formats Pillow decodes by running another program on the bytes (EPS: Ghostscript, a PostScript interpreter,
+#: unbounded in time: ``{} loop``): refused, whatever the file is named.
+EXTERNAL_FORMATS = {"EPS": "Ghostscript"}
+
+
+def refuse_external(im) -> None:
+    """ValueError for an opened image of EXTERNAL_FORMATS, before any of it is decoded."""
+    if im.format in EXTERNAL_FORMATS:
+        raise ValueError(f"{im.format} is not decoded: it would run {EXTERNAL_FORMATS[im.format]} on the file "
+                         "(convert it to PNG or JPEG)")
+
+
 def preprocess(fp, p, decoding: dict) -> np.ndarray:
     """The network's input for one photo (a path or an open binary file), by the rule above; ``p``: the
     metadata's "preprocessing", ``decoding``: its "decoding". A fused model's "preprocessing" is a list, one a
     backbone: the photo decoded once, part i in channels 3i..3i+2 at the top left of a zero canvas."""
     with Image.open(fp) as im:
-        if im.format == "EPS":  # Pillow decodes PostScript by running Ghostscript on it: a program, unbounded
-            raise ValueError("EPS is not decoded: it would run Ghostscript on the file (convert it to PNG or JPEG)")
+        refuse_external(im)
         jpeg_draft(im, decoding.get("jpeg_draft_min_short_side"))
         im.load()
         rgb = upright(to_rgb(im), orientation(im))
