@@ -194,3 +194,18 @@ def test_a_pool_cache_is_refused_in_one_line(tmp_path, make_cache):
     cache = make_cache(make_image_folder(tmp_path / "pool", per_class=3), purpose="pool")["cache"]
     run = CliRunner().invoke(cli, ["audit", "--cache", cache, "--folds", "2", "--runs-dir", str(tmp_path / "runs")])
     assert run.exit_code == 2 and "the unlabelled photos of a pool (suggest's)" in run.output, run.output
+
+
+def test_a_training_cache_of_the_old_decoding_rule_is_refused_before_the_test_folder_is_extracted(
+        tmp_path, make_cache, old_decoding):
+    """audit --test-data extracted the whole test folder, then refused the pair as caches 'made differently'."""
+    data = make_image_folder(tmp_path / "d", per_class=6)
+    test = make_image_folder(tmp_path / "t", per_class=3, seed=5)
+    with old_decoding():
+        old = make_cache(data, dtype="float32")["cache"]
+    before = sorted((tmp_path / "features").iterdir())
+    run = CliRunner().invoke(cli, ["audit", "--cache", old, "--test-data", str(test),
+                                   "--runs-dir", str(tmp_path / "runs")])
+    assert run.exit_code == 2 and run.output.count("\n") == 1, run.output
+    assert "would differ in decode_version: 2 vs 3" in run.output
+    assert sorted((tmp_path / "features").iterdir()) == before and not (tmp_path / "runs").exists()

@@ -400,9 +400,16 @@ def check_test_decoding(test_data: Optional[str], cache, path) -> None:
                          f"{decode_difference(older, str(DECODE_VERSION))}")
 
 
+def check_test_data(test_data: Optional[str], cache, path) -> None:
+    """--test-data checked against the training cache before any fit or extraction (fit-head, audit): its class
+    folders and the decoding rule its photos would be extracted with."""
+    check_test_classes(test_data, cache.classes)
+    check_test_decoding(test_data, cache, path)
+
+
 def test_cache_for(cfg: FitHeadConfig, cache: FeatureCache) -> Path:
     """The cache of ``--test-data`` (extracted like ``cache``, reused next time) or ``--test-cache``, checked.
-    Callers check the folder's classes first (``check_test_classes``), before any fit."""
+    Callers check the folder first (``check_test_data``), before any fit."""
 
     if cfg.test_data:
         from ..extraction.extract import ExtractConfig, extract
@@ -560,8 +567,7 @@ def fit_head(cfg: FitHeadConfig) -> FitHeadResult:
         check_labelled(cache, path)
         check_output(cfg.runs_dir, data=[(cache.attrs["data_root"], f"the photos of the cache {path}")],
                      what="--runs-dir", folder=True)
-        check_test_classes(cfg.test_data, cache.classes)  # before the fit, not after it
-        check_test_decoding(cfg.test_data, cache, path)
+        check_test_data(cfg.test_data, cache, path)  # before the fit, not after it
         changed = source_changes(cache.info)
         if changed:
             log.warning("%s: %s", path, changed)
