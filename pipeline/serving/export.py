@@ -131,8 +131,8 @@ def decoding(lm) -> dict:
                        "Image.draft('RGB', (D, D)) before decoding (DCT scale 1/2, 1/4 or 1/8)"),
                       ("modes I;16, I;16B, I;16L, I: round(clip(v, 0, 2**bits - 1) * 255 / (2**bits - 1)) as L, "
                        "bits from a TIFF's BitsPerSample else 16, then RGB"),
-                      ("mode F: floor((clip(v, lo, hi) - lo) * 255 / (hi - lo) + 0.5) as L, lo = min(0, smallest), "
-                       "hi = max(1, largest finite sample), NaN and -inf as lo, +inf as hi, then RGB"),
+                      ("mode F: floor((clip(v, lo, hi) - lo) * 255 / (hi - lo) + 0.5) as L, lo = min(0, smallest "
+                       "finite sample), hi = max(1, largest finite sample), NaN and -inf as lo, +inf as hi, then RGB"),
                       "RGBA, LA, PA and P with a transparent colour: composited over white",
                       "any other mode: Image.convert('RGB')",
                       ("EXIF Orientation 2-8: turned upright with ImageOps.exif_transpose's table (Image.transpose); "
