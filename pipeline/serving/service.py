@@ -56,6 +56,7 @@ TOO_LARGE = "too-large"  # the ImageLoadError kind of a file over max_file_bytes
 #: Seconds uvicorn waits past --drain-seconds before cancelling what is left (a 500 and a traceback each):
 #: by then ``DrainDeadline`` has answered every request still running with a 503.
 CANCEL_GRACE_S = 2.0
+RETRY_AFTER_S = "1"  # seconds a busy 503 asks the client to wait (``busy_response``)
 
 
 def decode_threads() -> int:
@@ -145,6 +146,14 @@ class BodyLimit:
                               f"first {self.seconds:g} s (--body-seconds)") from None
 
 
+def busy_response(reason: str):
+    """The 503 of a service that is full now, not broken (``reason``: which limit), with Retry-After so that
+    clients come back: RequestSlots and a full batcher queue both answer it."""
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse({"detail": f"busy: {reason}; retry shortly"}, 503, headers={"Retry-After": RETRY_AFTER_S})
+
+
 class RequestSlots:
     """ASGI middleware: at most ``slots`` POST requests at once; past it 503 with Retry-After, before any of the
     body is read. A form being read keeps up to 1 MB of each file in memory (Starlette's spool), so without a
@@ -157,11 +166,8 @@ class RequestSlots:
         if scope["type"] != "http" or scope["method"] != "POST":
             return await self.app(scope, receive, send)
         if self.busy >= self.slots:
-            from fastapi.responses import JSONResponse
-
-            return await JSONResponse({"detail": f"busy: {self.busy} requests are being answered (--max-requests "
-                                                 f"{self.slots}); retry shortly"}, 503,
-                                      headers={"Retry-After": "1"})(scope, receive, send)
+            reason = f"{self.busy} requests are being answered (--max-requests {self.slots})"
+            return await busy_response(reason)(scope, receive, send)
         self.busy += 1
         try:
             return await self.app(scope, receive, send)
@@ -402,7 +408,7 @@ def build_app(cfg: ServeConfig):
             try:  # room in the queue first: a refused request costs no decoding
                 reservation = (svc.explainer if explained else svc.batcher).reserve(len(uploads))
             except QueueFull as e:
-                return JSONResponse({"detail": f"busy: {e}; retry shortly"}, 503, headers={"Retry-After": "1"})
+                return busy_response(str(e))
             except Closed as e:
                 return JSONResponse({"detail": str(e)}, 503)
             with reservation:
