@@ -856,10 +856,14 @@ class ServeConfig(DeviceOptions):
         "Bytes of one request.", range=POSITIVE, doc="bytes of one request body (413, checked as it streams in)"))
     max_pixels: int = field(default=40_000_000, metadata=option(
         "Pixels of one image (from its header, before decoding).", range=POSITIVE))
-    body_seconds: float = field(default=60.0, metadata=option(
-        "How long a request's body may take to arrive (then 408).", range="[0, inf)",
-        doc="how long a request's body may take to arrive (then 408: a stalled client holds no connection; 0 = no "
-            "limit)"))
+    body_seconds: float = field(default=20.0, metadata=option(
+        "Seconds a request body may go without a byte, or lag --min-body-rate (then 408).", range=NON_NEGATIVE,
+        doc="seconds a request body may go without a byte arriving, and may lag behind --min-body-rate (then 408: a "
+            "stalled client holds no connection; 0 = no time limit on a body at all)"))
+    min_body_rate: int = field(default=10_000, metadata=option(
+        "Bytes/s a request body must keep up, --body-seconds of lag allowed (then 408).", range=NON_NEGATIVE,
+        doc="bytes a second a request body must keep up, --body-seconds of lag allowed (then 408: a client sending "
+            "a byte now and then holds no connection; 0 = no minimum)"))
     drain_seconds: float = field(default=30.0, metadata=option(
         "On SIGTERM: how long requests in flight may still take.", range="[0, inf)",
         doc="on SIGTERM: how long requests in flight may still take (then a clean 503; 0 = no limit)"))

@@ -1,8 +1,10 @@
 """The prediction service: predict's rows over HTTP, bad input as 4xx reasons, limits, real uvicorn, SIGTERM."""
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -146,19 +148,75 @@ def test_a_streamed_body_past_the_limit_is_413(client):
     assert r.status_code == 413
 
 
-def test_a_body_that_stalls_is_408_and_the_service_goes_on(head):
+def _form_request(data: bytes, name: str = "a.jpg") -> tuple[bytes, bytes]:
+    """(headers, body) of a raw POST /predict with one file: for clients that send the body at their own pace."""
+    body = (b"--b\r\nContent-Disposition: form-data; name=\"files\"; filename=\"" + name.encode() +
+            b"\"\r\nContent-Type: image/jpeg\r\n\r\n" + data + b"\r\n--b--\r\n")
+    head = (b"POST /predict HTTP/1.1\r\nHost: localhost\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n")
+    return head, body
+
+
+def _answer(s: socket.socket) -> tuple[int, str]:
+    """(status, body) of the response on ``s`` (read to its end: Connection: close)."""
+    data = b""
+    with contextlib.suppress(ConnectionResetError):  # closed on a client still sending: what came is the answer
+        while chunk := s.recv(65536):
+            data += chunk
+    status, _, rest = data.decode().partition("\r\n\r\n")
+    return int(status.split()[1]), rest
+
+
+def test_a_slow_but_steady_body_is_served(head):
+    """--body-seconds was one deadline for the whole body: a 100 MB upload on an ordinary uplink got 408."""
+    head_bytes, body = _form_request(photos(head)[0].read_bytes())
+    pieces = [body[k:k + len(body) // 8 + 1] for k in range(0, len(body), len(body) // 8 + 1)]
+    with live_server(pipeline.serve_app(head, precision="fp32", body_seconds=1, min_body_rate=100)) as url:
+        with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=20) as s:
+            s.sendall(head_bytes)
+            started = time.monotonic()
+            for piece in pieces:  # a piece every 0.3 s: well within the idle limit, 2.4 s in all
+                time.sleep(0.3)
+                s.sendall(piece)
+            status, answer = _answer(s)
+    assert time.monotonic() - started > 2
+    assert status == 200, answer
+
+
+def test_a_body_that_stalls_is_408_after_the_idle_limit_and_the_service_goes_on(head):
     import httpx
 
-    start = (b"POST /predict HTTP/1.1\r\nHost: localhost\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-             b"Content-Length: 100000\r\n\r\n--b\r\nContent-Disposition: form-data; name=\"files\"; "
-             b"filename=\"a.jpg\"\r\n\r\n")  # then nothing more: a slow client, or one holding the connection
-    with live_server(pipeline.serve_app(head, precision="fp32", body_seconds=1)) as url:
+    head_bytes, body = _form_request(photos(head)[0].read_bytes())
+    with live_server(pipeline.serve_app(head, precision="fp32", body_seconds=1, min_body_rate=0)) as url:
         with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=20) as s:
-            s.sendall(start)
-            answer = s.recv(4096).decode()
-        assert answer.startswith("HTTP/1.1 408")
-        detail = answer.split("\r\n\r\n", 1)[1]
-        assert "within the 1 s of --body-seconds" in detail and "\n" not in detail
+            s.sendall(head_bytes)
+            for k in range(5):  # steady for 1.5 s (past --body-seconds), then nothing more
+                time.sleep(0.3)
+                s.sendall(body[k:k + 1])
+            stalled = time.monotonic()
+            status, detail = _answer(s)
+        waited = time.monotonic() - stalled
+        assert status == 408 and 0.8 < waited < 5, (status, waited)
+        assert "no byte of the request body came for 1 s (--body-seconds)" in detail and "\n" not in detail
+        assert httpx.post(f"{url}/predict", files=upload(photos(head)[0])).status_code == 200
+
+
+def test_a_body_that_trickles_below_the_minimum_rate_is_408(head):
+    """A byte now and then resets an idle timer for ever: the body must also average --min-body-rate."""
+    import httpx
+
+    head_bytes, body = _form_request(photos(head)[0].read_bytes())
+    with live_server(pipeline.serve_app(head, precision="fp32", body_seconds=1, min_body_rate=1000)) as url:
+        with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=20) as s:
+            s.sendall(head_bytes)
+            started = time.monotonic()
+            for k in range(50):  # a byte every 0.2 s (well within the idle limit) until the service answers
+                s.sendall(body[k:k + 1])
+                if select.select([s], [], [], 0.2)[0]:
+                    break
+            status, detail = _answer(s)
+        assert status == 408 and time.monotonic() - started < 3
+        assert "slower than 1000 bytes/s (--min-body-rate)" in detail and "\n" not in detail
         assert httpx.post(f"{url}/predict", files=upload(photos(head)[0])).status_code == 200
 
 
@@ -191,6 +249,7 @@ def test_info_and_health(client, head):
     assert info["classes"] == ["blue", "green", "red"] and info["backbone"] == "tiny" and info["kind"] == "fit-head"
     assert len(info["cache_fingerprint"]) == 64 and info["versions"]["fastapi"] != "unknown"
     assert info["limits"]["max_files"] == 4
+    assert info["limits"]["body_seconds"] == 20 and info["limits"]["min_body_rate"] == 10_000  # the 408s' limits
     before = client.get("/health").json()["images"]
     client.post("/predict", files=upload(*photos(head)[:2]))
     health = client.get("/health").json()

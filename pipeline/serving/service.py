@@ -10,12 +10,12 @@ Uploads are decoded with the rules every stage decodes with (``data.folders``), 
 per core (``decode_threads``: at most that many images are being decoded at once, whatever the number of
 clients: a 6300 x 6300 PNG takes 160 MB while it is); the network runs in one thread that batches the
 images of concurrent requests (``batcher``). Every limit is a ServeConfig field: body size (checked as
-it streams in), files per request, bytes and pixels per image, images waiting or being decoded (503
-past it, before any decoding). A bad file is its row's ``error``, as in predict; a request with no
-usable image is a 4xx naming each file's reason. With a loopback --host (the default) only requests
-naming this machine in their Host header are answered (DNS rebinding). SIGTERM: uvicorn stops
-accepting, answers what is in flight (for up to ``drain_seconds``; what is still running then gets a
-clean 503), then the batcher stops.
+it streams in), a body's idle time and least rate (408), files per request, bytes and pixels per image,
+images waiting or being decoded (503 past it, before any decoding). A bad file is its row's ``error``,
+as in predict; a request with no usable image is a 4xx naming each file's reason. With a loopback --host
+(the default) only requests naming this machine in their Host header are answered (DNS rebinding).
+SIGTERM: uvicorn stops accepting, answers what is in flight (for up to ``drain_seconds``; what is still
+running then gets a clean 503), then the batcher stops.
 """
 # no ``from __future__ import annotations``: FastAPI reads the endpoints' annotations (Request), imported
 # inside build_app so that the module loads without the serve extra and says what is missing
@@ -56,6 +56,7 @@ TOO_LARGE = "too-large"  # the ImageLoadError kind of a file over max_file_bytes
 #: Seconds uvicorn waits past --drain-seconds before cancelling what is left (a 500 and a traceback each):
 #: by then ``DrainDeadline`` has answered every request still running with a 503.
 CANCEL_GRACE_S = 2.0
+RETRY_AFTER_S = "1"  # seconds a busy 503 asks the client to wait (``busy_response``)
 
 
 def decode_threads() -> int:
@@ -87,16 +88,18 @@ class BodyTooLarge(Exception):
 
 
 class BodyTimeout(Exception):
-    """The request body was not all there body_seconds after it began (a stalled or trickling client)."""
+    """The request body stalled, or came too slowly (its message says which limit, in one line)."""
 
 
 class BodyLimit:
     """ASGI middleware: a declared Content-Length over the limit is refused at once (413), and a body that
-    streams past it (chunked) raises BodyTooLarge in whoever reads it; one not all in within ``seconds`` (0:
-    no limit) raises BodyTimeout, or a client that stops sending would hold its connection for ever."""
+    streams past it (chunked) raises BodyTooLarge in whoever reads it. A body with no byte for ``seconds``
+    (0: no time limit), or past its first ``seconds`` averaging under ``rate`` bytes/s (0: no minimum), raises
+    BodyTimeout: a client that stops sending, or sends a byte now and then, would hold its connection (and its
+    request slot) for ever, while one whole deadline would refuse an honest large upload on a slow uplink."""
 
-    def __init__(self, app, max_bytes: int, seconds: float = 0):
-        self.app, self.max_bytes, self.seconds = app, max_bytes, seconds
+    def __init__(self, app, max_bytes: int, seconds: float = 0, rate: float = 0):
+        self.app, self.max_bytes, self.seconds, self.rate = app, max_bytes, seconds, rate
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -112,18 +115,14 @@ class BodyLimit:
             if declared > self.max_bytes:
                 return await JSONResponse({"detail": f"the request is {declared} bytes; at most {self.max_bytes}"},
                                           413)(scope, receive, send)
-        seen, complete = 0, False
-        deadline = asyncio.get_running_loop().time() + self.seconds
+        seen, complete, started = 0, False, asyncio.get_running_loop().time()
 
         async def limited():
             nonlocal seen, complete
             if complete or not self.seconds:  # past the body: the wait for a disconnect has no deadline
                 message = await receive()
             else:
-                try:
-                    message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
-                except asyncio.TimeoutError:
-                    raise BodyTimeout() from None
+                message = await self.next_chunk(receive, started, seen)
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 complete = not message.get("more_body", False)
@@ -132,6 +131,27 @@ class BodyLimit:
             return message
 
         return await self.app(scope, limited, send)
+
+    async def next_chunk(self, receive, started: float, seen: int):
+        """receive() within both limits: ``seconds`` from now, and ``started + seconds + seen / rate`` (from
+        then on, ``seen`` bytes are more than ``seconds`` behind ``rate``)."""
+        now = asyncio.get_running_loop().time()
+        slow_at = started + self.seconds + seen / self.rate if self.rate else float("inf")
+        idle = slow_at - now >= self.seconds
+        try:
+            return await asyncio.wait_for(receive(), self.seconds if idle else max(slow_at - now, 0))
+        except asyncio.TimeoutError:
+            raise BodyTimeout(f"no byte of the request body came for {self.seconds:g} s (--body-seconds)" if idle else
+                              f"the request body came slower than {self.rate:g} bytes/s (--min-body-rate) past its "
+                              f"first {self.seconds:g} s (--body-seconds)") from None
+
+
+def busy_response(reason: str):
+    """The 503 of a service that is full now, not broken (``reason``: which limit), with Retry-After so that
+    clients come back: RequestSlots and a full batcher queue both answer it."""
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse({"detail": f"busy: {reason}; retry shortly"}, 503, headers={"Retry-After": RETRY_AFTER_S})
 
 
 class RequestSlots:
@@ -146,11 +166,8 @@ class RequestSlots:
         if scope["type"] != "http" or scope["method"] != "POST":
             return await self.app(scope, receive, send)
         if self.busy >= self.slots:
-            from fastapi.responses import JSONResponse
-
-            return await JSONResponse({"detail": f"busy: {self.busy} requests are being answered (--max-requests "
-                                                 f"{self.slots}); retry shortly"}, 503,
-                                      headers={"Retry-After": "1"})(scope, receive, send)
+            reason = f"{self.busy} requests are being answered (--max-requests {self.slots})"
+            return await busy_response(reason)(scope, receive, send)
         self.busy += 1
         try:
             return await self.app(scope, receive, send)
@@ -266,7 +283,8 @@ class Service:
                       "device": str(self.inference.device), "precision": self.inference.precision,
                       "batch_size": cfg.batch_size, "max_wait_ms": cfg.max_wait_ms,
                       "limits": {k: getattr(cfg, k) for k in ("max_requests", "max_files", "max_file_bytes",
-                                                              "max_request_bytes", "max_pixels", "max_queue")},
+                                                              "max_request_bytes", "max_pixels", "max_queue",
+                                                              "body_seconds", "min_body_rate")},
                       "versions": {**versions(),
                                    **{p: package_version(p) for p in ("fastapi", "uvicorn", "starlette")}}}
 
@@ -380,9 +398,8 @@ def build_app(cfg: ServeConfig):
             form = await request.form(max_files=cfg.max_files, max_fields=cfg.max_files)
         except BodyTooLarge:
             return JSONResponse({"detail": f"the request is more than {cfg.max_request_bytes} bytes"}, 413)
-        except BodyTimeout:
-            return JSONResponse({"detail": f"the request body did not arrive within the {cfg.body_seconds:g} s of "
-                                           "--body-seconds"}, 408)
+        except BodyTimeout as e:
+            return JSONResponse({"detail": str(e)}, 408)
         try:
             uploads = form.getlist(FIELD)
             if not uploads:
@@ -391,7 +408,7 @@ def build_app(cfg: ServeConfig):
             try:  # room in the queue first: a refused request costs no decoding
                 reservation = (svc.explainer if explained else svc.batcher).reserve(len(uploads))
             except QueueFull as e:
-                return JSONResponse({"detail": f"busy: {e}; retry shortly"}, 503, headers={"Retry-After": "1"})
+                return busy_response(str(e))
             except Closed as e:
                 return JSONResponse({"detail": str(e)}, 503)
             with reservation:
@@ -414,7 +431,7 @@ def build_app(cfg: ServeConfig):
             return JSONResponse({"detail": no_image_detail(rows), "rows": rows}, status, headers=headers)
         return JSONResponse(rows, headers=headers)
 
-    app.add_middleware(BodyLimit, max_bytes=cfg.max_request_bytes, seconds=cfg.body_seconds)
+    app.add_middleware(BodyLimit, max_bytes=cfg.max_request_bytes, seconds=cfg.body_seconds, rate=cfg.min_body_rate)
     app.add_middleware(RequestSlots, slots=cfg.max_requests)
     app.add_middleware(DrainDeadline, service=svc)
     if is_loopback(cfg.host):
