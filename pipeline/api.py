@@ -62,7 +62,8 @@ RESULTS = {"FitHeadResult": "heads", "CompareResult": "heads", "BackboneChoice":
            "SummaryResult": "models", "ExportResult": "serving", "CheckImagesResult": "data",
            "ImagenetCheckResult": "models", "FetchResult": "data",
            "DemoResult": "reports", "ConsolidateResult": "cache", "PreviewResult": "reports",
-           "FeatureMapResult": "reports", "AuditResult": "reports", "FixesResult": "data"}
+           "FeatureMapResult": "reports", "AuditResult": "reports", "FixesResult": "data",
+           "ExtractResult": "extraction"}
 
 __all__ = [
     "Cache", "Head", "Model", "NotFittedError", "Rows",
@@ -180,7 +181,7 @@ def extract_features(data: PathLike, n: int = ExtractConfig.n, *, verbose: Optio
     map the mean of the photo's and its mirror image's), verify (hash every row's photo on a hit, as on
     folders up to 100 MB always), batch_size, device, workers, decode.
     The same request again is a cache hit
-    (nothing computed); an interrupted one resumes. Returns the Cache (``.result``: extract's summary).
+    (nothing computed); an interrupted one resumes. Returns the Cache (``.result``: an ``ExtractResult``).
     """
     options = {"n": n, **options}
     options.setdefault("command", _call_text("extract_features", data, **options))
@@ -189,7 +190,7 @@ def extract_features(data: PathLike, n: int = ExtractConfig.n, *, verbose: Optio
 
     with verbosity(verbose):
         result = extract(cfg)
-    return Cache(result["cache"], result=result)
+    return Cache(result.cache, result=result)
 
 
 def list_caches(cache_dir: PathLike = ExtractConfig.cache_dir) -> Caches:

@@ -259,8 +259,8 @@ def extract(as_json, **options):
         sys.exit(130)
     for line in present.extract_notes(result):
         note(line)
-    if "rank" not in result:  # under torchrun only rank 0 prints the result
-        emit(result, as_json, result["cache"])
+    if result.rank is None:  # under torchrun only rank 0 prints the result
+        emit(result.to_dict(), as_json, result.cache)
 
 
 @cli.command()

@@ -156,7 +156,7 @@ def test_extract_and_apply_wait_for_each_other_then_refuse(tmp_path, monkeypatch
         with pytest.raises(moves.FolderBusy, match="being read by an extract"):
             apply_fixes(fixes, data, tmp_path / "run")
     assert snapshot(data) == before and not (tmp_path / "features").exists()
-    assert make_cache(data)["rows"] == 6 and apply_fixes(fixes, data, tmp_path / "run2").moved == 1
+    assert make_cache(data).rows == 6 and apply_fixes(fixes, data, tmp_path / "run2").moved == 1
 
 
 def _sha(path):

@@ -100,12 +100,12 @@ def test_too_small_a_class_names_it_and_gives_advice_that_works(tmp_path, make_c
     make_image_folder(tmp_path / "data", per_class=4)
     for p in sorted((tmp_path / "data" / "red").iterdir())[1:]:
         p.unlink()
-    cache = make_cache(tmp_path / "data")["cache"]
+    cache = make_cache(tmp_path / "data").cache
     for folds, advice in [(5, "add photos to it"), (2, "add photos to it")]:
         run = CliRunner().invoke(cli, ["audit", "--cache", cache, "--folds", str(folds)])
         assert run.exit_code == 2 and "class 'red'" in run.output and "has 1 (" + advice in run.output, run.output
     shutil.copy(next((tmp_path / "data" / "red").iterdir()), tmp_path / "data" / "red" / "again.jpg")
-    cache = make_cache(tmp_path / "data")["cache"]
+    cache = make_cache(tmp_path / "data").cache
     run = CliRunner().invoke(cli, ["audit", "--cache", cache, "--folds", "3"])
     assert run.exit_code == 2 and "has 2 (pass --folds 2)" in run.output, run.output
 
@@ -114,7 +114,7 @@ def test_a_cache_made_before_digests_still_shows_exact_copies(tmp_path, make_cac
     import h5py
 
     data, _ = planted(tmp_path)
-    cache = make_cache(data)["cache"]
+    cache = make_cache(data).cache
     with h5py.File(cache, "r+") as f:
         del f["sha256"]
     r = pipeline.audit_folder(cache=cache, folds=3, threshold=1.0, runs_dir=str(tmp_path / "runs"))
@@ -123,7 +123,7 @@ def test_a_cache_made_before_digests_still_shows_exact_copies(tmp_path, make_cac
 
 def test_the_report_never_goes_into_the_data_folder(tmp_path, make_cache):
     data, _ = planted(tmp_path)
-    cache = make_cache(data)["cache"]
+    cache = make_cache(data).cache
     run = CliRunner().invoke(cli, ["audit", "--cache", cache, "--folds", "3", "--output", str(data / "report")])
     assert run.exit_code == 2 and "inside the data folder" in run.output
     assert not (data / "report").exists()
@@ -171,7 +171,7 @@ def test_a_leak_needs_the_same_layout_not_only_the_same_things(tmp_path):
 
 def test_a_test_folder_of_other_classes_is_refused_before_its_extraction(tmp_path, make_cache):
     """The classes named, not a cache of the test folder refused afterwards as one 'made differently'."""
-    cache = make_cache(make_image_folder(tmp_path / "data", per_class=4))["cache"]
+    cache = make_cache(make_image_folder(tmp_path / "data", per_class=4)).cache
     test = make_image_folder(tmp_path / "t", per_class=3, classes=("blue", "green"))
     before = sorted((tmp_path / "features").iterdir())
     run = CliRunner().invoke(cli, ["audit", "--cache", cache, "--folds", "2", "--test-data", str(test),
@@ -194,7 +194,7 @@ def test_a_cache_dir_inside_the_test_folder_is_refused_before_anything_is_writte
 
 def test_a_pool_cache_is_refused_in_one_line(tmp_path, make_cache):
     """suggest's pool cache (one unlabelled class) used to end in 'unexpected ValueError ... (a bug?)', exit 1."""
-    cache = make_cache(make_image_folder(tmp_path / "pool", per_class=3), purpose="pool")["cache"]
+    cache = make_cache(make_image_folder(tmp_path / "pool", per_class=3), purpose="pool").cache
     run = CliRunner().invoke(cli, ["audit", "--cache", cache, "--folds", "2", "--runs-dir", str(tmp_path / "runs")])
     assert run.exit_code == 2 and "the unlabelled photos of a pool (suggest's)" in run.output, run.output
 
@@ -205,7 +205,7 @@ def test_a_training_cache_of_the_old_decoding_rule_is_refused_before_the_test_fo
     data = make_image_folder(tmp_path / "d", per_class=6)
     test = make_image_folder(tmp_path / "t", per_class=3, seed=5)
     with old_decoding():
-        old = make_cache(data, dtype="float32")["cache"]
+        old = make_cache(data, dtype="float32").cache
     before = sorted((tmp_path / "features").iterdir())
     run = CliRunner().invoke(cli, ["audit", "--cache", old, "--test-data", str(test),
                                    "--runs-dir", str(tmp_path / "runs")])

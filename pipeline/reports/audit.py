@@ -99,7 +99,7 @@ def training_cache(cfg: AuditConfig) -> Path:
 
     return Path(extract(ExtractConfig(data=cfg.data, n=0, backbone=cfg.backbone, weights=cfg.weights,
                                       batch_size=cfg.batch_size, device=cfg.device, workers=cfg.workers,
-                                      cache_dir=cfg.cache_dir, command=cfg.command))["cache"])
+                                      cache_dir=cfg.cache_dir, command=cfg.command)).cache)
 
 
 def test_cache(cfg: AuditConfig, cache: FeatureCache) -> Optional[Path]:
@@ -375,4 +375,4 @@ def refresh(cfg: AuditConfig, root: str) -> Optional[dict]:
         log.warning("could not extract %s again as %s was made (%s); run extract yourself: rows are reused by "
                     "content", root, made[0].path, e)
         return None
-    return {k: r.get(k) for k in ("cache", "hit", "rows", "computed", "reused", "label_changes")}
+    return {k: getattr(r, k) for k in ("cache", "hit", "rows", "computed", "reused", "label_changes")}

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from ..data.apply_fixes import FixesResult
     from ..data.check_images import CheckImagesResult
     from ..data.fetch import FetchResult
+    from ..extraction.extract import ExtractResult
     from ..heads.backbone_choice import BackboneChoice
     from ..heads.compare import CompareResult
     from ..heads.fit_head import FitHeadResult
@@ -311,22 +312,22 @@ def runs_text(records: list[dict], sort_by: Optional[str], runs_dir, cache: Opti
     return f"no runs in {ledger_path(runs_dir)}" + (f" match {filters}" if filters else "")
 
 
-def extract_notes(result: dict) -> list[str]:
+def extract_notes(result: ExtractResult) -> list[str]:
     """extract's informational lines (stderr): a hit, or what was computed, reused and skipped."""
-    if result["hit"]:
-        return [f"cache hit: {result['rows']} rows already extracted, nothing computed"
-                f"{' (every photo checked against its sha256)' if result.get('verified') else ''}"]
-    one_off = [f"{what} {result[k]:.0f} s" for k, what in (
-        ("calibration_seconds", "int8 calibration" + (" reused" if result.get("calibration_reused") else "")),
-        ("compile_seconds", "compiling" + (f" (compile cache {result['compile_cache']})"
-                                           if result.get("compile_cache") else ""))) if result.get(k)]
-    lines = [f"extracted {result['computed']} images ({result['img_per_s']:.1f} img/s"
+    if result.hit:
+        return [f"cache hit: {result.rows} rows already extracted, nothing computed"
+                f"{' (every photo checked against its sha256)' if result.verified else ''}"]
+    one_off = [f"{what} {getattr(result, k):.0f} s" for k, what in (
+        ("calibration_seconds", "int8 calibration" + (" reused" if result.calibration_reused else "")),
+        ("compile_seconds", "compiling" + (f" (compile cache {result.compile_cache})"
+                                           if result.compile_cache else ""))) if getattr(result, k)]
+    lines = [f"extracted {result.computed} images ({result.img_per_s:.1f} img/s"
              f"{', not counting ' + ' and '.join(one_off) if one_off else ''}), "
-             f"{result['skipped']} skipped, {result['rows']} rows in "
-             f"{'shards of rank ' + str(result['rank']) if 'rank' in result else 'cache'}"]
-    if result.get("reused"):
-        lines.append(f"reused {result['reused']} rows of earlier caches by content ({result['label_changes']} of "
-                     f"them now in another class), computed {result['computed']}")
+             f"{result.skipped} skipped, {result.rows} rows in "
+             f"{'shards of rank ' + str(result.rank) if result.rank is not None else 'cache'}"]
+    if result.reused:
+        lines.append(f"reused {result.reused} rows of earlier caches by content ({result.label_changes} of "
+                     f"them now in another class), computed {result.computed}")
     return lines
 
 
