@@ -32,7 +32,7 @@ def apply_slowly(fixes: str, data: str, out: str, fsync_ms: float, answers) -> N
     real = os.fsync
     os.fsync = lambda fd: (time.sleep(fsync_ms / 1000), real(fd))[1]
     try:
-        answers[fixes] = f"moved {apply_fixes(fixes, data, Path(out))['moved']}"
+        answers[fixes] = f"moved {apply_fixes(fixes, data, Path(out)).moved}"
     except Exception as e:  # noqa: BLE001 - the answer is what is measured
         answers[fixes] = f"{type(e).__name__}: {str(e).splitlines()[0][:110]}"
 

@@ -54,7 +54,7 @@ from pipeline.extraction.extract import ExtractConfig, extract
 from pipeline.heads.fit_head import FitHeadConfig, fit_head
 d = make_image_folder(Path({str(folder / 'd')!r}), per_class=12, classes=('blue', 'green', 'red'))
 cache = extract(ExtractConfig(data=str(d), n=0, backbone='resnet18', weights='none', cache_dir={str(folder / 'f')!r}))
-print(fit_head(FitHeadConfig(cache=cache['cache'], runs_dir={str(folder / 'r')!r})).checkpoint)
+print(fit_head(FitHeadConfig(cache=cache.cache, runs_dir={str(folder / 'r')!r})).checkpoint)
 """
     out = subprocess.run([sys.executable, "-c", code], cwd=project, capture_output=True, text=True, check=True)
     return out.stdout.strip().splitlines()[-1]

@@ -77,10 +77,10 @@ def leak_rows(train, picks, weights, workdir):
     r = extract(ExtractConfig(data=str(folder), n=0, weights=weights or made["weights"], cache_dir=str(workdir),
                               dtype=made["dtype"], precision=made["precision"], workers=1,
                               **({**int8, "calib_data": made.get("calib_data") or str(root)} if int8 else {})))
-    with FeatureCache(r["cache"]) as c:
+    with FeatureCache(r.cache) as c:
         at = {p: j for j, p in enumerate(c.paths)}
         _, near = rows(c)
-        return near[[at[n] for n in names]], Path(r["cache"]), np.array([at[n] for n in names])
+        return near[[at[n] for n in names]], Path(r.cache), np.array([at[n] for n in names])
 
 
 def run(name, weights, workdir):

@@ -96,15 +96,15 @@ def child_extract(a) -> dict:
                               device=a.device, **kw))
     wall = time.perf_counter() - t0
     if a.paths:
-        with FeatureCache(r["cache"]) as c:
+        with FeatureCache(r.cache) as c:
             Path(a.paths).write_text(json.dumps(c.paths))
-    return {"images": r["rows"], "seconds": r["seconds"], "img_per_s": r["wall_img_per_s"], "wall_s": wall,
-            "steady_img_per_s": r["img_per_s"],  # extract's own figure: after calibration and compiling
-            "compile_seconds": r["compile_seconds"], "compiled": r["compiled"], "decoding": r.get("decoding", ""),
-            "compile_cache": r.get("compile_cache", ""), "calibration_reused": r.get("calibration_reused", ""),
-            "calibration_seconds": r.get("calibration_seconds", 0.0), "stage_seconds": r["stage_seconds"],
-            "precision": r["precision"], "runtime": r.get("runtime", "torch"), "flip": r.get("flip", False),
-            "device": r["device"], **kw,
+    return {"images": r.rows, "seconds": r.seconds, "img_per_s": r.wall_img_per_s, "wall_s": wall,
+            "steady_img_per_s": r.img_per_s,  # extract's own figure: after calibration and compiling
+            "compile_seconds": r.compile_seconds, "compiled": r.compiled, "decoding": r.decoding,
+            "compile_cache": r.compile_cache, "calibration_reused": r.calibration_reused or "",
+            "calibration_seconds": r.calibration_seconds or 0.0, "stage_seconds": r.stage_seconds,
+            "precision": r.precision, "runtime": "torch", "flip": r.flip,
+            "device": r.device, **kw,
             **peak_rss_mb()}
 
 

@@ -69,7 +69,7 @@ def find_caches(args) -> dict:
             from pipeline.extraction.extract import extract
 
             found[folder] = extract(ExtractConfig(data=str(Path(args.data) / folder), n=0, weights=args.weights,
-                                                  cache_dir=args.cache_dir, flip=False))["cache"]
+                                                  cache_dir=args.cache_dir, flip=False)).cache
     return found
 
 

@@ -109,11 +109,11 @@ def caches(args, flip=False) -> dict:
         kw = {"n": 0, "weights": args.weights, "cache_dir": args.cache_dir, "flip": flip,
               **({"backbone": args.backbone} if getattr(args, "backbone", None) else {})}
         first = extract(ExtractConfig(data=str(Path(args.data) / train), precision=args.precision, **kw))
-        out[name] = [first["cache"]]
+        out[name] = [first.cache]
         if test:
-            same = {"precision": first["precision"],
-                    **({"calib_data": str(Path(args.data) / train)} if first["precision"] == "int8" else {})}
-            out[name].append(extract(ExtractConfig(data=str(Path(args.data) / test), **{**kw, **same}))["cache"])
+            same = {"precision": first.precision,
+                    **({"calib_data": str(Path(args.data) / train)} if first.precision == "int8" else {})}
+            out[name].append(extract(ExtractConfig(data=str(Path(args.data) / test), **{**kw, **same})).cache)
     return out
 
 

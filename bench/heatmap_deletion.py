@@ -50,7 +50,7 @@ def find_cache(folder: Path, weights: Path, dirs: list) -> str:
                 print(f"reusing {info.path} for {folder}", file=sys.stderr)
                 return str(info.path)
     return extract(ExtractConfig(data=str(folder), n=0, backbone="vgg16", weights=str(weights),
-                                 cache_dir=str(dirs[0])))["cache"]
+                                 cache_dir=str(dirs[0]))).cache
 
 
 def blanked(x, cam, share: float, fill: str, rng):

@@ -62,13 +62,13 @@ def main() -> None:
                       "cache_dir": cache_dir, "calib_n": a.calib_n}
             train = extract(ExtractConfig(data=a.train, n=a.n, **common))
             test = extract(ExtractConfig(data=a.test, n=0, calib_data=a.train if prec == "int8" else "", **common))
-            with FeatureCache(test["cache"]) as c:
+            with FeatureCache(test.cache) as c:
                 test_feats[prec] = (c.paths, c.features[: c.n])
-            h = fit_head(FitHeadConfig(cache=train["cache"], test_cache=test["cache"], runs_dir=f"{tmp}/runs"))
-            r[prec] = {"train_img_per_s": train.get("img_per_s"), "test_acc": h.metrics["test_acc"],
+            h = fit_head(FitHeadConfig(cache=train.cache, test_cache=test.cache, runs_dir=f"{tmp}/runs"))
+            r[prec] = {"train_img_per_s": train.img_per_s, "test_acc": h.metrics["test_acc"],
                        "test_loss": h.metrics["test_loss"], "test_rows": len(test_feats[prec][0]), "val_acc": h.val_acc}
             if a.breeds:
-                breeds = extract(ExtractConfig(data=a.breeds, n=0, **common))["cache"]
+                breeds = extract(ExtractConfig(data=a.breeds, n=0, **common)).cache
                 splits = [fit_head(FitHeadConfig(cache=breeds, val_fraction=0.2, seed=seed, runs_dir=f"{tmp}/runs"))
                           for seed in range(5)]
                 acc = [s.val_acc for s in splits]

@@ -62,7 +62,8 @@ RESULTS = {"FitHeadResult": "heads", "CompareResult": "heads", "BackboneChoice":
            "SummaryResult": "models", "ExportResult": "serving", "CheckImagesResult": "data",
            "ImagenetCheckResult": "models", "FetchResult": "data",
            "DemoResult": "reports", "ConsolidateResult": "cache", "PreviewResult": "reports",
-           "FeatureMapResult": "reports"}
+           "FeatureMapResult": "reports", "AuditResult": "reports", "FixesResult": "data",
+           "ExtractResult": "extraction"}
 
 __all__ = [
     "Cache", "Head", "Model", "NotFittedError", "Rows",
@@ -180,7 +181,7 @@ def extract_features(data: PathLike, n: int = ExtractConfig.n, *, verbose: Optio
     map the mean of the photo's and its mirror image's), verify (hash every row's photo on a hit, as on
     folders up to 100 MB always), batch_size, device, workers, decode.
     The same request again is a cache hit
-    (nothing computed); an interrupted one resumes. Returns the Cache (``.result``: extract's summary).
+    (nothing computed); an interrupted one resumes. Returns the Cache (``.result``: an ``ExtractResult``).
     """
     options = {"n": n, **options}
     options.setdefault("command", _call_text("extract_features", data, **options))
@@ -189,7 +190,7 @@ def extract_features(data: PathLike, n: int = ExtractConfig.n, *, verbose: Optio
 
     with verbosity(verbose):
         result = extract(cfg)
-    return Cache(result["cache"], result=result)
+    return Cache(result.cache, result=result)
 
 
 def list_caches(cache_dir: PathLike = ExtractConfig.cache_dir) -> Caches:
@@ -647,15 +648,17 @@ def model_summary(**options):
 
 
 # -- audit ---------------------------------------------------------------------------------------
-def audit_folder(data: Optional[PathLike] = None, *, verbose: Optional[bool] = False, **options) -> dict:
+def audit_folder(data: Optional[PathLike] = None, *, verbose: Optional[bool] = False, **options):
     """What is wrong with a labelled folder (``python cli.py audit``): likely wrong labels (out-of-fold
     probabilities of the default head, ranked by cleanlab's confident learning: given and suggested class,
     score), outliers, exact and near duplicates, and with ``test_data`` the test photos the training
-    folder also holds (leaks). Writes report.json, report.html, gallery.png and fixes.csv to a run folder.
+    folder also holds (leaks). Writes report.json, report.html, gallery.png and fixes.csv to a run folder; returns
+    an ``AuditResult``.
 
     ``options``: AuditConfig's (cache, test_data, test_cache, cache_dir, backbone, weights, folds,
     threshold, top, output, ...); ``apply='fixes.csv'`` moves the files of a reviewed list instead (journalled,
-    undone with ``undo='journal.jsonl'``), then extracts the folder again reusing every unchanged row.
+    undone with ``undo='journal.jsonl'``), then extracts the folder again reusing every unchanged row: a
+    ``FixesResult`` (what moved, the journal, the undo command, the refreshed cache).
     """
     from .reports.audit import audit as run
 

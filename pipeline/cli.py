@@ -259,8 +259,8 @@ def extract(as_json, **options):
         sys.exit(130)
     for line in present.extract_notes(result):
         note(line)
-    if "rank" not in result:  # under torchrun only rank 0 prints the result
-        emit(result, as_json, result["cache"])
+    if result.rank is None:  # under torchrun only rank 0 prints the result
+        emit(result.to_dict(), as_json, result.cache)
 
 
 @cli.command()
@@ -512,7 +512,7 @@ def audit(as_json, **options):
     from .runs.ledger import current_command
 
     result = api.audit_folder(options.pop("data"), verbose=None, command=current_command(), **options)
-    emit(result, as_json, present.audit_text(result, options.get("top") or AuditConfig.top))
+    emit(result.to_dict(), as_json, present.audit_text(result, options.get("top") or AuditConfig.top))
 
 
 @cli.command()

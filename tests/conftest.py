@@ -72,7 +72,7 @@ def make_cache(tmp_path):
 @pytest.fixture
 def tiny_cache(make_cache, image_folder) -> Path:
     """A complete float32 feature cache of ``image_folder`` (2 x 12 images) from the tiny backbone."""
-    return Path(make_cache(image_folder, dtype="float32")["cache"])
+    return Path(make_cache(image_folder, dtype="float32").cache)
 
 
 @pytest.fixture(autouse=True)

@@ -17,7 +17,7 @@ def make_tiny_head(root: Path, head: str = "linear", **options) -> Path:
 
     data = make_image_folder(root / "data", per_class=8, classes=("blue", "green", "red"))
     cache = extract(ExtractConfig(data=str(data), n=0, backbone="tiny", weights="none", workers=0,
-                                  cache_dir=str(root / "features"), dtype="float32"))["cache"]
+                                  cache_dir=str(root / "features"), dtype="float32")).cache
     fitted = fit_head(FitHeadConfig(head=head, cache=cache, epochs=3, runs_dir=str(root / "runs"), **options))
     return Path(fitted.checkpoint)
 

@@ -14,6 +14,7 @@ from PIL import Image
 
 import pipeline
 from pipeline import progress
+from pipeline.extraction.extract import ExtractResult
 from tests.conftest import ROOT, make_image_folder
 
 pytestmark = pytest.mark.filterwarnings("ignore:--weights none")
@@ -76,10 +77,10 @@ def test_extract_features_returns_a_cache_and_prints_nothing(work, capfd):
     assert rows.dtype == np.float32 and np.array_equal(rows[0], rows[2])
     np.testing.assert_array_equal(rows[1], cache.features[1])
     assert cache.provenance.backbone == "tiny" and cache.provenance.classes == ("blue", "red")
-    assert cache.summary()["rows"] == 24 and cache.result["hit"] is False
+    assert cache.summary()["rows"] == 24 and isinstance(cache.result, ExtractResult) and cache.result.hit is False
     assert "24 rows" in repr(cache) and os.fspath(cache) == str(cache.path)
     again = pipeline.extract_features("data", n=0, dtype="float32", **TINY)
-    assert again.path == cache.path and again.result["hit"] is True
+    assert again.path == cache.path and again.result.hit is True
     assert [c.path for c in pipeline.list_caches()] == [cache.path]
     cache.close()
 

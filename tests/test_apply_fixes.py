@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 
 import pipeline.data.apply_fixes as af
-from pipeline.data.apply_fixes import apply_fixes, read_journal, undo_fixes
+from pipeline.data.apply_fixes import FixesResult, apply_fixes, read_journal, undo_fixes
 from pipeline.errors import PipelineError, UsageError
 from pipeline.reports.audit import write_fixes_csv
 from tests.conftest import make_image_folder
@@ -36,8 +36,8 @@ def test_a_clash_refuses_the_whole_list(tmp_path):
     assert snapshot(data) == before and not (tmp_path / "data.quarantine").exists()
     fixes.write_text("path,action,new_class,new_name\nred/red.0.jpg,relabel,blue,red.0-from-red.jpg\n")
     r = apply_fixes(fixes, data, tmp_path / "run")  # the same move under a free name goes through
-    assert r["relabel"] == 1 and (data / "blue" / "red.0-from-red.jpg").read_bytes() == before[
-        (data / "red" / "red.0.jpg").relative_to(data)]
+    assert isinstance(r, FixesResult) and r.relabel == 1
+    assert (data / "blue" / "red.0-from-red.jpg").read_bytes() == before[(data / "red" / "red.0.jpg").relative_to(data)]
 
 
 def test_an_interrupted_apply_is_undone_from_its_journal(tmp_path, monkeypatch):
@@ -76,7 +76,7 @@ def test_undo_refuses_a_file_changed_since(tmp_path):
     assert json.loads((tmp_path / "run" / "journal.jsonl").read_text().splitlines()[1])["to"].endswith("blue/red.1.jpg")
     (data / "blue" / "red.1.jpg").write_bytes(b"edited")
     with pytest.raises(UsageError, match="changed since it was moved"):
-        undo_fixes(r["journal"])
+        undo_fixes(r.journal)
     assert (data / "blue" / "red.1.jpg").exists() and not (data / "red" / "red.1.jpg").exists()
 
 
@@ -113,7 +113,7 @@ def test_two_applies_at_once_never_lose_a_file(tmp_path, monkeypatch):
 
     def run(c):
         try:
-            outcome[c] = apply_fixes(lists[c], data, tmp_path / f"run-{c}")["moved"]
+            outcome[c] = apply_fixes(lists[c], data, tmp_path / f"run-{c}").moved
         except (UsageError, PipelineError) as e:
             outcome[c] = str(e)
 
@@ -156,7 +156,7 @@ def test_extract_and_apply_wait_for_each_other_then_refuse(tmp_path, monkeypatch
         with pytest.raises(moves.FolderBusy, match="being read by an extract"):
             apply_fixes(fixes, data, tmp_path / "run")
     assert snapshot(data) == before and not (tmp_path / "features").exists()
-    assert make_cache(data)["rows"] == 6 and apply_fixes(fixes, data, tmp_path / "run2")["moved"] == 1
+    assert make_cache(data).rows == 6 and apply_fixes(fixes, data, tmp_path / "run2").moved == 1
 
 
 def _sha(path):
@@ -230,7 +230,7 @@ def test_a_file_vanishing_mid_apply_stops_it_and_the_journal_still_undoes(tmp_pa
     monkeypatch.setattr(af, "file_digest", real)
     _, moves = read_journal(tmp_path / "run" / "journal.jsonl")
     assert [m["confirmed"] for m in moves] == [True]
-    assert undo_fixes(tmp_path / "run" / "journal.jsonl")["moved"] == 1
+    assert undo_fixes(tmp_path / "run" / "journal.jsonl").moved == 1
     assert (data / "red" / "red.0.jpg").exists() and not (data / "blue" / "red.0.jpg").exists()
 
 
@@ -250,7 +250,7 @@ def test_an_intent_whose_move_failed_is_skipped_by_undo(tmp_path, monkeypatch):
     with pytest.raises(PipelineError, match="cannot move .*Permission denied; stopped"):
         apply_fixes(fixes, data, tmp_path / "run")
     monkeypatch.setattr(af, "move_no_replace", real)
-    assert undo_fixes(tmp_path / "run" / "journal.jsonl")["moved"] == 1
+    assert undo_fixes(tmp_path / "run" / "journal.jsonl").moved == 1
     assert snapshot(data) == before and not (tmp_path / "data.quarantine").exists()
 
 
@@ -286,10 +286,10 @@ def test_a_quarantine_on_another_file_system_is_copied_verified_and_undone(tmp_p
     fixes.write_text("path,action,new_class\nred/red.0.jpg,relabel,blue\nred/red.1.jpg,remove,\n")
     r = apply_fixes(fixes, data, tmp_path / "run")
     q = tmp_path / "data.quarantine"
-    assert r["moved"] == 2 and not (data / "red" / "red.1.jpg").exists()
+    assert r.moved == 2 and not (data / "red" / "red.1.jpg").exists()
     assert (q / "red" / "red.1.jpg").read_bytes() == before[(data / "red" / "red.1.jpg").relative_to(data)]
     assert os.stat(q / "red" / "red.1.jpg").st_mtime_ns == mtime
-    undo_fixes(r["journal"])
+    undo_fixes(r.journal)
     assert snapshot(data) == before and not q.exists() and os.stat(data / "red" / "red.1.jpg").st_mtime_ns == mtime
 
 
@@ -330,7 +330,7 @@ def test_a_spreadsheets_utf8_list_is_read_and_other_encodings_refused_by_line(tm
     data = make_image_folder(tmp_path / "data", per_class=3)
     fixes = tmp_path / "fixes.csv"
     fixes.write_bytes("path,action,new_class\r\nred/red.0.jpg,relabel,blue\r\n".encode("utf-8-sig"))
-    assert apply_fixes(fixes, data, tmp_path / "run")["moved"] == 1
+    assert apply_fixes(fixes, data, tmp_path / "run").moved == 1
     fixes.write_bytes("path,action,new_class\nred/red.1.jpg,keep,\nred/caf\u00e9.jpg,remove,\n".encode("cp1252"))
     with pytest.raises(UsageError, match=r"line 3: not UTF-8 text \(byte 0xe9\); save the list as 'CSV UTF-8'"):
         apply_fixes(fixes, data, tmp_path / "run2")
@@ -352,7 +352,7 @@ def test_audits_own_list_applies_exactly_odd_names_included(tmp_path):
     lines = (tmp_path / "fixes.csv").read_text().splitlines()
     assert lines[2].startswith("'=red/x.jpg,") and lines[1].startswith(f"red/{odd},")
     r = apply_fixes(tmp_path / "fixes.csv", data, tmp_path / "run")
-    assert r["moved"] == 2 and (data / " blue " / odd).is_file() and (data / " blue " / "x.jpg").is_file()
+    assert r.moved == 2 and (data / " blue " / odd).is_file() and (data / " blue " / "x.jpg").is_file()
 
 
 def test_a_move_stopped_between_its_link_and_unlink_is_undone_to_one_name(tmp_path, monkeypatch):
@@ -375,5 +375,5 @@ def test_a_move_stopped_between_its_link_and_unlink_is_undone_to_one_name(tmp_pa
         apply_fixes(fixes, data, tmp_path / "run")
     monkeypatch.setattr(af, "move_no_replace", real)
     assert (data / "blue" / "red.1.jpg").samefile(data / "red" / "red.1.jpg")
-    assert undo_fixes(tmp_path / "run" / "journal.jsonl")["moved"] == 1
+    assert undo_fixes(tmp_path / "run" / "journal.jsonl").moved == 1
     assert snapshot(data) == before

@@ -8,6 +8,7 @@ from PIL import Image
 
 import pipeline
 from pipeline.cli import cli
+from pipeline.reports.audit import AuditResult
 from tests.conftest import COLOURS, make_image_folder
 
 TINY = {"backbone": "tiny", "weights": "none", "workers": 0}
@@ -40,19 +41,19 @@ def test_audit_finds_the_planted_problems(tmp_path):
     data, test = planted(tmp_path)
     r = pipeline.audit_folder(data, test_data=str(test), folds=3, threshold=0.999, cache_dir=str(tmp_path / "features"),
                        runs_dir=str(tmp_path / "runs"), **TINY)
-    assert r["label_issues"][0]["path"] == "red/blue.3.jpg"
-    assert (r["label_issues"][0]["given"], r["label_issues"][0]["suggested"]) == ("red", "blue")
-    exact = [g for g in r["duplicates"] if g["exact"]]
+    assert isinstance(r, AuditResult) and r.label_issues[0]["path"] == "red/blue.3.jpg"
+    assert (r.label_issues[0]["given"], r.label_issues[0]["suggested"]) == ("red", "blue")
+    exact = [g for g in r.duplicates if g["exact"]]
     assert [sorted(g["paths"]) for g in exact] == [["green/copy.jpg", "green/green.1.jpg"]]
     # the two planted leaks are the most similar pairs: the copy first (same bytes), then the re-encoded one
-    top = [(lk["test"], lk["train"], lk["exact"]) for lk in r["leaks"][:2]]
+    top = [(lk["test"], lk["train"], lk["exact"]) for lk in r.leaks[:2]]
     assert top == [("red/leak.jpg", "red/red.2.jpg", True), ("green/leak2.jpg", "green/green.4.jpg", False)]
     # the report is self-contained and written outside the data folder
     out = tmp_path / "runs"
     html = (next(out.glob("*-audit")) / "report.html").read_text()
     assert "data:image/jpeg;base64," in html and "http://" not in html and "https://" not in html
     saved = json.loads((next(out.glob("*-audit")) / "report.json").read_text())
-    assert saved["label_issues"][0] == {k: r["label_issues"][0][k] for k in saved["label_issues"][0]}
+    assert saved["label_issues"][0] == {k: r.label_issues[0][k] for k in saved["label_issues"][0]}
     assert not list(data.rglob("*.json")) and not list(data.rglob("*.html"))
 
 
@@ -78,8 +79,10 @@ def test_cli_audit_json_and_apply_undo_round_trip(tmp_path):
     other = CliRunner().invoke(cli, ["audit", "--undo", journal, "--data", str(tmp_path), "--no-refresh"])
     assert other.exit_code == 2 and "not of --data" in other.output  # --data pins the folder an undo may touch
     run = CliRunner().invoke(cli, ["audit", "--undo", journal, "--data", str(data),
-                                   "--cache-dir", str(tmp_path / "features")])
+                                   "--cache-dir", str(tmp_path / "features"), "--json"])
     assert run.exit_code == 0, run.output
+    # an undo's answer: no --apply keys (relabel, quarantine, undo, moves), the refreshed cache
+    assert list(json.loads(run.stdout)) == ["what", "root", "moved", "journal", "refreshed"]
     after = {p.relative_to(data): p.read_bytes() for p in data.rglob("*") if p.is_file()}
     assert after == before
     assert not (tmp_path / "data.quarantine").exists()
@@ -97,12 +100,12 @@ def test_too_small_a_class_names_it_and_gives_advice_that_works(tmp_path, make_c
     make_image_folder(tmp_path / "data", per_class=4)
     for p in sorted((tmp_path / "data" / "red").iterdir())[1:]:
         p.unlink()
-    cache = make_cache(tmp_path / "data")["cache"]
+    cache = make_cache(tmp_path / "data").cache
     for folds, advice in [(5, "add photos to it"), (2, "add photos to it")]:
         run = CliRunner().invoke(cli, ["audit", "--cache", cache, "--folds", str(folds)])
         assert run.exit_code == 2 and "class 'red'" in run.output and "has 1 (" + advice in run.output, run.output
     shutil.copy(next((tmp_path / "data" / "red").iterdir()), tmp_path / "data" / "red" / "again.jpg")
-    cache = make_cache(tmp_path / "data")["cache"]
+    cache = make_cache(tmp_path / "data").cache
     run = CliRunner().invoke(cli, ["audit", "--cache", cache, "--folds", "3"])
     assert run.exit_code == 2 and "has 2 (pass --folds 2)" in run.output, run.output
 
@@ -111,16 +114,16 @@ def test_a_cache_made_before_digests_still_shows_exact_copies(tmp_path, make_cac
     import h5py
 
     data, _ = planted(tmp_path)
-    cache = make_cache(data)["cache"]
+    cache = make_cache(data).cache
     with h5py.File(cache, "r+") as f:
         del f["sha256"]
     r = pipeline.audit_folder(cache=cache, folds=3, threshold=1.0, runs_dir=str(tmp_path / "runs"))
-    assert [sorted(g["paths"]) for g in r["duplicates"] if g["exact"]] == [["green/copy.jpg", "green/green.1.jpg"]]
+    assert [sorted(g["paths"]) for g in r.duplicates if g["exact"]] == [["green/copy.jpg", "green/green.1.jpg"]]
 
 
 def test_the_report_never_goes_into_the_data_folder(tmp_path, make_cache):
     data, _ = planted(tmp_path)
-    cache = make_cache(data)["cache"]
+    cache = make_cache(data).cache
     run = CliRunner().invoke(cli, ["audit", "--cache", cache, "--folds", "3", "--output", str(data / "report")])
     assert run.exit_code == 2 and "inside the data folder" in run.output
     assert not (data / "report").exists()
@@ -160,15 +163,15 @@ def test_a_leak_needs_the_same_layout_not_only_the_same_things(tmp_path):
     square(test / "blue" / "square_again.png", 12, 12, background=250)  # the same photo, its background retouched
     r = pipeline.audit_folder(data, test_data=str(test), folds=2, threshold=0.99, cache_dir=str(tmp_path / "features"),
                               runs_dir=str(tmp_path / "runs"), **TINY)
-    leaks = {(lk["test"], lk["train"]) for lk in r["leaks"]}
+    leaks = {(lk["test"], lk["train"]) for lk in r.leaks}
     assert ("blue/square_again.png", "blue/square.png") in leaks
     assert ("blue/square_lower.png", "blue/square.png") not in leaks
-    assert r["unconfirmed"]["leaks"] >= 1
+    assert r.unconfirmed["leaks"] >= 1
 
 
 def test_a_test_folder_of_other_classes_is_refused_before_its_extraction(tmp_path, make_cache):
     """The classes named, not a cache of the test folder refused afterwards as one 'made differently'."""
-    cache = make_cache(make_image_folder(tmp_path / "data", per_class=4))["cache"]
+    cache = make_cache(make_image_folder(tmp_path / "data", per_class=4)).cache
     test = make_image_folder(tmp_path / "t", per_class=3, classes=("blue", "green"))
     before = sorted((tmp_path / "features").iterdir())
     run = CliRunner().invoke(cli, ["audit", "--cache", cache, "--folds", "2", "--test-data", str(test),
@@ -191,7 +194,7 @@ def test_a_cache_dir_inside_the_test_folder_is_refused_before_anything_is_writte
 
 def test_a_pool_cache_is_refused_in_one_line(tmp_path, make_cache):
     """suggest's pool cache (one unlabelled class) used to end in 'unexpected ValueError ... (a bug?)', exit 1."""
-    cache = make_cache(make_image_folder(tmp_path / "pool", per_class=3), purpose="pool")["cache"]
+    cache = make_cache(make_image_folder(tmp_path / "pool", per_class=3), purpose="pool").cache
     run = CliRunner().invoke(cli, ["audit", "--cache", cache, "--folds", "2", "--runs-dir", str(tmp_path / "runs")])
     assert run.exit_code == 2 and "the unlabelled photos of a pool (suggest's)" in run.output, run.output
 
@@ -202,7 +205,7 @@ def test_a_training_cache_of_the_old_decoding_rule_is_refused_before_the_test_fo
     data = make_image_folder(tmp_path / "d", per_class=6)
     test = make_image_folder(tmp_path / "t", per_class=3, seed=5)
     with old_decoding():
-        old = make_cache(data, dtype="float32")["cache"]
+        old = make_cache(data, dtype="float32").cache
     before = sorted((tmp_path / "features").iterdir())
     run = CliRunner().invoke(cli, ["audit", "--cache", old, "--test-data", str(test),
                                    "--runs-dir", str(tmp_path / "runs")])

@@ -79,20 +79,20 @@ def test_foreign_and_damaged_files_are_refused(tmp_path):
 
 def test_validation_checks_shapes_and_labels(image_folder, tmp_path, make_cache):
     r = make_cache(image_folder)
-    with h5py.File(r["cache"], "a") as f:
+    with h5py.File(r.cache, "a") as f:
         f["labels"][0] = 7
     with pytest.raises(CacheError, match="labels outside"):
-        read_info(r["cache"])
-    with h5py.File(r["cache"], "a") as f:
+        read_info(r.cache)
+    with h5py.File(r.cache, "a") as f:
         f["labels"][0] = 0
         del f["paths"]
     with pytest.raises(CacheError, match="no dataset 'paths'"):
-        read_info(r["cache"])
+        read_info(r.cache)
 
 
 def test_iter_blocks_streams_each_row_once(image_folder, tmp_path, make_cache):
     r = make_cache(image_folder, dtype="float32")
-    with FeatureCache(r["cache"]) as c:
+    with FeatureCache(r.cache) as c:
         full = c.features[:]
         want = np.array([0, 3, 4, 9, 10, 23])
         seen = []

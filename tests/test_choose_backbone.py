@@ -140,10 +140,10 @@ def test_a_candidate_whose_rows_all_came_from_an_earlier_cache_keeps_that_caches
     never the fastest within noise. The copied rows keep the rate of the cache they came from."""
     data = make_image_folder(tmp_path / "data", per_class=10, classes=("blue", "green", "red"))
     whole = make_cache(data)  # tmp_path/features, as choose-backbone's below
-    rate = json.loads(read_info(whole["cache"]).attrs["extract_rate"])
+    rate = json.loads(read_info(whole.cache).attrs["extract_rate"])
     choice = pipeline.choose_backbone(data, ["tiny=none", "tiny_wide=none"], n=24, folds=3, repeats=1, fused=False,
                                       cache_dir=tmp_path / "features", workers=0)
     tiny = next(c for c in choice.candidates if c.name == "tiny")
     (path,) = tiny.caches
-    assert path != whole["cache"] and json.loads(read_info(path).attrs["reuse"])["computed"] == 0
+    assert path != whole.cache and json.loads(read_info(path).attrs["reuse"])["computed"] == 0
     assert tiny.img_per_s == pytest.approx(rate["img_per_s"])

@@ -94,7 +94,7 @@ def test_errors_are_one_line_with_exit_code_2(run, tmp_path, make_cache, args, m
     (tmp_path / "empty" / "a").mkdir(parents=True)
     torch.save(load_backbone("tiny", "none").model.state_dict(), tmp_path / "tiny.pt")
     data = make_image_folder(tmp_path / "d2", per_class=2)
-    cache = make_cache(data, cache_dir=str(tmp_path / "c2"))["cache"]
+    cache = make_cache(data, cache_dir=str(tmp_path / "c2")).cache
     raw = open(cache, "rb").read()
     (tmp_path / "damaged.h5").write_bytes(raw[: len(raw) // 2])  # a real cache, cut off halfway
     (tmp_path / "c2.h5").write_bytes(raw)
@@ -133,7 +133,7 @@ def test_a_link_or_pipe_in_the_data_folder_is_skipped_with_its_reason(run, tmp_p
 
 
 def test_a_diverging_fit_exits_1_and_saves_nothing(run, tmp_path, make_cache):
-    cache = make_cache(make_image_folder(tmp_path / "data", per_class=8), dtype="float32")["cache"]
+    cache = make_cache(make_image_folder(tmp_path / "data", per_class=8), dtype="float32").cache
     with h5py.File(cache, "a") as f:
         f["features"][3] = float("nan")  # one hand-edited row
     r = run("fit-head", "--cache", cache, "--head", "linear", "--runs-dir", tmp_path / "runs", "--epochs", 2)

@@ -9,7 +9,7 @@ from tests.conftest import make_image_folder
 
 def test_both_models_on_the_same_split(tmp_path, monkeypatch, make_cache):
     data = make_image_folder(tmp_path / "d", per_class=16, classes=("blue", "green", "red"))
-    cache = make_cache(data)["cache"]
+    cache = make_cache(data).cache
     import pipeline.heads.compare as compare
 
     seen = []
@@ -52,7 +52,7 @@ def test_bad_C_is_a_value_error(tmp_path):
 def test_compare_sklearn_C_is_the_baselines_never_the_heads(tmp_path, make_cache):
     import pipeline
 
-    cache = make_cache(make_image_folder(tmp_path / "d", per_class=8))["cache"]
+    cache = make_cache(make_image_folder(tmp_path / "d", per_class=8)).cache
     rows = pipeline.compare_sklearn(cache, C=0.5, val_fraction=0.25, runs_dir=str(tmp_path / "runs"))
     by_kind = {r["model"].split()[0] + " " + r["model"].split()[1]: r["model"] for r in rows}
     assert "C=100" in by_kind["logreg Linear+LogSoftmax"] and "C=100" in by_kind["kernel Linear+LogSoftmax"]
@@ -77,7 +77,7 @@ def test_the_scikit_learn_fits_say_they_are_still_running(tmp_path, monkeypatch,
             time.sleep(0.35)
             return super().fit(*a, **k)
 
-    cache = make_cache(make_image_folder(tmp_path / "d", per_class=12))["cache"]
+    cache = make_cache(make_image_folder(tmp_path / "d", per_class=12)).cache
     monkeypatch.setattr(compare, "LogisticRegression", SlowLogisticRegression)
     monkeypatch.setattr(compare, "GridSearchCV", SlowGridSearchCV)
     monkeypatch.setattr(pg, "LOG_INTERVAL", 0.0)

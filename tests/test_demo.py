@@ -112,11 +112,15 @@ def test_demo_ends_with_its_outputs_and_the_next_commands(tmp_path, monkeypatch)
 
 def test_the_result_is_a_dataclass_whose_dict_leaves_out_fetch_when_nothing_was_fetched():
     """--json prints to_dict(): the steps as before, every step a plain object, no fetch unless one ran."""
+    from pipeline.extraction.extract import ExtractResult
     from pipeline.heads.compare import CompareResult
     from pipeline.reports.demo import DemoResult
 
     compare = CompareResult(cache="c.h5", split={}, models=[], head_run_dir="runs/x", test_cache=None,
                             source_changed=None, default_cache=None)
-    r = DemoResult(fetch=None, check={"files": 1}, extract={"cache": "c.h5"}, compare=compare, next={})
+    extract = ExtractResult(cache="c.h5", hit=True, rows=2, skipped=0, feature_shape=[4], classes=["a"],
+                            precision="fp32", flip=False, seconds=0.1, verified=False)
+    r = DemoResult(fetch=None, check={"files": 1}, extract=extract, compare=compare, next={})
     assert list(r.to_dict()) == ["check", "extract", "compare", "next"]
+    assert list(r.to_dict()["extract"]) == [*ExtractResult.HIT[:-1]]  # a hit's keys, as extract --json prints them
     assert r.to_dict()["compare"]["head_run_dir"] == "runs/x" and r.compare.head_run_dir == "runs/x"

@@ -22,8 +22,8 @@ def test_device_decoding_keeps_the_rows_and_the_skips_of_pil(tmp_path):
     corpus = make_bad_corpus(data)
     pil = _extract(data, tmp_path, "pil")
     dev = _extract(data, tmp_path, "device", workers=1)
-    assert dev["cache"] != pil["cache"]  # another decoder, another cache
-    with FeatureCache(pil["cache"]) as a, FeatureCache(dev["cache"]) as b:
+    assert dev.cache != pil.cache  # another decoder, another cache
+    with FeatureCache(pil.cache) as a, FeatureCache(dev.cache) as b:
         assert a.paths == b.paths and a.labels.tolist() == b.labels.tolist()
         assert {p for p, _ in b.skipped()} == skipped_by_extract(corpus) == {p for p, _ in a.skipped()}
         x, y = a.features[:].reshape(a.n, -1), b.features[:].reshape(b.n, -1)
@@ -49,7 +49,7 @@ def test_a_named_pipe_never_hangs_device_decoding(tmp_path):
         with pytest.raises(ImageLoadError, match="named pipe"):
             jpeg_bytes(data / "red" / "f.jpg")
         r = _extract(data, tmp_path, "device")
-    with FeatureCache(r["cache"]) as c:
+    with FeatureCache(r.cache) as c:
         assert c.n == 6 and "red/f.jpg" not in c.paths
 
 

@@ -61,7 +61,7 @@ def result_of(proc: subprocess.CompletedProcess) -> dict:
 
 
 def single(data: Path, cache_dir: Path, n: int) -> str:
-    return extract(ExtractConfig(data=str(data), n=n, cache_dir=str(cache_dir), **COMMON))["cache"]
+    return extract(ExtractConfig(data=str(data), n=n, cache_dir=str(cache_dir), **COMMON)).cache
 
 
 def assert_same_rows(a: str, b: str, exact: bool = True) -> None:
@@ -114,7 +114,7 @@ def test_fit_head_on_sharded_matches_single(clean):
 def test_plain_run_is_a_hit_and_consolidate_makes_one_file(clean, tmp_path):
     _, data, one, res = clean
     again = extract(ExtractConfig(data=str(data), n=0, cache_dir=str(Path(res["cache"]).parent), **COMMON))
-    assert again["hit"] and again["cache"] == res["cache"]
+    assert again.hit and again.cache == res["cache"]
     copy = tmp_path / "c"
     shutil.copytree(Path(res["cache"]).parent, copy)
     path = copy / Path(res["cache"]).name

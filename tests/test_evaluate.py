@@ -83,9 +83,9 @@ def test_val_split_of_a_held_out_cache_is_not_called_rows_the_refitted_head_saw(
     """The default head is refitted on every row of its cache; on another cache (a held-out test folder's) the
     'val' rows are not rows it saw: the warning says the cache is not the model's and how few rows 'val' scores,
     not (as before) that the head saw them."""
-    train = make_cache(image_folder)["cache"]
+    train = make_cache(image_folder).cache
     held_out = make_image_folder(tmp_path / "test", per_class=12, seed=5)
-    test = make_cache(held_out, cache_dir=str(tmp_path / "test_features"))["cache"]
+    test = make_cache(held_out, cache_dir=str(tmp_path / "test_features")).cache
     head = fit_head(FitHeadConfig(cache=train, runs_dir=str(tmp_path / "runs"))).checkpoint
     r = evaluate(EvaluateConfig(model=head, cache=test, runs_dir=str(tmp_path / "runs")))
     assert "is not the cache the model was trained on: 'val' scores 4 of its 24 rows" in caplog.text
@@ -101,10 +101,10 @@ def test_a_cache_of_some_of_the_models_classes_is_scored_as_its_folder_is(tmp_pa
     figures as --data, and a cache with a class the model does not know is refused naming it."""
     classes = ("blue", "green", "red")
     train = make_cache(make_image_folder(tmp_path / "train", classes=classes), dtype="float32", precision="fp32")
-    head = fit_head(FitHeadConfig(head="linear", cache=train["cache"], epochs=3, runs_dir=str(tmp_path / "runs")))
+    head = fit_head(FitHeadConfig(head="linear", cache=train.cache, epochs=3, runs_dir=str(tmp_path / "runs")))
     head = head.checkpoint
     some = make_image_folder(tmp_path / "some", per_class=6, classes=("blue", "red"), seed=3)
-    cache = make_cache(some, dtype="float32", precision="fp32", cache_dir=str(tmp_path / "some_features"))["cache"]
+    cache = make_cache(some, dtype="float32", precision="fp32", cache_dir=str(tmp_path / "some_features")).cache
     on_cache = evaluate(EvaluateConfig(model=head, cache=cache, split="all", runs_dir=str(tmp_path / "runs")))
     on_data = evaluate(EvaluateConfig(model=head, data=str(some), precision="fp32", workers=0,
                                       runs_dir=str(tmp_path / "runs")))
@@ -113,7 +113,7 @@ def test_a_cache_of_some_of_the_models_classes_is_scored_as_its_folder_is(tmp_pa
     assert on_cache.accuracy == on_data.accuracy and on_cache.loss == pytest.approx(on_data.loss, abs=1e-4)
     other = make_image_folder(tmp_path / "other", per_class=6, classes=("blue", "red"), seed=4)
     (other / "red").rename(other / "purple")
-    wrong = make_cache(other, dtype="float32", precision="fp32", cache_dir=str(tmp_path / "other_features"))["cache"]
+    wrong = make_cache(other, dtype="float32", precision="fp32", cache_dir=str(tmp_path / "other_features")).cache
     out = CliRunner().invoke(cli.cli, ["evaluate", "--model", head, "--cache", wrong, "--split", "all",
                                        "--runs-dir", str(tmp_path / "runs")])
     assert out.exit_code == 2 and "has classes ['purple'] the model does not know" in out.output
@@ -203,10 +203,10 @@ def test_a_trained_model_evaluates_on_images(tmp_path, image_folder):
 def test_evaluate_cache_and_fit_head_test_cache_refuse_the_same_caches(tmp_path, make_cache, image_folder,
                                                                        made_otherwise):
     """One rule decides whether rows mean the same thing: a head refuses a cache made otherwise, both ways."""
-    train = make_cache(image_folder, dtype="float32", precision="fp32")["cache"]
+    train = make_cache(image_folder, dtype="float32", precision="fp32").cache
     other = make_cache(image_folder, **{"dtype": "float32", "precision": "fp32", **made_otherwise},
-                       cache_dir=str(tmp_path / "other"))["cache"]
-    same = make_cache(image_folder, dtype="float32", precision="fp32", cache_dir=str(tmp_path / "same"))["cache"]
+                       cache_dir=str(tmp_path / "other")).cache
+    same = make_cache(image_folder, dtype="float32", precision="fp32", cache_dir=str(tmp_path / "same")).cache
     head = fit_head(FitHeadConfig(head="linear", cache=train, epochs=1, runs_dir=str(tmp_path / "runs"))).checkpoint
     (field, value), = made_otherwise.items()
     with pytest.raises(ValueError, match=f"made differently.*{field}: .* vs {value}"):

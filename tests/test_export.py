@@ -227,7 +227,7 @@ def test_a_torchscript_export_of_a_whole_model(tmp_path, image_folder):
 
 def test_a_flip_head_exports_with_its_mirror_mean(tmp_path, make_cache):
     data = make_image_folder(tmp_path / "data", per_class=6)
-    cache = make_cache(data, dtype="float32", flip=True)["cache"]
+    cache = make_cache(data, dtype="float32", flip=True).cache
     from pipeline.heads.fit_head import FitHeadConfig, fit_head
 
     head = fit_head(FitHeadConfig(head="logreg", cache=cache, runs_dir=str(tmp_path / "runs"))).checkpoint
@@ -284,7 +284,7 @@ def test_no_output_replaces_a_photo_the_cache_or_the_weights_sidecar_of_the_head
     torch.save(bb.load_backbone("tiny", "none").model.state_dict(), weights)
     weights.with_suffix(".json").write_text(json.dumps({"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}))
     cache = extract(ExtractConfig(data=str(data), n=0, backbone="tiny", weights=str(weights), workers=0,
-                                  cache_dir=str(tmp_path / "f")))["cache"]
+                                  cache_dir=str(tmp_path / "f"))).cache
     head = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=1, runs_dir=str(tmp_path / "r"))).checkpoint
     before = files_below(tmp_path)
     for output, extra, why in [
@@ -329,7 +329,7 @@ def test_a_real_vgg16_head_exports_with_parity(shared_available, make_cache, tmp
     from pipeline.heads.fit_head import FitHeadConfig, fit_head
     from tests.conftest import SHARED, SHARED_CATSDOGS, SHARED_WEIGHTS
 
-    cache = make_cache(SHARED_CATSDOGS, n=40, backbone="vgg16", weights=str(SHARED_WEIGHTS), workers=2)["cache"]
+    cache = make_cache(SHARED_CATSDOGS, n=40, backbone="vgg16", weights=str(SHARED_WEIGHTS), workers=2).cache
     head = fit_head(FitHeadConfig(cache=cache, runs_dir=str(tmp_path / "runs"))).checkpoint
     result = pipeline.export_model(head, tmp_path / "catsdogs.onnx", check_data=SHARED / "data" / "catsdogs_test",
                                    check_n=8)

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 import pipeline.data.folders
 from pipeline.cache.feature_cache import FeatureCache
 from pipeline.cli import cli
-from pipeline.extraction.extract import ExtractConfig, extract
+from pipeline.extraction.extract import ExtractConfig, ExtractResult, extract
 from tests.conftest import ROOT, make_image_folder
 from tests.tiny import CLI
 
@@ -26,8 +26,8 @@ def cfg(data, tmp_path, **kw):
 
 def test_extract_writes_every_row_including_the_partial_last_batch(image_folder, tmp_path):
     r = extract(cfg(image_folder, tmp_path, batch_size=5))  # 24 images: 4 full batches + 4
-    assert not r["hit"] and r["rows"] == 24 and r["feature_shape"] == [8, 8, 8]
-    with h5py.File(r["cache"], "r") as f:
+    assert not r.hit and r.rows == 24 and r.feature_shape == [8, 8, 8]
+    with h5py.File(r.cache, "r") as f:
         assert f["features"].shape == (24, 8, 8, 8) and f["labels"].dtype == np.int64
         paths = [p.decode() for p in f["paths"][:]]
         assert len(set(paths)) == 24 and all((image_folder / p).is_file() for p in paths)
@@ -39,6 +39,18 @@ def test_extract_writes_every_row_including_the_partial_last_batch(image_folder,
         assert "torch" in json.loads(a["versions"]) and a["data_root"] == str(image_folder.resolve())
 
 
+
+def test_the_result_is_a_dataclass_whose_dict_has_each_shapes_keys(image_folder, tmp_path):
+    """--json prints to_dict(): a computed cache's keys, a hit's (with verified), a torchrun rank's (rank third)."""
+    made = extract(cfg(image_folder, tmp_path, precision="fp32"))
+    assert isinstance(made, ExtractResult) and list(made.to_dict()) == [*ExtractResult.COMPUTED[:-2]]
+    hit = extract(cfg(image_folder, tmp_path, precision="fp32"))
+    assert list(hit.to_dict()) == [*ExtractResult.HIT[:-1]] and hit.rows == made.rows == 24
+    rank = ExtractResult(cache="c.h5", hit=False, rank=1, skipped=0, rows=5, computed=5, resumed_from=0, seconds=1.0,
+                         img_per_s=5.0)
+    assert list(rank.to_dict()) == ["cache", "hit", "rank", "skipped", "rows", "computed", "resumed_from", "seconds",
+                                    "img_per_s"]
+
 def test_rows_match_a_direct_forward_pass(image_folder, tmp_path):
     import torch
 
@@ -47,7 +59,7 @@ def test_rows_match_a_direct_forward_pass(image_folder, tmp_path):
 
     r = extract(cfg(image_folder, tmp_path, precision="fp32"))
     bb = load_backbone("tiny", "none")
-    with FeatureCache(r["cache"]) as c:
+    with FeatureCache(r.cache) as c:
         x = torch.stack([bb.transform(load_rgb(image_folder / p)) for p in c.paths[:3]])
         with torch.inference_mode():
             want = bb.features(x).numpy()
@@ -64,9 +76,9 @@ def test_flip_rows_are_the_mean_of_a_photo_and_its_mirror_image_and_heads_predic
 
     plain = extract(cfg(image_folder, tmp_path, precision="fp32"))
     r = extract(cfg(image_folder, tmp_path, precision="fp32", flip=True))
-    assert r["cache"] != plain["cache"]  # another network: another cache
+    assert r.cache != plain.cache  # another network: another cache
     bb = load_backbone("tiny", "none")
-    with FeatureCache(r["cache"]) as c:
+    with FeatureCache(r.cache) as c:
         assert c.attrs["flip"]
         x = torch.stack([bb.transform(load_rgb(image_folder / p)) for p in c.paths[:3]])
         with torch.inference_mode():
@@ -83,7 +95,7 @@ def test_flip_rows_are_the_mean_of_a_photo_and_its_mirror_image_and_heads_predic
             got = ((bb.features(xm) + bb.features(xm.flip(-1)).flip(-1)) / 2).flip(-1).numpy()
         np.testing.assert_allclose(got[0], want[0], rtol=1e-4, atol=1e-4)
         # a head fitted on flip rows runs the same network on images: predict == the head on the rows
-        head = pipeline.Head(head="logreg", runs_dir=str(tmp_path / "runs")).fit(pipeline.Cache(r["cache"]))
+        head = pipeline.Head(head="logreg", runs_dir=str(tmp_path / "runs")).fit(pipeline.Cache(r.cache))
         on_rows = head.predict_proba(np.asarray(c.features[:4]))
         on_images = head.predict_proba([image_folder / p for p in c.paths[:4]], precision="fp32", workers=0)
     np.testing.assert_allclose(on_images, on_rows, atol=1e-5)
@@ -106,32 +118,32 @@ def test_flip_is_opt_in_so_an_added_photo_keeps_every_row_and_a_test_folder_fits
     torch.save(load_backbone("tiny", "none").model.state_dict(), weights)
     train = make_image_folder(tmp_path / "train", per_class=50)
     first = extract(cfg(train, tmp_path, weights=str(weights)))
-    assert not first["flip"]
+    assert not first.flip
     shutil.copy(make_image_folder(tmp_path / "one", per_class=1, seed=3) / "blue" / "blue.0.jpg",
                 train / "blue" / "added.jpg")
     again = extract(cfg(train, tmp_path, weights=str(weights)))
-    assert not again["flip"] and (again["reused"], again["computed"]) == (100, 1)
+    assert not again.flip and (again.reused, again.computed) == (100, 1)
     test = extract(cfg(make_image_folder(tmp_path / "test", per_class=6, seed=4), tmp_path, weights=str(weights)))
-    assert not test["flip"]
-    head = fit_head(FitHeadConfig(cache=again["cache"], head="logreg", runs_dir=str(tmp_path / "runs")))
-    result = evaluate(EvaluateConfig(model=head.checkpoint, cache=test["cache"], split="all",
+    assert not test.flip
+    head = fit_head(FitHeadConfig(cache=again.cache, head="logreg", runs_dir=str(tmp_path / "runs")))
+    result = evaluate(EvaluateConfig(model=head.checkpoint, cache=test.cache, split="all",
                                      runs_dir=str(tmp_path / "runs")))
     assert result.rows == 12
     flipped = extract(cfg(train, tmp_path, weights=str(weights), flip=True))  # asked for: a cache of its own
-    assert flipped["flip"] and flipped["cache"] != again["cache"]
-    with FeatureCache(flipped["cache"]) as c:
+    assert flipped.flip and flipped.cache != again.cache
+    with FeatureCache(flipped.cache) as c:
         assert c.attrs["flip"] and json.loads(c.attrs["config"])["flip"] is True
 
 
 def test_n_takes_a_seeded_stratified_sample(tmp_path):
     data = make_image_folder(tmp_path / "d", per_class=20)
     r = extract(cfg(data, tmp_path, n=10, seed=1))
-    with FeatureCache(r["cache"]) as c:
+    with FeatureCache(r.cache) as c:
         assert c.n == 10 and np.bincount(c.labels).tolist() == [5, 5]
         first = c.paths
     other = extract(cfg(data, tmp_path, n=10, seed=2))
-    assert other["cache"] != r["cache"]
-    with FeatureCache(other["cache"]) as c:
+    assert other.cache != r.cache
+    with FeatureCache(other.cache) as c:
         assert c.paths != first
 
 
@@ -143,7 +155,7 @@ def test_same_request_is_a_cache_hit_without_decoding(image_folder, tmp_path, mo
 
     monkeypatch.setattr(pipeline.data.folders, "load_rgb", no_decoding)
     again = extract(cfg(image_folder, tmp_path, batch_size=7, workers=0))
-    assert again["hit"] and again["cache"] == first["cache"] and again["rows"] == 24
+    assert again.hit and again.cache == first.cache and again.rows == 24
 
 
 def _while_reading(monkeypatch, position: int, before, after=None):
@@ -204,7 +216,7 @@ def test_a_file_moved_or_rewritten_during_extraction_is_never_a_permanent_skip(i
     with FeatureCache(cache, allow_incomplete=True) as c:
         assert not c.info.complete and c.skipped() == []
     r = extract(cfg(image_folder, tmp_path))  # the folder as listed again: resumed
-    assert not r["hit"] and r["resumed_from"] == 5 and (r["rows"], r["skipped"]) == (24, 0)
+    assert not r.hit and r.resumed_from == 5 and (r.rows, r.skipped) == (24, 0)
 
 
 def test_a_cache_whose_skipped_files_read_again_is_not_a_hit(image_folder, tmp_path, monkeypatch):
@@ -212,13 +224,13 @@ def test_a_cache_whose_skipped_files_read_again_is_not_a_hit(image_folder, tmp_p
     batch) is skipped; the next extract finds it readable and extracts again, reusing every other row."""
     _while_reading(monkeypatch, 7, _move_away, _move_back)
     first = extract(cfg(image_folder, tmp_path))
-    assert (first["rows"], first["skipped"]) == (23, 1)
+    assert (first.rows, first.skipped) == (23, 1)
     monkeypatch.undo()
     again = extract(cfg(image_folder, tmp_path))
-    assert not again["hit"] and again["cache"] == first["cache"]
-    assert (again["rows"], again["skipped"], again["reused"], again["computed"]) == (24, 0, 23, 1)
+    assert not again.hit and again.cache == first.cache
+    assert (again.rows, again.skipped, again.reused, again.computed) == (24, 0, 23, 1)
     assert [p.name for p in (tmp_path / "f").iterdir() if ".stale-" in p.name] == []  # set aside, then removed
-    assert extract(cfg(image_folder, tmp_path))["hit"]
+    assert extract(cfg(image_folder, tmp_path)).hit
 
 
 def test_a_file_the_disk_cannot_read_stays_skipped_and_the_cache_a_hit(image_folder, tmp_path, monkeypatch):
@@ -234,9 +246,9 @@ def test_a_file_the_disk_cannot_read_stays_skipped_and_the_cache_a_hit(image_fol
         else decode(self, pos, path, label)))
     time.sleep(1.1)  # the photos' ctime a second before the cache's creation (kept in whole seconds)
     first = extract(cfg(image_folder, tmp_path))
-    assert (first["rows"], first["skipped"]) == (23, 1)
+    assert (first.rows, first.skipped) == (23, 1)
     monkeypatch.undo()
-    assert extract(cfg(image_folder, tmp_path))["hit"]
+    assert extract(cfg(image_folder, tmp_path)).hit
 
 
 def _rewrite_keeping_size_and_mtime(file, like):
@@ -262,33 +274,33 @@ def test_a_photo_rewritten_in_place_with_size_and_mtime_kept_is_found_by_its_sha
     from pipeline.data.image_reader import file_digest
 
     first = extract(cfg(image_folder, tmp_path))
-    with FeatureCache(first["cache"]) as c:
+    with FeatureCache(first.cache) as c:
         target = image_folder / c.paths[3]
     _rewrite_keeping_size_and_mtime(target, _solid_jpeg(tmp_path / "green.jpg", (0, 255, 0)))
     again = extract(cfg(image_folder, tmp_path))  # a small folder: every hit checks
-    assert not again["hit"] and again["cache"] == first["cache"] and (again["reused"], again["computed"]) == (23, 1)
-    with FeatureCache(again["cache"]) as c:
+    assert not again.hit and again.cache == first.cache and (again.reused, again.computed) == (23, 1)
+    with FeatureCache(again.cache) as c:
         assert c.digests[c.paths.index(target.relative_to(image_folder).as_posix())] == file_digest(target)
-    assert extract(cfg(image_folder, tmp_path))["verified"]
+    assert extract(cfg(image_folder, tmp_path)).verified
 
     from pipeline.cache import freshness
 
     monkeypatch.setattr(freshness, "VERIFY_AUTO_MAX_BYTES", 0)  # as for a large folder: hashed only when asked
     _rewrite_keeping_size_and_mtime(target, _solid_jpeg(tmp_path / "dark.jpg", (0, 90, 0)))
     hit = extract(cfg(image_folder, tmp_path))
-    assert hit["hit"] and not hit["verified"]
+    assert hit.hit and not hit.verified
     third = extract(cfg(image_folder, tmp_path, verify=True))
-    assert not third["hit"] and (third["reused"], third["computed"]) == (23, 1)
+    assert not third.hit and (third.reused, third.computed) == (23, 1)
 
 
 def test_a_changed_folder_or_setting_gives_a_new_cache(image_folder, tmp_path):
-    first = extract(cfg(image_folder, tmp_path))["cache"]
-    assert extract(cfg(image_folder, tmp_path, dtype="float16"))["cache"] != first
-    assert extract(cfg(image_folder, tmp_path, pool="avg"))["cache"] != first
+    first = extract(cfg(image_folder, tmp_path)).cache
+    assert extract(cfg(image_folder, tmp_path, dtype="float16")).cache != first
+    assert extract(cfg(image_folder, tmp_path, pool="avg")).cache != first
     img = image_folder / "red" / "red.3.jpg"
     os.utime(img, ns=(img.stat().st_atime_ns, img.stat().st_mtime_ns + 10**9))
     changed = extract(cfg(image_folder, tmp_path))
-    assert not changed["hit"] and changed["cache"] != first
+    assert not changed.hit and changed.cache != first
 
 
 def test_bad_files_are_skipped_recorded_and_replaced(tmp_path):
@@ -298,14 +310,14 @@ def test_bad_files_are_skipped_recorded_and_replaced(tmp_path):
     good = (data / "blue" / "blue.0.jpg").read_bytes()
     (data / "blue" / "truncated.jpg").write_bytes(good[: len(good) // 3])
     r = extract(cfg(data, tmp_path, n=0))
-    assert r["rows"] == 20 and r["skipped"] == 3
-    with FeatureCache(r["cache"]) as c:
+    assert r.rows == 20 and r.skipped == 3
+    with FeatureCache(r.cache) as c:
         skipped = dict(c.skipped())
         assert set(skipped) == {"red/zero.jpg", "blue/text.jpg", "blue/truncated.jpg"}
         assert "zero-byte" in skipped["red/zero.jpg"] and "not an image" in skipped["blue/text.jpg"]
         assert not set(skipped) & set(c.paths)
     # --n counts good images: asking for all 20 good ones of 23 files works
-    assert extract(cfg(data, tmp_path, n=20))["rows"] == 20
+    assert extract(cfg(data, tmp_path, n=20)).rows == 20
 
 
 def test_a_cache_dir_inside_the_data_folder_is_refused(image_folder):
@@ -354,7 +366,7 @@ def test_sigkilled_extraction_resumes_to_the_uninterrupted_result(tmp_path, kill
             break
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    cache = Path(reference["cache"].replace(str(tmp_path / "ref"), str(tmp_path / "f")))
+    cache = Path(reference.cache.replace(str(tmp_path / "ref"), str(tmp_path / "f")))
     with h5py.File(cache, "r") as f:  # still readable, incomplete, holds at least the k batches
         committed = int(f.attrs["rows"])
         assert f.attrs["complete"] == 0 and committed >= 2 * kill_after
@@ -365,7 +377,7 @@ def test_sigkilled_extraction_resumes_to_the_uninterrupted_result(tmp_path, kill
     assert run.returncode == 0, run.stderr[-3000:]  # the resumed run's own words, if it fails
     resumed = json.loads(run.stdout)
     assert resumed["resumed_from"] == committed and resumed["computed"] == 80 - committed
-    got, want = _rows(resumed["cache"]), _rows(reference["cache"])
+    got, want = _rows(resumed["cache"]), _rows(reference.cache)
     assert got[0] == want[0]
     np.testing.assert_array_equal(got[1], want[1])
     assert np.array_equal(got[2], want[2])  # bitwise
@@ -379,7 +391,7 @@ def test_the_bad_file_corpus_leaves_exactly_the_good_images(tmp_path):
     data = make_image_folder(tmp_path / "d", per_class=4)
     corpus = make_bad_corpus(data)
     r = extract(cfg(data, tmp_path, n=0))
-    with FeatureCache(r["cache"]) as c:
+    with FeatureCache(r.cache) as c:
         generated = {p for p in c.paths if "." in p and p.split("/")[1].startswith(("blue.", "red."))}
         assert len(generated) == 8
         assert set(c.paths) - generated == usable(corpus)
@@ -406,21 +418,21 @@ def test_non_finite_features_are_never_committed(image_folder, tmp_path, monkeyp
         extract(cfg)
     monkeypatch.setattr(Inference, "__call__", real)
     r = extract(cfg)  # the same command again: nothing non-finite was written, the run completes
-    assert r["rows"] == 24 and r["resumed_from"] == 0
+    assert r.rows == 24 and r.resumed_from == 0
 
 
 def test_an_extract_hit_on_a_test_cache_makes_it_the_default(tmp_path, make_cache, image_folder):
     from pipeline.cache.feature_cache import newest_cache, read_info
 
     other = make_image_folder(tmp_path / "other", per_class=3, seed=7)
-    test = make_cache(other, purpose="test")["cache"]  # as fit-head --test-data makes it
-    train = make_cache(image_folder)["cache"]
+    test = make_cache(other, purpose="test").cache  # as fit-head --test-data makes it
+    train = make_cache(image_folder).cache
     for path, created in ((test, "2026-01-01T00:00:00+0000"), (train, "2026-01-02T00:00:00+0000")):
         with h5py.File(path, "r+") as f:
             f.attrs["created"] = created
     assert str(newest_cache(tmp_path / "features").path) == train  # made for testing: never the default
     hit = make_cache(other)  # the user extracts that folder
-    assert hit["hit"] and hit["cache"] == test and read_info(test).attrs["purpose"] == ""
+    assert hit.hit and hit.cache == test and read_info(test).attrs["purpose"] == ""
     assert str(newest_cache(tmp_path / "features").path) == test  # fit-head now trains on what was just extracted
 
 
@@ -437,9 +449,9 @@ def test_a_cache_of_the_old_decoding_rule_is_extracted_again_never_resumed_or_re
     save_turned(up, image_folder / "red" / "phone.jpg", 6)
     with old_decoding():
         old = extract(cfg(image_folder, tmp_path))
-    with h5py.File(old["cache"], "r") as f:
+    with h5py.File(old.cache, "r") as f:
         assert str(f.attrs["decode_version"]) == "2"
     new = extract(cfg(image_folder, tmp_path))
-    assert not new["hit"] and new["cache"] != old["cache"] and new["reused"] == 0 and new["computed"] == 25
-    with h5py.File(new["cache"], "r") as f:
+    assert not new.hit and new.cache != old.cache and new.reused == 0 and new.computed == 25
+    with h5py.File(new.cache, "r") as f:
         assert str(f.attrs["decode_version"]) == "3"

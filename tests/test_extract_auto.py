@@ -35,7 +35,7 @@ def int8_regime(monkeypatch):
 
 def test_auto_keeps_a_depthwise_network_in_float_and_finds_its_cache_again(make_cache, image_folder, int8_regime):
     first = make_cache(image_folder, backbone="test_efficientnet", flip=False)
-    assert first["precision"] in ("bf16", "fp32") and not first["compiled"]
+    assert first.precision in ("bf16", "fp32") and not first.compiled
     again = make_cache(image_folder, backbone="test_efficientnet", flip=False)
-    assert again["hit"] and again["cache"] == first["cache"]
-    assert make_cache(image_folder, backbone="tiny", flip=False, calib_n=4)["precision"] == "int8"  # dense: int8
+    assert again.hit and again.cache == first.cache
+    assert make_cache(image_folder, backbone="tiny", flip=False, calib_n=4).precision == "int8"  # dense: int8

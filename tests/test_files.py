@@ -153,7 +153,7 @@ def test_extract_on_a_full_disk_exits_1_then_resumes_to_the_uninterrupted_cache(
 def test_fit_head_on_a_full_disk_exits_1_and_leaves_no_half_checkpoint(tmp_path, make_cache, monkeypatch):
     import torch
 
-    cache = make_cache(make_image_folder(tmp_path / "data", per_class=6))["cache"]
+    cache = make_cache(make_image_folder(tmp_path / "data", per_class=6)).cache
     real_save = torch.save
 
     def full(obj, f, *a, **k):

@@ -19,7 +19,7 @@ from tests.conftest import make_image_folder
 @pytest.fixture
 def cache(tmp_path, make_cache):
     data = make_image_folder(tmp_path / "d", per_class=16)
-    return make_cache(data)["cache"]
+    return make_cache(data).cache
 
 
 def test_split_is_stratified_seeded_and_disjoint():
@@ -115,11 +115,11 @@ def test_real_vgg16_features_separate_cats_and_dogs(shared_available, tmp_path):
 
     r = extract(ExtractConfig(data=str(SHARED_CATSDOGS), n=40, weights=str(SHARED_WEIGHTS),
                               cache_dir=str(tmp_path / "f"), batch_size=20, workers=1))
-    assert r["rows"] == 40 and r["feature_shape"] == [512, 7, 7]
-    with FeatureCache(r["cache"]) as c:
+    assert r.rows == 40 and r.feature_shape == [512, 7, 7]
+    with FeatureCache(r.cache) as c:
         assert np.bincount(c.labels).tolist() == [20, 20] and c.attrs["weights"] == "file:vgg16_features_imagenet.pt"
         assert c.attrs["mean"][0] == pytest.approx(0.485, abs=1e-3)  # from the sidecar, not hand-copied
-    fit = fit_head(FitHeadConfig(head="linear", cache=r["cache"], epochs=10, val_fraction=0.25,
+    fit = fit_head(FitHeadConfig(head="linear", cache=r.cache, epochs=10, val_fraction=0.25,
                                  runs_dir=str(tmp_path / "runs")))
     assert fit.val_rows == 10 and fit.val_acc >= 0.9
 
@@ -135,7 +135,7 @@ def test_every_view_trains_and_the_checkpoint_takes_raw_features(cache, tmp_path
 
 
 def test_a_pooled_cache_allows_only_the_avg_view(tmp_path, make_cache, image_folder):
-    pooled = make_cache(image_folder, pool="avg", cache_dir=str(tmp_path / "pooled"))["cache"]
+    pooled = make_cache(image_folder, pool="avg", cache_dir=str(tmp_path / "pooled")).cache
     with pytest.raises(ValueError, match="--features: view 'max' needs the spatial map.*allowed views: avg, flat"):
         fit_head(FitHeadConfig(cache=pooled, features="max", runs_dir=str(tmp_path / "runs")))
     pooled_fit = fit_head(FitHeadConfig(head="linear", cache=pooled, features="avg", epochs=2,
@@ -190,7 +190,7 @@ def test_tune_picks_by_cross_validation_and_is_deterministic(cache, tmp_path):
 def test_test_data_is_extracted_like_the_cache_scored_and_copies_are_reported(tmp_path, make_cache, image_folder):
     import shutil
 
-    cache = make_cache(image_folder)["cache"]
+    cache = make_cache(image_folder).cache
     other = make_image_folder(tmp_path / "other", per_class=5, seed=7)
     r = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=20, test_data=str(other),
                                runs_dir=str(tmp_path / "runs")))
@@ -206,14 +206,14 @@ def test_test_data_is_extracted_like_the_cache_scored_and_copies_are_reported(tm
     r = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=1, test_data=str(other), val_fraction=0.125,
                                runs_dir=str(tmp_path / "runs")))
     assert len(r.test["overlap"]) >= 1  # a copy of a training image, whatever its name
-    made_otherwise = make_cache(other, dtype="float32", cache_dir=str(tmp_path / "f32"))["cache"]
+    made_otherwise = make_cache(other, dtype="float32", cache_dir=str(tmp_path / "f32")).cache
     with pytest.raises(ValueError, match="made differently from the training cache.*dtype: float16 vs float32"):
         fit_head(FitHeadConfig(head="linear", cache=cache, epochs=1, test_cache=made_otherwise,
                                runs_dir=str(tmp_path / "runs")))
 
 
 def test_tune_on_a_pooled_cache_leaves_out_the_views_it_cannot_give(make_cache, image_folder, tmp_path):
-    pooled = make_cache(image_folder, pool="avg", cache_dir=str(tmp_path / "pooled"))["cache"]
+    pooled = make_cache(image_folder, pool="avg", cache_dir=str(tmp_path / "pooled")).cache
     r = fit_head(FitHeadConfig(cache=pooled, tune=True, val_fraction=0.25, folds=3, runs_dir=str(tmp_path / "runs")))
     assert {row["key"].split("|")[1] for row in r.tuning["table"]} == {"avg"}
 
@@ -430,7 +430,7 @@ def test_the_default_head_on_rows_in_memory_cross_validates_a_sample_of_many_row
 @pytest.mark.parametrize("command", ["fit-head", "compare-sklearn"])
 def test_a_pool_cache_is_refused_naming_what_it_holds(tmp_path, make_cache, command):
     """suggest's pool cache (one unlabelled class) ended in the solver's 'needs samples of at least 2 classes'."""
-    cache = make_cache(make_image_folder(tmp_path / "pool", per_class=3), purpose="pool")["cache"]
+    cache = make_cache(make_image_folder(tmp_path / "pool", per_class=3), purpose="pool").cache
     run = CliRunner().invoke(cli, [command, "--cache", cache, "--runs-dir", str(tmp_path / "runs")])
     assert run.exit_code == 2 and "holds the unlabelled photos of a pool (suggest's): a head needs" in run.output
     assert not (tmp_path / "runs").exists()
@@ -443,7 +443,7 @@ def test_a_training_cache_of_the_old_decoding_rule_is_refused_with_what_to_do(tm
     data = make_image_folder(tmp_path / "d", per_class=6)
     test = make_image_folder(tmp_path / "t", per_class=3, seed=5)
     with old_decoding():
-        old = make_cache(data, dtype="float32")["cache"]
+        old = make_cache(data, dtype="float32").cache
     before = sorted((tmp_path / "features").iterdir())
     run = CliRunner().invoke(cli, ["fit-head", "--cache", old, "--test-data", str(test), "--head", "linear",
                                    "--epochs", "1", "--runs-dir", str(tmp_path / "runs")])
@@ -452,7 +452,7 @@ def test_a_training_cache_of_the_old_decoding_rule_is_refused_with_what_to_do(tm
             "with this version, and fit again a head made from it)") in run.output
     assert not (tmp_path / "runs").exists() and sorted((tmp_path / "features").iterdir()) == before  # no work
     head = fit_head(FitHeadConfig(head="linear", cache=old, epochs=1, runs_dir=str(tmp_path / "runs"))).checkpoint
-    new = make_cache(data, dtype="float32", cache_dir=str(tmp_path / "new"))["cache"]
+    new = make_cache(data, dtype="float32", cache_dir=str(tmp_path / "new")).cache
     run = CliRunner().invoke(cli, ["evaluate", "--model", head, "--cache", new, "--split", "all",
                                    "--runs-dir", str(tmp_path / "runs")])
     assert run.exit_code == 2 and run.output.count("\n") == 1, run.output

@@ -33,7 +33,7 @@ def photos(tmp_path):
 def two_caches(photos, make_cache):
     """The same photos through two backbones with other preprocessing: tiny (32 px, 8 channels) and tiny_wide
     (24 px bicubic, 6 channels)."""
-    return make_cache(photos)["cache"], make_cache(photos, backbone="tiny_wide")["cache"]
+    return make_cache(photos).cache, make_cache(photos, backbone="tiny_wide").cache
 
 
 def test_fused_rows_are_each_caches_view_l2_normalised_side_by_side_matched_by_content(two_caches):
@@ -111,18 +111,18 @@ def test_fit_head_takes_cache_twice_on_the_command_line_and_the_api_a_list(two_c
 
 
 def test_caches_of_other_photos_or_classes_are_refused_in_one_line(photos, make_cache, tmp_path):
-    a = make_cache(photos)["cache"]
-    fewer = make_cache(photos, backbone="tiny_wide", n=30, cache_dir=str(tmp_path / "fewer"))["cache"]
+    a = make_cache(photos).cache
+    fewer = make_cache(photos, backbone="tiny_wide", n=30, cache_dir=str(tmp_path / "fewer")).cache
     with pytest.raises(UsageError, match=r"do not hold the same photos: 18 of the first's 48 are not in the second"):
         fit_head(FitHeadConfig(cache=[a, fewer], runs_dir=str(tmp_path / "runs")))
     relabelled = tmp_path / "relabelled"
     shutil.copytree(photos, relabelled)
     (relabelled / "green" / "green.0.jpg").rename(relabelled / "red" / "green.0.jpg")  # the same photo, another class
-    moved = make_cache(relabelled, backbone="tiny_wide", cache_dir=str(tmp_path / "moved"))["cache"]
+    moved = make_cache(relabelled, backbone="tiny_wide", cache_dir=str(tmp_path / "moved")).cache
     with pytest.raises(UsageError, match="1 of the first's 48 are not in the second"):
         fit_head(FitHeadConfig(cache=[a, moved], runs_dir=str(tmp_path / "runs")))
     other_classes = make_cache(make_image_folder(tmp_path / "two", per_class=16, classes=("blue", "red")),
-                               backbone="tiny_wide", cache_dir=str(tmp_path / "two_f"))["cache"]
+                               backbone="tiny_wide", cache_dir=str(tmp_path / "two_f")).cache
     with pytest.raises(UsageError, match="have other classes"):
         fit_head(FitHeadConfig(cache=[a, other_classes], runs_dir=str(tmp_path / "runs")))
     with pytest.raises(UsageError, match="named twice"):
@@ -160,8 +160,8 @@ def test_a_fused_head_whose_weights_folder_moved_runs_with_weights_naming_one_fi
     folder.mkdir()
     for name in ("tiny", "tiny_wide"):
         torch.save(bb.load_backbone(name, "none").model.state_dict(), folder / f"{name}.pt")
-    a = make_cache(photos, weights=str(folder / "tiny.pt"))["cache"]
-    b = make_cache(photos, backbone="tiny_wide", weights=str(folder / "tiny_wide.pt"))["cache"]
+    a = make_cache(photos, weights=str(folder / "tiny.pt")).cache
+    b = make_cache(photos, backbone="tiny_wide", weights=str(folder / "tiny_wide.pt")).cache
     r = fit_head(FitHeadConfig(cache=[a, b], head="logreg", runs_dir=str(tmp_path / "runs")))
     want = load_model(r.checkpoint).model.head.state_dict()
     shutil.move(folder, tmp_path / "moved")

@@ -195,7 +195,7 @@ def patch_cache(root, data, backbone: str) -> str:
     from pipeline.extraction.extract import ExtractConfig, extract
 
     return extract(ExtractConfig(data=str(data), n=0, backbone=backbone, weights="none", workers=0,
-                                 cache_dir=str(root / "features"), dtype="float32", precision="fp32"))["cache"]
+                                 cache_dir=str(root / "features"), dtype="float32", precision="fp32")).cache
 
 
 pytestmark = pytest.mark.filterwarnings("ignore:--weights none", "ignore:no sidecar")
@@ -247,7 +247,7 @@ def test_a_pooled_cache_is_refused_with_the_reason(patch_data):
     from pipeline.extraction.extract import ExtractConfig, extract
 
     pooled = extract(ExtractConfig(data=str(data), n=0, backbone="tiny", weights="none", workers=0, pool="avg",
-                                   cache_dir=str(root / "pooled"), dtype="float32"))["cache"]
+                                   cache_dir=str(root / "pooled"), dtype="float32")).cache
     head = pipeline.Head(head="logreg", calibrate="none", unknown_rows=0, runs_dir=str(root / "runs")).fit(pooled)
     with pytest.raises(UsageError, match=r"pooled features \(8, 1, 1\).*without --pool avg"):
         head.explain(pooled)

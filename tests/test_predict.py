@@ -93,7 +93,7 @@ def test_predict_cli_writes_csv_and_json(tmp_path, image_folder, model_pt):
 
 
 def test_predict_with_a_fit_head_checkpoint(tmp_path, image_folder, make_cache):
-    cache = make_cache(image_folder)["cache"]
+    cache = make_cache(image_folder).cache
     head = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=10, runs_dir=str(tmp_path / "runs")))
     result = predict(PredictConfig(paths=[str(image_folder)], model=head.checkpoint, workers=0))
     assert result.kind == "fit-head" and result.errors == 0
@@ -188,7 +188,7 @@ def test_predict_output_never_overwrites_an_input_and_is_never_half_written(tmp_
 
 def test_predict_output_never_replaces_what_a_head_reads(tmp_path, image_folder, make_cache):
     """A head's cache and training photos are its inputs too, even when predict is given other photos."""
-    cache = make_cache(image_folder, dtype="float32")["cache"]
+    cache = make_cache(image_folder, dtype="float32").cache
     head = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=1, runs_dir=str(tmp_path / "runs"))).checkpoint
     photo = image_folder / "red" / "red.0.jpg"
     elsewhere = tmp_path / "new.jpg"
@@ -383,7 +383,7 @@ def test_a_head_fitted_on_a_cache_of_the_old_decoding_rule_predicts_and_says_wha
     import logging
 
     with old_decoding():
-        old = make_cache(image_folder, dtype="float32")["cache"]
+        old = make_cache(image_folder, dtype="float32").cache
     head = fit_head(FitHeadConfig(head="linear", cache=old, epochs=1, runs_dir=str(tmp_path / "runs"))).checkpoint
     with caplog.at_level(logging.WARNING):
         rows = predict(PredictConfig(paths=[str(image_folder / "red" / "red.0.jpg")], model=head, workers=0)).rows

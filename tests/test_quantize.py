@@ -34,9 +34,9 @@ def cosines(a, b):
 def test_int8_rows_match_fp32_in_shape_and_closely_in_value(image_folder, tmp_path):
     q = extract(cfg(image_folder, tmp_path))
     f = extract(cfg(image_folder, tmp_path, precision="fp32"))
-    assert q["precision"] == "int8" and q["cache"] != f["cache"]
-    qp, qx, attrs = features(q["cache"])
-    fp, fx, _ = features(f["cache"])
+    assert q.precision == "int8" and q.cache != f.cache
+    qp, qx, attrs = features(q.cache)
+    fp, fx, _ = features(f.cache)
     assert qp == fp and qx.shape == fx.shape == (24, 8, 8, 8)
     assert not np.array_equal(qx, fx)  # really quantised ...
     assert cosines(qx, fx).min() > 0.999  # ... and close to the float network
@@ -48,18 +48,18 @@ def test_int8_rows_match_fp32_in_shape_and_closely_in_value(image_folder, tmp_pa
 
 @pytest.mark.parametrize("calib_n", [8, 17])  # 17: a last calibration batch of one image
 def test_int8_extraction_is_deterministic_and_batch_size_free(image_folder, tmp_path, calib_n):
-    a = features(extract(cfg(image_folder, tmp_path, cache_dir=str(tmp_path / "a"), calib_n=calib_n))["cache"])
+    a = features(extract(cfg(image_folder, tmp_path, cache_dir=str(tmp_path / "a"), calib_n=calib_n)).cache)
     b = features(extract(cfg(image_folder, tmp_path, cache_dir=str(tmp_path / "b"), calib_n=calib_n,
-                             batch_size=1))["cache"])
+                             batch_size=1)).cache)
     assert a[0] == b[0] and np.array_equal(a[1], b[1])  # bitwise, whatever the batch size (here 5 and 1)
 
 
 def test_compiled_int8_gives_the_eager_features(image_folder, tmp_path):
     eager = extract(cfg(image_folder, tmp_path, cache_dir=str(tmp_path / "a")))
     compiled = extract(cfg(image_folder, tmp_path, cache_dir=str(tmp_path / "b"), compile="auto"))  # int8 compiles
-    assert compiled["compiled"] and compiled["compile_seconds"] > 0 and not eager["compiled"]
-    assert features(compiled["cache"])[2]["fingerprint"] == features(eager["cache"])[2]["fingerprint"]
-    a, b = features(eager["cache"])[1], features(compiled["cache"])[1]
+    assert compiled.compiled and compiled.compile_seconds > 0 and not eager.compiled
+    assert features(compiled.cache)[2]["fingerprint"] == features(eager.cache)[2]["fingerprint"]
+    a, b = features(eager.cache)[1], features(compiled.cache)[1]
     assert cosines(a, b).min() > 0.9999  # Inductor's fused kernels, the same quantised network
 
 
@@ -88,7 +88,7 @@ def test_an_interrupted_int8_extraction_resumes_to_the_uninterrupted_result(tmp_
     from pipeline.extraction.inference import Inference
 
     data = make_image_folder(tmp_path / "d", per_class=10)
-    reference = features(extract(cfg(data, tmp_path, cache_dir=str(tmp_path / "ref")))["cache"])
+    reference = features(extract(cfg(data, tmp_path, cache_dir=str(tmp_path / "ref"))).cache)
     real, calls = Inference.__call__, []
 
     def interrupted(self, x):
@@ -107,8 +107,8 @@ def test_an_interrupted_int8_extraction_resumes_to_the_uninterrupted_result(tmp_
 
     monkeypatch.setattr("pipeline.extraction.quantize.calibrated_int8", no_calibration)
     resumed = extract(cfg(data, tmp_path))  # rebuilt from the cache's stored observers: the same network
-    assert resumed["resumed_from"] == 10 and resumed["computed"] == 10
-    got = features(resumed["cache"])
+    assert resumed.resumed_from == 10 and resumed.computed == 10
+    got = features(resumed.cache)
     assert got[0] == reference[0] and np.array_equal(got[1], reference[1])
 
 
@@ -116,7 +116,7 @@ def test_calibration_on_another_folder_skips_undecodable_images(image_folder, tm
     other = make_image_folder(tmp_path / "other", seed=5)
     (other / "red" / "a-zero.jpg").write_bytes(b"")
     r = extract(cfg(image_folder, tmp_path, calib_data=str(other), calib_n=30))
-    calibration = json.loads(features(r["cache"])[2]["calibration"])
+    calibration = json.loads(features(r.cache)[2]["calibration"])
     assert calibration["calib_root"] == str(other) and len(calibration["images"]) == 24  # all good ones
     assert "red/a-zero.jpg" not in calibration["images"]
 
@@ -150,14 +150,14 @@ def test_fit_head_test_data_is_quantised_like_the_training_cache(tmp_path):
 
     train = make_image_folder(tmp_path / "train", per_class=10)
     test = make_image_folder(tmp_path / "test", per_class=4, seed=9)
-    cache = extract(cfg(train, tmp_path))["cache"]
+    cache = extract(cfg(train, tmp_path)).cache
     result = fit_head(FitHeadConfig(head="linear", cache=cache, test_data=str(test), epochs=3,
                                     runs_dir=str(tmp_path / "runs")))
     with FeatureCache(result.test["cache"]) as t, FeatureCache(cache) as c:
         a, b = json.loads(c.attrs["calibration"]), json.loads(t.attrs["calibration"])
     assert b["calib_root"] == str(train.resolve()) and b["images"] == a["images"]
     # a test cache calibrated on its own photos is another network: refused
-    own = extract(cfg(test, tmp_path, cache_dir=str(tmp_path / "own")))["cache"]
+    own = extract(cfg(test, tmp_path, cache_dir=str(tmp_path / "own"))).cache
     with pytest.raises(UsageError, match="int8 calibration calib_data"):
         fit_head(FitHeadConfig(head="linear", cache=cache, test_cache=own, epochs=3, runs_dir=str(tmp_path / "runs")))
 
@@ -197,8 +197,8 @@ def test_a_head_on_an_int8_cache_predicts_through_that_int8_network(tmp_path, fl
 
     data = make_image_folder(tmp_path / "d", per_class=8)
     made = extract(cfg(data, tmp_path, flip=flip))
-    paths, rows, _ = features(made["cache"])
-    result = fit_head(FitHeadConfig(head="linear", cache=made["cache"], epochs=3, runs_dir=str(tmp_path / "runs")))
+    paths, rows, _ = features(made.cache)
+    result = fit_head(FitHeadConfig(head="linear", cache=made.cache, epochs=3, runs_dir=str(tmp_path / "runs")))
     ckpt = read_checkpoint(result.checkpoint)  # weights_only: the observers are plain tensors
     assert ckpt["precision"] == "int8" and ckpt["int8_observers"]
     lm = load_model(result.checkpoint)
@@ -259,7 +259,7 @@ def test_precision_auto_as_int8_is_the_int8_cache(monkeypatch, image_folder, tmp
                         if cfg.precision == "auto" else (cfg.precision, ""))
     asked = extract(cfg(image_folder, tmp_path))
     auto = extract(cfg(image_folder, tmp_path, precision="auto"))
-    assert auto["hit"] and auto["cache"] == asked["cache"] and auto["precision"] == "int8"
+    assert auto.hit and auto.cache == asked.cache and auto.precision == "int8"
 
 
 def test_a_later_extraction_reuses_the_projects_int8_calibration(tmp_path, monkeypatch):
@@ -273,13 +273,13 @@ def test_a_later_extraction_reuses_the_projects_int8_calibration(tmp_path, monke
     data = make_image_folder(tmp_path / "d", per_class=8)
     first = extract(cfg(data, tmp_path))
     stored = list((tmp_path / "f" / "oneoffs" / "int8").glob("*.pt"))
-    assert len(stored) == 1 and "calibration_reused" not in first
+    assert len(stored) == 1 and first.calibration_reused is None
     real, calibrations = quantize.calibrated_int8, []
     monkeypatch.setattr(quantize, "calibrated_int8", lambda *a, **k: (calibrations.append(1), real(*a, **k))[1])
     again = extract(cfg(data, tmp_path, n=10))
-    assert not calibrations and again["calibration_reused"].endswith(".json")
-    paths, rows, attrs = features(again["cache"])
-    all_paths, all_rows, first_attrs = features(first["cache"])
+    assert not calibrations and again.calibration_reused.endswith(".json")
+    paths, rows, attrs = features(again.cache)
+    all_paths, all_rows, first_attrs = features(first.cache)
     assert np.array_equal(rows, all_rows[[all_paths.index(p) for p in paths]])
     assert json.loads(attrs["calibration"]) == json.loads(first_attrs["calibration"])  # the record, as made
     photo = data / json.loads(first_attrs["calibration"])["images"][0]
@@ -289,7 +289,7 @@ def test_a_later_extraction_reuses_the_projects_int8_calibration(tmp_path, monke
     photo.write_bytes(bytes(raw))
     os.utime(photo, ns=(st.st_atime_ns, st.st_mtime_ns))
     third = extract(cfg(data, tmp_path, n=12))
-    assert calibrations == [1] and "calibration_reused" not in third
+    assert calibrations == [1] and third.calibration_reused is None
 
 
 def test_an_unreadable_stored_calibration_is_calibrated_again(tmp_path, caplog):
@@ -298,7 +298,7 @@ def test_an_unreadable_stored_calibration_is_calibrated_again(tmp_path, caplog):
     (stored,) = (tmp_path / "f" / "oneoffs" / "int8").glob("*.pt")
     stored.write_bytes(b"not a tensor file")
     r = extract(cfg(data, tmp_path, n=8))
-    assert "calibration_reused" not in r and "unreadable" in caplog.text
+    assert r.calibration_reused is None and "unreadable" in caplog.text
 
 
 def test_precision_auto_knows_when_the_projects_one_offs_are_paid(tmp_path, monkeypatch):
@@ -317,7 +317,7 @@ def test_precision_auto_knows_when_the_projects_one_offs_are_paid(tmp_path, monk
     monkeypatch.setattr(stage, "cpu_flags", lambda: {"avx512_vnni"})
     monkeypatch.setattr(stage, "INT8_AUTO_MIN_IMAGES_PAID", 6)
     r = extract(auto)
-    assert r["precision"] == "int8" and r["calibration_reused"]
+    assert r.precision == "int8" and r.calibration_reused
 
 
 def test_a_network_rebuilt_from_stored_observers_says_so_not_two_calibration_images(tmp_path, caplog):

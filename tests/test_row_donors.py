@@ -31,7 +31,7 @@ def rows_by_digest(path):
 
 def test_relabel_and_a_new_photo_cost_one_forward_pass(make_cache, image_folder, forward_passes):
     first = make_cache(image_folder, dtype="float32")
-    assert forward_passes["images"] == 24 and first["reused"] == 0
+    assert forward_passes["images"] == 24 and first.reused == 0
     for name in ("blue.0.jpg", "blue.1.jpg"):  # two relabelled photos
         shutil.move(image_folder / "blue" / name, image_folder / "red" / name)
     shutil.copy(image_folder / "red" / "red.0.jpg", image_folder / "red" / "renamed.jpg")  # same bytes, new name
@@ -40,13 +40,13 @@ def test_relabel_and_a_new_photo_cost_one_forward_pass(make_cache, image_folder,
     forward_passes["images"] = 0
     second = make_cache(image_folder, dtype="float32")
     assert forward_passes["images"] == 1
-    assert (second["computed"], second["reused"], second["label_changes"], second["rows"]) == (1, 25, 2, 26)
-    old, new = rows_by_digest(first["cache"]), rows_by_digest(second["cache"])
+    assert (second.computed, second.reused, second.label_changes, second.rows) == (1, 25, 2, 26)
+    old, new = rows_by_digest(first.cache), rows_by_digest(second.cache)
     for d, (feats, cls, path) in new.items():
         if d in old:
             np.testing.assert_array_equal(feats, old[d][0])  # copied, bit for bit
     assert new[next(d for d, v in new.items() if v[2] == "red/blue.0.jpg")][1] == "red"
-    with FeatureCache(second["cache"]) as c:  # the new cache's provenance is the new folder's
+    with FeatureCache(second.cache) as c:  # the new cache's provenance is the new folder's
         assert c.attrs["data_fingerprint"] == list_image_folder(image_folder).fingerprint()
         assert '"reused": 25' in c.attrs["reuse"] and '"computed": 1' in c.attrs["reuse"]
 
@@ -56,25 +56,25 @@ def test_rows_made_differently_are_not_reused(make_cache, image_folder, forward_
     shutil.move(image_folder / "blue" / "blue.0.jpg", image_folder / "red" / "blue.0.jpg")
     forward_passes["images"] = 0
     other = make_cache(image_folder, dtype="float16")  # another storage dtype: other rows
-    assert forward_passes["images"] == 24 and other["reused"] == 0
+    assert forward_passes["images"] == 24 and other.reused == 0
 
 
 def test_a_cache_without_digests_still_reads_and_gives_rows_while_its_folder_is_unchanged(make_cache, image_folder,
                                                                                          forward_passes, tmp_path):
     first = make_cache(image_folder, dtype="float32")
-    with h5py.File(first["cache"], "r+") as f:  # as caches were made before they kept digests
+    with h5py.File(first.cache, "r+") as f:  # as caches were made before they kept digests
         del f["sha256"]
-    with FeatureCache(first["cache"]) as c:
+    with FeatureCache(first.cache) as c:
         assert c.digests is None and c.n == 24
     forward_passes["images"] = 0
     again = make_cache(image_folder, dtype="float32", n=12)  # another request on the unchanged folder
-    assert forward_passes["images"] == 0 and again["reused"] == 12
+    assert forward_passes["images"] == 0 and again.reused == 12
     (image_folder / "blue" / "blue.5.jpg").touch()  # now the old cache's rows cannot be vouched for
     forward_passes["images"] = 0
     shutil.move(image_folder / "blue" / "blue.0.jpg", image_folder / "red" / "blue.0.jpg")
     third = make_cache(image_folder, dtype="float32", seed=1, n=6)
-    assert third["computed"] + third["reused"] == 6 and forward_passes["images"] == third["computed"]
-    with FeatureCache(again["cache"]) as c:  # rows come from the n=12 cache only (it keeps digests)
+    assert third.computed + third.reused == 6 and forward_passes["images"] == third.computed
+    with FeatureCache(again.cache) as c:  # rows come from the n=12 cache only (it keeps digests)
         digests = set(c.digests)
-    with FeatureCache(third["cache"]) as c:
-        assert sum(d in digests for d in c.digests) == third["reused"]
+    with FeatureCache(third.cache) as c:
+        assert sum(d in digests for d in c.digests) == third.reused

@@ -62,7 +62,7 @@ def test_a_suggested_photo_moved_into_its_class_costs_no_forward_pass(tmp_path, 
     shutil.move(pool / first, image_folder / "red" / "labelled_now.jpg")
     forward_passes["images"] = 0
     again = make_cache(image_folder)  # extract of the labelled folder: its row comes from the pool's cache
-    assert (again["computed"], again["reused"], forward_passes["images"]) == (0, 25, 0)
+    assert (again.computed, again.reused, forward_passes["images"]) == (0, 25, 0)
 
 
 def test_a_new_class_folder_costs_only_its_photos(tmp_path, image_folder, make_cache, forward_passes):  # noqa: F811
@@ -70,7 +70,7 @@ def test_a_new_class_folder_costs_only_its_photos(tmp_path, image_folder, make_c
     make_image_folder(image_folder, per_class=4, classes=("green",), seed=3)
     forward_passes["images"] = 0
     again = make_cache(image_folder)
-    assert (again["computed"], again["reused"], forward_passes["images"]) == (4, 24, 4)
+    assert (again.computed, again.reused, forward_passes["images"]) == (4, 24, 4)
 
 
 def test_the_default_rule_skips_near_copies_that_margin_alone_would_all_pick():

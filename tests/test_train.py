@@ -116,7 +116,7 @@ def test_validation_images_are_those_fit_head_holds_out(tmp_path, make_cache):
     from pipeline.heads.epoch_loop import split_indices
 
     data = make_image_folder(tmp_path / "data", per_class=15, classes=("blue", "green", "red"))
-    cache = make_cache(data, n=30, seed=3)["cache"]
+    cache = make_cache(data, n=30, seed=3).cache
     with FeatureCache(cache) as c:
         _, val_rows = split_indices(c.labels, 0.25, 3)
         paths = c.paths
@@ -128,7 +128,7 @@ def test_validation_images_are_those_fit_head_holds_out(tmp_path, make_cache):
 
 
 def test_finetune_starts_from_a_fit_head_checkpoint(tmp_path, image_folder, make_cache):
-    cache = make_cache(image_folder)["cache"]
+    cache = make_cache(image_folder).cache
     head = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=5, runs_dir=str(tmp_path / "runs")))
     result = CliRunner().invoke(cli.cli, [
         "finetune", "--data", str(image_folder), "--init-head", head.checkpoint, "--epochs", "2",
@@ -164,7 +164,7 @@ def test_a_runs_dir_inside_the_training_photos_is_refused_before_training(tmp_pa
     tiny = ["--backbone", "tiny", "--weights", "none", "--epochs", "1", "--workers", "0"]
     for command in (["train", "--data", str(image_folder)],
                     ["finetune", "--data", str(make_image_folder(tmp_path / "copy")), "--init-head",
-                     fit_head(FitHeadConfig(head="linear", cache=make_cache(image_folder)["cache"], epochs=1,
+                     fit_head(FitHeadConfig(head="linear", cache=make_cache(image_folder).cache, epochs=1,
                                             runs_dir=str(tmp_path / "runs"))).checkpoint]):
         r = CliRunner().invoke(cli.cli, [*command, *tiny, "--runs-dir", str(image_folder / "red" / "runs")])
         assert r.exit_code == 2 and "--runs-dir" in r.output and "inside the data folder" in r.output, r.output
@@ -183,7 +183,7 @@ def test_finetune_real_vgg16_on_real_photos_lowers_the_loss(tmp_path, shared_ava
 def test_finetune_never_validates_on_images_its_starting_head_was_fitted_on(tmp_path, make_cache):
     """A head fitted on all 32 images (n=0), fine-tuned on the same folder with its own split of n=16."""
     data = make_image_folder(tmp_path / "data", per_class=16)
-    cache = make_cache(data)["cache"]
+    cache = make_cache(data).cache
     head = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=2, val_fraction=0.5,
                                   runs_dir=str(tmp_path / "runs")))
     with FeatureCache(cache) as c:
@@ -220,7 +220,7 @@ def test_finetune_finds_its_head_training_images_in_a_copied_or_moved_folder_by_
     from pipeline.models.train import head_training_images
 
     data = make_image_folder(tmp_path / "data", per_class=10)
-    cache = make_cache(data)["cache"]
+    cache = make_cache(data).cache
     head = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=1, val_fraction=0.5,
                                   runs_dir=str(tmp_path / "runs")))
     same = head_training_images(head.checkpoint, list_image_folder(data))

@@ -59,7 +59,7 @@ def colours(tmp_path, make_cache):
     known = make_image_folder(tmp_path / "known", per_class=40, classes=("blue", "red"), seed=0)
     new = make_image_folder(tmp_path / "new", per_class=10, classes=("blue", "red"), seed=5)
     green = make_image_folder(tmp_path / "green", per_class=12, classes=("green",), seed=7)
-    return {"cache": make_cache(known)["cache"], "new": new, "green": green}
+    return {"cache": make_cache(known).cache, "new": new, "green": green}
 
 
 def test_a_head_on_two_colours_flags_the_third_and_keeps_the_stated_share(tmp_path, colours):
@@ -130,7 +130,7 @@ def test_identical_training_photos_get_a_threshold_above_rounding_noise_and_the_
         (data / c).mkdir(parents=True)
         for i in range(16):  # more than k + 1 = 11 a class: every neighbour that counts is the same photo
             shutil.copy(one / c / f"{c}.0.jpg", data / c / f"{i}.jpg")
-    cache = make_cache(data, dtype="float32")["cache"]
+    cache = make_cache(data, dtype="float32").cache
     r = fit_head(FitHeadConfig(cache=cache, head="logreg", runs_dir=str(tmp_path / "runs")))
     assert r.trust["unknown_threshold"] >= THRESHOLD_FLOOR
     assert r.trust["known_kept"] == 1.0 and r.trust["held_out_rows"] == r.val_rows + r.train_rows

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:--weights none", "ignore:no side
 
 def _head_pt(data, tmp_path, backbone="tiny", weights="none", pool="none"):
     cache = extract(ExtractConfig(data=str(data), n=0, backbone=backbone, weights=weights, workers=0, pool=pool,
-                                  cache_dir=str(tmp_path / "features")))["cache"]
+                                  cache_dir=str(tmp_path / "features"))).cache
     return fit_head(FitHeadConfig(head="linear", cache=cache, epochs=3, runs_dir=str(tmp_path / "runs"))).checkpoint
 
 

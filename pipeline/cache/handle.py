@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 import numpy as np
 
 if TYPE_CHECKING:
+    from ..extraction.extract import ExtractResult
     from .feature_cache import FeatureCache
 
 
@@ -28,18 +29,19 @@ class Cache:
       lazily (``cache.features[:10]``); ``cache.read_features(rows)``: rows as a float32 array
     - ``cache.provenance``: backbone, weights, preprocessing, classes, data (``pipeline.cache.provenance.Provenance``)
     - ``cache.summary()``: what ``python cli.py caches`` shows of it; ``cache.attrs``: every HDF5 attribute
-    - ``cache.result``: extract's summary when the cache came from ``extract_features`` (hit, rows, img/s)
+    - ``cache.result``: extract's ``ExtractResult`` when the cache came from ``extract_features`` (hit, rows,
+      img/s), else None
 
     A Cache can stand where a path is expected (``os.fspath(cache)``). ``close()`` (or ``with``) closes
     the file once rows were read.
     """
 
-    def __init__(self, path, *, result: Optional[dict] = None):
+    def __init__(self, path, *, result: Optional[ExtractResult] = None):
         from .feature_cache import read_info
 
         self.path = Path(os.fspath(path))
         self._info = read_info(self.path)
-        self.result = dict(result or {})
+        self.result = result
         self._reader: Optional[FeatureCache] = None
 
     # attributes, read without loading features

@@ -7,11 +7,12 @@ What other stages use:
     fetch.fetch_data        the fetch-data command (download, resume, unpack safely; its answer: FetchResult)
     check_images.check_images   the check-images command (decode everything, report, quarantine; its answer:
                                 CheckImagesResult, exported here)
+    apply_fixes.apply_fixes, apply_fixes.undo_fixes   audit --apply / --undo (journalled moves; FixesResult)
 Nothing here imports torch at import time: a cache hit lists a folder without it.
 """
 
 #: the stages' result dataclasses -> their modules, loaded on first use (as the other stages' packages do)
-RESULTS = {"FetchResult": "fetch", "CheckImagesResult": "check_images"}
+RESULTS = {"FetchResult": "fetch", "CheckImagesResult": "check_images", "FixesResult": "apply_fixes"}
 
 
 def __getattr__(name: str):

@@ -19,8 +19,9 @@ import json
 import os
 import shlex
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
-from typing import Optional
+from typing import Optional, Union
 
 from ..config import AUDIT_ACTIONS
 from ..errors import PipelineError, UsageError
@@ -138,7 +139,29 @@ def undo_command(journal: Path) -> str:
     return f"python cli.py audit --undo {shlex.quote(str(journal))}"
 
 
-def apply_fixes(csv_path, data: str, out_dir: Path, quarantine_dir: Optional[str] = None) -> dict:
+@dataclass(frozen=True)
+class FixesResult:
+    """audit --apply's and --undo's answer: what moved, the journal, and (--apply) how to undo it."""
+
+    what: str  # "moved" (--apply) or "moved back" (--undo)
+    root: str
+    moved: int
+    relabel: Optional[int]  # --apply only (None after --undo, and not in --json): the moves of each action
+    remove: Optional[int]
+    quarantine: Optional[str]  # --apply only: where removed files went
+    journal: str
+    undo: Optional[str]  # --apply only: the command that moves every file back
+    moves: Optional[list]  # --apply only: {action, from, to, ...} each
+    #: audit's refresh: the folder's new cache ({cache, hit, rows, computed, reused, label_changes}), None when it
+    #: had none to refresh; False with --no-refresh (and not in --json)
+    refreshed: Union[dict, None, bool] = False
+
+    def to_dict(self) -> dict:
+        """The answer as --json prints it: an undo's without the apply-only keys, refreshed only when asked."""
+        return {k: v for k, v in asdict(self).items() if not (v is None and k != "refreshed" or v is False)}
+
+
+def apply_fixes(csv_path, data: str, out_dir: Path, quarantine_dir: Optional[str] = None) -> FixesResult:
     """Move the files of a reviewed list, journalled in ``out_dir/journal.jsonl``; returns what moved."""
     root = Path(data).resolve()
     if not root.is_dir():
@@ -159,8 +182,8 @@ def apply_fixes(csv_path, data: str, out_dir: Path, quarantine_dir: Optional[str
             for n, m in enumerate(moves):
                 move_journalled(j, n, m, journal)
     counts = {a: sum(m["action"] == a for m in moves) for a in ("relabel", "remove")}
-    return {"what": "moved", "root": str(root), "moved": len(moves), **counts, "quarantine": str(qdir),
-            "journal": str(journal), "undo": undo_command(journal), "moves": moves}
+    return FixesResult(what="moved", root=str(root), moved=len(moves), **counts, quarantine=str(qdir),
+                       journal=str(journal), undo=undo_command(journal), moves=moves)
 
 
 def move_journalled(j, n: int, m: dict, journal: Path) -> None:
@@ -246,7 +269,7 @@ def outside_places(m: dict, root: Path, qdir: Path) -> list[str]:
     return out
 
 
-def undo_fixes(journal_path, data: Optional[str] = None) -> dict:
+def undo_fixes(journal_path, data: Optional[str] = None) -> FixesResult:
     """Move every journalled file back (last move first); refuses, moving nothing, when the journal names
     a place outside its data folder (or ``data``) and quarantine, or a file is missing, changed, or its old
     place is taken. Folders the apply made and left empty are removed again."""
@@ -277,7 +300,8 @@ def undo_fixes(journal_path, data: Optional[str] = None) -> dict:
                 except OSError:
                     pass
     Path(str(journal_path) + ".undone").write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")
-    return {"what": "moved back", "root": str(root), "moved": len(done), "journal": str(journal_path)}
+    return FixesResult(what="moved back", root=str(root), moved=len(done), relabel=None, remove=None,
+                       quarantine=None, journal=str(journal_path), undo=None, moves=None)
 
 
 def was_moved(m: dict) -> bool:

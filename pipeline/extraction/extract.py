@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import Optional
 
 from ..cache.feature_cache import cache_file_name, claim_for_training, fingerprint
 from ..cache.freshness import set_aside, stale_reason
@@ -147,12 +148,78 @@ def cache_key(cfg: ExtractConfig, listing: ImageFolderListing) -> str:
     })
 
 
-def extract(cfg: ExtractConfig) -> dict:
-    """Run (or reuse, or resume) one extraction; returns a summary with the cache path. The data folder
+@dataclass(frozen=True)
+class ExtractResult:
+    """extract's answer: the cache, and what this run did to make it (nothing on a hit). Five shapes, whose
+    --json keys ``to_dict`` gives in their order: a hit, a computed cache, torchrun's rank 0 (the joined
+    cache, each rank's counts) and its other ranks (their shards: ``rank`` set; a hit's too)."""
+
+    cache: str
+    hit: bool
+    rows: int
+    skipped: int  # files that could not be decoded (no row)
+    feature_shape: Optional[list] = None  # not on torchrun's other ranks
+    classes: Optional[list] = None
+    precision: Optional[str] = None
+    flip: Optional[bool] = None
+    seconds: Optional[float] = None
+    verified: Optional[bool] = None  # a hit: every photo checked against its sha256 (not under torchrun)
+    rank: Optional[int] = None  # torchrun's ranks other than 0: their own shards' counts, printed by none
+    computed: Optional[int] = None  # computed: rows the network made this run
+    resumed_from: Optional[int] = None
+    reused: Optional[int] = None  # rows of earlier caches found by content (not under torchrun)
+    label_changes: Optional[int] = None
+    device: Optional[str] = None
+    img_per_s: Optional[float] = None
+    wall_img_per_s: Optional[float] = None
+    stage_seconds: Optional[dict] = None  # where the time went: reading, the model, writing
+    compile_seconds: Optional[float] = None
+    compiled: Optional[bool] = None
+    compile_cache: Optional[str] = None
+    decoding: Optional[str] = None
+    calibration_seconds: Optional[float] = None  # int8: what the calibration (or reusing one) took
+    calibration_reused: Optional[bool] = None
+    world_size: Optional[int] = None  # torchrun's rank 0: the joined cache's shards and each rank's counts
+    shard_dir: Optional[str] = None
+    shards: Optional[int] = None
+    ranks: Optional[list] = None
+
+    #: each shape's keys in --json's order; those of OPTIONAL only where they have a value
+    HIT = ("cache", "hit", "rows", "skipped", "feature_shape", "classes", "precision", "flip", "seconds", "verified",
+           "rank")
+    COMPUTED = ("cache", "hit", "rows", "computed", "resumed_from", "reused", "label_changes", "skipped",
+                "feature_shape", "classes", "device", "precision", "flip", "seconds", "img_per_s", "wall_img_per_s",
+                "stage_seconds", "compile_seconds", "compiled", "compile_cache", "decoding", "calibration_seconds",
+                "calibration_reused")
+    SHARDED = ("cache", "hit", "rows", "computed", "resumed_from", "skipped", "feature_shape", "classes", "device",
+               "precision", "flip", "seconds", "img_per_s", "world_size", "shard_dir", "shards", "ranks")
+    RANK = ("cache", "hit", "rank", "skipped", "rows", "computed", "resumed_from", "seconds", "device", "precision",
+            "img_per_s")
+    OPTIONAL = ("verified", "rank", "calibration_seconds", "calibration_reused")
+
+    @classmethod
+    def of(cls, summary: dict) -> ExtractResult:
+        """From the summary extract_range, a hit or torchrun's ranks put together (keys: the fields')."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(summary) - known
+        if unknown:
+            raise ValueError(f"ExtractResult has no field for {sorted(unknown)}")
+        return cls(**summary)
+
+    def to_dict(self) -> dict:
+        """The answer as --json prints it: this shape's keys (a rank's device and precision where it ran)."""
+        keys = (self.HIT if self.hit else self.SHARDED if self.world_size is not None
+                else self.RANK if self.rank is not None else self.COMPUTED)
+        optional = (*self.OPTIONAL, "device", "precision") if keys is self.RANK else self.OPTIONAL
+        return {k: getattr(self, k) for k in keys if k not in optional or getattr(self, k) is not None}
+
+
+def extract(cfg: ExtractConfig) -> ExtractResult:
+    """Run (or reuse, or resume) one extraction; returns what it did, with the cache path. The data folder
     is held for reading meanwhile (``moves.reading_folder``): never listed or read halfway through an
     audit --apply, which waits (or is refused) until the extraction ends."""
     with reading_folder(cfg.data):
-        return extract_held(cfg)
+        return ExtractResult.of(extract_held(cfg))
 
 
 def extract_held(cfg: ExtractConfig) -> dict:

@@ -23,7 +23,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
@@ -31,6 +31,9 @@ from ..cache.feature_cache import FeatureCache
 from ..config import ChooseBackboneConfig, FitHeadConfig, check_config
 from ..errors import UsageError
 from .fused_views import FusedRows, match_rows
+
+if TYPE_CHECKING:
+    from ..extraction.extract import ExtractResult
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +112,7 @@ def check_candidates(specs: list) -> None:
             load_preprocessing(name, weights)
 
 
-def _extract(cfg: ChooseBackboneConfig, backbone: str, weights: str, n: int) -> dict:
+def _extract(cfg: ChooseBackboneConfig, backbone: str, weights: str, n: int) -> ExtractResult:
     from ..extraction.extract import ExtractConfig, extract
 
     return extract(ExtractConfig(data=cfg.data, n=n, backbone=backbone, weights=weights, seed=cfg.seed,
@@ -146,13 +149,13 @@ def check_folds(folds: int, smallest: int) -> None:
                          + (f" (or pass --folds {better[0]})" if better else ""))
 
 
-def extraction_rate(cache: FeatureCache, result: dict) -> Optional[float]:
+def extraction_rate(cache: FeatureCache, result: ExtractResult) -> Optional[float]:
     """Images a second this machine extracted the cache at, as the cache recorded it (the same figure on a
     later hit), else as this run computed it; None for a cache made before rates were kept."""
     recorded = cache.attrs.get("extract_rate")
     if recorded:
         return float(json.loads(recorded)["img_per_s"])
-    return float(result["img_per_s"]) if not result.get("hit") and result.get("computed") else None
+    return float(result.img_per_s) if not result.hit and result.computed else None
 
 
 def corrected_se(scores, test_share: float) -> float:
@@ -224,7 +227,7 @@ def choose_backbone(cfg: ChooseBackboneConfig) -> BackboneChoice:
     caches = []
     try:
         for r in made:
-            caches.append(FeatureCache(r["cache"]))
+            caches.append(FeatureCache(r.cache))
         ref = caches[0]
         orders = [np.arange(ref.n)] + [match_rows(ref, c) for c in caches[1:]]  # the same photos in every cache
         labels = ref.labels

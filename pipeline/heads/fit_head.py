@@ -422,7 +422,7 @@ def test_cache_for(cfg: FitHeadConfig, cache: FeatureCache) -> Path:
         from ..runs.ledger import current_command
 
         path = Path(extract(ExtractConfig(data=cfg.test_data, n=0, cache_dir=str(Path(cache.path).parent),
-                                          command=current_command(), purpose="test", **keep))["cache"])
+                                          command=current_command(), purpose="test", **keep)).cache)
     else:
         path = Path(cfg.test_cache)
     with FeatureCache(path) as test:

@@ -7,12 +7,14 @@ What the API and CLI use:
     demo.demo                       fetch -> check -> extract -> fit-head -> compare in one command (DemoResult)
     present                         every command's result as the text a person reads on the terminal
     suggest.SuggestResult           suggest's answer (exported here)
+    audit.audit                     label issues, outliers, duplicates, leaks (AuditResult; --apply/--undo give
+                                    data.FixesResult)
 """
 
 #: the stages' result dataclasses -> their modules, loaded on first use: the modules import torch, and
 #: ``import pipeline.reports.present`` (the CLI's) must not
 RESULTS = {"EvaluateResult": "evaluate", "PreviewResult": "pictures", "FeatureMapResult": "pictures",
-           "DemoResult": "demo", "SuggestResult": "suggest"}
+           "DemoResult": "demo", "SuggestResult": "suggest", "AuditResult": "audit"}
 
 
 def __getattr__(name: str):

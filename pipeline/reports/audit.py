@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
@@ -28,10 +29,48 @@ from ..runs.run_folders import new_run_dir
 from . import duplicates as dup
 from .label_issues import label_issues
 
+if TYPE_CHECKING:
+    from ..data.apply_fixes import FixesResult
+
 log = logging.getLogger(__name__)
 
 #: Nearest training photos shown beside each label issue in the HTML report.
 NEIGHBOURS_SHOWN = 4
+
+
+@dataclass(frozen=True)
+class AuditResult:
+    """audit's answer (report.json's keys, then where report.json and fixes.csv went)."""
+
+    cache: str
+    data_root: str
+    rows: int
+    classes: list
+    head: str  # the default head's setting that made the out-of-fold probabilities
+    folds: int
+    oof_acc: float
+    threshold: float
+    label_issues: list  # {path, given, suggested, score, row}, most likely wrong first
+    outliers: list  # {path, given, score, row, fence}
+    duplicates: list  # groups: {paths, classes, similarity, exact, rows}
+    leaks: list  # {train, test, similarity, exact}; [] without a test folder
+    test_cache: Optional[str]
+    unconfirmed: dict  # candidate pairs the layout check refused: duplicates (and leaks with a test folder)
+    test_root: Optional[str]  # with a test folder only (not in --json without one)
+    test_rows: Optional[int]
+    seconds: dict
+    html: str
+    gallery: str
+    output: str  # the run folder (or --output)
+    report: str  # report.json
+    fixes: str  # fixes.csv, the list to review and pass to --apply
+
+    def to_dict(self) -> dict:
+        """The answer as --json prints it: test_root and test_rows only with a test folder."""
+        d = asdict(self)
+        if self.test_cache is None:
+            del d["test_root"], d["test_rows"]
+        return d
 
 
 def validate(cfg: AuditConfig) -> None:
@@ -60,7 +99,7 @@ def training_cache(cfg: AuditConfig) -> Path:
 
     return Path(extract(ExtractConfig(data=cfg.data, n=0, backbone=cfg.backbone, weights=cfg.weights,
                                       batch_size=cfg.batch_size, device=cfg.device, workers=cfg.workers,
-                                      cache_dir=cfg.cache_dir, command=cfg.command))["cache"])
+                                      cache_dir=cfg.cache_dir, command=cfg.command)).cache)
 
 
 def test_cache(cfg: AuditConfig, cache: FeatureCache) -> Optional[Path]:
@@ -275,7 +314,7 @@ def public(result: dict) -> dict:
     return {k: v for k, v in result.items() if k != "knn" and not k.startswith("_")}
 
 
-def audit(cfg: AuditConfig) -> dict:
+def audit(cfg: AuditConfig) -> AuditResult | FixesResult:
     """The audit command: analyse (the default), or --apply a reviewed list, or --undo one."""
     validate(cfg)
     if not cfg.undo:
@@ -295,9 +334,7 @@ def audit(cfg: AuditConfig) -> dict:
                 raise
         else:
             result = undo_fixes(cfg.undo, cfg.data)
-        if cfg.refresh:
-            result["refreshed"] = refresh(cfg, result["root"])
-        return result
+        return replace(result, refreshed=refresh(cfg, result.root)) if cfg.refresh else result
     result = analyse(cfg)
     out = output_dir(cfg)
     with_pictures(result, out, cfg.top)
@@ -305,8 +342,8 @@ def audit(cfg: AuditConfig) -> dict:
     report = public(result)
     write_json(out / "report.json", report, indent=1)
     write_fixes_csv(result, out / "fixes.csv")
-    result.update(report=str(out / "report.json"), fixes=str(out / "fixes.csv"))
-    return public(result)
+    return AuditResult(**{"test_root": None, "test_rows": None, **report}, report=str(out / "report.json"),
+                       fixes=str(out / "fixes.csv"))
 
 
 def with_pictures(result: dict, out: Path, top: int) -> None:
@@ -338,4 +375,4 @@ def refresh(cfg: AuditConfig, root: str) -> Optional[dict]:
         log.warning("could not extract %s again as %s was made (%s); run extract yourself: rows are reused by "
                     "content", root, made[0].path, e)
         return None
-    return {k: r.get(k) for k in ("cache", "hit", "rows", "computed", "reused", "label_changes")}
+    return {k: getattr(r, k) for k in ("cache", "hit", "rows", "computed", "reused", "label_changes")}

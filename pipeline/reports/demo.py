@@ -16,7 +16,7 @@ from ..data.check_images import CheckImagesConfig, check_images, default_quarant
 from ..data.fetch import FetchConfig, FetchResult, fetch_data
 from ..data.folders import list_image_folder
 from ..errors import UsageError
-from ..extraction.extract import ExtractConfig, check_n, extract, validate
+from ..extraction.extract import ExtractConfig, ExtractResult, check_n, extract, validate
 from ..files import check_output
 from ..heads.compare import CompareConfig, CompareResult, compare_sklearn
 from ..heads.fit_head import FitHeadConfig
@@ -34,13 +34,14 @@ class DemoResult:
 
     fetch: Optional[FetchResult]  # None when the data folder was already there (nothing fetched)
     check: dict  # check-images' counts: files, good, errors, notes, by_kind, quarantine
-    extract: dict  # extract's summary
+    extract: ExtractResult
     compare: CompareResult
     next: dict  # cache, checkpoint, curves, history, and the commands to try next, with real paths
 
     def to_dict(self) -> dict:
         """The answer as --json prints it: no fetch when nothing was fetched."""
         d = asdict(self)
+        d["extract"] = self.extract.to_dict()  # its shape's keys, as extract --json prints them
         if d["fetch"] is None:
             del d["fetch"]
         return d
@@ -77,7 +78,7 @@ def demo(cfg: DemoConfig) -> DemoResult:
     log.info("[3/4] extracting %s features of %d images", cfg.backbone, cfg.n)
     steps["extract"] = extract(extract_cfg)
     log.info("[4/4] fitting the torch head and scikit-learn on the same split")
-    steps["compare"] = compare_sklearn(CompareConfig(cache=steps["extract"]["cache"],
+    steps["compare"] = compare_sklearn(CompareConfig(cache=steps["extract"].cache,
                                                      head=FitHeadConfig(runs_dir=cfg.runs_dir)))
     steps["next"] = next_steps(steps, data, cfg.runs_dir)
     return DemoResult(**steps)
@@ -93,7 +94,7 @@ def can_quarantine(data: Path) -> bool:
 def next_steps(steps: dict, data: Path, runs_dir: str) -> dict:
     """Where the outputs went and the commands to try next, with real paths."""
     run = Path(steps["compare"].head_run_dir)
-    head, cache = run / "head.pt", steps["extract"]["cache"]
+    head, cache = run / "head.pt", steps["extract"].cache
 
     some_image = list_image_folder(data).files[0].path  # one photo: a whole class folder can take minutes
     return {

@@ -15,8 +15,10 @@ from ..runs.ledger import ledger_path
 
 if TYPE_CHECKING:
     from ..cache.feature_cache import ConsolidateResult
+    from ..data.apply_fixes import FixesResult
     from ..data.check_images import CheckImagesResult
     from ..data.fetch import FetchResult
+    from ..extraction.extract import ExtractResult
     from ..heads.backbone_choice import BackboneChoice
     from ..heads.compare import CompareResult
     from ..heads.fit_head import FitHeadResult
@@ -24,6 +26,7 @@ if TYPE_CHECKING:
     from ..models.summary import SummaryResult
     from ..models.train import TrainResult
     from ..serving.export import ExportResult
+    from .audit import AuditResult
     from .demo import DemoResult
     from .evaluate import EvaluateResult
     from .pictures import FeatureMapResult
@@ -228,51 +231,53 @@ def evaluate_text(result: EvaluateResult) -> str:
     return "\n".join(lines)
 
 
-def audit_text(r: dict, top: int = 20) -> str:
-    """The audit as the lines a person reads on stdout."""
-    if "journal" in r:
+def audit_text(r: AuditResult | FixesResult, top: int = 20) -> str:
+    """The audit (or its --apply, --undo) as the lines a person reads on stdout."""
+    from ..data.apply_fixes import FixesResult
+
+    if isinstance(r, FixesResult):
         return audit_fixes_text(r)
-    lines = [f"audited {r['rows']} photos of {r['data_root']} ({len(r['classes'])} classes; cache {r['cache']})",
-             f"out-of-fold probabilities: {r['folds']} refits of {r['head']} (out-of-fold acc {r['oof_acc']:.3f})",
-             f"label issues: {len(r['label_issues'])}   outliers: {len(r['outliers'])}   "
-             f"duplicate groups: {len(r['duplicates'])}   leaks: "
-             f"{len(r['leaks']) if r['test_cache'] else '- (no --test-data)'}"]
-    if r["label_issues"]:  # names and classes one_line'd: a newline in one must not start a row of its own
-        w = max(len("likely wrong label"), *(len(one_line(i["path"])) for i in r["label_issues"][:top]))
+    lines = [f"audited {r.rows} photos of {r.data_root} ({len(r.classes)} classes; cache {r.cache})",
+             f"out-of-fold probabilities: {r.folds} refits of {r.head} (out-of-fold acc {r.oof_acc:.3f})",
+             f"label issues: {len(r.label_issues)}   outliers: {len(r.outliers)}   "
+             f"duplicate groups: {len(r.duplicates)}   leaks: "
+             f"{len(r.leaks) if r.test_cache else '- (no --test-data)'}"]
+    if r.label_issues:  # names and classes one_line'd: a newline in one must not start a row of its own
+        w = max(len("likely wrong label"), *(len(one_line(i["path"])) for i in r.label_issues[:top]))
         lines += ["", f"{'likely wrong label':<{w}}  {'given':<12} {'suggested':<12} score",
                   f"{'-' * w}  {'-' * 12} {'-' * 12} -----"]
         lines += [f"{one_line(i['path']):<{w}}  {one_line(i['given']):<12} {one_line(i['suggested']):<12} "
-                  f"{i['score']:.3f}" for i in r["label_issues"][:top]]
-        if len(r["label_issues"]) > top:
-            lines.append(f"... and {len(r['label_issues']) - top} more (report.json)")
-    if r["outliers"]:
+                  f"{i['score']:.3f}" for i in r.label_issues[:top]]
+        if len(r.label_issues) > top:
+            lines.append(f"... and {len(r.label_issues) - top} more (report.json)")
+    if r.outliers:
         lines += ["", "like no other photo (outlier score = 1 - mean cosine similarity to its 10 nearest):"]
-        lines += [f"  {one_line(o['path'])}  ({one_line(o['given'])}, {o['score']:.3f})" for o in r["outliers"][:top]]
-    if r["duplicates"]:
-        lines += ["", f"duplicates (cosine >= {r['threshold']} and the same layout, or the same bytes):"]
-        for g in r["duplicates"][:top]:
+        lines += [f"  {one_line(o['path'])}  ({one_line(o['given'])}, {o['score']:.3f})" for o in r.outliers[:top]]
+    if r.duplicates:
+        lines += ["", f"duplicates (cosine >= {r.threshold} and the same layout, or the same bytes):"]
+        for g in r.duplicates[:top]:
             kind = "exact" if g["exact"] else f"{g['similarity']:.3f}"
             lines.append(f"  {kind:>6}  " + "  ".join(f"{one_line(p)} ({one_line(c)})"
                                                       for p, c in zip(g["paths"], g["classes"])))
-    if r["leaks"]:
-        lines += ["", f"leaks: test photos with a copy in the training folder ({r['test_root']}):"]
+    if r.leaks:
+        lines += ["", f"leaks: test photos with a copy in the training folder ({r.test_root}):"]
         lines += [f"  {'exact' if lk['exact'] else format(lk['similarity'], '.3f'):>6}  test {one_line(lk['test'])}  = "
-                  f"train {one_line(lk['train'])}" for lk in r["leaks"][:top]]
-    lines += ["", f"report: {r['html']}", f"gallery: {r['gallery']}",
-              f"to fix: review {r['fixes']} (action relabel / remove / keep), then "
-              f"python cli.py audit --data {r['data_root']} --apply {r['fixes']}"]
+                  f"train {one_line(lk['train'])}" for lk in r.leaks[:top]]
+    lines += ["", f"report: {r.html}", f"gallery: {r.gallery}",
+              f"to fix: review {r.fixes} (action relabel / remove / keep), then "
+              f"python cli.py audit --data {r.data_root} --apply {r.fixes}"]
     return "\n".join(lines)
 
 
-def audit_fixes_text(r: dict) -> str:
-    lines = [f"{r['what']} {r['moved']} files in {r['root']} (journal {r['journal']})"]
-    ref = r.get("refreshed")
+def audit_fixes_text(r: FixesResult) -> str:
+    lines = [f"{r.what} {r.moved} files in {r.root} (journal {r.journal})"]
+    ref = r.refreshed
     if ref:
         lines.append(f"cache {ref['cache']}: " + ("a hit, nothing computed" if ref["hit"] else
                      f"{ref['reused']} rows reused by content ({ref['label_changes']} now in another class), "
                      f"{ref['computed']} computed"))
-    if r.get("undo"):
-        lines.append(f"to undo: {r['undo']}")
+    if r.undo:
+        lines.append(f"to undo: {r.undo}")
     return "\n".join(lines)
 
 
@@ -307,22 +312,22 @@ def runs_text(records: list[dict], sort_by: Optional[str], runs_dir, cache: Opti
     return f"no runs in {ledger_path(runs_dir)}" + (f" match {filters}" if filters else "")
 
 
-def extract_notes(result: dict) -> list[str]:
+def extract_notes(result: ExtractResult) -> list[str]:
     """extract's informational lines (stderr): a hit, or what was computed, reused and skipped."""
-    if result["hit"]:
-        return [f"cache hit: {result['rows']} rows already extracted, nothing computed"
-                f"{' (every photo checked against its sha256)' if result.get('verified') else ''}"]
-    one_off = [f"{what} {result[k]:.0f} s" for k, what in (
-        ("calibration_seconds", "int8 calibration" + (" reused" if result.get("calibration_reused") else "")),
-        ("compile_seconds", "compiling" + (f" (compile cache {result['compile_cache']})"
-                                           if result.get("compile_cache") else ""))) if result.get(k)]
-    lines = [f"extracted {result['computed']} images ({result['img_per_s']:.1f} img/s"
+    if result.hit:
+        return [f"cache hit: {result.rows} rows already extracted, nothing computed"
+                f"{' (every photo checked against its sha256)' if result.verified else ''}"]
+    one_off = [f"{what} {getattr(result, k):.0f} s" for k, what in (
+        ("calibration_seconds", "int8 calibration" + (" reused" if result.calibration_reused else "")),
+        ("compile_seconds", "compiling" + (f" (compile cache {result.compile_cache})"
+                                           if result.compile_cache else ""))) if getattr(result, k)]
+    lines = [f"extracted {result.computed} images ({result.img_per_s:.1f} img/s"
              f"{', not counting ' + ' and '.join(one_off) if one_off else ''}), "
-             f"{result['skipped']} skipped, {result['rows']} rows in "
-             f"{'shards of rank ' + str(result['rank']) if 'rank' in result else 'cache'}"]
-    if result.get("reused"):
-        lines.append(f"reused {result['reused']} rows of earlier caches by content ({result['label_changes']} of "
-                     f"them now in another class), computed {result['computed']}")
+             f"{result.skipped} skipped, {result.rows} rows in "
+             f"{'shards of rank ' + str(result.rank) if result.rank is not None else 'cache'}"]
+    if result.reused:
+        lines.append(f"reused {result.reused} rows of earlier caches by content ({result.label_changes} of "
+                     f"them now in another class), computed {result.computed}")
     return lines
 
 

@@ -134,8 +134,8 @@ def extract_both(cfg: SuggestConfig) -> tuple[Path, Path]:
 
     common = dict(n=0, backbone=cfg.backbone, weights=cfg.weights, batch_size=cfg.batch_size, device=cfg.device,
                   workers=cfg.workers, cache_dir=cfg.cache_dir, command=cfg.command)
-    labelled = extract(ExtractConfig(data=cfg.data, **common))["cache"]
-    pool = extract(ExtractConfig(data=cfg.pool, purpose=POOL, **common))["cache"]
+    labelled = extract(ExtractConfig(data=cfg.data, **common)).cache
+    pool = extract(ExtractConfig(data=cfg.pool, purpose=POOL, **common)).cache
     return Path(labelled), Path(pool)
 
 
