@@ -211,7 +211,15 @@ def note(text: str) -> None:
 
 
 def emit(result, as_json: bool, text: str) -> None:
-    click.echo(json_text(result, indent=2, default=str) if as_json else text)
+    """``text`` for people, or with --json the result as JSON: a stage's result dataclass as its ``to_dict()``
+    (where some keys are only there sometimes) or every field."""
+    if as_json:
+        from dataclasses import asdict, is_dataclass
+
+        data = result.to_dict() if hasattr(result, "to_dict") else asdict(result) if is_dataclass(result) else result
+        click.echo(json_text(data, indent=2, default=str))
+    else:
+        click.echo(text)
 
 
 def _setup_logging(verbose: int, quiet: bool = False) -> None:
@@ -260,7 +268,7 @@ def extract(as_json, **options):
     for line in present.extract_notes(result):
         note(line)
     if result.rank is None:  # under torchrun only rank 0 prints the result
-        emit(result.to_dict(), as_json, result.cache)
+        emit(result, as_json, result.cache)
 
 
 @cli.command()
@@ -272,11 +280,9 @@ def extract(as_json, **options):
 def caches(cache_dir, consolidate, as_json):
     """List the feature caches: path, backbone, rows, classes, size, created."""
     if consolidate:
-        from dataclasses import asdict
-
         result = api.Cache(consolidate).consolidate()
         note(present.consolidate_note(result))
-        emit(asdict(result), as_json, result.cache)
+        emit(result, as_json, result.cache)
         return
     found = api.list_caches(cache_dir)
     result = {"caches": [c.summary() for c in found],
@@ -293,7 +299,7 @@ def fit_head_cmd(as_json, **options):
     cache = options.pop("cache")
     rows = list(cache) if len(cache) > 1 else cache[0] if cache else None
     result = api.Head(verbose=None, **options).fit(rows).result_
-    emit(result.to_dict(), as_json, present.fit_head_text(result))
+    emit(result, as_json, present.fit_head_text(result))
 
 
 @cli.command("choose-backbone")
@@ -303,13 +309,11 @@ def fit_head_cmd(as_json, **options):
 def choose_backbone_cmd(as_json, data, backbones, **options):
     """Which backbone (or fusion of backbones) suits these photos: cross-validated accuracy, log-loss,
     extraction speed and cache size of each, and the fastest within noise of the best."""
-    from dataclasses import asdict
-
     from .runs.ledger import current_command
 
     options = {k: v for k, v in options.items() if v is not None}
     choice = api.choose_backbone(data, list(backbones), verbose=None, command=current_command(), **options)
-    emit(asdict(choice), as_json, present.choose_backbone_text(choice))
+    emit(choice, as_json, present.choose_backbone_text(choice))
 
 
 #: fit-head's options that compare-sklearn's heads take from its command line (the API takes all of them)
@@ -324,10 +328,8 @@ COMPARED_HEAD_OPTIONS = ("features", "normalize", "recipe", "epochs", "patience"
 @library_errors
 def compare_sklearn_cmd(as_json, cache, **options):
     """Fit the torch head and scikit-learn LogisticRegression on the same split; print both."""
-    from dataclasses import asdict
-
     result = api.compare_sklearn(cache, verbose=None, **options).result
-    emit(asdict(result), as_json, present.compare_text(result))
+    emit(result, as_json, present.compare_text(result))
 
 
 @cli.command()
@@ -336,10 +338,8 @@ def compare_sklearn_cmd(as_json, cache, **options):
 @library_errors
 def preview(as_json, **options):
     """A PNG grid of sample images per class, resized/cropped as for extraction (de-normalised)."""
-    from dataclasses import asdict
-
     result = api.preview(options.pop("data"), **options).info
-    emit(asdict(result), as_json, result.output)
+    emit(result, as_json, result.output)
 
 
 @cli.command("feature-map")
@@ -348,11 +348,9 @@ def preview(as_json, **options):
 @library_errors
 def feature_map_cmd(as_json, **options):
     """A PNG of IMAGE beside its feature map (channels x positions) and its most active channels."""
-    from dataclasses import asdict
-
     result = api.feature_map(options.pop("image"), **options).info
     note(present.feature_map_note(result))
-    emit(asdict(result), as_json, result.output)
+    emit(result, as_json, result.output)
 
 
 @cli.command()
@@ -363,7 +361,7 @@ def evaluate(as_json, **options):
     """Accuracy, per-class precision/recall/F1, a confusion-matrix PNG and a gallery of confident errors."""
     result = api.evaluate_model(options.pop("model"), options.pop("cache"), options.pop("data"), figures=False,
                                 verbose=None, **options)
-    emit(result.to_dict(), as_json, present.evaluate_text(result))
+    emit(result, as_json, present.evaluate_text(result))
 
 
 @cli.command()
@@ -387,11 +385,9 @@ def runs(runs_dir, sort_by, cache, backbone, as_json):
 @library_errors
 def fetch_data_cmd(as_json, **options):
     """Download an image archive (resuming a partial download) and unpack it safely; prints the folder."""
-    from dataclasses import asdict
-
     result = api.fetch_data(verbose=None, **options)
     note(present.fetch_note(result))
-    emit(asdict(result), as_json, result.unpacked)
+    emit(result, as_json, result.unpacked)
 
 
 @cli.command("check-images")
@@ -400,10 +396,8 @@ def fetch_data_cmd(as_json, **options):
 @library_errors
 def check_images_cmd(as_json, **options):
     """Fully decode every file below DIR and report unusable ones (errors) and converted ones (notes)."""
-    from dataclasses import asdict
-
     result = api.check_image_folder(options.pop("root"), verbose=None, **options)
-    emit(asdict(result), as_json, present.check_images_text(result))
+    emit(result, as_json, present.check_images_text(result))
 
 
 @cli.command()
@@ -414,7 +408,7 @@ def demo(as_json, **options):
     """The main job in one go: fetch if missing, check images, extract, fit the head, compare with sklearn."""
     from .runs.ledger import current_command
     result = api.run_demo(verbose=None, command=current_command(), **options)
-    emit(result.to_dict(), as_json, present.demo_text(result))
+    emit(result, as_json, present.demo_text(result))
 
 
 @cli.command()
@@ -424,7 +418,7 @@ def demo(as_json, **options):
 def train(as_json, **options):
     """Train a new head on images end to end, backbone frozen; saves runs/<stamp>-train/model.pt."""
     result = interruptible_training(lambda: api.train_model(options.pop("data"), verbose=None, **options))
-    emit(result.to_dict(), as_json, present.train_text(result))
+    emit(result, as_json, present.train_text(result))
 
 
 @cli.command()
@@ -435,7 +429,7 @@ def finetune(as_json, **options):
     """Unfreeze the backbone (or its last K blocks) and train at a low rate; saves runs/<stamp>-finetune/model.pt."""
     result = interruptible_training(lambda: api.finetune_model(options.pop("data"), options.pop("init_head"),
                                                                verbose=None, **options))
-    emit(result.to_dict(), as_json, present.train_text(result))
+    emit(result, as_json, present.train_text(result))
 
 
 def interruptible_training(run):
@@ -485,10 +479,8 @@ def predict(paths, **options):
 @library_errors
 def imagenet_check_cmd(as_json, **options):
     """Sanity check: the top ImageNet classes of IMAGE from the full pretrained model."""
-    from dataclasses import asdict
-
     result = api.imagenet_check(options.pop("image"), **options)
-    emit(asdict(result), as_json, present.imagenet_check_text(result))
+    emit(result, as_json, present.imagenet_check_text(result))
 
 
 @cli.command()
@@ -497,10 +489,8 @@ def imagenet_check_cmd(as_json, **options):
 @library_errors
 def summary(as_json, **options):
     """Layer-by-layer table and total/trainable parameter counts of backbone + head under a freeze setting."""
-    from dataclasses import asdict
-
     result = api.model_summary(**options)
-    emit(asdict(result), as_json, present.summary_text(result))
+    emit(result, as_json, present.summary_text(result))
 
 
 @cli.command()
@@ -512,7 +502,7 @@ def audit(as_json, **options):
     from .runs.ledger import current_command
 
     result = api.audit_folder(options.pop("data"), verbose=None, command=current_command(), **options)
-    emit(result.to_dict(), as_json, present.audit_text(result, options.get("top") or AuditConfig.top))
+    emit(result, as_json, present.audit_text(result, options.get("top") or AuditConfig.top))
 
 
 @cli.command()
@@ -521,12 +511,10 @@ def audit(as_json, **options):
 @library_errors
 def suggest(as_json, **options):
     """Which photos of an unlabelled pool to label next: a ranked CSV and an HTML page with thumbnails."""
-    from dataclasses import asdict
-
     from .runs.ledger import current_command
 
     result = api.suggest(options.pop("data"), options.pop("pool"), verbose=None, command=current_command(), **options)
-    emit(asdict(result), as_json, present.suggest_text(result))
+    emit(result, as_json, present.suggest_text(result))
 
 
 @cli.command()
@@ -537,7 +525,7 @@ def export(as_json, **options):
     """Write a model as one ONNX or TorchScript file (images in, class probabilities out) + its .json metadata,
     after checking that it gives predict's probabilities on sample photos (exit 1 when it does not)."""
     result = api.export_model(options.pop("model"), options.pop("output"), verbose=None, **options)
-    emit(result.to_dict(), as_json, present.export_text(result))
+    emit(result, as_json, present.export_text(result))
     if not result.passed:
         raise click.exceptions.Exit(1)
 
