@@ -1,4 +1,5 @@
 import json
+import os
 import re
 
 import numpy as np
@@ -216,6 +217,15 @@ def test_tune_on_a_pooled_cache_leaves_out_the_views_it_cannot_give(make_cache, 
     pooled = make_cache(image_folder, pool="avg", cache_dir=str(tmp_path / "pooled")).cache
     r = fit_head(FitHeadConfig(cache=pooled, tune=True, val_fraction=0.25, folds=3, runs_dir=str(tmp_path / "runs")))
     assert {row["key"].split("|")[1] for row in r.tuning["table"]} == {"avg"}
+
+
+def test_tune_with_two_folds_on_a_few_rows_of_three_classes_fits(tmp_path, make_cache):
+    """A fold of 9 rows of 3 classes held out 2 for the torch head's early stopping, and --tune failed in
+    scikit-learn's words ('test_size = 2 should be greater or equal to the number of classes = 3')."""
+    data = make_image_folder(tmp_path / "d", per_class=12, classes=("blue", "red", "green"))
+    r = fit_head(FitHeadConfig(cache=make_cache(data).cache, tune=True, folds=2, runs_dir=str(tmp_path / "runs")))
+    assert os.path.isfile(r.checkpoint)
+    assert any(row["key"].startswith("torch") for row in r.tuning["table"])  # the head that held rows out
 
 
 @pytest.mark.parametrize("args, message", [

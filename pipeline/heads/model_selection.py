@@ -130,9 +130,11 @@ def stacked_row(svm_row: dict, logreg_row: dict, result: dict, pairs_row: Option
 
 # -- one setting, fitted ------------------------------------------------------------------------
 def _stratified_holdout(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-
-    idx = np.arange(len(y))
-    a, b = train_test_split(idx, test_size=fraction, stratify=y, random_state=seed)
+    """(kept, held out): ``fraction`` of the rows held out, stratified, at least one row a class on each side
+    where the rows allow (a --tune fold of 9 rows of 3 classes held out 2 and failed in scikit-learn's words)."""
+    idx, classes = np.arange(len(y)), len(np.unique(y))
+    held = min(max(math.ceil(fraction * len(y)), classes), len(y) - classes)
+    a, b = train_test_split(idx, test_size=held, stratify=y, random_state=seed)
     return np.sort(a), np.sort(b)
 
 
