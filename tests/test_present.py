@@ -6,14 +6,19 @@ TRUST = {"temperature": 0.886, "calibration_rows": 2, "calibrated_on": "val", "u
 
 
 def test_extract_notes_say_what_was_computed_reused_or_a_hit():
-    assert present.extract_notes({"hit": True, "rows": 20, "verified": True}) == [
+    from dataclasses import replace
+
+    from pipeline.extraction.extract import ExtractResult
+
+    hit = ExtractResult(cache="c.h5", hit=True, rows=20, skipped=0, verified=True)
+    assert present.extract_notes(hit) == [
         "cache hit: 20 rows already extracted, nothing computed (every photo checked against its sha256)"]
-    ran = {"hit": False, "computed": 3, "img_per_s": 12.34, "skipped": 1, "rows": 20, "reused": 17,
-           "label_changes": 2, "calibration_seconds": 4.2, "calibration_reused": True, "compile_seconds": 0}
+    ran = ExtractResult(cache="c.h5", hit=False, computed=3, img_per_s=12.34, skipped=1, rows=20, reused=17,
+                        label_changes=2, calibration_seconds=4.2, calibration_reused=True, compile_seconds=0)
     assert present.extract_notes(ran) == [
         "extracted 3 images (12.3 img/s, not counting int8 calibration reused 4 s), 1 skipped, 20 rows in cache",
         "reused 17 rows of earlier caches by content (2 of them now in another class), computed 3"]
-    assert present.extract_notes({**ran, "reused": 0, "calibration_seconds": 0, "rank": 1}) == [
+    assert present.extract_notes(replace(ran, reused=0, calibration_seconds=0, rank=1)) == [
         "extracted 3 images (12.3 img/s), 1 skipped, 20 rows in shards of rank 1"]
 
 
@@ -81,16 +86,19 @@ def test_suggest_and_audit_tables_keep_a_row_a_line_whatever_the_names_hold():
     """A photo or class name with a newline used to print as a row of its own (a fake rank, a fake issue)."""
     from types import SimpleNamespace
 
+    from pipeline.reports.audit import AuditResult
+
     evil = "evil\n  99  fake.jpg"
     r = SimpleNamespace(rows=[{"rank": 1, "path": evil, "predicted": "c\x1b[2J", "uncertainty": 0.5, "distance": 0.25}],
                         pool=1, rule="margin", head="logreg", labelled=4, skipped=0, csv="s.csv", html="s.html")
     lines = present.suggest_text(r).splitlines()
     assert len(lines) == 5 and lines[2] == "   1  evil\\n  99  fake.jpg  c\\x1b[2J             0.500    0.250"
     issue = {"path": evil, "given": "a\nb", "suggested": "c", "score": 0.5}
-    audit = {"rows": 4, "data_root": "d", "classes": ["a\nb", "c"], "cache": "x.h5", "folds": 2, "head": "h",
-             "oof_acc": 1.0, "label_issues": [issue], "outliers": [{**issue}],
-             "duplicates": [{"exact": True, "paths": [evil, "x"], "classes": ["a\nb", "c"]}], "threshold": 0.88,
-             "leaks": [{"exact": True, "test": evil, "train": evil}], "test_cache": "t.h5", "test_root": "t",
-             "html": "r.html", "gallery": "g.png", "fixes": "f.csv"}
+    audit = AuditResult(rows=4, data_root="d", classes=["a\nb", "c"], cache="x.h5", folds=2, head="h", oof_acc=1.0,
+                        label_issues=[issue], outliers=[{**issue}],
+                        duplicates=[{"exact": True, "paths": [evil, "x"], "classes": ["a\nb", "c"]}], threshold=0.88,
+                        leaks=[{"exact": True, "test": evil, "train": evil}], test_cache="t.h5", test_root="t",
+                        test_rows=1, unconfirmed={}, seconds={}, html="r.html", gallery="g.png", output="o",
+                        report="o/report.json", fixes="f.csv")
     text = present.audit_text(audit)
     assert "\n  99" not in text and "a\nb" not in text and text.count("evil\\n  99  fake.jpg") == 5
