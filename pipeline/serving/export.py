@@ -4,7 +4,8 @@ The file takes a batch of preprocessed images, (N, 3, H, W) float32 at the weigh
 returns their class probabilities. What a program needs to feed it (the classes, the resize, crop,
 mean and std, all taken from the checkpoint's own provenance record) is written inside it (ONNX
 metadata_props, a TorchScript extra file) and beside it, as ``<output>.json`` with the
-parity check's result. Preprocessing drift is the usual reason an exported model predicts otherwise
+parity check's result; both hold one ``export_id``, so a reader refuses a sidecar written by another
+export (``read_metadata``). Preprocessing drift is the usual reason an exported model predicts otherwise
 than the tool: so every export runs the exported file (ONNX Runtime, or the TorchScript file loaded
 back) fed by the export's decoding rule (``data.portable``: what any consumer can copy) against
 predict's own path in fp32, both from each photo's bytes (odd modes included: ``ODD_MODES``), and fails
@@ -16,6 +17,7 @@ import importlib.util
 import json
 import logging
 import os
+import uuid
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -81,6 +83,57 @@ def sidecar_path(output) -> Path:
     an ONNX and a TorchScript export of one model side by side keep their own)."""
     out = Path(output)
     return out.with_name(out.name + ".json")
+
+
+def embedded_metadata(path) -> Optional[dict]:
+    """The metadata written inside an exported file (ONNX metadata_props, the TorchScript extra file); None when
+    it holds none. ONNX values that are not strings are stored as JSON, strings as they are."""
+    import zipfile
+
+    if zipfile.is_zipfile(path):  # a TorchScript file is a zip archive
+        extra = {TORCHSCRIPT_KEY: ""}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+        return json.loads(extra[TORCHSCRIPT_KEY]) if extra[TORCHSCRIPT_KEY] else None
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    return {key: decoded(key, value) for key, value in props.items()} or None
+
+
+def decoded(key: str, value: str):
+    """One ONNX metadata_props value as written: JSON unless it was a string (export_id always is)."""
+    if key == "export_id":
+        return value
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
+
+
+def read_metadata(path) -> dict:
+    """An exported file's metadata: the one inside it, plus the sidecar's parity check when the sidecar is from
+    the same export. A sidecar whose export_id differs (another export's, or an older one's: two exports to one
+    --output, or one stopped between writing the file and its sidecar) is refused in one line, never used."""
+    path = Path(path)
+    side = sidecar_path(path)
+    inside = embedded_metadata(path)
+    beside = json.loads(side.read_text()) if side.is_file() else None
+    if inside is None and beside is None:
+        raise PipelineError(f"{str(path)!r} holds no export metadata and has no {side.name} beside it: "
+                            "export it with python cli.py export")
+    if inside is not None and beside is not None and inside.get("export_id") != beside.get("export_id"):
+        raise PipelineError(mismatch(path, side, inside.get("export_id"), beside.get("export_id")))
+    if inside is None:  # a file whose metadata a tool stripped: the sidecar is all there is
+        return beside
+    return {**inside, **({"parity": beside["parity"]} if beside and "parity" in beside else {})}
+
+
+def mismatch(path, side, inside, beside) -> str:
+    """The one line a reader refuses a sidecar from another export with."""
+    return (f"{str(side)!r} is not the metadata of {str(path)!r} (export_id {beside} beside a file of export_id "
+            f"{inside}): another export wrote one of them; export the model again to that --output")
 
 
 def require(fmt: str) -> None:
@@ -399,7 +452,7 @@ def export(cfg: ExportConfig) -> ExportResult:
                          "to export it")
     files = sample_photos(cfg, ckpt)
     lm = model_from_checkpoint(ckpt, cfg.model, cfg.weights)
-    meta = metadata(cfg, ckpt, lm)
+    meta = {**metadata(cfg, ckpt, lm), "export_id": uuid.uuid4().hex}  # the file's and its sidecar's
     net = ProbabilityNet(lm.model).eval()
     tmp = out.with_name(f".{out.name}.{os.getpid()}.export")
     try:
