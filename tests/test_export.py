@@ -404,3 +404,38 @@ def test_a_torchscript_sidecar_from_another_export_is_refused(heads, tmp_path):
     Path(f"{first}.json").write_text(Path(f"{second}.json").read_text())
     with pytest.raises(pipeline.PipelineError, match="is not the metadata of"):
         export_mod.read_metadata(first)
+
+
+def test_an_export_stopped_before_its_sidecar_leaves_no_old_sidecar_beside_it(heads, tmp_path, monkeypatch):
+    """The old sidecar goes before the new file replaces the old one: a stop in between leaves the new file with
+    the metadata inside it, never beside the old export's .json."""
+    out = tmp_path / "m.onnx"
+    assert pipeline.export_model(heads["linear"], out).passed
+
+    def stopped(path, value, **options):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export_mod, "write_json", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.export_model(heads["svm"], out)
+    assert not Path(f"{out}.json").exists() and not export_mod.lock_path(out).exists()
+    assert export_mod.read_metadata(out)["model"] == str(heads["svm"])
+
+
+def test_two_exports_put_their_pairs_in_place_one_after_the_other(tmp_path):
+    """The file and its sidecar go in place under a lock beside them: a second export waits for the first."""
+    import threading
+
+    out, side = tmp_path / "m.onnx", tmp_path / "m.onnx.json"
+    tmp = tmp_path / ".m.onnx.1.export"
+    tmp.write_bytes(b"second")
+    with export_mod.output_lock(out):
+        waiter = threading.Thread(target=export_mod.put_in_place, args=(tmp, out, side, {"export_id": "2"}))
+        waiter.start()
+        waiter.join(0.5)
+        assert waiter.is_alive() and not out.exists()  # waiting for the lock
+        out.write_bytes(b"first")
+        side.write_text('{"export_id": "1"}')
+    waiter.join(10)
+    assert out.read_bytes() == b"second" and json.loads(side.read_text()) == {"export_id": "2"}
+    assert not export_mod.lock_path(out).exists()

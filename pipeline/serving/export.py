@@ -19,6 +19,7 @@ import logging
 import os
 import uuid
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional
@@ -46,6 +47,11 @@ from ..models.whole_models import (
     split_extras,
 )
 from ..progress import progress
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; exports to one --output there are not serialised
+    fcntl = None
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +89,36 @@ def sidecar_path(output) -> Path:
     an ONNX and a TorchScript export of one model side by side keep their own)."""
     out = Path(output)
     return out.with_name(out.name + ".json")
+
+
+def lock_path(output) -> Path:
+    """The lock file beside an exported file (.model.onnx.lock), there only while an export puts the file and
+    its sidecar in place."""
+    out = Path(output)
+    return out.with_name(f".{out.name}.lock")
+
+
+@contextmanager
+def output_lock(output):
+    """Hold ``lock_path(output)`` (waiting for another export's short hold), so two exports to one --output
+    put their pairs in place one after the other: the last one's file beside the last one's sidecar, never
+    interleaved. The holder removes the file; a waiter that then locks a removed file opens it again."""
+    lock = lock_path(output)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.fstat(fd).st_ino == os.stat(lock).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the holder before us removed it: lock the one there now
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)  # while holding it: a waiter on this file sees it gone and opens again
+        os.close(fd)
 
 
 def embedded_metadata(path) -> Optional[dict]:
@@ -267,6 +303,15 @@ def write_torchscript(net: nn.Module, example, path: Path, meta: dict) -> None:
         warnings.simplefilter("ignore")  # torch.jit is deprecated in favour of torch.export, still the way to C++
         traced = torch.jit.trace(net, (example,), check_trace=False)
         torch.jit.save(traced, str(path), _extra_files={TORCHSCRIPT_KEY: json.dumps(meta)})
+
+
+def put_in_place(tmp: Path, out: Path, side: Path, meta: dict) -> None:
+    """The checked file at ``out`` and its metadata at ``side``, under the output's lock; the old sidecar removed
+    first, so an export stopped in between leaves the new file alone, never beside the old one's metadata."""
+    with output_lock(out):
+        side.unlink(missing_ok=True)
+        atomic_write(out, lambda t: os.replace(tmp, t))
+        write_json(side, meta)
 
 
 class ExportedRunner:
@@ -465,8 +510,7 @@ def export(cfg: ExportConfig) -> ExportResult:
                               max_abs_diff=check["max_abs_diff"], passed=check["passed"], parity=check,
                               output=None, metadata=None)
         if check["passed"]:
-            atomic_write(out, lambda t: os.replace(tmp, t))
-            write_json(side, {**meta, "parity": check})
+            put_in_place(tmp, out, side, {**meta, "parity": check})
             result = replace(result, output=str(out), metadata=str(side), bytes=out.stat().st_size)
         else:
             log.warning("the %s export differs from predict by %.3g (tolerance %g; %d of %d photos of the same "
