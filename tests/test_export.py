@@ -439,3 +439,16 @@ def test_two_exports_put_their_pairs_in_place_one_after_the_other(tmp_path):
     waiter.join(10)
     assert out.read_bytes() == b"second" and json.loads(side.read_text()) == {"export_id": "2"}
     assert not export_mod.lock_path(out).exists()
+
+
+def test_reading_the_metadata_of_no_export_is_one_line(tmp_path):
+    """A file that is neither ONNX nor TorchScript: one line naming it, not the protobuf or zip reader's trace."""
+    import zipfile
+
+    (tmp_path / "g.onnx").write_text("garbage")
+    with zipfile.ZipFile(tmp_path / "z.ts", "w") as z:
+        z.writestr("a", "b")
+    for name in ("g.onnx", "z.ts"):
+        with pytest.raises(pipeline.PipelineError, match=f"{name}' is no ONNX or TorchScript file: ") as e:
+            export_mod.read_metadata(tmp_path / name)
+        assert "\n" not in str(e.value)

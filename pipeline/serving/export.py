@@ -134,7 +134,12 @@ def embedded_metadata(path) -> Optional[dict]:
         return json.loads(extra[TORCHSCRIPT_KEY]) if extra[TORCHSCRIPT_KEY] else None
     import onnx
 
-    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    from google.protobuf.message import DecodeError
+
+    try:
+        props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    except DecodeError as e:
+        raise ValueError(e) from None
     return {key: decoded(key, value) for key, value in props.items()} or None
 
 
@@ -154,7 +159,11 @@ def read_metadata(path) -> dict:
     --output, or one stopped between writing the file and its sidecar) is refused in one line, never used."""
     path = Path(path)
     side = sidecar_path(path)
-    inside = embedded_metadata(path)
+    try:
+        inside = embedded_metadata(path)
+    except (RuntimeError, ValueError, OSError) as e:  # (the TorchScript reader's errors are RuntimeErrors)
+        first = (str(e).splitlines() or [type(e).__name__])[0]  # torch's lines below it: its C++ trace
+        raise PipelineError(f"{str(path)!r} is no ONNX or TorchScript file: {first}") from None
     beside = json.loads(side.read_text()) if side.is_file() else None
     if inside is None and beside is None:
         raise PipelineError(f"{str(path)!r} holds no export metadata and has no {side.name} beside it: "
