@@ -2,8 +2,9 @@
 
     python examples/predict_onnx.py catsdogs.onnx photo.jpg [more photos...]
 
-The decoding and preprocessing follow the export's rule exactly (docs/export-serve.md; the metadata beside the
-file, catsdogs.onnx.json, holds its parameters under "preprocessing" and "decoding"): a large JPEG decoded at a
+The decoding and preprocessing follow the export's rule exactly (docs/export-serve.md; the metadata inside the
+file, as beside it in catsdogs.onnx.json, holds its parameters under "preprocessing" and "decoding"; a
+catsdogs.onnx.json from another export is refused): a large JPEG decoded at a
 reduced DCT scale, 16-bit gray scaled by its bit depth, float gray by its range, transparency over white, a
 photo stored sideways turned upright by its EXIF Orientation, then torchvision's resize, center crop and
 normalisation. The functions below the line are a verbatim copy of the project's
@@ -23,9 +24,29 @@ from PIL import Image
 BATCH = 16  # photos per run: a VGG-16 batch of 16 needs about 1 GB
 
 
+#: The metadata keys main() reads; inside the .onnx file each is stored as JSON (ONNX metadata_props).
+NEEDED = ("outputs", "classes", "preprocessing", "decoding", "unknown_threshold")
+
+
+def metadata(model: str, session) -> dict:
+    """The metadata inside the model (never another export's): the sidecar beside it (model + ".json") is used
+    only when the file holds none, and refused when it is from another export (its export_id differs)."""
+    inside = session.get_modelmeta().custom_metadata_map
+    side = Path(model + ".json")
+    beside = json.loads(side.read_text()) if side.is_file() else None
+    if beside is not None and inside and inside.get("export_id") != beside.get("export_id"):
+        sys.exit(f"{side} is not the metadata of {model} (export_id {beside.get('export_id')} beside a file of "
+                 f"export_id {inside.get('export_id')}): another export wrote one of them; export the model again")
+    if all(key in inside for key in NEEDED):
+        return {key: json.loads(inside[key]) for key in NEEDED}
+    if beside is None:
+        sys.exit(f"{model} holds no export metadata and {side} is missing: export the model again")
+    return beside
+
+
 def main(model: str, photos: list) -> None:
-    meta = json.loads(Path(model + ".json").read_text())
     session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    meta = metadata(model, session)
     names = [o["name"] for o in meta["outputs"]]
     for i in range(0, len(photos), BATCH):
         rows, inputs = [], []

@@ -346,3 +346,109 @@ def test_an_output_named_for_the_other_format_is_refused(tmp_path, image_folder)
                                          "--output", str(tmp_path / name)])
         assert r.exit_code == 2 and f"names {other} file but --format is {fmt!r}" in r.output, r.output
         assert not (tmp_path / "new").exists()  # not even its folder
+
+
+@pytest.fixture(scope="module")
+def two_exports(heads, tmp_path_factory) -> tuple:
+    """Two ONNX exports (the linear head's, the svm head's) and a photo."""
+    root = tmp_path_factory.mktemp("two")
+    first, second = root / "a.onnx", root / "b.onnx"
+    assert pipeline.export_model(heads["linear"], first).passed and pipeline.export_model(heads["svm"], second).passed
+    return first, second, min((heads["linear"].parents[2] / "data").rglob("*.jpg"))
+
+
+def swapped(first: Path, second: Path, folder: Path) -> Path:
+    """A copy of ``first`` in ``folder`` with ``second``'s sidecar beside it: what two exports to one --output, or
+    one stopped between the file and its .json, left."""
+    import shutil
+
+    model = Path(shutil.copy(first, folder / first.name))
+    shutil.copy(f"{second}.json", f"{model}.json")
+    return model
+
+
+def test_the_example_refuses_a_sidecar_from_another_export(two_exports, tmp_path):
+    """examples/predict_onnx.py read the .json beside the file and used another model's classes silently; it now
+    reads the metadata inside the file and refuses, in one line, a sidecar whose export_id differs."""
+    first, second, photo = two_exports
+    before = example_rows(first, [photo])
+    model = swapped(first, second, tmp_path)
+    got = subprocess.run([sys.executable, str(ROOT / "examples" / "predict_onnx.py"), str(model), str(photo)],
+                         capture_output=True, text=True)
+    assert got.returncode == 1 and got.stdout == "" and len(got.stderr.splitlines()) == 1, got
+    assert f"{model}.json is not the metadata of {model}" in got.stderr and "export the model again" in got.stderr
+    os.remove(f"{model}.json")  # no sidecar: the metadata inside the file is enough
+    assert example_rows(model, [photo]) == before
+
+
+def test_the_pipeline_refuses_a_sidecar_from_another_export(two_exports, tmp_path):
+    """read_metadata: the metadata inside the file with the sidecar's parity check, never another export's."""
+    first, second, _ = two_exports
+    meta = export_mod.read_metadata(first)
+    assert meta["export_id"] == json.loads(Path(f"{first}.json").read_text())["export_id"]
+    assert meta["classes"] == ["blue", "green", "red"] and meta["parity"]["passed"]
+    assert meta["export_id"] != export_mod.read_metadata(second)["export_id"]
+    model = swapped(first, second, tmp_path)
+    with pytest.raises(pipeline.PipelineError, match=r"a\.onnx\.json' is not the metadata of .*a\.onnx'.*export "
+                                                     r"the model again"):
+        export_mod.read_metadata(model)
+    os.remove(f"{model}.json")
+    assert export_mod.read_metadata(model)["export_id"] == meta["export_id"]
+
+
+def test_a_torchscript_sidecar_from_another_export_is_refused(heads, tmp_path):
+    first, second = tmp_path / "a.ts", tmp_path / "b.ts"
+    for out in (first, second):
+        assert pipeline.export_model(heads["linear"], out, format="torchscript").passed
+    assert export_mod.read_metadata(first)["classes"] == ["blue", "green", "red"]
+    Path(f"{first}.json").write_text(Path(f"{second}.json").read_text())
+    with pytest.raises(pipeline.PipelineError, match="is not the metadata of"):
+        export_mod.read_metadata(first)
+
+
+def test_an_export_stopped_before_its_sidecar_leaves_no_old_sidecar_beside_it(heads, tmp_path, monkeypatch):
+    """The old sidecar goes before the new file replaces the old one: a stop in between leaves the new file with
+    the metadata inside it, never beside the old export's .json."""
+    out = tmp_path / "m.onnx"
+    assert pipeline.export_model(heads["linear"], out).passed
+
+    def stopped(path, value, **options):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export_mod, "write_json", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.export_model(heads["svm"], out)
+    assert not Path(f"{out}.json").exists() and not export_mod.lock_path(out).exists()
+    assert export_mod.read_metadata(out)["model"] == str(heads["svm"])
+
+
+def test_two_exports_put_their_pairs_in_place_one_after_the_other(tmp_path):
+    """The file and its sidecar go in place under a lock beside them: a second export waits for the first."""
+    import threading
+
+    out, side = tmp_path / "m.onnx", tmp_path / "m.onnx.json"
+    tmp = tmp_path / ".m.onnx.1.export"
+    tmp.write_bytes(b"second")
+    with export_mod.output_lock(out):
+        waiter = threading.Thread(target=export_mod.put_in_place, args=(tmp, out, side, {"export_id": "2"}))
+        waiter.start()
+        waiter.join(0.5)
+        assert waiter.is_alive() and not out.exists()  # waiting for the lock
+        out.write_bytes(b"first")
+        side.write_text('{"export_id": "1"}')
+    waiter.join(10)
+    assert out.read_bytes() == b"second" and json.loads(side.read_text()) == {"export_id": "2"}
+    assert not export_mod.lock_path(out).exists()
+
+
+def test_reading_the_metadata_of_no_export_is_one_line(tmp_path):
+    """A file that is neither ONNX nor TorchScript: one line naming it, not the protobuf or zip reader's trace."""
+    import zipfile
+
+    (tmp_path / "g.onnx").write_text("garbage")
+    with zipfile.ZipFile(tmp_path / "z.ts", "w") as z:
+        z.writestr("a", "b")
+    for name in ("g.onnx", "z.ts"):
+        with pytest.raises(pipeline.PipelineError, match=f"{name}' is no ONNX or TorchScript file: ") as e:
+            export_mod.read_metadata(tmp_path / name)
+        assert "\n" not in str(e.value)

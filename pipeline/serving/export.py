@@ -4,7 +4,8 @@ The file takes a batch of preprocessed images, (N, 3, H, W) float32 at the weigh
 returns their class probabilities. What a program needs to feed it (the classes, the resize, crop,
 mean and std, all taken from the checkpoint's own provenance record) is written inside it (ONNX
 metadata_props, a TorchScript extra file) and beside it, as ``<output>.json`` with the
-parity check's result. Preprocessing drift is the usual reason an exported model predicts otherwise
+parity check's result; both hold one ``export_id``, so a reader refuses a sidecar written by another
+export (``read_metadata``). Preprocessing drift is the usual reason an exported model predicts otherwise
 than the tool: so every export runs the exported file (ONNX Runtime, or the TorchScript file loaded
 back) fed by the export's decoding rule (``data.portable``: what any consumer can copy) against
 predict's own path in fp32, both from each photo's bytes (odd modes included: ``ODD_MODES``), and fails
@@ -16,7 +17,9 @@ import importlib.util
 import json
 import logging
 import os
+import uuid
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional
@@ -44,6 +47,11 @@ from ..models.whole_models import (
     split_extras,
 )
 from ..progress import progress
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; exports to one --output there are not serialised
+    fcntl = None
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +89,96 @@ def sidecar_path(output) -> Path:
     an ONNX and a TorchScript export of one model side by side keep their own)."""
     out = Path(output)
     return out.with_name(out.name + ".json")
+
+
+def lock_path(output) -> Path:
+    """The lock file beside an exported file (.model.onnx.lock), there only while an export puts the file and
+    its sidecar in place."""
+    out = Path(output)
+    return out.with_name(f".{out.name}.lock")
+
+
+@contextmanager
+def output_lock(output):
+    """Hold ``lock_path(output)`` (waiting for another export's short hold), so two exports to one --output
+    put their pairs in place one after the other: the last one's file beside the last one's sidecar, never
+    interleaved. The holder removes the file; a waiter that then locks a removed file opens it again."""
+    lock = lock_path(output)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.fstat(fd).st_ino == os.stat(lock).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the holder before us removed it: lock the one there now
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)  # while holding it: a waiter on this file sees it gone and opens again
+        os.close(fd)
+
+
+def embedded_metadata(path) -> Optional[dict]:
+    """The metadata written inside an exported file (ONNX metadata_props, the TorchScript extra file); None when
+    it holds none. ONNX values that are not strings are stored as JSON, strings as they are."""
+    import zipfile
+
+    if zipfile.is_zipfile(path):  # a TorchScript file is a zip archive
+        extra = {TORCHSCRIPT_KEY: ""}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+        return json.loads(extra[TORCHSCRIPT_KEY]) if extra[TORCHSCRIPT_KEY] else None
+    import onnx
+
+    from google.protobuf.message import DecodeError
+
+    try:
+        props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    except DecodeError as e:
+        raise ValueError(e) from None
+    return {key: decoded(key, value) for key, value in props.items()} or None
+
+
+def decoded(key: str, value: str):
+    """One ONNX metadata_props value as written: JSON unless it was a string (export_id always is)."""
+    if key == "export_id":
+        return value
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
+
+
+def read_metadata(path) -> dict:
+    """An exported file's metadata: the one inside it, plus the sidecar's parity check when the sidecar is from
+    the same export. A sidecar whose export_id differs (another export's, or an older one's: two exports to one
+    --output, or one stopped between writing the file and its sidecar) is refused in one line, never used."""
+    path = Path(path)
+    side = sidecar_path(path)
+    try:
+        inside = embedded_metadata(path)
+    except (RuntimeError, ValueError, OSError) as e:  # (the TorchScript reader's errors are RuntimeErrors)
+        first = (str(e).splitlines() or [type(e).__name__])[0]  # torch's lines below it: its C++ trace
+        raise PipelineError(f"{str(path)!r} is no ONNX or TorchScript file: {first}") from None
+    beside = json.loads(side.read_text()) if side.is_file() else None
+    if inside is None and beside is None:
+        raise PipelineError(f"{str(path)!r} holds no export metadata and has no {side.name} beside it: "
+                            "export it with python cli.py export")
+    if inside is not None and beside is not None and inside.get("export_id") != beside.get("export_id"):
+        raise PipelineError(mismatch(path, side, inside.get("export_id"), beside.get("export_id")))
+    if inside is None:  # a file whose metadata a tool stripped: the sidecar is all there is
+        return beside
+    return {**inside, **({"parity": beside["parity"]} if beside and "parity" in beside else {})}
+
+
+def mismatch(path, side, inside, beside) -> str:
+    """The one line a reader refuses a sidecar from another export with."""
+    return (f"{str(side)!r} is not the metadata of {str(path)!r} (export_id {beside} beside a file of export_id "
+            f"{inside}): another export wrote one of them; export the model again to that --output")
 
 
 def require(fmt: str) -> None:
@@ -214,6 +312,15 @@ def write_torchscript(net: nn.Module, example, path: Path, meta: dict) -> None:
         warnings.simplefilter("ignore")  # torch.jit is deprecated in favour of torch.export, still the way to C++
         traced = torch.jit.trace(net, (example,), check_trace=False)
         torch.jit.save(traced, str(path), _extra_files={TORCHSCRIPT_KEY: json.dumps(meta)})
+
+
+def put_in_place(tmp: Path, out: Path, side: Path, meta: dict) -> None:
+    """The checked file at ``out`` and its metadata at ``side``, under the output's lock; the old sidecar removed
+    first, so an export stopped in between leaves the new file alone, never beside the old one's metadata."""
+    with output_lock(out):
+        side.unlink(missing_ok=True)
+        atomic_write(out, lambda t: os.replace(tmp, t))
+        write_json(side, meta)
 
 
 class ExportedRunner:
@@ -399,7 +506,7 @@ def export(cfg: ExportConfig) -> ExportResult:
                          "to export it")
     files = sample_photos(cfg, ckpt)
     lm = model_from_checkpoint(ckpt, cfg.model, cfg.weights)
-    meta = metadata(cfg, ckpt, lm)
+    meta = {**metadata(cfg, ckpt, lm), "export_id": uuid.uuid4().hex}  # the file's and its sidecar's
     net = ProbabilityNet(lm.model).eval()
     tmp = out.with_name(f".{out.name}.{os.getpid()}.export")
     try:
@@ -412,8 +519,7 @@ def export(cfg: ExportConfig) -> ExportResult:
                               max_abs_diff=check["max_abs_diff"], passed=check["passed"], parity=check,
                               output=None, metadata=None)
         if check["passed"]:
-            atomic_write(out, lambda t: os.replace(tmp, t))
-            write_json(side, {**meta, "parity": check})
+            put_in_place(tmp, out, side, {**meta, "parity": check})
             result = replace(result, output=str(out), metadata=str(side), bytes=out.stat().st_size)
         else:
             log.warning("the %s export differs from predict by %.3g (tolerance %g; %d of %d photos of the same "
