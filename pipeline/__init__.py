@@ -28,6 +28,7 @@ Pictures (matplotlib Figures: shown inline in Jupyter)
     preview(data), feature_map(image), plot_curves(head or history); evaluate_model(...).figures
 Taking a model elsewhere
     export_model(model, output)          one ONNX / TorchScript file (+ .json metadata), checked against predict
+    exported_metadata(path)              an exported file's metadata, its sidecar checked to be of the same export
     serve_app(model), serve_model(model) the HTTP service with its page: the app in-process, or served by uvicorn
 Data and bookkeeping
     check_image_folder(root), fetch_data(), run_demo(), list_runs(runs_dir), imagenet_check(image),
@@ -67,7 +68,8 @@ _EXPORTS = {
         "extract_features", "list_caches", "compare_sklearn", "choose_backbone", "train_model", "finetune_model",
         "evaluate_model",
         "predict_files", "preview", "feature_map", "plot_curves", "check_image_folder", "fetch_data", "run_demo",
-        "list_runs", "imagenet_check", "model_summary", "export_model", "serve_app", "serve_model",
+        "list_runs", "imagenet_check", "model_summary", "export_model", "exported_metadata", "serve_app",
+        "serve_model",
         "audit_folder", "suggest",
     )},
     "UsageError": "errors",

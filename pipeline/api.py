@@ -72,7 +72,7 @@ __all__ = [
     "predict_files", "preview", "feature_map", "plot_curves", "check_image_folder", "fetch_data", "run_demo",
     "list_runs", "imagenet_check", "model_summary",
     "audit_folder", "suggest",
-    "export_model", "serve_app", "serve_model",
+    "export_model", "exported_metadata", "serve_app", "serve_model",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -696,6 +696,15 @@ def export_model(model: Union[Head, Model, PathLike], output: PathLike, *, verbo
     cfg = _config(ExportConfig, "export_model", options, model=_path(model), output=os.fspath(output))
     with verbosity(verbose):
         return export(cfg)
+
+
+def exported_metadata(path: PathLike) -> dict:
+    """What a program needs to feed an exported file (classes, preprocessing, decoding, the unknown threshold),
+    read from inside it, with its sidecar's parity check; a sidecar of another export beside it is refused
+    (PipelineError), never used."""
+    from .serving.export import read_metadata
+
+    return read_metadata(path)
 
 
 def serve_app(model: Union[Head, Model, PathLike], **options):

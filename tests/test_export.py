@@ -384,7 +384,7 @@ def test_the_example_refuses_a_sidecar_from_another_export(two_exports, tmp_path
 def test_the_pipeline_refuses_a_sidecar_from_another_export(two_exports, tmp_path):
     """read_metadata: the metadata inside the file with the sidecar's parity check, never another export's."""
     first, second, _ = two_exports
-    meta = export_mod.read_metadata(first)
+    meta = pipeline.exported_metadata(first)  # the API's name for it
     assert meta["export_id"] == json.loads(Path(f"{first}.json").read_text())["export_id"]
     assert meta["classes"] == ["blue", "green", "red"] and meta["parity"]["passed"]
     assert meta["export_id"] != export_mod.read_metadata(second)["export_id"]
