@@ -220,6 +220,37 @@ def test_a_body_that_trickles_below_the_minimum_rate_is_408(head):
         assert httpx.post(f"{url}/predict", files=upload(photos(head)[0])).status_code == 200
 
 
+def test_a_body_that_never_starts_is_told_it_stalled_whatever_the_minimum_rate(head):
+    """Headers, then nothing: with --min-body-rate on (the default) it was told it came too slowly."""
+    head_bytes, _ = _form_request(photos(head)[0].read_bytes())
+    with live_server(pipeline.serve_app(head, precision="fp32", body_seconds=1, min_body_rate=1000)) as url:
+        with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=20) as s:
+            s.sendall(head_bytes)
+            status, detail = _answer(s)
+        assert status == 408 and "no byte of the request body came for 1 s (--body-seconds)" in detail
+
+
+def test_a_body_already_there_is_read_however_late_the_app_reads_it():
+    """The rate's clock ran from the request's start: an app busy for longer than --body-seconds before reading
+    refused a body that had all arrived (a zero wait never let the waiting chunk be taken)."""
+    import asyncio
+
+    from pipeline.serving.service import BodyLimit
+
+    waiting, got = [{"type": "http.request", "body": b"x" * 3000, "more_body": False}], []
+
+    async def receive():
+        return waiting.pop(0)
+
+    async def busy_app(scope, receive, send):
+        await asyncio.sleep(1.2)
+        got.append(await receive())
+
+    asyncio.run(BodyLimit(busy_app, max_bytes=10 ** 6, seconds=1, rate=1000)({"type": "http", "headers": []},
+                                                                             receive, None))
+    assert got[0]["body"] == b"x" * 3000
+
+
 def test_past_max_requests_a_request_is_503_before_its_body_is_read(head):
     import httpx
 

@@ -103,11 +103,19 @@ def output_lock(output):
     """Hold ``lock_path(output)`` (waiting for another export's short hold), so two exports to one --output
     put their pairs in place one after the other: the last one's file beside the last one's sidecar, never
     interleaved. The holder removes the file; a waiter that then locks a removed file opens it again."""
+    if fcntl is None:  # no flock (Windows): nothing to hold, and an open lock file could not be removed there
+        yield
+        return
     lock = lock_path(output)
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        if fcntl is not None:
+        try:
             fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:  # a file system without locks (some network mounts): put the pair in place unlocked
+            os.close(fd)
+            log.warning("cannot lock %s (%s): two exports to %s at once could mix their files", lock, e, output)
+            yield
+            return
         try:
             if os.fstat(fd).st_ino == os.stat(lock).st_ino:
                 break

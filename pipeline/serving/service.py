@@ -91,6 +91,10 @@ class BodyTimeout(Exception):
     """The request body stalled, or came too slowly (its message says which limit, in one line)."""
 
 
+#: The shortest wait for the next chunk of a body that is behind --min-body-rate: time for one already there to be read.
+MIN_WAIT_S = 0.05
+
+
 class BodyLimit:
     """ASGI middleware: a declared Content-Length over the limit is refused at once (413), and a body that
     streams past it (chunked) raises BodyTooLarge in whoever reads it. A body with no byte for ``seconds``
@@ -115,13 +119,14 @@ class BodyLimit:
             if declared > self.max_bytes:
                 return await JSONResponse({"detail": f"the request is {declared} bytes; at most {self.max_bytes}"},
                                           413)(scope, receive, send)
-        seen, complete, started = 0, False, asyncio.get_running_loop().time()
+        seen, complete, started = 0, False, None
 
         async def limited():
-            nonlocal seen, complete
+            nonlocal seen, complete, started
             if complete or not self.seconds:  # past the body: the wait for a disconnect has no deadline
                 message = await receive()
-            else:
+            else:  # the clocks start when the app first reads: its own delay before that is not the client's
+                started = started if started is not None else asyncio.get_running_loop().time()
                 message = await self.next_chunk(receive, started, seen)
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
@@ -137,9 +142,9 @@ class BodyLimit:
         then on, ``seen`` bytes are more than ``seconds`` behind ``rate``)."""
         now = asyncio.get_running_loop().time()
         slow_at = started + self.seconds + seen / self.rate if self.rate else float("inf")
-        idle = slow_at - now >= self.seconds
-        try:
-            return await asyncio.wait_for(receive(), self.seconds if idle else max(slow_at - now, 0))
+        idle = seen == 0 or slow_at - now >= self.seconds  # no byte yet: both limits say the same
+        try:  # never a zero wait: a chunk already waiting in the server is always taken
+            return await asyncio.wait_for(receive(), max(min(self.seconds, slow_at - now), MIN_WAIT_S))
         except asyncio.TimeoutError:
             raise BodyTimeout(f"no byte of the request body came for {self.seconds:g} s (--body-seconds)" if idle else
                               f"the request body came slower than {self.rate:g} bytes/s (--min-body-rate) past its "
