@@ -16,6 +16,7 @@ import json
 import math
 import numbers
 import os
+import signal
 from pathlib import Path
 
 from .errors import UsageError
@@ -223,8 +224,17 @@ class Terminated(SystemExit):
     that removes it) and exits with the shell's code for the signal, 128 + its number."""
 
 
-def _terminated(signum, frame):
-    raise Terminated(128 + signum)
+def _terminated_in(pid):
+    """The handler for process ``pid``; a process forked from it (a DataLoader's decoding worker) inherits the
+    handler and must die of the signal as by default: unwinding there shut its threads down mid-accept, and
+    their tracebacks followed the one line the main process prints."""
+    def terminated(signum, frame):
+        if os.getpid() != pid:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise Terminated(128 + signum)
+    return terminated
 
 
 @contextlib.contextmanager
@@ -232,7 +242,6 @@ def unwinding_on_signals():
     """While inside, SIGTERM and SIGHUP raise Terminated instead of killing the process at once, so the
     ``finally`` blocks that remove temporary files run. Only where the signal still has its default
     action (a handler someone installed is left alone) and only in the main thread (Python's rule)."""
-    import signal
     import threading
 
     saved = {}
@@ -240,7 +249,7 @@ def unwinding_on_signals():
         for name in _ENDING_SIGNALS:
             sig = getattr(signal, name, None)
             if sig is not None and signal.getsignal(sig) == signal.SIG_DFL:
-                saved[sig] = signal.signal(sig, _terminated)
+                saved[sig] = signal.signal(sig, _terminated_in(os.getpid()))
     try:
         yield
     finally:

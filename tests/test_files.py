@@ -250,3 +250,23 @@ def test_a_folder_option_says_what_stands_in_its_place(tmp_path, make, said):
     make(tmp_path / "runs")
     res = CliRunner().invoke(cli, ["runs", "--runs-dir", str(tmp_path / "runs")])
     assert res.exit_code == 2 and res.output.strip().endswith(f"must be a folder, but {said}"), res.output
+
+
+def test_a_process_forked_while_signals_unwind_dies_of_sigterm_as_by_default():
+    """A DataLoader's decoding worker is forked inside ``unwinding_on_signals`` and inherits its handler: a
+    scheduler's SIGTERM to the whole job made the worker unwind too, and its threads' tracebacks (shut down
+    mid-accept) followed the one line the main process prints."""
+    import multiprocessing
+
+    from pipeline.files import unwinding_on_signals
+
+    def wait_for_the_signal():
+        time.sleep(30)
+
+    with unwinding_on_signals():
+        child = multiprocessing.get_context("fork").Process(target=wait_for_the_signal)
+        child.start()
+        time.sleep(0.5)
+        os.kill(child.pid, signal.SIGTERM)
+        child.join(10)
+    assert child.exitcode == -signal.SIGTERM  # killed by the signal (unwinding gave exit code 143)
