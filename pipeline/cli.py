@@ -327,7 +327,7 @@ COMPARED_HEAD_OPTIONS = ("features", "normalize", "recipe", "epochs", "patience"
 @json_option
 @library_errors
 def compare_sklearn_cmd(as_json, cache, **options):
-    """Fit the torch head and scikit-learn LogisticRegression on the same split; print both."""
+    """Fit every kind of head and the plain scikit-learn recipes on the same split; print them side by side."""
     result = api.compare_sklearn(cache, verbose=None, **options).result
     emit(result, as_json, present.compare_text(result))
 

@@ -213,7 +213,7 @@ def test_save_and_load_round_trip_the_cli_checkpoint(head, work):
 def test_compare_sklearn_returns_rows(cache):
     rows = pipeline.compare_sklearn(cache, head=pipeline.Head(head="linear", epochs=2), val_fraction=0.25, C=0.5)
     assert isinstance(rows, list) and [r["model"].split()[0] for r in rows] == [
-        "auto", "linear", "logreg", "kernel", "sklearn", "sklearn"]
+        "auto", "linear", "logreg", "kernel", "sklearn", "sklearn", "sklearn"]
     assert rows[1]["model"].startswith("linear Linear+LogSoftmax (avg, l2") and "C=0.5" in rows[4]["model"]
     assert rows.result.split["val_rows"] == rows[0]["val_rows"] == 6
     assert "<table>" in rows._repr_html_() and "sklearn LogisticRegression" in rows._repr_html_()

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 
 from pipeline.cache.feature_cache import FeatureCache
@@ -24,12 +25,13 @@ def test_both_models_on_the_same_split(tmp_path, monkeypatch, make_cache):
     monkeypatch.setattr("pipeline.heads.fit_head.split_indices", spy)
     r = compare_sklearn(CompareConfig(cache=cache, val_fraction=0.25, seed=3,
                                       head=FitHeadConfig(head="linear", epochs=20, runs_dir=str(tmp_path / "runs"))))
-    assert len(seen) == 6 and all(s == seen[0] for s in seen)  # auto, linear, logreg, kernel, 2 x sklearn: one split
+    assert len(seen) == 7 and all(s == seen[0] for s in seen)  # auto, linear, logreg, kernel, 3 x sklearn: one split
     assert isinstance(r, CompareResult) and r.split["val_rows"] == 12 and r.test_cache is None
-    auto, linear, logreg, kernel, sk, svc = r.models
+    auto, linear, logreg, kernel, sk, svc, plain_lr = r.models
     assert all(m["val_rows"] == 12 for m in r.models)
-    assert [m["val_acc"] for m in r.models] == [1.0] * 6
+    assert [m["val_acc"] for m in r.models] == [1.0] * 7
     assert 0 <= sk["val_loss"] < 0.5 and svc["val_loss"] is None  # an SVC gives no probabilities
+    assert 0 < plain_lr["val_loss"] < np.log(3)  # better than a uniform guess (l2 rows: soft probabilities)
     table = compare_text(r)
     lines = table.splitlines()
     assert lines[0].split() == ["model", "val", "acc", "val", "log-loss", "fit", "time"]
@@ -40,8 +42,13 @@ def test_both_models_on_the_same_split(tmp_path, monkeypatch, make_cache):
     assert lines[5].startswith("kernel Linear+LogSoftmax (avg, l2, C=100, RBF gamma=scale")
     assert lines[6].startswith("sklearn LogisticRegression (flat, standardized, C=1)")
     assert lines[7].startswith("sklearn SVC (avg, l2, RBF gamma=scale, C=") and " - " in lines[7]
+    assert lines[8].startswith("sklearn LogisticRegression (avg, l2, C=") and "by 5-fold CV)" in lines[8]
     assert f"{sk['val_loss']:.4f}" in lines[6] and f"{linear['val_loss']:.4f}" in lines[3]
     assert lines[-1].startswith("(same split: 36 train / 12 val rows, seed 3; cache ")
+    per_class = [line.split(":")[0] for line in lines if line.startswith("per-class val acc, ")]
+    assert len(set(per_class)) == len(per_class) == 7  # the two LogisticRegressions named apart by their view
+    assert {"per-class val acc, sklearn LogisticRegression (flat)", "per-class val acc, auto Linear+LogSoftmax (avg)",
+            "per-class val acc, sklearn LogisticRegression (avg)"} <= set(per_class)
 
 
 def test_bad_C_is_a_value_error(tmp_path):
@@ -56,7 +63,8 @@ def test_compare_sklearn_C_is_the_baselines_never_the_heads(tmp_path, make_cache
     rows = pipeline.compare_sklearn(cache, C=0.5, val_fraction=0.25, runs_dir=str(tmp_path / "runs"))
     by_kind = {r["model"].split()[0] + " " + r["model"].split()[1]: r["model"] for r in rows}
     assert "C=100" in by_kind["logreg Linear+LogSoftmax"] and "C=100" in by_kind["kernel Linear+LogSoftmax"]
-    assert "C=0.5" in by_kind["sklearn LogisticRegression"]
+    flat, plain = (r["model"] for r in rows if r["model"].startswith("sklearn LogisticRegression"))
+    assert "(flat, standardized, C=0.5)" in flat and "C=0.5" not in plain  # the plain recipe's C is by CV
 
 
 def test_the_scikit_learn_fits_say_they_are_still_running(tmp_path, monkeypatch, make_cache, capsys):
@@ -83,7 +91,42 @@ def test_the_scikit_learn_fits_say_they_are_still_running(tmp_path, monkeypatch,
     monkeypatch.setattr(pg, "LOG_INTERVAL", 0.0)
     with FeatureCache(cache) as c:
         compare.fit_sklearn(CompareConfig(cache=cache), c)
-        compare.fit_svc(CompareConfig(cache=cache), c)
+        compare.fit_plain(CompareConfig(cache=cache), c, "svc")
     err = capsys.readouterr().err
     assert "fitting scikit-learn's LogisticRegression on 20 flat rows: still running, " in err
     assert "fitting scikit-learn's SVC, C by 5-fold GridSearchCV, on 20 rows: still running, " in err
+
+
+def test_the_plain_recipes_are_the_issues_and_the_head_tables(tmp_path, make_cache):
+    """compare-sklearn's SVC searched C in [1, 10, 100] and had no logistic-regression recipe, so it showed
+    neither bar the default head is measured against in bench/head_table.py (SVC() and LogisticRegression,
+    C by 5-fold CV from [0.1 .. 100] and [0.1 .. 1000], on avg-pooled l2 rows); scored as the bench scores them."""
+    import importlib.util
+
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV
+    from sklearn.svm import SVC
+
+    from pipeline.heads.cache_views import CacheViews
+    from pipeline.heads.compare import PLAIN_RECIPES, fit_plain
+    from pipeline.heads.epoch_loop import split_indices
+    from pipeline.heads.feature_views import Normalizer
+    from tests.conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("head_table", ROOT / "bench" / "head_table.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert {k: list(g) for k, (_, g) in PLAIN_RECIPES.items()} == {k: g for k, (_, g) in bench.RECIPES.items()}
+
+    data = make_image_folder(tmp_path / "d", per_class=14, classes=("blue", "green", "red"), seed=4)
+    cache = make_cache(data).cache
+    cfg = CompareConfig(cache=cache, val_fraction=0.25, seed=1)
+    with FeatureCache(cache) as c:
+        tr, va = split_indices(c.labels, cfg.val_fraction, cfg.seed)
+        rows = {k: Normalizer("l2").transform(CacheViews(c, i, 64)["avg"]) for k, i in (("tr", tr), ("va", va))}
+        for kind, est, grid in (("svc", SVC(), [0.1, 1, 10, 100]),
+                                ("logreg", LogisticRegression(max_iter=2000), [0.1, 1, 10, 100, 1000])):
+            ref = GridSearchCV(est, {"C": grid}, cv=5).fit(rows["tr"], c.labels[tr])
+            row = fit_plain(cfg, c, kind)
+            assert f"C={ref.best_params_['C']:g} by 5-fold CV" in row["model"]
+            assert row["val_acc"] == (ref.predict(rows["va"]) == c.labels[va]).mean()

@@ -20,7 +20,7 @@ def test_demo_runs_every_step_and_quarantines_bad_files(tmp_path, monkeypatch):
     assert out["check"]["errors"] == 1 and (tmp_path / "pets.quarantine" / "red" / "broken.jpg").is_file()
     assert not (data / "red" / "broken.jpg").exists()
     assert out["extract"]["rows"] == 24 and out["extract"]["skipped"] == 0
-    assert [m["val_acc"] for m in out["compare"]["models"]] == [1.0] * 6  # 4 head kinds, 2 sklearn recipes
+    assert [m["val_acc"] for m in out["compare"]["models"]] == [1.0] * 7  # 4 head kinds, 3 sklearn recipes
     assert "[4/4]" in r.stderr
 
 

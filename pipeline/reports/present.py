@@ -102,7 +102,7 @@ def compare_text(result: CompareResult) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     for m in models:
         accs = ", ".join(f"{c} {a:.3f}" for c, a in m["per_class_val_acc"].items() if a is not None)
-        lines.append(f"per-class val acc, {m['model'].split(' (')[0]}: {accs}")
+        lines.append(f"per-class val acc, {m['model'].split(',')[0].rstrip(')')}): {accs}")  # name (view)
     s = result.split
     lines.append(f"(same split: {s['train_rows']} train / {s['val_rows']} val rows, seed {s['seed']}; "
                  f"cache {result.cache}{'; test ' + result.test_cache if result.test_cache else ''})")
