@@ -58,8 +58,8 @@ def validators(srv, data: bytes, now: float = 0) -> dict[str, str]:
 
 
 class Handler(BaseHTTPRequestHandler):
-    """Serves server.files with Range and If-Range support (server.validators); server.drops > 0 cuts that
-    many answers halfway; server.request_headers records each request's headers."""
+    """Serves server.files with Range and If-Range support (server.validators; server.ignore_if_range: Range
+    alone); server.drops > 0 cuts that many answers halfway; server.request_headers records each request's headers."""
 
     def do_GET(self):
         srv = self.server
@@ -73,7 +73,7 @@ class Handler(BaseHTTPRequestHandler):
         self.now = time.time()  # the answer's Date too
         ours = validators(srv, data, self.now)
         if_range = self.headers.get("If-Range")
-        if if_range and if_range not in (ours.get("ETag"), ours.get("Last-Modified")):
+        if if_range and not srv.ignore_if_range and if_range not in (ours.get("ETag"), ours.get("Last-Modified")):
             rng = None  # another file than the client's .part: the whole of it (RFC 9110 13.1.5)
         start = 0
         if getattr(srv, "unsized", 0):  # no Content-Length: that many bytes, then the connection closes
@@ -122,7 +122,7 @@ class Handler(BaseHTTPRequestHandler):
 def server():
     srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     srv.files, srv.requests, srv.drops, srv.ignore_range = {NAME: pets_zip()}, [], 0, False
-    srv.request_headers, srv.validators, srv.modified = [], "etag", {}
+    srv.request_headers, srv.validators, srv.modified, srv.ignore_if_range = [], "etag", {}, False
     srv.url = f"http://127.0.0.1:{srv.server_address[1]}/{NAME}"
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
@@ -681,3 +681,21 @@ def test_a_part_begun_by_an_older_fetch_data_resumes_with_a_warning(server, tmp_
     assert (tmp_path / NAME).read_bytes() == server.files[NAME]
     assert server.requests == [f"bytes={half}-"] and if_ranges(server) == [None]
     assert "without a validator" in caplog.text
+
+
+@pytest.mark.parametrize("kind, new", [("etag", other_version), ("weak", other_version),
+                                       ("none", lambda: other_version() + b"-a larger upload")])
+def test_a_206_of_another_file_starts_the_download_over(server, tmp_path, caplog, kind, new):
+    """A server that honours Range but ignores If-Range (or a resume with no validator to send) answered 206
+    with the new upload's tail: its own ETag or Last-Modified, or its size, now tell, and the .part starts over."""
+    server.validators, server.drops, server.ignore_if_range = kind, 1, True
+    with pytest.raises(PipelineError, match="run the same command again to resume"):
+        fetch_data(cfg(tmp_path, server.url, retries=0))
+    server.files[NAME] = data = new()
+    server.modified['"' + hashlib.sha256(data).hexdigest()[:16] + '"'] = "Wed, 02 Dec 2020 10:00:00 GMT"
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.fetch"):
+        fetch_data(cfg(tmp_path, server.url))
+    assert (tmp_path / NAME).read_bytes() == data
+    half = len(pets_zip()) // 2
+    assert server.requests == [None, f"bytes={half}-", None]
+    assert f"{NAME} changed on the server since {NAME}.part was begun (" in caplog.text

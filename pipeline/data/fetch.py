@@ -185,14 +185,34 @@ def strong_validator(headers) -> str | None:
     return modified if strong and _sendable(modified) else None
 
 
-def recorded_validator(archive: Path) -> str | None:
-    """The validator of the file the .part's bytes came from (None: its server sent none, or an older
-    fetch-data began the .part)."""
+def part_record(archive: Path) -> tuple[str | None, int | None]:
+    """The validator and the size of the file the .part's bytes came from (None: its server did not say,
+    or an older fetch-data began the .part)."""
     try:
-        value = json.loads(_source_record(archive).read_text()).get("validator")
+        record = json.loads(_source_record(archive).read_text())
+        value, size = record.get("validator"), record.get("bytes")
     except (OSError, ValueError, AttributeError):
+        return None, None
+    return value if _sendable(value) else None, size if type(size) is int else None
+
+
+def replaced_since(resp, validator: str | None, size: int | None) -> str | None:
+    """Why a 206 answer's bytes are of another file than the .part's first ones (a server that ignores
+    If-Range, or a resume without a validator), else None: its own ETag or Last-Modified, or its size, differ."""
+    if getattr(resp, "status", 200) != 206:
         return None
-    return value if _sendable(value) else None
+    total = _content_range(resp)[1]
+    if size is not None and total is not None and total != size:
+        return f"{size} bytes then, {total} now"
+    if validator is None:
+        return None
+    if (then := _http_date(validator)) is not None:  # a Last-Modified
+        now = resp.headers.get("Last-Modified")
+        differs = (at := _http_date(now)) is not None and at != then
+        return f"Last-Modified {validator} then, {now} now" if differs else None
+    now = (resp.headers.get("ETag") or "").strip()
+    differs = bool(now) and not now.startswith("W/") and now != validator
+    return f"ETag {validator} then, {now} now" if differs else None
 
 
 def _open(cfg: FetchConfig, archive: Path, offset: int, validator: str | None = None):
@@ -257,11 +277,16 @@ def _transfer(cfg: FetchConfig, archive: Path, part: Path, offset: int, warned: 
     warnings a run says once."""
     from ..progress import progress
 
-    validator = recorded_validator(archive) if offset else None
+    validator, size = part_record(archive) if offset else (None, None)
     resp = _open(cfg, archive, offset, validator)
     if resp is None:
         log.info("%s is already complete on disk", part)
         return offset
+    if offset and (why := replaced_since(resp, validator, size)):
+        resp.close()
+        log.warning("%s changed on the server since %s.part was begun (%s); downloading it whole again",
+                    archive.name, archive.name, why)
+        return _transfer(cfg, archive, part, 0, warned)
     with resp:
         status = getattr(resp, "status", 200)
         length = resp.headers.get("Content-Length")
@@ -272,8 +297,8 @@ def _transfer(cfg: FetchConfig, archive: Path, part: Path, offset: int, warned: 
             if validator is None and "unchecked" not in warned:
                 warned.add("unchecked")
                 log.warning("resuming %s.part without a validator (the server sent no strong ETag or Last-Modified, "
-                            "or an older fetch-data began it): if the file changed on the server since, the archive "
-                            "will be corrupt; delete the .part to download it whole", archive.name)
+                            "or an older fetch-data began it): if the file was replaced on the server since, the "
+                            "archive may be corrupt; delete the .part to download it whole", archive.name)
         else:  # 200: the whole file (the server's file changed, or the server does not resume)
             if offset:
                 if validator is not None and strong_validator(resp.headers) != validator:
@@ -282,12 +307,12 @@ def _transfer(cfg: FetchConfig, archive: Path, part: Path, offset: int, warned: 
                 else:
                     log.warning("the server does not resume downloads; starting %s again", archive.name)
             offset, total = 0, int(length) if length and length.isdigit() else None
-            validator = strong_validator(resp.headers)
+            validator, size = strong_validator(resp.headers), total
         if total is not None:
             ensure_room(part.parent, total - offset, f"downloading {archive.name} ({total} bytes)")
-        # whose bytes the .part holds, and which of that URL's files (what a resume sends as If-Range)
-        _source_record(archive).write_text(json_text({"url": cfg.url, **({"validator": validator} if validator
-                                                                          else {})}))
+        # whose bytes the .part holds, and which of that URL's files (what a resume sends as If-Range, and checks)
+        known = {"validator": validator, "bytes": size}
+        _source_record(archive).write_text(json_text({"url": cfg.url, **{k: v for k, v in known.items() if v}}))
         with open(part, "ab" if offset else "wb") as f, progress(
                 total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
                 desc=archive.name) as bar:
