@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import cli
-from pipeline.data.fetch import FetchConfig, FetchResult, archive_name, fetch_data
+from pipeline.data.fetch import FetchConfig, FetchResult, archive_name, download, fetch_data
 from pipeline.errors import PipelineError
 from tests.fsfaults import no_hang
 
@@ -699,3 +699,15 @@ def test_a_206_of_another_file_starts_the_download_over(server, tmp_path, caplog
     half = len(pets_zip()) // 2
     assert server.requests == [None, f"bytes={half}-", None]
     assert f"{NAME} changed on the server since {NAME}.part was begun (" in caplog.text
+
+
+def test_a_download_started_over_counts_the_part_it_empties_as_room(server, tmp_path, monkeypatch):
+    """The file changed on the server: the whole new one needs its size less the .part's, which is emptied
+    first (it was refused as if both had to fit, on a disk with room for the archive)."""
+    server.drops = 1
+    with pytest.raises(PipelineError, match="run the same command again to resume"):
+        fetch_data(cfg(tmp_path, server.url, retries=0))
+    server.files[NAME] = new = other_version()
+    small_disk(monkeypatch, len(new) - len(new) // 2 + 1000)  # room for the archive, not for it and the .part
+    download(cfg(tmp_path, server.url), tmp_path / NAME)
+    assert (tmp_path / NAME).read_bytes() == new

@@ -308,8 +308,9 @@ def _transfer(cfg: FetchConfig, archive: Path, part: Path, offset: int, warned: 
                     log.warning("the server does not resume downloads; starting %s again", archive.name)
             offset, total = 0, int(length) if length and length.isdigit() else None
             validator, size = strong_validator(resp.headers), total
-        if total is not None:
-            ensure_room(part.parent, total - offset, f"downloading {archive.name} ({total} bytes)")
+        if total is not None:  # a .part started over is emptied first: its bytes are room too
+            have = part.stat().st_size if part.exists() else 0
+            ensure_room(part.parent, total - have, f"downloading {archive.name} ({total} bytes)")
         # whose bytes the .part holds, and which of that URL's files (what a resume sends as If-Range, and checks)
         known = {"validator": validator, "bytes": size}
         _source_record(archive).write_text(json_text({"url": cfg.url, **{k: v for k, v in known.items() if v}}))
