@@ -1,13 +1,16 @@
 """fetch-data against a local HTTP server: resumed downloads, a complete file left alone, unsafe archives refused."""
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import logging
 import socket
 import tarfile
 import threading
 import time
 import zipfile
+from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
@@ -15,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import cli
-from pipeline.data.fetch import FetchConfig, FetchResult, archive_name, fetch_data
+from pipeline.data.fetch import FetchConfig, FetchResult, archive_name, download, fetch_data
 from pipeline.errors import PipelineError
 from tests.fsfaults import no_hang
 
@@ -39,17 +42,39 @@ def pets_zip() -> bytes:
     })
 
 
+#: a Last-Modified well before any answer's Date: a strong validator (RFC 9110 8.8.2.2)
+LONG_AGO = "Tue, 01 Dec 2020 10:00:00 GMT"
+
+
+def validators(srv, data: bytes, now: float = 0) -> dict[str, str]:
+    """The headers naming this version of a file, as server.validators says: a strong ETag (the default),
+    a weak one beside a Last-Modified ("weak"), only a Last-Modified ("modified"; "now": of this second,
+    not a strong validator), or none ("none")."""
+    tag = '"' + hashlib.sha256(data).hexdigest()[:16] + '"'
+    modified = srv.modified.get(tag, LONG_AGO)
+    return {"etag": {"ETag": tag}, "weak": {"ETag": "W/" + tag, "Last-Modified": modified},
+            "modified": {"Last-Modified": modified}, "now": {"Last-Modified": formatdate(now, usegmt=True)},
+            "none": {}}[srv.validators]
+
+
 class Handler(BaseHTTPRequestHandler):
-    """Serves server.files with Range support; server.drops > 0 cuts that many answers halfway."""
+    """Serves server.files with Range and If-Range support (server.validators; server.ignore_if_range: Range
+    alone); server.drops > 0 cuts that many answers halfway; server.request_headers records each request's headers."""
 
     def do_GET(self):
         srv = self.server
         rng = self.headers.get("Range")
         srv.requests.append(rng)
+        srv.request_headers.append(dict(self.headers))
         data = srv.files.get(self.path.lstrip("/"))
         if data is None:
             self.send_error(404)
             return
+        self.now = time.time()  # the answer's Date too
+        ours = validators(srv, data, self.now)
+        if_range = self.headers.get("If-Range")
+        if if_range and not srv.ignore_if_range and if_range not in (ours.get("ETag"), ours.get("Last-Modified")):
+            rng = None  # another file than the client's .part: the whole of it (RFC 9110 13.1.5)
         start = 0
         if getattr(srv, "unsized", 0):  # no Content-Length: that many bytes, then the connection closes
             self.send_response(200)
@@ -72,6 +97,8 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
         else:
             self.send_response(200)
+        for key, value in ours.items():
+            self.send_header(key, value)
         body = data[start:]
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -84,6 +111,9 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(body[i:i + (20_000 if getattr(srv, "slow", False) else len(body))])
             time.sleep(0.02 if getattr(srv, "slow", False) else 0)
 
+    def date_time_string(self, timestamp=None):
+        return formatdate(timestamp or self.now, usegmt=True)
+
     def log_message(self, *args):
         pass
 
@@ -92,6 +122,7 @@ class Handler(BaseHTTPRequestHandler):
 def server():
     srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     srv.files, srv.requests, srv.drops, srv.ignore_range = {NAME: pets_zip()}, [], 0, False
+    srv.request_headers, srv.validators, srv.modified, srv.ignore_if_range = [], "etag", {}, False
     srv.url = f"http://127.0.0.1:{srv.server_address[1]}/{NAME}"
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
@@ -577,3 +608,106 @@ def test_a_read_only_dest_is_one_line_not_a_bug(server, tmp_path, monkeypatch):
     monkeypatch.setattr(pathlib.Path, "write_text", read_only)
     res = CliRunner().invoke(cli, ["-q", "fetch-data", "--dest", str(tmp_path), "--url", server.url])
     assert res.exit_code == 1 and res.output == f"Error: cannot write {tmp_path}: the file system is read-only\n"
+
+
+def other_version() -> bytes:
+    """pets_zip's next upload: the same names and sizes (so the same archive size), other bytes."""
+    rng = np.random.default_rng(7)
+    new = make_zip({"PetImages/Cat/0.jpg": rng.bytes(150_000), "PetImages/Dog/0.jpg": rng.bytes(150_000),
+                    "PetImages/Cat/Thumbs.db": b"THUMBS", "readme[1].txt": b"HELLO"})
+    assert len(new) == len(pets_zip()) and new != pets_zip()
+    return new
+
+
+def if_ranges(server) -> list:
+    return [h.get("If-Range") for h in server.request_headers]
+
+
+@pytest.mark.parametrize("kind", ["etag", "weak", "modified"])
+def test_a_file_replaced_on_the_server_is_downloaded_whole_not_spliced_onto_the_old_head(server, tmp_path, kind):
+    """A resume sent Range alone: a new upload under the same URL (same size) gave the old file's head and the
+    new one's tail, an archive that passed the size check. Now the first answer's validator goes as If-Range."""
+    server.validators, server.drops = kind, 1
+    with pytest.raises(PipelineError, match="run the same command again to resume"):
+        fetch_data(cfg(tmp_path, server.url, retries=0))
+    server.files[NAME] = new = other_version()
+    server.modified['"' + hashlib.sha256(new).hexdigest()[:16] + '"'] = "Wed, 02 Dec 2020 10:00:00 GMT"
+    result = fetch_data(cfg(tmp_path, server.url))
+    assert (tmp_path / NAME).read_bytes() == new and result.unpacked_now
+    assert (tmp_path / "PetImages" / "Cat" / "Thumbs.db").read_bytes() == b"THUMBS"
+    half = len(new) // 2
+    assert server.requests == [None, f"bytes={half}-"]
+    first = validators(server, pets_zip())
+    assert if_ranges(server) == [None, first["ETag"] if kind == "etag" else first["Last-Modified"]]
+
+
+def test_every_resume_sends_the_validator_and_a_weak_etag_never(server, tmp_path):
+    """The retries inside one run and the next run's resume all send If-Range; with a weak ETag (W/...: not
+    allowed in If-Range) the Last-Modified goes instead."""
+    server.drops = 2
+    with pytest.raises(PipelineError, match="run the same command again to resume"):
+        fetch_data(cfg(tmp_path, server.url, retries=1))
+    fetch_data(cfg(tmp_path, server.url))
+    assert (tmp_path / NAME).read_bytes() == server.files[NAME]
+    tag = validators(server, server.files[NAME])["ETag"]
+    assert if_ranges(server) == [None, tag, tag] and server.requests[0] is None and None not in server.requests[1:]
+
+    weak = tmp_path / "weak"
+    server.validators, server.drops, server.request_headers = "weak", 1, []
+    fetch_data(cfg(weak, server.url, retries=1))
+    assert (weak / NAME).read_bytes() == server.files[NAME] and if_ranges(server) == [None, LONG_AGO]
+
+
+@pytest.mark.parametrize("kind", ["none", "now"])
+def test_a_resume_without_a_validator_goes_on_and_says_so_once(server, tmp_path, caplog, kind):
+    """No ETag and no Last-Modified (or one of the answer's own second, which a rewrite within that second
+    would keep): the resumed bytes cannot be checked, so the run says it, once however many resumes."""
+    server.validators, server.drops = kind, 2
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.fetch"):
+        fetch_data(cfg(tmp_path, server.url, retries=2))
+    assert (tmp_path / NAME).read_bytes() == server.files[NAME] and len(server.requests) == 3
+    assert if_ranges(server) == [None, None, None]
+    unchecked = [r.getMessage() for r in caplog.records if "without a validator" in r.getMessage()]
+    assert len(unchecked) == 1 and "delete the .part" in unchecked[0]
+
+
+def test_a_part_begun_by_an_older_fetch_data_resumes_with_a_warning(server, tmp_path, caplog):
+    """Its record holds the URL and no validator: resumed as before (nothing to send), and said."""
+    half = len(server.files[NAME]) // 2
+    (tmp_path / f"{NAME}.part").write_bytes(server.files[NAME][:half])
+    (tmp_path / f".{NAME}.url").write_text(json.dumps({"url": server.url}))
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.fetch"):
+        fetch_data(cfg(tmp_path, server.url))
+    assert (tmp_path / NAME).read_bytes() == server.files[NAME]
+    assert server.requests == [f"bytes={half}-"] and if_ranges(server) == [None]
+    assert "without a validator" in caplog.text
+
+
+@pytest.mark.parametrize("kind, new", [("etag", other_version), ("weak", other_version),
+                                       ("none", lambda: other_version() + b"-a larger upload")])
+def test_a_206_of_another_file_starts_the_download_over(server, tmp_path, caplog, kind, new):
+    """A server that honours Range but ignores If-Range (or a resume with no validator to send) answered 206
+    with the new upload's tail: its own ETag or Last-Modified, or its size, now tell, and the .part starts over."""
+    server.validators, server.drops, server.ignore_if_range = kind, 1, True
+    with pytest.raises(PipelineError, match="run the same command again to resume"):
+        fetch_data(cfg(tmp_path, server.url, retries=0))
+    server.files[NAME] = data = new()
+    server.modified['"' + hashlib.sha256(data).hexdigest()[:16] + '"'] = "Wed, 02 Dec 2020 10:00:00 GMT"
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.fetch"):
+        fetch_data(cfg(tmp_path, server.url))
+    assert (tmp_path / NAME).read_bytes() == data
+    half = len(pets_zip()) // 2
+    assert server.requests == [None, f"bytes={half}-", None]
+    assert f"{NAME} changed on the server since {NAME}.part was begun (" in caplog.text
+
+
+def test_a_download_started_over_counts_the_part_it_empties_as_room(server, tmp_path, monkeypatch):
+    """The file changed on the server: the whole new one needs its size less the .part's, which is emptied
+    first (it was refused as if both had to fit, on a disk with room for the archive)."""
+    server.drops = 1
+    with pytest.raises(PipelineError, match="run the same command again to resume"):
+        fetch_data(cfg(tmp_path, server.url, retries=0))
+    server.files[NAME] = new = other_version()
+    small_disk(monkeypatch, len(new) - len(new) // 2 + 1000)  # room for the archive, not for it and the .part
+    download(cfg(tmp_path, server.url), tmp_path / NAME)
+    assert (tmp_path / NAME).read_bytes() == new

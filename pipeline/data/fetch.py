@@ -20,6 +20,7 @@ import urllib.request
 import zipfile
 import zlib
 from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 from pathlib import Path, PurePosixPath
 
 from ..config import FetchConfig
@@ -156,11 +157,72 @@ def _content_range(resp) -> tuple[int, int | None]:
         raise PipelineError(f"server sent a malformed Content-Range {value!r}") from None
 
 
-def _open(cfg: FetchConfig, archive: Path, offset: int):
-    """The response for bytes offset.. of the URL, or None when the server says the file is complete."""
+def _sendable(value) -> bool:
+    """Whether a validator can go back in a request header as it is (a folded or hand-edited value cannot)."""
+    return isinstance(value, str) and bool(value) and value.isascii() and value.isprintable()
+
+
+def _http_date(value):
+    try:
+        return parsedate_to_datetime(value) if value else None
+    except (TypeError, ValueError):
+        return None
+
+
+def strong_validator(headers) -> str | None:
+    """What If-Range may carry to resume this response's file (RFC 9110 13.1.5): its ETag unless weak
+    (W/...), else its Last-Modified where the answer's Date is at least a second later (8.8.2.2: a file
+    rewritten within that second would keep it); None where it has neither."""
+    etag = (headers.get("ETag") or "").strip()
+    if etag and not etag.startswith("W/") and _sendable(etag):
+        return etag
+    modified = (headers.get("Last-Modified") or "").strip()
+    when, date = _http_date(modified), _http_date(headers.get("Date"))
+    try:
+        strong = when is not None and date is not None and (date - when).total_seconds() >= 1
+    except TypeError:  # one naive (no zone), one aware
+        strong = False
+    return modified if strong and _sendable(modified) else None
+
+
+def part_record(archive: Path) -> tuple[str | None, int | None]:
+    """The validator and the size of the file the .part's bytes came from (None: its server did not say,
+    or an older fetch-data began the .part)."""
+    try:
+        record = json.loads(_source_record(archive).read_text())
+        value, size = record.get("validator"), record.get("bytes")
+    except (OSError, ValueError, AttributeError):
+        return None, None
+    return value if _sendable(value) else None, size if type(size) is int else None
+
+
+def replaced_since(resp, validator: str | None, size: int | None) -> str | None:
+    """Why a 206 answer's bytes are of another file than the .part's first ones (a server that ignores
+    If-Range, or a resume without a validator), else None: its own ETag or Last-Modified, or its size, differ."""
+    if getattr(resp, "status", 200) != 206:
+        return None
+    total = _content_range(resp)[1]
+    if size is not None and total is not None and total != size:
+        return f"{size} bytes then, {total} now"
+    if validator is None:
+        return None
+    if (then := _http_date(validator)) is not None:  # a Last-Modified
+        now = resp.headers.get("Last-Modified")
+        differs = (at := _http_date(now)) is not None and at != then
+        return f"Last-Modified {validator} then, {now} now" if differs else None
+    now = (resp.headers.get("ETag") or "").strip()
+    differs = bool(now) and not now.startswith("W/") and now != validator
+    return f"ETag {validator} then, {now} now" if differs else None
+
+
+def _open(cfg: FetchConfig, archive: Path, offset: int, validator: str | None = None):
+    """The response for bytes offset.. of the URL, or None when the server says the file is complete.
+    With a validator the server sends the whole file (200) instead when its file is no longer that one."""
     req = urllib.request.Request(cfg.url, headers={"User-Agent": "transfer-pipeline fetch-data"})
     if offset:
         req.add_header("Range", f"bytes={offset}-")
+        if validator:
+            req.add_header("If-Range", validator)
     try:
         return urllib.request.urlopen(req, timeout=cfg.timeout)
     except urllib.error.HTTPError as e:
@@ -179,11 +241,11 @@ def _open(cfg: FetchConfig, archive: Path, offset: int):
 def download(cfg: FetchConfig, archive: Path) -> None:
     """Stream the URL to archive.part (resuming it), check its size, and rename it to archive."""
     part = archive.with_name(archive.name + ".part")
-    attempt = 0
+    attempt, warned = 0, set()
     while True:
         offset = part.stat().st_size if part.exists() else 0
         try:
-            total = _transfer(cfg, archive, part, offset)
+            total = _transfer(cfg, archive, part, offset, warned)
             break
         except _Interrupted as e:
             got = part.stat().st_size
@@ -207,14 +269,24 @@ class _Interrupted(Exception):
     """The connection broke during the transfer (bytes received so far are kept)."""
 
 
-def _transfer(cfg: FetchConfig, archive: Path, part: Path, offset: int) -> int | None:
-    """Append the rest of the file to part; returns the expected total size (None if unknown)."""
+def _transfer(cfg: FetchConfig, archive: Path, part: Path, offset: int, warned: set) -> int | None:
+    """Append the rest of the file to part; returns the expected total size (None if unknown).
+
+    A resume sends the validator recorded when the .part began (If-Range), so a file replaced on the
+    server since comes whole (200) instead of its tail after the old file's head; ``warned`` keeps the
+    warnings a run says once."""
     from ..progress import progress
 
-    resp = _open(cfg, archive, offset)
+    validator, size = part_record(archive) if offset else (None, None)
+    resp = _open(cfg, archive, offset, validator)
     if resp is None:
         log.info("%s is already complete on disk", part)
         return offset
+    if offset and (why := replaced_since(resp, validator, size)):
+        resp.close()
+        log.warning("%s changed on the server since %s.part was begun (%s); downloading it whole again",
+                    archive.name, archive.name, why)
+        return _transfer(cfg, archive, part, 0, warned)
     with resp:
         status = getattr(resp, "status", 200)
         length = resp.headers.get("Content-Length")
@@ -222,13 +294,26 @@ def _transfer(cfg: FetchConfig, archive: Path, part: Path, offset: int) -> int |
             start, total = _content_range(resp)
             if start != offset:
                 raise PipelineError(f"asked the server for bytes from {offset}, it sent from {start}")
-        else:  # 200: the whole file (a server without Range support restarts the download)
+            if validator is None and "unchecked" not in warned:
+                warned.add("unchecked")
+                log.warning("resuming %s.part without a validator (the server sent no strong ETag or Last-Modified, "
+                            "or an older fetch-data began it): if the file was replaced on the server since, the "
+                            "archive may be corrupt; delete the .part to download it whole", archive.name)
+        else:  # 200: the whole file (the server's file changed, or the server does not resume)
             if offset:
-                log.warning("the server does not resume downloads; starting %s again", archive.name)
+                if validator is not None and strong_validator(resp.headers) != validator:
+                    log.warning("%s changed on the server since %s.part was begun; downloading it whole again",
+                                archive.name, archive.name)
+                else:
+                    log.warning("the server does not resume downloads; starting %s again", archive.name)
             offset, total = 0, int(length) if length and length.isdigit() else None
-        if total is not None:
-            ensure_room(part.parent, total - offset, f"downloading {archive.name} ({total} bytes)")
-        _source_record(archive).write_text(json_text({"url": cfg.url}))  # whose bytes the .part holds
+            validator, size = strong_validator(resp.headers), total
+        if total is not None:  # a .part started over is emptied first: its bytes are room too
+            have = part.stat().st_size if part.exists() else 0
+            ensure_room(part.parent, total - have, f"downloading {archive.name} ({total} bytes)")
+        # whose bytes the .part holds, and which of that URL's files (what a resume sends as If-Range, and checks)
+        known = {"validator": validator, "bytes": size}
+        _source_record(archive).write_text(json_text({"url": cfg.url, **{k: v for k, v in known.items() if v}}))
         with open(part, "ab" if offset else "wb") as f, progress(
                 total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
                 desc=archive.name) as bar:
