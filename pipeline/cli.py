@@ -22,6 +22,7 @@ from . import api
 from .config import (
     SEEDS,
     AuditConfig,
+    CachesConfig,
     CheckImagesConfig,
     ChooseBackboneConfig,
     CompareConfig,
@@ -36,6 +37,7 @@ from .config import (
     ImagenetCheckConfig,
     PredictConfig,
     PreviewConfig,
+    RunsConfig,
     ServeConfig,
     SuggestConfig,
     SummaryConfig,
@@ -272,9 +274,7 @@ def extract(as_json, **options):
 
 
 @cli.command()
-@options_from(ExtractConfig, only=("cache_dir",))
-@click.option("--consolidate", type=click.Path(dir_okay=False), metavar="CACHE",
-              help="Copy this sharded (torchrun) cache into one ordinary file in its place, instead of listing.")
+@options_from(CachesConfig)
 @json_option
 @library_errors
 def caches(cache_dir, consolidate, as_json):
@@ -365,12 +365,7 @@ def evaluate(as_json, **options):
 
 
 @cli.command()
-@options_from(FitHeadConfig, only=("runs_dir",))
-@click.option("--sort", "sort_by", metavar="METRIC", default=None,
-              help="Best first by this metric (val_acc, accuracy, ...; losses lowest first) [default: newest first].")
-@click.option("--cache", default=None, show_default=False,
-              help="Only runs on this cache (a cache file or a fingerprint prefix).")
-@click.option("--backbone", default=None, help="Only runs with this backbone.")
+@options_from(RunsConfig)
 @json_option
 @library_errors
 def runs(runs_dir, sort_by, cache, backbone, as_json):

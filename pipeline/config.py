@@ -606,6 +606,29 @@ class ImagenetCheckConfig(DeviceOptions):
 
 
 @dataclass
+class CachesConfig:
+    """Which folder's caches to list, or which sharded cache to turn into one file instead."""
+
+    cache_dir: str = field(default="features", metadata=CACHE_DIR)
+    consolidate: Optional[str] = field(default=None, metadata=option(
+        "Copy this sharded (torchrun) cache into one ordinary file in its place, instead of listing.", path="file",
+        metavar="CACHE"))
+
+
+@dataclass
+class RunsConfig:
+    """Which runs of the ledger (runs/ledger.jsonl) to show, and in which order."""
+
+    runs_dir: str = field(default="runs", metadata=option("The folder holding ledger.jsonl."))
+    sort_by: Optional[str] = field(default=None, metadata=option(
+        "Best first by this metric (val_acc, accuracy, ...; losses lowest first) [default: newest first].",
+        names=("--sort",), metavar="METRIC", doc_default="newest first"))
+    cache: Optional[str] = field(default=None, metadata=option(
+        "Only runs on this cache (a cache file or a fingerprint prefix)."))
+    backbone: Optional[str] = field(default=None, metadata=option("Only runs with this backbone."))
+
+
+@dataclass
 class SummaryConfig:
     """Which model to describe; parameters are counted on the meta device (no weights, no compute)."""
 

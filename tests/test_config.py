@@ -15,8 +15,8 @@ from pipeline.errors import UsageError
 
 CONFIGS = [c for c in vars(config).values()
            if isinstance(c, type) and is_dataclass(c) and c.__name__.endswith("Config")]
-#: command-line options that are no config field: how to print (--json) and what only the CLI does
-CLI_ONLY = {"as_json", "consolidate", "sort_by", ("runs", "cache"), ("runs", "backbone")}
+#: command-line options that are no config field: how to print (--json)
+CLI_ONLY = {"as_json"}
 
 
 def test_every_config_field_is_an_option_or_marked_internal():
