@@ -231,9 +231,17 @@ def confirmed(pairs: tuple, path_a: Path, path_b: Path) -> tuple[tuple, int]:
 
 
 def read_maps(cache: FeatureCache, rows: np.ndarray) -> np.ndarray:
-    """The cached maps of ``rows`` (in their order, repeats allowed) as float32."""
-    unique, inverse = np.unique(rows, return_inverse=True)
-    return cache.features[unique.tolist()].astype(np.float32)[inverse]
+    """The cached maps of ``rows`` (in their order, repeats allowed) as float32, each run of consecutive rows
+    read as one slice: h5py's list indexing took 20x as long for scattered rows (1 s for 512 VGG-16 maps, so
+    25,000 photos' 400,000 candidate pairs took a quarter of an hour)."""
+    unique, inverse = np.unique(np.asarray(rows, np.int64), return_inverse=True)
+    runs = np.split(unique, np.flatnonzero(np.diff(unique) != 1) + 1) if len(unique) else []
+    maps = np.empty((len(unique), *cache.feature_shape), np.float32)
+    at = 0
+    for run in runs:
+        maps[at:at + len(run)] = cache.features[int(run[0]):int(run[-1]) + 1]
+        at += len(run)
+    return maps[inverse]
 
 
 def _label_issues(issues: dict, labels, classes, paths) -> list[dict]:
