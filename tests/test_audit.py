@@ -1,6 +1,7 @@
 """audit on generated photos with planted problems: a wrong label, an exact duplicate, a leak into the test folder."""
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 from click.testing import CliRunner
@@ -237,3 +238,18 @@ def test_read_maps_reads_runs_of_rows_as_slices_in_the_order_asked():
     assert got.dtype == np.float32 and np.array_equal(got, maps[rows].astype(np.float32))
     assert cache.features.reads == [(2, 4), (7, 8), (9, 10)]
     assert read_maps(cache, np.array([], np.int64)).shape == (0, 2, 3, 3)
+
+
+def test_a_copy_of_the_folder_is_audited_and_named_as_itself(tmp_path):
+    """A copy keeping names, sizes and times hits the original's cache: the audit named the original folder, and
+    its 'to fix' line told the user to --apply the list there."""
+    from pipeline.reports.present import audit_text
+
+    data = photos(tmp_path / "data", per_class=6)
+    copy = shutil.copytree(data, tmp_path / "elsewhere")
+    kw = dict(folds=2, cache_dir=str(tmp_path / "features"), runs_dir=str(tmp_path / "runs"), **TINY)
+    first, second = (pipeline.audit_folder(folder, **kw) for folder in (data, copy))
+    assert second.cache == first.cache  # the same cache: a hit
+    assert second.data_root == str(copy.resolve())
+    assert f"--data {copy.resolve()} --apply" in audit_text(second)
+    assert str(copy.resolve()) in (Path(second.output) / "report.html").read_text()

@@ -106,3 +106,16 @@ def test_a_cache_dir_inside_the_pool_is_refused_before_anything_is_written(tmp_p
     run = CliRunner().invoke(cli, ["suggest", *args])
     assert run.exit_code == 2 and "--cache-dir" in run.output and "(--pool)" in run.output, run.output
     assert not (pool / "features").exists()
+
+
+def test_a_copy_of_the_pool_is_named_and_shown_as_itself(tmp_path, image_folder, pool):
+    """A copy keeping names, sizes and times hits the original's cache; its page named the original pool."""
+    copy = shutil.copytree(pool, tmp_path / "elsewhere")
+    for folder in (pool, copy):
+        out = tmp_path / f"out-{folder.name}"
+        run = CliRunner().invoke(cli, ["suggest", "--data", str(image_folder), "--pool", str(folder), "--k", "3",
+                                       "--output", str(out), "--json", *tiny_args(tmp_path)])
+        assert run.exit_code == 0, run.output
+    assert len(list((tmp_path / "features").glob("*.h5"))) == 2  # the copy's pool: the original's cache, a hit
+    page = (out / "suggestions.html").read_text()
+    assert str(copy.resolve()) in page and str(pool.resolve()) not in page

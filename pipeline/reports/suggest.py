@@ -165,7 +165,7 @@ def suggest(cfg: SuggestConfig) -> SuggestResult:
             raise UsageError(f"{cfg.data}: at least two classes with photos are needed to rank a pool")
         avg = CacheViews(lc, np.arange(lc.n)).load(["avg"])["avg"]
         pool_avg = CacheViews(pc, np.arange(pc.n)).load(["avg"])["avg"]
-        paths, root = pc.paths, pc.attrs["data_root"]
+        paths, root = pc.paths, str(Path(cfg.pool).resolve())  # not the cache's: a copy of a pool hits its cache
         known = set(d for d in lc.row_digests() if d)
         fresh = np.array([not d or d not in known for d in pc.row_digests()], bool)
     seconds = {"extract": time.time() - t0}
