@@ -1,6 +1,7 @@
 """audit on generated photos with planted problems: a wrong label, an exact duplicate, a leak into the test folder."""
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 from click.testing import CliRunner
@@ -212,3 +213,43 @@ def test_a_training_cache_of_the_old_decoding_rule_is_refused_before_the_test_fo
     assert run.exit_code == 2 and run.output.count("\n") == 1, run.output
     assert "would differ in decode_version: 2 vs 3" in run.output
     assert sorted((tmp_path / "features").iterdir()) == before and not (tmp_path / "runs").exists()
+
+
+def test_read_maps_reads_runs_of_rows_as_slices_in_the_order_asked():
+    """h5py's list indexing read 512 scattered VGG-16 maps in 1 s (slices: 0.05 s): the second check of 25,000
+    photos' candidate pairs took a quarter of an hour."""
+    from types import SimpleNamespace
+
+    from pipeline.reports.audit import read_maps
+
+    class SlicesOnly:
+        def __init__(self, a):
+            self.a, self.reads = a, []
+
+        def __getitem__(self, key):
+            assert isinstance(key, slice), f"read {key!r}: not a slice"
+            self.reads.append((key.start, key.stop))
+            return self.a[key]
+
+    maps = np.arange(10 * 2 * 3 * 3, dtype=np.float16).reshape(10, 2, 3, 3)
+    cache = SimpleNamespace(features=SlicesOnly(maps), feature_shape=maps.shape[1:])
+    rows = np.array([7, 2, 3, 3, 9, 2])
+    got = read_maps(cache, rows)
+    assert got.dtype == np.float32 and np.array_equal(got, maps[rows].astype(np.float32))
+    assert cache.features.reads == [(2, 4), (7, 8), (9, 10)]
+    assert read_maps(cache, np.array([], np.int64)).shape == (0, 2, 3, 3)
+
+
+def test_a_copy_of_the_folder_is_audited_and_named_as_itself(tmp_path):
+    """A copy keeping names, sizes and times hits the original's cache: the audit named the original folder, and
+    its 'to fix' line told the user to --apply the list there."""
+    from pipeline.reports.present import audit_text
+
+    data = photos(tmp_path / "data", per_class=6)
+    copy = shutil.copytree(data, tmp_path / "elsewhere")
+    kw = dict(folds=2, cache_dir=str(tmp_path / "features"), runs_dir=str(tmp_path / "runs"), **TINY)
+    first, second = (pipeline.audit_folder(folder, **kw) for folder in (data, copy))
+    assert second.cache == first.cache  # the same cache: a hit
+    assert second.data_root == str(copy.resolve())
+    assert f"--data {copy.resolve()} --apply" in audit_text(second)
+    assert str(copy.resolve()) in (Path(second.output) / "report.html").read_text()

@@ -102,3 +102,21 @@ def test_suggest_and_audit_tables_keep_a_row_a_line_whatever_the_names_hold():
                         report="o/report.json", fixes="f.csv")
     text = present.audit_text(audit)
     assert "\n  99" not in text and "a\nb" not in text and text.count("evil\\n  99  fake.jpg") == 5
+
+
+def test_audit_text_lists_a_few_photos_of_a_big_duplicate_group_and_counts_what_it_leaves_out():
+    """A folder of near-identical shots made one group of 6,300 photos: one stdout line of 700 KB."""
+    from pipeline.reports.audit import AuditResult
+
+    group = {"exact": False, "similarity": 0.95, "paths": [f"a/{i}.jpg" for i in range(500)], "classes": ["a"] * 500}
+    outliers = [{"path": f"a/o{i}.jpg", "given": "a", "score": 0.5} for i in range(25)]
+    audit = AuditResult(rows=600, data_root="d", classes=["a"], cache="x.h5", folds=2, head="h", oof_acc=1.0,
+                        label_issues=[], outliers=outliers, duplicates=[group] * 3, threshold=0.88, leaks=[],
+                        test_cache=None, test_root=None, test_rows=None, unconfirmed={}, seconds={}, html="r.html",
+                        gallery="g.png", output="o", report="o/report.json", fixes="f.csv")
+    lines = present.audit_text(audit, top=2).splitlines()
+    dup = [line for line in lines if "a/0.jpg" in line]
+    assert len(dup) == 2 and dup[0].count(".jpg") == present.GROUP_LISTED
+    assert dup[0].endswith(f"a/5.jpg (a)  ... and {500 - present.GROUP_LISTED} more (report.json)")
+    assert "  ... and 1 more groups (report.json)" in lines and "  ... and 23 more (report.json)" in lines
+    assert max(map(len, lines)) < 200

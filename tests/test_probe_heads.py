@@ -292,3 +292,22 @@ def test_temperature_and_known_rows_round_trip_and_old_checkpoints_load_without_
     assert torch.equal(lp, lp2) and torch.equal(ood, ood2) and float(loaded.unknown_threshold) == 0.25
     loaded.reset_trust()
     assert not loaded.calibrated and not loaded.has_unknown and torch.equal(loaded(x), old(x))
+
+
+def test_log_proba_of_rows_takes_a_kernel_head_in_blocks(monkeypatch):
+    """suggest scores a whole pool at once: rows x landmarks kernel arrays must stay bounded, same answer."""
+    import pipeline.heads.probe_heads as ph
+    from pipeline.heads.sklearn_fits import fit_svm
+
+    x, y = maps(300, 3)
+    nm = Normalizer("l2")
+    z = nm.transform(apply_view(x, "avg")).astype(np.float64)
+    head = ph.from_svm(fit_svm(z, y, C=10, scheme="ovr"), SHAPE, "avg", nm)
+    whole = head.log_proba_of_rows(z)
+    seen = []
+    kernel_map = ph.ProbeHead.kernel_map
+    monkeypatch.setattr(ph.ProbeHead, "kernel_map", lambda self, rows: seen.append(len(rows)) or kernel_map(self, rows))
+    monkeypatch.setattr(ph, "KERNEL_BLOCK_BYTES", 1)  # the smallest block: 256 rows
+    np.testing.assert_allclose(head.log_proba_of_rows(z), whole, rtol=0, atol=1e-12)
+    assert seen == [256, 44]
+    assert head.log_proba_of_rows(z[:0]).shape == (0, 3)

@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 
 CONFIG_KIND = "probe-head"
 CONFIG_VERSION = 1
+#: Bytes of one (rows x landmarks) kernel array ``log_proba_of_rows`` holds at once: a pool of 20,000 photos
+#: against an SVM's 5,000 support rows was 0.8 GB an array (a few at once), growing with both folders.
+KERNEL_BLOCK_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -340,10 +343,24 @@ class ProbeHead(nn.Module):
         return cached[1]
 
     def log_proba_of_rows(self, rows) -> np.ndarray:
-        """Log-probabilities of (N, d) rows of this head's view (not raw maps), as a float64 array."""
+        """Log-probabilities of (N, d) rows of this head's view (not raw maps), as a float64 array; a kernel
+        head takes them in blocks (``row_block``), so its rows x landmarks arrays stay bounded."""
+        rows = np.asarray(rows)
+        block = self.row_block()
+        if len(rows) <= block:
+            return self._log_proba(rows)
+        return np.concatenate([self._log_proba(rows[lo:lo + block]) for lo in range(0, len(rows), block)])
+
+    def _log_proba(self, rows: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            z = self.norm(torch.as_tensor(np.asarray(rows)).to(self.linear.weight.dtype))
+            z = self.norm(torch.as_tensor(rows).to(self.linear.weight.dtype))
             return self.classify(self.features(z)).double().cpu().numpy()
+
+    def row_block(self) -> int:
+        """Rows per block whose kernel values (rows x landmarks) fit ``KERNEL_BLOCK_BYTES`` (at least 256)."""
+        if not self.kernel_components:
+            return 1 << 62
+        return max(256, KERNEL_BLOCK_BYTES // (self.kernel_components * self.linear.weight.element_size()))
 
 
 # -- scikit-learn -> ProbeHead -------------------------------------------------------------------

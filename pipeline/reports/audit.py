@@ -146,6 +146,13 @@ def output_dir(cfg, kind: str = "audit") -> Path:
     return Path(cfg.output)
 
 
+def photo_root(folder: Optional[str], cache: FeatureCache) -> str:
+    """Where the cache's photos are: the folder asked for (a copy of a folder, names, sizes and times kept,
+    hits the original's cache, whose data_root is the original: the report, its pictures and the --apply
+    line it prints named the original), else the folder the cache was made from."""
+    return str(Path(folder).resolve()) if folder else cache.attrs["data_root"]
+
+
 def analyse(cfg: AuditConfig) -> dict:
     """The audit of one training cache (and a test cache): label issues, outliers, duplicates, leaks."""
     t0 = time.time()
@@ -153,7 +160,7 @@ def analyse(cfg: AuditConfig) -> dict:
     seconds: dict = {}
     with FeatureCache(path) as cache:
         classes, labels, paths = cache.classes, np.asarray(cache.labels, np.int64), cache.paths
-        root = cache.attrs["data_root"]
+        root = photo_root(cfg.data, cache)
         check_labelled(cache, path, "the audit")  # a pool's cache (suggest's): no labels to doubt
         counts = np.bincount(labels, minlength=len(classes))
         smallest = int(counts.min())
@@ -167,8 +174,8 @@ def analyse(cfg: AuditConfig) -> dict:
         test = None
         if tpath is not None:
             with FeatureCache(tpath) as tc:
-                test = {"cache": str(tpath), "root": tc.attrs["data_root"], "paths": tc.paths, "near": pooled(tc)[1],
-                        "digests": tc.row_digests(), "labels": np.asarray(tc.labels, np.int64)}
+                test = {"cache": str(tpath), "root": photo_root(cfg.test_data, tc), "paths": tc.paths,
+                        "near": pooled(tc)[1], "digests": tc.row_digests(), "labels": np.asarray(tc.labels, np.int64)}
     seconds["read"] = time.time() - t0
     t = time.time()
     issues = label_issues(avg, labels, classes, folds=cfg.folds, seed=cfg.seed)
@@ -231,9 +238,17 @@ def confirmed(pairs: tuple, path_a: Path, path_b: Path) -> tuple[tuple, int]:
 
 
 def read_maps(cache: FeatureCache, rows: np.ndarray) -> np.ndarray:
-    """The cached maps of ``rows`` (in their order, repeats allowed) as float32."""
-    unique, inverse = np.unique(rows, return_inverse=True)
-    return cache.features[unique.tolist()].astype(np.float32)[inverse]
+    """The cached maps of ``rows`` (in their order, repeats allowed) as float32, each run of consecutive rows
+    read as one slice: h5py's list indexing took 20x as long for scattered rows (1 s for 512 VGG-16 maps, so
+    25,000 photos' 400,000 candidate pairs took a quarter of an hour)."""
+    unique, inverse = np.unique(np.asarray(rows, np.int64), return_inverse=True)
+    runs = np.split(unique, np.flatnonzero(np.diff(unique) != 1) + 1) if len(unique) else []
+    maps = np.empty((len(unique), *cache.feature_shape), np.float32)
+    at = 0
+    for run in runs:
+        maps[at:at + len(run)] = cache.features[int(run[0]):int(run[-1]) + 1]
+        at += len(run)
+    return maps[inverse]
 
 
 def _label_issues(issues: dict, labels, classes, paths) -> list[dict]:

@@ -28,8 +28,11 @@ from ..progress import progress
 
 #: The view near copies are compared in, where the cache has it (bench/near_duplicates.py).
 VIEW = "max"
-#: Bytes of similarities held at once (one block of rows against all the others).
+#: Bytes held at once while one block of rows is compared with all the others.
 BLOCK_BYTES = 128 << 20
+#: What each similarity of a block holds: itself (float32), its negation and argpartition's int64 indices of the
+#: nearest neighbours and of the candidates (a block sized on the float32 alone peaked at 6x BLOCK_BYTES: 740 MB).
+BYTES_PER_SIMILARITY = 16
 #: The second check: a near-copy candidate is confirmed when its maps' layout similarity reaches this. Measured
 #: (docs/audit.md): copies above NEAR_DUPLICATE scored 0.66-1.0 (108 planted on three proxies, the lowest a 10 %
 #: side cut shrunk to 60 %; the 17 real ones 0.83-1.0), the 111 distinct photos closest in the max view 0.16-0.70,
@@ -73,7 +76,7 @@ def similar_pairs(x: np.ndarray, other: Optional[np.ndarray] = None, threshold: 
     base = x if other is None else other
     n, m = len(x), len(base)
     k = max(0, min(k, m - (1 if other is None else 0)))
-    block = int(max(16, min(4096, BLOCK_BYTES // max(4 * m, 1))))
+    block = int(max(16, min(4096, BLOCK_BYTES // max(BYTES_PER_SIMILARITY * m, 1))))
     pi, pj, ps, left_out = [], [], [], 0
     knn = np.zeros((n, k), np.int64)
     knn_sim = np.zeros((n, k), np.float32)

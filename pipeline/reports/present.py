@@ -253,20 +253,34 @@ def audit_text(r: AuditResult | FixesResult, top: int = 20) -> str:
     if r.outliers:
         lines += ["", "like no other photo (outlier score = 1 - mean cosine similarity to its 10 nearest):"]
         lines += [f"  {one_line(o['path'])}  ({one_line(o['given'])}, {o['score']:.3f})" for o in r.outliers[:top]]
+        lines += _more(r.outliers, top)
     if r.duplicates:
         lines += ["", f"duplicates (cosine >= {r.threshold} and the same layout, or the same bytes):"]
         for g in r.duplicates[:top]:
             kind = "exact" if g["exact"] else f"{g['similarity']:.3f}"
-            lines.append(f"  {kind:>6}  " + "  ".join(f"{one_line(p)} ({one_line(c)})"
-                                                      for p, c in zip(g["paths"], g["classes"])))
+            more = len(g["paths"]) - GROUP_LISTED  # a group of thousands was one line of hundreds of KB
+            lines.append(f"  {kind:>6}  " + "  ".join(f"{one_line(p)} ({one_line(c)})" for p, c in
+                                                      zip(g["paths"][:GROUP_LISTED], g["classes"][:GROUP_LISTED]))
+                         + (f"  ... and {more} more (report.json)" if more > 0 else ""))
+        lines += _more(r.duplicates, top, "groups ")
     if r.leaks:
         lines += ["", f"leaks: test photos with a copy in the training folder ({r.test_root}):"]
         lines += [f"  {'exact' if lk['exact'] else format(lk['similarity'], '.3f'):>6}  test {one_line(lk['test'])}  = "
                   f"train {one_line(lk['train'])}" for lk in r.leaks[:top]]
+        lines += _more(r.leaks, top)
     lines += ["", f"report: {r.html}", f"gallery: {r.gallery}",
               f"to fix: review {r.fixes} (action relabel / remove / keep), then "
               f"python cli.py audit --data {r.data_root} --apply {r.fixes}"]
     return "\n".join(lines)
+
+
+#: Photos of one duplicate group listed on stdout (report.json and the HTML page name them all).
+GROUP_LISTED = 6
+
+
+def _more(items: list, top: int, what: str = "") -> list[str]:
+    """The line saying how many of ``items`` the table left out (none when it showed them all)."""
+    return [f"  ... and {len(items) - top} more {what}(report.json)"] if len(items) > top else []
 
 
 def audit_fixes_text(r: FixesResult) -> str:

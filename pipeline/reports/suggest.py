@@ -26,6 +26,7 @@ from ..errors import UsageError
 from ..files import SafeCsvWriter, atomic_write, check_output
 from ..heads.cache_views import CacheViews
 from ..heads.unknown_score import pooled_rows_np
+from ..progress import still_running
 
 log = logging.getLogger(__name__)
 
@@ -165,13 +166,14 @@ def suggest(cfg: SuggestConfig) -> SuggestResult:
             raise UsageError(f"{cfg.data}: at least two classes with photos are needed to rank a pool")
         avg = CacheViews(lc, np.arange(lc.n)).load(["avg"])["avg"]
         pool_avg = CacheViews(pc, np.arange(pc.n)).load(["avg"])["avg"]
-        paths, root = pc.paths, pc.attrs["data_root"]
+        paths, root = pc.paths, str(Path(cfg.pool).resolve())  # not the cache's: a copy of a pool hits its cache
         known = set(d for d in lc.row_digests() if d)
         fresh = np.array([not d or d not in known for d in pc.row_digests()], bool)
     seconds = {"extract": time.time() - t0}
     t = time.time()
     head, key = fit_head(cfg, avg, labels, len(classes))
-    proba = np.exp(head.log_proba_of_rows(pool_avg))
+    with still_running(f"suggest: scoring the {len(pool_avg)} pool photos"):  # 20,000 against 6,000 support rows: 8 s
+        proba = np.exp(head.log_proba_of_rows(pool_avg))
     seconds["head"] = time.time() - t
     t = time.time()
     keep = np.flatnonzero(fresh)  # a photo the labelled folder holds already teaches nothing
