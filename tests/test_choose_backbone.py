@@ -102,6 +102,33 @@ def test_a_later_candidates_bad_weights_are_refused_before_any_extraction(tmp_pa
         assert not (tmp_path / "f").exists()  # nothing extracted
 
 
+def test_one_weights_file_spelled_two_ways_or_copied_is_one_candidate_refused_before_cross_validation(
+        tmp_path, monkeypatch):
+    """'tiny=w/tiny.pt' and 'tiny=/abs/w/tiny.pt' (or a copy of the file) passed the 'named twice' check: both were
+    extracted and cross-validated, then the fusion failed naming the same cache twice. Now one line, exit 2: the
+    spellings before anything is extracted, the copy (the same cache) before any cross-validation."""
+    import shutil
+
+    import torch
+
+    from tests.tiny import TinyNet
+
+    data = make_image_folder(tmp_path / "data", per_class=10)
+    (tmp_path / "w").mkdir()
+    torch.save(TinyNet().state_dict(), tmp_path / "w" / "tiny.pt")
+    shutil.copy(tmp_path / "w" / "tiny.pt", tmp_path / "w" / "copy.pt")
+    monkeypatch.chdir(tmp_path)
+    fitted = []
+    monkeypatch.setattr("pipeline.heads.backbone_choice.cross_validate", lambda *a, **k: fitted.append(a))
+    for other, extracted in (("./w/../w/tiny.pt", False), (str(tmp_path / "w" / "copy.pt"), True)):
+        out = CliRunner().invoke(cli, ["choose-backbone", "--data", str(data), "--cache-dir", "f", "--workers", "0",
+                                       "--backbone", "tiny=w/tiny.pt", "--backbone", f"tiny={other}"])
+        assert out.exit_code == 2 and "named twice" in out.output and other in out.output, out.output
+        last = out.output.splitlines()[-1]
+        assert last.startswith("Error: a candidate is named twice") and "Traceback" not in out.output
+        assert (tmp_path / "f").exists() == extracted and not fitted
+
+
 @pytest.mark.parametrize("args, message", [
     ([], "name the candidates"),
     (["--backbone", "tiny=none", "--backbone", "tiny=none"], "named twice"),

@@ -94,11 +94,26 @@ def validate(cfg: ChooseBackboneConfig) -> None:
     if not cfg.backbones:
         raise UsageError("name the candidates: --backbone NAME[=WEIGHTS], once per candidate (two or more to compare)")
     specs = [parse_candidate(b) for b in cfg.backbones]
-    if len(set(specs)) < len(specs):
-        raise UsageError(f"a candidate is named twice: {', '.join(cfg.backbones)}")
+    check_distinct(cfg.backbones, [same_weights(name, weights) for name, weights in specs])
     if not Path(cfg.data).is_dir():
         raise UsageError(f"data folder {cfg.data!r} does not exist")
     check_candidates(specs)
+
+
+def same_weights(name: str, weights: str) -> tuple[str, str]:
+    """A candidate as compared for repeats: a weights file by where it resolves to, so 'vgg16=w.pt' and
+    'vgg16=./dir/../w.pt' are one candidate (both were extracted and cross-validated, then the fusion failed)."""
+    path = Path(weights).expanduser()
+    return name, str(path.resolve()) if path.is_file() else weights
+
+
+def check_distinct(given: list, keys: list) -> None:
+    """Refuse a candidate named twice (``keys``: what makes each one; ``given``: the --backbone values)."""
+    seen = {}
+    for text, key in zip(given, keys):
+        if key in seen:
+            raise UsageError(f"a candidate is named twice: {seen[key]} and {text} are the same network and weights")
+        seen[key] = text
 
 
 def check_candidates(specs: list) -> None:
@@ -224,6 +239,8 @@ def choose_backbone(cfg: ChooseBackboneConfig) -> BackboneChoice:
         log.info("choose-backbone: extracting with %s (%s)", name, weights)
         made.append(_extract(cfg, name, weights, n))
     extract_seconds = time.time() - t0
+    # other spellings of the same weights (a copy of the file, a name for the same download): one cache
+    check_distinct(cfg.backbones, [str(Path(r.cache).resolve()) for r in made])
     caches = []
     try:
         for r in made:
