@@ -79,6 +79,15 @@ def uncertainty(proba: np.ndarray) -> np.ndarray:
     return 1.0 - (top2[:, 0] - top2[:, 1])
 
 
+def least_certain_first(proba: np.ndarray) -> np.ndarray:
+    """Row indices, the least certain first: by ``uncertainty``, then by the second most probable class's
+    probability. A stacked default head gives most photos 1.0 - 1e-20: their 1 - margin is exactly 0 in float64,
+    and that tie went to the pool's file order (the alphabetically first photos filled the 2k candidates); the
+    second class's probability still tells them apart."""
+    second = -np.partition(-proba, 1, axis=1)[:, 1] if proba.shape[1] > 1 else np.zeros(len(proba))
+    return np.lexsort((-second, -uncertainty(proba)))
+
+
 def nearest_distance(x: np.ndarray, other: np.ndarray) -> np.ndarray:
     """Each l2-normalised row's cosine distance (1 - similarity, at least 0) to its nearest row of ``other``."""
     if not len(other):
@@ -107,7 +116,7 @@ def rank_pool(pool: np.ndarray, labelled: np.ndarray, proba: np.ndarray, k: int,
     k = min(k, len(pool))
     if rule == "random":
         return np.random.default_rng(seed).permutation(len(pool))[:k]
-    by_margin = np.argsort(-uncertainty(proba), kind="stable")
+    by_margin = least_certain_first(proba)
     if rule == "margin":
         return by_margin[:k]
     candidates = by_margin[:CANDIDATES * k] if rule == "diverse-uncertain" else by_margin
