@@ -134,6 +134,9 @@ def test_one_weights_file_spelled_two_ways_or_copied_is_one_candidate_refused_be
     (["--backbone", "tiny=none", "--backbone", "tiny=none"], "named twice"),
     (["--backbone", "tiny=none", "--folds", "11"], "at least 11 photos of every class"),
     (["--backbone", "=none"], "expected NAME or NAME=WEIGHTS"),
+    # on a machine without CUDA: refused before anything is extracted (with every cache a hit, after them)
+    pytest.param(["--backbone", "tiny=none", "--device", "cuda:7"], "cuda:7",
+                 marks=pytest.mark.skipif(__import__("torch").cuda.device_count() > 7, reason="8 GPUs here")),
     # 5 of 10 photos a class in each training part: the default head's own 5-fold CV fits; --n 12 leaves 3
     # (it failed after extracting, naming fit-head's '--head auto', an option choose-backbone has not)
     (["--backbone", "tiny=none", "--n", "12", "--folds", "2"], "every class needs at least 10 photos"),

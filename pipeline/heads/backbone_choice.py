@@ -97,6 +97,9 @@ def validate(cfg: ChooseBackboneConfig) -> None:
     check_distinct(cfg.backbones, [same_weights(name, weights) for name, weights in specs])
     if not Path(cfg.data).is_dir():
         raise UsageError(f"data folder {cfg.data!r} does not exist")
+    from ..devices import resolve_device
+
+    resolve_device(cfg.device)  # a --device this machine lacks: refused before extraction (a hit skips it)
     check_candidates(specs)
 
 
