@@ -70,6 +70,18 @@ def test_a_clear_winner_is_recommended_and_a_tie_goes_to_the_fastest():
     assert tie.fastest_within_noise == "fast" and "indistinguishable" in tie.note and "10.0x" in tie.note
 
 
+def test_a_recommendation_over_a_best_of_unknown_speed_is_not_called_also_the_fastest():
+    """The best's cache made before rates were kept (n/a), another within noise at 50 img/s: it is recommended,
+    and the note said 'Recommended: other, also the fastest of them', as if it were the best too."""
+    cfg = ChooseBackboneConfig(data="d", folds=5, repeats=2)
+    base = np.full(10, 0.9)
+    noise = np.random.default_rng(0).normal(0, 0.03, 10)
+    other = base + noise - noise.mean() - 0.002  # 0.2 points behind on average, far within noise
+    choice = _decide(cfg, [_candidate("old", base, None), _candidate("other", other, 50.0)], 200, 5, 0, 0)
+    assert choice.best == "old" and choice.fastest_within_noise == "other"
+    assert "also the fastest" not in choice.note and "the fastest of those whose rate is known" in choice.note
+
+
 def test_a_single_candidate_is_not_said_to_beat_others():
     cfg = ChooseBackboneConfig(data="d", folds=5, repeats=2)
     alone = _decide(cfg, [_candidate("only", np.full(10, 0.9), 10.0)], 200, 5, 0, 0)
