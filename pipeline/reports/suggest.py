@@ -161,6 +161,19 @@ def fit_head(cfg: SuggestConfig, avg: np.ndarray, labels: np.ndarray, n_classes:
     return default_head_on_rows({"avg": avg}, labels, n_classes, shape, FitHeadConfig(seed=cfg.seed))
 
 
+def classes_with_rows(classes: list, labels: np.ndarray, data: str) -> tuple[list, np.ndarray]:
+    """The classes that have a labelled row, and the labels renumbered among them. A class folder whose every
+    file was unreadable has none: no head can be fitted with it (suggest stopped on 'unexpected ValueError ...
+    a bug?'); it is left out, said once, and no pool photo is guessed as it."""
+    present = np.unique(labels)
+    if len(present) == len(classes):
+        return classes, labels
+    empty = [c for i, c in enumerate(classes) if i not in set(present.tolist())]
+    log.warning("%s: no readable photo of %s; left out of the head (no pool photo is guessed as %s)", data,
+                ", ".join(empty), "it" if len(empty) == 1 else "them")
+    return [classes[i] for i in present], np.searchsorted(present, labels)
+
+
 def suggest(cfg: SuggestConfig) -> SuggestResult:
     """Rank the pool's photos for labelling and write the list (CSV) and its page (HTML)."""
     from .audit import output_dir
@@ -169,7 +182,7 @@ def suggest(cfg: SuggestConfig) -> SuggestResult:
     t0 = time.time()
     lab_path, pool_path = extract_both(cfg)
     with FeatureCache(lab_path) as lc, FeatureCache(pool_path) as pc:
-        classes, labels = list(lc.classes), np.asarray(lc.labels, np.int64)
+        classes, labels = classes_with_rows(list(lc.classes), np.asarray(lc.labels, np.int64), cfg.data)
         if len(set(labels.tolist())) < 2:
             raise UsageError(f"{cfg.data}: at least two classes with photos are needed to rank a pool")
         avg = CacheViews(lc, np.arange(lc.n)).load(["avg"])["avg"]
