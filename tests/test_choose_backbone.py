@@ -141,6 +141,32 @@ def test_one_weights_file_spelled_two_ways_or_copied_is_one_candidate_refused_be
         assert (tmp_path / "f").exists() == extracted and not fitted
 
 
+def test_a_later_candidate_that_only_loading_refuses_is_refused_before_any_extraction(tmp_path, monkeypatch):
+    """A weights file with no sidecar holding another model's tensors, and torchvision weights not downloaded
+    that cannot be (offline): both failed only when their candidate's turn came, after the first was extracted."""
+    import torch
+
+    from pipeline.errors import PipelineError
+    from pipeline.extraction import backbones as bb
+    from tests.tiny import WideNet
+
+    data = make_image_folder(tmp_path / "data", per_class=10)
+    wrong = tmp_path / "w" / "wide.pt"
+    wrong.parent.mkdir()
+    torch.save(WideNet().state_dict(), wrong)  # tiny_wide's tensors, named for tiny, no sidecar to say so
+
+    def offline(w):
+        raise PipelineError(f"cannot download {w} (URLError: offline)")
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))  # nothing downloaded yet
+    monkeypatch.setattr(bb, "_download_state_dict", offline)
+    for second, code, message in ((f"tiny={wrong}", 2, "are not for tiny"), ("vgg16", 1, "cannot download")):
+        out = CliRunner().invoke(cli, ["choose-backbone", "--data", str(data), "--cache-dir", str(tmp_path / "f"),
+                                       "--workers", "0", "--backbone", "tiny_wide=none", "--backbone", second])
+        assert out.exit_code == code and message in out.output, out.output
+        assert not (tmp_path / "f").exists()  # nothing extracted
+
+
 @pytest.mark.parametrize("args, message", [
     ([], "name the candidates"),
     (["--backbone", "tiny=none", "--backbone", "tiny=none"], "named twice"),

@@ -121,13 +121,23 @@ def check_distinct(given: list, keys: list) -> None:
 
 def check_candidates(specs: list) -> None:
     """Each candidate's name and weights as far as known without loading them (an unknown name, a missing
-    file, a sidecar of another model): refused before the first extraction, not after minutes of it."""
-    from ..extraction.backbones import load_preprocessing
+    file, a sidecar of another model): refused before the first extraction, not after minutes of it. So are
+    two things only loading tells: a file with no sidecar whose tensors are another model's, and torchvision
+    weights not downloaded yet that cannot be (offline): both failed once the candidates before were extracted."""
+    from ..extraction import backbones as bb
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # 'no sidecar', 'random weights': extract says them once, later
         for name, weights in specs:
-            load_preprocessing(name, weights)
+            bb.load_preprocessing(name, weights)
+        for name, weights in specs:
+            spec = bb.get_spec(name)
+            if bb.is_weights_path(weights) and "arch" not in bb.read_sidecar(weights):
+                bb.load_backbone(name, weights)  # its keys checked against the model (a second or two)
+            elif weights.lower() != "none" and not bb.is_weights_path(weights) and spec.library != "timm":
+                w = bb.torchvision_weights(spec, weights)
+                if not bb.expected_download_path(w).is_file():
+                    bb._download_state_dict(w)  # now, or its one-line refusal now
 
 
 def _extract(cfg: ChooseBackboneConfig, backbone: str, weights: str, n: int) -> ExtractResult:
