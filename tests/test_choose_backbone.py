@@ -167,6 +167,27 @@ def test_a_later_candidate_that_only_loading_refuses_is_refused_before_any_extra
         assert not (tmp_path / "f").exists()  # nothing extracted
 
 
+def test_one_backbone_with_two_weights_is_two_candidates_told_apart(tmp_path):
+    """vgg16 with a weights file and vgg16 with none: both rows were called 'vgg16' (and the fusion 'vgg16+vgg16'),
+    so nobody could tell which scored what, and the recommendation's '*' and 'best' marked every row of that name."""
+    import torch
+
+    from tests.tiny import TinyNet
+
+    data = make_image_folder(tmp_path / "data", per_class=10)
+    weights = tmp_path / "w" / "trained.pt"
+    weights.parent.mkdir()
+    torch.manual_seed(1)
+    torch.save(TinyNet().state_dict(), weights)
+    choice = pipeline.choose_backbone(data, ["tiny=none", f"tiny={weights}"], folds=2, repeats=1,
+                                      cache_dir=tmp_path / "features", workers=0)
+    names = sorted(c.name for c in choice.candidates)
+    assert names == ["tiny=none", "tiny=none+tiny=trained.pt", "tiny=trained.pt"]
+    text = choose_backbone_text(choice)
+    rows = text.splitlines()[2:2 + len(choice.candidates)]
+    assert sum(r.startswith("* ") for r in rows) == 1 and sum(" best " in r for r in rows) == 1
+
+
 @pytest.mark.parametrize("args, message", [
     ([], "name the candidates"),
     (["--backbone", "tiny=none", "--backbone", "tiny=none"], "named twice"),

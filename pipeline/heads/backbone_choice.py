@@ -119,6 +119,17 @@ def check_distinct(given: list, keys: list) -> None:
         seen[key] = text
 
 
+def candidate_names(specs: list, given: list) -> list[str]:
+    """Each candidate's label in the table: its backbone's name, or where two candidates share it (vgg16 with a
+    weights file and with none), name=weights (a file by its name); both were called 'vgg16', and the best's
+    mark and 'best' went to each row of that name."""
+    counts = {}
+    for name, _ in specs:
+        counts[name] = counts.get(name, 0) + 1
+    labels = [name if counts[name] == 1 else f"{name}={Path(weights).name}" for name, weights in specs]
+    return labels if len(set(labels)) == len(labels) else list(given)
+
+
 def check_candidates(specs: list) -> None:
     """Each candidate's name and weights as far as known without loading them (an unknown name, a missing
     file, a sidecar of another model): refused before the first extraction, not after minutes of it. So are
@@ -266,7 +277,7 @@ def choose_backbone(cfg: ChooseBackboneConfig) -> BackboneChoice:
                      .split(np.zeros(len(labels)), labels))
         rates = [extraction_rate(c, r) for c, r in zip(caches, made)]
         sizes = [c.info.size_bytes / c.n * 1000 / 1e6 for c in caches]
-        names = [name for name, _ in specs]
+        names = candidate_names(specs, cfg.backbones)
         t1 = time.time()
         found = []
         for i, c in enumerate(caches):
