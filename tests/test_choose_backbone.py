@@ -70,6 +70,18 @@ def test_a_clear_winner_is_recommended_and_a_tie_goes_to_the_fastest():
     assert tie.fastest_within_noise == "fast" and "indistinguishable" in tie.note and "10.0x" in tie.note
 
 
+def test_a_recommendation_over_a_best_of_unknown_speed_is_not_called_also_the_fastest():
+    """The best's cache made before rates were kept (n/a), another within noise at 50 img/s: it is recommended,
+    and the note said 'Recommended: other, also the fastest of them', as if it were the best too."""
+    cfg = ChooseBackboneConfig(data="d", folds=5, repeats=2)
+    base = np.full(10, 0.9)
+    noise = np.random.default_rng(0).normal(0, 0.03, 10)
+    other = base + noise - noise.mean() - 0.002  # 0.2 points behind on average, far within noise
+    choice = _decide(cfg, [_candidate("old", base, None), _candidate("other", other, 50.0)], 200, 5, 0, 0)
+    assert choice.best == "old" and choice.fastest_within_noise == "other"
+    assert "also the fastest" not in choice.note and "the fastest of those whose rate is known" in choice.note
+
+
 def test_a_single_candidate_is_not_said_to_beat_others():
     cfg = ChooseBackboneConfig(data="d", folds=5, repeats=2)
     alone = _decide(cfg, [_candidate("only", np.full(10, 0.9), 10.0)], 200, 5, 0, 0)
@@ -102,11 +114,88 @@ def test_a_later_candidates_bad_weights_are_refused_before_any_extraction(tmp_pa
         assert not (tmp_path / "f").exists()  # nothing extracted
 
 
+def test_one_weights_file_spelled_two_ways_or_copied_is_one_candidate_refused_before_cross_validation(
+        tmp_path, monkeypatch):
+    """'tiny=w/tiny.pt' and 'tiny=/abs/w/tiny.pt' (or a copy of the file) passed the 'named twice' check: both were
+    extracted and cross-validated, then the fusion failed naming the same cache twice. Now one line, exit 2: the
+    spellings before anything is extracted, the copy (the same cache) before any cross-validation."""
+    import shutil
+
+    import torch
+
+    from tests.tiny import TinyNet
+
+    data = make_image_folder(tmp_path / "data", per_class=10)
+    (tmp_path / "w").mkdir()
+    torch.save(TinyNet().state_dict(), tmp_path / "w" / "tiny.pt")
+    shutil.copy(tmp_path / "w" / "tiny.pt", tmp_path / "w" / "copy.pt")
+    monkeypatch.chdir(tmp_path)
+    fitted = []
+    monkeypatch.setattr("pipeline.heads.backbone_choice.cross_validate", lambda *a, **k: fitted.append(a))
+    for other, extracted in (("./w/../w/tiny.pt", False), (str(tmp_path / "w" / "copy.pt"), True)):
+        out = CliRunner().invoke(cli, ["choose-backbone", "--data", str(data), "--cache-dir", "f", "--workers", "0",
+                                       "--backbone", "tiny=w/tiny.pt", "--backbone", f"tiny={other}"])
+        assert out.exit_code == 2 and "named twice" in out.output and other in out.output, out.output
+        last = out.output.splitlines()[-1]
+        assert last.startswith("Error: a candidate is named twice") and "Traceback" not in out.output
+        assert (tmp_path / "f").exists() == extracted and not fitted
+
+
+def test_a_later_candidate_that_only_loading_refuses_is_refused_before_any_extraction(tmp_path, monkeypatch):
+    """A weights file with no sidecar holding another model's tensors, and torchvision weights not downloaded
+    that cannot be (offline): both failed only when their candidate's turn came, after the first was extracted."""
+    import torch
+
+    from pipeline.errors import PipelineError
+    from pipeline.extraction import backbones as bb
+    from tests.tiny import WideNet
+
+    data = make_image_folder(tmp_path / "data", per_class=10)
+    wrong = tmp_path / "w" / "wide.pt"
+    wrong.parent.mkdir()
+    torch.save(WideNet().state_dict(), wrong)  # tiny_wide's tensors, named for tiny, no sidecar to say so
+
+    def offline(w):
+        raise PipelineError(f"cannot download {w} (URLError: offline)")
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))  # nothing downloaded yet
+    monkeypatch.setattr(bb, "_download_state_dict", offline)
+    for second, code, message in ((f"tiny={wrong}", 2, "are not for tiny"), ("vgg16", 1, "cannot download")):
+        out = CliRunner().invoke(cli, ["choose-backbone", "--data", str(data), "--cache-dir", str(tmp_path / "f"),
+                                       "--workers", "0", "--backbone", "tiny_wide=none", "--backbone", second])
+        assert out.exit_code == code and message in out.output, out.output
+        assert not (tmp_path / "f").exists()  # nothing extracted
+
+
+def test_one_backbone_with_two_weights_is_two_candidates_told_apart(tmp_path):
+    """vgg16 with a weights file and vgg16 with none: both rows were called 'vgg16' (and the fusion 'vgg16+vgg16'),
+    so nobody could tell which scored what, and the recommendation's '*' and 'best' marked every row of that name."""
+    import torch
+
+    from tests.tiny import TinyNet
+
+    data = make_image_folder(tmp_path / "data", per_class=10)
+    weights = tmp_path / "w" / "trained.pt"
+    weights.parent.mkdir()
+    torch.manual_seed(1)
+    torch.save(TinyNet().state_dict(), weights)
+    choice = pipeline.choose_backbone(data, ["tiny=none", f"tiny={weights}"], folds=2, repeats=1,
+                                      cache_dir=tmp_path / "features", workers=0)
+    names = sorted(c.name for c in choice.candidates)
+    assert names == ["tiny=none", "tiny=none+tiny=trained.pt", "tiny=trained.pt"]
+    text = choose_backbone_text(choice)
+    rows = text.splitlines()[2:2 + len(choice.candidates)]
+    assert sum(r.startswith("* ") for r in rows) == 1 and sum(" best " in r for r in rows) == 1
+
+
 @pytest.mark.parametrize("args, message", [
     ([], "name the candidates"),
     (["--backbone", "tiny=none", "--backbone", "tiny=none"], "named twice"),
     (["--backbone", "tiny=none", "--folds", "11"], "at least 11 photos of every class"),
     (["--backbone", "=none"], "expected NAME or NAME=WEIGHTS"),
+    # on a machine without CUDA: refused before anything is extracted (with every cache a hit, after them)
+    pytest.param(["--backbone", "tiny=none", "--device", "cuda:7"], "cuda:7",
+                 marks=pytest.mark.skipif(__import__("torch").cuda.device_count() > 7, reason="8 GPUs here")),
     # 5 of 10 photos a class in each training part: the default head's own 5-fold CV fits; --n 12 leaves 3
     # (it failed after extracting, naming fit-head's '--head auto', an option choose-backbone has not)
     (["--backbone", "tiny=none", "--n", "12", "--folds", "2"], "every class needs at least 10 photos"),

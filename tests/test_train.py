@@ -540,3 +540,38 @@ def test_sigterm_to_a_run_with_decoding_processes_says_what_is_kept_and_nothing_
     _, stderr = proc.communicate(timeout=60)
     lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith("warning: --weights")]
     assert proc.returncode == 143 and len(lines) == 1 and lines[0].startswith("terminated; "), stderr[-3000:]
+
+
+def test_finetune_from_a_default_refitted_head_says_its_validation_photos_were_fitted_or_leaves_them_out(
+        tmp_path, make_cache):
+    """fit-head's default head is refitted on every row, its validation rows too; finetune left only the head's
+    training split out of its validation, so it validated on photos the head had fitted, silently (val acc 1.000
+    from the first epoch on dogbreeds20, a temperature fitted on them). Now those rows are left out when others
+    remain, and when none would (the head's own folder and split) kept with a warning and counted in the JSON."""
+    from pipeline.models.train import head_training_images
+
+    data = make_image_folder(tmp_path / "data", per_class=12)
+    cache = make_cache(data).cache
+    listing = list_image_folder(data)
+    refit = fit_head(FitHeadConfig(cache=cache, val_fraction=0.25, runs_dir=str(tmp_path / "runs")))
+    kept = fit_head(FitHeadConfig(cache=cache, val_fraction=0.25, refit=False, runs_dir=str(tmp_path / "runs")))
+    assert head_training_images(refit.checkpoint, listing) == {f.path for f in listing.files}
+    assert len(head_training_images(kept.checkpoint, listing)) == kept.train_rows < len(listing.files)
+
+    def finetune_from(head, *more):
+        r = CliRunner().invoke(cli.cli, ["finetune", "--data", str(data), "--init-head", head.checkpoint,
+                                         "--epochs", "1", "--workers", "0", "--val-fraction", "0.25", "--json",
+                                         "--runs-dir", str(tmp_path / "runs"), *more])
+        assert r.exit_code == 0, r.output
+        return json.loads(r.stdout), r.stderr
+
+    out, err = finetune_from(refit)  # the head's own split: all 6 were fitted by the refit
+    assert out["val_seen_by_head_refit"] == out["val_rows"] == 6 and "are flattered" in err
+    assert "--no-refit" in err and out["val_left_out_seen_by_head"] == 0
+    out, err = finetune_from(kept)  # its validation photos never fitted: validated on, nothing said
+    assert out["val_rows"] == 6 and out["val_seen_by_head_refit"] == 0 and "flattered" not in err
+    sample = fit_head(FitHeadConfig(cache=make_cache(data, n=16).cache, val_fraction=0.25,
+                                    runs_dir=str(tmp_path / "runs")))  # a head on 16 of the 24 photos, refitted
+    out, err = finetune_from(sample)  # photos it never saw remain: its refit's rows are left out like the rest
+    assert out["val_seen_by_head_refit"] == 0 and "flattered" not in err
+    assert out["val_left_out_seen_by_head"] > 0 and out["val_rows"] + out["val_left_out_seen_by_head"] == 6

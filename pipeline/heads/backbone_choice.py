@@ -94,22 +94,61 @@ def validate(cfg: ChooseBackboneConfig) -> None:
     if not cfg.backbones:
         raise UsageError("name the candidates: --backbone NAME[=WEIGHTS], once per candidate (two or more to compare)")
     specs = [parse_candidate(b) for b in cfg.backbones]
-    if len(set(specs)) < len(specs):
-        raise UsageError(f"a candidate is named twice: {', '.join(cfg.backbones)}")
+    check_distinct(cfg.backbones, [same_weights(name, weights) for name, weights in specs])
     if not Path(cfg.data).is_dir():
         raise UsageError(f"data folder {cfg.data!r} does not exist")
+    from ..devices import resolve_device
+
+    resolve_device(cfg.device)  # a --device this machine lacks: refused before extraction (a hit skips it)
     check_candidates(specs)
+
+
+def same_weights(name: str, weights: str) -> tuple[str, str]:
+    """A candidate as compared for repeats: a weights file by where it resolves to, so 'vgg16=w.pt' and
+    'vgg16=./dir/../w.pt' are one candidate (both were extracted and cross-validated, then the fusion failed)."""
+    path = Path(weights).expanduser()
+    return name, str(path.resolve()) if path.is_file() else weights
+
+
+def check_distinct(given: list, keys: list) -> None:
+    """Refuse a candidate named twice (``keys``: what makes each one; ``given``: the --backbone values)."""
+    seen = {}
+    for text, key in zip(given, keys):
+        if key in seen:
+            raise UsageError(f"a candidate is named twice: {seen[key]} and {text} are the same network and weights")
+        seen[key] = text
+
+
+def candidate_names(specs: list, given: list) -> list[str]:
+    """Each candidate's label in the table: its backbone's name, or where two candidates share it (vgg16 with a
+    weights file and with none), name=weights (a file by its name); both were called 'vgg16', and the best's
+    mark and 'best' went to each row of that name."""
+    counts = {}
+    for name, _ in specs:
+        counts[name] = counts.get(name, 0) + 1
+    labels = [name if counts[name] == 1 else f"{name}={Path(weights).name}" for name, weights in specs]
+    return labels if len(set(labels)) == len(labels) else list(given)
 
 
 def check_candidates(specs: list) -> None:
     """Each candidate's name and weights as far as known without loading them (an unknown name, a missing
-    file, a sidecar of another model): refused before the first extraction, not after minutes of it."""
-    from ..extraction.backbones import load_preprocessing
+    file, a sidecar of another model): refused before the first extraction, not after minutes of it. So are
+    two things only loading tells: a file with no sidecar whose tensors are another model's, and torchvision
+    weights not downloaded yet that cannot be (offline): both failed once the candidates before were extracted."""
+    from ..extraction import backbones as bb
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # 'no sidecar', 'random weights': extract says them once, later
         for name, weights in specs:
-            load_preprocessing(name, weights)
+            bb.load_preprocessing(name, weights)
+        for name, weights in specs:
+            spec = bb.get_spec(name)
+            if bb.is_weights_path(weights) and "arch" not in bb.read_sidecar(weights):
+                bb.load_backbone(name, weights)  # its keys checked against the model (a second or two)
+            elif weights.lower() != "none" and not bb.is_weights_path(weights) and spec.library != "timm":
+                w = bb.torchvision_weights(spec, weights)
+                if not bb.expected_download_path(w).is_file():
+                    bb._download_state_dict(w)  # now, or its one-line refusal now
 
 
 def _extract(cfg: ChooseBackboneConfig, backbone: str, weights: str, n: int) -> ExtractResult:
@@ -224,6 +263,8 @@ def choose_backbone(cfg: ChooseBackboneConfig) -> BackboneChoice:
         log.info("choose-backbone: extracting with %s (%s)", name, weights)
         made.append(_extract(cfg, name, weights, n))
     extract_seconds = time.time() - t0
+    # other spellings of the same weights (a copy of the file, a name for the same download): one cache
+    check_distinct(cfg.backbones, [str(Path(r.cache).resolve()) for r in made])
     caches = []
     try:
         for r in made:
@@ -236,7 +277,7 @@ def choose_backbone(cfg: ChooseBackboneConfig) -> BackboneChoice:
                      .split(np.zeros(len(labels)), labels))
         rates = [extraction_rate(c, r) for c, r in zip(caches, made)]
         sizes = [c.info.size_bytes / c.n * 1000 / 1e6 for c in caches]
-        names = [name for name, _ in specs]
+        names = candidate_names(specs, cfg.backbones)
         t1 = time.time()
         found = []
         for i, c in enumerate(caches):
@@ -305,6 +346,9 @@ def recommendation(choice: BackboneChoice, best: Candidate, fastest: Candidate) 
     if fastest is not best and best.img_per_s:
         lines.append(f"Recommended: {fastest.name}, the fastest of them ({fastest.img_per_s:.1f} img/s, "
                      f"{fastest.img_per_s / best.img_per_s:.1f}x {best.name}'s); more photos would tell them apart.")
+    elif fastest is not best:  # the best's rate unknown: not 'also the fastest', which it may not be
+        lines.append(f"Recommended: {fastest.name}, the fastest of those whose rate is known ({fastest.img_per_s:.1f} "
+                     f"img/s; {best.name}'s cache was made before rates were kept); more photos would tell them apart.")
     else:
         lines.append(f"Recommended: {fastest.name}" + (", also the fastest of them." if fastest.img_per_s else "."))
     return " ".join(lines)

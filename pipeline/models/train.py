@@ -170,7 +170,15 @@ def _minibatches(loader, device, skipped: ImageOutputs, bar):
 
 
 def head_training_images(init_head: str, listing) -> set:
-    """The images of ``listing`` a fit-head checkpoint was trained on, so finetune never validates on them.
+    """The images of ``listing`` a fit-head checkpoint was fitted on (``head_images``: its training split, and its
+    validation rows too when it was refitted on every row), so finetune does not validate on them."""
+    trained, refit = head_images(init_head, listing)
+    return trained | refit
+
+
+def head_images(init_head: str, listing) -> tuple[set, set]:
+    """(the images of ``listing`` in a fit-head checkpoint's training split, those in its validation split that
+    its refit on every row saw: fit-head's default, ``--refit``), so finetune never validates on them.
 
     Found by content (sha256, as fit-head's --test-data does), so a copy of the head's folder is caught
     too, with the digests the cache keeps; a row without one (an older cache, its file gone) by relative
@@ -179,21 +187,28 @@ def head_training_images(init_head: str, listing) -> set:
     """
     ckpt = read_checkpoint(init_head)
     if ckpt["kind"] != "fit-head":
-        return set()
+        return set(), set()
     try:
         with FeatureCache(ckpt["cache"]) as cache:
-            train_rows, _ = split_indices(cache.labels, ckpt["config"]["val_fraction"], ckpt["config"]["seed"])
-            paths = cache.paths
-            trained = [paths[i] for i in train_rows]
-            if Path(cache.attrs["data_root"]) == Path(listing.root).resolve():
-                return set(trained)
-            digests = cache.row_digests(train_rows)  # kept in the cache: the head's folder may be gone
-            sizes = dict(zip((p.decode() for p in cache.f["source/paths"][:]), cache.f["source/sizes"][:].tolist())
-                         ) if "source" in cache.f else {}
+            train_rows, val_rows = split_indices(cache.labels, ckpt["config"]["val_fraction"], ckpt["config"]["seed"])
+            if not refitted(ckpt):
+                val_rows = val_rows[:0]
+            return tuple(_found(listing, cache, rows) for rows in (train_rows, val_rows))
     except (CacheError, KeyError, OSError) as e:
         log.warning("cannot tell which images %s was trained on (%s): validation may include some of them",
                     init_head, e)
-        return set()
+        return set(), set()
+
+
+def _found(listing, cache, rows) -> set:
+    """The images of ``listing`` that are ``rows`` of ``cache``: by path in the cache's own folder, else by content."""
+    paths = cache.paths
+    trained = [paths[i] for i in rows]
+    if Path(cache.attrs["data_root"]) == Path(listing.root).resolve():
+        return set(trained)
+    digests = cache.row_digests(rows) if len(rows) else []  # kept in the cache: the head's folder may be gone
+    sizes = dict(zip((p.decode() for p in cache.f["source/paths"][:]), cache.f["source/sizes"][:].tolist())
+                 ) if "source" in cache.f else {}
     by_content, by_name = {}, set()  # by_content: file size (None: not recorded) -> digests
     for p, h in zip(trained, digests):
         if h:
@@ -210,29 +225,56 @@ def head_training_images(init_head: str, listing) -> set:
         h = file_digest(listing.root / f.path)
         return h in by_content.get(f.size, ()) or h in any_size
 
-    return {f.path for f in listing.files if trained_on(f)}
+    return {f.path for f in listing.files if trained_on(f)} if trained else set()
 
 
-def _fit(cfg: TrainConfig, kind: str, lm, stages: list, listing, head_saw: frozenset = frozenset()) -> TrainResult:
-    """Train ``lm`` on ``listing`` epoch by epoch; ``stages[e]`` = (unfreeze value, stage name) for epoch e."""
+def refitted(ckpt: dict) -> bool:
+    """Whether a fit-head checkpoint's head was fitted again on every row once validated (auto and --tune with
+    --refit, the default), as ``fit_head.fit_on_rows`` does: then no row of its cache is unseen."""
+    return bool(ckpt.get("tuning")) and bool(ckpt.get("config", {}).get("refit", False))
+
+
+def _fit(cfg: TrainConfig, kind: str, lm, stages: list, listing, head_saw: tuple = (frozenset(), frozenset())
+         ) -> TrainResult:
+    """Train ``lm`` on ``listing`` epoch by epoch; ``stages[e]`` = (unfreeze value, stage name) for epoch e;
+    ``head_saw``: ``head_images`` of the starting head."""
     with contextlib.ExitStack() as held:  # the run folder's lock, from its first save (or the resume) to the end
         return _train_run(cfg, kind, lm, stages, listing, head_saw, held)
 
 
-def _train_run(cfg: TrainConfig, kind: str, lm, stages: list, listing, head_saw: frozenset,
+def unseen_validation(val_idx: np.ndarray, listing, head_saw: tuple) -> tuple[np.ndarray, list, int]:
+    """(validation rows, those left out, how many kept that the starting head's refit saw). Validating on images
+    the starting head was fitted on would flatter it (val acc 1.000): its training split is left out (none left:
+    refused), and so are the validation rows its refit on every row saw, unless that leaves none (finetune on
+    the head's own folder): those are kept, said to flatter, rather than refusing fit-head's default flow."""
+    trained, refit = head_saw
+    left_out = [i for i in val_idx if listing.files[i].path in trained]
+    if left_out:
+        val_idx = np.array([i for i in val_idx if listing.files[i].path not in trained], np.int64)
+        if not len(val_idx):
+            raise UsageError("every validation image was a training image of --init-head's head; use another "
+                             "--seed or --n, or a head fitted on other images")
+    refit_saw = [i for i in val_idx if listing.files[i].path in refit]
+    if refit_saw and len(refit_saw) < len(val_idx):
+        val_idx = np.array([i for i in val_idx if listing.files[i].path not in refit], np.int64)
+        left_out, refit_saw = left_out + refit_saw, []
+    if left_out:
+        log.warning("%d of the %d validation images were training images of the starting head; they are left out "
+                    "of validation", len(left_out), len(left_out) + len(val_idx))
+    if refit_saw:
+        log.warning("all %d validation images were fitted by the starting head (fit-head refitted it on every photo "
+                    "of its cache, its validation ones too): val acc, loss and the temperature are flattered; "
+                    "fit-head --no-refit keeps its validation photos unseen", len(refit_saw))
+    return val_idx, left_out, len(refit_saw)
+
+
+def _train_run(cfg: TrainConfig, kind: str, lm, stages: list, listing, head_saw: tuple,
                held: contextlib.ExitStack) -> TrainResult:
     """``_fit``'s run; ``held`` keeps the run folder's lock (``resume.training_into``) until it ends."""
     if list(listing.classes) != lm.classes:
         raise UsageError(f"the model's classes {lm.classes} differ from the data's {list(listing.classes)}")
     train_idx, val_idx = sample_split(listing.labels, cfg.n, cfg.val_fraction, cfg.seed)
-    left_out = [i for i in val_idx if listing.files[i].path in head_saw]
-    if left_out:  # validating on images the starting head was fitted on would flatter it (val acc 1.000)
-        val_idx = np.array([i for i in val_idx if listing.files[i].path not in head_saw], np.int64)
-        log.warning("%d of the %d validation images were training images of the starting head; they are left out "
-                    "of validation", len(left_out), len(left_out) + len(val_idx))
-        if not len(val_idx):
-            raise UsageError("every validation image was a training image of --init-head's head; use another "
-                             "--seed or --n, or a head fitted on other images")
+    val_idx, left_out, refit_saw = unseen_validation(val_idx, listing, head_saw)
     items = [(f.path, f.label) for f in listing.files]
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
@@ -297,7 +339,7 @@ def _train_run(cfg: TrainConfig, kind: str, lm, stages: list, listing, head_saw:
         per_class = per_class_accuracy(y_val, state["pred"], lm.classes)
         metrics = {**history[-1], "per_class_val_acc": per_class, "train_rows": int(seen),
                    "val_rows": int(len(y_val)), "skipped": len(skipped.bad), "val_left_out_seen_by_head": len(left_out),
-                   **trust}
+                   "val_seen_by_head_refit": refit_saw, **trust}
         out_dir = run["dir"]  # every epoch saved there; a resumed run with no epoch left: the folder resumed
         lm.model.to("cpu")
 
@@ -425,5 +467,5 @@ def finetune(cfg: FinetuneConfig) -> TrainResult:
         lm = build_model(cfg.backbone or "vgg16", cfg.weights or "DEFAULT", listing.classes, cfg.pool, cfg.dropout)
     lm.model.set_trainable(unfreeze)  # fails early when K is more than the backbone's blocks
     stages = [(0, "head") if e < cfg.head_epochs else (unfreeze, "finetune") for e in range(cfg.epochs)]
-    head_saw = frozenset(head_training_images(cfg.init_head, listing)) if cfg.init_head else frozenset()
+    head_saw = tuple(map(frozenset, head_images(cfg.init_head, listing))) if cfg.init_head else (frozenset(),) * 2
     return _fit(cfg, "finetune", lm, stages, listing, head_saw)

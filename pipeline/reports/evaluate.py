@@ -370,6 +370,8 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
     if predictor is None:
         known = sorted(f"{k} on --{s}" for k, s in PREDICTORS)
         raise UsageError(f"cannot evaluate a {ckpt['kind']!r} checkpoint on --{source}; known: {', '.join(known)}")
+    if cfg.data:
+        warn_if_training_folder(ckpt, cfg.data)
     pred = predictor(cfg.model, ckpt, cfg)
     result = summarize(pred, cfg.top_k)
     out_dir = new_run_dir(cfg.runs_dir, "evaluate")
@@ -389,6 +391,15 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
                         **({"unknown_share": result["unknown"]["share"]} if result["unknown"] else {}),
                         **({"ece": result["calibration"]["after"]["ece"]} if "calibration" in result else {})})
     return EvaluateResult(**result)
+
+
+def warn_if_training_folder(ckpt: dict, data: str) -> None:
+    """--data naming the folder the model was trained on scores its training images too: a finetuned model read
+    accuracy 1.000 on dogbreeds20 with nothing said. Said, as the --cache val split of a refitted head is."""
+    trained = ckpt.get("data_root") or (ckpt.get("config") or {}).get("data") or ""
+    if trained and Path(trained).resolve() == Path(data).resolve():
+        log.warning("%s is the folder the model was trained on: its training images are scored too, which "
+                    "flatters every figure; evaluate a folder of photos it never saw", data)
 
 
 def figures(result: dict, root=None) -> dict:

@@ -80,6 +80,15 @@ def uncertainty(proba: np.ndarray) -> np.ndarray:
     return 1.0 - (top2[:, 0] - top2[:, 1])
 
 
+def least_certain_first(proba: np.ndarray) -> np.ndarray:
+    """Row indices, the least certain first: by ``uncertainty``, then by the second most probable class's
+    probability. A stacked default head gives most photos 1.0 - 1e-20: their 1 - margin is exactly 0 in float64,
+    and that tie went to the pool's file order (the alphabetically first photos filled the 2k candidates); the
+    second class's probability still tells them apart."""
+    second = -np.partition(-proba, 1, axis=1)[:, 1] if proba.shape[1] > 1 else np.zeros(len(proba))
+    return np.lexsort((-second, -uncertainty(proba)))
+
+
 def nearest_distance(x: np.ndarray, other: np.ndarray) -> np.ndarray:
     """Each l2-normalised row's cosine distance (1 - similarity, at least 0) to its nearest row of ``other``."""
     if not len(other):
@@ -108,7 +117,7 @@ def rank_pool(pool: np.ndarray, labelled: np.ndarray, proba: np.ndarray, k: int,
     k = min(k, len(pool))
     if rule == "random":
         return np.random.default_rng(seed).permutation(len(pool))[:k]
-    by_margin = np.argsort(-uncertainty(proba), kind="stable")
+    by_margin = least_certain_first(proba)
     if rule == "margin":
         return by_margin[:k]
     candidates = by_margin[:CANDIDATES * k] if rule == "diverse-uncertain" else by_margin
@@ -153,6 +162,19 @@ def fit_head(cfg: SuggestConfig, avg: np.ndarray, labels: np.ndarray, n_classes:
     return default_head_on_rows({"avg": avg}, labels, n_classes, shape, FitHeadConfig(seed=cfg.seed))
 
 
+def classes_with_rows(classes: list, labels: np.ndarray, data: str) -> tuple[list, np.ndarray]:
+    """The classes that have a labelled row, and the labels renumbered among them. A class folder whose every
+    file was unreadable has none: no head can be fitted with it (suggest stopped on 'unexpected ValueError ...
+    a bug?'); it is left out, said once, and no pool photo is guessed as it."""
+    present = np.unique(labels)
+    if len(present) == len(classes):
+        return classes, labels
+    empty = [c for i, c in enumerate(classes) if i not in set(present.tolist())]
+    log.warning("%s: no readable photo of %s; left out of the head (no pool photo is guessed as %s)", data,
+                ", ".join(empty), "it" if len(empty) == 1 else "them")
+    return [classes[i] for i in present], np.searchsorted(present, labels)
+
+
 def suggest(cfg: SuggestConfig) -> SuggestResult:
     """Rank the pool's photos for labelling and write the list (CSV) and its page (HTML)."""
     from .audit import output_dir
@@ -161,7 +183,7 @@ def suggest(cfg: SuggestConfig) -> SuggestResult:
     t0 = time.time()
     lab_path, pool_path = extract_both(cfg)
     with FeatureCache(lab_path) as lc, FeatureCache(pool_path) as pc:
-        classes, labels = list(lc.classes), np.asarray(lc.labels, np.int64)
+        classes, labels = classes_with_rows(list(lc.classes), np.asarray(lc.labels, np.int64), cfg.data)
         if len(set(labels.tolist())) < 2:
             raise UsageError(f"{cfg.data}: at least two classes with photos are needed to rank a pool")
         avg = CacheViews(lc, np.arange(lc.n)).load(["avg"])["avg"]
