@@ -251,17 +251,31 @@ def test_a_body_already_there_is_read_however_late_the_app_reads_it():
     assert got[0]["body"] == b"x" * 3000
 
 
+def _requests_in(app) -> int:
+    """The requests ``app``'s RequestSlots counts now (none before its middleware stack is built, at the first)."""
+    from pipeline.serving.service import RequestSlots
+
+    layer = app.middleware_stack
+    while layer is not None and not isinstance(layer, RequestSlots):
+        layer = getattr(layer, "app", None)
+    return 0 if layer is None else layer.busy
+
+
 def test_past_max_requests_a_request_is_503_before_its_body_is_read(head):
     import httpx
 
     start = (b"POST /predict HTTP/1.1\r\nHost: localhost\r\nContent-Type: multipart/form-data; boundary=b\r\n"
              b"Content-Length: 100000\r\n\r\n--b\r\n")  # each holds its request open, its form half read
-    with live_server(pipeline.serve_app(head, precision="fp32", max_requests=2)) as url:
+    app = pipeline.serve_app(head, precision="fp32", max_requests=2)
+    with live_server(app) as url:
         port = int(url.rsplit(":", 1)[1])
         held = [socket.create_connection(("127.0.0.1", port), timeout=20) for _ in range(2)]
         for s in held:
             s.sendall(start)
-        time.sleep(0.5)
+        deadline = time.monotonic() + 30  # a fixed 0.5 s was not always enough for both to arrive on a loaded machine
+        while _requests_in(app) < 2:
+            assert time.monotonic() < deadline, "the two held requests never took their slots"
+            time.sleep(0.01)
         r = httpx.post(f"{url}/predict", files=upload(photos(head)[0]))
         assert r.status_code == 503 and r.headers["retry-after"] == "1"
         assert "--max-requests 2" in r.json()["detail"] and "\n" not in r.json()["detail"]
