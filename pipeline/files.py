@@ -233,8 +233,23 @@ def _terminated_in(pid):
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
+        _children_may_end()
         raise Terminated(128 + signum)
     return terminated
+
+
+def _ignore_child(signum, frame) -> None:
+    """SIGCHLD while the process ends: a child dying of the same SIGTERM is expected."""
+
+
+def _children_may_end() -> None:
+    """The process is ending: a Python SIGCHLD handler is replaced by one that does nothing. torch's DataLoader
+    raises 'DataLoader worker (pid ...) is killed by signal: Terminated' from its handler when a decoding worker
+    dies of the scheduler's SIGTERM too; raised in the middle of the unwinding (the worker dies while the main
+    process is in a long forward pass), it replaced Terminated: a traceback instead of the one line."""
+    child = getattr(signal, "SIGCHLD", None)
+    if child is not None and callable(signal.getsignal(child)):
+        signal.signal(child, _ignore_child)
 
 
 @contextlib.contextmanager

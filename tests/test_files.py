@@ -260,13 +260,48 @@ def test_a_process_forked_while_signals_unwind_dies_of_sigterm_as_by_default():
 
     from pipeline.files import unwinding_on_signals
 
+    ctx = multiprocessing.get_context("fork")
+    running = ctx.Event()
+
     def wait_for_the_signal():
+        running.set()
         time.sleep(30)
 
     with unwinding_on_signals():
-        child = multiprocessing.get_context("fork").Process(target=wait_for_the_signal)
+        child = ctx.Process(target=wait_for_the_signal)
         child.start()
-        time.sleep(0.5)
+        # a SIGTERM that comes before the child's interpreter has finished forking is lost (Python clears a new
+        # child's pending signals; 38 of 40 sent right after start() were): wait until it runs, not a fixed 0.5 s
+        assert running.wait(60), "the child never ran"
         os.kill(child.pid, signal.SIGTERM)
         child.join(10)
     assert child.exitcode == -signal.SIGTERM  # killed by the signal (unwinding gave exit code 143)
+
+
+def test_a_decoding_worker_that_dies_while_sigterm_unwinds_leaves_terminated_as_it_is():
+    """A scheduler's SIGTERM reaches train's decoding worker too. When the worker died while the main process was
+    in a long forward pass, torch's SIGCHLD handler ran in the middle of the unwinding and raised 'DataLoader
+    worker (pid ...) is killed by signal' in place of Terminated: a traceback instead of train's one line."""
+    from torch.utils.data import DataLoader
+
+    from pipeline.files import Terminated, unwinding_on_signals
+
+    loader = iter(DataLoader(list(range(8)), batch_size=2, num_workers=1))
+    next(loader)
+    torch_handler = signal.getsignal(signal.SIGCHLD)  # installed by the loader: it raises for a killed worker
+    worker = loader._workers[0].pid
+    try:
+        signal.signal(signal.SIGCHLD, lambda *a: None)  # the death is held back for the test to say when it comes
+        os.kill(worker, signal.SIGKILL)
+        os.waitid(os.P_PID, worker, os.WEXITED | os.WNOWAIT)  # dead, left for torch's handler to find
+        time.sleep(0.05)
+        signal.signal(signal.SIGCHLD, torch_handler)
+        with pytest.raises(Terminated):
+            with unwinding_on_signals():
+                try:
+                    signal.raise_signal(signal.SIGTERM)
+                finally:
+                    signal.raise_signal(signal.SIGCHLD)  # the worker's death, while the main process unwinds
+    finally:
+        del loader
+        signal.signal(signal.SIGCHLD, torch_handler)

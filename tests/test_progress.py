@@ -87,6 +87,10 @@ def test_still_running_writes_a_line_each_interval_of_a_long_call_and_nothing_wh
         time.sleep(0.45)
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) >= 2 and all(line.startswith("fitting the head on 9 rows: still running, ") for line in lines)
+    # a step right after another's line writes its first an interval after that line, and at least a tenth of one
+    # in: 10-100 ms here at 0.1, which a loaded machine took between starting the beat and leaving an empty block
+    # ('short: still running, 0 s'); at the default interval, at least 1 s
+    monkeypatch.setattr(pg, "LOG_INTERVAL", 10.0)
     with pg.still_running("short"):
         pass
     with pg.quiet(), pg.still_running("silenced"):

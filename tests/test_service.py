@@ -251,17 +251,31 @@ def test_a_body_already_there_is_read_however_late_the_app_reads_it():
     assert got[0]["body"] == b"x" * 3000
 
 
+def _requests_in(app) -> int:
+    """The requests ``app``'s RequestSlots counts now (none before its middleware stack is built, at the first)."""
+    from pipeline.serving.service import RequestSlots
+
+    layer = app.middleware_stack
+    while layer is not None and not isinstance(layer, RequestSlots):
+        layer = getattr(layer, "app", None)
+    return 0 if layer is None else layer.busy
+
+
 def test_past_max_requests_a_request_is_503_before_its_body_is_read(head):
     import httpx
 
     start = (b"POST /predict HTTP/1.1\r\nHost: localhost\r\nContent-Type: multipart/form-data; boundary=b\r\n"
              b"Content-Length: 100000\r\n\r\n--b\r\n")  # each holds its request open, its form half read
-    with live_server(pipeline.serve_app(head, precision="fp32", max_requests=2)) as url:
+    app = pipeline.serve_app(head, precision="fp32", max_requests=2)
+    with live_server(app) as url:
         port = int(url.rsplit(":", 1)[1])
         held = [socket.create_connection(("127.0.0.1", port), timeout=20) for _ in range(2)]
         for s in held:
             s.sendall(start)
-        time.sleep(0.5)
+        deadline = time.monotonic() + 30  # a fixed 0.5 s was not always enough for both to arrive on a loaded machine
+        while _requests_in(app) < 2:
+            assert time.monotonic() < deadline, "the two held requests never took their slots"
+            time.sleep(0.01)
         r = httpx.post(f"{url}/predict", files=upload(photos(head)[0]))
         assert r.status_code == 503 and r.headers["retry-after"] == "1"
         assert "--max-requests 2" in r.json()["detail"] and "\n" not in r.json()["detail"]
@@ -323,52 +337,14 @@ def test_real_uvicorn_on_an_ephemeral_port(head):
         assert "predict;dur=" in r.headers["server-timing"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def predict_then_sigterm(url: str, proc: subprocess.Popen, photo, after: float):
-    """The answer to a /predict of ``photo`` sent now, with SIGTERM sent to the service ``after`` seconds in."""
-    import httpx
-
-    answer = {}
-    t = threading.Thread(target=lambda: answer.update(r=httpx.post(f"{url}/predict", timeout=30, files=upload(photo))))
-    t.start()
-    time.sleep(after)
-    proc.send_signal(signal.SIGTERM)
-    t.join(30)
-    return answer["r"]
-
-
-def test_sigterm_answers_the_request_in_flight_then_exits(head):
-
-    port = _free_port()
-    # a lone image waits max_wait_ms (1.5 s) for company in the batcher: SIGTERM comes while it waits
-    proc = subprocess.Popen([sys.executable, *CLI, "serve", "--model", str(head), "--port", str(port),
-                             "--max-wait-ms", "1000", "--batch-size", "64", "--precision", "fp32"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_healthy(url, proc)
-        r = predict_then_sigterm(url, proc, photos(head)[0], after=0.4)
-        assert r.status_code == 200 and r.json()[0]["class"]
-        assert proc.wait(30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-
-def test_past_drain_seconds_a_request_in_flight_gets_a_clean_503(head):
-    """It got a 500, and the log a traceback a request (uvicorn cancelling it). Port 0: the log says the real one."""
+@contextlib.contextmanager
+def serving(head: Path, *options: str):
+    """``serve --port 0`` of ``head`` in a process, once healthy: (the process, its URL from its 'serving' line).
+    Port 0, not a port found free beforehand: another process could take that one before serve binds it."""
     import re
 
-
-    # the lone image waits 1 s for company; SIGTERM 0.3 s in, --drain-seconds 0.2: not done in time
-    proc = subprocess.Popen([sys.executable, *CLI, "serve", "--model", str(head), "--port", "0", "--max-wait-ms",
-                             "1000", "--batch-size", "64", "--precision", "fp32", "--drain-seconds", "0.2"],
+    proc = subprocess.Popen([sys.executable, *CLI, "serve", "--model", str(head), "--port", "0", "--batch-size", "64",
+                             "--precision", "fp32", *options],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         line = ""
@@ -379,15 +355,47 @@ def test_past_drain_seconds_a_request_in_flight_gets_a_clean_503(head):
         assert port != 0
         url = f"http://127.0.0.1:{port}"
         wait_healthy(url, proc)
-        r = predict_then_sigterm(url, proc, photos(head)[0], after=0.3)
-        assert r.status_code == 503 and "--drain-seconds" in r.json()["detail"]
-        assert proc.wait(30) == 0
-        log = proc.stdout.read()
-        assert "Traceback" not in log and "Exception in ASGI" not in log, log
+        yield proc, url
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def predict_then_sigterm(url: str, proc: subprocess.Popen, photo):
+    """The answer to a /predict of ``photo`` sent now, with SIGTERM sent to the service once the photo waits in its
+    batcher (/health's ``waiting``): a fixed delay sent it, on a loaded machine, before the request had arrived."""
+    import httpx
+
+    answer = {}
+    t = threading.Thread(target=lambda: answer.update(r=httpx.post(f"{url}/predict", timeout=30, files=upload(photo))))
+    t.start()
+    with httpx.Client(timeout=10) as polling:
+        while polling.get(f"{url}/health").json()["waiting"] == 0:
+            assert t.is_alive(), "the photo never waited in the batcher"
+            time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    t.join(30)
+    return answer["r"]
+
+
+def test_sigterm_answers_the_request_in_flight_then_exits(head):
+    # a lone image waits max_wait_ms (1 s) for company in the batcher: SIGTERM comes while it waits
+    with serving(head, "--max-wait-ms", "1000") as (proc, url):
+        r = predict_then_sigterm(url, proc, photos(head)[0])
+        assert r.status_code == 200 and r.json()[0]["class"]
+        assert proc.wait(30) == 0
+
+
+def test_past_drain_seconds_a_request_in_flight_gets_a_clean_503(head):
+    """It got a 500, and the log a traceback a request (uvicorn cancelling it). Port 0: the log says the real one."""
+    # the lone image waits 1 s for company; SIGTERM while it waits, --drain-seconds 0.2: not done in time
+    with serving(head, "--max-wait-ms", "1000", "--drain-seconds", "0.2") as (proc, url):
+        r = predict_then_sigterm(url, proc, photos(head)[0])
+        assert r.status_code == 503 and "--drain-seconds" in r.json()["detail"]
+        assert proc.wait(30) == 0
+        log = proc.stdout.read()
+        assert "Traceback" not in log and "Exception in ASGI" not in log, log
 
 
 def test_a_port_in_use_is_one_line(head):
