@@ -180,12 +180,15 @@ def outputs_of_inputs(lm, model, inputs, batch_size: int, workers=None) -> np.nd
     from PIL import Image
 
     from ..data.folders import ImageLoadError, check_size, to_rgb
+    from ..data.portable import orientation, upright
 
     def pil_item(i: int, im) -> Item:
-        """A PIL image given in memory, under the rules a file's header meets (empty, too many pixels, too thin)."""
+        """A PIL image given in memory, under the rules a file's header meets (empty, too many pixels, too thin),
+        turned upright by its EXIF Orientation as a file is (``Image.open`` of a phone photo keeps the tag;
+        ``ImageOps.exif_transpose`` drops it, so an image already turned is not turned twice)."""
         try:
             check_size(im.size)
-            return Item(i, lm.transform(to_rgb(im)), -1, f"<image {i}>")
+            return Item(i, lm.transform(upright(to_rgb(im), orientation(im))), -1, f"<image {i}>")
         except ImageLoadError as e:
             return Item(i, None, -1, f"<image {i}>", e.reason)
 
