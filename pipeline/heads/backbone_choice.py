@@ -260,7 +260,7 @@ def choose_backbone(cfg: ChooseBackboneConfig) -> BackboneChoice:
     t0 = time.time()
     made = []
     for name, weights in specs:
-        log.info("choose-backbone: extracting with %s (%s)", name, weights)
+        log.info("choose-backbone: the sample's features with %s (%s): extracted or read from cache", name, weights)
         made.append(_extract(cfg, name, weights, n))
     extract_seconds = time.time() - t0
     # other spellings of the same weights (a copy of the file, a name for the same download): one cache
