@@ -191,6 +191,7 @@ def test_one_backbone_with_two_weights_is_two_candidates_told_apart(tmp_path):
 @pytest.mark.parametrize("args, message", [
     ([], "name the candidates"),
     (["--backbone", "tiny=none", "--backbone", "tiny=none"], "named twice"),
+    (["--backbone", "vgg16", "--backbone", "torchvision:vgg16=VGG16_Weights.DEFAULT"], "named twice"),
     (["--backbone", "tiny=none", "--folds", "11"], "at least 11 photos of every class"),
     (["--backbone", "=none"], "expected NAME or NAME=WEIGHTS"),
     # on a machine without CUDA: refused before anything is extracted (with every cache a hit, after them)

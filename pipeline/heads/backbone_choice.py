@@ -105,9 +105,15 @@ def validate(cfg: ChooseBackboneConfig) -> None:
 
 def same_weights(name: str, weights: str) -> tuple[str, str]:
     """A candidate as compared for repeats: a weights file by where it resolves to, so 'vgg16=w.pt' and
-    'vgg16=./dir/../w.pt' are one candidate (both were extracted and cross-validated, then the fusion failed)."""
+    'vgg16=./dir/../w.pt' are one candidate (both were extracted and cross-validated, then the fusion failed);
+    a library's weights as extract's cache key names them ('vgg16' and 'torchvision:vgg16=VGG16_Weights.DEFAULT'
+    are one: they were refused only after extracting their one cache)."""
+    from ..extraction import backbones as bb
+
     path = Path(weights).expanduser()
-    return name, str(path.resolve()) if path.is_file() else weights
+    if path.is_file():
+        return bb.canonical_name(name), str(path.resolve())
+    return bb.canonical_name(name), next(iter(bb.weights_identity(weights).values()))
 
 
 def check_distinct(given: list, keys: list) -> None:
