@@ -372,9 +372,12 @@ def test_a_photo_stored_sideways_with_its_orientation_tag_predicts_as_the_uprigh
     assert np.abs(probs[4] - probs[0]).max() > 1e-3  # a turn does show
     from PIL import ImageOps
 
+    from pipeline.data.folders import load_rgb
+
     opened = Image.open(tmp_path / "turned6.png")  # in memory, as opened (the tag kept; it was read sideways)
-    in_memory = pipeline.Model.load(tmp_path / "model.pt").predict_proba([opened, ImageOps.exif_transpose(opened)])
-    np.testing.assert_allclose(in_memory, probs[[0, 0]], atol=1e-6)  # turned once, not twice
+    turned = [ImageOps.exif_transpose(opened), load_rgb(tmp_path / "turned6.png")]  # upright already
+    in_memory = pipeline.Model.load(tmp_path / "model.pt").predict_proba([opened, *turned])
+    np.testing.assert_allclose(in_memory, probs[[0, 0, 0]], atol=1e-6)  # turned once, not twice
     rows = predict(PredictConfig(paths=[str(tmp_path / n) for n in names[:3]], model=str(tmp_path / "model.pt"),
                                  workers=0, precision="fp32")).rows  # the command: the same rows
     assert rows[1]["class"] == rows[0]["class"] and rows[1]["probability"] == pytest.approx(rows[0]["probability"])
