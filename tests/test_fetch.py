@@ -711,3 +711,19 @@ def test_a_download_started_over_counts_the_part_it_empties_as_room(server, tmp_
     small_disk(monkeypatch, len(new) - len(new) // 2 + 1000)  # room for the archive, not for it and the .part
     download(cfg(tmp_path, server.url), tmp_path / NAME)
     assert (tmp_path / NAME).read_bytes() == new
+
+
+def test_a_last_modified_in_minus_zero_zone_is_the_same_date_as_in_gmt():
+    """A Last-Modified recorded as '... -0000' parsed naive and the server's '... GMT' aware: naive never equals
+    aware, so an unchanged file was taken as replaced and downloaded again whole."""
+    from types import SimpleNamespace
+
+    from pipeline.data.fetch import replaced_since
+
+    def answer(last_modified):
+        return SimpleNamespace(status=206, headers={"Last-Modified": last_modified,
+                                                    "Content-Range": "bytes 50-99/100"})
+
+    then = "Wed, 02 Dec 2026 10:00:00 -0000"
+    assert replaced_since(answer("Wed, 02 Dec 2026 10:00:00 GMT"), then, 100) is None
+    assert "Last-Modified" in replaced_since(answer("Wed, 02 Dec 2026 10:00:01 GMT"), then, 100)

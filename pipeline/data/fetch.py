@@ -20,6 +20,7 @@ import urllib.request
 import zipfile
 import zlib
 from dataclasses import dataclass
+from datetime import timezone
 from email.utils import parsedate_to_datetime
 from pathlib import Path, PurePosixPath
 
@@ -163,10 +164,12 @@ def _sendable(value) -> bool:
 
 
 def _http_date(value):
+    """An HTTP date as an aware UTC time (a '-0000' zone parses naive, and naive never equals aware), or None."""
     try:
-        return parsedate_to_datetime(value) if value else None
+        at = parsedate_to_datetime(value) if value else None
     except (TypeError, ValueError):
         return None
+    return at.replace(tzinfo=timezone.utc) if at is not None and at.tzinfo is None else at
 
 
 def strong_validator(headers) -> str | None:
