@@ -354,7 +354,7 @@ def recommendation(choice: BackboneChoice, best: Candidate, fastest: Candidate) 
                      f"{fastest.img_per_s / best.img_per_s:.1f}x {best.name}'s); more photos would tell them apart.")
     elif fastest is not best:  # the best's rate unknown: not 'also the fastest', which it may not be
         lines.append(f"Recommended: {fastest.name}, the fastest of those whose rate is known ({fastest.img_per_s:.1f} "
-                     f"img/s; {best.name}'s cache was made before rates were kept); more photos would tell them apart.")
+                     f"img/s; {best.name}'s rate is unknown); more photos would tell them apart.")
     else:
         lines.append(f"Recommended: {fastest.name}" + (", also the fastest of them." if fastest.img_per_s else "."))
     return " ".join(lines)
