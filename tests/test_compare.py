@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -130,3 +132,26 @@ def test_the_plain_recipes_are_the_issues_and_the_head_tables(tmp_path, make_cac
             row = fit_plain(cfg, c, kind)
             assert f"C={ref.best_params_['C']:g} by 5-fold CV" in row["model"]
             assert row["val_acc"] == (ref.predict(rows["va"]) == c.labels[va]).mean()
+
+
+def test_the_flat_baseline_fits_a_stratified_sample_that_fits_its_memory_and_says_so(tmp_path, make_cache,
+                                                                                    monkeypatch, caplog):
+    """The flat LogisticRegression held every training row twice (the rows and the scaler's copy: 4.4 GB at 25,000
+    VGG-16 rows), and past 40,000 the flat view was refused with a ValueError: now rows past FLAT_FIT_BYTES are a
+    stratified sample (every class kept), said in its row and the log; validation is scored in blocks, the same."""
+    import logging
+
+    import pipeline.heads.compare as compare
+
+    cache = make_cache(make_image_folder(tmp_path / "d", per_class=12, classes=("blue", "green", "red"))).cache
+    cfg = CompareConfig(cache=cache, val_fraction=0.25)
+    with FeatureCache(cache) as c:
+        whole = compare.fit_sklearn(cfg, c)
+        assert whole["fit_rows"] == whole["train_rows"] == 27 and "sample" not in whole["model"]
+        monkeypatch.setattr(compare, "FLAT_FIT_BYTES", 10 * int(np.prod(c.feature_shape)) * 4)
+        with caplog.at_level(logging.WARNING, logger="pipeline.heads.compare"):
+            part = compare.fit_sklearn(replace(cfg, block_rows=4), c)
+    assert part["fit_rows"] == 9 and part["train_rows"] == 27 and part["val_rows"] == 9  # 3 of each class's 9
+    assert part["model"].endswith("a stratified sample of 9 of 27 training rows)")
+    assert "fits a stratified sample of 9 of 27 training rows" in caplog.text
+    assert set(part["per_class_val_acc"]) == {"blue", "green", "red"} and part["val_acc"] == 1.0
