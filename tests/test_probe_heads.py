@@ -210,7 +210,7 @@ def test_cache_views_stream_in_blocks(tmp_path):
         np.testing.assert_array_equal(views.labels, y[np.sort(idx)])
         cv = CacheViews(c, idx, block_rows=5).load(["avg", "flat"])
         np.testing.assert_array_equal(cv["flat"], x[np.sort(idx)].reshape(6, -1))
-        with pytest.raises(ValueError, match="over the 0.0 GB limit; stream it with CacheRows"):
+        with pytest.raises(ValueError, match="over the 0.0 GB limit; hold fewer rows, a pooled view"):
             CacheViews(c, idx, max_bytes=100)["flat"]
         rows = CacheRows(c, np.arange(23), block_rows=4)
         nm = fit_normalizer_stream(rows, "flat", "rms", batch_size=5)
