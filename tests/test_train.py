@@ -155,7 +155,10 @@ def test_cli_rejects_bad_values(tmp_path, image_folder):
     assert bad.exit_code == 2 and "--head-epochs must be between 0 and --epochs (1)" in bad.output
     bad = runner.invoke(cli.cli, ["finetune", "--data", str(image_folder), "--backbone", "tiny", "--weights", "none",
                                   "--unfreeze", "none"])
-    assert bad.exit_code == 2 and "nothing of the backbone" in bad.output
+    assert bad.exit_code == 2 and "--unfreeze none leaves nothing of the backbone" in bad.output
+    bad = runner.invoke(cli.cli, ["finetune", "--data", str(image_folder), "--backbone", "tiny", "--weights", "none",
+                                  "--unfreeze", "0"])  # was called '--unfreeze none', a value not typed
+    assert bad.exit_code == 2 and "--unfreeze 0 leaves nothing of the backbone" in bad.output
     bad = runner.invoke(cli.cli, ["train", "--data", str(tmp_path / "nope"), "--backbone", "tiny"])
     assert bad.exit_code == 2 and "does not exist" in bad.output
 

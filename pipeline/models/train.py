@@ -451,7 +451,8 @@ def finetune(cfg: FinetuneConfig) -> TrainResult:
     validate(cfg)
     unfreeze = parse_unfreeze(cfg.unfreeze)
     if unfreeze == 0:
-        raise UsageError("--unfreeze none leaves nothing of the backbone to fine-tune; use train, 'all' or K")
+        raise UsageError(f"--unfreeze {cfg.unfreeze} leaves nothing of the backbone to fine-tune; use train, "
+                         "'all' or K of at least 1")
     listing = list_image_folder(cfg.data)
     torch.manual_seed(cfg.seed)
     if cfg.init_head:
