@@ -451,11 +451,16 @@ def interruptible_training(run):
 
 @cli.command()
 @options_from(PredictConfig)
+@click.option("--json", "as_json", is_flag=True, help="The rows as JSON on stdout: --format json.")
 @library_errors
-def predict(paths, **options):
+def predict(paths, as_json, **options):
     """Classify images and folders of images: class and probability per file; unreadable files get an error."""
     from .models.predict import Interrupted
 
+    if as_json:  # as every command's --json: the rows as JSON (--format json)
+        if options["format"] not in ("table", "json"):
+            raise click.UsageError(f"--json and --format {options['format']} ask for two formats: give one")
+        options["format"] = "json"
     try:
         result = api.predict_files(options.pop("model"), list(paths), verbose=None, **options).result
     except Interrupted as e:  # the rows computed so far are kept: written (--output) or shown

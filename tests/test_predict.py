@@ -399,3 +399,16 @@ def test_a_head_fitted_on_a_cache_of_the_old_decoding_rule_predicts_and_says_wha
     said = [r.getMessage() for r in caplog.records if "older rule" in r.getMessage()]
     assert len(said) == 1 and "fitted on photos decoded by the older rule 2 (now 3" in said[0]
     assert "extract its data again and fit it on that cache" in said[0] and "\n" not in said[0]
+
+
+def test_json_prints_the_rows_as_json_like_every_command(tmp_path, image_folder, model_pt):
+    """Every command has --json for scripts but predict ('No such option: --json'): it is --format json."""
+    def run(*more):
+        return CliRunner().invoke(cli.cli, ["predict", str(image_folder), "--model", str(model_pt), "--workers", "0",
+                                            *more])
+
+    as_json, as_format = run("--json"), run("--format", "json")
+    assert as_json.exit_code == 0 and json.loads(as_json.stdout) == json.loads(as_format.stdout)
+    assert len(json.loads(as_json.stdout)) == 24
+    both = run("--json", "--format", "csv")
+    assert both.exit_code == 2 and "--json and --format csv ask for two formats" in both.output
