@@ -169,8 +169,13 @@ def orientation(im) -> int:
 
 
 def upright(rgb, turn: int):
-    """``rgb`` turned as EXIF Orientation ``turn`` asks (``orientation``): the photo as a viewer shows it."""
-    return rgb.transpose(UPRIGHT[turn]) if turn in UPRIGHT else rgb
+    """``rgb`` turned as EXIF Orientation ``turn`` asks (``orientation``): the photo as a viewer shows it,
+    without the EXIF block Pillow copies onto a transposed image, so the turned photo is never turned again."""
+    if turn not in UPRIGHT:
+        return rgb
+    turned = rgb.transpose(UPRIGHT[turn])
+    turned.info.pop("exif", None)
+    return turned
 
 
 def jpeg_draft(im, min_short_side) -> int:
