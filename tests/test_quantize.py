@@ -334,3 +334,26 @@ def test_a_network_rebuilt_from_stored_observers_says_so_not_two_calibration_ima
     assert any(m.startswith("int8 calibration reused") for m in said)
     assert any(m.startswith("int8 network rebuilt from ") for m in said)
     assert not any("calibration images" in m for m in said)
+
+
+def test_a_head_on_an_int8_cache_exports_with_its_backbone_in_float_and_says_how_far_from_predict(tmp_path, caplog):
+    """extract --precision auto picks int8 from 1,000 photos on the CPU, and export refused every head fitted on
+    such a cache ('fit the head on a float cache'): the classic PetImages flow could not export without extracting
+    again. Now the file runs the backbone in float, passes its parity check against that float model, and the
+    warning, the result and the metadata say how far it is from predict, which runs the int8 network."""
+    import logging
+
+    import pipeline
+    from pipeline.heads.fit_head import FitHeadConfig, fit_head
+
+    pytest.importorskip("onnxruntime", reason="the export extra (onnx, onnxruntime) is not installed")
+    data = make_image_folder(tmp_path / "d", per_class=8)
+    made = extract(cfg(data, tmp_path))
+    head = fit_head(FitHeadConfig(head="logreg", cache=made.cache, runs_dir=str(tmp_path / "runs"))).checkpoint
+    with caplog.at_level(logging.WARNING):
+        result = pipeline.export_model(head, tmp_path / "int8.onnx", check_data=data)
+    assert result.passed and result.output
+    gap = result.parity["int8_cache"]["vs_predict"]
+    assert gap["images"] == 16 and gap["same_class"] >= 15 and 0 < gap["max_abs_diff"] < 0.05
+    assert json.loads((tmp_path / "int8.onnx.json").read_text())["int8_cache"]["vs_predict"] == gap
+    assert "fitted on its cache's int8 features; the export runs tiny in float" in caplog.text
