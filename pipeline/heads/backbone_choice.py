@@ -110,10 +110,12 @@ def same_weights(name: str, weights: str) -> tuple[str, str]:
     are one: they were refused only after extracting their one cache)."""
     from ..extraction import backbones as bb
 
-    path = Path(weights).expanduser()
+    path, name = Path(weights).expanduser(), bb.canonical_name(name)
     if path.is_file():
-        return bb.canonical_name(name), str(path.resolve())
-    return bb.canonical_name(name), next(iter(bb.weights_identity(weights).values()))
+        return name, str(path.resolve())
+    if bb.is_weights_path(weights):  # a missing file: check_candidates names it
+        return name, weights
+    return name, next(iter(bb.weights_identity(weights).values()))
 
 
 def check_distinct(given: list, keys: list) -> None:
