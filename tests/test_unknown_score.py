@@ -19,6 +19,7 @@ from pipeline.heads.unknown_score import (
     kept_indices,
     knn_distance,
     known_rows,
+    pooled_rows,
     pooled_rows_np,
     threshold_for,
 )
@@ -145,3 +146,10 @@ def test_identical_training_photos_get_a_threshold_above_rounding_noise_and_the_
     rows = np.random.default_rng(0).normal(size=(40, 6))  # a spread of scores: kept is about the share asked
     fit = fit_unknown(rows[:30], rows[30:], 3, 0.9)
     assert 0.9 <= fit.kept < 0.95 and fit.held_out == 40
+
+
+def test_a_photo_that_is_a_kept_row_is_at_distance_zero_never_below():
+    """1 - cosine of a row with itself rounded to -3.6e-07 on a third of 200 rows: a negative 'distance'."""
+    x = pooled_rows(torch.randn(200, 64, generator=torch.Generator().manual_seed(0)))
+    d = knn_distance(x, x, k=1)
+    assert d.min().item() == 0.0 and d.max().item() < 1e-6

@@ -53,7 +53,8 @@ def pooled_rows_np(avg: np.ndarray) -> np.ndarray:
 
 def knn_distance(q: torch.Tensor, known: torch.Tensor, k: int, block: int = BLOCK) -> torch.Tensor:
     """1 - cosine similarity of each normalised row of ``q`` to its k-th nearest row of ``known``
-    (normalised, any float dtype), computed ``block`` rows of ``known`` at a time."""
+    (normalised, any float dtype), computed ``block`` rows of ``known`` at a time; never below 0 (a photo
+    that is a kept row gave -3.6e-07 from rounding, a 'negative distance' in predict's rows and the export's)."""
     k = max(1, min(int(k), len(known)))
     best = None
     for s in range(0, len(known), block):
@@ -61,7 +62,7 @@ def knn_distance(q: torch.Tensor, known: torch.Tensor, k: int, block: int = BLOC
         if best is not None:
             sims = torch.cat([best, sims], 1)
         best = sims.topk(min(k, sims.shape[1]), dim=1).values
-    return 1.0 - best[:, k - 1]
+    return (1.0 - best[:, k - 1]).clamp(min=0.0)
 
 
 def known_rows(rows: np.ndarray) -> np.ndarray:
