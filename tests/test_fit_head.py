@@ -467,3 +467,21 @@ def test_a_training_cache_of_the_old_decoding_rule_is_refused_with_what_to_do(tm
                                    "--runs-dir", str(tmp_path / "runs")])
     assert run.exit_code == 2 and run.output.count("\n") == 1, run.output
     assert "decode_version: 2 vs 3 (photos decoded by the older rule 2: extract that data again" in run.output
+
+
+def test_a_test_copy_of_a_validation_photo_is_reported_once_the_head_is_refitted_on_it(tmp_path, make_cache):
+    """The default head is refitted on every row, the validation rows included: a test photo equal to one of
+    them was seen by the saved head, and the test accuracy counts it (it was reported only for the train rows)."""
+    import shutil
+
+    data = make_image_folder(tmp_path / "d", per_class=16)
+    cache = make_cache(data).cache
+    with FeatureCache(cache) as c:
+        _, val_idx = split_indices(c.labels, 0.125, 0)
+        val_photo = data / c.paths[val_idx[0]]
+    other = make_image_folder(tmp_path / "other", per_class=5, seed=7)
+    shutil.copy(val_photo, other / val_photo.parent.name / "copy.jpg")
+    refitted = fit_head(FitHeadConfig(cache=cache, test_data=str(other), runs_dir=str(tmp_path / "runs")))
+    assert refitted.test["overlap"] == [f"{val_photo.parent.name}/copy.jpg"]
+    kept_apart = fit_head(FitHeadConfig(cache=cache, test_data=str(other), refit=False, runs_dir=str(tmp_path / "r")))
+    assert kept_apart.test["overlap"] == []

@@ -454,6 +454,7 @@ class FittedHead:
     best_epoch: Optional[int]  # linear heads: the epoch whose weights were kept
     fit_seconds: float
     trust: dict = None  # the temperature and the unknown score's threshold, with what they were fitted on
+    fitted_idx: Optional[np.ndarray] = None  # the rows the saved head was fitted on (the val rows too once refitted)
 
 
 def _checked_view(cfg: FitHeadConfig, rows) -> None:
@@ -494,7 +495,7 @@ def fit_on_rows(cfg: FitHeadConfig, rows, train_idx: np.ndarray, val_idx: np.nda
     fit_seconds = time.time() - t0
     trust = fit_trust(cfg, head, calibration, known_idx, lambda idx: CacheViews(rows, idx, cfg.block_rows)["avg"],
                       lambda: CacheViews(rows, held_out, cfg.block_rows)["avg"])
-    return FittedHead(head, history, info, tuning, val, best_epoch, fit_seconds, trust)
+    return FittedHead(head, history, info, tuning, val, best_epoch, fit_seconds, trust, known_idx)
 
 
 def fit_fused_or_alone(cfg: FitHeadConfig, fused, parts: list, device, fused_cfg: FitHeadConfig) -> tuple:
@@ -585,7 +586,7 @@ def fit_head(cfg: FitHeadConfig) -> FitHeadResult:
             with (cache.like([test_cache_for(cfg, part) for part in cache.parts]) if fused
                   else FeatureCache(test_cache_for(cfg, cache))) as tc:
                 test = {**scores(head, tc, np.arange(tc.n), device, cfg.block_rows), "cache": str(tc.path),
-                        "overlap": overlap(cache, train_idx, tc)}
+                        "overlap": overlap(cache, fit.fitted_idx, tc)}  # a refitted head saw the val rows too
             test["calibration"] = before_after(test.pop("logp"), test.pop("labels"), fit.trust["temperature"])
             if test["overlap"]:
                 log.warning("%d test images have the same content as training images (e.g. %s): the test "
