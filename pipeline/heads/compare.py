@@ -152,13 +152,20 @@ def fit_plain(cfg: CompareConfig, cache: FeatureCache, kind: str, test_cache: Op
 COMPARED = ("auto", "linear", "logreg", "kernel")
 
 
+def _stack_parts(s: dict) -> str:
+    """The default head's stack, each part with its weight: the weights are (one-vs-rest SVM, [one-vs-one SVM,]
+    logreg), so with SVC's own pairs in (several classes) the logreg's is the third, not the second."""
+    pairs = f" + one-vs-one SVM C={s['C_pairs']:g} x {s['weights'][1]:.2g}" if s.get("C_pairs") else ""
+    return (f"RBF SVM C={s['C']:g} x {s['weights'][0]:.2g}{pairs} + logreg C={s['C_logreg']:g} "
+            f"x {s['weights'][-1]:.2g}")
+
+
 def _describe(r: FitHeadResult, c: dict) -> str:
     """A table name for one fit-head result (``c``: its effective config): kind and the settings that matter."""
     if c["head"] == "auto":
         s = r.tuning["setting"]
         cv = f"by {c['folds']}-fold CV"
-        how = (f"RBF SVM C={s['C']:g} x {s['weights'][0]:.2g} + logreg C={s['C_logreg']:g} x {s['weights'][1]:.2g}, "
-               f"{cv}" if s["head"] == "stack" else f"{r.tuning['choice']} {cv}")
+        how = f"{_stack_parts(s)}, {cv}" if s["head"] == "stack" else f"{r.tuning['choice']} {cv}"
     elif c["head"] == "linear":
         how = f"Adam lr={c['lr']:g}, wd={c['weight_decay']:g}, best epoch {r.best_epoch} of {len(r.history)}"
     elif c["head"] == "logreg":
