@@ -56,6 +56,26 @@ def test_macro_f1_leaves_out_classes_neither_in_the_photos_nor_called():
                                   "hand"), top_k=5)
         assert r["macro_f1"] == pytest.approx(f1_score(labels, called, average="macro"))
     assert r["macro_f1"] == pytest.approx((2 / 3 + 1 + 0) / 3)  # a, b, and c (called once, absent)
+    assert r["per_class"]["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}  # called: wrong
+    assert r["per_class"]["d"] == {"precision": None, "recall": None, "f1": None, "support": 0}  # no figures
+
+
+def test_the_table_gives_no_figures_to_a_class_neither_in_the_photos_nor_called(tmp_path):
+    """evaluate on a folder of some of the model's classes printed 0.000 precision, recall and F1 for the others,
+    which read as classes always missed, under a macro F1 that rightly leaves them out."""
+    from pipeline.reports.present import evaluate_text
+
+    probs = np.array([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1]])
+    r = summarize(Predictions(["a", "b", "c"], Path("/data"), ["x0.jpg", "x1.jpg"], np.array([0, 1]), np.log(probs),
+                              "hand"), top_k=5)
+    from types import SimpleNamespace
+
+    text = evaluate_text(SimpleNamespace(**r, foreign=False, source="hand", reliability_png="r.png",
+                                         confusion_png="c.png", gallery_png="g.png"))
+    assert "macro F1 1.000" in text
+    rows = {line.split()[0]: line.split()[1:] for line in text.splitlines()[2:5]}
+    assert rows == {"a": ["1.000", "1.000", "1.000", "1"], "b": ["1.000", "1.000", "1.000", "1"],
+                    "c": ["-", "-", "-", "0"]}
 
 
 @pytest.fixture
