@@ -171,3 +171,19 @@ def test_the_default_heads_row_gives_each_part_of_its_stack_its_own_weight():
     two_classes = _describe(SimpleNamespace(tuning={"setting": {**setting, "C_pairs": 0.0, "weights": (0.5, 1.1)}}),
                             config)
     assert "(avg, l2, RBF SVM C=1 x 0.5 + logreg C=10 x 1.1, by 5-fold CV)" in two_classes
+
+
+def test_a_class_too_small_for_the_default_heads_folds_is_said_as_compare_sklearns(tmp_path, make_cache):
+    """compare-sklearn has no --head: its refusal of a 2-photo class named '--head auto', which it does not take."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+
+    data = make_image_folder(tmp_path / "d", per_class=12)
+    make_image_folder(data, per_class=2, classes=("green",), seed=3)
+    out = CliRunner().invoke(cli, ["compare-sklearn", "--cache", make_cache(data).cache,
+                                   "--runs-dir", str(tmp_path / "runs")])
+    assert out.exit_code == 2 and "--head" not in out.output and out.output.count("\n") == 1, out.output
+    assert ("compare-sklearn's first row, fit-head's default head: 5-fold cross-validation needs at least 5 rows "
+            "of every class; the smallest class has 1 (training rows: --val-fraction's share is held out); add photos "
+            "to the smallest class") in out.output

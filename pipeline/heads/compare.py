@@ -189,6 +189,19 @@ class CompareResult:
     default_cache: Optional[dict]  # the newest cache taken when none was named, else None
 
 
+def _fit_kind(base: FitHeadConfig, kind: str) -> FitHeadResult:
+    """fit-head's head of one kind; the default head's refusal of too small a class said '--head auto', an
+    option compare-sklearn does not have (it fits every kind): said as compare-sklearn's."""
+    try:
+        return fit_head(replace(base, head=kind))
+    except UsageError as e:
+        prefix = "--head auto: "
+        if kind != "auto" or not str(e).startswith(prefix):
+            raise
+        raise UsageError(f"compare-sklearn's first row, fit-head's default head: {str(e)[len(prefix):]} (training "
+                         "rows: --val-fraction's share is held out); add photos to the smallest class") from None
+
+
 def compare_sklearn(cfg: CompareConfig) -> CompareResult:
     """Fit every head kind (auto, linear, logreg, kernel), the flat scikit-learn baseline and the plain recipes
     on the same split."""
@@ -200,7 +213,7 @@ def compare_sklearn(cfg: CompareConfig) -> CompareResult:
     kinds = ("linear",) if base.recipe == "seed" else COMPARED
     models, runs, test_cache = [], [], None
     for kind in kinds:
-        r = fit_head(replace(base, head=kind))
+        r = _fit_kind(base, kind)
         test_cache = (r.test or {}).get("cache")
         models.append({"model": _describe(r, asdict(with_recipe(replace(base, head=kind)))), "val_acc": r.val_acc,
                        "val_loss": r.val_loss, "fit_seconds": r.fit_seconds, "train_rows": r.train_rows,
