@@ -485,3 +485,21 @@ def test_a_test_copy_of_a_validation_photo_is_reported_once_the_head_is_refitted
     assert refitted.test["overlap"] == [f"{val_photo.parent.name}/copy.jpg"]
     kept_apart = fit_head(FitHeadConfig(cache=cache, test_data=str(other), refit=False, runs_dir=str(tmp_path / "r")))
     assert kept_apart.test["overlap"] == []
+
+
+def test_a_test_cache_of_other_classes_is_refused_before_the_fit_naming_the_classes(tmp_path, make_cache,
+                                                                                     monkeypatch):
+    """--test-cache was checked after the fit (minutes with --tune, and every head of compare-sklearn), and a
+    cache of other classes was sent to '--test-data DIR extracts the test folder with the training cache's
+    network', which would refuse that folder too."""
+    cache = make_cache(make_image_folder(tmp_path / "d", per_class=8)).cache
+    other = make_cache(make_image_folder(tmp_path / "t", per_class=3, classes=("blue", "green", "red")),
+                       cache_dir=str(tmp_path / "tf")).cache
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("fitted before the test cache was checked")
+
+    monkeypatch.setattr("pipeline.heads.fit_head.fit_on_rows", no_fit)
+    with pytest.raises(UsageError, match=r"classes: \('blue', 'red'\) vs \('blue', 'green', 'red'\) \(a test set "
+                                         r"holds the training cache's classes\)$"):
+        fit_head(FitHeadConfig(head="logreg", cache=cache, test_cache=other, runs_dir=str(tmp_path / "runs")))

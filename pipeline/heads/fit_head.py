@@ -425,13 +425,20 @@ def test_cache_for(cfg: FitHeadConfig, cache: FeatureCache) -> Path:
                                           command=current_command(), purpose="test", **keep)).cache)
     else:
         path = Path(cfg.test_cache)
+    check_test_cache(path, cache)
+    return path
+
+
+def check_test_cache(path, cache: FeatureCache) -> None:
+    """A test cache made like ``cache`` (the same network, preprocessing and classes), or a one-line refusal;
+    fit-head checks --test-cache with it before the fit, not after minutes of it."""
     with FeatureCache(path) as test:
         differ = Provenance.from_cache_attrs(cache.attrs).differences(Provenance.from_cache_attrs(test.attrs))
-        if differ:
-            raise UsageError(f"test cache {path} was made differently from the training cache (training vs test): "
-                             f"{'; '.join(differ)} (--test-data DIR extracts the test folder with the training "
-                             "cache's network)")
-    return path
+    if differ:  # other classes are other photos: extracting them with the training network changes nothing
+        hint = ("a test set holds the training cache's classes" if all(d.startswith("classes:") for d in differ)
+                else "--test-data DIR extracts the test folder with the training cache's network")
+        raise UsageError(f"test cache {path} was made differently from the training cache (training vs test): "
+                         f"{'; '.join(differ)} ({hint})")
 
 
 def overlap(train: FeatureCache, train_idx, test: FeatureCache) -> list[str]:
@@ -569,6 +576,8 @@ def fit_head(cfg: FitHeadConfig) -> FitHeadResult:
         check_output(cfg.runs_dir, data=[(cache.attrs["data_root"], f"the photos of the cache {path}")],
                      what="--runs-dir", folder=True)
         check_test_data(cfg.test_data, cache, path)  # before the fit, not after it
+        if cfg.test_cache:  # (several caches take --test-data only)
+            check_test_cache(cfg.test_cache, cache)
         changed = source_changes(cache.info)
         if changed:
             log.warning("%s: %s", path, changed)
