@@ -503,3 +503,17 @@ def test_a_test_cache_of_other_classes_is_refused_before_the_fit_naming_the_clas
     with pytest.raises(UsageError, match=r"classes: \('blue', 'red'\) vs \('blue', 'green', 'red'\) \(a test set "
                                          r"holds the training cache's classes\)$"):
         fit_head(FitHeadConfig(head="logreg", cache=cache, test_cache=other, runs_dir=str(tmp_path / "runs")))
+
+
+@pytest.mark.parametrize("args, said", [
+    (["--tune", "--head", "svm"], "--tune chooses the head kind (svm, kernel, logreg or linear) by CV itself; drop "
+                                  "--head svm, or --tune to fit that head"),
+    (["--recipe", "seed", "--head", "logreg"], "--recipe seed is the tutorial's linear head on flat rows; drop --head "
+                                               "logreg, or --recipe"),
+    (["--recipe", "seed", "--tune"], "--recipe seed is the tutorial's linear head on flat rows; drop --tune, or "
+                                     "--recipe"),
+])
+def test_a_head_kind_that_tune_or_the_seed_recipe_would_drop_is_refused(tmp_path, args, said):
+    """--tune and --recipe seed choose the head themselves: a --head beside them was dropped without a word."""
+    out = CliRunner().invoke(cli, ["fit-head", "--cache", str(tmp_path / "none.h5"), *args])
+    assert out.exit_code == 2 and out.output == f"Error: {said}\n", out.output

@@ -126,9 +126,21 @@ def validate(cfg: FitHeadConfig) -> None:
         raise UsageError(f"--{e}") from None
     if cfg.test_data and cfg.test_cache:
         raise UsageError("pass --test-data or --test-cache, not both")
+    _check_head_choice(cfg)
     if fused_paths(cfg.cache) and cfg.test_cache:
         raise UsageError("--test-cache names one cache; test a head on several caches' fused features with "
                          "--test-data DIR (each backbone extracts it)")
+
+
+def _check_head_choice(cfg: FitHeadConfig) -> None:
+    """--head with --tune or --recipe seed, which choose the head themselves: it was dropped without a word
+    (`--tune --head svm` fitted whatever the search chose; `--recipe seed --head logreg` a linear head)."""
+    if cfg.recipe == "seed" and (cfg.tune or cfg.head not in ("auto", "linear")):
+        given = "--tune" if cfg.tune else f"--head {cfg.head}"
+        raise UsageError(f"--recipe seed is the tutorial's linear head on flat rows; drop {given}, or --recipe")
+    if cfg.tune and cfg.head != "auto":
+        raise UsageError(f"--tune chooses the head kind (svm, kernel, logreg or linear) by CV itself; drop --head "
+                         f"{cfg.head}, or --tune to fit that head")
 
 
 def resolve_cache(cache: Optional[str], cache_dir: str) -> tuple[Path, Optional[dict]]:
