@@ -517,3 +517,20 @@ def test_a_head_kind_that_tune_or_the_seed_recipe_would_drop_is_refused(tmp_path
     """--tune and --recipe seed choose the head themselves: a --head beside them was dropped without a word."""
     out = CliRunner().invoke(cli, ["fit-head", "--cache", str(tmp_path / "none.h5"), *args])
     assert out.exit_code == 2 and out.output == f"Error: {said}\n", out.output
+
+
+def test_a_cache_inside_the_test_folder_is_refused_before_the_fit(tmp_path, make_cache, monkeypatch):
+    """--test-data's cache goes beside the cache fitted on: one kept inside the test folder was refused after the fit,
+    as '--cache-dir ... is inside the data folder ... (--data)', two options fit-head does not take."""
+    test = make_image_folder(tmp_path / "test", per_class=3, seed=5)
+    cache = make_cache(make_image_folder(tmp_path / "d", per_class=8), cache_dir=str(test / "red" / "features")).cache
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("fitted before the test folder was checked")
+
+    monkeypatch.setattr("pipeline.heads.fit_head.fit_on_rows", no_fit)
+    out = CliRunner().invoke(cli, ["fit-head", "--cache", cache, "--head", "logreg", "--test-data", str(test),
+                                   "--runs-dir", str(tmp_path / "runs")])
+    assert out.exit_code == 2 and out.output == (
+        f"Error: --test-data {str(test)!r} holds the cache fitted on ({cache}), and its own cache would go beside it, "
+        "among the test photos; move that cache out of the test folder\n"), out.output

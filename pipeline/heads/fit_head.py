@@ -417,6 +417,18 @@ def check_test_data(test_data: Optional[str], cache, path) -> None:
     folders and the decoding rule its photos would be extracted with."""
     check_test_classes(test_data, cache.classes)
     check_test_decoding(test_data, cache, path)
+    check_test_cache_folder(test_data, cache)
+
+
+def check_test_cache_folder(test_data: Optional[str], cache) -> None:
+    """--test-data's cache goes beside the cache fitted on (each cache of a fusion): where that folder is inside the
+    test folder, extract refused it after the fit, naming '--cache-dir' and '--data', options fit-head does not
+    take; refused before, naming the cache to move."""
+    for part in getattr(cache, "parts", None) or [cache]:
+        where = Path(os.path.realpath(Path(part.path).parent))
+        if test_data and where.is_relative_to(os.path.realpath(test_data)):
+            raise UsageError(f"--test-data {test_data!r} holds the cache fitted on ({part.path}), and its own cache "
+                             "would go beside it, among the test photos; move that cache out of the test folder")
 
 
 def test_cache_for(cfg: FitHeadConfig, cache: FeatureCache) -> Path:
