@@ -534,3 +534,24 @@ def test_a_cache_inside_the_test_folder_is_refused_before_the_fit(tmp_path, make
     assert out.exit_code == 2 and out.output == (
         f"Error: --test-data {str(test)!r} holds the cache fitted on ({cache}), and its own cache would go beside it, "
         "among the test photos; move that cache out of the test folder\n"), out.output
+
+
+def test_the_test_folder_is_extracted_at_the_precision_auto_gave_the_training_photos(tmp_path, make_cache,
+                                                                                      monkeypatch):
+    """--precision auto decides from the number of photos (int8 from 1,000 on a CPU with VNNI and torchao): a
+    training cache of 40 photos in bf16 and a test folder of 1,020 were extracted in int8, then refused after the fit
+    as 'made differently ... precision: bf16 vs int8 (--test-data DIR extracts the test folder with the training
+    cache's network)'. Here auto is made to choose another precision for the test folder alone."""
+    import pipeline.extraction.extract as ex
+
+    cache = make_cache(make_image_folder(tmp_path / "d", per_class=8), precision="auto").cache
+    with FeatureCache(cache) as c:
+        trained_at = c.attrs["precision"]
+    other = "fp32" if trained_at != "fp32" else "bf16"
+    real = ex.auto_precision
+    monkeypatch.setattr(ex, "auto_precision", lambda cfg, images, paid=False: (
+        (other, "") if cfg.purpose == "test" and cfg.precision == "auto" else real(cfg, images, paid)))
+    test = make_image_folder(tmp_path / "t", per_class=3)
+    r = fit_head(FitHeadConfig(head="logreg", cache=cache, test_data=str(test), runs_dir=str(tmp_path / "runs")))
+    with FeatureCache(r.test["cache"]) as t:
+        assert t.attrs["precision"] == trained_at and r.test["rows"] == 6

@@ -441,6 +441,8 @@ def test_cache_for(cfg: FitHeadConfig, cache: FeatureCache) -> Path:
         made = json.loads(cache.attrs["config"])
         keep = {k: made[k] for k in ("backbone", "weights", "dtype", "precision", "pool", "decode", "seed", "calib_n",
                                      "compile", "flip") if k in made}
+        if keep.get("precision") == "auto":  # what it meant for the training photos: auto decides from the number
+            keep["precision"] = cache.attrs["precision"]  # of photos (int8 from 1,000 on some CPUs), not the test's
         if "calibration" in cache.attrs:  # int8: the same quantised network, calibrated on the training photos
             keep["calib_data"] = json.loads(cache.attrs["calibration"])["calib_root"]
         from ..runs.ledger import current_command
