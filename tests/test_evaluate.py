@@ -272,3 +272,17 @@ def test_evaluating_on_the_folder_the_model_was_trained_on_says_so(tmp_path, ima
             with caplog.at_level("WARNING"):
                 evaluate(EvaluateConfig(model=ckpt, data=str(data), workers=0, runs_dir=str(tmp_path / "r")))
             assert ("is the folder the model was trained on" in caplog.text) == said, (ckpt, data)
+
+
+def test_split_all_of_the_models_own_cache_says_it_scores_training_rows(tmp_path, make_cache, image_folder,
+                                                                        head_run, caplog):
+    """--split all of the cache the head was fitted on read accuracy 0.977 (scenes6, its 528 training rows among
+    the 600) with nothing said, where --data on the same photos warns. Said; on a held-out cache, nothing."""
+    held_out = make_cache(make_image_folder(tmp_path / "held", per_class=4, seed=9),
+                          cache_dir=str(tmp_path / "held_features"), dtype="float32").cache
+    for cache, said in ((None, True), (held_out, False)):
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            evaluate(EvaluateConfig(model=head_run.checkpoint, cache=cache, split="all", runs_dir=str(tmp_path / "r")))
+        assert ("is the cache the model was trained on: --split all scores its training rows too" in caplog.text
+                ) == said, cache

@@ -118,6 +118,9 @@ def head_on_cache(model_path: str, ckpt: dict, cfg: EvaluateConfig) -> Predictio
                             "came from the fit without them. Use --split all on a held-out cache")
         else:
             rows = np.arange(cache.n)
+            if cache.attrs["fingerprint"] == ckpt["cache_fingerprint"]:  # as --data on its training folder is
+                log.warning("%s is the cache the model was trained on: --split all scores its training rows too, "
+                            "which flatters every figure; use --split all on a held-out cache", path)
         head = _head(model_path, ckpt, device)
         logp, ood = head_scores(head, cache, rows, device, cfg.block_rows)
         rows = np.sort(rows)
