@@ -555,3 +555,32 @@ def test_the_test_folder_is_extracted_at_the_precision_auto_gave_the_training_ph
     r = fit_head(FitHeadConfig(head="logreg", cache=cache, test_data=str(test), runs_dir=str(tmp_path / "runs")))
     with FeatureCache(r.test["cache"]) as t:
         assert t.attrs["precision"] == trained_at and r.test["rows"] == 6
+
+
+def _tiny_weights_file(folder):
+    from pipeline.extraction import backbones as bb
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model = bb.load_backbone("tiny", "none").model
+    torch.save({k: v for k, v in model.state_dict().items() if k.startswith("features.")}, folder / "w.pt")
+    (folder / "w.json").write_text(json.dumps({"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "covers": "features"}))
+    return folder / "w.pt"
+
+
+def test_test_data_finds_the_weights_file_of_a_cache_made_with_a_relative_path(tmp_path, make_cache, monkeypatch):
+    """extract --weights ../w.pt recorded the path as typed: fit-head --test-data run from another folder fitted the
+    head, then stopped on "weights file '../w.pt' does not exist". The cache's absolute weights_path is used."""
+    weights = _tiny_weights_file(tmp_path / "weights")
+    (tmp_path / "a").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    cache = make_cache(make_image_folder(tmp_path / "d", per_class=8), weights="../weights/w.pt").cache
+    monkeypatch.chdir(tmp_path)
+    test = make_image_folder(tmp_path / "t", per_class=3, seed=4)
+    r = fit_head(FitHeadConfig(head="logreg", cache=cache, test_data=str(test), runs_dir=str(tmp_path / "runs")))
+    assert r.test["rows"] == 6
+    weights.unlink()  # moved away: said before the fit, naming whose file it is
+    monkeypatch.setattr("pipeline.heads.fit_head.fit_on_rows", lambda *a, **k: pytest.fail("fitted first"))
+    with pytest.raises(UsageError, match=r"--test-data is extracted with the weights the cache .* was made with, "
+                                         r"'.*w\.pt', which no longer exists; put that file back"):
+        fit_head(FitHeadConfig(head="logreg", cache=cache, test_data=str(make_image_folder(tmp_path / "t2", seed=5)),
+                               runs_dir=str(tmp_path / "runs")))

@@ -418,6 +418,20 @@ def check_test_data(test_data: Optional[str], cache, path) -> None:
     check_test_classes(test_data, cache.classes)
     check_test_decoding(test_data, cache, path)
     check_test_cache_folder(test_data, cache)
+    check_test_weights(test_data, cache)
+
+
+def check_test_weights(test_data: Optional[str], cache) -> None:
+    """The weights file each cache fitted on was made with, which --test-data extracts the test folder with: one
+    moved or deleted since was said after the fit as "weights file '...' does not exist", with nothing to do about
+    it (fit-head takes no --weights); refused before, saying whose file it is."""
+    parts = getattr(cache, "parts", None)  # a fusion's caches take --test-data only
+    for part in parts or [cache]:
+        weights = part.attrs.get("weights_path", "")
+        if test_data and weights and not os.path.isfile(weights):
+            raise UsageError(f"--test-data is extracted with the weights the cache {part.path} was made with, "
+                             f"{weights!r}, which no longer exists; put that file back" + ("" if parts else
+                             " (or extract the test folder yourself with the same options and pass --test-cache)"))
 
 
 def check_test_cache_folder(test_data: Optional[str], cache) -> None:
@@ -441,6 +455,8 @@ def test_cache_for(cfg: FitHeadConfig, cache: FeatureCache) -> Path:
         made = json.loads(cache.attrs["config"])
         keep = {k: made[k] for k in ("backbone", "weights", "dtype", "precision", "pool", "decode", "seed", "calib_n",
                                      "compile", "flip") if k in made}
+        if cache.attrs.get("weights_path"):  # the file, absolute: the command line's path may be relative to
+            keep["weights"] = cache.attrs["weights_path"]  # a folder fit-head is not run from
         if keep.get("precision") == "auto":  # what it meant for the training photos: auto decides from the number
             keep["precision"] = cache.attrs["precision"]  # of photos (int8 from 1,000 on some CPUs), not the test's
         if "calibration" in cache.attrs:  # int8: the same quantised network, calibrated on the training photos
