@@ -155,3 +155,35 @@ def test_the_flat_baseline_fits_a_stratified_sample_that_fits_its_memory_and_say
     assert part["model"].endswith("a stratified sample of 9 of 27 training rows)")
     assert "fits a stratified sample of 9 of 27 training rows" in caplog.text
     assert set(part["per_class_val_acc"]) == {"blue", "green", "red"} and part["val_acc"] == 1.0
+
+
+def test_the_default_heads_row_gives_each_part_of_its_stack_its_own_weight():
+    """With several classes the stack's weights are (one-vs-rest SVM, one-vs-one SVM, logreg): the row showed the
+    one-vs-one weight as the logreg's ('logreg C=10 x 0' for a stack that was all logreg) and left the pairs out."""
+    from types import SimpleNamespace
+
+    from pipeline.heads.compare import _describe
+
+    setting = {"head": "stack", "C": 1.0, "C_logreg": 10.0, "C_pairs": 1.0, "weights": (0.0, 0.25, 1.34)}
+    config = {"head": "auto", "folds": 5, "features": "avg", "normalize": "l2", "recipe": "default"}
+    row = _describe(SimpleNamespace(tuning={"setting": setting}), config)
+    assert "RBF SVM C=1 x 0 + one-vs-one SVM C=1 x 0.25 + logreg C=10 x 1.3, by 5-fold CV" in row
+    two_classes = _describe(SimpleNamespace(tuning={"setting": {**setting, "C_pairs": 0.0, "weights": (0.5, 1.1)}}),
+                            config)
+    assert "(avg, l2, RBF SVM C=1 x 0.5 + logreg C=10 x 1.1, by 5-fold CV)" in two_classes
+
+
+def test_a_class_too_small_for_the_default_heads_folds_is_said_as_compare_sklearns(tmp_path, make_cache):
+    """compare-sklearn has no --head: its refusal of a 2-photo class named '--head auto', which it does not take."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+
+    data = make_image_folder(tmp_path / "d", per_class=12)
+    make_image_folder(data, per_class=2, classes=("green",), seed=3)
+    out = CliRunner().invoke(cli, ["compare-sklearn", "--cache", make_cache(data).cache,
+                                   "--runs-dir", str(tmp_path / "runs")])
+    assert out.exit_code == 2 and "--head" not in out.output and out.output.count("\n") == 1, out.output
+    assert ("compare-sklearn's first row, fit-head's default head: 5-fold cross-validation needs at least 5 rows "
+            "of every class; the smallest class has 1 (training rows: --val-fraction's share is held out); add photos "
+            "to the smallest class") in out.output

@@ -467,3 +467,120 @@ def test_a_training_cache_of_the_old_decoding_rule_is_refused_with_what_to_do(tm
                                    "--runs-dir", str(tmp_path / "runs")])
     assert run.exit_code == 2 and run.output.count("\n") == 1, run.output
     assert "decode_version: 2 vs 3 (photos decoded by the older rule 2: extract that data again" in run.output
+
+
+def test_a_test_copy_of_a_validation_photo_is_reported_once_the_head_is_refitted_on_it(tmp_path, make_cache):
+    """The default head is refitted on every row, the validation rows included: a test photo equal to one of
+    them was seen by the saved head, and the test accuracy counts it (it was reported only for the train rows)."""
+    import shutil
+
+    data = make_image_folder(tmp_path / "d", per_class=16)
+    cache = make_cache(data).cache
+    with FeatureCache(cache) as c:
+        _, val_idx = split_indices(c.labels, 0.125, 0)
+        val_photo = data / c.paths[val_idx[0]]
+    other = make_image_folder(tmp_path / "other", per_class=5, seed=7)
+    shutil.copy(val_photo, other / val_photo.parent.name / "copy.jpg")
+    refitted = fit_head(FitHeadConfig(cache=cache, test_data=str(other), runs_dir=str(tmp_path / "runs")))
+    assert refitted.test["overlap"] == [f"{val_photo.parent.name}/copy.jpg"]
+    kept_apart = fit_head(FitHeadConfig(cache=cache, test_data=str(other), refit=False, runs_dir=str(tmp_path / "r")))
+    assert kept_apart.test["overlap"] == []
+
+
+def test_a_test_cache_of_other_classes_is_refused_before_the_fit_naming_the_classes(tmp_path, make_cache,
+                                                                                     monkeypatch):
+    """--test-cache was checked after the fit (minutes with --tune, and every head of compare-sklearn), and a
+    cache of other classes was sent to '--test-data DIR extracts the test folder with the training cache's
+    network', which would refuse that folder too."""
+    cache = make_cache(make_image_folder(tmp_path / "d", per_class=8)).cache
+    other = make_cache(make_image_folder(tmp_path / "t", per_class=3, classes=("blue", "green", "red")),
+                       cache_dir=str(tmp_path / "tf")).cache
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("fitted before the test cache was checked")
+
+    monkeypatch.setattr("pipeline.heads.fit_head.fit_on_rows", no_fit)
+    with pytest.raises(UsageError, match=r"classes: \('blue', 'red'\) vs \('blue', 'green', 'red'\) \(a test set "
+                                         r"holds the training cache's classes\)$"):
+        fit_head(FitHeadConfig(head="logreg", cache=cache, test_cache=other, runs_dir=str(tmp_path / "runs")))
+
+
+@pytest.mark.parametrize("args, said", [
+    (["--tune", "--head", "svm"], "--tune chooses the head kind (svm, kernel, logreg or linear) by CV itself; drop "
+                                  "--head svm, or --tune to fit that head"),
+    (["--recipe", "seed", "--head", "logreg"], "--recipe seed is the tutorial's linear head on flat rows; drop --head "
+                                               "logreg, or --recipe"),
+    (["--recipe", "seed", "--tune"], "--recipe seed is the tutorial's linear head on flat rows; drop --tune, or "
+                                     "--recipe"),
+])
+def test_a_head_kind_that_tune_or_the_seed_recipe_would_drop_is_refused(tmp_path, args, said):
+    """--tune and --recipe seed choose the head themselves: a --head beside them was dropped without a word."""
+    out = CliRunner().invoke(cli, ["fit-head", "--cache", str(tmp_path / "none.h5"), *args])
+    assert out.exit_code == 2 and out.output == f"Error: {said}\n", out.output
+
+
+def test_a_cache_inside_the_test_folder_is_refused_before_the_fit(tmp_path, make_cache, monkeypatch):
+    """--test-data's cache goes beside the cache fitted on: one kept inside the test folder was refused after the fit,
+    as '--cache-dir ... is inside the data folder ... (--data)', two options fit-head does not take."""
+    test = make_image_folder(tmp_path / "test", per_class=3, seed=5)
+    cache = make_cache(make_image_folder(tmp_path / "d", per_class=8), cache_dir=str(test / "red" / "features")).cache
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("fitted before the test folder was checked")
+
+    monkeypatch.setattr("pipeline.heads.fit_head.fit_on_rows", no_fit)
+    out = CliRunner().invoke(cli, ["fit-head", "--cache", cache, "--head", "logreg", "--test-data", str(test),
+                                   "--runs-dir", str(tmp_path / "runs")])
+    assert out.exit_code == 2 and out.output == (
+        f"Error: --test-data {str(test)!r} holds the cache fitted on ({cache}), and its own cache would go beside it, "
+        "among the test photos; move that cache out of the test folder\n"), out.output
+
+
+def test_the_test_folder_is_extracted_at_the_precision_auto_gave_the_training_photos(tmp_path, make_cache,
+                                                                                      monkeypatch):
+    """--precision auto decides from the number of photos (int8 from 1,000 on a CPU with VNNI and torchao): a
+    training cache of 40 photos in bf16 and a test folder of 1,020 were extracted in int8, then refused after the fit
+    as 'made differently ... precision: bf16 vs int8 (--test-data DIR extracts the test folder with the training
+    cache's network)'. Here auto is made to choose another precision for the test folder alone."""
+    import pipeline.extraction.extract as ex
+
+    cache = make_cache(make_image_folder(tmp_path / "d", per_class=8), precision="auto").cache
+    with FeatureCache(cache) as c:
+        trained_at = c.attrs["precision"]
+    other = "fp32" if trained_at != "fp32" else "bf16"
+    real = ex.auto_precision
+    monkeypatch.setattr(ex, "auto_precision", lambda cfg, images, paid=False: (
+        (other, "") if cfg.purpose == "test" and cfg.precision == "auto" else real(cfg, images, paid)))
+    test = make_image_folder(tmp_path / "t", per_class=3)
+    r = fit_head(FitHeadConfig(head="logreg", cache=cache, test_data=str(test), runs_dir=str(tmp_path / "runs")))
+    with FeatureCache(r.test["cache"]) as t:
+        assert t.attrs["precision"] == trained_at and r.test["rows"] == 6
+
+
+def _tiny_weights_file(folder):
+    from pipeline.extraction import backbones as bb
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model = bb.load_backbone("tiny", "none").model
+    torch.save({k: v for k, v in model.state_dict().items() if k.startswith("features.")}, folder / "w.pt")
+    (folder / "w.json").write_text(json.dumps({"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "covers": "features"}))
+    return folder / "w.pt"
+
+
+def test_test_data_finds_the_weights_file_of_a_cache_made_with_a_relative_path(tmp_path, make_cache, monkeypatch):
+    """extract --weights ../w.pt recorded the path as typed: fit-head --test-data run from another folder fitted the
+    head, then stopped on "weights file '../w.pt' does not exist". The cache's absolute weights_path is used."""
+    weights = _tiny_weights_file(tmp_path / "weights")
+    (tmp_path / "a").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    cache = make_cache(make_image_folder(tmp_path / "d", per_class=8), weights="../weights/w.pt").cache
+    monkeypatch.chdir(tmp_path)
+    test = make_image_folder(tmp_path / "t", per_class=3, seed=4)
+    r = fit_head(FitHeadConfig(head="logreg", cache=cache, test_data=str(test), runs_dir=str(tmp_path / "runs")))
+    assert r.test["rows"] == 6
+    weights.unlink()  # moved away: said before the fit, naming whose file it is
+    monkeypatch.setattr("pipeline.heads.fit_head.fit_on_rows", lambda *a, **k: pytest.fail("fitted first"))
+    with pytest.raises(UsageError, match=r"--test-data is extracted with the weights the cache .* was made with, "
+                                         r"'.*w\.pt', which no longer exists; put that file back"):
+        fit_head(FitHeadConfig(head="logreg", cache=cache, test_data=str(make_image_folder(tmp_path / "t2", seed=5)),
+                               runs_dir=str(tmp_path / "runs")))

@@ -152,13 +152,20 @@ def fit_plain(cfg: CompareConfig, cache: FeatureCache, kind: str, test_cache: Op
 COMPARED = ("auto", "linear", "logreg", "kernel")
 
 
+def _stack_parts(s: dict) -> str:
+    """The default head's stack, each part with its weight: the weights are (one-vs-rest SVM, [one-vs-one SVM,]
+    logreg), so with SVC's own pairs in (several classes) the logreg's is the third, not the second."""
+    pairs = f" + one-vs-one SVM C={s['C_pairs']:g} x {s['weights'][1]:.2g}" if s.get("C_pairs") else ""
+    return (f"RBF SVM C={s['C']:g} x {s['weights'][0]:.2g}{pairs} + logreg C={s['C_logreg']:g} "
+            f"x {s['weights'][-1]:.2g}")
+
+
 def _describe(r: FitHeadResult, c: dict) -> str:
     """A table name for one fit-head result (``c``: its effective config): kind and the settings that matter."""
     if c["head"] == "auto":
         s = r.tuning["setting"]
         cv = f"by {c['folds']}-fold CV"
-        how = (f"RBF SVM C={s['C']:g} x {s['weights'][0]:.2g} + logreg C={s['C_logreg']:g} x {s['weights'][1]:.2g}, "
-               f"{cv}" if s["head"] == "stack" else f"{r.tuning['choice']} {cv}")
+        how = f"{_stack_parts(s)}, {cv}" if s["head"] == "stack" else f"{r.tuning['choice']} {cv}"
     elif c["head"] == "linear":
         how = f"Adam lr={c['lr']:g}, wd={c['weight_decay']:g}, best epoch {r.best_epoch} of {len(r.history)}"
     elif c["head"] == "logreg":
@@ -182,6 +189,19 @@ class CompareResult:
     default_cache: Optional[dict]  # the newest cache taken when none was named, else None
 
 
+def _fit_kind(base: FitHeadConfig, kind: str) -> FitHeadResult:
+    """fit-head's head of one kind; the default head's refusal of too small a class said '--head auto', an
+    option compare-sklearn does not have (it fits every kind): said as compare-sklearn's."""
+    try:
+        return fit_head(replace(base, head=kind))
+    except UsageError as e:
+        prefix = "--head auto: "
+        if kind != "auto" or not str(e).startswith(prefix):
+            raise
+        raise UsageError(f"compare-sklearn's first row, fit-head's default head: {str(e)[len(prefix):]} (training "
+                         "rows: --val-fraction's share is held out); add photos to the smallest class") from None
+
+
 def compare_sklearn(cfg: CompareConfig) -> CompareResult:
     """Fit every head kind (auto, linear, logreg, kernel), the flat scikit-learn baseline and the plain recipes
     on the same split."""
@@ -193,7 +213,7 @@ def compare_sklearn(cfg: CompareConfig) -> CompareResult:
     kinds = ("linear",) if base.recipe == "seed" else COMPARED
     models, runs, test_cache = [], [], None
     for kind in kinds:
-        r = fit_head(replace(base, head=kind))
+        r = _fit_kind(base, kind)
         test_cache = (r.test or {}).get("cache")
         models.append({"model": _describe(r, asdict(with_recipe(replace(base, head=kind)))), "val_acc": r.val_acc,
                        "val_loss": r.val_loss, "fit_seconds": r.fit_seconds, "train_rows": r.train_rows,

@@ -126,9 +126,21 @@ def validate(cfg: FitHeadConfig) -> None:
         raise UsageError(f"--{e}") from None
     if cfg.test_data and cfg.test_cache:
         raise UsageError("pass --test-data or --test-cache, not both")
+    _check_head_choice(cfg)
     if fused_paths(cfg.cache) and cfg.test_cache:
         raise UsageError("--test-cache names one cache; test a head on several caches' fused features with "
                          "--test-data DIR (each backbone extracts it)")
+
+
+def _check_head_choice(cfg: FitHeadConfig) -> None:
+    """--head with --tune or --recipe seed, which choose the head themselves: it was dropped without a word
+    (`--tune --head svm` fitted whatever the search chose; `--recipe seed --head logreg` a linear head)."""
+    if cfg.recipe == "seed" and (cfg.tune or cfg.head not in ("auto", "linear")):
+        given = "--tune" if cfg.tune else f"--head {cfg.head}"
+        raise UsageError(f"--recipe seed is the tutorial's linear head on flat rows; drop {given}, or --recipe")
+    if cfg.tune and cfg.head != "auto":
+        raise UsageError(f"--tune chooses the head kind (svm, kernel, logreg or linear) by CV itself; drop --head "
+                         f"{cfg.head}, or --tune to fit that head")
 
 
 def resolve_cache(cache: Optional[str], cache_dir: str) -> tuple[Path, Optional[dict]]:
@@ -405,6 +417,32 @@ def check_test_data(test_data: Optional[str], cache, path) -> None:
     folders and the decoding rule its photos would be extracted with."""
     check_test_classes(test_data, cache.classes)
     check_test_decoding(test_data, cache, path)
+    check_test_cache_folder(test_data, cache)
+    check_test_weights(test_data, cache)
+
+
+def check_test_weights(test_data: Optional[str], cache) -> None:
+    """The weights file each cache fitted on was made with, which --test-data extracts the test folder with: one
+    moved or deleted since was said after the fit as "weights file '...' does not exist", with nothing to do about
+    it (fit-head takes no --weights); refused before, saying whose file it is."""
+    parts = getattr(cache, "parts", None)  # a fusion's caches take --test-data only
+    for part in parts or [cache]:
+        weights = part.attrs.get("weights_path", "")
+        if test_data and weights and not os.path.isfile(weights):
+            raise UsageError(f"--test-data is extracted with the weights the cache {part.path} was made with, "
+                             f"{weights!r}, which no longer exists; put that file back" + ("" if parts else
+                             " (or extract the test folder yourself with the same options and pass --test-cache)"))
+
+
+def check_test_cache_folder(test_data: Optional[str], cache) -> None:
+    """--test-data's cache goes beside the cache fitted on (each cache of a fusion): where that folder is inside the
+    test folder, extract refused it after the fit, naming '--cache-dir' and '--data', options fit-head does not
+    take; refused before, naming the cache to move."""
+    for part in getattr(cache, "parts", None) or [cache]:
+        where = Path(os.path.realpath(Path(part.path).parent))
+        if test_data and where.is_relative_to(os.path.realpath(test_data)):
+            raise UsageError(f"--test-data {test_data!r} holds the cache fitted on ({part.path}), and its own cache "
+                             "would go beside it, among the test photos; move that cache out of the test folder")
 
 
 def test_cache_for(cfg: FitHeadConfig, cache: FeatureCache) -> Path:
@@ -417,6 +455,10 @@ def test_cache_for(cfg: FitHeadConfig, cache: FeatureCache) -> Path:
         made = json.loads(cache.attrs["config"])
         keep = {k: made[k] for k in ("backbone", "weights", "dtype", "precision", "pool", "decode", "seed", "calib_n",
                                      "compile", "flip") if k in made}
+        if cache.attrs.get("weights_path"):  # the file, absolute: the command line's path may be relative to
+            keep["weights"] = cache.attrs["weights_path"]  # a folder fit-head is not run from
+        if keep.get("precision") == "auto":  # what it meant for the training photos: auto decides from the number
+            keep["precision"] = cache.attrs["precision"]  # of photos (int8 from 1,000 on some CPUs), not the test's
         if "calibration" in cache.attrs:  # int8: the same quantised network, calibrated on the training photos
             keep["calib_data"] = json.loads(cache.attrs["calibration"])["calib_root"]
         from ..runs.ledger import current_command
@@ -425,13 +467,20 @@ def test_cache_for(cfg: FitHeadConfig, cache: FeatureCache) -> Path:
                                           command=current_command(), purpose="test", **keep)).cache)
     else:
         path = Path(cfg.test_cache)
+    check_test_cache(path, cache)
+    return path
+
+
+def check_test_cache(path, cache: FeatureCache) -> None:
+    """A test cache made like ``cache`` (the same network, preprocessing and classes), or a one-line refusal;
+    fit-head checks --test-cache with it before the fit, not after minutes of it."""
     with FeatureCache(path) as test:
         differ = Provenance.from_cache_attrs(cache.attrs).differences(Provenance.from_cache_attrs(test.attrs))
-        if differ:
-            raise UsageError(f"test cache {path} was made differently from the training cache (training vs test): "
-                             f"{'; '.join(differ)} (--test-data DIR extracts the test folder with the training "
-                             "cache's network)")
-    return path
+    if differ:  # other classes are other photos: extracting them with the training network changes nothing
+        hint = ("a test set holds the training cache's classes" if all(d.startswith("classes:") for d in differ)
+                else "--test-data DIR extracts the test folder with the training cache's network")
+        raise UsageError(f"test cache {path} was made differently from the training cache (training vs test): "
+                         f"{'; '.join(differ)} ({hint})")
 
 
 def overlap(train: FeatureCache, train_idx, test: FeatureCache) -> list[str]:
@@ -454,6 +503,7 @@ class FittedHead:
     best_epoch: Optional[int]  # linear heads: the epoch whose weights were kept
     fit_seconds: float
     trust: dict = None  # the temperature and the unknown score's threshold, with what they were fitted on
+    fitted_idx: Optional[np.ndarray] = None  # the rows the saved head was fitted on (the val rows too once refitted)
 
 
 def _checked_view(cfg: FitHeadConfig, rows) -> None:
@@ -494,7 +544,7 @@ def fit_on_rows(cfg: FitHeadConfig, rows, train_idx: np.ndarray, val_idx: np.nda
     fit_seconds = time.time() - t0
     trust = fit_trust(cfg, head, calibration, known_idx, lambda idx: CacheViews(rows, idx, cfg.block_rows)["avg"],
                       lambda: CacheViews(rows, held_out, cfg.block_rows)["avg"])
-    return FittedHead(head, history, info, tuning, val, best_epoch, fit_seconds, trust)
+    return FittedHead(head, history, info, tuning, val, best_epoch, fit_seconds, trust, known_idx)
 
 
 def fit_fused_or_alone(cfg: FitHeadConfig, fused, parts: list, device, fused_cfg: FitHeadConfig) -> tuple:
@@ -568,6 +618,8 @@ def fit_head(cfg: FitHeadConfig) -> FitHeadResult:
         check_output(cfg.runs_dir, data=[(cache.attrs["data_root"], f"the photos of the cache {path}")],
                      what="--runs-dir", folder=True)
         check_test_data(cfg.test_data, cache, path)  # before the fit, not after it
+        if cfg.test_cache:  # (several caches take --test-data only)
+            check_test_cache(cfg.test_cache, cache)
         changed = source_changes(cache.info)
         if changed:
             log.warning("%s: %s", path, changed)
@@ -585,7 +637,7 @@ def fit_head(cfg: FitHeadConfig) -> FitHeadResult:
             with (cache.like([test_cache_for(cfg, part) for part in cache.parts]) if fused
                   else FeatureCache(test_cache_for(cfg, cache))) as tc:
                 test = {**scores(head, tc, np.arange(tc.n), device, cfg.block_rows), "cache": str(tc.path),
-                        "overlap": overlap(cache, train_idx, tc)}
+                        "overlap": overlap(cache, fit.fitted_idx, tc)}  # a refitted head saw the val rows too
             test["calibration"] = before_after(test.pop("logp"), test.pop("labels"), fit.trust["temperature"])
             if test["overlap"]:
                 log.warning("%d test images have the same content as training images (e.g. %s): the test "

@@ -118,6 +118,9 @@ def head_on_cache(model_path: str, ckpt: dict, cfg: EvaluateConfig) -> Predictio
                             "came from the fit without them. Use --split all on a held-out cache")
         else:
             rows = np.arange(cache.n)
+            if cache.attrs["fingerprint"] == ckpt["cache_fingerprint"]:  # as --data on its training folder is
+                log.warning("%s is the cache the model was trained on: --split all scores its training rows too, "
+                            "which flatters every figure; use --split all on a held-out cache", path)
         head = _head(model_path, ckpt, device)
         logp, ood = head_scores(head, cache, rows, device, cfg.block_rows)
         rows = np.sort(rows)
@@ -254,7 +257,7 @@ def summarize(pred: Predictions, top_k: int) -> dict:
     return {
         "rows": int(len(y)), "accuracy": float((p == y).mean()),
         "loss": float(-pred.logp[np.arange(len(y)), y].mean()) + 0.0, "macro_f1": float(f1[present].mean()),
-        "per_class": {c: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+        "per_class": {c: {**_scored(present[i], precision=precision[i], recall=recall[i], f1=f1[i]),
                           "support": int(support[i])} for i, c in enumerate(pred.classes)},
         "classes": list(pred.classes),
         "confusion_matrix": confusion_matrix(y, p, labels=range(k)).tolist(),
@@ -268,6 +271,13 @@ def summarize(pred: Predictions, top_k: int) -> dict:
                         "bins_before": reliability_bins(without_temperature(pred.logp, pred.temperature), y)},
         **unknown_report(pred),
     }
+
+
+def _scored(present: bool, **figures) -> dict:
+    """A class's precision, recall and F1, or None each for a class neither in the photos nor called (a folder
+    of some of the model's classes): it has none, and the 0s scikit-learn puts there read as a class always
+    missed, beside a macro F1 that leaves it out."""
+    return {k: float(v) if present else None for k, v in figures.items()}
 
 
 def _heatmaps(pred: Predictions, rows: np.ndarray) -> list[dict]:

@@ -220,7 +220,8 @@ def evaluate_text(result: EvaluateResult) -> str:
     width = max(5, *(len(c) for c in result.per_class))
     lines.append(f"{'class':<{width}}  precision  recall     f1  support")
     for c, m in result.per_class.items():
-        lines.append(f"{c:<{width}}  {m['precision']:>9.3f}  {m['recall']:>6.3f}  {m['f1']:>5.3f}  {m['support']:>7d}")
+        p, r, f = (f"{m[k]:.3f}" if m[k] is not None else "-" for k in ("precision", "recall", "f1"))
+        lines.append(f"{c:<{width}}  {p:>9}  {r:>6}  {f:>5}  {m['support']:>7d}")
     b, a = cal["before"], cal["after"]
     lines += [f"calibration (T = {cal['temperature']:.3f}): ECE {b['ece']:.4f} -> {a['ece']:.4f}, log-loss "
               f"{b['log_loss']:.4f} -> {a['log_loss']:.4f}, Brier {b['brier']:.4f} -> {a['brier']:.4f}",
