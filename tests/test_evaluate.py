@@ -286,3 +286,17 @@ def test_split_all_of_the_models_own_cache_says_it_scores_training_rows(tmp_path
             evaluate(EvaluateConfig(model=head_run.checkpoint, cache=cache, split="all", runs_dir=str(tmp_path / "r")))
         assert ("is the cache the model was trained on: --split all scores its training rows too" in caplog.text
                 ) == said, cache
+
+
+def test_a_head_whose_cache_moved_is_told_so_and_how_to_name_its_new_place(tmp_path, make_cache, image_folder):
+    """evaluate on a head (no --cache) after its cache moved said "cache '...' does not exist", as if the user had
+    named that cache; it is the head's recorded one: said so, with --cache for its new place, which then works."""
+    cache = Path(make_cache(image_folder).cache)
+    head = fit_head(FitHeadConfig(head="logreg", cache=str(cache), runs_dir=str(tmp_path / "runs"))).checkpoint
+    moved = cache.rename(tmp_path / "moved.h5")
+    args = ["evaluate", "--model", head, "--runs-dir", str(tmp_path / "runs")]
+    out = CliRunner().invoke(cli.cli, args)
+    assert out.exit_code == 2 and f"the cache this head was fitted on, {cache}, is no longer there" in out.output
+    assert "pass --cache with its new place" in out.output and out.output.count("\n") == 1, out.output
+    again = CliRunner().invoke(cli.cli, [*args, "--cache", str(moved)])
+    assert again.exit_code == 0, again.output

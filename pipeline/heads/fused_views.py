@@ -206,11 +206,23 @@ def open_head_rows(ckpt: dict, cache: Optional[str] = None):
     """The rows a fit-head checkpoint is scored on: ``cache`` (default: the one it was fitted on), or for a
     fused head the caches it was fitted on, fused as then."""
     if not ckpt.get("fused"):
+        if not cache:
+            _recorded_cache_exists(ckpt["cache"], "pass --cache with its new place, or score photos with --data DIR")
         return FeatureCache(cache or ckpt["cache"])
     if cache:
         raise UsageError(f"this head was fitted on {len(ckpt['caches'])} caches' fused features "
                          f"({ckpt['backbone']}); score it on them (no --cache) or on photos (--data DIR)")
+    for path in ckpt["caches"]:
+        _recorded_cache_exists(path, "put it back, or score photos with --data DIR")
     return FusedRows(ckpt["caches"], ckpt["fused"]["view"])
+
+
+def _recorded_cache_exists(path: str, what_to_do: str) -> None:
+    """A cache the head recorded, moved or deleted since: said as the head's, with what to do (it was 'cache X
+    does not exist', as if the user had named it)."""
+    if not os.path.lexists(path):
+        raise UsageError(f"the cache this head was fitted on, {path}, is no longer there (moved or deleted?); "
+                         f"{what_to_do}")
 
 
 def record_problem(record) -> Optional[str]:
