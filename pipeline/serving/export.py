@@ -398,12 +398,12 @@ def odd_mode_files(photo: str, folder: Path, draft_side) -> list[str]:
     return paths
 
 
-def probabilities_of(lm, photos: list[str], cfg: ExportConfig) -> ImageOutputs:
+def probabilities_of(lm, photos: list[str], cfg: ExportConfig, desc: str = "parity") -> ImageOutputs:
     """predict's path over ``photos`` (from their bytes, fp32 on the CPU, or the int8 network of an int8 head):
     the rows of the readable ones (log-probabilities, then any unknown score) and the unreadable ones."""
     items = read_items(ImageListDataset(Path(""), [(f, -1) for f in photos], lm.transform), cfg.workers)
     rows = iter_log_proba(network(lm, "cpu", "fp32"), items, cfg.batch_size)
-    return ImageOutputs(warn=False).collect(progress(rows, total=len(photos), desc="parity", unit="img"))
+    return ImageOutputs(warn=False).collect(progress(rows, total=len(photos), desc=desc, unit="img"))
 
 
 def parity(lm, runner: ExportedRunner, files: list[str], cfg: ExportConfig, meta: dict) -> dict:
@@ -445,9 +445,9 @@ def float_for_int8(ckpt: dict, cfg: ExportConfig, files: list[str]):
     """The model an int8-cache head is exported as: its backbone in float (neither format holds oneDNN's prepacked
     int8 kernels; the float network is what the int8 one approximates, cosine 0.997 on VGG-16's rows), and how
     far its probabilities are from predict's, which runs the int8 network, on the sample photos."""
-    int8 = probabilities_of(model_from_checkpoint(ckpt, cfg.model, cfg.weights), files, cfg)
+    int8 = probabilities_of(model_from_checkpoint(ckpt, cfg.model, cfg.weights), files, cfg, "predict (int8)")
     lm = model_from_checkpoint(ckpt, cfg.model, cfg.weights, trainable=True)  # the float backbone
-    floats = probabilities_of(lm, files, cfg)
+    floats = probabilities_of(lm, files, cfg, "float backbone")
     if not int8.rows:  # nothing readable: the parity check says so
         return lm, {"images": 0}
     a, b = (np.exp(split_extras(np.stack(o.rows).astype(np.float64), len(lm.classes))[0]) for o in (int8, floats))
