@@ -56,13 +56,11 @@ def load_rows(cache: FeatureCache, indices: np.ndarray, block_rows: int) -> np.n
 
 
 def stratified_sample(indices: np.ndarray, labels: np.ndarray, size: int, seed: int) -> np.ndarray:
-    """At most about ``size`` of ``indices`` (sorted), each class in its share and at least one row of it."""
+    """About ``size`` of ``indices`` (sorted), each class in its share: the training part of ``split_indices``
+    (the split every head uses), which keeps a row of each class of two or more."""
     if len(indices) <= size:
         return indices
-    rng = np.random.default_rng(seed)
-    keep = [rng.choice(indices[labels == c], max(1, round(np.sum(labels == c) * size / len(indices))), replace=False)
-            for c in np.unique(labels)]
-    return np.sort(np.concatenate(keep))
+    return indices[split_indices(labels, 1 - size / len(indices), seed)[0]]
 
 
 def fit_sklearn(cfg: CompareConfig, cache: FeatureCache, test_cache: Optional[str] = None) -> dict:
