@@ -104,14 +104,14 @@ def stack_weights(logps: list, y: np.ndarray) -> list[float]:
     ``SVM_SHARE_FLOOR`` of the vote (shares counted with each member at its own temperature).
 
     The NLL rewards calibration as much as ranking, and logistic regression is the better calibrated member nearly
-    everywhere: its weight grows where the SVM ranks the photos better (scenes: the SVM's share 0.02-0.36, 0.9
-    points behind the SVM alone on Lite0). With few rows a class (11 photos a dog breed) the SVM is the weaker
+    everywhere: its weight grows where the SVM ranks the photos better (scenes: the SVMs' share 0-0.43, 0.9 points
+    behind the SVM alone on Lite0). With few rows a class (11 photos a dog breed) the SVM is the weaker
     member and the NLL weights are right to leave it; with more, it is never far behind in accuracy, so the
     floor costs nothing where the weights favour the SVM already and recovers what they lose where they do not
     (paired splits of six proxies, docs/heads.md)."""
     y = np.asarray(y)
     weights = np.asarray(fit_stack_weights(logps, y))
-    if len(logps) < 2 or len(y) < SVM_FLOOR_ROWS * len(np.unique(y)):
+    if len(y) < SVM_FLOOR_ROWS * len(np.unique(y)):
         return weights.tolist()
     temps = np.array([fit_temperature(lp, y) for lp in logps])
     shares = weights * temps
@@ -128,10 +128,11 @@ def stack_setting(svm_row: dict, logreg_row: dict, oof: Mapping, y: np.ndarray,
                   pairs_row: Optional[dict] = None) -> tuple[dict, np.ndarray]:
     """The stack of ``tune`` rows (an SVM's, a logistic regression's and optionally a one-vs-one SVM's, on the
     same view and normalisation) with its weights (``stack_weights``: each one's temperature and share, from
-    their out-of-fold log-probabilities), and the stack's out-of-fold log-probabilities. Measured over paired splits of six proxies (docs/heads.md): each of the three is the more
-    accurate recipe somewhere (logistic regression on 20 dog breeds from 11 photos each, one-vs-rest on noisy
-    dishes, SVC's own pairs on hand signs); the stack is at least level with the better plain recipe, and
-    choosing one of them by CV loses a point on one kind of set or another."""
+    their out-of-fold log-probabilities), and the stack's out-of-fold log-probabilities. Measured over paired
+    splits of six proxies (docs/heads.md): each of the three is the more accurate recipe somewhere (logistic
+    regression on 20 dog breeds from 11 photos each, one-vs-rest on noisy dishes, SVC's own pairs on hand
+    signs); the stack is at least level with the better plain recipe, and choosing one of them by CV loses a
+    point on one kind of set or another."""
     rows = [svm_row, *([pairs_row] if pairs_row else []), logreg_row]
     weights = stack_weights([oof[r["key"]] for r in rows], y)
     svm, lr = svm_row["setting"], logreg_row["setting"]
