@@ -95,8 +95,16 @@ RULES = {"nll": lambda r: fit_stack_weights(r["oof"], r["y"]), "floor": lambda r
          "equal": shares, **{f"s{x}": (lambda r, x=x: shares(r, x)) for x in (0.3, 0.5, 0.7)}}
 
 
+def test_log_loss(w, r):
+    """The stack's test log-loss at the temperature its out-of-fold log-probabilities give it (as fit-head's)."""
+    t = fit_temperature(log_softmax(sum(wi * lp for wi, lp in zip(w, r["oof"])), 1), r["y"])
+    test = log_softmax(sum(wi * lp for wi, lp in zip(w, r["test"])) / t, 1)
+    return -np.mean(test[np.arange(len(r["yt"])), r["yt"]])
+
+
 def score(name, kept):
     acc = {k: [] for k in ("svc", "logreg", "svm alone", "logreg alone", *RULES)}
+    loss = {k: [] for k in RULES}
     for r in kept.values():
         yt = r["yt"]
         acc["svc"].append(np.mean(r["svc"] == yt))
@@ -104,14 +112,17 @@ def score(name, kept):
         acc["svm alone"].append(np.mean(r["test"][0].argmax(1) == yt))
         acc["logreg alone"].append(np.mean(r["test"][-1].argmax(1) == yt))
         for rule, weights in RULES.items():
-            acc[rule].append(np.mean(sum(w * lp for w, lp in zip(weights(r), r["test"])).argmax(1) == yt))
+            w = weights(r)
+            acc[rule].append(np.mean(sum(wi * lp for wi, lp in zip(w, r["test"])).argmax(1) == yt))
+            loss[rule].append(test_log_loss(w, r))
     acc = {k: np.array(v) for k, v in acc.items()}
     better = "svc" if acc["svc"].mean() >= acc["logreg"].mean() else "logreg"
     print(f"{name}: {len(kept)} splits, points against the better recipe ({better}) and the NLL weights, +- SE")
     for k in ("svm alone", "logreg alone", *RULES):
         d, n = 100 * (acc[k] - acc[better]), 100 * (acc[k] - acc["nll"])
         se = lambda v: v.std(ddof=1) / np.sqrt(len(v))  # noqa: E731
-        print(f"  {k:13s} {d.mean():+.2f} +- {se(d):.2f}   vs nll {n.mean():+.2f} +- {se(n):.2f}")
+        ll = (f"   test log-loss vs nll {np.mean(np.subtract(loss[k], loss['nll'])):+.4f}" if k in loss else "")
+        print(f"  {k:13s} {d.mean():+.2f} +- {se(d):.2f}   vs nll {n.mean():+.2f} +- {se(n):.2f}{ll}")
 
 
 if __name__ == "__main__":
