@@ -364,6 +364,39 @@ def test_the_default_stacks_svcs_own_pairs_too_when_there_are_several_classes(k)
     assert (head.log_proba_of_rows(rows["avg"]).argmax(1) == y).mean() > 0.8
 
 
+def test_from_svm_floor_rows_a_class_the_stacks_svms_keep_their_floor_share_of_the_vote():
+    """The NLL weights lean on the better calibrated member (logistic regression, last); from SVM_FLOOR_ROWS
+    rows a class the SVMs keep SVM_SHARE_FLOOR of the vote (each member at its own temperature), split as the
+    NLL split it; below, or where the NLL gives them more already, the NLL weights stand."""
+    from pipeline.heads.calibration import fit_stack_weights, fit_temperature
+    from pipeline.heads.model_selection import SVM_FLOOR_ROWS, SVM_SHARE_FLOOR, stack_weights
+
+    rng = np.random.default_rng(0)
+
+    def log_softmax(z):
+        return z - np.log(np.exp(z).sum(1, keepdims=True))
+
+    def members(per_class, svm_noise):  # two SVMs with confident mistakes, a calibrated logistic regression
+        y = np.repeat(np.arange(3), per_class)
+        svms = [log_softmax(8.0 * (np.eye(3)[y] + rng.normal(0, svm_noise, (len(y), 3)))) for _ in range(2)]
+        return [*svms, log_softmax(np.eye(3)[y] + rng.normal(0, 0.5, (len(y), 3)))], y
+
+    def svm_share(w, logps, y):
+        shares = [wi * fit_temperature(lp, y) for wi, lp in zip(w, logps)]
+        return sum(shares[:-1]) / sum(shares)
+
+    logps, y = members(SVM_FLOOR_ROWS, 0.5)
+    nll_weights = fit_stack_weights(logps, y)
+    assert svm_share(nll_weights, logps, y) < SVM_SHARE_FLOOR - 0.1  # the NLL leans on logistic regression
+    w = stack_weights(logps, y)
+    assert svm_share(w, logps, y) == pytest.approx(SVM_SHARE_FLOOR)
+    assert w[0] / w[1] == pytest.approx(nll_weights[0] / nll_weights[1])  # the SVMs split it as the NLL did
+    few, y_few = members(SVM_FLOOR_ROWS - 1, 0.5)
+    assert stack_weights(few, y_few) == fit_stack_weights(few, y_few)
+    sure, y_sure = members(SVM_FLOOR_ROWS, 0.1)  # accurate SVMs: the NLL gives them the vote by itself
+    assert stack_weights(sure, y_sure) == fit_stack_weights(sure, y_sure)
+
+
 def test_past_max_pair_classes_the_default_leaves_the_pairs_out(monkeypatch):
     """The pairs' head grows with the square of the classes: above MAX_PAIR_CLASSES the stack is the
     one-vs-rest SVM and logreg alone, so 200 classes never make a head of half a gigabyte."""
