@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from head_table import HOLDOUT, l2_avg, paired_splits, pooled_maps, recipe_predict  # noqa: E402
 
-from pipeline.heads.calibration import fit_stack_weights, fit_temperature  # noqa: E402
+from pipeline.heads.calibration import fit_stack_weights, fit_temperature, nll, with_temperature  # noqa: E402
 from pipeline.heads.model_selection import AUTO_GRID, CVOptions, fit_setting, stack_weights, tune  # noqa: E402
 
 
@@ -97,9 +97,8 @@ RULES = {"nll": lambda r: fit_stack_weights(r["oof"], r["y"]), "floor": lambda r
 
 def test_log_loss(w, r):
     """The stack's test log-loss at the temperature its out-of-fold log-probabilities give it (as fit-head's)."""
-    t = fit_temperature(log_softmax(sum(wi * lp for wi, lp in zip(w, r["oof"])), 1), r["y"])
-    test = log_softmax(sum(wi * lp for wi, lp in zip(w, r["test"])) / t, 1)
-    return -np.mean(test[np.arange(len(r["yt"])), r["yt"]])
+    t = fit_temperature(sum(wi * lp for wi, lp in zip(w, r["oof"])), r["y"])
+    return nll(with_temperature(sum(wi * lp for wi, lp in zip(w, r["test"])), t), r["yt"])
 
 
 def score(name, kept):
