@@ -218,8 +218,8 @@ HEAD_WEIGHTS_HELP = ("For a head.pt: its backbone weights, if not where the head
 DEVICE = option("auto, cpu, cuda or cuda:N.", doc="`auto` (CUDA if available), `cpu`, `cuda`, `cuda:N`")
 CACHE_DIR = option("Folder of feature caches.")
 RUNS_DIR = option("Where run outputs go.")
-TEST_DATA = option("Photos the head never saw (one folder per class): extracted like the cache, then scored.",
-                   path="dir", metavar="DIR")
+TEST_DATA = option("Photos the head never saw (one folder per class, some or all of the head's): extracted like "
+                   "the cache, then scored.", path="dir", metavar="DIR")
 TEST_CACHE = option("Or a cache of them (made with the same backbone, weights and preprocessing).", path="file",
                     metavar="FILE")
 MODEL_PRECISION = option("Compute precision; auto = bf16 where the device supports it.", choices=MODEL_PRECISIONS,

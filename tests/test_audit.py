@@ -177,8 +177,20 @@ def test_a_test_folder_of_other_classes_is_refused_before_its_extraction(tmp_pat
     before = sorted((tmp_path / "features").iterdir())
     run = CliRunner().invoke(cli, ["audit", "--cache", cache, "--folds", "2", "--test-data", str(test),
                                    "--runs-dir", str(tmp_path / "runs")])
-    assert run.exit_code == 2 and "(missing: red; unknown: green)" in run.output, run.output
+    assert run.exit_code == 2 and "(unknown: green)" in run.output, run.output
     assert sorted((tmp_path / "features").iterdir()) == before
+
+
+def test_a_test_folder_of_some_of_the_classes_is_searched_for_leaks(tmp_path):
+    """A test folder lacking some of the training folder's classes was refused ('missing: blue, green'), as
+    fit-head refused it: a leak is a photo, whatever classes the test folder holds (one will do)."""
+    data, test = photos(tmp_path / "data", per_class=4), photos(tmp_path / "test", per_class=2, seed=1,
+                                                                 classes=("red",))
+    shutil.copy(data / "red" / "red.2.jpg", test / "red" / "leak.jpg")
+    r = pipeline.audit_folder(data, test_data=str(test), folds=2, threshold=0.999, cache_dir=str(tmp_path / "features"),
+                              runs_dir=str(tmp_path / "runs"), **TINY)
+    assert r.test_rows == 3 and (r.leaks[0]["test"], r.leaks[0]["train"], r.leaks[0]["exact"]) == (
+        "red/leak.jpg", "red/red.2.jpg", True)
 
 
 def test_a_cache_dir_inside_the_test_folder_is_refused_before_anything_is_written(tmp_path):

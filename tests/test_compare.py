@@ -215,3 +215,19 @@ def test_a_class_too_small_for_the_default_heads_folds_is_said_as_compare_sklear
     assert ("compare-sklearn's first row, fit-head's default head: 5-fold cross-validation needs at least 5 rows "
             "of every class; the smallest class has 1 (training rows: --val-fraction's share is held out); add photos "
             "to the smallest class") in out.output
+
+
+def test_a_test_cache_of_some_of_the_classes_is_scored_on_the_training_caches_classes(tmp_path, make_cache):
+    """fit-head scores a test set lacking a class (its labels matched by name); compare-sklearn's scikit-learn rows
+    read the same test cache with its own label indices and class count: red, 1 of (blue, red), was scored as green,
+    1 of (blue, green, red), and the flat LogisticRegression's three columns overflowed the test cache's two."""
+    from pipeline.heads.compare import fit_plain, fit_sklearn
+
+    cache = make_cache(make_image_folder(tmp_path / "d", per_class=12, classes=("blue", "green", "red"))).cache
+    test = make_cache(make_image_folder(tmp_path / "t", per_class=3, classes=("blue", "red"), seed=5),
+                      cache_dir=str(tmp_path / "tf")).cache
+    cfg = CompareConfig(cache=cache)
+    with FeatureCache(cache) as c:
+        rows = [fit_sklearn(cfg, c, test), fit_plain(cfg, c, "svc", test), fit_plain(cfg, c, "logreg", test)]
+    assert [r["test_acc"] for r in rows] == [1.0] * 3
+    assert rows[0]["test_loss"] < 0.1 and rows[2]["test_loss"] < np.log(3)

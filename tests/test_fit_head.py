@@ -247,8 +247,48 @@ def test_a_test_folder_of_other_classes_is_refused_before_any_fit_or_extraction(
     before = sorted((tmp_path / "features").iterdir())
     run = CliRunner().invoke(cli, ["fit-head", "--cache", str(cache), "--test-data", str(test),
                                    "--runs-dir", str(tmp_path / "runs")])
-    assert run.exit_code == 2 and "(missing: red; unknown: green)" in run.output, run.output
+    assert run.exit_code == 2 and run.output == (
+        f"Error: --test-data {str(test)!r} has the classes blue, green, the head's are blue, red (unknown: green): a "
+        "test folder holds some or all of the head's class folders\n"), run.output
     assert not (tmp_path / "runs").exists() and sorted((tmp_path / "features").iterdir()) == before
+
+
+def _remapped_scores(checkpoint, test_cache) -> tuple[float, float]:
+    """(accuracy, mean NLL) of a saved head on a test cache whose labels are matched to the head's classes by
+    name: what fit-head's test figures must be (the cache's own label indices name its own classes)."""
+    from pipeline.heads.cache_views import head_scores
+
+    ckpt = torch.load(checkpoint, weights_only=True)
+    head = ProbeHead.from_checkpoint(ckpt["head"], ckpt["state_dict"])  # at its temperature, as fit-head scores
+    with FeatureCache(test_cache) as t:
+        logp, _ = head_scores(head, t, np.arange(t.n), "cpu", 1024)
+        y = np.array([ckpt["classes"].index(t.classes[k]) for k in t.labels])
+    return float((logp.argmax(1) == y).mean()), float(-logp[np.arange(len(y)), y].mean())
+
+
+@pytest.mark.parametrize("present", [("blue", "red"), ("red",)])
+def test_a_test_folder_of_some_of_the_heads_classes_is_scored_against_them(tmp_path, make_cache, caplog, present):
+    """A test folder lacking one of the head's classes was refused ('missing: green'), where evaluate scores such
+    a folder: its photos are scored against the head's classes, their labels matched by name (the folder's own
+    indices name other classes: red is 1 of blue, red and 2 of blue, green, red), the classes it lacks said in one
+    warning and given no per-class accuracy. One class will do: its cache was refused as 'damaged'."""
+    import shutil
+
+    data = make_image_folder(tmp_path / "d", per_class=8, classes=("blue", "green", "red"))
+    cache = make_cache(data).cache
+    test = make_image_folder(tmp_path / "t", per_class=3, classes=present, seed=5)
+    for name in ("red.0.jpg", "red.1.jpg"):  # copies of training photos: still found, by content
+        shutil.copy(data / "red" / name, test / "red" / f"copy-{name}")
+    r = fit_head(FitHeadConfig(head="logreg", cache=cache, test_data=str(test), runs_dir=str(tmp_path / "runs")))
+    missing = ", ".join(c for c in ("blue", "green", "red") if c not in present)
+    assert [m for m in caplog.messages if "no photos of" in m] == [
+        f"the test set {r.test['cache']} has no photos of {missing}: those classes are not scored"]
+    acc, loss = _remapped_scores(r.checkpoint, r.test["cache"])
+    assert r.test["rows"] == 3 * len(present) + 2 and r.metrics["test_acc"] == r.test["acc"] == acc
+    assert r.test["loss"] == pytest.approx(loss) and r.test["calibration"]["after"]["log_loss"] == pytest.approx(loss)
+    assert list(r.test["per_class"]) == ["blue", "green", "red"]
+    assert [c for c, a in r.test["per_class"].items() if a is None] == missing.split(", ")
+    assert len(r.test["overlap"]) >= 1 and all(p.startswith("red/copy-") for p in r.test["overlap"])
 
 
 @pytest.mark.parametrize("option", [{"lr": 1e38}, {"weight_decay": 1e300}, {"C": 1e300}, {"lr": 0.0}])
@@ -533,9 +573,24 @@ def test_a_test_cache_of_other_classes_is_refused_before_the_fit_naming_the_clas
         raise AssertionError("fitted before the test cache was checked")
 
     monkeypatch.setattr("pipeline.heads.fit_head.fit_on_rows", no_fit)
-    with pytest.raises(UsageError, match=r"classes: \('blue', 'red'\) vs \('blue', 'green', 'red'\) \(a test set "
-                                         r"holds the training cache's classes\)$"):
+    with pytest.raises(UsageError, match=rf"^cache {re.escape(other)} has classes \['green'\] the model does not know; "
+                                         r"its classes: blue, red$"):
         fit_head(FitHeadConfig(head="logreg", cache=cache, test_cache=other, runs_dir=str(tmp_path / "runs")))
+
+
+def test_a_test_cache_of_some_of_the_heads_classes_is_scored_from_the_command_line(tmp_path, make_cache):
+    """fit-head --test-cache refused a cache of fewer classes than the training cache's ('classes: ... vs ...'),
+    though made by the same network: its rows are scored against the head's classes, matched by name, and the
+    class it lacks is shown as '-' among the per-class test figures."""
+    cache = make_cache(make_image_folder(tmp_path / "d", per_class=8, classes=("blue", "green", "red"))).cache
+    other = make_cache(make_image_folder(tmp_path / "t", per_class=3, classes=("blue", "red"), seed=5),
+                       cache_dir=str(tmp_path / "tf")).cache
+    run = CliRunner().invoke(cli, ["fit-head", "--cache", cache, "--head", "logreg", "--test-cache", other,
+                                   "--runs-dir", str(tmp_path / "runs")])
+    assert run.exit_code == 0, run.output
+    acc, loss = _remapped_scores(re.search(r"^checkpoint: (.+)$", run.output, re.M)[1], other)
+    assert f"test acc {acc:.3f}, test loss {loss:.4f} (6 images of {other})" in run.output, run.output
+    assert re.search(r"^per-class test acc: blue \d\.\d{3}, green -, red \d\.\d{3}$", run.output, re.M), run.output
 
 
 @pytest.mark.parametrize("args, said", [

@@ -26,7 +26,7 @@ import numpy as np
 
 from ..config import POOLS, STORAGE_DTYPES
 from ..errors import DiskFull, PipelineError, UsageError
-from ..data.folders import ImageLoadError, regular_file_stat
+from ..data.folders import POOL, TEST, ImageLoadError, regular_file_stat
 from ..data.moves import flock_within
 from ..files import require_folder, shown, unwinding_on_signals
 
@@ -441,7 +441,8 @@ def _check_values(path: Path, attrs: dict, classes) -> None:
         raise CacheError(f"{path}: attribute {name!r} is {attrs.get(name)!r:.80}, not {want}; it is damaged or "
                          "was edited by hand")
 
-    fewest = 1 if attrs.get("purpose") == "pool" else 2  # a pool of unlabelled photos (suggest): one class
+    # a pool of unlabelled photos (suggest), a test folder of one of a head's classes: one class
+    fewest = 1 if attrs.get("purpose") in (POOL, TEST) else 2
     if not (isinstance(classes, list) and len(classes) >= fewest and all(isinstance(c, str) and c for c in classes)
             and len(set(classes)) == len(classes)):
         bad("classes", f"a list of at least {fewest} distinct class names")

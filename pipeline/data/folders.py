@@ -208,6 +208,9 @@ def _list_files(root: Path, top: Path, label: int, files: list, bad: list, seen:
 UNLABELLED = "(unlabelled)"
 #: An extraction's ``purpose`` for such a pool: listed by ``list_unlabelled``, never a default training cache.
 POOL = "pool"
+#: An extraction's ``purpose`` for fit-head's --test-data: never a default training cache, and one class will do
+#: (a small test set may hold photos of only some of the head's classes).
+TEST = "test"
 
 
 def list_unlabelled(root: str | os.PathLike) -> ImageFolderListing:
@@ -228,8 +231,11 @@ def list_unlabelled(root: str | os.PathLike) -> ImageFolderListing:
 
 
 def list_folder(root: str | os.PathLike, purpose: str = "") -> ImageFolderListing:
-    """The listing an extraction of ``purpose`` reads: a pool's (``POOL``) photos unlabelled, else the ImageFolder."""
-    return list_unlabelled(root) if purpose == POOL else list_image_folder(root)
+    """The listing an extraction of ``purpose`` reads: a pool's (``POOL``) photos unlabelled, else the ImageFolder
+    (a test folder's (``TEST``) of one class or more: a head of more classes scores it)."""
+    if purpose == POOL:
+        return list_unlabelled(root)
+    return list_image_folder(root, min_classes=1 if purpose == TEST else 2)
 
 
 def stratified_order(labels: np.ndarray, seed: int) -> np.ndarray:

@@ -17,7 +17,7 @@ from ..cache.feature_cache import cache_file_name, claim_for_training, fingerpri
 from ..cache.freshness import set_aside, stale_reason
 from ..cache.provenance import package_version
 from ..config import ExtractConfig, check_config
-from ..data.folders import POOL, ImageFolderListing, list_folder
+from ..data.folders import POOL, TEST, ImageFolderListing, list_folder
 from ..data.image_reader import DECODE_VERSION
 from ..data.moves import reading_folder
 from ..devices import cpu_flags
@@ -261,7 +261,7 @@ def extract_held(cfg: ExtractConfig) -> dict:
             set_aside(path)
             info = None
     if info is not None and info.complete:
-        if info.attrs.get("purpose") == "test" and cfg.purpose != "test":
+        if info.attrs.get("purpose") == TEST and cfg.purpose != TEST:
             claim_for_training(info)  # what the user extracts is what fit-head then trains on by default
         return {**hit_summary(info, started), "verified": verified}
     bb.get_spec(cfg.backbone)  # an unknown name: a usage error before anything is written

@@ -139,6 +139,31 @@ class FeatureArray:
     iter_batches = FeatureCache.iter_batches
 
 
+# -- a cache's classes as a head's ------------------------------------------------------------------
+def cache_classes_to_model(classes: list, cache) -> np.ndarray:
+    """Each of the cache's class indices as the model's: a cache of some of the model's classes is scored as
+    ``--data`` scores such a folder (matched by name); one with a class the model does not know is refused."""
+    unknown = [c for c in cache.classes if c not in classes]
+    if unknown:
+        raise UsageError(f"cache {cache.path} has classes {unknown} the model does not know; its classes: "
+                         f"{', '.join(classes)}")
+    return np.array([list(classes).index(c) for c in cache.classes], dtype=np.int64)
+
+
+class Relabelled:
+    """``rows`` (a ``FeatureCache``, ``FusedRows``) with ``classes`` (a head's) and its labels as their indices,
+    matched by name (``cache_classes_to_model``); everything else is read through. A test set of some of a head's
+    classes is then scored against all of them by the code that scores a cache (``evaluate_head``, the overlap,
+    calibration), with no mapping of its own: its raw labels would index the wrong classes."""
+
+    def __init__(self, rows, classes: Sequence[str]):
+        self.rows, self.classes = rows, list(classes)
+        self.labels = cache_classes_to_model(self.classes, rows)[np.asarray(rows.labels, np.int64)]
+
+    def __getattr__(self, name: str):
+        return getattr(self.rows, name)
+
+
 # -- a head on cache rows ----------------------------------------------------------------------
 def as_float32(feats: np.ndarray, device):
     """A minibatch of cached features as a float32 tensor on ``device``: the same numbers as

@@ -20,7 +20,7 @@ from ..config import CompareConfig, check_config
 from ..errors import UsageError
 from ..progress import still_running
 from ..runs.ledger import append_run
-from .cache_views import CacheViews
+from .cache_views import CacheViews, Relabelled
 from .epoch_loop import per_class_accuracy, split_indices
 from .fit_head import FitHeadConfig, FitHeadResult, fit_head, resolve_cache, with_recipe
 from .feature_views import Normalizer
@@ -101,8 +101,8 @@ def fit_sklearn(cfg: CompareConfig, cache: FeatureCache, test_cache: Optional[st
            "val_loss": val_loss, "fit_seconds": seconds, "train_rows": int(len(train_idx)),
            "fit_rows": int(len(fit_idx)), "val_rows": int(len(val_idx)), "iterations": int(np.max(model[-1].n_iter_))}
     if test_cache:
-        with FeatureCache(test_cache) as tc:
-            out["test_acc"], out["test_loss"] = score(tc, np.arange(tc.n))[:2]
+        with FeatureCache(test_cache) as tc:  # of some of the classes, perhaps: its labels as the training cache's
+            out["test_acc"], out["test_loss"] = score(Relabelled(tc, cache.classes), np.arange(tc.n))[:2]
     return out
 
 
@@ -141,8 +141,8 @@ def fit_plain(cfg: CompareConfig, cache: FeatureCache, kind: str, test_cache: Op
            "val_loss": val_loss, "fit_seconds": seconds, "train_rows": int(len(train_idx)),
            "val_rows": int(len(val_idx))}
     if test_cache:
-        with FeatureCache(test_cache) as tc:
-            out["test_acc"], out["test_loss"] = score(tc, np.arange(tc.n))[:2]
+        with FeatureCache(test_cache) as tc:  # of some of the classes, perhaps: its labels as the training cache's
+            out["test_acc"], out["test_loss"] = score(Relabelled(tc, cache.classes), np.arange(tc.n))[:2]
     return out
 
 

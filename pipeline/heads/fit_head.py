@@ -32,15 +32,15 @@ import numpy as np
 import torch
 
 from ..cache.feature_cache import FeatureCache, newest_cache, read_int8_observers, source_changes
-from ..cache.provenance import Provenance
+from ..cache.provenance import ROW_FEATURES, Provenance
 from ..config import FitHeadConfig
-from ..data.folders import POOL
+from ..data.folders import POOL, TEST
 from ..devices import resolve_device
 from ..errors import UsageError
 from ..files import check_output
 from ..progress import is_quiet, still_running
 from ..runs.run_folders import finish_run, new_run_dir
-from .cache_views import CacheRows, CacheViews, evaluate_head
+from .cache_views import CacheRows, CacheViews, Relabelled, cache_classes_to_model, evaluate_head
 from .calibration import before_after
 from .checkpoints import HEAD_KIND, write_checkpoint
 from .epoch_loop import per_class_accuracy, split_indices, validate_training
@@ -382,19 +382,20 @@ def default_head_on_rows(rows, labels: np.ndarray, n_classes: int, in_shape, cfg
 
 # -- testing on photos the head never saw -----------------------------------------------------------
 def check_test_classes(test_data: Optional[str], classes) -> None:
-    """A ``--test-data`` folder of other class folders than the head's, refused before anything is fitted or
-    extracted, naming the classes missing and unknown (it was refused after both, as a cache 'made differently'
-    with the advice to extract it with the training cache's network)."""
+    """A ``--test-data`` folder with a class folder the head does not know, refused before anything is fitted or
+    extracted, naming it (it was refused after both, as a cache 'made differently' with the advice to extract it
+    with the training cache's network). A folder of some of the head's classes is scored (``relabelled_test``), as
+    evaluate scores one: a small test set often lacks a class."""
     if not test_data:
         return
     from ..data.folders import list_image_folder
 
     theirs, ours = list_image_folder(test_data, min_classes=1).classes, list(classes)
-    if list(theirs) != ours:
-        missing, unknown = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
-        why = "; ".join(f"{k}: {', '.join(v)}" for k, v in (("missing", missing), ("unknown", unknown)) if v)
+    unknown = [c for c in theirs if c not in ours]
+    if unknown:
         raise UsageError(f"--test-data {test_data!r} has the classes {', '.join(theirs)}, the head's are "
-                         f"{', '.join(ours)} ({why}): a test folder holds the same class folders")
+                         f"{', '.join(ours)} (unknown: {', '.join(unknown)}): a test folder holds some or all of "
+                         "the head's class folders")
 
 
 def check_test_decoding(test_data: Optional[str], cache, path) -> None:
@@ -464,7 +465,7 @@ def test_cache_for(cfg: FitHeadConfig, cache: FeatureCache) -> Path:
         from ..runs.ledger import current_command
 
         path = Path(extract(ExtractConfig(data=cfg.test_data, n=0, cache_dir=str(Path(cache.path).parent),
-                                          command=current_command(), purpose="test", **keep)).cache)
+                                          command=current_command(), purpose=TEST, **keep)).cache)
     else:
         path = Path(cfg.test_cache)
     check_test_cache(path, cache)
@@ -472,15 +473,28 @@ def test_cache_for(cfg: FitHeadConfig, cache: FeatureCache) -> Path:
 
 
 def check_test_cache(path, cache: FeatureCache) -> None:
-    """A test cache made like ``cache`` (the same network, preprocessing and classes), or a one-line refusal;
-    fit-head checks --test-cache with it before the fit, not after minutes of it."""
+    """A test cache made like ``cache`` (the same network, preprocessing, decoding...) of some or all of its
+    classes, or a one-line refusal; fit-head checks --test-cache with it before the fit, not after minutes of it.
+    Only the classes may differ, as a subset: its rows are scored against the head's classes (``relabelled_test``)."""
     with FeatureCache(path) as test:
-        differ = Provenance.from_cache_attrs(cache.attrs).differences(Provenance.from_cache_attrs(test.attrs))
-    if differ:  # other classes are other photos: extracting them with the training network changes nothing
-        hint = ("a test set holds the training cache's classes" if all(d.startswith("classes:") for d in differ)
-                else "--test-data DIR extracts the test folder with the training cache's network")
-        raise UsageError(f"test cache {path} was made differently from the training cache (training vs test): "
-                         f"{'; '.join(differ)} ({hint})")
+        differ = Provenance.from_cache_attrs(cache.attrs).differences(Provenance.from_cache_attrs(test.attrs),
+                                                                      ROW_FEATURES)
+        if differ:
+            raise UsageError(f"test cache {path} was made differently from the training cache (training vs test): "
+                             f"{'; '.join(differ)} (--test-data DIR extracts the test folder with the training "
+                             "cache's network)")
+        cache_classes_to_model(cache.classes, test)  # a class the head does not know: refused, naming it
+
+
+def relabelled_test(test, classes):
+    """The test rows (``test``: an open test cache, or fused test caches) with their labels as the head's
+    ``classes``' indices, matched by name (``Relabelled``); the head's classes it has no photos of are said in one
+    line: the test figures leave them out (their per-class accuracy is None), as evaluate's do."""
+    missing = [c for c in classes if c not in test.classes]
+    if missing:
+        log.warning("the test set %s has no photos of %s: those classes are not scored", test.path,
+                    ", ".join(missing))
+    return Relabelled(test, classes)
 
 
 def overlap(train: FeatureCache, train_idx, test: FeatureCache) -> list[str]:
@@ -636,6 +650,7 @@ def fit_head(cfg: FitHeadConfig) -> FitHeadResult:
         if cfg.test_data or cfg.test_cache:
             with (cache.like([test_cache_for(cfg, part) for part in cache.parts]) if fused
                   else FeatureCache(test_cache_for(cfg, cache))) as tc:
+                tc = relabelled_test(tc, cache.classes)  # some of the head's classes: labels as the head's
                 test = {**scores(head, tc, np.arange(tc.n), device, cfg.block_rows), "cache": str(tc.path),
                         "overlap": overlap(cache, fit.fitted_idx, tc)}  # a refitted head saw the val rows too
             test["calibration"] = before_after(test.pop("logp"), test.pop("labels"), fit.trust["temperature"])

@@ -24,7 +24,7 @@ from ..data.folders import ImageLoadError, list_image_folder, load_rgb, thumbnai
 from ..devices import resolve_device
 from ..errors import UsageError
 from ..files import check_output, write_json, writing
-from ..heads.cache_views import head_scores
+from ..heads.cache_views import cache_classes_to_model, head_scores
 from ..heads.calibration import before_after, reliability_bins, without_temperature
 from ..heads.epoch_loop import split_indices
 from ..heads.feature_views import is_pooled
@@ -131,16 +131,6 @@ def head_on_cache(model_path: str, ckpt: dict, cfg: EvaluateConfig) -> Predictio
                            cache.attrs["fingerprint"],
                            ood=ood, **_trust(head), heatmaps=cached_heatmaps(head, path, rows) if spatial else None,
                            preprocessing=ckpt["preprocessing"] if spatial else None)
-
-
-def cache_classes_to_model(classes: list, cache) -> np.ndarray:
-    """Each of the cache's class indices as the model's: a cache of some of the model's classes is scored as
-    ``--data`` scores such a folder (matched by name); one with a class the model does not know is refused."""
-    unknown = [c for c in cache.classes if c not in classes]
-    if unknown:
-        raise UsageError(f"cache {cache.path} has classes {unknown} the model does not know; its classes: "
-                         f"{', '.join(classes)}")
-    return np.array([list(classes).index(c) for c in cache.classes], dtype=np.int64)
 
 
 def cached_heatmaps(head, path, rows: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:

@@ -78,7 +78,8 @@ def fit_head_text(r: FitHeadResult) -> str:
     lines += trust_lines(r.trust)
     if r.test:
         t = r.test
-        per = ", ".join(f"{c} {a:.3f}" for c, a in t["per_class"].items() if a is not None)
+        # a class without test photos (a test set of some of the head's classes): '-', as evaluate says it
+        per = ", ".join(f"{c} {a:.3f}" if a is not None else f"{c} -" for c, a in t["per_class"].items())
         cal = t["calibration"]
         lines += [f"test acc {t['acc']:.3f}, test loss {t['loss']:.4f} ({t['rows']} images of {t['cache']})",
                   f"per-class test acc: {per}",
