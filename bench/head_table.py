@@ -32,9 +32,10 @@ Candidates (``--candidates``; each fits on the split's training rows and predict
     python bench/head_table.py --backbone tf_efficientnet_lite0 --weights W --only dogbreeds20 \
         --fuse dogbreeds20=VGG16.h5                   # Lite0 alone and fused with VGG-16, same splits
 
-fit-head candidates also keep their test rows' calibration (ECE, log-loss, Brier at the head's temperature);
-``--calibration-base NAME`` tables each one's against candidate NAME's on the same splits (issue 33's bar: no
-worse than the defaults when it was filed, e.g. ``--label " filed"`` with HEAD_TABLE_PIPELINE=that checkout).
+fit-head candidates also keep their test rows' calibration (ECE, its floor as calibration_unknown.py draws it,
+log-loss, Brier; at the head's temperature); ``--calibration-base NAME`` tables each one's against candidate
+NAME's on the same splits (issue 33's bar: no worse than the default head when it was filed, e.g. that checkout's
+run as ``--label " filing"`` with HEAD_TABLE_PIPELINE; docs/heads.md "Calibration over paired splits").
 
 Each (proxy, candidate, split)'s predictions are kept in ``--results`` (JSON), so a rerun computes only
 what is missing and a candidate added later is paired with the same splits.
@@ -318,8 +319,9 @@ CALIBRATION = ("ece", "ece_floor", "log_loss", "brier")
 
 
 def calibration_markdown(store: dict, base: str) -> str:
-    """fit-head candidates' test calibration over the paired splits both have: each one's mean ECE, log-loss and
-    Brier, and the mean paired difference to candidate ``base`` (e.g. an older checkout's defaults) ± its SE."""
+    """fit-head candidates' test calibration over the paired splits both have: each one's mean ECE, ECE floor,
+    log-loss and Brier, and the mean paired difference to candidate ``base`` (e.g. an older checkout's defaults)
+    ± its SE."""
     by: dict = {}
     for key, r in store.items():
         proxy, cand, split = key.rsplit("|", 2)
@@ -404,7 +406,7 @@ def main() -> None:
                    help="the per-split results, kept between runs (the first is written; all are read)")
     p.add_argument("--label", default="", help="appended to fit-head candidates' names (e.g. another checkout's)")
     p.add_argument("--calibration-base", metavar="CANDIDATE",
-                   help="also a table of fit-head candidates' test ECE, log-loss and Brier against this one's")
+                   help="also a table of fit-head candidates' test calibration against this one's")
     p.add_argument("--timing-rows", type=int, nargs="*", default=[], help="also time the default fit (800 25000)")
     a = p.parse_args()
     from pipeline.progress import set_quiet
