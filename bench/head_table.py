@@ -32,6 +32,11 @@ Candidates (``--candidates``; each fits on the split's training rows and predict
     python bench/head_table.py --backbone tf_efficientnet_lite0 --weights W --only dogbreeds20 \
         --fuse dogbreeds20=VGG16.h5                   # Lite0 alone and fused with VGG-16, same splits
 
+fit-head candidates also keep their test rows' calibration (ECE, its floor as calibration_unknown.py draws it,
+log-loss, Brier; at the head's temperature); ``--calibration-base NAME`` tables each one's against candidate
+NAME's on the same splits (issue 33's bar: no worse than the default head when it was filed, e.g. that checkout's
+run as ``--label " filing"`` with HEAD_TABLE_PIPELINE; docs/heads.md "Calibration over paired splits").
+
 Each (proxy, candidate, split)'s predictions are kept in ``--results`` (JSON), so a rerun computes only
 what is missing and a candidate added later is paired with the same splits.
 """
@@ -124,10 +129,11 @@ def pooled_maps(paths: list, fuse: list | None = None) -> tuple:
     ``fuse`` (another backbone's caches of the same folders, in the same order) each cache's fused rows
     with its counterpart, as (N, D, 1, 1) float32 maps in ``paths``' row order, and the blocks' sizes."""
     from pipeline.cache.feature_cache import FeatureCache
-    from pipeline.heads.fused_views import FusedRows
 
     if fuse and len(fuse) != len(paths):
         raise SystemExit(f"--fuse names {len(fuse)} caches for {len(paths)}: {', '.join(map(str, paths))}")
+    if fuse:
+        from pipeline.heads.fused_views import FusedRows
     maps, labels, classes = [], [], None
     for k, p in enumerate(paths):
         with (FusedRows([p, fuse[k]]) if fuse else FeatureCache(p)) as c:
@@ -177,19 +183,21 @@ def recipe_scores(a, ya, b, yb) -> dict:
 
 def fit_head_predict(options: dict, maps, labels, classes, tr, te, blocks=None) -> tuple:
     """fit-head with ``options`` on rows ``tr`` (its own validation split taken from them, as on a cache),
-    predicting rows ``te``: (predicted labels, what it chose). ``blocks``: the fused rows' block sizes, for
-    fit-head's choice between the fused rows and each cache alone (``fit_fused_or_alone``)."""
+    predicting rows ``te``: (their calibrated log-probabilities, what it chose). ``blocks``: the fused rows'
+    block sizes, for fit-head's choice between the fused rows and each cache alone (``fit_fused_or_alone``)."""
     import torch
 
     from pipeline.config import FitHeadConfig
     from pipeline.heads.cache_views import FeatureArray
     from pipeline.heads.epoch_loop import split_indices
-    from pipeline.heads.fit_head import fit_fused_or_alone, fit_on_rows
+    from pipeline.heads.fit_head import fit_on_rows
 
     rows = FeatureArray(maps[tr], labels[tr], classes)
     cfg = FitHeadConfig(**options)
     columns = slice(None)
     if blocks:
+        from pipeline.heads.fit_head import fit_fused_or_alone
+
         ends = np.cumsum([0, *blocks])
         parts = [FeatureArray(maps[tr][:, a:b], labels[tr], classes) for a, b in zip(ends[:-1], ends[1:])]
         fit, chosen, _, _ = fit_fused_or_alone(cfg, rows, parts, "cpu", cfg)
@@ -204,7 +212,7 @@ def fit_head_predict(options: dict, maps, labels, classes, tr, te, blocks=None) 
     choice = (fit.tuning or {}).get("choice")
     if fit.tuning and "fusion" in fit.tuning:
         choice = f"{next(r['rows'] for r in fit.tuning['fusion'] if r['chosen'])}: {choice}"
-    return logp.argmax(1).numpy(), choice
+    return logp.numpy(), choice
 
 
 def parse_candidate(text: str) -> tuple:
@@ -231,6 +239,9 @@ def run_proxy(name: str, paths: list, candidates: list, splits: int, store: dict
               first: int = 0, fuse: list | None = None) -> None:
     """Every candidate's test predictions on splits ``first`` ... ``splits`` - 1 of ``name`` not in ``store`` yet
     (saved as they come); with ``fuse``, on the fused rows (see ``pooled_maps``), as ``NAME+fused``."""
+    from calibration_unknown import ece_floor
+    from pipeline.heads.calibration import calibration_metrics
+
     maps, labels, classes, n_train, blocks = pooled_maps(paths, fuse)
     suffix = "+fused" if fuse else ""
     n_test = len(labels) - n_train if len(paths) == 2 else HOLDOUT
@@ -243,14 +254,17 @@ def run_proxy(name: str, paths: list, candidates: list, splits: int, store: dict
             if key in store:
                 continue
             t0 = time.time()
+            calibration = {}  # fit-head's test ECE, log-loss and Brier (the recipes give no probabilities)
             if kind == "recipe":
                 av = l2_avg(maps) if av is None else av
                 pred, choice = recipe_predict(cand, av[tr], labels[tr], av[te]), None
             else:  # fused rows: their own avg view, as FusedRows.head_config gives fit-head
-                pred, choice = fit_head_predict({**opts, **({"features": "avg"} if fuse else {})}, maps, labels,
+                logp, choice = fit_head_predict({**opts, **({"features": "avg"} if fuse else {})}, maps, labels,
                                                 classes, tr, te, blocks)
+                pred, calibration = logp.argmax(1), calibration_metrics(logp, labels[te])
+                calibration["ece_floor"] = ece_floor(logp, draws=100)
             store[key] = {"acc": float((pred == labels[te]).mean()), "rows": int(len(te)),
-                          "seconds": time.time() - t0, "choice": choice}
+                          "seconds": time.time() - t0, "choice": choice, **calibration}
             print(f"{key}: {store[key]['acc']:.4f} ({store[key]['seconds']:.1f} s, {choice})", file=sys.stderr,
                   flush=True)
             save()
@@ -299,6 +313,35 @@ def markdown(table: dict) -> str:
         lines.append(f"| {c} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + ("\n\n(mean test accuracy over the paired splits; in brackets the mean paired "
                                "difference to each plain recipe, in points, ± its standard error)")
+
+
+CALIBRATION = ("ece", "ece_floor", "log_loss", "brier")
+
+
+def calibration_markdown(store: dict, base: str) -> str:
+    """fit-head candidates' test calibration over the paired splits both have: each one's mean ECE, ECE floor,
+    log-loss and Brier, and the mean paired difference to candidate ``base`` (e.g. an older checkout's defaults)
+    ± its SE."""
+    by: dict = {}
+    for key, r in store.items():
+        proxy, cand, split = key.rsplit("|", 2)
+        if "ece_floor" in r:
+            by.setdefault(proxy, {}).setdefault(cand, {})[int(split)] = [r[m] for m in CALIBRATION]
+    lines = ["| proxy | candidate | splits | ECE | ECE floor | log-loss | Brier |", "|---|---|---|---|---|---|---|"]
+    for proxy, cands in by.items():
+        if base not in cands:
+            continue
+        for cand, rows in cands.items():
+            common = sorted(set(rows) & set(cands[base]))
+            if len(common) < 2:
+                continue
+            a, b = np.array([rows[s] for s in common]), np.array([cands[base][s] for s in common])
+            d, se = (a - b).mean(0), (a - b).std(0, ddof=1) / np.sqrt(len(common))
+            cells = [f"{m:.4f}" + ("" if cand == base else f" ({x:+.4f} ± {e:.4f})")
+                     for m, x, e in zip(a.mean(0), d, se)]
+            lines.append(f"| {proxy} | {cand} | {len(common)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + (f"\n\n(mean over the paired splits of the test rows' calibration; in brackets the "
+                               f"mean paired difference to {base!r} ± its standard error: lower is better)")
 
 
 TIMING = """
@@ -362,6 +405,8 @@ def main() -> None:
     p.add_argument("--results", nargs="+", default=["head_table.json"],
                    help="the per-split results, kept between runs (the first is written; all are read)")
     p.add_argument("--label", default="", help="appended to fit-head candidates' names (e.g. another checkout's)")
+    p.add_argument("--calibration-base", metavar="CANDIDATE",
+                   help="also a table of fit-head candidates' test calibration against this one's")
     p.add_argument("--timing-rows", type=int, nargs="*", default=[], help="also time the default fit (800 25000)")
     a = p.parse_args()
     from pipeline.progress import set_quiet
@@ -376,7 +421,10 @@ def main() -> None:
         run_proxy(name, paths, candidates, a.splits, store, save, a.label, a.first_split)
         if name in dict(a.fuse):
             run_proxy(name, paths, candidates, a.splits, store, save, a.label, a.first_split, dict(a.fuse)[name])
-    print(markdown(summary({k: v for k, v in store.items() if k.split("|")[0] in made})))
+    mine = {k: v for k, v in store.items() if k.split("|")[0] in made}
+    print(markdown(summary(mine)))
+    if a.calibration_base:
+        print("\n" + calibration_markdown(mine, a.calibration_base))
     if a.timing_rows:
         print("\n| rows | default fit s | CPU s | peak RSS MB |\n|---|---|---|---|")
         for n in a.timing_rows:

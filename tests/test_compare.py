@@ -103,8 +103,6 @@ def test_the_plain_recipes_are_the_issues_and_the_head_tables(tmp_path, make_cac
     """compare-sklearn's SVC searched C in [1, 10, 100] and had no logistic-regression recipe, so it showed
     neither bar the default head is measured against in bench/head_table.py (SVC() and LogisticRegression,
     C by 5-fold CV from [0.1 .. 100] and [0.1 .. 1000], on avg-pooled l2 rows); scored as the bench scores them."""
-    import importlib.util
-
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import GridSearchCV
     from sklearn.svm import SVC
@@ -113,11 +111,8 @@ def test_the_plain_recipes_are_the_issues_and_the_head_tables(tmp_path, make_cac
     from pipeline.heads.compare import PLAIN_RECIPES, fit_plain
     from pipeline.heads.epoch_loop import split_indices
     from pipeline.heads.feature_views import Normalizer
-    from tests.conftest import ROOT
 
-    spec = importlib.util.spec_from_file_location("head_table", ROOT / "bench" / "head_table.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _head_table()
     assert {k: list(g) for k, (_, g) in PLAIN_RECIPES.items()} == {k: g for k, (_, g) in bench.RECIPES.items()}
 
     data = make_image_folder(tmp_path / "d", per_class=14, classes=("blue", "green", "red"), seed=4)
@@ -132,6 +127,39 @@ def test_the_plain_recipes_are_the_issues_and_the_head_tables(tmp_path, make_cac
             row = fit_plain(cfg, c, kind)
             assert f"C={ref.best_params_['C']:g} by 5-fold CV" in row["model"]
             assert row["val_acc"] == (ref.predict(rows["va"]) == c.labels[va]).mean()
+
+
+def _head_table():
+    import importlib.util
+
+    from tests.conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("head_table", ROOT / "bench" / "head_table.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_the_head_tables_calibration_pairs_each_candidate_with_the_base_on_their_common_splits():
+    """Issue 33's calibration bar on paired splits: a candidate's ECE (and its floor), log-loss and Brier against
+    another checkout's defaults, split by split, only where both have the split (a recipe's row, without
+    probabilities, is left out)."""
+    rng = np.random.default_rng(0)
+    metrics = ("ece", "ece_floor", "log_loss", "brier")
+    store, base, new = {}, rng.uniform(0.01, 0.05, (5, 4)), rng.uniform(0.01, 0.05, (5, 4))
+    for i in range(5):
+        store[f"p|defaults old|{i}"] = {"acc": 0.9, **dict(zip(metrics, base[i]))}
+        if i:  # split 0 missing: not paired
+            store[f"p|defaults new|{i}"] = {"acc": 0.9, **dict(zip(metrics, new[i]))}
+        store[f"p|svc|{i}"] = {"acc": 0.9}
+    table = _head_table().calibration_markdown(store, "defaults old").splitlines()
+    row = next(line for line in table if "| defaults new |" in line)
+    d = new[1:] - base[1:]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2] == "4" and not any("svc" in line for line in table)
+    for k in range(4):
+        se = d[:, k].std(ddof=1) / 2
+        assert cells[3 + k] == f"{new[1:, k].mean():.4f} ({d[:, k].mean():+.4f} ± {se:.4f})"
 
 
 def test_the_flat_baseline_fits_a_stratified_sample_that_fits_its_memory_and_says_so(tmp_path, make_cache,
