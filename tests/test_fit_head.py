@@ -94,6 +94,16 @@ def test_a_runs_dir_inside_the_caches_photos_is_refused(cache, tmp_path):
     assert sorted(p.name for p in (tmp_path / "d" / "blue").iterdir()) == sorted(f"blue.{i}.jpg" for i in range(16))
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="no /proc to write in")
+def test_a_runs_dir_where_nothing_can_be_written_is_refused_before_the_fit(cache, monkeypatch):
+    """--runs-dir /proc/nope failed after the whole fit (minutes with --tune), when the run folder was made, as
+    'unexpected FileNotFoundError ... (a bug?)'; now one line naming it, before the fit (exit 1, as a full disk)."""
+    monkeypatch.setattr("pipeline.heads.fit_head.fit_on_rows", lambda *a, **k: pytest.fail("fitted first"))
+    r = CliRunner().invoke(cli, ["fit-head", "--cache", str(cache), "--runs-dir", "/proc/nope"])
+    assert r.exit_code == 1 and r.output == ("Error: cannot write --runs-dir '/proc/nope': nothing can be written in "
+                                             "'/proc' (no such file or directory)\n"), r.output
+
+
 def test_fit_head_warns_when_the_source_folder_changed(cache, tmp_path, caplog):
     (tmp_path / "d" / "red" / "red.0.jpg").unlink()
     r = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=1, runs_dir=str(tmp_path / "runs")))

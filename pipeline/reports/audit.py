@@ -133,7 +133,8 @@ def check_output_dir(cfg: AuditConfig) -> None:
     folder, option = (cfg.output, "--output") if cfg.output else (cfg.runs_dir, "--runs-dir")
     check_output(folder, data=folders, what=option, folder=True)
     # every folder at once: extract checks only its own, so the training cache would land in --test-data first
-    check_output(cfg.cache_dir, data=folders, what="--cache-dir", folder=True)
+    check_output(cfg.cache_dir, data=folders, what="--cache-dir", folder=True,
+                 written=False)  # its caches may be hits, read where nothing can be written
 
 
 def output_dir(cfg, kind: str = "audit") -> Path:
