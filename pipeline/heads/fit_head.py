@@ -420,6 +420,7 @@ def check_test_data(test_data: Optional[str], cache, path) -> None:
     check_test_decoding(test_data, cache, path)
     check_test_cache_folder(test_data, cache)
     check_test_weights(test_data, cache)
+    check_test_calibration(test_data, cache)
 
 
 def check_test_weights(test_data: Optional[str], cache) -> None:
@@ -433,6 +434,23 @@ def check_test_weights(test_data: Optional[str], cache) -> None:
             raise UsageError(f"--test-data is extracted with the weights the cache {part.path} was made with, "
                              f"{weights!r}, which no longer exists; put that file back" + ("" if parts else
                              " (or extract the test folder yourself with the same options and pass --test-cache)"))
+
+
+def check_test_calibration(test_data: Optional[str], cache) -> None:
+    """The photos an int8 cache's network was calibrated on (its 'calibration' record's calib_root), which
+    --test-data's extraction calibrates the same network on again (``test_cache_for``): a folder moved or deleted
+    since was said after the fit as "calibration folder '...' does not exist", naming nothing fit-head takes;
+    refused before, saying whose folder it is and what to do. Moved, its photos keep their names, sizes and times,
+    so extract --calib-data at the new place makes the same network."""
+    parts = getattr(cache, "parts", None)  # a fusion's caches take --test-data only
+    for part in parts or [cache]:
+        record = part.attrs.get("calibration", "")
+        root = json.loads(record).get("calib_root", "") if test_data and record else ""
+        if root and not os.path.isdir(root):
+            raise UsageError(f"--test-data is extracted with the int8 network of the cache {part.path}, calibrated on "
+                             f"the photos in {root!r}, which no longer exists; put that folder back" + ("" if parts
+                             else " (or extract the test folder yourself with that cache's options and --calib-data "
+                             "where those photos are now, and pass --test-cache)"))
 
 
 def check_test_cache_folder(test_data: Optional[str], cache) -> None:
