@@ -504,14 +504,18 @@ def check_test_cache(path, cache: FeatureCache) -> None:
         cache_classes_to_model(cache.classes, test)  # a class the head does not know: refused, naming it
 
 
-def relabelled_test(test, classes):
+def relabelled_test(test, classes, said: Optional[set] = None):
     """The test rows (``test``: an open test cache, or fused test caches) with their labels as the head's
     ``classes``' indices, matched by name (``Relabelled``); the head's classes it has no photos of are said in one
-    line: the test figures leave them out (their per-class accuracy is None), as evaluate's do."""
+    line: the test figures leave them out (their per-class accuracy is None), as evaluate's do. ``said``: the
+    lines a command fitting several heads on one test set has said already (compare-sklearn said this one once
+    per head kind, four times); this one is added to it."""
     missing = [c for c in classes if c not in test.classes]
-    if missing:
-        log.warning("the test set %s has no photos of %s: those classes are not scored", test.path,
-                    ", ".join(missing))
+    line = f"the test set {test.path} has no photos of {', '.join(missing)}: those classes are not scored"
+    if missing and line not in (said or ()):
+        log.warning("%s", line)
+    if missing and said is not None:
+        said.add(line)
     return Relabelled(test, classes)
 
 
@@ -637,8 +641,9 @@ def calibration_rows(cfg: FitHeadConfig, rows, val: dict, train_idx, tuning, oof
     return logp, y, source
 
 
-def fit_head(cfg: FitHeadConfig) -> FitHeadResult:
-    """Fit the head on the cache's train split; returns metrics (val, and test if asked) and where outputs went."""
+def fit_head(cfg: FitHeadConfig, said: Optional[set] = None) -> FitHeadResult:
+    """Fit the head on the cache's train split; returns metrics (val, and test if asked) and where outputs went.
+    ``said``: the warnings about the test set a command fitting several heads said already (``relabelled_test``)."""
 
     validate(cfg)  # the options as given (--recipe among them), then the recipe's settings
     cfg = with_recipe(cfg)
@@ -668,7 +673,7 @@ def fit_head(cfg: FitHeadConfig) -> FitHeadResult:
         if cfg.test_data or cfg.test_cache:
             with (cache.like([test_cache_for(cfg, part) for part in cache.parts]) if fused
                   else FeatureCache(test_cache_for(cfg, cache))) as tc:
-                tc = relabelled_test(tc, cache.classes)  # some of the head's classes: labels as the head's
+                tc = relabelled_test(tc, cache.classes, said)  # some of the head's classes: labels as the head's
                 test = {**scores(head, tc, np.arange(tc.n), device, cfg.block_rows), "cache": str(tc.path),
                         "overlap": overlap(cache, fit.fitted_idx, tc)}  # a refitted head saw the val rows too
             test["calibration"] = before_after(test.pop("logp"), test.pop("labels"), fit.trust["temperature"])
