@@ -707,3 +707,16 @@ def test_an_int8_cache_whose_calibration_photos_moved_is_refused_before_the_fit(
     made = make_cache(test, calib_data=str(tmp_path / "moved"), cache_dir=str(tmp_path / "tf"), **int8).cache
     r = fit_head(FitHeadConfig(head="logreg", cache=cache, test_cache=made, runs_dir=str(tmp_path / "runs")))
     assert r.test["rows"] == 6
+
+
+def test_a_test_cache_is_checked_once_before_the_fit_not_again_after_it(tmp_path, make_cache, monkeypatch):
+    """fit-head checked --test-cache before the fit (check_test_cache), then again when it opened it after the fit:
+    the same file, read twice to the same answer (nothing in the command writes it)."""
+    import pipeline.heads.fit_head as fh
+
+    cache = make_cache(make_image_folder(tmp_path / "d", per_class=8)).cache
+    test = make_cache(make_image_folder(tmp_path / "t", per_class=3, seed=5), cache_dir=str(tmp_path / "tf")).cache
+    checked, real = [], fh.check_test_cache
+    monkeypatch.setattr(fh, "check_test_cache", lambda path, c: checked.append(str(path)) or real(path, c))
+    r = fit_head(FitHeadConfig(head="logreg", cache=cache, test_cache=test, runs_dir=str(tmp_path / "runs")))
+    assert checked == [test] and r.test["rows"] == 6

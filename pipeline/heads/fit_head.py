@@ -465,8 +465,9 @@ def check_test_cache_folder(test_data: Optional[str], cache) -> None:
 
 
 def test_cache_for(cfg: FitHeadConfig, cache: FeatureCache) -> Path:
-    """The cache of ``--test-data`` (extracted like ``cache``, reused next time) or ``--test-cache``, checked.
-    Callers check the folder first (``check_test_data``), before any fit."""
+    """The cache of ``--test-data`` (extracted like ``cache``, reused next time, checked) or ``--test-cache``.
+    Callers check the folder (``check_test_data``) or the given cache (``check_test_cache``) first, before any fit.
+    A --test-cache was checked again here, after the fit, to the same answer: nothing in the command writes it."""
 
     if cfg.test_data:
         from ..extraction.extract import ExtractConfig, extract
@@ -484,10 +485,9 @@ def test_cache_for(cfg: FitHeadConfig, cache: FeatureCache) -> Path:
 
         path = Path(extract(ExtractConfig(data=cfg.test_data, n=0, cache_dir=str(Path(cache.path).parent),
                                           command=current_command(), purpose=TEST, **keep)).cache)
-    else:
-        path = Path(cfg.test_cache)
-    check_test_cache(path, cache)
-    return path
+        check_test_cache(path, cache)  # extract's answer: the same options once made another network (precision auto)
+        return path
+    return Path(cfg.test_cache)
 
 
 def check_test_cache(path, cache: FeatureCache) -> None:
