@@ -99,9 +99,11 @@ def what_is(path: Path) -> str:
     return "a link to a file"
 
 
-def check_output(output, inputs=(), data=(), suffixes=(), what: str = "--output", folder: bool = False) -> Path:
-    """``output`` as a Path when writing it destroys nothing the command reads: the one output guard
-    of every command (a file's folder is made; with ``folder``, a folder to write into, made by the caller).
+def check_output(output, inputs=(), data=(), suffixes=(), what: str = "--output", folder: bool = False,
+                 written: bool = True) -> Path:
+    """``output`` as a Path when writing it destroys nothing the command reads, and it can be written: the one
+    output guard of every command (a file's folder is made; with ``folder``, a folder to write into, made by the
+    caller).
 
     ``inputs``: every file the command reads (images, the model, weights and their sidecar, caches);
     ``data``: every image folder it reads. Each entry is a path, or (path, what it is) for the message;
@@ -113,6 +115,10 @@ def check_output(output, inputs=(), data=(), suffixes=(), what: str = "--output"
     - a data folder or anything inside one: a new file there joins the training set, makes its caches
       stale, and may replace a photo;
     - a file name not ending in one of ``suffixes`` (when given).
+
+    Then, unless ``written`` is False (a folder the command may only read from: extract's cache folder, whose
+    complete cache is a hit), a place where nothing can be written (read-only, not permitted, /proc) is refused
+    in one line naming it (exit 1, as a failed write is): found only when the command wrote there, after its work.
     """
     out = Path(output)
     if folder:
@@ -132,9 +138,32 @@ def check_output(output, inputs=(), data=(), suffixes=(), what: str = "--output"
         raise UsageError(f"{what} {str(output)!r} must end in {' or '.join(suffixes)}")
     if not folder:
         require_folder(out.parent, f"{what}'s folder")
+    if written:
+        check_writable(out if folder else out.parent, what, output)
+    if not folder:
         with writing(out.parent):
             out.parent.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def check_writable(folder: Path, what: str, output) -> None:
+    """A folder made in ``folder``, or in the nearest part of it that exists, and removed at once; DiskFull naming
+    ``what`` and ``output`` where it cannot be. Made, not asked (``os.access``): root is granted everything, and
+    '/proc' still takes no folder (--runs-dir /proc/nope failed after the whole fit). Nothing is left behind, and
+    no folder of ``output`` is made here."""
+    import tempfile
+
+    from .errors import DiskFull
+
+    probe = folder
+    while not os.path.lexists(probe) and probe != probe.parent:
+        probe = probe.parent
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".write-probe-", dir=probe))
+    except OSError as e:
+        why = disk_reason(e) or (e.strerror or str(e)).lower()
+        raise DiskFull(f"cannot write {what} {str(output)!r}: nothing can be written in {str(probe)!r} ({why})") \
+            from None
 
 
 def _labelled(entries, default: str) -> list[tuple[str, str]]:
@@ -175,28 +204,33 @@ def free_default(path, default) -> str:
     return str(p.with_name(f"{p.stem}-{n}{p.suffix}"))
 
 
+def disk_reason(e: BaseException):
+    """Why a write failed, in a few words, when ``e`` is a full disk, a read-only file system or a refused
+    permission (as OSError, or wrapped in h5py's and torch's RuntimeErrors); else None."""
+    text, code = str(e), getattr(e, "errno", None)
+    if code in (errno.ENOSPC, errno.EDQUOT) or "No space left" in text or "errno = 28" in text:
+        return "no space left on the device"
+    if code == errno.EROFS or "Read-only file system" in text or "errno = 30" in text:
+        return "the file system is read-only"
+    if code in (errno.EACCES, errno.EPERM) or "Permission denied" in text or "errno = 13" in text:
+        return "permission denied"
+    if isinstance(e, RuntimeError) and ("file write failed" in text or "PytorchStreamWriter" in text):
+        return "the write failed (a full disk?)"
+    return None
+
+
 def disk_error(e: BaseException, path):
     """A one-line PipelineError naming ``path`` when ``e`` is a full disk, a read-only file system or a
     refused permission (as OSError, or wrapped in h5py's and torch's RuntimeErrors); else None."""
-    import errno
-
     from .errors import DiskFull
 
-    text, code = str(e), getattr(e, "errno", None)
-    if code in (errno.ENOSPC, errno.EDQUOT) or "No space left" in text or "errno = 28" in text:
-        why = "no space left on the device"
-    elif code == errno.EROFS or "Read-only file system" in text or "errno = 30" in text:
-        why = "the file system is read-only"
-    elif code in (errno.EACCES, errno.EPERM) or "Permission denied" in text or "errno = 13" in text:
-        why = "permission denied"
-    elif isinstance(e, RuntimeError) and ("file write failed" in text or "PytorchStreamWriter" in text):
-        why = "the write failed (a full disk?)"
-    else:
+    why = disk_reason(e)
+    if why is None:
         return None
     err = DiskFull(f"cannot write {path}: {why}")
     # HDF5 that failed mid-write crashes the process when its objects are freed later (h5py 3.x):
     # the CLI then leaves at once, after saying why (the committed rows are on disk)
-    err.fatal = "file write failed: time =" in text or "id ref count" in text
+    err.fatal = "file write failed: time =" in str(e) or "id ref count" in str(e)
     return err
 
 

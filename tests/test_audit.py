@@ -181,6 +181,18 @@ def test_a_test_folder_of_other_classes_is_refused_before_its_extraction(tmp_pat
     assert sorted((tmp_path / "features").iterdir()) == before
 
 
+def test_a_test_cache_of_other_classes_is_refused_naming_them(tmp_path, make_cache):
+    """audit --test-cache is checked by the audit itself (fit-head's test_cache_for checks only the caches it
+    extracts: fit-head checks a given one before its fit)."""
+    cache = make_cache(make_image_folder(tmp_path / "data", per_class=4)).cache
+    other = make_cache(make_image_folder(tmp_path / "t", per_class=3, classes=("blue", "green")),
+                       cache_dir=str(tmp_path / "tf")).cache
+    run = CliRunner().invoke(cli, ["audit", "--cache", cache, "--folds", "2", "--test-cache", other,
+                                   "--runs-dir", str(tmp_path / "runs")])
+    assert run.exit_code == 2 and run.output == (f"Error: cache {other} has classes ['green'] the model does not "
+                                                 "know; its classes: blue, red\n"), run.output
+
+
 def test_a_test_folder_of_some_of_the_classes_is_searched_for_leaks(tmp_path):
     """A test folder lacking some of the training folder's classes was refused ('missing: blue, green'), as
     fit-head refused it: a leak is a photo, whatever classes the test folder holds (one will do)."""

@@ -231,3 +231,20 @@ def test_a_test_cache_of_some_of_the_classes_is_scored_on_the_training_caches_cl
         rows = [fit_sklearn(cfg, c, test), fit_plain(cfg, c, "svc", test), fit_plain(cfg, c, "logreg", test)]
     assert [r["test_acc"] for r in rows] == [1.0] * 3
     assert rows[0]["test_loss"] < 0.1 and rows[2]["test_loss"] < np.log(3)
+
+
+def test_a_test_set_lacking_a_class_is_said_once_per_command_not_once_per_head(tmp_path, make_cache):
+    """compare-sklearn fits four head kinds through fit-head, each scoring the test set: 'the test set ... has no
+    photos of green' was logged four times, once per kind."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+
+    cache = make_cache(make_image_folder(tmp_path / "d", per_class=12, classes=("blue", "green", "red"))).cache
+    test = make_cache(make_image_folder(tmp_path / "t", per_class=3, classes=("blue", "red"), seed=5),
+                      cache_dir=str(tmp_path / "tf")).cache
+    out = CliRunner().invoke(cli, ["compare-sklearn", "--cache", cache, "--test-cache", test, "--epochs", "2",
+                                   "--runs-dir", str(tmp_path / "runs")])
+    assert out.exit_code == 0, out.output
+    said = [line for line in out.stderr.splitlines() if "has no photos of" in line]
+    assert said == [f"the test set {test} has no photos of green: those classes are not scored"], said

@@ -158,6 +158,22 @@ def test_same_request_is_a_cache_hit_without_decoding(image_folder, tmp_path, mo
     assert again.hit and again.cache == first.cache and again.rows == 24
 
 
+def test_a_hit_in_a_folder_where_nothing_can_be_written_is_still_a_hit(image_folder, tmp_path, monkeypatch):
+    """The output guard refuses a folder where nothing can be written (files.check_writable) before the work; a
+    --cache-dir is only read on a hit (a shared, read-only folder of caches), so extract does not ask it."""
+    import errno
+    import tempfile
+
+    first = extract(cfg(image_folder, tmp_path))
+
+    def read_only(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)
+    again = extract(cfg(image_folder, tmp_path))
+    assert again.hit and again.cache == first.cache
+
+
 def _while_reading(monkeypatch, position: int, before, after=None):
     """Run ``before(file)`` just before extract reads its candidate at ``position`` (and ``after(file)`` just after)."""
     from pipeline.data.image_reader import ImageListDataset

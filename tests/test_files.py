@@ -117,6 +117,26 @@ def test_the_output_guard_keeps_outputs_out_of_data_folders_files_and_folders_al
     assert "must be a folder" in _refused(data / "blue" / "blue.0.jpg", folder=True)
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="no /proc to write in")
+@pytest.mark.parametrize("output, folder", [("/proc/nope", True), ("/proc/nope/deeper", True),
+                                            ("/proc/nope/x.csv", False), ("/proc/x.csv", False)])
+def test_an_output_where_nothing_can_be_written_is_refused_before_the_work(output, folder):
+    """--runs-dir /proc/nope passed the guard (it is no data folder, and /proc is a folder): fit-head failed only
+    when it made its run folder, after the whole fit, as 'unexpected FileNotFoundError (a bug?)'. A folder made
+    in its nearest existing part, and removed, says now whether it can be written (root too: os.access says yes)."""
+    with pytest.raises(DiskFull, match=rf"^cannot write --runs-dir '{output}': nothing can be written in '/proc' "):
+        check_output(output, what="--runs-dir", folder=folder)
+    assert check_output("/proc/nope", folder=True, written=False) == Path("/proc/nope")  # a folder only read from
+
+
+def test_the_write_probe_leaves_nothing_behind(tmp_path):
+    (tmp_path / "runs").mkdir()
+    for output, folder in ((tmp_path / "runs", True), (tmp_path / "new" / "deeper", True),
+                           (tmp_path / "runs" / "x.csv", False)):
+        check_output(output, folder=folder)
+    assert sorted(os.listdir(tmp_path)) == ["runs"] and os.listdir(tmp_path / "runs") == []
+
+
 def _extract(tmp_path, data):
     return CliRunner().invoke(cli, ["extract", "--data", str(data), "--n", "0", *TINY,
                                     "--cache-dir", str(tmp_path / "f"), "--json"])

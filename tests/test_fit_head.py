@@ -94,6 +94,16 @@ def test_a_runs_dir_inside_the_caches_photos_is_refused(cache, tmp_path):
     assert sorted(p.name for p in (tmp_path / "d" / "blue").iterdir()) == sorted(f"blue.{i}.jpg" for i in range(16))
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="no /proc to write in")
+def test_a_runs_dir_where_nothing_can_be_written_is_refused_before_the_fit(cache, monkeypatch):
+    """--runs-dir /proc/nope failed after the whole fit (minutes with --tune), when the run folder was made, as
+    'unexpected FileNotFoundError ... (a bug?)'; now one line naming it, before the fit (exit 1, as a full disk)."""
+    monkeypatch.setattr("pipeline.heads.fit_head.fit_on_rows", lambda *a, **k: pytest.fail("fitted first"))
+    r = CliRunner().invoke(cli, ["fit-head", "--cache", str(cache), "--runs-dir", "/proc/nope"])
+    assert r.exit_code == 1 and r.output == ("Error: cannot write --runs-dir '/proc/nope': nothing can be written in "
+                                             "'/proc' (no such file or directory)\n"), r.output
+
+
 def test_fit_head_warns_when_the_source_folder_changed(cache, tmp_path, caplog):
     (tmp_path / "d" / "red" / "red.0.jpg").unlink()
     r = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=1, runs_dir=str(tmp_path / "runs")))
@@ -672,3 +682,41 @@ def test_test_data_finds_the_weights_file_of_a_cache_made_with_a_relative_path(t
                                          r"'.*w\.pt', which no longer exists; put that file back"):
         fit_head(FitHeadConfig(head="logreg", cache=cache, test_data=str(make_image_folder(tmp_path / "t2", seed=5)),
                                runs_dir=str(tmp_path / "runs")))
+
+
+def test_an_int8_cache_whose_calibration_photos_moved_is_refused_before_the_fit(tmp_path, make_cache, monkeypatch):
+    """--test-data is extracted by the training cache's int8 network, calibrated again on its calibration photos:
+    moved since, the fit ran, then stopped on "calibration folder '...' does not exist" (an option fit-head does not
+    take). Refused before the fit, naming the folder; the way out it gives (extract with --calib-data at the new
+    place, then --test-cache) scores the test photos."""
+    pytest.importorskip("torchao", reason="int8 needs the optional torchao (in the dev extra)")
+    calib = make_image_folder(tmp_path / "calib", per_class=4, seed=3)
+    int8 = {"precision": "int8", "calib_n": 8, "compile": "off"}
+    cache = make_cache(make_image_folder(tmp_path / "d", per_class=8), calib_data=str(calib), **int8).cache
+    test = make_image_folder(tmp_path / "t", per_class=3, seed=5)
+    calib.rename(tmp_path / "moved")
+    monkeypatch.setattr("pipeline.heads.fit_head.fit_on_rows", lambda *a, **k: pytest.fail("fitted first"))
+    r = CliRunner().invoke(cli, ["fit-head", "--cache", cache, "--head", "logreg", "--test-data", str(test),
+                                 "--runs-dir", str(tmp_path / "runs")])
+    assert r.exit_code == 2 and r.output == (
+        f"Error: --test-data is extracted with the int8 network of the cache {cache}, calibrated on the photos in "
+        f"{str(calib.resolve())!r}, which no longer exists; put that folder back (or extract the test folder yourself "
+        "with that cache's options and --calib-data where those photos are now, and pass --test-cache)\n"), r.output
+    assert not (tmp_path / "runs").exists()
+    monkeypatch.undo()
+    made = make_cache(test, calib_data=str(tmp_path / "moved"), cache_dir=str(tmp_path / "tf"), **int8).cache
+    r = fit_head(FitHeadConfig(head="logreg", cache=cache, test_cache=made, runs_dir=str(tmp_path / "runs")))
+    assert r.test["rows"] == 6
+
+
+def test_a_test_cache_is_checked_once_before_the_fit_not_again_after_it(tmp_path, make_cache, monkeypatch):
+    """fit-head checked --test-cache before the fit (check_test_cache), then again when it opened it after the fit:
+    the same file, read twice to the same answer (nothing in the command writes it)."""
+    import pipeline.heads.fit_head as fh
+
+    cache = make_cache(make_image_folder(tmp_path / "d", per_class=8)).cache
+    test = make_cache(make_image_folder(tmp_path / "t", per_class=3, seed=5), cache_dir=str(tmp_path / "tf")).cache
+    checked, real = [], fh.check_test_cache
+    monkeypatch.setattr(fh, "check_test_cache", lambda path, c: checked.append(str(path)) or real(path, c))
+    r = fit_head(FitHeadConfig(head="logreg", cache=cache, test_cache=test, runs_dir=str(tmp_path / "runs")))
+    assert checked == [test] and r.test["rows"] == 6

@@ -45,7 +45,8 @@ def validate(cfg: ExtractConfig) -> None:
         raise UsageError(f"data folder {cfg.data!r} does not exist; `python cli.py fetch-data` downloads the Kaggle "
                          "cats-vs-dogs set to data/PetImages, or pass --data DIR")
     photos = [(cfg.data, "--data"), (cfg.calib_data, "--calib-data")]
-    check_output(cfg.cache_dir, data=photos, what="--cache-dir", folder=True)
+    # written=False: a complete cache there is a hit, read from a read-only folder too
+    check_output(cfg.cache_dir, data=photos, what="--cache-dir", folder=True, written=False)
     if cfg.shard_dir:
         check_output(cfg.shard_dir, data=photos, what="--shard-dir", folder=True)
     if bb.is_weights_path(cfg.weights) and not Path(cfg.weights).is_file():

@@ -187,11 +187,12 @@ class CompareResult:
     default_cache: Optional[dict]  # the newest cache taken when none was named, else None
 
 
-def _fit_kind(base: FitHeadConfig, kind: str) -> FitHeadResult:
+def _fit_kind(base: FitHeadConfig, kind: str, said: set) -> FitHeadResult:
     """fit-head's head of one kind; the default head's refusal of too small a class said '--head auto', an
-    option compare-sklearn does not have (it fits every kind): said as compare-sklearn's."""
+    option compare-sklearn does not have (it fits every kind): said as compare-sklearn's. ``said``: the test set's
+    warnings said by an earlier kind, said once."""
     try:
-        return fit_head(replace(base, head=kind))
+        return fit_head(replace(base, head=kind), said)
     except UsageError as e:
         prefix = "--head auto: "
         if kind != "auto" or not str(e).startswith(prefix):
@@ -209,9 +210,9 @@ def compare_sklearn(cfg: CompareConfig) -> CompareResult:
     base = replace(cfg.head or FitHeadConfig(), cache=str(path), val_fraction=cfg.val_fraction, seed=cfg.seed,
                    tune=False)
     kinds = ("linear",) if base.recipe == "seed" else COMPARED
-    models, runs, test_cache = [], [], None
+    models, runs, test_cache, said = [], [], None, set()
     for kind in kinds:
-        r = _fit_kind(base, kind)
+        r = _fit_kind(base, kind, said)
         test_cache = (r.test or {}).get("cache")
         models.append({"model": _describe(r, asdict(with_recipe(replace(base, head=kind)))), "val_acc": r.val_acc,
                        "val_loss": r.val_loss, "fit_seconds": r.fit_seconds, "train_rows": r.train_rows,

@@ -420,6 +420,7 @@ def check_test_data(test_data: Optional[str], cache, path) -> None:
     check_test_decoding(test_data, cache, path)
     check_test_cache_folder(test_data, cache)
     check_test_weights(test_data, cache)
+    check_test_calibration(test_data, cache)
 
 
 def check_test_weights(test_data: Optional[str], cache) -> None:
@@ -435,6 +436,23 @@ def check_test_weights(test_data: Optional[str], cache) -> None:
                              " (or extract the test folder yourself with the same options and pass --test-cache)"))
 
 
+def check_test_calibration(test_data: Optional[str], cache) -> None:
+    """The photos an int8 cache's network was calibrated on (its 'calibration' record's calib_root), which
+    --test-data's extraction calibrates the same network on again (``test_cache_for``): a folder moved or deleted
+    since was said after the fit as "calibration folder '...' does not exist", naming nothing fit-head takes;
+    refused before, saying whose folder it is and what to do. Moved, its photos keep their names, sizes and times,
+    so extract --calib-data at the new place makes the same network."""
+    parts = getattr(cache, "parts", None)  # a fusion's caches take --test-data only
+    for part in parts or [cache]:
+        record = part.attrs.get("calibration", "")
+        root = json.loads(record).get("calib_root", "") if test_data and record else ""
+        if root and not os.path.isdir(root):
+            raise UsageError(f"--test-data is extracted with the int8 network of the cache {part.path}, calibrated on "
+                             f"the photos in {root!r}, which no longer exists; put that folder back" + ("" if parts
+                             else " (or extract the test folder yourself with that cache's options and --calib-data "
+                             "where those photos are now, and pass --test-cache)"))
+
+
 def check_test_cache_folder(test_data: Optional[str], cache) -> None:
     """--test-data's cache goes beside the cache fitted on (each cache of a fusion): where that folder is inside the
     test folder, extract refused it after the fit, naming '--cache-dir' and '--data', options fit-head does not
@@ -447,8 +465,9 @@ def check_test_cache_folder(test_data: Optional[str], cache) -> None:
 
 
 def test_cache_for(cfg: FitHeadConfig, cache: FeatureCache) -> Path:
-    """The cache of ``--test-data`` (extracted like ``cache``, reused next time) or ``--test-cache``, checked.
-    Callers check the folder first (``check_test_data``), before any fit."""
+    """The cache of ``--test-data`` (extracted like ``cache``, reused next time, checked) or ``--test-cache``.
+    Callers check the folder (``check_test_data``) or the given cache (``check_test_cache``) first, before any fit.
+    A --test-cache was checked again here, after the fit, to the same answer: nothing in the command writes it."""
 
     if cfg.test_data:
         from ..extraction.extract import ExtractConfig, extract
@@ -466,10 +485,9 @@ def test_cache_for(cfg: FitHeadConfig, cache: FeatureCache) -> Path:
 
         path = Path(extract(ExtractConfig(data=cfg.test_data, n=0, cache_dir=str(Path(cache.path).parent),
                                           command=current_command(), purpose=TEST, **keep)).cache)
-    else:
-        path = Path(cfg.test_cache)
-    check_test_cache(path, cache)
-    return path
+        check_test_cache(path, cache)  # extract's answer: the same options once made another network (precision auto)
+        return path
+    return Path(cfg.test_cache)
 
 
 def check_test_cache(path, cache: FeatureCache) -> None:
@@ -486,14 +504,18 @@ def check_test_cache(path, cache: FeatureCache) -> None:
         cache_classes_to_model(cache.classes, test)  # a class the head does not know: refused, naming it
 
 
-def relabelled_test(test, classes):
+def relabelled_test(test, classes, said: Optional[set] = None):
     """The test rows (``test``: an open test cache, or fused test caches) with their labels as the head's
     ``classes``' indices, matched by name (``Relabelled``); the head's classes it has no photos of are said in one
-    line: the test figures leave them out (their per-class accuracy is None), as evaluate's do."""
+    line: the test figures leave them out (their per-class accuracy is None), as evaluate's do. ``said``: the
+    lines a command fitting several heads on one test set has said already (compare-sklearn said this one once
+    per head kind, four times); this one is added to it."""
     missing = [c for c in classes if c not in test.classes]
-    if missing:
-        log.warning("the test set %s has no photos of %s: those classes are not scored", test.path,
-                    ", ".join(missing))
+    line = f"the test set {test.path} has no photos of {', '.join(missing)}: those classes are not scored"
+    if missing and line not in (said or ()):
+        log.warning("%s", line)
+    if missing and said is not None:
+        said.add(line)
     return Relabelled(test, classes)
 
 
@@ -619,8 +641,9 @@ def calibration_rows(cfg: FitHeadConfig, rows, val: dict, train_idx, tuning, oof
     return logp, y, source
 
 
-def fit_head(cfg: FitHeadConfig) -> FitHeadResult:
-    """Fit the head on the cache's train split; returns metrics (val, and test if asked) and where outputs went."""
+def fit_head(cfg: FitHeadConfig, said: Optional[set] = None) -> FitHeadResult:
+    """Fit the head on the cache's train split; returns metrics (val, and test if asked) and where outputs went.
+    ``said``: the warnings about the test set a command fitting several heads said already (``relabelled_test``)."""
 
     validate(cfg)  # the options as given (--recipe among them), then the recipe's settings
     cfg = with_recipe(cfg)
@@ -650,7 +673,7 @@ def fit_head(cfg: FitHeadConfig) -> FitHeadResult:
         if cfg.test_data or cfg.test_cache:
             with (cache.like([test_cache_for(cfg, part) for part in cache.parts]) if fused
                   else FeatureCache(test_cache_for(cfg, cache))) as tc:
-                tc = relabelled_test(tc, cache.classes)  # some of the head's classes: labels as the head's
+                tc = relabelled_test(tc, cache.classes, said)  # some of the head's classes: labels as the head's
                 test = {**scores(head, tc, np.arange(tc.n), device, cfg.block_rows), "cache": str(tc.path),
                         "overlap": overlap(cache, fit.fitted_idx, tc)}  # a refitted head saw the val rows too
             test["calibration"] = before_after(test.pop("logp"), test.pop("labels"), fit.trust["temperature"])

@@ -106,9 +106,11 @@ def test_cache(cfg: AuditConfig, cache: FeatureCache) -> Optional[Path]:
     """The test folder's cache, extracted exactly like the training cache (as fit-head --test-data does)."""
     if not (cfg.test_data or cfg.test_cache):
         return None
-    from ..heads.fit_head import check_test_data, test_cache_for
+    from ..heads.fit_head import check_test_cache, check_test_data, test_cache_for
 
     check_test_data(cfg.test_data, cache, cache.path)
+    if cfg.test_cache:  # test_cache_for checks the cache it extracts, not the one given
+        check_test_cache(cfg.test_cache, cache)
     return test_cache_for(FitHeadConfig(test_data=cfg.test_data, test_cache=cfg.test_cache), cache)
 
 
@@ -133,7 +135,8 @@ def check_output_dir(cfg: AuditConfig) -> None:
     folder, option = (cfg.output, "--output") if cfg.output else (cfg.runs_dir, "--runs-dir")
     check_output(folder, data=folders, what=option, folder=True)
     # every folder at once: extract checks only its own, so the training cache would land in --test-data first
-    check_output(cfg.cache_dir, data=folders, what="--cache-dir", folder=True)
+    check_output(cfg.cache_dir, data=folders, what="--cache-dir", folder=True,
+                 written=False)  # its caches may be hits, read where nothing can be written
 
 
 def output_dir(cfg, kind: str = "audit") -> Path:

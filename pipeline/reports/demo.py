@@ -61,7 +61,7 @@ def demo(cfg: DemoConfig) -> DemoResult:
     else:
         log.info("[1/4] using the images in %s", data)
     for option, folder in (("--runs-dir", cfg.runs_dir), ("--cache-dir", cfg.cache_dir)):  # before a file moves
-        check_output(folder, data=[(data, "--data")], what=option, folder=True)
+        check_output(folder, data=[(data, "--data")], what=option, folder=True, written=option == "--runs-dir")
     extract_cfg = ExtractConfig(data=str(data), n=cfg.n, backbone=cfg.backbone, weights=cfg.weights,
                                 workers=cfg.workers, cache_dir=cfg.cache_dir, command=cfg.command)
     validate(extract_cfg)  # a bad --n, --backbone or --weights is refused before check-images moves a file
