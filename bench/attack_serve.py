@@ -10,14 +10,25 @@ a temporary folder.
     python bench/attack_serve.py --clients 32 --bits 8 --json-out attack-8bit.json
     python bench/attack_serve.py --clients 32 --bits 16 --project /path/to/an/older/checkout
 
+``--attack slow-headers`` (slowloris) instead opens --clients connections that send a request's headers a
+byte every --trickle-s, for --hold-s, against a server allowed --server-fds file descriptors (so that a few
+hundred connections can exhaust them); prints how many the server closed and after how long, its open
+descriptors over time, and how /health fared meanwhile:
+
+    python bench/attack_serve.py --attack slow-headers --clients 300 --server-fds 256 --hold-s 30
+
 Not a test: figures move with the machine (say when it was shared).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
+import resource
+import select
+import socket
 import subprocess
 import sys
 import tempfile
@@ -67,6 +78,87 @@ def rss_kb(pid: int, field: str = "VmRSS") -> int:
     return 0
 
 
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def fd_limit(fds: int):
+    """The serve process's preexec_fn: at most ``fds`` open files (0: the inherited limit)."""
+    def limit():
+        if fds:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (fds, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    return limit
+
+
+def slow_headers(url: str, proc: subprocess.Popen, args) -> dict:
+    """Slowloris: --clients connections each sending its headers a byte every --trickle-s for --hold-s, /health
+    probed every 0.2 s meanwhile. A connection is closed by the server when it reads an answer or EOF there."""
+    import httpx
+
+    port = int(url.rsplit(":", 1)[1])
+    line = b"GET / HTTP/1.1\r\nHost: localhost\r\n" + b"X-Padding: " + b"a" * 10_000
+    opened, refused, lifetimes, answers, fds, health = {}, 0, [], {}, [], []
+    started = time.monotonic()
+    for _ in range(args.clients):
+        try:
+            s = socket.create_connection(("127.0.0.1", port), timeout=2)
+            s.setblocking(False)
+            opened[s] = (time.monotonic(), 0)
+        except OSError:
+            refused += 1
+    running = threading.Event()
+    running.set()
+
+    def probe():
+        while running.is_set():
+            t0 = time.perf_counter()
+            try:
+                health.append(("ok" if httpx.get(f"{url}/health", timeout=5).status_code == 200 else "error",
+                               time.perf_counter() - t0))
+            except httpx.TransportError as e:
+                health.append((type(e).__name__, time.perf_counter() - t0))
+            time.sleep(0.2)
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    try:
+        while time.monotonic() - started < args.hold_s:
+            fds.append(open_fds(proc.pid))
+            for s, (at, sent) in list(opened.items()):
+                closed = bool(select.select([s], [], [], 0)[0])
+                if not closed:
+                    try:
+                        s.send(line[sent:sent + 1])
+                        opened[s] = (at, sent + 1)
+                    except OSError:
+                        closed = True
+                if closed:
+                    with contextlib.suppress(OSError):
+                        first = s.recv(100).split(b"\r\n")[0].decode(errors="replace") or "EOF"
+                        answers[first] = answers.get(first, 0) + 1
+                    lifetimes.append(time.monotonic() - at)
+                    s.close()
+                    del opened[s]
+            time.sleep(args.trickle_s)
+    finally:
+        running.clear()
+        prober.join()
+        for s in opened:
+            s.close()
+    ok = [t for status, t in health if status == "ok"]
+    lifetimes.sort()
+    return {"attack": "slow-headers", "clients": args.clients, "server_fds": args.server_fds or "inherited",
+            "hold_s": args.hold_s, "trickle_s": args.trickle_s, "connect_refused": refused,
+            "closed_by_server": len(lifetimes), "still_open_at_end": len(opened),
+            "lifetime_median_s": round(lifetimes[len(lifetimes) // 2], 1) if lifetimes else None,
+            "lifetime_max_s": round(lifetimes[-1], 1) if lifetimes else None, "their_answers": answers,
+            "server_fds_peak": max(fds, default=0), "server_fds_last": fds[-1] if fds else None,
+            "health_ok": len(ok), "health_failed": len(health) - len(ok),
+            "health_failures": {k: [st for st, _ in health].count(k) for k in {st for st, _ in health} - {"ok"}},
+            "health_max_s": round(max(ok, default=0), 3),
+            "health_ok_last_5s": sum(1 for st, _ in health[-25:] if st == "ok")}
+
+
 def attack(args) -> dict:
     import httpx
 
@@ -77,10 +169,13 @@ def attack(args) -> dict:
         env = {**os.environ, "PYTHONPATH": str(project)}
         proc = subprocess.Popen([sys.executable, "cli.py", "-q", "serve", "--model", model, "--port", str(port),
                                  "--precision", "fp32", "--max-queue", str(max(256, args.clients))],
-                                cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                preexec_fn=fd_limit(args.server_fds))
         url = f"http://127.0.0.1:{port}"
         try:
             wait_healthy(url, proc)
+            if args.attack == "slow-headers":
+                return {"project": str(project), **slow_headers(url, proc, args)}
             idle = rss_kb(proc.pid)
             data = huge_png(args.side, args.bits)
             samples, health, statuses, after = [], [], [], []
@@ -142,6 +237,12 @@ def main() -> None:
     p.add_argument("--bursts", type=int, default=2)
     p.add_argument("--bits", type=int, choices=(8, 16), default=8)
     p.add_argument("--side", type=int, default=6300)
+    p.add_argument("--attack", choices=("huge-png", "slow-headers"), default="huge-png")
+    p.add_argument("--trickle-s", type=float, default=1.0, help="slow-headers: seconds between a client's bytes")
+    p.add_argument("--hold-s", type=float, default=30.0, help="slow-headers: how long the attack lasts")
+    p.add_argument("--server-fds", type=int, default=0,
+                   help="the server's open-file limit (slow-headers: a low one is exhausted by a few hundred "
+                        "connections) [default: inherited]")
     p.add_argument("--json-out")
     args = p.parse_args()
     result = attack(args)

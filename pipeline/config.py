@@ -879,6 +879,11 @@ class ServeConfig(DeviceOptions):
         "Bytes of one request.", range=POSITIVE, doc="bytes of one request body (413, checked as it streams in)"))
     max_pixels: int = field(default=40_000_000, metadata=option(
         "Pixels of one image (from its header, before decoding).", range=POSITIVE))
+    header_seconds: float = field(default=10.0, metadata=option(
+        "Seconds a request's line and headers may take (then 408 and closed).", range=POSITIVE_FLOAT,
+        doc="seconds a connection may take to send a request's line and headers, from its opening (on a kept-alive "
+            "connection: from the next request's first byte); then 408 and closed: a client sending its headers "
+            "a byte now and then, or nothing, holds its connection that long, not for ever"))
     body_seconds: float = field(default=20.0, metadata=option(
         "Seconds a request body may go without a byte, or lag --min-body-rate (then 408).", range=NON_NEGATIVE,
         doc="seconds a request body may go without a byte arriving, and may lag behind --min-body-rate (then 408: a "

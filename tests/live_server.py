@@ -24,13 +24,16 @@ def make_tiny_head(root: Path, head: str = "linear", **options) -> Path:
 
 @contextlib.contextmanager
 def live_server(app, drain_seconds: float = 5.0):
-    """``app`` served by uvicorn on an ephemeral localhost port in a thread; yields the base URL."""
+    """``app`` served by uvicorn on an ephemeral localhost port in a thread, configured as serve configures it
+    (its --header-seconds protocol included); yields the base URL."""
     import uvicorn
+
+    from pipeline.serving.service import server_config
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=drain_seconds))
+    server = uvicorn.Server(server_config(app, log_level="warning", timeout_graceful_shutdown=drain_seconds))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

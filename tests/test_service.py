@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import select
 import signal
@@ -295,6 +296,7 @@ def test_info_and_health(client, head):
     assert len(info["cache_fingerprint"]) == 64 and info["versions"]["fastapi"] != "unknown"
     assert info["limits"]["max_files"] == 4
     assert info["limits"]["body_seconds"] == 20 and info["limits"]["min_body_rate"] == 10_000  # the 408s' limits
+    assert info["limits"]["header_seconds"] == 10
     before = client.get("/health").json()["images"]
     client.post("/predict", files=upload(*photos(head)[:2]))
     health = client.get("/health").json()
@@ -325,6 +327,8 @@ def test_bad_settings_are_usage_errors(head):
         pipeline.serve_app(head, max_queue=2)
     r = CliRunner().invoke(cli.cli, ["serve", "--model", str(head), "--port", "70000"])
     assert r.exit_code == 2 and "--port must be between 0 and 65535" in r.output
+    r = CliRunner().invoke(cli.cli, ["serve", "--model", str(head), "--header-seconds", "0"])
+    assert r.exit_code == 2 and "--header-seconds" in r.output and "got 0.0" in r.output, r.output
 
 
 def test_real_uvicorn_on_an_ephemeral_port(head):
@@ -396,6 +400,106 @@ def test_past_drain_seconds_a_request_in_flight_gets_a_clean_503(head):
         assert proc.wait(30) == 0
         log = proc.stdout.read()
         assert "Traceback" not in log and "Exception in ASGI" not in log, log
+
+
+def _port(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+def _closed_answer(s: socket.socket) -> bytes:
+    """All ``s`` receives until the service closes it (a socket.timeout, failing the test, if it never does)."""
+    data = b""
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := s.recv(65536):
+            data += chunk
+    return data
+
+
+def _one_answer(s: socket.socket) -> bytes:
+    """One whole response read from ``s`` (its Content-Length), leaving the connection open."""
+    import re
+
+    data, length = b"", None
+    while length is None or len(data.partition(b"\r\n\r\n")[2]) < length:
+        chunk = s.recv(65536)
+        assert chunk, f"closed before a whole answer: {data!r}"
+        data += chunk
+        found = re.search(rb"content-length: (\d+)\r\n.*?\r\n\r\n", data, re.IGNORECASE | re.DOTALL)
+        length = int(found[1]) if found else None
+    return data
+
+
+GET_HEALTH = b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n"
+
+
+def test_a_request_line_that_stalls_is_408_and_closed_and_the_service_goes_on(head):
+    """uvicorn started no clock at a connection: a request line sent in part, then nothing, held it for ever."""
+    import httpx
+
+    with live_server(pipeline.serve_app(head, precision="fp32", header_seconds=0.5)) as url:
+        with socket.create_connection(("127.0.0.1", _port(url)), timeout=5) as s:  # 10 x the deadline
+            s.sendall(b"GET /hea")
+            status, _, body = _closed_answer(s).decode().partition("\r\n\r\n")
+        assert status.startswith("HTTP/1.1 408 ") and "connection: close" in status.lower()
+        detail = json.loads(body)["detail"]
+        assert "within 0.5 s (--header-seconds)" in detail and "\n" not in detail
+        assert httpx.get(f"{url}/health").status_code == 200
+
+
+def test_a_kept_alive_connection_whose_next_headers_stall_is_closed_too(head):
+    with live_server(pipeline.serve_app(head, precision="fp32", header_seconds=0.5)) as url:
+        with socket.create_connection(("127.0.0.1", _port(url)), timeout=5) as s:
+            s.sendall(GET_HEALTH)
+            assert _one_answer(s).startswith(b"HTTP/1.1 200 ")  # the first answer, the connection kept alive
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: loc")  # the next request's headers, then nothing
+            assert _closed_answer(s).startswith(b"HTTP/1.1 408 ")
+
+
+def test_headers_sent_slowly_within_the_deadline_are_served_and_a_kept_alive_clock_restarts(head):
+    """The deadline is the headers' (from the next request's first byte), not the connection's age."""
+    with live_server(pipeline.serve_app(head, precision="fp32", header_seconds=2)) as url:
+        with socket.create_connection(("127.0.0.1", _port(url)), timeout=20) as s:
+            for k in range(0, len(GET_HEALTH), 10):  # 5 pieces, 0.2 s apart: under a second of the 2
+                s.sendall(GET_HEALTH[k:k + 10])
+                time.sleep(0.2)
+            assert _one_answer(s).startswith(b"HTTP/1.1 200 ")
+            time.sleep(2.5)  # idle past the header deadline, within uvicorn's 5 s keep-alive
+            s.sendall(GET_HEALTH.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))
+            assert _closed_answer(s).startswith(b"HTTP/1.1 200 ")
+
+
+def test_many_stalled_connections_are_all_closed_while_an_honest_request_is_answered(head):
+    """Slowloris against `serve` itself: 50 connections, half sending nothing, half a partial request line."""
+    import httpx
+
+    with serving(head, "--header-seconds", "2") as (proc, url):
+        stalled = []
+        try:
+            for k in range(50):
+                stalled.append(socket.create_connection(("127.0.0.1", _port(url)), timeout=20))  # 10 x the deadline
+                if k % 2 == 0:
+                    stalled[-1].sendall(b"POST /predict HTTP/1.1\r\nHost: loc")
+            assert httpx.get(f"{url}/health", timeout=20).status_code == 200  # most likely while all are held
+            answers = [_closed_answer(s) for s in stalled]
+        finally:
+            for s in stalled:
+                s.close()
+        assert all(a.startswith(b"HTTP/1.1 408 ") for a in answers[::2])
+        assert all(a == b"" for a in answers[1::2])  # nothing came: closed without a word
+        assert httpx.get(f"{url}/health", timeout=20).status_code == 200
+
+
+def test_an_unknown_uvicorn_is_refused_at_start_up_not_served_without_a_deadline(monkeypatch):
+    from pipeline.errors import PipelineError
+    from pipeline.serving import header_deadline
+
+    assert header_deadline.protocol(1.0).header_seconds == 1.0  # this uvicorn: what it hooks is there
+    monkeypatch.setattr(header_deadline, "HOOKS", {"connection_made": ("transport", "a_field_uvicorn_never_had")})
+    with pytest.raises(PipelineError, match="sets no a_field_uvicorn_never_had: --header-seconds cannot be kept"):
+        header_deadline.protocol(1.0)
+    monkeypatch.setattr(header_deadline, "HOOKS", {"a_method_uvicorn_never_had": ()})
+    with pytest.raises(PipelineError, match="has no a_method_uvicorn_never_had"):
+        header_deadline.protocol(1.0)
 
 
 def test_a_port_in_use_is_one_line(head):

@@ -11,7 +11,8 @@ per core (``decode_threads``: at most that many images are being decoded at once
 clients: a 6300 x 6300 PNG takes 160 MB while it is); the network runs in one thread that batches the
 images of concurrent requests (``batcher``). Every limit is a ServeConfig field: body size (checked as
 it streams in), a body's idle time and least rate (408), files per request, bytes and pixels per image,
-images waiting or being decoded (503 past it, before any decoding). A bad file is its row's ``error``,
+images waiting or being decoded (503 past it, before any decoding), and the time a request's line and
+headers may take (408: ``header_deadline``). A bad file is its row's ``error``,
 as in predict; a request with no usable image is a 4xx naming each file's reason. With a loopback --host
 (the default) only requests naming this machine in their Host header are answered (DNS rebinding).
 SIGTERM: uvicorn stops accepting, answers what is in flight (for up to ``drain_seconds``; what is still
@@ -289,7 +290,8 @@ class Service:
                       "batch_size": cfg.batch_size, "max_wait_ms": cfg.max_wait_ms,
                       "limits": {k: getattr(cfg, k) for k in ("max_requests", "max_files", "max_file_bytes",
                                                               "max_request_bytes", "max_pixels", "max_queue",
-                                                              "body_seconds", "min_body_rate")},
+                                                              "header_seconds", "body_seconds",
+                                                              "min_body_rate")},
                       "versions": {**versions(),
                                    **{p: package_version(p) for p in ("fastapi", "uvicorn", "starlette")}}}
 
@@ -488,9 +490,9 @@ def serve(cfg: ServeConfig) -> dict:
                  cfg.model, f"[{cfg.host}]" if ":" in cfg.host else cfg.host, port)
         from ..progress import is_quiet
 
-        server = uvicorn.Server(uvicorn.Config(app, log_level="warning" if is_quiet() else "info",  # a line a request
-                                               timeout_graceful_shutdown=cfg.drain_seconds + CANCEL_GRACE_S
-                                               if cfg.drain_seconds else None))
+        server = uvicorn.Server(server_config(app, log_level="warning" if is_quiet() else "info",  # a line a request
+                                              timeout_graceful_shutdown=cfg.drain_seconds + CANCEL_GRACE_S
+                                              if cfg.drain_seconds else None))
         server.handle_exit = starting_the_drain(server.handle_exit, svc)  # what uvicorn's signal handlers call
         # uvicorn drains, then raises the signal it caught again, with the handler it found: this one, so a
         # SIGTERM after a clean drain is a normal return (exit 0), not death by the signal
@@ -506,6 +508,17 @@ def serve(cfg: ServeConfig) -> dict:
     log.info("stopped%s after %d images in %d batches", f" by {stopped_by}" if stopped_by else "",
              health["images"], health["batches"])
     return {"model": cfg.model, "host": cfg.host, "port": port, "stopped_by": stopped_by, **health}
+
+
+def server_config(app, **options):
+    """uvicorn's Config serving ``app`` (build_app's) as serve does: with HTTP/1.1 by h11 whose request line and
+    headers must come within the app's --header-seconds (``header_deadline``; uvicorn bounds only the idle wait
+    between requests). ``options``: uvicorn.Config's."""
+    import uvicorn
+
+    from .header_deadline import protocol
+
+    return uvicorn.Config(app, http=protocol(app.state.service.cfg.header_seconds), **options)
 
 
 def starting_the_drain(handle_exit, svc: Service):
