@@ -711,7 +711,9 @@ def serve_app(model: Union[Head, Model, PathLike], **options):
     """The prediction service as a FastAPI app, in this process (for tests and for mounting in another app:
     ``TestClient(pipeline.serve_app("head.pt"), base_url="http://localhost")``: a loopback app answers
     its own Host names only). ``options``: ServeConfig's (batch_size,
-    max_wait_ms, limits, device, precision, weights); host and port are the server's, not the app's."""
+    max_wait_ms, limits, device, precision, weights); host and port are the server's, not the app's, and so is
+    the deadline for a request's line and headers (``header_seconds``): only a server whose HTTP protocol keeps it,
+    as ``pipeline.serving.service.server_config(app)``'s uvicorn Config does, bounds slow headers."""
     from .serving.service import build_app
 
     return build_app(_config(ServeConfig, "serve_app", options, model=_path(model)))

@@ -4,6 +4,7 @@ prediction service (an HTTP API that batches requests arriving together, and its
 What other modules use:
     export.export                   the export command (its answer: ExportResult, exported here)
     service.build_app, service.serve   the serve command, and the app in-process (tests)
+    service.server_config           uvicorn's Config for that app as serve makes it (the header deadline)
 """
 
 #: the stages' result dataclasses -> their modules, loaded on first use: the modules import torch
