@@ -145,21 +145,25 @@ def test_the_head_tables_calibration_pairs_each_candidate_with_the_base_on_their
     another checkout's defaults, split by split, only where both have the split (a recipe's row, without
     probabilities, is left out)."""
     rng = np.random.default_rng(0)
-    metrics = ("ece", "ece_floor", "log_loss", "brier")
-    store, base, new = {}, rng.uniform(0.01, 0.05, (5, 4)), rng.uniform(0.01, 0.05, (5, 4))
+    metrics = ("ece", "ece_floor", "ece_best_t", "log_loss", "brier")
+    store, base, new = {}, rng.uniform(0.01, 0.05, (5, 5)), rng.uniform(0.01, 0.05, (5, 5))
     for i in range(5):
         store[f"p|defaults old|{i}"] = {"acc": 0.9, **dict(zip(metrics, base[i]))}
         if i:  # split 0 missing: not paired
             store[f"p|defaults new|{i}"] = {"acc": 0.9, **dict(zip(metrics, new[i]))}
         store[f"p|svc|{i}"] = {"acc": 0.9}
+    store["p|older|1"], store["p|older|2"] = ({"acc": 0.9, **dict(zip(metrics[:2] + metrics[3:], base[i, :4]))}
+                                              for i in (1, 2))  # kept before ece_best_t was
     table = _head_table().calibration_markdown(store, "defaults old").splitlines()
     row = next(line for line in table if "| defaults new |" in line)
     d = new[1:] - base[1:]
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[2] == "4" and not any("svc" in line for line in table)
-    for k in range(4):
+    for k in range(5):
         se = d[:, k].std(ddof=1) / 2
         assert cells[3 + k] == f"{new[1:, k].mean():.4f} ({d[:, k].mean():+.4f} ± {se:.4f})"
+    older = [c.strip() for c in next(line for line in table if "| older |" in line).strip("|").split("|")]
+    assert older[2] == "2" and older[5] == "-" and older[3] != "-"
 
 
 def test_the_flat_baseline_fits_a_stratified_sample_that_fits_its_memory_and_says_so(tmp_path, make_cache,
