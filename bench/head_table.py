@@ -342,7 +342,7 @@ def calibration_markdown(store: dict, base: str) -> str:
                 continue
             a, b = np.array([rows[s] for s in common]), np.array([cands[base][s] for s in common])
             d, se = (a - b).mean(0), (a - b).std(0, ddof=1) / np.sqrt(len(common))
-            cells = ["-" if np.isnan(m) else f"{m:.4f}" + ("" if cand == base else f" ({x:+.4f} ± {e:.4f})")
+            cells = ["-" if np.isnan(x) else f"{m:.4f}" + ("" if cand == base else f" ({x:+.4f} ± {e:.4f})")
                      for m, x, e in zip(a.mean(0), d, se)]
             lines.append(f"| {proxy} | {cand} | {len(common)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + (f"\n\n(mean over the paired splits of the test rows' calibration; in brackets the "

@@ -164,6 +164,9 @@ def test_the_head_tables_calibration_pairs_each_candidate_with_the_base_on_their
         assert cells[3 + k] == f"{new[1:, k].mean():.4f} ({d[:, k].mean():+.4f} ± {se:.4f})"
     older = [c.strip() for c in next(line for line in table if "| older |" in line).strip("|").split("|")]
     assert older[2] == "2" and older[5] == "-" and older[3] != "-"
+    unpaired = _head_table().calibration_markdown(store, "older").splitlines()  # a base without the column
+    row = [c.strip() for c in next(line for line in unpaired if "| defaults new |" in line).strip("|").split("|")]
+    assert row[2] == "2" and row[5] == "-" and row[3] != "-"
 
 
 def test_the_flat_baseline_fits_a_stratified_sample_that_fits_its_memory_and_says_so(tmp_path, make_cache,
