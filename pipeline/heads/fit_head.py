@@ -442,10 +442,11 @@ def check_test_calibration(test_data: Optional[str], cache) -> None:
     since was said after the fit as "calibration folder '...' does not exist", naming nothing fit-head takes;
     refused before, saying whose folder it is and what to do. Moved, its photos keep their names, sizes and times,
     so extract --calib-data at the new place makes the same network."""
+    if not test_data:
+        return
     parts = getattr(cache, "parts", None)  # a fusion's caches take --test-data only
     for part in parts or [cache]:
-        record = part.attrs.get("calibration", "")
-        root = json.loads(record).get("calib_root", "") if test_data and record else ""
+        root = json.loads(part.attrs.get("calibration") or "{}").get("calib_root", "")
         if root and not os.path.isdir(root):
             raise UsageError(f"--test-data is extracted with the int8 network of the cache {part.path}, calibrated on "
                              f"the photos in {root!r}, which no longer exists; put that folder back" + ("" if parts
@@ -510,11 +511,11 @@ def relabelled_test(test, classes, said: Optional[set] = None):
     line: the test figures leave them out (their per-class accuracy is None), as evaluate's do. ``said``: the
     lines a command fitting several heads on one test set has said already (compare-sklearn said this one once
     per head kind, four times); this one is added to it."""
+    said = set() if said is None else said
     missing = [c for c in classes if c not in test.classes]
     line = f"the test set {test.path} has no photos of {', '.join(missing)}: those classes are not scored"
-    if missing and line not in (said or ()):
+    if missing and line not in said:
         log.warning("%s", line)
-    if missing and said is not None:
         said.add(line)
     return Relabelled(test, classes)
 
