@@ -709,6 +709,35 @@ def test_an_int8_cache_whose_calibration_photos_moved_is_refused_before_the_fit(
     assert r.test["rows"] == 6
 
 
+def test_an_int8_cache_whose_calibration_photos_changed_is_refused_before_the_fit(tmp_path, make_cache, monkeypatch):
+    """Changed since (a photo edited or added), its calibration photos cannot make the cache's int8 network again:
+    fit-head fitted, extracted the whole test folder, then refused that test cache by two fingerprints that
+    differ. Refused before the fit and the extraction, naming the folder and the ways out; as they were, it runs."""
+    pytest.importorskip("torchao", reason="int8 needs the optional torchao (in the dev extra)")
+    calib = make_image_folder(tmp_path / "calib", per_class=4, seed=3)
+    int8 = {"precision": "int8", "calib_n": 8, "compile": "off"}
+    cache = make_cache(make_image_folder(tmp_path / "d", per_class=8), calib_data=str(calib), **int8).cache
+    test = make_image_folder(tmp_path / "t", per_class=3, seed=5)
+    photo = next(p for p in sorted(calib.rglob("*")) if p.is_file())
+    kept = photo.read_bytes(), photo.stat().st_mtime_ns
+    photo.write_bytes(kept[0] + b"\0")
+    monkeypatch.setattr("pipeline.heads.fit_head.fit_on_rows", lambda *a, **k: pytest.fail("fitted first"))
+    r = CliRunner().invoke(cli, ["fit-head", "--cache", cache, "--head", "logreg", "--test-data", str(test),
+                                 "--runs-dir", str(tmp_path / "runs")])
+    assert r.exit_code == 2 and r.output == (
+        f"Error: --test-data is extracted with the int8 network of the cache {cache}, calibrated on the photos in "
+        f"{str(calib.resolve())!r}, which have changed since (photos added, removed or edited), so that network "
+        "cannot be made again; put them back as they were, or extract the training photos again (a new cache, "
+        "calibrated on the photos as they are now) and fit on it\n"), r.output
+    assert not (tmp_path / "runs").exists()
+    assert [f for f in os.listdir(os.path.dirname(cache)) if f.endswith(".h5")] == [os.path.basename(cache)]
+    monkeypatch.undo()
+    photo.write_bytes(kept[0])
+    os.utime(photo, ns=(kept[1], kept[1]))
+    r = fit_head(FitHeadConfig(head="logreg", cache=cache, test_data=str(test), runs_dir=str(tmp_path / "runs")))
+    assert r.test["rows"] == 6
+
+
 def test_a_test_cache_is_checked_once_before_the_fit_not_again_after_it(tmp_path, make_cache, monkeypatch):
     """fit-head checked --test-cache before the fit (check_test_cache), then again when it opened it after the fit:
     the same file, read twice to the same answer (nothing in the command writes it)."""

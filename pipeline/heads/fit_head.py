@@ -438,20 +438,37 @@ def check_test_weights(test_data: Optional[str], cache) -> None:
 
 def check_test_calibration(test_data: Optional[str], cache) -> None:
     """The photos an int8 cache's network was calibrated on (its 'calibration' record's calib_root), which
-    --test-data's extraction calibrates the same network on again (``test_cache_for``): a folder moved or deleted
-    since was said after the fit as "calibration folder '...' does not exist", naming nothing fit-head takes;
-    refused before, saying whose folder it is and what to do. Moved, its photos keep their names, sizes and times,
-    so extract --calib-data at the new place makes the same network."""
+    --test-data's extraction calibrates the same network on again (``test_cache_for``). A folder moved or deleted
+    since was said after the fit as "calibration folder '...' does not exist", naming nothing fit-head takes; one
+    whose photos changed, after the fit and the test folder's whole extraction, as two fingerprints that differ.
+    Both refused before, saying whose folder it is and what to do. Moved, its photos keep their names, sizes and
+    times, so extract --calib-data at the new place makes the same network; changed, no network can be the same."""
     if not test_data:
         return
     parts = getattr(cache, "parts", None)  # a fusion's caches take --test-data only
     for part in parts or [cache]:
-        root = json.loads(part.attrs.get("calibration") or "{}").get("calib_root", "")
+        record = json.loads(part.attrs.get("calibration") or "{}")
+        root = record.get("calib_root", "")
+        said = (f"--test-data is extracted with the int8 network of the cache {part.path}, calibrated on the photos in "
+                f"{root!r}")
         if root and not os.path.isdir(root):
-            raise UsageError(f"--test-data is extracted with the int8 network of the cache {part.path}, calibrated on "
-                             f"the photos in {root!r}, which no longer exists; put that folder back" + ("" if parts
-                             else " (or extract the test folder yourself with that cache's options and --calib-data "
+            raise UsageError(f"{said}, which no longer exists; put that folder back" + ("" if parts else
+                             " (or extract the test folder yourself with that cache's options and --calib-data "
                              "where those photos are now, and pass --test-cache)"))
+        if root and _listing_fingerprint(root) != record.get("calib_data"):
+            raise UsageError(f"{said}, which have changed since (photos added, removed or edited), so that network "
+                             "cannot be made again; put them back as they were, or extract the training photos again "
+                             "(a new cache, calibrated on the photos as they are now) and fit on it")
+
+
+def _listing_fingerprint(root: str) -> str:
+    """The fingerprint extract records of an int8 cache's calibration folder ('' for one that holds no photos)."""
+    from ..data.folders import list_image_folder
+
+    try:
+        return list_image_folder(root).fingerprint()
+    except UsageError:
+        return ""
 
 
 def check_test_cache_folder(test_data: Optional[str], cache) -> None:
