@@ -240,18 +240,28 @@ def test_a_test_cache_of_some_of_the_classes_is_scored_on_the_training_caches_cl
     assert rows[0]["test_loss"] < 0.1 and rows[2]["test_loss"] < np.log(3)
 
 
-def test_a_test_set_lacking_a_class_is_said_once_per_command_not_once_per_head(tmp_path, make_cache):
+def test_the_test_sets_warnings_are_said_once_per_command_not_once_per_head(tmp_path, make_cache):
     """compare-sklearn fits four head kinds through fit-head, each scoring the test set: 'the test set ... has no
-    photos of green' was logged four times, once per kind."""
+    photos of green', 'photos changed since' and 'test images have the same content as training images' were each
+    logged four times, once per kind."""
+    import shutil
+
     from click.testing import CliRunner
 
     from pipeline.cli import cli
 
-    cache = make_cache(make_image_folder(tmp_path / "d", per_class=12, classes=("blue", "green", "red"))).cache
-    test = make_cache(make_image_folder(tmp_path / "t", per_class=3, classes=("blue", "red"), seed=5),
-                      cache_dir=str(tmp_path / "tf")).cache
+    data = make_image_folder(tmp_path / "d", per_class=12, classes=("blue", "green", "red"))
+    cache = make_cache(data).cache
+    photos = make_image_folder(tmp_path / "t", per_class=3, classes=("blue", "red"), seed=5)
+    one = next(p for p in sorted((data / "blue").iterdir()))
+    shutil.copy(one, photos / "blue" / f"copy{one.suffix}")
+    test = make_cache(photos, cache_dir=str(tmp_path / "tf")).cache
+    shutil.copy(one, data / "red" / f"new{one.suffix}")  # the training folder changed since its cache
     out = CliRunner().invoke(cli, ["compare-sklearn", "--cache", cache, "--test-cache", test, "--epochs", "2",
                                    "--runs-dir", str(tmp_path / "runs")])
     assert out.exit_code == 0, out.output
-    said = [line for line in out.stderr.splitlines() if "has no photos of" in line]
+    lines = out.stderr.splitlines()
+    said = [line for line in lines if "has no photos of" in line]
     assert said == [f"the test set {test} has no photos of green: those classes are not scored"], said
+    assert len([line for line in lines if "test images have the same content as training images" in line]) == 1
+    assert len([line for line in lines if "added" in line and cache in line]) == 1, lines

@@ -449,14 +449,14 @@ def check_test_calibration(test_data: Optional[str], cache) -> None:
     for part in parts or [cache]:
         record = json.loads(part.attrs.get("calibration") or "{}")
         root = record.get("calib_root", "")
-        said = (f"--test-data is extracted with the int8 network of the cache {part.path}, calibrated on the photos in "
-                f"{root!r}")
+        whose = (f"--test-data is extracted with the int8 network of the cache {part.path}, calibrated on the photos "
+                 f"in {root!r}")
         if root and not os.path.isdir(root):
-            raise UsageError(f"{said}, which no longer exists; put that folder back" + ("" if parts else
+            raise UsageError(f"{whose}, which no longer exists; put that folder back" + ("" if parts else
                              " (or extract the test folder yourself with that cache's options and --calib-data "
                              "where those photos are now, and pass --test-cache)"))
         if root and _listing_fingerprint(root) != record.get("calib_data"):
-            raise UsageError(f"{said}, which have changed since (photos added, removed or edited), so that network "
+            raise UsageError(f"{whose}, which have changed since (photos added, removed or edited), so that network "
                              "cannot be made again; put them back as they were, or extract the training photos again "
                              "(a new cache, calibrated on the photos as they are now) and fit on it")
 
@@ -525,16 +525,21 @@ def check_test_cache(path, cache: FeatureCache) -> None:
 def relabelled_test(test, classes, said: Optional[set] = None):
     """The test rows (``test``: an open test cache, or fused test caches) with their labels as the head's
     ``classes``' indices, matched by name (``Relabelled``); the head's classes it has no photos of are said in one
-    line: the test figures leave them out (their per-class accuracy is None), as evaluate's do. ``said``: the
-    lines a command fitting several heads on one test set has said already (compare-sklearn said this one once
-    per head kind, four times); this one is added to it."""
-    said = set() if said is None else said
+    line: the test figures leave them out (their per-class accuracy is None), as evaluate's do. ``said``: as
+    ``warn_once``'s."""
     missing = [c for c in classes if c not in test.classes]
-    line = f"the test set {test.path} has no photos of {', '.join(missing)}: those classes are not scored"
-    if missing and line not in said:
-        log.warning("%s", line)
-        said.add(line)
+    if missing:
+        warn_once(said, f"the test set {test.path} has no photos of {', '.join(missing)}: those classes are not scored")
     return Relabelled(test, classes)
+
+
+def warn_once(said: Optional[set], line: str) -> None:
+    """``line`` as a warning, unless ``said`` holds it: the lines a command fitting several heads on one cache and
+    test set said already (compare-sklearn said each once per head kind, four times); it is added there."""
+    if said is None or line not in said:
+        log.warning("%s", line)
+    if said is not None:
+        said.add(line)
 
 
 def overlap(train: FeatureCache, train_idx, test: FeatureCache) -> list[str]:
@@ -661,7 +666,7 @@ def calibration_rows(cfg: FitHeadConfig, rows, val: dict, train_idx, tuning, oof
 
 def fit_head(cfg: FitHeadConfig, said: Optional[set] = None) -> FitHeadResult:
     """Fit the head on the cache's train split; returns metrics (val, and test if asked) and where outputs went.
-    ``said``: the warnings about the test set a command fitting several heads said already (``relabelled_test``)."""
+    ``said``: the warnings a command fitting several heads said already (``warn_once``)."""
 
     validate(cfg)  # the options as given (--recipe among them), then the recipe's settings
     cfg = with_recipe(cfg)
@@ -677,7 +682,7 @@ def fit_head(cfg: FitHeadConfig, said: Optional[set] = None) -> FitHeadResult:
             check_test_cache(cfg.test_cache, cache)
         changed = source_changes(cache.info)
         if changed:
-            log.warning("%s: %s", path, changed)
+            warn_once(said, f"{path}: {changed}")
         if fused:  # the fused rows, or one cache alone where it wins the default head's CV
             fit, cache, train_idx, val_idx = fit_fused_or_alone(cfg, cache, cache.parts, device, cache.head_config(cfg))
             fused, path = (fused, path) if isinstance(cache, FusedRows) else ([], Path(cache.path))
@@ -696,8 +701,8 @@ def fit_head(cfg: FitHeadConfig, said: Optional[set] = None) -> FitHeadResult:
                         "overlap": overlap(cache, fit.fitted_idx, tc)}  # a refitted head saw the val rows too
             test["calibration"] = before_after(test.pop("logp"), test.pop("labels"), fit.trust["temperature"])
             if test["overlap"]:
-                log.warning("%d test images have the same content as training images (e.g. %s): the test "
-                            "accuracy counts them", len(test["overlap"]), ", ".join(test["overlap"][:3]))
+                warn_once(said, f"{len(test['overlap'])} test images have the same content as training images (e.g. "
+                                f"{', '.join(test['overlap'][:3])}): the test accuracy counts them")
         out_dir = new_run_dir(cfg.runs_dir, "fit-head")
         head = head.cpu()
         metrics = {"val_acc": val["acc"], "val_loss": val["loss"],
