@@ -684,25 +684,36 @@ def test_test_data_finds_the_weights_file_of_a_cache_made_with_a_relative_path(t
                                runs_dir=str(tmp_path / "runs")))
 
 
+def _int8_cache_calibrated_elsewhere(tmp_path, make_cache) -> tuple:
+    """(calibration folder, an int8 cache of another folder calibrated on it, a test folder, the int8 options)."""
+    pytest.importorskip("torchao", reason="int8 needs the optional torchao (in the dev extra)")
+    calib = make_image_folder(tmp_path / "calib", per_class=4, seed=3)
+    int8 = {"precision": "int8", "calib_n": 8, "compile": "off"}
+    cache = make_cache(make_image_folder(tmp_path / "d", per_class=8), calib_data=str(calib), **int8).cache
+    return calib, cache, make_image_folder(tmp_path / "t", per_class=3, seed=5), int8
+
+
+def _fit_head_test_data_unfitted(cache, test, tmp_path, monkeypatch):
+    """``fit-head --test-data test`` where a fit fails the test: its CliRunner result; no run folder was made."""
+    monkeypatch.setattr("pipeline.heads.fit_head.fit_on_rows", lambda *a, **k: pytest.fail("fitted first"))
+    r = CliRunner().invoke(cli, ["fit-head", "--cache", cache, "--head", "logreg", "--test-data", str(test),
+                                 "--runs-dir", str(tmp_path / "runs")])
+    assert not (tmp_path / "runs").exists()
+    return r
+
+
 def test_an_int8_cache_whose_calibration_photos_moved_is_refused_before_the_fit(tmp_path, make_cache, monkeypatch):
     """--test-data is extracted by the training cache's int8 network, calibrated again on its calibration photos:
     moved since, the fit ran, then stopped on "calibration folder '...' does not exist" (an option fit-head does not
     take). Refused before the fit, naming the folder; the way out it gives (extract with --calib-data at the new
     place, then --test-cache) scores the test photos."""
-    pytest.importorskip("torchao", reason="int8 needs the optional torchao (in the dev extra)")
-    calib = make_image_folder(tmp_path / "calib", per_class=4, seed=3)
-    int8 = {"precision": "int8", "calib_n": 8, "compile": "off"}
-    cache = make_cache(make_image_folder(tmp_path / "d", per_class=8), calib_data=str(calib), **int8).cache
-    test = make_image_folder(tmp_path / "t", per_class=3, seed=5)
+    calib, cache, test, int8 = _int8_cache_calibrated_elsewhere(tmp_path, make_cache)
     calib.rename(tmp_path / "moved")
-    monkeypatch.setattr("pipeline.heads.fit_head.fit_on_rows", lambda *a, **k: pytest.fail("fitted first"))
-    r = CliRunner().invoke(cli, ["fit-head", "--cache", cache, "--head", "logreg", "--test-data", str(test),
-                                 "--runs-dir", str(tmp_path / "runs")])
+    r = _fit_head_test_data_unfitted(cache, test, tmp_path, monkeypatch)
     assert r.exit_code == 2 and r.output == (
         f"Error: --test-data is extracted with the int8 network of the cache {cache}, calibrated on the photos in "
         f"{str(calib.resolve())!r}, which no longer exists; put that folder back (or extract the test folder yourself "
         "with that cache's options and --calib-data where those photos are now, and pass --test-cache)\n"), r.output
-    assert not (tmp_path / "runs").exists()
     monkeypatch.undo()
     made = make_cache(test, calib_data=str(tmp_path / "moved"), cache_dir=str(tmp_path / "tf"), **int8).cache
     r = fit_head(FitHeadConfig(head="logreg", cache=cache, test_cache=made, runs_dir=str(tmp_path / "runs")))
@@ -713,23 +724,16 @@ def test_an_int8_cache_whose_calibration_photos_changed_is_refused_before_the_fi
     """Changed since (a photo edited or added), its calibration photos cannot make the cache's int8 network again:
     fit-head fitted, extracted the whole test folder, then refused that test cache by two fingerprints that
     differ. Refused before the fit and the extraction, naming the folder and the ways out; as they were, it runs."""
-    pytest.importorskip("torchao", reason="int8 needs the optional torchao (in the dev extra)")
-    calib = make_image_folder(tmp_path / "calib", per_class=4, seed=3)
-    int8 = {"precision": "int8", "calib_n": 8, "compile": "off"}
-    cache = make_cache(make_image_folder(tmp_path / "d", per_class=8), calib_data=str(calib), **int8).cache
-    test = make_image_folder(tmp_path / "t", per_class=3, seed=5)
+    calib, cache, test, _ = _int8_cache_calibrated_elsewhere(tmp_path, make_cache)
     photo = next(p for p in sorted(calib.rglob("*")) if p.is_file())
     kept = photo.read_bytes(), photo.stat().st_mtime_ns
     photo.write_bytes(kept[0] + b"\0")
-    monkeypatch.setattr("pipeline.heads.fit_head.fit_on_rows", lambda *a, **k: pytest.fail("fitted first"))
-    r = CliRunner().invoke(cli, ["fit-head", "--cache", cache, "--head", "logreg", "--test-data", str(test),
-                                 "--runs-dir", str(tmp_path / "runs")])
+    r = _fit_head_test_data_unfitted(cache, test, tmp_path, monkeypatch)
     assert r.exit_code == 2 and r.output == (
         f"Error: --test-data is extracted with the int8 network of the cache {cache}, calibrated on the photos in "
         f"{str(calib.resolve())!r}, which have changed since (photos added, removed or edited), so that network "
         "cannot be made again; put them back as they were, or extract the training photos again (a new cache, "
         "calibrated on the photos as they are now) and fit on it\n"), r.output
-    assert not (tmp_path / "runs").exists()
     assert [f for f in os.listdir(os.path.dirname(cache)) if f.endswith(".h5")] == [os.path.basename(cache)]
     monkeypatch.undo()
     photo.write_bytes(kept[0])
