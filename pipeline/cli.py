@@ -95,7 +95,18 @@ class _OneLineErrors:
 
 
 class OneLineCommand(_OneLineErrors, click.Command):
-    pass
+    def parse_args(self, ctx, args):
+        return self._one_line(ctx, self._given_once, args)
+
+    def _given_once(self, ctx, args):
+        """click keeps the last value of an option given twice: 'compare-sklearn --cache A --cache B' (fit-head
+        fuses the two) compared B alone without a word. An option that takes one value is refused given twice."""
+        _, _, order = self.make_parser(ctx).parse_args(args=list(args))
+        for param in order:
+            if isinstance(param, click.Option) and not (param.multiple or param.count) and order.count(param) > 1:
+                names = "/".join(param.opts + param.secondary_opts)
+                raise click.UsageError(f"{names} given {order.count(param)} times; it takes one value")
+        return click.Command.parse_args(self, ctx, args)
 
 
 class OneLineGroup(_OneLineErrors, click.Group):

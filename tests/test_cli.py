@@ -85,6 +85,10 @@ def test_extract_fit_head_compare_and_caches(run, tmp_path):
     (["fit-head", "--lr", "nan", "--cache", "c2.h5"], "'nan' is not a finite number"),
     (["fit-head", "--lr", "inf", "--cache", "c2.h5"], "'inf' is not a finite number"),
     (["compare-sklearn", "--C", "-inf", "--cache", "c2.h5"], "'-inf' is not a finite number"),
+    # click kept the last of an option given twice: compare-sklearn then compared c2.h5 alone, without a word
+    (["compare-sklearn", "--cache", "foreign.h5", "--cache", "c2.h5"], "--cache given 2 times; it takes one value"),
+    (["extract", "--flip", "--no-flip", *TINY], "--flip/--no-flip given 2 times; it takes one value"),
+    (["fit-head", "--cache", "missing.h5", "--cache", "c2.h5"], "does not exist"),  # fit-head fuses several
 ])
 def test_errors_are_one_line_with_exit_code_2(run, tmp_path, make_cache, args, message):
     make_image_folder(tmp_path / "data" / "PetImages", per_class=12)
