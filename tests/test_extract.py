@@ -13,6 +13,7 @@ from click.testing import CliRunner
 import pipeline.data.folders
 from pipeline.cache.feature_cache import FeatureCache
 from pipeline.cli import cli
+from pipeline.errors import DiskFull
 from pipeline.extraction.extract import ExtractConfig, ExtractResult, extract
 from tests.conftest import ROOT, make_image_folder
 from tests.tiny import CLI
@@ -158,7 +159,7 @@ def test_same_request_is_a_cache_hit_without_decoding(image_folder, tmp_path, mo
     assert again.hit and again.cache == first.cache and again.rows == 24
 
 
-def test_a_hit_in_a_folder_where_nothing_can_be_written_is_still_a_hit(image_folder, tmp_path, monkeypatch):
+def test_a_cache_dir_where_nothing_can_be_written_serves_a_hit_and_refuses_a_miss(image_folder, tmp_path, monkeypatch):
     """The output guard refuses a folder where nothing can be written (files.check_writable) before the work; a
     --cache-dir is only read on a hit (a shared, read-only folder of caches), so extract does not ask it."""
     import errno
@@ -172,6 +173,10 @@ def test_a_hit_in_a_folder_where_nothing_can_be_written_is_still_a_hit(image_fol
     monkeypatch.setattr(tempfile, "mkdtemp", read_only)
     again = extract(cfg(image_folder, tmp_path))
     assert again.hit and again.cache == first.cache
+    # a miss there is refused in one line before the work (it was "unexpected FileNotFoundError ... (a bug?)")
+    with pytest.raises(DiskFull, match=r"^cannot write --cache-dir '.*': nothing can be written in '.*' "
+                                       r"\(the file system is read-only\)$"):
+        extract(cfg(image_folder, tmp_path, n=10))
 
 
 def _while_reading(monkeypatch, position: int, before, after=None):

@@ -22,7 +22,7 @@ from ..data.image_reader import DECODE_VERSION
 from ..data.moves import reading_folder
 from ..devices import cpu_flags
 from ..errors import UsageError
-from ..files import check_output
+from ..files import check_output, check_writable
 from . import backbones as bb
 from . import distributed
 from .extract_range import existing_cache, extract_range, hit_summary
@@ -268,5 +268,7 @@ def extract_held(cfg: ExtractConfig) -> dict:
     bb.get_spec(cfg.backbone)  # an unknown name: a usage error before anything is written
     if info is not None:
         log.info("resuming %s from row %d", path, info.rows)
+    # a hit needs no writing (a complete cache in a read-only folder); a miss does: one line, not "a bug?"
+    check_writable(path.parent, "--cache-dir", cfg.cache_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     return extract_range(cfg, listing, key, path, resumed=info)
