@@ -185,6 +185,7 @@ class CompareResult:
     test_cache: Optional[str]  # the cache of --test-data / --test-cache every model was scored on, else None
     source_changed: Optional[str]  # how the photos changed since the cache was made (None: they did not)
     default_cache: Optional[dict]  # the newest cache taken when none was named, else None
+    curves: Optional[str] = None  # the first head with epochs' training curves (demo's next steps show them)
 
 
 def _fit_kind(base: FitHeadConfig, kind: str, said: set) -> FitHeadResult:
@@ -233,4 +234,5 @@ def compare_sklearn(cfg: CompareConfig) -> CompareResult:
     return CompareResult(cache=str(path), split={"val_fraction": cfg.val_fraction, "seed": cfg.seed,
                                                  "train_rows": sk["train_rows"], "val_rows": sk["val_rows"]},
                          models=models, head_run_dir=runs[0].run_dir, test_cache=test_cache,
-                         source_changed=runs[0].source_changed, default_cache=default_cache)
+                         source_changed=runs[0].source_changed, default_cache=default_cache,
+                         curves=next((r.curves for r in runs if r.curves), None))

@@ -93,13 +93,13 @@ def can_quarantine(data: Path) -> bool:
 
 def next_steps(steps: dict, data: Path, runs_dir: str) -> dict:
     """Where the outputs went and the commands to try next, with real paths."""
-    run = Path(steps["compare"].head_run_dir)
-    head, cache = run / "head.pt", steps["extract"].cache
+    compared, cache = steps["compare"], steps["extract"].cache
+    head, curves = Path(compared.head_run_dir) / "head.pt", compared.curves
 
     some_image = list_image_folder(data).files[0].path  # one photo: a whole class folder can take minutes
-    return {
-        "cache": cache, "checkpoint": str(head), "curves": str(run / "curves.png"),
-        "history": str(run / "history.json"),
+    return {  # the curves are the torch head's: the default head, fitted without epochs, draws none
+        "cache": cache, "checkpoint": str(head), "curves": curves,
+        "history": str(Path(curves).with_name("history.json")) if curves else None,
         "commands": [
             f"python cli.py predict {data / some_image} --model {head}",
             f"python cli.py evaluate --model {head}",
