@@ -470,7 +470,7 @@ def predict(paths, as_json, **options):
 
     if as_json:  # as every command's --json: the rows as JSON (--format json)
         if options["format"] not in ("table", "json"):
-            raise click.UsageError(f"--json and --format {options['format']} ask for two formats: give one")
+            raise OneLineUsageError(f"--json and --format {options['format']} ask for two formats: give one")
         options["format"] = "json"
     try:
         result = api.predict_files(options.pop("model"), list(paths), verbose=None, **options).result

@@ -333,7 +333,8 @@ def test_the_one_loop_gives_every_item_in_order_and_reports_a_bad_file_once(imag
 
 def test_an_output_named_csv_or_json_gets_that_format_without_format(tmp_path, image_folder, model_pt):
     """`predict DIR --output pred.json` wrote the table into pred.json (no JSON reader takes it), and pred.csv was
-    a table too; the default table now follows the output's name. --format given otherwise still wins."""
+    a table too; the default table now follows the output's name. The other format asked for into such a file is
+    refused, as export refuses one (--format csv --output pred.json wrote CSV into pred.json)."""
     def run(name, *more):
         out = tmp_path / name
         r = CliRunner().invoke(cli.cli, ["predict", str(image_folder), "--model", str(model_pt), "--output", str(out),
@@ -345,7 +346,12 @@ def test_an_output_named_csv_or_json_gets_that_format_without_format(tmp_path, i
     rows = list(csv.DictReader(run("pred.CSV").splitlines()))
     assert len(rows) == 24 and list(rows[0])[:2] == ["path", "class"]
     assert run("pred.txt").split()[:2] == ["path", "class"] and "," not in run("pred.txt").splitlines()[0]
-    assert len(json.loads(run("other.csv", "--format", "json"))) == 24
+    r = CliRunner().invoke(cli.cli, ["predict", str(image_folder), "--model", str(model_pt), "--output",
+                                     str(tmp_path / "o.json"), "--format", "csv"])
+    assert r.exit_code == 2 and r.output == (f"Error: --output {str(tmp_path / 'o.json')!r} names a json file but "
+                                             "--format is 'csv': give --format json, or an --output named .csv\n")
+    assert not (tmp_path / "o.json").exists()
+    assert run("pred.json", "--format", "json").startswith("[")
 
 
 def test_a_photo_stored_sideways_with_its_orientation_tag_predicts_as_the_upright_photo(tmp_path):
@@ -411,4 +417,4 @@ def test_json_prints_the_rows_as_json_like_every_command(tmp_path, image_folder,
     assert as_json.exit_code == 0 and json.loads(as_json.stdout) == json.loads(as_format.stdout)
     assert len(json.loads(as_json.stdout)) == 24
     both = run("--json", "--format", "csv")
-    assert both.exit_code == 2 and "--json and --format csv ask for two formats" in both.output
+    assert both.exit_code == 2 and both.output == "Error: --json and --format csv ask for two formats: give one\n"

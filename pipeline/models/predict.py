@@ -312,10 +312,13 @@ def format_rows(rows: list[dict], fmt: str) -> str:
 
 def output_format(cfg: PredictConfig) -> str:
     """--format, except that the default table into an --output named .csv or .json is that format: ``predict DIR
-    --output pred.json`` wrote a table into pred.json (no JSON reader takes it), and pred.csv was a table too."""
-    if cfg.format != "table" or not cfg.output:
-        return cfg.format
-    return {".csv": "csv", ".json": "json"}.get(Path(cfg.output).suffix.lower(), cfg.format)
+    --output pred.json`` wrote a table into pred.json (no JSON reader takes it), and pred.csv was a table too. The
+    other format asked for into such a file is refused: --format csv --output pred.json wrote CSV into pred.json."""
+    named = {".csv": "csv", ".json": "json"}.get(Path(cfg.output).suffix.lower()) if cfg.output else None
+    if named and cfg.format not in ("table", named):
+        raise UsageError(f"--output {cfg.output!r} names a {named} file but --format is {cfg.format!r}: give "
+                         f"--format {named}, or an --output named .{cfg.format}")
+    return named if named and cfg.format == "table" else cfg.format
 
 
 def predict(cfg: PredictConfig) -> PredictResult:
