@@ -274,6 +274,24 @@ def test_evaluating_on_the_folder_the_model_was_trained_on_says_so(tmp_path, ima
             assert ("is the folder the model was trained on" in caplog.text) == said, (ckpt, data)
 
 
+def test_evaluating_copies_of_a_heads_training_photos_says_how_many(tmp_path, image_folder, head_run, caplog):
+    """evaluate --data on a copy of some of a fit-head head's photos read accuracy 1.000 with nothing said (only
+    its own training folder was noticed), where fit-head --test-data finds them by content. Said, with how many;
+    on photos it never saw, nothing."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(image_folder, copy)
+    fresh = make_image_folder(tmp_path / "fresh", per_class=3, seed=11)
+    for data, seen in ((copy, head_run.train_rows), (fresh, 0)):
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            evaluate(EvaluateConfig(model=head_run.checkpoint, data=str(data), workers=0, runs_dir=str(tmp_path / "r")))
+        said = [r.message for r in caplog.records if "the same content as images the head was fitted on" in r.message]
+        assert len(said) == (1 if seen else 0), caplog.text
+        assert not seen or said[0].startswith(f"{seen} images of {data} have the same content as images the head")
+
+
 def test_split_all_of_the_models_own_cache_says_it_scores_training_rows(tmp_path, make_cache, image_folder,
                                                                         head_run, caplog):
     """--split all of the cache the head was fitted on read accuracy 0.977 (scenes6, its 528 training rows among
