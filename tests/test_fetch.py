@@ -385,6 +385,15 @@ def test_another_url_with_the_same_archive_name_is_never_taken_for_the_first(tmp
     assert fetch_data(cfg(dest, f"file://{tmp_path}/src/B/data.zip")).downloaded is False
 
 
+def test_a_file_url_naming_no_file_is_a_usage_error_not_offline(tmp_path):
+    """--url file:///nope.zip said "cannot download ... offline?" and exited 1, as if the network had failed: a
+    path typed wrong is the user's to fix (exit 2), and nothing is made in --dest."""
+    r = CliRunner().invoke(cli, ["fetch-data", "--url", f"file://{tmp_path}/nope.zip", "--dest", str(tmp_path / "d")])
+    assert r.exit_code == 2 and r.output == (f"Error: --url 'file://{tmp_path}/nope.zip' names no file: "
+                                             f"'{tmp_path}/nope.zip' does not exist or is not a file\n"), r.output
+    assert not (tmp_path / "d").exists()
+
+
 def test_overwrite_never_removes_the_file_the_url_names(tmp_path):
     """--url file://DEST/data.zip is the archive's own place: a stale record from another URL must not
     make --overwrite delete the very file it is asked to read."""

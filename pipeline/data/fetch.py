@@ -70,13 +70,15 @@ class FetchResult:
 def fetch_data(cfg: FetchConfig) -> FetchResult:
     """Download cfg.url into cfg.dest (unless already complete) and unpack it there (unless done)."""
     name = archive_name(cfg.url)
+    source = local_source(cfg.url)
+    if source is not None and not source.is_file() and not (Path(cfg.dest) / name).is_file():  # not "offline?"
+        raise UsageError(f"--url {cfg.url!r} names no file: {str(source)!r} does not exist or is not a file")
     dest = check_output(cfg.dest, what="--dest", folder=True)  # the URL is all it reads
     try:
         dest.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise PipelineError(f"cannot create --dest {str(dest)!r}: {e.strerror or e}") from None
     archive = dest / name
-    source = local_source(cfg.url)
     busy = f"another fetch-data is downloading or unpacking into {dest}; run this again when it has finished"
     with folder_lock(dest, True, busy):  # two at once appended one .part twice, or unpacked over each other
         check_source(cfg, archive, source)
