@@ -245,4 +245,10 @@ def preprocess(fp, p, decoding: dict) -> np.ndarray:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2:])
+    if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help"):  # was taken for the model's path
+        print(__doc__)
+    elif len(sys.argv) < 3:
+        print("usage: python examples/predict_onnx.py MODEL.onnx PHOTO [PHOTO ...]", file=sys.stderr)
+        sys.exit(2)
+    else:
+        main(sys.argv[1], sys.argv[2:])

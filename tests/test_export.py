@@ -38,6 +38,15 @@ def example_rows(model: Path, photos) -> list[dict]:
     return [json.loads(line) for line in out.stdout.splitlines()]
 
 
+def test_the_onnx_example_answers_help_and_a_missing_photo_without_onnxruntime_tracebacks():
+    """examples/predict_onnx.py --help was taken for the model's path: an onnxruntime traceback."""
+    script = str(ROOT / "examples" / "predict_onnx.py")
+    helped = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True)
+    assert helped.returncode == 0 and "onnxruntime, numpy and Pillow only" in helped.stdout
+    bare = subprocess.run([sys.executable, script, "model.onnx"], capture_output=True, text=True)
+    assert bare.returncode == 2 and bare.stderr.startswith("usage: ") and "Traceback" not in bare.stderr
+
+
 @pytest.mark.parametrize("kind", ["linear", "kernel", "svm", "auto"])  # auto: the stack, with coupled pairs
 def test_an_onnx_export_predicts_as_predict_does(heads, kind, tmp_path):
     head = heads[kind]
