@@ -1,4 +1,5 @@
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,12 @@ def test_demo_runs_every_step_and_quarantines_bad_files(tmp_path, monkeypatch):
     assert out["extract"]["rows"] == 24 and out["extract"]["skipped"] == 0
     assert [m["val_acc"] for m in out["compare"]["models"]] == [1.0] * 7  # 4 head kinds, 3 sklearn recipes
     assert "[4/4]" in r.stderr
+    # how to undo the move, as check-images says it (demo said only where the files went): it runs as printed
+    back = [line.split("; to move them back: ", 1)[1] for line in r.stderr.splitlines() if "to move them back" in line]
+    assert len(back) == 1
+    subprocess.run(back[0], shell=True, check=True)
+    assert (data / "red" / "broken.jpg").is_file()
+    assert not (tmp_path / "pets.quarantine" / "red" / "broken.jpg").exists()
 
 
 def test_demo_refuses_outputs_inside_the_data_folder_before_moving_a_file(tmp_path, monkeypatch):

@@ -73,8 +73,10 @@ def demo(cfg: DemoConfig) -> DemoResult:
     checked = check_images(CheckImagesConfig(root=str(data), quarantine=quarantine, workers=cfg.workers),
                            before_moving=lambda found: check_n(extract_cfg, found.good))
     steps["check"] = {k: getattr(checked, k) for k in ("files", "good", "errors", "notes", "by_kind", "quarantine")}
-    log.info("      %d files, %d unusable%s", checked.files, checked.errors,
-             f", moved to {checked.quarantine['dir']}" if checked.errors and checked.quarantine else "")
+    moved = checked.quarantine if checked.errors and checked.quarantine else None
+    log.info("      %d files, %d unusable%s", checked.files, checked.errors,  # check-images says how to undo: so here
+             (f", moved to {moved['dir']}" + (f"; to move them back: {moved['restore']}" if moved["restore"] else ""))
+             if moved else "")
     log.info("[3/4] extracting %s features of %d images", cfg.backbone, cfg.n)
     steps["extract"] = extract(extract_cfg)
     log.info("[4/4] fitting the torch head and scikit-learn on the same split")
