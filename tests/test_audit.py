@@ -58,6 +58,22 @@ def test_audit_finds_the_planted_problems(tmp_path):
     assert not list(data.rglob("*.json")) and not list(data.rglob("*.html"))
 
 
+def test_unreadable_files_are_listed_on_every_run_not_only_when_extracted(tmp_path):
+    """audit never named the folder's unreadable files: extract's 'skipping' line showed once, on the run that
+    extracted it, and a cache hit said nothing. Listed from the cache on stdout, in report.json and the page."""
+    data = photos(tmp_path / "data", per_class=6)
+    (data / "blue" / "broken.jpg").write_bytes(b"")
+    args = ["audit", "--data", str(data), "--folds", "3", "--cache-dir", str(tmp_path / "features"), "--runs-dir",
+            str(tmp_path / "runs"), "--backbone", "tiny", "--weights", "none", "--workers", "0"]
+    for _ in ("extracted", "a cache hit"):
+        r = CliRunner().invoke(cli, args)
+        assert r.exit_code == 0, r.output
+        assert "unreadable: 1" in r.stdout and "\n  blue/broken.jpg: " in r.stdout, r.stdout
+    report = sorted((tmp_path / "runs").glob("*-audit"))[-1]
+    assert [u["path"] for u in json.loads((report / "report.json").read_text())["unreadable"]] == ["blue/broken.jpg"]
+    assert "Unreadable files, not audited (1)" in (report / "report.html").read_text()
+
+
 def test_cli_audit_json_and_apply_undo_round_trip(tmp_path):
     data, _ = planted(tmp_path)
     before = {p.relative_to(data): p.read_bytes() for p in data.rglob("*") if p.is_file()}

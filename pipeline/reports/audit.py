@@ -54,6 +54,7 @@ class AuditResult:
     outliers: list  # {path, given, score, row, fence}
     duplicates: list  # groups: {paths, classes, similarity, exact, rows}
     leaks: list  # {train, test, similarity, exact}; [] without a test folder
+    unreadable: list  # {path, reason}: the folder's files extract could not decode (skipped, in no other list)
     test_cache: Optional[str]
     unconfirmed: dict  # candidate pairs the layout check refused: duplicates (and leaks with a test folder)
     test_root: Optional[str]  # with a test folder only (not in --json without one)
@@ -173,6 +174,7 @@ def analyse(cfg: AuditConfig) -> dict:
                              f"class; class {classes[int(counts.argmin())]!r} of {path} has {smallest} ({fix})")
         avg, near_rows = pooled(cache)
         digests = cache.row_digests()
+        unreadable = [{"path": p, "reason": why} for p, why in cache.skipped()]  # said on a hit too, not only once
         tpath = test_cache(cfg, cache)
         test = None
         if tpath is not None:
@@ -195,7 +197,7 @@ def analyse(cfg: AuditConfig) -> dict:
         "label_issues": _label_issues(issues, labels, classes, paths),
         "outliers": _outliers(near, labels, classes, paths),
         "duplicates": _duplicate_groups(near, digests, labels, classes, paths),
-        "leaks": [], "test_cache": None, "unconfirmed": {"duplicates": unconfirmed},
+        "leaks": [], "unreadable": unreadable, "test_cache": None, "unconfirmed": {"duplicates": unconfirmed},
     }
     if test is not None:
         t = time.time()

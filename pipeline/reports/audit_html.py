@@ -75,6 +75,10 @@ def render(result: dict, top: int) -> str:
             parts.append(f"<tr><td>{kind}</td><td>{photo_figure(result['test_root'], lk['test'], 'test ' + lk['test'])}"
                          f"{photo_figure(root, lk['train'], 'train ' + lk['train'])}</td></tr>")
         parts.append("</table>")
+    if result.get("unreadable"):
+        parts.append(f"<h2>Unreadable files, not audited ({len(result['unreadable'])})</h2><ul>")
+        parts += [f"<li>{esc(u['path'])}: {esc(u['reason'])}</li>" for u in result["unreadable"]]
+        parts.append("</ul>")
     parts.append("</body></html>")
     return "\n".join(parts)
 

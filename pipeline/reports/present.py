@@ -243,7 +243,7 @@ def audit_text(r: AuditResult | FixesResult, top: int = 20) -> str:
              f"out-of-fold probabilities: {r.folds} refits of {r.head} (out-of-fold acc {r.oof_acc:.3f})",
              f"label issues: {len(r.label_issues)}   outliers: {len(r.outliers)}   "
              f"duplicate groups: {len(r.duplicates)}   leaks: "
-             f"{len(r.leaks) if r.test_cache else '- (no --test-data)'}"]
+             f"{len(r.leaks) if r.test_cache else '- (no --test-data)'}   unreadable: {len(r.unreadable)}"]
     if r.label_issues:  # names and classes one_line'd: a newline in one must not start a row of its own
         w = max(len("likely wrong label"), *(len(one_line(i["path"])) for i in r.label_issues[:top]))
         lines += ["", f"{'likely wrong label':<{w}}  {'given':<12} {'suggested':<12} score",
@@ -270,6 +270,10 @@ def audit_text(r: AuditResult | FixesResult, top: int = 20) -> str:
         lines += [f"  {'exact' if lk['exact'] else format(lk['similarity'], '.3f'):>6}  test {one_line(lk['test'])}  = "
                   f"train {one_line(lk['train'])}" for lk in r.leaks[:top]]
         lines += _more(r.leaks, top)
+    if r.unreadable:
+        lines += ["", "unreadable files (not audited; check-images --quarantine moves them out of the folder):"]
+        lines += [f"  {one_line(u['path'])}: {one_line(u['reason'])}" for u in r.unreadable[:top]]
+        lines += _more(r.unreadable, top)
     lines += ["", f"report: {r.html}", f"gallery: {r.gallery}",
               f"to fix: review {r.fixes} (action relabel / remove / keep), then "
               f"python cli.py audit --data {r.data_root} --apply {r.fixes}"]
