@@ -85,6 +85,22 @@ def test_errors_are_exactly_what_extracts_loader_rejects(dirty):
     assert errors & listed == rejected
 
 
+def test_class_folders_extract_would_refuse_are_named(tmp_path):
+    """check-images passed a folder extract then refused ('class folder ... holds no images'): an empty class
+    folder, or one whose only images are broken (empty once quarantined). Named, with what to do; the others not."""
+    data = make_image_folder(tmp_path / "d", per_class=2)
+    (data / "empty").mkdir()
+    (data / "broken").mkdir()
+    (data / "broken" / "x.jpg").write_bytes(b"")
+    (data / "broken" / "Thumbs.db").write_bytes(b"junk")  # no image extension: no photo either
+    r = CliRunner().invoke(cli, ["check-images", str(data)])
+    assert r.exit_code == 0 and check_images(CheckImagesConfig(root=str(data))).empty_classes == ["broken", "empty"]
+    assert (f"class folders without a usable image (extract refuses {data} while they are there: add photos or move "
+            "them out): broken, empty") in r.stdout
+    with pytest.raises(Exception, match="holds no images"):
+        list_image_folder(data)
+
+
 def test_an_image_without_image_extension_is_reported(tmp_path):
     root = make_image_folder(tmp_path / "data", per_class=1)
     (root / "blue" / "blue.0.jpg").rename(root / "blue" / "photo.jpeg.bak")

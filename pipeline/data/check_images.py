@@ -14,7 +14,7 @@ import time
 import warnings
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
@@ -23,7 +23,16 @@ from ..config import CheckImagesConfig, check_config
 from ..devices import resolve_workers
 from ..errors import PipelineError, UsageError
 from ..files import SafeCsvWriter, atomic_write, check_output, is_utf8, json_text, shown
-from .folders import NOT_UTF8, QUARANTINE_SUFFIX, ImageLoadError, decode_image, exif_problem, is_image_name, walk
+from .folders import (
+    NOT_UTF8,
+    QUARANTINE_SUFFIX,
+    ImageLoadError,
+    decode_image,
+    exif_problem,
+    is_image_name,
+    is_skipped_folder,
+    walk,
+)
 from .moves import changing_folder, link_on_the_way, move_no_replace
 
 #: Every kind check-images reports, with its severity. Errors are files extract cannot use.
@@ -163,6 +172,7 @@ class CheckImagesResult:
     findings: list  # {path, kind, severity, detail} each
     report: Optional[str]  # the --report file written, else None
     quarantine: Optional[dict]  # with --quarantine: where the files went, how to move them back; else None
+    empty_classes: list = field(default_factory=list)  # class folders left without a usable image: extract refuses
 
 
 def check_images(cfg: CheckImagesConfig,
@@ -191,11 +201,15 @@ def check_images(cfg: CheckImagesConfig,
                 note_files += 1
             bar.update()
     seconds = time.perf_counter() - t0
+    bad = set(error_files)
+    usable = Counter(rel.split("/", 1)[0] for rel in rels if "/" in rel and rel not in bad and is_image_name(rel))
     result = CheckImagesResult(
         root=str(root), files=len(rels), good=len(rels) - len(error_files), errors=len(error_files),
         notes=note_files, by_kind=dict(sorted(Counter(f["kind"] for f in findings).items())),
         seconds=round(seconds, 2), files_per_s=round(len(rels) / seconds, 1) if seconds else None,
         workers=workers, findings=findings, report=None, quarantine=None,
+        empty_classes=sorted(d.name for d in os.scandir(root) if d.is_dir() and not is_skipped_folder(d.name)
+                             and not usable[d.name]),
     )
     if cfg.report:
         result = replace(result, report=write_report(Path(cfg.report), asdict(result)))

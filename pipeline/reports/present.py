@@ -168,6 +168,9 @@ def check_images_text(result: CheckImagesResult, max_listed: int = 50) -> str:
         lines += [f"  {one_line(f['path'])}: {one_line(f['detail'])}" for f in errors[:max_listed]]
         if len(errors) > max_listed:
             lines.append(f"  ... and {len(errors) - max_listed} more (write them all with --report)")
+    if result.empty_classes:
+        lines.append(f"class folders without a usable image (extract refuses {result.root} while they are there: add "
+                     f"photos or move them out): {', '.join(one_line(c) for c in result.empty_classes)}")
     if result.report:
         lines.append(f"report: {result.report}")
     q = result.quarantine
