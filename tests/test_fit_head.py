@@ -196,6 +196,7 @@ def test_tune_picks_by_cross_validation_and_is_deterministic(cache, tmp_path):
     assert {row["key"].split("|")[0] for row in a.tuning["table"]} == {"logreg", "kernel", "svm", "torch"}
     ckpt = torch.load(a.checkpoint, weights_only=True)
     assert ckpt["tuning"]["choice"] == a.tuning["choice"] and a.metrics["cv_acc"] == ckpt["tuning"]["cv_acc"]
+    assert ckpt["tuning"]["verdict"] == a.tuning["verdict"] and a.tuning["choice"] in a.tuning["verdict"]
 
 
 def test_test_data_is_extracted_like_the_cache_scored_and_copies_are_reported(tmp_path, make_cache, image_folder):
@@ -378,6 +379,11 @@ def test_tune_keeps_a_wider_choice_only_when_nested_cv_confirms_it(cache, tmp_pa
     r = fit_head(FitHeadConfig(cache=cache, tune=True, folds=3, runs_dir=str(tmp_path / "runs")))
     assert (not r.tuning["choice"].startswith("stack|")) == wider_wins_nested  # the default's choice: a stack
     assert r.tuning["nested"]["tune"] == (good if wider_wins_nested else bad)
+    # the decision said in one line (the table showed the search's best and no stack row, so nothing said which)
+    assert r.tuning["verdict"].startswith(f"--tune chose {r.tuning['choice']} (CV acc " if wider_wins_nested else
+                                          f"--tune keeps the default head {r.tuning['choice']} (CV acc ")
+    assert r.tuning["verdict"].endswith("better in nested CV too" if wider_wins_nested else "but not in nested CV "
+                                        "(the search made again inside each outer fold)")
 
 
 def test_nested_cv_scores_both_searches_on_rows_no_choice_saw(cache):

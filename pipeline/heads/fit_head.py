@@ -319,6 +319,21 @@ def _nested(cfg: FitHeadConfig, rows, grid, n_classes: int) -> dict:
             for name, r in out.items()}
 
 
+def tune_verdict(top: dict, default: Optional[dict], chosen: dict, nested: Optional[dict]) -> str:
+    """--tune's decision in one line: the table showed the search's best by CV (not the default's stack, which is
+    no row of it) and the head kept, with nothing saying which one fit-head fitted, or why."""
+    def scores(row: dict) -> str:
+        return f"{row['key']} (CV acc {row['acc_mean']:.3f}, log-loss {row['log_loss_mean']:.4f})"
+
+    if default is None:
+        return f"--tune chose {scores(chosen)}: the default head's settings are not all in the search"
+    if chosen["key"] != default["key"]:
+        return f"--tune chose {scores(chosen)} over the default head {scores(default)}: better in nested CV too"
+    why = ("is not better on both by more than the standard error of the difference" if nested is None else
+           "is, but not in nested CV (the search made again inside each outer fold)")
+    return f"--tune keeps the default head {scores(default)}: the search's best, {scores(top)}, {why}"
+
+
 def _tune(cfg: FitHeadConfig, cache, train_idx):
     """Stratified k-fold CV on the training rows (over --tune's grids, or the default head's search);
     the winner refitted on all of them. Returns (head, info, tuning, (the winner's out-of-fold
@@ -330,14 +345,15 @@ def _tune(cfg: FitHeadConfig, cache, train_idx):
                       _cv(cfg, cfg.folds, "--tune cross-validation" if cfg.tune else "cross-validation"))
     except ValueError as e:  # too few rows of a class for the folds
         raise UsageError(f"{'--tune' if cfg.tune else '--head auto'}: {e}") from None
-    best, nested = _default_row(cfg, rows.feature_shape, result), None
+    best, nested, verdict = _default_row(cfg, rows.feature_shape, result), None, None
     if cfg.tune:
-        default = _default_row(cfg, rows.feature_shape, result)
+        default, top = best, result["best"]
         best = _default_unless_beaten(cfg, rows.feature_shape, result)
         if default is not None and best["key"] != default["key"]:
             nested = _nested(cfg, rows, _search_grid(cfg), len(cache.classes))
             if not clearly_better(nested["tune"], nested["default"], cfg.folds):
                 best = default
+        verdict = tune_verdict(top, default, best, nested)
     result = {**result, "best": best}  # the table marks the choice
     if cfg.tune and not is_quiet():
         print(format_table(result) + "\n(--tune keeps the default head's best setting unless another beats both its "
@@ -346,15 +362,15 @@ def _tune(cfg: FitHeadConfig, cache, train_idx):
               "the same way)" + (f"\nnested CV: --tune {nested['tune']['acc_mean']:.3f} / "
                                  f"{nested['tune']['log_loss_mean']:.4f}, "
                                  f"defaults {nested['default']['acc_mean']:.3f} / "
-                                 f"{nested['default']['log_loss_mean']:.4f} (acc / log-loss)" if nested else ""),
-              file=sys.stderr)
+                                 f"{nested['default']['log_loss_mean']:.4f} (acc / log-loss)" if nested else "")
+              + f"\n{verdict}", file=sys.stderr)
     else:
         log.info("head: %s, chosen by %d-fold CV over %d rows (acc %.3f, log-loss %.4f; %d settings)",
                  best["key"], cfg.folds, len(cv_idx), best["acc_mean"], best["log_loss_mean"], len(result["table"]))
     head, info = _fit_sklearn(cfg, cache, train_idx, best["setting"])
     tuning = {"choice": best["key"], "setting": best["setting"], "cv_acc": best["acc_mean"],
               "cv_acc_std": best["acc_std"], "cv_log_loss": best["log_loss_mean"], "folds": cfg.folds,
-              "cv_rows": int(len(cv_idx)), "nested": nested,
+              "cv_rows": int(len(cv_idx)), "nested": nested, **({"verdict": verdict} if verdict else {}),
               "table": [{k: r[k] for k in ("key", "acc_mean", "acc_std", "log_loss_mean", "log_loss_std")}
                         for r in result["table"]]}
     return head, info, tuning, (result["oof"][best["key"]], rows.labels)
