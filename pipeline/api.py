@@ -342,11 +342,7 @@ class Head(ClassifierMixin, BaseEstimator, FeatureHead, _Classifier):
         'auto' (default) the validation split of the cache the head was fitted on and every row of any
         other; on an image folder: every image through the backbone; ``score(X, y)``: against labels."""
         if y is None and is_cache(X):
-            if split == "auto":
-                c = X if isinstance(X, Cache) else Cache(X)
-                trained_on = self._read(self._checkpoint()).get("cache_fingerprint")
-                split = "val" if c.fingerprint == trained_on else "all"
-            pred = self._cache_predictions(X, split, device)
+            pred = self._cache_predictions(X, split, device)  # 'auto': evaluate's (--split auto)
             return float((pred.logp.argmax(1) == pred.labels).mean())
         return _Classifier.score(self, X, y, device=device, precision=precision, batch_size=batch_size,
                                  workers=workers)
@@ -488,9 +484,10 @@ def evaluate_model(model: Union[Head, Model, PathLike], cache: Union[Cache, Path
     """Accuracy, loss, macro F1, per-class precision/recall/F1, the confusion matrix and the most
     confidently wrong images of ``model`` (``python cli.py evaluate``).
 
-    On ``cache`` (a head only; by default the cache it was fitted on, ``split='val'`` its validation
-    rows or 'all'), or on the image folder ``data`` (any model). ``options``: EvaluateConfig's (split,
-    top_k, weights, batch_size, device, precision, workers, runs_dir). Writes confusion.png, gallery.png
+    On ``cache`` (a head only; by default the cache it was fitted on; ``split='auto'`` its validation
+    rows there and every row of another cache, 'val' or 'all'), or on the image folder ``data`` (any
+    model). ``options``: EvaluateConfig's (split, top_k, weights, batch_size, device, precision, workers,
+    runs_dir). Writes confusion.png, gallery.png
     and metrics.json to a run folder. Returns an ``EvaluateResult`` (``accuracy``, ``per_class``, ...;
     ``to_dict()``: metrics.json's keys); with ``figures`` its ``figures`` are
     ``{'confusion': Figure, 'gallery': Figure, 'reliability': Figure}``. It also holds

@@ -34,7 +34,7 @@ HEADS = ("auto", "linear", "logreg", "kernel", "svm")
 RECIPES = ("default", "seed")
 FORMATS = ("table", "csv", "json")
 EXPORT_FORMATS = ("onnx", "torchscript")  # export --format
-SPLITS = ("val", "all")
+SPLITS = ("auto", "val", "all")
 #: where a head's temperature is fitted: out-of-fold predictions of the training rows + the validation
 #: rows (sklearn heads; others: the validation rows), the validation rows only, or not at all (T = 1)
 CALIBRATIONS = ("cv", "val", "none")
@@ -655,8 +655,9 @@ class EvaluateConfig(RunnerOptions):
         doc_default="the one the model was trained on"))
     data: Optional[str] = field(default=None, metadata=option(
         "Or an ImageFolder root, run through the backbone.", metavar="DIR"))
-    split: str = field(default="val", metadata=option("Cache rows: the model's validation split, or all.",
-                                                      choices=SPLITS))
+    split: str = field(default="auto", metadata=option(
+        "Cache rows: the model's validation split (val), every row (all), or auto: val on the cache the model was "
+        "fitted on, all on another (a held-out cache).", choices=SPLITS))
     weights: Optional[str] = field(default=None, metadata=option(
         "Backbone weights for --data [default: those the model names].", doc_default="those the model names"))
     top_k: int = field(default=12, metadata=option("Images in the misclassified gallery.", range=POSITIVE))

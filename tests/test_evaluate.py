@@ -107,9 +107,12 @@ def test_val_split_of_a_held_out_cache_is_not_called_rows_the_refitted_head_saw(
     held_out = make_image_folder(tmp_path / "test", per_class=12, seed=5)
     test = make_cache(held_out, cache_dir=str(tmp_path / "test_features")).cache
     head = fit_head(FitHeadConfig(cache=train, runs_dir=str(tmp_path / "runs"))).checkpoint
-    r = evaluate(EvaluateConfig(model=head, cache=test, runs_dir=str(tmp_path / "runs")))
+    r = evaluate(EvaluateConfig(model=head, cache=test, split="val", runs_dir=str(tmp_path / "runs")))
     assert "is not the cache the model was trained on: 'val' scores 4 of its 24 rows" in caplog.text
     assert "rows it saw" not in caplog.text and r.rows == 4
+    caplog.clear()  # by default (--split auto) a held-out cache is scored whole: its val slice was 4 of 24 rows
+    r = evaluate(EvaluateConfig(model=head, cache=test, runs_dir=str(tmp_path / "runs")))
+    assert r.rows == 24 and r.split == "all" and "not the cache" not in caplog.text
     caplog.clear()
     evaluate(EvaluateConfig(model=head, runs_dir=str(tmp_path / "runs")))  # its own cache: the refit note
     assert "these 'val' rows are rows it saw" in caplog.text and "not the cache" not in caplog.text

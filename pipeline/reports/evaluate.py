@@ -69,6 +69,7 @@ class Predictions:
     # photos the maps cover; None where there are none (a pooled cache, fused features)
     heatmaps: Optional[Callable[[np.ndarray], np.ndarray]] = None
     preprocessing: Optional[dict] = None
+    split: Optional[str] = None  # the cache rows scored: 'val' or 'all' (--split auto decided); None on --data
 
     @property
     def foreign(self) -> bool:
@@ -105,10 +106,12 @@ def head_on_cache(model_path: str, ckpt: dict, cfg: EvaluateConfig) -> Predictio
                      path, cache.n, cache.attrs["backbone"], cache.attrs["created"])
         to_model = cache_classes_to_model(ckpt["classes"], cache)
         check_cache_fits(ckpt, cache, ROW_FEATURES)
-        if cfg.split == "val":
+        own = cache.attrs["fingerprint"] == ckpt["cache_fingerprint"]
+        split = cfg.split if cfg.split != "auto" else "val" if own else "all"  # a held-out cache: a val slice of
+        if split == "val":  # it scored 50 of its 400 rows by default
             c = ckpt["config"]
             rows = split_indices(cache.labels, c["val_fraction"], c["seed"])[1]
-            if cache.attrs["fingerprint"] != ckpt["cache_fingerprint"]:  # first: the refit note is of its own cache
+            if not own:  # first: the refit note is of its own cache
                 log.warning("%s is not the cache the model was trained on: 'val' scores %d of its %d rows (split as "
                             "the model's cache was), which may include training images; use --split all on a "
                             "held-out cache", path, len(rows), cache.n)
@@ -118,7 +121,7 @@ def head_on_cache(model_path: str, ckpt: dict, cfg: EvaluateConfig) -> Predictio
                             "came from the fit without them. Use --split all on a held-out cache")
         else:
             rows = np.arange(cache.n)
-            if cache.attrs["fingerprint"] == ckpt["cache_fingerprint"]:  # as --data on its training folder is
+            if own:  # as --data on its training folder is
                 log.warning("%s is the cache the model was trained on: --split all scores its training rows too, "
                             "which flatters every figure; use --split all on a held-out cache", path)
         head = _head(model_path, ckpt, device)
@@ -127,10 +130,10 @@ def head_on_cache(model_path: str, ckpt: dict, cfg: EvaluateConfig) -> Predictio
         paths = cache.paths
         spatial = not ckpt.get("fused") and not is_pooled(cache.feature_shape)
         return Predictions(list(ckpt["classes"]), Path(cache.attrs["data_root"]), [paths[i] for i in rows],
-                           to_model[cache.labels[rows]], logp, f"{cfg.split} rows of {path}",
+                           to_model[cache.labels[rows]], logp, f"{split} rows of {path}",
                            cache.attrs["fingerprint"],
                            ood=ood, **_trust(head), heatmaps=cached_heatmaps(head, path, rows) if spatial else None,
-                           preprocessing=ckpt["preprocessing"] if spatial else None)
+                           preprocessing=ckpt["preprocessing"] if spatial else None, split=split)
 
 
 def cached_heatmaps(head, path, rows: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
@@ -375,7 +378,7 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
     pred = predictor(cfg.model, ckpt, cfg)
     result = summarize(pred, cfg.top_k)
     out_dir = new_run_dir(cfg.runs_dir, "evaluate")
-    result.update({"model": cfg.model, "kind": ckpt["kind"], "source": pred.source, "split": cfg.split,
+    result.update({"model": cfg.model, "kind": ckpt["kind"], "source": pred.source, "split": pred.split or cfg.split,
                    "backbone": ckpt.get("backbone", ""), "cache_fingerprint": pred.cache_fingerprint,
                    "data_root": str(pred.root), "run_dir": str(out_dir)})
     pictures = []
