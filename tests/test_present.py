@@ -99,9 +99,10 @@ def test_suggest_and_audit_tables_keep_a_row_a_line_whatever_the_names_hold():
                         duplicates=[{"exact": True, "paths": [evil, "x"], "classes": ["a\nb", "c"]}], threshold=0.88,
                         leaks=[{"exact": True, "test": evil, "train": evil}], test_cache="t.h5", test_root="t",
                         test_rows=1, unconfirmed={}, seconds={}, html="r.html", gallery="g.png", output="o",
-                        report="o/report.json", fixes="f.csv")
+                        report="o/report.json", fixes="f.csv", unreadable=[{"path": evil, "reason": "cut\nshort"}])
     text = present.audit_text(audit)
-    assert "\n  99" not in text and "a\nb" not in text and text.count("evil\\n  99  fake.jpg") == 5
+    assert "\n  99" not in text and "a\nb" not in text and text.count("evil\\n  99  fake.jpg") == 6
+    assert "cut\nshort" not in text
 
 
 def test_audit_text_lists_a_few_photos_of_a_big_duplicate_group_and_counts_what_it_leaves_out():
@@ -113,7 +114,7 @@ def test_audit_text_lists_a_few_photos_of_a_big_duplicate_group_and_counts_what_
     audit = AuditResult(rows=600, data_root="d", classes=["a"], cache="x.h5", folds=2, head="h", oof_acc=1.0,
                         label_issues=[], outliers=outliers, duplicates=[group] * 3, threshold=0.88, leaks=[],
                         test_cache=None, test_root=None, test_rows=None, unconfirmed={}, seconds={}, html="r.html",
-                        gallery="g.png", output="o", report="o/report.json", fixes="f.csv")
+                        gallery="g.png", output="o", report="o/report.json", fixes="f.csv", unreadable=[])
     lines = present.audit_text(audit, top=2).splitlines()
     dup = [line for line in lines if "a/0.jpg" in line]
     assert len(dup) == 2 and dup[0].count(".jpg") == present.GROUP_LISTED

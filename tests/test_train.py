@@ -286,7 +286,8 @@ def test_a_stopped_finetune_resumes_where_it_stopped_as_if_never_stopped(tmp_pat
     assert load_model(run_dir / "model.pt").model is not None  # the epochs so far: a usable model already
     monkeypatch.setattr(train_mod, "train_one_epoch", real)
 
-    changed = CliRunner().invoke(cli.cli, [*args, "--epochs", "4", "--lr", "0.02", "--resume", str(run_dir)])
+    faster = [a if a != "0.01" else "0.02" for a in args]  # --lr 0.02 (an option given twice is refused)
+    changed = CliRunner().invoke(cli.cli, [*faster, "--epochs", "4", "--resume", str(run_dir)])
     assert changed.exit_code == 2 and "--lr 0.02 (the run had 0.01)" in changed.output
     resumed = CliRunner().invoke(cli.cli, [*args, "--epochs", "4", "--resume", str(run_dir)])
     assert resumed.exit_code == 0, resumed.output
