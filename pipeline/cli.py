@@ -79,6 +79,10 @@ class OneLineUsageError(click.UsageError):
         click.echo(f"Error: {self.format_message()}", file=file or sys.stderr)
 
 
+#: The options of cli.py itself, not of its commands (``cli``'s): given after a command, said where they go.
+GROUP_OPTIONS = ("-q", "--quiet", "-v", "--verbose")
+
+
 class _OneLineErrors:
     """Click's own usage errors (a bad --lr, a missing argument, an unknown command) as one line too."""
 
@@ -87,6 +91,11 @@ class _OneLineErrors:
             return call(ctx, *args)
         except OneLineUsageError:
             raise
+        except click.NoSuchOption as e:
+            if e.option_name in GROUP_OPTIONS and ctx.parent is not None:  # 'predict -q' read as predict's own
+                raise OneLineUsageError(f"{e.option_name} goes before the command: python cli.py {e.option_name} "
+                                        f"{ctx.info_name} ...", ctx) from None
+            raise OneLineUsageError(f"{e.format_message()} (see '{ctx.command_path} --help')", ctx) from None
         except click.UsageError as e:
             raise OneLineUsageError(f"{e.format_message()} (see '{ctx.command_path} --help')", ctx) from None
 

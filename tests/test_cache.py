@@ -325,3 +325,20 @@ def test_caches_names_each_unusable_file_and_its_reason(tmp_path):
     out = json.loads(CliRunner().invoke(cli.cli, ["caches", "--cache-dir", str(tmp_path), "--json"]).stdout)
     assert out["unreadable"] == [{"path": str(tmp_path / "junk.h5"), "why": out["unreadable"][0]["why"]}]
     assert "not an HDF5 file" in out["unreadable"][0]["why"]
+
+
+def test_the_caches_table_keeps_its_columns_in_line_whatever_the_names():
+    """A path column 48 wide pushed every later column of a Lite0 cache's longer name out of line, and the classes
+    were cut mid-word at 20 characters."""
+    from pipeline.reports.present import caches_text
+
+    def cache(path, backbone, classes):
+        return {"path": path, "backbone": backbone, "rows": 12, "classes": classes, "size_bytes": 2e6,
+                "created": "2026-12-06T16:00:00+0000", "complete": True}
+
+    text = caches_text({"caches": [cache("features/vgg16-n30-6034216f2ed9.h5", "vgg16", ["a", "b"]),
+                                   cache("features/tf_efficientnet_lite0-nall-34c5c2a52237.h5", "tf_efficientnet_lite0",
+                                         [f"breed_number_{i}" for i in range(20)])], "unreadable": []}, "features")
+    lines = text.splitlines()
+    assert len({line.index("created") if i == 0 else line.index("2026") for i, line in enumerate(lines)}) == 1
+    assert "20: breed_number_0,breed_number_1,..." in lines[2] and "2: a,b" in lines[1]

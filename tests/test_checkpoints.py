@@ -57,3 +57,16 @@ def test_an_export_or_other_foreign_file_is_named_for_what_it_is(tmp_path, capfd
             read_checkpoint(tmp_path / name)
         assert reason in str(e.value) and "pickled" not in str(e.value), (name, str(e.value))
     assert "TorchScript" not in capfd.readouterr().err
+
+
+def test_a_checkpoint_cut_short_is_said_to_be_cut_short_wherever_the_copy_stopped(tmp_path):
+    """A head.pt copied in part read "...a high likelihood that your checkpoint file is)" (torch's line cut at
+    200 characters) or "[Errno 22] Invalid argument", by where it stopped."""
+    whole = tmp_path / "whole.pt"
+    torch.save({"w": torch.zeros(64, 1024)}, whole)
+    data = whole.read_bytes()
+    for size in (100, len(data) // 3, len(data) - 100):
+        (tmp_path / "cut.pt").write_bytes(data[:size])
+        with pytest.raises(ValueError, match=r"is not a loadable checkpoint \(it is cut short or damaged \(not the "
+                                             r"whole zip archive torch.save writes\): copy or save it again\)$"):
+            read_checkpoint(tmp_path / "cut.pt")

@@ -89,6 +89,9 @@ def test_extract_fit_head_compare_and_caches(run, tmp_path):
     (["compare-sklearn", "--cache", "foreign.h5", "--cache", "c2.h5"], "--cache given 2 times; it takes one value"),
     (["extract", "--flip", "--no-flip", *TINY], "--flip/--no-flip given 2 times; it takes one value"),
     (["fit-head", "--cache", "missing.h5", "--cache", "c2.h5"], "does not exist"),  # fit-head fuses several
+    # cli.py's own options after a command were "No such option '-q'", whatever the docs' "predict -q" meant
+    (["predict", "x.jpg", "-q"], "-q goes before the command: python cli.py -q predict ..."),
+    (["fit-head", "--verbose"], "--verbose goes before the command: python cli.py --verbose fit-head ..."),
 ])
 def test_errors_are_one_line_with_exit_code_2(run, tmp_path, make_cache, args, message):
     make_image_folder(tmp_path / "data" / "PetImages", per_class=12)

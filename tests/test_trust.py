@@ -45,3 +45,14 @@ def test_the_temperature_and_the_unknown_score_are_fitted_and_set_on_the_head():
     assert (trust["calibration_rows"], trust["calibrated_on"]) == (40, "val")
     assert len(asked) == 1 and len(asked[0]) == 8  # only the seeded sample of training rows is read
     assert head.has_unknown and trust["known_rows"] == 8 and trust["unknown_threshold"] == head.threshold_used
+
+
+def test_k_is_at_most_the_kept_rows_less_one_and_says_so(caplog):
+    """--unknown-k 500 with 30 kept rows was recorded and said as k = 500, every score then the distance to the
+    farthest kept row; k is what the score uses, and the log line says why it is not what was asked."""
+    head, rows = ProbeHead((4, 1, 1), 2, "avg"), np.random.default_rng(1).normal(size=(30, 4)).astype(np.float32)
+    with caplog.at_level("INFO"):
+        trust = fit_trust(_cfg(calibrate="none", unknown_rows=30, unknown_k=500), head, None, np.arange(30),
+                          lambda idx: rows[idx], lambda: rows[:0])
+    assert trust["unknown_k"] == head.unknown_k == 29
+    assert "k = 29 (--unknown-k 500: at most the kept rows less one)" in caplog.text

@@ -382,7 +382,12 @@ def unloadable_reason(e: Exception, path: Optional[Path] = None) -> str:
         return "it is not a file torch.save wrote: an ONNX export, JSON, an image?"
     if "weights_only" in text or "Unsupported global" in text:
         return "it holds pickled Python objects, which are never loaded"
-    return (text.splitlines()[0] if text else type(e).__name__)[:200]
+    if head is not None and head.startswith(b"PK") and ("zip archive" in text or "Invalid argument" in text):
+        # cut short, torch said "... a high likelihood that your checkpoint file is" (its line cut at 200) or
+        # "[Errno 22] Invalid argument", depending on where the copy stopped
+        return "it is cut short or damaged (not the whole zip archive torch.save writes): copy or save it again"
+    line = text.splitlines()[0] if text else type(e).__name__
+    return line if len(line) <= 200 else line[:line.rfind(" ", 0, 197)] + " ..."
 
 
 def _first_bytes(path: Path) -> Optional[bytes]:

@@ -49,13 +49,17 @@ def _set_temperature(head, logp: np.ndarray, y: np.ndarray, source: str) -> dict
 
 
 def _set_unknown(cfg, head, train_rows: np.ndarray, held_out: np.ndarray) -> dict:
-    """Keep the training rows in the head, and the threshold that keeps ``known_share`` of held-out rows known."""
-    fit = fit_unknown(train_rows, held_out, cfg.unknown_k, cfg.known_share)
-    head.set_unknown(torch.from_numpy(fit.known), cfg.unknown_k, fit.threshold)
+    """Keep the training rows in the head, and the threshold that keeps ``known_share`` of held-out rows known.
+    k is at most the kept rows less one (each is scored against the others): --unknown-k 500 with 200 kept rows
+    was recorded and said as k = 500 while every score was the distance to the 200th, the farthest."""
+    k = max(1, min(cfg.unknown_k, len(train_rows) - 1))
+    fit = fit_unknown(train_rows, held_out, k, cfg.known_share)
+    head.set_unknown(torch.from_numpy(fit.known), k, fit.threshold)
     head.to(head.linear.weight.device)
     val_kept = float((fit.val_scores <= fit.threshold).mean()) if len(fit.val_scores) else None
-    log.info("unknown score: %d training rows kept (%.1f MB), k = %d, threshold %.4f (%s)", len(fit.known),
-             fit.known.nbytes / 1e6, cfg.unknown_k, fit.threshold,
+    log.info("unknown score: %d training rows kept (%.1f MB), k = %d%s, threshold %.4f (%s)", len(fit.known),
+             fit.known.nbytes / 1e6, k, "" if k == cfg.unknown_k else f" (--unknown-k {cfg.unknown_k}: at most the "
+             "kept rows less one)", fit.threshold,
              f"keeps {100 * val_kept:.1f}% of {len(fit.val_scores)} val rows" if len(fit.val_scores) else
              "from each kept row against the others")
-    return {**unknown_summary(fit, cfg.unknown_k, cfg.known_share), "val_known_kept": val_kept}
+    return {**unknown_summary(fit, k, cfg.known_share), "val_known_kept": val_kept}

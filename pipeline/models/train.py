@@ -293,8 +293,8 @@ def _train_run(cfg: TrainConfig, kind: str, lm, stages: list, listing, head_saw:
     stopped = read_resume(cfg, kind, recorded_config(cfg), digest) if cfg.resume else None
     val_model = Inference(model, device, precision, freeze=False)  # the same inference path as evaluate/predict
     skipped, state = ImageOutputs(), {"stage": None}
-    log.info("%s: %d train / %d val images of %s, device %s, precision %s", kind, len(train_idx), len(val_idx),
-             cfg.data, device, precision)
+    log.info("%s: %d train / %d val images of %s (unreadable ones skipped as they are read), device %s, "
+             "precision %s", kind, len(train_idx), len(val_idx), cfg.data, device, precision)
 
     def one_epoch(epoch: int):
         unfreeze, name = stages[epoch - 1]

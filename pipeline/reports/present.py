@@ -373,14 +373,27 @@ def consolidate_note(result: ConsolidateResult) -> str:
 
 
 def caches_text(result: dict, cache_dir) -> str:
-    """The caches command's table: one line per cache, then the files that are not usable caches."""
-    lines = [f"{'path':<48} {'backbone':<10} {'rows':>6} {'classes':<20} {'size':>9}  created"]
-    for c in result["caches"]:
-        state = ("" if c["complete"] else "  (incomplete)") + ("  (sharded)" if c.get("sharded") else "")
-        lines.append(f"{c['path']:<48} {c['backbone']:<10} {c['rows']:>6} {','.join(c['classes'])[:20]:<20} "
-                     f"{c['size_bytes'] / 1e6:>7.1f}MB  {c['created']}{state}")
+    """The caches command's table: one line per cache, then the files that are not usable caches. Columns as
+    wide as their widest entry (a 48-wide path column pushed every later column of a Lite0 cache out of line)."""
+    rows = [(one_line(c["path"]), one_line(c["backbone"]), str(c["rows"]), _classes_cell(c["classes"]),
+             f"{c['size_bytes'] / 1e6:.1f}MB", c["created"] + ("" if c["complete"] else "  (incomplete)")
+             + ("  (sharded)" if c.get("sharded") else "")) for c in result["caches"]]
+    head = ("path", "backbone", "rows", "classes", "size", "created")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head) - 1)]
+    right = (False, False, True, False, True)
+    lines = ["  ".join(v.rjust(w) if r else v.ljust(w) for v, w, r in zip(row[:-1], widths, right)) + "  " + row[-1]
+             for row in [head, *rows]]
     lines += [f"not a usable cache: {b['path']}: {b['why']}" for b in result["unreadable"]]
     return "\n".join(lines) if result["caches"] or result["unreadable"] else f"no caches in {cache_dir}"
+
+
+def _classes_cell(classes: list, width: int = 40) -> str:
+    """'6: buildings,forest,...' cut whole names short at ``width`` (the column was cut mid-word at 20)."""
+    text = f"{len(classes)}: " + ",".join(one_line(c) for c in classes)
+    if len(text) <= width:
+        return text
+    cut = text.rfind(",", 0, width - 3)
+    return text[:cut] + ",..." if cut > 0 else text[:width - 3] + "..."
 
 
 def feature_map_note(result: FeatureMapResult) -> str:
