@@ -27,9 +27,8 @@ def test_caches_text_is_a_table_or_says_there_are_none():
          "created": "2026-12-05T01:23:27+0000", "complete": False}
     text = present.caches_text({"caches": [c], "unreadable": [{"path": "x.h5", "why": "not HDF5"}]}, "features")
     assert text.splitlines() == [
-        "path                                             backbone     rows classes                   size  created",
-        "features/a.h5                                    tiny            8 blue,red                 0.2MB  "
-        "2026-12-05T01:23:27+0000  (incomplete)",
+        "path           backbone  rows  classes       size  created",
+        "features/a.h5  tiny         8  2: blue,red  0.2MB  2026-12-05T01:23:27+0000  (incomplete)",
         "not a usable cache: x.h5: not HDF5"]
     assert present.caches_text({"caches": [], "unreadable": []}, "features") == "no caches in features"
 
