@@ -79,8 +79,9 @@ class OneLineUsageError(click.UsageError):
         click.echo(f"Error: {self.format_message()}", file=file or sys.stderr)
 
 
-#: The options of cli.py itself, not of its commands (``cli``'s): given after a command, said where they go.
-GROUP_OPTIONS = ("-q", "--quiet", "-v", "--verbose")
+def _own_options(root) -> set:
+    """The option names of cli.py itself (its group's -q, -v ...), not of its commands."""
+    return {name for p in root.command.params for name in (*p.opts, *p.secondary_opts)}
 
 
 class _OneLineErrors:
@@ -92,7 +93,7 @@ class _OneLineErrors:
         except OneLineUsageError:
             raise
         except click.NoSuchOption as e:
-            if e.option_name in GROUP_OPTIONS and ctx.parent is not None:  # 'predict -q' read as predict's own
+            if ctx.parent is not None and e.option_name in _own_options(ctx.find_root()):  # 'predict -q' 
                 raise OneLineUsageError(f"{e.option_name} goes before the command: python cli.py {e.option_name} "
                                         f"{ctx.info_name} ...", ctx) from None
             raise OneLineUsageError(f"{e.format_message()} (see '{ctx.command_path} --help')", ctx) from None

@@ -27,10 +27,10 @@ from .folders import (
     NOT_UTF8,
     QUARANTINE_SUFFIX,
     ImageLoadError,
+    class_folders,
     decode_image,
     exif_problem,
     is_image_name,
-    is_skipped_folder,
     walk,
 )
 from .moves import changing_folder, link_on_the_way, move_no_replace
@@ -208,8 +208,7 @@ def check_images(cfg: CheckImagesConfig,
         notes=note_files, by_kind=dict(sorted(Counter(f["kind"] for f in findings).items())),
         seconds=round(seconds, 2), files_per_s=round(len(rels) / seconds, 1) if seconds else None,
         workers=workers, findings=findings, report=None, quarantine=None,
-        empty_classes=sorted(d.name for d in os.scandir(root) if d.is_dir() and not is_skipped_folder(d.name)
-                             and not usable[d.name]),
+        empty_classes=[c for c in class_folders(root) if not usable[c]],
     )
     if cfg.report:
         result = replace(result, report=write_report(Path(cfg.report), asdict(result)))

@@ -143,6 +143,11 @@ def walk(top: str | os.PathLike, left_out: list | None = None, seen: set | None 
         yield dirpath, sorted(filenames)
 
 
+def class_folders(root: Path) -> list[str]:
+    """The class folders of an ImageFolder root, sorted: its sub-folders, metadata folders (``__MACOSX``) left out."""
+    return sorted(d.name for d in os.scandir(root) if d.is_dir() and not is_skipped_folder(d.name))
+
+
 def list_image_folder(root: str | os.PathLike, min_classes: int = 2) -> ImageFolderListing:
     """List an ImageFolder root: sorted class folders, each with its image files (recursively); at least
     ``min_classes`` of them (evaluate takes one: a folder of photos of one class, or of something else).
@@ -158,7 +163,7 @@ def list_image_folder(root: str | os.PathLike, min_classes: int = 2) -> ImageFol
     root = Path(root)
     if not root.is_dir():
         raise UsageError(f"data folder {str(root)!r} does not exist or is not a folder")
-    classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not is_skipped_folder(d.name))
+    classes = class_folders(root)
     for c in classes:
         if not is_utf8(c):
             raise UsageError(f"class folder {shown(c)!r}: {NOT_UTF8}")

@@ -479,10 +479,10 @@ def check_test_calibration(test_data: Optional[str], cache) -> None:
 
 def _listing_fingerprint(root: str) -> str:
     """The fingerprint extract records of an int8 cache's calibration folder ('' for one that holds no photos)."""
-    from ..data.folders import list_image_folder
+    from ..extraction.quantize import calibration_listing
 
     try:
-        return list_image_folder(root).fingerprint()
+        return calibration_listing(root, None).fingerprint()
     except UsageError:
         return ""
 

@@ -15,6 +15,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -169,14 +170,14 @@ def _minibatches(loader, device, skipped: ImageOutputs, bar):
             yield batch.images().to(device).contiguous(memory_format=torch.channels_last), batch.labels().to(device)
 
 
-def head_training_images(init_head: str, listing) -> set:
+def head_training_images(init_head: str, listing, ckpt: Optional[dict] = None) -> set:
     """The images of ``listing`` a fit-head checkpoint was fitted on (``head_images``: its training split, and its
     validation rows too when it was refitted on every row), so finetune does not validate on them."""
-    trained, refit = head_images(init_head, listing)
+    trained, refit = head_images(init_head, listing, ckpt)
     return trained | refit
 
 
-def head_images(init_head: str, listing) -> tuple[set, set]:
+def head_images(init_head: str, listing, ckpt: Optional[dict] = None) -> tuple[set, set]:
     """(the images of ``listing`` in a fit-head checkpoint's training split, those in its validation split that
     its refit on every row saw: fit-head's default, ``--refit``), so finetune never validates on them.
 
@@ -185,7 +186,7 @@ def head_images(init_head: str, listing) -> tuple[set, set]:
     path and size. Empty for other checkpoints; when the head's cache is gone nobody can tell, and that
     is said.
     """
-    ckpt = read_checkpoint(init_head)
+    ckpt = ckpt or read_checkpoint(init_head)  # ``ckpt``: the checkpoint when the caller has read it already
     if ckpt["kind"] != "fit-head":
         return set(), set()
     try:

@@ -408,7 +408,7 @@ def warn_if_trained_on(model: str, ckpt: dict, data: str) -> None:
     elif ckpt["kind"] == "fit-head" and Path(ckpt.get("cache") or "").is_file():
         from ..models.train import head_training_images
 
-        seen = sorted(head_training_images(model, list_image_folder(data, min_classes=1)))
+        seen = sorted(head_training_images(model, list_image_folder(data, min_classes=1), ckpt))
         if seen:
             log.warning("%d images of %s have the same content as images the head was fitted on (e.g. %s): they "
                         "are scored too, which flatters every figure", len(seen), data, ", ".join(seen[:3]))
