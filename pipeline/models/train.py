@@ -469,5 +469,5 @@ def finetune(cfg: FinetuneConfig) -> TrainResult:
         lm = build_model(cfg.backbone or "vgg16", cfg.weights or "DEFAULT", listing.classes, cfg.pool, cfg.dropout)
     lm.model.set_trainable(unfreeze)  # fails early when K is more than the backbone's blocks
     stages = [(0, "head") if e < cfg.head_epochs else (unfreeze, "finetune") for e in range(cfg.epochs)]
-    head_saw = tuple(map(frozenset, head_images(cfg.init_head, listing))) if cfg.init_head else (frozenset(),) * 2
+    head_saw = tuple(map(frozenset, head_images(cfg.init_head, listing, ckpt))) if cfg.init_head else (frozenset(),) * 2
     return _fit(cfg, "finetune", lm, stages, listing, head_saw)
