@@ -179,6 +179,8 @@ def test_head_predicts_paths_folders_pil_images_and_features(head, work):
 def test_head_scores_a_cache_or_a_folder(head, work, make_cache):
     assert head.score(head.cache_) == head.metrics_["val_acc"] == 1.0  # its own cache: the validation split
     assert head.score(pipeline.Cache(head.cache_), split="all") == 1.0
+    with pytest.raises(ValueError, match="Head.score: unknown split 'vall'; allowed: auto, val, all"):
+        head.score(head.cache_, split="vall")  # not a silent 'auto'
     other = make_image_folder(work / "other", per_class=5, seed=3)
     other_cache = pipeline.extract_features(other, n=0, dtype="float32", **TINY)
     r = pipeline.evaluate_model(head, cache=other_cache, split="all")
@@ -330,6 +332,14 @@ def test_a_default_head_says_why_it_has_no_curves(cache):
     for plot in (head.plot_curves, lambda: pipeline.plot_curves(head)):
         with pytest.raises(ValueError, match=r"only heads trained by epochs have them \(head='linear'"):
             plot()
+
+
+def test_plot_curves_names_what_a_history_lacks():
+    """A list of dicts that is not a history.json was a bare KeyError: 'epoch' from inside the plotting loop."""
+    with pytest.raises(ValueError, match=r"plot_curves: \{'acc': 0.9\} is not an epoch .* lacks epoch, train_acc"):
+        pipeline.plot_curves([{"acc": 0.9}])
+    row = {"epoch": 1, "train_acc": 0.5, "val_acc": 0.6, "train_loss": 0.7, "val_loss": 0.6}
+    assert len(pipeline.plot_curves([row]).axes) == 2
 
 
 def test_head_fits_arrays_of_features_as_it_fits_a_cache(cache):
