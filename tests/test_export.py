@@ -457,10 +457,12 @@ def test_reading_the_metadata_of_no_export_is_one_line(tmp_path):
     (tmp_path / "g.onnx").write_text("garbage")
     with zipfile.ZipFile(tmp_path / "z.ts", "w") as z:
         z.writestr("a", "b")
-    for name in ("g.onnx", "z.ts"):
+    (tmp_path / "m.onnx.json").write_text('{"metadata_version": 1}')  # a sidecar: onnx.load read it as JSON protobuf
+    for name in ("g.onnx", "z.ts", "m.onnx.json"):
         with pytest.raises(pipeline.PipelineError, match=f"{name}' is no ONNX or TorchScript file: ") as e:
             export_mod.read_metadata(tmp_path / name)
         assert "\n" not in str(e.value)
+    assert "pass the exported file 'm.onnx'" in str(e.value)
 
 
 def test_an_output_on_a_file_system_without_locks_is_still_put_in_place(tmp_path, monkeypatch, caplog):
