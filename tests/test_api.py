@@ -266,6 +266,9 @@ def test_train_finetune_and_model_load(work, head):
     assert pipeline.Model.load(head.checkpoint_).predict(images).tolist() == ["red", "red"]  # a head on its backbone
     with pytest.raises(ValueError, match="is a finetune checkpoint.*Model.load"):
         pipeline.Head.load(f.checkpoint_)
+    for run in (m.predict, m.explain):  # a Cache went to the image reader: '.h5 (0 x 0 pixels: an empty image)'
+        with pytest.raises(ValueError, match=r"\.h5' is a feature cache: a whole model takes photos"):
+            run(head.cache_)
 
 
 def test_predict_files_check_runs_and_summary(work, head):
