@@ -45,6 +45,10 @@ def test_the_onnx_example_answers_help_and_a_missing_photo_without_onnxruntime_t
     assert helped.returncode == 0 and "onnxruntime, numpy and Pillow only" in helped.stdout
     bare = subprocess.run([sys.executable, script, "model.onnx"], capture_output=True, text=True)
     assert bare.returncode == 2 and bare.stderr.startswith("usage: ") and "Traceback" not in bare.stderr
+    for model in ("missing.onnx", script):  # no file; a file that is no ONNX (a .pt or .json passed by mistake)
+        got = subprocess.run([sys.executable, script, model, "photo.jpg"], capture_output=True, text=True)
+        assert got.returncode == 1 and got.stderr.startswith(f"{model}: not an ONNX file onnxruntime can load: ")
+        assert "Traceback" not in got.stderr and len(got.stderr.splitlines()) == 1, got.stderr
 
 
 @pytest.mark.parametrize("kind", ["linear", "kernel", "svm", "auto"])  # auto: the stack, with coupled pairs
