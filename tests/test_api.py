@@ -169,8 +169,9 @@ def test_head_predicts_paths_folders_pil_images_and_features(head, work):
     cache = pipeline.Cache(head.cache_)
     np.testing.assert_allclose(on_cache, head.predict_proba(cache.read_features()), atol=1e-6)
     assert (on_cache.argmax(1) == cache.labels).all()
-    with pytest.raises(TypeError, match="PIL images"):
-        head.predict([42])
+    for bad, name in (([42], "int"), (42, "int"), (None, "NoneType")):  # a bare 42: "'int' object is not iterable"
+        with pytest.raises(TypeError, match=f"cannot predict a {name}: pass image paths"):
+            head.predict(bad)
     (work / "broken.jpg").write_bytes(b"not an image")
     with pytest.raises(ValueError, match="broken.jpg"):
         head.predict([blue, work / "broken.jpg"])
