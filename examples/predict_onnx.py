@@ -45,7 +45,10 @@ def metadata(model: str, session) -> dict:
 
 
 def main(model: str, photos: list) -> None:
-    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    try:  # a missing file, a TorchScript export or the .json beside it: one line, not onnxruntime's traceback
+        session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime's own classes (NoSuchFile, InvalidProtobuf, Fail...)
+        sys.exit(f"{model}: not an ONNX file onnxruntime can load: {(str(e).splitlines() or [repr(e)])[0]}")
     meta = metadata(model, session)
     names = [o["name"] for o in meta["outputs"]]
     for i in range(0, len(photos), BATCH):

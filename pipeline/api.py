@@ -321,6 +321,7 @@ class Head(ClassifierMixin, BaseEstimator, FeatureHead, _Classifier):
         from .reports.evaluate import PREDICTORS
 
         ckpt_path = str(self._checkpoint())
+        check_options(EvaluateConfig, {"split": split}, what="Head.score")  # a misspelt split is no silent 'auto'
         cfg = EvaluateConfig(model=ckpt_path, cache=_path(cache), split=split, device=device or self.device)
         with verbosity(self.verbose):
             return PREDICTORS[("fit-head", "cache")](ckpt_path, self._read(ckpt_path), cfg)
@@ -570,6 +571,12 @@ def plot_curves(history: Union[Head, Model, Sequence[dict]], title: str = ""):
         return history.plot_curves(title=title)  # says why a fitted head has none
     if not history:
         raise UsageError("no epochs to plot")
+    keys = ("epoch", "train_acc", "val_acc", "train_loss", "val_loss")
+    for row in history:  # a KeyError from inside matplotlib's loop would not say which epoch or key
+        missing = [k for k in keys if not isinstance(row, dict) or k not in row]
+        if missing:
+            raise UsageError(f"plot_curves: {row!r} is not an epoch of a history.json: it lacks "
+                             f"{', '.join(missing)} (each epoch needs {', '.join(keys)})")
     return curves_figure(list(history), title=title)
 
 

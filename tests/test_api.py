@@ -169,8 +169,9 @@ def test_head_predicts_paths_folders_pil_images_and_features(head, work):
     cache = pipeline.Cache(head.cache_)
     np.testing.assert_allclose(on_cache, head.predict_proba(cache.read_features()), atol=1e-6)
     assert (on_cache.argmax(1) == cache.labels).all()
-    with pytest.raises(TypeError, match="PIL images"):
-        head.predict([42])
+    for bad, name in (([42], "int"), (42, "int"), (None, "NoneType")):  # a bare 42: "'int' object is not iterable"
+        with pytest.raises(TypeError, match=f"cannot predict a {name}: pass image paths"):
+            head.predict(bad)
     (work / "broken.jpg").write_bytes(b"not an image")
     with pytest.raises(ValueError, match="broken.jpg"):
         head.predict([blue, work / "broken.jpg"])
@@ -179,6 +180,8 @@ def test_head_predicts_paths_folders_pil_images_and_features(head, work):
 def test_head_scores_a_cache_or_a_folder(head, work, make_cache):
     assert head.score(head.cache_) == head.metrics_["val_acc"] == 1.0  # its own cache: the validation split
     assert head.score(pipeline.Cache(head.cache_), split="all") == 1.0
+    with pytest.raises(ValueError, match="Head.score: unknown split 'vall'; allowed: auto, val, all"):
+        head.score(head.cache_, split="vall")  # not a silent 'auto'
     other = make_image_folder(work / "other", per_class=5, seed=3)
     other_cache = pipeline.extract_features(other, n=0, dtype="float32", **TINY)
     r = pipeline.evaluate_model(head, cache=other_cache, split="all")
@@ -264,6 +267,9 @@ def test_train_finetune_and_model_load(work, head):
     assert pipeline.Model.load(head.checkpoint_).predict(images).tolist() == ["red", "red"]  # a head on its backbone
     with pytest.raises(ValueError, match="is a finetune checkpoint.*Model.load"):
         pipeline.Head.load(f.checkpoint_)
+    for run in (m.predict, m.explain):  # a Cache went to the image reader: '.h5 (0 x 0 pixels: an empty image)'
+        with pytest.raises(ValueError, match=r"\.h5' is a feature cache: a whole model takes photos"):
+            run(head.cache_)
 
 
 def test_predict_files_check_runs_and_summary(work, head):
@@ -330,6 +336,14 @@ def test_a_default_head_says_why_it_has_no_curves(cache):
     for plot in (head.plot_curves, lambda: pipeline.plot_curves(head)):
         with pytest.raises(ValueError, match=r"only heads trained by epochs have them \(head='linear'"):
             plot()
+
+
+def test_plot_curves_names_what_a_history_lacks():
+    """A list of dicts that is not a history.json was a bare KeyError: 'epoch' from inside the plotting loop."""
+    with pytest.raises(ValueError, match=r"plot_curves: \{'acc': 0.9\} is not an epoch .* lacks epoch, train_acc"):
+        pipeline.plot_curves([{"acc": 0.9}])
+    row = {"epoch": 1, "train_acc": 0.5, "val_acc": 0.6, "train_loss": 0.7, "val_loss": 0.6}
+    assert len(pipeline.plot_curves([row]).axes) == 2
 
 
 def test_head_fits_arrays_of_features_as_it_fits_a_cache(cache):

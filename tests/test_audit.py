@@ -8,6 +8,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 import pipeline
+from pipeline.cache.feature_cache import newest_cache
 from pipeline.cli import cli
 from pipeline.reports.audit import AuditResult
 from tests.conftest import COLOURS, make_image_folder
@@ -86,13 +87,20 @@ def test_cli_audit_json_and_apply_undo_round_trip(tmp_path):
     fixes = tmp_path / "fixes.csv"
     fixes.write_text("path,action,new_class\nred/blue.3.jpg,relabel,blue\ngreen/copy.jpg,remove,\n"
                      "red/red.5.jpg,keep,\n")
+    import h5py
+
+    for made in (tmp_path / "features").glob("*.h5"):  # made earlier than the apply's cache, as in real use
+        with h5py.File(made, "r+") as f:
+            f.attrs["created"] = "2026-01-01T00:00:00+0000"
     run = CliRunner().invoke(cli, ["audit", "--data", str(data), "--apply", str(fixes), *args])
     assert run.exit_code == 0, run.output
     assert (data / "blue" / "blue.3.jpg").is_file() and not (data / "green" / "copy.jpg").exists()
     assert (tmp_path / "data.quarantine" / "green" / "copy.jpg").is_file()
     assert "0 computed" in run.stdout  # the folder's rows were found by content: nothing recomputed
     undo = [line for line in run.stdout.splitlines() if "audit --undo" in line][0].split("to undo: ")[1]
-    journal = undo.split("--undo ")[1]
+    journal, cache_dir = undo.split("--undo ")[1].split(" --cache-dir ")  # the undo refreshes the same caches
+    assert cache_dir == str(tmp_path / "features")
+    relabelled = [line for line in run.stdout.splitlines() if line.startswith("cache ")][0].split()[1].rstrip(":")
     other = CliRunner().invoke(cli, ["audit", "--undo", journal, "--data", str(tmp_path), "--no-refresh"])
     assert other.exit_code == 2 and "not of --data" in other.output  # --data pins the folder an undo may touch
     run = CliRunner().invoke(cli, ["audit", "--undo", journal, "--data", str(data),
@@ -100,6 +108,10 @@ def test_cli_audit_json_and_apply_undo_round_trip(tmp_path):
     assert run.exit_code == 0, run.output
     # an undo's answer: no --apply keys (relabel, quarantine, undo, moves), the refreshed cache
     assert list(json.loads(run.stdout)) == ["what", "root", "moved", "journal", "refreshed"]
+    # fit-head's default is the cache of the folder as it is again, a hit, not the newer one of the relabelled
+    # folder (it was: fit-head trained on the labels the undo took back, warning only that the folder changed)
+    hit = json.loads(run.stdout)["refreshed"]
+    assert hit["hit"] and newest_cache(cache_dir).path == Path(hit["cache"]) != Path(relabelled)
     after = {p.relative_to(data): p.read_bytes() for p in data.rglob("*") if p.is_file()}
     assert after == before
     assert not (tmp_path / "data.quarantine").exists()

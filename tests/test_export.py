@@ -45,6 +45,10 @@ def test_the_onnx_example_answers_help_and_a_missing_photo_without_onnxruntime_t
     assert helped.returncode == 0 and "onnxruntime, numpy and Pillow only" in helped.stdout
     bare = subprocess.run([sys.executable, script, "model.onnx"], capture_output=True, text=True)
     assert bare.returncode == 2 and bare.stderr.startswith("usage: ") and "Traceback" not in bare.stderr
+    for model in ("missing.onnx", script):  # no file; a file that is no ONNX (a .pt or .json passed by mistake)
+        got = subprocess.run([sys.executable, script, model, "photo.jpg"], capture_output=True, text=True)
+        assert got.returncode == 1 and got.stderr.startswith(f"{model}: not an ONNX file onnxruntime can load: ")
+        assert "Traceback" not in got.stderr and len(got.stderr.splitlines()) == 1, got.stderr
 
 
 @pytest.mark.parametrize("kind", ["linear", "kernel", "svm", "auto"])  # auto: the stack, with coupled pairs
@@ -457,10 +461,12 @@ def test_reading_the_metadata_of_no_export_is_one_line(tmp_path):
     (tmp_path / "g.onnx").write_text("garbage")
     with zipfile.ZipFile(tmp_path / "z.ts", "w") as z:
         z.writestr("a", "b")
-    for name in ("g.onnx", "z.ts"):
+    (tmp_path / "m.onnx.json").write_text('{"metadata_version": 1}')  # a sidecar: onnx.load read it as JSON protobuf
+    for name in ("g.onnx", "z.ts", "m.onnx.json"):
         with pytest.raises(pipeline.PipelineError, match=f"{name}' is no ONNX or TorchScript file: ") as e:
             export_mod.read_metadata(tmp_path / name)
         assert "\n" not in str(e.value)
+    assert "pass the exported file 'm.onnx'" in str(e.value)
 
 
 def test_an_output_on_a_file_system_without_locks_is_still_put_in_place(tmp_path, monkeypatch, caplog):

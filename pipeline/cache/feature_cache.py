@@ -871,7 +871,10 @@ def claim_for_training(info: CacheInfo) -> None:
     ``extract`` just asked for it (a hit): its purpose is cleared and the attribute ``claimed`` set to
     now, so it is the default training cache from then on (see newest_cache). A cache another process
     is writing, or a read-only one, stays as it is (a warning says so): the hit itself never fails."""
-    fd, stamp = None, now_iso()
+    from datetime import datetime
+
+    # to the microsecond: a cache made in the same second as the claim (created's stamp is whole seconds) is older
+    fd, stamp = None, datetime.now().astimezone().isoformat(timespec="microseconds")
     try:
         fd = _lock(info.path, wait_s=2.0)
         with open_h5(info.path, "r+", wait_s=2.0) as f:
@@ -880,9 +883,18 @@ def claim_for_training(info: CacheInfo) -> None:
             _fsync(f)
         info.attrs["purpose"], info.attrs["claimed"] = "", stamp
     except (OSError, PipelineError) as e:
-        log.warning("%s was made for testing and stays so (%s): pass it with --cache to train on it", info.path, e)
+        log.warning("%s stays %s (%s): pass it with --cache to train on it", info.path,
+                    "made for testing" if info.attrs.get("purpose") else "older than the default cache", e)
     finally:
         _unlock(info.path, fd)
+
+
+def claim_default(cache_dir: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Make the complete cache ``path`` the default of ``cache_dir`` (``newest_cache``) when it is not: audit
+    --undo's refresh hits the cache the folder had before --apply, and fit-head without --cache took the newer
+    cache of the relabelled folder (stale since the undo), training on the labels the undo took back."""
+    if Path(newest_cache(cache_dir).path).resolve() != Path(path).resolve():
+        claim_for_training(read_info(path))
 
 
 def default_time(info: CacheInfo) -> float:

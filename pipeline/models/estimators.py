@@ -102,6 +102,9 @@ class ImageClassifier:
                        maps: bool = False) -> np.ndarray:
         from .predict import outputs_of_inputs
 
+        if is_cache(X):  # else its .h5 went to the image reader: '0 x 0 pixels: an empty image'
+            raise UsageError(f"{os.fspath(X)!r} is a feature cache: a whole model takes photos (the folder the "
+                             "cache was made from); a fit-head head.pt runs on a cache as pipeline.Head.load(path)")
         lm, model = self._model(device, precision, maps)
         with verbosity(self._verbose):
             return outputs_of_inputs(lm, model, X, batch_size, workers)

@@ -192,7 +192,9 @@ def outputs_of_inputs(lm, model, inputs, batch_size: int, workers=None) -> np.nd
         except ImageLoadError as e:
             return Item(i, None, -1, f"<image {i}>", e.reason)
 
-    inputs = [inputs] if isinstance(inputs, (str, os.PathLike, Image.Image)) else list(inputs)
+    if isinstance(inputs, (str, os.PathLike, Image.Image)) or not hasattr(inputs, "__iter__"):
+        inputs = [inputs]  # one photo; anything else (5, None) is refused below by name, not "not iterable"
+    inputs = list(inputs)
     if not inputs:
         raise UsageError("nothing to predict: X is empty")
     files, images, order = [], [], []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -348,6 +349,8 @@ def audit(cfg: AuditConfig) -> AuditResult | FixesResult:
             out = output_dir(cfg, "audit-apply")
             try:
                 result = apply_fixes(cfg.apply, cfg.data, out, cfg.quarantine_dir)
+                if cfg.refresh and cfg.cache_dir != AuditConfig.cache_dir:  # the undo's refresh: the same caches
+                    result = replace(result, undo=f"{result.undo} --cache-dir {shlex.quote(str(cfg.cache_dir))}")
             except Exception:
                 if not cfg.output and not any(out.iterdir()):
                     out.rmdir()  # a refused list leaves no empty run folder behind
@@ -395,4 +398,8 @@ def refresh(cfg: AuditConfig, root: str) -> Optional[dict]:
         log.warning("could not extract %s again as %s was made (%s); run extract yourself: rows are reused by "
                     "content", root, made[0].path, e)
         return None
+    if r.hit:  # the folder is as an older cache saw it (an undo): that one, not the newer, is the default again
+        from ..cache.feature_cache import claim_default
+
+        claim_default(cfg.cache_dir, r.cache)
     return {k: getattr(r, k) for k in ("cache", "hit", "rows", "computed", "reused", "label_changes")}

@@ -145,7 +145,10 @@ def embedded_metadata(path) -> Optional[dict]:
     from google.protobuf.message import DecodeError
 
     try:
-        props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        # the binary format only, as export writes it: by default onnx.load reads a '.json' name (the sidecar itself,
+        # passed by mistake) as JSON protobuf, and its ParseError was a traceback
+        props = {p.key: p.value for p in onnx.load(str(path), format="protobuf",
+                                                    load_external_data=False).metadata_props}
     except DecodeError as e:
         raise ValueError(e) from None
     return {key: decoded(key, value) for key, value in props.items()} or None
@@ -171,7 +174,9 @@ def read_metadata(path) -> dict:
         inside = embedded_metadata(path)
     except (RuntimeError, ValueError, OSError) as e:  # (the TorchScript reader's errors are RuntimeErrors)
         first = (str(e).splitlines() or [type(e).__name__])[0]  # torch's lines below it: its C++ trace
-        raise PipelineError(f"{str(path)!r} is no ONNX or TorchScript file: {first}") from None
+        hint = f" (it looks like the metadata beside an export: pass the exported file {path.stem!r})" \
+            if path.suffix.lower() == ".json" else ""
+        raise PipelineError(f"{str(path)!r} is no ONNX or TorchScript file: {first}{hint}") from None
     beside = json.loads(side.read_text()) if side.is_file() else None
     if inside is None and beside is None:
         raise PipelineError(f"{str(path)!r} holds no export metadata and has no {side.name} beside it: "
