@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UsageError
-from ..files import is_utf8, shown
+from ..files import is_utf8, one_line, shown
 from .portable import bit_depth, jpeg_draft, orientation, refuse_external, to_rgb, upright  # noqa: F401 (the decoding rule; bit_depth for callers)
 
 log = logging.getLogger(__name__)
@@ -186,7 +186,7 @@ def list_image_folder(root: str | os.PathLike, min_classes: int = 2) -> ImageFol
         )
     if bad:
         log.warning("%d entries of %s are left out (not regular files, or folders reached twice through "
-                    "links; first: %s: %s)", len(bad), root, *bad[0])
+                    "links; first: %s: %s)", len(bad), root, *map(one_line, bad[0]))
     return ImageFolderListing(root, tuple(classes), tuple(files), tuple(bad))
 
 
@@ -248,7 +248,7 @@ def list_unlabelled(root: str | os.PathLike) -> ImageFolderListing:
     if not files:
         raise UsageError(f"folder {str(root)!r} holds no images")
     if bad:
-        log.warning("%d entries of %s are left out (first: %s: %s)", len(bad), root, *bad[0])
+        log.warning("%d entries of %s are left out (first: %s: %s)", len(bad), root, *map(one_line, bad[0]))
     return ImageFolderListing(root, (UNLABELLED,), tuple(files), tuple(bad))
 
 
