@@ -201,6 +201,7 @@ def click_param(f):
         elif default:  # a default-True bool is switched off: --no-NAME
             names = list(opt.names) or [f"--no-{f.name.replace('_', '-')}"]
             kw["flag_value"] = False
+            kw["show_default"] = False  # '--no-scale [default: True]' read as: scaling is off by default
         else:
             kw["is_flag"] = True
         return click.option(*names, f.name, help=opt.help, **kw)
@@ -581,8 +582,9 @@ def _doc_default(p: click.Parameter, opt) -> str:
     if given:
         return given.group(1)
     value = p.default
-    if isinstance(value, bool):
-        return ("on" if value else "off") if p.is_flag else ""
+    if isinstance(value, bool):  # whether the flag as named is in effect: `--no-scale` (default True) is off
+        on = value if p.secondary_opts else value == p.flag_value
+        return ("on" if on else "off") if p.is_flag else ""
     if value is None or value == "" or value == () or not isinstance(value, (str, int, float)):
         return ""
     return f"`{value}`" if isinstance(value, str) else f"{value:g}" if isinstance(value, float) else str(value)

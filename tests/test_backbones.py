@@ -197,3 +197,19 @@ def test_offline_download_names_the_expected_file(tmp_path, monkeypatch):
     msg = str(e.value)
     assert "resnet18-f37072fd.pth" in msg and str(tmp_path) in msg and "--weights PATH" in msg
     assert "\n" not in msg
+
+
+def test_a_weights_download_says_so_on_stderr_not_stdout(monkeypatch, capsys):
+    """torch.hub writes 'Downloading: ...' to stdout: the first `extract --json` on a machine printed it before
+    the JSON object, which a script could then not parse."""
+    import torch.hub
+
+    def announce_then_fail(url, *a, **k):
+        print(f'Downloading: "{url}" to somewhere')
+        raise OSError("offline")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", announce_then_fail)
+    with pytest.raises(PipelineError, match="cannot download"):
+        bb.load_backbone("vgg16", "DEFAULT")
+    out, err = capsys.readouterr()
+    assert out == "" and "Downloading:" in err

@@ -85,6 +85,14 @@ def test_errors_are_exactly_what_extracts_loader_rejects(dirty):
     assert errors & listed == rejected
 
 
+def test_a_class_folder_linking_to_another_is_not_called_empty(tmp_path):
+    """A link `blue2 -> blue` was named a class folder 'extract refuses' (its photos are walked once, under
+    blue); extract leaves such a link out, so check-images must not send the user to fix it."""
+    data = make_image_folder(tmp_path / "d", per_class=2)
+    (data / "blue2").symlink_to("blue", target_is_directory=True)
+    assert check_images(CheckImagesConfig(root=str(data))).empty_classes == []
+
+
 def test_class_folders_extract_would_refuse_are_named(tmp_path):
     """check-images passed a folder extract then refused ('class folder ... holds no images'): an empty class
     folder, or one whose only images are broken (empty once quarantined). Named, with what to do; the others not."""

@@ -168,3 +168,17 @@ def test_ctrl_c_in_any_command_is_exit_130_not_the_code_of_a_failed_environment(
     monkeypatch.setattr(api, "list_caches", ctrl_c)
     r = CliRunner().invoke(cli, ["caches", "--cache-dir", str(tmp_path)])
     assert r.exit_code == 130 and r.stderr.strip() == "interrupted" and "Aborted" not in r.output
+
+
+def test_a_no_flag_switched_off_by_default_says_so():
+    """`--no-scale` (scaling on, the flag off by default) showed '[default: True]' in --help and 'on' in
+    docs/commands.md: read as 'no scaling by default', the opposite of what compare-sklearn does."""
+    from pipeline.cli import option_table
+
+    help_text = CliRunner().invoke(cli, ["compare-sklearn", "--help"]).output
+    block = help_text[help_text.index("--no-scale"):help_text.index("--val-fraction")]
+    assert "default" not in block
+    row = next(line for line in option_table("compare-sklearn").splitlines() if "`--no-scale`" in line)
+    assert row.split("|")[2].strip() == "off"
+    refit = next(line for line in option_table("fit-head").splitlines() if "`--refit`" in line)
+    assert refit.split("|")[2].strip() == "on"

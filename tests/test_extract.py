@@ -476,3 +476,15 @@ def test_a_cache_of_the_old_decoding_rule_is_extracted_again_never_resumed_or_re
     assert not new.hit and new.cache != old.cache and new.reused == 0 and new.computed == 25
     with h5py.File(new.cache, "r") as f:
         assert str(f.attrs["decode_version"]) == "3"
+
+
+def test_a_skipped_file_with_a_newline_in_its_name_is_one_log_line(make_cache, image_folder, caplog):
+    """'skipping red/bad<newline>name.jpg: ...' broke the log line in two (and an ESC in a name reached the
+    terminal raw); the name is escaped as predict's and check-images' tables escape it."""
+    (image_folder / "red" / "bad\nname.jpg").write_bytes(b"junk")
+    (image_folder / "red" / "gone\x1b[2J.jpg").symlink_to("/nonexistent")
+    with caplog.at_level("WARNING"):
+        make_cache(image_folder)
+    lines = [r.getMessage() for r in caplog.records if "bad" in r.getMessage() or "gone" in r.getMessage()]
+    assert any("red/bad\\nname.jpg" in m for m in lines) and any("gone\\x1b[2J" in m for m in lines)
+    assert not any("\n" in m or "\x1b" in m for m in lines)

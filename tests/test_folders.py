@@ -277,3 +277,18 @@ def test_a_damaged_header_pillow_trips_over_while_opening_is_an_unreadable_image
     for decode in (lambda: decode_bytes(bytes(spider)), lambda: load_rgb(tmp_path / "photo.jpg")):
         with pytest.raises(ImageLoadError, match="unreadable image: .*stkoffset"):
             decode()
+
+
+def test_a_class_folder_linking_to_another_class_or_the_root_is_left_out_and_told(tmp_path):
+    """`Cat2 -> Cat` was listed as a third class of the same photos (each image under two labels), and a link
+    to the data folder itself made a class of its loose files."""
+    root = make_image_folder(tmp_path / "d", per_class=2)
+    (root / "a_blue_again").symlink_to("blue", target_is_directory=True)  # sorts before the folder it links to
+    (root / "all").symlink_to(".", target_is_directory=True)
+    (root / "loose.jpg").write_bytes((root / "red" / "red.0.jpg").read_bytes())
+    listing = list_image_folder(root)
+    assert listing.classes == ("blue", "red")
+    assert sorted(f.path for f in listing.files) == ["blue/blue.0.jpg", "blue/blue.1.jpg", "red/red.0.jpg",
+                                                    "red/red.1.jpg"]
+    assert sorted((p, "folder listed already" in why) for p, why in listing.bad) == [("a_blue_again", True),
+                                                                                    ("all", True)]

@@ -29,6 +29,7 @@ from .folders import (
     ImageLoadError,
     class_folders,
     decode_image,
+    distinct_classes,
     exif_problem,
     is_image_name,
     walk,
@@ -208,7 +209,7 @@ def check_images(cfg: CheckImagesConfig,
         notes=note_files, by_kind=dict(sorted(Counter(f["kind"] for f in findings).items())),
         seconds=round(seconds, 2), files_per_s=round(len(rels) / seconds, 1) if seconds else None,
         workers=workers, findings=findings, report=None, quarantine=None,
-        empty_classes=[c for c in class_folders(root) if not usable[c]],
+        empty_classes=[c for c in distinct_classes(root, class_folders(root), []) if not usable[c]],  # links: left out
     )
     if cfg.report:
         result = replace(result, report=write_report(Path(cfg.report), asdict(result)))

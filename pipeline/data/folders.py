@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UsageError
-from ..files import is_utf8, shown
+from ..files import is_utf8, one_line, shown
 from .portable import bit_depth, jpeg_draft, orientation, refuse_external, to_rgb, upright  # noqa: F401 (the decoding rule; bit_depth for callers)
 
 log = logging.getLogger(__name__)
@@ -169,6 +169,7 @@ def list_image_folder(root: str | os.PathLike, min_classes: int = 2) -> ImageFol
             raise UsageError(f"class folder {shown(c)!r}: {NOT_UTF8}")
     files: list[SourceFile] = []
     bad: list[tuple[str, str]] = []
+    classes = distinct_classes(root, classes, bad)
     # no folder is listed twice: a link to the root or to a class cannot give an image two labels
     seen = {os.path.realpath(p) for p in (root, *(root / c for c in classes))}
     for label, cls in enumerate(classes):
@@ -185,8 +186,24 @@ def list_image_folder(root: str | os.PathLike, min_classes: int = 2) -> ImageFol
         )
     if bad:
         log.warning("%d entries of %s are left out (not regular files, or folders reached twice through "
-                    "links; first: %s: %s)", len(bad), root, *bad[0])
+                    "links; first: %s: %s)", len(bad), root, *map(one_line, bad[0]))
     return ImageFolderListing(root, tuple(classes), tuple(files), tuple(bad))
+
+
+def distinct_classes(root: Path, classes: list[str], bad: list) -> list[str]:
+    """The class folders less those that are links to the data folder or to another class folder: such a
+    link (``Cat2 -> Cat``) made a second class of the same photos, each image under two labels. The folder
+    itself keeps its place before links to it; a repeat goes to ``bad`` as walk reports a folder reached twice."""
+    claimed = {os.path.realpath(root)}
+    kept = set()
+    for c in sorted(classes, key=lambda c: (root / c).is_symlink()):
+        real = os.path.realpath(root / c)
+        if real in claimed:
+            bad.append((c, f"a link to a folder listed already ({shown(real)}): left out"))
+            continue
+        claimed.add(real)
+        kept.add(c)
+    return [c for c in classes if c in kept]
 
 
 def _list_files(root: Path, top: Path, label: int, files: list, bad: list, seen: set) -> None:
@@ -231,7 +248,7 @@ def list_unlabelled(root: str | os.PathLike) -> ImageFolderListing:
     if not files:
         raise UsageError(f"folder {str(root)!r} holds no images")
     if bad:
-        log.warning("%d entries of %s are left out (first: %s: %s)", len(bad), root, *bad[0])
+        log.warning("%d entries of %s are left out (first: %s: %s)", len(bad), root, *map(one_line, bad[0]))
     return ImageFolderListing(root, (UNLABELLED,), tuple(files), tuple(bad))
 
 

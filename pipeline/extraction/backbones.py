@@ -10,6 +10,7 @@ pretrained config, or the sidecar.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -308,8 +309,11 @@ def expected_download_path(weights) -> Path:
 
 
 def _download_state_dict(weights) -> dict:
+    """The torchvision weights, downloaded once; torch.hub announces the download ('Downloading: ...') on
+    stdout, which would put a line before `--json`'s object: it goes to stderr with the progress."""
     try:
-        return weights.get_state_dict(progress=sys.stderr.isatty(), check_hash=True)
+        with contextlib.redirect_stdout(sys.stderr):
+            return weights.get_state_dict(progress=sys.stderr.isatty(), check_hash=True)
     except (OSError, RuntimeError) as e:  # URLError is an OSError; a bad hash is a RuntimeError
         target = expected_download_path(weights)
         raise PipelineError(
@@ -325,7 +329,8 @@ def _timm_pretrained(spec: BackboneSpec, weights: str):
 
     cfg, weights_id = timm_weights_id(spec, weights)
     try:
-        return timm.create_model(f"{spec.arch}.{cfg.tag}", pretrained=True), cfg, weights_id
+        with contextlib.redirect_stdout(sys.stderr):  # a download's messages are progress, not results (--json)
+            return timm.create_model(f"{spec.arch}.{cfg.tag}", pretrained=True), cfg, weights_id
     except (UsageError, PipelineError):
         raise
     except Exception as e:  # noqa: BLE001 -- the hub's offline, HTTP and cache errors have no common class

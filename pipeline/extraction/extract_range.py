@@ -22,7 +22,7 @@ from ..cache.row_donors import find_donors
 from ..data.folders import ImageFolderListing, stratified_order
 from ..data.image_reader import DECODE_VERSION, ImageListDataset, batches, read_items
 from ..errors import PipelineError, UsageError
-from ..files import writing
+from ..files import one_line, writing
 from . import backbones as bb
 
 log = logging.getLogger(__name__)
@@ -283,7 +283,7 @@ def extract_range(cfg, listing: ImageFolderListing, key: str, path: Path, resume
                                                 target - start_rows, donors, reuse, listing.classes):
                 refuse_changed(listing, batch)
                 for p, why in batch.bad:
-                    log.warning("skipping %s: %s", p, why)
+                    log.warning("skipping %s: %s", one_line(p), one_line(why))  # a newline in a name: still one line
                 good = batch.good
                 if feats is not None and not np.isfinite(feats).all():
                     finite = np.isfinite(feats).reshape(len(good), -1).all(1)
