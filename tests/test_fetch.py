@@ -9,6 +9,7 @@ import socket
 import tarfile
 import threading
 import time
+import warnings
 import zipfile
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -440,6 +441,60 @@ def test_a_tar_never_writes_through_its_own_links_into_files_already_there(tmp_p
     assert mine.read_bytes() == b"my own photo" and (tmp_path / "pets.tar.gz").read_bytes() == archive
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "pets.tar.gz"]
 
+
+
+def zip_of(entries) -> bytes:
+    """A zip of (name, data, is a symlink) entries, in order; duplicates kept (make_zip's dict cannot)."""
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), zipfile.ZipFile(buf, "w") as z:
+        warnings.simplefilter("ignore")  # 'Duplicate name'
+        for name, data, link in entries:
+            info = zipfile.ZipInfo(name)
+            info.external_attr = 0o120777 << 16 if link else 0
+            z.writestr(info, data)
+    return buf.getvalue()
+
+
+def dir_member(name):
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.DIRTYPE
+    return info, None
+
+
+@pytest.mark.parametrize("kind, entries, refusal", [
+    ("zip", [("link", b"PetImages", True), ("link/x.jpg", b"p", False)],
+     "'link/x.jpg' would be written inside 'link', which an earlier entry unpacks as a file (a link"),
+    ("zip", [("b", b"f", False), ("b/x.jpg", b"p", False)], "'b/x.jpg' would be written inside 'b', which an earlier"),
+    ("zip", [("b", b"f", False), ("b/", b"", False)],
+     "'b/' is a folder, but another entry of the archive makes it a file;"),
+    ("zip", [("b/", b"", False), ("b", b"f", False)],
+     "'b' is a file, but another entry of the archive makes it a folder;"),
+    ("zip", [("b/0.jpg", b"x", False), ("b/0.jpg", b"y", False)], "'b/0.jpg' is named twice in the archive"),
+    ("tar", [file_member("b", b"f"), file_member("b/x.jpg", b"p")], "'b/x.jpg' would be written inside 'b', which"),
+    ("tar", [file_member("b", b"f"), dir_member("b")], "'b' is a folder, but another entry of the archive makes it"),
+    ("tar", [file_member("b/0.jpg", b"x"), file_member("./b/0.jpg", b"yy")], "'./b/0.jpg' is named twice"),
+])
+def test_an_archive_whose_entries_clash_is_refused_before_anything_is_written(tmp_path, kind, entries, refusal):
+    """An entry inside an earlier file entry (a zip's link is unpacked as a file) stopped unpacking halfway with
+    'Not a directory' (or 'File exists', 'Is a directory') after the first entries were written; a file named
+    twice was silently replaced by its second copy. Each is refused up front, in one line naming the entry."""
+    name = "pets.zip" if kind == "zip" else "pets.tar.gz"
+    if kind == "zip":
+        (tmp_path / name).write_bytes(zip_of([("PetImages/Cat/0.jpg", b"ok", False), *entries]))
+    else:
+        make_tar(tmp_path / name, [file_member("PetImages/Cat/0.jpg", b"ok"), *entries])
+    url = closed_port_url().replace(NAME, name)
+    res = CliRunner().invoke(cli, ["-q", "fetch-data", "--dest", str(tmp_path), "--url", url])
+    assert res.exit_code == 1 and res.output.startswith("Error: archive entry ") and refusal in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1 and "refusing to unpack" in res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+def test_folder_entries_named_twice_and_folders_implied_by_files_still_unpack(tmp_path):
+    (tmp_path / NAME).write_bytes(zip_of([("P/Cat/0.jpg", b"x", False), ("P/", b"", False), ("P/Cat/", b"", False),
+                                          ("P/Cat/", b"", False), ("./P/Dog/0.jpg", b"y", False)]))
+    assert fetch_data(cfg(tmp_path, closed_port_url())).unpacked == str(tmp_path / "P")
+    assert (tmp_path / "P" / "Dog" / "0.jpg").read_bytes() == b"y"
 
 def test_a_part_file_of_another_url_is_never_resumed_with_this_ones_bytes(server, tmp_path):
     """A cut-off download of .../A/pets.zip was resumed from .../B/pets.zip: half of each, a broken zip."""

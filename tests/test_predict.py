@@ -418,3 +418,15 @@ def test_json_prints_the_rows_as_json_like_every_command(tmp_path, image_folder,
     assert len(json.loads(as_json.stdout)) == 24
     both = run("--json", "--format", "csv")
     assert both.exit_code == 2 and both.output == "Error: --json and --format csv ask for two formats: give one\n"
+
+
+def test_a_feature_cache_given_as_a_photo_is_named_so(tmp_path, tiny_cache, model_pt):
+    """predict --model HEAD features.h5 said '0 x 0 pixels: an empty image' (Pillow's HDF5 stub knows the file):
+    the user is told it is a feature cache and what scores one, before any image is read."""
+    renamed = tmp_path / "features.bin"
+    shutil.copy(tiny_cache, renamed)
+    for cache in (tiny_cache, renamed):
+        res = CliRunner().invoke(cli.cli, ["predict", str(cache), "--model", str(model_pt), "--workers", "0"])
+        assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1, res.output
+        assert f"'{cache}' is a feature cache, not a photo" in res.output and "evaluate --model" in res.output
+        assert "Head.load" in res.output and "pixels" not in res.output

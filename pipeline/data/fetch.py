@@ -363,6 +363,33 @@ def _check_through_links(m, parts: tuple, links: set, files: set) -> None:
         files.add(parts)
 
 
+def _zip_link(m) -> bool:
+    """Whether a zip entry's external attributes mark a symlink (zipfile unpacks it as a file holding its target)."""
+    return (m.external_attr >> 16) & 0o170000 == 0o120000
+
+
+def _check_layout(name: str, is_dir: bool, link: bool, kinds: dict) -> None:
+    """Refuse an entry that cannot be unpacked beside the earlier ones: one inside a name an earlier entry
+    unpacks as a file ('link' then 'link/x.jpg'), one whose name an earlier entry already took as a file or
+    as a folder ('a' and 'a/'), or a file named twice. Unpacking such an archive stopped halfway ('Not a
+    directory', 'File exists') or let the second copy silently replace the first. ``kinds`` maps the parts
+    of each name seen to 'file', 'link' (a zip's, unpacked as a file) or 'folder' (the folders above an
+    entry count as folders)."""
+    parts = PurePosixPath(name).parts
+    for i in range(1, len(parts)):
+        if (above := kinds.setdefault(parts[:i], "folder")) != "folder":
+            what = "a file (a link, which fetch-data unpacks as a file holding its target)" if above == "link" \
+                else "a file"
+            raise PipelineError(f"archive entry {name!r} would be written inside {'/'.join(parts[:i])!r}, which an "
+                                f"earlier entry unpacks as {what}; refusing to unpack")
+    kind, before = ("folder" if is_dir else "file"), kinds.get(parts, "").replace("link", "file")
+    if parts and before and (kind, before) != ("folder", "folder"):
+        why = "is named twice in the archive" if kind == before == "file" else \
+            f"is a {kind}, but another entry of the archive makes it a {before}"
+        raise PipelineError(f"archive entry {name!r} {why}; refusing to unpack")
+    kinds[parts] = "link" if link else kind
+
+
 #: The zip compression methods Python's zipfile unpacks (Windows' Deflate64, 9, is not among them; Zstandard,
 #: 93, is from Python 3.14)
 ZIP_METHODS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflate", zipfile.ZIP_BZIP2: "bzip2",
@@ -397,7 +424,7 @@ def check_members(kind: str, arc, dest: Path, own: set = frozenset()) -> list[st
     """The archive's entry names; PipelineError naming the first entry that would land outside dest, or on
     one of fetch-data's ``own`` files (a link there made its record be written into a file it points to)."""
     dest = dest.resolve()
-    names, links, files = [], set(), set()
+    names, links, files, kinds = [], set(), set(), {}
     members = arc.infolist() if kind == "zip" else arc.getmembers()
     for m in members:
         name = m.filename if kind == "zip" else m.name
@@ -421,6 +448,7 @@ def check_members(kind: str, arc, dest: Path, own: set = frozenset()) -> list[st
                     raise PipelineError(f"archive entry {name!r} links to {link!r} outside {dest}; "
                                      "refusing to unpack")
             _check_through_links(m, PurePosixPath(name).parts, links, files)
+        _check_layout(name, m.is_dir() if kind == "zip" else m.isdir(), kind == "zip" and _zip_link(m), kinds)
         names.append(name)
     return names
 

@@ -105,7 +105,7 @@ def list_inputs(paths) -> list[str]:
             for dirpath, filenames in walk(p):
                 files += [str(Path(dirpath) / f) for f in filenames if is_image_name(f)]
         elif p.is_file():
-            files.append(str(p))
+            files.append(str(_not_a_cache(p)))
         else:
             raise UsageError(f"{str(p)!r} {'is neither a file nor a folder' if p.exists() else 'does not exist'}")
     if not files:
@@ -114,6 +114,22 @@ def list_inputs(paths) -> list[str]:
     if bad:
         raise UsageError(f"{shown(bad[0])!r}: {NOT_UTF8}" + (f" ({len(bad) - 1} more such names)" if bad[1:] else ""))
     return files
+
+
+def _not_a_cache(path: Path) -> Path:
+    """The file named to predict, unless it is an HDF5 file (a feature cache): Pillow's HDF5 stub knows those,
+    so it became a row '0 x 0 pixels: an empty image' instead of saying what scores a cache."""
+    import h5py
+
+    try:
+        hdf5 = h5py.is_hdf5(path)
+    except OSError:  # unreadable: its row says why
+        return path
+    if hdf5:
+        raise UsageError(f"{shown(str(path))!r} is a feature cache, not a photo: predict classifies photos; a head "
+                         f"scores a cache with evaluate --model HEAD --cache {shown(str(path))!r}, or in Python "
+                         "pipeline.Head.load(HEAD).score(cache)")
+    return path
 
 
 def read_images(pairs, transform, model, batch_size: int, workers: int, root=Path("")) -> Iterator[Item]:
