@@ -435,6 +435,17 @@ def test_sigterm_during_extraction_says_in_one_line_the_rows_kept_and_the_comman
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
+def test_the_count_of_files_includes_the_dangling_link_it_counts_as_skipped(tmp_path, image_folder):
+    """'only 24 good images of the 27 files (4 skipped)': a dangling link was a skip but not a file."""
+    for i in range(3):
+        (image_folder / "red" / f"bad{i}.jpg").write_bytes(b"not a jpeg")
+    (image_folder / "blue" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    r = CliRunner().invoke(cli, ["extract", "--data", str(image_folder), "--n", "0", "--backbone", "tiny",
+                                 "--weights", "none", "--cache-dir", str(tmp_path / "f"), "--workers", "0"])
+    assert r.exit_code == 0, r.output
+    assert "only 24 good images of the 28 files (4 skipped)" in r.stderr
+
+
 def test_the_bad_file_corpus_leaves_exactly_the_good_images(tmp_path):
     from tests.badfiles import make_bad_corpus, skipped_by_extract, usable
 

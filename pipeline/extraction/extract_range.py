@@ -317,8 +317,9 @@ def extract_range(cfg, listing: ImageFolderListing, key: str, path: Path, resume
         if rows == 0 and not positions:
             raise UsageError(f"no image in {cfg.data} could be decoded ({skipped} tried); run check-images on it")
         if rows < target and not positions:
-            log.warning("only %d good images of the %d %s (%d skipped)", rows, target,
-                        "asked for" if cfg.n else "files", skipped)
+            # the files: the listing's left-out entries (dangling links, pipes) too, each counted as skipped
+            log.warning("only %d good images of the %d %s (%d skipped)", rows, target if cfg.n else
+                        target + len(listing.bad), "asked for" if cfg.n else "files", skipped)
         before = json.loads(writer.f.attrs.get("reuse", "{}") or "{}")
         total = {k: int(before.get(k, 0)) + reuse[k] for k in reuse}
         computed = rows - start_rows - reuse["reused"]
