@@ -283,12 +283,18 @@ def extract(as_json, **options):
     Under `torchrun --nproc_per_node=K cli.py extract ...` each rank extracts a shard and rank 0
     joins them into one (virtual) cache.
     """
+    from .files import Terminated, unwinding_on_signals
     from .runs.ledger import current_command
     try:
-        result = api.extract_features(options.pop("data"), verbose=None, command=current_command(), **options).result
+        with unwinding_on_signals():  # SIGTERM or SIGHUP: what is kept is said, as on Ctrl-C
+            result = api.extract_features(options.pop("data"), verbose=None, command=current_command(),
+                                          **options).result
     except KeyboardInterrupt:
         click.echo(present.extract_interrupted(current_command()), err=True)
         sys.exit(130)
+    except Terminated as e:
+        click.echo(present.extract_interrupted(current_command(), e), err=True)
+        leave_terminated(e)
     for line in present.extract_notes(result):
         note(line)
     if result.rank is None:  # under torchrun only rank 0 prints the result
@@ -452,23 +458,29 @@ def finetune(as_json, **options):
 def interruptible_training(run):
     """A train / finetune run's result; on Ctrl-C, what was kept and the command that resumes it (exit 130);
     SIGTERM or SIGHUP (a scheduler's stop) says what was kept too, then exits 143 or 129."""
-    import multiprocessing
-
     from .files import Terminated, unwinding_on_signals
     from .models.resume import TrainingInterrupted
     from .runs.ledger import current_command
     try:
         with unwinding_on_signals():
             return run().result_
-    except Terminated as e:  # what was kept is said; decoding processes killed with us would only add torch's
-        if multiprocessing.active_children():  # tracebacks while they are shut down: leave at once
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(e.code)
-        raise
+    except Terminated as e:  # what was kept is said
+        leave_terminated(e)
     except TrainingInterrupted as e:
         click.echo(present.train_interrupted(e, current_command()), err=True)
         sys.exit(130)
+
+
+def leave_terminated(e):
+    """End the process SIGTERM or SIGHUP stopped (``files.Terminated``, its line said): decoding processes killed
+    with us would only add torch's tracebacks while they are shut down, so with any alive it leaves at once."""
+    import multiprocessing
+
+    if multiprocessing.active_children():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(e.code)
+    raise e
 
 
 @cli.command()

@@ -62,6 +62,11 @@ def test_incomplete_cache_is_refused_with_the_command_that_finishes_it(tmp_path)
         w.append(np.ones((2, 2, 1, 1), np.float32), [0, 1], ["a", "b"], next_candidate=2)
     with pytest.raises(CacheError, match=r"incomplete \(2 of all rows.*python cli.py extract --n 8"):
         FeatureCache(path)
+    # fit-head --cache-dir DIR said only "run extract first", as if nothing had been extracted
+    res = CliRunner().invoke(cli.cli, ["fit-head", "--cache-dir", str(tmp_path), "--runs-dir", str(tmp_path / "r")])
+    assert res.exit_code == 2 and res.stderr.strip() == (
+        f"Error: no complete feature cache in {str(tmp_path)!r}; cache {path} is incomplete (2 of all rows); "
+        "finish it by running `python cli.py extract --n 8` again")
 
 
 def test_foreign_and_damaged_files_are_refused(tmp_path):

@@ -406,6 +406,46 @@ def test_sigkilled_extraction_resumes_to_the_uninterrupted_result(tmp_path, kill
         assert c.skipped() == [("red/zero.jpg", "zero-byte file")]
 
 
+def test_sigterm_during_extraction_says_in_one_line_the_rows_kept_and_the_command_that_goes_on(tmp_path,
+                                                                                              image_folder,
+                                                                                              monkeypatch):
+    """A scheduler's SIGTERM ended extract at once, exit 143 and not a word; Ctrl-C said how to go on."""
+    import pipeline.extraction.extract_range as extract_range
+    real, batches = extract_range.refuse_changed, []
+
+    def sigterm_in_batch_3(listing, batch):
+        batches.append(batch)
+        if len(batches) == 3:
+            if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:  # it would end the process, and pytest with it
+                raise AssertionError("SIGTERM would end the extraction without a word")
+            signal.raise_signal(signal.SIGTERM)
+        return real(listing, batch)
+
+    monkeypatch.setattr(extract_range, "refuse_changed", sigterm_in_batch_3)
+    args = ["extract", "--data", str(image_folder), "--n", "0", "--backbone", "tiny", "--weights", "none",
+            "--cache-dir", str(tmp_path / "f"), "--batch-size", "2", "--workers", "0", "--dtype", "float32"]
+    monkeypatch.setattr(sys, "argv", ["cli.py", *args])  # the command line the user typed
+    stopped = CliRunner().invoke(cli, args)
+    cache = next((tmp_path / "f").glob("*.h5"))
+    with h5py.File(cache, "r") as f:
+        assert int(f.attrs["rows"]) == 4 and not f.attrs["complete"]
+    assert stopped.exit_code == 143, stopped.output
+    assert stopped.stderr.strip().splitlines()[-1] == \
+        f"terminated; 4 rows kept in {cache}. Resume with: {os.path.basename(sys.executable)} cli.py {' '.join(args)}"
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_the_count_of_files_includes_the_dangling_link_it_counts_as_skipped(tmp_path, image_folder):
+    """'only 24 good images of the 27 files (4 skipped)': a dangling link was a skip but not a file."""
+    for i in range(3):
+        (image_folder / "red" / f"bad{i}.jpg").write_bytes(b"not a jpeg")
+    (image_folder / "blue" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    r = CliRunner().invoke(cli, ["extract", "--data", str(image_folder), "--n", "0", "--backbone", "tiny",
+                                 "--weights", "none", "--cache-dir", str(tmp_path / "f"), "--workers", "0"])
+    assert r.exit_code == 0, r.output
+    assert "only 24 good images of the 28 files (4 skipped)" in r.stderr
+
+
 def test_the_bad_file_corpus_leaves_exactly_the_good_images(tmp_path):
     from tests.badfiles import make_bad_corpus, skipped_by_extract, usable
 

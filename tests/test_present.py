@@ -1,4 +1,5 @@
 """The terminal texts that used to be built inside cli.py, pinned byte for byte (the CLI prints them as they are)."""
+from pipeline.files import Terminated
 from pipeline.reports import present
 
 TRUST = {"temperature": 0.886, "calibration_rows": 2, "calibrated_on": "val", "unknown_threshold": 0.91991,
@@ -77,6 +78,8 @@ def test_the_one_line_notes():
         "9 rows copied into one file (1.0 MB); its 2 shard files are no longer needed"
     assert present.extract_interrupted("python cli.py extract --data d") == \
         "\ninterrupted; committed rows are kept. Resume with:\n  python cli.py extract --data d"
+    assert present.extract_interrupted("python cli.py extract", Terminated(143)) == \
+        "terminated; committed rows are kept. Resume with: python cli.py extract"  # before the cache was opened
     assert present.imagenet_check_text(SimpleNamespace(top=[{"rank": 1, "class": "tabby", "probability": 0.5}])) == \
         "1. tabby                          0.5000"
 

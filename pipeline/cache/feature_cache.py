@@ -691,6 +691,13 @@ def _not_a_file(path: Path) -> str:
     return "is not a file"
 
 
+def unfinished(info: CacheInfo) -> str:
+    """What an incomplete cache holds and the command that finishes it (the extract that made it)."""
+    cmd = info.attrs.get("command") or "the same extract command"
+    return (f"cache {info.path} is incomplete ({info.rows} of {info.attrs['n_requested'] or 'all'} rows); finish it by "
+            f"running `{cmd}` again")
+
+
 class FeatureCache:
     """Read access to a complete, validated cache: labels in memory, features streamed in blocks (the one
     reader of a cache file: the stages' and the API's ``Cache``'s)."""
@@ -698,11 +705,7 @@ class FeatureCache:
     def __init__(self, path: str | os.PathLike, allow_incomplete: bool = False):
         self.info = read_info(path)
         if not self.info.complete and not allow_incomplete:
-            cmd = self.info.attrs.get("command") or "the same extract command"
-            raise CacheError(
-                f"cache {self.info.path} is incomplete ({self.info.rows} of {self.info.attrs['n_requested'] or 'all'} "
-                f"rows); finish it by running `{cmd}` again"
-            )
+            raise CacheError(unfinished(self.info))
         if self.info.rows == 0 and not allow_incomplete:  # the API's handle reads an empty one as empty
             raise CacheError(f"cache {self.info.path} holds no rows")
         self.path = self.info.path
@@ -914,8 +917,9 @@ def newest_cache(cache_dir: str | os.PathLike) -> "CacheInfo":
     good = [i for i in good if not i.attrs.get("purpose")]  # a test set or a pool to label: never trained on by default
     good.sort(key=default_time, reverse=True)
     complete = [i for i in good if i.complete]
-    if not complete:
-        raise CacheError(f"no complete feature cache in {str(cache_dir)!r}; run `python cli.py extract` first")
+    if not complete:  # an incomplete one: the command that finishes it, as --cache names it
+        raise CacheError(f"no complete feature cache in {str(cache_dir)!r}; "
+                         + (unfinished(good[0]) if good else "run `python cli.py extract` first"))
     if not good[0].complete:
         log.warning("the newest cache %s is incomplete (finish it with `%s`); using %s", good[0].path,
                     good[0].attrs.get("command") or "the same extract command", complete[0].path)

@@ -22,10 +22,19 @@ from ..cache.row_donors import find_donors
 from ..data.folders import ImageFolderListing, stratified_order
 from ..data.image_reader import DECODE_VERSION, ImageListDataset, batches, read_items
 from ..errors import PipelineError, UsageError
-from ..files import one_line, writing
+from ..files import Terminated, one_line, writing
 from . import backbones as bb
 
 log = logging.getLogger(__name__)
+
+
+class ExtractionTerminated(Terminated):
+    """SIGTERM or SIGHUP (``files.unwinding_on_signals``) while extracting into ``cache``: its ``rows`` committed
+    rows stay there for the run that resumes it, which the CLI's one line names."""
+
+    def __init__(self, code: int, cache: Path, rows: int):
+        super().__init__(code)
+        self.cache, self.rows = cache, rows
 
 
 def timed(iterable, clock: dict, key: str):
@@ -298,6 +307,8 @@ def extract_range(cfg, listing: ImageFolderListing, key: str, path: Path, resume
                 rows += len(good)
                 bar.update(len(good))
                 bar.set_postfix(skipped=writer.skipped_rows, refresh=False)
+        except Terminated as e:  # what the file keeps is known here only
+            raise ExtractionTerminated(e.code, path, writer.rows) from None
         finally:
             bar.close()
             if donors:  # their files are open: closed however the run ends
@@ -306,8 +317,9 @@ def extract_range(cfg, listing: ImageFolderListing, key: str, path: Path, resume
         if rows == 0 and not positions:
             raise UsageError(f"no image in {cfg.data} could be decoded ({skipped} tried); run check-images on it")
         if rows < target and not positions:
-            log.warning("only %d good images of the %d %s (%d skipped)", rows, target,
-                        "asked for" if cfg.n else "files", skipped)
+            # the files: the listing's left-out entries (dangling links, pipes) too, each counted as skipped
+            log.warning("only %d good images of the %d %s (%d skipped)", rows, target if cfg.n else
+                        target + len(listing.bad), "asked for" if cfg.n else "files", skipped)
         before = json.loads(writer.f.attrs.get("reuse", "{}") or "{}")
         total = {k: int(before.get(k, 0)) + reuse[k] for k in reuse}
         computed = rows - start_rows - reuse["reused"]
