@@ -691,11 +691,15 @@ def _not_a_file(path: Path) -> str:
     return "is not a file"
 
 
+def finishing_command(info: CacheInfo) -> str:
+    """The command that finishes an incomplete cache: the extract that made it."""
+    return info.attrs.get("command") or "the same extract command"
+
+
 def unfinished(info: CacheInfo) -> str:
-    """What an incomplete cache holds and the command that finishes it (the extract that made it)."""
-    cmd = info.attrs.get("command") or "the same extract command"
+    """What an incomplete cache holds and the command that finishes it."""
     return (f"cache {info.path} is incomplete ({info.rows} of {info.attrs['n_requested'] or 'all'} rows); finish it by "
-            f"running `{cmd}` again")
+            f"running `{finishing_command(info)}` again")
 
 
 class FeatureCache:
@@ -922,7 +926,7 @@ def newest_cache(cache_dir: str | os.PathLike) -> "CacheInfo":
                          + (unfinished(good[0]) if good else "run `python cli.py extract` first"))
     if not good[0].complete:
         log.warning("the newest cache %s is incomplete (finish it with `%s`); using %s", good[0].path,
-                    good[0].attrs.get("command") or "the same extract command", complete[0].path)
+                    finishing_command(good[0]), complete[0].path)
     return complete[0]
 
 
