@@ -289,8 +289,8 @@ def extract(as_json, **options):
         with unwinding_on_signals():  # SIGTERM or SIGHUP: what is kept is said, as on Ctrl-C
             result = api.extract_features(options.pop("data"), verbose=None, command=current_command(),
                                           **options).result
-    except KeyboardInterrupt:
-        click.echo(present.extract_interrupted(current_command()), err=True)
+    except KeyboardInterrupt as e:
+        click.echo(present.extract_interrupted(current_command(), e), err=True)
         sys.exit(130)
     except Terminated as e:
         click.echo(present.extract_interrupted(current_command(), e), err=True)
