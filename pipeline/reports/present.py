@@ -367,12 +367,15 @@ def extract_interrupted(command: str, stopped: BaseException) -> str:
 
 
 def train_interrupted(stopped, command: str) -> str:
-    """Ctrl-C during train / finetune (``models.resume.TrainingInterrupted``): what is kept, how to go on."""
+    """Ctrl-C (``models.resume.TrainingInterrupted``) or SIGTERM / SIGHUP (``TrainingTerminated``) during train /
+    finetune: one line, what is kept and the command that resumes it, the same for both (SIGTERM's named the
+    Python API's ``resume=``). Ctrl-C's starts on a line of its own, after the terminal's ^C."""
+    word = "\ninterrupted" if isinstance(stopped, KeyboardInterrupt) else "terminated"
     if stopped.run_dir is None:
-        return "\ninterrupted during the first epoch: nothing was saved"
+        return f"{word} during the first epoch: nothing was saved"
     again = command if "--resume" in command else f"{command} --resume {shlex.quote(str(stopped.run_dir))}"
-    return (f"\ninterrupted; {plural(stopped.epochs_done, 'epoch')} of {stopped.epochs} kept in "
-            f"{stopped.run_dir}/model.pt. Resume with:\n  {again}")
+    return (f"{word}; {plural(stopped.epochs_done, 'epoch')} of {stopped.epochs} kept in "
+            f"{stopped.run_dir}/model.pt. Resume with: {again}")
 
 
 def consolidate_note(result: ConsolidateResult) -> str:
