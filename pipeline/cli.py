@@ -289,8 +289,8 @@ def extract(as_json, **options):
         with unwinding_on_signals():  # SIGTERM or SIGHUP: what is kept is said, as on Ctrl-C
             result = api.extract_features(options.pop("data"), verbose=None, command=current_command(),
                                           **options).result
-    except KeyboardInterrupt:
-        click.echo(present.extract_interrupted(current_command()), err=True)
+    except KeyboardInterrupt as e:
+        click.echo(present.extract_interrupted(current_command(), e), err=True)
         sys.exit(130)
     except Terminated as e:
         click.echo(present.extract_interrupted(current_command(), e), err=True)
@@ -459,12 +459,15 @@ def interruptible_training(run):
     """A train / finetune run's result; on Ctrl-C, what was kept and the command that resumes it (exit 130);
     SIGTERM or SIGHUP (a scheduler's stop) says what was kept too, then exits 143 or 129."""
     from .files import Terminated, unwinding_on_signals
-    from .models.resume import TrainingInterrupted
+    from .models.resume import TrainingInterrupted, TrainingTerminated
     from .runs.ledger import current_command
     try:
         with unwinding_on_signals():
             return run().result_
-    except Terminated as e:  # what was kept is said
+    except TrainingTerminated as e:  # what was kept is said, with the command that resumes, as on Ctrl-C
+        click.echo(present.train_interrupted(e, current_command()), err=True)
+        leave_terminated(e)
+    except Terminated as e:
         leave_terminated(e)
     except TrainingInterrupted as e:
         click.echo(present.train_interrupted(e, current_command()), err=True)

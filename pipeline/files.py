@@ -258,16 +258,16 @@ class Terminated(SystemExit):
     that removes it) and exits with the shell's code for the signal, 128 + its number."""
 
 
-def _terminated_in(pid):
+def _terminated_in(pid, replaced: dict):
     """The handler for process ``pid``; a process forked from it (a DataLoader's decoding worker) inherits the
     handler and must die of the signal as by default: unwinding there shut its threads down mid-accept, and
-    their tracebacks followed the one line the main process prints."""
+    their tracebacks followed the one line the main process prints. ``replaced``: see ``_children_may_end``."""
     def terminated(signum, frame):
         if os.getpid() != pid:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
-        _children_may_end()
+        _children_may_end(replaced)
         raise Terminated(128 + signum)
     return terminated
 
@@ -276,34 +276,40 @@ def _ignore_child(signum, frame) -> None:
     """SIGCHLD while the process ends: a child dying of the same SIGTERM is expected."""
 
 
-def _children_may_end() -> None:
+def _children_may_end(replaced: dict) -> None:
     """The process is ending: a Python SIGCHLD handler is replaced by one that does nothing. torch's DataLoader
     raises 'DataLoader worker (pid ...) is killed by signal: Terminated' from its handler when a decoding worker
     dies of the scheduler's SIGTERM too; raised in the middle of the unwinding (the worker dies while the main
-    process is in a long forward pass), it replaced Terminated: a traceback instead of the one line."""
+    process is in a long forward pass), it replaced Terminated: a traceback instead of the one line. The handler
+    replaced goes into ``replaced``, for ``unwinding_on_signals`` to put back once the unwinding is over."""
     child = getattr(signal, "SIGCHLD", None)
-    if child is not None and callable(signal.getsignal(child)):
-        signal.signal(child, _ignore_child)
+    if child is not None and callable(signal.getsignal(child)) and signal.getsignal(child) is not _ignore_child:
+        replaced[child] = signal.signal(child, _ignore_child)
 
 
 @contextlib.contextmanager
 def unwinding_on_signals():
     """While inside, SIGTERM and SIGHUP raise Terminated instead of killing the process at once, so the
     ``finally`` blocks that remove temporary files run. Only where the signal still has its default
-    action (a handler someone installed is left alone) and only in the main thread (Python's rule)."""
+    action (a handler someone installed is left alone) and only in the main thread (Python's rule). The
+    SIGCHLD handler quieted for the unwinding is put back however it ends: left quiet, a notebook or a test
+    session lost torch's report of a killed decoding worker for good."""
     import threading
 
-    saved = {}
+    saved, replaced = {}, {}
     if threading.current_thread() is threading.main_thread():
         for name in _ENDING_SIGNALS:
             sig = getattr(signal, name, None)
             if sig is not None and signal.getsignal(sig) == signal.SIG_DFL:
-                saved[sig] = signal.signal(sig, _terminated_in(os.getpid()))
+                saved[sig] = signal.signal(sig, _terminated_in(os.getpid(), replaced))
     try:
         yield
     finally:
         for sig, old in saved.items():
             signal.signal(sig, old)
+        for sig, old in replaced.items():  # SIGCHLD, unless someone installed another since
+            if signal.getsignal(sig) is _ignore_child:
+                signal.signal(sig, old)
 
 
 def atomic_write(path, write) -> Path:

@@ -435,6 +435,33 @@ def test_sigterm_during_extraction_says_in_one_line_the_rows_kept_and_the_comman
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
+def test_ctrl_c_during_extraction_says_in_one_line_the_rows_kept_and_the_resume_computes_none_of_them(
+        tmp_path, image_folder, monkeypatch):
+    """Ctrl-C said 'committed rows are kept' and no count, while SIGTERM's line says how many and where."""
+    import pipeline.extraction.extract_range as extract_range
+    real, batches = extract_range.refuse_changed, []
+
+    def ctrl_c_in_batch_3(listing, batch):
+        batches.append(batch)
+        if len(batches) == 3:
+            raise KeyboardInterrupt  # where the signal would raise it
+        return real(listing, batch)
+
+    monkeypatch.setattr(extract_range, "refuse_changed", ctrl_c_in_batch_3)
+    args = ["extract", "--data", str(image_folder), "--n", "0", "--backbone", "tiny", "--weights", "none",
+            "--cache-dir", str(tmp_path / "f"), "--batch-size", "2", "--workers", "0", "--dtype", "float32", "--json"]
+    monkeypatch.setattr(sys, "argv", ["cli.py", *args])  # the command line the user typed
+    stopped = CliRunner().invoke(cli, args)
+    cache = next((tmp_path / "f").glob("*.h5"))
+    assert stopped.exit_code == 130, stopped.output
+    assert stopped.stderr.strip().splitlines()[-1] == \
+        f"interrupted; 4 rows kept in {cache}. Resume with: {os.path.basename(sys.executable)} cli.py {' '.join(args)}"
+    monkeypatch.setattr(extract_range, "refuse_changed", real)
+    resumed = CliRunner().invoke(cli, args)
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads(resumed.stdout)["resumed_from"] == 4 and json.loads(resumed.stdout)["computed"] == 20
+
+
 def test_the_count_of_files_includes_the_dangling_link_it_counts_as_skipped(tmp_path, image_folder):
     """'only 24 good images of the 27 files (4 skipped)': a dangling link was a skip but not a file."""
     for i in range(3):

@@ -325,3 +325,31 @@ def test_a_decoding_worker_that_dies_while_sigterm_unwinds_leaves_terminated_as_
     finally:
         del loader
         signal.signal(signal.SIGCHLD, torch_handler)
+
+
+@pytest.mark.parametrize("installed_inside", [False, True])
+@pytest.mark.parametrize("unwinding_fails", [False, True])
+def test_the_sigchld_handler_quieted_while_sigterm_unwinds_is_put_back_after(installed_inside, unwinding_fails):
+    """SIGTERM replaced a Python SIGCHLD handler (torch's) by one that does nothing, for the unwinding, and never
+    put it back: for the rest of the process (a notebook, a test session) a killed decoding worker went
+    unreported. Put back however the unwinding ends, for a handler installed before or inside (torch installs
+    its own at a loader's first iterator)."""
+    from pipeline.files import Terminated, unwinding_on_signals
+
+    def previous(signum, frame):
+        pass
+
+    before = signal.signal(signal.SIGCHLD, signal.SIG_DFL if installed_inside else previous)
+    try:
+        with pytest.raises(OSError if unwinding_fails else Terminated):
+            with unwinding_on_signals():
+                if installed_inside:
+                    signal.signal(signal.SIGCHLD, previous)
+                try:
+                    signal.raise_signal(signal.SIGTERM)
+                finally:
+                    if unwinding_fails:
+                        raise OSError("the unwinding failed too")
+        assert signal.getsignal(signal.SIGCHLD) is previous
+    finally:
+        signal.signal(signal.SIGCHLD, before)

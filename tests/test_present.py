@@ -76,8 +76,8 @@ def test_the_one_line_notes():
                                               unpacked="data")) == "a.zip: 2.0 MB, already complete; unpacked to data"
     assert present.consolidate_note(SimpleNamespace(rows=9, size_bytes=1e6, shards=["a", "b"])) == \
         "9 rows copied into one file (1.0 MB); its 2 shard files are no longer needed"
-    assert present.extract_interrupted("python cli.py extract --data d") == \
-        "\ninterrupted; committed rows are kept. Resume with:\n  python cli.py extract --data d"
+    assert present.extract_interrupted("python cli.py extract --data d", KeyboardInterrupt()) == \
+        "\ninterrupted; committed rows are kept. Resume with: python cli.py extract --data d"  # before the cache
     assert present.extract_interrupted("python cli.py extract", Terminated(143)) == \
         "terminated; committed rows are kept. Resume with: python cli.py extract"  # before the cache was opened
     assert present.imagenet_check_text(SimpleNamespace(top=[{"rank": 1, "class": "tabby", "probability": 0.5}])) == \

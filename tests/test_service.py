@@ -5,6 +5,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import select
 import signal
 import socket
@@ -389,6 +390,23 @@ def test_sigterm_answers_the_request_in_flight_then_exits(head):
         r = predict_then_sigterm(url, proc, photos(head)[0])
         assert r.status_code == 200 and r.json()[0]["class"]
         assert proc.wait(30) == 0
+
+
+def test_a_body_that_is_not_the_multipart_it_says_is_400_and_one_line_of_the_services_and_it_goes_on(head):
+    """The client got its 400, and the server's log a bare 'Expected boundary character 45, got 110 at index 2'
+    (python-multipart's own warning), not saying which request or what was refused."""
+    import httpx
+
+    with serving(head) as (proc, url):
+        r = httpx.post(f"{url}/predict", content=b"not multipart at all",
+                       headers={"Content-Type": "multipart/form-data; boundary=b"})
+        assert r.status_code == 400 and r.json()["detail"] == "Invalid multipart data."
+        assert httpx.post(f"{url}/predict", files=upload(photos(head)[0])).status_code == 200  # still serving
+        proc.send_signal(signal.SIGTERM)
+        log = proc.communicate(timeout=30)[0]
+    assert "Expected boundary" not in log, log
+    assert re.search(r"^127\.0\.0\.1:\d+ - 400: POST /predict's multipart/form-data refused: Invalid multipart data\.$",
+                     log, re.MULTILINE), log
 
 
 def test_past_drain_seconds_a_request_in_flight_gets_a_clean_503(head):

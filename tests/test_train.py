@@ -459,8 +459,12 @@ def test_a_resumed_run_on_a_gpu_gets_the_gpus_random_state_back(tmp_path, image_
     assert len(restored) == 1 and [t.tolist() for t in restored[0]] == [[7, 8, 9]]
 
 
-def test_sigterm_during_training_says_what_is_kept_and_exits_143(tmp_path, image_folder, monkeypatch):
+def test_sigterm_during_training_says_what_is_kept_and_the_command_that_resumes_and_exits_143(
+        tmp_path, image_folder, monkeypatch):
+    """SIGTERM's line named the Python API's resume='RUN' where Ctrl-C's names the command line that resumes."""
+    import os
     import signal
+    import sys
 
     import pipeline.models.train as train_mod
     real = train_mod.train_one_epoch
@@ -474,10 +478,13 @@ def test_sigterm_during_training_says_what_is_kept_and_exits_143(tmp_path, image
 
     monkeypatch.setattr(train_mod, "train_one_epoch", sigterm_in_epoch_2)
     args = _train_args(tmp_path, image_folder)
+    monkeypatch.setattr(sys, "argv", ["cli.py", *args])  # the command line the user typed
     stopped = CliRunner().invoke(cli.cli, args)
     run_dir = next(d for d in (tmp_path / "runs").iterdir() if d.is_dir())
     assert stopped.exit_code == 143
-    assert f"terminated; 1 of 3 epochs kept in {run_dir}/model.pt; resume with" in stopped.stderr
+    assert stopped.stderr.strip().splitlines()[-1] == (
+        f"terminated; 1 epoch of 3 kept in {run_dir}/model.pt. Resume with: {os.path.basename(sys.executable)} "
+        f"cli.py {' '.join(args)} --resume {run_dir}")
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 

@@ -37,6 +37,16 @@ class ExtractionTerminated(Terminated):
         self.cache, self.rows = cache, rows
 
 
+class ExtractionInterrupted(KeyboardInterrupt):
+    """Ctrl-C while extracting into ``cache``: its ``rows`` committed rows stay there, as on SIGTERM
+    (``ExtractionTerminated``); the CLI's one line names them and the command that resumes."""
+
+    def __init__(self, cache: Path, rows: int):
+        # the message is what a notebook shows of it: what is kept and how to go on
+        super().__init__(f"{rows} rows kept in {cache}; the same extract resumes from them")
+        self.cache, self.rows = cache, rows
+
+
 def timed(iterable, clock: dict, key: str):
     """``iterable``, adding the time spent waiting for each element to ``clock[key]``."""
     it = iter(iterable)
@@ -309,6 +319,8 @@ def extract_range(cfg, listing: ImageFolderListing, key: str, path: Path, resume
                 bar.set_postfix(skipped=writer.skipped_rows, refresh=False)
         except Terminated as e:  # what the file keeps is known here only
             raise ExtractionTerminated(e.code, path, writer.rows) from None
+        except KeyboardInterrupt:  # Ctrl-C: the same count, for the same one line
+            raise ExtractionInterrupted(path, writer.rows) from None
         finally:
             bar.close()
             if donors:  # their files are open: closed however the run ends

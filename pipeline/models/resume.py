@@ -17,6 +17,7 @@ import torch
 from ..data.moves import folder_lock
 from ..config import cli_name
 from ..errors import UsageError
+from ..files import Terminated
 from .whole_models import read_checkpoint
 
 #: options that change nothing an epoch computes: they may differ between the stopped run and its resumption
@@ -33,6 +34,16 @@ class TrainingInterrupted(KeyboardInterrupt):
                          f"{epochs_done} of {epochs} epochs kept in {run_dir}/model.pt; resume with "
                          f"resume={str(run_dir)!r} (--resume on the command line)")
         self.run_dir, self.epochs_done, self.epochs = run_dir, epochs_done, epochs
+
+
+class TrainingTerminated(Terminated):
+    """SIGTERM or SIGHUP (``files.unwinding_on_signals``) during train / finetune: what ``TrainingInterrupted``
+    tells of Ctrl-C (``run_dir``, ``epochs_done`` of ``epochs``), so the CLI's one line names the same command
+    that resumes, not the Python API's ``resume=``."""
+
+    def __init__(self, code: int, kept: TrainingInterrupted):
+        super().__init__(code)
+        self.run_dir, self.epochs_done, self.epochs = kept.run_dir, kept.epochs_done, kept.epochs
 
 
 def training_into(run_dir):

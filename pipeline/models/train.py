@@ -43,6 +43,7 @@ from ..runs.run_folders import finish_run, new_run_dir
 from .predict import ImageOutputs, iter_log_proba
 from .resume import (
     TrainingInterrupted,
+    TrainingTerminated,
     clear_leftovers,
     items_digest,
     read_resume,
@@ -356,8 +357,7 @@ def _train_run(cfg: TrainConfig, kind: str, lm, stages: list, listing, head_saw:
             raise
         kept = stopped_at(run, len(done), cfg.epochs)
         if isinstance(e, Terminated):  # SIGTERM or SIGHUP (the CLI's): the process ends, saying what it keeps
-            log.warning("terminated; %s", kept)
-            raise
+            raise TrainingTerminated(e.code, kept) from None
         if isinstance(e, KeyboardInterrupt):
             raise kept from None
         if kept.run_dir is None:

@@ -354,25 +354,28 @@ def extract_notes(result: ExtractResult) -> list[str]:
     return lines
 
 
-def extract_interrupted(command: str, stopped=None) -> str:
-    """Ctrl-C during extract: what is kept and the command that goes on. With ``stopped`` (an
-    ``ExtractionTerminated``, or a ``files.Terminated`` before any row was written), SIGTERM's or SIGHUP's
-    one line, as train's is: a scheduler's log keeps it whole."""
-    if stopped is None:
-        return f"\ninterrupted; committed rows are kept. Resume with:\n  {command}"
+def extract_interrupted(command: str, stopped: BaseException) -> str:
+    """Ctrl-C (a KeyboardInterrupt: ``ExtractionInterrupted`` once the cache is open) or SIGTERM / SIGHUP (a
+    ``files.Terminated``: ``ExtractionTerminated``) during extract: one line, what is kept and the command that
+    goes on, so a scheduler's log keeps it whole; without a count (stopped before the cache was opened) the
+    committed rows in general. Ctrl-C's starts on a line of its own, after the terminal's ^C."""
+    word = "\ninterrupted" if isinstance(stopped, KeyboardInterrupt) else "terminated"
     rows = getattr(stopped, "rows", None)
     kept = ("committed rows are kept" if rows is None
             else f"{plural(rows, 'row')} kept in {one_line(str(stopped.cache))}")
-    return f"terminated; {kept}. Resume with: {command}"
+    return f"{word}; {kept}. Resume with: {command}"
 
 
 def train_interrupted(stopped, command: str) -> str:
-    """Ctrl-C during train / finetune (``models.resume.TrainingInterrupted``): what is kept, how to go on."""
+    """Ctrl-C (``models.resume.TrainingInterrupted``) or SIGTERM / SIGHUP (``TrainingTerminated``) during train /
+    finetune: one line, what is kept and the command that resumes it, the same for both (SIGTERM's named the
+    Python API's ``resume=``). Ctrl-C's starts on a line of its own, after the terminal's ^C."""
+    word = "\ninterrupted" if isinstance(stopped, KeyboardInterrupt) else "terminated"
     if stopped.run_dir is None:
-        return "\ninterrupted during the first epoch: nothing was saved"
+        return f"{word} during the first epoch: nothing was saved"
     again = command if "--resume" in command else f"{command} --resume {shlex.quote(str(stopped.run_dir))}"
-    return (f"\ninterrupted; {plural(stopped.epochs_done, 'epoch')} of {stopped.epochs} kept in "
-            f"{stopped.run_dir}/model.pt. Resume with:\n  {again}")
+    return (f"{word}; {plural(stopped.epochs_done, 'epoch')} of {stopped.epochs} kept in "
+            f"{stopped.run_dir}/model.pt. Resume with: {again}")
 
 
 def consolidate_note(result: ConsolidateResult) -> str:
