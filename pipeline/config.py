@@ -408,7 +408,8 @@ class FitHeadConfig(SplitOptions, TrustOptions, DeviceOptions):
         "Folder of feature caches.",
         doc="where to look for the newest cache (`--test-data`'s cache goes beside the cache fitted on)"))
     head: str = field(default="auto", metadata=option(
-        "auto: the exact RBF SVM or logistic regression, kind and C by k-fold CV; linear: Adam with early stopping; "
+        "auto: exact RBF SVMs (one-vs-rest and SVC's one-vs-one) and logistic regression stacked, each C by k-fold "
+        "CV; linear: Adam with early stopping; "
         "logreg: scikit-learn LogisticRegression; kernel: an RBF (Nystroem) map + logreg; svm: the exact RBF SVM "
         "(one-vs-rest). Each is saved as the same Linear + LogSoftmax checkpoint.", choices=HEADS,
         doc="`auto` (one-vs-rest SVM, SVC's one-vs-one pairs and logreg stacked, each C by CV), `linear`, `logreg`, "

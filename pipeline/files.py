@@ -125,9 +125,10 @@ def check_output(output, inputs=(), data=(), suffixes=(), what: str = "--output"
         require_folder(out, what)
     elif os.path.isdir(out):
         raise UsageError(f"{what} {str(output)!r} is a folder; name a file")
-    for p, role in _labelled(inputs, "one of the inputs"):
+    for p, role in _labelled(inputs, ""):
         if same_file(out, p):
-            raise UsageError(f"{what} {str(output)!r} is one of the inputs ({role}: {p}); it would be overwritten")
+            raise UsageError(f"{what} {str(output)!r} is one of the inputs ({f'{role}: ' if role else ''}{p}); "
+                             "it would be overwritten")
     where = Path(os.path.realpath(out))
     for d, role in _labelled(data, ""):
         if os.path.isdir(d) and where.is_relative_to(os.path.realpath(d)):

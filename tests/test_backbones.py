@@ -1,4 +1,5 @@
 import json
+import logging
 
 import pytest
 import torch
@@ -113,18 +114,23 @@ def test_timm_local_file_with_its_sidecar(tmp_path):
         bb.load_backbone("test_efficientnet", str(path))
 
 
-def test_timm_offline_download_is_one_clear_line(monkeypatch):
+def test_timm_offline_download_is_one_clear_line(monkeypatch, caplog):
     import timm.models._hub as hub
 
-    def offline(*a, **k):
+    def offline(*a, **k):  # as the hub does offline: a warning for each retry, then the error
+        logging.getLogger("huggingface_hub.utils._http").warning(
+            "'[Errno -2] Name or service not known' thrown while requesting HEAD https://huggingface.co/...")
         raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
 
     monkeypatch.setattr(hub, "hf_hub_download", offline)  # where timm's pretrained route downloads
-    with pytest.raises(PipelineError) as e:
+    level = logging.getLogger("huggingface_hub").level
+    with caplog.at_level(logging.WARNING), pytest.raises(PipelineError) as e:
         bb.load_backbone("test_efficientnet", "DEFAULT")
     msg = str(e.value)
     assert "cannot download timm's test_efficientnet." in msg and "offline?" in msg and "--weights PATH" in msg
     assert "\n" not in msg
+    assert not [r for r in caplog.records if "thrown while requesting" in r.getMessage()]  # only the one line
+    assert logging.getLogger("huggingface_hub").level == level  # its level given back
 
 
 def test_unknown_weights_name_lists_allowed():

@@ -120,3 +120,10 @@ def test_a_commands_table_lists_every_option_with_its_default():
     assert "| `--lr` | 0.03 | linear: Adam learning rate (in (0, 10]) |" in table
     assert "| `--refit` / `--no-refit` | on |" in table and "| `--json` |" in table
     assert len(table.splitlines()) == 2 + len(cli.commands["fit-head"].params)
+
+
+def test_fit_head_help_says_auto_is_the_stack_it_fits():
+    """--help said auto was 'the exact RBF SVM or logistic regression' (one of the two) after the default had
+    become their stack: it names the members commands.md names."""
+    out = " ".join(CliRunner().invoke(cli, ["fit-head", "--help"]).output.split())
+    assert "auto: exact RBF SVMs (one-vs-rest and SVC's one-vs-one) and logistic regression stacked" in out

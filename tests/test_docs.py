@@ -62,3 +62,34 @@ def test_the_option_tables_of_commands_md_are_the_ones_the_specs_write():
     text = (ROOT / "docs" / "commands.md").read_text(encoding="utf-8")
     assert text.count("<!-- options: ") >= 20
     assert with_option_tables(text) == text, "docs/commands.md is out of date: run python bench/commands_doc.py"
+
+
+def github_anchor(heading):
+    """The id GitHub gives a heading: lower case, punctuation dropped but '-' and '_', spaces to '-'."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def anchors_of(doc):
+    text = doc.read_text(encoding="utf-8")
+    text = re.sub(r"^```.*?^```", "", text, flags=re.M | re.S)  # a '# comment' in a code block is no heading
+    ids = {github_anchor(m.group(1)) for m in re.finditer(r"^#{1,6}\s+(.+?)\s*#*$", text, re.M)}
+    return ids | set(re.findall(r'<a (?:id|name)="([^"]+)"', text))
+
+
+def test_github_anchor_follows_githubs_rule():
+    assert github_anchor("A second view of each photo (flip)") == "a-second-view-of-each-photo-flip"
+    assert github_anchor("Fused or one backbone alone, by CV") == "fused-or-one-backbone-alone-by-cv"
+
+
+def test_links_to_a_section_name_one_that_exists():
+    """A link's '#section' leads somewhere only if the page has that heading (a bold paragraph has no id)."""
+    broken = []
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for target, anchor in re.findall(r"\]\(([^)#\s]*)#([^)\s]+)\)", doc.read_text(encoding="utf-8")):
+            page = doc.parent / target if target else doc
+            if "://" in target or page.suffix != ".md" or not page.exists():
+                continue
+            if anchor not in anchors_of(page):
+                broken.append(f"{doc.relative_to(ROOT)} -> {target}#{anchor}")
+    assert not broken, broken

@@ -94,6 +94,8 @@ def test_the_output_guard_refuses_every_input_by_any_name_there_or_not(tmp_path)
     inputs = [(weights, "the backbone weights"), (sidecar, "the sidecar of the weights")]
     assert "is one of the inputs (the sidecar of the weights" in _refused(sidecar, inputs=inputs)
     assert "is one of the inputs" in _refused(tmp_path / "W" / ".." / "W" / "r18.pt", inputs=inputs)
+    plain = _refused(weights, inputs=[weights])  # an input without a label (a photo) is named once, not twice
+    assert plain == f"--output {str(weights)!r} is one of the inputs ({weights}); it would be overwritten"
     (tmp_path / "link.pt").symlink_to(weights)
     os.link(weights, tmp_path / "hard.pt")
     for name in ("link.pt", "hard.pt"):

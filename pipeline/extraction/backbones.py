@@ -14,6 +14,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import logging
 import os
 import sys
 import warnings
@@ -323,13 +324,28 @@ def _download_state_dict(weights) -> dict:
         ) from None
 
 
+@contextlib.contextmanager
+def _quiet_hub_retries():
+    """huggingface_hub logs a warning for each retry of a failed request ("'[Errno -2] Name or service not
+    known' thrown while requesting HEAD URL"): offline, two such lines came before the one-line error below,
+    which says the same and what to do; a download that succeeds on a retry needs them no more."""
+    hub = logging.getLogger("huggingface_hub")
+    level = hub.level
+    hub.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        hub.setLevel(level)
+
+
 def _timm_pretrained(spec: BackboneSpec, weights: str):
     """timm's model with its pretrained weights (timm downloads them once into the Hugging Face cache)."""
     import timm
 
     cfg, weights_id = timm_weights_id(spec, weights)
     try:
-        with contextlib.redirect_stdout(sys.stderr):  # a download's messages are progress, not results (--json)
+        # a download's messages are progress, not results (--json)
+        with contextlib.redirect_stdout(sys.stderr), _quiet_hub_retries():
             return timm.create_model(f"{spec.arch}.{cfg.tag}", pretrained=True), cfg, weights_id
     except (UsageError, PipelineError):
         raise
