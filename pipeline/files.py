@@ -313,6 +313,29 @@ def unwinding_on_signals():
                 signal.signal(sig, old)
 
 
+@contextlib.contextmanager
+def signals_deferred():
+    """Ctrl-C, SIGTERM or SIGHUP arriving inside is held until the block is done, then delivered to the handler
+    that was there. For a commit made of several steps (a cache's three counters): unwound between two of
+    them, a resumed extraction took rows twice and missed others. Main thread only (Python's rule for
+    handlers; elsewhere the block runs as it is)."""
+    import threading
+
+    caught, saved = [], {}
+    if threading.current_thread() is threading.main_thread():
+        for name in ("SIGINT", *_ENDING_SIGNALS):
+            sig = getattr(signal, name, None)
+            if sig is not None and signal.getsignal(sig) not in (None, signal.SIG_IGN):
+                saved[sig] = signal.signal(sig, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        for sig, old in saved.items():
+            signal.signal(sig, old)
+        if caught:
+            signal.raise_signal(caught[0])  # now, to the handler restored
+
+
 def atomic_write(path, write) -> Path:
     """``write(tmp)`` into a temporary file beside ``path``, then rename it onto ``path``.
 

@@ -462,6 +462,34 @@ def test_ctrl_c_during_extraction_says_in_one_line_the_rows_kept_and_the_resume_
     assert json.loads(resumed.stdout)["resumed_from"] == 4 and json.loads(resumed.stdout)["computed"] == 20
 
 
+def test_ctrl_c_between_a_commits_counters_waits_for_the_commit_so_the_resume_takes_no_row_twice(
+        tmp_path, image_folder, monkeypatch):
+    """A Ctrl-C landing after 'rows' moved but before 'next_candidate' did: the resume started from the old
+    candidate, so 4 photos were rows twice and 4 others never extracted."""
+    from h5py._hl.attrs import AttributeManager
+
+    real, moved = AttributeManager.modify, []
+
+    def modify(self, name, value):
+        real(self, name, value)
+        if name == "rows":
+            moved.append(value)
+            if len(moved) == 3:
+                signal.raise_signal(signal.SIGINT)  # a real Ctrl-C, between two of the commit's counters
+
+    monkeypatch.setattr(AttributeManager, "modify", modify)
+    args = ["extract", "--data", str(image_folder), "--n", "0", "--backbone", "tiny", "--weights", "none",
+            "--cache-dir", str(tmp_path / "f"), "--batch-size", "2", "--workers", "0", "--dtype", "float32", "--json"]
+    stopped = CliRunner().invoke(cli, args)
+    assert stopped.exit_code == 130 and "interrupted; 6 rows kept" in stopped.stderr, stopped.output
+    monkeypatch.setattr(AttributeManager, "modify", real)
+    resumed = CliRunner().invoke(cli, args)
+    assert json.loads(resumed.stdout)["resumed_from"] == 6
+    with h5py.File(json.loads(resumed.stdout)["cache"], "r") as f:
+        paths = [p.decode() for p in f["paths"][:]]
+    assert len(paths) == 24 and len(set(paths)) == 24
+
+
 def test_the_count_of_files_includes_the_dangling_link_it_counts_as_skipped(tmp_path, image_folder):
     """'only 24 good images of the 27 files (4 skipped)': a dangling link was a skip but not a file."""
     for i in range(3):

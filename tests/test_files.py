@@ -355,3 +355,17 @@ def test_the_sigchld_handler_quieted_while_sigterm_unwinds_is_put_back_after(ins
         assert signal.getsignal(signal.SIGCHLD) is previous
     finally:
         signal.signal(signal.SIGCHLD, before)
+
+
+def test_a_signal_inside_signals_deferred_reaches_its_handler_only_after_the_block():
+    import signal
+
+    from pipeline.files import signals_deferred
+
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with signals_deferred():
+            signal.raise_signal(signal.SIGINT)
+            done.append("the rest of the block")
+    assert done == ["the rest of the block"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -28,7 +28,7 @@ from ..config import POOLS, STORAGE_DTYPES
 from ..errors import DiskFull, PipelineError, UsageError
 from ..data.folders import POOL, TEST, ImageLoadError, regular_file_stat
 from ..data.moves import flock_within
-from ..files import require_folder, shown, unwinding_on_signals
+from ..files import require_folder, shown, signals_deferred, unwinding_on_signals
 
 try:
     import fcntl
@@ -310,10 +310,11 @@ class CacheWriter:
                 f[name].resize(s0 + m, axis=0)
                 f[name][s0:s0 + m] = [s[col] for s in skipped]
         _fsync(f)
-        f.attrs.modify("rows", np.int64(start + k))
-        f.attrs.modify("skipped_rows", np.int64(s0 + m))
-        f.attrs.modify("next_candidate", np.int64(next_candidate))
-        _fsync(f)
+        with signals_deferred():  # the three counters move together, or a resume takes rows twice
+            f.attrs.modify("rows", np.int64(start + k))
+            f.attrs.modify("skipped_rows", np.int64(s0 + m))
+            f.attrs.modify("next_candidate", np.int64(next_candidate))
+            _fsync(f)
         log.debug("committed rows=%d skipped=%d next_candidate=%d", start + k, s0 + m, next_candidate)
 
     def finish(self, **attrs) -> None:
