@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -133,3 +135,33 @@ def test_runs_dir_that_is_a_file_is_a_usage_error(tmp_path):
         _add(tmp_path / "runs", val_acc=0.5)
     res = CliRunner().invoke(cli.cli, ["runs", "--runs-dir", str(tmp_path / "runs")])
     assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1 and "must be a folder" in res.output
+
+
+def test_current_command_under_torchrun_is_torchruns_so_the_resume_uses_the_shards(monkeypatch):
+    """Printed 'python cli.py extract ...' under torchrun: one process, a new cache, the shards' rows unused."""
+    from pipeline.runs.ledger import current_command
+
+    monkeypatch.setattr(sys, "argv", ["cli.py", "extract", "-n", "100"])
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert current_command() == "torchrun --nproc_per_node=4 cli.py extract -n 100"
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    assert current_command() == "torchrun --nnodes=2 --nproc_per_node=4 cli.py extract -n 100"
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    assert current_command() == f"{os.path.basename(sys.executable)} cli.py extract -n 100"
+
+
+def test_current_command_names_the_installed_script_itself_not_python_and_its_path(tmp_path, monkeypatch):
+    """'python /venv/bin/transfer-pipeline extract ...' failed where 'python' is not the venv's interpreter."""
+    from pipeline.runs.ledger import current_command
+
+    script = tmp_path / "bin" / "transfer-pipeline"
+    script.parent.mkdir()
+    script.write_text("#!/usr/bin/env python\n")
+    script.chmod(0o755)
+    monkeypatch.setattr(sys, "argv", [str(script), "extract", "--data", "my photos"])
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert current_command() == f"{script} extract --data 'my photos'"
+    monkeypatch.setenv("PATH", str(script.parent))
+    assert current_command() == "transfer-pipeline extract --data 'my photos'"

@@ -57,12 +57,27 @@ def _write_line(path: Path, data: bytes) -> None:
 
 
 def current_command() -> str:
-    """This process's command line, as a user would type it again."""
+    """This process's command line, as a user would type it again: the resume command that Ctrl-C and SIGTERM
+    print, and the ledger's record. Under torchrun, torchrun's (``python cli.py`` there would start one process,
+    whose cache is not the shards'); the installed ``transfer-pipeline`` by its name (``python PATH`` needs
+    the interpreter it was installed for)."""
     import shlex
+    import shutil
     import sys
 
-    python = os.path.basename(sys.executable) if sys.executable else "python"  # the interpreter that ran
-    return " ".join(shlex.quote(a) for a in [python, *sys.argv])
+    script, *args = sys.argv or [""]
+    if os.environ.get("TORCHELASTIC_RUN_ID") and os.environ.get("LOCAL_WORLD_SIZE"):
+        nodes = int(os.environ.get("WORLD_SIZE", "1")) // max(int(os.environ["LOCAL_WORLD_SIZE"]), 1)
+        start = ["torchrun", *([f"--nnodes={nodes}"] if nodes > 1 else []),
+                 f"--nproc_per_node={os.environ['LOCAL_WORLD_SIZE']}", script]
+    elif script and not script.endswith(".py") and os.access(script, os.X_OK) and os.path.isfile(script):
+        name = os.path.basename(script)  # a console script: itself, by name where PATH finds this one
+        found = shutil.which(name)
+        start = [name if found and os.path.samefile(found, script) else script]
+    else:
+        python = os.path.basename(sys.executable) if sys.executable else "python"  # the interpreter that ran
+        start = [python, script]
+    return " ".join(shlex.quote(a) for a in [*start, *args])
 
 
 def append_run(runs_dir: str | os.PathLike, kind: str, *, cache_fingerprint: Optional[str] = None,
