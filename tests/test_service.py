@@ -628,3 +628,17 @@ def test_an_upload_stored_sideways_with_its_orientation_tag_gets_the_upright_pho
     probs = [{t["class"]: t["probability"] for t in r["top"]} for r in rows]
     assert probs[1] == pytest.approx(probs[0], abs=1e-6)
     assert max(abs(probs[2][c] - probs[0][c]) for c in probs[0]) > 1e-4  # a turn does show
+
+
+def test_an_app_mounting_serve_app_keeps_its_own_multipart_logging(head):
+    """serve_app (for mounting in another app) set python-multipart's loggers to ERROR for the whole process."""
+    import logging
+
+    logger = logging.getLogger("python_multipart")
+    old = logger.level
+    logger.setLevel(logging.DEBUG)
+    try:
+        pipeline.serve_app(head, precision="fp32")
+        assert logger.level == logging.DEBUG
+    finally:
+        logger.setLevel(old)

@@ -364,7 +364,6 @@ def build_app(cfg: ServeConfig):
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
 
-    quiet_form_parser()
     svc = Service(cfg)
 
     @contextlib.asynccontextmanager
@@ -501,6 +500,7 @@ def serve(cfg: ServeConfig) -> dict:
     with listening_socket(cfg.host, cfg.port) as sock:
         port = sock.getsockname()[1]
         app = build_app(cfg)
+        quiet_form_parser()  # this process's logging only: an app mounting serve_app keeps its own
         svc = app.state.service
         if not is_loopback(cfg.host):
             log.warning("serving on %s: reachable from other machines, without authentication", cfg.host)
