@@ -11,7 +11,7 @@ hot drop larger than the cold drop on most photos: the table gives that share, t
 the hot blanking changes the predicted class.
 
     python bench/heatmap_deletion.py --data ../shared/data --weights ../shared/weights/vgg16_features_imagenet.pt \\
-        --cache-dir /work/fcache/s34a --reuse /work/fcache/i33 --n 100
+        --cache-dir features --n 100
 
 --n: test photos per proxy (a seeded stratified sample; 0 = all). A cache of the training folder is taken from
 --cache-dir or --reuse when one of the whole folder made with these very weights (sha256) and without pooling is
@@ -155,7 +155,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     p.add_argument("--data", default="../shared/data", type=Path)
     p.add_argument("--weights", default="../shared/weights/vgg16_features_imagenet.pt", type=Path)
-    p.add_argument("--cache-dir", default="/work/fcache/s34a", type=Path)
+    p.add_argument("--cache-dir", default="features", type=Path, help="where extract keeps caches (its default)")
     p.add_argument("--reuse", action="append", default=[], help="more folders to find the training caches in")
     p.add_argument("--proxy", action="append", choices=sorted(PROXIES), help="default: both")
     p.add_argument("--head", default="auto", help="fit-head --head (auto: the default SVM + logreg blend)")

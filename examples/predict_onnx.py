@@ -11,7 +11,7 @@ normalisation. The functions below the line are a verbatim copy of the project's
 pipeline/data/portable.py (a test keeps them so): copy them as they are. Prints one JSON row per photo: path,
 class, probability, and when the model has an unknown score, unknown (the score above the metadata's
 unknown_threshold: none of these classes) and ood_score; a file that cannot be decoded gets class null and
-its reason in error, and the other photos are still classified.
+its reason in error (predict's words), and the other photos are still classified.
 """
 import json
 import sys
@@ -61,7 +61,7 @@ def main(model: str, photos: list) -> None:
             # headers), RuntimeError (AVIF), AttributeError (a SPIDER header, while opening)
             except (OSError, ValueError, NotImplementedError, RuntimeError, AttributeError,
                     Image.DecompressionBombError) as e:
-                rows.append({"path": path, "class": None, "probability": None, "error": f"{type(e).__name__}: {e}"})
+                rows.append({"path": path, "class": None, "probability": None, "error": decode_failure(e)})
         out = dict(zip(names, session.run(names, {"images": np.stack(inputs)}))) if inputs else {}
         good = iter(range(len(inputs)))
         for row in rows:
@@ -222,10 +222,27 @@ EXTERNAL_FORMATS = {"EPS": "Ghostscript"}
 
 
 def refuse_external(im) -> None:
-    """ValueError for an opened image of EXTERNAL_FORMATS, before any of it is decoded."""
+    """``Refused`` (a ValueError) for an opened image of EXTERNAL_FORMATS, before any of it is decoded."""
     if im.format in EXTERNAL_FORMATS:
-        raise ValueError(f"{im.format} is not decoded: it would run {EXTERNAL_FORMATS[im.format]} on the file "
-                         "(convert it to PNG or JPEG)")
+        raise Refused(f"{im.format} is not decoded: it would run {EXTERNAL_FORMATS[im.format]} on the file "
+                      "(convert it to PNG or JPEG)")
+
+
+class Refused(ValueError):
+    """A file this rule will not decode (``refuse_external``): its message is the whole reason."""
+
+
+def decode_failure(e: Exception) -> str:
+    """Why a photo did not decode, in predict's words (``data.folders.decode_stream`` gives these): the
+    example said Pillow's 'UnidentifiedImageError: cannot identify image file ...' where predict said 'not an
+    image (unidentified format)'."""
+    if isinstance(e, Refused):
+        return str(e)
+    if isinstance(e, Image.UnidentifiedImageError):
+        return "not an image (unidentified format)"
+    if isinstance(e, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return f"decompression bomb: {e}"
+    return f"unreadable image: {e}"
 
 
 def preprocess(fp, p, decoding: dict) -> np.ndarray:

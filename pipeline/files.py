@@ -66,6 +66,17 @@ def one_line(text: str) -> str:
     return "".join(out)
 
 
+def first_line(text: str, limit: int) -> str:
+    """The first line of ``text`` (a library's message quoted inside one of ours), at most ``limit``
+    characters: cut at a word with ' ...'. A cut at ``limit`` characters ended the hub's offline message
+    mid-word ('Please check your connection and try aga')."""
+    line = (str(text).strip().splitlines() or [""])[0]
+    if len(line) <= limit:
+        return line
+    space = line.rfind(" ", 0, limit - 3)
+    return (line[:space] if space > 0 else line[:limit - 4]) + " ..."
+
+
 def is_utf8(name: str) -> bool:
     """Whether a name from the file system is valid UTF-8 (HDF5, CSV and JSON output can hold it as is)."""
     try:

@@ -219,3 +219,25 @@ def test_a_weights_download_says_so_on_stderr_not_stdout(monkeypatch, capsys):
         bb.load_backbone("vgg16", "DEFAULT")
     out, err = capsys.readouterr()
     assert out == "" and "Downloading:" in err
+
+
+def test_timm_offline_error_cuts_the_hubs_message_at_a_word_and_keeps_the_advice(monkeypatch):
+    """Offline, the hub's message was cut at 160 characters mid-word ('... try aga'); now at a word, with
+    ' ...', and the tool's own advice follows whole."""
+    import timm.models._hub as hub
+    from huggingface_hub.utils import LocalEntryNotFoundError
+
+    said = ("An error happened while trying to locate the file on the Hub and we cannot find the requested files"
+            " in the local cache. Please check your connection and try again or make sure your Internet connection"
+            " is on.")
+
+    def offline(*a, **k):  # what huggingface_hub raises offline with nothing in its cache
+        raise LocalEntryNotFoundError(said)
+
+    monkeypatch.setattr(hub, "hf_hub_download", offline)
+    with pytest.raises(PipelineError) as e:
+        bb.load_backbone("test_efficientnet", "DEFAULT")
+    msg = str(e.value)
+    reason = msg[msg.index("(LocalEntryNotFoundError: ") + 26:msg.index(" ...); offline?")]
+    assert said.startswith(reason + " ") and len(reason) <= 160, msg
+    assert "--weights PATH to a local state-dict file with its .json sidecar (docs/backbones.md)" in msg

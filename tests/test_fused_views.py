@@ -1,6 +1,7 @@
 """Fused features: one head on several caches of the same photos, and every command that runs it on photos."""
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -125,13 +126,28 @@ def test_caches_of_other_photos_or_classes_are_refused_in_one_line(photos, make_
                                backbone="tiny_wide", cache_dir=str(tmp_path / "two_f")).cache
     with pytest.raises(UsageError, match="have other classes"):
         fit_head(FitHeadConfig(cache=[a, other_classes], runs_dir=str(tmp_path / "runs")))
-    with pytest.raises(UsageError, match="named twice"):
+    with pytest.raises(UsageError, match="^--cache names the cache .* twice: give each cache once$"):
         fit_head(FitHeadConfig(cache=[a, a], runs_dir=str(tmp_path / "runs")))
     with pytest.raises(UsageError, match="--test-cache names one cache"):
         fit_head(FitHeadConfig(cache=[a, fewer], test_cache=a, runs_dir=str(tmp_path / "runs")))
     out = CliRunner().invoke(cli, ["fit-head", "--cache", a, "--cache", fewer, "--runs-dir", str(tmp_path / "runs")])
     assert out.exit_code == 2 and out.output.count("\n") == 1 and "do not hold the same photos" in out.output
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").glob("*/head.pt"))  # nothing written
+
+
+def test_one_cache_given_twice_is_named_once_with_the_option_that_repeated_it(two_caches, tmp_path, monkeypatch):
+    """'the same cache is named twice in X, X' named the cache twice and no option; now --cache, the cache once,
+    and the other spelling when it was one."""
+    a, b = two_caches
+    monkeypatch.chdir(tmp_path)
+    relative = str(Path(a).relative_to(tmp_path))
+    out = CliRunner().invoke(cli, ["fit-head", "--cache", a, "--cache", b, "--cache", relative,
+                                   "--runs-dir", str(tmp_path / "runs")])
+    assert out.exit_code == 2 and out.output.count("\n") == 1, out.output
+    assert out.output == f"Error: --cache names the cache {a} twice (the second time as {relative}): give each " \
+        "cache once\n"
+    with pytest.raises(UsageError, match=f"^the cache {a} is named twice among the caches to fuse$"):
+        FusedRows([a, b, relative])
 
 
 def test_a_fused_head_loads_each_backbones_recorded_weights_and_refuses_finetuning(two_caches, tmp_path):

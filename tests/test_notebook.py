@@ -5,6 +5,7 @@ import importlib.util
 import json
 import re
 import time
+from pathlib import Path
 
 import pytest
 
@@ -23,6 +24,8 @@ def test_the_notebook_is_stored_without_outputs():
     for step in ("check_image_folder", "preview", "extract_features", "Head(", "compare_sklearn", "feature_map",
                  "plot_curves", "evaluate_model", ".predict(", ".save(", "Head.load"):
         assert step in text, step
+    # every run made a transfer-notebook-runs-* folder in /tmp and left it there: the last cell removes it
+    assert "shutil.rmtree(RUNS)" in "".join(code[-1]["source"])
 
 
 @pytest.mark.slow
@@ -53,4 +56,6 @@ def test_the_notebook_runs_clean(shared_available, scratch_project, monkeypatch)
     assert float(re.search(r"val acc (\S+),", text).group(1)) >= 0.95
     assert float(re.search(r"accuracy (\S+) on 400 test photos", text).group(1)) >= 0.93
     assert "cat.650.jpg: Cat" in text and "dog.650.jpg: Dog" in text
+    runs = Path(re.search(r"runs go to (.+)", text).group(1))
+    assert runs.name.startswith("transfer-notebook-runs-") and not runs.exists()  # the last cell removed it
     print(f"{NOTEBOOK.name} ran in {seconds:.0f} s")

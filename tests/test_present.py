@@ -47,6 +47,12 @@ def test_train_text_and_its_trust_lines():
         "temperature 0.886 (fitted on 2 rows: val)",
         "unknown above score 0.9199 (keeps 19 of 20 held-out photos (95%; asked 95%); 18 training rows kept, 0.0 MB)",
         "checkpoint: runs/x/model.pt"]
+    # today's record names the rows it counted (the log line says the same); an older one gave the total alone
+    assert present.trust_lines({**TRUST, "val_known_kept": 0.5})[1] == (
+        "unknown above score 0.9199 (keeps 19 of 20 held-out photos (95%; asked 95%): 1 of 2 validation rows, "
+        "18 of 18 training rows scored against the others; 18 training rows kept, 0.0 MB)")
+    assert present.kept_text({**TRUST, "held_out_rows": 18, "val_known_kept": None}).endswith(
+        "(95%; asked 95%): 17 of 18 training rows scored against the others")
 
 
 def test_export_text_passed_and_refused():

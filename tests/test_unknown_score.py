@@ -153,3 +153,24 @@ def test_a_photo_that_is_a_kept_row_is_at_distance_zero_never_below():
     x = pooled_rows(torch.randn(200, 64, generator=torch.Generator().manual_seed(0)))
     d = knn_distance(x, x, k=1)
     assert d.min().item() == 0.0 and d.max().item() < 1e-6
+
+
+def test_the_log_line_and_the_result_say_the_same_share_kept_of_named_rows(tmp_path, colours, caplog):
+    """The log said 'keeps 100.0% of 20 val rows' and the result 'keeps 76 of 80 held-out photos (95%)':
+    two figures of different rows (the validation rows alone; those and the training rows against the
+    others), neither named. Both now give the one count and name its parts."""
+    import logging
+
+    from pipeline.reports.present import trust_lines
+
+    with caplog.at_level(logging.INFO, logger="pipeline.heads.trust"):
+        r = fit_head(FitHeadConfig(cache=colours["cache"], head="logreg", known_share=0.9, val_fraction=0.25,
+                                   runs_dir=str(tmp_path / "runs")))
+    t = r.trust
+    kept, val_kept = round(t["known_kept"] * t["held_out_rows"]), round(t["val_known_kept"] * r.val_rows)
+    said = (f"keeps {kept} of {r.val_rows + r.train_rows} held-out photos ({t['known_kept']:.0%}; asked 90%): "
+            f"{val_kept} of {r.val_rows} validation rows, {kept - val_kept} of {r.train_rows} training rows "
+            "scored against the others")
+    logged = [m for m in caplog.messages if m.startswith("unknown score:")]
+    assert len(logged) == 1 and said in logged[0], logged
+    assert said in trust_lines(t)[1]

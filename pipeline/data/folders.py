@@ -18,7 +18,8 @@ import numpy as np
 
 from ..errors import UsageError
 from ..files import is_utf8, one_line, shown
-from .portable import bit_depth, jpeg_draft, orientation, refuse_external, to_rgb, upright  # noqa: F401 (the decoding rule; bit_depth for callers)
+from .portable import (  # noqa: F401 (the decoding rule; bit_depth for callers)
+    bit_depth, decode_failure, jpeg_draft, orientation, refuse_external, to_rgb, upright)
 
 log = logging.getLogger(__name__)
 #: File name endings treated as images when listing a folder (case-insensitive): torchvision ImageFolder's
@@ -428,7 +429,7 @@ def open_image(fp):
     try:
         return Image.open(fp)
     except AttributeError as e:
-        raise ImageLoadError(f"unreadable image: {e}", "unreadable") from None
+        raise ImageLoadError(decode_failure(e), "unreadable") from None
 
 
 def decode_stream(fp, min_short_side: int | None = None, max_pixels: int = MAX_IMAGE_PIXELS,
@@ -456,13 +457,13 @@ def decode_stream(fp, min_short_side: int | None = None, max_pixels: int = MAX_I
     except ImageLoadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageLoadError(f"decompression bomb: {e}", "decompression-bomb") from None
-    except Image.UnidentifiedImageError:
-        raise ImageLoadError("not an image (unidentified format)", "not-an-image") from None
+        raise ImageLoadError(decode_failure(e), "decompression-bomb") from None
+    except Image.UnidentifiedImageError as e:
+        raise ImageLoadError(decode_failure(e), "not-an-image") from None
     except (OSError, SyntaxError, ValueError, NotImplementedError, RuntimeError) as e:  # truncated or corrupt data
         # (Pillow's DDS and BLP readers raise NotImplementedError on a header they cannot read, AVIF's RuntimeError)
         kind = "truncated" if "truncated" in str(e) else "unreadable"
-        raise ImageLoadError(f"unreadable image: {e}", kind) from None
+        raise ImageLoadError(decode_failure(e), kind) from None
 
 
 def jpeg_bytes(path: str | os.PathLike):

@@ -172,10 +172,27 @@ EXTERNAL_FORMATS = {"EPS": "Ghostscript"}
 
 
 def refuse_external(im) -> None:
-    """ValueError for an opened image of EXTERNAL_FORMATS, before any of it is decoded."""
+    """``Refused`` (a ValueError) for an opened image of EXTERNAL_FORMATS, before any of it is decoded."""
     if im.format in EXTERNAL_FORMATS:
-        raise ValueError(f"{im.format} is not decoded: it would run {EXTERNAL_FORMATS[im.format]} on the file "
-                         "(convert it to PNG or JPEG)")
+        raise Refused(f"{im.format} is not decoded: it would run {EXTERNAL_FORMATS[im.format]} on the file "
+                      "(convert it to PNG or JPEG)")
+
+
+class Refused(ValueError):
+    """A file this rule will not decode (``refuse_external``): its message is the whole reason."""
+
+
+def decode_failure(e: Exception) -> str:
+    """Why a photo did not decode, in predict's words (``data.folders.decode_stream`` gives these): the
+    example said Pillow's 'UnidentifiedImageError: cannot identify image file ...' where predict said 'not an
+    image (unidentified format)'."""
+    if isinstance(e, Refused):
+        return str(e)
+    if isinstance(e, Image.UnidentifiedImageError):
+        return "not an image (unidentified format)"
+    if isinstance(e, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return f"decompression bomb: {e}"
+    return f"unreadable image: {e}"
 
 
 def preprocess(fp, p, decoding: dict) -> np.ndarray:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
 from ..errors import PipelineError, UsageError
+from ..files import first_line
 from . import libraries
 from .libraries import split_at_maxpool  # noqa: F401 -- tests' tiny backbones split this way
 
@@ -106,7 +107,7 @@ def _torchvision_spec(name: str, bare: str) -> BackboneSpec:
             raise ValueError(f"its feature part gives a {out.dim()}-d output, not a map")
     except Exception as e:  # noqa: BLE001 -- a model whose forward is not a chain of its children
         raise UsageError(f"torchvision's {bare} is not a chain of layers this tool can cut before its pooling "
-                         f"({type(e).__name__}: {str(e).strip().splitlines()[0][:120] if str(e).strip() else ''}); "
+                         f"({type(e).__name__}: {first_line(e, 120)}); "
                          f"use timm's version of it (--backbone timm:NAME, docs/backbones.md)") from None
     return BackboneSpec(name=name, build=build, features=libraries.torchvision_trunk, torchvision_name=bare,
                         pool=libraries.torchvision_pool(model), blocks=libraries.torchvision_blocks,
@@ -350,11 +351,10 @@ def _timm_pretrained(spec: BackboneSpec, weights: str):
     except (UsageError, PipelineError):
         raise
     except Exception as e:  # noqa: BLE001 -- the hub's offline, HTTP and cache errors have no common class
-        reason = (str(e).strip().splitlines() or [""])[0][:160]
         raise PipelineError(
-            f"cannot download timm's {weights_id[5:]} ({type(e).__name__}: {reason}); offline? fetch it once where "
-            f"there is a network (it is kept in {libraries.timm_cache_dir()}, HF_HOME) or pass --weights PATH to a "
-            "local state-dict file with its .json sidecar (docs/backbones.md)"
+            f"cannot download timm's {weights_id[5:]} ({type(e).__name__}: {first_line(e, 160)}); offline? fetch it "
+            f"once where there is a network (it is kept in {libraries.timm_cache_dir()}, HF_HOME) or pass --weights "
+            "PATH to a local state-dict file with its .json sidecar (docs/backbones.md)"
         ) from None
 
 

@@ -9,6 +9,7 @@ What other stages use:
     feature_views                   the views (flat, avg, max, avgmax) and normalisations
     checkpoints.write_checkpoint, read_checkpoint   the one writer and reader of every checkpoint kind
     trust.fit_trust                 the temperature and the unknown score, fitted once for every kind of model
+    trust_text.kept_text            what the unknown threshold keeps, as the log and the results say it
     epoch_loop                      the split, the epoch loop and option checks that train/finetune share
 """
 

@@ -30,13 +30,29 @@ FUSED_VERSION = 1
 
 def fused_paths(cache) -> list[str]:
     """The caches a fit-head ``cache`` option names when it names several (a list or tuple of two or
-    more), else [] (one cache, or None: the newest)."""
+    more), else [] (one cache, or None: the newest); one cache named twice is refused here, naming the option."""
     if isinstance(cache, (list, tuple)):
         paths = [str(p) for p in cache]
         if len(paths) == 1:
             return []
+        first, again = _named_twice(paths)
+        if again is not None:
+            raise UsageError(f"--cache names the cache {first} twice"
+                             f"{'' if again == first else f' (the second time as {again})'}: give each cache once")
         return paths
     return []
+
+
+def _named_twice(paths: Sequence) -> tuple:
+    """(the first spelling, the second) of the first file named twice in ``paths``, or (None, None); the same
+    file is named twice as 'features/a.h5' and its absolute path too."""
+    seen = {}
+    for p in map(str, paths):
+        key = Path(p).resolve()
+        if key in seen:
+            return seen[key], p
+        seen[key] = p
+    return None, None
 
 
 def single_cache(cache) -> Optional[str]:
@@ -125,8 +141,9 @@ class FusedRows(FeatureArray):
         paths = [Path(p) for p in paths]
         if len(paths) < 2:
             raise UsageError("fused features need at least two caches")
-        if len({p.resolve() for p in paths}) < len(paths):
-            raise UsageError(f"the same cache is named twice in {', '.join(map(str, paths))}")
+        first, again = _named_twice(paths)
+        if again is not None:  # fit-head's --cache is refused by fused_paths, naming the option
+            raise UsageError(f"the cache {first} is named twice among the caches to fuse")
         self.view, self.parts = view, []
         try:
             for p in paths:

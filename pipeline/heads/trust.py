@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .calibration import calibration_metrics, fit_temperature, with_temperature
+from .trust_text import kept_text
 from .unknown_score import fit_unknown, kept_indices, unknown_summary
 
 log = logging.getLogger(__name__)
@@ -57,9 +58,8 @@ def _set_unknown(cfg, head, train_rows: np.ndarray, held_out: np.ndarray) -> dic
     head.set_unknown(torch.from_numpy(fit.known), k, fit.threshold)
     head.to(head.linear.weight.device)
     val_kept = float((fit.val_scores <= fit.threshold).mean()) if len(fit.val_scores) else None
+    summary = {**unknown_summary(fit, k, cfg.known_share), "val_known_kept": val_kept}
     log.info("unknown score: %d training rows kept (%.1f MB), k = %d%s, threshold %.4f (%s)", len(fit.known),
              fit.known.nbytes / 1e6, k, "" if k == cfg.unknown_k else f" (--unknown-k {cfg.unknown_k}: at most the "
-             "kept rows less one)", fit.threshold,
-             f"keeps {100 * val_kept:.1f}% of {len(fit.val_scores)} val rows" if len(fit.val_scores) else
-             "from each kept row against the others")
-    return {**unknown_summary(fit, k, cfg.known_share), "val_known_kept": val_kept}
+             "kept rows less one)", fit.threshold, kept_text(summary))
+    return summary

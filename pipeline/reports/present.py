@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Optional
 
 from ..data.check_images import KINDS
 from ..files import one_line
+from ..heads.trust_text import kept_text
 from ..runs.ledger import ledger_path
 
 if TYPE_CHECKING:
@@ -45,16 +46,6 @@ def trust_lines(trust: dict) -> list[str]:
         lines.append(f"unknown above score {trust['unknown_threshold']:.4f} ({kept_text(trust)}; "
                      f"{plural(trust['known_rows'], 'training row')} kept, {trust['known_rows_bytes'] / 1e6:.1f} MB)")
     return lines
-
-
-def kept_text(trust: dict) -> str:
-    """What the threshold kept, measured ('keeps 2 of 2 held-out photos (100 %; asked 95 %)'), or, for a
-    record made before that was measured, the share asked for."""
-    if "known_kept" not in trust:
-        return f"set to keep {trust['known_share']:.0%} of held-out photos"
-    n = trust["held_out_rows"]
-    return (f"keeps {round(trust['known_kept'] * n)} of {n} held-out photos ({trust['known_kept']:.0%}; "
-            f"asked {trust['known_share']:.0%})")
 
 
 def fit_head_text(r: FitHeadResult) -> str:
