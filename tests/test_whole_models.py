@@ -189,3 +189,18 @@ def test_a_head_runs_only_on_the_weights_and_preprocessing_it_was_fitted_with(tm
     result = CliRunner().invoke(cli.cli, ["predict", "--model", str(random_head), "--weights", str(weights),
                                           str(image_folder)])
     assert result.exit_code == 2 and "fitted on other features" in result.output
+
+
+def test_a_head_that_does_not_load_is_one_line_even_when_its_error_says_nothing_or_too_much(monkeypatch):
+    """An empty message raised IndexError (splitlines()[0]); a long one was cut mid-word at 200 characters."""
+    from pipeline.errors import UsageError
+    from pipeline.models import whole_models
+
+    for message, ends in (("", "its head does not load ()"), ("word " * 60, "word word ...)")):
+        def refuse(*args, message=message):
+            raise ValueError(message)
+
+        monkeypatch.setattr(whole_models.ProbeHead, "from_checkpoint", refuse)
+        with pytest.raises(UsageError) as e:
+            whole_models.head_from_checkpoint({"head": {}}, {}, "m.pt")
+        assert str(e.value).endswith(ends) and "\n" not in str(e.value)

@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 import torch._inductor.config as inductor_config
 
+from ..files import first_line
 from ..progress import still_running
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ class CompiledNet:
         except Exception as e:  # noqa: BLE001 -- whatever fails while compiling, the eager module still works
             self.failed = True
             log.warning("torch.compile failed (%s: %s); running the network eagerly", type(e).__name__,
-                        str(e).strip().splitlines()[0][:200] if str(e).strip() else "")
+                        first_line(e, 200))
             return self.eager(x)
         self.compile_seconds = time.perf_counter() - started
         self.cache = "warm" if warm else "cold"

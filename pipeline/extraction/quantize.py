@@ -29,6 +29,7 @@ from typing import Optional
 
 from ..cache.provenance import package_version
 from ..errors import PipelineError, UsageError
+from ..files import first_line
 
 log = logging.getLogger(__name__)
 
@@ -154,8 +155,7 @@ def _one_line_errors():
     try:
         yield
     except Exception as e:  # noqa: BLE001 -- export, the quantiser and the lowering raise many kinds
-        first_line = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-        raise PipelineError(f"int8 quantisation of the backbone failed ({type(e).__name__}: {first_line}); "
+        raise PipelineError(f"int8 quantisation of the backbone failed ({type(e).__name__}: {first_line(e, 300)}); "
                             "use --precision bf16 or fp32") from e
 
 

@@ -28,6 +28,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..cache.provenance import Preprocessing, Provenance, older_decoding
 from ..config import POOLS
 from ..errors import PipelineError, UsageError
+from ..files import first_line
 from ..extraction import backbones as bb
 from ..extraction.inference import mirror_mean
 from ..heads.checkpoints import read_checkpoint, write_checkpoint
@@ -380,7 +381,7 @@ def head_from_checkpoint(ckpt: dict, state: dict, path):
     try:
         return ProbeHead.from_checkpoint(ckpt["head"], state)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise UsageError(f"{str(path)!r}: its head does not load ({str(e).strip().splitlines()[0][:200]})") from None
+        raise UsageError(f"{str(path)!r}: its head does not load ({first_line(e, 200)})") from None
 
 
 def _head_backbone(ckpt: dict, path, weights: Optional[str], trainable: bool = False, **hint):
