@@ -289,11 +289,10 @@ def extract(as_json, **options):
         with unwinding_on_signals():  # SIGTERM or SIGHUP: what is kept is said, as on Ctrl-C
             result = api.extract_features(options.pop("data"), verbose=None, command=current_command(),
                                           **options).result
-    except KeyboardInterrupt as e:
+    except (KeyboardInterrupt, Terminated) as e:  # what is kept, and the command that goes on
         click.echo(present.extract_interrupted(current_command(), e), err=True)
-        sys.exit(130)
-    except Terminated as e:
-        click.echo(present.extract_interrupted(current_command(), e), err=True)
+        if isinstance(e, KeyboardInterrupt):
+            sys.exit(130)
         leave_terminated(e)
     for line in present.extract_notes(result):
         note(line)

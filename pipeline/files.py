@@ -299,6 +299,25 @@ def _children_may_end(replaced: dict) -> None:
         replaced[child] = signal.signal(child, _ignore_child)
 
 
+def _handled_by(handler, names, replaces) -> dict:
+    """``handler`` for each signal of ``names`` whose handler now passes ``replaces``; the handlers replaced, by
+    signal. Main thread only (Python's rule for handlers): elsewhere nothing is replaced."""
+    import threading
+
+    saved = {}
+    if threading.current_thread() is threading.main_thread():
+        for name in names:
+            sig = getattr(signal, name, None)
+            if sig is not None and replaces(signal.getsignal(sig)):
+                saved[sig] = signal.signal(sig, handler)
+    return saved
+
+
+def _put_back(saved: dict) -> None:
+    for sig, old in saved.items():
+        signal.signal(sig, old)
+
+
 @contextlib.contextmanager
 def unwinding_on_signals():
     """While inside, SIGTERM and SIGHUP raise Terminated instead of killing the process at once, so the
@@ -306,19 +325,13 @@ def unwinding_on_signals():
     action (a handler someone installed is left alone) and only in the main thread (Python's rule). The
     SIGCHLD handler quieted for the unwinding is put back however it ends: left quiet, a notebook or a test
     session lost torch's report of a killed decoding worker for good."""
-    import threading
-
-    saved, replaced = {}, {}
-    if threading.current_thread() is threading.main_thread():
-        for name in _ENDING_SIGNALS:
-            sig = getattr(signal, name, None)
-            if sig is not None and signal.getsignal(sig) == signal.SIG_DFL:
-                saved[sig] = signal.signal(sig, _terminated_in(os.getpid(), replaced))
+    replaced = {}
+    saved = _handled_by(_terminated_in(os.getpid(), replaced), _ENDING_SIGNALS,
+                        lambda old: old == signal.SIG_DFL)
     try:
         yield
     finally:
-        for sig, old in saved.items():
-            signal.signal(sig, old)
+        _put_back(saved)
         for sig, old in replaced.items():  # SIGCHLD, unless someone installed another since
             if signal.getsignal(sig) is _ignore_child:
                 signal.signal(sig, old)
@@ -330,19 +343,13 @@ def signals_deferred():
     that was there. For a commit made of several steps (a cache's three counters): unwound between two of
     them, a resumed extraction took rows twice and missed others. Main thread only (Python's rule for
     handlers; elsewhere the block runs as it is)."""
-    import threading
-
-    caught, saved = [], {}
-    if threading.current_thread() is threading.main_thread():
-        for name in ("SIGINT", *_ENDING_SIGNALS):
-            sig = getattr(signal, name, None)
-            if sig is not None and signal.getsignal(sig) not in (None, signal.SIG_IGN):
-                saved[sig] = signal.signal(sig, lambda signum, frame: caught.append(signum))
+    caught = []
+    saved = _handled_by(lambda signum, frame: caught.append(signum), ("SIGINT", *_ENDING_SIGNALS),
+                        lambda old: old not in (None, signal.SIG_IGN))
     try:
         yield
     finally:
-        for sig, old in saved.items():
-            signal.signal(sig, old)
+        _put_back(saved)
         if caught:
             signal.raise_signal(caught[0])  # now, to the handler restored
 
