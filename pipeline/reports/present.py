@@ -222,8 +222,9 @@ def evaluate_text(result: EvaluateResult) -> str:
               f"{b['log_loss']:.4f} -> {a['log_loss']:.4f}, Brier {b['brier']:.4f} -> {a['brier']:.4f}",
               *_unknown_line(result),
               f"reliability diagram: {result.reliability_png}",
-              f"confusion matrix: {result.confusion_png}",
-              f"most confidently wrong ({len(result.wrong)} of {result.errors}): {result.gallery_png}"]
+              f"confusion matrix: {result.confusion_png}"]
+    if result.gallery_png:  # none written where no image is misclassified
+        lines.append(f"most confidently wrong ({len(result.wrong)} of {result.errors}): {result.gallery_png}")
     return "\n".join(lines)
 
 
