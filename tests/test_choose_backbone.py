@@ -238,3 +238,30 @@ def test_a_candidate_whose_rows_all_came_from_an_earlier_cache_keeps_that_caches
     (path,) = tiny.caches
     assert path != whole.cache and json.loads(read_info(path).attrs["reuse"])["computed"] == 0
     assert tiny.img_per_s == pytest.approx(rate["img_per_s"])
+
+
+def test_candidates_whose_caches_are_there_need_no_weights_loaded(tmp_path, monkeypatch):
+    """Offline, with every candidate's cache there (extract of each is a hit): choose-backbone was refused
+    'cannot download ResNet18_Weights...': it checked that torchvision weights load before extracting, hits too.
+    A cache's key already names its weights (a file's sha256, a library's weights name)."""
+    import torch
+    import torchvision
+
+    from pipeline.errors import PipelineError
+    from pipeline.extraction import backbones as bb
+
+    data = make_image_folder(tmp_path / "data", per_class=10)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))  # nothing downloaded, ever
+    monkeypatch.setattr(bb, "_download_state_dict", lambda w: torchvision.models.resnet18().state_dict())
+    args = ["choose-backbone", "--data", str(data), "--cache-dir", str(tmp_path / "f"), "--workers", "0",
+            "--folds", "3", "--repeats", "1", "--backbone", "tiny=none", "--backbone", "resnet18"]
+    first = CliRunner().invoke(cli, args)
+    assert first.exit_code == 0, first.output
+
+    def offline(w):
+        raise PipelineError(f"cannot download {w} (URLError: offline)")
+
+    monkeypatch.setattr(bb, "_download_state_dict", offline)
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code == 0, again.output
+    assert "read from its cache" in again.stderr and "extracting" not in again.stderr
