@@ -488,7 +488,7 @@ def evaluate_model(model: Union[Head, Model, PathLike], cache: Union[Cache, Path
     On ``cache`` (a head only; by default the cache it was fitted on; ``split='auto'`` its validation
     rows there and every row of another cache, 'val' or 'all'), or on the image folder ``data`` (any
     model). ``options``: EvaluateConfig's (split, top_k, weights, batch_size, device, precision, workers,
-    runs_dir). Writes confusion.png, gallery.png
+    runs_dir). Writes confusion.png, gallery.png (where an image is misclassified), reliability.png
     and metrics.json to a run folder. Returns an ``EvaluateResult`` (``accuracy``, ``per_class``, ...;
     ``to_dict()``: metrics.json's keys); with ``figures`` its ``figures`` are
     ``{'confusion': Figure, 'gallery': Figure, 'reliability': Figure}``. It also holds

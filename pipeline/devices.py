@@ -7,7 +7,7 @@ import os
 from typing import Callable, Optional
 
 from .config import DEVICES, PRECISIONS
-from .errors import UsageError
+from .errors import DeviceMissing, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,8 @@ def resolve_workers(workers: int, share: int = 1) -> int:
 
 
 def resolve_device(device: str = "auto"):
-    """'auto' -> CUDA when available, else CPU. 'cuda:1' style names are accepted too."""
+    """'auto' -> CUDA when available, else CPU. 'cuda:1' style names are accepted too. A name that is no device
+    is a UsageError (exit 2); a device this machine lacks is ``DeviceMissing`` (exit 1, the environment's)."""
     import torch
 
     if device == "auto":
@@ -47,13 +48,13 @@ def resolve_device(device: str = "auto"):
     if device.split(":")[0] not in ("cpu", "cuda"):
         raise UsageError(f"unknown device {device!r}; allowed: {', '.join(DEVICES)} (or cuda:N)")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"device {device!r} asked for, but CUDA is not available here; use --device cpu")
+        raise DeviceMissing(f"device {device!r} asked for, but CUDA is not available here; use --device cpu")
     try:
         dev = torch.device(device)
     except RuntimeError:
         raise UsageError(f"unknown device {device!r}; allowed: {', '.join(DEVICES)} (or cuda:N)") from None
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise UsageError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        raise DeviceMissing(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return dev
 
 

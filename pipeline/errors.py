@@ -14,5 +14,10 @@ class PipelineError(RuntimeError):
     """A failure that is not the user's input: say what happened and how to get past it."""
 
 
+class DeviceMissing(PipelineError):
+    """A --device this machine lacks (cuda where CUDA is not available, cuda:7 with one GPU): a valid value the
+    same command runs with elsewhere, so the environment's (exit 1), as weights that cannot be downloaded."""
+
+
 class DiskFull(PipelineError):
     """A write that the disk could not take (full, read-only, not permitted): exit 1, naming the path."""

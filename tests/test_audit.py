@@ -305,3 +305,24 @@ def test_a_copy_of_the_folder_is_audited_and_named_as_itself(tmp_path):
     assert second.data_root == str(copy.resolve())
     assert f"--data {copy.resolve()} --apply" in audit_text(second)
     assert str(copy.resolve()) in (Path(second.output) / "report.html").read_text()
+
+
+def test_a_refresh_whose_cache_was_made_on_a_device_this_machine_lacks_only_warns(tmp_path, monkeypatch, caplog):
+    """After an --apply the folder is extracted again as its cache was made; a cache made with --device cuda, on a
+    machine without CUDA: the moves are done, so a warning (as for any request that cannot be repeated), not a
+    failure once the missing device became the environment's error (exit 1) rather than a usage error."""
+    import h5py
+    import torch
+
+    from pipeline.extraction.extract import ExtractConfig, extract
+    from pipeline.reports.audit import AuditConfig, refresh
+
+    data = photos(tmp_path / "data", per_class=4)
+    made = extract(ExtractConfig(data=str(data), n=0, backbone="tiny", weights="none", workers=0, device="cpu",
+                                 cache_dir=str(tmp_path / "features"))).cache
+    with h5py.File(made, "r+") as f:  # as made on a GPU machine
+        f.attrs["config"] = f.attrs["config"].replace('"device": "cpu"', '"device": "cuda"')
+    shutil.move(data / "red" / "red.0.jpg", data / "blue" / "red.0.jpg")  # what an --apply does
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert refresh(AuditConfig(data=str(data), cache_dir=str(tmp_path / "features")), str(data)) is None
+    assert "could not extract" in caplog.text and "CUDA is not available" in caplog.text

@@ -195,9 +195,6 @@ def test_one_backbone_with_two_weights_is_two_candidates_told_apart(tmp_path):
     (["--backbone", "vgg16", "--backbone", "torchvision:vgg16=VGG16_Weights.DEFAULT"], "named twice"),
     (["--backbone", "tiny=none", "--folds", "11"], "at least 11 photos of every class"),
     (["--backbone", "=none"], "expected NAME or NAME=WEIGHTS"),
-    # on a machine without CUDA: refused before anything is extracted (with every cache a hit, after them)
-    pytest.param(["--backbone", "tiny=none", "--device", "cuda:7"], "cuda:7",
-                 marks=pytest.mark.skipif(__import__("torch").cuda.device_count() > 7, reason="8 GPUs here")),
     # 5 of 10 photos a class in each training part: the default head's own 5-fold CV fits; --n 12 leaves 3
     # (it failed after extracting, naming fit-head's '--head auto', an option choose-backbone has not)
     (["--backbone", "tiny=none", "--n", "12", "--folds", "2"], "every class needs at least 10 photos"),
@@ -207,6 +204,16 @@ def test_usage_errors_are_one_line(tmp_path, args, message):
     out = CliRunner().invoke(cli, ["choose-backbone", "--data", str(data), "--cache-dir", str(tmp_path / "f"),
                                    "--workers", "0", *args])
     assert out.exit_code == 2 and message in out.output and out.output.count("\n") == 1, out.output
+
+
+@pytest.mark.skipif(__import__("torch").cuda.device_count() > 7, reason="8 GPUs here")
+def test_a_device_this_machine_lacks_is_refused_before_anything_is_extracted(tmp_path):
+    """With every cache a hit, it was found only after them; the environment's, so exit 1 (it was 2)."""
+    data = make_image_folder(tmp_path / "data", per_class=10)
+    out = CliRunner().invoke(cli, ["choose-backbone", "--data", str(data), "--cache-dir", str(tmp_path / "f"),
+                                   "--workers", "0", "--backbone", "tiny=none", "--device", "cuda:7"])
+    assert out.exit_code == 1 and "cuda:7" in out.output and out.output.count("\n") == 1, out.output
+    assert not (tmp_path / "f").exists()
 
 
 def test_cross_validation_shows_one_bar_over_the_folds_not_each_folds_own(tmp_path, monkeypatch, capsys):
@@ -238,3 +245,30 @@ def test_a_candidate_whose_rows_all_came_from_an_earlier_cache_keeps_that_caches
     (path,) = tiny.caches
     assert path != whole.cache and json.loads(read_info(path).attrs["reuse"])["computed"] == 0
     assert tiny.img_per_s == pytest.approx(rate["img_per_s"])
+
+
+def test_candidates_whose_caches_are_there_need_no_weights_loaded(tmp_path, monkeypatch):
+    """Offline, with every candidate's cache there (extract of each is a hit): choose-backbone was refused
+    'cannot download ResNet18_Weights...': it checked that torchvision weights load before extracting, hits too.
+    A cache's key already names its weights (a file's sha256, a library's weights name)."""
+    import torch
+    import torchvision
+
+    from pipeline.errors import PipelineError
+    from pipeline.extraction import backbones as bb
+
+    data = make_image_folder(tmp_path / "data", per_class=10)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))  # nothing downloaded, ever
+    monkeypatch.setattr(bb, "_download_state_dict", lambda w: torchvision.models.resnet18().state_dict())
+    args = ["choose-backbone", "--data", str(data), "--cache-dir", str(tmp_path / "f"), "--workers", "0",
+            "--folds", "3", "--repeats", "1", "--backbone", "tiny=none", "--backbone", "resnet18"]
+    first = CliRunner().invoke(cli, args)
+    assert first.exit_code == 0, first.output
+
+    def offline(w):
+        raise PipelineError(f"cannot download {w} (URLError: offline)")
+
+    monkeypatch.setattr(bb, "_download_state_dict", offline)
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code == 0, again.output
+    assert "read from its cache" in again.stderr and "extracting" not in again.stderr

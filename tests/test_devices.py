@@ -112,3 +112,29 @@ def test_workers_are_capped_at_the_cores_with_a_warning(monkeypatch, caplog, aff
     caplog.clear()
     assert (resolve_workers(2), resolve_workers(0), resolve_workers(-1)) == (2, 0, 3)
     assert resolve_workers(1000, share=3) == 1 and "each of 3 processes" in caplog.text
+
+
+def test_a_device_this_machine_lacks_is_the_environments_error_and_a_name_that_is_none_a_usage_error(monkeypatch,
+                                                                                                     tiny_cache):
+    """--device cuda on a machine without CUDA exited 2, as a typo does; a valid value this machine lacks is the
+    environment's (exit 1), as weights that cannot be downloaded are: the same command runs on a GPU machine."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+    from pipeline.errors import DeviceMissing
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for name in ("cuda", "cuda:1"):
+        with pytest.raises(DeviceMissing, match="CUDA is not available here") as e:
+            dev.resolve_device(name)
+        assert isinstance(e.value, PipelineError) and not isinstance(e.value, ValueError)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(DeviceMissing, match="this machine has 1 CUDA device"):
+        dev.resolve_device("cuda:7")
+    with pytest.raises(ValueError, match="unknown device 'gpu'"):
+        dev.resolve_device("gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    run = CliRunner().invoke(cli, ["fit-head", "--cache", str(tiny_cache), "--device", "cuda"])
+    assert run.exit_code == 1 and run.output == "Error: device 'cuda' asked for, but CUDA is not available here; use " \
+        "--device cpu\n", run.output

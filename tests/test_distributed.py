@@ -159,3 +159,17 @@ def test_killed_rank_resumes_and_a_lost_shard_is_refused_then_redone(tmp_path):
     redo = result_of(torchrun(tmp_path, data, tmp_path / "sharded", 30))
     assert redo["computed"] == lost_rows and redo["cache"] == res["cache"]
     assert_same_rows(one, redo["cache"], exact=False)
+
+
+def test_a_short_run_without_n_says_files_and_counts_the_dangling_link_as_one_process_does(tmp_path):
+    """torchrun -n 0 said 'only 12 good images of the 14 asked for (2 skipped)' where one process says 'of the 15
+    files (3 skipped)': nothing was asked for, and the dangling link was neither counted nor kept as skipped."""
+    data = make_image_folder(tmp_path / "data", per_class=6)
+    for i in range(2):
+        (data / "red" / f"bad{i}.jpg").write_bytes(b"not a jpeg")
+    (data / "blue" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    one = single(data, tmp_path / "single", 0)
+    ran = torchrun(tmp_path, data, tmp_path / "sharded", 0)
+    assert result_of(ran)["skipped"] == 3
+    assert "only 12 good images of the 15 files (3 skipped)" in ran.stderr and "asked for" not in ran.stderr
+    assert_same_rows(one, result_of(ran)["cache"], exact=False)  # the same rows, skipped ones included

@@ -92,7 +92,9 @@ def test_default_is_the_checkpoints_own_val_split(tmp_path, head_run):
     assert r.calibration["before"]["log_loss"] == pytest.approx(head_run.val_loss, rel=1e-5)
     assert r.loss == r.calibration["after"]["log_loss"] and r.calibration["temperature"] != 1.0
     assert np.sum(r.confusion_matrix) == 6
-    assert Path(r.confusion_png).is_file() and Path(r.gallery_png).is_file()
+    assert Path(r.confusion_png).is_file() and Path(r.reliability_png).is_file()
+    # every row right: no gallery.png (it was a picture of 'no misclassified images'), and none named
+    assert r.errors == 0 and r.gallery_png is None and not Path(r.run_dir, "gallery.png").exists()
     saved = json.loads(Path(r.run_dir, "metrics.json").read_text())
     assert isinstance(r, EvaluateResult) and saved["accuracy"] == r.accuracy
     assert list(r.to_dict()) == list(saved)  # --json's keys are metrics.json's, in its order
@@ -201,9 +203,11 @@ def test_cli_json_and_ledger(tmp_path, head_run):
     entry = read_runs(runs)[0]
     assert entry["kind"] == "evaluate" and entry["metrics"]["accuracy"] == r["accuracy"]
     assert entry["backbone"] == "tiny"
-    assert entry["outputs"] == [r["confusion_png"], r["gallery_png"], r["reliability_png"]]
+    assert r["errors"] == 0 and "gallery_png" not in r  # no image wrong: no gallery.png written, none named
+    assert entry["outputs"] == [r["confusion_png"], r["reliability_png"]]
     text = CliRunner().invoke(cli.cli, ["evaluate", "--model", head_run.checkpoint, "--runs-dir", str(runs)])
     assert "precision" in text.stdout and "blue" in text.stdout
+    assert "gallery" not in text.stdout and "no misclassified images: no gallery.png" in text.stderr
     bad = CliRunner().invoke(cli.cli, ["evaluate", "--model", head_run.checkpoint, "--top-k", "0"])
     assert bad.exit_code == 2 and "--top-k must be positive" in bad.stderr
 

@@ -114,7 +114,8 @@ def test_the_example_follows_the_decoding_rule_on_odd_modes(heads, tmp_path):
 def test_the_example_gives_an_unreadable_file_its_reason_and_classifies_the_rest(heads, tmp_path):
     """A zero-byte photo and a text file among good photos: before, the example died with a traceback on the
     first of them and printed nothing of their batch; now their rows say why, the others are predict's. The text
-    file's reason is predict's words (it was Pillow's 'UnidentifiedImageError: cannot identify image file')."""
+    file's reason is predict's words (it was Pillow's 'UnidentifiedImageError: cannot identify image file'), and
+    the empty one's too (it was 'not an image' where predict said 'zero-byte file')."""
     head = heads["linear"]
     out = tmp_path / "m.onnx"
     assert pipeline.export_model(head, out).passed
@@ -126,9 +127,10 @@ def test_the_example_gives_an_unreadable_file_its_reason_and_classifies_the_rest
     want = predict(PredictConfig(paths=[str(p) for p in good], model=str(head), workers=0, precision="fp32")).rows
     assert [r["path"] for r in got] == list(map(str, photos))
     assert [r["class"] for r in got] == [want[0]["class"], None, None, want[1]["class"]]
-    said = predict(PredictConfig(paths=[str(tmp_path / "notes.jpg")], model=str(head), workers=0)).rows[0]["error"]
-    assert got[2]["error"] == said == "not an image (unidentified format)"
-    assert got[1]["error"] == said  # predict's 'zero-byte file' is its own check, before Pillow: not in the rule
+    said = predict(PredictConfig(paths=[str(tmp_path / n) for n in ("empty.jpg", "notes.jpg")], model=str(head),
+                                 workers=0)).rows
+    assert got[2]["error"] == said[1]["error"] == "not an image (unidentified format)"
+    assert got[1]["error"] == said[0]["error"] == "zero-byte file"  # the example said 'not an image'
     assert abs(got[3]["probability"] - want[1]["probability"]) < 1e-4
 
 

@@ -101,12 +101,15 @@ def test_runs_command_shows_fit_head_and_compare(tmp_path, tiny_cache):
     records = json.loads(out.stdout)["runs"]
     # compare-sklearn records the four heads it fits (auto, linear, logreg, kernel), then itself
     assert [r["kind"] for r in records] == ["compare-sklearn"] + ["fit-head"] * 5  # newest first: the first fit last
+    # which command made each: compare-sklearn's heads read as fit-head's own runs
+    assert [r.get("part_of") for r in records] == [None] + ["compare-sklearn"] * 4 + [None]
     assert records[5]["metrics"]["val_acc"] == json.loads(fit.stdout)["val_acc"]
     assert "sklearn_val_acc" in records[0]["metrics"] and records[0]["backbone"] == "tiny"
     assert records[5]["outputs"][0].endswith("head.pt")
     assert records[0]["outputs"] == [str(Path(r["outputs"][0]).parent) for r in records[1:5][::-1]]
     table = runner.invoke(cli.cli, ["runs", "--runs-dir", runs, "--sort", "val_acc", "--backbone", "tiny"]).stdout
-    assert "fit-head" in table and "compare-sklearn" in table and "val_acc=" in table
+    kinds = [line.split("  ")[1].strip() for line in table.splitlines()[2:]]
+    assert sorted(kinds) == ["compare-sklearn", "fit-head"] + ["fit-head (compare-sklearn)"] * 4 and "val_acc=" in table
     bad = runner.invoke(cli.cli, ["runs", "--runs-dir", runs, "--sort", "nope"])
     assert bad.exit_code == 2 and "known metrics" in bad.stderr
 

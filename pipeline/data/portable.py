@@ -23,6 +23,8 @@ The rule:
    minus mean, divided by std, channels first.
 """
 # Pillow and numpy only below: this file must run where nothing of this project is installed
+import os
+
 import numpy as np
 from PIL import Image
 
@@ -178,8 +180,22 @@ def refuse_external(im) -> None:
                       "(convert it to PNG or JPEG)")
 
 
+def refuse_empty(fp) -> None:
+    """``Refused`` for a file of no bytes (a path, or an open binary file read from where it stands), in
+    predict's words: Pillow calls it an image of unidentified format, the example said 'not an image' where
+    predict said 'zero-byte file'."""
+    if isinstance(fp, (str, os.PathLike)):
+        empty = os.path.getsize(fp) == 0
+    else:
+        at = fp.tell()
+        empty = not fp.read(1)
+        fp.seek(at)
+    if empty:
+        raise Refused("zero-byte file")
+
+
 class Refused(ValueError):
-    """A file this rule will not decode (``refuse_external``): its message is the whole reason."""
+    """A file this rule will not decode (``refuse_external``, ``refuse_empty``): its message is the whole reason."""
 
 
 def decode_failure(e: Exception) -> str:
@@ -199,6 +215,7 @@ def preprocess(fp, p, decoding: dict) -> np.ndarray:
     """The network's input for one photo (a path or an open binary file), by the rule above; ``p``: the
     metadata's "preprocessing", ``decoding``: its "decoding". A fused model's "preprocessing" is a list, one a
     backbone: the photo decoded once, part i in channels 3i..3i+2 at the top left of a zero canvas."""
+    refuse_empty(fp)
     with Image.open(fp) as im:
         refuse_external(im)
         jpeg_draft(im, decoding.get("jpeg_draft_min_short_side"))

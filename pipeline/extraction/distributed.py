@@ -24,7 +24,7 @@ from pathlib import Path
 from ..cache.feature_cache import FeatureCache, read_info, read_skipped, write_virtual_cache
 from ..devices import resolve_workers
 from ..errors import UsageError
-from .extract_range import existing_cache, extract_range, hit_summary
+from .extract_range import existing_cache, extract_range, hit_summary, warn_short
 
 log = logging.getLogger(__name__)
 
@@ -200,12 +200,12 @@ def _write_cache(cfg, listing, path: Path, got: list, next_candidate: int, start
     attrs.update(device=",".join(devices), world_size=len(got), shard_dir=str(shard_dir(cfg, path)))
     labels = [x for p in parts for x in p["labels"]]
     paths = [x for p in parts for x in p["paths"]]
-    skipped = [x for p in parts for x in p["skipped"]]
+    # the listing's left-out entries (links, pipes) first, skipped as one process skips them
+    skipped = [*listing.bad, *(x for p in parts for x in p["skipped"])]
     write_virtual_cache(path, attrs, listing, [(p["path"], p["rows"]) for p in parts], shape, dtype,
                         labels, paths, skipped, next_candidate)
-    target = cfg.n or len(listing.files)
-    if len(labels) < target:
-        log.warning("only %d good images of the %d asked for (%d skipped)", len(labels), target, len(skipped))
+    if len(labels) < (cfg.n or len(listing.files)):
+        warn_short(len(labels), cfg.n, listing, len(skipped))
     seconds = time.time() - started
     computed = sum(r["computed"] for r in ranks)
     return {"cache": str(path), "hit": False, "rows": len(labels), "computed": computed,

@@ -215,15 +215,17 @@ class ExtractResult:
         return {k: getattr(self, k) for k in keys if k not in optional or getattr(self, k) is not None}
 
 
-def extract(cfg: ExtractConfig) -> ExtractResult:
+def extract(cfg: ExtractConfig, hit_only: bool = False) -> Optional[ExtractResult]:
     """Run (or reuse, or resume) one extraction; returns what it did, with the cache path. The data folder
     is held for reading meanwhile (``moves.reading_folder``): never listed or read halfway through an
-    audit --apply, which waits (or is refused) until the extraction ends."""
+    audit --apply, which waits (or is refused) until the extraction ends. ``hit_only``: a hit's answer, or None
+    where the network would run (nothing loaded or written): choose-backbone loads only the weights it needs."""
     with reading_folder(cfg.data):
-        return ExtractResult.of(extract_held(cfg))
+        summary = extract_held(cfg, hit_only)
+        return None if summary is None else ExtractResult.of(summary)
 
 
-def extract_held(cfg: ExtractConfig) -> dict:
+def extract_held(cfg: ExtractConfig, hit_only: bool = False) -> Optional[dict]:
     started = time.time()
     validate(cfg)
     cfg = replace(cfg, backbone=bb.canonical_name(cfg.backbone))  # timm:X and X name one cache
@@ -265,6 +267,8 @@ def extract_held(cfg: ExtractConfig) -> dict:
         if info.attrs.get("purpose") == TEST and cfg.purpose != TEST:
             claim_for_training(info)  # what the user extracts is what fit-head then trains on by default
         return {**hit_summary(info, started), "verified": verified}
+    if hit_only:
+        return None
     bb.get_spec(cfg.backbone)  # an unknown name: a usage error before anything is written
     if info is not None:
         log.info("resuming %s from row %d", path, info.rows)

@@ -227,6 +227,14 @@ def batches_reusing(model, items, batch_size: int, limit: int, donors, reuse: di
         yield batch, feats
 
 
+def warn_short(rows: int, n: int, listing, skipped: int) -> None:
+    """The line of an extraction that found fewer good images than it wanted: of the ``n`` asked for, or (--n 0)
+    of the folder's files, the listing's left-out entries (dangling links, pipes) among them, each one of the
+    ``skipped``. One wording for one process and torchrun's (which said 'asked for' with no --n given)."""
+    wanted, what = (n, "asked for") if n else (len(listing.files) + len(listing.bad), "files")
+    log.warning("only %d good images of the %d %s (%d skipped)", rows, wanted, what, skipped)
+
+
 def extract_range(cfg, listing: ImageFolderListing, key: str, path: Path, resumed: Optional[CacheInfo] = None,
                   positions: Optional[tuple[int, int]] = None, extra_attrs: Optional[dict] = None) -> dict:
     """Extract into ``path``, continuing ``resumed`` (its validated progress) if given.
@@ -329,9 +337,7 @@ def extract_range(cfg, listing: ImageFolderListing, key: str, path: Path, resume
         if rows == 0 and not positions:
             raise UsageError(f"no image in {cfg.data} could be decoded ({skipped} tried); run check-images on it")
         if rows < target and not positions:
-            # the files: the listing's left-out entries (dangling links, pipes) too, each counted as skipped
-            log.warning("only %d good images of the %d %s (%d skipped)", rows, target if cfg.n else
-                        target + len(listing.bad), "asked for" if cfg.n else "files", skipped)
+            warn_short(rows, cfg.n, listing, skipped)
         before = json.loads(writer.f.attrs.get("reuse", "{}") or "{}")
         total = {k: int(before.get(k, 0)) + reuse[k] for k in reuse}
         computed = rows - start_rows - reuse["reused"]

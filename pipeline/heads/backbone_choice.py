@@ -140,15 +140,25 @@ def candidate_names(specs: list, given: list) -> list[str]:
 
 def check_candidates(specs: list) -> None:
     """Each candidate's name and weights as far as known without loading them (an unknown name, a missing
-    file, a sidecar of another model): refused before the first extraction, not after minutes of it. So are
-    two things only loading tells: a file with no sidecar whose tensors are another model's, and torchvision
-    weights not downloaded yet that cannot be (offline): both failed once the candidates before were extracted."""
+    file, a sidecar of another model): refused before the first extraction, not after minutes of it."""
+    from ..extraction import backbones as bb
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # 'no sidecar': extract says it once, later
+        for name, weights in specs:
+            bb.load_preprocessing(name, weights)
+
+
+def check_loadable(specs: list) -> None:
+    """What only loading tells, for the candidates still to extract: a file with no sidecar whose tensors are
+    another model's, and torchvision weights not downloaded yet that cannot be (offline); both failed once the
+    candidates before were extracted. A candidate whose cache is there needs neither: its cache key holds the
+    file's sha256 (the same bytes loaded once to make it) or the library's weights name, and the cross-validation
+    reads rows only (an offline run was refused weights its caches did not need)."""
     from ..extraction import backbones as bb
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # 'no sidecar', 'random weights': extract says them once, later
-        for name, weights in specs:
-            bb.load_preprocessing(name, weights)
         for name, weights in specs:
             spec = bb.get_spec(name)
             if bb.is_weights_path(weights) and "arch" not in bb.read_sidecar(weights):
@@ -159,12 +169,13 @@ def check_candidates(specs: list) -> None:
                     bb._download_state_dict(w)  # now, or its one-line refusal now
 
 
-def _extract(cfg: ChooseBackboneConfig, backbone: str, weights: str, n: int) -> ExtractResult:
+def _extract(cfg: ChooseBackboneConfig, backbone: str, weights: str, n: int,
+             hit_only: bool = False) -> Optional[ExtractResult]:
     from ..extraction.extract import ExtractConfig, extract
 
     return extract(ExtractConfig(data=cfg.data, n=n, backbone=backbone, weights=weights, seed=cfg.seed,
                                  cache_dir=cfg.cache_dir, device=cfg.device, precision=cfg.precision,
-                                 batch_size=cfg.batch_size, workers=cfg.workers, command=cfg.command))
+                                 batch_size=cfg.batch_size, workers=cfg.workers, command=cfg.command), hit_only)
 
 
 def sample_size(cfg: ChooseBackboneConfig) -> int:
@@ -266,10 +277,12 @@ def choose_backbone(cfg: ChooseBackboneConfig) -> BackboneChoice:
     specs = [parse_candidate(b) for b in cfg.backbones]
     n = sample_size(cfg)
     t0 = time.time()
-    made = []
-    for name, weights in specs:
-        log.info("choose-backbone: the sample's features with %s (%s): extracted or read from cache", name, weights)
-        made.append(_extract(cfg, name, weights, n))
+    made = [_extract(cfg, name, weights, n, hit_only=True) for name, weights in specs]  # None: to extract
+    check_loadable([spec for spec, hit in zip(specs, made) if hit is None])  # before the first extraction
+    for i, (name, weights) in enumerate(specs):
+        log.info("choose-backbone: the sample's features with %s (%s): %s", name, weights,
+                 "read from its cache" if made[i] else "extracting")
+        made[i] = made[i] or _extract(cfg, name, weights, n)
     extract_seconds = time.time() - t0
     # other spellings of the same weights (a copy of the file, a name for the same download): one cache
     check_distinct(cfg.backbones, [str(Path(r.cache).resolve()) for r in made])

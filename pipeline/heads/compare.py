@@ -193,7 +193,7 @@ def _fit_kind(base: FitHeadConfig, kind: str, said: set) -> FitHeadResult:
     option compare-sklearn does not have (it fits every kind): said as compare-sklearn's. ``said``: the test set's
     warnings said by an earlier kind, said once."""
     try:
-        return fit_head(replace(base, head=kind), said)
+        return fit_head(replace(base, head=kind), said, part_of="compare-sklearn")
     except UsageError as e:
         prefix = "--head auto: "
         if kind != "auto" or not str(e).startswith(prefix):

@@ -680,9 +680,10 @@ def calibration_rows(cfg: FitHeadConfig, rows, val: dict, train_idx, tuning, oof
     return logp, y, source
 
 
-def fit_head(cfg: FitHeadConfig, said: Optional[set] = None) -> FitHeadResult:
+def fit_head(cfg: FitHeadConfig, said: Optional[set] = None, part_of: Optional[str] = None) -> FitHeadResult:
     """Fit the head on the cache's train split; returns metrics (val, and test if asked) and where outputs went.
-    ``said``: the warnings a command fitting several heads said already (``warn_once``)."""
+    ``said``: the warnings a command fitting several heads said already (``warn_once``); ``part_of``: that
+    command's name, for the ledger line (``ledger.append_run``)."""
 
     validate(cfg)  # the options as given (--recipe among them), then the recipe's settings
     cfg = with_recipe(cfg)
@@ -742,7 +743,7 @@ def fit_head(cfg: FitHeadConfig, said: Optional[set] = None) -> FitHeadResult:
         write_checkpoint(out_dir / "head.pt", HEAD_KIND, ckpt)
     fused_fields = {"backbone": ckpt["backbone"], "cache_fingerprint": ckpt["cache_fingerprint"]} if fused else {}
     curves = finish_run(out_dir, cfg.runs_dir, "fit-head", history, [out_dir / "head.pt"], cache=str(path),
-                        **fused_fields,
+                        part_of=part_of, **fused_fields,
                         params={**asdict(cfg), **({"tuned": tuning["choice"]} if tuning else {})}, metrics=metrics)
     return FitHeadResult(cache=str(path), caches=list(named or []), run_dir=str(out_dir),
                          checkpoint=str(out_dir / "head.pt"), curves=str(curves) if curves else None,

@@ -359,7 +359,8 @@ def check_runs_dir(cfg: EvaluateConfig, ckpt: dict) -> None:
 
 
 def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
-    """Evaluate one checkpoint; write confusion.png, gallery.png and metrics.json to a run folder."""
+    """Evaluate one checkpoint; write confusion.png, gallery.png (where an image is misclassified),
+    reliability.png and metrics.json to a run folder."""
 
     check_config(cfg)
     if cfg.cache and cfg.data:
@@ -381,15 +382,15 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
     result.update({"model": cfg.model, "kind": ckpt["kind"], "source": pred.source, "split": pred.split or cfg.split,
                    "backbone": ckpt.get("backbone", ""), "cache_fingerprint": pred.cache_fingerprint,
                    "data_root": str(pred.root), "run_dir": str(out_dir)})
-    pictures = []
+    pictures = {}
     if not pred.foreign:
         with writing(out_dir):
             pictures = _pictures(pred, result, out_dir)
-        result.update(zip(("confusion_png", "gallery_png", "reliability_png"), map(str, pictures)))
+        result.update({f"{name}_png": str(path) for name, path in pictures.items()})
     write_json(out_dir / "metrics.json", result)
     keys = ("rows",) if pred.foreign else ("accuracy", "loss", "macro_f1", "rows")
-    finish_run(out_dir, cfg.runs_dir, "evaluate", None, pictures, cache_fingerprint=pred.cache_fingerprint,
-               backbone=result["backbone"], params=asdict(cfg),
+    finish_run(out_dir, cfg.runs_dir, "evaluate", None, list(pictures.values()),
+               cache_fingerprint=pred.cache_fingerprint, backbone=result["backbone"], params=asdict(cfg),
                metrics={**{k: result[k] for k in keys},
                         **({"unknown_share": result["unknown"]["share"]} if result["unknown"] else {}),
                         **({"ece": result["calibration"]["after"]["ece"]} if "calibration" in result else {})})
@@ -436,8 +437,12 @@ def figures(result: dict, root=None) -> dict:
     return {"confusion": confusion, "gallery": gallery, "reliability": reliability}
 
 
-def _pictures(pred: Predictions, result: dict, out_dir: Path) -> list[Path]:
-    """confusion.png, gallery.png and reliability.png of one evaluation."""
+def _pictures(pred: Predictions, result: dict, out_dir: Path) -> dict[str, Path]:
+    """{name: path} of one evaluation's confusion.png, gallery.png and reliability.png; no gallery.png where no
+    image is misclassified (it was a picture of nothing but 'no misclassified images'), a line on stderr instead."""
 
     figs = figures(result, pred.root)
-    return [save(figs[name], out_dir / f"{name}.png") for name in ("confusion", "gallery", "reliability")]
+    names = ("confusion", "gallery", "reliability") if result["wrong"] else ("confusion", "reliability")
+    if not result["wrong"]:
+        log.info("no misclassified images: no gallery.png")
+    return {name: save(figs[name], out_dir / f"{name}.png") for name in names}

@@ -222,8 +222,9 @@ def evaluate_text(result: EvaluateResult) -> str:
               f"{b['log_loss']:.4f} -> {a['log_loss']:.4f}, Brier {b['brier']:.4f} -> {a['brier']:.4f}",
               *_unknown_line(result),
               f"reliability diagram: {result.reliability_png}",
-              f"confusion matrix: {result.confusion_png}",
-              f"most confidently wrong ({len(result.wrong)} of {result.errors}): {result.gallery_png}"]
+              f"confusion matrix: {result.confusion_png}"]
+    if result.gallery_png:  # none written where no image is misclassified
+        lines.append(f"most confidently wrong ({len(result.wrong)} of {result.errors}): {result.gallery_png}")
     return "\n".join(lines)
 
 
@@ -302,13 +303,15 @@ def _metric(v) -> str:
 
 
 def runs_table(records: list[dict], sort_by: Optional[str] = None) -> str:
-    """A table: time, kind, backbone, cache, scalar metrics (``sort_by`` first), first output."""
+    """A table: time, kind, backbone, cache, scalar metrics (``sort_by`` first), first output. A run made as part
+    of another command (compare-sklearn's heads) is of kind 'fit-head (compare-sklearn)': they read as fit-head's."""
     rows = [("time", "kind", "backbone", "cache", "metrics", "output")]
     for r in records:
         m = {k: v for k, v in r.get("metrics", {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         keys = ([sort_by] if sort_by in m else []) + [k for k in m if k != sort_by]
         outputs = r.get("outputs") or [""]
-        rows.append((r.get("time", "")[:19].replace("T", " "), r.get("kind", ""), r.get("backbone", ""),
+        kind = r.get("kind", "") + (f" ({r['part_of']})" if r.get("part_of") else "")
+        rows.append((r.get("time", "")[:19].replace("T", " "), kind, r.get("backbone", ""),
                      r.get("cache_fingerprint", "")[:12], " ".join(f"{k}={_metric(m[k])}" for k in keys),
                      str(outputs[0])))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 LEDGER_NAME = "ledger.jsonl"
 #: The type each record field must have when present; a line that breaks this is skipped when read.
 FIELD_TYPES = {"time": str, "kind": str, "command": str, "cache": str, "cache_fingerprint": str, "backbone": str,
-               "params": dict, "metrics": dict, "outputs": list}
+               "params": dict, "metrics": dict, "outputs": list, "part_of": str}
 
 
 def ledger_path(runs_dir: str | os.PathLike) -> Path:
@@ -82,11 +82,13 @@ def current_command() -> str:
 
 def append_run(runs_dir: str | os.PathLike, kind: str, *, cache_fingerprint: Optional[str] = None,
                backbone: Optional[str] = None, params: dict, metrics: dict, outputs: list,
-               cache: Optional[str] = None, command: Optional[str] = None) -> dict:
+               cache: Optional[str] = None, command: Optional[str] = None, part_of: Optional[str] = None) -> dict:
     """Append one run to the ledger and return the record.
 
     Each stage calls this once at its end. With ``cache`` (a cache file) and no fingerprint or
     backbone, both are read from the cache's attributes. ``command`` defaults to this process's.
+    ``part_of``: the command that made this run among others (compare-sklearn's heads), recorded so that
+    ``runs`` does not show them as fit-head's own runs.
     """
     if cache and (cache_fingerprint is None or backbone is None):
         from ..cache.feature_cache import read_info
@@ -98,6 +100,7 @@ def append_run(runs_dir: str | os.PathLike, kind: str, *, cache_fingerprint: Opt
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "kind": kind, "command": command or current_command(),
         "cache": str(cache) if cache else "", "cache_fingerprint": cache_fingerprint or "",
         "backbone": backbone or "", "params": params, "metrics": metrics, "outputs": [str(o) for o in outputs],
+        **({"part_of": part_of} if part_of else {}),
     }
     line = json_text(record, default=str, ensure_ascii=False) + "\n"
     _write_line(ledger_path(runs_dir), line.encode("utf-8"))
