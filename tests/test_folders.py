@@ -292,3 +292,15 @@ def test_a_class_folder_linking_to_another_class_or_the_root_is_left_out_and_tol
                                                     "red/red.1.jpg"]
     assert sorted((p, "folder listed already" in why) for p, why in listing.bad) == [("a_blue_again", True),
                                                                                     ("all", True)]
+
+
+def test_a_looping_link_beside_the_class_folders_is_no_class_and_no_crash(tmp_path):
+    """A link loop in the data folder itself (or a class folder given as the data folder) made listing it raise
+    'Too many levels of symbolic links': extract, evaluate, audit and check-images ended in 'a bug?'."""
+    root = make_image_folder(tmp_path / "d", per_class=1)
+    (root / "x").symlink_to("y")
+    (root / "y").symlink_to("x")
+    (root / "gone").symlink_to("nowhere")
+    listing = list_image_folder(root)
+    assert listing.classes == ("blue", "red")
+    assert [f.path for f in listing.files] == ["blue/blue.0.jpg", "red/red.0.jpg"]

@@ -145,8 +145,10 @@ def walk(top: str | os.PathLike, left_out: list | None = None, seen: set | None 
 
 
 def class_folders(root: Path) -> list[str]:
-    """The class folders of an ImageFolder root, sorted: its sub-folders, metadata folders (``__MACOSX``) left out."""
-    return sorted(d.name for d in os.scandir(root) if d.is_dir() and not is_skipped_folder(d.name))
+    """The class folders of an ImageFolder root, sorted: its sub-folders, metadata folders (``__MACOSX``) left out.
+    ``os.path.isdir``, not ``DirEntry.is_dir``: a looping link beside the classes (``x -> y -> x``) made the
+    latter raise ELOOP, and every command reading the folder (check-images after decoding it all) end in 'a bug?'."""
+    return sorted(d.name for d in os.scandir(root) if os.path.isdir(d.path) and not is_skipped_folder(d.name))
 
 
 def list_image_folder(root: str | os.PathLike, min_classes: int = 2) -> ImageFolderListing:
