@@ -4,7 +4,7 @@ from PIL import Image, features
 
 from pipeline.data.folders import ImageLoadError, jpeg_bytes, list_image_folder, load_rgb, stratified_order
 from tests.conftest import make_image_folder
-from tests.fsfaults import make_non_regular, no_hang
+from tests.fsfaults import make_non_regular, no_hang, unlistable
 
 
 def test_listing_sorted_classes_and_skips_non_images(tmp_path):
@@ -304,3 +304,22 @@ def test_a_looping_link_beside_the_class_folders_is_no_class_and_no_crash(tmp_pa
     listing = list_image_folder(root)
     assert listing.classes == ("blue", "red")
     assert [f.path for f in listing.files] == ["blue/blue.0.jpg", "red/red.0.jpg"]
+
+
+def test_a_folder_the_os_will_not_list_is_left_out_and_told(tmp_path, monkeypatch):
+    """os.walk passed over a folder it could not list (a chmod 000 sub-folder of another user's): its photos were
+    missing from extract, check-images and predict without a word. A class folder so refused was 'holds no images;
+    remove it or add images' (exit 2), of a folder full of photos."""
+    from pipeline.errors import PipelineError
+
+    root = make_image_folder(tmp_path / "d", per_class=1)
+    (root / "red" / "sub").mkdir()
+    (root / "red" / "sub" / "more.jpg").write_bytes((root / "red" / "red.0.jpg").read_bytes())
+    unlistable(monkeypatch, root / "red" / "sub")
+    listing = list_image_folder(root)
+    assert [f.path for f in listing.files] == ["blue/blue.0.jpg", "red/red.0.jpg"]
+    assert listing.bad == (("red/sub", "cannot be read (Permission denied): its files are left out"),)
+    unlistable(monkeypatch, root / "red")
+    with pytest.raises(PipelineError, match=r"class folder '.*red' cannot be read \(Permission denied\): its files "
+                                            "are left out; fix its permissions"):
+        list_image_folder(root)

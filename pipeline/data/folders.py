@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UsageError
+from ..errors import PipelineError, UsageError
 from ..files import is_utf8, one_line, shown
 from .portable import (  # noqa: F401 (the decoding rule; bit_depth for callers)
     bit_depth, decode_failure, jpeg_draft, orientation, refuse_external, to_rgb, upright)
@@ -122,12 +122,20 @@ def walk(top: str | os.PathLike, left_out: list | None = None, seen: set | None 
     folder, a linked sub-folder, a linked image). A folder reached a second time (a link back to
     a folder above it, a loop, or a second link to the same one; ``seen``: the real paths walked
     already, shared between calls) is not walked again: it is added to ``left_out`` as (path
-    relative to ``top``'s parent, why). Skipped folders: is_skipped_folder.
+    relative to ``top``'s parent, why), and so is a folder the OS will not list (not permitted, an
+    I/O error), which os.walk passed over in silence: its photos were missing from every listing
+    without a word. Skipped folders: is_skipped_folder.
     """
     top = Path(top)
     seen = set() if seen is None else seen
     seen.add(os.path.realpath(top))
-    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+
+    def cannot_list(e: OSError) -> None:
+        if left_out is not None:
+            rel = Path(e.filename or top).relative_to(top.parent).as_posix()
+            left_out.append((shown(rel), f"cannot be read ({e.strerror or e}): its files are left out"))
+
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=True, onerror=cannot_list):
         keep = []
         for d in sorted(dirnames):
             if is_skipped_folder(d):
@@ -179,6 +187,9 @@ def list_image_folder(root: str | os.PathLike, min_classes: int = 2) -> ImageFol
         before = len(files)
         _list_files(root, root / cls, label, files, bad, seen)
         if len(files) == before:
+            unreadable = dict(bad).get(shown(cls))  # the OS would not list it: not the user's empty folder
+            if unreadable:
+                raise PipelineError(f"class folder {str(root / cls)!r} {unreadable}; fix its permissions")
             raise UsageError(f"class folder {str(root / cls)!r} holds no images; remove it or add images")
     if not files:
         raise UsageError(f"data folder {str(root)!r} holds no images (expected one sub-folder per class)")
@@ -188,8 +199,8 @@ def list_image_folder(root: str | os.PathLike, min_classes: int = 2) -> ImageFol
             "need at least two class sub-folders"
         )
     if bad:
-        log.warning("%d entries of %s are left out (not regular files, or folders reached twice through "
-                    "links; first: %s: %s)", len(bad), root, *map(one_line, bad[0]))
+        log.warning("%d entries of %s are left out (not regular files, folders reached twice through links, or "
+                    "folders that cannot be read; first: %s: %s)", len(bad), root, *map(one_line, bad[0]))
     return ImageFolderListing(root, tuple(classes), tuple(files), tuple(bad))
 
 
