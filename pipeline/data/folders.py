@@ -115,6 +115,10 @@ def is_skipped_folder(name: str) -> bool:
     return name.startswith(".") or name in METADATA_FOLDERS or name.endswith(QUARANTINE_SUFFIX)
 
 
+#: How ``walk`` begins the reason of a folder the OS would not list (check-images tells it from a folder reached twice).
+CANNOT_LIST = "cannot be read"
+
+
 def walk(top: str | os.PathLike, left_out: list | None = None, seen: set | None = None):
     """(folder, sorted file names) for ``top`` and every folder below it, in sorted order.
 
@@ -133,7 +137,7 @@ def walk(top: str | os.PathLike, left_out: list | None = None, seen: set | None 
     def cannot_list(e: OSError) -> None:
         if left_out is not None:
             rel = Path(e.filename or top).relative_to(top.parent).as_posix()
-            left_out.append((shown(rel), f"cannot be read ({e.strerror or e}): its files are left out"))
+            left_out.append((shown(rel), f"{CANNOT_LIST} ({e.strerror or e}): its files are left out"))
 
     for dirpath, dirnames, filenames in os.walk(top, followlinks=True, onerror=cannot_list):
         keep = []
