@@ -323,3 +323,25 @@ def test_a_folder_the_os_will_not_list_is_left_out_and_told(tmp_path, monkeypatc
     with pytest.raises(PipelineError, match=r"class folder '.*red' cannot be read \(Permission denied\): its files "
                                             "are left out; fix its permissions"):
         list_image_folder(root)
+
+
+def test_the_left_out_warning_names_each_entry_up_to_five_and_counts_the_rest(tmp_path, caplog):
+    """It named the first entry alone ('4 entries ... left out; first: X'): a messy folder's other broken links and
+    non-UTF-8 names went unnamed by extract, evaluate and audit's own listing."""
+    import logging
+
+    root = make_image_folder(tmp_path / "d", per_class=1)
+    for i in range(3):
+        (root / "red" / f"gone{i}.jpg").symlink_to("nowhere")
+    with caplog.at_level(logging.WARNING):
+        list_image_folder(root)
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and all(f"red/gone{i}.jpg: a dangling symlink (to 'nowhere')" in said[0] for i in range(3))
+    for i in range(3, 7):
+        (root / "red" / f"gone{i}.jpg").symlink_to("nowhere")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        list_image_folder(root)
+    [line] = [r.getMessage() for r in caplog.records]
+    assert line.startswith(f"7 entries of {root} left out") and "red/gone4.jpg" in line and "gone5" not in line
+    assert line.endswith(f"; and 2 more (check-images {root} names every one)")

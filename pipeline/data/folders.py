@@ -203,9 +203,22 @@ def list_image_folder(root: str | os.PathLike, min_classes: int = 2) -> ImageFol
             "need at least two class sub-folders"
         )
     if bad:
-        log.warning("%d entries of %s are left out (not regular files, folders reached twice through links, or "
-                    "folders that cannot be read; first: %s: %s)", len(bad), root, *map(one_line, bad[0]))
+        log.warning("%s", left_out_line(root, bad))
     return ImageFolderListing(root, tuple(classes), tuple(files), tuple(bad))
+
+
+#: The left-out entries a listing's warning names; more are counted (check-images names every one).
+LEFT_OUT_NAMED = 5
+
+
+def left_out_line(root: Path, bad: list) -> str:
+    """The one warning of a listing's left-out entries, naming each of the first LEFT_OUT_NAMED with its reason:
+    it named the first alone, so the other broken links and non-UTF-8 names of a messy folder went unnamed."""
+    named = "; ".join(f"{one_line(p)}: {one_line(why)}" for p, why in bad[:LEFT_OUT_NAMED])
+    more = (f"; and {len(bad) - LEFT_OUT_NAMED} more (check-images {shown(str(root))} names every one)"
+            if len(bad) > LEFT_OUT_NAMED else "")
+    return (f"{len(bad)} {'entry' if len(bad) == 1 else 'entries'} of {root} left out (not regular files, folders "
+            f"reached twice through links, or folders that cannot be read): {named}{more}")
 
 
 def distinct_classes(root: Path, classes: list[str], bad: list) -> list[str]:
@@ -266,7 +279,7 @@ def list_unlabelled(root: str | os.PathLike) -> ImageFolderListing:
     if not files:
         raise UsageError(f"folder {str(root)!r} holds no images")
     if bad:
-        log.warning("%d entries of %s are left out (first: %s: %s)", len(bad), root, *map(one_line, bad[0]))
+        log.warning("%s", left_out_line(root, bad))
     return ImageFolderListing(root, (UNLABELLED,), tuple(files), tuple(bad))
 
 
