@@ -33,3 +33,19 @@ def no_hang(seconds: int = 60):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
+
+
+def unlistable(monkeypatch, *folders: Path) -> None:
+    """Make the OS refuse to list ``folders`` (os.scandir raises EACCES, as for a chmod 000 folder of another
+    user): root, who runs the tests here, reads any folder whatever its mode."""
+    import errno
+
+    refused = {os.path.realpath(f) for f in folders}
+    real = os.scandir
+
+    def scandir(path="."):
+        if os.path.realpath(path) in refused:
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)

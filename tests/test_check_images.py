@@ -16,7 +16,7 @@ from pipeline.data.folders import ImageLoadError, list_image_folder, load_rgb
 from pipeline.errors import PipelineError
 from tests.badfiles import make_bad_corpus, skipped_by_extract, usable
 from tests.conftest import make_image_folder
-from tests.fsfaults import make_non_regular, no_hang
+from tests.fsfaults import make_non_regular, no_hang, unlistable
 
 
 @pytest.fixture
@@ -411,3 +411,20 @@ def test_an_unreadable_exif_block_is_a_note_and_the_photo_is_good(tmp_path, monk
     assert "SyntaxError: not a TIFF file" in found[0]["detail"] and "not turned upright" in found[0]["detail"]
     stored = asymmetric().transpose(STORED_AS[6])
     assert np.array_equal(np.asarray(load_rgb(root / rel)), np.asarray(stored))
+
+
+def test_folders_the_walk_leaves_out_are_named_and_never_moved(tmp_path, monkeypatch):
+    """A sub-folder the OS would not list and a link back up the tree were left out in silence: check-images said
+    the folder was clean while extract missed the locked folder's photos. The first is an error, the second a note
+    (its photos are checked once, by their own path); --quarantine moves neither."""
+    root = make_image_folder(tmp_path / "data", per_class=1)
+    (root / "red" / "locked").mkdir()
+    (root / "red" / "locked" / "x.jpg").write_bytes((root / "red" / "red.0.jpg").read_bytes())
+    (root / "blue" / "up").symlink_to("..", target_is_directory=True)
+    unlistable(monkeypatch, root / "red" / "locked")
+    r = CliRunner().invoke(cli, ["check-images", str(root), "--quarantine", "--workers", "1"])
+    assert r.exit_code == 0, r.output
+    assert "red/locked: cannot be read (Permission denied): its files are left out" in r.stdout
+    found = {f["path"]: (f["kind"], f["severity"]) for f in check_images(CheckImagesConfig(str(root))).findings}
+    assert found == {"red/locked": ("unreadable-folder", "error"), "blue/up": ("folder-reached-twice", "note")}
+    assert (root / "red" / "locked" / "x.jpg").is_file() and (root / "blue" / "up").is_symlink()

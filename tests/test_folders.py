@@ -4,7 +4,7 @@ from PIL import Image, features
 
 from pipeline.data.folders import ImageLoadError, jpeg_bytes, list_image_folder, load_rgb, stratified_order
 from tests.conftest import make_image_folder
-from tests.fsfaults import make_non_regular, no_hang
+from tests.fsfaults import make_non_regular, no_hang, unlistable
 
 
 def test_listing_sorted_classes_and_skips_non_images(tmp_path):
@@ -292,3 +292,56 @@ def test_a_class_folder_linking_to_another_class_or_the_root_is_left_out_and_tol
                                                     "red/red.1.jpg"]
     assert sorted((p, "folder listed already" in why) for p, why in listing.bad) == [("a_blue_again", True),
                                                                                     ("all", True)]
+
+
+def test_a_looping_link_beside_the_class_folders_is_no_class_and_no_crash(tmp_path):
+    """A link loop in the data folder itself (or a class folder given as the data folder) made listing it raise
+    'Too many levels of symbolic links': extract, evaluate, audit and check-images ended in 'a bug?'."""
+    root = make_image_folder(tmp_path / "d", per_class=1)
+    (root / "x").symlink_to("y")
+    (root / "y").symlink_to("x")
+    (root / "gone").symlink_to("nowhere")
+    listing = list_image_folder(root)
+    assert listing.classes == ("blue", "red")
+    assert [f.path for f in listing.files] == ["blue/blue.0.jpg", "red/red.0.jpg"]
+
+
+def test_a_folder_the_os_will_not_list_is_left_out_and_told(tmp_path, monkeypatch):
+    """os.walk passed over a folder it could not list (a chmod 000 sub-folder of another user's): its photos were
+    missing from extract, check-images and predict without a word. A class folder so refused was 'holds no images;
+    remove it or add images' (exit 2), of a folder full of photos."""
+    from pipeline.errors import PipelineError
+
+    root = make_image_folder(tmp_path / "d", per_class=1)
+    (root / "red" / "sub").mkdir()
+    (root / "red" / "sub" / "more.jpg").write_bytes((root / "red" / "red.0.jpg").read_bytes())
+    unlistable(monkeypatch, root / "red" / "sub")
+    listing = list_image_folder(root)
+    assert [f.path for f in listing.files] == ["blue/blue.0.jpg", "red/red.0.jpg"]
+    assert listing.bad == (("red/sub", "cannot be read (Permission denied): its files are left out"),)
+    unlistable(monkeypatch, root / "red")
+    with pytest.raises(PipelineError, match=r"class folder '.*red' cannot be read \(Permission denied\): its files "
+                                            "are left out; fix its permissions"):
+        list_image_folder(root)
+
+
+def test_the_left_out_warning_names_each_entry_up_to_five_and_counts_the_rest(tmp_path, caplog):
+    """It named the first entry alone ('4 entries ... left out; first: X'): a messy folder's other broken links and
+    non-UTF-8 names went unnamed by extract, evaluate and audit's own listing."""
+    import logging
+
+    root = make_image_folder(tmp_path / "d", per_class=1)
+    for i in range(3):
+        (root / "red" / f"gone{i}.jpg").symlink_to("nowhere")
+    with caplog.at_level(logging.WARNING):
+        list_image_folder(root)
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and all(f"red/gone{i}.jpg: a dangling symlink (to 'nowhere')" in said[0] for i in range(3))
+    for i in range(3, 7):
+        (root / "red" / f"gone{i}.jpg").symlink_to("nowhere")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        list_image_folder(root)
+    [line] = [r.getMessage() for r in caplog.records]
+    assert line.startswith(f"7 entries of {root} left out") and "red/gone4.jpg" in line and "gone5" not in line
+    assert line.endswith(f"; and 2 more (check-images {root} names every one)")

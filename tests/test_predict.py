@@ -212,6 +212,25 @@ def test_a_name_that_is_not_utf8_is_refused_before_any_work(tmp_path, image_fold
         list_inputs([str(image_folder)])
 
 
+def test_a_folder_that_cannot_be_read_or_is_reached_twice_is_said(tmp_path, image_folder, monkeypatch, caplog):
+    """predict DIR left out a sub-folder the OS would not list, and a link back up the tree, in silence: their
+    photos had no rows and nothing said why. Each is one line naming it."""
+    import logging
+
+    from pipeline.models.predict import list_inputs
+    from tests.fsfaults import unlistable
+
+    (image_folder / "red" / "locked").mkdir()
+    (image_folder / "red" / "up").symlink_to("..", target_is_directory=True)
+    unlistable(monkeypatch, image_folder / "red" / "locked")
+    with caplog.at_level(logging.WARNING):
+        files = list_inputs([str(image_folder)])
+    assert len(files) == 24 and not any("locked" in f or "/up/" in f for f in files)
+    said = [r.getMessage() for r in caplog.records]
+    assert f"{image_folder / 'red' / 'locked'}: cannot be read (Permission denied): its files are left out" in said
+    assert any(m.startswith(f"{image_folder / 'red' / 'up'}: a link to a folder listed already") for m in said)
+
+
 def test_the_table_keeps_one_line_per_file_whatever_its_name_holds():
     from pipeline.models.predict import format_rows
 

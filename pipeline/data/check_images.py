@@ -24,6 +24,7 @@ from ..devices import resolve_workers
 from ..errors import PipelineError, UsageError
 from ..files import SafeCsvWriter, atomic_write, check_output, is_utf8, json_text, shown
 from .folders import (
+    CANNOT_LIST,
     NOT_UTF8,
     QUARANTINE_SUFFIX,
     ImageLoadError,
@@ -51,6 +52,8 @@ KINDS = {
     "decode-warning": "note",  # PIL warned while decoding (e.g. possibly corrupt EXIF data)
     "exif-unreadable": "note",  # its EXIF block cannot be read: decoded as stored, not turned upright
     "unlisted-image": "note",  # a good image extract ignores (no image extension, or a hidden name)
+    "unreadable-folder": "error",  # a folder the OS will not list (not permitted, an I/O error): its photos unseen
+    "folder-reached-twice": "note",  # a link to a folder walked already (a loop, a second link): its photos once
 }
 REPORT_SUFFIXES = (".csv", ".json")
 #: Formats that share an extension family (a multi-picture JPEG decodes as MPO).
@@ -100,11 +103,19 @@ def check_file(root: str, rel: str) -> list[dict]:
     return out
 
 
-def list_files(root: Path) -> list[str]:
+def list_files(root: Path, left_out: Optional[list] = None) -> list[str]:
     """Every file below root ('/'-separated, sorted), hidden and metadata folders excepted; links followed
-    as extract follows them (see folders.walk). The --report is never among them (validate refuses it there)."""
-    return [(Path(dirpath) / name).relative_to(root).as_posix() for dirpath, filenames in walk(root)
+    as extract follows them (see folders.walk, which adds the folders it leaves out to ``left_out``). The
+    --report is never among them (validate refuses it there)."""
+    return [(Path(dirpath) / name).relative_to(root).as_posix() for dirpath, filenames in walk(root, left_out)
             for name in filenames]
+
+
+def left_out_finding(where: str, why: str) -> dict:
+    """A folder walk left out (``where``: relative to the checked folder's parent, as walk says it), as a finding:
+    they were never named, so a folder the OS would not list went unseen, its photos missing from extract."""
+    rel = where.split("/", 1)[1] if "/" in where else "."
+    return finding(rel, "unreadable-folder" if why.startswith(CANNOT_LIST) else "folder-reached-twice", why)
 
 
 def check_all(root: Path, rels: list[str], workers: int):
@@ -185,10 +196,11 @@ def check_images(cfg: CheckImagesConfig,
     from ..progress import progress
 
     root, qdir, workers = validate(cfg)
-    rels = list_files(root)
+    left_out: list = []
+    rels = list_files(root, left_out)
     workers = min(workers, max(1, len(rels)))
     t0 = time.perf_counter()
-    findings: list[dict] = []
+    findings: list[dict] = [left_out_finding(where, why) for where, why in left_out]
     error_files: list[str] = []
     note_files = 0
     bar = progress(total=len(rels), desc="check-images", unit="file")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UsageError
+from ..errors import PipelineError, UsageError
 from ..files import is_utf8, one_line, shown
 from .portable import (  # noqa: F401 (the decoding rule; bit_depth for callers)
     bit_depth, decode_failure, jpeg_draft, orientation, refuse_external, to_rgb, upright)
@@ -115,6 +115,10 @@ def is_skipped_folder(name: str) -> bool:
     return name.startswith(".") or name in METADATA_FOLDERS or name.endswith(QUARANTINE_SUFFIX)
 
 
+#: How ``walk`` begins the reason of a folder the OS would not list (check-images tells it from a folder reached twice).
+CANNOT_LIST = "cannot be read"
+
+
 def walk(top: str | os.PathLike, left_out: list | None = None, seen: set | None = None):
     """(folder, sorted file names) for ``top`` and every folder below it, in sorted order.
 
@@ -122,12 +126,20 @@ def walk(top: str | os.PathLike, left_out: list | None = None, seen: set | None 
     folder, a linked sub-folder, a linked image). A folder reached a second time (a link back to
     a folder above it, a loop, or a second link to the same one; ``seen``: the real paths walked
     already, shared between calls) is not walked again: it is added to ``left_out`` as (path
-    relative to ``top``'s parent, why). Skipped folders: is_skipped_folder.
+    relative to ``top``'s parent, why), and so is a folder the OS will not list (not permitted, an
+    I/O error), which os.walk passed over in silence: its photos were missing from every listing
+    without a word. Skipped folders: is_skipped_folder.
     """
     top = Path(top)
     seen = set() if seen is None else seen
     seen.add(os.path.realpath(top))
-    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+
+    def cannot_list(e: OSError) -> None:
+        if left_out is not None:
+            rel = Path(e.filename or top).relative_to(top.parent).as_posix()
+            left_out.append((shown(rel), f"{CANNOT_LIST} ({e.strerror or e}): its files are left out"))
+
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=True, onerror=cannot_list):
         keep = []
         for d in sorted(dirnames):
             if is_skipped_folder(d):
@@ -145,8 +157,10 @@ def walk(top: str | os.PathLike, left_out: list | None = None, seen: set | None 
 
 
 def class_folders(root: Path) -> list[str]:
-    """The class folders of an ImageFolder root, sorted: its sub-folders, metadata folders (``__MACOSX``) left out."""
-    return sorted(d.name for d in os.scandir(root) if d.is_dir() and not is_skipped_folder(d.name))
+    """The class folders of an ImageFolder root, sorted: its sub-folders, metadata folders (``__MACOSX``) left out.
+    ``os.path.isdir``, not ``DirEntry.is_dir``: a looping link beside the classes (``x -> y -> x``) made the
+    latter raise ELOOP, and every command reading the folder (check-images after decoding it all) end in 'a bug?'."""
+    return sorted(d.name for d in os.scandir(root) if os.path.isdir(d.path) and not is_skipped_folder(d.name))
 
 
 def list_image_folder(root: str | os.PathLike, min_classes: int = 2) -> ImageFolderListing:
@@ -177,6 +191,9 @@ def list_image_folder(root: str | os.PathLike, min_classes: int = 2) -> ImageFol
         before = len(files)
         _list_files(root, root / cls, label, files, bad, seen)
         if len(files) == before:
+            unreadable = dict(bad).get(shown(cls))  # the OS would not list it: not the user's empty folder
+            if unreadable:
+                raise PipelineError(f"class folder {str(root / cls)!r} {unreadable}; fix its permissions")
             raise UsageError(f"class folder {str(root / cls)!r} holds no images; remove it or add images")
     if not files:
         raise UsageError(f"data folder {str(root)!r} holds no images (expected one sub-folder per class)")
@@ -186,9 +203,22 @@ def list_image_folder(root: str | os.PathLike, min_classes: int = 2) -> ImageFol
             "need at least two class sub-folders"
         )
     if bad:
-        log.warning("%d entries of %s are left out (not regular files, or folders reached twice through "
-                    "links; first: %s: %s)", len(bad), root, *map(one_line, bad[0]))
+        log.warning("%s", left_out_line(root, bad))
     return ImageFolderListing(root, tuple(classes), tuple(files), tuple(bad))
+
+
+#: The left-out entries a listing's warning names; more are counted (check-images names every one).
+LEFT_OUT_NAMED = 5
+
+
+def left_out_line(root: Path, bad: list) -> str:
+    """The one warning of a listing's left-out entries, naming each of the first LEFT_OUT_NAMED with its reason:
+    it named the first alone, so the other broken links and non-UTF-8 names of a messy folder went unnamed."""
+    named = "; ".join(f"{one_line(p)}: {one_line(why)}" for p, why in bad[:LEFT_OUT_NAMED])
+    more = (f"; and {len(bad) - LEFT_OUT_NAMED} more (check-images {shown(str(root))} names every one)"
+            if len(bad) > LEFT_OUT_NAMED else "")
+    return (f"{len(bad)} {'entry' if len(bad) == 1 else 'entries'} of {root} left out (not regular files, folders "
+            f"reached twice through links, or folders that cannot be read): {named}{more}")
 
 
 def distinct_classes(root: Path, classes: list[str], bad: list) -> list[str]:
@@ -249,7 +279,7 @@ def list_unlabelled(root: str | os.PathLike) -> ImageFolderListing:
     if not files:
         raise UsageError(f"folder {str(root)!r} holds no images")
     if bad:
-        log.warning("%d entries of %s are left out (first: %s: %s)", len(bad), root, *map(one_line, bad[0]))
+        log.warning("%s", left_out_line(root, bad))
     return ImageFolderListing(root, (UNLABELLED,), tuple(files), tuple(bad))
 
 

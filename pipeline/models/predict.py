@@ -96,14 +96,18 @@ def csv_row(row: dict) -> dict:
 
 
 def list_inputs(paths) -> list[str]:
-    """Image files named directly, and the image files under named folders (sorted, recursive)."""
+    """Image files named directly, and the image files under named folders (sorted, recursive). A folder that
+    cannot be read, or one reached twice through links, is said in a line of its own: its photos have no rows."""
     if not paths:
         raise UsageError("no image or folder given to predict")
     files = []
     for p in map(Path, paths):
         if p.is_dir():
-            for dirpath, filenames in walk(p):
+            left_out: list = []
+            for dirpath, filenames in walk(p, left_out):
                 files += [str(Path(dirpath) / f) for f in filenames if is_image_name(f)]
+            for where, why in left_out:
+                log.warning("%s: %s", one_line(str(p.parent / where)), one_line(why))
         elif p.is_file():
             files.append(str(_not_a_cache(p)))
         else:
