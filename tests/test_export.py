@@ -194,6 +194,18 @@ def test_the_example_never_runs_ghostscript_on_a_photo(tmp_path):
     assert row["class"] is None and "EPS is not decoded" in row["error"] and not ran.exists()
 
 
+def test_the_example_refuses_a_photo_too_thin_to_resize_as_predict_does(heads, tmp_path):
+    """A 1 x 20000 PNG (161 bytes): predict refuses it from its header, the example resized it (at a resize size
+    of 256, a 256 x 5,120,000 image: 5.2 GB and 14 s) and gave it a class."""
+    out = tmp_path / "m.onnx"
+    assert pipeline.export_model(heads["linear"], out).passed
+    Image.new("RGB", (1, 20000), (0, 0, 255)).save(tmp_path / "thin.png")
+    got = example_rows(out, [tmp_path / "thin.png"])[0]
+    said = predict(PredictConfig(paths=[str(tmp_path / "thin.png")], model=str(heads["linear"]), workers=0)).rows[0]
+    assert got["class"] is None and got["error"] == said["error"] == (
+        "1 x 20000 pixels: more than 100 times longer than wide, its resize would build a huge image")
+
+
 def test_the_example_holds_the_decoding_rule_verbatim():
     """One rule: the example's decoding is data/portable.py's text below its marker, character for character."""
     from pipeline.data import portable
