@@ -436,6 +436,23 @@ def test_a_torchscript_sidecar_from_another_export_is_refused(heads, tmp_path):
         export_mod.read_metadata(first)
 
 
+def test_a_torchscript_files_metadata_is_read_without_loading_its_program(heads, tmp_path, monkeypatch):
+    """exported_metadata ran torch.jit.load on the file, which deserializes the program (its __setstate__ methods
+    run as it loads) and its weights: reading what a file of unknown origin says it is must not. A torch.save
+    checkpoint (a zip too) is still no TorchScript file."""
+    out = tmp_path / "m.ts"
+    assert pipeline.export_model(heads["linear"], out, format="torchscript").passed
+    os.remove(f"{out}.json")  # the metadata inside the file, alone
+
+    def refused(*args, **kwargs):
+        raise AssertionError("torch.jit.load ran")
+
+    monkeypatch.setattr(torch.jit, "load", refused)
+    assert pipeline.exported_metadata(out)["classes"] == ["blue", "green", "red"]
+    with pytest.raises(pipeline.PipelineError, match="is no ONNX or TorchScript file: .*not TorchScript's"):
+        pipeline.exported_metadata(heads["linear"])
+
+
 def test_an_export_stopped_before_its_sidecar_leaves_no_old_sidecar_beside_it(heads, tmp_path, monkeypatch):
     """The old sidecar goes before the new file replaces the old one: a stop in between leaves the new file with
     the metadata inside it, never beside the old export's .json."""
