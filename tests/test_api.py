@@ -169,7 +169,8 @@ def test_head_predicts_paths_folders_pil_images_and_features(head, work):
     cache = pipeline.Cache(head.cache_)
     np.testing.assert_allclose(on_cache, head.predict_proba(cache.read_features()), atol=1e-6)
     assert (on_cache.argmax(1) == cache.labels).all()
-    for bad, name in (([42], "int"), (42, "int"), (None, "NoneType")):  # a bare 42: "'int' object is not iterable"
+    # a bare 42 said "'int' object is not iterable", a photo's bytes "cannot predict a int" (its first byte)
+    for bad, name in (([42], "int"), (42, "int"), (None, "NoneType"), (blue.read_bytes(), "bytes")):
         with pytest.raises(TypeError, match=f"cannot predict a {name}: pass image paths"):
             head.predict(bad)
     (work / "broken.jpg").write_bytes(b"not an image")

@@ -208,8 +208,8 @@ def outputs_of_inputs(lm, model, inputs, batch_size: int, workers=None) -> np.nd
         except ImageLoadError as e:
             return Item(i, None, -1, f"<image {i}>", e.reason)
 
-    if isinstance(inputs, (str, os.PathLike, Image.Image)) or not hasattr(inputs, "__iter__"):
-        inputs = [inputs]  # one photo; anything else (5, None) is refused below by name, not "not iterable"
+    if isinstance(inputs, (str, bytes, os.PathLike, Image.Image)) or not hasattr(inputs, "__iter__"):
+        inputs = [inputs]  # one photo; anything else (5, None, bytes) is refused below by name, not "not iterable"
     inputs = list(inputs)
     if not inputs:
         raise UsageError("nothing to predict: X is empty")
@@ -224,7 +224,8 @@ def outputs_of_inputs(lm, model, inputs, batch_size: int, workers=None) -> np.nd
             files += found
         else:
             raise TypeError(f"cannot predict a {type(x).__name__}: pass image paths, folders or PIL images"
-                            + (" (an array of cached features only to a Head)" if isinstance(x, np.ndarray) else ""))
+                            + (" (an array of cached features only to a Head)" if isinstance(x, np.ndarray) else "")
+                            + (" (a photo's bytes: Image.open(io.BytesIO(data)))" if isinstance(x, bytes) else ""))
     got = {"file": ImageOutputs(warn=False), "image": ImageOutputs(warn=False)}
     if files:
         workers = (0 if len(files) < 64 else -1) if workers is None else workers
