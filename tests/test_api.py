@@ -111,6 +111,22 @@ def test_unknown_options_name_themselves_and_the_allowed_ones(work):
         pipeline.preview("data", per_clas=2)
 
 
+@pytest.mark.parametrize("call, what", [
+    (lambda: pipeline.export_model(None, "m.onnx"), "export_model: model"),  # a Head fitted on arrays: checkpoint_ None
+    (lambda: pipeline.export_model("head.pt", None), "export_model: output"),
+    (lambda: pipeline.serve_app(3), "serve_app: model"),
+    (lambda: pipeline.predict_files("head.pt", None), "predict_files: paths"),
+    (lambda: pipeline.predict_files("head.pt", ["a.jpg", 7]), "predict_files: paths"),
+    (lambda: pipeline.extract_features(None, 10), "extract_features: data"),
+    (lambda: pipeline.evaluate_model("head.pt", data=1.5), "evaluate_model: data"),
+    (lambda: pipeline.exported_metadata(None), "exported_metadata: path"),
+])
+def test_a_path_of_another_type_is_refused_naming_the_call_and_its_parameter(call, what):
+    """os.fspath's 'expected str, bytes or os.PathLike object, not NoneType' named no parameter of the call."""
+    with pytest.raises(pipeline.UsageError, match=rf"^{what} must be a path \(a str or pathlib.Path\), got "):
+        call()
+
+
 def test_a_flag_given_as_a_string_is_refused_not_taken_as_true(work):
     """'no' is true to Python: check_image_folder(quarantine='no') moved the broken files it was to leave."""
     (work / "data" / "red" / "broken.jpg").write_bytes(b"")
