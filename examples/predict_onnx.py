@@ -58,8 +58,9 @@ def main(model: str, photos: list) -> None:
                 inputs.append(preprocess(path, meta["preprocessing"], meta["decoding"]))
                 rows.append({"path": path})
             # what Pillow raises on a damaged file besides OSError and ValueError: NotImplementedError (DDS, BLP
-            # headers), RuntimeError (AVIF), AttributeError (a SPIDER header, while opening)
-            except (OSError, ValueError, NotImplementedError, RuntimeError, AttributeError,
+            # headers), RuntimeError (AVIF), AttributeError (a SPIDER header, while opening), TypeError (TIFF strip
+            # offsets stored as fractions)
+            except (OSError, ValueError, NotImplementedError, RuntimeError, AttributeError, TypeError,
                     Image.DecompressionBombError) as e:
                 rows.append({"path": path, "class": None, "probability": None, "error": decode_failure(e)})
         out = dict(zip(names, session.run(names, {"images": np.stack(inputs)}))) if inputs else {}

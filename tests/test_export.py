@@ -174,6 +174,22 @@ def test_the_example_gives_a_damaged_file_its_reason_and_classifies_the_rest(tmp
     assert got[0]["error"] == said  # predict's words
 
 
+def test_a_tiff_pillow_fails_on_with_a_type_error_gets_the_same_reason_in_predict_and_the_example(heads, tmp_path):
+    """Strip offsets stored as fractions: Pillow's TypeError ended predict's whole run ('unexpected TypeError ... a
+    bug?') and the example's with a traceback; now it is the file's row, in the same words."""
+    from tests.badfiles import fraction_strips_tiff
+
+    out = tmp_path / "m.onnx"
+    assert pipeline.export_model(heads["linear"], out).passed
+    (tmp_path / "bad.tif").write_bytes(fraction_strips_tiff())
+    good = min((heads["linear"].parents[2] / "data").rglob("*.jpg"))
+    want = predict(PredictConfig(paths=[str(tmp_path / "bad.tif"), str(good)], model=str(heads["linear"]),
+                                 workers=0, precision="fp32")).rows
+    got = example_rows(out, [tmp_path / "bad.tif", good])
+    assert want[0]["error"].startswith("unreadable image: ") and got[0]["error"] == want[0]["error"]
+    assert got[1]["class"] == want[1]["class"]
+
+
 def test_the_example_never_runs_ghostscript_on_a_photo(tmp_path):
     """An EPS file (PostScript: a program, which may never end) named .jpg: Pillow decodes it by running
     Ghostscript, which the example did when one was installed; now its row says it is not decoded."""

@@ -101,6 +101,18 @@ def test_a_bad_file_beside_good_ones_gets_its_reason_in_its_row(client, head):
     assert rows[1]["class"] is None and rows[1]["error"].startswith("not an image")
 
 
+def test_a_file_pillow_fails_on_with_a_type_error_is_its_rows_reason_not_a_500(client, head):
+    """A damaged TIFF (strip offsets stored as fractions) made Pillow raise TypeError: the request was a 500, and the
+    good photo sent with it got no answer."""
+    from tests.badfiles import fraction_strips_tiff
+
+    r = client.post("/predict", files=[("files", ("bad.tif", fraction_strips_tiff(), "image/tiff"))]
+                    + upload(photos(head)[0]))
+    assert r.status_code == 200
+    bad, good = r.json()
+    assert bad["class"] is None and bad["error"].startswith("unreadable image: ") and good["class"]
+
+
 def _png(w, h) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (w, h), (200, 30, 30)).save(buf, "PNG")

@@ -456,8 +456,9 @@ def decode_stream(fp, min_short_side: int | None = None, max_pixels: int = MAX_I
         raise ImageLoadError(decode_failure(e), "decompression-bomb") from None
     except Image.UnidentifiedImageError as e:
         raise ImageLoadError(decode_failure(e), "not-an-image") from None
-    except (OSError, SyntaxError, ValueError, NotImplementedError, RuntimeError) as e:  # truncated or corrupt data
-        # (Pillow's DDS and BLP readers raise NotImplementedError on a header they cannot read, AVIF's RuntimeError)
+    except (OSError, SyntaxError, ValueError, NotImplementedError, RuntimeError, TypeError) as e:  # corrupt data
+        # (Pillow's DDS and BLP readers raise NotImplementedError on a header they cannot read, AVIF's RuntimeError,
+        # its TIFF reader TypeError on strip offsets stored as fractions: found by mutating small files)
         kind = "truncated" if "truncated" in str(e) else "unreadable"
         raise ImageLoadError(decode_failure(e), kind) from None
 
