@@ -532,6 +532,29 @@ def test_an_unknown_uvicorn_is_refused_at_start_up_not_served_without_a_deadline
         header_deadline.protocol(1.0)
 
 
+def test_serve_model_where_it_cannot_block_says_so_before_loading_the_model(tmp_path, monkeypatch):
+    """In Jupyter (an event loop running) serve_model ended in asyncio's 'Cannot run the event loop while another
+    loop is running', from a thread in 'signal only works in main thread', each after loading the model."""
+    import asyncio
+
+    from pipeline.serving import service
+
+    monkeypatch.setattr(service, "build_app", lambda cfg: pytest.fail("the model was loaded"))
+    model = tmp_path / "head.pt"  # never read
+
+    async def in_a_notebook():
+        pipeline.serve_model(model, port=0)
+
+    with pytest.raises(pipeline.UsageError, match=r"cannot run inside a running event loop \(Jupyter's\).*serve_app"):
+        asyncio.run(in_a_notebook())
+    raised = []
+    thread = threading.Thread(target=lambda: raised.append(pytest.raises(pipeline.UsageError, pipeline.serve_model,
+                                                                         model, port=0)))
+    thread.start()
+    thread.join(30)
+    assert "serve runs in the main thread" in str(raised[0].value)
+
+
 def test_a_port_in_use_is_one_line(head):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
