@@ -314,6 +314,7 @@ class Head(ClassifierMixin, BaseEstimator, FeatureHead, _Classifier):
     def load(cls, path: PathLike, *, weights: Optional[str] = None, verbose: bool = False) -> "Head":
         """A fitted Head from a head.pt (fit-head's checkpoint, or one ``save`` wrote). ``weights``: the
         backbone weights file when it is no longer where the head recorded it (only for images)."""
+        path = _path(path, "Head.load: path")
         ckpt = cls._read(path)
         names = _field_names(FitHeadConfig, cls._EXCLUDE)
         head = cls(verbose=verbose, **{k: v for k, v in (ckpt.get("config") or {}).items() if k in names})
@@ -386,6 +387,7 @@ class Model(_Classifier):
     @classmethod
     def load(cls, path: PathLike, *, weights: Optional[str] = None, verbose: bool = False) -> "Model":
         """A model from any checkpoint of this tool; ``weights``: a head.pt's backbone weights, if moved."""
+        path = _path(path, "Model.load: path")
         model = cls(verbose=verbose)
         model._set_state(path, cls._read(path))
         model._weights = weights

@@ -120,6 +120,9 @@ def test_unknown_options_name_themselves_and_the_allowed_ones(work):
     (lambda: pipeline.extract_features(None, 10), "extract_features: data"),
     (lambda: pipeline.evaluate_model("head.pt", data=1.5), "evaluate_model: data"),
     (lambda: pipeline.exported_metadata(None), "exported_metadata: path"),
+    (lambda: pipeline.Model.load(None), "Model.load: path"),
+    (lambda: pipeline.Head.load(None), "Head.load: path"),
+    (lambda: pipeline.Cache(None), "Cache: path"),
 ])
 def test_a_path_of_another_type_is_refused_naming_the_call_and_its_parameter(call, what):
     """os.fspath's 'expected str, bytes or os.PathLike object, not NoneType' named no parameter of the call."""
