@@ -398,6 +398,23 @@ def test_pil_images_in_memory_meet_the_rules_of_files(head):
             head.predict_proba([good, bad])
 
 
+def test_a_pil_image_whose_file_was_closed_is_refused_with_the_reason(head, work):
+    """``with Image.open(p) as im:`` over before predicting: Pillow's bare AssertionError (an empty message) came
+    out of the resize; a PIL image cut short raised OSError. Each is its image's reason, as a file's would be."""
+    photo = min((work / "data").rglob("*.jpg"))
+    with Image.open(photo) as closed:
+        pass
+    with pytest.raises(pipeline.UsageError, match=r"<image 0> \(its file was closed before its pixels were read"):
+        head.predict([closed])
+    cut = work / "cut.png"
+    Image.new("RGB", (40, 40), (40, 60, 200)).save(cut)
+    cut.write_bytes(cut.read_bytes()[:60])
+    with pytest.raises(pipeline.UsageError, match=r"<image 0> \(unreadable image: "):
+        head.predict([Image.open(cut)])
+    with Image.open(photo) as im:
+        assert head.predict([im]).tolist() == head.predict(photo).tolist()  # inside the block: as the file
+
+
 def test_score_takes_labels_of_the_classes_and_refuses_others(cache):
     """score(X, y) compares with y in fit's own label space (numeric classes are labels, never indices), and a
     label that is no class, an index out of range or a y of the wrong length is an error, never a silent miss."""

@@ -196,7 +196,7 @@ def outputs_of_inputs(lm, model, inputs, batch_size: int, workers=None) -> np.nd
     from PIL import Image
 
     from ..data.folders import ImageLoadError, check_size, to_rgb
-    from ..data.portable import orientation, upright
+    from ..data.portable import decode_failure, orientation, upright
 
     def pil_item(i: int, im) -> Item:
         """A PIL image given in memory, under the rules a file's header meets (empty, too many pixels, too thin),
@@ -204,9 +204,20 @@ def outputs_of_inputs(lm, model, inputs, batch_size: int, workers=None) -> np.nd
         ``ImageOps.exif_transpose`` drops it, so an image already turned is not turned twice)."""
         try:
             check_size(im.size)
+            read_pixels(im)
             return Item(i, lm.transform(upright(to_rgb(im), orientation(im))), -1, f"<image {i}>")
         except ImageLoadError as e:
             return Item(i, None, -1, f"<image {i}>", e.reason)
+
+    def read_pixels(im) -> None:
+        """Pillow reads an opened image's pixels when first used: ImageLoadError when it cannot, as for a file."""
+        try:
+            im.load()
+        except AssertionError:  # Pillow's bare assert: the file closed first (``with Image.open(p) as im`` over)
+            raise ImageLoadError("its file was closed before its pixels were read: pass the path, or call im.load() "
+                                 "inside Image.open's with block", "unreadable") from None
+        except (OSError, ValueError) as e:  # cut short or damaged, as a file's row would say
+            raise ImageLoadError(decode_failure(e), "unreadable") from None
 
     if isinstance(inputs, (str, bytes, os.PathLike, Image.Image)) or not hasattr(inputs, "__iter__"):
         inputs = [inputs]  # one photo; anything else (5, None, bytes) is refused below by name, not "not iterable"
