@@ -15,6 +15,7 @@ its reason in error (predict's words), and the other photos are still classified
 """
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -59,9 +60,9 @@ def main(model: str, photos: list) -> None:
                 rows.append({"path": path})
             # what Pillow raises on a damaged file besides OSError and ValueError: NotImplementedError (DDS, BLP
             # headers), RuntimeError (AVIF), AttributeError (a SPIDER header, while opening), TypeError (TIFF strip
-            # offsets stored as fractions)
+            # offsets stored as fractions); the rule's decompression bombs
             except (OSError, ValueError, NotImplementedError, RuntimeError, AttributeError, TypeError,
-                    Image.DecompressionBombError) as e:
+                    Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
                 rows.append({"path": path, "class": None, "probability": None, "error": decode_failure(e)})
         out = dict(zip(names, session.run(names, {"images": np.stack(inputs)}))) if inputs else {}
         good = iter(range(len(inputs)))
@@ -264,7 +265,10 @@ def preprocess(fp, p, decoding: dict) -> np.ndarray:
     """The network's input for one photo (a path or an open binary file), by the rule above; ``p``: the
     metadata's "preprocessing", ``decoding``: its "decoding". A fused model's "preprocessing" is a list, one a
     backbone: the photo decoded once, part i in channels 3i..3i+2 at the top left of a zero canvas."""
-    with Image.open(fp) as im:
+    with warnings.catch_warnings():  # past Pillow's pixel limit it only warns and decodes: refused, as predict does
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        im = Image.open(fp)
+    with im:
         refuse_external(im)
         refuse_thin(im.size)
         jpeg_draft(im, decoding.get("jpeg_draft_min_short_side"))

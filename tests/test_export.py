@@ -222,6 +222,19 @@ def test_the_example_refuses_a_photo_too_thin_to_resize_as_predict_does(heads, t
         "1 x 20000 pixels: more than 100 times longer than wide, its resize would build a huge image")
 
 
+def test_the_example_refuses_a_photo_past_pillows_pixel_limit_as_predict_does(heads, tmp_path):
+    """Between Pillow's limit and twice it, Pillow only warns: the example decoded a 10000 x 10000 PNG of 120 KB
+    (0.55 GB) and gave it a class, where predict says it is a decompression bomb."""
+    from tests.badfiles import bomb_png
+
+    out = tmp_path / "m.onnx"
+    assert pipeline.export_model(heads["linear"], out).passed
+    (tmp_path / "bomb.png").write_bytes(bomb_png(10000, 10000))  # 1e8 pixels: past the limit, under twice it
+    got = example_rows(out, [tmp_path / "bomb.png"])[0]
+    said = predict(PredictConfig(paths=[str(tmp_path / "bomb.png")], model=str(heads["linear"]), workers=0)).rows[0]
+    assert got["class"] is None and got["error"] == said["error"] and said["error"].startswith("decompression bomb")
+
+
 def test_the_example_holds_the_decoding_rule_verbatim():
     """One rule: the example's decoding is data/portable.py's text below its marker, character for character."""
     from pipeline.data import portable

@@ -21,10 +21,13 @@ The rule:
 4. Resize the shorter side to ``resize_size`` (the longer to int(resize_size * long / short)) with Pillow's
    resampling, center crop ``crop_size`` (offsets int(round((side - crop) / 2))), /255 as float32,
    minus mean, divided by std, channels first.
-An EPS file (Ghostscript) and an image more than MAX_ASPECT_RATIO times longer than wide (its resize would be
-huge) are not decoded: ``Refused``, whose message is the row's reason.
+An EPS file (Ghostscript), an image more than MAX_ASPECT_RATIO times longer than wide (its resize would be
+huge) and one of more pixels than Pillow's limit (``Image.MAX_IMAGE_PIXELS``, a decompression bomb) are not
+decoded: the exception's ``decode_failure`` is the row's reason.
 """
 # Pillow and numpy only below: this file must run where nothing of this project is installed
+import warnings
+
 import numpy as np
 from PIL import Image
 
@@ -215,7 +218,10 @@ def preprocess(fp, p, decoding: dict) -> np.ndarray:
     """The network's input for one photo (a path or an open binary file), by the rule above; ``p``: the
     metadata's "preprocessing", ``decoding``: its "decoding". A fused model's "preprocessing" is a list, one a
     backbone: the photo decoded once, part i in channels 3i..3i+2 at the top left of a zero canvas."""
-    with Image.open(fp) as im:
+    with warnings.catch_warnings():  # past Pillow's pixel limit it only warns and decodes: refused, as predict does
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        im = Image.open(fp)
+    with im:
         refuse_external(im)
         refuse_thin(im.size)
         jpeg_draft(im, decoding.get("jpeg_draft_min_short_side"))
