@@ -117,7 +117,7 @@ def _check_options(cls, options: dict, what: str, exclude: Iterable[str] = ()) -
 
 def _plain(options: dict) -> dict:
     """Paths given as Path objects (or Caches, Heads) become strings, as the configs and the ledger expect."""
-    return {k: _path(v) if isinstance(v, (os.PathLike, Head, Model)) else v for k, v in options.items()}
+    return {k: _path(v, k) if isinstance(v, (os.PathLike, Head, Model)) else v for k, v in options.items()}
 
 
 def _config(cls, what: str, options: dict, **fixed):
@@ -129,10 +129,14 @@ def _config(cls, what: str, options: dict, **fixed):
     return cls(**_plain({**options, **fixed}))
 
 
-def _path(x) -> str:
-    """A path given as a str, a PathLike, or an object of this API (a Cache, Head or Model)."""
+def _path(x, what: str) -> str:
+    """A path given as a str, a PathLike, or an object of this API (a Cache, Head or Model). Anything else is a
+    UsageError naming ``what`` (the call and its parameter: 'export_model: model'), where os.fspath said only
+    'expected str, bytes or os.PathLike object, not NoneType', naming no parameter."""
     if isinstance(x, (Head, Model)):
         return str(x._checkpoint())
+    if not isinstance(x, (str, bytes, os.PathLike)):
+        raise UsageError(f"{what} must be a path (a str or pathlib.Path), got {x!r:.60}")
     return os.fspath(x)
 
 
@@ -185,7 +189,7 @@ def extract_features(data: PathLike, n: int = ExtractConfig.n, *, verbose: Optio
     """
     options = {"n": n, **options}
     options.setdefault("command", _call_text("extract_features", data, **options))
-    cfg = _config(ExtractConfig, "extract_features", options, data=os.fspath(data))
+    cfg = _config(ExtractConfig, "extract_features", options, data=_path(data, "extract_features: data"))
     from .extraction.extract import extract
 
     with verbosity(verbose):
@@ -299,7 +303,8 @@ class Head(ClassifierMixin, BaseEstimator, FeatureHead, _Classifier):
         from .heads.fit_head import fit_head
 
         # several caches of the same photos: one head on their fused features (heads/fused_views.py)
-        cfg = self._config(cache=None if X is None else [_path(x) for x in X] if several else _path(X))
+        cfg = self._config(cache=None if X is None else [_path(x, "Head.fit: X") for x in X] if several
+                           else _path(X, "Head.fit: X"))
         with verbosity(self.verbose if verbose is None else verbose):
             result = fit_head(cfg)
         self._set_state(result.checkpoint, result=result)
@@ -309,6 +314,7 @@ class Head(ClassifierMixin, BaseEstimator, FeatureHead, _Classifier):
     def load(cls, path: PathLike, *, weights: Optional[str] = None, verbose: bool = False) -> "Head":
         """A fitted Head from a head.pt (fit-head's checkpoint, or one ``save`` wrote). ``weights``: the
         backbone weights file when it is no longer where the head recorded it (only for images)."""
+        path = _path(path, "Head.load: path")
         ckpt = cls._read(path)
         names = _field_names(FitHeadConfig, cls._EXCLUDE)
         head = cls(verbose=verbose, **{k: v for k, v in (ckpt.get("config") or {}).items() if k in names})
@@ -322,7 +328,8 @@ class Head(ClassifierMixin, BaseEstimator, FeatureHead, _Classifier):
 
         ckpt_path = str(self._checkpoint())
         check_options(EvaluateConfig, {"split": split}, what="Head.score")  # a misspelt split is no silent 'auto'
-        cfg = EvaluateConfig(model=ckpt_path, cache=_path(cache), split=split, device=device or self.device)
+        cfg = EvaluateConfig(model=ckpt_path, cache=_path(cache, "Head.score: X"), split=split,
+                             device=device or self.device)
         with verbosity(self.verbose):
             return PREDICTORS[("fit-head", "cache")](ckpt_path, self._read(ckpt_path), cfg)
 
@@ -380,6 +387,7 @@ class Model(_Classifier):
     @classmethod
     def load(cls, path: PathLike, *, weights: Optional[str] = None, verbose: bool = False) -> "Model":
         """A model from any checkpoint of this tool; ``weights``: a head.pt's backbone weights, if moved."""
+        path = _path(path, "Model.load: path")
         model = cls(verbose=verbose)
         model._set_state(path, cls._read(path))
         model._weights = weights
@@ -407,7 +415,8 @@ def choose_backbone(data: PathLike, backbones: Sequence[str], *, verbose: Option
 
     if isinstance(backbones, str):
         backbones = [backbones]
-    cfg = _config(ChooseBackboneConfig, "choose_backbone", options, data=_path(data), backbones=tuple(backbones))
+    cfg = _config(ChooseBackboneConfig, "choose_backbone", options, data=_path(data, "choose_backbone: data"),
+                  backbones=tuple(backbones))
     with verbosity(verbose):
         return run(cfg)
 
@@ -434,7 +443,7 @@ def compare_sklearn(cache: Union[Cache, PathLike, None] = None, *, head: Union[H
     head_params.update({k: v for k, v in options.items() if k in head_fields - compare_fields})
     head_params, options = _plain(head_params), _plain(options)
     cfg = CompareConfig(**{k: v for k, v in options.items() if k in compare_fields},
-                        cache=None if cache is None else _path(cache),
+                        cache=None if cache is None else _path(cache, "compare_sklearn: cache"),
                         head=FitHeadConfig(**{k: v for k, v in head_params.items() if k != "cache"}))
     from .heads.compare import compare_sklearn as run
 
@@ -452,7 +461,7 @@ def train_model(data: PathLike, *, verbose: Optional[bool] = False, **options) -
     Ctrl-C raises ``TrainingInterrupted`` (a KeyboardInterrupt) naming the run folder ``resume`` continues.
     """
     from .models.train import train
-    cfg = _config(TrainConfig, "train_model", options, data=os.fspath(data))
+    cfg = _config(TrainConfig, "train_model", options, data=_path(data, "train_model: data"))
     with verbosity(verbose):
         result = train(cfg)
     model = Model(verbose=bool(verbose))
@@ -468,9 +477,9 @@ def finetune_model(data: PathLike, init: Union[Head, Model, PathLike, None] = No
     ``options``: FinetuneConfig's (unfreeze='all' or K, epochs, head_epochs, lr, backbone_lr, and train's).
     """
     from .models.train import finetune
-    fixed = {"data": os.fspath(data)}
+    fixed = {"data": _path(data, "finetune_model: data")}
     if init is not None:
-        fixed["init_head"] = _path(init)
+        fixed["init_head"] = _path(init, "finetune_model: init")
     cfg = _config(FinetuneConfig, "finetune_model", options, **fixed)
     with verbosity(verbose):
         result = finetune(cfg)
@@ -498,8 +507,9 @@ def evaluate_model(model: Union[Head, Model, PathLike], cache: Union[Cache, Path
     from .reports.evaluate import evaluate
     from .reports.evaluate import figures as draw
 
-    cfg = _config(EvaluateConfig, "evaluate_model", options, model=_path(model),
-                  cache=None if cache is None else _path(cache), data=None if data is None else os.fspath(data))
+    cfg = _config(EvaluateConfig, "evaluate_model", options, model=_path(model, "evaluate_model: model"),
+                  cache=None if cache is None else _path(cache, "evaluate_model: cache"),
+                  data=None if data is None else _path(data, "evaluate_model: data"))
     with verbosity(verbose):
         result = evaluate(cfg)
     return replace(result, figures=draw(result.to_dict())) if figures else result
@@ -515,9 +525,9 @@ def predict_files(model: Union[Head, Model, PathLike], paths: Union[PathLike, Se
     """
     from .models.predict import predict
 
-    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-    cfg = _config(PredictConfig, "predict_files", options, model=_path(model),
-                  paths=[os.fspath(p) for p in paths])
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) or not hasattr(paths, "__iter__") else list(paths)
+    cfg = _config(PredictConfig, "predict_files", options, model=_path(model, "predict_files: model"),
+                  paths=[_path(p, "predict_files: paths") for p in paths])
     with verbosity(verbose):
         result = predict(cfg)
     return Rows(result.rows, result)
@@ -533,8 +543,8 @@ def preview(data: PathLike, *, output: Optional[PathLike] = None, **options):
     """
     from .reports.pictures import preview as preview_figure
 
-    fig, info = preview_figure(_config(PreviewConfig, "preview", options, data=os.fspath(data),
-                                       output=os.fspath(output) if output else ""))
+    fig, info = preview_figure(_config(PreviewConfig, "preview", options, data=_path(data, "preview: data"),
+                                       output=_path(output, "preview: output") if output else ""))
     return _finish_figure(fig, info, output)
 
 
@@ -547,8 +557,9 @@ def feature_map(image: PathLike, *, output: Optional[PathLike] = None, **options
     """
     from .reports.pictures import feature_map as feature_map_figure
 
-    fig, info = feature_map_figure(_config(FeatureMapConfig, "feature_map", options, image=os.fspath(image),
-                                           output=os.fspath(output) if output else ""))
+    fig, info = feature_map_figure(_config(FeatureMapConfig, "feature_map", options,
+                                           image=_path(image, "feature_map: image"),
+                                           output=_path(output, "feature_map: output") if output else ""))
     return _finish_figure(fig, info, output)
 
 
@@ -588,7 +599,7 @@ def check_image_folder(root: PathLike, *, verbose: Optional[bool] = False, **opt
     workers)."""
     from .data.check_images import check_images
 
-    cfg = _config(CheckImagesConfig, "check_image_folder", options, root=os.fspath(root))
+    cfg = _config(CheckImagesConfig, "check_image_folder", options, root=_path(root, "check_image_folder: root"))
     with verbosity(verbose):
         return check_images(cfg)
 
@@ -622,7 +633,8 @@ def list_runs(runs_dir: PathLike = FitHeadConfig.runs_dir, *, sort_by: Optional[
     ``sort_by`` (val_acc, accuracy, ...), optionally only on ``cache`` or with ``backbone`` (``python cli.py runs``)."""
     from .runs.ledger import read_runs
 
-    return Rows(read_runs(os.fspath(runs_dir), sort_by=sort_by, cache=None if cache is None else _path(cache),
+    return Rows(read_runs(_path(runs_dir, "list_runs: runs_dir"), sort_by=sort_by,
+                          cache=None if cache is None else _path(cache, "list_runs: cache"),
                           backbone=backbone))
 
 
@@ -639,7 +651,7 @@ def imagenet_check(image: PathLike, **options):
     if unknown:
         raise UsageError(f"imagenet_check: unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
                          f"allowed: {', '.join(allowed)}")
-    return run(os.fspath(image), **options)
+    return run(_path(image, "imagenet_check: image"), **options)
 
 
 def model_summary(**options):
@@ -666,7 +678,7 @@ def audit_folder(data: Optional[PathLike] = None, *, verbose: Optional[bool] = F
     """
     from .reports.audit import audit as run
 
-    fixed = {"data": os.fspath(data)} if data is not None else {}
+    fixed = {"data": _path(data, "audit_folder: data")} if data is not None else {}
     cfg = _config(AuditConfig, "audit_folder", _plain(options), **fixed)
     with verbosity(verbose):
         return run(cfg)
@@ -681,7 +693,8 @@ def suggest(data: PathLike, pool: PathLike, *, verbose: Optional[bool] = False, 
     ``options``: SuggestConfig's (k=50, rule, head, cache_dir, backbone, weights, output, ...)."""
     from .reports.suggest import suggest as run
 
-    cfg = _config(SuggestConfig, "suggest", options, data=os.fspath(data), pool=os.fspath(pool))
+    cfg = _config(SuggestConfig, "suggest", options, data=_path(data, "suggest: data"),
+                  pool=_path(pool, "suggest: pool"))
     with verbosity(verbose):
         return run(cfg)
 
@@ -697,7 +710,8 @@ def export_model(model: Union[Head, Model, PathLike], output: PathLike, *, verbo
     """
     from .serving.export import export
 
-    cfg = _config(ExportConfig, "export_model", options, model=_path(model), output=os.fspath(output))
+    cfg = _config(ExportConfig, "export_model", options, model=_path(model, "export_model: model"),
+                  output=_path(output, "export_model: output"))
     with verbosity(verbose):
         return export(cfg)
 
@@ -708,7 +722,7 @@ def exported_metadata(path: PathLike) -> dict:
     (PipelineError), never used."""
     from .serving.export import read_metadata
 
-    return read_metadata(path)
+    return read_metadata(_path(path, "exported_metadata: path"))
 
 
 def serve_app(model: Union[Head, Model, PathLike], **options):
@@ -720,7 +734,7 @@ def serve_app(model: Union[Head, Model, PathLike], **options):
     as ``pipeline.serving.service.server_config(app)``'s uvicorn Config does, bounds slow headers."""
     from .serving.service import build_app
 
-    return build_app(_config(ServeConfig, "serve_app", options, model=_path(model)))
+    return build_app(_config(ServeConfig, "serve_app", options, model=_path(model, "serve_app: model")))
 
 
 def serve_model(model: Union[Head, Model, PathLike], *, verbose: Optional[bool] = None, **options) -> dict:
@@ -728,6 +742,6 @@ def serve_model(model: Union[Head, Model, PathLike], *, verbose: Optional[bool] 
     ``POST /predict``, ``GET /info``, ``GET /health``. ``options``: ServeConfig's (host='127.0.0.1', port=8000, ...)."""
     from .serving.service import serve
 
-    cfg = _config(ServeConfig, "serve_model", options, model=_path(model))
+    cfg = _config(ServeConfig, "serve_model", options, model=_path(model, "serve_model: model"))
     with verbosity(verbose):
         return serve(cfg)

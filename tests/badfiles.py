@@ -51,6 +51,18 @@ def bomb_png(width: int = 30000, height: int = 30000) -> bytes:
             + png_chunk(b"IDAT", zlib.compress(b"\0" * 64)) + png_chunk(b"IEND", b""))
 
 
+def fraction_strips_tiff() -> bytes:
+    """A small TIFF whose StripOffsets tag has the RATIONAL type: Pillow's reader raises TypeError (not OSError or
+    ValueError) seeking to a fraction, as it did on a mutated TIFF of 1.4 KB."""
+    data = bytearray(_encode(Image.new("RGB", (8, 8), (200, 30, 30)), "TIFF"))
+    ifd = struct.unpack_from("<I", data, 4)[0]
+    for k in range(struct.unpack_from("<H", data, ifd)[0]):
+        at = ifd + 2 + 12 * k
+        if struct.unpack_from("<H", data, at)[0] == 273:  # StripOffsets
+            struct.pack_into("<H", data, at + 2, 5)  # its type: RATIONAL
+    return bytes(data)
+
+
 def _corrupt_exif_jpeg() -> bytes:
     """A good JPEG whose EXIF block is cut short: PIL warns when it parses it at open."""
     exif = Image.Exif()

@@ -111,6 +111,25 @@ def test_unknown_options_name_themselves_and_the_allowed_ones(work):
         pipeline.preview("data", per_clas=2)
 
 
+@pytest.mark.parametrize("call, what", [
+    (lambda: pipeline.export_model(None, "m.onnx"), "export_model: model"),  # a Head fitted on arrays: checkpoint_ None
+    (lambda: pipeline.export_model("head.pt", None), "export_model: output"),
+    (lambda: pipeline.serve_app(3), "serve_app: model"),
+    (lambda: pipeline.predict_files("head.pt", None), "predict_files: paths"),
+    (lambda: pipeline.predict_files("head.pt", ["a.jpg", 7]), "predict_files: paths"),
+    (lambda: pipeline.extract_features(None, 10), "extract_features: data"),
+    (lambda: pipeline.evaluate_model("head.pt", data=1.5), "evaluate_model: data"),
+    (lambda: pipeline.exported_metadata(None), "exported_metadata: path"),
+    (lambda: pipeline.Model.load(None), "Model.load: path"),
+    (lambda: pipeline.Head.load(None), "Head.load: path"),
+    (lambda: pipeline.Cache(None), "Cache: path"),
+])
+def test_a_path_of_another_type_is_refused_naming_the_call_and_its_parameter(call, what):
+    """os.fspath's 'expected str, bytes or os.PathLike object, not NoneType' named no parameter of the call."""
+    with pytest.raises(pipeline.UsageError, match=rf"^{what} must be a path \(a str or pathlib.Path\), got "):
+        call()
+
+
 def test_a_flag_given_as_a_string_is_refused_not_taken_as_true(work):
     """'no' is true to Python: check_image_folder(quarantine='no') moved the broken files it was to leave."""
     (work / "data" / "red" / "broken.jpg").write_bytes(b"")
@@ -169,7 +188,8 @@ def test_head_predicts_paths_folders_pil_images_and_features(head, work):
     cache = pipeline.Cache(head.cache_)
     np.testing.assert_allclose(on_cache, head.predict_proba(cache.read_features()), atol=1e-6)
     assert (on_cache.argmax(1) == cache.labels).all()
-    for bad, name in (([42], "int"), (42, "int"), (None, "NoneType")):  # a bare 42: "'int' object is not iterable"
+    # a bare 42 said "'int' object is not iterable", a photo's bytes "cannot predict a int" (its first byte)
+    for bad, name in (([42], "int"), (42, "int"), (None, "NoneType"), (blue.read_bytes(), "bytes")):
         with pytest.raises(TypeError, match=f"cannot predict a {name}: pass image paths"):
             head.predict(bad)
     (work / "broken.jpg").write_bytes(b"not an image")
@@ -376,6 +396,23 @@ def test_pil_images_in_memory_meet_the_rules_of_files(head):
                         (Image.new("RGB", (30000, 1)), "more than 100 times longer than wide")]:
         with pytest.raises(pipeline.UsageError, match=rf"1 of 2 images could not be read: <image 1> \(.*{reason}"):
             head.predict_proba([good, bad])
+
+
+def test_a_pil_image_whose_file_was_closed_is_refused_with_the_reason(head, work):
+    """``with Image.open(p) as im:`` over before predicting: Pillow's bare AssertionError (an empty message) came
+    out of the resize; a PIL image cut short raised OSError. Each is its image's reason, as a file's would be."""
+    photo = min((work / "data").rglob("*.jpg"))
+    with Image.open(photo) as closed:
+        pass
+    with pytest.raises(pipeline.UsageError, match=r"<image 0> \(its file was closed before its pixels were read"):
+        head.predict([closed])
+    cut = work / "cut.png"
+    Image.new("RGB", (40, 40), (40, 60, 200)).save(cut)
+    cut.write_bytes(cut.read_bytes()[:60])
+    with pytest.raises(pipeline.UsageError, match=r"<image 0> \(unreadable image: "):
+        head.predict([Image.open(cut)])
+    with Image.open(photo) as im:
+        assert head.predict([im]).tolist() == head.predict(photo).tolist()  # inside the block: as the file
 
 
 def test_score_takes_labels_of_the_classes_and_refuses_others(cache):

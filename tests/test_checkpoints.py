@@ -3,6 +3,7 @@ checkpoints written before versions were recorded still read."""
 import pytest
 import torch
 
+from pipeline.errors import UsageError
 from pipeline.heads.checkpoints import FORMAT_VERSION, read_checkpoint, write_checkpoint
 from pipeline.heads.fit_head import FitHeadConfig, fit_head
 from pipeline.models.whole_models import build_model, load_model, save_model
@@ -36,6 +37,14 @@ def test_a_newer_format_version_is_refused_in_one_line(head_pt, tmp_path):
     torch.save({**torch.load(head_pt, weights_only=True), "format_version": FORMAT_VERSION + 1}, tmp_path / "new.pt")
     with pytest.raises(ValueError, match="format version 2; this tool reads versions 0 to 1"):
         read_checkpoint(tmp_path / "new.pt")
+
+
+def test_a_folder_given_as_the_model_is_said_to_be_a_folder(tmp_path):
+    """pipeline.Model.load(run_dir) (the run folder, not its head.pt) said the folder 'does not exist'."""
+    with pytest.raises(UsageError, match=r"model file '.*' is a folder: name the head.pt or model.pt in it"):
+        read_checkpoint(tmp_path)
+    with pytest.raises(UsageError, match="does not exist"):
+        read_checkpoint(tmp_path / "head.pt")
 
 
 def test_the_writer_refuses_an_unknown_kind(tmp_path):

@@ -176,6 +176,22 @@ def test_the_example_gives_a_damaged_file_its_reason_and_classifies_the_rest(tmp
     assert got[0]["error"] == said  # predict's words
 
 
+def test_a_tiff_pillow_fails_on_with_a_type_error_gets_the_same_reason_in_predict_and_the_example(heads, tmp_path):
+    """Strip offsets stored as fractions: Pillow's TypeError ended predict's whole run ('unexpected TypeError ... a
+    bug?') and the example's with a traceback; now it is the file's row, in the same words."""
+    from tests.badfiles import fraction_strips_tiff
+
+    out = tmp_path / "m.onnx"
+    assert pipeline.export_model(heads["linear"], out).passed
+    (tmp_path / "bad.tif").write_bytes(fraction_strips_tiff())
+    good = min((heads["linear"].parents[2] / "data").rglob("*.jpg"))
+    want = predict(PredictConfig(paths=[str(tmp_path / "bad.tif"), str(good)], model=str(heads["linear"]),
+                                 workers=0, precision="fp32")).rows
+    got = example_rows(out, [tmp_path / "bad.tif", good])
+    assert want[0]["error"].startswith("unreadable image: ") and got[0]["error"] == want[0]["error"]
+    assert got[1]["class"] == want[1]["class"]
+
+
 def test_the_example_never_runs_ghostscript_on_a_photo(tmp_path):
     """An EPS file (PostScript: a program, which may never end) named .jpg: Pillow decodes it by running
     Ghostscript, which the example did when one was installed; now its row says it is not decoded."""
@@ -194,6 +210,31 @@ def test_the_example_never_runs_ghostscript_on_a_photo(tmp_path):
                           str(tmp_path / "photo.jpg")], capture_output=True, text=True, check=True, env=env)
     row = json.loads(got.stdout.splitlines()[0])
     assert row["class"] is None and "EPS is not decoded" in row["error"] and not ran.exists()
+
+
+def test_the_example_refuses_a_photo_too_thin_to_resize_as_predict_does(heads, tmp_path):
+    """A 1 x 20000 PNG (161 bytes): predict refuses it from its header, the example resized it (at a resize size
+    of 256, a 256 x 5,120,000 image: 5.2 GB and 14 s) and gave it a class."""
+    out = tmp_path / "m.onnx"
+    assert pipeline.export_model(heads["linear"], out).passed
+    Image.new("RGB", (1, 20000), (0, 0, 255)).save(tmp_path / "thin.png")
+    got = example_rows(out, [tmp_path / "thin.png"])[0]
+    said = predict(PredictConfig(paths=[str(tmp_path / "thin.png")], model=str(heads["linear"]), workers=0)).rows[0]
+    assert got["class"] is None and got["error"] == said["error"] == (
+        "1 x 20000 pixels: more than 100 times longer than wide, its resize would build a huge image")
+
+
+def test_the_example_refuses_a_photo_past_pillows_pixel_limit_as_predict_does(heads, tmp_path):
+    """Between Pillow's limit and twice it, Pillow only warns: the example decoded a 10000 x 10000 PNG of 120 KB
+    (0.55 GB) and gave it a class, where predict says it is a decompression bomb."""
+    from tests.badfiles import bomb_png
+
+    out = tmp_path / "m.onnx"
+    assert pipeline.export_model(heads["linear"], out).passed
+    (tmp_path / "bomb.png").write_bytes(bomb_png(10000, 10000))  # 1e8 pixels: past the limit, under twice it
+    got = example_rows(out, [tmp_path / "bomb.png"])[0]
+    said = predict(PredictConfig(paths=[str(tmp_path / "bomb.png")], model=str(heads["linear"]), workers=0)).rows[0]
+    assert got["class"] is None and got["error"] == said["error"] and said["error"].startswith("decompression bomb")
 
 
 def test_the_example_holds_the_decoding_rule_verbatim():
@@ -424,6 +465,23 @@ def test_a_torchscript_sidecar_from_another_export_is_refused(heads, tmp_path):
     Path(f"{first}.json").write_text(Path(f"{second}.json").read_text())
     with pytest.raises(pipeline.PipelineError, match="is not the metadata of"):
         export_mod.read_metadata(first)
+
+
+def test_a_torchscript_files_metadata_is_read_without_loading_its_program(heads, tmp_path, monkeypatch):
+    """exported_metadata ran torch.jit.load on the file, which deserializes the program (its __setstate__ methods
+    run as it loads) and its weights: reading what a file of unknown origin says it is must not. A torch.save
+    checkpoint (a zip too) is still no TorchScript file."""
+    out = tmp_path / "m.ts"
+    assert pipeline.export_model(heads["linear"], out, format="torchscript").passed
+    os.remove(f"{out}.json")  # the metadata inside the file, alone
+
+    def refused(*args, **kwargs):
+        raise AssertionError("torch.jit.load ran")
+
+    monkeypatch.setattr(torch.jit, "load", refused)
+    assert pipeline.exported_metadata(out)["classes"] == ["blue", "green", "red"]
+    with pytest.raises(pipeline.PipelineError, match="is no ONNX or TorchScript file: .*not TorchScript's"):
+        pipeline.exported_metadata(heads["linear"])
 
 
 def test_an_export_stopped_before_its_sidecar_leaves_no_old_sidecar_beside_it(heads, tmp_path, monkeypatch):

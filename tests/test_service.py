@@ -101,6 +101,18 @@ def test_a_bad_file_beside_good_ones_gets_its_reason_in_its_row(client, head):
     assert rows[1]["class"] is None and rows[1]["error"].startswith("not an image")
 
 
+def test_a_file_pillow_fails_on_with_a_type_error_is_its_rows_reason_not_a_500(client, head):
+    """A damaged TIFF (strip offsets stored as fractions) made Pillow raise TypeError: the request was a 500, and the
+    good photo sent with it got no answer."""
+    from tests.badfiles import fraction_strips_tiff
+
+    r = client.post("/predict", files=[("files", ("bad.tif", fraction_strips_tiff(), "image/tiff"))]
+                    + upload(photos(head)[0]))
+    assert r.status_code == 200
+    bad, good = r.json()
+    assert bad["class"] is None and bad["error"].startswith("unreadable image: ") and good["class"]
+
+
 def _png(w, h) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (w, h), (200, 30, 30)).save(buf, "PNG")
@@ -518,6 +530,29 @@ def test_an_unknown_uvicorn_is_refused_at_start_up_not_served_without_a_deadline
     monkeypatch.setattr(header_deadline, "HOOKS", {"a_method_uvicorn_never_had": ()})
     with pytest.raises(PipelineError, match="has no a_method_uvicorn_never_had"):
         header_deadline.protocol(1.0)
+
+
+def test_serve_model_where_it_cannot_block_says_so_before_loading_the_model(tmp_path, monkeypatch):
+    """In Jupyter (an event loop running) serve_model ended in asyncio's 'Cannot run the event loop while another
+    loop is running', from a thread in 'signal only works in main thread', each after loading the model."""
+    import asyncio
+
+    from pipeline.serving import service
+
+    monkeypatch.setattr(service, "build_app", lambda cfg: pytest.fail("the model was loaded"))
+    model = tmp_path / "head.pt"  # never read
+
+    async def in_a_notebook():
+        pipeline.serve_model(model, port=0)
+
+    with pytest.raises(pipeline.UsageError, match=r"cannot run inside a running event loop \(Jupyter's\).*serve_app"):
+        asyncio.run(in_a_notebook())
+    raised = []
+    thread = threading.Thread(target=lambda: raised.append(pytest.raises(pipeline.UsageError, pipeline.serve_model,
+                                                                         model, port=0)))
+    thread.start()
+    thread.join(30)
+    assert "serve runs in the main thread" in str(raised[0].value)
 
 
 def test_a_port_in_use_is_one_line(head):

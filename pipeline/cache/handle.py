@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 
+from ..errors import UsageError
+
 if TYPE_CHECKING:
     from ..extraction.extract import ExtractResult
     from .feature_cache import FeatureCache
@@ -39,6 +41,8 @@ class Cache:
     def __init__(self, path, *, result: Optional[ExtractResult] = None):
         from .feature_cache import read_info
 
+        if not isinstance(path, (str, bytes, os.PathLike)):  # as the API says it (api._path): not Path's TypeError
+            raise UsageError(f"Cache: path must be a path (a str or pathlib.Path), got {path!r:.60}")
         self.path = Path(os.fspath(path))
         self._info = read_info(self.path)
         self.result = result

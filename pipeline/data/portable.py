@@ -21,9 +21,13 @@ The rule:
 4. Resize the shorter side to ``resize_size`` (the longer to int(resize_size * long / short)) with Pillow's
    resampling, center crop ``crop_size`` (offsets int(round((side - crop) / 2))), /255 as float32,
    minus mean, divided by std, channels first.
+An EPS file (Ghostscript), an image more than MAX_ASPECT_RATIO times longer than wide (its resize would be
+huge), one of more pixels than Pillow's limit (``Image.MAX_IMAGE_PIXELS``, a decompression bomb) and a file of
+no bytes are not decoded: the exception's ``decode_failure`` is the row's reason.
 """
 # Pillow and numpy only below: this file must run where nothing of this project is installed
 import os
+import warnings
 
 import numpy as np
 from PIL import Image
@@ -195,7 +199,22 @@ def refuse_empty(fp) -> None:
 
 
 class Refused(ValueError):
-    """A file this rule will not decode (``refuse_external``, ``refuse_empty``): its message is the whole reason."""
+    """A file this rule will not decode (``refuse_external``, ``refuse_empty``, ``refuse_thin``): its message is the
+    whole reason."""
+
+
+#: Longest side over shortest side decoded. The resize sets the shorter side to ``resize_size``, so what it
+#: builds grows with this ratio, not with the file: a 1 x 20000 PNG of 161 bytes became a 256 x 5,120,000
+#: image (the example took 5.2 GB and 14 s on it). At 100 the resize stays under 7 M pixels.
+MAX_ASPECT_RATIO = 100
+
+
+def refuse_thin(size) -> None:
+    """``Refused`` for an image of ``size`` (from its header) too thin to resize safely, before it is decoded."""
+    w, h = size
+    if max(w, h) > MAX_ASPECT_RATIO * max(1, min(w, h)):
+        raise Refused(f"{w} x {h} pixels: more than {MAX_ASPECT_RATIO} times longer than wide, its resize would "
+                      "build a huge image")
 
 
 def decode_failure(e: Exception) -> str:
@@ -216,8 +235,12 @@ def preprocess(fp, p, decoding: dict) -> np.ndarray:
     metadata's "preprocessing", ``decoding``: its "decoding". A fused model's "preprocessing" is a list, one a
     backbone: the photo decoded once, part i in channels 3i..3i+2 at the top left of a zero canvas."""
     refuse_empty(fp)
-    with Image.open(fp) as im:
+    with warnings.catch_warnings():  # past Pillow's pixel limit it only warns and decodes: refused, as predict does
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        im = Image.open(fp)
+    with im:
         refuse_external(im)
+        refuse_thin(im.size)
         jpeg_draft(im, decoding.get("jpeg_draft_min_short_side"))
         im.load()
         rgb = upright(to_rgb(im), orientation(im))

@@ -83,6 +83,8 @@ def read_checkpoint(path) -> dict:
     line naming the bad field, never a traceback somewhere in predict, evaluate or finetune.
     """
     path = Path(path)
+    if path.is_dir():  # the API's Model.load, serve_app, ... (the CLI's --model says so itself)
+        raise UsageError(f"model file {str(path)!r} is a folder: name the head.pt or model.pt in it")
     if not path.is_file():
         raise UsageError(f"model file {str(path)!r} does not exist")
     ckpt = load_weights_only(path, f"{str(path)!r} is not a loadable checkpoint")

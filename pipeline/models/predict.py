@@ -200,7 +200,7 @@ def outputs_of_inputs(lm, model, inputs, batch_size: int, workers=None) -> np.nd
     from PIL import Image
 
     from ..data.folders import ImageLoadError, check_size, to_rgb
-    from ..data.portable import orientation, upright
+    from ..data.portable import decode_failure, orientation, upright
 
     def pil_item(i: int, im) -> Item:
         """A PIL image given in memory, under the rules a file's header meets (empty, too many pixels, too thin),
@@ -208,12 +208,23 @@ def outputs_of_inputs(lm, model, inputs, batch_size: int, workers=None) -> np.nd
         ``ImageOps.exif_transpose`` drops it, so an image already turned is not turned twice)."""
         try:
             check_size(im.size)
+            read_pixels(im)
             return Item(i, lm.transform(upright(to_rgb(im), orientation(im))), -1, f"<image {i}>")
         except ImageLoadError as e:
             return Item(i, None, -1, f"<image {i}>", e.reason)
 
-    if isinstance(inputs, (str, os.PathLike, Image.Image)) or not hasattr(inputs, "__iter__"):
-        inputs = [inputs]  # one photo; anything else (5, None) is refused below by name, not "not iterable"
+    def read_pixels(im) -> None:
+        """Pillow reads an opened image's pixels when first used: ImageLoadError when it cannot, as for a file."""
+        try:
+            im.load()
+        except AssertionError:  # Pillow's bare assert: the file closed first (``with Image.open(p) as im`` over)
+            raise ImageLoadError("its file was closed before its pixels were read: pass the path, or call im.load() "
+                                 "inside Image.open's with block", "unreadable") from None
+        except (OSError, ValueError) as e:  # cut short or damaged, as a file's row would say
+            raise ImageLoadError(decode_failure(e), "unreadable") from None
+
+    if isinstance(inputs, (str, bytes, os.PathLike, Image.Image)) or not hasattr(inputs, "__iter__"):
+        inputs = [inputs]  # one photo; anything else (5, None, bytes) is refused below by name, not "not iterable"
     inputs = list(inputs)
     if not inputs:
         raise UsageError("nothing to predict: X is empty")
@@ -228,7 +239,8 @@ def outputs_of_inputs(lm, model, inputs, batch_size: int, workers=None) -> np.nd
             files += found
         else:
             raise TypeError(f"cannot predict a {type(x).__name__}: pass image paths, folders or PIL images"
-                            + (" (an array of cached features only to a Head)" if isinstance(x, np.ndarray) else ""))
+                            + (" (an array of cached features only to a Head)" if isinstance(x, np.ndarray) else "")
+                            + (" (a photo's bytes: Image.open(io.BytesIO(data)))" if isinstance(x, bytes) else ""))
     got = {"file": ImageOutputs(warn=False), "image": ImageOutputs(warn=False)}
     if files:
         workers = (0 if len(files) < 64 else -1) if workers is None else workers

@@ -62,6 +62,8 @@ OUTPUTS = ("probabilities", "unknown_score")
 METADATA_VERSION = 1
 #: the key of the metadata inside a TorchScript file (torch.jit.load(..., _extra_files={KEY: ""}))
 TORCHSCRIPT_KEY = "transfer_pipeline.json"
+#: the most bytes of metadata read from inside a TorchScript archive (an export's are a few KB)
+MAX_METADATA_BYTES = 1_000_000
 #: what each format needs beyond the required packages: (module, why), for one clear line when missing
 NEEDS = {"onnx": (("onnx", "writes the file"), ("onnxscript", "torch's ONNX exporter"),
                   ("onnxruntime", "runs the parity check")),
@@ -135,11 +137,8 @@ def embedded_metadata(path) -> Optional[dict]:
     import zipfile
 
     if zipfile.is_zipfile(path):  # a TorchScript file is a zip archive
-        extra = {TORCHSCRIPT_KEY: ""}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-        return json.loads(extra[TORCHSCRIPT_KEY]) if extra[TORCHSCRIPT_KEY] else None
+        extra = torchscript_extra(path)
+        return json.loads(extra) if extra else None
     import onnx
 
     from google.protobuf.message import DecodeError
@@ -152,6 +151,29 @@ def embedded_metadata(path) -> Optional[dict]:
     except DecodeError as e:
         raise ValueError(e) from None
     return {key: decoded(key, value) for key, value in props.items()} or None
+
+
+def torchscript_extra(path) -> str:
+    """The metadata file inside a TorchScript archive ('' when it holds none), read as a zip member: torch.jit.load
+    deserializes the program (running its __setstate__ methods) and its weights, which reading the metadata of a
+    file of unknown origin must not do. ValueError for a zip that is no TorchScript archive (no constants.pkl:
+    a torch.save checkpoint, say) or metadata past MAX_METADATA_BYTES."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = set(z.namelist())
+            tops = {n.split("/")[0] for n in names if n.count("/") == 1 and n.endswith("/constants.pkl")}
+            if len(tops) != 1:
+                raise ValueError("a zip archive, but not TorchScript's (no constants.pkl)")
+            member = f"{tops.pop()}/extra/{TORCHSCRIPT_KEY}"
+            if member not in names:
+                return ""
+            if z.getinfo(member).file_size > MAX_METADATA_BYTES:
+                raise ValueError(f"its {TORCHSCRIPT_KEY} is over {MAX_METADATA_BYTES} bytes")
+            return z.read(member).decode("utf-8")
+    except zipfile.BadZipFile as e:  # a damaged member (its CRC): not an OSError or ValueError
+        raise ValueError(f"a damaged zip archive ({e})") from None
 
 
 def decoded(key: str, value: str):

@@ -492,11 +492,30 @@ def listening_socket(host: str, port: int):
     return s
 
 
+def check_blocking_allowed() -> None:
+    """UsageError, before the model loads, where serve cannot run: it blocks in its own event loop until SIGTERM
+    or Ctrl-C, whose handlers only the main thread sets. pipeline.serve_model in Jupyter (a loop already running)
+    ended in 'Cannot run the event loop while another loop is running', from a thread in 'signal only works in
+    main thread', each after the model had loaded."""
+    import threading
+
+    other = "serve pipeline.serve_app(model) with your own uvicorn.Server"
+    if threading.current_thread() is not threading.main_thread():
+        raise UsageError(f"serve runs in the main thread (it stops on SIGTERM or Ctrl-C); from another thread, {other}")
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    raise UsageError("serve blocks until stopped and cannot run inside a running event loop (Jupyter's): run python "
+                     f"cli.py serve in a terminal, or {other}")
+
+
 def serve(cfg: ServeConfig) -> dict:
     """Run the service until SIGTERM or Ctrl-C (uvicorn drains the requests in flight first)."""
     import uvicorn
 
     check(cfg)
+    check_blocking_allowed()
     with listening_socket(cfg.host, cfg.port) as sock:
         port = sock.getsockname()[1]
         app = build_app(cfg)
