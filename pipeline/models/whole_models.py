@@ -514,7 +514,7 @@ def _cache_int8_network(ckpt: dict, loaded, path):
         return loaded.features
     from ..extraction.quantize import int8_network, require_torchao
 
-    require_torchao()
+    require_torchao(f"{path}, fitted on an int8 cache,")
     crop = loaded.transform.crop_size[0]
     log.info("int8 calibration reused (the %d observers %s keeps; no photo calibrated)", len(observers), path)
     return FrozenGraph(compiled_int8(int8_network(loaded.features, observers, (3, crop, crop), lower=False)))
