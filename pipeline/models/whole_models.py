@@ -555,7 +555,7 @@ def network(lm: LoadedModel, device: str, precision: str, extra: str = "unknown"
         prec = "int8"
     else:
         dev = resolve_device(device)
-        prec = resolve_precision(precision, dev)
+        prec = resolve_precision(precision, dev, asked=device)
     if maps:
         map_grid(lm)  # refused now, in one line, for a head on fused features
     return Inference(WithExtras(lm.model, extra, maps), dev, prec)
