@@ -668,8 +668,8 @@ def audit_folder(data: Optional[PathLike] = None, *, verbose: Optional[bool] = F
     """What is wrong with a labelled folder (``python cli.py audit``): likely wrong labels (out-of-fold
     probabilities of the default head, ranked by cleanlab's confident learning: given and suggested class,
     score), outliers, exact and near duplicates, and with ``test_data`` the test photos the training
-    folder also holds (leaks). Writes report.json, report.html, gallery.png and fixes.csv to a run folder; returns
-    an ``AuditResult``.
+    folder also holds (leaks). Writes report.json, report.html, gallery.png (where there is a label issue) and
+    fixes.csv to a run folder; returns an ``AuditResult``.
 
     ``options``: AuditConfig's (cache, test_data, test_cache, cache_dir, backbone, weights, folds,
     threshold, top, output, ...); ``apply='fixes.csv'`` moves the files of a reviewed list instead (journalled,

@@ -81,10 +81,13 @@ def cpu_has_bf16() -> bool:
         return False
 
 
-def resolve_precision(precision: str, device, int8_ok: bool = False) -> str:
+def resolve_precision(precision: str, device, int8_ok: bool = False, asked: str = "auto") -> str:
     """'auto' -> bf16 on GPUs and CPUs that support it, else fp32 (never int8: that is asked for).
 
-    int8 (``int8_ok``: extraction only) runs a calibrated, quantised copy of the network on the CPU.
+    int8 (``int8_ok``: extraction only) runs a calibrated, quantised copy of the network on the CPU. fp16 needs
+    CUDA: with ``asked`` (the --device given) 'auto' on a machine without it, the same command runs on a GPU
+    machine, so the environment's (``DeviceMissing``, exit 1); ``--device cpu --precision fp16`` contradicts
+    itself on every machine, a usage error (exit 2).
     """
     import torch
 
@@ -97,8 +100,12 @@ def resolve_precision(precision: str, device, int8_ok: bool = False) -> str:
                              "or bf16 on CUDA")
         return precision  # the caller checks that torchao is installed
     if precision != "auto":
+        if precision == "fp16" and device.type == "cpu" and asked == "auto":
+            raise DeviceMissing("precision 'fp16' needs a CUDA device, and --device auto found none here (it "
+                                "resolved to the CPU); on the CPU use --precision bf16 or fp32")
         if precision == "fp16" and device.type == "cpu":
-            raise UsageError("precision 'fp16' needs a CUDA device; on CPU use bf16 or fp32")
+            raise UsageError(f"precision 'fp16' needs a CUDA device, not --device {asked}; on the CPU use bf16 or "
+                             "fp32")
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"

@@ -114,3 +114,28 @@ def old_decoding(monkeypatch):
             yield
 
     return patched
+
+
+@pytest.fixture
+def no_torchao(monkeypatch):
+    """This environment as one without the optional torchao: not importable, no distribution metadata (where
+    ``package_version`` says 'unknown'), whether or not the test machine has it."""
+    import importlib.metadata
+    import importlib.util
+    import sys
+
+    find_spec, version = importlib.util.find_spec, importlib.metadata.version
+
+    def missing(name: str) -> bool:
+        return name == "torchao" or name.startswith("torchao.")
+
+    def no_version(name):
+        if missing(name):
+            raise importlib.metadata.PackageNotFoundError(name)
+        return version(name)
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, **k: None if missing(name) else
+                        find_spec(name, *a, **k))
+    monkeypatch.setattr(importlib.metadata, "version", no_version)
+    for name in [m for m in sys.modules if missing(m)] or ["torchao"]:
+        monkeypatch.setitem(sys.modules, name, None)  # an import of it fails

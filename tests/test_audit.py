@@ -326,3 +326,21 @@ def test_a_refresh_whose_cache_was_made_on_a_device_this_machine_lacks_only_warn
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert refresh(AuditConfig(data=str(data), cache_dir=str(tmp_path / "features")), str(data)) is None
     assert "could not extract" in caplog.text and "CUDA is not available" in caplog.text
+
+
+def test_no_label_issue_writes_no_gallery_and_names_none(tmp_path):
+    """With no label issue, audit wrote gallery.png, a picture of nothing but 'no label issues found', and named it
+    on stdout and in report.json: now none is written or named and stderr says so, as evaluate does."""
+    data = photos(tmp_path / "data", per_class=6)
+    args = ["audit", "--data", str(data), "--folds", "2", "--cache-dir", str(tmp_path / "features"), "--backbone",
+            "tiny", "--weights", "none", "--workers", "0"]
+    run = CliRunner().invoke(cli, [*args, "--output", str(tmp_path / "a"), "--json"])
+    assert run.exit_code == 0, run.output
+    r = json.loads(run.stdout)
+    assert r["label_issues"] == [] and "gallery" not in r
+    assert "gallery" not in json.loads((tmp_path / "a" / "report.json").read_text())
+    assert not (tmp_path / "a" / "gallery.png").exists() and (tmp_path / "a" / "report.html").is_file()
+    assert "no label issues: no gallery.png" in run.stderr
+    text = CliRunner().invoke(cli, [*args, "--output", str(tmp_path / "b")])
+    assert text.exit_code == 0 and "gallery" not in text.stdout and "report: " in text.stdout, text.output
+    assert not (tmp_path / "b" / "gallery.png").exists()

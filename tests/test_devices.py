@@ -27,7 +27,7 @@ def test_explicit_precisions_and_bad_ones():
     assert [resolve_precision(p, CPU) for p in ("fp32", "bf16")] == ["fp32", "bf16"]
     assert resolve_precision("fp16", CUDA) == "fp16"
     with pytest.raises(ValueError, match="fp16"):
-        resolve_precision("fp16", CPU)
+        resolve_precision("fp16", CPU, asked="cpu")
     with pytest.raises(ValueError, match="allowed: auto, fp32, bf16, fp16"):
         resolve_precision("fp8", CPU)
 
@@ -138,3 +138,26 @@ def test_a_device_this_machine_lacks_is_the_environments_error_and_a_name_that_i
     run = CliRunner().invoke(cli, ["fit-head", "--cache", str(tiny_cache), "--device", "cuda"])
     assert run.exit_code == 1 and run.output == "Error: device 'cuda' asked for, but CUDA is not available here; use " \
         "--device cpu\n", run.output
+
+
+def test_fp16_where_auto_found_no_cuda_is_the_environments_and_on_an_explicit_cpu_a_usage_error(
+        image_folder, tmp_path, monkeypatch):
+    """--precision fp16 with --device auto on a machine without CUDA was a usage error (exit 2) saying only 'needs a
+    CUDA device': the same command runs on a GPU machine, so it is the environment's (exit 1), naming the device auto
+    resolved to and what runs on the CPU. --device cpu --precision fp16 runs nowhere: still a usage error."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = ["extract", "--data", str(image_folder), "-n", "0", "--backbone", "tiny", "--weights", "none",
+            "--workers", "0", "--precision", "fp16", "--cache-dir", str(tmp_path / "f")]
+    auto = CliRunner().invoke(cli, args)
+    assert auto.exit_code == 1, auto.output
+    assert auto.stderr.strip().splitlines()[-1] == (
+        "Error: precision 'fp16' needs a CUDA device, and --device auto found none here (it resolved to the CPU); "
+        "on the CPU use --precision bf16 or fp32")
+    cpu = CliRunner().invoke(cli, [*args, "--device", "cpu"])
+    assert cpu.exit_code == 2 and cpu.stderr.strip().splitlines()[-1] == (
+        "Error: precision 'fp16' needs a CUDA device, not --device cpu; on the CPU use bf16 or fp32"), cpu.output
+    assert not list((tmp_path / "f").glob("*.h5"))  # refused before anything is computed

@@ -583,3 +583,18 @@ def test_a_skipped_file_with_a_newline_in_its_name_is_one_log_line(make_cache, i
     lines = [r.getMessage() for r in caplog.records if "bad" in r.getMessage() or "gone" in r.getMessage()]
     assert any("red/bad\\nname.jpg" in m for m in lines) and any("gone\\x1b[2J" in m for m in lines)
     assert not any("\n" in m or "\x1b" in m for m in lines)
+
+
+def test_int8_without_torchao_is_the_environments_error_before_any_work(image_folder, tmp_path, no_torchao):
+    """--precision int8 where the optional torchao is not installed: the check read package_version's 'unknown' as
+    installed, so the run listed the folder and failed in the quantiser ('int8 quantisation of the backbone failed
+    (ModuleNotFoundError ...)'). A valid value that runs where torchao is installed: one line saying what to install,
+    exit 1 (the environment's, as a missing CUDA device), nothing written."""
+    run = CliRunner().invoke(cli, ["extract", "--data", str(image_folder), "-n", "0", "--backbone", "tiny",
+                                   "--weights", "none", "--workers", "0", "--precision", "int8",
+                                   "--cache-dir", str(tmp_path / "f")])
+    assert run.exit_code == 1, run.output
+    assert run.stderr.strip().splitlines() == ["Error: --precision int8 needs torchao (the maintained int8 route for "
+                                               "x86), which is not installed: pip install 'transfer-pipeline[int8]' "
+                                               "(or pip install torchao)"]
+    assert not (tmp_path / "f").exists() or not any((tmp_path / "f").iterdir())

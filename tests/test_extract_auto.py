@@ -39,3 +39,16 @@ def test_auto_keeps_a_depthwise_network_in_float_and_finds_its_cache_again(make_
     again = make_cache(image_folder, backbone="test_efficientnet", flip=False)
     assert again.hit and again.cache == first.cache
     assert make_cache(image_folder, backbone="tiny", flip=False, calib_n=4).precision == "int8"  # dense: int8
+
+
+def test_auto_never_picks_int8_without_torchao(monkeypatch, tmp_path, no_torchao):
+    """Without the optional torchao, --precision auto chose int8 on a CPU with VNNI for 1,000 photos (package_version
+    says 'unknown', which read as installed), and the default `extract --data catsdogs` failed: 'int8 quantisation
+    of the backbone failed (ModuleNotFoundError ...)'. It stays in float, saying why."""
+    from pipeline.extraction.extract import ExtractConfig
+
+    monkeypatch.setattr(extract_mod, "cpu_flags", lambda: {"avx512_vnni"})
+    c = ExtractConfig(data=str(tmp_path))
+    assert extract_mod.auto_precision(c, extract_mod.INT8_AUTO_MIN_IMAGES) == (
+        "auto", "precision auto: bf16 or fp32, not int8: no torchao")
+    assert not extract_mod.one_offs_paid(c, None)  # nothing asked of a listing: torchao is not there

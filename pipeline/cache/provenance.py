@@ -92,6 +92,14 @@ def package_version(pkg: str) -> str:
         return "unknown"
 
 
+def installed(module: str) -> bool:
+    """Whether ``module`` can be imported, found without importing it (``package_version`` says 'unknown', not '',
+    for a missing package: a test of it read an optional package that is not there as installed)."""
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
 def versions() -> dict:
     """The library versions that can change features or their storage."""
     return {"python": platform.python_version(),

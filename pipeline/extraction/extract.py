@@ -15,7 +15,7 @@ from typing import Optional
 
 from ..cache.feature_cache import cache_file_name, claim_for_training, fingerprint
 from ..cache.freshness import set_aside, stale_reason
-from ..cache.provenance import package_version
+from ..cache.provenance import installed, package_version
 from ..config import ExtractConfig, check_config
 from ..data.folders import POOL, TEST, ImageFolderListing, list_folder
 from ..data.image_reader import DECODE_VERSION
@@ -94,7 +94,7 @@ def auto_precision(cfg: ExtractConfig, images: int, paid: bool = False) -> tuple
     gpu = cfg.device != "cpu" and (cfg.device.startswith("cuda") or Path("/dev/nvidia0").exists())
     least = INT8_AUTO_MIN_IMAGES_PAID if paid else INT8_AUTO_MIN_IMAGES
     why_not = ("a CUDA device" if gpu else
-               "no torchao" if not package_version("torchao") else
+               "no torchao" if not installed("torchao") else
                "no int8 dot products (AVX-512 VNNI or AMX)" if not flags & set(INT8_FLAGS) else
                f"{images} images (int8 repays its {'reused ' if paid else ''}calibration and compile from {least})"
                if images < least else "")
@@ -111,7 +111,7 @@ def one_offs_paid(cfg: ExtractConfig, listing: ImageFolderListing) -> bool:
     from .oneoffs import has_calibration, oneoffs_dir, request_key
     from .quantize import calibration_identity, calibration_listing
 
-    if cfg.precision != "auto" or not package_version("torchao"):
+    if cfg.precision != "auto" or not installed("torchao"):
         return False
     identity = calibration_identity(calibration_listing(cfg.calib_data, listing), cfg.seed, cfg.calib_n)
     request = request_key(identity, cfg.backbone, bb.weights_identity(cfg.weights))

@@ -248,7 +248,7 @@ def extract_range(cfg, listing: ImageFolderListing, key: str, path: Path, resume
 
     # int8 is a CPU path: --device auto means the CPU for it, even where CUDA is available
     device = resolve_device("cpu" if cfg.precision == "int8" and cfg.device == "auto" else cfg.device)
-    precision = resolve_precision(cfg.precision, device, int8_ok=True)
+    precision = resolve_precision(cfg.precision, device, int8_ok=True, asked=cfg.device)
     if resumed is not None and resumed.attrs["precision"] != precision:
         raise UsageError(f"{path} was started in precision {resumed.attrs['precision']!r} and this run computes in "
                          f"{precision!r}; pass --precision {resumed.attrs['precision']} to finish it")

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from ..cache.provenance import package_version
+from ..cache.provenance import installed, package_version
 from ..errors import PipelineError, UsageError
 from ..files import first_line
 
@@ -40,13 +40,13 @@ MAX_BATCH = 1024  # the lowered graph's batch dimension is dynamic up to this si
 CALIB_BATCH = 16  # calibration batches: a fixed size, so the quantised network never depends on --batch-size
 
 
-def require_torchao() -> str:
-    """torchao's version, or a usage error that says how to install it."""
-    version = package_version("torchao")
-    if not version:
-        raise UsageError("--precision int8 needs torchao (the maintained int8 route for x86): "
-                         "pip install 'transfer-pipeline[int8]' (or pip install torchao)")
-    return version
+def require_torchao(who: str = "--precision int8") -> str:
+    """torchao's version, or a PipelineError that says how to install it: the optional package is missing from this
+    environment (exit 1), the value is valid and the same command runs where it is installed."""
+    if not installed("torchao"):
+        raise PipelineError(f"{who} needs torchao (the maintained int8 route for x86), which is not installed: "
+                            "pip install 'transfer-pipeline[int8]' (or pip install torchao)")
+    return package_version("torchao")
 
 
 def calibrated_int8(features, listing, seed: int, n: int, transform, lower: bool = True):

@@ -279,7 +279,7 @@ def _train_run(cfg: TrainConfig, kind: str, lm, stages: list, listing, head_saw:
     val_idx, left_out, refit_saw = unseen_validation(val_idx, listing, head_saw)
     items = [(f.path, f.label) for f in listing.files]
     device = resolve_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
+    precision = resolve_precision(cfg.precision, device, asked=cfg.device)
     lm.model.head.reset_trust()  # a starting head's temperature and known rows describe other features
     model = lm.model.to(device, memory_format=torch.channels_last)
     train_loader = _loader(listing.root, [items[i] for i in train_idx], train_transform(lm.transform, cfg.augment),

@@ -514,7 +514,7 @@ def _cache_int8_network(ckpt: dict, loaded, path):
         return loaded.features
     from ..extraction.quantize import int8_network, require_torchao
 
-    require_torchao()
+    require_torchao(f"{path}, fitted on an int8 cache,")
     crop = loaded.transform.crop_size[0]
     log.info("int8 calibration reused (the %d observers %s keeps; no photo calibrated)", len(observers), path)
     return FrozenGraph(compiled_int8(int8_network(loaded.features, observers, (3, crop, crop), lower=False)))
@@ -555,7 +555,7 @@ def network(lm: LoadedModel, device: str, precision: str, extra: str = "unknown"
         prec = "int8"
     else:
         dev = resolve_device(device)
-        prec = resolve_precision(precision, dev)
+        prec = resolve_precision(precision, dev, asked=device)
     if maps:
         map_grid(lm)  # refused now, in one line, for a head on fused features
     return Inference(WithExtras(lm.model, extra, maps), dev, prec)

@@ -5,7 +5,8 @@ confident learning), photos like no other (outliers: far from their nearest neig
 near duplicates within the training folder, and photos the test folder shares with it (leaks:
 ``duplicates``). The caches are the ones extract makes (made here when missing, reused when not);
 the report goes to a run folder (never into the data): report.json, report.html (self-contained,
-thumbnails inlined), gallery.png, and fixes.csv, the list to review and pass to ``--apply``.
+thumbnails inlined), gallery.png (where there is a label issue), and fixes.csv, the list to review and pass
+to ``--apply``.
 """
 from __future__ import annotations
 
@@ -62,16 +63,19 @@ class AuditResult:
     test_rows: Optional[int]
     seconds: dict
     html: str
-    gallery: str
+    gallery: Optional[str]  # None (and not in report.json or --json) where there is no label issue: none written
     output: str  # the run folder (or --output)
     report: str  # report.json
     fixes: str  # fixes.csv, the list to review and pass to --apply
 
     def to_dict(self) -> dict:
-        """The answer as --json prints it: test_root and test_rows only with a test folder."""
+        """The answer as --json prints it: test_root and test_rows only with a test folder, gallery only where one
+        was written."""
         d = asdict(self)
         if self.test_cache is None:
             del d["test_root"], d["test_rows"]
+        if self.gallery is None:
+            del d["gallery"]
         return d
 
 
@@ -365,14 +369,20 @@ def audit(cfg: AuditConfig) -> AuditResult | FixesResult:
     report = public(result)
     write_json(out / "report.json", report, indent=1)
     write_fixes_csv(result, out / "fixes.csv")
-    return AuditResult(**{"test_root": None, "test_rows": None, **report}, report=str(out / "report.json"),
+    return AuditResult(**{"test_root": None, "test_rows": None, "gallery": None, **report},
+                       report=str(out / "report.json"),
                        fixes=str(out / "fixes.csv"))
 
 
 def with_pictures(result: dict, out: Path, top: int) -> None:
+    """report.html, and gallery.png where there is a label issue (it was a picture of nothing but 'no label issues
+    found'); without one, a line on stderr and no 'gallery' key, as evaluate does with nothing misclassified."""
     from .audit_html import write_gallery, write_html
 
     result["html"] = str(write_html(result, out / "report.html", top))
+    if not result["label_issues"]:
+        log.info("no label issues: no gallery.png")
+        return
     result["gallery"] = str(write_gallery(result, out / "gallery.png", top))
 
 

@@ -269,7 +269,7 @@ def audit_text(r: AuditResult | FixesResult, top: int = 20) -> str:
         lines += ["", "unreadable files (not audited; check-images --quarantine moves them out of the folder):"]
         lines += [f"  {one_line(u['path'])}: {one_line(u['reason'])}" for u in r.unreadable[:top]]
         lines += _more(r.unreadable, top)
-    lines += ["", f"report: {r.html}", f"gallery: {r.gallery}",
+    lines += ["", f"report: {r.html}", *([f"gallery: {r.gallery}"] if r.gallery else []),  # none: no label issue
               f"to fix: review {r.fixes} (action relabel / remove / keep), then "
               f"python cli.py audit --data {r.data_root} --apply {r.fixes}"]
     return "\n".join(lines)
