@@ -197,6 +197,23 @@ def test_head_predicts_paths_folders_pil_images_and_features(head, work):
         head.predict([blue, work / "broken.jpg"])
 
 
+def test_image_methods_check_their_keywords_as_the_cli_does(head, work):
+    """batch_size=0 ran as 32 and unknown='yes' counted as True: each keyword is checked by its option's rule,
+    in the method's terms, before any photo is read."""
+    blue = work / "data" / "blue" / "blue.0.jpg"
+    with pytest.raises(ValueError, match="predict_proba: batch_size must be positive, got 0"):
+        head.predict_proba(blue, batch_size=0)
+    with pytest.raises(ValueError, match="predict: workers must be"):
+        head.predict(blue, workers=-5)
+    with pytest.raises(ValueError, match="unknown_score: unknown precision 'fp64'; allowed: auto, fp32"):
+        head.unknown_score(blue, precision="fp64")
+    with pytest.raises(ValueError, match="predict: unknown must be True or False, got 'yes'"):
+        head.predict(blue, unknown="yes")
+    with pytest.raises(TypeError, match="unexpected keyword argument 'batchsize'"):
+        head.predict(blue, unknown=True, batchsize=4)  # was ignored where unknown=True
+    assert head.predict(blue, unknown=np.bool_(False), batch_size=1).tolist() == ["blue"]
+
+
 def test_head_scores_a_cache_or_a_folder(head, work, make_cache):
     assert head.score(head.cache_) == head.metrics_["val_acc"] == 1.0  # its own cache: the validation split
     assert head.score(pipeline.Cache(head.cache_), split="all") == 1.0

@@ -29,6 +29,15 @@ class NotFittedError(SklearnNotFittedError):
 ImageInput = Any  # a path (file or folder), a PIL image, or a list of them
 
 
+def check_runner(what: str, batch_size, workers, device, precision) -> None:
+    """The image methods' keywords checked by the CLI's own rule (``RunnerOptions``): ``batch_size=0`` ran
+    as if it were 32, and ``precision='fp64'`` failed only once the model loaded."""
+    from ..config import RunnerOptions, check_options
+
+    check_options(RunnerOptions, {"batch_size": batch_size, "workers": workers, "device": device,
+                                  "precision": precision}, what=what)
+
+
 class ImageClassifier:
     """What a fit-head head and a train/finetune model share: learned state, and predicting images from a
     checkpoint (the one loop: ``predict.outputs_of_inputs``)."""
@@ -121,6 +130,7 @@ class ImageClassifier:
         from ..heads.heatmaps import normalised
         from .whole_models import map_grid, split_maps
 
+        check_runner("explain", batch_size, workers, device, precision)
         out = self._image_outputs(X, batch_size, workers, device, precision, maps=True)
         return normalised(split_maps(out, map_grid(self._loaded[0]))[1])
 
@@ -131,6 +141,7 @@ class ImageClassifier:
                       device: Optional[str] = None, precision: str = "auto") -> np.ndarray:
         """How unlike the training photos each input is, (N,): 1 - cosine similarity of its pooled features
         to the k-th nearest training photo's; above ``unknown_threshold_`` it counts as unknown."""
+        check_runner("unknown_score", batch_size, workers, device, precision)
         ood = self._scores(X, batch_size, workers, device, precision)[1]
         if ood is None:
             self._no_unknown_score()
@@ -148,6 +159,7 @@ class ImageClassifier:
         lists), a PIL image, or a list of any of these. Images go through the backbone with the
         checkpoint's own preprocessing; an unreadable file is a ValueError naming it.
         """
+        check_runner("predict_proba", batch_size, workers, device, precision)
         return np.exp(self.predict_log_proba(X, batch_size=batch_size, workers=workers, device=device,
                                              precision=precision))
 
@@ -155,6 +167,7 @@ class ImageClassifier:
                           device: Optional[str] = None, precision: str = "auto") -> np.ndarray:
         """Log-probabilities, as ``predict_proba``: the model's output, normalised again in float64 (in
         bf16 it sums to 1 only within 1e-3), so each row's probabilities sum to 1."""
+        check_runner("predict_log_proba", batch_size, workers, device, precision)
         logp = self._log_proba(X, batch_size, workers, device, precision)
         top = logp.max(1, keepdims=True)
         return logp - (top + np.log(np.exp(logp - top).sum(1, keepdims=True)))
@@ -163,11 +176,19 @@ class ImageClassifier:
         """The most probable class name of each image of ``X`` (options and inputs: see ``predict_proba``);
         with ``unknown=True``, 'unknown' for the inputs that look like none of the classes (see
         ``unknown_score``)."""
+        from ..config import check_flag
+
         self._check_fitted()
+        check_flag(unknown, "predict: unknown")
+        stray = sorted(set(options) - {"batch_size", "workers", "device", "precision"})
+        if stray:
+            raise TypeError(f"predict() got an unexpected keyword argument {stray[0]!r}")
+        runner = (options.get("batch_size", 32), options.get("workers"), options.get("device"),
+                  options.get("precision", "auto"))
+        check_runner("predict", *runner)
         if not unknown:
             return np.asarray(self.classes_)[self.predict_log_proba(X, **options).argmax(1)]
-        logp, ood = self._scores(X, options.get("batch_size", 32), options.get("workers"), options.get("device"),
-                                 options.get("precision", "auto"))
+        logp, ood = self._scores(X, *runner)
         if ood is None:
             self._no_unknown_score()
         labels = np.asarray(self.classes_, dtype=object)[np.asarray(logp).argmax(1)]
