@@ -378,7 +378,10 @@ def with_pictures(result: dict, out: Path, top: int) -> None:
 
 def refresh(cfg: AuditConfig, root: str) -> Optional[dict]:
     """Extract the changed folder again as its newest cache was made, so the next fit-head trains on the
-    new labels: rows are found by content in the old cache (``row_donors``), so nothing is recomputed."""
+    new labels: rows are found by content in the old cache (``row_donors``), so only photos whose bytes no
+    cache holds (none, after a relabel or a removal) are computed. An int8 cache lends its network (its stored
+    calibration: ``quantize.lent_calibration``); calibrated again on the changed folder it would be another
+    network, whose every row is computed."""
     from ..cache.feature_cache import list_caches
     from ..extraction.extract import extract
 
@@ -393,6 +396,8 @@ def refresh(cfg: AuditConfig, root: str) -> Optional[dict]:
                                    "calib_n", "calib_data", "flip", "batch_size", "device", "workers")
             if k in config}
     try:
+        if keep.get("precision") == "int8":
+            keep["calib_cache"] = str(made[0].path)
         r = extract(ExtractConfig(data=root, cache_dir=cfg.cache_dir, command=cfg.command, **keep))
     except (UsageError, DeviceMissing) as e:  # the cache made on a GPU machine: its device is not here
         log.warning("could not extract %s again as %s was made (%s); run extract yourself: rows are reused by "
