@@ -94,14 +94,19 @@ def validate(cfg: AuditConfig) -> None:
 
 
 def training_cache(cfg: AuditConfig) -> Path:
-    """--cache, or the cache of every photo of --data as extract makes it (a hit when it exists)."""
+    """--cache, or the cache of every photo of --data as extract makes it (a hit when it exists). Where int8
+    (``--precision auto`` on a large folder), with the network of the folder's newest int8 cache: after an
+    --apply that is the refreshed cache, a hit; calibrated on the folder as changed, it would be another network
+    and every row would be computed again (``quantize.lent_calibration``)."""
     if cfg.cache:
         return Path(cfg.cache)
     from ..extraction.extract import extract
+    from ..extraction.quantize import newest_int8_cache
 
     return Path(extract(ExtractConfig(data=cfg.data, n=0, backbone=cfg.backbone, weights=cfg.weights,
                                       batch_size=cfg.batch_size, device=cfg.device, workers=cfg.workers,
-                                      cache_dir=cfg.cache_dir, command=cfg.command)).cache)
+                                      cache_dir=cfg.cache_dir, command=cfg.command,
+                                      calib_cache=newest_int8_cache(cfg.cache_dir, cfg.data, cfg.backbone))).cache)
 
 
 def test_cache(cfg: AuditConfig, cache: FeatureCache) -> Optional[Path]:
