@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -429,3 +430,36 @@ def test_fit_head_test_data_of_a_refreshed_int8_cache_borrows_its_network(tmp_pa
     with FeatureCache(result.test["cache"]) as t, FeatureCache(first) as c:
         a, b = json.loads(c.attrs["calibration"]), json.loads(t.attrs["calibration"])
     assert b["observers_from"] == refreshed["cache"] and {**b, "observers_from": None} == {**a, "observers_from": None}
+
+
+def test_a_calibration_is_lent_only_by_an_int8_cache_whose_network_can_be_rebuilt(image_folder, tmp_path, caplog):
+    """Only a cache whose stored observers make its very network lends them: another precision, a cache without
+    observers, another backbone or another quantisation method is refused, and the request calibrates as a plain one."""
+    from dataclasses import replace
+
+    import h5py
+
+    from pipeline.extraction import quantize
+
+    fp32 = extract(cfg(image_folder, tmp_path, precision="fp32")).cache
+    int8 = extract(cfg(image_folder, tmp_path)).cache
+    request = replace(cfg(image_folder, tmp_path), backbone="tiny")
+    assert quantize.lent_calibration(replace(request, calib_cache=int8))[1] == ""
+    assert quantize.lent_calibration(replace(request, calib_cache=fp32)) == (None, "it is not an int8 cache")
+    assert quantize.lent_calibration(replace(request, calib_cache=int8, backbone="resnet18"))[1] == \
+        "it was made with another backbone or weights"
+    old = tmp_path / "old.h5"
+    old.write_bytes(Path(int8).read_bytes())
+    with h5py.File(old, "r+") as f:
+        del f["int8_observers"]
+    assert "keeps no calibrated observers" in quantize.lent_calibration(replace(request, calib_cache=str(old)))[1]
+    other = tmp_path / "other.h5"
+    other.write_bytes(Path(int8).read_bytes())
+    with h5py.File(other, "r+") as f:
+        f.attrs["calibration"] = f.attrs["calibration"].replace('"version": 1', '"version": 0')
+    assert quantize.lent_calibration(replace(request, calib_cache=str(other))) == \
+        (None, "it was quantised otherwise (version)")
+    listing = list_image_folder(image_folder)
+    assert quantize.request_identity(replace(request, calib_cache=str(other)), listing) == \
+        quantize.request_identity(request, listing)  # refused: calibrated on the folder, as a plain request
+    assert cache_key(replace(request, calib_cache=int8), listing) == cache_key(request, listing)  # the same folder

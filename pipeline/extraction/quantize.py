@@ -116,7 +116,6 @@ def lent_calibration(cfg) -> tuple[Optional[dict], str]:
         with open_h5(info.path, "r", wait_s=0) as f:
             kept = OBSERVERS in f
         record = json.loads(info.attrs.get("calibration") or "{}")
-        made = json.loads(info.attrs.get("config") or "{}")
     except (OSError, ValueError, CacheError, CacheBusy) as e:
         return None, f"it is unreadable ({first_line(e, 200)})"
     current = {"version": QUANT_VERSION, "method": METHOD, "calib_batch": CALIB_BATCH,
@@ -125,15 +124,15 @@ def lent_calibration(cfg) -> tuple[Optional[dict], str]:
     why = ("it is not an int8 cache" if info.attrs.get("precision") != "int8" or not record else
            "it keeps no calibrated observers (made before caches stored them)" if not kept else
            "it was made with another backbone or weights" if info.attrs.get("backbone") != cfg.backbone
-           or not _same_weights(cfg.weights, info.attrs, str(made.get("weights", ""))) else
+           or not _same_weights(cfg.weights, info.attrs) else
            f"it was quantised otherwise ({', '.join(differ)})" if differ else "")
     return (None, why) if why else (record, "")
 
 
-def newest_int8_cache(cache_dir: str, data: str, backbone: str, purpose: str = "") -> str:
+def newest_int8_cache(cache_dir: str, data: str, backbone: str, weights: str, purpose: str = "") -> str:
     """The newest complete int8 cache in ``cache_dir`` of the folder ``data`` (of that ``purpose``: '' for a labelled
-    folder) and ``backbone``: the calibration a command that extracts a folder again lends its new request
-    (``lent_calibration`` still checks it), '' when there is none. No torch import."""
+    folder), ``backbone`` and ``weights``: the calibration a command that extracts a folder again lends its new
+    request (``lent_calibration`` checks the rest), '' when there is none. No torch import."""
     from ..cache.feature_cache import list_caches
     from . import backbones as bb
 
@@ -143,12 +142,18 @@ def newest_int8_cache(cache_dir: str, data: str, backbone: str, purpose: str = "
     return next((str(i.path) for i in list_caches(cache_dir)[0]
                  if i.complete and i.attrs.get("precision") == "int8" and i.attrs.get("backbone") == name
                  and Path(i.attrs.get("data_root") or "/nonexistent") == root
-                 and (i.attrs.get("purpose") or "") == purpose), "")
+                 and (i.attrs.get("purpose") or "") == purpose
+                 and _same_weights(weights, i.attrs)), "")
 
 
-def _same_weights(weights: str, attrs: dict, made_with: str) -> bool:
-    """Whether --weights ``weights`` names the weights of the cache with ``attrs`` (made with ``made_with``)."""
+def _same_weights(weights: str, attrs: dict) -> bool:
+    """Whether --weights ``weights`` names the weights of the cache with ``attrs``."""
     from . import backbones as bb
+
+    try:
+        made_with = str(json.loads(attrs.get("config") or "{}").get("weights", ""))
+    except ValueError:
+        return False
 
     if bb.is_weights_path(weights):
         return Path(weights).is_file() and bb.file_sha256(weights) == attrs.get("weights_sha256")

@@ -103,10 +103,10 @@ def training_cache(cfg: AuditConfig) -> Path:
     from ..extraction.extract import extract
     from ..extraction.quantize import newest_int8_cache
 
+    lender = newest_int8_cache(cfg.cache_dir, cfg.data, cfg.backbone, cfg.weights)
     return Path(extract(ExtractConfig(data=cfg.data, n=0, backbone=cfg.backbone, weights=cfg.weights,
                                       batch_size=cfg.batch_size, device=cfg.device, workers=cfg.workers,
-                                      cache_dir=cfg.cache_dir, command=cfg.command,
-                                      calib_cache=newest_int8_cache(cfg.cache_dir, cfg.data, cfg.backbone))).cache)
+                                      cache_dir=cfg.cache_dir, command=cfg.command, calib_cache=lender)).cache)
 
 
 def test_cache(cfg: AuditConfig, cache: FeatureCache) -> Optional[Path]:

@@ -152,9 +152,9 @@ def extract_both(cfg: SuggestConfig) -> tuple[Path, Path]:
     common = dict(n=0, backbone=cfg.backbone, weights=cfg.weights, batch_size=cfg.batch_size, device=cfg.device,
                   workers=cfg.workers, cache_dir=cfg.cache_dir, command=cfg.command)
     labelled = extract(ExtractConfig(data=cfg.data, **common,
-                                     calib_cache=newest_int8_cache(cfg.cache_dir, cfg.data, cfg.backbone)))
+                                     calib_cache=newest_int8_cache(cfg.cache_dir, cfg.data, cfg.backbone, cfg.weights)))
     lender = (labelled.cache if labelled.precision == "int8" else
-              newest_int8_cache(cfg.cache_dir, cfg.pool, cfg.backbone, POOL))
+              newest_int8_cache(cfg.cache_dir, cfg.pool, cfg.backbone, cfg.weights, POOL))
     pool = extract(ExtractConfig(data=cfg.pool, purpose=POOL, calib_cache=lender, **common)).cache
     return Path(labelled.cache), Path(pool)
 
