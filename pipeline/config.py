@@ -390,6 +390,10 @@ class ExtractConfig(RunnerOptions):
     purpose: str = field(default="", metadata=internal(
         "'test' for a cache fit-head --test-data made, 'pool' for suggest's unlabelled photos (listed without "
         "classes): never picked as the default training cache"))
+    calib_cache: str = field(default="", metadata=internal(
+        "int8: the cache whose calibration (its stored observers) the network is rebuilt from instead of "
+        "calibrating on this folder: audit's refresh and fit-head --test-data of a refreshed cache, so that the "
+        "changed folder's rows are the earlier cache's (quantize.lent_calibration)"))
 
 
 @dataclass

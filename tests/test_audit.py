@@ -344,3 +344,30 @@ def test_no_label_issue_writes_no_gallery_and_names_none(tmp_path):
     text = CliRunner().invoke(cli, [*args, "--output", str(tmp_path / "b")])
     assert text.exit_code == 0 and "gallery" not in text.stdout and "report: " in text.stdout, text.output
     assert not (tmp_path / "b" / "gallery.png").exists()
+
+
+def test_auditing_again_after_an_int8_apply_is_the_refreshed_cache_not_a_new_network(tmp_path, monkeypatch):
+    """Where --precision auto is int8 (a CPU with AVX-512 VNNI, 1,000+ photos), audit, --apply, audit again: the second
+    audit calibrated int8 on the changed folder, another network, and computed every row again (an hour for VGG-16
+    on 25,000 photos), though the refresh had just made the folder's cache. It now extracts with the network of the
+    folder's newest int8 cache: the refreshed one, a hit."""
+    import pytest
+
+    pytest.importorskip("torchao", reason="int8 needs the optional torchao (in the dev extra)")
+    from pipeline.extraction import extract as stage
+
+    monkeypatch.setattr(stage, "auto_precision", lambda cfg, images, paid=False: ("int8", "precision auto: int8"))
+    monkeypatch.setattr("pipeline.extraction.extract_range.should_compile", lambda *a, **k: False)  # seconds
+    data = photos(tmp_path / "data", per_class=6)
+    args = ["--data", str(data), "--cache-dir", str(tmp_path / "features"), "--runs-dir", str(tmp_path / "runs"),
+            "--backbone", "tiny", "--weights", "none", "--workers", "0", "--json"]
+    first = CliRunner().invoke(cli, ["audit", "--folds", "3", *args])
+    assert first.exit_code == 0, first.output
+    (tmp_path / "fixes.csv").write_text("path,action,new_class\nred/red.3.jpg,relabel,blue\n")
+    applied = CliRunner().invoke(cli, ["audit", "--apply", str(tmp_path / "fixes.csv"), *args])
+    assert applied.exit_code == 0, applied.output
+    refreshed = json.loads(applied.stdout)["refreshed"]
+    assert refreshed["computed"] == 0
+    again = CliRunner().invoke(cli, ["audit", "--folds", "3", *args])
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout)["cache"] == refreshed["cache"]  # a hit: another network is another name

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -351,3 +352,108 @@ def test_a_head_on_an_int8_cache_exports_with_its_backbone_in_float_and_says_how
     assert gap["images"] == 16 and gap["same_class"] >= 15 and 0 < gap["max_abs_diff"] < 0.05
     assert json.loads((tmp_path / "int8.onnx.json").read_text())["int8_cache"]["vs_predict"] == gap
     assert "fitted on its cache's int8 features; the export runs tiny in float" in caplog.text
+
+
+def by_photo(path) -> dict:
+    """{sha256 of a row's photo: its int8 row} of a cache."""
+    with FeatureCache(path) as c:
+        return dict(zip(c.row_digests(), c.features[:]))
+
+
+def test_audit_refreshes_an_int8_cache_with_its_network_computing_only_new_photos(tmp_path, monkeypatch):
+    """audit --apply relabelling 2 of 20,009 photos said '0 rows reused by content, 20009 computed', and --undo
+    computed all again: the refresh calibrated int8 on the changed folder (another calibration, named by the
+    folder's listing), so no earlier row could be reused. It now rebuilds the earlier cache's network from its
+    stored observers: a relabel computes nothing, its rows are the earlier ones, an undo is the earlier cache
+    again, and a new photo is computed with that same network."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+    from pipeline.reports.audit import AuditConfig, refresh
+
+    data = make_image_folder(tmp_path / "d", per_class=10)
+    first = extract(cfg(data, tmp_path))
+    before = by_photo(first.cache)
+    (tmp_path / "fixes.csv").write_text("path,action,new_class\nred/red.3.jpg,relabel,blue\n"
+                                        "blue/blue.4.jpg,relabel,red\n")
+    args = ["--data", str(data), "--cache-dir", str(tmp_path / "f"), "--runs-dir", str(tmp_path / "runs"), "--json"]
+    applied = CliRunner().invoke(cli, ["audit", "--apply", str(tmp_path / "fixes.csv"), *args])
+    assert applied.exit_code == 0, applied.output
+    made = json.loads(applied.stdout)["refreshed"]
+    assert not made["hit"] and made["computed"] == 0 and made["reused"] == 20 and made["label_changes"] == 2
+    after = by_photo(made["cache"])
+    assert after.keys() == before.keys() and all(np.array_equal(after[d], before[d]) for d in before)
+    with FeatureCache(made["cache"]) as c:
+        assert dict(zip(c.paths, c.labels.tolist()))["blue/red.3.jpg"] == c.classes.index("blue")
+        lent = json.loads(c.attrs["calibration"])
+    assert lent["observers_from"] == str((tmp_path / "f" / first.cache.split("/")[-1]).resolve())
+    journal = json.loads(applied.stdout)["journal"]
+    undone = CliRunner().invoke(cli, ["audit", "--undo", journal, *args[:4], "--json"])
+    assert undone.exit_code == 0, undone.output
+    assert json.loads(undone.stdout)["refreshed"]["hit"]  # the folder as it was: the first cache, not a third
+    assert json.loads(undone.stdout)["refreshed"]["cache"] == first.cache
+
+    make_image_folder(tmp_path / "new", per_class=1, classes=("red",), seed=9)
+    (tmp_path / "new" / "red" / "red.0.jpg").rename(data / "red" / "added.jpg")
+    added = refresh(AuditConfig(data=str(data), cache_dir=str(tmp_path / "f")), str(data))
+    assert added["computed"] == 1 and added["reused"] == 20
+    assert all(np.array_equal(by_photo(added["cache"])[d], row) for d, row in before.items())
+
+    plain = extract(cfg(data, tmp_path))  # extract as before: calibrated on the folder as it is, all computed
+    assert not plain.hit and plain.computed == 21 and plain.cache != added["cache"]
+    assert "observers_from" not in json.loads(features(plain.cache)[2]["calibration"])
+
+
+def test_fit_head_test_data_of_a_refreshed_int8_cache_borrows_its_network(tmp_path):
+    """A refreshed int8 cache's network is the earlier cache's, calibrated on the folder before the relabel: calibrating
+    --test-data again on the folder as it is now would be another network (refused as 'changed since'); the test
+    folder's rows are made with the refreshed cache's own observers, the network its head was fitted on."""
+    from pipeline.data.apply_fixes import apply_fixes
+    from pipeline.heads.fit_head import FitHeadConfig, fit_head
+    from pipeline.reports.audit import AuditConfig, refresh
+
+    train = make_image_folder(tmp_path / "train", per_class=10)
+    test = make_image_folder(tmp_path / "test", per_class=4, seed=9)
+    first = extract(cfg(train, tmp_path)).cache
+    (tmp_path / "fixes.csv").write_text("path,action,new_class\nred/red.3.jpg,relabel,blue\n")
+    apply_fixes(str(tmp_path / "fixes.csv"), str(train), tmp_path / "applied", "")
+    refreshed = refresh(AuditConfig(data=str(train), cache_dir=str(tmp_path / "f")), str(train))
+    assert refreshed["computed"] == 0
+    result = fit_head(FitHeadConfig(head="linear", cache=refreshed["cache"], test_data=str(test), epochs=3,
+                                    runs_dir=str(tmp_path / "runs")))
+    with FeatureCache(result.test["cache"]) as t, FeatureCache(first) as c:
+        a, b = json.loads(c.attrs["calibration"]), json.loads(t.attrs["calibration"])
+    assert b["observers_from"] == refreshed["cache"] and {**b, "observers_from": None} == {**a, "observers_from": None}
+
+
+def test_a_calibration_is_lent_only_by_an_int8_cache_whose_network_can_be_rebuilt(image_folder, tmp_path, caplog):
+    """Only a cache whose stored observers make its very network lends them: another precision, a cache without
+    observers, another backbone or another quantisation method is refused, and the request calibrates as a plain one."""
+    from dataclasses import replace
+
+    import h5py
+
+    from pipeline.extraction import quantize
+
+    fp32 = extract(cfg(image_folder, tmp_path, precision="fp32")).cache
+    int8 = extract(cfg(image_folder, tmp_path)).cache
+    request = replace(cfg(image_folder, tmp_path), backbone="tiny")
+    assert quantize.lent_calibration(replace(request, calib_cache=int8))[1] == ""
+    assert quantize.lent_calibration(replace(request, calib_cache=fp32)) == (None, "it is not an int8 cache")
+    assert quantize.lent_calibration(replace(request, calib_cache=int8, backbone="resnet18"))[1] == \
+        "it was made with another backbone or weights"
+    old = tmp_path / "old.h5"
+    old.write_bytes(Path(int8).read_bytes())
+    with h5py.File(old, "r+") as f:
+        del f["int8_observers"]
+    assert "keeps no calibrated observers" in quantize.lent_calibration(replace(request, calib_cache=str(old)))[1]
+    other = tmp_path / "other.h5"
+    other.write_bytes(Path(int8).read_bytes())
+    with h5py.File(other, "r+") as f:
+        f.attrs["calibration"] = f.attrs["calibration"].replace('"version": 1', '"version": 0')
+    assert quantize.lent_calibration(replace(request, calib_cache=str(other))) == \
+        (None, "it was quantised otherwise (version)")
+    listing = list_image_folder(image_folder)
+    assert quantize.request_identity(replace(request, calib_cache=str(other)), listing) == \
+        quantize.request_identity(request, listing)  # refused: calibrated on the folder, as a plain request
+    assert cache_key(replace(request, calib_cache=int8), listing) == cache_key(request, listing)  # the same folder

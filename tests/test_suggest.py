@@ -3,6 +3,7 @@ import csv
 import json
 import shutil
 
+import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -169,3 +170,29 @@ def test_a_class_folder_of_only_unreadable_files_is_left_out_of_the_head_not_a_c
     assert "no readable photo of zzz" in run.stderr
     rows = json.loads(run.stdout)["rows"]
     assert len(rows) == 3 and {r["predicted"] for r in rows} <= {"blue", "red"}
+
+
+def test_labelling_costs_no_forward_pass_where_precision_auto_is_int8(tmp_path, image_folder, pool, monkeypatch,
+                                                                      forward_passes):  # noqa: F811
+    """On a CPU where --precision auto picks int8 (1,000+ photos), each folder was calibrated on itself, as it is: a
+    photo moved from the pool into the labelled folder changed both calibrations, so both networks, and the next
+    suggest computed every row of both folders again. The labelled folder is now extracted with its earlier
+    cache's network, and the pool with the labelled cache's: the moved photo's row is the pool cache's."""
+    pytest.importorskip("torchao", reason="int8 needs the optional torchao (in the dev extra)")
+    from pipeline import api
+    from pipeline.extraction import extract as stage
+
+    monkeypatch.setattr(stage, "auto_precision", lambda cfg, images, paid=False: ("int8", "precision auto: int8"))
+    monkeypatch.setattr("pipeline.extraction.extract_range.should_compile", lambda *a, **k: False)  # seconds
+    opts = dict(k=3, backbone="tiny", weights="none", workers=0, cache_dir=tmp_path / "features")
+    result = api.suggest(image_folder, pool, output=tmp_path / "out", **opts)
+    assert forward_passes["images"] == 24 + 9
+    shutil.move(pool / result.rows[0]["path"], image_folder / "red" / "labelled_now.jpg")
+    forward_passes["images"] = 0
+    api.suggest(image_folder, pool, output=tmp_path / "out2", **opts)
+    assert forward_passes["images"] == 0
+    calibrations = []
+    for path in (tmp_path / "features").glob("*.h5"):
+        with h5py.File(path, "r") as f:
+            calibrations.append(json.loads(f.attrs["calibration"])["calib_data"])
+    assert len(calibrations) == 4 and len(set(calibrations)) == 1  # one network, the first calibration

@@ -109,11 +109,13 @@ def auto_precision(cfg: ExtractConfig, images: int, paid: bool = False) -> tuple
 def one_offs_paid(cfg: ExtractConfig, listing: ImageFolderListing) -> bool:
     """Whether the project's one-offs folder holds this request's int8 calibration (without torch)."""
     from .oneoffs import has_calibration, oneoffs_dir, request_key
-    from .quantize import calibration_identity, calibration_listing
+    from .quantize import lent_calibration, request_identity
 
     if cfg.precision != "auto" or not installed("torchao"):
         return False
-    identity = calibration_identity(calibration_listing(cfg.calib_data, listing), cfg.seed, cfg.calib_n)
+    if lent_calibration(cfg)[0] is not None:  # rebuilt from a cache's observers: no calibration to pay
+        return True
+    identity = request_identity(cfg, listing)
     request = request_key(identity, cfg.backbone, bb.weights_identity(cfg.weights))
     return has_calibration(oneoffs_dir(cfg.cache_dir), request)
 
@@ -131,9 +133,10 @@ def cache_key(cfg: ExtractConfig, listing: ImageFolderListing) -> str:
     they change speed and at most the last bits of a row, see ``compiled``).
 
     int8 adds its calibration (method, sample, torch and torchao versions): another calibration
-    quantises the network differently.
+    quantises the network differently. One lent by ``calib_cache`` is named as that cache names it, so rows
+    are reused between them, and a folder put back as it was (audit --undo) is the earlier cache again.
     """
-    from .quantize import calibration_identity, calibration_listing
+    from .quantize import request_identity
 
     int8 = cfg.precision == "int8"
     return fingerprint({
@@ -144,8 +147,7 @@ def cache_key(cfg: ExtractConfig, listing: ImageFolderListing) -> str:
         "decode_version": DECODE_VERSION, **({"decode": cfg.decode} if cfg.decode != "pil" else {}),
         **({"flip": "mirror-mean"} if cfg.flip else {}),
         **({"purpose": POOL} if cfg.purpose == POOL else {}),  # the same folder listed without its classes
-        **({"int8": calibration_identity(calibration_listing(cfg.calib_data, listing), cfg.seed, cfg.calib_n)}
-           if int8 else {}),
+        **({"int8": request_identity(cfg, listing)} if int8 else {}),
     })
 
 

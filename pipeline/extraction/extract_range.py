@@ -168,13 +168,23 @@ def int8_feature_network(cfg, backbone, listing: ImageFolderListing, folder: Pat
                          lower: bool):
     """(the int8 network, its calibration record with ``reused`` saying from where, when it was)."""
     from .oneoffs import calibration_key, request_key, store_calibration, stored_calibration
-    from .quantize import calibrated_int8, calibration_identity, calibration_listing, int8_network
+    from .quantize import calibrated_int8, calibration_identity, calibration_listing, int8_network, lent_calibration
 
     crop = backbone.transform.crop_size[0]
     stored = read_int8_observers(resumed.path) if resumed is not None else None
     if stored is not None:
         calibration = {**json.loads(resumed.attrs["calibration"]), "reused": "the cache being resumed"}
         return int8_network(backbone.features, stored, (3, crop, crop), lower), calibration
+    lent, why = lent_calibration(cfg)
+    if lent is not None:  # the earlier cache's very network: its rows are reused by content
+        log.info("int8 network rebuilt from the calibration of %s (its %d photos), whose rows are reused",
+                 cfg.calib_cache, len(lent.get("images", [])))
+        return (int8_network(backbone.features, read_int8_observers(cfg.calib_cache), (3, crop, crop), lower),
+                {**lent, "observers_from": str(Path(cfg.calib_cache).resolve()),
+                 "reused": f"the cache {cfg.calib_cache}"})
+    if why:
+        log.warning("the int8 calibration of %s cannot be reused (%s): calibrating on %s, so every row is computed",
+                    cfg.calib_cache, why, cfg.calib_data or cfg.data)
     calib_listing = calibration_listing(cfg.calib_data, listing)
     identity = calibration_identity(calib_listing, cfg.seed, cfg.calib_n)
     key = calibration_key(identity, backbone.spec.name, backbone.features,

@@ -16,18 +16,21 @@ as fast as eagerly, which is why ``--compile auto`` compiles it.
 The calibration sample is the first ``calib_n`` good images of the extraction's own seeded,
 stratified order (or of ``calib_data``'s), decoded by the same transform; what it was, the method
 and the library versions are part of the cache's fingerprint, so int8 features never mix with
-other features or with another calibration's.
+other features or with another calibration's. A command that extracts a changed folder again (audit's
+refresh, suggest) lends it its earlier cache's calibration instead (``lent_calibration``): calibrated on
+the folder as it changed, the network would be another one and no earlier row could be reused.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import logging
 import time
 from pathlib import Path
 from typing import Optional
 
-from ..cache.provenance import installed, package_version
+from ..cache.provenance import CALIBRATION_KEYS, installed, package_version
 from ..errors import PipelineError, UsageError
 from ..files import first_line
 
@@ -82,6 +85,79 @@ def calibration_identity(listing, seed: int, n: int) -> dict:
     return {"version": QUANT_VERSION, "method": METHOD, "calib_batch": CALIB_BATCH, "calib_n": n,
             "calib_seed": seed, "calib_data": listing.fingerprint(), "torch": package_version("torch"),
             "torchao": require_torchao()}
+
+
+def request_identity(cfg, listing) -> dict:
+    """The calibration an int8 request quantises with (``calibration_identity``'s keys): the one ``cfg.calib_cache``
+    lends (``lent_calibration``), else a calibration on the first ``calib_n`` photos of ``calib_data`` or
+    ``listing``. No torch import: the cache's key is made of it."""
+    lent, _ = lent_calibration(cfg)
+    if lent is not None:
+        return {k: lent.get(k) for k in CALIBRATION_KEYS}
+    return calibration_identity(calibration_listing(cfg.calib_data, listing), cfg.seed, cfg.calib_n)
+
+
+def lent_calibration(cfg) -> tuple[Optional[dict], str]:
+    """(``cfg.calib_cache``'s calibration record, '') when its stored observers rebuild, bitwise, the int8 network
+    that cache was made with (``int8_network``): an int8 cache of this backbone and weights that keeps its
+    observers, quantised by this method with these torch and torchao versions; else (None, why not).
+
+    Why lend one: a calibration is made on the folder's own first photos, named by its listing's fingerprint,
+    so a relabelled, added or removed photo is another calibration, another network, and no row of the earlier
+    cache could be reused (``row_donors``): audit's refresh recomputed a whole folder to move two photos. The
+    borrowed network is the earlier cache's, so its record, identity included, is that cache's, and its rows
+    are found by content as a float cache's are; int8 rows still never mix with another calibration's."""
+    if not cfg.calib_cache:
+        return None, ""
+    from ..cache.feature_cache import OBSERVERS, CacheBusy, CacheError, open_h5, read_info
+
+    try:
+        info = read_info(Path(cfg.calib_cache), wait_s=0)
+        with open_h5(info.path, "r", wait_s=0) as f:
+            kept = OBSERVERS in f
+        record = json.loads(info.attrs.get("calibration") or "{}")
+    except (OSError, ValueError, CacheError, CacheBusy) as e:
+        return None, f"it is unreadable ({first_line(e, 200)})"
+    current = {"version": QUANT_VERSION, "method": METHOD, "calib_batch": CALIB_BATCH,
+               "torch": package_version("torch"), "torchao": package_version("torchao")}
+    differ = [k for k, v in current.items() if record.get(k) != v]
+    why = ("it is not an int8 cache" if info.attrs.get("precision") != "int8" or not record else
+           "it keeps no calibrated observers (made before caches stored them)" if not kept else
+           "it was made with another backbone or weights" if info.attrs.get("backbone") != cfg.backbone
+           or not _same_weights(cfg.weights, info.attrs) else
+           f"it was quantised otherwise ({', '.join(differ)})" if differ else "")
+    return (None, why) if why else (record, "")
+
+
+def newest_int8_cache(cache_dir: str, data: str, backbone: str, weights: str, purpose: str = "") -> str:
+    """The newest complete int8 cache in ``cache_dir`` of the folder ``data`` (of that ``purpose``: '' for a labelled
+    folder), ``backbone`` and ``weights``: the calibration a command that extracts a folder again lends its new
+    request (``lent_calibration`` checks the rest), '' when there is none. No torch import."""
+    from ..cache.feature_cache import list_caches
+    from . import backbones as bb
+
+    if not Path(cache_dir).is_dir():
+        return ""
+    root, name = Path(data).resolve(), bb.canonical_name(backbone)
+    return next((str(i.path) for i in list_caches(cache_dir)[0]
+                 if i.complete and i.attrs.get("precision") == "int8" and i.attrs.get("backbone") == name
+                 and Path(i.attrs.get("data_root") or "/nonexistent") == root
+                 and (i.attrs.get("purpose") or "") == purpose
+                 and _same_weights(weights, i.attrs)), "")
+
+
+def _same_weights(weights: str, attrs: dict) -> bool:
+    """Whether --weights ``weights`` names the weights of the cache with ``attrs``."""
+    from . import backbones as bb
+
+    try:
+        made_with = str(json.loads(attrs.get("config") or "{}").get("weights", ""))
+    except ValueError:
+        return False
+
+    if bb.is_weights_path(weights):
+        return Path(weights).is_file() and bb.file_sha256(weights) == attrs.get("weights_sha256")
+    return not bb.is_weights_path(made_with) and bb.weights_identity(weights) == bb.weights_identity(made_with)
 
 
 def calibration_batches(dataset, n: int, batch_size: int) -> tuple[list, list[str]]:

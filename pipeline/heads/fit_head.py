@@ -464,6 +464,8 @@ def check_test_calibration(test_data: Optional[str], cache) -> None:
     parts = getattr(cache, "parts", None)  # a fusion's caches take --test-data only
     for part in parts or [cache]:
         record = json.loads(part.attrs.get("calibration") or "{}")
+        if record.get("observers_from"):  # a lent calibration (audit's refresh): --test-data borrows it too
+            continue
         root = record.get("calib_root", "")
         whose = (f"--test-data is extracted with the int8 network of the cache {part.path}, calibrated on the photos "
                  f"in {root!r}")
@@ -514,7 +516,11 @@ def test_cache_for(cfg: FitHeadConfig, cache: FeatureCache) -> Path:
         if keep.get("precision") == "auto":  # what it meant for the training photos: auto decides from the number
             keep["precision"] = cache.attrs["precision"]  # of photos (int8 from 1,000 on some CPUs), not the test's
         if "calibration" in cache.attrs:  # int8: the same quantised network, calibrated on the training photos
-            keep["calib_data"] = json.loads(cache.attrs["calibration"])["calib_root"]
+            record = json.loads(cache.attrs["calibration"])
+            if record.get("observers_from"):  # lent by an earlier cache, whose folder has changed since: rebuilt
+                keep["calib_cache"] = str(cache.path)  # from this cache's observers, as it was
+            else:
+                keep["calib_data"] = record["calib_root"]
         from ..runs.ledger import current_command
 
         path = Path(extract(ExtractConfig(data=cfg.test_data, n=0, cache_dir=str(Path(cache.path).parent),

@@ -98,14 +98,19 @@ def validate(cfg: AuditConfig) -> None:
 
 
 def training_cache(cfg: AuditConfig) -> Path:
-    """--cache, or the cache of every photo of --data as extract makes it (a hit when it exists)."""
+    """--cache, or the cache of every photo of --data as extract makes it (a hit when it exists). Where int8
+    (``--precision auto`` on a large folder), with the network of the folder's newest int8 cache: after an
+    --apply that is the refreshed cache, a hit; calibrated on the folder as changed, it would be another network
+    and every row would be computed again (``quantize.lent_calibration``)."""
     if cfg.cache:
         return Path(cfg.cache)
     from ..extraction.extract import extract
+    from ..extraction.quantize import newest_int8_cache
 
+    lender = newest_int8_cache(cfg.cache_dir, cfg.data, cfg.backbone, cfg.weights)
     return Path(extract(ExtractConfig(data=cfg.data, n=0, backbone=cfg.backbone, weights=cfg.weights,
                                       batch_size=cfg.batch_size, device=cfg.device, workers=cfg.workers,
-                                      cache_dir=cfg.cache_dir, command=cfg.command)).cache)
+                                      cache_dir=cfg.cache_dir, command=cfg.command, calib_cache=lender)).cache)
 
 
 def test_cache(cfg: AuditConfig, cache: FeatureCache) -> Optional[Path]:
@@ -388,7 +393,10 @@ def with_pictures(result: dict, out: Path, top: int) -> None:
 
 def refresh(cfg: AuditConfig, root: str) -> Optional[dict]:
     """Extract the changed folder again as its newest cache was made, so the next fit-head trains on the
-    new labels: rows are found by content in the old cache (``row_donors``), so nothing is recomputed."""
+    new labels: rows are found by content in the old cache (``row_donors``), so only photos whose bytes no
+    cache holds (none, after a relabel or a removal) are computed. An int8 cache lends its network (its stored
+    calibration: ``quantize.lent_calibration``); calibrated again on the changed folder it would be another
+    network, whose every row is computed."""
     from ..cache.feature_cache import list_caches
     from ..extraction.extract import extract
 
@@ -403,6 +411,8 @@ def refresh(cfg: AuditConfig, root: str) -> Optional[dict]:
                                    "calib_n", "calib_data", "flip", "batch_size", "device", "workers")
             if k in config}
     try:
+        if keep.get("precision") == "int8":
+            keep["calib_cache"] = str(made[0].path)
         r = extract(ExtractConfig(data=root, cache_dir=cfg.cache_dir, command=cfg.command, **keep))
     except (UsageError, DeviceMissing) as e:  # the cache made on a GPU machine: its device is not here
         log.warning("could not extract %s again as %s was made (%s); run extract yourself: rows are reused by "

@@ -140,14 +140,23 @@ def k_center(x: np.ndarray, labelled: np.ndarray, k: int) -> np.ndarray:
 
 # -- the stage ----------------------------------------------------------------------------------------
 def extract_both(cfg: SuggestConfig) -> tuple[Path, Path]:
-    """The caches of the labelled folder and of the pool (extract's: hits when they exist, rows by content)."""
+    """The caches of the labelled folder and of the pool (extract's: hits when they exist, rows by content).
+
+    Where int8 (``--precision auto`` on a large folder), both are made with one network: the labelled folder's
+    earlier cache's (``calib_cache``), the pool's that of the labelled cache (else its own earlier one). Each
+    calibrated on its folder as it is, a labelled photo moved out of the pool would change both networks, and
+    every row of both folders would be computed again (labelling costs no forward pass only with one network)."""
     from ..extraction.extract import extract
+    from ..extraction.quantize import newest_int8_cache
 
     common = dict(n=0, backbone=cfg.backbone, weights=cfg.weights, batch_size=cfg.batch_size, device=cfg.device,
                   workers=cfg.workers, cache_dir=cfg.cache_dir, command=cfg.command)
-    labelled = extract(ExtractConfig(data=cfg.data, **common)).cache
-    pool = extract(ExtractConfig(data=cfg.pool, purpose=POOL, **common)).cache
-    return Path(labelled), Path(pool)
+    labelled = extract(ExtractConfig(data=cfg.data, **common,
+                                     calib_cache=newest_int8_cache(cfg.cache_dir, cfg.data, cfg.backbone, cfg.weights)))
+    lender = (labelled.cache if labelled.precision == "int8" else
+              newest_int8_cache(cfg.cache_dir, cfg.pool, cfg.backbone, cfg.weights, POOL))
+    pool = extract(ExtractConfig(data=cfg.pool, purpose=POOL, calib_cache=lender, **common)).cache
+    return Path(labelled.cache), Path(pool)
 
 
 def fit_head(cfg: SuggestConfig, avg: np.ndarray, labels: np.ndarray, n_classes: int):
