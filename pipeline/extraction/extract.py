@@ -258,6 +258,8 @@ def extract_held(cfg: ExtractConfig, hit_only: bool = False) -> Optional[dict]:
     verified = False
     if info is not None:
         stale, verified = stale_reason(info, listing, cfg.verify)
+        if stale and hit_only:  # a miss: set aside (and said) by the extraction that follows, if it follows
+            return None
         if stale:  # extracted again, its rows reused by content: only what changed is computed
             log.warning("%s is stale: %s; extracting again (its rows are reused where the photo's bytes are the "
                         "same)", path, stale)
