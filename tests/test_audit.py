@@ -371,3 +371,17 @@ def test_auditing_again_after_an_int8_apply_is_the_refreshed_cache_not_a_new_net
     again = CliRunner().invoke(cli, ["audit", "--folds", "3", *args])
     assert again.exit_code == 0, again.output
     assert json.loads(again.stdout)["cache"] == refreshed["cache"]  # a hit: another network is another name
+
+
+def test_no_label_issue_leaves_no_earlier_gallery_in_the_same_output(tmp_path):
+    """--output may be a folder an earlier audit wrote to: its gallery.png (the issues since fixed by --apply) was
+    overwritten while every audit wrote one; once a clean audit wrote none, the old picture stayed beside a report
+    of no label issues."""
+    data = photos(tmp_path / "data", per_class=6)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "gallery.png").write_bytes(b"the earlier audit's issues")
+    run = CliRunner().invoke(cli, ["audit", "--data", str(data), "--folds", "2", "--cache-dir", str(tmp_path / "f"),
+                                   "--backbone", "tiny", "--weights", "none", "--workers", "0", "--output",
+                                   str(tmp_path / "a"), "--json"])
+    assert run.exit_code == 0, run.output
+    assert json.loads(run.stdout)["label_issues"] == [] and not (tmp_path / "a" / "gallery.png").exists()

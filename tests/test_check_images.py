@@ -428,3 +428,17 @@ def test_folders_the_walk_leaves_out_are_named_and_never_moved(tmp_path, monkeyp
     found = {f["path"]: (f["kind"], f["severity"]) for f in check_images(CheckImagesConfig(str(root))).findings}
     assert found == {"red/locked": ("unreadable-folder", "error"), "blue/up": ("folder-reached-twice", "note")}
     assert (root / "red" / "locked" / "x.jpg").is_file() and (root / "blue" / "up").is_symlink()
+
+
+def test_a_class_folder_the_os_will_not_list_is_not_also_an_empty_class(tmp_path, monkeypatch):
+    """It was named twice, the second time as a class without a usable image, 'add photos or move them out', of a
+    folder full of photos: extract says 'cannot be read ...; fix its permissions'. Its unreadable-folder error alone."""
+    root = make_image_folder(tmp_path / "data", per_class=1)
+    (root / "green").mkdir()
+    unlistable(monkeypatch, root / "red")
+    r = CliRunner().invoke(cli, ["check-images", str(root), "--workers", "1"])
+    assert r.exit_code == 0, r.output
+    assert "red: cannot be read (Permission denied)" in r.stdout
+    [line] = [x for x in r.stdout.splitlines() if x.startswith("class folders without a usable image")]
+    assert line.endswith("move them out): green")
+    assert check_images(CheckImagesConfig(str(root))).empty_classes == ["green"]

@@ -246,6 +246,37 @@ def test_the_example_holds_the_decoding_rule_verbatim():
     assert source.split(marker)[1] in (ROOT / "examples" / "predict_onnx.py").read_text().split(marker)[1]
 
 
+def test_the_rule_reads_an_open_file_as_pillow_does(tmp_path):
+    """A BytesIO just written to (left at its end) and a stream that cannot seek (a pipe, a request's body) were
+    refused by refuse_empty ('zero-byte file'; io.UnsupportedOperation) where Image.open reads both whole: each
+    gives the path's tensor, and an empty stream is still a zero-byte file."""
+    import io
+
+    from pipeline.data import portable
+
+    p = {"resize_size": 40, "crop_size": 32, "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.25] * 3}
+    Image.new("RGB", (48, 40), (200, 30, 90)).save(tmp_path / "a.png")
+    want = portable.preprocess(str(tmp_path / "a.png"), p, {})
+    written = io.BytesIO()
+    Image.open(tmp_path / "a.png").save(written, "PNG")  # left at its end, as after any save
+
+    class NoSeek(io.RawIOBase):
+        def __init__(self, data: bytes):
+            self.data = io.BytesIO(data)
+
+        def readable(self):
+            return True
+
+        def readinto(self, b):
+            return self.data.readinto(b)
+
+    stream = io.BufferedReader(NoSeek((tmp_path / "a.png").read_bytes()))
+    for fp in (written, stream, str(tmp_path / "a.png").encode()):
+        assert np.array_equal(portable.preprocess(fp, p, {}), want)
+    with pytest.raises(portable.Refused, match="zero-byte file"):
+        portable.preprocess(io.BufferedReader(NoSeek(b"")), p, {})
+
+
 def test_the_parity_check_decodes_each_photo_from_its_bytes_by_the_rule(heads, tmp_path, monkeypatch):
     """A decoder that drops alpha (as the example once did) fails the check: it no longer feeds both sides the
     same tensors; the metadata says the rule's parameters."""

@@ -314,6 +314,44 @@ def test_a_photo_rewritten_in_place_with_size_and_mtime_kept_is_found_by_its_sha
     assert not third.hit and (third.reused, third.computed) == (23, 1)
 
 
+def test_asking_for_a_hit_leaves_a_stale_cache_in_place(image_folder, tmp_path, caplog):
+    """hit_only (choose-backbone asks each candidate before it checks the weights of those to extract) is 'nothing
+    written on a miss': a stale cache was set aside and called 'extracting again' by the question, then by a run
+    refused (offline, say) before any extraction. The extraction that follows sets it aside and reuses its rows."""
+    import logging
+
+    first = extract(cfg(image_folder, tmp_path))
+    with FeatureCache(first.cache) as c:
+        target = image_folder / c.paths[3]
+    _rewrite_keeping_size_and_mtime(target, _solid_jpeg(tmp_path / "green.jpg", (0, 255, 0)))
+    with caplog.at_level(logging.WARNING):
+        assert extract(cfg(image_folder, tmp_path), hit_only=True) is None
+    assert [p.name for p in (tmp_path / "f").iterdir()] == [Path(first.cache).name] and "stale" not in caplog.text
+    again = extract(cfg(image_folder, tmp_path))
+    assert not again.hit and (again.reused, again.computed) == (23, 1)
+
+
+def test_precision_autos_line_is_said_once_by_the_run_not_by_the_question(image_folder, tmp_path, caplog,
+                                                                          monkeypatch):
+    """choose-backbone asks each candidate for a hit (hit_only) before extracting the misses: 'precision auto: int8
+    + compile (...)' was said by the question and again by the extraction, both before the first 'extracting' line.
+    Said once: by the extraction on a miss, by the question on a hit (its only run)."""
+    import logging
+
+    from pipeline.extraction import extract as extract_mod
+
+    monkeypatch.setattr(extract_mod, "auto_precision", lambda c, images, paid=False: (c.precision, "the choice"))
+    monkeypatch.setattr(extract_mod, "INT8_AUTO_MIN_IMAGES", 1)  # said at INFO, as for a sample of 1,000 photos
+
+    def said(**kw) -> int:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="pipeline"):
+            extract(cfg(image_folder, tmp_path), **kw)
+        return caplog.messages.count("the choice")
+
+    assert (said(hit_only=True), said(), said(hit_only=True)) == (0, 1, 1)
+
+
 def test_a_changed_folder_or_setting_gives_a_new_cache(image_folder, tmp_path):
     first = extract(cfg(image_folder, tmp_path)).cache
     assert extract(cfg(image_folder, tmp_path, dtype="float16")).cache != first

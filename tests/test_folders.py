@@ -345,3 +345,17 @@ def test_the_left_out_warning_names_each_entry_up_to_five_and_counts_the_rest(tm
     [line] = [r.getMessage() for r in caplog.records]
     assert line.startswith(f"7 entries of {root} left out") and "red/gone4.jpg" in line and "gone5" not in line
     assert line.endswith(f"; and 2 more (check-images {root} names every one)")
+
+
+def test_a_pools_left_out_folders_are_named_from_the_pool_as_its_files_are(tmp_path, monkeypatch):
+    """list_unlabelled walks the pool itself, and walk names what it leaves out from the pool's parent: the warning
+    and the pool cache's skipped files said 'pool/sub/again' of pool/sub/again, beside files named 'a/x.jpg'."""
+    from pipeline.data.folders import list_unlabelled
+
+    pool = make_image_folder(tmp_path / "pool", per_class=1)
+    (pool / "red" / "again").symlink_to("../blue", target_is_directory=True)
+    (pool / "locked").mkdir()
+    unlistable(monkeypatch, pool / "locked")
+    listing = list_unlabelled(pool)
+    assert [f.path for f in listing.files] == ["blue/blue.0.jpg", "red/red.0.jpg"]
+    assert sorted(p for p, _ in listing.bad) == ["locked", "red/again"]

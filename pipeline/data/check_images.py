@@ -118,6 +118,12 @@ def left_out_finding(where: str, why: str) -> dict:
     return finding(rel, "unreadable-folder" if why.startswith(CANNOT_LIST) else "folder-reached-twice", why)
 
 
+def unlisted(findings: list[dict]) -> set:
+    """The folders the OS would not list: a class folder among them is no empty class ('add photos or move them
+    out'), its unreadable-folder error says what extract says of it (fix its permissions)."""
+    return {f["path"] for f in findings if f["kind"] == "unreadable-folder"}
+
+
 def check_all(root: Path, rels: list[str], workers: int):
     """Yield each file's findings in order; ``workers`` > 1 decodes in that many processes."""
     check = partial(check_file, str(root))
@@ -216,12 +222,14 @@ def check_images(cfg: CheckImagesConfig,
     seconds = time.perf_counter() - t0
     bad = set(error_files)
     usable = Counter(rel.split("/", 1)[0] for rel in rels if "/" in rel and rel not in bad and is_image_name(rel))
+    locked = unlisted(findings)
     result = CheckImagesResult(
         root=str(root), files=len(rels), good=len(rels) - len(error_files), errors=len(error_files),
         notes=note_files, by_kind=dict(sorted(Counter(f["kind"] for f in findings).items())),
         seconds=round(seconds, 2), files_per_s=round(len(rels) / seconds, 1) if seconds else None,
         workers=workers, findings=findings, report=None, quarantine=None,
-        empty_classes=[c for c in distinct_classes(root, class_folders(root), []) if not usable[c]],  # links: left out
+        empty_classes=[c for c in distinct_classes(root, class_folders(root), [])  # links: left out
+                       if not usable[c] and c not in locked],
     )
     if cfg.report:
         result = replace(result, report=write_report(Path(cfg.report), asdict(result)))

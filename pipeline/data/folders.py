@@ -235,8 +235,9 @@ def distinct_classes(root: Path, classes: list[str], bad: list) -> list[str]:
 
 def _list_files(root: Path, top: Path, label: int, files: list, bad: list, seen: set) -> None:
     """Append every image file below ``top`` to ``files`` with ``label`` (paths relative to ``root``); image
-    names that cannot be used go to ``bad`` with the reason."""
-    for dirpath, filenames in walk(top, bad, seen):
+    names that cannot be used go to ``bad`` with the reason, folders ``walk`` leaves out too."""
+    folders: list = []
+    for dirpath, filenames in walk(top, folders, seen):
         for name in filenames:
             if not is_image_name(name):
                 continue
@@ -251,6 +252,13 @@ def _list_files(root: Path, top: Path, label: int, files: list, bad: list, seen:
                 bad.append((rel, e.reason))
                 continue
             files.append(SourceFile(rel, label, st.st_size, st.st_mtime_ns))
+    bad += [(from_root(root, top, where), why) for where, why in folders]
+
+
+def from_root(root: Path, top: Path, where: str) -> str:
+    """A folder ``walk(top)`` left out (named from ``top``'s parent) named from ``root``, as the files are: a pool's
+    top is its root, so its left-out folders were 'pool/sub' in the warning and the cache's skipped files."""
+    return where.split("/", 1)[1] if top == root and "/" in where else where
 
 
 #: The one class of a pool of photos nobody has labelled yet (``list_unlabelled``; suggest's pool cache).

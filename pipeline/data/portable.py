@@ -26,6 +26,7 @@ huge), one of more pixels than Pillow's limit (``Image.MAX_IMAGE_PIXELS``, a dec
 no bytes are not decoded: the exception's ``decode_failure`` is the row's reason.
 """
 # Pillow and numpy only below: this file must run where nothing of this project is installed
+import io
 import os
 import warnings
 
@@ -184,16 +185,29 @@ def refuse_external(im) -> None:
                       "(convert it to PNG or JPEG)")
 
 
+def as_pillow_reads(fp):
+    """``fp`` as Image.open reads it: a path as it is, an open binary file from its start (Pillow seeks to 0: a
+    BytesIO just written to is read whole), one that cannot seek (a pipe, a request's stream) read into memory
+    first, as Pillow does itself. refuse_empty read such a stream's position, and refused the first as empty."""
+    if isinstance(fp, (str, bytes, os.PathLike)):
+        return fp
+    try:
+        fp.seek(0)
+        return fp
+    except (AttributeError, io.UnsupportedOperation):
+        return io.BytesIO(fp.read())
+
+
 def refuse_empty(fp) -> None:
-    """``Refused`` for a file of no bytes (a path, or an open binary file read from where it stands), in
+    """``Refused`` for a file of no bytes (a path, or an open binary file that can seek: ``as_pillow_reads``), in
     predict's words: Pillow calls it an image of unidentified format, the example said 'not an image' where
     predict said 'zero-byte file'."""
-    if isinstance(fp, (str, os.PathLike)):
+    if isinstance(fp, (str, bytes, os.PathLike)):
         empty = os.path.getsize(fp) == 0
     else:
-        at = fp.tell()
+        fp.seek(0)
         empty = not fp.read(1)
-        fp.seek(at)
+        fp.seek(0)
     if empty:
         raise Refused("zero-byte file")
 
@@ -234,6 +248,7 @@ def preprocess(fp, p, decoding: dict) -> np.ndarray:
     """The network's input for one photo (a path or an open binary file), by the rule above; ``p``: the
     metadata's "preprocessing", ``decoding``: its "decoding". A fused model's "preprocessing" is a list, one a
     backbone: the photo decoded once, part i in channels 3i..3i+2 at the top left of a zero canvas."""
+    fp = as_pillow_reads(fp)
     refuse_empty(fp)
     with warnings.catch_warnings():  # past Pillow's pixel limit it only warns and decodes: refused, as predict does
         warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -227,6 +227,14 @@ def extract(cfg: ExtractConfig, hit_only: bool = False) -> Optional[ExtractResul
         return None if summary is None else ExtractResult.of(summary)
 
 
+def say_why(why: str, cfg: ExtractConfig, images: int) -> None:
+    """auto_precision's line, said when it matters (what was chosen, or why a long run is not int8), by the run that
+    hits or extracts: not by hit_only's miss too (choose-backbone said it twice for each candidate it extracted)."""
+    if why:
+        log.log(logging.INFO if cfg.precision == "int8" or images >= INT8_AUTO_MIN_IMAGES else logging.DEBUG,
+                "%s", why)
+
+
 def extract_held(cfg: ExtractConfig, hit_only: bool = False) -> Optional[dict]:
     started = time.time()
     validate(cfg)
@@ -254,23 +262,24 @@ def extract_held(cfg: ExtractConfig, hit_only: bool = False) -> Optional[dict]:
         if (float_info is not None and float_info.complete) or (info is None and prefers_float(cfg)):
             why = f"precision auto: float, not int8: {cfg.backbone} has depthwise convolutions"
             cfg, key, path, info = float_cfg, float_key, float_path, float_info
-    if why:  # said when it matters: what was chosen, or why a long run is not int8
-        log.log(logging.INFO if cfg.precision == "int8" or images >= INT8_AUTO_MIN_IMAGES else logging.DEBUG,
-                "%s", why)
     verified = False
     if info is not None:
         stale, verified = stale_reason(info, listing, cfg.verify)
+        if stale and hit_only:  # a miss: set aside (and said) by the extraction that follows, if it follows
+            return None
         if stale:  # extracted again, its rows reused by content: only what changed is computed
             log.warning("%s is stale: %s; extracting again (its rows are reused where the photo's bytes are the "
                         "same)", path, stale)
             set_aside(path)
             info = None
     if info is not None and info.complete:
+        say_why(why, cfg, images)
         if info.attrs.get("purpose") == TEST and cfg.purpose != TEST:
             claim_for_training(info)  # what the user extracts is what fit-head then trains on by default
         return {**hit_summary(info, started), "verified": verified}
     if hit_only:
         return None
+    say_why(why, cfg, images)
     bb.get_spec(cfg.backbone)  # an unknown name: a usage error before anything is written
     if info is not None:
         log.info("resuming %s from row %d", path, info.rows)

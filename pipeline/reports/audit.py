@@ -386,6 +386,7 @@ def with_pictures(result: dict, out: Path, top: int) -> None:
 
     result["html"] = str(write_html(result, out / "report.html", top))
     if not result["label_issues"]:
+        (out / "gallery.png").unlink(missing_ok=True)  # an earlier audit's in the same --output: its issues, not these
         log.info("no label issues: no gallery.png")
         return
     result["gallery"] = str(write_gallery(result, out / "gallery.png", top))
