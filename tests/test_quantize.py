@@ -523,6 +523,9 @@ def test_a_lent_calibration_counts_as_paid_for_precision_auto(tmp_path, monkeypa
     add_photo(data, tmp_path)
     auto = extract(cfg(data, tmp_path, precision="auto"))
     assert auto.precision == "int8" and auto.computed == 1 and auto.reused == 12
+    monkeypatch.setattr(stage, "INT8_AUTO_MIN_IMAGES_PAID", 14)  # too few for int8: a float cache, lent nothing
+    made = json.loads(features(extract(cfg(data, tmp_path, precision="auto")).cache)[2]["config"])
+    assert made["precision"] == "auto" and made["calib_cache"] == ""
 
 
 def test_a_stale_cache_that_lent_its_own_calibration_is_extracted_again_with_its_network(tmp_path):

@@ -247,10 +247,12 @@ def extract_held(cfg: ExtractConfig, hit_only: bool = False) -> Optional[dict]:
     total = len(listing.files)
     check_n(cfg, total)
     images = cfg.n or total
-    cfg = with_own_lender(cfg, listing)
-    precision, why = auto_precision(cfg, images, one_offs_paid(cfg, listing))
+    lent = with_own_lender(cfg, listing)
+    precision, why = auto_precision(lent, images, one_offs_paid(lent, listing))
+    asked, cfg = cfg, lent if precision == "int8" else cfg  # a float network has no calibration to lend
     float_cfg = cfg  # --precision auto's float choice, when the network runs faster in float (see below)
     if precision != cfg.precision:  # the same cache, key and network as --precision int8
+        float_cfg = asked
         cfg = replace(cfg, precision=precision)
         validate(cfg)
     key = cache_key(cfg, listing)
