@@ -181,7 +181,8 @@ def extract_features(data: PathLike, n: int = ExtractConfig.n, *, verbose: Optio
     ``options`` are ExtractConfig's: backbone ('vgg16'), weights ('DEFAULT', a torchvision name, a
     local state-dict file with its .json sidecar, or 'none'), cache_dir ('features'), seed, dtype,
     precision ('auto', 'fp32', 'bf16', 'fp16', or 'int8' on the CPU with torchao: calibrated on
-    calib_n images of calib_data or data), compile, pool, flip (False; True: each
+    calib_n images of calib_data or data, or with the network of data's earlier int8 cache where the
+    folder changed since, so that only its new photos are computed), compile, pool, flip (False; True: each
     map the mean of the photo's and its mirror image's), verify (hash every row's photo on a hit, as on
     folders up to 100 MB always), batch_size, device, workers, decode.
     The same request again is a cache hit

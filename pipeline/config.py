@@ -352,7 +352,9 @@ class ExtractConfig(RunnerOptions):
     calib_n: int = field(default=64, metadata=option(
         "int8: calibration images (the first of the seeded sample).", range=POSITIVE))
     calib_data: str = field(default="", metadata=option(
-        "int8: calibrate on this folder's sample instead of --data's.", metavar="DIR", doc_default="(`--data`)"))
+        "int8: calibrate on this folder's sample instead of --data's [default: the network of --data's newest int8 "
+        "cache, calibrated with this --calib-n and --seed, where the folder changed since; else --data's sample].",
+        metavar="DIR", doc_default="(`--data`, or its earlier int8 cache's)"))
     pool: str = field(default="none", metadata=option(
         "avg stores globally pooled C-vectors instead of C x H x W maps.", choices=POOLS,
         doc="`none` keeps the C x H x W map; `avg` stores globally averaged C x 1 x 1 vectors"))
@@ -393,7 +395,8 @@ class ExtractConfig(RunnerOptions):
     calib_cache: str = field(default="", metadata=internal(
         "int8: the cache whose calibration (its stored observers) the network is rebuilt from instead of "
         "calibrating on this folder: audit's refresh and fit-head --test-data of a refreshed cache, so that the "
-        "changed folder's rows are the earlier cache's (quantize.lent_calibration)"))
+        "changed folder's rows are the earlier cache's (quantize.lent_calibration); a plain extract finds its own "
+        "(quantize.own_lender)"))
 
 
 @dataclass

@@ -729,8 +729,10 @@ def test_an_int8_cache_whose_calibration_photos_moved_is_refused_before_the_fit(
 def test_an_int8_cache_whose_calibration_photos_changed_is_refused_before_the_fit(tmp_path, make_cache, monkeypatch):
     """Changed since (a photo edited or added), its calibration photos cannot make the cache's int8 network again:
     fit-head fitted, extracted the whole test folder, then refused that test cache by two fingerprints that
-    differ. Refused before the fit and the extraction, naming the folder and the ways out; as they were, it runs."""
-    calib, cache, test, _ = _int8_cache_calibrated_elsewhere(tmp_path, make_cache)
+    differ. Refused before the fit and the extraction, naming the folder and the ways out; as they were, it runs.
+    The way out said 'extract the training photos again', which a plain extract now answers with this very cache
+    (it lends itself the folder's int8 network): it names --calib-data, and that cache fits with --test-data."""
+    calib, cache, test, int8 = _int8_cache_calibrated_elsewhere(tmp_path, make_cache)
     photo = next(p for p in sorted(calib.rglob("*")) if p.is_file())
     kept = photo.read_bytes(), photo.stat().st_mtime_ns
     photo.write_bytes(kept[0] + b"\0")
@@ -738,10 +740,14 @@ def test_an_int8_cache_whose_calibration_photos_changed_is_refused_before_the_fi
     assert r.exit_code == 2 and r.output == (
         f"Error: --test-data is extracted with the int8 network of the cache {cache}, calibrated on the photos in "
         f"{str(calib.resolve())!r}, which have changed since (photos added, removed or edited), so that network "
-        "cannot be made again; put them back as they were, or extract the training photos again (a new cache, "
-        "calibrated on the photos as they are now) and fit on it\n"), r.output
+        f"cannot be made again; put them back as they were, or extract the training photos again with --calib-data "
+        f"{str(calib.resolve())!r} (a new cache, calibrated on the photos as they are now) and fit on it\n"), r.output
     assert [f for f in os.listdir(os.path.dirname(cache)) if f.endswith(".h5")] == [os.path.basename(cache)]
     monkeypatch.undo()
+    assert make_cache(tmp_path / "d", **int8).cache == cache  # a plain extract: this cache's own network, a hit
+    again = make_cache(tmp_path / "d", calib_data=str(calib.resolve()), **int8).cache  # the way out said
+    r = fit_head(FitHeadConfig(head="logreg", cache=again, test_data=str(test), runs_dir=str(tmp_path / "runs2")))
+    assert r.test["rows"] == 6
     photo.write_bytes(kept[0])
     os.utime(photo, ns=(kept[1], kept[1]))
     r = fit_head(FitHeadConfig(head="logreg", cache=cache, test_data=str(test), runs_dir=str(tmp_path / "runs")))

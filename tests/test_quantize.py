@@ -399,9 +399,11 @@ def test_audit_refreshes_an_int8_cache_with_its_network_computing_only_new_photo
     assert added["computed"] == 1 and added["reused"] == 20
     assert all(np.array_equal(by_photo(added["cache"])[d], row) for d, row in before.items())
 
-    plain = extract(cfg(data, tmp_path))  # extract as before: calibrated on the folder as it is, all computed
-    assert not plain.hit and plain.computed == 21 and plain.cache != added["cache"]
-    assert "observers_from" not in json.loads(features(plain.cache)[2]["calibration"])
+    plain = extract(cfg(data, tmp_path))  # a plain extract lends itself the same network: the refreshed cache
+    assert plain.hit and plain.cache == added["cache"]
+    forced = extract(cfg(data, tmp_path, calib_data=str(data)))  # --calib-data: calibrated on it, all computed
+    assert not forced.hit and forced.computed == 21 and forced.cache != added["cache"]
+    assert "observers_from" not in json.loads(features(forced.cache)[2]["calibration"])
 
 
 def test_fit_head_test_data_of_a_refreshed_int8_cache_borrows_its_network(tmp_path):
@@ -457,3 +459,93 @@ def test_a_calibration_is_lent_only_by_an_int8_cache_whose_network_can_be_rebuil
     assert quantize.request_identity(replace(request, calib_cache=str(other)), listing) == \
         quantize.request_identity(request, listing)  # refused: calibrated on the folder, as a plain request
     assert cache_key(replace(request, calib_cache=int8), listing) == cache_key(request, listing)  # the same folder
+
+
+def add_photo(data: Path, tmp_path: Path, name: str = "added.jpg", seed: int = 9) -> None:
+    """One new photo in data/red (a JPEG unlike the folder's others)."""
+    make_image_folder(tmp_path / f"new{seed}", per_class=1, classes=("red",), seed=seed)
+    (tmp_path / f"new{seed}" / "red" / "red.0.jpg").rename(data / "red" / name)
+
+
+def test_a_plain_extract_after_a_photo_is_added_computes_only_that_photo(tmp_path, caplog):
+    """A plain int8 extract calibrated on the folder as it is, a calibration named by its listing: after 10 photos
+    were added to 25,000, another network, and all 25,010 rows computed (about an hour for VGG-16). It now lends
+    itself the folder's earlier int8 cache's network (its stored observers): the new photo is computed, every
+    other row copied bitwise, the same request again is a hit, and --calib-data still calibrates on its folder."""
+    import logging
+
+    data = make_image_folder(tmp_path / "d", per_class=10)
+    first = extract(cfg(data, tmp_path))
+    before = by_photo(first.cache)
+    add_photo(data, tmp_path)
+    with caplog.at_level(logging.INFO, logger="pipeline"):
+        second = extract(cfg(data, tmp_path))
+    assert not second.hit and second.computed == 1 and second.reused == 20
+    after = by_photo(second.cache)
+    assert len(after) == 21 and all(np.array_equal(after[d], row) for d, row in before.items())
+    record = json.loads(features(second.cache)[2]["calibration"])
+    assert record["observers_from"] == str(Path(first.cache).resolve())
+    assert {**record, "observers_from": None} == {**json.loads(features(first.cache)[2]["calibration"]),
+                                                  "observers_from": None}
+    said = [r.getMessage() for r in caplog.records if "calibration of" in r.getMessage()]
+    assert len(said) == 1 and first.cache in said[0]  # which cache's calibration, once
+    again = extract(cfg(data, tmp_path))
+    assert again.hit and again.cache == second.cache
+    forced = extract(cfg(data, tmp_path, calib_data=str(data)))
+    assert not forced.hit and forced.computed == 21 and forced.cache not in (first.cache, second.cache)
+    assert "observers_from" not in json.loads(features(forced.cache)[2]["calibration"])
+
+
+def test_a_plain_extract_lends_itself_only_a_calibration_made_as_it_asks(tmp_path):
+    """The lender is the folder's newest int8 cache calibrated with this --calib-n and --seed (another asks for
+    another calibration, and gets one), and never a float cache: rows of two networks never mix."""
+    data = make_image_folder(tmp_path / "d", per_class=6)
+    first = extract(cfg(data, tmp_path))
+    extract(cfg(data, tmp_path, precision="fp32"))
+    add_photo(data, tmp_path)
+    other_n = extract(cfg(data, tmp_path, calib_n=9))
+    assert other_n.computed == 13 and "observers_from" not in json.loads(features(other_n.cache)[2]["calibration"])
+    lent = extract(cfg(data, tmp_path))  # calib_n 8 again: the first cache's network, not the calib_n 9 one
+    assert lent.computed == 1
+    assert json.loads(features(lent.cache)[2]["calibration"])["observers_from"] == str(Path(first.cache).resolve())
+
+
+def test_a_lent_calibration_counts_as_paid_for_precision_auto(tmp_path, monkeypatch):
+    """--precision auto after photos were added to an int8 folder: the earlier cache's network is rebuilt from its
+    observers (no calibration to pay), so auto's shorter threshold applies and it stays int8, computing the new
+    photo only, where it chose float (and computed every photo in it) for want of this folder's calibration."""
+    from pipeline.extraction import extract as stage
+
+    monkeypatch.setattr(stage, "cpu_flags", lambda: {"avx512_vnni"})
+    monkeypatch.setattr(stage, "INT8_AUTO_MIN_IMAGES_PAID", 13)
+    data = make_image_folder(tmp_path / "d", per_class=6)
+    extract(cfg(data, tmp_path))
+    add_photo(data, tmp_path)
+    auto = extract(cfg(data, tmp_path, precision="auto"))
+    assert auto.precision == "int8" and auto.computed == 1 and auto.reused == 12
+    monkeypatch.setattr(stage, "INT8_AUTO_MIN_IMAGES_PAID", 14)  # too few for int8: a float cache, lent nothing
+    made = json.loads(features(extract(cfg(data, tmp_path, precision="auto")).cache)[2]["config"])
+    assert made["precision"] == "auto" and made["calib_cache"] == ""
+
+
+def test_a_stale_cache_that_lent_its_own_calibration_is_extracted_again_with_its_network(tmp_path):
+    """A lent cache whose photo was rewritten in place (same size and mtime: the same key) is stale: set aside, it
+    still lends its observers, so the rewritten photo is computed with that network and the other rows copied."""
+    import os
+
+    data = make_image_folder(tmp_path / "d", per_class=6)
+    extract(cfg(data, tmp_path))
+    add_photo(data, tmp_path)
+    lent = extract(cfg(data, tmp_path))
+    before = by_photo(lent.cache)
+    photo = data / "blue" / "blue.2.jpg"
+    st = photo.stat()
+    raw = bytearray(photo.read_bytes())
+    raw[-3] ^= 0xFF
+    photo.write_bytes(bytes(raw))
+    os.utime(photo, ns=(st.st_atime_ns, st.st_mtime_ns))
+    again = extract(cfg(data, tmp_path, verify=True))
+    assert not again.hit and again.cache == lent.cache and again.computed == 1 and again.reused == 12
+    assert json.loads(features(again.cache)[2]["calibration"])["observers_from"]  # the network its key names
+    after = by_photo(again.cache)
+    assert sum(any(np.array_equal(row, old) for old in before.values()) for row in after.values()) == 12

@@ -120,6 +120,18 @@ def one_offs_paid(cfg: ExtractConfig, listing: ImageFolderListing) -> bool:
     return has_calibration(oneoffs_dir(cfg.cache_dir), request)
 
 
+def with_own_lender(cfg: ExtractConfig, listing: ImageFolderListing) -> ExtractConfig:
+    """``cfg`` lending itself its folder's earlier int8 calibration (``quantize.own_lender``) where it may quantise
+    to int8 (--precision int8 or auto) and says nothing of what to calibrate on: so a folder with photos added or
+    relabelled since keeps its network, and only the photos new to it are computed. Without torch."""
+    if cfg.precision not in ("int8", "auto") or not installed("torchao"):
+        return cfg
+    from .quantize import own_lender
+
+    lender = own_lender(cfg, listing)
+    return replace(cfg, calib_cache=lender) if lender else cfg
+
+
 def prefers_float(cfg: ExtractConfig) -> bool:
     """Whether ``--precision auto`` runs this backbone in float rather than int8 (imports torch): a network
     with depthwise convolutions does. EfficientNet-Lite0 on 1,000 photos (docs/performance.md): int8 +
@@ -243,9 +255,12 @@ def extract_held(cfg: ExtractConfig, hit_only: bool = False) -> Optional[dict]:
     total = len(listing.files)
     check_n(cfg, total)
     images = cfg.n or total
-    precision, why = auto_precision(cfg, images, one_offs_paid(cfg, listing))
+    lent = with_own_lender(cfg, listing)
+    precision, why = auto_precision(lent, images, one_offs_paid(lent, listing))
+    asked, cfg = cfg, lent if precision == "int8" else cfg  # a float network has no calibration to lend
     float_cfg = cfg  # --precision auto's float choice, when the network runs faster in float (see below)
     if precision != cfg.precision:  # the same cache, key and network as --precision int8
+        float_cfg = asked
         cfg = replace(cfg, precision=precision)
         validate(cfg)
     key = cache_key(cfg, listing)
@@ -270,7 +285,9 @@ def extract_held(cfg: ExtractConfig, hit_only: bool = False) -> Optional[dict]:
         if stale:  # extracted again, its rows reused by content: only what changed is computed
             log.warning("%s is stale: %s; extracting again (its rows are reused where the photo's bytes are the "
                         "same)", path, stale)
-            set_aside(path)
+            aside = set_aside(path)
+            if aside is not None and cfg.calib_cache and Path(cfg.calib_cache).resolve() == path.resolve():
+                cfg = replace(cfg, calib_cache=str(aside))  # its own lender: the network is still its observers'
             info = None
     if info is not None and info.complete:
         say_why(why, cfg, images)

@@ -458,7 +458,9 @@ def check_test_calibration(test_data: Optional[str], cache) -> None:
     since was said after the fit as "calibration folder '...' does not exist", naming nothing fit-head takes; one
     whose photos changed, after the fit and the test folder's whole extraction, as two fingerprints that differ.
     Both refused before, saying whose folder it is and what to do. Moved, its photos keep their names, sizes and
-    times, so extract --calib-data at the new place makes the same network; changed, no network can be the same."""
+    times, so extract --calib-data at the new place makes the same network; changed, no network can be the same,
+    and the way out names --calib-data: a plain extract of the training folder lends itself this very cache's
+    network (``quantize.own_lender``), so it would be this cache again, refused again."""
     if not test_data:
         return
     parts = getattr(cache, "parts", None)  # a fusion's caches take --test-data only
@@ -476,7 +478,8 @@ def check_test_calibration(test_data: Optional[str], cache) -> None:
         if root and _listing_fingerprint(root) != record.get("calib_data"):
             raise UsageError(f"{whose}, which have changed since (photos added, removed or edited), so that network "
                              "cannot be made again; put them back as they were, or extract the training photos again "
-                             "(a new cache, calibrated on the photos as they are now) and fit on it")
+                             f"with --calib-data {root!r} (a new cache, calibrated on the photos as they are now) and "
+                             "fit on it")
 
 
 def _listing_fingerprint(root: str) -> str:
