@@ -1,7 +1,9 @@
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from PIL import Image, features
 
+from pipeline.cli import cli
 from pipeline.data.folders import ImageLoadError, jpeg_bytes, list_image_folder, load_rgb, stratified_order
 from tests.conftest import make_image_folder
 from tests.fsfaults import make_non_regular, no_hang, unlistable
@@ -323,6 +325,17 @@ def test_a_folder_the_os_will_not_list_is_left_out_and_told(tmp_path, monkeypatc
     with pytest.raises(PipelineError, match=r"class folder '.*red' cannot be read \(Permission denied\): its files "
                                             "are left out; fix its permissions"):
         list_image_folder(root)
+
+
+def test_a_data_folder_the_os_will_not_list_is_one_line_of_the_environment(tmp_path, monkeypatch):
+    """The data folder itself unlistable (chmod 000 of another user's) ended extract, audit and check-images in
+    'unexpected PermissionError ... (a bug?)'."""
+    root = make_image_folder(tmp_path / "d", per_class=1)
+    unlistable(monkeypatch, root)
+    run = CliRunner().invoke(cli, ["check-images", str(root)])
+    assert run.exit_code == 1, run.output
+    assert f"data folder {str(root)!r} cannot be read (Permission denied); fix its permissions" in run.output
+    assert "a bug?" not in run.output
 
 
 def test_the_left_out_warning_names_each_entry_up_to_five_and_counts_the_rest(tmp_path, caplog):

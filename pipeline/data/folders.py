@@ -155,8 +155,14 @@ def walk(top: str | os.PathLike, left_out: list | None = None, seen: set | None 
 def class_folders(root: Path) -> list[str]:
     """The class folders of an ImageFolder root, sorted: its sub-folders, metadata folders (``__MACOSX``) left out.
     ``os.path.isdir``, not ``DirEntry.is_dir``: a looping link beside the classes (``x -> y -> x``) made the
-    latter raise ELOOP, and every command reading the folder (check-images after decoding it all) end in 'a bug?'."""
-    return sorted(d.name for d in os.scandir(root) if os.path.isdir(d.path) and not is_skipped_folder(d.name))
+    latter raise ELOOP, and every command reading the folder (check-images after decoding it all) end in 'a bug?'.
+    A root the OS will not list is the environment's one line (it ended every command in 'a bug?' too)."""
+    try:
+        entries = list(os.scandir(root))
+    except OSError as e:
+        raise PipelineError(f"data folder {str(root)!r} cannot be read ({e.strerror or e}); "
+                            "fix its permissions") from None
+    return sorted(d.name for d in entries if os.path.isdir(d.path) and not is_skipped_folder(d.name))
 
 
 def list_image_folder(root: str | os.PathLike, min_classes: int = 2) -> ImageFolderListing:
