@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 from typing import Callable, Optional
 
 from .config import DEVICES, PRECISIONS
@@ -38,15 +39,25 @@ def resolve_workers(workers: int, share: int = 1) -> int:
     return workers
 
 
+#: The names ``--device`` takes.
+DEVICE_NAME = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def check_device_name(device, what: str = "") -> None:
+    """A UsageError for a name that is no device, without torch: the API's image methods check it before a model
+    loads (``device='gpu'`` was refused only after). ``what``: the caller's prefix ('predict: ')."""
+    if not isinstance(device, str) or not DEVICE_NAME.fullmatch(device):
+        raise UsageError(f"{what}unknown device {device!r}; allowed: {', '.join(DEVICES)} (or cuda:N)")
+
+
 def resolve_device(device: str = "auto"):
     """'auto' -> CUDA when available, else CPU. 'cuda:1' style names are accepted too. A name that is no device
     is a UsageError (exit 2); a device this machine lacks is ``DeviceMissing`` (exit 1, the environment's)."""
     import torch
 
+    check_device_name(device)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.split(":")[0] not in ("cpu", "cuda"):
-        raise UsageError(f"unknown device {device!r}; allowed: {', '.join(DEVICES)} (or cuda:N)")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise DeviceMissing(f"device {device!r} asked for, but CUDA is not available here; use --device cpu")
     try:

@@ -207,6 +207,8 @@ def test_image_methods_check_their_keywords_as_the_cli_does(head, work):
         head.predict(blue, workers=-5)
     with pytest.raises(ValueError, match="unknown_score: unknown precision 'fp64'; allowed: auto, fp32"):
         head.unknown_score(blue, precision="fp64")
+    with pytest.raises(ValueError, match=r"explain: unknown device 'gpu'; allowed: auto, cpu, cuda \(or cuda:N\)"):
+        head.explain(blue, device="gpu")
     with pytest.raises(ValueError, match="predict: unknown must be True or False, got 'yes'"):
         head.predict(blue, unknown="yes")
     with pytest.raises(TypeError, match="unexpected keyword argument 'batchsize'"):

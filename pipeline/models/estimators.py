@@ -30,12 +30,16 @@ ImageInput = Any  # a path (file or folder), a PIL image, or a list of them
 
 
 def check_runner(what: str, batch_size, workers, device, precision) -> None:
-    """The image methods' keywords checked by the CLI's own rule (``RunnerOptions``): ``batch_size=0`` ran
-    as if it were 32, and ``precision='fp64'`` failed only once the model loaded."""
+    """The image methods' keywords checked by the CLI's own rules (``RunnerOptions``, the device's name):
+    ``batch_size=0`` ran as if it were 32, and ``precision='fp64'`` or ``device='gpu'`` failed only once the
+    model loaded."""
     from ..config import RunnerOptions, check_options
+    from ..devices import check_device_name
 
     check_options(RunnerOptions, {"batch_size": batch_size, "workers": workers, "device": device,
                                   "precision": precision}, what=what)
+    if device is not None:
+        check_device_name(device, f"{what}: ")
 
 
 class ImageClassifier:
