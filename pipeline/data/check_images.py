@@ -191,6 +191,9 @@ class CheckImagesResult:
     report: Optional[str]  # the --report file written, else None
     quarantine: Optional[dict]  # with --quarantine: where the files went, how to move them back; else None
     empty_classes: list = field(default_factory=list)  # class folders left without a usable image: extract refuses
+    # folders the OS would not list (an error each among the findings, not counted in ``errors``, which counts
+    # files): their files are unseen, by this check and by extract
+    unreadable_folders: list = field(default_factory=list)
 
 
 def check_images(cfg: CheckImagesConfig,
@@ -230,6 +233,7 @@ def check_images(cfg: CheckImagesConfig,
         workers=workers, findings=findings, report=None, quarantine=None,
         empty_classes=[c for c in distinct_classes(root, class_folders(root), [])  # links: left out
                        if not usable[c] and c not in locked],
+        unreadable_folders=sorted(locked),
     )
     if cfg.report:
         result = replace(result, report=write_report(Path(cfg.report), asdict(result)))
