@@ -19,5 +19,10 @@ class DeviceMissing(PipelineError):
     same command runs with elsewhere, so the environment's (exit 1), as weights that cannot be downloaded."""
 
 
+class PackageMissing(PipelineError):
+    """An optional package a valid request needs is not installed here (torchao for int8): the environment's
+    (exit 1), as a missing device is."""
+
+
 class DiskFull(PipelineError):
     """A write that the disk could not take (full, read-only, not permitted): exit 1, naming the path."""

@@ -4,6 +4,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
 from PIL import Image
 
@@ -305,6 +306,22 @@ def test_a_copy_of_the_folder_is_audited_and_named_as_itself(tmp_path):
     assert second.data_root == str(copy.resolve())
     assert f"--data {copy.resolve()} --apply" in audit_text(second)
     assert str(copy.resolve()) in (Path(second.output) / "report.html").read_text()
+
+
+def test_a_refresh_of_an_int8_cache_where_torchao_is_missing_only_warns(tmp_path, request, caplog):
+    """The moves are done when the refresh runs: an int8 cache in an environment without torchao ended audit --apply
+    in exit 1 after the files had moved, where a missing device only warns."""
+    pytest.importorskip("torchao", reason="the int8 cache is made first")
+    from pipeline.extraction.extract import ExtractConfig, extract
+    from pipeline.reports.audit import AuditConfig, refresh
+
+    data = photos(tmp_path / "data", per_class=4)
+    extract(ExtractConfig(data=str(data), n=0, backbone="tiny", weights="none", workers=0, precision="int8",
+                          calib_n=4, compile="off", cache_dir=str(tmp_path / "features")))
+    shutil.move(data / "red" / "red.0.jpg", data / "blue" / "red.0.jpg")  # what an --apply does
+    request.getfixturevalue("no_torchao")
+    assert refresh(AuditConfig(data=str(data), cache_dir=str(tmp_path / "features")), str(data)) is None
+    assert "could not extract" in caplog.text and "needs torchao" in caplog.text
 
 
 def test_a_refresh_whose_cache_was_made_on_a_device_this_machine_lacks_only_warns(tmp_path, monkeypatch, caplog):

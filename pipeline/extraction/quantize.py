@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..cache.provenance import CALIBRATION_KEYS, installed, package_version
-from ..errors import PipelineError, UsageError
+from ..errors import PackageMissing, PipelineError, UsageError
 from ..files import first_line
 
 log = logging.getLogger(__name__)
@@ -45,10 +45,10 @@ CALIB_BATCH = 16  # calibration batches: a fixed size, so the quantised network 
 
 
 def require_torchao(who: str = "--precision int8") -> str:
-    """torchao's version, or a PipelineError that says how to install it: the optional package is missing from this
+    """torchao's version, or a PackageMissing that says how to install it: the optional package is missing from this
     environment (exit 1), the value is valid and the same command runs where it is installed."""
     if not installed("torchao"):
-        raise PipelineError(f"{who} needs torchao (the maintained int8 route for x86), which is not installed: "
+        raise PackageMissing(f"{who} needs torchao (the maintained int8 route for x86), which is not installed: "
                             "pip install 'transfer-pipeline[int8]' (or pip install torchao)")
     return package_version("torchao")
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..cache.feature_cache import FeatureCache
 from ..config import AuditConfig, ExtractConfig, FitHeadConfig, check_config
-from ..errors import DeviceMissing, UsageError
+from ..errors import DeviceMissing, PackageMissing, UsageError
 from ..files import SafeCsvWriter, atomic_write, check_output, write_json, writing
 from ..heads.cache_views import CacheViews
 from ..heads.fit_head import check_labelled
@@ -415,7 +415,7 @@ def refresh(cfg: AuditConfig, root: str) -> Optional[dict]:
         if keep.get("precision") == "int8":
             keep["calib_cache"] = str(made[0].path)
         r = extract(ExtractConfig(data=root, cache_dir=cfg.cache_dir, command=cfg.command, **keep))
-    except (UsageError, DeviceMissing) as e:  # the cache made on a GPU machine: its device is not here
+    except (UsageError, DeviceMissing, PackageMissing) as e:  # made on a GPU machine, or with torchao: not here
         log.warning("could not extract %s again as %s was made (%s); run extract yourself: rows are reused by "
                     "content", root, made[0].path, e)
         return None
