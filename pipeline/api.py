@@ -137,7 +137,7 @@ def _path(x, what: str) -> str:
         return str(x._checkpoint())
     if not isinstance(x, (str, bytes, os.PathLike)):
         raise UsageError(f"{what} must be a path (a str or pathlib.Path), got {x!r:.60}")
-    return os.fspath(x)
+    return os.fsdecode(x)  # a str: the configs' type, bytes paths too
 
 
 def _call_text(name: str, *args, **kwargs) -> str:
@@ -526,7 +526,8 @@ def predict_files(model: Union[Head, Model, PathLike], paths: Union[PathLike, Se
     """
     from .models.predict import predict
 
-    paths = [paths] if isinstance(paths, (str, os.PathLike)) or not hasattr(paths, "__iter__") else list(paths)
+    one = isinstance(paths, (str, bytes, os.PathLike)) or not hasattr(paths, "__iter__")  # b'/x': one path, no list
+    paths = [paths] if one else list(paths)
     cfg = _config(PredictConfig, "predict_files", options, model=_path(model, "predict_files: model"),
                   paths=[_path(p, "predict_files: paths") for p in paths])
     with verbosity(verbose):

@@ -315,6 +315,8 @@ def test_predict_files_check_runs_and_summary(work, head):
     (work / "data" / "blue" / "bad.jpg").write_bytes(b"")
     rows = pipeline.predict_files(head, work / "data" / "blue", workers=0)
     assert len(rows) == 13 and rows.result.errors == 1
+    as_bytes = pipeline.predict_files(head, os.fsencode(work / "data" / "blue"), workers=0)  # was a list of numbers
+    assert [r["class"] for r in as_bytes] == [r["class"] for r in rows]
     assert {r["class"] for r in rows if not r["error"]} == {"blue"}
     report = pipeline.check_image_folder("data", workers=1)
     assert report.files == 25 and report.errors == 1 and report.findings[0]["kind"] == "zero-byte"
