@@ -708,12 +708,39 @@ def _fit_head_test_data_unfitted(cache, test, tmp_path, monkeypatch):
     return r
 
 
-def test_an_int8_cache_whose_calibration_photos_moved_is_refused_before_the_fit(tmp_path, make_cache, monkeypatch):
-    """--test-data is extracted by the training cache's int8 network, calibrated again on its calibration photos:
-    moved since, the fit ran, then stopped on "calibration folder '...' does not exist" (an option fit-head does not
-    take). Refused before the fit, naming the folder; the way out it gives (extract with --calib-data at the new
-    place, then --test-cache) scores the test photos."""
+def test_an_int8_cache_is_tested_with_its_own_network_whatever_became_of_its_calibration_photos(tmp_path, make_cache):
+    """--test-data was extracted by the training cache's int8 network calibrated again on its calibration photos:
+    moved or changed since, fit-head refused (or once stopped after the fit), though the cache stores the
+    observers that rebuild that network bitwise. Now it is rebuilt from them: the same test cache as before."""
     calib, cache, test, int8 = _int8_cache_calibrated_elsewhere(tmp_path, make_cache)
+    first = fit_head(FitHeadConfig(head="logreg", cache=cache, test_data=str(test), runs_dir=str(tmp_path / "r1")))
+    calib.rename(tmp_path / "moved")
+    moved = fit_head(FitHeadConfig(head="logreg", cache=cache, test_data=str(test), runs_dir=str(tmp_path / "r2")))
+    assert moved.test["cache"] == first.test["cache"] and moved.test["acc"] == first.test["acc"]  # a hit
+    photo = next(p for p in sorted((tmp_path / "moved").rglob("*")) if p.is_file())
+    photo.write_bytes(photo.read_bytes() + b"\0")  # the calibration photos changed
+    changed = fit_head(FitHeadConfig(head="logreg", cache=cache, test_data=str(test), runs_dir=str(tmp_path / "r3")))
+    assert changed.test["cache"] == first.test["cache"] and changed.test["rows"] == 6
+
+
+def _without_observers(cache) -> None:
+    """``cache`` as made before caches stored their int8 observers."""
+    import h5py
+
+    from pipeline.cache.feature_cache import OBSERVERS
+
+    with h5py.File(cache, "r+") as f:
+        del f[OBSERVERS]
+
+
+def test_an_older_int8_cache_whose_calibration_photos_moved_is_refused_before_the_fit(tmp_path, make_cache,
+                                                                                      monkeypatch):
+    """A cache made before observers were stored is calibrated again on its calibration photos: moved since, the
+    fit ran, then stopped on "calibration folder '...' does not exist" (an option fit-head does not take). Refused
+    before the fit, naming the folder; the way out it gives (extract with --calib-data at the new place, then
+    --test-cache) scores the test photos."""
+    calib, cache, test, int8 = _int8_cache_calibrated_elsewhere(tmp_path, make_cache)
+    _without_observers(cache)
     calib.rename(tmp_path / "moved")
     r = _fit_head_test_data_unfitted(cache, test, tmp_path, monkeypatch)
     assert r.exit_code == 2 and r.output == (
@@ -726,13 +753,15 @@ def test_an_int8_cache_whose_calibration_photos_moved_is_refused_before_the_fit(
     assert r.test["rows"] == 6
 
 
-def test_an_int8_cache_whose_calibration_photos_changed_is_refused_before_the_fit(tmp_path, make_cache, monkeypatch):
-    """Changed since (a photo edited or added), its calibration photos cannot make the cache's int8 network again:
-    fit-head fitted, extracted the whole test folder, then refused that test cache by two fingerprints that
-    differ. Refused before the fit and the extraction, naming the folder and the ways out; as they were, it runs.
-    The way out said 'extract the training photos again', which a plain extract now answers with this very cache
-    (it lends itself the folder's int8 network): it names --calib-data, and that cache fits with --test-data."""
+def test_an_older_int8_cache_whose_calibration_photos_changed_is_refused_before_the_fit(tmp_path, make_cache,
+                                                                                        monkeypatch):
+    """Changed since (a photo edited or added), the calibration photos of a cache made before observers were stored
+    cannot make its int8 network again: fit-head fitted, extracted the whole test folder, then refused that test
+    cache by two fingerprints that differ. Refused before the fit and the extraction, naming the folder and the way
+    out (--calib-data: a plain extract lends itself the folder's newest int8 cache's network); as they were, it
+    runs."""
     calib, cache, test, int8 = _int8_cache_calibrated_elsewhere(tmp_path, make_cache)
+    _without_observers(cache)
     photo = next(p for p in sorted(calib.rglob("*")) if p.is_file())
     kept = photo.read_bytes(), photo.stat().st_mtime_ns
     photo.write_bytes(kept[0] + b"\0")
@@ -744,7 +773,6 @@ def test_an_int8_cache_whose_calibration_photos_changed_is_refused_before_the_fi
         f"{str(calib.resolve())!r} (a new cache, calibrated on the photos as they are now) and fit on it\n"), r.output
     assert [f for f in os.listdir(os.path.dirname(cache)) if f.endswith(".h5")] == [os.path.basename(cache)]
     monkeypatch.undo()
-    assert make_cache(tmp_path / "d", **int8).cache == cache  # a plain extract: this cache's own network, a hit
     again = make_cache(tmp_path / "d", calib_data=str(calib.resolve()), **int8).cache  # the way out said
     r = fit_head(FitHeadConfig(head="logreg", cache=again, test_data=str(test), runs_dir=str(tmp_path / "runs2")))
     assert r.test["rows"] == 6

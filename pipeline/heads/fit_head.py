@@ -453,8 +453,9 @@ def check_test_weights(test_data: Optional[str], cache) -> None:
 
 
 def check_test_calibration(test_data: Optional[str], cache) -> None:
-    """The photos an int8 cache's network was calibrated on (its 'calibration' record's calib_root), which
-    --test-data's extraction calibrates the same network on again (``test_cache_for``). A folder moved or deleted
+    """The photos an int8 cache made before caches stored their observers was calibrated on (its 'calibration'
+    record's calib_root), which --test-data's extraction calibrates the same network on again (``test_cache_for``;
+    a cache that stores them lends them, and needs none of its photos: ``keeps_network``). A folder moved or deleted
     since was said after the fit as "calibration folder '...' does not exist", naming nothing fit-head takes; one
     whose photos changed, after the fit and the test folder's whole extraction, as two fingerprints that differ.
     Both refused before, saying whose folder it is and what to do. Moved, its photos keep their names, sizes and
@@ -466,7 +467,7 @@ def check_test_calibration(test_data: Optional[str], cache) -> None:
     parts = getattr(cache, "parts", None)  # a fusion's caches take --test-data only
     for part in parts or [cache]:
         record = json.loads(part.attrs.get("calibration") or "{}")
-        if record.get("observers_from"):  # a lent calibration (audit's refresh): --test-data borrows it too
+        if keeps_network(part):  # its network is rebuilt from its observers (test_cache_for): no photo needed
             continue
         root = record.get("calib_root", "")
         whose = (f"--test-data is extracted with the int8 network of the cache {part.path}, calibrated on the photos "
@@ -480,6 +481,15 @@ def check_test_calibration(test_data: Optional[str], cache) -> None:
                              "cannot be made again; put them back as they were, or extract the training photos again "
                              f"with --calib-data {root!r} (a new cache, calibrated on the photos as they are now) and "
                              "fit on it")
+
+
+def keeps_network(cache) -> bool:
+    """Whether an int8 cache (an open FeatureCache) stores its calibrated observers, from which its network is
+    rebuilt bitwise (``quantize.lent_calibration``): --test-data was calibrated again on the training cache's
+    calibration photos, and refused once they had moved or changed, though the network needed none of them."""
+    from ..cache.feature_cache import OBSERVERS
+
+    return "calibration" in cache.attrs and OBSERVERS in cache.f
 
 
 def _listing_fingerprint(root: str) -> str:
@@ -518,12 +528,11 @@ def test_cache_for(cfg: FitHeadConfig, cache: FeatureCache) -> Path:
             keep["weights"] = cache.attrs["weights_path"]  # a folder fit-head is not run from
         if keep.get("precision") == "auto":  # what it meant for the training photos: auto decides from the number
             keep["precision"] = cache.attrs["precision"]  # of photos (int8 from 1,000 on some CPUs), not the test's
-        if "calibration" in cache.attrs:  # int8: the same quantised network, calibrated on the training photos
-            record = json.loads(cache.attrs["calibration"])
-            if record.get("observers_from"):  # lent by an earlier cache, whose folder has changed since: rebuilt
-                keep["calib_cache"] = str(cache.path)  # from this cache's observers, as it was
-            else:
-                keep["calib_data"] = record["calib_root"]
+        if "calibration" in cache.attrs:  # int8: the very network of the training cache
+            if keeps_network(cache):  # rebuilt from its observers, whatever became of its calibration photos
+                keep["calib_cache"] = str(cache.path)
+            else:  # a cache made before they were stored: calibrated again on the same photos
+                keep["calib_data"] = json.loads(cache.attrs["calibration"])["calib_root"]
         from ..runs.ledger import current_command
 
         path = Path(extract(ExtractConfig(data=cfg.test_data, n=0, cache_dir=str(Path(cache.path).parent),
