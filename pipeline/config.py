@@ -629,7 +629,8 @@ class RunsConfig:
 
     runs_dir: str = field(default="runs", metadata=option("The folder holding ledger.jsonl."))
     sort_by: Optional[str] = field(default=None, metadata=option(
-        "Best first by this metric (val_acc, accuracy, ...; losses lowest first) [default: newest first].",
+        "Best first by this metric (val_acc, accuracy, ...; losses and calibration errors (ece) lowest first) "
+        "[default: newest first].",
         names=("--sort",), metavar="METRIC", doc_default="newest first"))
     cache: Optional[str] = field(default=None, metadata=option(
         "Only runs on this cache (a cache file or a fingerprint prefix)."))
