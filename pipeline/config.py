@@ -542,7 +542,7 @@ class TrainConfig(RunnerOptions, SplitOptions, TrustOptions):
         doc="seeds the split; also the sample, initialisation, shuffling and augmentation"))
     runs_dir: str = field(default="runs", metadata=RUNS_DIR)
     calibrate: str = field(default="val", metadata=option(
-        "Where the temperature is fitted: cv (out-of-fold training rows + val), val, or none.", choices=("val", "none"),
+        "Where the temperature is fitted: the validation images (val) or none (T = 1).", choices=("val", "none"),
         doc="the temperature from the validation images (`val`) or none (T = 1)"))
     resume: Optional[str] = field(default=None, metadata=option(
         "The run folder of a stopped run (the same command): its epochs are kept, training goes on from the next.",
@@ -629,7 +629,8 @@ class RunsConfig:
 
     runs_dir: str = field(default="runs", metadata=option("The folder holding ledger.jsonl."))
     sort_by: Optional[str] = field(default=None, metadata=option(
-        "Best first by this metric (val_acc, accuracy, ...; losses lowest first) [default: newest first].",
+        "Best first by this metric (val_acc, accuracy, ...; losses and calibration errors (ece) lowest first) "
+        "[default: newest first].",
         names=("--sort",), metavar="METRIC", doc_default="newest first"))
     cache: Optional[str] = field(default=None, metadata=option(
         "Only runs on this cache (a cache file or a fingerprint prefix)."))

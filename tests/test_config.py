@@ -38,6 +38,7 @@ def test_the_shared_groups_are_one_declaration():
     for name in ("known_share", "unknown_rows", "unknown_k"):
         assert spec[config.FitHeadConfig][name] is spec[config.TrainConfig][name]
     assert spec[config.TrainConfig]["calibrate"].choices == ("val", "none")
+    assert "cv" not in spec[config.TrainConfig]["calibrate"].help  # train --help offered cv, a refused choice
     assert issubclass(config.ExtractConfig, config.RunnerOptions)
     assert issubclass(config.TrainConfig, config.TrustOptions)
 

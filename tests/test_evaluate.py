@@ -145,6 +145,14 @@ def test_a_cache_of_some_of_the_models_classes_is_scored_as_its_folder_is(tmp_pa
     assert out.output.count("\n") == 1
 
 
+def test_split_val_with_data_is_refused_not_ignored(tmp_path, head_run, image_folder):
+    """--data DIR --split val scored every photo of DIR and reported split 'val' (--split picks cache rows)."""
+    out = CliRunner().invoke(cli.cli, ["evaluate", "--model", head_run.checkpoint, "--data", str(image_folder),
+                                       "--split", "val", "--runs-dir", str(tmp_path / "ev")])
+    assert out.exit_code == 2 and "--split val picks rows of a cache" in out.output
+    assert out.output.count("\n") == 1 and not (tmp_path / "ev").exists()
+
+
 def test_data_folder_agrees_with_all_cache_rows(tmp_path, head_run, image_folder):
     ckpt = head_run.checkpoint
     on_cache = evaluate(EvaluateConfig(model=ckpt, split="all", runs_dir=str(tmp_path / "runs")))

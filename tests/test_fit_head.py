@@ -239,6 +239,18 @@ def test_tune_with_two_folds_on_a_few_rows_of_three_classes_fits(tmp_path, make_
     assert any(row["key"].startswith("torch") for row in r.tuning["table"])  # the head that held rows out
 
 
+def test_too_few_rows_for_the_folds_names_the_options_that_fit_them(tmp_path, make_cache):
+    """3 photos a class: 'the smallest class has 2' alone left the user to guess that --folds or --head fits it."""
+    cache = make_cache(make_image_folder(tmp_path / "d", per_class=3, classes=("blue", "red", "green"))).cache
+    for args, other in (([], "another --head"), (["--tune"], "kernel, svm) without --tune")):
+        run = CliRunner().invoke(cli, ["fit-head", "--cache", cache, "--runs-dir", str(tmp_path / "runs"), *args])
+        assert run.exit_code == 2 and run.output.count("\n") == 1, run.output
+        assert "the smallest class has 2 (training rows: --val-fraction's share is held out); give fewer --folds" \
+            in run.output and other in run.output
+    run = CliRunner().invoke(cli, ["fit-head", "--cache", cache, "--folds", "2", "--runs-dir", str(tmp_path / "r")])
+    assert run.exit_code == 0, run.output
+
+
 @pytest.mark.parametrize("args, message", [
     (["--head", "svm", "--gamma", "nan"], "--gamma must be a positive number"),  # was scikit-learn's own message
     (["--head", "svm", "--gamma", "-2*scale"], "got '-2*scale'"),  # was 'got -3.71', a number never typed

@@ -62,6 +62,15 @@ def test_sort_and_filters(tmp_path):
     assert table.splitlines()[2].split()[-3] == "val_acc=0.95"
 
 
+def test_calibration_errors_sort_lowest_first(tmp_path):
+    """--sort ece (evaluate) and test_ece (fit-head --test-data) listed the worst-calibrated run first."""
+    _add(tmp_path, ece=0.01, test_ece=0.2, test_ece_uncalibrated=0.3)
+    _add(tmp_path, ece=0.2, test_ece=0.01, test_ece_uncalibrated=0.02)
+    for metric in ("ece", "test_ece", "test_ece_uncalibrated"):
+        values = [r["metrics"][metric] for r in read_runs(tmp_path, sort_by=metric)]
+        assert values == sorted(values), metric
+
+
 def test_damaged_last_line_is_skipped_and_not_glued_to(tmp_path):
     _add(tmp_path, val_acc=0.5)
     with open(ledger_path(tmp_path), "a") as f:

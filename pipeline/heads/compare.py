@@ -198,7 +198,8 @@ def _fit_kind(base: FitHeadConfig, kind: str, said: set) -> FitHeadResult:
         prefix = "--head auto: "
         if kind != "auto" or not str(e).startswith(prefix):
             raise
-        raise UsageError(f"compare-sklearn's first row, fit-head's default head: {str(e)[len(prefix):]} (training "
+        reason = str(e)[len(prefix):].split(" (training rows")[0]  # fit-head's remedies name options it lacks
+        raise UsageError(f"compare-sklearn's first row, fit-head's default head: {reason} (training "
                          "rows: --val-fraction's share is held out); add photos to the smallest class") from None
 
 

@@ -334,6 +334,13 @@ def tune_verdict(top: dict, default: Optional[dict], chosen: dict, nested: Optio
     return f"--tune keeps the default head {scores(default)}: the search's best, {scores(top)}, {why}"
 
 
+def _cv_remedy(tune: bool) -> str:
+    """What a refusal of too small a class for the folds adds: where the rows went and the options that fit."""
+    other = "another --head (linear, logreg, kernel, svm)" + (" without --tune" if tune else "")
+    return (f" (training rows: --val-fraction's share is held out); give fewer --folds (at least 2), {other} or "
+            "more photos of the smallest class")
+
+
 def _tune(cfg: FitHeadConfig, cache, train_idx):
     """Stratified k-fold CV on the training rows (over --tune's grids, or the default head's search);
     the winner refitted on all of them. Returns (head, info, tuning, (the winner's out-of-fold
@@ -344,7 +351,7 @@ def _tune(cfg: FitHeadConfig, cache, train_idx):
         result = tune(rows, rows.labels, _search_grid(cfg),
                       _cv(cfg, cfg.folds, "--tune cross-validation" if cfg.tune else "cross-validation"))
     except ValueError as e:  # too few rows of a class for the folds
-        raise UsageError(f"{'--tune' if cfg.tune else '--head auto'}: {e}") from None
+        raise UsageError(f"{'--tune' if cfg.tune else '--head auto'}: {e}{_cv_remedy(cfg.tune)}") from None
     best, nested, verdict = _default_row(cfg, rows.feature_shape, result), None, None
     if cfg.tune:
         default, top = best, result["best"]

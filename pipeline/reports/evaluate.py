@@ -365,6 +365,9 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
     check_config(cfg)
     if cfg.cache and cfg.data:
         raise UsageError("pass --cache or --data, not both")
+    if cfg.data and cfg.split == "val":  # --data scores every photo of the folder: 'val' would be a false label
+        raise UsageError(f"--split val picks rows of a cache; --data {cfg.data} scores every photo of the folder "
+                         "(use --split auto or all, or --cache with --split val)")
     ckpt = read_checkpoint(cfg.model)
     check_runs_dir(cfg, ckpt)
     source = "data" if cfg.data else "cache"

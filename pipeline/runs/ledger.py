@@ -108,7 +108,8 @@ def append_run(runs_dir: str | os.PathLike, kind: str, *, cache_fingerprint: Opt
 
 
 def _lower_is_better(metric: str) -> bool:
-    return "loss" in metric or metric.endswith(("seconds", "error"))
+    """Losses, times and errors, the calibration error (ece, test_ece, test_ece_uncalibrated) among them."""
+    return "loss" in metric or metric.endswith(("seconds", "error")) or "ece" in metric.split("_")
 
 
 def _matches_cache(record: dict, cache: str) -> bool:
@@ -138,7 +139,7 @@ def read_runs(runs_dir: str | os.PathLike, sort_by: Optional[str] = None, cache:
               backbone: Optional[str] = None) -> list[dict]:
     """The ledger's runs, newest first (or best first by metric ``sort_by``), optionally filtered.
 
-    Losses and times sort lowest first, everything else highest first; runs without the metric
+    Losses, calibration errors and times sort lowest first, everything else highest first; runs without the metric
     come last. A line that does not parse is skipped with a warning.
     """
     path = ledger_path(runs_dir)
