@@ -51,7 +51,7 @@ from .config import (
     ordered_fields,
 )
 from .errors import UsageError
-from .files import shown
+from .files import path_text, shown
 from .models.estimators import FeatureHead, ImageClassifier, NotFittedError, is_cache, is_features
 from .progress import verbosity
 
@@ -130,14 +130,11 @@ def _config(cls, what: str, options: dict, **fixed):
 
 
 def _path(x, what: str) -> str:
-    """A path given as a str, a PathLike, or an object of this API (a Cache, Head or Model). Anything else is a
-    UsageError naming ``what`` (the call and its parameter: 'export_model: model'), where os.fspath said only
-    'expected str, bytes or os.PathLike object, not NoneType', naming no parameter."""
+    """A path given as a str, a PathLike, or an object of this API (a Cache, Head or Model); anything else a
+    UsageError naming ``what`` (``files.path_text``)."""
     if isinstance(x, (Head, Model)):
         return str(x._checkpoint())
-    if not isinstance(x, (str, bytes, os.PathLike)):
-        raise UsageError(f"{what} must be a path (a str or pathlib.Path), got {x!r:.60}")
-    return os.fsdecode(x)  # a str: the configs' type, bytes paths too
+    return path_text(x, what)
 
 
 def _call_text(name: str, *args, **kwargs) -> str:

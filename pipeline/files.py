@@ -66,6 +66,15 @@ def one_line(text: str) -> str:
     return "".join(out)
 
 
+def path_text(x, what: str) -> str:
+    """A path given as a str, bytes or a PathLike, as the str the configs hold; anything else a UsageError naming
+    ``what`` (the call and its parameter: 'export_model: model'), where os.fspath said only 'expected str, bytes
+    or os.PathLike object, not NoneType', naming no parameter."""
+    if not isinstance(x, (str, bytes, os.PathLike)):
+        raise UsageError(f"{what} must be a path (a str or pathlib.Path), got {x!r:.60}")
+    return os.fsdecode(x)
+
+
 def first_line(text: str, limit: int) -> str:
     """The first line of ``text`` (a library's message quoted inside one of ours), at most ``limit``
     characters: cut at a word with ' ...'. A cut at ``limit`` characters ended the hub's offline message

@@ -6,13 +6,12 @@ reader of a cache file, when first asked for; torch is never imported, h5py only
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 
-from ..errors import UsageError
+from ..files import path_text
 
 if TYPE_CHECKING:
     from ..extraction.extract import ExtractResult
@@ -41,9 +40,7 @@ class Cache:
     def __init__(self, path, *, result: Optional[ExtractResult] = None):
         from .feature_cache import read_info
 
-        if not isinstance(path, (str, bytes, os.PathLike)):  # as the API says it (api._path): not Path's TypeError
-            raise UsageError(f"Cache: path must be a path (a str or pathlib.Path), got {path!r:.60}")
-        self.path = Path(os.fspath(path))
+        self.path = Path(path_text(path, "Cache: path"))  # as the API says it: not Path's TypeError
         self._info = read_info(self.path)
         self.result = result
         self._reader: Optional[FeatureCache] = None

@@ -257,10 +257,11 @@ def extract_held(cfg: ExtractConfig, hit_only: bool = False) -> Optional[dict]:
     images = cfg.n or total
     lent = with_own_lender(cfg, listing)
     precision, why = auto_precision(lent, images, one_offs_paid(lent, listing))
-    asked, cfg = cfg, lent if precision == "int8" else cfg  # a float network has no calibration to lend
-    float_cfg = cfg  # --precision auto's float choice, when the network runs faster in float (see below)
+    # --precision auto's float choice, when the network runs faster in float (see below); None where not auto's int8
+    float_cfg = cfg if precision != cfg.precision else None
+    if precision == "int8":  # a float network has no calibration to lend
+        cfg = lent
     if precision != cfg.precision:  # the same cache, key and network as --precision int8
-        float_cfg = asked
         cfg = replace(cfg, precision=precision)
         validate(cfg)
     key = cache_key(cfg, listing)
@@ -268,7 +269,7 @@ def extract_held(cfg: ExtractConfig, hit_only: bool = False) -> Optional[dict]:
     if distributed.world_size() > 1:  # started by torchrun: this rank extracts its shard
         return distributed.extract_sharded(cfg, listing, key, path, started)
     info = existing_cache(path, key)
-    if (info is None or not info.complete) and float_cfg is not cfg:
+    if (info is None or not info.complete) and float_cfg is not None:
         # auto's int8 is for dense networks; one with depthwise convolutions (EfficientNet, MobileNet) runs
         # faster in bf16: its cache is auto's answer too (found without torch on a hit)
         float_key = cache_key(float_cfg, listing)
