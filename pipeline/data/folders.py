@@ -18,6 +18,7 @@ import numpy as np
 
 from ..errors import PipelineError, UsageError
 from ..files import is_utf8, one_line, shown
+from ..progress import first_time
 from .portable import (  # noqa: F401 (the decoding rule; bit_depth for callers)
     Refused, bit_depth, decode_failure, jpeg_draft, orientation, refuse_external, refuse_thin, to_rgb, upright)
 
@@ -218,7 +219,7 @@ def list_image_folder(root: str | os.PathLike, min_classes: int = 2) -> ImageFol
             "need at least two class sub-folders"
         )
     if bad:
-        log.warning("%s", left_out_line(root, bad))
+        warn_left_out(root, bad)
     return ImageFolderListing(root, tuple(classes), tuple(files), tuple(bad))
 
 
@@ -234,6 +235,14 @@ def left_out_line(root: Path, bad: list) -> str:
             if len(bad) > LEFT_OUT_NAMED else "")
     return (f"{len(bad)} {'entry' if len(bad) == 1 else 'entries'} of {root} left out (not regular files, folders "
             f"reached twice through links, or folders that cannot be read): {named}{more}")
+
+
+def warn_left_out(root: Path, bad: list) -> None:
+    """The warning of a listing's left-out entries (``left_out_line``), once in a command or API call that lists
+    the folder several times (``progress.first_time``)."""
+    line = left_out_line(root, bad)
+    if first_time(line):
+        log.warning("%s", line)
 
 
 def distinct_classes(root: Path, classes: list[str], bad: list) -> list[str]:
@@ -302,7 +311,7 @@ def list_unlabelled(root: str | os.PathLike) -> ImageFolderListing:
     if not files:
         raise UsageError(f"folder {str(root)!r} holds no images")
     if bad:
-        log.warning("%s", left_out_line(root, bad))
+        warn_left_out(root, bad)
     return ImageFolderListing(root, (UNLABELLED,), tuple(files), tuple(bad))
 
 
