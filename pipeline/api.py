@@ -195,11 +195,24 @@ def extract_features(data: PathLike, n: int = ExtractConfig.n, *, verbose: Optio
     return Cache(result.cache, result=result)
 
 
+def _listed_folder(path: PathLike, name: str, call: str, default: str) -> str:
+    """``path`` (``call``'s parameter ``name``: ``runs_dir``), to list: a folder, or the default one not made yet
+    (a project before its first run: nothing listed); another path that is not there is a UsageError naming it: a
+    mistyped folder listed nothing, as if it held no runs."""
+    from .config import option_text
+
+    text = _path(path, f"{call}: {name}")
+    if not os.path.lexists(text) and os.path.normpath(text) != os.path.normpath(default):
+        raise UsageError(f"{option_text(name)} {text!r} does not exist")  # a file there: 'must be a folder'
+    return text
+
+
 def list_caches(cache_dir: PathLike = ExtractConfig.cache_dir) -> Caches:
-    """Every feature cache in ``cache_dir`` (newest first), as Cache objects; unusable files in ``.unreadable``."""
+    """Every feature cache in ``cache_dir`` (newest first), as Cache objects; unusable files in ``.unreadable``.
+    A ``cache_dir`` that is not there is a ValueError, unless it is the default ``features`` (none made yet)."""
     from .cache.feature_cache import list_caches as run
 
-    good, bad = run(cache_dir)
+    good, bad = run(_listed_folder(cache_dir, "cache_dir", "list_caches", ExtractConfig.cache_dir))
     return Caches([Cache(i.path) for i in good], [{"path": shown(str(p)), "why": w} for p, w in bad])
 
 
@@ -629,10 +642,11 @@ def run_demo(*, verbose: Optional[bool] = False, **options):
 def list_runs(runs_dir: PathLike = FitHeadConfig.runs_dir, *, sort_by: Optional[str] = None,
               cache: Union[Cache, str, None] = None, backbone: Optional[str] = None) -> Rows:
     """The experiment ledger (``runs/ledger.jsonl``): one row per run, newest first or best first by
-    ``sort_by`` (val_acc, accuracy, ...), optionally only on ``cache`` or with ``backbone`` (``python cli.py runs``)."""
+    ``sort_by`` (val_acc, accuracy, ...), optionally only on ``cache`` or with ``backbone`` (``python cli.py runs``).
+    A ``runs_dir`` that is not there is a ValueError, unless it is the default ``runs`` (no run yet)."""
     from .runs.ledger import read_runs
 
-    return Rows(read_runs(_path(runs_dir, "list_runs: runs_dir"), sort_by=sort_by,
+    return Rows(read_runs(_listed_folder(runs_dir, "runs_dir", "list_runs", FitHeadConfig.runs_dir), sort_by=sort_by,
                           cache=None if cache is None else _path(cache, "list_runs: cache"),
                           backbone=backbone))
 

@@ -44,6 +44,7 @@ from .config import (
     TrainConfig,
     check_value,
     cli_name,
+    cli_terms,
     describe_range,
     field_kind,
     option_fields,
@@ -135,7 +136,8 @@ def library_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with cli_terms():  # the library's messages name options as here: --device cpu, not device='cpu'
+                return fn(*args, **kwargs)
         except UsageError as e:
             raise OneLineUsageError(str(e)) from None
         except PipelineError as e:

@@ -9,6 +9,7 @@ fields. How to add an option: docs/layout.md.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import numbers
@@ -126,6 +127,31 @@ def option_fields(cls) -> list:
 def cli_name(name: str, opt: Optional[Option] = None) -> str:
     """The command-line spelling of a field: its last declared name, else --field-name."""
     return opt.names[-1] if opt and opt.names else f"--{name.replace('_', '-')}"
+
+
+#: Whether messages name options as the command line spells them (``cli_terms``: the CLI, around each command)
+#: or as the Python API's keywords (the default: a caller of ``Model.predict`` passed ``device='cpu'``).
+_CLI_TERMS = False
+
+
+@contextlib.contextmanager
+def cli_terms():
+    """Messages in the command line's terms inside the block (``option_text``)."""
+    global _CLI_TERMS
+    before, _CLI_TERMS = _CLI_TERMS, True
+    try:
+        yield
+    finally:
+        _CLI_TERMS = before
+
+
+def option_text(name: str, *values) -> str:
+    """An option (a config field's name) with the values a message suggests, as its caller writes them:
+    ``--precision bf16 or fp32`` on the command line, ``precision='bf16' or 'fp32'`` from Python (``device``
+    alone: ``--device`` or ``device``). Deep code (resolve_device) serves both: it said '--device' to both."""
+    if _CLI_TERMS:
+        return " ".join([cli_name(name), " or ".join(map(str, values))]) if values else cli_name(name)
+    return f"{name}={' or '.join(map(repr, values))}" if values else name
 
 
 def _interval(text: str) -> tuple:

@@ -7,7 +7,7 @@ import os
 import re
 from typing import Callable, Optional
 
-from .config import DEVICES, PRECISIONS
+from .config import DEVICES, PRECISIONS, option_text
 from .errors import DeviceMissing, UsageError
 
 log = logging.getLogger(__name__)
@@ -28,12 +28,13 @@ def resolve_workers(workers: int, share: int = 1) -> int:
     a process, and ``--workers 1000`` would otherwise start a thousand of them.
     """
     if workers < -1:
-        raise UsageError(f"--workers must be -1 (one per core), 0 (decode in-process) or positive, got {workers}")
+        raise UsageError(f"{option_text('workers')} must be -1 (one per core), 0 (decode in-process) or positive, "
+                         f"got {workers}")
     cores = max(1, available_cores() // max(1, share))
     if workers == -1:
         return min(8, cores)
     if workers > cores:
-        log.warning("--workers %d is more than the %d CPU cores available%s; using %d", workers, cores,
+        log.warning("%s is more than the %d CPU cores available%s; using %d", option_text("workers", workers), cores,
                     f" to each of {share} processes" if share > 1 else "", cores)
         return cores
     return workers
@@ -59,7 +60,8 @@ def resolve_device(device: str = "auto"):
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise DeviceMissing(f"device {device!r} asked for, but CUDA is not available here; use --device cpu")
+        raise DeviceMissing(f"device {device!r} asked for, but CUDA is not available here; use "
+                            f"{option_text('device', 'cpu')}")
     try:
         dev = torch.device(device)
     except RuntimeError:
@@ -107,16 +109,17 @@ def resolve_precision(precision: str, device, int8_ok: bool = False, asked: str 
         raise UsageError(f"unknown precision {precision!r}; allowed: {', '.join(allowed)}")
     if precision == "int8":
         if device.type != "cpu":
-            raise UsageError("precision 'int8' runs on the CPU only (oneDNN int8 kernels): use --device cpu, "
-                             "or bf16 on CUDA")
+            raise UsageError("precision 'int8' runs on the CPU only (oneDNN int8 kernels): use "
+                             f"{option_text('device', 'cpu')}, or bf16 on CUDA")
         return precision  # the caller checks that torchao is installed
     if precision != "auto":
         if precision == "fp16" and device.type == "cpu" and asked == "auto":
-            raise DeviceMissing("precision 'fp16' needs a CUDA device, and --device auto found none here (it "
-                                "resolved to the CPU); on the CPU use --precision bf16 or fp32")
+            raise DeviceMissing(f"precision 'fp16' needs a CUDA device, and {option_text('device', 'auto')} found "
+                                "none here (it resolved to the CPU); on the CPU use "
+                                f"{option_text('precision', 'bf16', 'fp32')}")
         if precision == "fp16" and device.type == "cpu":
-            raise UsageError(f"precision 'fp16' needs a CUDA device, not --device {asked}; on the CPU use bf16 or "
-                             "fp32")
+            raise UsageError(f"precision 'fp16' needs a CUDA device, not {option_text('device', asked)}; on the CPU "
+                             "use bf16 or fp32")
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
@@ -167,7 +170,7 @@ class AdaptiveBatch:
             except torch.cuda.OutOfMemoryError:
                 if step == 1:
                     raise PipelineError("the device ran out of memory on a single image; "
-                                        "free GPU memory or use --device cpu") from None
+                                        f"free GPU memory or use {option_text('device', 'cpu')}") from None
             self.chunk = step // 2
             log.warning("device out of memory at batch %d; retrying in batches of %d", step, self.chunk)
             if self.on_oom is not None:

@@ -46,10 +46,49 @@ def quiet(silent: bool = True) -> Iterator[None]:
     finally:
         set_quiet(before)
 
+#: The lines said once inside ``said_once`` (None outside it: every line is said).
+_SAID: Optional[set] = None
+
+
+@contextlib.contextmanager
+def said_once() -> Iterator[None]:
+    """Inside it (one API call or command: ``verbosity``'s block), a line ``first_time`` has seen is not said
+    again; nested, the outermost block counts."""
+    global _SAID
+    if _SAID is not None:
+        yield
+        return
+    _SAID = set()
+    try:
+        yield
+    finally:
+        _SAID = None
+
+
+def first_time(line: str) -> bool:
+    """Whether ``line`` is new in the current ``said_once`` block (always, outside one); it is remembered: a
+    warning about a folder that a command lists several times (choose-backbone: once for its sample, twice for
+    each candidate) was said each time."""
+    if _SAID is None:
+        return True
+    if line in _SAID:
+        return False
+    _SAID.add(line)
+    return True
+
+
 @contextlib.contextmanager
 def verbosity(verbose: Optional[bool]) -> Iterator[None]:
     """Progress bars, epoch lines and info logs on (True) or off (False) inside the block; None: as they are
-    (the Python API's ``verbose=``: in plain Python or Jupyter, True also shows the info logs on stderr)."""
+    (the Python API's ``verbose=``: in plain Python or Jupyter, True also shows the info logs on stderr). The
+    block is one API call (the CLI's commands call the API with None): its repeated warnings said once
+    (``said_once``)."""
+    with said_once(), _verbosity(verbose):
+        yield
+
+
+@contextlib.contextmanager
+def _verbosity(verbose: Optional[bool]) -> Iterator[None]:
     if verbose is None:
         yield
         return

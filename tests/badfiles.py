@@ -7,7 +7,10 @@ and returns ``{relative path: BadFile(kind, is_error, listed)}``:
 - ``is_error``: extract cannot use the file (check-images severity "error", quarantined);
 - ``listed``: extract lists the file (it has an image extension and is not hidden). Extract skips
   and records exactly the ``listed and is_error`` files (see ``skipped_by_extract``); the others that
-  are errors (Thumbs.db, .DS_Store) it never sees. Every ``not is_error`` file is a good image.
+  are errors (``notes.txt``) it never sees. Every ``not is_error`` file is a good image.
+
+It also writes the OS's own files (``OS_FILES``: Thumbs.db, .DS_Store, ...), which are in no listing and
+no finding of any command, so they are not among the paths returned.
 """
 from __future__ import annotations
 
@@ -81,6 +84,10 @@ def _sixteen_bit() -> bytes:
     return _encode(Image.fromarray(arr), "PNG")
 
 
+#: The OS's own files (folders.is_os_file), as Windows and macOS write them.
+OS_FILES = {"Thumbs.db": b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + b"\0" * 120, ".DS_Store": b"\0\0\0\1Bud1" + b"\0" * 60}
+
+
 def make_bad_corpus(root, classes=("blue", "red")) -> dict[str, BadFile]:
     """Write one file of each bad or unusual kind under root/<class>/ (alternating classes)."""
     root = Path(root)
@@ -91,9 +98,8 @@ def make_bad_corpus(root, classes=("blue", "red")) -> dict[str, BadFile]:
         "bad.truncated.jpg": (good_jpeg[: len(good_jpeg) // 2], BadFile("truncated", True, True)),
         "bad.text.jpg": (b"this is not an image\n" * 10, BadFile("not-an-image", True, True)),
         "bad.bomb.png": (bomb_png(), BadFile("decompression-bomb", True, True)),
-        # errors extract never lists
-        "Thumbs.db": (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + b"\0" * 120, BadFile("not-an-image", True, False)),
-        ".DS_Store": (b"\0\0\0\1Bud1" + b"\0" * 60, BadFile("not-an-image", True, False)),
+        # the OS's own files: no photo and no error, in no listing (their places kept: the classes alternate)
+        **{name: (data, None) for name, data in OS_FILES.items()},
         # notes: good images, converted or with a harmless oddity
         "note.png-named.jpg": (_encode(_noise("RGB"), "PNG"), BadFile("extension-mismatch", False, True)),
         "note.gif-named.jpg": (_encode(_noise("RGB").convert("P"), "GIF"), BadFile("extension-mismatch", False, True)),
@@ -106,13 +112,16 @@ def make_bad_corpus(root, classes=("blue", "red")) -> dict[str, BadFile]:
         # a real 30000 x 1 picture of a few hundred bytes: its resize to 256 would build 7.7 G pixels
         "bad.thin.png": (_encode(Image.new("RGB", (30000, 1), (90, 90, 90)), "PNG"),
                          BadFile("extreme-aspect", True, True)),
+        # an error extract never lists (no image extension), named and moved by check-images
+        "notes.txt": (b"shot on 2024-05-01\n", BadFile("not-an-image", True, False)),
     }
     out = {}
     for i, (name, (data, expected)) in enumerate(files.items()):
         rel = f"{classes[i % len(classes)]}/{name}"
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(data)
-        out[rel] = expected
+        if expected is not None:
+            out[rel] = expected
     return out
 
 

@@ -216,6 +216,28 @@ def test_image_methods_check_their_keywords_as_the_cli_does(head, work):
     assert head.predict(blue, unknown=np.bool_(False), batch_size=1).tolist() == ["blue"]
 
 
+def test_device_and_precision_errors_name_the_callers_keywords(head, work, monkeypatch):
+    """head.predict(photo, precision='fp16') on a machine without CUDA said '--device auto found none here ... use
+    --precision bf16 or fp32', and device='cuda' 'use --device cpu': the command line's options, which a Python
+    caller never wrote. The API's callers read their keywords; the CLI's messages are as before (test_devices)."""
+    import torch
+
+    from pipeline.errors import DeviceMissing
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    blue = work / "data" / "blue" / "blue.0.jpg"
+    with pytest.raises(DeviceMissing) as e:
+        head.predict(blue, precision="fp16")
+    assert str(e.value) == ("precision 'fp16' needs a CUDA device, and device='auto' found none here (it resolved to "
+                            "the CPU); on the CPU use precision='bf16' or 'fp32'")
+    with pytest.raises(ValueError, match=r"precision 'fp16' needs a CUDA device, not device='cpu'; on the CPU"):
+        head.predict(blue, precision="fp16", device="cpu")
+    with pytest.raises(DeviceMissing, match=r"CUDA is not available here; use device='cpu'$"):
+        head.predict(blue, device="cuda")
+    with pytest.raises(DeviceMissing, match=r"CUDA is not available here; use device='cpu'$"):
+        pipeline.Head(device="cuda").fit(head.cache_)
+
+
 def test_head_scores_a_cache_or_a_folder(head, work, make_cache):
     assert head.score(head.cache_) == head.metrics_["val_acc"] == 1.0  # its own cache: the validation split
     assert head.score(pipeline.Cache(head.cache_), split="all") == 1.0

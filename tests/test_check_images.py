@@ -66,7 +66,7 @@ def test_details_say_which_mode_format_and_warning(dirty):
     assert "GIF content named .jpg" in detail["red/note.gif-named.jpg"]
     assert "900000000 pixels" in detail["red/bad.bomb.png"]
     assert "truncated" in detail["red/bad.truncated.jpg"]
-    assert "extract ignores it" in detail["blue/Thumbs.db"]
+    assert "extract ignores it" in detail["red/notes.txt"]
 
 
 @pytest.mark.filterwarnings("ignore:Truncated File Read")  # the corrupt-EXIF note, loaded directly here
@@ -107,6 +107,25 @@ def test_class_folders_extract_would_refuse_are_named(tmp_path):
             "them out): broken, empty") in r.stdout
     with pytest.raises(Exception, match="holds no images"):
         list_image_folder(data)
+
+
+def test_the_oss_own_files_are_no_finding_and_never_moved(tmp_path):
+    """check-images called Finder's .DS_Store, Explorer's Thumbs.db and desktop.ini and a macOS copy's ._ files
+    not-an-image errors and --quarantine moved them out of the class folders, though extract never lists them:
+    like __MACOSX, they are no photo and no error. Another file that is no image (notes.txt) is still an error."""
+    root = make_image_folder(tmp_path / "data", per_class=2)
+    junk = {"blue/.DS_Store": b"\0\0\0\1Bud1", "blue/Thumbs.db": b"\xd0\xcf\x11\xe0", "red/desktop.ini": b"[x]\n",
+            "red/THUMBS.DB": b"x", "red/._red.0.jpg": b"\0\5\26\7", ".DS_Store": b"\0\0\0\1Bud1"}
+    for rel, data in junk.items():
+        (root / rel).write_bytes(data)
+    (root / "red" / "notes.txt").write_text("shot in May\n")
+    res = CliRunner().invoke(cli, ["check-images", str(root), "--quarantine", "--json"])
+    assert res.exit_code == 0, res.output
+    r = json.loads(res.stdout)
+    assert [f["path"] for f in r["findings"]] == ["red/notes.txt"] and (r["files"], r["errors"]) == (5, 1)
+    assert all((root / rel).read_bytes() == data for rel, data in junk.items())
+    assert not (root / "red" / "notes.txt").exists() and r["quarantine"]["moved"] == 1
+    assert len(list_image_folder(root).files) == 4
 
 
 def test_an_image_without_image_extension_is_reported(tmp_path):

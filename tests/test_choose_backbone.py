@@ -272,3 +272,16 @@ def test_candidates_whose_caches_are_there_need_no_weights_loaded(tmp_path, monk
     again = CliRunner().invoke(cli, args)
     assert again.exit_code == 0, again.output
     assert "read from its cache" in again.stderr and "extracting" not in again.stderr
+
+
+def test_the_folders_left_out_files_are_said_once_not_once_per_listing(tmp_path, caplog):
+    """A dangling link among the photos was warned about five times for two candidates (the sample's listing, then
+    each candidate's hit check and extraction): once per call now, and again by the next call."""
+    data = make_image_folder(tmp_path / "data", per_class=10, classes=("blue", "green", "red"))
+    (data / "blue" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    args = dict(folds=3, repeats=1, fused=False, cache_dir=tmp_path / "features", workers=0)
+    for _ in range(2):  # extracting, then every cache a hit
+        caplog.clear()
+        pipeline.choose_backbone(data, ["tiny=none", "tiny_wide=none"], **args)
+        said = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
+        assert len(said) == 1 and "blue/gone.jpg: a dangling symlink" in said[0], said

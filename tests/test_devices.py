@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 import pipeline.devices as dev
+from pipeline.config import cli_terms
 from pipeline.devices import AdaptiveBatch, autocast, resolve_precision, resolve_workers
 from pipeline.errors import PipelineError
 from pipeline.extraction.inference import Inference
@@ -107,7 +108,10 @@ def test_workers_are_capped_at_the_cores_with_a_warning(monkeypatch, caplog, aff
     else:
         monkeypatch.delattr(dev.os, "sched_getaffinity", raising=False)
         monkeypatch.setattr(dev.os, "cpu_count", lambda: 3)
-    assert resolve_workers(1000) == 3
+    assert resolve_workers(1000) == 3  # in the Python API's terms, and in the command line's under the CLI
+    assert "workers=1000 is more than the 3 CPU cores available; using 3" in caplog.text
+    with cli_terms():
+        resolve_workers(1000)
     assert "--workers 1000 is more than the 3 CPU cores available; using 3" in caplog.text
     caplog.clear()
     assert (resolve_workers(2), resolve_workers(0), resolve_workers(-1)) == (2, 0, 3)

@@ -805,3 +805,15 @@ def test_a_test_cache_is_checked_once_before_the_fit_not_again_after_it(tmp_path
     monkeypatch.setattr(fh, "check_test_cache", lambda path, c: checked.append(str(path)) or real(path, c))
     r = fit_head(FitHeadConfig(head="logreg", cache=cache, test_cache=test, runs_dir=str(tmp_path / "runs")))
     assert checked == [test] and r.test["rows"] == 6
+
+
+def test_a_test_folders_left_out_files_are_said_once(cache, tmp_path):
+    """fit-head --test-data said a dangling link of the test folder three times (its classes checked, then extract's
+    hit check and listing); compare-sklearn four. Once each now."""
+    test = make_image_folder(tmp_path / "t", per_class=3, seed=5)
+    (test / "red" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    for command in ("fit-head", "compare-sklearn"):
+        run = CliRunner().invoke(cli, [command, "--cache", cache, "--test-data", str(test), "--runs-dir",
+                                       str(tmp_path / "runs"), "--epochs", "1"])
+        assert run.exit_code == 0, run.output
+        assert run.stderr.count("red/gone.jpg: a dangling symlink") == 1, run.stderr

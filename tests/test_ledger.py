@@ -177,3 +177,25 @@ def test_current_command_names_the_installed_script_itself_not_python_and_its_pa
     assert current_command() == f"{script} extract --data 'my photos'"
     monkeypatch.setenv("PATH", str(script.parent))
     assert current_command() == "transfer-pipeline extract --data 'my photos'"
+
+
+def test_a_folder_that_is_not_there_is_named_not_listed_as_empty(tmp_path, monkeypatch):
+    """runs --runs-dir runz (a typo) said 'no runs in runz/ledger.jsonl', and pipeline.list_runs('runz') and
+    list_caches('featurs') were empty lists, as if the folder held nothing: a usage error naming the path now. An
+    empty folder, and the default folder before the first run, still list nothing and say so."""
+    import pipeline
+
+    monkeypatch.chdir(tmp_path)
+    for args, option in ((["runs", "--runs-dir", "runz"], "--runs-dir 'runz'"),
+                         (["caches", "--cache-dir", "featurs"], "--cache-dir 'featurs'")):
+        res = CliRunner().invoke(cli.cli, args)
+        assert res.exit_code == 2 and res.output == f"Error: {option} does not exist\n"
+    with pytest.raises(ValueError, match=r"^runs_dir 'runz' does not exist$"):
+        pipeline.list_runs("runz")
+    with pytest.raises(ValueError, match=r"^cache_dir 'featurs' does not exist$"):
+        pipeline.list_caches(Path("featurs"))
+    assert list(pipeline.list_runs()) == [] and list(pipeline.list_caches()) == []  # runs/, features/ not made yet
+    (tmp_path / "empty").mkdir()
+    assert list(pipeline.list_runs("empty")) == [] and list(pipeline.list_caches("empty")) == []
+    assert CliRunner().invoke(cli.cli, ["runs"]).stdout == f"no runs in {ledger_path('runs')}\n"
+    assert CliRunner().invoke(cli.cli, ["caches", "--cache-dir", "empty"]).stdout == "no caches in empty\n"

@@ -42,7 +42,8 @@ KINDS = {
     "zero-byte": "error",  # empty file
     "truncated": "error",  # the image data ends early
     "unreadable": "error",  # corrupt image data
-    "not-an-image": "error",  # Thumbs.db, .DS_Store, text, ...: no known image format
+    "not-an-image": "error",  # text, a PDF, ...: no known image format (the OS's own files, Thumbs.db, .DS_Store,
+    # are no finding at all: folders.is_os_file)
     "not-a-file": "error",  # a dangling or looping symlink, a named pipe, a device: never opened
     "decompression-bomb": "error",  # the header claims more than folders.MAX_IMAGE_PIXELS pixels
     "extreme-aspect": "error",  # e.g. 30000 x 1: resizing its short side would build a huge image
@@ -104,9 +105,10 @@ def check_file(root: str, rel: str) -> list[dict]:
 
 
 def list_files(root: Path, left_out: Optional[list] = None) -> list[str]:
-    """Every file below root ('/'-separated, sorted), hidden and metadata folders excepted; links followed
-    as extract follows them (see folders.walk, which adds the folders it leaves out to ``left_out``). The
-    --report is never among them (validate refuses it there)."""
+    """Every file below root ('/'-separated, sorted), hidden and metadata folders and the OS's own files
+    (``.DS_Store``, ``Thumbs.db``: no photos, no errors) excepted; links followed as extract follows them (see
+    folders.walk, which adds the folders it leaves out to ``left_out``). The --report is never among them
+    (validate refuses it there)."""
     return [(Path(dirpath) / name).relative_to(root).as_posix() for dirpath, filenames in walk(root, left_out)
             for name in filenames]
 

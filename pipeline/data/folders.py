@@ -18,6 +18,7 @@ import numpy as np
 
 from ..errors import PipelineError, UsageError
 from ..files import is_utf8, one_line, shown
+from ..progress import first_time
 from .portable import (  # noqa: F401 (the decoding rule; bit_depth for callers)
     Refused, bit_depth, decode_failure, jpeg_draft, orientation, refuse_external, refuse_thin, to_rgb, upright)
 
@@ -100,6 +101,19 @@ def is_image_name(name: str) -> bool:
 METADATA_FOLDERS = frozenset({"__MACOSX", "@eaDir", "$RECYCLE.BIN", "System Volume Information", "lost+found"})
 
 
+#: Files that operating systems leave in folders (Finder's ``.DS_Store``, Explorer's ``Thumbs.db`` and
+#: ``desktop.ini``, KDE's ``.directory``; compared case-insensitively), and a macOS copy's ``._NAME`` AppleDouble
+#: files (a resource fork, not the picture ``NAME``): no photos and no errors, left out of every walk (check-images
+#: called them not-an-image errors and moved them into its quarantine, extract never saw them).
+OS_FILES = frozenset({".ds_store", "thumbs.db", "ehthumbs.db", "ehthumbs_vista.db", "desktop.ini", ".directory",
+                      ".localized", "icon\r"})
+
+
+def is_os_file(name: str) -> bool:
+    """Whether a file is one of the OS's own (OS_FILES, ``._*``), left out of every walk as METADATA_FOLDERS are."""
+    return name.lower() in OS_FILES or name.startswith("._")
+
+
 #: A quarantine folder's suffix (check-images, audit --apply: ``DIR.quarantine`` beside DIR): never a class,
 #: so the broken files of a class folder checked alone do not become a class of its parent.
 QUARANTINE_SUFFIX = ".quarantine"
@@ -124,7 +138,7 @@ def walk(top: str | os.PathLike, left_out: list | None = None, seen: set | None 
     already, shared between calls) is not walked again: it is added to ``left_out`` as (path
     relative to ``top``'s parent, why), and so is a folder the OS will not list (not permitted, an
     I/O error), which os.walk passed over in silence: its photos were missing from every listing
-    without a word. Skipped folders: is_skipped_folder.
+    without a word. Skipped folders: is_skipped_folder; skipped files: is_os_file.
     """
     top = Path(top)
     seen = set() if seen is None else seen
@@ -149,7 +163,7 @@ def walk(top: str | os.PathLike, left_out: list | None = None, seen: set | None 
             seen.add(real)
             keep.append(d)
         dirnames[:] = keep
-        yield dirpath, sorted(filenames)
+        yield dirpath, sorted(f for f in filenames if not is_os_file(f))
 
 
 def class_folders(root: Path) -> list[str]:
@@ -205,7 +219,7 @@ def list_image_folder(root: str | os.PathLike, min_classes: int = 2) -> ImageFol
             "need at least two class sub-folders"
         )
     if bad:
-        log.warning("%s", left_out_line(root, bad))
+        warn_left_out(root, bad)
     return ImageFolderListing(root, tuple(classes), tuple(files), tuple(bad))
 
 
@@ -221,6 +235,14 @@ def left_out_line(root: Path, bad: list) -> str:
             if len(bad) > LEFT_OUT_NAMED else "")
     return (f"{len(bad)} {'entry' if len(bad) == 1 else 'entries'} of {root} left out (not regular files, folders "
             f"reached twice through links, or folders that cannot be read): {named}{more}")
+
+
+def warn_left_out(root: Path, bad: list) -> None:
+    """The warning of a listing's left-out entries (``left_out_line``), once in a command or API call that lists
+    the folder several times (``progress.first_time``)."""
+    line = left_out_line(root, bad)
+    if first_time(line):
+        log.warning("%s", line)
 
 
 def distinct_classes(root: Path, classes: list[str], bad: list) -> list[str]:
@@ -289,7 +311,7 @@ def list_unlabelled(root: str | os.PathLike) -> ImageFolderListing:
     if not files:
         raise UsageError(f"folder {str(root)!r} holds no images")
     if bad:
-        log.warning("%s", left_out_line(root, bad))
+        warn_left_out(root, bad)
     return ImageFolderListing(root, (UNLABELLED,), tuple(files), tuple(bad))
 
 

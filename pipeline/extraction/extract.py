@@ -16,7 +16,7 @@ from typing import Optional
 from ..cache.feature_cache import cache_file_name, claim_for_training, fingerprint
 from ..cache.freshness import set_aside, stale_reason
 from ..cache.provenance import installed, package_version
-from ..config import ExtractConfig, check_config
+from ..config import ExtractConfig, check_config, option_text
 from ..data.folders import POOL, TEST, ImageFolderListing, list_folder
 from ..data.image_reader import DECODE_VERSION
 from ..data.moves import reading_folder
@@ -103,7 +103,7 @@ def auto_precision(cfg: ExtractConfig, images: int, paid: bool = False) -> tuple
     unit = "AMX" if "amx_int8" in flags else "AVX-512 VNNI"
     return "int8", (f"precision auto: int8 + compile ({images} images on a CPU with {unit}: 2-3x bf16 after a "
                     f"one-off calibration and compile{', both kept from an earlier run' if paid else ''}); "
-                    "--precision bf16 keeps the float network")
+                    f"{option_text('precision', 'bf16')} keeps the float network")
 
 
 def one_offs_paid(cfg: ExtractConfig, listing: ImageFolderListing) -> bool:

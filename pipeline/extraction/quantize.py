@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..cache.provenance import CALIBRATION_KEYS, installed, package_version
+from ..config import option_text
 from ..errors import PackageMissing, PipelineError, UsageError
 from ..files import first_line
 
@@ -268,7 +269,7 @@ def _one_line_errors():
         yield
     except Exception as e:  # noqa: BLE001 -- export, the quantiser and the lowering raise many kinds
         raise PipelineError(f"int8 quantisation of the backbone failed ({type(e).__name__}: {first_line(e, 300)}); "
-                            "use --precision bf16 or fp32") from e
+                            f"use {option_text('precision', 'bf16', 'fp32')}") from e
 
 
 class LazyLowered:

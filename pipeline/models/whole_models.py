@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..cache.provenance import Preprocessing, Provenance, older_decoding
-from ..config import POOLS
+from ..config import POOLS, option_text
 from ..errors import PipelineError, UsageError
 from ..files import first_line
 from ..extraction import backbones as bb
@@ -549,7 +549,7 @@ def network(lm: LoadedModel, device: str, precision: str, extra: str = "unknown"
         dev = resolve_device("cpu" if device == "auto" else device)
         if dev.type != "cpu":
             raise UsageError(f"this head was fitted on an int8 cache, whose network runs on the CPU only; "
-                             f"use --device cpu or auto, not {device!r}")
+                             f"use {option_text('device', 'cpu', 'auto')}, not {device!r}")
         if precision not in ("auto", "int8"):
             log.info("precision %s not used: the head runs its cache's int8 network", precision)
         prec = "int8"
