@@ -336,6 +336,8 @@ class FeatureHead:
         from ..heads.heatmaps import normalised
         from .whole_models import FUSED_NO_MAP
 
+        # as predict_proba: the keywords checked for a cache or an array too (batch_size=-3 gave no map at all)
+        check_runner("explain", batch_size, workers, device, precision)
         self._check_fitted()
         if "+" in (self.backbone_ or ""):  # fused features ('tiny+tiny_wide'): said so whatever X is; a cache of
             raise UsageError(FUSED_NO_MAP)  # one backbone got 'does not fit ... older rule 3+3', an array 'pooled'
