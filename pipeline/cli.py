@@ -73,6 +73,17 @@ class FiniteFloat(click.ParamType):
 FINITE = FiniteFloat()
 
 
+class NamedPath(click.Path):
+    """A file or folder option that refuses an empty name in click's words, as click refuses a file given for a
+    folder: ``--explain "$DIR"`` with DIR unset wrote no heatmap and exited 0, ``--output ''`` wrote to stdout."""
+
+    def convert(self, value, param, ctx):
+        if value == "":
+            what = "file or folder" if self.dir_okay and self.file_okay else "folder" if self.dir_okay else "file"
+            self.fail(f"{value!r} is an empty name; give a {what}", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 class OneLineUsageError(click.UsageError):
     """A usage error shown as a single 'Error: ...' line (exit code 2), without the usage banner."""
 
@@ -167,7 +178,7 @@ def _click_type(f, opt):
     if opt.choices is not None:
         return click.Choice(opt.choices)
     if opt.path:
-        return click.Path(dir_okay=opt.path != "file", file_okay=opt.path != "dir")
+        return NamedPath(dir_okay=opt.path != "file", file_okay=opt.path != "dir")
     return {"int": int, "float": FINITE}.get(field_kind(f))
 
 

@@ -230,3 +230,15 @@ def test_the_default_head_keeps_one_cache_alone_where_it_beats_the_fused_rows_by
 
     explicit = fit_head(FitHeadConfig(cache=[a, b], head="logreg", runs_dir=str(tmp_path / "runs")))
     assert read_checkpoint(explicit.checkpoint)["in_shape"] == [14, 1, 1] and explicit.tuning is None
+
+
+def test_a_fused_head_refuses_every_explain_as_fused(two_caches, tmp_path):
+    """head.explain of a fused head: one reason whatever it is given (one backbone's cache said 'does not fit
+    the model ... photos decoded by the older rule 3+3', an array 'pooled features: extract without --pool avg')."""
+    a, b = two_caches
+    head = pipeline.Head(head="logreg", runs_dir=tmp_path / "runs").fit([a, b])
+    photo = sorted(str(p) for p in (tmp_path / "data" / "red").glob("*.jpg"))[:1]
+    for X in (photo, a, pipeline.Cache(b), np.zeros((2, 14, 1, 1), np.float32), [a, b]):
+        with pytest.raises(UsageError, match=r"^heatmaps need one backbone's feature map; this head is on several "
+                                             r"backbones' fused features"):
+            head.explain(X)

@@ -392,3 +392,20 @@ def test_a_head_fitted_on_arrays_of_maps_explains_arrays():
     assert maps.shape == (30, 6, 6) and lit_share(maps, corners) >= 0.9
     with pytest.raises(UsageError, match="no spatial map"):
         pipeline.Head(head="logreg", calibrate="none", unknown_rows=0).fit(x.mean((2, 3)), y).explain(x.mean((2, 3)))
+
+
+def test_explain_checks_its_keywords_for_a_cache_and_an_array_too(patch_data):
+    """batch_size=-3 gave a 32-row cache no map at all ((0, 8, 8)), 0 'range() arg 3 must not be zero'; as
+    predict_proba, explain checks its keywords whatever it is given."""
+    import pipeline
+
+    root, data, _, _ = patch_data
+    cache = pipeline.Cache(patch_cache(root, data, "tiny"))
+    head = pipeline.Head(head="logreg", calibrate="none", unknown_rows=0, runs_dir=str(root / "runs")).fit(cache)
+    for X in (cache, cache.read_features([0, 1])):
+        for bad, message in ((dict(batch_size=-3), "batch_size must be positive, got -3"),
+                             (dict(batch_size=0), "batch_size must be positive, got 0"),
+                             (dict(precision="int4"), "unknown precision .int4.")):
+            with pytest.raises(UsageError, match=f"^explain: {message}"):
+                head.explain(X, **bad)
+    assert head.explain(cache, batch_size=5).shape == (len(cache), 8, 8)

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -26,6 +29,31 @@ def test_the_notebook_is_stored_without_outputs():
         assert step in text, step
     # every run made a transfer-notebook-runs-* folder in /tmp and left it there: the last cell removes it
     assert "shutil.rmtree(RUNS)" in "".join(code[-1]["source"])
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_the_notebooks_runs_folder_goes_even_when_a_cell_fails(tmp_path, shared):
+    """The first cell's temporary RUNS folder is removed when the kernel stops, not only by the last cell: a
+    failed cell (or a missing ../shared, asserted in the first cell itself) left a transfer-notebook-runs-*
+    folder in /tmp at every run. The first cell runs in a project with the shared paths present (empty) or
+    absent, then a cell fails; the process ends as a kernel does."""
+    project = tmp_path / "top" / "project"
+    (project / "examples").mkdir(parents=True)
+    (project / "setup.cfg").write_text("")
+    (project / "pipeline").symlink_to(ROOT / "pipeline", target_is_directory=True)
+    if shared:
+        for d in ("data/catsdogs", "data/catsdogs_test", "weights/vgg16_features_imagenet.pt"):
+            (tmp_path / "top" / "shared" / d).mkdir(parents=True)
+    nb = json.loads(NOTEBOOK.read_text())
+    first = "".join(next(c for c in nb["cells"] if c["cell_type"] == "code")["source"])
+    runs_tmp = tmp_path / "tmp"
+    runs_tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(runs_tmp), "TRANSFER_CACHE_DIR": str(tmp_path / "features")}
+    r = subprocess.run([sys.executable, "-c", first + "\nraise RuntimeError('a later cell failed')"],
+                       cwd=project / "examples", env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and ("a later cell failed" if shared else "is missing") in r.stderr, r.stderr
+    assert ("runs go to " in r.stdout) == shared
+    assert list(runs_tmp.iterdir()) == []
 
 
 @pytest.mark.slow

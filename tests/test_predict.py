@@ -157,6 +157,25 @@ def test_predict_exits_1_when_no_input_could_be_classified(tmp_path, model_pt):
     assert "none of the 1 input could be classified" in result.stderr
 
 
+def test_an_empty_name_is_refused_not_taken_for_the_working_folder(tmp_path, image_folder, model_pt, monkeypatch):
+    """predict "$PHOTOS" with PHOTOS unset classified the working folder (Path('') is '.'), recursively; an empty
+    --explain wrote no heatmap and an empty --output wrote to stdout, both exiting 0."""
+    import pipeline
+
+    monkeypatch.chdir(image_folder)  # a folder of photos: an empty name must not mean it
+    model = str(model_pt)
+    for args, message in (([""], "'' is an empty name: give an image file or a folder"),
+                          (["red", "--explain", ""], "'--explain': '' is an empty name; give a folder"),
+                          (["red", "--output", ""], "'--output': '' is an empty name; give a file")):
+        r = CliRunner().invoke(cli.cli, ["predict", *args, "--model", model, "--workers", "0"])
+        assert r.exit_code == 2 and message in r.stderr and r.stdout == "", (args, r.output)
+    with pytest.raises(pipeline.UsageError, match=r"^'' is an empty name"):
+        pipeline.predict_files(model, [""], workers=0)
+    with pytest.raises(pipeline.UsageError, match=r"^--explain '' is an empty name; give a folder"):
+        pipeline.predict_files(model, ["red"], workers=0, explain="")
+    assert sorted(p.name for p in image_folder.iterdir()) == ["blue", "red"]  # nothing written among the photos
+
+
 def test_predict_output_never_overwrites_an_input_and_is_never_half_written(tmp_path, image_folder, model_pt):
     image = image_folder / "red" / "red.0.jpg"
     before = image.read_bytes(), model_pt.read_bytes()

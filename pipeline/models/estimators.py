@@ -334,7 +334,13 @@ class FeatureHead:
         a Cache (or cache file: every row, in its order) or an array of cached maps, the head alone runs (no
         backbone, no second pass over the photos). A cache made with ``--pool avg`` has no map to explain."""
         from ..heads.heatmaps import normalised
+        from .whole_models import FUSED_NO_MAP
 
+        # as predict_proba: the keywords checked for a cache or an array too (batch_size=-3 gave no map at all)
+        check_runner("explain", batch_size, workers, device, precision)
+        self._check_fitted()
+        if "+" in (self.backbone_ or ""):  # fused features ('tiny+tiny_wide'): said so whatever X is; a cache of
+            raise UsageError(FUSED_NO_MAP)  # one backbone got 'does not fit ... older rule 3+3', an array 'pooled'
         if is_cache(X):
             return normalised(self._cache_maps(X, batch_size, device))
         if is_features(X):

@@ -100,6 +100,8 @@ def list_inputs(paths) -> list[str]:
     cannot be read, or one reached twice through links, is said in a line of its own: its photos have no rows."""
     if not paths:
         raise UsageError("no image or folder given to predict")
+    if "" in map(os.fspath, paths):  # Path('') is '.': predict "$PHOTOS", PHOTOS unset, classified the working folder
+        raise UsageError("'' is an empty name: give an image file or a folder ('.' for the working folder)")
     files = []
     for p in map(Path, paths):
         if p.is_dir():
@@ -359,6 +361,9 @@ def predict(cfg: PredictConfig) -> PredictResult:
     """Classify cfg.paths with cfg.model; the rows are returned, or streamed to cfg.output."""
 
     check_config(cfg)
+    for name, value, what in (("--output", cfg.output, "file"), ("--explain", cfg.explain, "folder")):
+        if value == "":  # else no file and exit 0: explain=os.environ.get("MAPS", "") wrote no heatmap
+            raise UsageError(f"{name} '' is an empty name; give a {what}, or leave {name} out")
     cfg = replace(cfg, format=output_format(cfg))
     files = list_inputs(cfg.paths)
     ckpt = read_checkpoint(cfg.model)

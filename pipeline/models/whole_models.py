@@ -142,12 +142,15 @@ class WithExtras(nn.Module):
         return self.model.on_features(run_with_maps, self.model.feature_map(x))
 
 
+FUSED_NO_MAP = ("heatmaps need one backbone's feature map; this head is on several backbones' fused features: "
+                "explain a head fitted on one of them")
+
+
 def map_grid(lm: "LoadedModel") -> tuple[int, int]:
     """(H, W) of the heatmaps of ``lm`` (its backbone's last feature map); a head on fused features has no
     one map to point into (a UsageError)."""
     if not isinstance(lm.model, TransferModel):
-        raise UsageError("heatmaps need one backbone's feature map; this head is on several backbones' fused "
-                         "features: explain a head fitted on one of them")
+        raise UsageError(FUSED_NO_MAP)
     _, h, w = bb.feature_shape(lm.model.backbone, lm.transform.crop_size[0])
     return int(h), int(w)
 
