@@ -84,6 +84,18 @@ class NamedPath(click.Path):
         return super().convert(value, param, ctx)
 
 
+class FolderName(click.ParamType):
+    """A folder option declared as text (--data, --cache-dir, --runs-dir): an empty name refused as NamedPath
+    refuses it: ``--runs-dir "$RUNS"`` with RUNS unset wrote the runs into the working folder."""
+
+    name = "text"
+
+    def convert(self, value, param, ctx):
+        if value == "":
+            self.fail("'' is an empty name; give a folder", param, ctx)
+        return value
+
+
 class OneLineUsageError(click.UsageError):
     """A usage error shown as a single 'Error: ...' line (exit code 2), without the usage banner."""
 
@@ -179,6 +191,8 @@ def _click_type(f, opt):
         return click.Choice(opt.choices)
     if opt.path:
         return NamedPath(dir_okay=opt.path != "file", file_okay=opt.path != "dir")
+    if (f.name == "data" or f.name.endswith("_dir")) and _default(f) != "":
+        return FolderName()
     return {"int": int, "float": FINITE}.get(field_kind(f))
 
 

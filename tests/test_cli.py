@@ -182,3 +182,14 @@ def test_a_no_flag_switched_off_by_default_says_so():
     assert row.split("|")[2].strip() == "off"
     refit = next(line for line in option_table("fit-head").splitlines() if "`--refit`" in line)
     assert refit.split("|")[2].strip() == "on"
+
+
+@pytest.mark.parametrize("args", [["extract", "--data", ""], ["extract", "--cache-dir", ""],
+                                  ["fit-head", "--runs-dir", ""], ["runs", "--runs-dir", ""],
+                                  ["evaluate", "--data", "", "--model", "m.pt"]])
+def test_an_empty_folder_name_is_refused_not_taken_for_the_working_folder(tmp_path, monkeypatch, args):
+    """``--runs-dir "$RUNS"`` with RUNS unset wrote the runs into the working folder, ``--data ''`` listed it."""
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 2 and "'' is an empty name; give a folder" in r.stderr, r.output
+    assert list(tmp_path.iterdir()) == []
