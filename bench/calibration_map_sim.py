@@ -15,6 +15,12 @@ out-of-fold rows, would have closed that. Every map keeps the head a ``Linear + 
   vector    a scale and a bias per class, NLL + a ridge of 10 rows (vector scaling; moves predictions)
   T(H)      a temperature per row, exp(a + b * the row's normalised entropy at T) times T: reshapes the
             confidence without moving any prediction (the Linear's input scaled by 1 / T(row))
+  top iso   top-label recalibration at T: the top probability replaced by an isotonic fit of "the top class is
+            right" on the out-of-fold top probabilities, the other classes keeping their proportions; never
+            below the runner-up, so no prediction moves (a Linear over the logits and the top class's one-hot
+            times the row's offset)
+  top platt the same with a logistic fit on the top probability's logit (two numbers)
+  top hist  the same with 10 equal-mass bins (histogram binning)
 
 Each map's test accuracy (points), ECE and log-loss, as the paired difference to the default's +- its SE:
 
@@ -85,9 +91,53 @@ def entropy_temperature(oof, y):
     return lambda logp: transform(p, logp)
 
 
+def top_label(fit_curve):
+    """At T, the top probability p moved to curve(p); the rest rescaled by (1 - curve(p)) / (1 - p)."""
+    def fit(oof, y):
+        t = fit_temperature(oof, y)
+        base = with_temperature(oof, t)
+        conf = np.exp(base.max(1))
+        curve = fit_curve(conf, (base.argmax(1) == y).astype(np.float64))
+
+        def transform(logp):
+            lp = with_temperature(logp, t)
+            top, p = lp.argmax(1), np.exp(lp.max(1))
+            runner = np.exp(np.sort(lp, 1)[:, -2]) if lp.shape[1] > 1 else np.zeros(len(lp))
+            # the new top q keeps the top class on top: q >= runner * (1 - q) / (1 - p)
+            floor = runner / (1 - p + runner) + 1e-9
+            q = np.clip(curve(p), np.maximum(floor, 1e-6), 1 - 1e-6)
+            out = lp + np.log((1 - q) / np.maximum(1 - p, 1e-12))[:, None]
+            out[np.arange(len(lp)), top] = np.log(q)
+            return log_softmax(out)
+        return transform
+    return fit
+
+
+def isotonic(conf, right):
+    from sklearn.isotonic import IsotonicRegression
+    iso = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(conf, right)
+    return iso.predict
+
+
+def platt(conf, right):
+    from sklearn.linear_model import LogisticRegression
+    z = lambda c: np.log(np.clip(c, 1e-6, 1 - 1e-6) / np.clip(1 - c, 1e-6, 1))[:, None]  # noqa: E731
+    lr = LogisticRegression(C=1e4).fit(z(conf), right.astype(int))
+    return lambda c: lr.predict_proba(z(c))[:, 1]
+
+
+def histogram(conf, right, bins=10):
+    edges = np.quantile(conf, np.linspace(0, 1, bins + 1))[1:-1]
+    which = np.searchsorted(edges, conf)
+    acc = np.array([right[which == b].mean() if (which == b).any() else np.nan for b in range(bins)])
+    acc = np.where(np.isnan(acc), np.nanmean(acc), acc)
+    return lambda c: acc[np.searchsorted(edges, c)]
+
+
 MAPS = {"T": scaled(1.0), "T x1.03": scaled(1.03), "T brier": one_temperature("brier"),
         "T ece": one_temperature("ece"),
-        "bias": per_class(False), "vector": per_class(True), "T(H)": entropy_temperature}
+        "bias": per_class(False), "vector": per_class(True), "T(H)": entropy_temperature,
+        "top iso": top_label(isotonic), "top platt": top_label(platt), "top hist": top_label(histogram)}
 
 
 def score(path):
