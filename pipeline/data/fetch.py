@@ -364,24 +364,37 @@ def _check_through_links(m, parts: tuple, links: set, files: set) -> None:
 
 
 def _zip_link(m) -> bool:
-    """Whether a zip entry's external attributes mark a symlink (zipfile unpacks it as a file holding its target)."""
+    """Whether a zip entry's external attributes mark a symlink (zipfile would unpack it as a small file holding
+    its target's name: ``unpack`` skips it, naming it)."""
     return (m.external_attr >> 16) & 0o170000 == 0o120000
+
+
+def skipped_zip_links(archive: Path, members: list) -> list:
+    """The members to unpack: a zip's symbolic links are left out with one warning naming them. zipfile
+    writes a link as a small file holding its target's name ('Cat/0.jpg' as a 9-byte 'photo' in a class
+    folder: unreadable, skipped by extract as broken), and making real links from a zip is what the tar
+    checks guard against; a link is never needed to get the photos themselves."""
+    links = [m.filename for m in members if _zip_link(m)]
+    if links:
+        shown = ", ".join(repr(n) for n in links[:5]) + (f" and {len(links) - 5} more" if len(links) > 5 else "")
+        log.warning("%s holds %d symbolic link%s, not unpacked (a zip link would unpack as a small file holding "
+                    "its target's name): %s", archive.name, len(links), "" if len(links) == 1 else "s", shown)
+    return [m for m in members if not _zip_link(m)]
 
 
 def _check_layout(name: str, is_dir: bool, link: bool, kinds: dict) -> None:
     """Refuse an entry that cannot be unpacked beside the earlier ones: one inside a name an earlier entry
-    unpacks as a file ('link' then 'link/x.jpg'), one whose name an earlier entry already took as a file or
-    as a folder ('a' and 'a/'), or a file named twice. Unpacking such an archive stopped halfway ('Not a
-    directory', 'File exists') or let the second copy silently replace the first. ``kinds`` maps the parts
-    of each name seen to 'file', 'link' (a zip's, unpacked as a file) or 'folder' (the folders above an
-    entry count as folders)."""
+    unpacks as a file, or makes a zip link ('link' then 'link/x.jpg': the folder it meant), one whose name an
+    earlier entry already took as a file or as a folder ('a' and 'a/'), or a file named twice. Unpacking such
+    an archive stopped halfway ('Not a directory', 'File exists') or let the second copy silently replace the
+    first. ``kinds`` maps the parts of each name seen to 'file', 'link' (a zip's, not unpacked:
+    skipped_zip_links) or 'folder' (the folders above an entry count as folders)."""
     parts = PurePosixPath(name).parts
     for i in range(1, len(parts)):
         if (above := kinds.setdefault(parts[:i], "folder")) != "folder":
-            what = "a file (a link, which fetch-data unpacks as a file holding its target)" if above == "link" \
-                else "a file"
+            what = "makes a symbolic link (a zip's links are not unpacked)" if above == "link" else "unpacks as a file"
             raise PipelineError(f"archive entry {name!r} would be written inside {'/'.join(parts[:i])!r}, which an "
-                                f"earlier entry unpacks as {what}; refusing to unpack")
+                                f"earlier entry {what}; refusing to unpack")
     kind, before = ("folder" if is_dir else "file"), kinds.get(parts, "").replace("link", "file")
     if parts and before and (kind, before) != ("folder", "folder"):
         why = "is named twice in the archive" if kind == before == "file" else \
@@ -530,7 +543,7 @@ def unpack(archive: Path, dest: Path, overwrite: bool = False, keep: Path | None
     try:
         with opener(archive) as arc:
             names = check_members(kind, arc, dest, own_files(archive))
-            members = arc.infolist() if kind == "zip" else arc.getmembers()
+            members = skipped_zip_links(archive, arc.infolist()) if kind == "zip" else arc.getmembers()
             ensure_room(dest, unpacked_bytes(kind, members, dest), f"unpacking {archive.name}")
             started = dest / f".{archive.name}.unpacking"
             # a run cut off mid-unpack left its own files: those it may replace
