@@ -502,6 +502,24 @@ def _marker_bytes(marker: Path):
         return None
 
 
+def unfinished_unpack(folder: Path) -> Path | None:
+    """The record (``.X.unpacking``) of an unpack stopped halfway (Ctrl-C, a kill, a full disk) that wrote
+    into ``folder``: as dest (the folder holds it) or as one of its top-level folders (its parent holds it,
+    naming the folder among its ``tops``), else None. Such a folder lacks files the archive holds; the same
+    fetch-data finishes it."""
+    folder = Path(folder)
+    for record in sorted(folder.glob(".*.unpacking")):
+        return record
+    for record in sorted(folder.parent.glob(".*.unpacking")):
+        try:
+            tops = json.loads(record.read_text()).get("tops")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(tops, list) and folder.name in tops:
+            return record
+    return None
+
+
 def check_conflicts(kind: str, members: list, dest: Path, overwrite: bool, keep=()) -> None:
     """Refuse (PipelineError naming the first) files already in dest that an entry would replace;
     with ``overwrite`` remove them instead, so nothing is written through an existing link, except the
@@ -548,7 +566,8 @@ def unpack(archive: Path, dest: Path, overwrite: bool = False, keep: Path | None
             started = dest / f".{archive.name}.unpacking"
             # a run cut off mid-unpack left its own files: those it may replace
             check_conflicts(kind, members, dest, overwrite or _marker_bytes(started) == size, keep=(archive, keep))
-            started.write_text(json_text({"archive": archive.name, "bytes": size}))
+            tops = sorted({PurePosixPath(n).parts[0] for n in names if PurePosixPath(n).parts})
+            started.write_text(json_text({"archive": archive.name, "bytes": size, "tops": tops}))
             for m in progress(members, desc=f"unpack {archive.name}", unit="file"):
                 if kind == "tar" and hasattr(tarfile, "data_filter"):
                     arc.extract(m, dest, filter="data")  # the standard library's own safety net, too
