@@ -163,6 +163,19 @@ def test_cli_rejects_bad_values(tmp_path, image_folder):
     assert bad.exit_code == 2 and "does not exist" in bad.output
 
 
+@pytest.mark.parametrize("per_class, extra", [(1, []), (1, ["--val-fraction", "0.9"]), (3, ["--n", "2"])])
+def test_one_photo_a_class_says_it_cannot_be_split_not_to_change_the_val_fraction(tmp_path, per_class, extra):
+    """One photo a class said '--val-fraction 0.125 leaves an empty split of 2 rows', as if another
+    --val-fraction would do: none does (0.9 emptied the training side instead)."""
+    data = make_image_folder(tmp_path / "data", per_class=per_class)
+    r = CliRunner().invoke(cli.cli, ["train", "--data", str(data), "--backbone", "tiny", "--weights", "none",
+                                     "--workers", "0", "--runs-dir", str(tmp_path / "runs"), *extra])
+    assert r.exit_code == 2 and r.output.strip().splitlines()[-1] == (
+        "Error: 2 rows, one of each class, cannot be split into training and validation rows (whatever "
+        "--val-fraction): a class needs at least 2 photos, one for each; add photos (or take a larger --n)"), r.output
+    assert not (tmp_path / "runs").exists()
+
+
 def test_a_runs_dir_inside_the_training_photos_is_refused_before_training(tmp_path, image_folder, make_cache):
     tiny = ["--backbone", "tiny", "--weights", "none", "--epochs", "1", "--workers", "0"]
     for command in (["train", "--data", str(image_folder)],
