@@ -387,6 +387,30 @@ def test_ctrl_c_in_the_first_save_or_the_last_steps_leaves_no_false_claim_and_on
     assert len((runs / "ledger.jsonl").read_text().splitlines()) == 1
 
 
+def test_ctrl_c_right_after_an_epochs_save_counts_that_epoch(tmp_path, image_folder, monkeypatch):
+    """Ctrl-C landing after epoch 2's model.pt was renamed into place, before the run counted it, said '1 epoch
+    of 3 kept' of a model.pt holding 2 (and the resume then went on 'after epoch 2')."""
+    import pipeline.models.train as train_mod
+    real, saves = train_mod.save_model, []
+
+    def stopped_after_the_second(*a, **k):
+        path = real(*a, **k)
+        saves.append(path)
+        if len(saves) == 2:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(train_mod, "save_model", stopped_after_the_second)
+    args = _train_args(tmp_path, image_folder)
+    stopped = CliRunner().invoke(cli.cli, args)
+    run_dir = next(d for d in (tmp_path / "runs").iterdir() if d.is_dir())
+    assert stopped.exit_code == 130 and f"2 epochs of 3 kept in {run_dir}/model.pt" in stopped.stderr, stopped.output
+    assert len(torch.load(run_dir / "model.pt", weights_only=True)["history"]) == 2
+    monkeypatch.setattr(train_mod, "save_model", real)
+    resumed = CliRunner().invoke(cli.cli, [*args, "--resume", str(run_dir), "--json"])
+    assert resumed.exit_code == 0 and f"resuming {run_dir} after epoch 2 of 3" in resumed.stderr, resumed.output
+
+
 def test_a_full_disk_at_an_epoch_save_says_what_is_kept_and_how_to_resume(tmp_path, image_folder, monkeypatch):
     import errno
 

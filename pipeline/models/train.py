@@ -322,6 +322,7 @@ def _train_run(cfg: TrainConfig, kind: str, lm, stages: list, listing, head_saw:
         if run["dir"] is None:
             run["dir"] = new_run_dir(cfg.runs_dir, kind)
             held.enter_context(training_into(run["dir"]))
+        run["saving"] = (len(history), file_identity(run["dir"] / "model.pt"))  # stopped_at: did it land?
         save_model(lm, run["dir"] / "model.pt", kind, recorded_config(cfg),
                    {**history[-1], "epochs_done": len(history), "epochs": cfg.epochs}, history,
                    resume=resume_fields(opt, train_loader.generator, digest))
@@ -402,10 +403,23 @@ class TrainResult:
         return {**head, **d.pop("metrics"), **d}
 
 
+def file_identity(path: Path):
+    """(inode, mtime, size) of a file, None where there is none: a save renames a new file onto it."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
 def stopped_at(run: dict, resumed_from: int, epochs: int) -> TrainingInterrupted:
-    """What a Ctrl-C leaves: the epochs whose model.pt was written; a run folder made for a first epoch
-    whose save was cut short holds nothing and is removed, so no folder claims epochs it lacks."""
+    """What a Ctrl-C leaves: the epochs whose model.pt was written (an epoch whose save was stopped after
+    its rename, before the count was updated, is kept: model.pt holds it); a run folder made for a first
+    epoch whose save was cut short holds nothing and is removed, so no folder claims epochs it lacks."""
     kept = run["done"] or resumed_from
+    saving, before = run.get("saving", (0, None))
+    if saving > kept and (now := file_identity(run["dir"] / "model.pt")) is not None and now != before:
+        kept = saving
     if not kept and run["dir"] is not None:
         try:
             run["dir"].rmdir()
