@@ -110,7 +110,10 @@ def test_demo_ends_with_its_outputs_and_the_next_commands(tmp_path, monkeypatch)
     head = [line.split(": ", 1)[1].strip() for line in tail if line.startswith("head checkpoint:")][0]
     assert Path(head).is_file() and head.endswith("head.pt")
     curves = [line.split(": ", 1)[1].strip() for line in tail if line.startswith("training curves:")]
-    assert len(curves) == 1 and Path(curves[0]).is_file(), curves  # the torch head's (was the default head's folder)
+    assert len(curves) == 1 and curves[0].endswith(" (the linear head's, compared above: the checkpoint's default "
+                                                   "head fits without epochs)")  # not the checkpoint's: another run
+    curves = curves[0].split(" (")[0]
+    assert Path(curves).is_file() and Path(curves).parent != Path(head).parent  # the torch head's (was the default's)
     commands = [line.strip() for line in tail[tail.index("next, try:") + 1:]]
     assert [c.split()[2] for c in commands] == ["predict", "evaluate", "runs"]
     assert all(head in c for c in commands[:2])
