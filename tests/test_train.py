@@ -343,6 +343,36 @@ def _stopped_train_run(tmp_path, image_folder, monkeypatch, *extra) -> tuple[lis
     return args, next(d for d in (tmp_path / "runs").iterdir() if d.is_dir())
 
 
+def test_a_run_stopped_with_a_relative_weights_file_resumes_from_another_folder(tmp_path, image_folder,
+                                                                               monkeypatch):
+    """The model.pt recorded --weights as typed ('w/t.pt'): resumed from w/ with '--weights t.pt', the same file,
+    it was refused as 'other options than the stopped run's: --weights 't.pt' (the run had 'w/t.pt')' (and
+    a 't.pt' of another folder passed), while --data is recorded absolute."""
+    (tmp_path / "w").mkdir()
+    model = bb.load_backbone("tiny_bn", "none").model
+    torch.save({k: v for k, v in model.state_dict().items() if k.startswith("features.")}, tmp_path / "w" / "t.pt")
+    (tmp_path / "w" / "t.json").write_text(json.dumps({"mean": [0.5] * 3, "std": [0.2] * 3, "covers": "features"}))
+    monkeypatch.chdir(tmp_path)
+    args = [a if a != "none" else "w/t.pt" for a in _train_args(tmp_path, image_folder)]
+    go_on = _stop_in_epoch(monkeypatch, 2)
+    assert CliRunner().invoke(cli.cli, args).exit_code == 130
+    go_on()
+    run_dir = next(d for d in (tmp_path / "runs").iterdir() if d.is_dir())
+    assert torch.load(run_dir / "model.pt", weights_only=True)["config"]["weights"] == str(tmp_path / "w" / "t.pt")
+    monkeypatch.chdir(tmp_path / "w")
+    resumed = CliRunner().invoke(cli.cli, [a if a != "w/t.pt" else "t.pt" for a in args] + ["--resume", str(run_dir)])
+    assert resumed.exit_code == 0, resumed.output
+
+
+def test_a_weights_file_recorded_as_typed_by_an_older_run_is_taken_from_the_folder_resumed_in(tmp_path,
+                                                                                              monkeypatch):
+    from pipeline.models.resume import _same_option
+    monkeypatch.chdir(tmp_path)
+    assert _same_option("weights", "w/t.pt", str(tmp_path / "w" / "t.pt"))
+    assert not _same_option("weights", "w/t.pt", str(tmp_path / "x" / "t.pt"))
+    assert not _same_option("weights", "DEFAULT", "none") and not _same_option("seed", 1, 2)
+
+
 def test_an_interrupted_api_run_says_where_its_epochs_are_and_how_to_resume(tmp_path, image_folder, monkeypatch):
     import pipeline
     from pipeline.models.resume import TrainingInterrupted

@@ -443,10 +443,14 @@ def with_epochs_kept(error: PipelineError, kept: TrainingInterrupted) -> Pipelin
 def recorded_config(cfg) -> dict:
     """The config a model.pt keeps, its folders and files absolute: export's parity check (the training
     photos) and every output guard find them from any folder, not only from where the run was started."""
+    from ..extraction.backbones import is_weights_path
+
     config = asdict(cfg)
     for key in ("data", "init_head"):
         if config.get(key):
             config[key] = os.path.abspath(config[key])
+    if config.get("weights") and is_weights_path(config["weights"]):  # a file (not a name such as DEFAULT)
+        config["weights"] = os.path.abspath(config["weights"])
     return config
 
 
