@@ -171,9 +171,30 @@ def test_one_photo_a_class_says_it_cannot_be_split_not_to_change_the_val_fractio
     r = CliRunner().invoke(cli.cli, ["train", "--data", str(data), "--backbone", "tiny", "--weights", "none",
                                      "--workers", "0", "--runs-dir", str(tmp_path / "runs"), *extra])
     assert r.exit_code == 2 and r.output.strip().splitlines()[-1] == (
-        "Error: 2 rows, one of each class, cannot be split into training and validation rows (whatever "
+        "Error: 2 rows, no class with 2 of them, cannot be split into training and validation rows (whatever "
         "--val-fraction): a class needs at least 2 photos, one for each; add photos (or take a larger --n)"), r.output
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("case", ["unreadable", "not in the split"])
+def test_a_class_with_no_training_image_to_learn_from_is_refused(tmp_path, case):
+    """A class whose photos were all unreadable (zero-byte files) trained 'fine': val acc 1.000 and a model.pt with an
+    output for a class it never saw; a --n leaving a class out of the training split did the same."""
+    data = make_image_folder(tmp_path / "data", per_class=3, classes=("red",))
+    (data / "blue").mkdir()
+    for i in range(4):
+        (data / "blue" / f"b{i}.jpg").write_bytes(b"" if case == "unreadable" else (data / "red" / "red.0.jpg")
+                                                  .read_bytes())
+    extra = [] if case == "unreadable" else ["--n", "3", "--val-fraction", "0.9"]
+    r = CliRunner().invoke(cli.cli, ["train", "--data", str(data), "--backbone", "tiny", "--weights", "none",
+                                     "--workers", "0", "--epochs", "2", "--runs-dir", str(tmp_path / "runs"), *extra])
+    assert r.exit_code == 2, r.output
+    assert r.output.strip().splitlines()[-1] == (
+        "Error: class 'blue' has no training image to learn from: all 3 of its training photos are unreadable (e.g. "
+        "blue/b1.jpg: zero-byte file); fix or remove its folder" if case == "unreadable" else
+        "Error: class 'red' has no photo among the 1 training images of --n 3: the model could not learn it; take "
+        "a larger --n")
+    assert not (tmp_path / "runs").exists() or not any(p.is_dir() for p in (tmp_path / "runs").iterdir())
 
 
 def test_a_runs_dir_inside_the_training_photos_is_refused_before_training(tmp_path, image_folder, make_cache):

@@ -48,9 +48,9 @@ def split_indices(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[n
     train = np.setdiff1d(np.arange(len(labels)), val)
     if len(train) == 0 or len(val) == 0:
         # only where every class has one row (a class of two or more gives each side one): no --val-fraction helps
-        raise UsageError(f"{len(labels)} rows, one of each class, cannot be split into training and validation rows "
-                         "(whatever --val-fraction): a class needs at least 2 photos, one for each; add photos (or "
-                         "take a larger --n)")
+        raise UsageError(f"{len(labels)} rows, no class with 2 of them, cannot be split into training and validation "
+                         "rows (whatever --val-fraction): a class needs at least 2 photos, one for each; add photos "
+                         "(or take a larger --n)")
     return train, val
 
 

@@ -171,6 +171,29 @@ def _minibatches(loader, device, skipped: ImageOutputs, bar):
             yield batch.images().to(device).contiguous(memory_format=torch.channels_last), batch.labels().to(device)
 
 
+def _counted(minibatches, per_class: np.ndarray):
+    """The (images, labels) minibatches as they are, each one's labels counted into ``per_class``."""
+    for x, y in minibatches:
+        per_class += np.bincount(y.cpu().numpy(), minlength=len(per_class))
+        yield x, y
+
+
+def unlearnt_classes(per_class, classes: list, listing, train_idx, skipped: ImageOutputs, n: int) -> None:
+    """Refuse (exit 2) a run in which a class has no training image to learn from: none in the training split
+    (a small --n; ``per_class`` None: checked before any work), or every one there unreadable (``per_class``:
+    the images an epoch decoded, by class). The model would still have its output, and report a val acc, of a
+    class it never saw."""
+    counts = np.bincount(listing.labels[train_idx], minlength=len(classes)) if per_class is None else per_class
+    for c in np.flatnonzero(counts == 0):
+        mine = [listing.files[i].path for i in train_idx if listing.files[i].label == c]
+        if not mine:
+            raise UsageError(f"class {classes[c]!r} has no photo among the {len(train_idx)} training images of "
+                             f"--n {n}: the model could not learn it; take a larger --n")
+        raise UsageError(f"class {classes[c]!r} has no training image to learn from: all {len(mine)} of its "
+                         f"training photos are unreadable (e.g. {mine[0]}: {skipped.bad.get(mine[0])}); fix or "
+                         "remove its folder")
+
+
 def head_training_images(init_head: str, listing, ckpt: Optional[dict] = None) -> set:
     """The images of ``listing`` a fit-head checkpoint was fitted on (``head_images``: its training split, and its
     validation rows too when it was refitted on every row), so finetune does not validate on them."""
@@ -277,6 +300,7 @@ def _train_run(cfg: TrainConfig, kind: str, lm, stages: list, listing, head_saw:
         raise UsageError(f"the model's classes {lm.classes} differ from the data's {list(listing.classes)}")
     train_idx, val_idx = sample_split(listing.labels, cfg.n, cfg.val_fraction, cfg.seed)
     val_idx, left_out, refit_saw = unseen_validation(val_idx, listing, head_saw)
+    unlearnt_classes(None, lm.classes, listing, train_idx, None, cfg.n)  # before any work
     items = [(f.path, f.label) for f in listing.files]
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device, asked=cfg.device)
@@ -307,9 +331,12 @@ def _train_run(cfg: TrainConfig, kind: str, lm, stages: list, listing, head_saw:
                      f"{total:,}")
             state["stage"] = name
         bar = progress(total=len(train_idx), desc=f"epoch {epoch}", unit="img", leave=False)
-        acc, loss, state["seen"] = train_one_epoch(model, opt, _minibatches(train_loader, device, skipped, bar),
+        per_class = np.zeros(len(lm.classes), np.int64)  # training images decoded, by class
+        acc, loss, state["seen"] = train_one_epoch(model, opt, _counted(_minibatches(train_loader, device, skipped,
+                                                                                     bar), per_class),
                                                    device, precision, cfg.print_every, _to_stderr(bar), epoch)
         bar.close()
+        unlearnt_classes(per_class, lm.classes, listing, train_idx, skipped, cfg.n)
         return acc, loss, {"stage": name, "trainable_params": count_params(model)[1], "train_rows": state["seen"]}
 
     def validate():
