@@ -505,6 +505,24 @@ def test_a_zips_symbolic_links_are_skipped_with_a_warning_naming_them(tmp_path, 
     assert "'P/Cat/same.jpg', 'P/Dog/up'" in warned[0]
 
 
+@pytest.mark.parametrize("second", ["P/Cat/A.jpg", "P/cat/b.jpg"])
+def test_names_differing_only_in_case_are_refused_where_the_file_system_ignores_case(tmp_path, monkeypatch, second):
+    """On a case-insensitive file system (macOS, Windows, a FAT drive) 'Cat/A.jpg' silently replaced 'Cat/a.jpg',
+    and 'cat/' joined 'Cat/' into one class. Refused there before anything is written; a case-sensitive one
+    unpacks both."""
+    import pipeline.data.fetch as fetch
+    (tmp_path / NAME).write_bytes(zip_of([("P/Cat/a.jpg", b"1", False), (second, b"2", False),
+                                          ("P/Dog/0.jpg", b"3", False)]))
+    assert not fetch.ignores_case(tmp_path) and not list(tmp_path.glob(".fetch-data-case-probe-*"))
+    monkeypatch.setattr(fetch, "ignores_case", lambda dest: True)
+    clash = "'P/Cat/a.jpg' and 'P/Cat/A.jpg'" if second.endswith("A.jpg") else "'P/Cat' and 'P/cat'"
+    with pytest.raises(PipelineError, match=f"archive entries {clash} differ only in case"):
+        fetch_data(cfg(tmp_path, closed_port_url()))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [NAME]
+    monkeypatch.undo()
+    assert fetch_data(cfg(tmp_path, closed_port_url())).unpacked_now and (tmp_path / second).read_bytes() == b"2"
+
+
 def test_folder_entries_named_twice_and_folders_implied_by_files_still_unpack(tmp_path):
     (tmp_path / NAME).write_bytes(zip_of([("P/Cat/0.jpg", b"x", False), ("P/", b"", False), ("P/Cat/", b"", False),
                                           ("P/Cat/", b"", False), ("./P/Dog/0.jpg", b"y", False)]))

@@ -466,6 +466,34 @@ def check_members(kind: str, arc, dest: Path, own: set = frozenset()) -> list[st
     return names
 
 
+def ignores_case(dest: Path) -> bool:
+    """Whether the file system under dest takes 'a.jpg' and 'A.jpg' for one file (macOS's and Windows' default,
+    a FAT drive, an ext4 casefold folder): a probe file made there, and looked up in upper case."""
+    probe = dest / f".fetch-data-case-probe-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        return os.path.lexists(dest / probe.name.upper())
+    except OSError:
+        return False
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+def check_case_clashes(names: list, dest: Path) -> None:
+    """On a file system that ignores case, refuse (before anything is written) two entries whose names differ
+    only in case: the second would replace the first ('Cat/a.jpg', 'Cat/A.jpg'), or two class folders would
+    become one ('Cat/', 'cat/')."""
+    seen = {}
+    for name in names:
+        parts = tuple(p for p in PurePosixPath(name).parts if p != ".")
+        for i in range(1, len(parts) + 1):
+            first = seen.setdefault(tuple(p.casefold() for p in parts[:i]), parts[:i])
+            if first != parts[:i]:
+                raise PipelineError(f"archive entries {'/'.join(first)!r} and {'/'.join(parts[:i])!r} differ only in "
+                                    f"case, which the file system of {dest} does not tell apart (one would replace or "
+                                    "join the other); unpack it on a case-sensitive one and point --data there")
+
+
 def unpacked_bytes(kind: str, members: list, dest: Path) -> int:
     """What the entries declare they hold once unpacked, less what their files already in dest hold (a
     resumed or --overwrite unpack replaces them): a zip entry never unpacks past its declared size (zipfile
@@ -561,6 +589,8 @@ def unpack(archive: Path, dest: Path, overwrite: bool = False, keep: Path | None
     try:
         with opener(archive) as arc:
             names = check_members(kind, arc, dest, own_files(archive))
+            if ignores_case(dest):
+                check_case_clashes(names, dest)
             members = skipped_zip_links(archive, arc.infolist()) if kind == "zip" else arc.getmembers()
             ensure_room(dest, unpacked_bytes(kind, members, dest), f"unpacking {archive.name}")
             started = dest / f".{archive.name}.unpacking"
