@@ -26,7 +26,7 @@ from pathlib import Path, PurePosixPath
 
 from ..config import FetchConfig
 from ..errors import DiskFull, PipelineError, UsageError
-from ..files import check_output, disk_error, json_text, plain_name, same_file
+from ..files import check_output, disk_error, disk_reason, json_text, plain_name, same_file
 from .folders import is_skipped_folder
 from .moves import folder_lock
 
@@ -605,8 +605,10 @@ def unpack(archive: Path, dest: Path, overwrite: bool = False, keep: Path | None
                     arc.extract(m, dest)
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, lzma.LZMAError) as e:  # damaged data
         raise PipelineError(f"cannot unpack {archive}: {e}; delete it and download again") from None
-    except OSError as e:  # a full disk, no permission
-        raise PipelineError(f"cannot unpack {archive} into {dest}: {e}") from None
+    except OSError as e:  # a full disk, no permission: the files so far stay, and the next run replaces them
+        why = disk_reason(e) or e
+        raise PipelineError(f"cannot unpack {archive} into {dest}: {why}; the files unpacked so far are kept and "
+                            "the same command finishes the unpack once this is fixed") from None
     root = unpacked_root(dest, names)
     marker.write_text(json_text({"archive": archive.name, "bytes": size,
                                   "root": root.relative_to(dest).as_posix()}))
