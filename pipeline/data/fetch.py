@@ -613,5 +613,5 @@ def unpack(archive: Path, dest: Path, overwrite: bool = False, keep: Path | None
     marker.write_text(json_text({"archive": archive.name, "bytes": size,
                                   "root": root.relative_to(dest).as_posix()}))
     started.unlink(missing_ok=True)
-    log.info("unpacked %d entries of %s to %s", len(names), archive.name, root)
+    log.info("unpacked %d entries of %s to %s", len(members), archive.name, root)  # zip links left out
     return root, True
