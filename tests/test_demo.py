@@ -110,7 +110,10 @@ def test_demo_ends_with_its_outputs_and_the_next_commands(tmp_path, monkeypatch)
     head = [line.split(": ", 1)[1].strip() for line in tail if line.startswith("head checkpoint:")][0]
     assert Path(head).is_file() and head.endswith("head.pt")
     curves = [line.split(": ", 1)[1].strip() for line in tail if line.startswith("training curves:")]
-    assert len(curves) == 1 and Path(curves[0]).is_file(), curves  # the torch head's (was the default head's folder)
+    assert len(curves) == 1 and curves[0].endswith(" (the linear head's, compared above: the checkpoint's default "
+                                                   "head fits without epochs)")  # not the checkpoint's: another run
+    curves = curves[0].split(" (")[0]
+    assert Path(curves).is_file() and Path(curves).parent != Path(head).parent  # the torch head's (was the default's)
     commands = [line.strip() for line in tail[tail.index("next, try:") + 1:]]
     assert [c.split()[2] for c in commands] == ["predict", "evaluate", "runs"]
     assert all(head in c for c in commands[:2])
@@ -133,3 +136,62 @@ def test_the_result_is_a_dataclass_whose_dict_leaves_out_fetch_when_nothing_was_
     assert list(r.to_dict()) == ["check", "extract", "compare", "next"]
     assert list(r.to_dict()["extract"]) == [*ExtractResult.HIT[:-1]]  # a hit's keys, as extract --json prints them
     assert r.to_dict()["compare"]["head_run_dir"] == "runs/x" and r.compare.head_run_dir == "runs/x"
+
+
+def _half_unpacked(tmp_path, monkeypatch) -> Path:
+    """data/ holding the default archive (24 photos under PetImages/) whose unpack a Ctrl-C stopped after 5 files."""
+    import zipfile
+
+    from pipeline.config import KAGGLE_CATS_DOGS_URL
+    from pipeline.data.fetch import FetchConfig, archive_name, fetch_data
+    photos = make_image_folder(tmp_path / "src" / "PetImages", per_class=12)
+    archive = tmp_path / "data" / archive_name(KAGGLE_CATS_DOGS_URL)
+    archive.parent.mkdir()
+    with zipfile.ZipFile(archive, "w") as z:
+        for p in sorted(photos.rglob("*.jpg")):
+            z.write(p, p.relative_to(photos.parent).as_posix())
+    real, calls = zipfile.ZipFile.extract, []
+
+    def ctrl_c_at_the_sixth(self, member, *a, **k):
+        calls.append(member)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return real(self, member, *a, **k)
+
+    monkeypatch.setattr(zipfile.ZipFile, "extract", ctrl_c_at_the_sixth)
+    with pytest.raises(KeyboardInterrupt):
+        fetch_data(FetchConfig(dest=str(archive.parent), url=KAGGLE_CATS_DOGS_URL))
+    monkeypatch.setattr(zipfile.ZipFile, "extract", real)
+    assert len(list((tmp_path / "data" / "PetImages").rglob("*.jpg"))) == 5
+    return tmp_path / "data" / "PetImages"
+
+
+def test_demo_finishes_a_stopped_unpack_instead_of_taking_the_half_folder_for_the_data(tmp_path, monkeypatch):
+    """A demo (or fetch-data) stopped while unpacking left data/PetImages with part of the photos; the next demo
+    saw the folder and used it as it was: 5 of 24 photos, said nowhere (or '--n 24 is more than the 5 images')."""
+    monkeypatch.chdir(tmp_path)
+    data = _half_unpacked(tmp_path, monkeypatch)
+    r = CliRunner().invoke(cli, ["demo", "--backbone", "tiny", "--weights", "none", "--n", "24", "--workers", "1",
+                                 "--json"])
+    assert r.exit_code == 0, r.output
+    assert "data/PetImages is half unpacked: fetching" in r.stderr
+    out = json.loads(r.stdout)
+    assert out["fetch"]["unpacked_now"] and not out["fetch"]["downloaded"] and out["fetch"]["unpacked"] == str(
+        Path("data/PetImages"))
+    assert out["check"]["files"] == 24 and out["extract"]["rows"] == 24
+    assert len(list(data.rglob("*.jpg"))) == 24 and not list((tmp_path / "data").glob(".*.unpacking"))
+
+
+def test_demo_on_another_half_unpacked_folder_says_how_to_finish_it(tmp_path, monkeypatch):
+    import shutil
+
+    _half_unpacked(tmp_path, monkeypatch)
+    mine = tmp_path / "mine"
+    shutil.move(tmp_path / "data", mine)
+    (mine / ".kagglecatsanddogs_5340.zip.url").write_text(json.dumps({"url": "file:///x/pets.zip"}))
+    r = CliRunner().invoke(cli, ["demo", "--data", str(mine / "PetImages"), "--backbone", "tiny", "--weights", "none",
+                                 "--n", "4", "--workers", "1"])
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
+    assert f"data folder '{mine / 'PetImages'}' is half unpacked: unpacking into {mine} was stopped" in r.output
+    assert f"finish it with: python cli.py fetch-data --dest {mine} --url file:///x/pets.zip" in r.output
+    assert not (mine / "PetImages.quarantine").exists() and len(list((mine / "PetImages").rglob("*.jpg"))) == 5

@@ -163,6 +163,40 @@ def test_cli_rejects_bad_values(tmp_path, image_folder):
     assert bad.exit_code == 2 and "does not exist" in bad.output
 
 
+@pytest.mark.parametrize("per_class, extra", [(1, []), (1, ["--val-fraction", "0.9"]), (3, ["--n", "2"])])
+def test_one_photo_a_class_says_it_cannot_be_split_not_to_change_the_val_fraction(tmp_path, per_class, extra):
+    """One photo a class said '--val-fraction 0.125 leaves an empty split of 2 rows', as if another
+    --val-fraction would do: none does (0.9 emptied the training side instead)."""
+    data = make_image_folder(tmp_path / "data", per_class=per_class)
+    r = CliRunner().invoke(cli.cli, ["train", "--data", str(data), "--backbone", "tiny", "--weights", "none",
+                                     "--workers", "0", "--runs-dir", str(tmp_path / "runs"), *extra])
+    assert r.exit_code == 2 and r.output.strip().splitlines()[-1] == (
+        "Error: 2 rows, no class with 2 of them, cannot be split into training and validation rows (whatever "
+        "--val-fraction): a class needs at least 2 photos, one for each; add photos (or take a larger --n)"), r.output
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("case", ["unreadable", "not in the split"])
+def test_a_class_with_no_training_image_to_learn_from_is_refused(tmp_path, case):
+    """A class whose photos were all unreadable (zero-byte files) trained 'fine': val acc 1.000 and a model.pt with an
+    output for a class it never saw; a --n leaving a class out of the training split did the same."""
+    data = make_image_folder(tmp_path / "data", per_class=3, classes=("red",))
+    (data / "blue").mkdir()
+    for i in range(4):
+        (data / "blue" / f"b{i}.jpg").write_bytes(b"" if case == "unreadable" else (data / "red" / "red.0.jpg")
+                                                  .read_bytes())
+    extra = [] if case == "unreadable" else ["--n", "3", "--val-fraction", "0.9"]
+    r = CliRunner().invoke(cli.cli, ["train", "--data", str(data), "--backbone", "tiny", "--weights", "none",
+                                     "--workers", "0", "--epochs", "2", "--runs-dir", str(tmp_path / "runs"), *extra])
+    assert r.exit_code == 2, r.output
+    assert r.output.strip().splitlines()[-1] == (
+        "Error: class 'blue' has no training image to learn from: all 3 of its training photos are unreadable (e.g. "
+        "blue/b1.jpg: zero-byte file); fix or remove its folder" if case == "unreadable" else
+        "Error: class 'red' has no photo among the 1 training images of --n 3: the model could not learn it; take "
+        "a larger --n")
+    assert not (tmp_path / "runs").exists() or not any(p.is_dir() for p in (tmp_path / "runs").iterdir())
+
+
 def test_a_runs_dir_inside_the_training_photos_is_refused_before_training(tmp_path, image_folder, make_cache):
     tiny = ["--backbone", "tiny", "--weights", "none", "--epochs", "1", "--workers", "0"]
     for command in (["train", "--data", str(image_folder)],
@@ -330,6 +364,36 @@ def _stopped_train_run(tmp_path, image_folder, monkeypatch, *extra) -> tuple[lis
     return args, next(d for d in (tmp_path / "runs").iterdir() if d.is_dir())
 
 
+def test_a_run_stopped_with_a_relative_weights_file_resumes_from_another_folder(tmp_path, image_folder,
+                                                                               monkeypatch):
+    """The model.pt recorded --weights as typed ('w/t.pt'): resumed from w/ with '--weights t.pt', the same file,
+    it was refused as 'other options than the stopped run's: --weights 't.pt' (the run had 'w/t.pt')' (and
+    a 't.pt' of another folder passed), while --data is recorded absolute."""
+    (tmp_path / "w").mkdir()
+    model = bb.load_backbone("tiny_bn", "none").model
+    torch.save({k: v for k, v in model.state_dict().items() if k.startswith("features.")}, tmp_path / "w" / "t.pt")
+    (tmp_path / "w" / "t.json").write_text(json.dumps({"mean": [0.5] * 3, "std": [0.2] * 3, "covers": "features"}))
+    monkeypatch.chdir(tmp_path)
+    args = [a if a != "none" else "w/t.pt" for a in _train_args(tmp_path, image_folder)]
+    go_on = _stop_in_epoch(monkeypatch, 2)
+    assert CliRunner().invoke(cli.cli, args).exit_code == 130
+    go_on()
+    run_dir = next(d for d in (tmp_path / "runs").iterdir() if d.is_dir())
+    assert torch.load(run_dir / "model.pt", weights_only=True)["config"]["weights"] == str(tmp_path / "w" / "t.pt")
+    monkeypatch.chdir(tmp_path / "w")
+    resumed = CliRunner().invoke(cli.cli, [a if a != "w/t.pt" else "t.pt" for a in args] + ["--resume", str(run_dir)])
+    assert resumed.exit_code == 0, resumed.output
+
+
+def test_a_weights_file_recorded_as_typed_by_an_older_run_is_taken_from_the_folder_resumed_in(tmp_path,
+                                                                                              monkeypatch):
+    from pipeline.models.resume import _same_option
+    monkeypatch.chdir(tmp_path)
+    assert _same_option("weights", "w/t.pt", str(tmp_path / "w" / "t.pt"))
+    assert not _same_option("weights", "w/t.pt", str(tmp_path / "x" / "t.pt"))
+    assert not _same_option("weights", "DEFAULT", "none") and not _same_option("seed", 1, 2)
+
+
 def test_an_interrupted_api_run_says_where_its_epochs_are_and_how_to_resume(tmp_path, image_folder, monkeypatch):
     import pipeline
     from pipeline.models.resume import TrainingInterrupted
@@ -372,6 +436,30 @@ def test_ctrl_c_in_the_first_save_or_the_last_steps_leaves_no_false_claim_and_on
     assert "resume" not in torch.load(run_dir / "model.pt", weights_only=True)
     assert (run_dir / "history.json").is_file() and (run_dir / "curves.png").is_file()
     assert len((runs / "ledger.jsonl").read_text().splitlines()) == 1
+
+
+def test_ctrl_c_right_after_an_epochs_save_counts_that_epoch(tmp_path, image_folder, monkeypatch):
+    """Ctrl-C landing after epoch 2's model.pt was renamed into place, before the run counted it, said '1 epoch
+    of 3 kept' of a model.pt holding 2 (and the resume then went on 'after epoch 2')."""
+    import pipeline.models.train as train_mod
+    real, saves = train_mod.save_model, []
+
+    def stopped_after_the_second(*a, **k):
+        path = real(*a, **k)
+        saves.append(path)
+        if len(saves) == 2:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(train_mod, "save_model", stopped_after_the_second)
+    args = _train_args(tmp_path, image_folder)
+    stopped = CliRunner().invoke(cli.cli, args)
+    run_dir = next(d for d in (tmp_path / "runs").iterdir() if d.is_dir())
+    assert stopped.exit_code == 130 and f"2 epochs of 3 kept in {run_dir}/model.pt" in stopped.stderr, stopped.output
+    assert len(torch.load(run_dir / "model.pt", weights_only=True)["history"]) == 2
+    monkeypatch.setattr(train_mod, "save_model", real)
+    resumed = CliRunner().invoke(cli.cli, [*args, "--resume", str(run_dir), "--json"])
+    assert resumed.exit_code == 0 and f"resuming {run_dir} after epoch 2 of 3" in resumed.stderr, resumed.output
 
 
 def test_a_full_disk_at_an_epoch_save_says_what_is_kept_and_how_to_resume(tmp_path, image_folder, monkeypatch):

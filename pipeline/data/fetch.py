@@ -26,7 +26,7 @@ from pathlib import Path, PurePosixPath
 
 from ..config import FetchConfig
 from ..errors import DiskFull, PipelineError, UsageError
-from ..files import check_output, disk_error, json_text, plain_name, same_file
+from ..files import check_output, disk_error, disk_reason, json_text, plain_name, same_file
 from .folders import is_skipped_folder
 from .moves import folder_lock
 
@@ -364,24 +364,37 @@ def _check_through_links(m, parts: tuple, links: set, files: set) -> None:
 
 
 def _zip_link(m) -> bool:
-    """Whether a zip entry's external attributes mark a symlink (zipfile unpacks it as a file holding its target)."""
+    """Whether a zip entry's external attributes mark a symlink (zipfile would unpack it as a small file holding
+    its target's name: ``unpack`` skips it, naming it)."""
     return (m.external_attr >> 16) & 0o170000 == 0o120000
+
+
+def skipped_zip_links(archive: Path, members: list) -> list:
+    """The members to unpack: a zip's symbolic links are left out with one warning naming them. zipfile
+    writes a link as a small file holding its target's name ('Cat/0.jpg' as a 9-byte 'photo' in a class
+    folder: unreadable, skipped by extract as broken), and making real links from a zip is what the tar
+    checks guard against; a link is never needed to get the photos themselves."""
+    links = [m.filename for m in members if _zip_link(m)]
+    if links:
+        shown = ", ".join(repr(n) for n in links[:5]) + (f" and {len(links) - 5} more" if len(links) > 5 else "")
+        log.warning("%s holds %d symbolic link%s, not unpacked (a zip link would unpack as a small file holding "
+                    "its target's name): %s", archive.name, len(links), "" if len(links) == 1 else "s", shown)
+    return [m for m in members if not _zip_link(m)]
 
 
 def _check_layout(name: str, is_dir: bool, link: bool, kinds: dict) -> None:
     """Refuse an entry that cannot be unpacked beside the earlier ones: one inside a name an earlier entry
-    unpacks as a file ('link' then 'link/x.jpg'), one whose name an earlier entry already took as a file or
-    as a folder ('a' and 'a/'), or a file named twice. Unpacking such an archive stopped halfway ('Not a
-    directory', 'File exists') or let the second copy silently replace the first. ``kinds`` maps the parts
-    of each name seen to 'file', 'link' (a zip's, unpacked as a file) or 'folder' (the folders above an
-    entry count as folders)."""
+    unpacks as a file, or makes a zip link ('link' then 'link/x.jpg': the folder it meant), one whose name an
+    earlier entry already took as a file or as a folder ('a' and 'a/'), or a file named twice. Unpacking such
+    an archive stopped halfway ('Not a directory', 'File exists') or let the second copy silently replace the
+    first. ``kinds`` maps the parts of each name seen to 'file', 'link' (a zip's, not unpacked:
+    skipped_zip_links) or 'folder' (the folders above an entry count as folders)."""
     parts = PurePosixPath(name).parts
     for i in range(1, len(parts)):
         if (above := kinds.setdefault(parts[:i], "folder")) != "folder":
-            what = "a file (a link, which fetch-data unpacks as a file holding its target)" if above == "link" \
-                else "a file"
+            what = "makes a symbolic link (a zip's links are not unpacked)" if above == "link" else "unpacks as a file"
             raise PipelineError(f"archive entry {name!r} would be written inside {'/'.join(parts[:i])!r}, which an "
-                                f"earlier entry unpacks as {what}; refusing to unpack")
+                                f"earlier entry {what}; refusing to unpack")
     kind, before = ("folder" if is_dir else "file"), kinds.get(parts, "").replace("link", "file")
     if parts and before and (kind, before) != ("folder", "folder"):
         why = "is named twice in the archive" if kind == before == "file" else \
@@ -453,6 +466,34 @@ def check_members(kind: str, arc, dest: Path, own: set = frozenset()) -> list[st
     return names
 
 
+def ignores_case(dest: Path) -> bool:
+    """Whether the file system under dest takes 'a.jpg' and 'A.jpg' for one file (macOS's and Windows' default,
+    a FAT drive, an ext4 casefold folder): a probe file made there, and looked up in upper case."""
+    probe = dest / f".fetch-data-case-probe-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        return os.path.lexists(dest / probe.name.upper())
+    except OSError:
+        return False
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+def check_case_clashes(names: list, dest: Path) -> None:
+    """On a file system that ignores case, refuse (before anything is written) two entries whose names differ
+    only in case: the second would replace the first ('Cat/a.jpg', 'Cat/A.jpg'), or two class folders would
+    become one ('Cat/', 'cat/')."""
+    seen = {}
+    for name in names:
+        parts = tuple(p for p in PurePosixPath(name).parts if p != ".")
+        for i in range(1, len(parts) + 1):
+            first = seen.setdefault(tuple(p.casefold() for p in parts[:i]), parts[:i])
+            if first != parts[:i]:
+                raise PipelineError(f"archive entries {'/'.join(first)!r} and {'/'.join(parts[:i])!r} differ only in "
+                                    f"case, which the file system of {dest} does not tell apart (one would replace or "
+                                    "join the other); unpack it on a case-sensitive one and point --data there")
+
+
 def unpacked_bytes(kind: str, members: list, dest: Path) -> int:
     """What the entries declare they hold once unpacked, less what their files already in dest hold (a
     resumed or --overwrite unpack replaces them): a zip entry never unpacks past its declared size (zipfile
@@ -487,6 +528,24 @@ def _marker_bytes(marker: Path):
         return json.loads(marker.read_text())["bytes"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def unfinished_unpack(folder: Path) -> Path | None:
+    """The record (``.X.unpacking``) of an unpack stopped halfway (Ctrl-C, a kill, a full disk) that wrote
+    into ``folder``: as dest (the folder holds it) or as one of its top-level folders (its parent holds it,
+    naming the folder among its ``tops``), else None. Such a folder lacks files the archive holds; the same
+    fetch-data finishes it."""
+    folder = Path(folder)
+    for record in sorted(folder.glob(".*.unpacking")):
+        return record
+    for record in sorted(folder.parent.glob(".*.unpacking")):
+        try:
+            tops = json.loads(record.read_text()).get("tops")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(tops, list) and folder.name in tops:
+            return record
+    return None
 
 
 def check_conflicts(kind: str, members: list, dest: Path, overwrite: bool, keep=()) -> None:
@@ -530,12 +589,15 @@ def unpack(archive: Path, dest: Path, overwrite: bool = False, keep: Path | None
     try:
         with opener(archive) as arc:
             names = check_members(kind, arc, dest, own_files(archive))
-            members = arc.infolist() if kind == "zip" else arc.getmembers()
+            if ignores_case(dest):
+                check_case_clashes(names, dest)
+            members = skipped_zip_links(archive, arc.infolist()) if kind == "zip" else arc.getmembers()
             ensure_room(dest, unpacked_bytes(kind, members, dest), f"unpacking {archive.name}")
             started = dest / f".{archive.name}.unpacking"
             # a run cut off mid-unpack left its own files: those it may replace
             check_conflicts(kind, members, dest, overwrite or _marker_bytes(started) == size, keep=(archive, keep))
-            started.write_text(json_text({"archive": archive.name, "bytes": size}))
+            tops = sorted({PurePosixPath(n).parts[0] for n in names if PurePosixPath(n).parts})
+            started.write_text(json_text({"archive": archive.name, "bytes": size, "tops": tops}))
             for m in progress(members, desc=f"unpack {archive.name}", unit="file"):
                 if kind == "tar" and hasattr(tarfile, "data_filter"):
                     arc.extract(m, dest, filter="data")  # the standard library's own safety net, too
@@ -543,11 +605,13 @@ def unpack(archive: Path, dest: Path, overwrite: bool = False, keep: Path | None
                     arc.extract(m, dest)
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, lzma.LZMAError) as e:  # damaged data
         raise PipelineError(f"cannot unpack {archive}: {e}; delete it and download again") from None
-    except OSError as e:  # a full disk, no permission
-        raise PipelineError(f"cannot unpack {archive} into {dest}: {e}") from None
+    except OSError as e:  # a full disk, no permission: the files so far stay, and the next run replaces them
+        why = disk_reason(e) or e
+        raise PipelineError(f"cannot unpack {archive} into {dest}: {why}; the files unpacked so far are kept and "
+                            "the same command finishes the unpack once this is fixed") from None
     root = unpacked_root(dest, names)
     marker.write_text(json_text({"archive": archive.name, "bytes": size,
                                   "root": root.relative_to(dest).as_posix()}))
     started.unlink(missing_ok=True)
-    log.info("unpacked %d entries of %s to %s", len(names), archive.name, root)
+    log.info("unpacked %d entries of %s to %s", len(members), archive.name, root)  # zip links left out
     return root, True

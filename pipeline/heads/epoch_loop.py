@@ -47,7 +47,10 @@ def split_indices(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[n
     val = np.sort(np.array(val, dtype=np.int64))
     train = np.setdiff1d(np.arange(len(labels)), val)
     if len(train) == 0 or len(val) == 0:
-        raise UsageError(f"--val-fraction {val_fraction} leaves an empty split of {len(labels)} rows")
+        # only where every class has one row (a class of two or more gives each side one): no --val-fraction helps
+        raise UsageError(f"{len(labels)} rows, no class with 2 of them, cannot be split into training and validation "
+                         "rows (whatever --val-fraction): a class needs at least 2 photos, one for each; add photos "
+                         "(or take a larger --n)")
     return train, val
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -116,7 +117,7 @@ def read_resume(cfg, kind: str, recorded: dict, digest: str) -> dict:
         raise UsageError(f"--resume {cfg.resume!r} is a {ckpt['kind']} run; resume it with {ckpt['kind']}")
     before = ckpt.get("config") or {}
     differ = [f"{cli_name(k)} {recorded[k]!r} (the run had {before.get(k)!r})" for k in recorded
-              if k not in FREE_OPTIONS and before.get(k) != recorded[k]]
+              if k not in FREE_OPTIONS and not _same_option(k, before.get(k), recorded[k])]
     if differ:
         free = ", ".join(cli_name(k) for k in FREE_OPTIONS if k != "resume")
         raise UsageError(f"--resume {cfg.resume!r}: other options than the stopped run's: {'; '.join(differ)}; "
@@ -129,6 +130,14 @@ def read_resume(cfg, kind: str, recorded: dict, digest: str) -> dict:
         raise UsageError(f"--epochs {cfg.epochs}: the run already did {done} epochs (give at least {done}; "
                          f"{done} finishes it as it is)")
     return ckpt
+
+
+def _same_option(key: str, before, now) -> bool:
+    """Whether an option of the stopped run is this run's. A weights file is recorded absolute (the same file
+    from any folder); a run stopped before that recorded it as typed, taken from the folder resumed in."""
+    if key == "weights" and isinstance(before, str) and isinstance(now, str) and before != now:
+        return os.path.isabs(now) and not os.path.isabs(before) and os.path.abspath(before) == now
+    return before == now
 
 
 #: resume field -> (what it must be, the check)

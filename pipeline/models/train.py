@@ -171,6 +171,29 @@ def _minibatches(loader, device, skipped: ImageOutputs, bar):
             yield batch.images().to(device).contiguous(memory_format=torch.channels_last), batch.labels().to(device)
 
 
+def _counted(minibatches, per_class: np.ndarray):
+    """The (images, labels) minibatches as they are, each one's labels counted into ``per_class``."""
+    for x, y in minibatches:
+        per_class += np.bincount(y.cpu().numpy(), minlength=len(per_class))
+        yield x, y
+
+
+def unlearnt_classes(per_class, classes: list, listing, train_idx, skipped: ImageOutputs, n: int) -> None:
+    """Refuse (exit 2) a run in which a class has no training image to learn from: none in the training split
+    (a small --n; ``per_class`` None: checked before any work), or every one there unreadable (``per_class``:
+    the images an epoch decoded, by class). The model would still have its output, and report a val acc, of a
+    class it never saw."""
+    counts = np.bincount(listing.labels[train_idx], minlength=len(classes)) if per_class is None else per_class
+    for c in np.flatnonzero(counts == 0):
+        mine = [listing.files[i].path for i in train_idx if listing.files[i].label == c]
+        if not mine:
+            raise UsageError(f"class {classes[c]!r} has no photo among the {len(train_idx)} training images of "
+                             f"--n {n}: the model could not learn it; take a larger --n")
+        raise UsageError(f"class {classes[c]!r} has no training image to learn from: all {len(mine)} of its "
+                         f"training photos are unreadable (e.g. {mine[0]}: {skipped.bad.get(mine[0])}); fix or "
+                         "remove its folder")
+
+
 def head_training_images(init_head: str, listing, ckpt: Optional[dict] = None) -> set:
     """The images of ``listing`` a fit-head checkpoint was fitted on (``head_images``: its training split, and its
     validation rows too when it was refitted on every row), so finetune does not validate on them."""
@@ -277,6 +300,7 @@ def _train_run(cfg: TrainConfig, kind: str, lm, stages: list, listing, head_saw:
         raise UsageError(f"the model's classes {lm.classes} differ from the data's {list(listing.classes)}")
     train_idx, val_idx = sample_split(listing.labels, cfg.n, cfg.val_fraction, cfg.seed)
     val_idx, left_out, refit_saw = unseen_validation(val_idx, listing, head_saw)
+    unlearnt_classes(None, lm.classes, listing, train_idx, None, cfg.n)  # before any work
     items = [(f.path, f.label) for f in listing.files]
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device, asked=cfg.device)
@@ -307,9 +331,12 @@ def _train_run(cfg: TrainConfig, kind: str, lm, stages: list, listing, head_saw:
                      f"{total:,}")
             state["stage"] = name
         bar = progress(total=len(train_idx), desc=f"epoch {epoch}", unit="img", leave=False)
-        acc, loss, state["seen"] = train_one_epoch(model, opt, _minibatches(train_loader, device, skipped, bar),
+        per_class = np.zeros(len(lm.classes), np.int64)  # training images decoded, by class
+        acc, loss, state["seen"] = train_one_epoch(model, opt, _counted(_minibatches(train_loader, device, skipped,
+                                                                                     bar), per_class),
                                                    device, precision, cfg.print_every, _to_stderr(bar), epoch)
         bar.close()
+        unlearnt_classes(per_class, lm.classes, listing, train_idx, skipped, cfg.n)
         return acc, loss, {"stage": name, "trainable_params": count_params(model)[1], "train_rows": state["seen"]}
 
     def validate():
@@ -322,6 +349,7 @@ def _train_run(cfg: TrainConfig, kind: str, lm, stages: list, listing, head_saw:
         if run["dir"] is None:
             run["dir"] = new_run_dir(cfg.runs_dir, kind)
             held.enter_context(training_into(run["dir"]))
+        run["saving"] = (len(history), file_identity(run["dir"] / "model.pt"))  # stopped_at: did it land?
         save_model(lm, run["dir"] / "model.pt", kind, recorded_config(cfg),
                    {**history[-1], "epochs_done": len(history), "epochs": cfg.epochs}, history,
                    resume=resume_fields(opt, train_loader.generator, digest))
@@ -402,10 +430,23 @@ class TrainResult:
         return {**head, **d.pop("metrics"), **d}
 
 
+def file_identity(path: Path):
+    """(inode, mtime, size) of a file, None where there is none: a save renames a new file onto it."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
 def stopped_at(run: dict, resumed_from: int, epochs: int) -> TrainingInterrupted:
-    """What a Ctrl-C leaves: the epochs whose model.pt was written; a run folder made for a first epoch
-    whose save was cut short holds nothing and is removed, so no folder claims epochs it lacks."""
+    """What a Ctrl-C leaves: the epochs whose model.pt was written (an epoch whose save was stopped after
+    its rename, before the count was updated, is kept: model.pt holds it); a run folder made for a first
+    epoch whose save was cut short holds nothing and is removed, so no folder claims epochs it lacks."""
     kept = run["done"] or resumed_from
+    saving, before = run.get("saving", (0, None))
+    if saving > kept and (now := file_identity(run["dir"] / "model.pt")) is not None and now != before:
+        kept = saving
     if not kept and run["dir"] is not None:
         try:
             run["dir"].rmdir()
@@ -429,10 +470,14 @@ def with_epochs_kept(error: PipelineError, kept: TrainingInterrupted) -> Pipelin
 def recorded_config(cfg) -> dict:
     """The config a model.pt keeps, its folders and files absolute: export's parity check (the training
     photos) and every output guard find them from any folder, not only from where the run was started."""
+    from ..extraction.backbones import is_weights_path
+
     config = asdict(cfg)
     for key in ("data", "init_head"):
         if config.get(key):
             config[key] = os.path.abspath(config[key])
+    if config.get("weights") and is_weights_path(config["weights"]):  # a file (not a name such as DEFAULT)
+        config["weights"] = os.path.abspath(config["weights"])
     return config
 
 

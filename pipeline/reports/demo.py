@@ -5,17 +5,19 @@ fit-head + compare-sklearn on the same split.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shlex
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
 from ..config import DemoConfig
 from ..data.check_images import CheckImagesConfig, check_images, default_quarantine_dir
-from ..data.fetch import FetchConfig, FetchResult, fetch_data
+from ..data.fetch import FetchConfig, FetchResult, fetch_data, unfinished_unpack
 from ..data.folders import list_image_folder
-from ..errors import UsageError
+from ..errors import PipelineError, UsageError
 from ..extraction.extract import ExtractConfig, ExtractResult, check_n, extract, validate
 from ..files import check_output
 from ..heads.compare import CompareConfig, CompareResult, compare_sklearn
@@ -51,11 +53,17 @@ def demo(cfg: DemoConfig) -> DemoResult:
     """Run every step, logging each to stderr; returns each step's summary and what to try next."""
     data = Path(cfg.data)
     steps: dict = {"fetch": None}
-    if not data.is_dir() and Path(cfg.data) != Path(DEFAULT_DATA):
+    default = Path(cfg.data) == Path(DEFAULT_DATA)
+    if not data.is_dir() and not default:
         raise UsageError(f"data folder {cfg.data!r} does not exist; demo downloads only into the default "
                          f"{DEFAULT_DATA} (leave --data out), or pass an existing ImageFolder root")
-    if not data.is_dir():
-        log.info("[1/4] %s is missing: fetching %s", data, cfg.url)
+    unfinished = unfinished_unpack(data) if data.is_dir() else None  # a stopped demo's (or fetch-data's) unpack
+    if unfinished is not None and not default:
+        raise PipelineError(f"data folder {cfg.data!r} is half unpacked: unpacking into {unfinished.parent} was "
+                            f"stopped ({unfinished.name} there is its record); {finish_command(unfinished)}")
+    if not data.is_dir() or unfinished is not None:
+        log.info("[1/4] %s is %s: fetching %s", data, "missing" if unfinished is None else "half unpacked",
+                 cfg.url)
         steps["fetch"] = fetch_data(FetchConfig(dest=str(data.parent), url=cfg.url))
         data = Path(steps["fetch"].unpacked)
     else:
@@ -84,6 +92,15 @@ def demo(cfg: DemoConfig) -> DemoResult:
                                                      head=FitHeadConfig(runs_dir=cfg.runs_dir)))
     steps["next"] = next_steps(steps, data, cfg.runs_dir)
     return DemoResult(**steps)
+
+
+def finish_command(record: Path) -> str:
+    """How to finish the unpack an ``.X.unpacking`` record names: its fetch-data command, with the URL recorded."""
+    try:
+        url = json.loads(record.with_name(record.name.replace(".unpacking", ".url")).read_text())["url"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "run the fetch-data that unpacked it again to finish it"
+    return f"finish it with: python cli.py fetch-data --dest {shlex.quote(str(record.parent))} --url {shlex.quote(url)}"
 
 
 def can_quarantine(data: Path) -> bool:

@@ -178,7 +178,8 @@ def check_images_text(result: CheckImagesResult, max_listed: int = 50) -> str:
 
 def demo_next_text(nxt: dict) -> str:
     lines = [f"feature cache:   {nxt['cache']}", f"head checkpoint: {nxt['checkpoint']}",
-             *([f"training curves: {nxt['curves']}"] if nxt["curves"] else []), "next, try:"]
+             *([f"training curves: {nxt['curves']} (the linear head's, compared above: the checkpoint's default "
+                "head fits without epochs)"] if nxt["curves"] else []), "next, try:"]
     return "\n".join(lines + [f"  {c}" for c in nxt["commands"]])
 
 
