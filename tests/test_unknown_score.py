@@ -98,6 +98,30 @@ def test_a_head_on_two_colours_flags_the_third_and_keeps_the_stated_share(tmp_pa
     assert text.exit_code == 0 and "unknown: 12 of 12 photos (100.0%)" in text.stdout
 
 
+def test_a_cache_of_other_photos_is_scored_for_unknown_as_a_folder_of_them_is(tmp_path, colours, make_cache):
+    """A cache of photos of none of the head's classes (extracted once, the costly part) was refused by evaluate
+    --cache, and by the API's predict, predict_proba and unknown_score: "has classes ['green'] the model does not
+    know", the one thing the unknown score is for. Now it is scored as --data scores such a folder."""
+    r = fit_head(FitHeadConfig(cache=colours["cache"], head="logreg", val_fraction=0.25,
+                               runs_dir=str(tmp_path / "runs")))
+    other = make_image_folder(tmp_path / "other", per_class=6, classes=("green",), seed=7)
+    make_image_folder(tmp_path / "more", per_class=6, classes=("green",), seed=8)
+    (tmp_path / "more" / "green").rename(other / "lime")  # extract takes two classes: two of green photos
+    green = make_cache(other).cache
+    e = evaluate(EvaluateConfig(model=r.checkpoint, cache=green, runs_dir=str(tmp_path / "runs")))
+    assert e.foreign and e.rows == 12 and e.unknown["share"] == 1.0 and e.accuracy is None
+    text = CliRunner().invoke(cli.cli, ["evaluate", "--model", r.checkpoint, "--cache", green,
+                                        "--runs-dir", str(tmp_path / "runs")])
+    assert text.exit_code == 0 and "unknown: 12 of 12 photos (100.0%)" in text.stdout, text.output
+    import pipeline
+
+    head = pipeline.Head.load(r.checkpoint)
+    assert list(head.predict(green, unknown=True)) == ["unknown"] * 12
+    assert head.predict_proba(green).shape == (12, 2) and np.all(head.unknown_score(green) > head.unknown_threshold_)
+    with pytest.raises(pipeline.UsageError, match="none of the head's classes"):  # no accuracy of 0.0
+        head.score(green)
+
+
 def test_no_unknown_score_when_asked_for_none(tmp_path, colours):
     r = fit_head(FitHeadConfig(cache=colours["cache"], head="logreg", unknown_rows=0, runs_dir=str(tmp_path / "r")))
     ckpt = torch.load(r.checkpoint, weights_only=True)
