@@ -334,19 +334,21 @@ class Head(ClassifierMixin, BaseEstimator, FeatureHead, _Classifier):
         return head
 
     # features through the head alone
-    def _cache_predictions(self, cache: Union[Cache, PathLike], split: str, device: Optional[str]):
-        from .reports.evaluate import PREDICTORS
+    def _cache_predictions(self, cache: Union[Cache, PathLike], split: str, device: Optional[str],
+                           labelled: bool = True):
+        """``labelled=False``: predictions only, on a cache of any classes (photos of other things among them)."""
+        from .reports.evaluate import head_on_cache
 
         ckpt_path = str(self._checkpoint())
         check_options(EvaluateConfig, {"split": split}, what="Head.score")  # a misspelt split is no silent 'auto'
         cfg = EvaluateConfig(model=ckpt_path, cache=_path(cache, "Head.score: X"), split=split,
                              device=device or self.device)
         with verbosity(self.verbose):
-            return PREDICTORS[("fit-head", "cache")](ckpt_path, self._read(ckpt_path), cfg)
+            return head_on_cache(ckpt_path, self._read(ckpt_path), cfg, labelled=labelled)
 
     def _scores(self, X, batch_size, workers, device, precision):
         if is_cache(X):
-            pred = self._cache_predictions(X, "all", device)
+            pred = self._cache_predictions(X, "all", device, labelled=False)
             return pred.logp.astype(np.float64), pred.ood
         if is_features(X):
             return self._feature_scores(X, batch_size, device)
@@ -362,6 +364,10 @@ class Head(ClassifierMixin, BaseEstimator, FeatureHead, _Classifier):
         other; on an image folder: every image through the backbone; ``score(X, y)``: against labels."""
         if y is None and is_cache(X):
             pred = self._cache_predictions(X, split, device)  # 'auto': evaluate's (--split auto)
+            if pred.foreign:  # every label -1: an accuracy of 0.0 that says nothing
+                raise UsageError(f"Head.score: {pred.source} are photos of none of the head's classes "
+                                 f"({', '.join(pred.classes)}): there is no accuracy to measure; unknown_score(X) "
+                                 "or evaluate_model(head, cache=X) says how many are flagged unknown")
             return float((pred.logp.argmax(1) == pred.labels).mean())
         return _Classifier.score(self, X, y, device=device, precision=precision, batch_size=batch_size,
                                  workers=workers)

@@ -296,7 +296,7 @@ class TrustOptions:
     unknown_rows: int = field(default=5000, metadata=option(
         "Training rows kept for the unknown score (a seeded sample, 1 KB each); 0 = none.", range=NON_NEGATIVE,
         doc="training rows kept in the checkpoint for the unknown score (a seeded sample; float16, 1 KB a row for "
-            "VGG-16); 0 = no unknown score"))
+            "VGG-16; at least 2: each is scored against the others); 0 = no unknown score"))
     unknown_k: int = field(default=10, metadata=option(
         "The unknown score's neighbour: the k-th nearest training row.", range=POSITIVE,
         doc="the unknown score is 1 - cosine similarity to the k-th nearest kept training row (avg-pooled, "

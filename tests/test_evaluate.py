@@ -162,6 +162,35 @@ def test_data_folder_agrees_with_all_cache_rows(tmp_path, head_run, image_folder
     assert on_data.loss == pytest.approx(on_cache.loss, rel=1e-3, abs=1e-4)
 
 
+def test_a_damaged_cache_row_is_refused_in_one_line_not_scored(tmp_path, head_run, tiny_cache):
+    """A test cache with a NaN row and an inf row: evaluate --cache crashed ("unexpected ValueError: 'list'
+    argument must have no negative elements (a bug?)"), and the API's predict_proba gave NaN probabilities and
+    predict(unknown=True) named a class for them (a NaN score is never above the threshold); fit-head refuses
+    such rows in one line, and now scoring does too."""
+    import shutil
+
+    import h5py
+
+    import pipeline
+
+    damaged = tmp_path / "damaged" / tiny_cache.name
+    damaged.parent.mkdir()
+    shutil.copy(tiny_cache, damaged)
+    with h5py.File(damaged, "r+") as f:
+        for row, value in ((3, np.nan), (9, np.inf)):
+            x = f["features"][row]
+            x.flat[0] = value
+            f["features"][row] = x
+    out = CliRunner().invoke(cli.cli, ["evaluate", "--model", head_run.checkpoint, "--cache", str(damaged),
+                                       "--split", "all", "--runs-dir", str(tmp_path / "runs")])
+    assert out.exit_code == 2, out.output
+    assert "2 cache rows hold non-finite features (NaN or inf), e.g. rows [3, 9]" in out.output
+    head = pipeline.Head.load(head_run.checkpoint)
+    for ask in (head.predict_proba, lambda c: head.predict(c, unknown=True)):
+        with pytest.raises(pipeline.UsageError, match="non-finite features"):
+            ask(str(damaged))
+
+
 def test_refusals(tmp_path, head_run):
     ckpt = head_run.checkpoint
     other = make_image_folder(tmp_path / "other", per_class=2, classes=("blue", "green"))

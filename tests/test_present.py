@@ -55,6 +55,24 @@ def test_train_text_and_its_trust_lines():
         "(95%; asked 95%): 17 of 18 training rows scored against the others")
 
 
+def test_fit_head_text_does_not_call_a_head_it_did_not_calibrate_calibrated():
+    """fit-head --calibrate none --test-data printed 'test ECE 0.0757 calibrated, 0.0757 without the temperature'."""
+    from types import SimpleNamespace
+
+    from pipeline.heads.trust import NOT_CALIBRATED
+
+    test = {"acc": 0.75, "loss": 0.71, "rows": 280, "cache": "t.h5", "per_class": {"a": 0.75}, "overlap": [],
+            "calibration": {"temperature": 1.0, "before": {"ece": 0.0757}, "after": {"ece": 0.0757}}}
+    r = SimpleNamespace(per_class_val_acc={"a": 0.7}, history=[], tuning=None, head="ProbeHead(...)", val_acc=0.7,
+                        val_loss=0.66, train_rows=740, val_rows=100, fit_seconds=1.0, test=test, checkpoint="h.pt",
+                        trust=dict(NOT_CALIBRATED))
+    lines = present.fit_head_text(r).splitlines()
+    assert "test ECE 0.0757 (not calibrated: T = 1)" in lines and "temperature 1 (not calibrated)" in lines
+    r.trust = {"temperature": 0.985, "calibration_rows": 840, "calibrated_on": "cv+val"}
+    test["calibration"] = {"temperature": 0.985, "before": {"ece": 0.0757}, "after": {"ece": 0.0631}}
+    assert "test ECE 0.0631 calibrated, 0.0757 without the temperature" in present.fit_head_text(r).splitlines()
+
+
 def test_export_text_passed_and_refused():
     from types import SimpleNamespace
 

@@ -14,7 +14,9 @@ from pipeline.heads.cache_views import head_scores
 from pipeline.heads.epoch_loop import split_indices
 from pipeline.heads.fit_head import FitHeadConfig, fit_head
 from pipeline.heads.probe_heads import ProbeHead
+from pipeline.errors import UsageError
 from pipeline.heads.unknown_score import (
+    fit_unknown,
     held_out_scores,
     kept_indices,
     knn_distance,
@@ -96,6 +98,44 @@ def test_a_head_on_two_colours_flags_the_third_and_keeps_the_stated_share(tmp_pa
     text = CliRunner().invoke(cli.cli, ["evaluate", "--model", r.checkpoint, "--data", str(colours["green"]),
                                         "--workers", "0", "--runs-dir", str(tmp_path / "runs")])
     assert text.exit_code == 0 and "unknown: 12 of 12 photos (100.0%)" in text.stdout
+
+
+def test_a_cache_of_other_photos_is_scored_for_unknown_as_a_folder_of_them_is(tmp_path, colours, make_cache):
+    """A cache of photos of none of the head's classes (extracted once, the costly part) was refused by evaluate
+    --cache, and by the API's predict, predict_proba and unknown_score: "has classes ['green'] the model does not
+    know", the one thing the unknown score is for. Now it is scored as --data scores such a folder."""
+    r = fit_head(FitHeadConfig(cache=colours["cache"], head="logreg", val_fraction=0.25,
+                               runs_dir=str(tmp_path / "runs")))
+    other = make_image_folder(tmp_path / "other", per_class=6, classes=("green",), seed=7)
+    make_image_folder(tmp_path / "more", per_class=6, classes=("green",), seed=8)
+    (tmp_path / "more" / "green").rename(other / "lime")  # extract takes two classes: two of green photos
+    green = make_cache(other).cache
+    e = evaluate(EvaluateConfig(model=r.checkpoint, cache=green, runs_dir=str(tmp_path / "runs")))
+    assert e.foreign and e.rows == 12 and e.unknown["share"] == 1.0 and e.accuracy is None
+    text = CliRunner().invoke(cli.cli, ["evaluate", "--model", r.checkpoint, "--cache", green,
+                                        "--runs-dir", str(tmp_path / "runs")])
+    assert text.exit_code == 0 and "unknown: 12 of 12 photos (100.0%)" in text.stdout, text.output
+    import pipeline
+
+    head = pipeline.Head.load(r.checkpoint)
+    assert list(head.predict(green, unknown=True)) == ["unknown"] * 12
+    assert head.predict_proba(green).shape == (12, 2) and np.all(head.unknown_score(green) > head.unknown_threshold_)
+    with pytest.raises(pipeline.UsageError, match="none of the head's classes"):  # no accuracy of 0.0
+        head.score(green)
+
+
+def test_one_kept_row_is_refused_not_a_threshold_at_the_floor(tmp_path, colours):
+    """fit-head --unknown-rows 1 (the default head, refitted: no validation rows held out) scored its one kept row
+    'against the others' at its distance to itself, 0: threshold 0.0010, every other photo 'unknown', said as
+    "keeps 1 of 1 held-out photos (100%)". Now refused in one line, before the fit."""
+    out = CliRunner().invoke(cli.cli, ["fit-head", "--cache", colours["cache"], "--unknown-rows", "1",
+                                       "--runs-dir", str(tmp_path / "runs")])
+    assert out.exit_code == 2 and "--unknown-rows 1: each kept training row is scored against the other" in out.output
+    assert not (tmp_path / "runs").exists()
+    rows = np.random.default_rng(0).normal(size=(5, 4))
+    with pytest.raises(UsageError, match="give at least 2"):  # the API's arrays, fitted without the CLI's checks
+        fit_unknown(rows[:1], rows[1:], 1, 0.95)
+    assert fit_unknown(rows[:2], rows[2:], 1, 0.95).held_out == 5  # 2 kept rows: each against the other
 
 
 def test_no_unknown_score_when_asked_for_none(tmp_path, colours):

@@ -45,9 +45,14 @@ def _view_rows_multi(cache, indices, views: Sequence[str], block_rows: int, max_
     for v in views:  # a NaN or inf would train or score silently wrong: refuse it here, where rows are read
         bad = np.flatnonzero(~np.isfinite(out[v]).all(1))
         if len(bad):
-            raise UsageError(f"{len(bad)} cache rows hold non-finite features (NaN or inf), e.g. rows "
-                             f"{indices[bad[:5]].tolist()}: the cache is damaged; extract it again")
+            raise non_finite(indices[bad])
     return out
+
+
+def non_finite(rows) -> UsageError:
+    """The one line that refuses cache rows (their indices) holding NaN or inf."""
+    return UsageError(f"{len(rows)} cache rows hold non-finite features (NaN or inf), e.g. rows "
+                      f"{list(rows[:5])}: the cache is damaged; extract it again")
 
 
 class CacheViews(Mapping):
@@ -183,15 +188,20 @@ def head_scores(head, cache: FeatureCache, indices: np.ndarray, device, block_ro
     head.eval()
     out = np.zeros((len(indices), getattr(head, "n_classes", len(cache.classes))), np.float64)  # the head's classes
     ood = np.zeros(len(indices), np.float64) if getattr(head, "has_unknown", False) else None
-    i = 0
+    i, bad = 0, []
     with torch.inference_mode():
         for rows, feats in cache.iter_batches(indices, batch_size, block_rows):  # in sorted row order
             x = as_float32(feats, device)
+            finite = torch.isfinite(x).flatten(1).all(1).cpu().numpy()
+            if not finite.all():  # NaN probabilities, a NaN unknown score that is never above the threshold
+                bad.extend(int(r) for r in np.asarray(rows)[~finite])  # (evaluate crashed on them): as fits refuse them
             lp, score = head.scores(x) if ood is not None else (head(x), None)
             out[i:i + len(lp)] = lp.double().cpu().numpy()
             if ood is not None:
                 ood[i:i + len(lp)] = score.double().cpu().numpy()
             i += len(lp)
+    if bad:
+        raise non_finite(bad)
     return out, ood
 
 

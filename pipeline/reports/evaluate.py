@@ -95,8 +95,12 @@ def _trust(head) -> dict:
     return {"temperature": head.temperature_used, "threshold": head.threshold_used}
 
 
-def head_on_cache(model_path: str, ckpt: dict, cfg: EvaluateConfig) -> Predictions:
-    """A fit-head checkpoint on cached features: its validation split, or all rows."""
+def head_on_cache(model_path: str, ckpt: dict, cfg: EvaluateConfig, labelled: bool = True) -> Predictions:
+    """A fit-head checkpoint on cached features: its validation split, or all rows. A cache none of whose
+    classes is the model's (photos of something else) is scored as ``--data`` scores such a folder: labels -1,
+    only the share flagged unknown measured. ``labelled=False`` (predictions, no score: the API's ``predict``,
+    ``predict_proba``, ``unknown_score``): the cache's classes are not checked, a row of a class the model does
+    not know has label -1."""
 
     device = resolve_device(cfg.device)
     with open_head_rows(ckpt, cfg.cache) as cache:  # one cache, or a fused head's caches fused as then
@@ -104,8 +108,17 @@ def head_on_cache(model_path: str, ckpt: dict, cfg: EvaluateConfig) -> Predictio
         if not cfg.cache:
             log.info("using the cache the model was trained on: %s (%d rows, %s, created %s); --cache picks another",
                      path, cache.n, cache.attrs["backbone"], cache.attrs["created"])
-        to_model = cache_classes_to_model(ckpt["classes"], cache)
         check_cache_fits(ckpt, cache, ROW_FEATURES)
+        head = _head(model_path, ckpt, device)
+        theirs = [c for c in cache.classes if c in ckpt["classes"]]
+        if not labelled or (not theirs and head.has_unknown):
+            if labelled:
+                log.info("none of the classes of %s is the model's: measuring how many of its rows are flagged "
+                         "unknown", path)
+            to_model = np.array([list(ckpt["classes"]).index(c) if c in ckpt["classes"] else -1
+                                 for c in cache.classes], dtype=np.int64)
+        else:
+            to_model = cache_classes_to_model(ckpt["classes"], cache)
         own = cache.attrs["fingerprint"] == ckpt["cache_fingerprint"]
         split = cfg.split if cfg.split != "auto" else "val" if own else "all"  # a held-out cache: a val slice of
         if split == "val":  # it scored 50 of its 400 rows by default
@@ -124,7 +137,6 @@ def head_on_cache(model_path: str, ckpt: dict, cfg: EvaluateConfig) -> Predictio
             if own:  # as --data on its training folder is
                 log.warning("%s is the cache the model was trained on: --split all scores its training rows too, "
                             "which flatters every figure; use --split all on a held-out cache", path)
-        head = _head(model_path, ckpt, device)
         logp, ood = head_scores(head, cache, rows, device, cfg.block_rows)
         rows = np.sort(rows)
         paths = cache.paths

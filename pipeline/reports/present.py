@@ -74,7 +74,9 @@ def fit_head_text(r: FitHeadResult) -> str:
         cal = t["calibration"]
         lines += [f"test acc {t['acc']:.3f}, test loss {t['loss']:.4f} ({t['rows']} images of {t['cache']})",
                   f"per-class test acc: {per}",
-                  f"test ECE {cal['after']['ece']:.4f} calibrated, {cal['before']['ece']:.4f} without the temperature"]
+                  f"test ECE {cal['after']['ece']:.4f} calibrated, {cal['before']['ece']:.4f} without the temperature"
+                  if r.trust.get("calibration_rows") else  # --calibrate none: one figure, of a head not calibrated
+                  f"test ECE {cal['before']['ece']:.4f} (not calibrated: T = 1)"]
         if t["overlap"]:
             lines.append(f"warning: {len(t['overlap'])} test images are copies of training images")
     lines.append(f"checkpoint: {r.checkpoint}")
