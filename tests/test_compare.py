@@ -263,5 +263,5 @@ def test_the_test_sets_warnings_are_said_once_per_command_not_once_per_head(tmp_
     lines = out.stderr.splitlines()
     said = [line for line in lines if "has no photos of" in line]
     assert said == [f"the test set {test} has no photos of green: those classes are not scored"], said
-    assert len([line for line in lines if "test images have the same content as training images" in line]) == 1
+    assert len([line for line in lines if "1 test image has the same content as a training image (" in line]) == 1
     assert len([line for line in lines if "added" in line and cache in line]) == 1, lines

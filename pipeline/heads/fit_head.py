@@ -743,8 +743,11 @@ def fit_head(cfg: FitHeadConfig, said: Optional[set] = None, part_of: Optional[s
                         "overlap": overlap(cache, fit.fitted_idx, tc)}  # a refitted head saw the val rows too
             test["calibration"] = before_after(test.pop("logp"), test.pop("labels"), fit.trust["temperature"])
             if test["overlap"]:
-                warn_once(said, f"{len(test['overlap'])} test images have the same content as training images (e.g. "
-                                f"{', '.join(test['overlap'][:3])}): the test accuracy counts them")
+                k = len(test["overlap"])
+                warn_once(said, ("1 test image has the same content as a training image" if k == 1 else
+                                 f"{k} test images have the same content as training images")
+                          + f" (e.g. {', '.join(test['overlap'][:3])}): the test accuracy counts "
+                          + ("it" if k == 1 else "them"))
         out_dir = new_run_dir(cfg.runs_dir, "fit-head")
         head = head.cpu()
         metrics = {"val_acc": val["acc"], "val_loss": val["loss"],

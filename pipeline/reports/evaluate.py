@@ -426,8 +426,10 @@ def warn_if_trained_on(model: str, ckpt: dict, data: str) -> None:
 
         seen = sorted(head_training_images(model, list_image_folder(data, min_classes=1), ckpt))
         if seen:
-            log.warning("%d images of %s have the same content as images the head was fitted on (e.g. %s): they "
-                        "are scored too, which flatters every figure", len(seen), data, ", ".join(seen[:3]))
+            log.warning("%s of %s %s the same content as images the head was fitted on (e.g. %s): %s scored too, "
+                        "which flatters every figure", "1 image" if len(seen) == 1 else f"{len(seen)} images", data,
+                        "has" if len(seen) == 1 else "have", ", ".join(seen[:3]), "it is" if len(seen) == 1 else
+                        "they are")
 
 
 def figures(result: dict, root=None) -> dict:
