@@ -211,7 +211,9 @@ class CpuReader:
         if mode == "turns" and not prefetched:
             self.cycles["turns"].append(cycle)
             if k == 1 and wait < PROBE_FROM_SHARE * cycle:
-                self._settle("turns", f"in turns: decoding {100 * wait / cycle:.0f} % of a batch")
+                share = 100 * wait / cycle
+                self._settle("turns", f"in turns: it took {f'{share:.0f} %' if share >= 0.5 else 'under 1 %'} of "
+                                      "a batch")
         elif mode == "beside" and prefetched:
             self.cycles["beside"].append(cycle)
         if k == 5:
