@@ -12,8 +12,10 @@ from pipeline.cli import cli
 from pipeline.errors import PipelineError, UsageError
 from pipeline.extraction.extract import ExtractConfig, extract
 from pipeline.heads.epoch_loop import split_indices
-from pipeline.heads.fit_head import FitHeadConfig, FitHeadResult, evaluate_head, fit_head
+from pipeline.heads.cache_views import evaluate_head
+from pipeline.heads.fit_head import FitHeadConfig, FitHeadResult, fit_head
 from pipeline.heads.probe_heads import ProbeHead
+from pipeline.reports.present import fit_head_text
 from tests.conftest import make_image_folder
 
 
@@ -817,3 +819,19 @@ def test_a_test_folders_left_out_files_are_said_once(cache, tmp_path):
                                        str(tmp_path / "runs"), "--epochs", "1"])
         assert run.exit_code == 0, run.output
         assert run.stderr.count("red/gone.jpg: a dangling symlink") == 1, run.stderr
+
+
+def test_test_photos_kept_as_known_are_reported_as_the_saved_head_scores_them(tmp_path, make_cache, image_folder):
+    """fit-head --test-data said nothing of the unknown score on the test photos, the direct check of
+    --known-share (a separate evaluate measured it); it reports the share kept, as the saved head scores them."""
+    import pipeline
+
+    cache = make_cache(image_folder).cache
+    other = make_image_folder(tmp_path / "other", per_class=5, seed=7)
+    r = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=5, test_data=str(other),
+                               runs_dir=str(tmp_path / "runs")))
+    head = pipeline.Head.load(r.checkpoint)
+    scores = head.unknown_score(pipeline.Cache(r.test["cache"]))
+    kept = float(np.mean(scores <= head.unknown_threshold_))
+    assert r.test["known_kept"] == pytest.approx(kept) and r.metrics["test_known_kept"] == r.test["known_kept"]
+    assert f"test photos kept as known: {kept:.1%} (--known-share 95%" in fit_head_text(r)

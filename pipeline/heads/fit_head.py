@@ -40,7 +40,7 @@ from ..errors import UsageError
 from ..files import check_output
 from ..progress import is_quiet, still_running
 from ..runs.run_folders import finish_run, new_run_dir
-from .cache_views import CacheRows, CacheViews, Relabelled, cache_classes_to_model, evaluate_head
+from .cache_views import CacheRows, CacheViews, Relabelled, cache_classes_to_model, head_scores
 from .calibration import before_after
 from .checkpoints import HEAD_KIND, write_checkpoint
 from .epoch_loop import per_class_accuracy, split_indices, validate_training
@@ -167,11 +167,16 @@ def check_labelled(cache, path, needs: str = "a head") -> None:
 
 
 def scores(head, cache: FeatureCache, indices: np.ndarray, device, block_rows: int) -> dict:
-    """acc, loss and per-class accuracy of ``head`` on some rows of ``cache``."""
-    acc, loss, logp = evaluate_head(head, cache, indices, device, block_rows)
+    """acc, loss and per-class accuracy of ``head`` on some rows of ``cache``; with an unknown score, the share
+    of them it keeps as known (``known_kept``: on test photos, the direct check of ``--known-share``)."""
+    logp, ood = head_scores(head, cache, indices, device, block_rows)
     y = cache.labels[np.sort(indices)]
-    return {"acc": acc, "loss": loss, "rows": int(len(indices)),
-            "per_class": per_class_accuracy(y, logp.argmax(1), cache.classes), "logp": logp, "labels": y}
+    out = {"acc": float((logp.argmax(1) == y).mean()), "loss": float(-logp[np.arange(len(y)), y].mean()),
+           "rows": int(len(indices)), "per_class": per_class_accuracy(y, logp.argmax(1), cache.classes),
+           "logp": logp, "labels": y}
+    if ood is not None:
+        out["known_kept"] = float((ood <= float(head.unknown_threshold)).mean())
+    return out
 
 
 # -- the three ways to fit ------------------------------------------------------------------------
@@ -757,6 +762,7 @@ def fit_head(cfg: FitHeadConfig, said: Optional[set] = None, part_of: Optional[s
                    **({"cv_acc": tuning["cv_acc"], "cv_log_loss": tuning["cv_log_loss"]} if tuning else {}),
                    **({"test_ece": test["calibration"]["after"]["ece"],
                        "test_ece_uncalibrated": test["calibration"]["before"]["ece"]} if test else {}),
+                   **({"test_known_kept": test["known_kept"]} if test and "known_kept" in test else {}),
                    **{k: fit.trust[k] for k in ("temperature", "unknown_threshold") if k in fit.trust}}
         ckpt = {
             **Provenance.from_cache_attrs(cache.attrs).checkpoint_fields(),

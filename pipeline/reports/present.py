@@ -77,6 +77,9 @@ def fit_head_text(r: FitHeadResult) -> str:
                   f"test ECE {cal['after']['ece']:.4f} calibrated, {cal['before']['ece']:.4f} without the temperature"
                   if r.trust.get("calibration_rows") else  # --calibrate none: one figure, of a head not calibrated
                   f"test ECE {cal['before']['ece']:.4f} (not calibrated: T = 1)"]
+        if "known_kept" in t:
+            lines.append(f"test photos kept as known: {t['known_kept']:.1%} (--known-share "
+                         f"{r.trust['known_share']:.0%}; the rest score above the unknown threshold)")
         if t["overlap"]:
             lines.append(f"warning: {len(t['overlap'])} test images are copies of training images")
     lines.append(f"checkpoint: {r.checkpoint}")
