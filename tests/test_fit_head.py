@@ -330,10 +330,13 @@ def test_a_non_finite_row_is_refused_before_any_checkpoint(tiny_cache, tmp_path,
     with h5py.File(tiny_cache, "r+") as f:
         f["features"][3, 0, 0, 0] = np.nan
     runs = tmp_path / "runs"
-    with pytest.raises((UsageError, PipelineError), match="non-finite features|features for NaN"):
+    with pytest.raises((UsageError, PipelineError), match="non-finite features|features for NaN") as e:
         fit_head(FitHeadConfig(cache=str(tiny_cache), head=head, features="flat" if head == "linear" else "avg",
                                epochs=2, val_fraction=0.25, runs_dir=str(runs)))
     assert not list(runs.glob("*/head.pt"))
+    if "non-finite" in str(e.value):  # the rows as plain numbers, not 'e.g. rows [np.int64(3)]'
+        assert "e.g. rows [3]: the cache is damaged; extract it again" in str(e.value), str(e.value)
+        assert str(e.value).endswith("extract it again"), str(e.value)  # not '... give fewer --folds (at least 2)'
 
 
 @pytest.mark.parametrize("challenger, wins", [

@@ -192,9 +192,22 @@ def test_a_class_with_no_training_image_to_learn_from_is_refused(tmp_path, case)
     assert r.output.strip().splitlines()[-1] == (
         "Error: class 'blue' has no training image to learn from: all 3 of its training photos are unreadable (e.g. "
         "blue/b1.jpg: zero-byte file); fix or remove its folder" if case == "unreadable" else
-        "Error: class 'red' has no photo among the 1 training images of --n 3: the model could not learn it; take "
-        "a larger --n")
+        "Error: class 'red' has no photo among the 1 training images: its 1 photo of --n 3 went to validation "
+        "(--val-fraction 0.9); a class needs at least 2 photos, one for each: add photos (or take a larger --n)")
     assert not (tmp_path / "runs").exists() or not any(p.is_dir() for p in (tmp_path / "runs").iterdir())
+
+
+def test_a_class_whose_one_photo_goes_to_validation_is_refused_naming_the_val_fraction_not_n(tmp_path):
+    """Every photo (--n 0) and a class of one photo that --val-fraction 0.6 put in validation said 'has no photo
+    among the 1 training images of --n 0: ... take a larger --n', of an --n that already takes them all."""
+    data = make_image_folder(tmp_path / "data", per_class=3)
+    for p in sorted((data / "blue").iterdir())[1:]:
+        p.unlink()
+    r = CliRunner().invoke(cli.cli, ["train", "--data", str(data), "--backbone", "tiny", "--weights", "none",
+                                     "--workers", "0", "--val-fraction", "0.6", "--runs-dir", str(tmp_path / "runs")])
+    assert r.exit_code == 2 and r.output.strip().splitlines()[-1] == (
+        "Error: class 'blue' has no photo among the 1 training images: its 1 photo went to validation "
+        "(--val-fraction 0.6); a class needs at least 2 photos, one for each: add photos"), r.output
 
 
 def test_a_runs_dir_inside_the_training_photos_is_refused_before_training(tmp_path, image_folder, make_cache):

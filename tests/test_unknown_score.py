@@ -136,6 +136,10 @@ def test_one_kept_row_is_refused_not_a_threshold_at_the_floor(tmp_path, colours)
     with pytest.raises(UsageError, match="give at least 2"):  # the API's arrays, fitted without the CLI's checks
         fit_unknown(rows[:1], rows[1:], 1, 0.95)
     assert fit_unknown(rows[:2], rows[2:], 1, 0.95).held_out == 5  # 2 kept rows: each against the other
+    import pipeline
+
+    with pytest.raises(UsageError, match=r"^(Head: )?unknown_rows=1: each kept training row"):  # not --unknown-rows
+        pipeline.Head(unknown_rows=1, runs_dir=str(tmp_path / "runs")).fit(colours["cache"])
 
 
 def test_no_unknown_score_when_asked_for_none(tmp_path, colours):

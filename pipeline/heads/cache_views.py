@@ -52,7 +52,7 @@ def _view_rows_multi(cache, indices, views: Sequence[str], block_rows: int, max_
 def non_finite(rows) -> UsageError:
     """The one line that refuses cache rows (their indices) holding NaN or inf."""
     return UsageError(f"{len(rows)} cache rows hold non-finite features (NaN or inf), e.g. rows "
-                      f"{list(rows[:5])}: the cache is damaged; extract it again")
+                      f"{[int(r) for r in rows[:5]]}: the cache is damaged; extract it again")
 
 
 class CacheViews(Mapping):

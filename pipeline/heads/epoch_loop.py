@@ -27,9 +27,9 @@ def validate_training(cfg, data: tuple = ()) -> None:
     (config.check_config), and a --runs-dir outside ``data``, the photo folders the run reads (files.check_output)."""
     check_config(cfg)
     if getattr(cfg, "unknown_rows", None) == 1:  # refused before the fit, not after it (unknown_score.fit_unknown)
-        from .unknown_score import ONE_KEPT_ROW
+        from .unknown_score import one_kept_row
 
-        raise UsageError(ONE_KEPT_ROW)
+        raise UsageError(one_kept_row())
     check_output(cfg.runs_dir, data=data, what="--runs-dir", folder=True)
 
 

@@ -355,6 +355,8 @@ def _tune(cfg: FitHeadConfig, cache, train_idx):
     try:
         result = tune(rows, rows.labels, _search_grid(cfg),
                       _cv(cfg, cfg.folds, "--tune cross-validation" if cfg.tune else "cross-validation"))
+    except UsageError:  # a refusal of its own (non-finite cache rows): no folds would help
+        raise
     except ValueError as e:  # too few rows of a class for the folds
         raise UsageError(f"{'--tune' if cfg.tune else '--head auto'}: {e}{_cv_remedy(cfg.tune)}") from None
     best, nested, verdict = _default_row(cfg, rows.feature_shape, result), None, None

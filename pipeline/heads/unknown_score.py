@@ -18,6 +18,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from ..config import option_text
 from ..errors import UsageError
 
 BLOCK = 8192  # training rows compared at once: a (batch, BLOCK) similarity block, then the running top k
@@ -27,8 +28,12 @@ BLOCK = 8192  # training rows compared at once: a (batch, BLOCK) similarity bloc
 #: (-4.8e-7 was seen) and a threshold there called the training photos themselves unknown in fp32 and not in
 #: bf16. 1e-3 is 20 times that noise and far below any threshold of real photos (0.2 to 0.5 here).
 THRESHOLD_FLOOR = 1e-3
-ONE_KEPT_ROW = ("--unknown-rows 1: each kept training row is scored against the other kept rows to set the unknown "
-                "threshold, and one has no other; give at least 2, or 0 for no unknown score")
+
+
+def one_kept_row() -> str:
+    """The refusal of --unknown-rows 1, in the caller's terms (``unknown_rows=1`` from Python: config.option_text)."""
+    return (f"{option_text('unknown_rows', 1)}: each kept training row is scored against the other kept rows to set "
+            "the unknown threshold, and one has no other; give at least 2, or 0 for no unknown score")
 
 
 class UnknownFit(NamedTuple):
@@ -110,7 +115,7 @@ def fit_unknown(train_rows: np.ndarray, val_rows: np.ndarray, k: int, known_shar
     ``known_share`` where scores tie or the floor lifts the threshold)."""
     if len(train_rows) < 2:  # its score against 'the others' was its distance to itself (0): a threshold at the
         # floor, every other photo 'unknown', said as "keeps 1 of 1 held-out photos (100%)"
-        raise UsageError(ONE_KEPT_ROW)
+        raise UsageError(one_kept_row())
     known = known_rows(train_rows)
     val_scores = scores_np(val_rows, known, k)
     held_out = np.concatenate([val_scores, held_out_scores(train_rows, known, k)])

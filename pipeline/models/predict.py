@@ -19,7 +19,7 @@ from typing import Iterable, Iterator, Optional
 import numpy as np
 import torch
 
-from ..config import ImagenetCheckConfig, PredictConfig, check_config, check_options
+from ..config import ImagenetCheckConfig, PredictConfig, check_config, check_options, option_text
 from ..data.folders import NOT_UTF8, ImageLoadError, is_image_name, load_rgb, walk
 from ..data.image_reader import Batch, ImageListDataset, Item, load_transformed, read_items
 from ..devices import resolve_device
@@ -361,9 +361,10 @@ def predict(cfg: PredictConfig) -> PredictResult:
     """Classify cfg.paths with cfg.model; the rows are returned, or streamed to cfg.output."""
 
     check_config(cfg)
-    for name, value, what in (("--output", cfg.output, "file"), ("--explain", cfg.explain, "folder")):
+    for name, value, what in (("output", cfg.output, "file"), ("explain", cfg.explain, "folder")):
         if value == "":  # else no file and exit 0: explain=os.environ.get("MAPS", "") wrote no heatmap
-            raise UsageError(f"{name} '' is an empty name; give a {what}, or leave {name} out")
+            raise UsageError(f"{option_text(name)} '' is an empty name; give a {what}, or leave {option_text(name)} "
+                             "out")
     cfg = replace(cfg, format=output_format(cfg))
     files = list_inputs(cfg.paths)
     ckpt = read_checkpoint(cfg.model)

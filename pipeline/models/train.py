@@ -178,14 +178,21 @@ def _counted(minibatches, per_class: np.ndarray):
         yield x, y
 
 
-def unlearnt_classes(per_class, classes: list, listing, train_idx, skipped: ImageOutputs, n: int) -> None:
+def unlearnt_classes(per_class, classes: list, listing, train_idx, skipped: ImageOutputs, n: int,
+                     val_idx=(), val_fraction: float = 0.0) -> None:
     """Refuse (exit 2) a run in which a class has no training image to learn from: none in the training split
-    (a small --n; ``per_class`` None: checked before any work), or every one there unreadable (``per_class``:
-    the images an epoch decoded, by class). The model would still have its output, and report a val acc, of a
-    class it never saw."""
+    (a small --n, or a class's one photo put in validation; ``per_class`` None: checked before any work), or every
+    one there unreadable (``per_class``: the images an epoch decoded, by class). The model would still have its
+    output, and report a val acc, of a class it never saw."""
     counts = np.bincount(listing.labels[train_idx], minlength=len(classes)) if per_class is None else per_class
     for c in np.flatnonzero(counts == 0):
         mine = [listing.files[i].path for i in train_idx if listing.files[i].label == c]
+        held = sum(1 for i in val_idx if listing.files[i].label == c)
+        if not mine and held:  # its one photo (of the sample) in validation: --n 0 'take a larger --n' said nothing
+            raise UsageError(f"class {classes[c]!r} has no photo among the {len(train_idx)} training images: its "
+                             f"{held} photo{'' if held == 1 else 's'}{f' of --n {n}' if n else ''} went to validation "
+                             f"(--val-fraction {val_fraction}); a class needs at least 2 photos, one for each: add "
+                             f"photos{' (or take a larger --n)' if n else ''}")
         if not mine:
             raise UsageError(f"class {classes[c]!r} has no photo among the {len(train_idx)} training images of "
                              f"--n {n}: the model could not learn it; take a larger --n")
@@ -300,7 +307,7 @@ def _train_run(cfg: TrainConfig, kind: str, lm, stages: list, listing, head_saw:
         raise UsageError(f"the model's classes {lm.classes} differ from the data's {list(listing.classes)}")
     train_idx, val_idx = sample_split(listing.labels, cfg.n, cfg.val_fraction, cfg.seed)
     val_idx, left_out, refit_saw = unseen_validation(val_idx, listing, head_saw)
-    unlearnt_classes(None, lm.classes, listing, train_idx, None, cfg.n)  # before any work
+    unlearnt_classes(None, lm.classes, listing, train_idx, None, cfg.n, val_idx, cfg.val_fraction)  # before work
     items = [(f.path, f.label) for f in listing.files]
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device, asked=cfg.device)
