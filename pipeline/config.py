@@ -131,6 +131,8 @@ def cli_name(name: str, opt: Optional[Option] = None) -> str:
 
 #: Whether messages name options as the command line spells them (``cli_terms``: the CLI, around each command)
 #: or as the Python API's keywords (the default: a caller of ``Model.predict`` passed ``device='cpu'``).
+#: Process-wide, not per thread: a command's worker threads must see it (a CLI command and API calls running in
+#: one process at once would share it; only the wording differs).
 _CLI_TERMS = False
 
 
