@@ -159,8 +159,9 @@ def _to_stderr(bar):
     return lambda line: bar.write(line, file=sys.stderr)
 
 
-def _minibatches(loader, device, skipped: ImageOutputs, bar):
-    """(images, labels) on ``device`` from a loader of Batches; unreadable files skipped and logged."""
+def _minibatches(loader, device, skipped: ImageOutputs, bar, per_class: np.ndarray):
+    """(images, labels) on ``device`` from a loader of Batches; unreadable files skipped and logged; the labels
+    decoded counted into ``per_class`` (on the host, before they move: no device sync a step)."""
 
     for batch in loader:
         for item in batch.items:
@@ -168,14 +169,9 @@ def _minibatches(loader, device, skipped: ImageOutputs, bar):
                 skipped.add(item, None)
         bar.update(len(batch.items))
         if batch.good:
-            yield batch.images().to(device).contiguous(memory_format=torch.channels_last), batch.labels().to(device)
-
-
-def _counted(minibatches, per_class: np.ndarray):
-    """The (images, labels) minibatches as they are, each one's labels counted into ``per_class``."""
-    for x, y in minibatches:
-        per_class += np.bincount(y.cpu().numpy(), minlength=len(per_class))
-        yield x, y
+            labels = batch.labels()
+            per_class += np.bincount(labels.numpy(), minlength=len(per_class))
+            yield batch.images().to(device).contiguous(memory_format=torch.channels_last), labels.to(device)
 
 
 def unlearnt_classes(per_class, classes: list, listing, train_idx, skipped: ImageOutputs, n: int,
@@ -339,8 +335,8 @@ def _train_run(cfg: TrainConfig, kind: str, lm, stages: list, listing, head_saw:
             state["stage"] = name
         bar = progress(total=len(train_idx), desc=f"epoch {epoch}", unit="img", leave=False)
         per_class = np.zeros(len(lm.classes), np.int64)  # training images decoded, by class
-        acc, loss, state["seen"] = train_one_epoch(model, opt, _counted(_minibatches(train_loader, device, skipped,
-                                                                                     bar), per_class),
+        acc, loss, state["seen"] = train_one_epoch(model, opt, _minibatches(train_loader, device, skipped, bar,
+                                                                            per_class),
                                                    device, precision, cfg.print_every, _to_stderr(bar), epoch)
         bar.close()
         unlearnt_classes(per_class, lm.classes, listing, train_idx, skipped, cfg.n)
