@@ -4,7 +4,7 @@ import logging
 import pytest
 import torch
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, UsageError
 from pipeline.extraction import backbones as bb
 
 
@@ -241,3 +241,20 @@ def test_timm_offline_error_cuts_the_hubs_message_at_a_word_and_keeps_the_advice
     reason = msg[msg.index("(LocalEntryNotFoundError: ") + 26:msg.index(" ...); offline?")]
     assert said.startswith(reason + " ") and len(reason) <= 160, msg
     assert "--weights PATH to a local state-dict file with its .json sidecar (docs/backbones.md)" in msg
+
+
+def test_extract_refuses_a_torchvision_prefix_on_a_model_only_timm_has(tmp_path):
+    """'extract --backbone torchvision:tf_efficientnet_lite0' extracted timm's Lite0 (its cache name is the bare
+    name, which means timm's), or answered with a Lite0 cache already there: the library forced was ignored. It
+    is refused in one line, as get_spec refuses it elsewhere, whatever caches --cache-dir holds."""
+    from pipeline.cache.feature_cache import cache_file_name
+    from pipeline.extraction.extract import ExtractConfig, check_backbone
+
+    cfg = ExtractConfig(data=str(tmp_path), backbone="torchvision:test_efficientnet", cache_dir=str(tmp_path / "f"))
+    with pytest.raises(UsageError, match="^unknown --backbone 'torchvision:test_efficientnet': torchvision has no "):
+        check_backbone(cfg)
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / cache_file_name("test_efficientnet", 0, "k" * 64)).touch()  # timm's, made before
+    with pytest.raises(UsageError, match="torchvision has no model"):
+        check_backbone(cfg)
+    check_backbone(ExtractConfig(data=str(tmp_path), backbone="torchvision:resnet18", cache_dir=str(tmp_path / "f")))
