@@ -259,3 +259,23 @@ def test_a_fused_head_given_caches_in_python_says_what_the_api_does(two_caches, 
     red = sorted(str(p) for p in (tmp_path / "data" / "red").glob("*.jpg"))
     assert head.score(red, ["red"] * len(red)) == 1.0  # photos still score
     assert pipeline.evaluate_model(head.checkpoint_, runs_dir=tmp_path / "runs").rows == head.result_.val_rows
+
+
+def test_one_network_with_the_same_weights_twice_is_refused(photos, make_cache, tmp_path):
+    """fit-head --cache vgg16-float16.h5 --cache vgg16-float32.h5 (one network, the same weights file, another
+    dtype) fitted a head on two copies of the same features, and predict ran the network twice on every photo:
+    refused in one line naming both caches; the same network with other weights still fuses."""
+    from pipeline.extraction import backbones as bb
+
+    torch.manual_seed(0)
+    torch.save(bb.load_backbone("tiny", "none").model.state_dict(), tmp_path / "w1.pt")
+    torch.save(bb.load_backbone("tiny", "none").model.state_dict(), tmp_path / "w2.pt")
+    half = make_cache(photos, weights=str(tmp_path / "w1.pt")).cache
+    full = make_cache(photos, weights=str(tmp_path / "w1.pt"), dtype="float32").cache
+    other = make_cache(photos, weights=str(tmp_path / "w2.pt")).cache
+    assert half != full
+    out = CliRunner().invoke(cli, ["fit-head", "--cache", half, "--cache", full, "--runs-dir", str(tmp_path / "runs")])
+    assert out.exit_code == 2 and out.output.count("\n") == 1, out.output
+    assert f"{half} and {full} are both tiny with the same weights (file:w1.pt)" in out.output
+    r = fit_head(FitHeadConfig(cache=[half, other], head="logreg", runs_dir=str(tmp_path / "runs")))
+    assert read_checkpoint(r.checkpoint)["backbone"] == "tiny+tiny"
