@@ -258,3 +258,19 @@ def test_extract_refuses_a_torchvision_prefix_on_a_model_only_timm_has(tmp_path)
     with pytest.raises(UsageError, match="torchvision has no model"):
         check_backbone(cfg)
     check_backbone(ExtractConfig(data=str(tmp_path), backbone="torchvision:resnet18", cache_dir=str(tmp_path / "f")))
+
+
+def test_a_sidecar_naming_its_model_with_a_library_prefix_fits_that_model(tmp_path):
+    """A sidecar whose "arch" is written as --backbone forces a library ('timm:tf_efficientnet_lite0') was refused
+    for --backbone tf_efficientnet_lite0 ("is for 'timm:tf_efficientnet_lite0', not 'tf_efficientnet_lite0'"), the
+    very model; the prefix now names the library, the rest the model, each checked as a "library" field is."""
+    w = tmp_path / "w.pt"
+    torch.save(bb.load_backbone("timm:test_efficientnet", "none").model.state_dict(), w)
+    (tmp_path / "w.json").write_text(json.dumps({"arch": "timm:test_efficientnet"}))
+    assert bb.load_backbone("test_efficientnet", str(w)).spec.name == "test_efficientnet"
+    (tmp_path / "w.json").write_text(json.dumps({"arch": "timm:test_vit"}))
+    with pytest.raises(UsageError, match="is for 'test_vit', not 'test_efficientnet'"):
+        bb.load_backbone("test_efficientnet", str(w))
+    (tmp_path / "w.json").write_text(json.dumps({"arch": "torchvision:test_efficientnet"}))
+    with pytest.raises(UsageError, match="is for torchvision's test_efficientnet, not timm's"):
+        bb.load_backbone("test_efficientnet", str(w))
