@@ -274,3 +274,13 @@ def test_a_sidecar_naming_its_model_with_a_library_prefix_fits_that_model(tmp_pa
     (tmp_path / "w.json").write_text(json.dumps({"arch": "torchvision:test_efficientnet"}))
     with pytest.raises(UsageError, match="is for torchvision's test_efficientnet, not timm's"):
         bb.load_backbone("test_efficientnet", str(w))
+
+
+def test_an_unknown_names_listing_hint_is_of_its_own_family():
+    """'--backbone tf_efficientnet_lit0' was told to list timm.list_models('*convnext*'), whatever the name: the
+    hint now lists the family the name was meant to be in."""
+    with pytest.raises(UsageError) as e:
+        bb.get_spec("tf_efficientnet_lit0")
+    assert "timm.list_models('*efficientnet*')" in str(e.value) and "convnext" not in str(e.value)
+    with pytest.raises(UsageError, match=r"timm.list_models\('\*convnext\*'\)"):  # no family timm knows: the example
+        bb.get_spec("zzqx_9")
