@@ -346,7 +346,20 @@ class Head(ClassifierMixin, BaseEstimator, FeatureHead, _Classifier):
         with verbosity(self.verbose):
             return head_on_cache(ckpt_path, self._read(ckpt_path), cfg, labelled=labelled)
 
+    def _refuse_caches_if_fused(self, X, what: str) -> None:
+        """A fused head given a cache, or a list of caches: said in the API's terms (it was told 'no --cache' or
+        '--data DIR', or that score(X) takes an image folder, though fit took that list)."""
+        if not (is_cache(X) or (isinstance(X, (list, tuple)) and bool(X) and all(map(is_cache, X)))):
+            return
+        ckpt = self._read(self._checkpoint())
+        if ckpt.get("fused"):
+            raise UsageError(f"Head.{what}: this head is on the fused features of {len(ckpt['caches'])} caches "
+                             f"({ckpt['backbone']}), so it runs on photos (a folder or image files: every backbone "
+                             "on each); pipeline.evaluate_model(head.checkpoint_) scores it on the validation rows "
+                             "of the caches it was fitted on")
+
     def _scores(self, X, batch_size, workers, device, precision):
+        self._refuse_caches_if_fused(X, "predict")
         if is_cache(X):
             pred = self._cache_predictions(X, "all", device, labelled=False)
             return pred.logp.astype(np.float64), pred.ood
@@ -362,6 +375,8 @@ class Head(ClassifierMixin, BaseEstimator, FeatureHead, _Classifier):
         """Accuracy on a Cache (or cache file): ``split='val'`` its validation split, 'all' every row,
         'auto' (default) the validation split of the cache the head was fitted on and every row of any
         other; on an image folder: every image through the backbone; ``score(X, y)``: against labels."""
+        if y is None:
+            self._refuse_caches_if_fused(X, "score")
         if y is None and is_cache(X):
             pred = self._cache_predictions(X, split, device)  # 'auto': evaluate's (--split auto)
             if pred.foreign:  # every label -1: an accuracy of 0.0 that says nothing

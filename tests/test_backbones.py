@@ -4,7 +4,7 @@ import logging
 import pytest
 import torch
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, UsageError
 from pipeline.extraction import backbones as bb
 
 
@@ -241,3 +241,46 @@ def test_timm_offline_error_cuts_the_hubs_message_at_a_word_and_keeps_the_advice
     reason = msg[msg.index("(LocalEntryNotFoundError: ") + 26:msg.index(" ...); offline?")]
     assert said.startswith(reason + " ") and len(reason) <= 160, msg
     assert "--weights PATH to a local state-dict file with its .json sidecar (docs/backbones.md)" in msg
+
+
+def test_extract_refuses_a_torchvision_prefix_on_a_model_only_timm_has(tmp_path):
+    """'extract --backbone torchvision:tf_efficientnet_lite0' extracted timm's Lite0 (its cache name is the bare
+    name, which means timm's), or answered with a Lite0 cache already there: the library forced was ignored. It
+    is refused in one line, as get_spec refuses it elsewhere, whatever caches --cache-dir holds."""
+    from pipeline.cache.feature_cache import cache_file_name
+    from pipeline.extraction.extract import ExtractConfig, check_backbone
+
+    cfg = ExtractConfig(data=str(tmp_path), backbone="torchvision:test_efficientnet", cache_dir=str(tmp_path / "f"))
+    with pytest.raises(UsageError, match="^unknown --backbone 'torchvision:test_efficientnet': torchvision has no "):
+        check_backbone(cfg)
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / cache_file_name("test_efficientnet", 0, "k" * 64)).touch()  # timm's, made before
+    with pytest.raises(UsageError, match="torchvision has no model"):
+        check_backbone(cfg)
+    check_backbone(ExtractConfig(data=str(tmp_path), backbone="torchvision:resnet18", cache_dir=str(tmp_path / "f")))
+
+
+def test_a_sidecar_naming_its_model_with_a_library_prefix_fits_that_model(tmp_path):
+    """A sidecar whose "arch" is written as --backbone forces a library ('timm:tf_efficientnet_lite0') was refused
+    for --backbone tf_efficientnet_lite0 ("is for 'timm:tf_efficientnet_lite0', not 'tf_efficientnet_lite0'"), the
+    very model; the prefix now names the library, the rest the model, each checked as a "library" field is."""
+    w = tmp_path / "w.pt"
+    torch.save(bb.load_backbone("timm:test_efficientnet", "none").model.state_dict(), w)
+    (tmp_path / "w.json").write_text(json.dumps({"arch": "timm:test_efficientnet"}))
+    assert bb.load_backbone("test_efficientnet", str(w)).spec.name == "test_efficientnet"
+    (tmp_path / "w.json").write_text(json.dumps({"arch": "timm:test_vit"}))
+    with pytest.raises(UsageError, match="is for 'test_vit', not 'test_efficientnet'"):
+        bb.load_backbone("test_efficientnet", str(w))
+    (tmp_path / "w.json").write_text(json.dumps({"arch": "torchvision:test_efficientnet"}))
+    with pytest.raises(UsageError, match="is for torchvision's test_efficientnet, not timm's"):
+        bb.load_backbone("test_efficientnet", str(w))
+
+
+def test_an_unknown_names_listing_hint_is_of_its_own_family():
+    """'--backbone tf_efficientnet_lit0' was told to list timm.list_models('*convnext*'), whatever the name: the
+    hint now lists the family the name was meant to be in."""
+    with pytest.raises(UsageError) as e:
+        bb.get_spec("tf_efficientnet_lit0")
+    assert "timm.list_models('*efficientnet*')" in str(e.value) and "convnext" not in str(e.value)
+    with pytest.raises(UsageError, match=r"timm.list_models\('\*convnext\*'\)"):  # no family timm knows: the example
+        bb.get_spec("zzqx_9")

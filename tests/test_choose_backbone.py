@@ -195,6 +195,8 @@ def test_one_backbone_with_two_weights_is_two_candidates_told_apart(tmp_path):
     (["--backbone", "vgg16", "--backbone", "torchvision:vgg16=VGG16_Weights.DEFAULT"], "named twice"),
     (["--backbone", "tiny=none", "--folds", "11"], "at least 11 photos of every class"),
     (["--backbone", "=none"], "expected NAME or NAME=WEIGHTS"),
+    # 'vgg16=$W' with $W unset in the shell: the default weights were loaded, or downloaded (528 MB for VGG-16)
+    (["--backbone", "tiny=", "--backbone", "tiny_wide=none"], "--backbone 'tiny=': no weights after '='"),
     # 5 of 10 photos a class in each training part: the default head's own 5-fold CV fits; --n 12 leaves 3
     # (it failed after extracting, naming fit-head's '--head auto', an option choose-backbone has not)
     (["--backbone", "tiny=none", "--n", "12", "--folds", "2"], "every class needs at least 10 photos"),

@@ -242,3 +242,40 @@ def test_a_fused_head_refuses_every_explain_as_fused(two_caches, tmp_path):
         with pytest.raises(UsageError, match=r"^heatmaps need one backbone's feature map; this head is on several "
                                              r"backbones' fused features"):
             head.explain(X)
+
+
+def test_a_fused_head_given_caches_in_python_says_what_the_api_does(two_caches, tmp_path):
+    """Head().fit([a, b]) then head.score([a, b]) said 'score(X) takes an image folder (class sub-folders), or
+    images X with their labels y', head.score(a) 'score it on them (no --cache) or on photos (--data DIR)' (options
+    of the command line), and head.predict([a, b]) pointed to Head.score(cache), refused in turn; each now says
+    that the head runs on photos and which call scores it on the caches it was fitted on."""
+    a, b = two_caches
+    head = pipeline.Head(head="logreg", runs_dir=tmp_path / "runs").fit([a, b])
+    for call, X in ((head.score, [a, b]), (head.score, a), (head.score, pipeline.Cache(b)), (head.predict, [a, b]),
+                    (head.predict_proba, a)):
+        with pytest.raises(UsageError, match=r"^Head\.(score|predict): this head is on the fused features of 2 "
+                                             r"caches \(tiny\+tiny_wide\), so it runs on photos .*evaluate_model"):
+            call(X)
+    red = sorted(str(p) for p in (tmp_path / "data" / "red").glob("*.jpg"))
+    assert head.score(red, ["red"] * len(red)) == 1.0  # photos still score
+    assert pipeline.evaluate_model(head.checkpoint_, runs_dir=tmp_path / "runs").rows == head.result_.val_rows
+
+
+def test_one_network_with_the_same_weights_twice_is_refused(photos, make_cache, tmp_path):
+    """fit-head --cache vgg16-float16.h5 --cache vgg16-float32.h5 (one network, the same weights file, another
+    dtype) fitted a head on two copies of the same features, and predict ran the network twice on every photo:
+    refused in one line naming both caches; the same network with other weights still fuses."""
+    from pipeline.extraction import backbones as bb
+
+    torch.manual_seed(0)
+    torch.save(bb.load_backbone("tiny", "none").model.state_dict(), tmp_path / "w1.pt")
+    torch.save(bb.load_backbone("tiny", "none").model.state_dict(), tmp_path / "w2.pt")
+    half = make_cache(photos, weights=str(tmp_path / "w1.pt")).cache
+    full = make_cache(photos, weights=str(tmp_path / "w1.pt"), dtype="float32").cache
+    other = make_cache(photos, weights=str(tmp_path / "w2.pt")).cache
+    assert half != full
+    out = CliRunner().invoke(cli, ["fit-head", "--cache", half, "--cache", full, "--runs-dir", str(tmp_path / "runs")])
+    assert out.exit_code == 2 and out.output.count("\n") == 1, out.output
+    assert f"{half} and {full} are both tiny with the same weights (file:w1.pt)" in out.output
+    r = fit_head(FitHeadConfig(cache=[half, other], head="logreg", runs_dir=str(tmp_path / "runs")))
+    assert read_checkpoint(r.checkpoint)["backbone"] == "tiny+tiny"

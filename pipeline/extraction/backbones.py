@@ -449,6 +449,9 @@ def _apply_state_dict(spec: BackboneSpec, model, state: dict, source: str) -> st
 def _check_sidecar_model(spec: BackboneSpec, path: Path, meta: dict) -> None:
     """A sidecar that names another model (or library) than --backbone is a usage error."""
     arch, library = meta.get("arch"), meta.get("library")
+    prefixed, bare = libraries.split_prefix(arch) if isinstance(arch, str) else ("", arch)
+    if prefixed and (not library or library == prefixed):  # 'timm:X' names X in timm, as --backbone does
+        arch, library = bare, prefixed
     if arch and arch not in (spec.name, spec.arch):
         raise UsageError(f"weights file {str(path)!r} is for {arch!r}, not {spec.name!r} (its sidecar says so)")
     if library and spec.library and library != spec.library:

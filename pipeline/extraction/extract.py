@@ -24,7 +24,7 @@ from ..devices import cpu_flags
 from ..errors import UsageError
 from ..files import check_output, check_writable
 from . import backbones as bb
-from . import distributed
+from . import distributed, libraries
 from .extract_range import existing_cache, extract_range, hit_summary
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,8 @@ def check_backbone(cfg: ExtractConfig) -> None:
     """An unknown --backbone is a usage error before anything else; resolving a name imports torch, so a
     name with caches of its own in --cache-dir (it resolved when they were made) is left for a hit."""
     name = bb.canonical_name(cfg.backbone)
+    if libraries.split_prefix(cfg.backbone)[0] == "torchvision":  # its canonical name is bare: timm's X would do
+        libraries.library_of(cfg.backbone)
     if not any(Path(cfg.cache_dir).glob(cache_file_name(name, 0, "*").replace("-nall-", "-n*-"))):
         bb.get_spec(name)
 

@@ -17,6 +17,7 @@ import difflib
 import functools
 import logging
 import math
+import re
 
 from ..errors import UsageError
 
@@ -70,9 +71,13 @@ def unknown_name_message(name: str) -> str:
                     *(timm.list_models() if library != "torchvision" else ())})
     close = difflib.get_close_matches(bare, names, n=4, cutoff=0.6)
     where = f"{library} has no model" if library else "neither torchvision nor timm has a model"
+    # the family the name was meant to be in (its longest run of letters: 'efficientnet' of 'tf_efficientnet_lit0'),
+    # where timm has some; the listing said '*convnext*' whatever the name
+    runs = sorted(re.findall(r"[a-z]{3,}", bare.lower()), key=len, reverse=True)
+    family = next((r for r in runs if timm.list_models(f"*{r}*")), "convnext")
     return (f"unknown --backbone {name!r}: {where} of that name"
             f"{'; close: ' + ', '.join(close) if close else ''}; list them with "
-            "python -c \"import timm; print(timm.list_models('*convnext*'))\" or "
+            f"python -c \"import timm; print(timm.list_models('*{family}*'))\" or "
             "python -c \"import torchvision; print(torchvision.models.list_models(torchvision.models))\"")
 
 

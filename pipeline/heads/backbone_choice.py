@@ -83,9 +83,12 @@ class BackboneChoice:
 
 def parse_candidate(text: str) -> tuple[str, str]:
     """'vgg16=W' -> ('vgg16', 'W'); 'vgg16' -> ('vgg16', 'DEFAULT')."""
-    name, _, weights = str(text).partition("=")
+    name, sep, weights = str(text).partition("=")
     if not name.strip():
         raise UsageError(f"--backbone {text!r}: expected NAME or NAME=WEIGHTS")
+    if sep and not weights.strip():  # 'vgg16=$W' with $W unset: its default weights were loaded (or downloaded)
+        raise UsageError(f"--backbone {text!r}: no weights after '=': name them (a file, a weights name, or none), "
+                         f"or give {name.strip()} alone for its default weights")
     return name.strip(), weights.strip() or "DEFAULT"
 
 

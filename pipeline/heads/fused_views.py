@@ -132,6 +132,23 @@ def _provenance(parts: list[FeatureCache]) -> Provenance:
                       joined("decode_version"), "", any(r.flip for r in records))
 
 
+def _check_networks_differ(parts: list[FeatureCache]) -> None:
+    """Two caches of one network with the same weights (another dtype, precision, --flip or --pool) hold the same
+    features: fused, that network ran twice on every photo for a block it already had. Refused, naming both;
+    random weights ('none', tests) are each cache's own."""
+    seen = {}
+    for part in parts:
+        r = Provenance.from_cache_attrs(part.attrs)
+        if r.weights == "none":
+            continue
+        key = (r.backbone, r.weights_sha256 or r.weights)
+        if key in seen:
+            raise UsageError(f"{seen[key].path} and {part.path} are both {r.backbone} with the same weights "
+                             f"({r.weights}): fused, it would run twice on each photo for features it already "
+                             "gives once; fuse caches of other backbones or other weights")
+        seen[key] = part
+
+
 class FusedRows(FeatureArray):
     """Several caches of the same photos as one cache of fused rows: (N, D, 1, 1), in the first cache's row
     order, with the reading side of ``FeatureCache`` (n, labels, classes, paths, row_digests, attrs, info,
@@ -148,6 +165,7 @@ class FusedRows(FeatureArray):
         try:
             for p in paths:
                 self.parts.append(FeatureCache(p))
+            _check_networks_differ(self.parts)
             ref = self.parts[0]
             blocks = [self._block(part, view, block_rows, match_rows(ref, part) if part is not ref else None)
                       for part in self.parts]
