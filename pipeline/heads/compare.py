@@ -22,7 +22,7 @@ from ..progress import still_running
 from ..runs.ledger import append_run
 from .cache_views import CacheViews, Relabelled
 from .epoch_loop import per_class_accuracy, split_indices
-from .fit_head import FitHeadConfig, FitHeadResult, fit_head, resolve_cache, with_recipe
+from .fit_head import FitHeadConfig, FitHeadResult, TooFewForFolds, fit_head, resolve_cache, with_recipe
 from .feature_views import Normalizer
 from .model_selection import log_loss
 
@@ -194,12 +194,10 @@ def _fit_kind(base: FitHeadConfig, kind: str, said: set) -> FitHeadResult:
     warnings said by an earlier kind, said once."""
     try:
         return fit_head(replace(base, head=kind), said, part_of="compare-sklearn")
-    except UsageError as e:
-        prefix = "--head auto: "
-        if kind != "auto" or not str(e).startswith(prefix):
+    except TooFewForFolds as e:  # fit-head's remedies name options compare-sklearn lacks
+        if kind != "auto":
             raise
-        reason = str(e)[len(prefix):].split(" (training rows")[0]  # fit-head's remedies name options it lacks
-        raise UsageError(f"compare-sklearn's first row, fit-head's default head: {reason} (training "
+        raise UsageError(f"compare-sklearn's first row, fit-head's default head: {e.reason} (training "
                          "rows: --val-fraction's share is held out); add photos to the smallest class") from None
 
 

@@ -339,6 +339,15 @@ def tune_verdict(top: dict, default: Optional[dict], chosen: dict, nested: Optio
     return f"--tune keeps the default head {scores(default)}: the search's best, {scores(top)}, {why}"
 
 
+class TooFewForFolds(UsageError):
+    """The CV's refusal of too small a class for the folds; ``reason`` is the CV's own words, without the remedy
+    fit-head adds (compare-sklearn, which has no --head, adds its own)."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
 def _cv_remedy(tune: bool) -> str:
     """What a refusal of too small a class for the folds adds: where the rows went and the options that fit."""
     other = "another --head (linear, logreg, kernel, svm)" + (" without --tune" if tune else "")
@@ -358,7 +367,7 @@ def _tune(cfg: FitHeadConfig, cache, train_idx):
     except UsageError:  # a refusal of its own (non-finite cache rows): no folds would help
         raise
     except ValueError as e:  # too few rows of a class for the folds
-        raise UsageError(f"{'--tune' if cfg.tune else '--head auto'}: {e}{_cv_remedy(cfg.tune)}") from None
+        raise TooFewForFolds(f"{'--tune' if cfg.tune else '--head auto'}: {e}{_cv_remedy(cfg.tune)}", str(e)) from None
     best, nested, verdict = _default_row(cfg, rows.feature_shape, result), None, None
     if cfg.tune:
         default, top = best, result["best"]
