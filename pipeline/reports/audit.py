@@ -193,7 +193,7 @@ def analyse(cfg: AuditConfig) -> dict:
                         "near": pooled(tc)[1], "digests": tc.row_digests(), "labels": np.asarray(tc.labels, np.int64)}
     seconds["read"] = time.time() - t0
     t = time.time()
-    issues = label_issues(avg, labels, classes, folds=cfg.folds, seed=cfg.seed)
+    issues = label_issues(avg, labels, classes, folds=cfg.folds, seed=cfg.seed, copies=digests)
     seconds["label_issues"] = time.time() - t
     t = time.time()
     x = dup.l2_rows(near_rows)
