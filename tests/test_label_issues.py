@@ -68,3 +68,4 @@ def test_fold_splits_put_every_copy_in_one_fold():
         assert len({3, 12, 15} & set(te.tolist())) in (0, 3)
     plain = [te.tolist() for _, te in fold_splits(y, 3, 0)]
     assert [te.tolist() for _, te in fold_splits(y, 3, 0, [f"d{i}" for i in range(20)])] == plain  # no copy: as before
+    assert [te.tolist() for _, te in fold_splits(y, 3, 0, ["a"] * 10 + ["b"] * 10)] == plain  # 2 photos, 3 folds

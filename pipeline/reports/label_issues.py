@@ -59,7 +59,7 @@ def fold_splits(y: np.ndarray, folds: int, seed: int, copies: Optional[list] = N
     in a wrong class confirmed its own wrong label, and its correctly labelled original was flagged as wrong."""
     if copies is not None:
         groups = [d or f"row {i}" for i, d in enumerate(copies)]
-        if len(set(groups)) < len(groups):
+        if folds <= len(set(groups)) < len(groups):  # fewer photos than folds: as before, copies apart
             from sklearn.model_selection import StratifiedGroupKFold
 
             return StratifiedGroupKFold(folds, shuffle=True, random_state=seed).split(np.zeros(len(y)), y, groups)
