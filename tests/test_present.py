@@ -171,3 +171,13 @@ def test_audit_and_suggest_tables_stay_aligned_with_long_class_names():
     r = SimpleNamespace(rows=rows, pool=2, rule="margin", head="logreg", labelled=4, skipped=0, csv="s", html="h")
     lines = present.suggest_text(r).splitlines()[1:4]
     assert len({len(x) for x in lines}) == 1, lines
+
+
+def test_suggest_says_there_is_nothing_to_suggest_when_every_pool_photo_is_labelled():
+    from types import SimpleNamespace
+
+    r = SimpleNamespace(rows=[], pool=15, rule="margin", head="logreg", labelled=4, skipped=15, csv="s.csv",
+                        html="s.html")
+    lines = present.suggest_text(r).splitlines()
+    assert lines[0].startswith("nothing to suggest: all 15 pool photos are already labelled")
+    assert lines[1:] == ["list: s.csv", "page: s.html"]

@@ -190,6 +190,9 @@ def demo_next_text(nxt: dict) -> str:
 
 def suggest_text(r: SuggestResult, top: int = 20) -> str:
     """The list as the lines a person reads on stdout."""
+    if not r.rows:  # was '0 of 15 pool photos to label next' above an empty table
+        return "\n".join([f"nothing to suggest: all {r.pool} pool photos are already labelled (the same bytes are in "
+                          "the labelled folder)", f"list: {r.csv}", f"page: {r.html}"])
     names = [one_line(x["path"]) for x in r.rows[:top]]  # a name's newline must not start a row of its own
     w = max([len("photo")] + [len(n) for n in names])
     g = max([14] + [len(one_line(x["predicted"])) + 1 for x in r.rows[:top]])  # a class 'breakfast_burrito' too
