@@ -443,3 +443,21 @@ def test_fixes_csv_names_each_photo_once_so_apply_takes_it_as_written(tmp_path):
     assert run.exit_code == 0, run.output
     assert (data / "blue" / "blue.1.jpg").is_file() and (data / "green" / "red.2.jpg").is_file()
     assert sorted(p.name for p in (tmp_path / "data.quarantine" / "red").iterdir()) == ["a.jpg", "b.jpg"]
+
+
+def test_fixes_csv_names_a_free_name_where_the_class_holds_that_name_already(tmp_path):
+    """Two class folders each holding a 'blue.0.jpg' (a camera's IMG_0001.jpg): the relabel audit proposed moved
+    onto a taken name, so --apply refused the list as written. fixes.csv now gives such a row a new_name."""
+    data = photos(tmp_path / "data")
+    shutil.move(data / "blue" / "blue.3.jpg", data / "red" / "blue.0.jpg")  # wrong label, a name blue/ holds
+    args = ["--folds", "3", "--threshold", "0.999", "--backbone", "tiny", "--weights", "none", "--workers", "0",
+            "--cache-dir", str(tmp_path / "features")]
+    run = CliRunner().invoke(cli, ["audit", "--data", str(data), "--output", str(tmp_path / "out"), *args])
+    assert run.exit_code == 0, run.output
+    rows = {r["path"]: r for r in csv.DictReader(open(tmp_path / "out" / "fixes.csv"))}
+    assert (rows["red/blue.0.jpg"]["new_class"], rows["red/blue.0.jpg"]["new_name"]) == ("blue", "blue.0-red.jpg")
+    assert all(r["new_name"] == "" for p, r in rows.items() if p != "red/blue.0.jpg")
+    run = CliRunner().invoke(cli, ["audit", "--data", str(data), "--apply", str(tmp_path / "out" / "fixes.csv"),
+                                   "--no-refresh", "--runs-dir", str(tmp_path / "runs")])
+    assert run.exit_code == 0, run.output
+    assert (data / "blue" / "blue.0-red.jpg").is_file() and (data / "blue" / "blue.0.jpg").is_file()

@@ -15,7 +15,7 @@ import logging
 import shlex
 import time
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Optional
 
 import numpy as np
@@ -330,18 +330,34 @@ def write_fixes_csv(result: dict, path: Path) -> None:
             removed += [{"path": p, "action": "remove", "new_class": "", "why": f"exact copy of {kept}"}
                         for p in g["paths"] if p != kept]
     gone = {r["path"] for r in removed}
-    rows = [{"path": r["path"], "action": "relabel", "new_class": r["suggested"], "why": f"label issue {r['score']}"}
+    taken = set(result.get("_paths", ()))
+    rows = [{"path": r["path"], "action": "relabel", "new_class": r["suggested"],
+             "new_name": free_name(r["path"], r["given"], r["suggested"], taken), "why": f"label issue {r['score']}"}
             for r in result["label_issues"] if r["path"] not in gone] + removed
     rows += [{"path": r["path"], "action": "keep", "new_class": "", "why": f"outlier {r['score']}"}
              for r in result["outliers"]]
 
     def write(tmp):
         with open(tmp, "w", newline="") as f:
-            w = SafeCsvWriter(f, ["path", "action", "new_class", "why"])
+            w = SafeCsvWriter(f, ["path", "action", "new_class", "new_name", "why"])
             w.writeheader()
             w.writerows(rows)
 
     atomic_write(path, write)
+
+
+def free_name(path: str, given: str, new_class: str, taken: set) -> str:
+    """'' where the photo keeps its name in ``new_class``; else a name no photo there has (``IMG_1-sea.jpg``,
+    then ``IMG_1-sea-2.jpg``...): two class folders each holding an IMG_1.jpg made --apply refuse the list as
+    written. ``taken`` (the folder's paths, and the places given so far) gets the place."""
+    name = PurePosixPath(path).name
+    stem, ext = PurePosixPath(name).stem, PurePosixPath(name).suffix
+    n, i = name, 1
+    while f"{new_class}/{n}" in taken:
+        i += 1
+        n = f"{stem}-{given}{ext}" if i == 2 else f"{stem}-{given}-{i - 1}{ext}"
+    taken.add(f"{new_class}/{n}")
+    return "" if n == name else n
 
 
 def public(result: dict) -> dict:
