@@ -332,7 +332,7 @@ def write_fixes_csv(result: dict, path: Path) -> None:
     gone = {r["path"] for r in removed}
     taken = set(result.get("_paths", ()))
     rows = [{"path": r["path"], "action": "relabel", "new_class": r["suggested"],
-             "new_name": free_name(r["path"], r["given"], r["suggested"], taken), "why": f"label issue {r['score']}"}
+             "new_name": free_name(r["path"], r["suggested"], taken), "why": f"label issue {r['score']}"}
             for r in result["label_issues"] if r["path"] not in gone] + removed
     rows += [{"path": r["path"], "action": "keep", "new_class": "", "why": f"outlier {r['score']}"}
              for r in result["outliers"]]
@@ -346,11 +346,11 @@ def write_fixes_csv(result: dict, path: Path) -> None:
     atomic_write(path, write)
 
 
-def free_name(path: str, given: str, new_class: str, taken: set) -> str:
+def free_name(path: str, new_class: str, taken: set) -> str:
     """'' where the photo keeps its name in ``new_class``; else a name no photo there has (``IMG_1-sea.jpg``,
     then ``IMG_1-sea-2.jpg``...): two class folders each holding an IMG_1.jpg made --apply refuse the list as
     written. ``taken`` (the folder's paths, and the places given so far) gets the place."""
-    name = PurePosixPath(path).name
+    name, given = PurePosixPath(path).name, PurePosixPath(path).parts[0]
     stem, ext = PurePosixPath(name).stem, PurePosixPath(name).suffix
     n, i = name, 1
     while f"{new_class}/{n}" in taken:
