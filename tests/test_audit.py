@@ -1,4 +1,5 @@
 """audit on generated photos with planted problems: a wrong label, an exact duplicate, a leak into the test folder."""
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -402,3 +403,61 @@ def test_no_label_issue_leaves_no_earlier_gallery_in_the_same_output(tmp_path):
                                    str(tmp_path / "a"), "--json"])
     assert run.exit_code == 0, run.output
     assert json.loads(run.stdout)["label_issues"] == [] and not (tmp_path / "a" / "gallery.png").exists()
+
+
+def test_three_byte_copies_are_one_exact_group_with_two_removals(tmp_path):
+    """Of three byte copies, exact_pairs links each to the first only, and the pair of the two later copies
+    (found by the similarity search) made the group 'near' (1.000): fixes.csv proposed no removal."""
+    data = photos(tmp_path / "data", per_class=8)
+    for name in ("copy1.jpg", "copy2.jpg"):
+        shutil.copy(data / "green" / "green.1.jpg", data / "green" / name)
+    r = pipeline.audit_folder(data, folds=3, threshold=0.999, cache_dir=str(tmp_path / "features"),
+                              runs_dir=str(tmp_path / "runs"), **TINY)
+    group = [g for g in r.duplicates if "green/copy1.jpg" in g["paths"]][0]
+    assert sorted(group["paths"]) == ["green/copy1.jpg", "green/copy2.jpg", "green/green.1.jpg"] and group["exact"]
+    removed = [row for row in csv.DictReader(open(r.fixes)) if row["action"] == "remove"]
+    assert len(removed) == 2
+
+
+def test_fixes_csv_names_each_photo_once_so_apply_takes_it_as_written(tmp_path):
+    """A copy both doubted (relabel) and an extra exact copy (remove) was listed twice: --apply of the fixes.csv
+    audit wrote refused the whole list ('the same file as line N'). Now the copy kept is one whose label is not
+    in doubt, the others are removed and not relabelled, and the list applies."""
+    from pipeline.reports.audit import write_fixes_csv
+
+    data = photos(tmp_path / "data", per_class=4)
+    shutil.copy(data / "blue" / "blue.1.jpg", data / "red" / "a.jpg")  # the photo saved again in the wrong class
+    shutil.copy(data / "blue" / "blue.1.jpg", data / "red" / "b.jpg")
+    group = {"paths": ["red/a.jpg", "blue/blue.1.jpg", "red/b.jpg"], "classes": ["red", "blue", "red"],
+             "similarity": 1.0, "exact": True, "rows": [5, 1, 6]}
+    issues = [{"path": p, "given": g, "suggested": s, "score": 0.9, "row": 0}
+              for p, g, s in (("red/a.jpg", "red", "blue"), ("red/b.jpg", "red", "blue"),
+                              ("red/red.2.jpg", "red", "green"))]
+    write_fixes_csv({"label_issues": issues, "duplicates": [group], "outliers": []}, tmp_path / "fixes.csv")
+    rows = list(csv.DictReader(open(tmp_path / "fixes.csv")))
+    assert len({row["path"] for row in rows}) == len(rows), rows
+    assert {(row["path"], row["action"]) for row in rows} == {
+        ("red/a.jpg", "remove"), ("red/b.jpg", "remove"), ("red/red.2.jpg", "relabel")}
+    run = CliRunner().invoke(cli, ["audit", "--data", str(data), "--apply", str(tmp_path / "fixes.csv"),
+                                   "--no-refresh", "--runs-dir", str(tmp_path / "runs")])
+    assert run.exit_code == 0, run.output
+    assert (data / "blue" / "blue.1.jpg").is_file() and (data / "green" / "red.2.jpg").is_file()
+    assert sorted(p.name for p in (tmp_path / "data.quarantine" / "red").iterdir()) == ["a.jpg", "b.jpg"]
+
+
+def test_fixes_csv_names_a_free_name_where_the_class_holds_that_name_already(tmp_path):
+    """Two class folders each holding a 'blue.0.jpg' (a camera's IMG_0001.jpg): the relabel audit proposed moved
+    onto a taken name, so --apply refused the list as written. fixes.csv now gives such a row a new_name."""
+    data = photos(tmp_path / "data")
+    shutil.move(data / "blue" / "blue.3.jpg", data / "red" / "blue.0.jpg")  # wrong label, a name blue/ holds
+    args = ["--folds", "3", "--threshold", "0.999", "--backbone", "tiny", "--weights", "none", "--workers", "0",
+            "--cache-dir", str(tmp_path / "features")]
+    run = CliRunner().invoke(cli, ["audit", "--data", str(data), "--output", str(tmp_path / "out"), *args])
+    assert run.exit_code == 0, run.output
+    rows = {r["path"]: r for r in csv.DictReader(open(tmp_path / "out" / "fixes.csv"))}
+    assert (rows["red/blue.0.jpg"]["new_class"], rows["red/blue.0.jpg"]["new_name"]) == ("blue", "blue.0-red.jpg")
+    assert all(r["new_name"] == "" for p, r in rows.items() if p != "red/blue.0.jpg")
+    run = CliRunner().invoke(cli, ["audit", "--data", str(data), "--apply", str(tmp_path / "out" / "fixes.csv"),
+                                   "--no-refresh", "--runs-dir", str(tmp_path / "runs")])
+    assert run.exit_code == 0, run.output
+    assert (data / "blue" / "blue.0-red.jpg").is_file() and (data / "blue" / "blue.0.jpg").is_file()

@@ -372,3 +372,15 @@ def test_a_pools_left_out_folders_are_named_from_the_pool_as_its_files_are(tmp_p
     listing = list_unlabelled(pool)
     assert [f.path for f in listing.files] == ["blue/blue.0.jpg", "red/red.0.jpg"]
     assert sorted(p for p, _ in listing.bad) == ["locked", "red/again"]
+
+
+def test_a_folder_of_loose_photos_is_not_said_to_hold_no_images(tmp_path):
+    """suggest's pool (or any folder of loose photos) given as --data / --test-data was 'holds no images': it
+    holds them, only not in class sub-folders."""
+    root = make_image_folder(tmp_path / "d", per_class=3)
+    for p in list(root.rglob("*.jpg")):
+        p.rename(root / p.name)
+    for c in ("blue", "red"):
+        (root / c).rmdir()
+    with pytest.raises(ValueError, match="has no class sub-folders: its 6 images lie loose in it"):
+        list_image_folder(root)

@@ -37,3 +37,35 @@ def test_out_of_fold_rows_never_come_from_a_fit_that_saw_them():
         want = fit_logreg(nm.transform(x[tr]), y[tr], 10.0, 3).predict_proba(nm.transform(x[te]))
         np.testing.assert_allclose(p[te], want, rtol=1e-6)
         assert not np.allclose(p[te], fit_logreg(nm.transform(x), y, 10.0, 3).predict_proba(nm.transform(x[te])))
+
+
+def test_byte_copies_are_held_out_together_so_twins_do_not_vouch_for_each_other(tmp_path):
+    """A photo saved twice more into a wrong class: with the copies in other folds, each held-out copy was
+    predicted by its twins' labels, so the correctly labelled original was flagged (relabel to the wrong class)
+    and the copies were not. Copies now share a fold: the copies are flagged, the original is not."""
+    import shutil
+
+    import pipeline
+    from tests.test_audit import TINY, photos
+
+    data = photos(tmp_path / "data", per_class=12)
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        shutil.copy(data / "blue" / "blue.1.jpg", data / "red" / name)
+    r = pipeline.audit_folder(data, folds=3, threshold=0.999, cache_dir=str(tmp_path / "features"),
+                              runs_dir=str(tmp_path / "runs"), **TINY)
+    flagged = {i["path"]: i["suggested"] for i in r.label_issues}
+    assert "blue/blue.1.jpg" not in flagged, flagged
+    assert {flagged.get(f"red/{n}") for n in ("a.jpg", "b.jpg", "c.jpg")} == {"blue"}, flagged
+
+
+def test_fold_splits_put_every_copy_in_one_fold():
+    from pipeline.reports.label_issues import fold_splits
+
+    y = np.repeat([0, 1], 10)
+    copies = [f"d{i}" for i in range(20)]
+    copies[3] = copies[12] = copies[15] = "same"
+    for _, te in fold_splits(y, 3, 0, copies):
+        assert len({3, 12, 15} & set(te.tolist())) in (0, 3)
+    plain = [te.tolist() for _, te in fold_splits(y, 3, 0)]
+    assert [te.tolist() for _, te in fold_splits(y, 3, 0, [f"d{i}" for i in range(20)])] == plain  # no copy: as before
+    assert [te.tolist() for _, te in fold_splits(y, 3, 0, ["a"] * 10 + ["b"] * 10)] == plain  # 2 photos, 3 folds

@@ -147,3 +147,37 @@ def test_audit_text_lists_a_few_photos_of_a_big_duplicate_group_and_counts_what_
     assert dup[0].endswith(f"a/5.jpg (a)  ... and {500 - present.GROUP_LISTED} more (report.json)")
     assert "  ... and 1 more groups (report.json)" in lines and "  ... and 23 more (report.json)" in lines
     assert max(map(len, lines)) < 200
+
+
+def test_audit_and_suggest_tables_stay_aligned_with_long_class_names():
+    """food10's 'breakfast_burrito' (17 characters) overflowed the 12-character given/suggested columns (and
+    suggest's 14-character guess): the scores of its rows stood further right than the others'."""
+    from types import SimpleNamespace
+
+    from pipeline.reports.audit import AuditResult
+
+    issues = [{"path": "a/1.jpg", "given": "breakfast_burrito", "suggested": "bibimbap", "score": 0.965},
+              {"path": "b/2.jpg", "given": "baklava", "suggested": "beet_salad", "score": 0.5}]
+    audit = AuditResult(rows=4, data_root="d", classes=["a"], cache="x.h5", folds=2, head="h", oof_acc=1.0,
+                        label_issues=issues, outliers=[], duplicates=[], threshold=0.88, leaks=[], test_cache=None,
+                        test_root=None, test_rows=None, unconfirmed={}, seconds={}, html="r.html", gallery="g.png",
+                        output="o", report="o/report.json", fixes="f.csv", unreadable=[])
+    lines = present.audit_text(audit).splitlines()
+    table = lines[lines.index(next(x for x in lines if x.startswith("likely wrong label"))):][:4]
+    assert len({len(x) for x in table}) == 1 and table[0].endswith("score"), table
+    assert table[2].split() == ["a/1.jpg", "breakfast_burrito", "bibimbap", "0.965"]
+    rows = [{"rank": i + 1, "path": f"p{i}.jpg", "predicted": c, "uncertainty": 0.5, "distance": 0.25}
+            for i, c in enumerate(("breakfast_burrito", "sea"))]
+    r = SimpleNamespace(rows=rows, pool=2, rule="margin", head="logreg", labelled=4, skipped=0, csv="s", html="h")
+    lines = present.suggest_text(r).splitlines()[1:4]
+    assert len({len(x) for x in lines}) == 1, lines
+
+
+def test_suggest_says_there_is_nothing_to_suggest_when_every_pool_photo_is_labelled():
+    from types import SimpleNamespace
+
+    r = SimpleNamespace(rows=[], pool=15, rule="margin", head="logreg", labelled=4, skipped=15, csv="s.csv",
+                        html="s.html")
+    lines = present.suggest_text(r).splitlines()
+    assert lines[0].startswith("nothing to suggest: all 15 pool photos are already labelled")
+    assert lines[1:] == ["list: s.csv", "page: s.html"]

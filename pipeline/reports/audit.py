@@ -15,7 +15,7 @@ import logging
 import shlex
 import time
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Optional
 
 import numpy as np
@@ -193,7 +193,7 @@ def analyse(cfg: AuditConfig) -> dict:
                         "near": pooled(tc)[1], "digests": tc.row_digests(), "labels": np.asarray(tc.labels, np.int64)}
     seconds["read"] = time.time() - t0
     t = time.time()
-    issues = label_issues(avg, labels, classes, folds=cfg.folds, seed=cfg.seed)
+    issues = label_issues(avg, labels, classes, folds=cfg.folds, seed=cfg.seed, copies=digests)
     seconds["label_issues"] = time.time() - t
     t = time.time()
     x = dup.l2_rows(near_rows)
@@ -289,14 +289,13 @@ def _duplicate_groups(near: dict, digests, labels, classes, paths) -> list[dict]
     exact = dup.exact_pairs(digests)
     for a, b in exact:
         sim[(a, b)] = 1.0
-    exact_set = set(exact)
     found = dup.groups(len(paths), list(sim))
     group_of = {i: n for n, g in enumerate(found) for i in g}
     lowest, all_exact = [1.0] * len(found), [True] * len(found)
     for (a, b), v in sim.items():  # each pair once: a group's weakest link, and whether all are byte copies
         n = group_of[a]
         lowest[n] = min(lowest[n], v)
-        all_exact[n] = all_exact[n] and (a, b) in exact_set
+        all_exact[n] = all_exact[n] and bool(digests[a]) and digests[a] == digests[b]  # not only (first, other)
     out = [{"paths": [paths[i] for i in g], "classes": [classes[labels[i]] for i in g],
             "similarity": round(lowest[n], 4), "exact": all_exact[n], "rows": g} for n, g in enumerate(found)]
     out.sort(key=lambda d: (-d["similarity"], d["rows"][0]))
@@ -320,23 +319,45 @@ def _leaks(cross: dict, test: dict, digests, paths) -> list[dict]:
 # -- outputs ------------------------------------------------------------------------------------------
 def write_fixes_csv(result: dict, path: Path) -> None:
     """The list to review: each label issue as 'relabel' to its suggested class, each extra copy of an
-    exact duplicate as 'remove', each outlier as 'keep' (change the action to act on it)."""
-    rows = [{"path": r["path"], "action": "relabel", "new_class": r["suggested"], "why": f"label issue {r['score']}"}
-            for r in result["label_issues"]]
+    exact duplicate as 'remove', each outlier as 'keep' (change the action to act on it). Each path once, so
+    that --apply takes the list as written: of a group of exact copies the one kept is the first whose label
+    is not in doubt (else the first), and a copy removed is not also relabelled."""
+    doubted = {r["path"] for r in result["label_issues"]}
+    removed = []
     for g in result["duplicates"]:
         if g["exact"]:
-            rows += [{"path": p, "action": "remove", "new_class": "", "why": f"exact copy of {g['paths'][0]}"}
-                     for p in g["paths"][1:]]
+            kept = next((p for p in g["paths"] if p not in doubted), g["paths"][0])
+            removed += [{"path": p, "action": "remove", "new_class": "", "why": f"exact copy of {kept}"}
+                        for p in g["paths"] if p != kept]
+    gone = {r["path"] for r in removed}
+    taken = set(result.get("_paths", ()))
+    rows = [{"path": r["path"], "action": "relabel", "new_class": r["suggested"],
+             "new_name": free_name(r["path"], r["suggested"], taken), "why": f"label issue {r['score']}"}
+            for r in result["label_issues"] if r["path"] not in gone] + removed
     rows += [{"path": r["path"], "action": "keep", "new_class": "", "why": f"outlier {r['score']}"}
              for r in result["outliers"]]
 
     def write(tmp):
         with open(tmp, "w", newline="") as f:
-            w = SafeCsvWriter(f, ["path", "action", "new_class", "why"])
+            w = SafeCsvWriter(f, ["path", "action", "new_class", "new_name", "why"])
             w.writeheader()
             w.writerows(rows)
 
     atomic_write(path, write)
+
+
+def free_name(path: str, new_class: str, taken: set) -> str:
+    """'' where the photo keeps its name in ``new_class``; else a name no photo there has (``IMG_1-sea.jpg``,
+    then ``IMG_1-sea-2.jpg``...): two class folders each holding an IMG_1.jpg made --apply refuse the list as
+    written. ``taken`` (the folder's paths, and the places given so far) gets the place."""
+    name, given = PurePosixPath(path).name, PurePosixPath(path).parts[0]
+    stem, ext = PurePosixPath(name).stem, PurePosixPath(name).suffix
+    n, i = name, 1
+    while f"{new_class}/{n}" in taken:
+        i += 1
+        n = f"{stem}-{given}{ext}" if i == 2 else f"{stem}-{given}-{i - 1}{ext}"
+    taken.add(f"{new_class}/{n}")
+    return "" if n == name else n
 
 
 def public(result: dict) -> dict:

@@ -53,13 +53,27 @@ def choose_setting(avg: np.ndarray, y: np.ndarray, feature_shape, folds: int, se
     return result["best"]["setting"]
 
 
+def fold_splits(y: np.ndarray, folds: int, seed: int, copies: Optional[list] = None):
+    """Stratified folds; where ``copies`` (each row's sha256, '' unknown) names byte copies, every copy of a photo
+    in one fold (``StratifiedGroupKFold``), so that no copy is predicted by its twin's label: a photo saved twice
+    in a wrong class confirmed its own wrong label, and its correctly labelled original was flagged as wrong."""
+    if copies is not None:
+        groups = [d or f"row {i}" for i, d in enumerate(copies)]
+        if folds <= len(set(groups)) < len(groups):  # fewer photos than folds: as before, copies apart
+            from sklearn.model_selection import StratifiedGroupKFold
+
+            return StratifiedGroupKFold(folds, shuffle=True, random_state=seed).split(np.zeros(len(y)), y, groups)
+    return StratifiedKFold(folds, shuffle=True, random_state=seed).split(np.zeros(len(y)), y)
+
+
 def out_of_fold(avg: np.ndarray, y: np.ndarray, n_classes: int, setting: dict, folds: int = 5, seed: int = 0,
-                threads: int = 1) -> np.ndarray:
+                threads: int = 1, copies: Optional[list] = None) -> np.ndarray:
     """(N, K) probabilities, each row's from the head refitted on the other folds (``setting``: a kernel
-    or logreg setting on the avg view). Normalisation, landmarks and the fit see the training folds only."""
+    or logreg setting on the avg view; byte ``copies`` kept in one fold: ``fold_splits``). Normalisation,
+    landmarks and the fit see the training folds only."""
     s = complete_setting(setting)
     proba = np.zeros((len(y), n_classes))
-    splits = StratifiedKFold(folds, shuffle=True, random_state=seed).split(np.zeros(len(y)), y)
+    splits = fold_splits(y, folds, seed, copies)
     bar = progress(total=folds, desc="audit: out-of-fold refits", unit="fold")
     try:
         with threadpool_limits(threads):
@@ -115,8 +129,9 @@ def rank_label_issues(y: np.ndarray, proba: np.ndarray) -> tuple[np.ndarray, np.
 
 
 def label_issues(avg: np.ndarray, y: np.ndarray, classes, folds: int = 5, seed: int = 0, landmarks: int = 2000,
-                 cv_rows: int = 2000, setting: Optional[dict] = None) -> dict:
-    """Out-of-fold probabilities of the default head and cleanlab's ranking of likely label errors."""
+                 cv_rows: int = 2000, setting: Optional[dict] = None, copies: Optional[list] = None) -> dict:
+    """Out-of-fold probabilities of the default head and cleanlab's ranking of likely label errors (``copies``:
+    each row's sha256, byte copies held out together)."""
     t0 = time.time()
     shape = (avg.shape[1], 1, 1)
     if setting is None:
@@ -124,7 +139,7 @@ def label_issues(avg: np.ndarray, y: np.ndarray, classes, folds: int = 5, seed: 
         setting = choose_setting(avg, y, shape, folds, seed, m, cv_rows)
     t_choose = time.time() - t0
     log.info("audit: out-of-fold probabilities from %d refits of %s", folds, setting_key(setting))
-    proba = out_of_fold(avg, y, len(classes), setting, folds, seed)
+    proba = out_of_fold(avg, y, len(classes), setting, folds, seed, copies=copies)
     flagged, ranking, score = rank_label_issues(y, proba)
     return {"proba": proba, "flagged": flagged, "ranking": ranking, "score": score, "setting": setting_key(setting),
             "oof_acc": float((proba.argmax(1) == y).mean()), "seconds": time.time() - t0,

@@ -190,13 +190,17 @@ def demo_next_text(nxt: dict) -> str:
 
 def suggest_text(r: SuggestResult, top: int = 20) -> str:
     """The list as the lines a person reads on stdout."""
+    if not r.rows:  # was '0 of 15 pool photos to label next' above an empty table
+        return "\n".join([f"nothing to suggest: all {r.pool} pool photos are already labelled (the same bytes are in "
+                          "the labelled folder)", f"list: {r.csv}", f"page: {r.html}"])
     names = [one_line(x["path"]) for x in r.rows[:top]]  # a name's newline must not start a row of its own
     w = max([len("photo")] + [len(n) for n in names])
+    g = max([14] + [len(one_line(x["predicted"])) + 1 for x in r.rows[:top]])  # a class 'breakfast_burrito' too
     lines = [f"{len(r.rows)} of {r.pool} pool photos to label next (rule {r.rule}; head {r.head} on "
              f"{r.labelled} labelled photos" + (f"; {r.skipped} pool photos already labelled left out" if r.skipped
                                                  else "") + ")",
-             f"{'rank':>4}  {'photo':<{w}}  {'guess':<14} {'uncertainty':>11} {'distance':>8}"]
-    lines += [f"{x['rank']:>4}  {n:<{w}}  {one_line(x['predicted']):<14} {x['uncertainty']:>11.3f} "
+             f"{'rank':>4}  {'photo':<{w}}  {'guess':<{g}} {'uncertainty':>11} {'distance':>8}"]
+    lines += [f"{x['rank']:>4}  {n:<{w}}  {one_line(x['predicted']):<{g}} {x['uncertainty']:>11.3f} "
               f"{x['distance']:>8.3f}" for x, n in zip(r.rows, names)]
     if len(r.rows) > top:
         lines.append(f"... and {len(r.rows) - top} more ({r.csv})")
@@ -249,9 +253,10 @@ def audit_text(r: AuditResult | FixesResult, top: int = 20) -> str:
              f"{len(r.leaks) if r.test_cache else '- (no --test-data)'}   unreadable: {len(r.unreadable)}"]
     if r.label_issues:  # names and classes one_line'd: a newline in one must not start a row of its own
         w = max(len("likely wrong label"), *(len(one_line(i["path"])) for i in r.label_issues[:top]))
-        lines += ["", f"{'likely wrong label':<{w}}  {'given':<12} {'suggested':<12} score",
-                  f"{'-' * w}  {'-' * 12} {'-' * 12} -----"]
-        lines += [f"{one_line(i['path']):<{w}}  {one_line(i['given']):<12} {one_line(i['suggested']):<12} "
+        c = max(12, *(len(one_line(i[k])) for i in r.label_issues[:top] for k in ("given", "suggested")))  # burrito
+        lines += ["", f"{'likely wrong label':<{w}}  {'given':<{c}} {'suggested':<{c}} score",
+                  f"{'-' * w}  {'-' * c} {'-' * c} -----"]
+        lines += [f"{one_line(i['path']):<{w}}  {one_line(i['given']):<{c}} {one_line(i['suggested']):<{c}} "
                   f"{i['score']:.3f}" for i in r.label_issues[:top]]
         if len(r.label_issues) > top:
             lines.append(f"... and {len(r.label_issues) - top} more (report.json)")
