@@ -421,6 +421,33 @@ def test_a_body_that_is_not_the_multipart_it_says_is_400_and_one_line_of_the_ser
                      log, re.MULTILINE), log
 
 
+def test_a_client_that_leaves_mid_upload_is_one_line_of_the_log_not_a_traceback(head, caplog):
+    """A closed tab or a cancelled curl while its photo was still uploading: starlette's ClientDisconnect went up
+    through the app, and the log got 'Exception in ASGI application' and a 50-line traceback for each."""
+    import asyncio
+    import logging
+
+    app = pipeline.serve_app(head, precision="fp32")
+    head_bytes, body = _form_request(photos(head)[0].read_bytes())
+    messages = [{"type": "http.request", "body": body[:len(body) // 2], "more_body": True},
+                {"type": "http.disconnect"}]
+
+    async def receive():
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message):
+        pass
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/predict", "raw_path": b"/predict", "query_string": b"", "root_path": "",
+             "headers": [(b"host", b"localhost"), (b"content-type", b"multipart/form-data; boundary=b"),
+                         (b"content-length", str(len(body)).encode())],
+             "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8000)}
+    with caplog.at_level(logging.INFO, logger="pipeline.serving.service"):
+        asyncio.run(app(scope, receive, send))  # raised ClientDisconnect (uvicorn logs it with its traceback)
+    assert "127.0.0.1:50000 - POST /predict: the client left before its request body was in" in caplog.messages
+
+
 def test_past_drain_seconds_a_request_in_flight_gets_a_clean_503(head):
     """It got a 500, and the log a traceback a request (uvicorn cancelling it). Port 0: the log says the real one."""
     # the lone image waits 1 s for company; SIGTERM while it waits, --drain-seconds 0.2: not done in time

@@ -363,6 +363,7 @@ def build_app(cfg: ServeConfig):
     from fastapi.responses import HTMLResponse, JSONResponse
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
 
     svc = Service(cfg)
 
@@ -408,6 +409,9 @@ def build_app(cfg: ServeConfig):
             return JSONResponse({"detail": f"the request is more than {cfg.max_request_bytes} bytes"}, 413)
         except BodyTimeout as e:
             return JSONResponse({"detail": str(e)}, 408)
+        except ClientDisconnect:  # a closed tab, a cancelled upload: one line, not an ASGI traceback each
+            log.info("%sPOST /predict: the client left before its request body was in", client_prefix(request))
+            return JSONResponse({"detail": "the client left before its request body was in"}, 400)
         except HTTPException as e:  # starlette's 400: a malformed body, too many files; said in the log too
             log.info("%s%d: POST /predict's multipart/form-data refused: %s", client_prefix(request), e.status_code,
                      e.detail)
