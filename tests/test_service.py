@@ -448,6 +448,31 @@ def test_a_client_that_leaves_mid_upload_is_one_line_of_the_log_not_a_traceback(
     assert "127.0.0.1:50000 - POST /predict: the client left before its request body was in" in caplog.messages
 
 
+def test_the_request_lines_go_to_stderr_with_the_other_logs(head):
+    """uvicorn's access lines ('"POST /predict HTTP/1.1" 200 OK') went to stdout, the other lines to stderr: serve
+    2> serve.log left the requests on the terminal."""
+    import httpx
+
+    proc = subprocess.Popen([sys.executable, *CLI, "serve", "--model", str(head), "--port", "0", "--precision", "fp32"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = ""
+        while "serving" not in line:
+            line = proc.stderr.readline()
+            assert line or proc.poll() is None, "serve exited"
+        url = "http://127.0.0.1:" + re.search(r"http://127\.0\.0\.1:(\d+)/", line)[1]
+        wait_healthy(url, proc)
+        assert httpx.post(f"{url}/predict", files=upload(photos(head)[0])).status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert out == ""
+    assert '"POST /predict HTTP/1.1" 200' in err, err
+
+
 def test_past_drain_seconds_a_request_in_flight_gets_a_clean_503(head):
     """It got a 500, and the log a traceback a request (uvicorn cancelling it). Port 0: the log says the real one."""
     # the lone image waits 1 s for company; SIGTERM while it waits, --drain-seconds 0.2: not done in time

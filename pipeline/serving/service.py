@@ -532,6 +532,7 @@ def serve(cfg: ServeConfig) -> dict:
         from ..progress import is_quiet
 
         server = uvicorn.Server(server_config(app, log_level="warning" if is_quiet() else "info",  # a line a request
+                                              log_config=stderr_logging(),
                                               timeout_graceful_shutdown=cfg.drain_seconds + CANCEL_GRACE_S
                                               if cfg.drain_seconds else None))
         server.handle_exit = starting_the_drain(server.handle_exit, svc)  # what uvicorn's signal handlers call
@@ -549,6 +550,18 @@ def serve(cfg: ServeConfig) -> dict:
     log.info("stopped%s after %d images in %d batches", f" by {stopped_by}" if stopped_by else "",
              health["images"], health["batches"])
     return {"model": cfg.model, "host": cfg.host, "port": port, "stopped_by": stopped_by, **health}
+
+
+def stderr_logging() -> dict:
+    """uvicorn's logging config with its access lines ('"POST /predict HTTP/1.1" 200 OK') on stderr, as every log
+    of this tool: uvicorn's own default writes them to stdout."""
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["handlers"]["access"]["stream"] = "ext://sys.stderr"
+    return config
 
 
 def server_config(app, **options):
