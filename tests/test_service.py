@@ -616,6 +616,13 @@ def test_a_port_in_use_is_one_line(head):
     assert r.exit_code == 1 and f"cannot listen on 127.0.0.1:{port}" in r.output and "Traceback" not in r.output
 
 
+def test_a_host_address_this_machine_lacks_is_a_usage_error_naming_the_host(head):
+    """It said 'cannot listen on 192.0.2.1:8000: Cannot assign requested address; pass another --port'."""
+    r = CliRunner().invoke(cli.cli, ["serve", "--model", str(head), "--host", "192.0.2.1"])  # TEST-NET-1: no one's
+    assert r.exit_code == 2, r.output
+    assert "--host '192.0.2.1' is not an address of this machine" in r.output and "--port" not in r.output
+
+
 def test_a_full_queue_is_503_with_retry_after(client, head, monkeypatch):
     from pipeline.serving.batcher import QueueFull
 

@@ -22,6 +22,7 @@ running then gets a clean 503), then the batcher stops.
 # inside build_app so that the module loads without the serve extra and says what is missing
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import logging
 import os
@@ -492,6 +493,8 @@ def listening_socket(host: str, port: int):
         s.bind(address)
     except OSError as e:
         s.close()
+        if e.errno == errno.EADDRNOTAVAIL:  # the address, not the port: another --port would not help
+            raise UsageError(f"--host {host!r} is not an address of this machine ({e.strerror})") from None
         raise PipelineError(f"cannot listen on {host}:{port}: {e.strerror}; pass another --port") from None
     return s
 
