@@ -531,6 +531,26 @@ def test_an_export_stopped_before_its_sidecar_leaves_no_old_sidecar_beside_it(he
     assert export_mod.read_metadata(out)["model"] == str(heads["svm"])
 
 
+def test_sigterm_during_the_parity_check_leaves_no_unchecked_file_beside_the_output(tmp_path):
+    """Only Ctrl-C removed the file being checked: SIGTERM (a scheduler's stop, kill) left '.x.ts.PID.export' beside
+    --output (17.8 MB for an EfficientNet-Lite0 head), one more for each stopped export."""
+    head = make_tiny_head(tmp_path / "head")
+    out = tmp_path / "out" / "x.ts"
+    code = (f"import os, signal, time\n"
+            f"import tests.tiny\n"
+            f"from pipeline.serving import export as e\n"
+            f"def stopped(*args, **kwargs):\n"
+            f"    os.kill(os.getpid(), signal.SIGTERM)\n"
+            f"    time.sleep(30)\n"
+            f"e.parity = stopped\n"
+            f"import pipeline\n"
+            f"pipeline.export_model({str(head)!r}, {str(out)!r}, format='torchscript')\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 143, done.stderr  # unwound, with the shell's code for SIGTERM (was killed: -15)
+    assert sorted(p.name for p in out.parent.iterdir()) == []
+
+
 def test_two_exports_put_their_pairs_in_place_one_after_the_other(tmp_path):
     """The file and its sidecar go in place under a lock beside them: a second export waits for the first."""
     import threading

@@ -421,6 +421,58 @@ def test_a_body_that_is_not_the_multipart_it_says_is_400_and_one_line_of_the_ser
                      log, re.MULTILINE), log
 
 
+def test_a_client_that_leaves_mid_upload_is_one_line_of_the_log_not_a_traceback(head, caplog):
+    """A closed tab or a cancelled curl while its photo was still uploading: starlette's ClientDisconnect went up
+    through the app, and the log got 'Exception in ASGI application' and a 50-line traceback for each."""
+    import asyncio
+    import logging
+
+    app = pipeline.serve_app(head, precision="fp32")
+    head_bytes, body = _form_request(photos(head)[0].read_bytes())
+    messages = [{"type": "http.request", "body": body[:len(body) // 2], "more_body": True},
+                {"type": "http.disconnect"}]
+
+    async def receive():
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message):
+        pass
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/predict", "raw_path": b"/predict", "query_string": b"", "root_path": "",
+             "headers": [(b"host", b"localhost"), (b"content-type", b"multipart/form-data; boundary=b"),
+                         (b"content-length", str(len(body)).encode())],
+             "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8000)}
+    with caplog.at_level(logging.INFO, logger="pipeline.serving.service"):
+        asyncio.run(app(scope, receive, send))  # raised ClientDisconnect (uvicorn logs it with its traceback)
+    assert "127.0.0.1:50000 - POST /predict: the client left before its request body was in" in caplog.messages
+
+
+def test_the_request_lines_go_to_stderr_with_the_other_logs(head):
+    """uvicorn's access lines ('"POST /predict HTTP/1.1" 200 OK') went to stdout, the other lines to stderr: serve
+    2> serve.log left the requests on the terminal."""
+    import httpx
+
+    proc = subprocess.Popen([sys.executable, *CLI, "serve", "--model", str(head), "--port", "0", "--precision", "fp32"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = ""
+        while "serving" not in line:
+            line = proc.stderr.readline()
+            assert line or proc.poll() is None, "serve exited"
+        url = "http://127.0.0.1:" + re.search(r"http://127\.0\.0\.1:(\d+)/", line)[1]
+        wait_healthy(url, proc)
+        assert httpx.post(f"{url}/predict", files=upload(photos(head)[0])).status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert out == ""
+    assert '"POST /predict HTTP/1.1" 200' in err, err
+
+
 def test_past_drain_seconds_a_request_in_flight_gets_a_clean_503(head):
     """It got a 500, and the log a traceback a request (uvicorn cancelling it). Port 0: the log says the real one."""
     # the lone image waits 1 s for company; SIGTERM while it waits, --drain-seconds 0.2: not done in time
@@ -562,6 +614,13 @@ def test_a_port_in_use_is_one_line(head):
         port = s.getsockname()[1]
         r = CliRunner().invoke(cli.cli, ["serve", "--model", str(head), "--port", str(port)])
     assert r.exit_code == 1 and f"cannot listen on 127.0.0.1:{port}" in r.output and "Traceback" not in r.output
+
+
+def test_a_host_address_this_machine_lacks_is_a_usage_error_naming_the_host(head):
+    """It said 'cannot listen on 192.0.2.1:8000: Cannot assign requested address; pass another --port'."""
+    r = CliRunner().invoke(cli.cli, ["serve", "--model", str(head), "--host", "192.0.2.1"])  # TEST-NET-1: no one's
+    assert r.exit_code == 2, r.output
+    assert "--host '192.0.2.1' is not an address of this machine" in r.output and "--port" not in r.output
 
 
 def test_a_full_queue_is_503_with_retry_after(client, head, monkeypatch):

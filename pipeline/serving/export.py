@@ -34,7 +34,7 @@ from ..data import portable
 from ..data.image_reader import DECODE_VERSION, ImageListDataset, draft_short_side, read_items
 from ..errors import PipelineError, UsageError
 from ..extraction import backbones as bb
-from ..files import atomic_write, check_output, write_json
+from ..files import atomic_write, check_output, unwinding_on_signals, write_json
 from ..models.fused_models import fused_metadata, input_shape
 from ..models.predict import list_inputs
 from ..models.predict import ImageOutputs, iter_log_proba
@@ -573,25 +573,26 @@ def export(cfg: ExportConfig) -> ExportResult:
         meta["int8_cache"] = {"network": "float (the int8 network cannot be exported)", "vs_predict": int8_gap}
     net = ProbabilityNet(lm.model).eval()
     tmp = out.with_name(f".{out.name}.{os.getpid()}.export")
-    try:
-        log.info("exporting %s (%s) as %s", cfg.model, ckpt["kind"], cfg.format)
-        example = torch.zeros(2, *input_shape(lm.transform))  # 2, not 1: a batch of 1 would fix the batch size
-        (write_onnx if cfg.format == "onnx" else write_torchscript)(net, example, tmp, meta)
-        log.info("parity check on %d photo%s", len(files), "" if len(files) == 1 else "s")
-        check = parity(lm, ExportedRunner(tmp, cfg.format), files, cfg, meta)
-        if int8_gap:
-            check["int8_cache"] = meta["int8_cache"]
-        result = ExportResult(model=cfg.model, kind=ckpt["kind"], format=cfg.format, classes=lm.classes,
-                              max_abs_diff=check["max_abs_diff"], passed=check["passed"], parity=check,
-                              output=None, metadata=None)
-        if check["passed"]:
-            put_in_place(tmp, out, side, {**meta, "parity": check})
-            result = replace(result, output=str(out), metadata=str(side), bytes=out.stat().st_size)
-        else:
-            log.warning("the %s export differs from predict by %.3g (tolerance %g; %d of %d photos of the same "
-                        "class): nothing written", cfg.format, check["max_abs_diff"], cfg.tolerance,
-                        check["same_class"], check["images"] + len(check["odd_modes"]))
-        return result
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with unwinding_on_signals():  # SIGTERM or SIGHUP too removes the unchecked file (Ctrl-C always did)
+        try:
+            log.info("exporting %s (%s) as %s", cfg.model, ckpt["kind"], cfg.format)
+            example = torch.zeros(2, *input_shape(lm.transform))  # 2, not 1: a batch of 1 would fix the batch size
+            (write_onnx if cfg.format == "onnx" else write_torchscript)(net, example, tmp, meta)
+            log.info("parity check on %d photo%s", len(files), "" if len(files) == 1 else "s")
+            check = parity(lm, ExportedRunner(tmp, cfg.format), files, cfg, meta)
+            if int8_gap:
+                check["int8_cache"] = meta["int8_cache"]
+            result = ExportResult(model=cfg.model, kind=ckpt["kind"], format=cfg.format, classes=lm.classes,
+                                  max_abs_diff=check["max_abs_diff"], passed=check["passed"], parity=check,
+                                  output=None, metadata=None)
+            if check["passed"]:
+                put_in_place(tmp, out, side, {**meta, "parity": check})
+                result = replace(result, output=str(out), metadata=str(side), bytes=out.stat().st_size)
+            else:
+                log.warning("the %s export differs from predict by %.3g (tolerance %g; %d of %d photos of the same "
+                            "class): nothing written", cfg.format, check["max_abs_diff"], cfg.tolerance,
+                            check["same_class"], check["images"] + len(check["odd_modes"]))
+            return result
+        finally:
+            if tmp.exists():
+                tmp.unlink()

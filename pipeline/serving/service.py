@@ -22,6 +22,7 @@ running then gets a clean 503), then the batcher stops.
 # inside build_app so that the module loads without the serve extra and says what is missing
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import logging
 import os
@@ -363,6 +364,7 @@ def build_app(cfg: ServeConfig):
     from fastapi.responses import HTMLResponse, JSONResponse
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
 
     svc = Service(cfg)
 
@@ -408,6 +410,9 @@ def build_app(cfg: ServeConfig):
             return JSONResponse({"detail": f"the request is more than {cfg.max_request_bytes} bytes"}, 413)
         except BodyTimeout as e:
             return JSONResponse({"detail": str(e)}, 408)
+        except ClientDisconnect:  # a closed tab, a cancelled upload: one line, not an ASGI traceback each
+            log.info("%sPOST /predict: the client left before its request body was in", client_prefix(request))
+            return JSONResponse({"detail": "the client left before its request body was in"}, 400)
         except HTTPException as e:  # starlette's 400: a malformed body, too many files; said in the log too
             log.info("%s%d: POST /predict's multipart/form-data refused: %s", client_prefix(request), e.status_code,
                      e.detail)
@@ -488,6 +493,8 @@ def listening_socket(host: str, port: int):
         s.bind(address)
     except OSError as e:
         s.close()
+        if e.errno == errno.EADDRNOTAVAIL:  # the address, not the port: another --port would not help
+            raise UsageError(f"--host {host!r} is not an address of this machine ({e.strerror})") from None
         raise PipelineError(f"cannot listen on {host}:{port}: {e.strerror}; pass another --port") from None
     return s
 
@@ -528,6 +535,7 @@ def serve(cfg: ServeConfig) -> dict:
         from ..progress import is_quiet
 
         server = uvicorn.Server(server_config(app, log_level="warning" if is_quiet() else "info",  # a line a request
+                                              log_config=stderr_logging(),
                                               timeout_graceful_shutdown=cfg.drain_seconds + CANCEL_GRACE_S
                                               if cfg.drain_seconds else None))
         server.handle_exit = starting_the_drain(server.handle_exit, svc)  # what uvicorn's signal handlers call
@@ -545,6 +553,18 @@ def serve(cfg: ServeConfig) -> dict:
     log.info("stopped%s after %d images in %d batches", f" by {stopped_by}" if stopped_by else "",
              health["images"], health["batches"])
     return {"model": cfg.model, "host": cfg.host, "port": port, "stopped_by": stopped_by, **health}
+
+
+def stderr_logging() -> dict:
+    """uvicorn's logging config with its access lines ('"POST /predict HTTP/1.1" 200 OK') on stderr, as every log
+    of this tool: uvicorn's own default writes them to stdout."""
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["handlers"]["access"]["stream"] = "ext://sys.stderr"
+    return config
 
 
 def server_config(app, **options):
