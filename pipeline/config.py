@@ -338,7 +338,7 @@ class CheckImagesConfig:
         doc="the quarantine folder (implies `--quarantine`)", doc_default="`DIR.quarantine` beside DIR"))
     workers: int = field(default=-1, metadata=option(
         "Decoding processes; -1 = one per core.", range=WORKER_COUNTS,
-        doc="decoding processes; -1 = one per core, 1 = in this process"))
+        doc="decoding processes; -1 = one per core (at most 8), 0 or 1 = in this process"))
 
 
 @dataclass
