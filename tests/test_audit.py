@@ -461,3 +461,22 @@ def test_fixes_csv_names_a_free_name_where_the_class_holds_that_name_already(tmp
                                    "--no-refresh", "--runs-dir", str(tmp_path / "runs")])
     assert run.exit_code == 0, run.output
     assert (data / "blue" / "blue.0-red.jpg").is_file() and (data / "blue" / "blue.0.jpg").is_file()
+
+
+def test_the_training_folder_given_as_test_folder_is_said_in_one_line(tmp_path):
+    """audit --data D --test-data D listed every photo as a train/test leak of itself without a word that the two
+    folders are one; now a warning says so (as fit-head and compare-sklearn warn of copies and go on), by any name."""
+    data = photos(tmp_path / "data", per_class=4)
+    (tmp_path / "link").symlink_to(data, target_is_directory=True)
+    for test in (data, tmp_path / "link"):
+        r = CliRunner().invoke(cli, ["audit", "--data", str(data), "--test-data", str(test), "--folds", "3",
+                                     "--cache-dir", str(tmp_path / "features"), "--runs-dir", str(tmp_path / "runs"),
+                                     "--backbone", "tiny", "--weights", "none", "--workers", "0"])
+        assert r.exit_code == 0, r.output
+        assert (f"--test-data {str(test)!r} is the training folder {data}: its photos are listed as leaks of "
+                "themselves; pass a test folder apart from it") in r.stderr
+    other = photos(tmp_path / "test", per_class=2, seed=1)
+    r = CliRunner().invoke(cli, ["audit", "--data", str(data), "--test-data", str(other), "--folds", "3",
+                                 "--cache-dir", str(tmp_path / "features"), "--runs-dir", str(tmp_path / "runs"),
+                                 "--backbone", "tiny", "--weights", "none", "--workers", "0"])
+    assert r.exit_code == 0 and "training folder" not in r.stderr, r.output
