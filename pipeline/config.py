@@ -799,7 +799,8 @@ class AuditConfig(DeviceOptions):
     output: Optional[str] = field(default=None, metadata=option(
         "Folder for the report [default: a run folder].", path="dir", metavar="DIR",
         doc_default="a run folder `runs/<stamp>-audit/`",
-        doc="where report.json, report.html, gallery.png, fixes.csv go (never inside a data folder)"))
+        doc=("where report.json, report.html, gallery.png, fixes.csv go (never inside a data folder); an earlier "
+             "audit's fixes.csv there, edited, is kept as fixes-earlier.csv")))
     runs_dir: str = field(default="runs", metadata=option("Where the run folder goes."))
     apply: Optional[str] = field(default=None, metadata=option(
         "Apply a reviewed list (path,action,new_class; relabel/remove/keep): files moved, never deleted.",

@@ -480,3 +480,25 @@ def test_the_training_folder_given_as_test_folder_is_said_in_one_line(tmp_path):
                                  "--cache-dir", str(tmp_path / "features"), "--runs-dir", str(tmp_path / "runs"),
                                  "--backbone", "tiny", "--weights", "none", "--workers", "0"])
     assert r.exit_code == 0 and "training folder" not in r.stderr, r.output
+
+
+def test_a_second_audit_into_the_same_output_keeps_an_edited_fixes_csv(tmp_path):
+    """A second audit --output DIR replaced DIR/fixes.csv, the list its user may have reviewed and edited: it is
+    kept under a second name, said in one line; the same list again leaves no copy."""
+    data, _ = planted(tmp_path)
+    args = ["audit", "--data", str(data), "--folds", "3", "--cache-dir", str(tmp_path / "f"), "--backbone", "tiny",
+            "--weights", "none", "--workers", "0", "--output", str(tmp_path / "a")]
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    fixes = tmp_path / "a" / "fixes.csv"
+    written = fixes.read_text()
+    edited = written.replace(",relabel,", ",keep,")
+    assert edited != written
+    fixes.write_text(edited)
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "a" / "fixes-earlier.csv").read_text() == edited and fixes.read_text() == written
+    assert (f"kept the earlier fixes.csv of --output {tmp_path / 'a'} (another list than this audit's: perhaps "
+            "edited) as fixes-earlier.csv") in r.stderr
+    r = CliRunner().invoke(cli, args)  # the same list: replaced, nothing else kept
+    assert r.exit_code == 0 and "kept the earlier" not in r.stderr, r.output
+    assert sorted(p.name for p in (tmp_path / "a").glob("fixes*")) == ["fixes-earlier.csv", "fixes.csv"]

@@ -10,8 +10,10 @@ to ``--apply``.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import os
 import shlex
 import time
 from dataclasses import asdict, dataclass, replace
@@ -357,7 +359,36 @@ def write_fixes_csv(result: dict, path: Path) -> None:
             w.writeheader()
             w.writerows(rows)
 
+    earlier = keep_earlier(path)
     atomic_write(path, write)
+    if earlier is not None:
+        if earlier.read_bytes() == path.read_bytes():  # the same list again: nothing to keep
+            earlier.unlink()
+        else:
+            log.warning("kept the earlier fixes.csv of --output %s (another list than this audit's: perhaps "
+                        "edited) as %s", path.parent, earlier.name)
+
+
+def keep_earlier(path: Path) -> Optional[Path]:
+    """A second name, never one that exists, for an earlier audit's fixes.csv in the same --output, before it is
+    replaced: the list a person reviewed and edited is not lost to a new audit of the folder (the report
+    beside it is audit's own, and replaced). None where there is none."""
+    if not path.is_file():
+        return None
+    for i in itertools.count(1):
+        earlier = path.with_name(f"{path.stem}-earlier{'' if i == 1 else f'-{i}'}{path.suffix}")
+        with writing(earlier):
+            try:
+                os.link(path, earlier)  # never replaces a file
+            except FileExistsError:
+                continue
+            except OSError:  # a file system without hard links
+                try:
+                    with open(earlier, "xb") as f:
+                        f.write(path.read_bytes())
+                except FileExistsError:
+                    continue
+        return earlier
 
 
 def free_name(path: str, new_class: str, taken: set) -> str:
