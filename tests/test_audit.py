@@ -475,6 +475,11 @@ def test_the_training_folder_given_as_test_folder_is_said_in_one_line(tmp_path):
         assert r.exit_code == 0, r.output
         assert (f"--test-data {str(test)!r} is the training folder {data}: its photos are listed as leaks of "
                 "themselves; pass a test folder apart from it") in r.stderr
+    cache = str(next((tmp_path / "features").glob("*.h5")))
+    r = CliRunner().invoke(cli, ["audit", "--cache", cache, "--test-cache", cache, "--folds", "3", "--runs-dir",
+                                 str(tmp_path / "runs")])
+    assert r.exit_code == 0 and (f"--test-cache {cache!r} was made from {data}, which is the training folder "
+                                 f"{data}: its photos") in r.stderr, r.output
     other = photos(tmp_path / "test", per_class=2, seed=1)
     r = CliRunner().invoke(cli, ["audit", "--data", str(data), "--test-data", str(other), "--folds", "3",
                                  "--cache-dir", str(tmp_path / "features"), "--runs-dir", str(tmp_path / "runs"),

@@ -135,7 +135,8 @@ def warn_same_folder(cfg: AuditConfig, root: str, test_root: str) -> None:
     how = ("is" if train == test else "is inside" if test.is_relative_to(train) else
            "holds" if train.is_relative_to(test) else "")
     if how:
-        given = f"--test-data {cfg.test_data!r}" if cfg.test_data else f"--test-cache {cfg.test_cache!r} (of {test})"
+        given = (f"--test-data {cfg.test_data!r}" if cfg.test_data else
+                 f"--test-cache {cfg.test_cache!r} was made from {test}, which")
         log.warning("%s %s the training folder %s: its photos are listed as leaks of themselves; pass a test folder "
                     "apart from it", given, how, train)
 
