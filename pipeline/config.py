@@ -338,7 +338,7 @@ class CheckImagesConfig:
         doc="the quarantine folder (implies `--quarantine`)", doc_default="`DIR.quarantine` beside DIR"))
     workers: int = field(default=-1, metadata=option(
         "Decoding processes; -1 = one per core.", range=WORKER_COUNTS,
-        doc="decoding processes; -1 = one per core, 1 = in this process"))
+        doc="decoding processes; -1 = one per core (at most 8), 0 or 1 = in this process"))
 
 
 @dataclass
@@ -799,7 +799,8 @@ class AuditConfig(DeviceOptions):
     output: Optional[str] = field(default=None, metadata=option(
         "Folder for the report [default: a run folder].", path="dir", metavar="DIR",
         doc_default="a run folder `runs/<stamp>-audit/`",
-        doc="where report.json, report.html, gallery.png, fixes.csv go (never inside a data folder)"))
+        doc=("where report.json, report.html, gallery.png, fixes.csv go (never inside a data folder); an earlier "
+             "audit's fixes.csv there, edited, is kept as fixes-earlier.csv")))
     runs_dir: str = field(default="runs", metadata=option("Where the run folder goes."))
     apply: Optional[str] = field(default=None, metadata=option(
         "Apply a reviewed list (path,action,new_class; relabel/remove/keep): files moved, never deleted.",

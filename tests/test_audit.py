@@ -461,3 +461,49 @@ def test_fixes_csv_names_a_free_name_where_the_class_holds_that_name_already(tmp
                                    "--no-refresh", "--runs-dir", str(tmp_path / "runs")])
     assert run.exit_code == 0, run.output
     assert (data / "blue" / "blue.0-red.jpg").is_file() and (data / "blue" / "blue.0.jpg").is_file()
+
+
+def test_the_training_folder_given_as_test_folder_is_said_in_one_line(tmp_path):
+    """audit --data D --test-data D listed every photo as a train/test leak of itself without a word that the two
+    folders are one; now a warning says so (as fit-head and compare-sklearn warn of copies and go on), by any name."""
+    data = photos(tmp_path / "data", per_class=4)
+    (tmp_path / "link").symlink_to(data, target_is_directory=True)
+    for test in (data, tmp_path / "link"):
+        r = CliRunner().invoke(cli, ["audit", "--data", str(data), "--test-data", str(test), "--folds", "3",
+                                     "--cache-dir", str(tmp_path / "features"), "--runs-dir", str(tmp_path / "runs"),
+                                     "--backbone", "tiny", "--weights", "none", "--workers", "0"])
+        assert r.exit_code == 0, r.output
+        assert (f"--test-data {str(test)!r} is the training folder {data}: its photos are listed as leaks of "
+                "themselves; pass a test folder apart from it") in r.stderr
+    cache = str(next((tmp_path / "features").glob("*.h5")))
+    r = CliRunner().invoke(cli, ["audit", "--cache", cache, "--test-cache", cache, "--folds", "3", "--runs-dir",
+                                 str(tmp_path / "runs")])
+    assert r.exit_code == 0 and (f"--test-cache {cache!r} was made from {data}, which is the training folder "
+                                 f"{data}: its photos") in r.stderr, r.output
+    other = photos(tmp_path / "test", per_class=2, seed=1)
+    r = CliRunner().invoke(cli, ["audit", "--data", str(data), "--test-data", str(other), "--folds", "3",
+                                 "--cache-dir", str(tmp_path / "features"), "--runs-dir", str(tmp_path / "runs"),
+                                 "--backbone", "tiny", "--weights", "none", "--workers", "0"])
+    assert r.exit_code == 0 and "training folder" not in r.stderr, r.output
+
+
+def test_a_second_audit_into_the_same_output_keeps_an_edited_fixes_csv(tmp_path):
+    """A second audit --output DIR replaced DIR/fixes.csv, the list its user may have reviewed and edited: it is
+    kept under a second name, said in one line; the same list again leaves no copy."""
+    data, _ = planted(tmp_path)
+    args = ["audit", "--data", str(data), "--folds", "3", "--cache-dir", str(tmp_path / "f"), "--backbone", "tiny",
+            "--weights", "none", "--workers", "0", "--output", str(tmp_path / "a")]
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    fixes = tmp_path / "a" / "fixes.csv"
+    written = fixes.read_text()
+    edited = written.replace(",relabel,", ",keep,")
+    assert edited != written
+    fixes.write_text(edited)
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "a" / "fixes-earlier.csv").read_text() == edited and fixes.read_text() == written
+    assert (f"kept the earlier fixes.csv of --output {tmp_path / 'a'} (another list than this audit's: perhaps "
+            "edited) as fixes-earlier.csv") in r.stderr
+    r = CliRunner().invoke(cli, args)  # the same list: replaced, nothing else kept
+    assert r.exit_code == 0 and "kept the earlier" not in r.stderr, r.output
+    assert sorted(p.name for p in (tmp_path / "a").glob("fixes*")) == ["fixes-earlier.csv", "fixes.csv"]

@@ -465,3 +465,23 @@ def test_a_class_folder_the_os_will_not_list_is_not_also_an_empty_class(tmp_path
     [line] = [x for x in r.stdout.splitlines() if x.startswith("class folders without a usable image")]
     assert line.endswith("move them out): green")
     assert check_images(CheckImagesConfig(str(root))).empty_classes == ["green"]
+
+
+def test_an_empty_folder_is_refused_as_extract_refuses_it(tmp_path, monkeypatch):
+    """check-images on an empty folder (a mistyped path, a download that unpacked nothing) said 'checked 0 files
+    ... 0 with errors' and exit 0, where extract and audit refuse it: now one usage line. A folder the OS will not
+    list is still reported, not called empty."""
+    (tmp_path / "empty" / "class").mkdir(parents=True)
+    r = CliRunner().invoke(cli, ["check-images", str(tmp_path / "empty")])
+    assert r.exit_code == 2 and f"folder {str(tmp_path / 'empty')!r} holds no files to check" in r.output, r.output
+    (tmp_path / "partly" / "locked").mkdir(parents=True)
+    unlistable(monkeypatch, tmp_path / "partly" / "locked")
+    assert check_images(CheckImagesConfig(str(tmp_path / "partly"))).unreadable_folders == ["locked"]
+
+
+@pytest.mark.parametrize("workers, said", [("0", "in this process"), ("1", "in this process"), ("2", "2 workers")])
+def test_the_summary_says_how_the_files_were_decoded(tmp_path, workers, said):
+    """--workers 0 printed '0 workers' and 1 '1 workers', both decoding in this process."""
+    root = make_image_folder(tmp_path / "data", per_class=2)
+    r = CliRunner().invoke(cli, ["check-images", str(root), "--workers", workers])
+    assert r.exit_code == 0 and f"s, {said}): 0 with errors" in r.stdout, r.output

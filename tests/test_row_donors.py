@@ -1,5 +1,6 @@
 """extract reuses rows by content: a relabelled or renamed photo is never recomputed, a new one is."""
 import shutil
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -78,3 +79,20 @@ def test_a_cache_without_digests_still_reads_and_gives_rows_while_its_folder_is_
         digests = set(c.digests)
     with FeatureCache(third.cache) as c:
         assert sum(d in digests for d in c.digests) == third.reused
+
+
+def test_reuse_names_only_the_caches_rows_were_copied_from(make_cache, image_folder, tmp_path):
+    """A cache's reuse record named every cache of the folder that offered digests in 'from' (a scenes6 cache
+    listed a food10 cache none of its rows came from); now only the caches rows were copied from."""
+    import json
+
+    from tests.conftest import make_image_folder
+
+    first = make_cache(image_folder, dtype="float32")
+    other = make_cache(make_image_folder(tmp_path / "other", classes=("green", "red"), seed=5), dtype="float32")
+    with FeatureCache(other.cache) as c:  # no photo in common: nothing copied, no cache named
+        assert other.reused == 0 and json.loads(c.attrs["reuse"])["from"] == []
+    shutil.move(image_folder / "blue" / "blue.0.jpg", image_folder / "red" / "blue.0.jpg")
+    again = make_cache(image_folder, dtype="float32")
+    with FeatureCache(again.cache) as c:
+        assert again.reused == 24 and json.loads(c.attrs["reuse"])["from"] == [Path(first.cache).name]

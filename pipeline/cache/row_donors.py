@@ -54,7 +54,13 @@ class RowDonors:
     # the extraction rate the newest donor recorded (its ``extract_rate`` attribute, JSON), if any: a cache whose
     # every row is copied was made at that rate, the same network on this machine's caches
     extract_rate: Optional[str] = None
+    used: set = field(default_factory=set)  # the source indices ``rows`` copied from (the cache's reuse 'from')
     _files: dict = field(default_factory=dict)  # source index -> open h5py.File (opened on first use)
+
+    @property
+    def used_sources(self) -> list[str]:
+        """The donor caches rows were copied from, not every one that offered digests."""
+        return [self.sources[i] for i in sorted(self.used)]
 
     @property
     def digests(self) -> frozenset:
@@ -71,6 +77,7 @@ class RowDonors:
         by_source: dict = {}
         for i, (src, row, _) in enumerate(places):
             by_source.setdefault(src, []).append((row, i))
+        self.used.update(by_source)
         for src, pairs in by_source.items():
             pairs.sort()
             rows = [r for r, _ in pairs]

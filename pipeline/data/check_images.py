@@ -209,6 +209,8 @@ def check_images(cfg: CheckImagesConfig,
     root, qdir, workers = validate(cfg)
     left_out: list = []
     rels = list_files(root, left_out)
+    if not rels and not left_out:  # as extract and audit refuse it: most often a mistyped folder, not a clean one
+        raise UsageError(f"folder {str(root)!r} holds no files to check")
     workers = min(workers, max(1, len(rels)))
     t0 = time.perf_counter()
     findings: list[dict] = [left_out_finding(where, why) for where, why in left_out]

@@ -360,8 +360,8 @@ def extract_range(cfg, listing: ImageFolderListing, key: str, path: Path, resume
         else:
             rate = donors.extract_rate if donors else None
         writer.finish(reuse=json.dumps({**total, "computed": rows - total["reused"],
-                                        "from": sorted({*before.get("from", []),
-                                                        *(Path(p).name for p in (donors.sources if donors else []))})}),
+                                        "from": sorted({*before.get("from", []), *(
+                                            Path(p).name for p in (donors.used_sources if donors else []))})}),
                       **({"extract_rate": rate} if rate else {}))
         shape = list(writer.f["features"].shape[1:]) if "features" in writer.f else []
     for p in stale:  # superseded: every row of it that still holds is in the new cache

@@ -10,8 +10,10 @@ to ``--apply``.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import os
 import shlex
 import time
 from dataclasses import asdict, dataclass, replace
@@ -125,6 +127,20 @@ def test_cache(cfg: AuditConfig, cache: FeatureCache) -> Optional[Path]:
     return test_cache_for(FitHeadConfig(test_data=cfg.test_data, test_cache=cfg.test_cache), cache)
 
 
+def warn_same_folder(cfg: AuditConfig, root: str, test_root: str) -> None:
+    """One line where the test photos are the training photos (the same folder, by any name, or one inside the
+    other): every photo is then listed as a leak of itself. A warning, as fit-head and compare-sklearn warn of
+    test images that are copies of training images and go on."""
+    train, test = Path(root).resolve(), Path(test_root).resolve()
+    how = ("is" if train == test else "is inside" if test.is_relative_to(train) else
+           "holds" if train.is_relative_to(test) else "")
+    if how:
+        given = (f"--test-data {cfg.test_data!r}" if cfg.test_data else
+                 f"--test-cache {cfg.test_cache!r} was made from {test}, which")
+        log.warning("%s %s the training folder %s: its photos are listed as leaks of themselves; pass a test folder "
+                    "apart from it", given, how, train)
+
+
 def pooled(cache: FeatureCache) -> tuple[np.ndarray, np.ndarray]:
     """(average-pooled rows for the head, the rows near copies are compared in) of every cache row
     (float32, in memory: 2 KB a row and view for VGG-16), read in one pass."""
@@ -191,6 +207,7 @@ def analyse(cfg: AuditConfig) -> dict:
             with FeatureCache(tpath) as tc:
                 test = {"cache": str(tpath), "root": photo_root(cfg.test_data, tc), "paths": tc.paths,
                         "near": pooled(tc)[1], "digests": tc.row_digests(), "labels": np.asarray(tc.labels, np.int64)}
+            warn_same_folder(cfg, root, test["root"])
     seconds["read"] = time.time() - t0
     t = time.time()
     issues = label_issues(avg, labels, classes, folds=cfg.folds, seed=cfg.seed, copies=digests)
@@ -343,7 +360,36 @@ def write_fixes_csv(result: dict, path: Path) -> None:
             w.writeheader()
             w.writerows(rows)
 
+    earlier = keep_earlier(path)
     atomic_write(path, write)
+    if earlier is not None:
+        if earlier.read_bytes() == path.read_bytes():  # the same list again: nothing to keep
+            earlier.unlink()
+        else:
+            log.warning("kept the earlier fixes.csv of --output %s (another list than this audit's: perhaps "
+                        "edited) as %s", path.parent, earlier.name)
+
+
+def keep_earlier(path: Path) -> Optional[Path]:
+    """A second name, never one that exists, for an earlier audit's fixes.csv in the same --output, before it is
+    replaced: the list a person reviewed and edited is not lost to a new audit of the folder (the report
+    beside it is audit's own, and replaced). None where there is none."""
+    if not path.is_file():
+        return None
+    for i in itertools.count(1):
+        earlier = path.with_name(f"{path.stem}-earlier{'' if i == 1 else f'-{i}'}{path.suffix}")
+        with writing(earlier):
+            try:
+                os.link(path, earlier)  # never replaces a file
+            except FileExistsError:
+                continue
+            except OSError:  # a file system without hard links
+                try:
+                    with open(earlier, "xb") as f:
+                        f.write(path.read_bytes())
+                except FileExistsError:
+                    continue
+        return earlier
 
 
 def free_name(path: str, new_class: str, taken: set) -> str:

@@ -150,7 +150,8 @@ def summary_text(result: SummaryResult) -> str:
 def check_images_text(result: CheckImagesResult, max_listed: int = 50) -> str:
     """The stdout table: counts per kind with an example, then the files with errors."""
     lines = [f"checked {result.files} files in {result.root} ({result.seconds:.1f} s, "
-             f"{result.workers} workers): {result.errors} with errors, {result.notes} with notes only"
+             f"{plural(result.workers, 'worker') if result.workers > 1 else 'in this process'}): "
+             f"{result.errors} with errors, {result.notes} with notes only"
              + (f"; {plural(len(result.unreadable_folders), 'folder')} the OS will not list, its files unseen"
                 if result.unreadable_folders else "")]
     if result.by_kind:
