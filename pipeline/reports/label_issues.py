@@ -62,7 +62,11 @@ def fold_splits(y: np.ndarray, folds: int, seed: int, copies: Optional[list] = N
         if folds <= len(set(groups)) < len(groups):  # fewer photos than folds: as before, copies apart
             from sklearn.model_selection import StratifiedGroupKFold
 
-            return StratifiedGroupKFold(folds, shuffle=True, random_state=seed).split(np.zeros(len(y)), y, groups)
+            grouped = StratifiedGroupKFold(folds, shuffle=True, random_state=seed)
+            splits = list(grouped.split(np.zeros(len(y)), y, groups))
+            # a class whose photos are copies of one would be in none of its fold's training rows: as before
+            if all(len(np.unique(y[tr])) == len(np.unique(y)) for tr, _ in splits):
+                return splits
     return StratifiedKFold(folds, shuffle=True, random_state=seed).split(np.zeros(len(y)), y)
 
 
