@@ -445,11 +445,15 @@ def test_fixes_csv_names_each_photo_once_so_apply_takes_it_as_written(tmp_path):
     assert sorted(p.name for p in (tmp_path / "data.quarantine" / "red").iterdir()) == ["a.jpg", "b.jpg"]
 
 
-def test_fixes_csv_names_a_free_name_where_the_class_holds_that_name_already(tmp_path):
+@pytest.mark.parametrize("unreadable", [False, True])
+def test_fixes_csv_names_a_free_name_where_the_class_holds_that_name_already(tmp_path, unreadable):
     """Two class folders each holding a 'blue.0.jpg' (a camera's IMG_0001.jpg): the relabel audit proposed moved
-    onto a taken name, so --apply refused the list as written. fixes.csv now gives such a row a new_name."""
+    onto a taken name, so --apply refused the list as written. fixes.csv now gives such a row a new_name; also
+    where blue/'s file is unreadable (skipped by extract, so among no rows: it got none)."""
     data = photos(tmp_path / "data")
     shutil.move(data / "blue" / "blue.3.jpg", data / "red" / "blue.0.jpg")  # wrong label, a name blue/ holds
+    if unreadable:
+        (data / "blue" / "blue.0.jpg").write_bytes(b"not a jpeg")
     args = ["--folds", "3", "--threshold", "0.999", "--backbone", "tiny", "--weights", "none", "--workers", "0",
             "--cache-dir", str(tmp_path / "features")]
     run = CliRunner().invoke(cli, ["audit", "--data", str(data), "--output", str(tmp_path / "out"), *args])

@@ -178,3 +178,24 @@ def test_bf16_counts_as_native_on_x86_only_with_avx512_bf16_or_amx(monkeypatch, 
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
     assert dev.cpu_has_bf16() is want
     assert resolve_precision("auto", CPU) == ("bf16" if want else "fp32")
+
+
+@pytest.mark.parametrize("flags, want", [({"avx512f"}, False), ({"avx512f", "avx512_bf16"}, True),
+                                         ({"amx_tile", "amx_bf16"}, True)])
+def test_without_torchs_cpu_checks_bf16_is_native_by_the_cpus_flags(monkeypatch, flags, want):
+    """A torch without torch.cpu._is_avx512_bf16_supported or _is_amx_tile_supported: /proc/cpuinfo's flags."""
+    monkeypatch.setattr("platform.machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: True)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
+    monkeypatch.setattr(dev, "cpu_flags", lambda: flags)
+    assert dev.cpu_has_bf16() is want
+
+
+def test_bf16_off_x86_is_onednns_word(monkeypatch):
+    """An Arm CPU (Graviton 3, Apple M2): oneDNN's check alone, as before."""
+    monkeypatch.setattr("platform.machine", lambda: "aarch64")
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: True)
+    for supported in (True, False):
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda s=supported: s)
+        assert dev.cpu_has_bf16() is supported

@@ -473,6 +473,34 @@ def test_the_request_lines_go_to_stderr_with_the_other_logs(head):
     assert '"POST /predict HTTP/1.1" 200' in err, err
 
 
+@pytest.mark.parametrize("stderr_tty", [False, True])
+def test_the_log_lines_are_coloured_only_where_stderr_is_a_terminal(monkeypatch, stderr_tty):
+    """uvicorn colours its lines when stdout is a terminal: 'serve 2> serve.log' typed in a terminal wrote
+    '\x1b[32mINFO\x1b[0m' and '\x1b[32m200 OK\x1b[0m' into serve.log."""
+    import importlib
+    import logging
+
+    from pipeline.serving.service import stderr_logging
+
+    class Stream(io.StringIO):
+        def __init__(self, tty):
+            super().__init__()
+            self.tty = tty
+
+        def isatty(self):
+            return self.tty
+
+    monkeypatch.setattr(sys, "stdout", Stream(not stderr_tty))
+    monkeypatch.setattr(sys, "stderr", Stream(stderr_tty))
+    record = logging.LogRecord("uvicorn.access", logging.INFO, "", 0, '%s - "%s %s HTTP/%s" %d',
+                               ("127.0.0.1:5", "POST", "/predict", "1.1", 200), None)
+    for name, spec in stderr_logging()["formatters"].items():
+        module, cls = spec["()"].rsplit(".", 1)
+        options = {k: v for k, v in spec.items() if k != "()"}
+        line = getattr(importlib.import_module(module), cls)(**options).format(record)
+        assert ("\x1b[" in line) is stderr_tty, (name, line)
+
+
 def test_past_drain_seconds_a_request_in_flight_gets_a_clean_503(head):
     """It got a 500, and the log a traceback a request (uvicorn cancelling it). Port 0: the log says the real one."""
     # the lone image waits 1 s for company; SIGTERM while it waits, --drain-seconds 0.2: not done in time

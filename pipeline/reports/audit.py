@@ -347,7 +347,7 @@ def write_fixes_csv(result: dict, path: Path) -> None:
             removed += [{"path": p, "action": "remove", "new_class": "", "why": f"exact copy of {kept}"}
                         for p in g["paths"] if p != kept]
     gone = {r["path"] for r in removed}
-    taken = set(result.get("_paths", ()))
+    taken = set(result.get("_paths", ())) | {u["path"] for u in result.get("unreadable", ())}  # on disk too
     rows = [{"path": r["path"], "action": "relabel", "new_class": r["suggested"],
              "new_name": free_name(r["path"], r["suggested"], taken), "why": f"label issue {r['score']}"}
             for r in result["label_issues"] if r["path"] not in gone] + removed

@@ -53,17 +53,22 @@ def choose_setting(avg: np.ndarray, y: np.ndarray, feature_shape, folds: int, se
     return result["best"]["setting"]
 
 
-def fold_splits(y: np.ndarray, folds: int, seed: int, copies: Optional[list] = None):
-    """Stratified folds; where ``copies`` (each row's sha256, '' unknown) names byte copies, every copy of a photo
-    in one fold (``StratifiedGroupKFold``), so that no copy is predicted by its twin's label: a photo saved twice
-    in a wrong class confirmed its own wrong label, and its correctly labelled original was flagged as wrong."""
-    if copies is not None:
-        groups = [d or f"row {i}" for i, d in enumerate(copies)]
-        if folds <= len(set(groups)) < len(groups):  # fewer photos than folds: as before, copies apart
-            from sklearn.model_selection import StratifiedGroupKFold
-
-            return StratifiedGroupKFold(folds, shuffle=True, random_state=seed).split(np.zeros(len(y)), y, groups)
-    return StratifiedKFold(folds, shuffle=True, random_state=seed).split(np.zeros(len(y)), y)
+def fold_splits(y: np.ndarray, folds: int, seed: int, copies: Optional[list] = None) -> list:
+    """Stratified folds, each byte copy (``copies``: each row's sha256, '' unknown) moved into its first copy's
+    fold, so that no copy is predicted by its twin's label: a photo saved twice in a wrong class confirmed its own
+    wrong label, and its correctly labelled original was flagged as wrong. Every other row keeps its fold, so one
+    copy does not reshuffle the whole list. Where holding copies together would leave a class out of a fold's
+    training rows (a class of copies of one photo), the copies stay apart, as before."""
+    fold = np.empty(len(y), np.int64)
+    for k, (_, held) in enumerate(StratifiedKFold(folds, shuffle=True, random_state=seed).split(np.zeros(len(y)), y)):
+        fold[held] = k
+    together, first = fold.copy(), {}
+    for i, digest in enumerate(copies or ()):
+        if digest:
+            together[i] = together[first.setdefault(digest, i)]
+    if all(len(np.unique(y[together != k])) == len(np.unique(y)) for k in range(folds)):
+        fold = together
+    return [(np.flatnonzero(fold != k), np.flatnonzero(fold == k)) for k in range(folds) if (fold == k).any()]
 
 
 def out_of_fold(avg: np.ndarray, y: np.ndarray, n_classes: int, setting: dict, folds: int = 5, seed: int = 0,

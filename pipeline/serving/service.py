@@ -557,13 +557,17 @@ def serve(cfg: ServeConfig) -> dict:
 
 def stderr_logging() -> dict:
     """uvicorn's logging config with its access lines ('"POST /predict HTTP/1.1" 200 OK') on stderr, as every log
-    of this tool: uvicorn's own default writes them to stdout."""
+    of this tool: uvicorn's own default writes them to stdout. Coloured where stderr is a terminal: uvicorn asks
+    stdout, so 'serve 2> serve.log' from a terminal wrote escape codes into serve.log."""
     import copy
+    import sys
 
     from uvicorn.config import LOGGING_CONFIG
 
     config = copy.deepcopy(LOGGING_CONFIG)
     config["handlers"]["access"]["stream"] = "ext://sys.stderr"
+    for formatter in ("default", "access"):
+        config["formatters"][formatter]["use_colors"] = sys.stderr.isatty()
     return config
 
 
