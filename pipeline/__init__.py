@@ -74,6 +74,7 @@ _EXPORTS = {
     )},
     "UsageError": "errors",
     "PipelineError": "errors",
+    "TrainingInterrupted": "errors",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -4,6 +4,10 @@ Bad values a user passed raise ``UsageError`` (a ValueError; exit code 2). Probl
 environment, such as weights that cannot be downloaded offline or a full disk, raise
 ``PipelineError`` (exit 1). Anything else is a bug: the CLI shows its traceback with ``-v``.
 """
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
 
 
 class UsageError(ValueError):
@@ -26,3 +30,16 @@ class PackageMissing(PipelineError):
 
 class DiskFull(PipelineError):
     """A write that the disk could not take (full, read-only, not permitted): exit 1, naming the path."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during train / finetune: ``run_dir`` (None when no epoch had finished) holds ``epochs_done`` of
+    ``epochs`` epochs, resumable with ``--resume run_dir``. Here, not in models/, so that ``except
+    pipeline.TrainingInterrupted`` needs no torch to import."""
+
+    def __init__(self, run_dir: Optional[Path], epochs_done: int, epochs: int):
+        # the message is what a notebook shows of it: where the epochs are and how to go on
+        super().__init__("stopped during the first epoch: nothing was saved" if run_dir is None else
+                         f"{epochs_done} of {epochs} epochs kept in {run_dir}/model.pt; resume with "
+                         f"resume={str(run_dir)!r} (--resume on the command line)")
+        self.run_dir, self.epochs_done, self.epochs = run_dir, epochs_done, epochs

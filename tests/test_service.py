@@ -649,6 +649,9 @@ def test_a_host_address_this_machine_lacks_is_a_usage_error_naming_the_host(head
     r = CliRunner().invoke(cli.cli, ["serve", "--model", str(head), "--host", "192.0.2.1"])  # TEST-NET-1: no one's
     assert r.exit_code == 2, r.output
     assert "--host '192.0.2.1' is not an address of this machine" in r.output and "--port" not in r.output
+    assert "pass 127.0.0.1 (this machine only, the default), 0.0.0.0 or :: (every interface)" in r.output
+    r = CliRunner().invoke(cli.cli, ["serve", "--model", str(head), "--host", "example.invalid"])  # no such name
+    assert r.exit_code == 2 and "--host 'example.invalid' is not an address" in r.output and "0.0.0.0" in r.output
 
 
 def test_a_full_queue_is_503_with_retry_after(client, head, monkeypatch):

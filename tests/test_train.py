@@ -408,10 +408,10 @@ def test_a_weights_file_recorded_as_typed_by_an_older_run_is_taken_from_the_fold
 
 
 def test_an_interrupted_api_run_says_where_its_epochs_are_and_how_to_resume(tmp_path, image_folder, monkeypatch):
+    """As the docs say, `except pipeline.TrainingInterrupted` (it was importable only from pipeline.models.resume)."""
     import pipeline
-    from pipeline.models.resume import TrainingInterrupted
     _stop_in_epoch(monkeypatch, 2)
-    with pytest.raises(TrainingInterrupted) as stopped:
+    with pytest.raises(pipeline.TrainingInterrupted) as stopped:
         pipeline.train_model(image_folder, backbone="tiny_bn", epochs=3, runs_dir=tmp_path / "runs", **FAST)
     run_dir = stopped.value.run_dir
     assert str(stopped.value) == (f"1 of 3 epochs kept in {run_dir}/model.pt; resume with resume={str(run_dir)!r} "

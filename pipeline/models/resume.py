@@ -17,24 +17,12 @@ import torch
 
 from ..data.moves import folder_lock
 from ..config import cli_name
-from ..errors import UsageError
+from ..errors import TrainingInterrupted, UsageError
 from ..files import Terminated
 from .whole_models import read_checkpoint
 
 #: options that change nothing an epoch computes: they may differ between the stopped run and its resumption
 FREE_OPTIONS = ("epochs", "resume", "runs_dir", "workers", "print_every", "device")
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C during train / finetune: ``run_dir`` (None when no epoch had finished) holds ``epochs_done`` of
-    ``epochs`` epochs, resumable with ``--resume run_dir``."""
-
-    def __init__(self, run_dir: Optional[Path], epochs_done: int, epochs: int):
-        # the message is what a notebook shows of it: where the epochs are and how to go on
-        super().__init__("stopped during the first epoch: nothing was saved" if run_dir is None else
-                         f"{epochs_done} of {epochs} epochs kept in {run_dir}/model.pt; resume with "
-                         f"resume={str(run_dir)!r} (--resume on the command line)")
-        self.run_dir, self.epochs_done, self.epochs = run_dir, epochs_done, epochs
 
 
 class TrainingTerminated(Terminated):

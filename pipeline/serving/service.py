@@ -485,7 +485,7 @@ def listening_socket(host: str, port: int):
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
-        raise UsageError(f"--host {host!r} is not an address of this machine ({e.strerror})") from None
+        raise not_this_machine(host, e.strerror) from None
     family, kind, _, _, address = infos[0]
     s = socket.socket(family, kind)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
@@ -494,9 +494,15 @@ def listening_socket(host: str, port: int):
     except OSError as e:
         s.close()
         if e.errno == errno.EADDRNOTAVAIL:  # the address, not the port: another --port would not help
-            raise UsageError(f"--host {host!r} is not an address of this machine ({e.strerror})") from None
+            raise not_this_machine(host, e.strerror) from None
         raise PipelineError(f"cannot listen on {host}:{port}: {e.strerror}; pass another --port") from None
     return s
+
+
+def not_this_machine(host: str, why: str) -> UsageError:
+    """The refusal of a --host serve cannot listen on, with the addresses it can."""
+    return UsageError(f"--host {host!r} is not an address of this machine ({why}); pass 127.0.0.1 (this machine "
+                      "only, the default), 0.0.0.0 or :: (every interface) or one of this machine's addresses")
 
 
 def check_blocking_allowed() -> None:
