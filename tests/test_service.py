@@ -355,18 +355,20 @@ def test_real_uvicorn_on_an_ephemeral_port(head):
 
 
 @contextlib.contextmanager
-def serving(head: Path, *options: str):
+def serving(head: Path, *options: str, stderr=subprocess.STDOUT):
     """``serve --port 0`` of ``head`` in a process, once healthy: (the process, its URL from its 'serving' line).
-    Port 0, not a port found free beforehand: another process could take that one before serve binds it."""
+    Port 0, not a port found free beforehand: another process could take that one before serve binds it.
+    ``stderr=subprocess.PIPE`` keeps the logs apart from stdout."""
     import re
 
     proc = subprocess.Popen([sys.executable, *CLI, "serve", "--model", str(head), "--port", "0", "--batch-size", "64",
                              "--precision", "fp32", *options],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True)
+    logs = proc.stdout if stderr == subprocess.STDOUT else proc.stderr
     try:
         line = ""
         while "serving" not in line:
-            line = proc.stdout.readline()
+            line = logs.readline()
             assert line or proc.poll() is None, "serve exited"
         port = int(re.search(r"http://127\.0\.0\.1:(\d+)/", line)[1])
         assert port != 0
@@ -453,22 +455,10 @@ def test_the_request_lines_go_to_stderr_with_the_other_logs(head):
     2> serve.log left the requests on the terminal."""
     import httpx
 
-    proc = subprocess.Popen([sys.executable, *CLI, "serve", "--model", str(head), "--port", "0", "--precision", "fp32"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        line = ""
-        while "serving" not in line:
-            line = proc.stderr.readline()
-            assert line or proc.poll() is None, "serve exited"
-        url = "http://127.0.0.1:" + re.search(r"http://127\.0\.0\.1:(\d+)/", line)[1]
-        wait_healthy(url, proc)
+    with serving(head, stderr=subprocess.PIPE) as (proc, url):
         assert httpx.post(f"{url}/predict", files=upload(photos(head)[0])).status_code == 200
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert out == ""
     assert '"POST /predict HTTP/1.1" 200' in err, err
 

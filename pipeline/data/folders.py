@@ -212,7 +212,8 @@ def list_image_folder(root: str | os.PathLike, min_classes: int = 2) -> ImageFol
                 raise PipelineError(f"class folder {str(root / cls)!r} {unreadable}; fix its permissions")
             raise UsageError(f"class folder {str(root / cls)!r} holds no images; remove it or add images")
     if not files:
-        loose = sum(1 for e in os.scandir(root) if is_image_name(e.name) and e.is_file())  # the pool given as --data
+        with os.scandir(root) as entries:  # the pool given as --data
+            loose = sum(1 for e in entries if is_image_name(e.name) and e.is_file())
         if loose and not classes:
             raise UsageError(f"data folder {str(root)!r} has no class sub-folders: its {loose} images lie loose in it "
                              "(expected one sub-folder per class, holding that class's photos)")

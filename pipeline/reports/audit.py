@@ -13,7 +13,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import os
 import shlex
 import time
 from dataclasses import asdict, dataclass, replace
@@ -24,6 +23,7 @@ import numpy as np
 
 from ..cache.feature_cache import FeatureCache
 from ..config import AuditConfig, ExtractConfig, FitHeadConfig, check_config
+from ..data.moves import rename_no_replace
 from ..errors import DeviceMissing, PackageMissing, UsageError
 from ..files import SafeCsvWriter, atomic_write, check_output, write_json, writing
 from ..heads.cache_views import CacheViews
@@ -371,8 +371,8 @@ def write_fixes_csv(result: dict, path: Path) -> None:
 
 
 def keep_earlier(path: Path) -> Optional[Path]:
-    """A second name, never one that exists, for an earlier audit's fixes.csv in the same --output, before it is
-    replaced: the list a person reviewed and edited is not lost to a new audit of the folder (the report
+    """An earlier audit's fixes.csv in the same --output moved to a second name, never one that exists, before the
+    new list is written: the list a person reviewed and edited is not lost to a new audit of the folder (the report
     beside it is audit's own, and replaced). None where there is none."""
     if not path.is_file():
         return None
@@ -380,15 +380,9 @@ def keep_earlier(path: Path) -> Optional[Path]:
         earlier = path.with_name(f"{path.stem}-earlier{'' if i == 1 else f'-{i}'}{path.suffix}")
         with writing(earlier):
             try:
-                os.link(path, earlier)  # never replaces a file
+                rename_no_replace(path, earlier)  # never over a file, with or without hard links
             except FileExistsError:
                 continue
-            except OSError:  # a file system without hard links
-                try:
-                    with open(earlier, "xb") as f:
-                        f.write(path.read_bytes())
-                except FileExistsError:
-                    continue
         return earlier
 
 
