@@ -347,7 +347,7 @@ def write_fixes_csv(result: dict, path: Path) -> None:
             removed += [{"path": p, "action": "remove", "new_class": "", "why": f"exact copy of {kept}"}
                         for p in g["paths"] if p != kept]
     gone = {r["path"] for r in removed}
-    taken = set(result.get("_paths", ())) | {u["path"] for u in result.get("unreadable", ())}  # on disk too
+    taken = {p.casefold() for p in [*result.get("_paths", ()), *(u["path"] for u in result.get("unreadable", ()))]}
     rows = [{"path": r["path"], "action": "relabel", "new_class": r["suggested"],
              "new_name": free_name(r["path"], r["suggested"], taken), "why": f"label issue {r['score']}"}
             for r in result["label_issues"] if r["path"] not in gone] + removed
@@ -389,14 +389,15 @@ def keep_earlier(path: Path) -> Optional[Path]:
 def free_name(path: str, new_class: str, taken: set) -> str:
     """'' where the photo keeps its name in ``new_class``; else a name no photo there has (``IMG_1-sea.jpg``,
     then ``IMG_1-sea-2.jpg``...): two class folders each holding an IMG_1.jpg made --apply refuse the list as
-    written. ``taken`` (the folder's paths, and the places given so far) gets the place."""
+    written. ``taken`` (the folder's paths, and the places given so far, casefolded) gets the place: a name equal to
+    one there but for case (``IMG_1.JPG`` beside ``img_1.jpg``) is the same file on a case-insensitive disk."""
     name, given = PurePosixPath(path).name, PurePosixPath(path).parts[0]
     stem, ext = PurePosixPath(name).stem, PurePosixPath(name).suffix
     n, i = name, 1
-    while f"{new_class}/{n}" in taken:
+    while f"{new_class}/{n}".casefold() in taken:
         i += 1
         n = f"{stem}-{given}{ext}" if i == 2 else f"{stem}-{given}-{i - 1}{ext}"
-    taken.add(f"{new_class}/{n}")
+    taken.add(f"{new_class}/{n}".casefold())
     return "" if n == name else n
 
 
