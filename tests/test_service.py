@@ -316,6 +316,17 @@ def test_info_and_health(client, head):
     assert health["status"] == "ok" and health["images"] == before + 2
 
 
+def test_a_browsers_favicon_request_is_no_content_not_a_404(client):
+    """A browser asks for /favicon.ico (on /health and /info too): each time a 404 line in the access log. It is
+    now 204 with no body, and the page names an empty icon (data:,) so it asks for none."""
+    from pipeline.serving.service import page_html
+
+    r = client.get("/favicon.ico")
+    assert r.status_code == 204 and r.content == b""
+    assert '<link rel="icon" href="data:,">' in page_html()
+    assert "/favicon.ico" not in client.get("/openapi.json").json()["paths"]
+
+
 def test_concurrent_requests_share_batches(head):
     app = pipeline.serve_app(head, precision="fp32", max_wait_ms=300, batch_size=64)
     files = photos(head)[:8]

@@ -361,7 +361,7 @@ def build_app(cfg: ServeConfig):
     check(cfg)
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import HTMLResponse, JSONResponse
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
     from starlette.requests import ClientDisconnect
@@ -390,6 +390,10 @@ def build_app(cfg: ServeConfig):
     @app.get("/", response_class=HTMLResponse)
     async def page():
         return HTMLResponse(page_html())
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def icon():  # a browser asks for it (the page names none: data:,), on /health too: a 404 line each time
+        return Response(status_code=204)
 
     @app.get("/health")
     async def health():
