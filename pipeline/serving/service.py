@@ -242,7 +242,9 @@ class DrainDeadline:
         except asyncio.CancelledError:  # uvicorn forcing the exit (a second Ctrl-C): nothing left behind
             request.cancel()
             drained.cancel()
-            raise
+            if not started:  # not raised: uvicorn logged it as a CancelledError traceback (lifespan says it)
+                await self._stopped(scope, receive, send, "a second Ctrl-C ended the drain before the request was done")
+            return
         if request.done():
             drained.cancel()
             return request.result()
@@ -250,11 +252,14 @@ class DrainDeadline:
         with contextlib.suppress(asyncio.CancelledError):
             await request
         if not started:
-            from fastapi.responses import JSONResponse
+            await self._stopped(scope, receive, send, f"the request was not done within the "
+                                                      f"{self.service.cfg.drain_seconds:g} s of --drain-seconds")
 
-            await JSONResponse({"detail": f"the service stopped: the request was not done within the "
-                                          f"{self.service.cfg.drain_seconds:g} s of --drain-seconds"},
-                               503)(scope, receive, send)
+    @staticmethod
+    async def _stopped(scope, receive, send, why: str) -> None:
+        from fastapi.responses import JSONResponse
+
+        await JSONResponse({"detail": f"the service stopped: {why}"}, 503)(scope, receive, send)
 
 
 def page_html() -> str:
@@ -371,7 +376,11 @@ def build_app(cfg: ServeConfig):
     @contextlib.asynccontextmanager
     async def lifespan(app):
         svc.loop, svc.drained = asyncio.get_running_loop(), asyncio.Event()  # bound to the loop that serves
-        yield
+        try:
+            yield
+        except asyncio.CancelledError:  # a second Ctrl-C: uvicorn quits at once; a traceback, before, per task
+            log.warning("stopped at once (a second Ctrl-C): requests still in flight are answered 503")
+            return
         # uvicorn has answered every request in flight by now: what is still queued runs, then the worker stops
         await run_in_threadpool(svc.batcher.close, cfg.drain_seconds or None)
         if svc.explainer is not None:
