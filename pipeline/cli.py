@@ -85,8 +85,9 @@ class NamedPath(click.Path):
 
 
 class FolderName(click.ParamType):
-    """A folder option declared as text (--data, --cache-dir, --runs-dir): an empty name refused as NamedPath
-    refuses it: ``--runs-dir "$RUNS"`` with RUNS unset wrote the runs into the working folder."""
+    """A folder option declared as text (--data, --cache-dir, --runs-dir, a DIR): an empty name refused as NamedPath
+    refuses it: ``--runs-dir "$RUNS"`` with RUNS unset wrote the runs into the working folder, ``--calib-data ''``
+    (default '': not given) calibrated on --data without a word."""
 
     name = "text"
 
@@ -191,7 +192,7 @@ def _click_type(f, opt):
         return click.Choice(opt.choices)
     if opt.path:
         return NamedPath(dir_okay=opt.path != "file", file_okay=opt.path != "dir")
-    if (f.name == "data" or f.name.endswith("_dir")) and _default(f) != "":
+    if f.name == "data" or f.name.endswith("_dir") or opt.metavar == "DIR":
         return FolderName()
     return {"int": int, "float": FINITE}.get(field_kind(f))
 
@@ -232,8 +233,11 @@ def click_param(f):
         else:
             kw["is_flag"] = True
         return click.option(*names, f.name, help=opt.help, **kw)
-    return click.option(*names, f.name, type=_click_type(f, opt), required=opt.required, multiple=opt.multiple,
-                        metavar=opt.metavar, help=opt.help, callback=_range_check(f, opt), **kw)
+    kind, callback = _click_type(f, opt), _range_check(f, opt)
+    if isinstance(kind, FolderName) and default == "" and not opt.required:  # '' is "not given": click's default
+        kw["default"], callback = None, lambda ctx, param, value: "" if value is None else value  # is not checked
+    return click.option(*names, f.name, type=kind, required=opt.required, multiple=opt.multiple,
+                        metavar=opt.metavar, help=opt.help, callback=callback, **kw)
 
 
 def options_from(cls, only: tuple = ()):

@@ -626,7 +626,8 @@ class PredictConfig(RunnerOptions):
         metavar="DIR", doc=(
             "write each photo's heatmap over it (where its class was decided: [heatmaps.md](heatmaps.md)) into DIR as "
             "`NNNNN-name.png` (its number in the input order, the name's stem with anything but letters, digits, `-`, "
-            "`_`, `.` as `_`), named in the rows' `heatmap` column; from the same forward pass as the rows. Refused "
+            "`_`, `.` as `_`; never over a file: a name an earlier run left gets `-2`, `-3`...), named in the rows' "
+            "`heatmap` column; from the same forward pass as the rows. Refused "
             "where `--output` is (inside a photo folder, over an input) and in the folder of a photo named alone")))
 
 

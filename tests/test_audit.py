@@ -467,6 +467,20 @@ def test_fixes_csv_names_a_free_name_where_the_class_holds_that_name_already(tmp
     assert (data / "blue" / "blue.0-red.jpg").is_file() and (data / "blue" / "blue.0.jpg").is_file()
 
 
+def test_fixes_csv_free_names_differ_from_the_class_folders_names_in_more_than_case(tmp_path):
+    """blue/ holding IMG_1.JPG and a relabel of red/img_1.jpg to blue: fixes.csv kept its name, the same file on a
+    case-insensitive disk, so --apply there refused the list as written; two relabels to one name but for case the
+    same. Each such row now gets a new_name apart from every name there, ignoring case."""
+    issues = [{"path": p, "given": p.split("/")[0], "suggested": "blue", "score": 0.9, "row": 0}
+              for p in ("red/img_1.jpg", "red/a.jpg", "green/A.JPG")]
+    from pipeline.reports.audit import write_fixes_csv
+
+    write_fixes_csv({"label_issues": issues, "duplicates": [], "outliers": [],
+                     "_paths": ["blue/IMG_1.JPG", "red/img_1.jpg", "red/a.jpg", "green/A.JPG"]}, tmp_path / "f.csv")
+    rows = {r["path"]: r["new_name"] for r in csv.DictReader(open(tmp_path / "f.csv"))}
+    assert rows == {"red/img_1.jpg": "img_1-red.jpg", "red/a.jpg": "", "green/A.JPG": "A-green.JPG"}
+
+
 def test_the_training_folder_given_as_test_folder_is_said_in_one_line(tmp_path):
     """audit --data D --test-data D listed every photo as a train/test leak of itself without a word that the two
     folders are one; now a warning says so (as fit-head and compare-sklearn warn of copies and go on), by any name."""

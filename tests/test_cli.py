@@ -193,3 +193,21 @@ def test_an_empty_folder_name_is_refused_not_taken_for_the_working_folder(tmp_pa
     r = CliRunner().invoke(cli, args)
     assert r.exit_code == 2 and "'' is an empty name; give a folder" in r.stderr, r.output
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args", [["extract", "--calib-data", ""], ["extract", "--shard-dir", ""],
+                                  ["audit", "--test-data", ""], ["suggest", "--pool", ""]])
+def test_an_empty_name_of_a_folder_option_whose_default_is_none_given_is_refused(tmp_path, monkeypatch, args):
+    """``--calib-data "$CALIB"`` with CALIB unset calibrated on --data, ``--shard-dir ''`` put the shards beside
+    the cache and ``audit --test-data ''`` audited no test folder, each exiting 0 as if the option were not given
+    (its default is ''); ``suggest --pool ''`` said only that it needs --pool. Now refused as --data '' is, naming
+    the option; left out, each is still not given."""
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(cli, [*args, "--data", "d"])
+    assert r.exit_code == 2 and f"Invalid value for '{args[1]}': '' is an empty name; give a folder" in r.stderr, \
+        r.output
+    assert list(tmp_path.iterdir()) == []
+    seen = {}
+    monkeypatch.setattr("pipeline.api.extract_features", lambda data, **kw: seen.update(kw) or 1 / 0)
+    CliRunner().invoke(cli, ["extract", "--data", "d"])
+    assert seen["calib_data"] == "" and seen["shard_dir"] == ""

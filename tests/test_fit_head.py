@@ -226,6 +226,28 @@ def test_test_data_is_extracted_like_the_cache_scored_and_copies_are_reported(tm
                                runs_dir=str(tmp_path / "runs")))
 
 
+def test_the_training_folder_given_as_test_folder_is_said_as_audit_says_it(tmp_path, make_cache, image_folder):
+    """fit-head and compare-sklearn --test-data D, D the training folder (or a link to it, or D/), said only that
+    the test images have the same content as training images; now they say, as audit does, that the test folder is
+    the training folder (compare-sklearn once, not once per head kind), and go on."""
+    cache = make_cache(image_folder).cache
+    (tmp_path / "link").symlink_to(image_folder, target_is_directory=True)
+    said = "is the training folder {}: the test accuracy counts the photos the head was fitted on; pass a test folder"
+    for test in (str(tmp_path / "link"), f"{image_folder}/"):
+        r = CliRunner().invoke(cli, ["fit-head", "--cache", cache, "--head", "linear", "--epochs", "1",
+                                     "--test-data", test, "--runs-dir", str(tmp_path / "runs")])
+        assert r.exit_code == 0, r.output
+        assert f"--test-data {test!r} {said.format(image_folder)}" in r.stderr, r.stderr
+    r = CliRunner().invoke(cli, ["compare-sklearn", "--cache", cache, "--epochs", "1", "--test-data", str(image_folder),
+                                 "--runs-dir", str(tmp_path / "runs")])
+    assert r.exit_code == 0, r.output
+    assert r.stderr.count(said.format(image_folder)) == 1, r.stderr
+    other = make_image_folder(tmp_path / "other", per_class=3, seed=7)
+    r = CliRunner().invoke(cli, ["fit-head", "--cache", cache, "--head", "linear", "--epochs", "1",
+                                 "--test-data", str(other), "--runs-dir", str(tmp_path / "runs")])
+    assert r.exit_code == 0 and "training folder" not in r.stderr, r.output
+
+
 def test_tune_on_a_pooled_cache_leaves_out_the_views_it_cannot_give(make_cache, image_folder, tmp_path):
     pooled = make_cache(image_folder, pool="avg", cache_dir=str(tmp_path / "pooled")).cache
     r = fit_head(FitHeadConfig(cache=pooled, tune=True, val_fraction=0.25, folds=3, runs_dir=str(tmp_path / "runs")))

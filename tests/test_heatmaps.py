@@ -277,6 +277,30 @@ def test_predict_explain_writes_one_overlay_per_photo_beside_its_rows(patch_data
     assert Image.open(out / written[0]).size == (32, 32)
 
 
+def test_predict_explain_into_the_same_folder_again_writes_over_nothing(patch_data, tmp_path):
+    """predict --explain DIR twice over the same photos replaced the first run's heatmaps (the same numbers and
+    names); the second run's now take free names (NNNNN-name-2.png), named in its rows."""
+    from click.testing import CliRunner
+
+    from pipeline import cli
+
+    root, data, photos, _ = patch_data
+    head, out = pipeline_head(root, data), tmp_path / "maps"
+    args = ["predict", *photos[:2], "--model", head, "--workers", "0", "--format", "csv", "--explain", str(out)]
+    assert CliRunner().invoke(cli.cli, args).exit_code == 0
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    (out / "00001-blue.1.png").write_bytes(b"the user's own")  # a file not predict's: kept too
+    r = CliRunner().invoke(cli.cli, args)
+    assert r.exit_code == 0, r.output
+    assert sorted(first) == ["00000-blue.0.png", "00001-blue.1.png"] and sorted(p.name for p in out.iterdir()) == [
+        "00000-blue.0-2.png", "00000-blue.0.png", "00001-blue.1-2.png", "00001-blue.1.png"]
+    assert (out / "00000-blue.0.png").read_bytes() == first["00000-blue.0.png"]
+    assert (out / "00001-blue.1.png").read_bytes() == b"the user's own"
+    assert (out / "00000-blue.0-2.png").read_bytes() == first["00000-blue.0.png"]  # the same photo's map again
+    rows = list(csv.DictReader(io.StringIO(r.stdout)))
+    assert [row["heatmap"] for row in rows] == [str(out / "00000-blue.0-2.png"), str(out / "00001-blue.1-2.png")]
+
+
 def test_predict_explain_is_refused_among_the_photos(patch_data):
     from click.testing import CliRunner
 

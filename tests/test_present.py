@@ -181,3 +181,21 @@ def test_suggest_says_there_is_nothing_to_suggest_when_every_pool_photo_is_label
     lines = present.suggest_text(r).splitlines()
     assert lines[0].startswith("nothing to suggest: all 15 pool photos are already labelled")
     assert lines[1:] == ["list: s.csv", "page: s.html"]
+
+
+def test_a_loss_of_zero_is_never_printed_as_a_negative_zero():
+    """compare-sklearn printed '-0.0000' where a scikit-learn model gave every validation photo probability 1 (its
+    log-loss, -mean(log 1), is -0.0); fit-head's and evaluate's losses the same. Every loss now reads 0.0000."""
+    import numpy as np
+
+    from pipeline.heads.compare import CompareResult
+    from pipeline.heads.model_selection import log_loss
+
+    zero = log_loss(np.array([0, 1]), np.eye(2))
+    assert zero == 0 and str(zero) == "-0.0"
+    model = {"model": "sklearn LogisticRegression (flat, standardized, C=1)", "val_acc": 1.0, "val_loss": zero,
+             "test_acc": 1.0, "test_loss": zero, "fit_seconds": 0.1, "per_class_val_acc": {"blue": 1.0}}
+    text = present.compare_text(CompareResult(cache="c.h5", split={"train_rows": 8, "val_rows": 2, "seed": 0},
+                                              models=[model], head_run_dir="runs/x", test_cache="t.h5",
+                                              source_changed=None, default_cache=None))
+    assert "0.0000" in text and "-0" not in text, text

@@ -316,6 +316,17 @@ def test_info_and_health(client, head):
     assert health["status"] == "ok" and health["images"] == before + 2
 
 
+def test_a_browsers_favicon_request_is_no_content_not_a_404(client):
+    """A browser asks for /favicon.ico (on /health and /info too): each time a 404 line in the access log. It is
+    now 204 with no body, and the page names an empty icon (data:,) so it asks for none."""
+    from pipeline.serving.service import page_html
+
+    r = client.get("/favicon.ico")
+    assert r.status_code == 204 and r.content == b""
+    assert '<link rel="icon" href="data:,">' in page_html()
+    assert "/favicon.ico" not in client.get("/openapi.json").json()["paths"]
+
+
 def test_concurrent_requests_share_batches(head):
     app = pipeline.serve_app(head, precision="fp32", max_wait_ms=300, batch_size=64)
     files = photos(head)[:8]
@@ -381,9 +392,10 @@ def serving(head: Path, *options: str, stderr=subprocess.STDOUT):
             proc.wait()
 
 
-def predict_then_sigterm(url: str, proc: subprocess.Popen, photo):
-    """The answer to a /predict of ``photo`` sent now, with SIGTERM sent to the service once the photo waits in its
-    batcher (/health's ``waiting``): a fixed delay sent it, on a loaded machine, before the request had arrived."""
+def predict_then_sigterm(url: str, proc: subprocess.Popen, photo, signals=(signal.SIGTERM,)):
+    """The answer to a /predict of ``photo`` sent now, with SIGTERM (or ``signals``, 0.2 s apart) sent to the service
+    once the photo waits in its batcher (/health's ``waiting``): a fixed delay sent it, on a loaded machine, before
+    the request had arrived."""
     import httpx
 
     answer = {}
@@ -393,7 +405,9 @@ def predict_then_sigterm(url: str, proc: subprocess.Popen, photo):
         while polling.get(f"{url}/health").json()["waiting"] == 0:
             assert t.is_alive(), "the photo never waited in the batcher"
             time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
+    for k, sig in enumerate(signals):
+        time.sleep(0.2 if k else 0)
+        proc.send_signal(sig)
     t.join(30)
     return answer["r"]
 
@@ -500,6 +514,18 @@ def test_past_drain_seconds_a_request_in_flight_gets_a_clean_503(head):
         assert proc.wait(30) == 0
         log = proc.stdout.read()
         assert "Traceback" not in log and "Exception in ASGI" not in log, log
+
+
+def test_a_second_ctrl_c_while_draining_is_one_line_not_two_tracebacks(head):
+    """A second Ctrl-C while serve drained (uvicorn quitting at once) logged two CancelledError tracebacks, the
+    lifespan's and the request's, and answered the request 500; now one line, and the request a 503 saying why."""
+    with serving(head, "--max-wait-ms", "1000", "--drain-seconds", "60") as (proc, url):
+        r = predict_then_sigterm(url, proc, photos(head)[0], signals=(signal.SIGINT, signal.SIGINT))
+        assert r.status_code == 503 and "a second Ctrl-C" in r.json()["detail"], r.text
+        assert proc.wait(30) == 130
+        log = proc.stdout.read()
+        assert "Traceback" not in log and "CancelledError" not in log and "Exception in ASGI" not in log, log
+        assert log.count("stopped at once (a second Ctrl-C)") == 1, log
 
 
 def _port(url: str) -> int:

@@ -599,6 +599,20 @@ def warn_once(said: Optional[set], line: str) -> None:
         said.add(line)
 
 
+def warn_same_folder(test_data: Optional[str], test_cache: Optional[str], root: str, test_root: str, what: str,
+                     said: Optional[set] = None) -> None:
+    """One line where the test photos are the training photos (the same folder, by any name, or one inside the
+    other), saying what that does to the result (``what``): fit-head and compare-sklearn said only that the test
+    photos are copies of training photos; audit, fit-head and compare-sklearn say it alike, and go on."""
+    train, test = Path(root).resolve(), Path(test_root).resolve()
+    how = ("is" if train == test else "is inside" if test.is_relative_to(train) else
+           "holds" if train.is_relative_to(test) else "")
+    if how:
+        given = (f"--test-data {test_data!r}" if test_data else
+                 f"--test-cache {test_cache!r} was made from {test}, which")
+        warn_once(said, f"{given} {how} the training folder {train}: {what}; pass a test folder apart from it")
+
+
 def overlap(train: FeatureCache, train_idx, test: FeatureCache) -> list[str]:
     """Test images whose file content equals a training image's (sha256), reported, never silently scored."""
 
@@ -754,6 +768,9 @@ def fit_head(cfg: FitHeadConfig, said: Optional[set] = None, part_of: Optional[s
         if cfg.test_data or cfg.test_cache:
             with (cache.like([test_cache_for(cfg, part) for part in cache.parts]) if fused
                   else FeatureCache(test_cache_for(cfg, cache))) as tc:
+                warn_same_folder(cfg.test_data, cfg.test_cache, cache.attrs["data_root"],  # a copy's cache may
+                                 cfg.test_data or tc.attrs["data_root"],  # be the original's, hit: its data_root
+                                 "the test accuracy counts the photos the head was fitted on", said)
                 tc = relabelled_test(tc, cache.classes, said)  # some of the head's classes: labels as the head's
                 test = {**scores(head, tc, np.arange(tc.n), device, cfg.block_rows), "cache": str(tc.path),
                         "overlap": overlap(cache, fit.fitted_idx, tc)}  # a refitted head saw the val rows too

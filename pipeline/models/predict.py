@@ -9,6 +9,7 @@ computed so far: the output file is completed with them (``Interrupted``). Boole
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import os
 import time
@@ -22,6 +23,7 @@ import torch
 from ..config import ImagenetCheckConfig, PredictConfig, check_config, check_options, option_text
 from ..data.folders import NOT_UTF8, ImageLoadError, is_image_name, load_rgb, walk
 from ..data.image_reader import Batch, ImageListDataset, Item, load_transformed, read_items
+from ..data.moves import rename_no_replace
 from ..devices import resolve_device
 from ..errors import UsageError
 from ..extraction import backbones as bb
@@ -37,6 +39,7 @@ from ..files import (
     numbered_name,
     one_line,
     shown,
+    unwinding_on_signals,
     writing,
 )
 from ..heads.heatmaps import overlay
@@ -312,11 +315,25 @@ def iter_predictions(lm, model, files: list[str], batch_size: int, workers: int,
 
 
 def write_overlay(lm, item: Item, cam, folder: Path) -> str:
-    """A good photo's heatmap over it as ``folder/NNNNN-name.png`` (its number in the input order); the
-    file's name (its row's ``heatmap``)."""
-    path = folder / numbered_name(item.position, item.path, ".png")
-    atomic_write(path, lambda tmp: overlay(lm.transform, item.image, cam).save(tmp, format="PNG"))
-    return str(path)
+    """A good photo's heatmap over it as ``folder/NNNNN-name.png`` (its number in the input order), never over a
+    file: where an earlier run into the folder left that name (the same photos again), ``NNNNN-name-2.png``, then
+    ``-3``... (that run's file was replaced). The file's name (its row's ``heatmap``)."""
+    name = numbered_name(item.position, item.path, ".png")
+    tmp = folder / f".{name}.{os.getpid()}.tmp"
+    with unwinding_on_signals():
+        try:
+            with writing(folder / name):
+                overlay(lm.transform, item.image, cam).save(tmp, format="PNG")
+                for i in itertools.count(1):
+                    path = folder / (name if i == 1 else f"{name[:-len('.png')]}-{i}.png")
+                    try:
+                        rename_no_replace(tmp, path)  # in one step: a file made meanwhile is kept too
+                        return str(path)
+                    except FileExistsError:
+                        continue
+        finally:
+            if tmp.exists():
+                tmp.unlink()
 
 
 def row_columns(explained: bool) -> tuple:

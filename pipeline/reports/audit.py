@@ -27,7 +27,7 @@ from ..data.moves import rename_no_replace
 from ..errors import DeviceMissing, PackageMissing, UsageError
 from ..files import SafeCsvWriter, atomic_write, check_output, write_json, writing
 from ..heads.cache_views import CacheViews
-from ..heads.fit_head import check_labelled
+from ..heads.fit_head import check_labelled, warn_same_folder
 from ..progress import progress
 from ..runs.run_folders import new_run_dir
 from . import duplicates as dup
@@ -127,20 +127,6 @@ def test_cache(cfg: AuditConfig, cache: FeatureCache) -> Optional[Path]:
     return test_cache_for(FitHeadConfig(test_data=cfg.test_data, test_cache=cfg.test_cache), cache)
 
 
-def warn_same_folder(cfg: AuditConfig, root: str, test_root: str) -> None:
-    """One line where the test photos are the training photos (the same folder, by any name, or one inside the
-    other): every photo is then listed as a leak of itself. A warning, as fit-head and compare-sklearn warn of
-    test images that are copies of training images and go on."""
-    train, test = Path(root).resolve(), Path(test_root).resolve()
-    how = ("is" if train == test else "is inside" if test.is_relative_to(train) else
-           "holds" if train.is_relative_to(test) else "")
-    if how:
-        given = (f"--test-data {cfg.test_data!r}" if cfg.test_data else
-                 f"--test-cache {cfg.test_cache!r} was made from {test}, which")
-        log.warning("%s %s the training folder %s: its photos are listed as leaks of themselves; pass a test folder "
-                    "apart from it", given, how, train)
-
-
 def pooled(cache: FeatureCache) -> tuple[np.ndarray, np.ndarray]:
     """(average-pooled rows for the head, the rows near copies are compared in) of every cache row
     (float32, in memory: 2 KB a row and view for VGG-16), read in one pass."""
@@ -207,7 +193,8 @@ def analyse(cfg: AuditConfig) -> dict:
             with FeatureCache(tpath) as tc:
                 test = {"cache": str(tpath), "root": photo_root(cfg.test_data, tc), "paths": tc.paths,
                         "near": pooled(tc)[1], "digests": tc.row_digests(), "labels": np.asarray(tc.labels, np.int64)}
-            warn_same_folder(cfg, root, test["root"])
+            warn_same_folder(cfg.test_data, cfg.test_cache, root, test["root"],
+                             "its photos are listed as leaks of themselves")
     seconds["read"] = time.time() - t0
     t = time.time()
     issues = label_issues(avg, labels, classes, folds=cfg.folds, seed=cfg.seed, copies=digests)
@@ -347,7 +334,7 @@ def write_fixes_csv(result: dict, path: Path) -> None:
             removed += [{"path": p, "action": "remove", "new_class": "", "why": f"exact copy of {kept}"}
                         for p in g["paths"] if p != kept]
     gone = {r["path"] for r in removed}
-    taken = set(result.get("_paths", ())) | {u["path"] for u in result.get("unreadable", ())}  # on disk too
+    taken = {p.casefold() for p in [*result.get("_paths", ()), *(u["path"] for u in result.get("unreadable", ()))]}
     rows = [{"path": r["path"], "action": "relabel", "new_class": r["suggested"],
              "new_name": free_name(r["path"], r["suggested"], taken), "why": f"label issue {r['score']}"}
             for r in result["label_issues"] if r["path"] not in gone] + removed
@@ -389,14 +376,15 @@ def keep_earlier(path: Path) -> Optional[Path]:
 def free_name(path: str, new_class: str, taken: set) -> str:
     """'' where the photo keeps its name in ``new_class``; else a name no photo there has (``IMG_1-sea.jpg``,
     then ``IMG_1-sea-2.jpg``...): two class folders each holding an IMG_1.jpg made --apply refuse the list as
-    written. ``taken`` (the folder's paths, and the places given so far) gets the place."""
+    written. ``taken`` (the folder's paths, and the places given so far, casefolded) gets the place: a name equal to
+    one there but for case (``IMG_1.JPG`` beside ``img_1.jpg``) is the same file on a case-insensitive disk."""
     name, given = PurePosixPath(path).name, PurePosixPath(path).parts[0]
     stem, ext = PurePosixPath(name).stem, PurePosixPath(name).suffix
     n, i = name, 1
-    while f"{new_class}/{n}" in taken:
+    while f"{new_class}/{n}".casefold() in taken:
         i += 1
         n = f"{stem}-{given}{ext}" if i == 2 else f"{stem}-{given}-{i - 1}{ext}"
-    taken.add(f"{new_class}/{n}")
+    taken.add(f"{new_class}/{n}".casefold())
     return "" if n == name else n
 
 

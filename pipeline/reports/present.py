@@ -2,7 +2,8 @@
 
 The CLI parses options, calls one API function and hands its result here; the stages return results and
 write files (predict's csv/json/table rows stay in ``models/predict.py``: they are its output files too).
-Nothing here computes or writes anything, and nothing here imports torch.
+Nothing here computes or writes anything, and nothing here imports torch. A loss is printed ``+ 0.0``: one of 0
+computed as -mean(log 1) is -0.0, which read '-0.0000'.
 """
 from __future__ import annotations
 
@@ -54,17 +55,17 @@ def fit_head_text(r: FitHeadResult) -> str:
     best = f", best epoch {r.best_epoch} of {len(r.history)}" if r.history else ""
     tuned = f" (tuned: {r.tuning['choice']})" if r.tuning else ""
     lines = [f"{r.head}{tuned}",
-             f"val acc {r.val_acc:.3f}, val loss {r.val_loss:.4f} ({r.train_rows} train / {r.val_rows} "
+             f"val acc {r.val_acc:.3f}, val loss {r.val_loss + 0.0:.4f} ({r.train_rows} train / {r.val_rows} "
              f"val rows, {r.fit_seconds:.1f} s{best})",
              f"per-class val acc: {per_class}"]
     if r.tuning:
         t = r.tuning
         lines.append(f"{t['folds']}-fold CV on the training rows: acc {t['cv_acc']:.3f} ± {t['cv_acc_std']:.3f}, "
-                     f"log-loss {t['cv_log_loss']:.4f}")
+                     f"log-loss {t['cv_log_loss'] + 0.0:.4f}")
     if r.tuning and r.tuning.get("fusion"):
         tried = r.tuning["fusion"]
         lines.append("fused features or one cache alone, by CV acc / log-loss: "
-                     + ", ".join(f"{t['rows']} {t['cv_acc']:.3f} / {t['cv_log_loss']:.4f}" for t in tried)
+                     + ", ".join(f"{t['rows']} {t['cv_acc']:.3f} / {t['cv_log_loss'] + 0.0:.4f}" for t in tried)
                      + f"; kept {next(t['rows'] for t in tried if t['chosen'])}")
     lines += trust_lines(r.trust)
     if r.test:
@@ -72,7 +73,7 @@ def fit_head_text(r: FitHeadResult) -> str:
         # a class without test photos (a test set of some of the head's classes): '-', as evaluate says it
         per = ", ".join(f"{c} {a:.3f}" if a is not None else f"{c} -" for c, a in t["per_class"].items())
         cal = t["calibration"]
-        lines += [f"test acc {t['acc']:.3f}, test loss {t['loss']:.4f} ({t['rows']} images of {t['cache']})",
+        lines += [f"test acc {t['acc']:.3f}, test loss {t['loss'] + 0.0:.4f} ({t['rows']} images of {t['cache']})",
                   f"per-class test acc: {per}",
                   f"test ECE {cal['after']['ece']:.4f} calibrated, {cal['before']['ece']:.4f} without the temperature"
                   if r.trust.get("calibration_rows") else  # --calibrate none: one figure, of a head not calibrated
@@ -91,7 +92,7 @@ def compare_text(result: CompareResult) -> str:
     test = any("test_acc" in m for m in models)
     rows = [("model", "val acc", "val log-loss", *(("test acc", "test log-loss") if test else ()), "fit time")]
     for m in models:
-        loss = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731 (an SVC gives no probabilities)
+        loss = lambda v: "-" if v is None else f"{v + 0.0:.4f}"  # noqa: E731 (an SVC gives no probabilities)
         t = (f"{m['test_acc']:.3f}", loss(m["test_loss"])) if "test_acc" in m else (("-", "-") if test else ())
         rows.append((m["model"], f"{m['val_acc']:.3f}", loss(m["val_loss"]), *t, f"{m['fit_seconds']:.1f} s"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -121,7 +122,7 @@ def choose_backbone_text(choice: BackboneChoice) -> str:
         noise = "" if c.name == choice.best else ("  (within noise)" if c.within_noise else "")
         rate = f"{c.img_per_s:7.1f}" if c.img_per_s else f"{'n/a':>7}"
         lines.append(f"{mark} {c.name:<{w}}  {c.features:>8}  {100 * c.acc:6.1f} ± {100 * c.acc_se:4.1f} %  "
-                     f"{c.log_loss:6.3f} ± {c.log_loss_se:5.3f}  {vs:>13}  {rate}  {c.mb_per_1000:6.1f}{noise}")
+                     f"{c.log_loss + 0.0:6.3f} ± {c.log_loss_se:5.3f}  {vs:>13}  {rate}  {c.mb_per_1000:6.1f}{noise}")
     lines.append(f"(* recommended; extraction {choice.extract_seconds:.0f} s, "
                  f"cross-validation {choice.cv_seconds:.0f} s; img/s as extract ran on this machine, "
                  "n/a for a cache made before rates were kept)")
@@ -223,7 +224,7 @@ def evaluate_text(result: EvaluateResult) -> str:
             f"{result.rows} photos of none of the model's classes ({result.source}); best class: {called} "
             f"(median top probability {result.median_top_probability:.2f})"])
     cal = result.calibration
-    lines = [f"accuracy {result.accuracy:.3f}, loss {result.loss:.4f}, macro F1 {result.macro_f1:.3f} "
+    lines = [f"accuracy {result.accuracy:.3f}, loss {result.loss + 0.0:.4f}, macro F1 {result.macro_f1:.3f} "
              f"on {result.rows} images ({result.source})"]
     width = max(5, *(len(c) for c in result.per_class))
     lines.append(f"{'class':<{width}}  precision  recall     f1  support")
@@ -232,7 +233,7 @@ def evaluate_text(result: EvaluateResult) -> str:
         lines.append(f"{c:<{width}}  {p:>9}  {r:>6}  {f:>5}  {m['support']:>7d}")
     b, a = cal["before"], cal["after"]
     lines += [f"calibration (T = {cal['temperature']:.3f}): ECE {b['ece']:.4f} -> {a['ece']:.4f}, log-loss "
-              f"{b['log_loss']:.4f} -> {a['log_loss']:.4f}, Brier {b['brier']:.4f} -> {a['brier']:.4f}",
+              f"{b['log_loss'] + 0.0:.4f} -> {a['log_loss'] + 0.0:.4f}, Brier {b['brier']:.4f} -> {a['brier']:.4f}",
               *_unknown_line(result),
               f"reliability diagram: {result.reliability_png}",
               f"confusion matrix: {result.confusion_png}"]
@@ -433,7 +434,7 @@ def train_text(result: TrainResult) -> str:
     """train's and finetune's result as the lines a person reads."""
     m = result.metrics
     per_class = ", ".join(f"{c} {a:.3f}" if a is not None else f"{c} -" for c, a in m["per_class_val_acc"].items())
-    return "\n".join([f"val acc {result.val_acc:.3f}, val loss {result.val_loss:.4f} ({m['train_rows']} "
+    return "\n".join([f"val acc {result.val_acc:.3f}, val loss {result.val_loss + 0.0:.4f} ({m['train_rows']} "
                       f"train / {m['val_rows']} val images, {m['skipped']} skipped, "
                       f"{result.fit_seconds:.1f} s)", f"per-class val acc: {per_class}", *trust_lines(m),
                       f"checkpoint: {result.checkpoint}"])

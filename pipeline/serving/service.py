@@ -242,7 +242,9 @@ class DrainDeadline:
         except asyncio.CancelledError:  # uvicorn forcing the exit (a second Ctrl-C): nothing left behind
             request.cancel()
             drained.cancel()
-            raise
+            if not started:  # not raised: uvicorn logged it as a CancelledError traceback (lifespan says it)
+                await self._stopped(scope, receive, send, "a second Ctrl-C ended the drain before the request was done")
+            return
         if request.done():
             drained.cancel()
             return request.result()
@@ -250,11 +252,14 @@ class DrainDeadline:
         with contextlib.suppress(asyncio.CancelledError):
             await request
         if not started:
-            from fastapi.responses import JSONResponse
+            await self._stopped(scope, receive, send, f"the request was not done within the "
+                                                      f"{self.service.cfg.drain_seconds:g} s of --drain-seconds")
 
-            await JSONResponse({"detail": f"the service stopped: the request was not done within the "
-                                          f"{self.service.cfg.drain_seconds:g} s of --drain-seconds"},
-                               503)(scope, receive, send)
+    @staticmethod
+    async def _stopped(scope, receive, send, why: str) -> None:
+        from fastapi.responses import JSONResponse
+
+        await JSONResponse({"detail": f"the service stopped: {why}"}, 503)(scope, receive, send)
 
 
 def page_html() -> str:
@@ -361,7 +366,7 @@ def build_app(cfg: ServeConfig):
     check(cfg)
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import HTMLResponse, JSONResponse
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
     from starlette.requests import ClientDisconnect
@@ -371,7 +376,11 @@ def build_app(cfg: ServeConfig):
     @contextlib.asynccontextmanager
     async def lifespan(app):
         svc.loop, svc.drained = asyncio.get_running_loop(), asyncio.Event()  # bound to the loop that serves
-        yield
+        try:
+            yield
+        except asyncio.CancelledError:  # a second Ctrl-C: uvicorn quits at once; a traceback, before, per task
+            log.warning("stopped at once (a second Ctrl-C): requests still in flight are answered 503")
+            return
         # uvicorn has answered every request in flight by now: what is still queued runs, then the worker stops
         await run_in_threadpool(svc.batcher.close, cfg.drain_seconds or None)
         if svc.explainer is not None:
@@ -390,6 +399,10 @@ def build_app(cfg: ServeConfig):
     @app.get("/", response_class=HTMLResponse)
     async def page():
         return HTMLResponse(page_html())
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def icon():  # a browser asks for it (the page names none: data:,), on /health too: a 404 line each time
+        return Response(status_code=204)
 
     @app.get("/health")
     async def health():
