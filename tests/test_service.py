@@ -393,7 +393,7 @@ def serving(head: Path, *options: str, stderr=subprocess.STDOUT):
 
 
 def predict_then_sigterm(url: str, proc: subprocess.Popen, photo, signals=(signal.SIGTERM,)):
-    """The answer to a /predict of ``photo`` sent now, with SIGTERM (or ``signals``, 0.2 s apart) sent to the service
+    """The answer to a /predict of ``photo`` sent now, with SIGTERM (or ``signals``, 0.1 s apart) sent to the service
     once the photo waits in its batcher (/health's ``waiting``): a fixed delay sent it, on a loaded machine, before
     the request had arrived."""
     import httpx
@@ -406,7 +406,7 @@ def predict_then_sigterm(url: str, proc: subprocess.Popen, photo, signals=(signa
             assert t.is_alive(), "the photo never waited in the batcher"
             time.sleep(0.01)
     for k, sig in enumerate(signals):
-        time.sleep(0.2 if k else 0)
+        time.sleep(0.1 if k else 0)
         proc.send_signal(sig)
     t.join(30)
     return answer["r"]
