@@ -391,6 +391,18 @@ def test_head_clones_and_is_a_classifier():
         h.set_params(lrr=1)
 
 
+def test_a_head_that_ran_a_timm_backbone_pickles_and_predicts_again(work):
+    import pickle
+
+    cache = pipeline.extract_features("data", n=0, backbone="test_efficientnet", weights="none", workers=0)
+    h = pipeline.Head(head="logreg").fit(cache)
+    photos = sorted(map(str, (work / "data" / "red").iterdir()))[:3]
+    first = h.predict_proba(photos)  # loads the backbone: a class timm's trunk makes at load
+    again = pickle.loads(pickle.dumps(h))  # was "Can't pickle local object 'timm_trunk_class.<locals>.TimmTrunk'"
+    assert again.get_params() == h.get_params() and list(again.classes_) == list(h.classes_)
+    assert np.allclose(again.predict_proba(photos), first, atol=1e-6)
+
+
 def test_a_default_head_says_why_it_has_no_curves(cache):
     """fit-head's default head fits by CV: plot_curves said its history.json was missing (it never had one),
     and pipeline.plot_curves(head) said only 'no epochs to plot'."""
