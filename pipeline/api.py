@@ -126,6 +126,8 @@ def _config(cls, what: str, options: dict, **fixed):
     option of its API function, checked, without any change here."""
     _check_options(cls, options, what, exclude=fixed)
     check_options(cls, options, python=True, what=what)
+    empty = {k for k, v in _defaults(cls).items() if v == ""}  # None for such an option (not given, as the CLI
+    options = {k: "" if v is None and k in empty else v for k, v in options.items()}  # says it) is its default ''
     return cls(**_plain({**options, **fixed}))
 
 

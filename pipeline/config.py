@@ -218,6 +218,10 @@ def check_options(cls, values: dict, python: bool = True, what: str = "") -> Non
             continue
         try:
             name = f.name if python else cli_name(f.name, opt)
+            if python and values[f.name] == "" and (opt.path or f.name == "data" or f.name.endswith("_dir")
+                                                    or opt.metavar == "DIR"):
+                # as the CLI refuses --calib-data '': '' (some options' default: not given) named no folder
+                raise UsageError(f"{name}: '' is an empty name; give a {'file' if opt.path == 'file' else 'folder'}")
             if field_kind(f) == "bool":
                 check_flag(values[f.name], name)
             check_value(opt, values[f.name], name, field_kind(f) == "int")

@@ -130,6 +130,24 @@ def test_a_path_of_another_type_is_refused_naming_the_call_and_its_parameter(cal
         call()
 
 
+@pytest.mark.parametrize("call, what", [
+    (lambda: pipeline.extract_features("data", calib_data="", **TINY), "extract_features: calib_data"),
+    (lambda: pipeline.extract_features("data", shard_dir="", **TINY), "extract_features: shard_dir"),
+    (lambda: pipeline.extract_features("data", cache_dir="", **TINY), "extract_features: cache_dir"),
+    (lambda: pipeline.extract_features("", **TINY), "extract_features: data"),
+    (lambda: pipeline.Head(runs_dir="").fit(None), "Head: runs_dir"),
+    (lambda: pipeline.Head(test_data="").fit(None), "Head: test_data"),
+    (lambda: pipeline.Head.load(""), "Head.load: path"),
+])
+def test_an_empty_name_for_a_folder_or_file_is_refused_naming_the_keyword(work, call, what):
+    """As the CLI refuses --calib-data '': calib_data='' calibrated on data, shard_dir='' put the shards beside
+    the cache, runs_dir='' wrote the run into the working folder, test_data='' tested on nothing, and
+    extract_features('') took the working folder for the photos ('class folder 'features' holds no images')."""
+    with pytest.raises(pipeline.UsageError, match=rf"^{what}: '' is an empty name; give a "):
+        call()
+    assert not (work / "features").exists() and not (work / "runs").exists()
+
+
 def test_a_flag_given_as_a_string_is_refused_not_taken_as_true(work):
     """'no' is true to Python: check_image_folder(quarantine='no') moved the broken files it was to leave."""
     (work / "data" / "red" / "broken.jpg").write_bytes(b"")
