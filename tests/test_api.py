@@ -528,6 +528,8 @@ def test_a_boolean_mask_reads_its_true_rows_and_a_fraction_is_refused(cache):
     with pytest.raises(IndexError, match="whole numbers"):
         cache.read_features([2.7])
     assert cache.read_features([]).shape == (0, *everything.shape[1:])
+    for rows in (slice(2, 7), slice(None, None, -3), slice(-2, None)):  # was an IndexError ('got object')
+        np.testing.assert_array_equal(cache.read_features(rows), everything[rows])
     cache.close()
 
 
