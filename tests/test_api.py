@@ -421,6 +421,17 @@ def test_a_head_that_ran_a_timm_backbone_pickles_and_predicts_again(work):
     assert np.allclose(again.predict_proba(photos), first, atol=1e-6)
 
 
+def test_an_output_named_for_another_format_is_refused_in_the_callers_keywords(head, work):
+    """export_model and predict_files said '--output ... --format is 'onnx': pass --format torchscript'."""
+    with pytest.raises(pipeline.UsageError, match=r"^output 'm.pt' names a torchscript file but format is 'onnx': "
+                                                  r"pass format='torchscript', or name the file m.onnx$"):
+        pipeline.export_model(head, "m.pt")
+    with pytest.raises(pipeline.UsageError, match=r"^output 'p.json' names a json file but format is 'csv': give "
+                                                  r"format='json', or an output named .csv$"):
+        pipeline.predict_files(head, "data", output="p.json", format="csv")
+    assert not (work / "m.pt").exists() and not (work / "p.json").exists()
+
+
 def test_a_default_head_says_why_it_has_no_curves(cache):
     """fit-head's default head fits by CV: plot_curves said its history.json was missing (it never had one),
     and pipeline.plot_curves(head) said only 'no epochs to plot'."""
