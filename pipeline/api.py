@@ -133,10 +133,14 @@ def _config(cls, what: str, options: dict, **fixed):
 
 def _path(x, what: str) -> str:
     """A path given as a str, a PathLike, or an object of this API (a Cache, Head or Model); anything else a
-    UsageError naming ``what`` (``files.path_text``)."""
+    UsageError naming ``what`` (``files.path_text``), and so is '' (extract_features('') took the working folder
+    for the photos: 'class folder 'features' holds no images')."""
     if isinstance(x, (Head, Model)):
         return str(x._checkpoint())
-    return path_text(x, what)
+    text = path_text(x, what)
+    if not text:
+        raise UsageError(f"{what} '' is an empty name; give a path")
+    return text
 
 
 def _call_text(name: str, *args, **kwargs) -> str:
@@ -562,7 +566,7 @@ def predict_files(model: Union[Head, Model, PathLike], paths: Union[PathLike, Se
     one = isinstance(paths, (str, bytes, os.PathLike)) or not hasattr(paths, "__iter__")  # b'/x': one path, no list
     paths = [paths] if one else list(paths)
     cfg = _config(PredictConfig, "predict_files", options, model=_path(model, "predict_files: model"),
-                  paths=[_path(p, "predict_files: paths") for p in paths])
+                  paths=[path_text(p, "predict_files: paths") for p in paths])  # '': predict's own refusal
     with verbosity(verbose):
         result = predict(cfg)
     return Rows(result.rows, result)

@@ -223,7 +223,8 @@ def check_options(cls, values: dict, python: bool = True, what: str = "") -> Non
             if python and values[f.name] == "" and (opt.path or f.name == "data" or f.name.endswith("_dir")
                                                     or opt.metavar == "DIR"):
                 # as the CLI refuses --calib-data '': '' (some options' default: not given) named no folder
-                raise UsageError(f"{name}: '' is an empty name; give a {'file' if opt.path == 'file' else 'folder'}")
+                raise UsageError(f"{name} '' is an empty name; give a {'file' if opt.path == 'file' else 'folder'}, "
+                                 f"or leave {name} out")
             if field_kind(f) == "bool":
                 check_flag(values[f.name], name)
             check_value(opt, values[f.name], name, field_kind(f) == "int")

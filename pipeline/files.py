@@ -72,8 +72,6 @@ def path_text(x, what: str) -> str:
     or os.PathLike object, not NoneType', naming no parameter."""
     if not isinstance(x, (str, bytes, os.PathLike)):
         raise UsageError(f"{what} must be a path (a str or pathlib.Path), got {x!r:.60}")
-    if not os.fsdecode(x):  # extract_features('') listed the working folder as the photos' ('features' no images)
-        raise UsageError(f"{what}: '' is an empty name; give a path")
     return os.fsdecode(x)
 
 

@@ -143,7 +143,7 @@ def test_an_empty_name_for_a_folder_or_file_is_refused_naming_the_keyword(work, 
     """As the CLI refuses --calib-data '': calib_data='' calibrated on data, shard_dir='' put the shards beside
     the cache, runs_dir='' wrote the run into the working folder, test_data='' tested on nothing, and
     extract_features('') took the working folder for the photos ('class folder 'features' holds no images')."""
-    with pytest.raises(pipeline.UsageError, match=rf"^{what}: '' is an empty name; give a "):
+    with pytest.raises(pipeline.UsageError, match=rf"^{what} '' is an empty name; give a "):
         call()
     assert not (work / "features").exists() and not (work / "runs").exists()
 
