@@ -270,6 +270,17 @@ def test_head_scores_a_cache_or_a_folder(head, work, make_cache):
     assert head.score(files, ["red"] * 3) == 1.0 and head.score(files, [1, 1, 0]) == pytest.approx(2 / 3)
 
 
+def test_scores_warnings_name_the_split_keyword(cache, caplog):
+    """Head.score and evaluate_model warned 'use --split all on a held-out cache' (and '(fit-head --refit)')."""
+    h = pipeline.Head().fit(cache)  # the default head: refitted on every row, its validation rows included
+    with caplog.at_level("WARNING", logger="pipeline"):
+        h.score(cache)
+        pipeline.evaluate_model(h, cache=cache, split="all", figures=False)
+    said = "\n".join(r.getMessage() for r in caplog.records)
+    assert "(refit=True)" in said and "Use split='all' on a held-out cache" in said, said
+    assert "split='all' scores its training rows too" in said and "--split" not in said and "--refit" not in said
+
+
 def test_save_and_load_round_trip_the_cli_checkpoint(head, work):
     import torch
 
