@@ -479,6 +479,9 @@ def compare_sklearn(cache: Union[Cache, PathLike, None] = None, *, head: Union[H
     # an option both configs have (C, seed, val_fraction, cache_dir) is compare-sklearn's: its C is the
     # scikit-learn baseline's, never the heads'; the split is shared by the stage itself
     head_params.update({k: v for k, v in options.items() if k in head_fields - compare_fields})
+    # values in the caller's keywords, as _config checks them (the stage's own check said '--lr must be ...')
+    check_options(CompareConfig, {k: v for k, v in options.items() if k in compare_fields}, what="compare_sklearn")
+    check_options(FitHeadConfig, head_params, what="compare_sklearn")
     head_params, options = _plain(head_params), _plain(options)
     cfg = CompareConfig(**{k: v for k, v in options.items() if k in compare_fields},
                         cache=None if cache is None else _path(cache, "compare_sklearn: cache"),

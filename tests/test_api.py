@@ -312,6 +312,19 @@ def test_compare_sklearn_returns_rows(cache):
     assert "<table>" in rows._repr_html_() and "sklearn LogisticRegression" in rows._repr_html_()
 
 
+def test_compare_sklearns_bad_values_name_its_keywords(cache, work):
+    """compare_sklearn(cache, lr=-1) or head={'lr': -1} said '--lr must be in (0, 10], got -1' (the stage's check,
+    in the command line's words), and too few photos for the default head '--val-fraction's share'."""
+    for options in ({"lr": -1}, {"head": {"lr": -1}}, {"head": pipeline.Head(lr=-1)}):
+        with pytest.raises(ValueError, match=r"^compare_sklearn: lr must be in \(0, 10\], got -1$"):
+            pipeline.compare_sklearn(cache, **options)
+    with pytest.raises(ValueError, match=r"^compare_sklearn: val_fraction must be in \(0, 1\), got 2"):
+        pipeline.compare_sklearn(cache, val_fraction=2)
+    few = pipeline.extract_features(make_image_folder(work / "few", per_class=3), n=0, **TINY)
+    with pytest.raises(ValueError, match=r"\(training rows: val_fraction's share is held out\); add photos"):
+        pipeline.compare_sklearn(few)
+
+
 def test_evaluate_model_gives_metrics_and_figures(head):
     from matplotlib.figure import Figure
 
