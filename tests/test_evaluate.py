@@ -362,3 +362,25 @@ def test_a_head_whose_cache_moved_is_told_so_and_how_to_name_its_new_place(tmp_p
     assert "pass --cache with its new place" in out.output and out.output.count("\n") == 1, out.output
     again = CliRunner().invoke(cli.cli, [*args, "--cache", str(moved)])
     assert again.exit_code == 0, again.output
+
+
+def test_another_cache_of_a_heads_training_photos_says_how_many(tmp_path, make_cache, image_folder, head_run,
+                                                                 caplog):
+    """evaluate --cache on another cache holding the head's photos (a --n 120 cache of the signdigits10 folder a
+    head was fitted on) read accuracy 1.000 with nothing said, where --data and fit-head --test-cache find them by
+    content. Said, with how many; on a cache of photos it never saw, nothing."""
+    import shutil
+
+    fresh = make_image_folder(tmp_path / "fresh", per_class=3, seed=11)
+    more = tmp_path / "more"  # the head's folder and a photo more: another cache, not the head's own
+    shutil.copytree(image_folder, more)
+    shutil.copy(next((fresh / "red").iterdir()), more / "red" / "new.jpg")
+    for data, seen in ((more, head_run.train_rows), (fresh, 0)):
+        cache = make_cache(data, cache_dir=str(tmp_path / "other_features"), dtype="float32").cache
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            r = evaluate(EvaluateConfig(model=head_run.checkpoint, cache=cache, runs_dir=str(tmp_path / "r")))
+        assert r.rows == (25 if seen else 6)  # every row: a held-out cache
+        said = [r.message for r in caplog.records if "the same content as images the head was fitted on" in r.message]
+        assert len(said) == (1 if seen else 0), caplog.text
+        assert not seen or said[0].startswith(f"{seen} rows of {cache} have the same content as images the head")

@@ -229,7 +229,7 @@ def test_a_file_moved_or_rewritten_during_extraction_is_never_a_permanent_skip(i
 
     changed = []
     _while_reading(monkeypatch, 7, lambda f: (changed.append(f), change(f)))
-    with pytest.raises(PipelineError, match="changed during extraction: 1 files gone or rewritten"):
+    with pytest.raises(PipelineError, match="changed during extraction: 1 file gone or rewritten"):
         extract(cfg(image_folder, tmp_path))
     monkeypatch.undo()
     undo(changed[0])

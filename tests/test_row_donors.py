@@ -96,3 +96,32 @@ def test_reuse_names_only_the_caches_rows_were_copied_from(make_cache, image_fol
     again = make_cache(image_folder, dtype="float32")
     with FeatureCache(again.cache) as c:
         assert again.reused == 24 and json.loads(c.attrs["reuse"])["from"] == [Path(first.cache).name]
+
+
+def test_a_stopped_extraction_gives_its_committed_rows_to_the_folder_changed_since(make_cache, image_folder,
+                                                                                    forward_passes, monkeypatch):
+    """extract stopped (Ctrl-C, a kill, a file moved beside it) after 192 of 301 signdigits10 photos, then a photo
+    added: another request, whose run computed all 301 again, the stopped cache's committed rows ignored. They
+    are copied by content now; only the photos they lack go through the backbone."""
+    from pipeline.extraction import extract_range
+
+    real = extract_range.CacheWriter.append
+    batches = []
+
+    def stop_after_two(self, features, *args, **kwargs):  # Ctrl-C once two batches are committed
+        if features is not None:
+            batches.append(len(features))
+            if len(batches) > 2:
+                raise KeyboardInterrupt
+        return real(self, features, *args, **kwargs)
+
+    monkeypatch.setattr(extract_range.CacheWriter, "append", stop_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        make_cache(image_folder, dtype="float32", batch_size=8)
+    monkeypatch.setattr(extract_range.CacheWriter, "append", real)
+    from PIL import Image
+    Image.new("RGB", (40, 40), (10, 200, 10)).save(image_folder / "blue" / "new.jpg")  # the folder changed
+    forward_passes["images"] = 0
+    second = make_cache(image_folder, dtype="float32", batch_size=8)
+    assert (second.reused, second.computed, second.rows) == (16, 9, 25)
+    assert forward_passes["images"] == 9

@@ -159,6 +159,9 @@ def test_cli_rejects_bad_values(tmp_path, image_folder):
     bad = runner.invoke(cli.cli, ["finetune", "--data", str(image_folder), "--backbone", "tiny", "--weights", "none",
                                   "--unfreeze", "0"])  # was called '--unfreeze none', a value not typed
     assert bad.exit_code == 2 and "--unfreeze 0 leaves nothing of the backbone" in bad.output
+    bad = runner.invoke(cli.cli, ["finetune", "--data", str(image_folder), "--backbone", "tiny", "--weights", "none",
+                                  "--unfreeze", "99"])  # named 'none' among the allowed values, which finetune refuses
+    assert bad.exit_code == 2 and bad.output.strip().splitlines()[-1].endswith("(allowed: all, or 1..3)")
     bad = runner.invoke(cli.cli, ["train", "--data", str(tmp_path / "nope"), "--backbone", "tiny"])
     assert bad.exit_code == 2 and "does not exist" in bad.output
 

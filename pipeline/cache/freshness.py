@@ -77,8 +77,8 @@ def stale_reason(info: CacheInfo, listing, verify: bool) -> tuple[Optional[str],
     digests were checked). Digests are checked with ``verify`` or when the rows' files are small."""
     revived = revived_skips(info, listing)
     if revived:
-        return (f"{len(revived)} files it skipped as unreadable can be read now (e.g. {', '.join(revived[:3])}): "
-                "they were gone or unreadable only for a while", False)
+        return (f"{len(revived)} file{'s' * (len(revived) > 1)} it skipped as unreadable can be read now (e.g. "
+                f"{', '.join(revived[:3])}): gone or unreadable only for a while", False)
     paths, digests = row_files(info)
     size = sum(listing.by_path[p].size for p in paths if p in listing.by_path)
     if not (verify or size <= VERIFY_AUTO_MAX_BYTES):
@@ -91,7 +91,8 @@ def stale_reason(info: CacheInfo, listing, verify: bool) -> tuple[Optional[str],
     edited = edited_rows(listing.root, paths, digests)
     log.debug("verified %d rows' files (%.1f MB) in %.2f s", len(paths), size / 1e6, time.perf_counter() - started)
     if edited:
-        return (f"{len(edited)} photos were rewritten since their rows were computed, size and mtime kept (e.g. "
+        return (f"{len(edited)} photo{'s were' if len(edited) > 1 else ' was'} rewritten since their rows were "
+                f"computed, size and mtime kept (e.g. "
                 f"{', '.join(edited[:3])}; their sha256 differs from the cache's)", True)
     return None, True
 

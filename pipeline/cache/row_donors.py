@@ -1,14 +1,15 @@
 """Rows already computed, found by content: a new extraction copies them instead of running the backbone.
 
 A relabelled photo (moved to another class folder), a renamed one, or the untouched photos of a folder
-that gained a few new ones have the same bytes as before, so the same features. Every complete cache
-in the cache folder that records its rows' sha256 and whose ``Provenance`` agrees on every
-``ROW_FEATURES`` field (backbone, weights, preprocessing, pool, precision, dtype, decoding, int8
-calibration, flip: ``SAME_FEATURES`` but the classes, which label rows without changing them) can give
-its rows, looked up by the sha256 of a file's bytes. A folder that gained a class, or a pool of
-unlabelled photos (suggest's) whose photos are then labelled, gives its rows too. The new cache's
-own provenance (its data folder and fingerprint) is the new folder's, as for a cache computed from
-scratch; it only records how many rows were copied, and from which caches.
+that gained a few new ones have the same bytes as before, so the same features. Every cache in the
+cache folder that records its rows' sha256 and whose ``Provenance`` agrees on every ``ROW_FEATURES``
+field (backbone, weights, preprocessing, pool, precision, dtype, decoding, int8 calibration, flip:
+``SAME_FEATURES`` but the classes, which label rows without changing them) can give its rows (one
+stopped before it was complete, its committed rows), looked up by the sha256 of a file's bytes. A
+folder that gained a class, or a pool of unlabelled photos (suggest's) whose photos are then labelled,
+gives its rows too. The new cache's own provenance (its data folder and fingerprint) is the new
+folder's, as for a cache computed from scratch; it only records how many rows were copied, and from
+which caches.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from typing import Optional, Sequence
 import h5py
 import numpy as np
 
-from .feature_cache import CacheBusy, CacheError, list_caches, open_h5, read_digests, read_info
+from .feature_cache import CacheBusy, CacheError, being_written, list_caches, open_h5, read_digests, read_info
 from .provenance import ROW_FEATURES, Provenance
 
 log = logging.getLogger(__name__)
@@ -121,12 +122,14 @@ def digests_of_unchanged(info) -> Optional[list[str]]:
 
 def find_donors(cache_dir, attrs: dict, exclude: Optional[Path] = None,
                 also: Sequence[Path] = ()) -> Optional[RowDonors]:
-    """The rows of every complete cache in ``cache_dir`` made like ``attrs`` (a new cache's attributes)
-    that records sha256 digests, newest cache first for a digest several hold, then the committed rows of
-    the caches ``also`` names (set aside as stale: complete or not, see ``freshness``); None when there are none."""
-    good, _ = list_caches(cache_dir)
+    """The rows of every cache in ``cache_dir`` made like ``attrs`` (a new cache's attributes) that records sha256
+    digests, newest cache first for a digest several hold, then the committed rows of the caches ``also`` names
+    (set aside as stale: complete or not, see ``freshness``); None when there are none. Of an incomplete cache
+    (an extraction stopped, then its folder changed: another request) its committed rows: they were all
+    computed again."""
+    good, _ = list_caches(cache_dir)  # never one being written; an incomplete one gives its committed rows
     mine = exclude.resolve() if exclude is not None else None
-    candidates = [i for i in good if i.complete and i.path.resolve() != mine]
+    candidates = [i for i in good if i.path.resolve() != mine]
     for p in also:
         try:
             candidates.append(read_info(p, wait_s=0))
@@ -139,15 +142,25 @@ def find_donors(cache_dir, attrs: dict, exclude: Optional[Path] = None,
         if info.attrs.get("sharded") or not same_features(attrs, info.attrs):
             continue
         try:
-            with open_h5(info.path, "r", wait_s=0) as f:
-                digests = read_digests(f, info.rows)
-                labels = f["labels"][:info.rows]
+            f = open_h5(info.path, "r", wait_s=0)
         except Exception as e:  # a busy or odd donor is simply not used
             log.debug("not reusing rows of %s: %s", info.path, e)
+            continue
+        try:
+            # an incomplete cache is kept open from here: a run resuming it later writes a copy put in its
+            # place (CacheWriter._repack), never this file; one that began since it was listed is let be
+            if not info.complete and being_written(info.path):
+                raise CacheBusy(f"{info.path} is being written")
+            digests = read_digests(f, info.rows)
+            labels = f["labels"][:info.rows]
+        except Exception as e:
+            log.debug("not reusing rows of %s: %s", info.path, e)
+            f.close()
             continue
         if digests is None:
             digests = digests_of_unchanged(info)
         if not digests:
+            f.close()
             continue
         src = len(donors.sources)
         classes = info.classes
@@ -159,4 +172,8 @@ def find_donors(cache_dir, attrs: dict, exclude: Optional[Path] = None,
         if added:
             donors.sources.append(str(info.path))
             donors.extract_rate = donors.extract_rate or info.attrs.get("extract_rate")
+            if not info.complete:
+                donors._files[src] = f
+                continue
+        f.close()
     return donors if donors.where else None

@@ -88,10 +88,11 @@ def refuse_changed(listing: ImageFolderListing, batch) -> None:
     folder left changed is another request (another cache)."""
     changed = listing.changed(item.path for item in batch.items)
     if changed:
-        raise PipelineError(f"the data folder {listing.root} changed during extraction: {len(changed)} files gone "
-                            f"or rewritten since it was listed (e.g. {', '.join(changed[:3])}); the cache stays "
-                            "incomplete and nothing of theirs is recorded. Run the same command again once nothing "
-                            "else is changing the folder (an audit --apply running?)")
+        raise PipelineError(f"the data folder {listing.root} changed during extraction: {len(changed)} "
+                            f"file{'s' * (len(changed) > 1)} gone or rewritten since it was listed (e.g. "
+                            f"{', '.join(changed[:3])}); the cache stays incomplete and nothing of theirs is "
+                            "recorded. Run the same command again once nothing else is changing the folder (an "
+                            "audit --apply running?)")
 
 
 def existing_cache(path: Path, key: str) -> Optional[CacheInfo]:

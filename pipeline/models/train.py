@@ -52,6 +52,7 @@ from .resume import (
     training_into,
 )
 from .whole_models import (
+    ALL,
     WithExtras,
     build_model,
     checkpoint_reads,
@@ -515,7 +516,11 @@ def finetune(cfg: FinetuneConfig) -> TrainResult:
             raise UsageError(f"--pool {cfg.pool} differs from {cfg.init_head}'s {lm.info['pool']}")
     else:
         lm = build_model(cfg.backbone or "vgg16", cfg.weights or "DEFAULT", listing.classes, cfg.pool, cfg.dropout)
-    lm.model.set_trainable(unfreeze)  # fails early when K is more than the backbone's blocks
+    blocks = len(lm.model.blocks()) if hasattr(lm.model, "blocks") else 0  # a fused head's model: none to count
+    if blocks and unfreeze != ALL and unfreeze > blocks:  # before any work; 'none' is not finetune's to allow
+        raise UsageError(f"cannot unfreeze the last {unfreeze} blocks: {lm.model.backbone} has {blocks} "
+                         f"(allowed: all, or 1..{blocks})")
+    lm.model.set_trainable(unfreeze)
     stages = [(0, "head") if e < cfg.head_epochs else (unfreeze, "finetune") for e in range(cfg.epochs)]
     head_saw = tuple(map(frozenset, head_images(cfg.init_head, listing, ckpt))) if cfg.init_head else (frozenset(),) * 2
     return _fit(cfg, "finetune", lm, stages, listing, head_saw)
