@@ -126,15 +126,21 @@ def _config(cls, what: str, options: dict, **fixed):
     option of its API function, checked, without any change here."""
     _check_options(cls, options, what, exclude=fixed)
     check_options(cls, options, python=True, what=what)
+    empty = {k for k, v in _defaults(cls).items() if v == ""}  # None for such an option (not given, as the CLI
+    options = {k: "" if v is None and k in empty else v for k, v in options.items()}  # says it) is its default ''
     return cls(**_plain({**options, **fixed}))
 
 
 def _path(x, what: str) -> str:
     """A path given as a str, a PathLike, or an object of this API (a Cache, Head or Model); anything else a
-    UsageError naming ``what`` (``files.path_text``)."""
+    UsageError naming ``what`` (``files.path_text``), and so is '' (extract_features('') took the working folder
+    for the photos: 'class folder 'features' holds no images')."""
     if isinstance(x, (Head, Model)):
         return str(x._checkpoint())
-    return path_text(x, what)
+    text = path_text(x, what)
+    if not text:
+        raise UsageError(f"{what} '' is an empty name; give a path")
+    return text
 
 
 def _call_text(name: str, *args, **kwargs) -> str:
@@ -473,6 +479,9 @@ def compare_sklearn(cache: Union[Cache, PathLike, None] = None, *, head: Union[H
     # an option both configs have (C, seed, val_fraction, cache_dir) is compare-sklearn's: its C is the
     # scikit-learn baseline's, never the heads'; the split is shared by the stage itself
     head_params.update({k: v for k, v in options.items() if k in head_fields - compare_fields})
+    # values in the caller's keywords, as _config checks them (the stage's own check said '--lr must be ...')
+    check_options(CompareConfig, {k: v for k, v in options.items() if k in compare_fields}, what="compare_sklearn")
+    check_options(FitHeadConfig, head_params, what="compare_sklearn")
     head_params, options = _plain(head_params), _plain(options)
     cfg = CompareConfig(**{k: v for k, v in options.items() if k in compare_fields},
                         cache=None if cache is None else _path(cache, "compare_sklearn: cache"),
@@ -560,7 +569,7 @@ def predict_files(model: Union[Head, Model, PathLike], paths: Union[PathLike, Se
     one = isinstance(paths, (str, bytes, os.PathLike)) or not hasattr(paths, "__iter__")  # b'/x': one path, no list
     paths = [paths] if one else list(paths)
     cfg = _config(PredictConfig, "predict_files", options, model=_path(model, "predict_files: model"),
-                  paths=[_path(p, "predict_files: paths") for p in paths])
+                  paths=[path_text(p, "predict_files: paths") for p in paths])  # '': predict's own refusal
     with verbosity(verbose):
         result = predict(cfg)
     return Rows(result.rows, result)

@@ -234,8 +234,8 @@ def click_param(f):
             kw["is_flag"] = True
         return click.option(*names, f.name, help=opt.help, **kw)
     kind, callback = _click_type(f, opt), _range_check(f, opt)
-    if isinstance(kind, FolderName) and default == "" and not opt.required:  # '' is "not given": click's default
-        kw["default"], callback = None, lambda ctx, param, value: "" if value is None else value  # is not checked
+    if isinstance(kind, FolderName) and default == "" and not opt.required:  # '' is "not given": passed as None
+        kw["default"] = None  # (click's default is not checked; the API refuses '' given and takes None for '')
     return click.option(*names, f.name, type=kind, required=opt.required, multiple=opt.multiple,
                         metavar=opt.metavar, help=opt.help, callback=callback, **kw)
 

@@ -147,12 +147,14 @@ def cli_terms():
         _CLI_TERMS = before
 
 
-def option_text(name: str, *values) -> str:
+def option_text(name: str, *values, cli: str = "") -> str:
     """An option (a config field's name) with the values a message suggests, as its caller writes them:
     ``--precision bf16 or fp32`` on the command line, ``precision='bf16' or 'fp32'`` from Python (``device``
-    alone: ``--device`` or ``device``). Deep code (resolve_device) serves both: it said '--device' to both."""
+    alone: ``--device`` or ``device``). Deep code (resolve_device) serves both: it said '--device' to both.
+    ``cli``: the command line's name where it is not --field-name (``backbones``: ``--backbone``)."""
     if _CLI_TERMS:
-        return " ".join([cli_name(name), " or ".join(map(str, values))]) if values else cli_name(name)
+        name = cli or cli_name(name)
+        return " ".join([name, " or ".join(map(str, values))]) if values else name
     return f"{name}={' or '.join(map(repr, values))}" if values else name
 
 
@@ -218,6 +220,11 @@ def check_options(cls, values: dict, python: bool = True, what: str = "") -> Non
             continue
         try:
             name = f.name if python else cli_name(f.name, opt)
+            if python and values[f.name] == "" and (opt.path or f.name == "data" or f.name.endswith("_dir")
+                                                    or opt.metavar == "DIR"):
+                # as the CLI refuses --calib-data '': '' (some options' default: not given) named no folder
+                raise UsageError(f"{name} '' is an empty name; give a {'file' if opt.path == 'file' else 'folder'}, "
+                                 f"or leave {name} out")
             if field_kind(f) == "bool":
                 check_flag(values[f.name], name)
             check_value(opt, values[f.name], name, field_kind(f) == "int")

@@ -130,6 +130,24 @@ def test_a_path_of_another_type_is_refused_naming_the_call_and_its_parameter(cal
         call()
 
 
+@pytest.mark.parametrize("call, what", [
+    (lambda: pipeline.extract_features("data", calib_data="", **TINY), "extract_features: calib_data"),
+    (lambda: pipeline.extract_features("data", shard_dir="", **TINY), "extract_features: shard_dir"),
+    (lambda: pipeline.extract_features("data", cache_dir="", **TINY), "extract_features: cache_dir"),
+    (lambda: pipeline.extract_features("", **TINY), "extract_features: data"),
+    (lambda: pipeline.Head(runs_dir="").fit(None), "Head: runs_dir"),
+    (lambda: pipeline.Head(test_data="").fit(None), "Head: test_data"),
+    (lambda: pipeline.Head.load(""), "Head.load: path"),
+])
+def test_an_empty_name_for_a_folder_or_file_is_refused_naming_the_keyword(work, call, what):
+    """As the CLI refuses --calib-data '': calib_data='' calibrated on data, shard_dir='' put the shards beside
+    the cache, runs_dir='' wrote the run into the working folder, test_data='' tested on nothing, and
+    extract_features('') took the working folder for the photos ('class folder 'features' holds no images')."""
+    with pytest.raises(pipeline.UsageError, match=rf"^{what} '' is an empty name; give a "):
+        call()
+    assert not (work / "features").exists() and not (work / "runs").exists()
+
+
 def test_a_flag_given_as_a_string_is_refused_not_taken_as_true(work):
     """'no' is true to Python: check_image_folder(quarantine='no') moved the broken files it was to leave."""
     (work / "data" / "red" / "broken.jpg").write_bytes(b"")
@@ -252,6 +270,17 @@ def test_head_scores_a_cache_or_a_folder(head, work, make_cache):
     assert head.score(files, ["red"] * 3) == 1.0 and head.score(files, [1, 1, 0]) == pytest.approx(2 / 3)
 
 
+def test_scores_warnings_name_the_split_keyword(cache, caplog):
+    """Head.score and evaluate_model warned 'use --split all on a held-out cache' (and '(fit-head --refit)')."""
+    h = pipeline.Head().fit(cache)  # the default head: refitted on every row, its validation rows included
+    with caplog.at_level("WARNING", logger="pipeline"):
+        h.score(cache)
+        pipeline.evaluate_model(h, cache=cache, split="all", figures=False)
+    said = "\n".join(r.getMessage() for r in caplog.records)
+    assert "(refit=True)" in said and "Use split='all' on a held-out cache" in said, said
+    assert "split='all' scores its training rows too" in said and "--split" not in said and "--refit" not in said
+
+
 def test_save_and_load_round_trip_the_cli_checkpoint(head, work):
     import torch
 
@@ -281,6 +310,19 @@ def test_compare_sklearn_returns_rows(cache):
     assert rows[1]["model"].startswith("linear Linear+LogSoftmax (avg, l2") and "C=0.5" in rows[4]["model"]
     assert rows.result.split["val_rows"] == rows[0]["val_rows"] == 6
     assert "<table>" in rows._repr_html_() and "sklearn LogisticRegression" in rows._repr_html_()
+
+
+def test_compare_sklearns_bad_values_name_its_keywords(cache, work):
+    """compare_sklearn(cache, lr=-1) or head={'lr': -1} said '--lr must be in (0, 10], got -1' (the stage's check,
+    in the command line's words), and too few photos for the default head '--val-fraction's share'."""
+    for options in ({"lr": -1}, {"head": {"lr": -1}}, {"head": pipeline.Head(lr=-1)}):
+        with pytest.raises(ValueError, match=r"^compare_sklearn: lr must be in \(0, 10\], got -1$"):
+            pipeline.compare_sklearn(cache, **options)
+    with pytest.raises(ValueError, match=r"^compare_sklearn: val_fraction must be in \(0, 1\), got 2"):
+        pipeline.compare_sklearn(cache, val_fraction=2)
+    few = pipeline.extract_features(make_image_folder(work / "few", per_class=3), n=0, **TINY)
+    with pytest.raises(ValueError, match=r"\(training rows: val_fraction's share is held out\); add photos"):
+        pipeline.compare_sklearn(few)
 
 
 def test_evaluate_model_gives_metrics_and_figures(head):
@@ -391,6 +433,29 @@ def test_head_clones_and_is_a_classifier():
         h.set_params(lrr=1)
 
 
+def test_a_head_that_ran_a_timm_backbone_pickles_and_predicts_again(work):
+    import pickle
+
+    cache = pipeline.extract_features("data", n=0, backbone="test_efficientnet", weights="none", workers=0)
+    h = pipeline.Head(head="logreg").fit(cache)
+    photos = sorted(map(str, (work / "data" / "red").iterdir()))[:3]
+    first = h.predict_proba(photos)  # loads the backbone: a class timm's trunk makes at load
+    again = pickle.loads(pickle.dumps(h))  # was "Can't pickle local object 'timm_trunk_class.<locals>.TimmTrunk'"
+    assert again.get_params() == h.get_params() and list(again.classes_) == list(h.classes_)
+    assert np.allclose(again.predict_proba(photos), first, atol=1e-6)
+
+
+def test_an_output_named_for_another_format_is_refused_in_the_callers_keywords(head, work):
+    """export_model and predict_files said '--output ... --format is 'onnx': pass --format torchscript'."""
+    with pytest.raises(pipeline.UsageError, match=r"^output 'm.pt' names a torchscript file but format is 'onnx': "
+                                                  r"pass format='torchscript', or name the file m.onnx$"):
+        pipeline.export_model(head, "m.pt")
+    with pytest.raises(pipeline.UsageError, match=r"^output 'p.json' names a json file but format is 'csv': give "
+                                                  r"format='json', or an output named .csv$"):
+        pipeline.predict_files(head, "data", output="p.json", format="csv")
+    assert not (work / "m.pt").exists() and not (work / "p.json").exists()
+
+
 def test_a_default_head_says_why_it_has_no_curves(cache):
     """fit-head's default head fits by CV: plot_curves said its history.json was missing (it never had one),
     and pipeline.plot_curves(head) said only 'no epochs to plot'."""
@@ -498,6 +563,8 @@ def test_a_boolean_mask_reads_its_true_rows_and_a_fraction_is_refused(cache):
     with pytest.raises(IndexError, match="whole numbers"):
         cache.read_features([2.7])
     assert cache.read_features([]).shape == (0, *everything.shape[1:])
+    for rows in (slice(2, 7), slice(None, None, -3), slice(-2, None)):  # was an IndexError ('got object')
+        np.testing.assert_array_equal(cache.read_features(rows), everything[rows])
     cache.close()
 
 

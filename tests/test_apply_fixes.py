@@ -377,3 +377,17 @@ def test_a_move_stopped_between_its_link_and_unlink_is_undone_to_one_name(tmp_pa
     assert (data / "blue" / "red.1.jpg").samefile(data / "red" / "red.1.jpg")
     assert undo_fixes(tmp_path / "run" / "journal.jsonl").moved == 1
     assert snapshot(data) == before
+
+
+def test_two_rows_moving_to_one_name_but_for_case_are_refused_naming_both(tmp_path):
+    data = make_image_folder(tmp_path / "data", per_class=3)
+    before = snapshot(data)
+    fixes = tmp_path / "fixes.csv"  # hand-edited: on a case-insensitive disk the second move would fail part-way
+    fixes.write_text("path,action,new_class,new_name\nred/red.0.jpg,relabel,blue,A.jpg\n"
+                     "red/red.1.jpg,relabel,blue,a.jpg\nred/red.2.jpg,relabel,blue,b.jpg\n")
+    with pytest.raises(UsageError) as e:
+        apply_fixes(fixes, data, tmp_path / "run")
+    problems = str(e.value).splitlines()[1:]
+    assert len(problems) == 1 and "line 3 (red/red.1.jpg)" in problems[0] and "line 2's" in problems[0]
+    assert "A.jpg" in problems[0] and "a.jpg" in problems[0] and "case-insensitive" in problems[0]
+    assert snapshot(data) == before and not (tmp_path / "run" / "journal.jsonl").exists()

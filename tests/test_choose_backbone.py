@@ -287,3 +287,38 @@ def test_the_folders_left_out_files_are_said_once_not_once_per_listing(tmp_path,
         pipeline.choose_backbone(data, ["tiny=none", "tiny_wide=none"], **args)
         said = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
         assert len(said) == 1 and "blue/gone.jpg: a dangling symlink" in said[0], said
+
+
+def test_a_timm_candidate_offline_is_refused_before_any_extraction_saying_how_to_give_a_file(tmp_path, monkeypatch):
+    """timm weights not in the hub's cache, offline: the first candidate was extracted, then the timm one failed
+    saying 'pass --weights PATH', an option choose-backbone does not have; from Python, in Python's terms."""
+    import timm
+
+    def offline(*a, **k):
+        if k.get("pretrained"):
+            raise OSError("We couldn't connect to 'https://huggingface.co' (offline)")
+        return real(*a, **k)
+
+    real = timm.create_model
+    monkeypatch.setattr(timm, "create_model", offline)
+    data = make_image_folder(tmp_path / "data", per_class=10)
+    with pytest.raises(pipeline.PipelineError, match=r"give backbones=\['test_efficientnet=PATH'\]") as e:
+        pipeline.choose_backbone(data, ["tiny=none", "test_efficientnet"], folds=2, repeats=1, workers=0,
+                                 cache_dir=tmp_path / "f")
+    assert "--weights" not in str(e.value) and not (tmp_path / "f").exists()  # nothing extracted
+    out = CliRunner().invoke(cli, ["choose-backbone", "--data", str(data), "--cache-dir", str(tmp_path / "f"),
+                                   "--workers", "0", "--backbone", "tiny=none", "--backbone", "test_efficientnet"])
+    assert out.exit_code == 1 and "give --backbone test_efficientnet=PATH to a local" in out.output, out.output
+    assert not (tmp_path / "f").exists()
+
+
+def test_choose_backbones_refusals_name_its_keywords_from_python(tmp_path):
+    data = make_image_folder(tmp_path / "data", per_class=6)
+    with pytest.raises(pipeline.UsageError, match=r"with folds=2 holds 3 photos .* \(or pass folds=6\)$"):
+        pipeline.choose_backbone(data, ["tiny=none"], folds=2, repeats=1)
+    with pytest.raises(pipeline.UsageError, match=r"^name the candidates: backbones=\['NAME\[=WEIGHTS\]'\], once"):
+        pipeline.choose_backbone(data, [])
+    with pytest.raises(pipeline.UsageError, match=r"^backbones 'tiny=': no weights after '='"):
+        pipeline.choose_backbone(data, ["tiny="])
+    out = CliRunner().invoke(cli, ["choose-backbone", "--data", str(data), "--backbone", "tiny=none", "--folds", "2"])
+    assert out.exit_code == 2 and "with --folds 2 holds 3 photos" in out.output and "pass --folds 6" in out.output

@@ -207,7 +207,7 @@ def test_an_empty_name_of_a_folder_option_whose_default_is_none_given_is_refused
     assert r.exit_code == 2 and f"Invalid value for '{args[1]}': '' is an empty name; give a folder" in r.stderr, \
         r.output
     assert list(tmp_path.iterdir()) == []
-    seen = {}
-    monkeypatch.setattr("pipeline.api.extract_features", lambda data, **kw: seen.update(kw) or 1 / 0)
+    seen = {}  # the config the stage gets (the CLI passes None, not given, which the API takes for '')
+    monkeypatch.setattr("pipeline.extraction.extract.extract", lambda cfg: seen.update(vars(cfg)) or 1 / 0)
     CliRunner().invoke(cli, ["extract", "--data", "d"])
     assert seen["calib_data"] == "" and seen["shard_dir"] == ""

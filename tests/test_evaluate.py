@@ -346,8 +346,8 @@ def test_split_all_of_the_models_own_cache_says_it_scores_training_rows(tmp_path
         caplog.clear()
         with caplog.at_level("WARNING"):
             evaluate(EvaluateConfig(model=head_run.checkpoint, cache=cache, split="all", runs_dir=str(tmp_path / "r")))
-        assert ("is the cache the model was trained on: --split all scores its training rows too" in caplog.text
-                ) == said, cache
+        assert ("is the cache the model was trained on: split='all' scores its training rows too" in caplog.text
+                ) == said, cache  # called from Python: its keyword (the CLI says --split all)
 
 
 def test_a_head_whose_cache_moved_is_told_so_and_how_to_name_its_new_place(tmp_path, make_cache, image_folder):

@@ -7,6 +7,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import pipeline
 from pipeline.cache.feature_cache import FeatureCache
 from pipeline.cli import cli
 from pipeline.errors import PipelineError, UsageError
@@ -273,6 +274,12 @@ def test_too_few_rows_for_the_folds_names_the_options_that_fit_them(tmp_path, ma
             in run.output and other in run.output
     run = CliRunner().invoke(cli, ["fit-head", "--cache", cache, "--folds", "2", "--runs-dir", str(tmp_path / "r")])
     assert run.exit_code == 0, run.output
+    # from Python (a Head in cross_val_score, say), in its keywords: it said '--head auto', '--folds'
+    with pytest.raises(ValueError, match=r"^head='auto': .* has 2 \(training rows: val_fraction's share is held out\); "
+                                         r"give fewer folds \(at least 2\), another head \(linear"):
+        pipeline.Head(runs_dir=str(tmp_path / "runs")).fit(cache)
+    with pytest.raises(ValueError, match=r"^tune=True: .* without tune=True or more photos"):
+        pipeline.Head(tune=True, runs_dir=str(tmp_path / "runs")).fit(cache)
 
 
 @pytest.mark.parametrize("args, message", [

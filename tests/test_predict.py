@@ -171,9 +171,10 @@ def test_an_empty_name_is_refused_not_taken_for_the_working_folder(tmp_path, ima
         assert r.exit_code == 2 and message in r.stderr and r.stdout == "", (args, r.output)
     with pytest.raises(pipeline.UsageError, match=r"^'' is an empty name"):
         pipeline.predict_files(model, [""], workers=0)
-    with pytest.raises(pipeline.UsageError, match=r"^explain '' is an empty name; give a folder, or leave explain out"):
+    with pytest.raises(pipeline.UsageError,
+                       match=r"^predict_files: explain '' is an empty name; give a folder, or leave explain out"):
         pipeline.predict_files(model, ["red"], workers=0, explain="")  # the keyword passed, not '--explain'
-    with pytest.raises(pipeline.UsageError, match=r"^output '' is an empty name; give a file"):
+    with pytest.raises(pipeline.UsageError, match=r"^predict_files: output '' is an empty name; give a file"):
         pipeline.predict_files(model, ["red"], workers=0, output="")
     assert sorted(p.name for p in image_folder.iterdir()) == ["blue", "red"]  # nothing written among the photos
 

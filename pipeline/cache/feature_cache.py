@@ -670,7 +670,10 @@ def read_info(path: str | os.PathLike, wait_s: float = 20.0) -> CacheInfo:
 def row_indices(rows, n: int) -> np.ndarray:
     """``rows`` as int64 row numbers: whole numbers, or a boolean mask of one value per row (numpy's idiom,
     ``cache.labels == 0``), whose True rows are meant; a mask read as the numbers 0 and 1, or 2.7 read as 2,
-    gave other rows without a word."""
+    gave other rows without a word. A slice is its rows (``cache.read_features(slice(0, 10))``: it was an IndexError,
+    'got object')."""
+    if isinstance(rows, slice):
+        return np.arange(n, dtype=np.int64)[rows]
     arr = np.asarray(rows)
     if arr.dtype == bool:
         if arr.shape != (n,):

@@ -110,8 +110,8 @@ class Cache:
         return self._rows().features
 
     def read_features(self, rows: Optional[Sequence[int]] = None, dtype=np.float32) -> np.ndarray:
-        """Rows of features as one array (all rows when ``rows`` is None), read block by block, in the
-        order asked for."""
+        """Rows of features as one array (all rows when ``rows`` is None; row numbers, a boolean mask or a
+        slice), read block by block, in the order asked for."""
         return self._rows().read_rows(rows, dtype)
 
     @property

@@ -5,11 +5,11 @@
 ever deleted or overwritten: the folder is held (``moves.changing_folder``: one changer, no extraction
 reading it) while every row is checked before the first move (a photo of the folder's own listing,
 not reached through a link, named once; the class exists; no destination is taken, no two rows move
-to one place), and a clash refuses the whole list, naming it. Every move is one step that never
-replaces a file (``moves.move_no_replace``, across file systems too). Each move is journalled
-(JSON lines) as an intent, fsynced before the move, then confirmed once made, with both places and
-the file's sha256; ``undo_fixes`` moves everything that moved back in reverse order, checking the
-bytes are the ones that were moved, and only within the journal's data folder and quarantine.
+to one place, names that differ only in case included), and a clash refuses the whole list, naming it.
+Every move is one step that never replaces a file (``moves.move_no_replace``, across file systems
+too). Each move is journalled (JSON lines) as an intent, fsynced before the move, then confirmed once
+made, with both places and the file's sha256; ``undo_fixes`` moves everything that moved back in reverse
+order, checking the bytes are the ones that were moved, and only within the journal's data folder and quarantine.
 """
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ def plan_moves(rows: list[dict], root: Path, qdir: Path) -> list[dict]:
     """(action, from, to) for every row, or UsageError naming every problem before anything moves."""
     listing = list_image_folder(root)
     classes, listed = set(listing.classes), {f.path for f in listing.files}
-    problems, moves, taken, line_of = [], [], set(), {}
+    problems, moves, taken, line_of = [], [], {}, {}
     for r in rows:
         rel = r["path"]
         where = f"line {r['line']} ({rel})"
@@ -115,11 +115,17 @@ def plan_moves(rows: list[dict], root: Path, qdir: Path) -> list[dict]:
             problems.append(f"{where}: a link on the way ({link}); apply moves files only within the folders "
                             "themselves")
             continue
-        if os.path.lexists(dst) or dst in taken:
-            problems.append(f"{where}: {dst} exists already (or another row moves there); give this row a "
-                            "new_name column value")
+        # one place on a case-insensitive disk (blue/A.jpg, blue/a.jpg): the second move would fail part-way
+        other = taken.get(str(dst).casefold())
+        if other:
+            same = f"as line {other[0]} does" if other[1] == dst else \
+                f"the same place as line {other[0]}'s {other[1]} on a case-insensitive disk"
+            problems.append(f"{where}: moves to {dst}, {same}; give one of them a new_name column value")
             continue
-        taken.add(dst)
+        if os.path.lexists(dst):
+            problems.append(f"{where}: {dst} exists already; give this row a new_name column value")
+            continue
+        taken[str(dst).casefold()] = (r["line"], dst)
         moves.append({"action": r["action"], "from": str(src), "to": str(dst)})
     if problems:
         shown = "\n  ".join(problems[:20])

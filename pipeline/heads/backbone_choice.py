@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Optional
 import numpy as np
 
 from ..cache.feature_cache import FeatureCache
-from ..config import ChooseBackboneConfig, FitHeadConfig, check_config
-from ..errors import UsageError
+from ..config import ChooseBackboneConfig, FitHeadConfig, check_config, option_text
+from ..errors import PipelineError, UsageError
 from .fused_views import FusedRows, match_rows
 
 if TYPE_CHECKING:
@@ -81,13 +81,21 @@ class BackboneChoice:
     note: str = ""  # the recommendation, said in words
 
 
+def _backbones(value: str = "") -> str:
+    """The candidates' option as the caller writes it: ``--backbone NAME=W`` on the command line, from Python
+    the ``backbones`` list (``backbones=['NAME=W']``)."""
+    if option_text("backbones", cli="--backbone") == "backbones":
+        return f"backbones=[{value!r}]" if value else "backbones"
+    return f"--backbone {value}" if value else "--backbone"
+
+
 def parse_candidate(text: str) -> tuple[str, str]:
     """'vgg16=W' -> ('vgg16', 'W'); 'vgg16' -> ('vgg16', 'DEFAULT')."""
     name, sep, weights = str(text).partition("=")
     if not name.strip():
-        raise UsageError(f"--backbone {text!r}: expected NAME or NAME=WEIGHTS")
+        raise UsageError(f"{_backbones()} {text!r}: expected NAME or NAME=WEIGHTS")
     if sep and not weights.strip():  # 'vgg16=$W' with $W unset: its default weights were loaded (or downloaded)
-        raise UsageError(f"--backbone {text!r}: no weights after '=': name them (a file, a weights name, or none), "
+        raise UsageError(f"{_backbones()} {text!r}: no weights after '=': name them (a file, a weights name, or none), "
                          f"or give {name.strip()} alone for its default weights")
     return name.strip(), weights.strip() or "DEFAULT"
 
@@ -95,7 +103,8 @@ def parse_candidate(text: str) -> tuple[str, str]:
 def validate(cfg: ChooseBackboneConfig) -> None:
     check_config(cfg)
     if not cfg.backbones:
-        raise UsageError("name the candidates: --backbone NAME[=WEIGHTS], once per candidate (two or more to compare)")
+        raise UsageError(f"name the candidates: {_backbones('NAME[=WEIGHTS]')}, once per candidate (two or more to "
+                         "compare)")
     specs = [parse_candidate(b) for b in cfg.backbones]
     check_distinct(cfg.backbones, [same_weights(name, weights) for name, weights in specs])
     if not Path(cfg.data).is_dir():
@@ -164,12 +173,18 @@ def check_loadable(specs: list) -> None:
         warnings.simplefilter("ignore")  # 'no sidecar', 'random weights': extract says them once, later
         for name, weights in specs:
             spec = bb.get_spec(name)
-            if bb.is_weights_path(weights) and "arch" not in bb.read_sidecar(weights):
-                bb.load_backbone(name, weights)  # its keys checked against the model (a second or two)
-            elif weights.lower() != "none" and not bb.is_weights_path(weights) and spec.library != "timm":
-                w = bb.torchvision_weights(spec, weights)
-                if not bb.expected_download_path(w).is_file():
-                    bb._download_state_dict(w)  # now, or its one-line refusal now
+            try:
+                if bb.is_weights_path(weights) and "arch" not in bb.read_sidecar(weights):
+                    bb.load_backbone(name, weights)  # its keys checked against the model (a second or two)
+                elif weights.lower() != "none" and not bb.is_weights_path(weights) and spec.library == "timm":
+                    bb._timm_pretrained(spec, weights)  # from the hub's cache, or downloaded now, or refused now
+                elif weights.lower() != "none" and not bb.is_weights_path(weights):
+                    w = bb.torchvision_weights(spec, weights)
+                    if not bb.expected_download_path(w).is_file():
+                        bb._download_state_dict(w)  # now, or its one-line refusal now
+            except PipelineError as e:  # offline: a local file is given as the candidate's weights, not --weights
+                raise PipelineError(str(e).replace("pass --weights PATH", f"give {_backbones(name + '=PATH')}")) \
+                    from None
 
 
 def _extract(cfg: ChooseBackboneConfig, backbone: str, weights: str, n: int,
@@ -199,15 +214,15 @@ def check_folds(folds: int, smallest: int) -> None:
     inside each fold's training part (the photos a stratified fold leaves there: at least s - ceil(s / folds))."""
     if smallest < folds:
         raise UsageError(f"{folds}-fold cross-validation needs at least {folds} photos of every class; the "
-                         f"smallest class has {smallest} (--folds fewer, or more photos)")
+                         f"smallest class has {smallest} (fewer folds, or more photos)")
     inner = FitHeadConfig.folds
     if smallest - math.ceil(smallest / folds) < inner:
         need = next(s for s in itertools.count(smallest) if s - math.ceil(s / folds) >= inner)
         better = [k for k in range(folds + 1, smallest + 1) if smallest - math.ceil(smallest / k) >= inner]
         raise UsageError(f"the default head cross-validates {inner}-fold inside each training part, which with "
-                         f"--folds {folds} holds {smallest - math.ceil(smallest / folds)} photos of the smallest class "
-                         f"({smallest} photos); every class needs at least {need} photos"
-                         + (f" (or pass --folds {better[0]})" if better else ""))
+                         f"{option_text('folds', folds)} holds {smallest - math.ceil(smallest / folds)} photos of the "
+                         f"smallest class ({smallest} photos); every class needs at least {need} photos"
+                         + (f" (or pass {option_text('folds', better[0])})" if better else ""))
 
 
 def extraction_rate(cache: FeatureCache, result: ExtractResult) -> Optional[float]:
@@ -359,7 +374,8 @@ def recommendation(choice: BackboneChoice, best: Candidate, fastest: Candidate) 
              f"{choice.rows} photos (one photo = {one:.2f} points)."]
     others = [n for n in choice.indistinguishable if n != best.name]
     if len(choice.candidates) == 1:
-        lines.append("The only candidate: name two or more (--backbone again) to compare them.")
+        again = "--backbone again" if _backbones() == "--backbone" else "in backbones"
+        lines.append(f"The only candidate: name two or more ({again}) to compare them.")
         return " ".join(lines)
     if not others:
         lines.append(f"Every other candidate scores lower by more than {NOISE_SES:g} standard errors of the paired "

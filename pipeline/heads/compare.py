@@ -16,7 +16,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
 from ..cache.feature_cache import FeatureCache
-from ..config import CompareConfig, check_config
+from ..config import CompareConfig, check_config, option_text
 from ..errors import UsageError
 from ..progress import still_running
 from ..runs.ledger import append_run
@@ -198,7 +198,8 @@ def _fit_kind(base: FitHeadConfig, kind: str, said: set) -> FitHeadResult:
         if kind != "auto":
             raise
         raise UsageError(f"compare-sklearn's first row, fit-head's default head: {e.reason} (training "
-                         "rows: --val-fraction's share is held out); add photos to the smallest class") from None
+                         f"rows: {option_text('val_fraction')}'s share is held out); add photos to the smallest "
+                         "class") from None
 
 
 def compare_sklearn(cfg: CompareConfig) -> CompareResult:

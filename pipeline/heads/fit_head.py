@@ -33,7 +33,7 @@ import torch
 
 from ..cache.feature_cache import FeatureCache, newest_cache, read_int8_observers, source_changes
 from ..cache.provenance import ROW_FEATURES, Provenance
-from ..config import FitHeadConfig
+from ..config import FitHeadConfig, option_text
 from ..data.folders import POOL, TEST
 from ..devices import resolve_device
 from ..errors import UsageError
@@ -348,11 +348,17 @@ class TooFewForFolds(UsageError):
         self.reason = reason
 
 
+def _tune_text() -> str:
+    """--tune, as its caller writes it (Head(tune=True) from Python: config.option_text)."""
+    return "--tune" if option_text("tune") == "--tune" else "tune=True"
+
+
 def _cv_remedy(tune: bool) -> str:
-    """What a refusal of too small a class for the folds adds: where the rows went and the options that fit."""
-    other = "another --head (linear, logreg, kernel, svm)" + (" without --tune" if tune else "")
-    return (f" (training rows: --val-fraction's share is held out); give fewer --folds (at least 2), {other} or "
-            "more photos of the smallest class")
+    """What a refusal of too small a class for the folds adds: where the rows went and the options that fit, in
+    the caller's terms (a Head in cross_val_score was told '--head', '--folds')."""
+    other = f"another {option_text('head')} (linear, logreg, kernel, svm)" + (f" without {_tune_text()}" * tune)
+    return (f" (training rows: {option_text('val_fraction')}'s share is held out); give fewer {option_text('folds')} "
+            f"(at least 2), {other} or more photos of the smallest class")
 
 
 def _tune(cfg: FitHeadConfig, cache, train_idx):
@@ -367,7 +373,8 @@ def _tune(cfg: FitHeadConfig, cache, train_idx):
     except UsageError:  # a refusal of its own (non-finite cache rows): no folds would help
         raise
     except ValueError as e:  # too few rows of a class for the folds
-        raise TooFewForFolds(f"{'--tune' if cfg.tune else '--head auto'}: {e}{_cv_remedy(cfg.tune)}", str(e)) from None
+        what = _tune_text() if cfg.tune else option_text("head", "auto")
+        raise TooFewForFolds(f"{what}: {e}{_cv_remedy(cfg.tune)}", str(e)) from None
     best, nested, verdict = _default_row(cfg, rows.feature_shape, result), None, None
     if cfg.tune:
         default, top = best, result["best"]

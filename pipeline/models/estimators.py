@@ -67,6 +67,12 @@ class ImageClassifier:
 
         self._learn(learned_state(checkpoint, read_checkpoint(checkpoint) if ckpt is None else ckpt, result))
 
+    def __getstate__(self) -> dict:
+        """Pickled (joblib, a copy for another process) without the network loaded for predict: a timm backbone's
+        class is made at load and cannot be pickled ("Can't pickle local object ... TimmTrunk"); it is loaded
+        again from the checkpoint when next asked."""
+        return {**self.__dict__, "_loaded": None}
+
     def __sklearn_is_fitted__(self) -> bool:
         return hasattr(self, "classes_")
 

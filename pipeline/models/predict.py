@@ -369,8 +369,9 @@ def output_format(cfg: PredictConfig) -> str:
     other format asked for into such a file is refused: --format csv --output pred.json wrote CSV into pred.json."""
     named = {".csv": "csv", ".json": "json"}.get(Path(cfg.output).suffix.lower()) if cfg.output else None
     if named and cfg.format not in ("table", named):
-        raise UsageError(f"--output {cfg.output!r} names a {named} file but --format is {cfg.format!r}: give "
-                         f"--format {named}, or an --output named .{cfg.format}")
+        raise UsageError(f"{option_text('output')} {cfg.output!r} names a {named} file but {option_text('format')} is "
+                         f"{cfg.format!r}: give {option_text('format', named)}, or an {option_text('output')} named "
+                         f".{cfg.format}")
     return named if named and cfg.format == "table" else cfg.format
 
 

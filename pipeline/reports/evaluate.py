@@ -19,7 +19,7 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from ..cache.feature_cache import CacheError, FeatureCache
 from ..cache.provenance import ROW_FEATURES, Preprocessing, check_cache_fits
-from ..config import EvaluateConfig, check_config
+from ..config import EvaluateConfig, check_config, option_text
 from ..data.folders import ImageLoadError, list_image_folder, load_rgb, thumbnail
 from ..devices import resolve_device
 from ..errors import UsageError
@@ -126,17 +126,19 @@ def head_on_cache(model_path: str, ckpt: dict, cfg: EvaluateConfig, labelled: bo
             rows = split_indices(cache.labels, c["val_fraction"], c["seed"])[1]
             if not own:  # first: the refit note is of its own cache
                 log.warning("%s is not the cache the model was trained on: 'val' scores %d of its %d rows (split as "
-                            "the model's cache was), which may include training images; use --split all on a "
-                            "held-out cache", path, len(rows), cache.n)
+                            "the model's cache was), which may include training images; use %s on a "
+                            "held-out cache", path, len(rows), cache.n, option_text("split", "all"))
             elif c.get("refit") and ckpt.get("tuning"):
+                refit = "fit-head --refit" if option_text("refit") == "--refit" else "refit=True"  # Head.score's
                 log.warning("the head was refitted on every row of its cache, the validation rows included "
-                            "(fit-head --refit): these 'val' rows are rows it saw; fit-head's own val figures "
-                            "came from the fit without them. Use --split all on a held-out cache")
+                            "(%s): these 'val' rows are rows it saw; fit-head's own val figures "
+                            "came from the fit without them. Use %s on a held-out cache", refit,
+                            option_text("split", "all"))
         else:
             rows = np.arange(cache.n)
             if own:  # as --data on its training folder is
-                log.warning("%s is the cache the model was trained on: --split all scores its training rows too, "
-                            "which flatters every figure; use --split all on a held-out cache", path)
+                log.warning("%s is the cache the model was trained on: %s scores its training rows too, which "
+                            "flatters every figure; use it on a held-out cache", path, option_text("split", "all"))
             elif not ckpt.get("fused"):
                 warn_if_cache_seen(ckpt, cache)
         logp, ood = head_scores(head, cache, rows, device, cfg.block_rows)

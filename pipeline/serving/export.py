@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..cache.provenance import Preprocessing, package_version, versions
-from ..config import ExportConfig, check_config
+from ..config import ExportConfig, check_config, option_text
 from ..data import portable
 from ..data.image_reader import DECODE_VERSION, ImageListDataset, draft_short_side, read_items
 from ..errors import PipelineError, UsageError
@@ -508,9 +508,9 @@ def check_suffix(cfg: ExportConfig) -> None:
     suffix = Path(cfg.output).suffix.lower()
     for fmt, names in SUFFIXES.items():
         if fmt != cfg.format and suffix in names:
-            raise UsageError(f"--output {cfg.output!r} names {'an' if fmt == 'onnx' else 'a'} {fmt} file but "
-                             f"--format is {cfg.format!r}: "
-                             f"pass --format {fmt}, or name the file {Path(cfg.output).stem}{SUFFIXES[cfg.format][0]}")
+            raise UsageError(f"{option_text('output')} {cfg.output!r} names {'an' if fmt == 'onnx' else 'a'} {fmt} "
+                             f"file but {option_text('format')} is {cfg.format!r}: pass {option_text('format', fmt)}, "
+                             f"or name the file {Path(cfg.output).stem}{SUFFIXES[cfg.format][0]}")
 
 
 def check_outputs(cfg: ExportConfig, ckpt: dict) -> tuple[Path, Path]:
