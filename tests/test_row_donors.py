@@ -125,3 +125,28 @@ def test_a_stopped_extraction_gives_its_committed_rows_to_the_folder_changed_sin
     second = make_cache(image_folder, dtype="float32", batch_size=8)
     assert (second.reused, second.computed, second.rows) == (16, 9, 25)
     assert forward_passes["images"] == 9
+
+
+def test_a_donor_replaced_after_its_digests_were_read_still_lends_its_own_rows(make_cache, image_folder, tmp_path):
+    """A complete donor was closed once its digests were read and opened again by path for its rows: a cache set
+    aside as stale and written anew at that path meanwhile (another extract of its folder) lent rows of other
+    photos, silently. Its rows now come from the file its digests came from, kept open."""
+    import os
+
+    from pipeline.cache.row_donors import find_donors
+
+    first = make_cache(image_folder, dtype="float32")
+    with h5py.File(first.cache, "r") as f:
+        attrs = dict(f.attrs)
+    own = rows_by_digest(first.cache)
+    donors = find_donors(Path(first.cache).parent, attrs)
+    other = tmp_path / "other.h5"  # the same cache, its rows in another order, put in its place
+    shutil.copy(first.cache, other)
+    with h5py.File(other, "r+") as f:
+        f["features"][...] = f["features"][:][::-1]
+    os.replace(other, first.cache)
+    digests = sorted(own)
+    try:
+        np.testing.assert_array_equal(donors.rows(digests), np.stack([own[d][0] for d in digests]))
+    finally:
+        donors.close()

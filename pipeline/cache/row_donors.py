@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-import h5py
 import numpy as np
 
 from .feature_cache import CacheBusy, CacheError, being_written, list_caches, open_h5, read_digests, read_info
@@ -56,7 +55,7 @@ class RowDonors:
     # every row is copied was made at that rate, the same network on this machine's caches
     extract_rate: Optional[str] = None
     used: set = field(default_factory=set)  # the source indices ``rows`` copied from (the cache's reuse 'from')
-    _files: dict = field(default_factory=dict)  # source index -> open h5py.File (opened on first use)
+    _files: dict = field(default_factory=dict)  # source index -> its h5py.File, open until ``close``
 
     @property
     def used_sources(self) -> list[str]:
@@ -73,7 +72,7 @@ class RowDonors:
     def rows(self, digests: Sequence[str]) -> np.ndarray:
         """The cached feature rows of these digests, in their order (each must be in ``where``)."""
         places = [self.where[d] for d in digests]
-        first = self._file(places[0][0])["features"]
+        first = self._files[places[0][0]]["features"]
         out = np.empty((len(places), *first.shape[1:]), first.dtype)
         by_source: dict = {}
         for i, (src, row, _) in enumerate(places):
@@ -83,23 +82,24 @@ class RowDonors:
             pairs.sort()
             rows = [r for r, _ in pairs]
             unique, inverse = np.unique(rows, return_inverse=True)
-            block = self._file(src)["features"][unique.tolist()]
+            block = self._files[src]["features"][unique.tolist()]
             out[[i for _, i in pairs]] = block[inverse]
         return out
 
     def class_of(self, digest: str) -> str:
         return self.where[digest][2]
 
-    def _file(self, src: int) -> h5py.File:
-        if src not in self._files:
-            self._files[src] = open_h5(Path(self.sources[src]), "r")
-        return self._files[src]
-
     def close(self) -> None:
         for f in self._files.values():
             if f.id.valid:
                 f.close()
         self._files.clear()
+
+    def __enter__(self) -> "RowDonors":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def digests_of_unchanged(info) -> Optional[list[str]]:
@@ -126,7 +126,7 @@ def find_donors(cache_dir, attrs: dict, exclude: Optional[Path] = None,
     digests, newest cache first for a digest several hold, then the committed rows of the caches ``also`` names
     (set aside as stale: complete or not, see ``freshness``); None when there are none. Of an incomplete cache
     (an extraction stopped, then its folder changed: another request) its committed rows: they were all
-    computed again."""
+    computed again. Each donor's file stays open until the result is closed (it is a context manager)."""
     good, _ = list_caches(cache_dir)  # never one being written; an incomplete one gives its committed rows
     mine = exclude.resolve() if exclude is not None else None
     candidates = [i for i in good if i.path.resolve() != mine]
@@ -169,11 +169,10 @@ def find_donors(cache_dir, attrs: dict, exclude: Optional[Path] = None,
             if d and d not in donors.where:
                 donors.where[d] = (src, row, classes[y])
                 added += 1
-        if added:
-            donors.sources.append(str(info.path))
+        if added:  # its rows are read from the file its digests came from, kept open: the path may be another's
+            donors.sources.append(str(info.path))  # by then (set aside as stale, a new cache written in its place)
             donors.extract_rate = donors.extract_rate or info.attrs.get("extract_rate")
-            if not info.complete:
-                donors._files[src] = f
-                continue
+            donors._files[src] = f
+            continue
         f.close()
     return donors if donors.where else None

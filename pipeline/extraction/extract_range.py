@@ -6,6 +6,7 @@ this request's (a hit, or a run to resume) before anything runs.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -308,7 +309,9 @@ def extract_range(cfg, listing: ImageFolderListing, key: str, path: Path, resume
     t0, clock = time.time(), {"input": 0.0, "write": 0.0}
     reuse = {"reused": 0, "label_changes": 0}
     # a full disk: one line, resumable
-    with writing(path), CacheWriter(path, attrs, source=listing, int8_observers=observers) as writer:
+    # the donors' files are open from find_donors on: closed however the run ends, early returns included
+    with donors or contextlib.nullcontext(), writing(path), \
+            CacheWriter(path, attrs, source=listing, int8_observers=observers) as writer:
         if writer.complete:  # another process finished this very cache while we waited for its lock
             return hit_summary(read_info(path), t0)
         if writer.rows != start_rows:
@@ -342,8 +345,6 @@ def extract_range(cfg, listing: ImageFolderListing, key: str, path: Path, resume
             raise ExtractionInterrupted(path, writer.rows) from None
         finally:
             bar.close()
-            if donors:  # their files are open: closed however the run ends
-                donors.close()
         skipped = writer.skipped_rows
         if rows == 0 and not positions:
             raise UsageError(f"no image in {cfg.data} could be decoded ({skipped} tried); run check-images on it")
