@@ -384,3 +384,24 @@ def test_another_cache_of_a_heads_training_photos_says_how_many(tmp_path, make_c
         said = [r.message for r in caplog.records if "the same content as images the head was fitted on" in r.message]
         assert len(said) == (1 if seen else 0), caplog.text
         assert not seen or said[0].startswith(f"{seen} rows of {cache} have the same content as images the head")
+
+
+def test_a_busy_own_cache_leaves_out_the_seen_warning_not_the_evaluation(tmp_path, make_cache, tiny_cache,
+                                                                           head_run, monkeypatch):
+    """evaluate --cache looks in the head's own cache for photos it was fitted on: where that cache was held by a
+    writer, evaluate stopped with 'in use by another process' instead of leaving the optional warning out."""
+    from pipeline.cache.feature_cache import CacheBusy
+    from pipeline.reports import evaluate as evaluate_module
+
+    cache = make_cache(make_image_folder(tmp_path / "fresh", per_class=3, seed=11),
+                       cache_dir=str(tmp_path / "other_features"), dtype="float32").cache
+    opened = evaluate_module.FeatureCache
+
+    def busy_own(path, *args, **kwargs):
+        if Path(path) == Path(tiny_cache):
+            raise CacheBusy(f"{path} is in use by another process")
+        return opened(path, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "FeatureCache", busy_own)
+    r = evaluate(EvaluateConfig(model=head_run.checkpoint, cache=cache, runs_dir=str(tmp_path / "r")))
+    assert r.rows == 6

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
-from ..cache.feature_cache import CacheError, FeatureCache
+from ..cache.feature_cache import CacheBusy, CacheError, FeatureCache
 from ..config import FinetuneConfig, TrainConfig
 from ..data.folders import list_image_folder, stratified_order
 from ..data.image_reader import ImageListDataset, collate_items, file_digest, item_loader, iter_items
@@ -223,7 +223,7 @@ def head_images(init_head: str, listing, ckpt: Optional[dict] = None) -> tuple[s
             if not refitted(ckpt):
                 val_rows = val_rows[:0]
             return tuple(_found(listing, cache, rows) for rows in (train_rows, val_rows))
-    except (CacheError, KeyError, OSError) as e:
+    except (CacheBusy, CacheError, KeyError, OSError) as e:
         log.warning("cannot tell which images %s was trained on (%s): validation may include some of them",
                     init_head, e)
         return set(), set()

@@ -17,7 +17,7 @@ from typing import Callable, Optional
 import numpy as np
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-from ..cache.feature_cache import CacheError, FeatureCache
+from ..cache.feature_cache import CacheBusy, CacheError, FeatureCache
 from ..cache.provenance import ROW_FEATURES, Preprocessing, check_cache_fits
 from ..config import EvaluateConfig, check_config, option_text
 from ..data.folders import ImageLoadError, list_image_folder, load_rgb, thumbnail
@@ -448,7 +448,7 @@ def warn_if_cache_seen(ckpt: dict, cache) -> None:
         with FeatureCache(ckpt["cache"]) as own:
             train_rows, val_rows = split_indices(own.labels, ckpt["config"]["val_fraction"], ckpt["config"]["seed"])
             seen = overlap(own, np.concatenate([train_rows, val_rows]) if refitted(ckpt) else train_rows, cache)
-    except (CacheError, KeyError, OSError):
+    except (CacheBusy, CacheError, KeyError, OSError):  # busy: the warning is left out, not the evaluation
         return
     if seen:
         log.warning("%s of %s %s the same content as images the head was fitted on (e.g. %s): %s scored too, "
