@@ -388,9 +388,10 @@ FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
 def finite(value):
-    """``value`` with NaN and infinities as None, in dicts, lists and tuples too."""
+    """``value`` with NaN and infinities as None, in dicts, lists and tuples too, and -0.0 as 0.0 (a log-loss of
+    probability-1 rows, -mean(log 1), read '-0.0' in --json)."""
     if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral):
-        return value if math.isfinite(value) else None
+        return value + 0.0 if math.isfinite(value) else None
     if isinstance(value, dict):
         return {k: finite(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

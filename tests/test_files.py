@@ -245,6 +245,17 @@ def test_the_one_json_writer_writes_nan_and_infinities_as_null(tmp_path):
     assert "NaN" not in path.read_text() and json.loads(path.read_text())["a"] is None
 
 
+def test_the_one_json_writer_never_writes_a_negative_zero():
+    """compare-sklearn --json gave a log-loss of -0.0 where a model gave every photo probability 1 (its text
+    already read 0.0000)."""
+    import numpy as np
+
+    from pipeline.files import json_text
+
+    assert json_text({"log_loss": -0.0, "rows": [np.float64(-0.0), -1.5], "n": 0}) == \
+        '{"log_loss": 0.0, "rows": [0.0, -1.5], "n": 0}'
+
+
 def test_the_ledger_and_history_files_hold_no_bare_nan(tmp_path):
     import json
     import math
