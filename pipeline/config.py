@@ -757,7 +757,7 @@ class DemoConfig:
     weights: str = field(default="DEFAULT", metadata=option(
         "DEFAULT, a torchvision weights name or timm tag, or a local file."))
     backbone: str = field(default="vgg16", metadata=option("Feature extractor."))
-    n: int = field(default=800, metadata=option("Images to extract (the tutorial's 700 train / 100 val).",
+    n: int = field(default=800, metadata=option("Images to extract (the tutorial's 700 train / 100 val); 0 = all.",
                                                 range=NON_NEGATIVE))
     quarantine: bool = field(default=True, metadata=option(
         "Only report bad files; do not move them out of the data folder.", doc_default="(quarantine)"))

@@ -31,6 +31,17 @@ def test_demo_runs_every_step_and_quarantines_bad_files(tmp_path, monkeypatch):
     assert not (tmp_path / "pets.quarantine" / "red" / "broken.jpg").exists()
 
 
+def test_demo_n_0_says_it_extracts_all_the_images(tmp_path, monkeypatch):
+    """--n 0 (all, as extract's) was announced as 'extracting tiny features of 0 images', then extracted 16."""
+    monkeypatch.chdir(tmp_path)
+    data = make_image_folder(tmp_path / "pets", per_class=8)
+    r = CliRunner().invoke(cli, ["demo", "--data", str(data), "--backbone", "tiny", "--weights", "none",
+                                 "--n", "0", "--workers", "1", "--json"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["extract"]["rows"] == 16
+    assert "[3/4] extracting tiny features of all 16 images" in r.stderr
+
+
 def test_demo_refuses_outputs_inside_the_data_folder_before_moving_a_file(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     data = make_image_folder(tmp_path / "pets", per_class=2)

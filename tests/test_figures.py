@@ -54,6 +54,22 @@ def test_preview_gives_each_class_its_own_row_however_few_its_images(tmp_path):
     assert_picture(out, (440, 790))  # 3 rows (blue, green, red) x 2 cells, not 2 rows of 2 mixing the classes
 
 
+def test_preview_of_a_folder_of_many_classes_draws_a_seeded_choice_of_them(tmp_path):
+    """1000 classes made a figure of 1000 rows: minutes of drawing, then too tall to save."""
+    MAX_PREVIEW_CLASSES = 50  # pipeline.reports.pictures.MAX_PREVIEW_CLASSES
+    data = tmp_path / "data"
+    for i in range(MAX_PREVIEW_CLASSES + 10):
+        (data / f"c{i:03d}").mkdir(parents=True)
+        Image.new("RGB", (8, 8), (4 * i, 90, 200)).save(data / f"c{i:03d}" / "a.png")
+    out = tmp_path / "p.png"
+    result = run("preview", "--data", data, "--backbone", "tiny", "--weights", "none", "--per-class", 1,
+                 "--output", out, "--json")
+    info = json.loads(result.stdout)
+    assert len(info["images"]) == MAX_PREVIEW_CLASSES and len(info["classes"]) == MAX_PREVIEW_CLASSES + 10
+    assert f"has {MAX_PREVIEW_CLASSES + 10} classes; the preview shows {MAX_PREVIEW_CLASSES}" in result.stderr
+    assert Image.open(out).size == (440, 250 * MAX_PREVIEW_CLASSES + 40)
+
+
 def test_preview_of_a_folder_of_broken_files_is_refused_not_drawn_empty(tmp_path):
     data = tmp_path / "data"
     for c in ("a", "b"):

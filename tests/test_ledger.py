@@ -47,6 +47,13 @@ def test_sorting_by_a_metric_no_run_has_as_a_number_names_only_numeric_ones(tmp_
         read_runs(tmp_path, sort_by="val_loss")
 
 
+def test_sorting_by_an_empty_metric_name_is_refused_naming_the_known_ones(tmp_path):
+    """runs --sort '' (an unset $METRIC) listed the runs newest first, as if no --sort had been given."""
+    _add(tmp_path, val_acc=0.8)
+    res = CliRunner().invoke(cli.cli, ["runs", "--runs-dir", str(tmp_path), "--sort", ""])
+    assert res.exit_code == 2 and res.output.strip() == "Error: no run has the metric ''; known metrics: val_acc"
+
+
 def test_sort_and_filters(tmp_path):
     _add(tmp_path, val_acc=0.8, val_loss=0.3)
     _add(tmp_path, fp="bbbb2222", backbone="resnet18", val_acc=0.95, val_loss=0.6)

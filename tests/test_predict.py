@@ -129,6 +129,19 @@ def test_imagenet_check_refuses_a_bad_image_before_loading_the_weights(tmp_path,
     assert len(result.output.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("device", ["tpu", "cuda:x"])
+def test_imagenet_check_refuses_a_bad_device_before_loading_the_weights(image_folder, monkeypatch, device):
+    """--device tpu first downloaded VGG-16's 528 MB (or failed offline), and only then was refused."""
+    def no_load(*a, **kw):
+        raise AssertionError("the weights were loaded for a device that does not exist")
+
+    monkeypatch.setattr(bb, "load_backbone", no_load)
+    result = CliRunner().invoke(cli.cli, ["imagenet-check", str(image_folder / "red" / "red.0.jpg"),
+                                          "--device", device])
+    assert result.exit_code == 2 and result.output.startswith(f"Error: unknown device '{device}'; allowed: ")
+    assert len(result.output.strip().splitlines()) == 1
+
+
 def test_imagenet_check_top5_names_from_the_weights_meta(tmp_path, image_folder):
     full = tmp_path / "resnet18_full.pt"
     torch.save(bb.load_backbone("resnet18", "none").model.state_dict(), full)  # random, but with a classifier

@@ -475,6 +475,7 @@ def imagenet_check(image: str, backbone: str = ImagenetCheckConfig.backbone,
         load_rgb(image)  # a typo or a broken photo is told before the weights load (VGG-16's: 528 MB to download)
     except ImageLoadError as e:
         raise UsageError(f"{image}: {e.reason}") from None
+    dev = resolve_device(device)  # '--device tpu' is told before the weights load too
     loaded = bb.load_backbone(backbone, weights)
     if loaded.covers != "all":
         what = "are random (--weights none)" if loaded.covers == "none" else "cover only the features"
@@ -485,7 +486,6 @@ def imagenet_check(image: str, backbone: str = ImagenetCheckConfig.backbone,
         x = load_transformed(image, loaded.transform).unsqueeze(0)
     except ImageLoadError as e:
         raise UsageError(f"{image}: {e.reason}") from None
-    dev = resolve_device(device)
     with torch.inference_mode():
         prob = torch.softmax(loaded.model.to(dev)(x.to(dev)).float(), 1)[0].cpu()
     if len(categories) != len(prob):

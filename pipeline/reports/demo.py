@@ -85,7 +85,7 @@ def demo(cfg: DemoConfig) -> DemoResult:
     log.info("      %d files, %d unusable%s", checked.files, checked.errors,  # check-images says how to undo: so here
              (f", moved to {moved['dir']}" + (f"; to move them back: {moved['restore']}" if moved["restore"] else ""))
              if moved else "")
-    log.info("[3/4] extracting %s features of %d images", cfg.backbone, cfg.n)
+    log.info("[3/4] extracting %s features of %s images", cfg.backbone, cfg.n or f"all {checked.good}")  # --n 0
     steps["extract"] = extract(extract_cfg)
     log.info("[4/4] fitting the torch head and scikit-learn on the same split")
     steps["compare"] = compare_sklearn(CompareConfig(cache=steps["extract"].cache,

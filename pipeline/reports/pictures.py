@@ -25,6 +25,10 @@ from ..runs.figures import preview_figure as draw
 
 log = logging.getLogger(__name__)
 
+#: Class rows a preview draws at most: a row is 250 pixels, and a folder of 1000 classes made a figure of 1000
+#: rows that ran for minutes and could not be saved (matplotlib draws at most 2^16 pixels a side)
+MAX_PREVIEW_CLASSES = 50
+
 
 def as_seen(transform, image) -> tuple:
     """(normalised CxHxW tensor, HxWx3 de-normalised array in [0, 1]) of a PIL image."""
@@ -34,11 +38,17 @@ def as_seen(transform, image) -> tuple:
 
 
 def sample_per_class(listing, per_class: int, seed: int) -> list[tuple[int, object, str]]:
-    """Up to ``per_class`` decodable images of each class, seeded: (label, PIL image, path)."""
+    """Up to ``per_class`` decodable images of each class, seeded: (label, PIL image, path); of at most
+    ``MAX_PREVIEW_CLASSES`` classes, a seeded choice (said on stderr) when the folder has more."""
     rng = np.random.default_rng(seed)
     labels = listing.labels
     chosen = []
-    for label in range(len(listing.classes)):
+    shown = range(len(listing.classes))
+    if len(shown) > MAX_PREVIEW_CLASSES:
+        shown = sorted(rng.choice(len(shown), MAX_PREVIEW_CLASSES, replace=False).tolist())
+        log.warning("%s has %d classes; the preview shows %d of them, a row each (--seed chooses which)",
+                    listing.root, len(listing.classes), MAX_PREVIEW_CLASSES)
+    for label in shown:
         got = 0
         for i in rng.permutation(np.flatnonzero(labels == label)):
             if got == per_class:

@@ -164,7 +164,7 @@ def read_runs(runs_dir: str | os.PathLike, sort_by: Optional[str] = None, cache:
         records = [r for r in records if r.get("backbone") == backbone]
     if cache:
         records = [r for r in records if _matches_cache(r, cache)]
-    if sort_by:
+    if sort_by is not None:  # --sort '' (an unset shell variable) is refused as any unknown metric is
         have = [r for r in records if _number(r.get("metrics", {}).get(sort_by))]
         if records and not have:  # the metrics runs have as numbers: a hand-edited 'high' is none
             known = sorted({k for r in records for k, v in r.get("metrics", {}).items() if _number(v)})
