@@ -39,6 +39,17 @@ def image_folder(tmp_path) -> Path:
 
 
 @pytest.fixture
+def ctrl_c_raises():
+    """Ctrl-C (SIGINT) raises KeyboardInterrupt in this process, as in a terminal: a test run started in the
+    background (nohup, a script's '&') inherits SIGINT ignored, and a test raising it saw nothing happen."""
+    import signal
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+@pytest.fixture
 def shared_available():
     if not (SHARED_WEIGHTS.is_file() and SHARED_CATSDOGS.is_dir()):
         pytest.skip("../shared (real weights and photos) is not beside the project")

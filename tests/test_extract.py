@@ -501,7 +501,7 @@ def test_ctrl_c_during_extraction_says_in_one_line_the_rows_kept_and_the_resume_
 
 
 def test_ctrl_c_between_a_commits_counters_waits_for_the_commit_so_the_resume_takes_no_row_twice(
-        tmp_path, image_folder, monkeypatch):
+        tmp_path, image_folder, monkeypatch, ctrl_c_raises):
     """A Ctrl-C landing after 'rows' moved but before 'next_candidate' did: the resume started from the old
     candidate, so 4 photos were rows twice and 4 others never extracted."""
     from h5py._hl.attrs import AttributeManager

@@ -368,7 +368,7 @@ def test_the_sigchld_handler_quieted_while_sigterm_unwinds_is_put_back_after(ins
         signal.signal(signal.SIGCHLD, before)
 
 
-def test_a_signal_inside_signals_deferred_reaches_its_handler_only_after_the_block():
+def test_a_signal_inside_signals_deferred_reaches_its_handler_only_after_the_block(ctrl_c_raises):
     import signal
 
     from pipeline.files import signals_deferred
