@@ -76,6 +76,18 @@ def rename_no_replace(src, dst) -> None:
     os.unlink(src)
 
 
+def rename_to_free(src, names) -> Path:
+    """Rename ``src`` to the first of ``names`` (paths, tried in order) that is free, each tried in one step
+    (``rename_no_replace``): a file made there meanwhile is never replaced. The path taken."""
+    for dst in names:
+        try:
+            rename_no_replace(src, dst)
+            return Path(dst)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free name for {src}")
+
+
 def _rename_onto_placeholder(src, dst) -> None:
     """Without hard links: claim ``dst`` with an empty file made exclusively, then rename onto it (replacing
     only that file, our own)."""

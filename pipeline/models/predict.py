@@ -23,7 +23,7 @@ import torch
 from ..config import ImagenetCheckConfig, PredictConfig, check_config, check_options, option_text
 from ..data.folders import NOT_UTF8, ImageLoadError, is_image_name, load_rgb, walk
 from ..data.image_reader import Batch, ImageListDataset, Item, load_transformed, read_items
-from ..data.moves import rename_no_replace
+from ..data.moves import rename_to_free
 from ..devices import resolve_device
 from ..errors import UsageError
 from ..extraction import backbones as bb
@@ -324,13 +324,8 @@ def write_overlay(lm, item: Item, cam, folder: Path) -> str:
         try:
             with writing(folder / name):
                 overlay(lm.transform, item.image, cam).save(tmp, format="PNG")
-                for i in itertools.count(1):
-                    path = folder / (name if i == 1 else f"{name[:-len('.png')]}-{i}.png")
-                    try:
-                        rename_no_replace(tmp, path)  # in one step: a file made meanwhile is kept too
-                        return str(path)
-                    except FileExistsError:
-                        continue
+                names = (folder / (name if i == 1 else f"{name[:-len('.png')]}-{i}.png") for i in itertools.count(1))
+                return str(rename_to_free(tmp, names))  # a file made meanwhile is kept too
         finally:
             if tmp.exists():
                 tmp.unlink()

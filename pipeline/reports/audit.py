@@ -23,7 +23,7 @@ import numpy as np
 
 from ..cache.feature_cache import FeatureCache
 from ..config import AuditConfig, ExtractConfig, FitHeadConfig, check_config
-from ..data.moves import rename_no_replace
+from ..data.moves import rename_to_free
 from ..errors import DeviceMissing, PackageMissing, UsageError
 from ..files import SafeCsvWriter, atomic_write, check_output, write_json, writing
 from ..heads.cache_views import CacheViews
@@ -363,14 +363,9 @@ def keep_earlier(path: Path) -> Optional[Path]:
     beside it is audit's own, and replaced). None where there is none."""
     if not path.is_file():
         return None
-    for i in itertools.count(1):
-        earlier = path.with_name(f"{path.stem}-earlier{'' if i == 1 else f'-{i}'}{path.suffix}")
-        with writing(earlier):
-            try:
-                rename_no_replace(path, earlier)  # never over a file, with or without hard links
-            except FileExistsError:
-                continue
-        return earlier
+    names = (path.with_name(f"{path.stem}-earlier{'' if i == 1 else f'-{i}'}{path.suffix}") for i in itertools.count(1))
+    with writing(path):
+        return rename_to_free(path, names)  # never over a file, with or without hard links
 
 
 def free_name(path: str, new_class: str, taken: set) -> str:
