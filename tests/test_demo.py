@@ -206,3 +206,26 @@ def test_demo_on_another_half_unpacked_folder_says_how_to_finish_it(tmp_path, mo
     assert f"data folder '{mine / 'PetImages'}' is half unpacked: unpacking into {mine} was stopped" in r.output
     assert f"finish it with: python cli.py fetch-data --dest {mine} --url file:///x/pets.zip" in r.output
     assert not (mine / "PetImages.quarantine").exists() and len(list((mine / "PetImages").rglob("*.jpg"))) == 5
+
+
+def test_demo_offline_refuses_undownloadable_weights_before_moving_a_file(tmp_path, monkeypatch):
+    """Offline with a library's default weights not downloaded yet, demo quarantined the broken photos (and said
+    how to move them back) and only then failed on the download: now it fails first, and nothing moves."""
+    import torch
+
+    from pipeline.errors import PipelineError
+    from pipeline.extraction import backbones as bb
+
+    def offline(w):
+        raise PipelineError(f"cannot download {w} (URLError: offline); or pass --weights PATH")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))  # nothing downloaded yet
+    monkeypatch.setattr(bb, "_download_state_dict", offline)
+    data = make_image_folder(tmp_path / "pets", per_class=2)
+    (data / "red" / "broken.jpg").write_bytes(b"")
+    r = CliRunner().invoke(cli, ["demo", "--data", str(data), "--backbone", "resnet18", "--n", "0", "--cache-dir",
+                                 str(tmp_path / "f")])
+    assert r.exit_code == 1 and "cannot download" in r.output and "--weights PATH" in r.output, r.output
+    assert (data / "red" / "broken.jpg").exists() and not (tmp_path / "pets.quarantine").exists()
+    assert not (tmp_path / "f").exists()

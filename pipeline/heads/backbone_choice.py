@@ -161,12 +161,13 @@ def check_candidates(specs: list) -> None:
             bb.load_preprocessing(name, weights)
 
 
-def check_loadable(specs: list) -> None:
+def check_loadable(specs: list, candidates: bool = True) -> None:
     """What only loading tells, for the candidates still to extract: a file with no sidecar whose tensors are
     another model's, and torchvision weights not downloaded yet that cannot be (offline); both failed once the
     candidates before were extracted. A candidate whose cache is there needs neither: its cache key holds the
     file's sha256 (the same bytes loaded once to make it) or the library's weights name, and the cross-validation
-    reads rows only (an offline run was refused weights its caches did not need)."""
+    reads rows only (an offline run was refused weights its caches did not need). ``candidates``: the refusal
+names a candidate's weights as choose-backbone takes them, else as --weights."""
     from ..extraction import backbones as bb
 
     with warnings.catch_warnings():
@@ -183,6 +184,8 @@ def check_loadable(specs: list) -> None:
                     if not bb.expected_download_path(w).is_file():
                         bb._download_state_dict(w)  # now, or its one-line refusal now
             except PipelineError as e:  # offline: a local file is given as the candidate's weights, not --weights
+                if not candidates:
+                    raise
                 raise PipelineError(str(e).replace("pass --weights PATH", f"give {_backbones(name + '=PATH')}")) \
                     from None
 

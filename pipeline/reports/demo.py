@@ -20,6 +20,7 @@ from ..data.folders import list_image_folder
 from ..errors import PipelineError, UsageError
 from ..extraction.extract import ExtractConfig, ExtractResult, check_n, extract, validate
 from ..files import check_output
+from ..heads.backbone_choice import check_loadable
 from ..heads.compare import CompareConfig, CompareResult, compare_sklearn
 from ..heads.fit_head import FitHeadConfig
 
@@ -79,7 +80,7 @@ def demo(cfg: DemoConfig) -> DemoResult:
         log.warning("%s cannot be changed (read-only): its unusable files are reported, not moved; extract "
                     "skips them", data)
     checked = check_images(CheckImagesConfig(root=str(data), quarantine=quarantine, workers=cfg.workers),
-                           before_moving=lambda found: check_n(extract_cfg, found.good))
+                           before_moving=lambda found: ready_to_extract(extract_cfg, found, quarantine))
     steps["check"] = {k: getattr(checked, k) for k in ("files", "good", "errors", "notes", "by_kind", "quarantine")}
     moved = checked.quarantine if checked.errors and checked.quarantine else None
     log.info("      %d files, %d unusable%s", checked.files, checked.errors,  # check-images says how to undo: so here
@@ -92,6 +93,15 @@ def demo(cfg: DemoConfig) -> DemoResult:
                                                      head=FitHeadConfig(runs_dir=cfg.runs_dir)))
     steps["next"] = next_steps(steps, data, cfg.runs_dir)
     return DemoResult(**steps)
+
+
+def ready_to_extract(cfg: ExtractConfig, found, moving: bool) -> None:
+    """check-images' last call before it quarantines: --n against the good files, and, when files are about to
+    move, the network's weights (offline, the default weights' download failed only once the bad photos were
+    moved; nothing moves for a refusal)."""
+    check_n(cfg, found.good)
+    if moving and found.errors:
+        check_loadable([(cfg.backbone, cfg.weights)], candidates=False)
 
 
 def finish_command(record: Path) -> str:
