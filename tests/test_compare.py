@@ -265,3 +265,24 @@ def test_the_test_sets_warnings_are_said_once_per_command_not_once_per_head(tmp_
     assert said == [f"the test set {test} has no photos of green: those classes are not scored"], said
     assert len([line for line in lines if "1 test image has the same content as a training image (" in line]) == 1
     assert len([line for line in lines if "added" in line and cache in line]) == 1, lines
+
+
+def test_test_photos_copied_from_training_are_said_once_with_the_default_heads_count(tmp_path, make_cache):
+    """A test folder of copies of the training photos: compare-sklearn said two overlap lines with different counts
+    (the default head, refitted on every row, saw them all; the other kinds not the validation rows)."""
+    import re
+    import shutil
+
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+
+    data = make_image_folder(tmp_path / "d", per_class=12, classes=("blue", "red"))
+    shutil.copytree(data, tmp_path / "t")
+    cache = make_cache(data).cache
+    test = make_cache(tmp_path / "t", cache_dir=str(tmp_path / "tf")).cache
+    out = CliRunner().invoke(cli, ["compare-sklearn", "--cache", cache, "--test-cache", test, "--epochs", "2",
+                                   "--runs-dir", str(tmp_path / "runs")])
+    assert out.exit_code == 0, out.output
+    said = [line for line in out.stderr.splitlines() if re.search(r"test images? (has|have) the same content", line)]
+    assert len(said) == 1 and "24 test images have the same content as training images" in said[0], said

@@ -597,13 +597,15 @@ def relabelled_test(test, classes, said: Optional[set] = None):
     return Relabelled(test, classes)
 
 
-def warn_once(said: Optional[set], line: str) -> None:
-    """``line`` as a warning, unless ``said`` holds it: the lines a command fitting several heads on one cache and
-    test set said already (compare-sklearn said each once per head kind, four times); it is added there."""
-    if said is None or line not in said:
+def warn_once(said: Optional[set], line: str, key: Optional[str] = None) -> None:
+    """``line`` as a warning, unless ``said`` holds it (or its ``key``): the lines a command fitting several heads
+    on one cache and test set said already (compare-sklearn said each once per head kind, four times); it is added
+    there. ``key``: what makes two lines the same warning where their numbers differ by head kind."""
+    key = key or line
+    if said is None or key not in said:
         log.warning("%s", line)
     if said is not None:
-        said.add(line)
+        said.add(key)
 
 
 def warn_same_folder(test_data: Optional[str], test_cache: Optional[str], root: str, test_root: str, what: str,
@@ -787,7 +789,7 @@ def fit_head(cfg: FitHeadConfig, said: Optional[set] = None, part_of: Optional[s
                 warn_once(said, ("1 test image has the same content as a training image" if k == 1 else
                                  f"{k} test images have the same content as training images")
                           + f" (e.g. {', '.join(test['overlap'][:3])}): the test accuracy counts "
-                          + ("it" if k == 1 else "them"))
+                          + ("it" if k == 1 else "them"), key="overlap")  # the refitted default head's count first
         out_dir = new_run_dir(cfg.runs_dir, "fit-head")
         head = head.cpu()
         metrics = {"val_acc": val["acc"], "val_loss": val["loss"],
