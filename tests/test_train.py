@@ -533,7 +533,108 @@ def test_a_photo_rewritten_in_place_since_the_stop_refuses_the_resume(tmp_path, 
     (image_folder / "red" / "red.3.jpg").write_bytes((image_folder / "blue" / "blue.3.jpg").read_bytes())
     resumed = CliRunner().invoke(cli.cli, [*args, "--resume", str(run_dir)])
     assert resumed.exit_code == 2, resumed.output  # it went on with the new bytes, unnoticed
-    assert "differ from the stopped run's (added, removed or rewritten since)" in resumed.stderr
+    assert f"1 photo of {str(image_folder)!r} differs from the stopped run's: red/red.3.jpg (rewritten: other " \
+           "bytes)" in resumed.stderr and "--quarantine" in resumed.stderr
+
+
+def test_a_photo_rewritten_with_its_size_and_mtime_kept_refuses_the_resume(tmp_path, image_folder, monkeypatch):
+    """A photo rewritten in place with its size and mtime kept (os.utime, some sync tools) passed the listing's
+    digest: the resume trained on the new bytes, unnoticed. Each photo's sha256 is checked, as extract does."""
+    import os
+    args, run_dir = _stopped_train_run(tmp_path, image_folder, monkeypatch)
+    photo = image_folder / "red" / "red.3.jpg"
+    st, data = photo.stat(), bytearray(photo.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    photo.write_bytes(bytes(data))
+    os.utime(photo, ns=(st.st_atime_ns, st.st_mtime_ns))
+    resumed = CliRunner().invoke(cli.cli, [*args, "--resume", str(run_dir)])
+    assert resumed.exit_code == 2, resumed.output
+    assert "red/red.3.jpg (rewritten: other bytes)" in resumed.stderr
+
+
+def test_a_resume_refused_for_photos_gone_bad_names_them_and_what_to_do(tmp_path, image_folder, monkeypatch):
+    """A photo corrupt, made unreadable, moved away or added since the stop: the refusal said 'the images ...
+    differ from the stopped run's (added, removed or rewritten since)' naming none of them (in a folder of
+    thousands), and a photo made unreadable (chmod) was not refused at all: the run went on without it."""
+    import pipeline.data.folders as folders
+    from pipeline.data.folders import ImageLoadError
+    args, run_dir = _stopped_train_run(tmp_path, image_folder, monkeypatch)
+    real_open = folders.open_regular
+
+    def blue_2_refused(path):  # as a chmod 000 photo of another user's: root here reads any file
+        if Path(path).name == "blue.2.jpg":
+            raise ImageLoadError("unreadable image: Permission denied", "unreadable")
+        return real_open(path)
+
+    monkeypatch.setattr(folders, "open_regular", blue_2_refused)
+    resumed = CliRunner().invoke(cli.cli, [*args, "--resume", str(run_dir)])
+    assert resumed.exit_code == 2, resumed.output  # it trained on without it, saying nothing
+    assert "1 photo of" in resumed.stderr and "blue/blue.2.jpg (unreadable image: Permission denied)" in resumed.stderr
+    assert "permissions fixed" in resumed.stderr and "--quarantine" not in resumed.stderr
+    (image_folder / "red" / "red.3.jpg").write_bytes(b"not a jpeg any more")
+    (image_folder / "blue" / "blue.1.jpg").rename(tmp_path / "blue.1.jpg")
+    (image_folder / "red" / "red.new.jpg").write_bytes((tmp_path / "blue.1.jpg").read_bytes())
+    resumed = CliRunner().invoke(cli.cli, [*args, "--resume", str(run_dir)])
+    assert resumed.exit_code == 2, resumed.output
+    line = next(li for li in resumed.stderr.splitlines() if li.startswith("Error:"))
+    assert f"4 photos of {str(image_folder)!r} differ from the stopped run's: blue/blue.1.jpg (gone: " in line
+    assert "blue/blue.2.jpg (unreadable image: Permission denied); red/red.3.jpg (rewritten: other bytes); and 1 " \
+           "more; a resumed run must train on the same photos: put the folder back as it was" in line
+    assert f"start a fresh run without --resume (check-images {image_folder} --quarantine" in line
+    monkeypatch.setattr(folders, "open_regular", real_open)
+    (image_folder / "red" / "red.new.jpg").unlink()
+    (tmp_path / "blue.1.jpg").rename(image_folder / "blue" / "blue.1.jpg")
+    resumed = CliRunner().invoke(cli.cli, [*args, "--resume", str(run_dir)])
+    assert resumed.exit_code == 2 and "1 photo of" in resumed.stderr and "red/red.3.jpg (rewritten" in resumed.stderr
+
+
+def test_a_photo_touched_since_the_stop_resumes_as_if_never_stopped(tmp_path, image_folder, monkeypatch):
+    """`touch` (or a copy that did not keep times) changes a photo's mtime, not its bytes: the resume was refused
+    as if the photo were rewritten ('the images ... differ'), without naming it; extract reuses such a photo's
+    row by its sha256. The run records each photo's sha256, so the resume goes on, bit for bit."""
+    import os
+    whole = train(TrainConfig(data=str(image_folder), backbone="tiny_bn", epochs=3, runs_dir=str(tmp_path / "w"),
+                              **FAST))
+    args, run_dir = _stopped_train_run(tmp_path, image_folder, monkeypatch, "--precision", "fp32")
+    photo = image_folder / "red" / "red.3.jpg"
+    os.utime(photo, ns=(photo.stat().st_atime_ns, photo.stat().st_mtime_ns + 5_000_000_000))
+    resumed = CliRunner().invoke(cli.cli, [*args, "--resume", str(run_dir), "--json"])
+    assert resumed.exit_code == 0, resumed.output
+    assert "touched since the run stopped (mtime changed) hold the same bytes" in resumed.stderr
+    a, b = (torch.load(c, weights_only=True)["state_dict"] for c in (whole.checkpoint, run_dir / "model.pt"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_finetune_resumes_with_its_init_head_moved_and_says_so_when_it_is_gone(tmp_path, image_folder, make_cache,
+                                                                                  monkeypatch):
+    """The --init-head moved after the stop: resumed with its old path it failed with 'model file ... does not
+    exist' (not saying the resume needs it, nor how to go on); with its new path it was refused as 'other options
+    than the stopped run's: --init-head NEW (the run had OLD); resume with its options', the options of a file
+    gone: no way on but moving it back. The run records the head's sha256: the same bytes anywhere resume."""
+    import shutil
+    cache = make_cache(image_folder).cache
+    head = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=5, runs_dir=str(tmp_path / "heads")))
+    other = fit_head(FitHeadConfig(head="linear", cache=cache, epochs=2, runs_dir=str(tmp_path / "heads")))
+    args = ["finetune", "--data", str(image_folder), "--init-head", head.checkpoint, "--epochs", "3",
+            "--workers", "0", "--batch-size", "8", "--print-every", "0", "--runs-dir", str(tmp_path / "runs")]
+    go_on = _stop_in_epoch(monkeypatch, 2)
+    assert CliRunner().invoke(cli.cli, args).exit_code == 130
+    go_on()
+    run_dir = next(d for d in (tmp_path / "runs").iterdir() if d.is_dir())
+    moved = Path(shutil.move(head.checkpoint, tmp_path / "moved.pt"))
+    gone = CliRunner().invoke(cli.cli, [*args, "--resume", str(run_dir)])
+    assert gone.exit_code == 2, gone.output
+    assert (f"--init-head {head.checkpoint!r} does not exist; to resume {str(run_dir)!r}, give --init-head the file "
+            "the run started from, where it is now") in gone.stderr
+    wrong = CliRunner().invoke(cli.cli, [a if a != head.checkpoint else other.checkpoint for a in args]
+                               + ["--resume", str(run_dir)])
+    assert wrong.exit_code == 2 and f"--init-head {other.checkpoint!r} (the run had {head.checkpoint!r}, gone " \
+                                    "since; the file given has other bytes" in wrong.stderr, wrong.output
+    resumed = CliRunner().invoke(cli.cli, [a if a != head.checkpoint else str(moved) for a in args]
+                                 + ["--resume", str(run_dir), "--json"])
+    assert resumed.exit_code == 0, resumed.output
+    assert [h["epoch"] for h in json.loads(resumed.stdout)["history"]] == [1, 2, 3]
+    assert torch.load(run_dir / "model.pt", weights_only=True)["config"]["init_head"] == str(moved)
 
 
 def test_a_run_folder_moved_into_the_data_folder_is_not_resumed_there(tmp_path, image_folder, monkeypatch):
@@ -618,6 +719,7 @@ def test_a_diverged_run_names_the_epochs_it_kept_instead_of_saying_nothing_was_s
     (lambda c: c["resume"].update(optimizer={}), "'resume.optimizer'"),
     (lambda c: c["resume"].update(shuffle=torch.zeros(3)), "'resume.shuffle'"),
     (lambda c: c.update(history=5), "'history'"),
+    (lambda c: c["resume"]["photos"]["sha256"].pop(), "'resume.photos'"),
 ])
 def test_a_hand_edited_stopped_checkpoint_is_refused_naming_the_field(tmp_path, image_folder, monkeypatch, edit,
                                                                       field):

@@ -63,13 +63,20 @@ def row_files(info: CacheInfo) -> tuple[list[str], Optional[list[str]]]:
 def edited_rows(root: Path, paths: list[str], digests: list[str]) -> list[str]:
     """The ``paths`` whose file's sha256 now differs from the one recorded (hashed a thread per core, up to
     8: hashlib releases the GIL); a row without a digest, or a file unreadable now, is not counted."""
+    todo = [(p, d) for p, d in zip(paths, digests) if d]
+    now = file_digests(root, [p for p, _ in todo])
+    return [p for (p, d), n in zip(todo, now) if n and n != d]
+
+
+def file_digests(root: Path, paths: list[str]) -> list[str]:
+    """The sha256 of each of ``paths`` under ``root`` ('' where unreadable), a thread per core up to 8."""
     from ..data.image_reader import file_digest
     from ..devices import available_cores
 
-    todo = [(p, d) for p, d in zip(paths, digests) if d]
+    if not paths:
+        return []
     with ThreadPoolExecutor(min(8, available_cores())) as pool:
-        now = list(pool.map(lambda pd: file_digest(root / pd[0]), todo))
-    return [p for (p, d), n in zip(todo, now) if n and n != d]
+        return list(pool.map(lambda p: file_digest(root / p), paths))
 
 
 def stale_reason(info: CacheInfo, listing, verify: bool) -> tuple[Optional[str], bool]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Optional
@@ -20,6 +21,8 @@ from ..config import cli_name
 from ..errors import TrainingInterrupted, UsageError
 from ..files import Terminated
 from .whole_models import read_checkpoint
+
+log = logging.getLogger(__name__)
 
 #: options that change nothing an epoch computes: they may differ between the stopped run and its resumption
 FREE_OPTIONS = ("epochs", "resume", "runs_dir", "workers", "print_every", "device")
@@ -68,11 +71,12 @@ def _cpu(value):
     return value
 
 
-def resume_fields(opt: torch.optim.Optimizer, shuffle: torch.Generator, digest: str) -> dict:
+def resume_fields(opt: torch.optim.Optimizer, shuffle: torch.Generator, digest: str, kept: dict) -> dict:
     """What a checkpoint needs beyond the model to go on where an epoch ended: the optimiser's state and
-    the random states (torch's, each GPU's, and the training loader's ``shuffle`` generator)."""
+    the random states (torch's, each GPU's, and the training loader's ``shuffle`` generator); ``kept``: the run's
+    ``run_record`` (its photos one by one, the --init-head's sha256)."""
     fields = {"optimizer": _cpu(opt.state_dict()), "rng": torch.get_rng_state(), "shuffle": shuffle.get_state(),
-              "items_sha256": digest}
+              "items_sha256": digest, **kept}
     gpus = gpu_rng_states()
     if gpus is not None:
         fields["cuda_rng"] = gpus
@@ -90,9 +94,10 @@ def set_gpu_rng_states(states: list) -> None:
         torch.cuda.set_rng_state_all(states)
 
 
-def read_resume(cfg, kind: str, recorded: dict, digest: str) -> dict:
+def read_resume(cfg, kind: str, recorded: dict, digest: str, sample: tuple) -> dict:
     """The stopped run's checkpoint in ``cfg.resume``, once it is one of ``kind`` with the same options
-    (``recorded``: this run's) and the same images, and has epochs left to run."""
+    (``recorded``: this run's) and the same images (``sample``: the listing, this run's train and val indices,
+    ``digest`` their ``items_digest``), and has epochs left to run."""
     path = Path(cfg.resume) / "model.pt"
     if not path.is_file():
         raise UsageError(f"--resume {cfg.resume!r}: no model.pt there (expected the run folder a stopped "
@@ -104,20 +109,48 @@ def read_resume(cfg, kind: str, recorded: dict, digest: str) -> dict:
     if ckpt["kind"] != kind:
         raise UsageError(f"--resume {cfg.resume!r} is a {ckpt['kind']} run; resume it with {ckpt['kind']}")
     before = ckpt.get("config") or {}
-    differ = [f"{cli_name(k)} {recorded[k]!r} (the run had {before.get(k)!r})" for k in recorded
-              if k not in FREE_OPTIONS and not _same_option(k, before.get(k), recorded[k])]
+    head_sha = ckpt["resume"].get("init_head_sha256")
+    differ = [f"{cli_name(k)} {recorded[k]!r} (the run had {before.get(k)!r}{_gone_note(k, before.get(k), head_sha)})"
+              for k in recorded if k not in FREE_OPTIONS and not _same_option(k, before.get(k), recorded[k])
+              and not _same_head(k, recorded[k], head_sha)]
     if differ:
         free = ", ".join(cli_name(k) for k in FREE_OPTIONS if k != "resume")
         raise UsageError(f"--resume {cfg.resume!r}: other options than the stopped run's: {'; '.join(differ)}; "
                          f"resume with its options (only {free} may change)")
-    if ckpt["resume"].get("items_sha256") != digest:
-        raise UsageError(f"--resume {cfg.resume!r}: the images of {cfg.data!r} (or their split) differ from the "
-                         "stopped run's (added, removed or rewritten since); a resumed run must train on the same ones")
+    same_photos(cfg, ckpt["resume"], digest, *sample)
     done = len(ckpt.get("history") or [])
     if cfg.epochs < done:
         raise UsageError(f"--epochs {cfg.epochs}: the run already did {done} epochs (give at least {done}; "
                          f"{done} finishes it as it is)")
     return ckpt
+
+
+def _same_head(key: str, now, sha256: Optional[str]) -> bool:
+    """Whether ``now``, another --init-head than the stopped run's, is the same file moved (or copied): its bytes
+    are those the run recorded (``sha256``; a run stopped before it recorded them: never)."""
+    from ..data.image_reader import file_digest
+
+    return key == "init_head" and isinstance(now, str) and bool(sha256) and file_digest(now) == sha256
+
+
+def _gone_note(key: str, before, sha256: Optional[str]) -> str:
+    """For a refused --init-head: that the one the run started from is gone, and what resumes then."""
+    if key != "init_head" or not isinstance(before, str) or os.path.exists(before):
+        return ""
+    if sha256:
+        return ", gone since; the file given has other bytes: give --init-head that very file, wherever it is now"
+    return (", gone since: put it back there (the run, stopped by an older version, kept no sha256 to know it "
+            "elsewhere)")
+
+
+def init_head_gone(cfg) -> None:
+    """A --resume whose --init-head does not exist (moved since the run began?): refused saying what resumes,
+    rather than 'model file ... does not exist' (any moved copy of the same bytes resumes: ``_same_head``)."""
+    head = getattr(cfg, "init_head", None)
+    if cfg.resume and head and not os.path.exists(head):
+        raise UsageError(f"--init-head {head!r} does not exist; to resume {cfg.resume!r}, give --init-head the file "
+                         "the run started from, where it is now (moved or copied: its bytes are checked against "
+                         "the run's)")
 
 
 def _same_option(key: str, before, now) -> bool:
@@ -126,6 +159,95 @@ def _same_option(key: str, before, now) -> bool:
     if key == "weights" and isinstance(before, str) and isinstance(now, str) and before != now:
         return os.path.isabs(now) and not os.path.isabs(before) and os.path.abspath(before) == now
     return before == now
+
+
+#: the photos a refusal names (the others are counted)
+NAMED = 3
+
+
+def run_record(cfg, listing, train_idx, val_idx, stopped: Optional[dict]) -> dict:
+    """What a later --resume checks this run against beyond ``items_digest``: ``photos``, its train then val
+    photos one by one (path, label, size, mtime, sha256: '' where unreadable), and the --init-head's sha256. A
+    fresh run hashes every photo (a thread per core, up to 8: about 0.1 s for 1,000 photos, as extract's
+    digests); a resumed one (``stopped``: its checkpoint) keeps the stopped run's sha256 (checked by
+    ``same_photos``) and hashes only the photos whose size or mtime changed."""
+    from ..cache.freshness import file_digests
+    from ..data.image_reader import file_digest
+
+    picked = [listing.files[i] for i in (*train_idx, *val_idx)]
+    then = (stopped or {}).get("resume", {})
+    known = {}
+    if then.get("photos"):
+        p = then["photos"]
+        known = dict(zip(zip(p["paths"], p["sizes"].tolist(), p["mtimes_ns"].tolist()), p["sha256"]))
+    todo = [f.path for f in picked if (f.path, f.size, f.mtime_ns) not in known]
+    hashed = dict(zip(todo, file_digests(listing.root, todo)))
+    photos = {"paths": [f.path for f in picked], "labels": torch.tensor([f.label for f in picked]),
+              "sizes": torch.tensor([f.size for f in picked]), "mtimes_ns": torch.tensor([f.mtime_ns for f in picked]),
+              "sha256": [hashed.get(f.path) or known.get((f.path, f.size, f.mtime_ns), "") for f in picked]}
+    head = getattr(cfg, "init_head", None)
+    if not head:
+        return {"photos": photos}
+    return {"photos": photos, "init_head_sha256": then.get("init_head_sha256") or file_digest(head)}
+
+
+def photos_differ(then: dict, listing, sample: list, n: int = 0) -> list[tuple[str, str]]:
+    """(path, how) of each photo not as the stopped run recorded it (``then``, its ``run_record`` photos): gone,
+    unreadable now (as the run could read it), rewritten (another sha256: a photo only touched, its bytes the
+    same, is not counted), or in this run's ``sample`` (paths) though not in the stopped run's (``n``: its --n).
+    Photos of another size or mtime are hashed; the others too where they total at most
+    ``VERIFY_AUTO_MAX_BYTES``, as extract does (a photo rewritten with its size and mtime kept)."""
+    from ..cache.freshness import VERIFY_AUTO_MAX_BYTES, edited_rows
+    from ..data.folders import ImageLoadError, open_regular
+
+    out, stat_changed, unchanged = [], [], []
+    for path, size, mtime, sha in zip(then["paths"], then["sizes"].tolist(), then["mtimes_ns"].tolist(),
+                                      then["sha256"]):
+        now = listing.by_path.get(path)
+        if now is None:
+            out.append((path, "gone: moved, renamed or removed"))
+            continue
+        if not sha:  # the stopped run could not read it either
+            continue
+        try:
+            open_regular(listing.root / path).close()
+        except ImageLoadError as e:
+            out.append((path, e.reason))
+            continue
+        (stat_changed if (now.size, now.mtime_ns) != (size, mtime) else unchanged).append((path, sha))
+    if sum(listing.by_path[p].size for p, _ in unchanged) <= VERIFY_AUTO_MAX_BYTES:
+        stat_changed += unchanged
+    if stat_changed:
+        rewritten = set(edited_rows(listing.root, *map(list, zip(*stat_changed))))
+        out += [(p, "rewritten: other bytes") for p, _ in stat_changed if p in rewritten]
+    recorded = set(then["paths"])
+    new = "not among the stopped run's photos: added since" + (f", or drawn by --n {n} in place of others" * bool(n))
+    out += [(p, new) for p in sample if p not in recorded]
+    return out
+
+
+def same_photos(cfg, then: dict, digest: str, listing, train_idx, val_idx) -> None:
+    """Refuse (exit 2) a resume on other photos than the stopped run's (``then``: its resume fields), naming the
+    first few and what became of them; photos only touched since (mtime changed, bytes the same) pass."""
+    photos = then.get("photos")
+    sample = [listing.files[i].path for i in (*train_idx, *val_idx)]
+    differ = photos_differ(photos, listing, sample, cfg.n) if photos else []
+    if differ:
+        n = len(differ)
+        named = "; ".join(f"{p} ({how})" for p, how in differ[:NAMED]) + (f"; and {n - NAMED} more" * (n > NAMED))
+        rewritten = any(how.startswith("rewritten") for _, how in differ)
+        raise UsageError(
+            f"--resume {cfg.resume!r}: {n} photo{'s' * (n > 1)} of {cfg.data!r} differ{'s' * (n == 1)} from the "
+            f"stopped run's: {named}; a resumed run must train on the same photos: put the folder back as it was "
+            f"(moved photos back, permissions fixed), or start a fresh run without --resume"
+            + (f" (check-images {cfg.data} --quarantine moves the photos that do not decode out of it first)"
+               * rewritten))
+    if then.get("items_sha256") == digest:
+        return
+    if not photos or sample != photos["paths"]:
+        raise UsageError(f"--resume {cfg.resume!r}: the images of {cfg.data!r} (or their split) differ from the "
+                         "stopped run's (added, removed or rewritten since); a resumed run must train on the same ones")
+    log.info("photos of %s touched since the run stopped (mtime changed) hold the same bytes: resuming", cfg.data)
 
 
 #: resume field -> (what it must be, the check)
@@ -139,12 +261,26 @@ _RESUME_FIELDS = {
 }
 
 
+def _photos_ok(photos) -> bool:
+    """``run_record``'s photos: lists of paths and sha256 and int64 tensors of labels, sizes, mtimes, one each."""
+    if not (isinstance(photos, dict) and all(isinstance(photos.get(k), list) for k in ("paths", "sha256"))
+            and all(isinstance(photos.get(k), torch.Tensor) and photos[k].dtype == torch.int64 and photos[k].dim() == 1
+                    for k in ("labels", "sizes", "mtimes_ns"))):
+        return False
+    n = len(photos["paths"])
+    return (all(len(photos[k]) == n for k in ("sha256", "labels", "sizes", "mtimes_ns"))
+            and all(isinstance(v, str) for k in ("paths", "sha256") for v in photos[k]))
+
+
 def check_resume_fields(ckpt: dict, path) -> None:
     """A stopped run's checkpoint holds what resuming reads, of the right types (a hand-edited or foreign one is
     refused naming the field, as ``checkpoints.read_checkpoint`` does for the model's fields)."""
     fields = ckpt["resume"]
     wrong = ([("resume", "a dict of the stopped run's states")] if not isinstance(fields, dict) else
              [(f"resume.{k}", what) for k, (what, ok) in _RESUME_FIELDS.items() if not ok(fields.get(k))])
+    photos = fields.get("photos") if isinstance(fields, dict) else None
+    if photos is not None and not _photos_ok(photos):
+        wrong.append(("resume.photos", "the run's photos (paths, labels, sizes, mtimes_ns, sha256, one each)"))
     history = ckpt.get("history")
     if not (isinstance(history, list) and history and all(isinstance(h, dict) for h in history)):
         wrong.append(("history", "a list of the epochs done, one dict each"))

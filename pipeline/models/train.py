@@ -45,10 +45,12 @@ from .resume import (
     TrainingInterrupted,
     TrainingTerminated,
     clear_leftovers,
+    init_head_gone,
     items_digest,
     read_resume,
     restore,
     resume_fields,
+    run_record,
     training_into,
 )
 from .whole_models import (
@@ -71,6 +73,7 @@ def validate(cfg: TrainConfig) -> None:
     validate_training(cfg, data=((cfg.data, "--data"),))
     if cfg.resume:  # the run goes on writing there (model.pt, curves.png): never among the photos it reads
         check_output(cfg.resume, data=((cfg.data, "--data"),), what="--resume", folder=True)
+        init_head_gone(cfg)
     if isinstance(cfg, FinetuneConfig):
         if not 0 <= cfg.head_epochs <= cfg.epochs:
             raise UsageError(f"--head-epochs must be between 0 and --epochs ({cfg.epochs}), got {cfg.head_epochs}")
@@ -320,7 +323,9 @@ def _train_run(cfg: TrainConfig, kind: str, lm, stages: list, listing, head_saw:
     if cfg.resume:
         held.enter_context(training_into(cfg.resume))
         clear_leftovers(cfg.resume)
-    stopped = read_resume(cfg, kind, recorded_config(cfg), digest) if cfg.resume else None
+    sample = (listing, train_idx, val_idx)
+    stopped = read_resume(cfg, kind, recorded_config(cfg), digest, sample) if cfg.resume else None
+    kept = run_record(cfg, listing, train_idx, val_idx, stopped)  # the photos one by one: what a resume checks
     val_model = Inference(model, device, precision, freeze=False)  # the same inference path as evaluate/predict
     skipped, state = ImageOutputs(), {"stage": None}
     log.info("%s: %d train / %d val images of %s (unreadable ones skipped as they are read), device %s, "
@@ -356,7 +361,7 @@ def _train_run(cfg: TrainConfig, kind: str, lm, stages: list, listing, head_saw:
         run["saving"] = (len(history), file_identity(run["dir"] / "model.pt"))  # stopped_at: did it land?
         save_model(lm, run["dir"] / "model.pt", kind, recorded_config(cfg),
                    {**history[-1], "epochs_done": len(history), "epochs": cfg.epochs}, history,
-                   resume=resume_fields(opt, train_loader.generator, digest))
+                   resume=resume_fields(opt, train_loader.generator, digest, kept))
         run["done"] = len(history)
 
     done = restore(stopped, model, opt, train_loader.generator) if stopped else []
