@@ -700,6 +700,22 @@ def test_a_zip_entry_holding_more_than_it_declares_writes_no_more_than_declared(
     assert (tmp_path / "d" / "PetImages" / "Cat" / "0.jpg").stat().st_size <= 1000
 
 
+def test_a_failed_fetch_removes_only_the_empty_folders_it_made(tmp_path):
+    """Offline, 'fetch-data --dest data/new' left data/new behind, empty: the folders it made are removed while
+    empty, never one that was there before, nor one holding anything (here the refused archive)."""
+    (tmp_path / "data").mkdir()
+    with pytest.raises(PipelineError, match="offline"):
+        fetch_data(cfg(tmp_path / "data" / "new" / "sub", closed_port_url()))
+    assert list(tmp_path.iterdir()) == [tmp_path / "data"] and list((tmp_path / "data").iterdir()) == []
+    with pytest.raises(PipelineError, match="offline"):
+        fetch_data(cfg(tmp_path / "data", closed_port_url()))
+    assert (tmp_path / "data").is_dir()  # there before: kept
+    (tmp_path / "bomb.zip").write_bytes(deflated({"PetImages/Cat/0.jpg": b"\0" * (4 << 20)}))
+    with pytest.raises(PipelineError, match="over the 100:1"):
+        fetch_data(cfg(tmp_path / "data" / "new", f"file://{tmp_path}/bomb.zip"))
+    assert (tmp_path / "data" / "new" / "bomb.zip").is_file()  # holds the archive: kept
+
+
 def test_a_download_larger_than_the_free_space_is_refused_before_writing(server, tmp_path, monkeypatch):
     small_disk(monkeypatch, 1000)
     with pytest.raises(PipelineError, match=f"downloading {NAME} .* needs 0.3 MB but .* 0.0 MB free"):

@@ -74,26 +74,51 @@ def fetch_data(cfg: FetchConfig) -> FetchResult:
     if source is not None and not source.is_file() and not (Path(cfg.dest) / name).is_file():  # not "offline?"
         raise UsageError(f"--url {cfg.url!r} names no file: {str(source)!r} does not exist or is not a file")
     dest = check_output(cfg.dest, what="--dest", folder=True)  # the URL is all it reads
-    try:
-        dest.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise PipelineError(f"cannot create --dest {str(dest)!r}: {e.strerror or e}") from None
     archive = dest / name
     busy = f"another fetch-data is downloading or unpacking into {dest}; run this again when it has finished"
-    with folder_lock(dest, True, busy):  # two at once appended one .part twice, or unpacked over each other
-        check_source(cfg, archive, source)
-        downloaded = not archive.is_file()
-        if downloaded:
-            try:
-                download(cfg, archive)
-                _source_record(archive).write_text(json_text({"url": cfg.url, "bytes": archive.stat().st_size}))
-            except OSError as e:  # a read-only or full --dest (the network's errors are PipelineErrors already)
-                raise disk_error(e, dest) or PipelineError(f"cannot write in --dest {dest}: {e}") from None
-        else:
-            log.info("archive already complete: %s", archive)
-        unpacked, fresh = unpack(archive, dest, overwrite=cfg.overwrite, keep=source)
+    made = missing_folders(dest)
+    try:
+        try:
+            dest.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise PipelineError(f"cannot create --dest {str(dest)!r}: {e.strerror or e}") from None
+        with folder_lock(dest, True, busy):  # two at once appended one .part twice, or unpacked over each other
+            check_source(cfg, archive, source)
+            downloaded = not archive.is_file()
+            if downloaded:
+                try:
+                    download(cfg, archive)
+                    _source_record(archive).write_text(json_text({"url": cfg.url, "bytes": archive.stat().st_size}))
+                except OSError as e:  # a read-only or full --dest (the network's errors are PipelineErrors already)
+                    raise disk_error(e, dest) or PipelineError(f"cannot write in --dest {dest}: {e}") from None
+            else:
+                log.info("archive already complete: %s", archive)
+            unpacked, fresh = unpack(archive, dest, overwrite=cfg.overwrite, keep=source)
+    except BaseException:
+        remove_if_empty(made)
+        raise
     return FetchResult(archive=str(archive), bytes=archive.stat().st_size, downloaded=downloaded,
                        unpacked=str(unpacked), unpacked_now=fresh, url=cfg.url)
+
+
+def missing_folders(dest: Path) -> list[Path]:
+    """The folders making ``dest`` would create (dest first, then the parents it lacks)."""
+    made, p = [], Path(dest)
+    while not os.path.lexists(p) and p != p.parent:
+        made.append(p)
+        p = p.parent
+    return made
+
+
+def remove_if_empty(folders: list[Path]) -> None:
+    """Remove the folders a failed fetch-data made (``missing_folders``, deepest first) while they are still
+    empty: an offline first run left an empty --dest behind. A folder holding anything (a .part to resume, a
+    file put there meanwhile) is kept, and so is every folder above it."""
+    for folder in folders:
+        try:
+            os.rmdir(folder)  # only an empty one
+        except OSError:
+            return
 
 
 def _source_record(archive: Path) -> Path:
