@@ -319,14 +319,16 @@ def _metric(v) -> str:
 
 def runs_table(records: list[dict], sort_by: Optional[str] = None) -> str:
     """A table: time, kind, backbone, cache, scalar metrics (``sort_by`` first), first output. A run made as part
-    of another command (compare-sklearn's heads) is of kind 'fit-head (compare-sklearn)': they read as fit-head's."""
+    of another command (compare-sklearn's heads) is of kind 'fit-head (compare-sklearn)': they read as fit-head's.
+    A line without the time or kind every run records (one written by hand or another tool: the ledger takes it)
+    shows '?' there, not a blank row; its metrics and output still show."""
     rows = [("time", "kind", "backbone", "cache", "metrics", "output")]
     for r in records:
         m = {k: v for k, v in r.get("metrics", {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         keys = ([sort_by] if sort_by in m else []) + [k for k in m if k != sort_by]
         outputs = r.get("outputs") or [""]
-        kind = r.get("kind", "") + (f" ({r['part_of']})" if r.get("part_of") else "")
-        rows.append((r.get("time", "")[:19].replace("T", " "), kind, r.get("backbone", ""),
+        kind = (r.get("kind") or "?") + (f" ({r['part_of']})" if r.get("part_of") else "")
+        rows.append(((r.get("time") or "?")[:19].replace("T", " "), kind, r.get("backbone", ""),
                      r.get("cache_fingerprint", "")[:12], " ".join(f"{k}={_metric(m[k])}" for k in keys),
                      str(outputs[0])))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
