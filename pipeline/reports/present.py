@@ -7,6 +7,7 @@ computed as -mean(log 1) is -0.0, which read '-0.0000'.
 """
 from __future__ import annotations
 
+import math
 import shlex
 from typing import TYPE_CHECKING, Optional
 
@@ -109,20 +110,24 @@ def compare_text(result: CompareResult) -> str:
 
 def choose_backbone_text(choice: BackboneChoice) -> str:
     """The table a person reads, best first, and the recommendation."""
+    from ..heads.backbone_choice import plus_minus
+
     w = max(len("candidate"), *(len(c.name) for c in choice.candidates))
+    alike = any(math.isnan(x) for c in choice.candidates for x in (c.acc_se, c.log_loss_se, c.diff_se))
     lines = [f"{choice.repeats} x {choice.folds}-fold stratified CV of fit-head's default head on {choice.rows} "
              f"photos of {choice.classes} classes ({choice.data}); ± one standard error (corrected for overlapping "
-             "folds)",
+             "folds" + ("; n/a where every fold scored the same: no spread to estimate it from)" if alike else ")"),
              f"  {'candidate':<{w}}  {'features':>8}  {'CV accuracy':>15}  {'log-loss':>15}  {'vs best':>13}  "
              f"{'img/s':>7}  {'MB/1k':>6}",
              ]
     for c in choice.candidates:
         mark = "*" if c.name == choice.fastest_within_noise else " "
-        vs = "best" if c.name == choice.best else f"{-100 * c.diff + 0.0:+.1f} ± {100 * c.diff_se:.1f}"
+        vs = "best" if c.name == choice.best else f"{-100 * c.diff + 0.0:+.1f} ± {plus_minus(100 * c.diff_se, '.1f')}"
         noise = "" if c.name == choice.best else ("  (within noise)" if c.within_noise else "")
         rate = f"{c.img_per_s:7.1f}" if c.img_per_s else f"{'n/a':>7}"
-        lines.append(f"{mark} {c.name:<{w}}  {c.features:>8}  {100 * c.acc:6.1f} ± {100 * c.acc_se:4.1f} %  "
-                     f"{c.log_loss + 0.0:6.3f} ± {c.log_loss_se:5.3f}  {vs:>13}  {rate}  {c.mb_per_1000:6.1f}{noise}")
+        acc, loss = plus_minus(100 * c.acc_se, "4.1f"), plus_minus(c.log_loss_se, "5.3f")
+        lines.append(f"{mark} {c.name:<{w}}  {c.features:>8}  {100 * c.acc:6.1f} ± {acc} %  "
+                     f"{c.log_loss + 0.0:6.3f} ± {loss}  {vs:>13}  {rate}  {c.mb_per_1000:6.1f}{noise}")
     lines.append(f"(* recommended; extraction {choice.extract_seconds:.0f} s, "
                  f"cross-validation {choice.cv_seconds:.0f} s; img/s as extract ran on this machine, "
                  "n/a for a cache made before rates were kept)")
