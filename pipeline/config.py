@@ -80,13 +80,17 @@ class Option:
     names: tuple = ()  # command-line names, e.g. ("-n", "--n") [default: --field-name]
     negatable: bool = False  # a bool shown as --x/--no-x (a default-True bool without it is --no-x)
     argument: bool = False  # a positional argument on the command line, not an --option
-    path: Optional[str] = None  # "file" or "dir": the command line refuses the other kind
+    path: Optional[str] = None  # "file" or "dir": the command line refuses the other kind ("any": either)
     metavar: Optional[str] = None
     required: bool = False  # on the command line (the API takes it as a positional parameter)
     multiple: bool = False  # given once per value on the command line (a list in Python)
     cli: bool = True  # False: a keyword of the API only (no command-line option)
     doc: Optional[str] = None  # docs/commands.md's text, where it says more than help (markdown)
     doc_default: Optional[str] = None  # docs/commands.md's default, where the value alone does not say it
+
+
+#: what an empty name of a path option is asked to be instead (Option.path; a folder by default)
+PATH_KINDS = {"file": "file", "dir": "folder", "any": "file or folder"}
 
 
 def option(help: str, **spec) -> dict:
@@ -223,7 +227,7 @@ def check_options(cls, values: dict, python: bool = True, what: str = "") -> Non
             if python and values[f.name] == "" and (opt.path or f.name == "data" or f.name.endswith("_dir")
                                                     or opt.metavar == "DIR"):
                 # as the CLI refuses --calib-data '': '' (some options' default: not given) named no folder
-                raise UsageError(f"{name} '' is an empty name; give a {'file' if opt.path == 'file' else 'folder'}, "
+                raise UsageError(f"{name} '' is an empty name; give a {PATH_KINDS.get(opt.path, 'folder')}, "
                                  f"or leave {name} out")
             if field_kind(f) == "bool":
                 check_flag(values[f.name], name)
@@ -880,7 +884,7 @@ class ExportConfig:
     weights: Optional[str] = field(default=None, metadata=option(HEAD_WEIGHTS_HELP,
                                                                  doc_default="where the head recorded them"))
     check_data: Optional[str] = field(default=None, metadata=option(
-        "Photos (a folder or a file) for the parity check [default: the training data's].", metavar="DIR",
+        "Photos (a folder or a file) for the parity check [default: the training data's].", path="any", metavar="DIR",
         doc_default="the training data", doc=(
             "photos for the parity check (a folder or a file); by default the first rows of the head's training "
             "cache (their photos), or photos of a model's training folder")))

@@ -29,8 +29,10 @@ def test_choose_backbone_end_to_end_json_reuses_its_caches_and_their_rates(tmp_p
     by = {c["name"]: c for c in r["candidates"]}
     assert by["tiny+tiny_wide"]["features"] == 8 + 6 and by["tiny"]["features"] == 8
     for c in r["candidates"]:
-        # a log-loss of 0: separable rows, where the coupled pairs reach probability 1.0 in float64
-        assert len(c["fold_acc"]) == 3 and 0 <= c["acc"] <= 1 and c["acc_se"] >= 0 and c["log_loss"] >= 0
+        # a log-loss of 0: separable rows, where the coupled pairs reach probability 1.0 in float64; acc_se null
+        # where every fold scored the same
+        assert len(c["fold_acc"]) == 3 and 0 <= c["acc"] <= 1 and c["log_loss"] >= 0
+        assert c["acc_se"] is None or c["acc_se"] >= 0
         assert c["img_per_s"] > 0 and c["mb_per_1000"] > 0
     fused = by["tiny+tiny_wide"]  # both networks per photo: slower than either, its caches' sizes together
     assert fused["img_per_s"] == pytest.approx(1 / (1 / by["tiny"]["img_per_s"] + 1 / by["tiny_wide"]["img_per_s"]))
@@ -93,7 +95,28 @@ def test_the_standard_error_is_corrected_for_overlapping_folds():
     scores = [0.8, 0.9, 0.85, 0.75, 0.95]
     naive = np.std(scores, ddof=1) / math.sqrt(5)
     assert corrected_se(scores, 0.2) == pytest.approx(np.std(scores, ddof=1) * math.sqrt(1 / 5 + 0.25))
-    assert corrected_se(scores, 0.2) > naive and corrected_se([0.9], 0.2) == 0
+    assert corrected_se(scores, 0.2) > naive and math.isnan(corrected_se([0.9], 0.2))
+
+
+def test_a_standard_error_no_spread_can_estimate_is_na_not_a_fake_zero():
+    """--folds 2 --repeats 1 on 30 easy photos: every fold scored 100 %, and the table said '100.0 ±  0.0 %', a
+    certainty two folds moving in steps of one photo cannot show. It says n/a now (null in --json); the decision
+    is as before: the same scores in every fold are within noise, the same deficit in every fold is not."""
+    from dataclasses import asdict
+
+    from pipeline.files import json_text
+
+    cfg = ChooseBackboneConfig(data="d", folds=2, repeats=1)
+    choice = _decide(cfg, [_candidate("a", [1.0, 1.0], 10.0), _candidate("b", [1.0, 1.0], 20.0),
+                           _candidate("c", [0.9, 0.9], 30.0), _candidate("d", [0.8, 0.9], 5.0)], 30, 3, 0, 0)
+    text = choose_backbone_text(choice)
+    assert "0.0 %" not in text.replace("100.0 ±  n/a %", "") and "n/a where every fold scored the same" in text
+    assert "best: a, 100.0 ± n/a %" in text and "+0.0 ± n/a" in text and "-10.0 ± n/a" in text
+    assert " 85.0 ±  6.1 %" in text  # a spread two folds do show: a number
+    by = {c.name: c for c in choice.candidates}
+    assert by["b"].within_noise and not by["c"].within_noise and choice.fastest_within_noise == "b"
+    shown = {c["name"]: c for c in json.loads(json_text(asdict(choice)))["candidates"]}
+    assert shown["a"]["acc_se"] is None and shown["d"]["acc_se"] == pytest.approx(0.05 * math.sqrt(1.5))
 
 
 def test_a_later_candidates_bad_weights_are_refused_before_any_extraction(tmp_path):

@@ -353,9 +353,13 @@ def test_check_data_and_usage_errors(heads, tmp_path):
         (["--output", str(tmp_path / "b.onnx"), "--tolerance", "0"], "--tolerance must be positive"),
         (["--output", str(head), "--format", "torchscript"], "is one of the inputs"),
         (["--output", str(photos / "blue" / "x.onnx"), "--check-data", str(photos)], "inside"),
+        # it takes a file too: 'give a folder' said otherwise
+        (["--output", str(tmp_path / "b.onnx"), "--check-data", ""], "'' is an empty name; give a file or folder"),
     ]:
         r = runner.invoke(cli.cli, ["export", "--model", str(head), *args])
         assert r.exit_code == 2 and message in r.output, (args, r.output)
+    with pytest.raises(ValueError, match="check_data '' is an empty name; give a file or folder, or leave"):
+        pipeline.export_model(head, tmp_path / "c.onnx", check_data="")
 
 
 def files_below(root: Path) -> dict:

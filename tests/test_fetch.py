@@ -19,6 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import cli
+from pipeline.data import fetch
 from pipeline.data.fetch import FetchConfig, FetchResult, archive_name, download, fetch_data
 from pipeline.errors import PipelineError
 from tests.fsfaults import no_hang
@@ -611,7 +612,9 @@ def small_disk(monkeypatch, free):
 
 
 def test_a_decompression_bomb_is_refused_before_it_fills_the_disk(tmp_path, monkeypatch):
-    """4 MB of zeros deflate to 4 KB: unpacking wrote until the disk was full, leaving half of it."""
+    """4 MB of zeros deflate to 4 KB: unpacking wrote until the disk was full, leaving half of it. (The free
+    space is checked on its own here: the ratio limit, below, would refuse this one first.)"""
+    monkeypatch.setattr(fetch, "MAX_RATIO", 10_000)
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
         z.writestr("PetImages/Cat/0.jpg", b"\0" * (4 << 20))
@@ -625,6 +628,7 @@ def test_a_decompression_bomb_is_refused_before_it_fills_the_disk(tmp_path, monk
 
 def test_an_unpack_over_its_own_files_needs_room_only_for_what_they_lack(tmp_path, monkeypatch):
     """An --overwrite (or resumed) unpack counted the files already in --dest again: refused with room enough."""
+    monkeypatch.setattr(fetch, "MAX_RATIO", 10_000)  # zeros: the free space alone is tested
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
         for name in ("PetImages/Cat/0.jpg", "PetImages/Dog/0.jpg"):
@@ -637,6 +641,79 @@ def test_an_unpack_over_its_own_files_needs_room_only_for_what_they_lack(tmp_pat
                                    "--overwrite"])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "PetImages" / "Dog" / "0.jpg").stat().st_size == 2 << 20
+
+
+def deflated(entries: dict, method=zipfile.ZIP_DEFLATED) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", method) as z:
+        for name, data in entries.items():
+            z.writestr(name, data)
+    return buf.getvalue()
+
+
+def test_a_zip_bomb_is_refused_naming_the_entry_and_the_limit_while_photos_and_a_readme_pass(tmp_path):
+    """A 20 KB zip declaring 20 MB (zeros, 1000:1) was unpacked whenever the disk had room (300 MB from 370 KB);
+    photos barely compress, and a small readme may compress as it likes."""
+    rng = np.random.default_rng(0)
+    bomb = deflated({"PetImages/Cat/0.jpg": rng.bytes(50_000), "PetImages/Dog/1.jpg": b"\0" * (20 << 20)})
+    assert len(bomb) < 100_000
+    (tmp_path / "bomb.zip").write_bytes(bomb)
+    res = CliRunner().invoke(cli, ["-q", "fetch-data", "--dest", str(tmp_path / "d"), "--url",
+                                   f"file://{tmp_path}/bomb.zip"])
+    assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1, res.output
+    assert "archive entry 'PetImages/Dog/1.jpg' declares 21.0 MB from" in res.output and "over the 100:1" in res.output
+    assert not (tmp_path / "d" / "PetImages").exists()
+
+    photos = {f"PetImages/{c}/{i}.jpg": rng.bytes(300_000) for c in ("Cat", "Dog") for i in range(4)}
+    kaggle = deflated({**photos, "PetImages/Cat/Thumbs.db": rng.bytes(20_000) + b"\0" * 50_000,
+                       "readme[1].txt": b"Microsoft Kaggle cats and dogs. " * 20_000})  # 640 KB, 400:1
+    (tmp_path / "pets.zip").write_bytes(kaggle)
+    result = fetch_data(cfg(tmp_path / "ok", f"file://{tmp_path}/pets.zip"))
+    assert result.unpacked == str(tmp_path / "ok" / "PetImages") and result.unpacked_now
+
+
+@pytest.mark.parametrize("mode", ["w:gz", "w:bz2", "w:xz"])
+def test_a_compressed_tar_bomb_is_refused_by_its_total_before_anything_is_written(tmp_path, mode):
+    """A tar's entries have no compressed size of their own: the archive as a whole is held to the limit."""
+    with tarfile.open(tmp_path / "bomb.tar", mode) as t, open("/dev/zero", "rb") as zeros:
+        for name in ("PetImages/Cat/0.jpg", "PetImages/Dog/0.jpg"):
+            info = tarfile.TarInfo(name)
+            info.size = 8 << 20
+            t.addfile(info, zeros)
+    with pytest.raises(PipelineError, match=r"bomb.tar declares 16.8 MB unpacked from .* over the 100:1"):
+        fetch_data(cfg(tmp_path / "d", f"file://{tmp_path}/bomb.tar"))
+    assert not (tmp_path / "d" / "PetImages").exists()
+
+
+def test_a_zip_entry_holding_more_than_it_declares_writes_no_more_than_declared(tmp_path):
+    """Declared sizes can lie: an entry declaring 1,000 bytes (ratio 0.02) whose data inflates to 50 MB. zipfile
+    stops at the declared size and fails the entry's CRC: one line, and the file holds at most 1,000 bytes."""
+    import struct
+
+    data = bytearray(deflated({"PetImages/Cat/0.jpg": b"\0" * (50 << 20)}))
+    for sig, at in ((b"PK\x03\x04", 22), (b"PK\x01\x02", 24)):  # the uncompressed size, local and central
+        i = data.find(sig)
+        data[i + at:i + at + 4] = struct.pack("<I", 1000)
+    (tmp_path / "liar.zip").write_bytes(bytes(data))
+    with pytest.raises(PipelineError, match="cannot unpack .*Bad CRC-32"):
+        fetch_data(cfg(tmp_path / "d", f"file://{tmp_path}/liar.zip"))
+    assert (tmp_path / "d" / "PetImages" / "Cat" / "0.jpg").stat().st_size <= 1000
+
+
+def test_a_failed_fetch_removes_only_the_empty_folders_it_made(tmp_path):
+    """Offline, 'fetch-data --dest data/new' left data/new behind, empty: the folders it made are removed while
+    empty, never one that was there before, nor one holding anything (here the refused archive)."""
+    (tmp_path / "data").mkdir()
+    with pytest.raises(PipelineError, match="offline"):
+        fetch_data(cfg(tmp_path / "data" / "new" / "sub", closed_port_url()))
+    assert list(tmp_path.iterdir()) == [tmp_path / "data"] and list((tmp_path / "data").iterdir()) == []
+    with pytest.raises(PipelineError, match="offline"):
+        fetch_data(cfg(tmp_path / "data", closed_port_url()))
+    assert (tmp_path / "data").is_dir()  # there before: kept
+    (tmp_path / "bomb.zip").write_bytes(deflated({"PetImages/Cat/0.jpg": b"\0" * (4 << 20)}))
+    with pytest.raises(PipelineError, match="over the 100:1"):
+        fetch_data(cfg(tmp_path / "data" / "new", f"file://{tmp_path}/bomb.zip"))
+    assert (tmp_path / "data" / "new" / "bomb.zip").is_file()  # holds the archive: kept
 
 
 def test_a_download_larger_than_the_free_space_is_refused_before_writing(server, tmp_path, monkeypatch):

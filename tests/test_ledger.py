@@ -148,6 +148,18 @@ def test_runs_table_takes_odd_outputs(tmp_path):
     assert "7" in runs_table([{"kind": "x", "outputs": [7]}])
 
 
+def test_a_line_without_time_or_kind_shows_a_question_mark_not_a_blank_row(tmp_path):
+    """A line added by hand or another tool ('{"metrics": {"val_acc": 0.9}}') is a record the ledger takes (its
+    fields are checked when present): its row was blank but for the metric, its time and kind empty."""
+    _add(tmp_path, val_acc=0.5)
+    with open(ledger_path(tmp_path), "a") as f:
+        f.write('{"metrics": {"val_acc": 0.9}}\n{}\n')
+    res = CliRunner().invoke(cli.cli, ["runs", "--runs-dir", str(tmp_path)])
+    rows = [line.split() for line in res.stdout.splitlines()[2:]]
+    assert res.exit_code == 0 and rows[0] == ["?", "?"] and rows[1] == ["?", "?", "val_acc=0.9"], res.stdout
+    assert rows[2][2] == "fit-head" and "damaged" not in res.stderr
+
+
 def test_runs_dir_that_is_a_file_is_a_usage_error(tmp_path):
     (tmp_path / "runs").write_text("x")
     with pytest.raises(ValueError, match="--runs-dir '.*runs' must be a folder"):

@@ -74,26 +74,51 @@ def fetch_data(cfg: FetchConfig) -> FetchResult:
     if source is not None and not source.is_file() and not (Path(cfg.dest) / name).is_file():  # not "offline?"
         raise UsageError(f"--url {cfg.url!r} names no file: {str(source)!r} does not exist or is not a file")
     dest = check_output(cfg.dest, what="--dest", folder=True)  # the URL is all it reads
-    try:
-        dest.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise PipelineError(f"cannot create --dest {str(dest)!r}: {e.strerror or e}") from None
     archive = dest / name
     busy = f"another fetch-data is downloading or unpacking into {dest}; run this again when it has finished"
-    with folder_lock(dest, True, busy):  # two at once appended one .part twice, or unpacked over each other
-        check_source(cfg, archive, source)
-        downloaded = not archive.is_file()
-        if downloaded:
-            try:
-                download(cfg, archive)
-                _source_record(archive).write_text(json_text({"url": cfg.url, "bytes": archive.stat().st_size}))
-            except OSError as e:  # a read-only or full --dest (the network's errors are PipelineErrors already)
-                raise disk_error(e, dest) or PipelineError(f"cannot write in --dest {dest}: {e}") from None
-        else:
-            log.info("archive already complete: %s", archive)
-        unpacked, fresh = unpack(archive, dest, overwrite=cfg.overwrite, keep=source)
+    made = missing_folders(dest)
+    try:
+        try:
+            dest.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise PipelineError(f"cannot create --dest {str(dest)!r}: {e.strerror or e}") from None
+        with folder_lock(dest, True, busy):  # two at once appended one .part twice, or unpacked over each other
+            check_source(cfg, archive, source)
+            downloaded = not archive.is_file()
+            if downloaded:
+                try:
+                    download(cfg, archive)
+                    _source_record(archive).write_text(json_text({"url": cfg.url, "bytes": archive.stat().st_size}))
+                except OSError as e:  # a read-only or full --dest (the network's errors are PipelineErrors already)
+                    raise disk_error(e, dest) or PipelineError(f"cannot write in --dest {dest}: {e}") from None
+            else:
+                log.info("archive already complete: %s", archive)
+            unpacked, fresh = unpack(archive, dest, overwrite=cfg.overwrite, keep=source)
+    except BaseException:
+        remove_if_empty(made)
+        raise
     return FetchResult(archive=str(archive), bytes=archive.stat().st_size, downloaded=downloaded,
                        unpacked=str(unpacked), unpacked_now=fresh, url=cfg.url)
+
+
+def missing_folders(dest: Path) -> list[Path]:
+    """The folders making ``dest`` would create (dest first, then the parents it lacks)."""
+    made, p = [], Path(dest)
+    while not os.path.lexists(p) and p != p.parent:
+        made.append(p)
+        p = p.parent
+    return made
+
+
+def remove_if_empty(folders: list[Path]) -> None:
+    """Remove the folders a failed fetch-data made (``missing_folders``, deepest first) while they are still
+    empty: an offline first run left an empty --dest behind. A folder holding anything (a .part to resume, a
+    file put there meanwhile) is kept, and so is every folder above it."""
+    for folder in folders:
+        try:
+            os.rmdir(folder)  # only an empty one
+        except OSError:
+            return
 
 
 def _source_record(archive: Path) -> Path:
@@ -506,6 +531,38 @@ def unpacked_bytes(kind: str, members: list, dest: Path) -> int:
     return need
 
 
+#: The most an archive, or one zip entry over RATIO_FLOOR, may unpack to per byte it holds: photos barely
+#: compress (JPEGs 1.0 to 1.2:1; the Kaggle zip, JPEGs, two Thumbs.db, a readme and a licence, about 1.04:1),
+#: zeros deflate 1000:1 and bzip2 far more: a 370 KB zip of 300 MB was unpacked while the disk had room.
+MAX_RATIO = 100
+#: entries (a readme, a Thumbs.db) and archives declaring no more than this unpack whatever their ratio
+RATIO_FLOOR = 1 << 20
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n} bytes"
+
+
+def check_ratio(kind: str, members: list, archive: Path) -> None:
+    """Refuse (PipelineError, before anything is written) a decompression bomb: a zip entry declaring more than
+    MAX_RATIO times its compressed bytes, or an archive declaring more than MAX_RATIO times its own size in all
+    (a tar.gz, or zip entries sharing their compressed data). What is written never passes the declared sizes:
+    zipfile stops an entry at its declared size (and fails its CRC), tarfile writes an entry's size."""
+    limit = f"over the {MAX_RATIO}:1 that archives of photos never near (a decompression bomb?); refusing to " \
+            "unpack. If you trust it, unpack it by hand and point --data at the folder"
+    total = 0
+    for m in members:
+        size = m.file_size if kind == "zip" else m.size
+        total += size
+        if kind == "zip" and size > RATIO_FLOOR and size > MAX_RATIO * m.compress_size:
+            raise PipelineError(f"archive entry {m.filename!r} declares {_mb(size)} from {_mb(m.compress_size)} "
+                                f"compressed ({size / max(m.compress_size, 1):,.0f}:1), {limit}")
+    packed = archive.stat().st_size
+    if total > RATIO_FLOOR and total > MAX_RATIO * packed:
+        raise PipelineError(f"{archive.name} declares {_mb(total)} unpacked from {_mb(packed)} "
+                            f"({total / max(packed, 1):,.0f}:1), {limit}")
+
+
 def archive_kind(path: Path) -> str:
     if zipfile.is_zipfile(path):
         return "zip"
@@ -592,6 +649,7 @@ def unpack(archive: Path, dest: Path, overwrite: bool = False, keep: Path | None
             if ignores_case(dest):
                 check_case_clashes(names, dest)
             members = skipped_zip_links(archive, arc.infolist()) if kind == "zip" else arc.getmembers()
+            check_ratio(kind, members, archive)
             ensure_room(dest, unpacked_bytes(kind, members, dest), f"unpacking {archive.name}")
             started = dest / f".{archive.name}.unpacking"
             # a run cut off mid-unpack left its own files: those it may replace

@@ -50,7 +50,7 @@ class Candidate:
     caches: list  # their cache files
     features: int  # length of the row the head reads (a fusion: the sum of its blocks)
     acc: float  # mean accuracy over the folds
-    acc_se: float  # its standard error (corrected for overlapping training parts)
+    acc_se: float  # its standard error (corrected for overlapping training parts); NaN: every fold scored alike
     log_loss: float  # mean log-loss (the fitted head's, before any temperature)
     log_loss_se: float
     fold_acc: list  # per fold, in the same folds for every candidate
@@ -59,7 +59,7 @@ class Candidate:
     img_per_s: Optional[float]
     mb_per_1000: float  # cache size per 1,000 photos (a fusion: the sum of its caches')
     diff: float = 0.0  # the best's accuracy minus this one's (mean of the paired fold differences)
-    diff_se: float = 0.0  # its standard error
+    diff_se: float = 0.0  # its standard error (NaN: the same difference in every fold)
     within_noise: bool = True  # of the best: diff < NOISE_SES x diff_se
 
 
@@ -239,10 +239,12 @@ def extraction_rate(cache: FeatureCache, result: ExtractResult) -> Optional[floa
 
 def corrected_se(scores, test_share: float) -> float:
     """The standard error of the mean of repeated k-fold scores, Nadeau and Bengio's corrected form:
-    sqrt(var x (1/J + n_test/n_train)); 0 for one fold."""
+    sqrt(var x (1/J + n_test/n_train)); NaN (n/a, null in JSON) where no spread can be estimated: one score,
+    or every score alike (each fold 100 % on a small or easy set, where accuracy moves in steps of one photo:
+    a '± 0.0' claimed a certainty the folds cannot show)."""
     scores = np.asarray(scores, np.float64)
-    if len(scores) < 2:
-        return 0.0
+    if len(scores) < 2 or np.ptp(scores) == 0:
+        return math.nan
     return float(math.sqrt(scores.var(ddof=1) * (1 / len(scores) + test_share / (1 - test_share))))
 
 
@@ -358,8 +360,9 @@ def _decide(cfg, found: list, rows: int, classes: int, extract_seconds: float, c
     best = max(found, key=lambda c: (c.acc, -c.log_loss))
     for c in found:
         d = np.asarray(best.fold_acc) - np.asarray(c.fold_acc)
-        c.diff, c.diff_se = float(d.mean()), corrected_se(d, 1 / cfg.folds)
-        c.within_noise = c is best or c.diff <= NOISE_SES * c.diff_se
+        c.diff, c.diff_se = float(d.mean()), 0.0 if c is best else corrected_se(d, 1 / cfg.folds)
+        # the same difference in every fold (no spread): within noise only when it is none
+        c.within_noise = c is best or c.diff <= NOISE_SES * (0.0 if math.isnan(c.diff_se) else c.diff_se)
     close = [c for c in found if c.within_noise]
     timed = [c for c in close if c.img_per_s]
     fastest = max(timed, key=lambda c: c.img_per_s) if timed else best
@@ -370,10 +373,17 @@ def _decide(cfg, found: list, rows: int, classes: int, extract_seconds: float, c
     return choice
 
 
+def plus_minus(se: float, spec: str) -> str:
+    """A standard error as ``spec`` formats it, or 'n/a' as wide where it cannot be estimated (``corrected_se``)."""
+    text = format(se, spec)
+    return f"{'n/a':>{len(text)}}" if math.isnan(se) else text
+
+
 def recommendation(choice: BackboneChoice, best: Candidate, fastest: Candidate) -> str:
     """The recommendation in words, honest about what these photos can tell apart."""
     one = 100.0 / choice.rows
-    lines = [f"best: {best.name}, {100 * best.acc:.1f} ± {100 * best.acc_se:.1f} % cross-validated accuracy on "
+    lines = [f"best: {best.name}, {100 * best.acc:.1f} ± {plus_minus(100 * best.acc_se, '.1f')} % cross-validated "
+             "accuracy on "
              f"{choice.rows} photos (one photo = {one:.2f} points)."]
     others = [n for n in choice.indistinguishable if n != best.name]
     if len(choice.candidates) == 1:

@@ -7,6 +7,7 @@ computed as -mean(log 1) is -0.0, which read '-0.0000'.
 """
 from __future__ import annotations
 
+import math
 import shlex
 from typing import TYPE_CHECKING, Optional
 
@@ -109,20 +110,24 @@ def compare_text(result: CompareResult) -> str:
 
 def choose_backbone_text(choice: BackboneChoice) -> str:
     """The table a person reads, best first, and the recommendation."""
+    from ..heads.backbone_choice import plus_minus
+
     w = max(len("candidate"), *(len(c.name) for c in choice.candidates))
+    alike = any(math.isnan(x) for c in choice.candidates for x in (c.acc_se, c.log_loss_se, c.diff_se))
     lines = [f"{choice.repeats} x {choice.folds}-fold stratified CV of fit-head's default head on {choice.rows} "
              f"photos of {choice.classes} classes ({choice.data}); ± one standard error (corrected for overlapping "
-             "folds)",
+             "folds" + ("; n/a where every fold scored the same: no spread to estimate it from)" if alike else ")"),
              f"  {'candidate':<{w}}  {'features':>8}  {'CV accuracy':>15}  {'log-loss':>15}  {'vs best':>13}  "
              f"{'img/s':>7}  {'MB/1k':>6}",
              ]
     for c in choice.candidates:
         mark = "*" if c.name == choice.fastest_within_noise else " "
-        vs = "best" if c.name == choice.best else f"{-100 * c.diff + 0.0:+.1f} ± {100 * c.diff_se:.1f}"
+        vs = "best" if c.name == choice.best else f"{-100 * c.diff + 0.0:+.1f} ± {plus_minus(100 * c.diff_se, '.1f')}"
         noise = "" if c.name == choice.best else ("  (within noise)" if c.within_noise else "")
         rate = f"{c.img_per_s:7.1f}" if c.img_per_s else f"{'n/a':>7}"
-        lines.append(f"{mark} {c.name:<{w}}  {c.features:>8}  {100 * c.acc:6.1f} ± {100 * c.acc_se:4.1f} %  "
-                     f"{c.log_loss + 0.0:6.3f} ± {c.log_loss_se:5.3f}  {vs:>13}  {rate}  {c.mb_per_1000:6.1f}{noise}")
+        acc, loss = plus_minus(100 * c.acc_se, "4.1f"), plus_minus(c.log_loss_se, "5.3f")
+        lines.append(f"{mark} {c.name:<{w}}  {c.features:>8}  {100 * c.acc:6.1f} ± {acc} %  "
+                     f"{c.log_loss + 0.0:6.3f} ± {loss}  {vs:>13}  {rate}  {c.mb_per_1000:6.1f}{noise}")
     lines.append(f"(* recommended; extraction {choice.extract_seconds:.0f} s, "
                  f"cross-validation {choice.cv_seconds:.0f} s; img/s as extract ran on this machine, "
                  "n/a for a cache made before rates were kept)")
@@ -319,14 +324,16 @@ def _metric(v) -> str:
 
 def runs_table(records: list[dict], sort_by: Optional[str] = None) -> str:
     """A table: time, kind, backbone, cache, scalar metrics (``sort_by`` first), first output. A run made as part
-    of another command (compare-sklearn's heads) is of kind 'fit-head (compare-sklearn)': they read as fit-head's."""
+    of another command (compare-sklearn's heads) is of kind 'fit-head (compare-sklearn)': they read as fit-head's.
+    A line without the time or kind every run records (one written by hand or another tool: the ledger takes it)
+    shows '?' there, not a blank row; its metrics and output still show."""
     rows = [("time", "kind", "backbone", "cache", "metrics", "output")]
     for r in records:
         m = {k: v for k, v in r.get("metrics", {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         keys = ([sort_by] if sort_by in m else []) + [k for k in m if k != sort_by]
         outputs = r.get("outputs") or [""]
-        kind = r.get("kind", "") + (f" ({r['part_of']})" if r.get("part_of") else "")
-        rows.append((r.get("time", "")[:19].replace("T", " "), kind, r.get("backbone", ""),
+        kind = (r.get("kind") or "?") + (f" ({r['part_of']})" if r.get("part_of") else "")
+        rows.append(((r.get("time") or "?")[:19].replace("T", " "), kind, r.get("backbone", ""),
                      r.get("cache_fingerprint", "")[:12], " ".join(f"{k}={_metric(m[k])}" for k in keys),
                      str(outputs[0])))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
