@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from ..data.moves import folder_lock
-from ..config import cli_name
+from ..config import option_text, option_value
 from ..errors import TrainingInterrupted, UsageError
 from ..files import Terminated
 from .whole_models import read_checkpoint
@@ -95,27 +95,30 @@ def read_resume(cfg, kind: str, recorded: dict, digest: str) -> dict:
     (``recorded``: this run's) and the same images, and has epochs left to run."""
     path = Path(cfg.resume) / "model.pt"
     if not path.is_file():
-        raise UsageError(f"--resume {cfg.resume!r}: no model.pt there (expected the run folder a stopped "
+        raise UsageError(f"{option_value('resume', cfg.resume)}: no model.pt there (expected the run folder a stopped "
                          f"train or finetune named)")
     ckpt = read_checkpoint(path)
     if "resume" not in ckpt:
-        raise UsageError(f"--resume {cfg.resume!r}: its model.pt is a finished run's; nothing to resume")
+        raise UsageError(f"{option_value('resume', cfg.resume)}: its model.pt is a finished run's; nothing to resume")
     check_resume_fields(ckpt, path)
     if ckpt["kind"] != kind:
-        raise UsageError(f"--resume {cfg.resume!r} is a {ckpt['kind']} run; resume it with {ckpt['kind']}")
+        raise UsageError(f"{option_value('resume', cfg.resume)} is a {ckpt['kind']} run; resume it with {ckpt['kind']}")
     before = ckpt.get("config") or {}
-    differ = [f"{cli_name(k)} {recorded[k]!r} (the run had {before.get(k)!r})" for k in recorded
+    differ = [f"{option_value(k, recorded[k])} (the run had {before.get(k)!r})" for k in recorded
               if k not in FREE_OPTIONS and not _same_option(k, before.get(k), recorded[k])]
     if differ:
-        free = ", ".join(cli_name(k) for k in FREE_OPTIONS if k != "resume")
-        raise UsageError(f"--resume {cfg.resume!r}: other options than the stopped run's: {'; '.join(differ)}; "
+        free = ", ".join(option_text(k) for k in FREE_OPTIONS if k != "resume")
+        raise UsageError(f"{option_value('resume', cfg.resume)}: other options than the stopped run's: "
+                         f"{'; '.join(differ)}; "
                          f"resume with its options (only {free} may change)")
     if ckpt["resume"].get("items_sha256") != digest:
-        raise UsageError(f"--resume {cfg.resume!r}: the images of {cfg.data!r} (or their split) differ from the "
+        raise UsageError(f"{option_value('resume', cfg.resume)}: the images of {cfg.data!r} (or their split) differ "
+                         "from the "
                          "stopped run's (added, removed or rewritten since); a resumed run must train on the same ones")
     done = len(ckpt.get("history") or [])
     if cfg.epochs < done:
-        raise UsageError(f"--epochs {cfg.epochs}: the run already did {done} epochs (give at least {done}; "
+        raise UsageError(f"{option_text('epochs', cfg.epochs)}: the run already did {done} epochs (give at least "
+                         f"{done}; "
                          f"{done} finishes it as it is)")
     return ckpt
 
