@@ -5,8 +5,9 @@ Each function builds the stage's config dataclass from its keyword options and c
 function the CLI calls, so both give the same results and write the same files (caches under
 ``features/``, runs under ``runs/``, one ledger line per run). The conventions are scikit-learn's
 where they fit: parameters in the constructor or the call, learned state on the object in
-attributes ending in ``_``, ``fit`` returns the object, nothing printed unless ``verbose=True``
-(``verbose=None`` leaves progress output as the process has it: what the CLI passes).
+attributes ending in ``_``, ``fit`` returns the object, no progress printed unless ``verbose=True``
+(``verbose=None`` leaves progress output as the process has it: what the CLI passes); warnings about the
+data or results (photos skipped, rows scored that the head saw) are printed on stderr whatever ``verbose``.
 
 An option a stage does not have is a ``ValueError`` naming it and the allowed ones; bad values
 are ``ValueError``s too (``pipeline.errors.UsageError``), failures of the environment (a full disk,

@@ -13,6 +13,7 @@ import contextlib
 import inspect
 import math
 import numbers
+import re
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -151,6 +152,14 @@ def cli_terms():
         _CLI_TERMS = before
 
 
+class Placeholder(str):
+    """A value a message leaves to the reader (PATH, DIR, N): bare in both terms, ``--weights PATH`` on the
+    command line and ``weights=PATH`` from Python (``option_text``), never quoted as a value to type."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
 def option_text(name: str, *values, cli: str = "") -> str:
     """An option (a config field's name) with the values a message suggests, as its caller writes them:
     ``--precision bf16 or fp32`` on the command line, ``precision='bf16' or 'fp32'`` from Python (``device``
@@ -160,6 +169,26 @@ def option_text(name: str, *values, cli: str = "") -> str:
         name = cli or cli_name(name)
         return " ".join([name, " or ".join(map(str, values))]) if values else name
     return f"{name}={' or '.join(map(repr, values))}" if values else name
+
+
+def option_named(text: str) -> str:
+    """``text`` that begins with an option as the command line spells it (``--cache-dir``, ``--output's folder``:
+    check_output's ``what``), in the caller's terms: as it is on the command line, ``cache_dir`` from Python."""
+    if _CLI_TERMS:
+        return text
+    return re.sub(r"^--([a-z][a-z0-9-]*)", lambda m: m.group(1).replace("-", "_"), text)
+
+
+def flag_text(name: str) -> str:
+    """A flag turned on, as its caller writes it: ``--overwrite`` on the command line, ``overwrite=True``
+    from Python."""
+    return option_text(name) if _CLI_TERMS else f"{name}=True"
+
+
+def option_value(name: str, value, cli: str = "") -> str:
+    """An option with the value the caller gave, quoted as given: ``--weights 'w.pt'`` on the command line,
+    ``weights='w.pt'`` from Python (``option_text``)."""
+    return option_text(name, Placeholder(repr(value)), cli=cli)
 
 
 def _interval(text: str) -> tuple:

@@ -19,6 +19,7 @@ import os
 import signal
 from pathlib import Path
 
+from .config import option_named
 from .errors import UsageError
 
 #: Longest file name accepted from outside (bytes): file systems stop at 255, and '.part' is added.
@@ -98,7 +99,7 @@ def is_utf8(name: str) -> bool:
 def require_folder(path: str | os.PathLike, what: str) -> Path:
     """``path`` as a Path when it is a folder or can be made one; ValueError when it, or the nearest
     part of it that exists, is something else (a regular file), so ``mkdir`` never fails later."""
-    path = Path(path)
+    path, what = Path(path), option_named(what)
     probe = path
     while not os.path.lexists(probe) and probe != probe.parent:
         probe = probe.parent
@@ -140,7 +141,7 @@ def check_output(output, inputs=(), data=(), suffixes=(), what: str = "--output"
     complete cache is a hit), a place where nothing can be written (read-only, not permitted, /proc) is refused
     in one line naming it (exit 1, as a failed write is): found only when the command wrote there, after its work.
     """
-    out = Path(output)
+    out, what = Path(output), option_named(what)  # '--output' on the command line, 'output' from Python
     if folder:
         require_folder(out, what)
     elif os.path.isdir(out):
@@ -176,7 +177,7 @@ def check_writable(folder: Path, what: str, output) -> None:
 
     from .errors import DiskFull
 
-    probe = folder
+    probe, what = folder, option_named(what)
     while not os.path.lexists(probe) and probe != probe.parent:
         probe = probe.parent
     try:
@@ -190,7 +191,7 @@ def check_writable(folder: Path, what: str, output) -> None:
 def _labelled(entries, default: str) -> list[tuple[str, str]]:
     """(path, what it is) of each entry of check_output's ``inputs`` or ``data`` (a path or a pair), blanks left out."""
     pairs = [e if isinstance(e, tuple) else (e, default) for e in entries]
-    return [(os.fspath(p), role) for p, role in pairs if p]
+    return [(os.fspath(p), option_named(role)) for p, role in pairs if p]
 
 
 def same_file(a: Path, b: str) -> bool:

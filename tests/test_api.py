@@ -17,7 +17,7 @@ from pipeline import progress
 from pipeline.extraction.extract import ExtractResult
 from tests.conftest import ROOT, make_image_folder
 
-pytestmark = pytest.mark.filterwarnings("ignore:--weights none")
+pytestmark = pytest.mark.filterwarnings("ignore:.*has random weights")
 
 TINY = dict(backbone="tiny", weights="none", workers=0)
 

@@ -189,7 +189,7 @@ def test_undo_moves_nothing_outside_the_journals_folders(tmp_path, bad):
     crafted = tmp_path / "crafted.jsonl"
     crafted.write_text(head + "\n" + json.dumps(record) + "\n")
     other = make_image_folder(tmp_path / "other", per_class=2)
-    with pytest.raises(UsageError, match="not of --data" if bad == "other-data" else "outside its data folder"):
+    with pytest.raises(UsageError, match="not of data=" if bad == "other-data" else "outside its data folder"):
         undo_fixes(crafted, **({"data": str(other)} if bad == "other-data" else {}))
     assert not (home / "authorized_keys").exists() and not (home / "keys.jpg").exists() and payload.exists()
     assert (data / "blue" / "red.1.jpg").exists() and not (data / "red" / "red.1.jpg").exists()

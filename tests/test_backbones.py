@@ -4,6 +4,7 @@ import logging
 import pytest
 import torch
 
+from pipeline.config import cli_terms
 from pipeline.errors import PipelineError, UsageError
 from pipeline.extraction import backbones as bb
 
@@ -127,7 +128,7 @@ def test_timm_offline_download_is_one_clear_line(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING), pytest.raises(PipelineError) as e:
         bb.load_backbone("test_efficientnet", "DEFAULT")
     msg = str(e.value)
-    assert "cannot download timm's test_efficientnet." in msg and "offline?" in msg and "--weights PATH" in msg
+    assert "cannot download timm's test_efficientnet." in msg and "offline?" in msg and "pass weights=PATH" in msg
     assert "\n" not in msg
     assert not [r for r in caplog.records if "thrown while requesting" in r.getMessage()]  # only the one line
     assert logging.getLogger("huggingface_hub").level == level  # its level given back
@@ -201,7 +202,9 @@ def test_offline_download_names_the_expected_file(tmp_path, monkeypatch):
     with pytest.raises(PipelineError) as e:
         bb.load_backbone("resnet18", "DEFAULT")
     msg = str(e.value)
-    assert "resnet18-f37072fd.pth" in msg and str(tmp_path) in msg and "--weights PATH" in msg
+    assert "resnet18-f37072fd.pth" in msg and str(tmp_path) in msg and "pass weights=PATH" in msg  # from Python
+    with cli_terms(), pytest.raises(PipelineError, match="or pass --weights PATH to a local state-dict file$"):
+        bb.load_backbone("resnet18", "DEFAULT")
     assert "\n" not in msg
 
 
@@ -240,7 +243,11 @@ def test_timm_offline_error_cuts_the_hubs_message_at_a_word_and_keeps_the_advice
     msg = str(e.value)
     reason = msg[msg.index("(LocalEntryNotFoundError: ") + 26:msg.index(" ...); offline?")]
     assert said.startswith(reason + " ") and len(reason) <= 160, msg
-    assert "--weights PATH to a local state-dict file with its .json sidecar (docs/backbones.md)" in msg
+    assert "weights=PATH to a local state-dict file with its .json sidecar (docs/backbones.md)" in msg  # from Python
+    with cli_terms(), pytest.raises(PipelineError) as e:
+        bb.load_backbone("test_efficientnet", "DEFAULT")
+    assert str(e.value).endswith(" or pass --weights PATH to a local state-dict file with its .json sidecar "
+                                 "(docs/backbones.md)")
 
 
 def test_extract_refuses_a_torchvision_prefix_on_a_model_only_timm_has(tmp_path):
@@ -251,7 +258,9 @@ def test_extract_refuses_a_torchvision_prefix_on_a_model_only_timm_has(tmp_path)
     from pipeline.extraction.extract import ExtractConfig, check_backbone
 
     cfg = ExtractConfig(data=str(tmp_path), backbone="torchvision:test_efficientnet", cache_dir=str(tmp_path / "f"))
-    with pytest.raises(UsageError, match="^unknown --backbone 'torchvision:test_efficientnet': torchvision has no "):
+    with pytest.raises(UsageError, match="^unknown backbone='torchvision:test_efficientnet': torchvision has no "):
+        check_backbone(cfg)  # from Python, as extract_features says it
+    with cli_terms(), pytest.raises(UsageError, match="^unknown --backbone 'torchvision:test_efficientnet': "):
         check_backbone(cfg)
     (tmp_path / "f").mkdir()
     (tmp_path / "f" / cache_file_name("test_efficientnet", 0, "k" * 64)).touch()  # timm's, made before

@@ -208,7 +208,7 @@ def test_caches_says_what_a_bad_entry_is_and_escapes_a_name_that_is_not_utf8(tmp
 
 def test_a_cache_dir_that_is_a_file_is_a_usage_error(tmp_path):
     (tmp_path / "features").write_text("x")
-    with pytest.raises(ValueError, match="--cache-dir '.*features' must be a folder"):
+    with pytest.raises(ValueError, match="^cache_dir '.*features' must be a folder"):
         list_caches(tmp_path / "features")
     res = CliRunner().invoke(cli.cli, ["caches", "--cache-dir", str(tmp_path / "features")])
     assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1

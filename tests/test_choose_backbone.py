@@ -14,7 +14,7 @@ from pipeline.heads.backbone_choice import NOISE_SES, Candidate, _decide, correc
 from pipeline.reports.present import choose_backbone_text
 from tests.conftest import make_image_folder
 
-pytestmark = pytest.mark.filterwarnings("ignore:--weights none")
+pytestmark = pytest.mark.filterwarnings("ignore:.*has random weights")
 
 
 def test_choose_backbone_end_to_end_json_reuses_its_caches_and_their_rates(tmp_path):

@@ -128,3 +128,18 @@ def test_fit_head_help_says_auto_is_the_stack_it_fits():
     become their stack: it names the members commands.md names."""
     out = " ".join(CliRunner().invoke(cli, ["fit-head", "--help"]).output.split())
     assert "auto: exact RBF SVMs (one-vs-rest and SVC's one-vs-one) and logistic regression stacked" in out
+
+
+def test_messages_name_options_as_their_caller_writes_them():
+    """Deep messages said the command line's '--weights PATH', '--n 800', '--cache-dir' to Python callers too,
+    who pass weights=, n=, cache_dir=; each helper gives the caller's spelling (the CLI sets cli_terms)."""
+    cases = [(lambda: config.option_text("weights", config.Placeholder("PATH")), "weights=PATH", "--weights PATH"),
+             (lambda: config.option_text("n", 800), "n=800", "--n 800"),
+             (lambda: config.option_value("test_data", "t d"), "test_data='t d'", "--test-data 't d'"),
+             (lambda: config.option_named("--cache-dir's folder"), "cache_dir's folder", "--cache-dir's folder"),
+             (lambda: config.option_named("the checked folder"), "the checked folder", "the checked folder"),
+             (lambda: config.flag_text("overwrite"), "overwrite=True", "--overwrite")]
+    for said, python, command_line in cases:
+        assert said() == python
+        with config.cli_terms():
+            assert said() == command_line

@@ -208,10 +208,10 @@ def test_refusals(tmp_path, head_run):
                                   "mean": [0.5] * 3, "std": [0.25] * 3}}, tmp_path / "t.pt")
     # a whole model needs images, not cached features
     with pytest.raises(ValueError,
-                       match="cannot evaluate a 'train' checkpoint on --cache; known: .*fit-head on --cache"):
+                       match="cannot evaluate a 'train' checkpoint on cache; known: .*fit-head on cache"):
         evaluate(EvaluateConfig(model=str(tmp_path / "t.pt"), cache=str(tmp_path / "c.h5"),
                                 runs_dir=str(tmp_path / "r")))
-    with pytest.raises(ValueError, match="'train' checkpoint is evaluated on photos: pass --data DIR"):
+    with pytest.raises(ValueError, match="'train' checkpoint is evaluated on photos: pass data=DIR$"):
         evaluate(EvaluateConfig(model=str(tmp_path / "t.pt"), runs_dir=str(tmp_path / "r")))
     with pytest.raises(ValueError, match="does not exist"):
         evaluate(EvaluateConfig(model=str(tmp_path / "missing.pt")))
@@ -259,7 +259,7 @@ def test_a_trained_model_evaluates_on_images(tmp_path, image_folder):
     assert r.kind == "train" and r.rows == 24 and sum(map(sum, r.confusion_matrix)) == 24
     assert r.accuracy >= 0.9
     # neither --data nor --cache: said as what it needs (it said "cannot evaluate ... on --cache", never passed)
-    with pytest.raises(ValueError, match="'train' checkpoint is evaluated on photos: pass --data DIR"):
+    with pytest.raises(ValueError, match="'train' checkpoint is evaluated on photos: pass data=DIR$"):
         evaluate(EvaluateConfig(model=model, runs_dir=str(tmp_path / "r")))
 
 

@@ -21,7 +21,7 @@ from pipeline.serving import export as export_mod
 from tests.conftest import ROOT, make_image_folder
 from tests.live_server import make_tiny_head
 
-pytestmark = pytest.mark.filterwarnings("ignore:--weights none", "ignore:no sidecar", "ignore:`torch.jit")
+pytestmark = pytest.mark.filterwarnings("ignore:.*has random weights", "ignore:no sidecar", "ignore:`torch.jit")
 onnx_ok = pytest.importorskip("onnxruntime", reason="the export extra (onnx, onnxruntime) is not installed")
 
 
@@ -405,7 +405,7 @@ def test_no_reachable_photos_asks_for_check_data(heads, tmp_path):
     ckpt = torch.load(lonely, weights_only=True)
     ckpt["cache"] = str(tmp_path / "gone.h5")
     torch.save(ckpt, lonely)
-    with pytest.raises(ValueError, match="pass --check-data DIR"):
+    with pytest.raises(ValueError, match="pass check_data=DIR$"):
         pipeline.export_model(lonely, tmp_path / "x.onnx")
 
 

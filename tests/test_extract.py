@@ -174,7 +174,7 @@ def test_a_cache_dir_where_nothing_can_be_written_serves_a_hit_and_refuses_a_mis
     again = extract(cfg(image_folder, tmp_path))
     assert again.hit and again.cache == first.cache
     # a miss there is refused in one line before the work (it was "unexpected FileNotFoundError ... (a bug?)")
-    with pytest.raises(DiskFull, match=r"^cannot write --cache-dir '.*': nothing can be written in '.*' "
+    with pytest.raises(DiskFull, match=r"^cannot write cache_dir '.*': nothing can be written in '.*' "
                                        r"\(the file system is read-only\)$"):
         extract(cfg(image_folder, tmp_path, n=10))
 
@@ -395,8 +395,10 @@ def test_a_folder_of_only_bad_files_is_a_clear_error(tmp_path):
 
 
 def test_n_larger_than_the_folder_says_how_many_there_are(image_folder, tmp_path):
-    with pytest.raises(ValueError, match="--n 25 is more than the 24 images"):
+    with pytest.raises(ValueError, match="^n=25 is more than the 24 images"):  # extract_features(data, n=25)
         extract(cfg(image_folder, tmp_path, n=25))
+    r = CliRunner().invoke(cli, ["extract", "--data", str(image_folder), "--n", "25", "--cache-dir", str(tmp_path)])
+    assert r.exit_code == 2 and "--n 25 is more than the 24 images" in r.output, r.output
 
 
 def _extract_cmd(data, cache_dir, workers=0):

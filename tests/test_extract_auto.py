@@ -9,7 +9,7 @@ from pipeline.extraction import extract as extract_mod
 from pipeline.extraction import extract_range
 from pipeline.extraction.backbones import bare_features, has_depthwise
 
-pytestmark = pytest.mark.filterwarnings("ignore:--weights none", "ignore:no sidecar")
+pytestmark = pytest.mark.filterwarnings("ignore:.*has random weights", "ignore:no sidecar")
 
 
 def test_depthwise_networks_are_recognised():

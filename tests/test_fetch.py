@@ -212,7 +212,7 @@ def test_connection_refused_is_one_clear_line(tmp_path):
         fetch_data(cfg(tmp_path, closed_port_url()))
     msg = str(e.value)
     assert "\n" not in msg and "refused" in msg.lower()
-    assert f"put it at {tmp_path / NAME}" in msg and "--data" in msg
+    assert f"put it at {tmp_path / NAME}" in msg and "(or point data at a local image folder)" in msg
     res = CliRunner().invoke(cli, ["fetch-data", "--dest", str(tmp_path), "--url", closed_port_url()])
     assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1
 
@@ -346,7 +346,7 @@ def test_unpacking_never_overwrites_files_already_there(tmp_path):
     mine = tmp_path / "PetImages" / "Dog" / "0.jpg"
     mine.parent.mkdir(parents=True)
     mine.write_bytes(b"my own photo")
-    with pytest.raises(PipelineError, match=f"{mine} already exists.*--overwrite"):
+    with pytest.raises(PipelineError, match=f"{mine} already exists.*unpack over it with overwrite=True$"):
         fetch_data(cfg(tmp_path, closed_port_url()))
     assert mine.read_bytes() == b"my own photo" and not (tmp_path / "PetImages" / "Cat").exists()
     fetch_data(cfg(tmp_path, closed_port_url(), overwrite=True))
@@ -540,7 +540,7 @@ def test_a_part_file_of_another_url_is_never_resumed_with_this_ones_bytes(server
     with pytest.raises(PipelineError, match="run the same command again to resume"):
         fetch_data(cfg(tmp_path, server.url, retries=0))
     url_b = server.url.replace(NAME, "B/" + NAME)
-    with pytest.raises(ValueError, match=f"{NAME}.part in --dest was partly fetched from {server.url}, not {url_b}"):
+    with pytest.raises(ValueError, match=f"{NAME}.part in dest was partly fetched from {server.url}, not {url_b}"):
         fetch_data(cfg(tmp_path, url_b))
     assert (tmp_path / f"{NAME}.part").stat().st_size == len(server.files[NAME]) // 2
     result = fetch_data(cfg(tmp_path, url_b, overwrite=True))

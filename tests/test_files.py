@@ -16,6 +16,7 @@ from click.testing import CliRunner
 
 from pipeline.cache import feature_cache as cache_mod
 from pipeline.cli import cli
+from pipeline.config import cli_terms
 from pipeline.errors import DiskFull, UsageError
 from pipeline.files import atomic_write, check_output, disk_error, writing
 from tests.conftest import ROOT, make_image_folder
@@ -95,7 +96,9 @@ def test_the_output_guard_refuses_every_input_by_any_name_there_or_not(tmp_path)
     assert "is one of the inputs (the sidecar of the weights" in _refused(sidecar, inputs=inputs)
     assert "is one of the inputs" in _refused(tmp_path / "W" / ".." / "W" / "r18.pt", inputs=inputs)
     plain = _refused(weights, inputs=[weights])  # an input without a label (a photo) is named once, not twice
-    assert plain == f"--output {str(weights)!r} is one of the inputs ({weights}); it would be overwritten"
+    assert plain == f"output {str(weights)!r} is one of the inputs ({weights}); it would be overwritten"  # Python's
+    with cli_terms():  # the command line's
+        assert _refused(weights, inputs=[weights]).startswith(f"--output {str(weights)!r} is one of the inputs")
     (tmp_path / "link.pt").symlink_to(weights)
     os.link(weights, tmp_path / "hard.pt")
     for name in ("link.pt", "hard.pt"):
@@ -110,7 +113,7 @@ def test_the_output_guard_keeps_outputs_out_of_data_folders_files_and_folders_al
     message = _refused(data / "blue" / "blue.0.jpg", data=photos)
     assert "is inside the data folder" in message and "(the head's training photos)" in message
     assert "is inside the data folder" in _refused(data / "blue" / "new", data=photos, folder=True, what="--runs-dir")
-    assert "--runs-dir" in _refused(data, data=photos, folder=True, what="--runs-dir")
+    assert _refused(data, data=photos, folder=True, what="--runs-dir").startswith("runs_dir ")
     assert "is the data folder" in _refused(data, data=photos, folder=True)
     (tmp_path / "alias").symlink_to(data, target_is_directory=True)
     assert "inside the data folder" in _refused(tmp_path / "alias" / "red" / "p.csv", data=photos)
@@ -126,7 +129,8 @@ def test_an_output_where_nothing_can_be_written_is_refused_before_the_work(outpu
     """--runs-dir /proc/nope passed the guard (it is no data folder, and /proc is a folder): fit-head failed only
     when it made its run folder, after the whole fit, as 'unexpected FileNotFoundError (a bug?)'. A folder made
     in its nearest existing part, and removed, says now whether it can be written (root too: os.access says yes)."""
-    with pytest.raises(DiskFull, match=rf"^cannot write --runs-dir '{output}': nothing can be written in '/proc' "):
+    with cli_terms(), pytest.raises(DiskFull, match=rf"^cannot write --runs-dir '{output}': nothing can be written in "
+                                                    "'/proc' "):
         check_output(output, what="--runs-dir", folder=folder)
     assert check_output("/proc/nope", folder=True, written=False) == Path("/proc/nope")  # a folder only read from
 

@@ -150,7 +150,7 @@ def test_every_view_trains_and_the_checkpoint_takes_raw_features(cache, tmp_path
 
 def test_a_pooled_cache_allows_only_the_avg_view(tmp_path, make_cache, image_folder):
     pooled = make_cache(image_folder, pool="avg", cache_dir=str(tmp_path / "pooled")).cache
-    with pytest.raises(ValueError, match="--features: view 'max' needs the spatial map.*allowed views: avg, flat"):
+    with pytest.raises(ValueError, match="^features: view 'max' needs the spatial map.*allowed views: avg, flat"):
         fit_head(FitHeadConfig(cache=pooled, features="max", runs_dir=str(tmp_path / "runs")))
     pooled_fit = fit_head(FitHeadConfig(head="linear", cache=pooled, features="avg", epochs=2,
                                         runs_dir=str(tmp_path / "runs")))
@@ -730,7 +730,7 @@ def test_test_data_finds_the_weights_file_of_a_cache_made_with_a_relative_path(t
     assert r.test["rows"] == 6
     weights.unlink()  # moved away: said before the fit, naming whose file it is
     monkeypatch.setattr("pipeline.heads.fit_head.fit_on_rows", lambda *a, **k: pytest.fail("fitted first"))
-    with pytest.raises(UsageError, match=r"--test-data is extracted with the weights the cache .* was made with, "
+    with pytest.raises(UsageError, match=r"^test_data is extracted with the weights the cache .* was made with, "
                                          r"'.*w\.pt', which no longer exists; put that file back"):
         fit_head(FitHeadConfig(head="logreg", cache=cache, test_data=str(make_image_folder(tmp_path / "t2", seed=5)),
                                runs_dir=str(tmp_path / "runs")))

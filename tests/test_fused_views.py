@@ -20,7 +20,7 @@ from pipeline.models.predict import PredictConfig, predict
 from pipeline.models.whole_models import head_from_checkpoint, load_model, read_checkpoint
 from tests.conftest import make_image_folder
 
-pytestmark = pytest.mark.filterwarnings("ignore:--weights none")
+pytestmark = pytest.mark.filterwarnings("ignore:.*has random weights")
 
 CLASSES = ("blue", "green", "red")
 
@@ -126,9 +126,9 @@ def test_caches_of_other_photos_or_classes_are_refused_in_one_line(photos, make_
                                backbone="tiny_wide", cache_dir=str(tmp_path / "two_f")).cache
     with pytest.raises(UsageError, match="have other classes"):
         fit_head(FitHeadConfig(cache=[a, other_classes], runs_dir=str(tmp_path / "runs")))
-    with pytest.raises(UsageError, match="^--cache names the cache .* twice: give each cache once$"):
+    with pytest.raises(UsageError, match="^cache names the cache .* twice: give each cache once$"):
         fit_head(FitHeadConfig(cache=[a, a], runs_dir=str(tmp_path / "runs")))
-    with pytest.raises(UsageError, match="--test-cache names one cache"):
+    with pytest.raises(UsageError, match="^test_cache names one cache; .* with test_data=DIR "):
         fit_head(FitHeadConfig(cache=[a, fewer], test_cache=a, runs_dir=str(tmp_path / "runs")))
     out = CliRunner().invoke(cli, ["fit-head", "--cache", a, "--cache", fewer, "--runs-dir", str(tmp_path / "runs")])
     assert out.exit_code == 2 and out.output.count("\n") == 1 and "do not hold the same photos" in out.output
@@ -155,7 +155,7 @@ def test_a_fused_head_loads_each_backbones_recorded_weights_and_refuses_finetuni
     r = fit_head(FitHeadConfig(cache=[a, b], head="logreg", runs_dir=str(tmp_path / "runs")))
     lm = load_model(r.checkpoint)
     assert lm.transform.input_shape == (6, 32, 32) and [p["crop_size"] for p in lm.info["preprocessing"]] == [32, 24]
-    with pytest.raises(UsageError, match="--weights 'none' must be one of their weights files"):
+    with pytest.raises(UsageError, match="weights='none' must be one of their weights files"):
         load_model(r.checkpoint, weights="none")
     with pytest.raises(UsageError, match="fine-tuning starts from a head on one backbone's"):
         load_model(r.checkpoint, trainable=True)
@@ -181,7 +181,7 @@ def test_a_fused_head_whose_weights_folder_moved_runs_with_weights_naming_one_fi
     r = fit_head(FitHeadConfig(cache=[a, b], head="logreg", runs_dir=str(tmp_path / "runs")))
     want = load_model(r.checkpoint).model.head.state_dict()
     shutil.move(folder, tmp_path / "moved")
-    with pytest.raises(pipeline.PipelineError, match="tiny.pt .*not found.*in one folder and pass --weights"):
+    with pytest.raises(pipeline.PipelineError, match="tiny.pt .*not found.*in one folder and pass weights naming"):
         load_model(r.checkpoint)
     lm = load_model(r.checkpoint, weights=str(tmp_path / "moved" / "tiny_wide.pt"))
     assert [p["weights_path"] for p in lm.info["fused"]] == [str((tmp_path / "moved" / n).resolve())

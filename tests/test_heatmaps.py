@@ -136,7 +136,7 @@ def test_grad_cam_works_under_inference_mode():
 
 
 def test_a_pooled_cache_has_no_map_to_explain():
-    with pytest.raises(UsageError, match=r"pooled features \(512, 1, 1\).*without --pool avg"):
+    with pytest.raises(UsageError, match=r"pooled features \(512, 1, 1\).*without pool='avg'"):
         check_spatial((512, 1, 1))
     check_spatial((512, 7, 7))
 
@@ -198,7 +198,7 @@ def patch_cache(root, data, backbone: str) -> str:
                                  cache_dir=str(root / "features"), dtype="float32", precision="fp32")).cache
 
 
-pytestmark = pytest.mark.filterwarnings("ignore:--weights none", "ignore:no sidecar")
+pytestmark = pytest.mark.filterwarnings("ignore:.*has random weights", "ignore:no sidecar")
 
 
 @pytest.mark.parametrize("kind", ["auto", "logreg", "svm", "kernel", "linear"])
@@ -249,7 +249,7 @@ def test_a_pooled_cache_is_refused_with_the_reason(patch_data):
     pooled = extract(ExtractConfig(data=str(data), n=0, backbone="tiny", weights="none", workers=0, pool="avg",
                                    cache_dir=str(root / "pooled"), dtype="float32")).cache
     head = pipeline.Head(head="logreg", calibrate="none", unknown_rows=0, runs_dir=str(root / "runs")).fit(pooled)
-    with pytest.raises(UsageError, match=r"pooled features \(8, 1, 1\).*without --pool avg"):
+    with pytest.raises(UsageError, match=r"pooled features \(8, 1, 1\).*without pool='avg'"):
         head.explain(pooled)
     assert head.explain([str(next((data / "red").iterdir()))]).shape == (1, 8, 8)  # from photos: the map is there
 

@@ -162,7 +162,7 @@ def test_a_line_without_time_or_kind_shows_a_question_mark_not_a_blank_row(tmp_p
 
 def test_runs_dir_that_is_a_file_is_a_usage_error(tmp_path):
     (tmp_path / "runs").write_text("x")
-    with pytest.raises(ValueError, match="--runs-dir '.*runs' must be a folder"):
+    with pytest.raises(ValueError, match="^runs_dir '.*runs' must be a folder"):
         _add(tmp_path / "runs", val_acc=0.5)
     res = CliRunner().invoke(cli.cli, ["runs", "--runs-dir", str(tmp_path / "runs")])
     assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1 and "must be a folder" in res.output

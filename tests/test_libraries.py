@@ -14,7 +14,7 @@ from pipeline import cli
 from pipeline.extraction import libraries
 from tests.conftest import SHARED, make_image_folder
 
-pytestmark = pytest.mark.filterwarnings("ignore:--weights none", "ignore:no sidecar", "ignore:`torch.jit")
+pytestmark = pytest.mark.filterwarnings("ignore:.*has random weights", "ignore:no sidecar", "ignore:`torch.jit")
 
 LITE0 = SHARED / "weights" / "tf_efficientnet_lite0_imagenet.pt"
 CATSDOGS_TEST = SHARED / "data" / "catsdogs_test"

@@ -16,7 +16,7 @@ from pipeline.heads.fit_head import FitHeadConfig, fit_head
 from pipeline.models.predict import PredictConfig, PredictResult, predict
 from pipeline.models.whole_models import build_model, save_model
 
-pytestmark = pytest.mark.filterwarnings("ignore:--weights none", "ignore:no sidecar")
+pytestmark = pytest.mark.filterwarnings("ignore:.*has random weights", "ignore:no sidecar")
 
 
 @pytest.fixture

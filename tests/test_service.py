@@ -31,7 +31,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 import pipeline  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore:--weights none", "ignore:no sidecar")
+pytestmark = pytest.mark.filterwarnings("ignore:.*has random weights", "ignore:no sidecar")
 
 
 @pytest.fixture(scope="module")
@@ -347,8 +347,12 @@ def test_concurrent_requests_share_batches(head):
 
 
 def test_bad_settings_are_usage_errors(head):
-    with pytest.raises(ValueError, match="--max-queue 2 is less than --max-files 64"):
+    with pytest.raises(ValueError, match="^max_queue=2 is less than max_files=64"):
         pipeline.serve_app(head, max_queue=2)
+    r = CliRunner().invoke(cli.cli, ["serve", "--model", str(head), "--max-queue", "2"])
+    assert r.exit_code == 2 and "--max-queue 2 is less than --max-files 64" in r.output, r.output
+    with pytest.raises(ValueError, match="^max_pixels=100000000 is more than any stage decodes"):
+        pipeline.serve_app(head, max_pixels=100_000_000)
     r = CliRunner().invoke(cli.cli, ["serve", "--model", str(head), "--port", "70000"])
     assert r.exit_code == 2 and "--port must be between 0 and 65535" in r.output
     r = CliRunner().invoke(cli.cli, ["serve", "--model", str(head), "--header-seconds", "0"])
@@ -621,7 +625,7 @@ def test_an_unknown_uvicorn_is_refused_at_start_up_not_served_without_a_deadline
 
     assert header_deadline.protocol(1.0).header_seconds == 1.0  # this uvicorn: what it hooks is there
     monkeypatch.setattr(header_deadline, "HOOKS", {"connection_made": ("transport", "a_field_uvicorn_never_had")})
-    with pytest.raises(PipelineError, match="sets no a_field_uvicorn_never_had: --header-seconds cannot be kept"):
+    with pytest.raises(PipelineError, match="sets no a_field_uvicorn_never_had: header_seconds cannot be kept"):
         header_deadline.protocol(1.0)
     monkeypatch.setattr(header_deadline, "HOOKS", {"a_method_uvicorn_never_had": ()})
     with pytest.raises(PipelineError, match="has no a_method_uvicorn_never_had"):

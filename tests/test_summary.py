@@ -3,7 +3,7 @@ import pytest
 
 from pipeline.models.summary import SummaryConfig, SummaryResult, summarize
 
-pytestmark = pytest.mark.filterwarnings("ignore:--weights none")
+pytestmark = pytest.mark.filterwarnings("ignore:.*has random weights")
 
 
 def test_vgg16_head_is_the_tutorials_linear_25088():

@@ -9,6 +9,7 @@ import torch
 from click.testing import CliRunner
 
 from pipeline import cli
+from pipeline.config import cli_terms
 from pipeline.cache.feature_cache import FeatureCache
 from pipeline.data.folders import list_image_folder
 from pipeline.extraction import backbones as bb
@@ -17,7 +18,7 @@ from pipeline.models.train import FinetuneConfig, TrainConfig, TrainResult, fine
 from pipeline.models.whole_models import load_model
 from tests.conftest import SHARED_CATSDOGS, SHARED_WEIGHTS, make_image_folder
 
-pytestmark = pytest.mark.filterwarnings("ignore:--weights none")
+pytestmark = pytest.mark.filterwarnings("ignore:.*has random weights")
 
 FAST = dict(weights="none", workers=0, batch_size=8, print_every=0, precision="fp32")
 
@@ -106,7 +107,9 @@ def test_n_takes_a_stratified_sample_split_like_fit_head():
     train_idx, val_idx = sample_split(labels, 20, 0.25, seed=0)
     assert len(train_idx) + len(val_idx) == 20 and not set(train_idx) & set(val_idx)
     assert np.bincount(labels[np.r_[train_idx, val_idx]]).tolist() == [15, 5]
-    with pytest.raises(ValueError, match="--n 41"):
+    with pytest.raises(ValueError, match="^n=41 is more than the 40 images"):  # train_model(data, n=41)
+        sample_split(labels, 41, 0.25, seed=0)
+    with cli_terms(), pytest.raises(ValueError, match="^--n 41 is more than the 40 images"):
         sample_split(labels, 41, 0.25, seed=0)
 
 

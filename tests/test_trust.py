@@ -55,4 +55,4 @@ def test_k_is_at_most_the_kept_rows_less_one_and_says_so(caplog):
         trust = fit_trust(_cfg(calibrate="none", unknown_rows=30, unknown_k=500), head, None, np.arange(30),
                           lambda idx: rows[idx], lambda: rows[:0])
     assert trust["unknown_k"] == head.unknown_k == 29
-    assert "k = 29 (--unknown-k 500: at most the kept rows less one)" in caplog.text
+    assert "k = 29 (unknown_k=500: at most the kept rows less one)" in caplog.text

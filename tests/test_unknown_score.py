@@ -28,7 +28,7 @@ from pipeline.heads.unknown_score import (
 from pipeline.reports.evaluate import EvaluateConfig, evaluate
 from tests.conftest import make_image_folder
 
-pytestmark = pytest.mark.filterwarnings("ignore:--weights none", "ignore:no sidecar")
+pytestmark = pytest.mark.filterwarnings("ignore:.*has random weights", "ignore:no sidecar")
 
 
 def test_knn_distance_in_blocks_is_the_brute_force_kth_neighbour():

@@ -9,6 +9,7 @@ import torch
 from click.testing import CliRunner
 
 from pipeline import cli
+from pipeline.config import cli_terms
 from pipeline.errors import PipelineError, UsageError
 from pipeline.extraction import backbones as bb
 from pipeline.extraction.extract import ExtractConfig, extract
@@ -22,7 +23,7 @@ from pipeline.models.whole_models import (
     save_model,
 )
 
-pytestmark = pytest.mark.filterwarnings("ignore:--weights none", "ignore:no sidecar")
+pytestmark = pytest.mark.filterwarnings("ignore:.*has random weights", "ignore:no sidecar")
 
 
 def _head_pt(data, tmp_path, backbone="tiny", weights="none", pool="none"):
@@ -161,13 +162,15 @@ def test_fit_head_checkpoint_finds_its_local_weights_file(tmp_path, image_folder
     assert load_model(head_pt).info["weights_sha256"] == bb.file_sha256(weights)  # found via the cache's record
     moved = tmp_path / "elsewhere.pt"
     shutil.move(weights, moved)
-    with pytest.raises(PipelineError, match="tiny.pt .*pass --weights PATH"):
+    with pytest.raises(PipelineError, match="tiny.pt .*; pass weights=PATH to it$"):
+        load_model(head_pt)  # from Python: Model.load(path, weights=...)
+    with cli_terms(), pytest.raises(PipelineError, match="tiny.pt .*; pass --weights PATH to it$"):
         load_model(head_pt)
     assert load_model(head_pt, weights=str(moved)).info["weights_path"] == str(moved.resolve())
     other = tmp_path / "other.pt"
     state = torch.load(moved, weights_only=True)
     torch.save({k: v + 1 for k, v in state.items()}, other)
-    with pytest.raises(ValueError, match="not the file the head was fitted with"):
+    with pytest.raises(ValueError, match="^weights='.*other.pt' is not the file the head was fitted with"):
         load_model(head_pt, weights=str(other))
 
 

@@ -24,7 +24,7 @@ from typing import Iterator, Optional, Sequence
 import h5py
 import numpy as np
 
-from ..config import POOLS, STORAGE_DTYPES
+from ..config import POOLS, STORAGE_DTYPES, option_text
 from ..errors import DiskFull, PipelineError, UsageError
 from ..data.folders import POOL, TEST, ImageLoadError, regular_file_stat
 from ..data.moves import flock_within
@@ -894,8 +894,9 @@ def claim_for_training(info: CacheInfo) -> None:
             _fsync(f)
         info.attrs["purpose"], info.attrs["claimed"] = "", stamp
     except (OSError, PipelineError) as e:
-        log.warning("%s stays %s (%s): pass it with --cache to train on it", info.path,
-                    "made for testing" if info.attrs.get("purpose") else "older than the default cache", e)
+        log.warning("%s stays %s (%s): pass it with %s to train on it", info.path,
+                    "made for testing" if info.attrs.get("purpose") else "older than the default cache", e,
+                    option_text("cache"))
     finally:
         _unlock(info.path, fd)
 

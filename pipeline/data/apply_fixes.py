@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from typing import Optional, Union
 
-from ..config import AUDIT_ACTIONS
+from ..config import AUDIT_ACTIONS, option_text, option_value
 from ..errors import PipelineError, UsageError
 from ..files import check_output, csv_cell_read, json_text
 from .check_images import check_apart, default_quarantine_dir
@@ -56,7 +56,7 @@ def read_fixes(csv_path) -> list[dict]:
     trimmed. Cells are read back from ``SafeCsvWriter``'s escaping (``files.csv_cell_read``)."""
     p = Path(csv_path)
     if not p.is_file():
-        raise UsageError(f"--apply {str(csv_path)!r} is not a file")
+        raise UsageError(f"{option_value('apply', str(csv_path))} is not a file")
     reader = csv.DictReader(io.StringIO(csv_text(p), newline=""))
     missing = {"path", "action"} - set(reader.fieldnames or ())
     if missing:
@@ -171,14 +171,14 @@ def apply_fixes(csv_path, data: str, out_dir: Path, quarantine_dir: Optional[str
     """Move the files of a reviewed list, journalled in ``out_dir/journal.jsonl``; returns what moved."""
     root = Path(data).resolve()
     if not root.is_dir():
-        raise UsageError(f"--data {data!r} is not a folder")
+        raise UsageError(f"{option_value('data', data)} is not a folder")
     qdir = Path(quarantine_dir).resolve() if quarantine_dir else default_quarantine_dir(root)
     check_output(qdir, data=[(root, "--data")], what="--quarantine-dir", folder=True)
     check_apart(root, qdir)
     rows = read_fixes(csv_path)
     journal = Path(out_dir) / "journal.jsonl"
     if journal.exists():
-        raise UsageError(f"{journal} exists already; choose another --output")
+        raise UsageError(f"{journal} exists already; choose another {option_text('output')}")
     with changing_folder(root):  # planned and moved with no other changer or reader of the folder
         moves = plan_moves(rows, root, qdir)
         Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -216,7 +216,7 @@ def read_journal(path) -> tuple[dict, list[dict]]:
     """The journal's head and its moves, each with ``confirmed`` (its move is known to have been made)."""
     p = Path(path)
     if not p.is_file():
-        raise UsageError(f"--undo {str(path)!r} is not a file")
+        raise UsageError(f"{option_value('undo', str(path))} is not a file")
     try:
         lines = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -238,7 +238,8 @@ def journal_places(head: dict, journal, data: Optional[str]) -> tuple[Path, Path
         raise UsageError(f"{journal} names no data folder and quarantine (not written by audit --apply)")
     root, qdir = Path(os.path.realpath(root)), Path(os.path.realpath(qdir))
     if data is not None and root != Path(data).resolve():
-        raise UsageError(f"{journal} is the journal of {root}, not of --data {data}; nothing was moved back")
+        raise UsageError(f"{journal} is the journal of {root}, not of {option_text('data', data)}; nothing was "
+                         "moved back")
     if not root.is_dir():
         raise UsageError(f"the journal's data folder {root} is not a folder; nothing was moved back")
     check_apart(root, qdir)

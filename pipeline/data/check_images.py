@@ -19,7 +19,7 @@ from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..config import CheckImagesConfig, check_config
+from ..config import CheckImagesConfig, check_config, option_text, option_value
 from ..devices import resolve_workers
 from ..errors import PipelineError, UsageError
 from ..files import SafeCsvWriter, atomic_write, check_output, is_utf8, json_text, shown
@@ -152,7 +152,7 @@ def validate(cfg: CheckImagesConfig) -> tuple[Path, Path | None, int]:
     if not root.is_dir():
         raise UsageError(f"folder {cfg.root!r} does not exist or is not a folder")
     if cfg.report and Path(cfg.report).suffix.lower() not in REPORT_SUFFIXES:
-        raise UsageError(f"--report {cfg.report!r} must end with one of: {', '.join(REPORT_SUFFIXES)}")
+        raise UsageError(f"{option_value('report', cfg.report)} must end with one of: {', '.join(REPORT_SUFFIXES)}")
     checked = [(root, "the checked folder")]
     if cfg.report:
         check_output(cfg.report, data=checked, what="--report")
@@ -163,7 +163,8 @@ def validate(cfg: CheckImagesConfig) -> tuple[Path, Path | None, int]:
         check_output(qdir, data=checked, what="--quarantine-dir", folder=True)
         check_apart(Path(os.path.realpath(root)), Path(os.path.realpath(qdir)))
         if cfg.report and Path(os.path.realpath(cfg.report)).is_relative_to(os.path.realpath(qdir)):
-            raise UsageError(f"--report {cfg.report!r} is inside the quarantine folder {str(qdir)!r}, which holds "
+            raise UsageError(f"{option_value('report', cfg.report)} is inside the quarantine folder {str(qdir)!r}, "
+                             "which holds "
                              "the files moved out of the checked folder; write it elsewhere")
     return root, qdir, workers
 
@@ -173,7 +174,7 @@ def check_apart(root: Path, qdir: Path) -> None:
     (a quarantine inside the data folder would be checked as a class; one holding it would hold the data)."""
     if qdir.is_relative_to(root) or root.is_relative_to(qdir):
         raise UsageError(f"the quarantine folder {str(qdir)!r} and the data folder {str(root)!r} must be apart "
-                         "(neither inside the other); choose another --quarantine-dir")
+                         f"(neither inside the other); choose another {option_text('quarantine_dir')}")
 
 
 @dataclass(frozen=True)
@@ -302,11 +303,11 @@ def quarantine(root: Path, qdir: Path, rels: list[str]) -> dict:
     taken = [r for r in rels if (qdir / r).exists() or (qdir / r).is_symlink()]
     if taken:
         raise PipelineError(f"quarantine folder {qdir} already holds {len(taken)} of these files "
-                            f"(first: {taken[0]}); move them back first or choose --quarantine-dir")
+                            f"(first: {taken[0]}); move them back first or choose {option_text('quarantine_dir')}")
     linked_q = [r for r in rels if link_on_the_way(qdir / os.path.dirname(r), qdir)]
     if linked_q:  # a file would land where the link points, and the restore command move the link back
         raise PipelineError(f"quarantine folder {qdir} holds a link on the way to {linked_q[0]} (a linked "
-                            "folder); nothing was moved: remove the link or choose --quarantine-dir")
+                            f"folder); nothing was moved: remove the link or choose {option_text('quarantine_dir')}")
     with changing_folder(root), contextlib.ExitStack() as stack:  # no extract reading, no audit --apply moving
         listing = None
         for i, rel in enumerate(rels):

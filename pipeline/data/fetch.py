@@ -24,7 +24,7 @@ from datetime import timezone
 from email.utils import parsedate_to_datetime
 from pathlib import Path, PurePosixPath
 
-from ..config import FetchConfig
+from ..config import FetchConfig, flag_text, option_text, option_value
 from ..errors import DiskFull, PipelineError, UsageError
 from ..files import check_output, disk_error, disk_reason, json_text, plain_name, same_file
 from .folders import is_skipped_folder
@@ -46,13 +46,13 @@ def archive_name(url: str) -> str:
         parts = urllib.parse.urlsplit(url)
         _ = parts.port  # parsed on access: 'http://h:99999/x.zip'
     except ValueError as e:  # 'http://[::1': an unclosed IPv6 bracket, a bad port
-        raise UsageError(f"--url {url!r} is not a valid URL ({e})") from None
+        raise UsageError(f"{option_value('url', url)} is not a valid URL ({e})") from None
     if parts.scheme not in URL_SCHEMES:
-        raise UsageError(f"--url {url!r} must be a URL of scheme {', '.join(URL_SCHEMES)}")
+        raise UsageError(f"{option_value('url', url)} must be a URL of scheme {', '.join(URL_SCHEMES)}")
     name = PurePosixPath(parts.path).name
     if not name or name in (".", ".."):
-        raise UsageError(f"--url {url!r} does not end with a file name")
-    return plain_name(urllib.parse.unquote(name), f"--url {url!r} names the archive")
+        raise UsageError(f"{option_value('url', url)} does not end with a file name")
+    return plain_name(urllib.parse.unquote(name), f"{option_value('url', url)} names the archive")
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,8 @@ def fetch_data(cfg: FetchConfig) -> FetchResult:
     name = archive_name(cfg.url)
     source = local_source(cfg.url)
     if source is not None and not source.is_file() and not (Path(cfg.dest) / name).is_file():  # not "offline?"
-        raise UsageError(f"--url {cfg.url!r} names no file: {str(source)!r} does not exist or is not a file")
+        raise UsageError(f"{option_value('url', cfg.url)} names no file: {str(source)!r} does not exist or is not a "
+                         "file")
     dest = check_output(cfg.dest, what="--dest", folder=True)  # the URL is all it reads
     archive = dest / name
     busy = f"another fetch-data is downloading or unpacking into {dest}; run this again when it has finished"
@@ -81,7 +82,7 @@ def fetch_data(cfg: FetchConfig) -> FetchResult:
         try:
             dest.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise PipelineError(f"cannot create --dest {str(dest)!r}: {e.strerror or e}") from None
+            raise PipelineError(f"cannot create {option_value('dest', str(dest))}: {e.strerror or e}") from None
         with folder_lock(dest, True, busy):  # two at once appended one .part twice, or unpacked over each other
             check_source(cfg, archive, source)
             downloaded = not archive.is_file()
@@ -90,7 +91,8 @@ def fetch_data(cfg: FetchConfig) -> FetchResult:
                     download(cfg, archive)
                     _source_record(archive).write_text(json_text({"url": cfg.url, "bytes": archive.stat().st_size}))
                 except OSError as e:  # a read-only or full --dest (the network's errors are PipelineErrors already)
-                    raise disk_error(e, dest) or PipelineError(f"cannot write in --dest {dest}: {e}") from None
+                    raise disk_error(e, dest) or PipelineError(f"cannot write in {option_text('dest')} {dest}: "
+                                                               f"{e}") from None
             else:
                 log.info("archive already complete: %s", archive)
             unpacked, fresh = unpack(archive, dest, overwrite=cfg.overwrite, keep=source)
@@ -151,8 +153,9 @@ def check_source(cfg: FetchConfig, archive: Path, source: Path | None = None) ->
     own = source is not None and same_file(archive, source)
     held, how = (archive, "fetched") if archive.is_file() else (part, "partly fetched")
     if not (cfg.overwrite or own):
-        raise UsageError(f"{held} in --dest was {how} from {url}, not {cfg.url}; choose another --dest, "
-                         "or pass --overwrite to fetch and unpack this URL over it")
+        raise UsageError(f"{held} in {option_text('dest')} was {how} from {url}, not {cfg.url}; choose another "
+                         f"{option_text('dest')}, or pass {flag_text('overwrite')} "
+                         "to fetch and unpack this URL over it")
     log.warning("%s came from %s: %s anew", held, url, f"unpacking {cfg.url}" if own else f"fetching {cfg.url}")
     forget = [_source_record(archive), archive.with_name(f".{archive.name}.unpacked"), part]
     for old in forget + ([] if own else [archive]):
@@ -166,13 +169,13 @@ def ensure_room(dest: Path, need: int, what: str) -> None:
     free = shutil.disk_usage(dest).free
     if need > free:
         raise DiskFull(f"{what} needs {need / 1e6:.1f} MB but {dest} has {free / 1e6:.1f} MB free; "
-                       "free some space (or choose another --dest) and run again")
+                       f"free some space (or choose another {option_text('dest')}) and run again")
 
 
 def _offline_error(cfg: FetchConfig, archive: Path, why) -> PipelineError:
     reason = getattr(why, "reason", why)
     return PipelineError(f"cannot download {cfg.url} ({reason}); offline? Download it by hand and put it at "
-                         f"{archive}, then run this again (or point --data at a local image folder)")
+                         f"{archive}, then run this again (or point {option_text('data')} at a local image folder)")
 
 
 def _content_range(resp) -> tuple[int, int | None]:
@@ -442,12 +445,13 @@ def _check_zip_entry(m: zipfile.ZipInfo) -> None:
     one compressed by another method (they failed halfway as 'unexpected RuntimeError ... a bug?')."""
     if m.flag_bits & 0x1:
         raise PipelineError(f"archive entry {m.filename!r} is encrypted (password-protected); unpack the archive "
-                            "by hand (unzip asks for the password) and point --data at the folder")
+                            f"by hand (unzip asks for the password) and point {option_text('data')} at the folder")
     if m.compress_type not in ZIP_METHODS:
         name = OTHER_ZIP_METHODS.get(m.compress_type, "an unknown one")
         raise PipelineError(f"archive entry {m.filename!r} is compressed with method {m.compress_type} ({name}), "
                             f"which Python's zipfile cannot unpack (it can: "
-                            f"{', '.join(ZIP_METHODS.values())}); unpack it by hand (7z x ARCHIVE) and point --data "
+                            f"{', '.join(ZIP_METHODS.values())}); unpack it by hand (7z x ARCHIVE) and point "
+                            f"{option_text('data')} "
                             "at the folder")
 
 
@@ -516,7 +520,9 @@ def check_case_clashes(names: list, dest: Path) -> None:
             if first != parts[:i]:
                 raise PipelineError(f"archive entries {'/'.join(first)!r} and {'/'.join(parts[:i])!r} differ only in "
                                     f"case, which the file system of {dest} does not tell apart (one would replace or "
-                                    "join the other); unpack it on a case-sensitive one and point --data there")
+                                    "join the other); unpack it on a case-sensitive one and point "
+                                    f"{option_text('data')} "
+                                    "there")
 
 
 def unpacked_bytes(kind: str, members: list, dest: Path) -> int:
@@ -617,10 +623,10 @@ def check_conflicts(kind: str, members: list, dest: Path, overwrite: bool, keep=
             continue
         if any(k is not None and same_file(target, k) for k in keep):
             raise PipelineError(f"the archive would replace {target}, the file it is unpacked from; "
-                                "fetch into another --dest")
+                                f"fetch into another {option_text('dest')}")
         if not overwrite:
             raise PipelineError(f"{target} already exists and the archive would overwrite it; move it away, "
-                                "or unpack over it with --overwrite")
+                                f"or unpack over it with {flag_text('overwrite')}")
         if not target.is_dir() or target.is_symlink():
             target.unlink()
 

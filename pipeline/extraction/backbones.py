@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
+from ..config import Placeholder, option_text
 from ..errors import PipelineError, UsageError
 from ..files import first_line
 from . import libraries
@@ -70,7 +71,7 @@ def canonical_name(name: str) -> str:
     name as given, ``torchvision:X`` as X (torchvision owns bare names), ``timm:X`` as X unless torchvision
     has an X too. Without torch for all but ``timm:`` names, so a cache hit stays torch-free."""
     if not name or not name.strip() or name != name.strip():
-        raise UsageError(f"--backbone must be a model name, got {name!r}")
+        raise UsageError(f"{option_text('backbone')} must be a model name, got {name!r}")
     if name in BACKBONES:
         return name
     library, bare = libraries.split_prefix(name)
@@ -108,7 +109,8 @@ def _torchvision_spec(name: str, bare: str) -> BackboneSpec:
     except Exception as e:  # noqa: BLE001 -- a model whose forward is not a chain of its children
         raise UsageError(f"torchvision's {bare} is not a chain of layers this tool can cut before its pooling "
                          f"({type(e).__name__}: {first_line(e, 120)}); "
-                         f"use timm's version of it (--backbone timm:NAME, docs/backbones.md)") from None
+                         f"use timm's version of it ({option_text('backbone', Placeholder('timm:NAME'))}, "
+                         "docs/backbones.md)") from None
     return BackboneSpec(name=name, build=build, features=libraries.torchvision_trunk, torchvision_name=bare,
                         pool=libraries.torchvision_pool(model), blocks=libraries.torchvision_blocks,
                         library="torchvision", arch=bare)
@@ -279,7 +281,8 @@ def torchvision_weights(spec: BackboneSpec, name: str):
     from torchvision.models import get_model_weights
 
     if spec.torchvision_name is None:
-        raise UsageError(f"backbone {spec.name!r} has no torchvision weights; use --weights none or a file")
+        raise UsageError(f"backbone {spec.name!r} has no torchvision weights; use {option_text('weights', 'none')} "
+                         "or a file")
     enum = get_model_weights(spec.torchvision_name)
     short = name.split(".")[-1]
     allowed = ["DEFAULT"] + [w.name for w in enum]
@@ -321,7 +324,7 @@ def _download_state_dict(weights) -> dict:
         raise PipelineError(
             f"cannot download {weights} ({type(e).__name__}: {e}); offline? put {target.name} from "
             f"{weights.url} at {target} (TORCH_HOME={os.environ.get('TORCH_HOME', '~/.cache/torch')}) "
-            "or pass --weights PATH to a local state-dict file"
+            f"or pass {option_text('weights', Placeholder('PATH'))} to a local state-dict file"
         ) from None
 
 
@@ -353,8 +356,9 @@ def _timm_pretrained(spec: BackboneSpec, weights: str):
     except Exception as e:  # noqa: BLE001 -- the hub's offline, HTTP and cache errors have no common class
         raise PipelineError(
             f"cannot download timm's {weights_id[5:]} ({type(e).__name__}: {first_line(e, 160)}); offline? fetch it "
-            f"once where there is a network (it is kept in {libraries.timm_cache_dir()}, HF_HOME) or pass --weights "
-            "PATH to a local state-dict file with its .json sidecar (docs/backbones.md)"
+            f"once where there is a network (it is kept in {libraries.timm_cache_dir()}, HF_HOME) or pass "
+            f"{option_text('weights', Placeholder('PATH'))} to a local state-dict file with its .json sidecar "
+            "(docs/backbones.md)"
         ) from None
 
 
@@ -456,7 +460,8 @@ def _check_sidecar_model(spec: BackboneSpec, path: Path, meta: dict) -> None:
         raise UsageError(f"weights file {str(path)!r} is for {arch!r}, not {spec.name!r} (its sidecar says so)")
     if library and spec.library and library != spec.library:
         raise UsageError(f"weights file {str(path)!r} is for {library}'s {arch or 'model'}, not {spec.library}'s "
-                         f"{spec.arch} (its sidecar says so); pass --backbone {library}:{arch or spec.arch}")
+                         f"{spec.arch} (its sidecar says so); "
+                         f"pass {option_text('backbone', f'{library}:{arch or spec.arch}')}")
 
 
 def load_preprocessing(name: str = "vgg16", weights: str = "DEFAULT"):
@@ -502,7 +507,8 @@ def load_backbone(name: str = "vgg16", weights: str = "DEFAULT") -> LoadedBackbo
         torch.manual_seed(0)  # 'none' means the same random weights in every process (resumable caches)
         model = spec.build()
     if weights.lower() == "none":
-        warnings.warn(f"--weights none: {name} has random weights; features are only useful for tests")
+        warnings.warn(f"{option_text('weights', 'none')}: {name} has random weights; features are only useful for "
+                      "tests")
         loaded = LoadedBackbone(spec, model, _default_transform(spec), "none", covers="none")
     elif is_weights_path(weights):
         path = Path(weights)

@@ -16,7 +16,7 @@ from typing import Optional
 from ..cache.feature_cache import cache_file_name, claim_for_training, fingerprint
 from ..cache.freshness import set_aside, stale_reason
 from ..cache.provenance import installed, package_version
-from ..config import ExtractConfig, check_config, option_text
+from ..config import ExtractConfig, Placeholder, check_config, option_text
 from ..data.folders import POOL, TEST, ImageFolderListing, list_folder
 from ..data.image_reader import DECODE_VERSION
 from ..data.moves import reading_folder
@@ -37,13 +37,14 @@ def validate(cfg: ExtractConfig) -> None:
 
         require_torchao()
         if cfg.batch_size > MAX_BATCH:
-            raise UsageError(f"--batch-size {cfg.batch_size} is more than the {MAX_BATCH} an int8 network takes")
+            raise UsageError(f"{option_text('batch_size', cfg.batch_size)} is more than the {MAX_BATCH} an int8 "
+                             "network takes")
         if cfg.calib_data and not Path(cfg.calib_data).is_dir():
             raise UsageError(f"calibration folder {cfg.calib_data!r} does not exist")
     check_backbone(cfg)
     if not Path(cfg.data).is_dir():
         raise UsageError(f"data folder {cfg.data!r} does not exist; `python cli.py fetch-data` downloads the Kaggle "
-                         "cats-vs-dogs set to data/PetImages, or pass --data DIR")
+                         f"cats-vs-dogs set to data/PetImages, or pass {option_text('data', Placeholder('DIR'))}")
     photos = [(cfg.data, "--data"), (cfg.calib_data, "--calib-data")]
     # written=False: a complete cache there is a hit, read from a read-only folder too
     check_output(cfg.cache_dir, data=photos, what="--cache-dir", folder=True, written=False)
@@ -56,7 +57,7 @@ def validate(cfg: ExtractConfig) -> None:
 def check_n(cfg: ExtractConfig, total: int) -> None:
     """--n within the ``total`` images there are, refused before any work (demo: before any file moves)."""
     if cfg.n > total:
-        raise UsageError(f"--n {cfg.n} is more than the {total} images in {cfg.data}")
+        raise UsageError(f"{option_text('n', cfg.n)} is more than the {total} images in {cfg.data}")
 
 
 def check_backbone(cfg: ExtractConfig) -> None:

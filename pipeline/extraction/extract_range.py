@@ -19,6 +19,7 @@ import numpy as np
 from ..cache.feature_cache import CacheBusy, CacheError, CacheInfo, CacheWriter, now_iso, read_info, read_int8_observers
 from ..cache.freshness import set_aside_copies
 from ..cache.provenance import Provenance, versions
+from ..config import flag_text, option_text
 from ..cache.row_donors import find_donors
 from ..data.folders import ImageFolderListing, stratified_order
 from ..data.image_reader import DECODE_VERSION, ImageListDataset, batches, read_items
@@ -159,7 +160,8 @@ def feature_model(cfg, backbone, listing: ImageFolderListing, device, precision:
     if cfg.flip:
         from .inference import MirrorMean
 
-        log.info("flip: each map is the mean of the photo's and its mirror image's (--flip), twice the compute")
+        log.info("flip: each map is the mean of the photo's and its mirror image's (%s), twice the compute",
+                 flag_text("flip"))
         net = MirrorMean(net)
     return (Inference(net, device, precision, cfg.pool, cfg.dtype, compile=compile, compile_batch=cfg.batch_size,
                       cache_folder=folder),
@@ -263,7 +265,7 @@ def extract_range(cfg, listing: ImageFolderListing, key: str, path: Path, resume
     precision = resolve_precision(cfg.precision, device, int8_ok=True, asked=cfg.device)
     if resumed is not None and resumed.attrs["precision"] != precision:
         raise UsageError(f"{path} was started in precision {resumed.attrs['precision']!r} and this run computes in "
-                         f"{precision!r}; pass --precision {resumed.attrs['precision']} to finish it")
+                         f"{precision!r}; pass {option_text('precision', resumed.attrs['precision'])} to finish it")
     backbone = bb.load_backbone(cfg.backbone, cfg.weights)
     order = stratified_order(listing.labels, cfg.seed)
     items = [(listing.files[i].path, listing.files[i].label) for i in order]

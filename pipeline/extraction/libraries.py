@@ -19,6 +19,7 @@ import logging
 import math
 import re
 
+from ..config import option_value
 from ..errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ def unknown_name_message(name: str) -> str:
     # where timm has some; the listing said '*convnext*' whatever the name
     runs = sorted(re.findall(r"[a-z]{3,}", bare.lower()), key=len, reverse=True)
     family = next((r for r in runs if timm.list_models(f"*{r}*")), "convnext")
-    return (f"unknown --backbone {name!r}: {where} of that name"
+    return (f"unknown {option_value('backbone', name)}: {where} of that name"
             f"{'; close: ' + ', '.join(close) if close else ''}; list them with "
             f"python -c \"import timm; print(timm.list_models('*{family}*'))\" or "
             "python -c \"import torchvision; print(torchvision.models.list_models(torchvision.models))\"")

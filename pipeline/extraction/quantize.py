@@ -210,7 +210,7 @@ def calibration_batches(dataset, n: int, batch_size: int) -> tuple[list, list[st
             images.append(item.image)
             paths.append(item.path)
     if not images:
-        raise UsageError("no calibration image for --precision int8 could be decoded")
+        raise UsageError(f"no calibration image for {option_text('precision', 'int8')} could be decoded")
     return [torch.stack(images[s:s + batch_size]) for s in range(0, len(images), batch_size)], paths
 
 

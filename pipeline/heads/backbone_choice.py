@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Optional
 import numpy as np
 
 from ..cache.feature_cache import FeatureCache
-from ..config import ChooseBackboneConfig, FitHeadConfig, check_config, option_text
+from ..config import ChooseBackboneConfig, FitHeadConfig, Placeholder, check_config, option_text
 from ..errors import PipelineError, UsageError
 from .fused_views import FusedRows, match_rows
 
@@ -186,8 +186,8 @@ names a candidate's weights as choose-backbone takes them, else as --weights."""
             except PipelineError as e:  # offline: a local file is given as the candidate's weights, not --weights
                 if not candidates:
                     raise
-                raise PipelineError(str(e).replace("pass --weights PATH", f"give {_backbones(name + '=PATH')}")) \
-                    from None
+                said = f"pass {option_text('weights', Placeholder('PATH'))}"  # load_backbone's, in the caller's terms
+                raise PipelineError(str(e).replace(said, f"give {_backbones(name + '=PATH')}")) from None
 
 
 def _extract(cfg: ChooseBackboneConfig, backbone: str, weights: str, n: int,

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..cache.feature_cache import FeatureCache
+from ..config import option_text
 from ..errors import UsageError
 from .feature_views import (
     Normalizer,
@@ -33,8 +34,8 @@ def _view_rows_multi(cache, indices, views: Sequence[str], block_rows: int, max_
     need = sum(len(indices) * view_dim(v, cache.feature_shape) * 4 for v in views)
     if need > max_bytes:
         raise ValueError(f"the {'/'.join(views)} view of {len(indices)} rows is {need / 1e9:.1f} GB as float32, "
-                         f"over the {max_bytes / 1e9:.1f} GB limit; hold fewer rows, a pooled view (--features avg), "
-                         "or --head linear, which streams them")
+                         f"over the {max_bytes / 1e9:.1f} GB limit; hold fewer rows, a pooled view "
+                         f"({option_text('features', 'avg')}), or {option_text('head', 'linear')}, which streams them")
     out = {v: np.empty((len(indices), view_dim(v, cache.feature_shape)), np.float32) for v in views}
     i = 0
     for rows, block, sel in cache.iter_blocks(indices, block_rows):

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..devices import autocast
-from ..config import check_config
+from ..config import check_config, option_text
 from ..errors import PipelineError, UsageError
 from ..files import check_output
 from ..progress import is_quiet
@@ -53,8 +53,9 @@ def split_indices(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[n
     if len(train) == 0 or len(val) == 0:
         # only where every class has one row (a class of two or more gives each side one): no --val-fraction helps
         raise UsageError(f"{len(labels)} rows, no class with 2 of them, cannot be split into training and validation "
-                         "rows (whatever --val-fraction): a class needs at least 2 photos, one for each; add photos "
-                         "(or take a larger --n)")
+                         f"rows (whatever {option_text('val_fraction')}): a class needs at least 2 photos, one for "
+                         "each; "
+                         f"add photos (or take a larger {option_text('n')})")
     return train, val
 
 
@@ -81,7 +82,7 @@ def train_one_epoch(model, opt, minibatches: Iterable, device, precision: str = 
         loss = torch.nn.functional.nll_loss(out.float(), y)
         if not math.isfinite(loss.item()):
             raise PipelineError(f"training diverged: the loss became {loss.item()} at epoch {epoch}, minibatch {b}; "
-                                "nothing was saved (lower --lr, or check the features for NaN/inf)")
+                                f"nothing was saved (lower {option_text('lr')}, or check the features for NaN/inf)")
         loss.backward()
         opt.step()
         seen += len(y)

@@ -33,7 +33,7 @@ import torch
 
 from ..cache.feature_cache import FeatureCache, newest_cache, read_int8_observers, source_changes
 from ..cache.provenance import ROW_FEATURES, Provenance
-from ..config import FitHeadConfig, option_text
+from ..config import FitHeadConfig, Placeholder, option_named, option_text, option_value
 from ..data.folders import POOL, TEST
 from ..devices import resolve_device
 from ..errors import UsageError
@@ -123,24 +123,25 @@ def validate(cfg: FitHeadConfig) -> None:
     try:
         parse_gamma(cfg.gamma)  # checked as given, before any work (and whichever head uses it)
     except ValueError as e:
-        raise UsageError(f"--{e}") from None
+        raise UsageError(option_named(f"--{e}")) from None  # '--gamma must be ...', 'gamma must be ...' from Python
     if cfg.test_data and cfg.test_cache:
-        raise UsageError("pass --test-data or --test-cache, not both")
+        raise UsageError(f"pass {option_text('test_data')} or {option_text('test_cache')}, not both")
     _check_head_choice(cfg)
     if fused_paths(cfg.cache) and cfg.test_cache:
-        raise UsageError("--test-cache names one cache; test a head on several caches' fused features with "
-                         "--test-data DIR (each backbone extracts it)")
+        raise UsageError(f"{option_text('test_cache')} names one cache; test a head on several caches' fused "
+                         f"features with {option_text('test_data', Placeholder('DIR'))} (each backbone extracts it)")
 
 
 def _check_head_choice(cfg: FitHeadConfig) -> None:
     """--head with --tune or --recipe seed, which choose the head themselves: it was dropped without a word
     (`--tune --head svm` fitted whatever the search chose; `--recipe seed --head logreg` a linear head)."""
     if cfg.recipe == "seed" and (cfg.tune or cfg.head not in ("auto", "linear")):
-        given = "--tune" if cfg.tune else f"--head {cfg.head}"
-        raise UsageError(f"--recipe seed is the tutorial's linear head on flat rows; drop {given}, or --recipe")
+        given = _tune_text() if cfg.tune else option_text("head", cfg.head)
+        raise UsageError(f"{option_text('recipe', 'seed')} is the tutorial's linear head on flat rows; drop {given}, "
+                         f"or {option_text('recipe')}")
     if cfg.tune and cfg.head != "auto":
-        raise UsageError(f"--tune chooses the head kind (svm, kernel, logreg or linear) by CV itself; drop --head "
-                         f"{cfg.head}, or --tune to fit that head")
+        raise UsageError(f"{_tune_text()} chooses the head kind (svm, kernel, logreg or linear) by CV itself; drop "
+                         f"{option_text('head', cfg.head)}, or {_tune_text()} to fit that head")
 
 
 def resolve_cache(cache: Optional[str], cache_dir: str) -> tuple[Path, Optional[dict]]:
@@ -153,8 +154,8 @@ def resolve_cache(cache: Optional[str], cache_dir: str) -> tuple[Path, Optional[
         return Path(cache), None
     info = newest_cache(cache_dir)
     chosen = {k: info.summary()[k] for k in ("path", "rows", "backbone", "created")}
-    log.info("using the newest cache %s (%d rows, %s, created %s); --cache picks another",
-             chosen["path"], chosen["rows"], chosen["backbone"], chosen["created"])
+    log.info("using the newest cache %s (%d rows, %s, created %s); %s picks another",
+             chosen["path"], chosen["rows"], chosen["backbone"], chosen["created"], option_text("cache"))
     return info.path, chosen
 
 
@@ -258,9 +259,10 @@ def _cv_rows(cfg: FitHeadConfig, labels: np.ndarray, train_idx: np.ndarray, fold
     if folds is not None:
         return np.union1d(keep, train_idx[(sampled < folds)[labels[train_idx]]])
     if sampled.min() < cfg.folds <= whole[sampled.argmin()]:  # the sample, not the folder, is too small
-        raise UsageError(f"--kernel-components {cfg.kernel_components}: the cross-validation sample of that many "
-                         f"training rows holds {sampled.min()} of a class; {cfg.folds}-fold CV needs {cfg.folds} "
-                         f"of each (raise --kernel-components, or lower --folds)")
+        raise UsageError(f"{option_text('kernel_components', cfg.kernel_components)}: the cross-validation sample "
+                         f"of that many training rows holds {sampled.min()} of a class; {cfg.folds}-fold CV needs "
+                         f"{cfg.folds} of each (raise {option_text('kernel_components')}, or lower "
+                         f"{option_text('folds')})")
     return keep
 
 
@@ -439,7 +441,7 @@ def check_test_classes(test_data: Optional[str], classes) -> None:
     theirs, ours = list_image_folder(test_data, min_classes=1).classes, list(classes)
     unknown = [c for c in theirs if c not in ours]
     if unknown:
-        raise UsageError(f"--test-data {test_data!r} has the classes {', '.join(theirs)}, the head's are "
+        raise UsageError(f"{option_value('test_data', test_data)} has the classes {', '.join(theirs)}, the head's are "
                          f"{', '.join(ours)} (unknown: {', '.join(unknown)}): a test folder holds some or all of "
                          "the head's class folders")
 
@@ -455,7 +457,7 @@ def check_test_decoding(test_data: Optional[str], cache, path) -> None:
     older = older_decoding(cache.provenance.decode_version if fused else cache.attrs.get("decode_version", ""),
                            DECODE_VERSION)
     if test_data and older:
-        raise UsageError(f"the training cache {path} and --test-data {test_data!r} would differ in "
+        raise UsageError(f"the training cache {path} and {option_value('test_data', test_data)} would differ in "
                          f"{decode_difference(older, str(DECODE_VERSION))}")
 
 
@@ -477,9 +479,11 @@ def check_test_weights(test_data: Optional[str], cache) -> None:
     for part in parts or [cache]:
         weights = part.attrs.get("weights_path", "")
         if test_data and weights and not os.path.isfile(weights):
-            raise UsageError(f"--test-data is extracted with the weights the cache {part.path} was made with, "
+            raise UsageError(f"{option_text('test_data')} is extracted with the weights the cache {part.path} was "
+                             "made with, "
                              f"{weights!r}, which no longer exists; put that file back" + ("" if parts else
-                             " (or extract the test folder yourself with the same options and pass --test-cache)"))
+                             " (or extract the test folder yourself with the same options and pass "
+                             f"{option_text('test_cache')})"))
 
 
 def check_test_calibration(test_data: Optional[str], cache) -> None:
@@ -500,16 +504,19 @@ def check_test_calibration(test_data: Optional[str], cache) -> None:
         if keeps_network(part):  # its network is rebuilt from its observers (test_cache_for): no photo needed
             continue
         root = record.get("calib_root", "")
-        whose = (f"--test-data is extracted with the int8 network of the cache {part.path}, calibrated on the photos "
+        whose = (f"{option_text('test_data')} is extracted with the int8 network of the cache {part.path}, "
+                 "calibrated on the photos "
                  f"in {root!r}")
         if root and not os.path.isdir(root):
             raise UsageError(f"{whose}, which no longer exists; put that folder back" + ("" if parts else
-                             " (or extract the test folder yourself with that cache's options and --calib-data "
-                             "where those photos are now, and pass --test-cache)"))
+                             " (or extract the test folder yourself with that cache's options and "
+                             f"{option_text('calib_data')} where those photos are now, and pass "
+                             f"{option_text('test_cache')})"))
         if root and _listing_fingerprint(root) != record.get("calib_data"):
             raise UsageError(f"{whose}, which have changed since (photos added, removed or edited), so that network "
                              "cannot be made again; put them back as they were, or extract the training photos again "
-                             f"with --calib-data {root!r} (a new cache, calibrated on the photos as they are now) and "
+                             f"with {option_value('calib_data', root)} (a new cache, calibrated on the photos as "
+                             "they are now) and "
                              "fit on it")
 
 
@@ -539,7 +546,8 @@ def check_test_cache_folder(test_data: Optional[str], cache) -> None:
     for part in getattr(cache, "parts", None) or [cache]:
         where = Path(os.path.realpath(Path(part.path).parent))
         if test_data and where.is_relative_to(os.path.realpath(test_data)):
-            raise UsageError(f"--test-data {test_data!r} holds the cache fitted on ({part.path}), and its own cache "
+            raise UsageError(f"{option_value('test_data', test_data)} holds the cache fitted on ({part.path}), and "
+                             "its own cache "
                              "would go beside it, among the test photos; move that cache out of the test folder")
 
 
@@ -581,8 +589,8 @@ def check_test_cache(path, cache: FeatureCache) -> None:
                                                                       ROW_FEATURES)
         if differ:
             raise UsageError(f"test cache {path} was made differently from the training cache (training vs test): "
-                             f"{'; '.join(differ)} (--test-data DIR extracts the test folder with the training "
-                             "cache's network)")
+                             f"{'; '.join(differ)} ({option_text('test_data', Placeholder('DIR'))} extracts the test "
+                             "folder with the training cache's network)")
         cache_classes_to_model(cache.classes, test)  # a class the head does not know: refused, naming it
 
 
@@ -650,7 +658,7 @@ def _checked_view(cfg: FitHeadConfig, rows) -> None:
         try:
             check_view(cfg.features, rows.feature_shape)
         except ValueError as e:
-            raise UsageError(f"--features: {e}") from None
+            raise UsageError(f"{option_text('features')}: {e}") from None
 
 
 def fit_on_rows(cfg: FitHeadConfig, rows, train_idx: np.ndarray, val_idx: np.ndarray, device,

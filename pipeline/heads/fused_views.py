@@ -20,6 +20,7 @@ import numpy as np
 
 from ..cache.feature_cache import FeatureCache, fingerprint, read_int8_observers
 from ..cache.provenance import Provenance
+from ..config import Placeholder, option_text
 from ..errors import UsageError
 from .cache_views import CacheViews, FeatureArray
 from .feature_views import Normalizer, apply_view_torch, check_view
@@ -37,7 +38,7 @@ def fused_paths(cache) -> list[str]:
             return []
         first, again = _named_twice(paths)
         if again is not None:
-            raise UsageError(f"--cache names the cache {first} twice"
+            raise UsageError(f"{option_text('cache')} names the cache {first} twice"
                              f"{'' if again == first else f' (the second time as {again})'}: give each cache once")
         return paths
     return []
@@ -90,7 +91,7 @@ def match_rows(reference: FeatureCache, other: FeatureCache) -> np.ndarray:
         raise UsageError(f"{reference.path} and {other.path} do not hold the same photos: {len(lacking)} of the "
                          f"first's {len(ref_keys)} are not in the second{example}, {extra} of the second's "
                          f"{len(keys)} are not in the first (a photo counts by its content and class); extract both "
-                         "from the same folder with the same --n and --seed")
+                         f"from the same folder with the same {option_text('n')} and {option_text('seed')}")
     return np.array([where[k] for k in ref_keys], np.int64)
 
 
@@ -189,7 +190,7 @@ class FusedRows(FeatureArray):
         try:
             check_view(view, part.feature_shape)
         except ValueError as e:
-            raise UsageError(f"--features {view}: {part.path}: {e}") from None
+            raise UsageError(f"{option_text('features', view)}: {part.path}: {e}") from None
         rows = l2_rows(CacheViews(part, np.arange(part.n), block_rows)[view])
         return rows if order is None else rows[order]
 
@@ -246,7 +247,8 @@ def open_head_rows(ckpt: dict, cache: Optional[str] = None):
         return FeatureCache(cache or ckpt["cache"])
     if cache:
         raise UsageError(f"this head was fitted on {len(ckpt['caches'])} caches' fused features "
-                         f"({ckpt['backbone']}); score it on them (no --cache) or on photos (--data DIR)")
+                         f"({ckpt['backbone']}); score it on them (no {option_text('cache')}) or on photos "
+                         f"({option_text('data', Placeholder('DIR'))})")
     for path in ckpt["caches"]:
         _recorded_cache_exists(path, "put it back, or score photos with --data DIR")
     return FusedRows(ckpt["caches"], ckpt["fused"]["view"])

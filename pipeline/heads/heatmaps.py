@@ -28,6 +28,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..config import option_text
 from ..errors import UsageError
 from .feature_views import apply_view_torch
 
@@ -37,7 +38,8 @@ def check_spatial(feature_shape: Sequence[int], what: str = "this cache") -> Non
     h, w = (int(s) for s in tuple(feature_shape)[-2:])
     if h * w == 1:
         raise UsageError(f"{what} holds pooled features {tuple(int(s) for s in feature_shape)}: no spatial map "
-                         "is left to explain; extract again without --pool avg (the default keeps the C x H x W map), "
+                         f"is left to explain; extract again without {option_text('pool', 'avg')} (the default keeps "
+                         "the C x H x W map), "
                          "or explain photos (predict --explain, head.explain(photos))")
 
 

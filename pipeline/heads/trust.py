@@ -13,6 +13,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from ..config import option_text
 from .calibration import calibration_metrics, fit_temperature, with_temperature
 from .trust_text import kept_text
 from .unknown_score import fit_unknown, kept_indices, unknown_summary
@@ -59,7 +60,8 @@ def _set_unknown(cfg, head, train_rows: np.ndarray, held_out: np.ndarray) -> dic
     head.to(head.linear.weight.device)
     val_kept = float((fit.val_scores <= fit.threshold).mean()) if len(fit.val_scores) else None
     summary = {**unknown_summary(fit, k, cfg.known_share), "val_known_kept": val_kept}
+    fewer = "" if k == cfg.unknown_k else (f" ({option_text('unknown_k', cfg.unknown_k)}: at most the kept rows "
+                                           "less one)")
     log.info("unknown score: %d training rows kept (%.1f MB), k = %d%s, threshold %.4f (%s)", len(fit.known),
-             fit.known.nbytes / 1e6, k, "" if k == cfg.unknown_k else f" (--unknown-k {cfg.unknown_k}: at most the "
-             "kept rows less one)", fit.threshold, kept_text(summary))
+             fit.known.nbytes / 1e6, k, fewer, fit.threshold, kept_text(summary))
     return summary

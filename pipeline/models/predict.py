@@ -20,7 +20,7 @@ from typing import Iterable, Iterator, Optional
 import numpy as np
 import torch
 
-from ..config import ImagenetCheckConfig, PredictConfig, check_config, check_options, option_text
+from ..config import ImagenetCheckConfig, PredictConfig, check_config, check_options, option_text, option_value
 from ..data.folders import NOT_UTF8, ImageLoadError, is_image_name, load_rgb, walk
 from ..data.image_reader import Batch, ImageListDataset, Item, load_transformed, read_items
 from ..data.moves import rename_to_free
@@ -390,7 +390,8 @@ def predict(cfg: PredictConfig) -> PredictResult:
                                what="--explain", folder=True)
         photo = folder_of_a_file(explain, cfg.paths)
         if photo:
-            raise UsageError(f"--explain {cfg.explain!r} is the folder of {photo!r}: its heatmaps would join that "
+            raise UsageError(f"{option_value('explain', cfg.explain)} is the folder of {photo!r}: its heatmaps "
+                             "would join that "
                              "photo's neighbours; write them elsewhere")
     lm = model_from_checkpoint(ckpt, cfg.model, cfg.weights)
     model = network(lm, cfg.device, cfg.precision, maps=bool(explain))
@@ -473,9 +474,10 @@ def imagenet_check(image: str, backbone: str = ImagenetCheckConfig.backbone,
     dev = resolve_device(device)  # '--device tpu' is told before the weights load too
     loaded = bb.load_backbone(backbone, weights)
     if loaded.covers != "all":
-        what = "are random (--weights none)" if loaded.covers == "none" else "cover only the features"
+        random = f"are random ({option_text('weights', 'none')})"
+        what = random if loaded.covers == "none" else "cover only the features"
         raise UsageError(f"weights {loaded.weights_id} {what} of {backbone}, not its ImageNet classifier; "
-                         "imagenet-check needs the full pretrained model, e.g. --weights DEFAULT")
+                         f"imagenet-check needs the full pretrained model, e.g. {option_text('weights', 'DEFAULT')}")
     categories = bb.imagenet_categories(loaded)  # a local full-model file: its library's ImageNet class names
     try:
         x = load_transformed(image, loaded.transform).unsqueeze(0)

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from ..data.moves import folder_lock
-from ..config import cli_name
+from ..config import option_text, option_value
 from ..errors import TrainingInterrupted, UsageError
 from ..files import Terminated
 from .whole_models import read_checkpoint
@@ -100,27 +100,29 @@ def read_resume(cfg, kind: str, recorded: dict, digest: str, sample: tuple) -> d
     ``digest`` their ``items_digest``), and has epochs left to run."""
     path = Path(cfg.resume) / "model.pt"
     if not path.is_file():
-        raise UsageError(f"--resume {cfg.resume!r}: no model.pt there (expected the run folder a stopped "
+        raise UsageError(f"{option_value('resume', cfg.resume)}: no model.pt there (expected the run folder a stopped "
                          f"train or finetune named)")
     ckpt = read_checkpoint(path)
     if "resume" not in ckpt:
-        raise UsageError(f"--resume {cfg.resume!r}: its model.pt is a finished run's; nothing to resume")
+        raise UsageError(f"{option_value('resume', cfg.resume)}: its model.pt is a finished run's; nothing to resume")
     check_resume_fields(ckpt, path)
     if ckpt["kind"] != kind:
-        raise UsageError(f"--resume {cfg.resume!r} is a {ckpt['kind']} run; resume it with {ckpt['kind']}")
+        raise UsageError(f"{option_value('resume', cfg.resume)} is a {ckpt['kind']} run; resume it with {ckpt['kind']}")
     before = ckpt.get("config") or {}
     head_sha = ckpt["resume"].get("init_head_sha256")
-    differ = [f"{cli_name(k)} {recorded[k]!r} (the run had {before.get(k)!r}{_gone_note(k, before.get(k), head_sha)})"
+    differ = [f"{option_value(k, recorded[k])} (the run had {before.get(k)!r}{_gone_note(k, before.get(k), head_sha)})"
               for k in recorded if k not in FREE_OPTIONS and not _same_option(k, before.get(k), recorded[k])
               and not _same_head(k, recorded[k], head_sha)]
     if differ:
-        free = ", ".join(cli_name(k) for k in FREE_OPTIONS if k != "resume")
-        raise UsageError(f"--resume {cfg.resume!r}: other options than the stopped run's: {'; '.join(differ)}; "
+        free = ", ".join(option_text(k) for k in FREE_OPTIONS if k != "resume")
+        raise UsageError(f"{option_value('resume', cfg.resume)}: other options than the stopped run's: "
+                         f"{'; '.join(differ)}; "
                          f"resume with its options (only {free} may change)")
     same_photos(cfg, ckpt["resume"], digest, *sample)
     done = len(ckpt.get("history") or [])
     if cfg.epochs < done:
-        raise UsageError(f"--epochs {cfg.epochs}: the run already did {done} epochs (give at least {done}; "
+        raise UsageError(f"{option_text('epochs', cfg.epochs)}: the run already did {done} epochs (give at least "
+                         f"{done}; "
                          f"{done} finishes it as it is)")
     return ckpt
 
@@ -138,7 +140,8 @@ def _gone_note(key: str, before, sha256: Optional[str]) -> str:
     if key != "init_head" or not isinstance(before, str) or os.path.exists(before):
         return ""
     if sha256:
-        return ", gone since; the file given has other bytes: give --init-head that very file, wherever it is now"
+        return (f", gone since; the file given has other bytes: give {option_text('init_head')} that very file, "
+                "wherever it is now")
     return (", gone since: put it back there (the run, stopped by an older version, kept no sha256 to know it "
             "elsewhere)")
 
@@ -148,9 +151,9 @@ def init_head_gone(cfg) -> None:
     rather than 'model file ... does not exist' (any moved copy of the same bytes resumes: ``_same_head``)."""
     head = getattr(cfg, "init_head", None)
     if cfg.resume and head and not os.path.exists(head):
-        raise UsageError(f"--init-head {head!r} does not exist; to resume {cfg.resume!r}, give --init-head the file "
-                         "the run started from, where it is now (moved or copied: its bytes are checked against "
-                         "the run's)")
+        raise UsageError(f"{option_value('init_head', head)} does not exist; to resume {cfg.resume!r}, give "
+                         f"{option_text('init_head')} the file the run started from, where it is now (moved or "
+                         "copied: its bytes are checked against the run's)")
 
 
 def _same_option(key: str, before, now) -> bool:
@@ -221,7 +224,8 @@ def photos_differ(then: dict, listing, sample: list, n: int = 0) -> list[tuple[s
         rewritten = set(edited_rows(listing.root, *map(list, zip(*stat_changed))))
         out += [(p, "rewritten: other bytes") for p, _ in stat_changed if p in rewritten]
     recorded = set(then["paths"])
-    new = "not among the stopped run's photos: added since" + (f", or drawn by --n {n} in place of others" * bool(n))
+    new = ("not among the stopped run's photos: added since"
+           + (f", or drawn by {option_text('n', n)} in place of others" * bool(n)))
     out += [(p, new) for p in sample if p not in recorded]
     return out
 
@@ -237,16 +241,17 @@ def same_photos(cfg, then: dict, digest: str, listing, train_idx, val_idx) -> No
         named = "; ".join(f"{p} ({how})" for p, how in differ[:NAMED]) + (f"; and {n - NAMED} more" * (n > NAMED))
         rewritten = any(how.startswith("rewritten") for _, how in differ)
         raise UsageError(
-            f"--resume {cfg.resume!r}: {n} photo{'s' * (n > 1)} of {cfg.data!r} differ{'s' * (n == 1)} from the "
-            f"stopped run's: {named}; a resumed run must train on the same photos: put the folder back as it was "
-            f"(moved photos back, permissions fixed), or start a fresh run without --resume"
+            f"{option_value('resume', cfg.resume)}: {n} photo{'s' * (n > 1)} of {cfg.data!r} differ{'s' * (n == 1)} "
+            f"from the stopped run's: {named}; a resumed run must train on the same photos: put the folder back as it "
+            f"was (moved photos back, permissions fixed), or start a fresh run without {option_text('resume')}"
             + (f" (check-images {cfg.data} --quarantine moves the photos that do not decode out of it first)"
                * rewritten))
     if then.get("items_sha256") == digest:
         return
     if not photos or sample != photos["paths"]:
-        raise UsageError(f"--resume {cfg.resume!r}: the images of {cfg.data!r} (or their split) differ from the "
-                         "stopped run's (added, removed or rewritten since); a resumed run must train on the same ones")
+        raise UsageError(f"{option_value('resume', cfg.resume)}: the images of {cfg.data!r} (or their split) "
+                         "differ from the stopped run's (added, removed or rewritten since); a resumed run must train "
+                         "on the same ones")
     log.info("photos of %s touched since the run stopped (mtime changed) hold the same bytes: resuming", cfg.data)
 
 

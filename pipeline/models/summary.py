@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from ..config import SummaryConfig, check_config
+from ..config import SummaryConfig, check_config, option_text
 from ..errors import UsageError
 from ..extraction import backbones as bb
 from .whole_models import TransferModel, count_params, head_in_shape, parse_unfreeze
@@ -36,7 +36,7 @@ def summarize(cfg: SummaryConfig) -> SummaryResult:
 
     check_config(cfg)
     if cfg.crop_size and cfg.crop_size < 32:
-        raise UsageError(f"--crop-size must be 0 (the weights' own) or at least 32, got {cfg.crop_size}")
+        raise UsageError(f"{option_text('crop_size')} must be 0 (the weights' own) or at least 32, got {cfg.crop_size}")
     unfreeze = parse_unfreeze(cfg.unfreeze)
     own = bb.default_transform(cfg.backbone).crop_size[0]
     crop = cfg.crop_size or own
@@ -44,8 +44,8 @@ def summarize(cfg: SummaryConfig) -> SummaryResult:
     try:
         in_shape = head_in_shape(cfg.backbone, crop, pool)
     except (AssertionError, RuntimeError, ValueError) as e:  # a ViT's patch grid is fixed: 224 only
-        raise UsageError(f"{cfg.backbone} does not take a {crop}x{crop} input ({str(e).strip()}); leave --crop-size "
-                         f"out for its own {own}") from None
+        raise UsageError(f"{cfg.backbone} does not take a {crop}x{crop} input ({str(e).strip()}); leave "
+                         f"{option_text('crop_size')} out for its own {own}") from None
     with torch.device("meta"):
         model = TransferModel(cfg.backbone, bb.bare_features(cfg.backbone, "meta"), in_shape, cfg.classes, pool,
                               cfg.dropout)

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
 from ..cache.feature_cache import CacheBusy, CacheError, FeatureCache
-from ..config import FinetuneConfig, TrainConfig
+from ..config import FinetuneConfig, TrainConfig, option_text
 from ..data.folders import list_image_folder, stratified_order
 from ..data.image_reader import ImageListDataset, collate_items, file_digest, item_loader, iter_items
 from ..devices import resolve_device, resolve_precision, resolve_workers
@@ -76,7 +76,9 @@ def validate(cfg: TrainConfig) -> None:
         init_head_gone(cfg)
     if isinstance(cfg, FinetuneConfig):
         if not 0 <= cfg.head_epochs <= cfg.epochs:
-            raise UsageError(f"--head-epochs must be between 0 and --epochs ({cfg.epochs}), got {cfg.head_epochs}")
+            raise UsageError(f"{option_text('head_epochs')} must be between 0 and {option_text('epochs')} "
+                             f"({cfg.epochs}), "
+                             f"got {cfg.head_epochs}")
 
 
 # -- data --------------------------------------------------------------------------------------
@@ -115,7 +117,7 @@ def sample_split(labels: np.ndarray, n: int, val_fraction: float, seed: int) -> 
     unreadable files): fine-tuning from a fit-head checkpoint is validated on images its head never saw.
     """
     if n > len(labels):
-        raise UsageError(f"--n {n} is more than the {len(labels)} images in the data folder")
+        raise UsageError(f"{option_text('n', n)} is more than the {len(labels)} images in the data folder")
     chosen = stratified_order(labels, seed)[:n or len(labels)]
     train, val = split_indices(labels[chosen], val_fraction, seed)
     return chosen[train], chosen[val]
@@ -189,13 +191,14 @@ def unlearnt_classes(per_class, classes: list, listing, train_idx, skipped: Imag
         mine = [listing.files[i].path for i in train_idx if listing.files[i].label == c]
         held = sum(1 for i in val_idx if listing.files[i].label == c)
         if not mine and held:  # its one photo (of the sample) in validation: --n 0 'take a larger --n' said nothing
+            of_n, larger = (f" of {option_text('n', n)}", f" (or take a larger {option_text('n')})") if n else ("", "")
             raise UsageError(f"class {classes[c]!r} has no photo among the {len(train_idx)} training images: its "
-                             f"{held} photo{'' if held == 1 else 's'}{f' of --n {n}' if n else ''} went to validation "
-                             f"(--val-fraction {val_fraction}); a class needs at least 2 photos, one for each: add "
-                             f"photos{' (or take a larger --n)' if n else ''}")
+                             f"{held} photo{'' if held == 1 else 's'}{of_n} went to validation "
+                             f"({option_text('val_fraction', val_fraction)}); a class needs at least 2 photos, one for "
+                             f"each: add photos{larger}")
         if not mine:
             raise UsageError(f"class {classes[c]!r} has no photo among the {len(train_idx)} training images of "
-                             f"--n {n}: the model could not learn it; take a larger --n")
+                             f"{option_text('n', n)}: the model could not learn it; take a larger {option_text('n')}")
         raise UsageError(f"class {classes[c]!r} has no training image to learn from: all {len(mine)} of its "
                          f"training photos are unreadable (e.g. {mine[0]}: {skipped.bad.get(mine[0])}); fix or "
                          "remove its folder")
@@ -284,8 +287,8 @@ def unseen_validation(val_idx: np.ndarray, listing, head_saw: tuple) -> tuple[np
     if left_out:
         val_idx = np.array([i for i in val_idx if listing.files[i].path not in trained], np.int64)
         if not len(val_idx):
-            raise UsageError("every validation image was a training image of --init-head's head; use another "
-                             "--seed or --n, or a head fitted on other images")
+            raise UsageError(f"every validation image was a training image of {option_text('init_head')}'s head; use "
+                             f"another {option_text('seed')} or {option_text('n')}, or a head fitted on other images")
     refit_saw = [i for i in val_idx if listing.files[i].path in refit]
     if refit_saw and len(refit_saw) < len(val_idx):
         val_idx = np.array([i for i in val_idx if listing.files[i].path not in refit], np.int64)
@@ -294,9 +297,10 @@ def unseen_validation(val_idx: np.ndarray, listing, head_saw: tuple) -> tuple[np
         log.warning("%d of the %d validation images were training images of the starting head; they are left out "
                     "of validation", len(left_out), len(left_out) + len(val_idx))
     if refit_saw:
+        unseen = "fit-head --no-refit" if option_text("refit") == "--refit" else "Head(refit=False)"
         log.warning("all %d validation images were fitted by the starting head (fit-head refitted it on every photo "
                     "of its cache, its validation ones too): val acc, loss and the temperature are flattered; "
-                    "fit-head --no-refit keeps its validation photos unseen", len(refit_saw))
+                    "%s keeps its validation photos unseen", len(refit_saw), unseen)
     return val_idx, left_out, len(refit_saw)
 
 
@@ -506,7 +510,8 @@ def finetune(cfg: FinetuneConfig) -> TrainResult:
     validate(cfg)
     unfreeze = parse_unfreeze(cfg.unfreeze)
     if unfreeze == 0:
-        raise UsageError(f"--unfreeze {cfg.unfreeze} leaves nothing of the backbone to fine-tune; use train, "
+        raise UsageError(f"{option_text('unfreeze', cfg.unfreeze)} leaves nothing of the backbone to fine-tune; use "
+                         "train, "
                          "'all' or K of at least 1")
     listing = list_image_folder(cfg.data)
     torch.manual_seed(cfg.seed)
@@ -516,9 +521,10 @@ def finetune(cfg: FinetuneConfig) -> TrainResult:
                      folder=True)
         lm = model_from_checkpoint(ckpt, cfg.init_head, cfg.weights, trainable=True)
         if cfg.backbone and cfg.backbone != lm.info["backbone"]:
-            raise UsageError(f"--backbone {cfg.backbone} differs from {cfg.init_head}'s {lm.info['backbone']}")
+            raise UsageError(f"{option_text('backbone', cfg.backbone)} differs from {cfg.init_head}'s "
+                             f"{lm.info['backbone']}")
         if cfg.pool and cfg.pool != lm.info["pool"]:
-            raise UsageError(f"--pool {cfg.pool} differs from {cfg.init_head}'s {lm.info['pool']}")
+            raise UsageError(f"{option_text('pool', cfg.pool)} differs from {cfg.init_head}'s {lm.info['pool']}")
     else:
         lm = build_model(cfg.backbone or "vgg16", cfg.weights or "DEFAULT", listing.classes, cfg.pool, cfg.dropout)
     blocks = len(lm.model.blocks()) if hasattr(lm.model, "blocks") else 0  # a fused head's model: none to count

@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..cache.provenance import Preprocessing, Provenance, older_decoding
-from ..config import POOLS, option_text
+from ..config import POOLS, Placeholder, option_text, option_value
 from ..errors import PipelineError, UsageError
 from ..files import first_line
 from ..extraction import backbones as bb
@@ -219,7 +219,7 @@ def build_model(backbone: str, weights: str, classes, pool: Optional[str] = None
     loaded = bb.load_backbone(backbone, weights)
     pool = pool or loaded.spec.pool
     if pool not in POOLS:
-        raise UsageError(f"unknown --pool {pool!r}; allowed: {', '.join(POOLS)}")
+        raise UsageError(f"unknown {option_value('pool', pool)}; allowed: {', '.join(POOLS)}")
     in_shape = head_in_shape(backbone, loaded.transform.crop_size[0], pool)
     model = TransferModel(backbone, loaded.features, in_shape, len(classes), pool, dropout)
     return LoadedModel(model, loaded.transform, _info(loaded, weights, in_shape, classes, pool, dropout))
@@ -281,7 +281,7 @@ def model_from_checkpoint(ckpt: dict, path, weights: Optional[str] = None, train
         lm = _from_head(ckpt, path, weights, trainable)
     else:
         if weights is not None:
-            log.info("%s holds its backbone weights; --weights %s is not used", path, weights)
+            log.info("%s holds its backbone weights; %s is not used", path, option_value("weights", weights))
         head_state = {k[len("head."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("head.")}
         head = head_from_checkpoint(ckpt, head_state, path)
         model = TransferModel(ckpt["backbone"], bb.bare_features(ckpt["backbone"]), ckpt["in_shape"],
@@ -299,7 +299,7 @@ def model_from_checkpoint(ckpt: dict, path, weights: Optional[str] = None, train
     return lm
 
 
-def _head_weights_source(ckpt: dict, weights: Optional[str], hint: str = "pass --weights PATH to it") -> str:
+def _head_weights_source(ckpt: dict, weights: Optional[str], hint: str = "") -> str:
     """The --weights value that recreates the backbone a fit-head checkpoint's features came from."""
     recorded, sha = ckpt["weights"], ckpt.get("weights_sha256", "")
     if not recorded.startswith("file:"):
@@ -310,10 +310,11 @@ def _head_weights_source(ckpt: dict, weights: Optional[str], hint: str = "pass -
             if not sha or bb.file_sha256(c) == sha:
                 return c
             if weights:
-                raise UsageError(f"--weights {weights!r} is not the file the head was fitted with "
+                raise UsageError(f"{option_value('weights', weights)} is not the file the head was fitted with "
                                  f"({recorded}, sha256 {sha[:12]}...)")
         elif weights:
             return weights  # not a file: load_backbone says what is wrong with it
+    hint = hint or f"pass {option_text('weights', Placeholder('PATH'))} to it"
     raise PipelineError(f"the head was fitted on features of the weights file {recorded[5:]} (sha256 {sha[:12]}...), "
                         f"not found at {', '.join(map(repr, dict.fromkeys(candidates))) or 'any recorded path'}; "
                         f"{hint}")
@@ -405,8 +406,8 @@ def _head_backbone(ckpt: dict, path, weights: Optional[str], trainable: bool = F
     differ = Provenance.from_checkpoint(ckpt).differences(Provenance.of_backbone(loaded, ckpt["classes"], pool),
                                                           ("weights", "preprocessing"))
     if differ:
-        raise UsageError(f"head {str(path)!r} was fitted on other features than --weights {source} gives "
-                         f"(head vs now: {'; '.join(differ)}); pass the weights it was fitted with")
+        raise UsageError(f"head {str(path)!r} was fitted on other features than {option_text('weights', source)} "
+                         f"gives (head vs now: {'; '.join(differ)}); pass the weights it was fitted with")
     warn_older_decoding(ckpt, path)
     features, precision = loaded.features, None
     if ckpt.get("precision") == "int8" and not trainable:
@@ -450,7 +451,7 @@ def _from_fused_head(ckpt: dict, path, weights: Optional[str], trainable: bool) 
     given = _fused_weights(ckpt, path, weights)
     parts, transforms, records, precisions = [], [], [], []
     for i, part in enumerate(ckpt["fused"]["parts"]):
-        loaded, source, features, precision = _head_backbone(part, path, given.get(i), hint=FUSED_WEIGHTS_HINT)
+        loaded, source, features, precision = _head_backbone(part, path, given.get(i), hint=fused_weights_hint())
         parts.append(TransferModel(part["backbone"], features, part["in_shape"], len(ckpt["classes"]),
                                    part.get("pool", "none"), head=nn.Identity(), flip=bool(part.get("flip", False))))
         transforms.append(loaded.transform)
@@ -464,9 +465,11 @@ def _from_fused_head(ckpt: dict, path, weights: Optional[str], trainable: bool) 
     return LoadedModel(model, StackedTransform(transforms), info, "fit-head", "int8" if "int8" in precisions else None)
 
 
-#: What to do when a fused head's weights files are not where it recorded them (one --weights finds the rest).
-FUSED_WEIGHTS_HINT = ("put its backbones' weights files (with their sidecars) in one folder and pass --weights "
-                      "naming one of them")
+def fused_weights_hint() -> str:
+    """What to do when a fused head's weights files are not where it recorded them (one --weights finds the rest),
+    in the caller's terms."""
+    return (f"put its backbones' weights files (with their sidecars) in one folder and pass {option_text('weights')} "
+            "naming one of them")
 
 
 def _fused_weights(ckpt: dict, path, weights: Optional[str]) -> dict:
@@ -478,11 +481,12 @@ def _fused_weights(ckpt: dict, path, weights: Optional[str]) -> dict:
     parts = ckpt["fused"]["parts"]
     recorded = ", ".join(f"{p['backbone']}: {p['weights']}" for p in parts)
     if not bb.is_weights_path(weights) or not Path(weights).is_file():
-        raise UsageError(f"{str(path)!r} runs {len(parts)} backbones ({recorded}); --weights {weights!r} must be "
-                         "one of their weights files (the others are looked for beside it)")
+        raise UsageError(f"{str(path)!r} runs {len(parts)} backbones ({recorded}); {option_value('weights', weights)} "
+                         "must be one of their weights files (the others are looked for beside it)")
     sha = bb.file_sha256(weights)
     if not any(p.get("weights_sha256") == sha for p in parts):
-        raise UsageError(f"--weights {weights!r} is none of the files {str(path)!r} was fitted with ({recorded})")
+        raise UsageError(f"{option_value('weights', weights)} is none of the files {str(path)!r} was fitted with "
+                         f"({recorded})")
     given = {}
     for i, part in enumerate(parts):
         if part.get("weights_sha256") == sha:

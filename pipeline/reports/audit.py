@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Optional
 import numpy as np
 
 from ..cache.feature_cache import FeatureCache
-from ..config import AuditConfig, ExtractConfig, FitHeadConfig, check_config
+from ..config import AuditConfig, ExtractConfig, FitHeadConfig, Placeholder, check_config, option_text, option_value
 from ..data.moves import rename_to_free
 from ..errors import DeviceMissing, PackageMissing, UsageError
 from ..files import SafeCsvWriter, atomic_write, check_output, write_json, writing
@@ -84,19 +84,20 @@ class AuditResult:
 def validate(cfg: AuditConfig) -> None:
     check_config(cfg)
     if cfg.apply and cfg.undo:
-        raise UsageError("pass --apply or --undo, not both")
+        raise UsageError(f"pass {option_text('apply')} or {option_text('undo')}, not both")
     if cfg.apply or cfg.undo:
         return
     if not (cfg.data or cfg.cache):
-        raise UsageError("audit needs --data DIR (or --cache FILE)")
+        raise UsageError(f"audit needs {option_text('data', Placeholder('DIR'))} "
+                         f"(or {option_text('cache', Placeholder('FILE'))})")
     if cfg.data and cfg.cache:
-        raise UsageError("pass --data or --cache, not both")
+        raise UsageError(f"pass {option_text('data')} or {option_text('cache')}, not both")
     if cfg.test_data and cfg.test_cache:
-        raise UsageError("pass --test-data or --test-cache, not both")
+        raise UsageError(f"pass {option_text('test_data')} or {option_text('test_cache')}, not both")
     for name in ("data", "test_data"):
         v = getattr(cfg, name)
         if v and not Path(v).is_dir():
-            raise UsageError(f"--{name.replace('_', '-')} {v!r} is not a folder")
+            raise UsageError(f"{option_value(name, v)} is not a folder")
 
 
 def training_cache(cfg: AuditConfig) -> Path:
@@ -235,7 +236,7 @@ CONFIRM_BLOCK = 512
 def warn_left_out(count: int, what: str) -> None:
     if count:
         log.warning("%d more %s left out: at most %d a photo, its most similar (the folder holds many near copies "
-                    "of each other, or --threshold is low)", count, what, dup.PAIRS_PER_ROW)
+                    "of each other, or %s is low)", count, what, dup.PAIRS_PER_ROW, option_text("threshold"))
 
 
 def confirmed(pairs: tuple, path_a: Path, path_b: Path) -> tuple[tuple, int]:
@@ -353,8 +354,8 @@ def write_fixes_csv(result: dict, path: Path) -> None:
         if earlier.read_bytes() == path.read_bytes():  # the same list again: nothing to keep
             earlier.unlink()
         else:
-            log.warning("kept the earlier fixes.csv of --output %s (another list than this audit's: perhaps "
-                        "edited) as %s", path.parent, earlier.name)
+            log.warning("kept the earlier fixes.csv of %s %s (another list than this audit's: perhaps "
+                        "edited) as %s", option_text("output"), path.parent, earlier.name)
 
 
 def keep_earlier(path: Path) -> Optional[Path]:
@@ -398,7 +399,8 @@ def audit(cfg: AuditConfig) -> AuditResult | FixesResult:
 
         if cfg.apply:
             if not cfg.data:
-                raise UsageError("--apply needs --data DIR, the folder the list's paths are relative to")
+                raise UsageError(f"{option_text('apply')} needs {option_text('data', Placeholder('DIR'))}, the folder "
+                                 "the list's paths are relative to")
             out = output_dir(cfg, "audit-apply")
             try:
                 result = apply_fixes(cfg.apply, cfg.data, out, cfg.quarantine_dir)

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-from ..config import DemoConfig
+from ..config import DemoConfig, option_text
 from ..data.check_images import CheckImagesConfig, check_images, default_quarantine_dir
 from ..data.fetch import FetchConfig, FetchResult, fetch_data, unfinished_unpack
 from ..data.folders import list_image_folder
@@ -57,7 +57,7 @@ def demo(cfg: DemoConfig) -> DemoResult:
     default = Path(cfg.data) == Path(DEFAULT_DATA)
     if not data.is_dir() and not default:
         raise UsageError(f"data folder {cfg.data!r} does not exist; demo downloads only into the default "
-                         f"{DEFAULT_DATA} (leave --data out), or pass an existing ImageFolder root")
+                         f"{DEFAULT_DATA} (leave {option_text('data')} out), or pass an existing ImageFolder root")
     unfinished = unfinished_unpack(data) if data.is_dir() else None  # a stopped demo's (or fetch-data's) unpack
     if unfinished is not None and not default:
         raise PipelineError(f"data folder {cfg.data!r} is half unpacked: unpacking into {unfinished.parent} was "

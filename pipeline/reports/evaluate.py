@@ -19,7 +19,7 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from ..cache.feature_cache import CacheBusy, CacheError, FeatureCache
 from ..cache.provenance import ROW_FEATURES, Preprocessing, check_cache_fits
-from ..config import EvaluateConfig, check_config, option_text
+from ..config import EvaluateConfig, Placeholder, check_config, option_text, option_value
 from ..data.folders import ImageLoadError, list_image_folder, load_rgb, thumbnail
 from ..devices import resolve_device
 from ..errors import UsageError
@@ -106,8 +106,8 @@ def head_on_cache(model_path: str, ckpt: dict, cfg: EvaluateConfig, labelled: bo
     with open_head_rows(ckpt, cfg.cache) as cache:  # one cache, or a fused head's caches fused as then
         path = cache.path
         if not cfg.cache:
-            log.info("using the cache the model was trained on: %s (%d rows, %s, created %s); --cache picks another",
-                     path, cache.n, cache.attrs["backbone"], cache.attrs["created"])
+            log.info("using the cache the model was trained on: %s (%d rows, %s, created %s); %s picks another",
+                     path, cache.n, cache.attrs["backbone"], cache.attrs["created"], option_text("cache"))
         check_cache_fits(ckpt, cache, ROW_FEATURES)
         head = _head(model_path, ckpt, device)
         theirs = [c for c in cache.classes if c in ckpt["classes"]]
@@ -380,19 +380,23 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
 
     check_config(cfg)
     if cfg.cache and cfg.data:
-        raise UsageError("pass --cache or --data, not both")
+        raise UsageError(f"pass {option_text('cache')} or {option_text('data')}, not both")
     if cfg.data and cfg.split == "val":  # --data scores every photo of the folder: 'val' would be a false label
-        raise UsageError(f"--split val picks rows of a cache; --data {cfg.data} scores every photo of the folder "
-                         "(use --split auto or all, or --cache with --split val)")
+        raise UsageError(f"{option_text('split', 'val')} picks rows of a cache; {option_value('data', cfg.data)} "
+                         "scores "
+                         f"every photo of the folder (use {option_text('split', 'auto', 'all')}, or "
+                         f"{option_text('cache')} with {option_text('split', 'val')})")
     ckpt = read_checkpoint(cfg.model)
     check_runs_dir(cfg, ckpt)
     source = "data" if cfg.data else "cache"
     predictor = PREDICTORS.get((ckpt["kind"], source))
     if predictor is None and not (cfg.cache or cfg.data):  # nothing named: say what this checkpoint needs
-        raise UsageError(f"a {ckpt['kind']!r} checkpoint is evaluated on photos: pass --data DIR")
+        raise UsageError(f"a {ckpt['kind']!r} checkpoint is evaluated on photos: pass "
+                         f"{option_text('data', Placeholder('DIR'))}")
     if predictor is None:
-        known = sorted(f"{k} on --{s}" for k, s in PREDICTORS)
-        raise UsageError(f"cannot evaluate a {ckpt['kind']!r} checkpoint on --{source}; known: {', '.join(known)}")
+        known = sorted(f"{k} on {option_text(s)}" for k, s in PREDICTORS)
+        raise UsageError(f"cannot evaluate a {ckpt['kind']!r} checkpoint on {option_text(source)}; known: "
+                         f"{', '.join(known)}")
     if cfg.data:
         warn_if_trained_on(cfg.model, ckpt, cfg.data)
     pred = predictor(cfg.model, ckpt, cfg)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import FeatureMapConfig, PreviewConfig, check_config
+from ..config import FeatureMapConfig, PreviewConfig, check_config, option_text, option_value
 from ..data.folders import ImageLoadError, list_image_folder, load_rgb
 from ..errors import UsageError
 from ..extraction.backbones import load_backbone, load_preprocessing, weights_inputs
@@ -46,8 +46,8 @@ def sample_per_class(listing, per_class: int, seed: int) -> list[tuple[int, obje
     shown = range(len(listing.classes))
     if len(shown) > MAX_PREVIEW_CLASSES:
         shown = sorted(rng.choice(len(shown), MAX_PREVIEW_CLASSES, replace=False).tolist())
-        log.warning("%s has %d classes; the preview shows %d of them, a row each (--seed chooses which)",
-                    listing.root, len(listing.classes), MAX_PREVIEW_CLASSES)
+        log.warning("%s has %d classes; the preview shows %d of them, a row each (%s chooses which)",
+                    listing.root, len(listing.classes), MAX_PREVIEW_CLASSES, option_text("seed"))
     for label in shown:
         got = 0
         for i in rng.permutation(np.flatnonzero(labels == label)):
@@ -128,7 +128,8 @@ def feature_map(cfg: FeatureMapConfig) -> tuple:
     output = cfg.output and str(check_output(free_default(cfg.output, FeatureMapConfig.output),
                                              [(cfg.image, "IMAGE"), *weights_inputs(cfg.weights)], suffixes=(".png",)))
     if output and folder_of_a_file(Path(output).parent, [cfg.image]):  # (that folder exists: nothing was made)
-        raise UsageError(f"--output {output!r} is in the folder of IMAGE {cfg.image!r}: a picture there would "
+        raise UsageError(f"{option_value('output', output)} is in the folder of IMAGE {cfg.image!r}: a picture "
+                         "there would "
                          "join its photos; write it elsewhere")
     try:
         image = load_rgb(cfg.image)

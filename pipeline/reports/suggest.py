@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..cache.feature_cache import FeatureCache
-from ..config import ExtractConfig, FitHeadConfig, SuggestConfig, check_config
+from ..config import ExtractConfig, FitHeadConfig, SuggestConfig, check_config, Placeholder, option_text, option_value
 from ..data.folders import POOL
 from ..errors import UsageError
 from ..files import SafeCsvWriter, atomic_write, check_output
@@ -56,12 +56,13 @@ def validate(cfg: SuggestConfig) -> None:
     for name in ("data", "pool"):
         v = getattr(cfg, name)
         if not v:
-            raise UsageError(f"suggest needs --{name} DIR")
+            raise UsageError(f"suggest needs {option_text(name, Placeholder('DIR'))}")
         if not Path(v).is_dir():
-            raise UsageError(f"--{name} {v!r} is not a folder")
+            raise UsageError(f"{option_value(name, v)} is not a folder")
     data, pool = Path(cfg.data).resolve(), Path(cfg.pool).resolve()
     if data.is_relative_to(pool) or pool.is_relative_to(data):
-        raise UsageError(f"--pool {cfg.pool!r} and --data {cfg.data!r} overlap: the pool's photos would be a class "
+        raise UsageError(f"{option_value('pool', cfg.pool)} and {option_value('data', cfg.data)} overlap: the "
+                         "pool's photos would be a class "
                          "of the labelled folder (or the other way round); keep them in separate folders")
     photos = [(cfg.data, "--data"), (cfg.pool, "--pool")]
     folder, option = (cfg.output, "--output") if cfg.output else (cfg.runs_dir, "--runs-dir")

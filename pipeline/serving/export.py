@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..cache.provenance import Preprocessing, package_version, versions
-from ..config import ExportConfig, check_config, option_text
+from ..config import ExportConfig, Placeholder, check_config, option_text
 from ..data import portable
 from ..data.image_reader import DECODE_VERSION, ImageListDataset, draft_short_side, read_items
 from ..errors import PipelineError, UsageError
@@ -220,7 +220,7 @@ def require(fmt: str) -> None:
     """PipelineError in one line when a package that ``fmt`` needs is not installed."""
     missing = [f"{m} ({why})" for m, why in NEEDS[fmt] if importlib.util.find_spec(m) is None]
     if missing:
-        raise PipelineError(f"export --format {fmt} needs {', '.join(missing)}: "
+        raise PipelineError(f"export {option_text('format', fmt)} needs {', '.join(missing)}: "
                             "pip install 'transfer-pipeline[export]'")
 
 
@@ -308,7 +308,7 @@ def sample_photos(cfg: ExportConfig, ckpt: dict) -> list[str]:
     files = training_photos(ckpt, cfg.check_n)
     if not files:
         raise UsageError(f"no photos for the parity check: the training data of {cfg.model!r} is not reachable; "
-                         "pass --check-data DIR")
+                         f"pass {option_text('check_data', Placeholder('DIR'))}")
     return files
 
 
@@ -553,7 +553,7 @@ def export(cfg: ExportConfig) -> ExportResult:
     """
     check_config(cfg)
     if not cfg.output:
-        raise UsageError("--output FILE is needed: where the exported model goes")
+        raise UsageError(f"{option_text('output', Placeholder('FILE'))} is needed: where the exported model goes")
     check_suffix(cfg)  # before check_outputs, which makes --output's folder
     ckpt = read_checkpoint(cfg.model)
     out, side = check_outputs(cfg, ckpt)
@@ -561,8 +561,8 @@ def export(cfg: ExportConfig) -> ExportResult:
     int8 = ckpt["kind"] == "fit-head" and ckpt.get("precision") == "int8"
     if int8 and ckpt.get("fused"):  # refused before anything is loaded
         raise UsageError(f"{cfg.model!r} runs its caches' int8 networks (prepacked oneDNN kernels), which neither "
-                         "ONNX nor TorchScript can hold; fit the head on float caches (extract --precision bf16) to "
-                         "export it")
+                         "ONNX nor TorchScript can hold; fit the head on float caches "
+                         f"(extract {option_text('precision', 'bf16')}) to export it")
     files = sample_photos(cfg, ckpt)
     if int8:
         lm, int8_gap = float_for_int8(ckpt, cfg, files)

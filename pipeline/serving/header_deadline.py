@@ -15,6 +15,7 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from ..config import option_text
 from ..errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,6 @@ def protocol(seconds: float) -> type:
         missing = [a for a in attributes if code is not None and a not in code.co_names]
         if code is None or missing:
             what = f"no {name}" if code is None else f"a {name} that sets no {', '.join(missing)}"
-            raise PipelineError(f"this uvicorn's H11Protocol has {what}: --header-seconds cannot be kept; "
-                                f"it was written for uvicorn 0.55 (this is {uvicorn.__version__})")
+            raise PipelineError(f"this uvicorn's H11Protocol has {what}: {option_text('header_seconds')} cannot be "
+                                f"kept; it was written for uvicorn 0.55 (this is {uvicorn.__version__})")
     return type("HeaderDeadlineProtocol", (HeaderDeadline,), {"header_seconds": seconds})

@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 
 from ..cache.provenance import package_version, versions
-from ..config import ServeConfig, check_config
+from ..config import ServeConfig, check_config, option_text, option_value
 from ..data.folders import MAX_IMAGE_PIXELS, ImageLoadError, decode_bytes
 from ..data.image_reader import Batch, Item, draft_short_side
 from ..devices import resolve_workers
@@ -79,9 +79,11 @@ def require() -> None:
 def check(cfg: ServeConfig) -> None:
     check_config(cfg)
     if cfg.max_pixels > MAX_IMAGE_PIXELS:
-        raise UsageError(f"--max-pixels {cfg.max_pixels} is more than any stage decodes ({MAX_IMAGE_PIXELS})")
+        raise UsageError(f"{option_text('max_pixels', cfg.max_pixels)} is more than any stage decodes "
+                         f"({MAX_IMAGE_PIXELS})")
     if cfg.max_queue < cfg.max_files:
-        raise UsageError(f"--max-queue {cfg.max_queue} is less than --max-files {cfg.max_files}: a full request "
+        raise UsageError(f"{option_text('max_queue', cfg.max_queue)} is less than "
+                         f"{option_text('max_files', cfg.max_files)}: a full request "
                          "would never fit")
 
 
@@ -508,14 +510,16 @@ def listening_socket(host: str, port: int):
         s.close()
         if e.errno == errno.EADDRNOTAVAIL:  # the address, not the port: another --port would not help
             raise not_this_machine(host, e.strerror) from None
-        raise PipelineError(f"cannot listen on {host}:{port}: {e.strerror}; pass another --port") from None
+        raise PipelineError(f"cannot listen on {host}:{port}: {e.strerror}; "
+                            f"pass another {option_text('port')}") from None
     return s
 
 
 def not_this_machine(host: str, why: str) -> UsageError:
     """The refusal of a --host serve cannot listen on, with the addresses it can."""
-    return UsageError(f"--host {host!r} is not an address of this machine ({why}); pass 127.0.0.1 (this machine "
-                      "only, the default), 0.0.0.0 or :: (every interface) or one of this machine's addresses")
+    return UsageError(f"{option_value('host', host)} is not an address of this machine ({why}); pass 127.0.0.1 "
+                      "(this machine only, the default), 0.0.0.0 or :: (every interface) or one of this machine's "
+                      "addresses")
 
 
 def check_blocking_allowed() -> None:
