@@ -704,9 +704,10 @@ def test_a_failed_fetch_removes_only_the_empty_folders_it_made(tmp_path):
     """Offline, 'fetch-data --dest data/new' left data/new behind, empty: the folders it made are removed while
     empty, never one that was there before, nor one holding anything (here the refused archive)."""
     (tmp_path / "data").mkdir()
-    with pytest.raises(PipelineError, match="offline"):
+    with pytest.raises(PipelineError, match="offline") as e:
         fetch_data(cfg(tmp_path / "data" / "new" / "sub", closed_port_url()))
     assert list(tmp_path.iterdir()) == [tmp_path / "data"] and list((tmp_path / "data").iterdir()) == []
+    assert f"url=file://<where you saved it>/{NAME}" in str(e.value)  # a way in that needs no folder made first
     with pytest.raises(PipelineError, match="offline"):
         fetch_data(cfg(tmp_path / "data", closed_port_url()))
     assert (tmp_path / "data").is_dir()  # there before: kept

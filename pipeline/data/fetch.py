@@ -24,7 +24,7 @@ from datetime import timezone
 from email.utils import parsedate_to_datetime
 from pathlib import Path, PurePosixPath
 
-from ..config import FetchConfig, flag_text, option_text, option_value
+from ..config import FetchConfig, Placeholder, flag_text, option_text, option_value
 from ..errors import DiskFull, PipelineError, UsageError
 from ..files import check_output, disk_error, disk_reason, json_text, plain_name, same_file
 from .folders import is_skipped_folder
@@ -174,8 +174,10 @@ def ensure_room(dest: Path, need: int, what: str) -> None:
 
 def _offline_error(cfg: FetchConfig, archive: Path, why) -> PipelineError:
     reason = getattr(why, "reason", why)
-    return PipelineError(f"cannot download {cfg.url} ({reason}); offline? Download it by hand and put it at "
-                         f"{archive}, then run this again (or point {option_text('data')} at a local image folder)")
+    saved = Placeholder(f"file://<where you saved it>/{archive.name}")  # no folder to make: --dest may be gone
+    return PipelineError(f"cannot download {cfg.url} ({reason}); offline? Download it by hand, then run this again "
+                         f"with {option_text('url', saved)} (or put it at {archive}), or point "
+                         f"{option_text('data')} at a local image folder")
 
 
 def _content_range(resp) -> tuple[int, int | None]:
