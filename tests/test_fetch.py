@@ -212,7 +212,7 @@ def test_connection_refused_is_one_clear_line(tmp_path):
         fetch_data(cfg(tmp_path, closed_port_url()))
     msg = str(e.value)
     assert "\n" not in msg and "refused" in msg.lower()
-    assert f"put it at {tmp_path / NAME}" in msg and "(or point data at a local image folder)" in msg
+    assert f"(or put it at {tmp_path / NAME}), or point data at a local image folder" in msg
     res = CliRunner().invoke(cli, ["fetch-data", "--dest", str(tmp_path), "--url", closed_port_url()])
     assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1
 
