@@ -293,3 +293,16 @@ def test_an_unknown_names_listing_hint_is_of_its_own_family():
     assert "timm.list_models('*efficientnet*')" in str(e.value) and "convnext" not in str(e.value)
     with pytest.raises(UsageError, match=r"timm.list_models\('\*convnext\*'\)"):  # no family timm knows: the example
         bb.get_spec("zzqx_9")
+
+
+def test_a_sidecar_without_mean_and_std_is_named_as_there(tmp_path):
+    """A sidecar holding other keys only was warned of as 'no sidecar w.json with mean/std': it is there."""
+    import torchvision
+
+    w = tmp_path / "w.pt"
+    torch.save(torchvision.models.resnet18().state_dict(), w)
+    with pytest.warns(UserWarning, match="^no sidecar w.json with mean/std"):
+        bb.load_preprocessing("resnet18", str(w))
+    (tmp_path / "w.json").write_text(json.dumps({"note": "mine"}))
+    with pytest.warns(UserWarning, match="^sidecar w.json has no mean/std; using the model's defaults"):
+        bb.load_preprocessing("resnet18", str(w))

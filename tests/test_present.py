@@ -199,3 +199,20 @@ def test_a_loss_of_zero_is_never_printed_as_a_negative_zero():
                                               models=[model], head_run_dir="runs/x", test_cache="t.h5",
                                               source_changed=None, default_cache=None))
     assert "0.0000" in text and "-0" not in text, text
+
+
+def test_counts_of_one_are_singular_and_nothing_read_has_no_speed():
+    """'extracted 1 images', '1 pool photos already labelled left out' beside '5 of 31 pool photos' (31 counting
+    the one left out), and '3 images, 3 unreadable, 58.3 img/s' when nothing was classified."""
+    from types import SimpleNamespace
+
+    from pipeline.extraction.extract import ExtractResult
+
+    one = ExtractResult(cache="c.h5", hit=False, computed=1, img_per_s=2.0, skipped=0, rows=1)
+    assert present.extract_notes(one) == ["extracted 1 image (2.0 img/s), 0 skipped, 1 rows in cache"]
+    r = SimpleNamespace(rows=[{"rank": 1, "path": "a.jpg", "predicted": "c", "uncertainty": 0.5, "distance": 0.25}],
+                        pool=31, rule="margin", head="logreg", labelled=4, skipped=1, csv="s.csv", html="s.html")
+    assert present.suggest_text(r).splitlines()[0] == ("1 of 30 pool photos to label next (rule margin; head logreg "
+                                                       "on 4 labelled photos; 1 pool photo already labelled left out)")
+    assert present.predict_note(SimpleNamespace(images=3, errors=3, img_per_s=58.3, explain=None)) == \
+        "3 images, all unreadable"

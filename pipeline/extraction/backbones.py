@@ -482,7 +482,9 @@ def load_preprocessing(name: str = "vgg16", weights: str = "DEFAULT"):
         transform = _default_transform(spec)
         if "mean" in meta and "std" in meta:
             return _with_sidecar(transform, meta), f"file:{path.name}"
-        warnings.warn(f"no sidecar {path.with_suffix('.json').name} with mean/std; using the model's defaults")
+        sidecar = sidecar_path(path)
+        warnings.warn(f"sidecar {sidecar.name} has no mean/std; using the model's defaults" if sidecar.is_file() else
+                      f"no sidecar {sidecar.name} with mean/std; using the model's defaults")
         return transform, f"file:{path.name}"
     if spec.library == "timm":
         cfg, weights_id = timm_weights_id(spec, weights)

@@ -203,9 +203,9 @@ def suggest_text(r: SuggestResult, top: int = 20) -> str:
     names = [one_line(x["path"]) for x in r.rows[:top]]  # a name's newline must not start a row of its own
     w = max([len("photo")] + [len(n) for n in names])
     g = max([14] + [len(one_line(x["predicted"])) + 1 for x in r.rows[:top]])  # a class 'breakfast_burrito' too
-    lines = [f"{len(r.rows)} of {r.pool} pool photos to label next (rule {r.rule}; head {r.head} on "
-             f"{r.labelled} labelled photos" + (f"; {r.skipped} pool photos already labelled left out" if r.skipped
-                                                 else "") + ")",
+    lines = [f"{len(r.rows)} of {r.pool - r.skipped} pool photos to label next (rule {r.rule}; head {r.head} on "
+             f"{r.labelled} labelled photos" + (f"; {plural(r.skipped, 'pool photo')} already labelled left out"
+                                                 if r.skipped else "") + ")",
              f"{'rank':>4}  {'photo':<{w}}  {'guess':<{g}} {'uncertainty':>11} {'distance':>8}"]
     lines += [f"{x['rank']:>4}  {n:<{w}}  {one_line(x['predicted']):<{g}} {x['uncertainty']:>11.3f} "
               f"{x['distance']:>8.3f}" for x, n in zip(r.rows, names)]
@@ -360,7 +360,7 @@ def extract_notes(result: ExtractResult) -> list[str]:
         ("calibration_seconds", "int8 calibration" + (" reused" if result.calibration_reused else "")),
         ("compile_seconds", "compiling" + (f" (compile cache {result.compile_cache})"
                                            if result.compile_cache else ""))) if getattr(result, k)]
-    lines = [f"extracted {result.computed} images ({result.img_per_s:.1f} img/s"
+    lines = [f"extracted {plural(result.computed, 'image')} ({result.img_per_s:.1f} img/s"
              f"{', not counting ' + ' and '.join(one_off) if one_off else ''}), "
              f"{result.skipped} skipped, {result.rows} rows in "
              f"{'shards of rank ' + str(result.rank) if result.rank is not None else 'cache'}"]
@@ -456,6 +456,8 @@ def predict_rows_text(rows: list[dict], fmt: str) -> str:
 
 def predict_note(result: PredictResult) -> str:
     heatmaps = f", heatmaps in {result.explain}" if result.explain else ""
+    if result.images and result.errors == result.images:  # nothing classified: no speed to speak of
+        return f"{plural(result.images, 'image')}, all unreadable"
     return (f"{plural(result.images, 'image')}, {result.errors} unreadable, "
             f"{result.img_per_s:.1f} img/s{heatmaps}")
 
