@@ -525,3 +525,20 @@ def test_a_second_audit_into_the_same_output_keeps_an_edited_fixes_csv(tmp_path)
     r = CliRunner().invoke(cli, args)  # the same list: replaced, nothing else kept
     assert r.exit_code == 0 and "kept the earlier" not in r.stderr, r.output
     assert sorted(p.name for p in (tmp_path / "a").glob("fixes*")) == ["fixes-earlier.csv", "fixes.csv"]
+
+
+def test_a_near_copy_group_of_much_of_the_folder_is_said_to_be_chained(tmp_path):
+    """signdigits10 with EfficientNet-Lite0 at 0.88: one 'near-copy group' of 756 of its 1,444 photos, of 9
+    classes (photos alike pair by pair, chained), shown as copies without a word. Now a warning says so."""
+    data = photos(tmp_path / "data", per_class=15)
+    args = ["audit", "--data", str(data), "--folds", "3", "--cache-dir", str(tmp_path / "features"), "--runs-dir",
+            str(tmp_path / "runs"), "--backbone", "tiny", "--weights", "none", "--workers", "0", "--json"]
+    run = CliRunner().invoke(cli, [*args, "--threshold", "0.9"])
+    assert run.exit_code == 0, run.output
+    biggest = max(json.loads(run.stdout)["duplicates"], key=lambda g: len(g["paths"]))
+    assert len(biggest["paths"]) >= 20 and len(set(biggest["classes"])) > 1  # the tiny backbone's rows are alike
+    said = [line for line in run.stderr.splitlines() if "chained" in line]
+    assert len(said) == 1 and f"a near-copy group holds {len(biggest['paths'])} of the 45 photos" in said[0]
+    assert "--threshold 0.9 may be low" in said[0]
+    run = CliRunner().invoke(cli, [*args, "--threshold", "0.999"])
+    assert run.exit_code == 0 and "chained" not in run.stderr

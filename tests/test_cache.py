@@ -347,3 +347,16 @@ def test_the_caches_table_keeps_its_columns_in_line_whatever_the_names():
     lines = text.splitlines()
     assert len({line.index("created") if i == 0 else line.index("2026") for i, line in enumerate(lines)}) == 1
     assert "20: breed_number_0,breed_number_1,..." in lines[2] and "2: a,b" in lines[1]
+
+
+def test_newest_is_the_cache_finished_last_not_the_one_started_last(tmp_path):
+    # extract of a big folder started first (a), an audit's smaller extraction started later (b) and
+    # finished first: `extract a && fit-head` trained on b
+    first = CacheWriter(tmp_path / "a.h5", {**_attrs("a"), "created": "2026-01-01T10:00:00+0000"})
+    with CacheWriter(tmp_path / "b.h5", {**_attrs("b"), "created": "2026-01-01T10:05:00+0000"}) as w:
+        w.append(np.ones((2, 2, 1, 1), np.float32), [0, 1], ["a", "b"], next_candidate=2)
+        w.finish()
+    with first as w:
+        w.append(np.ones((2, 2, 1, 1), np.float32), [0, 1], ["a", "b"], next_candidate=2)
+        w.finish()
+    assert newest_cache(tmp_path).path.name == "a.h5"

@@ -116,8 +116,13 @@ def test_val_split_of_a_held_out_cache_is_not_called_rows_the_refitted_head_saw(
     r = evaluate(EvaluateConfig(model=head, cache=test, runs_dir=str(tmp_path / "runs")))
     assert r.rows == 24 and r.split == "all" and "not the cache" not in caplog.text
     caplog.clear()
-    evaluate(EvaluateConfig(model=head, runs_dir=str(tmp_path / "runs")))  # its own cache: the refit note
+    r = evaluate(EvaluateConfig(model=head, runs_dir=str(tmp_path / "runs")))  # its own cache: the refit note
     assert "these 'val' rows are rows it saw" in caplog.text and "not the cache" not in caplog.text
+    # and where the figures are read (stdout's 'on 4 images (...)', --json's source): food10's default head read
+    # 'accuracy 1.000 ... on 100 images (val rows of ...)' there, the note on stderr only
+    assert r.source == f"val rows of {train}, rows the refitted head saw"
+    assert evaluate(EvaluateConfig(model=head, split="all", runs_dir=str(tmp_path / "runs"))).source == \
+        f"all rows of {train}, the head's training rows among them"
 
 
 def test_a_cache_of_some_of_the_models_classes_is_scored_as_its_folder_is(tmp_path, make_cache):

@@ -318,8 +318,12 @@ class CacheWriter:
         log.debug("committed rows=%d skipped=%d next_candidate=%d", start + k, s0 + m, next_candidate)
 
     def finish(self, **attrs) -> None:
+        from datetime import datetime
+
         for k, v in attrs.items():
             self.f.attrs[k] = v
+        # when it became usable: an extraction started before another's and finished after it is the newer
+        self.f.attrs["completed"] = datetime.now().astimezone().isoformat(timespec="microseconds")
         _fsync(self.f)
         self.f.attrs.modify("complete", np.int8(1))
         _fsync(self.f)
@@ -910,18 +914,22 @@ def claim_default(cache_dir: str | os.PathLike, path: str | os.PathLike) -> None
 
 
 def default_time(info: CacheInfo) -> float:
-    """When a cache became a candidate for the default: made, or claimed from testing by an extract."""
-    try:
-        return created_at(info.attrs["claimed"])
-    except (KeyError, TypeError, ValueError):  # never claimed (or a hand-edited stamp): when it was made
-        return created_at(info.attrs["created"])
+    """When a cache became a candidate for the default: completed (made, for caches made before the stamp),
+    or claimed from testing by an extract, whichever is later."""
+    times = [created_at(info.attrs["created"])]
+    for stamp in ("completed", "claimed"):
+        try:
+            times.append(created_at(info.attrs[stamp]))
+        except (KeyError, TypeError, ValueError):  # not stamped (or a hand-edited stamp)
+            pass
+    return max(times)
 
 
 def newest_cache(cache_dir: str | os.PathLike) -> "CacheInfo":
     """The default cache of commands run without --cache: the newest complete cache in ``cache_dir``,
     never one made for testing (fit-head --test-data's, purpose 'test', until a user's extract hits
     it: claim_for_training) nor a pool of unlabelled photos (suggest's, purpose 'pool'). Newest by when it
-    was made, or claimed; busy and unreadable files skipped."""
+    was completed (or made, before that was stamped), or claimed; busy and unreadable files skipped."""
     good, _ = list_caches(cache_dir)
     good = [i for i in good if not i.attrs.get("purpose")]  # a test set or a pool to label: never trained on by default
     good.sort(key=default_time, reverse=True)

@@ -214,6 +214,7 @@ def analyse(cfg: AuditConfig) -> dict:
         "duplicates": _duplicate_groups(near, digests, labels, classes, paths),
         "leaks": [], "unreadable": unreadable, "test_cache": None, "unconfirmed": {"duplicates": unconfirmed},
     }
+    warn_chained(result["duplicates"], len(labels), cfg.threshold)
     if test is not None:
         t = time.time()
         xt = dup.l2_rows(test["near"])
@@ -237,6 +238,26 @@ def warn_left_out(count: int, what: str) -> None:
     if count:
         log.warning("%d more %s left out: at most %d a photo, its most similar (the folder holds many near copies "
                     "of each other, or %s is low)", count, what, dup.PAIRS_PER_ROW, option_text("threshold"))
+
+
+#: A near-copy group of at least this share of the folder's photos (and CHAINED_MIN) is said to be suspect.
+CHAINED_SHARE, CHAINED_MIN = 0.05, 20
+
+
+def warn_chained(groups: list[dict], rows: int, threshold: float) -> None:
+    """Say when the largest near-copy group is a good part of the folder: photos all alike (one plain background,
+    the same hands: signdigits10's 756 of 1,444 photos, of 9 classes, in one group at 0.88 with
+    EfficientNet-Lite0) pass the threshold pair by pair and union-find chains them into one group, which the
+    report then showed as copies, said nothing about."""
+    near = [g for g in groups if not g["exact"]]
+    if not near:
+        return
+    big = max(near, key=lambda g: len(g["paths"]))
+    if len(big["paths"]) >= max(CHAINED_MIN, CHAINED_SHARE * rows):
+        log.warning("a near-copy group holds %d of the %d photos, of %d classes (e.g. %s): more likely photos this "
+                    "alike chained pair by pair than copies of one photo; %s may be low for these features (raise "
+                    "it, docs/audit.md)", len(big["paths"]), rows, len(set(big["classes"])),
+                    ", ".join(big["paths"][:2]), option_value("threshold", threshold))
 
 
 def confirmed(pairs: tuple, path_a: Path, path_b: Path) -> tuple[tuple, int]:

@@ -121,6 +121,7 @@ def head_on_cache(model_path: str, ckpt: dict, cfg: EvaluateConfig, labelled: bo
             to_model = cache_classes_to_model(ckpt["classes"], cache)
         own = cache.attrs["fingerprint"] == ckpt["cache_fingerprint"]
         split = cfg.split if cfg.split != "auto" else "val" if own else "all"  # a held-out cache: a val slice of
+        seen = ""  # said where the figures are read too (stdout, --json's source), not only in the warning
         if split == "val":  # it scored 50 of its 400 rows by default
             c = ckpt["config"]
             rows = split_indices(cache.labels, c["val_fraction"], c["seed"])[1]
@@ -134,11 +135,13 @@ def head_on_cache(model_path: str, ckpt: dict, cfg: EvaluateConfig, labelled: bo
                             "(%s): these 'val' rows are rows it saw; fit-head's own val figures "
                             "came from the fit without them. Use %s on a held-out cache", refit,
                             option_text("split", "all"))
+                seen = ", rows the refitted head saw"
         else:
             rows = np.arange(cache.n)
             if own:  # as --data on its training folder is
                 log.warning("%s is the cache the model was trained on: %s scores its training rows too, which "
                             "flatters every figure; use it on a held-out cache", path, option_text("split", "all"))
+                seen = ", the head's training rows among them"
             elif not ckpt.get("fused"):
                 warn_if_cache_seen(ckpt, cache)
         logp, ood = head_scores(head, cache, rows, device, cfg.block_rows)
@@ -146,7 +149,7 @@ def head_on_cache(model_path: str, ckpt: dict, cfg: EvaluateConfig, labelled: bo
         paths = cache.paths
         spatial = not ckpt.get("fused") and not is_pooled(cache.feature_shape)
         return Predictions(list(ckpt["classes"]), Path(cache.attrs["data_root"]), [paths[i] for i in rows],
-                           to_model[cache.labels[rows]], logp, f"{split} rows of {path}",
+                           to_model[cache.labels[rows]], logp, f"{split} rows of {path}{seen}",
                            cache.attrs["fingerprint"],
                            ood=ood, **_trust(head), heatmaps=cached_heatmaps(head, path, rows) if spatial else None,
                            preprocessing=ckpt["preprocessing"] if spatial else None, split=split)
