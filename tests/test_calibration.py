@@ -7,6 +7,7 @@ import pytest
 from pipeline import Head
 from pipeline.heads.calibration import (
     calibration_metrics,
+    fit_stack_weights,
     fit_temperature,
     log_softmax,
     reliability_bins,
@@ -36,6 +37,31 @@ def test_fit_temperature_recovers_the_temperature_the_labels_were_drawn_at():
 def test_few_rows_all_right_keep_the_temperature_near_one():
     logp = log_softmax(np.array([[2.0, 0.0]] * 8))  # 8 rows, each right at p = 0.88
     assert 0.3 < fit_temperature(logp, np.zeros(8, np.int64)) < 1.0  # sharper, but not to the bound (0.05)
+
+
+def test_few_rows_all_right_keep_the_stack_weights_near_one():
+    """Two heads' held-out rows, all classified right (10 photos a class): the weights ran to their bound (20 each)
+    as the NLL fell for ever, and the stack said 1e-28 for a test photo it got wrong."""
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 9)
+    logps = [log_softmax(np.where(np.eye(2)[y] > 0, 1.0, -1.0) * rng.uniform(0.5, 2.0, (18, 1))) for _ in range(2)]
+    weights = fit_stack_weights(logps, y)
+    assert 0.5 < np.mean(weights) < 5, weights
+    wrong = log_softmax(sum(w * lp[:1, ::-1] for w, lp in zip(weights, logps)))  # a row as sure, the other way
+    assert np.exp(wrong[0, 0]) > 1e-4
+
+
+def test_stack_weights_with_evidence_are_the_nll_weights():
+    """Hundreds of rows with their errors: the prior (one row's worth) moves the weights by under 2 %, sharpening
+    (a timid head, weight ~2.5) or softening (an over-confident one, ~0.4: no prior; a useless second head stays
+    at 0)."""
+    for true_t in (0.4, 2.5):
+        logp, y = _sampled(2000, true_t)
+        noisy = log_softmax(np.log(np.exp(logp) + 0.5))
+        weights = fit_stack_weights([logp, noisy], y)
+        unbiased = fit_stack_weights([logp, noisy], y, prior_rows=0.0)
+        assert np.allclose(weights, unbiased, rtol=0.02, atol=0.01), (weights, unbiased)
+        assert weights[0] == pytest.approx(1 / true_t, rel=0.15) and weights[1] < 0.05
 
 
 def test_without_temperature_undoes_it_exactly():
