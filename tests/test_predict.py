@@ -166,7 +166,7 @@ def test_predict_exits_1_when_no_input_could_be_classified(tmp_path, model_pt):
     bad.write_bytes(b"not a jpeg")
     result = CliRunner().invoke(cli.cli, ["predict", str(bad), "--model", str(model_pt), "--workers", "0"])
     assert result.exit_code == 1
-    assert "1 image, 1 unreadable" in result.stderr  # singular
+    assert "1 image, all unreadable" in result.stderr  # singular, and no speed where nothing was classified
     assert "none of the 1 input could be classified" in result.stderr
 
 
