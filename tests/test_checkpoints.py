@@ -60,8 +60,15 @@ def test_an_export_or_other_foreign_file_is_named_for_what_it_is(tmp_path, capfd
     (tmp_path / "export.onnx").write_bytes(b"\x08\x08\x12\x07pytorch" + bytes(64))
     (tmp_path / "export.onnx.json").write_text('{"classes": ["a", "b"]}')
     (tmp_path / "empty.pt").write_bytes(b"")
-    for name, reason in [("export.pt", "TorchScript archive"), ("export.onnx", "not a file torch.save wrote"),
-                         ("export.onnx.json", "not a file torch.save wrote"), ("empty.pt", "empty")]:
+    (tmp_path / "photo.pt").write_bytes(b"\xff\xd8\xff\xe0" + bytes(64))
+    (tmp_path / "other.pt").write_bytes(b"text")
+    for name, reason in [("export.pt", "TorchScript archive"),
+                         ("export.onnx", "it is an ONNX export (run by onnxruntime: examples/predict_onnx.py), not a "
+                                         "file torch.save wrote; give the checkpoint it was exported from"),
+                         ("export.onnx.json", "it is JSON (an export's metadata?), not a file torch.save wrote"),
+                         ("photo.pt", "it is an image, not a file torch.save wrote"),
+                         ("other.pt", "it is not a file torch.save wrote: an ONNX export, JSON, an image?"),
+                         ("empty.pt", "empty")]:
         with pytest.raises(ValueError, match="is not a loadable checkpoint") as e:
             read_checkpoint(tmp_path / name)
         assert reason in str(e.value) and "pickled" not in str(e.value), (name, str(e.value))

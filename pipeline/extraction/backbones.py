@@ -404,7 +404,7 @@ def unloadable_reason(e: Exception, path: Optional[Path] = None) -> str:
     if head == b"":
         return "the file is empty"
     if head is not None and not head.startswith(_TORCH_SAVE_MAGIC):
-        return "it is not a file torch.save wrote: an ONNX export, JSON, an image?"
+        return _foreign_reason(head, path)
     if "weights_only" in text or "Unsupported global" in text:
         return "it holds pickled Python objects, which are never loaded"
     if head is not None and head.startswith(b"PK") and ("zip archive" in text or "Invalid argument" in text):
@@ -413,6 +413,20 @@ def unloadable_reason(e: Exception, path: Optional[Path] = None) -> str:
         return "it is cut short or damaged (not the whole zip archive torch.save writes): copy or save it again"
     line = text.splitlines()[0] if text else type(e).__name__
     return line if len(line) <= 200 else line[:line.rfind(" ", 0, 197)] + " ..."
+
+
+def _foreign_reason(head: bytes, path: Path) -> str:
+    """Why a file that torch.save did not write cannot be loaded, by its first bytes: what it is where that shows
+    (and what to give instead)."""
+    not_torch = "not a file torch.save wrote"
+    if head[:1] == b"\x08" and Path(path).suffix.lower() == ".onnx":  # protobuf's field 1, ir_version
+        return (f"it is an ONNX export (run by onnxruntime: examples/predict_onnx.py), {not_torch}; give the "
+                "checkpoint it was exported from")
+    if head.lstrip()[:1] in (b"{", b"["):
+        return f"it is JSON (an export's metadata?), {not_torch}"
+    if head.startswith((b"\xff\xd8", b"\x89PNG", b"GIF8", b"RIFF", b"BM", b"II*\x00", b"MM\x00*")):
+        return f"it is an image, {not_torch}"
+    return f"it is {not_torch}: an ONNX export, JSON, an image?"
 
 
 def _first_bytes(path: Path) -> Optional[bytes]:
