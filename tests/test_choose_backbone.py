@@ -62,7 +62,8 @@ def test_a_clear_winner_is_recommended_and_a_tie_goes_to_the_fastest():
     cfg = ChooseBackboneConfig(data="d", folds=5, repeats=2)
     rng = np.random.default_rng(0)
     base = 0.8 + rng.normal(0, 0.03, 10)
-    clear = _decide(cfg, [_candidate("slow", base + 0.10, 10.0), _candidate("fast", base, 100.0)], 200, 5, 0, 0)
+    lead = 0.10 + np.random.default_rng(1).normal(0, 0.01, 10)  # a lead that varies by fold (else its SE is n/a)
+    clear = _decide(cfg, [_candidate("slow", base + lead, 10.0), _candidate("fast", base, 100.0)], 200, 5, 0, 0)
     assert clear.best == "slow" and clear.fastest_within_noise == "slow" and clear.indistinguishable == ["slow"]
     assert "by more than 2 standard errors" in clear.note
     tie_acc = base + rng.normal(0, 0.03, 10)
@@ -345,3 +346,15 @@ def test_choose_backbones_refusals_name_its_keywords_from_python(tmp_path):
         pipeline.choose_backbone(data, ["tiny="])
     out = CliRunner().invoke(cli, ["choose-backbone", "--data", str(data), "--backbone", "tiny=none", "--folds", "2"])
     assert out.exit_code == 2 and "with --folds 2 holds 3 photos" in out.output and "pass --folds 6" in out.output
+
+
+def test_every_other_candidate_behind_by_the_same_amount_in_every_fold_is_said_so():
+    """Each other candidate lower by the same amount in every fold (its standard error n/a): the note said 'by more
+    than 2 standard errors', a number it could not have."""
+    cfg = ChooseBackboneConfig(data="d", folds=2, repeats=1)
+    choice = _decide(cfg, [_candidate("a", [1.0, 1.0], 10.0), _candidate("c", [0.9, 0.9], 30.0)], 30, 3, 0, 0)
+    text = choose_backbone_text(choice)
+    assert "Every other candidate scores lower in every fold, by the same amount: use a." in text, text
+    assert "standard errors of the paired difference" not in text
+    spread = _decide(cfg, [_candidate("a", [1.0, 1.0], 10.0), _candidate("d", [0.6, 0.7], 5.0)], 30, 3, 0, 0)
+    assert "lower by more than 2 standard errors of the paired difference: use a." in choose_backbone_text(spread)

@@ -391,8 +391,10 @@ def recommendation(choice: BackboneChoice, best: Candidate, fastest: Candidate) 
         lines.append(f"The only candidate: name two or more ({again}) to compare them.")
         return " ".join(lines)
     if not others:
-        lines.append(f"Every other candidate scores lower by more than {NOISE_SES:g} standard errors of the paired "
-                     f"difference: use {best.name}.")
+        steady = all(math.isnan(c.diff_se) for c in choice.candidates if c.name != best.name)
+        lines.append(f"Every other candidate scores lower in every fold, by the same amount: use {best.name}." if steady
+                     else f"Every other candidate scores lower by more than {NOISE_SES:g} standard errors of the "
+                     f"paired difference: use {best.name}.")
         return " ".join(lines)
     lines.append(f"Within noise of it (paired difference under {NOISE_SES:g} standard errors): {', '.join(others)}; "
                  "on these photos they are indistinguishable from the best.")
