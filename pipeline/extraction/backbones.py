@@ -507,6 +507,23 @@ def load_preprocessing(name: str = "vgg16", weights: str = "DEFAULT"):
     return w.transforms(), str(w)
 
 
+def check_loadable(name: str, weights: str) -> None:
+    """What only loading tells, before work that cannot be undone or redone cheaply (choose-backbone's earlier
+    extractions, demo's quarantine): a weights file with no sidecar whose tensors are another model's, and a
+    library's weights not downloaded yet that cannot be (offline): refused now, in one line."""
+    spec = get_spec(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # 'no sidecar', 'random weights': extract says them once, later
+        if is_weights_path(weights) and "arch" not in read_sidecar(weights):
+            load_backbone(name, weights)  # its keys checked against the model (a second or two)
+        elif weights.lower() != "none" and not is_weights_path(weights) and spec.library == "timm":
+            _timm_pretrained(spec, weights)  # from the hub's cache, or downloaded now, or refused now
+        elif weights.lower() != "none" and not is_weights_path(weights):
+            w = torchvision_weights(spec, weights)
+            if not expected_download_path(w).is_file():
+                _download_state_dict(w)  # now, or its one-line refusal now
+
+
 def load_backbone(name: str = "vgg16", weights: str = "DEFAULT") -> LoadedBackbone:
     """Build backbone ``name`` with ``weights`` (a library's pretrained name, a file path, or 'none'), in eval mode."""
     import torch

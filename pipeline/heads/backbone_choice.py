@@ -161,33 +161,19 @@ def check_candidates(specs: list) -> None:
             bb.load_preprocessing(name, weights)
 
 
-def check_loadable(specs: list, candidates: bool = True) -> None:
-    """What only loading tells, for the candidates still to extract: a file with no sidecar whose tensors are
-    another model's, and torchvision weights not downloaded yet that cannot be (offline); both failed once the
-    candidates before were extracted. A candidate whose cache is there needs neither: its cache key holds the
-    file's sha256 (the same bytes loaded once to make it) or the library's weights name, and the cross-validation
-    reads rows only (an offline run was refused weights its caches did not need). ``candidates``: the refusal
-names a candidate's weights as choose-backbone takes them, else as --weights."""
+def check_loadable(specs: list) -> None:
+    """What only loading tells (``backbones.check_loadable``), for the candidates still to extract: both failed
+    once the candidates before were extracted. A candidate whose cache is there needs neither: its cache key holds
+    the file's sha256 (the same bytes loaded once to make it) or the library's weights name, and the
+    cross-validation reads rows only (an offline run was refused weights its caches did not need)."""
     from ..extraction import backbones as bb
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # 'no sidecar', 'random weights': extract says them once, later
-        for name, weights in specs:
-            spec = bb.get_spec(name)
-            try:
-                if bb.is_weights_path(weights) and "arch" not in bb.read_sidecar(weights):
-                    bb.load_backbone(name, weights)  # its keys checked against the model (a second or two)
-                elif weights.lower() != "none" and not bb.is_weights_path(weights) and spec.library == "timm":
-                    bb._timm_pretrained(spec, weights)  # from the hub's cache, or downloaded now, or refused now
-                elif weights.lower() != "none" and not bb.is_weights_path(weights):
-                    w = bb.torchvision_weights(spec, weights)
-                    if not bb.expected_download_path(w).is_file():
-                        bb._download_state_dict(w)  # now, or its one-line refusal now
-            except PipelineError as e:  # offline: a local file is given as the candidate's weights, not --weights
-                if not candidates:
-                    raise
-                said = f"pass {option_text('weights', Placeholder('PATH'))}"  # load_backbone's, in the caller's terms
-                raise PipelineError(str(e).replace(said, f"give {_backbones(name + '=PATH')}")) from None
+    for name, weights in specs:
+        try:
+            bb.check_loadable(name, weights)
+        except PipelineError as e:  # offline: a local file is given as the candidate's weights, not --weights
+            said = f"pass {option_text('weights', Placeholder('PATH'))}"  # load_backbone's, in the caller's terms
+            raise PipelineError(str(e).replace(said, f"give {_backbones(name + '=PATH')}")) from None
 
 
 def _extract(cfg: ChooseBackboneConfig, backbone: str, weights: str, n: int,

@@ -18,9 +18,9 @@ from ..data.check_images import CheckImagesConfig, check_images, default_quarant
 from ..data.fetch import FetchConfig, FetchResult, fetch_data, unfinished_unpack
 from ..data.folders import list_image_folder
 from ..errors import PipelineError, UsageError
+from ..extraction.backbones import check_loadable
 from ..extraction.extract import ExtractConfig, ExtractResult, check_n, extract, validate
 from ..files import check_output
-from ..heads.backbone_choice import check_loadable
 from ..heads.compare import CompareConfig, CompareResult, compare_sklearn
 from ..heads.fit_head import FitHeadConfig
 
@@ -101,7 +101,7 @@ def ready_to_extract(cfg: ExtractConfig, found, moving: bool) -> None:
     moved; nothing moves for a refusal)."""
     check_n(cfg, found.good)
     if moving and found.errors:
-        check_loadable([(cfg.backbone, cfg.weights)], candidates=False)
+        check_loadable(cfg.backbone, cfg.weights)
 
 
 def finish_command(record: Path) -> str:
