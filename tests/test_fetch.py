@@ -67,12 +67,13 @@ class Handler(BaseHTTPRequestHandler):
         srv = self.server
         rng = self.headers.get("Range")
         srv.requests.append(rng)
+        time.sleep(getattr(srv, "delay", 0))
+        self.now = time.time()  # the answer's Date too
         srv.request_headers.append(dict(self.headers))
         data = srv.files.get(self.path.lstrip("/"))
         if data is None:
             self.send_error(404)
             return
-        self.now = time.time()  # the answer's Date too
         ours = validators(srv, data, self.now)
         if_range = self.headers.get("If-Range")
         if if_range and not srv.ignore_if_range and if_range not in (ours.get("ETag"), ours.get("Last-Modified")):
@@ -772,6 +773,71 @@ def test_two_fetches_into_one_dest_at_once_download_once(server, tmp_path):
         t.join()
     assert results == [str(tmp_path / "PetImages")] * 2
     assert (tmp_path / NAME).read_bytes() == server.files[NAME] and server.requests == [None]
+
+
+def test_a_run_waiting_on_a_new_dest_that_a_failed_run_removed_makes_it_again(server, tmp_path):
+    """Two first runs into one new --dest at once: the first failed (here a URL the server does not have) and
+    removed the folder it had made, while the second waited on its lock; the second then failed with 'cannot
+    write in --dest' (running it again worked). It now makes the folder again and fetches."""
+    server.delay = 1.0  # the first run holds the lock this long, then gets a 404
+    (tmp_path / NAME).write_bytes(pets_zip())
+    dest, results = tmp_path / "data" / "new", {}
+
+    def run(key, url):
+        try:
+            results[key] = fetch_data(cfg(dest, url)).unpacked
+        except Exception as e:  # the test reports it
+            results[key] = f"{type(e).__name__}: {e}"
+
+    first = threading.Thread(target=run, args=("first", server.url.replace(NAME, "typo.zip")))
+    first.start()
+    while not server.requests:  # the first holds the lock
+        time.sleep(0.01)
+    second = threading.Thread(target=run, args=("second", f"file://{tmp_path}/{NAME}"))
+    second.start()
+    first.join()
+    second.join()
+    assert "HTTP 404" in results["first"]
+    assert results["second"] == str(dest / "PetImages")
+    assert (dest / "PetImages" / "Cat" / "0.jpg").stat().st_size == 150_000
+
+
+def test_a_run_refused_as_busy_never_removes_the_new_dest_the_other_run_holds(server, tmp_path, monkeypatch):
+    """Two first runs into one new --dest at once, both finding it missing: the second, refused after waiting
+    for the lock (the first still waiting for its server), removed the empty folder as one it had made, and
+    the first, answered at last, failed with 'cannot write in --dest'."""
+    from pipeline.data import moves
+
+    monkeypatch.setattr(moves, "LOCK_WAIT_S", 0.3)
+    server.delay = 1.0  # the first run holds the lock this long before any byte comes
+    dest, results, looked = tmp_path / "new", {}, threading.Event()
+    real = fetch.missing_folders
+
+    def missing(folder):  # the second looks before the first makes the folder, then goes on once it holds it
+        found = real(folder)
+        if threading.current_thread().name == "second" and not looked.is_set():
+            looked.set()
+            while not server.requests:
+                time.sleep(0.01)
+        return found
+
+    monkeypatch.setattr(fetch, "missing_folders", missing)
+
+    def run():
+        try:
+            results[threading.current_thread().name] = fetch_data(cfg(dest, server.url)).unpacked
+        except Exception as e:  # the test reports it
+            results[threading.current_thread().name] = f"{type(e).__name__}: {e}"
+
+    second = threading.Thread(target=run, name="second")
+    second.start()
+    looked.wait(5)
+    first = threading.Thread(target=run, name="first")
+    first.start()
+    first.join()
+    second.join()
+    assert results["second"].startswith("FolderBusy: another fetch-data is downloading or unpacking into")
+    assert results["first"] == str(dest / "PetImages")
 
 
 def test_a_read_only_dest_is_one_line_not_a_bug(server, tmp_path, monkeypatch):

@@ -6,6 +6,7 @@ Every archive entry is checked before anything is written: none may land outside
 """
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import logging
@@ -77,13 +78,9 @@ def fetch_data(cfg: FetchConfig) -> FetchResult:
     dest = check_output(cfg.dest, what="--dest", folder=True)  # the URL is all it reads
     archive = dest / name
     busy = f"another fetch-data is downloading or unpacking into {dest}; run this again when it has finished"
-    made = missing_folders(dest)
-    try:
+    made: list[Path] = []
+    with dest_lock(dest, busy, made):  # two at once appended one .part twice, or unpacked over each other
         try:
-            dest.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise PipelineError(f"cannot create {option_value('dest', str(dest))}: {e.strerror or e}") from None
-        with folder_lock(dest, True, busy):  # two at once appended one .part twice, or unpacked over each other
             check_source(cfg, archive, source)
             downloaded = not archive.is_file()
             if downloaded:
@@ -96,11 +93,43 @@ def fetch_data(cfg: FetchConfig) -> FetchResult:
             else:
                 log.info("archive already complete: %s", archive)
             unpacked, fresh = unpack(archive, dest, overwrite=cfg.overwrite, keep=source)
-    except BaseException:
-        remove_if_empty(made)
-        raise
+        except BaseException:
+            remove_if_empty(made)  # under the lock: a run waiting for it finds the folder gone, and makes it again
+            raise
     return FetchResult(archive=str(archive), bytes=archive.stat().st_size, downloaded=downloaded,
                        unpacked=str(unpacked), unpacked_now=fresh, url=cfg.url)
+
+
+@contextlib.contextmanager
+def dest_lock(dest: Path, busy: str, made: list[Path]):
+    """Make ``dest`` (adding the folders made to ``made``, deepest first) and hold its folder lock while inside.
+    A run that failed while this one waited for the lock may have removed the folder it made (it was empty):
+    the lock was then taken on a folder no longer there, so the folder is made again and locked anew."""
+    for _ in range(5):
+        made[:] = sorted(set(made) | set(missing_folders(dest)), key=lambda p: len(p.parts), reverse=True)
+        try:
+            dest.mkdir(parents=True, exist_ok=True)
+        except FileNotFoundError:  # a parent removed meanwhile by a failed run
+            continue
+        except OSError as e:
+            remove_if_empty(made)
+            raise PipelineError(f"cannot create {option_value('dest', str(dest))}: {e.strerror or e}") from None
+        with folder_lock(dest, True, busy) as fd:
+            if _same_folder(fd, dest) if fd is not None else dest.is_dir():  # None: not lockable here
+                yield
+                return
+        log.info("%s was removed while this run waited for it; making it again", dest)
+    raise PipelineError(f"cannot hold {option_value('dest', str(dest))}: it was removed again and again while "
+                        "this run made it; run this again")
+
+
+def _same_folder(fd: int, path: Path) -> bool:
+    """Whether ``fd`` is still the folder at ``path`` (not one removed, or replaced, since it was opened)."""
+    try:
+        here, held = os.stat(path), os.fstat(fd)
+    except OSError:
+        return False
+    return (here.st_dev, here.st_ino) == (held.st_dev, held.st_ino)
 
 
 def missing_folders(dest: Path) -> list[Path]:
