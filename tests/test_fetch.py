@@ -854,6 +854,33 @@ def test_a_read_only_dest_is_one_line_not_a_bug(server, tmp_path, monkeypatch):
     assert res.exit_code == 1 and res.output == f"Error: cannot write {tmp_path}: the file system is read-only\n"
 
 
+def test_a_disk_filling_up_mid_download_is_said_at_once_not_retried_as_a_dropped_connection(server, tmp_path,
+                                                                                            monkeypatch):
+    """Another program filled the disk while the archive downloaded (the free space was checked at the start):
+    the failed write was taken for a dropped connection, retried with waits (2 + 4 + 8 s by default), then
+    'download interrupted ... ([Errno 28] No space left on device); run the same command again to resume'."""
+    import builtins
+    import errno
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fetch, "open", lambda *a, **kw: Full(builtins.open(*a, **kw)), raising=False)
+    res = CliRunner().invoke(cli, ["-q", "fetch-data", "--dest", str(tmp_path), "--url", server.url])
+    assert res.exit_code == 1 and res.output == f"Error: cannot write {tmp_path}: no space left on the device\n"
+    assert server.requests == [None] and (tmp_path / f"{NAME}.part").is_file()  # kept: the next run resumes it
+
+
 def other_version() -> bytes:
     """pets_zip's next upload: the same names and sizes (so the same archive size), other bytes."""
     rng = np.random.default_rng(7)

@@ -381,18 +381,23 @@ def _transfer(cfg: FetchConfig, archive: Path, part: Path, offset: int, warned: 
         with open(part, "ab" if offset else "wb") as f, progress(
                 total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
                 desc=archive.name) as bar:
-            try:
-                while chunk := resp.read(CHUNK):
-                    if total is None:  # an endless answer never fills the disk
-                        ensure_room(part.parent, len(chunk) + UNKNOWN_SIZE_MARGIN,
-                                    f"downloading {archive.name} (of a size the server did not say)")
-                    f.write(chunk)
-                    bar.update(len(chunk))
-            except (OSError, http.client.HTTPException) as e:
-                raise _Interrupted(str(e) or type(e).__name__) from None
+            while chunk := _read(resp):
+                if total is None:  # an endless answer never fills the disk
+                    ensure_room(part.parent, len(chunk) + UNKNOWN_SIZE_MARGIN,
+                                f"downloading {archive.name} (of a size the server did not say)")
+                f.write(chunk)  # a failed write (a disk filled meanwhile) is no dropped connection: never retried
+                bar.update(len(chunk))
     if total is not None and part.stat().st_size < total:  # urllib reads a dropped connection as EOF
         raise _Interrupted(f"connection closed at byte {part.stat().st_size} of {total}")
     return total
+
+
+def _read(resp) -> bytes:
+    """The next chunk of the answer; _Interrupted where the connection broke."""
+    try:
+        return resp.read(CHUNK)
+    except (OSError, http.client.HTTPException) as e:
+        raise _Interrupted(str(e) or type(e).__name__) from None
 
 
 # -- unpack ------------------------------------------------------------------------------------
