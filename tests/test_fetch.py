@@ -528,6 +528,36 @@ def test_names_differing_only_in_case_are_refused_where_the_file_system_ignores_
     assert fetch_data(cfg(tmp_path, closed_port_url())).unpacked_now and (tmp_path / second).read_bytes() == b"2"
 
 
+def test_a_zip_made_on_windows_with_backslashes_unpacks_into_its_folders(tmp_path):
+    """Windows' PowerShell (Compress-Archive, .NET Framework) writes 'PetImages\\Cat\\0.jpg': Python's zipfile on
+    Linux or macOS unpacked it as one file of that name at the top of --dest, and fetch-data said it unpacked to
+    --dest itself (no class folders in it). A zip made on Windows (FAT, NTFS) has no backslash in a name."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for name in ("PetImages\\", "PetImages\\Cat\\0.jpg", "PetImages\\Dog\\0.jpg"):
+            info = zipfile.ZipInfo(name)
+            info.create_system = 0  # MS-DOS / Windows
+            z.writestr(info, b"" if name.endswith("\\") else b"photo")
+    (tmp_path / NAME).write_bytes(buf.getvalue())
+    result = fetch_data(cfg(tmp_path, closed_port_url()))
+    assert result.unpacked == str(tmp_path / "PetImages")
+    assert (tmp_path / "PetImages" / "Dog" / "0.jpg").read_bytes() == b"photo"
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["PetImages", NAME]
+
+
+def test_a_windows_zips_backslashed_dotdot_is_refused(tmp_path):
+    info = zipfile.ZipInfo("..\\..\\evil.jpg")
+    info.create_system = 0
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr(info, b"x")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / NAME).write_bytes(buf.getvalue())
+    with pytest.raises(PipelineError, match="would be written outside"):
+        fetch_data(cfg(tmp_path / "d", closed_port_url()))
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["d", NAME]
+
+
 def test_folder_entries_named_twice_and_folders_implied_by_files_still_unpack(tmp_path):
     (tmp_path / NAME).write_bytes(zip_of([("P/Cat/0.jpg", b"x", False), ("P/", b"", False), ("P/Cat/", b"", False),
                                           ("P/Cat/", b"", False), ("./P/Dog/0.jpg", b"y", False)]))

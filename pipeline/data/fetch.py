@@ -491,6 +491,19 @@ def _check_zip_entry(m: zipfile.ZipInfo) -> None:
                             "at the folder")
 
 
+#: zip "version made by" systems whose file names cannot hold a backslash: MS-DOS/FAT, NTFS, VFAT
+WINDOWS_ZIP_SYSTEMS = {0, 11, 14}
+
+
+def windows_separators(members: list) -> None:
+    """Read a backslash in the names of a zip made on Windows as the folder separator it is there (PowerShell's
+    Compress-Archive wrote 'PetImages\\Cat\\0.jpg'): zipfile on Linux or macOS would unpack each entry as one file
+    of that name at the top of dest. The names are checked as any others afterwards."""
+    for m in members:
+        if m.create_system in WINDOWS_ZIP_SYSTEMS and "\\" in m.filename:
+            m.filename = m.filename.replace("\\", "/")
+
+
 def own_files(archive: Path) -> set[str]:
     """The names fetch-data keeps beside an archive in dest: its .part and its records (an entry named as
     the archive itself: check_conflicts)."""
@@ -687,6 +700,8 @@ def unpack(archive: Path, dest: Path, overwrite: bool = False, keep: Path | None
     opener = zipfile.ZipFile if kind == "zip" else tarfile.open
     try:
         with opener(archive) as arc:
+            if kind == "zip":
+                windows_separators(arc.infolist())
             names = check_members(kind, arc, dest, own_files(archive))
             if ignores_case(dest):
                 check_case_clashes(names, dest)
