@@ -208,6 +208,20 @@ def test_a_macos_zips_metadata_folder_is_not_taken_for_the_data_folder(tmp_path)
     assert result.unpacked == str(tmp_path / "PetImages")
 
 
+@pytest.mark.parametrize("names, root", [
+    (["food/images/apple/0.jpg", "food/images/pear/0.jpg", "food/README.md"], "food/images"),
+    (["a/b/c/cat/0.jpg", "a/b/c/dog/0.jpg", "__MACOSX/a/._x"], "a/b/c"),
+    (["PetImages/Cat/0.jpg", "PetImages/Dog/0.jpg", "readme.txt"], "PetImages"),
+    (["animals/cat/0.jpg", "animals/dog/0.jpg"], "animals"),
+    (["set/train/cat/0.jpg", "set/test/cat/0.jpg"], "set"),
+])
+def test_the_data_folder_named_is_the_one_holding_the_classes(tmp_path, names, root):
+    """'food/images/{apple,pear}' was said to unpack to food, a data folder of one class (images): the folder to
+    pass as --data is the one holding the class folders, below a chain of single folders."""
+    (tmp_path / NAME).write_bytes(make_zip({n: b"photo" for n in names}))
+    assert fetch_data(cfg(tmp_path, closed_port_url())).unpacked == str(tmp_path / root)
+
+
 def test_connection_refused_is_one_clear_line(tmp_path):
     with pytest.raises(PipelineError) as e:
         fetch_data(cfg(tmp_path, closed_port_url()))

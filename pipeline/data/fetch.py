@@ -628,10 +628,23 @@ def archive_kind(path: Path) -> str:
 
 def unpacked_root(dest: Path, names: list[str]) -> Path:
     """The archive's single top-level folder (PetImages for the Kaggle zip), else dest; metadata
-    folders beside it (a macOS zip's ``__MACOSX``, hidden ones: folders.is_skipped_folder) do not count."""
-    tops = {PurePosixPath(n).parts[0] for n in names if PurePosixPath(n).parts}
-    dirs = {t for t in tops if (dest / t).is_dir() and not is_skipped_folder(t)}
-    return dest / dirs.pop() if len(dirs) == 1 else dest
+    folders beside it (a macOS zip's ``__MACOSX``, hidden ones: folders.is_skipped_folder) do not count.
+    Below it, a folder whose one folder holds folders in turn is passed through ('food/images/{apple,pear}':
+    food/images, not food, a data folder of one class)."""
+    paths = [PurePosixPath(n).parts for n in names]
+
+    def folders(below: tuple) -> set:
+        n = len(below)
+        subs = {p[n] for p in paths if len(p) > n and p[:n] == below}
+        return {t for t in subs if (dest.joinpath(*below, t)).is_dir() and not is_skipped_folder(t)}
+
+    tops = folders(())
+    if len(tops) != 1:
+        return dest
+    root = (tops.pop(),)
+    while len(inner := folders(root)) == 1 and folders(one := root + (inner.pop(),)):
+        root = one
+    return dest.joinpath(*root)
 
 
 def _marker_bytes(marker: Path):
