@@ -222,6 +222,25 @@ def test_the_data_folder_named_is_the_one_holding_the_classes(tmp_path, names, r
     assert fetch_data(cfg(tmp_path, closed_port_url())).unpacked == str(tmp_path / root)
 
 
+def test_an_archive_of_classes_at_its_top_is_refused_into_a_dest_holding_other_folders(tmp_path):
+    """'fetch-data --url .../flowers.zip' (tulip/, rose/ at its top) into the default --dest data, which held
+    PetImages from the first fetch: it unpacked beside it and said 'unpacked to data', a data folder whose
+    classes were PetImages (cats and dogs together), rose and tulip. Refused before anything is unpacked; into
+    a folder of its own it unpacks as before."""
+    (tmp_path / "data" / "PetImages" / "Cat").mkdir(parents=True)
+    (tmp_path / "data" / ".hidden").mkdir()  # never a class: no matter
+    (tmp_path / "flowers.zip").write_bytes(make_zip({"tulip/0.jpg": b"t", "rose/0.jpg": b"r", "LICENSE": b"cc"}))
+    url = f"file://{tmp_path}/flowers.zip"
+    res = CliRunner().invoke(cli, ["-q", "fetch-data", "--dest", str(tmp_path / "data"), "--url", url])
+    assert res.exit_code == 1 and res.output == (
+        f"Error: flowers.zip has no single top folder: its folders (rose, tulip) would unpack into "
+        f"{tmp_path / 'data'} beside PetImages, and as one data folder all would be its classes; fetch it into a "
+        "--dest of its own (a new folder)\n")
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == [".flowers.zip.url", ".hidden", "PetImages",
+                                                                     "flowers.zip"]
+    assert fetch_data(cfg(tmp_path / "flowers", url)).unpacked == str(tmp_path / "flowers")
+
+
 def test_connection_refused_is_one_clear_line(tmp_path):
     with pytest.raises(PipelineError) as e:
         fetch_data(cfg(tmp_path, closed_port_url()))

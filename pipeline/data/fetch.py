@@ -647,6 +647,30 @@ def unpacked_root(dest: Path, names: list[str]) -> Path:
     return dest.joinpath(*root)
 
 
+def _some(names: list) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def check_beside(kind: str, members: list, dest: Path, archive: Path) -> None:
+    """Refuse (before anything is written) an archive without a single top folder (its classes at its top:
+    dest itself becomes the data folder) into a dest holding folders not from it, which would become classes
+    beside its own (PetImages of an earlier fetch, with cats and dogs together)."""
+    tops = set()
+    for m in members:
+        parts = PurePosixPath(m.filename if kind == "zip" else m.name).parts
+        if len(parts) > 1 or (parts and (m.is_dir() if kind == "zip" else m.isdir())):
+            tops.add(parts[0])
+    tops = {t for t in tops if not is_skipped_folder(t)}
+    if len(tops) < 2:
+        return
+    with os.scandir(dest) as entries:
+        others = sorted(e.name for e in entries if e.is_dir() and not is_skipped_folder(e.name) and e.name not in tops)
+    if others:
+        raise PipelineError(f"{archive.name} has no single top folder: its folders ({_some(sorted(tops))}) would "
+                            f"unpack into {dest} beside {_some(others)}, and as one data folder all would be its "
+                            f"classes; fetch it into a {option_text('dest')} of its own (a new folder)")
+
+
 def _marker_bytes(marker: Path):
     """The archive size a marker file records, or None (no marker, or a foreign one)."""
     try:
@@ -720,6 +744,7 @@ def unpack(archive: Path, dest: Path, overwrite: bool = False, keep: Path | None
                 check_case_clashes(names, dest)
             members = skipped_zip_links(archive, arc.infolist()) if kind == "zip" else arc.getmembers()
             check_ratio(kind, members, archive)
+            check_beside(kind, members, dest, archive)
             ensure_room(dest, unpacked_bytes(kind, members, dest), f"unpacking {archive.name}")
             started = dest / f".{archive.name}.unpacking"
             # a run cut off mid-unpack left its own files: those it may replace
