@@ -241,6 +241,17 @@ def test_an_archive_of_classes_at_its_top_is_refused_into_a_dest_holding_other_f
     assert fetch_data(cfg(tmp_path / "flowers", url)).unpacked == str(tmp_path / "flowers")
 
 
+def test_a_web_page_served_for_the_archive_is_named_as_one(server, tmp_path):
+    """A moved download link (or a login page) answers 200 with a web page: fetch-data said 'pets.zip is neither a
+    zip nor a tar archive; delete it and download again', and downloading again got the same page."""
+    server.files[NAME] = b"\n  <!DOCTYPE html><html><body>This download has moved</body></html>"
+    with pytest.raises(PipelineError) as e:
+        fetch_data(cfg(tmp_path, server.url))
+    assert str(e.value) == (f"{tmp_path / NAME} is a web page (HTML), not an archive: the server sent it in the "
+                            "archive's place (a moved link, a login or error page?); delete it, download the archive "
+                            f"by hand (in a browser), and run this again with url=file://<where you saved it>/{NAME}")
+
+
 def test_connection_refused_is_one_clear_line(tmp_path):
     with pytest.raises(PipelineError) as e:
         fetch_data(cfg(tmp_path, closed_port_url()))

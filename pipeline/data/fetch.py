@@ -623,6 +623,13 @@ def archive_kind(path: Path) -> str:
         return "zip"
     if tarfile.is_tarfile(path):
         return "tar"
+    with open(path, "rb") as f:
+        head = f.read(512).lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if head.startswith((b"<!doctype html", b"<html", b"<head", b"<body", b"<?xml", b"<!--")):
+        saved = Placeholder(f"file://<where you saved it>/{path.name}")
+        raise PipelineError(f"{path} is a web page (HTML), not an archive: the server sent it in the archive's place "
+                            "(a moved link, a login or error page?); delete it, download the archive by hand (in a "
+                            f"browser), and run this again with {option_text('url', saved)}")
     raise PipelineError(f"{path} is neither a zip nor a tar archive; delete it and download again")
 
 
