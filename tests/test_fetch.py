@@ -398,6 +398,25 @@ def test_unpacking_never_overwrites_files_already_there(tmp_path):
     assert mine.stat().st_size == 150_000
 
 
+def test_an_archive_is_never_merged_silently_into_a_folder_of_another(tmp_path):
+    """A second cats-and-dogs archive (another name, its photos named otherwise) into a --dest holding the first's
+    PetImages: unpacked into it without a word ('unpacked to PetImages'), a data folder now holding both sets.
+    Refused before anything is written, naming the folder and a file; --overwrite unpacks into it."""
+    theirs = tmp_path / "PetImages" / "Cat" / "cat.1.jpg"
+    theirs.parent.mkdir(parents=True)
+    theirs.write_bytes(b"a photo of the first archive")
+    (tmp_path / "PetImages" / "Cat" / ".DS_Store").write_bytes(b"")  # the system's: no matter
+    (tmp_path / NAME).write_bytes(pets_zip())
+    with pytest.raises(PipelineError) as e:
+        fetch_data(cfg(tmp_path, closed_port_url()))
+    assert str(e.value) == (f"{tmp_path / 'PetImages'} already holds 1 file not from {NAME} (Cat/cat.1.jpg): "
+                            f"unpacked into it, one data folder would hold both; fetch it into a dest of its own, "
+                            "or pass overwrite=True to unpack into it anyway")
+    assert sorted(p.name for p in (tmp_path / "PetImages").rglob("*")) == [".DS_Store", "Cat", "cat.1.jpg"]
+    assert fetch_data(cfg(tmp_path, closed_port_url(), overwrite=True)).unpacked == str(tmp_path / "PetImages")
+    assert theirs.is_file() and (tmp_path / "PetImages" / "Dog" / "0.jpg").is_file()
+
+
 def test_an_interrupted_unpack_may_replace_its_own_files(tmp_path, monkeypatch):
     (tmp_path / NAME).write_bytes(pets_zip())
     real = zipfile.ZipFile.extract

@@ -28,7 +28,7 @@ from pathlib import Path, PurePosixPath
 from ..config import FetchConfig, Placeholder, flag_text, option_text, option_value
 from ..errors import DiskFull, PipelineError, UsageError
 from ..files import check_output, disk_error, disk_reason, json_text, plain_name, same_file
-from .folders import is_skipped_folder
+from .folders import is_os_file, is_skipped_folder
 from .moves import folder_lock
 
 log = logging.getLogger(__name__)
@@ -678,6 +678,30 @@ def check_beside(kind: str, members: list, dest: Path, archive: Path) -> None:
                             f"classes; fetch it into a {option_text('dest')} of its own (a new folder)")
 
 
+def check_into(names: list, dest: Path, archive: Path) -> None:
+    """Refuse (before anything is written) an archive whose top folder is already in dest holding files not from
+    it (another archive's PetImages, photos named otherwise): unpacked into it, the data folder would hold both.
+    Its own files (an unpack stopped halfway) and the system's (.DS_Store, Thumbs.db, hidden ones) do not count."""
+    mine = {PurePosixPath(n) for n in names}
+    tops = {p.parts[0] for p in mine if len(p.parts) > 1 and not is_skipped_folder(p.parts[0])}
+    for top in sorted(tops):
+        folder = dest / top
+        if not folder.is_dir():
+            continue
+        foreign = []
+        for where, dirs, files in os.walk(folder):
+            dirs[:] = sorted(d for d in dirs if not is_skipped_folder(d))
+            rel = PurePosixPath(Path(where).relative_to(dest).as_posix())
+            foreign += [rel / f for f in sorted(files)
+                        if not (f.startswith(".") or is_os_file(f)) and rel / f not in mine]
+        if foreign:
+            shown = _some([p.relative_to(top).as_posix() for p in foreign])
+            raise PipelineError(f"{folder} already holds {len(foreign)} file{'' if len(foreign) == 1 else 's'} not "
+                                f"from {archive.name} ({shown}): unpacked into it, one data folder would hold "
+                                f"both; fetch it into a {option_text('dest')} of its own, or pass "
+                                f"{flag_text('overwrite')} to unpack into it anyway")
+
+
 def _marker_bytes(marker: Path):
     """The archive size a marker file records, or None (no marker, or a foreign one)."""
     try:
@@ -752,6 +776,8 @@ def unpack(archive: Path, dest: Path, overwrite: bool = False, keep: Path | None
             members = skipped_zip_links(archive, arc.infolist()) if kind == "zip" else arc.getmembers()
             check_ratio(kind, members, archive)
             check_beside(kind, members, dest, archive)
+            if not overwrite:
+                check_into(names, dest, archive)
             ensure_room(dest, unpacked_bytes(kind, members, dest), f"unpacking {archive.name}")
             started = dest / f".{archive.name}.unpacking"
             # a run cut off mid-unpack left its own files: those it may replace
