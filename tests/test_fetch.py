@@ -295,6 +295,22 @@ def file_member(name, data):
     return info, data
 
 
+def test_a_link_of_the_users_own_in_dest_is_named_when_an_entry_would_go_through_it(tmp_path):
+    """data/PetImages made a link to another disk before the first fetch: refused (nothing is written through a
+    link out of --dest) as 'archive entry 'PetImages/Cat/0.jpg' would be written outside data', which reads as a
+    hostile archive; the refusal now names the link and what to do."""
+    (tmp_path / "disk" / "PetImages").mkdir(parents=True)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "PetImages").symlink_to(tmp_path / "disk" / "PetImages")
+    (tmp_path / "data" / NAME).write_bytes(pets_zip())
+    with pytest.raises(PipelineError) as e:
+        fetch_data(cfg(tmp_path / "data", closed_port_url()))
+    assert str(e.value) == (f"archive entry 'PetImages/Cat/0.jpg' would be written through PetImages -> "
+                            f"{tmp_path / 'disk' / 'PetImages'}, a link in {tmp_path / 'data'} to outside it; refusing "
+                            "to unpack through it: fetch into the link's target as dest (or remove the link)")
+    assert list((tmp_path / "disk" / "PetImages").iterdir()) == []
+
+
 @pytest.mark.parametrize("kind, target", [(tarfile.SYMTYPE, "../../outside"), (tarfile.SYMTYPE, "/etc/passwd"),
                                           (tarfile.LNKTYPE, "../outside")])
 def test_tar_links_pointing_outside_are_refused(tmp_path, kind, target):

@@ -29,7 +29,7 @@ from ..config import FetchConfig, Placeholder, flag_text, option_text, option_va
 from ..errors import DiskFull, PipelineError, UsageError
 from ..files import check_output, disk_error, disk_reason, json_text, plain_name, same_file
 from .folders import is_os_file, is_skipped_folder
-from .moves import folder_lock
+from .moves import folder_lock, link_on_the_way
 
 log = logging.getLogger(__name__)
 
@@ -401,12 +401,18 @@ def _read(resp) -> bytes:
 
 
 # -- unpack ------------------------------------------------------------------------------------
-def _inside(dest: Path, name: str) -> bool:
-    """Whether dest/name stays inside dest once resolved (no absolute path, no '..' escape)."""
+def _plain_path(name: str) -> bool:
+    """Whether an entry's name is relative and never climbs ('..'), as written (links aside)."""
     if not name or name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
         return False
-    if ".." in PurePosixPath(name.replace("\\", "/")).parts:
-        return False  # even when it resolves inside: through a symlink unpacked earlier it may not
+    # '..' even where it resolves inside: through a symlink unpacked earlier it may not
+    return ".." not in PurePosixPath(name.replace("\\", "/")).parts
+
+
+def _inside(dest: Path, name: str) -> bool:
+    """Whether dest/name stays inside dest once resolved (no absolute path, no '..' escape)."""
+    if not _plain_path(name):
+        return False
     target = (dest / name).resolve()
     return target == dest or dest in target.parents
 
@@ -520,6 +526,10 @@ def check_members(kind: str, arc, dest: Path, own: set = frozenset()) -> list[st
     for m in members:
         name = m.filename if kind == "zip" else m.name
         if not _inside(dest, name):
+            if _plain_path(name) and (link := link_on_the_way(dest / name, dest)):
+                raise PipelineError(f"archive entry {name!r} would be written through {link}, a link in {dest} to "
+                                    "outside it; refusing to unpack through it: fetch into the link's target as "
+                                    f"{option_text('dest')} (or remove the link)")
             raise PipelineError(f"archive entry {name!r} would be written outside {dest}; refusing to unpack")
         if kind == "zip":
             _check_zip_entry(m)
