@@ -252,6 +252,21 @@ def test_a_web_page_served_for_the_archive_is_named_as_one(server, tmp_path):
                             f"by hand (in a browser), and run this again with url=file://<where you saved it>/{NAME}")
 
 
+@pytest.mark.parametrize("name, head, what, how", [
+    ("pets.7z", b"7z\xbc\xaf\x27\x1c\x00\x04", "a 7z archive", "7z x pets.7z"),
+    ("pets.rar", b"Rar!\x1a\x07\x01\x00", "a RAR archive", "7z x pets.rar"),
+    ("pets.tar.zst", b"\x28\xb5\x2f\xfd\x04\x58", "a Zstandard-compressed file", "tar --zstd -xf pets.tar.zst"),
+])
+def test_an_archive_of_a_format_python_cannot_unpack_is_named(tmp_path, name, head, what, how):
+    """A .7z, .rar or .tar.zst was 'neither a zip nor a tar archive; delete it and download again', and downloading
+    it again changed nothing: the format is named, with how to unpack it by hand."""
+    (tmp_path / name).write_bytes(head + bytes(range(256)) * 4)
+    with pytest.raises(PipelineError) as e:
+        fetch_data(cfg(tmp_path, f"file://{tmp_path}/mirror/{name}"))
+    assert str(e.value) == (f"{tmp_path / name} is {what}, which fetch-data cannot unpack (it unpacks zip, and tar "
+                            f"plain or gz, bz2, xz compressed); unpack it by hand ({how}) and point data at the folder")
+
+
 def test_connection_refused_is_one_clear_line(tmp_path):
     with pytest.raises(PipelineError) as e:
         fetch_data(cfg(tmp_path, closed_port_url()))

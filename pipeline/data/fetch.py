@@ -628,18 +628,29 @@ def check_ratio(kind: str, members: list, archive: Path) -> None:
                             f"({total / max(packed, 1):,.0f}:1), {limit}")
 
 
+#: archives Python's zipfile and tarfile cannot unpack, by their first bytes: what they are, and how to unpack one
+OTHER_ARCHIVES = {b"7z\xbc\xaf\x27\x1c": ("a 7z archive", "7z x {}"), b"Rar!\x1a\x07": ("a RAR archive", "7z x {}"),
+                  b"\x28\xb5\x2f\xfd": ("a Zstandard-compressed file", "tar --zstd -xf {}")}
+
+
 def archive_kind(path: Path) -> str:
     if zipfile.is_zipfile(path):
         return "zip"
     if tarfile.is_tarfile(path):
         return "tar"
     with open(path, "rb") as f:
-        head = f.read(512).lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+        first = f.read(512)
+    head = first.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
     if head.startswith((b"<!doctype html", b"<html", b"<head", b"<body", b"<?xml", b"<!--")):
         saved = Placeholder(f"file://<where you saved it>/{path.name}")
         raise PipelineError(f"{path} is a web page (HTML), not an archive: the server sent it in the archive's place "
                             "(a moved link, a login or error page?); delete it, download the archive by hand (in a "
                             f"browser), and run this again with {option_text('url', saved)}")
+    for magic, (what, how) in OTHER_ARCHIVES.items():
+        if first.startswith(magic):
+            raise PipelineError(f"{path} is {what}, which fetch-data cannot unpack (it unpacks zip, and tar plain or "
+                                f"gz, bz2, xz compressed); unpack it by hand ({how.format(path.name)}) and point "
+                                f"{option_text('data')} at the folder")
     raise PipelineError(f"{path} is neither a zip nor a tar archive; delete it and download again")
 
 
