@@ -933,7 +933,7 @@ def test_a_run_refused_as_busy_never_removes_the_new_dest_the_other_run_holds(se
     from pipeline.data import moves
 
     monkeypatch.setattr(moves, "LOCK_WAIT_S", 0.3)
-    server.delay = 1.0  # the first run holds the lock this long before any byte comes
+    server.delay = 2.0  # the first run holds the lock this long before any byte comes
     dest, results, looked = tmp_path / "new", {}, threading.Event()
     real = fetch.missing_folders
 
