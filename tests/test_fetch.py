@@ -71,6 +71,9 @@ class Handler(BaseHTTPRequestHandler):
         self.now = time.time()  # the answer's Date too
         srv.request_headers.append(dict(self.headers))
         data = srv.files.get(self.path.lstrip("/"))
+        if getattr(srv, "busy", []):  # answers of an overloaded server (503, 429...), one per request
+            self.send_error(srv.busy.pop(0))
+            return
         if data is None:
             self.send_error(404)
             return
@@ -165,6 +168,24 @@ def test_an_interrupted_download_resumes_by_itself(server, tmp_path):
     assert (tmp_path / NAME).read_bytes() == server.files[NAME]
     half = len(server.files[NAME]) // 2
     assert server.requests == [None, f"bytes={half}-"]
+
+
+def test_an_overloaded_server_is_asked_again_as_a_dropped_connection_is(server, tmp_path):
+    """A CDN answering 503 (or 429, 502, 504) for a moment, at the start or on a resume: fetch-data gave up at
+    once ('the server answered HTTP 503 Service Unavailable'), its retries only for a dropped connection."""
+    server.busy, server.drops = [503, 429], 1  # the first two asks answered 'busy', the third cut halfway
+    fetch_data(cfg(tmp_path, server.url, retries=3))
+    assert (tmp_path / NAME).read_bytes() == server.files[NAME]
+    half = len(server.files[NAME]) // 2
+    assert server.requests == [None, None, None, f"bytes={half}-"]
+
+
+def test_a_server_busy_past_the_retries_says_so_in_one_line(server, tmp_path):
+    server.busy = [503] * 5
+    with pytest.raises(PipelineError) as e:
+        fetch_data(cfg(tmp_path, server.url, retries=2))
+    assert str(e.value) == f"cannot download {server.url}: the server answered HTTP 503 Service Unavailable, 3 times"
+    assert len(server.requests) == 3
 
 
 def test_an_interrupted_download_resumes_on_the_next_run(server, tmp_path):

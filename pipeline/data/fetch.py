@@ -297,6 +297,8 @@ def _open(cfg: FetchConfig, archive: Path, offset: int, validator: str | None = 
                 raise PipelineError(f"{archive}.part holds {offset} bytes but the server's file has {total}; "
                                     f"delete the .part file and run again") from None
             return None
+        if e.code in BUSY_CODES:  # asked again as a dropped connection is
+            raise _Busy(f"the server answered HTTP {e.code} {e.reason}") from None
         raise PipelineError(f"cannot download {cfg.url}: the server answered HTTP {e.code} {e.reason}") from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
         raise _offline_error(cfg, archive, e) from None
@@ -312,13 +314,18 @@ def download(cfg: FetchConfig, archive: Path) -> None:
             total = _transfer(cfg, archive, part, offset, warned)
             break
         except _Interrupted as e:
-            got = part.stat().st_size
+            got = part.stat().st_size if part.exists() else 0
             if attempt >= cfg.retries:
+                if isinstance(e, _Busy):
+                    raise PipelineError(f"cannot download {cfg.url}: {e}, {attempt + 1} times") from None
                 raise PipelineError(f"download interrupted after {got} bytes ({e}); "
                                     f"run the same command again to resume") from None
             wait = cfg.retry_wait * 2 ** attempt
             attempt += 1
-            log.warning("download interrupted after %d bytes (%s); resuming in %.0f s", got, e, wait)
+            if isinstance(e, _Busy):
+                log.warning("%s; asking again in %.0f s", e, wait)
+            else:
+                log.warning("download interrupted after %d bytes (%s); resuming in %.0f s", got, e, wait)
             time.sleep(wait)
     size = part.stat().st_size
     if total is not None and size != total:
@@ -331,6 +338,14 @@ def download(cfg: FetchConfig, archive: Path) -> None:
 
 class _Interrupted(Exception):
     """The connection broke during the transfer (bytes received so far are kept)."""
+
+
+class _Busy(_Interrupted):
+    """The server answered one of BUSY_CODES: overloaded for a moment, asked again as a dropped connection is."""
+
+
+#: HTTP answers of a server that may answer the same request later (a CDN under load, a rate limit)
+BUSY_CODES = (408, 429, 500, 502, 503, 504)
 
 
 def _transfer(cfg: FetchConfig, archive: Path, part: Path, offset: int, warned: set) -> int | None:
