@@ -356,7 +356,8 @@ class FetchConfig:
     timeout: float = field(default=60.0, metadata=option(
         "Seconds to wait for the server (connect, or between two reads).", range=POSITIVE_FLOAT, cli=False))
     retries: int = field(default=3, metadata=option(
-        "How often an interrupted transfer resumes by itself before giving up.", range=NON_NEGATIVE, cli=False))
+        "How often an interrupted transfer (or a busy server's 503, 429, ...) is tried again before giving up.",
+        range=NON_NEGATIVE, cli=False))
     retry_wait: float = field(default=2.0, metadata=option(
         "Seconds before the first retry; doubles each time.", range="[0, inf)", cli=False))
     overwrite: bool = field(default=False, metadata=option(

@@ -67,12 +67,16 @@ class Handler(BaseHTTPRequestHandler):
         srv = self.server
         rng = self.headers.get("Range")
         srv.requests.append(rng)
+        time.sleep(getattr(srv, "delay", 0))
+        self.now = time.time()  # the answer's Date too
         srv.request_headers.append(dict(self.headers))
         data = srv.files.get(self.path.lstrip("/"))
+        if getattr(srv, "busy", []):  # answers of an overloaded server (503, 429...), one per request
+            self.send_error(srv.busy.pop(0))
+            return
         if data is None:
             self.send_error(404)
             return
-        self.now = time.time()  # the answer's Date too
         ours = validators(srv, data, self.now)
         if_range = self.headers.get("If-Range")
         if if_range and not srv.ignore_if_range and if_range not in (ours.get("ETag"), ours.get("Last-Modified")):
@@ -166,6 +170,24 @@ def test_an_interrupted_download_resumes_by_itself(server, tmp_path):
     assert server.requests == [None, f"bytes={half}-"]
 
 
+def test_an_overloaded_server_is_asked_again_as_a_dropped_connection_is(server, tmp_path):
+    """A CDN answering 503 (or 429, 502, 504) for a moment, at the start or on a resume: fetch-data gave up at
+    once ('the server answered HTTP 503 Service Unavailable'), its retries only for a dropped connection."""
+    server.busy, server.drops = [503, 429], 1  # the first two asks answered 'busy', the third cut halfway
+    fetch_data(cfg(tmp_path, server.url, retries=3))
+    assert (tmp_path / NAME).read_bytes() == server.files[NAME]
+    half = len(server.files[NAME]) // 2
+    assert server.requests == [None, None, None, f"bytes={half}-"]
+
+
+def test_a_server_busy_past_the_retries_says_so_in_one_line(server, tmp_path):
+    server.busy = [503] * 5
+    with pytest.raises(PipelineError) as e:
+        fetch_data(cfg(tmp_path, server.url, retries=2))
+    assert str(e.value) == f"cannot download {server.url}: the server answered HTTP 503 Service Unavailable, 3 times"
+    assert len(server.requests) == 3
+
+
 def test_an_interrupted_download_resumes_on_the_next_run(server, tmp_path):
     server.drops = 1
     with pytest.raises(PipelineError, match="run the same command again to resume"):
@@ -205,6 +227,65 @@ def test_a_macos_zips_metadata_folder_is_not_taken_for_the_data_folder(tmp_path)
                                             "__MACOSX/PetImages/Cat/._0.jpg": b"fork"}))
     result = fetch_data(cfg(tmp_path, closed_port_url()))
     assert result.unpacked == str(tmp_path / "PetImages")
+
+
+@pytest.mark.parametrize("names, root", [
+    (["food/images/apple/0.jpg", "food/images/pear/0.jpg", "food/README.md"], "food/images"),
+    (["a/b/c/cat/0.jpg", "a/b/c/dog/0.jpg", "__MACOSX/a/._x"], "a/b/c"),
+    (["PetImages/Cat/0.jpg", "PetImages/Dog/0.jpg", "readme.txt"], "PetImages"),
+    (["animals/cat/0.jpg", "animals/dog/0.jpg"], "animals"),
+    (["set/train/cat/0.jpg", "set/test/cat/0.jpg"], "set"),
+])
+def test_the_data_folder_named_is_the_one_holding_the_classes(tmp_path, names, root):
+    """'food/images/{apple,pear}' was said to unpack to food, a data folder of one class (images): the folder to
+    pass as --data is the one holding the class folders, below a chain of single folders."""
+    (tmp_path / NAME).write_bytes(make_zip({n: b"photo" for n in names}))
+    assert fetch_data(cfg(tmp_path, closed_port_url())).unpacked == str(tmp_path / root)
+
+
+def test_an_archive_of_classes_at_its_top_is_refused_into_a_dest_holding_other_folders(tmp_path):
+    """'fetch-data --url .../flowers.zip' (tulip/, rose/ at its top) into the default --dest data, which held
+    PetImages from the first fetch: it unpacked beside it and said 'unpacked to data', a data folder whose
+    classes were PetImages (cats and dogs together), rose and tulip. Refused before anything is unpacked; into
+    a folder of its own it unpacks as before."""
+    (tmp_path / "data" / "PetImages" / "Cat").mkdir(parents=True)
+    (tmp_path / "data" / ".hidden").mkdir()  # never a class: no matter
+    (tmp_path / "flowers.zip").write_bytes(make_zip({"tulip/0.jpg": b"t", "rose/0.jpg": b"r", "LICENSE": b"cc"}))
+    url = f"file://{tmp_path}/flowers.zip"
+    res = CliRunner().invoke(cli, ["-q", "fetch-data", "--dest", str(tmp_path / "data"), "--url", url])
+    assert res.exit_code == 1 and res.output == (
+        f"Error: flowers.zip has no single top folder: its folders (rose, tulip) would unpack into "
+        f"{tmp_path / 'data'} beside PetImages, and as one data folder all would be its classes; fetch it into a "
+        "--dest of its own (a new folder)\n")
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == [".flowers.zip.url", ".hidden", "PetImages",
+                                                                     "flowers.zip"]
+    assert fetch_data(cfg(tmp_path / "flowers", url)).unpacked == str(tmp_path / "flowers")
+
+
+def test_a_web_page_served_for_the_archive_is_named_as_one(server, tmp_path):
+    """A moved download link (or a login page) answers 200 with a web page: fetch-data said 'pets.zip is neither a
+    zip nor a tar archive; delete it and download again', and downloading again got the same page."""
+    server.files[NAME] = b"\n  <!DOCTYPE html><html><body>This download has moved</body></html>"
+    with pytest.raises(PipelineError) as e:
+        fetch_data(cfg(tmp_path, server.url))
+    assert str(e.value) == (f"{tmp_path / NAME} is a web page (HTML), not an archive: the server sent it in the "
+                            "archive's place (a moved link, a login or error page?); delete it, download the archive "
+                            f"by hand (in a browser), and run this again with url=file://<where you saved it>/{NAME}")
+
+
+@pytest.mark.parametrize("name, head, what, how", [
+    ("pets.7z", b"7z\xbc\xaf\x27\x1c\x00\x04", "a 7z archive", "7z x pets.7z"),
+    ("pets.rar", b"Rar!\x1a\x07\x01\x00", "a RAR archive", "7z x pets.rar"),
+    ("pets.tar.zst", b"\x28\xb5\x2f\xfd\x04\x58", "a Zstandard-compressed file", "tar --zstd -xf pets.tar.zst"),
+])
+def test_an_archive_of_a_format_python_cannot_unpack_is_named(tmp_path, name, head, what, how):
+    """A .7z, .rar or .tar.zst was 'neither a zip nor a tar archive; delete it and download again', and downloading
+    it again changed nothing: the format is named, with how to unpack it by hand."""
+    (tmp_path / name).write_bytes(head + bytes(range(256)) * 4)
+    with pytest.raises(PipelineError) as e:
+        fetch_data(cfg(tmp_path, f"file://{tmp_path}/mirror/{name}"))
+    assert str(e.value) == (f"{tmp_path / name} is {what}, which fetch-data cannot unpack (it unpacks zip, and tar "
+                            f"plain or gz, bz2, xz compressed); unpack it by hand ({how}) and point data at the folder")
 
 
 def test_connection_refused_is_one_clear_line(tmp_path):
@@ -248,6 +329,22 @@ def file_member(name, data):
     info = tarfile.TarInfo(name)
     info.size = len(data)
     return info, data
+
+
+def test_a_link_of_the_users_own_in_dest_is_named_when_an_entry_would_go_through_it(tmp_path):
+    """data/PetImages made a link to another disk before the first fetch: refused (nothing is written through a
+    link out of --dest) as 'archive entry 'PetImages/Cat/0.jpg' would be written outside data', which reads as a
+    hostile archive; the refusal now names the link and what to do."""
+    (tmp_path / "disk" / "PetImages").mkdir(parents=True)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "PetImages").symlink_to(tmp_path / "disk" / "PetImages")
+    (tmp_path / "data" / NAME).write_bytes(pets_zip())
+    with pytest.raises(PipelineError) as e:
+        fetch_data(cfg(tmp_path / "data", closed_port_url()))
+    assert str(e.value) == (f"archive entry 'PetImages/Cat/0.jpg' would be written through PetImages -> "
+                            f"{tmp_path / 'disk' / 'PetImages'}, a link in {tmp_path / 'data'} to outside it; refusing "
+                            "to unpack through it: fetch into the link's target as dest (or remove the link)")
+    assert list((tmp_path / "disk" / "PetImages").iterdir()) == []
 
 
 @pytest.mark.parametrize("kind, target", [(tarfile.SYMTYPE, "../../outside"), (tarfile.SYMTYPE, "/etc/passwd"),
@@ -351,6 +448,25 @@ def test_unpacking_never_overwrites_files_already_there(tmp_path):
     assert mine.read_bytes() == b"my own photo" and not (tmp_path / "PetImages" / "Cat").exists()
     fetch_data(cfg(tmp_path, closed_port_url(), overwrite=True))
     assert mine.stat().st_size == 150_000
+
+
+def test_an_archive_is_never_merged_silently_into_a_folder_of_another(tmp_path):
+    """A second cats-and-dogs archive (another name, its photos named otherwise) into a --dest holding the first's
+    PetImages: unpacked into it without a word ('unpacked to PetImages'), a data folder now holding both sets.
+    Refused before anything is written, naming the folder and a file; --overwrite unpacks into it."""
+    theirs = tmp_path / "PetImages" / "Cat" / "cat.1.jpg"
+    theirs.parent.mkdir(parents=True)
+    theirs.write_bytes(b"a photo of the first archive")
+    (tmp_path / "PetImages" / "Cat" / ".DS_Store").write_bytes(b"")  # the system's: no matter
+    (tmp_path / NAME).write_bytes(pets_zip())
+    with pytest.raises(PipelineError) as e:
+        fetch_data(cfg(tmp_path, closed_port_url()))
+    assert str(e.value) == (f"{tmp_path / 'PetImages'} already holds 1 file not from {NAME} (Cat/cat.1.jpg): "
+                            f"unpacked into it, one data folder would hold both; fetch it into a dest of its own, "
+                            "or pass overwrite=True to unpack into it anyway")
+    assert sorted(p.name for p in (tmp_path / "PetImages").rglob("*")) == [".DS_Store", "Cat", "cat.1.jpg"]
+    assert fetch_data(cfg(tmp_path, closed_port_url(), overwrite=True)).unpacked == str(tmp_path / "PetImages")
+    assert theirs.is_file() and (tmp_path / "PetImages" / "Dog" / "0.jpg").is_file()
 
 
 def test_an_interrupted_unpack_may_replace_its_own_files(tmp_path, monkeypatch):
@@ -525,6 +641,36 @@ def test_names_differing_only_in_case_are_refused_where_the_file_system_ignores_
     assert sorted(p.name for p in tmp_path.iterdir()) == [NAME]
     monkeypatch.undo()
     assert fetch_data(cfg(tmp_path, closed_port_url())).unpacked_now and (tmp_path / second).read_bytes() == b"2"
+
+
+def test_a_zip_made_on_windows_with_backslashes_unpacks_into_its_folders(tmp_path):
+    """Windows' PowerShell (Compress-Archive, .NET Framework) writes 'PetImages\\Cat\\0.jpg': Python's zipfile on
+    Linux or macOS unpacked it as one file of that name at the top of --dest, and fetch-data said it unpacked to
+    --dest itself (no class folders in it). A zip made on Windows (FAT, NTFS) has no backslash in a name."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for name in ("PetImages\\", "PetImages\\Cat\\0.jpg", "PetImages\\Dog\\0.jpg"):
+            info = zipfile.ZipInfo(name)
+            info.create_system = 0  # MS-DOS / Windows
+            z.writestr(info, b"" if name.endswith("\\") else b"photo")
+    (tmp_path / NAME).write_bytes(buf.getvalue())
+    result = fetch_data(cfg(tmp_path, closed_port_url()))
+    assert result.unpacked == str(tmp_path / "PetImages")
+    assert (tmp_path / "PetImages" / "Dog" / "0.jpg").read_bytes() == b"photo"
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["PetImages", NAME]
+
+
+def test_a_windows_zips_backslashed_dotdot_is_refused(tmp_path):
+    info = zipfile.ZipInfo("..\\..\\evil.jpg")
+    info.create_system = 0
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr(info, b"x")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / NAME).write_bytes(buf.getvalue())
+    with pytest.raises(PipelineError, match="would be written outside"):
+        fetch_data(cfg(tmp_path / "d", closed_port_url()))
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["d", NAME]
 
 
 def test_folder_entries_named_twice_and_folders_implied_by_files_still_unpack(tmp_path):
@@ -774,6 +920,71 @@ def test_two_fetches_into_one_dest_at_once_download_once(server, tmp_path):
     assert (tmp_path / NAME).read_bytes() == server.files[NAME] and server.requests == [None]
 
 
+def test_a_run_waiting_on_a_new_dest_that_a_failed_run_removed_makes_it_again(server, tmp_path):
+    """Two first runs into one new --dest at once: the first failed (here a URL the server does not have) and
+    removed the folder it had made, while the second waited on its lock; the second then failed with 'cannot
+    write in --dest' (running it again worked). It now makes the folder again and fetches."""
+    server.delay = 1.0  # the first run holds the lock this long, then gets a 404
+    (tmp_path / NAME).write_bytes(pets_zip())
+    dest, results = tmp_path / "data" / "new", {}
+
+    def run(key, url):
+        try:
+            results[key] = fetch_data(cfg(dest, url)).unpacked
+        except Exception as e:  # the test reports it
+            results[key] = f"{type(e).__name__}: {e}"
+
+    first = threading.Thread(target=run, args=("first", server.url.replace(NAME, "typo.zip")))
+    first.start()
+    while not server.requests:  # the first holds the lock
+        time.sleep(0.01)
+    second = threading.Thread(target=run, args=("second", f"file://{tmp_path}/{NAME}"))
+    second.start()
+    first.join()
+    second.join()
+    assert "HTTP 404" in results["first"]
+    assert results["second"] == str(dest / "PetImages")
+    assert (dest / "PetImages" / "Cat" / "0.jpg").stat().st_size == 150_000
+
+
+def test_a_run_refused_as_busy_never_removes_the_new_dest_the_other_run_holds(server, tmp_path, monkeypatch):
+    """Two first runs into one new --dest at once, both finding it missing: the second, refused after waiting
+    for the lock (the first still waiting for its server), removed the empty folder as one it had made, and
+    the first, answered at last, failed with 'cannot write in --dest'."""
+    from pipeline.data import moves
+
+    monkeypatch.setattr(moves, "LOCK_WAIT_S", 0.3)
+    server.delay = 2.0  # the first run holds the lock this long before any byte comes
+    dest, results, looked = tmp_path / "new", {}, threading.Event()
+    real = fetch.missing_folders
+
+    def missing(folder):  # the second looks before the first makes the folder, then goes on once it holds it
+        found = real(folder)
+        if threading.current_thread().name == "second" and not looked.is_set():
+            looked.set()
+            while not server.requests:
+                time.sleep(0.01)
+        return found
+
+    monkeypatch.setattr(fetch, "missing_folders", missing)
+
+    def run():
+        try:
+            results[threading.current_thread().name] = fetch_data(cfg(dest, server.url)).unpacked
+        except Exception as e:  # the test reports it
+            results[threading.current_thread().name] = f"{type(e).__name__}: {e}"
+
+    second = threading.Thread(target=run, name="second")
+    second.start()
+    looked.wait(5)
+    first = threading.Thread(target=run, name="first")
+    first.start()
+    first.join()
+    second.join()
+    assert results["second"].startswith("FolderBusy: another fetch-data is downloading or unpacking into")
+    assert results["first"] == str(dest / "PetImages")
+
+
 def test_a_read_only_dest_is_one_line_not_a_bug(server, tmp_path, monkeypatch):
     """A --dest on a read-only file system (or without write permission) was 'unexpected OSError: [Errno 30]
     Read-only file system ... (a bug?)'."""
@@ -786,6 +997,33 @@ def test_a_read_only_dest_is_one_line_not_a_bug(server, tmp_path, monkeypatch):
     monkeypatch.setattr(pathlib.Path, "write_text", read_only)
     res = CliRunner().invoke(cli, ["-q", "fetch-data", "--dest", str(tmp_path), "--url", server.url])
     assert res.exit_code == 1 and res.output == f"Error: cannot write {tmp_path}: the file system is read-only\n"
+
+
+def test_a_disk_filling_up_mid_download_is_said_at_once_not_retried_as_a_dropped_connection(server, tmp_path,
+                                                                                            monkeypatch):
+    """Another program filled the disk while the archive downloaded (the free space was checked at the start):
+    the failed write was taken for a dropped connection, retried with waits (2 + 4 + 8 s by default), then
+    'download interrupted ... ([Errno 28] No space left on device); run the same command again to resume'."""
+    import builtins
+    import errno
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fetch, "open", lambda *a, **kw: Full(builtins.open(*a, **kw)), raising=False)
+    res = CliRunner().invoke(cli, ["-q", "fetch-data", "--dest", str(tmp_path), "--url", server.url])
+    assert res.exit_code == 1 and res.output == f"Error: cannot write {tmp_path}: no space left on the device\n"
+    assert server.requests == [None] and (tmp_path / f"{NAME}.part").is_file()  # kept: the next run resumes it
 
 
 def other_version() -> bytes:

@@ -6,6 +6,7 @@ Every archive entry is checked before anything is written: none may land outside
 """
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import logging
@@ -27,8 +28,8 @@ from pathlib import Path, PurePosixPath
 from ..config import FetchConfig, Placeholder, flag_text, option_text, option_value
 from ..errors import DiskFull, PipelineError, UsageError
 from ..files import check_output, disk_error, disk_reason, json_text, plain_name, same_file
-from .folders import is_skipped_folder
-from .moves import folder_lock
+from .folders import is_os_file, is_skipped_folder
+from .moves import folder_lock, link_on_the_way
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +78,9 @@ def fetch_data(cfg: FetchConfig) -> FetchResult:
     dest = check_output(cfg.dest, what="--dest", folder=True)  # the URL is all it reads
     archive = dest / name
     busy = f"another fetch-data is downloading or unpacking into {dest}; run this again when it has finished"
-    made = missing_folders(dest)
-    try:
+    made: list[Path] = []
+    with dest_lock(dest, busy, made):  # two at once appended one .part twice, or unpacked over each other
         try:
-            dest.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise PipelineError(f"cannot create {option_value('dest', str(dest))}: {e.strerror or e}") from None
-        with folder_lock(dest, True, busy):  # two at once appended one .part twice, or unpacked over each other
             check_source(cfg, archive, source)
             downloaded = not archive.is_file()
             if downloaded:
@@ -96,11 +93,43 @@ def fetch_data(cfg: FetchConfig) -> FetchResult:
             else:
                 log.info("archive already complete: %s", archive)
             unpacked, fresh = unpack(archive, dest, overwrite=cfg.overwrite, keep=source)
-    except BaseException:
-        remove_if_empty(made)
-        raise
+        except BaseException:
+            remove_if_empty(made)  # under the lock: a run waiting for it finds the folder gone, and makes it again
+            raise
     return FetchResult(archive=str(archive), bytes=archive.stat().st_size, downloaded=downloaded,
                        unpacked=str(unpacked), unpacked_now=fresh, url=cfg.url)
+
+
+@contextlib.contextmanager
+def dest_lock(dest: Path, busy: str, made: list[Path]):
+    """Make ``dest`` (adding the folders made to ``made``, deepest first) and hold its folder lock while inside.
+    A run that failed while this one waited for the lock may have removed the folder it made (it was empty):
+    the lock was then taken on a folder no longer there, so the folder is made again and locked anew."""
+    for _ in range(5):
+        made[:] = sorted(set(made) | set(missing_folders(dest)), key=lambda p: len(p.parts), reverse=True)
+        try:
+            dest.mkdir(parents=True, exist_ok=True)
+        except FileNotFoundError:  # a parent removed meanwhile by a failed run
+            continue
+        except OSError as e:
+            remove_if_empty(made)
+            raise PipelineError(f"cannot create {option_value('dest', str(dest))}: {e.strerror or e}") from None
+        with folder_lock(dest, True, busy) as fd:
+            if _same_folder(fd, dest) if fd is not None else dest.is_dir():  # None: not lockable here
+                yield
+                return
+        log.info("%s was removed while this run waited for it; making it again", dest)
+    raise PipelineError(f"cannot hold {option_value('dest', str(dest))}: it was removed again and again while "
+                        "this run made it; run this again")
+
+
+def _same_folder(fd: int, path: Path) -> bool:
+    """Whether ``fd`` is still the folder at ``path`` (not one removed, or replaced, since it was opened)."""
+    try:
+        here, held = os.stat(path), os.fstat(fd)
+    except OSError:
+        return False
+    return (here.st_dev, here.st_ino) == (held.st_dev, held.st_ino)
 
 
 def missing_folders(dest: Path) -> list[Path]:
@@ -268,6 +297,8 @@ def _open(cfg: FetchConfig, archive: Path, offset: int, validator: str | None = 
                 raise PipelineError(f"{archive}.part holds {offset} bytes but the server's file has {total}; "
                                     f"delete the .part file and run again") from None
             return None
+        if e.code in BUSY_CODES:  # asked again as a dropped connection is
+            raise _Busy(f"the server answered HTTP {e.code} {e.reason}") from None
         raise PipelineError(f"cannot download {cfg.url}: the server answered HTTP {e.code} {e.reason}") from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
         raise _offline_error(cfg, archive, e) from None
@@ -283,13 +314,18 @@ def download(cfg: FetchConfig, archive: Path) -> None:
             total = _transfer(cfg, archive, part, offset, warned)
             break
         except _Interrupted as e:
-            got = part.stat().st_size
+            got = part.stat().st_size if part.exists() else 0
             if attempt >= cfg.retries:
+                if isinstance(e, _Busy):
+                    raise PipelineError(f"cannot download {cfg.url}: {e}, {attempt + 1} times") from None
                 raise PipelineError(f"download interrupted after {got} bytes ({e}); "
                                     f"run the same command again to resume") from None
             wait = cfg.retry_wait * 2 ** attempt
             attempt += 1
-            log.warning("download interrupted after %d bytes (%s); resuming in %.0f s", got, e, wait)
+            if isinstance(e, _Busy):
+                log.warning("%s; asking again in %.0f s", e, wait)
+            else:
+                log.warning("download interrupted after %d bytes (%s); resuming in %.0f s", got, e, wait)
             time.sleep(wait)
     size = part.stat().st_size
     if total is not None and size != total:
@@ -302,6 +338,14 @@ def download(cfg: FetchConfig, archive: Path) -> None:
 
 class _Interrupted(Exception):
     """The connection broke during the transfer (bytes received so far are kept)."""
+
+
+class _Busy(_Interrupted):
+    """The server answered one of BUSY_CODES: overloaded for a moment, asked again as a dropped connection is."""
+
+
+#: HTTP answers of a server that may answer the same request later (a CDN under load, a rate limit)
+BUSY_CODES = (408, 429, 500, 502, 503, 504)
 
 
 def _transfer(cfg: FetchConfig, archive: Path, part: Path, offset: int, warned: set) -> int | None:
@@ -352,27 +396,38 @@ def _transfer(cfg: FetchConfig, archive: Path, part: Path, offset: int, warned: 
         with open(part, "ab" if offset else "wb") as f, progress(
                 total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
                 desc=archive.name) as bar:
-            try:
-                while chunk := resp.read(CHUNK):
-                    if total is None:  # an endless answer never fills the disk
-                        ensure_room(part.parent, len(chunk) + UNKNOWN_SIZE_MARGIN,
-                                    f"downloading {archive.name} (of a size the server did not say)")
-                    f.write(chunk)
-                    bar.update(len(chunk))
-            except (OSError, http.client.HTTPException) as e:
-                raise _Interrupted(str(e) or type(e).__name__) from None
+            while chunk := _read(resp):
+                if total is None:  # an endless answer never fills the disk
+                    ensure_room(part.parent, len(chunk) + UNKNOWN_SIZE_MARGIN,
+                                f"downloading {archive.name} (of a size the server did not say)")
+                f.write(chunk)  # a failed write (a disk filled meanwhile) is no dropped connection: never retried
+                bar.update(len(chunk))
     if total is not None and part.stat().st_size < total:  # urllib reads a dropped connection as EOF
         raise _Interrupted(f"connection closed at byte {part.stat().st_size} of {total}")
     return total
 
 
+def _read(resp) -> bytes:
+    """The next chunk of the answer; _Interrupted where the connection broke."""
+    try:
+        return resp.read(CHUNK)
+    except (OSError, http.client.HTTPException) as e:
+        raise _Interrupted(str(e) or type(e).__name__) from None
+
+
 # -- unpack ------------------------------------------------------------------------------------
-def _inside(dest: Path, name: str) -> bool:
-    """Whether dest/name stays inside dest once resolved (no absolute path, no '..' escape)."""
+def _plain_path(name: str) -> bool:
+    """Whether an entry's name is relative and never climbs ('..'), as written (links aside)."""
     if not name or name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
         return False
-    if ".." in PurePosixPath(name.replace("\\", "/")).parts:
-        return False  # even when it resolves inside: through a symlink unpacked earlier it may not
+    # '..' even where it resolves inside: through a symlink unpacked earlier it may not
+    return ".." not in PurePosixPath(name.replace("\\", "/")).parts
+
+
+def _inside(dest: Path, name: str) -> bool:
+    """Whether dest/name stays inside dest once resolved (no absolute path, no '..' escape)."""
+    if not _plain_path(name):
+        return False
     target = (dest / name).resolve()
     return target == dest or dest in target.parents
 
@@ -457,6 +512,19 @@ def _check_zip_entry(m: zipfile.ZipInfo) -> None:
                             "at the folder")
 
 
+#: zip "version made by" systems whose file names cannot hold a backslash: MS-DOS/FAT, NTFS, VFAT
+WINDOWS_ZIP_SYSTEMS = {0, 11, 14}
+
+
+def windows_separators(members: list) -> None:
+    """Read a backslash in the names of a zip made on Windows as the folder separator it is there (PowerShell's
+    Compress-Archive wrote 'PetImages\\Cat\\0.jpg'): zipfile on Linux or macOS would unpack each entry as one file
+    of that name at the top of dest. The names are checked as any others afterwards."""
+    for m in members:
+        if m.create_system in WINDOWS_ZIP_SYSTEMS and "\\" in m.filename:
+            m.filename = m.filename.replace("\\", "/")
+
+
 def own_files(archive: Path) -> set[str]:
     """The names fetch-data keeps beside an archive in dest: its .part and its records (an entry named as
     the archive itself: check_conflicts)."""
@@ -473,6 +541,10 @@ def check_members(kind: str, arc, dest: Path, own: set = frozenset()) -> list[st
     for m in members:
         name = m.filename if kind == "zip" else m.name
         if not _inside(dest, name):
+            if _plain_path(name) and (link := link_on_the_way(dest / name, dest)):
+                raise PipelineError(f"archive entry {name!r} would be written through {link}, a link in {dest} to "
+                                    "outside it; refusing to unpack through it: fetch into the link's target as "
+                                    f"{option_text('dest')} (or remove the link)")
             raise PipelineError(f"archive entry {name!r} would be written outside {dest}; refusing to unpack")
         if kind == "zip":
             _check_zip_entry(m)
@@ -571,20 +643,99 @@ def check_ratio(kind: str, members: list, archive: Path) -> None:
                             f"({total / max(packed, 1):,.0f}:1), {limit}")
 
 
+#: archives Python's zipfile and tarfile cannot unpack, by their first bytes: what they are, and how to unpack one
+OTHER_ARCHIVES = {b"7z\xbc\xaf\x27\x1c": ("a 7z archive", "7z x {}"), b"Rar!\x1a\x07": ("a RAR archive", "7z x {}"),
+                  b"\x28\xb5\x2f\xfd": ("a Zstandard-compressed file", "tar --zstd -xf {}")}
+
+
 def archive_kind(path: Path) -> str:
     if zipfile.is_zipfile(path):
         return "zip"
     if tarfile.is_tarfile(path):
         return "tar"
+    with open(path, "rb") as f:
+        first = f.read(512)
+    head = first.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if head.startswith((b"<!doctype html", b"<html", b"<head", b"<body", b"<?xml", b"<!--")):
+        saved = Placeholder(f"file://<where you saved it>/{path.name}")
+        raise PipelineError(f"{path} is a web page (HTML), not an archive: the server sent it in the archive's place "
+                            "(a moved link, a login or error page?); delete it, download the archive by hand (in a "
+                            f"browser), and run this again with {option_text('url', saved)}")
+    for magic, (what, how) in OTHER_ARCHIVES.items():
+        if first.startswith(magic):
+            raise PipelineError(f"{path} is {what}, which fetch-data cannot unpack (it unpacks zip, and tar plain or "
+                                f"gz, bz2, xz compressed); unpack it by hand ({how.format(path.name)}) and point "
+                                f"{option_text('data')} at the folder")
     raise PipelineError(f"{path} is neither a zip nor a tar archive; delete it and download again")
 
 
 def unpacked_root(dest: Path, names: list[str]) -> Path:
     """The archive's single top-level folder (PetImages for the Kaggle zip), else dest; metadata
-    folders beside it (a macOS zip's ``__MACOSX``, hidden ones: folders.is_skipped_folder) do not count."""
-    tops = {PurePosixPath(n).parts[0] for n in names if PurePosixPath(n).parts}
-    dirs = {t for t in tops if (dest / t).is_dir() and not is_skipped_folder(t)}
-    return dest / dirs.pop() if len(dirs) == 1 else dest
+    folders beside it (a macOS zip's ``__MACOSX``, hidden ones: folders.is_skipped_folder) do not count.
+    Below it, a folder whose one folder holds folders in turn is passed through ('food/images/{apple,pear}':
+    food/images, not food, a data folder of one class)."""
+    paths = [PurePosixPath(n).parts for n in names]
+
+    def folders(below: tuple) -> set:
+        n = len(below)
+        subs = {p[n] for p in paths if len(p) > n and p[:n] == below}
+        return {t for t in subs if (dest.joinpath(*below, t)).is_dir() and not is_skipped_folder(t)}
+
+    tops = folders(())
+    if len(tops) != 1:
+        return dest
+    root = (tops.pop(),)
+    while len(inner := folders(root)) == 1 and folders(one := root + (inner.pop(),)):
+        root = one
+    return dest.joinpath(*root)
+
+
+def _some(names: list) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def check_beside(kind: str, members: list, dest: Path, archive: Path) -> None:
+    """Refuse (before anything is written) an archive without a single top folder (its classes at its top:
+    dest itself becomes the data folder) into a dest holding folders not from it, which would become classes
+    beside its own (PetImages of an earlier fetch, with cats and dogs together)."""
+    tops = set()
+    for m in members:
+        parts = PurePosixPath(m.filename if kind == "zip" else m.name).parts
+        if len(parts) > 1 or (parts and (m.is_dir() if kind == "zip" else m.isdir())):
+            tops.add(parts[0])
+    tops = {t for t in tops if not is_skipped_folder(t)}
+    if len(tops) < 2:
+        return
+    with os.scandir(dest) as entries:
+        others = sorted(e.name for e in entries if e.is_dir() and not is_skipped_folder(e.name) and e.name not in tops)
+    if others:
+        raise PipelineError(f"{archive.name} has no single top folder: its folders ({_some(sorted(tops))}) would "
+                            f"unpack into {dest} beside {_some(others)}, and as one data folder all would be its "
+                            f"classes; fetch it into a {option_text('dest')} of its own (a new folder)")
+
+
+def check_into(names: list, dest: Path, archive: Path) -> None:
+    """Refuse (before anything is written) an archive whose top folder is already in dest holding files not from
+    it (another archive's PetImages, photos named otherwise): unpacked into it, the data folder would hold both.
+    Its own files (an unpack stopped halfway) and the system's (.DS_Store, Thumbs.db, hidden ones) do not count."""
+    mine = {PurePosixPath(n) for n in names}
+    tops = {p.parts[0] for p in mine if len(p.parts) > 1 and not is_skipped_folder(p.parts[0])}
+    for top in sorted(tops):
+        folder = dest / top
+        if not folder.is_dir():
+            continue
+        foreign = []
+        for where, dirs, files in os.walk(folder):
+            dirs[:] = sorted(d for d in dirs if not is_skipped_folder(d))
+            rel = PurePosixPath(Path(where).relative_to(dest).as_posix())
+            foreign += [rel / f for f in sorted(files)
+                        if not (f.startswith(".") or is_os_file(f)) and rel / f not in mine]
+        if foreign:
+            shown = _some([p.relative_to(top).as_posix() for p in foreign])
+            raise PipelineError(f"{folder} already holds {len(foreign)} file{'' if len(foreign) == 1 else 's'} not "
+                                f"from {archive.name} ({shown}): unpacked into it, one data folder would hold "
+                                f"both; fetch it into a {option_text('dest')} of its own, or pass "
+                                f"{flag_text('overwrite')} to unpack into it anyway")
 
 
 def _marker_bytes(marker: Path):
@@ -653,11 +804,16 @@ def unpack(archive: Path, dest: Path, overwrite: bool = False, keep: Path | None
     opener = zipfile.ZipFile if kind == "zip" else tarfile.open
     try:
         with opener(archive) as arc:
+            if kind == "zip":
+                windows_separators(arc.infolist())
             names = check_members(kind, arc, dest, own_files(archive))
             if ignores_case(dest):
                 check_case_clashes(names, dest)
             members = skipped_zip_links(archive, arc.infolist()) if kind == "zip" else arc.getmembers()
             check_ratio(kind, members, archive)
+            check_beside(kind, members, dest, archive)
+            if not overwrite:
+                check_into(names, dest, archive)
             ensure_room(dest, unpacked_bytes(kind, members, dest), f"unpacking {archive.name}")
             started = dest / f".{archive.name}.unpacking"
             # a run cut off mid-unpack left its own files: those it may replace

@@ -176,8 +176,8 @@ LOCK_WAIT_S = 10.0
 @contextlib.contextmanager
 def folder_lock(folder, exclusive: bool, busy: str, wait_s: float | None = None):
     """A ``flock`` on ``folder`` itself (exclusive or shared) while inside, waited for up to ``wait_s``
-    (default LOCK_WAIT_S), then FolderBusy(``busy``). A folder that cannot be opened is not locked: the
-    command's own checks say why."""
+    (default LOCK_WAIT_S), then FolderBusy(``busy``); yields the locked descriptor (None: not locked). A folder
+    that cannot be opened is not locked: the command's own checks say why."""
     try:
         fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)) if fcntl and folder else None
     except OSError:
@@ -186,7 +186,7 @@ def folder_lock(folder, exclusive: bool, busy: str, wait_s: float | None = None)
         if fd is not None and not flock_within(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH,
                                                 LOCK_WAIT_S if wait_s is None else wait_s, folder):
             raise FolderBusy(busy)
-        yield
+        yield fd
     finally:
         if fd is not None:
             os.close(fd)
