@@ -466,6 +466,25 @@ def test_the_default_stacks_svcs_own_pairs_too_when_there_are_several_classes(k)
     assert (head.log_proba_of_rows(rows["avg"]).argmax(1) == y).mean() > 0.8
 
 
+def test_a_few_photos_all_right_out_of_fold_the_default_takes_the_smallest_equally_accurate_logreg_c():
+    """Every out-of-fold row right (a few photos a class): every C of logistic regression ties on CV accuracy, and
+    the log-loss tie-break took the largest (C=1000: the largest logits, the lowest log-loss on rows all right),
+    whose wrong test photos got 0.96-0.99 on the wrong class; of the equally accurate Cs the smallest now."""
+    from pipeline.heads.fit_head import _auto_grid, _default_row
+    from pipeline.heads.model_selection import CVOptions, tune
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(2), 12)
+    rows = {"avg": rng.normal(0, 0.3, (len(y), 8)) + np.eye(8)[y] * 3}
+    cfg = FitHeadConfig()
+    result = tune(rows, y, _auto_grid(cfg), CVOptions(folds=3, threads=1, score="accuracy"), in_shape=(8, 1, 1))
+    logreg = [r for r in result["table"] if r["setting"]["head"] == "logreg"]
+    tied = sorted(r["setting"]["C"] for r in logreg if r["acc_mean"] == 1.0)
+    assert len(tied) == len(logreg) == 5  # every C right on every out-of-fold row
+    assert min(logreg, key=lambda r: r["log_loss_mean"])["setting"]["C"] == 1000  # what the log-loss prefers
+    assert _default_row(cfg, (8, 1, 1), result)["setting"]["C_logreg"] == tied[0] == 0.1
+
+
 def test_from_svm_floor_rows_a_class_the_stacks_svms_keep_their_floor_share_of_the_vote():
     """The NLL weights lean on the better calibrated member (logistic regression, last); from SVM_FLOOR_ROWS
     rows a class the SVMs keep SVM_SHARE_FLOOR of the vote (each member at its own temperature), split as the

@@ -280,14 +280,23 @@ def _default_unless_beaten(cfg: FitHeadConfig, shape, result: dict) -> dict:
 def _default_row(cfg: FitHeadConfig, shape, result: dict) -> Optional[dict]:
     """The default head's own choice from the rows of a ``tune`` table that are its settings (None: some are
     missing): the best one-vs-rest SVM, the best one-vs-one SVM (several classes: with two they are the same
-    SVM) and the best logistic regression (CV accuracy, then log-loss), stacked."""
+    SVM) and the best logistic regression (CV accuracy, then log-loss; logistic regression: then the smallest C),
+    stacked.
+
+    Logistic regression's logits grow with C wherever the rows are (nearly) separable, so among its Cs of the same
+    CV accuracy the lower log-loss is the larger scale, not the better ranking: with a few photos a class (every
+    out-of-fold row right) it chose C=1000, and a wrong test photo got 0.96-0.99 on the wrong class. Of those as
+    accurate, the most regularised (docs/heads.md, "Few photos, all right"). The SVMs keep the log-loss: their
+    margins stop growing once C passes the hard margin (the same model from there on), and the smallest C of
+    their ties changed more of head_table's splits for no clear gain."""
     default_keys = {setting_key(s) for s in expand_grid(_auto_grid(cfg), shape)}
     rows = [r for r in result["table"] if r["key"] in default_keys]
     several = int(np.max(result["labels"])) > 1
 
     def best(kind, scheme=None):
         return min((r for r in rows if r["setting"]["head"] == kind and scheme in (None, r["setting"].get("scheme"))),
-                   key=lambda r: (-r["acc_mean"], r["log_loss_mean"]), default=None)
+                   key=lambda r: (-r["acc_mean"], r["setting"]["C"] if kind == "logreg" else r["log_loss_mean"]),
+                   default=None)
 
     svm, logreg, pairs = best("svm", "ovr"), best("logreg"), best("svm", "ovo") if several else None
     if svm is None or logreg is None:
