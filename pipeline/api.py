@@ -733,7 +733,8 @@ def suggest(data: PathLike, pool: PathLike, *, verbose: Optional[bool] = False, 
     (``python cli.py suggest``): both extracted (cached; rows found by content, so a suggested photo moved
     into its class folder costs no second forward pass), the default head fitted on ``data``'s rows, the pool
     ranked by its uncertainty and by distance to what is labelled. Returns a ``SuggestResult`` (``rows``: rank,
-    path, predicted class, probability, uncertainty, distance; ``csv``, ``html``: the list and its page).
+    path, predicted class, probability, uncertainty, distance, ``unknown``: whether the photo looks like none of
+    the labelled classes, its ``ood_score``; ``csv``, ``html``: the list and its page).
     ``options``: SuggestConfig's (k=50, rule, head, cache_dir, backbone, weights, output, ...)."""
     from .reports.suggest import suggest as run
 

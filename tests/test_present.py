@@ -115,10 +115,11 @@ def test_suggest_and_audit_tables_keep_a_row_a_line_whatever_the_names_hold():
     from pipeline.reports.audit import AuditResult
 
     evil = "evil\n  99  fake.jpg"
-    r = SimpleNamespace(rows=[{"rank": 1, "path": evil, "predicted": "c\x1b[2J", "uncertainty": 0.5, "distance": 0.25}],
-                        pool=1, rule="margin", head="logreg", labelled=4, skipped=0, csv="s.csv", html="s.html")
+    r = SimpleNamespace(rows=[{"rank": 1, "path": evil, "predicted": "c\x1b[2J", "uncertainty": 0.5, "distance": 0.25,
+                              "unknown": False}], pool=1, rule="margin", head="logreg", labelled=4, skipped=0,
+                        csv="s.csv", html="s.html")
     lines = present.suggest_text(r).splitlines()
-    assert len(lines) == 5 and lines[2] == "   1  evil\\n  99  fake.jpg  c\\x1b[2J             0.500    0.250"
+    assert len(lines) == 5 and lines[2] == "   1  evil\\n  99  fake.jpg  c\\x1b[2J             0.500    0.250    false"
     issue = {"path": evil, "given": "a\nb", "suggested": "c", "score": 0.5}
     audit = AuditResult(rows=4, data_root="d", classes=["a\nb", "c"], cache="x.h5", folds=2, head="h", oof_acc=1.0,
                         label_issues=[issue], outliers=[{**issue}],
@@ -166,8 +167,8 @@ def test_audit_and_suggest_tables_stay_aligned_with_long_class_names():
     table = lines[lines.index(next(x for x in lines if x.startswith("likely wrong label"))):][:4]
     assert len({len(x) for x in table}) == 1 and table[0].endswith("score"), table
     assert table[2].split() == ["a/1.jpg", "breakfast_burrito", "bibimbap", "0.965"]
-    rows = [{"rank": i + 1, "path": f"p{i}.jpg", "predicted": c, "uncertainty": 0.5, "distance": 0.25}
-            for i, c in enumerate(("breakfast_burrito", "sea"))]
+    rows = [{"rank": i + 1, "path": f"p{i}.jpg", "predicted": c, "uncertainty": 0.5, "distance": 0.25,
+             "unknown": i == 0} for i, c in enumerate(("breakfast_burrito", "sea"))]
     r = SimpleNamespace(rows=rows, pool=2, rule="margin", head="logreg", labelled=4, skipped=0, csv="s", html="h")
     lines = present.suggest_text(r).splitlines()[1:4]
     assert len({len(x) for x in lines}) == 1, lines
@@ -210,8 +211,9 @@ def test_counts_of_one_are_singular_and_nothing_read_has_no_speed():
 
     one = ExtractResult(cache="c.h5", hit=False, computed=1, img_per_s=2.0, skipped=0, rows=1)
     assert present.extract_notes(one) == ["extracted 1 image (2.0 img/s), 0 skipped, 1 rows in cache"]
-    r = SimpleNamespace(rows=[{"rank": 1, "path": "a.jpg", "predicted": "c", "uncertainty": 0.5, "distance": 0.25}],
-                        pool=31, rule="margin", head="logreg", labelled=4, skipped=1, csv="s.csv", html="s.html")
+    r = SimpleNamespace(rows=[{"rank": 1, "path": "a.jpg", "predicted": "c", "uncertainty": 0.5, "distance": 0.25,
+                               "unknown": False}], pool=31, rule="margin", head="logreg", labelled=4, skipped=1,
+                        csv="s.csv", html="s.html")
     assert present.suggest_text(r).splitlines()[0] == ("1 of 30 pool photos to label next (rule margin; head logreg "
                                                        "on 4 labelled photos; 1 pool photo already labelled left out)")
     assert present.predict_note(SimpleNamespace(images=3, errors=3, img_per_s=58.3, explain=None)) == \

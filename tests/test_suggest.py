@@ -37,7 +37,7 @@ def test_suggest_writes_the_ranked_list_and_its_page(tmp_path, image_folder, poo
     run = CliRunner().invoke(cli, ["suggest", "--data", str(image_folder), "--pool", str(pool), "--k", "5",
                                    "--output", str(out), "--json", *tiny_args(tmp_path)])
     assert run.exit_code == 0, run.output
-    result = json.loads(run.output)
+    result = json.loads(run.stdout)
     assert result["pool"] == 10 and result["labelled"] == 24 and result["skipped"] == 1
     with open(out / "suggestions.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -50,6 +50,41 @@ def test_suggest_writes_the_ranked_list_and_its_page(tmp_path, image_folder, poo
     assert page.count("data:image/jpeg;base64,") == 5 and "src=\"http" not in page
     # the pool's cache is an ordinary cache, but never the default one to train on
     assert newest_cache(tmp_path / "features").attrs["data_root"] == str(image_folder.resolve())
+
+
+def test_photos_of_no_labelled_class_are_flagged_and_said_on_stderr(tmp_path, image_folder, pool):
+    """A pool of sign-digit photos with a few food photos (labelled: the digits): 5 of the top 6 suggestions were
+    food, and nothing but their distance said so; a user labelled them as digits. Here the pool's green photos
+    are of no labelled class (blue, red): each suggested photo says whether it looks like none of the classes
+    (the unknown score fit-head's heads carry), in the CSV, the page, the JSON rows, and one line on stderr."""
+    out = tmp_path / "out"
+    run = CliRunner().invoke(cli, ["suggest", "--data", str(image_folder), "--pool", str(pool), "--k", "9",
+                                   "--output", str(out), "--json", *tiny_args(tmp_path)])
+    assert run.exit_code == 0, run.output
+    green = {"day2/p3.jpg", "p4.jpg", "day2/p5.jpg"}  # the pool fixture's names of made/green/*
+    with open(out / "suggestions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 9 and {r["unknown"] for r in rows} == {"true", "false"}
+    assert {r["path"] for r in rows if r["unknown"] == "true"} == green
+    assert all(float(r["ood_score"]) >= 0 for r in rows)
+    result = json.loads(run.stdout)
+    assert {r["path"] for r in result["rows"] if r["unknown"] is True} == green and result["unknown"] == 3
+    warning = [line for line in run.stderr.splitlines() if "look like none of the classes" in line]
+    ranks = ", ".join(r["rank"] for r in rows if r["unknown"] == "true")
+    assert len(warning) == 1 and f"3 of the 9 suggested photos (ranks {ranks})" in warning[0], run.stderr
+    assert "new class" in warning[0] and "out of the pool" in warning[0]
+    page = (out / "suggestions.html").read_text()
+    assert page.count("<b class='given'>none of the classes</b>") == 3 and "3 of these 9 look like none" in page
+
+
+def test_a_pool_of_the_labelled_classes_is_not_flagged(tmp_path, image_folder):
+    from pipeline import api
+
+    pool = make_image_folder(tmp_path / "pool", per_class=4, seed=5)  # blue and red, as labelled
+    result = api.suggest(image_folder, pool, k=8, output=tmp_path / "out", backbone="tiny", weights="none",
+                         workers=0, cache_dir=tmp_path / "features")
+    assert len(result.rows) == 8 and not any(r["unknown"] for r in result.rows) and result.unknown == 0
+    assert "none of the classes" not in result.html.read_text()
 
 
 def test_a_suggested_photo_moved_into_its_class_costs_no_forward_pass(tmp_path, image_folder, pool, make_cache,

@@ -206,9 +206,9 @@ def suggest_text(r: SuggestResult, top: int = 20) -> str:
     lines = [f"{len(r.rows)} of {r.pool - r.skipped} pool photos to label next (rule {r.rule}; head {r.head} on "
              f"{r.labelled} labelled photos" + (f"; {plural(r.skipped, 'pool photo')} already labelled left out"
                                                  if r.skipped else "") + ")",
-             f"{'rank':>4}  {'photo':<{w}}  {'guess':<{g}} {'uncertainty':>11} {'distance':>8}"]
+             f"{'rank':>4}  {'photo':<{w}}  {'guess':<{g}} {'uncertainty':>11} {'distance':>8}  unknown"]
     lines += [f"{x['rank']:>4}  {n:<{w}}  {one_line(x['predicted']):<{g}} {x['uncertainty']:>11.3f} "
-              f"{x['distance']:>8.3f}" for x, n in zip(r.rows, names)]
+              f"{x['distance']:>8.3f}  {'true' if x['unknown'] else 'false':>7}" for x, n in zip(r.rows, names)]
     if len(r.rows) > top:
         lines.append(f"... and {len(r.rows) - top} more ({r.csv})")
     lines += [f"list: {r.csv}", f"page: {r.html}"]

@@ -6,8 +6,10 @@ its class folder costs the next extract no forward pass. The default head is fit
 rows; among the pool photos it is least sure of (1 - the margin between its two most probable classes),
 those farthest (cosine, average-pooled l2 rows) from every photo labelled or picked already are picked
 one at a time (``rank_pool``): uncertain photos unlike anything labelled, and never several near copies
-of one photo while others are left. The list goes to suggestions.csv and suggestions.html (thumbnails
-inlined), in a run folder or --output, never among the photos.
+of one photo while others are left. Each suggested photo is scored as fit-head's heads score a photo of none
+of their classes (``unknown_scores``: ``unknown``, ``ood_score``), and one line on stderr says how many look so;
+they are not moved down the list (measured: docs/suggest.md). The list goes to suggestions.csv and
+suggestions.html (thumbnails inlined), in a run folder or --output, never among the photos.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from ..data.folders import POOL
 from ..errors import UsageError
 from ..files import SafeCsvWriter, atomic_write, check_output
 from ..heads.cache_views import CacheViews
-from ..heads.unknown_score import pooled_rows_np
+from ..heads.unknown_score import fit_unknown, kept_indices, pooled_rows_np, scores_np
 from ..progress import still_running
 
 log = logging.getLogger(__name__)
@@ -37,7 +39,8 @@ BLOCK_ROWS = 4096
 @dataclass
 class SuggestResult:
     """What suggest found: the ranked photos (``rows``: path, rank, predicted class, its probability,
-    uncertainty, distance to the nearest labelled photo) and where the list and the page went."""
+    uncertainty, distance to the nearest labelled photo, ``unknown``: whether it looks like none of the labelled
+    classes, its ``ood_score``) and where the list and the page went."""
 
     rows: list
     csv: Path
@@ -49,6 +52,8 @@ class SuggestResult:
     skipped: int  # pool photos left out because the labelled folder holds the same bytes
     caches: dict = field(default_factory=dict)  # {"labelled": path, "pool": path}
     seconds: dict = field(default_factory=dict)
+    unknown_threshold: float = 1.0  # above it (the ood_score) a photo looks like none of the labelled classes
+    unknown: int = 0  # suggested photos flagged unknown
 
 
 def validate(cfg: SuggestConfig) -> None:
@@ -99,6 +104,23 @@ def nearest_distance(x: np.ndarray, other: np.ndarray) -> np.ndarray:
     for lo in range(0, len(x), BLOCK_ROWS):
         out[lo:lo + BLOCK_ROWS] = 1.0 - (x[lo:lo + BLOCK_ROWS] @ other.T).max(1)
     return np.clip(out, 0.0, None)
+
+
+def unknown_scores(pool: np.ndarray, labelled: np.ndarray, seed: int = 0,
+                   known_share: float | None = None) -> tuple[np.ndarray, float]:
+    """The unknown score of each pool row (average view) against the labelled rows, and its threshold: fit-head's
+    (``unknown_score.fit_unknown`` with the trust options' defaults: 1 - cosine similarity to the 10th-nearest of
+    at most 5,000 kept labelled rows; the threshold keeps 95 % of held-out labelled photos, here each kept row
+    scored against the others and up to 5,000 labelled rows not kept). Above it a photo looks like none of the
+    classes."""
+    from ..config import TrustOptions
+
+    opts = TrustOptions()
+    keep = kept_indices(np.arange(len(labelled)), opts.unknown_rows, seed)
+    rest = kept_indices(np.setdiff1d(np.arange(len(labelled)), keep), opts.unknown_rows, seed + 1)  # held out
+    k = max(1, min(opts.unknown_k, len(keep) - 1))
+    fit = fit_unknown(labelled[keep], labelled[rest], k, known_share or opts.known_share)
+    return scores_np(pool, fit.known, k), fit.threshold
 
 
 #: The default rule looks for spread among this many times k of the least certain photos (measured: 2 beat 3
@@ -214,29 +236,46 @@ def suggest(cfg: SuggestConfig) -> SuggestResult:
     order = keep[rank_pool(pooled_rows_np(pool_avg[keep]), labelled, proba[keep], cfg.k, cfg.rule, cfg.seed)]
     dist = nearest_distance(pooled_rows_np(pool_avg[order]), labelled)
     u = uncertainty(proba[order])
+    ood, threshold = unknown_scores(pool_avg[order], avg, cfg.seed)
     rows = [{"rank": r + 1, "path": paths[i], "predicted": classes[int(proba[i].argmax())],
              "probability": round(float(proba[i].max()), 4), "uncertainty": round(float(u[r]), 4),
-             "distance": round(float(dist[r]), 4)} for r, i in enumerate(order)]
+             "distance": round(float(dist[r]), 4), "unknown": bool(ood[r] > threshold),
+             "ood_score": round(float(ood[r]), 4)} for r, i in enumerate(order)]
     seconds["rank"] = time.time() - t
     out = output_dir(cfg, "suggest")
     result = SuggestResult(rows, out / "suggestions.csv", out / "suggestions.html", key, cfg.rule, len(labels),
                            len(paths), int((~fresh).sum()), {"labelled": str(lab_path), "pool": str(pool_path)},
-                           seconds)
+                           seconds, threshold, sum(r["unknown"] for r in rows))
+    if result.unknown:
+        log.warning("%s", unknown_warning(result, cfg.data))
     write_csv(rows, result.csv)
     write_page(result, root, cfg.data)
     result.seconds["total"] = time.time() - t0
     return result
 
 
-COLUMNS = ("rank", "path", "predicted", "probability", "uncertainty", "distance")
+def unknown_warning(result: SuggestResult, data: str) -> str:
+    """The one line said when suggested photos look like none of the labelled classes: how many, which, what to do."""
+    ranks = [r["rank"] for r in result.rows if r["unknown"]]
+    shown = ", ".join(map(str, ranks[:10])) + (", ..." if len(ranks) > 10 else "")
+    n = len(ranks)
+    return (f"suggest: {n} of the {len(result.rows)} suggested photos (rank{'s' if n > 1 else ''} {shown}) "
+            f"look{'s' if n == 1 else ''} like none of the classes of {data} (ood_score above "
+            f"{result.unknown_threshold:.4f}; unknown = true in {result.csv.name}): label such a photo into a new "
+            "class folder, or take it out of the pool")
+
+
+COLUMNS = ("rank", "path", "predicted", "probability", "uncertainty", "distance", "unknown", "ood_score")
 
 
 def write_csv(rows: list, path: Path) -> Path:
+    from ..models.predict import cell
+
     def write(tmp):
         with open(tmp, "w", newline="") as f:
             w = SafeCsvWriter(f, list(COLUMNS))
             w.writeheader()
-            w.writerows(rows)
+            w.writerows({c: cell(r[c]) for c in COLUMNS} for r in rows)
 
     return atomic_write(path, write)
 
@@ -251,13 +290,19 @@ def render(result: SuggestResult, root: str, data: str) -> str:
              f"<p>{len(result.rows)} of the {result.pool} photos of {esc(root)}, ranked by the rule "
              f"<b>{esc(result.rule)}</b> (the uncertainty of {esc(result.head)}, fitted on the {result.labelled} "
              f"photos of {esc(data)}, and the distance to the nearest labelled or suggested photo). Move each into its "
-             f"class folder of {esc(data)}: the next extract reuses its features.</p>",
-             "<table><tr><th>rank</th><th>photo</th><th>the head's guess</th><th>uncertainty</th>"
-             "<th>distance</th></tr>"]
+             f"class folder of {esc(data)}: the next extract reuses its features.</p>"]
+    if result.unknown:
+        parts.append(f"<p><b>{result.unknown} of these {len(result.rows)} look like none of the classes of "
+                     f"{esc(data)}</b> (unknown score above {result.unknown_threshold:.4f}, marked <i>none of the "
+                     "classes</i>): label such a photo into a new class folder, or take it out of the pool.</p>")
+    parts.append("<table><tr><th>rank</th><th>photo</th><th>the head's guess</th><th>uncertainty</th>"
+                 "<th>distance</th><th>looks like</th></tr>")
     for r in result.rows:
+        looks = (f"<b class='given'>none of the classes</b> ({r['ood_score']:.3f})" if r["unknown"] else
+                 f"a labelled class ({r['ood_score']:.3f})")
         parts.append(f"<tr><td>{r['rank']}</td><td>{photo_figure(root, r['path'], r['path'])}</td>"
                      f"<td>{esc(r['predicted'])} ({r['probability']:.3f})</td><td>{r['uncertainty']:.3f}</td>"
-                     f"<td>{r['distance']:.3f}</td></tr>")
+                     f"<td>{r['distance']:.3f}</td><td>{looks}</td></tr>")
     parts.append("</table></body></html>")
     return "\n".join(parts)
 
