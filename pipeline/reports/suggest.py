@@ -261,8 +261,9 @@ def unknown_warning(result: SuggestResult, data: str) -> str:
     n = len(ranks)
     return (f"suggest: {n} of the {len(result.rows)} suggested photos (rank{'s' if n > 1 else ''} {shown}) "
             f"look{'s' if n == 1 else ''} like none of the classes of {data} (ood_score above "
-            f"{result.unknown_threshold:.4f}; unknown = true in {result.csv.name}): label such a photo into a new "
-            "class folder, or take it out of the pool")
+            f"{result.unknown_threshold:.4f}; unknown = true in {result.csv.name}): look at each; one of no class "
+            "goes into a new class folder or out of the pool, an odd photo of a class (about 1 in 20 are flagged) "
+            "into its class")
 
 
 COLUMNS = ("rank", "path", "predicted", "probability", "uncertainty", "distance", "unknown", "ood_score")
@@ -294,7 +295,8 @@ def render(result: SuggestResult, root: str, data: str) -> str:
     if result.unknown:
         parts.append(f"<p><b>{result.unknown} of these {len(result.rows)} look like none of the classes of "
                      f"{esc(data)}</b> (unknown score above {result.unknown_threshold:.4f}, marked <i>none of the "
-                     "classes</i>): label such a photo into a new class folder, or take it out of the pool.</p>")
+                     "classes</i>): look at each; one of no class goes into a new class folder or out of the "
+                     "pool, an odd photo of a class (about 1 in 20 are flagged) into its class.</p>")
     parts.append("<table><tr><th>rank</th><th>photo</th><th>the head's guess</th><th>uncertainty</th>"
                  "<th>distance</th><th>looks like</th></tr>")
     for r in result.rows:
