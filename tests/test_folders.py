@@ -135,6 +135,29 @@ def test_a_class_folder_without_images_is_refused(tmp_path, content):
         list_image_folder(root)
 
 
+def test_a_class_folder_of_files_of_other_types_says_what_it_holds(tmp_path):
+    """An iPhone's folder of .HEIC photos was refused as 'holds no images; remove it or add images', though it held
+    them: the refusal now names what it holds, the types read, and (HEIC) how to convert them."""
+    root = make_image_folder(tmp_path / "d", per_class=1)
+    for f in (root / "red").iterdir():
+        f.unlink()
+    for i in range(3):
+        (root / "red" / f"IMG_000{i}.HEIC").write_bytes(b"\0\0\0\x18ftypheic" + bytes(100))
+    (root / "red" / "Thumbs.db").write_bytes(b"x")
+    r = CliRunner().invoke(cli, ["check-images", str(root)])  # check-images' listing is unchanged
+    assert r.exit_code == 0 and "extract refuses" in r.stdout, r.output
+    with pytest.raises(ValueError, match=r"^class folder '.*red' holds no images; remove it or add images \(its 3 "
+                                         r"files, e\.g\. 'IMG_0000\.HEIC', are not of the types read: \.jpg \.jpeg "
+                                         r".*; HEIC photos, as iPhones take them, convert to JPEG first: heif-convert"):
+        list_image_folder(root)
+    for f in (root / "red").glob("*.HEIC"):
+        f.unlink()
+    (root / "red" / "notes.txt").write_text("May")
+    with pytest.raises(ValueError, match=r"holds no images; remove it or add images \(its one file, 'notes\.txt', "
+                                         r"is not of the types read: [^;]*\)$"):
+        list_image_folder(root)
+
+
 def test_sixteen_bit_images_scale_by_their_bit_depth_never_by_their_content(tmp_path):
     dark = np.full((8, 8), 200, np.uint16)  # a dark 16-bit picture: every pixel <= 255
     bright = dark.copy()

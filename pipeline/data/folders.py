@@ -210,7 +210,8 @@ def list_image_folder(root: str | os.PathLike, min_classes: int = 2) -> ImageFol
             unreadable = dict(bad).get(shown(cls))  # the OS would not list it: not the user's empty folder
             if unreadable:
                 raise PipelineError(f"class folder {str(root / cls)!r} {unreadable}; fix its permissions")
-            raise UsageError(f"class folder {str(root / cls)!r} holds no images; remove it or add images")
+            raise UsageError(f"class folder {str(root / cls)!r} holds no images; remove it or add images"
+                             + _other_files(root / cls))
     if not files:
         with os.scandir(root) as entries:  # the pool given as --data
             loose = sum(1 for e in entries if is_image_name(e.name) and e.is_file())
@@ -286,6 +287,20 @@ def _list_files(root: Path, top: Path, label: int, files: list, bad: list, seen:
                 continue
             files.append(SourceFile(rel, label, st.st_size, st.st_mtime_ns))
     bad += [(from_root(root, top, where), why) for where, why in folders]
+
+
+def _other_files(folder: Path) -> str:
+    """What a class folder that lists no image holds instead, said after 'holds no images' (an iPhone's folder of
+    .HEIC photos, .avif downloads: 'holds no images' alone, though it held hundreds of photos), or ''."""
+    names = [n for _, filenames in walk(folder) for n in filenames if not is_image_name(n)]
+    if not names:
+        return ""
+    heic = sum(n.lower().endswith((".heic", ".heif")) for n in names)
+    return (f" (its one file, {shown(names[0])!r}, is not" if len(names) == 1 else
+            f" (its {len(names)} files, e.g. {shown(names[0])!r}, are not") + (
+            f" of the types read: {' '.join(IMAGE_EXTENSIONS)}"
+            + ("; HEIC photos, as iPhones take them, convert to JPEG first: heif-convert IN OUT.jpg, or on a Mac "
+               "sips -s format jpeg IN --out OUT.jpg" if heic else "") + ")")
 
 
 def from_root(root: Path, top: Path, where: str) -> str:
