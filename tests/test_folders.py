@@ -158,6 +158,21 @@ def test_a_class_folder_of_files_of_other_types_says_what_it_holds(tmp_path):
         list_image_folder(root)
 
 
+def test_images_loose_beside_the_class_folders_are_said_to_be_left_out(tmp_path, caplog):
+    """Photos dropped into the data folder itself, beside its class folders, belong to no class: every command left
+    them out without a word (check-images counted them as good files). Said once per listing, naming one."""
+    root = make_image_folder(tmp_path / "d", per_class=2)
+    for name in ("unsorted1.jpg", "unsorted0.png"):
+        (root / name).write_bytes((root / "blue" / "blue.0.jpg").read_bytes())
+    (root / "readme.txt").write_text("not an image")
+    with caplog.at_level("WARNING"):
+        listing = list_image_folder(root)
+    assert len(listing.files) == 4
+    assert [r.getMessage() for r in caplog.records] == [
+        f"2 images lie in {root} itself, in no class folder, and are left out (e.g. unsorted0.png); move them into "
+        "their class folders to use them"]
+
+
 def test_sixteen_bit_images_scale_by_their_bit_depth_never_by_their_content(tmp_path):
     dark = np.full((8, 8), 200, np.uint16)  # a dark 16-bit picture: every pixel <= 255
     bright = dark.copy()

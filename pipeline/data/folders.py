@@ -226,7 +226,23 @@ def list_image_folder(root: str | os.PathLike, min_classes: int = 2) -> ImageFol
         )
     if bad:
         warn_left_out(root, bad)
+    warn_loose(root)
     return ImageFolderListing(root, tuple(classes), tuple(files), tuple(bad))
+
+
+def warn_loose(root: Path) -> None:
+    """Say (once) that images lie in the data folder itself, beside the class folders: no class is theirs, so every
+    command leaves them out; it did so without a word (check-images counted them among the good files)."""
+    with os.scandir(root) as entries:
+        loose = sorted(e.name for e in entries if is_image_name(e.name) and e.is_file())
+    if loose:
+        name = one_line(shown(loose[0]))
+        line = (f"an image lies in {root} itself, in no class folder, and is left out: {name}; move it into its class "
+                "folder to use it" if len(loose) == 1 else
+                f"{len(loose)} images lie in {root} itself, in no class folder, and are left out (e.g. {name}); move "
+                "them into their class folders to use them")
+        if first_time(line):
+            log.warning("%s", line)
 
 
 #: The left-out entries a listing's warning names; more are counted (check-images names every one).
