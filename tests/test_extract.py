@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 import pipeline.data.folders
-from pipeline.cache.feature_cache import FeatureCache, read_info
+from pipeline.cache.feature_cache import FeatureCache
 from pipeline.cli import cli
 from pipeline.errors import DiskFull
 from pipeline.extraction.extract import ExtractConfig, ExtractResult, extract
@@ -392,22 +392,6 @@ def test_a_folder_of_only_bad_files_is_a_clear_error(tmp_path):
         (tmp_path / "d" / c / "x.jpg").write_bytes(b"")
     with pytest.raises(ValueError, match="no image .* could be decoded"):
         extract(cfg(tmp_path / "d", tmp_path))
-
-
-def test_a_class_folder_of_only_unreadable_files_is_refused_by_name(tmp_path):
-    """A class folder whose every file was broken (a zero-byte and a truncated JPEG) made a complete cache with a
-    class of no row, though check-images said extract refuses such a folder: fit-head then failed with 'the smallest
-    class has 0', '--head logreg' with 'fitted on labels [1, 2]', and '--head linear' fitted an output for it."""
-    data = make_image_folder(tmp_path / "d", per_class=3)
-    (data / "broken").mkdir()
-    (data / "broken" / "z.jpg").write_bytes(b"")
-    (data / "broken" / "t.jpg").write_bytes((data / "blue" / "blue.0.jpg").read_bytes()[:300])
-    with pytest.raises(ValueError, match=r"^class folder '.*broken' has no usable image: all 2 of its files are "
-                                         r"unreadable \(e\.g\. broken/t\.jpg: .*\); fix them or move them out"):
-        extract(cfg(data, tmp_path))
-    assert [read_info(p).complete for p in (tmp_path / "f").glob("*.h5")] == [False]  # never any command's default
-    (data / "broken" / "ok.jpg").write_bytes((data / "blue" / "blue.0.jpg").read_bytes())  # one good photo: fine
-    assert extract(cfg(data, tmp_path)).rows == 7
 
 
 def test_n_larger_than_the_folder_says_how_many_there_are(image_folder, tmp_path):

@@ -268,11 +268,6 @@ class CacheWriter:
     def skipped_rows(self) -> int:
         return int(self.f.attrs["skipped_rows"])
 
-    @property
-    def skipped(self) -> list[tuple[str, str]]:
-        """(path, reason) of the files skipped so far."""
-        return _skipped(self.f)
-
     # -- writing ----------------------------------------------------------------------------
     def _features(self, sample: np.ndarray) -> h5py.Dataset:
         if "features" not in self.f:

@@ -249,22 +249,6 @@ def warn_short(rows: int, n: int, listing, skipped: int) -> None:
     log.warning("only %d good images of the %d %s (%d skipped)", rows, wanted, what, skipped)
 
 
-def refuse_unusable_classes(listing: ImageFolderListing, writer: CacheWriter) -> None:
-    """Refuse (exit 2) an extraction in which a class folder has no row because every one of its files was
-    skipped as unreadable: the cache would hold a class no head can learn (fit-head's solvers failed inside, or
-    it fitted an output for a class it never saw), where check-images says extract refuses such a folder."""
-    counts = np.bincount(writer.f["labels"][:writer.rows], minlength=len(listing.classes))
-    unusable = {**dict(listing.bad), **dict(writer.skipped)}
-    for c in np.flatnonzero(counts == 0):
-        cls = listing.classes[c]
-        mine = [x.path for x in listing.files if x.label == c] + [p for p, _ in listing.bad if p.startswith(f"{cls}/")]
-        if mine and all(p in unusable for p in mine):
-            raise UsageError(f"class folder {str(listing.root / cls)!r} has no usable image: "
-                             f"{'its one file is' if len(mine) == 1 else f'all {len(mine)} of its files are'} "
-                             f"unreadable (e.g. {one_line(mine[0])}: {one_line(unusable[mine[0]])}); fix them or move "
-                             f"them out (check-images {str(listing.root)!r} --quarantine), or remove the folder")
-
-
 def extract_range(cfg, listing: ImageFolderListing, key: str, path: Path, resumed: Optional[CacheInfo] = None,
                   positions: Optional[tuple[int, int]] = None, extra_attrs: Optional[dict] = None) -> dict:
     """Extract into ``path``, continuing ``resumed`` (its validated progress) if given.
@@ -366,8 +350,6 @@ def extract_range(cfg, listing: ImageFolderListing, key: str, path: Path, resume
         skipped = writer.skipped_rows
         if rows == 0 and not positions:
             raise UsageError(f"no image in {cfg.data} could be decoded ({skipped} tried); run check-images on it")
-        if not positions:
-            refuse_unusable_classes(listing, writer)
         if rows < target and not positions:
             warn_short(rows, cfg.n, listing, skipped)
         before = json.loads(writer.f.attrs.get("reuse", "{}") or "{}")
