@@ -302,6 +302,22 @@ def test_a_class_without_a_row_in_the_cache_is_named(tmp_path, make_cache):
     assert run.exit_code == 2 and "has no row of class 'green': the audit cannot learn it" in run.output, run.output
 
 
+def test_a_class_of_only_unreadable_photos_is_named_with_why(tmp_path, make_cache):
+    """A class folder of a zero-byte and a truncated JPEG, extracted with --n 7: every one of its files was tried and
+    skipped, yet the refusal said the --n sample drew none of its photos ('take a larger --n', which changes
+    nothing); it now names one of them and why it was skipped."""
+    data = make_image_folder(tmp_path / "d", per_class=3)
+    (data / "broken").mkdir()
+    (data / "broken" / "z.jpg").write_bytes(b"")
+    (data / "broken" / "t.jpg").write_bytes((data / "blue" / "blue.0.jpg").read_bytes()[:300])
+    cache = make_cache(data, n=7).cache
+    run = CliRunner().invoke(cli, ["fit-head", "--cache", cache, "--runs-dir", str(tmp_path / "runs")])
+    assert run.exit_code == 2 and re.fullmatch(
+        rf"Error: cache {re.escape(cache)} has no row of class 'broken': a head cannot learn it; its photos were "
+        r"skipped as unreadable \(e\.g\. broken/[tz]\.jpg: .*\): fix or remove them and extract again\n",
+        run.output), run.output
+
+
 @pytest.mark.parametrize("args, message", [
     (["--head", "svm", "--gamma", "nan"], "--gamma must be a positive number"),  # was scikit-learn's own message
     (["--head", "svm", "--gamma", "-2*scale"], "got '-2*scale'"),  # was 'got -3.71', a number never typed
