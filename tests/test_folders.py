@@ -173,6 +173,24 @@ def test_images_loose_beside_the_class_folders_are_said_to_be_left_out(tmp_path,
         "their class folders to use them"]
 
 
+def test_class_folders_that_differ_only_in_case_or_spaces_are_said(tmp_path, caplog):
+    """'Cat' and 'cat' (two cameras' imports), 'Dog' and 'Dog ' (a space typed): four classes, each with half of the
+    photos of the two meant, taken without a word (on macOS or Windows they would be one folder each)."""
+    root = make_image_folder(tmp_path / "d", per_class=1, classes=("blue", "red"))
+    (root / "blue").rename(root / "Blue")
+    make_image_folder(tmp_path / "d", per_class=1, classes=("blue", "red"))
+    (root / "red").rename(root / "red ")
+    make_image_folder(tmp_path / "d", per_class=1, classes=("red",))
+    with caplog.at_level("WARNING"):
+        assert list_image_folder(root).classes == ("Blue", "blue", "red", "red ")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"class folders of {root} that differ only in case or spaces are taken as different classes: 'Blue' and "
+        "'blue'; 'red' and 'red ' (move the photos into one folder if they are one class)"]
+    caplog.clear()
+    list_image_folder(make_image_folder(tmp_path / "other", per_class=1))
+    assert caplog.records == []
+
+
 def test_sixteen_bit_images_scale_by_their_bit_depth_never_by_their_content(tmp_path):
     dark = np.full((8, 8), 200, np.uint16)  # a dark 16-bit picture: every pixel <= 255
     bright = dark.copy()

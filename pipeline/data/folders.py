@@ -227,7 +227,24 @@ def list_image_folder(root: str | os.PathLike, min_classes: int = 2) -> ImageFol
     if bad:
         warn_left_out(root, bad)
     warn_loose(root)
+    warn_alike_classes(root, classes)
     return ImageFolderListing(root, tuple(classes), tuple(files), tuple(bad))
+
+
+def warn_alike_classes(root: Path, classes) -> None:
+    """Say (once) that class folders differ only in case or in spaces around their names ('Cat' and 'cat', 'Dog'
+    and 'Dog '): two classes, each with half of the photos, where the user meant one (on macOS or Windows they
+    would be one folder); they were taken as two without a word."""
+    groups: dict = {}
+    for c in classes:
+        groups.setdefault(c.strip().casefold(), []).append(c)
+    alike = [g for g in groups.values() if len(g) > 1]
+    if alike:
+        named = "; ".join(" and ".join(repr(c) for c in g) for g in alike)
+        line = (f"class folders of {root} that differ only in case or spaces are taken as different classes: {named} "
+                "(move the photos into one folder if they are one class)")
+        if first_time(line):
+            log.warning("%s", line)
 
 
 def warn_loose(root: Path) -> None:
