@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import errno
+import hashlib
 import json
 import math
 import numbers
@@ -364,6 +365,20 @@ def signals_deferred():
             signal.raise_signal(caught[0])  # now, to the handler restored
 
 
+#: The longest file name (bytes) Linux, macOS and Windows file systems take.
+NAME_MAX = 255
+
+
+def temporary_name(path: Path) -> Path:
+    """``.NAME.PID.tmp`` beside ``path``, or, where that is longer than a file name may be (an output named with
+    250 characters, itself allowed), ``.DIGEST.PID.tmp`` from its name's sha256: writing it failed as 'unexpected
+    OSError: File name too long (a bug?)'."""
+    name = f".{path.name}.{os.getpid()}.tmp"
+    if len(os.fsencode(name)) > NAME_MAX:
+        name = f".{hashlib.sha256(os.fsencode(path.name)).hexdigest()[:16]}.{os.getpid()}.tmp"
+    return path.with_name(name)
+
+
 def atomic_write(path, write) -> Path:
     """``write(tmp)`` into a temporary file beside ``path``, then rename it onto ``path``.
 
@@ -372,7 +387,7 @@ def atomic_write(path, write) -> Path:
     disk are one line (see ``writing``).
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temporary_name(path)
     with unwinding_on_signals():
         try:
             with writing(path):

@@ -34,6 +34,10 @@ def test_a_clash_refuses_the_whole_list(tmp_path):
                 "not a path inside the data folder"):
         assert why in str(e.value)
     assert snapshot(data) == before and not (tmp_path / "data.quarantine").exists()
+    assert str(e.value).startswith("nothing was moved: 4 rows of the list cannot be applied:\n")
+    fixes.write_text("path,action,new_class\nred/red.0.jpg,relabel,blue\n")
+    with pytest.raises(UsageError, match="^nothing was moved: 1 row of the list cannot be applied:\n  line 2 "):
+        apply_fixes(fixes, data, tmp_path / "run")  # it said '1 rows'
     fixes.write_text("path,action,new_class,new_name\nred/red.0.jpg,relabel,blue,red.0-from-red.jpg\n")
     r = apply_fixes(fixes, data, tmp_path / "run")  # the same move under a free name goes through
     assert isinstance(r, FixesResult) and r.relabel == 1

@@ -39,6 +39,22 @@ def test_atomic_write_leaves_the_old_file_or_the_new_one_never_half(tmp_path):
     assert out.read_text() == "new\n"
 
 
+def test_an_output_with_the_longest_name_a_file_may_have_is_written(tmp_path):
+    """predict --output NAME.csv, its name 252 characters (a file may have 255): the temporary '.NAME.PID.tmp' beside
+    it was longer than that, and the run failed as 'unexpected OSError: [Errno 36] File name too long (a bug?)'."""
+    out = tmp_path / ("o" * 248 + ".csv")
+    atomic_write(out, lambda tmp: tmp.write_text("new\n"))
+    assert out.read_text() == "new\n" and os.listdir(tmp_path) == [out.name]
+
+    def fails(tmp):
+        tmp.write_text("half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(DiskFull):  # the temporary file goes however the write ends
+        atomic_write(out, fails)
+    assert out.read_text() == "new\n" and os.listdir(tmp_path) == [out.name]
+
+
 def test_sigterm_mid_write_leaves_no_temporary_file(tmp_path):
     out, ready = tmp_path / "rows.csv", tmp_path / "ready"
     out.write_text("old\n")

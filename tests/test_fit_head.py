@@ -282,6 +282,42 @@ def test_too_few_rows_for_the_folds_names_the_options_that_fit_them(tmp_path, ma
         pipeline.Head(tune=True, runs_dir=str(tmp_path / "runs")).fit(cache)
 
 
+def test_a_class_without_a_row_in_the_cache_is_named(tmp_path, make_cache):
+    """extract --n 6 of a folder of 12 blue, 12 red and 1 green photo draws no green photo (a proportional sample):
+    fit-head said 'the smallest class has 5' (of the classes it saw), --head linear fitted an output for green
+    from no row, and audit failed inside scikit-learn ('needs samples of at least 2 classes')."""
+    data = make_image_folder(tmp_path / "d", per_class=12)
+    make_image_folder(tmp_path / "g", per_class=1, classes=("green",))
+    (tmp_path / "g" / "green").rename(data / "green")
+    cache = make_cache(data, n=6).cache
+    c = FeatureCache(cache)
+    assert c.classes.index("green") not in set(c.labels)
+    for args in ([], ["--head", "linear"]):
+        run = CliRunner().invoke(cli, ["fit-head", "--cache", cache, "--runs-dir", str(tmp_path / "runs"), *args])
+        assert run.exit_code == 2 and run.output == (
+            f"Error: cache {cache} has no row of class 'green': a head cannot learn it; extract's sample of --n 6 drew "
+            "none of its photos: take a larger --n (--n 0: every photo)\n"), run.output
+    assert not (tmp_path / "runs").exists()
+    run = CliRunner().invoke(cli, ["audit", "--cache", cache, "--output", str(tmp_path / "a")])
+    assert run.exit_code == 2 and "has no row of class 'green': the audit cannot learn it" in run.output, run.output
+
+
+def test_a_class_of_only_unreadable_photos_is_named_with_why(tmp_path, make_cache):
+    """A class folder of a zero-byte and a truncated JPEG, extracted with --n 7: every one of its files was tried and
+    skipped, yet the refusal said the --n sample drew none of its photos ('take a larger --n', which changes
+    nothing); it now names one of them and why it was skipped."""
+    data = make_image_folder(tmp_path / "d", per_class=3)
+    (data / "broken").mkdir()
+    (data / "broken" / "z.jpg").write_bytes(b"")
+    (data / "broken" / "t.jpg").write_bytes((data / "blue" / "blue.0.jpg").read_bytes()[:300])
+    cache = make_cache(data, n=7).cache
+    run = CliRunner().invoke(cli, ["fit-head", "--cache", cache, "--runs-dir", str(tmp_path / "runs")])
+    assert run.exit_code == 2 and re.fullmatch(
+        rf"Error: cache {re.escape(cache)} has no row of class 'broken': a head cannot learn it; its photos were "
+        r"skipped as unreadable \(e\.g\. broken/[tz]\.jpg: .*\): fix or remove them and extract again\n",
+        run.output), run.output
+
+
 @pytest.mark.parametrize("args, message", [
     (["--head", "svm", "--gamma", "nan"], "--gamma must be a positive number"),  # was scikit-learn's own message
     (["--head", "svm", "--gamma", "-2*scale"], "got '-2*scale'"),  # was 'got -3.71', a number never typed

@@ -135,6 +135,62 @@ def test_a_class_folder_without_images_is_refused(tmp_path, content):
         list_image_folder(root)
 
 
+def test_a_class_folder_of_files_of_other_types_says_what_it_holds(tmp_path):
+    """An iPhone's folder of .HEIC photos was refused as 'holds no images; remove it or add images', though it held
+    them: the refusal now names what it holds, the types read, and (HEIC) how to convert them."""
+    root = make_image_folder(tmp_path / "d", per_class=1)
+    for f in (root / "red").iterdir():
+        f.unlink()
+    for i in range(3):
+        (root / "red" / f"IMG_000{i}.HEIC").write_bytes(b"\0\0\0\x18ftypheic" + bytes(100))
+    (root / "red" / "Thumbs.db").write_bytes(b"x")
+    r = CliRunner().invoke(cli, ["check-images", str(root)])  # check-images' listing is unchanged
+    assert r.exit_code == 0 and "extract refuses" in r.stdout, r.output
+    with pytest.raises(ValueError, match=r"^class folder '.*red' holds no images; remove it or add images \(its 3 "
+                                         r"files, e\.g\. 'IMG_0000\.HEIC', are not of the types read: \.jpg \.jpeg "
+                                         r".*; HEIC photos, as iPhones take them, convert to JPEG first: heif-convert"):
+        list_image_folder(root)
+    for f in (root / "red").glob("*.HEIC"):
+        f.unlink()
+    (root / "red" / "notes.txt").write_text("May")
+    with pytest.raises(ValueError, match=r"holds no images; remove it or add images \(its one file, 'notes\.txt', "
+                                         r"is not of the types read: [^;]*\)$"):
+        list_image_folder(root)
+
+
+def test_images_loose_beside_the_class_folders_are_said_to_be_left_out(tmp_path, caplog):
+    """Photos dropped into the data folder itself, beside its class folders, belong to no class: every command left
+    them out without a word (check-images counted them as good files). Said once per listing, naming one."""
+    root = make_image_folder(tmp_path / "d", per_class=2)
+    for name in ("unsorted1.jpg", "unsorted0.png"):
+        (root / name).write_bytes((root / "blue" / "blue.0.jpg").read_bytes())
+    (root / "readme.txt").write_text("not an image")
+    with caplog.at_level("WARNING"):
+        listing = list_image_folder(root)
+    assert len(listing.files) == 4
+    assert [r.getMessage() for r in caplog.records] == [
+        f"2 images lie in {root} itself, in no class folder, and are left out (e.g. unsorted0.png); move them into "
+        "their class folders to use them"]
+
+
+def test_class_folders_that_differ_only_in_case_or_spaces_are_said(tmp_path, caplog):
+    """'Cat' and 'cat' (two cameras' imports), 'Dog' and 'Dog ' (a space typed): four classes, each with half of the
+    photos of the two meant, taken without a word (on macOS or Windows they would be one folder each)."""
+    root = make_image_folder(tmp_path / "d", per_class=1, classes=("blue", "red"))
+    (root / "blue").rename(root / "Blue")
+    make_image_folder(tmp_path / "d", per_class=1, classes=("blue", "red"))
+    (root / "red").rename(root / "red ")
+    make_image_folder(tmp_path / "d", per_class=1, classes=("red",))
+    with caplog.at_level("WARNING"):
+        assert list_image_folder(root).classes == ("Blue", "blue", "red", "red ")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"class folders of {root} that differ only in case or spaces are taken as different classes: 'Blue' and "
+        "'blue'; 'red' and 'red ' (move the photos into one folder if they are one class)"]
+    caplog.clear()
+    list_image_folder(make_image_folder(tmp_path / "other", per_class=1))
+    assert caplog.records == []
+
+
 def test_sixteen_bit_images_scale_by_their_bit_depth_never_by_their_content(tmp_path):
     dark = np.full((8, 8), 200, np.uint16)  # a dark 16-bit picture: every pixel <= 255
     bright = dark.copy()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -54,6 +55,24 @@ def test_predict_folder_reports_bad_files_per_row(tmp_path, image_folder, model_
     good = [r for r in rows if not r["error"]]
     assert all(0.5 <= r["probability"] <= 1 for r in good)
     assert sum(r["class"] == r["path"].split("/")[-2] for r in good) >= 20
+
+
+def test_a_broken_link_named_alone_gets_its_row_as_in_a_folder(tmp_path, image_folder, model_pt):
+    """predict photos/*.jpg, the glob holding a dangling link or a link loop: 'does not exist' (exit 2), the whole
+    run refused, though the file is there (ls shows it) and predict photos/ gave it a row saying what it is."""
+    blue = image_folder / "blue"
+    (blue / "gone.jpg").symlink_to("nowhere.jpg")
+    (blue / "a.jpg").symlink_to("b.jpg")
+    (blue / "b.jpg").symlink_to("a.jpg")
+    named = [str(blue / n) for n in ("gone.jpg", "a.jpg", "blue.0.jpg")]
+    r = CliRunner().invoke(cli.cli, ["predict", *named, "--model", str(model_pt), "--json", "--workers", "0"])
+    assert r.exit_code == 0, r.output
+    rows = {Path(row["path"]).name: row for row in json.loads(r.stdout)}
+    assert rows["gone.jpg"]["error"] == "a dangling symlink (to 'nowhere.jpg')"
+    assert rows["a.jpg"]["error"] == "a symlink loop, not a file" and rows["blue.0.jpg"]["class"] == "blue"
+    folder = predict(PredictConfig(paths=[str(blue)], model=str(model_pt), workers=0))
+    assert {Path(row["path"]).name: row["error"] for row in folder.rows if row["error"]} == {
+        n: rows[n]["error"] for n in ("gone.jpg", "a.jpg")} | {"b.jpg": "a symlink loop, not a file"}
 
 
 def test_predict_same_rows_whatever_the_batch_size(image_folder, model_pt):

@@ -130,7 +130,8 @@ def plan_moves(rows: list[dict], root: Path, qdir: Path) -> list[dict]:
     if problems:
         shown = "\n  ".join(problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        raise UsageError(f"nothing was moved: {len(problems)} rows of the list cannot be applied:\n  {shown}{more}")
+        rows = "1 row of the list cannot" if len(problems) == 1 else f"{len(problems)} rows of the list cannot"
+        raise UsageError(f"nothing was moved: {rows} be applied:\n  {shown}{more}")
     return moves
 
 

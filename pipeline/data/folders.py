@@ -210,7 +210,8 @@ def list_image_folder(root: str | os.PathLike, min_classes: int = 2) -> ImageFol
             unreadable = dict(bad).get(shown(cls))  # the OS would not list it: not the user's empty folder
             if unreadable:
                 raise PipelineError(f"class folder {str(root / cls)!r} {unreadable}; fix its permissions")
-            raise UsageError(f"class folder {str(root / cls)!r} holds no images; remove it or add images")
+            raise UsageError(f"class folder {str(root / cls)!r} holds no images; remove it or add images"
+                             + _other_files(root / cls))
     if not files:
         with os.scandir(root) as entries:  # the pool given as --data
             loose = sum(1 for e in entries if is_image_name(e.name) and e.is_file())
@@ -225,7 +226,40 @@ def list_image_folder(root: str | os.PathLike, min_classes: int = 2) -> ImageFol
         )
     if bad:
         warn_left_out(root, bad)
+    warn_loose(root)
+    warn_alike_classes(root, classes)
     return ImageFolderListing(root, tuple(classes), tuple(files), tuple(bad))
+
+
+def warn_alike_classes(root: Path, classes) -> None:
+    """Say (once) that class folders differ only in case or in spaces around their names ('Cat' and 'cat', 'Dog'
+    and 'Dog '): two classes, each with half of the photos, where the user meant one (on macOS or Windows they
+    would be one folder); they were taken as two without a word."""
+    groups: dict = {}
+    for c in classes:
+        groups.setdefault(c.strip().casefold(), []).append(c)
+    alike = [g for g in groups.values() if len(g) > 1]
+    if alike:
+        named = "; ".join(" and ".join(repr(c) for c in g) for g in alike)
+        line = (f"class folders of {root} that differ only in case or spaces are taken as different classes: {named} "
+                "(move the photos into one folder if they are one class)")
+        if first_time(line):
+            log.warning("%s", line)
+
+
+def warn_loose(root: Path) -> None:
+    """Say (once) that images lie in the data folder itself, beside the class folders: no class is theirs, so every
+    command leaves them out; it did so without a word (check-images counted them among the good files)."""
+    with os.scandir(root) as entries:
+        loose = sorted(e.name for e in entries if is_image_name(e.name) and e.is_file())
+    if loose:
+        name = one_line(shown(loose[0]))
+        line = (f"an image lies in {root} itself, in no class folder, and is left out: {name}; move it into its class "
+                "folder to use it" if len(loose) == 1 else
+                f"{len(loose)} images lie in {root} itself, in no class folder, and are left out (e.g. {name}); move "
+                "them into their class folders to use them")
+        if first_time(line):
+            log.warning("%s", line)
 
 
 #: The left-out entries a listing's warning names; more are counted (check-images names every one).
@@ -286,6 +320,20 @@ def _list_files(root: Path, top: Path, label: int, files: list, bad: list, seen:
                 continue
             files.append(SourceFile(rel, label, st.st_size, st.st_mtime_ns))
     bad += [(from_root(root, top, where), why) for where, why in folders]
+
+
+def _other_files(folder: Path) -> str:
+    """What a class folder that lists no image holds instead, said after 'holds no images' (an iPhone's folder of
+    .HEIC photos, .avif downloads: 'holds no images' alone, though it held hundreds of photos), or ''."""
+    names = [n for _, filenames in walk(folder) for n in filenames if not is_image_name(n)]
+    if not names:
+        return ""
+    heic = sum(n.lower().endswith((".heic", ".heif")) for n in names)
+    return (f" (its one file, {shown(names[0])!r}, is not" if len(names) == 1 else
+            f" (its {len(names)} files, e.g. {shown(names[0])!r}, are not") + (
+            f" of the types read: {' '.join(IMAGE_EXTENSIONS)}"
+            + ("; HEIC photos, as iPhones take them, convert to JPEG first: heif-convert IN OUT.jpg, or on a Mac "
+               "sips -s format jpeg IN --out OUT.jpg" if heic else "") + ")")
 
 
 def from_root(root: Path, top: Path, where: str) -> str:

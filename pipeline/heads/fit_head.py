@@ -37,7 +37,7 @@ from ..config import FitHeadConfig, Placeholder, option_named, option_text, opti
 from ..data.folders import POOL, TEST
 from ..devices import resolve_device
 from ..errors import UsageError
-from ..files import check_output
+from ..files import check_output, one_line
 from ..progress import is_quiet, still_running
 from ..runs.run_folders import finish_run, new_run_dir
 from .cache_views import CacheRows, CacheViews, Relabelled, cache_classes_to_model, head_scores
@@ -165,6 +165,21 @@ def check_labelled(cache, path, needs: str = "a head") -> None:
     if len(cache.classes) < 2:
         what = "the unlabelled photos of a pool (suggest's)" if cache.attrs.get("purpose") == POOL else "one class"
         raise UsageError(f"cache {path} holds {what}: {needs} needs a labelled cache of at least two classes")
+    counts = np.bincount(np.asarray(cache.labels, np.int64), minlength=len(cache.classes))
+    empty = [c for c, k in zip(cache.classes, counts) if k == 0]
+    if empty:  # a --n sample that drew none of a small class's photos: it failed inside ('the smallest class has 3')
+        n = int(cache.attrs.get("n_requested", 0) or 0)
+        them = "its" if len(empty) == 1 else "their"
+        skipped = cache.skipped() if hasattr(cache, "skipped") else []
+        unreadable = [(p, why) for p, why in skipped if p.split("/", 1)[0] in empty]
+        why = (f"{them} photos were skipped as unreadable (e.g. {one_line(unreadable[0][0])}: "
+               f"{one_line(unreadable[0][1])}): fix or remove them and extract again" if unreadable else
+               f"extract's sample of {option_text('n', n)} drew none of {them} photos: take a larger "
+               f"{option_text('n')} ({option_text('n', 0)}: every photo)" if n else
+               f"every one of {them} photos was skipped as unreadable: fix or remove them and extract again")
+        raise UsageError(f"cache {path} has no row of class{'es' if len(empty) > 1 else ''} "
+                         f"{', '.join(map(repr, empty))}: {needs} cannot learn {'it' if len(empty) == 1 else 'them'}; "
+                         f"{why}")
 
 
 def scores(head, cache: FeatureCache, indices: np.ndarray, device, block_rows: int) -> dict:

@@ -113,8 +113,8 @@ def list_inputs(paths) -> list[str]:
                 files += [str(Path(dirpath) / f) for f in filenames if is_image_name(f)]
             for where, why in left_out:
                 log.warning("%s: %s", one_line(str(p.parent / where)), one_line(why))
-        elif p.is_file():
-            files.append(str(_not_a_cache(p)))
+        elif p.is_file() or p.is_symlink():  # a dangling or looping link (photos/*.jpg): its row says so, as in a
+            files.append(str(_not_a_cache(p)))  # folder; it was 'does not exist', the whole run refused
         else:
             raise UsageError(f"{str(p)!r} {'is neither a file nor a folder' if p.exists() else 'does not exist'}")
     if not files:
