@@ -574,13 +574,15 @@ def test_leaks_mostly_across_classes_are_said_to_be_photos_alike(tmp_path):
     assert "leaks_across_classes" not in json.loads(CliRunner().invoke(cli, [*args[:3], *args[5:]]).stdout)
 
 
-@pytest.mark.parametrize("photos_reported, crossing, said", [(40, 10, True), (41, 10, False), (9, 9, False)])
-def test_leaks_across_classes_are_said_from_a_share_and_a_count(photos_reported, crossing, said, caplog):
+@pytest.mark.parametrize("photos_reported, crossing, exact, said",
+                         [(40, 10, False, True), (41, 10, False, False), (9, 9, False, False), (12, 12, True, False)])
+def test_leaks_across_classes_are_said_from_a_share_and_a_count(photos_reported, crossing, exact, said, caplog):
     """The rule: at least 10 test photos with a leak of another class, and a quarter of the test photos reported (a
-    folder of real copies with a few label errors is not said to be alike)."""
+    folder of real copies with a few label errors is not said to be alike); a byte copy in another class is a copy."""
     from pipeline.reports.audit import warn_across_classes
 
-    leaks = [{"test": f"a/{i}.jpg", "train": f"{'b' if i < crossing else 'a'}/{i}.jpg"} for i in range(photos_reported)]
-    leaks.append({"test": "a/0.jpg", "train": "a/x.jpg"})  # a test photo with two leaks is one test photo
+    leaks = [{"test": f"a/{i}.jpg", "train": f"{'b' if i < crossing else 'a'}/{i}.jpg", "exact": exact}
+             for i in range(photos_reported)]
+    leaks.append({"test": "a/0.jpg", "train": "a/x.jpg", "exact": False})  # two leaks of one test photo: one photo
     warn_across_classes(leaks, [lk for lk in leaks if lk["train"][0] == "b"], 0.88)
     assert ("different classes" in caplog.text) == said
