@@ -440,3 +440,94 @@ def test_a_folder_of_loose_photos_is_not_said_to_hold_no_images(tmp_path):
         (root / c).rmdir()
     with pytest.raises(ValueError, match="has no class sub-folders: its 6 images lie loose in it"):
         list_image_folder(root)
+
+
+def declared_jpeg(width: int, height: int, progressive: bool = False, scan_of_one: bool = False) -> bytes:
+    """A 64 x 64 JPEG whose frame header (SOF) claims width x height: a few hundred bytes, a hostile file.
+    ``scan_of_one``: its first scan names one component of three (libjpeg then buffers the whole image)."""
+    import io
+    import struct
+
+    out = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(out, "JPEG", progressive=progressive, subsampling=0)
+    data, i = out.getvalue(), 2
+    while data[i + 1] not in (0xC0, 0xC2):  # walk the markers to the frame header
+        i += 2 + struct.unpack(">H", data[i + 2:i + 4])[0]
+    data = data[:i + 5] + struct.pack(">HH", height, width) + data[i + 9:]
+    while scan_of_one and data[i + 1] != 0xDA:  # on to the first scan's header
+        i += 2 + struct.unpack(">H", data[i + 2:i + 4])[0]
+    if scan_of_one:
+        length, components = struct.unpack(">HB", data[i + 2:i + 5])
+        header = bytes([1]) + data[i + 5:i + 7] + data[i + 5 + 2 * components:i + 2 + length]
+        data = data[:i + 2] + struct.pack(">H", 2 + len(header)) + header + data[i + 2 + length:]
+    return data
+
+
+def test_a_108_mp_phone_photo_decodes_reduced_within_the_pixel_limit_by_every_path(tmp_path):
+    """A 12000 x 9000 JPEG (a 108 MP phone photo; 89,478,485 is the limit) was refused everywhere as a
+    decompression bomb: it decodes at the DCT scale the weights' resize allows (1/8 for a shorter side of 512),
+    or without one at the smallest scale within the limit (1/2), identically through a file, bytes and the
+    export's rule."""
+    import io
+
+    from pipeline.data import portable
+    from pipeline.data.folders import decode_bytes, decode_image, jpeg_bytes
+
+    photo = tmp_path / "phone.jpg"
+    Image.new("RGB", (12000, 9000), (10, 120, 200)).save(photo, quality=90)  # 1.7 MB
+    assert load_rgb(photo, 512).size == (1500, 1125) and decode_bytes(photo.read_bytes(), 512).size == (1500, 1125)
+    assert decode_image(photo)[0].size == (6000, 4500)  # check-images, train's augmentation: no resize size
+    assert jpeg_bytes(photo) is None  # --decode device leaves it to PIL, which decodes it reduced
+    p = {"resize_size": 256, "crop_size": 224, "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.25] * 3}
+    x = portable.preprocess(io.BytesIO(photo.read_bytes()), p, {"jpeg_draft_min_short_side": 512})
+    assert np.array_equal(x, portable.normalise(portable.resize_crop(load_rgb(photo, 512), p), p))
+
+
+def test_images_past_the_limit_that_cannot_decode_reduced_are_refused_in_one_wording_at_once(tmp_path):
+    """A PNG of 12000 x 12000 said 'exceeds limit of 89478485', one of 14000 x 14000 'exceeds limit of
+    178956970' (Pillow's two checks): one reason, naming the size and the limit. JPEGs declaring more than
+    MAX_JPEG_PIXELS, progressive ones and those scanned a component at a time (libjpeg keeps all their
+    coefficients: 545 bytes declaring 65000 x 65000 took 31 s and 12.4 GB at 1/8, 18000 x 14900 1.4 s and
+    1.6 GB) are refused before any pixel is decoded."""
+    import time
+
+    from pipeline.data.folders import MAX_IMAGE_PIXELS
+    from tests.badfiles import bomb_png
+
+    files = {"a.png": bomb_png(12000, 12000), "b.png": bomb_png(14000, 14000), "c.jpg": declared_jpeg(65000, 65000),
+             "d.jpg": declared_jpeg(12000, 9000, progressive=True),
+             "e.jpg": declared_jpeg(12000, 9000, scan_of_one=True)}
+    reasons = []
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        start = time.perf_counter()
+        with pytest.raises(ImageLoadError) as e:
+            load_rgb(tmp_path / name, 512)
+        assert time.perf_counter() - start < 1 and e.value.kind == "decompression-bomb"
+        reasons.append(e.value.reason)
+    assert [r.split(",")[0] for r in reasons] == [
+        "decompression bomb: 144000000 pixels", "decompression bomb: 196000000 pixels",
+        "decompression bomb: 65000 x 65000 pixels"] + ["decompression bomb: 12000 x 9000 pixels"] * 2
+    assert all(f"more than the {MAX_IMAGE_PIXELS} decoded" in r and "shrink the" in r for r in reasons)
+
+
+def test_images_within_the_limit_decode_as_before(tmp_path):
+    """Only images past the limit decode otherwise: within it, a JPEG decodes as Image.open, draft((D, D)) and
+    load always did (the same array), and a serve upload is still bounded by its header's pixels."""
+    from pipeline.data.folders import decode_bytes
+
+    rng = np.random.default_rng(0)
+    big = Image.merge("RGB", [Image.linear_gradient("L").resize((9400, 9400)).rotate(a) for a in (0, 90, 180)])
+    big.save(tmp_path / "big.jpg", quality=90)  # 88.4 M pixels: just within
+    Image.fromarray(rng.integers(0, 256, (1800, 2400, 3), dtype=np.uint8)).save(tmp_path / "mid.jpg")
+    for name in ("big.jpg", "mid.jpg"):
+        for side in (None, 224, 512):
+            with Image.open(tmp_path / name) as im:
+                if side and min(im.size) >= 2 * side:
+                    im.draft("RGB", (side, side))
+                im.load()
+                assert np.array_equal(np.asarray(load_rgb(tmp_path / name, side)), np.asarray(im.convert("RGB")))
+    for (w, h), kind in (((12000, 9000), "decompression-bomb"), ((8000, 6000), "too-many-pixels")):
+        with pytest.raises(ImageLoadError) as e:
+            decode_bytes(declared_jpeg(w, h), 512, 40_000_000)  # serve's --max-pixels: the header's pixels
+        assert e.value.kind == kind

@@ -20,7 +20,8 @@ from ..errors import PipelineError, UsageError
 from ..files import is_utf8, one_line, shown
 from ..progress import first_time
 from .portable import (  # noqa: F401 (the decoding rule; bit_depth for callers)
-    Refused, bit_depth, decode_failure, jpeg_draft, orientation, refuse_external, refuse_thin, to_rgb, upright)
+    MAX_PIXELS, Refused, TooManyPixels, bit_depth, decode_failure, jpeg_draft, open_within_limit, orientation,
+    refuse_external, refuse_thin, to_rgb, too_many_pixels, upright)
 
 log = logging.getLogger(__name__)
 #: File name endings treated as images when listing a folder (case-insensitive): torchvision ImageFolder's
@@ -31,8 +32,9 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".webp", "
 #: UTF-8 output can hold): told, with the name escaped, rather than failing mid-run.
 NOT_UTF8 = "the file name is not valid UTF-8; rename it (e.g. convmv -f latin1 -t utf8)"
 
-#: Largest image (in pixels) we agree to decode; larger ones are treated as decompression bombs.
-MAX_IMAGE_PIXELS = 89_478_485  # PIL's own default warning threshold (about 0.25 GB of RGB)
+#: Largest image (in pixels) we agree to decode; larger ones are treated as decompression bombs, except a JPEG
+#: that decodes reduced within it (``portable.draft_within_limit``).
+MAX_IMAGE_PIXELS = MAX_PIXELS  # PIL's own default warning threshold (about 0.25 GB of RGB)
 
 
 @dataclass(frozen=True)
@@ -485,18 +487,20 @@ def load_rgb(path: str | os.PathLike, min_short_side: int | None = None):
     return decode_image(path, min_short_side)[1]
 
 
-def check_size(size, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
+def check_size(size, max_pixels: int | None = MAX_IMAGE_PIXELS) -> None:
     """ImageLoadError when an image of ``size`` (from a file's header, or a PIL image given in memory) is empty,
     has more pixels than allowed, or is too thin to resize safely: the checks before any pixel is decoded or
-    resized."""
+    resized. ``max_pixels`` None: no bound on the size declared (a file's header: ``jpeg_draft`` then decodes a
+    JPEG past MAX_IMAGE_PIXELS reduced within it, and refuses anything else past it)."""
     w, h = size
     if w * h == 0:
         raise ImageLoadError(f"{w} x {h} pixels: an empty image", "unreadable")
+    if max_pixels is None:
+        return check_aspect(size)
     # checked here too, not only by PIL's warning: warning filters are process-wide, so a thread
     # decoding beside others (data.image_reader.CpuReader) may run without the one in decode_stream
     if w * h > MAX_IMAGE_PIXELS:
-        raise ImageLoadError(f"decompression bomb: {w} x {h} pixels, more than PIL's limit of {MAX_IMAGE_PIXELS}",
-                             "decompression-bomb")
+        raise ImageLoadError(too_many_pixels((w, h)), "decompression-bomb")
     if w * h > max_pixels:
         raise ImageLoadError(f"{w} x {h} pixels: more than the {max_pixels} allowed", "too-many-pixels")
     check_aspect(size)
@@ -524,10 +528,11 @@ def decode_image(path: str | os.PathLike, min_short_side: int | None = None, pil
         return decode_stream(fp, min_short_side, pil_warnings=pil_warnings)
 
 
-def decode_bytes(data: bytes, min_short_side: int | None = None, max_pixels: int = MAX_IMAGE_PIXELS):
+def decode_bytes(data: bytes, min_short_side: int | None = None, max_pixels: int | None = None):
     """``load_rgb``'s rules for an image held in memory (an upload): its RGB PIL image, or ImageLoadError.
 
-    ``max_pixels`` (at most MAX_IMAGE_PIXELS) is checked from the header, before any pixel is decoded.
+    ``max_pixels`` (at most MAX_IMAGE_PIXELS: serve's bound on what an upload costs) is checked from the header,
+    before any pixel is decoded, on the size declared: a JPEG past it is refused, not decoded reduced.
     """
     import io
 
@@ -537,17 +542,16 @@ def decode_bytes(data: bytes, min_short_side: int | None = None, max_pixels: int
 
 
 def open_image(fp):
-    """``Image.open``, where an AttributeError can only be Pillow's, on a damaged header (SPIDER's, naming an
-    image of a stack without the stack): that file's "unreadable image", not the end of a whole run."""
-    from PIL import Image
-
+    """``Image.open`` (``portable.open_within_limit``), where an AttributeError can only be Pillow's, on a damaged
+    header (SPIDER's, naming an image of a stack without the stack): that file's "unreadable image", not the end of
+    a whole run."""
     try:
-        return Image.open(fp)
+        return open_within_limit(fp)  # a JPEG past the pixel limit opens too, for jpeg_draft to decode reduced
     except AttributeError as e:
         raise ImageLoadError(decode_failure(e), "unreadable") from None
 
 
-def decode_stream(fp, min_short_side: int | None = None, max_pixels: int = MAX_IMAGE_PIXELS,
+def decode_stream(fp, min_short_side: int | None = None, max_pixels: int | None = None,
                   pil_warnings: bool = False):
     """(decoded image, its RGB conversion) of an open binary file, under the rules of ``decode_image``. PIL's
     warnings are dropped unless ``pil_warnings``: the image decoded, and a line such as "Truncated File Read"
@@ -571,7 +575,7 @@ def decode_stream(fp, min_short_side: int | None = None, max_pixels: int = MAX_I
                 return im, upright(to_rgb(im), orientation(im))
     except ImageLoadError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning, TooManyPixels) as e:
         raise ImageLoadError(decode_failure(e), "decompression-bomb") from None
     except Image.UnidentifiedImageError as e:
         raise ImageLoadError(decode_failure(e), "not-an-image") from None
@@ -585,9 +589,9 @@ def decode_stream(fp, min_short_side: int | None = None, max_pixels: int = MAX_I
 def jpeg_bytes(path: str | os.PathLike):
     """The raw bytes of a baseline RGB or grayscale JPEG within the pixel limit, for decoding elsewhere
     (on a GPU); None when the file should go through load_rgb instead (other formats and modes, a header
-    PIL cannot parse, or an EXIF Orientation 2-8: PIL turns it upright, so both paths give the same
-    pixels, and only phone photos stored sideways cost CPU decoding). Zero-byte files, decompression bombs
-    and anything but a regular file raise ImageLoadError, as in load_rgb.
+    PIL cannot parse, a JPEG past the pixel limit, which load_rgb decodes reduced, or an EXIF Orientation 2-8:
+    PIL turns it upright, so both paths give the same pixels, and only phone photos stored sideways cost CPU
+    decoding). Zero-byte files and anything but a regular file raise ImageLoadError, as in load_rgb.
     """
     import io
 
@@ -609,8 +613,8 @@ def jpeg_bytes(path: str | os.PathLike):
             with Image.open(io.BytesIO(data)) as im:  # the header only: no pixels decoded
                 check_aspect(im.size)
                 return data if im.mode in ("RGB", "L") and orientation(im) == 1 else None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageLoadError(f"decompression bomb: {e}", "decompression-bomb") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return None  # load_rgb decodes a JPEG past the limit reduced (or refuses it), as without device decoding
     except (OSError, SyntaxError, ValueError):
         return None  # load_rgb gives the precise reason
 

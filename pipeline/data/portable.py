@@ -21,8 +21,10 @@ The rule:
 4. Resize the shorter side to ``resize_size`` (the longer to int(resize_size * long / short)) with Pillow's
    resampling, center crop ``crop_size`` (offsets int(round((side - crop) / 2))), /255 as float32,
    minus mean, divided by std, channels first.
+   A JPEG of more pixels than MAX_PIXELS (Pillow's limit; up to MAX_JPEG_PIXELS) is decoded at that scale, or
+   at the smallest larger one (2, 4, 8) within MAX_PIXELS (without D: the smallest within it).
 An EPS file (Ghostscript), an image more than MAX_ASPECT_RATIO times longer than wide (its resize would be
-huge), one of more pixels than Pillow's limit (``Image.MAX_IMAGE_PIXELS``, a decompression bomb) and a file of
+huge), any other image of more pixels than MAX_PIXELS (a decompression bomb) and a file of
 no bytes are not decoded: the exception's ``decode_failure`` is the row's reason.
 """
 # Pillow and numpy only below: this file must run where nothing of this project is installed
@@ -31,7 +33,7 @@ import os
 import warnings
 
 import numpy as np
-from PIL import Image
+from PIL import Image, JpegImagePlugin
 
 # ---- the decoding rule: the same text in pipeline/data/portable.py and examples/predict_onnx.py ----
 
@@ -146,12 +148,107 @@ def jpeg_draft(im, min_short_side) -> int:
     1 anyway); never for other formats. PIL's ``draft`` picks the largest scale s in (8, 4, 2, 1)
     with s <= min(W // w, H // h) for the size (w, h) asked, and rounds the result up, so asking for
     a square of ``min_short_side`` keeps ceil(short / s) >= ``min_short_side``.
+    An image of more than MAX_PIXELS goes to ``draft_within_limit`` (decoded reduced, or ``TooManyPixels``).
     """
+    if im.width * im.height > MAX_PIXELS:
+        return draft_within_limit(im, min_short_side)
     if not min_short_side or im.format not in ("JPEG", "MPO") or min(im.size) < 2 * min_short_side:
         return 1
     width = im.width
     drafted = im.draft("RGB", (min_short_side, min_short_side))  # (mode, box of the whole image, scaled)
     return round(width / drafted[1][2]) if drafted else 1
+
+
+#: Pillow's pixel limit (the default ``Image.MAX_IMAGE_PIXELS``, about 0.25 GB of RGB): no image is decoded to
+#: more pixels (a 10000 x 10000 PNG of 120 KB, a decompression bomb, took 0.55 GB).
+MAX_PIXELS = 89_478_485
+#: A JPEG of more than MAX_PIXELS (phone photos of 108 MP, 12000 x 9000, and 200 MP, 16320 x 12240) is decoded
+#: at a reduced DCT scale within MAX_PIXELS, when it declares at most this many pixels: decoding still costs time
+#: and memory by the pixels declared (a progressive JPEG of 545 bytes declaring 65000 x 65000 took 31 s and
+#: 12.4 GB decoded at 1/8; its coefficients are kept whole).
+MAX_JPEG_PIXELS = 3 * MAX_PIXELS
+
+
+def too_many_pixels(size, jpeg: bool = False) -> str:
+    """The one reason given for an image over the limit: its size (w, h), or a pixel count, the limit, what to do
+    (``jpeg``: a baseline JPEG, only too large to decode reduced)."""
+    what = f"{size[0]} x {size[1]} pixels" if isinstance(size, tuple) else f"{size} pixels"
+    return (f"decompression bomb: {what}, more than the {MAX_PIXELS} decoded (a baseline JPEG of up to "
+            f"{MAX_JPEG_PIXELS} is decoded reduced); shrink the "
+            f"{'photo' if jpeg else 'image or save it as baseline JPEG'}")
+
+
+def open_within_limit(fp):
+    """``Image.open`` (nothing decoded yet) under the pixel limit: a JPEG of more than MAX_PIXELS, up to
+    MAX_JPEG_PIXELS, opens too, as a plain JPEG (an MPO's first image), for ``jpeg_draft`` to decode reduced;
+    anything else past the limit is ``TooManyPixels``. Pillow's own check only warns up to twice its limit."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            return Image.open(fp)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            bomb = e
+    if isinstance(fp, (str, bytes, os.PathLike)):
+        with open(fp, "rb") as f:
+            head = f.read(3)
+    else:
+        fp.seek(0)
+        head = fp.read(3)
+        fp.seek(0)
+    if head != b"\xff\xd8\xff":
+        raise TooManyPixels(too_many_pixels(pillows_count(bomb)))
+    return JpegImagePlugin.JpegImageFile(fp)  # what Image.open builds, without its pixel check
+
+
+def pillows_count(e: Exception):
+    """The pixel count in Pillow's DecompressionBomb message (its text when it names none)."""
+    words = str(e).split("(", 1)[-1].split(" ", 1)
+    return words[0] if words[0].isdigit() else str(e)
+
+
+def one_scan(im) -> bool:
+    """Whether the opened JPEG ``im`` is baseline (or extended) sequential with its first scan holding every
+    component: libjpeg then decodes it a row of blocks at a time. Any other (progressive, one component a scan)
+    it keeps whole, every coefficient (3 to 6 bytes a pixel declared, whatever the scale: a progressive JPEG of
+    545 bytes declaring 65000 x 65000 took 31 s and 12.4 GB at 1/8). Reads the markers up to the first scan."""
+    fp, where, sof = im.fp, im.fp.tell(), None
+    try:
+        fp.seek(im.tile[0][2] if im.tile else 0)
+        if fp.read(2) != b"\xff\xd8":
+            return False
+        while fp.read(1) == b"\xff":
+            marker = fp.read(1)
+            while marker == b"\xff":
+                marker = fp.read(1)
+            if not marker:
+                return False
+            if marker[0] == 0x01 or 0xD0 <= marker[0] <= 0xD7:  # markers without a segment
+                continue
+            segment = fp.read(int.from_bytes(fp.read(2), "big") - 2)
+            if 0xC0 <= marker[0] <= 0xCF and marker[0] not in (0xC4, 0xC8, 0xCC):
+                sof = (marker[0], segment[5:6])  # the frame's kind, its component count
+            elif marker[0] == 0xDA:
+                return sof is not None and sof[0] in (0xC0, 0xC1) and segment[:1] == sof[1]
+        return False
+    finally:
+        fp.seek(where)
+
+
+def draft_within_limit(im, min_short_side) -> int:
+    """A baseline JPEG of more than MAX_PIXELS, up to MAX_JPEG_PIXELS, asked to decode at ``jpeg_draft``'s scale or
+    the smallest larger one (2, 4, 8) within MAX_PIXELS; returns the scale. ``TooManyPixels`` for any other image."""
+    w, h = im.size
+    jpeg = im.format in ("JPEG", "MPO") and one_scan(im)
+    if not jpeg or w * h > MAX_JPEG_PIXELS:
+        raise TooManyPixels(too_many_pixels(im.size, jpeg))
+    scale = 1
+    if min_short_side and min(w, h) >= 2 * min_short_side:
+        scale = next(s for s in (8, 4, 2, 1) if s <= min(w // min_short_side, h // min_short_side))
+    while -(-w // scale) * -(-h // scale) > MAX_PIXELS:  # MAX_JPEG_PIXELS is under 4 x MAX_PIXELS: 1/2 will do
+        scale *= 2
+    if not im.draft("RGB", (w // scale, h // scale)) or im.width * im.height > MAX_PIXELS:
+        raise TooManyPixels(too_many_pixels((w, h), jpeg=True))  # a JPEG Pillow cannot decode reduced
+    return scale
 
 
 def resize_crop(im, p: dict):
@@ -217,6 +314,10 @@ class Refused(ValueError):
     whole reason."""
 
 
+class TooManyPixels(Refused):
+    """An image of more pixels than this rule decodes (``too_many_pixels`` is its message)."""
+
+
 #: Longest side over shortest side decoded. The resize sets the shorter side to ``resize_size``, so what it
 #: builds grows with this ratio, not with the file: a 1 x 20000 PNG of 161 bytes became a 256 x 5,120,000
 #: image (the example took 5.2 GB and 14 s on it). At 100 the resize stays under 7 M pixels.
@@ -240,7 +341,7 @@ def decode_failure(e: Exception) -> str:
     if isinstance(e, Image.UnidentifiedImageError):
         return "not an image (unidentified format)"
     if isinstance(e, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
-        return f"decompression bomb: {e}"
+        return too_many_pixels(pillows_count(e))
     return f"unreadable image: {e}"
 
 
@@ -250,9 +351,7 @@ def preprocess(fp, p, decoding: dict) -> np.ndarray:
     backbone: the photo decoded once, part i in channels 3i..3i+2 at the top left of a zero canvas."""
     fp = as_pillow_reads(fp)
     refuse_empty(fp)
-    with warnings.catch_warnings():  # past Pillow's pixel limit it only warns and decodes: refused, as predict does
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        im = Image.open(fp)
+    im = open_within_limit(fp)  # past Pillow's pixel limit it only warns and decodes: refused, as predict does
     with im:
         refuse_external(im)
         refuse_thin(im.size)

@@ -261,7 +261,9 @@ def decoding(lm) -> dict:
                     "examples/predict_onnx.py",
             "jpeg_draft_min_short_side": draft_short_side(lm.transform),
             "steps": [("a JPEG whose shorter side is >= 2 x jpeg_draft_min_short_side (when not null): "
-                       "Image.draft('RGB', (D, D)) before decoding (DCT scale 1/2, 1/4 or 1/8)"),
+                       "Image.draft('RGB', (D, D)) before decoding (DCT scale 1/2, 1/4 or 1/8); a baseline JPEG (its "
+                       "first scan of all components) of more than 89478485 pixels, up to 268435455: that scale or "
+                       "the smallest larger one within 89478485 (D null: the smallest)"),
                       ("modes I;16, I;16B, I;16L, I: round(clip(v, 0, 2**bits - 1) * 255 / (2**bits - 1)) as L, "
                        "bits from a TIFF's BitsPerSample else 16, then RGB"),
                       ("mode F: floor((clip(v, lo, hi) - lo) * 255 / (hi - lo) + 0.5) as L, lo = min(0, smallest "
