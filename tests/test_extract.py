@@ -254,6 +254,33 @@ def test_a_cache_whose_skipped_files_read_again_is_not_a_hit(image_folder, tmp_p
     assert extract(cfg(image_folder, tmp_path)).hit
 
 
+def test_a_large_jpeg_an_older_rule_refused_as_a_bomb_is_read_on_the_next_extract(image_folder, tmp_path,
+                                                                                     monkeypatch):
+    """A cache made before large baseline JPEGs were decoded reduced skipped a 108 MP phone photo as a
+    decompression bomb; the folder unchanged, every extract was a hit without it. Now its next extract reads it,
+    reusing every other row; a file refused in today's wording (a PNG bomb) keeps the cache a hit."""
+    from PIL import Image
+
+    from pipeline.data import portable
+    from tests.badfiles import bomb_png
+
+    Image.new("RGB", (12000, 9000), (200, 30, 30)).save(image_folder / "red" / "phone.jpg", quality=90)
+    (image_folder / "blue" / "bomb.png").write_bytes(bomb_png(12000, 12000))
+
+    def older_rule(im, min_short_side):  # Pillow's refusal, as the decoder before gave it
+        raise portable.TooManyPixels("decompression bomb: Image size (108000000 pixels) exceeds limit of 89478485 "
+                                     "pixels, could be decompression bomb DOS attack.")
+
+    monkeypatch.setattr(portable, "draft_within_limit", older_rule)
+    first = extract(cfg(image_folder, tmp_path))
+    assert (first.rows, first.skipped) == (24, 2)
+    monkeypatch.undo()
+    again = extract(cfg(image_folder, tmp_path))
+    assert not again.hit and again.cache == first.cache
+    assert (again.rows, again.skipped, again.reused, again.computed) == (25, 1, 24, 1)
+    assert extract(cfg(image_folder, tmp_path)).hit  # the PNG, refused in today's wording, is not tried again
+
+
 def test_a_file_the_disk_cannot_read_stays_skipped_and_the_cache_a_hit(image_folder, tmp_path, monkeypatch):
     """An I/O error is a reason that may pass, but a file untouched since (its ctime before the cache was begun)
     has not been fixed: re-extracting it on every run would never give a hit."""

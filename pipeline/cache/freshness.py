@@ -2,7 +2,8 @@
 
 A cache's name covers the folder's listing (every path, size and mtime), which cannot see two things:
 a file skipped for a reason that passes (gone or unreadable for a moment: moved by an ``audit --apply``
-running beside extract and moved back by ``--undo``, a permission fixed since), and a file rewritten in
+running beside extract and moved back by ``--undo``, a permission fixed since; or refused by an older rule:
+a large JPEG, a bomb before it was decoded reduced), and a file rewritten in
 place with its size and mtime kept (``os.utime``, some sync and editing tools). The first costs a stat of
 each skipped file (they are few), so it is always checked; the second the sha256 of every row's file
 against the digest the cache keeps, so it is checked where that is cheap (``VERIFY_AUTO_MAX_BYTES``) and
@@ -53,6 +54,14 @@ def revived_skips(info: CacheInfo, listing) -> list[str]:
     return out
 
 
+def older_refusals(info: CacheInfo, listing) -> list[str]:
+    """The files ``info`` skipped as over the pixel limit under the rule before large baseline JPEGs were decoded
+    reduced (its reasons lack ``portable.too_many_pixels``' wording) that are listed now: a 108 MP phone photo
+    is read now, and a file still refused is recorded in today's wording, so it is tried once."""
+    return [path for path, reason in read_skipped(info.path) if path in listing.by_path
+            and reason.startswith("decompression bomb:") and "decoded reduced" not in reason]
+
+
 def row_files(info: CacheInfo) -> tuple[list[str], Optional[list[str]]]:
     """(the committed rows' paths, their sha256 or None for a cache made before it kept them)."""
     with open_h5(info.path, "r") as f:
@@ -86,6 +95,10 @@ def stale_reason(info: CacheInfo, listing, verify: bool) -> tuple[Optional[str],
     if revived:
         return (f"{len(revived)} file{'s' * (len(revived) > 1)} it skipped as unreadable can be read now (e.g. "
                 f"{', '.join(revived[:3])}): gone or unreadable only for a while", False)
+    older = older_refusals(info, listing)
+    if older:
+        return (f"{len(older)} image{'s' * (len(older) > 1)} it skipped as too large may be read now (e.g. "
+                f"{', '.join(older[:3])}): JPEGs over the pixel limit are decoded reduced since", False)
     paths, digests = row_files(info)
     size = sum(listing.by_path[p].size for p in paths if p in listing.by_path)
     if not (verify or size <= VERIFY_AUTO_MAX_BYTES):
