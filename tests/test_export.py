@@ -78,8 +78,11 @@ def test_an_onnx_export_predicts_as_predict_does(heads, kind, tmp_path):
     assert np.abs(np.subtract([r["ood_score"] for r in got], [r["ood_score"] for r in want.rows])).max() < 1e-4
     import onnx
 
-    props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    model = onnx.load(str(out))
+    props = {p.key: p.value for p in model.metadata_props}
     assert json.loads(props["classes"]) == meta["classes"]
+    opset = [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")]  # which runtimes can run it
+    assert opset == [meta["opset"]] == [json.loads(props["opset"])] and meta["opset"] >= 17
     assert json.loads(props["preprocessing"]) == meta["preprocessing"]
 
 

@@ -318,6 +318,8 @@ def output_names(net: ProbabilityNet) -> list[str]:
 
 
 def write_onnx(net: nn.Module, example, path: Path, meta: dict) -> None:
+    """``net`` as an ONNX file at ``path``, ``meta`` inside it (metadata_props), with ``meta["opset"]`` added: the
+    file's ONNX opset."""
     import onnx
 
     batch = torch.export.Dim("batch", min=1)
@@ -335,6 +337,9 @@ def write_onnx(net: nn.Module, example, path: Path, meta: dict) -> None:
         for c, level in zip(chatty, levels):
             c.setLevel(level)
     model = onnx.load(str(path))
+    # which runtimes can load the file: the exporter picks the opset (20 from torch 2.14: ONNX Runtime 1.17 or
+    # newer), said nowhere before; written into ``meta`` too, so the sidecar says it as well
+    meta["opset"] = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     del model.metadata_props[:]
     for key, value in meta.items():
         entry = model.metadata_props.add()
