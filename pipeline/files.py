@@ -369,13 +369,15 @@ def signals_deferred():
 NAME_MAX = 255
 
 
-def temporary_name(path: Path) -> Path:
+def temporary_name(path: Path, suffix: str = ".tmp", pid: bool = True) -> Path:
     """``.NAME.PID.tmp`` beside ``path``, or, where that is longer than a file name may be (an output named with
     250 characters, itself allowed), ``.DIGEST.PID.tmp`` from its name's sha256: writing it failed as 'unexpected
-    OSError: File name too long (a bug?)'."""
-    name = f".{path.name}.{os.getpid()}.tmp"
+    OSError: File name too long (a bug?)'. ``suffix`` for another ending; ``pid`` False: no PID (a name every
+    process agrees on, as a lock file's)."""
+    tail = f".{os.getpid()}{suffix}" if pid else suffix
+    name = f".{path.name}{tail}"
     if len(os.fsencode(name)) > NAME_MAX:
-        name = f".{hashlib.sha256(os.fsencode(path.name)).hexdigest()[:16]}.{os.getpid()}.tmp"
+        name = f".{hashlib.sha256(os.fsencode(path.name)).hexdigest()[:16]}{tail}"
     return path.with_name(name)
 
 

@@ -78,8 +78,11 @@ def test_an_onnx_export_predicts_as_predict_does(heads, kind, tmp_path):
     assert np.abs(np.subtract([r["ood_score"] for r in got], [r["ood_score"] for r in want.rows])).max() < 1e-4
     import onnx
 
-    props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    model = onnx.load(str(out))
+    props = {p.key: p.value for p in model.metadata_props}
     assert json.loads(props["classes"]) == meta["classes"]
+    opset = [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")]  # which runtimes can run it
+    assert opset == [meta["opset"]] == [json.loads(props["opset"])] and meta["opset"] >= 17
     assert json.loads(props["preprocessing"]) == meta["preprocessing"]
 
 
@@ -605,3 +608,19 @@ def test_an_output_on_a_file_system_without_locks_is_still_put_in_place(tmp_path
     with export_mod.output_lock(tmp_path / "m.onnx"):
         entered.append(True)
     assert entered and "cannot lock" in caplog.text
+
+
+def test_an_output_with_a_long_name_is_exported_or_refused_before_the_export(heads, tmp_path):
+    """--output named with 240 characters (a name the file system takes) failed after the parity check as
+    'unexpected OSError: File name too long (a bug?)': its temporary '.NAME.PID.export' (and lock '.NAME.lock')
+    were longer than 255 bytes; they now take a digest's name. A name whose '.json' beside it cannot exist
+    is refused before the export, in one line."""
+    out = tmp_path / "out" / ("m" * 235 + ".onnx")
+    r = CliRunner().invoke(cli.cli, ["export", "--model", str(heads["linear"]), "--output", str(out), "--check-n", "2"])
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in out.parent.iterdir()) == [out.name, out.name + ".json"]
+    assert export_mod.read_metadata(out)["parity"]["passed"]
+    too_long = tmp_path / "out2" / ("m" * 246 + ".onnx")
+    r = CliRunner().invoke(cli.cli, ["export", "--model", str(heads["linear"]), "--output", str(too_long)])
+    assert r.exit_code == 2 and "--output is named with 251 bytes" in r.stderr and "250 or fewer" in r.stderr, r.output
+    assert not too_long.exists()

@@ -433,3 +433,23 @@ def test_explain_checks_its_keywords_for_a_cache_and_an_array_too(patch_data):
             with pytest.raises(UsageError, match=f"^explain: {message}"):
                 head.explain(X, **bad)
     assert head.explain(cache, batch_size=5).shape == (len(cache), 8, 8)
+
+
+def test_damaged_rows_are_refused_as_scoring_refuses_them_not_explained_as_nan(tmp_path):
+    """A cache row or an array row holding NaN or inf: predict_proba refused it in one line, explain gave NaN maps
+    (not the promised [0, 1]) without a word; explain now refuses it the same way."""
+    import pipeline
+
+    x, y, _ = region_maps(60)
+    cache = write_cache(tmp_path / "cache.h5", x, y)
+    head = pipeline.Head(head="logreg", calibrate="none", unknown_rows=0, runs_dir=str(tmp_path / "runs")).fit(cache)
+    damaged = x.copy()
+    damaged[3, 0, 0, 0], damaged[9, 1, 2, 2] = np.nan, np.inf
+    (tmp_path / "bad").mkdir()
+    bad_cache = write_cache(tmp_path / "bad" / "cache.h5", damaged, y)
+    for ask in (head.predict_proba, head.explain):
+        with pytest.raises(UsageError, match=r"2 cache rows hold non-finite features \(NaN or inf\), e.g. rows \[3, 9"):
+            ask(str(bad_cache))
+        with pytest.raises(ValueError, match="Input contains (NaN|infinity)"):
+            ask(damaged[:10])
+    assert np.isfinite(head.explain(x[:10])).all() and np.isfinite(head.explain(str(cache))).all()

@@ -30,6 +30,7 @@ import torch
 
 from ..config import option_text
 from ..errors import UsageError
+from .cache_views import non_finite
 from .feature_views import apply_view_torch
 
 
@@ -123,8 +124,13 @@ def cache_head_maps(head, cache, indices, batch_size: int = 64, block_rows: int 
     """Signed maps (N, H, W) of some rows of a ``FeatureCache``, in sorted ``indices`` order, read block by
     block as ``cache_views.head_scores`` reads them: the head alone, never the backbone."""
     check_spatial(cache.feature_shape, f"cache {cache.path}")
-    maps = [head_maps(head, feats, batch_size=batch_size)[1]
-            for _, feats in cache.iter_batches(np.asarray(indices, np.int64), batch_size, block_rows)]
+    maps, bad = [], []
+    for rows, feats in cache.iter_batches(np.asarray(indices, np.int64), batch_size, block_rows):
+        finite = np.isfinite(np.asarray(feats).reshape(len(feats), -1)).all(1)  # else NaN maps, as scoring refuses
+        bad.extend(int(r) for r in np.asarray(rows)[~finite])
+        maps.append(head_maps(head, feats, batch_size=batch_size)[1])
+    if bad:
+        raise non_finite(bad)
     return np.concatenate(maps) if maps else np.zeros((0, *cache.feature_shape[1:]), np.float32)
 
 

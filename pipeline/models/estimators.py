@@ -355,11 +355,13 @@ class FeatureHead:
 
     def _feature_maps(self, X, batch_size: int, device: Optional[str]) -> np.ndarray:
         """Signed maps of arrays of cached maps, through the head alone."""
+        from sklearn.utils.validation import check_array
+
         from ..devices import resolve_device
         from ..heads.heatmaps import check_spatial, head_maps
 
-        self._check_fitted()
-        X = self._checked_features(np.asarray(X))
+        self._check_fitted()  # NaN or inf refused as predict_proba refuses them (they gave NaN maps)
+        X = self._checked_features(check_array(X, allow_nd=True, dtype=(np.float64, np.float32)))
         check_spatial(self.feature_shape_, "this head's cache")
         head = self._feature_head(resolve_device(device or self.device))
         return head_maps(head, X.reshape(len(X), *self.feature_shape_), batch_size=batch_size)[1]

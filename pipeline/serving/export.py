@@ -34,7 +34,7 @@ from ..data import portable
 from ..data.image_reader import DECODE_VERSION, ImageListDataset, draft_short_side, read_items
 from ..errors import PipelineError, UsageError
 from ..extraction import backbones as bb
-from ..files import atomic_write, check_output, unwinding_on_signals, write_json
+from ..files import NAME_MAX, atomic_write, check_output, temporary_name, unwinding_on_signals, write_json
 from ..models.fused_models import fused_metadata, input_shape
 from ..models.predict import list_inputs
 from ..models.predict import ImageOutputs, iter_log_proba
@@ -95,9 +95,8 @@ def sidecar_path(output) -> Path:
 
 def lock_path(output) -> Path:
     """The lock file beside an exported file (.model.onnx.lock), there only while an export puts the file and
-    its sidecar in place."""
-    out = Path(output)
-    return out.with_name(f".{out.name}.lock")
+    its sidecar in place (``.DIGEST.lock`` for a name too long for that)."""
+    return temporary_name(Path(output), ".lock", pid=False)
 
 
 @contextmanager
@@ -320,6 +319,8 @@ def output_names(net: ProbabilityNet) -> list[str]:
 
 
 def write_onnx(net: nn.Module, example, path: Path, meta: dict) -> None:
+    """``net`` as an ONNX file at ``path``, ``meta`` inside it (metadata_props), with ``meta["opset"]`` added: the
+    file's ONNX opset."""
     import onnx
 
     batch = torch.export.Dim("batch", min=1)
@@ -337,6 +338,9 @@ def write_onnx(net: nn.Module, example, path: Path, meta: dict) -> None:
         for c, level in zip(chatty, levels):
             c.setLevel(level)
     model = onnx.load(str(path))
+    # which runtimes can load the file: the exporter picks the opset (20 from torch 2.14: ONNX Runtime 1.17 or
+    # newer), said nowhere before; written into ``meta`` too, so the sidecar says it as well
+    meta["opset"] = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     del model.metadata_props[:]
     for key, value in meta.items():
         entry = model.metadata_props.add()
@@ -522,6 +526,11 @@ def check_outputs(cfg: ExportConfig, ckpt: dict) -> tuple[Path, Path]:
     inputs = [*inputs, (cfg.check_data, "the parity check's photos")]
     data = [*data, (cfg.check_data, "the parity check's photos")]
     out = check_output(cfg.output, inputs, data)
+    side = sidecar_path(out)
+    if len(os.fsencode(side.name)) > NAME_MAX:  # else 'unexpected OSError: File name too long' after the export
+        raise UsageError(f"{option_text('output')} is named with {len(os.fsencode(out.name))} bytes: its metadata "
+                         f"file (+ '.json') would be longer than a file name may be ({NAME_MAX} bytes); name it with "
+                         f"{NAME_MAX - len('.json')} or fewer")
     return out, check_output(sidecar_path(out), inputs, data, what=f"the metadata file beside --output {cfg.output!r}:")
 
 
@@ -574,7 +583,7 @@ def export(cfg: ExportConfig) -> ExportResult:
     if int8_gap:  # what the file runs is not what the head's rows came from: said in its metadata too
         meta["int8_cache"] = {"network": "float (the int8 network cannot be exported)", "vs_predict": int8_gap}
     net = ProbabilityNet(lm.model).eval()
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.export")
+    tmp = temporary_name(out, ".export")  # .NAME.PID.export; a name of 240 characters failed 'File name too long'
     with unwinding_on_signals():  # SIGTERM or SIGHUP too removes the unchecked file (Ctrl-C always did)
         try:
             log.info("exporting %s (%s) as %s", cfg.model, ckpt["kind"], cfg.format)
