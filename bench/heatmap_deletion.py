@@ -4,7 +4,8 @@
 A head is fitted (fit-head's defaults unless --head) on the training folder's VGG-16 cache; each test photo goes
 once through the backbone and the head (its class, probability and heatmap from that one pass,
 ``network(maps=True)``); then the hottest 20 % of the photo's pixels (the map upsampled bilinearly to the crop
-the network saw) are blanked, and separately the coldest 20 % and a random 20 % (a reference), each filled
+the network saw) are blanked, and separately the coldest 20 % (the map is signed: the most evidence against the
+class) and a random 20 % (a reference), each filled
 with the photo's mean colour (--fill mean) or a heavy blur of it (--fill blur), and each blanked photo runs
 again. The drop of the originally predicted class's probability is recorded for each. An honest map makes the
 hot drop larger than the cold drop on most photos: the table gives that share, the mean drops, and how often
