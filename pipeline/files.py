@@ -17,6 +17,7 @@ import json
 import math
 import numbers
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -53,6 +54,12 @@ def numbered_name(number: int, source: str, suffix: str) -> str:
 def shown(name: str) -> str:
     """``name`` printable and storable: bytes that are not UTF-8 (kept by Python as surrogates) as ``\\xe9``."""
     return os.fsencode(name).decode("utf-8", "backslashreplace") if not is_utf8(name) else name
+
+
+def unshown(name: str) -> str:
+    """The file name ``shown`` wrote as ``name``: its ``\\xe9`` escapes back to the bytes they stand for."""
+    return os.fsdecode(re.sub(rb"\\x([0-9a-f]{2})", lambda m: bytes([int(m.group(1), 16)]),
+                              name.encode("utf-8", "surrogateescape")))
 
 
 def one_line(text: str) -> str:

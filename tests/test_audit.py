@@ -77,6 +77,29 @@ def test_unreadable_files_are_listed_on_every_run_not_only_when_extracted(tmp_pa
     assert "Unreadable files, not audited (1)" in (report / "report.html").read_text()
 
 
+def test_an_unreadable_file_moved_out_since_the_cache_was_made_is_no_longer_listed(tmp_path):
+    """A file whose name is not UTF-8 is in no listing's fingerprint: moved out of the folder after the audit, the
+    next audit was a cache hit and still listed it under 'unreadable files' (from the cache's record of its
+    skips). Now only the skipped files still in the folder are listed; the cache stays a hit."""
+    import os
+
+    data = photos(tmp_path / "data", per_class=6)
+    (data / "blue" / "broken.jpg").write_bytes(b"")
+    odd = os.path.join(os.fsencode(data / "blue"), b"caf\xe9.jpg")
+    shutil.copy(data / "blue" / "blue.0.jpg", odd)
+    args = ["audit", "--data", str(data), "--folds", "3", "--cache-dir", str(tmp_path / "features"), "--runs-dir",
+            str(tmp_path / "runs"), "--backbone", "tiny", "--weights", "none", "--workers", "0"]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0 and "\n  blue/caf\\xe9.jpg: " in r.stdout and "\n  blue/broken.jpg: " in r.stdout, r.output
+    os.rename(odd, os.path.join(os.fsencode(tmp_path), b"caf\xe9.jpg"))
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    assert "caf\\xe9" not in r.stdout and "\n  blue/broken.jpg: " in r.stdout, r.stdout
+    assert len(list((tmp_path / "features").glob("*.h5"))) == 1  # a hit: nothing extracted again
+    report = sorted((tmp_path / "runs").glob("*-audit*"))[-1]
+    assert [u["path"] for u in json.loads((report / "report.json").read_text())["unreadable"]] == ["blue/broken.jpg"]
+
+
 def test_cli_audit_json_and_apply_undo_round_trip(tmp_path):
     data, _ = planted(tmp_path)
     before = {p.relative_to(data): p.read_bytes() for p in data.rglob("*") if p.is_file()}

@@ -410,3 +410,22 @@ def test_a_busy_own_cache_leaves_out_the_seen_warning_not_the_evaluation(tmp_pat
     monkeypatch.setattr(evaluate_module, "FeatureCache", busy_own)
     r = evaluate(EvaluateConfig(model=head_run.checkpoint, cache=cache, runs_dir=str(tmp_path / "r")))
     assert r.rows == 6
+
+
+@pytest.mark.parametrize("copy_of", ["training folder", "its photos"])
+def test_a_folder_with_a_class_the_model_does_not_know_is_refused_before_any_overlap_warning(tmp_path, image_folder,
+                                                                                             head_run, copy_of):
+    """evaluate --data on a copy of a head's photos plus a class it does not know first warned that the photos have
+    'the same content as images the head was fitted on' (or that it is the folder the model was trained on), and
+    only then refused on the class: a misleading line before the real error. Now the refusal alone, exit 2."""
+    import shutil
+
+    data = image_folder if copy_of == "training folder" else tmp_path / "copy"
+    if data != image_folder:
+        shutil.copytree(image_folder, data)
+    make_image_folder(tmp_path / "more", per_class=2, classes=("green",), seed=9)
+    shutil.copytree(tmp_path / "more" / "green", data / "purple")
+    out = CliRunner().invoke(cli.cli, ["evaluate", "--model", head_run.checkpoint, "--data", str(data),
+                                       "--workers", "0", "--runs-dir", str(tmp_path / "r")])
+    assert out.exit_code == 2 and "has classes ['purple'] the model does not know" in out.output, out.output
+    assert out.output.count("\n") == 1, out.output

@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
 import shlex
 import time
 from dataclasses import asdict, dataclass, replace
@@ -25,7 +26,7 @@ from ..cache.feature_cache import FeatureCache
 from ..config import AuditConfig, ExtractConfig, FitHeadConfig, Placeholder, check_config, option_text, option_value
 from ..data.moves import rename_to_free
 from ..errors import DeviceMissing, PackageMissing, UsageError
-from ..files import SafeCsvWriter, atomic_write, check_output, write_json, writing
+from ..files import SafeCsvWriter, atomic_write, check_output, unshown, write_json, writing
 from ..heads.cache_views import CacheViews
 from ..heads.fit_head import check_labelled, warn_same_folder
 from ..progress import progress
@@ -171,6 +172,18 @@ def photo_root(folder: Optional[str], cache: FeatureCache) -> str:
     return str(Path(folder).resolve()) if folder else cache.attrs["data_root"]
 
 
+def still_there(root: str, skipped: list) -> list[dict]:
+    """[{path, reason}] of the cache's skipped files still in the folder. One moved out since is left out: a name
+    that is not UTF-8 or a dangling link is in no listing's fingerprint, so the cache stays a hit (as extract
+    keeps it) and its record named the file as unreadable, gone though it was."""
+    there = [{"path": p, "reason": why} for p, why in skipped
+             if os.path.lexists(Path(root) / p) or os.path.lexists(Path(root) / unshown(p))]
+    if len(there) < len(skipped):
+        log.info("%d of the files the cache skipped as unreadable are no longer in %s: not listed",
+                 len(skipped) - len(there), root)
+    return there
+
+
 def analyse(cfg: AuditConfig) -> dict:
     """The audit of one training cache (and a test cache): label issues, outliers, duplicates, leaks."""
     t0 = time.time()
@@ -188,7 +201,7 @@ def analyse(cfg: AuditConfig) -> dict:
                              f"class; class {classes[int(counts.argmin())]!r} of {path} has {smallest} ({fix})")
         avg, near_rows = pooled(cache)
         digests = cache.row_digests()
-        unreadable = [{"path": p, "reason": why} for p, why in cache.skipped()]  # said on a hit too, not only once
+        unreadable = still_there(root, cache.skipped())  # said on a hit too, not only once
         tpath = test_cache(cfg, cache)
         test = None
         if tpath is not None:

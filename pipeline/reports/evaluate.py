@@ -179,11 +179,7 @@ def predict_folder(data: str, classes: list, transform, model, cfg: EvaluateConf
     """
 
     listing = list_image_folder(data, min_classes=1)
-    unknown = [c for c in listing.classes if c not in classes]
-    foreign = len(unknown) == len(listing.classes) and head is not None and head.has_unknown
-    if unknown and not foreign:
-        raise UsageError(f"data folder {data!r} has classes {unknown} the model does not know; "
-                         f"its classes: {', '.join(classes)}")
+    foreign = check_folder_classes(data, listing.classes, classes, head is not None and head.has_unknown)
     if foreign:
         log.info("none of the classes of %s is the model's: measuring how many of its photos are flagged unknown",
                  data)
@@ -197,6 +193,17 @@ def predict_folder(data: str, classes: list, transform, model, cfg: EvaluateConf
     trust = _trust(head) if head is not None else {}
     return Predictions(list(classes), listing.root, got.paths, labels, logp,
                        f"images of {data}", ood=ood if trust.get("threshold") is not None else None, **trust)
+
+
+def check_folder_classes(data: str, folder_classes: list, classes: list, has_unknown: bool) -> bool:
+    """Whether the folder is of photos of none of the model's ``classes`` (foreign: scored by its unknown score);
+    a class of the folder the model does not know is refused otherwise, one line naming them."""
+    unknown = [c for c in folder_classes if c not in classes]
+    foreign = len(unknown) == len(folder_classes) and has_unknown
+    if unknown and not foreign:
+        raise UsageError(f"data folder {data!r} has classes {unknown} the model does not know; "
+                         f"its classes: {', '.join(classes)}")
+    return foreign
 
 
 def model_on_folder(model_path: str, ckpt: dict, cfg: EvaluateConfig) -> Predictions:
@@ -400,8 +407,11 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
         known = sorted(f"{k} on {option_text(s)}" for k, s in PREDICTORS)
         raise UsageError(f"cannot evaluate a {ckpt['kind']!r} checkpoint on {option_text(source)}; known: "
                          f"{', '.join(known)}")
-    if cfg.data:
-        warn_if_trained_on(cfg.model, ckpt, cfg.data)
+    if cfg.data:  # a class it does not know is refused first: not after a warning of its overlap with training
+        listing = list_image_folder(cfg.data, min_classes=1)
+        check_folder_classes(cfg.data, listing.classes, list(ckpt["classes"]),
+                             bool((ckpt.get("head") or {}).get("known_rows")))
+        warn_if_trained_on(cfg.model, ckpt, cfg.data, listing)
     pred = predictor(cfg.model, ckpt, cfg)
     result = summarize(pred, cfg.top_k)
     out_dir = new_run_dir(cfg.runs_dir, "evaluate")
@@ -423,7 +433,7 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
     return EvaluateResult(**result)
 
 
-def warn_if_trained_on(model: str, ckpt: dict, data: str) -> None:
+def warn_if_trained_on(model: str, ckpt: dict, data: str, listing=None) -> None:
     """--data holding photos the model was trained on scores them too, which flatters every figure. The folder it
     was trained on: a finetuned model read accuracy 1.000 on dogbreeds20 with nothing said. For a head fitted by
     fit-head, also copies of its photos anywhere, found by content as fit-head's --test-data finds them (a copy of
@@ -435,7 +445,7 @@ def warn_if_trained_on(model: str, ckpt: dict, data: str) -> None:
     elif ckpt["kind"] == "fit-head" and Path(ckpt.get("cache") or "").is_file():
         from ..models.train import head_training_images
 
-        seen = sorted(head_training_images(model, list_image_folder(data, min_classes=1), ckpt))
+        seen = sorted(head_training_images(model, listing or list_image_folder(data, min_classes=1), ckpt))
         if seen:
             log.warning("%s of %s %s the same content as images the head was fitted on (e.g. %s): %s scored too, "
                         "which flatters every figure", "1 image" if len(seen) == 1 else f"{len(seen)} images", data,
