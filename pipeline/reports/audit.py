@@ -179,8 +179,9 @@ def still_there(root: str, skipped: list) -> list[dict]:
     there = [{"path": p, "reason": why} for p, why in skipped
              if os.path.lexists(Path(root) / p) or os.path.lexists(Path(root) / unshown(p))]
     if len(there) < len(skipped):
-        log.info("%d of the files the cache skipped as unreadable are no longer in %s: not listed",
-                 len(skipped) - len(there), root)
+        gone = len(skipped) - len(there)
+        log.info("%d of the files the cache skipped as unreadable %s no longer in %s: not listed", gone,
+                 "is" if gone == 1 else "are", root)
     return there
 
 
