@@ -33,16 +33,17 @@ VERIFY_AUTO_MAX_BYTES = 100_000_000
 STALE = ".stale-"
 
 
-def revived_skips(info: CacheInfo, listing) -> list[str]:
-    """The files ``info`` skipped because they could not be reached (``is_os_error_reason``) that are listed
-    now, are regular files this process may read, and were moved, renamed or had their permissions changed
-    since the cache was begun (their ctime): they were never looked at, so the cache lacks them. A file the
-    disk fails to read, untouched since, stays skipped rather than making every extract run again."""
+def revived_skips(info: CacheInfo, skipped: list, listing) -> list[str]:
+    """The files ``info`` skipped (``skipped``: its record) because they could not be reached
+    (``is_os_error_reason``) that are listed now, are regular files this process may read, and were moved,
+    renamed or had their permissions changed since the cache was begun (their ctime): they were never looked
+    at, so the cache lacks them. A file the disk fails to read, untouched since, stays skipped rather than
+    making every extract run again."""
     from ..data.folders import ImageLoadError, is_os_error_reason, regular_file_stat
 
     since = created_at(info.attrs["created"])  # whole seconds, never after the skips it holds
     out = []
-    for path, reason in read_skipped(info.path):
+    for path, reason in skipped:
         if path not in listing.by_path or not is_os_error_reason(reason):
             continue
         try:
@@ -54,11 +55,12 @@ def revived_skips(info: CacheInfo, listing) -> list[str]:
     return out
 
 
-def older_refusals(info: CacheInfo, listing) -> list[str]:
-    """The files ``info`` skipped as over the pixel limit under the rule before large baseline JPEGs were decoded
-    reduced (its reasons lack ``portable.too_many_pixels``' wording) that are listed now: a 108 MP phone photo
-    is read now, and a file still refused is recorded in today's wording, so it is tried once."""
-    return [path for path, reason in read_skipped(info.path) if path in listing.by_path
+def older_refusals(skipped: list, listing) -> list[str]:
+    """The files a cache skipped (``skipped``: its record) as over the pixel limit under the rule before large
+    baseline JPEGs were decoded reduced (its reasons lack ``portable.too_many_pixels``' wording) that are listed
+    now: a 108 MP phone photo is read now, and a file still refused is recorded in today's wording, so it is
+    tried once."""
+    return [path for path, reason in skipped if path in listing.by_path
             and reason.startswith("decompression bomb:") and "decoded reduced" not in reason]
 
 
@@ -91,11 +93,12 @@ def file_digests(root: Path, paths: list[str]) -> list[str]:
 def stale_reason(info: CacheInfo, listing, verify: bool) -> tuple[Optional[str], bool]:
     """(why ``info``, a cache of this request, no longer holds what the folder holds, or None; whether its rows'
     digests were checked). Digests are checked with ``verify`` or when the rows' files are small."""
-    revived = revived_skips(info, listing)
+    skipped = read_skipped(info.path)
+    revived = revived_skips(info, skipped, listing)
     if revived:
         return (f"{len(revived)} file{'s' * (len(revived) > 1)} it skipped as unreadable can be read now (e.g. "
                 f"{', '.join(revived[:3])}): gone or unreadable only for a while", False)
-    older = older_refusals(info, listing)
+    older = older_refusals(skipped, listing)
     if older:
         return (f"{len(older)} image{'s' * (len(older) > 1)} it skipped as too large may be read now (e.g. "
                 f"{', '.join(older[:3])}): JPEGs over the pixel limit are decoded reduced since", False)

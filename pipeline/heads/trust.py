@@ -16,7 +16,7 @@ import torch
 from ..config import option_text
 from .calibration import calibration_metrics, fit_temperature, with_temperature
 from .trust_text import kept_text
-from .unknown_score import fit_unknown, kept_indices, unknown_summary
+from .unknown_score import fit_unknown, kept_indices, neighbours, unknown_summary
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +52,8 @@ def _set_temperature(head, logp: np.ndarray, y: np.ndarray, source: str) -> dict
 
 def _set_unknown(cfg, head, train_rows: np.ndarray, held_out: np.ndarray) -> dict:
     """Keep the training rows in the head, and the threshold that keeps ``known_share`` of held-out rows known.
-    k is at most the kept rows less one (each is scored against the others): --unknown-k 500 with 200 kept rows
-    was recorded and said as k = 500 while every score was the distance to the 200th, the farthest."""
-    k = max(1, min(cfg.unknown_k, len(train_rows) - 1))
+    k: ``neighbours``."""
+    k = neighbours(cfg.unknown_k, len(train_rows))
     fit = fit_unknown(train_rows, held_out, k, cfg.known_share)
     head.set_unknown(torch.from_numpy(fit.known), k, fit.threshold)
     head.to(head.linear.weight.device)

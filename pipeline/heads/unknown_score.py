@@ -109,6 +109,13 @@ def kept_indices(indices, cap: int, seed: int) -> np.ndarray:
     return indices
 
 
+def neighbours(k: int, kept: int) -> int:
+    """The k of the k-th nearest neighbour used with ``kept`` known rows: at most the kept rows less one (each is
+    scored against the others); --unknown-k 500 with 200 kept rows was said as k = 500 while every score was the
+    distance to the 200th, the farthest."""
+    return max(1, min(k, kept - 1))
+
+
 def fit_unknown(train_rows: np.ndarray, val_rows: np.ndarray, k: int, known_share: float) -> UnknownFit:
     """``train_rows`` kept, and the score that keeps ``known_share`` of the validation rows and of the kept
     rows (each scored against the others) known; what it keeps measured on those same rows (more than

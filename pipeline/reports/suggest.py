@@ -27,7 +27,7 @@ from ..data.folders import POOL
 from ..errors import UsageError
 from ..files import SafeCsvWriter, atomic_write, check_output
 from ..heads.cache_views import CacheViews
-from ..heads.unknown_score import fit_unknown, kept_indices, pooled_rows_np, scores_np
+from ..heads.unknown_score import fit_unknown, kept_indices, neighbours, pooled_rows_np, scores_np
 from ..progress import still_running
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ def unknown_scores(pool: np.ndarray, labelled: np.ndarray, seed: int = 0,
     opts = TrustOptions()
     keep = kept_indices(np.arange(len(labelled)), opts.unknown_rows, seed)
     rest = kept_indices(np.setdiff1d(np.arange(len(labelled)), keep), opts.unknown_rows, seed + 1)  # held out
-    k = max(1, min(opts.unknown_k, len(keep) - 1))
+    k = neighbours(opts.unknown_k, len(keep))
     fit = fit_unknown(labelled[keep], labelled[rest], k, known_share or opts.known_share)
     return scores_np(pool, fit.known, k), fit.threshold
 
@@ -254,6 +254,11 @@ def suggest(cfg: SuggestConfig) -> SuggestResult:
     return result
 
 
+#: What to do with a suggested photo flagged unknown (the stderr line and the page say it).
+UNKNOWN_ADVICE = ("look at each; one of no class goes into a new class folder or out of the pool, an odd photo of a "
+                  "class (about 1 in 20 are flagged) into its class")
+
+
 def unknown_warning(result: SuggestResult, data: str) -> str:
     """The one line said when suggested photos look like none of the labelled classes: how many, which, what to do."""
     ranks = [r["rank"] for r in result.rows if r["unknown"]]
@@ -261,9 +266,7 @@ def unknown_warning(result: SuggestResult, data: str) -> str:
     n = len(ranks)
     return (f"suggest: {n} of the {len(result.rows)} suggested photos (rank{'s' if n > 1 else ''} {shown}) "
             f"look{'s' if n == 1 else ''} like none of the classes of {data} (ood_score above "
-            f"{result.unknown_threshold:.4f}; unknown = true in {result.csv.name}): look at each; one of no class "
-            "goes into a new class folder or out of the pool, an odd photo of a class (about 1 in 20 are flagged) "
-            "into its class")
+            f"{result.unknown_threshold:.4f}; unknown = true in {result.csv.name}): {UNKNOWN_ADVICE}")
 
 
 COLUMNS = ("rank", "path", "predicted", "probability", "uncertainty", "distance", "unknown", "ood_score")
@@ -295,8 +298,7 @@ def render(result: SuggestResult, root: str, data: str) -> str:
     if result.unknown:
         parts.append(f"<p><b>{result.unknown} of these {len(result.rows)} look like none of the classes of "
                      f"{esc(data)}</b> (unknown score above {result.unknown_threshold:.4f}, marked <i>none of the "
-                     "classes</i>): look at each; one of no class goes into a new class folder or out of the "
-                     "pool, an odd photo of a class (about 1 in 20 are flagged) into its class.</p>")
+                     f"classes</i>): {UNKNOWN_ADVICE}.</p>")
     parts.append("<table><tr><th>rank</th><th>photo</th><th>the head's guess</th><th>uncertainty</th>"
                  "<th>distance</th><th>looks like</th></tr>")
     for r in result.rows:
