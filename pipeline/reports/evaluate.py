@@ -435,22 +435,36 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
 
 def warn_if_trained_on(model: str, ckpt: dict, data: str, listing=None) -> None:
     """--data holding photos the model was trained on scores them too, which flatters every figure. The folder it
-    was trained on: a finetuned model read accuracy 1.000 on dogbreeds20 with nothing said. For a head fitted by
-    fit-head, also copies of its photos anywhere, found by content as fit-head's --test-data finds them (a copy of
-    four of dogbreeds20's classes read 1.000 on 50 photos, nothing said); where its cache is gone, nobody can tell."""
+    was trained on: a finetuned model read accuracy 1.000 on dogbreeds20 with nothing said. Copies of its photos
+    anywhere, found by content (``models.trained_on``: a head's from its cache's digests, as fit-head's --test-data
+    finds them; a train or finetune model's from the record its model.pt keeps): a copy of four of dogbreeds20's
+    classes read 1.000 on 50 photos, nothing said. Where neither is there, a note says nobody can tell."""
+    from ..models import trained_on
+
     trained = ckpt.get("data_root") or (ckpt.get("config") or {}).get("data") or ""
     if trained and Path(trained).resolve() == Path(data).resolve():
         log.warning("%s is the folder the model was trained on: its training images are scored too, which "
                     "flatters every figure; evaluate a folder of photos it never saw", data)
-    elif ckpt["kind"] == "fit-head" and Path(ckpt.get("cache") or "").is_file():
-        from ..models.train import head_training_images
+        return
+    record = trained_on.of_checkpoint(ckpt)
+    if record is None:
+        why = (f"its cache {ckpt.get('cache')} is gone or cannot be read" if ckpt["kind"] == "fit-head" else
+               f"{model} was written before train and finetune kept a record of their photos")
+        log.info("cannot tell whether photos of %s are ones the model was trained on (%s): any such photo is "
+                 "scored too, which would flatter every figure", data, why)
+        return
+    seen = trained_on.images_in(listing or list_image_folder(data, min_classes=1), record)
+    warn_seen(sorted(seen), data, "image")
 
-        seen = sorted(head_training_images(model, listing or list_image_folder(data, min_classes=1), ckpt))
-        if seen:
-            log.warning("%s of %s %s the same content as images the head was fitted on (e.g. %s): %s scored too, "
-                        "which flatters every figure", "1 image" if len(seen) == 1 else f"{len(seen)} images", data,
-                        "has" if len(seen) == 1 else "have", ", ".join(seen[:3]), "it is" if len(seen) == 1 else
-                        "they are")
+
+def warn_seen(seen: list, where, unit: str) -> None:
+    """The one warning of ``seen``, images of a folder or rows of a cache (``unit``) ``where`` with the content of
+    photos the model was fitted on (nothing when there are none)."""
+    if seen:
+        log.warning("%s of %s %s the same content as images the head was fitted on (e.g. %s): %s scored too, "
+                    "which flatters every figure", f"1 {unit}" if len(seen) == 1 else f"{len(seen)} {unit}s",
+                    where, "has" if len(seen) == 1 else "have", ", ".join(seen[:3]),
+                    "it is" if len(seen) == 1 else "they are")
 
 
 def warn_if_cache_seen(ckpt: dict, cache) -> None:
@@ -467,11 +481,7 @@ def warn_if_cache_seen(ckpt: dict, cache) -> None:
             seen = overlap(own, np.concatenate([train_rows, val_rows]) if refitted(ckpt) else train_rows, cache)
     except (CacheBusy, CacheError, KeyError, OSError):  # busy: the warning is left out, not the evaluation
         return
-    if seen:
-        log.warning("%s of %s %s the same content as images the head was fitted on (e.g. %s): %s scored too, "
-                    "which flatters every figure", "1 row" if len(seen) == 1 else f"{len(seen)} rows", cache.path,
-                    "has" if len(seen) == 1 else "have", ", ".join(seen[:3]), "it is" if len(seen) == 1 else
-                    "they are")
+    warn_seen(seen, cache.path, "row")
 
 
 def figures(result: dict, root=None) -> dict:
