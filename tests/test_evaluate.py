@@ -513,3 +513,36 @@ def test_a_model_pt_written_before_it_kept_its_photos_still_evaluates_with_a_not
     assert r.rows == 24 and not _seen_lines(caplog)
     assert f"cannot tell whether photos of {copy} are ones the model was trained on ({model} was written before" \
            in caplog.text
+
+
+def test_json_source_says_when_the_photos_scored_include_the_models_training_photos(tmp_path, image_folder, head_run,
+                                                                                      make_cache):
+    """--json (and the stdout line) said 'images of copy' beside accuracy 1.000 for a copy of the training photos,
+    the warning only on stderr, where a script reading the figures never looks; --split all of the head's own cache
+    said it there already ('the head's training rows among them'). Now --data and another --cache say it too."""
+    import shutil
+
+    from pipeline.models.train import TrainConfig, train
+
+    model = train(TrainConfig(data=str(image_folder), val_fraction=0.25, runs_dir=str(tmp_path / "runs"),
+                              **TINY_RUN)).checkpoint
+    copy, fresh = tmp_path / "copy", make_image_folder(tmp_path / "fresh", per_class=3, seed=11)
+    shutil.copytree(image_folder, copy)
+    more = tmp_path / "more"  # the head's photos and one more: another cache than its own
+    shutil.copytree(image_folder, more)
+    shutil.copy(next((fresh / "red").iterdir()), more / "red" / "new.jpg")
+    other_cache = make_cache(more, cache_dir=str(tmp_path / "other_features"), dtype="float32").cache
+
+    def source(ckpt, *args):
+        out = CliRunner().invoke(cli.cli, ["evaluate", "--model", ckpt, *args, "--workers", "0", "--runs-dir",
+                                           str(tmp_path / "r"), "--json"])
+        assert out.exit_code == 0, out.output
+        return json.loads(out.stdout)["source"]
+
+    assert source(model, "--data", str(image_folder)) == f"images of {image_folder}, the model's training images " \
+                                                          "among them"
+    assert source(model, "--data", str(copy)) == f"images of {copy}, 18 of them with the content of images the " \
+                                                 "head was fitted on"
+    assert source(head_run.checkpoint, "--cache", other_cache).endswith(
+        f", {head_run.train_rows} of them with the content of images the head was fitted on")
+    assert source(model, "--data", str(fresh)) == f"images of {fresh}"

@@ -143,7 +143,7 @@ def head_on_cache(model_path: str, ckpt: dict, cfg: EvaluateConfig, labelled: bo
                             "flatters every figure; use it on a held-out cache", path, option_text("split", "all"))
                 seen = ", the head's training rows among them"
             elif not ckpt.get("fused"):
-                warn_if_cache_seen(ckpt, cache)
+                seen = warn_if_cache_seen(ckpt, cache)
         logp, ood = head_scores(head, cache, rows, device, cfg.block_rows)
         rows = np.sort(rows)
         paths = cache.paths
@@ -411,8 +411,10 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
         listing = list_image_folder(cfg.data, min_classes=1)
         check_folder_classes(cfg.data, listing.classes, list(ckpt["classes"]),
                              bool((ckpt.get("head") or {}).get("known_rows")))
-        warn_if_trained_on(cfg.model, ckpt, cfg.data, listing)
+        seen = warn_if_trained_on(cfg.model, ckpt, cfg.data, listing)
     pred = predictor(cfg.model, ckpt, cfg)
+    if cfg.data:  # said where the figures are read too (stdout, --json's source), as of a cache's training rows
+        pred.source += seen
     result = summarize(pred, cfg.top_k)
     out_dir = new_run_dir(cfg.runs_dir, "evaluate")
     result.update({"model": cfg.model, "kind": ckpt["kind"], "source": pred.source, "split": pred.split or cfg.split,
@@ -433,45 +435,47 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
     return EvaluateResult(**result)
 
 
-def warn_if_trained_on(model: str, ckpt: dict, data: str, listing=None) -> None:
+def warn_if_trained_on(model: str, ckpt: dict, data: str, listing=None) -> str:
     """--data holding photos the model was trained on scores them too, which flatters every figure. The folder it
     was trained on: a finetuned model read accuracy 1.000 on dogbreeds20 with nothing said. Copies of its photos
     anywhere, found by content (``models.trained_on``: a head's from its cache's digests, as fit-head's --test-data
     finds them; a train or finetune model's from the record its model.pt keeps): a copy of four of dogbreeds20's
-    classes read 1.000 on 50 photos, nothing said. Where neither is there, a note says nobody can tell."""
+    classes read 1.000 on 50 photos, nothing said. Where neither is there, a note says nobody can tell. Returns
+    what the source of the figures adds (``warn_seen``'s), '' where nothing was found."""
     from ..models import trained_on
 
     trained = ckpt.get("data_root") or (ckpt.get("config") or {}).get("data") or ""
     if trained and Path(trained).resolve() == Path(data).resolve():
         log.warning("%s is the folder the model was trained on: its training images are scored too, which "
                     "flatters every figure; evaluate a folder of photos it never saw", data)
-        return
+        return ", the model's training images among them"
     record = trained_on.of_checkpoint(ckpt)
     if record is None:
         why = (f"its cache {ckpt.get('cache')} is gone or cannot be read" if ckpt["kind"] == "fit-head" else
                f"{model} was written before train and finetune kept a record of their photos")
         log.info("cannot tell whether photos of %s are ones the model was trained on (%s): any such photo is "
                  "scored too, which would flatter every figure", data, why)
-        return
+        return ""
     seen = trained_on.images_in(listing or list_image_folder(data, min_classes=1), record)
-    warn_seen(sorted(seen), data, "image")
+    return warn_seen(sorted(seen), data, "image")
 
 
-def warn_seen(seen: list, where, unit: str) -> None:
+def warn_seen(seen: list, where, unit: str) -> str:
     """The one warning of ``seen``, images of a folder or rows of a cache (``unit``) ``where`` with the content of
-    photos the model was fitted on (nothing when there are none)."""
-    if seen:
-        log.warning("%s of %s %s the same content as images the head was fitted on (e.g. %s): %s scored too, "
-                    "which flatters every figure", f"1 {unit}" if len(seen) == 1 else f"{len(seen)} {unit}s",
-                    where, "has" if len(seen) == 1 else "have", ", ".join(seen[:3]),
-                    "it is" if len(seen) == 1 else "they are")
+    photos the model was fitted on (nothing when there are none); returns what the figures' source adds."""
+    if not seen:
+        return ""
+    log.warning("%s of %s %s the same content as images the head was fitted on (e.g. %s): %s scored too, "
+                "which flatters every figure", f"1 {unit}" if len(seen) == 1 else f"{len(seen)} {unit}s", where,
+                "has" if len(seen) == 1 else "have", ", ".join(seen[:3]), "it is" if len(seen) == 1 else "they are")
+    return f", {len(seen)} of them with the content of images the head was fitted on"
 
 
-def warn_if_cache_seen(ckpt: dict, cache) -> None:
+def warn_if_cache_seen(ckpt: dict, cache) -> str:
     """--cache of another cache holding photos the head was fitted on (a larger --n of its folder, a copy of it)
     scores them too: signdigits10, a head on 301 photos read accuracy 1.000 on a --n 120 cache of the same folder,
-    nothing said, where --data and fit-head --test-cache find them by content. Said, with how many; where the
-    head's cache is gone, nobody can tell."""
+    nothing said, where --data and fit-head --test-cache find them by content. Said, with how many (returned: what
+    the figures' source adds); where the head's cache is gone, nobody can tell."""
     from ..heads.fit_head import overlap
     from ..models.train import refitted
 
@@ -480,8 +484,8 @@ def warn_if_cache_seen(ckpt: dict, cache) -> None:
             train_rows, val_rows = split_indices(own.labels, ckpt["config"]["val_fraction"], ckpt["config"]["seed"])
             seen = overlap(own, np.concatenate([train_rows, val_rows]) if refitted(ckpt) else train_rows, cache)
     except (CacheBusy, CacheError, KeyError, OSError):  # busy: the warning is left out, not the evaluation
-        return
-    warn_seen(seen, cache.path, "row")
+        return ""
+    return warn_seen(seen, cache.path, "row")
 
 
 def figures(result: dict, root=None) -> dict:
