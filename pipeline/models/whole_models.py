@@ -295,7 +295,7 @@ def model_from_checkpoint(ckpt: dict, path, weights: Optional[str] = None, train
                              f"{str(e).strip().splitlines()[0]}") from None
         info = {k: v for k, v in ckpt.items()  # what the model is, not what its run saw or did
                 if k not in ("state_dict", "kind", "format_version", "config", "metrics", "history", "head",
-                             "trained_on")}
+                             "resume", "trained_on")}
         lm = LoadedModel(model, Preprocessing.from_dict(ckpt["preprocessing"]).to_transform(), info, ckpt["kind"])
     lm.model.set_trainable(0)
     lm.model.eval()
