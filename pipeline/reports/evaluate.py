@@ -169,9 +169,12 @@ def cached_heatmaps(head, path, rows: np.ndarray) -> Callable[[np.ndarray], np.n
     return heatmaps
 
 
-def predict_folder(data: str, classes: list, transform, model, cfg: EvaluateConfig, head=None) -> Predictions:
+def predict_folder(data: str, classes: list, transform, model, cfg: EvaluateConfig, head=None,
+                   ckpt: Optional[dict] = None) -> Predictions:
     """Every decodable image of an ImageFolder through ``model`` (an ``inference.Inference``; of a
     ``WithExtras`` model when ``head`` is given, whose unknown score and temperature then come along).
+    ``ckpt``: the checkpoint of ``cfg.model``, whose training photos among the folder's are said
+    (``warn_if_trained_on``), in a warning and in the source of the figures.
 
     The folder's classes must be among the model's ``classes`` (matched by name), or none of them (a
     folder of foreign photos: then only the share flagged unknown is measured); unreadable images are
@@ -183,6 +186,7 @@ def predict_folder(data: str, classes: list, transform, model, cfg: EvaluateConf
     if foreign:
         log.info("none of the classes of %s is the model's: measuring how many of its photos are flagged unknown",
                  data)
+    seen = warn_if_trained_on(cfg.model, ckpt, data, listing) if ckpt is not None and not foreign else ""
     to_model = [-1 if foreign else classes.index(c) for c in listing.classes]
     items = read_images([(f.path, to_model[f.label]) for f in listing.files], transform, model, cfg.batch_size,
                         cfg.workers, listing.root)
@@ -192,7 +196,7 @@ def predict_folder(data: str, classes: list, transform, model, cfg: EvaluateConf
     logp, ood = split_extras(out, len(classes))
     trust = _trust(head) if head is not None else {}
     return Predictions(list(classes), listing.root, got.paths, labels, logp,
-                       f"images of {data}", ood=ood if trust.get("threshold") is not None else None, **trust)
+                       f"images of {data}{seen}", ood=ood if trust.get("threshold") is not None else None, **trust)
 
 
 def check_folder_classes(data: str, folder_classes: list, classes: list, has_unknown: bool) -> bool:
@@ -211,7 +215,7 @@ def model_on_folder(model_path: str, ckpt: dict, cfg: EvaluateConfig) -> Predict
 
     lm = model_from_checkpoint(ckpt, model_path, cfg.weights)
     model = network(lm, cfg.device, cfg.precision)
-    pred = predict_folder(cfg.data, lm.classes, lm.transform, model, cfg, lm.model.head)
+    pred = predict_folder(cfg.data, lm.classes, lm.transform, model, cfg, lm.model.head, ckpt)
     if isinstance(lm.model, TransferModel):  # fused features: no one map to explain
         pred.heatmaps, pred.preprocessing = photo_heatmaps(lm, model, pred, cfg), lm.info["preprocessing"]
     return pred
@@ -407,14 +411,11 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
         known = sorted(f"{k} on {option_text(s)}" for k, s in PREDICTORS)
         raise UsageError(f"cannot evaluate a {ckpt['kind']!r} checkpoint on {option_text(source)}; known: "
                          f"{', '.join(known)}")
-    if cfg.data:  # a class it does not know is refused first: not after a warning of its overlap with training
-        listing = list_image_folder(cfg.data, min_classes=1)
+    if cfg.data:  # a class it does not know is refused first: before the model is loaded, and any warning of its
+        listing = list_image_folder(cfg.data, min_classes=1)  # overlap with training
         check_folder_classes(cfg.data, listing.classes, list(ckpt["classes"]),
                              bool((ckpt.get("head") or {}).get("known_rows")))
-        seen = warn_if_trained_on(cfg.model, ckpt, cfg.data, listing)
-    pred = predictor(cfg.model, ckpt, cfg)
-    if cfg.data:  # said where the figures are read too (stdout, --json's source), as of a cache's training rows
-        pred.source += seen
+    pred = predictor(cfg.model, ckpt, cfg)  # on --data, it says which photos the model was trained on
     result = summarize(pred, cfg.top_k)
     out_dir = new_run_dir(cfg.runs_dir, "evaluate")
     result.update({"model": cfg.model, "kind": ckpt["kind"], "source": pred.source, "split": pred.split or cfg.split,
