@@ -3,7 +3,7 @@
 photo, about 1 MB for 25,000), so evaluate --data can tell photos it was trained on wherever they are now
 (a copy of its folder, renamed), as it does for a fit-head head from its cache's digests.
 
-The digests are those ``resume.run_record`` computed for the run already: no photo is read again for this.
+A run's digests are those ``resume.run_record`` computed for it already: no photo is read again for this.
 """
 from __future__ import annotations
 
@@ -49,8 +49,8 @@ def of_run(photos: dict, n_train: int) -> dict:
 
 def of_head(ckpt: dict) -> Optional[dict]:
     """The record of the photos a fit-head head was fitted on (its training rows, the validation ones too when it
-    was refitted on every row), from the digests its cache keeps (a row of an older cache without
-    one is left out); None where its cache cannot be read."""
+    was refitted on every row), from the digests its cache keeps (a row of an older cache, which kept none:
+    hashed from its file, as ``train.head_images`` does); None where its cache cannot be read."""
     from ..cache.feature_cache import CacheBusy, CacheError, FeatureCache
     from .train import refitted
 
