@@ -235,7 +235,7 @@ class _Classifier(ImageClassifier):
         cfg = EvaluateConfig(model=str(self._checkpoint()), data=os.fspath(data), batch_size=batch_size,
                              workers=workers)
         with verbosity(self._verbose):
-            pred = predict_folder(os.fspath(data), lm.classes, lm.transform, model, cfg)
+            pred = predict_folder(os.fspath(data), lm.classes, lm.transform, model, cfg, ckpt=self._read(cfg.model))
         return float((pred.logp.argmax(1) == pred.labels).mean())
 
 

@@ -579,3 +579,21 @@ def test_scikit_learn_estimator_checks():
     failed = {r["check_name"]: str(r["exception"])[:300] for r in results if r["status"] == "failed"}
     assert failed == {}
     assert sum(r["status"] == "passed" for r in results) >= 50
+
+
+def test_score_on_a_copy_of_the_training_photos_warns_as_evaluate_model_does(work, head, caplog):
+    """Model.score / Head.score of a folder ('as evaluate_model(data=...)') read 1.0 on a copy of the photos the
+    model was trained on, nothing said, where evaluate_model warns; now the same warning; on other photos, none."""
+    import shutil
+
+    m = pipeline.train_model("data", backbone="tiny", weights="none", epochs=1, workers=0, batch_size=8,
+                             print_every=0, precision="fp32", val_fraction=0.25)
+    shutil.copytree(work / "data", work / "copy")
+    make_image_folder(work / "fresh", per_class=3, seed=11)
+    for model, seen in ((m, 18), (head, head.metrics_["train_rows"])):
+        for folder, said in (("copy", True), ("fresh", False)):
+            caplog.clear()
+            with caplog.at_level("WARNING", logger="pipeline"):
+                model.score(folder, workers=0)
+            assert (f"{seen} images of {folder} have the same content as images the head was fitted on"
+                    in caplog.text) == said, (model, folder, caplog.text)

@@ -86,3 +86,24 @@ def test_a_checkpoint_cut_short_is_said_to_be_cut_short_wherever_the_copy_stoppe
         with pytest.raises(ValueError, match=r"is not a loadable checkpoint \(it is cut short or damaged \(not the "
                                              r"whole zip archive torch.save writes\): copy or save it again\)$"):
             read_checkpoint(tmp_path / "cut.pt")
+
+
+def test_a_models_record_of_its_photos_is_compact_and_a_damaged_one_refused_in_one_line(tmp_path):
+    """model.pt keeps each training photo's sha256 as 32 bytes and its size (40 bytes a photo: 1 MB for 25,000,
+    each photo once); a hand-edited record is refused naming the field, never a traceback in evaluate."""
+    import hashlib
+
+    from pipeline.models.trained_on import hex_digests, record
+
+    digests = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(25_000)]
+    rec = record(digests + digests[:10] + [""], list(range(25_000)) + list(range(10)) + [7])
+    assert rec["sha256"].shape == (25_000, 32) and rec["sha256"].dtype == torch.uint8
+    assert rec["sha256"].nbytes + rec["sizes"].nbytes == 25_000 * 40 and set(hex_digests(rec)) == set(digests)
+    lm = build_model("tiny", "none", ["blue", "red"])
+    path = save_model(lm, tmp_path / "model.pt", "train", {}, {}, [], trained_on=rec)
+    assert torch.equal(read_checkpoint(path)["trained_on"]["sha256"], rec["sha256"])
+    for bad in ({"sha256": rec["sha256"].long(), "sizes": rec["sizes"]}, {"sha256": rec["sha256"]},
+                {"sha256": rec["sha256"], "sizes": rec["sizes"][:5]}):
+        torch.save({**torch.load(path, weights_only=True), "trained_on": bad}, tmp_path / "bad.pt")
+        with pytest.raises(UsageError, match="field 'trained_on' must be the training photos' sha256"):
+            read_checkpoint(tmp_path / "bad.pt")

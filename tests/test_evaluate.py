@@ -429,3 +429,120 @@ def test_a_folder_with_a_class_the_model_does_not_know_is_refused_before_any_ove
                                        "--workers", "0", "--runs-dir", str(tmp_path / "r")])
     assert out.exit_code == 2 and "has classes ['purple'] the model does not know" in out.output, out.output
     assert out.output.count("\n") == 1, out.output
+
+
+TINY_RUN = dict(backbone="tiny", weights="none", epochs=1, workers=0, device="cpu", precision="fp32", batch_size=8,
+                print_every=0)
+
+
+def _seen_lines(caplog) -> list[str]:
+    return [r.message for r in caplog.records if "the same content as images the head was fitted on" in r.message]
+
+
+@pytest.mark.parametrize("kind", ["train", "finetune"])
+def test_evaluating_a_renamed_copy_of_a_models_training_photos_says_how_many(tmp_path, image_folder, caplog, kind,
+                                                                               monkeypatch):
+    """evaluate --data on a copy of the photos a train or finetune model was trained on (renamed, elsewhere) read
+    an inflated accuracy with nothing said: only a head's photos were found by content, a model.pt kept no record.
+    Now it keeps their sha256 (those the run hashed for --resume: no photo read again) and evaluate says how many,
+    as for a head; on photos it never saw, nothing."""
+    import shutil
+
+    from pipeline.data import image_reader
+    from pipeline.models.train import FinetuneConfig, TrainConfig, finetune, train
+
+    hashed = []
+    real = image_reader.file_digest
+    monkeypatch.setattr(image_reader, "file_digest", lambda p: hashed.append(p) or real(p))
+    run = (train if kind == "train" else finetune)((TrainConfig if kind == "train" else FinetuneConfig)(
+        data=str(image_folder), val_fraction=0.25, runs_dir=str(tmp_path / "runs"), **TINY_RUN))
+    assert len(hashed) == 24  # each photo once, for the run's record, not again for the digests it keeps
+    ckpt = torch.load(run.checkpoint, weights_only=True)
+    assert ckpt["trained_on"]["sha256"].dtype == torch.uint8 and ckpt["trained_on"]["sha256"].shape == (18, 32)
+    copy = tmp_path / "renamed"
+    shutil.copytree(image_folder, copy)
+    for f in list(copy.rglob("*.jpg")):
+        f.rename(f.with_name("x" + f.name))
+    fresh = make_image_folder(tmp_path / "fresh", per_class=3, seed=11)
+    for data, seen in ((copy, 18), (fresh, 0)):
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            evaluate(EvaluateConfig(model=run.checkpoint, data=str(data), workers=0, runs_dir=str(tmp_path / "r")))
+        said = _seen_lines(caplog)
+        assert len(said) == (1 if seen else 0), caplog.text
+        assert not seen or said[0].startswith(f"{seen} images of {data} have the same content as images the head")
+        assert "cannot tell" not in caplog.text
+
+
+def test_a_finetuned_model_keeps_the_photos_its_starting_head_was_fitted_on(tmp_path, image_folder, make_cache,
+                                                                          caplog):
+    """finetune --init-head HEAD on other photos: the model's head began as one fitted on the head's photos, so
+    evaluate on a copy of those says so (it said nothing)."""
+    import shutil
+
+    from pipeline.models.train import FinetuneConfig, finetune
+
+    head = fit_head(FitHeadConfig(head="linear", cache=str(make_cache(image_folder, dtype="float32").cache),
+                                  epochs=1, runs_dir=str(tmp_path / "runs")))
+    other = make_image_folder(tmp_path / "other", per_class=4, seed=5)
+    model = finetune(FinetuneConfig(data=str(other), init_head=head.checkpoint, runs_dir=str(tmp_path / "runs"),
+                                    **TINY_RUN)).checkpoint
+    copy = tmp_path / "copy"
+    shutil.copytree(image_folder, copy)
+    with caplog.at_level("WARNING"):
+        evaluate(EvaluateConfig(model=model, data=str(copy), workers=0, runs_dir=str(tmp_path / "r")))
+    said = _seen_lines(caplog)
+    assert len(said) == 1 and said[0].startswith(f"{head.train_rows} images of {copy} have the same content"), said
+
+
+def test_a_model_pt_written_before_it_kept_its_photos_still_evaluates_with_a_note(tmp_path, image_folder, caplog):
+    """A model.pt of an older version (no record of its photos) loads and evaluates as before; a note says that
+    overlap with its training photos cannot be checked, not a silence that reads as 'none'."""
+    import shutil
+
+    from pipeline.models.train import TrainConfig, train
+
+    model = train(TrainConfig(data=str(image_folder), runs_dir=str(tmp_path / "runs"), **TINY_RUN)).checkpoint
+    ckpt = torch.load(model, weights_only=True)
+    del ckpt["trained_on"]
+    torch.save(ckpt, model)
+    copy = tmp_path / "copy"
+    shutil.copytree(image_folder, copy)
+    with caplog.at_level("INFO"):
+        r = evaluate(EvaluateConfig(model=model, data=str(copy), workers=0, runs_dir=str(tmp_path / "r")))
+    assert r.rows == 24 and not _seen_lines(caplog)
+    assert f"cannot tell whether photos of {copy} are ones the model was trained on ({model} was written before" \
+           in caplog.text
+
+
+def test_json_source_says_when_the_photos_scored_include_the_models_training_photos(tmp_path, image_folder, head_run,
+                                                                                      make_cache):
+    """--json (and the stdout line) said 'images of copy' beside accuracy 1.000 for a copy of the training photos,
+    the warning only on stderr, where a script reading the figures never looks; --split all of the head's own cache
+    said it there already ('the head's training rows among them'). Now --data and another --cache say it too."""
+    import shutil
+
+    from pipeline.models.train import TrainConfig, train
+
+    model = train(TrainConfig(data=str(image_folder), val_fraction=0.25, runs_dir=str(tmp_path / "runs"),
+                              **TINY_RUN)).checkpoint
+    copy, fresh = tmp_path / "copy", make_image_folder(tmp_path / "fresh", per_class=3, seed=11)
+    shutil.copytree(image_folder, copy)
+    more = tmp_path / "more"  # the head's photos and one more: another cache than its own
+    shutil.copytree(image_folder, more)
+    shutil.copy(next((fresh / "red").iterdir()), more / "red" / "new.jpg")
+    other_cache = make_cache(more, cache_dir=str(tmp_path / "other_features"), dtype="float32").cache
+
+    def source(ckpt, *args):
+        out = CliRunner().invoke(cli.cli, ["evaluate", "--model", ckpt, *args, "--workers", "0", "--runs-dir",
+                                           str(tmp_path / "r"), "--json"])
+        assert out.exit_code == 0, out.output
+        return json.loads(out.stdout)["source"]
+
+    assert source(model, "--data", str(image_folder)) == f"images of {image_folder}, the model's training images " \
+                                                          "among them"
+    assert source(model, "--data", str(copy)) == f"images of {copy}, 18 of them with the content of images the " \
+                                                 "head was fitted on"
+    assert source(head_run.checkpoint, "--cache", other_cache).endswith(
+        f", {head_run.train_rows} of them with the content of images the head was fitted on")
+    assert source(model, "--data", str(fresh)) == f"images of {fresh}"

@@ -795,3 +795,20 @@ def test_finetune_from_a_default_refitted_head_says_its_validation_photos_were_f
     out, err = finetune_from(sample)  # photos it never saw remain: its refit's rows are left out like the rest
     assert out["val_seen_by_head_refit"] == 0 and "flattered" not in err
     assert out["val_left_out_seen_by_head"] > 0 and out["val_rows"] + out["val_left_out_seen_by_head"] == 6
+
+
+def test_a_finetune_from_a_stopped_runs_model_pt_keeps_none_of_that_runs_resume_state(tmp_path, image_folder,
+                                                                                       monkeypatch):
+    """finetune --init-head on a stopped train run's model.pt (a usable model already) copied that run's resume
+    state (its optimiser, random states, photos) into its own model.pt: the finished finetune looked resumable, and
+    --resume of it stopped on 'unexpected RuntimeError: Error(s) in loading state_dict' instead of saying the run is
+    finished; a stopped finetune would have resumed from the train run's state. Now none of it is carried over."""
+    _, stopped = _stopped_train_run(tmp_path, image_folder, monkeypatch)
+    args = ["finetune", "--data", str(image_folder), "--init-head", str(stopped / "model.pt"), "--epochs", "1",
+            "--workers", "0", "--batch-size", "8", "--print-every", "0", "--runs-dir", str(tmp_path / "ft"), "--json"]
+    done = CliRunner().invoke(cli.cli, args)
+    assert done.exit_code == 0, done.output
+    done = json.loads(done.stdout)
+    assert "resume" not in torch.load(done["checkpoint"], weights_only=True)
+    again = CliRunner().invoke(cli.cli, [*args, "--resume", done["run_dir"]])
+    assert again.exit_code == 2 and "a finished run's; nothing to resume" in again.output, again.output

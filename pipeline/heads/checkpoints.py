@@ -49,6 +49,7 @@ _SCHEMA = {
     "config": (dict, "a dict"),
     "head": (dict, "a probe-head config"),
     "fused": (dict, "a fused-features record (heads/fused_views.py)"),
+    "trained_on": (dict, "the training photos' sha256 (an (N, 32) uint8 tensor) and sizes (N int64)"),
 }
 _REQUIRED = ("state_dict", "backbone", "weights", "classes", "in_shape", "preprocessing", "head")
 
@@ -68,6 +69,11 @@ def _field_ok(name: str, value) -> bool:
         return 0 <= value < 1
     if name == "fused":
         return record_problem(value) is None
+    if name == "trained_on":  # models/trained_on.py
+        sha, sizes = value.get("sha256"), value.get("sizes")
+        return (isinstance(sha, torch.Tensor) and isinstance(sizes, torch.Tensor) and sha.dtype == torch.uint8
+                and sha.dim() == 2 and sha.shape[1] == 32 and sizes.dtype == torch.int64 and sizes.dim() == 1
+                and len(sizes) == len(sha))
     if name == "preprocessing":
         try:
             Preprocessing.from_dict(value)

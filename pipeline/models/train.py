@@ -40,6 +40,7 @@ from ..heads.epoch_loop import (
 from ..heads.trust import fit_trust
 from ..progress import progress
 from ..runs.run_folders import finish_run, new_run_dir
+from . import trained_on
 from .predict import ImageOutputs, iter_log_proba
 from .resume import (
     TrainingInterrupted,
@@ -269,12 +270,13 @@ def refitted(ckpt: dict) -> bool:
     return bool(ckpt.get("tuning")) and bool(ckpt.get("config", {}).get("refit", False))
 
 
-def _fit(cfg: TrainConfig, kind: str, lm, stages: list, listing, head_saw: tuple = (frozenset(), frozenset())
-         ) -> TrainResult:
+def _fit(cfg: TrainConfig, kind: str, lm, stages: list, listing, head_saw: tuple = (frozenset(), frozenset()),
+         start_saw: Optional[dict] = None) -> TrainResult:
     """Train ``lm`` on ``listing`` epoch by epoch; ``stages[e]`` = (unfreeze value, stage name) for epoch e;
-    ``head_saw``: ``head_images`` of the starting head."""
+    ``head_saw``: ``head_images`` of the starting head; ``start_saw``: the photos the starting model was fitted
+    on (``trained_on.of_checkpoint``), kept with this run's in its model.pt."""
     with contextlib.ExitStack() as held:  # the run folder's lock, from its first save (or the resume) to the end
-        return _train_run(cfg, kind, lm, stages, listing, head_saw, held)
+        return _train_run(cfg, kind, lm, stages, listing, head_saw, held, start_saw)
 
 
 def unseen_validation(val_idx: np.ndarray, listing, head_saw: tuple) -> tuple[np.ndarray, list, int]:
@@ -305,7 +307,7 @@ def unseen_validation(val_idx: np.ndarray, listing, head_saw: tuple) -> tuple[np
 
 
 def _train_run(cfg: TrainConfig, kind: str, lm, stages: list, listing, head_saw: tuple,
-               held: contextlib.ExitStack) -> TrainResult:
+               held: contextlib.ExitStack, start_saw: Optional[dict] = None) -> TrainResult:
     """``_fit``'s run; ``held`` keeps the run folder's lock (``resume.training_into``) until it ends."""
     if list(listing.classes) != lm.classes:
         raise UsageError(f"the model's classes {lm.classes} differ from the data's {list(listing.classes)}")
@@ -330,6 +332,7 @@ def _train_run(cfg: TrainConfig, kind: str, lm, stages: list, listing, head_saw:
     sample = (listing, train_idx, val_idx)
     stopped = read_resume(cfg, kind, recorded_config(cfg), digest, sample) if cfg.resume else None
     kept = run_record(cfg, listing, train_idx, val_idx, stopped)  # the photos one by one: what a resume checks
+    saw = trained_on.merged(trained_on.of_run(kept["photos"], len(train_idx)), start_saw)  # their sha256: evaluate's
     val_model = Inference(model, device, precision, freeze=False)  # the same inference path as evaluate/predict
     skipped, state = ImageOutputs(), {"stage": None}
     log.info("%s: %d train / %d val images of %s (unreadable ones skipped as they are read), device %s, "
@@ -365,7 +368,7 @@ def _train_run(cfg: TrainConfig, kind: str, lm, stages: list, listing, head_saw:
         run["saving"] = (len(history), file_identity(run["dir"] / "model.pt"))  # stopped_at: did it land?
         save_model(lm, run["dir"] / "model.pt", kind, recorded_config(cfg),
                    {**history[-1], "epochs_done": len(history), "epochs": cfg.epochs}, history,
-                   resume=resume_fields(opt, train_loader.generator, digest, kept))
+                   resume=resume_fields(opt, train_loader.generator, digest, kept), trained_on=saw)
         run["done"] = len(history)
 
     done = restore(stopped, model, opt, train_loader.generator) if stopped else []
@@ -387,7 +390,7 @@ def _train_run(cfg: TrainConfig, kind: str, lm, stages: list, listing, head_saw:
         lm.model.to("cpu")
 
         def commit():  # the finished model.pt replaces the resumable one: from here on the run is done
-            save_model(lm, out_dir / "model.pt", kind, recorded_config(cfg), metrics, history)
+            save_model(lm, out_dir / "model.pt", kind, recorded_config(cfg), metrics, history, trained_on=saw)
             run["finished"] = True
 
         curves = finish_run(out_dir, cfg.runs_dir, kind, history, [out_dir / "model.pt"], commit=commit,
@@ -534,4 +537,5 @@ def finetune(cfg: FinetuneConfig) -> TrainResult:
     lm.model.set_trainable(unfreeze)
     stages = [(0, "head") if e < cfg.head_epochs else (unfreeze, "finetune") for e in range(cfg.epochs)]
     head_saw = tuple(map(frozenset, head_images(cfg.init_head, listing, ckpt))) if cfg.init_head else (frozenset(),) * 2
-    return _fit(cfg, "finetune", lm, stages, listing, head_saw)
+    start_saw = trained_on.of_checkpoint(ckpt) if cfg.init_head else None
+    return _fit(cfg, "finetune", lm, stages, listing, head_saw, start_saw)

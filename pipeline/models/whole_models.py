@@ -226,10 +226,12 @@ def build_model(backbone: str, weights: str, classes, pool: Optional[str] = None
 
 
 def save_model(lm: LoadedModel, path, kind: str, config: dict, metrics: dict, history: list,
-               resume: Optional[dict] = None) -> Path:
+               resume: Optional[dict] = None, trained_on: Optional[dict] = None) -> Path:
     """Write the checkpoint (``checkpoints.write_checkpoint``) that ``load_model`` turns back into ``lm``;
-    ``resume``: what an unfinished run needs to go on (``models.resume``)."""
+    ``resume``: what an unfinished run needs to go on (``models.resume``); ``trained_on``: the photos it was
+    fitted on, by content (``models.trained_on``), for evaluate."""
     return write_checkpoint(path, kind, {**({"resume": resume} if resume is not None else {}),
+        **({"trained_on": trained_on} if trained_on is not None else {}),
         **lm.info, "head": lm.model.head.config,
         "state_dict": {k: v.detach().cpu() for k, v in lm.model.state_dict().items()},
         "config": json.loads(json.dumps(config)), "metrics": json.loads(json.dumps(metrics)),
@@ -291,8 +293,9 @@ def model_from_checkpoint(ckpt: dict, path, weights: Optional[str] = None, train
         except RuntimeError as e:
             raise UsageError(f"{str(path)!r} does not match backbone {ckpt['backbone']!r}: "
                              f"{str(e).strip().splitlines()[0]}") from None
-        info = {k: v for k, v in ckpt.items()
-                if k not in ("state_dict", "kind", "format_version", "config", "metrics", "history", "head")}
+        info = {k: v for k, v in ckpt.items()  # what the model is, not what its run saw or did
+                if k not in ("state_dict", "kind", "format_version", "config", "metrics", "history", "head",
+                             "resume", "trained_on")}
         lm = LoadedModel(model, Preprocessing.from_dict(ckpt["preprocessing"]).to_transform(), info, ckpt["kind"])
     lm.model.set_trainable(0)
     lm.model.eval()

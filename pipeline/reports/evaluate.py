@@ -143,7 +143,7 @@ def head_on_cache(model_path: str, ckpt: dict, cfg: EvaluateConfig, labelled: bo
                             "flatters every figure; use it on a held-out cache", path, option_text("split", "all"))
                 seen = ", the head's training rows among them"
             elif not ckpt.get("fused"):
-                warn_if_cache_seen(ckpt, cache)
+                seen = warn_if_cache_seen(ckpt, cache)
         logp, ood = head_scores(head, cache, rows, device, cfg.block_rows)
         rows = np.sort(rows)
         paths = cache.paths
@@ -169,9 +169,12 @@ def cached_heatmaps(head, path, rows: np.ndarray) -> Callable[[np.ndarray], np.n
     return heatmaps
 
 
-def predict_folder(data: str, classes: list, transform, model, cfg: EvaluateConfig, head=None) -> Predictions:
+def predict_folder(data: str, classes: list, transform, model, cfg: EvaluateConfig, head=None,
+                   ckpt: Optional[dict] = None) -> Predictions:
     """Every decodable image of an ImageFolder through ``model`` (an ``inference.Inference``; of a
     ``WithExtras`` model when ``head`` is given, whose unknown score and temperature then come along).
+    ``ckpt``: the checkpoint of ``cfg.model``, whose training photos among the folder's are said
+    (``warn_if_trained_on``), in a warning and in the source of the figures.
 
     The folder's classes must be among the model's ``classes`` (matched by name), or none of them (a
     folder of foreign photos: then only the share flagged unknown is measured); unreadable images are
@@ -183,6 +186,7 @@ def predict_folder(data: str, classes: list, transform, model, cfg: EvaluateConf
     if foreign:
         log.info("none of the classes of %s is the model's: measuring how many of its photos are flagged unknown",
                  data)
+    seen = warn_if_trained_on(cfg.model, ckpt, data, listing) if ckpt is not None and not foreign else ""
     to_model = [-1 if foreign else classes.index(c) for c in listing.classes]
     items = read_images([(f.path, to_model[f.label]) for f in listing.files], transform, model, cfg.batch_size,
                         cfg.workers, listing.root)
@@ -192,7 +196,7 @@ def predict_folder(data: str, classes: list, transform, model, cfg: EvaluateConf
     logp, ood = split_extras(out, len(classes))
     trust = _trust(head) if head is not None else {}
     return Predictions(list(classes), listing.root, got.paths, labels, logp,
-                       f"images of {data}", ood=ood if trust.get("threshold") is not None else None, **trust)
+                       f"images of {data}{seen}", ood=ood if trust.get("threshold") is not None else None, **trust)
 
 
 def check_folder_classes(data: str, folder_classes: list, classes: list, has_unknown: bool) -> bool:
@@ -211,7 +215,7 @@ def model_on_folder(model_path: str, ckpt: dict, cfg: EvaluateConfig) -> Predict
 
     lm = model_from_checkpoint(ckpt, model_path, cfg.weights)
     model = network(lm, cfg.device, cfg.precision)
-    pred = predict_folder(cfg.data, lm.classes, lm.transform, model, cfg, lm.model.head)
+    pred = predict_folder(cfg.data, lm.classes, lm.transform, model, cfg, lm.model.head, ckpt)
     if isinstance(lm.model, TransferModel):  # fused features: no one map to explain
         pred.heatmaps, pred.preprocessing = photo_heatmaps(lm, model, pred, cfg), lm.info["preprocessing"]
     return pred
@@ -407,12 +411,11 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
         known = sorted(f"{k} on {option_text(s)}" for k, s in PREDICTORS)
         raise UsageError(f"cannot evaluate a {ckpt['kind']!r} checkpoint on {option_text(source)}; known: "
                          f"{', '.join(known)}")
-    if cfg.data:  # a class it does not know is refused first: not after a warning of its overlap with training
-        listing = list_image_folder(cfg.data, min_classes=1)
+    if cfg.data:  # a class it does not know is refused first: before the model is loaded, and any warning of its
+        listing = list_image_folder(cfg.data, min_classes=1)  # overlap with training
         check_folder_classes(cfg.data, listing.classes, list(ckpt["classes"]),
                              bool((ckpt.get("head") or {}).get("known_rows")))
-        warn_if_trained_on(cfg.model, ckpt, cfg.data, listing)
-    pred = predictor(cfg.model, ckpt, cfg)
+    pred = predictor(cfg.model, ckpt, cfg)  # on --data, it says which photos the model was trained on
     result = summarize(pred, cfg.top_k)
     out_dir = new_run_dir(cfg.runs_dir, "evaluate")
     result.update({"model": cfg.model, "kind": ckpt["kind"], "source": pred.source, "split": pred.split or cfg.split,
@@ -433,31 +436,47 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
     return EvaluateResult(**result)
 
 
-def warn_if_trained_on(model: str, ckpt: dict, data: str, listing=None) -> None:
+def warn_if_trained_on(model: str, ckpt: dict, data: str, listing=None) -> str:
     """--data holding photos the model was trained on scores them too, which flatters every figure. The folder it
-    was trained on: a finetuned model read accuracy 1.000 on dogbreeds20 with nothing said. For a head fitted by
-    fit-head, also copies of its photos anywhere, found by content as fit-head's --test-data finds them (a copy of
-    four of dogbreeds20's classes read 1.000 on 50 photos, nothing said); where its cache is gone, nobody can tell."""
+    was trained on: a finetuned model read accuracy 1.000 on dogbreeds20 with nothing said. Copies of its photos
+    anywhere, found by content (``models.trained_on``: a head's from its cache's digests, as fit-head's --test-data
+    finds them; a train or finetune model's from the record its model.pt keeps): a copy of four of dogbreeds20's
+    classes read 1.000 on 50 photos, nothing said. Where neither is there, a note says nobody can tell. Returns
+    what the source of the figures adds (``warn_seen``'s), '' where nothing was found."""
+    from ..models import trained_on
+
     trained = ckpt.get("data_root") or (ckpt.get("config") or {}).get("data") or ""
     if trained and Path(trained).resolve() == Path(data).resolve():
         log.warning("%s is the folder the model was trained on: its training images are scored too, which "
                     "flatters every figure; evaluate a folder of photos it never saw", data)
-    elif ckpt["kind"] == "fit-head" and Path(ckpt.get("cache") or "").is_file():
-        from ..models.train import head_training_images
+        return ", the model's training images among them"
+    record = trained_on.of_checkpoint(ckpt)
+    if record is None:
+        why = (f"its cache {ckpt.get('cache')} is gone or cannot be read" if ckpt["kind"] == "fit-head" else
+               f"{model} was written before train and finetune kept a record of their photos")
+        log.info("cannot tell whether photos of %s are ones the model was trained on (%s): any such photo is "
+                 "scored too, which would flatter every figure", data, why)
+        return ""
+    seen = trained_on.images_in(listing or list_image_folder(data, min_classes=1), record)
+    return warn_seen(sorted(seen), data, "image")
 
-        seen = sorted(head_training_images(model, listing or list_image_folder(data, min_classes=1), ckpt))
-        if seen:
-            log.warning("%s of %s %s the same content as images the head was fitted on (e.g. %s): %s scored too, "
-                        "which flatters every figure", "1 image" if len(seen) == 1 else f"{len(seen)} images", data,
-                        "has" if len(seen) == 1 else "have", ", ".join(seen[:3]), "it is" if len(seen) == 1 else
-                        "they are")
+
+def warn_seen(seen: list, where, unit: str) -> str:
+    """The one warning of ``seen``, images of a folder or rows of a cache (``unit``) ``where`` with the content of
+    photos the model was fitted on (nothing when there are none); returns what the figures' source adds."""
+    if not seen:
+        return ""
+    log.warning("%s of %s %s the same content as images the head was fitted on (e.g. %s): %s scored too, "
+                "which flatters every figure", f"1 {unit}" if len(seen) == 1 else f"{len(seen)} {unit}s", where,
+                "has" if len(seen) == 1 else "have", ", ".join(seen[:3]), "it is" if len(seen) == 1 else "they are")
+    return f", {len(seen)} of them with the content of images the head was fitted on"
 
 
-def warn_if_cache_seen(ckpt: dict, cache) -> None:
+def warn_if_cache_seen(ckpt: dict, cache) -> str:
     """--cache of another cache holding photos the head was fitted on (a larger --n of its folder, a copy of it)
     scores them too: signdigits10, a head on 301 photos read accuracy 1.000 on a --n 120 cache of the same folder,
-    nothing said, where --data and fit-head --test-cache find them by content. Said, with how many; where the
-    head's cache is gone, nobody can tell."""
+    nothing said, where --data and fit-head --test-cache find them by content. Said, with how many (returned: what
+    the figures' source adds); where the head's cache is gone, nobody can tell."""
     from ..heads.fit_head import overlap
     from ..models.train import refitted
 
@@ -466,12 +485,8 @@ def warn_if_cache_seen(ckpt: dict, cache) -> None:
             train_rows, val_rows = split_indices(own.labels, ckpt["config"]["val_fraction"], ckpt["config"]["seed"])
             seen = overlap(own, np.concatenate([train_rows, val_rows]) if refitted(ckpt) else train_rows, cache)
     except (CacheBusy, CacheError, KeyError, OSError):  # busy: the warning is left out, not the evaluation
-        return
-    if seen:
-        log.warning("%s of %s %s the same content as images the head was fitted on (e.g. %s): %s scored too, "
-                    "which flatters every figure", "1 row" if len(seen) == 1 else f"{len(seen)} rows", cache.path,
-                    "has" if len(seen) == 1 else "have", ", ".join(seen[:3]), "it is" if len(seen) == 1 else
-                    "they are")
+        return ""
+    return warn_seen(seen, cache.path, "row")
 
 
 def figures(result: dict, root=None) -> dict:
