@@ -220,6 +220,25 @@ def test_a_name_that_is_not_utf8_is_left_out_and_reported_escaped(tmp_path):
     assert "not valid UTF-8" in listing.bad[0][1]
 
 
+def test_refusals_name_a_folder_or_file_that_is_not_utf8_with_one_backslash(tmp_path):
+    """A class folder, or the one file of an empty class, named in latin-1 was quoted 'caf\\\\xe9' (repr of the
+    escaped name): a name no folder has. Now 'caf\\xe9', as every list and report writes it."""
+    import os
+
+    root = make_image_folder(tmp_path / "d", per_class=3)
+    os.rename(root / "red", os.path.join(os.fsencode(root), b"caf\xe9"))
+    with pytest.raises(ValueError) as e:
+        list_image_folder(root)
+    assert str(e.value).startswith("class folder 'caf\\xe9': the file name is not valid UTF-8"), e.value
+    os.rename(os.path.join(os.fsencode(root), b"caf\xe9"), root / "red")
+    for f in (root / "red").iterdir():
+        f.unlink()
+    (root / "red" / os.fsdecode(b"notes\xe9.txt")).write_text("May")
+    with pytest.raises(ValueError) as e:
+        list_image_folder(root)
+    assert "(its one file, 'notes\\xe9.txt', is not of the types read" in str(e.value), e.value
+
+
 def test_reasons_that_may_pass_are_told_from_verdicts_on_a_files_bytes(tmp_path):
     from pipeline.data.folders import is_os_error_reason, regular_file_stat
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import PipelineError, UsageError
-from ..files import is_utf8, one_line, shown
+from ..files import is_utf8, one_line, quoted, shown
 from ..progress import first_time
 from .portable import (  # noqa: F401 (the decoding rule; bit_depth for callers)
     MAX_PIXELS, Refused, TooManyPixels, bit_depth, decode_failure, jpeg_draft, open_within_limit, orientation,
@@ -199,7 +199,7 @@ def list_image_folder(root: str | os.PathLike, min_classes: int = 2) -> ImageFol
     classes = class_folders(root)
     for c in classes:
         if not is_utf8(c):
-            raise UsageError(f"class folder {shown(c)!r}: {NOT_UTF8}")
+            raise UsageError(f"class folder {quoted(c)}: {NOT_UTF8}")
     files: list[SourceFile] = []
     bad: list[tuple[str, str]] = []
     classes = distinct_classes(root, classes, bad)
@@ -331,8 +331,8 @@ def _other_files(folder: Path) -> str:
     if not names:
         return ""
     heic = sum(n.lower().endswith((".heic", ".heif")) for n in names)
-    return (f" (its one file, {shown(names[0])!r}, is not" if len(names) == 1 else
-            f" (its {len(names)} files, e.g. {shown(names[0])!r}, are not") + (
+    return (f" (its one file, {quoted(names[0])}, is not" if len(names) == 1 else
+            f" (its {len(names)} files, e.g. {quoted(names[0])}, are not") + (
             f" of the types read: {' '.join(IMAGE_EXTENSIONS)}"
             + ("; HEIC photos, as iPhones take them, convert to JPEG first: heif-convert IN OUT.jpg, or on a Mac "
                "sips -s format jpeg IN --out OUT.jpg" if heic else "") + ")")

@@ -38,7 +38,7 @@ from ..files import (
     json_text,
     numbered_name,
     one_line,
-    shown,
+    quoted,
     unwinding_on_signals,
     writing,
 )
@@ -121,7 +121,7 @@ def list_inputs(paths) -> list[str]:
         raise UsageError(f"no image files in {', '.join(map(str, paths))}")
     bad = [f for f in files if not is_utf8(f)]
     if bad:
-        raise UsageError(f"{shown(bad[0])!r}: {NOT_UTF8}" + (f" ({len(bad) - 1} more such names)" if bad[1:] else ""))
+        raise UsageError(f"{quoted(bad[0])}: {NOT_UTF8}" + (f" ({len(bad) - 1} more such names)" if bad[1:] else ""))
     return files
 
 
@@ -135,8 +135,8 @@ def _not_a_cache(path: Path) -> Path:
     except OSError:  # unreadable: its row says why
         return path
     if hdf5:
-        raise UsageError(f"{shown(str(path))!r} is a feature cache, not a photo: predict classifies photos; a head "
-                         f"scores a cache with evaluate --model HEAD --cache {shown(str(path))!r}, or in Python "
+        raise UsageError(f"{quoted(str(path))} is a feature cache, not a photo: predict classifies photos; a head "
+                         f"scores a cache with evaluate --model HEAD --cache {quoted(str(path))}, or in Python "
                          "pipeline.Head.load(HEAD).score(cache)")
     return path
 
