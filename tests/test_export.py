@@ -280,6 +280,31 @@ def test_the_rule_reads_an_open_file_as_pillow_does(tmp_path):
         portable.preprocess(io.BufferedReader(NoSeek(b"")), p, {})
 
 
+def test_the_rule_refuses_a_path_that_is_no_file_as_what_it_is(tmp_path):
+    """A named pipe given to the rule (examples/predict_onnx.py photos/*, export's parity photos) was refused as a
+    'zero-byte file' (its size is 0; a FIFO is no empty photo), a folder as Pillow's 'Is a directory': each is now
+    'not a regular file (a named pipe)' as predict says, and the pipe is never opened (that would block forever)."""
+    import os
+    import signal
+
+    from pipeline.data import portable
+
+    p = {"resize_size": 40, "crop_size": 32, "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.25] * 3}
+    os.mkfifo(tmp_path / "pipe.jpg")
+    signal.alarm(20)  # an open of the pipe would block: fail instead of hanging
+    try:
+        for name, what in (("pipe.jpg", "a named pipe"), (".", "a folder")):
+            with pytest.raises(portable.Refused) as e:
+                portable.preprocess(str(tmp_path / name), p, {})
+            assert str(e.value) == f"not a regular file ({what})"
+            assert portable.decode_failure(e.value) == str(e.value)
+    finally:
+        signal.alarm(0)
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    with pytest.raises(portable.Refused, match="^zero-byte file$"):
+        portable.preprocess(tmp_path / "empty.jpg", p, {})
+
+
 def test_the_parity_check_decodes_each_photo_from_its_bytes_by_the_rule(heads, tmp_path, monkeypatch):
     """A decoder that drops alpha (as the example once did) fails the check: it no longer feeds both sides the
     same tensors; the metadata says the rule's parameters."""

@@ -75,6 +75,24 @@ def test_a_broken_link_named_alone_gets_its_row_as_in_a_folder(tmp_path, image_f
         n: rows[n]["error"] for n in ("gone.jpg", "a.jpg")} | {"b.jpg": "a symlink loop, not a file"}
 
 
+def test_a_named_pipe_named_alone_gets_its_row_as_in_a_folder(tmp_path, image_folder, model_pt):
+    """predict photos/*.jpg, the glob holding a named pipe: 'is neither a file nor a folder' (exit 2), the whole run
+    refused, where predict photos/ gave it a row 'not a regular file (a named pipe)'. Now that row; never opened."""
+    import os
+    import signal
+
+    os.mkfifo(image_folder / "blue" / "pipe.jpg")
+    named = [str(image_folder / "blue" / n) for n in ("pipe.jpg", "blue.0.jpg")]
+    signal.alarm(60)  # an open of the pipe would block: fail instead of hanging
+    try:
+        r = CliRunner().invoke(cli.cli, ["predict", *named, "--model", str(model_pt), "--json", "--workers", "0"])
+    finally:
+        signal.alarm(0)
+    assert r.exit_code == 0, r.output
+    rows = {Path(row["path"]).name: row for row in json.loads(r.stdout)}
+    assert rows["pipe.jpg"]["error"] == "not a regular file (a named pipe)" and rows["blue.0.jpg"]["class"] == "blue"
+
+
 def test_predict_same_rows_whatever_the_batch_size(image_folder, model_pt):
     data = _folder_with_bad_files(image_folder)
     a = predict(PredictConfig(paths=[str(data)], model=str(model_pt), workers=0, batch_size=3, precision="fp32"))

@@ -8,7 +8,6 @@ import errno
 import hashlib
 import logging
 import os
-import stat
 import warnings
 from dataclasses import dataclass
 from functools import cached_property
@@ -20,8 +19,8 @@ from ..errors import PipelineError, UsageError
 from ..files import is_utf8, one_line, quoted, shown
 from ..progress import first_time
 from .portable import (  # noqa: F401 (the decoding rule; bit_depth for callers)
-    MAX_PIXELS, Refused, TooManyPixels, bit_depth, decode_failure, jpeg_draft, open_within_limit, orientation,
-    refuse_external, refuse_thin, to_rgb, too_many_pixels, upright)
+    MAX_PIXELS, Refused, TooManyPixels, bit_depth, decode_failure, jpeg_draft, not_regular, open_within_limit,
+    orientation, refuse_external, refuse_thin, to_rgb, too_many_pixels, upright)
 
 log = logging.getLogger(__name__)
 #: File name endings treated as images when listing a folder (case-insensitive): torchvision ImageFolder's
@@ -426,13 +425,8 @@ class ImageLoadError(Exception):
 
 
 def _not_regular(st: os.stat_result) -> str | None:
-    """What a file is when it is not a regular file, else None."""
-    for test, what in ((stat.S_ISREG, None), (stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe"),
-                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device")):
-        if test(st.st_mode):
-            return what
-    return "not a regular file"
+    """What a file is when it is not a regular file, else None (``portable.not_regular``)."""
+    return not_regular(st.st_mode)
 
 
 def regular_file_stat(path: str | os.PathLike) -> os.stat_result:

@@ -30,6 +30,7 @@ no bytes are not decoded: the exception's ``decode_failure`` is the row's reason
 # Pillow and numpy only below: this file must run where nothing of this project is installed
 import io
 import os
+import stat
 import warnings
 
 import numpy as np
@@ -295,12 +296,29 @@ def as_pillow_reads(fp):
         return io.BytesIO(fp.read())
 
 
+#: What a path that is not a regular file is, in predict's words (``data.folders`` says the same).
+NOT_REGULAR = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def not_regular(mode: int):
+    """What a file of ``mode`` (``os.stat``'s st_mode) is when it is not a regular file, else None."""
+    if stat.S_ISREG(mode):
+        return None
+    return next((what for test, what in NOT_REGULAR if test(mode)), "not a regular file")
+
+
 def refuse_empty(fp) -> None:
     """``Refused`` for a file of no bytes (a path, or an open binary file that can seek: ``as_pillow_reads``), in
     predict's words: Pillow calls it an image of unidentified format, the example said 'not an image' where
-    predict said 'zero-byte file'."""
+    predict said 'zero-byte file'. A path that is not a regular file is refused as what it is, never opened (a
+    named pipe would block Image.open forever; its size, 0, made it a 'zero-byte file')."""
     if isinstance(fp, (str, bytes, os.PathLike)):
-        empty = os.path.getsize(fp) == 0
+        st = os.stat(fp)
+        what = not_regular(st.st_mode)
+        if what:
+            raise Refused(f"not a regular file ({what})")
+        empty = st.st_size == 0
     else:
         fp.seek(0)
         empty = not fp.read(1)

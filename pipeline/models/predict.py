@@ -115,8 +115,10 @@ def list_inputs(paths) -> list[str]:
                 log.warning("%s: %s", one_line(str(p.parent / where)), one_line(why))
         elif p.is_file() or p.is_symlink():  # a dangling or looping link (photos/*.jpg): its row says so, as in a
             files.append(str(_not_a_cache(p)))  # folder; it was 'does not exist', the whole run refused
+        elif p.exists():  # a named pipe, a device: its row says what it is, as in a folder (never opened); it was
+            files.append(str(p))  # 'is neither a file nor a folder', the whole run refused
         else:
-            raise UsageError(f"{str(p)!r} {'is neither a file nor a folder' if p.exists() else 'does not exist'}")
+            raise UsageError(f"{str(p)!r} does not exist")
     if not files:
         raise UsageError(f"no image files in {', '.join(map(str, paths))}")
     bad = [f for f in files if not is_utf8(f)]
