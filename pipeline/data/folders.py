@@ -4,6 +4,7 @@ Nothing here imports torch, so a cache hit (list, fingerprint, open the cache) s
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import logging
@@ -545,6 +546,27 @@ def open_image(fp):
         raise ImageLoadError(decode_failure(e), "unreadable") from None
 
 
+#: The key of an RGB image's ``info`` (``decode_stream``'s) holding how many frames its file holds, when more
+#: than one: decoding uses the first alone (``frame_count``).
+FRAMES = "frames"
+
+
+def frame_count(im) -> int:
+    """How many pictures the opened, not yet loaded image holds of which decoding uses the first alone: an animated
+    GIF, PNG (APNG) or WebP, a multi-page TIFF. 1 for every other, and for a multi-picture JPEG (MPO: its first
+    picture is the photo, the others a preview or a depth map) or a PSD (its first is the merged picture, the
+    others its layers). Read from the headers (a GIF's frames are skipped through, not decoded); a file whose later
+    frames cannot be read counts as 1 here: its first still decodes, or fails, as before."""
+    if im.format in ("MPO", "PSD"):
+        return 1
+    try:
+        return int(im.n_frames) if getattr(im, "is_animated", False) else 1
+    except Exception:  # Pillow's readers raise many kinds on a damaged later frame (IndexError, TypeError, ...)
+        with contextlib.suppress(Exception):
+            im.seek(0)  # back to the first frame, as before counting (truncated GIFs, APNGs, TIFFs: the same pixels)
+        return 1
+
+
 def decode_stream(fp, min_short_side: int | None = None, max_pixels: int | None = None,
                   pil_warnings: bool = False):
     """(decoded image, its RGB conversion) of an open binary file, under the rules of ``decode_image``. PIL's
@@ -565,8 +587,12 @@ def decode_stream(fp, min_short_side: int | None = None, max_pixels: int | None 
                     raise ImageLoadError(str(e), "not-an-image") from None
                 check_size(im.size, max_pixels)
                 jpeg_draft(im, min_short_side)
+                frames = frame_count(im)
                 im.load()
-                return im, upright(to_rgb(im), orientation(im))
+                rgb = upright(to_rgb(im), orientation(im))
+                if frames > 1:
+                    rgb.info[FRAMES] = frames
+                return im, rgb
     except ImageLoadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning, TooManyPixels) as e:
