@@ -395,6 +395,35 @@ def refuse_thin(size) -> None:
                       "build a huge image")
 
 
+#: The ISO base media brands of HEIF images (an iPhone's HEIC photos): ``ftyp`` then one of these at byte 8.
+HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1", b"msf1")
+
+
+def unidentified(fp) -> str:
+    """Why Pillow identified no format in ``fp`` (a path, or an open binary file that can seek), in predict's words:
+    a photo of a format Pillow does not decode, told by its first bytes (an iPhone's HEIC photo named .jpg, a JPEG
+    XL, a TIFF of a sample layout Pillow does not read: each was 'not an image'), else 'not an image'."""
+    try:
+        if isinstance(fp, (str, bytes, os.PathLike)):
+            with open(fp, "rb") as f:
+                head = f.read(16)
+        else:
+            fp.seek(0)
+            head = fp.read(16)
+            fp.seek(0)
+    except OSError:
+        head = b""
+    if head[4:8] == b"ftyp" and head[8:12] in HEIF_BRANDS:
+        return ("a HEIC photo, which is not decoded: convert it to JPEG first (heif-convert IN OUT.jpg, or on a Mac "
+                "sips -s format jpeg IN --out OUT.jpg)")
+    if head[:2] == b"\xff\x0a" or head[:12] == b"\0\0\0\x0cJXL \r\n\x87\n":
+        return "a JPEG XL image, which is not decoded: convert it to JPEG or PNG first (djxl IN OUT.png)"
+    if head[:4] in (b"II*\0", b"MM\0*"):
+        return ("a TIFF that is not decoded: damaged, or of a kind Pillow does not read (16-bit gray with alpha, "
+                "float RGB, ...; save it as an 8-bit PNG or TIFF)")
+    return "not an image (unidentified format)"
+
+
 def decode_failure(e: Exception) -> str:
     """Why a photo did not decode, in predict's words (``data.folders.decode_stream`` gives these): the
     example said Pillow's 'UnidentifiedImageError: cannot identify image file ...' where predict said 'not an
@@ -414,7 +443,10 @@ def preprocess(fp, p, decoding: dict) -> np.ndarray:
     backbone: the photo decoded once, part i in channels 3i..3i+2 at the top left of a zero canvas."""
     fp = as_pillow_reads(fp)
     refuse_empty(fp)
-    im = open_within_limit(fp)  # past Pillow's pixel limit it only warns and decodes: refused, as predict does
+    try:
+        im = open_within_limit(fp)  # past Pillow's pixel limit it only warns and decodes: refused, as predict does
+    except Image.UnidentifiedImageError:
+        raise Refused(unidentified(fp)) from None
     with im:
         refuse_external(im)
         refuse_thin(im.size)

@@ -550,3 +550,23 @@ def test_images_within_the_limit_decode_as_before(tmp_path):
         with pytest.raises(ImageLoadError) as e:
             decode_bytes(declared_jpeg(w, h), 512, 40_000_000)  # serve's --max-pixels: the header's pixels
         assert e.value.kind == kind
+
+
+def test_a_photo_of_a_format_not_decoded_is_named_not_called_no_image(tmp_path):
+    """An iPhone's HEIC photo named .jpg, a JPEG XL, a TIFF of 16-bit gray with alpha: each was 'not an image
+    (unidentified format)', though it is a photo; now named, with what to do. A text file is still not an image."""
+    from pipeline.data.folders import decode_bytes
+    from tests.badfiles import HEIC_HEAD, JXL_HEAD, gray16_alpha_tiff
+
+    files = {"IMG_0001.jpg": (HEIC_HEAD, "a HEIC photo, which is not decoded: convert it to JPEG first (heif-convert"),
+             "x.jpg": (JXL_HEAD, "a JPEG XL image, which is not decoded: convert it to JPEG or PNG first"),
+             "scan.tif": (gray16_alpha_tiff(), "a TIFF that is not decoded: damaged, or of a kind Pillow does not"),
+             "notes.jpg": (b"shot on 2024-05-01\n", "not an image (unidentified format)")}
+    for name, (data, said) in files.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ImageLoadError) as e:
+            load_rgb(tmp_path / name)
+        assert e.value.reason.startswith(said) and e.value.kind == "not-an-image", (name, e.value.reason)
+        with pytest.raises(ImageLoadError) as e:  # an upload to serve
+            decode_bytes(data)
+        assert e.value.reason.startswith(said), (name, e.value.reason)
