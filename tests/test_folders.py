@@ -570,3 +570,42 @@ def test_a_photo_of_a_format_not_decoded_is_named_not_called_no_image(tmp_path):
         with pytest.raises(ImageLoadError) as e:  # an upload to serve
             decode_bytes(data)
         assert e.value.reason.startswith(said), (name, e.value.reason)
+
+
+def test_a_photo_cut_short_is_said_to_be_cut_short(tmp_path):
+    """A JPEG cut in its header (an interrupted copy of a phone photo with a large EXIF block) was 'not an image
+    (unidentified format)', a WebP cut anywhere 'could not create decoder object', a GIF cut in its header 'not an
+    image': each is now a file cut short (kind 'truncated', as check-images counts it), in every path alike."""
+    import io
+
+    from pipeline.data import portable
+    from pipeline.data.folders import decode_bytes
+
+    rng = np.random.default_rng(0)
+    im = Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x927C] = b"x" * 3000  # a maker note: the header of a phone photo is long
+
+    def cut(fmt: str, keep: float, **options) -> bytes:
+        out = io.BytesIO()
+        im.save(out, fmt, **options)
+        return out.getvalue()[:int(keep if keep > 1 else len(out.getvalue()) * keep)]
+
+    p = {"resize_size": 40, "crop_size": 32, "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.25] * 3}
+    for name, data, said in (
+            ("a.jpg", cut("JPEG", 20, exif=exif.tobytes()), "a JPEG cut short (it ends before its end marker"),
+            ("b.webp", cut("WEBP", 0.5), "a WebP cut short ("),
+            ("c.gif", cut("GIF", 0.01), "a GIF cut short (it ends before its trailer")):
+        (tmp_path / name).write_bytes(data)
+        for read in (lambda: load_rgb(tmp_path / name), lambda: decode_bytes(data)):
+            with pytest.raises(ImageLoadError) as e:
+                read()
+            assert e.value.reason.startswith(f"unreadable image: {said}") and e.value.kind == "truncated", (
+                name, e.value.reason)
+        with pytest.raises(portable.Refused) as rule:  # the export's rule, examples/predict_onnx.py
+            portable.preprocess(str(tmp_path / name), p, {})
+        assert str(rule.value) == e.value.reason
+    webp = cut("WEBP", 1.0)
+    assert portable.cut_short(io.BytesIO(webp[:100])) == (
+        f"unreadable image: a WebP cut short (100 of the {len(webp)} bytes its header declares)")
+    assert portable.cut_short(io.BytesIO(webp)) == ""

@@ -20,8 +20,8 @@ from ..errors import PipelineError, UsageError
 from ..files import is_utf8, one_line, quoted, shown
 from ..progress import first_time
 from .portable import (  # noqa: F401 (the decoding rule; bit_depth for callers)
-    MAX_PIXELS, Refused, TooManyPixels, bit_depth, decode_failure, jpeg_draft, not_regular, open_within_limit,
-    orientation, refuse_external, refuse_thin, to_rgb, too_many_pixels, unidentified, upright)
+    MAX_PIXELS, Refused, TooManyPixels, bit_depth, decode_failure, failure_reason, jpeg_draft, not_regular,
+    open_within_limit, orientation, refuse_external, refuse_thin, to_rgb, too_many_pixels, unidentified, upright)
 
 log = logging.getLogger(__name__)
 #: File name endings treated as images when listing a folder (case-insensitive): torchvision ImageFolder's
@@ -597,13 +597,13 @@ def decode_stream(fp, min_short_side: int | None = None, max_pixels: int | None 
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning, TooManyPixels) as e:
         raise ImageLoadError(decode_failure(e), "decompression-bomb") from None
-    except Image.UnidentifiedImageError:
-        raise ImageLoadError(unidentified(fp), "not-an-image") from None
     except (OSError, SyntaxError, ValueError, NotImplementedError, RuntimeError, TypeError) as e:  # corrupt data
         # (Pillow's DDS and BLP readers raise NotImplementedError on a header they cannot read, AVIF's RuntimeError,
         # its TIFF reader TypeError on strip offsets stored as fractions: found by mutating small files)
-        kind = "truncated" if "truncated" in str(e) else "unreadable"
-        raise ImageLoadError(decode_failure(e), kind) from None
+        reason = failure_reason(e, fp)  # a format Pillow does not decode named, a file cut short said so
+        kind = "truncated" if "truncated" in str(e).lower() or " cut short " in reason else (
+            "not-an-image" if isinstance(e, Image.UnidentifiedImageError) else "unreadable")
+        raise ImageLoadError(reason, kind) from None
 
 
 def jpeg_bytes(path: str | os.PathLike):

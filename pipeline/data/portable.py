@@ -379,6 +379,49 @@ def unidentified(fp) -> str:
     return "not an image (unidentified format)"
 
 
+def cut_short(fp) -> str:
+    """The reason of an image file that ends early (an interrupted copy or download), told by how its format ends: a
+    JPEG without its end marker, a PNG without its IEND chunk, a GIF without its trailer, a WebP shorter than its
+    header says; '' for any other (a path, or an open binary file that can seek). Asked only of a file that did
+    not decode: a JPEG cut in its header was 'not an image', a WebP cut short 'could not create decoder object'."""
+    try:
+        f = open(fp, "rb") if isinstance(fp, (str, bytes, os.PathLike)) else fp
+        try:
+            f.seek(0)
+            head = f.read(16)
+            size = f.seek(0, 2)
+            f.seek(max(0, size - 16))
+            tail = f.read()
+            f.seek(0)
+        finally:
+            if f is not fp:
+                f.close()
+    except (OSError, ValueError):  # gone, or closed
+        return ""
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP" and int.from_bytes(head[4:8], "little") + 8 > size:
+        return (f"unreadable image: a WebP cut short ({size} of the {int.from_bytes(head[4:8], 'little') + 8} bytes "
+                "its header declares)")
+    ends = ((b"\xff\xd8\xff", "JPEG", "its end marker", tail.rstrip(b"\0").endswith(b"\xff\xd9")),
+            (b"\x89PNG\r\n\x1a\n", "PNG", "its IEND chunk", b"IEND" in tail),
+            (b"GIF8", "GIF", "its trailer", tail.endswith(b";")))
+    for magic, name, end, ended in ends:
+        if head.startswith(magic) and not ended:
+            return f"unreadable image: a {name} cut short (it ends before {end}: an interrupted copy or download?)"
+    return ""
+
+
+def failure_reason(e: Exception, fp) -> str:
+    """Why the photo in ``fp`` (a path, or an open binary file that can seek) did not decode, Pillow having raised
+    ``e``: ``decode_failure(e)``, or the file's format when Pillow identified none (``unidentified``), or a file cut
+    short (``cut_short``) where Pillow's words do not say so already."""
+    if not isinstance(e, (Refused, Image.DecompressionBombError, Image.DecompressionBombWarning)) \
+            and "truncated" not in str(e).lower():
+        short = cut_short(fp)
+        if short:
+            return short
+    return unidentified(fp) if isinstance(e, Image.UnidentifiedImageError) else decode_failure(e)
+
+
 def decode_failure(e: Exception) -> str:
     """Why a photo did not decode, in predict's words (``data.folders.decode_stream`` gives these): the
     example said Pillow's 'UnidentifiedImageError: cannot identify image file ...' where predict said 'not an
@@ -400,14 +443,16 @@ def preprocess(fp, p, decoding: dict) -> np.ndarray:
     refuse_empty(fp)
     try:
         im = open_within_limit(fp)  # past Pillow's pixel limit it only warns and decodes: refused, as predict does
-    except Image.UnidentifiedImageError:
-        raise Refused(unidentified(fp)) from None
-    with im:
-        refuse_external(im)
-        refuse_thin(im.size)
-        jpeg_draft(im, decoding.get("jpeg_draft_min_short_side"))
-        im.load()
-        rgb = upright(to_rgb(im), orientation(im))
+        with im:
+            refuse_external(im)
+            refuse_thin(im.size)
+            jpeg_draft(im, decoding.get("jpeg_draft_min_short_side"))
+            im.load()
+            rgb = upright(to_rgb(im), orientation(im))
+    except (OSError, SyntaxError, ValueError, NotImplementedError, RuntimeError, TypeError) as e:
+        if isinstance(e, Refused):
+            raise
+        raise Refused(failure_reason(e, fp)) from None
     if isinstance(p, dict):
         return normalise(resize_crop(rgb, p), p)
     side = max(part["crop_size"] for part in p)
