@@ -24,8 +24,10 @@ The rule:
    A JPEG of more pixels than MAX_PIXELS (Pillow's limit; up to MAX_JPEG_PIXELS) is decoded at that scale, or
    at the smallest larger one (2, 4, 8) within MAX_PIXELS (without D: the smallest within it).
 An EPS file (Ghostscript), an image more than MAX_ASPECT_RATIO times longer than wide (its resize would be
-huge), any other image of more pixels than MAX_PIXELS (a decompression bomb) and a file of
-no bytes are not decoded: the exception's ``decode_failure`` is the row's reason.
+huge), any other image of more pixels than MAX_PIXELS (a decompression bomb), a file of no bytes and a path
+that is no regular file (a named pipe: never opened) are not decoded: the exception's ``decode_failure`` is the
+row's reason. A file Pillow cannot read is said to be cut short where its format's ending is missing, and named
+where its first bytes tell a format Pillow does not decode (HEIC, JPEG XL): ``failure_reason``.
 """
 # Pillow and numpy only below: this file must run where nothing of this project is installed
 import io
