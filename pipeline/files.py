@@ -56,6 +56,12 @@ def shown(name: str) -> str:
     return os.fsencode(name).decode("utf-8", "backslashreplace") if not is_utf8(name) else name
 
 
+def quoted(name: str) -> str:
+    """``repr(name)`` (quotes, control characters escaped), its bytes that are not UTF-8 written ``\\xe9`` as
+    ``shown`` writes them: ``repr(shown(name))`` doubled that backslash ('caf\\\\xe9.jpg'), a name no file has."""
+    return re.sub(r"(?<!\\)((?:\\\\)*)\\udc([89a-f][0-9a-f])", r"\1\\x\2", repr(name))
+
+
 def unshown(name: str) -> str:
     """The file name ``shown`` wrote as ``name``: its ``\\xe9`` escapes back to the bytes they stand for."""
     return os.fsdecode(re.sub(rb"\\x([0-9a-f]{2})", lambda m: bytes([int(m.group(1), 16)]),

@@ -66,6 +66,23 @@ def fraction_strips_tiff() -> bytes:
     return bytes(data)
 
 
+def gray16_alpha_tiff() -> bytes:
+    """A TIFF of 16-bit gray with alpha (BitsPerSample 16, 16), a layout Pillow does not read: it identifies no
+    format in it."""
+    data = bytearray(_encode(Image.new("LA", (8, 8), (100, 200)), "TIFF"))
+    ifd = struct.unpack_from("<I", data, 4)[0]
+    for k in range(struct.unpack_from("<H", data, ifd)[0]):
+        at = ifd + 2 + 12 * k
+        if struct.unpack_from("<H", data, at)[0] == 258:  # BitsPerSample: two shorts, inline
+            struct.pack_into("<HH", data, at + 8, 16, 16)
+    return bytes(data)
+
+
+#: The first bytes of photos of formats Pillow does not decode: an iPhone's HEIC, a JPEG XL (codestream).
+HEIC_HEAD = b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + bytes(200)
+JXL_HEAD = b"\xff\x0a" + bytes(200)
+
+
 def _corrupt_exif_jpeg() -> bytes:
     """A good JPEG whose EXIF block is cut short: PIL warns when it parses it at open."""
     exif = Image.Exif()

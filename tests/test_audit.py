@@ -609,3 +609,26 @@ def test_leaks_across_classes_are_said_from_a_share_and_a_count(photos_reported,
     leaks.append({"test": "a/0.jpg", "train": "a/x.jpg", "exact": False})  # two leaks of one test photo: one photo
     warn_across_classes(leaks, [lk for lk in leaks if lk["train"][0] == "b"], 0.88)
     assert ("different classes" in caplog.text) == said
+
+
+def test_a_bad_entry_added_since_the_cache_was_made_is_listed(tmp_path):
+    """A name that is not UTF-8 or a dangling link added after the cache was made is in no listing's fingerprint: the
+    next audit was a cache hit whose 'unreadable' list (the cache's record of skips) left them out, though extract's
+    warning on the same run named both. Now the list names them too; the cache stays a hit."""
+    import os
+
+    data = photos(tmp_path / "data", per_class=6)
+    args = ["audit", "--data", str(data), "--folds", "3", "--cache-dir", str(tmp_path / "features"), "--runs-dir",
+            str(tmp_path / "runs"), "--backbone", "tiny", "--weights", "none", "--workers", "0"]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0 and "unreadable: 0" in r.stdout, r.output
+    shutil.copy(data / "blue" / "blue.0.jpg", os.path.join(os.fsencode(data / "blue"), b"caf\xe9.jpg"))
+    (data / "red" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    assert "unreadable: 2" in r.stdout and "\n  blue/caf\\xe9.jpg: " in r.stdout, r.stdout
+    assert "\n  red/gone.jpg: a dangling symlink" in r.stdout, r.stdout
+    assert len(list((tmp_path / "features").glob("*.h5"))) == 1  # a hit: nothing extracted again
+    report = sorted((tmp_path / "runs").glob("*-audit*"))[-1]
+    assert sorted(u["path"] for u in json.loads((report / "report.json").read_text())["unreadable"]) == [
+        "blue/caf\\xe9.jpg", "red/gone.jpg"]

@@ -485,3 +485,22 @@ def test_the_summary_says_how_the_files_were_decoded(tmp_path, workers, said):
     root = make_image_folder(tmp_path / "data", per_class=2)
     r = CliRunner().invoke(cli, ["check-images", str(root), "--workers", workers])
     assert r.exit_code == 0 and f"s, {said}): 0 with errors" in r.stdout, r.output
+
+
+def test_a_file_of_several_frames_is_a_note_naming_its_frames(tmp_path):
+    """An animated GIF or a multi-page TIFF was a good file without a word (a GIF: 'non-rgb-mode' alone), though
+    extract uses its first frame alone; now a 'first-frame-only' note says so. A multi-picture JPEG (MPO: a photo
+    and its preview) is no such note."""
+    from PIL import Image
+
+    from pipeline.data.check_images import check_file
+
+    root = tmp_path / "d"
+    (root / "red").mkdir(parents=True)
+    frames = [Image.new("RGB", (40, 32), c) for c in [(250, 20, 20), (20, 250, 20), (20, 20, 250)]]
+    frames[0].save(root / "red" / "pages.tif", save_all=True, append_images=frames[1:])
+    frames[0].save(root / "red" / "stereo.jpg", "MPO", save_all=True, append_images=frames[1:2])
+    assert check_file(str(root), "red/pages.tif") == [
+        {"path": "red/pages.tif", "kind": "first-frame-only", "severity": "note",
+         "detail": "a TIFF of 3 frames: only the first is used"}]
+    assert check_file(str(root), "red/stereo.jpg") == []

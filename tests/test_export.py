@@ -280,6 +280,53 @@ def test_the_rule_reads_an_open_file_as_pillow_does(tmp_path):
         portable.preprocess(io.BufferedReader(NoSeek(b"")), p, {})
 
 
+def test_the_rule_refuses_a_path_that_is_no_file_as_what_it_is(tmp_path):
+    """A named pipe given to the rule (examples/predict_onnx.py photos/*, export's parity photos) was refused as a
+    'zero-byte file' (its size is 0; a FIFO is no empty photo), a folder as Pillow's 'Is a directory': each is now
+    'not a regular file (a named pipe)' as predict says, and the pipe is never opened (that would block forever)."""
+    import os
+    import signal
+
+    from pipeline.data import portable
+
+    p = {"resize_size": 40, "crop_size": 32, "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.25] * 3}
+    os.mkfifo(tmp_path / "pipe.jpg")
+    signal.alarm(20)  # an open of the pipe would block: fail instead of hanging
+    try:
+        for name, what in (("pipe.jpg", "a named pipe"), (".", "a folder")):
+            with pytest.raises(portable.Refused) as e:
+                portable.preprocess(str(tmp_path / name), p, {})
+            assert str(e.value) == f"not a regular file ({what})"
+            assert portable.decode_failure(e.value) == str(e.value)
+    finally:
+        signal.alarm(0)
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    with pytest.raises(portable.Refused, match="^zero-byte file$"):
+        portable.preprocess(tmp_path / "empty.jpg", p, {})
+
+
+
+def test_the_rule_names_a_format_it_does_not_decode_in_predicts_words(tmp_path):
+    """An iPhone's HEIC photo named .jpg was 'not an image (unidentified format)' in the example as in predict; both
+    now name it, in the same words, from a path and from an open file."""
+    import io
+
+    from pipeline.data import portable
+    from pipeline.data.folders import ImageLoadError, load_rgb
+    from tests.badfiles import HEIC_HEAD, JXL_HEAD, gray16_alpha_tiff
+
+    p = {"resize_size": 40, "crop_size": 32, "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.25] * 3}
+    for data in (HEIC_HEAD, JXL_HEAD, gray16_alpha_tiff(), b"plain text, no image"):
+        (tmp_path / "a.jpg").write_bytes(data)
+        with pytest.raises(ImageLoadError) as said:
+            load_rgb(tmp_path / "a.jpg")
+        for fp in (str(tmp_path / "a.jpg"), io.BytesIO(data)):
+            with pytest.raises(portable.Refused) as e:
+                portable.preprocess(fp, p, {})
+            assert portable.decode_failure(e.value) == said.value.reason
+    assert said.value.reason == "not an image (unidentified format)"
+
+
 def test_the_parity_check_decodes_each_photo_from_its_bytes_by_the_rule(heads, tmp_path, monkeypatch):
     """A decoder that drops alpha (as the example once did) fails the check: it no longer feeds both sides the
     same tensors; the metadata says the rule's parameters."""

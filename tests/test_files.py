@@ -400,3 +400,15 @@ def test_a_signal_inside_signals_deferred_reaches_its_handler_only_after_the_blo
             done.append("the rest of the block")
     assert done == ["the rest of the block"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_quoted_writes_a_name_that_is_not_utf8_as_shown_writes_it():
+    """repr(shown(name)) doubled the backslash of shown's escape ('caf\\\\xe9.jpg' in predict's refusal); quoted is
+    repr with those bytes as shown writes them, a literal backslash in a name still doubled as repr does."""
+    from pipeline.files import quoted, shown
+
+    latin1 = os.fsdecode(b"caf\xe9.jpg")
+    assert quoted(latin1) == "'caf\\xe9.jpg'" == repr(shown(latin1)).replace("\\\\", "\\")
+    assert quoted("café\n.jpg") == repr("café\n.jpg")
+    assert quoted("a\\udce9") == repr("a\\udce9")  # the text \udce9 in a name: not an escape
+    assert quoted(os.fsdecode(b"a\\\xe9")) == "'a\\\\\\xe9'"

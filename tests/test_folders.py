@@ -220,6 +220,25 @@ def test_a_name_that_is_not_utf8_is_left_out_and_reported_escaped(tmp_path):
     assert "not valid UTF-8" in listing.bad[0][1]
 
 
+def test_refusals_name_a_folder_or_file_that_is_not_utf8_with_one_backslash(tmp_path):
+    """A class folder, or the one file of an empty class, named in latin-1 was quoted 'caf\\\\xe9' (repr of the
+    escaped name): a name no folder has. Now 'caf\\xe9', as every list and report writes it."""
+    import os
+
+    root = make_image_folder(tmp_path / "d", per_class=3)
+    os.rename(root / "red", os.path.join(os.fsencode(root), b"caf\xe9"))
+    with pytest.raises(ValueError) as e:
+        list_image_folder(root)
+    assert str(e.value).startswith("class folder 'caf\\xe9': the file name is not valid UTF-8"), e.value
+    os.rename(os.path.join(os.fsencode(root), b"caf\xe9"), root / "red")
+    for f in (root / "red").iterdir():
+        f.unlink()
+    (root / "red" / os.fsdecode(b"notes\xe9.txt")).write_text("May")
+    with pytest.raises(ValueError) as e:
+        list_image_folder(root)
+    assert "(its one file, 'notes\\xe9.txt', is not of the types read" in str(e.value), e.value
+
+
 def test_reasons_that_may_pass_are_told_from_verdicts_on_a_files_bytes(tmp_path):
     from pipeline.data.folders import is_os_error_reason, regular_file_stat
 
@@ -531,3 +550,62 @@ def test_images_within_the_limit_decode_as_before(tmp_path):
         with pytest.raises(ImageLoadError) as e:
             decode_bytes(declared_jpeg(w, h), 512, 40_000_000)  # serve's --max-pixels: the header's pixels
         assert e.value.kind == kind
+
+
+def test_a_photo_of_a_format_not_decoded_is_named_not_called_no_image(tmp_path):
+    """An iPhone's HEIC photo named .jpg, a JPEG XL, a TIFF of 16-bit gray with alpha: each was 'not an image
+    (unidentified format)', though it is a photo; now named, with what to do. A text file is still not an image."""
+    from pipeline.data.folders import decode_bytes
+    from tests.badfiles import HEIC_HEAD, JXL_HEAD, gray16_alpha_tiff
+
+    files = {"IMG_0001.jpg": (HEIC_HEAD, "a HEIC photo, which is not decoded: convert it to JPEG first (heif-convert"),
+             "x.jpg": (JXL_HEAD, "a JPEG XL image, which is not decoded: convert it to JPEG or PNG first"),
+             "scan.tif": (gray16_alpha_tiff(), "a TIFF that is not decoded: damaged, or of a kind Pillow does not"),
+             "notes.jpg": (b"shot on 2024-05-01\n", "not an image (unidentified format)")}
+    for name, (data, said) in files.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ImageLoadError) as e:
+            load_rgb(tmp_path / name)
+        assert e.value.reason.startswith(said) and e.value.kind == "not-an-image", (name, e.value.reason)
+        with pytest.raises(ImageLoadError) as e:  # an upload to serve
+            decode_bytes(data)
+        assert e.value.reason.startswith(said), (name, e.value.reason)
+
+
+def test_a_photo_cut_short_is_said_to_be_cut_short(tmp_path):
+    """A JPEG cut in its header (an interrupted copy of a phone photo with a large EXIF block) was 'not an image
+    (unidentified format)', a WebP cut anywhere 'could not create decoder object', a GIF cut in its header 'not an
+    image': each is now a file cut short (kind 'truncated', as check-images counts it), in every path alike."""
+    import io
+
+    from pipeline.data import portable
+    from pipeline.data.folders import decode_bytes
+
+    rng = np.random.default_rng(0)
+    im = Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x927C] = b"x" * 3000  # a maker note: the header of a phone photo is long
+
+    def cut(fmt: str, keep: float, **options) -> bytes:
+        out = io.BytesIO()
+        im.save(out, fmt, **options)
+        return out.getvalue()[:int(keep if keep > 1 else len(out.getvalue()) * keep)]
+
+    p = {"resize_size": 40, "crop_size": 32, "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.25] * 3}
+    for name, data, said in (
+            ("a.jpg", cut("JPEG", 20, exif=exif.tobytes()), "a JPEG cut short (it ends before its end marker"),
+            ("b.webp", cut("WEBP", 0.5), "a WebP cut short ("),
+            ("c.gif", cut("GIF", 0.01), "a GIF cut short (it ends before its trailer")):
+        (tmp_path / name).write_bytes(data)
+        for read in (lambda: load_rgb(tmp_path / name), lambda: decode_bytes(data)):
+            with pytest.raises(ImageLoadError) as e:
+                read()
+            assert e.value.reason.startswith(f"unreadable image: {said}") and e.value.kind == "truncated", (
+                name, e.value.reason)
+        with pytest.raises(portable.Refused) as rule:  # the export's rule, examples/predict_onnx.py
+            portable.preprocess(str(tmp_path / name), p, {})
+        assert str(rule.value) == e.value.reason
+    webp = cut("WEBP", 1.0)
+    assert portable.cut_short(io.BytesIO(webp[:100])) == (
+        f"unreadable image: a WebP cut short (100 of the {len(webp)} bytes its header declares)")
+    assert portable.cut_short(io.BytesIO(webp)) == ""

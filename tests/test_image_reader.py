@@ -266,3 +266,61 @@ def test_float_and_sixteen_bit_gray_are_never_black(tmp_path):
     Image.fromarray((ramp * 65535).astype(np.uint16)).save(tmp_path / "g16.png")
     assert Image.open(tmp_path / "g16.png").mode == "I;16"
     assert np.abs(np.asarray(load_rgb(tmp_path / "g16.png"))[..., 0].astype(int) - gray["unit"]).max() <= 1
+
+
+def several_frames(path, fmt: str, n: int = 3, **options) -> list:
+    """A file of ``n`` frames of flat colours (an animated GIF, APNG, WebP, a multi-page TIFF); the frames' RGB."""
+    frames = [Image.new("RGB", (40, 32), c) for c in [(250, 20, 20), (20, 250, 20), (20, 20, 250), (9, 9, 9)][:n]]
+    frames[0].save(path, fmt, save_all=True, append_images=frames[1:], **options)
+    return frames
+
+
+def test_a_file_of_several_frames_is_read_from_its_first_and_says_how_many(tmp_path):
+    """An animated GIF, PNG or WebP and a multi-page TIFF decode to their first frame, as before; the RGB image now
+    says how many frames the file holds (info['frames']). A multi-picture JPEG (MPO: a photo and its preview) and a
+    file of one frame say nothing; an animated GIF cut short decodes as before, counted as one frame."""
+    from pipeline.data.folders import FRAMES
+
+    for name, fmt in (("a.gif", "GIF"), ("a.png", "PNG"), ("a.webp", "WEBP"), ("a.tif", "TIFF")):
+        first = several_frames(tmp_path / name, fmt, **({"lossless": True} if fmt == "WEBP" else {}))[0]
+        rgb = load_rgb(tmp_path / name)
+        assert rgb.info.get(FRAMES) == 3, name
+        assert np.abs(np.asarray(rgb, np.int16) - np.asarray(first, np.int16)).max() <= 4, name
+    several_frames(tmp_path / "stereo.jpg", "MPO", 2)
+    Image.new("RGB", (40, 32), (1, 2, 3)).save(tmp_path / "one.gif")
+    for name in ("stereo.jpg", "one.gif"):
+        assert FRAMES not in load_rgb(tmp_path / name).info, name
+    data = (tmp_path / "a.gif").read_bytes()
+    (tmp_path / "cut.gif").write_bytes(data[:len(data) * 2 // 3])  # the first frame whole, the next cut short
+    before = Image.open(tmp_path / "cut.gif").convert("RGB")
+    rgb = load_rgb(tmp_path / "cut.gif")
+    assert np.array_equal(np.asarray(rgb), np.asarray(before))
+
+
+def test_extract_and_predict_say_which_files_were_read_from_their_first_frame(tmp_path, caplog, make_cache):
+    """An animated GIF or a multi-page TIFF among the photos became one row of its first frame without a word. Now
+    one warning (not one a file) names how many and an example; the rows are as before."""
+    import logging
+
+    from tests.conftest import make_image_folder
+
+    data = make_image_folder(tmp_path / "data", per_class=4)
+    several_frames(data / "red" / "anim.gif", "GIF", 4)
+    several_frames(data / "blue" / "pages.tif", "TIFF", 2)
+    with caplog.at_level(logging.WARNING):
+        cache = make_cache(data)
+    said = [r.getMessage() for r in caplog.records if "frame" in r.getMessage()]
+    assert said == ["2 files hold more than one frame (an animated GIF, PNG or WebP, a multi-page TIFF) and were read "
+                    "from the first frame alone (e.g. blue/pages.tif: 2 frames); save the frame you mean as its own "
+                    "photo to use another"], said
+    assert cache.rows == 10 and cache.skipped == 0
+    from pipeline.heads.fit_head import FitHeadConfig, fit_head
+    from pipeline.models.predict import PredictConfig, predict
+
+    head = fit_head(FitHeadConfig(cache=cache.cache, runs_dir=str(tmp_path / "runs"), head="linear", epochs=2))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        rows = predict(PredictConfig(paths=[str(data / "red")], model=head.checkpoint, workers=0)).rows
+    said = [r.getMessage() for r in caplog.records if "frame" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("1 file holds more than one frame") and "anim.gif: 4 frames" in said[0]
+    assert len(rows) == 5 and not any(r["error"] for r in rows)

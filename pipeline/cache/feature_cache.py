@@ -28,7 +28,7 @@ from ..config import POOLS, STORAGE_DTYPES, option_text
 from ..errors import DiskFull, PipelineError, UsageError
 from ..data.folders import POOL, TEST, ImageLoadError, regular_file_stat
 from ..data.moves import flock_within
-from ..files import require_folder, shown, signals_deferred, unwinding_on_signals
+from ..files import quoted, require_folder, shown, signals_deferred, unwinding_on_signals
 
 try:
     import fcntl
@@ -659,7 +659,7 @@ def read_info(path: str | os.PathLike, wait_s: float = 20.0) -> CacheInfo:
     CacheBusy when another process holds it for ``wait_s`` (see open_h5)."""
     path = Path(path)
     if not path.is_file():
-        raise CacheError(f"cache {shown(str(path))!r} {_not_a_file(path)}")
+        raise CacheError(f"cache {quoted(str(path))} {_not_a_file(path)}")
     if not h5py.is_hdf5(path):
         raise CacheError(f"{shown(str(path))} is not an HDF5 file (damaged, or not a feature cache)")
     try:

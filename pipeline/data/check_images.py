@@ -25,6 +25,7 @@ from ..errors import PipelineError, UsageError
 from ..files import SafeCsvWriter, atomic_write, check_output, is_utf8, json_text, shown
 from .folders import (
     CANNOT_LIST,
+    FRAMES,
     NOT_UTF8,
     QUARANTINE_SUFFIX,
     ImageLoadError,
@@ -52,6 +53,7 @@ KINDS = {
     "non-rgb-mode": "note",  # grayscale, CMYK, RGBA, palette, 16-bit: converted to RGB at load
     "decode-warning": "note",  # PIL warned while decoding (e.g. possibly corrupt EXIF data)
     "exif-unreadable": "note",  # its EXIF block cannot be read: decoded as stored, not turned upright
+    "first-frame-only": "note",  # an animated GIF, PNG or WebP, a multi-page TIFF: its first frame alone is used
     "unlisted-image": "note",  # a good image extract ignores (no image extension, or a hidden name)
     "unreadable-folder": "error",  # a folder the OS will not list (not permitted, an I/O error): its photos unseen
     "folder-reached-twice": "note",  # a link to a folder walked already (a loop, a second link): its photos once
@@ -81,7 +83,7 @@ def check_file(root: str, rel: str) -> list[dict]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            im, _ = decode_image(Path(root) / rel, pil_warnings=True)
+            im, rgb = decode_image(Path(root) / rel, pil_warnings=True)
         except ImageLoadError as e:
             return [finding(rel, e.kind, e.reason + ignored)]
     out = []
@@ -94,6 +96,9 @@ def check_file(root: str, rel: str) -> list[dict]:
             out.append(finding(rel, "extension-mismatch", f"{im.format} content named {suffix}"))
     if im.mode != "RGB":
         out.append(finding(rel, "non-rgb-mode", _mode_detail(im)))
+    if rgb.info.get(FRAMES, 1) > 1:
+        out.append(finding(rel, "first-frame-only", f"a {im.format} of {rgb.info[FRAMES]} frames: only the first "
+                                                    "is used"))
     problem = exif_problem(im)
     if problem:
         out.append(finding(rel, "exif-unreadable", f"EXIF block unreadable ({problem}): decoded as stored, "

@@ -4,11 +4,11 @@ Nothing here imports torch, so a cache hit (list, fingerprint, open the cache) s
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import logging
 import os
-import stat
 import warnings
 from dataclasses import dataclass
 from functools import cached_property
@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import PipelineError, UsageError
-from ..files import is_utf8, one_line, shown
+from ..files import is_utf8, one_line, quoted, shown
 from ..progress import first_time
 from .portable import (  # noqa: F401 (the decoding rule; bit_depth for callers)
-    MAX_PIXELS, Refused, TooManyPixels, bit_depth, decode_failure, jpeg_draft, open_within_limit, orientation,
-    refuse_external, refuse_thin, to_rgb, too_many_pixels, upright)
+    MAX_PIXELS, Refused, TooManyPixels, bit_depth, decode_failure, failure_reason, jpeg_draft, not_regular,
+    open_within_limit, orientation, refuse_external, refuse_thin, to_rgb, too_many_pixels, unidentified, upright)
 
 log = logging.getLogger(__name__)
 #: File name endings treated as images when listing a folder (case-insensitive): torchvision ImageFolder's
@@ -199,7 +199,7 @@ def list_image_folder(root: str | os.PathLike, min_classes: int = 2) -> ImageFol
     classes = class_folders(root)
     for c in classes:
         if not is_utf8(c):
-            raise UsageError(f"class folder {shown(c)!r}: {NOT_UTF8}")
+            raise UsageError(f"class folder {quoted(c)}: {NOT_UTF8}")
     files: list[SourceFile] = []
     bad: list[tuple[str, str]] = []
     classes = distinct_classes(root, classes, bad)
@@ -331,8 +331,8 @@ def _other_files(folder: Path) -> str:
     if not names:
         return ""
     heic = sum(n.lower().endswith((".heic", ".heif")) for n in names)
-    return (f" (its one file, {shown(names[0])!r}, is not" if len(names) == 1 else
-            f" (its {len(names)} files, e.g. {shown(names[0])!r}, are not") + (
+    return (f" (its one file, {quoted(names[0])}, is not" if len(names) == 1 else
+            f" (its {len(names)} files, e.g. {quoted(names[0])}, are not") + (
             f" of the types read: {' '.join(IMAGE_EXTENSIONS)}"
             + ("; HEIC photos, as iPhones take them, convert to JPEG first: heif-convert IN OUT.jpg, or on a Mac "
                "sips -s format jpeg IN --out OUT.jpg" if heic else "") + ")")
@@ -426,13 +426,8 @@ class ImageLoadError(Exception):
 
 
 def _not_regular(st: os.stat_result) -> str | None:
-    """What a file is when it is not a regular file, else None."""
-    for test, what in ((stat.S_ISREG, None), (stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe"),
-                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device")):
-        if test(st.st_mode):
-            return what
-    return "not a regular file"
+    """What a file is when it is not a regular file, else None (``portable.not_regular``)."""
+    return not_regular(st.st_mode)
 
 
 def regular_file_stat(path: str | os.PathLike) -> os.stat_result:
@@ -551,6 +546,27 @@ def open_image(fp):
         raise ImageLoadError(decode_failure(e), "unreadable") from None
 
 
+#: The key of an RGB image's ``info`` (``decode_stream``'s) holding how many frames its file holds, when more
+#: than one: decoding uses the first alone (``frame_count``).
+FRAMES = "frames"
+
+
+def frame_count(im) -> int:
+    """How many pictures the opened, not yet loaded image holds of which decoding uses the first alone: an animated
+    GIF, PNG (APNG) or WebP, a multi-page TIFF. 1 for every other, and for a multi-picture JPEG (MPO: its first
+    picture is the photo, the others a preview or a depth map) or a PSD (its first is the merged picture, the
+    others its layers). Read from the headers (a GIF's frames are skipped through, not decoded); a file whose later
+    frames cannot be read counts as 1 here: its first still decodes, or fails, as before."""
+    if im.format in ("MPO", "PSD"):
+        return 1
+    try:
+        return int(im.n_frames) if getattr(im, "is_animated", False) else 1
+    except Exception:  # Pillow's readers raise many kinds on a damaged later frame (IndexError, TypeError, ...)
+        with contextlib.suppress(Exception):
+            im.seek(0)  # back to the first frame, as before counting (truncated GIFs, APNGs, TIFFs: the same pixels)
+        return 1
+
+
 def decode_stream(fp, min_short_side: int | None = None, max_pixels: int | None = None,
                   pil_warnings: bool = False):
     """(decoded image, its RGB conversion) of an open binary file, under the rules of ``decode_image``. PIL's
@@ -571,19 +587,23 @@ def decode_stream(fp, min_short_side: int | None = None, max_pixels: int | None 
                     raise ImageLoadError(str(e), "not-an-image") from None
                 check_size(im.size, max_pixels)
                 jpeg_draft(im, min_short_side)
+                frames = frame_count(im)
                 im.load()
-                return im, upright(to_rgb(im), orientation(im))
+                rgb = upright(to_rgb(im), orientation(im))
+                if frames > 1:
+                    rgb.info[FRAMES] = frames
+                return im, rgb
     except ImageLoadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning, TooManyPixels) as e:
         raise ImageLoadError(decode_failure(e), "decompression-bomb") from None
-    except Image.UnidentifiedImageError as e:
-        raise ImageLoadError(decode_failure(e), "not-an-image") from None
     except (OSError, SyntaxError, ValueError, NotImplementedError, RuntimeError, TypeError) as e:  # corrupt data
         # (Pillow's DDS and BLP readers raise NotImplementedError on a header they cannot read, AVIF's RuntimeError,
         # its TIFF reader TypeError on strip offsets stored as fractions: found by mutating small files)
-        kind = "truncated" if "truncated" in str(e) else "unreadable"
-        raise ImageLoadError(decode_failure(e), kind) from None
+        reason = failure_reason(e, fp)  # a format Pillow does not decode named, a file cut short said so
+        kind = "truncated" if "truncated" in str(e).lower() or " cut short " in reason else (
+            "not-an-image" if isinstance(e, Image.UnidentifiedImageError) else "unreadable")
+        raise ImageLoadError(reason, kind) from None
 
 
 def jpeg_bytes(path: str | os.PathLike):

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple, Optional, Sequence
 
-from .folders import ImageLoadError, jpeg_bytes, load_rgb
+from ..files import one_line
+from .folders import FRAMES, ImageLoadError, jpeg_bytes, load_rgb
 
 #: A large JPEG is decoded at a reduced DCT scale (1/2, 1/4, 1/8) keeping its shorter side at least
 #: this many times the transform's resize size, so the transform's antialiased resize still filters.
@@ -62,6 +63,7 @@ class Item(NamedTuple):
     error: Optional[str] = None  # why the file could not be used
     digest: str = ""  # sha256 of the file's bytes, when the dataset was asked for digests
     reused: bool = False  # not decoded: a cache already holds the features of this content (extract)
+    frames: int = 1  # the frames its file holds (an animated GIF, a multi-page TIFF): the first alone is used
 
     @property
     def ok(self) -> bool:
@@ -106,9 +108,21 @@ class ImageListDataset:
                     return Item(pos, torch.frombuffer(bytearray(data), dtype=torch.uint8), label, path)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # PIL's EXIF warnings: the image itself decoded
-                return Item(pos, self.transform(load_rgb(self.root / path, self.min_short_side)), label, path)
+                rgb = load_rgb(self.root / path, self.min_short_side)
+                return Item(pos, self.transform(rgb), label, path, frames=rgb.info.get(FRAMES, 1))
         except ImageLoadError as e:
             return Item(pos, None, label, path, e.reason)
+
+
+def first_frames_line(found: list) -> str:
+    """The one warning for the photos read from their first frame alone, ``found``: (path, frames) each; '' for
+    none. An animated GIF, PNG or WebP, a multi-page TIFF became one row of its first picture without a word."""
+    if not found:
+        return ""
+    path, frames = min(found)
+    return (f"{len(found)} {'file holds' if len(found) == 1 else 'files hold'} more than one frame (an animated GIF, "
+            f"PNG or WebP, a multi-page TIFF) and {'was' if len(found) == 1 else 'were'} read from the first frame "
+            f"alone (e.g. {one_line(path)}: {frames} frames); save the frame you mean as its own photo to use another")
 
 
 def file_digest(path) -> str:

@@ -24,12 +24,15 @@ The rule:
    A JPEG of more pixels than MAX_PIXELS (Pillow's limit; up to MAX_JPEG_PIXELS) is decoded at that scale, or
    at the smallest larger one (2, 4, 8) within MAX_PIXELS (without D: the smallest within it).
 An EPS file (Ghostscript), an image more than MAX_ASPECT_RATIO times longer than wide (its resize would be
-huge), any other image of more pixels than MAX_PIXELS (a decompression bomb) and a file of
-no bytes are not decoded: the exception's ``decode_failure`` is the row's reason.
+huge), any other image of more pixels than MAX_PIXELS (a decompression bomb), a file of no bytes and a path
+that is no regular file (a named pipe: never opened) are not decoded: the exception's ``decode_failure`` is the
+row's reason. A file Pillow cannot read is said to be cut short where its format's ending is missing, and named
+where its first bytes tell a format Pillow does not decode (HEIC, JPEG XL): ``failure_reason``.
 """
 # Pillow and numpy only below: this file must run where nothing of this project is installed
 import io
 import os
+import stat
 import warnings
 
 import numpy as np
@@ -295,12 +298,29 @@ def as_pillow_reads(fp):
         return io.BytesIO(fp.read())
 
 
+#: What a path that is not a regular file is, in predict's words (``data.folders`` says the same).
+NOT_REGULAR = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def not_regular(mode: int):
+    """What a file of ``mode`` (``os.stat``'s st_mode) is when it is not a regular file, else None."""
+    if stat.S_ISREG(mode):
+        return None
+    return next((what for test, what in NOT_REGULAR if test(mode)), "not a regular file")
+
+
 def refuse_empty(fp) -> None:
     """``Refused`` for a file of no bytes (a path, or an open binary file that can seek: ``as_pillow_reads``), in
     predict's words: Pillow calls it an image of unidentified format, the example said 'not an image' where
-    predict said 'zero-byte file'."""
+    predict said 'zero-byte file'. A path that is not a regular file is refused as what it is, never opened (a
+    named pipe would block Image.open forever; its size, 0, made it a 'zero-byte file')."""
     if isinstance(fp, (str, bytes, os.PathLike)):
-        empty = os.path.getsize(fp) == 0
+        st = os.stat(fp)
+        what = not_regular(st.st_mode)
+        if what:
+            raise Refused(f"not a regular file ({what})")
+        empty = st.st_size == 0
     else:
         fp.seek(0)
         empty = not fp.read(1)
@@ -332,6 +352,78 @@ def refuse_thin(size) -> None:
                       "build a huge image")
 
 
+#: The ISO base media brands of HEIF images (an iPhone's HEIC photos): ``ftyp`` then one of these at byte 8.
+HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1", b"msf1")
+
+
+def unidentified(fp) -> str:
+    """Why Pillow identified no format in ``fp`` (a path, or an open binary file that can seek), in predict's words:
+    a photo of a format Pillow does not decode, told by its first bytes (an iPhone's HEIC photo named .jpg, a JPEG
+    XL, a TIFF of a sample layout Pillow does not read: each was 'not an image'), else 'not an image'."""
+    try:
+        if isinstance(fp, (str, bytes, os.PathLike)):
+            with open(fp, "rb") as f:
+                head = f.read(16)
+        else:
+            fp.seek(0)
+            head = fp.read(16)
+            fp.seek(0)
+    except OSError:
+        head = b""
+    if head[4:8] == b"ftyp" and head[8:12] in HEIF_BRANDS:
+        return ("a HEIC photo, which is not decoded: convert it to JPEG first (heif-convert IN OUT.jpg, or on a Mac "
+                "sips -s format jpeg IN --out OUT.jpg)")
+    if head[:2] == b"\xff\x0a" or head[:12] == b"\0\0\0\x0cJXL \r\n\x87\n":
+        return "a JPEG XL image, which is not decoded: convert it to JPEG or PNG first (djxl IN OUT.png)"
+    if head[:4] in (b"II*\0", b"MM\0*"):
+        return ("a TIFF that is not decoded: damaged, or of a kind Pillow does not read (16-bit gray with alpha, "
+                "float RGB, ...; save it as an 8-bit PNG or TIFF)")
+    return "not an image (unidentified format)"
+
+
+def cut_short(fp) -> str:
+    """The reason of an image file that ends early (an interrupted copy or download), told by how its format ends: a
+    JPEG without its end marker, a PNG without its IEND chunk, a GIF without its trailer, a WebP shorter than its
+    header says; '' for any other (a path, or an open binary file that can seek). Asked only of a file that did
+    not decode: a JPEG cut in its header was 'not an image', a WebP cut short 'could not create decoder object'."""
+    try:
+        f = open(fp, "rb") if isinstance(fp, (str, bytes, os.PathLike)) else fp
+        try:
+            f.seek(0)
+            head = f.read(16)
+            size = f.seek(0, 2)
+            f.seek(max(0, size - 16))
+            tail = f.read()
+            f.seek(0)
+        finally:
+            if f is not fp:
+                f.close()
+    except (OSError, ValueError):  # gone, or closed
+        return ""
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP" and int.from_bytes(head[4:8], "little") + 8 > size:
+        return (f"unreadable image: a WebP cut short ({size} of the {int.from_bytes(head[4:8], 'little') + 8} bytes "
+                "its header declares)")
+    ends = ((b"\xff\xd8\xff", "JPEG", "its end marker", tail.rstrip(b"\0").endswith(b"\xff\xd9")),
+            (b"\x89PNG\r\n\x1a\n", "PNG", "its IEND chunk", b"IEND" in tail),
+            (b"GIF8", "GIF", "its trailer", tail.endswith(b";")))
+    for magic, name, end, ended in ends:
+        if head.startswith(magic) and not ended:
+            return f"unreadable image: a {name} cut short (it ends before {end}: an interrupted copy or download?)"
+    return ""
+
+
+def failure_reason(e: Exception, fp) -> str:
+    """Why the photo in ``fp`` (a path, or an open binary file that can seek) did not decode, Pillow having raised
+    ``e``: ``decode_failure(e)``, or the file's format when Pillow identified none (``unidentified``), or a file cut
+    short (``cut_short``) where Pillow's words do not say so already."""
+    if not isinstance(e, (Refused, Image.DecompressionBombError, Image.DecompressionBombWarning)) \
+            and "truncated" not in str(e).lower():
+        short = cut_short(fp)
+        if short:
+            return short
+    return unidentified(fp) if isinstance(e, Image.UnidentifiedImageError) else decode_failure(e)
+
+
 def decode_failure(e: Exception) -> str:
     """Why a photo did not decode, in predict's words (``data.folders.decode_stream`` gives these): the
     example said Pillow's 'UnidentifiedImageError: cannot identify image file ...' where predict said 'not an
@@ -351,13 +443,18 @@ def preprocess(fp, p, decoding: dict) -> np.ndarray:
     backbone: the photo decoded once, part i in channels 3i..3i+2 at the top left of a zero canvas."""
     fp = as_pillow_reads(fp)
     refuse_empty(fp)
-    im = open_within_limit(fp)  # past Pillow's pixel limit it only warns and decodes: refused, as predict does
-    with im:
-        refuse_external(im)
-        refuse_thin(im.size)
-        jpeg_draft(im, decoding.get("jpeg_draft_min_short_side"))
-        im.load()
-        rgb = upright(to_rgb(im), orientation(im))
+    try:
+        im = open_within_limit(fp)  # past Pillow's pixel limit it only warns and decodes: refused, as predict does
+        with im:
+            refuse_external(im)
+            refuse_thin(im.size)
+            jpeg_draft(im, decoding.get("jpeg_draft_min_short_side"))
+            im.load()
+            rgb = upright(to_rgb(im), orientation(im))
+    except (OSError, SyntaxError, ValueError, NotImplementedError, RuntimeError, TypeError) as e:
+        if isinstance(e, Refused):
+            raise
+        raise Refused(failure_reason(e, fp)) from None
     if isinstance(p, dict):
         return normalise(resize_crop(rgb, p), p)
     side = max(part["crop_size"] for part in p)

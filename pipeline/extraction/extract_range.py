@@ -22,7 +22,7 @@ from ..cache.provenance import Provenance, versions
 from ..config import flag_text, option_text
 from ..cache.row_donors import find_donors
 from ..data.folders import ImageFolderListing, stratified_order
-from ..data.image_reader import DECODE_VERSION, ImageListDataset, batches, read_items
+from ..data.image_reader import DECODE_VERSION, ImageListDataset, batches, first_frames_line, read_items
 from ..errors import PipelineError, UsageError
 from ..files import Terminated, one_line, writing
 from . import backbones as bb
@@ -321,6 +321,7 @@ def extract_range(cfg, listing: ImageFolderListing, key: str, path: Path, resume
         if resumed is None and not positions and listing.bad:  # links, pipes: skipped like undecodable files
             writer.append(None, [], [], start, list(listing.bad))
         bar = progress(total=target, initial=start_rows, unit="img", desc="extract")
+        first_frames: list = []  # (path, frames) of the animated GIFs, multi-page TIFFs...: read from frame 1 alone
         try:
             for batch, feats in batches_reusing(model, timed(candidates, clock, "input"), cfg.batch_size,
                                                 target - start_rows, donors, reuse, listing.classes):
@@ -328,6 +329,7 @@ def extract_range(cfg, listing: ImageFolderListing, key: str, path: Path, resume
                 for p, why in batch.bad:
                     log.warning("skipping %s: %s", one_line(p), one_line(why))  # a newline in a name: still one line
                 good = batch.good
+                first_frames += [(g.path, g.frames) for g in good if g.frames > 1]
                 if feats is not None and not np.isfinite(feats).all():
                     finite = np.isfinite(feats).reshape(len(good), -1).all(1)
                     bad_rows = [g.path for g, ok in zip(good, finite) if not ok]
@@ -347,6 +349,8 @@ def extract_range(cfg, listing: ImageFolderListing, key: str, path: Path, resume
             raise ExtractionInterrupted(path, writer.rows) from None
         finally:
             bar.close()
+        if first_frames:
+            log.warning("%s", first_frames_line(first_frames))
         skipped = writer.skipped_rows
         if rows == 0 and not positions:
             raise UsageError(f"no image in {cfg.data} could be decoded ({skipped} tried); run check-images on it")

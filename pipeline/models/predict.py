@@ -22,7 +22,7 @@ import torch
 
 from ..config import ImagenetCheckConfig, PredictConfig, check_config, check_options, option_text, option_value
 from ..data.folders import NOT_UTF8, ImageLoadError, is_image_name, load_rgb, walk
-from ..data.image_reader import Batch, ImageListDataset, Item, load_transformed, read_items
+from ..data.image_reader import Batch, ImageListDataset, Item, first_frames_line, load_transformed, read_items
 from ..data.moves import rename_to_free
 from ..devices import resolve_device
 from ..errors import UsageError
@@ -38,7 +38,7 @@ from ..files import (
     json_text,
     numbered_name,
     one_line,
-    shown,
+    quoted,
     unwinding_on_signals,
     writing,
 )
@@ -115,13 +115,15 @@ def list_inputs(paths) -> list[str]:
                 log.warning("%s: %s", one_line(str(p.parent / where)), one_line(why))
         elif p.is_file() or p.is_symlink():  # a dangling or looping link (photos/*.jpg): its row says so, as in a
             files.append(str(_not_a_cache(p)))  # folder; it was 'does not exist', the whole run refused
+        elif p.exists():  # a named pipe, a device: its row says what it is, as in a folder (never opened); it was
+            files.append(str(p))  # 'is neither a file nor a folder', the whole run refused
         else:
-            raise UsageError(f"{str(p)!r} {'is neither a file nor a folder' if p.exists() else 'does not exist'}")
+            raise UsageError(f"{str(p)!r} does not exist")
     if not files:
         raise UsageError(f"no image files in {', '.join(map(str, paths))}")
     bad = [f for f in files if not is_utf8(f)]
     if bad:
-        raise UsageError(f"{shown(bad[0])!r}: {NOT_UTF8}" + (f" ({len(bad) - 1} more such names)" if bad[1:] else ""))
+        raise UsageError(f"{quoted(bad[0])}: {NOT_UTF8}" + (f" ({len(bad) - 1} more such names)" if bad[1:] else ""))
     return files
 
 
@@ -135,8 +137,8 @@ def _not_a_cache(path: Path) -> Path:
     except OSError:  # unreadable: its row says why
         return path
     if hdf5:
-        raise UsageError(f"{shown(str(path))!r} is a feature cache, not a photo: predict classifies photos; a head "
-                         f"scores a cache with evaluate --model HEAD --cache {shown(str(path))!r}, or in Python "
+        raise UsageError(f"{quoted(str(path))} is a feature cache, not a photo: predict classifies photos; a head "
+                         f"scores a cache with evaluate --model HEAD --cache {quoted(str(path))}, or in Python "
                          "pipeline.Head.load(HEAD).score(cache)")
     return path
 
@@ -169,6 +171,7 @@ class ImageOutputs:
 
     def __init__(self, warn: bool = True):
         self.warn, self.bad = warn, {}
+        self.frames: dict = {}  # path -> frames of the good files read from their first frame alone (a GIF's)
         self.clear()
 
     def clear(self) -> None:
@@ -184,6 +187,13 @@ class ImageOutputs:
             self.rows.append(out)
             self.labels.append(item.label)
             self.paths.append(item.path)
+            if item.frames > 1:
+                self.frames[item.path] = item.frames
+
+    def warn_first_frames(self) -> None:
+        """The one warning for the files read from their first frame alone (``image_reader.first_frames_line``)."""
+        if self.frames:
+            log.warning("%s", first_frames_line(list(self.frames.items())))
 
     def collect(self, stream) -> "ImageOutputs":
         """Add every (item, output) of ``stream`` (``iter_log_proba``'s); returns self."""
@@ -253,6 +263,7 @@ def outputs_of_inputs(lm, model, inputs, batch_size: int, workers=None) -> np.nd
         got["file"].collect(progress(iter_log_proba(model, items, batch_size), total=len(files), unit="img",
                                      desc="predict"))
         _refuse_unread(got["file"], len(files))
+        got["file"].warn_first_frames()
     got["image"].collect(iter_log_proba(model, (pil_item(i, im) for i, im in enumerate(images)), batch_size))
     _refuse_unread(got["image"], len(images))
     return np.stack([got[kind].rows[j] for kind, j in order]).astype(np.float64)
@@ -299,12 +310,15 @@ def prediction_row(lm, item: Item, output, top: int = 0) -> dict:
 
 
 def iter_predictions(lm, model, files: list[str], batch_size: int, workers: int,
-                     explain: Optional[Path] = None) -> Iterator[dict]:
+                     explain: Optional[Path] = None, first_frames: Optional[list] = None) -> Iterator[dict]:
     """One row per file, in order (``prediction_row``); ``model`` is ``network(lm, ...)``, with ``maps``
-    when ``explain`` names the folder that gets each photo's heatmap overlay (its row's ``heatmap``)."""
+    when ``explain`` names the folder that gets each photo's heatmap overlay (its row's ``heatmap``).
+    ``first_frames``: a list that gets (path, frames) of each file read from its first frame alone (a GIF's)."""
     items = read_images([(f, -1) for f in files], lm.transform, model, batch_size, workers)
     grid = map_grid(lm) if explain else None
     for item, out in iter_log_proba(model, items, batch_size):
+        if first_frames is not None and out is not None and item.frames > 1:
+            first_frames.append((item.path, item.frames))
         if not grid:
             yield prediction_row(lm, item, out)
             continue
@@ -401,7 +415,8 @@ def predict(cfg: PredictConfig) -> PredictResult:
     t0 = time.time()
     rows = []
     columns = row_columns(bool(explain))
-    predictions = progress(iter_predictions(lm, model, files, cfg.batch_size, cfg.workers, explain),
+    first_frames: list = []
+    predictions = progress(iter_predictions(lm, model, files, cfg.batch_size, cfg.workers, explain, first_frames),
                            total=len(files), unit="img", desc="predict")
 
     stopped = []  # the Ctrl-C (or SIGTERM) that ended the rows early
@@ -432,6 +447,8 @@ def predict(cfg: PredictConfig) -> PredictResult:
     errors = sum(r["error"] is not None for r in rows)
     if errors and is_quiet():
         log.warning("%d of %d files could not be read (their rows say why)", errors, len(rows))
+    if first_frames:
+        log.warning("%s", first_frames_line(first_frames))
     result = PredictResult(model=cfg.model, kind=lm.kind, classes=lm.classes, files=len(files), images=len(rows),
                            errors=errors, unknown=sum(bool(r["unknown"]) for r in rows), output=cfg.output,
                            explain=str(explain) if explain else None, seconds=seconds,

@@ -25,7 +25,7 @@ import numpy as np
 from ..cache.feature_cache import FeatureCache
 from ..config import AuditConfig, ExtractConfig, FitHeadConfig, Placeholder, check_config, option_text, option_value
 from ..data.moves import rename_to_free
-from ..errors import DeviceMissing, PackageMissing, UsageError
+from ..errors import DeviceMissing, PackageMissing, PipelineError, UsageError
 from ..files import SafeCsvWriter, atomic_write, check_output, unshown, write_json, writing
 from ..heads.cache_views import CacheViews
 from ..heads.fit_head import check_labelled, warn_same_folder
@@ -185,6 +185,22 @@ def still_there(root: str, skipped: list) -> list[dict]:
     return there
 
 
+def unreadable_now(root: str, skipped: list) -> list[dict]:
+    """[{path, reason}] of the folder's unreadable files: the cache's skipped ones still there (``still_there``),
+    then the entries its listing leaves out now that the cache did not skip. A name that is not UTF-8 or a dangling
+    link added since the cache was made is in no listing's fingerprint: the cache stays a hit, extract's warning
+    named it, and audit's list did not."""
+    from ..data.folders import list_image_folder
+
+    there = still_there(root, skipped)
+    try:
+        bad = list_image_folder(root, min_classes=1).bad  # warned once already when extract listed it
+    except (UsageError, PipelineError, OSError):  # --cache of a folder moved or changed: its record alone
+        return there
+    known = {u["path"] for u in there} | {p for p, _ in skipped}
+    return there + [{"path": p, "reason": why} for p, why in bad if p not in known]
+
+
 def analyse(cfg: AuditConfig) -> dict:
     """The audit of one training cache (and a test cache): label issues, outliers, duplicates, leaks."""
     t0 = time.time()
@@ -202,7 +218,7 @@ def analyse(cfg: AuditConfig) -> dict:
                              f"class; class {classes[int(counts.argmin())]!r} of {path} has {smallest} ({fix})")
         avg, near_rows = pooled(cache)
         digests = cache.row_digests()
-        unreadable = still_there(root, cache.skipped())  # said on a hit too, not only once
+        unreadable = unreadable_now(root, cache.skipped())  # said on a hit too, not only once
         tpath = test_cache(cfg, cache)
         test = None
         if tpath is not None:

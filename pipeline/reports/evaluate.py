@@ -193,6 +193,7 @@ def predict_folder(data: str, classes: list, transform, model, cfg: EvaluateConf
     got = ImageOutputs().collect(progress(iter_log_proba(model, items, cfg.batch_size), total=len(listing.files),
                                           unit="img", desc="evaluate"))
     out, labels = got.arrays(f"no image in {data} could be decoded")
+    got.warn_first_frames()
     logp, ood = split_extras(out, len(classes))
     trust = _trust(head) if head is not None else {}
     return Predictions(list(classes), listing.root, got.paths, labels, logp,
