@@ -353,6 +353,11 @@ class FetchConfig:
     url: str = field(default=KAGGLE_CATS_DOGS_URL, metadata=option(
         "A zip or tar archive to download.", doc="a zip or tar archive (http, https or file URL)",
         doc_default="the Microsoft `kagglecatsanddogs_5340.zip`"))
+    sha256: str | None = field(default=None, metadata=option(
+        "The archive's expected SHA-256 (64 hex digits): checked before unpacking, also on a re-run.",
+        metavar="HEX", doc="the archive's expected SHA-256 (64 hex digits, as `sha256sum` prints it): checked "
+        "before anything is unpacked, on every run (an archive already in `--dest` too); a mismatch is refused "
+        "naming both digests, the file kept aside as `NAME.sha256-DIGEST`, never unpacked", doc_default="unchecked"))
     timeout: float = field(default=60.0, metadata=option(
         "Seconds to wait for the server (connect, or between two reads).", range=POSITIVE_FLOAT, cli=False))
     retries: int = field(default=3, metadata=option(

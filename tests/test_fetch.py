@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from pipeline.cli import cli
 from pipeline.data import fetch
 from pipeline.data.fetch import FetchConfig, FetchResult, archive_name, download, fetch_data
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, UsageError
 from tests.fsfaults import no_hang
 
 NAME = "pets.zip"
@@ -70,9 +70,21 @@ class Handler(BaseHTTPRequestHandler):
         time.sleep(getattr(srv, "delay", 0))
         self.now = time.time()  # the answer's Date too
         srv.request_headers.append(dict(self.headers))
-        data = srv.files.get(self.path.lstrip("/"))
+        path, _, query = self.path.lstrip("/").partition("?")
+        data = srv.files.get(path)
         if getattr(srv, "busy", []):  # answers of an overloaded server (503, 429...), one per request
-            self.send_error(srv.busy.pop(0))
+            code = srv.busy.pop(0)
+            if isinstance(code, tuple):  # (503, {"Retry-After": "5"})
+                self.send_response(code[0])
+                for key, value in code[1].items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+            else:
+                self.send_error(code)
+            return
+        if query in getattr(srv, "expired", ()):  # a signed link past its time, as S3 answers it
+            self.send_error(403)
             return
         if data is None:
             self.send_error(404)
@@ -1143,3 +1155,193 @@ def test_a_last_modified_in_minus_zero_zone_is_the_same_date_as_in_gmt():
     then = "Wed, 02 Dec 2026 10:00:00 -0000"
     assert replaced_since(answer("Wed, 02 Dec 2026 10:00:00 GMT"), then, 100) is None
     assert "Last-Modified" in replaced_since(answer("Wed, 02 Dec 2026 10:00:01 GMT"), then, 100)
+
+
+# -- --sha256 ----------------------------------------------------------------------------------
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_an_archive_of_the_expected_sha256_is_unpacked(server, tmp_path):
+    result = fetch_data(cfg(tmp_path, server.url, sha256=sha(server.files[NAME]).upper()))
+    assert result.unpacked == str(tmp_path / "PetImages") and (tmp_path / "PetImages" / "Cat" / "0.jpg").is_file()
+
+
+def test_a_download_of_another_sha256_is_kept_aside_never_unpacked(server, tmp_path):
+    """There was no way to pin the archive: a damaged or swapped download was unpacked as the data."""
+    wrong = "ab" * 32
+    got = sha(server.files[NAME])
+    r = CliRunner().invoke(cli, ["-q", "fetch-data", "--dest", str(tmp_path), "--url", server.url, "--sha256", wrong])
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
+    assert f"{NAME}'s SHA-256 is {got}, not {wrong} (--sha256): not unpacked" in r.output
+    aside = tmp_path / f"{NAME}.sha256-{got[:16]}"
+    assert f"kept as {aside}" in r.output and aside.read_bytes() == server.files[NAME]
+    assert not (tmp_path / NAME).exists() and not (tmp_path / "PetImages").exists()
+    assert not list(tmp_path.glob(".*.unpack*"))
+    fetch_data(cfg(tmp_path, server.url, sha256=got))  # the next run downloads it anew
+    assert server.requests == [None, None] and (tmp_path / "PetImages" / "Cat" / "0.jpg").is_file()
+
+
+def test_an_archive_already_in_dest_is_checked_on_a_rerun(tmp_path):
+    """An archive put there by hand, or unpacked by a run without --sha256: the digest is checked all the same,
+    and a mismatch forgets the earlier unpack (the next archive is unpacked, not taken for done)."""
+    data = pets_zip()
+    (tmp_path / NAME).write_bytes(data)
+    fetch_data(cfg(tmp_path, closed_port_url()))
+    with pytest.raises(PipelineError, match=rf"already in dest, and is kept as .*; {tmp_path / 'PetImages'} was "
+                                            "unpacked from it by an earlier run: check it"):
+        fetch_data(cfg(tmp_path, closed_port_url(), sha256="0" * 64))
+    assert (tmp_path / f"{NAME}.sha256-{sha(data)[:16]}").read_bytes() == data
+    assert not (tmp_path / f".{NAME}.unpacked").exists() and (tmp_path / "PetImages" / "Cat" / "0.jpg").is_file()
+
+
+def test_a_mismatching_file_the_url_names_is_left_where_it_is(tmp_path):
+    (tmp_path / NAME).write_bytes(pets_zip())
+    with pytest.raises(PipelineError, match="it is the file url names, left where it is"):
+        fetch_data(cfg(tmp_path, f"file://{tmp_path}/{NAME}", sha256="0" * 64))
+    assert (tmp_path / NAME).read_bytes() == pets_zip() and not (tmp_path / "PetImages").exists()
+
+
+@pytest.mark.parametrize("value", ["abc", "g" * 64, "", "0" * 63 + " x"])
+def test_a_sha256_that_is_no_digest_is_a_usage_error(tmp_path, value):
+    r = CliRunner().invoke(cli, ["fetch-data", "--dest", str(tmp_path / "d"), "--url", closed_port_url(),
+                                 "--sha256", value])
+    assert r.exit_code == 2 and r.output == (f"Error: --sha256 {value!r} is not a SHA-256 digest: give its 64 hex "
+                                             "digits (as sha256sum ARCHIVE prints them)\n"), r.output
+    assert not (tmp_path / "d").exists()
+
+
+# -- empty archives --------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["zip", "tar", "tar.gz", "dirs", "macos"])
+def test_an_archive_without_files_is_refused_and_leaves_nothing_unpacked(tmp_path, kind):
+    """An empty zip (or a tar of empty folders, a zip of only __MACOSX) reported success, 'unpacked to DEST'."""
+    archive = tmp_path / f"e.{'zip' if kind in ('zip', 'macos') else kind if kind != 'dirs' else 'tar'}"
+    if kind == "zip":
+        zipfile.ZipFile(archive, "w").close()
+    elif kind == "macos":
+        archive.write_bytes(make_zip({"__MACOSX/._x.jpg": b"fork", ".DS_Store": b"x"}))
+    else:
+        with tarfile.open(archive, "w:gz" if kind == "tar.gz" else "w") as t:
+            if kind == "dirs":
+                t.addfile(*dir_member("P")), t.addfile(*dir_member("P/Cat"))
+    dest = tmp_path / "d"
+    r = CliRunner().invoke(cli, ["-q", "fetch-data", "--dest", str(dest), "--url", f"file://{archive}"])
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
+    assert f"{dest / archive.name} " in r.output
+    assert ": no images to unpack; is --url the archive you meant?" in r.output
+    assert sorted(p.name for p in dest.iterdir()) == sorted([archive.name, f".{archive.name}.url"])
+
+
+def test_an_empty_file_is_named_as_one(tmp_path):
+    (tmp_path / NAME).write_bytes(b"")
+    with pytest.raises(PipelineError, match=r"is an empty file \(0 bytes\), not an archive"):
+        fetch_data(cfg(tmp_path, closed_port_url()))
+
+
+def test_an_archive_of_archives_says_how_to_unpack_each(tmp_path, caplog):
+    (tmp_path / NAME).write_bytes(make_zip({"train.zip": pets_zip(), "test.zip": pets_zip()}))
+    with caplog.at_level(logging.WARNING):
+        fetch_data(cfg(tmp_path, closed_port_url()))
+    assert f"{NAME} holds no images but 2 archives (train.zip, test.zip): unpack each with fetch-data " \
+           f"url=file://{tmp_path}/train.zip dest=DIR" in caplog.text
+
+
+# -- Retry-After -----------------------------------------------------------------------------------
+@pytest.fixture
+def waits(monkeypatch):
+    """The waits fetch-data sleeps (time.sleep is the one module's: the server's sleep(0) left out)."""
+    slept = []
+    monkeypatch.setattr(fetch.time, "sleep", lambda s: slept.append(s) if s else None)
+    return slept
+
+
+def test_a_busy_servers_retry_after_is_waited_and_said(server, tmp_path, waits, caplog):
+    """Retry-After was ignored: asked again 0 s later (retry_wait), as a rate limit forbids."""
+    soon = formatdate(time.time() + 30, usegmt=True)
+    server.busy = [(503, {"Retry-After": "7"}), (429, {"Retry-After": soon})]
+    with caplog.at_level(logging.WARNING):
+        fetch_data(cfg(tmp_path, server.url, retries=3))
+    assert (tmp_path / NAME).read_bytes() == server.files[NAME] and len(server.requests) == 3
+    assert waits[0] == 7 and 28 <= waits[1] <= 31 and len(waits) == 2, waits
+    assert "the server answered HTTP 503 Service Unavailable, asking to wait 7 s (Retry-After); asking again in " \
+           "7 s" in caplog.text
+
+
+def test_a_retry_after_past_the_bound_stops_at_once_saying_when_to_run_again(server, tmp_path, waits):
+    server.busy = [(503, {"Retry-After": "86400"})]
+    with pytest.raises(PipelineError) as e:
+        fetch_data(cfg(tmp_path, server.url, retries=3))
+    assert str(e.value).startswith(f"cannot download {server.url}: the server answered HTTP 503 Service Unavailable, "
+                                   "asking to wait 24.0 h (Retry-After), longer than fetch-data waits (5 min); run "
+                                   "this again after ")
+    assert waits == [] and len(server.requests) == 1
+
+
+@pytest.mark.parametrize("value", ["soon", "-5", "", "1.5"])
+def test_a_retry_after_that_says_nothing_usable_keeps_the_own_waits(server, tmp_path, waits, value):
+    server.busy = [(503, {"Retry-After": value})]
+    fetch_data(FetchConfig(dest=str(tmp_path), url=server.url, timeout=5, retry_wait=0.25, retries=1))
+    assert waits == [0.25] and (tmp_path / NAME).read_bytes() == server.files[NAME]
+
+
+# -- signed links ----------------------------------------------------------------------------------
+def signed(url: str, sig: str, when: str = "20261207T100000Z") -> str:
+    return f"{url}?X-Amz-Date={when}&X-Amz-Expires=3600&X-Amz-Signature={sig}"
+
+
+def test_a_cut_off_download_resumes_from_a_link_signed_anew(server, tmp_path, caplog):
+    """A presigned S3 link expires: the same one answers 403 ('cannot download ...: HTTP 403 Forbidden', no
+    word of why), and a new one for the same file was refused ('was partly fetched from ..., not ...'), whose
+    --overwrite threw the .part away."""
+    first, second = signed(server.url, "aaa"), signed(server.url, "bbb")
+    server.drops = 1
+    with pytest.raises(PipelineError, match="run the same command again to resume"):
+        fetch_data(cfg(tmp_path, first, retries=0))
+    half = len(server.files[NAME]) // 2
+    server.expired = {first.partition("?")[2]}
+    with pytest.raises(PipelineError) as e:
+        fetch_data(cfg(tmp_path, first))
+    assert str(e.value) == (f"cannot download {first}: the server answered HTTP 403 Forbidden; the link expired at "
+                            "2026-12-07 11:00 UTC (a signed link): get a new one and run this again with it; the "
+                            f"{half} bytes of {NAME}.part are kept, and resumed from the new link")
+    assert (tmp_path / f"{NAME}.part").stat().st_size == half
+    with caplog.at_level(logging.WARNING):
+        fetch_data(cfg(tmp_path, second))
+    assert (tmp_path / NAME).read_bytes() == server.files[NAME]
+    assert server.requests[-1] == f"bytes={half}-" and "signed otherwise (an expired link made anew)" in caplog.text
+    assert server.request_headers[-1]["If-Range"]  # the file is still checked to be the one begun
+
+
+def test_a_complete_archive_of_a_link_signed_anew_is_not_fetched_again(server, tmp_path):
+    fetch_data(cfg(tmp_path, signed(server.url, "aaa")))
+    result = fetch_data(cfg(tmp_path, signed(server.url, "bbb")))
+    assert result.downloaded is False and server.requests == [None]
+
+
+def test_a_link_signed_anew_for_a_file_replaced_meanwhile_starts_over(server, tmp_path):
+    server.drops = 1
+    with pytest.raises(PipelineError):
+        fetch_data(cfg(tmp_path, signed(server.url, "aaa"), retries=0))
+    server.files[NAME] = new = other_version()
+    fetch_data(cfg(tmp_path, signed(server.url, "bbb")))
+    assert (tmp_path / NAME).read_bytes() == new
+
+
+@pytest.mark.parametrize("other", ["?id=2&X-Amz-Signature=b", "?st=2"])
+def test_a_url_differing_in_more_than_its_signature_is_still_refused(server, tmp_path, other):
+    server.drops = 1
+    with pytest.raises(PipelineError):
+        fetch_data(cfg(tmp_path, server.url + "?id=1&X-Amz-Signature=a", retries=0))
+    with pytest.raises(UsageError, match="was partly fetched from"):
+        fetch_data(cfg(tmp_path, server.url + other))
+
+
+def test_a_403_on_a_resume_keeps_the_part_and_says_so(server, tmp_path):
+    server.drops = 1
+    with pytest.raises(PipelineError):
+        fetch_data(cfg(tmp_path, server.url, retries=0))
+    server.busy = [403]
+    with pytest.raises(PipelineError, match=r"HTTP 403 Forbidden; the \d+ bytes of pets.zip.part are kept, and "
+                                            r"resumed once the server allows it \(the same command\)$"):
+        fetch_data(cfg(tmp_path, server.url))
+    assert (tmp_path / f"{NAME}.part").is_file()

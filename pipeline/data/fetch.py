@@ -7,6 +7,7 @@ Every archive entry is checked before anything is written: none may land outside
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import http.client
 import json
 import logging
@@ -21,14 +22,14 @@ import urllib.request
 import zipfile
 import zlib
 from dataclasses import dataclass
-from datetime import timezone
+from datetime import datetime, timedelta, timezone
 from email.utils import parsedate_to_datetime
 from pathlib import Path, PurePosixPath
 
 from ..config import FetchConfig, Placeholder, flag_text, option_text, option_value
 from ..errors import DiskFull, PipelineError, UsageError
 from ..files import check_output, disk_error, disk_reason, json_text, plain_name, same_file
-from .folders import is_os_file, is_skipped_folder
+from .folders import IMAGE_EXTENSIONS, is_image_name, is_os_file, is_skipped_folder
 from .moves import folder_lock, link_on_the_way
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ class FetchResult:
 def fetch_data(cfg: FetchConfig) -> FetchResult:
     """Download cfg.url into cfg.dest (unless already complete) and unpack it there (unless done)."""
     name = archive_name(cfg.url)
+    expected = expected_sha256(cfg.sha256)
     source = local_source(cfg.url)
     if source is not None and not source.is_file() and not (Path(cfg.dest) / name).is_file():  # not "offline?"
         raise UsageError(f"{option_value('url', cfg.url)} names no file: {str(source)!r} does not exist or is not a "
@@ -92,12 +94,65 @@ def fetch_data(cfg: FetchConfig) -> FetchResult:
                                                                f"{e}") from None
             else:
                 log.info("archive already complete: %s", archive)
+            if expected is not None:  # before anything is unpacked, and on every run: a file put there by hand too
+                check_sha256(archive, expected, downloaded, keep=source)
             unpacked, fresh = unpack(archive, dest, overwrite=cfg.overwrite, keep=source)
         except BaseException:
             remove_if_empty(made)  # under the lock: a run waiting for it finds the folder gone, and makes it again
             raise
     return FetchResult(archive=str(archive), bytes=archive.stat().st_size, downloaded=downloaded,
                        unpacked=str(unpacked), unpacked_now=fresh, url=cfg.url)
+
+
+def expected_sha256(value) -> str | None:
+    """--sha256 as 64 lower-case hex digits (None: unchecked); a UsageError naming any other value."""
+    if value is None:
+        return None
+    digest = value.strip().lower() if isinstance(value, str) else ""
+    digest = digest.removeprefix("sha256:")  # as some manifests write it
+    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise UsageError(f"{option_value('sha256', value)} is not a SHA-256 digest: give its 64 hex digits (as "
+                         "sha256sum ARCHIVE prints them)")
+    return digest
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_sha256(archive: Path, expected: str, downloaded: bool, keep: Path | None = None) -> None:
+    """Refuse (PipelineError, before anything is unpacked) an archive whose SHA-256 is not ``expected``: it is
+    moved aside to ``NAME.sha256-DIGEST`` (kept, never unpacked; the next run downloads the archive anew), unless
+    it is the --url's own file (``keep``), which stays where it is. The record of an earlier unpack of it goes
+    with it, so that the next archive is unpacked, not taken for done (the files it unpacked stay, and a new
+    unpack over them is refused as any other conflict)."""
+    try:
+        got = file_sha256(archive)
+    except OSError as e:
+        raise PipelineError(f"cannot read {archive} to check its SHA-256: {e.strerror or e}") from None
+    if got == expected:
+        log.info("%s: SHA-256 as expected", archive.name)
+        return
+    mismatch = f"{archive.name}'s SHA-256 is {got}, not {expected} ({option_text('sha256')}): not unpacked"
+    if keep is not None and same_file(archive, keep):
+        raise PipelineError(f"{mismatch}; it is the file {option_text('url')} names, left where it is")
+    aside = archive.with_name(f"{archive.name}.sha256-{got[:16]}")
+    os.replace(archive, aside)  # a file there already holds these very bytes (its name is their digest)
+    marker = archive.with_name(f".{archive.name}.unpacked")
+    try:
+        root = archive.parent / json.loads(marker.read_text())["root"]
+    except (OSError, ValueError, KeyError, TypeError):
+        root = None
+    marker.unlink(missing_ok=True)
+    how = "downloaded now (damaged on the way, or another file than the digest's?)" if downloaded else \
+        "already in " + option_text("dest")
+    earlier = f"; {root} was unpacked from it by an earlier run: check it" if root is not None else ""
+    raise PipelineError(f"{mismatch}; it was {how}, and is kept as {aside}{earlier}; check {option_text('url')} and "
+                        f"{option_text('sha256')}, and run again to download it anew")
 
 
 @contextlib.contextmanager
@@ -181,6 +236,10 @@ def check_source(cfg: FetchConfig, archive: Path, source: Path | None = None) ->
         return
     own = source is not None and same_file(archive, source)
     held, how = (archive, "fetched") if archive.is_file() else (part, "partly fetched")
+    if resigned(url, cfg.url):  # the resume still checks the file is the same one: If-Range, its ETag and size
+        log.warning("%s was %s from this URL signed otherwise (an expired link made anew): %s", held, how,
+                    "taking it as complete" if held == archive else "resuming it")
+        return
     if not (cfg.overwrite or own):
         raise UsageError(f"{held} in {option_text('dest')} was {how} from {url}, not {cfg.url}; choose another "
                          f"{option_text('dest')}, or pass {flag_text('overwrite')} "
@@ -189,6 +248,71 @@ def check_source(cfg: FetchConfig, archive: Path, source: Path | None = None) ->
     forget = [_source_record(archive), archive.with_name(f".{archive.name}.unpacked"), part]
     for old in forget + ([] if own else [archive]):
         old.unlink(missing_ok=True)
+
+
+#: query parameters that sign a link (S3's, CloudFront's, Google Cloud Storage's) rather than name its file;
+#: Azure's (AZURE_SIGNING) where the link has its 'sig'
+SIGNING_PARAMS = frozenset({"awsaccesskeyid", "signature", "expires", "key-pair-id", "policy", "googleaccessid"})
+SIGNING_PREFIXES = ("x-amz-", "x-goog-")
+AZURE_SIGNING = frozenset({"sig", "sv", "ss", "srt", "sp", "se", "st", "spr", "si", "sr", "sdd", "skoid", "sktid",
+                           "skt", "ske", "sks", "skv"})
+
+
+def _query(url: str) -> list[tuple[str, str]]:
+    return urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query, keep_blank_values=True)
+
+
+def _signing(url: str) -> set[str]:
+    """The names (lower case) of the URL's query parameters that sign it."""
+    keys = {k.lower() for k, _ in _query(url)}
+    azure = AZURE_SIGNING if "sig" in keys else frozenset()
+    return {k for k in keys if k.startswith(SIGNING_PREFIXES) or k in SIGNING_PARAMS or k in azure}
+
+
+def resigned(old: str, new: str) -> bool:
+    """Whether two URLs name one file and differ only in their signature (a presigned S3 link made anew after
+    the first expired): the same scheme, host, path and other query parameters."""
+    def unsigned(url):
+        parts, signing = urllib.parse.urlsplit(url), _signing(url)
+        return (parts.scheme.lower(), parts.netloc.lower(), parts.path,
+                sorted((k, v) for k, v in _query(url) if k.lower() not in signing))
+
+    return old != new and bool(_signing(old) | _signing(new)) and unsigned(old) == unsigned(new)
+
+
+def link_expiry(url: str) -> datetime | None:
+    """When a signed link says it expires (S3 and Google Cloud's X-Amz-/X-Goog-Date + Expires, an Expires time
+    as S3's older links and CloudFront's carry, Azure's se), else None."""
+    q = {k.lower(): v for k, v in _query(url)}
+    try:
+        for p in SIGNING_PREFIXES:
+            if f"{p}date" in q and f"{p}expires" in q:
+                signed = datetime.strptime(q[f"{p}date"], "%Y%m%dT%H%M%SZ").replace(tzinfo=timezone.utc)
+                return signed + timedelta(seconds=int(q[f"{p}expires"]))
+        if "expires" in q:
+            return datetime.fromtimestamp(int(q["expires"]), timezone.utc)
+        if "se" in q and "sig" in q:
+            at = datetime.fromisoformat(q["se"].replace("Z", "+00:00"))
+            return at if at.tzinfo else at.replace(tzinfo=timezone.utc)
+    except (ValueError, OverflowError, OSError):
+        return None
+    return None
+
+
+def _refused(cfg: FetchConfig, archive: Path, code: int, offset: int) -> str:
+    """What a refusal (HTTP 400, 401, 403) may mean: a signed link that expired, and what becomes of the .part."""
+    hint = ""
+    if _signing(cfg.url):
+        end = link_expiry(cfg.url)
+        when = f"expired at {end:%Y-%m-%d %H:%M} UTC" if end is not None and end <= datetime.now(timezone.utc) \
+            else "may have expired"
+        hint = f"; the link {when} (a signed link): get a new one and run this again with it"
+    elif code == 400:
+        return ""
+    if offset:
+        hint += (f"; the {offset} bytes of {archive.name}.part are kept, and resumed " +
+                 ("from the new link" if hint else "once the server allows it (the same command)"))
+    return hint
 
 
 # -- download ----------------------------------------------------------------------------------
@@ -298,8 +422,12 @@ def _open(cfg: FetchConfig, archive: Path, offset: int, validator: str | None = 
                                     f"delete the .part file and run again") from None
             return None
         if e.code in BUSY_CODES:  # asked again as a dropped connection is
-            raise _Busy(f"the server answered HTTP {e.code} {e.reason}") from None
-        raise PipelineError(f"cannot download {cfg.url}: the server answered HTTP {e.code} {e.reason}") from None
+            after = retry_after(e.headers)
+            e.close()
+            raise _Busy(f"the server answered HTTP {e.code} {e.reason}", after) from None
+        hint = _refused(cfg, archive, e.code, offset) if e.code in (400, 401, 403) else ""
+        e.close()
+        raise PipelineError(f"cannot download {cfg.url}: the server answered HTTP {e.code} {e.reason}{hint}") from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
         raise _offline_error(cfg, archive, e) from None
 
@@ -315,15 +443,22 @@ def download(cfg: FetchConfig, archive: Path) -> None:
             break
         except _Interrupted as e:
             got = part.stat().st_size if part.exists() else 0
+            after = e.after if isinstance(e, _Busy) else None
+            asks = f", asking to wait {_duration(after)} (Retry-After)" if after else ""
+            if after is not None and after > MAX_RETRY_AFTER:  # never asked again before the server says
+                at = datetime.now(timezone.utc) + timedelta(seconds=min(after, 1e9))
+                raise PipelineError(f"cannot download {cfg.url}: {e}{asks}, longer than fetch-data waits "
+                                    f"({_duration(MAX_RETRY_AFTER)}); run this again after "
+                                    f"{at:%Y-%m-%d %H:%M} UTC") from None
             if attempt >= cfg.retries:
                 if isinstance(e, _Busy):
-                    raise PipelineError(f"cannot download {cfg.url}: {e}, {attempt + 1} times") from None
+                    raise PipelineError(f"cannot download {cfg.url}: {e}, {attempt + 1} times{asks}") from None
                 raise PipelineError(f"download interrupted after {got} bytes ({e}); "
                                     f"run the same command again to resume") from None
-            wait = cfg.retry_wait * 2 ** attempt
+            wait = max(cfg.retry_wait * 2 ** attempt, after or 0)
             attempt += 1
             if isinstance(e, _Busy):
-                log.warning("%s; asking again in %.0f s", e, wait)
+                log.warning("%s%s; asking again in %s", e, asks, _duration(wait))
             else:
                 log.warning("download interrupted after %d bytes (%s); resuming in %.0f s", got, e, wait)
             time.sleep(wait)
@@ -341,7 +476,35 @@ class _Interrupted(Exception):
 
 
 class _Busy(_Interrupted):
-    """The server answered one of BUSY_CODES: overloaded for a moment, asked again as a dropped connection is."""
+    """The server answered one of BUSY_CODES: overloaded for a moment, asked again as a dropped connection is
+    (``after``: the seconds its Retry-After asks to wait, else None)."""
+
+    def __init__(self, message: str, after: float | None = None):
+        super().__init__(message)
+        self.after = after
+
+
+#: The longest wait a Retry-After gets: a server asking for more (a hostile or misconfigured one: 'Retry-After:
+#: 86400') is not asked again; fetch-data stops at once, saying when to run it again.
+MAX_RETRY_AFTER = 300
+
+
+def retry_after(headers) -> float | None:
+    """The seconds an answer's Retry-After asks to wait (RFC 9110 10.2.3: a number of seconds, or an HTTP date,
+    counted from the answer's own Date where it has one: the two clocks may differ), else None."""
+    value = (headers.get("Retry-After") or "").strip() if headers is not None else ""
+    if value.isascii() and value.isdigit():
+        return float(value)
+    if (at := _http_date(value)) is None:
+        return None
+    now = _http_date(headers.get("Date")) or datetime.now(timezone.utc)
+    return max(0.0, (at - now).total_seconds())
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
 #: HTTP answers of a server that may answer the same request later (a CDN under load, a rate limit)
@@ -655,6 +818,9 @@ def archive_kind(path: Path) -> str:
         return "tar"
     with open(path, "rb") as f:
         first = f.read(512)
+    if not first:
+        raise PipelineError(f"{path} is an empty file (0 bytes), not an archive: the server sent nothing; delete it "
+                            "and run this again")
     head = first.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
     if head.startswith((b"<!doctype html", b"<html", b"<head", b"<body", b"<?xml", b"<!--")):
         saved = Placeholder(f"file://<where you saved it>/{path.name}")
@@ -667,6 +833,46 @@ def archive_kind(path: Path) -> str:
                                 f"gz, bz2, xz compressed); unpack it by hand ({how.format(path.name)}) and point "
                                 f"{option_text('data')} at the folder")
     raise PipelineError(f"{path} is neither a zip nor a tar archive; delete it and download again")
+
+
+def _data_files(kind: str, members: list) -> list[PurePosixPath]:
+    """The files (and links) among the entries, less the system's (``.DS_Store``, ``__MACOSX/...``, hidden)."""
+    files = [PurePosixPath(m.filename if kind == "zip" else m.name) for m in members
+             if not (m.is_dir() if kind == "zip" else m.isdir())]
+    return [f for f in files if not (is_os_file(f.name) or f.name.startswith(".")
+                                     or any(is_skipped_folder(p) for p in f.parts[:-1]))]
+
+
+def check_not_empty(kind: str, members: list, archive: Path) -> bool:
+    """Refuse (before anything is written) an archive holding no file but the system's (an empty zip, a tar of
+    empty folders, a zip of only ``__MACOSX``): it unpacked nothing and named --dest as the data folder.
+    Returns whether it holds images (by name, as extract reads them)."""
+    files = _data_files(kind, members)
+    if not files:
+        held = "is empty" if not members else f"holds no files but the system's or empty folders ({len(members)} " \
+            f"entr{'y' if len(members) == 1 else 'ies'})"
+        raise PipelineError(f"{archive} {held}: no images to unpack; is {option_text('url')} the archive you "
+                            f"meant? (it is kept in {option_text('dest')}: delete it before fetching another of its "
+                            "name)")
+    return any(is_image_name(f.name) for f in files)
+
+
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".tgz", ".tar.gz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
+
+
+def warn_no_images(kind: str, members: list, archive: Path, dest: Path) -> None:
+    """Say that an archive holds no images extract reads (its files unpacked all the same): archives inside it
+    (a Kaggle download of train.zip and test.zip) are named with the fetch-data that unpacks each."""
+    files = _data_files(kind, members)
+    inner = [f for f in files if f.name.lower().endswith(ARCHIVE_SUFFIXES)]
+    if inner:
+        log.warning("%s holds no images but %d archive%s (%s): unpack each with fetch-data %s %s", archive.name,
+                    len(inner), "" if len(inner) == 1 else "s", _some([f.as_posix() for f in inner]),
+                    option_text("url", Placeholder(f"file://{dest / inner[0]}")),
+                    option_text("dest", Placeholder("DIR")))
+    else:
+        log.warning("%s holds no images (%d file%s, none of the types read: %s): %s", archive.name, len(files),
+                    "" if len(files) == 1 else "s", " ".join(IMAGE_EXTENSIONS), _some([f.as_posix() for f in files]))
 
 
 def unpacked_root(dest: Path, names: list[str]) -> Path:
@@ -810,6 +1016,7 @@ def unpack(archive: Path, dest: Path, overwrite: bool = False, keep: Path | None
             if ignores_case(dest):
                 check_case_clashes(names, dest)
             members = skipped_zip_links(archive, arc.infolist()) if kind == "zip" else arc.getmembers()
+            images = check_not_empty(kind, members, archive)
             check_ratio(kind, members, archive)
             check_beside(kind, members, dest, archive)
             if not overwrite:
@@ -832,6 +1039,8 @@ def unpack(archive: Path, dest: Path, overwrite: bool = False, keep: Path | None
         raise PipelineError(f"cannot unpack {archive} into {dest}: {why}; the files unpacked so far are kept and "
                             "the same command finishes the unpack once this is fixed") from None
     root = unpacked_root(dest, names)
+    if not images:
+        warn_no_images(kind, members, archive, dest)
     marker.write_text(json_text({"archive": archive.name, "bytes": size,
                                   "root": root.relative_to(dest).as_posix()}))
     started.unlink(missing_ok=True)
