@@ -349,7 +349,8 @@ class TrustOptions:
 class FetchConfig:
     """Where an archive comes from and where it goes."""
 
-    dest: str = field(default="data", metadata=option("Folder for the archive and its unpacked files."))
+    dest: str = field(default="data", metadata=option("Folder for the archive and its unpacked files.",
+                                                      metavar="DIR"))
     url: str = field(default=KAGGLE_CATS_DOGS_URL, metadata=option(
         "A zip or tar archive to download.", doc="a zip or tar archive (http, https or file URL)",
         doc_default="the Microsoft `kagglecatsanddogs_5340.zip`"))

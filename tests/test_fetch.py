@@ -1345,3 +1345,36 @@ def test_a_403_on_a_resume_keeps_the_part_and_says_so(server, tmp_path):
                                             r"resumed once the server allows it \(the same command\)$"):
         fetch_data(cfg(tmp_path, server.url))
     assert (tmp_path / f"{NAME}.part").is_file()
+
+
+# -- --dest edge cases, odd entries ----------------------------------------------------------------
+@pytest.mark.parametrize("place", [NAME, f"{NAME}.part"])
+def test_a_folder_at_the_archives_place_is_refused_before_downloading(server, tmp_path, place):
+    """It downloaded the whole archive, then failed to rename it ('[Errno 21] Is a directory'), or (a folder
+    at the .part's place) said 'the server does not resume downloads' and failed the same way."""
+    (tmp_path / place).mkdir()
+    r = CliRunner().invoke(cli, ["fetch-data", "--dest", str(tmp_path), "--url", server.url])
+    assert r.exit_code == 2 and r.output.startswith(f"Error: {tmp_path / place} is a folder, where fetch-data keeps ")
+    assert server.requests == [] and (tmp_path / place).is_dir()
+
+
+def test_an_empty_dest_is_a_usage_error_not_the_working_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / NAME).write_bytes(pets_zip())
+    r = CliRunner().invoke(cli, ["fetch-data", "--dest", "", "--url", f"file://{tmp_path}/{NAME}"])
+    assert r.exit_code == 2 and "'' is an empty name; give a folder" in r.output, r.output
+    with pytest.raises(UsageError, match="dest '' is an empty name"):
+        from pipeline import api
+        api.fetch_data(dest="", url=f"file://{tmp_path}/{NAME}")
+    assert not (tmp_path / "PetImages").exists()
+
+
+@pytest.mark.parametrize("name", ["P/a/" + "x" * 300 + ".jpg", "P/" + "d" * 300 + "/0.jpg",
+                                  "/".join(["P"] + ["d" * 200] * 21 + ["0.jpg"])])
+def test_an_entry_name_too_long_for_the_file_system_is_refused_before_anything_is_written(tmp_path, name):
+    """It failed halfway ('File name too long'), saying the same command would finish the unpack: it never could."""
+    (tmp_path / NAME).write_bytes(make_zip({"P/b/0.jpg": b"ok", name: b"x"}))
+    with pytest.raises(PipelineError, match=r"longer than the \d+ the file system (of .* )?allows; refusing to "
+                                            r"unpack \(nothing was written\)"):
+        fetch_data(cfg(tmp_path, closed_port_url()))
+    assert not (tmp_path / "P").exists() and not list(tmp_path.glob(".*.unpacking"))

@@ -83,6 +83,7 @@ def fetch_data(cfg: FetchConfig) -> FetchResult:
     made: list[Path] = []
     with dest_lock(dest, busy, made):  # two at once appended one .part twice, or unpacked over each other
         try:
+            check_places(cfg, archive)
             check_source(cfg, archive, source)
             downloaded = not archive.is_file()
             if downloaded:
@@ -215,6 +216,15 @@ def local_source(url: str) -> Path | None:
     """The file a file:// URL reads (never removed, even with --overwrite), else None."""
     parsed = urllib.parse.urlparse(url)
     return Path(urllib.request.url2pathname(parsed.path)) if parsed.scheme == "file" else None
+
+
+def check_places(cfg: FetchConfig, archive: Path) -> None:
+    """Refuse (UsageError) a folder at the archive's place or its .part's in --dest, before anything is fetched:
+    the whole download was made, then failed to be renamed ('Is a directory'), or was not begun at all."""
+    for place, what in ((archive, "the archive"), (archive.with_name(archive.name + ".part"), "its partial download")):
+        if place.is_dir():
+            raise UsageError(f"{place} is a folder, where fetch-data keeps {what} of {option_value('url', cfg.url)}; "
+                             f"move it away, or choose another {option_text('dest')}")
 
 
 def check_source(cfg: FetchConfig, archive: Path, source: Path | None = None) -> None:
@@ -695,14 +705,40 @@ def own_files(archive: Path) -> set[str]:
     return {f"{a}.part", _source_record(archive).name, f".{a}.unpacked", f".{a}.unpacking"}
 
 
+def _limit(dest: Path, which: str, default: int) -> int:
+    try:
+        return os.pathconf(dest, which)
+    except (OSError, ValueError, AttributeError):  # not said here (Windows has no pathconf)
+        return default
+
+
+def _check_length(name: str, dest: Path, name_max: int, path_max: int) -> None:
+    """Refuse (before anything is written) an entry whose name, or a folder's on its way, is longer than the file
+    system of dest allows: unpacking stopped at it ('File name too long') and said the same command would finish
+    the unpack, which it never could."""
+    shown = repr(name if len(name) <= 80 else f"{name[:60]}...{name[-15:]}")
+    for part in PurePosixPath(name).parts:
+        if (n := len(os.fsencode(part))) > name_max:
+            raise PipelineError(f"archive entry {shown} has a name of {n} bytes, longer than the {name_max} the "
+                                f"file system of {dest} allows; refusing to unpack (nothing was "
+                                f"written): unpack it by hand, renaming it, and point {option_text('data')} at the "
+                                "folder")
+    if (n := len(os.fsencode(str(dest / name)))) >= path_max:
+        raise PipelineError(f"archive entry {shown} would be unpacked to a path of {n} bytes, longer than the "
+                            f"{path_max} the file system allows; refusing to unpack (nothing was written): fetch "
+                            f"into a shorter {option_text('dest')}, or unpack it by hand")
+
+
 def check_members(kind: str, arc, dest: Path, own: set = frozenset()) -> list[str]:
     """The archive's entry names; PipelineError naming the first entry that would land outside dest, or on
     one of fetch-data's ``own`` files (a link there made its record be written into a file it points to)."""
     dest = dest.resolve()
     names, links, files, kinds = [], set(), set(), {}
     members = arc.infolist() if kind == "zip" else arc.getmembers()
+    name_max, path_max = _limit(dest, "PC_NAME_MAX", 255), _limit(dest, "PC_PATH_MAX", 4096)
     for m in members:
         name = m.filename if kind == "zip" else m.name
+        _check_length(name, dest, name_max, path_max)
         if not _inside(dest, name):
             if _plain_path(name) and (link := link_on_the_way(dest / name, dest)):
                 raise PipelineError(f"archive entry {name!r} would be written through {link}, a link in {dest} to "
