@@ -335,12 +335,23 @@ def ensure_room(dest: Path, need: int, what: str) -> None:
                        f"free some space (or choose another {option_text('dest')}) and run again")
 
 
-def _offline_error(cfg: FetchConfig, archive: Path, why) -> PipelineError:
+class _Unreachable(PipelineError):
+    """The server could not be reached (offline, refused, a name that does not resolve); ``reason`` says why."""
+
+    def __init__(self, message: str, reason):
+        super().__init__(message)
+        self.reason = reason
+
+
+def _offline_error(cfg: FetchConfig, archive: Path, why, offset: int = 0) -> PipelineError:
     reason = getattr(why, "reason", why)
+    if offset:  # a .part to resume: the same command goes on from it once online
+        return _Unreachable(f"cannot download {cfg.url} ({reason}); offline? The {offset} bytes of "
+                            f"{archive.name}.part are kept: run the same command again to resume", reason)
     saved = Placeholder(f"file://<where you saved it>/{archive.name}")  # no folder to make: --dest may be gone
-    return PipelineError(f"cannot download {cfg.url} ({reason}); offline? Download it by hand, then run this again "
-                         f"with {option_text('url', saved)} (or put it at {archive}), or point "
-                         f"{option_text('data')} at a local image folder")
+    return _Unreachable(f"cannot download {cfg.url} ({reason}); offline? Download it by hand, then run this again "
+                        f"with {option_text('url', saved)} (or put it at {archive}), or point "
+                        f"{option_text('data')} at a local image folder", reason)
 
 
 def _content_range(resp) -> tuple[int, int | None]:
@@ -439,7 +450,7 @@ def _open(cfg: FetchConfig, archive: Path, offset: int, validator: str | None = 
         e.close()
         raise PipelineError(f"cannot download {cfg.url}: the server answered HTTP {e.code} {e.reason}{hint}") from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
-        raise _offline_error(cfg, archive, e) from None
+        raise _offline_error(cfg, archive, e, offset) from None
 
 
 def download(cfg: FetchConfig, archive: Path) -> None:
@@ -530,7 +541,13 @@ def _transfer(cfg: FetchConfig, archive: Path, part: Path, offset: int, warned: 
     from ..progress import progress
 
     validator, size = part_record(archive) if offset else (None, None)
-    resp = _open(cfg, archive, offset, validator)
+    try:
+        resp = _open(cfg, archive, offset, validator)
+    except _Unreachable as e:
+        if "reached" in warned:  # reached earlier in this run, then dropped: a blip, asked again as a drop is
+            raise _Interrupted(f"cannot reconnect: {e.reason}") from None
+        raise
+    warned.add("reached")
     if resp is None:
         log.info("%s is already complete on disk", part)
         return offset
@@ -847,13 +864,28 @@ OTHER_ARCHIVES = {b"7z\xbc\xaf\x27\x1c": ("a 7z archive", "7z x {}"), b"Rar!\x1a
                   b"\x28\xb5\x2f\xfd": ("a Zstandard-compressed file", "tar --zstd -xf {}")}
 
 
+#: compressions tarfile unpacks, by their first bytes: a file of one that is no tar is cut off or damaged
+COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz"}
+
+
 def archive_kind(path: Path) -> str:
     if zipfile.is_zipfile(path):
         return "zip"
-    if tarfile.is_tarfile(path):
-        return "tar"
+    try:
+        if tarfile.is_tarfile(path):
+            return "tar"
+    except (EOFError, zlib.error, lzma.LZMAError, OSError) as e:  # a .tar.gz cut off in its first block
+        raise PipelineError(f"{path} is a compressed file cut off or damaged ({e}); delete it and download "
+                            "again") from None
     with open(path, "rb") as f:
         first = f.read(512)
+    if first.startswith(b"PK\x03\x04"):
+        raise PipelineError(f"{path} is a zip archive cut off before its end (its table of contents is missing: "
+                            "the download stopped early?); delete it and download again")
+    for magic, what in COMPRESSED.items():
+        if first.startswith(magic):
+            raise PipelineError(f"{path} is {what}-compressed, but no tar archive unpacks from it (cut off or "
+                                "damaged?); delete it and download again")
     if not first:
         raise PipelineError(f"{path} is an empty file (0 bytes), not an archive: the server sent nothing; delete it "
                             "and run this again")
