@@ -1430,3 +1430,35 @@ def test_a_zip_cut_off_is_named_as_one(tmp_path):
     (tmp_path / NAME).write_bytes(pets_zip()[:100_000])
     with pytest.raises(PipelineError, match="is a zip archive cut off before its end"):
         fetch_data(cfg(tmp_path, closed_port_url()))
+
+
+def test_a_url_with_spaces_or_accents_is_sent_encoded_as_a_browser_sends_it(server, tmp_path):
+    """A URL copied from a browser's address bar ('.../données v2.zip') failed as 'unexpected UnicodeEncodeError
+    ... (a bug?)', a space as 'URL can't contain control characters ...; offline?'."""
+    server.files["donn%C3%A9es%20v2.zip"] = data = pets_zip()
+    url = server.url.replace(NAME, "données v2.zip?v=été")
+    result = fetch_data(cfg(tmp_path, url))
+    assert (tmp_path / "données v2.zip").read_bytes() == data and result.url == url
+    assert fetch.request_url("http://bücher.example/a%20b/c d.zip?q=1 2") == \
+        "http://xn--bcher-kva.example/a%20b/c%20d.zip?q=1%202"
+
+
+def test_a_url_without_a_host_is_a_usage_error_not_offline(tmp_path):
+    r = CliRunner().invoke(cli, ["fetch-data", "--dest", str(tmp_path / "d"), "--url", "https:///a.zip"])
+    assert r.exit_code == 2 and r.output == "Error: --url 'https:///a.zip' names no host\n"
+
+
+def test_an_untrusted_certificate_is_named_as_such_not_offline(tmp_path, monkeypatch):
+    """A proxy inspecting HTTPS (or python.org's Python on macOS without its certificates) said 'offline?'."""
+    import ssl
+    import urllib.error
+
+    def untrusted(req, timeout):
+        raise urllib.error.URLError(ssl.SSLCertVerificationError(1, "[SSL: CERTIFICATE_VERIFY_FAILED] certificate "
+                                                                    "verify failed: self-signed certificate"))
+
+    monkeypatch.setattr(fetch.urllib.request, "urlopen", untrusted)
+    with pytest.raises(PipelineError) as e:
+        fetch_data(cfg(tmp_path, "https://example.com/pets.zip"))
+    assert "its server's certificate cannot be verified here (" in str(e.value) and "SSL_CERT_FILE" in str(e.value)
+    assert "offline" not in str(e.value)

@@ -14,6 +14,7 @@ import logging
 import lzma
 import os
 import shutil
+import ssl
 import tarfile
 import time
 import urllib.error
@@ -51,6 +52,8 @@ def archive_name(url: str) -> str:
         raise UsageError(f"{option_value('url', url)} is not a valid URL ({e})") from None
     if parts.scheme not in URL_SCHEMES:
         raise UsageError(f"{option_value('url', url)} must be a URL of scheme {', '.join(URL_SCHEMES)}")
+    if parts.scheme != "file" and not parts.hostname:  # 'https:///x.zip': it said 'no host given; offline?'
+        raise UsageError(f"{option_value('url', url)} names no host")
     name = PurePosixPath(parts.path).name
     if not name or name in (".", ".."):
         raise UsageError(f"{option_value('url', url)} does not end with a file name")
@@ -345,10 +348,15 @@ class _Unreachable(PipelineError):
 
 def _offline_error(cfg: FetchConfig, archive: Path, why, offset: int = 0) -> PipelineError:
     reason = getattr(why, "reason", why)
+    saved = Placeholder(f"file://<where you saved it>/{archive.name}")  # no folder to make: --dest may be gone
+    if isinstance(reason, ssl.SSLCertVerificationError):  # no network failure: 'offline?' sent people looking there
+        return _Unreachable(f"cannot download {cfg.url}: its server's certificate cannot be verified here ({reason}); "
+                            "behind a proxy that inspects HTTPS, point the SSL_CERT_FILE environment variable at its "
+                            "certificate (python.org's Python on macOS: run its 'Install Certificates.command' once); "
+                            f"or download it by hand, then run this again with {option_text('url', saved)}", reason)
     if offset:  # a .part to resume: the same command goes on from it once online
         return _Unreachable(f"cannot download {cfg.url} ({reason}); offline? The {offset} bytes of "
                             f"{archive.name}.part are kept: run the same command again to resume", reason)
-    saved = Placeholder(f"file://<where you saved it>/{archive.name}")  # no folder to make: --dest may be gone
     return _Unreachable(f"cannot download {cfg.url} ({reason}); offline? Download it by hand, then run this again "
                         f"with {option_text('url', saved)} (or put it at {archive}), or point "
                         f"{option_text('data')} at a local image folder", reason)
@@ -424,10 +432,28 @@ def replaced_since(resp, validator: str | None, size: int | None) -> str | None:
     return f"ETag {validator} then, {now} now" if differs else None
 
 
+#: what stays as it is in a URL's path and query when it is sent (reserved characters and '%' escapes)
+URL_SAFE = "!#$%&'()*+,/:;=?@[]~"
+
+
+def request_url(url: str) -> str:
+    """The URL as sent: spaces and non-ASCII characters of its path and query percent-encoded (UTF-8) and a
+    non-ASCII host in IDNA, as a browser sends a URL copied from its address bar ('.../données/chats v2.zip'
+    failed as 'unexpected UnicodeEncodeError ... a bug?', a space as 'URL can't contain control characters ...;
+    offline?'); '%XX' escapes already there are kept."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        netloc = parts.netloc if parts.netloc.isascii() else parts.netloc.encode("idna").decode("ascii")
+    except UnicodeError as e:
+        raise UsageError(f"{option_value('url', url)} has a host name that cannot be sent ({e})") from None
+    return urllib.parse.urlunsplit((parts.scheme, netloc, urllib.parse.quote(parts.path, safe=URL_SAFE),
+                                    urllib.parse.quote(parts.query, safe=URL_SAFE), ""))
+
+
 def _open(cfg: FetchConfig, archive: Path, offset: int, validator: str | None = None):
     """The response for bytes offset.. of the URL, or None when the server says the file is complete.
     With a validator the server sends the whole file (200) instead when its file is no longer that one."""
-    req = urllib.request.Request(cfg.url, headers={"User-Agent": "transfer-pipeline fetch-data"})
+    req = urllib.request.Request(request_url(cfg.url), headers={"User-Agent": "transfer-pipeline fetch-data"})
     if offset:
         req.add_header("Range", f"bytes={offset}-")
         if validator:
