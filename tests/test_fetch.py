@@ -1462,3 +1462,19 @@ def test_an_untrusted_certificate_is_named_as_such_not_offline(tmp_path, monkeyp
         fetch_data(cfg(tmp_path, "https://example.com/pets.zip"))
     assert "its server's certificate cannot be verified here (" in str(e.value) and "SSL_CERT_FILE" in str(e.value)
     assert "offline" not in str(e.value)
+
+
+@pytest.mark.parametrize("pax, mtime", [({}, 2 ** 70), ({}, -2 ** 70), ({"mtime": "nan"}, 0)])
+def test_a_tar_entry_of_an_impossible_time_unpacks_with_the_present_one(tmp_path, caplog, pax, mtime):
+    """Unpacking stopped halfway at it: 'unexpected OverflowError: timestamp out of range for platform time_t'
+    (ValueError for a pax NaN), '(a bug?)'."""
+    with tarfile.open(tmp_path / "pets.tar", "w", format=tarfile.PAX_FORMAT if pax else tarfile.GNU_FORMAT) as t:
+        for name in ("P/a/0.jpg", "P/b/0.jpg"):
+            info, data = file_member(name, b"x")
+            info.mtime, info.pax_headers = mtime, pax
+            t.addfile(info, io.BytesIO(data))
+    with caplog.at_level(logging.WARNING):
+        fetch_data(cfg(tmp_path, closed_port_url().replace(NAME, "pets.tar")))
+    assert (tmp_path / "P" / "b" / "0.jpg").read_bytes() == b"x"
+    assert abs((tmp_path / "P" / "b" / "0.jpg").stat().st_mtime - time.time()) < 60
+    assert "pets.tar: 2 entries carry a modification time no file can have (P/a/0.jpg, P/b/0.jpg)" in caplog.text

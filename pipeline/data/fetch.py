@@ -12,6 +12,7 @@ import http.client
 import json
 import logging
 import lzma
+import math
 import os
 import shutil
 import ssl
@@ -929,6 +930,25 @@ def archive_kind(path: Path) -> str:
     raise PipelineError(f"{path} is neither a zip nor a tar archive; delete it and download again")
 
 
+#: the modification times a tar entry may set (0001 to 9999, as every platform's time_t holds them)
+TIME_RANGE = (-62135596800, 253402300799)
+
+
+def fix_times(members: list, archive: Path) -> None:
+    """Give a tar entry whose modification time no file can carry (NaN, or past year 9999: base-256 and pax
+    headers hold any number) the present time, with one warning: unpacking stopped at it, 'unexpected
+    OverflowError: timestamp out of range for platform time_t' (or ValueError for NaN), 'a bug?'."""
+    odd = []
+    for m in members:
+        t = m.mtime
+        if not (isinstance(t, (int, float)) and math.isfinite(t) and TIME_RANGE[0] <= t <= TIME_RANGE[1]):
+            odd.append(m.name)
+            m.mtime = int(time.time())
+    if odd:
+        log.warning("%s: %d %s a modification time no file can have (%s); unpacked with the present time",
+                    archive.name, len(odd), "entry carries" if len(odd) == 1 else "entries carry", _some(odd))
+
+
 def _data_files(kind: str, members: list) -> list[PurePosixPath]:
     """The files (and links) among the entries, less the system's (``.DS_Store``, ``__MACOSX/...``, hidden)."""
     files = [PurePosixPath(m.filename if kind == "zip" else m.name) for m in members
@@ -1111,6 +1131,8 @@ def unpack(archive: Path, dest: Path, overwrite: bool = False, keep: Path | None
                 check_case_clashes(names, dest)
             members = skipped_zip_links(archive, arc.infolist()) if kind == "zip" else arc.getmembers()
             images = check_not_empty(kind, members, archive)
+            if kind == "tar":
+                fix_times(members, archive)
             check_ratio(kind, members, archive)
             check_beside(kind, members, dest, archive)
             if not overwrite:
