@@ -112,6 +112,7 @@ class Handler(BaseHTTPRequestHandler):
                 self.end_headers()
                 return
             self.send_response(206)
+            start = 0 if getattr(srv, "range_from_zero", False) else start  # a server answering Range wrongly
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
         else:
             self.send_response(200)
@@ -1478,3 +1479,17 @@ def test_a_tar_entry_of_an_impossible_time_unpacks_with_the_present_one(tmp_path
     assert (tmp_path / "P" / "b" / "0.jpg").read_bytes() == b"x"
     assert abs((tmp_path / "P" / "b" / "0.jpg").stat().st_mtime - time.time()) < 60
     assert "pets.tar: 2 entries carry a modification time no file can have (P/a/0.jpg, P/b/0.jpg)" in caplog.text
+
+
+def test_a_server_sending_other_bytes_than_asked_starts_the_download_over(server, tmp_path, caplog):
+    """'asked the server for bytes from N, it sent from 0': a dead end, the same command failing each time."""
+    server.drops = 1
+    with pytest.raises(PipelineError):
+        fetch_data(cfg(tmp_path, server.url, retries=0))
+    server.range_from_zero = True
+    with caplog.at_level(logging.WARNING):
+        fetch_data(cfg(tmp_path, server.url))
+    half = len(server.files[NAME]) // 2
+    assert (tmp_path / NAME).read_bytes() == server.files[NAME] and server.requests[1:] == [f"bytes={half}-", None]
+    assert f"asked the server for {NAME} from byte {half}, it sent from byte 0; downloading it whole again" in \
+        caplog.text

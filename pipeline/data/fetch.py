@@ -583,6 +583,11 @@ def _transfer(cfg: FetchConfig, archive: Path, part: Path, offset: int, warned: 
         log.warning("%s changed on the server since %s.part was begun (%s); downloading it whole again",
                     archive.name, archive.name, why)
         return _transfer(cfg, archive, part, 0, warned)
+    if offset and getattr(resp, "status", 200) == 206 and (start := _content_range(resp)[0]) != offset:
+        resp.close()  # a server that cannot resume from there: it was a dead end ('asked ..., it sent from 0')
+        log.warning("asked the server for %s from byte %d, it sent from byte %d; downloading it whole again",
+                    archive.name, offset, start)
+        return _transfer(cfg, archive, part, 0, warned)
     with resp:
         status = getattr(resp, "status", 200)
         length = resp.headers.get("Content-Length")
