@@ -1493,3 +1493,14 @@ def test_a_server_sending_other_bytes_than_asked_starts_the_download_over(server
     assert (tmp_path / NAME).read_bytes() == server.files[NAME] and server.requests[1:] == [f"bytes={half}-", None]
     assert f"asked the server for {NAME} from byte {half}, it sent from byte 0; downloading it whole again" in \
         caplog.text
+
+
+def test_a_part_longer_than_the_servers_file_is_downloaded_whole_again(server, tmp_path, caplog):
+    """It said 'pets.zip.part holds N bytes but the server's file has M; delete the .part file and run again'."""
+    size = len(server.files[NAME])
+    (tmp_path / f"{NAME}.part").write_bytes(b"x" * (size + 10))
+    with caplog.at_level(logging.WARNING):
+        fetch_data(cfg(tmp_path, server.url))
+    assert (tmp_path / NAME).read_bytes() == server.files[NAME] and server.requests == [f"bytes={size + 10}-", None]
+    assert f"{NAME}.part holds {size + 10} bytes, more than the server's file ({size}); downloading it whole" in \
+        caplog.text

@@ -466,8 +466,7 @@ def _open(cfg: FetchConfig, archive: Path, offset: int, validator: str | None = 
             total = e.headers.get("Content-Range", "").rpartition("/")[2]
             e.close()
             if total.isdigit() and int(total) != offset:
-                raise PipelineError(f"{archive}.part holds {offset} bytes but the server's file has {total}; "
-                                    f"delete the .part file and run again") from None
+                raise _PartTooLong(int(total)) from None
             return None
         if e.code in BUSY_CODES:  # asked again as a dropped connection is
             after = retry_after(e.headers)
@@ -523,6 +522,14 @@ class _Interrupted(Exception):
     """The connection broke during the transfer (bytes received so far are kept)."""
 
 
+class _PartTooLong(Exception):
+    """The server answered a resume 416, its file being shorter (``total``) than the .part."""
+
+    def __init__(self, total: int):
+        super().__init__(total)
+        self.total = total
+
+
 class _Busy(_Interrupted):
     """The server answered one of BUSY_CODES: overloaded for a moment, asked again as a dropped connection is
     (``after``: the seconds its Retry-After asks to wait, else None)."""
@@ -570,6 +577,10 @@ def _transfer(cfg: FetchConfig, archive: Path, part: Path, offset: int, warned: 
     validator, size = part_record(archive) if offset else (None, None)
     try:
         resp = _open(cfg, archive, offset, validator)
+    except _PartTooLong as e:  # not of this file (or damaged): it was 'delete the .part file and run again'
+        log.warning("%s.part holds %d bytes, more than the server's file (%d); downloading it whole again",
+                    archive.name, offset, e.total)
+        return _transfer(cfg, archive, part, 0, warned)
     except _Unreachable as e:
         if "reached" in warned:  # reached earlier in this run, then dropped: a blip, asked again as a drop is
             raise _Interrupted(f"cannot reconnect: {e.reason}") from None
