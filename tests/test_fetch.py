@@ -1504,3 +1504,16 @@ def test_a_part_longer_than_the_servers_file_is_downloaded_whole_again(server, t
     assert (tmp_path / NAME).read_bytes() == server.files[NAME] and server.requests == [f"bytes={size + 10}-", None]
     assert f"{NAME}.part holds {size + 10} bytes, more than the server's file ({size}); downloading it whole" in \
         caplog.text
+
+
+def test_a_mismatching_archive_that_cannot_be_moved_aside_is_one_line(tmp_path, monkeypatch):
+    (tmp_path / NAME).write_bytes(pets_zip())
+
+    def refused(a, b):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(fetch.os, "replace", refused)
+    r = CliRunner().invoke(cli, ["-q", "fetch-data", "--dest", str(tmp_path), "--url", closed_port_url(),
+                                 "--sha256", "0" * 64])
+    assert r.exit_code == 1 and "it could not be moved aside (Permission denied): move " in r.output, r.output
+    assert (tmp_path / NAME).is_file() and not (tmp_path / "PetImages").exists()

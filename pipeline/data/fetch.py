@@ -146,7 +146,11 @@ def check_sha256(archive: Path, expected: str, downloaded: bool, keep: Path | No
     if keep is not None and same_file(archive, keep):
         raise PipelineError(f"{mismatch}; it is the file {option_text('url')} names, left where it is")
     aside = archive.with_name(f"{archive.name}.sha256-{got[:16]}")
-    os.replace(archive, aside)  # a file there already holds these very bytes (its name is their digest)
+    try:
+        os.replace(archive, aside)  # a file there already holds these very bytes (its name is their digest)
+    except OSError as e:  # a read-only --dest: it stays, refused again by the next run
+        raise PipelineError(f"{mismatch}; it could not be moved aside ({e.strerror or e}): move {archive} away "
+                            "before running this again") from None
     marker = archive.with_name(f".{archive.name}.unpacked")
     try:
         root = archive.parent / json.loads(marker.read_text())["root"]
