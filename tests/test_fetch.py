@@ -83,6 +83,12 @@ class Handler(BaseHTTPRequestHandler):
             else:
                 self.send_error(code)
             return
+        if getattr(srv, "auth", None) and self.headers.get("Authorization") != srv.auth:  # HTTP Basic
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", 'Basic realm="data"')
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if query in getattr(srv, "expired", ()):  # a signed link past its time, as S3 answers it
             self.send_error(403)
             return
@@ -1517,3 +1523,20 @@ def test_a_mismatching_archive_that_cannot_be_moved_aside_is_one_line(tmp_path, 
                                  "--sha256", "0" * 64])
     assert r.exit_code == 1 and "it could not be moved aside (Permission denied): move " in r.output, r.output
     assert (tmp_path / NAME).is_file() and not (tmp_path / "PetImages").exists()
+
+
+def test_a_url_with_a_user_and_password_logs_in_as_curl_does(server, tmp_path):
+    """'http://user:pw@host/x.zip' sent 'user:pw@host' as the host name: 'Name or service not known; offline?'."""
+    import base64
+
+    server.auth = "Basic " + base64.b64encode(b"ann:p@ss w").decode()
+    fetch_data(cfg(tmp_path, server.url.replace("http://", "http://ann:p%40ss%20w@")))
+    assert (tmp_path / NAME).read_bytes() == server.files[NAME]
+    assert [h.get("Authorization") for h in server.request_headers] == [None, server.auth]
+    assert fetch.request_url("http://ann:pw@[::1]:8080/a b.zip") == "http://[::1]:8080/a%20b.zip"
+
+
+def test_a_wrong_password_is_the_servers_401(server, tmp_path):
+    server.auth = "Basic nope"
+    with pytest.raises(PipelineError, match="the server answered HTTP 401 Unauthorized"):
+        fetch_data(cfg(tmp_path, server.url.replace("http://", "http://ann:wrong@")))

@@ -146,17 +146,17 @@ def check_sha256(archive: Path, expected: str, downloaded: bool, keep: Path | No
     if keep is not None and same_file(archive, keep):
         raise PipelineError(f"{mismatch}; it is the file {option_text('url')} names, left where it is")
     aside = archive.with_name(f"{archive.name}.sha256-{got[:16]}")
-    try:
-        os.replace(archive, aside)  # a file there already holds these very bytes (its name is their digest)
-    except OSError as e:  # a read-only --dest: it stays, refused again by the next run
-        raise PipelineError(f"{mismatch}; it could not be moved aside ({e.strerror or e}): move {archive} away "
-                            "before running this again") from None
     marker = archive.with_name(f".{archive.name}.unpacked")
     try:
         root = archive.parent / json.loads(marker.read_text())["root"]
     except (OSError, ValueError, KeyError, TypeError):
         root = None
-    marker.unlink(missing_ok=True)
+    try:  # the record first: a run killed in between finds the archive unrecorded, and checks it again
+        marker.unlink(missing_ok=True)
+        os.replace(archive, aside)  # a file there already holds these very bytes (its name is their digest)
+    except OSError as e:  # a read-only --dest: it stays, refused again by the next run
+        raise PipelineError(f"{mismatch}; it could not be moved aside ({e.strerror or e}): move {archive} away "
+                            "before running this again") from None
     how = "downloaded now (damaged on the way, or another file than the digest's?)" if downloaded else \
         "already in " + option_text("dest")
     earlier = f"; {root} was unpacked from it by an earlier run: check it" if root is not None else ""
@@ -445,14 +445,29 @@ def request_url(url: str) -> str:
     """The URL as sent: spaces and non-ASCII characters of its path and query percent-encoded (UTF-8) and a
     non-ASCII host in IDNA, as a browser sends a URL copied from its address bar ('.../données/chats v2.zip'
     failed as 'unexpected UnicodeEncodeError ... a bug?', a space as 'URL can't contain control characters ...;
-    offline?'); '%XX' escapes already there are kept."""
+    offline?'); '%XX' escapes already there are kept. A 'user:password@' is left out: ``_open`` answers the
+    server's 401 with it (it was sent as part of the host name: 'Name or service not known; offline?')."""
     parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
     try:
-        netloc = parts.netloc if parts.netloc.isascii() else parts.netloc.encode("idna").decode("ascii")
+        host = host if host.isascii() else host.encode("idna").decode("ascii")
     except UnicodeError as e:
         raise UsageError(f"{option_value('url', url)} has a host name that cannot be sent ({e})") from None
+    netloc = (f"[{host}]" if ":" in host else host) + (f":{parts.port}" if parts.port is not None else "")
     return urllib.parse.urlunsplit((parts.scheme, netloc, urllib.parse.quote(parts.path, safe=URL_SAFE),
                                     urllib.parse.quote(parts.query, safe=URL_SAFE), ""))
+
+
+def _urlopen(url: str, req: urllib.request.Request, timeout: float):
+    """urlopen, answering a 401 with the URL's 'user:password@' (HTTP Basic, as curl and wget do): to its own host
+    only, never sent on to the host of a redirect."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is None or parts.scheme == "file":
+        return urllib.request.urlopen(req, timeout=timeout)
+    passwords = urllib.request.HTTPPasswordMgrWithDefaultRealm()
+    passwords.add_password(None, req.full_url, urllib.parse.unquote(parts.username),
+                           urllib.parse.unquote(parts.password or ""))
+    return urllib.request.build_opener(urllib.request.HTTPBasicAuthHandler(passwords)).open(req, timeout=timeout)
 
 
 def _open(cfg: FetchConfig, archive: Path, offset: int, validator: str | None = None):
@@ -464,7 +479,7 @@ def _open(cfg: FetchConfig, archive: Path, offset: int, validator: str | None = 
         if validator:
             req.add_header("If-Range", validator)
     try:
-        return urllib.request.urlopen(req, timeout=cfg.timeout)
+        return _urlopen(cfg.url, req, cfg.timeout)
     except urllib.error.HTTPError as e:
         if e.code == 416 and offset:  # nothing left to send: the .part may already be complete
             total = e.headers.get("Content-Range", "").rpartition("/")[2]
