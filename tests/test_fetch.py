@@ -1540,3 +1540,26 @@ def test_a_wrong_password_is_the_servers_401(server, tmp_path):
     server.auth = "Basic nope"
     with pytest.raises(PipelineError, match="the server answered HTTP 401 Unauthorized"):
         fetch_data(cfg(tmp_path, server.url.replace("http://", "http://ann:wrong@")))
+
+
+def test_a_path_given_for_a_url_is_answered_with_its_file_url(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / NAME).write_bytes(pets_zip())
+    for given in (NAME, str(tmp_path / NAME)):
+        r = CliRunner().invoke(cli, ["fetch-data", "--dest", "d", "--url", given])
+        assert r.exit_code == 2 and r.output == (f"Error: --url {given!r} must be a URL of scheme http, https, file "
+                                                 f"(the file there: --url {(tmp_path / NAME).as_uri()})\n"), r.output
+    r = CliRunner().invoke(cli, ["fetch-data", "--dest", "d", "--url", "a\0b"])
+    assert r.exit_code == 2 and "must be a URL of scheme" in r.output
+
+
+@pytest.mark.parametrize("url", [f"file:{NAME}", f"file://{NAME}", "file://host/tmp/pets.zip"])
+def test_a_file_url_of_no_absolute_path_is_a_usage_error(tmp_path, monkeypatch, url):
+    """'file:pets.zip' failed as 'No such file or directory: /pets.zip; offline?', 'file://x/pets.zip' read
+    /pets.zip, whatever the host."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / NAME).write_bytes(pets_zip())
+    r = CliRunner().invoke(cli, ["fetch-data", "--dest", "d", "--url", url])
+    assert r.exit_code == 2 and r.output == (f"Error: --url {url!r} is not a file URL of an absolute path: write "
+                                             "file:///ABSOLUTE/PATH (three slashes)\n"), r.output
+    assert not (tmp_path / "d").exists()

@@ -52,7 +52,16 @@ def archive_name(url: str) -> str:
     except ValueError as e:  # 'http://[::1': an unclosed IPv6 bracket, a bad port
         raise UsageError(f"{option_value('url', url)} is not a valid URL ({e})") from None
     if parts.scheme not in URL_SCHEMES:
-        raise UsageError(f"{option_value('url', url)} must be a URL of scheme {', '.join(URL_SCHEMES)}")
+        try:  # a path given for a URL ('data/pets.zip', 'C:\\pets.zip'): its file URL is said
+            here = Path(url).resolve() if url and Path(url).is_file() else None
+        except (OSError, ValueError):  # a NUL in it
+            here = None
+        hint = f" (the file there: {option_text('url', Placeholder(here.as_uri()))})" if here else ""
+        raise UsageError(f"{option_value('url', url)} must be a URL of scheme {', '.join(URL_SCHEMES)}{hint}")
+    if parts.scheme == "file" and (parts.netloc not in ("", "localhost") or not parts.path.startswith("/")):
+        # 'file://data/pets.zip' read /pets.zip, 'file:pets.zip' failed as '...; offline?'
+        raise UsageError(f"{option_value('url', url)} is not a file URL of an absolute path: write "
+                         f"{Placeholder('file:///ABSOLUTE/PATH')} (three slashes)")
     if parts.scheme != "file" and not parts.hostname:  # 'https:///x.zip': it said 'no host given; offline?'
         raise UsageError(f"{option_value('url', url)} names no host")
     name = PurePosixPath(parts.path).name
