@@ -1563,3 +1563,10 @@ def test_a_file_url_of_no_absolute_path_is_a_usage_error(tmp_path, monkeypatch, 
     assert r.exit_code == 2 and r.output == (f"Error: --url {url!r} is not a file URL of an absolute path: write "
                                              "file:///ABSOLUTE/PATH (three slashes)\n"), r.output
     assert not (tmp_path / "d").exists()
+
+
+def test_a_password_in_the_url_is_masked_in_messages(server, tmp_path):
+    server.auth = "Basic nope"
+    with pytest.raises(PipelineError) as e:
+        fetch_data(cfg(tmp_path, server.url.replace("http://", "http://ann:s3cret@")))
+    assert "s3cret" not in str(e.value) and "http://ann:***@127.0.0.1:" in str(e.value)

@@ -240,7 +240,8 @@ def check_places(cfg: FetchConfig, archive: Path) -> None:
     the whole download was made, then failed to be renamed ('Is a directory'), or was not begun at all."""
     for place, what in ((archive, "the archive"), (archive.with_name(archive.name + ".part"), "its partial download")):
         if place.is_dir():
-            raise UsageError(f"{place} is a folder, where fetch-data keeps {what} of {option_value('url', cfg.url)}; "
+            raise UsageError(f"{place} is a folder, where fetch-data keeps {what} of "
+                             f"{option_value('url', shown_url(cfg.url))}; "
                              f"move it away, or choose another {option_text('dest')}")
 
 
@@ -268,10 +269,11 @@ def check_source(cfg: FetchConfig, archive: Path, source: Path | None = None) ->
                     "taking it as complete" if held == archive else "resuming it")
         return
     if not (cfg.overwrite or own):
-        raise UsageError(f"{held} in {option_text('dest')} was {how} from {url}, not {cfg.url}; choose another "
-                         f"{option_text('dest')}, or pass {flag_text('overwrite')} "
+        raise UsageError(f"{held} in {option_text('dest')} was {how} from {shown_url(url)}, not {shown_url(cfg.url)}; "
+                         f"choose another {option_text('dest')}, or pass {flag_text('overwrite')} "
                          "to fetch and unpack this URL over it")
-    log.warning("%s came from %s: %s anew", held, url, f"unpacking {cfg.url}" if own else f"fetching {cfg.url}")
+    log.warning("%s came from %s: %s anew", held, shown_url(url),
+                f"unpacking {shown_url(cfg.url)}" if own else f"fetching {shown_url(cfg.url)}")
     forget = [_source_record(archive), archive.with_name(f".{archive.name}.unpacked"), part]
     for old in forget + ([] if own else [archive]):
         old.unlink(missing_ok=True)
@@ -363,15 +365,16 @@ class _Unreachable(PipelineError):
 def _offline_error(cfg: FetchConfig, archive: Path, why, offset: int = 0) -> PipelineError:
     reason = getattr(why, "reason", why)
     saved = Placeholder(f"file://<where you saved it>/{archive.name}")  # no folder to make: --dest may be gone
+    url = shown_url(cfg.url)
     if isinstance(reason, ssl.SSLCertVerificationError):  # no network failure: 'offline?' sent people looking there
-        return _Unreachable(f"cannot download {cfg.url}: its server's certificate cannot be verified here ({reason}); "
+        return _Unreachable(f"cannot download {url}: its server's certificate cannot be verified here ({reason}); "
                             "behind a proxy that inspects HTTPS, point the SSL_CERT_FILE environment variable at its "
                             "certificate (python.org's Python on macOS: run its 'Install Certificates.command' once); "
                             f"or download it by hand, then run this again with {option_text('url', saved)}", reason)
     if offset:  # a .part to resume: the same command goes on from it once online
-        return _Unreachable(f"cannot download {cfg.url} ({reason}); offline? The {offset} bytes of "
+        return _Unreachable(f"cannot download {url} ({reason}); offline? The {offset} bytes of "
                             f"{archive.name}.part are kept: run the same command again to resume", reason)
-    return _Unreachable(f"cannot download {cfg.url} ({reason}); offline? Download it by hand, then run this again "
+    return _Unreachable(f"cannot download {url} ({reason}); offline? Download it by hand, then run this again "
                         f"with {option_text('url', saved)} (or put it at {archive}), or point "
                         f"{option_text('data')} at a local image folder", reason)
 
@@ -467,6 +470,15 @@ def request_url(url: str) -> str:
                                     urllib.parse.quote(parts.query, safe=URL_SAFE), ""))
 
 
+def shown_url(url: str) -> str:
+    """The URL as messages show it: a password in it masked ('https://ann:***@host/x.zip'), as pip shows one."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    user, _, host = parts.netloc.rpartition("@")
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user.partition(':')[0]}:***@{host}"))
+
+
 def _urlopen(url: str, req: urllib.request.Request, timeout: float):
     """urlopen, answering a 401 with the URL's 'user:password@' (HTTP Basic, as curl and wget do): to its own host
     only, never sent on to the host of a redirect."""
@@ -502,7 +514,8 @@ def _open(cfg: FetchConfig, archive: Path, offset: int, validator: str | None = 
             raise _Busy(f"the server answered HTTP {e.code} {e.reason}", after) from None
         hint = _refused(cfg, archive, e.code, offset) if e.code in (400, 401, 403) else ""
         e.close()
-        raise PipelineError(f"cannot download {cfg.url}: the server answered HTTP {e.code} {e.reason}{hint}") from None
+        raise PipelineError(f"cannot download {shown_url(cfg.url)}: the server answered HTTP {e.code} "
+                            f"{e.reason}{hint}") from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
         raise _offline_error(cfg, archive, e, offset) from None
 
@@ -522,12 +535,13 @@ def download(cfg: FetchConfig, archive: Path) -> None:
             asks = f", asking to wait {_duration(after)} (Retry-After)" if after else ""
             if after is not None and after > MAX_RETRY_AFTER:  # never asked again before the server says
                 at = datetime.now(timezone.utc) + timedelta(seconds=min(after, 1e9))
-                raise PipelineError(f"cannot download {cfg.url}: {e}{asks}, longer than fetch-data waits "
+                raise PipelineError(f"cannot download {shown_url(cfg.url)}: {e}{asks}, longer than fetch-data waits "
                                     f"({_duration(MAX_RETRY_AFTER)}); run this again after "
                                     f"{at:%Y-%m-%d %H:%M} UTC") from None
             if attempt >= cfg.retries:
                 if isinstance(e, _Busy):
-                    raise PipelineError(f"cannot download {cfg.url}: {e}, {attempt + 1} times{asks}") from None
+                    raise PipelineError(f"cannot download {shown_url(cfg.url)}: {e}, {attempt + 1} "
+                                        f"times{asks}") from None
                 raise PipelineError(f"download interrupted after {got} bytes ({e}); "
                                     f"run the same command again to resume") from None
             wait = max(cfg.retry_wait * 2 ** attempt, after or 0)
