@@ -1570,3 +1570,16 @@ def test_a_password_in_the_url_is_masked_in_messages(server, tmp_path):
     with pytest.raises(PipelineError) as e:
         fetch_data(cfg(tmp_path, server.url.replace("http://", "http://ann:s3cret@")))
     assert "s3cret" not in str(e.value) and "http://ann:***@127.0.0.1:" in str(e.value)
+
+
+def test_a_file_where_the_archive_needs_a_folder_is_refused_before_anything_is_written(tmp_path):
+    """A zip without folder entries ('P/a/0.jpg') into a --dest holding a file 'P' stopped halfway, 'Not a
+    directory', saying the same command would finish the unpack 'once this is fixed' (--overwrite too)."""
+    (tmp_path / "P").write_text("mine")
+    (tmp_path / NAME).write_bytes(make_zip({"P/a/0.jpg": b"x", "P/b/0.jpg": b"y"}))
+    with pytest.raises(PipelineError, match=rf"^{tmp_path / 'P'} already exists as a file where the archive unpacks a "
+                                            r"folder \('P/a/0.jpg' inside it\); move it away, or unpack over it"):
+        fetch_data(cfg(tmp_path, closed_port_url()))
+    assert (tmp_path / "P").read_text() == "mine" and not list(tmp_path.glob(".*.unpacking"))
+    fetch_data(cfg(tmp_path, closed_port_url(), overwrite=True))
+    assert (tmp_path / "P" / "b" / "0.jpg").read_bytes() == b"y"

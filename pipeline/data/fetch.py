@@ -1145,9 +1145,27 @@ def unfinished_unpack(folder: Path) -> Path | None:
 def check_conflicts(kind: str, members: list, dest: Path, overwrite: bool, keep=()) -> None:
     """Refuse (PipelineError naming the first) files already in dest that an entry would replace;
     with ``overwrite`` remove them instead, so nothing is written through an existing link, except the
-    files in ``keep`` (the archive and the --url's own file), which are refused even then."""
+    files in ``keep`` (the archive and the --url's own file), which are refused even then. A file (or a link to
+    none) where an entry needs a folder counts too: unpacking stopped at it halfway ('Not a directory'), with
+    ``overwrite`` as well."""
+    above_seen = set()
     for m in members:
         name = m.filename if kind == "zip" else m.name
+        parts = PurePosixPath(name).parts
+        for i in range(1, len(parts)):
+            if parts[:i] in above_seen:
+                continue
+            above_seen.add(parts[:i])
+            above = dest.joinpath(*parts[:i])
+            if os.path.lexists(above) and not above.is_dir():
+                if any(k is not None and same_file(above, k) for k in keep):
+                    raise PipelineError(f"the archive would replace {above}, the file it is unpacked from, with a "
+                                        f"folder; fetch into another {option_text('dest')}")
+                if not overwrite:
+                    raise PipelineError(f"{above} already exists as a file where the archive unpacks a folder "
+                                        f"({name!r} inside it); move it away, or unpack over it with "
+                                        f"{flag_text('overwrite')}")
+                above.unlink()
         target = dest / name
         is_dir = m.is_dir() if kind == "zip" else m.isdir()
         if not os.path.lexists(target) or (is_dir and target.is_dir() and not target.is_symlink()):
