@@ -1583,3 +1583,16 @@ def test_a_file_where_the_archive_needs_a_folder_is_refused_before_anything_is_w
     assert (tmp_path / "P").read_text() == "mine" and not list(tmp_path.glob(".*.unpacking"))
     fetch_data(cfg(tmp_path, closed_port_url(), overwrite=True))
     assert (tmp_path / "P" / "b" / "0.jpg").read_bytes() == b"y"
+
+
+def test_a_folder_where_the_archive_unpacks_a_file_is_never_removed_even_with_overwrite(tmp_path):
+    """--overwrite got past the refusal, then stopped halfway: 'Is a directory', 'the same command finishes the
+    unpack once this is fixed'."""
+    (tmp_path / "P" / "a" / "0.jpg").mkdir(parents=True)
+    (tmp_path / "P" / "a" / "0.jpg" / "mine.txt").write_text("mine")
+    (tmp_path / NAME).write_bytes(make_zip({"P/a/0.jpg": b"x", "P/b/0.jpg": b"y"}))
+    with pytest.raises(PipelineError, match=r"0.jpg is a folder where the archive unpacks a file, which even "
+                                            r"overwrite=True never removes; move it away"):
+        fetch_data(cfg(tmp_path, closed_port_url(), overwrite=True))
+    assert (tmp_path / "P" / "a" / "0.jpg" / "mine.txt").read_text() == "mine"
+    assert not (tmp_path / "P" / "b").exists()

@@ -1173,11 +1173,13 @@ def check_conflicts(kind: str, members: list, dest: Path, overwrite: bool, keep=
         if any(k is not None and same_file(target, k) for k in keep):
             raise PipelineError(f"the archive would replace {target}, the file it is unpacked from; "
                                 f"fetch into another {option_text('dest')}")
+        if overwrite and target.is_dir() and not target.is_symlink():  # never removed: it may hold anything
+            raise PipelineError(f"{target} is a folder where the archive unpacks a file, which even "
+                                f"{flag_text('overwrite')} never removes; move it away")
         if not overwrite:
             raise PipelineError(f"{target} already exists and the archive would overwrite it; move it away, "
                                 f"or unpack over it with {flag_text('overwrite')}")
-        if not target.is_dir() or target.is_symlink():
-            target.unlink()
+        target.unlink()
 
 
 def unpack(archive: Path, dest: Path, overwrite: bool = False, keep: Path | None = None) -> tuple[Path, bool]:
