@@ -1596,3 +1596,25 @@ def test_a_folder_where_the_archive_unpacks_a_file_is_never_removed_even_with_ov
         fetch_data(cfg(tmp_path, closed_port_url(), overwrite=True))
     assert (tmp_path / "P" / "a" / "0.jpg" / "mine.txt").read_text() == "mine"
     assert not (tmp_path / "P" / "b").exists()
+
+
+def test_ctrl_c_during_a_download_says_the_bytes_so_far_are_kept(server, tmp_path, monkeypatch, caplog):
+    """Ctrl-C said only 'interrupted': nothing said the .part was kept, nor that the same command resumes."""
+    real = fetch._read
+    reads = []
+
+    def read(resp):
+        reads.append(1)
+        if len(reads) == 2:
+            raise KeyboardInterrupt
+        return real(resp)
+
+    monkeypatch.setattr(fetch, "_read", read)
+    monkeypatch.setattr(fetch, "CHUNK", 100_000)
+    with caplog.at_level(logging.WARNING), pytest.raises(KeyboardInterrupt):
+        fetch_data(cfg(tmp_path, server.url))
+    assert (tmp_path / f"{NAME}.part").stat().st_size == 100_000
+    assert f"100000 bytes of {NAME} kept in {tmp_path / NAME}.part; the same command resumes from them" in caplog.text
+    monkeypatch.setattr(fetch, "_read", real)
+    fetch_data(cfg(tmp_path, server.url))
+    assert (tmp_path / NAME).read_bytes() == server.files[NAME] and server.requests[-1] == "bytes=100000-"

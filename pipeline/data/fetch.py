@@ -529,6 +529,11 @@ def download(cfg: FetchConfig, archive: Path) -> None:
         try:
             total = _transfer(cfg, archive, part, offset, warned)
             break
+        except KeyboardInterrupt:  # the CLI says only 'interrupted': that the bytes so far are kept is said here
+            got = part.stat().st_size if part.exists() else 0
+            if got:
+                log.warning("%d bytes of %s kept in %s; the same command resumes from them", got, archive.name, part)
+            raise
         except _Interrupted as e:
             got = part.stat().st_size if part.exists() else 0
             after = e.after if isinstance(e, _Busy) else None
