@@ -1618,3 +1618,15 @@ def test_ctrl_c_during_a_download_says_the_bytes_so_far_are_kept(server, tmp_pat
     monkeypatch.setattr(fetch, "_read", real)
     fetch_data(cfg(tmp_path, server.url))
     assert (tmp_path / NAME).read_bytes() == server.files[NAME] and server.requests[-1] == "bytes=100000-"
+
+
+def test_an_archive_of_train_and_test_splits_says_which_folder_is_the_data(tmp_path, caplog):
+    """'set/train/{cat,dog}', 'set/test/{cat,dog}': fetch-data named 'set' without a word, a data folder whose
+    classes would be 'train' and 'test'."""
+    (tmp_path / NAME).write_bytes(make_zip({n: b"photo" for n in ["set/train/cat/0.jpg", "set/train/dog/0.jpg",
+                                                                  "set/test/cat/0.jpg", "set/test/dog/0.jpg"]}))
+    with caplog.at_level(logging.WARNING):
+        fetch_data(cfg(tmp_path, closed_port_url()))
+    root = tmp_path / "set"
+    assert f"{root} holds split folders (train, test), each of classes, not classes: give {root / 'train'} as " \
+           f"data, and {root / 'test'} as fit-head's test_data" in caplog.text

@@ -111,6 +111,7 @@ def fetch_data(cfg: FetchConfig) -> FetchResult:
             if expected is not None:  # before anything is unpacked, and on every run: a file put there by hand too
                 check_sha256(archive, expected, downloaded, keep=source)
             unpacked, fresh = unpack(archive, dest, overwrite=cfg.overwrite, keep=source)
+            warn_splits(unpacked)
         except BaseException:
             remove_if_empty(made)  # under the lock: a run waiting for it finds the folder gone, and makes it again
             raise
@@ -1071,6 +1072,26 @@ def unpacked_root(dest: Path, names: list[str]) -> Path:
     while len(inner := folders(root)) == 1 and folders(one := root + (inner.pop(),)):
         root = one
     return dest.joinpath(*root)
+
+
+TRAIN_SPLITS, OTHER_SPLITS = {"train", "training"}, {"test", "testing", "val", "valid", "validation", "dev"}
+
+
+def warn_splits(root: Path) -> None:
+    """Say when the folder unpacked holds split folders (train/, test/, val/), each of classes: as --data its
+    classes would be 'train' and 'test'; its training split is the data folder, its test split fit-head's
+    --test-data."""
+    try:
+        subs = {e.name.casefold(): e.name for e in os.scandir(root) if e.is_dir() and not is_skipped_folder(e.name)}
+    except OSError:
+        return
+    train = next((subs[n] for n in sorted(TRAIN_SPLITS) if n in subs), None)
+    others = [subs[n] for n in sorted(OTHER_SPLITS) if n in subs]
+    if train is None or not others or not any(e.is_dir() for e in os.scandir(root / train)):
+        return
+    log.warning("%s holds split folders (%s), each of classes, not classes: give %s as %s, and %s as fit-head's "
+                "%s", root, ", ".join([train, *others]), root / train, option_text("data"), root / others[0],
+                option_text("test_data"))
 
 
 def _some(names: list) -> str:
