@@ -367,7 +367,8 @@ class FetchConfig:
     retry_wait: float = field(default=2.0, metadata=option(
         "Seconds before the first retry; doubles each time.", range="[0, inf)", cli=False))
     overwrite: bool = field(default=False, metadata=option(
-        "Unpack over files already in --dest (by default a conflict is refused, naming the file)."))
+        "Unpack over files already in --dest (by default a conflict is refused, naming the file); an archive "
+        "unpacked before is unpacked again, restoring its files."))
 
 
 @dataclass

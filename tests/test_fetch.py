@@ -1630,3 +1630,17 @@ def test_an_archive_of_train_and_test_splits_says_which_folder_is_the_data(tmp_p
     root = tmp_path / "set"
     assert f"{root} holds split folders (train, test), each of classes, not classes: give {root / 'train'} as " \
            f"data, and {root / 'test'} as fit-head's test_data" in caplog.text
+
+
+def test_overwrite_unpacks_again_over_an_earlier_unpack(tmp_path):
+    """A photo deleted (or edited) in the unpacked folder, then 'fetch-data --overwrite' to get it back: it said
+    'already unpacked' and restored nothing."""
+    (tmp_path / NAME).write_bytes(pets_zip())
+    fetch_data(cfg(tmp_path, closed_port_url()))
+    (tmp_path / "PetImages" / "Cat" / "0.jpg").unlink()
+    (tmp_path / "PetImages" / "Dog" / "0.jpg").write_bytes(b"edited")
+    assert fetch_data(cfg(tmp_path, closed_port_url())).unpacked_now is False  # without it: left alone
+    assert not (tmp_path / "PetImages" / "Cat" / "0.jpg").exists()
+    result = fetch_data(cfg(tmp_path, closed_port_url(), overwrite=True))
+    assert result.unpacked_now is True and (tmp_path / "PetImages" / "Cat" / "0.jpg").stat().st_size == 150_000
+    assert (tmp_path / "PetImages" / "Dog" / "0.jpg").stat().st_size == 150_000

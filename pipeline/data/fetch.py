@@ -1220,8 +1220,11 @@ def unpack(archive: Path, dest: Path, overwrite: bool = False, keep: Path | None
         done = json.loads(marker.read_text())
         root = dest / done["root"]
         if done["bytes"] == size and root.is_dir():
-            log.info("already unpacked: %s", root)
-            return root, False
+            if not overwrite:
+                log.info("already unpacked: %s", root)
+                return root, False
+            # asked to unpack over it: files removed or changed since come back (it said 'already unpacked')
+            log.info("unpacking %s again over its earlier unpack (%s)", archive.name, flag_text("overwrite"))
     except (OSError, ValueError, KeyError, TypeError):
         pass  # no marker (or a foreign one): unpack
     kind = archive_kind(archive)
