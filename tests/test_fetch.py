@@ -1319,9 +1319,14 @@ def test_a_cut_off_download_resumes_from_a_link_signed_anew(server, tmp_path, ca
     assert server.request_headers[-1]["If-Range"]  # the file is still checked to be the one begun
 
 
-def test_a_complete_archive_of_a_link_signed_anew_is_not_fetched_again(server, tmp_path):
-    fetch_data(cfg(tmp_path, signed(server.url, "aaa")))
-    result = fetch_data(cfg(tmp_path, signed(server.url, "bbb")))
+@pytest.mark.parametrize("first, second", [("?X-Amz-Signature=a", "?X-Amz-Signature=b"),
+                                           ("?v=2&token=a", "?token=b&v=2"),
+                                           ("?sv=1&se=2026-12-07T10%3A00Z&sig=a", "?sv=1&se=2026-12-08T10%3A00Z&sig=b"),
+                                           ("?Expires=1&Signature=a&Key-Pair-Id=k",
+                                            "?Expires=2&Signature=b&Key-Pair-Id=k")])
+def test_a_complete_archive_of_a_link_signed_anew_is_not_fetched_again(server, tmp_path, first, second):
+    fetch_data(cfg(tmp_path, server.url + first))
+    result = fetch_data(cfg(tmp_path, server.url + second))
     assert result.downloaded is False and server.requests == [None]
 
 

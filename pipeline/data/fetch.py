@@ -280,9 +280,10 @@ def check_source(cfg: FetchConfig, archive: Path, source: Path | None = None) ->
         old.unlink(missing_ok=True)
 
 
-#: query parameters that sign a link (S3's, CloudFront's, Google Cloud Storage's) rather than name its file;
-#: Azure's (AZURE_SIGNING) where the link has its 'sig'
-SIGNING_PARAMS = frozenset({"awsaccesskeyid", "signature", "expires", "key-pair-id", "policy", "googleaccessid"})
+#: query parameters that sign a link (S3's, CloudFront's, Google Cloud Storage's, Alibaba OSS's, a token) rather
+#: than name its file; Azure's (AZURE_SIGNING) where the link has its 'sig'
+SIGNING_PARAMS = frozenset({"awsaccesskeyid", "signature", "expires", "key-pair-id", "policy", "googleaccessid",
+                            "ossaccesskeyid", "token", "access_token", "auth_token"})
 SIGNING_PREFIXES = ("x-amz-", "x-goog-")
 AZURE_SIGNING = frozenset({"sig", "sv", "ss", "srt", "sp", "se", "st", "spr", "si", "sr", "sdd", "skoid", "sktid",
                            "skt", "ske", "sks", "skv"})
