@@ -349,10 +349,16 @@ class TrustOptions:
 class FetchConfig:
     """Where an archive comes from and where it goes."""
 
-    dest: str = field(default="data", metadata=option("Folder for the archive and its unpacked files."))
+    dest: str = field(default="data", metadata=option("Folder for the archive and its unpacked files.",
+                                                      metavar="DIR"))
     url: str = field(default=KAGGLE_CATS_DOGS_URL, metadata=option(
         "A zip or tar archive to download.", doc="a zip or tar archive (http, https or file URL)",
         doc_default="the Microsoft `kagglecatsanddogs_5340.zip`"))
+    sha256: str | None = field(default=None, metadata=option(
+        "The archive's expected SHA-256 (64 hex digits): checked before unpacking, also on a re-run.",
+        metavar="HEX", doc="the archive's expected SHA-256 (64 hex digits, as `sha256sum` prints it): checked "
+        "before anything is unpacked, on every run (an archive already in `--dest` too); a mismatch is refused "
+        "naming both digests, the file kept aside as `NAME.sha256-DIGEST`, never unpacked", doc_default="unchecked"))
     timeout: float = field(default=60.0, metadata=option(
         "Seconds to wait for the server (connect, or between two reads).", range=POSITIVE_FLOAT, cli=False))
     retries: int = field(default=3, metadata=option(
@@ -361,7 +367,8 @@ class FetchConfig:
     retry_wait: float = field(default=2.0, metadata=option(
         "Seconds before the first retry; doubles each time.", range="[0, inf)", cli=False))
     overwrite: bool = field(default=False, metadata=option(
-        "Unpack over files already in --dest (by default a conflict is refused, naming the file)."))
+        "Unpack over files already in --dest (by default a conflict is refused, naming the file); an archive "
+        "unpacked before is unpacked again, restoring its files."))
 
 
 @dataclass

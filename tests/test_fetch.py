@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from pipeline.cli import cli
 from pipeline.data import fetch
 from pipeline.data.fetch import FetchConfig, FetchResult, archive_name, download, fetch_data
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, UsageError
 from tests.fsfaults import no_hang
 
 NAME = "pets.zip"
@@ -70,9 +70,27 @@ class Handler(BaseHTTPRequestHandler):
         time.sleep(getattr(srv, "delay", 0))
         self.now = time.time()  # the answer's Date too
         srv.request_headers.append(dict(self.headers))
-        data = srv.files.get(self.path.lstrip("/"))
+        path, _, query = self.path.lstrip("/").partition("?")
+        data = srv.files.get(path)
         if getattr(srv, "busy", []):  # answers of an overloaded server (503, 429...), one per request
-            self.send_error(srv.busy.pop(0))
+            code = srv.busy.pop(0)
+            if isinstance(code, tuple):  # (503, {"Retry-After": "5"})
+                self.send_response(code[0])
+                for key, value in code[1].items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+            else:
+                self.send_error(code)
+            return
+        if getattr(srv, "auth", None) and self.headers.get("Authorization") != srv.auth:  # HTTP Basic
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", 'Basic realm="data"')
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        if query in getattr(srv, "expired", ()):  # a signed link past its time, as S3 answers it
+            self.send_error(403)
             return
         if data is None:
             self.send_error(404)
@@ -100,6 +118,7 @@ class Handler(BaseHTTPRequestHandler):
                 self.end_headers()
                 return
             self.send_response(206)
+            start = 0 if getattr(srv, "range_from_zero", False) else start  # a server answering Range wrongly
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
         else:
             self.send_response(200)
@@ -1143,3 +1162,490 @@ def test_a_last_modified_in_minus_zero_zone_is_the_same_date_as_in_gmt():
     then = "Wed, 02 Dec 2026 10:00:00 -0000"
     assert replaced_since(answer("Wed, 02 Dec 2026 10:00:00 GMT"), then, 100) is None
     assert "Last-Modified" in replaced_since(answer("Wed, 02 Dec 2026 10:00:01 GMT"), then, 100)
+
+
+# -- --sha256 ----------------------------------------------------------------------------------
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_an_archive_of_the_expected_sha256_is_unpacked(server, tmp_path):
+    result = fetch_data(cfg(tmp_path, server.url, sha256=sha(server.files[NAME]).upper()))
+    assert result.unpacked == str(tmp_path / "PetImages") and (tmp_path / "PetImages" / "Cat" / "0.jpg").is_file()
+
+
+def test_a_download_of_another_sha256_is_kept_aside_never_unpacked(server, tmp_path):
+    """There was no way to pin the archive: a damaged or swapped download was unpacked as the data."""
+    wrong = "ab" * 32
+    got = sha(server.files[NAME])
+    r = CliRunner().invoke(cli, ["-q", "fetch-data", "--dest", str(tmp_path), "--url", server.url, "--sha256", wrong])
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
+    assert f"{NAME}'s SHA-256 is {got}, not {wrong} (--sha256): not unpacked" in r.output
+    aside = tmp_path / f"{NAME}.sha256-{got[:16]}"
+    assert f"kept as {aside}" in r.output and aside.read_bytes() == server.files[NAME]
+    assert not (tmp_path / NAME).exists() and not (tmp_path / "PetImages").exists()
+    assert not list(tmp_path.glob(".*.unpack*"))
+    fetch_data(cfg(tmp_path, server.url, sha256=got))  # the next run downloads it anew
+    assert server.requests == [None, None] and (tmp_path / "PetImages" / "Cat" / "0.jpg").is_file()
+
+
+def test_an_archive_already_in_dest_is_checked_on_a_rerun(tmp_path):
+    """An archive put there by hand, or unpacked by a run without --sha256: the digest is checked all the same,
+    and a mismatch forgets the earlier unpack (the next archive is unpacked, not taken for done)."""
+    data = pets_zip()
+    (tmp_path / NAME).write_bytes(data)
+    fetch_data(cfg(tmp_path, closed_port_url()))
+    with pytest.raises(PipelineError, match=rf"already in dest, and is kept as .*; {tmp_path / 'PetImages'} was "
+                                            "unpacked from it by an earlier run: check it"):
+        fetch_data(cfg(tmp_path, closed_port_url(), sha256="0" * 64))
+    assert (tmp_path / f"{NAME}.sha256-{sha(data)[:16]}").read_bytes() == data
+    assert not (tmp_path / f".{NAME}.unpacked").exists() and (tmp_path / "PetImages" / "Cat" / "0.jpg").is_file()
+
+
+def test_a_mismatching_file_the_url_names_is_left_where_it_is(tmp_path):
+    (tmp_path / NAME).write_bytes(pets_zip())
+    with pytest.raises(PipelineError, match="it is the file url names, left where it is"):
+        fetch_data(cfg(tmp_path, f"file://{tmp_path}/{NAME}", sha256="0" * 64))
+    assert (tmp_path / NAME).read_bytes() == pets_zip() and not (tmp_path / "PetImages").exists()
+
+
+@pytest.mark.parametrize("value", ["abc", "g" * 64, "", "0" * 63 + " x"])
+def test_a_sha256_that_is_no_digest_is_a_usage_error(tmp_path, value):
+    r = CliRunner().invoke(cli, ["fetch-data", "--dest", str(tmp_path / "d"), "--url", closed_port_url(),
+                                 "--sha256", value])
+    assert r.exit_code == 2 and r.output == (f"Error: --sha256 {value!r} is not a SHA-256 digest: give its 64 hex "
+                                             "digits (as sha256sum ARCHIVE prints them)\n"), r.output
+    assert not (tmp_path / "d").exists()
+
+
+# -- empty archives --------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["zip", "tar", "tar.gz", "dirs", "macos"])
+def test_an_archive_without_files_is_refused_and_leaves_nothing_unpacked(tmp_path, kind):
+    """An empty zip (or a tar of empty folders, a zip of only __MACOSX) reported success, 'unpacked to DEST'."""
+    archive = tmp_path / f"e.{'zip' if kind in ('zip', 'macos') else kind if kind != 'dirs' else 'tar'}"
+    if kind == "zip":
+        zipfile.ZipFile(archive, "w").close()
+    elif kind == "macos":
+        archive.write_bytes(make_zip({"__MACOSX/._x.jpg": b"fork", ".DS_Store": b"x"}))
+    else:
+        with tarfile.open(archive, "w:gz" if kind == "tar.gz" else "w") as t:
+            if kind == "dirs":
+                t.addfile(*dir_member("P")), t.addfile(*dir_member("P/Cat"))
+    dest = tmp_path / "d"
+    r = CliRunner().invoke(cli, ["-q", "fetch-data", "--dest", str(dest), "--url", f"file://{archive}"])
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
+    assert f"{dest / archive.name} " in r.output
+    assert ": no images to unpack; is --url the archive you meant?" in r.output
+    assert sorted(p.name for p in dest.iterdir()) == sorted([archive.name, f".{archive.name}.url"])
+
+
+def test_an_empty_file_is_named_as_one(tmp_path):
+    (tmp_path / NAME).write_bytes(b"")
+    with pytest.raises(PipelineError, match=r"is an empty file \(0 bytes\), not an archive"):
+        fetch_data(cfg(tmp_path, closed_port_url()))
+
+
+def test_an_archive_of_archives_says_how_to_unpack_each(tmp_path, caplog):
+    (tmp_path / NAME).write_bytes(make_zip({"train.zip": pets_zip(), "test.zip": pets_zip()}))
+    with caplog.at_level(logging.WARNING):
+        fetch_data(cfg(tmp_path, closed_port_url()))
+    assert f"{NAME} holds no images but 2 archives (train.zip, test.zip): unpack each with fetch-data " \
+           f"url=file://{tmp_path}/train.zip dest=DIR" in caplog.text
+
+
+# -- Retry-After -----------------------------------------------------------------------------------
+@pytest.fixture
+def waits(monkeypatch):
+    """The waits fetch-data sleeps (time.sleep is the one module's: the server's sleep(0) left out)."""
+    slept = []
+    monkeypatch.setattr(fetch.time, "sleep", lambda s: slept.append(s) if s else None)
+    return slept
+
+
+def test_a_busy_servers_retry_after_is_waited_and_said(server, tmp_path, waits, caplog):
+    """Retry-After was ignored: asked again 0 s later (retry_wait), as a rate limit forbids."""
+    soon = formatdate(time.time() + 30, usegmt=True)
+    server.busy = [(503, {"Retry-After": "7"}), (429, {"Retry-After": soon})]
+    with caplog.at_level(logging.WARNING):
+        fetch_data(cfg(tmp_path, server.url, retries=3))
+    assert (tmp_path / NAME).read_bytes() == server.files[NAME] and len(server.requests) == 3
+    assert waits[0] == 7 and 28 <= waits[1] <= 31 and len(waits) == 2, waits
+    assert "the server answered HTTP 503 Service Unavailable, asking to wait 7 s (Retry-After); asking again in " \
+           "7 s" in caplog.text
+
+
+def test_a_retry_after_past_the_bound_stops_at_once_saying_when_to_run_again(server, tmp_path, waits):
+    server.busy = [(503, {"Retry-After": "86400"})]
+    with pytest.raises(PipelineError) as e:
+        fetch_data(cfg(tmp_path, server.url, retries=3))
+    assert str(e.value).startswith(f"cannot download {server.url}: the server answered HTTP 503 Service Unavailable, "
+                                   "asking to wait 24.0 h (Retry-After), longer than fetch-data waits (5 min); run "
+                                   "this again after ")
+    assert waits == [] and len(server.requests) == 1
+
+
+@pytest.mark.parametrize("value", ["soon", "-5", "", "1.5"])
+def test_a_retry_after_that_says_nothing_usable_keeps_the_own_waits(server, tmp_path, waits, value):
+    server.busy = [(503, {"Retry-After": value})]
+    fetch_data(FetchConfig(dest=str(tmp_path), url=server.url, timeout=5, retry_wait=0.25, retries=1))
+    assert waits == [0.25] and (tmp_path / NAME).read_bytes() == server.files[NAME]
+
+
+# -- signed links ----------------------------------------------------------------------------------
+def signed(url: str, sig: str, when: str = "20261207T100000Z") -> str:
+    return f"{url}?X-Amz-Date={when}&X-Amz-Expires=3600&X-Amz-Signature={sig}"
+
+
+def test_a_cut_off_download_resumes_from_a_link_signed_anew(server, tmp_path, caplog):
+    """A presigned S3 link expires: the same one answers 403 ('cannot download ...: HTTP 403 Forbidden', no
+    word of why), and a new one for the same file was refused ('was partly fetched from ..., not ...'), whose
+    --overwrite threw the .part away."""
+    first, second = signed(server.url, "aaa"), signed(server.url, "bbb")
+    server.drops = 1
+    with pytest.raises(PipelineError, match="run the same command again to resume"):
+        fetch_data(cfg(tmp_path, first, retries=0))
+    half = len(server.files[NAME]) // 2
+    server.expired = {first.partition("?")[2]}
+    with pytest.raises(PipelineError) as e:
+        fetch_data(cfg(tmp_path, first))
+    assert str(e.value) == (f"cannot download {first}: the server answered HTTP 403 Forbidden; the link expired at "
+                            "2026-12-07 11:00 UTC (a signed link): get a new one and run this again with it; the "
+                            f"{half} bytes of {NAME}.part are kept, and resumed from the new link")
+    assert (tmp_path / f"{NAME}.part").stat().st_size == half
+    with caplog.at_level(logging.WARNING):
+        fetch_data(cfg(tmp_path, second))
+    assert (tmp_path / NAME).read_bytes() == server.files[NAME]
+    assert server.requests[-1] == f"bytes={half}-" and "signed otherwise (an expired link made anew)" in caplog.text
+    assert server.request_headers[-1]["If-Range"]  # the file is still checked to be the one begun
+
+
+@pytest.mark.parametrize("first, second", [("?X-Amz-Signature=a", "?X-Amz-Signature=b"),
+                                           ("?v=2&token=a", "?token=b&v=2"),
+                                           ("?sv=1&se=2026-12-07T10%3A00Z&sig=a", "?sv=1&se=2026-12-08T10%3A00Z&sig=b"),
+                                           ("?Expires=1&Signature=a&Key-Pair-Id=k",
+                                            "?Expires=2&Signature=b&Key-Pair-Id=k")])
+def test_a_complete_archive_of_a_link_signed_anew_is_not_fetched_again(server, tmp_path, first, second):
+    fetch_data(cfg(tmp_path, server.url + first))
+    result = fetch_data(cfg(tmp_path, server.url + second))
+    assert result.downloaded is False and server.requests == [None]
+
+
+def test_a_link_signed_anew_for_a_file_replaced_meanwhile_starts_over(server, tmp_path):
+    server.drops = 1
+    with pytest.raises(PipelineError):
+        fetch_data(cfg(tmp_path, signed(server.url, "aaa"), retries=0))
+    server.files[NAME] = new = other_version()
+    fetch_data(cfg(tmp_path, signed(server.url, "bbb")))
+    assert (tmp_path / NAME).read_bytes() == new
+
+
+@pytest.mark.parametrize("other", ["?id=2&X-Amz-Signature=b", "?st=2"])
+def test_a_url_differing_in_more_than_its_signature_is_still_refused(server, tmp_path, other):
+    server.drops = 1
+    with pytest.raises(PipelineError):
+        fetch_data(cfg(tmp_path, server.url + "?id=1&X-Amz-Signature=a", retries=0))
+    with pytest.raises(UsageError, match="was partly fetched from"):
+        fetch_data(cfg(tmp_path, server.url + other))
+
+
+def test_a_403_on_a_resume_keeps_the_part_and_says_so(server, tmp_path):
+    server.drops = 1
+    with pytest.raises(PipelineError):
+        fetch_data(cfg(tmp_path, server.url, retries=0))
+    server.busy = [403]
+    with pytest.raises(PipelineError, match=r"HTTP 403 Forbidden; the \d+ bytes of pets.zip.part are kept, and "
+                                            r"resumed once the server allows it \(the same command\)$"):
+        fetch_data(cfg(tmp_path, server.url))
+    assert (tmp_path / f"{NAME}.part").is_file()
+
+
+# -- --dest edge cases, odd entries ----------------------------------------------------------------
+@pytest.mark.parametrize("place", [NAME, f"{NAME}.part"])
+def test_a_folder_at_the_archives_place_is_refused_before_downloading(server, tmp_path, place):
+    """It downloaded the whole archive, then failed to rename it ('[Errno 21] Is a directory'), or (a folder
+    at the .part's place) said 'the server does not resume downloads' and failed the same way."""
+    (tmp_path / place).mkdir()
+    r = CliRunner().invoke(cli, ["fetch-data", "--dest", str(tmp_path), "--url", server.url])
+    assert r.exit_code == 2 and r.output.startswith(f"Error: {tmp_path / place} is a folder, where fetch-data keeps ")
+    assert server.requests == [] and (tmp_path / place).is_dir()
+
+
+def test_an_empty_dest_is_a_usage_error_not_the_working_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / NAME).write_bytes(pets_zip())
+    r = CliRunner().invoke(cli, ["fetch-data", "--dest", "", "--url", f"file://{tmp_path}/{NAME}"])
+    assert r.exit_code == 2 and "'' is an empty name; give a folder" in r.output, r.output
+    with pytest.raises(UsageError, match="dest '' is an empty name"):
+        from pipeline import api
+        api.fetch_data(dest="", url=f"file://{tmp_path}/{NAME}")
+    assert not (tmp_path / "PetImages").exists()
+
+
+@pytest.mark.parametrize("name", ["P/a/" + "x" * 300 + ".jpg", "P/" + "d" * 300 + "/0.jpg",
+                                  "/".join(["P"] + ["d" * 200] * 21 + ["0.jpg"])])
+def test_an_entry_name_too_long_for_the_file_system_is_refused_before_anything_is_written(tmp_path, name):
+    """It failed halfway ('File name too long'), saying the same command would finish the unpack: it never could."""
+    (tmp_path / NAME).write_bytes(make_zip({"P/b/0.jpg": b"ok", name: b"x"}))
+    with pytest.raises(PipelineError, match=r"longer than the \d+ the file system (of .* )?allows; refusing to "
+                                            r"unpack \(nothing was written\)"):
+        fetch_data(cfg(tmp_path, closed_port_url()))
+    assert not (tmp_path / "P").exists() and not list(tmp_path.glob(".*.unpacking"))
+
+
+def test_a_reconnect_that_fails_once_after_a_drop_is_asked_again(server, tmp_path, monkeypatch):
+    """A dropped connection was retried, but a failed reconnect (Wi-Fi switching) ended the run at once with
+    'offline? Download it by hand...', the retries left unused."""
+    import urllib.error
+    import urllib.request
+
+    real, calls = urllib.request.urlopen, []
+
+    def flaky(req, timeout):
+        calls.append(req.get_header("Range"))
+        if len(calls) == 2:
+            raise urllib.error.URLError(ConnectionRefusedError(111, "Connection refused"))
+        return real(req, timeout=timeout)
+
+    monkeypatch.setattr(fetch.urllib.request, "urlopen", flaky)
+    server.drops = 1
+    fetch_data(cfg(tmp_path, server.url, retries=2))
+    half = len(server.files[NAME]) // 2
+    assert (tmp_path / NAME).read_bytes() == server.files[NAME]
+    assert calls == [None, f"bytes={half}-", f"bytes={half}-"]
+
+
+def test_offline_with_a_part_says_it_is_kept_and_resumed_not_to_download_by_hand(tmp_path):
+    (tmp_path / f"{NAME}.part").write_bytes(b"x" * 1000)
+    with pytest.raises(PipelineError) as e:
+        fetch_data(cfg(tmp_path, closed_port_url()))
+    assert "offline? The 1000 bytes of pets.zip.part are kept: run the same command again to resume" in str(e.value)
+    assert "by hand" not in str(e.value) and (tmp_path / f"{NAME}.part").stat().st_size == 1000
+
+
+@pytest.mark.parametrize("mode", ["w:gz", "w:bz2", "w:xz"])
+def test_a_compressed_tar_cut_off_is_one_line_not_a_bug(tmp_path, mode):
+    """A .tar.gz cut in its first block (a download of unknown size stopped early) failed as 'unexpected EOFError:
+    Compressed file ended before the end-of-stream marker was reached (a bug? ...)' (a .tar.bz2 or .tar.xz: 'neither
+    a zip nor a tar archive')."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode=mode) as t:
+        info, data = file_member("P/a/0.jpg", np.random.default_rng(0).bytes(50_000))
+        t.addfile(info, io.BytesIO(data))
+    (tmp_path / "pets.tar").write_bytes(buf.getvalue()[:30])
+    r = CliRunner().invoke(cli, ["-q", "fetch-data", "--dest", str(tmp_path), "--url",
+                                 closed_port_url().replace(NAME, "pets.tar")])
+    assert r.exit_code == 1 and "cut off or damaged" in r.output and "; delete it and download again" in r.output
+    assert len(r.output.strip().splitlines()) == 1 and "bug" not in r.output, r.output
+
+
+def test_a_zip_cut_off_is_named_as_one(tmp_path):
+    (tmp_path / NAME).write_bytes(pets_zip()[:100_000])
+    with pytest.raises(PipelineError, match="is a zip archive cut off before its end"):
+        fetch_data(cfg(tmp_path, closed_port_url()))
+
+
+def test_a_url_with_spaces_or_accents_is_sent_encoded_as_a_browser_sends_it(server, tmp_path):
+    """A URL copied from a browser's address bar ('.../données v2.zip') failed as 'unexpected UnicodeEncodeError
+    ... (a bug?)', a space as 'URL can't contain control characters ...; offline?'."""
+    server.files["donn%C3%A9es%20v2.zip"] = data = pets_zip()
+    url = server.url.replace(NAME, "données v2.zip?v=été")
+    result = fetch_data(cfg(tmp_path, url))
+    assert (tmp_path / "données v2.zip").read_bytes() == data and result.url == url
+    assert fetch.request_url("http://bücher.example/a%20b/c d.zip?q=1 2") == \
+        "http://xn--bcher-kva.example/a%20b/c%20d.zip?q=1%202"
+
+
+def test_a_url_without_a_host_is_a_usage_error_not_offline(tmp_path):
+    r = CliRunner().invoke(cli, ["fetch-data", "--dest", str(tmp_path / "d"), "--url", "https:///a.zip"])
+    assert r.exit_code == 2 and r.output == "Error: --url 'https:///a.zip' names no host\n"
+
+
+def test_an_untrusted_certificate_is_named_as_such_not_offline(tmp_path, monkeypatch):
+    """A proxy inspecting HTTPS (or python.org's Python on macOS without its certificates) said 'offline?'."""
+    import ssl
+    import urllib.error
+
+    def untrusted(req, timeout):
+        raise urllib.error.URLError(ssl.SSLCertVerificationError(1, "[SSL: CERTIFICATE_VERIFY_FAILED] certificate "
+                                                                    "verify failed: self-signed certificate"))
+
+    monkeypatch.setattr(fetch.urllib.request, "urlopen", untrusted)
+    with pytest.raises(PipelineError) as e:
+        fetch_data(cfg(tmp_path, "https://example.com/pets.zip"))
+    assert "its server's certificate cannot be verified here (" in str(e.value) and "SSL_CERT_FILE" in str(e.value)
+    assert "offline" not in str(e.value)
+
+
+@pytest.mark.parametrize("pax, mtime", [({}, 2 ** 70), ({}, -2 ** 70), ({"mtime": "nan"}, 0)])
+def test_a_tar_entry_of_an_impossible_time_unpacks_with_the_present_one(tmp_path, caplog, pax, mtime):
+    """Unpacking stopped halfway at it: 'unexpected OverflowError: timestamp out of range for platform time_t'
+    (ValueError for a pax NaN), '(a bug?)'."""
+    with tarfile.open(tmp_path / "pets.tar", "w", format=tarfile.PAX_FORMAT if pax else tarfile.GNU_FORMAT) as t:
+        for name in ("P/a/0.jpg", "P/b/0.jpg"):
+            info, data = file_member(name, b"x")
+            info.mtime, info.pax_headers = mtime, pax
+            t.addfile(info, io.BytesIO(data))
+    with caplog.at_level(logging.WARNING):
+        fetch_data(cfg(tmp_path, closed_port_url().replace(NAME, "pets.tar")))
+    assert (tmp_path / "P" / "b" / "0.jpg").read_bytes() == b"x"
+    assert abs((tmp_path / "P" / "b" / "0.jpg").stat().st_mtime - time.time()) < 60
+    assert "pets.tar: 2 entries carry a modification time no file can have (P/a/0.jpg, P/b/0.jpg)" in caplog.text
+
+
+def test_a_server_sending_other_bytes_than_asked_starts_the_download_over(server, tmp_path, caplog):
+    """'asked the server for bytes from N, it sent from 0': a dead end, the same command failing each time."""
+    server.drops = 1
+    with pytest.raises(PipelineError):
+        fetch_data(cfg(tmp_path, server.url, retries=0))
+    server.range_from_zero = True
+    with caplog.at_level(logging.WARNING):
+        fetch_data(cfg(tmp_path, server.url))
+    half = len(server.files[NAME]) // 2
+    assert (tmp_path / NAME).read_bytes() == server.files[NAME] and server.requests[1:] == [f"bytes={half}-", None]
+    assert f"asked the server for {NAME} from byte {half}, it sent from byte 0; downloading it whole again" in \
+        caplog.text
+
+
+def test_a_part_longer_than_the_servers_file_is_downloaded_whole_again(server, tmp_path, caplog):
+    """It said 'pets.zip.part holds N bytes but the server's file has M; delete the .part file and run again'."""
+    size = len(server.files[NAME])
+    (tmp_path / f"{NAME}.part").write_bytes(b"x" * (size + 10))
+    with caplog.at_level(logging.WARNING):
+        fetch_data(cfg(tmp_path, server.url))
+    assert (tmp_path / NAME).read_bytes() == server.files[NAME] and server.requests == [f"bytes={size + 10}-", None]
+    assert f"{NAME}.part holds {size + 10} bytes, more than the server's file ({size}); downloading it whole" in \
+        caplog.text
+
+
+def test_a_mismatching_archive_that_cannot_be_moved_aside_is_one_line(tmp_path, monkeypatch):
+    (tmp_path / NAME).write_bytes(pets_zip())
+
+    def refused(a, b):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(fetch.os, "replace", refused)
+    r = CliRunner().invoke(cli, ["-q", "fetch-data", "--dest", str(tmp_path), "--url", closed_port_url(),
+                                 "--sha256", "0" * 64])
+    assert r.exit_code == 1 and "it could not be moved aside (Permission denied): move " in r.output, r.output
+    assert (tmp_path / NAME).is_file() and not (tmp_path / "PetImages").exists()
+
+
+def test_a_url_with_a_user_and_password_logs_in_as_curl_does(server, tmp_path):
+    """'http://user:pw@host/x.zip' sent 'user:pw@host' as the host name: 'Name or service not known; offline?'."""
+    import base64
+
+    server.auth = "Basic " + base64.b64encode(b"ann:p@ss w").decode()
+    fetch_data(cfg(tmp_path, server.url.replace("http://", "http://ann:p%40ss%20w@")))
+    assert (tmp_path / NAME).read_bytes() == server.files[NAME]
+    assert [h.get("Authorization") for h in server.request_headers] == [None, server.auth]
+    assert fetch.request_url("http://ann:pw@[::1]:8080/a b.zip") == "http://[::1]:8080/a%20b.zip"
+
+
+def test_a_wrong_password_is_the_servers_401(server, tmp_path):
+    server.auth = "Basic nope"
+    with pytest.raises(PipelineError, match="the server answered HTTP 401 Unauthorized"):
+        fetch_data(cfg(tmp_path, server.url.replace("http://", "http://ann:wrong@")))
+
+
+def test_a_path_given_for_a_url_is_answered_with_its_file_url(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / NAME).write_bytes(pets_zip())
+    for given in (NAME, str(tmp_path / NAME)):
+        r = CliRunner().invoke(cli, ["fetch-data", "--dest", "d", "--url", given])
+        assert r.exit_code == 2 and r.output == (f"Error: --url {given!r} must be a URL of scheme http, https, file "
+                                                 f"(the file there: --url {(tmp_path / NAME).as_uri()})\n"), r.output
+    r = CliRunner().invoke(cli, ["fetch-data", "--dest", "d", "--url", "a\0b"])
+    assert r.exit_code == 2 and "must be a URL of scheme" in r.output
+
+
+@pytest.mark.parametrize("url", [f"file:{NAME}", f"file://{NAME}", "file://host/tmp/pets.zip"])
+def test_a_file_url_of_no_absolute_path_is_a_usage_error(tmp_path, monkeypatch, url):
+    """'file:pets.zip' failed as 'No such file or directory: /pets.zip; offline?', 'file://x/pets.zip' read
+    /pets.zip, whatever the host."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / NAME).write_bytes(pets_zip())
+    r = CliRunner().invoke(cli, ["fetch-data", "--dest", "d", "--url", url])
+    assert r.exit_code == 2 and r.output == (f"Error: --url {url!r} is not a file URL of an absolute path: write "
+                                             "file:///ABSOLUTE/PATH (three slashes)\n"), r.output
+    assert not (tmp_path / "d").exists()
+
+
+def test_a_password_in_the_url_is_masked_in_messages(server, tmp_path):
+    server.auth = "Basic nope"
+    with pytest.raises(PipelineError) as e:
+        fetch_data(cfg(tmp_path, server.url.replace("http://", "http://ann:s3cret@")))
+    assert "s3cret" not in str(e.value) and "http://ann:***@127.0.0.1:" in str(e.value)
+
+
+def test_a_file_where_the_archive_needs_a_folder_is_refused_before_anything_is_written(tmp_path):
+    """A zip without folder entries ('P/a/0.jpg') into a --dest holding a file 'P' stopped halfway, 'Not a
+    directory', saying the same command would finish the unpack 'once this is fixed' (--overwrite too)."""
+    (tmp_path / "P").write_text("mine")
+    (tmp_path / NAME).write_bytes(make_zip({"P/a/0.jpg": b"x", "P/b/0.jpg": b"y"}))
+    with pytest.raises(PipelineError, match=rf"^{tmp_path / 'P'} already exists as a file where the archive unpacks a "
+                                            r"folder \('P/a/0.jpg' inside it\); move it away, or unpack over it"):
+        fetch_data(cfg(tmp_path, closed_port_url()))
+    assert (tmp_path / "P").read_text() == "mine" and not list(tmp_path.glob(".*.unpacking"))
+    fetch_data(cfg(tmp_path, closed_port_url(), overwrite=True))
+    assert (tmp_path / "P" / "b" / "0.jpg").read_bytes() == b"y"
+
+
+def test_a_folder_where_the_archive_unpacks_a_file_is_never_removed_even_with_overwrite(tmp_path):
+    """--overwrite got past the refusal, then stopped halfway: 'Is a directory', 'the same command finishes the
+    unpack once this is fixed'."""
+    (tmp_path / "P" / "a" / "0.jpg").mkdir(parents=True)
+    (tmp_path / "P" / "a" / "0.jpg" / "mine.txt").write_text("mine")
+    (tmp_path / NAME).write_bytes(make_zip({"P/a/0.jpg": b"x", "P/b/0.jpg": b"y"}))
+    with pytest.raises(PipelineError, match=r"0.jpg is a folder where the archive unpacks a file, which even "
+                                            r"overwrite=True never removes; move it away"):
+        fetch_data(cfg(tmp_path, closed_port_url(), overwrite=True))
+    assert (tmp_path / "P" / "a" / "0.jpg" / "mine.txt").read_text() == "mine"
+    assert not (tmp_path / "P" / "b").exists()
+
+
+def test_ctrl_c_during_a_download_says_the_bytes_so_far_are_kept(server, tmp_path, monkeypatch, caplog):
+    """Ctrl-C said only 'interrupted': nothing said the .part was kept, nor that the same command resumes."""
+    real = fetch._read
+    reads = []
+
+    def read(resp):
+        reads.append(1)
+        if len(reads) == 2:
+            raise KeyboardInterrupt
+        return real(resp)
+
+    monkeypatch.setattr(fetch, "_read", read)
+    monkeypatch.setattr(fetch, "CHUNK", 100_000)
+    with caplog.at_level(logging.WARNING), pytest.raises(KeyboardInterrupt):
+        fetch_data(cfg(tmp_path, server.url))
+    assert (tmp_path / f"{NAME}.part").stat().st_size == 100_000
+    assert f"100000 bytes of {NAME} kept in {tmp_path / NAME}.part; the same command resumes from them" in caplog.text
+    monkeypatch.setattr(fetch, "_read", real)
+    fetch_data(cfg(tmp_path, server.url))
+    assert (tmp_path / NAME).read_bytes() == server.files[NAME] and server.requests[-1] == "bytes=100000-"
+
+
+def test_an_archive_of_train_and_test_splits_says_which_folder_is_the_data(tmp_path, caplog):
+    """'set/train/{cat,dog}', 'set/test/{cat,dog}': fetch-data named 'set' without a word, a data folder whose
+    classes would be 'train' and 'test'."""
+    (tmp_path / NAME).write_bytes(make_zip({n: b"photo" for n in ["set/train/cat/0.jpg", "set/train/dog/0.jpg",
+                                                                  "set/test/cat/0.jpg", "set/test/dog/0.jpg"]}))
+    with caplog.at_level(logging.WARNING):
+        fetch_data(cfg(tmp_path, closed_port_url()))
+    root = tmp_path / "set"
+    assert f"{root} holds split folders (train, test), each of classes, not classes: give {root / 'train'} as " \
+           f"data, and {root / 'test'} as fit-head's test_data" in caplog.text
+
+
+def test_overwrite_unpacks_again_over_an_earlier_unpack(tmp_path):
+    """A photo deleted (or edited) in the unpacked folder, then 'fetch-data --overwrite' to get it back: it said
+    'already unpacked' and restored nothing."""
+    (tmp_path / NAME).write_bytes(pets_zip())
+    fetch_data(cfg(tmp_path, closed_port_url()))
+    (tmp_path / "PetImages" / "Cat" / "0.jpg").unlink()
+    (tmp_path / "PetImages" / "Dog" / "0.jpg").write_bytes(b"edited")
+    assert fetch_data(cfg(tmp_path, closed_port_url())).unpacked_now is False  # without it: left alone
+    assert not (tmp_path / "PetImages" / "Cat" / "0.jpg").exists()
+    result = fetch_data(cfg(tmp_path, closed_port_url(), overwrite=True))
+    assert result.unpacked_now is True and (tmp_path / "PetImages" / "Cat" / "0.jpg").stat().st_size == 150_000
+    assert (tmp_path / "PetImages" / "Dog" / "0.jpg").stat().st_size == 150_000

@@ -7,12 +7,15 @@ Every archive entry is checked before anything is written: none may land outside
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import http.client
 import json
 import logging
 import lzma
+import math
 import os
 import shutil
+import ssl
 import tarfile
 import time
 import urllib.error
@@ -21,14 +24,14 @@ import urllib.request
 import zipfile
 import zlib
 from dataclasses import dataclass
-from datetime import timezone
+from datetime import datetime, timedelta, timezone
 from email.utils import parsedate_to_datetime
 from pathlib import Path, PurePosixPath
 
 from ..config import FetchConfig, Placeholder, flag_text, option_text, option_value
 from ..errors import DiskFull, PipelineError, UsageError
 from ..files import check_output, disk_error, disk_reason, json_text, plain_name, same_file
-from .folders import is_os_file, is_skipped_folder
+from .folders import IMAGE_EXTENSIONS, is_image_name, is_os_file, is_skipped_folder
 from .moves import folder_lock, link_on_the_way
 
 log = logging.getLogger(__name__)
@@ -49,7 +52,18 @@ def archive_name(url: str) -> str:
     except ValueError as e:  # 'http://[::1': an unclosed IPv6 bracket, a bad port
         raise UsageError(f"{option_value('url', url)} is not a valid URL ({e})") from None
     if parts.scheme not in URL_SCHEMES:
-        raise UsageError(f"{option_value('url', url)} must be a URL of scheme {', '.join(URL_SCHEMES)}")
+        try:  # a path given for a URL ('data/pets.zip', 'C:\\pets.zip'): its file URL is said
+            here = Path(url).resolve() if url and Path(url).is_file() else None
+        except (OSError, ValueError):  # a NUL in it
+            here = None
+        hint = f" (the file there: {option_text('url', Placeholder(here.as_uri()))})" if here else ""
+        raise UsageError(f"{option_value('url', url)} must be a URL of scheme {', '.join(URL_SCHEMES)}{hint}")
+    if parts.scheme == "file" and (parts.netloc not in ("", "localhost") or not parts.path.startswith("/")):
+        # 'file://data/pets.zip' read /pets.zip, 'file:pets.zip' failed as '...; offline?'
+        raise UsageError(f"{option_value('url', url)} is not a file URL of an absolute path: write "
+                         f"{Placeholder('file:///ABSOLUTE/PATH')} (three slashes)")
+    if parts.scheme != "file" and not parts.hostname:  # 'https:///x.zip': it said 'no host given; offline?'
+        raise UsageError(f"{option_value('url', url)} names no host")
     name = PurePosixPath(parts.path).name
     if not name or name in (".", ".."):
         raise UsageError(f"{option_value('url', url)} does not end with a file name")
@@ -71,6 +85,7 @@ class FetchResult:
 def fetch_data(cfg: FetchConfig) -> FetchResult:
     """Download cfg.url into cfg.dest (unless already complete) and unpack it there (unless done)."""
     name = archive_name(cfg.url)
+    expected = expected_sha256(cfg.sha256)
     source = local_source(cfg.url)
     if source is not None and not source.is_file() and not (Path(cfg.dest) / name).is_file():  # not "offline?"
         raise UsageError(f"{option_value('url', cfg.url)} names no file: {str(source)!r} does not exist or is not a "
@@ -81,6 +96,7 @@ def fetch_data(cfg: FetchConfig) -> FetchResult:
     made: list[Path] = []
     with dest_lock(dest, busy, made):  # two at once appended one .part twice, or unpacked over each other
         try:
+            check_places(cfg, archive)
             check_source(cfg, archive, source)
             downloaded = not archive.is_file()
             if downloaded:
@@ -92,12 +108,70 @@ def fetch_data(cfg: FetchConfig) -> FetchResult:
                                                                f"{e}") from None
             else:
                 log.info("archive already complete: %s", archive)
+            if expected is not None:  # before anything is unpacked, and on every run: a file put there by hand too
+                check_sha256(archive, expected, downloaded, keep=source)
             unpacked, fresh = unpack(archive, dest, overwrite=cfg.overwrite, keep=source)
+            warn_splits(unpacked)
         except BaseException:
             remove_if_empty(made)  # under the lock: a run waiting for it finds the folder gone, and makes it again
             raise
     return FetchResult(archive=str(archive), bytes=archive.stat().st_size, downloaded=downloaded,
                        unpacked=str(unpacked), unpacked_now=fresh, url=cfg.url)
+
+
+def expected_sha256(value) -> str | None:
+    """--sha256 as 64 lower-case hex digits (None: unchecked); a UsageError naming any other value."""
+    if value is None:
+        return None
+    digest = value.strip().lower() if isinstance(value, str) else ""
+    digest = digest.removeprefix("sha256:")  # as some manifests write it
+    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise UsageError(f"{option_value('sha256', value)} is not a SHA-256 digest: give its 64 hex digits (as "
+                         "sha256sum ARCHIVE prints them)")
+    return digest
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_sha256(archive: Path, expected: str, downloaded: bool, keep: Path | None = None) -> None:
+    """Refuse (PipelineError, before anything is unpacked) an archive whose SHA-256 is not ``expected``: it is
+    moved aside to ``NAME.sha256-DIGEST`` (kept, never unpacked; the next run downloads the archive anew), unless
+    it is the --url's own file (``keep``), which stays where it is. The record of an earlier unpack of it goes
+    with it, so that the next archive is unpacked, not taken for done (the files it unpacked stay, and a new
+    unpack over them is refused as any other conflict)."""
+    try:
+        got = file_sha256(archive)
+    except OSError as e:
+        raise PipelineError(f"cannot read {archive} to check its SHA-256: {e.strerror or e}") from None
+    if got == expected:
+        log.info("%s: SHA-256 as expected", archive.name)
+        return
+    mismatch = f"{archive.name}'s SHA-256 is {got}, not {expected} ({option_text('sha256')}): not unpacked"
+    if keep is not None and same_file(archive, keep):
+        raise PipelineError(f"{mismatch}; it is the file {option_text('url')} names, left where it is")
+    aside = archive.with_name(f"{archive.name}.sha256-{got[:16]}")
+    marker = archive.with_name(f".{archive.name}.unpacked")
+    try:
+        root = archive.parent / json.loads(marker.read_text())["root"]
+    except (OSError, ValueError, KeyError, TypeError):
+        root = None
+    try:  # the record first: a run killed in between finds the archive unrecorded, and checks it again
+        marker.unlink(missing_ok=True)
+        os.replace(archive, aside)  # a file there already holds these very bytes (its name is their digest)
+    except OSError as e:  # a read-only --dest: it stays, refused again by the next run
+        raise PipelineError(f"{mismatch}; it could not be moved aside ({e.strerror or e}): move {archive} away "
+                            "before running this again") from None
+    how = "downloaded now (damaged on the way, or another file than the digest's?)" if downloaded else \
+        "already in " + option_text("dest")
+    earlier = f"; {root} was unpacked from it by an earlier run: check it" if root is not None else ""
+    raise PipelineError(f"{mismatch}; it was {how}, and is kept as {aside}{earlier}; check {option_text('url')} and "
+                        f"{option_text('sha256')}, and run again to download it anew")
 
 
 @contextlib.contextmanager
@@ -162,6 +236,16 @@ def local_source(url: str) -> Path | None:
     return Path(urllib.request.url2pathname(parsed.path)) if parsed.scheme == "file" else None
 
 
+def check_places(cfg: FetchConfig, archive: Path) -> None:
+    """Refuse (UsageError) a folder at the archive's place or its .part's in --dest, before anything is fetched:
+    the whole download was made, then failed to be renamed ('Is a directory'), or was not begun at all."""
+    for place, what in ((archive, "the archive"), (archive.with_name(archive.name + ".part"), "its partial download")):
+        if place.is_dir():
+            raise UsageError(f"{place} is a folder, where fetch-data keeps {what} of "
+                             f"{option_value('url', shown_url(cfg.url))}; "
+                             f"move it away, or choose another {option_text('dest')}")
+
+
 def check_source(cfg: FetchConfig, archive: Path, source: Path | None = None) -> None:
     """Refuse a --url whose archive name is already taken in --dest by another URL's download (complete,
     or a .part to resume), so one never passes for the other, nor is resumed with its bytes; with
@@ -181,14 +265,85 @@ def check_source(cfg: FetchConfig, archive: Path, source: Path | None = None) ->
         return
     own = source is not None and same_file(archive, source)
     held, how = (archive, "fetched") if archive.is_file() else (part, "partly fetched")
+    if resigned(url, cfg.url):  # the resume still checks the file is the same one: If-Range, its ETag and size
+        log.warning("%s was %s from this URL signed otherwise (an expired link made anew): %s", held, how,
+                    "taking it as complete" if held == archive else "resuming it")
+        return
     if not (cfg.overwrite or own):
-        raise UsageError(f"{held} in {option_text('dest')} was {how} from {url}, not {cfg.url}; choose another "
-                         f"{option_text('dest')}, or pass {flag_text('overwrite')} "
+        raise UsageError(f"{held} in {option_text('dest')} was {how} from {shown_url(url)}, not {shown_url(cfg.url)}; "
+                         f"choose another {option_text('dest')}, or pass {flag_text('overwrite')} "
                          "to fetch and unpack this URL over it")
-    log.warning("%s came from %s: %s anew", held, url, f"unpacking {cfg.url}" if own else f"fetching {cfg.url}")
+    log.warning("%s came from %s: %s anew", held, shown_url(url),
+                f"unpacking {shown_url(cfg.url)}" if own else f"fetching {shown_url(cfg.url)}")
     forget = [_source_record(archive), archive.with_name(f".{archive.name}.unpacked"), part]
     for old in forget + ([] if own else [archive]):
         old.unlink(missing_ok=True)
+
+
+#: query parameters that sign a link (S3's, CloudFront's, Google Cloud Storage's, Alibaba OSS's, a token) rather
+#: than name its file; Azure's (AZURE_SIGNING) where the link has its 'sig'
+SIGNING_PARAMS = frozenset({"awsaccesskeyid", "signature", "expires", "key-pair-id", "policy", "googleaccessid",
+                            "ossaccesskeyid", "token", "access_token", "auth_token"})
+SIGNING_PREFIXES = ("x-amz-", "x-goog-")
+AZURE_SIGNING = frozenset({"sig", "sv", "ss", "srt", "sp", "se", "st", "spr", "si", "sr", "sdd", "skoid", "sktid",
+                           "skt", "ske", "sks", "skv"})
+
+
+def _query(url: str) -> list[tuple[str, str]]:
+    return urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query, keep_blank_values=True)
+
+
+def _signing(url: str) -> set[str]:
+    """The names (lower case) of the URL's query parameters that sign it."""
+    keys = {k.lower() for k, _ in _query(url)}
+    azure = AZURE_SIGNING if "sig" in keys else frozenset()
+    return {k for k in keys if k.startswith(SIGNING_PREFIXES) or k in SIGNING_PARAMS or k in azure}
+
+
+def resigned(old: str, new: str) -> bool:
+    """Whether two URLs name one file and differ only in their signature (a presigned S3 link made anew after
+    the first expired): the same scheme, host, path and other query parameters."""
+    def unsigned(url):
+        parts, signing = urllib.parse.urlsplit(url), _signing(url)
+        return (parts.scheme.lower(), parts.netloc.lower(), parts.path,
+                sorted((k, v) for k, v in _query(url) if k.lower() not in signing))
+
+    return old != new and bool(_signing(old) | _signing(new)) and unsigned(old) == unsigned(new)
+
+
+def link_expiry(url: str) -> datetime | None:
+    """When a signed link says it expires (S3 and Google Cloud's X-Amz-/X-Goog-Date + Expires, an Expires time
+    as S3's older links and CloudFront's carry, Azure's se), else None."""
+    q = {k.lower(): v for k, v in _query(url)}
+    try:
+        for p in SIGNING_PREFIXES:
+            if f"{p}date" in q and f"{p}expires" in q:
+                signed = datetime.strptime(q[f"{p}date"], "%Y%m%dT%H%M%SZ").replace(tzinfo=timezone.utc)
+                return signed + timedelta(seconds=int(q[f"{p}expires"]))
+        if "expires" in q:
+            return datetime.fromtimestamp(int(q["expires"]), timezone.utc)
+        if "se" in q and "sig" in q:
+            at = datetime.fromisoformat(q["se"].replace("Z", "+00:00"))
+            return at if at.tzinfo else at.replace(tzinfo=timezone.utc)
+    except (ValueError, OverflowError, OSError):
+        return None
+    return None
+
+
+def _refused(cfg: FetchConfig, archive: Path, code: int, offset: int) -> str:
+    """What a refusal (HTTP 400, 401, 403) may mean: a signed link that expired, and what becomes of the .part."""
+    hint = ""
+    if _signing(cfg.url):
+        end = link_expiry(cfg.url)
+        when = f"expired at {end:%Y-%m-%d %H:%M} UTC" if end is not None and end <= datetime.now(timezone.utc) \
+            else "may have expired"
+        hint = f"; the link {when} (a signed link): get a new one and run this again with it"
+    elif code == 400:
+        return ""
+    if offset:
+        hint += (f"; the {offset} bytes of {archive.name}.part are kept, and resumed " +
+                 ("from the new link" if hint else "once the server allows it (the same command)"))
+    return hint
 
 
 # -- download ----------------------------------------------------------------------------------
@@ -201,12 +356,29 @@ def ensure_room(dest: Path, need: int, what: str) -> None:
                        f"free some space (or choose another {option_text('dest')}) and run again")
 
 
-def _offline_error(cfg: FetchConfig, archive: Path, why) -> PipelineError:
+class _Unreachable(PipelineError):
+    """The server could not be reached (offline, refused, a name that does not resolve); ``reason`` says why."""
+
+    def __init__(self, message: str, reason):
+        super().__init__(message)
+        self.reason = reason
+
+
+def _offline_error(cfg: FetchConfig, archive: Path, why, offset: int = 0) -> PipelineError:
     reason = getattr(why, "reason", why)
     saved = Placeholder(f"file://<where you saved it>/{archive.name}")  # no folder to make: --dest may be gone
-    return PipelineError(f"cannot download {cfg.url} ({reason}); offline? Download it by hand, then run this again "
-                         f"with {option_text('url', saved)} (or put it at {archive}), or point "
-                         f"{option_text('data')} at a local image folder")
+    url = shown_url(cfg.url)
+    if isinstance(reason, ssl.SSLCertVerificationError):  # no network failure: 'offline?' sent people looking there
+        return _Unreachable(f"cannot download {url}: its server's certificate cannot be verified here ({reason}); "
+                            "behind a proxy that inspects HTTPS, point the SSL_CERT_FILE environment variable at its "
+                            "certificate (python.org's Python on macOS: run its 'Install Certificates.command' once); "
+                            f"or download it by hand, then run this again with {option_text('url', saved)}", reason)
+    if offset:  # a .part to resume: the same command goes on from it once online
+        return _Unreachable(f"cannot download {url} ({reason}); offline? The {offset} bytes of "
+                            f"{archive.name}.part are kept: run the same command again to resume", reason)
+    return _Unreachable(f"cannot download {url} ({reason}); offline? Download it by hand, then run this again "
+                        f"with {option_text('url', saved)} (or put it at {archive}), or point "
+                        f"{option_text('data')} at a local image folder", reason)
 
 
 def _content_range(resp) -> tuple[int, int | None]:
@@ -279,29 +451,75 @@ def replaced_since(resp, validator: str | None, size: int | None) -> str | None:
     return f"ETag {validator} then, {now} now" if differs else None
 
 
+#: what stays as it is in a URL's path and query when it is sent (reserved characters and '%' escapes)
+URL_SAFE = "!#$%&'()*+,/:;=?@[]~"
+
+
+def request_url(url: str) -> str:
+    """The URL as sent: spaces and non-ASCII characters of its path and query percent-encoded (UTF-8) and a
+    non-ASCII host in IDNA, as a browser sends a URL copied from its address bar ('.../données/chats v2.zip'
+    failed as 'unexpected UnicodeEncodeError ... a bug?', a space as 'URL can't contain control characters ...;
+    offline?'); '%XX' escapes already there are kept. A 'user:password@' is left out: ``_open`` answers the
+    server's 401 with it (it was sent as part of the host name: 'Name or service not known; offline?')."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    try:
+        host = host if host.isascii() else host.encode("idna").decode("ascii")
+    except UnicodeError as e:
+        raise UsageError(f"{option_value('url', url)} has a host name that cannot be sent ({e})") from None
+    netloc = (f"[{host}]" if ":" in host else host) + (f":{parts.port}" if parts.port is not None else "")
+    return urllib.parse.urlunsplit((parts.scheme, netloc, urllib.parse.quote(parts.path, safe=URL_SAFE),
+                                    urllib.parse.quote(parts.query, safe=URL_SAFE), ""))
+
+
+def shown_url(url: str) -> str:
+    """The URL as messages show it: a password in it masked ('https://ann:***@host/x.zip'), as pip shows one."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    user, _, host = parts.netloc.rpartition("@")
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user.partition(':')[0]}:***@{host}"))
+
+
+def _urlopen(url: str, req: urllib.request.Request, timeout: float):
+    """urlopen, answering a 401 with the URL's 'user:password@' (HTTP Basic, as curl and wget do): to its own host
+    only, never sent on to the host of a redirect."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is None or parts.scheme == "file":
+        return urllib.request.urlopen(req, timeout=timeout)
+    passwords = urllib.request.HTTPPasswordMgrWithDefaultRealm()
+    passwords.add_password(None, req.full_url, urllib.parse.unquote(parts.username),
+                           urllib.parse.unquote(parts.password or ""))
+    return urllib.request.build_opener(urllib.request.HTTPBasicAuthHandler(passwords)).open(req, timeout=timeout)
+
+
 def _open(cfg: FetchConfig, archive: Path, offset: int, validator: str | None = None):
     """The response for bytes offset.. of the URL, or None when the server says the file is complete.
     With a validator the server sends the whole file (200) instead when its file is no longer that one."""
-    req = urllib.request.Request(cfg.url, headers={"User-Agent": "transfer-pipeline fetch-data"})
+    req = urllib.request.Request(request_url(cfg.url), headers={"User-Agent": "transfer-pipeline fetch-data"})
     if offset:
         req.add_header("Range", f"bytes={offset}-")
         if validator:
             req.add_header("If-Range", validator)
     try:
-        return urllib.request.urlopen(req, timeout=cfg.timeout)
+        return _urlopen(cfg.url, req, cfg.timeout)
     except urllib.error.HTTPError as e:
         if e.code == 416 and offset:  # nothing left to send: the .part may already be complete
             total = e.headers.get("Content-Range", "").rpartition("/")[2]
             e.close()
             if total.isdigit() and int(total) != offset:
-                raise PipelineError(f"{archive}.part holds {offset} bytes but the server's file has {total}; "
-                                    f"delete the .part file and run again") from None
+                raise _PartTooLong(int(total)) from None
             return None
         if e.code in BUSY_CODES:  # asked again as a dropped connection is
-            raise _Busy(f"the server answered HTTP {e.code} {e.reason}") from None
-        raise PipelineError(f"cannot download {cfg.url}: the server answered HTTP {e.code} {e.reason}") from None
+            after = retry_after(e.headers)
+            e.close()
+            raise _Busy(f"the server answered HTTP {e.code} {e.reason}", after) from None
+        hint = _refused(cfg, archive, e.code, offset) if e.code in (400, 401, 403) else ""
+        e.close()
+        raise PipelineError(f"cannot download {shown_url(cfg.url)}: the server answered HTTP {e.code} "
+                            f"{e.reason}{hint}") from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
-        raise _offline_error(cfg, archive, e) from None
+        raise _offline_error(cfg, archive, e, offset) from None
 
 
 def download(cfg: FetchConfig, archive: Path) -> None:
@@ -313,17 +531,30 @@ def download(cfg: FetchConfig, archive: Path) -> None:
         try:
             total = _transfer(cfg, archive, part, offset, warned)
             break
+        except KeyboardInterrupt:  # the CLI says only 'interrupted': that the bytes so far are kept is said here
+            got = part.stat().st_size if part.exists() else 0
+            if got:
+                log.warning("%d bytes of %s kept in %s; the same command resumes from them", got, archive.name, part)
+            raise
         except _Interrupted as e:
             got = part.stat().st_size if part.exists() else 0
+            after = e.after if isinstance(e, _Busy) else None
+            asks = f", asking to wait {_duration(after)} (Retry-After)" if after else ""
+            if after is not None and after > MAX_RETRY_AFTER:  # never asked again before the server says
+                at = datetime.now(timezone.utc) + timedelta(seconds=min(after, 1e9))
+                raise PipelineError(f"cannot download {shown_url(cfg.url)}: {e}{asks}, longer than fetch-data waits "
+                                    f"({_duration(MAX_RETRY_AFTER)}); run this again after "
+                                    f"{at:%Y-%m-%d %H:%M} UTC") from None
             if attempt >= cfg.retries:
                 if isinstance(e, _Busy):
-                    raise PipelineError(f"cannot download {cfg.url}: {e}, {attempt + 1} times") from None
+                    raise PipelineError(f"cannot download {shown_url(cfg.url)}: {e}, {attempt + 1} "
+                                        f"times{asks}") from None
                 raise PipelineError(f"download interrupted after {got} bytes ({e}); "
                                     f"run the same command again to resume") from None
-            wait = cfg.retry_wait * 2 ** attempt
+            wait = max(cfg.retry_wait * 2 ** attempt, after or 0)
             attempt += 1
             if isinstance(e, _Busy):
-                log.warning("%s; asking again in %.0f s", e, wait)
+                log.warning("%s%s; asking again in %s", e, asks, _duration(wait))
             else:
                 log.warning("download interrupted after %d bytes (%s); resuming in %.0f s", got, e, wait)
             time.sleep(wait)
@@ -340,8 +571,44 @@ class _Interrupted(Exception):
     """The connection broke during the transfer (bytes received so far are kept)."""
 
 
+class _PartTooLong(Exception):
+    """The server answered a resume 416, its file being shorter (``total``) than the .part."""
+
+    def __init__(self, total: int):
+        super().__init__(total)
+        self.total = total
+
+
 class _Busy(_Interrupted):
-    """The server answered one of BUSY_CODES: overloaded for a moment, asked again as a dropped connection is."""
+    """The server answered one of BUSY_CODES: overloaded for a moment, asked again as a dropped connection is
+    (``after``: the seconds its Retry-After asks to wait, else None)."""
+
+    def __init__(self, message: str, after: float | None = None):
+        super().__init__(message)
+        self.after = after
+
+
+#: The longest wait a Retry-After gets: a server asking for more (a hostile or misconfigured one: 'Retry-After:
+#: 86400') is not asked again; fetch-data stops at once, saying when to run it again.
+MAX_RETRY_AFTER = 300
+
+
+def retry_after(headers) -> float | None:
+    """The seconds an answer's Retry-After asks to wait (RFC 9110 10.2.3: a number of seconds, or an HTTP date,
+    counted from the answer's own Date where it has one: the two clocks may differ), else None."""
+    value = (headers.get("Retry-After") or "").strip() if headers is not None else ""
+    if value.isascii() and value.isdigit():
+        return float(value)
+    if (at := _http_date(value)) is None:
+        return None
+    now = _http_date(headers.get("Date")) or datetime.now(timezone.utc)
+    return max(0.0, (at - now).total_seconds())
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
 #: HTTP answers of a server that may answer the same request later (a CDN under load, a rate limit)
@@ -357,7 +624,17 @@ def _transfer(cfg: FetchConfig, archive: Path, part: Path, offset: int, warned: 
     from ..progress import progress
 
     validator, size = part_record(archive) if offset else (None, None)
-    resp = _open(cfg, archive, offset, validator)
+    try:
+        resp = _open(cfg, archive, offset, validator)
+    except _PartTooLong as e:  # not of this file (or damaged): it was 'delete the .part file and run again'
+        log.warning("%s.part holds %d bytes, more than the server's file (%d); downloading it whole again",
+                    archive.name, offset, e.total)
+        return _transfer(cfg, archive, part, 0, warned)
+    except _Unreachable as e:
+        if "reached" in warned:  # reached earlier in this run, then dropped: a blip, asked again as a drop is
+            raise _Interrupted(f"cannot reconnect: {e.reason}") from None
+        raise
+    warned.add("reached")
     if resp is None:
         log.info("%s is already complete on disk", part)
         return offset
@@ -365,6 +642,11 @@ def _transfer(cfg: FetchConfig, archive: Path, part: Path, offset: int, warned: 
         resp.close()
         log.warning("%s changed on the server since %s.part was begun (%s); downloading it whole again",
                     archive.name, archive.name, why)
+        return _transfer(cfg, archive, part, 0, warned)
+    if offset and getattr(resp, "status", 200) == 206 and (start := _content_range(resp)[0]) != offset:
+        resp.close()  # a server that cannot resume from there: it was a dead end ('asked ..., it sent from 0')
+        log.warning("asked the server for %s from byte %d, it sent from byte %d; downloading it whole again",
+                    archive.name, offset, start)
         return _transfer(cfg, archive, part, 0, warned)
     with resp:
         status = getattr(resp, "status", 200)
@@ -532,14 +814,40 @@ def own_files(archive: Path) -> set[str]:
     return {f"{a}.part", _source_record(archive).name, f".{a}.unpacked", f".{a}.unpacking"}
 
 
+def _limit(dest: Path, which: str, default: int) -> int:
+    try:
+        return os.pathconf(dest, which)
+    except (OSError, ValueError, AttributeError):  # not said here (Windows has no pathconf)
+        return default
+
+
+def _check_length(name: str, dest: Path, name_max: int, path_max: int) -> None:
+    """Refuse (before anything is written) an entry whose name, or a folder's on its way, is longer than the file
+    system of dest allows: unpacking stopped at it ('File name too long') and said the same command would finish
+    the unpack, which it never could."""
+    shown = repr(name if len(name) <= 80 else f"{name[:60]}...{name[-15:]}")
+    for part in PurePosixPath(name).parts:
+        if (n := len(os.fsencode(part))) > name_max:
+            raise PipelineError(f"archive entry {shown} has a name of {n} bytes, longer than the {name_max} the "
+                                f"file system of {dest} allows; refusing to unpack (nothing was "
+                                f"written): unpack it by hand, renaming it, and point {option_text('data')} at the "
+                                "folder")
+    if (n := len(os.fsencode(str(dest / name)))) >= path_max:
+        raise PipelineError(f"archive entry {shown} would be unpacked to a path of {n} bytes, longer than the "
+                            f"{path_max} the file system allows; refusing to unpack (nothing was written): fetch "
+                            f"into a shorter {option_text('dest')}, or unpack it by hand")
+
+
 def check_members(kind: str, arc, dest: Path, own: set = frozenset()) -> list[str]:
     """The archive's entry names; PipelineError naming the first entry that would land outside dest, or on
     one of fetch-data's ``own`` files (a link there made its record be written into a file it points to)."""
     dest = dest.resolve()
     names, links, files, kinds = [], set(), set(), {}
     members = arc.infolist() if kind == "zip" else arc.getmembers()
+    name_max, path_max = _limit(dest, "PC_NAME_MAX", 255), _limit(dest, "PC_PATH_MAX", 4096)
     for m in members:
         name = m.filename if kind == "zip" else m.name
+        _check_length(name, dest, name_max, path_max)
         if not _inside(dest, name):
             if _plain_path(name) and (link := link_on_the_way(dest / name, dest)):
                 raise PipelineError(f"archive entry {name!r} would be written through {link}, a link in {dest} to "
@@ -648,13 +956,31 @@ OTHER_ARCHIVES = {b"7z\xbc\xaf\x27\x1c": ("a 7z archive", "7z x {}"), b"Rar!\x1a
                   b"\x28\xb5\x2f\xfd": ("a Zstandard-compressed file", "tar --zstd -xf {}")}
 
 
+#: compressions tarfile unpacks, by their first bytes: a file of one that is no tar is cut off or damaged
+COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz"}
+
+
 def archive_kind(path: Path) -> str:
     if zipfile.is_zipfile(path):
         return "zip"
-    if tarfile.is_tarfile(path):
-        return "tar"
+    try:
+        if tarfile.is_tarfile(path):
+            return "tar"
+    except (EOFError, zlib.error, lzma.LZMAError, OSError) as e:  # a .tar.gz cut off in its first block
+        raise PipelineError(f"{path} is a compressed file cut off or damaged ({e}); delete it and download "
+                            "again") from None
     with open(path, "rb") as f:
         first = f.read(512)
+    if first.startswith(b"PK\x03\x04"):
+        raise PipelineError(f"{path} is a zip archive cut off before its end (its table of contents is missing: "
+                            "the download stopped early?); delete it and download again")
+    for magic, what in COMPRESSED.items():
+        if first.startswith(magic):
+            raise PipelineError(f"{path} is {what}-compressed, but no tar archive unpacks from it (cut off or "
+                                "damaged?); delete it and download again")
+    if not first:
+        raise PipelineError(f"{path} is an empty file (0 bytes), not an archive: the server sent nothing; delete it "
+                            "and run this again")
     head = first.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
     if head.startswith((b"<!doctype html", b"<html", b"<head", b"<body", b"<?xml", b"<!--")):
         saved = Placeholder(f"file://<where you saved it>/{path.name}")
@@ -667,6 +993,65 @@ def archive_kind(path: Path) -> str:
                                 f"gz, bz2, xz compressed); unpack it by hand ({how.format(path.name)}) and point "
                                 f"{option_text('data')} at the folder")
     raise PipelineError(f"{path} is neither a zip nor a tar archive; delete it and download again")
+
+
+#: the modification times a tar entry may set (0001 to 9999, as every platform's time_t holds them)
+TIME_RANGE = (-62135596800, 253402300799)
+
+
+def fix_times(members: list, archive: Path) -> None:
+    """Give a tar entry whose modification time no file can carry (NaN, or past year 9999: base-256 and pax
+    headers hold any number) the present time, with one warning: unpacking stopped at it, 'unexpected
+    OverflowError: timestamp out of range for platform time_t' (or ValueError for NaN), 'a bug?'."""
+    odd = []
+    for m in members:
+        t = m.mtime
+        if not (isinstance(t, (int, float)) and math.isfinite(t) and TIME_RANGE[0] <= t <= TIME_RANGE[1]):
+            odd.append(m.name)
+            m.mtime = int(time.time())
+    if odd:
+        log.warning("%s: %d %s a modification time no file can have (%s); unpacked with the present time",
+                    archive.name, len(odd), "entry carries" if len(odd) == 1 else "entries carry", _some(odd))
+
+
+def _data_files(kind: str, members: list) -> list[PurePosixPath]:
+    """The files (and links) among the entries, less the system's (``.DS_Store``, ``__MACOSX/...``, hidden)."""
+    files = [PurePosixPath(m.filename if kind == "zip" else m.name) for m in members
+             if not (m.is_dir() if kind == "zip" else m.isdir())]
+    return [f for f in files if not (is_os_file(f.name) or f.name.startswith(".")
+                                     or any(is_skipped_folder(p) for p in f.parts[:-1]))]
+
+
+def check_not_empty(kind: str, members: list, archive: Path) -> bool:
+    """Refuse (before anything is written) an archive holding no file but the system's (an empty zip, a tar of
+    empty folders, a zip of only ``__MACOSX``): it unpacked nothing and named --dest as the data folder.
+    Returns whether it holds images (by name, as extract reads them)."""
+    files = _data_files(kind, members)
+    if not files:
+        held = "is empty" if not members else f"holds no files but the system's or empty folders ({len(members)} " \
+            f"entr{'y' if len(members) == 1 else 'ies'})"
+        raise PipelineError(f"{archive} {held}: no images to unpack; is {option_text('url')} the archive you "
+                            f"meant? (it is kept in {option_text('dest')}: delete it before fetching another of its "
+                            "name)")
+    return any(is_image_name(f.name) for f in files)
+
+
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".tgz", ".tar.gz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
+
+
+def warn_no_images(kind: str, members: list, archive: Path, dest: Path) -> None:
+    """Say that an archive holds no images extract reads (its files unpacked all the same): archives inside it
+    (a Kaggle download of train.zip and test.zip) are named with the fetch-data that unpacks each."""
+    files = _data_files(kind, members)
+    inner = [f for f in files if f.name.lower().endswith(ARCHIVE_SUFFIXES)]
+    if inner:
+        log.warning("%s holds no images but %d archive%s (%s): unpack each with fetch-data %s %s", archive.name,
+                    len(inner), "" if len(inner) == 1 else "s", _some([f.as_posix() for f in inner]),
+                    option_text("url", Placeholder(f"file://{dest / inner[0]}")),
+                    option_text("dest", Placeholder("DIR")))
+    else:
+        log.warning("%s holds no images (%d file%s, none of the types read: %s): %s", archive.name, len(files),
+                    "" if len(files) == 1 else "s", " ".join(IMAGE_EXTENSIONS), _some([f.as_posix() for f in files]))
 
 
 def unpacked_root(dest: Path, names: list[str]) -> Path:
@@ -688,6 +1073,26 @@ def unpacked_root(dest: Path, names: list[str]) -> Path:
     while len(inner := folders(root)) == 1 and folders(one := root + (inner.pop(),)):
         root = one
     return dest.joinpath(*root)
+
+
+TRAIN_SPLITS, OTHER_SPLITS = {"train", "training"}, {"test", "testing", "val", "valid", "validation", "dev"}
+
+
+def warn_splits(root: Path) -> None:
+    """Say when the folder unpacked holds split folders (train/, test/, val/), each of classes: as --data its
+    classes would be 'train' and 'test'; its training split is the data folder, its test split fit-head's
+    --test-data."""
+    try:
+        subs = {e.name.casefold(): e.name for e in os.scandir(root) if e.is_dir() and not is_skipped_folder(e.name)}
+    except OSError:
+        return
+    train = next((subs[n] for n in sorted(TRAIN_SPLITS) if n in subs), None)
+    others = [subs[n] for n in sorted(OTHER_SPLITS) if n in subs]
+    if train is None or not others or not any(e.is_dir() for e in os.scandir(root / train)):
+        return
+    log.warning("%s holds split folders (%s), each of classes, not classes: give %s as %s, and %s as fit-head's "
+                "%s", root, ", ".join([train, *others]), root / train, option_text("data"), root / others[0],
+                option_text("test_data"))
 
 
 def _some(names: list) -> str:
@@ -767,9 +1172,27 @@ def unfinished_unpack(folder: Path) -> Path | None:
 def check_conflicts(kind: str, members: list, dest: Path, overwrite: bool, keep=()) -> None:
     """Refuse (PipelineError naming the first) files already in dest that an entry would replace;
     with ``overwrite`` remove them instead, so nothing is written through an existing link, except the
-    files in ``keep`` (the archive and the --url's own file), which are refused even then."""
+    files in ``keep`` (the archive and the --url's own file), which are refused even then. A file (or a link to
+    none) where an entry needs a folder counts too: unpacking stopped at it halfway ('Not a directory'), with
+    ``overwrite`` as well."""
+    above_seen = set()
     for m in members:
         name = m.filename if kind == "zip" else m.name
+        parts = PurePosixPath(name).parts
+        for i in range(1, len(parts)):
+            if parts[:i] in above_seen:
+                continue
+            above_seen.add(parts[:i])
+            above = dest.joinpath(*parts[:i])
+            if os.path.lexists(above) and not above.is_dir():
+                if any(k is not None and same_file(above, k) for k in keep):
+                    raise PipelineError(f"the archive would replace {above}, the file it is unpacked from, with a "
+                                        f"folder; fetch into another {option_text('dest')}")
+                if not overwrite:
+                    raise PipelineError(f"{above} already exists as a file where the archive unpacks a folder "
+                                        f"({name!r} inside it); move it away, or unpack over it with "
+                                        f"{flag_text('overwrite')}")
+                above.unlink()
         target = dest / name
         is_dir = m.is_dir() if kind == "zip" else m.isdir()
         if not os.path.lexists(target) or (is_dir and target.is_dir() and not target.is_symlink()):
@@ -777,11 +1200,13 @@ def check_conflicts(kind: str, members: list, dest: Path, overwrite: bool, keep=
         if any(k is not None and same_file(target, k) for k in keep):
             raise PipelineError(f"the archive would replace {target}, the file it is unpacked from; "
                                 f"fetch into another {option_text('dest')}")
+        if overwrite and target.is_dir() and not target.is_symlink():  # never removed: it may hold anything
+            raise PipelineError(f"{target} is a folder where the archive unpacks a file, which even "
+                                f"{flag_text('overwrite')} never removes; move it away")
         if not overwrite:
             raise PipelineError(f"{target} already exists and the archive would overwrite it; move it away, "
                                 f"or unpack over it with {flag_text('overwrite')}")
-        if not target.is_dir() or target.is_symlink():
-            target.unlink()
+        target.unlink()
 
 
 def unpack(archive: Path, dest: Path, overwrite: bool = False, keep: Path | None = None) -> tuple[Path, bool]:
@@ -796,8 +1221,11 @@ def unpack(archive: Path, dest: Path, overwrite: bool = False, keep: Path | None
         done = json.loads(marker.read_text())
         root = dest / done["root"]
         if done["bytes"] == size and root.is_dir():
-            log.info("already unpacked: %s", root)
-            return root, False
+            if not overwrite:
+                log.info("already unpacked: %s", root)
+                return root, False
+            # asked to unpack over it: files removed or changed since come back (it said 'already unpacked')
+            log.info("unpacking %s again over its earlier unpack (%s)", archive.name, flag_text("overwrite"))
     except (OSError, ValueError, KeyError, TypeError):
         pass  # no marker (or a foreign one): unpack
     kind = archive_kind(archive)
@@ -810,6 +1238,9 @@ def unpack(archive: Path, dest: Path, overwrite: bool = False, keep: Path | None
             if ignores_case(dest):
                 check_case_clashes(names, dest)
             members = skipped_zip_links(archive, arc.infolist()) if kind == "zip" else arc.getmembers()
+            images = check_not_empty(kind, members, archive)
+            if kind == "tar":
+                fix_times(members, archive)
             check_ratio(kind, members, archive)
             check_beside(kind, members, dest, archive)
             if not overwrite:
@@ -832,6 +1263,8 @@ def unpack(archive: Path, dest: Path, overwrite: bool = False, keep: Path | None
         raise PipelineError(f"cannot unpack {archive} into {dest}: {why}; the files unpacked so far are kept and "
                             "the same command finishes the unpack once this is fixed") from None
     root = unpacked_root(dest, names)
+    if not images:
+        warn_no_images(kind, members, archive, dest)
     marker.write_text(json_text({"archive": archive.name, "bytes": size,
                                   "root": root.relative_to(dest).as_posix()}))
     started.unlink(missing_ok=True)
