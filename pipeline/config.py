@@ -910,7 +910,7 @@ class ExportConfig:
         "`onnx` (ONNX Runtime and other ONNX runners) or `torchscript` (`torch.jit.load`, C++ libtorch)")))
     output: str = field(default="", metadata=option(
         "The file to write (not named for the other format: .onnx, .pt, .ts); its metadata goes beside it as "
-        "FILE.json.", path="file", required=True, metavar="FILE"))
+        "FILE.json. Only an earlier export there is replaced.", path="file", required=True, metavar="FILE"))
     weights: Optional[str] = field(default=None, metadata=option(HEAD_WEIGHTS_HELP,
                                                                  doc_default="where the head recorded them"))
     check_data: Optional[str] = field(default=None, metadata=option(

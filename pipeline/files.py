@@ -176,6 +176,29 @@ def check_output(output, inputs=(), data=(), suffixes=(), what: str = "--output"
     return out
 
 
+def check_replaceable(path, ours, kind: str, what: str = "--output", other: str = "") -> None:
+    """Nothing at ``path`` yet, or a file ``ours(path)`` knows as one of ``kind`` (an earlier export, a checkpoint):
+    an output may replace an earlier one of its own, never a file of the user's named by mistake (a photo, a README,
+    a cache, /dev/null); else UsageError naming it (exit 2). A link is judged by what it leads to (the link, not its
+    file, is what a rename replaces). ``other``: the option to name instead, when not ``what``."""
+    path, what, other = Path(path), option_named(what), option_named(other or what)
+    if not os.path.lexists(path) or (path.is_file() and ours(path)):
+        return
+    that = f" ({what_is(path)})" if path.is_symlink() else "" if path.is_file() else " (not a regular file)"
+    raise UsageError(f"{what} {str(path)!r} exists and is not {kind}{that}: it would be replaced; "
+                     f"move it away, or name another {other}")
+
+
+def starts_with(path: Path, *heads: bytes) -> bool:
+    """Whether the file at ``path`` begins with one of ``heads`` (a format's magic bytes); False if unreadable."""
+    try:
+        with open(path, "rb") as f:
+            first = f.read(max(map(len, heads)))
+    except OSError:
+        return False
+    return first.startswith(heads)
+
+
 def check_writable(folder: Path, what: str, output) -> None:
     """A folder made in ``folder``, or in the nearest part of it that exists, and removed at once; DiskFull naming
     ``what`` and ``output`` where it cannot be. Made, not asked (``os.access``): root is granted everything, and

@@ -243,7 +243,8 @@ class ImageClassifier:
         reads it) to ``path``; returns the path. ``load`` reads it back."""
         import shutil
 
-        from ..files import atomic_write, check_output
+        from ..files import atomic_write, check_output, check_replaceable
+        from ..heads.checkpoints import is_checkpoint
         from .whole_models import checkpoint_reads
 
         src, dst = self._checkpoint(), Path(os.fspath(path))
@@ -251,6 +252,7 @@ class ImageClassifier:
             return dst
         files, folders = checkpoint_reads({"config": self.config_, "cache": self.cache_}, src, self._weights)
         check_output(dst, files, folders, what="save's path")
+        check_replaceable(dst, is_checkpoint, "a checkpoint of this tool", what="save's path", other="path")
         return atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
 
     def plot_curves(self, title: str = ""):
