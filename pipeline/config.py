@@ -669,7 +669,9 @@ class PredictConfig(RunnerOptions):
             "`NNNNN-name.png` (its number in the input order, the name's stem with anything but letters, digits, `-`, "
             "`_`, `.` as `_`; never over a file: a name an earlier run left gets `-2`, `-3`...), named in the rows' "
             "`heatmap` column; from the same forward pass as the rows. Refused "
-            "where `--output` is (inside a photo folder, over an input) and in the folder of a photo named alone")))
+            "where `--output` is (inside a photo folder, over an input), in the folder of a photo named alone and in "
+            "a folder holding a folder predicted (`predict DIR/in --explain DIR`: `predict DIR` would read the "
+            "heatmaps)")))
 
 
 @dataclass

@@ -244,6 +244,13 @@ def folder_of_a_file(folder, paths) -> str | None:
                 None)
 
 
+def folder_held(folder, paths) -> str | None:
+    """The first of ``paths`` that is a folder below ``folder`` (through links and '..' alike), or None: new files in
+    ``folder`` would sit one level above photos given as a folder, and a later run on ``folder`` would read them."""
+    top = Path(os.path.realpath(folder))
+    return next((str(p) for p in paths if os.path.isdir(p) and Path(os.path.realpath(p)).is_relative_to(top)), None)
+
+
 def free_default(path, default) -> str:
     """``path``, unless it is the option's ``default`` and already exists: then the first free
     ``name-N.ext`` beside it, so a command run twice with its defaults never replaces the first picture."""
