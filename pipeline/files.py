@@ -19,6 +19,7 @@ import numbers
 import os
 import re
 import signal
+import stat
 from pathlib import Path
 
 from .config import option_named
@@ -168,7 +169,7 @@ def check_output(output, inputs=(), data=(), suffixes=(), what: str = "--output"
         raise UsageError(f"{what} {str(output)!r} must end in {' or '.join(suffixes)}")
     if not folder:
         require_folder(out.parent, f"{what}'s folder")
-    if written:
+    if written and (folder or not in_place(out)):  # a device is written into: nothing is made beside it
         check_writable(out if folder else out.parent, what, output)
     if not folder:
         with writing(out.parent):
@@ -418,14 +419,31 @@ def temporary_name(path: Path, suffix: str = ".tmp", pid: bool = True) -> Path:
     return path.with_name(name)
 
 
+def in_place(path) -> bool:
+    """Whether ``path`` is written into as it is, never replaced by a rename: a device, a pipe or a socket
+    (``/dev/null``, ``/dev/stdout`` to a terminal or a pipe), or anything named in /dev or /proc (``/dev/stdout``
+    redirected to a file). Such a place keeps nothing a temporary file could protect, and a rename onto it
+    replaced the device itself: as root, ``predict --output /dev/null`` made /dev/null a regular file."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    parts = Path(os.path.abspath(path)).parts
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)) or parts[1:2] in (("dev",), ("proc",))
+
+
 def atomic_write(path, write) -> Path:
     """``write(tmp)`` into a temporary file beside ``path``, then rename it onto ``path``.
 
     Readers never see a half-written file, and a failure (a full disk, Ctrl-C, SIGTERM: see
     ``unwinding_on_signals``) leaves none: the old file, if any, stays as it was. Errors of the
-    disk are one line (see ``writing``).
+    disk are one line (see ``writing``). A device or a pipe (``in_place``) is written into directly.
     """
     path = Path(path)
+    if in_place(path):
+        with writing(path):
+            write(path)
+        return path
     tmp = temporary_name(path)
     with unwinding_on_signals():
         try:
