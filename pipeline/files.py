@@ -144,13 +144,18 @@ def check_output(output, inputs=(), data=(), suffixes=(), what: str = "--output"
       where none was would be read by the next run;
     - a data folder or anything inside one: a new file there joins the training set, makes its caches
       stale, and may replace a photo;
-    - a file name not ending in one of ``suffixes`` (when given).
+    - a file name not ending in one of ``suffixes`` (when given);
+    - a name (of the file, or of a folder on its way) longer than a file system takes (``NAME_MAX`` bytes).
 
     Then, unless ``written`` is False (a folder the command may only read from: extract's cache folder, whose
     complete cache is a hit), a place where nothing can be written (read-only, not permitted, /proc) is refused
     in one line naming it (exit 1, as a failed write is): found only when the command wrote there, after its work.
     """
     out, what = Path(output), option_named(what)  # '--output' on the command line, 'output' from Python
+    long = next((part for part in out.parts if len(os.fsencode(part)) > NAME_MAX), None)
+    if long is not None:  # else 'unexpected OSError: File name too long' once the work was done, at the rename
+        raise UsageError(f"{what} is named with {len(os.fsencode(long))} bytes ({long[:16]!r}...): a file or folder "
+                         f"name may have at most {NAME_MAX}; name it with {NAME_MAX} or fewer")
     if folder:
         require_folder(out, what)
     elif os.path.isdir(out):

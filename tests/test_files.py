@@ -400,3 +400,19 @@ def test_a_signal_inside_signals_deferred_reaches_its_handler_only_after_the_blo
             done.append("the rest of the block")
     assert done == ["the rest of the block"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_an_output_named_longer_than_a_file_system_takes_is_refused_before_the_work(tmp_path, image_folder):
+    """predict/check-images/preview --output, --explain or --runs-dir with a name of 300 bytes ran the whole command,
+    then failed at the rename as 'unexpected OSError: [Errno 36] File name too long' (exit 1, a bug's words); refused
+    now before any work, in one line (exit 2), for a file and for a folder on its way."""
+    long = "a" * 300
+    for output, folder in ((tmp_path / f"{long}.csv", False), (tmp_path / long / "maps", True)):
+        message = r"^--x is named with 30\d bytes \('a+'\.\.\.\): a file or folder name may have at most 255; name"
+        with cli_terms(), pytest.raises(UsageError, match=message + " it with 255 or fewer$"):
+            check_output(output, what="--x", folder=folder)
+    r = CliRunner().invoke(cli, ["check-images", str(image_folder), "--workers", "0", "--report",
+                                     str(tmp_path / f"{long}.csv")])
+    assert r.exit_code == 2 and "--report is named with 304 bytes" in r.stderr and "unexpected" not in r.output, \
+        r.output
+    assert len(r.stderr.strip().splitlines()) == 1 and sorted(os.listdir(tmp_path)) == ["data"]
