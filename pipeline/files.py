@@ -426,15 +426,16 @@ def temporary_name(path: Path, suffix: str = ".tmp", pid: bool = True) -> Path:
 
 def in_place(path) -> bool:
     """Whether ``path`` is written into as it is, never replaced by a rename: a device, a pipe or a socket
-    (``/dev/null``, ``/dev/stdout`` to a terminal or a pipe), or anything named in /dev or /proc (``/dev/stdout``
-    redirected to a file). Such a place keeps nothing a temporary file could protect, and a rename onto it
-    replaced the device itself: as root, ``predict --output /dev/null`` made /dev/null a regular file."""
+    (``/dev/null``, ``/dev/stdout`` to a terminal or a pipe), or a name in /dev, /dev/fd or /proc (``/dev/stdout``
+    redirected to a file; not /dev/shm's files). Such a place keeps nothing a temporary file could protect, and a
+    rename onto it replaced the device itself: as root, ``predict --output /dev/null`` made /dev/null a regular file."""
     try:
         mode = os.stat(path).st_mode
     except OSError:
         return False
-    parts = Path(os.path.abspath(path)).parts
-    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)) or parts[1:2] in (("dev",), ("proc",))
+    parent = os.path.dirname(os.path.abspath(path))
+    special = parent in ("/dev", "/dev/fd") or parent.startswith("/proc/")
+    return special or not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
 def atomic_write(path, write) -> Path:

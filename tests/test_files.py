@@ -416,3 +416,21 @@ def test_an_output_named_longer_than_a_file_system_takes_is_refused_before_the_w
     assert r.exit_code == 2 and "--report is named with 304 bytes" in r.stderr and "unexpected" not in r.output, \
         r.output
     assert len(r.stderr.strip().splitlines()) == 1 and sorted(os.listdir(tmp_path)) == ["data"]
+
+
+def test_only_devices_pipes_and_names_in_dev_are_written_in_place(tmp_path):
+    """atomic_write renames onto a regular file; a pipe, a device or /dev/stdout (whatever it leads to) is written
+    into: a rename there replaced the device itself. A regular file in /dev/shm keeps the rename."""
+    from pipeline.files import in_place
+
+    os.mkfifo(tmp_path / "pipe")
+    (tmp_path / "file.csv").write_text("x\n")
+    assert in_place(tmp_path / "pipe") and in_place("/dev/stdout") and in_place(os.devnull)
+    assert not in_place(tmp_path / "file.csv") and not in_place(tmp_path / "missing.csv")
+    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
+        shm = Path("/dev/shm") / f"in-place-test-{os.getpid()}.csv"
+        shm.write_text("x\n")
+        try:
+            assert not in_place(shm)
+        finally:
+            shm.unlink()
