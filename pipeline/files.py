@@ -139,7 +139,7 @@ def check_output(output, inputs=(), data=(), suffixes=(), what: str = "--output"
     ``data``: every image folder it reads. Each entry is a path, or (path, what it is) for the message;
     None and '' are left out. Refused in one line naming the path and why (exit 2):
 
-    - a file output that is a folder, a folder output that is a file;
+    - a file output that is a folder or ends in '/', a folder output that is a file;
     - one of ``inputs``, by any name (a link, '..', a hard link), there or not: a weights sidecar written
       where none was would be read by the next run;
     - a data folder or anything inside one: a new file there joins the training set, makes its caches
@@ -160,6 +160,8 @@ def check_output(output, inputs=(), data=(), suffixes=(), what: str = "--output"
         require_folder(out, what)
     elif os.path.isdir(out):
         raise UsageError(f"{what} {str(output)!r} is a folder; name a file")
+    elif os.fspath(output).endswith(("/", os.sep)):  # Path('new/') is 'new': a file named like the folder meant
+        raise UsageError(f"{what} {str(output)!r} names a folder (it ends in '/'); name a file")
     for p, role in _labelled(inputs, ""):
         if same_file(out, p):
             raise UsageError(f"{what} {str(output)!r} is one of the inputs ({f'{role}: ' if role else ''}{p}); "

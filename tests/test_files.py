@@ -434,3 +434,15 @@ def test_only_devices_pipes_and_names_in_dev_are_written_in_place(tmp_path):
             assert not in_place(shm)
         finally:
             shm.unlink()
+
+
+def test_a_file_output_ending_in_a_slash_is_refused_not_written_as_a_file_named_like_the_folder(tmp_path, image_folder):
+    """predict/check-images --output new/ (a folder meant, not there yet) wrote a file named 'new': a later mkdir
+    new, or an output into new/, then failed. Refused now (exit 2), nothing made."""
+    with cli_terms(), pytest.raises(UsageError, match=r"^--output '.*new/' names a folder \(it ends in '/'\); name a "
+                                                      r"file$"):
+        check_output(f"{tmp_path}/new/")
+    r = CliRunner().invoke(cli, ["check-images", str(image_folder), "--workers", "0", "--report",
+                                 f"{tmp_path}/report.csv/"])
+    assert r.exit_code == 2 and "names a folder (it ends in '/')" in r.stderr, r.output
+    assert sorted(os.listdir(tmp_path)) == ["data"]
