@@ -319,6 +319,10 @@ def test_save_replaces_an_earlier_checkpoint_but_no_file_of_the_users(head, cach
     (work / "h.pt").write_bytes(b"old")
     with pytest.raises(ValueError, match="exists and is not a checkpoint"):
         head.save(work / "h.pt")
+    for bad, said in ((None, r"save: path must be a path \(a str or pathlib.Path\), got None"),
+                      ("", "save: path '' is an empty name; give a file")):
+        with pytest.raises(ValueError, match=f"^{said}$"):
+            head.save(bad)
     other = pipeline.Head(head="linear", epochs=1).fit(cache)
     saved = other.save(work / "kept.pt")
     assert head.save(saved) == saved and pipeline.Head.load(saved).epochs == 3  # an earlier checkpoint: replaced
