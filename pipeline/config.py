@@ -676,7 +676,9 @@ class PredictConfig(RunnerOptions):
             "`NNNNN-name.png` (its number in the input order, the name's stem with anything but letters, digits, `-`, "
             "`_`, `.` as `_`; never over a file: a name an earlier run left gets `-2`, `-3`...), named in the rows' "
             "`heatmap` column; from the same forward pass as the rows. Refused "
-            "where `--output` is (inside a photo folder, over an input) and in the folder of a photo named alone")))
+            "where `--output` is (inside a photo folder, over an input), in the folder of a photo named alone and in "
+            "a folder holding a folder predicted (`predict DIR/in --explain DIR`: `predict DIR` would read the "
+            "heatmaps)")))
 
 
 @dataclass
@@ -917,7 +919,7 @@ class ExportConfig:
         "`onnx` (ONNX Runtime and other ONNX runners) or `torchscript` (`torch.jit.load`, C++ libtorch)")))
     output: str = field(default="", metadata=option(
         "The file to write (not named for the other format: .onnx, .pt, .ts); its metadata goes beside it as "
-        "FILE.json.", path="file", required=True, metavar="FILE"))
+        "FILE.json. Only an earlier export there is replaced.", path="file", required=True, metavar="FILE"))
     weights: Optional[str] = field(default=None, metadata=option(HEAD_WEIGHTS_HELP,
                                                                  doc_default="where the head recorded them"))
     check_data: Optional[str] = field(default=None, metadata=option(

@@ -19,6 +19,7 @@ import numbers
 import os
 import re
 import signal
+import stat
 from pathlib import Path
 
 from .config import option_named
@@ -144,22 +145,29 @@ def check_output(output, inputs=(), data=(), suffixes=(), what: str = "--output"
     ``data``: every image folder it reads. Each entry is a path, or (path, what it is) for the message;
     None and '' are left out. Refused in one line naming the path and why (exit 2):
 
-    - a file output that is a folder, a folder output that is a file;
+    - a file output that is a folder or ends in '/', a folder output that is a file;
     - one of ``inputs``, by any name (a link, '..', a hard link), there or not: a weights sidecar written
       where none was would be read by the next run;
     - a data folder or anything inside one: a new file there joins the training set, makes its caches
       stale, and may replace a photo;
-    - a file name not ending in one of ``suffixes`` (when given).
+    - a file name not ending in one of ``suffixes`` (when given);
+    - a name (of the file, or of a folder on its way) longer than a file system takes (``NAME_MAX`` bytes).
 
     Then, unless ``written`` is False (a folder the command may only read from: extract's cache folder, whose
     complete cache is a hit), a place where nothing can be written (read-only, not permitted, /proc) is refused
     in one line naming it (exit 1, as a failed write is): found only when the command wrote there, after its work.
     """
     out, what = Path(output), option_named(what)  # '--output' on the command line, 'output' from Python
+    long = next((part for part in out.parts if len(os.fsencode(part)) > NAME_MAX), None)
+    if long is not None:  # else 'unexpected OSError: File name too long' once the work was done, at the rename
+        raise UsageError(f"{what} is named with {len(os.fsencode(long))} bytes ({long[:16]!r}...): a file or folder "
+                         f"name may have at most {NAME_MAX}; name it with {NAME_MAX} or fewer")
     if folder:
         require_folder(out, what)
     elif os.path.isdir(out):
         raise UsageError(f"{what} {str(output)!r} is a folder; name a file")
+    elif os.fspath(output).endswith(("/", os.sep)):  # Path('new/') is 'new': a file named like the folder meant
+        raise UsageError(f"{what} {str(output)!r} names a folder (it ends in '/'); name a file")
     for p, role in _labelled(inputs, ""):
         if same_file(out, p):
             raise UsageError(f"{what} {str(output)!r} is one of the inputs ({f'{role}: ' if role else ''}{p}); "
@@ -174,12 +182,35 @@ def check_output(output, inputs=(), data=(), suffixes=(), what: str = "--output"
         raise UsageError(f"{what} {str(output)!r} must end in {' or '.join(suffixes)}")
     if not folder:
         require_folder(out.parent, f"{what}'s folder")
-    if written:
+    if written and (folder or not in_place(out)):  # a device is written into: nothing is made beside it
         check_writable(out if folder else out.parent, what, output)
     if not folder:
         with writing(out.parent):
             out.parent.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def check_replaceable(path, ours, kind: str, what: str = "--output", other: str = "") -> None:
+    """Nothing at ``path`` yet, or a file ``ours(path)`` knows as one of ``kind`` (an earlier export, a checkpoint):
+    an output may replace an earlier one of its own, never a file of the user's named by mistake (a photo, a README,
+    a cache, /dev/null); else UsageError naming it (exit 2). A link is judged by what it leads to (the link, not its
+    file, is what a rename replaces). ``other``: the option to name instead, when not ``what``."""
+    path, what, other = Path(path), option_named(what), option_named(other or what)
+    if not os.path.lexists(path) or (path.is_file() and ours(path)):
+        return
+    that = f" ({what_is(path)})" if path.is_symlink() else "" if path.is_file() else " (not a regular file)"
+    raise UsageError(f"{what} {str(path)!r} exists and is not {kind}{that}: it would be replaced; "
+                     f"move it away, or name another {other}")
+
+
+def starts_with(path: Path, *heads: bytes) -> bool:
+    """Whether the file at ``path`` begins with one of ``heads`` (a format's magic bytes); False if unreadable."""
+    try:
+        with open(path, "rb") as f:
+            first = f.read(max(map(len, heads)))
+    except OSError:
+        return False
+    return first.startswith(heads)
 
 
 def check_writable(folder: Path, what: str, output) -> None:
@@ -225,6 +256,13 @@ def folder_of_a_file(folder, paths) -> str | None:
     photo, such as ``maps/`` next to ``./cat.jpg``, is the caller's choice."""
     return next((str(p) for p in paths if os.path.isfile(p) and same_file(Path(folder), os.path.dirname(p) or ".")),
                 None)
+
+
+def folder_held(folder, paths) -> str | None:
+    """The first of ``paths`` that is a folder below ``folder`` (through links and '..' alike), or None: new files in
+    ``folder`` would sit one level above photos given as a folder, and a later run on ``folder`` would read them."""
+    top = Path(os.path.realpath(folder))
+    return next((str(p) for p in paths if os.path.isdir(p) and Path(os.path.realpath(p)).is_relative_to(top)), None)
 
 
 def free_default(path, default) -> str:
@@ -394,14 +432,32 @@ def temporary_name(path: Path, suffix: str = ".tmp", pid: bool = True) -> Path:
     return path.with_name(name)
 
 
+def in_place(path) -> bool:
+    """Whether ``path`` is written into as it is, never replaced by a rename: a device, a pipe or a socket
+    (``/dev/null``, ``/dev/stdout`` to a terminal or a pipe), or a name in /dev, /dev/fd or /proc (``/dev/stdout``
+    redirected to a file; not /dev/shm's files). Such a place keeps nothing a temporary file could protect, and a
+    rename onto it replaced the device itself: as root, ``predict --output /dev/null`` made /dev/null a regular file."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    parent = os.path.dirname(os.path.abspath(path))
+    special = parent in ("/dev", "/dev/fd") or parent.startswith("/proc/")
+    return special or not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
 def atomic_write(path, write) -> Path:
     """``write(tmp)`` into a temporary file beside ``path``, then rename it onto ``path``.
 
     Readers never see a half-written file, and a failure (a full disk, Ctrl-C, SIGTERM: see
     ``unwinding_on_signals``) leaves none: the old file, if any, stays as it was. Errors of the
-    disk are one line (see ``writing``).
+    disk are one line (see ``writing``). A device or a pipe (``in_place``) is written into directly.
     """
     path = Path(path)
+    if in_place(path):
+        with writing(path):
+            write(path)
+        return path
     tmp = temporary_name(path)
     with unwinding_on_signals():
         try:

@@ -302,6 +302,32 @@ def test_save_and_load_round_trip_the_cli_checkpoint(head, work):
     assert {p: p.read_bytes() for p in before} == before and not (work / "data" / "red" / "h.pt").exists()
 
 
+def test_save_replaces_an_earlier_checkpoint_but_no_file_of_the_users(head, cache, work):
+    """head.save(path) replaced whatever was at path (a README, a photo outside the data, a cache of another folder,
+    a link to one); each is now refused naming it, nothing changed. A checkpoint there (an earlier save, a head.pt)
+    is replaced as before."""
+    notes, photo, link = work / "notes.md", work / "cat.jpg", work / "link.pt"
+    notes.write_text("# notes\n")
+    Image.new("RGB", (8, 8)).save(photo)
+    link.symlink_to(notes)
+    before = {p: p.read_bytes() for p in (notes, photo)}
+    for target, that in ((notes, ""), (photo, ""), (link, r" \(a link to a file\)")):
+        with pytest.raises(ValueError, match=rf"save's path '.*{target.name}' exists and is not a checkpoint of this "
+                                             rf"tool{that}: it would be replaced; move it away, or name another path"):
+            head.save(target)
+    assert {p: p.read_bytes() for p in before} == before and link.is_symlink()
+    (work / "h.pt").write_bytes(b"old")
+    with pytest.raises(ValueError, match="exists and is not a checkpoint"):
+        head.save(work / "h.pt")
+    for bad, said in ((None, r"save: path must be a path \(a str or pathlib.Path\), got None"),
+                      ("", "save: path '' is an empty name; give a file")):
+        with pytest.raises(ValueError, match=f"^{said}$"):
+            head.save(bad)
+    other = pipeline.Head(head="linear", epochs=1).fit(cache)
+    saved = other.save(work / "kept.pt")
+    assert head.save(saved) == saved and pipeline.Head.load(saved).epochs == 3  # an earlier checkpoint: replaced
+
+
 # -- rows, reports, figures ----------------------------------------------------------------------
 def test_compare_sklearn_returns_rows(cache):
     rows = pipeline.compare_sklearn(cache, head=pipeline.Head(head="linear", epochs=2), val_fraction=0.25, C=0.5)

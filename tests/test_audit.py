@@ -199,6 +199,13 @@ def test_a_refused_list_leaves_no_empty_run_folder(tmp_path):
     run = CliRunner().invoke(cli, ["audit", "--apply", str(fixes), "--data", str(data), "--runs-dir", str(runs)])
     assert run.exit_code == 2 and "nothing was moved" in run.output, run.output
     assert not runs.exists() or list(runs.iterdir()) == []
+    run = CliRunner().invoke(cli, ["audit", "--apply", str(fixes), "--data", str(data), "--output",
+                                   str(tmp_path / "review" / "apply")])  # an --output the refused apply made: gone too
+    assert run.exit_code == 2 and not (tmp_path / "review" / "apply").exists(), run.output
+    (tmp_path / "mine").mkdir()  # one the user made: kept, empty as it was
+    run = CliRunner().invoke(cli, ["audit", "--apply", str(fixes), "--data", str(data), "--output",
+                                   str(tmp_path / "mine")])
+    assert run.exit_code == 2 and (tmp_path / "mine").is_dir()
 
 
 def square(path, y, x, background=255):

@@ -671,3 +671,44 @@ def test_an_output_with_a_long_name_is_exported_or_refused_before_the_export(hea
     r = CliRunner().invoke(cli.cli, ["export", "--model", str(heads["linear"]), "--output", str(too_long)])
     assert r.exit_code == 2 and "--output is named with 251 bytes" in r.stderr and "250 or fewer" in r.stderr, r.output
     assert not too_long.exists()
+
+
+def test_an_output_that_is_no_earlier_export_is_refused_and_an_earlier_export_replaced(heads, tmp_path):
+    """export --output over a file of the user's (a README, a photo named .onnx, a checkpoint, a cache, a link to
+    one, a pipe) replaced it with the export; each is now refused in one line naming it (exit 2), nothing
+    changed. An earlier export there (ONNX, TorchScript) is replaced as before; a foreign .json where the metadata
+    goes is refused too."""
+    head = heads["linear"]
+    readme, photo, other = tmp_path / "README.md", tmp_path / "photo.onnx", tmp_path / "other.pt"
+    readme.write_text("# my notes\n")
+    Image.new("RGB", (8, 8)).save(photo, format="PNG")
+    other.write_bytes(head.read_bytes())  # a checkpoint: a file torch reads, but no export
+    (tmp_path / "cache.ts").write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(64))
+    (tmp_path / "link.onnx").symlink_to(readme)
+    (tmp_path / "m.onnx.json").write_text('{"mine": 1}\n')
+    before = files_below(tmp_path)
+    runner = CliRunner()
+    for name, fmt, why in [("README.md", "onnx", "exists and is not an earlier export"),
+                           ("photo.onnx", "onnx", "exists and is not an earlier export"),
+                           ("other.pt", "torchscript", "exists and is not an earlier export"),
+                           ("cache.ts", "torchscript", "exists and is not an earlier export"),
+                           ("link.onnx", "onnx", "exists and is not an earlier export (a link to a file)"),
+                           ("m.onnx", "onnx", "m.onnx.json' exists and is not an earlier export's metadata")]:
+        r = runner.invoke(cli.cli, ["export", "--model", str(head), "--format", fmt, "--output", str(tmp_path / name)])
+        assert r.exit_code == 2 and why in r.output and "move it away, or name another --output" in r.output, \
+            (name, r.output)
+        assert len(r.output.strip().splitlines()) == 1
+    os.mkfifo(tmp_path / "pipe.onnx")  # as /dev/null: a rename onto it would replace the device itself
+    r = runner.invoke(cli.cli, ["export", "--model", str(head), "--output", str(tmp_path / "pipe.onnx")])
+    assert r.exit_code == 2 and "(not a regular file)" in r.output and not (tmp_path / "pipe.onnx").is_file()
+    assert files_below(tmp_path) == before
+    with pytest.raises(ValueError, match="output '.*README.md' exists and is not an earlier export"):
+        pipeline.export_model(head, readme)
+    for name, fmt in (("again.onnx", "onnx"), ("again.ts", "torchscript")):
+        out = tmp_path / name
+        first = pipeline.export_model(head, out, format=fmt, check_n=2)
+        ids = {pipeline.exported_metadata(out)["export_id"]}
+        Path(f"{out}.json").unlink()  # a tool kept the file alone: its metadata inside still says it is ours
+        second = pipeline.export_model(head, out, format=fmt, check_n=2)
+        ids.add(pipeline.exported_metadata(out)["export_id"])
+        assert first.passed and second.passed and len(ids) == 2

@@ -412,3 +412,49 @@ def test_quoted_writes_a_name_that_is_not_utf8_as_shown_writes_it():
     assert quoted("café\n.jpg") == repr("café\n.jpg")
     assert quoted("a\\udce9") == repr("a\\udce9")  # the text \udce9 in a name: not an escape
     assert quoted(os.fsdecode(b"a\\\xe9")) == "'a\\\\\\xe9'"
+
+
+def test_an_output_named_longer_than_a_file_system_takes_is_refused_before_the_work(tmp_path, image_folder):
+    """predict/check-images/preview --output, --explain or --runs-dir with a name of 300 bytes ran the whole command,
+    then failed at the rename as 'unexpected OSError: [Errno 36] File name too long' (exit 1, a bug's words); refused
+    now before any work, in one line (exit 2), for a file and for a folder on its way."""
+    long = "a" * 300
+    for output, folder in ((tmp_path / f"{long}.csv", False), (tmp_path / long / "maps", True)):
+        message = r"^--x is named with 30\d bytes \('a+'\.\.\.\): a file or folder name may have at most 255; name"
+        with cli_terms(), pytest.raises(UsageError, match=message + " it with 255 or fewer$"):
+            check_output(output, what="--x", folder=folder)
+    r = CliRunner().invoke(cli, ["check-images", str(image_folder), "--workers", "0", "--report",
+                                     str(tmp_path / f"{long}.csv")])
+    assert r.exit_code == 2 and "--report is named with 304 bytes" in r.stderr and "unexpected" not in r.output, \
+        r.output
+    assert len(r.stderr.strip().splitlines()) == 1 and sorted(os.listdir(tmp_path)) == ["data"]
+
+
+def test_only_devices_pipes_and_names_in_dev_are_written_in_place(tmp_path):
+    """atomic_write renames onto a regular file; a pipe, a device or /dev/stdout (whatever it leads to) is written
+    into: a rename there replaced the device itself. A regular file in /dev/shm keeps the rename."""
+    from pipeline.files import in_place
+
+    os.mkfifo(tmp_path / "pipe")
+    (tmp_path / "file.csv").write_text("x\n")
+    assert in_place(tmp_path / "pipe") and in_place("/dev/stdout") and in_place(os.devnull)
+    assert not in_place(tmp_path / "file.csv") and not in_place(tmp_path / "missing.csv")
+    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
+        shm = Path("/dev/shm") / f"in-place-test-{os.getpid()}.csv"
+        shm.write_text("x\n")
+        try:
+            assert not in_place(shm)
+        finally:
+            shm.unlink()
+
+
+def test_a_file_output_ending_in_a_slash_is_refused_not_written_as_a_file_named_like_the_folder(tmp_path, image_folder):
+    """predict/check-images --output new/ (a folder meant, not there yet) wrote a file named 'new': a later mkdir
+    new, or an output into new/, then failed. Refused now (exit 2), nothing made."""
+    with cli_terms(), pytest.raises(UsageError, match=r"^--output '.*new/' names a folder \(it ends in '/'\); name a "
+                                                      r"file$"):
+        check_output(f"{tmp_path}/new/")
+    r = CliRunner().invoke(cli, ["check-images", str(image_folder), "--workers", "0", "--report",
+                                 f"{tmp_path}/report.csv/"])
+    assert r.exit_code == 2 and "names a folder (it ends in '/')" in r.stderr, r.output
+    assert sorted(os.listdir(tmp_path)) == ["data"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -327,6 +328,29 @@ def test_predict_explain_is_refused_in_the_folder_of_a_photo_named_alone(patch_d
                                      "--explain", str(tmp_path / "in" / "." / "")])
     assert r.exit_code == 2 and "--explain" in r.stderr and f"the folder of '{photo}'" in r.stderr, r.output
     assert sorted(photo.parent.iterdir()) == [photo]
+
+
+def test_predict_explain_is_refused_in_a_folder_holding_a_folder_predicted(patch_data, tmp_path):
+    """predict DIR/in --explain DIR wrote the heatmaps one level above the photos: a later predict DIR classified
+    them as photos. Refused now (exit 2), through a link too; a folder beside the photos is still fine."""
+    from click.testing import CliRunner
+
+    from pipeline import cli
+
+    root, data, photos, _ = patch_data
+    head = pipeline_head(root, data)
+    (tmp_path / "top" / "in").mkdir(parents=True)
+    for p in photos[:2]:
+        (tmp_path / "top" / "in" / Path(p).name).write_bytes(Path(p).read_bytes())
+    (tmp_path / "link").symlink_to(tmp_path / "top")
+    args = ["predict", str(tmp_path / "top" / "in"), "--model", head, "--workers", "0", "--explain"]
+    for maps in (tmp_path / "top", tmp_path, tmp_path / "link"):
+        r = CliRunner().invoke(cli.cli, [*args, str(maps)])
+        assert r.exit_code == 2 and f"--explain '{maps}' holds '{tmp_path / 'top' / 'in'}', a folder predicted" in \
+            r.stderr and len(r.stderr.splitlines()) == 1, r.output
+    assert sorted(p.name for p in (tmp_path / "top").iterdir()) == ["in"]
+    r = CliRunner().invoke(cli.cli, [*args, str(tmp_path / "top" / "maps")])
+    assert r.exit_code == 0 and len(list((tmp_path / "top" / "maps").iterdir())) == 2, r.output
 
 
 def pipeline_head(root, data) -> str:

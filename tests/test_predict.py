@@ -524,3 +524,25 @@ def test_a_feature_cache_given_as_a_photo_is_named_so(tmp_path, tiny_cache, mode
         assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1, res.output
         assert f"'{cache}' is a feature cache, not a photo" in res.output and "evaluate --model" in res.output
         assert "Head.load" in res.output and "pixels" not in res.output
+
+
+def test_an_output_that_is_a_pipe_or_a_device_is_written_into_never_replaced(tmp_path, image_folder, model_pt):
+    """predict --output /dev/null wrote its rows beside the device and renamed them onto it: as root, /dev/null
+    became a regular file (every later '> /dev/null' on the machine then filled it). A pipe (what /dev/null and
+    /dev/stdout are to a rename) now takes the rows as they come and stays a pipe."""
+    import os
+    import stat
+    import threading
+
+    fifo = tmp_path / "rows.csv"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()), daemon=True)
+    reader.start()
+    r = CliRunner().invoke(cli.cli, ["predict", str(image_folder / "red"), "--model", str(model_pt), "--workers", "0",
+                                     "--output", str(fifo)])
+    reader.join(10)
+    assert r.exit_code == 0, r.output
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode), "the pipe was replaced by a file"
+    assert got and got[0].startswith("path,class,probability") and len(got[0].splitlines()) == 13
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "model.pt", "rows.csv"]  # no temporary file left

@@ -9,6 +9,7 @@ same; a newer version than this tool knows is refused in one line.
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -80,6 +81,22 @@ def _field_ok(name: str, value) -> bool:
         except (KeyError, TypeError, ValueError):
             return False
     return True
+
+
+def is_checkpoint(path) -> bool:
+    """Whether ``path`` holds a checkpoint of this tool (any kind, any version): one an output may replace. Only a
+    zip archive (as torch.save writes) is opened, memory-mapped: a photo or a cache is never read whole."""
+    from ..files import starts_with
+
+    if not starts_with(Path(path), b"PK\x03\x04"):
+        return False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's advice on a TorchScript archive: not one of ours either way
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 (torch raises what it likes on a zip of another kind)
+        return False
+    return isinstance(ckpt, dict) and ckpt.get("kind") in KINDS
 
 
 def read_checkpoint(path) -> dict:

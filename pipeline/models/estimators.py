@@ -243,14 +243,19 @@ class ImageClassifier:
         reads it) to ``path``; returns the path. ``load`` reads it back."""
         import shutil
 
-        from ..files import atomic_write, check_output
+        from ..files import atomic_write, check_output, check_replaceable, path_text
+        from ..heads.checkpoints import is_checkpoint
         from .whole_models import checkpoint_reads
 
-        src, dst = self._checkpoint(), Path(os.fspath(path))
+        text = path_text(path, "save: path")  # save(None) was os.fspath's TypeError, naming no parameter
+        if not text:  # Path('') is '.': "save's path '.' is a folder"
+            raise UsageError("save: path '' is an empty name; give a file")
+        src, dst = self._checkpoint(), Path(text)
         if dst.is_file() and os.path.samefile(src, dst):
             return dst
         files, folders = checkpoint_reads({"config": self.config_, "cache": self.cache_}, src, self._weights)
         check_output(dst, files, folders, what="save's path")
+        check_replaceable(dst, is_checkpoint, "a checkpoint of this tool", what="save's path", other="path")
         return atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
 
     def plot_curves(self, title: str = ""):

@@ -33,6 +33,7 @@ from ..files import (
     Terminated,
     atomic_write,
     check_output,
+    folder_held,
     folder_of_a_file,
     is_utf8,
     json_text,
@@ -407,6 +408,10 @@ def predict(cfg: PredictConfig) -> PredictResult:
             raise UsageError(f"{option_value('explain', cfg.explain)} is the folder of {photo!r}: its heatmaps "
                              "would join that "
                              "photo's neighbours; write them elsewhere")
+        held = folder_held(explain, cfg.paths)
+        if held:  # predict DIR/in --explain DIR: a later predict DIR would classify the heatmaps as photos
+            raise UsageError(f"{option_value('explain', cfg.explain)} holds {held!r}, a folder predicted: its heatmaps "
+                             f"would be read as photos by a predict of {cfg.explain!r}; write them elsewhere")
     lm = model_from_checkpoint(ckpt, cfg.model, cfg.weights)
     model = network(lm, cfg.device, cfg.precision, maps=bool(explain))
     if explain:

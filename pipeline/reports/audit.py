@@ -479,14 +479,15 @@ def audit(cfg: AuditConfig) -> AuditResult | FixesResult:
             if not cfg.data:
                 raise UsageError(f"{option_text('apply')} needs {option_text('data', Placeholder('DIR'))}, the folder "
                                  "the list's paths are relative to")
+            made = not cfg.output or not os.path.lexists(cfg.output)  # an --output already there is the user's
             out = output_dir(cfg, "audit-apply")
             try:
                 result = apply_fixes(cfg.apply, cfg.data, out, cfg.quarantine_dir)
                 if cfg.refresh and cfg.cache_dir != AuditConfig.cache_dir:  # the undo's refresh: the same caches
                     result = replace(result, undo=f"{result.undo} --cache-dir {shlex.quote(str(cfg.cache_dir))}")
             except Exception:
-                if not cfg.output and not any(out.iterdir()):
-                    out.rmdir()  # a refused list leaves no empty run folder behind
+                if made and not any(out.iterdir()):
+                    out.rmdir()  # a refused list leaves no empty run folder (or --output audit made) behind
                 raise
         else:
             result = undo_fixes(cfg.undo, cfg.data)

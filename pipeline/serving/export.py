@@ -34,7 +34,8 @@ from ..data import portable
 from ..data.image_reader import DECODE_VERSION, ImageListDataset, draft_short_side, read_items
 from ..errors import PipelineError, UsageError
 from ..extraction import backbones as bb
-from ..files import NAME_MAX, atomic_write, check_output, temporary_name, unwinding_on_signals, write_json
+from ..files import (NAME_MAX, atomic_write, check_output, check_replaceable, starts_with, temporary_name,
+                     unwinding_on_signals, write_json)
 from ..models.fused_models import fused_metadata, input_shape
 from ..models.predict import list_inputs
 from ..models.predict import ImageOutputs, iter_log_proba
@@ -173,6 +174,30 @@ def torchscript_extra(path) -> str:
             return z.read(member).decode("utf-8")
     except zipfile.BadZipFile as e:  # a damaged member (its CRC): not an OSError or ValueError
         raise ValueError(f"a damaged zip archive ({e})") from None
+
+
+def is_export(path: Path) -> bool:
+    """Whether ``path`` is a file an earlier export wrote: an ONNX (a protobuf starting with its ir_version) or a
+    TorchScript archive (a zip) whose metadata, inside or (stripped by a tool) in the sidecar beside it, has an
+    export_id. Only such files begin as they do: a photo, a cache or a README is never parsed."""
+    if not starts_with(path, b"\x08", b"PK\x03\x04"):
+        return False
+    try:
+        inside = embedded_metadata(path)
+    except Exception:  # noqa: BLE001 (onnx and torch raise what they like on a file of another format)
+        return False
+    if inside is None:
+        return is_sidecar(sidecar_path(path))
+    return isinstance(inside, dict) and "export_id" in inside
+
+
+def is_sidecar(path: Path) -> bool:
+    """Whether ``path`` is the metadata an export wrote beside its file (a JSON object with an export_id)."""
+    try:
+        value = json.loads(path.read_bytes()[:MAX_METADATA_BYTES + 1])
+        return isinstance(value, dict) and "export_id" in value
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def decoded(key: str, value: str):
@@ -526,12 +551,16 @@ def check_outputs(cfg: ExportConfig, ckpt: dict) -> tuple[Path, Path]:
     inputs = [*inputs, (cfg.check_data, "the parity check's photos")]
     data = [*data, (cfg.check_data, "the parity check's photos")]
     out = check_output(cfg.output, inputs, data)
+    check_replaceable(out, is_export, "an earlier export")
     side = sidecar_path(out)
     if len(os.fsencode(side.name)) > NAME_MAX:  # else 'unexpected OSError: File name too long' after the export
         raise UsageError(f"{option_text('output')} is named with {len(os.fsencode(out.name))} bytes: its metadata "
                          f"file (+ '.json') would be longer than a file name may be ({NAME_MAX} bytes); name it with "
                          f"{NAME_MAX - len('.json')} or fewer")
-    return out, check_output(sidecar_path(out), inputs, data, what=f"the metadata file beside --output {cfg.output!r}:")
+    what = f"the metadata file beside --output {cfg.output!r}:"
+    side = check_output(side, inputs, data, what=what)
+    check_replaceable(side, is_sidecar, "an earlier export's metadata", what=what, other="--output")
+    return out, side
 
 
 @dataclass(frozen=True)
