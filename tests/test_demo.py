@@ -229,3 +229,34 @@ def test_demo_offline_refuses_undownloadable_weights_before_moving_a_file(tmp_pa
     assert r.exit_code == 1 and "cannot download" in r.output and "--weights PATH" in r.output, r.output
     assert (data / "red" / "broken.jpg").exists() and not (tmp_path / "pets.quarantine").exists()
     assert not (tmp_path / "f").exists()
+
+
+@pytest.mark.parametrize("record", [{"url": "http://ann:s3cret@host/pets.zip"},  # an older fetch-data's
+                                    {"url": "http://ann:sha256-0f0f@host/pets.zip", "salt": "ab"}])
+def test_the_finish_command_holds_no_password(tmp_path, monkeypatch, record):
+    """'finish it with: ... --url http://ann:s3cret@host/pets.zip' printed the password the record held."""
+    import shutil
+
+    _half_unpacked(tmp_path, monkeypatch)
+    mine = tmp_path / "mine"
+    shutil.move(tmp_path / "data", mine)
+    (mine / ".kagglecatsanddogs_5340.zip.url").write_text(json.dumps(record))
+    r = CliRunner().invoke(cli, ["demo", "--data", str(mine / "PetImages"), "--backbone", "tiny", "--weights", "none",
+                                 "--n", "4", "--workers", "1"])
+    assert r.exit_code == 1 and "s3cret" not in r.output and "sha256" not in r.output, r.output
+    assert (f"finish it with: python cli.py fetch-data --dest {mine} --url 'http://ann:***@host/pets.zip' (with its "
+            "password or token in place of ***") in r.output
+
+
+def test_demo_says_what_it_fetches_without_the_password(tmp_path, monkeypatch):
+    """'[1/4] data/PetImages is missing: fetching http://ann:s3cret@...' went to stderr (and to any log kept)."""
+    import socket
+
+    monkeypatch.chdir(tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = CliRunner().invoke(cli, ["demo", "--url", f"http://ann:s3cret@127.0.0.1:{port}/pets.zip", "--backbone", "tiny",
+                                 "--weights", "none", "--n", "4", "--workers", "1"])
+    assert r.exit_code == 1 and f"fetching http://ann:***@127.0.0.1:{port}/pets.zip" in r.stderr, r.output
+    assert "s3cret" not in r.output

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 
 from pipeline.cli import cli
 from pipeline.data import fetch
-from pipeline.data.fetch import FetchConfig, FetchResult, archive_name, download, fetch_data
+from pipeline.data.fetch import FetchConfig, FetchResult, archive_name, download, fetch_data, shown_url
 from pipeline.errors import PipelineError, UsageError
 from tests.fsfaults import no_hang
 
@@ -1575,6 +1575,74 @@ def test_a_password_in_the_url_is_masked_in_messages(server, tmp_path):
     with pytest.raises(PipelineError) as e:
         fetch_data(cfg(tmp_path, server.url.replace("http://", "http://ann:s3cret@")))
     assert "s3cret" not in str(e.value) and "http://ann:***@127.0.0.1:" in str(e.value)
+    assert fetch.shown_url("https://ghp_tok3n@host/x.zip") == "https://***@host/x.zip"  # a token as the user
+
+
+def test_a_token_given_as_the_user_is_written_neither_to_disk_nor_to_the_result(server, tmp_path):
+    import base64
+
+    server.auth = "Basic " + base64.b64encode(b"ghp_tok3n:").decode()
+    url = server.url.replace("http://", "http://ghp_tok3n@")
+    result = fetch_data(cfg(tmp_path, url))
+    assert result.url == server.url.replace("http://", "http://***@") and "tok3n" not in _on_disk(tmp_path)
+    assert fetch_data(cfg(tmp_path, url)).downloaded is False and len(server.request_headers) == 2
+
+
+def _on_disk(folder) -> str:
+    return "".join(p.read_text(errors="replace") for p in folder.rglob("*") if p.is_file() and p.suffix != ".zip"
+                   and not p.name.endswith(".part"))
+
+
+def test_a_password_in_the_url_is_written_neither_to_disk_nor_to_json(server, tmp_path):
+    """The .X.url record beside the archive, FetchResult.url and --json held 'http://ann:s3cret@...' as given."""
+    import base64
+
+    server.auth = "Basic " + base64.b64encode(b"ann:s3cret").decode()
+    url = server.url.replace("http://", "http://ann:s3cret@")
+    r = CliRunner().invoke(cli, ["-q", "fetch-data", "--dest", str(tmp_path), "--url", url, "--json"])
+    assert r.exit_code == 0, r.output
+    assert "s3cret" not in r.output and json.loads(r.stdout)["url"] == server.url.replace("http://", "http://ann:***@")
+    assert "s3cret" not in _on_disk(tmp_path) and "ann:sha256-" in _on_disk(tmp_path)
+    again = fetch_data(cfg(tmp_path, url))  # still known for the same URL: nothing fetched
+    assert again.downloaded is False and again.url == shown_url(url) and len(server.request_headers) == 2
+    with pytest.raises(UsageError, match=r"was fetched from http://ann:\*\*\*@127.*, not http://ann:\*\*\*@"):
+        fetch_data(cfg(tmp_path, url.replace("s3cret", "other")))  # as before: another URL
+
+
+def test_a_partial_download_with_a_password_resumes_without_it_on_disk(server, tmp_path):
+    import base64
+
+    server.auth, server.drops = "Basic " + base64.b64encode(b"ann:s3cret").decode(), 1
+    url = server.url.replace("http://", "http://ann:s3cret@")
+    with pytest.raises(PipelineError, match="run the same command again to resume"):
+        fetch_data(cfg(tmp_path, url, retries=0))
+    assert "s3cret" not in _on_disk(tmp_path) and (tmp_path / f"{NAME}.part").stat().st_size
+    fetch_data(cfg(tmp_path, url))
+    assert server.requests[-1] == f"bytes={len(server.files[NAME]) // 2}-"
+    assert (tmp_path / NAME).read_bytes() == server.files[NAME] and "s3cret" not in _on_disk(tmp_path)
+
+
+@pytest.mark.parametrize("secret, url", [("s3cret", "http://ann:s3cret@{host}/" + NAME),
+                                         ("zzsig", "http://{host}/" + NAME + "?v=1&X-Amz-Signature=zzsig")])
+def test_an_older_record_holding_the_secret_is_understood_and_written_anew_without_it(server, tmp_path, secret, url):
+    url = url.format(host=server.url.split("/")[2])
+    (tmp_path / NAME).write_bytes(server.files[NAME])
+    (tmp_path / f".{NAME}.url").write_text(json.dumps({"url": url, "bytes": len(server.files[NAME])}))
+    result = fetch_data(cfg(tmp_path, url))
+    assert result.downloaded is False and server.requests == []
+    record = json.loads((tmp_path / f".{NAME}.url").read_text())
+    assert secret not in json.dumps(record) and record["bytes"] == len(server.files[NAME])
+    assert fetch_data(cfg(tmp_path, url)).downloaded is False and server.requests == []
+
+
+def test_a_signed_links_signature_is_not_written_to_disk(server, tmp_path):
+    first, second = signed(server.url, "aaasecret"), signed(server.url, "bbbsecret")
+    fetch_data(cfg(tmp_path, first))
+    assert "aaasecret" not in _on_disk(tmp_path) and "X-Amz-Signature=sha256-" in _on_disk(tmp_path)
+    assert fetch_data(cfg(tmp_path, first)).downloaded is False and fetch_data(cfg(tmp_path, second)).downloaded \
+        is False and server.requests == [None]
+    with pytest.raises(UsageError, match="was fetched from"):  # another file, signed: still told apart
+        fetch_data(cfg(tmp_path, signed(server.url.replace(NAME, "B/" + NAME), "aaasecret")))
 
 
 def test_a_file_where_the_archive_needs_a_folder_is_refused_before_anything_is_written(tmp_path):

@@ -102,7 +102,8 @@ def fetch_data(cfg: FetchConfig) -> FetchResult:
             if downloaded:
                 try:
                     download(cfg, archive)
-                    _source_record(archive).write_text(json_text({"url": cfg.url, "bytes": archive.stat().st_size}))
+                    _source_record(archive).write_text(json_text({**url_record(cfg.url),
+                                                                  "bytes": archive.stat().st_size}))
                 except OSError as e:  # a read-only or full --dest (the network's errors are PipelineErrors already)
                     raise disk_error(e, dest) or PipelineError(f"cannot write in {option_text('dest')} {dest}: "
                                                                f"{e}") from None
@@ -116,7 +117,7 @@ def fetch_data(cfg: FetchConfig) -> FetchResult:
             remove_if_empty(made)  # under the lock: a run waiting for it finds the folder gone, and makes it again
             raise
     return FetchResult(archive=str(archive), bytes=archive.stat().st_size, downloaded=downloaded,
-                       unpacked=str(unpacked), unpacked_now=fresh, url=cfg.url)
+                       unpacked=str(unpacked), unpacked_now=fresh, url=shown_url(cfg.url))
 
 
 def expected_sha256(value) -> str | None:
@@ -258,10 +259,17 @@ def check_source(cfg: FetchConfig, archive: Path, source: Path | None = None) ->
     if not (archive.is_file() or part.is_file()):
         return
     try:
-        url = json.loads(_source_record(archive).read_text())["url"]
-    except (OSError, ValueError, KeyError, TypeError):
+        record = json.loads(_source_record(archive).read_text())
+        url = record["url"]
+        salt = record.get("salt")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return
-    if url == cfg.url:
+    if salt is None and isinstance(url, str) and (hidden := url_record(url))["url"] != url:
+        # an older fetch-data's record, the password or signature in it as given: written anew without
+        url, salt = hidden["url"], hidden["salt"]
+        with contextlib.suppress(OSError):
+            _source_record(archive).write_text(json_text({**record, **hidden}))
+    if url == recorded_url(cfg.url, None if salt is None else str(salt)):
         return
     own = source is not None and same_file(archive, source)
     held, how = (archive, "fetched") if archive.is_file() else (part, "partly fetched")
@@ -473,12 +481,47 @@ def request_url(url: str) -> str:
 
 
 def shown_url(url: str) -> str:
-    """The URL as messages show it: a password in it masked ('https://ann:***@host/x.zip'), as pip shows one."""
+    """The URL as messages show it: a password in it masked ('https://ann:***@host/x.zip'), and a user without
+    one too, a token given as the user ('https://***@host/x.zip'), as pip shows them."""
     parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
+    if parts.username is None:
         return url
     user, _, host = parts.netloc.rpartition("@")
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user.partition(':')[0]}:***@{host}"))
+    shown = "***" if parts.password is None else f"{user.partition(':')[0]}:***"
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{shown}@{host}"))
+
+
+def recorded_url(url: str, salt: str | None) -> str:
+    """The URL as the ``.X.url`` record keeps it: its password (its user where it has none: a token) and its
+    signing parameters' values (SIGNING_PARAMS) each replaced by 'sha256-' and a salted hash of it (PBKDF2), so a
+    later run compares its --url exactly without the secret ever written to disk (it was kept there as given).
+    None for salt: the URL as it is."""
+    parts = urllib.parse.urlsplit(url)
+    if salt is None or parts.scheme == "file":
+        return url
+
+    def hashed(secret: str) -> str:  # slow to try passwords against, as a password store's
+        return "sha256-" + hashlib.pbkdf2_hmac("sha256", secret.encode(), salt.encode(), 100_000).hex()
+
+    netloc = parts.netloc
+    if parts.username is not None:  # a user without a password: a token, as shown_url takes it
+        user, _, host = netloc.rpartition("@")
+        netloc = (hashed(user) if parts.password is None else f"{user.partition(':')[0]}:{hashed(parts.password)}") + \
+            f"@{host}"
+    signing = _signing(url)
+    query = "&".join(f"{k}={hashed(v)}" if urllib.parse.unquote_plus(k).lower() in signing else piece
+                     for piece in parts.query.split("&") for k, _, v in [piece.partition("=")]) if signing else \
+        parts.query
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def url_record(url: str) -> dict:
+    """What the ``.X.url`` record says of the URL: it with its secrets hashed (``recorded_url``), and their salt."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "file" or (parts.username is None and not _signing(url)):
+        return {"url": url}
+    salt = os.urandom(16).hex()
+    return {"url": recorded_url(url, salt), "salt": salt}
 
 
 def _urlopen(url: str, req: urllib.request.Request, timeout: float):
@@ -674,7 +717,7 @@ def _transfer(cfg: FetchConfig, archive: Path, part: Path, offset: int, warned: 
             ensure_room(part.parent, total - have, f"downloading {archive.name} ({total} bytes)")
         # whose bytes the .part holds, and which of that URL's files (what a resume sends as If-Range, and checks)
         known = {"validator": validator, "bytes": size}
-        _source_record(archive).write_text(json_text({"url": cfg.url, **{k: v for k, v in known.items() if v}}))
+        _source_record(archive).write_text(json_text({**url_record(cfg.url), **{k: v for k, v in known.items() if v}}))
         with open(part, "ab" if offset else "wb") as f, progress(
                 total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
                 desc=archive.name) as bar:

@@ -15,7 +15,7 @@ from typing import Optional
 
 from ..config import DemoConfig, option_text
 from ..data.check_images import CheckImagesConfig, check_images, default_quarantine_dir
-from ..data.fetch import FetchConfig, FetchResult, fetch_data, unfinished_unpack
+from ..data.fetch import FetchConfig, FetchResult, fetch_data, shown_url, unfinished_unpack
 from ..data.folders import list_image_folder
 from ..errors import PipelineError, UsageError
 from ..extraction.backbones import check_loadable
@@ -64,7 +64,7 @@ def demo(cfg: DemoConfig) -> DemoResult:
                             f"stopped ({unfinished.name} there is its record); {finish_command(unfinished)}")
     if not data.is_dir() or unfinished is not None:
         log.info("[1/4] %s is %s: fetching %s", data, "missing" if unfinished is None else "half unpacked",
-                 cfg.url)
+                 shown_url(cfg.url))
         steps["fetch"] = fetch_data(FetchConfig(dest=str(data.parent), url=cfg.url))
         data = Path(steps["fetch"].unpacked)
     else:
@@ -107,10 +107,15 @@ def ready_to_extract(cfg: ExtractConfig, found, moving: bool) -> None:
 def finish_command(record: Path) -> str:
     """How to finish the unpack an ``.X.unpacking`` record names: its fetch-data command, with the URL recorded."""
     try:
-        url = json.loads(record.with_name(record.name.replace(".unpacking", ".url")).read_text())["url"]
-    except (OSError, ValueError, KeyError, TypeError):
+        source = json.loads(record.with_name(record.name.replace(".unpacking", ".url")).read_text())
+        url = shown_url(source["url"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return "run the fetch-data that unpacked it again to finish it"
-    return f"finish it with: python cli.py fetch-data --dest {shlex.quote(str(record.parent))} --url {shlex.quote(url)}"
+    # the record keeps no password nor signature (fetch.recorded_url): the command says so rather than hold one
+    secret = "" if "salt" not in source and url == source["url"] else \
+        " (with its password or token in place of ***, or the signed link anew: the record keeps none)"
+    return (f"finish it with: python cli.py fetch-data --dest {shlex.quote(str(record.parent))} "
+            f"--url {shlex.quote(url)}{secret}")
 
 
 def can_quarantine(data: Path) -> bool:
