@@ -649,7 +649,7 @@ def check_image_folder(root: PathLike, *, verbose: Optional[bool] = False, **opt
 
 def fetch_data(*, verbose: Optional[bool] = False, **options):
     """Download an image archive (resuming) and unpack it safely (``python cli.py fetch-data``);
-    ``options``: FetchConfig's (dest, url, overwrite, timeout, retries). A ``FetchResult``: ``unpacked`` is the
+    ``options``: FetchConfig's (dest, url, sha256, overwrite, timeout, retries). A ``FetchResult``: ``unpacked`` is the
     folder."""
     from .data.fetch import fetch_data as run
 
