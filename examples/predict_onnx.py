@@ -224,6 +224,17 @@ def too_many_pixels(size, jpeg: bool = False) -> str:
             f"{'photo' if jpeg else 'image or save it as baseline JPEG'}")
 
 
+def first_bytes(fp, n: int) -> bytes:
+    """The first ``n`` bytes of ``fp``: a path, or an open binary file that can seek (left at its start)."""
+    if isinstance(fp, (str, bytes, os.PathLike)):
+        with open(fp, "rb") as f:
+            return f.read(n)
+    fp.seek(0)
+    head = fp.read(n)
+    fp.seek(0)
+    return head
+
+
 def open_within_limit(fp):
     """``Image.open`` (nothing decoded yet) under the pixel limit: a JPEG of more than MAX_PIXELS, up to
     MAX_JPEG_PIXELS, opens too, as a plain JPEG (an MPO's first image), for ``jpeg_draft`` to decode reduced;
@@ -234,14 +245,7 @@ def open_within_limit(fp):
             return Image.open(fp)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             bomb = e
-    if isinstance(fp, (str, bytes, os.PathLike)):
-        with open(fp, "rb") as f:
-            head = f.read(3)
-    else:
-        fp.seek(0)
-        head = fp.read(3)
-        fp.seek(0)
-    if head != b"\xff\xd8\xff":
+    if first_bytes(fp, 3) != b"\xff\xd8\xff":
         raise TooManyPixels(too_many_pixels(pillows_count(bomb)))
     return JpegImagePlugin.JpegImageFile(fp)  # what Image.open builds, without its pixel check
 
@@ -404,13 +408,7 @@ def unidentified(fp) -> str:
     a photo of a format Pillow does not decode, told by its first bytes (an iPhone's HEIC photo named .jpg, a JPEG
     XL, a TIFF of a sample layout Pillow does not read: each was 'not an image'), else 'not an image'."""
     try:
-        if isinstance(fp, (str, bytes, os.PathLike)):
-            with open(fp, "rb") as f:
-                head = f.read(16)
-        else:
-            fp.seek(0)
-            head = fp.read(16)
-            fp.seek(0)
+        head = first_bytes(fp, 16)
     except OSError:
         head = b""
     if head[4:8] == b"ftyp" and head[8:12] in HEIF_BRANDS:
