@@ -421,18 +421,63 @@ def test_auditing_again_after_an_int8_apply_is_the_refreshed_cache_not_a_new_net
     assert json.loads(again.stdout)["cache"] == refreshed["cache"]  # a hit: another network is another name
 
 
-def test_no_label_issue_leaves_no_earlier_gallery_in_the_same_output(tmp_path):
+def audit_into(tmp_path, data, out, *more):
+    return CliRunner().invoke(cli, ["audit", "--data", str(data), "--folds", "3", "--cache-dir", str(tmp_path / "f"),
+                                    "--backbone", "tiny", "--weights", "none", "--workers", "0", "--output", str(out),
+                                    "--json", *more])
+
+
+@pytest.mark.parametrize("made", ["marked", "before the mark"])
+def test_no_label_issue_leaves_no_earlier_gallery_in_the_same_output(tmp_path, made):
     """--output may be a folder an earlier audit wrote to: its gallery.png (the issues since fixed by --apply) was
     overwritten while every audit wrote one; once a clean audit wrote none, the old picture stayed beside a report
-    of no label issues."""
-    data = photos(tmp_path / "data", per_class=6)
-    (tmp_path / "a").mkdir()
-    (tmp_path / "a" / "gallery.png").write_bytes(b"the earlier audit's issues")
-    run = CliRunner().invoke(cli, ["audit", "--data", str(data), "--folds", "2", "--cache-dir", str(tmp_path / "f"),
-                                   "--backbone", "tiny", "--weights", "none", "--workers", "0", "--output",
-                                   str(tmp_path / "a"), "--json"])
+    of no label issues. A gallery of an audit from before audit marked its PNG is known by its report."""
+    data, _ = planted(tmp_path)
+    first = audit_into(tmp_path, data, tmp_path / "a")
+    assert first.exit_code == 0, first.output
+    assert json.loads(first.stdout)["label_issues"] and (tmp_path / "a" / "gallery.png").is_file()
+    if made == "before the mark":  # as figures.save wrote it: matplotlib's PNG, no text of audit's
+        from pipeline.runs.figures import label_issues_figure, save
+        save(label_issues_figure([]), tmp_path / "a" / "gallery.png")
+    clean = photos(tmp_path / "clean", per_class=6)
+    run = audit_into(tmp_path, clean, tmp_path / "a")
     assert run.exit_code == 0, run.output
     assert json.loads(run.stdout)["label_issues"] == [] and not (tmp_path / "a" / "gallery.png").exists()
+
+
+@pytest.mark.parametrize("name", ["gallery.png", "report.json", "report.html", "fixes.csv"])
+def test_a_file_of_the_users_named_as_an_output_is_refused_not_replaced_or_deleted(tmp_path, name):
+    """audit --output DIR deleted any gallery.png in DIR when it found no label issue (a user's own picture so
+    named was lost), and replaced a report.json or report.html of the user's, or moved their fixes.csv aside. Now
+    refused before any work, naming the file (exit 2); nothing in DIR changes."""
+    data = photos(tmp_path / "data", per_class=6)
+    out = tmp_path / "mine"
+    out.mkdir()
+    theirs = out / name
+    if name == "gallery.png":
+        Image.new("RGB", (30, 20), (200, 10, 10)).save(theirs)
+    elif name == "fixes.csv":
+        theirs.write_text("name,price\nbike,300\n")
+    else:
+        theirs.write_text('{"notes": "mine"}' if name.endswith(".json") else "<html><body>my page</body></html>")
+    before = theirs.read_bytes()
+    run = audit_into(tmp_path, data, out)
+    assert run.exit_code == 2, run.output
+    assert f"--output '{theirs}' exists and is not " in run.output and "move it away" in run.output, run.output
+    assert theirs.read_bytes() == before and sorted(p.name for p in out.iterdir()) == [name]
+    assert not (tmp_path / "f").exists()  # before any work
+
+
+def test_an_earlier_audits_outputs_are_replaced_and_its_edited_list_kept(tmp_path):
+    """The same --output audited again: report, page and gallery replaced, an edited fixes.csv kept aside."""
+    data, _ = planted(tmp_path)
+    assert audit_into(tmp_path, data, tmp_path / "a").exit_code == 0
+    fixes = tmp_path / "a" / "fixes.csv"
+    fixes.write_text(fixes.read_text().replace("relabel", "keep"))
+    again = audit_into(tmp_path, data, tmp_path / "a")
+    assert again.exit_code == 0, again.output
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["fixes-earlier.csv", "fixes.csv", "gallery.png",
+                                                                  "report.html", "report.json"]
 
 
 def test_three_byte_copies_are_one_exact_group_with_two_removals(tmp_path):

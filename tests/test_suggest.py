@@ -135,6 +135,24 @@ def test_overlapping_folders_are_refused(tmp_path, image_folder, pool, where):
     assert not (pool / "out").exists()
 
 
+@pytest.mark.parametrize("name", ["suggestions.csv", "suggestions.html"])
+def test_a_file_of_the_users_named_as_an_output_is_refused_an_earlier_suggests_replaced(tmp_path, image_folder, pool,
+                                                                                        name):
+    """suggest --output DIR replaced any suggestions.csv or suggestions.html there, a user's own file too. Now one
+    of the user's is refused before any work (exit 2); an earlier suggest's list and page are replaced."""
+    args = ["suggest", "--data", str(image_folder), "--pool", str(pool), "--k", "3", "--output", str(tmp_path / "out"),
+            *tiny_args(tmp_path)]
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code == 0, again.output
+    theirs = tmp_path / "out" / name
+    theirs.write_text("name,price\nbike,300\n" if name.endswith(".csv") else "<html>my page</html>")
+    shutil.rmtree(tmp_path / "features")
+    run = CliRunner().invoke(cli, args)
+    assert run.exit_code == 2 and f"--output '{theirs}' exists and is not a " in run.output, run.output
+    assert theirs.read_text().startswith(("name,price", "<html>my page")) and not (tmp_path / "features").exists()
+
+
 def test_a_cache_dir_inside_the_pool_is_refused_before_anything_is_written(tmp_path, image_folder, pool):
     """The labelled folder's extraction used to write its cache into the pool before the pool's refused it."""
     args = ["--data", str(image_folder), "--pool", str(pool), "--output", str(tmp_path / "out"), "--backbone", "tiny",

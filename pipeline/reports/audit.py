@@ -26,7 +26,8 @@ from ..cache.feature_cache import FeatureCache
 from ..config import AuditConfig, ExtractConfig, FitHeadConfig, Placeholder, check_config, option_text, option_value
 from ..data.moves import rename_to_free
 from ..errors import DeviceMissing, PackageMissing, PipelineError, UsageError
-from ..files import SafeCsvWriter, atomic_write, check_output, unshown, write_json, writing
+from ..files import (SafeCsvWriter, atomic_write, check_output, check_replaceable, starts_with, unshown, write_json,
+                     writing)
 from ..heads.cache_views import CacheViews
 from ..heads.fit_head import check_labelled, warn_same_folder
 from ..progress import progress
@@ -150,9 +151,53 @@ def check_output_dir(cfg: AuditConfig) -> None:
         folders += cache_reads(cache, option)[1] if cache else []
     folder, option = (cfg.output, "--output") if cfg.output else (cfg.runs_dir, "--runs-dir")
     check_output(folder, data=folders, what=option, folder=True)
+    if cfg.output and not (cfg.apply or cfg.undo):
+        check_earlier(Path(cfg.output))
     # every folder at once: extract checks only its own, so the training cache would land in --test-data first
     check_output(cfg.cache_dir, data=folders, what="--cache-dir", folder=True,
                  written=False)  # its caches may be hits, read where nothing can be written
+
+
+def is_report(path: Path, gallery: str = "") -> bool:
+    """Whether ``path`` is a report.json an audit wrote (a JSON object with its keys); with ``gallery``, one that
+    names a gallery of that file name (a report of label issues)."""
+    if not starts_with(path, b"{"):
+        return False
+    try:
+        report = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return False
+    ours = isinstance(report, dict) and {"data_root", "label_issues", "folds"} <= report.keys()
+    return ours and (not gallery or PurePosixPath(str(report.get("gallery") or "")).name == gallery)
+
+
+def header_names(path: Path, *names: str) -> bool:
+    """Whether the first line of the CSV at ``path`` names the columns ``names`` (among others, in any order,
+    separated by ',', ';' or a tab as a spreadsheet may save it): a list a command wrote, perhaps edited."""
+    try:
+        with open(path, "rb") as f:
+            line = f.read(4096).decode("utf-8-sig", "replace").splitlines()[0]
+    except (OSError, IndexError):
+        return False
+    return set(names) <= {cell.strip().strip('"') for cell in line.replace(";", ",").replace("\t", ",").split(",")}
+
+
+def audit_files() -> dict:
+    """What audit writes into its folder: {name: (how an earlier audit's is known, what it is)}."""
+    from .audit_html import is_gallery, is_page
+
+    return {"report.json": (is_report, "a report audit wrote"), "report.html": (is_page, "a page audit wrote"),
+            "gallery.png": (is_gallery, "a gallery audit wrote"),
+            "fixes.csv": (lambda p: header_names(p, "path", "action"), "a list of fixes (path, action, ...)")}
+
+
+def check_earlier(out: Path) -> None:
+    """Before any work: each file audit writes (or removes: gallery.png, where there is no label issue) into
+    --output is not there yet, or an earlier audit's; a file of the user's of one of those names (a photo named
+    gallery.png, a README.html) is refused, never replaced or deleted (exit 2). An earlier fixes.csv is kept as
+    fixes-earlier.csv (``keep_earlier``), the others replaced."""
+    for name, (ours, kind) in audit_files().items():
+        check_replaceable(out / name, ours, kind)
 
 
 def output_dir(cfg, kind: str = "audit") -> Path:
@@ -507,11 +552,15 @@ def audit(cfg: AuditConfig) -> AuditResult | FixesResult:
 def with_pictures(result: dict, out: Path, top: int) -> None:
     """report.html, and gallery.png where there is a label issue (it was a picture of nothing but 'no label issues
     found'); without one, a line on stderr and no 'gallery' key, as evaluate does with nothing misclassified."""
-    from .audit_html import write_gallery, write_html
+    from .audit_html import is_gallery, write_gallery, write_html
 
     result["html"] = str(write_html(result, out / "report.html", top))
     if not result["label_issues"]:
-        (out / "gallery.png").unlink(missing_ok=True)  # an earlier audit's in the same --output: its issues, not these
+        gallery = out / "gallery.png"
+        if is_gallery(gallery):
+            gallery.unlink()  # an earlier audit's in the same --output: its issues, not these
+        elif os.path.lexists(gallery):  # put there during the analysis (check_earlier refused one before)
+            log.warning("left %s: not a gallery audit wrote", gallery)
         log.info("no label issues: no gallery.png")
         return
     result["gallery"] = str(write_gallery(result, out / "gallery.png", top))

@@ -9,10 +9,15 @@ from pathlib import Path
 from typing import Optional
 
 from ..data.folders import thumbnail
-from ..files import atomic_write
+from ..files import atomic_write, starts_with
 
 THUMB = 160  # pixels, the longer side of a thumbnail
 GROUP_SHOWN = 6  # thumbnails of a duplicate group; the others are named
+#: How the page begins (pages of earlier audits too): ``is_page`` knows one audit may replace by it.
+PAGE_HEAD = "<!doctype html><html><head><meta charset='utf-8'><title>audit of "
+#: The PNG text chunk (keyword, text) audit writes into gallery.png: ``is_gallery`` knows its own by it.
+GALLERY_MARK = ("transfer-pipeline", "audit gallery")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def data_uri(image) -> Optional[str]:
@@ -39,7 +44,7 @@ img{max-width:160px;max-height:160px;display:block;margin:auto}.missing{width:12
 def render(result: dict, top: int) -> str:
     """The HTML text of an audit ``result`` (``analyse``'s, with its ``knn`` neighbour indices)."""
     root, esc = result["data_root"], html.escape
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>audit of {esc(root)}</title>"
+    parts = [f"{PAGE_HEAD}{esc(root)}</title>"
              f"<style>{STYLE}</style></head><body>",
              f"<h1>Audit of {esc(root)}</h1>",
              f"<p>{result['rows']} photos, classes {esc(', '.join(result['classes']))}; out-of-fold probabilities "
@@ -88,9 +93,49 @@ def write_html(result: dict, path: Path, top: int) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+def is_page(path: Path) -> bool:
+    """Whether ``path`` is a report.html an audit wrote (by how it begins)."""
+    return starts_with(path, PAGE_HEAD.encode())
+
+
+def png_texts(path: Path, limit: int = 1 << 16) -> dict:
+    """The tEXt chunks before a PNG's pixels (its first ``limit`` bytes), as {keyword: text}; {} when ``path`` is
+    no PNG or cannot be read. Read chunk by chunk: a user's huge PNG is never decoded."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(limit)
+    except OSError:
+        return {}
+    if not head.startswith(PNG_MAGIC):
+        return {}
+    texts, at = {}, len(PNG_MAGIC)
+    while at + 8 <= len(head):
+        size, kind = int.from_bytes(head[at:at + 4], "big"), head[at + 4:at + 8]
+        if kind == b"IDAT" or at + 8 + size > len(head):
+            break
+        if kind == b"tEXt":
+            key, _, text = head[at + 8:at + 8 + size].partition(b"\0")
+            texts[key.decode("latin-1")] = text.decode("latin-1")
+        at += 12 + size
+    return texts
+
+
+def is_gallery(path: Path) -> bool:
+    """Whether ``path`` is a gallery.png an audit wrote: one with ``GALLERY_MARK``, or one written before audit
+    marked its gallery (a matplotlib PNG named by the audit's report.json beside it). A user's own picture of
+    that name is neither."""
+    from .audit import is_report
+
+    texts = png_texts(path)
+    if texts.get(GALLERY_MARK[0]) == GALLERY_MARK[1]:
+        return True
+    return texts.get("Software", "").startswith("Matplotlib") and is_report(path.with_name("report.json"), path.name)
+
+
 def write_gallery(result: dict, path: Path, top: int) -> Path:
-    from ..runs.figures import label_issues_figure, save
+    from ..runs.figures import DPI, label_issues_figure
 
     items = [{**it, "image": thumbnail(Path(result["data_root"]) / it["path"], 256)}
              for it in result["label_issues"][:min(top, 24)]]
-    return save(label_issues_figure(items), path)
+    fig = label_issues_figure(items)
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI, metadata=dict([GALLERY_MARK])))

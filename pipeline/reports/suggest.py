@@ -25,7 +25,7 @@ from ..cache.feature_cache import FeatureCache
 from ..config import ExtractConfig, FitHeadConfig, SuggestConfig, check_config, Placeholder, option_text, option_value
 from ..data.folders import POOL
 from ..errors import UsageError
-from ..files import SafeCsvWriter, atomic_write, check_output
+from ..files import SafeCsvWriter, atomic_write, check_output, check_replaceable, starts_with
 from ..heads.cache_views import CacheViews
 from ..heads.unknown_score import fit_unknown, kept_indices, neighbours, pooled_rows_np, scores_np
 from ..progress import still_running
@@ -72,6 +72,13 @@ def validate(cfg: SuggestConfig) -> None:
     photos = [(cfg.data, "--data"), (cfg.pool, "--pool")]
     folder, option = (cfg.output, "--output") if cfg.output else (cfg.runs_dir, "--runs-dir")
     check_output(folder, data=photos, what=option, folder=True)
+    if cfg.output:  # the list and page of an earlier suggest are replaced; a file of the user's so named is not
+        from .audit import header_names
+
+        check_replaceable(Path(cfg.output) / "suggestions.csv", lambda p: header_names(p, "rank", "path"),
+                          "a list suggest wrote")
+        check_replaceable(Path(cfg.output) / "suggestions.html", lambda p: starts_with(p, PAGE_HEAD.encode()),
+                          "a page suggest wrote")
     # both folders, before either is extracted: extract checks only its own, so a cache inside the pool
     # would be written by the labelled folder's extraction before the pool's refused it
     check_output(cfg.cache_dir, data=photos, what="--cache-dir", folder=True,
@@ -269,6 +276,8 @@ def unknown_warning(result: SuggestResult, data: str) -> str:
             f"{result.unknown_threshold:.4f}; unknown = true in {result.csv.name}): {UNKNOWN_ADVICE}")
 
 
+#: How the page begins (``validate`` knows an earlier suggest's by it).
+PAGE_HEAD = "<!doctype html><html><head><meta charset='utf-8'><title>photos to label next</title>"
 COLUMNS = ("rank", "path", "predicted", "probability", "uncertainty", "distance", "unknown", "ood_score")
 
 
@@ -289,8 +298,7 @@ def render(result: SuggestResult, root: str, data: str) -> str:
     from .audit_html import STYLE, photo_figure
 
     esc = html.escape
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>photos to label next</title>"
-             f"<style>{STYLE}</style></head><body><h1>Photos to label next</h1>",
+    parts = [f"{PAGE_HEAD}<style>{STYLE}</style></head><body><h1>Photos to label next</h1>",
              f"<p>{len(result.rows)} of the {result.pool} photos of {esc(root)}, ranked by the rule "
              f"<b>{esc(result.rule)}</b> (the uncertainty of {esc(result.head)}, fitted on the {result.labelled} "
              f"photos of {esc(data)}, and the distance to the nearest labelled or suggested photo). Move each into its "
