@@ -41,6 +41,7 @@ from ..heads.trust import fit_trust
 from ..progress import progress
 from ..runs.run_folders import finish_run, new_run_dir
 from . import trained_on
+from .trained_on import refitted
 from .predict import ImageOutputs, iter_log_proba
 from .resume import (
     TrainingInterrupted,
@@ -262,12 +263,6 @@ def _found(listing, cache, rows) -> set:
         return h in by_content.get(f.size, ()) or h in any_size
 
     return {f.path for f in listing.files if trained_on(f)} if trained else set()
-
-
-def refitted(ckpt: dict) -> bool:
-    """Whether a fit-head checkpoint's head was fitted again on every row once validated (auto and --tune with
-    --refit, the default), as ``fit_head.fit_on_rows`` does: then no row of its cache is unseen."""
-    return bool(ckpt.get("tuning")) and bool(ckpt.get("config", {}).get("refit", False))
 
 
 def _fit(cfg: TrainConfig, kind: str, lm, stages: list, listing, head_saw: tuple = (frozenset(), frozenset()),

@@ -47,12 +47,17 @@ def of_run(photos: dict, n_train: int) -> dict:
     return record(photos["sha256"][:n_train], photos["sizes"][:n_train].tolist())
 
 
+def refitted(ckpt: dict) -> bool:
+    """Whether a fit-head checkpoint's head was fitted again on every row once validated (auto and --tune with
+    --refit, the default), as ``fit_head.fit_on_rows`` does: then no row of its cache is unseen."""
+    return bool(ckpt.get("tuning")) and bool(ckpt.get("config", {}).get("refit", False))
+
+
 def of_head(ckpt: dict) -> Optional[dict]:
     """The record of the photos a fit-head head was fitted on (its training rows, the validation ones too when it
     was refitted on every row), from the digests its cache keeps (a row of an older cache, which kept none:
     hashed from its file, as ``train.head_images`` does); None where its cache cannot be read."""
     from ..cache.feature_cache import CacheBusy, CacheError, FeatureCache
-    from .train import refitted
 
     try:
         with FeatureCache(ckpt["cache"]) as cache:

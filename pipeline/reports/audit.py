@@ -26,7 +26,7 @@ from ..cache.feature_cache import FeatureCache
 from ..config import AuditConfig, ExtractConfig, FitHeadConfig, Placeholder, check_config, option_text, option_value
 from ..data.moves import rename_to_free
 from ..errors import DeviceMissing, PackageMissing, PipelineError, UsageError
-from ..files import (SafeCsvWriter, atomic_write, check_output, check_replaceable, starts_with, unshown, write_json,
+from ..files import (SafeCsvWriter, atomic_write, check_output, check_replaceable, unshown, write_json,
                      writing)
 from ..heads.cache_views import CacheViews
 from ..heads.fit_head import check_labelled, warn_same_folder
@@ -158,19 +158,6 @@ def check_output_dir(cfg: AuditConfig) -> None:
                  written=False)  # its caches may be hits, read where nothing can be written
 
 
-def is_report(path: Path, gallery: str = "") -> bool:
-    """Whether ``path`` is a report.json an audit wrote (a JSON object with its keys); with ``gallery``, one that
-    names a gallery of that file name (a report of label issues)."""
-    if not starts_with(path, b"{"):
-        return False
-    try:
-        report = json.loads(path.read_bytes())
-    except (OSError, ValueError):
-        return False
-    ours = isinstance(report, dict) and {"data_root", "label_issues", "folds"} <= report.keys()
-    return ours and (not gallery or PurePosixPath(str(report.get("gallery") or "")).name == gallery)
-
-
 def header_names(path: Path, *names: str) -> bool:
     """Whether the first line of the CSV at ``path`` names the columns ``names`` (among others, in any order,
     separated by ',', ';' or a tab as a spreadsheet may save it): a list a command wrote, perhaps edited."""
@@ -184,7 +171,7 @@ def header_names(path: Path, *names: str) -> bool:
 
 def audit_files() -> dict:
     """What audit writes into its folder: {name: (how an earlier audit's is known, what it is)}."""
-    from .audit_html import is_gallery, is_page
+    from .audit_html import is_gallery, is_page, is_report
 
     return {"report.json": (is_report, "a report audit wrote"), "report.html": (is_page, "a page audit wrote"),
             "gallery.png": (is_gallery, "a gallery audit wrote"),

@@ -5,7 +5,8 @@ from __future__ import annotations
 import base64
 import html
 import io
-from pathlib import Path
+import json
+from pathlib import Path, PurePosixPath
 from typing import Optional
 
 from ..data.folders import thumbnail
@@ -120,12 +121,23 @@ def png_texts(path: Path, limit: int = 1 << 16) -> dict:
     return texts
 
 
+def is_report(path: Path, gallery: str = "") -> bool:
+    """Whether ``path`` is a report.json an audit wrote (a JSON object with its keys); with ``gallery``, one that
+    names a gallery of that file name (a report of label issues)."""
+    if not starts_with(path, b"{"):
+        return False
+    try:
+        report = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return False
+    ours = isinstance(report, dict) and {"data_root", "label_issues", "folds"} <= report.keys()
+    return ours and (not gallery or PurePosixPath(str(report.get("gallery") or "")).name == gallery)
+
+
 def is_gallery(path: Path) -> bool:
     """Whether ``path`` is a gallery.png an audit wrote: one with ``GALLERY_MARK``, or one written before audit
     marked its gallery (a matplotlib PNG named by the audit's report.json beside it). A user's own picture of
     that name is neither."""
-    from .audit import is_report
-
     texts = png_texts(path)
     if texts.get(GALLERY_MARK[0]) == GALLERY_MARK[1]:
         return True
