@@ -19,7 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import cli
-from pipeline.data import fetch
+from pipeline.data import fetch, fetch_archives, fetch_download, fetch_unpack
 from pipeline.data.fetch import FetchConfig, FetchResult, archive_name, download, fetch_data, shown_url
 from pipeline.errors import PipelineError, UsageError
 from tests.fsfaults import no_hang
@@ -653,7 +653,7 @@ def test_names_differing_only_in_case_are_refused_where_the_file_system_ignores_
     (tmp_path / NAME).write_bytes(zip_of([("P/Cat/a.jpg", b"1", False), (second, b"2", False),
                                           ("P/Dog/0.jpg", b"3", False)]))
     assert not fetch.ignores_case(tmp_path) and not list(tmp_path.glob(".fetch-data-case-probe-*"))
-    monkeypatch.setattr(fetch, "ignores_case", lambda dest: True)
+    monkeypatch.setattr(fetch_unpack, "ignores_case", lambda dest: True)
     clash = "'P/Cat/a.jpg' and 'P/Cat/A.jpg'" if second.endswith("A.jpg") else "'P/Cat' and 'P/cat'"
     with pytest.raises(PipelineError, match=f"archive entries {clash} differ only in case"):
         fetch_data(cfg(tmp_path, closed_port_url()))
@@ -779,7 +779,7 @@ def small_disk(monkeypatch, free):
 def test_a_decompression_bomb_is_refused_before_it_fills_the_disk(tmp_path, monkeypatch):
     """4 MB of zeros deflate to 4 KB: unpacking wrote until the disk was full, leaving half of it. (The free
     space is checked on its own here: the ratio limit, below, would refuse this one first.)"""
-    monkeypatch.setattr(fetch, "MAX_RATIO", 10_000)
+    monkeypatch.setattr(fetch_archives, "MAX_RATIO", 10_000)
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
         z.writestr("PetImages/Cat/0.jpg", b"\0" * (4 << 20))
@@ -793,7 +793,7 @@ def test_a_decompression_bomb_is_refused_before_it_fills_the_disk(tmp_path, monk
 
 def test_an_unpack_over_its_own_files_needs_room_only_for_what_they_lack(tmp_path, monkeypatch):
     """An --overwrite (or resumed) unpack counted the files already in --dest again: refused with room enough."""
-    monkeypatch.setattr(fetch, "MAX_RATIO", 10_000)  # zeros: the free space alone is tested
+    monkeypatch.setattr(fetch_archives, "MAX_RATIO", 10_000)  # zeros: the free space alone is tested
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
         for name in ("PetImages/Cat/0.jpg", "PetImages/Dog/0.jpg"):
@@ -904,7 +904,7 @@ def test_a_download_of_unknown_size_stops_before_the_disk_is_full(server, tmp_pa
     from pipeline.data import fetch
 
     server.unsized = 8 << 20
-    real = fetch.shutil.disk_usage
+    real = fetch_download.shutil.disk_usage
     written = []
 
     def usage(path):  # the disk fills as the .part grows: 3 MB free above the margin at the start
@@ -912,7 +912,7 @@ def test_a_download_of_unknown_size_stops_before_the_disk_is_full(server, tmp_pa
         written.append(part.stat().st_size if part.exists() else 0)
         return real(path)._replace(free=getattr(fetch, "UNKNOWN_SIZE_MARGIN", 64 << 20) + (3 << 20) - written[-1])
 
-    monkeypatch.setattr(fetch.shutil, "disk_usage", usage)
+    monkeypatch.setattr(fetch_download.shutil, "disk_usage", usage)
     with no_hang(30), pytest.raises(PipelineError, match="of a size the server did not say.* MB free"):
         fetch_data(cfg(tmp_path, server.url))
     assert 2 << 20 <= (tmp_path / f"{NAME}.part").stat().st_size <= 3 << 20
@@ -1039,7 +1039,7 @@ def test_a_disk_filling_up_mid_download_is_said_at_once_not_retried_as_a_dropped
         def write(self, data):
             raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(fetch, "open", lambda *a, **kw: Full(builtins.open(*a, **kw)), raising=False)
+    monkeypatch.setattr(fetch_download, "open", lambda *a, **kw: Full(builtins.open(*a, **kw)), raising=False)
     res = CliRunner().invoke(cli, ["-q", "fetch-data", "--dest", str(tmp_path), "--url", server.url])
     assert res.exit_code == 1 and res.output == f"Error: cannot write {tmp_path}: no space left on the device\n"
     assert server.requests == [None] and (tmp_path / f"{NAME}.part").is_file()  # kept: the next run resumes it
@@ -1258,7 +1258,7 @@ def test_an_archive_of_archives_says_how_to_unpack_each(tmp_path, caplog):
 def waits(monkeypatch):
     """The waits fetch-data sleeps (time.sleep is the one module's: the server's sleep(0) left out)."""
     slept = []
-    monkeypatch.setattr(fetch.time, "sleep", lambda s: slept.append(s) if s else None)
+    monkeypatch.setattr(fetch_download.time, "sleep", lambda s: slept.append(s) if s else None)
     return slept
 
 
@@ -1406,7 +1406,7 @@ def test_a_reconnect_that_fails_once_after_a_drop_is_asked_again(server, tmp_pat
             raise urllib.error.URLError(ConnectionRefusedError(111, "Connection refused"))
         return real(req, timeout=timeout)
 
-    monkeypatch.setattr(fetch.urllib.request, "urlopen", flaky)
+    monkeypatch.setattr(fetch_download.urllib.request, "urlopen", flaky)
     server.drops = 1
     fetch_data(cfg(tmp_path, server.url, retries=2))
     half = len(server.files[NAME]) // 2
@@ -1469,7 +1469,7 @@ def test_an_untrusted_certificate_is_named_as_such_not_offline(tmp_path, monkeyp
         raise urllib.error.URLError(ssl.SSLCertVerificationError(1, "[SSL: CERTIFICATE_VERIFY_FAILED] certificate "
                                                                     "verify failed: self-signed certificate"))
 
-    monkeypatch.setattr(fetch.urllib.request, "urlopen", untrusted)
+    monkeypatch.setattr(fetch_download.urllib.request, "urlopen", untrusted)
     with pytest.raises(PipelineError) as e:
         fetch_data(cfg(tmp_path, "https://example.com/pets.zip"))
     assert "its server's certificate cannot be verified here (" in str(e.value) and "SSL_CERT_FILE" in str(e.value)
@@ -1673,7 +1673,7 @@ def test_a_folder_where_the_archive_unpacks_a_file_is_never_removed_even_with_ov
 
 def test_ctrl_c_during_a_download_says_the_bytes_so_far_are_kept(server, tmp_path, monkeypatch, caplog):
     """Ctrl-C said only 'interrupted': nothing said the .part was kept, nor that the same command resumes."""
-    real = fetch._read
+    real = fetch_download._read
     reads = []
 
     def read(resp):
@@ -1682,13 +1682,13 @@ def test_ctrl_c_during_a_download_says_the_bytes_so_far_are_kept(server, tmp_pat
             raise KeyboardInterrupt
         return real(resp)
 
-    monkeypatch.setattr(fetch, "_read", read)
-    monkeypatch.setattr(fetch, "CHUNK", 100_000)
+    monkeypatch.setattr(fetch_download, "_read", read)
+    monkeypatch.setattr(fetch_download, "CHUNK", 100_000)
     with caplog.at_level(logging.WARNING), pytest.raises(KeyboardInterrupt):
         fetch_data(cfg(tmp_path, server.url))
     assert (tmp_path / f"{NAME}.part").stat().st_size == 100_000
     assert f"100000 bytes of {NAME} kept in {tmp_path / NAME}.part; the same command resumes from them" in caplog.text
-    monkeypatch.setattr(fetch, "_read", real)
+    monkeypatch.setattr(fetch_download, "_read", real)
     fetch_data(cfg(tmp_path, server.url))
     assert (tmp_path / NAME).read_bytes() == server.files[NAME] and server.requests[-1] == "bytes=100000-"
 

@@ -111,7 +111,7 @@ def finish_command(record: Path) -> str:
         url = shown_url(source["url"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return "run the fetch-data that unpacked it again to finish it"
-    # the record keeps no password nor signature (fetch.recorded_url): the command says so rather than hold one
+    # the record keeps no password nor signature (fetch_urls.recorded_url): the command says so rather than hold one
     secret = "" if "salt" not in source and url == source["url"] else \
         " (with its password or token in place of ***, or the signed link anew: the record keeps none)"
     return (f"finish it with: python cli.py fetch-data --dest {shlex.quote(str(record.parent))} "
