@@ -137,6 +137,7 @@ def _timm_spec(name: str, bare: str) -> BackboneSpec:
     def transform():
         return transform_of(libraries.timm_preprocessing(libraries.timm_pretrained_cfg(bare)))
 
+    libraries.timm_used_children(bare)  # refuses a model with no map to cache now, before any file is made
     return BackboneSpec(name=name, build=build, features=libraries.timm_trunk, transform=transform,
                         pool="avg", blocks=libraries.timm_blocks, library="timm", arch=bare)
 
