@@ -225,3 +225,14 @@ def test_a_timm_trunk_keeps_a_module_forward_features_only_reads():
         trunk = load_backbone("eva02_tiny_patch14_224", "none").features.eval()
     with torch.no_grad():
         assert tuple(trunk(torch.zeros(1, 3, 224, 224)).shape) == (1, 192, 16, 16)  # 224 / patch 14
+
+
+@pytest.mark.parametrize("name, instead", [("vit_b_16", "use timm's version of it: --backbone vit_base_patch16_224"),
+                                           ("googlenet", "timm has no googlenet; use a timm model")])
+def test_a_torchvision_model_that_is_no_chain_is_refused_naming_timms_version(folders, tmp_path, name, instead):
+    """The refusal said "use timm's version of it (--backbone timm:NAME)" for every model, googlenet (timm has
+    none) too, leaving the user to find vit_b_16's timm name; now it names it, or says there is none."""
+    result = CliRunner().invoke(cli.cli, ["extract", "--data", str(folders / "data"), "--backbone", name,
+                                          "--weights", "none", "--cache-dir", str(tmp_path / "features")])
+    assert result.exit_code == 2 and f"torchvision's {name} is not a chain" in result.stderr
+    assert instead in result.stderr
