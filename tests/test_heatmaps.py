@@ -477,3 +477,57 @@ def test_damaged_rows_are_refused_as_scoring_refuses_them_not_explained_as_nan(t
         with pytest.raises(ValueError, match="Input contains (NaN|infinity)"):
             ask(damaged[:10])
     assert np.isfinite(head.explain(x[:10])).all() and np.isfinite(head.explain(str(cache))).all()
+
+
+def test_predict_explain_on_a_backbone_with_a_one_by_one_map_is_refused_before_any_photo(tmp_path):
+    """A backbone whose map is C x 1 x 1 (timm's PiT gives its class token): predict --explain said "the feature
+    map holds pooled features ...; extract again without --pool avg ..., or explain photos (predict --explain)",
+    which the user had done with no --pool avg; now one line naming the backbone, before any row."""
+    from click.testing import CliRunner
+    from torch import nn
+    from torchvision.transforms._presets import ImageClassification
+
+    from pipeline import cli
+    from pipeline.extraction.backbones import BACKBONES, BackboneSpec, register_backbone
+    from tests.conftest import make_image_folder
+
+    class Token(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1))
+            self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(4, 10))
+
+    register_backbone(BackboneSpec(name="tiny_token", build=Token, features=lambda m: m.features,
+                                   feature_prefixes=("features.",), pool="avg",
+                                   transform=lambda: ImageClassification(crop_size=32, resize_size=36)))
+    try:
+        data = make_image_folder(tmp_path / "data", per_class=6)
+        cache = patch_cache(tmp_path, data, "tiny_token")
+        head = fit_head(FitHeadConfig(cache=cache, head="logreg", runs_dir=str(tmp_path / "runs"))).checkpoint
+        r = CliRunner().invoke(cli.cli, ["predict", str(data / "red"), "--model", head, "--workers", "0",
+                                         "--explain", str(tmp_path / "maps")])
+        assert r.exit_code == 2 and "tiny_token's is 4 x 1 x 1" in r.stderr and "--pool avg" not in r.stderr
+        assert not r.stdout and not (tmp_path / "maps").exists()
+        # evaluate --data on photos it gets wrong (each colour filed under the other): its gallery of errors ended
+        # the run in the same refusal; now the gallery has no maps, as for a head on fused features
+        (data / "red").rename(data / "swap")
+        (data / "blue").rename(data / "red")
+        (data / "swap").rename(data / "blue")
+        from pipeline.config import EvaluateConfig
+        from pipeline.reports.evaluate import evaluate
+
+        result = evaluate(EvaluateConfig(model=head, data=str(data), workers=0, precision="fp32", top_k=4,
+                                         runs_dir=str(tmp_path / "runs")))
+        assert result.errors >= 6 and result.wrong and all(w.get("heatmap") is None for w in result.wrong)
+        # serve: ?explain=true answered every photo with an error; now its rows, with no heatmap
+        pytest.importorskip("fastapi", reason="the serve extra is not installed")
+        from fastapi.testclient import TestClient
+
+        import pipeline
+
+        photo = next((data / "red").iterdir())
+        with TestClient(pipeline.serve_app(head, precision="fp32"), base_url="http://localhost") as client:
+            rows = client.post("/predict?explain=true", files=[("files", ("a.jpg", photo.read_bytes()))]).json()
+        assert rows[0]["class"] in ("blue", "red") and rows[0]["heatmap"] is None
+    finally:
+        del BACKBONES["tiny_token"]

@@ -194,3 +194,45 @@ def test_audit_and_finetune_run_on_a_timm_head_and_its_cache(timm_head, folders,
                             "--json"))
     ckpt = torch.load(result["checkpoint"], weights_only=True)
     assert ckpt["backbone"] == "test_efficientnet" and ckpt["preprocessing"]["crop_size"] == 160
+
+
+@pytest.mark.parametrize("name, says", [("crossvit_tiny_240", "gives a list"),  # two branches' tokens
+                                         ("coat_lite_tiny", "gives 50 tokens")])  # a class token timm does not count
+def test_a_timm_model_with_no_map_to_cache_is_refused_in_one_line_before_a_cache_is_made(folders, tmp_path, name,
+                                                                                          says):
+    """CrossViT's forward_features iterates ModuleLists (never called themselves: they were left out of its trunk)
+    and gives a list: extract ended in "unexpected AttributeError ... (a bug?)" or "cannot lay 50 patch tokens
+    out" (not naming the model), each after making a cache file; now a usage error naming it, and no file."""
+    result = CliRunner().invoke(cli.cli, ["extract", "--data", str(folders / "data"), "--backbone", name,
+                                          "--weights", "none", "--cache-dir", str(tmp_path / "features")])
+    assert result.exit_code == 2, result.output
+    assert f"timm's {name} is not supported as a backbone" in result.output and says in result.output
+    assert not (tmp_path / "features").exists() or not any((tmp_path / "features").iterdir())
+
+
+def test_a_timm_trunk_keeps_the_module_lists_forward_features_iterates():
+    """Modules called only through a ModuleList (Twins' patch_embeds and blocks) are part of the trunk."""
+    used = libraries.timm_used_children("twins_svt_small")
+    assert {"patch_embeds", "blocks"} <= used and "head" not in used
+
+
+def test_a_timm_trunk_keeps_a_module_forward_features_only_reads():
+    """EVA-02's forward_features calls self.rope.get_embed(), never rope itself: its trunk replaced rope with an
+    Identity and extract ended in "unexpected AttributeError: 'Identity' object has no attribute 'get_embed'"."""
+    from pipeline.extraction.backbones import load_backbone
+
+    with pytest.warns(UserWarning, match="random weights"):
+        trunk = load_backbone("eva02_tiny_patch14_224", "none").features.eval()
+    with torch.no_grad():
+        assert tuple(trunk(torch.zeros(1, 3, 224, 224)).shape) == (1, 192, 16, 16)  # 224 / patch 14
+
+
+@pytest.mark.parametrize("name, instead", [("vit_b_16", "use timm's version of it: --backbone vit_base_patch16_224"),
+                                           ("googlenet", "timm has no googlenet; use a timm model")])
+def test_a_torchvision_model_that_is_no_chain_is_refused_naming_timms_version(folders, tmp_path, name, instead):
+    """The refusal said "use timm's version of it (--backbone timm:NAME)" for every model, googlenet (timm has
+    none) too, leaving the user to find vit_b_16's timm name; now it names it, or says there is none."""
+    result = CliRunner().invoke(cli.cli, ["extract", "--data", str(folders / "data"), "--backbone", name,
+                                          "--weights", "none", "--cache-dir", str(tmp_path / "features")])
+    assert result.exit_code == 2 and f"torchvision's {name} is not a chain" in result.stderr
+    assert instead in result.stderr

@@ -109,11 +109,24 @@ def _torchvision_spec(name: str, bare: str) -> BackboneSpec:
     except Exception as e:  # noqa: BLE001 -- a model whose forward is not a chain of its children
         raise UsageError(f"torchvision's {bare} is not a chain of layers this tool can cut before its pooling "
                          f"({type(e).__name__}: {first_line(e, 120)}); "
-                         f"use timm's version of it ({option_text('backbone', Placeholder('timm:NAME'))}, "
-                         "docs/backbones.md)") from None
+                         f"{timm_version(bare)} (docs/backbones.md)") from None
     return BackboneSpec(name=name, build=build, features=libraries.torchvision_trunk, torchvision_name=bare,
                         pool=libraries.torchvision_pool(model), blocks=libraries.torchvision_blocks,
                         library="torchvision", arch=bare)
+
+
+#: timm's names of the torchvision models refused above whose name timm does not have
+TIMM_VERSIONS = {"vit_b_16": "vit_base_patch16_224", "vit_b_32": "vit_base_patch32_224",
+                 "vit_l_16": "vit_large_patch16_224", "vit_l_32": "vit_large_patch32_224",
+                 "vit_h_14": "vit_huge_patch14_224", "maxvit_t": "maxvit_tiny_tf_224"}
+
+
+def timm_version(bare: str) -> str:
+    """What to use instead of torchvision's ``bare``: timm's version of it, by name where timm has one."""
+    name = TIMM_VERSIONS.get(bare) or (f"timm:{bare}" if libraries.timm_has(bare) else "")
+    if name:
+        return f"use timm's version of it: {option_text('backbone', name)}"
+    return f"timm has no {bare}; use a timm model ({option_text('backbone', Placeholder('timm:NAME'))})"
 
 
 def meta_model(build):
@@ -137,6 +150,7 @@ def _timm_spec(name: str, bare: str) -> BackboneSpec:
     def transform():
         return transform_of(libraries.timm_preprocessing(libraries.timm_pretrained_cfg(bare)))
 
+    libraries.timm_used_children(bare)  # refuses a model with no map to cache now, before any file is made
     return BackboneSpec(name=name, build=build, features=libraries.timm_trunk, transform=transform,
                         pool="avg", blocks=libraries.timm_blocks, library="timm", arch=bare)
 

@@ -180,19 +180,29 @@ def torchvision_transform(bare: str):
 # -- timm ---------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=64)
 def timm_used_children(bare: str) -> frozenset:
-    """The top-level modules ``forward_features`` calls (found once per model on the meta device)."""
+    """The top-level modules ``forward_features`` calls or reads (found once per model on the meta device)."""
     import timm
     import torch
 
     with torch.device("meta"):
         model = timm.create_model(bare, pretrained=False)
     used = set()
-    hooks = [m.register_forward_pre_hook(lambda mod, args, name=name: used.add(name))
-             for name, m in model.named_children()]
+    # every module's call counts for its top-level child: a ModuleList forward_features iterates (CrossViT's
+    # patch_embed, CoaT's serial_blocks1) is never called itself, only its members are
+    hooks = [m.register_forward_pre_hook(lambda mod, args, name=name.split(".")[0]: used.add(name))
+             for name, m in model.named_modules() if name]
+
+    class Reads(type(model)):  # and so does a child it only reads: EVA-02 calls self.rope.get_embed(), not rope
+        def __getattr__(self, name):
+            if name in self.__dict__.get("_modules", {}):
+                used.add(name)
+            return super().__getattr__(name)
+
+    model.__class__ = Reads
     size = timm_input_size(model.pretrained_cfg)
     try:
         with torch.no_grad():
-            model.eval().forward_features(torch.empty(1, 3, size, size, device="meta"))
+            out = model.eval().forward_features(torch.empty(1, 3, size, size, device="meta"))
     except Exception as e:  # noqa: BLE001 -- a model that cannot run on 'meta': keep all but its classifier
         log.debug("cannot trace %s on the meta device (%s); its trunk keeps every module but the classifier", bare, e)
         head = str(model.pretrained_cfg.get("classifier") or "").split(".")[0]
@@ -200,7 +210,35 @@ def timm_used_children(bare: str) -> frozenset:
     finally:
         for h in hooks:
             h.remove()
+    check_timm_map(bare, out, model)
     return frozenset(used)
+
+
+def check_timm_map(bare: str, out, model) -> None:
+    """Refuse, in one line naming the model, a ``forward_features`` output this tool cannot cache as one
+    C x H x W map: a list or tuple (CrossViT's two branches, CoaT's), or tokens that lay out as no map."""
+    import torch
+
+    if not isinstance(out, torch.Tensor) or out.dim() not in (3, 4):
+        what = (f"a {type(out).__name__}" if not isinstance(out, torch.Tensor)
+                else f"a {out.dim()}-d tensor {tuple(out.shape)}")
+        raise UsageError(f"timm's {bare} is not supported as a backbone: its forward_features gives {what}, "
+                         "not one feature map (docs/backbones.md)")
+    if out.dim() == 3:
+        token_grid(bare, out.shape[1] - int(getattr(model, "num_prefix_tokens", 0) or 0),
+                   getattr(getattr(model, "patch_embed", None), "grid_size", None))
+
+
+def token_grid(bare: str, n: int, grid=None) -> tuple[int, int]:
+    """(H, W) of ``n`` patch tokens: the patch embedding's grid, or the square they make; else a usage error."""
+    if grid is not None and int(grid[0]) * int(grid[1]) == n:
+        return int(grid[0]), int(grid[1])
+    side = math.isqrt(n)
+    if side * side != n:
+        raise UsageError(f"timm's {bare} is not supported as a backbone: its forward_features gives {n} tokens "
+                         "beyond the class and register tokens timm counts (num_prefix_tokens), which lay out as "
+                         "no square map (docs/backbones.md)")
+    return side, side
 
 
 def timm_input_size(cfg) -> int:
@@ -228,30 +266,27 @@ def timm_trunk_class():
             self.net = net
             self.prefix_tokens = int(getattr(model, "num_prefix_tokens", 0) or 0)
             self.nhwc = getattr(model, "output_fmt", "NCHW") == "NHWC"
+            self.arch = timm_arch(model)
 
         def forward(self, x):
             y = self.net.forward_features(x)
             if y.dim() == 3:  # a ViT: (B, prefix + H*W, C) tokens -> the patch tokens as a (B, C, H, W) map
                 tokens = y[:, self.prefix_tokens:]
-                h, w = self.grid(tokens.shape[1])
+                h, w = token_grid(self.arch, tokens.shape[1],
+                                  getattr(getattr(self.net, "patch_embed", None), "grid_size", None))
                 return tokens.transpose(1, 2).reshape(y.shape[0], y.shape[2], h, w)
             return y.permute(0, 3, 1, 2) if self.nhwc else y
 
-        def grid(self, n: int) -> tuple[int, int]:
-            grid = getattr(getattr(self.net, "patch_embed", None), "grid_size", None)
-            if grid is not None and int(grid[0]) * int(grid[1]) == n:
-                return int(grid[0]), int(grid[1])
-            side = math.isqrt(n)
-            if side * side != n:
-                raise UsageError(f"cannot lay {n} patch tokens out as a square map")
-            return side, side
 
     return TimmTrunk
 
 
+def timm_arch(model) -> str:
+    return model.pretrained_cfg.get("architecture") or type(model).__name__
+
+
 def timm_trunk(model):
-    return timm_trunk_class()(model, timm_used_children(model.pretrained_cfg.get("architecture")
-                                                       or type(model).__name__))
+    return timm_trunk_class()(model, timm_used_children(timm_arch(model)))
 
 
 def timm_blocks(trunk) -> list:

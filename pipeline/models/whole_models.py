@@ -146,12 +146,23 @@ FUSED_NO_MAP = ("heatmaps need one backbone's feature map; this head is on sever
                 "explain a head fitted on one of them")
 
 
+def has_map(lm: "LoadedModel") -> bool:
+    """Whether ``lm``'s heatmaps have places to point at: one backbone (not fused features) whose map is more
+    than 1 x 1 (not PiT's class token)."""
+    return isinstance(lm.model, TransferModel) and bb.feature_shape(lm.model.backbone,
+                                                                    lm.transform.crop_size[0])[1:] != (1, 1)
+
+
 def map_grid(lm: "LoadedModel") -> tuple[int, int]:
     """(H, W) of the heatmaps of ``lm`` (its backbone's last feature map); a head on fused features has no
     one map to point into (a UsageError)."""
     if not isinstance(lm.model, TransferModel):
         raise UsageError(FUSED_NO_MAP)
-    _, h, w = bb.feature_shape(lm.model.backbone, lm.transform.crop_size[0])
+    c, h, w = bb.feature_shape(lm.model.backbone, lm.transform.crop_size[0])
+    if h * w == 1:  # PiT's class token: no place to point at, whatever the head (told before any photo runs)
+        raise UsageError(f"heatmaps need a spatial feature map; {lm.model.backbone}'s is {c} x 1 x 1 (its features "
+                         "are one token or vector, not a grid of places); predict without "
+                         f"{option_text('explain', Placeholder('DIR'))}, or fit a head on a backbone with a map")
     return int(h), int(w)
 
 

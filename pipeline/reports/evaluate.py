@@ -31,10 +31,10 @@ from ..heads.feature_views import is_pooled
 from ..heads.heatmaps import cache_head_maps, normalised, overlay
 from ..heads.fused_views import open_head_rows
 from ..models.whole_models import (
-    TransferModel,
     cache_reads,
     checkpoint_reads,
     explaining,
+    has_map,
     head_from_checkpoint,
     map_grid,
     model_from_checkpoint,
@@ -217,7 +217,7 @@ def model_on_folder(model_path: str, ckpt: dict, cfg: EvaluateConfig) -> Predict
     lm = model_from_checkpoint(ckpt, model_path, cfg.weights)
     model = network(lm, cfg.device, cfg.precision)
     pred = predict_folder(cfg.data, lm.classes, lm.transform, model, cfg, lm.model.head, ckpt)
-    if isinstance(lm.model, TransferModel):  # fused features: no one map to explain
+    if has_map(lm):  # fused features: no one map to explain; a 1 x 1 map (PiT's class token): no place in it
         pred.heatmaps, pred.preprocessing = photo_heatmaps(lm, model, pred, cfg), lm.info["preprocessing"]
     return pred
 

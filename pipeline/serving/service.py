@@ -40,8 +40,8 @@ from ..errors import PipelineError, UsageError
 from ..models.predict import prediction_rows
 from ..heads.heatmaps import overlay
 from ..models.whole_models import (
-    TransferModel,
     explaining,
+    has_map,
     map_grid,
     model_from_checkpoint,
     network,
@@ -280,7 +280,7 @@ class Service:
         self.batcher = MicroBatcher(self.inference, cfg.batch_size, cfg.max_wait_ms / 1000, cfg.max_queue)
         # ?explain=true: the same model with the head's gradient (heatmaps), batched on its own, so only the
         # requests that ask for maps pay for them (a kernel head's gradient can cost more than a small backbone)
-        self.grid = map_grid(lm) if isinstance(lm.model, TransferModel) else None  # fused features: no one map
+        self.grid = map_grid(lm) if has_map(lm) else None  # fused features: no one map; PiT's: 1 x 1
         self.explainer = (MicroBatcher(explaining(self.inference), cfg.batch_size, cfg.max_wait_ms / 1000,
                                        cfg.max_queue) if self.grid else None)
         self.decoder = ThreadPoolExecutor(decode_threads(), thread_name_prefix="decode-upload")
