@@ -1,5 +1,6 @@
 import json
 import logging
+import os
 
 import pytest
 import torch
@@ -123,6 +124,7 @@ def test_timm_offline_download_is_one_clear_line(monkeypatch, caplog):
             "'[Errno -2] Name or service not known' thrown while requesting HEAD https://huggingface.co/...")
         raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
 
+    monkeypatch.setattr(bb, "_hub_unreachable", lambda: None)  # no probe of the network
     monkeypatch.setattr(hub, "hf_hub_download", offline)  # where timm's pretrained route downloads
     level = logging.getLogger("huggingface_hub").level
     with caplog.at_level(logging.WARNING), pytest.raises(PipelineError) as e:
@@ -237,6 +239,7 @@ def test_timm_offline_error_cuts_the_hubs_message_at_a_word_and_keeps_the_advice
     def offline(*a, **k):  # what huggingface_hub raises offline with nothing in its cache
         raise LocalEntryNotFoundError(said)
 
+    monkeypatch.setattr(bb, "_hub_unreachable", lambda: None)  # no probe of the network
     monkeypatch.setattr(hub, "hf_hub_download", offline)
     with pytest.raises(PipelineError) as e:
         bb.load_backbone("test_efficientnet", "DEFAULT")
@@ -248,6 +251,77 @@ def test_timm_offline_error_cuts_the_hubs_message_at_a_word_and_keeps_the_advice
         bb.load_backbone("test_efficientnet", "DEFAULT")
     assert str(e.value).endswith(" or pass --weights PATH to a local state-dict file with its .json sidecar "
                                  "(docs/backbones.md)")
+
+
+def _hub_download_recorder(monkeypatch, cached=None):
+    """timm's download, recording whether huggingface_hub was in offline mode for each call; it returns
+    ``cached`` (a weights file in the hub's cache) or fails as the hub does with nothing cached."""
+    import timm.models._hub as hub
+    from huggingface_hub import constants
+    from huggingface_hub.utils import LocalEntryNotFoundError
+
+    calls = []
+
+    def download(*a, **k):
+        calls.append(constants.HF_HUB_OFFLINE)
+        if cached is not None and constants.HF_HUB_OFFLINE:
+            return str(cached)
+        raise LocalEntryNotFoundError("cannot find the requested files in the local cache")
+
+    monkeypatch.setattr(hub, "hf_hub_download", download)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # HF_HUB_OFFLINE unset
+    for name in list(os.environ):
+        if name.lower().endswith("_proxy"):
+            monkeypatch.delenv(name)
+    return calls
+
+
+def test_timm_load_with_the_hub_unreachable_looks_only_in_the_cache(monkeypatch, caplog, tmp_path):
+    """Offline with the weights not cached, huggingface_hub retried each file five times (about 47 s) before the
+    refusal. Now one short connect to the hub's host fails first and the load runs in the hub's offline mode:
+    the refusal comes at once, weights in the cache load, and stderr says the hub was unreachable."""
+    import socket
+
+    from huggingface_hub import constants
+    from safetensors.torch import save_file
+    import timm
+
+    probes = []
+
+    def unreachable(address, timeout=None, *a, **k):
+        probes.append((address, timeout))
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    calls = _hub_download_recorder(monkeypatch)
+    with caplog.at_level(logging.INFO), pytest.raises(PipelineError) as e:
+        bb.load_backbone("test_efficientnet", "DEFAULT")
+    assert calls and all(calls), calls  # each download asked in offline mode: no retries
+    assert probes == [(("huggingface.co", 443), bb.HUB_PROBE_TIMEOUT)]
+    assert "cannot download timm's test_efficientnet." in str(e.value) and "offline?" in str(e.value)
+    said = [r.getMessage() for r in caplog.records if r.name == bb.__name__]
+    assert len(said) == 1 and "huggingface.co:443) is unreachable" in said[0] and "only in the hub's cache" in said[0]
+    assert constants.HF_HUB_OFFLINE is False  # given back
+
+    path = tmp_path / "model.safetensors"
+    save_file(timm.create_model("test_efficientnet").state_dict(), str(path))
+    calls = _hub_download_recorder(monkeypatch, cached=path)
+    loaded = bb.load_backbone("test_efficientnet", "DEFAULT")  # weights in the cache still load
+    assert loaded is not None and calls and all(calls)
+    assert constants.HF_HUB_OFFLINE is False
+
+
+def test_timm_load_behind_a_proxy_probes_nothing(monkeypatch):
+    """Behind a proxy the hub's host may be reachable only through it: no probe, the hub is asked as before."""
+    import socket
+
+    probes = []
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: probes.append(a))
+    calls = _hub_download_recorder(monkeypatch)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    with pytest.raises(PipelineError):
+        bb.load_backbone("test_efficientnet", "DEFAULT")
+    assert probes == [] and calls and not any(calls)
 
 
 def test_extract_refuses_a_torchvision_prefix_on_a_model_only_timm_has(tmp_path):

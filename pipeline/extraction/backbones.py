@@ -16,7 +16,10 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import sys
+import urllib.parse
+import urllib.request
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +30,8 @@ from ..errors import PipelineError, UsageError
 from ..files import first_line
 from . import libraries
 from .libraries import split_at_maxpool  # noqa: F401 -- tests' tiny backbones split this way
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # only for annotations: importing torch here would slow every cache hit
     from torch import nn
@@ -356,14 +361,59 @@ def _quiet_hub_retries():
         hub.setLevel(level)
 
 
+#: how long the one connect to the hub's host may take before timm's load is run from the cache alone
+HUB_PROBE_TIMEOUT = 3.0
+
+
+def _hub_unreachable() -> Optional[str]:
+    """``host:port`` of the Hugging Face hub when one TCP connect to it fails within HUB_PROBE_TIMEOUT, else
+    None. Offline, huggingface_hub retries each file five times with growing waits (about 47 s in all) before
+    timm's load fails; this probe says so in seconds. No probe when HF_HUB_OFFLINE is set (the hub then asks
+    no network anyway) or a proxy is set (the host may be reachable only through it)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or urllib.request.getproxies():
+        return None
+    url = urllib.parse.urlsplit(constants.ENDPOINT)
+    host = url.hostname or "huggingface.co"
+    try:
+        port = url.port or (80 if url.scheme == "http" else 443)
+    except ValueError:  # a bad port in HF_ENDPOINT: the hub's own error says so
+        return None
+    try:
+        socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT).close()
+    except OSError:
+        return f"{host}:{port}"
+    return None
+
+
+@contextlib.contextmanager
+def _hub_offline():
+    """huggingface_hub in offline mode for one load: it reads ``constants.HF_HUB_OFFLINE`` (set from the
+    environment at its import) before each request, so that is what is set here, and given back after."""
+    from huggingface_hub import constants
+
+    offline = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = offline
+
+
 def _timm_pretrained(spec: BackboneSpec, weights: str):
     """timm's model with its pretrained weights (timm downloads them once into the Hugging Face cache)."""
     import timm
 
     cfg, weights_id = timm_weights_id(spec, weights)
+    unreachable = _hub_unreachable()
+    if unreachable:
+        log.warning("the Hugging Face hub (%s) is unreachable: looking for timm's %s only in the hub's cache "
+                    "(%s)", unreachable, weights_id[5:], libraries.timm_cache_dir())
+    offline = _hub_offline() if unreachable else contextlib.nullcontext()
     try:
         # a download's messages are progress, not results (--json)
-        with contextlib.redirect_stdout(sys.stderr), _quiet_hub_retries():
+        with contextlib.redirect_stdout(sys.stderr), _quiet_hub_retries(), offline:
             return timm.create_model(f"{spec.arch}.{cfg.tag}", pretrained=True), cfg, weights_id
     except (UsageError, PipelineError):
         raise
