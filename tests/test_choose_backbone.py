@@ -325,6 +325,9 @@ def test_a_timm_candidate_offline_is_refused_before_any_extraction_saying_how_to
 
     real = timm.create_model
     monkeypatch.setattr(timm, "create_model", offline)
+    from pipeline.extraction import backbones as bb
+
+    monkeypatch.setattr(bb, "_hub_unreachable", lambda: None)  # no probe of the network
     data = make_image_folder(tmp_path / "data", per_class=10)
     with pytest.raises(pipeline.PipelineError, match=r"give backbones=\['test_efficientnet=PATH'\]") as e:
         pipeline.choose_backbone(data, ["tiny=none", "test_efficientnet"], folds=2, repeats=1, workers=0,
