@@ -213,6 +213,17 @@ def starts_with(path: Path, *heads: bytes) -> bool:
     return first.startswith(heads)
 
 
+def header_names(path: Path, *names: str) -> bool:
+    """Whether the first line of the CSV at ``path`` names the columns ``names`` (among others, in any order,
+    separated by ',', ';' or a tab as a spreadsheet may save it): a list a command wrote, perhaps edited."""
+    try:
+        with open(path, "rb") as f:
+            line = f.read(4096).decode("utf-8-sig", "replace").splitlines()[0]
+    except (OSError, IndexError):
+        return False
+    return set(names) <= {cell.strip().strip('"') for cell in line.replace(";", ",").replace("\t", ",").split(",")}
+
+
 def check_writable(folder: Path, what: str, output) -> None:
     """A folder made in ``folder``, or in the nearest part of it that exists, and removed at once; DiskFull naming
     ``what`` and ``output`` where it cannot be. Made, not asked (``os.access``): root is granted everything, and

@@ -425,11 +425,6 @@ class ImageLoadError(Exception):
         # truncated, unreadable
 
 
-def _not_regular(st: os.stat_result) -> str | None:
-    """What a file is when it is not a regular file, else None (``portable.not_regular``)."""
-    return not_regular(st.st_mode)
-
-
 def regular_file_stat(path: str | os.PathLike) -> os.stat_result:
     """os.stat of ``path`` when it is a regular file (or a link to one), else ImageLoadError.
 
@@ -444,7 +439,7 @@ def regular_file_stat(path: str | os.PathLike) -> os.stat_result:
         if e.errno == errno.ENOENT and os.path.islink(path):
             raise ImageLoadError(f"a dangling symlink (to {os.readlink(path)!r})", "not-a-file") from None
         raise ImageLoadError(os_error_reason(e), "unreadable") from None
-    what = _not_regular(st)
+    what = not_regular(st.st_mode)
     if what:
         raise ImageLoadError(f"not a regular file ({what})", "not-a-file")
     return st
@@ -461,7 +456,7 @@ def open_regular(path: str | os.PathLike):
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
     except OSError as e:
         raise ImageLoadError(os_error_reason(e), "unreadable") from None
-    what = _not_regular(os.fstat(fd))
+    what = not_regular(os.fstat(fd).st_mode)
     if what:
         os.close(fd)
         raise ImageLoadError(f"not a regular file ({what})", "not-a-file")

@@ -26,8 +26,8 @@ from ..cache.feature_cache import FeatureCache
 from ..config import AuditConfig, ExtractConfig, FitHeadConfig, Placeholder, check_config, option_text, option_value
 from ..data.moves import rename_to_free
 from ..errors import DeviceMissing, PackageMissing, PipelineError, UsageError
-from ..files import (SafeCsvWriter, atomic_write, check_output, check_replaceable, unshown, write_json,
-                     writing)
+from ..files import (SafeCsvWriter, atomic_write, check_output, check_replaceable, header_names, unshown,
+                     write_json, writing)
 from ..heads.cache_views import CacheViews
 from ..heads.fit_head import check_labelled, warn_same_folder
 from ..progress import progress
@@ -156,17 +156,6 @@ def check_output_dir(cfg: AuditConfig) -> None:
     # every folder at once: extract checks only its own, so the training cache would land in --test-data first
     check_output(cfg.cache_dir, data=folders, what="--cache-dir", folder=True,
                  written=False)  # its caches may be hits, read where nothing can be written
-
-
-def header_names(path: Path, *names: str) -> bool:
-    """Whether the first line of the CSV at ``path`` names the columns ``names`` (among others, in any order,
-    separated by ',', ';' or a tab as a spreadsheet may save it): a list a command wrote, perhaps edited."""
-    try:
-        with open(path, "rb") as f:
-            line = f.read(4096).decode("utf-8-sig", "replace").splitlines()[0]
-    except (OSError, IndexError):
-        return False
-    return set(names) <= {cell.strip().strip('"') for cell in line.replace(";", ",").replace("\t", ",").split(",")}
 
 
 def audit_files() -> dict:

@@ -25,7 +25,7 @@ from ..cache.feature_cache import FeatureCache
 from ..config import ExtractConfig, FitHeadConfig, SuggestConfig, check_config, Placeholder, option_text, option_value
 from ..data.folders import POOL
 from ..errors import UsageError
-from ..files import SafeCsvWriter, atomic_write, check_output, check_replaceable, starts_with
+from ..files import SafeCsvWriter, atomic_write, check_output, check_replaceable, header_names, starts_with
 from ..heads.cache_views import CacheViews
 from ..heads.unknown_score import fit_unknown, kept_indices, neighbours, pooled_rows_np, scores_np
 from ..progress import still_running
@@ -73,8 +73,6 @@ def validate(cfg: SuggestConfig) -> None:
     folder, option = (cfg.output, "--output") if cfg.output else (cfg.runs_dir, "--runs-dir")
     check_output(folder, data=photos, what=option, folder=True)
     if cfg.output:  # the list and page of an earlier suggest are replaced; a file of the user's so named is not
-        from .audit import header_names
-
         check_replaceable(Path(cfg.output) / "suggestions.csv", lambda p: header_names(p, "rank", "path"),
                           "a list suggest wrote")
         check_replaceable(Path(cfg.output) / "suggestions.html", lambda p: starts_with(p, PAGE_HEAD.encode()),
