@@ -180,10 +180,17 @@ def check_output(output, inputs=(), data=(), suffixes=(), what: str = "--output"
                              "write it elsewhere")
     if suffixes and out.suffix.lower() not in suffixes:
         raise UsageError(f"{what} {str(output)!r} must end in {' or '.join(suffixes)}")
+    place = out if folder else written_through(out)  # a link to a file: written through (``atomic_write``)
+    if not folder and out.is_symlink():
+        if place.is_symlink():  # a loop: realpath stops where the links go round
+            raise UsageError(f"{what} {str(output)!r} is a symlink loop; name a file, or remove the link")
+        if not place.parent.is_dir():  # as '>' through a dangling link fails: nothing made where it points
+            raise UsageError(f"{what} {str(output)!r} is a link to {str(place)!r}, whose folder does not exist; "
+                             "make it, or name another file")
     if not folder:
         require_folder(out.parent, f"{what}'s folder")
     if written and (folder or not in_place(out)):  # a device is written into: nothing is made beside it
-        check_writable(out if folder else out.parent, what, output)
+        check_writable(out if folder else place.parent, what, output)
     if not folder:
         with writing(out.parent):
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -193,8 +200,8 @@ def check_output(output, inputs=(), data=(), suffixes=(), what: str = "--output"
 def check_replaceable(path, ours, kind: str, what: str = "--output", other: str = "") -> None:
     """Nothing at ``path`` yet, or a file ``ours(path)`` knows as one of ``kind`` (an earlier export, a checkpoint):
     an output may replace an earlier one of its own, never a file of the user's named by mistake (a photo, a README,
-    a cache, /dev/null); else UsageError naming it (exit 2). A link is judged by what it leads to (the link, not its
-    file, is what a rename replaces). ``other``: the option to name instead, when not ``what``."""
+    a cache, /dev/null); else UsageError naming it (exit 2). A link is judged by what it leads to (the file it leads to
+    is what ``atomic_write`` replaces, writing through it). ``other``: the option to name instead, when not ``what``."""
     path, what, other = Path(path), option_named(what), option_named(other or what)
     if not os.path.lexists(path) or (path.is_file() and ours(path)):
         return
@@ -457,24 +464,37 @@ def in_place(path) -> bool:
     return special or not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
+def written_through(path) -> Path:
+    """The file an output named ``path`` replaces: ``path`` itself, or, where it is a symbolic link, the file it
+    leads to (links followed, there or not yet), as a shell's ``>`` writes through a link. A rename onto the link
+    replaced the link by a regular file and left the user's file it led to as it was."""
+    path = Path(path)
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
 def atomic_write(path, write) -> Path:
     """``write(tmp)`` into a temporary file beside ``path``, then rename it onto ``path``.
 
     Readers never see a half-written file, and a failure (a full disk, Ctrl-C, SIGTERM: see
     ``unwinding_on_signals``) leaves none: the old file, if any, stays as it was. Errors of the
     disk are one line (see ``writing``). A device or a pipe (``in_place``) is written into directly.
+    A symbolic link is written through (``written_through``): the file it leads to is replaced (the temporary
+    file beside it), the link stays. A file replaced keeps its permission bits, as ``>`` keeps them.
     """
     path = Path(path)
     if in_place(path):
         with writing(path):
             write(path)
         return path
-    tmp = temporary_name(path)
+    target = written_through(path)
+    tmp = temporary_name(target)
     with unwinding_on_signals():
         try:
             with writing(path):
                 write(tmp)
-                os.replace(tmp, path)
+                with contextlib.suppress(OSError):  # nothing there yet (or not ours to read): the umask's bits
+                    os.chmod(tmp, stat.S_IMODE(os.stat(target).st_mode))
+                os.replace(tmp, target)
         finally:
             if tmp.exists():
                 tmp.unlink()

@@ -623,3 +623,14 @@ def test_score_on_a_copy_of_the_training_photos_warns_as_evaluate_model_does(wor
                 model.score(folder, workers=0)
             assert (f"{seen} images of {folder} have the same content as images the head was fitted on"
                     in caplog.text) == said, (model, folder, caplog.text)
+
+
+def test_save_through_a_link_to_an_earlier_checkpoint_replaces_its_file_and_keeps_the_link(head, cache, work):
+    """head.save(link), the link leading to an earlier checkpoint (current.pt -> v1/head.pt), replaced the link by a
+    regular file and left v1/head.pt stale. Now written through, as every output is: the file gets the new head."""
+    (work / "v1").mkdir()
+    earlier = pipeline.Head(head="linear", epochs=1).fit(cache).save(work / "v1" / "head.pt")
+    link = work / "current.pt"
+    link.symlink_to(earlier)
+    assert head.save(link) == link
+    assert link.is_symlink() and pipeline.Head.load(earlier).epochs == 3 and os.listdir(work / "v1") == ["head.pt"]

@@ -546,3 +546,46 @@ def test_json_source_says_when_the_photos_scored_include_the_models_training_pho
     assert source(head_run.checkpoint, "--cache", other_cache).endswith(
         f", {head_run.train_rows} of them with the content of images the head was fitted on")
     assert source(model, "--data", str(fresh)) == f"images of {fresh}"
+
+
+def test_val_of_another_cache_counts_the_heads_training_photos_or_says_why_it_cannot(tmp_path, make_cache,
+                                                                                      image_folder, caplog):
+    """evaluate --cache OTHER --split val warned that the rows 'may include training images' even where the head's
+    cache says which photos it was fitted on. Now counted by content, as the other overlap warnings are (how many,
+    and examples, also in the figures' source); where the head's cache is gone, the old words and why."""
+    import shutil
+
+    from pipeline.cache.feature_cache import FeatureCache
+    from pipeline.heads.epoch_loop import split_indices
+
+    own = make_cache(image_folder).cache
+    head = fit_head(FitHeadConfig(head="linear", epochs=2, cache=own, runs_dir=str(tmp_path / "runs"))).checkpoint
+    more = tmp_path / "more"  # the head's photos and 6 others: another cache, whose 'val' split differs from the head's
+    shutil.copytree(image_folder, more)
+    fresh = make_image_folder(tmp_path / "fresh", per_class=3, seed=11)
+    for p in fresh.rglob("*.jpg"):
+        shutil.copy(p, more / p.parent.name / f"new-{p.name}")
+    other = make_cache(more, cache_dir=str(tmp_path / "other_features")).cache
+    with FeatureCache(own) as c:
+        trained = {c.paths[i] for i in split_indices(c.labels, 0.125, 0)[0]}
+    with FeatureCache(other) as c:
+        val = [c.paths[i] for i in split_indices(c.labels, 0.125, 0)[1]]
+    want = sum(p in trained for p in val)
+    assert want > 0  # the split of the other cache holds photos the head was trained on
+    with caplog.at_level("WARNING"):
+        r = evaluate(EvaluateConfig(model=head, cache=other, split="val", runs_dir=str(tmp_path / "r")))
+    assert r.rows == len(val) and "may include" not in caplog.text
+    assert (f"is not the cache the model was trained on: 'val' scores {len(val)} of its 30 rows (split as the model's "
+            f"cache was), {want} of them with the content of images the head was fitted on (e.g. ") in caplog.text
+    assert f"{want} of them with the content of images the head was fitted on" in r.source
+    Path(own).rename(tmp_path / "away.h5")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        r = evaluate(EvaluateConfig(model=head, cache=other, split="val", runs_dir=str(tmp_path / "r")))
+    assert (f"'val' scores {len(val)} of its 30 rows (split as the model's cache was), which may include training "
+            f"images: they cannot be counted (its cache {own} is gone); use ") in caplog.text
+    caplog.clear()  # every row of it: a note that nobody can tell (it said nothing)
+    with caplog.at_level("INFO"):
+        evaluate(EvaluateConfig(model=head, cache=other, split="all", runs_dir=str(tmp_path / "r")))
+    assert f"cannot tell whether rows of {other} are photos the head was fitted on (its cache {own} is gone)" \
+        in caplog.text

@@ -712,3 +712,19 @@ def test_an_output_that_is_no_earlier_export_is_refused_and_an_earlier_export_re
         second = pipeline.export_model(head, out, format=fmt, check_n=2)
         ids.add(pipeline.exported_metadata(out)["export_id"])
         assert first.passed and second.passed and len(ids) == 2
+
+
+def test_an_export_through_a_link_to_an_earlier_export_replaces_its_file_and_keeps_the_link(heads, tmp_path):
+    """export --output LINK, the link leading to an earlier export (current.onnx -> v1/model.onnx), replaced the link
+    by a regular file, v1/model.onnx left as it was. Now the export is written through the link, as every output is
+    (its file replaced, the link kept); the metadata goes beside the name given, as always."""
+    (tmp_path / "v1").mkdir()
+    earlier = tmp_path / "v1" / "model.onnx"
+    pipeline.export_model(heads["linear"], earlier, check_n=2)
+    link = tmp_path / "current.onnx"
+    link.symlink_to(earlier)
+    first = pipeline.exported_metadata(earlier)["export_id"]
+    assert pipeline.export_model(heads["linear"], link, check_n=2).passed
+    assert link.is_symlink() and pipeline.exported_metadata(link)["export_id"] != first
+    assert json.loads(Path(f"{link}.json").read_text())["export_id"] == pipeline.exported_metadata(earlier)["export_id"]
+    assert sorted(os.listdir(tmp_path / "v1")) == ["model.onnx", "model.onnx.json"]

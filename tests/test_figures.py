@@ -239,3 +239,18 @@ def test_reliability_figure_draws_both_curves_and_the_rows_per_bin():
     top, bars = fig.axes
     assert len(top.collections) == 2 and "T = 2.00 (ECE 0.100)" in [t.get_text() for t in top.get_legend().texts]
     assert sum(p.get_height() for p in bars.patches) == 400  # both histograms, every row once
+
+
+def test_preview_and_feature_map_say_an_animated_picture_was_drawn_from_its_first_frame(tmp_path):
+    """preview's grid and feature-map drew an animated GIF (or a multi-page TIFF) from its first frame without a
+    word; now the one warning extract and predict give names it."""
+    from tests.test_image_reader import several_frames
+
+    data = make_image_folder(tmp_path / "data", per_class=1)
+    several_frames(data / "red" / "anim.gif", "GIF", 4)
+    (data / "red" / "red.0.jpg").unlink()  # the grid's one red picture is the GIF
+    tiny = ["--backbone", "tiny", "--weights", "none"]
+    shown = run("preview", "--data", data, *tiny, "--per-class", 1, "--output", tmp_path / "p.png")
+    drawn = run("feature-map", data / "red" / "anim.gif", *tiny, "--top-k", 2, "--output", tmp_path / "m.png")
+    for result in (shown, drawn):
+        assert "1 file holds more than one frame" in result.stderr and ": 4 frames)" in result.stderr, result.stderr

@@ -458,3 +458,73 @@ def test_a_file_output_ending_in_a_slash_is_refused_not_written_as_a_file_named_
                                  f"{tmp_path}/report.csv/"])
     assert r.exit_code == 2 and "names a folder (it ends in '/')" in r.stderr, r.output
     assert sorted(os.listdir(tmp_path)) == ["data"]
+
+
+def test_an_output_that_is_a_link_is_written_through_it_as_a_shell_writes(tmp_path):
+    """An output named by a symbolic link to a user's file (latest.csv -> results/2026-12-07.csv) was replaced by a
+    regular file, the link gone and its file left as it was. Now written through the link, as '>' writes: the file
+    it leads to gets the new content (whole or not at all, its permission bits kept), the link stays; a dangling
+    link's file is made; a link whose folder is not there, or a loop, is refused before any work (exit 2)."""
+    results = tmp_path / "results"
+    results.mkdir()
+    mine = results / "2026-12-07.csv"
+    mine.write_text("old\n")
+    mine.chmod(0o640)
+    link = tmp_path / "latest.csv"
+    link.symlink_to(os.path.join("results", mine.name))  # relative, as ln -s makes it
+    assert check_output(link) == link
+    atomic_write(link, lambda tmp: tmp.write_text("new\n"))
+    assert link.is_symlink() and os.readlink(link) == os.path.join("results", mine.name)
+    assert mine.read_text() == "new\n" and (mine.stat().st_mode & 0o777) == 0o640
+    assert sorted(os.listdir(results)) == [mine.name]  # the temporary file was beside the target, and is gone
+
+    def fails(tmp):
+        tmp.write_text("half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(DiskFull):
+        atomic_write(link, fails)
+    assert link.is_symlink() and mine.read_text() == "new\n" and sorted(os.listdir(results)) == [mine.name]
+    dangling = tmp_path / "next.csv"
+    dangling.symlink_to(results / "new.csv")
+    check_output(dangling)
+    atomic_write(dangling, lambda tmp: tmp.write_text("made\n"))
+    assert dangling.is_symlink() and (results / "new.csv").read_text() == "made\n"
+    nowhere = tmp_path / "nowhere.csv"
+    nowhere.symlink_to(tmp_path / "gone" / "x.csv")
+    with pytest.raises(UsageError, match=r"is a link to '.*gone/x.csv', whose folder does not exist"):
+        check_output(nowhere)
+    loop = tmp_path / "loop.csv"
+    loop.symlink_to(loop)
+    with pytest.raises(UsageError, match="is a symlink loop"):
+        check_output(loop)
+    assert not (tmp_path / "gone").exists() and loop.is_symlink()
+
+
+def test_predict_check_images_preview_and_feature_map_write_through_a_link(tmp_path, image_folder):
+    """Every command's file output goes through the one helper: a link named as predict --output, check-images
+    --report, preview or feature-map --output is written through (its file gets the rows, the report, the PNG);
+    it was replaced by a regular file and the file it led to was left stale."""
+    from pipeline.models.whole_models import build_model, save_model
+
+    model_pt = tmp_path / "model.pt"  # a tiny random model: predict's rows are all this needs
+    save_model(build_model("tiny", "none", ["blue", "red"]), model_pt, "train", {}, {}, [])
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    cases = {"rows.csv": ["predict", str(image_folder / "red"), "--model", str(model_pt), "--workers", "0"],
+             "report.csv": ["check-images", str(image_folder)],
+             "preview.png": ["preview", "--data", str(image_folder), "--backbone", "tiny", "--weights", "none",
+                             "--per-class", "1"],
+             "map.png": ["feature-map", str(image_folder / "red" / "red.0.jpg"), "--backbone", "tiny", "--weights",
+                         "none", "--top-k", "2"]}
+    for name, args in cases.items():
+        (keep / name).write_bytes(b"a user's file\n")
+        link = tmp_path / f"link-{name}"
+        link.symlink_to(keep / name)
+        option = "--report" if args[0] == "check-images" else "--output"
+        r = CliRunner().invoke(cli, [*args, option, str(link)])
+        assert r.exit_code == 0, (name, r.output)
+        assert link.is_symlink(), f"{args[0]}: the link was replaced"
+        written = (keep / name).read_bytes()
+        assert written.startswith(b"\x89PNG" if name.endswith(".png") else b"path,"), (name, written[:40])
+    assert sorted(os.listdir(keep)) == sorted(cases)  # nothing left beside them

@@ -324,3 +324,38 @@ def test_extract_and_predict_say_which_files_were_read_from_their_first_frame(tm
     said = [r.getMessage() for r in caplog.records if "frame" in r.getMessage()]
     assert len(said) == 1 and said[0].startswith("1 file holds more than one frame") and "anim.gif: 4 frames" in said[0]
     assert len(rows) == 5 and not any(r["error"] for r in rows)
+
+
+def test_predicts_rows_and_the_api_say_which_photos_were_read_from_their_first_frame(tmp_path, caplog, make_cache):
+    """predict's rows (--format json and csv, the API's predict_files) carry a ``note`` for a photo read from its
+    first frame (serve's rows are the same rows); the API's predict on a file, and on an animated GIF opened with
+    Image.open and given in memory (which said nothing), warns once as predict does."""
+    import csv
+    import json
+    import logging
+
+    from click.testing import CliRunner
+
+    import pipeline
+    from pipeline import cli
+    from tests.conftest import make_image_folder
+
+    data = make_image_folder(tmp_path / "data", per_class=4)
+    cache = make_cache(data)
+    head = pipeline.Head(head="linear", epochs=2, runs_dir=str(tmp_path / "runs")).fit(cache.cache)
+    several_frames(tmp_path / "anim.gif", "GIF", 4)
+    photo = next((data / "red").iterdir())
+    for x in ([str(tmp_path / "anim.gif"), str(photo)], [Image.open(tmp_path / "anim.gif"), str(photo)]):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            assert len(head.predict(x)) == 2
+        said = [r.getMessage() for r in caplog.records if "frame" in r.getMessage()]
+        assert len(said) == 1 and said[0].startswith("1 file holds more than one frame") and ": 4 frames" in said[0]
+    # the CLI last: its logging set-up (basicConfig(force=True)) takes caplog's handler away
+    args = ["predict", str(tmp_path / "anim.gif"), str(photo), "--model", head.checkpoint_, "--workers", "0"]
+    rows = json.loads(CliRunner().invoke(cli.cli, [*args, "--format", "json"]).stdout)
+    assert rows[0]["note"].startswith("the first of its 4 frames was classified") and rows[1]["note"] is None
+    out = CliRunner().invoke(cli.cli, [*args, "--output", str(tmp_path / "p.csv")])
+    assert out.exit_code == 0, out.output
+    table = list(csv.DictReader((tmp_path / "p.csv").open()))
+    assert table[0]["note"] == rows[0]["note"] and table[1]["note"] == ""

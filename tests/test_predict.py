@@ -116,7 +116,8 @@ def test_predict_cli_writes_csv_and_json(tmp_path, image_folder, model_pt):
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == str(out) and "1 unreadable" in result.stderr
     rows = list(csv.DictReader(out.open()))
-    assert list(rows[0]) == ["path", "class", "probability", "unknown", "ood_score", "error"] and len(rows) == 14
+    assert list(rows[0]) == ["path", "class", "probability", "unknown", "ood_score", "error", "note"]
+    assert len(rows) == 14
     assert rows[0]["error"] == "zero-byte file" and rows[-1]["path"].endswith("blue.0.jpg")
     as_json = runner.invoke(cli.cli, ["predict", str(data / "red" / "red.1.jpg"), "--model", str(model_pt),
                                       "--format", "json", "--workers", "0"])

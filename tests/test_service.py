@@ -787,3 +787,22 @@ def test_an_app_mounting_serve_app_keeps_its_own_multipart_logging(head):
         assert logger.level == logging.DEBUG
     finally:
         logger.setLevel(old)
+
+
+def test_an_animated_upload_is_answered_from_its_first_frame_and_its_row_says_so(client, head):
+    """An animated GIF (or APNG, animated WebP, multi-page TIFF) uploaded was classified from its first frame with
+    nothing said, where predict warns. Its row now carries a ``note`` saying so (a field added: every other field
+    as before; ``note`` is null for a photo of one frame), as predict's rows do."""
+    frames = [Image.new("RGB", (40, 32), c) for c in [(250, 20, 20), (20, 250, 20), (20, 20, 250)]]
+    gif = io.BytesIO()
+    frames[0].save(gif, "GIF", save_all=True, append_images=frames[1:])
+    first = io.BytesIO()
+    frames[0].save(first, "GIF")
+    sent = [("files", (name, f.getvalue(), "image/gif")) for name, f in (("anim.gif", gif), ("still.gif", first))]
+    r = client.post("/predict", files=sent + upload(photos(head)[0]))
+    assert r.status_code == 200
+    anim, still, photo = r.json()
+    assert anim["note"].startswith("the first of its 3 frames was classified") and anim["error"] is None
+    assert still["note"] is None and photo["note"] is None
+    assert (anim["class"], anim["probability"]) == (still["class"], pytest.approx(still["probability"], abs=1e-6))
+    assert set(anim) == {"path", "class", "probability", "unknown", "ood_score", "error", "note"}

@@ -812,3 +812,26 @@ def test_a_finetune_from_a_stopped_runs_model_pt_keeps_none_of_that_runs_resume_
     assert "resume" not in torch.load(done["checkpoint"], weights_only=True)
     again = CliRunner().invoke(cli.cli, [*args, "--resume", done["run_dir"]])
     assert again.exit_code == 2 and "a finished run's; nothing to resume" in again.output, again.output
+
+
+@pytest.mark.parametrize("command", ["train", "finetune"])
+def test_animated_photos_are_said_once_a_run_not_once_an_epoch(tmp_path, caplog, command):
+    """train and finetune decode every photo each epoch; an animated GIF or a multi-page TIFF among them became
+    its first frame without a word (extract, predict and evaluate warn). Now one warning a run, after the first
+    epoch has read every photo, naming how many (training and validation photos alike) and an example."""
+    import logging
+
+    from tests.test_image_reader import several_frames
+
+    data = make_image_folder(tmp_path / "data", per_class=6)
+    several_frames(data / "red" / "anim.gif", "GIF", 4)
+    several_frames(data / "blue" / "pages.tif", "TIFF", 2)
+    config = (TrainConfig if command == "train" else FinetuneConfig)(
+        data=str(data), backbone="tiny", epochs=3, lr=0.01, runs_dir=str(tmp_path / "runs"), **FAST)
+    with caplog.at_level(logging.WARNING):
+        result = (train if command == "train" else finetune)(config)
+    said = [r.getMessage() for r in caplog.records if "frame" in r.getMessage()]
+    assert said == ["2 files hold more than one frame (an animated GIF, PNG or WebP, a multi-page TIFF) and were read "
+                    "from the first frame alone (e.g. blue/pages.tif: 2 frames); save the frame you mean as its own "
+                    "photo to use another"], said
+    assert len(result.history) == 3 and result.metrics["skipped"] == 0

@@ -128,3 +128,19 @@ def test_each_photo_on_the_page_shows_its_heatmap_under_it(served, browser, tmp_
     assert heat.evaluate("im => im.complete && im.naturalWidth") == 32  # decoded: the tiny backbone's crop
     assert card.locator(".why").inner_text().startswith("Red: where the model saw ")
     page.close()
+
+
+def test_an_animated_gif_on_the_page_says_its_first_frame_was_used(served, browser, tmp_path):
+    """The page showed an animated GIF's class as any photo's: now a note under it says the first frame was used."""
+    _, url = served
+    gif = tmp_path / "anim.gif"
+    frames = [Image.new("RGB", (40, 32), c) for c in [(250, 20, 20), (20, 250, 20)]]
+    frames[0].save(gif, "GIF", save_all=True, append_images=frames[1:])
+    page = browser.new_page()
+    page.goto(url + "/")
+    page.wait_for_function("document.getElementById('about').textContent.includes('3 classes')")
+    page.set_input_files("#picker", str(gif))
+    card = page.locator(".card[data-status=done]")
+    card.wait_for(timeout=30_000)
+    assert card.locator(".note").inner_text().startswith("Note: the first of its 2 frames was classified")
+    page.close()

@@ -125,6 +125,14 @@ def first_frames_line(found: list) -> str:
             f"alone (e.g. {one_line(path)}: {frames} frames); save the frame you mean as its own photo to use another")
 
 
+def first_frame_note(frames: int) -> Optional[str]:
+    """A row's ``note`` for a photo read from its first frame alone (predict's, serve's), None for every other."""
+    if frames <= 1:
+        return None
+    return (f"the first of its {frames} frames was classified (an animated GIF, PNG or WebP, a multi-page TIFF); "
+            "save the frame you mean as its own photo to use another")
+
+
 def file_digest(path) -> str:
     """sha256 of a file's bytes ('' when it cannot be read: decoding then reports why)."""
     h = hashlib.sha256()

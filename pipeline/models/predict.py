@@ -22,7 +22,15 @@ import torch
 
 from ..config import ImagenetCheckConfig, PredictConfig, check_config, check_options, option_text, option_value
 from ..data.folders import NOT_UTF8, ImageLoadError, is_image_name, load_rgb, walk
-from ..data.image_reader import Batch, ImageListDataset, Item, first_frames_line, load_transformed, read_items
+from ..data.image_reader import (
+    Batch,
+    ImageListDataset,
+    Item,
+    first_frame_note,
+    first_frames_line,
+    load_transformed,
+    read_items,
+)
 from ..data.moves import rename_to_free
 from ..devices import resolve_device
 from ..errors import UsageError
@@ -57,7 +65,7 @@ from .whole_models import (
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ("path", "class", "probability", "unknown", "ood_score", "error")
+COLUMNS = ("path", "class", "probability", "unknown", "ood_score", "error", "note")
 
 
 @dataclass(frozen=True)
@@ -215,7 +223,7 @@ def outputs_of_inputs(lm, model, inputs, batch_size: int, workers=None) -> np.nd
     file is a UsageError naming it. ``workers`` None: decoded in this process for fewer than 64 files."""
     from PIL import Image
 
-    from ..data.folders import ImageLoadError, check_size, to_rgb
+    from ..data.folders import ImageLoadError, check_size, frame_count, to_rgb
     from ..data.portable import decode_failure, orientation, upright
 
     def pil_item(i: int, im) -> Item:
@@ -225,7 +233,11 @@ def outputs_of_inputs(lm, model, inputs, batch_size: int, workers=None) -> np.nd
         try:
             check_size(im.size)
             read_pixels(im)
-            return Item(i, lm.transform(upright(to_rgb(im), orientation(im))), -1, f"<image {i}>")
+            image = lm.transform(upright(to_rgb(im), orientation(im)))
+            # an opened animated GIF or multi-page TIFF at its first frame: said as a file's is (counted once the
+            # pixels are taken: counting seeks through its frames, then back to the first)
+            frames = frame_count(im) if im.tell() == 0 else 1
+            return Item(i, image, -1, f"<image {i}>", frames=frames)
         except ImageLoadError as e:
             return Item(i, None, -1, f"<image {i}>", e.reason)
 
@@ -264,9 +276,10 @@ def outputs_of_inputs(lm, model, inputs, batch_size: int, workers=None) -> np.nd
         got["file"].collect(progress(iter_log_proba(model, items, batch_size), total=len(files), unit="img",
                                      desc="predict"))
         _refuse_unread(got["file"], len(files))
-        got["file"].warn_first_frames()
     got["image"].collect(iter_log_proba(model, (pil_item(i, im) for i, im in enumerate(images)), batch_size))
     _refuse_unread(got["image"], len(images))
+    got["file"].frames.update(got["image"].frames)  # one warning for the files and the images given in memory
+    got["file"].warn_first_frames()
     return np.stack([got[kind].rows[j] for kind, j in order]).astype(np.float64)
 
 
@@ -286,10 +299,11 @@ def prediction_rows(lm, batch: Batch, outputs, top: int = 0) -> list[dict]:
 
 
 def prediction_row(lm, item: Item, output, top: int = 0) -> dict:
-    """{path, class, probability, unknown, ood_score, error} of one item; ``output``: the network's
+    """{path, class, probability, unknown, ood_score, error, note} of one item; ``output``: the network's
     (``whole_models.network``: log-probabilities, then the unknown score when the head has one), None for an
     unreadable file. ``class`` is the best class even when the photo looks like none of them (``unknown``: its
-    ``ood_score`` is above the threshold); both are None for a model without an unknown score.
+    ``ood_score`` is above the threshold); both are None for a model without an unknown score. ``note``: None, or
+    that the photo was read from the first of its frames (an animated GIF, a multi-page TIFF: ``first_frame_note``).
 
     The one place a row is made: predict and the prediction service (``serving.service``) both call it,
     so a file gives the same row from either. ``top`` > 0 adds ``top``: the ``top`` most probable
@@ -297,13 +311,14 @@ def prediction_row(lm, item: Item, output, top: int = 0) -> dict:
     """
     if output is None:
         return {"path": item.path, "class": None, "probability": None, "unknown": None, "ood_score": None,
-                "error": item.error}
+                "error": item.error, "note": None}
     classes = lm.classes
     logp, ood = split_extras(output, len(classes))
     best = int(logp.argmax())
     row = {"path": item.path, "class": classes[best], "probability": float(np.exp(logp[best])),
            "unknown": None if ood is None else bool(ood > lm.model.head.threshold_used),
-           "ood_score": None if ood is None else round(float(ood), 6), "error": None}
+           "ood_score": None if ood is None else round(float(ood), 6), "error": None,
+           "note": first_frame_note(item.frames)}
     if top > 0:
         order = np.argsort(-logp, kind="stable")[:top]
         row["top"] = [{"class": classes[int(i)], "probability": float(np.exp(logp[i]))} for i in order]

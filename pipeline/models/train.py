@@ -175,6 +175,8 @@ def _minibatches(loader, device, skipped: ImageOutputs, bar, per_class: np.ndarr
         for item in batch.items:
             if not item.ok:
                 skipped.add(item, None)
+            elif item.frames > 1:  # an animated GIF, a multi-page TIFF: said once a run (``validate``)
+                skipped.frames[item.path] = item.frames
         bar.update(len(batch.items))
         if batch.good:
             labels = batch.labels()
@@ -352,6 +354,9 @@ def _train_run(cfg: TrainConfig, kind: str, lm, stages: list, listing, head_saw:
 
     def validate():
         acc, loss, state["y_val"], state["pred"] = evaluate(val_model, val_loader, cfg.batch_size, skipped)
+        if not state.get("frames_said"):  # every photo was decoded once by now: one warning a run, not an epoch
+            skipped.warn_first_frames()
+            state["frames_said"] = True
         return acc, loss
 
     run = {"dir": Path(cfg.resume) if cfg.resume else None, "done": 0}

@@ -126,9 +126,7 @@ def head_on_cache(model_path: str, ckpt: dict, cfg: EvaluateConfig, labelled: bo
             c = ckpt["config"]
             rows = split_indices(cache.labels, c["val_fraction"], c["seed"])[1]
             if not own:  # first: the refit note is of its own cache
-                log.warning("%s is not the cache the model was trained on: 'val' scores %d of its %d rows (split as "
-                            "the model's cache was), which may include training images; use %s on a "
-                            "held-out cache", path, len(rows), cache.n, option_text("split", "all"))
+                seen = warn_val_of_another_cache(ckpt, cache, rows)
             elif c.get("refit") and ckpt.get("tuning"):
                 refit = "fit-head --refit" if option_text("refit") == "--refit" else "refit=True"  # Head.score's
                 log.warning("the head was refitted on every row of its cache, the validation rows included "
@@ -473,21 +471,58 @@ def warn_seen(seen: list, where, unit: str) -> str:
     return f", {len(seen)} of them with the content of images the head was fitted on"
 
 
+def cache_rows_seen(ckpt: dict, cache, rows=None) -> tuple[Optional[list], str]:
+    """(the paths of ``cache``'s ``rows``, all by default, whose content is a photo the head was fitted on, sorted;
+    '') from the digests of the head's own cache (``fit_head.overlap``'s rule), or (None, why nobody can tell):
+    the head's cache gone, busy or unreadable."""
+    from ..models.train import refitted
+
+    mine = ckpt.get("cache") or ""
+    try:
+        with FeatureCache(mine) as own:
+            train_rows, val_rows = split_indices(own.labels, ckpt["config"]["val_fraction"], ckpt["config"]["seed"])
+            fitted = {h for h in own.row_digests(np.concatenate([train_rows, val_rows]) if refitted(ckpt)
+                                                 else train_rows) if h}
+    except CacheBusy:  # the warning is told why it is vague, the evaluation goes on
+        return None, f"its cache {mine} is being written by another process"
+    except (CacheError, KeyError, OSError) as e:
+        gone = not mine or not Path(mine).exists()
+        return None, f"its cache {mine or '(none recorded)'} " + ("is gone" if gone else f"cannot be read ({e})")
+    rows = range(cache.n) if rows is None else rows
+    paths = cache.paths
+    return sorted(paths[i] for i, h in zip(rows, cache.row_digests(rows)) if h in fitted), ""
+
+
 def warn_if_cache_seen(ckpt: dict, cache) -> str:
     """--cache of another cache holding photos the head was fitted on (a larger --n of its folder, a copy of it)
     scores them too: signdigits10, a head on 301 photos read accuracy 1.000 on a --n 120 cache of the same folder,
     nothing said, where --data and fit-head --test-cache find them by content. Said, with how many (returned: what
-    the figures' source adds); where the head's cache is gone, nobody can tell."""
-    from ..heads.fit_head import overlap
-    from ..models.train import refitted
-
-    try:
-        with FeatureCache(ckpt["cache"]) as own:
-            train_rows, val_rows = split_indices(own.labels, ckpt["config"]["val_fraction"], ckpt["config"]["seed"])
-            seen = overlap(own, np.concatenate([train_rows, val_rows]) if refitted(ckpt) else train_rows, cache)
-    except (CacheBusy, CacheError, KeyError, OSError):  # busy: the warning is left out, not the evaluation
+    the figures' source adds); where the head's cache is gone, a note says nobody can tell (as for --data)."""
+    seen, why = cache_rows_seen(ckpt, cache)
+    if seen is None:
+        log.info("cannot tell whether rows of %s are photos the head was fitted on (%s): any such row is scored "
+                 "too, which would flatter every figure", cache.path, why)
         return ""
     return warn_seen(seen, cache.path, "row")
+
+
+def warn_val_of_another_cache(ckpt: dict, cache, rows: np.ndarray) -> str:
+    """--split val of a cache not the head's: its rows split as the head's cache was, which are not the head's
+    validation photos. It said they 'may include training images'; now counted by content where the head's cache
+    can be read (how many, and a few), and where it cannot, said why not. Returns what the figures' source adds."""
+    head = (f"{cache.path} is not the cache the model was trained on: 'val' scores {len(rows)} of its {cache.n} rows "
+            "(split as the model's cache was)")
+    held_out = f"use {option_text('split', 'all')} on a held-out cache"
+    seen, why = cache_rows_seen(ckpt, cache, rows) if not ckpt.get("fused") else (None, "a head on fused features")
+    if seen is None:
+        log.warning("%s, which may include training images: they cannot be counted (%s); %s", head, why, held_out)
+        return ""
+    if not seen:
+        log.warning("%s; none of them has the content of an image the head was fitted on; %s", head, held_out)
+        return ""
+    log.warning("%s, %d of them with the content of images the head was fitted on (e.g. %s): scored too, which "
+                "flatters every figure; %s", head, len(seen), ", ".join(seen[:3]), held_out)
+    return f", {len(seen)} of them with the content of images the head was fitted on"
 
 
 def figures(result: dict, root=None) -> dict:

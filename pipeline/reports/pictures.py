@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from ..config import FeatureMapConfig, PreviewConfig, check_config, option_text, option_value
-from ..data.folders import ImageLoadError, list_image_folder, load_rgb
+from ..data.folders import FRAMES, ImageLoadError, list_image_folder, load_rgb
+from ..data.image_reader import first_frames_line
 from ..errors import UsageError
 from ..extraction.backbones import load_backbone, load_preprocessing, weights_inputs
 from ..extraction.inference import Inference
@@ -59,7 +60,16 @@ def sample_per_class(listing, per_class: int, seed: int) -> list[tuple[int, obje
                 got += 1
             except ImageLoadError as e:
                 log.warning("skipping %s: %s", path, e.reason)
+    said_first_frames([(path, image.info.get(FRAMES, 1)) for _, image, path in chosen])
     return chosen
+
+
+def said_first_frames(shown: list) -> None:
+    """The one warning of predict and extract for the pictures drawn from their first frame alone: ``shown`` is
+    (path, frames) of each (an animated GIF, a multi-page TIFF: preview and feature-map drew it without a word)."""
+    found = [(p, n) for p, n in shown if n > 1]
+    if found:
+        log.warning("%s", first_frames_line(found))
 
 
 def class_rows(chosen, classes, transform) -> tuple[list, list, int]:
@@ -135,6 +145,7 @@ def feature_map(cfg: FeatureMapConfig) -> tuple:
         image = load_rgb(cfg.image)
     except ImageLoadError as e:
         raise UsageError(f"image {cfg.image!r}: {e.reason}") from None
+    said_first_frames([(cfg.image, image.info.get(FRAMES, 1))])
     backbone = load_backbone(cfg.backbone, cfg.weights)
     x, seen = as_seen(backbone.transform, image)
     model = Inference(backbone.features, torch.device("cpu"), "fp32")

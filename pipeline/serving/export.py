@@ -17,6 +17,7 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 import uuid
 import warnings
 from contextlib import contextmanager
@@ -35,7 +36,7 @@ from ..data.image_reader import DECODE_VERSION, ImageListDataset, draft_short_si
 from ..errors import PipelineError, UsageError
 from ..extraction import backbones as bb
 from ..files import (NAME_MAX, atomic_write, check_output, check_replaceable, starts_with, temporary_name,
-                     unwinding_on_signals, write_json)
+                     unwinding_on_signals, write_json, written_through)
 from ..models.fused_models import fused_metadata, input_shape
 from ..models.predict import list_inputs
 from ..models.predict import ImageOutputs, iter_log_proba
@@ -382,11 +383,21 @@ def write_torchscript(net: nn.Module, example, path: Path, meta: dict) -> None:
 
 def put_in_place(tmp: Path, out: Path, side: Path, meta: dict) -> None:
     """The checked file at ``out`` and its metadata at ``side``, under the output's lock; the old sidecar removed
-    first, so an export stopped in between leaves the new file alone, never beside the old one's metadata."""
-    with output_lock(out):
-        side.unlink(missing_ok=True)
-        atomic_write(out, lambda t: os.replace(tmp, t))
-        write_json(side, meta)
+    first, so an export stopped in between leaves the new file alone, never beside the old one's metadata. An
+    ``out`` that is a link is written through (``files.atomic_write``): the metadata goes beside the file it leads
+    to as well (``through_sidecar``), where its old one would no longer match it."""
+    sides = dict.fromkeys([side, through_sidecar(out)])
+    with output_lock(written_through(out)):  # the lock of the file replaced: an export to its own name waits too
+        for s in sides:
+            written_through(s).unlink(missing_ok=True)  # a link kept, as the file's: written through
+        atomic_write(out, lambda t: shutil.move(tmp, t))  # t beside a link's file, maybe on another file system
+        for s in sides:
+            write_json(s, meta)
+
+
+def through_sidecar(out: Path) -> Path:
+    """The metadata file beside the file ``out`` leads to (``sidecar_path`` of a link's file; of ``out`` itself)."""
+    return sidecar_path(written_through(out))
 
 
 class ExportedRunner:
@@ -560,6 +571,11 @@ def check_outputs(cfg: ExportConfig, ckpt: dict) -> tuple[Path, Path]:
     what = f"the metadata file beside --output {cfg.output!r}:"
     side = check_output(side, inputs, data, what=what)
     check_replaceable(side, is_sidecar, "an earlier export's metadata", what=what, other="--output")
+    through = through_sidecar(out)
+    if through != side:  # --output a link: the metadata beside the file it leads to is replaced too
+        what = f"the metadata file beside {str(written_through(out))!r}, which --output {cfg.output!r} links to:"
+        check_replaceable(check_output(through, inputs, data, what=what), is_sidecar, "an earlier export's metadata",
+                          what=what, other="--output")
     return out, side
 
 

@@ -33,7 +33,7 @@ from importlib import resources
 
 from ..cache.provenance import package_version, versions
 from ..config import ServeConfig, check_config, option_text, option_value
-from ..data.folders import MAX_IMAGE_PIXELS, ImageLoadError, decode_bytes
+from ..data.folders import FRAMES, MAX_IMAGE_PIXELS, ImageLoadError, decode_bytes
 from ..data.image_reader import Batch, Item, draft_short_side
 from ..devices import resolve_workers
 from ..errors import PipelineError, UsageError
@@ -324,7 +324,7 @@ class Service:
             if len(data) > self.cfg.max_file_bytes:  # read up to one byte past the limit: its real size is unknown
                 raise ImageLoadError(f"larger than the {self.cfg.max_file_bytes} bytes allowed per image", TOO_LARGE)
             rgb = decode_bytes(data, self.min_short_side, self.cfg.max_pixels)
-            return Item(k, self.lm.transform(rgb), -1, name)
+            return Item(k, self.lm.transform(rgb), -1, name, frames=rgb.info.get(FRAMES, 1))
         except ImageLoadError as e:
             return Item(k, None, -1, name, e.reason)
 
