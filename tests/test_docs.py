@@ -173,3 +173,19 @@ def test_every_pipeline_name_the_docs_write_is_there():
             if obj is None:
                 bad.add(f"{doc.relative_to(ROOT)}: {name}")
     assert not bad, sorted(bad)
+
+
+def test_every_bench_and_example_script_the_docs_run_is_there_with_its_options():
+    """`python bench/X.py --opt` in a doc: the script exists and its source declares the option."""
+    bad = []
+    for doc in DOCS:
+        text = re.sub(r"\\\n\s*", " ", doc.read_text(encoding="utf-8"))
+        for folder, name, args in re.findall(r"python ((?:bench|examples))/(\w+\.py)([^`\n|#]*)", text):
+            script = ROOT / folder / name
+            if not script.is_file():
+                bad.append(f"{doc.relative_to(ROOT)}: no {folder}/{name}")
+                continue
+            source = script.read_text(encoding="utf-8")
+            bad += [f"{doc.relative_to(ROOT)}: {folder}/{name} has no {o}"
+                    for o in re.findall(r"(?:^|\s)(--[a-z][a-z0-9-]*)", args) if f'"{o}"' not in source]
+    assert not bad, bad
