@@ -324,3 +324,37 @@ def test_extract_and_predict_say_which_files_were_read_from_their_first_frame(tm
     said = [r.getMessage() for r in caplog.records if "frame" in r.getMessage()]
     assert len(said) == 1 and said[0].startswith("1 file holds more than one frame") and "anim.gif: 4 frames" in said[0]
     assert len(rows) == 5 and not any(r["error"] for r in rows)
+
+
+class _HangupDataset:
+    """Each item reports, as multiprocessing's resource sharer does from its thread in a decoding worker, a
+    connection the main process dropped (it was ending), then another error."""
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, i):
+        import sys
+        for error in (ConnectionResetError(104, "Connection reset by peer"), ValueError("a real error")):
+            try:
+                raise error
+            except Exception:
+                sys.excepthook(*sys.exc_info())
+        return i
+
+
+def test_decoding_workers_say_nothing_of_a_connection_the_ending_main_process_dropped(capfd, tmp_path):
+    """SIGTERM to train while a worker handed it a batch: the one 'terminated; ...' line was followed by a
+    worker's ConnectionResetError traceback. Every loader's workers now keep quiet about the dropped connection
+    (and only about that)."""
+    from pipeline.config import TrainConfig
+    from pipeline.data import image_reader
+    from pipeline.models.train import _loader
+
+    assert [i for chunk in image_reader.item_loader(_HangupDataset(), workers=1) for i in chunk] == [0]
+    err = capfd.readouterr().err
+    assert "ValueError: a real error" in err and "ConnectionResetError" not in err
+    quiet_hangups = image_reader.quiet_hangups
+    cfg = TrainConfig(data=str(tmp_path), workers=1)
+    for shuffle in (True, False):
+        assert _loader(tmp_path, [("a.jpg", 0)], None, cfg, shuffle=shuffle).worker_init_fn is quiet_hangups
