@@ -93,3 +93,99 @@ def test_links_to_a_section_name_one_that_exists():
             if anchor not in anchors_of(page):
                 broken.append(f"{doc.relative_to(ROOT)} -> {target}#{anchor}")
     assert not broken, broken
+
+
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def command_line_slips(text):
+    """Every `python cli.py CMD --opt ...` (a line continued with '\\' included) and every inline `CMD --opt ...`
+    of ``text`` whose command or option the CLI does not have: ["line N: ..."]."""
+    from pipeline.cli import cli
+
+    top = {o for p in cli.params for o in (*p.opts, *p.secondary_opts)}
+
+    def options(cmd):
+        return top | {"--help", "-h"} | {o for p in cli.commands[cmd].params for o in (*p.opts, *p.secondary_opts)}
+
+    text = re.sub(r"\\\n\s*", " ", text)
+    slips = []
+    for m in re.finditer(r"(?:python3? |torchrun [^`\n]*?)cli\.py((?: [^`\n|#]*)?)|`([a-z][a-z-]+)( --?[a-zA-Z][^`]*)`",
+                         text):
+        words = (m.group(1) or "").split() if m.group(2) is None else [m.group(2), *m.group(3).split()]
+        words = [w for w in words if not (w in top and words.index(w) == 0)]
+        while words and words[0] in top:
+            words = words[1:]
+        if not words or not re.fullmatch(r"[a-z][a-z-]+", words[0]):
+            continue
+        line = text[:m.start()].count("\n") + 1
+        if words[0] not in cli.commands:
+            if m.group(2) is None:  # `word --x` in prose may be another tool's; after cli.py it is ours
+                slips.append(f"line {line}: no command {words[0]!r}")
+            continue
+        for w in words[1:]:
+            opt = re.match(r"--?[a-zA-Z][\w-]*", w)
+            if opt and opt.group(0) not in options(words[0]):
+                slips.append(f"line {line}: {words[0]} has no {opt.group(0)}")
+    return slips
+
+
+def test_command_line_slips_sees_a_wrong_command_and_option():
+    text = "`python cli.py fit-head --cache A \\\n    --no-such 1` and `extract --dat X` and `python cli.py fitt`"
+    assert command_line_slips(text) == ["line 1: fit-head has no --no-such", "line 1: extract has no --dat",
+                                        "line 1: no command 'fitt'"]
+    assert command_line_slips("`python cli.py -q choose-backbone --data D --backbone b=w` `predict --explain D`") == []
+
+
+def test_every_command_and_option_the_docs_name_exists():
+    """A renamed option or command leaves no `python cli.py X --old` behind in a doc a newcomer copies from."""
+    slips = [f"{doc.relative_to(ROOT)} {slip}" for doc in DOCS
+             for slip in command_line_slips(doc.read_text(encoding="utf-8"))]
+    assert not slips, slips
+
+
+def test_layout_md_names_every_module_and_no_missing_one():
+    text = (ROOT / "docs" / "layout.md").read_text(encoding="utf-8")
+    named = set(re.findall(r"`(?:pipeline/)?([a-z_]+\.(?:py|html))`", text))
+    files = {p.name for p in (ROOT / "pipeline").rglob("*") if p.suffix in (".py", ".html")}
+    unsaid = files - named - {"__init__.py"}
+    assert not unsaid, f"docs/layout.md does not say what these are: {sorted(unsaid)}"
+    missing = {n for n in named - files if not (ROOT / n).exists()}
+    assert not missing, f"docs/layout.md names modules that are not there: {sorted(missing)}"
+
+
+def test_every_pipeline_name_the_docs_write_is_there():
+    """`pipeline.X.Y` in a doc (a function, class, module or constant) imports or is an attribute."""
+    import importlib
+
+    bad = set()
+    for doc in DOCS:
+        for name in re.findall(r"`[^`\n]*?\b(pipeline(?:\.[A-Za-z_]\w*)+)", doc.read_text(encoding="utf-8")):
+            parts = name.split(".")
+            for i in range(len(parts), 0, -1):
+                try:
+                    obj = importlib.import_module(".".join(parts[:i]))
+                    break
+                except ImportError:
+                    continue
+            for attr in parts[i:]:
+                obj = getattr(obj, attr, None)
+            if obj is None:
+                bad.add(f"{doc.relative_to(ROOT)}: {name}")
+    assert not bad, sorted(bad)
+
+
+def test_every_bench_and_example_script_the_docs_run_is_there_with_its_options():
+    """`python bench/X.py --opt` in a doc: the script exists and its source declares the option."""
+    bad = []
+    for doc in DOCS:
+        text = re.sub(r"\\\n\s*", " ", doc.read_text(encoding="utf-8"))
+        for folder, name, args in re.findall(r"python ((?:bench|examples))/(\w+\.py)([^`\n|#]*)", text):
+            script = ROOT / folder / name
+            if not script.is_file():
+                bad.append(f"{doc.relative_to(ROOT)}: no {folder}/{name}")
+                continue
+            source = script.read_text(encoding="utf-8")
+            bad += [f"{doc.relative_to(ROOT)}: {folder}/{name} has no {o}"
+                    for o in re.findall(r"(?:^|\s)(--[a-z][a-z0-9-]*)", args) if f'"{o}"' not in source]
+    assert not bad, bad

@@ -359,3 +359,37 @@ def test_predicts_rows_and_the_api_say_which_photos_were_read_from_their_first_f
     assert out.exit_code == 0, out.output
     table = list(csv.DictReader((tmp_path / "p.csv").open()))
     assert table[0]["note"] == rows[0]["note"] and table[1]["note"] == ""
+
+
+class _HangupDataset:
+    """Each item reports, as multiprocessing's resource sharer does from its thread in a decoding worker, a
+    connection the main process dropped (it was ending), then another error."""
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, i):
+        import sys
+        for error in (ConnectionResetError(104, "Connection reset by peer"), ValueError("a real error")):
+            try:
+                raise error
+            except Exception:
+                sys.excepthook(*sys.exc_info())
+        return i
+
+
+def test_decoding_workers_say_nothing_of_a_connection_the_ending_main_process_dropped(capfd, tmp_path):
+    """SIGTERM to train while a worker handed it a batch: the one 'terminated; ...' line was followed by a
+    worker's ConnectionResetError traceback. Every loader's workers now keep quiet about the dropped connection
+    (and only about that)."""
+    from pipeline.config import TrainConfig
+    from pipeline.data import image_reader
+    from pipeline.models.train import _loader
+
+    assert [i for chunk in image_reader.item_loader(_HangupDataset(), workers=1) for i in chunk] == [0]
+    err = capfd.readouterr().err
+    assert "ValueError: a real error" in err and "ConnectionResetError" not in err
+    quiet_hangups = image_reader.quiet_hangups
+    cfg = TrainConfig(data=str(tmp_path), workers=1)
+    for shuffle in (True, False):
+        assert _loader(tmp_path, [("a.jpg", 0)], None, cfg, shuffle=shuffle).worker_init_fn is quiet_hangups

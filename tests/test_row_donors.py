@@ -150,3 +150,18 @@ def test_a_donor_replaced_after_its_digests_were_read_still_lends_its_own_rows(m
         np.testing.assert_array_equal(donors.rows(digests), np.stack([own[d][0] for d in digests]))
     finally:
         donors.close()
+
+
+def test_a_byte_copy_removed_from_another_class_leaves_its_original_unchanged(make_cache, image_folder):
+    """audit --apply removing a copy of a red photo saved into blue/: the red original is still red, no label
+    change (the count said 1: the copy's class was taken for the bytes' class)."""
+    for original, other in (("red/red.0.jpg", "blue"), ("blue/blue.1.jpg", "red")):  # whichever row comes first
+        for name in ("a-copy.jpg", "z-copy.jpg"):
+            shutil.copy(image_folder / original, image_folder / other / name)
+    make_cache(image_folder, dtype="float32")
+    for copy in image_folder.glob("*/?-copy.jpg"):
+        copy.unlink()
+    second = make_cache(image_folder, dtype="float32")
+    assert (second.reused, second.label_changes) == (24, 0)
+    shutil.move(image_folder / "red" / "red.0.jpg", image_folder / "blue" / "red.0.jpg")  # now really relabelled
+    assert make_cache(image_folder, dtype="float32").label_changes == 1

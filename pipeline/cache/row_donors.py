@@ -51,6 +51,8 @@ class RowDonors:
 
     sources: list  # paths of the donor caches, newest first
     where: dict = field(default_factory=dict)  # sha256 -> (source index, row, class name)
+    # sha256 -> every class its source cache filed those bytes under (a byte copy in two class folders: both)
+    classes: dict = field(default_factory=dict)
     # the extraction rate the newest donor recorded (its ``extract_rate`` attribute, JSON), if any: a cache whose
     # every row is copied was made at that rate, the same network on this machine's caches
     extract_rate: Optional[str] = None
@@ -86,8 +88,9 @@ class RowDonors:
             out[[i for _, i in pairs]] = block[inverse]
         return out
 
-    def class_of(self, digest: str) -> str:
-        return self.where[digest][2]
+    def class_changed(self, digest: str, name: str) -> bool:
+        """Whether a photo of these bytes now in class ``name`` was in none of that class in its source cache."""
+        return name not in self.classes[digest]
 
     def close(self) -> None:
         for f in self._files.values():
@@ -168,7 +171,10 @@ def find_donors(cache_dir, attrs: dict, exclude: Optional[Path] = None,
         for row, (d, y) in enumerate(zip(digests, labels.tolist())):
             if d and d not in donors.where:
                 donors.where[d] = (src, row, classes[y])
+                donors.classes[d] = {classes[y]}
                 added += 1
+            elif d and donors.where[d][0] == src:  # another copy of the same bytes in this cache
+                donors.classes[d].add(classes[y])
         if added:  # its rows are read from the file its digests came from, kept open: the path may be another's
             donors.sources.append(str(info.path))  # by then (set aside as stale, a new cache written in its place)
             donors.extract_rate = donors.extract_rate or info.attrs.get("extract_rate")

@@ -151,6 +151,22 @@ def _as_list(chunk):
     return chunk
 
 
+def quiet_hangups(worker_id: int) -> None:
+    """A decoding worker's ``worker_init_fn``: the main process ending (SIGTERM, Ctrl-C) while it took a batch's
+    tensors from this worker dropped the connection that multiprocessing's resource sharer (a thread here) was
+    answering, and that thread's traceback (ConnectionResetError) followed the one line the main process said.
+    A connection the other end dropped is said nothing of here; every other error still is."""
+    import sys
+
+    previous = sys.excepthook
+
+    def hook(kind, value, tb):
+        if not issubclass(kind, (ConnectionError, EOFError)):
+            previous(kind, value, tb)
+
+    sys.excepthook = hook
+
+
 def item_loader(dataset: ImageListDataset, workers: int, persistent: bool = False):
     """A DataLoader yielding lists of Items in order, decoded by ``workers`` background processes.
 
@@ -159,7 +175,7 @@ def item_loader(dataset: ImageListDataset, workers: int, persistent: bool = Fals
     """
     from torch.utils.data import DataLoader
 
-    return DataLoader(dataset, batch_size=16, num_workers=workers, collate_fn=_as_list,
+    return DataLoader(dataset, batch_size=16, num_workers=workers, collate_fn=_as_list, worker_init_fn=quiet_hangups,
                       prefetch_factor=4 if workers else None, persistent_workers=persistent and workers > 0)
 
 

@@ -237,7 +237,7 @@ def batches_reusing(model, items, batch_size: int, limit: int, donors, reuse: di
         if computed is not None:
             feats[~is_old] = computed
         reuse["reused"] += len(old)
-        reuse["label_changes"] += sum(donors.class_of(g.digest) != classes[g.label] for g in old)
+        reuse["label_changes"] += sum(donors.class_changed(g.digest, classes[g.label]) for g in old)
         yield batch, feats
 
 

@@ -25,7 +25,7 @@ from torchvision import transforms as T
 from ..cache.feature_cache import CacheBusy, CacheError, FeatureCache
 from ..config import FinetuneConfig, TrainConfig, option_text
 from ..data.folders import list_image_folder, stratified_order
-from ..data.image_reader import ImageListDataset, collate_items, file_digest, item_loader, iter_items
+from ..data.image_reader import ImageListDataset, collate_items, file_digest, item_loader, iter_items, quiet_hangups
 from ..devices import resolve_device, resolve_precision, resolve_workers
 from ..errors import DiskFull, PipelineError, UsageError
 from ..extraction.inference import Inference
@@ -107,7 +107,7 @@ def _loader(root, items, transform, cfg: TrainConfig, shuffle: bool):
     if not shuffle:
         return item_loader(dataset, workers, persistent=True)
     return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, num_workers=workers,
-                      collate_fn=collate_items, persistent_workers=workers > 0,
+                      collate_fn=collate_items, persistent_workers=workers > 0, worker_init_fn=quiet_hangups,
                       generator=torch.Generator().manual_seed(cfg.seed))
 
 
