@@ -56,6 +56,21 @@ def test_writer_commits_only_whole_batches_and_resume_truncates(tmp_path):
         CacheWriter(path, _attrs("other"))
 
 
+def test_a_writer_removes_what_a_killed_writer_left_beside_its_cache(tmp_path, caplog):
+    """kill -9 while a cache was created (``.creating-PID``) or, resuming, copied (``.resuming-PID``: as large as
+    the cache) left that file for good; the next writer of that cache removes it, saying so."""
+    path = tmp_path / "c.h5"
+    with CacheWriter(path, _attrs()) as w:
+        w.append(np.ones((4, 2, 1, 1), np.float32), [0, 1, 0, 1], list("abcd"), next_candidate=4)
+    shutil.copy(path, tmp_path / "c.h5.resuming-999999")
+    (tmp_path / "c.h5.creating-999998").write_bytes(b"\x89HDF half")
+    (tmp_path / "other.h5.resuming-999999").write_bytes(b"another cache's: kept")
+    with caplog.at_level("INFO"), CacheWriter(path, _attrs()) as w:
+        assert w.rows == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.h5", "other.h5.resuming-999999"]
+    assert "c.h5.resuming-999999, left by an extraction killed" in caplog.text
+
+
 def test_incomplete_cache_is_refused_with_the_command_that_finishes_it(tmp_path):
     path = tmp_path / "c.h5"
     with CacheWriter(path, {**_attrs(), "command": "python cli.py extract --n 8"}) as w:

@@ -10,6 +10,7 @@ updated in place only after the rows they count are flushed and fsynced to disk.
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
@@ -162,6 +163,24 @@ def _unlock(path: Path, fd) -> None:
     os.close(fd)
 
 
+#: The temporary names a writer makes beside its cache, under its lock (``_create``, ``_repack``)
+LEFTOVERS = (".creating-", ".resuming-")
+
+
+def _remove_leftovers(path: Path) -> None:
+    """Remove what a writer killed mid-create or mid-repack left beside ``path`` (``<name>.creating-PID``,
+    ``<name>.resuming-PID``: a copy as large as the cache). Called with ``path``'s lock held: every writer
+    makes them under it, so any there now is a dead one's; they stayed for good (nothing else removes them)."""
+    for suffix in LEFTOVERS:
+        for p in path.parent.glob(f"{glob.escape(path.name)}{suffix}*"):
+            try:
+                p.unlink()
+                log.info("removed %s, left by an extraction killed while it wrote it", p)
+            except OSError as e:  # kept: said, not fatal
+                log.warning("cannot remove %s, left by a killed extraction (%s); remove it by hand",
+                            p, e.strerror or e)
+
+
 #: Room kept free beyond a batch's own bytes: HDF5's metadata, the chunk index, the final flush.
 SPACE_MARGIN = 8 << 20
 
@@ -199,6 +218,7 @@ class CacheWriter:
         self.f = None
         self._lock_fd = _lock(self.path, wait_s)
         try:
+            _remove_leftovers(self.path)
             if not self.path.exists():
                 self._create(attrs, source)
             else:
