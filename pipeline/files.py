@@ -19,6 +19,7 @@ import numbers
 import os
 import re
 import signal
+import shutil
 import stat
 from pathlib import Path
 
@@ -306,7 +307,8 @@ def disk_reason(e: BaseException):
         return "the file system is read-only"
     if code in (errno.EACCES, errno.EPERM) or "Permission denied" in text or "errno = 13" in text:
         return "permission denied"
-    if isinstance(e, RuntimeError) and ("file write failed" in text or "PytorchStreamWriter" in text):
+    if isinstance(e, RuntimeError) and ("file write failed" in text or "PytorchStreamWriter" in text
+                                        or "inline_container" in text):  # torch.save's zip writer, failing
         return "the write failed (a full disk?)"
     return None
 
@@ -319,11 +321,24 @@ def disk_error(e: BaseException, path):
     why = disk_reason(e)
     if why is None:
         return None
+    if why.endswith("(a full disk?)") and 0 <= _free_bytes(path) < (1 << 20):  # torch's write failed and says no more
+        why = "no space left on the device"
     err = DiskFull(f"cannot write {path}: {why}")
     # HDF5 that failed mid-write crashes the process when its objects are freed later (h5py 3.x):
     # the CLI then leaves at once, after saying why (the committed rows are on disk)
     err.fatal = "file write failed: time =" in str(e) or "id ref count" in str(e)
     return err
+
+
+def _free_bytes(path) -> int:
+    """The free bytes of the file system ``path`` is written to (its nearest existing folder); -1 unknown."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p if p.is_dir() else p.parent).free
+    except OSError:
+        return -1
 
 
 @contextlib.contextmanager

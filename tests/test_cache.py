@@ -56,6 +56,21 @@ def test_writer_commits_only_whole_batches_and_resume_truncates(tmp_path):
         CacheWriter(path, _attrs("other"))
 
 
+def test_a_writer_removes_what_a_killed_writer_left_beside_its_cache(tmp_path, caplog):
+    """kill -9 while a cache was created (``.creating-PID``) or, resuming, copied (``.resuming-PID``: as large as
+    the cache) left that file for good; the next writer of that cache removes it, saying so."""
+    path = tmp_path / "c.h5"
+    with CacheWriter(path, _attrs()) as w:
+        w.append(np.ones((4, 2, 1, 1), np.float32), [0, 1, 0, 1], list("abcd"), next_candidate=4)
+    shutil.copy(path, tmp_path / "c.h5.resuming-999999")
+    (tmp_path / "c.h5.creating-999998").write_bytes(b"\x89HDF half")
+    (tmp_path / "other.h5.resuming-999999").write_bytes(b"another cache's: kept")
+    with caplog.at_level("INFO", logger="pipeline"), CacheWriter(path, _attrs()) as w:
+        assert w.rows == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.h5", "other.h5.resuming-999999"]
+    assert "c.h5.resuming-999999, left by an extraction killed" in caplog.text
+
+
 def test_incomplete_cache_is_refused_with_the_command_that_finishes_it(tmp_path):
     path = tmp_path / "c.h5"
     with CacheWriter(path, {**_attrs(), "command": "python cli.py extract --n 8"}) as w:
@@ -280,6 +295,30 @@ def test_listing_never_waits_on_a_cache_being_written(tmp_path):
     finally:
         done.set()
         writer.join(30)
+
+
+def test_the_default_cache_names_the_one_being_written(tmp_path, caplog):
+    """fit-head without --cache while the only cache was still being extracted said 'no complete feature cache ...;
+    run `python cli.py extract` first' (exit 2), the extract running beside it; beside an older complete cache it
+    trained on that one without a word. Now: busy (exit 1) naming it, or a warning naming both."""
+    with CacheWriter(tmp_path / "a.h5", _attrs("a")) as w:
+        w.append(np.ones((2, 2, 1, 1), np.float32), [0, 1], ["a", "b"], next_candidate=2)
+        w.finish()
+    with CacheWriter(tmp_path / "b.h5", _attrs("b")):  # its lock held: being written
+        with caplog.at_level("WARNING", logger="pipeline"):
+            assert newest_cache(tmp_path).path.name == "a.h5"
+        assert "b.h5 is being written by another process (an extraction still running?); using " in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pipeline"):
+        assert newest_cache(tmp_path).path.name == "a.h5"
+    assert "being written" not in caplog.text
+    (tmp_path / "only").mkdir()
+    with CacheWriter(tmp_path / "only" / "b.h5", _attrs("b")):
+        res = CliRunner().invoke(cli.cli, ["fit-head", "--cache-dir", str(tmp_path / "only"),
+                                           "--runs-dir", str(tmp_path / "r")])
+    assert res.exit_code == 1, res.output
+    assert "b.h5 is being written by another process" in res.output and "run this again when it" in res.output
+    assert "extract` first" not in res.output and not (tmp_path / "r").exists()
 
 
 def test_freshness_check_survives_links_and_pipes_in_the_data_folder(tiny_cache, image_folder):

@@ -240,6 +240,34 @@ def test_a_real_full_tmpfs(tmp_path):
         subprocess.run(["umount", str(small)])
 
 
+def test_fit_head_into_a_full_tmpfs_says_no_space_and_leaves_no_empty_run(tmp_path, make_cache):
+    """torch.save into a full disk failed as '[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0'
+    (torch 2.x): 'unexpected RuntimeError ... (a bug?)', an empty run folder left behind at each try."""
+    small = tmp_path / "small"
+    if not _mount_tmpfs(small, "64k"):
+        pytest.skip("cannot mount a tmpfs here (not root, or no permission)")
+    try:
+        cache = make_cache(make_image_folder(tmp_path / "data", per_class=6)).cache
+        (small / "runs").mkdir()
+        (small / "room").mkdir()  # the disk full but for one folder's room: the run folder fits, head.pt does not
+        fd = os.open(small / "filler", os.O_WRONLY | os.O_CREAT)
+        while True:
+            try:
+                os.write(fd, b"\0" * 512)
+            except OSError:
+                break
+        os.close(fd)
+        (small / "room").rmdir()
+        r = CliRunner().invoke(cli, ["fit-head", "--cache", cache, "--head", "logreg",
+                                     "--runs-dir", str(small / "runs")])
+        assert r.exit_code == 1, r.output
+        last = r.stderr.strip().splitlines()[-1]
+        assert last.startswith("Error: cannot write ") and "head.pt: no space left on the device" in last, last
+        assert os.listdir(small / "runs") == []  # no empty run folder, no ledger line
+    finally:
+        subprocess.run(["umount", str(small)])
+
+
 @pytest.mark.parametrize("cell", ["=cmd|' calc'!A0.jpg", "+1", "-x", "@SUM(A1)", "\tx", "\rx", "'=a", "''+b",
                                   "'plain", "plain", "'", "", "a=b"])
 def test_csv_cells_are_safe_for_spreadsheets_and_read_back_exactly(cell):

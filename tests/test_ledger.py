@@ -87,6 +87,28 @@ def test_damaged_last_line_is_skipped_and_not_glued_to(tmp_path):
     assert [r["metrics"]["val_acc"] for r in read_runs(tmp_path)] == [0.6, 0.5]
 
 
+def test_a_full_disk_leaves_no_half_line_and_names_the_ledger(tmp_path, monkeypatch):
+    """A line cut short by a full disk stayed in the ledger ('short write', an 'unexpected OSError ... (a bug?)'
+    naming no file); now it is taken back and the one line names the ledger, no space left (exit 1)."""
+    from pipeline.errors import DiskFull
+    from pipeline.runs import ledger
+
+    _add(tmp_path, val_acc=0.5)
+    before = ledger_path(tmp_path).read_bytes()
+    real_write = os.write
+
+    def full(fd, data):
+        return real_write(fd, data[:100])  # what the disk had room for
+
+    monkeypatch.setattr(ledger.os, "write", full)
+    with pytest.raises(DiskFull, match=r"cannot write .*ledger\.jsonl: no space left on the device"):
+        _add(tmp_path, val_acc=0.6)
+    monkeypatch.undo()
+    assert ledger_path(tmp_path).read_bytes() == before
+    _add(tmp_path, val_acc=0.7)
+    assert [r["metrics"]["val_acc"] for r in read_runs(tmp_path)] == [0.7, 0.5]
+
+
 def _append_many(args):
     runs, worker, count = args
     for i in range(count):

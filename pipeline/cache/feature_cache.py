@@ -10,6 +10,7 @@ updated in place only after the rows they count are flushed and fsynced to disk.
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
@@ -162,6 +163,24 @@ def _unlock(path: Path, fd) -> None:
     os.close(fd)
 
 
+#: The temporary names a writer makes beside its cache, under its lock (``_create``, ``_repack``)
+LEFTOVERS = (".creating-", ".resuming-")
+
+
+def _remove_leftovers(path: Path) -> None:
+    """Remove what a writer killed mid-create or mid-repack left beside ``path`` (``<name>.creating-PID``,
+    ``<name>.resuming-PID``: a copy as large as the cache). Called with ``path``'s lock held: every writer
+    makes them under it, so any there now is a dead one's; they stayed for good (nothing else removes them)."""
+    for suffix in LEFTOVERS:
+        for p in path.parent.glob(f"{glob.escape(path.name)}{suffix}*"):
+            try:
+                p.unlink()
+                log.info("removed %s, left by an extraction killed while it wrote it", p)
+            except OSError as e:  # kept: said, not fatal
+                log.warning("cannot remove %s, left by a killed extraction (%s); remove it by hand",
+                            p, e.strerror or e)
+
+
 #: Room kept free beyond a batch's own bytes: HDF5's metadata, the chunk index, the final flush.
 SPACE_MARGIN = 8 << 20
 
@@ -199,6 +218,7 @@ class CacheWriter:
         self.f = None
         self._lock_fd = _lock(self.path, wait_s)
         try:
+            _remove_leftovers(self.path)
             if not self.path.exists():
                 self._create(attrs, source)
             else:
@@ -930,10 +950,19 @@ def newest_cache(cache_dir: str | os.PathLike) -> "CacheInfo":
     never one made for testing (fit-head --test-data's, purpose 'test', until a user's extract hits
     it: claim_for_training) nor a pool of unlabelled photos (suggest's, purpose 'pool'). Newest by when it
     was completed (or made, before that was stamped), or claimed; busy and unreadable files skipped."""
-    good, _ = list_caches(cache_dir)
+    good, bad = list_caches(cache_dir)
     good = [i for i in good if not i.attrs.get("purpose")]  # a test set or a pool to label: never trained on by default
     good.sort(key=default_time, reverse=True)
     complete = [i for i in good if i.complete]
+    busy = [p for p, _ in bad if being_written(p)]  # an extract still writing what the user may mean
+    if busy:
+        written = (f"{busy[0]}{f' (and {len(busy) - 1} more)' if len(busy) > 1 else ''} is being written by another "
+                   "process (an extraction still running?)")
+        if not complete:  # it said 'run `python cli.py extract` first', the extract running beside it
+            raise CacheBusy(f"no complete feature cache in {str(cache_dir)!r} yet: {written}; run this again when it "
+                            f"has finished, or pass {option_text('cache')}")
+        log.warning("%s; using %s, the newest complete cache (run again once it has finished to use it, or pass %s)",
+                    written, complete[0].path, option_text("cache"))
     if not complete:  # an incomplete one: the command that finishes it, as --cache names it
         raise CacheError(f"no complete feature cache in {str(cache_dir)!r}; "
                          + (unfinished(good[0]) if good else "run `python cli.py extract` first"))

@@ -19,6 +19,7 @@ block), so the linear head's memory stays bounded for caches larger than RAM.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -843,7 +844,12 @@ def fit_head(cfg: FitHeadConfig, said: Optional[set] = None, part_of: Optional[s
             "best_epoch": best_epoch, "tuning": tuning, "trust": fit.trust,
             **(cache.checkpoint_fields() if fused else _int8_network(path)),
         }
-        write_checkpoint(out_dir / "head.pt", HEAD_KIND, ckpt)
+        try:
+            write_checkpoint(out_dir / "head.pt", HEAD_KIND, ckpt)
+        except BaseException:  # a full disk, Ctrl-C: no empty run folder left behind (runs lists none of it)
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()
+            raise
     fused_fields = {"backbone": ckpt["backbone"], "cache_fingerprint": ckpt["cache_fingerprint"]} if fused else {}
     curves = finish_run(out_dir, cfg.runs_dir, "fit-head", history, [out_dir / "head.pt"], cache=str(path),
                         part_of=part_of, **fused_fields,

@@ -7,6 +7,7 @@ interleave a line. Reading skips a damaged line (a write cut off by a crash) wit
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import UsageError
-from ..files import json_text, require_folder
+from ..files import json_text, require_folder, writing
 
 try:
     import fcntl
@@ -37,23 +38,28 @@ def ledger_path(runs_dir: str | os.PathLike) -> Path:
 
 def _write_line(path: Path, data: bytes) -> None:
     """Append ``data`` (one line) as a single write, starting a fresh line after a cut-off one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        if fcntl is not None:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+    with writing(path):  # a full disk: one line naming the ledger
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            size = os.fstat(fd).st_size
-            if size and os.pread(fd, 1, size - 1) != b"\n":
-                data = b"\n" + data  # the last writer died mid-line: do not glue onto its fragment
-            written = os.write(fd, data)
-            if written != len(data):  # a full disk; never leave half a line behind silently
-                raise OSError(f"short write to {path}: {written} of {len(data)} bytes")
-        finally:
             if fcntl is not None:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                size = os.fstat(fd).st_size
+                if size and os.pread(fd, 1, size - 1) != b"\n":
+                    data = b"\n" + data  # the last writer died mid-line: do not glue onto its fragment
+                try:
+                    written = os.write(fd, data)
+                    if written != len(data):  # a full disk: the rest would not fit
+                        raise OSError(errno.ENOSPC, f"{written} of the line's {len(data)} bytes written")
+                except OSError:
+                    os.ftruncate(fd, size)  # no half line left behind (later lines would follow it)
+                    raise
+            finally:
+                if fcntl is not None:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
 
 
 def current_command() -> str:
