@@ -10,9 +10,12 @@ import numpy as np
 import pytest
 
 from pipeline.cache.feature_cache import (
+    CacheBusy,
     CacheError,
     ConsolidateResult,
     FeatureCache,
+    _lock,
+    _unlock,
     consolidate,
     read_info,
     shard_paths,
@@ -127,6 +130,24 @@ def test_plain_run_is_a_hit_and_consolidate_makes_one_file(clean, tmp_path):
     assert_same_rows(one, str(path))
     with pytest.raises(ValueError, match="not a sharded cache"):
         consolidate(path)
+
+
+def test_consolidate_waits_for_the_caches_writer_lock(clean, tmp_path):
+    """Two consolidations at once wrote one .consolidating file together; now the second waits for the
+    first (here: for a held writer lock) and says the cache is busy, touching nothing."""
+    _, _, _, res = clean
+    copy = tmp_path / "c"
+    shutil.copytree(Path(res["cache"]).parent, copy)
+    path = copy / Path(res["cache"]).name
+    before = sorted(p.name for p in copy.iterdir())
+    fd = _lock(path, wait_s=1)
+    try:
+        with pytest.raises(CacheBusy, match="being written by another process"):
+            consolidate(path, wait_s=0.3)
+        assert sorted(p.name for p in copy.iterdir()) == sorted([*before, path.name + ".lock"])
+    finally:
+        _unlock(path, fd)
+    assert consolidate(path).rows == 24
 
 
 def test_killed_rank_resumes_and_a_lost_shard_is_refused_then_redone(tmp_path):

@@ -665,3 +665,15 @@ def test_int8_without_torchao_is_the_environments_error_before_any_work(image_fo
                                                "x86), which is not installed: pip install 'transfer-pipeline[int8]' "
                                                "(or pip install torchao)"]
     assert not (tmp_path / "f").exists() or not any((tmp_path / "f").iterdir())
+
+
+def test_a_cache_set_aside_twice_in_one_second_keeps_both(tmp_path, monkeypatch):
+    """A damaged cache is renamed to <name>.unreadable-<time>; a second one set aside within the same
+    second was renamed over the first (rename replaces without a word)."""
+    from pipeline.extraction import extract_range
+    monkeypatch.setattr(extract_range.time, "strftime", lambda fmt, *a: "20261207-000000")
+    path = tmp_path / "c.h5"
+    for text in (b"first", b"second"):
+        path.write_bytes(text)
+        assert extract_range.existing_cache(path, "key") is None and not path.exists()
+    assert sorted(p.read_bytes() for p in tmp_path.glob("c.h5.unreadable-*")) == [b"first", b"second"]

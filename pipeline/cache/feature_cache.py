@@ -641,12 +641,21 @@ class ConsolidateResult:
     shards: list  # the shard files it was copied from: no longer needed, left for the user to remove
 
 
-def consolidate(path: str | os.PathLike, block_rows: int = 512) -> ConsolidateResult:
+def consolidate(path: str | os.PathLike, block_rows: int = 512, wait_s: float = 20.0) -> ConsolidateResult:
     """Copy a sharded cache into one ordinary cache file, in blocks, and put it in the virtual file's place.
 
     The copy is written beside it under a temporary name and renamed over it only when complete,
-    so an interrupted consolidation leaves the sharded cache as it was. Shards are left alone.
+    so an interrupted consolidation leaves the sharded cache as it was. Shards are left alone. It holds the
+    cache's writer lock: two at once wrote one temporary file together.
     """
+    fd = _lock(Path(path), wait_s)
+    try:
+        return _consolidate(path, block_rows)
+    finally:
+        _unlock(Path(path), fd)
+
+
+def _consolidate(path, block_rows: int) -> ConsolidateResult:
     info = read_info(path)
     if not info.attrs.get("sharded"):
         raise UsageError(f"{info.path} is not a sharded cache; nothing to consolidate")

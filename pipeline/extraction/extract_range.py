@@ -24,7 +24,7 @@ from ..cache.row_donors import find_donors
 from ..data.folders import ImageFolderListing, stratified_order
 from ..data.image_reader import DECODE_VERSION, ImageListDataset, batches, first_frames_line, read_items
 from ..errors import PipelineError, UsageError
-from ..files import Terminated, one_line, writing
+from ..files import Terminated, one_line, unused_name, writing
 from . import backbones as bb
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ def existing_cache(path: Path, key: str) -> Optional[CacheInfo]:
     except CacheBusy:
         raise
     except CacheError as e:
-        aside = path.with_name(f"{path.name}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
+        aside = unused_name(path.with_name(f"{path.name}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"))
         path.rename(aside)
         log.warning("cache %s could not be resumed (%s); moved it to %s and starting again", path, e, aside)
         return None
