@@ -504,3 +504,48 @@ def test_a_file_of_several_frames_is_a_note_naming_its_frames(tmp_path):
         {"path": "red/pages.tif", "kind": "first-frame-only", "severity": "note",
          "detail": "a TIFF of 3 frames: only the first is used"}]
     assert check_file(str(root), "red/stereo.jpg") == []
+
+
+def restore_all(root: Path, qdir: Path) -> None:
+    """Run the restore command of every run's list in ``qdir`` (what a user does after runs that were killed)."""
+    from pipeline.data.check_images import restore_command
+
+    for listing in sorted(qdir.glob(MOVED_LIST + "-*")):
+        subprocess.run(restore_command(root, qdir, listing.name), shell=True, check=True)
+
+
+@pytest.mark.parametrize("killed", ["after the move", "after another disk's copy"])
+def test_a_quarantine_killed_mid_move_is_finished_by_a_rerun_and_fully_restored(dirty, tmp_path, monkeypatch, killed):
+    """kill -9 right after a file moved, before its run listed it: the restore commands never moved it back (a
+    photo stranded in the quarantine). Killed between a copy to another disk getting its name and the source's
+    removal: the file was in both places and every rerun refused ('quarantine folder ... already holds')."""
+    from pipeline.data import check_images as ci
+
+    root, corpus = dirty
+    before = snapshot(root)
+    qdir = tmp_path / "q"
+    errors = sorted(p for p, b in corpus.items() if b.is_error and (root / p).is_file()
+                    and not (root / p).is_symlink())
+    real = ci.move_no_replace
+
+    def killed_mid_move(a, b):
+        if Path(a) == root / errors[1]:
+            if killed == "after the move":
+                real(a, b)
+            else:
+                subprocess.run(["cp", "-p", str(a), str(b)], check=True)
+                Path(b).with_name(f".{Path(b).name}.{os.getpid() + 1}.part").write_bytes(b"half")
+            raise KeyboardInterrupt  # the state a kill -9 at that moment leaves
+        real(a, b)
+
+    monkeypatch.setattr(ci, "move_no_replace", killed_mid_move)
+    cfg = CheckImagesConfig(str(root), workers=1, quarantine_dir=str(qdir))
+    with pytest.raises(KeyboardInterrupt):
+        check_images(cfg)
+    monkeypatch.setattr(ci, "move_no_replace", real)
+    again = check_images(cfg)
+    assert set(snapshot(qdir)) == {p for p, b in corpus.items() if b.is_error}
+    assert not [p for p in qdir.rglob(".*.part")] and errors[1] not in snapshot(root)
+    assert again.quarantine["restore"]
+    restore_all(root, qdir)
+    assert snapshot(root) == before and snapshot(qdir) == {}
