@@ -443,6 +443,38 @@ def temporary_name(path: Path, suffix: str = ".tmp", pid: bool = True) -> Path:
     return path.with_name(name)
 
 
+def clear_dead_temporaries(path: Path, suffix: str = ".tmp") -> None:
+    """Remove the ``temporary_name(path, suffix)`` files of processes that are gone (killed: ``kill -9``, the OOM
+    killer, a power cut), which nothing else removes: an export's or a checkpoint's, as large as the model, was
+    left beside it by every killed run. A live process's (another writer of the same output) is left alone."""
+    mine = temporary_name(path, suffix).name
+    head = mine[:len(mine) - len(f"{os.getpid()}{suffix}")]
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return
+    for name in names:
+        pid = name[len(head):len(name) - len(suffix)]
+        if name.startswith(head) and name.endswith(suffix) and pid.isdigit() and not process_alive(int(pid)):
+            try:
+                os.unlink(path.parent / name)
+            except OSError:
+                pass
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process of this id runs on this machine (ours, or another user's)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True
+    return True
+
+
 def in_place(path) -> bool:
     """Whether ``path`` is written into as it is, never replaced by a rename: a device, a pipe or a socket
     (``/dev/null``, ``/dev/stdout`` to a terminal or a pipe), or a name in /dev, /dev/fd or /proc (``/dev/stdout``
@@ -470,6 +502,7 @@ def atomic_write(path, write) -> Path:
             write(path)
         return path
     tmp = temporary_name(path)
+    clear_dead_temporaries(path)
     with unwinding_on_signals():
         try:
             with writing(path):

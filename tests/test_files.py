@@ -77,6 +77,24 @@ def test_sigterm_mid_write_leaves_no_temporary_file(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["ready", "rows.csv"] and out.read_text() == "old\n"
 
 
+def test_a_killed_writers_temporary_file_is_removed_by_the_next_write_a_live_ones_kept(tmp_path):
+    """kill -9 mid-write leaves '.NAME.PID.tmp' (no handler runs): nothing removed it, one more per killed run (a
+    checkpoint's as large as the model). The next write of the same output removes a dead process's; another live
+    writer's stays."""
+    out = tmp_path / "rows.csv"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / f".rows.csv.{int(dead.stdout)}.tmp").write_text("half of a killed run's")
+        (tmp_path / f".rows.csv.{live.pid}.tmp").write_text("another writer, still writing")
+        (tmp_path / ".other.csv.1.tmp").write_text("not this output's")
+        atomic_write(out, lambda tmp: tmp.write_text("new\n"))
+        assert sorted(os.listdir(tmp_path)) == [".other.csv.1.tmp", f".rows.csv.{live.pid}.tmp", "rows.csv"]
+    finally:
+        live.kill()
+        live.wait()
+
+
 @pytest.mark.parametrize("error, why", [
     (OSError(errno.ENOSPC, "No space left on device"), "no space left"),
     (OSError(errno.EROFS, "Read-only file system"), "read-only"),
