@@ -549,3 +549,24 @@ def test_a_quarantine_killed_mid_move_is_finished_by_a_rerun_and_fully_restored(
     assert again.quarantine["restore"]
     restore_all(root, qdir)
     assert snapshot(root) == before and snapshot(qdir) == {}
+
+
+def test_two_quarantines_of_one_folder_at_once_move_each_file_once_without_an_error(dirty, tmp_path, caplog):
+    """Two check-images --quarantine of one folder at once: the second, once the first had moved the files, failed
+    with 'cannot move ...: No such file or directory; 0 of 11 files moved' (or 'quarantine folder ... already holds')
+    (exit 1). Now it leaves out the files gone meanwhile, saying so, and ends without an error."""
+    root, corpus = dirty
+    before = snapshot(root)
+    cfg = CheckImagesConfig(str(root), workers=1, quarantine=True)
+    first = {}
+
+    def the_other_run_moves_first(summary):
+        first["result"] = check_images(cfg)
+
+    second = check_images(cfg, before_moving=the_other_run_moves_first)
+    errors = {p for p, b in corpus.items() if b.is_error}
+    assert first["result"].quarantine["moved"] == len(errors) and second.quarantine["moved"] == 0
+    assert f"{len(errors)} of the {len(errors)} files to quarantine were gone" in caplog.text
+    assert set(snapshot(tmp_path / "data.quarantine")) == errors
+    subprocess.run(first["result"].quarantine["restore"], shell=True, check=True)
+    assert snapshot(root) == before

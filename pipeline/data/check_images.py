@@ -7,6 +7,7 @@ file extract cannot use, and a *note* a file extract uses after converting it or
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shlex
 import tempfile
@@ -38,6 +39,8 @@ from .folders import (
 )
 from .image_reader import file_digest
 from .moves import changing_folder, link_on_the_way, move_no_replace, partial_copies
+
+log = logging.getLogger(__name__)
 
 #: Every kind check-images reports, with its severity. Errors are files extract cannot use.
 KINDS = {
@@ -323,16 +326,23 @@ def quarantine(root: Path, qdir: Path, rels: list[str]) -> dict:
     linked = [r for r in rels if through_link(root, r)]
     left = set(linked)
     rels = [r for r in rels if r not in left]
-    moved_before = [r for r in rels if copied_already(root / r, qdir / r)]
-    taken = [r for r in rels if r not in moved_before and ((qdir / r).exists() or (qdir / r).is_symlink())]
-    if taken:
-        raise PipelineError(f"quarantine folder {qdir} already holds {len(taken)} of these files "
-                            f"(first: {taken[0]}); move them back first or choose {option_text('quarantine_dir')}")
-    linked_q = [r for r in rels if link_on_the_way(qdir / os.path.dirname(r), qdir)]
-    if linked_q:  # a file would land where the link points, and the restore command move the link back
-        raise PipelineError(f"quarantine folder {qdir} holds a link on the way to {linked_q[0]} (a linked "
-                            f"folder); nothing was moved: remove the link or choose {option_text('quarantine_dir')}")
     with changing_folder(root), contextlib.ExitStack() as stack:  # no extract reading, no audit --apply moving
+        gone = [r for r in rels if not os.path.lexists(root / r)]
+        if gone:  # moved while this run checked the folder, by another check-images --quarantine of it (waited for)
+            log.warning("%d of the %d files to quarantine were gone from %s once it was this run's turn to move them "
+                        "(e.g. %s; moved by another check-images --quarantine?): left out", len(gone), len(rels),
+                        root, gone[0])
+            rels = [r for r in rels if r not in set(gone)]
+        moved_before = [r for r in rels if copied_already(root / r, qdir / r)]
+        taken = [r for r in rels if r not in moved_before and ((qdir / r).exists() or (qdir / r).is_symlink())]
+        if taken:
+            raise PipelineError(f"quarantine folder {qdir} already holds {len(taken)} of these files (first: "
+                                f"{taken[0]}); move them back first or choose {option_text('quarantine_dir')}")
+        linked_q = [r for r in rels if link_on_the_way(qdir / os.path.dirname(r), qdir)]
+        if linked_q:  # a file would land where the link points, and the restore command move the link back
+            raise PipelineError(f"quarantine folder {qdir} holds a link on the way to {linked_q[0]} (a linked "
+                                f"folder); nothing was moved: remove the link or choose "
+                                f"{option_text('quarantine_dir')}")
         listing = None
         for i, rel in enumerate(rels):
             try:
