@@ -18,6 +18,7 @@ import math
 import numbers
 import os
 import re
+import shutil
 import signal
 import stat
 from pathlib import Path
@@ -299,9 +300,26 @@ def disk_reason(e: BaseException):
         return "the file system is read-only"
     if code in (errno.EACCES, errno.EPERM) or "Permission denied" in text or "errno = 13" in text:
         return "permission denied"
-    if isinstance(e, RuntimeError) and ("file write failed" in text or "PytorchStreamWriter" in text):
-        return "the write failed (a full disk?)"
+    if isinstance(e, RuntimeError) and any(m in text for m in TORCH_WRITE_FAILED):
+        return WRITE_FAILED
     return None
+
+
+#: How torch.save's zip writer says a write failed (a full disk: it never gives the errno): its own words, an
+#: ``ostream`` that failed, or the position it checks after a short write (``unexpected pos 704 vs 598``).
+TORCH_WRITE_FAILED = ("file write failed", "PytorchStreamWriter", "basic_ios::clear: iostream error",
+                      "] . unexpected pos ")
+WRITE_FAILED = "the write failed (a full disk?)"
+#: Free bytes below which a write that failed without its errno is taken for a full disk.
+NEARLY_FULL = 1 << 20
+
+
+def no_room(path) -> bool:
+    """Whether the file system of ``path`` (its folder) has almost no room left for this process."""
+    try:
+        return shutil.disk_usage(os.path.dirname(os.path.abspath(path)) or ".").free < NEARLY_FULL
+    except OSError:
+        return False
 
 
 def disk_error(e: BaseException, path):
@@ -312,6 +330,8 @@ def disk_error(e: BaseException, path):
     why = disk_reason(e)
     if why is None:
         return None
+    if why == WRITE_FAILED and no_room(path):  # torch's writer lost the errno: the disk says it
+        why = "no space left on the device"
     err = DiskFull(f"cannot write {path}: {why}")
     # HDF5 that failed mid-write crashes the process when its objects are freed later (h5py 3.x):
     # the CLI then leaves at once, after saying why (the committed rows are on disk)
