@@ -570,3 +570,34 @@ def test_two_quarantines_of_one_folder_at_once_move_each_file_once_without_an_er
     assert set(snapshot(tmp_path / "data.quarantine")) == errors
     subprocess.run(first["result"].quarantine["restore"], shell=True, check=True)
     assert snapshot(root) == before
+
+
+def test_a_quarantine_filling_its_disk_stops_in_one_line_and_lists_only_what_moved(dirty, tmp_path, monkeypatch):
+    """A quarantine on a disk that fills: 'cannot move ...: No space left on device (None); ...' (the OSError names no
+    file). Now no '(None)'; the run's list names exactly the files moved, and the same command goes on once fixed."""
+    import errno
+
+    from pipeline.data import check_images as ci
+
+    root, corpus = dirty
+    before = snapshot(root)
+    qdir = tmp_path / "q"
+    real, moved = ci.move_no_replace, []
+
+    def fills_at_the_third(a, b):
+        if len(moved) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(a, b)
+        moved.append(b)
+
+    monkeypatch.setattr(ci, "move_no_replace", fills_at_the_third)
+    cfg = CheckImagesConfig(str(root), workers=1, quarantine_dir=str(qdir))
+    with pytest.raises(PipelineError) as e:
+        check_images(cfg)
+    assert "No space left on device; 2 of " in str(e.value) and "None" not in str(e.value)
+    (listing,) = qdir.glob(MOVED_LIST + "-*")
+    assert listing.read_bytes().split(b"\0")[:-1] == [os.fsencode(Path(b).relative_to(qdir)) for b in moved]
+    monkeypatch.setattr(ci, "move_no_replace", real)
+    check_images(cfg)
+    restore_all(root, qdir)
+    assert snapshot(root) == before

@@ -359,11 +359,13 @@ def quarantine(root: Path, qdir: Path, rels: list[str]) -> dict:
                     move_no_replace(root / rel, qdir / rel)  # never over a file that appeared meanwhile; across disks
             except OSError as e:  # a file in the way, a read-only folder: the rest stays, a rerun goes on
                 if listing:
-                    listing.truncate(listed)  # only what moved is listed: never another's file at that place
+                    with contextlib.suppress(OSError):  # only what moved is listed: never another's file there
+                        listing.truncate(listed)
                 if listing and not i:
                     os.unlink(listing.name)
                 where = f" (listed in {listing.name})" if i else ""
-                raise PipelineError(f"cannot move {root / rel} to {qdir / rel}: {e.strerror or e} ({e.filename}); "
+                named = f" ({e.filename})" if e.filename else ""  # a full disk names none: it said '(None)'
+                raise PipelineError(f"cannot move {root / rel} to {qdir / rel}: {e.strerror or e}{named}; "
                                     f"{i} of {len(rels)} files moved{where}, the rest left in place: run the same "
                                     "command again once fixed") from None
     restore = restore_command(root, qdir, os.path.basename(listing.name)) if listing else None
