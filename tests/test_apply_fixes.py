@@ -458,3 +458,31 @@ def test_a_move_across_file_systems_killed_after_its_copy_leaves_one_photo(tmp_p
     assert (q / "red" / "red.1.jpg").is_file() and (data / "red" / "red.1.jpg").is_file()
     undo_fixes(journal)
     assert snapshot(data) == before and not q.exists()
+
+
+def test_applying_again_after_a_killed_apply_names_its_journal_and_the_undo(tmp_path, monkeypatch):
+    """A killed --apply prints no undo command; the same command again (a new run folder) refused the moved rows as
+    'no such file among the folder's photos' with no word of the earlier journal that undoes them."""
+    data = make_image_folder(tmp_path / "data", per_class=3)
+    before = snapshot(data)
+    fixes = tmp_path / "fixes.csv"
+    fixes.write_text("path,action,new_class\nred/red.0.jpg,relabel,blue\nred/red.1.jpg,remove,\nred/red.2.jpg,remove,\n")
+    real = af.move_no_replace
+
+    def killed_on_the_third(a, b):
+        if str(a).endswith("red.2.jpg"):
+            raise KeyboardInterrupt
+        real(a, b)
+
+    monkeypatch.setattr(af, "move_no_replace", killed_on_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        apply_fixes(fixes, data, tmp_path / "runs" / "1-audit-apply")
+    monkeypatch.setattr(af, "move_no_replace", real)
+    with pytest.raises(UsageError) as e:
+        apply_fixes(fixes, data, tmp_path / "runs" / "2-audit-apply")
+    journal = tmp_path / "runs" / "1-audit-apply" / "journal.jsonl"
+    assert (f"2 of these files were moved by an earlier --apply (stopped part-way, or done already; journal "
+            f"{journal}): undo it with `python cli.py audit --undo {journal}`") in str(e.value)
+    undo_fixes(journal)
+    assert snapshot(data) == before
+    assert apply_fixes(fixes, data, tmp_path / "runs" / "3-audit-apply").moved == 3

@@ -181,7 +181,10 @@ def apply_fixes(csv_path, data: str, out_dir: Path, quarantine_dir: Optional[str
     if journal.exists():
         raise UsageError(f"{journal} exists already; choose another {option_text('output')}")
     with changing_folder(root):  # planned and moved with no other changer or reader of the folder
-        moves = plan_moves(rows, root, qdir)
+        try:
+            moves = plan_moves(rows, root, qdir)
+        except UsageError as e:
+            raise UsageError(f"{e}{moved_by_earlier(rows, root, Path(out_dir))}") from None
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         with open(journal, "x") as j:
             _append(j, {"kind": JOURNAL_KIND, "version": JOURNAL_VERSION, "root": str(root), "quarantine": str(qdir),
@@ -191,6 +194,25 @@ def apply_fixes(csv_path, data: str, out_dir: Path, quarantine_dir: Optional[str
     counts = {a: sum(m["action"] == a for m in moves) for a in ("relabel", "remove")}
     return FixesResult(what="moved", root=str(root), moved=len(moves), **counts, quarantine=str(qdir),
                        journal=str(journal), undo=undo_command(journal), moves=moves)
+
+
+def moved_by_earlier(rows: list[dict], root: Path, out_dir: Path) -> str:
+    """A line for a refused list whose files an earlier --apply of the folder moved (its journal beside ``out_dir``,
+    in the runs folder, not undone): an apply killed part-way printed no undo command, and applying the list again
+    refused its moved rows as 'no such file' with no word of that journal. '' where there is none."""
+    for journal in sorted(out_dir.parent.glob("*/journal.jsonl"), reverse=True):  # the newest first
+        try:
+            head, moves = read_journal(journal)
+        except (UsageError, OSError):
+            continue
+        if head.get("root") != str(root) or Path(f"{journal}.undone").exists():
+            continue
+        moved = {m["from"] for m in moves if was_moved(m)}
+        hits = [r for r in rows if str(root / PurePosixPath(r["path"])) in moved]
+        if hits:
+            return (f"\n  {len(hits)} of these files were moved by an earlier --apply (stopped part-way, or done "
+                    f"already; journal {journal}): undo it with `{undo_command(journal)}`, then apply the list again")
+    return ""
 
 
 def move_journalled(j, n: int, m: dict, journal: Path) -> None:
