@@ -18,8 +18,8 @@ import math
 import numbers
 import os
 import re
-import signal
 import shutil
+import signal
 import stat
 from pathlib import Path
 
@@ -318,10 +318,23 @@ def disk_reason(e: BaseException):
         return "the file system is read-only"
     if code in (errno.EACCES, errno.EPERM) or "Permission denied" in text or "errno = 13" in text:
         return "permission denied"
-    if isinstance(e, RuntimeError) and ("file write failed" in text or "PytorchStreamWriter" in text
-                                        or "inline_container" in text):  # torch.save's zip writer, failing
-        return "the write failed (a full disk?)"
+    if isinstance(e, RuntimeError) and any(m in text for m in TORCH_WRITE_FAILED):
+        return WRITE_FAILED
     return None
+
+
+#: How torch.save's zip writer says a write failed (a full disk: it never gives the errno): its own words, an
+#: ``ostream`` that failed, or the position it checks after a short write (``unexpected pos 704 vs 598``).
+TORCH_WRITE_FAILED = ("file write failed", "PytorchStreamWriter", "basic_ios::clear: iostream error",
+                      "] . unexpected pos ", "inline_container")
+WRITE_FAILED = "the write failed (a full disk?)"
+#: Free bytes below which a write that failed without its errno is taken for a full disk.
+NEARLY_FULL = 1 << 20
+
+
+def no_room(path) -> bool:
+    """Whether the file system ``path`` is written to (its nearest existing folder) has almost no room left."""
+    return 0 <= _free_bytes(path) < NEARLY_FULL
 
 
 def disk_error(e: BaseException, path):
@@ -332,7 +345,7 @@ def disk_error(e: BaseException, path):
     why = disk_reason(e)
     if why is None:
         return None
-    if why.endswith("(a full disk?)") and 0 <= _free_bytes(path) < (1 << 20):  # torch's write failed and says no more
+    if why == WRITE_FAILED and no_room(path):  # torch's writer lost the errno: the disk says it
         why = "no space left on the device"
     err = DiskFull(f"cannot write {path}: {why}")
     # HDF5 that failed mid-write crashes the process when its objects are freed later (h5py 3.x):
@@ -476,6 +489,38 @@ def temporary_name(path: Path, suffix: str = ".tmp", pid: bool = True) -> Path:
     return path.with_name(name)
 
 
+def clear_dead_temporaries(path: Path, suffix: str = ".tmp") -> None:
+    """Remove the ``temporary_name(path, suffix)`` files of processes that are gone (killed: ``kill -9``, the OOM
+    killer, a power cut), which nothing else removes: an export's or a checkpoint's, as large as the model, was
+    left beside it by every killed run. A live process's (another writer of the same output) is left alone."""
+    mine = temporary_name(path, suffix).name
+    head = mine[:len(mine) - len(f"{os.getpid()}{suffix}")]
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return
+    for name in names:
+        pid = name[len(head):len(name) - len(suffix)]
+        if name.startswith(head) and name.endswith(suffix) and pid.isdigit() and not process_alive(int(pid)):
+            try:
+                os.unlink(path.parent / name)
+            except OSError:
+                pass
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process of this id runs on this machine (ours, or another user's)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True
+    return True
+
+
 def in_place(path) -> bool:
     """Whether ``path`` is written into as it is, never replaced by a rename: a device, a pipe or a socket
     (``/dev/null``, ``/dev/stdout`` to a terminal or a pipe), or a name in /dev, /dev/fd or /proc (``/dev/stdout``
@@ -514,6 +559,7 @@ def atomic_write(path, write) -> Path:
         return path
     target = written_through(path)
     tmp = temporary_name(target)
+    clear_dead_temporaries(target)
     with unwinding_on_signals():
         try:
             with writing(path):

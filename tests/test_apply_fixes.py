@@ -7,6 +7,7 @@ import shutil
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -395,3 +396,93 @@ def test_two_rows_moving_to_one_name_but_for_case_are_refused_naming_both(tmp_pa
     assert len(problems) == 1 and "line 3 (red/red.1.jpg)" in problems[0] and "line 2's" in problems[0]
     assert "A.jpg" in problems[0] and "a.jpg" in problems[0] and "case-insensitive" in problems[0]
     assert snapshot(data) == before and not (tmp_path / "run" / "journal.jsonl").exists()
+
+
+def test_an_undo_stopped_part_way_is_finished_by_running_it_again(tmp_path, monkeypatch):
+    """A kill in the middle of --undo left some files back and some still moved: running the undo again refused
+    ('... is missing' for each file already back) and the folder stayed half undone."""
+    data = make_image_folder(tmp_path / "data", per_class=4)
+    before = snapshot(data)
+    fixes = tmp_path / "fixes.csv"
+    fixes.write_text("path,action,new_class\nred/red.0.jpg,relabel,blue\nred/red.1.jpg,remove,\n"
+                     "red/red.2.jpg,remove,\nblue/blue.0.jpg,relabel,red\n")
+    journal = apply_fixes(fixes, data, tmp_path / "run").journal
+    real, calls = af.move_no_replace, []
+
+    def killed_on_the_third(a, b):
+        calls.append(a)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        real(a, b)
+
+    monkeypatch.setattr(af, "move_no_replace", killed_on_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        undo_fixes(journal)
+    monkeypatch.setattr(af, "move_no_replace", real)
+    assert snapshot(data) != before
+    assert undo_fixes(journal).moved == 4
+    assert snapshot(data) == before and not (tmp_path / "data.quarantine").exists()
+
+
+@pytest.mark.parametrize("stopped", ["apply", "undo"])
+def test_a_move_across_file_systems_killed_after_its_copy_leaves_one_photo(tmp_path, monkeypatch, stopped):
+    """Killed between a cross-device copy getting its name and the source's removal (or inside the copy, its
+    hidden .NAME.PID.part left): the photo was in both places, the undo skipped (apply) or refused (undo) it, and
+    the duplicate and the partial copy stayed in the quarantine."""
+    data = make_image_folder(tmp_path / "data", per_class=3)
+    before = snapshot(data)
+    q = tmp_path / "data.quarantine"
+    fixes = tmp_path / "fixes.csv"
+    fixes.write_text("path,action,new_class\nred/red.0.jpg,remove,\nred/red.1.jpg,remove,\n")
+    real = af.move_no_replace
+
+    def killed_after_the_copy(a, b):
+        if str(a).endswith("red.1.jpg"):
+            shutil.copy2(a, b)  # the checked copy has its name; the source is not removed yet
+            b = Path(b)
+            (b.parent / f".{b.name}.{os.getpid() + 1}.part").write_bytes(b"half")  # an earlier try's leftover
+            raise KeyboardInterrupt
+        real(a, b)
+
+    if stopped == "undo":
+        journal = apply_fixes(fixes, data, tmp_path / "run").journal
+        monkeypatch.setattr(af, "move_no_replace", killed_after_the_copy)
+        with pytest.raises(KeyboardInterrupt):
+            undo_fixes(journal)
+    else:
+        monkeypatch.setattr(af, "move_no_replace", killed_after_the_copy)
+        with pytest.raises(KeyboardInterrupt):
+            apply_fixes(fixes, data, tmp_path / "run")
+        journal = tmp_path / "run" / "journal.jsonl"
+    monkeypatch.setattr(af, "move_no_replace", real)
+    assert (q / "red" / "red.1.jpg").is_file() and (data / "red" / "red.1.jpg").is_file()
+    undo_fixes(journal)
+    assert snapshot(data) == before and not q.exists()
+
+
+def test_applying_again_after_a_killed_apply_names_its_journal_and_the_undo(tmp_path, monkeypatch):
+    """A killed --apply prints no undo command; the same command again (a new run folder) refused the moved rows as
+    'no such file among the folder's photos' with no word of the earlier journal that undoes them."""
+    data = make_image_folder(tmp_path / "data", per_class=3)
+    before = snapshot(data)
+    fixes = tmp_path / "fixes.csv"
+    fixes.write_text("path,action,new_class\nred/red.0.jpg,relabel,blue\nred/red.1.jpg,remove,\nred/red.2.jpg,remove,\n")
+    real = af.move_no_replace
+
+    def killed_on_the_third(a, b):
+        if str(a).endswith("red.2.jpg"):
+            raise KeyboardInterrupt
+        real(a, b)
+
+    monkeypatch.setattr(af, "move_no_replace", killed_on_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        apply_fixes(fixes, data, tmp_path / "runs" / "1-audit-apply")
+    monkeypatch.setattr(af, "move_no_replace", real)
+    with pytest.raises(UsageError) as e:
+        apply_fixes(fixes, data, tmp_path / "runs" / "2-audit-apply")
+    journal = tmp_path / "runs" / "1-audit-apply" / "journal.jsonl"
+    assert (f"2 of these files were moved by an earlier --apply (stopped part-way, or done already; journal "
+            f"{journal}): undo it with `python cli.py audit --undo {journal}`") in str(e.value)
+    undo_fixes(journal)
+    assert snapshot(data) == before
+    assert apply_fixes(fixes, data, tmp_path / "runs" / "3-audit-apply").moved == 3

@@ -504,3 +504,100 @@ def test_a_file_of_several_frames_is_a_note_naming_its_frames(tmp_path):
         {"path": "red/pages.tif", "kind": "first-frame-only", "severity": "note",
          "detail": "a TIFF of 3 frames: only the first is used"}]
     assert check_file(str(root), "red/stereo.jpg") == []
+
+
+def restore_all(root: Path, qdir: Path) -> None:
+    """Run the restore command of every run's list in ``qdir`` (what a user does after runs that were killed)."""
+    from pipeline.data.check_images import restore_command
+
+    for listing in sorted(qdir.glob(MOVED_LIST + "-*")):
+        subprocess.run(restore_command(root, qdir, listing.name), shell=True, check=True)
+
+
+@pytest.mark.parametrize("killed", ["after the move", "after another disk's copy"])
+def test_a_quarantine_killed_mid_move_is_finished_by_a_rerun_and_fully_restored(dirty, tmp_path, monkeypatch, killed):
+    """kill -9 right after a file moved, before its run listed it: the restore commands never moved it back (a
+    photo stranded in the quarantine). Killed between a copy to another disk getting its name and the source's
+    removal: the file was in both places and every rerun refused ('quarantine folder ... already holds')."""
+    from pipeline.data import check_images as ci
+
+    root, corpus = dirty
+    before = snapshot(root)
+    qdir = tmp_path / "q"
+    errors = sorted(p for p, b in corpus.items() if b.is_error and (root / p).is_file()
+                    and not (root / p).is_symlink())
+    real = ci.move_no_replace
+
+    def killed_mid_move(a, b):
+        if Path(a) == root / errors[1]:
+            if killed == "after the move":
+                real(a, b)
+            else:
+                subprocess.run(["cp", "-p", str(a), str(b)], check=True)
+                Path(b).with_name(f".{Path(b).name}.{os.getpid() + 1}.part").write_bytes(b"half")
+            raise KeyboardInterrupt  # the state a kill -9 at that moment leaves
+        real(a, b)
+
+    monkeypatch.setattr(ci, "move_no_replace", killed_mid_move)
+    cfg = CheckImagesConfig(str(root), workers=1, quarantine_dir=str(qdir))
+    with pytest.raises(KeyboardInterrupt):
+        check_images(cfg)
+    monkeypatch.setattr(ci, "move_no_replace", real)
+    again = check_images(cfg)
+    assert set(snapshot(qdir)) == {p for p, b in corpus.items() if b.is_error}
+    assert not [p for p in qdir.rglob(".*.part")] and errors[1] not in snapshot(root)
+    assert again.quarantine["restore"]
+    restore_all(root, qdir)
+    assert snapshot(root) == before and snapshot(qdir) == {}
+
+
+def test_two_quarantines_of_one_folder_at_once_move_each_file_once_without_an_error(dirty, tmp_path, caplog):
+    """Two check-images --quarantine of one folder at once: the second, once the first had moved the files, failed
+    with 'cannot move ...: No such file or directory; 0 of 11 files moved' (or 'quarantine folder ... already holds')
+    (exit 1). Now it leaves out the files gone meanwhile, saying so, and ends without an error."""
+    root, corpus = dirty
+    before = snapshot(root)
+    cfg = CheckImagesConfig(str(root), workers=1, quarantine=True)
+    first = {}
+
+    def the_other_run_moves_first(summary):
+        first["result"] = check_images(cfg)
+
+    second = check_images(cfg, before_moving=the_other_run_moves_first)
+    errors = {p for p, b in corpus.items() if b.is_error}
+    assert first["result"].quarantine["moved"] == len(errors) and second.quarantine["moved"] == 0
+    assert f"{len(errors)} of the {len(errors)} files to quarantine were gone" in caplog.text
+    assert set(snapshot(tmp_path / "data.quarantine")) == errors
+    subprocess.run(first["result"].quarantine["restore"], shell=True, check=True)
+    assert snapshot(root) == before
+
+
+def test_a_quarantine_filling_its_disk_stops_in_one_line_and_lists_only_what_moved(dirty, tmp_path, monkeypatch):
+    """A quarantine on a disk that fills: 'cannot move ...: No space left on device (None); ...' (the OSError names no
+    file). Now no '(None)'; the run's list names exactly the files moved, and the same command goes on once fixed."""
+    import errno
+
+    from pipeline.data import check_images as ci
+
+    root, corpus = dirty
+    before = snapshot(root)
+    qdir = tmp_path / "q"
+    real, moved = ci.move_no_replace, []
+
+    def fills_at_the_third(a, b):
+        if len(moved) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(a, b)
+        moved.append(b)
+
+    monkeypatch.setattr(ci, "move_no_replace", fills_at_the_third)
+    cfg = CheckImagesConfig(str(root), workers=1, quarantine_dir=str(qdir))
+    with pytest.raises(PipelineError) as e:
+        check_images(cfg)
+    assert "No space left on device; 2 of " in str(e.value) and "None" not in str(e.value)
+    (listing,) = qdir.glob(MOVED_LIST + "-*")
+    assert listing.read_bytes().split(b"\0")[:-1] == [os.fsencode(Path(b).relative_to(qdir)) for b in moved]
+    monkeypatch.setattr(ci, "move_no_replace", real)
+    check_images(cfg)
+    restore_all(root, qdir)
+    assert snapshot(root) == before

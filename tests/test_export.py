@@ -605,6 +605,26 @@ def test_sigterm_during_the_parity_check_leaves_no_unchecked_file_beside_the_out
     assert sorted(p.name for p in out.parent.iterdir()) == []
 
 
+def test_a_killed_exports_unchecked_file_is_removed_by_the_next_export(tmp_path):
+    """kill -9 during the parity check (no handler runs) left '.x.ts.PID.export' beside --output for good, one more
+    for each killed export (as large as the model: 530 MB for VGG-16). The next export to it removes them."""
+    head = make_tiny_head(tmp_path / "head")
+    out = tmp_path / "out" / "x.ts"
+    code = (f"import os, signal\n"
+            f"import tests.tiny\n"
+            f"from pipeline.serving import export as e\n"
+            f"def killed(*args, **kwargs):\n"
+            f"    os.kill(os.getpid(), signal.SIGKILL)\n"
+            f"e.parity = killed\n"
+            f"import pipeline\n"
+            f"pipeline.export_model({str(head)!r}, {str(out)!r}, format='torchscript')\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == -9 and [p.suffix for p in out.parent.iterdir()] == [".export"]
+    assert pipeline.export_model(head, out, format="torchscript").passed
+    assert sorted(p.name for p in out.parent.iterdir()) == ["x.ts", "x.ts.json"]
+
+
 def test_two_exports_put_their_pairs_in_place_one_after_the_other(tmp_path):
     """The file and its sidecar go in place under a lock beside them: a second export waits for the first."""
     import threading

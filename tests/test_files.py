@@ -77,6 +77,47 @@ def test_sigterm_mid_write_leaves_no_temporary_file(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["ready", "rows.csv"] and out.read_text() == "old\n"
 
 
+def test_a_killed_writers_temporary_file_is_removed_by_the_next_write_a_live_ones_kept(tmp_path):
+    """kill -9 mid-write leaves '.NAME.PID.tmp' (no handler runs): nothing removed it, one more per killed run (a
+    checkpoint's as large as the model). The next write of the same output removes a dead process's; another live
+    writer's stays."""
+    out = tmp_path / "rows.csv"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / f".rows.csv.{int(dead.stdout)}.tmp").write_text("half of a killed run's")
+        (tmp_path / f".rows.csv.{live.pid}.tmp").write_text("another writer, still writing")
+        (tmp_path / ".other.csv.1.tmp").write_text("not this output's")
+        atomic_write(out, lambda tmp: tmp.write_text("new\n"))
+        assert sorted(os.listdir(tmp_path)) == [".other.csv.1.tmp", f".rows.csv.{live.pid}.tmp", "rows.csv"]
+    finally:
+        live.kill()
+        live.wait()
+
+
+@pytest.mark.parametrize("size", [10, 100_000])
+def test_torch_save_onto_a_full_disk_is_one_line_naming_the_path(tmp_path, monkeypatch, size):
+    """A train checkpoint saved onto a full disk: torch's writer loses the errno and says 'basic_ios::clear: iostream
+    error' or '[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598': it was 'unexpected
+    RuntimeError ... (a bug?)'. /dev/full fails every write with ENOSPC, as a full disk does."""
+    import torch
+
+    with pytest.raises(DiskFull, match=r"^cannot write /dev/full: the write failed \(a full disk\?\)$"):
+        with writing("/dev/full"):
+            torch.save({"w": torch.zeros(size)}, "/dev/full")
+    out = tmp_path / "model.pt"
+    out.write_bytes(b"the previous epoch's")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 << 20, 10 << 20, 4096))
+
+    def full(tmp):
+        tmp.write_bytes(b"half")
+        torch.save({"w": torch.zeros(size)}, "/dev/full")  # torch's own error, as on a full disk
+
+    with pytest.raises(DiskFull, match=rf"^cannot write {out}: no space left on the device$"):  # the disk says so
+        atomic_write(out, full)
+    assert out.read_bytes() == b"the previous epoch's" and os.listdir(tmp_path) == ["model.pt"]
+
+
 @pytest.mark.parametrize("error, why", [
     (OSError(errno.ENOSPC, "No space left on device"), "no space left"),
     (OSError(errno.EROFS, "Read-only file system"), "read-only"),

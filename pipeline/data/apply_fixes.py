@@ -29,7 +29,7 @@ from ..files import check_output, csv_cell_read, json_text
 from .check_images import check_apart, default_quarantine_dir
 from .folders import is_image_name, is_skipped_folder, list_image_folder
 from .image_reader import file_digest
-from .moves import changing_folder, link_on_the_way, move_no_replace
+from .moves import changing_folder, link_on_the_way, move_no_replace, partial_copies
 
 JOURNAL_KIND = "transfer-pipeline-audit-journal"
 #: 2: each move journalled as an intent (fsynced before it), then confirmed ({"moved": n}) once made
@@ -181,7 +181,10 @@ def apply_fixes(csv_path, data: str, out_dir: Path, quarantine_dir: Optional[str
     if journal.exists():
         raise UsageError(f"{journal} exists already; choose another {option_text('output')}")
     with changing_folder(root):  # planned and moved with no other changer or reader of the folder
-        moves = plan_moves(rows, root, qdir)
+        try:
+            moves = plan_moves(rows, root, qdir)
+        except UsageError as e:
+            raise UsageError(f"{e}{moved_by_earlier(rows, root, Path(out_dir))}") from None
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         with open(journal, "x") as j:
             _append(j, {"kind": JOURNAL_KIND, "version": JOURNAL_VERSION, "root": str(root), "quarantine": str(qdir),
@@ -191,6 +194,25 @@ def apply_fixes(csv_path, data: str, out_dir: Path, quarantine_dir: Optional[str
     counts = {a: sum(m["action"] == a for m in moves) for a in ("relabel", "remove")}
     return FixesResult(what="moved", root=str(root), moved=len(moves), **counts, quarantine=str(qdir),
                        journal=str(journal), undo=undo_command(journal), moves=moves)
+
+
+def moved_by_earlier(rows: list[dict], root: Path, out_dir: Path) -> str:
+    """A line for a refused list whose files an earlier --apply of the folder moved (its journal beside ``out_dir``,
+    in the runs folder, not undone): an apply killed part-way printed no undo command, and applying the list again
+    refused its moved rows as 'no such file' with no word of that journal. '' where there is none."""
+    for journal in sorted(out_dir.parent.glob("*/journal.jsonl"), reverse=True):  # the newest first
+        try:
+            head, moves = read_journal(journal)
+        except (UsageError, OSError):
+            continue
+        if head.get("root") != str(root) or Path(f"{journal}.undone").exists():
+            continue
+        moved = {m["from"] for m in moves if was_moved(m)}
+        hits = [r for r in rows if str(root / PurePosixPath(r["path"])) in moved]
+        if hits:
+            return (f"\n  {len(hits)} of these files were moved by an earlier --apply (stopped part-way, or done "
+                    f"already; journal {journal}): undo it with `{undo_command(journal)}`, then apply the list again")
+    return ""
 
 
 def move_journalled(j, n: int, m: dict, journal: Path) -> None:
@@ -291,17 +313,21 @@ def undo_fixes(journal_path, data: Optional[str] = None) -> FixesResult:
                          f"quarantine {qdir}: {'; '.join(outside[:5])}"
                          f"{f' (and {len(outside) - 5} more)' if len(outside) > 5 else ''}")
     with changing_folder(root):
+        for m in moves:
+            clear_partial_copies(m)
         done = {i for i, m in enumerate(moves) if was_moved(m)}
-        problems = [p for i in sorted(done) for p in cannot_move_back(moves[i])]
+        # undone already by an undo that was stopped (killed) part-way, or stopped in the middle of that move
+        back = {i for i in done if moved_back(moves[i]) or is_second_name(moves[i]) or is_verified_copy(moves[i])}
+        problems = [p for i in sorted(done - back) for p in cannot_move_back(moves[i])]
         if problems:
             raise UsageError(f"nothing was moved back: {'; '.join(problems[:10])}"
                              f"{f' (and {len(problems) - 10} more)' if len(problems) > 10 else ''}")
         for i, m in reversed(list(enumerate(moves))):
-            if i in done:
+            if i in done - back:
                 Path(m["from"]).parent.mkdir(parents=True, exist_ok=True)
                 move_no_replace(m["to"], m["from"])
-            elif is_second_name(m):
-                os.unlink(m["to"])  # the photo under both names, one file: the new name goes, nothing is lost
+            elif is_second_name(m) or is_verified_copy(m):
+                os.unlink(m["to"])  # the photo under both names (one file, or a checked copy): the new name goes
             for folder in reversed(m.get("made_folders", [])):
                 try:
                     os.rmdir(folder)  # only an empty one
@@ -319,12 +345,41 @@ def was_moved(m: dict) -> bool:
 
 
 def is_second_name(m: dict) -> bool:
-    """Whether an unconfirmed move stopped between its hard link and its unlink (``moves.rename_no_replace``
+    """Whether a move (or its undo) stopped between its hard link and its unlink (``moves.rename_no_replace``
     without renameat2): the photo is under both names, one file."""
     try:
-        return not m["confirmed"] and os.path.samefile(m["from"], m["to"])
+        return os.path.samefile(m["from"], m["to"])
     except OSError:
         return False
+
+
+def moved_back(m: dict) -> bool:
+    """Whether a move was undone already, by an undo stopped part-way (killed): its file is at its old place again,
+    with the bytes that were moved, and no longer at the new one. Such an undo is finished by running it again."""
+    src, dst = m["from"], m["to"]
+    return (not os.path.lexists(dst) and os.path.isfile(src) and not os.path.islink(src)
+            and (not m.get("sha256") or file_digest(src) == m["sha256"]))
+
+
+def is_verified_copy(m: dict) -> bool:
+    """Whether a move between file systems (``moves.copy_across``, either way) was stopped after its checked copy
+    got its name but before the source was removed: both places hold the journalled bytes, as two files."""
+    src, dst = m["from"], m["to"]
+    try:
+        if os.path.islink(src) or os.path.islink(dst) or os.path.samefile(src, dst):
+            return False
+    except OSError:
+        return False
+    return bool(m.get("sha256")) and file_digest(src) == m["sha256"] == file_digest(dst)
+
+
+def clear_partial_copies(m: dict) -> None:
+    """Remove the hidden partial copies (``moves.partial_copies``) a move between file systems left beside either
+    place when it was killed: never a photo (the source was still whole), and in a class folder a stray file."""
+    for place in (m["from"], m["to"]):
+        if isinstance(place, str):
+            for tmp in partial_copies(Path(place)):
+                tmp.unlink(missing_ok=True)
 
 
 def cannot_move_back(m: dict) -> list[str]:

@@ -7,6 +7,7 @@ file extract cannot use, and a *note* a file extract uses after converting it or
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shlex
 import tempfile
@@ -36,7 +37,10 @@ from .folders import (
     is_image_name,
     walk,
 )
-from .moves import changing_folder, link_on_the_way, move_no_replace
+from .image_reader import file_digest
+from .moves import changing_folder, link_on_the_way, move_no_replace, partial_copies
+
+log = logging.getLogger(__name__)
 
 #: Every kind check-images reports, with its severity. Errors are files extract cannot use.
 KINDS = {
@@ -299,34 +303,69 @@ def through_link(root: Path, rel: str) -> bool:
     return not real.is_relative_to(os.path.realpath(root))
 
 
+def copied_already(src: Path, dst: Path) -> bool:
+    """Whether a run killed in the middle of moving ``src`` left it in both places: its hard link made (no
+    renameat2), or its checked copy to another disk renamed into place, before the source was removed. The
+    rerun then ends that move (the source's name goes) instead of refusing the quarantine as taken."""
+    try:
+        if src.is_symlink() or dst.is_symlink() or not (src.is_file() and dst.is_file()):
+            return False
+        if os.path.samefile(src, dst):
+            return True
+        if os.path.getsize(src) != os.path.getsize(dst):
+            return False
+    except OSError:
+        return False
+    digest = file_digest(src)
+    return bool(digest) and digest == file_digest(dst)
+
+
 def quarantine(root: Path, qdir: Path, rels: list[str]) -> dict:
     """Move root/rel to qdir/rel for each rel, except those in linked folders (left in place and listed);
     refuses (moving nothing) if any target exists."""
     linked = [r for r in rels if through_link(root, r)]
     left = set(linked)
     rels = [r for r in rels if r not in left]
-    taken = [r for r in rels if (qdir / r).exists() or (qdir / r).is_symlink()]
-    if taken:
-        raise PipelineError(f"quarantine folder {qdir} already holds {len(taken)} of these files "
-                            f"(first: {taken[0]}); move them back first or choose {option_text('quarantine_dir')}")
-    linked_q = [r for r in rels if link_on_the_way(qdir / os.path.dirname(r), qdir)]
-    if linked_q:  # a file would land where the link points, and the restore command move the link back
-        raise PipelineError(f"quarantine folder {qdir} holds a link on the way to {linked_q[0]} (a linked "
-                            f"folder); nothing was moved: remove the link or choose {option_text('quarantine_dir')}")
     with changing_folder(root), contextlib.ExitStack() as stack:  # no extract reading, no audit --apply moving
+        gone = [r for r in rels if not os.path.lexists(root / r)]
+        if gone:  # moved while this run checked the folder, by another check-images --quarantine of it (waited for)
+            log.warning("%d of the %d files to quarantine were gone from %s once it was this run's turn to move them "
+                        "(e.g. %s; moved by another check-images --quarantine?): left out", len(gone), len(rels),
+                        root, gone[0])
+            rels = [r for r in rels if r not in set(gone)]
+        moved_before = [r for r in rels if copied_already(root / r, qdir / r)]
+        taken = [r for r in rels if r not in moved_before and ((qdir / r).exists() or (qdir / r).is_symlink())]
+        if taken:
+            raise PipelineError(f"quarantine folder {qdir} already holds {len(taken)} of these files (first: "
+                                f"{taken[0]}); move them back first or choose {option_text('quarantine_dir')}")
+        linked_q = [r for r in rels if link_on_the_way(qdir / os.path.dirname(r), qdir)]
+        if linked_q:  # a file would land where the link points, and the restore command move the link back
+            raise PipelineError(f"quarantine folder {qdir} holds a link on the way to {linked_q[0]} (a linked "
+                                f"folder); nothing was moved: remove the link or choose "
+                                f"{option_text('quarantine_dir')}")
         listing = None
         for i, rel in enumerate(rels):
             try:
                 (qdir / rel).parent.mkdir(parents=True, exist_ok=True)
                 listing = listing or stack.enter_context(new_moved_list(qdir))
-                move_no_replace(root / rel, qdir / rel)  # never over a file that appeared meanwhile; across disks too
-                listing.write(os.fsencode(rel) + b"\0")  # once moved: never another's file at that place
+                listed = listing.tell()
+                listing.write(os.fsencode(rel) + b"\0")  # before the move: a kill right after it leaves it listed
                 listing.flush()
+                for tmp in partial_copies(qdir / rel):  # a killed run's partial copy to another disk
+                    tmp.unlink(missing_ok=True)
+                if rel in moved_before:  # a killed run's checked copy (or second name) is there: the move's end
+                    os.unlink(root / rel)
+                else:
+                    move_no_replace(root / rel, qdir / rel)  # never over a file that appeared meanwhile; across disks
             except OSError as e:  # a file in the way, a read-only folder: the rest stays, a rerun goes on
+                if listing:
+                    with contextlib.suppress(OSError):  # only what moved is listed: never another's file there
+                        listing.truncate(listed)
                 if listing and not i:
                     os.unlink(listing.name)
                 where = f" (listed in {listing.name})" if i else ""
-                raise PipelineError(f"cannot move {root / rel} to {qdir / rel}: {e.strerror or e} ({e.filename}); "
+                named = f" ({e.filename})" if e.filename else ""  # a full disk names none: it said '(None)'
+                raise PipelineError(f"cannot move {root / rel} to {qdir / rel}: {e.strerror or e}{named}; "
                                     f"{i} of {len(rels)} files moved{where}, the rest left in place: run the same "
                                     "command again once fixed") from None
     restore = restore_command(root, qdir, os.path.basename(listing.name)) if listing else None

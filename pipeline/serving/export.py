@@ -35,8 +35,8 @@ from ..data import portable
 from ..data.image_reader import DECODE_VERSION, ImageListDataset, draft_short_side, read_items
 from ..errors import PipelineError, UsageError
 from ..extraction import backbones as bb
-from ..files import (NAME_MAX, atomic_write, check_output, check_replaceable, starts_with, temporary_name,
-                     unwinding_on_signals, write_json, written_through)
+from ..files import (NAME_MAX, atomic_write, check_output, check_replaceable, clear_dead_temporaries, starts_with,
+                     temporary_name, unwinding_on_signals, write_json, written_through)
 from ..models.fused_models import fused_metadata, input_shape
 from ..models.predict import list_inputs
 from ..models.predict import ImageOutputs, iter_log_proba
@@ -629,6 +629,7 @@ def export(cfg: ExportConfig) -> ExportResult:
         meta["int8_cache"] = {"network": "float (the int8 network cannot be exported)", "vs_predict": int8_gap}
     net = ProbabilityNet(lm.model).eval()
     tmp = temporary_name(out, ".export")  # .NAME.PID.export; a name of 240 characters failed 'File name too long'
+    clear_dead_temporaries(out, ".export")  # a killed export's, as large as the model
     with unwinding_on_signals():  # SIGTERM or SIGHUP too removes the unchecked file (Ctrl-C always did)
         try:
             log.info("exporting %s (%s) as %s", cfg.model, ckpt["kind"], cfg.format)
