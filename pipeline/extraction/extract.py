@@ -63,7 +63,7 @@ def check_n(cfg: ExtractConfig, total: int) -> None:
 def check_backbone(cfg: ExtractConfig) -> None:
     """An unknown --backbone is a usage error before anything else; resolving a name imports torch, so a
     name with caches of its own in --cache-dir (it resolved when they were made) is left for a hit."""
-    name = bb.canonical_name(cfg.backbone)
+    name = bb.canonical_request(cfg.backbone, cfg.weights)[0]  # a timm tag beside other --weights: refused now
     if libraries.split_prefix(cfg.backbone)[0] == "torchvision":  # its canonical name is bare: timm's X would do
         libraries.library_of(cfg.backbone)
     if not any(Path(cfg.cache_dir).glob(cache_file_name(name, 0, "*").replace("-nall-", "-n*-"))):
@@ -250,10 +250,36 @@ def say_why(why: str, cfg: ExtractConfig, images: int) -> None:
                 "%s", why)
 
 
+def spelled_otherwise(cfg: ExtractConfig, listing: ImageFolderListing, key: str, path: Path, info) -> tuple:
+    """(cfg, key, path, info) of the request's cache; where it has none (``info`` None), of its cache made with the
+    same library weights named the other way: ``--weights DEFAULT`` and the default's own name (timm's default tag,
+    ``in1k``; torchvision's ``IMAGENET1K_V1``) are one network, whose caches were keyed by the spelling. Such a cache
+    is taken only where its record names the weights this request resolves to now (a library update may have
+    moved the default). Imports torch, so only on a miss (a hit of the request's own key stays torch-free)."""
+    if info is not None or cfg.weights.lower() == "none" or bb.is_weights_path(cfg.weights):
+        return cfg, key, path, info
+    try:
+        spelling = bb.other_spelling(cfg.backbone, cfg.weights)
+    except UsageError:  # weights the library does not have: said by the extraction that follows
+        spelling = ""
+    if not spelling:
+        return cfg, key, path, info
+    other = replace(cfg, weights=spelling)
+    other_key = cache_key(other, listing)
+    other_path = Path(cfg.cache_dir) / cache_file_name(cfg.backbone, cfg.n, other_key)
+    other_info = existing_cache(other_path, other_key)
+    if other_info is None or other_info.attrs.get("weights") != bb.load_preprocessing(cfg.backbone, cfg.weights)[1]:
+        return cfg, key, path, info
+    log.info("%s: made with %s, the same weights as %s", other_path, option_text("weights", spelling),
+             option_text("weights", cfg.weights))
+    return other, other_key, other_path, other_info
+
+
 def extract_held(cfg: ExtractConfig, hit_only: bool = False) -> Optional[dict]:
     started = time.time()
     validate(cfg)
-    cfg = replace(cfg, backbone=bb.canonical_name(cfg.backbone))  # timm:X and X name one cache
+    # timm:X and X name one cache, and so do --backbone X.tag and --backbone X --weights tag
+    cfg = replace(cfg, **dict(zip(("backbone", "weights"), bb.canonical_request(cfg.backbone, cfg.weights))))
     listing = list_folder(cfg.data, cfg.purpose)  # a pool to label (suggest): its photos, unlabelled
     total = len(listing.files)
     check_n(cfg, total)
@@ -271,13 +297,15 @@ def extract_held(cfg: ExtractConfig, hit_only: bool = False) -> Optional[dict]:
     path = Path(cfg.cache_dir) / cache_file_name(cfg.backbone, cfg.n, key)
     if distributed.world_size() > 1:  # started by torchrun: this rank extracts its shard
         return distributed.extract_sharded(cfg, listing, key, path, started)
-    info = existing_cache(path, key)
+    cfg, key, path, info = spelled_otherwise(cfg, listing, key, path, existing_cache(path, key))
     if (info is None or not info.complete) and float_cfg is not None:
         # auto's int8 is for dense networks; one with depthwise convolutions (EfficientNet, MobileNet) runs
         # faster in bf16: its cache is auto's answer too (found without torch on a hit)
+        float_cfg = replace(float_cfg, weights=cfg.weights)
         float_key = cache_key(float_cfg, listing)
         float_path = Path(cfg.cache_dir) / cache_file_name(cfg.backbone, cfg.n, float_key)
-        float_info = existing_cache(float_path, float_key)
+        float_cfg, float_key, float_path, float_info = spelled_otherwise(float_cfg, listing, float_key, float_path,
+                                                                         existing_cache(float_path, float_key))
         if (float_info is not None and float_info.complete) or (info is None and prefers_float(cfg)):
             why = f"precision auto: float, not int8: {cfg.backbone} has depthwise convolutions"
             cfg, key, path, info = float_cfg, float_key, float_path, float_info
