@@ -318,6 +318,8 @@ def test_two_tags_are_two_caches_and_a_tag_beside_other_weights_is_refused(fake_
     a = _extract(folders, tmp_path, "timm:resnet18.a1_in1k")
     b = _extract(folders, tmp_path, "timm:resnet18", "--weights", "tv_in1k")
     assert not b["hit"] and a["cache"] != b["cache"]
+    # a tag is timm's: resnet18.a1_in1k is timm's resnet18 (torchvision's has no tags), not unknown weights of it
+    assert _extract(folders, tmp_path, "resnet18.a1_in1k")["cache"] == a["cache"]
     result = CliRunner().invoke(cli.cli, ["extract", "--data", str(folders / "data"), "--backbone",
                                           "timm:resnet18.a1_in1k", "--weights", "tv_in1k", "--cache-dir",
                                           str(tmp_path / "other")])
@@ -337,3 +339,27 @@ def test_an_unknown_timm_tag_is_a_usage_error_naming_the_tags(folders, tmp_path,
     assert result.exit_code == 2, result.output
     assert "timm has no pretrained weights 'bogus' for test_efficientnet; tags: r160_in1k" in result.stderr
     assert not list(tmp_path.rglob("*.h5*"))
+
+
+def test_a_default_cache_made_when_timm_named_another_default_tag_is_stale(fake_hub, folders, tmp_path):
+    """--weights DEFAULT is keyed as written (a hit needs no torch) and timm's version is not in the key: after a
+    timm update that moved the model's default tag, DEFAULT's cache of the old default's features was a hit, two
+    networks under one cache. Now a cache made with another timm version is checked: stale, said so, extracted
+    again (no row reused: other weights)."""
+    import h5py
+
+    first = _extract(folders, tmp_path, "test_efficientnet")
+    with h5py.File(first["cache"], "r+") as f:  # as if made by a timm whose default tag was another one
+        f.attrs["weights"] = "timm:test_efficientnet.old_in1k"
+        f.attrs["versions"] = json.dumps({**json.loads(f.attrs["versions"]), "timm": "0.9.2"})
+    result = CliRunner().invoke(cli.cli, ["extract", "--data", str(folders / "data"), "--n", "0", "--backbone",
+                                          "test_efficientnet", "--cache-dir", str(tmp_path), "--workers", "0",
+                                          "--precision", "fp32", "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    again = json.loads(result.stdout)
+    assert not again["hit"] and again["computed"] == 24 and again["cache"] == first["cache"]
+    assert ("is stale: it holds the features of timm's test_efficientnet.old_in1k, DEFAULT of timm 0.9.2; with timm "
+            in result.stderr and "DEFAULT is test_efficientnet.r160_in1k, other weights" in result.stderr)
+    with h5py.File(again["cache"], "r") as f:
+        assert f.attrs["weights"] == "timm:test_efficientnet.r160_in1k"
+    assert [p.name for p in tmp_path.glob("*.h5*")] == [Path(first["cache"]).name]  # the stale one gone once done

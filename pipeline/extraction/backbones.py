@@ -86,16 +86,17 @@ def canonical_name(name: str) -> str:
 
 
 def split_tag(name: str) -> tuple[str, str]:
-    """(the --backbone value without a timm pretrained tag, the tag or ''): ``timm:X.tag`` -> ('timm:X', 'tag'),
-    ``X.tag`` -> ('X', 'tag'), split as timm's ``split_model_name_tag`` does (at the first '.'; no torchvision or
-    registered name has one). Without torch."""
+    """(the --backbone value without a timm pretrained tag, the tag or ''): ``X.tag`` and ``timm:X.tag`` ->
+    ('timm:X', 'tag'), split as timm's ``split_model_name_tag`` does (at the first '.'). Only timm's names have
+    tags, so a tagged name is timm's model, even where torchvision has an X too (``resnet18.a1_in1k``). Without
+    torch."""
     if name in BACKBONES:
         return name, ""
     library, bare = libraries.split_prefix(name)
     if library == "torchvision" or "." not in bare:
         return name, ""
     arch, tag = bare.split(".", 1)
-    return (f"{library}:{arch}" if library else arch), tag
+    return f"timm:{arch}", tag
 
 
 def canonical_request(name: str, weights: str) -> tuple[str, str]:
@@ -111,8 +112,8 @@ def canonical_request(name: str, weights: str) -> tuple[str, str]:
     if weights.upper() != "DEFAULT" and timm_tag(weights) != tag:
         raise UsageError(f"{option_text('backbone', name)} names timm's pretrained weights {tag!r}, but "
                          f"{option_text('weights', weights)} names {timm_tag(weights)!r}: give one of them "
-                         f"({option_text('backbone', bare)} {option_text('weights', tag)}, or "
-                         f"{option_text('backbone', bare)} {option_text('weights', weights)})")
+                         f"({option_text('backbone', canonical_name(bare))} {option_text('weights', tag)}, or "
+                         f"{option_text('backbone', canonical_name(bare))} {option_text('weights', weights)})")
     return canonical_name(bare), tag
 
 

@@ -7,6 +7,7 @@ is answered from disk without importing torch. The work itself is ``extract_rang
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, fields, replace
@@ -275,6 +276,27 @@ def spelled_otherwise(cfg: ExtractConfig, listing: ImageFolderListing, key: str,
     return other, other_key, other_path, other_info
 
 
+def default_moved(cfg: ExtractConfig, info) -> Optional[str]:
+    """Why a cache of ``--weights DEFAULT`` of a timm model holds other weights than DEFAULT means now, or None.
+    Its key names the weights as written, and timm's version is not in it (torchvision's is), so a timm update that
+    moved the model's default tag would find it: checked where the cache was made with another timm version (read
+    without torch; only then is timm asked what DEFAULT means now)."""
+    made = str(info.attrs.get("weights", ""))
+    if cfg.weights.upper() != "DEFAULT" or not made.startswith("timm:"):
+        return None
+    try:
+        then = json.loads(info.attrs.get("versions") or "{}").get("timm")
+    except ValueError:
+        then = None
+    if then == package_version("timm"):
+        return None
+    now = bb.load_preprocessing(cfg.backbone, cfg.weights)[1]
+    if now == made:
+        return None
+    return (f"it holds the features of timm's {made[5:]}, DEFAULT of timm {then}; with timm "
+            f"{package_version('timm')} DEFAULT is {now[5:]}, other weights")
+
+
 def extract_held(cfg: ExtractConfig, hit_only: bool = False) -> Optional[dict]:
     started = time.time()
     validate(cfg)
@@ -311,12 +333,13 @@ def extract_held(cfg: ExtractConfig, hit_only: bool = False) -> Optional[dict]:
             cfg, key, path, info = float_cfg, float_key, float_path, float_info
     verified = False
     if info is not None:
-        stale, verified = stale_reason(info, listing, cfg.verify)
+        moved = default_moved(cfg, info)
+        stale, verified = (moved, False) if moved else stale_reason(info, listing, cfg.verify)
         if stale and hit_only:  # a miss: set aside (and said) by the extraction that follows, if it follows
             return None
         if stale:  # extracted again, its rows reused by content: only what changed is computed
-            log.warning("%s is stale: %s; extracting again (its rows are reused where the photo's bytes are the "
-                        "same)", path, stale)
+            log.warning("%s is stale: %s; extracting again%s", path, stale,
+                        "" if moved else " (its rows are reused where the photo's bytes are the same)")
             aside = set_aside(path)
             if aside is not None and cfg.calib_cache and Path(cfg.calib_cache).resolve() == path.resolve():
                 cfg = replace(cfg, calib_cache=str(aside))  # its own lender: the network is still its observers'
