@@ -331,6 +331,17 @@ def test_two_tags_are_two_caches_and_a_tag_beside_other_weights_is_refused(fake_
     assert tagged["hit"] and tagged["cache"] == plain["cache"]
 
 
+@pytest.mark.parametrize("backbone", [".r160_in1k", "test_efficientnet.", "timm:.x"])
+def test_a_tag_without_a_model_or_a_model_without_a_tag_is_no_name(folders, tmp_path, backbone):
+    """'.r160_in1k' was refused as "unknown --backbone ''" (not the value given); 'test_efficientnet.' extracted
+    timm's model into a cache of its own name, a second cache of one network."""
+    result = CliRunner().invoke(cli.cli, ["extract", "--data", str(folders / "data"), "--n", "0", "--backbone",
+                                          backbone, "--weights", "none", "--cache-dir", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert f"unknown --backbone {backbone!r}: a timm model with a pretrained tag is written MODEL.TAG" in result.stderr
+    assert not list(tmp_path.rglob("*.h5*"))
+
+
 @pytest.mark.parametrize("backbone, weights", [("test_efficientnet", "bogus"), ("test_efficientnet.bogus", "DEFAULT")])
 def test_an_unknown_timm_tag_is_a_usage_error_naming_the_tags(folders, tmp_path, backbone, weights):
     """An unknown tag was "unexpected RuntimeError: Invalid pretrained tag (bogus) ... (a bug?)"."""

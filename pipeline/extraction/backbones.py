@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
-from ..config import Placeholder, option_text
+from ..config import Placeholder, option_text, option_value
 from ..errors import PipelineError, UsageError
 from ..files import first_line
 from . import libraries
@@ -96,6 +96,10 @@ def split_tag(name: str) -> tuple[str, str]:
     if library == "torchvision" or "." not in bare:
         return name, ""
     arch, tag = bare.split(".", 1)
+    # '.x' was "unknown --backbone ''", and 'resnet18.' timm's resnet18 in a cache of its own
+    if not arch.strip() or not tag.strip():
+        raise UsageError(f"unknown {option_value('backbone', name)}: a timm model with a pretrained tag is written "
+                         f"MODEL.TAG (convnext_tiny.fb_in22k), or give the tag as {option_text('weights')}")
     return f"timm:{arch}", tag
 
 
