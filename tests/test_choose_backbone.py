@@ -217,6 +217,10 @@ def test_one_backbone_with_two_weights_is_two_candidates_told_apart(tmp_path):
     ([], "name the candidates"),
     (["--backbone", "tiny=none", "--backbone", "tiny=none"], "named twice"),
     (["--backbone", "vgg16", "--backbone", "torchvision:vgg16=VGG16_Weights.DEFAULT"], "named twice"),
+    # a timm tag in the name is the weights: both name one network (they were two candidates, two caches)
+    (["--backbone", "timm:test_efficientnet.r160_in1k", "--backbone", "test_efficientnet=r160_in1k"], "named twice"),
+    (["--backbone", "test_efficientnet.r160_in1k=in1k", "--backbone", "tiny=none"],
+     "names timm's pretrained weights 'r160_in1k', but --weights in1k names 'in1k'"),
     (["--backbone", "tiny=none", "--folds", "11"], "at least 11 photos of every class"),
     (["--backbone", "=none"], "expected NAME or NAME=WEIGHTS"),
     # 'vgg16=$W' with $W unset in the shell: the default weights were loaded, or downloaded (528 MB for VGG-16)

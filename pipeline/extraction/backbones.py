@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
-from ..config import Placeholder, option_text
+from ..config import Placeholder, option_text, option_value
 from ..errors import PipelineError, UsageError
 from ..files import first_line
 from . import libraries
@@ -85,10 +85,48 @@ def canonical_name(name: str) -> str:
     return libraries.canonical("timm", bare) if library == "timm" else name
 
 
+def split_tag(name: str) -> tuple[str, str]:
+    """(the --backbone value without a timm pretrained tag, the tag or ''): ``X.tag`` and ``timm:X.tag`` ->
+    ('timm:X', 'tag'), split as timm's ``split_model_name_tag`` does (at the first '.'). Only timm's names have
+    tags, so a tagged name is timm's model, even where torchvision has an X too (``resnet18.a1_in1k``). Without
+    torch."""
+    if name in BACKBONES:
+        return name, ""
+    library, bare = libraries.split_prefix(name)
+    if library == "torchvision" or "." not in bare:
+        return name, ""
+    arch, tag = bare.split(".", 1)
+    # '.x' was "unknown --backbone ''", and 'resnet18.' timm's resnet18 in a cache of its own
+    if not arch.strip() or not tag.strip():
+        raise UsageError(f"unknown {option_value('backbone', name)}: a timm model with a pretrained tag is written "
+                         f"MODEL.TAG (convnext_tiny.fb_in22k), or give the tag as {option_text('weights')}")
+    return f"timm:{arch}", tag
+
+
+def canonical_request(name: str, weights: str) -> tuple[str, str]:
+    """(canonical --backbone name, --weights) of a request, a timm pretrained tag written in the name moved to the
+    weights: ``--backbone X.tag`` is ``--backbone X --weights tag``, one cache and one provenance. Beside
+    ``--weights none`` or a file the tag names no weights in use and is dropped (random weights and a file are the
+    same whatever tag was written); beside another tag it names a second network: a usage error. Without torch."""
+    bare, tag = split_tag(name)
+    if not tag:
+        return canonical_name(name), weights
+    if weights.lower() == "none" or is_weights_path(weights):
+        return canonical_name(bare), weights
+    if weights.upper() != "DEFAULT" and timm_tag(weights) != tag:
+        raise UsageError(f"{option_text('backbone', name)} names timm's pretrained weights {tag!r}, but "
+                         f"{option_text('weights', weights)} names {timm_tag(weights)!r}: give one of them "
+                         f"({option_text('backbone', canonical_name(bare))} {option_text('weights', tag)}, or "
+                         f"{option_text('backbone', canonical_name(bare))} {option_text('weights', weights)})")
+    return canonical_name(bare), tag
+
+
 def get_spec(name: str) -> BackboneSpec:
-    """The backbone a --backbone value names (registered, torchvision or timm); a usage error if none."""
+    """The backbone a --backbone value names (registered, torchvision or timm; a timm pretrained tag in it names
+    weights, not the model: ``canonical_request``); a usage error if none."""
     if name in BACKBONES:
         return BACKBONES[name]
+    name = split_tag(name)[0]
     if name not in _RESOLVED:
         library, bare = libraries.library_of(name)
         spec = (_torchvision_spec if library == "torchvision" else _timm_spec)(libraries.canonical(library, bare), bare)
@@ -104,7 +142,10 @@ def _torchvision_spec(name: str, bare: str) -> BackboneSpec:
         return get_model(bare, weights=None)
 
     transform = libraries.torchvision_transform(bare)
-    model = meta_model(build)
+    with warnings.catch_warnings():  # GoogLeNet's and Inception's notes on their init: this build is only traced
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        model = meta_model(build)
     try:
         with torch.no_grad():
             size = transform.crop_size[0]
@@ -112,12 +153,25 @@ def _torchvision_spec(name: str, bare: str) -> BackboneSpec:
         if out.dim() != 4:
             raise ValueError(f"its feature part gives a {out.dim()}-d output, not a map")
     except Exception as e:  # noqa: BLE001 -- a model whose forward is not a chain of its children
-        raise UsageError(f"torchvision's {bare} is not a chain of layers this tool can cut before its pooling "
-                         f"({type(e).__name__}: {first_line(e, 120)}); "
-                         f"{timm_version(bare)} (docs/backbones.md)") from None
+        # torch's own text (an assertion in the model's code, a shape) says nothing the user can act on: -v has it
+        log.debug("torchvision's %s, its children run as a chain: %s: %s", bare, type(e).__name__, first_line(e, 300))
+        raise UsageError(f"torchvision's {bare} is not a chain of layers this tool can cut before its pooling: its "
+                         f"forward does more between its layers than run them in turn ({_not_a_chain(bare)}), so "
+                         f"there is no feature map to cache; {timm_version(bare)} (docs/backbones.md)") from None
     return BackboneSpec(name=name, build=build, features=libraries.torchvision_trunk, torchvision_name=bare,
                         pool=libraries.torchvision_pool(model), blocks=libraries.torchvision_blocks,
                         library="torchvision", arch=bare)
+
+
+def _not_a_chain(bare: str) -> str:
+    """What a torchvision model refused as no chain does between its layers, in a few words."""
+    if bare.startswith("vit_"):
+        return "a vision transformer: it turns the image into patch tokens and adds a class token"
+    if bare in ("googlenet", "inception_v3"):
+        return "auxiliary classifiers branch off between its layers"
+    if bare.startswith("maxvit"):
+        return "it runs its stages from a list"
+    return "it reshapes or branches"
 
 
 #: timm's names of the torchvision models refused above whose name timm does not have
@@ -317,6 +371,23 @@ def torchvision_weights(spec: BackboneSpec, name: str):
 def timm_tag(weights: str) -> str:
     """timm's pretrained tag a --weights value names ('' = the model's default)."""
     return "" if weights.upper() == "DEFAULT" else weights.split(".")[-1]
+
+
+def other_spelling(name: str, weights: str) -> str:
+    """The other --weights value that names the same library weights as ``weights`` (a library's name, not
+    'none' or a file): 'DEFAULT' <-> its own name (timm's default tag of the model, torchvision's default weights'
+    name), or '' where there is none. Imports torch (the library's registry says which is the default)."""
+    name, weights = canonical_request(name, weights)
+    spec = get_spec(name)
+    if spec.library == "timm":
+        default, tag = libraries.timm_pretrained_cfg(spec.arch).tag, timm_tag(weights)
+        return default if not tag else "DEFAULT" if tag == default else ""
+    if spec.torchvision_name:
+        from torchvision.models import get_model_weights
+
+        default, short = get_model_weights(spec.torchvision_name).DEFAULT.name, weights.split(".")[-1]
+        return default if short == "DEFAULT" else "DEFAULT" if short == default else ""
+    return ""
 
 
 def timm_weights_id(spec: BackboneSpec, weights: str) -> tuple:
@@ -534,6 +605,8 @@ def _check_sidecar_model(spec: BackboneSpec, path: Path, meta: dict) -> None:
     prefixed, bare = libraries.split_prefix(arch) if isinstance(arch, str) else ("", arch)
     if prefixed and (not library or library == prefixed):  # 'timm:X' names X in timm, as --backbone does
         arch, library = bare, prefixed
+    if isinstance(arch, str) and spec.library == "timm":  # timm's MODEL.TAG: the file holds that tag's weights
+        arch = arch.split(".", 1)[0]
     if arch and arch not in (spec.name, spec.arch):
         raise UsageError(f"weights file {str(path)!r} is for {arch!r}, not {spec.name!r} (its sidecar says so)")
     if library and spec.library and library != spec.library:
@@ -548,6 +621,7 @@ def load_preprocessing(name: str = "vgg16", weights: str = "DEFAULT"):
     For what needs only the preprocessing (preview): torchvision's weights enum carries its
     ``transforms()``, timm's pretrained config its data config, and a local file's sidecar the rest.
     """
+    name, weights = canonical_request(name, weights)
     spec = get_spec(name)
     if weights.lower() == "none":
         return _default_transform(spec), "none"
@@ -575,6 +649,7 @@ def check_loadable(name: str, weights: str) -> None:
     """What only loading tells, before work that cannot be undone or redone cheaply (choose-backbone's earlier
     extractions, demo's quarantine): a weights file with no sidecar whose tensors are another model's, and a
     library's weights not downloaded yet that cannot be (offline): refused now, in one line."""
+    name, weights = canonical_request(name, weights)
     spec = get_spec(name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # 'no sidecar', 'random weights': extract says them once, later
@@ -592,6 +667,7 @@ def load_backbone(name: str = "vgg16", weights: str = "DEFAULT") -> LoadedBackbo
     """Build backbone ``name`` with ``weights`` (a library's pretrained name, a file path, or 'none'), in eval mode."""
     import torch
 
+    name, weights = canonical_request(name, weights)
     spec = get_spec(name)
     if spec.library == "timm" and weights.lower() != "none" and not is_weights_path(weights):
         model, cfg, weights_id = _timm_pretrained(spec, weights)

@@ -7,6 +7,7 @@ is answered from disk without importing torch. The work itself is ``extract_rang
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, fields, replace
@@ -63,7 +64,7 @@ def check_n(cfg: ExtractConfig, total: int) -> None:
 def check_backbone(cfg: ExtractConfig) -> None:
     """An unknown --backbone is a usage error before anything else; resolving a name imports torch, so a
     name with caches of its own in --cache-dir (it resolved when they were made) is left for a hit."""
-    name = bb.canonical_name(cfg.backbone)
+    name = bb.canonical_request(cfg.backbone, cfg.weights)[0]  # a timm tag beside other --weights: refused now
     if libraries.split_prefix(cfg.backbone)[0] == "torchvision":  # its canonical name is bare: timm's X would do
         libraries.library_of(cfg.backbone)
     if not any(Path(cfg.cache_dir).glob(cache_file_name(name, 0, "*").replace("-nall-", "-n*-"))):
@@ -250,10 +251,57 @@ def say_why(why: str, cfg: ExtractConfig, images: int) -> None:
                 "%s", why)
 
 
+def spelled_otherwise(cfg: ExtractConfig, listing: ImageFolderListing, key: str, path: Path, info) -> tuple:
+    """(cfg, key, path, info) of the request's cache; where it has none (``info`` None), of its cache made with the
+    same library weights named the other way: ``--weights DEFAULT`` and the default's own name (timm's default tag,
+    ``in1k``; torchvision's ``IMAGENET1K_V1``) are one network, whose caches were keyed by the spelling. Such a cache
+    is taken only where its record names the weights this request resolves to now (a library update may have
+    moved the default). Imports torch, so only on a miss (a hit of the request's own key stays torch-free)."""
+    if info is not None or cfg.weights.lower() == "none" or bb.is_weights_path(cfg.weights):
+        return cfg, key, path, info
+    try:
+        spelling = bb.other_spelling(cfg.backbone, cfg.weights)
+    except UsageError:  # weights the library does not have: said by the extraction that follows
+        spelling = ""
+    if not spelling:
+        return cfg, key, path, info
+    other = replace(cfg, weights=spelling)
+    other_key = cache_key(other, listing)
+    other_path = Path(cfg.cache_dir) / cache_file_name(cfg.backbone, cfg.n, other_key)
+    other_info = existing_cache(other_path, other_key)
+    if other_info is None or other_info.attrs.get("weights") != bb.load_preprocessing(cfg.backbone, cfg.weights)[1]:
+        return cfg, key, path, info
+    log.info("%s: made with %s, the same weights as %s", other_path, option_text("weights", spelling),
+             option_text("weights", cfg.weights))
+    return other, other_key, other_path, other_info
+
+
+def default_moved(cfg: ExtractConfig, info) -> Optional[str]:
+    """Why a cache of ``--weights DEFAULT`` of a timm model holds other weights than DEFAULT means now, or None.
+    Its key names the weights as written, and timm's version is not in it (torchvision's is), so a timm update that
+    moved the model's default tag would find it: checked where the cache was made with another timm version (read
+    without torch; only then is timm asked what DEFAULT means now)."""
+    made = str(info.attrs.get("weights", ""))
+    if cfg.weights.upper() != "DEFAULT" or not made.startswith("timm:"):
+        return None
+    try:
+        then = json.loads(info.attrs.get("versions") or "{}").get("timm")
+    except ValueError:
+        then = None
+    if then == package_version("timm"):
+        return None
+    now = bb.load_preprocessing(cfg.backbone, cfg.weights)[1]
+    if now == made:
+        return None
+    return (f"it holds the features of timm's {made[5:]}, DEFAULT of timm {then}; with timm "
+            f"{package_version('timm')} DEFAULT is {now[5:]}, other weights")
+
+
 def extract_held(cfg: ExtractConfig, hit_only: bool = False) -> Optional[dict]:
     started = time.time()
     validate(cfg)
-    cfg = replace(cfg, backbone=bb.canonical_name(cfg.backbone))  # timm:X and X name one cache
+    # timm:X and X name one cache, and so do --backbone X.tag and --backbone X --weights tag
+    cfg = replace(cfg, **dict(zip(("backbone", "weights"), bb.canonical_request(cfg.backbone, cfg.weights))))
     listing = list_folder(cfg.data, cfg.purpose)  # a pool to label (suggest): its photos, unlabelled
     total = len(listing.files)
     check_n(cfg, total)
@@ -271,24 +319,27 @@ def extract_held(cfg: ExtractConfig, hit_only: bool = False) -> Optional[dict]:
     path = Path(cfg.cache_dir) / cache_file_name(cfg.backbone, cfg.n, key)
     if distributed.world_size() > 1:  # started by torchrun: this rank extracts its shard
         return distributed.extract_sharded(cfg, listing, key, path, started)
-    info = existing_cache(path, key)
+    cfg, key, path, info = spelled_otherwise(cfg, listing, key, path, existing_cache(path, key))
     if (info is None or not info.complete) and float_cfg is not None:
         # auto's int8 is for dense networks; one with depthwise convolutions (EfficientNet, MobileNet) runs
         # faster in bf16: its cache is auto's answer too (found without torch on a hit)
+        float_cfg = replace(float_cfg, weights=cfg.weights)
         float_key = cache_key(float_cfg, listing)
         float_path = Path(cfg.cache_dir) / cache_file_name(cfg.backbone, cfg.n, float_key)
-        float_info = existing_cache(float_path, float_key)
+        float_cfg, float_key, float_path, float_info = spelled_otherwise(float_cfg, listing, float_key, float_path,
+                                                                         existing_cache(float_path, float_key))
         if (float_info is not None and float_info.complete) or (info is None and prefers_float(cfg)):
             why = f"precision auto: float, not int8: {cfg.backbone} has depthwise convolutions"
             cfg, key, path, info = float_cfg, float_key, float_path, float_info
     verified = False
     if info is not None:
-        stale, verified = stale_reason(info, listing, cfg.verify)
+        moved = default_moved(cfg, info)
+        stale, verified = (moved, False) if moved else stale_reason(info, listing, cfg.verify)
         if stale and hit_only:  # a miss: set aside (and said) by the extraction that follows, if it follows
             return None
         if stale:  # extracted again, its rows reused by content: only what changed is computed
-            log.warning("%s is stale: %s; extracting again (its rows are reused where the photo's bytes are the "
-                        "same)", path, stale)
+            log.warning("%s is stale: %s; extracting again%s", path, stale,
+                        "" if moved else " (its rows are reused where the photo's bytes are the same)")
             aside = set_aside(path)
             if aside is not None and cfg.calib_cache and Path(cfg.calib_cache).resolve() == path.resolve():
                 cfg = replace(cfg, calib_cache=str(aside))  # its own lender: the network is still its observers'

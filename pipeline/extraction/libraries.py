@@ -335,7 +335,10 @@ def timm_preprocessing(cfg) -> dict:
 def timm_pretrained_cfg(bare: str, tag: str = ""):
     import timm
 
-    cfg = timm.models.get_pretrained_cfg(f"{bare}.{tag}" if tag else bare, allow_unregistered=False)
+    try:  # an unknown tag, or a model with no pretrained weights at all, is timm's RuntimeError ("a bug?")
+        cfg = timm.models.get_pretrained_cfg(f"{bare}.{tag}" if tag else bare, allow_unregistered=False)
+    except RuntimeError:
+        cfg = None
     if cfg is None:
         raise UsageError(f"timm has no pretrained weights {tag or 'DEFAULT'!r} for {bare}; tags: "
                          f"{', '.join(n.split('.', 1)[1] for n in timm.list_pretrained(bare + '.*')) or 'none'}")

@@ -122,7 +122,8 @@ def same_weights(name: str, weights: str) -> tuple[str, str]:
     are one: they were refused only after extracting their one cache)."""
     from ..extraction import backbones as bb
 
-    path, name = Path(weights).expanduser(), bb.canonical_name(name)
+    name, weights = bb.canonical_request(name, weights)  # 'X.tag' is 'X=tag'
+    path = Path(weights).expanduser()
     if path.is_file():
         return name, str(path.resolve())
     if bb.is_weights_path(weights):  # a missing file: check_candidates names it
