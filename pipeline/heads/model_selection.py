@@ -15,7 +15,7 @@ from sklearn.model_selection import StratifiedKFold, train_test_split
 from threadpoolctl import threadpool_limits
 
 from ..progress import progress, quiet
-from .calibration import fit_stack_weights, fit_temperature, log_softmax, nll, with_temperature
+from .calibration import PRIOR_ROWS, fit_stack_weights, fit_temperature, log_softmax, nll, with_temperature
 from .feature_views import (
     VIEWS,
     Normalizer,
@@ -60,6 +60,12 @@ SVM_SHARE_FLOOR = 0.7
 #: Most classes for which a one-vs-one SVM is tried: its K(K-1)/2 pairs are rows of the head's Linear layer over
 #: the support rows (K=50: 1,225 pairs, about 30 MB in float32 at 6,000 support rows; K=200 would be 0.5 GB).
 MAX_PAIR_CLASSES = 50
+#: Below this many rows a class (of the rows cross-validated) the one-vs-one pairs' scale pays the temperature's
+#: prior (``fit_pair_scale``): on 5 photos a class every out-of-fold pair is often right, the NLL falls for ever
+#: as the scale grows, and it ran to its bound (100): the stack then said 1.0 for nearly every photo, a wrong one
+#: too. 10 photos a class through fit-head's validation split leave 9: from there on the scale is the NLL's
+#: alone, as before (docs/heads.md, "Few photos, all right").
+PAIR_PRIOR_BELOW_ROWS = 9
 #: The previous default's search (an RBF kernel head, C and gamma by CV): audit's out-of-fold refits still use it.
 KERNEL_GRID = {"head": ["kernel"], "C": [1.0, 10.0, 100.0, 1000.0], "gamma": ["0.25*scale", "0.5*scale", "scale"]}
 #: --tune's wider search: every head kind and both pooled views (those the cache has), the default's included.
@@ -510,7 +516,8 @@ def _tune(X, y, grid, cv: CVOptions, in_shape, on_setting) -> dict:
         for s in group:
             r = results[setting_key(s)]
             if "margins" in r:  # the pairs' scale fitted on the out-of-fold margins, then coupled
-                r["pair_scale"] = fit_pair_scale(r["margins"], y, n_classes)
+                few = len(y) < PAIR_PRIOR_BELOW_ROWS * n_classes
+                r["pair_scale"] = fit_pair_scale(r["margins"], y, n_classes, prior_rows=PRIOR_ROWS if few else 0.0)
                 r["oof"] = coupled_log_proba(r.pop("margins"), r["pair_scale"], n_classes)
             _calibrated(r, y, splits)
             if on_setting:
@@ -533,13 +540,18 @@ def coupled_log_proba(margins: np.ndarray, scale: float, n_classes: int) -> np.n
     return log_softmax(couple_pairs(z, pair_columns(n_classes)).numpy())
 
 
-def fit_pair_scale(margins: np.ndarray, y: np.ndarray, n_classes: int, bounds=(0.01, 100.0)) -> float:
+def fit_pair_scale(margins: np.ndarray, y: np.ndarray, n_classes: int, bounds=(0.01, 100.0),
+                   prior_rows: float = 0.0) -> float:
     """The scale of one-vs-one margins whose coupled probabilities have the lowest NLL (held-out margins): as
     SVC's Platt scaling of each pair, in one number. The coupling is not linear in the scale, so unlike a
-    temperature it changes which class wins near ties: fitted, not left at 1."""
+    temperature it changes which class wins near ties: fitted, not left at 1. ``prior_rows``: the weight, in rows
+    of evidence, of the temperature's log-normal prior (``calibration.fit_temperature``) on the scale, centred
+    on 1; where every held-out pair is right the NLL alone falls for ever and the scale runs to its bound."""
     from scipy.optimize import minimize_scalar
 
-    f = lambda t: nll(coupled_log_proba(margins, math.exp(t), n_classes), y)  # noqa: E731
+    y = np.asarray(y)
+    f = lambda t: (nll(coupled_log_proba(margins, math.exp(t), n_classes), y)  # noqa: E731
+                   + prior_rows * t * t / max(len(y), 1))
     res = minimize_scalar(f, bounds=tuple(math.log(b) for b in bounds), method="bounded")
     return float(math.exp(res.x))
 
