@@ -297,17 +297,6 @@ def free_default(path, default) -> str:
     return str(p.with_name(f"{p.stem}-{n}{p.suffix}"))
 
 
-def unused_name(path: Path) -> Path:
-    """``path``, or ``path-2``, ``path-3`` ... when it is taken: a file set aside twice in one second must not
-    rename over the first (rename replaces without a word)."""
-    n = 2
-    found = path
-    while os.path.lexists(found):
-        found = path.with_name(f"{path.name}-{n}")
-        n += 1
-    return found
-
-
 def disk_reason(e: BaseException):
     """Why a write failed, in a few words, when ``e`` is a full disk, a read-only file system or a refused
     permission (as OSError, or wrapped in h5py's and torch's RuntimeErrors); else None."""
