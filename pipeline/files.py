@@ -474,23 +474,29 @@ def temporary_name(path: Path, suffix: str = ".tmp", pid: bool = True) -> Path:
     tail = f".{os.getpid()}{suffix}" if pid else suffix
     name = f".{path.name}{tail}"
     if len(os.fsencode(name)) > NAME_MAX:
-        name = f".{hashlib.sha256(os.fsencode(path.name)).hexdigest()[:16]}{tail}"
+        name = f".{name_digest(path.name)}{tail}"
     return path.with_name(name)
+
+
+def name_digest(name: str) -> str:
+    """What ``temporary_name`` puts for a name too long to keep whole."""
+    return hashlib.sha256(os.fsencode(name)).hexdigest()[:16]
 
 
 def clear_dead_temporaries(path: Path, suffix: str = ".tmp") -> None:
     """Remove the ``temporary_name(path, suffix)`` files of processes that are gone (killed: ``kill -9``, the OOM
     killer, a power cut), which nothing else removes: an export's or a checkpoint's, as large as the model, was
-    left beside it by every killed run. A live process's (another writer of the same output) is left alone."""
-    mine = temporary_name(path, suffix).name
-    head = mine[:len(mine) - len(f"{os.getpid()}{suffix}")]
+    left beside it by every killed run. A live process's (another writer of the same output) is left alone. Both
+    forms of the name are looked for: near the longest name a file may have, the writer's PID decided which."""
+    heads = (f".{path.name}.", f".{name_digest(path.name)}.")
     try:
         names = os.listdir(path.parent)
     except OSError:
         return
     for name in names:
-        pid = name[len(head):len(name) - len(suffix)]
-        if name.startswith(head) and name.endswith(suffix) and pid.isdigit() and not process_alive(int(pid)):
+        head = next((h for h in heads if name.startswith(h)), None)
+        pid = name[len(head or ""):len(name) - len(suffix)]
+        if head and name.endswith(suffix) and pid.isdigit() and not process_alive(int(pid)):
             try:
                 os.unlink(path.parent / name)
             except OSError:
