@@ -483,24 +483,31 @@ def name_digest(name: str) -> str:
     return hashlib.sha256(os.fsencode(name)).hexdigest()[:16]
 
 
-def clear_dead_temporaries(path: Path, suffix: str = ".tmp") -> None:
-    """Remove the ``temporary_name(path, suffix)`` files of processes that are gone (killed: ``kill -9``, the OOM
-    killer, a power cut), which nothing else removes: an export's or a checkpoint's, as large as the model, was
-    left beside it by every killed run. A live process's (another writer of the same output) is left alone. Both
-    forms of the name are looked for: near the longest name a file may have, the writer's PID decided which."""
+def temporaries(path: Path, suffix: str = ".tmp") -> list[tuple[Path, int]]:
+    """(file, its writer's PID) of each ``temporary_name(path, suffix)`` beside ``path``, any writer's. Both forms of
+    the name: near the longest name a file may have, the writer's PID decided which."""
     heads = (f".{path.name}.", f".{name_digest(path.name)}.")
     try:
         names = os.listdir(path.parent)
     except OSError:
-        return
+        return []
+    found = []
     for name in names:
         head = next((h for h in heads if name.startswith(h)), None)
         pid = name[len(head or ""):len(name) - len(suffix)]
-        if head and name.endswith(suffix) and pid.isdigit() and not process_alive(int(pid)):
-            try:
-                os.unlink(path.parent / name)
-            except OSError:
-                pass
+        if head and name.endswith(suffix) and pid.isdigit():
+            found.append((path.parent / name, int(pid)))
+    return found
+
+
+def clear_dead_temporaries(path: Path, suffix: str = ".tmp") -> None:
+    """Remove the ``temporary_name(path, suffix)`` files of processes that are gone (killed: ``kill -9``, the OOM
+    killer, a power cut), which nothing else removes: an export's or a checkpoint's, as large as the model, was
+    left beside it by every killed run. A live process's (another writer of the same output) is left alone."""
+    for tmp, pid in temporaries(path, suffix):
+        if not process_alive(pid):
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 def process_alive(pid: int) -> bool:
