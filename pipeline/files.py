@@ -21,6 +21,7 @@ import re
 import shutil
 import signal
 import stat
+import traceback
 from pathlib import Path
 
 from .config import option_named
@@ -364,9 +365,21 @@ def writing(path):
         err = disk_error(e, path)
         if err is None:
             raise
+        if not err.fatal:  # err stays chained to e, and may be kept (a notebook's last error, CliRunner's result):
+            let_go(e)  # the failed write's frames let go of their open files (torch.save's, a removed temporary's)
     # raised outside the except block, so it holds no reference to the failed write's frames: their
     # HDF5 objects are freed now, not at interpreter exit after h5py is gone (a segfault then)
     raise err
+
+
+def let_go(e: BaseException) -> None:
+    """Clear the finished frames of ``e``'s traceback and of the errors it chains to, so what they hold is freed now
+    (an open file, its room on a full disk), though the error itself may be kept."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        traceback.clear_frames(e.__traceback__)
+        e = e.__cause__ or e.__context__
 
 
 #: Signals whose default action ends the process without running ``finally`` blocks.

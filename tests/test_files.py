@@ -115,6 +115,23 @@ def test_a_killed_writers_temporary_file_is_removed_whether_its_pid_made_its_nam
     assert sorted(os.listdir(tmp_path)) == [name]
 
 
+def test_a_failed_writes_files_are_closed_even_while_its_error_is_kept(tmp_path):
+    """The one-line error of a full disk still led to the failed write's frames (as the exception it replaced): kept
+    (a notebook's last error, CliRunner's result), it held their open files, here the deleted temporary file, whose
+    room on the full disk was not given back, and a tmpfs filled by the tests could not be unmounted."""
+    def full(tmp):
+        f = open(tmp, "wb")  # held by the writer's frame, as torch.save's zip writer holds its file
+        f.write(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(DiskFull) as kept:
+        atomic_write(tmp_path / "model.pt", full)
+    held = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+            if os.path.islink(f"/proc/self/fd/{fd}")]
+    assert not [f for f in held if str(tmp_path) in f], held
+    assert str(kept.value) == f"cannot write {tmp_path / 'model.pt'}: no space left on the device"
+
+
 @pytest.mark.parametrize("size", [10, 100_000])
 def test_torch_save_onto_a_full_disk_is_one_line_naming_the_path(tmp_path, monkeypatch, size):
     """A train checkpoint saved onto a full disk: torch's writer loses the errno and says 'basic_ios::clear: iostream
