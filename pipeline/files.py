@@ -21,6 +21,7 @@ import re
 import shutil
 import signal
 import stat
+import traceback
 from pathlib import Path
 
 from .config import option_named
@@ -297,17 +298,6 @@ def free_default(path, default) -> str:
     return str(p.with_name(f"{p.stem}-{n}{p.suffix}"))
 
 
-def unused_name(path: Path) -> Path:
-    """``path``, or ``path-2``, ``path-3`` ... when it is taken: a file set aside twice in one second must not
-    rename over the first (rename replaces without a word)."""
-    n = 2
-    found = path
-    while os.path.lexists(found):
-        found = path.with_name(f"{path.name}-{n}")
-        n += 1
-    return found
-
-
 def disk_reason(e: BaseException):
     """Why a write failed, in a few words, when ``e`` is a full disk, a read-only file system or a refused
     permission (as OSError, or wrapped in h5py's and torch's RuntimeErrors); else None."""
@@ -375,9 +365,21 @@ def writing(path):
         err = disk_error(e, path)
         if err is None:
             raise
+        if not err.fatal:  # err stays chained to e, and may be kept (a notebook's last error, CliRunner's result):
+            let_go(e)  # the failed write's frames let go of their open files (torch.save's, a removed temporary's)
     # raised outside the except block, so it holds no reference to the failed write's frames: their
     # HDF5 objects are freed now, not at interpreter exit after h5py is gone (a segfault then)
     raise err
+
+
+def let_go(e: BaseException) -> None:
+    """Clear the finished frames of ``e``'s traceback and of the errors it chains to, so what they hold is freed now
+    (an open file, its room on a full disk), though the error itself may be kept."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        traceback.clear_frames(e.__traceback__)
+        e = e.__cause__ or e.__context__
 
 
 #: Signals whose default action ends the process without running ``finally`` blocks.
@@ -485,27 +487,40 @@ def temporary_name(path: Path, suffix: str = ".tmp", pid: bool = True) -> Path:
     tail = f".{os.getpid()}{suffix}" if pid else suffix
     name = f".{path.name}{tail}"
     if len(os.fsencode(name)) > NAME_MAX:
-        name = f".{hashlib.sha256(os.fsencode(path.name)).hexdigest()[:16]}{tail}"
+        name = f".{name_digest(path.name)}{tail}"
     return path.with_name(name)
+
+
+def name_digest(name: str) -> str:
+    """What ``temporary_name`` puts for a name too long to keep whole."""
+    return hashlib.sha256(os.fsencode(name)).hexdigest()[:16]
+
+
+def temporaries(path: Path, suffix: str = ".tmp") -> list[tuple[Path, int]]:
+    """(file, its writer's PID) of each ``temporary_name(path, suffix)`` beside ``path``, any writer's. Both forms of
+    the name: near the longest name a file may have, the writer's PID decided which."""
+    heads = (f".{path.name}.", f".{name_digest(path.name)}.")
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        head = next((h for h in heads if name.startswith(h)), None)
+        pid = name[len(head or ""):len(name) - len(suffix)]
+        if head and name.endswith(suffix) and pid.isdigit():
+            found.append((path.parent / name, int(pid)))
+    return found
 
 
 def clear_dead_temporaries(path: Path, suffix: str = ".tmp") -> None:
     """Remove the ``temporary_name(path, suffix)`` files of processes that are gone (killed: ``kill -9``, the OOM
     killer, a power cut), which nothing else removes: an export's or a checkpoint's, as large as the model, was
     left beside it by every killed run. A live process's (another writer of the same output) is left alone."""
-    mine = temporary_name(path, suffix).name
-    head = mine[:len(mine) - len(f"{os.getpid()}{suffix}")]
-    try:
-        names = os.listdir(path.parent)
-    except OSError:
-        return
-    for name in names:
-        pid = name[len(head):len(name) - len(suffix)]
-        if name.startswith(head) and name.endswith(suffix) and pid.isdigit() and not process_alive(int(pid)):
-            try:
-                os.unlink(path.parent / name)
-            except OSError:
-                pass
+    for tmp, pid in temporaries(path, suffix):
+        if not process_alive(pid):
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 def process_alive(pid: int) -> bool:

@@ -601,3 +601,29 @@ def test_a_quarantine_filling_its_disk_stops_in_one_line_and_lists_only_what_mov
     check_images(cfg)
     restore_all(root, qdir)
     assert snapshot(root) == before
+
+
+def test_a_photo_named_near_the_longest_name_is_quarantined_onto_another_file_system(tmp_path, monkeypatch):
+    """Between file systems a photo is copied to a hidden '.NAME.PID.part' first: for a name of 244 bytes (one a
+    file may have) that was longer than a name may be, and the move failed 'File name too long'. The hidden copy is
+    named as every temporary file is now (files.temporary_name: the name's digest where it would be too long)."""
+    import errno
+
+    from pipeline.data import moves
+
+    real = moves.rename_no_replace
+
+    def across(src, dst):  # the photo's own move crosses file systems; the hidden copy's rename beside it does not
+        if not Path(src).name.endswith(moves.PART):
+            raise OSError(errno.EXDEV, "Invalid cross-device link", str(src), None, str(dst))
+        real(src, dst)
+
+    monkeypatch.setattr(moves, "rename_no_replace", across)
+    root = make_image_folder(tmp_path / "data", per_class=2)
+    long = root / "red" / ("x" * 240 + ".jpg")
+    (root / "red" / "red.0.jpg").rename(long)
+    long.write_bytes(b"not an image")
+    result = check_images(CheckImagesConfig(str(root), workers=1, quarantine=True))
+    qdir = tmp_path / "data.quarantine"
+    assert result.quarantine["moved"] == 1 and (qdir / "red" / long.name).read_bytes() == b"not an image"
+    assert not long.exists() and [p.name for p in (qdir / "red").iterdir()] == [long.name]

@@ -677,3 +677,58 @@ def test_a_cache_set_aside_twice_in_one_second_keeps_both(tmp_path, monkeypatch)
         path.write_bytes(text)
         assert extract_range.existing_cache(path, "key") is None and not path.exists()
     assert sorted(p.read_bytes() for p in tmp_path.glob("c.h5.unreadable-*")) == [b"first", b"second"]
+
+
+def test_a_damaged_cache_set_aside_by_another_extraction_meanwhile_is_left_to_it(tmp_path, monkeypatch):
+    """Two extractions of one request found the same damaged cache: the first renamed it aside while the second
+    read it, and the second's rename failed as 'unexpected FileNotFoundError ... (a bug?)'. Now the second goes
+    on (the file is set aside already); a name taken meanwhile is never renamed over."""
+    from pipeline.extraction import extract_range
+    monkeypatch.setattr(extract_range.time, "strftime", lambda fmt, *a: "20261207-000000")
+    path = tmp_path / "c.h5"
+    path.write_bytes(b"damaged")
+    real = extract_range.read_info
+
+    def set_aside_by_the_other(p, *a, **k):
+        try:
+            return real(p, *a, **k)
+        finally:
+            p.rename(p.with_name(f"{p.name}.unreadable-20261207-000000"))  # the other extraction, first
+
+    monkeypatch.setattr(extract_range, "read_info", set_aside_by_the_other)
+    assert extract_range.existing_cache(path, "key") is None
+    assert [p.name for p in tmp_path.iterdir()] == ["c.h5.unreadable-20261207-000000"]
+
+
+def test_a_set_aside_name_taken_just_before_the_rename_is_kept(tmp_path, monkeypatch):
+    """The free name was looked for, then renamed onto: a file set aside there by another process in between was
+    replaced without a word. Now each name is taken in one step that never replaces."""
+    from pipeline.data import moves
+    from pipeline.extraction import extract_range
+    monkeypatch.setattr(extract_range.time, "strftime", lambda fmt, *a: "20261207-000000")
+    path = tmp_path / "c.h5"
+    path.write_bytes(b"second")
+    first = tmp_path / "c.h5.unreadable-20261207-000000"
+    real_lexists, real_rename = os.path.lexists, Path.rename
+
+    def lexists(p):  # the name looked free ...
+        return False if Path(p) == first else real_lexists(p)
+
+    def rename(self, target):  # ... and another process set its damaged copy aside there just before the rename
+        if Path(target) == first and not real_lexists(first):
+            first.write_bytes(b"first")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(os.path, "lexists", lexists)
+    monkeypatch.setattr(Path, "rename", rename)
+    if moves.RENAMEAT2 is not None:  # the one step: renameat2's RENAME_NOREPLACE
+        real_call = moves.RENAMEAT2
+
+        def renameat2(a, src, b, dst, flags):
+            if Path(os.fsdecode(dst)) == first and not real_lexists(first):
+                first.write_bytes(b"first")
+            return real_call(a, src, b, dst, flags)
+
+        monkeypatch.setattr(moves, "RENAMEAT2", renameat2)
+    assert extract_range.existing_cache(path, "key") is None
+    assert sorted(p.read_bytes() for p in tmp_path.glob("c.h5.unreadable-*")) == [b"first", b"second"]

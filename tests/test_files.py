@@ -95,6 +95,43 @@ def test_a_killed_writers_temporary_file_is_removed_by_the_next_write_a_live_one
         live.wait()
 
 
+def test_a_killed_writers_temporary_file_is_removed_whether_its_pid_made_its_name_long_or_not(tmp_path):
+    """A name near the longest a file may have is written as '.NAME.PID.tmp' or, where that is too long, as
+    '.DIGEST.PID.tmp': which one depends on how many digits the writer's PID has. A killed writer whose PID had one
+    digit fewer left '.NAME.PID.tmp' for good: the next write looked for the '.DIGEST.' form alone."""
+    from pipeline.files import NAME_MAX, process_alive, temporary_name
+
+    digits = len(str(os.getpid()))
+    if digits < 2:
+        pytest.skip("this process's PID has one digit")
+    name = "r" * (NAME_MAX - 9 - digits) + ".csv"  # '.NAME.PID.tmp' one byte too long for this PID, fits one shorter
+    out = tmp_path / name
+    assert temporary_name(out).name.startswith(f".{name[:5]}") is False
+    dead = next(p for p in range(10 ** (digits - 2), 10 ** (digits - 1)) if p > 1 and not process_alive(p))
+    killed = tmp_path / f".{name}.{dead}.tmp"
+    assert len(os.fsencode(killed.name)) <= NAME_MAX
+    killed.write_text("half of a killed run's")
+    atomic_write(out, lambda tmp: tmp.write_text("new\n"))
+    assert sorted(os.listdir(tmp_path)) == [name]
+
+
+def test_a_failed_writes_files_are_closed_even_while_its_error_is_kept(tmp_path):
+    """The one-line error of a full disk still led to the failed write's frames (as the exception it replaced): kept
+    (a notebook's last error, CliRunner's result), it held their open files, here the deleted temporary file, whose
+    room on the full disk was not given back, and a tmpfs filled by the tests could not be unmounted."""
+    def full(tmp):
+        f = open(tmp, "wb")  # held by the writer's frame, as torch.save's zip writer holds its file
+        f.write(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(DiskFull) as kept:
+        atomic_write(tmp_path / "model.pt", full)
+    held = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+            if os.path.islink(f"/proc/self/fd/{fd}")]
+    assert not [f for f in held if str(tmp_path) in f], held
+    assert str(kept.value) == f"cannot write {tmp_path / 'model.pt'}: no space left on the device"
+
+
 @pytest.mark.parametrize("size", [10, 100_000])
 def test_torch_save_onto_a_full_disk_is_one_line_naming_the_path(tmp_path, monkeypatch, size):
     """A train checkpoint saved onto a full disk: torch's writer loses the errno and says 'basic_ios::clear: iostream

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from ..errors import PipelineError
+from ..files import temporaries, temporary_name
 from .image_reader import file_digest
 
 try:
@@ -131,7 +132,7 @@ def copy_across(src: Path, dst: Path) -> None:
     """A move between file systems that loses nothing: copied (times and mode too) to a hidden name beside
     ``dst``, fsynced, its sha256 compared with the source's, renamed to ``dst`` (never replacing), and only
     then is the source removed. A copy with other bytes is removed again and PipelineError raised."""
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}{PART}")
+    tmp = temporary_name(dst, PART)  # .NAME.PID.part; a name near the longest failed 'File name too long'
     expected = file_digest(src)
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))  # ours alone, removed below on failure
     try:
@@ -157,13 +158,7 @@ PART = ".part"
 def partial_copies(dst: Path) -> list[Path]:
     """The hidden copies to ``dst`` that a ``copy_across`` killed part-way left (``.NAME.PID.part``): a later mover
     of the same file (an undo, a rerun) removes them, with the folder held."""
-    prefix = f".{dst.name}."
-    try:
-        names = os.listdir(dst.parent)
-    except OSError:
-        return []
-    return [dst.parent / n for n in names if n.startswith(prefix) and n.endswith(PART)
-            and n[len(prefix):-len(PART)].isdigit()]
+    return [tmp for tmp, _ in temporaries(dst, PART)]
 
 
 def fsync_folder(folder) -> None:

@@ -7,6 +7,7 @@ this request's (a hit, or a run to resume) before anything runs.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import time
@@ -23,8 +24,9 @@ from ..config import flag_text, option_text
 from ..cache.row_donors import find_donors
 from ..data.folders import ImageFolderListing, stratified_order
 from ..data.image_reader import DECODE_VERSION, ImageListDataset, batches, first_frames_line, read_items
+from ..data.moves import rename_to_free
 from ..errors import PipelineError, UsageError
-from ..files import Terminated, one_line, unused_name, writing
+from ..files import Terminated, one_line, writing
 from . import backbones as bb
 
 log = logging.getLogger(__name__)
@@ -113,8 +115,12 @@ def existing_cache(path: Path, key: str) -> Optional[CacheInfo]:
     except CacheBusy:
         raise
     except CacheError as e:
-        aside = unused_name(path.with_name(f"{path.name}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"))
-        path.rename(aside)
+        stamp = f"{path.name}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"
+        names = (path.with_name(stamp if i == 1 else f"{stamp}-{i}") for i in itertools.count(1))
+        try:  # each name taken in one step: a file set aside there meanwhile (twice in a second) is never replaced
+            aside = rename_to_free(path, names)
+        except FileNotFoundError:  # another extraction of it set it aside while this one read it
+            return None
         log.warning("cache %s could not be resumed (%s); moved it to %s and starting again", path, e, aside)
         return None
 
