@@ -374,3 +374,26 @@ def test_a_default_cache_made_when_timm_named_another_default_tag_is_stale(fake_
     with h5py.File(again["cache"], "r") as f:
         assert f.attrs["weights"] == "timm:test_efficientnet.r160_in1k"
     assert [p.name for p in tmp_path.glob("*.h5*")] == [Path(first["cache"]).name]  # the stale one gone once done
+
+
+def test_finetune_from_a_head_takes_any_spelling_of_its_network_and_refuses_another(fake_hub, folders, tmp_path):
+    """finetune --init-head H --backbone test_efficientnet.r160_in1k (or timm:test_efficientnet) on a head fitted
+    with --backbone test_efficientnet --weights r160_in1k was refused as "--backbone ... differs from H's
+    test_efficientnet" (the names compared as written): one network. Now the request is resolved as extract resolves
+    it, and only another network, or other weights, is refused (before any run folder is made)."""
+    cache = _extract(folders, tmp_path / "features", "test_efficientnet", "--weights", "r160_in1k")["cache"]
+    head = json.loads(run("fit-head", "--cache", cache, "--runs-dir", tmp_path / "heads", "--json"))["checkpoint"]
+    for spelling in (["test_efficientnet.r160_in1k"], ["timm:test_efficientnet"],
+                     ["timm:test_efficientnet.r160_in1k", "--weights", "r160_in1k"]):
+        result = json.loads(run("finetune", "--data", folders / "data", "--init-head", head, "--backbone", *spelling,
+                                "--unfreeze", 1, "--epochs", 1, "--batch-size", 8, "--workers", 0, "--runs-dir",
+                                tmp_path / "runs", "--json"))
+        ckpt = torch.load(result["checkpoint"], weights_only=True)
+        assert (ckpt["backbone"], ckpt["weights"]) == ("test_efficientnet", "timm:test_efficientnet.r160_in1k")
+    for spelling, says in ((["test_vit"], "--backbone test_vit differs from"),
+                           (["test_efficientnet.r160_in1k", "--weights", "none"], "was fitted on other features")):
+        result = CliRunner().invoke(cli.cli, ["finetune", "--data", str(folders / "data"), "--init-head", head,
+                                              "--backbone", *spelling, "--epochs", "1", "--workers", "0",
+                                              "--runs-dir", str(tmp_path / "refused")])
+        assert result.exit_code == 2 and says in result.stderr, (spelling, result.output)
+        assert not (tmp_path / "refused").exists()
