@@ -397,3 +397,20 @@ def test_finetune_from_a_head_takes_any_spelling_of_its_network_and_refuses_anot
                                               "--runs-dir", str(tmp_path / "refused")])
         assert result.exit_code == 2 and says in result.stderr, (spelling, result.output)
         assert not (tmp_path / "refused").exists()
+
+
+def test_an_int8_calibration_is_found_under_any_spelling_of_its_network(fake_hub, folders, tmp_path):
+    """audit's and suggest's int8 calibration reuse (quantize.newest_int8_cache) compared --backbone as written:
+    with the tag in the name (test_efficientnet.r160_in1k, or timm:...) the folder's earlier int8 cache of that
+    network was not found, and a new calibration (another network: every row computed again) was made. Now the
+    request is resolved as extract resolves it; other weights still find nothing."""
+    pytest.importorskip("torchao")
+    from pipeline.extraction.quantize import newest_int8_cache
+
+    made = json.loads(run("extract", "--data", folders / "data", "--n", 0, "--backbone", "test_efficientnet",
+                          "--weights", "r160_in1k", "--cache-dir", tmp_path, "--workers", 0, "--precision", "int8",
+                          "--calib-n", 8, "--json"))
+    for backbone, weights in (("test_efficientnet.r160_in1k", "DEFAULT"), ("timm:test_efficientnet.r160_in1k",
+                              "DEFAULT"), ("timm:test_efficientnet", "r160_in1k"), ("test_efficientnet", "r160_in1k")):
+        assert newest_int8_cache(str(tmp_path), str(folders / "data"), backbone, weights) == made["cache"], backbone
+    assert newest_int8_cache(str(tmp_path), str(folders / "data"), "test_efficientnet.r160_in1k", "none") == ""

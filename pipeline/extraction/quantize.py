@@ -142,7 +142,8 @@ def newest_int8_cache(cache_dir: str, data: str, backbone: str, weights: str, pu
 
     if not Path(cache_dir).is_dir():
         return ""
-    root, name = Path(data).resolve(), bb.canonical_name(backbone)
+    backbone, weights = bb.canonical_request(backbone, weights)  # X.tag is X --weights tag, as extract records it
+    root, name = Path(data).resolve(), backbone
     return next((str(i.path) for i in list_caches(cache_dir)[0]
                  if i.complete and i.attrs.get("precision") == "int8" and i.attrs.get("backbone") == name
                  and Path(i.attrs.get("data_root") or "/nonexistent") == root
