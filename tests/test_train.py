@@ -863,3 +863,9 @@ def test_resuming_a_run_killed_before_its_ledger_line_appends_the_line_once(tmp_
     assert str(run_dir / "model.pt") in line["outputs"] and set(line["metrics"]) >= {"val_acc", "val_loss"}
     third = CliRunner().invoke(cli.cli, [*args, "--resume", str(run_dir)])
     assert third.exit_code == 2 and "ledger line was missing" not in third.output and len(read_runs(runs)) == 1
+    other = tmp_path / "other"  # resumed with another --runs-dir, a run's line is in that one's ledger: found there
+    other.mkdir()
+    (runs / "ledger.jsonl").rename(other / "ledger.jsonl")
+    elsewhere = [a if a != str(runs) else str(other) for a in args]
+    fourth = CliRunner().invoke(cli.cli, [*elsewhere, "--resume", str(run_dir)])
+    assert fourth.exit_code == 2 and "ledger line was missing" not in fourth.output and read_runs(runs) == []

@@ -105,7 +105,7 @@ def read_resume(cfg, kind: str, recorded: dict, digest: str, sample: tuple) -> d
     ckpt = read_checkpoint(path)
     if "resume" not in ckpt:
         raise UsageError(f"{option_value('resume', cfg.resume)}: its model.pt is a finished run's; nothing to "
-                         f"resume{ledger_line_restored(Path(cfg.resume), ckpt)}")
+                         f"resume{ledger_line_restored(Path(cfg.resume), ckpt, cfg.runs_dir)}")
     check_resume_fields(ckpt, path)
     if ckpt["kind"] != kind:
         raise UsageError(f"{option_value('resume', cfg.resume)} is a {ckpt['kind']} run; resume it with {ckpt['kind']}")
@@ -128,16 +128,17 @@ def read_resume(cfg, kind: str, recorded: dict, digest: str, sample: tuple) -> d
     return ckpt
 
 
-def ledger_line_restored(run_dir: Path, ckpt: dict) -> str:
-    """For a --resume of a finished run: its ledger line, appended where the run's ledger (in the folder that holds
-    the run folder) has none, and what was done ('' where the line is there). The finished model.pt is written
-    just before the line (``run_folders.finish_run``): a run killed between the two (kill -9) was finished with no
-    line, and ``runs`` never showed it."""
+def ledger_line_restored(run_dir: Path, ckpt: dict, runs_dir_now: str) -> str:
+    """For a --resume of a finished run: its ledger line, appended to the run's ledger (in the folder that holds
+    the run folder) where neither it nor ``runs_dir_now``'s (--runs-dir: where a resumed run that finished wrote
+    its line) has one, and what was done ('' where the line is there). The finished model.pt is written just before
+    the line (``run_folders.finish_run``): a run killed between the two (kill -9) was finished with no line, and
+    ``runs`` never showed it."""
     from ..runs.ledger import append_run, read_runs
 
     runs_dir = run_dir.resolve().parent
     try:
-        for record in read_runs(runs_dir):
+        for record in [r for d in dict.fromkeys((runs_dir, Path(runs_dir_now).resolve())) for r in read_runs(d)]:
             if any(Path(o).name == "model.pt" and Path(o).parent.name == run_dir.resolve().name
                    for o in record.get("outputs", [])):
                 return ""
