@@ -414,3 +414,9 @@ def test_an_int8_calibration_is_found_under_any_spelling_of_its_network(fake_hub
                               "DEFAULT"), ("timm:test_efficientnet", "r160_in1k"), ("test_efficientnet", "r160_in1k")):
         assert newest_int8_cache(str(tmp_path), str(folders / "data"), backbone, weights) == made["cache"], backbone
     assert newest_int8_cache(str(tmp_path), str(folders / "data"), "test_efficientnet.r160_in1k", "none") == ""
+    # made with DEFAULT (its record: timm:test_efficientnet.r160_in1k), found by the tag that DEFAULT was
+    default = json.loads(run("extract", "--data", folders / "data", "--n", 0, "--backbone", "test_efficientnet",
+                             "--cache-dir", tmp_path / "default", "--workers", 0, "--precision", "int8", "--calib-n", 8,
+                             "--json"))
+    assert newest_int8_cache(str(tmp_path / "default"), str(folders / "data"), "test_efficientnet.r160_in1k",
+                             "DEFAULT") == default["cache"]
