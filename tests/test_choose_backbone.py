@@ -219,8 +219,13 @@ def test_one_backbone_with_two_weights_is_two_candidates_told_apart(tmp_path):
     (["--backbone", "vgg16", "--backbone", "torchvision:vgg16=VGG16_Weights.DEFAULT"], "named twice"),
     # a timm tag in the name is the weights: both name one network (they were two candidates, two caches)
     (["--backbone", "timm:test_efficientnet.r160_in1k", "--backbone", "test_efficientnet=r160_in1k"], "named twice"),
+    # in choose-backbone's terms (weights follow '='): it said "but --weights in1k names 'in1k'", an option it has not
     (["--backbone", "test_efficientnet.r160_in1k=in1k", "--backbone", "tiny=none"],
-     "names timm's pretrained weights 'r160_in1k', but --weights in1k names 'in1k'"),
+     "--backbone 'test_efficientnet.r160_in1k=in1k' names timm's pretrained weights 'r160_in1k' in the name and "
+     "'in1k' after '=': give one of them (--backbone test_efficientnet=r160_in1k, or "
+     "--backbone test_efficientnet=in1k)"),
+    (["--backbone", "test_efficientnet.=r160_in1k", "--backbone", "tiny=none"],
+     "or give the tag after '=' (convnext_tiny=fb_in22k)"),
     (["--backbone", "tiny=none", "--folds", "11"], "at least 11 photos of every class"),
     (["--backbone", "=none"], "expected NAME or NAME=WEIGHTS"),
     # 'vgg16=$W' with $W unset in the shell: the default weights were loaded, or downloaded (528 MB for VGG-16)
@@ -234,6 +239,7 @@ def test_usage_errors_are_one_line(tmp_path, args, message):
     out = CliRunner().invoke(cli, ["choose-backbone", "--data", str(data), "--cache-dir", str(tmp_path / "f"),
                                    "--workers", "0", *args])
     assert out.exit_code == 2 and message in out.output and out.output.count("\n") == 1, out.output
+    assert "--weights" not in out.output  # choose-backbone has none
 
 
 @pytest.mark.skipif(__import__("torch").cuda.device_count() > 7, reason="8 GPUs here")

@@ -374,3 +374,49 @@ def test_a_default_cache_made_when_timm_named_another_default_tag_is_stale(fake_
     with h5py.File(again["cache"], "r") as f:
         assert f.attrs["weights"] == "timm:test_efficientnet.r160_in1k"
     assert [p.name for p in tmp_path.glob("*.h5*")] == [Path(first["cache"]).name]  # the stale one gone once done
+
+
+def test_finetune_from_a_head_takes_any_spelling_of_its_network_and_refuses_another(fake_hub, folders, tmp_path):
+    """finetune --init-head H --backbone test_efficientnet.r160_in1k (or timm:test_efficientnet) on a head fitted
+    with --backbone test_efficientnet --weights r160_in1k was refused as "--backbone ... differs from H's
+    test_efficientnet" (the names compared as written): one network. Now the request is resolved as extract resolves
+    it, and only another network, or other weights, is refused (before any run folder is made)."""
+    cache = _extract(folders, tmp_path / "features", "test_efficientnet", "--weights", "r160_in1k")["cache"]
+    head = json.loads(run("fit-head", "--cache", cache, "--runs-dir", tmp_path / "heads", "--json"))["checkpoint"]
+    for spelling in (["test_efficientnet.r160_in1k"], ["timm:test_efficientnet"],
+                     ["timm:test_efficientnet.r160_in1k", "--weights", "r160_in1k"]):
+        result = json.loads(run("finetune", "--data", folders / "data", "--init-head", head, "--backbone", *spelling,
+                                "--unfreeze", 1, "--epochs", 1, "--batch-size", 8, "--workers", 0, "--runs-dir",
+                                tmp_path / "runs", "--json"))
+        ckpt = torch.load(result["checkpoint"], weights_only=True)
+        assert (ckpt["backbone"], ckpt["weights"]) == ("test_efficientnet", "timm:test_efficientnet.r160_in1k")
+    for spelling, says in ((["test_vit"], "--backbone test_vit differs from"),
+                           (["test_efficientnet.r160_in1k", "--weights", "none"], "was fitted on other features")):
+        result = CliRunner().invoke(cli.cli, ["finetune", "--data", str(folders / "data"), "--init-head", head,
+                                              "--backbone", *spelling, "--epochs", "1", "--workers", "0",
+                                              "--runs-dir", str(tmp_path / "refused")])
+        assert result.exit_code == 2 and says in result.stderr, (spelling, result.output)
+        assert not (tmp_path / "refused").exists()
+
+
+def test_an_int8_calibration_is_found_under_any_spelling_of_its_network(fake_hub, folders, tmp_path):
+    """audit's and suggest's int8 calibration reuse (quantize.newest_int8_cache) compared --backbone as written:
+    with the tag in the name (test_efficientnet.r160_in1k, or timm:...) the folder's earlier int8 cache of that
+    network was not found, and a new calibration (another network: every row computed again) was made. Now the
+    request is resolved as extract resolves it; other weights still find nothing."""
+    pytest.importorskip("torchao")
+    from pipeline.extraction.quantize import newest_int8_cache
+
+    made = json.loads(run("extract", "--data", folders / "data", "--n", 0, "--backbone", "test_efficientnet",
+                          "--weights", "r160_in1k", "--cache-dir", tmp_path, "--workers", 0, "--precision", "int8",
+                          "--calib-n", 8, "--json"))
+    for backbone, weights in (("test_efficientnet.r160_in1k", "DEFAULT"), ("timm:test_efficientnet.r160_in1k",
+                              "DEFAULT"), ("timm:test_efficientnet", "r160_in1k"), ("test_efficientnet", "r160_in1k")):
+        assert newest_int8_cache(str(tmp_path), str(folders / "data"), backbone, weights) == made["cache"], backbone
+    assert newest_int8_cache(str(tmp_path), str(folders / "data"), "test_efficientnet.r160_in1k", "none") == ""
+    # made with DEFAULT (its record: timm:test_efficientnet.r160_in1k), found by the tag that DEFAULT was
+    default = json.loads(run("extract", "--data", folders / "data", "--n", 0, "--backbone", "test_efficientnet",
+                             "--cache-dir", tmp_path / "default", "--workers", 0, "--precision", "int8", "--calib-n", 8,
+                             "--json"))
+    assert newest_int8_cache(str(tmp_path / "default"), str(folders / "data"), "test_efficientnet.r160_in1k",
+                             "DEFAULT") == default["cache"]

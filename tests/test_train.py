@@ -835,3 +835,37 @@ def test_animated_photos_are_said_once_a_run_not_once_an_epoch(tmp_path, caplog,
                     "from the first frame alone (e.g. blue/pages.tif: 2 frames); save the frame you mean as its own "
                     "photo to use another"], said
     assert len(result.history) == 3 and result.metrics["skipped"] == 0
+
+
+def test_resuming_a_run_killed_before_its_ledger_line_appends_the_line_once(tmp_path, image_folder, monkeypatch):
+    """train killed (kill -9) after writing the finished model.pt, before appending its ledger line: the run was
+    finished with no line ('runs' never showed it), and --resume RUN said only "a finished run's; nothing to
+    resume". Now that --resume appends the line (and says so); another --resume finds it and appends none."""
+    from pipeline.runs import run_folders
+    from pipeline.runs.ledger import read_runs
+
+    def killed(*a, **k):
+        raise SystemExit(137)  # the process ends here, as at a kill -9: nothing after it runs
+
+    monkeypatch.setattr(run_folders, "append_run", killed)
+    runs = tmp_path / "runs"
+    args = ["train", "--data", str(image_folder), "--backbone", "tiny", "--weights", "none", "--epochs", "1",
+            "--workers", "0", "--batch-size", "8", "--print-every", "0", "--runs-dir", str(runs), "--json"]
+    assert CliRunner().invoke(cli.cli, args).exit_code == 137
+    monkeypatch.undo()
+    run_dir = next(d for d in runs.iterdir() if d.is_dir())
+    assert "resume" not in torch.load(run_dir / "model.pt", weights_only=True) and read_runs(runs) == []
+    again = CliRunner().invoke(cli.cli, [*args, "--resume", str(run_dir)])
+    assert again.exit_code == 2 and "a finished run's; nothing to resume" in again.output, again.output
+    assert "its ledger line was missing" in again.output and str(runs / "ledger.jsonl") in again.output
+    (line,) = read_runs(runs)
+    assert line["kind"] == "train" and line["backbone"] == "tiny" and line["params"]["epochs"] == 1
+    assert str(run_dir / "model.pt") in line["outputs"] and set(line["metrics"]) >= {"val_acc", "val_loss"}
+    third = CliRunner().invoke(cli.cli, [*args, "--resume", str(run_dir)])
+    assert third.exit_code == 2 and "ledger line was missing" not in third.output and len(read_runs(runs)) == 1
+    other = tmp_path / "other"  # resumed with another --runs-dir, a run's line is in that one's ledger: found there
+    other.mkdir()
+    (runs / "ledger.jsonl").rename(other / "ledger.jsonl")
+    elsewhere = [a if a != str(runs) else str(other) for a in args]
+    fourth = CliRunner().invoke(cli.cli, [*elsewhere, "--resume", str(run_dir)])
+    assert fourth.exit_code == 2 and "ledger line was missing" not in fourth.output and read_runs(runs) == []

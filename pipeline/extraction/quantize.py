@@ -142,7 +142,8 @@ def newest_int8_cache(cache_dir: str, data: str, backbone: str, weights: str, pu
 
     if not Path(cache_dir).is_dir():
         return ""
-    root, name = Path(data).resolve(), bb.canonical_name(backbone)
+    backbone, weights = bb.canonical_request(backbone, weights)  # X.tag is X --weights tag, as extract records it
+    root, name = Path(data).resolve(), backbone
     return next((str(i.path) for i in list_caches(cache_dir)[0]
                  if i.complete and i.attrs.get("precision") == "int8" and i.attrs.get("backbone") == name
                  and Path(i.attrs.get("data_root") or "/nonexistent") == root
@@ -194,7 +195,14 @@ def _same_weights(weights: str, attrs: dict) -> bool:
 
     if bb.is_weights_path(weights):
         return Path(weights).is_file() and bb.file_sha256(weights) == attrs.get("weights_sha256")
-    return not bb.is_weights_path(made_with) and bb.weights_identity(weights) == bb.weights_identity(made_with)
+    if bb.is_weights_path(made_with):
+        return False
+    if bb.weights_identity(weights) == bb.weights_identity(made_with):
+        return True
+    # a timm DEFAULT cache's record names the tag DEFAULT was when it was made: the weights that tag names now
+    made = str(attrs.get("weights", ""))
+    return (made.startswith("timm:") and made_with.upper() == "DEFAULT" and weights.upper() != "DEFAULT"
+            and weights.lower() != "none" and bb.timm_tag(weights) == bb.timm_tag(made))
 
 
 def calibration_batches(dataset, n: int, batch_size: int) -> tuple[list, list[str]]:

@@ -97,7 +97,28 @@ def parse_candidate(text: str) -> tuple[str, str]:
     if sep and not weights.strip():  # 'vgg16=$W' with $W unset: its default weights were loaded (or downloaded)
         raise UsageError(f"{_backbones()} {text!r}: no weights after '=': name them (a file, a weights name, or none), "
                          f"or give {name.strip()} alone for its default weights")
-    return name.strip(), weights.strip() or "DEFAULT"
+    name, weights = name.strip(), weights.strip() or "DEFAULT"
+    check_tag(text, name, weights)
+    return name, weights
+
+
+def check_tag(text: str, name: str, weights: str) -> None:
+    """A timm pretrained tag in a candidate's name, refused as extract refuses it (a tag without a model, a tag
+    beside other weights: two networks), but in choose-backbone's terms: its weights follow '=' (it has no
+    --weights, which extract's refusal named)."""
+    from ..extraction import backbones as bb
+
+    try:
+        bare, tag = bb.split_tag(name)
+    except UsageError:
+        raise UsageError(f"{_backbones()} {text!r}: a timm model with a pretrained tag is written MODEL.TAG "
+                         "(convnext_tiny.fb_in22k), or give the tag after '=' (convnext_tiny=fb_in22k)") from None
+    if (tag and weights.upper() != "DEFAULT" and weights.lower() != "none" and not bb.is_weights_path(weights)
+            and bb.timm_tag(weights) != tag):
+        model = bb.canonical_name(bare)
+        raise UsageError(f"{_backbones()} {text!r} names timm's pretrained weights {tag!r} in the name and "
+                         f"{bb.timm_tag(weights)!r} after '=': give one of them ({_backbones(f'{model}={tag}')}, or "
+                         f"{_backbones(f'{model}={weights}')})")
 
 
 def validate(cfg: ChooseBackboneConfig) -> None:

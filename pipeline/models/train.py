@@ -507,6 +507,22 @@ def train(cfg: TrainConfig) -> TrainResult:
     return _fit(cfg, "train", lm, [(0, "head")] * cfg.epochs, listing)
 
 
+def init_head_weights(cfg: FinetuneConfig, ckpt: dict) -> Optional[str]:
+    """The --weights --init-head's backbone is loaded with: --weights, or a timm tag written in --backbone (``X.tag``
+    is ``X --weights tag``). --backbone is resolved as extract resolves it for a cache's record (``timm:X``, ``X.tag``
+    and ``X`` are one network), so only another network is refused here, before any load; other weights are refused
+    where the head's record is compared with what they give."""
+    from ..extraction import backbones as bb
+
+    if not cfg.backbone or ckpt.get("fused"):  # a fused head is refused by the load, in its own words
+        return cfg.weights
+    name, weights = bb.canonical_request(cfg.backbone, cfg.weights or "DEFAULT")
+    if name != bb.canonical_name(ckpt["backbone"]):
+        raise UsageError(f"{option_text('backbone', cfg.backbone)} differs from {cfg.init_head}'s "
+                         f"{ckpt['backbone']}")
+    return weights if cfg.weights or bb.split_tag(cfg.backbone)[1] else None
+
+
 def finetune(cfg: FinetuneConfig) -> TrainResult:
     """Backbone (or its last K blocks) unfrozen at a low learning rate, after optional head-only epochs."""
 
@@ -522,10 +538,7 @@ def finetune(cfg: FinetuneConfig) -> TrainResult:
         ckpt = read_checkpoint(cfg.init_head)
         check_output(cfg.runs_dir, data=checkpoint_reads(ckpt, cfg.init_head, cfg.weights)[1], what="--runs-dir",
                      folder=True)
-        lm = model_from_checkpoint(ckpt, cfg.init_head, cfg.weights, trainable=True)
-        if cfg.backbone and cfg.backbone != lm.info["backbone"]:
-            raise UsageError(f"{option_text('backbone', cfg.backbone)} differs from {cfg.init_head}'s "
-                             f"{lm.info['backbone']}")
+        lm = model_from_checkpoint(ckpt, cfg.init_head, init_head_weights(cfg, ckpt), trainable=True)
         if cfg.pool and cfg.pool != lm.info["pool"]:
             raise UsageError(f"{option_text('pool', cfg.pool)} differs from {cfg.init_head}'s {lm.info['pool']}")
     else:
