@@ -23,6 +23,7 @@ from pipeline.cache.feature_cache import (
     write_virtual_cache,
 )
 from pipeline.errors import PipelineError
+from tests.conftest import make_image_folder
 from tests.fsfaults import make_non_regular
 
 
@@ -399,3 +400,17 @@ def test_newest_is_the_cache_finished_last_not_the_one_started_last(tmp_path):
         w.append(np.ones((2, 2, 1, 1), np.float32), [0, 1], ["a", "b"], next_candidate=2)
         w.finish()
     assert newest_cache(tmp_path).path.name == "a.h5"
+
+
+@pytest.mark.parametrize("later", [0, 1])
+def test_caches_made_in_one_second_are_listed_newest_completed_first(tmp_path, make_cache, later):
+    """``created`` is whole seconds: two caches made in one second were listed in their file names' order (a
+    hash), so row reuse took either as the newest donor (its label-change count then flaky); the one completed
+    later comes first."""
+    paths = [Path(make_cache(make_image_folder(tmp_path / f"d{i}", per_class=2), dtype="float32").cache)
+             for i in range(2)]
+    for i, p in enumerate(paths):
+        with h5py.File(p, "r+") as f:
+            f.attrs["created"] = "2026-12-07T20:00:00+0000"
+            f.attrs["completed"] = f"2026-12-07T20:00:00.{500000 if i == later else 100000:06d}+00:00"
+    assert [i.path.name for i in list_caches(tmp_path / "features")[0]][0] == paths[later].name

@@ -906,8 +906,18 @@ def list_caches(cache_dir: str | os.PathLike) -> tuple[list[CacheInfo], list[tup
             good.append(read_info(p, wait_s=0))
         except (CacheError, CacheBusy) as e:
             bad.append((p, str(e)))
-    good.sort(key=lambda i: created_at(i.attrs["created"]), reverse=True)  # instants, whatever the TZ
+    good.sort(key=_made_at, reverse=True)  # instants, whatever the TZ
     return good, bad
+
+
+def _made_at(info: CacheInfo) -> tuple:
+    """When a cache was made, newest first in ``list_caches``: ``created`` is whole seconds, so two caches made in one
+    second were ordered by their file names (a hash): the one completed later (to the microsecond) is the newer."""
+    try:
+        completed = created_at(info.attrs["completed"])
+    except (KeyError, TypeError, ValueError):  # not complete, or made before the stamp
+        completed = 0.0
+    return created_at(info.attrs["created"]), completed
 
 
 def claim_for_training(info: CacheInfo) -> None:
