@@ -655,11 +655,14 @@ def warn_same_folder(test_data: Optional[str], test_cache: Optional[str], root: 
         warn_once(said, f"{given} {how} the training folder {train}: {what}; pass a test folder apart from it")
 
 
-def overlap(train: FeatureCache, train_idx, test: FeatureCache) -> list[str]:
-    """Test images whose file content equals a training image's (sha256), reported, never silently scored."""
+def overlap(train: FeatureCache, train_idx, test: FeatureCache, test_idx=None) -> list[str]:
+    """Test images (of ``test_idx``, all by default) whose file content equals a training image's (sha256), reported,
+    never silently scored."""
 
     seen = {h for h in train.row_digests(train_idx) if h}
-    return sorted(p for h, p in zip(test.row_digests(), test.paths) if h in seen)
+    rows = range(test.n) if test_idx is None else test_idx
+    paths = test.paths
+    return sorted(paths[i] for i, h in zip(rows, test.row_digests(test_idx)) if h in seen)
 
 
 # -- the stage ------------------------------------------------------------------------------------

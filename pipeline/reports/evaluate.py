@@ -475,22 +475,20 @@ def cache_rows_seen(ckpt: dict, cache, rows=None) -> tuple[Optional[list], str]:
     """(the paths of ``cache``'s ``rows``, all by default, whose content is a photo the head was fitted on, sorted;
     '') from the digests of the head's own cache (``fit_head.overlap``'s rule), or (None, why nobody can tell):
     the head's cache gone, busy or unreadable."""
+    from ..heads.fit_head import overlap
     from ..models.train import refitted
 
     mine = ckpt.get("cache") or ""
     try:
         with FeatureCache(mine) as own:
             train_rows, val_rows = split_indices(own.labels, ckpt["config"]["val_fraction"], ckpt["config"]["seed"])
-            fitted = {h for h in own.row_digests(np.concatenate([train_rows, val_rows]) if refitted(ckpt)
-                                                 else train_rows) if h}
+            return overlap(own, np.concatenate([train_rows, val_rows]) if refitted(ckpt) else train_rows, cache,
+                           rows), ""
     except CacheBusy:  # the warning is told why it is vague, the evaluation goes on
         return None, f"its cache {mine} is being written by another process"
     except (CacheError, KeyError, OSError) as e:
         gone = not mine or not Path(mine).exists()
         return None, f"its cache {mine or '(none recorded)'} " + ("is gone" if gone else f"cannot be read ({e})")
-    rows = range(cache.n) if rows is None else rows
-    paths = cache.paths
-    return sorted(paths[i] for i, h in zip(rows, cache.row_digests(rows)) if h in fitted), ""
 
 
 def warn_if_cache_seen(ckpt: dict, cache) -> str:
