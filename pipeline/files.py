@@ -192,7 +192,7 @@ def check_output(output, inputs=(), data=(), suffixes=(), what: str = "--output"
     if not folder:
         require_folder(out.parent, f"{what}'s folder")
     if written and (folder or not in_place(out)):  # a device is written into: nothing is made beside it
-        check_writable(out if folder else place.parent, what, output)
+        check_writable(out if folder else place.parent, what, output, through=None if place == out else place)
     if not folder:
         with writing(out.parent):
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -203,9 +203,11 @@ def check_replaceable(path, ours, kind: str, what: str = "--output", other: str 
     """Nothing at ``path`` yet, or a file ``ours(path)`` knows as one of ``kind`` (an earlier export, a checkpoint):
     an output may replace an earlier one of its own, never a file of the user's named by mistake (a photo, a README,
     a cache, /dev/null); else UsageError naming it (exit 2). A link is judged by what it leads to (the file it leads to
-    is what ``atomic_write`` replaces, writing through it). ``other``: the option to name instead, when not ``what``."""
+    is what ``atomic_write`` replaces, writing through it): a dangling one leads to nothing yet, and its file is made,
+    as ``check_output`` lets it be. ``other``: the option to name instead, when not ``what``."""
     path, what, other = Path(path), option_named(what), option_named(other or what)
-    if not os.path.lexists(path) or (path.is_file() and ours(path)):
+    target = written_through(path)  # a dangling link's file is made (``check_output``): nothing is replaced
+    if not os.path.lexists(target) or (target.is_file() and ours(target)):
         return
     that = f" ({what_is(path)})" if path.is_symlink() else "" if path.is_file() else " (not a regular file)"
     raise UsageError(f"{what} {str(path)!r} exists and is not {kind}{that}: it would be replaced; "
@@ -233,11 +235,12 @@ def header_names(path: Path, *names: str) -> bool:
     return set(names) <= {cell.strip().strip('"') for cell in line.replace(";", ",").replace("\t", ",").split(",")}
 
 
-def check_writable(folder: Path, what: str, output) -> None:
+def check_writable(folder: Path, what: str, output, through: Path | None = None) -> None:
     """A folder made in ``folder``, or in the nearest part of it that exists, and removed at once; DiskFull naming
     ``what`` and ``output`` where it cannot be. Made, not asked (``os.access``): root is granted everything, and
     '/proc' still takes no folder (--runs-dir /proc/nope failed after the whole fit). Nothing is left behind, and
-    no folder of ``output`` is made here."""
+    no folder of ``output`` is made here. ``through``: the file a link ``output`` leads to (written through it),
+    named too, so that a folder other than the link's own is not a puzzle."""
     import tempfile
 
     from .errors import DiskFull
@@ -249,7 +252,8 @@ def check_writable(folder: Path, what: str, output) -> None:
         os.rmdir(tempfile.mkdtemp(prefix=".write-probe-", dir=probe))
     except OSError as e:
         why = disk_reason(e) or (e.strerror or str(e)).lower()
-        raise DiskFull(f"cannot write {what} {str(output)!r}: nothing can be written in {str(probe)!r} ({why})") \
+        link = f" (a link to {str(through)!r})" if through is not None else ""
+        raise DiskFull(f"cannot write {what} {str(output)!r}{link}: nothing can be written in {str(probe)!r} ({why})") \
             from None
 
 

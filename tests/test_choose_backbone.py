@@ -213,6 +213,22 @@ def test_one_backbone_with_two_weights_is_two_candidates_told_apart(tmp_path):
     assert sum(r.startswith("* ") for r in rows) == 1 and sum(" best " in r for r in rows) == 1
 
 
+def test_a_tag_beside_random_weights_is_not_in_the_label():
+    """'test_efficientnet.r160_in1k=none' ran test_efficientnet's random weights (the tag dropped, as extract drops
+    it) but its row was labelled 'test_efficientnet.r160_in1k', as if the pretrained weights had run. Its label
+    (choose_backbone's candidate_names) now says what ran; beside the plain name's other weights both say which."""
+    from pipeline.heads.backbone_choice import candidate_names
+
+    assert candidate_names([("test_efficientnet.r160_in1k", "none"), ("tiny", "none")],
+                           ["test_efficientnet.r160_in1k=none", "tiny=none"]) == ["test_efficientnet", "tiny"]
+    assert candidate_names([("timm:test_efficientnet.r160_in1k", "none"), ("test_efficientnet", "DEFAULT")],
+                           ["timm:test_efficientnet.r160_in1k=none", "test_efficientnet"]) == [
+        "timm:test_efficientnet", "test_efficientnet"]
+    assert candidate_names([("test_efficientnet.r160_in1k", "w.pt"), ("test_efficientnet", "DEFAULT")],
+                           ["test_efficientnet.r160_in1k=w.pt", "test_efficientnet"]) == [
+        "test_efficientnet=w.pt", "test_efficientnet=DEFAULT"]
+
+
 @pytest.mark.parametrize("args, message", [
     ([], "name the candidates"),
     (["--backbone", "tiny=none", "--backbone", "tiny=none"], "named twice"),

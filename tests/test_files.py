@@ -607,6 +607,46 @@ def test_an_output_that_is_a_link_is_written_through_it_as_a_shell_writes(tmp_pa
     assert not (tmp_path / "gone").exists() and loop.is_symlink()
 
 
+def test_a_dangling_link_is_replaceable_as_it_is_writable(tmp_path):
+    """check_output lets a dangling link be written through (its file made), but check_replaceable refused it as
+    "exists and is not an earlier export (a dangling link ...)": nothing would be replaced. Now they agree; a link
+    to a file of the user's, and a loop, are still refused."""
+    from pipeline.files import check_replaceable
+
+    dangling = tmp_path / "next.onnx"
+    dangling.symlink_to(tmp_path / "made.onnx")
+    check_output(dangling)
+    check_replaceable(dangling, lambda p: False, "an earlier export")
+    (tmp_path / "made.onnx").write_text("a user's file\n")
+    with pytest.raises(UsageError, match=r"exists and is not an earlier export \(a link to a file\)"):
+        check_replaceable(dangling, lambda p: False, "an earlier export")
+    loop = tmp_path / "loop.onnx"
+    loop.symlink_to(loop)
+    with pytest.raises(UsageError, match=r"\(a symlink loop\)"):
+        check_replaceable(loop, lambda p: True, "an earlier export")
+
+
+def test_a_link_into_a_read_only_folder_is_refused_naming_the_link_and_the_folder(tmp_path):
+    """A link whose file is in a read-only folder: refused before any work (the file is replaced by a rename in its
+    folder), in one line that named only the folder, which is not the link's own: now it says where the link
+    leads too."""
+    ro = tmp_path / "ro"
+    if not _mount_tmpfs(ro, "1m"):
+        pytest.skip("cannot mount a tmpfs here (not root, or no permission)")
+    try:
+        (ro / "rows.csv").write_text("old\n")
+        subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True)
+        link = tmp_path / "out" / "rows.csv"
+        link.parent.mkdir()
+        link.symlink_to(ro / "rows.csv")
+        with cli_terms(), pytest.raises(DiskFull) as e:
+            check_output(link)
+        assert str(e.value) == (f"cannot write --output '{link}' (a link to '{ro / 'rows.csv'}'): nothing can be "
+                                f"written in '{ro}' (the file system is read-only)")
+    finally:
+        subprocess.run(["umount", "--lazy", str(ro)], check=False)
+
+
 def test_predict_check_images_preview_and_feature_map_write_through_a_link(tmp_path, image_folder):
     """Every command's file output goes through the one helper: a link named as predict --output, check-images
     --report, preview or feature-map --output is written through (its file gets the rows, the report, the PNG);

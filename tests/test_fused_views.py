@@ -120,7 +120,9 @@ def test_caches_of_other_photos_or_classes_are_refused_in_one_line(photos, make_
     shutil.copytree(photos, relabelled)
     (relabelled / "green" / "green.0.jpg").rename(relabelled / "red" / "green.0.jpg")  # the same photo, another class
     moved = make_cache(relabelled, backbone="tiny_wide", cache_dir=str(tmp_path / "moved")).cache
-    with pytest.raises(UsageError, match="1 of the first's 48 are not in the second"):
+    # one photo each way: "1 of the first's 48 are not in the second" said it in the plural
+    with pytest.raises(UsageError, match=r"1 of the first's 48 is not in the second \(e\.g\. .*\), 1 of the second's "
+                                         "48 is not in the first "):
         fit_head(FitHeadConfig(cache=[a, moved], runs_dir=str(tmp_path / "runs")))
     other_classes = make_cache(make_image_folder(tmp_path / "two", per_class=16, classes=("blue", "red")),
                                backbone="tiny_wide", cache_dir=str(tmp_path / "two_f")).cache
@@ -133,6 +135,19 @@ def test_caches_of_other_photos_or_classes_are_refused_in_one_line(photos, make_
     out = CliRunner().invoke(cli, ["fit-head", "--cache", a, "--cache", fewer, "--runs-dir", str(tmp_path / "runs")])
     assert out.exit_code == 2 and out.output.count("\n") == 1 and "do not hold the same photos" in out.output
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").glob("*/head.pt"))  # nothing written
+
+
+def test_one_row_without_a_digest_is_said_in_the_singular(two_caches, monkeypatch):
+    """A cache with one row whose digest is unknown and whose photo is gone said "1 rows have ... their photos are
+    gone ... they cannot be matched"."""
+    from pipeline.heads.fused_views import match_rows
+
+    a, b = two_caches
+    monkeypatch.setattr(FeatureCache, "row_digests", lambda self, rows=None: [""] + ["d"] * (self.n - 1))
+    with FeatureCache(a) as first, FeatureCache(b) as second:
+        with pytest.raises(UsageError, match=r": 1 row has no content digest and its photo is gone \(e\.g\. .*\), so "
+                                             "it cannot be matched to another cache's; extract it again$"):
+            match_rows(first, second)
 
 
 def test_one_cache_given_twice_is_named_once_with_the_option_that_repeated_it(two_caches, tmp_path, monkeypatch):

@@ -420,3 +420,52 @@ def test_an_int8_calibration_is_found_under_any_spelling_of_its_network(fake_hub
                              "--json"))
     assert newest_int8_cache(str(tmp_path / "default"), str(folders / "data"), "test_efficientnet.r160_in1k",
                              "DEFAULT") == default["cache"]
+
+
+def test_an_int8_cache_made_with_the_default_tag_is_found_for_default_weights(fake_hub, folders, tmp_path):
+    """An int8 cache made with test_efficientnet.r160_in1k, then audit (or suggest) with plain test_efficientnet
+    (DEFAULT, whose tag is r160_in1k): extract's lookup took it (the other spelling), but the calibration reuse
+    (quantize.newest_int8_cache) did not: after a change to the folder a new calibration, another network, every
+    row computed again. Now both agree; a cache of another tag is still not DEFAULT's. (Its record made int8's by
+    hand: the lookup reads no more, and a real int8 extraction takes minutes here.)"""
+    import h5py
+
+    from pipeline.extraction.quantize import newest_int8_cache
+
+    made = _extract(folders, tmp_path, "test_efficientnet.r160_in1k")["cache"]
+    with h5py.File(made, "r+") as f:
+        f.attrs["precision"] = "int8"
+    data = str(folders / "data")
+    for backbone in ("test_efficientnet", "timm:test_efficientnet"):
+        assert newest_int8_cache(str(tmp_path), data, backbone, "DEFAULT") == made, backbone
+    with h5py.File(made, "r+") as f:  # as if made with a tag that is not the default
+        f.attrs["weights"] = "timm:test_efficientnet.other_in1k"
+        f.attrs["config"] = json.dumps({**json.loads(f.attrs["config"]), "weights": "other_in1k"})
+    assert newest_int8_cache(str(tmp_path), data, "test_efficientnet", "DEFAULT") == ""
+    assert newest_int8_cache(str(tmp_path), data, "test_efficientnet", "other_in1k") == made
+
+
+def test_a_tag_finds_the_default_cache_without_asking_timm(fake_hub, folders, tmp_path, monkeypatch):
+    """--weights r160_in1k with only DEFAULT's cache: a hit, but timm was asked which tag is the default (torch
+    imported, 2-3 s). The DEFAULT cache's record names the weights it holds, and with the timm that made it that
+    is what DEFAULT is now: decided from the record. With another timm version timm is still asked."""
+    import h5py
+
+    from pipeline.extraction import backbones
+
+    first = _extract(folders, tmp_path, "test_efficientnet")
+
+    def asked(*args, **kwargs):
+        raise AssertionError("timm asked")
+
+    with monkeypatch.context() as m:
+        for name in ("other_spelling", "load_preprocessing"):
+            m.setattr(backbones, name, asked)
+        m.setattr(libraries, "timm_pretrained_cfg", asked)
+        again = _extract(folders, tmp_path, "test_efficientnet", "--weights", "r160_in1k")
+    assert again["hit"] and again["cache"] == first["cache"]
+    with h5py.File(first["cache"], "r+") as f:  # made by another timm whose default was another tag: not that one
+        f.attrs["weights"] = "timm:test_efficientnet.old_in1k"
+        f.attrs["versions"] = json.dumps({**json.loads(f.attrs["versions"]), "timm": "0.9.2"})
+    other = _extract(folders, tmp_path, "test_efficientnet", "--weights", "r160_in1k")
+    assert not other["hit"] and other["cache"] != first["cache"]

@@ -197,6 +197,16 @@ def test_imagenet_check_top5_names_from_the_weights_meta(tmp_path, image_folder)
 
     r = imagenet_check(str(image_folder / "red" / "red.0.jpg"), backbone="resnet18", weights=str(full), top=2)
     assert isinstance(r, ImagenetCheckResult) and [t["index"] for t in r.top] == [t["index"] for t in top[:2]]
+    # an animated GIF was classified by its first frame without a word: now the one warning predict gives
+    from tests.test_image_reader import several_frames
+
+    several_frames(tmp_path / "anim.gif", "GIF", 4)
+    result = CliRunner().invoke(cli.cli, ["imagenet-check", str(tmp_path / "anim.gif"), "--backbone", "resnet18",
+                                          "--weights", str(full), "--top", "1"])
+    assert result.exit_code == 0, result.output
+    assert ("1 file holds more than one frame (an animated GIF, PNG or WebP, a multi-page TIFF) and was read from the "
+            f"first frame alone (e.g. {tmp_path / 'anim.gif'}: 4 frames)") in result.stderr, result.stderr
+    assert result.stderr.count("more than one frame") == 1
 
 
 def test_predict_exits_1_when_no_input_could_be_classified(tmp_path, model_pt):

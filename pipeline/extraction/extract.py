@@ -256,9 +256,13 @@ def spelled_otherwise(cfg: ExtractConfig, listing: ImageFolderListing, key: str,
     same library weights named the other way: ``--weights DEFAULT`` and the default's own name (timm's default tag,
     ``in1k``; torchvision's ``IMAGENET1K_V1``) are one network, whose caches were keyed by the spelling. Such a cache
     is taken only where its record names the weights this request resolves to now (a library update may have
-    moved the default). Imports torch, so only on a miss (a hit of the request's own key stays torch-free)."""
+    moved the default). Imports torch, so only on a miss (a hit of the request's own key stays torch-free), and
+    only where the DEFAULT cache's record cannot answer (``default_spelled``)."""
     if info is not None or cfg.weights.lower() == "none" or bb.is_weights_path(cfg.weights):
         return cfg, key, path, info
+    found = default_spelled(cfg, listing)
+    if found is not None:
+        return found
     try:
         spelling = bb.other_spelling(cfg.backbone, cfg.weights)
     except UsageError:  # weights the library does not have: said by the extraction that follows
@@ -276,6 +280,34 @@ def spelled_otherwise(cfg: ExtractConfig, listing: ImageFolderListing, key: str,
     return other, other_key, other_path, other_info
 
 
+def default_spelled(cfg: ExtractConfig, listing: ImageFolderListing) -> Optional[tuple]:
+    """(cfg, key, path, info) of the request's --weights DEFAULT cache where the request names DEFAULT's weights by
+    their own name and the cache's record says so without torch: it names the weights the cache holds (timm's
+    ``timm:X.tag``, torchvision's ``X_Weights.NAME``), and that is what DEFAULT is now where the library that made
+    it is this one (torchvision's version is in the key; timm's is in the record). Else None."""
+    if cfg.weights.upper() == "DEFAULT":
+        return None
+    other = replace(cfg, weights="DEFAULT")
+    other_key = cache_key(other, listing)
+    other_path = Path(cfg.cache_dir) / cache_file_name(cfg.backbone, cfg.n, other_key)
+    other_info = existing_cache(other_path, other_key)
+    made = str(other_info.attrs.get("weights", "")) if other_info is not None else ""
+    if (made.split(".")[-1] != cfg.weights.split(".")[-1]
+            or made.startswith("timm:") and timm_made(other_info) != package_version("timm")):
+        return None
+    log.info("%s: made with %s, the same weights as %s", other_path, option_text("weights", "DEFAULT"),
+             option_text("weights", cfg.weights))
+    return other, other_key, other_path, other_info
+
+
+def timm_made(info) -> Optional[str]:
+    """The version of timm that made a cache, as its record says (None where it does not)."""
+    try:
+        return json.loads(info.attrs.get("versions") or "{}").get("timm")
+    except ValueError:
+        return None
+
+
 def default_moved(cfg: ExtractConfig, info) -> Optional[str]:
     """Why a cache of ``--weights DEFAULT`` of a timm model holds other weights than DEFAULT means now, or None.
     Its key names the weights as written, and timm's version is not in it (torchvision's is), so a timm update that
@@ -284,10 +316,7 @@ def default_moved(cfg: ExtractConfig, info) -> Optional[str]:
     made = str(info.attrs.get("weights", ""))
     if cfg.weights.upper() != "DEFAULT" or not made.startswith("timm:"):
         return None
-    try:
-        then = json.loads(info.attrs.get("versions") or "{}").get("timm")
-    except ValueError:
-        then = None
+    then = timm_made(info)
     if then == package_version("timm"):
         return None
     now = bb.load_preprocessing(cfg.backbone, cfg.weights)[1]

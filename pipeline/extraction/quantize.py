@@ -126,7 +126,7 @@ def lent_calibration(cfg) -> tuple[Optional[dict], str]:
     why = ("it is not an int8 cache" if info.attrs.get("precision") != "int8" or not record else
            "it keeps no calibrated observers (made before caches stored them)" if not kept else
            "it was made with another backbone or weights" if info.attrs.get("backbone") != cfg.backbone
-           or not _same_weights(cfg.weights, info.attrs) else
+           or not _same_weights(cfg.backbone, cfg.weights, info.attrs) else
            f"it was quantised otherwise ({', '.join(differ)})" if differ else "")
     return (None, why) if why else (record, "")
 
@@ -149,7 +149,7 @@ def newest_int8_cache(cache_dir: str, data: str, backbone: str, weights: str, pu
                  and Path(i.attrs.get("data_root") or "/nonexistent") == root
                  and (i.attrs.get("purpose") or "") == purpose
                  and _calibrated_with(i.attrs, calibrated or {})
-                 and _same_weights(weights, i.attrs)), "")
+                 and _same_weights(backbone, weights, i.attrs)), "")
 
 
 def own_lender(cfg, listing) -> str:
@@ -184,8 +184,10 @@ def _calibrated_with(attrs: dict, calibrated: dict) -> bool:
     return all(record.get(k) == v for k, v in calibrated.items())
 
 
-def _same_weights(weights: str, attrs: dict) -> bool:
-    """Whether --weights ``weights`` names the weights of the cache with ``attrs``."""
+def _same_weights(backbone: str, weights: str, attrs: dict) -> bool:
+    """Whether --backbone ``backbone`` --weights ``weights`` names the weights of the cache with ``attrs`` (its
+    backbone's name checked already): the same spelling, or the other spelling of the same library weights, as
+    extract finds a cache (``extract.spelled_otherwise``)."""
     from . import backbones as bb
 
     try:
@@ -199,10 +201,18 @@ def _same_weights(weights: str, attrs: dict) -> bool:
         return False
     if bb.weights_identity(weights) == bb.weights_identity(made_with):
         return True
-    # a timm DEFAULT cache's record names the tag DEFAULT was when it was made: the weights that tag names now
+    if "none" in (weights.lower(), made_with.lower()):
+        return False
     made = str(attrs.get("weights", ""))
-    return (made.startswith("timm:") and made_with.upper() == "DEFAULT" and weights.upper() != "DEFAULT"
-            and weights.lower() != "none" and bb.timm_tag(weights) == bb.timm_tag(made))
+    if weights.upper() != "DEFAULT":
+        # a timm DEFAULT cache's record names the tag DEFAULT was when it was made: the weights that tag names now
+        return made.startswith("timm:") and made_with.upper() == "DEFAULT" and bb.timm_tag(weights) == bb.timm_tag(made)
+    # made with DEFAULT's own name (X.tag, IMAGENET1K_V1): the weights DEFAULT resolves to now? Asks the library
+    # (imports torch), so only for a cache that is the request's in all else
+    try:
+        return bb.load_preprocessing(backbone, weights)[1] == made
+    except UsageError:  # no such weights (any more): said by the extraction that follows
+        return False
 
 
 def calibration_batches(dataset, n: int, batch_size: int) -> tuple[list, list[str]]:

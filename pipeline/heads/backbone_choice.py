@@ -164,12 +164,23 @@ def check_distinct(given: list, keys: list) -> None:
 def candidate_names(specs: list, given: list) -> list[str]:
     """Each candidate's label in the table: its backbone's name, or where two candidates share it (vgg16 with a
     weights file and with none), name=weights (a file by its name); both were called 'vgg16', and the best's
-    mark and 'best' went to each row of that name."""
+    mark and 'best' went to each row of that name. A timm tag that names no weights in use (beside none or a
+    file: dropped, as extract drops it) is not in the label: 'X.tag=none' ran X's random weights, not X.tag."""
+    specs = [(ran_name(name, weights), weights) for name, weights in specs]
     counts = {}
     for name, _ in specs:
         counts[name] = counts.get(name, 0) + 1
     labels = [name if counts[name] == 1 else f"{name}={Path(weights).name}" for name, weights in specs]
     return labels if len(set(labels)) == len(labels) else list(given)
+
+
+def ran_name(name: str, weights: str) -> str:
+    """A candidate's name as written, less a timm tag beside 'none' or a file (``canonical_request`` drops it)."""
+    from ..extraction import backbones as bb
+
+    tag = bb.split_tag(name)[1]
+    dropped = tag and (weights.lower() == "none" or bb.is_weights_path(weights))
+    return name[:-len(tag) - 1] if dropped else name
 
 
 def check_candidates(specs: list) -> None:

@@ -68,12 +68,19 @@ def _row_keys(cache: FeatureCache) -> list[tuple]:
     digests, seen, keys = cache.row_digests(), Counter(), []
     missing = [p for d, p in zip(digests, cache.paths) if not d]
     if missing:
-        raise UsageError(f"{cache.path}: {len(missing)} rows have no content digest and their photos are gone "
-                         f"(e.g. {missing[0]}), so they cannot be matched to another cache's; extract it again")
+        one = len(missing) == 1
+        raise UsageError(f"{cache.path}: {len(missing)} {'row has' if one else 'rows have'} no content digest and "
+                         f"{'its photo is' if one else 'their photos are'} gone (e.g. {missing[0]}), so "
+                         f"{'it' if one else 'they'} cannot be matched to another cache's; extract it again")
     for d, y in zip(digests, cache.labels.tolist()):
         seen[(d, y)] += 1
         keys.append((d, y, seen[(d, y)]))
     return keys
+
+
+def _are(k: int) -> str:
+    """The verb of '<k> of the first's N ... not in the second': '1 of 40 is', '2 of 40 are'."""
+    return "is" if k == 1 else "are"
 
 
 def match_rows(reference: FeatureCache, other: FeatureCache) -> np.ndarray:
@@ -89,8 +96,9 @@ def match_rows(reference: FeatureCache, other: FeatureCache) -> np.ndarray:
     if lacking or extra:
         example = f" (e.g. {reference.paths[lacking[0]]})" if lacking else ""
         raise UsageError(f"{reference.path} and {other.path} do not hold the same photos: {len(lacking)} of the "
-                         f"first's {len(ref_keys)} are not in the second{example}, {extra} of the second's "
-                         f"{len(keys)} are not in the first (a photo counts by its content and class); extract both "
+                         f"first's {len(ref_keys)} {_are(len(lacking))} not in the second{example}, {extra} of the "
+                         f"second's {len(keys)} {_are(extra)} not in the first (a photo counts by its content and "
+                         "class); extract both "
                          f"from the same folder with the same {option_text('n')} and {option_text('seed')}")
     return np.array([where[k] for k in ref_keys], np.int64)
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..config import ImagenetCheckConfig, PredictConfig, check_config, check_options, option_text, option_value
-from ..data.folders import NOT_UTF8, ImageLoadError, is_image_name, load_rgb, walk
+from ..data.folders import FRAMES, NOT_UTF8, ImageLoadError, is_image_name, load_rgb, walk
 from ..data.image_reader import (
     Batch,
     ImageListDataset,
@@ -505,9 +505,10 @@ def imagenet_check(image: str, backbone: str = ImagenetCheckConfig.backbone,
 
     check_options(ImagenetCheckConfig, {"top": top}, python=False)
     try:
-        load_rgb(image)  # a typo or a broken photo is told before the weights load (VGG-16's: 528 MB to download)
+        rgb = load_rgb(image)  # a typo or a broken photo is told before the weights load (VGG-16's: 528 MB to download)
     except ImageLoadError as e:
         raise UsageError(f"{image}: {e.reason}") from None
+    frames = rgb.info.get(FRAMES, 1)
     dev = resolve_device(device)  # '--device tpu' is told before the weights load too
     loaded = bb.load_backbone(backbone, weights)
     if loaded.covers != "all":
@@ -526,6 +527,8 @@ def imagenet_check(image: str, backbone: str = ImagenetCheckConfig.backbone,
         raise UsageError(f"{backbone}'s classifier has {len(prob)} outputs but {len(categories)} class names are "
                          "known; imagenet-check needs an ImageNet-1k classifier")
     values, indices = prob.topk(min(top, len(prob)))
+    if frames > 1:  # an animated GIF, a multi-page TIFF: said as predict and extract say it
+        log.warning("%s", first_frames_line([(image, frames)]))
     return ImagenetCheckResult(image=image, backbone=backbone, weights=loaded.weights_id,
                                top=[{"rank": r + 1, "class": categories[i], "index": int(i), "probability": float(p)}
                                     for r, (p, i) in enumerate(zip(values.tolist(), indices.tolist()))])
