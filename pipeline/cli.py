@@ -487,13 +487,20 @@ def finetune(as_json, **options):
 
 def interruptible_training(run):
     """A train / finetune run's result; on Ctrl-C, what was kept and the command that resumes it (exit 130);
-    SIGTERM or SIGHUP (a scheduler's stop) says what was kept too, then exits 143 or 129."""
+    SIGTERM or SIGHUP (a scheduler's stop) says what was kept too, then exits 143 or 129. A --resume of a finished
+    run that only appended its missing ledger line says so and exits 0 (nothing on stdout: no run was made)."""
+    from .errors import RunFinished
     from .files import Terminated, unwinding_on_signals
     from .models.resume import TrainingInterrupted, TrainingTerminated
     from .runs.ledger import current_command
     try:
         with unwinding_on_signals():
             return run().result_
+    except RunFinished as e:
+        if not e.line_appended:
+            raise
+        click.echo(str(e), err=True)
+        sys.exit(0)
     except TrainingTerminated as e:  # what was kept is said, with the command that resumes, as on Ctrl-C
         click.echo(present.train_interrupted(e, current_command()), err=True)
         leave_terminated(e)

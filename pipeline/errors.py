@@ -14,6 +14,16 @@ class UsageError(ValueError):
     """A bad option, file or folder the user gave: say which value is wrong and what is allowed."""
 
 
+class RunFinished(UsageError):
+    """``--resume`` of a finished run: nothing to train (exit 2). ``line_appended``: its ledger line, which a kill
+    between its finished model.pt and the line cut off, was appended now; that was all there was left to do, so the
+    CLI says so and exits 0."""
+
+    def __init__(self, message: str, line_appended: bool = False):
+        super().__init__(message)
+        self.line_appended = line_appended
+
+
 class PipelineError(RuntimeError):
     """A failure that is not the user's input: say what happened and how to get past it."""
 

@@ -23,6 +23,7 @@ import signal
 import stat
 import traceback
 from pathlib import Path
+from typing import Callable, Optional
 
 from .config import option_named
 from .errors import UsageError
@@ -562,7 +563,7 @@ def written_through(path) -> Path:
     return Path(os.path.realpath(path)) if path.is_symlink() else path
 
 
-def atomic_write(path, write) -> Path:
+def atomic_write(path, write, before_replace: Optional[Callable[[], object]] = None) -> Path:
     """``write(tmp)`` into a temporary file beside ``path``, then rename it onto ``path``.
 
     Readers never see a half-written file, and a failure (a full disk, Ctrl-C, SIGTERM: see
@@ -570,6 +571,8 @@ def atomic_write(path, write) -> Path:
     disk are one line (see ``writing``). A device or a pipe (``in_place``) is written into directly.
     A symbolic link is written through (``written_through``): the file it leads to is replaced (the temporary
     file beside it), the link stays. A file replaced keeps its permission bits, as ``>`` keeps them.
+    ``before_replace``: called once the temporary file is whole, just before the rename (an export's old sidecar
+    removed there: a write that fails, a full disk, leaves the old file with its sidecar).
     """
     path = Path(path)
     if in_place(path):
@@ -585,6 +588,8 @@ def atomic_write(path, write) -> Path:
                 write(tmp)
                 with contextlib.suppress(OSError):  # nothing there yet (or not ours to read): the umask's bits
                     os.chmod(tmp, stat.S_IMODE(os.stat(target).st_mode))
+                if before_replace is not None:
+                    before_replace()
                 os.replace(tmp, target)
         finally:
             if tmp.exists():

@@ -627,3 +627,39 @@ def test_a_photo_named_near_the_longest_name_is_quarantined_onto_another_file_sy
     qdir = tmp_path / "data.quarantine"
     assert result.quarantine["moved"] == 1 and (qdir / "red" / long.name).read_bytes() == b"not an image"
     assert not long.exists() and [p.name for p in (qdir / "red").iterdir()] == [long.name]
+
+
+@pytest.mark.parametrize("killed", ["mid-copy", "after the copy"])
+def test_a_restore_from_another_disk_killed_mid_copy_is_finished_whole_by_a_rerun(tmp_path, killed):
+    """The restore command moved each file back with 'mv -n': from another disk that is a copy, and a kill -9 in
+    the middle of it left part of the photo under its own name, which the rerun did not replace (-n): the partial
+    file stayed in the data folder and the restore failed for good. Now the copy goes to a hidden name beside it,
+    renamed once whole; a rerun copies again over a partial one, or renames a whole one."""
+    root = make_image_folder(tmp_path / "data", per_class=1)
+    photo = root / "red" / "big.jpg"
+    photo.write_bytes(os.urandom(50_000))  # not an image: quarantined
+    before = photo.read_bytes()
+    qdir = tmp_path / "q"
+    qdir.mkdir()  # another disk where the machine lets us mount (root); the killed copy is the same elsewhere
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(qdir)],
+                             capture_output=True).returncode == 0
+    try:
+        result = check_images(CheckImagesConfig(str(root), workers=1, quarantine_dir=str(qdir)))
+        assert not photo.exists() and (qdir / "red" / "big.jpg").read_bytes() == before
+        bin_dir, mark = tmp_path / "bin", tmp_path / "killed-once"
+        bin_dir.mkdir()
+        real_mv = subprocess.run(["sh", "-c", "command -v mv"], capture_output=True, text=True).stdout.strip()
+        copy = 'head -c 1000 "$src" > "$dst"' if killed == "mid-copy" else f'{real_mv} "$@"'
+        (bin_dir / "mv").write_text(  # the first mv is killed (with its shell) part-way, as by a kill -9
+            f'#!/bin/sh\nfor a; do src=$dst; dst=$a; done\n[ -e {mark} ] && exec {real_mv} "$@"\n: > {mark}\n'
+            f'{copy}\nkill -9 $PPID $$\n')
+        (bin_dir / "mv").chmod(0o755)
+        env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+        assert subprocess.run(result.quarantine["restore"], shell=True, env=env).returncode != 0
+        assert not photo.exists() or photo.read_bytes() == before  # was: its first 1,000 bytes, left by the rerun
+        assert subprocess.run(result.quarantine["restore"], shell=True, env=env).returncode == 0
+        assert photo.read_bytes() == before and not list(root.rglob(".restoring-*"))
+        assert not (qdir / "red" / "big.jpg").exists() and not list(qdir.glob(MOVED_LIST + "*"))
+    finally:
+        if mounted:
+            subprocess.run(["umount", "--lazy", str(qdir)])

@@ -748,3 +748,37 @@ def test_an_export_through_a_link_to_an_earlier_export_replaces_its_file_and_kee
     assert link.is_symlink() and pipeline.exported_metadata(link)["export_id"] != first
     assert json.loads(Path(f"{link}.json").read_text())["export_id"] == pipeline.exported_metadata(earlier)["export_id"]
     assert sorted(os.listdir(tmp_path / "v1")) == ["model.onnx", "model.onnx.json"]
+
+
+def test_a_failed_copy_through_a_link_to_another_disk_leaves_the_old_export_with_its_sidecars(tmp_path, monkeypatch):
+    """export --output LINK, its file on another disk that is full: the copy there failed, the old export stayed,
+    but its sidecars (beside the link and beside its file) were removed before the copy: an export without its
+    metadata. They are now removed only once the new file is whole, just before it takes the name."""
+    import errno
+
+    from pipeline.errors import DiskFull
+
+    (tmp_path / "v1").mkdir()
+    earlier, link = tmp_path / "v1" / "model.onnx", tmp_path / "current.onnx"
+    earlier.write_bytes(b"old export")
+    link.symlink_to(earlier)
+    sides = [Path(f"{earlier}.json"), Path(f"{link}.json")]
+    for s in sides:
+        s.write_text('{"export_id": "1"}')
+    tmp = tmp_path / ".current.onnx.1.export"
+    tmp.write_bytes(b"new export")
+
+    def full(src, dst):
+        Path(dst).write_bytes(b"new")  # part of the copy to the other disk
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(export_mod.shutil, "move", full)
+    with pytest.raises(DiskFull, match="no space left"):
+        export_mod.put_in_place(tmp, link, Path(f"{link}.json"), {"export_id": "2"})
+    assert earlier.read_bytes() == b"old export" and link.is_symlink()
+    assert [json.loads(s.read_text()) for s in sides] == [{"export_id": "1"}] * 2  # were: both gone
+    assert sorted(os.listdir(tmp_path / "v1")) == ["model.onnx", "model.onnx.json"]
+    monkeypatch.undo()
+    export_mod.put_in_place(tmp, link, Path(f"{link}.json"), {"export_id": "2"})
+    assert earlier.read_bytes() == b"new export" and not tmp.exists()
+    assert [json.loads(s.read_text()) for s in sides] == [{"export_id": "2"}] * 2

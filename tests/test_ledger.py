@@ -78,11 +78,15 @@ def test_calibration_errors_sort_lowest_first(tmp_path):
         assert values == sorted(values), metric
 
 
-def test_damaged_last_line_is_skipped_and_not_glued_to(tmp_path):
+def test_damaged_last_line_is_skipped_and_not_glued_to(tmp_path, caplog):
+    """The warning said only 'line 2 is damaged and skipped': now also what is lost and that it may go."""
     _add(tmp_path, val_acc=0.5)
     with open(ledger_path(tmp_path), "a") as f:
         f.write('{"kind": "fit-head", "metr')  # a writer killed mid-line
     assert len(read_runs(tmp_path)) == 1
+    (said,) = [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()]
+    assert said.startswith(f"{ledger_path(tmp_path)} line 2 is damaged and skipped (") and "\n" not in said
+    assert said.endswith("that run's record is lost (its run folder is not); delete the line to stop this warning")
     _add(tmp_path, val_acc=0.6)
     assert [r["metrics"]["val_acc"] for r in read_runs(tmp_path)] == [0.6, 0.5]
 

@@ -457,6 +457,33 @@ def test_ctrl_c_in_the_first_save_or_the_last_steps_leaves_no_false_claim_and_on
     assert len((runs / "ledger.jsonl").read_text().splitlines()) == 1
 
 
+def test_a_train_killed_in_its_first_save_leaves_no_run_folder(tmp_path, image_folder, monkeypatch):
+    """kill -9 while the first epoch's model.pt was written left runs/<stamp>-train empty (but for the save's
+    temporary file) for good; nothing resumes from it. The run folder now appears with its first model.pt."""
+    import pipeline.models.train as train_mod
+    from pipeline.files import temporary_name
+
+    def killed(lm, path, *a, **k):
+        temporary_name(path).write_bytes(b"PK" * 100)  # torch.save part-way
+        raise SystemExit(137)  # the process ends here, as at a kill -9: no handler of the run's runs
+
+    monkeypatch.setattr(train_mod, "save_model", killed)
+    runs = tmp_path / "runs"
+    assert CliRunner().invoke(cli.cli, _train_args(tmp_path, image_folder)).exit_code == 137
+    assert [p.name for p in runs.iterdir() if not p.name.startswith(".")] == []  # was ['<stamp>-train']
+    monkeypatch.undo()
+    real = train_mod.save_model
+
+    def stopped_after_the_first(*a, **k):  # Ctrl-C once epoch 1's model.pt is in (the folder not renamed yet)
+        real(*a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "save_model", stopped_after_the_first)
+    stopped = CliRunner().invoke(cli.cli, _train_args(tmp_path, image_folder))
+    (run_dir,) = [p for p in runs.iterdir() if not p.name.startswith(".")]
+    assert stopped.exit_code == 130 and f"1 epoch of 3 kept in {run_dir}/model.pt" in stopped.stderr, stopped.output
+
+
 def test_ctrl_c_right_after_an_epochs_save_counts_that_epoch(tmp_path, image_folder, monkeypatch):
     """Ctrl-C landing after epoch 2's model.pt was renamed into place, before the run counted it, said '1 epoch
     of 3 kept' of a model.pt holding 2 (and the resume then went on 'after epoch 2')."""
@@ -840,7 +867,9 @@ def test_animated_photos_are_said_once_a_run_not_once_an_epoch(tmp_path, caplog,
 def test_resuming_a_run_killed_before_its_ledger_line_appends_the_line_once(tmp_path, image_folder, monkeypatch):
     """train killed (kill -9) after writing the finished model.pt, before appending its ledger line: the run was
     finished with no line ('runs' never showed it), and --resume RUN said only "a finished run's; nothing to
-    resume". Now that --resume appends the line (and says so); another --resume finds it and appends none."""
+    resume". Now that --resume appends the line (and says so); another --resume finds it and appends none. The
+    --resume that appended it did all there was to do: exit 0 (it exited 2, as a refused resume), nothing on
+    stdout (no run was made); the next ones are refused as any resume of a finished run (exit 2)."""
     from pipeline.runs import run_folders
     from pipeline.runs.ledger import read_runs
 
@@ -856,8 +885,10 @@ def test_resuming_a_run_killed_before_its_ledger_line_appends_the_line_once(tmp_
     run_dir = next(d for d in runs.iterdir() if d.is_dir())
     assert "resume" not in torch.load(run_dir / "model.pt", weights_only=True) and read_runs(runs) == []
     again = CliRunner().invoke(cli.cli, [*args, "--resume", str(run_dir)])
-    assert again.exit_code == 2 and "a finished run's; nothing to resume" in again.output, again.output
-    assert "its ledger line was missing" in again.output and str(runs / "ledger.jsonl") in again.output
+    assert again.exit_code == 0 and again.stdout == "", again.output
+    assert again.stderr.strip().splitlines()[-1] == (
+        f"--resume '{run_dir}': a finished run whose ledger line was missing (stopped between writing model.pt and "
+        f"the line): appended it to {runs / 'ledger.jsonl'}; nothing left to train")
     (line,) = read_runs(runs)
     assert line["kind"] == "train" and line["backbone"] == "tiny" and line["params"]["epochs"] == 1
     assert str(run_dir / "model.pt") in line["outputs"] and set(line["metrics"]) >= {"val_acc", "val_loss"}

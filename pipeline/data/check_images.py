@@ -280,11 +280,22 @@ def write_report(path: Path, result: dict) -> str:
 MOVED_LIST = ".check-images-moved"
 
 
+#: The restore command's hidden name beside a file it moves back (``.restoring-`` + its name's cksum and length):
+#: a move from another disk is a copy, and a kill in the middle of it left a partial file under the photo's name,
+#: which no rerun replaced (``mv -n``). The partial copy now has this name; a rerun copies again over it.
+RESTORING = ".restoring-"
+
+
 def restore_command(root: Path, qdir: Path, listing: str) -> str:
     """A POSIX shell command that moves back every entry of ``listing`` (a file in ``qdir``) still there, links and
-    pipes too, never overwriting; the list is removed when every entry went back."""
-    script = ('r=0; for f; do f="./$f"; [ -e "$f" ] || [ -h "$f" ] || continue; '
-              '{ mkdir -p "$0/${f%/*}" && mv -n "$f" "$0/$f" && ! [ -e "$f" -o -h "$f" ]; } || r=1; done; exit $r')
+    pipes too, never overwriting; the list is removed when every entry went back. Each goes to a hidden name
+    beside its place (``RESTORING``), then is renamed into it, so a kill never leaves part of a photo there."""
+    script = ('r=0; for f; do f="./$f"; d="$0/${f%/*}"; t="$d/' + RESTORING
+              + '$(printf %s "${f##*/}" | cksum | tr " " -)"; '
+              'if [ -e "$f" ] || [ -h "$f" ]; then '
+              '{ ! [ -e "$0/$f" ] && ! [ -h "$0/$f" ] && mkdir -p "$d" && mv -f "$f" "$t"; } || { r=1; continue; }; '
+              'elif ! [ -e "$t" ] && ! [ -h "$t" ]; then continue; fi; '  # else: killed before the rename: ends it
+              'mv -n "$t" "$0/$f" && ! [ -e "$t" -o -h "$t" ] || r=1; done; exit $r')
     return (f"(cd {shlex.quote(str(qdir))} && xargs -0 -r sh -c {shlex.quote(script)} {shlex.quote(str(root))} "
             f"< {shlex.quote(listing)} && rm -f {shlex.quote(listing)})")
 

@@ -19,7 +19,6 @@ block), so the linear head's memory stays bounded for caches larger than RAM.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -40,7 +39,7 @@ from ..devices import resolve_device
 from ..errors import UsageError
 from ..files import check_output, one_line
 from ..progress import is_quiet, still_running
-from ..runs.run_folders import finish_run, new_run_dir
+from ..runs.run_folders import drop_staged, finish_run, publish_run_dir, staged_run_dir
 from .cache_views import CacheRows, CacheViews, Relabelled, cache_classes_to_model, head_scores
 from .calibration import before_after
 from .checkpoints import HEAD_KIND, write_checkpoint
@@ -826,7 +825,7 @@ def fit_head(cfg: FitHeadConfig, said: Optional[set] = None, part_of: Optional[s
                                  f"{k} test images have the same content as training images")
                           + f" (e.g. {', '.join(test['overlap'][:3])}): the test accuracy counts "
                           + ("it" if k == 1 else "them"), key="overlap")  # the refitted default head's count first
-        out_dir = new_run_dir(cfg.runs_dir, "fit-head")
+        staged = staged_run_dir(cfg.runs_dir, "fit-head")
         head = head.cpu()
         metrics = {"val_acc": val["acc"], "val_loss": val["loss"],
                    **({"train_acc": history[best_epoch - 1]["train_acc"],
@@ -848,11 +847,11 @@ def fit_head(cfg: FitHeadConfig, said: Optional[set] = None, part_of: Optional[s
             **(cache.checkpoint_fields() if fused else _int8_network(path)),
         }
         try:
-            write_checkpoint(out_dir / "head.pt", HEAD_KIND, ckpt)
-        except BaseException:  # a full disk, Ctrl-C: no empty run folder left behind (runs lists none of it)
-            with contextlib.suppress(OSError):
-                out_dir.rmdir()
+            write_checkpoint(staged / "head.pt", HEAD_KIND, ckpt)
+        except BaseException:  # a full disk, Ctrl-C: no run folder left behind (runs lists none of it)
+            drop_staged(staged)
             raise
+        out_dir = publish_run_dir(staged)  # the run folder appears with its head.pt (a kill -9 leaves no empty one)
     fused_fields = {"backbone": ckpt["backbone"], "cache_fingerprint": ckpt["cache_fingerprint"]} if fused else {}
     curves = finish_run(out_dir, cfg.runs_dir, "fit-head", history, [out_dir / "head.pt"], cache=str(path),
                         part_of=part_of, **fused_fields,

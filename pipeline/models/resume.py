@@ -18,7 +18,7 @@ import torch
 
 from ..data.moves import folder_lock
 from ..config import option_text, option_value
-from ..errors import TrainingInterrupted, UsageError
+from ..errors import RunFinished, TrainingInterrupted, UsageError
 from ..files import Terminated
 from .whole_models import read_checkpoint
 
@@ -104,8 +104,12 @@ def read_resume(cfg, kind: str, recorded: dict, digest: str, sample: tuple) -> d
                          f"train or finetune named)")
     ckpt = read_checkpoint(path)
     if "resume" not in ckpt:
-        raise UsageError(f"{option_value('resume', cfg.resume)}: its model.pt is a finished run's; nothing to "
-                         f"resume{ledger_line_restored(Path(cfg.resume), ckpt, cfg.runs_dir)}")
+        appended = ledger_line_restored(Path(cfg.resume), ckpt, cfg.runs_dir)
+        if appended:
+            raise RunFinished(f"{option_value('resume', cfg.resume)}: a finished run whose ledger line was missing "
+                              f"(stopped between writing model.pt and the line): appended it to {appended}; nothing "
+                              "left to train", line_appended=True)
+        raise RunFinished(f"{option_value('resume', cfg.resume)}: its model.pt is a finished run's; nothing to resume")
     check_resume_fields(ckpt, path)
     if ckpt["kind"] != kind:
         raise UsageError(f"{option_value('resume', cfg.resume)} is a {ckpt['kind']} run; resume it with {ckpt['kind']}")
@@ -128,10 +132,10 @@ def read_resume(cfg, kind: str, recorded: dict, digest: str, sample: tuple) -> d
     return ckpt
 
 
-def ledger_line_restored(run_dir: Path, ckpt: dict, runs_dir_now: str) -> str:
+def ledger_line_restored(run_dir: Path, ckpt: dict, runs_dir_now: str) -> Optional[Path]:
     """For a --resume of a finished run: its ledger line, appended to the run's ledger (in the folder that holds
     the run folder) where neither it nor ``runs_dir_now``'s (--runs-dir: where a resumed run that finished wrote
-    its line) has one, and what was done ('' where the line is there). The finished model.pt is written just before
+    its line) has one; returns that ledger (None where the line is there). The finished model.pt is written just before
     the line (``run_folders.finish_run``): a run killed between the two (kill -9) was finished with no line, and
     ``runs`` never showed it."""
     from ..runs.ledger import append_run, read_runs
@@ -141,18 +145,17 @@ def ledger_line_restored(run_dir: Path, ckpt: dict, runs_dir_now: str) -> str:
         for record in [r for d in dict.fromkeys((runs_dir, Path(runs_dir_now).resolve())) for r in read_runs(d)]:
             if any(Path(o).name == "model.pt" and Path(o).parent.name == run_dir.resolve().name
                    for o in record.get("outputs", [])):
-                return ""
+                return None
     except (OSError, ValueError) as e:  # an unreadable ledger: left as it is
         log.debug("cannot read the ledger of %s: %s", runs_dir, e)
-        return ""
+        return None
     curves = run_dir / "curves.png"
     metrics = {k: v for k, v in (ckpt.get("metrics") or {}).items()
                if k in ("val_acc", "val_loss", "train_acc", "train_loss")}
     record = append_run(runs_dir, ckpt["kind"], backbone=ckpt.get("backbone"), params=ckpt.get("config") or {},
                         metrics=metrics, outputs=[run_dir / "model.pt", *([curves] if curves.is_file() else [])])
     log.info("appended %s's ledger line: %s", run_dir, record)
-    return (f" (its ledger line was missing, the run stopped between writing model.pt and the line: appended it to "
-            f"{runs_dir / 'ledger.jsonl'})")
+    return runs_dir / "ledger.jsonl"
 
 
 def _same_head(key: str, now, sha256: Optional[str]) -> bool:

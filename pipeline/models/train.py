@@ -29,7 +29,7 @@ from ..data.image_reader import ImageListDataset, collate_items, file_digest, it
 from ..devices import resolve_device, resolve_precision, resolve_workers
 from ..errors import DiskFull, PipelineError, UsageError
 from ..extraction.inference import Inference
-from ..files import Terminated, check_output
+from ..files import Terminated, check_output, signals_deferred
 from ..heads.epoch_loop import (
     per_class_accuracy,
     run_epochs,
@@ -39,7 +39,7 @@ from ..heads.epoch_loop import (
 )
 from ..heads.trust import fit_trust
 from ..progress import progress
-from ..runs.run_folders import finish_run, new_run_dir
+from ..runs.run_folders import drop_staged, finish_run, is_staged, publish_run_dir, staged_run_dir
 from . import trained_on
 from .trained_on import refitted
 from .predict import ImageOutputs, iter_log_proba
@@ -362,13 +362,14 @@ def _train_run(cfg: TrainConfig, kind: str, lm, stages: list, listing, head_saw:
     run = {"dir": Path(cfg.resume) if cfg.resume else None, "done": 0}
 
     def save_epoch(history: list):  # the run so far, resumable: a Ctrl-C or a crash loses one epoch at most
-        if run["dir"] is None:
-            run["dir"] = new_run_dir(cfg.runs_dir, kind)
-            held.enter_context(training_into(run["dir"]))
+        if run["dir"] is None:  # hidden until its first model.pt is written: a kill -9 leaves no empty run folder
+            run["dir"] = staged_run_dir(cfg.runs_dir, kind)
+            held.enter_context(training_into(run["dir"]))  # the lock goes with the folder when it is renamed
         run["saving"] = (len(history), file_identity(run["dir"] / "model.pt"))  # stopped_at: did it land?
         save_model(lm, run["dir"] / "model.pt", kind, recorded_config(cfg),
                    {**history[-1], "epochs_done": len(history), "epochs": cfg.epochs}, history,
                    resume=resume_fields(opt, train_loader.generator, digest, kept), trained_on=saw)
+        published(run)
         run["done"] = len(history)
 
     done = restore(stopped, model, opt, train_loader.generator) if stopped else []
@@ -463,12 +464,23 @@ def stopped_at(run: dict, resumed_from: int, epochs: int) -> TrainingInterrupted
     saving, before = run.get("saving", (0, None))
     if saving > kept and (now := file_identity(run["dir"] / "model.pt")) is not None and now != before:
         kept = saving
-    if not kept and run["dir"] is not None:
+        published(run)  # the first model.pt landed in the hidden folder: the run folder gets its name
+    if not kept and is_staged(run["dir"]):
+        drop_staged(run["dir"])
+    elif not kept and run["dir"] is not None:
         try:
             run["dir"].rmdir()
         except OSError:  # not empty after all: left as it is
             pass
     return TrainingInterrupted(run["dir"] if kept else None, kept, epochs)
+
+
+def published(run: dict) -> None:
+    """``run["dir"]``, while it is the hidden folder its first model.pt was written into, renamed to the run
+    folder's name (``run_folders.publish_run_dir``); a signal waits until the new name is recorded."""
+    if is_staged(run["dir"]):
+        with signals_deferred():
+            run["dir"] = publish_run_dir(run["dir"])
 
 
 def with_epochs_kept(error: PipelineError, kept: TrainingInterrupted) -> PipelineError:

@@ -3,7 +3,8 @@
 A feature cache exists to run many experiments; the ledger keeps what each one was (command,
 cache, backbone, hyperparameters) beside what it scored. Lines are appended with ``O_APPEND``,
 one ``os.write`` per line, under an exclusive ``flock``: processes appending at once never
-interleave a line. Reading skips a damaged line (a write cut off by a crash) with a warning.
+interleave a line. Reading skips a damaged line (a write cut off by a crash) with a warning saying that
+the line may be deleted.
 """
 from __future__ import annotations
 
@@ -162,7 +163,8 @@ def read_runs(runs_dir: str | os.PathLike, sort_by: Optional[str] = None, cache:
                 if problem:
                     raise UsageError(problem)
             except ValueError as e:
-                log.warning("%s line %d is damaged and skipped (%s)", path, number, e)
+                log.warning("%s line %d is damaged and skipped (%s): that run's record is lost (its run folder is "
+                            "not); delete the line to stop this warning", path, number, e)
                 continue
             records.append(rec)
     records.reverse()  # appended in time order: newest last

@@ -2,15 +2,35 @@
 
 ``runs/<time>-<kind>/`` holds the checkpoint, ``history.json`` and ``curves.png`` (evaluate: its
 pictures and ``metrics.json``); ``finish_run`` writes them and the ledger line in one place.
+
+A fit-head, train or finetune folder appears only with its checkpoint in it: it is made as a hidden
+``.<time>-<kind>.<n>.<host>.<PID>.tmp`` (``staged_run_dir``), and renamed once the checkpoint is written
+(``publish_run_dir``). A ``kill -9`` in between left an empty run folder for good; it now leaves the hidden one,
+removed by the next run into the same --runs-dir on the same machine once its process is gone (a --runs-dir
+shared by several machines: another machine's PIDs are not known here, its hidden folders are left alone).
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
+import re
+import shutil
+import socket
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..files import write_json, writing
+from ..files import process_alive, write_json, writing
 from .ledger import append_run
+
+#: ``staged_run_dir``'s hidden folders: stamp and kind, a number, the machine and PID of the process that made it
+_STAGED = re.compile(r"^\.(\d{8}-\d{6}-[a-z][a-z-]*)\.\d+\.([A-Za-z0-9-]*)\.(\d+)\.tmp$")
+
+
+def _host() -> str:
+    """This machine's name as a staged folder carries it (letters, digits and '-' alone, at most 64)."""
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:64]
 
 
 def new_run_dir(runs_dir: str, kind: str) -> Path:
@@ -28,6 +48,64 @@ def new_run_dir(runs_dir: str, kind: str) -> Path:
                 raise
             k += 1
             d = base.with_name(f"{base.name}-{k}")
+
+
+def staged_run_dir(runs_dir: str, kind: str) -> Path:
+    """A fresh hidden ``runs_dir/.<stamp>-<kind>.<n>.<host>.<PID>.tmp`` folder, for the run's checkpoint before
+    ``publish_run_dir`` gives it its name; the ones of this machine's processes that are gone (``kill -9``) are
+    removed first."""
+    clear_dead_staged(runs_dir)
+    stamp, k = time.strftime("%Y%m%d-%H%M%S"), 1
+    while True:
+        d = Path(runs_dir) / f".{stamp}-{kind}.{k}.{_host()}.{os.getpid()}.tmp"
+        try:
+            with writing(d):
+                d.mkdir(parents=True)  # not exist_ok: another thread of this process may take it first
+            return d
+        except FileExistsError as e:
+            if e.filename != str(d):
+                raise
+            k += 1
+
+
+def is_staged(d: Optional[Path]) -> bool:
+    """Whether ``d`` is a ``staged_run_dir`` folder not published yet."""
+    return d is not None and _STAGED.match(d.name) is not None
+
+
+def publish_run_dir(staged: Path) -> Path:
+    """Rename ``staged`` (its checkpoint written) to ``<stamp>-<kind>`` beside it (suffixed -2, -3, ... when
+    the name is taken: a rename never replaces another run's folder) and return the new name."""
+    base = staged.with_name(_STAGED.match(staged.name).group(1))
+    d, k = base, 1
+    while True:
+        try:
+            if not os.path.lexists(d):  # an empty folder there (an older version's, killed) is not replaced
+                with writing(d):
+                    os.rename(staged, d)
+                return d
+        except OSError as e:  # another run took the name between the look and the rename
+            if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+        k += 1
+        d = base.with_name(f"{base.name}-{k}")
+
+
+def drop_staged(staged: Path) -> None:
+    """Remove a ``staged_run_dir`` folder whose run failed before its checkpoint was written."""
+    shutil.rmtree(staged, ignore_errors=True)
+
+
+def clear_dead_staged(runs_dir) -> None:
+    """Remove the ``staged_run_dir`` folders (and the partial checkpoint in one) of this machine's processes that
+    are gone; a live process's, or another machine's, is left alone."""
+    host = _host()
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(runs_dir):
+            m = _STAGED.match(entry.name)
+            if (m and m.group(2) == host and entry.is_dir(follow_symlinks=False)
+                    and not process_alive(int(m.group(3)))):
+                drop_staged(Path(entry.path))
 
 
 def finish_run(out_dir: Path, runs_dir: str, kind: str, history: Optional[list], outputs: list,

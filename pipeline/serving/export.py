@@ -383,14 +383,20 @@ def write_torchscript(net: nn.Module, example, path: Path, meta: dict) -> None:
 
 def put_in_place(tmp: Path, out: Path, side: Path, meta: dict) -> None:
     """The checked file at ``out`` and its metadata at ``side``, under the output's lock; the old sidecar removed
-    first, so an export stopped in between leaves the new file alone, never beside the old one's metadata. An
-    ``out`` that is a link is written through (``files.atomic_write``): the metadata goes beside the file it leads
-    to as well (``through_sidecar``), where its old one would no longer match it."""
+    once the new file is whole beside the old, just before it takes its name, so an export stopped in between leaves
+    the new file alone, never beside the old one's metadata, and one that fails before (a full disk, copying to a
+    link's file on another disk) leaves the old export whole (its sidecar, removed first, was lost). An ``out``
+    that is a link is written through (``files.atomic_write``): the metadata goes beside the file it leads to as
+    well (``through_sidecar``), where its old one would no longer match it."""
     sides = dict.fromkeys([side, through_sidecar(out)])
-    with output_lock(written_through(out)):  # the lock of the file replaced: an export to its own name waits too
+
+    def old_sides_removed():
         for s in sides:
             written_through(s).unlink(missing_ok=True)  # a link kept, as the file's: written through
-        atomic_write(out, lambda t: shutil.move(tmp, t))  # t beside a link's file, maybe on another file system
+
+    with output_lock(written_through(out)):  # the lock of the file replaced: an export to its own name waits too
+        # t beside a link's file, maybe on another file system
+        atomic_write(out, lambda t: shutil.move(tmp, t), before_replace=old_sides_removed)
         for s in sides:
             write_json(s, meta)
 
