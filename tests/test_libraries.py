@@ -404,22 +404,27 @@ def test_an_int8_calibration_is_found_under_any_spelling_of_its_network(fake_hub
     with the tag in the name (test_efficientnet.r160_in1k, or timm:...) the folder's earlier int8 cache of that
     network was not found, and a new calibration (another network: every row computed again) was made. Now the
     request is resolved as extract resolves it; other weights still find nothing."""
-    pytest.importorskip("torchao")
     from pipeline.extraction.quantize import newest_int8_cache
 
-    made = json.loads(run("extract", "--data", folders / "data", "--n", 0, "--backbone", "test_efficientnet",
-                          "--weights", "r160_in1k", "--cache-dir", tmp_path, "--workers", 0, "--precision", "int8",
-                          "--calib-n", 8, "--json"))
+    made = _as_int8(_extract(folders, tmp_path, "test_efficientnet", "--weights", "r160_in1k"))
     for backbone, weights in (("test_efficientnet.r160_in1k", "DEFAULT"), ("timm:test_efficientnet.r160_in1k",
                               "DEFAULT"), ("timm:test_efficientnet", "r160_in1k"), ("test_efficientnet", "r160_in1k")):
-        assert newest_int8_cache(str(tmp_path), str(folders / "data"), backbone, weights) == made["cache"], backbone
+        assert newest_int8_cache(str(tmp_path), str(folders / "data"), backbone, weights) == made, backbone
     assert newest_int8_cache(str(tmp_path), str(folders / "data"), "test_efficientnet.r160_in1k", "none") == ""
     # made with DEFAULT (its record: timm:test_efficientnet.r160_in1k), found by the tag that DEFAULT was
-    default = json.loads(run("extract", "--data", folders / "data", "--n", 0, "--backbone", "test_efficientnet",
-                             "--cache-dir", tmp_path / "default", "--workers", 0, "--precision", "int8", "--calib-n", 8,
-                             "--json"))
+    default = _as_int8(_extract(folders, tmp_path / "default", "test_efficientnet"))
     assert newest_int8_cache(str(tmp_path / "default"), str(folders / "data"), "test_efficientnet.r160_in1k",
-                             "DEFAULT") == default["cache"]
+                             "DEFAULT") == default
+
+
+def _as_int8(made: dict) -> str:
+    """An fp32 cache whose record says int8: the calibration lookup reads no more than the record, and a real
+    int8 extraction takes minutes on 2 cores (test_quantize runs those)."""
+    import h5py
+
+    with h5py.File(made["cache"], "r+") as f:
+        f.attrs["precision"] = "int8"
+    return made["cache"]
 
 
 def test_an_int8_cache_made_with_the_default_tag_is_found_for_default_weights(fake_hub, folders, tmp_path):
@@ -432,9 +437,7 @@ def test_an_int8_cache_made_with_the_default_tag_is_found_for_default_weights(fa
 
     from pipeline.extraction.quantize import newest_int8_cache
 
-    made = _extract(folders, tmp_path, "test_efficientnet.r160_in1k")["cache"]
-    with h5py.File(made, "r+") as f:
-        f.attrs["precision"] = "int8"
+    made = _as_int8(_extract(folders, tmp_path, "test_efficientnet.r160_in1k"))
     data = str(folders / "data")
     for backbone in ("test_efficientnet", "timm:test_efficientnet"):
         assert newest_int8_cache(str(tmp_path), data, backbone, "DEFAULT") == made, backbone
