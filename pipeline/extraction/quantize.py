@@ -149,6 +149,7 @@ def newest_int8_cache(cache_dir: str, data: str, backbone: str, weights: str, pu
                  and Path(i.attrs.get("data_root") or "/nonexistent") == root
                  and (i.attrs.get("purpose") or "") == purpose
                  and _calibrated_with(i.attrs, calibrated or {})
+                 and not bb.older_trunk(name, str(i.attrs.get("trunk_version", "")))  # its network: another map
                  and _same_weights(weights, i.attrs)), "")
 
 
