@@ -177,7 +177,7 @@ class Provenance:
     # -- checkpoints -------------------------------------------------------------------------
     def checkpoint_fields(self) -> dict:
         """Plain values (``torch.load(weights_only=True)`` reads them back) for a checkpoint dict."""
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "trunk_version" or self.trunk_version}
         d.update(preprocessing=self.preprocessing.to_dict(), classes=list(self.classes),
                  transform=self.preprocessing.describe())
         return d
