@@ -299,7 +299,7 @@ def default_moved(cfg: ExtractConfig, info) -> Optional[str]:
 
 def older_map(cfg: ExtractConfig, info) -> Optional[str]:
     """Why a cache of ``cfg.backbone`` holds another map than its trunk gives now (made before a change of that
-    trunk: ``backbones.TRUNK_CHANGES``), or None. Without torch; every other backbone's caches have none."""
+    trunk: ``provenance.TRUNK_CHANGES``), or None. Without torch; every other backbone's caches have none."""
     older = bb.older_trunk(cfg.backbone, str(info.attrs.get("trunk_version", "")))
     return f"it holds rows of {older}" if older else None
 

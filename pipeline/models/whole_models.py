@@ -316,7 +316,7 @@ def model_from_checkpoint(ckpt: dict, path, weights: Optional[str] = None, train
 
 def check_trunk(ckpt: dict, path) -> None:
     """A head or model made on another map of its backbone than its trunk gives now (made before that trunk changed:
-    ``backbones.TRUNK_CHANGES``) is refused in one line: it would run on inputs it never saw."""
+    ``provenance.TRUNK_CHANGES``) is refused in one line: it would run on inputs it never saw."""
     for part in ckpt["fused"]["parts"] if ckpt.get("fused") else [ckpt]:
         older = bb.older_trunk(part["backbone"], str(part.get("trunk_version", "")))
         if older:
