@@ -323,7 +323,20 @@ class SplitOptions:
 
 
 @dataclass
-class TrustOptions:
+class KnownShareOption:
+    """Where the unknown score's threshold is set: the one option fit-head, train and suggest share."""
+
+    known_share: float = field(default=0.95, metadata=option(
+        "Share of held-out known photos kept as known; a photo scoring above them is 'unknown' (0.95: about 1 "
+        "in 20 photos of the known classes is flagged too).", range="(0, 1]",
+        doc="share of held-out photos (validation rows, and each kept training or labelled row against the others) "
+            "whose unknown score stays at or under the threshold; above it a photo is `unknown`: by design about 1 "
+            "in 20 photos of the known classes is flagged too at 0.95, 1 in 100 at 0.99 (fewer photos of no class "
+            "caught)"))
+
+
+@dataclass
+class TrustOptions(KnownShareOption):
     """Calibration (the temperature) and the unknown score: the same four options wherever a model is trained."""
 
     calibrate: str = field(default="cv", metadata=option(
@@ -331,10 +344,6 @@ class TrustOptions:
         doc="where the head's temperature is fitted: `cv` (out-of-fold predictions of the training rows, at most "
             "`--kernel-components` of them, + the validation rows; logreg, kernel and auto heads; linear heads use "
             "`val`), `val`, `none` (T = 1)"))
-    known_share: float = field(default=0.95, metadata=option(
-        "Share of validation photos kept as known; a photo scoring above them is 'unknown'.", range="(0, 1]",
-        doc="share of held-out photos (validation rows, and each kept training row against the others) whose "
-            "unknown score stays at or under the threshold; above it a photo is `unknown`"))
     unknown_rows: int = field(default=5000, metadata=option(
         "Training rows kept for the unknown score (a seeded sample, 1 KB each); 0 = none.", range=NON_NEGATIVE,
         doc="training rows kept in the checkpoint for the unknown score (a seeded sample; float16, 1 KB a row for "
@@ -879,7 +888,7 @@ SUGGEST_HEADS = ("auto", "logreg")  # fit-head's default head (by CV), or logist
 
 
 @dataclass
-class SuggestConfig(DeviceOptions):
+class SuggestConfig(KnownShareOption, DeviceOptions):
     """Which labelled folder, which pool of unlabelled photos, and how the pool is ranked for labelling."""
 
     data: Optional[str] = field(default=None, metadata=option(

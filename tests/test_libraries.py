@@ -472,3 +472,74 @@ def test_a_tag_finds_the_default_cache_without_asking_timm(fake_hub, folders, tm
         f.attrs["versions"] = json.dumps({**json.loads(f.attrs["versions"]), "timm": "0.9.2"})
     other = _extract(folders, tmp_path, "test_efficientnet", "--weights", "r160_in1k")
     assert not other["hit"] and other["cache"] != first["cache"]
+
+
+# -- which map a torchvision trunk ends with -------------------------------------------------------------------
+def _classifier_input(model, x):
+    """What the model's own forward gives its last Linear (the pooled vector its ImageNet classifier reads)."""
+    seen = []
+    linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    hook = linear.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    try:
+        model(x)
+    finally:
+        hook.remove()
+    return seen[0]
+
+
+def test_densenets_map_is_the_one_its_classifier_pools():
+    """DenseNet's forward applies a ReLU to ``features``' output (its last module a BatchNorm), so its trunk's map,
+    average-pooled, was not what its classifier reads (7.6 apart on random weights); the ReLU is now the trunk's last
+    module (no weights: the state-dict keys are ``features``'). (ConvNeXt's map is the one its classifier pools: the
+    LayerNorm opening its classifier is applied to the pooled vector, a head's part, as in timm.)"""
+    from pipeline.extraction.backbones import get_spec
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, 64)
+    spec = get_spec("densenet121")
+    with torch.no_grad():
+        model = spec.build().eval()
+        assert torch.equal(spec.features(model)(x).mean((2, 3)), _classifier_input(model, x))
+    assert set(spec.features(model).state_dict()) == {k[len("features."):] for k in model.state_dict()
+                                                      if k.startswith("features.")}
+
+
+def test_a_densenet_cache_made_before_its_trunk_ended_with_the_relu_is_stale_and_its_heads_refused(tmp_path):
+    """A DenseNet cache made when its map was taken before that ReLU holds other rows than its trunk gives now:
+    extracted again (said why; no row reused), and a head or model made on them is refused in one line. Every other
+    backbone's trunk is unchanged: no trunk_version in its caches' attributes, its heads load as before."""
+    import h5py
+
+    from pipeline.cache.provenance import Provenance
+
+    make_image_folder(tmp_path / "data", per_class=2, size=(40, 32))
+    args = ["extract", "--data", str(tmp_path / "data"), "--n", "0", "--backbone", "densenet121", "--weights", "none",
+            "--cache-dir", str(tmp_path / "f"), "--workers", "0", "--precision", "fp32", "--json"]
+    first = json.loads(run(*args))
+    with h5py.File(first["cache"], "r+") as f:
+        assert f.attrs.get("trunk_version") == "2"
+        del f.attrs["trunk_version"]  # as made before
+    result = CliRunner().invoke(cli.cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    again = json.loads(result.stdout)
+    assert not again["hit"] and again["computed"] == 4 and again["cache"] == first["cache"]
+    assert ("is stale: it holds rows of trunk_version 1, now 2: DenseNet's map is taken after the ReLU"
+            in result.stderr)
+    with h5py.File(again["cache"], "r") as f:
+        now = Provenance.from_cache_attrs(dict(f.attrs))
+    before = Provenance(**{**now.__dict__, "trunk_version": ""})
+    assert before.differences(now) == [
+        "trunk_version: 1 vs 2 (DenseNet's map is taken after the ReLU its forward applies to `features` (the map its "
+        "classifier pools), no longer before it: extract that data again with this version, and fit again a head "
+        "made from it)"]
+    from pipeline.extraction.backbones import older_trunk
+    from pipeline.models.whole_models import check_trunk
+
+    with pytest.raises(pipeline.UsageError, match=r"'h.pt' was made on another map of densenet121 than it gives now "
+                                                  r"\(trunk_version 1, now 2: .*\); extract its data again and fit"):
+        check_trunk({"kind": "fit-head", "backbone": "densenet121"}, "h.pt")
+    check_trunk({"kind": "fit-head", "backbone": "densenet121", "trunk_version": "2"}, "h.pt")
+    for name in ("vgg16", "resnet18", "convnext_tiny", "tf_efficientnet_lite0", "timm:densenet121"):
+        assert older_trunk(name, "") == ""
+        check_trunk({"kind": "finetune", "backbone": name}, "m.pt")
+    assert "trunk_version" not in Provenance(**{**now.__dict__, "backbone": "vgg16", "trunk_version": ""}).cache_attrs()

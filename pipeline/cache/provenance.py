@@ -70,9 +70,15 @@ class Preprocessing:
 CALIBRATION_KEYS = ("version", "method", "calib_batch", "calib_n", "calib_seed", "calib_data", "torch", "torchao")
 #: What must agree for rows from two sources to mean the same thing (a head on a cache, a test cache).
 SAME_FEATURES = ("backbone", "weights", "preprocessing", "pool", "classes", "precision", "dtype", "decode_version",
-                 "calibration", "flip")
+                 "calibration", "flip", "trunk_version")
 #: What a row's numbers depend on (rows reused by content: row_donors): the same but the classes (labels only).
 ROW_FEATURES = tuple(f for f in SAME_FEATURES if f != "classes")
+#: Library backbones whose trunk (the map cached) changed after caches of it could be made: canonical name ->
+#: (its trunk_version now, what changed). A cache, head or model made before records none ('') and is refused or
+#: extracted again (``backbones.older_trunk``); every other backbone's trunk_version is '', its caches untouched.
+TRUNK_CHANGES = {name: ("2", "DenseNet's map is taken after the ReLU its forward applies to `features` (the map its "
+                             "classifier pools), no longer before it")
+                 for name in ("densenet121", "densenet161", "densenet169", "densenet201")}
 #: The fields a checkpoint may leave unrecorded ('' on either side is not a difference).
 _OPTIONAL = ("precision", "dtype", "decode_version", "calibration")
 
@@ -128,6 +134,8 @@ class Provenance:
     decode_version: str = ""  # how photos were decoded (image_reader.DECODE_VERSION)
     calibration: str = ""  # int8: what makes the quantised network (CALIBRATION_KEYS as JSON); '' otherwise
     flip: bool = False  # each map is the mean of the photo's and its mirror image's (extract --flip)
+    # which map of the backbone: '' = its trunk as first cut; else TRUNK_CHANGES' version (DenseNet: '2')
+    trunk_version: str = ""
 
     @classmethod
     def of_backbone(cls, loaded, classes, pool: str = "none", weights_arg: str = "", **data) -> "Provenance":
@@ -137,7 +145,8 @@ class Provenance:
         local = loaded.weights_id.startswith("file:")
         return cls(loaded.spec.name, loaded.weights_id, loaded.weights_sha256, loaded.covers,
                    str(Path(weights_arg).resolve()) if local and weights_arg else "",
-                   Preprocessing.from_transform(loaded.transform), tuple(classes), pool, **data)
+                   Preprocessing.from_transform(loaded.transform), tuple(classes), pool,
+                   **{"trunk_version": getattr(loaded, "trunk_version", ""), **data})
 
     # -- caches ------------------------------------------------------------------------------
     def cache_attrs(self) -> dict:
@@ -150,7 +159,8 @@ class Provenance:
                 "preprocessing": json.dumps(p.to_dict()), "mean": np.array(p.mean), "std": np.array(p.std),
                 "transform": p.describe(), "classes": json.dumps(list(self.classes)), "pool": self.pool,
                 "data_root": self.data_root, "data_fingerprint": self.data_fingerprint,
-                "versions": json.dumps(self.versions)}
+                "versions": json.dumps(self.versions),
+                **({"trunk_version": self.trunk_version} if self.trunk_version else {})}  # others' attrs as before
 
     @classmethod
     def from_cache_attrs(cls, attrs: dict) -> "Provenance":
@@ -161,12 +171,13 @@ class Provenance:
                    tuple(json.loads(attrs["classes"])), attrs.get("pool", "none"), attrs.get("data_root", ""),
                    attrs.get("data_fingerprint", ""), json.loads(attrs.get("versions") or "{}"),
                    str(attrs.get("precision", "")), str(attrs.get("dtype", "")), str(attrs.get("decode_version", "")),
-                   calibration_identity(attrs.get("calibration", "")), bool(attrs.get("flip", False)))
+                   calibration_identity(attrs.get("calibration", "")), bool(attrs.get("flip", False)),
+                   str(attrs.get("trunk_version", "")))
 
     # -- checkpoints -------------------------------------------------------------------------
     def checkpoint_fields(self) -> dict:
         """Plain values (``torch.load(weights_only=True)`` reads them back) for a checkpoint dict."""
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "trunk_version" or self.trunk_version}
         d.update(preprocessing=self.preprocessing.to_dict(), classes=list(self.classes),
                  transform=self.preprocessing.describe())
         return d
@@ -201,6 +212,9 @@ class Provenance:
             if name == "decode_version" and mine != theirs:
                 out.append(decode_difference(mine, theirs))
                 continue
+            if name == "trunk_version" and mine != theirs:
+                out.append(trunk_difference(self.backbone, mine, theirs))
+                continue
             if mine != theirs:
                 show = (lambda p: p.describe()) if name == "preprocessing" else (lambda v: v)
                 out.append(f"{name}: {show(mine)} vs {show(theirs)}")
@@ -219,6 +233,18 @@ def decode_difference(mine: str, theirs: str) -> str:
     older = min((mine, theirs), key=lambda v: int(v) if str(v).isdigit() else 0)
     return (f"decode_version: {mine} vs {theirs} (photos decoded by the older rule {older}: extract that data again "
             "with this version, and fit again a head made from it)")
+
+
+def trunk_change(backbones: str) -> str:
+    """What changed in the trunks of ``backbones`` (one canonical name, or a fused head's joined by '+')."""
+    changes = [TRUNK_CHANGES[b][1] for b in str(backbones).split("+") if b in TRUNK_CHANGES]
+    return "; ".join(changes) or "its trunk changed"
+
+
+def trunk_difference(backbone: str, mine: str, theirs: str) -> str:
+    """The difference of two trunk_versions ('' = the trunk as first cut), saying what changed and what to do."""
+    return (f"trunk_version: {mine or 1} vs {theirs or 1} ({trunk_change(backbone)}: extract that data again with "
+            "this version, and fit again a head made from it)")
 
 
 def check_cache_fits(ckpt: dict, cache, what: tuple = SAME_FEATURES) -> None:

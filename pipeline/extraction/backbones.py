@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
+from ..cache.provenance import TRUNK_CHANGES, trunk_change
 from ..config import Placeholder, option_text, option_value
 from ..errors import PipelineError, UsageError
 from ..files import first_line
@@ -64,6 +65,21 @@ class BackboneSpec:
 #: backbones registered by name (tests' tiny ones, users' own); library models resolve in ``get_spec``
 BACKBONES: dict[str, BackboneSpec] = {}
 _RESOLVED: dict[str, BackboneSpec] = {}
+
+
+def trunk_version(name: str) -> str:
+    """The trunk_version of canonical --backbone ``name``: '' for a trunk unchanged since its first caches (a
+    registered backbone's too), else ``TRUNK_CHANGES``'. Without torch (a cache hit compares it)."""
+    return "" if name in BACKBONES else TRUNK_CHANGES.get(name, ("", ""))[0]
+
+
+def older_trunk(name: str, made: str) -> str:
+    """Why rows, a head or a model of backbone ``name`` made with trunk_version ``made`` ('' = before any) are not
+    what its trunk gives now, or '' when they are."""
+    now = trunk_version(name)
+    if str(made or "") == now:
+        return ""
+    return f"trunk_version {made or 1}, now {now or 1}: {trunk_change(name)}"
 
 
 def register_backbone(spec: BackboneSpec) -> None:
@@ -139,7 +155,7 @@ def _torchvision_spec(name: str, bare: str) -> BackboneSpec:
     from torchvision.models import get_model
 
     def build():
-        return get_model(bare, weights=None)
+        return libraries.with_final_activation(get_model(bare, weights=None))
 
     transform = libraries.torchvision_transform(bare)
     with warnings.catch_warnings():  # GoogLeNet's and Inception's notes on their init: this build is only traced
@@ -238,6 +254,10 @@ class LoadedBackbone:
     @property
     def features(self):
         return self.spec.features(self.model)
+
+    @property
+    def trunk_version(self) -> str:
+        return trunk_version(self.spec.name)
 
     @property
     def mean(self) -> list[float]:

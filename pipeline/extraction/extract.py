@@ -326,6 +326,13 @@ def default_moved(cfg: ExtractConfig, info) -> Optional[str]:
             f"{package_version('timm')} DEFAULT is {now[5:]}, other weights")
 
 
+def older_map(cfg: ExtractConfig, info) -> Optional[str]:
+    """Why a cache of ``cfg.backbone`` holds another map than its trunk gives now (made before a change of that
+    trunk: ``provenance.TRUNK_CHANGES``), or None. Without torch; every other backbone's caches have none."""
+    older = bb.older_trunk(cfg.backbone, str(info.attrs.get("trunk_version", "")))
+    return f"it holds rows of {older}" if older else None
+
+
 def extract_held(cfg: ExtractConfig, hit_only: bool = False) -> Optional[dict]:
     started = time.time()
     validate(cfg)
@@ -362,7 +369,7 @@ def extract_held(cfg: ExtractConfig, hit_only: bool = False) -> Optional[dict]:
             cfg, key, path, info = float_cfg, float_key, float_path, float_info
     verified = False
     if info is not None:
-        moved = default_moved(cfg, info)
+        moved = default_moved(cfg, info) or older_map(cfg, info)
         stale, verified = (moved, False) if moved else stale_reason(info, listing, cfg.verify)
         if stale and hit_only:  # a miss: set aside (and said) by the extraction that follows, if it follows
             return None

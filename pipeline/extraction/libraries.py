@@ -8,7 +8,9 @@ A bare name that only one library has means that library's model; torchvision wi
   tokens; an NHWC model's map permuted to NCHW), with the modules it never calls (pooling, classifier)
   left out of the trunk;
 - torchvision: the model's children up to its global pooling and classifier (VGG, MobileNet,
-  EfficientNet, ConvNeXt: ``features``; ResNet: conv1 ... layer4), checked to run as a chain.
+  EfficientNet, ConvNeXt: ``features``; ResNet: conv1 ... layer4), checked to run as a chain; DenseNet's
+  ``features`` end with the ReLU its forward applies (``with_final_activation``). ConvNeXt's classifier opens
+  with a LayerNorm of the pooled vector: a head's part, as in timm, so its map is the one its classifier pools.
 Everything here imports torch, torchvision and timm inside functions.
 """
 from __future__ import annotations
@@ -100,6 +102,19 @@ def _is_head_part(module) -> bool:
     if not children or any(list(c.children()) for c in children):
         return False
     return any(isinstance(c, nn.Linear) for c in children) or isinstance(children[-1], pools)
+
+
+def with_final_activation(model):
+    """``model`` with the activation its forward applies after its last feature module made a module of it, so the
+    trunk's map is the one its classifier pools: DenseNet's ``forward`` runs ``F.relu`` on ``features``' output (its
+    last module is ``norm5``, a BatchNorm), appended to ``features`` as ``relu5``. It has no weights (state-dict keys
+    unchanged), and the forward's own ReLU after it changes nothing (``provenance.TRUNK_CHANGES``)."""
+    from torch import nn
+    from torchvision.models import DenseNet
+
+    if isinstance(model, DenseNet) and not isinstance(model.features[-1], nn.ReLU):
+        model.features.add_module("relu5", nn.ReLU())
+    return model
 
 
 def torchvision_trunk(model):

@@ -56,13 +56,22 @@ def weights_digest(net) -> str:
 def calibration_key(identity: dict, backbone: str, features, preprocessing: dict) -> str:
     """What decides a calibrated int8 network, as one fingerprint."""
     return fingerprint({"calibration": identity, "backbone": backbone, "weights": weights_digest(features),
-                        "preprocessing": preprocessing})[:32]
+                        "preprocessing": preprocessing, **_trunk(backbone)})[:32]
 
 
 def request_key(identity: dict, backbone: str, weights: dict) -> str:
     """The calibration as a request names it (no torch, no weights loaded): ``--precision auto`` asks
     ``has_calibration`` whether the one-offs are paid; reusing one still checks the full ``calibration_key``."""
-    return fingerprint({"calibration": identity, "backbone": backbone, "weights": weights})[:32]
+    return fingerprint({"calibration": identity, "backbone": backbone, "weights": weights, **_trunk(backbone)})[:32]
+
+
+def _trunk(backbone: str) -> dict:
+    """A changed trunk's version, for the keys of its calibrations (the network has another map, the weights the
+    same); nothing for every other backbone, whose calibrations keep their keys."""
+    from .backbones import trunk_version
+
+    version = trunk_version(backbone)
+    return {"trunk_version": version} if version else {}
 
 
 def has_calibration(folder: Path, request: str) -> bool:

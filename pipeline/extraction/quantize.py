@@ -136,7 +136,7 @@ def newest_int8_cache(cache_dir: str, data: str, backbone: str, weights: str, pu
     """The newest complete int8 cache in ``cache_dir`` of the folder ``data`` (of that ``purpose``: '' for a labelled
     folder), ``backbone`` and ``weights`` (and whose calibration record agrees with ``calibrated``, where given):
     the calibration a command that extracts a folder again lends its new request (``lent_calibration`` checks the
-    rest), '' when there is none. No torch import."""
+    rest), '' when there is none. No torch import, but to ask timm what DEFAULT is for a cache made under a tag."""
     from ..cache.feature_cache import list_caches
     from . import backbones as bb
 
@@ -149,6 +149,7 @@ def newest_int8_cache(cache_dir: str, data: str, backbone: str, weights: str, pu
                  and Path(i.attrs.get("data_root") or "/nonexistent") == root
                  and (i.attrs.get("purpose") or "") == purpose
                  and _calibrated_with(i.attrs, calibrated or {})
+                 and not bb.older_trunk(name, str(i.attrs.get("trunk_version", "")))  # its network: another map
                  and _same_weights(backbone, weights, i.attrs)), "")
 
 

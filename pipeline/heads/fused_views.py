@@ -138,7 +138,8 @@ def _provenance(parts: list[FeatureCache]) -> Provenance:
                       first.data_fingerprint, first.versions,
                       # int8 anywhere: the whole network runs on the CPU, and export refuses it (as for one cache)
                       "int8" if "int8" in precisions else joined("precision"), joined("dtype"),
-                      joined("decode_version"), "", any(r.flip for r in records))
+                      joined("decode_version"), "", any(r.flip for r in records),
+                      joined("trunk_version") if any(r.trunk_version for r in records) else "")
 
 
 def _check_networks_differ(parts: list[FeatureCache]) -> None:

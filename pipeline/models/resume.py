@@ -111,6 +111,9 @@ def read_resume(cfg, kind: str, recorded: dict, digest: str, sample: tuple) -> d
                               "left to train", line_appended=True)
         raise RunFinished(f"{option_value('resume', cfg.resume)}: its model.pt is a finished run's; nothing to resume")
     check_resume_fields(ckpt, path)
+    from .whole_models import check_trunk
+
+    check_trunk(ckpt, path)  # begun on another map of its backbone than its trunk gives now: not resumed on this one
     if ckpt["kind"] != kind:
         raise UsageError(f"{option_value('resume', cfg.resume)} is a {ckpt['kind']} run; resume it with {ckpt['kind']}")
     before = ckpt.get("config") or {}

@@ -288,6 +288,7 @@ def load_model(path, weights: Optional[str] = None, trainable: bool = False) -> 
 def model_from_checkpoint(ckpt: dict, path, weights: Optional[str] = None, trainable: bool = False) -> LoadedModel:
     """``load_model`` of a checkpoint already read (``read_checkpoint``): a caller holding it does not
     read the file (half a gigabyte for a VGG-16 model.pt) a second time."""
+    check_trunk(ckpt, path)
     if ckpt["kind"] == "fit-head" and ckpt.get("fused"):
         lm = _from_fused_head(ckpt, path, weights, trainable)
     elif ckpt["kind"] == "fit-head":
@@ -311,6 +312,18 @@ def model_from_checkpoint(ckpt: dict, path, weights: Optional[str] = None, train
     lm.model.set_trainable(0)
     lm.model.eval()
     return lm
+
+
+def check_trunk(ckpt: dict, path) -> None:
+    """A head or model made on another map of its backbone than its trunk gives now (made before that trunk changed:
+    ``provenance.TRUNK_CHANGES``) is refused in one line: it would run on inputs it never saw."""
+    for part in ckpt["fused"]["parts"] if ckpt.get("fused") else [ckpt]:
+        older = bb.older_trunk(part["backbone"], str(part.get("trunk_version", "")))
+        if older:
+            again = ("extract its data again and fit it again" if ckpt["kind"] == "fit-head" else
+                     "train or fine-tune it again")
+            raise UsageError(f"{str(path)!r} was made on another map of {part['backbone']} than it gives now "
+                             f"({older}); {again}")
 
 
 def _head_weights_source(ckpt: dict, weights: Optional[str], hint: str = "") -> str:

@@ -54,6 +54,7 @@ class SuggestResult:
     seconds: dict = field(default_factory=dict)
     unknown_threshold: float = 1.0  # above it (the ood_score) a photo looks like none of the labelled classes
     unknown: int = 0  # suggested photos flagged unknown
+    known_share: float = 0.95  # the threshold keeps this share of held-out labelled photos (--known-share)
 
 
 def validate(cfg: SuggestConfig) -> None:
@@ -115,9 +116,9 @@ def unknown_scores(pool: np.ndarray, labelled: np.ndarray, seed: int = 0,
                    known_share: float | None = None) -> tuple[np.ndarray, float]:
     """The unknown score of each pool row (average view) against the labelled rows, and its threshold: fit-head's
     (``unknown_score.fit_unknown`` with the trust options' defaults: 1 - cosine similarity to the 10th-nearest of
-    at most 5,000 kept labelled rows; the threshold keeps 95 % of held-out labelled photos, here each kept row
-    scored against the others and up to 5,000 labelled rows not kept). Above it a photo looks like none of the
-    classes."""
+    at most 5,000 kept labelled rows; the threshold keeps ``known_share`` (--known-share, default 95 %) of held-out
+    labelled photos, here each kept row scored against the others and up to 5,000 labelled rows not kept). Above it a
+    photo looks like none of the classes; so does, by design, about 1 in 20 photos of the labelled classes at 95 %."""
     from ..config import TrustOptions
 
     opts = TrustOptions()
@@ -241,7 +242,7 @@ def suggest(cfg: SuggestConfig) -> SuggestResult:
     order = keep[rank_pool(pooled_rows_np(pool_avg[keep]), labelled, proba[keep], cfg.k, cfg.rule, cfg.seed)]
     dist = nearest_distance(pooled_rows_np(pool_avg[order]), labelled)
     u = uncertainty(proba[order])
-    ood, threshold = unknown_scores(pool_avg[order], avg, cfg.seed)
+    ood, threshold = unknown_scores(pool_avg[order], avg, cfg.seed, cfg.known_share)
     rows = [{"rank": r + 1, "path": paths[i], "predicted": classes[int(proba[i].argmax())],
              "probability": round(float(proba[i].max()), 4), "uncertainty": round(float(u[r]), 4),
              "distance": round(float(dist[r]), 4), "unknown": bool(ood[r] > threshold),
@@ -250,7 +251,7 @@ def suggest(cfg: SuggestConfig) -> SuggestResult:
     out = output_dir(cfg, "suggest")
     result = SuggestResult(rows, out / "suggestions.csv", out / "suggestions.html", key, cfg.rule, len(labels),
                            len(paths), int((~fresh).sum()), {"labelled": str(lab_path), "pool": str(pool_path)},
-                           seconds, threshold, sum(r["unknown"] for r in rows))
+                           seconds, threshold, sum(r["unknown"] for r in rows), cfg.known_share)
     if result.unknown:
         log.warning("%s", unknown_warning(result, cfg.data))
     write_csv(rows, result.csv)
@@ -259,9 +260,12 @@ def suggest(cfg: SuggestConfig) -> SuggestResult:
     return result
 
 
-#: What to do with a suggested photo flagged unknown (the stderr line and the page say it).
-UNKNOWN_ADVICE = ("look at each; one of no class goes into a new class folder or out of the pool, an odd photo of a "
-                  "class (about 1 in 20 are flagged) into its class")
+def unknown_advice(known_share: float) -> str:
+    """What to do with a suggested photo flagged unknown (the stderr line and the page say it), with how often a photo
+    of a labelled class is flagged by design: the threshold keeps ``known_share`` of held-out labelled photos."""
+    rate = (f"about 1 in {round(1 / (1 - known_share))}" if known_share < 1 else "few") + " are flagged"
+    return ("look at each; one of no class goes into a new class folder or out of the pool, an odd photo of a class "
+            f"({rate} by design, {option_text('known_share', known_share)}) into its class")
 
 
 def unknown_warning(result: SuggestResult, data: str) -> str:
@@ -271,7 +275,8 @@ def unknown_warning(result: SuggestResult, data: str) -> str:
     n = len(ranks)
     return (f"suggest: {n} of the {len(result.rows)} suggested photos (rank{'s' if n > 1 else ''} {shown}) "
             f"look{'s' if n == 1 else ''} like none of the classes of {data} (ood_score above "
-            f"{result.unknown_threshold:.4f}; unknown = true in {result.csv.name}): {UNKNOWN_ADVICE}")
+            f"{result.unknown_threshold:.4f}; unknown = true in {result.csv.name}): "
+            f"{unknown_advice(result.known_share)}")
 
 
 #: How the page begins (``validate`` knows an earlier suggest's by it).
@@ -304,7 +309,7 @@ def render(result: SuggestResult, root: str, data: str) -> str:
     if result.unknown:
         parts.append(f"<p><b>{result.unknown} of these {len(result.rows)} look like none of the classes of "
                      f"{esc(data)}</b> (unknown score above {result.unknown_threshold:.4f}, marked <i>none of the "
-                     f"classes</i>): {UNKNOWN_ADVICE}.</p>")
+                     f"classes</i>): {esc(unknown_advice(result.known_share))}.</p>")
     parts.append("<table><tr><th>rank</th><th>photo</th><th>the head's guess</th><th>uncertainty</th>"
                  "<th>distance</th><th>looks like</th></tr>")
     for r in result.rows:
