@@ -29,7 +29,7 @@ def test_a_short_batch_is_padded_to_the_compiled_size_and_trimmed(monkeypatch):
     c = CompiledNet(m)
     x = torch.randn(5, 3, 8, 8)
     with torch.no_grad():
-        assert torch.allclose(c(x), m(x))
+        assert torch.allclose(c(x), m(x), atol=1e-6)  # channels_last: other kernels on some CPUs (last bits)
         short = c(x[:3])
         long = c(torch.cat([x, x]))  # more rows than compiled for: in chunks of the compiled size
     assert seen == [(5, 3, 8, 8)] * 4
