@@ -16,6 +16,7 @@ from pipeline.reports.audit import AuditResult
 from tests.conftest import COLOURS, make_image_folder
 
 TINY = {"backbone": "tiny", "weights": "none", "workers": 0}
+TINY_ARGS = ["--backbone", "tiny", "--weights", "none", "--workers", "0"]
 
 
 def photos(root, per_class=15, seed=0, classes=("blue", "green", "red")):
@@ -297,6 +298,28 @@ def test_a_training_cache_of_the_old_decoding_rule_is_refused_before_the_test_fo
     assert run.exit_code == 2 and run.output.count("\n") == 1, run.output
     assert "would differ in decode_version: 2 vs 3" in run.output
     assert sorted((tmp_path / "features").iterdir()) == before and not (tmp_path / "runs").exists()
+
+
+def test_the_printed_apply_command_runs_as_printed_in_a_shell(tmp_path):
+    """The 'to fix' line's command, for a folder 'my pets' audited with --cache-dir and --runs-dir of its own, was
+    'python cli.py audit --data /.../my pets --apply ...': two words to a shell, and without the audit's --cache-dir
+    its refresh found no cache of the folder (the next fit-head trained on the old labels), its run folder going
+    to runs/. Now its paths are quoted and those options passed on: pasted into a shell, it applies and refreshes."""
+    import shlex
+
+    data = photos(tmp_path / "my pets", per_class=6)
+    args = ["--cache-dir", str(tmp_path / "my features"), "--runs-dir", str(tmp_path / "my runs")]
+    run = CliRunner().invoke(cli, ["audit", "--data", str(data), "--folds", "2", *TINY_ARGS, *args])
+    assert run.exit_code == 0, run.output
+    words = shlex.split(run.stdout.rstrip().splitlines()[-1].split(", then ")[1])
+    assert words[:3] == ["python", "cli.py", "audit"] and words[words.index("--data") + 1] == str(data.resolve())
+    fixes = Path(words[words.index("--apply") + 1])
+    fixes.write_text("path,action,new_class\nred/red.0.jpg,relabel,blue\n")
+    applied = CliRunner().invoke(cli, [*words[2:], "--json"])
+    assert applied.exit_code == 0, applied.output
+    result = json.loads(applied.stdout)
+    assert result["refreshed"] and Path(result["refreshed"]["cache"]).parent == tmp_path / "my features"
+    assert (data / "blue" / "red.0.jpg").is_file() and list((tmp_path / "my runs").glob("*-audit-apply"))
 
 
 def test_read_maps_reads_runs_of_rows_as_slices_in_the_order_asked():
