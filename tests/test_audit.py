@@ -266,6 +266,19 @@ def test_a_test_folder_of_some_of_the_classes_is_searched_for_leaks(tmp_path):
         "red/leak.jpg", "red/red.2.jpg", True)
 
 
+def test_a_test_folder_of_the_classes_in_another_unicode_form_is_searched_and_its_leaks_keep_their_class(tmp_path):
+    """A test folder whose 'blé' was written e + accent (NFD, a Mac's) was refused as of a class the training folder
+    does not know; it is that class, and its copies of training photos are leaks within their class, not across."""
+    data, test = photos(tmp_path / "data", per_class=4), photos(tmp_path / "test", per_class=2, seed=1,
+                                                                 classes=("red",))
+    (data / "red").rename(data / "bl\u00e9")
+    (test / "red").rename(test / "ble\u0301")
+    shutil.copy(data / "bl\u00e9" / "red.2.jpg", test / "ble\u0301" / "leak.jpg")
+    r = pipeline.audit_folder(data, test_data=str(test), folds=2, threshold=0.999, cache_dir=str(tmp_path / "features"),
+                              runs_dir=str(tmp_path / "runs"), **TINY)
+    assert r.test_rows == 3 and r.leaks[0]["exact"] and r.leaks_across_classes == 0
+
+
 def test_a_cache_dir_inside_the_test_folder_is_refused_before_anything_is_written(tmp_path):
     """The training folder's extraction used to write its cache into --test-data, whose listing then took
     the cache's folder for an empty class."""
