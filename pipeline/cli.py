@@ -576,7 +576,8 @@ def audit(as_json, **options):
     from .runs.ledger import current_command
 
     result = api.audit_folder(options.pop("data"), verbose=None, command=current_command(), **options)
-    emit(result, as_json, present.audit_text(result, options.get("top") or AuditConfig.top))
+    emit(result, as_json, present.audit_text(result, options.get("top") or AuditConfig.top,
+                                             options.get("cache_dir"), options.get("runs_dir")))
 
 
 @cli.command()

@@ -341,6 +341,18 @@ def test_a_spreadsheets_utf8_list_is_read_and_other_encodings_refused_by_line(tm
         apply_fixes(fixes, data, tmp_path / "run2")
 
 
+def test_a_new_class_typed_in_another_unicode_form_is_the_folders_class(tmp_path):
+    """new_class 'blé' typed e + accent (NFD: the list edited on a Mac) for a folder 'blé' written as one letter
+    (NFC) was refused: "new_class 'blé' is not a class; allowed: blé, red". It is that class: the photo moves into
+    the folder there is, never into a second folder of the same name."""
+    data = make_image_folder(tmp_path / "data", per_class=3)
+    (data / "blue").rename(data / "bl\u00e9")
+    fixes = tmp_path / "fixes.csv"
+    fixes.write_text("path,action,new_class\nred/red.0.jpg,relabel,ble\u0301\n", encoding="utf-8")
+    assert apply_fixes(fixes, data, tmp_path / "run").relabel == 1
+    assert (data / "bl\u00e9" / "red.0.jpg").is_file() and sorted(p.name for p in data.iterdir()) == ["bl\u00e9", "red"]
+
+
 def test_audits_own_list_applies_exactly_odd_names_included(tmp_path):
     """fixes.csv as audit writes it, for a class folder with spaces around its name and a photo named like
     a spreadsheet formula: escaped for spreadsheets (a leading quote), read back by --apply as written."""

@@ -16,6 +16,7 @@ from pipeline.reports.audit import AuditResult
 from tests.conftest import COLOURS, make_image_folder
 
 TINY = {"backbone": "tiny", "weights": "none", "workers": 0}
+TINY_ARGS = ["--backbone", "tiny", "--weights", "none", "--workers", "0"]
 
 
 def photos(root, per_class=15, seed=0, classes=("blue", "green", "red")):
@@ -265,6 +266,19 @@ def test_a_test_folder_of_some_of_the_classes_is_searched_for_leaks(tmp_path):
         "red/leak.jpg", "red/red.2.jpg", True)
 
 
+def test_a_test_folder_of_the_classes_in_another_unicode_form_is_searched_and_its_leaks_keep_their_class(tmp_path):
+    """A test folder whose 'blé' was written e + accent (NFD, a Mac's) was refused as of a class the training folder
+    does not know; it is that class, and its copies of training photos are leaks within their class, not across."""
+    data, test = photos(tmp_path / "data", per_class=4), photos(tmp_path / "test", per_class=2, seed=1,
+                                                                 classes=("red",))
+    (data / "red").rename(data / "bl\u00e9")
+    (test / "red").rename(test / "ble\u0301")
+    shutil.copy(data / "bl\u00e9" / "red.2.jpg", test / "ble\u0301" / "leak.jpg")
+    r = pipeline.audit_folder(data, test_data=str(test), folds=2, threshold=0.999, cache_dir=str(tmp_path / "features"),
+                              runs_dir=str(tmp_path / "runs"), **TINY)
+    assert r.test_rows == 3 and r.leaks[0]["exact"] and r.leaks_across_classes == 0
+
+
 def test_a_cache_dir_inside_the_test_folder_is_refused_before_anything_is_written(tmp_path):
     """The training folder's extraction used to write its cache into --test-data, whose listing then took
     the cache's folder for an empty class."""
@@ -297,6 +311,28 @@ def test_a_training_cache_of_the_old_decoding_rule_is_refused_before_the_test_fo
     assert run.exit_code == 2 and run.output.count("\n") == 1, run.output
     assert "would differ in decode_version: 2 vs 3" in run.output
     assert sorted((tmp_path / "features").iterdir()) == before and not (tmp_path / "runs").exists()
+
+
+def test_the_printed_apply_command_runs_as_printed_in_a_shell(tmp_path):
+    """The 'to fix' line's command, for a folder 'my pets' audited with --cache-dir and --runs-dir of its own, was
+    'python cli.py audit --data /.../my pets --apply ...': two words to a shell, and without the audit's --cache-dir
+    its refresh found no cache of the folder (the next fit-head trained on the old labels), its run folder going
+    to runs/. Now its paths are quoted and those options passed on: pasted into a shell, it applies and refreshes."""
+    import shlex
+
+    data = photos(tmp_path / "my pets", per_class=6)
+    args = ["--cache-dir", str(tmp_path / "my features"), "--runs-dir", str(tmp_path / "my runs")]
+    run = CliRunner().invoke(cli, ["audit", "--data", str(data), "--folds", "2", *TINY_ARGS, *args])
+    assert run.exit_code == 0, run.output
+    words = shlex.split(run.stdout.rstrip().splitlines()[-1].split(", then ")[1])
+    assert words[:3] == ["python", "cli.py", "audit"] and words[words.index("--data") + 1] == str(data.resolve())
+    fixes = Path(words[words.index("--apply") + 1])
+    fixes.write_text("path,action,new_class\nred/red.0.jpg,relabel,blue\n")
+    applied = CliRunner().invoke(cli, [*words[2:], "--json"])
+    assert applied.exit_code == 0, applied.output
+    result = json.loads(applied.stdout)
+    assert result["refreshed"] and Path(result["refreshed"]["cache"]).parent == tmp_path / "my features"
+    assert (data / "blue" / "red.0.jpg").is_file() and list((tmp_path / "my runs").glob("*-audit-apply"))
 
 
 def test_read_maps_reads_runs_of_rows_as_slices_in_the_order_asked():

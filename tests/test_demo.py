@@ -1,4 +1,5 @@
 import json
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -113,7 +114,7 @@ def test_demo_refuses_a_missing_folder_that_is_not_the_default(tmp_path, monkeyp
 
 def test_demo_ends_with_its_outputs_and_the_next_commands(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    data = make_image_folder(tmp_path / "pets", per_class=12)
+    data = make_image_folder(tmp_path / "my pets", per_class=12)  # printed bare, a path with a space was two words
     r = CliRunner().invoke(cli, ["demo", "--data", str(data), "--backbone", "tiny", "--weights", "none",
                                  "--n", "24", "--workers", "0"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
@@ -128,8 +129,8 @@ def test_demo_ends_with_its_outputs_and_the_next_commands(tmp_path, monkeypatch)
     commands = [line.strip() for line in tail[tail.index("next, try:") + 1:]]
     assert [c.split()[2] for c in commands] == ["predict", "evaluate", "runs"]
     assert all(head in c for c in commands[:2])
-    # the suggested predict command runs as printed
-    r2 = CliRunner().invoke(cli, commands[0].split()[2:], catch_exceptions=False)
+    # the suggested predict command runs as printed, as a shell splits it
+    r2 = CliRunner().invoke(cli, shlex.split(commands[0])[2:], catch_exceptions=False)
     assert r2.exit_code == 0, r2.output
 
 

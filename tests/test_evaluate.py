@@ -150,6 +150,38 @@ def test_a_cache_of_some_of_the_models_classes_is_scored_as_its_folder_is(tmp_pa
     assert out.output.count("\n") == 1
 
 
+def test_class_names_in_another_unicode_form_are_the_models_and_in_another_case_are_named(tmp_path, make_cache):
+    """A test folder of the model's classes whose 'blé' was written e + accent (NFD: unpacked from a Mac's archive)
+    was a class the model did not know (--data refused; --cache refused), and one named 'Blé', 'Red' for a model of
+    'blé', 'red' was taken for photos of none of its classes (exit 0, no accuracy, only the share flagged unknown).
+    Now the same text in another Unicode form is the same class, scored as the folder written as the model's is,
+    and a name that is the model's but for case is refused naming the two."""
+    import shutil
+
+    nfc, nfd = "bl\u00e9", "ble\u0301"
+    train = make_image_folder(tmp_path / "train", per_class=6, classes=("blue", "red"))
+    (train / "blue").rename(train / nfc)
+    head = fit_head(FitHeadConfig(head="logreg", cache=make_cache(train).cache, runs_dir=str(tmp_path / "runs")))
+    test = make_image_folder(tmp_path / "test", per_class=3, classes=("blue", "red"), seed=3)
+    (test / "blue").rename(test / nfc)
+    same = shutil.copytree(test, tmp_path / "mac")
+    (same / nfc).rename(same / nfd)
+    runs = str(tmp_path / "runs")
+    want = evaluate(EvaluateConfig(model=head.checkpoint, data=str(test), workers=0, runs_dir=runs))
+    got = evaluate(EvaluateConfig(model=head.checkpoint, data=str(same), workers=0, runs_dir=runs))
+    on_cache = evaluate(EvaluateConfig(model=head.checkpoint, split="all", runs_dir=runs,
+                                       cache=make_cache(same, cache_dir=str(tmp_path / "mac_features")).cache))
+    assert not got.foreign and got.rows == on_cache.rows == 6 and got.accuracy == want.accuracy == on_cache.accuracy
+    assert got.per_class[nfc]["support"] == 3
+    (same / nfd).rename(same / "Bl\u00e9")
+    (same / "red").rename(same / "Red")
+    out = CliRunner().invoke(cli.cli, ["evaluate", "--model", head.checkpoint, "--data", str(same), "--workers", "0",
+                                       "--runs-dir", runs])
+    assert out.exit_code == 2 and out.output.count("\n") == 1, out.output
+    assert out.output.endswith(f"its classes: {nfc}, red; 'Bl\u00e9' is the model's '{nfc}', 'Red' is the model's "
+                               "'red' but for case or spaces: rename the folders to its class names\n"), out.output
+
+
 def test_split_val_with_data_is_refused_not_ignored(tmp_path, head_run, image_folder):
     """--data DIR --split val scored every photo of DIR and reported split 'val' (--split picks cache rows)."""
     out = CliRunner().invoke(cli.cli, ["evaluate", "--model", head_run.checkpoint, "--data", str(image_folder),

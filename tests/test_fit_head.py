@@ -343,6 +343,24 @@ def test_a_test_folder_of_other_classes_is_refused_before_any_fit_or_extraction(
     assert not (tmp_path / "runs").exists() and sorted((tmp_path / "features").iterdir()) == before
 
 
+def test_a_test_folder_of_the_heads_classes_in_another_unicode_form_is_scored(tmp_path, make_cache):
+    """--test-data of the head's classes, its 'blé' written e + accent (NFD, a Mac's), was refused: 'has the classes
+    blé, red, the head's are blé, red (unknown: blé)'. It is the same class, scored; a 'Red' for the head's 'red'
+    is refused saying so."""
+    nfc, nfd = "bl\u00e9", "ble\u0301"
+    data = make_image_folder(tmp_path / "d", per_class=6, classes=("blue", "red"))
+    (data / "blue").rename(data / nfc)
+    test = make_image_folder(tmp_path / "t", per_class=3, classes=("blue", "red"), seed=5)
+    (test / "blue").rename(test / nfd)
+    r = fit_head(FitHeadConfig(head="logreg", cache=make_cache(data).cache, test_data=str(test),
+                               runs_dir=str(tmp_path / "runs")))
+    assert r.test["rows"] == 6 and r.test["per_class"][nfc] is not None
+    (test / "red").rename(test / "Red")
+    with pytest.raises(UsageError, match="; 'Red' is the head's 'red' but for case or spaces: rename the folder to "
+                                         "its class name$"):
+        fit_head(FitHeadConfig(head="logreg", cache=r.cache, test_data=str(test), runs_dir=str(tmp_path / "runs")))
+
+
 def _remapped_scores(checkpoint, test_cache) -> tuple[float, float]:
     """(accuracy, mean NLL) of a saved head on a test cache whose labels are matched to the head's classes by
     name: what fit-head's test figures must be (the cache's own label indices name its own classes)."""

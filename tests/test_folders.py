@@ -191,6 +191,21 @@ def test_class_folders_that_differ_only_in_case_or_spaces_are_said(tmp_path, cap
     assert caplog.records == []
 
 
+def test_class_folders_that_are_one_name_in_two_unicode_forms_are_said(tmp_path, caplog):
+    """'café' written as one letter é (NFC, as typed on Linux) and as e + a combining accent (NFD, as a Mac names
+    folders): two classes that look like one wherever they are shown, taken without a word; now said, the two
+    names written as ascii() writes them so that they can be told apart."""
+    root = make_image_folder(tmp_path / "d", per_class=1, classes=("blue", "red"))
+    (root / "blue").rename(root / "caf\u00e9")
+    (root / "red").rename(root / "cafe\u0301")
+    with caplog.at_level("WARNING"):
+        assert len(list_image_folder(root).classes) == 2
+    assert [r.getMessage() for r in caplog.records] == [
+        f"class folders of {root} that are the same name in other Unicode code points (NFC and NFD: a folder made on "
+        "a Mac) are taken as different classes: 'cafe\\u0301' and 'caf\\xe9' (move the photos into one folder if "
+        "they are one class)"]
+
+
 def test_sixteen_bit_images_scale_by_their_bit_depth_never_by_their_content(tmp_path):
     dark = np.full((8, 8), 200, np.uint16)  # a dark 16-bit picture: every pixel <= 255
     bright = dark.copy()

@@ -151,6 +151,23 @@ def test_finetune_starts_from_a_fit_head_checkpoint(tmp_path, image_folder, make
     assert last["kind"] == "finetune" and last["metrics"]["val_acc"] == out["val_acc"]
 
 
+def test_finetune_on_a_folder_of_other_classes_names_only_the_differences(tmp_path, image_folder, make_cache):
+    """A head of blue and red finetuned on a folder that adds green and writes red as 'Red': the refusal printed
+    both lists whole ("the model's classes ['blue', 'red'] differ from the data's [...]": 37 breeds twice for
+    one added folder); now one line names what the folder lacks and adds, and the name that is the model's but
+    for case."""
+    head = fit_head(FitHeadConfig(head="logreg", cache=make_cache(image_folder).cache, runs_dir=str(tmp_path / "runs")))
+    other = make_image_folder(tmp_path / "other", per_class=2, classes=("blue", "green", "red"))
+    (other / "red").rename(other / "Red")
+    out = CliRunner().invoke(cli.cli, ["finetune", "--data", str(other), "--init-head", head.checkpoint,
+                                       "--workers", "0", "--runs-dir", str(tmp_path / "ft")])
+    assert out.exit_code == 2 and out.output == (
+        f"Error: data folder {str(other)!r} has other classes than the starting model's 2: it lacks 'red' of the "
+        "model's; it has 'Red', 'green', which the model has not; 'Red' is the model's 'red' but for case or spaces: "
+        "rename the folder to its class name\n"), out.output
+    assert not (tmp_path / "ft").exists()
+
+
 def test_cli_rejects_bad_values(tmp_path, image_folder):
     runner = CliRunner()
     bad = runner.invoke(cli.cli, ["finetune", "--data", str(image_folder), "--backbone", "tiny", "--weights", "none",

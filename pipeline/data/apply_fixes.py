@@ -27,7 +27,7 @@ from ..config import AUDIT_ACTIONS, option_text, option_value
 from ..errors import PipelineError, UsageError
 from ..files import check_output, csv_cell_read, json_text
 from .check_images import check_apart, default_quarantine_dir
-from .folders import is_image_name, is_skipped_folder, list_image_folder
+from .folders import class_index, is_image_name, is_skipped_folder, list_image_folder
 from .image_reader import file_digest
 from .moves import changing_folder, link_on_the_way, move_no_replace, partial_copies
 
@@ -100,14 +100,16 @@ def plan_moves(rows: list[dict], root: Path, qdir: Path) -> list[dict]:
             problems.append(f"{where}: new_name {name!r} is not an image file name")
             continue
         if r["action"] == "relabel":
-            if r["new_class"] not in classes:
+            k = class_index(listing.classes, r["new_class"])  # 'café' typed in either Unicode form: the folder's
+            if k < 0:
                 problems.append(f"{where}: new_class {r['new_class']!r} is not a class; allowed: "
                                 f"{', '.join(sorted(classes))}")
                 continue
-            if r["new_class"] == parts[0]:
-                problems.append(f"{where}: already in class {r['new_class']!r}")
+            new_class = listing.classes[k]
+            if new_class == parts[0]:
+                problems.append(f"{where}: already in class {new_class!r}")
                 continue
-            dst = root / r["new_class"] / name
+            dst = root / new_class / name
         else:
             dst = qdir / PurePosixPath(key).parent / name
         link = link_on_the_way(src, root) or link_on_the_way(dst.parent, root if r["action"] == "relabel" else qdir)

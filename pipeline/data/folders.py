@@ -9,6 +9,7 @@ import errno
 import hashlib
 import logging
 import os
+import unicodedata
 import warnings
 from dataclasses import dataclass
 from functools import cached_property
@@ -236,17 +237,63 @@ def list_image_folder(root: str | os.PathLike, min_classes: int = 2) -> ImageFol
 def warn_alike_classes(root: Path, classes) -> None:
     """Say (once) that class folders differ only in case or in spaces around their names ('Cat' and 'cat', 'Dog'
     and 'Dog '): two classes, each with half of the photos, where the user meant one (on macOS or Windows they
-    would be one folder); they were taken as two without a word."""
+    would be one folder); they were taken as two without a word. So are names that are the same text in other
+    Unicode code points ('café' as one letter é, and as e + an accent, as a Mac writes it): two classes that
+    look like one everywhere they are shown, so they are named as ``ascii`` writes them."""
     groups: dict = {}
     for c in classes:
-        groups.setdefault(c.strip().casefold(), []).append(c)
+        groups.setdefault(alike_key(c), []).append(c)
     alike = [g for g in groups.values() if len(g) > 1]
     if alike:
-        named = "; ".join(" and ".join(repr(c) for c in g) for g in alike)
-        line = (f"class folders of {root} that differ only in case or spaces are taken as different classes: {named} "
+        coded = all(len({canonical_name(c) for c in g}) == 1 for g in alike)
+        named = "; ".join(" and ".join(ascii(c) if coded else repr(c) for c in g) for g in alike)
+        what = ("are the same name in other Unicode code points (NFC and NFD: a folder made on a Mac)" if coded else
+                "differ only in case or spaces")
+        line = (f"class folders of {root} that {what} are taken as different classes: {named} "
                 "(move the photos into one folder if they are one class)")
         if first_time(line):
             log.warning("%s", line)
+
+
+def canonical_name(name: str) -> str:
+    """``name`` in Unicode's composed form (NFC): 'café' the same however its é was written (one code point, or
+    e + a combining accent as macOS writes names): the same class name, whichever folder it comes from."""
+    return unicodedata.normalize("NFC", name)
+
+
+def alike_key(name: str) -> str:
+    """What class names that a person would take for one share: the same letters, case, spaces around it and the
+    Unicode form set aside."""
+    return canonical_name(name).strip().casefold()
+
+
+def class_index(classes, name: str) -> int:
+    """The index among ``classes`` (a model's) of the class named ``name`` (a test folder's or cache's): the same
+    name, else the same text in other Unicode code points (a test folder unpacked from a Mac's archive named its
+    'café' with e + accent; it was a class the model did not know, or a folder of photos of none of them); -1 for
+    none."""
+    classes = list(classes)
+    if name in classes:
+        return classes.index(name)
+    same = [i for i, c in enumerate(classes) if canonical_name(c) == canonical_name(name)]
+    return same[0] if len(same) == 1 else -1
+
+
+def unknown_classes(theirs, classes) -> list[str]:
+    """The names of ``theirs`` that are none of ``classes`` (``class_index``)."""
+    return [c for c in theirs if class_index(classes, c) < 0]
+
+
+def near_miss_text(unknown, classes, whose: str = "the model's") -> str:
+    """'; 'Cat' is the model's 'cat' but for case or spaces: ...' for each unknown class that is one of the model's
+    but for case or spaces around it (a test folder named 'Cat', 'Dog' for a model of 'cat', 'dog' was a folder
+    of photos of none of its classes, scored only for how many look unknown), or ''."""
+    pairs = [(u, c) for u in unknown for c in classes if alike_key(u) == alike_key(c)]
+    if not pairs:
+        return ""
+    said = ", ".join(f"{u!r} is {whose} {c!r}" for u, c in pairs)
+    folders = "the folder to its class name" if len(pairs) == 1 else "the folders to its class names"
+    return f"; {said} but for case or spaces: rename {folders}"
 
 
 def warn_loose(root: Path) -> None:

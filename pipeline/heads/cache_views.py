@@ -14,6 +14,7 @@ import torch
 
 from ..cache.feature_cache import FeatureCache
 from ..config import option_text
+from ..data.folders import class_index, near_miss_text, unknown_classes
 from ..errors import UsageError
 from .feature_views import (
     Normalizer,
@@ -149,11 +150,11 @@ class FeatureArray:
 def cache_classes_to_model(classes: list, cache) -> np.ndarray:
     """Each of the cache's class indices as the model's: a cache of some of the model's classes is scored as
     ``--data`` scores such a folder (matched by name); one with a class the model does not know is refused."""
-    unknown = [c for c in cache.classes if c not in classes]
+    unknown = unknown_classes(cache.classes, classes)
     if unknown:
         raise UsageError(f"cache {cache.path} has classes {unknown} the model does not know; its classes: "
-                         f"{', '.join(classes)}")
-    return np.array([list(classes).index(c) for c in cache.classes], dtype=np.int64)
+                         f"{', '.join(classes)}{near_miss_text(unknown, classes)}")
+    return np.array([class_index(classes, c) for c in cache.classes], dtype=np.int64)
 
 
 class Relabelled:

@@ -34,7 +34,7 @@ import torch
 from ..cache.feature_cache import FeatureCache, newest_cache, read_int8_observers, source_changes
 from ..cache.provenance import ROW_FEATURES, Provenance
 from ..config import FitHeadConfig, Placeholder, option_named, option_text, option_value
-from ..data.folders import POOL, TEST
+from ..data.folders import POOL, TEST, class_index
 from ..devices import resolve_device
 from ..errors import UsageError
 from ..files import check_output, one_line
@@ -460,14 +460,15 @@ def check_test_classes(test_data: Optional[str], classes) -> None:
     evaluate scores one: a small test set often lacks a class."""
     if not test_data:
         return
-    from ..data.folders import list_image_folder
+    from ..data.folders import list_image_folder, near_miss_text, unknown_classes
 
     theirs, ours = list_image_folder(test_data, min_classes=1).classes, list(classes)
-    unknown = [c for c in theirs if c not in ours]
+    unknown = unknown_classes(theirs, ours)
     if unknown:
+        hint = near_miss_text(unknown, ours, whose="the head's")
         raise UsageError(f"{option_value('test_data', test_data)} has the classes {', '.join(theirs)}, the head's are "
                          f"{', '.join(ours)} (unknown: {', '.join(unknown)}): a test folder holds some or all of "
-                         "the head's class folders")
+                         f"the head's class folders{hint}")
 
 
 def check_test_decoding(test_data: Optional[str], cache, path) -> None:
@@ -623,7 +624,7 @@ def relabelled_test(test, classes, said: Optional[set] = None):
     ``classes``' indices, matched by name (``Relabelled``); the head's classes it has no photos of are said in one
     line: the test figures leave them out (their per-class accuracy is None), as evaluate's do. ``said``: as
     ``warn_once``'s."""
-    missing = [c for c in classes if c not in test.classes]
+    missing = [c for i, c in enumerate(classes) if i not in {class_index(classes, t) for t in test.classes}]
     if missing:
         warn_once(said, f"the test set {test.path} has no photos of {', '.join(missing)}: those classes are not scored")
     return Relabelled(test, classes)

@@ -24,7 +24,7 @@ from torchvision import transforms as T
 
 from ..cache.feature_cache import CacheBusy, CacheError, FeatureCache
 from ..config import FinetuneConfig, TrainConfig, option_text
-from ..data.folders import list_image_folder, stratified_order
+from ..data.folders import canonical_name, class_index, list_image_folder, near_miss_text, stratified_order
 from ..data.image_reader import ImageListDataset, collate_items, file_digest, item_loader, iter_items, quiet_hangups
 from ..devices import resolve_device, resolve_precision, resolve_workers
 from ..errors import DiskFull, PipelineError, UsageError
@@ -303,11 +303,32 @@ def unseen_validation(val_idx: np.ndarray, listing, head_saw: tuple) -> tuple[np
     return val_idx, left_out, len(refit_saw)
 
 
+def classes_differ(model: list, data: list, root: str) -> str:
+    """Why a folder's classes are not the starting model's, in one line naming only the differences (it printed both
+    lists whole: 37 breeds twice to find the one folder added), and the names that are one of the model's in another
+    Unicode form or but for case or spaces said so."""
+    lack, extra = [c for c in model if c not in data], [c for c in data if c not in model]
+    parts = [f"it lacks {_some(lack)} of the model's" if lack else "",
+             f"it has {_some(extra)}, which the model has not" if extra else "",
+             "its classes are the model's in another order" if not (lack or extra) else ""]
+    coded = "".join(f"; {ascii(e)} is the model's {ascii(c)} in another Unicode form (as a Mac writes it): rename "
+                    "the folder" for e in extra for c in lack if canonical_name(e) == canonical_name(c))
+    hint = coded + near_miss_text([e for e in extra if class_index(lack, e) < 0], lack, whose="the model's")
+    hint = hint or "; rename or move its class folders to the model's classes"
+    return (f"data folder {root!r} has other classes than the starting model's {len(model)}: "
+            f"{'; '.join(p for p in parts if p)}{hint}")
+
+
+def _some(names: list, shown: int = 8) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(repr(c) for c in names[:shown]) + more
+
+
 def _train_run(cfg: TrainConfig, kind: str, lm, stages: list, listing, head_saw: tuple,
                held: contextlib.ExitStack, start_saw: Optional[dict] = None) -> TrainResult:
     """``_fit``'s run; ``held`` keeps the run folder's lock (``resume.training_into``) until it ends."""
     if list(listing.classes) != lm.classes:
-        raise UsageError(f"the model's classes {lm.classes} differ from the data's {list(listing.classes)}")
+        raise UsageError(classes_differ(lm.classes, list(listing.classes), str(listing.root)))
     train_idx, val_idx = sample_split(listing.labels, cfg.n, cfg.val_fraction, cfg.seed)
     val_idx, left_out, refit_saw = unseen_validation(val_idx, listing, head_saw)
     unlearnt_classes(None, lm.classes, listing, train_idx, None, cfg.n, val_idx, cfg.val_fraction)  # before work

@@ -24,6 +24,7 @@ import numpy as np
 
 from ..cache.feature_cache import FeatureCache
 from ..config import AuditConfig, ExtractConfig, FitHeadConfig, Placeholder, check_config, option_text, option_value
+from ..data.folders import canonical_name
 from ..data.moves import rename_to_free
 from ..errors import DeviceMissing, PackageMissing, PipelineError, UsageError
 from ..files import (SafeCsvWriter, atomic_write, check_output, check_replaceable, header_names, unshown,
@@ -277,7 +278,8 @@ def analyse(cfg: AuditConfig) -> dict:
         result["leaks"] = _leaks(cross, test, digests, paths)
         given = dict(zip(test["paths"], (test["classes"][y] for y in test["labels"])))  # by name: a subset of classes
         trained = dict(zip(paths, (classes[y] for y in labels)))
-        across = [lk for lk in result["leaks"] if given[lk["test"]] != trained[lk["train"]]]
+        across = [lk for lk in result["leaks"]  # 'café' the same class in either Unicode form (NFC, a Mac's NFD)
+                  if canonical_name(given[lk["test"]]) != canonical_name(trained[lk["train"]])]
         result["leaks_across_classes"] = len(across)
         warn_across_classes(result["leaks"], across, cfg.threshold)
         result["test_cache"], result["test_root"], result["test_rows"] = test["cache"], test["root"], len(test["paths"])

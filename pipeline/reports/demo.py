@@ -135,8 +135,8 @@ def next_steps(steps: dict, data: Path, runs_dir: str) -> dict:
         "cache": cache, "checkpoint": str(head), "curves": curves,
         "history": str(Path(curves).with_name("history.json")) if curves else None,
         "commands": [
-            f"python cli.py predict {data / some_image} --model {head}",
-            f"python cli.py evaluate --model {head}",
-            f"python cli.py runs --runs-dir {runs_dir}",
+            f"python cli.py predict {shlex.quote(str(data / some_image))} --model {shlex.quote(str(head))}",
+            f"python cli.py evaluate --model {shlex.quote(str(head))}",
+            f"python cli.py runs --runs-dir {shlex.quote(str(runs_dir))}",
         ],
     }

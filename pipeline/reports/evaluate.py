@@ -20,7 +20,8 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from ..cache.feature_cache import CacheBusy, CacheError, FeatureCache
 from ..cache.provenance import ROW_FEATURES, Preprocessing, check_cache_fits
 from ..config import EvaluateConfig, Placeholder, check_config, option_text, option_value
-from ..data.folders import ImageLoadError, list_image_folder, load_rgb, thumbnail
+from ..data.folders import (ImageLoadError, class_index, list_image_folder, load_rgb, near_miss_text, thumbnail,
+                            unknown_classes)
 from ..devices import resolve_device
 from ..errors import UsageError
 from ..files import check_output, write_json, writing
@@ -110,13 +111,11 @@ def head_on_cache(model_path: str, ckpt: dict, cfg: EvaluateConfig, labelled: bo
                      path, cache.n, cache.attrs["backbone"], cache.attrs["created"], option_text("cache"))
         check_cache_fits(ckpt, cache, ROW_FEATURES)
         head = _head(model_path, ckpt, device)
-        theirs = [c for c in cache.classes if c in ckpt["classes"]]
-        if not labelled or (not theirs and head.has_unknown):
+        to_model = np.array([class_index(ckpt["classes"], c) for c in cache.classes], dtype=np.int64)
+        if not labelled or is_foreign(cache.classes, ckpt["classes"], head.has_unknown):
             if labelled:
                 log.info("none of the classes of %s is the model's: measuring how many of its rows are flagged "
                          "unknown", path)
-            to_model = np.array([list(ckpt["classes"]).index(c) if c in ckpt["classes"] else -1
-                                 for c in cache.classes], dtype=np.int64)
         else:
             to_model = cache_classes_to_model(ckpt["classes"], cache)
         own = cache.attrs["fingerprint"] == ckpt["cache_fingerprint"]
@@ -185,7 +184,7 @@ def predict_folder(data: str, classes: list, transform, model, cfg: EvaluateConf
         log.info("none of the classes of %s is the model's: measuring how many of its photos are flagged unknown",
                  data)
     seen = warn_if_trained_on(cfg.model, ckpt, data, listing) if ckpt is not None and not foreign else ""
-    to_model = [-1 if foreign else classes.index(c) for c in listing.classes]
+    to_model = [-1 if foreign else class_index(classes, c) for c in listing.classes]
     items = read_images([(f.path, to_model[f.label]) for f in listing.files], transform, model, cfg.batch_size,
                         cfg.workers, listing.root)
     got = ImageOutputs().collect(progress(iter_log_proba(model, items, cfg.batch_size), total=len(listing.files),
@@ -201,12 +200,20 @@ def predict_folder(data: str, classes: list, transform, model, cfg: EvaluateConf
 def check_folder_classes(data: str, folder_classes: list, classes: list, has_unknown: bool) -> bool:
     """Whether the folder is of photos of none of the model's ``classes`` (foreign: scored by its unknown score);
     a class of the folder the model does not know is refused otherwise, one line naming them."""
-    unknown = [c for c in folder_classes if c not in classes]
-    foreign = len(unknown) == len(folder_classes) and has_unknown
+    foreign = is_foreign(folder_classes, classes, has_unknown)
+    unknown = unknown_classes(folder_classes, classes)
     if unknown and not foreign:
         raise UsageError(f"data folder {data!r} has classes {unknown} the model does not know; "
-                         f"its classes: {', '.join(classes)}")
+                         f"its classes: {', '.join(classes)}{near_miss_text(unknown, classes)}")
     return foreign
+
+
+def is_foreign(theirs: list, classes: list, has_unknown: bool) -> bool:
+    """Whether a folder's (or cache's) classes ``theirs`` are none of the model's ``classes``, none of them one of
+    the model's but for case or spaces ('Cat' for 'cat': refused, naming the two), and the model has an unknown
+    score to measure them by."""
+    unknown = unknown_classes(theirs, classes)
+    return has_unknown and len(unknown) == len(theirs) and not near_miss_text(unknown, classes)
 
 
 def model_on_folder(model_path: str, ckpt: dict, cfg: EvaluateConfig) -> Predictions:

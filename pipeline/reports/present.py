@@ -247,8 +247,9 @@ def evaluate_text(result: EvaluateResult) -> str:
     return "\n".join(lines)
 
 
-def audit_text(r: AuditResult | FixesResult, top: int = 20) -> str:
-    """The audit (or its --apply, --undo) as the lines a person reads on stdout."""
+def audit_text(r: AuditResult | FixesResult, top: int = 20, cache_dir: str = "features", runs_dir: str = "runs") -> str:
+    """The audit (or its --apply, --undo) as the lines a person reads on stdout; ``cache_dir`` and ``runs_dir``:
+    the audit's, which the --apply command it prints passes on where they are not the defaults."""
     from ..data.apply_fixes import FixesResult
 
     if isinstance(r, FixesResult):
@@ -291,8 +292,20 @@ def audit_text(r: AuditResult | FixesResult, top: int = 20) -> str:
         lines += _more(r.unreadable, top)
     lines += ["", f"report: {r.html}", *([f"gallery: {r.gallery}"] if r.gallery else []),  # none: no label issue
               f"to fix: review {r.fixes} (action relabel / remove / keep), then "
-              f"python cli.py audit --data {r.data_root} --apply {r.fixes}"]
+              f"{apply_command(r, cache_dir, runs_dir)}"]
     return "\n".join(lines)
+
+
+def apply_command(r: AuditResult, cache_dir: str, runs_dir: str) -> str:
+    """The command that applies the reviewed list, as a shell takes it: its paths quoted (a folder 'my pets' was
+    printed bare, two words to the shell), and the audit's --cache-dir and --runs-dir where not the defaults (its
+    refresh looked for the folder's cache in features/ and found none: the next fit-head trained on the old
+    labels' cache; its run folder went to runs/)."""
+    words = ["python cli.py audit", "--data", r.data_root, "--apply", r.fixes]
+    for option, value, default in (("--cache-dir", cache_dir, "features"), ("--runs-dir", runs_dir, "runs")):
+        if value and str(value) != default:
+            words += [option, str(value)]
+    return " ".join([words[0], *(w if w.startswith("--") else shlex.quote(w) for w in words[1:])])
 
 
 #: Photos of one duplicate group listed on stdout (report.json and the HTML page name them all).
