@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import os
 import re
 import shutil
@@ -35,19 +36,8 @@ def _host() -> str:
 
 def new_run_dir(runs_dir: str, kind: str) -> Path:
     """A fresh ``runs_dir/<stamp>-<kind>`` folder (suffixed -2, -3, ... when the second is taken)."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = Path(runs_dir) / f"{stamp}-{kind}"
-    d, k = base, 1
-    while True:
-        try:
-            with writing(d):
-                d.mkdir(parents=True)  # not exist_ok: a run started in the same second may take it first
-            return d
-        except FileExistsError as e:
-            if e.filename != str(d):  # not this folder taken by another run: raised as it is
-                raise
-            k += 1
-            d = base.with_name(f"{base.name}-{k}")
+    base = Path(runs_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}-{kind}"
+    return _first_made(base.with_name(f"{base.name}-{k}" if k > 1 else base.name) for k in itertools.count(1))
 
 
 def staged_run_dir(runs_dir: str, kind: str) -> Path:
@@ -55,17 +45,21 @@ def staged_run_dir(runs_dir: str, kind: str) -> Path:
     ``publish_run_dir`` gives it its name; the ones of this machine's processes that are gone (``kill -9``) are
     removed first."""
     clear_dead_staged(runs_dir)
-    stamp, k = time.strftime("%Y%m%d-%H%M%S"), 1
-    while True:
-        d = Path(runs_dir) / f".{stamp}-{kind}.{k}.{_host()}.{os.getpid()}.tmp"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return _first_made(Path(runs_dir) / f".{stamp}-{kind}.{k}.{_host()}.{os.getpid()}.tmp" for k in itertools.count(1))
+
+
+def _first_made(names) -> Path:
+    """The first of ``names`` made as a new folder (not exist_ok: a run started in the same second, or another
+    thread of this process, may take one first); another error is raised as it is."""
+    for d in names:
         try:
             with writing(d):
-                d.mkdir(parents=True)  # not exist_ok: another thread of this process may take it first
+                d.mkdir(parents=True)
             return d
         except FileExistsError as e:
-            if e.filename != str(d):
+            if e.filename != str(d):  # not this folder taken by another run
                 raise
-            k += 1
 
 
 def is_staged(d: Optional[Path]) -> bool:
