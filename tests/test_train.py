@@ -538,12 +538,13 @@ def test_a_full_disk_at_an_epoch_save_says_what_is_kept_and_how_to_resume(tmp_pa
         return real(obj, f, *a, **k)
 
     monkeypatch.setattr(checkpoints.torch, "save", second_save_fails)
-    args = _train_args(tmp_path, image_folder)
+    runs = tmp_path / "my runs"  # the --resume it gives is quoted as Ctrl-C's is (it was not: two words in a shell)
+    args = [*_train_args(tmp_path, image_folder)[:-2], "--runs-dir", str(runs)]
     full = CliRunner().invoke(cli.cli, args)
-    run_dir = next(d for d in (tmp_path / "runs").iterdir() if d.is_dir())
+    run_dir = next(d for d in runs.iterdir() if d.is_dir())
     assert full.exit_code == 1 and "no space left on the device" in full.stderr
     assert (f"1 of 3 epochs are kept in {run_dir}/model.pt: make room, then run the same command with "
-            f"--resume {run_dir}") in full.stderr
+            f"--resume '{run_dir}'") in full.stderr
     monkeypatch.setattr(checkpoints.torch, "save", real)
     assert CliRunner().invoke(cli.cli, [*args, "--resume", str(run_dir)]).exit_code == 0
 
