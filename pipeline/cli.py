@@ -496,7 +496,7 @@ def demo(as_json, **options):
 @library_errors
 def train(as_json, **options):
     """Train a new head on images end to end, backbone frozen; saves runs/<stamp>-train/model.pt."""
-    result = interruptible_training(lambda: api.train_model(options.pop("data"), verbose=None, **options))
+    result = interruptible_training(lambda: api.train_model(options.pop("data"), verbose=None, **options), as_json)
     emit(result, as_json, present.train_text(result))
 
 
@@ -507,14 +507,15 @@ def train(as_json, **options):
 def finetune(as_json, **options):
     """Unfreeze the backbone (or its last K blocks) and train at a low rate; saves runs/<stamp>-finetune/model.pt."""
     result = interruptible_training(lambda: api.finetune_model(options.pop("data"), options.pop("init_head"),
-                                                               verbose=None, **options))
+                                                               verbose=None, **options), as_json)
     emit(result, as_json, present.train_text(result))
 
 
-def interruptible_training(run):
+def interruptible_training(run, as_json: bool = False):
     """A train / finetune run's result; on Ctrl-C, what was kept and the command that resumes it (exit 130);
     SIGTERM or SIGHUP (a scheduler's stop) says what was kept too, then exits 143 or 129. A --resume of a finished
-    run that only appended its missing ledger line says so and exits 0 (nothing on stdout: no run was made)."""
+    run that only appended its missing ledger line says so on stderr and exits 0; with --json, one object on stdout
+    says so too (``RunFinished.to_dict``: it printed nothing, and a script reading stdout found no JSON)."""
     from .errors import RunFinished
     from .files import Terminated, unwinding_on_signals
     from .models.resume import TrainingInterrupted, TrainingTerminated
@@ -526,6 +527,8 @@ def interruptible_training(run):
         if not e.line_appended:
             raise
         click.echo(str(e), err=True)
+        if as_json:
+            click.echo(json_text(e.to_dict(), indent=2, default=str))
         sys.exit(0)
     except TrainingTerminated as e:  # what was kept is said, with the command that resumes, as on Ctrl-C
         click.echo(present.train_interrupted(e, current_command()), err=True)
