@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import re
+import shlex
 import sys
 import warnings
 
@@ -109,6 +110,30 @@ def _own_options(root) -> set:
     return {name for p in root.command.params for name in (*p.opts, *p.secondary_opts)}
 
 
+def _dash_file_hint(ctx, option: str, args) -> str:
+    """'; for a file named ..., put -- before it: COMMAND' where the unknown option is the start of a file name given
+    to a command that takes files (``predict -dash/x.jpg`` was "No such option '-d'" with no word of how to name
+    such a file), or ''. COMMAND is the one given, those names moved behind ``--``."""
+    if not any(isinstance(p, click.Argument) for p in ctx.command.params):
+        return ""
+    args = [str(a) for a in args]
+    given = args[:args.index("--")] if "--" in args else args
+    takes_value = {o for p in ctx.command.params if isinstance(p, click.Option) and not p.is_flag and not p.count
+                   for o in p.opts}
+    files = [t for i, t in enumerate(given) if t.startswith("-") and _file_like(t)
+             and t.split("=")[0] not in takes_value and not (i and given[i - 1] in takes_value)]
+    if not any(t.startswith(option) for t in files):
+        return ""
+    rest = [t for t in args if t not in files and t != "--"]
+    line = shlex.join(["python", "cli.py", ctx.info_name, *rest, "--", *files])
+    return f"; for a file named {files[0]!r}, put -- before it: {line}"
+
+
+def _file_like(token: str) -> bool:
+    """Whether a word is more likely a file's name than an option: it exists, or holds a '/' or a file suffix."""
+    return os.path.lexists(token) or "/" in token or os.path.splitext(token)[1][1:].isalpha()
+
+
 class _OneLineErrors:
     """Click's own usage errors (a bad --lr, a missing argument, an unknown command) as one line too."""
 
@@ -121,7 +146,8 @@ class _OneLineErrors:
             if ctx.parent is not None and e.option_name in _own_options(ctx.find_root()):  # 'predict -q' 
                 raise OneLineUsageError(f"{e.option_name} goes before the command: python cli.py {e.option_name} "
                                         f"{ctx.info_name} ...", ctx) from None
-            raise OneLineUsageError(f"{e.format_message()} (see '{ctx.command_path} --help')", ctx) from None
+            raise OneLineUsageError(f"{e.format_message()} (see '{ctx.command_path} --help')"
+                                    f"{_dash_file_hint(ctx, e.option_name, args[0] if args else ())}", ctx) from None
         except click.UsageError as e:
             raise OneLineUsageError(f"{e.format_message()} (see '{ctx.command_path} --help')", ctx) from None
 
@@ -470,7 +496,7 @@ def demo(as_json, **options):
 @library_errors
 def train(as_json, **options):
     """Train a new head on images end to end, backbone frozen; saves runs/<stamp>-train/model.pt."""
-    result = interruptible_training(lambda: api.train_model(options.pop("data"), verbose=None, **options))
+    result = interruptible_training(lambda: api.train_model(options.pop("data"), verbose=None, **options), as_json)
     emit(result, as_json, present.train_text(result))
 
 
@@ -481,14 +507,15 @@ def train(as_json, **options):
 def finetune(as_json, **options):
     """Unfreeze the backbone (or its last K blocks) and train at a low rate; saves runs/<stamp>-finetune/model.pt."""
     result = interruptible_training(lambda: api.finetune_model(options.pop("data"), options.pop("init_head"),
-                                                               verbose=None, **options))
+                                                               verbose=None, **options), as_json)
     emit(result, as_json, present.train_text(result))
 
 
-def interruptible_training(run):
+def interruptible_training(run, as_json: bool = False):
     """A train / finetune run's result; on Ctrl-C, what was kept and the command that resumes it (exit 130);
     SIGTERM or SIGHUP (a scheduler's stop) says what was kept too, then exits 143 or 129. A --resume of a finished
-    run that only appended its missing ledger line says so and exits 0 (nothing on stdout: no run was made)."""
+    run that only appended its missing ledger line says so on stderr and exits 0; with --json, one object on stdout
+    says so too (``RunFinished.to_dict``: it printed nothing, and a script reading stdout found no JSON)."""
     from .errors import RunFinished
     from .files import Terminated, unwinding_on_signals
     from .models.resume import TrainingInterrupted, TrainingTerminated
@@ -500,6 +527,8 @@ def interruptible_training(run):
         if not e.line_appended:
             raise
         click.echo(str(e), err=True)
+        if as_json:
+            click.echo(json_text(e.to_dict(), indent=2, default=str))
         sys.exit(0)
     except TrainingTerminated as e:  # what was kept is said, with the command that resumes, as on Ctrl-C
         click.echo(present.train_interrupted(e, current_command()), err=True)

@@ -17,11 +17,19 @@ class UsageError(ValueError):
 class RunFinished(UsageError):
     """``--resume`` of a finished run: nothing to train (exit 2). ``line_appended``: its ledger line, which a kill
     between its finished model.pt and the line cut off, was appended now; that was all there was left to do, so the
-    CLI says so and exits 0."""
+    CLI says so and exits 0. ``run_dir``, ``ledger``: the finished run's folder and the ledger the line went to."""
 
-    def __init__(self, message: str, line_appended: bool = False):
+    def __init__(self, message: str, line_appended: bool = False, run_dir: Optional[str] = None,
+                 ledger: Optional[str] = None):
         super().__init__(message)
-        self.line_appended = line_appended
+        self.line_appended, self.run_dir, self.ledger = line_appended, run_dir, ledger
+
+    def to_dict(self) -> dict:
+        """What --json prints for a --resume that only appended the line: the run, as train's own result names it
+        (``run_dir``, ``checkpoint``), and that its ledger line was appended to ``ledger``; no epoch was run."""
+        return {"run_dir": self.run_dir, "checkpoint": str(Path(self.run_dir) / "model.pt"), "finished": True,
+                "epochs_run": 0, "ledger_line_appended": self.line_appended, "ledger": self.ledger,
+                "message": str(self)}
 
 
 class PipelineError(RuntimeError):

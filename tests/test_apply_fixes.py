@@ -498,3 +498,24 @@ def test_applying_again_after_a_killed_apply_names_its_journal_and_the_undo(tmp_
     undo_fixes(journal)
     assert snapshot(data) == before
     assert apply_fixes(fixes, data, tmp_path / "runs" / "3-audit-apply").moved == 3
+
+
+def test_a_path_written_in_another_unicode_form_is_the_folders_file(tmp_path):
+    """A list edited on a Mac writes 'blé/café.jpg' with e + accent (NFD) where the folder's names are one letter
+    each (NFC), or the other way round: each row was 'no such file among the folder's photos' though the photo is
+    there. It is that photo; the same photo named in both forms on two lines is one file, refused as such."""
+    data = make_image_folder(tmp_path / "data", per_class=3)
+    (data / "blue").rename(data / "bl\u00e9")
+    (data / "red" / "red.0.jpg").rename(data / "red" / "caf\u00e9.jpg")
+    (data / "red" / "red.1.jpg").rename(data / "red" / "nai\u0308ve.jpg")  # NFD on disk, NFC in the list
+    fixes = tmp_path / "fixes.csv"
+    fixes.write_text("path,action,new_class\nred/cafe\u0301.jpg,relabel,bl\u00e9\nred/na\u00efve.jpg,remove,\n"
+                     "ble\u0301/blue.0.jpg,relabel,red\n", encoding="utf-8")
+    result = apply_fixes(fixes, data, tmp_path / "run")
+    assert (result.relabel, result.remove) == (2, 1)
+    assert (data / "bl\u00e9" / "caf\u00e9.jpg").is_file() and (data / "red" / "blue.0.jpg").is_file()
+    assert (Path(result.quarantine) / "red" / "nai\u0308ve.jpg").is_file()
+    fixes.write_text("path,action,new_class\nred/red.2.jpg,remove,\nred/red.2.jpg,keep,\n"
+                     "bl\u00e9/blue.1.jpg,remove,\nble\u0301/blue.1.jpg,remove,\n", encoding="utf-8")
+    with pytest.raises(UsageError, match=r"line 5 \(ble\u0301/blue.1.jpg\): the same file as line 4"):
+        apply_fixes(fixes, data, tmp_path / "run2")

@@ -720,3 +720,35 @@ def test_a_bad_entry_added_since_the_cache_was_made_is_listed(tmp_path):
     report = sorted((tmp_path / "runs").glob("*-audit*"))[-1]
     assert sorted(u["path"] for u in json.loads((report / "report.json").read_text())["unreadable"]) == [
         "blue/caf\\xe9.jpg", "red/gone.jpg"]
+
+
+def test_an_audit_run_folder_appears_with_all_its_files_naming_the_folder_they_are_in(tmp_path, monkeypatch):
+    """audit's run folder was made first and filled after: a kill -9 while report.html, report.json and fixes.csv
+    were written left a folder of some of them. It is written hidden and appears whole; where another run took its
+    name meanwhile, report.json names the folder it got."""
+    import pipeline.reports.audit as audit_mod
+    from pipeline.runs import run_folders
+
+    data, runs = photos(tmp_path / "data", per_class=6, classes=("blue", "red")), tmp_path / "runs"
+    args = dict(folds=3, cache_dir=str(tmp_path / "features"), runs_dir=str(runs), **TINY)
+
+    def killed(*a, **k):
+        raise SystemExit(137)  # the process ends here, before fixes.csv
+
+    monkeypatch.setattr(audit_mod, "write_fixes_csv", killed)
+    with pytest.raises(SystemExit):
+        pipeline.audit_folder(data, **args)
+    assert not runs.exists() or [p.name for p in runs.iterdir() if not p.name.startswith(".")] == []
+    monkeypatch.undo()
+    real = run_folders.publish_run_dir
+
+    def taken_meanwhile(staged):
+        run_folders.meant_name(staged).mkdir(parents=True)  # another audit of the same second
+        return real(staged)
+
+    monkeypatch.setattr(run_folders, "publish_run_dir", taken_meanwhile)
+    r = pipeline.audit_folder(data, **args)
+    out = Path(r.report).parent
+    saved = json.loads(Path(r.report).read_text())
+    assert out.name.endswith("-audit-2") and saved["output"] == r.output == str(out)
+    assert saved["html"] == r.html == str(out / "report.html") and Path(r.fixes).is_file()

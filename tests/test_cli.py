@@ -211,3 +211,19 @@ def test_an_empty_name_of_a_folder_option_whose_default_is_none_given_is_refused
     monkeypatch.setattr("pipeline.extraction.extract.extract", lambda cfg: seen.update(vars(cfg)) or 1 / 0)
     CliRunner().invoke(cli, ["extract", "--data", "d"])
     assert seen["calib_data"] == "" and seen["shard_dir"] == ""
+
+
+@pytest.mark.parametrize("args, hint", [
+    (["predict", "-dash/x.jpg", "--model", "m.pt"], "; for a file named '-dash/x.jpg', put -- before it: "
+                                                    "python cli.py predict --model m.pt -- -dash/x.jpg"),
+    (["predict", "a.jpg", "--output=-o.csv", "-x.png"], "put -- before it: python cli.py predict a.jpg "
+                                                        "--output=-o.csv -- -x.png"),
+    (["predict", "-z"], None),  # no file's name: click's words alone
+    (["fit-head", "-x.jpg"], None),  # a command that takes no files
+])
+def test_a_photo_named_with_a_leading_dash_is_hinted_to_follow_a_double_dash(run, args, hint):
+    """'predict -dash/x.jpg' was "No such option '-d'" with no word of how to give such a file."""
+    r = run(*args)
+    err = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.exit_code == 2 and len(err) == 1 and "No such option" in err[0], r.stderr
+    assert (hint in err[0]) if hint else "put -- before it" not in err[0], err[0]

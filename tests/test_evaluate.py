@@ -621,3 +621,34 @@ def test_val_of_another_cache_counts_the_heads_training_photos_or_says_why_it_ca
         evaluate(EvaluateConfig(model=head, cache=other, split="all", runs_dir=str(tmp_path / "r")))
     assert f"cannot tell whether rows of {other} are photos the head was fitted on (its cache {own} is gone)" \
         in caplog.text
+
+
+def test_a_run_folder_appears_with_all_its_files_naming_the_folder_they_are_in(tmp_path, head_run, monkeypatch):
+    """evaluate's run folder was made first and filled after: a kill -9 while its pictures were drawn left a
+    folder of half of them, no metrics.json. It is written hidden and appears whole (as fit-head's); where another
+    run took its name meanwhile, metrics.json names the folder it got."""
+    import pipeline.reports.evaluate as ev
+    from pipeline.runs import run_folders
+
+    runs = tmp_path / "evaluations"
+
+    def killed(*a, **k):
+        raise SystemExit(137)  # the process ends here, before metrics.json
+
+    monkeypatch.setattr(ev, "write_json", killed)
+    with pytest.raises(SystemExit):
+        evaluate(EvaluateConfig(model=head_run.checkpoint, runs_dir=str(runs)))
+    assert [p.name for p in runs.iterdir() if not p.name.startswith(".")] == []
+    monkeypatch.undo()
+    real = run_folders.publish_run_dir
+
+    def taken_meanwhile(staged):
+        run_folders.meant_name(staged).mkdir()  # another evaluate of the same second
+        return real(staged)
+
+    monkeypatch.setattr(run_folders, "publish_run_dir", taken_meanwhile)
+    r = evaluate(EvaluateConfig(model=head_run.checkpoint, runs_dir=str(runs)))
+    saved = json.loads(Path(r.run_dir, "metrics.json").read_text())
+    assert r.run_dir.endswith("-evaluate-2") and saved["run_dir"] == r.run_dir
+    assert saved["confusion_png"] == r.confusion_png == str(Path(r.run_dir, "confusion.png"))
+    assert Path(r.confusion_png).is_file() and read_runs(runs)[0]["outputs"][0] == r.confusion_png

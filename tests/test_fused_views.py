@@ -114,8 +114,12 @@ def test_fit_head_takes_cache_twice_on_the_command_line_and_the_api_a_list(two_c
 def test_caches_of_other_photos_or_classes_are_refused_in_one_line(photos, make_cache, tmp_path):
     a = make_cache(photos).cache
     fewer = make_cache(photos, backbone="tiny_wide", n=30, cache_dir=str(tmp_path / "fewer")).cache
-    with pytest.raises(UsageError, match=r"do not hold the same photos: 18 of the first's 48 are not in the second"):
+    with pytest.raises(UsageError, match=r"do not hold the same photos: 18 of the first's 48 are not in the second "
+                                         r"\(e\.g\. [^)]*\) \(a photo counts"):  # and not '0 of the second's 30 are'
         fit_head(FitHeadConfig(cache=[a, fewer], runs_dir=str(tmp_path / "runs")))
+    with pytest.raises(UsageError, match=r"do not hold the same photos: 18 of the second's 48 are not in the first "
+                                         r"\(e\.g\. [^)]*\) \(a photo counts"):
+        fit_head(FitHeadConfig(cache=[fewer, a], runs_dir=str(tmp_path / "runs")))
     relabelled = tmp_path / "relabelled"
     shutil.copytree(photos, relabelled)
     (relabelled / "green" / "green.0.jpg").rename(relabelled / "red" / "green.0.jpg")  # the same photo, another class

@@ -538,12 +538,13 @@ def test_a_full_disk_at_an_epoch_save_says_what_is_kept_and_how_to_resume(tmp_pa
         return real(obj, f, *a, **k)
 
     monkeypatch.setattr(checkpoints.torch, "save", second_save_fails)
-    args = _train_args(tmp_path, image_folder)
+    runs = tmp_path / "my runs"  # the --resume it gives is quoted as Ctrl-C's is (it was not: two words in a shell)
+    args = [*_train_args(tmp_path, image_folder)[:-2], "--runs-dir", str(runs)]
     full = CliRunner().invoke(cli.cli, args)
-    run_dir = next(d for d in (tmp_path / "runs").iterdir() if d.is_dir())
+    run_dir = next(d for d in runs.iterdir() if d.is_dir())
     assert full.exit_code == 1 and "no space left on the device" in full.stderr
     assert (f"1 of 3 epochs are kept in {run_dir}/model.pt: make room, then run the same command with "
-            f"--resume {run_dir}") in full.stderr
+            f"--resume '{run_dir}'") in full.stderr
     monkeypatch.setattr(checkpoints.torch, "save", real)
     assert CliRunner().invoke(cli.cli, [*args, "--resume", str(run_dir)]).exit_code == 0
 
@@ -885,8 +886,9 @@ def test_resuming_a_run_killed_before_its_ledger_line_appends_the_line_once(tmp_
     """train killed (kill -9) after writing the finished model.pt, before appending its ledger line: the run was
     finished with no line ('runs' never showed it), and --resume RUN said only "a finished run's; nothing to
     resume". Now that --resume appends the line (and says so); another --resume finds it and appends none. The
-    --resume that appended it did all there was to do: exit 0 (it exited 2, as a refused resume), nothing on
-    stdout (no run was made); the next ones are refused as any resume of a finished run (exit 2)."""
+    --resume that appended it did all there was to do: exit 0 (it exited 2, as a refused resume), with --json one
+    object on stdout saying so (it printed nothing: a script reading stdout found no JSON); the next ones are refused
+    as any resume of a finished run (exit 2)."""
     from pipeline.runs import run_folders
     from pipeline.runs.ledger import read_runs
 
@@ -902,10 +904,13 @@ def test_resuming_a_run_killed_before_its_ledger_line_appends_the_line_once(tmp_
     run_dir = next(d for d in runs.iterdir() if d.is_dir())
     assert "resume" not in torch.load(run_dir / "model.pt", weights_only=True) and read_runs(runs) == []
     again = CliRunner().invoke(cli.cli, [*args, "--resume", str(run_dir)])
-    assert again.exit_code == 0 and again.stdout == "", again.output
-    assert again.stderr.strip().splitlines()[-1] == (
-        f"--resume '{run_dir}': a finished run whose ledger line was missing (stopped between writing model.pt and "
-        f"the line): appended it to {runs / 'ledger.jsonl'}; nothing left to train")
+    assert again.exit_code == 0, again.output
+    said = (f"--resume '{run_dir}': a finished run whose ledger line was missing (stopped between writing model.pt and "
+            f"the line): appended it to {runs / 'ledger.jsonl'}; nothing left to train")
+    assert again.stderr.strip().splitlines()[-1] == said
+    assert json.loads(again.stdout) == {"run_dir": str(run_dir), "checkpoint": str(run_dir / "model.pt"),
+                                        "finished": True, "epochs_run": 0, "ledger_line_appended": True,
+                                        "ledger": str(runs / "ledger.jsonl"), "message": said}
     (line,) = read_runs(runs)
     assert line["kind"] == "train" and line["backbone"] == "tiny" and line["params"]["epochs"] == 1
     assert str(run_dir / "model.pt") in line["outputs"] and set(line["metrics"]) >= {"val_acc", "val_loss"}

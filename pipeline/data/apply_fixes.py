@@ -27,7 +27,7 @@ from ..config import AUDIT_ACTIONS, option_text, option_value
 from ..errors import PipelineError, UsageError
 from ..files import check_output, csv_cell_read, json_text
 from .check_images import check_apart, default_quarantine_dir
-from .folders import class_index, is_image_name, is_skipped_folder, list_image_folder
+from .folders import canonical_name, class_index, is_image_name, is_skipped_folder, list_image_folder
 from .image_reader import file_digest
 from .moves import changing_folder, link_on_the_way, move_no_replace, partial_copies
 
@@ -77,6 +77,7 @@ def plan_moves(rows: list[dict], root: Path, qdir: Path) -> list[dict]:
     """(action, from, to) for every row, or UsageError naming every problem before anything moves."""
     listing = list_image_folder(root)
     classes, listed = set(listing.classes), {f.path for f in listing.files}
+    forms = listed_forms(listed)
     problems, moves, taken, line_of = [], [], {}, {}
     for r in rows:
         rel = r["path"]
@@ -85,7 +86,7 @@ def plan_moves(rows: list[dict], root: Path, qdir: Path) -> list[dict]:
         if not rel or PurePosixPath(rel).is_absolute() or ".." in parts or len(parts) < 2:
             problems.append(f"{where}: not a path inside the data folder (class/name)")
             continue
-        key = PurePosixPath(rel).as_posix()  # 'a//b' and 'a/./b' are 'a/b': one file, however written
+        key = listed_name(PurePosixPath(rel).as_posix(), listed, forms)  # 'a//b' and 'a/./b' are 'a/b'
         if key in line_of:
             problems.append(f"{where}: the same file as line {line_of[key]}")
             continue
@@ -106,7 +107,7 @@ def plan_moves(rows: list[dict], root: Path, qdir: Path) -> list[dict]:
                                 f"{', '.join(sorted(classes))}")
                 continue
             new_class = listing.classes[k]
-            if new_class == parts[0]:
+            if new_class == PurePosixPath(key).parts[0]:
                 problems.append(f"{where}: already in class {new_class!r}")
                 continue
             dst = root / new_class / name
@@ -135,6 +136,24 @@ def plan_moves(rows: list[dict], root: Path, qdir: Path) -> list[dict]:
         rows = "1 row of the list cannot" if len(problems) == 1 else f"{len(problems)} rows of the list cannot"
         raise UsageError(f"nothing was moved: {rows} be applied:\n  {shown}{more}")
     return moves
+
+
+def listed_forms(listed) -> dict:
+    """Each listed path's composed (NFC) form, and the listed paths of it."""
+    forms: dict = {}
+    for path in listed:
+        forms.setdefault(canonical_name(path), []).append(path)
+    return forms
+
+
+def listed_name(key: str, listed, forms: dict) -> str:
+    """The folder's own name of the file ``key`` names: itself, else the one listed file that is the same text in
+    other Unicode code points (a list edited on a Mac writes 'café.jpg' e + accent, NFD; it was 'no such file' for a
+    'café.jpg' written as one letter, and so the other way round). ``key`` where there is none, or several."""
+    if key in listed:
+        return key
+    same = forms.get(canonical_name(key), [])
+    return same[0] if len(same) == 1 else key
 
 
 def _append(journal, record: dict, sync: bool = True) -> None:

@@ -92,13 +92,15 @@ def match_rows(reference: FeatureCache, other: FeatureCache) -> np.ndarray:
     ref_keys, keys = _row_keys(reference), _row_keys(other)
     where = {k: i for i, k in enumerate(keys)}
     lacking = [i for i, k in enumerate(ref_keys) if k not in where]
-    extra = len(keys) - (len(ref_keys) - len(lacking))
+    held = set(ref_keys)
+    extra = [i for i, k in enumerate(keys) if k not in held]
     if lacking or extra:
-        example = f" (e.g. {reference.paths[lacking[0]]})" if lacking else ""
-        raise UsageError(f"{reference.path} and {other.path} do not hold the same photos: {len(lacking)} of the "
-                         f"first's {len(ref_keys)} {_are(len(lacking))} not in the second{example}, {extra} of the "
-                         f"second's {len(keys)} {_are(extra)} not in the first (a photo counts by its content and "
-                         "class); extract both "
+        ways = [f"{len(rows)} of the {whose} {len(ks)} {_are(len(rows))} not in the {other_one} (e.g. "
+                f"{cache.paths[rows[0]]})" for rows, whose, ks, other_one, cache in (
+                    (lacking, "first's", ref_keys, "second", reference), (extra, "second's", keys, "first", other))
+                if rows]  # only the way(s) that differ: '0 of the second's 30 are not in the first' said nothing
+        raise UsageError(f"{reference.path} and {other.path} do not hold the same photos: {', '.join(ways)} (a photo "
+                         "counts by its content and class); extract both "
                          f"from the same folder with the same {option_text('n')} and {option_text('seed')}")
     return np.array([where[k] for k in ref_keys], np.int64)
 

@@ -108,7 +108,7 @@ def read_resume(cfg, kind: str, recorded: dict, digest: str, sample: tuple) -> d
         if appended:
             raise RunFinished(f"{option_value('resume', cfg.resume)}: a finished run whose ledger line was missing "
                               f"(stopped between writing model.pt and the line): appended it to {appended}; nothing "
-                              "left to train", line_appended=True)
+                              "left to train", line_appended=True, run_dir=str(cfg.resume), ledger=str(appended))
         raise RunFinished(f"{option_value('resume', cfg.resume)}: its model.pt is a finished run's; nothing to resume")
     check_resume_fields(ckpt, path)
     from .whole_models import check_trunk

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -510,7 +511,7 @@ def with_epochs_kept(error: PipelineError, kept: TrainingInterrupted) -> Pipelin
     where = f"{kept.run_dir}/model.pt"
     if isinstance(error, DiskFull):
         return DiskFull(f"{error}; {kept.epochs_done} of {kept.epochs} epochs are kept in {where}: make room, then "
-                        f"run the same command with --resume {kept.run_dir}")
+                        f"run the same command with --resume {shlex.quote(str(kept.run_dir))}")
     n, text = kept.epochs_done, str(error)
     note = f"{'epoch 1 is' if n == 1 else f'epochs 1-{n} are'} kept in {where}"
     return type(error)(text.replace("nothing was saved", note) if "nothing was saved" in text else f"{text}; {note}")

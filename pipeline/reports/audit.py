@@ -32,7 +32,7 @@ from ..files import (SafeCsvWriter, atomic_write, check_output, check_replaceabl
 from ..heads.cache_views import CacheViews
 from ..heads.fit_head import check_labelled, warn_same_folder
 from ..progress import progress
-from ..runs.run_folders import new_run_dir
+from ..runs.run_folders import moved_paths, new_run_dir, published, staged_run
 from . import duplicates as dup
 from .label_issues import label_issues
 
@@ -516,15 +516,34 @@ def audit(cfg: AuditConfig) -> AuditResult | FixesResult:
             result = undo_fixes(cfg.undo, cfg.data)
         return replace(result, refreshed=refresh(cfg, result.root)) if cfg.refresh else result
     result = analyse(cfg)
-    out = output_dir(cfg)
-    with_pictures(result, out, cfg.top)
-    result["output"] = str(out)
-    report = public(result)
-    write_json(out / "report.json", report, indent=1)
-    write_fixes_csv(result, out / "fixes.csv")
+    if cfg.output:
+        out = output_dir(cfg)
+        report = write_report(result, out, out, cfg.top)
+    else:  # the run folder appears with every file in it (a kill -9 while they were written left half of them)
+        with staged_run(cfg.runs_dir, "audit") as (staged, meant):
+            report = write_report(result, staged, meant, cfg.top)
+
+            def rewrite(d: Path) -> None:  # another run took the name meant meanwhile
+                nonlocal report
+                report = moved_paths(report, meant, d)
+                write_json(d / "report.json", report, indent=1)
+
+            out = published(staged, meant, rewrite)
     return AuditResult(**{"test_root": None, "test_rows": None, "gallery": None, **report},
                        report=str(out / "report.json"),
                        fixes=str(out / "fixes.csv"))
+
+
+def write_report(result: dict, folder: Path, named: Path, top: int) -> dict:
+    """report.html, gallery.png, report.json and fixes.csv written into ``folder``, their paths in the report
+    named inside ``named`` (the run folder ``folder`` becomes once published; else ``folder`` itself); returns
+    the report."""
+    with_pictures(result, folder, top)
+    result["output"] = str(folder)
+    report = moved_paths(public(result), folder, named)
+    write_json(folder / "report.json", report, indent=1)
+    write_fixes_csv(result, folder / "fixes.csv")
+    return report
 
 
 def with_pictures(result: dict, out: Path, top: int) -> None:

@@ -47,7 +47,7 @@ from ..models.whole_models import (
 from ..models.predict import ImageOutputs, iter_log_proba, read_images
 from ..progress import progress
 from ..runs.figures import confusion_matrix_figure, gallery_figure, reliability_figure, save
-from ..runs.run_folders import finish_run, new_run_dir
+from ..runs.run_folders import finish_run, moved_paths, published, staged_run
 
 log = logging.getLogger(__name__)
 
@@ -423,16 +423,25 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
                              bool((ckpt.get("head") or {}).get("known_rows")))
     pred = predictor(cfg.model, ckpt, cfg)  # on --data, it says which photos the model was trained on
     result = summarize(pred, cfg.top_k)
-    out_dir = new_run_dir(cfg.runs_dir, "evaluate")
     result.update({"model": cfg.model, "kind": ckpt["kind"], "source": pred.source, "split": pred.split or cfg.split,
                    "backbone": ckpt.get("backbone", ""), "cache_fingerprint": pred.cache_fingerprint,
-                   "data_root": str(pred.root), "run_dir": str(out_dir)})
+                   "data_root": str(pred.root)})
     pictures = {}
-    if not pred.foreign:
-        with writing(out_dir):
-            pictures = _pictures(pred, result, out_dir)
-        result.update({f"{name}_png": str(path) for name, path in pictures.items()})
-    write_json(out_dir / "metrics.json", result)
+    # the run folder appears with every file in it (a kill -9 while the pictures were drawn left half of them)
+    with staged_run(cfg.runs_dir, "evaluate") as (staged, meant):
+        result["run_dir"] = str(meant)
+        if not pred.foreign:
+            with writing(staged):
+                pictures = {name: meant / p.name for name, p in _pictures(pred, result, staged).items()}
+            result.update({f"{name}_png": str(path) for name, path in pictures.items()})
+        write_json(staged / "metrics.json", result)
+
+        def rewrite(d: Path) -> None:  # another run took the name meant meanwhile
+            nonlocal result, pictures
+            result, pictures = moved_paths(result, meant, d), {k: d / p.name for k, p in pictures.items()}
+            write_json(d / "metrics.json", result)
+
+        out_dir = published(staged, meant, rewrite)
     keys = ("rows",) if pred.foreign else ("accuracy", "loss", "macro_f1", "rows")
     finish_run(out_dir, cfg.runs_dir, "evaluate", None, list(pictures.values()),
                cache_fingerprint=pred.cache_fingerprint, backbone=result["backbone"], params=asdict(cfg),

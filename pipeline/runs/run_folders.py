@@ -3,7 +3,8 @@
 ``runs/<time>-<kind>/`` holds the checkpoint, ``history.json`` and ``curves.png`` (evaluate: its
 pictures and ``metrics.json``); ``finish_run`` writes them and the ledger line in one place.
 
-A fit-head, train or finetune folder appears only with its checkpoint in it: it is made as a hidden
+A fit-head, train or finetune folder appears only with its checkpoint in it (an evaluate or audit folder only
+with all its files: ``staged_run``): it is made as a hidden
 ``.<time>-<kind>.<n>.<host>.<PID>.tmp`` (``staged_run_dir``), and renamed once the checkpoint is written
 (``publish_run_dir``). A ``kill -9`` in between left an empty run folder for good; it now leaves the hidden one,
 removed by the next run into the same --runs-dir on the same machine once its process is gone (a --runs-dir
@@ -83,6 +84,52 @@ def publish_run_dir(staged: Path) -> Path:
                 raise
         k += 1
         d = base.with_name(f"{base.name}-{k}")
+
+
+def meant_name(staged: Path) -> Path:
+    """The name ``publish_run_dir`` would give ``staged`` now (the first free of ``<stamp>-<kind>``, -2, -3 ...):
+    what files written into it before it is published name it by."""
+    base = staged.with_name(_STAGED.match(staged.name).group(1))
+    return next(d for d in (base.with_name(f"{base.name}-{k}" if k > 1 else base.name) for k in itertools.count(1))
+                if not os.path.lexists(d))
+
+
+@contextlib.contextmanager
+def staged_run(runs_dir: str, kind: str):
+    """A run folder whose files are all written before it appears: yields ``(staged, meant)``, the hidden folder
+    to write into and the name its files name it by (``meant_name``); removed where the block fails. The block ends
+    with ``published``, given what to write again where another run took that name meanwhile (the same second).
+    For runs whose files do not name their folder, ``staged_run_dir`` alone does."""
+    staged = staged_run_dir(runs_dir, kind)
+    try:
+        yield staged, meant_name(staged)
+    except BaseException:
+        drop_staged(staged)
+        raise
+
+
+def published(staged: Path, meant: Path, rewrite: Callable[[Path], None]) -> Path:
+    """``staged`` renamed to its run folder's name; where that is not ``meant`` (another run took it between the
+    two), ``rewrite(folder)`` writes again the files that name the folder. A rename that fails removes ``staged``."""
+    try:
+        d = publish_run_dir(staged)
+    except BaseException:
+        drop_staged(staged)
+        raise
+    if d != meant:
+        rewrite(d)
+    return d
+
+
+def moved_paths(value, old: Path, new: Path):
+    """``value`` (a result: dicts, lists, strings) with each path inside ``old`` named inside ``new`` instead."""
+    if isinstance(value, dict):
+        return {k: moved_paths(v, old, new) for k, v in value.items()}
+    if isinstance(value, list):
+        return [moved_paths(v, old, new) for v in value]
+    if isinstance(value, str) and (value == str(old) or value.startswith(str(old) + os.sep)):
+        return str(new) + value[len(str(old)):]
+    return value
 
 
 def drop_staged(staged: Path) -> None:
