@@ -806,3 +806,15 @@ def test_an_animated_upload_is_answered_from_its_first_frame_and_its_row_says_so
     assert still["note"] is None and photo["note"] is None
     assert (anim["class"], anim["probability"]) == (still["class"], pytest.approx(still["probability"], abs=1e-6))
     assert set(anim) == {"path", "class", "probability", "unknown", "ood_score", "error", "note"}
+
+
+def test_an_app_used_without_its_lifespan_answers_every_request_in_full(head):
+    """A TestClient outside ``with`` runs each request in a loop of its own and no lifespan: the drain watch waited
+    on an event of the first request's loop, failed at once from the second on, and cut every answer short (200, no
+    body)."""
+    c = TestClient(pipeline.serve_app(head, precision="fp32"), base_url="http://localhost")
+    for _ in range(2):
+        assert c.get("/health").json()["status"] == "ok"
+    r = c.post("/predict", files=upload(photos(head)[0]))
+    assert r.status_code == 200 and r.json()[0]["error"] is None
+    assert c.post("/predict?top=abc").json()["detail"].startswith("top: ")

@@ -228,7 +228,9 @@ class DrainDeadline:
         self.app, self.service = app, service
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
+        # no lifespan in this loop (a TestClient outside ``with``, an app mounting this one): no SIGTERM drain to
+        # watch, and ``drained`` may belong to another loop (waiting on it failed at once, cutting each answer short)
+        if scope["type"] != "http" or self.service.loop is not asyncio.get_running_loop():
             return await self.app(scope, receive, send)
         started = False
 
