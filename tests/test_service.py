@@ -818,3 +818,21 @@ def test_an_app_used_without_its_lifespan_answers_every_request_in_full(head):
     r = c.post("/predict", files=upload(photos(head)[0]))
     assert r.status_code == 200 and r.json()[0]["error"] is None
     assert c.post("/predict?top=abc").json()["detail"].startswith("top: ")
+
+
+@pytest.mark.parametrize("host, loopback", [("127.0.0.1", True), ("localhost", True), ("LOCALHOST", True),
+                                            ("localhost.", True), ("127.1", True), ("::1", True),
+                                            ("::ffff:127.0.0.1", True), ("0.0.0.0", False), ("::", False),
+                                            ("192.0.2.1", False)])
+def test_a_host_is_loopback_by_the_addresses_it_binds_not_by_its_spelling(host, loopback):
+    from pipeline.serving.service import is_loopback
+
+    assert is_loopback(host) is loopback
+
+
+def test_a_loopback_host_spelled_otherwise_still_answers_its_own_names_only(head):
+    """--host LOCALHOST binds 127.0.0.1 as localhost does: it was warned about as reachable from other machines, and
+    served a page of evil.example.com (DNS rebinding)."""
+    with TestClient(pipeline.serve_app(head, precision="fp32", host="LOCALHOST"), base_url="http://localhost") as c:
+        assert c.get("/health").status_code == 200
+        assert c.get("/health", headers={"Host": "evil.example.com"}).status_code == 400
