@@ -49,6 +49,7 @@ from .config import (
     SummaryConfig,
     TrainConfig,
     check_options,
+    field_kind,
     ordered_fields,
 )
 from .errors import UsageError
@@ -127,8 +128,11 @@ def _config(cls, what: str, options: dict, **fixed):
     option of its API function, checked, without any change here."""
     _check_options(cls, options, what, exclude=fixed)
     check_options(cls, options, python=True, what=what)
-    empty = {k for k, v in _defaults(cls).items() if v == ""}  # None for such an option (not given, as the CLI
-    options = {k: "" if v is None and k in empty else v for k, v in options.items()}  # says it) is its default ''
+    # None for such an option (not given, as the CLI says it) is its default: '', or a text option's own (host=None
+    # ended in an AttributeError)
+    left = {k: v for k, v in _defaults(cls).items() if v == ""}
+    left.update({f.name: f.default for f in fields(cls) if field_kind(f) == "str" and f.default is not MISSING})
+    options = {k: left[k] if v is None and k in left else v for k, v in options.items()}
     return cls(**_plain({**options, **fixed}))
 
 
