@@ -128,11 +128,12 @@ def _config(cls, what: str, options: dict, **fixed):
     option of its API function, checked, without any change here."""
     _check_options(cls, options, what, exclude=fixed)
     check_options(cls, options, python=True, what=what)
-    # None for such an option (not given, as the CLI says it) is its default: '', or a text option's own (host=None
-    # ended in an AttributeError)
-    left = {k: v for k, v in _defaults(cls).items() if v == ""}
-    left.update({f.name: f.default for f in fields(cls) if field_kind(f) == "str" and f.default is not MISSING})
-    options = {k: left[k] if v is None and k in left else v for k, v in options.items()}
+    empty = {k for k, v in _defaults(cls).items() if v == ""}  # None for such an option (not given, as the CLI
+    options = {k: "" if v is None and k in empty else v for k, v in options.items()}  # says it) is its default ''
+    named = next((f.name for f in fields(cls) if field_kind(f) == "str" and options.get(f.name, "") is None), None)
+    if named:  # host=None: an AttributeError; weights=None: random weights (torchvision's) or the default ones?
+        raise UsageError(f"{what}: {named} must be a str, got None; leave it out for its default "
+                         f"{_defaults(cls)[named]!r}")
     return cls(**_plain({**options, **fixed}))
 
 

@@ -172,11 +172,16 @@ def test_a_text_option_of_another_type_is_refused_naming_it(call, said):
         call()
 
 
-def test_a_text_option_given_as_none_is_its_default():
-    """host=None (not given, as for every other option) ended in an AttributeError."""
-    from pipeline.config import ServeConfig
-
-    assert pipeline.api._config(ServeConfig, "serve_app", {"host": None}, model="head.pt").host == "127.0.0.1"
+@pytest.mark.parametrize("call, said", [
+    (lambda: pipeline.serve_app("head.pt", host=None), "serve_app: host must be a str, got None; leave it out for "
+                                                       "its default '127.0.0.1'"),
+    (lambda: pipeline.extract_features("data", weights=None), "extract_features: weights must be a str, got None"),
+])
+def test_a_text_option_with_a_default_given_as_none_is_refused_naming_the_default(call, said):
+    """host=None ended in an AttributeError; weights=None too (random weights, as torchvision reads it, or the
+    default ones?)."""
+    with pytest.raises(pipeline.UsageError, match=f"^{re.escape(said)}"):
+        call()
 
 
 def test_options_follow_the_config_dataclasses(monkeypatch):
