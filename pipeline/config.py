@@ -691,8 +691,8 @@ class PredictConfig(RunnerOptions):
         doc="output format; the table into an `--output` named `.csv` or `.json` is written as csv or json"))
     output: Optional[str] = field(default=None, metadata=option(
         "Write the rows to FILE.", path="file", metavar="FILE", doc=(
-            "write the rows to FILE (streamed for csv; refused if it names an input, the model or what it reads, or "
-            "lies in a photo folder)")))
+            "write the rows to FILE (streamed for csv; refused if it names an input, the model or what it reads, is "
+            "named as an image, or lies in a photo folder)")))
     explain: Optional[str] = field(default=None, metadata=option(
         "Write each photo's heatmap (where its class was decided) over it into DIR, one PNG per photo.", path="dir",
         metavar="DIR", doc=(
