@@ -23,6 +23,7 @@ from PIL import Image
 from pipeline import cli
 from pipeline.models.predict import PredictConfig, predict
 from tests.conftest import ROOT
+from tests.badfiles import bomb_png
 from tests.live_server import live_server, make_tiny_head
 from tests.test_folders import declared_jpeg
 from tests.tiny import CLI
@@ -126,6 +127,7 @@ def _png(w, h) -> bytes:
     ("huge.png", _png(1200, 1000), 400, "more than the 1000000 allowed"),  # 1.2 M pixels, a small file
     # a baseline JPEG past the decoder's limit: it was told it is decoded reduced and to save it as baseline JPEG
     ("phone.jpg", declared_jpeg(12000, 9000), 400, "12000 x 9000 pixels: more than the 1000000 allowed"),
+    ("bomb.png", bomb_png(12000, 12000), 400, "144000000 pixels: more than the 1000000 allowed"),
     ("big.bin", os.urandom(300_000), 413, "larger than the 200000 bytes allowed per image"),
 ])
 def test_a_request_with_no_usable_image_is_a_4xx_naming_why(client, name, data, status, reason):

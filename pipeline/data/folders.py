@@ -9,6 +9,7 @@ import errno
 import hashlib
 import logging
 import os
+import re
 import unicodedata
 import warnings
 from dataclasses import dataclass
@@ -612,6 +613,15 @@ def frame_count(im) -> int:
         return 1
 
 
+def bomb_reason(e: Exception, max_pixels: int | None) -> str:
+    """Pillow's refusal of an image past its limit in predict's words, or under serve's lower bound in serve's (a
+    12000 x 12000 PNG upload was told to be saved as baseline JPEG, which serve refuses as well)."""
+    count = re.search(r"(\d+) pixels", str(e))
+    if max_pixels is None or max_pixels >= MAX_IMAGE_PIXELS or count is None:
+        return decode_failure(e)
+    return f"{count.group(1)} pixels: more than the {max_pixels} allowed"
+
+
 def decode_stream(fp, min_short_side: int | None = None, max_pixels: int | None = None,
                   pil_warnings: bool = False):
     """(decoded image, its RGB conversion) of an open binary file, under the rules of ``decode_image``. PIL's
@@ -641,7 +651,7 @@ def decode_stream(fp, min_short_side: int | None = None, max_pixels: int | None 
     except ImageLoadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning, TooManyPixels) as e:
-        raise ImageLoadError(decode_failure(e), "decompression-bomb") from None
+        raise ImageLoadError(bomb_reason(e, max_pixels), "decompression-bomb") from None
     except (OSError, SyntaxError, ValueError, NotImplementedError, RuntimeError, TypeError) as e:  # corrupt data
         # (Pillow's DDS and BLP readers raise NotImplementedError on a header they cannot read, AVIF's RuntimeError,
         # its TIFF reader TypeError on strip offsets stored as fractions: found by mutating small files)
