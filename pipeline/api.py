@@ -49,6 +49,7 @@ from .config import (
     SummaryConfig,
     TrainConfig,
     check_options,
+    field_kind,
     ordered_fields,
 )
 from .errors import UsageError
@@ -129,6 +130,10 @@ def _config(cls, what: str, options: dict, **fixed):
     check_options(cls, options, python=True, what=what)
     empty = {k for k, v in _defaults(cls).items() if v == ""}  # None for such an option (not given, as the CLI
     options = {k: "" if v is None and k in empty else v for k, v in options.items()}  # says it) is its default ''
+    named = next((f.name for f in fields(cls) if field_kind(f) == "str" and options.get(f.name, "") is None), None)
+    if named:  # host=None: an AttributeError; weights=None: random weights (torchvision's) or the default ones?
+        raise UsageError(f"{what}: {named} must be a str, got None; leave it out for its default "
+                         f"{_defaults(cls)[named]!r}")
     return cls(**_plain({**options, **fixed}))
 
 

@@ -13,6 +13,7 @@ import contextlib
 import inspect
 import math
 import numbers
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Optional
@@ -234,6 +235,18 @@ def check_flag(value, name: str) -> None:
         raise UsageError(f"{name} must be True or False, got {value!r}")
 
 
+#: field_kind's names of a text option (a str, a path)
+TEXT_KINDS = ("str", "Optional[str]", "str | None")
+
+
+def check_text(value, name: str) -> None:
+    """A UsageError unless a text option from Python is a str, a pathlib.Path or None (left to its default):
+    serve_app(host=3) served without its Host check, weights=3 and output=3 ended in TypeErrors."""
+    if value is None or isinstance(value, (str, os.PathLike)):
+        return
+    raise UsageError(f"{name} must be a str, got {value!r:.60}")
+
+
 def field_kind(f) -> str:
     """'int', 'float', 'bool' (optional or not), or the annotation's text, from a config field's type (a string
     under ``from __future__ import annotations``, a class otherwise)."""
@@ -261,6 +274,8 @@ def check_options(cls, values: dict, python: bool = True, what: str = "") -> Non
             if field_kind(f) == "bool":
                 check_flag(values[f.name], name)
             check_value(opt, values[f.name], name, field_kind(f) == "int")
+            if python and field_kind(f) in TEXT_KINDS:
+                check_text(values[f.name], name)
         except UsageError as e:
             raise UsageError(f"{what}: {e}" if what else str(e)) from None
 
@@ -676,8 +691,8 @@ class PredictConfig(RunnerOptions):
         doc="output format; the table into an `--output` named `.csv` or `.json` is written as csv or json"))
     output: Optional[str] = field(default=None, metadata=option(
         "Write the rows to FILE.", path="file", metavar="FILE", doc=(
-            "write the rows to FILE (streamed for csv; refused if it names an input, the model or what it reads, or "
-            "lies in a photo folder)")))
+            "write the rows to FILE (streamed for csv; refused if it names an input, the model or what it reads, is "
+            "named as an image, or lies in a photo folder)")))
     explain: Optional[str] = field(default=None, metadata=option(
         "Write each photo's heatmap (where its class was decided) over it into DIR, one PNG per photo.", path="dir",
         metavar="DIR", doc=(

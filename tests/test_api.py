@@ -159,6 +159,31 @@ def test_a_flag_given_as_a_string_is_refused_not_taken_as_true(work):
     assert pipeline.check_image_folder("data", quarantine=np.bool_(False), workers=1).quarantine is None
 
 
+@pytest.mark.parametrize("call, said", [
+    (lambda: pipeline.serve_app("head.pt", host=3), "serve_app: host must be a str, got 3"),
+    (lambda: pipeline.serve_model("head.pt", host=("127.0.0.1",)), "serve_model: host must be a str, got"),
+    (lambda: pipeline.predict_files("head.pt", "a.jpg", weights=3), "predict_files: weights must be a str, got 3"),
+    (lambda: pipeline.predict_files("head.pt", "a.jpg", output=7), "predict_files: output must be a str, got 7"),
+])
+def test_a_text_option_of_another_type_is_refused_naming_it(call, said):
+    """serve_app(host=3) served without its Host check (3 is no loopback name), serve_model(host=...) ended in
+    getaddrinfo's TypeError, weights=3 and output=7 in TypeErrors deep inside, after the model had loaded."""
+    with pytest.raises(pipeline.UsageError, match=f"^{re.escape(said)}"):
+        call()
+
+
+@pytest.mark.parametrize("call, said", [
+    (lambda: pipeline.serve_app("head.pt", host=None), "serve_app: host must be a str, got None; leave it out for "
+                                                       "its default '127.0.0.1'"),
+    (lambda: pipeline.extract_features("data", weights=None), "extract_features: weights must be a str, got None"),
+])
+def test_a_text_option_with_a_default_given_as_none_is_refused_naming_the_default(call, said):
+    """host=None ended in an AttributeError; weights=None too (random weights, as torchvision reads it, or the
+    default ones?)."""
+    with pytest.raises(pipeline.UsageError, match=f"^{re.escape(said)}"):
+        call()
+
+
 def test_options_follow_the_config_dataclasses(monkeypatch):
     """A field added to a stage's config is an option of the API at once (other work adds fields)."""
     import dataclasses

@@ -557,3 +557,15 @@ def test_an_output_that_is_a_pipe_or_a_device_is_written_into_never_replaced(tmp
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode), "the pipe was replaced by a file"
     assert got and got[0].startswith("path,class,probability") and len(got[0].splitlines()) == 13
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "model.pt", "rows.csv"]  # no temporary file left
+
+
+def test_an_output_named_as_an_image_is_refused_and_the_photo_there_kept(tmp_path, image_folder, model_pt):
+    """predict red.0.jpg --output red.1.jpg (one photo named, so its folder is no input) wrote the table over the
+    photo red.1.jpg; a new out.png would be read as a photo by the next predict of its folder."""
+    photo, other = image_folder / "red" / "red.0.jpg", image_folder / "red" / "red.1.jpg"
+    before = other.read_bytes()
+    for target in (other, tmp_path / "rows.PNG"):
+        r = CliRunner().invoke(cli.cli, ["predict", str(photo), "--model", str(model_pt), "--output", str(target),
+                                         "--workers", "0"])
+        assert r.exit_code == 2 and "is named as an image" in r.stderr and ".csv, .json or .txt" in r.stderr
+    assert other.read_bytes() == before and not (tmp_path / "rows.PNG").exists()

@@ -23,7 +23,9 @@ from PIL import Image
 from pipeline import cli
 from pipeline.models.predict import PredictConfig, predict
 from tests.conftest import ROOT
+from tests.badfiles import bomb_png
 from tests.live_server import live_server, make_tiny_head
+from tests.test_folders import declared_jpeg
 from tests.tiny import CLI
 
 pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn, python-multipart) is not installed")
@@ -123,6 +125,9 @@ def _png(w, h) -> bytes:
     ("text.jpg", b"not an image at all", 400, "not an image"),
     ("empty.png", b"", 400, "zero-byte file"),
     ("huge.png", _png(1200, 1000), 400, "more than the 1000000 allowed"),  # 1.2 M pixels, a small file
+    # a baseline JPEG past the decoder's limit: it was told it is decoded reduced and to save it as baseline JPEG
+    ("phone.jpg", declared_jpeg(12000, 9000), 400, "12000 x 9000 pixels: more than the 1000000 allowed"),
+    ("bomb.png", bomb_png(12000, 12000), 400, "144000000 pixels: more than the 1000000 allowed"),
     ("big.bin", os.urandom(300_000), 413, "larger than the 200000 bytes allowed per image"),
 ])
 def test_a_request_with_no_usable_image_is_a_4xx_naming_why(client, name, data, status, reason):
@@ -806,3 +811,33 @@ def test_an_animated_upload_is_answered_from_its_first_frame_and_its_row_says_so
     assert still["note"] is None and photo["note"] is None
     assert (anim["class"], anim["probability"]) == (still["class"], pytest.approx(still["probability"], abs=1e-6))
     assert set(anim) == {"path", "class", "probability", "unknown", "ood_score", "error", "note"}
+
+
+def test_an_app_used_without_its_lifespan_answers_every_request_in_full(head):
+    """A TestClient outside ``with`` runs each request in a loop of its own and no lifespan: the drain watch waited
+    on an event of the first request's loop, failed at once from the second on, and cut every answer short (200, no
+    body)."""
+    c = TestClient(pipeline.serve_app(head, precision="fp32"), base_url="http://localhost")
+    for _ in range(2):
+        assert c.get("/health").json()["status"] == "ok"
+    r = c.post("/predict", files=upload(photos(head)[0]))
+    assert r.status_code == 200 and r.json()[0]["error"] is None
+    assert c.post("/predict?top=abc").json()["detail"].startswith("top: ")
+
+
+@pytest.mark.parametrize("host, loopback", [("127.0.0.1", True), ("localhost", True), ("LOCALHOST", True),
+                                            ("localhost.", True), ("127.1", True), ("::1", True),
+                                            ("::ffff:127.0.0.1", True), ("0.0.0.0", False), ("::", False),
+                                            ("192.0.2.1", False)])
+def test_a_host_is_loopback_by_the_addresses_it_binds_not_by_its_spelling(host, loopback):
+    from pipeline.serving.service import is_loopback
+
+    assert is_loopback(host) is loopback
+
+
+def test_a_loopback_host_spelled_otherwise_still_answers_its_own_names_only(head):
+    """--host LOCALHOST binds 127.0.0.1 as localhost does: it was warned about as reachable from other machines, and
+    served a page of evil.example.com (DNS rebinding)."""
+    with TestClient(pipeline.serve_app(head, precision="fp32", host="LOCALHOST"), base_url="http://localhost") as c:
+        assert c.get("/health").status_code == 200
+        assert c.get("/health", headers={"Host": "evil.example.com"}).status_code == 400

@@ -9,6 +9,7 @@ import errno
 import hashlib
 import logging
 import os
+import re
 import unicodedata
 import warnings
 from dataclasses import dataclass
@@ -535,11 +536,14 @@ def check_size(size, max_pixels: int | None = MAX_IMAGE_PIXELS) -> None:
     if max_pixels is None:
         return check_aspect(size)
     # checked here too, not only by PIL's warning: warning filters are process-wide, so a thread
-    # decoding beside others (data.image_reader.CpuReader) may run without the one in decode_stream
+    # decoding beside others (data.image_reader.CpuReader) may run without the one in decode_stream; under serve's
+    # lower bound, in its words: a 108 MP baseline JPEG upload was told that such a JPEG is decoded reduced
+    allowed = f"{w} x {h} pixels: more than the {max_pixels} allowed"
     if w * h > MAX_IMAGE_PIXELS:
-        raise ImageLoadError(too_many_pixels((w, h)), "decompression-bomb")
+        raise ImageLoadError(too_many_pixels((w, h)) if max_pixels >= MAX_IMAGE_PIXELS else allowed,
+                             "decompression-bomb")
     if w * h > max_pixels:
-        raise ImageLoadError(f"{w} x {h} pixels: more than the {max_pixels} allowed", "too-many-pixels")
+        raise ImageLoadError(allowed, "too-many-pixels")
     check_aspect(size)
 
 
@@ -609,6 +613,15 @@ def frame_count(im) -> int:
         return 1
 
 
+def bomb_reason(e: Exception, max_pixels: int | None) -> str:
+    """Pillow's refusal of an image past its limit in predict's words, or under serve's lower bound in serve's (a
+    12000 x 12000 PNG upload was told to be saved as baseline JPEG, which serve refuses as well)."""
+    count = re.search(r"(\d+) pixels", str(e))
+    if max_pixels is None or max_pixels >= MAX_IMAGE_PIXELS or count is None:
+        return decode_failure(e)
+    return f"{count.group(1)} pixels: more than the {max_pixels} allowed"
+
+
 def decode_stream(fp, min_short_side: int | None = None, max_pixels: int | None = None,
                   pil_warnings: bool = False):
     """(decoded image, its RGB conversion) of an open binary file, under the rules of ``decode_image``. PIL's
@@ -638,7 +651,7 @@ def decode_stream(fp, min_short_side: int | None = None, max_pixels: int | None 
     except ImageLoadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning, TooManyPixels) as e:
-        raise ImageLoadError(decode_failure(e), "decompression-bomb") from None
+        raise ImageLoadError(bomb_reason(e, max_pixels), "decompression-bomb") from None
     except (OSError, SyntaxError, ValueError, NotImplementedError, RuntimeError, TypeError) as e:  # corrupt data
         # (Pillow's DDS and BLP readers raise NotImplementedError on a header they cannot read, AVIF's RuntimeError,
         # its TIFF reader TypeError on strip offsets stored as fractions: found by mutating small files)

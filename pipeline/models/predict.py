@@ -414,6 +414,9 @@ def predict(cfg: PredictConfig) -> PredictResult:
     reads, folders = checkpoint_reads(ckpt, cfg.model, cfg.weights)
     if cfg.output:
         check_output(cfg.output, [*files, *reads], data=[*cfg.paths, *folders])
+        if is_image_name(os.path.basename(cfg.output)):  # predict a.jpg --output b.jpg replaced the photo b.jpg
+            raise UsageError(f"{option_value('output', cfg.output)} is named as an image: the rows would replace a "
+                             "photo, or be read as one by a predict of its folder; name it .csv, .json or .txt")
     explain = None
     if cfg.explain:  # a folder of new PNGs: never among the photos (they would be classified next time)
         explain = check_output(cfg.explain, [*files, *reads, (cfg.output, "--output")], data=[*cfg.paths, *folders],

@@ -228,7 +228,9 @@ class DrainDeadline:
         self.app, self.service = app, service
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
+        # no lifespan in this loop (a TestClient outside ``with``, an app mounting this one): no SIGTERM drain to
+        # watch, and ``drained`` may belong to another loop (waiting on it failed at once, cutting each answer short)
+        if scope["type"] != "http" or self.service.loop is not asyncio.get_running_loop():
             return await self.app(scope, receive, send)
         started = False
 
@@ -484,12 +486,25 @@ def client_prefix(request) -> str:
 
 
 def is_loopback(host: str) -> bool:
-    if host == "localhost":
+    """Whether every address ``host`` names is this machine's own, as the socket binds it: 'LOCALHOST', '127.1'
+    and '::ffff:127.0.0.1' too (they were taken for other machines' addresses: a warning, and no Host check)."""
+    if host_name(host) == "localhost":
         return True
+    import socket
+
     try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)}
+    except (socket.gaierror, UnicodeError):  # no address: listening_socket says so
         return False
+    return bool(addresses) and all(loopback_address(a) for a in addresses)
+
+
+def loopback_address(address: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:  # an IPv6 address with a zone ('fe80::1%eth0'): a link, not this machine
+        return False
+    return ip.is_loopback or bool(getattr(ip, "ipv4_mapped", None) and ip.ipv4_mapped.is_loopback)
 
 
 def listening_socket(host: str, port: int):
