@@ -24,7 +24,7 @@ from threadpoolctl import threadpool_limits
 from ..heads.feature_views import Normalizer
 from ..heads.model_selection import KERNEL_GRID, CVOptions, class_proba, complete_setting, setting_key, tune
 from ..heads.sklearn_fits import fit_logreg, kernel_features, nystroem_map
-from ..progress import progress
+from ..progress import progress, still_running
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,10 @@ def label_issues(avg: np.ndarray, y: np.ndarray, classes, folds: int = 5, seed: 
     shape = (avg.shape[1], 1, 1)
     if setting is None:
         m = landmarks if len(y) <= LARGE_N else min(landmarks, LARGE_N_LANDMARKS)
-        setting = choose_setting(avg, y, shape, folds, seed, m, cv_rows)
+        # 25,000 rows on a busy 2-core machine: about a minute, and it was audit's first minute of silence
+        with still_running(f"audit: choosing the head's C and gamma by {folds}-fold CV on "
+                           f"{min(len(y), cv_rows)} rows"):
+            setting = choose_setting(avg, y, shape, folds, seed, m, cv_rows)
     t_choose = time.time() - t0
     log.info("audit: out-of-fold probabilities from %d refits of %s", folds, setting_key(setting))
     proba = out_of_fold(avg, y, len(classes), setting, folds, seed, copies=copies)
