@@ -24,7 +24,7 @@ from threadpoolctl import threadpool_limits
 from ..heads.feature_views import Normalizer
 from ..heads.model_selection import KERNEL_GRID, CVOptions, class_proba, complete_setting, setting_key, tune
 from ..heads.sklearn_fits import fit_logreg, kernel_features, nystroem_map
-from ..progress import progress, still_running
+from ..progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +44,9 @@ def choose_setting(avg: np.ndarray, y: np.ndarray, feature_shape, folds: int, se
         idx = np.sort(split_indices(y, 1 - cv_rows / len(y), seed)[0])
     grid = {**KERNEL_GRID, "view": ["avg"], "normalize": ["l2"], "n_components": [landmarks]}
     try:
-        result = tune({"avg": avg[idx]}, y[idx], grid, CVOptions(folds=folds, seed=seed, threads=1),
-                      in_shape=feature_shape)
+        # its own progress: about a minute at 25,000 rows on a busy 2-core machine, audit's first minute was silent
+        cv = CVOptions(folds=folds, seed=seed, threads=1, progress=f"audit: C and gamma by CV on {len(idx)} rows")
+        result = tune({"avg": avg[idx]}, y[idx], grid, cv, in_shape=feature_shape)
     except ValueError as e:  # a class too small for the folds in the sample: fit-head's kernel defaults
         log.info("audit: C and gamma not searched (%s); using C=100, gamma=scale", e)
         return complete_setting({"head": "kernel", "view": "avg", "normalize": "l2", "C": 100.0, "gamma": "scale",
@@ -141,10 +142,7 @@ def label_issues(avg: np.ndarray, y: np.ndarray, classes, folds: int = 5, seed: 
     shape = (avg.shape[1], 1, 1)
     if setting is None:
         m = landmarks if len(y) <= LARGE_N else min(landmarks, LARGE_N_LANDMARKS)
-        # 25,000 rows on a busy 2-core machine: about a minute, and it was audit's first minute of silence
-        with still_running(f"audit: choosing the head's C and gamma by {folds}-fold CV on "
-                           f"{min(len(y), cv_rows)} rows"):
-            setting = choose_setting(avg, y, shape, folds, seed, m, cv_rows)
+        setting = choose_setting(avg, y, shape, folds, seed, m, cv_rows)
     t_choose = time.time() - t0
     log.info("audit: out-of-fold probabilities from %d refits of %s", folds, setting_key(setting))
     proba = out_of_fold(avg, y, len(classes), setting, folds, seed, copies=copies)
