@@ -79,7 +79,9 @@ def commands(data: Path, tag: str) -> dict:
             "fit-head": ["fit-head", *cache_dir, "--runs-dir", f"runs-{tag}"],
             "predict": ["predict", "--model", f"runs-{tag}/head.pt", str(data), "--output", f"pred-{tag}.csv"],
             "evaluate": ["evaluate", "--model", f"runs-{tag}/head.pt", "--data", str(data), "--runs-dir",
-                         f"runs-{tag}"]}
+                         f"runs-{tag}"],
+            "audit": ["audit", "--data", str(data), *tiny, *cache_dir, "--runs-dir", f"runs-{tag}"],
+            "check-images": ["check-images", str(data)]}
 
 
 def main() -> None:
@@ -87,7 +89,8 @@ def main() -> None:
     ap.add_argument("--small", type=int, default=2500)
     ap.add_argument("--factor", type=int, default=10)
     ap.add_argument("--workdir", default=f"/tmp/{os.environ.get('USER', 'bench')}/scale_rss")
-    ap.add_argument("--commands", nargs="+", default=["extract", "fit-head", "predict", "evaluate"])
+    ap.add_argument("--commands", nargs="+", default=["extract", "fit-head", "predict", "evaluate"],
+                    help="also: audit (after extract), check-images")
     a = ap.parse_args()
     work = Path(a.workdir)
     sizes = {"small": a.small, "large": a.small * a.factor}

@@ -101,3 +101,14 @@ def test_a_class_of_copies_of_one_photo_keeps_a_refit_for_every_fold():
     assert all(set(y[tr]) == {0, 1} for tr, _ in fold_splits(y, 3, 0, copies))
     p = out_of_fold(x, y, 2, {"head": "logreg", "view": "avg", "normalize": "l2", "C": 1.0}, 3, 0, copies=copies)
     np.testing.assert_allclose(p.sum(1), 1.0)
+
+
+def test_choosing_the_heads_setting_shows_its_progress(monkeypatch, capsys):
+    """audit on 23,976 rows was silent for its first minute: the kernel head's C and gamma by 5-fold CV on 2,000
+    rows, before the refits' progress; the search now has its own progress lines (interval shortened)."""
+    import pipeline.progress as pg
+
+    monkeypatch.setattr(pg, "LOG_INTERVAL", 0.0)
+    x, y = clusters(n_per=20)
+    label_issues(x, y, ["a", "b", "c"], folds=3)
+    assert "audit: C and gamma by CV on 60 rows: 1/" in capsys.readouterr().err

@@ -44,8 +44,9 @@ def choose_setting(avg: np.ndarray, y: np.ndarray, feature_shape, folds: int, se
         idx = np.sort(split_indices(y, 1 - cv_rows / len(y), seed)[0])
     grid = {**KERNEL_GRID, "view": ["avg"], "normalize": ["l2"], "n_components": [landmarks]}
     try:
-        result = tune({"avg": avg[idx]}, y[idx], grid, CVOptions(folds=folds, seed=seed, threads=1),
-                      in_shape=feature_shape)
+        # its own progress: about a minute at 25,000 rows on a busy 2-core machine, audit's first minute was silent
+        cv = CVOptions(folds=folds, seed=seed, threads=1, progress=f"audit: C and gamma by CV on {len(idx)} rows")
+        result = tune({"avg": avg[idx]}, y[idx], grid, cv, in_shape=feature_shape)
     except ValueError as e:  # a class too small for the folds in the sample: fit-head's kernel defaults
         log.info("audit: C and gamma not searched (%s); using C=100, gamma=scale", e)
         return complete_setting({"head": "kernel", "view": "avg", "normalize": "l2", "C": 100.0, "gamma": "scale",
