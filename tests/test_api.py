@@ -458,6 +458,7 @@ def test_the_readme_example_is_short_and_uses_the_public_api():
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("readme")  # the notebook reuses the README example's cache
 def test_the_readme_example_runs_as_shown(shared_available, scratch_project):
     """In a plain Python session from a project folder with ../shared beside it, as a reader would paste it
     (its features/ and runs/ land in that scratch folder, which the notebook test reuses)."""

@@ -57,6 +57,7 @@ def test_the_notebooks_runs_folder_goes_even_when_a_cell_fails(tmp_path, shared)
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("readme")  # the notebook reuses the README example's cache
 def test_the_notebook_runs_clean(shared_available, scratch_project, monkeypatch):
     """Every cell runs (a failing cell fails the test, naming it), the figures come out as PNGs, and the
     numbers are the lesson's. Caches go to the scratch project's features/ (TRANSFER_CACHE_DIR), where the
