@@ -117,15 +117,16 @@ def _dash_file_hint(ctx, option: str, args) -> str:
     if not any(isinstance(p, click.Argument) for p in ctx.command.params):
         return ""
     args = [str(a) for a in args]
-    given = args[:args.index("--")] if "--" in args else args
+    cut = args.index("--") if "--" in args else len(args)
+    given, after = args[:cut], args[cut + 1:]  # those after a -- given are files already, and stay there
     takes_value = {o for p in ctx.command.params if isinstance(p, click.Option) and not p.is_flag and not p.count
                    for o in p.opts}
     files = [t for i, t in enumerate(given) if t.startswith("-") and _file_like(t)
              and t.split("=")[0] not in takes_value and not (i and given[i - 1] in takes_value)]
     if not any(t.startswith(option) for t in files):
         return ""
-    rest = [t for t in args if t not in files and t != "--"]
-    line = shlex.join(["python", "cli.py", ctx.info_name, *rest, "--", *files])
+    rest = [t for t in given if t not in files]
+    line = shlex.join(["python", "cli.py", ctx.info_name, *rest, "--", *files, *after])
     return f"; for a file named {files[0]!r}, put -- before it: {line}"
 
 

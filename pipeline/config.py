@@ -240,8 +240,9 @@ TEXT_KINDS = ("str", "Optional[str]", "str | None")
 
 
 def check_text(value, name: str) -> None:
-    """A UsageError unless a text option from Python is a str, a pathlib.Path or None (left to its default):
-    serve_app(host=3) served without its Host check, weights=3 and output=3 ended in TypeErrors."""
+    """A UsageError unless a text option from Python is a str, a pathlib.Path or None (an optional option not
+    given; the API refuses None where the default is a text, ``api._config``): serve_app(host=3) served without
+    its Host check, weights=3 and output=3 ended in TypeErrors."""
     if value is None or isinstance(value, (str, os.PathLike)):
         return
     raise UsageError(f"{name} must be a str, got {value!r:.60}")
@@ -535,7 +536,7 @@ class FitHeadConfig(SplitOptions, TrustOptions, DeviceOptions):
         "linear: Adam weight decay.", range=f"[0, {MAX_WEIGHT_DECAY:g}]"))
     C: float = field(default=100.0, metadata=option(
         "logreg, kernel, svm: inverse regularisation strength.", range=f"(0, {MAX_C:g}]", names=("--C",)))
-    gamma: str = field(default="scale", metadata=option(
+    gamma: str | float = field(default="scale", metadata=option(  # a number from Python too (Head(gamma=0.5))
         "kernel, svm: RBF width, a number, 'scale' or 'G*scale'.",
         doc="kernel, svm: RBF width, a number, `scale` (1 / (d var)) or `G*scale`"))
     kernel_components: int = field(default=2000, metadata=option(

@@ -172,6 +172,17 @@ def test_a_text_option_of_another_type_is_refused_naming_it(call, said):
         call()
 
 
+def test_gamma_is_a_number_or_its_text_from_python(cache):
+    """gamma is 'a number, scale or G*scale': Head(gamma=0.5) was refused ('gamma must be a str, got 0.5') once
+    text options from Python were checked for their type."""
+    X, y = cache.read_features(), np.asarray(cache.classes)[cache.labels]
+    as_number = pipeline.Head(head="svm", gamma=0.5, val_fraction=0.25).fit(X, y)
+    as_text = pipeline.Head(head="svm", gamma="0.5", val_fraction=0.25).fit(X, y)
+    np.testing.assert_allclose(as_number.predict_proba(X), as_text.predict_proba(X), atol=1e-6)
+    with pytest.raises(pipeline.UsageError, match="gamma must be a positive number"):
+        pipeline.Head(head="svm", gamma=-1.0).fit(X, y)
+
+
 @pytest.mark.parametrize("call, said", [
     (lambda: pipeline.serve_app("head.pt", host=None), "serve_app: host must be a str, got None; leave it out for "
                                                        "its default '127.0.0.1'"),

@@ -742,11 +742,11 @@ def test_an_audit_run_folder_appears_with_all_its_files_naming_the_folder_they_a
     monkeypatch.undo()
     real = run_folders.publish_run_dir
 
-    def taken_meanwhile(staged):
-        run_folders.meant_name(staged).mkdir(parents=True)  # another audit of the same second
-        return real(staged)
+    def taken_meanwhile(staged, before):
+        (staged.parent / staged.name[1:].split(".")[0]).mkdir()  # another audit of the same second
+        return real(staged, before)
 
-    monkeypatch.setattr(run_folders, "publish_run_dir", taken_meanwhile)
+    monkeypatch.setattr(audit_mod, "publish_run_dir", taken_meanwhile)
     r = pipeline.audit_folder(data, **args)
     out = Path(r.report).parent
     saved = json.loads(Path(r.report).read_text())

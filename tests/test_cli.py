@@ -218,6 +218,8 @@ def test_an_empty_name_of_a_folder_option_whose_default_is_none_given_is_refused
                                                     "python cli.py predict --model m.pt -- -dash/x.jpg"),
     (["predict", "a.jpg", "--output=-o.csv", "-x.png"], "put -- before it: python cli.py predict a.jpg "
                                                         "--output=-o.csv -- -x.png"),
+    (["predict", "-a.jpg", "--model", "m.pt", "--", "-b.jpg"], "put -- before it: python cli.py predict --model m.pt "
+                                                                "-- -a.jpg -b.jpg"),  # was '... -b.jpg -- -a.jpg'
     (["predict", "-z"], None),  # no file's name: click's words alone
     (["fit-head", "-x.jpg"], None),  # a command that takes no files
 ])

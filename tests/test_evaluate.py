@@ -642,11 +642,11 @@ def test_a_run_folder_appears_with_all_its_files_naming_the_folder_they_are_in(t
     monkeypatch.undo()
     real = run_folders.publish_run_dir
 
-    def taken_meanwhile(staged):
-        run_folders.meant_name(staged).mkdir()  # another evaluate of the same second
-        return real(staged)
+    def taken_meanwhile(staged, before):
+        (staged.parent / staged.name[1:].split(".")[0]).mkdir()  # another evaluate of the same second
+        return real(staged, before)
 
-    monkeypatch.setattr(run_folders, "publish_run_dir", taken_meanwhile)
+    monkeypatch.setattr(ev, "publish_run_dir", taken_meanwhile)
     r = evaluate(EvaluateConfig(model=head_run.checkpoint, runs_dir=str(runs)))
     saved = json.loads(Path(r.run_dir, "metrics.json").read_text())
     assert r.run_dir.endswith("-evaluate-2") and saved["run_dir"] == r.run_dir

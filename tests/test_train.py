@@ -903,10 +903,13 @@ def test_resuming_a_run_killed_before_its_ledger_line_appends_the_line_once(tmp_
     monkeypatch.undo()
     run_dir = next(d for d in runs.iterdir() if d.is_dir())
     assert "resume" not in torch.load(run_dir / "model.pt", weights_only=True) and read_runs(runs) == []
-    again = CliRunner().invoke(cli.cli, [*args, "--resume", str(run_dir)])
-    assert again.exit_code == 0, again.output
+    plain = CliRunner().invoke(cli.cli, [*[a for a in args if a != "--json"], "--resume", str(run_dir)])
     said = (f"--resume '{run_dir}': a finished run whose ledger line was missing (stopped between writing model.pt and "
             f"the line): appended it to {runs / 'ledger.jsonl'}; nothing left to train")
+    assert plain.exit_code == 0 and plain.stdout == "" and plain.stderr.strip().splitlines()[-1] == said, plain.output
+    (runs / "ledger.jsonl").unlink()  # lost again: the same resume with --json
+    again = CliRunner().invoke(cli.cli, [*args, "--resume", str(run_dir)])
+    assert again.exit_code == 0, again.output
     assert again.stderr.strip().splitlines()[-1] == said
     assert json.loads(again.stdout) == {"run_dir": str(run_dir), "checkpoint": str(run_dir / "model.pt"),
                                         "finished": True, "epochs_run": 0, "ledger_line_appended": True,

@@ -32,7 +32,7 @@ from ..files import (SafeCsvWriter, atomic_write, check_output, check_replaceabl
 from ..heads.cache_views import CacheViews
 from ..heads.fit_head import check_labelled, warn_same_folder
 from ..progress import progress
-from ..runs.run_folders import moved_paths, new_run_dir, published, staged_run
+from ..runs.run_folders import moved_paths, new_run_dir, publish_run_dir, staged_run
 from . import duplicates as dup
 from .label_issues import label_issues
 
@@ -518,29 +518,23 @@ def audit(cfg: AuditConfig) -> AuditResult | FixesResult:
     result = analyse(cfg)
     if cfg.output:
         out = output_dir(cfg)
-        report = write_report(result, out, out, cfg.top)
+        report = write_report(result, out, cfg.top)
     else:  # the run folder appears with every file in it (a kill -9 while they were written left half of them)
-        with staged_run(cfg.runs_dir, "audit") as (staged, meant):
-            report = write_report(result, staged, meant, cfg.top)
-
-            def rewrite(d: Path) -> None:  # another run took the name meant meanwhile
-                nonlocal report
-                report = moved_paths(report, meant, d)
-                write_json(d / "report.json", report, indent=1)
-
-            out = published(staged, meant, rewrite)
+        with staged_run(cfg.runs_dir, "audit") as staged:
+            report = write_report(result, staged, cfg.top)
+            out = publish_run_dir(staged, before=lambda d: write_json(  # report.json names the folder it is in
+                staged / "report.json", moved_paths(report, staged, d), indent=1))
+        report = moved_paths(report, staged, out)
     return AuditResult(**{"test_root": None, "test_rows": None, "gallery": None, **report},
                        report=str(out / "report.json"),
                        fixes=str(out / "fixes.csv"))
 
 
-def write_report(result: dict, folder: Path, named: Path, top: int) -> dict:
-    """report.html, gallery.png, report.json and fixes.csv written into ``folder``, their paths in the report
-    named inside ``named`` (the run folder ``folder`` becomes once published; else ``folder`` itself); returns
-    the report."""
+def write_report(result: dict, folder: Path, top: int) -> dict:
+    """report.html, gallery.png, report.json and fixes.csv written into ``folder``; returns the report."""
     with_pictures(result, folder, top)
     result["output"] = str(folder)
-    report = moved_paths(public(result), folder, named)
+    report = public(result)
     write_json(folder / "report.json", report, indent=1)
     write_fixes_csv(result, folder / "fixes.csv")
     return report

@@ -47,7 +47,7 @@ from ..models.whole_models import (
 from ..models.predict import ImageOutputs, iter_log_proba, read_images
 from ..progress import progress
 from ..runs.figures import confusion_matrix_figure, gallery_figure, reliability_figure, save
-from ..runs.run_folders import finish_run, moved_paths, published, staged_run
+from ..runs.run_folders import finish_run, publish_run_dir, staged_run
 
 log = logging.getLogger(__name__)
 
@@ -428,20 +428,17 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
                    "data_root": str(pred.root)})
     pictures = {}
     # the run folder appears with every file in it (a kill -9 while the pictures were drawn left half of them)
-    with staged_run(cfg.runs_dir, "evaluate") as (staged, meant):
-        result["run_dir"] = str(meant)
+    with staged_run(cfg.runs_dir, "evaluate") as staged:
         if not pred.foreign:
             with writing(staged):
-                pictures = {name: meant / p.name for name, p in _pictures(pred, result, staged).items()}
-            result.update({f"{name}_png": str(path) for name, path in pictures.items()})
-        write_json(staged / "metrics.json", result)
+                pictures = _pictures(pred, result, staged)
 
-        def rewrite(d: Path) -> None:  # another run took the name meant meanwhile
-            nonlocal result, pictures
-            result, pictures = moved_paths(result, meant, d), {k: d / p.name for k, p in pictures.items()}
-            write_json(d / "metrics.json", result)
+        def name_it(d: Path) -> None:  # metrics.json names the folder as it is about to be called
+            result.update(run_dir=str(d), **{f"{name}_png": str(d / p.name) for name, p in pictures.items()})
+            write_json(staged / "metrics.json", result)
 
-        out_dir = published(staged, meant, rewrite)
+        out_dir = publish_run_dir(staged, before=name_it)
+    pictures = {name: out_dir / p.name for name, p in pictures.items()}
     keys = ("rows",) if pred.foreign else ("accuracy", "loss", "macro_f1", "rows")
     finish_run(out_dir, cfg.runs_dir, "evaluate", None, list(pictures.values()),
                cache_fingerprint=pred.cache_fingerprint, backbone=result["backbone"], params=asdict(cfg),

@@ -35,10 +35,16 @@ def _host() -> str:
     return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:64]
 
 
+def _numbered(base: Path):
+    """``base``, then ``base-2``, ``base-3``, ...: a run folder's names, in the order taken when the second's is."""
+    yield base
+    for k in itertools.count(2):
+        yield base.with_name(f"{base.name}-{k}")
+
+
 def new_run_dir(runs_dir: str, kind: str) -> Path:
     """A fresh ``runs_dir/<stamp>-<kind>`` folder (suffixed -2, -3, ... when the second is taken)."""
-    base = Path(runs_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}-{kind}"
-    return _first_made(base.with_name(f"{base.name}-{k}" if k > 1 else base.name) for k in itertools.count(1))
+    return _first_made(_numbered(Path(runs_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}-{kind}"))
 
 
 def staged_run_dir(runs_dir: str, kind: str) -> Path:
@@ -68,57 +74,35 @@ def is_staged(d: Optional[Path]) -> bool:
     return d is not None and _STAGED.match(d.name) is not None
 
 
-def publish_run_dir(staged: Path) -> Path:
+def publish_run_dir(staged: Path, before: Optional[Callable[[Path], None]] = None) -> Path:
     """Rename ``staged`` (its checkpoint written) to ``<stamp>-<kind>`` beside it (suffixed -2, -3, ... when
-    the name is taken: a rename never replaces another run's folder) and return the new name."""
-    base = staged.with_name(_STAGED.match(staged.name).group(1))
-    d, k = base, 1
-    while True:
+    the name is taken: a rename never replaces another run's folder) and return the new name. ``before(name)``
+    runs just before each rename, to write the files that name the folder: it never appears naming another."""
+    for d in _numbered(staged.with_name(_STAGED.match(staged.name).group(1))):
+        if os.path.lexists(d):  # an empty folder there (an older version's, killed) is not replaced
+            continue
+        if before:
+            before(d)
         try:
-            if not os.path.lexists(d):  # an empty folder there (an older version's, killed) is not replaced
-                with writing(d):
-                    os.rename(staged, d)
-                return d
+            with writing(d):
+                os.rename(staged, d)
+            return d
         except OSError as e:  # another run took the name between the look and the rename
             if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
                 raise
-        k += 1
-        d = base.with_name(f"{base.name}-{k}")
-
-
-def meant_name(staged: Path) -> Path:
-    """The name ``publish_run_dir`` would give ``staged`` now (the first free of ``<stamp>-<kind>``, -2, -3 ...):
-    what files written into it before it is published name it by."""
-    base = staged.with_name(_STAGED.match(staged.name).group(1))
-    return next(d for d in (base.with_name(f"{base.name}-{k}" if k > 1 else base.name) for k in itertools.count(1))
-                if not os.path.lexists(d))
 
 
 @contextlib.contextmanager
 def staged_run(runs_dir: str, kind: str):
-    """A run folder whose files are all written before it appears: yields ``(staged, meant)``, the hidden folder
-    to write into and the name its files name it by (``meant_name``); removed where the block fails. The block ends
-    with ``published``, given what to write again where another run took that name meanwhile (the same second).
-    For runs whose files do not name their folder, ``staged_run_dir`` alone does."""
+    """A run folder whose files are all written before it appears: yields the hidden ``staged_run_dir`` to write
+    into, which the block ends by publishing (``publish_run_dir``, its ``before`` writing what names the folder);
+    removed where the block fails."""
     staged = staged_run_dir(runs_dir, kind)
     try:
-        yield staged, meant_name(staged)
+        yield staged
     except BaseException:
         drop_staged(staged)
         raise
-
-
-def published(staged: Path, meant: Path, rewrite: Callable[[Path], None]) -> Path:
-    """``staged`` renamed to its run folder's name; where that is not ``meant`` (another run took it between the
-    two), ``rewrite(folder)`` writes again the files that name the folder. A rename that fails removes ``staged``."""
-    try:
-        d = publish_run_dir(staged)
-    except BaseException:
-        drop_staged(staged)
-        raise
-    if d != meant:
-        rewrite(d)
-    return d
 
 
 def moved_paths(value, old: Path, new: Path):
